@@ -1,0 +1,511 @@
+"""`ModelPruning`: a drop-in replacement for Lightning's callback of the same name, minus its defects.
+
+Same constructor, hooks, override points, log lines and validation messages as
+``lightning.pytorch.callbacks.ModelPruning`` (Lightning 2.6). Differences, all deliberate:
+
+* checkpoints always load: with ``make_pruning_permanent=True`` every state dict of the model (``weights_only``
+  checkpoints too) holds effective weights; with ``False`` it holds ``<name>_orig``/``<name>_mask`` and the
+  masks are re-created on load (``trainer.fit(ckpt_path=...)``; :func:`litcompress.load_pruned_state_dict`
+  for a fresh model);
+* the callback keeps state (rounds, history, masks, the lottery-ticket snapshot) in the checkpoint, so a
+  resumed run continues exactly;
+* only real pruning re-parametrisations are touched (a buffer called ``attn_mask`` is left alone);
+* the lottery-ticket snapshot is taken once, on the CPU, when fitting starts, and resets copy its values;
+* ``fit`` -> ``test`` -> ``fit`` with one callback works;
+* ``amount`` is validated at construction; custom ``BasePruningMethod`` classes work in local mode too;
+* under DDP, masks (and reset weights) are broadcast from rank 0 after every round.
+
+The callback is a thin adapter: the work is done by :mod:`litcompress.pruning`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.utils.prune as torch_prune
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only
+from torch import nn
+
+from litcompress.pruning import engine
+from litcompress.pruning.distributed import broadcast_pruning_state_
+from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
+from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
+from litcompress.report.sparsity import TensorSparsity
+
+log = logging.getLogger(__name__)
+
+_PARAM_TUPLE = tuple[nn.Module, str]
+_PARAM_LIST = Sequence[_PARAM_TUPLE]
+_MODULE_CONTAINERS = (LightningModule, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_STATE_VERSION = 1
+
+
+class ModelPruning(Callback):
+    """Prune a model's parameters during training with ``torch.nn.utils.prune``.
+
+    Args:
+        pruning_fn: a name (``"l1_unstructured"``, ``"random_unstructured"``, ``"ln_structured"``,
+            ``"random_structured"``) or a ``torch.nn.utils.prune.BasePruningMethod`` subclass (the class).
+        parameters_to_prune: ``(module, "parameter_name")`` pairs; empty means every ``parameter_names``
+            parameter of every non-container module.
+        parameter_names: ``"weight"`` and/or ``"bias"``.
+        use_global_unstructured: rank all parameters together (unstructured methods only).
+        amount: per round, a fraction in [0, 1] of the *remaining* weights, an int count, or a callable
+            ``epoch -> amount``.
+        apply_pruning: whether to prune, or a callable ``epoch -> bool``.
+        make_pruning_permanent: remove the re-parametrisation when training ends, and save effective
+            weights in every checkpoint while the live model keeps its masks.
+        use_lottery_ticket_hypothesis: after each round, reset surviving weights to their values when fitting
+            started (a bool or a callable ``epoch -> bool``).
+        resample_parameters: with the lottery ticket, draw fresh values (``reset_parameters``) instead.
+        pruning_dim: the dimension for structured methods.
+        pruning_norm: the norm for ``ln_structured``.
+        verbose: 0 silent, 1 total sparsity, 2 per-parameter sparsity (INFO log lines).
+        prune_on_train_epoch_end: prune at the end of the training epoch, else of the validation epoch.
+    """
+
+    PARAMETER_NAMES = ("weight", "bias")
+
+    def __init__(
+        self,
+        pruning_fn: Union[Callable, str],
+        parameters_to_prune: _PARAM_LIST = (),
+        parameter_names: Optional[list[str]] = None,
+        use_global_unstructured: bool = True,
+        amount: Union[int, float, Callable[[int], Union[int, float]]] = 0.5,
+        apply_pruning: Union[bool, Callable[[int], bool]] = True,
+        make_pruning_permanent: bool = True,
+        use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = True,
+        resample_parameters: bool = False,
+        pruning_dim: Optional[int] = None,
+        pruning_norm: Optional[int] = None,
+        verbose: int = 0,
+        prune_on_train_epoch_end: bool = True,
+    ) -> None:
+        self._use_global_unstructured = use_global_unstructured
+        self._parameters_to_prune = parameters_to_prune
+        self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
+        self._resample_parameters = resample_parameters
+        self._prune_on_train_epoch_end = prune_on_train_epoch_end
+        self._parameter_names = parameter_names or self.PARAMETER_NAMES
+        self._method_kwargs: dict[str, Any] = {}
+        self._original_layers: Optional[Snapshot] = None
+        self._pruning_method_name: Optional[str] = None
+
+        for name in self._parameter_names:
+            if name not in self.PARAMETER_NAMES:
+                raise MisconfigurationException(
+                    f"The provided `parameter_names` name: {name} isn't in {self.PARAMETER_NAMES}"
+                )
+
+        if isinstance(pruning_fn, str):
+            pruning_kwargs: dict[str, Any] = {}
+            pruning_fn = pruning_fn.lower()
+            if pruning_fn not in PRUNING_FUNCTIONS:
+                raise MisconfigurationException(
+                    f"The provided `pruning_fn` {pruning_fn} isn't available in PyTorch's"
+                    f" built-in functions: {list(PRUNING_FUNCTIONS.keys())} "
+                )
+            if pruning_fn.endswith("_structured"):
+                if pruning_dim is None:
+                    raise MisconfigurationException(
+                        "When requesting `structured` pruning, the `pruning_dim` should be provided."
+                    )
+                _check_int("pruning_dim", pruning_dim)
+                if pruning_fn == "ln_structured":
+                    if pruning_norm is None:
+                        raise MisconfigurationException(
+                            "When requesting `ln_structured` pruning, the `pruning_norm` should be provided."
+                        )
+                    _check_norm(pruning_norm)
+                    pruning_kwargs["n"] = pruning_norm
+                pruning_kwargs["dim"] = pruning_dim
+            self._method = PRUNING_METHODS[pruning_fn]
+            self._method_kwargs = pruning_kwargs
+            pruning_fn = self._create_pruning_fn(pruning_fn, **pruning_kwargs)
+        elif self._is_pruning_method(pruning_fn):
+            # Lightning refuses custom methods in local mode; the engine applies them like any other.
+            self._method = pruning_fn
+            self._pruning_method_name = pruning_fn.__name__
+        else:
+            raise MisconfigurationException(
+                f"`pruning_fn` is expected to be a str in {list(PRUNING_FUNCTIONS.keys())}"
+                f" or a PyTorch `BasePruningMethod`. Found: {pruning_fn}."
+                " HINT: if passing a `BasePruningMethod`, pass the class, not an instance"
+            )
+
+        if use_global_unstructured and self._method.PRUNING_TYPE != "unstructured":  # type: ignore[attr-defined]
+            raise MisconfigurationException(
+                'Only the "unstructured" PRUNING_TYPE is supported with `use_global_unstructured=True`.'
+                f" Found method {pruning_fn} of type {self._method.PRUNING_TYPE}. "  # type: ignore[attr-defined]
+            )
+
+        self.pruning_fn = pruning_fn
+        self._apply_pruning = _check_flag("apply_pruning", apply_pruning)
+        self._make_pruning_permanent = make_pruning_permanent
+        _check_flag("use_lottery_ticket_hypothesis", use_lottery_ticket_hypothesis)
+
+        if not (isinstance(amount, (int, float)) or callable(amount)):
+            raise MisconfigurationException(
+                "`amount` should be provided and be either an int, a float or Callable function."
+            )
+        if not callable(amount):
+            _check_amount(amount)
+        self.amount = amount
+
+        if verbose not in (0, 1, 2):
+            raise MisconfigurationException("`verbose` must be any of (0, 1, 2)")
+        self._verbose = verbose
+
+        if parameters_to_prune and not _is_param_list(parameters_to_prune):
+            raise MisconfigurationException(
+                "The provided `parameters_to_prune` should either be list of tuple"
+                " with 2 elements: (nn.Module, parameter_name_to_prune) or None"
+            )
+
+        # State kept across checkpoints (see `state_dict`).
+        self._rounds = 0
+        self._history: list[dict[str, Any]] = []
+        self._qualified_names: list[str] = []
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._hook_handles: list[Any] = []
+
+    # ------------------------------------------------------------------------------------ override points
+    def filter_parameters_to_prune(self, parameters_to_prune: _PARAM_LIST = ()) -> _PARAM_LIST:
+        """This function can be overridden to control which module to prune."""
+        return parameters_to_prune
+
+    def _create_pruning_fn(self, pruning_fn: str, **kwargs: Any) -> Union[Callable, type]:
+        """The method class (global mode) or the `torch.nn.utils.prune` function with its kwargs bound (local)."""
+        if self._use_global_unstructured:
+            self._pruning_method_name = PRUNING_METHODS[pruning_fn].__name__
+            return PRUNING_METHODS[pruning_fn]
+        self._pruning_method_name = PRUNING_FUNCTIONS[pruning_fn].__name__
+        return ModelPruning._wrap_pruning_fn(PRUNING_FUNCTIONS[pruning_fn], **kwargs)
+
+    @staticmethod
+    def _wrap_pruning_fn(pruning_fn: Callable, **kwargs: Any) -> Callable:
+        return partial(pruning_fn, **kwargs)
+
+    def make_pruning_permanent(self, module: nn.Module) -> None:
+        """Removes pruning buffers from any pruned modules."""
+        engine.make_permanent_(module)
+
+    def apply_lottery_ticket_hypothesis(self) -> None:
+        r"""Reset the surviving weights to their values when fitting started (step 4 of the lottery ticket
+        hypothesis, Frankle & Carbin 2019), or to freshly drawn values with ``resample_parameters``.
+
+        The values are copied: the snapshot never changes, however many rounds follow.
+        """
+        assert self._original_layers is not None
+        rewind_(self._parameters_to_prune, self._original_layers, resample=self._resample_parameters)
+
+    def _apply_local_pruning(self, amount: Union[int, float]) -> None:
+        engine.prune_(self._parameters_to_prune, self._method, amount, scope="local", **self._method_kwargs)
+
+    def _apply_global_pruning(self, amount: Union[int, float]) -> None:
+        engine.prune_(self._parameters_to_prune, self._method, amount, scope="global", **self._method_kwargs)
+
+    @staticmethod
+    def _get_pruned_stats(module: nn.Module, name: str) -> tuple[int, int]:
+        values = engine.effective_tensor(module, name)
+        return values.numel() - int(torch.count_nonzero(values)), values.numel()
+
+    def apply_pruning(self, amount: Union[int, float]) -> None:
+        """Applies pruning to ``parameters_to_prune``."""
+        if self._verbose:
+            prev_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
+
+        if self._use_global_unstructured:
+            self._apply_global_pruning(amount)
+        else:
+            self._apply_local_pruning(amount)
+
+        if self._verbose:
+            curr_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
+            self._log_sparsity_stats(prev_stats, curr_stats, amount=amount)
+
+    @rank_zero_only
+    def _log_sparsity_stats(
+        self, prev: list[tuple[int, int]], curr: list[tuple[int, int]], amount: Union[int, float] = 0
+    ) -> None:
+        total = TensorSparsity("total", sum(z for z, _ in curr), sum(n for _, n in curr))
+        prev_zeros = sum(z for z, _ in prev)
+        log.info(
+            f"Applied `{self._pruning_method_name}`. Pruned:"
+            f" {prev_zeros}/{total.numel} ({prev_zeros / total.numel:.2%}) ->"
+            f" {total.zeros}/{total.numel} ({total.sparsity:.2%})"
+        )
+        if self._verbose == 2:
+            for i, (module, name) in enumerate(self._parameters_to_prune):
+                before, after = TensorSparsity(name, *prev[i]), TensorSparsity(name, *curr[i])
+                log.info(
+                    f"Applied `{self._pruning_method_name}` to `{module!r}.{name}` with amount={amount}. Pruned:"
+                    f" {before.zeros} ({before.sparsity:.2%}) -> {after.zeros} ({after.sparsity:.2%})"
+                )
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        parameters_to_prune = self.sanitize_parameters_to_prune(
+            pl_module, self._parameters_to_prune, parameter_names=self._parameter_names
+        )
+        self._parameters_to_prune = self.filter_parameters_to_prune(parameters_to_prune)
+        self._validate_against_model()
+        self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
+        self._remove_hooks()
+        self._hook_handles = engine.register_state_hooks(
+            self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent
+        )
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
+        # ranks, and a snapshot restored from a checkpoint is already in place.
+        if self._use_lottery_ticket_hypothesis and self._original_layers is None:
+            self._original_layers = take_snapshot(self._parameters_to_prune)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _run_pruning(self, current_epoch: int) -> None:
+        prune = self._apply_pruning(current_epoch) if callable(self._apply_pruning) else self._apply_pruning
+        amount = self.amount(current_epoch) if callable(self.amount) else self.amount
+        if not prune or not amount:
+            return
+        _check_amount(amount, epoch=current_epoch)
+        self._check_amount_fits(amount)
+        before = self._total_zeros()
+        self.apply_pruning(amount)
+
+        reset = (
+            self._use_lottery_ticket_hypothesis(current_epoch)
+            if callable(self._use_lottery_ticket_hypothesis)
+            else self._use_lottery_ticket_hypothesis
+        )
+        if reset:
+            if self._original_layers is None:  # pruning outside `fit` (a direct call): snapshot now
+                self._original_layers = take_snapshot(self._parameters_to_prune)
+            self.apply_lottery_ticket_hypothesis()
+        broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset))
+        self._rounds += 1
+        self._history.append(
+            {"round": self._rounds, "epoch": current_epoch, "amount": amount, "zeros_before": before,
+             "zeros_after": self._total_zeros(), "lottery_ticket_reset": bool(reset)}
+        )
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self._prune_on_train_epoch_end:
+            rank_zero_debug("`ModelPruning.on_train_epoch_end`. Applying pruning")
+            self._run_pruning(pl_module.current_epoch)
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and not self._prune_on_train_epoch_end:
+            rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
+            self._run_pruning(pl_module.current_epoch)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self._make_pruning_permanent:
+            rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
+            self.make_pruning_permanent(pl_module)
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        # Unique per configuration, so that several pruning callbacks can share a Trainer and a checkpoint.
+        return self._generate_state_key(
+            pruning_fn=self._pruning_method_name,
+            amount=_describe(self.amount),
+            scope="global" if self._use_global_unstructured else "local",
+            parameter_names=list(self._parameter_names),
+            pruning=self._method_kwargs,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rounds applied, their history, the current masks and the lottery-ticket snapshot (CPU tensors)."""
+        targets = self._parameters_to_prune if self._qualified_names else []
+        masks = {
+            qname: engine.mask_of(m, n).detach().to("cpu", torch.bool)
+            for qname, (m, n) in zip(self._qualified_names, targets)
+            if engine.is_pruned(m, n)
+        }
+        snapshot = None
+        if self._original_layers is not None and targets:
+            snapshot = {
+                qname: snapshot_tensor(self._original_layers, i).detach().clone()
+                for i, qname in enumerate(self._qualified_names)
+            }
+        return {
+            "version": _STATE_VERSION,
+            "rounds": self._rounds,
+            "history": list(self._history),
+            "parameters": list(self._qualified_names),
+            "masks": masks,
+            "lottery_ticket_snapshot": snapshot,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; masks are re-created on the model once it is known (``setup``)."""
+        if self._qualified_names:
+            self._restore(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._pending_state = None
+        self._rounds = int(state.get("rounds", 0))
+        self._history = list(state.get("history", []))
+        index = {qname: i for i, qname in enumerate(self._qualified_names)}
+        unknown = [q for q in state.get("masks", {}) if q not in index]
+        if unknown:
+            raise MisconfigurationException(
+                f"The checkpoint's `ModelPruning` state prunes {unknown}, which this callback does not target"
+                f" ({self._qualified_names}). Use the same `parameters_to_prune` as the run that saved it."
+            )
+        for qname, mask in state.get("masks", {}).items():
+            module, name = self._parameters_to_prune[index[qname]]
+            engine.set_mask_(module, name, mask)
+        snapshot = state.get("lottery_ticket_snapshot")
+        if snapshot:
+            self._original_layers = take_snapshot(self._parameters_to_prune)
+            for qname, values in snapshot.items():
+                with torch.no_grad():
+                    snapshot_tensor(self._original_layers, index[qname]).copy_(values)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    def _total_zeros(self) -> int:
+        return sum(self._get_pruned_stats(m, n)[0] for m, n in self._parameters_to_prune)
+
+    def _validate_against_model(self) -> None:
+        """Checks that need the model: structured `pruning_dim` within every target's dimensions."""
+        dim = self._method_kwargs.get("dim")
+        if dim is None:
+            return
+        for module, name in self._parameters_to_prune:
+            ndim = engine.trainable_tensor(module, name).dim()
+            if not -ndim <= dim < ndim:
+                raise MisconfigurationException(
+                    f"`pruning_dim={dim}` is out of range for `{type(module).__name__}.{name}` with {ndim}"
+                    f" dimension(s). Choose a dimension in [{-ndim}, {ndim - 1}] or restrict `parameter_names`"
+                    " / `parameters_to_prune` to tensors that have it."
+                )
+
+    def _check_amount_fits(self, amount: Union[int, float]) -> None:
+        if not isinstance(amount, numbers.Integral):
+            return
+        remaining = [engine.remaining_count(m, n) for m, n in self._parameters_to_prune]
+        available = sum(remaining) if self._use_global_unstructured else min(remaining, default=0)
+        if amount > available:
+            raise MisconfigurationException(
+                f"`amount={amount}` asks to prune more weights than remain ({available}"
+                f" {'in total' if self._use_global_unstructured else 'in the smallest parameter'})."
+                " Use a smaller count or a fraction."
+            )
+
+    @staticmethod
+    def sanitize_parameters_to_prune(
+        pl_module: LightningModule, parameters_to_prune: _PARAM_LIST = (), parameter_names: Sequence[str] = ()
+    ) -> _PARAM_LIST:
+        """Check ``parameters_to_prune`` against the model, or list every ``parameter_names`` parameter of every
+        non-container module when it is empty.
+
+        Raises:
+            MisconfigurationException:
+                If ``parameters_to_prune`` doesn't exist in the model, or
+                if ``parameters_to_prune`` is neither a list nor a tuple.
+        """
+        parameters = parameter_names or ModelPruning.PARAMETER_NAMES
+        current_modules = [m for m in pl_module.modules() if not isinstance(m, _MODULE_CONTAINERS)]
+
+        if not parameters_to_prune:
+            return [
+                (m, p)
+                for p in parameters
+                for m in current_modules
+                if isinstance(getattr(m, p, None), nn.Parameter) or engine.is_pruned(m, p)
+            ]
+        if not _is_param_list(parameters_to_prune):
+            raise MisconfigurationException(
+                "The provided `parameters_to_prune` should either be list of tuple"
+                " with 2 elements: (nn.Module, parameter_name_to_prune) or None"
+            )
+        known = {id(m) for m in current_modules}
+        missing_modules, missing_parameters = [], []
+        for module, name in parameters_to_prune:
+            if id(module) not in known:
+                missing_modules.append(module)
+                continue
+            if not hasattr(module, name):
+                missing_parameters.append(name)
+        if missing_modules or missing_parameters:
+            raise MisconfigurationException(
+                "Some provided `parameters_to_prune` don't exist in the model."
+                f" Found missing modules: {missing_modules} and missing parameters: {missing_parameters}"
+            )
+        return parameters_to_prune
+
+    @staticmethod
+    def _is_pruning_method(method: Any) -> bool:
+        return is_pruning_method(method)
+
+
+def _describe(value: Any) -> str:
+    """A stable description of a number, schedule or callable (a repr with no memory address)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return repr(value)
+
+
+def _is_param_list(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value)
+        and all(isinstance(a, nn.Module) and isinstance(b, str) for a, b in value)
+    )
+
+
+def _check_amount(amount: Any, epoch: Optional[int] = None) -> None:
+    where = f" (returned by the `amount` callable at epoch {epoch})" if epoch is not None else ""
+    try:
+        engine.validate_amount(amount)
+    except (TypeError, ValueError) as err:
+        raise MisconfigurationException(f"Invalid `amount={amount!r}`{where}: {err}") from None
+
+
+def _check_flag(argument: str, value: Any) -> Any:
+    if not (isinstance(value, bool) or callable(value)):
+        raise MisconfigurationException(
+            f"`{argument}` must be a bool or a callable `epoch -> bool`, got {value!r}."
+        )
+    return value
+
+
+def _check_int(argument: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MisconfigurationException(f"`{argument}` must be an int, got {value!r}.")
+
+
+def _check_norm(value: Any) -> None:
+    ok = value == "fro" or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value) and value > 0
+    )
+    if not ok:
+        raise MisconfigurationException(
+            f"`pruning_norm` must be a positive number (1, 2, float('inf')) or 'fro', got {value!r}."
+        )

@@ -1,0 +1,39 @@
+"""Framework-free pruning: prune, make permanent, snapshot and rewind, save and load, over `torch.nn.utils.prune`."""
+
+from litcompress.pruning.distributed import broadcast_pruning_state_
+from litcompress.pruning.engine import (
+    apply_mask_,
+    default_targets,
+    effective_tensor,
+    is_pruned,
+    load_pruned_state_dict,
+    make_permanent_,
+    permanent_state_dict,
+    prune_,
+    prune_model_,
+    pruned_targets,
+    restore_masks_,
+    set_mask_,
+)
+from litcompress.pruning.lottery import rewind_, take_snapshot
+from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
+
+__all__ = [
+    "PRUNING_METHODS",
+    "apply_mask_",
+    "broadcast_pruning_state_",
+    "default_targets",
+    "effective_tensor",
+    "is_pruned",
+    "load_pruned_state_dict",
+    "make_permanent_",
+    "permanent_state_dict",
+    "prune_",
+    "prune_model_",
+    "pruned_targets",
+    "resolve_method",
+    "restore_masks_",
+    "rewind_",
+    "set_mask_",
+    "take_snapshot",
+]

@@ -1,0 +1,367 @@
+"""Framework-free pruning engine over `torch.nn.utils.prune`.
+
+A *target* is a ``(module, tensor_name)`` pair. Pruning re-parametrises ``module.<name>`` the way torch does:
+the trainable values move to ``<name>_orig``, a ``<name>_mask`` buffer holds the mask, and a forward pre-hook
+recomputes ``<name> = <name>_orig * <name>_mask``. Everything here works on that standard state, so models
+pruned by plain torch code, by Lightning's callback or by litcompress are interchangeable.
+
+Two deliberate differences from calling torch directly:
+
+* the order of ``module._parameters`` is preserved (``<name>_orig`` takes the slot of ``<name>``), so an
+  optimizer built on a pruned model and one built on the unpruned model index their state alike, and
+  checkpoints resume exactly;
+* only real re-parametrisations are recognised (a forward pre-hook that is a pruning method), never
+  buffers that merely end in ``_mask`` such as ``attn_mask``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import Tensor, nn
+
+from litcompress.pruning.methods import accepted_kwargs, resolve_method
+
+Target = tuple[nn.Module, str]
+Scope = Literal["local", "global"]
+
+
+# --------------------------------------------------------------------------------------------- inspection
+def pruning_hook(module: nn.Module, name: str) -> torch_prune.BasePruningMethod | None:
+    """The pruning forward pre-hook that re-parametrises ``module.<name>``, or None."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook
+    return None
+
+
+def is_pruned(module: nn.Module, name: str) -> bool:
+    """True when ``module.<name>`` is currently re-parametrised by a pruning method."""
+    return pruning_hook(module, name) is not None
+
+
+def pruned_targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every re-parametrised tensor of `model` as ``(module_path, module, tensor_name)``."""
+    found = []
+    for path, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                found.append((path, module, hook._tensor_name))
+    return found
+
+
+def trainable_tensor(module: nn.Module, name: str) -> Tensor:
+    """The tensor that holds the trainable values: ``<name>_orig`` when pruned, else ``<name>``."""
+    return getattr(module, name + "_orig") if is_pruned(module, name) else getattr(module, name)
+
+
+def effective_tensor(module: nn.Module, name: str) -> Tensor:
+    """The values the module computes with, ``orig * mask`` when pruned, without autograd history.
+
+    Computed from ``orig`` and ``mask`` rather than read from ``module.<name>``, which torch refreshes only at
+    the next forward and is therefore stale after an in-place reset of ``<name>_orig``.
+    """
+    with torch.no_grad():
+        if is_pruned(module, name):
+            orig = getattr(module, name + "_orig")
+            return orig.detach() * getattr(module, name + "_mask").to(dtype=orig.dtype)
+        return getattr(module, name).detach()
+
+
+def mask_of(module: nn.Module, name: str) -> Tensor | None:
+    """The current mask of ``module.<name>``, or None when it is not pruned."""
+    return getattr(module, name + "_mask") if is_pruned(module, name) else None
+
+
+def unique_modules(targets: Iterable[Target]) -> list[nn.Module]:
+    """The distinct modules of `targets`, in first-seen order."""
+    seen: dict[int, nn.Module] = {}
+    for module, _ in targets:
+        seen.setdefault(id(module), module)
+    return list(seen.values())
+
+
+# -------------------------------------------------------------------------------------- re-parametrisation
+@contextmanager
+def parameter_order_preserved(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Keep each module's parameter order across (un)pruning: ``x_orig`` takes the slot of ``x`` and back."""
+    modules = list(modules)
+    before = [list(m._parameters) for m in modules]
+    yield
+    for module, order in zip(modules, before):
+        params = module._parameters
+        slot = {key: i for i, key in enumerate(order)}
+        for key in params:
+            if key not in slot:
+                base = key[: -len("_orig")] if key.endswith("_orig") else key + "_orig"
+                if base in slot:
+                    slot[key] = slot[base]
+        ranked = sorted(params.items(), key=lambda kv: slot.get(kv[0], len(order)))
+        params.clear()
+        params.update(ranked)  # in place: the module keeps the same dict object
+
+
+def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
+    """Prune ``module.<name>`` with an explicit mask (1 keeps, 0 prunes), combined with any existing mask."""
+    param = trainable_tensor(module, name)
+    if mask.shape != param.shape:
+        raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
+    with parameter_order_preserved([module]):
+        torch_prune.custom_from_mask(module, name, mask.to(device=param.device, dtype=param.dtype))
+
+
+def set_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
+    """Make ``module.<name>``'s mask exactly `mask`, pruning it first if needed."""
+    if not is_pruned(module, name):
+        apply_mask_(module, name, mask)
+        return
+    buffer = getattr(module, name + "_mask")
+    with torch.no_grad():
+        buffer.copy_(mask.to(device=buffer.device, dtype=buffer.dtype))
+    refresh_cached_tensor(module, name)
+
+
+def refresh_cached_tensor(module: nn.Module, name: str) -> None:
+    """Recompute the cached ``module.<name>`` after its orig or mask changed in place."""
+    hook = pruning_hook(module, name)
+    if hook is not None:
+        setattr(module, name, hook.apply_mask(module))
+
+
+def make_permanent_(model: nn.Module) -> int:
+    """Remove every pruning re-parametrisation in `model`, keeping the zeros; returns how many were removed.
+
+    Parameter objects are kept (their values become ``orig * mask``), so optimizers stay valid.
+    """
+    removed = 0
+    for module in model.modules():
+        keys = [k for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]
+        if not keys:
+            continue
+        with parameter_order_preserved([module]):
+            for key in keys:
+                module._forward_pre_hooks.pop(key).remove(module)
+                removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------- pruning
+def validate_amount(amount: Any, *, argument: str = "amount") -> float | int:
+    """Check a pruning amount: a float fraction in [0, 1] or an int count >= 0 (bools and NaN refused)."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+        raise TypeError(
+            f"`{argument}` must be a float in [0, 1] (a fraction) or an int >= 0 (a count), "
+            f"got {amount!r} of type {type(amount).__name__}."
+        )
+    if isinstance(amount, numbers.Integral):
+        if amount < 0:
+            raise ValueError(f"`{argument}` as a count must be >= 0, got {amount}.")
+        return int(amount)
+    amount = float(amount)
+    if math.isnan(amount) or not 0.0 <= amount <= 1.0:
+        raise ValueError(
+            f"`{argument}` as a fraction must be in [0, 1], got {amount}. "
+            "Pass an int for a number of weights to prune."
+        )
+    return amount
+
+
+def remaining_count(module: nn.Module, name: str) -> int:
+    """How many entries of ``module.<name>`` are still kept (all of them when it is not pruned)."""
+    mask = mask_of(module, name)
+    return getattr(module, name).numel() if mask is None else int(torch.count_nonzero(mask))
+
+
+def prune_(
+    targets: Sequence[Target],
+    method: str | type[torch_prune.BasePruningMethod],
+    amount: float | int,
+    *,
+    scope: Scope = "global",
+    **method_kwargs: Any,
+) -> None:
+    """Prune `targets` in place by `amount` of their *remaining* entries, as torch does.
+
+    ``scope="global"`` ranks all targets together (unstructured methods only); ``"local"`` prunes each target
+    by `amount` on its own. `method_kwargs` (``dim``, ``n``, ...) go to methods that accept them.
+    """
+    method_cls = resolve_method(method)
+    amount = validate_amount(amount)
+    if not targets:
+        return
+    if isinstance(amount, int):
+        remaining = [remaining_count(m, n) for m, n in targets]
+        available = sum(remaining) if scope == "global" else min(remaining)
+        if amount > available:
+            raise ValueError(
+                f"`amount`={amount} asks to prune more entries than remain "
+                f"({available} {'in total' if scope == 'global' else 'in the smallest target'})."
+            )
+    modules = unique_modules(targets)
+    with parameter_order_preserved(modules):
+        if scope == "global":
+            if getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
+                raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
+            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
+            torch_prune.global_unstructured(list(targets), pruning_method=method_cls, **kwargs)
+        elif scope == "local":
+            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
+            for module, name in targets:
+                method_cls.apply(module, name, **kwargs)
+        else:
+            raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+
+
+def prune_model_(
+    model: nn.Module,
+    method: str | type[torch_prune.BasePruningMethod] = "l1_unstructured",
+    amount: float | int = 0.5,
+    *,
+    parameter_names: Sequence[str] = ("weight",),
+    scope: Scope = "global",
+    **method_kwargs: Any,
+) -> list[Target]:
+    """Prune every `parameter_names` tensor of the leaf modules of `model`; returns the targets pruned."""
+    targets = default_targets(model, parameter_names)
+    prune_(targets, method, amount, scope=scope, **method_kwargs)
+    return targets
+
+
+def default_targets(model: nn.Module, parameter_names: Sequence[str] = ("weight",)) -> list[Target]:
+    """Every ``(module, name)`` of `model` whose `name` is a parameter or an existing re-parametrisation."""
+    return [
+        (module, name)
+        for name in parameter_names
+        for module in model.modules()
+        if isinstance(getattr(module, name, None), nn.Parameter) or is_pruned(module, name)
+    ]
+
+
+# --------------------------------------------------------------------------------------------- state dicts
+def _pruned_keys(module: nn.Module, prefix: str, names: Iterable[str]) -> Iterator[tuple[str, str, str, str]]:
+    for name in names:
+        if is_pruned(module, name):
+            key = prefix + name
+            yield name, key, key + "_orig", key + "_mask"
+
+
+class PermanentStateDictHook:
+    """State-dict post-hook: report ``<name>`` = ``orig * mask`` instead of ``<name>_orig``/``<name>_mask``.
+
+    Registered on a pruned module, it makes every state dict of the model (full or ``weights_only``
+    checkpoints, ``model.state_dict()``) load into an unpruned model, while the live module keeps its mask.
+    A plain class rather than a closure so that models stay picklable (``ddp_spawn``).
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for _, key, orig_key, mask_key in _pruned_keys(module, prefix, self.names):
+            if orig_key in state_dict and mask_key in state_dict:
+                orig, mask = state_dict.pop(orig_key), state_dict.pop(mask_key)
+                with torch.no_grad():
+                    state_dict[key] = orig.detach() * mask.to(dtype=orig.dtype)
+
+
+class PrunedStateLoadHook:
+    """Load-state-dict pre-hook that makes either checkpoint format load into either model state.
+
+    * ``<name>_orig`` + ``<name>_mask`` into an unpruned module: the mask is re-created first;
+    * a permanent ``<name>`` into a pruned module: the values go to ``<name>_orig``, the live mask stays.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in self.names:
+            key = prefix + name
+            orig_key, mask_key = key + "_orig", key + "_mask"
+            pruned = is_pruned(module, name)
+            if not pruned and orig_key in state_dict and mask_key in state_dict:
+                apply_mask_(module, name, state_dict[mask_key])
+            elif pruned and key in state_dict and orig_key not in state_dict:
+                state_dict[orig_key] = state_dict.pop(key)
+                state_dict[mask_key] = getattr(module, name + "_mask").detach().clone()
+
+
+def register_state_hooks(
+    targets: Sequence[Target], *, permanent_state_dict: bool
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register the load hook (and, if asked, the permanent-state-dict hook) on each module of `targets`."""
+    names_by_module: dict[int, list[str]] = {}
+    for module, name in targets:
+        names_by_module.setdefault(id(module), []).append(name)
+    handles = []
+    for module in unique_modules(targets):
+        names = names_by_module[id(module)]
+        handles.append(module.register_load_state_dict_pre_hook(PrunedStateLoadHook(names)))
+        if permanent_state_dict:
+            handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names)))
+    return handles
+
+
+def permanent_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every pruned tensor as its effective values (loads into an unpruned model)."""
+    state = model.state_dict()
+    for path, module, name in pruned_targets(model):
+        key = f"{path}.{name}" if path else name
+        orig, mask = state.pop(key + "_orig", None), state.pop(key + "_mask", None)
+        if orig is not None and mask is not None:
+            with torch.no_grad():
+                state[key] = orig.detach() * mask.to(dtype=orig.dtype)
+    return state
+
+
+def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> list[Target]:
+    """Re-create masks on `model` from ``{"path.to.module.tensor": mask}``; returns the targets touched."""
+    touched = []
+    for qualified_name, mask in masks.items():
+        path, _, name = qualified_name.rpartition(".")
+        module = model.get_submodule(path)
+        set_mask_(module, name, mask)
+        touched.append((module, name))
+    return touched
+
+
+def load_pruned_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True, keep_masks: bool = True
+) -> nn.Module:
+    """Load a state dict that holds ``<name>_orig``/``<name>_mask`` pairs into a fresh, unpruned `model`.
+
+    Masks are re-created for every such pair before loading, so ``strict`` loading works. With
+    ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference.
+    """
+    state = dict(state_dict)
+    for key in [k for k in state if k.endswith("_mask")]:
+        base = key[: -len("_mask")]
+        if base + "_orig" not in state:
+            continue  # an ordinary buffer that happens to end in `_mask`
+        path, _, name = base.rpartition(".")
+        module = model.get_submodule(path)
+        if not is_pruned(module, name):
+            apply_mask_(module, name, state[key])
+    model.load_state_dict(state, strict=strict)
+    if not keep_masks:
+        make_permanent_(model)
+    return model
+
+
+def qualified_names(model: nn.Module, targets: Sequence[Target]) -> list[str]:
+    """``"path.to.module.tensor"`` for each target, relative to `model`."""
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    names = []
+    for module, name in targets:
+        if id(module) not in paths:
+            raise ValueError(f"{module!r} is not a submodule of the model.")
+        path = paths[id(module)]
+        names.append(f"{path}.{name}" if path else name)
+    return names
+

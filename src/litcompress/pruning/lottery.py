@@ -1,0 +1,100 @@
+"""Lottery-ticket snapshots: remember weights at one point of training, rewind surviving weights to them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import TypedDict
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
+
+from litcompress.pruning.engine import (
+    Target,
+    parameter_order_preserved,
+    refresh_cached_tensor,
+    trainable_tensor,
+)
+
+
+class LayerSnapshot(TypedDict):
+    """A CPU copy of one module (without pruning state) and the targets ``(index, name)`` it serves."""
+
+    data: nn.Module
+    names: list[tuple[int, str]]
+
+
+Snapshot = dict[int, LayerSnapshot]
+
+
+def _cpu_copy_without_pruning(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` on the CPU, with trainable values in place of any pruning re-parametrisation.
+
+    Every tensor is pre-seeded in the deepcopy memo with a detached CPU clone: this never copies on the
+    accelerator, and it works on pruned modules, whose cached ``<name>`` is a non-leaf tensor that
+    ``copy.deepcopy`` refuses.
+    """
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None:
+                memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+        for b in sub._buffers.values():
+            if b is not None:
+                memo[id(b)] = b.detach().to("cpu", copy=True)
+        for value in vars(sub).values():
+            if isinstance(value, Tensor) and id(value) not in memo:
+                memo[id(value)] = value.detach().to("cpu", copy=True)
+    clone = copy.deepcopy(module, memo)
+    for sub in clone.modules():
+        for key in [k for k, h in sub._forward_pre_hooks.items() if isinstance(h, BasePruningMethod)]:
+            name = sub._forward_pre_hooks.pop(key)._tensor_name
+            with parameter_order_preserved([sub]):
+                orig = sub._parameters.pop(name + "_orig")
+                sub._buffers.pop(name + "_mask", None)
+                vars(sub).pop(name, None)
+                sub.register_parameter(name, orig)
+    return clone
+
+
+def take_snapshot(targets: Sequence[Target]) -> Snapshot:
+    """Copy the current trainable values of `targets` to the CPU, one module copy per distinct module."""
+    snapshot: Snapshot = {}
+    for i, (module, name) in enumerate(targets):
+        if id(module) not in snapshot:
+            snapshot[id(module)] = LayerSnapshot(data=_cpu_copy_without_pruning(module), names=[])
+        snapshot[id(module)]["names"].append((i, name))
+    return snapshot
+
+
+def snapshot_tensor(snapshot: Snapshot, index: int) -> Tensor:
+    """The snapshot values of target `index`."""
+    for layer in snapshot.values():
+        for i, name in layer["names"]:
+            if i == index:
+                return getattr(layer["data"], name)
+    raise KeyError(f"target {index} is not in the snapshot")
+
+
+def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = False) -> None:
+    """Copy snapshot values into the trainable tensors of `targets` (``<name>_orig`` when pruned).
+
+    Values are copied, never aliased, so the snapshot stays what it was however long training goes on.
+    With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead
+    (the random re-initialisation control of the lottery-ticket experiments).
+    """
+    for layer in snapshot.values():
+        source = layer["data"]
+        if resample and callable(getattr(source, "reset_parameters", None)):
+            source = copy.deepcopy(source)  # keep the snapshot itself
+            source.reset_parameters()
+        for i, name in layer["names"]:
+            module, target_name = targets[i]
+            value = getattr(source, name, None)
+            if not isinstance(value, Tensor):
+                continue
+            dst = trainable_tensor(module, target_name)
+            with torch.no_grad():
+                dst.copy_(value)
+            refresh_cached_tensor(module, target_name)

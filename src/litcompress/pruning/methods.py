@@ -1,0 +1,69 @@
+"""Name registry for `torch.nn.utils.prune` methods and the keyword arguments each accepts."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn.utils.prune as torch_prune
+
+#: Pruning functions of `torch.nn.utils.prune` that can be selected by name.
+PRUNING_FUNCTIONS = {
+    "ln_structured": torch_prune.ln_structured,
+    "l1_unstructured": torch_prune.l1_unstructured,
+    "random_structured": torch_prune.random_structured,
+    "random_unstructured": torch_prune.random_unstructured,
+}
+
+#: The `BasePruningMethod` class behind each function name.
+PRUNING_METHODS: dict[str, type[torch_prune.BasePruningMethod]] = {
+    "ln_structured": torch_prune.LnStructured,
+    "l1_unstructured": torch_prune.L1Unstructured,
+    "random_structured": torch_prune.RandomStructured,
+    "random_unstructured": torch_prune.RandomUnstructured,
+}
+
+
+def is_pruning_method(obj: Any) -> bool:
+    """True for a `BasePruningMethod` subclass (the class, not an instance)."""
+    return inspect.isclass(obj) and issubclass(obj, torch_prune.BasePruningMethod)
+
+
+def resolve_method(method: str | type[torch_prune.BasePruningMethod]) -> type[torch_prune.BasePruningMethod]:
+    """The `BasePruningMethod` class for a function name or a class."""
+    if isinstance(method, str):
+        try:
+            return PRUNING_METHODS[method.lower()]
+        except KeyError:
+            raise ValueError(
+                f"Unknown pruning method {method!r}: choose one of {sorted(PRUNING_METHODS)} "
+                "or pass a `torch.nn.utils.prune.BasePruningMethod` subclass."
+            ) from None
+    if is_pruning_method(method):
+        return method
+    raise TypeError(
+        f"Expected a pruning method name or a `BasePruningMethod` subclass, got {method!r}. "
+        "HINT: pass the class, not an instance."
+    )
+
+
+def accepted_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of `kwargs` that `method` takes, in its constructor or its (possibly overridden) `apply`.
+
+    Custom methods declare what they need (`amount`, `dim`, `n`, ...); passing them more fails in torch.
+    """
+    accepted: set[str] = set()
+    takes_any = False
+    for fn in (method, method.apply):
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C-level signature: assume it takes nothing
+            continue
+        for p in params:
+            if p.kind is p.VAR_KEYWORD and fn is method:
+                takes_any = True
+            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                accepted.add(p.name)
+    accepted -= {"self", "cls", "module", "name"}
+    return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in accepted}

@@ -1,0 +1,89 @@
+"""Sparsity of a model, counted on the values it computes with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from litcompress.pruning.engine import Target, effective_tensor, pruned_targets, qualified_names
+
+
+@dataclass(frozen=True)
+class TensorSparsity:
+    """Zeros in one tensor."""
+
+    name: str
+    zeros: int
+    numel: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-tensor and total sparsity."""
+
+    tensors: tuple[TensorSparsity, ...]
+
+    @property
+    def zeros(self) -> int:
+        return sum(t.zeros for t in self.tensors)
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def __getitem__(self, name: str) -> TensorSparsity:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def table(self) -> str:
+        """A plain-text table: one row per tensor, then the total."""
+        rows = [(t.name, f"{t.zeros}", f"{t.numel}", f"{t.sparsity:.2%}") for t in self.tensors]
+        rows.append(("total", f"{self.zeros}", f"{self.numel}", f"{self.sparsity:.2%}"))
+        header = ("tensor", "zeros", "numel", "sparsity")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+
+        def line(r: Sequence[str]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def sparsity_report(
+    model: nn.Module, targets: Sequence[Target] | None = None, *, print_table: bool = False
+) -> SparsityReport:
+    """Zeros of `targets` (default: every pruned tensor of `model`, else every parameter) in effective values.
+
+    Effective values are ``orig * mask`` for pruned tensors, so zeros from pruning and exact zeros in the
+    weights both count. Names are relative to `model`.
+    """
+    if targets is None:
+        pruned = [(m, n) for _, m, n in pruned_targets(model)]
+        targets = pruned or [
+            (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if p is not None
+        ]
+    names = qualified_names(model, targets)
+    rows = []
+    for name, (module, tensor_name) in zip(names, targets):
+        values = effective_tensor(module, tensor_name)
+        rows.append(TensorSparsity(name, values.numel() - int(torch.count_nonzero(values)), values.numel()))
+    report = SparsityReport(tuple(rows))
+    if print_table:
+        print(report.table())
+    return report

@@ -1,0 +1,244 @@
+"""`litcompress.ModelPruning` behaves like Lightning's callback wherever Lightning's is not defective.
+
+Each test runs against both classes, so a divergence shows up as a failure of one of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from logging import INFO
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from litcompress import ModelPruning
+from tests.conftest import ThreeLayerModel, make_trainer
+
+BOTH = pytest.mark.parametrize("cls", [LightningModelPruning, ModelPruning], ids=["lightning", "litcompress"])
+
+
+class EveryOtherEntry(torch_prune.BasePruningMethod):
+    """A custom unstructured method: prunes every other entry."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        mask = default_mask.clone()
+        mask.view(-1)[::2] = 0
+        return mask
+
+    @classmethod
+    def apply(cls, module, name, amount):
+        return super().apply(module, name, amount=amount)
+
+
+def test_constructor_signature_matches_lightning():
+    ours = inspect.signature(ModelPruning.__init__).parameters
+    theirs = inspect.signature(LightningModelPruning.__init__).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
+
+
+def test_override_points_exist():
+    for name in ("filter_parameters_to_prune", "apply_pruning", "apply_lottery_ticket_hypothesis",
+                 "make_pruning_permanent", "sanitize_parameters_to_prune", "_is_pruning_method"):
+        assert callable(getattr(ModelPruning, name)), name
+    assert isinstance(inspect.getattr_static(ModelPruning, "sanitize_parameters_to_prune"), staticmethod)
+
+
+@BOTH
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(pruning_fn="l1_unstructured", parameter_names=["chocolate"]), r"chocolate isn't in \('weight', 'bias'\)"),
+        (dict(pruning_fn={}), r"expected to be a str in \["),
+        (dict(pruning_fn="l2_unstructured"), r"isn't available in PyTorch's built-in functions"),
+        (dict(pruning_fn="random_structured"), "should be provided"),
+        (dict(pruning_fn="l1_unstructured", verbose=3), r"must be any of \(0, 1, 2\)"),
+        (dict(pruning_fn="ln_structured", pruning_dim=0), "requesting `ln_structured` pruning, the `pruning_norm`"),
+        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=1), "is supported with `use_global_unstructured=True`"),
+        (dict(pruning_fn="l1_unstructured", amount="half"), "`amount` should be provided"),
+    ],
+)
+def test_misconfiguration_messages(cls, kwargs, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        cls(**kwargs)
+
+
+@BOTH
+@pytest.mark.parametrize("use_global_unstructured", [False, True])
+@pytest.mark.parametrize("pruning_fn", ["l1_unstructured", "random_unstructured", "ln_structured", "random_structured"])
+@pytest.mark.parametrize("use_lottery_ticket_hypothesis", [False, True])
+def test_pruning_matrix_trains_and_prunes(tmp_path, cls, use_global_unstructured, pruning_fn, use_lottery_ticket_hypothesis):
+    seed_everything(1)
+    model = ThreeLayerModel()
+    kwargs = dict(pruning_fn=pruning_fn, amount=0.3, use_global_unstructured=use_global_unstructured,
+                  use_lottery_ticket_hypothesis=use_lottery_ticket_hypothesis, verbose=1,
+                  parameters_to_prune=[(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")])
+    if pruning_fn.endswith("_structured"):
+        kwargs["pruning_dim"] = 0
+        if pruning_fn == "ln_structured":
+            kwargs["pruning_norm"] = 1
+        if use_global_unstructured:
+            with pytest.raises(MisconfigurationException, match="is supported with `use_global_unstructured=True`"):
+                cls(**kwargs)
+            return
+    trainer = make_trainer(tmp_path, callbacks=cls(**kwargs), max_epochs=3)
+    trainer.fit(model)
+    # made permanent at the end of training, zeros kept
+    assert not hasattr(model.layer.mlp_2, "weight_orig")
+    zeros = int((model.layer.mlp_2.weight == 0).sum())
+    assert zeros > 0
+    if pruning_fn.endswith("_structured"):
+        assert zeros % 32 == 0  # whole rows
+
+
+@BOTH
+def test_global_pruning_amount_is_relative_to_remaining(tmp_path, cls):
+    """Each round prunes `amount` of the weights that remain: 1 - 0.5**3 after three rounds."""
+    model = ThreeLayerModel()
+    targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
+    callback = cls("l1_unstructured", parameters_to_prune=targets, amount=0.5, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=3).fit(model)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in targets)
+    remaining = 2048
+    for _ in range(3):
+        remaining -= round(0.5 * remaining)
+    assert zeros == 2048 - remaining
+
+
+@BOTH
+def test_int_amount_prunes_that_many_each_round(tmp_path, cls):
+    model = ThreeLayerModel()
+    targets = [(model.layer.mlp_3, "weight")]
+    callback = cls("l1_unstructured", parameters_to_prune=targets, amount=5, use_global_unstructured=False,
+                   use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=3).fit(model)
+    assert int((model.layer.mlp_3.weight == 0).sum()) == 15
+
+
+@BOTH
+@pytest.mark.parametrize("resample_parameters", [False, True])
+def test_lottery_ticket_callable_resets_on_odd_epochs(tmp_path, cls, resample_parameters):
+    model = ThreeLayerModel()
+
+    class Counting(cls):
+        calls = 0
+
+        def apply_lottery_ticket_hypothesis(self):
+            super().apply_lottery_ticket_hypothesis()
+            self.calls += 1
+            for layer in self._original_layers.values():
+                for i, name in layer["names"]:
+                    module, current_name = self._parameters_to_prune[i]
+                    assert name == current_name
+                    actual = getattr(module, name + "_orig", getattr(module, name)).data.cpu()
+                    same = torch.allclose(actual, getattr(layer["data"], name).data.cpu())
+                    assert same != self._resample_parameters
+
+    callback = Counting("l1_unstructured", use_lottery_ticket_hypothesis=lambda e: bool(e % 2),
+                        resample_parameters=resample_parameters)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=5).fit(model)
+    assert callback.calls == 2
+
+
+PERCENT = r"\(\d+(?:\.\d+)?%\)"
+
+
+@BOTH
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_verbose_log_lines(tmp_path, caplog, cls, make_pruning_permanent):
+    model = ThreeLayerModel()
+    kwargs = dict(parameters_to_prune=[(model.layer.mlp_1, "weight"), (model.layer.mlp_3, "weight")], verbose=2,
+                  make_pruning_permanent=make_pruning_permanent)
+    p1 = cls("l1_unstructured", amount=0.5, apply_pruning=lambda e: not e % 2, **kwargs)
+    p2 = cls("random_unstructured", amount=0.25, apply_pruning=lambda e: e % 2, **kwargs)
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, callbacks=[p1, p2], max_epochs=3).fit(model)
+    lines = [m.strip() for m in caplog.messages if m.startswith("Applied")]
+    l1_32 = r"`Linear\(in_features=32, out_features=32, bias=True\).weight`"
+    l1_2 = r"`Linear\(in_features=32, out_features=2, bias=True\).weight`"
+    expected = [
+        rf"Applied `L1Unstructured`. Pruned: 0\/1088 {PERCENT} -> 544\/1088 {PERCENT}$",
+        rf"Applied `L1Unstructured` to {l1_32} with amount=0.5. Pruned: 0 \(0.00%\) -> \d+ {PERCENT}$",
+        rf"Applied `L1Unstructured` to {l1_2} with amount=0.5. Pruned: 0 \(0.00%\) -> \d+ {PERCENT}$",
+        rf"Applied `RandomUnstructured`. Pruned: 544\/1088 {PERCENT} -> 680\/1088 {PERCENT}$",
+        rf"Applied `RandomUnstructured` to {l1_32} with amount=0.25. Pruned: \d+ {PERCENT} -> \d+ {PERCENT}$",
+        rf"Applied `RandomUnstructured` to {l1_2} with amount=0.25. Pruned: \d+ {PERCENT} -> \d+ {PERCENT}$",
+        rf"Applied `L1Unstructured`. Pruned: 680\/1088 {PERCENT} -> 884\/1088 {PERCENT}$",
+        rf"Applied `L1Unstructured` to {l1_32} with amount=0.5. Pruned: \d+ {PERCENT} -> \d+ {PERCENT}$",
+        rf"Applied `L1Unstructured` to {l1_2} with amount=0.5. Pruned: \d+ {PERCENT} -> \d+ {PERCENT}$",
+    ]
+    assert len(lines) == len(expected)
+    for line, pattern in zip(lines, expected):
+        assert re.match(pattern, line), (line, pattern)
+    assert hasattr(model.layer.mlp_1, "weight_orig") != make_pruning_permanent
+
+
+@BOTH
+def test_local_mode_logs_the_function_name(tmp_path, caplog, cls):
+    model = ThreeLayerModel()
+    callback = cls("l1_unstructured", parameters_to_prune=[(model.layer.mlp_3, "weight")], amount=0.5,
+                   use_global_unstructured=False, verbose=1)
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
+    assert [m for m in caplog.messages if m.startswith("Applied")] == [
+        "Applied `l1_unstructured`. Pruned: 0/64 (0.00%) -> 32/64 (50.00%)"
+    ]
+
+
+@BOTH
+@pytest.mark.parametrize("prune_on_train_epoch_end", [False, True])
+def test_saved_checkpoints_are_permanent_and_training_keeps_masks(tmp_path, cls, prune_on_train_epoch_end):
+    seen = []
+
+    class Checking(cls):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            had_masks = hasattr(pl_module.layer.mlp_3, "weight_orig")
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+            assert "layer.mlp_3.weight_orig" not in checkpoint["state_dict"]
+            assert "layer.mlp_3.weight" in checkpoint["state_dict"]
+            if had_masks:
+                assert hasattr(pl_module.layer.mlp_3, "weight_orig")
+            seen.append(had_masks)
+
+    model = ThreeLayerModel()
+    callback = Checking("random_unstructured", parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                        prune_on_train_epoch_end=prune_on_train_epoch_end)
+    checkpoint = ModelCheckpoint(monitor="test", save_top_k=2, save_last=True, save_on_train_epoch_end=False)
+    trainer = make_trainer(tmp_path, callbacks=[callback, checkpoint], enable_checkpointing=True, max_epochs=3)
+    trainer.fit(model)
+    assert any(seen)
+    assert not hasattr(model.layer.mlp_3, "weight_orig")
+    for path in (checkpoint.kth_best_model_path, checkpoint.last_model_path):
+        loaded = ThreeLayerModel.load_from_checkpoint(path)
+        assert not hasattr(loaded.layer.mlp_3, "weight_orig")
+
+
+@BOTH
+def test_sanitize_keeps_only_parameters(cls):
+    model = ThreeLayerModel()
+    model.layer.mlp_1.some_flag = True
+    model.layer.mlp_1.some_tensor = torch.randn(3)
+    found = cls.sanitize_parameters_to_prune(
+        model, parameters_to_prune=(), parameter_names=["weight", "bias", "some_flag", "some_tensor", "training"]
+    )
+    assert {name for _, name in found} == {"weight", "bias"}
+    assert len(found) == 3 + 2  # three weights, two biases
+    with pytest.raises(MisconfigurationException, match="don't exist in the model"):
+        cls.sanitize_parameters_to_prune(model, [(torch.nn.Linear(1, 1), "weight")])
+
+
+@BOTH
+def test_custom_method_in_global_mode(tmp_path, cls):
+    model = ThreeLayerModel()
+    callback = cls(EveryOtherEntry, parameters_to_prune=[(model.layer.mlp_2, "weight")], amount=0.5,
+                   use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
+    assert torch.all(model.layer.mlp_2.weight.view(-1)[::2] == 0)
+    assert torch.all(model.layer.mlp_2.weight.view(-1)[1::2] != 0)

@@ -1,0 +1,68 @@
+"""Shared test helpers: small Lightning models and a quiet CPU trainer."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from torch import nn
+
+os.environ.setdefault("PL_DISABLE_FORK", "1")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*litlogger.*|.*litmodels.*")
+
+
+class ThreeLayerModel(BoringModel):
+    """BoringModel with three named linear layers, one without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            OrderedDict(
+                [
+                    ("mlp_1", nn.Linear(32, 32)),
+                    ("mlp_2", nn.Linear(32, 32, bias=False)),
+                    ("mlp_3", nn.Linear(32, 2)),
+                ]
+            )
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("test", -batch_idx)
+        return super().training_step(batch, batch_idx)
+
+
+class ModelWithAttnMask(ThreeLayerModel):
+    """Adds an ordinary buffer whose name ends in `_mask`, as attention models have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("attn_mask", torch.ones(4, 4))
+
+
+def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
+    kwargs: dict[str, Any] = dict(
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+    )
+    kwargs.update(overrides)
+    return Trainer(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(1)
