@@ -211,7 +211,7 @@ def prune_(
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, **kwargs)
         elif scope == "local":
-            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
+            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs}, via_apply=True)
             for module, name in targets:
                 method_cls.apply(module, name, **kwargs)
         else:

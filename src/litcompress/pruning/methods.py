@@ -48,22 +48,26 @@ def resolve_method(method: str | type[torch_prune.BasePruningMethod]) -> type[to
     )
 
 
-def accepted_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The subset of `kwargs` that `method` takes, in its constructor or its (possibly overridden) `apply`.
+def _parameter_names(fn: Any) -> tuple[set[str], bool]:
+    """Named parameters of `fn` and whether it takes ``**kwargs``; (empty, False) when it has no signature."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(), False
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names - {"self", "cls", "module", "name"}, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def accepted_kwargs(
+    method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], *, via_apply: bool = False
+) -> dict[str, Any]:
+    """The subset of `kwargs` that `method` takes: its constructor's, or with ``via_apply`` its ``apply``'s.
 
     Custom methods declare what they need (`amount`, `dim`, `n`, ...); passing them more fails in torch.
+    The base ``apply`` forwards its extra kwargs to the constructor.
     """
-    accepted: set[str] = set()
-    takes_any = False
-    for fn in (method, method.apply):
-        try:
-            params = inspect.signature(fn).parameters.values()
-        except (TypeError, ValueError):  # a builtin or C-level signature: assume it takes nothing
-            continue
-        for p in params:
-            if p.kind is p.VAR_KEYWORD and fn is method:
-                takes_any = True
-            elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                accepted.add(p.name)
-    accepted -= {"self", "cls", "module", "name"}
-    return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in accepted}
+    names, takes_any = _parameter_names(method)
+    if via_apply and method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:
+        apply_names, apply_takes_any = _parameter_names(method.apply)
+        names, takes_any = (names | apply_names, takes_any) if apply_takes_any else (apply_names, False)
+    return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in names}

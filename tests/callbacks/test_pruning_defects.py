@@ -1,0 +1,281 @@
+"""Each defect of Lightning's `ModelPruning` (2.6) that litcompress fixes.
+
+Every test runs against both callbacks; on Lightning's it is a strict xfail, which proves the defect is real
+there and fixed here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress import ModelPruning, load_pruned_state_dict
+from tests.conftest import ModelWithAttnMask, ThreeLayerModel, make_trainer
+
+
+def both(reason: str):
+    return pytest.mark.parametrize(
+        "cls",
+        [pytest.param(LightningModelPruning, marks=pytest.mark.xfail(strict=True, reason=reason)), ModelPruning],
+        ids=["lightning", "litcompress"],
+    )
+
+
+class FixedDataModel(ThreeLayerModel):
+    """Deterministic data and Adam (which has per-parameter state), so two runs can be compared bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randn(64, 32, generator=g)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.data), batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.data[:16]), batch_size=16)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch[0]).pow(2).mean()
+        self.log("test", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=0.01)
+
+
+def _pruning(cls, model, **kw):
+    kw.setdefault("amount", 0.3)
+    return cls("random_unstructured", **kw)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@both("a checkpoint with weight_orig/weight_mask keys does not load into a fresh model")
+def test_resume_from_masked_checkpoint_is_exact(tmp_path, cls):
+    """make_pruning_permanent=False: `fit(ckpt_path=...)` on a fresh model ends bit-identical to an
+    uninterrupted run: weights, masks and Adam's per-parameter state."""
+    def callback(model):
+        return cls("l1_unstructured", amount=0.3, make_pruning_permanent=False, use_lottery_ticket_hypothesis=True)
+
+    seed_everything(3)
+    model = FixedDataModel()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer = make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[callback(model), ckpt])
+    trainer.fit(model)
+    expected, expected_optim = _weights(model), trainer.optimizers[0].state_dict()["state"]
+
+    fresh = FixedDataModel()
+    resumed = make_trainer(tmp_path, max_epochs=4, callbacks=[callback(fresh)])
+    resumed.fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    actual, actual_optim = _weights(fresh), resumed.optimizers[0].state_dict()["state"]
+    assert actual.keys() == expected.keys()
+    assert any(k.endswith("weight_mask") for k in actual)
+    for key in actual:
+        assert torch.equal(actual[key], expected[key]), key
+    for i in expected_optim:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(actual_optim[i][k], expected_optim[i][k]), (i, k)
+
+
+@both("the callback keeps no state: a resumed run forgets its masks and its lottery-ticket snapshot")
+def test_resume_restores_masks_and_lottery_snapshot(tmp_path, cls):
+    """make_pruning_permanent=True: after resuming, the masks are back and rounds continue from them."""
+    seed_everything(3)
+    model = FixedDataModel()
+    theta0 = model.layer.mlp_1.weight.detach().clone()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    kw = dict(parameters_to_prune=[(model.layer.mlp_1, "weight")], use_lottery_ticket_hypothesis=True)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True,
+                 callbacks=[cls("l1_unstructured", amount=0.5, **kw), ckpt]).fit(model)
+
+    fresh = FixedDataModel()
+    callback = cls("l1_unstructured", amount=0.5, make_pruning_permanent=False,
+                   parameters_to_prune=[(fresh.layer.mlp_1, "weight")], use_lottery_ticket_hypothesis=True)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    mask = fresh.layer.mlp_1.weight_mask
+    assert int((mask == 0).sum()) == 1024 - 256 // 2  # three rounds of 50%: 1024 -> 512 -> 256 -> 128 kept
+    # the third round's reset used the true initial weights, restored from the checkpoint
+    assert torch.equal(fresh.layer.mlp_1.weight_orig, theta0)
+
+
+@both("load_from_checkpoint fails on weight_orig/weight_mask keys")
+def test_masked_checkpoint_loads_into_fresh_model(tmp_path, cls):
+    seed_everything(0)
+    model = ThreeLayerModel()
+    trainer = make_trainer(tmp_path, max_epochs=2,
+                           callbacks=[cls("l1_unstructured", amount=0.4, make_pruning_permanent=False)])
+    trainer.fit(model)
+    path = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert "layer.mlp_1.weight_mask" in state  # the format Lightning users have on disk
+
+    x = torch.randn(5, 32)
+    fresh = load_pruned_state_dict(ThreeLayerModel(), state)
+    assert torch.equal(fresh(x), model(x))
+    assert torch_prune.is_pruned(fresh)
+    inference = load_pruned_state_dict(ThreeLayerModel(), state, keep_masks=False)
+    assert not torch_prune.is_pruned(inference)
+    assert torch.equal(inference(x), model(x))
+    # and the Lightning way, which needs the callback's own state-dict handling
+    if cls is LightningModelPruning:
+        ThreeLayerModel.load_from_checkpoint(path)
+
+
+@both("any buffer named *_mask crashes the checkpoint save with KeyError")
+def test_buffer_named_mask_is_left_alone(tmp_path, cls):
+    model = ModelWithAttnMask()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True,
+                           callbacks=[cls("l1_unstructured", amount=0.3), ckpt])
+    trainer.fit(model)
+    state = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
+    assert torch.equal(state["attn_mask"], torch.ones(4, 4))
+    assert "attn" not in state and "attn_orig" not in state
+    ModelWithAttnMask.load_from_checkpoint(ckpt.last_model_path)
+
+
+@both("lottery-ticket reset aliases the snapshot, which then drifts with training")
+def test_lottery_ticket_reset_restores_initial_weights_exactly(tmp_path, cls):
+    seed_everything(0)
+    model = FixedDataModel()
+    initial = {n: getattr(model.layer, n).weight.detach().clone() for n in ("mlp_1", "mlp_2")}
+    targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
+    callback = cls("l1_unstructured", parameters_to_prune=targets, amount=0.3, make_pruning_permanent=False,
+                   use_lottery_ticket_hypothesis=True)
+    make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
+    for n, module in (("mlp_1", model.layer.mlp_1), ("mlp_2", model.layer.mlp_2)):
+        assert torch.equal(module.weight_orig, initial[n]), n
+    for layer in callback._original_layers.values():
+        snapshot = layer["data"].weight
+        assert snapshot.device.type == "cpu"
+        assert all(snapshot.data_ptr() != m.weight_orig.data_ptr() for m, _ in targets)
+        assert any(torch.equal(snapshot, v) for v in initial.values())
+
+
+@both("fit -> test -> fit with one callback crashes in deepcopy of non-leaf tensors")
+def test_fit_test_fit_with_one_callback(tmp_path, cls):
+    model = ThreeLayerModel()
+    callback = cls("l1_unstructured", amount=0.2, make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+    snapshot = callback._original_layers
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=callback)
+    trainer.test(model)
+    trainer.fit(model)
+    assert callback._original_layers is snapshot  # taken once, not piled up
+    # global pruning over all 2 * 1024 + 64 weights and 32 + 2 biases: one round in the first fit, two in the second
+    remaining = 2 * 1024 + 64 + 34
+    for _ in range(3):
+        remaining -= round(0.2 * remaining)
+    zeros = sum(int((getattr(m, n + "_mask") == 0).sum()) for m, n in callback._parameters_to_prune)
+    assert zeros == 2 * 1024 + 64 + 34 - remaining
+
+
+@both("weights_only checkpoints skip the permanence step and hold weight_orig/weight_mask")
+def test_weights_only_checkpoint_is_permanent(tmp_path, cls):
+    model = ThreeLayerModel()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, save_last=True)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True,
+                 callbacks=[cls("l1_unstructured", amount=0.5), ckpt]).fit(model)
+    state = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    loaded = ThreeLayerModel.load_from_checkpoint(ckpt.last_model_path)
+    assert int((loaded.layer.mlp_1.weight == 0).sum()) > 0
+
+
+@both("amount is not validated: 1.5, -0.5, True and NaN are accepted and fail later inside torch")
+@pytest.mark.parametrize("amount", [1.5, -0.5, True, False, float("nan"), -1, float("inf")])
+def test_invalid_amount_rejected_at_construction(cls, amount):
+    with pytest.raises(MisconfigurationException, match="amount"):
+        cls("l1_unstructured", amount=amount)
+
+
+@settings(max_examples=50, deadline=None)
+@given(amount=st.one_of(st.floats(0, 1), st.integers(0, 10**6)))
+def test_valid_amounts_accepted(amount):
+    assert ModelPruning("l1_unstructured", amount=amount).amount == amount
+
+
+def test_callable_amount_checked_when_called(tmp_path):
+    model = ThreeLayerModel()
+    callback = ModelPruning("l1_unstructured", amount=lambda epoch: 1.5)
+    with pytest.raises(MisconfigurationException, match=r"amount=1.5.*epoch 0"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+
+
+def test_count_larger_than_remaining_is_a_clear_error(tmp_path):
+    model = ThreeLayerModel()
+    callback = ModelPruning("l1_unstructured", amount=100, parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                            use_global_unstructured=False)
+    with pytest.raises(MisconfigurationException, match="more weights than remain"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+
+
+def test_structured_dim_out_of_range_fails_at_setup(tmp_path):
+    callback = ModelPruning("ln_structured", pruning_dim=2, pruning_norm=2, use_global_unstructured=False,
+                            parameter_names=["weight"])
+    with pytest.raises(MisconfigurationException, match="pruning_dim=2"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(ThreeLayerModel())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(parameters_to_prune=[("layer", "weight")]), "list of tuple"),
+        (dict(apply_pruning="yes"), "apply_pruning"),
+        (dict(use_lottery_ticket_hypothesis=1), "use_lottery_ticket_hypothesis"),
+        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=-1, use_global_unstructured=False), "pruning_norm"),
+        (dict(pruning_fn="random_structured", pruning_dim=0.5, use_global_unstructured=False), "pruning_dim"),
+    ],
+)
+def test_other_bad_input_fails_at_construction(kwargs, match):
+    kwargs.setdefault("pruning_fn", "l1_unstructured")
+    with pytest.raises(MisconfigurationException, match=match):
+        ModelPruning(**kwargs)
+
+
+class HalfOfRows(torch_prune.BasePruningMethod):
+    """A custom structured method: prunes the first half of the rows."""
+
+    PRUNING_TYPE = "structured"
+
+    def compute_mask(self, t, default_mask):
+        mask = default_mask.clone()
+        mask[: t.shape[0] // 2] = 0
+        return mask
+
+
+@both("custom BasePruningMethod subclasses are refused unless use_global_unstructured=True")
+def test_custom_method_in_local_mode(tmp_path, cls):
+    model = ThreeLayerModel()
+    callback = cls(HalfOfRows, parameters_to_prune=[(model.layer.mlp_2, "weight")], use_global_unstructured=False,
+                   use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+    assert torch.all(model.layer.mlp_2.weight[:16] == 0) and torch.all(model.layer.mlp_2.weight[16:] != 0)
+
+
+def test_pruned_parameters_keep_their_order(tmp_path):
+    """The optimizer state of a resumed run is indexed like the parameters of the uninterrupted one."""
+    model = ThreeLayerModel()
+    before = [name.replace("_orig", "") for name, _ in model.named_parameters()]
+    make_trainer(tmp_path, max_epochs=1,
+                 callbacks=ModelPruning("l1_unstructured", make_pruning_permanent=False)).fit(model)
+    after = [name.replace("_orig", "") for name, _ in model.named_parameters()]
+    assert after == before
+    assert math.isclose(sum(p.numel() for p in model.parameters()), 32 * 32 * 2 + 32 + 32 * 2 + 2)
