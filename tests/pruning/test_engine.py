@@ -1,0 +1,218 @@
+"""Invariants of the framework-free pruning engine, mostly as property tests."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.pruning import (
+    apply_mask_,
+    default_targets,
+    is_pruned,
+    load_pruned_state_dict,
+    make_permanent_,
+    permanent_state_dict,
+    prune_,
+    rewind_,
+    take_snapshot,
+)
+from litcompress.pruning.engine import PermanentStateDictHook, register_state_hooks, remaining_count
+from litcompress.report import sparsity_report
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def mlp(widths: list[int], seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+widths = st.lists(st.integers(1, 24), min_size=2, max_size=4)
+fractions = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@SETTINGS
+@given(widths=widths, amounts=st.lists(fractions, min_size=1, max_size=4), seed=st.integers(0, 99),
+       method=st.sampled_from(["l1_unstructured", "random_unstructured"]))
+def test_global_rounds_prune_exact_counts_of_what_remains(widths, amounts, seed, method):
+    model = mlp(widths, seed)
+    targets = default_targets(model, ("weight", "bias"))
+    remaining = sum(getattr(m, n).numel() for m, n in targets)
+    for amount in amounts:
+        prune_(targets, method, amount, scope="global")
+        remaining -= round(amount * remaining)
+        assert sum(remaining_count(m, n) for m, n in targets) == remaining
+
+
+@SETTINGS
+@given(widths=widths, amount=fractions, seed=st.integers(0, 99))
+def test_local_rounds_prune_each_tensor_exactly(widths, amount, seed):
+    model = mlp(widths, seed)
+    targets = default_targets(model)
+    prune_(targets, "l1_unstructured", amount, scope="local")
+    for module, name in targets:
+        numel = getattr(module, name).numel()
+        assert remaining_count(module, name) == numel - round(amount * numel)
+
+
+@SETTINGS
+@given(widths=widths, amount=fractions, seed=st.integers(0, 99), scope=st.sampled_from(["local", "global"]))
+def test_masked_output_equals_permanent_output(widths, amount, seed, scope):
+    model = mlp(widths, seed)
+    prune_(default_targets(model), "l1_unstructured", amount, scope=scope)
+    x = torch.randn(3, widths[0])
+    masked = model(x)
+    fresh = mlp(widths, seed + 1)
+    fresh.load_state_dict(permanent_state_dict(model))  # strict: plain keys only
+    assert torch.equal(fresh(x), masked)
+    make_permanent_(model)
+    assert not torch_prune.is_pruned(model)
+    assert torch.equal(model(x), masked)
+
+
+@SETTINGS
+@given(widths=widths, amount=fractions, seed=st.integers(0, 99))
+def test_masked_state_dict_round_trips_into_fresh_model(widths, amount, seed):
+    model = mlp(widths, seed)
+    prune_(default_targets(model, ("weight", "bias")), "random_unstructured", amount)
+    state = model.state_dict()
+    fresh = load_pruned_state_dict(mlp(widths, seed + 1), state)
+    assert fresh.state_dict().keys() == state.keys()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+@SETTINGS
+@given(widths=widths, amount=fractions, seed=st.integers(0, 99))
+def test_parameter_order_survives_pruning_and_removal(widths, amount, seed):
+    model = mlp(widths, seed)
+    before = [(n, id(p)) for n, p in model.named_parameters()]
+    prune_(default_targets(model, ("weight", "bias")), "l1_unstructured", amount)
+    assert [(n.replace("_orig", ""), id(p)) for n, p in model.named_parameters()] == before
+    make_permanent_(model)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == before
+
+
+def test_only_real_reparametrisations_are_recognised():
+    layer = nn.Linear(4, 4)
+    layer.register_buffer("attn_mask", torch.ones(4))
+    layer.register_buffer("attn_orig", torch.zeros(4))
+    assert not is_pruned(layer, "attn")
+    model = nn.Sequential(layer)
+    prune_([(layer, "weight")], "l1_unstructured", 0.5)
+    state = permanent_state_dict(model)
+    assert {"0.attn_mask", "0.attn_orig", "0.weight", "0.bias"} == set(state)
+    assert make_permanent_(model) == 1
+    assert torch.equal(layer.attn_mask, torch.ones(4))
+
+
+def test_state_hooks_make_any_state_dict_permanent_and_load_both_formats():
+    model = mlp([6, 5, 3], 0)
+    targets = default_targets(model)
+    prune_(targets, "l1_unstructured", 0.4)
+    masked_state = {k: v.clone() for k, v in model.state_dict().items()}
+    handles = register_state_hooks(targets, permanent_state_dict=True)
+    permanent = model.state_dict()
+    assert not any(k.endswith(("_orig", "_mask")) for k in permanent)
+    x = torch.randn(2, 6)
+    expected = model(x)
+    # both formats load back into the live, pruned model, which keeps its masks
+    model.load_state_dict(permanent)
+    assert torch.equal(model(x), expected) and torch_prune.is_pruned(model)
+    model.load_state_dict(masked_state)
+    assert torch.equal(model(x), expected)
+    # an unpruned model with the load hook re-creates masks from a masked state dict
+    fresh = mlp([6, 5, 3], 1)
+    fresh_handles = register_state_hooks(default_targets(fresh), permanent_state_dict=False)
+    fresh.load_state_dict(masked_state)
+    assert torch_prune.is_pruned(fresh) and torch.equal(fresh(x), expected)
+    for h in handles + fresh_handles:
+        h.remove()
+    assert any(k.endswith("_mask") for k in model.state_dict())
+
+
+def test_pruned_model_with_hooks_pickles():
+    model = mlp([4, 3], 0)
+    prune_(default_targets(model), "l1_unstructured", 0.5)
+    register_state_hooks(default_targets(model), permanent_state_dict=True)
+    clone = pickle.loads(pickle.dumps(model))
+    assert any(isinstance(h, PermanentStateDictHook) for h in clone[0]._state_dict_hooks.values())
+    assert torch.equal(clone(torch.ones(1, 4)), model(torch.ones(1, 4)))
+
+
+@SETTINGS
+@given(widths=widths, seed=st.integers(0, 99), rounds=st.integers(1, 4))
+def test_rewind_restores_snapshot_and_never_aliases_it(widths, seed, rounds):
+    model = mlp(widths, seed)
+    targets = default_targets(model)
+    snapshot = take_snapshot(targets)
+    initial = [getattr(m, n).detach().clone() for m, n in targets]
+    for _ in range(rounds):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))  # "training"
+        prune_(targets, "l1_unstructured", 0.3)
+        rewind_(targets, snapshot)
+    for (module, name), value in zip(targets, initial):
+        assert torch.equal(getattr(module, name + "_orig"), value)
+        assert torch.equal(getattr(module, name), value * getattr(module, name + "_mask"))
+    for layer in snapshot.values():
+        for p in layer["data"].parameters():
+            assert all(p.data_ptr() != q.data_ptr() for q in model.parameters())
+
+
+def test_snapshot_of_a_pruned_module_holds_trainable_values():
+    layer = nn.Linear(5, 5)
+    prune_([(layer, "weight")], "l1_unstructured", 0.6)
+    snapshot = take_snapshot([(layer, "weight")])
+    copy = snapshot[id(layer)]["data"]
+    assert not torch_prune.is_pruned(copy)
+    assert isinstance(copy.weight, nn.Parameter)
+    assert torch.equal(copy.weight, layer.weight_orig)
+
+
+def test_prune_rejects_bad_arguments_with_clear_errors():
+    layer = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="amount"):
+        prune_([(layer, "weight")], "l1_unstructured", 1.5)
+    with pytest.raises(TypeError, match="amount"):
+        prune_([(layer, "weight")], "l1_unstructured", True)
+    with pytest.raises(ValueError, match="more entries than remain"):
+        prune_([(layer, "weight")], "l1_unstructured", 10)
+    with pytest.raises(ValueError, match="Unknown pruning method"):
+        prune_([(layer, "weight")], "l3_unstructured", 0.5)
+    with pytest.raises(ValueError, match="unstructured"):
+        prune_([(layer, "weight")], "ln_structured", 0.5, scope="global", n=1, dim=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_mask_(layer, "weight", torch.ones(2, 2))
+
+
+def test_plain_pytorch_loop_with_iterative_pruning_and_lottery_ticket():
+    """The engine without Lightning: train, prune 50% globally, rewind, three rounds."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long()
+    model = mlp([8, 32, 2], 0)
+    targets = default_targets(model)
+    ticket = take_snapshot(targets)
+    for _ in range(3):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(30):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        prune_(targets, "l1_unstructured", 0.5)
+        rewind_(targets, ticket)
+    report = sparsity_report(model)
+    assert report.zeros == 320 - 40  # 8*32 + 32*2 = 320 weights, halved three times
+    accuracy = (model(x).argmax(1) == y).float().mean()
+    assert accuracy < 1.0  # rewound to initial values: not trained yet

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.pruning import apply_mask_, prune_
+from litcompress.report import sparsity_report
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 10), cols=st.integers(1, 10), seed=st.integers(0, 1000))
+def test_counts_effective_zeros_per_tensor_and_total(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(cols, rows), nn.Linear(rows, 3))
+    masks = [torch.rand(m.weight.shape, generator=g) > 0.5 for m in model]
+    for m, mask in zip(model, masks):
+        apply_mask_(m, "weight", mask)
+    with torch.no_grad():
+        model[1].weight_orig.view(-1)[0] = 0.0  # an exact zero that is not masked counts too
+    report = sparsity_report(model)
+    expected = [int((m.weight_orig * m.weight_mask == 0).sum()) for m in model]  # not the stale cached `weight`
+    assert [t.zeros for t in report.tensors] == expected
+    assert report.zeros == sum(expected) and report.numel == sum(m.weight.numel() for m in model)
+    assert [t.name for t in report.tensors] == ["0.weight", "1.weight"]
+
+
+def test_unpruned_model_reports_every_parameter_and_prints_a_table(capsys):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, bias=False))
+    report = sparsity_report(model, print_table=True)
+    assert [t.name for t in report.tensors] == ["0.weight", "0.bias", "1.weight"]
+    out = capsys.readouterr().out
+    assert "total" in out and "0.weight" in out and out.count("\n") == len(report.tensors) + 4
+    prune_([(model[0], "weight")], "l1_unstructured", 0.25)
+    after = sparsity_report(model)
+    assert after["0.weight"].zeros == 4 and after.sparsity == 4 / 16
