@@ -73,6 +73,9 @@ class _Inputs:
         self.masks = masks
         self.dtype = _common_dtype(scores) if scores else torch.float32
         self.kept_counts: list[int] = []
+        # Flat bool kept-masks, built once: re-deriving `mask != 0` from float masks in every
+        # pass costs more than the 1 byte per entry they take.
+        self._kept: list[Tensor | None] = []
         for index, (score, mask) in enumerate(zip(scores, masks)):
             if not isinstance(score, Tensor):
                 raise TypeError(f"scores[{index}] must be a torch.Tensor, got {type(score).__name__}")
@@ -83,7 +86,14 @@ class _Inputs:
                 )
             if score.is_floating_point() and bool(torch.isnan(score).any()):
                 raise ValueError(f"scores[{index}] contains NaN; scores must be comparable numbers")
-            self.kept_counts.append(score.numel() if mask is None else int(torch.count_nonzero(mask)))
+            if mask is None:
+                self._kept.append(None)
+                self.kept_counts.append(score.numel())
+            else:
+                flat = mask.reshape(-1)
+                kept = (flat if flat.dtype == torch.bool else flat != 0).to(score.device)
+                self._kept.append(kept)
+                self.kept_counts.append(int(torch.count_nonzero(kept)))
         self.total_kept = sum(self.kept_counts)
 
     def __len__(self) -> int:
@@ -95,12 +105,8 @@ class _Inputs:
         return flat if flat.dtype == self.dtype else flat.to(self.dtype)
 
     def kept(self, index: int) -> Tensor | None:
-        """Flat bool mask of kept entries, or None when every entry is kept."""
-        mask = self.masks[index]
-        if mask is None:
-            return None
-        flat = mask.reshape(-1)
-        return flat if flat.dtype == torch.bool else flat != 0
+        """Flat bool mask of kept entries (do not modify), or None when every entry is kept."""
+        return self._kept[index]
 
 
 def _select(values: Tensor, kept: Tensor | None, lower: _Bound | None, upper: _Bound | None) -> Tensor | None:
@@ -162,51 +168,71 @@ def _sample_bracket(
     return sample[low_index], sample[high_index]
 
 
-def _kth_smallest_tensor(inputs: _Inputs, k: int) -> Tensor:
-    """The k-th smallest (1-based) kept score as a 0-dim CPU tensor in the common dtype."""
+class _Threshold:
+    """The k-th smallest kept score and, per tensor, kept entries below it and equal to it."""
+
+    def __init__(self, value: Tensor, below: list[int], ties: list[int]) -> None:
+        self.value = value
+        self.below = below
+        self.ties = ties
+
+
+def _find_threshold(inputs: _Inputs, k: int) -> _Threshold:
+    """Locate the k-th smallest (1-based) kept score.
+
+    Keeps a value bracket known to hold it, with per-tensor counts of kept entries below the
+    bracket; refines the bracket from sample quantiles until few entries remain, then gathers
+    those and sorts them. ``value`` is a 0-dim CPU tensor in the common dtype.
+    """
     generator = torch.Generator().manual_seed(_SAMPLE_SEED)
     lower: _Bound | None = None
     upper: _Bound | None = None
-    below = 0  # kept entries strictly below the bracket
+    n_tensors = len(inputs)
+    below = [0] * n_tensors  # per tensor: kept entries below the bracket
     in_bracket = inputs.total_kept
     for _ in range(_MAX_REFINEMENTS):
         if in_bracket <= _GATHER_LIMIT:
             break
-        rank = k - below
-        quantiles = _sample_bracket(inputs, lower, upper, in_bracket, rank, generator)
+        quantiles = _sample_bracket(inputs, lower, upper, in_bracket, k - sum(below), generator)
         if quantiles is None:
             break
         pivot_low, pivot_high = quantiles
-        less_than_low = 0
-        at_most_high = 0
-        low_bound = _Bound(pivot_low, inclusive=True)
-        high_bound = _Bound(pivot_high, inclusive=True)
-        for index in range(len(inputs)):
+        strictly_below_low = _Bound(pivot_low, inclusive=False)
+        at_most_high = _Bound(pivot_high, inclusive=True)
+        less_than_low: list[int] = []
+        not_above_high: list[int] = []
+        for index in range(n_tensors):
             values, kept = inputs.score(index), inputs.kept(index)
-            less_than_low += _count(values, kept, None, _Bound(pivot_low, inclusive=False))
-            at_most_high += _count(values, kept, None, high_bound)
-        if k <= less_than_low:
-            upper = _Bound(pivot_low, inclusive=False)
-            in_bracket = less_than_low - below
-        elif k <= at_most_high:
+            less_than_low.append(_count(values, kept, None, strictly_below_low))
+            not_above_high.append(_count(values, kept, None, at_most_high))
+        if k <= sum(less_than_low):
+            upper = strictly_below_low
+            in_bracket = sum(less_than_low) - sum(below)
+        elif k <= sum(not_above_high):
             if bool(pivot_low == pivot_high):
-                return pivot_low  # every entry of the bracket equals the pivot
-            lower, upper = low_bound, high_bound
-            below, in_bracket = less_than_low, at_most_high - less_than_low
+                # Every kept entry of [pivot, pivot] equals the pivot: no need to gather them.
+                ties = [high - low for high, low in zip(not_above_high, less_than_low)]
+                return _Threshold(pivot_low, less_than_low, ties)
+            lower, upper = _Bound(pivot_low, inclusive=True), at_most_high
+            below, in_bracket = less_than_low, sum(not_above_high) - sum(less_than_low)
         else:
             lower = _Bound(pivot_high, inclusive=False)
-            in_bracket = in_bracket + below - at_most_high
-            below = at_most_high
+            in_bracket = in_bracket + sum(below) - sum(not_above_high)
+            below = not_above_high
+
     candidates = []
-    for index in range(len(inputs)):
+    for index in range(n_tensors):
         values, kept = inputs.score(index), inputs.kept(index)
         selected = _select(values, kept, lower, upper)
-        candidates.append((values if selected is None else values[selected]).cpu())
-    gathered = torch.cat(candidates)
-    # The candidates are few: widen to a dtype kthvalue supports everywhere (exact for all inputs).
-    gathered = gathered.to(torch.float64 if gathered.is_floating_point() else torch.int64)
-    value, _ = torch.kthvalue(gathered, k - below)
-    return value.to(inputs.dtype)
+        # The candidates are few: widen to a dtype kthvalue supports everywhere (exact for all inputs).
+        chosen = values if selected is None else values[selected]
+        candidates.append(chosen.to("cpu", torch.float64 if chosen.is_floating_point() else torch.int64))
+    value, _ = torch.kthvalue(torch.cat(candidates), k - sum(below))
+    return _Threshold(
+        value.to(inputs.dtype),
+        [count + int((c < value).sum()) for count, c in zip(below, candidates)],
+        [int((c == value).sum()) for c in candidates],
+    )
 
 
 def _check_k(k: int, total_kept: int) -> None:
@@ -228,7 +254,7 @@ def kth_smallest(scores: Sequence[Tensor], masks: Sequence[Tensor | None], k: in
     _check_k(k, inputs.total_kept)
     if k == 0:
         raise ValueError("k=0 has no k-th smallest value; k must be at least 1")
-    return float(_kth_smallest_tensor(inputs, k).item())
+    return float(_find_threshold(inputs, k).value.item())
 
 
 def _prune_first_ties(keep: Tensor, ties: Tensor, count: int) -> None:
@@ -255,44 +281,31 @@ def smallest_k_masks(
     """
     inputs = _Inputs(scores, masks)
     _check_k(k, inputs.total_kept)
-    threshold = _kth_smallest_tensor(inputs, k) if k > 0 else None
+    threshold = _find_threshold(inputs, k) if k > 0 else None
+    ties_to_prune = k - sum(threshold.below) if threshold is not None else 0
 
-    # First pass: how many kept entries lie strictly below the threshold, and how many tie.
-    below_counts: list[int] = []
-    tie_counts: list[int] = []
-    for index in range(len(inputs)):
-        if threshold is None:
-            below_counts.append(0)
-            tie_counts.append(0)
-            continue
-        values, kept = inputs.score(index), inputs.kept(index)
-        value = threshold.to(values.device)
-        below_counts.append(_count(values, kept, None, _Bound(value, inclusive=False)))
-        ties = values == value
-        if kept is not None:
-            ties &= kept
-        tie_counts.append(int(torch.count_nonzero(ties)))
-    ties_to_prune = k - sum(below_counts)
-
-    # Second pass: build each mask, pruning the first remaining ties in tensor order.
+    # One pass per tensor: keep what was kept and is >= the threshold, then prune the first
+    # remaining ties in (tensor order, flat index) order.
     new_masks: list[Tensor] = []
     for index in range(len(inputs)):
         raw_score, old_mask = inputs.raw_scores[index], inputs.masks[index]
         out_dtype = raw_score.dtype if old_mask is None else old_mask.dtype
         kept = inputs.kept(index)
-        keep = torch.ones(raw_score.numel(), dtype=torch.bool, device=raw_score.device) if kept is None else kept.clone()
-        if threshold is not None:
+        if threshold is None:
+            keep = torch.ones(raw_score.numel(), dtype=torch.bool, device=raw_score.device) if kept is None else kept
+        else:
             values = inputs.score(index)
-            value = threshold.to(values.device)
-            keep &= values >= value
-            tie_share = min(ties_to_prune, tie_counts[index])
-            if tie_share == tie_counts[index] and tie_share > 0:
-                keep &= values != value
-            elif tie_share > 0:
+            value = threshold.value.to(values.device)
+            tie_share = min(ties_to_prune, threshold.ties[index])
+            # Strictly above prunes every tie at once; otherwise keep >= and clear some ties.
+            keep = values > value if tie_share == threshold.ties[index] else values >= value
+            if kept is not None:
+                keep &= kept
+            if 0 < tie_share < threshold.ties[index]:
                 ties = values == value
                 if kept is not None:
                     ties &= kept
                 _prune_first_ties(keep, ties, tie_share)
             ties_to_prune -= tie_share
-        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype))
+        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=True))
     return new_masks
