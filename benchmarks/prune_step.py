@@ -92,10 +92,16 @@ def ours_round(model) -> None:
     params = pruned_weights(model)
     with torch.no_grad():
         # Before the first round there is no mask; afterwards score the unmasked original.
+        start = time.perf_counter()
         scores = [getattr(m, "weight_orig", m.weight).detach().abs() for m, _ in params]
-        masks = [getattr(m, "weight_mask", None) for m, _ in params]
-        kept = sum(s.numel() if mk is None else int(torch.count_nonzero(mk)) for s, mk in zip(scores, masks))
+        # Bool masks in, bool masks out (1 byte per weight instead of the float32 weight_mask).
+        masks = [
+            m.weight_mask != 0 if hasattr(m, "weight_mask") else torch.ones_like(m.weight, dtype=torch.bool)
+            for m, _ in params
+        ]
+        kept = sum(int(torch.count_nonzero(mask)) for mask in masks)
         new_masks = smallest_k_masks(scores, masks, round(AMOUNT * kept))
+        SELECTION_SECONDS.append(time.perf_counter() - start)
         SELECTION_PEAKS.append(peak_rss_bytes())
         del scores, masks
         for module, name in params:
@@ -112,6 +118,8 @@ def callback_round(model) -> None:
 
 # ru_maxrss right after ``smallest_k_masks`` returns, per round (ours only).
 SELECTION_PEAKS: list[int] = []
+# Seconds from scoring to the new masks (without applying them), per round (ours only).
+SELECTION_SECONDS: list[float] = []
 
 ROUND_FUNCTIONS = {"reference": reference_round, "ours": ours_round, "callback": callback_round}
 
@@ -146,6 +154,7 @@ def run_worker(variant: str, rounds: int, threads: int, save_masks: str | None) 
     return {
         "variant": variant,
         "peak_extra_selection_round_1_mib": selection_peak,
+        "selection_seconds": SELECTION_SECONDS,
         "n_params": n_params,
         "model_mib": model_bytes / 2**20,
         "seconds": seconds,
@@ -248,8 +257,14 @@ def main() -> None:
     print(
         f"{'ours, selection only, round 1 [MiB]':34} {'-':>28} "
         f"{'/'.join(f'{v:.2f}' for v in summary(selection).values()):>28}"
-        "   (|w| scores + output masks + search temporaries)"
+        "   (|w| scores + bool masks + search temporaries)"
     )
+    selection_first = summary([run["selection_seconds"][0] for run in results["ours"]])
+    selection_later = summary([s for run in results["ours"] for s in run["selection_seconds"][1:]] or [float("nan")])
+    figures["ours"]["selection_first_round_s"] = selection_first
+    figures["ours"]["selection_later_round_s"] = selection_later
+    for label, stats in (("ours, selection only, round 1 [s]", selection_first), ("ours, selection only, later [s]", selection_later)):
+        print(f"{label:34} {'-':>28} {'/'.join(f'{v:.2f}' for v in stats.values()):>28}   (|w| + smallest_k_masks)")
     print(f"{'final sparsity':34} {reference['final_sparsity']:>28.6f} {ours['final_sparsity']:>28.6f}")
     print(f"mask entries differing between variants after the last round: {differing} (can only come from equal |w| at a threshold, which torch.topk orders arbitrarily)")
     if "callback" in figures:

@@ -140,7 +140,6 @@ def _sample_bracket(
     ``rank`` is 1-based among the ``in_bracket`` kept entries of the bracket. Returns
     None when the sample holds no candidate (the caller then gathers everything).
     """
-    total_numel = sum(inputs.raw_scores[i].numel() for i in range(len(inputs)))
     # Oversample in proportion to how small the bracket is relative to all entries.
     draw_fraction = min(1.0, _SAMPLE_SIZE / max(in_bracket, 1))
     pieces: list[Tensor] = []
