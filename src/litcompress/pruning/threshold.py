@@ -5,8 +5,9 @@ one vector and runs ``topk`` over it: the peak extra memory is a multiple of the
 size. Here the k-th smallest kept score is found by sample-guided bracketing: a small
 random sample of the scores gives a narrow value interval that almost surely holds the
 k-th value, counting passes (one tensor at a time) confirm it, and only the few
-candidates inside the interval are gathered and sorted. The peak extra memory is about
-one tensor's worth of temporaries plus the output masks.
+candidates inside the interval are gathered and sorted. The extra memory is the output
+masks, a bool copy of each given mask (1 byte per entry, reused by every pass) and about one
+tensor's worth of comparison temporaries; nothing is concatenated.
 
 The result is identical to a stable sort of all kept scores in (tensor order, flat index)
 order followed by pruning its first ``k`` entries.
