@@ -263,10 +263,16 @@ def main() -> None:
     selection_later = summary([s for run in results["ours"] for s in run["selection_seconds"][1:]] or [float("nan")])
     figures["ours"]["selection_first_round_s"] = selection_first
     figures["ours"]["selection_later_round_s"] = selection_later
-    for label, stats in (("ours, selection only, round 1 [s]", selection_first), ("ours, selection only, later [s]", selection_later)):
+    for label, stats in (
+        ("ours, selection only, round 1 [s]", selection_first),
+        ("ours, selection only, later [s]", selection_later),
+    ):
         print(f"{label:34} {'-':>28} {'/'.join(f'{v:.2f}' for v in stats.values()):>28}   (|w| + smallest_k_masks)")
     print(f"{'final sparsity':34} {reference['final_sparsity']:>28.6f} {ours['final_sparsity']:>28.6f}")
-    print(f"mask entries differing between variants after the last round: {differing} (can only come from equal |w| at a threshold, which torch.topk orders arbitrarily)")
+    print(
+        f"mask entries differing between variants after the last round: {differing} "
+        "(can only come from equal |w| at a threshold, which torch.topk orders arbitrarily)"
+    )
     if "callback" in figures:
         print(f"callback: {figures['callback']}")
     print(

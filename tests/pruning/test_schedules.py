@@ -96,11 +96,11 @@ def test_polynomial_endpoints_are_exact(schedule: PolynomialDecay) -> None:
 @settings(max_examples=150, deadline=None)
 @given(schedule=any_schedules())
 def test_should_prune_at_begin_and_end_and_only_on_the_grid(schedule: SparsitySchedule) -> None:
-    begin = schedule.begin  # type: ignore[attr-defined]
+    begin, end, frequency = schedule.begin, schedule.end, schedule.frequency  # type: ignore[attr-defined]
     assert schedule.should_prune(begin)
-    assert schedule.should_prune(schedule.end)
+    assert schedule.should_prune(end)
     for t in progress_points(schedule):
-        expected = begin <= t <= schedule.end and ((t - begin) % schedule.frequency == 0 or t == schedule.end)  # type: ignore[attr-defined]
+        expected = begin <= t <= end and ((t - begin) % frequency == 0 or t == end)
         assert schedule.should_prune(t) == expected
 
 
