@@ -1,10 +1,18 @@
-"""litcompress: model compression for PyTorch and Lightning."""
+"""litcompress: model compression for PyTorch and Lightning.
+
+Importing the package does not import Lightning: the Lightning adapters (`ModelPruning`) load on first use.
+"""
+
+from __future__ import annotations
 
 import logging as _logging
+from typing import TYPE_CHECKING, Any
 
-from litcompress.callbacks.pruning import ModelPruning
 from litcompress.pruning import load_pruned_state_dict, make_permanent_, permanent_state_dict, prune_, prune_model_
 from litcompress.report.sparsity import SparsityReport, sparsity_report
+
+if TYPE_CHECKING:
+    from litcompress.callbacks.pruning import ModelPruning
 
 __version__ = "0.1.0"
 
@@ -15,6 +23,17 @@ _logger.setLevel(_logging.INFO)
 if not _logging.getLogger().hasHandlers():
     _logger.addHandler(_logging.StreamHandler())
     _logger.propagate = False
+
+_LAZY = {"ModelPruning": "litcompress.callbacks.pruning"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ModelPruning",
