@@ -39,9 +39,11 @@ class EveryOtherEntry(torch_prune.BasePruningMethod):
 
 
 def test_constructor_signature_matches_lightning():
-    ours = inspect.signature(ModelPruning.__init__).parameters
-    theirs = inspect.signature(LightningModelPruning.__init__).parameters
-    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
+    """Lightning's parameters, in order, with the same defaults; ours add keyword-only ones after them."""
+    ours = list(inspect.signature(ModelPruning.__init__).parameters.values())
+    theirs = list(inspect.signature(LightningModelPruning.__init__).parameters.values())
+    assert [(p.name, p.default, p.kind) for p in ours[: len(theirs)]] == [(p.name, p.default, p.kind) for p in theirs]
+    assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(theirs):])
 
 
 def test_override_points_exist():

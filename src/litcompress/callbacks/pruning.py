@@ -40,6 +40,7 @@ from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
+from litcompress.pruning.schedules import SparsitySchedule
 from litcompress.report.sparsity import TensorSparsity
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class ModelPruning(Callback):
         parameter_names: ``"weight"`` and/or ``"bias"``.
         use_global_unstructured: rank all parameters together (unstructured methods only).
         amount: per round, a fraction in [0, 1] of the *remaining* weights, an int count, or a callable
-            ``epoch -> amount``.
+            ``epoch -> amount`` (Lightning's meaning); or a :class:`~litcompress.pruning.schedules.SparsitySchedule`
+            giving the *target total sparsity* by optimizer step or finished epoch, hit exactly at every round.
         apply_pruning: whether to prune, or a callable ``epoch -> bool``.
         make_pruning_permanent: remove the re-parametrisation when training ends, and save effective
             weights in every checkpoint while the live model keeps its masks.
@@ -72,6 +74,10 @@ class ModelPruning(Callback):
         pruning_norm: the norm for ``ln_structured``.
         verbose: 0 silent, 1 total sparsity, 2 per-parameter sparsity (INFO log lines).
         prune_on_train_epoch_end: prune at the end of the training epoch, else of the validation epoch.
+        rewind_to_step: take the lottery-ticket snapshot after this many optimizer steps instead of when
+            fitting starts ("late resetting", Frankle et al. 2019). Must come before the first pruning round.
+        rewind_to_epoch: the same, after this many finished epochs.
+        reset_optimizer: clear the optimizers' state (momenta) after each lottery-ticket reset.
     """
 
     PARAMETER_NAMES = ("weight", "bias")
@@ -91,6 +97,10 @@ class ModelPruning(Callback):
         pruning_norm: Optional[int] = None,
         verbose: int = 0,
         prune_on_train_epoch_end: bool = True,
+        *,
+        rewind_to_step: Optional[int] = None,
+        rewind_to_epoch: Optional[int] = None,
+        reset_optimizer: bool = False,
     ) -> None:
         self._use_global_unstructured = use_global_unstructured
         self._parameters_to_prune = parameters_to_prune
@@ -155,13 +165,22 @@ class ModelPruning(Callback):
         self._make_pruning_permanent = make_pruning_permanent
         _check_flag("use_lottery_ticket_hypothesis", use_lottery_ticket_hypothesis)
 
-        if not (isinstance(amount, (int, float)) or callable(amount)):
+        self._schedule = amount if isinstance(amount, SparsitySchedule) else None
+        if self._schedule is None and not (isinstance(amount, (int, float)) or callable(amount)):
             raise MisconfigurationException(
                 "`amount` should be provided and be either an int, a float or Callable function."
             )
-        if not callable(amount):
+        if self._schedule is None and not callable(amount):
             _check_amount(amount)
+        if self._schedule is not None and self._schedule.unit == "step" and use_lottery_ticket_hypothesis is True:
+            raise MisconfigurationException(
+                "A step-level `amount` schedule with `use_lottery_ticket_hypothesis=True` would reset the weights"
+                " at every pruning step and undo training. Pass `use_lottery_ticket_hypothesis=False`, or a"
+                " callable `epoch -> bool` for the epochs that should rewind."
+            )
         self.amount = amount
+        self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule)
+        self._reset_optimizer = reset_optimizer
 
         if verbose not in (0, 1, 2):
             raise MisconfigurationException("`verbose` must be any of (0, 1, 2)")
@@ -175,6 +194,7 @@ class ModelPruning(Callback):
 
         # State kept across checkpoints (see `state_dict`).
         self._rounds = 0
+        self._last_step = -1
         self._history: list[dict[str, Any]] = []
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
@@ -272,21 +292,44 @@ class ModelPruning(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
         # ranks, and a snapshot restored from a checkpoint is already in place.
-        if self._use_lottery_ticket_hypothesis and self._original_layers is None:
-            self._original_layers = take_snapshot(self._parameters_to_prune)
+        if self._rewind_point in (None, 0):
+            self._take_snapshot_once()
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
+            self._take_snapshot_once()
+
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # gradient accumulation: several batches per optimizer step
+            return
+        self._last_step = step
+        if self._rewind_unit == "step" and step == self._rewind_point:
+            self._take_snapshot_once()
+        if self._schedule is not None and self._schedule.unit == "step" and self._schedule.should_prune(step):
+            self._run_pruning(pl_module.current_epoch, trainer=trainer)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
-    def _run_pruning(self, current_epoch: int) -> None:
+    def _run_pruning(self, current_epoch: int, trainer: Optional["pl.Trainer"] = None) -> None:
         prune = self._apply_pruning(current_epoch) if callable(self._apply_pruning) else self._apply_pruning
-        amount = self.amount(current_epoch) if callable(self.amount) else self.amount
-        if not prune or not amount:
+        if not prune:
             return
-        _check_amount(amount, epoch=current_epoch)
-        self._check_amount_fits(amount)
         before = self._total_zeros()
-        self.apply_pruning(amount)
+        if self._schedule is not None:
+            target = self._schedule.target(self._progress(current_epoch, trainer))
+            self._prune_to_target(target)
+            amount: Union[int, float] = target
+        else:
+            amount = self.amount(current_epoch) if callable(self.amount) else self.amount
+            if not amount:
+                return
+            _check_amount(amount, epoch=current_epoch)
+            self._check_amount_fits(amount)
+            self.apply_pruning(amount)
 
         reset = (
             self._use_lottery_ticket_hypothesis(current_epoch)
@@ -294,25 +337,63 @@ class ModelPruning(Callback):
             else self._use_lottery_ticket_hypothesis
         )
         if reset:
-            if self._original_layers is None:  # pruning outside `fit` (a direct call): snapshot now
-                self._original_layers = take_snapshot(self._parameters_to_prune)
+            if self._original_layers is None:
+                if self._rewind_point not in (None, 0):
+                    raise MisconfigurationException(
+                        f"A lottery-ticket reset was asked for at epoch {current_epoch}, before the rewind point"
+                        f" (`rewind_to_{self._rewind_unit}={self._rewind_point}`) was reached. Rewind to a point"
+                        " before the first pruning round, or start pruning later."
+                    )
+                self._take_snapshot_once()  # pruning outside `fit` (a direct call): snapshot now
             self.apply_lottery_ticket_hypothesis()
+            if self._reset_optimizer and trainer is not None:
+                for optimizer in trainer.optimizers:
+                    optimizer.state.clear()
         broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset))
         self._rounds += 1
         self._history.append(
-            {"round": self._rounds, "epoch": current_epoch, "amount": amount, "zeros_before": before,
-             "zeros_after": self._total_zeros(), "lottery_ticket_reset": bool(reset)}
+            {"round": self._rounds, "epoch": current_epoch, "step": trainer.global_step if trainer else None,
+             "amount": amount, "zeros_before": before, "zeros_after": self._total_zeros(),
+             "lottery_ticket_reset": bool(reset)}
         )
 
+    def _progress(self, current_epoch: int, trainer: Optional["pl.Trainer"]) -> int:
+        """Where training is, in the schedule's unit: optimizer steps done, or epochs finished."""
+        assert self._schedule is not None
+        if self._schedule.unit == "step":
+            return trainer.global_step if trainer is not None else self._last_step
+        return current_epoch + 1
+
+    def _prune_to_target(self, target: float) -> None:
+        """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope)."""
+        prev_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune] if self._verbose else []
+        engine.prune_to_sparsity_(
+            self._parameters_to_prune, self._method, target,
+            scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
+        )
+        if self._verbose:
+            curr_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
+            self._log_sparsity_stats(prev_stats, curr_stats, amount=target)
+
+    def _epoch_schedule_due(self, current_epoch: int) -> bool:
+        """With a schedule, only epoch-level ones prune at epoch boundaries, and only on their grid."""
+        if self._schedule is None:
+            return True
+        return self._schedule.unit == "epoch" and self._schedule.should_prune(current_epoch + 1)
+
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        if self._prune_on_train_epoch_end:
+        if self._prune_on_train_epoch_end and self._epoch_schedule_due(pl_module.current_epoch):
             rank_zero_debug("`ModelPruning.on_train_epoch_end`. Applying pruning")
-            self._run_pruning(pl_module.current_epoch)
+            self._run_pruning(pl_module.current_epoch, trainer=trainer)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking and not self._prune_on_train_epoch_end:
+        if (
+            not trainer.sanity_checking
+            and not self._prune_on_train_epoch_end
+            and self._epoch_schedule_due(pl_module.current_epoch)
+        ):
             rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
-            self._run_pruning(pl_module.current_epoch)
+            self._run_pruning(pl_module.current_epoch, trainer=trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._make_pruning_permanent:
@@ -348,6 +429,7 @@ class ModelPruning(Callback):
         return {
             "version": _STATE_VERSION,
             "rounds": self._rounds,
+            "last_step": self._last_step,
             "history": list(self._history),
             "parameters": list(self._qualified_names),
             "masks": masks,
@@ -364,6 +446,7 @@ class ModelPruning(Callback):
     def _restore(self, state: dict[str, Any]) -> None:
         self._pending_state = None
         self._rounds = int(state.get("rounds", 0))
+        self._last_step = int(state.get("last_step", -1))
         self._history = list(state.get("history", []))
         index = {qname: i for i, qname in enumerate(self._qualified_names)}
         unknown = [q for q in state.get("masks", {}) if q not in index]
@@ -383,6 +466,10 @@ class ModelPruning(Callback):
                     snapshot_tensor(self._original_layers, index[qname]).copy_(values)
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _take_snapshot_once(self) -> None:
+        if self._use_lottery_ticket_hypothesis and self._original_layers is None:
+            self._original_layers = take_snapshot(self._parameters_to_prune)
+
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
             handle.remove()
@@ -486,6 +573,30 @@ def _check_amount(amount: Any, epoch: Optional[int] = None) -> None:
         engine.validate_amount(amount)
     except (TypeError, ValueError) as err:
         raise MisconfigurationException(f"Invalid `amount={amount!r}`{where}: {err}") from None
+
+
+def _check_rewind(
+    step: Optional[int], epoch: Optional[int], schedule: Optional[SparsitySchedule]
+) -> tuple[Optional[str], Optional[int]]:
+    """Validate the rewind point; returns ``(unit, point)`` or ``(None, None)`` for "when fitting starts"."""
+    if step is not None and epoch is not None:
+        raise MisconfigurationException("Pass either `rewind_to_step` or `rewind_to_epoch`, not both.")
+    unit, point = ("step", step) if step is not None else ("epoch", epoch) if epoch is not None else (None, None)
+    if point is None:
+        return None, None
+    if isinstance(point, bool) or not isinstance(point, numbers.Integral) or point < 0:
+        raise MisconfigurationException(f"`rewind_to_{unit}` must be an int >= 0, got {point!r}.")
+    if schedule is not None and schedule.unit == unit:
+        first = next(
+            (t for t in range(schedule.begin, schedule.end + 1) if schedule.should_prune(t) and schedule.target(t) > 0),
+            None,
+        )
+        if first is not None and point >= first:
+            raise MisconfigurationException(
+                f"`rewind_to_{unit}={point}` is not before the first pruning round ({unit} {first} of the `amount`"
+                f" schedule): the snapshot would hold pruned weights. Rewind to a {unit} < {first}."
+            )
+    return unit, int(point)
 
 
 def _check_flag(argument: str, value: Any) -> Any:

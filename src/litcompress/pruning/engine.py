@@ -27,6 +27,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
+from litcompress.pruning.schedules import count_to_prune
 
 Target = tuple[nn.Module, str]
 Scope = Literal["local", "global"]
@@ -216,6 +217,60 @@ def prune_(
                 method_cls.apply(module, name, **kwargs)
         else:
             raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+
+
+def pruned_count(module: nn.Module, name: str) -> int:
+    """How many entries of ``module.<name>`` its mask prunes (0 when it is not pruned)."""
+    return getattr(module, name).numel() - remaining_count(module, name)
+
+
+def _pruned_slices(module: nn.Module, name: str, dim: int) -> tuple[int, int]:
+    """``(pruned, total)`` slices of ``module.<name>`` along `dim` (a slice is pruned when all of it is masked)."""
+    tensor = trainable_tensor(module, name)
+    total = tensor.shape[dim]
+    mask = mask_of(module, name)
+    if mask is None:
+        return 0, total
+    kept_per_slice = mask.transpose(0, dim).reshape(total, -1).count_nonzero(dim=1)
+    return int((kept_per_slice == 0).sum()), total
+
+
+def prune_to_sparsity_(
+    targets: Sequence[Target],
+    method: str | type[torch_prune.BasePruningMethod],
+    sparsity: float,
+    *,
+    scope: Scope = "global",
+    **method_kwargs: Any,
+) -> int:
+    """Prune `targets` until their sparsity is exactly ``round(sparsity * n)`` entries; returns entries newly pruned.
+
+    Never un-prunes: a target already sparser stays as it is. ``scope="global"`` counts all targets together;
+    ``"local"`` brings each target to `sparsity` on its own. Structured methods (local only) count slices along
+    ``dim``: the fraction of pruned rows/channels reaches `sparsity`.
+    """
+    method_cls = resolve_method(method)
+    if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
+    before = sum(pruned_count(m, n) for m, n in targets)
+    if scope == "global":
+        total = sum(getattr(m, n).numel() for m, n in targets)
+        count = count_to_prune(total, before, sparsity)
+        if count:
+            prune_(targets, method_cls, count, scope="global", **method_kwargs)
+    elif getattr(method_cls, "PRUNING_TYPE", None) == "structured":
+        dim = method_kwargs.get("dim", -1)
+        for target in targets:
+            pruned, total = _pruned_slices(*target, dim)
+            count = count_to_prune(total, pruned, sparsity)
+            if count:
+                prune_([target], method_cls, count, scope="local", **method_kwargs)
+    else:
+        for module, name in targets:
+            count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
+            if count:
+                prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
+    return sum(pruned_count(m, n) for m, n in targets) - before
 
 
 def prune_model_(

@@ -77,6 +77,7 @@ class SparsitySchedule(abc.ABC):
 
     unit: Unit
     final_sparsity: float
+    begin: int
     end: int
 
     @abc.abstractmethod
@@ -208,11 +209,12 @@ class IterativeSchedule(SparsitySchedule):
 
     Rounds run at ``begin + i * frequency`` for ``i`` in ``0 .. rounds - 1``;
     ``target(t) = 1 - (1 - rate_per_round) ** r`` with r the number of rounds at or before ``t``.
+    ``t`` counts finished units, so the default ``begin=1`` prunes first after one epoch (or step) of training.
     """
 
     rate_per_round: float
     rounds: int
-    begin: int = 0
+    begin: int = 1
     frequency: int = 1
     unit: Unit = "epoch"
 
