@@ -1,0 +1,177 @@
+"""Scheduled pruning, rewinding and resuming under a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from litcompress import ModelPruning
+from litcompress.pruning.schedules import IterativeSchedule, PolynomialDecay
+from tests.callbacks.test_pruning_defects import FixedDataModel
+from tests.conftest import ThreeLayerModel, make_trainer
+
+
+def weight_targets(model):
+    return [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight"), (model.layer.mlp_3, "weight")]
+
+
+def zeros_and_total(targets):
+    zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in targets)
+    return zeros, sum(getattr(m, n).numel() for m, n in targets)
+
+
+@settings(max_examples=6, deadline=None)
+@given(final=st.floats(0.05, 0.97), scope_global=st.booleans(), frequency=st.integers(1, 3))
+def test_step_schedule_hits_final_sparsity_exactly(tmp_path_factory, final, scope_global, frequency):
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    schedule = PolynomialDecay(final_sparsity=final, begin=1, end=7, frequency=frequency)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule,
+                            use_global_unstructured=scope_global, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path_factory.mktemp("run"), max_epochs=3, callbacks=callback).fit(model)  # 12 steps
+    if scope_global:
+        zeros, total = zeros_and_total(targets)
+        assert zeros == round(final * total)
+    else:
+        for module, name in targets:
+            zeros, total = zeros_and_total([(module, name)])
+            assert zeros == round(final * total), (module, final)
+    steps = [h["step"] for h in callback._history]
+    assert steps == [t for t in range(1, 13) if schedule.should_prune(t)]
+    assert all(h["zeros_after"] >= h["zeros_before"] for h in callback._history)
+
+
+def test_step_schedule_targets_follow_the_cubic_curve(tmp_path):
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    schedule = PolynomialDecay(final_sparsity=0.9, begin=2, end=10, frequency=2)
+    callback = ModelPruning("random_unstructured", parameters_to_prune=targets, amount=schedule,
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
+    _, total = zeros_and_total(targets)
+    for h in callback._history:
+        assert h["amount"] == schedule.target(h["step"])
+        assert h["zeros_after"] == round(schedule.target(h["step"]) * total)
+
+
+def test_structured_schedule_prunes_whole_rows_to_target(tmp_path):
+    model = ThreeLayerModel()
+    targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
+    callback = ModelPruning("ln_structured", pruning_dim=0, pruning_norm=2, use_global_unstructured=False,
+                            parameters_to_prune=targets, amount=PolynomialDecay(final_sparsity=0.5, begin=1, end=8),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
+    for module, _ in targets:
+        zero_rows = int((module.weight.abs().sum(dim=1) == 0).sum())
+        assert zero_rows == 16
+
+
+def test_epoch_schedule_runs_iterative_rounds(tmp_path):
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets,
+                            amount=IterativeSchedule(rate_per_round=0.2, rounds=3, unit="epoch"),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=5, callbacks=callback).fit(model)
+    zeros, total = zeros_and_total(targets)
+    assert [h["epoch"] for h in callback._history] == [0, 1, 2]
+    assert zeros == round((1 - 0.8**3) * total)
+
+
+class RecordAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step, self.values = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.values = [m.weight.detach().clone() for m in pl_module.layer]
+
+
+@pytest.mark.parametrize("reset_optimizer", [False, True])
+def test_rewind_to_step_k(tmp_path, reset_optimizer):
+    seed_everything(0)
+    model = FixedDataModel()
+    targets = weight_targets(model)
+    record = RecordAtStep(3)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=0.4, rewind_to_step=3,
+                            make_pruning_permanent=False, reset_optimizer=reset_optimizer)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[record, callback])  # pruning at steps 4 and 8
+    trainer.fit(model)
+    for (module, _), value in zip(targets, record.values):
+        assert torch.equal(module.weight_orig, value)
+    assert (len(trainer.optimizers[0].state) == 0) == reset_optimizer
+
+
+def test_rewind_to_epoch_k(tmp_path):
+    seed_everything(0)
+    model = FixedDataModel()
+    targets = weight_targets(model)
+    record = RecordAtStep(4)  # the end of epoch 0 = the start of epoch 1
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=0.3, rewind_to_epoch=1,
+                            make_pruning_permanent=False, apply_pruning=lambda epoch: epoch >= 1)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[record, callback]).fit(model)
+    for (module, _), value in zip(targets, record.values):
+        assert torch.equal(module.weight_orig, value)
+
+
+def test_rewind_after_pruning_began_is_refused(tmp_path):
+    schedule = PolynomialDecay(final_sparsity=0.8, begin=10, end=100, frequency=10)
+    with pytest.raises(MisconfigurationException, match="not before the first pruning round"):
+        ModelPruning("l1_unstructured", amount=schedule, use_lottery_ticket_hypothesis=lambda e: True,
+                     rewind_to_step=20)
+    with pytest.raises(MisconfigurationException, match="either"):
+        ModelPruning("l1_unstructured", rewind_to_step=1, rewind_to_epoch=1)
+    with pytest.raises(MisconfigurationException, match="int >= 0"):
+        ModelPruning("l1_unstructured", rewind_to_epoch=-1)
+    with pytest.raises(MisconfigurationException, match="use_lottery_ticket_hypothesis=False"):
+        ModelPruning("l1_unstructured", amount=schedule)
+    # Lightning-style amounts prune from the first epoch: the mistake shows at the first reset
+    callback = ModelPruning("l1_unstructured", amount=0.2, rewind_to_epoch=2)
+    with pytest.raises(MisconfigurationException, match="before the rewind point"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=callback).fit(ThreeLayerModel())
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"killed at step {self.step}")
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_killed_mid_schedule_then_resumed_ends_with_same_masks(tmp_path, make_pruning_permanent):
+    """A run interrupted mid-schedule and resumed from its last checkpoint ends exactly like an uninterrupted one."""
+    def run(model, callbacks, ckpt_path=None):
+        callback = ModelPruning("l1_unstructured", parameters_to_prune=weight_targets(model),
+                                amount=PolynomialDecay(final_sparsity=0.85, begin=2, end=14, frequency=3),
+                                use_lottery_ticket_hypothesis=False, make_pruning_permanent=make_pruning_permanent)
+        trainer = make_trainer(tmp_path, max_epochs=5, enable_checkpointing=True, callbacks=[callback, *callbacks])
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model, trainer
+
+    seed_everything(1)
+    reference, _ = run(FixedDataModel(), [ModelCheckpoint(dirpath=tmp_path / "ref")])
+
+    seed_everything(1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash):
+        run(FixedDataModel(), [ckpt, CrashAtStep(10)])  # mid-epoch 2, mid-schedule
+    # what the crash left on disk loads into a fresh model as it is
+    FixedDataModel.load_from_checkpoint(ckpt.last_model_path, strict=False)
+
+    resumed, _ = run(FixedDataModel(), [], ckpt_path=ckpt.last_model_path)
+    for a, b in zip(weight_targets(reference), weight_targets(resumed)):
+        assert torch.equal(getattr(*a), getattr(*b))
+    zeros, total = zeros_and_total(weight_targets(resumed))
+    assert zeros == round(0.85 * total)
