@@ -1,0 +1,113 @@
+"""Iterative magnitude pruning on scikit-learn digits: plain loop and Lightning `Trainer`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, seed_everything
+from torch import nn
+
+from litcompress.callbacks.lottery import find_lottery_ticket
+from litcompress.data import DigitsDataModule, load_digits_tensors
+from litcompress.pruning.imp import iterative_magnitude_pruning
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def plain_train_and_evaluate():
+    splits = load_digits_tensors(seed=0)
+    x, y = splits.train.tensors
+    xt, yt = splits.test.tensors
+
+    def train(model):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(xt).argmax(1) == yt).float().mean())
+
+    return train, evaluate
+
+
+def test_imp_rounds_masks_rewinding_and_control():
+    torch.manual_seed(0)
+    model = mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    train, evaluate = plain_train_and_evaluate()
+    ticket = iterative_magnitude_pruning(model, train, evaluate, rounds=3, rate=0.5,
+                                         layer_rates={"2.weight": 0.25}, control="every")
+    # the model passed in is untouched
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    # round 0 is dense; each layer keeps exactly (1 - rate)^r
+    assert [r.round for r in ticket.rounds] == [0, 1, 2, 3]
+    assert ticket.rounds[0].remaining == 1.0 and ticket.rounds[0].control_metric is None
+    kept0 = 64 * 64 - round(0.5 * 4096)
+    kept0 -= round(0.5 * kept0)
+    kept0 -= round(0.5 * kept0)
+    kept2 = 640 - round(0.25 * 640)
+    kept2 -= round(0.25 * kept2)
+    kept2 -= round(0.25 * kept2)
+    assert int(ticket.masks["0.weight"].sum()) == kept0 and int(ticket.masks["2.weight"].sum()) == kept2
+    assert ticket.remaining == pytest.approx((kept0 + kept2) / (4096 + 640))
+    # the ticket is the mask applied to the initial weights
+    for name in ("0.weight", "2.weight"):
+        assert torch.equal(ticket.rewound_state[name + "_orig"], initial[name])
+        assert torch.equal(ticket.rewound_state[name + "_mask"], ticket.masks[name])
+    # every round trained to a useful network, and the control ran on every pruned round
+    assert all(r.metric > 0.8 for r in ticket.rounds)
+    assert all(r.control_metric is not None for r in ticket.rounds[1:])
+    assert "random re-init" in ticket.table()
+
+
+def test_imp_rejects_bad_arguments():
+    train, evaluate = plain_train_and_evaluate()
+    with pytest.raises(ValueError, match="rounds"):
+        iterative_magnitude_pruning(mlp(), train, evaluate, rounds=0)
+    with pytest.raises(ValueError, match="rate"):
+        iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, rate=1.0)
+    with pytest.raises(ValueError, match="not pruned tensors"):
+        iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, layer_rates={"9.weight": 0.1})
+    with pytest.raises(ValueError, match="NaN"):
+        iterative_magnitude_pruning(mlp(), train, lambda m: float("nan"), rounds=1)
+
+
+class DigitsClassifier(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_find_lottery_ticket_with_trainer_and_late_rewinding():
+    seed_everything(0)
+    module = DigitsClassifier()
+    ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="test_acc", rounds=2, rate=0.6,
+                                 trainer_kwargs=dict(max_epochs=4, accelerator="cpu"), rewind_to_step=3)
+    assert [r.round for r in ticket.rounds] == [0, 1, 2]
+    assert ticket.remaining == pytest.approx(((4096 - 2458) - round(0.6 * 1638) + (640 - 384) - round(0.6 * 256))
+                                             / 4736)
+    assert all(0.5 < r.metric <= 1.0 for r in ticket.rounds)
+    # rewound to step 3, not to initialisation
+    assert not torch.equal(ticket.rewound_state["net.0.weight_orig"], module.net[0].weight)
+    with pytest.raises(KeyError, match="was not logged"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="val_acc", rounds=1,
+                            trainer_kwargs=dict(max_epochs=1))
