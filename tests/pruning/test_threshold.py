@@ -141,6 +141,21 @@ def test_refinement_path_on_larger_continuous_data(seed: int) -> None:
         assert torch.equal(mine != 0, expected)
 
 
+@pytest.mark.parametrize("k_fraction", [0.001, 0.5, 0.999])
+def test_long_runs_of_equal_scores_settle_on_a_pivot(k_fraction: float) -> None:
+    # Few distinct values: sample quantiles straddle whole runs of duplicates, so the search
+    # must step over the runs (or settle on one) instead of re-sampling the same bracket.
+    generator = torch.Generator().manual_seed(5)
+    scores = [torch.randint(0, 3, (4000,), generator=generator).float() for _ in range(3)]
+    masks = [None, (torch.rand(4000, generator=generator) > 0.5), None]
+    kept_total = 8000 + int(masks[1].sum())
+    k = round(k_fraction * kept_total)
+    with small_search_limits(100, 50):
+        ours = smallest_k_masks(scores, masks, k)
+    for mine, expected in zip(ours, reference_masks(scores, masks, k)):
+        assert torch.equal(mine != 0, expected)
+
+
 def test_all_equal_scores_break_ties_by_tensor_then_index() -> None:
     scores = [torch.full((2, 3), 7.0), torch.full((4,), 7.0)]
     with small_search_limits(2, 3):

@@ -213,8 +213,27 @@ def _find_threshold(inputs: _Inputs, k: int) -> _Threshold:
                 # Every kept entry of [pivot, pivot] equals the pivot: no need to gather them.
                 ties = [high - low for high, low in zip(not_above_high, less_than_low)]
                 return _Threshold(pivot_low, less_than_low, ties)
-            lower, upper = _Bound(pivot_low, inclusive=True), at_most_high
-            below, in_bracket = less_than_low, sum(not_above_high) - sum(less_than_low)
+            narrowed = sum(not_above_high) - sum(less_than_low)
+            if narrowed <= in_bracket // 2:
+                lower, upper = _Bound(pivot_low, inclusive=True), at_most_high
+                below, in_bracket = less_than_low, narrowed
+                continue
+            # Little progress: long runs of equal scores at the pivots. Settle on a pivot if it
+            # is the k-th value, else step over both runs into the open interval between them.
+            not_above_low: list[int] = []
+            less_than_high: list[int] = []
+            for index in range(n_tensors):
+                values, kept = inputs.score(index), inputs.kept(index)
+                not_above_low.append(_count(values, kept, None, _Bound(pivot_low, inclusive=True)))
+                less_than_high.append(_count(values, kept, None, _Bound(pivot_high, inclusive=False)))
+            if k <= sum(not_above_low):
+                ties = [high - low for high, low in zip(not_above_low, less_than_low)]
+                return _Threshold(pivot_low, less_than_low, ties)
+            if k > sum(less_than_high):
+                ties = [high - low for high, low in zip(not_above_high, less_than_high)]
+                return _Threshold(pivot_high, less_than_high, ties)
+            lower, upper = _Bound(pivot_low, inclusive=False), _Bound(pivot_high, inclusive=False)
+            below, in_bracket = not_above_low, sum(less_than_high) - sum(not_above_low)
         else:
             lower = _Bound(pivot_high, inclusive=False)
             in_bracket = in_bracket + sum(below) - sum(not_above_high)
