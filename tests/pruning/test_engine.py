@@ -216,3 +216,25 @@ def test_plain_pytorch_loop_with_iterative_pruning_and_lottery_ticket():
     assert report.zeros == 320 - 40  # 8*32 + 32*2 = 320 weights, halved three times
     accuracy = (model(x).argmax(1) == y).float().mean()
     assert accuracy < 1.0  # rewound to initial values: not trained yet
+
+
+@SETTINGS
+@given(widths=widths, amounts=st.lists(fractions, min_size=1, max_size=3), seed=st.integers(0, 99))
+def test_global_l1_matches_torch_global_unstructured(widths, amounts, seed):
+    """Our global L1 rounds give torch's masks (continuous random weights: no ties)."""
+    ours, theirs = mlp(widths, seed), mlp(widths, seed)
+    our_targets, their_targets = default_targets(ours), default_targets(theirs)
+    for amount in amounts:
+        prune_(our_targets, "l1_unstructured", amount, scope="global")
+        torch_prune.global_unstructured(their_targets, pruning_method=torch_prune.L1Unstructured, amount=amount)
+    for (m, n), (m2, n2) in zip(our_targets, their_targets):
+        assert torch.equal(getattr(m, n + "_mask"), getattr(m2, n2 + "_mask"))
+
+
+def test_repeated_global_rounds_do_not_stack_pruning_methods():
+    model = mlp([8, 8, 8], 0)
+    targets = default_targets(model)
+    for _ in range(20):
+        prune_(targets, "l1_unstructured", 0.1)
+    hooks = [h for h in model[0]._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
+    assert len(hooks) == 1 and not isinstance(hooks[0], torch_prune.PruningContainer)

@@ -246,3 +246,24 @@ def test_second_round_with_existing_masks_matches_torch_global_unstructured() ->
     second = smallest_k_masks([w.abs() for w in weights], first, round(0.5 * kept))
     for layer, mask in zip(reference, second):
         assert torch.equal(layer.weight_mask, mask)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+    seed=st.integers(0, 10_000),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_magnitude_mode_equals_explicit_abs_and_bool_output(shapes, seed, fraction):
+    """`magnitude=True` ranks |scores| exactly like passing the absolute values; `dtype` sets the output type."""
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.randint(-4, 5, shape, generator=g).float() for shape in shapes]  # many ties, both signs
+    masks = [None if i % 2 else torch.rand(shape, generator=g) > 0.3 for i, shape in enumerate(shapes)]
+    kept = sum(s.numel() if m is None else int(m.sum()) for s, m in zip(scores, masks))
+    k = round(fraction * kept)
+    expected = smallest_k_masks([s.abs() for s in scores], masks, k)
+    actual = smallest_k_masks(scores, masks, k, magnitude=True, dtype=torch.bool)
+    assert all(a.dtype == torch.bool for a in actual)
+    assert all(torch.equal(a, e.bool()) for a, e in zip(actual, expected))
+    if k:
+        assert kth_smallest(scores, masks, k, magnitude=True) == kth_smallest([s.abs() for s in scores], masks, k)

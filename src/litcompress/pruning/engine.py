@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
 from litcompress.pruning.schedules import count_to_prune
+from litcompress.pruning.threshold import smallest_k_masks
 
 Target = tuple[nn.Module, str]
 Scope = Literal["local", "global"]
@@ -108,23 +109,36 @@ def parameter_order_preserved(modules: Iterable[nn.Module]) -> Iterator[None]:
         params.update(ranked)  # in place: the module keeps the same dict object
 
 
+def _reparametrise_(module: nn.Module, name: str) -> Tensor:
+    """Give ``module.<name>`` the standard pruning state with an all-ones mask; returns the mask buffer.
+
+    Uses torch's `Identity` method, whose hook holds no tensor: `custom_from_mask` would keep a second copy of
+    the mask alive inside its hook for as long as the model lives.
+    """
+    with parameter_order_preserved([module]):
+        torch_prune.identity(module, name)
+    return getattr(module, name + "_mask")
+
+
 def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
     """Prune ``module.<name>`` with an explicit mask (1 keeps, 0 prunes), combined with any existing mask."""
     param = trainable_tensor(module, name)
     if mask.shape != param.shape:
         raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
-    with parameter_order_preserved([module]):
-        torch_prune.custom_from_mask(module, name, mask.to(device=param.device, dtype=param.dtype))
+    buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
+    with torch.no_grad():
+        buffer.mul_(mask.to(device=buffer.device, dtype=buffer.dtype))
+    refresh_cached_tensor(module, name)
 
 
 def set_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
     """Make ``module.<name>``'s mask exactly `mask`, pruning it first if needed."""
-    if not is_pruned(module, name):
-        apply_mask_(module, name, mask)
-        return
-    buffer = getattr(module, name + "_mask")
+    param = trainable_tensor(module, name)
+    if mask.shape != param.shape:
+        raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
+    buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
     with torch.no_grad():
-        buffer.copy_(mask.to(device=buffer.device, dtype=buffer.dtype))
+        buffer.copy_(mask.to(device=buffer.device))
     refresh_cached_tensor(module, name)
 
 
@@ -209,6 +223,9 @@ def prune_(
         if scope == "global":
             if getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
                 raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
+            if method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs:
+                _global_magnitude_prune_(targets, amount)
+                return
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, **kwargs)
         elif scope == "local":
@@ -217,6 +234,22 @@ def prune_(
                 method_cls.apply(module, name, **kwargs)
         else:
             raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+
+
+def _global_magnitude_prune_(targets: Sequence[Target], amount: float | int) -> None:
+    """Global L1 pruning without concatenating the model (what ``global_unstructured`` does).
+
+    Same count as torch (``round(amount * remaining)`` of the entries still kept), the smallest magnitudes, ties
+    broken by (target order, flat index). Existing mask buffers are updated in place, so repeated rounds do not
+    stack pruning methods on the module.
+    """
+    remaining = sum(remaining_count(m, n) for m, n in targets)
+    count = amount if isinstance(amount, int) else round(amount * remaining)
+    with torch.no_grad():
+        scores = [trainable_tensor(m, n).detach() for m, n in targets]
+        keep = smallest_k_masks(scores, [mask_of(m, n) for m, n in targets], count, magnitude=True, dtype=torch.bool)
+    for (module, name), mask in zip(targets, keep):
+        set_mask_(module, name, mask)
 
 
 def pruned_count(module: nn.Module, name: str) -> int:

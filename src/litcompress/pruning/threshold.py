@@ -62,7 +62,11 @@ def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
 class _Inputs:
     """Validated scores (in the common dtype, lazily) and kept-entry masks."""
 
-    def __init__(self, scores: Sequence[Tensor], masks: Sequence[Tensor | None]) -> None:
+    def __init__(self, scores: Sequence[Tensor], masks: Sequence[Tensor | None], magnitude: bool = False) -> None:
+        self.magnitude = magnitude
+        # One reused buffer per (device, dtype) for |scores|: a fresh temporary per tensor and pass would
+        # fragment the heap into a model-sized high-water mark.
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         scores = list(scores)
         masks = list(masks)
         if len(scores) != len(masks):
@@ -100,9 +104,25 @@ class _Inputs:
     def __len__(self) -> int:
         return len(self.raw_scores)
 
-    def score(self, index: int) -> Tensor:
-        """Flat scores of tensor ``index`` in the common dtype (a view when possible)."""
+    def score(self, index: int, positions: Tensor | None = None) -> Tensor:
+        """Flat scores of tensor ``index`` (only at ``positions`` if given) in the common dtype.
+
+        A view when possible; with ``magnitude`` the absolute values, computed per call so that no copy of all
+        the scores is ever held.
+        """
         flat = self.raw_scores[index].reshape(-1)
+        if positions is not None:
+            flat = flat[positions]
+            if self.magnitude:
+                flat = flat.abs()
+        elif self.magnitude:
+            key = (flat.device, flat.dtype)
+            scratch = self._scratch.get(key)
+            if scratch is None or scratch.numel() < flat.numel():
+                scratch = self._scratch[key] = torch.empty(
+                    max(s.numel() for s in self.raw_scores), dtype=flat.dtype, device=flat.device
+                )
+            flat = torch.abs(flat, out=scratch[: flat.numel()])  # valid until the next call: use it at once
         return flat if flat.dtype == self.dtype else flat.to(self.dtype)
 
     def kept(self, index: int) -> Tensor | None:
@@ -150,7 +170,7 @@ def _sample_bracket(
             continue
         draws = min(numel, max(1, math.ceil(numel * draw_fraction)))
         positions = torch.randint(numel, (draws,), generator=generator).to(inputs.raw_scores[index].device)
-        values = inputs.score(index)[positions]
+        values = inputs.score(index, positions)
         kept = inputs.kept(index)
         selected = _select(values, None if kept is None else kept[positions], lower, upper)
         pieces.append((values if selected is None else values[selected]).cpu())
@@ -245,7 +265,10 @@ def _find_threshold(inputs: _Inputs, k: int) -> _Threshold:
         selected = _select(values, kept, lower, upper)
         # The candidates are few: widen to a dtype kthvalue supports everywhere (exact for all inputs).
         chosen = values if selected is None else values[selected]
-        candidates.append(chosen.to("cpu", torch.float64 if chosen.is_floating_point() else torch.int64))
+        # copy=True: `values` may be the reused |scores| buffer.
+        candidates.append(
+            chosen.to("cpu", torch.float64 if chosen.is_floating_point() else torch.int64, copy=True)
+        )
     value, _ = torch.kthvalue(torch.cat(candidates), k - sum(below))
     return _Threshold(
         value.to(inputs.dtype),
@@ -264,12 +287,15 @@ def _check_k(k: int, total_kept: int) -> None:
         )
 
 
-def kth_smallest(scores: Sequence[Tensor], masks: Sequence[Tensor | None], k: int) -> float:
+def kth_smallest(
+    scores: Sequence[Tensor], masks: Sequence[Tensor | None], k: int, *, magnitude: bool = False
+) -> float:
     """The k-th smallest (1-based) score among kept entries (mask != 0; None = all kept).
 
-    Raises ValueError unless 1 <= k <= number of kept entries, or if a score is NaN.
+    With ``magnitude=True`` the scores are ``|scores|``, without copying them. Raises ValueError unless
+    1 <= k <= number of kept entries, or if a score is NaN.
     """
-    inputs = _Inputs(scores, masks)
+    inputs = _Inputs(scores, masks, magnitude)
     _check_k(k, inputs.total_kept)
     if k == 0:
         raise ValueError("k=0 has no k-th smallest value; k must be at least 1")
@@ -288,17 +314,25 @@ def _prune_first_ties(keep: Tensor, ties: Tensor, count: int) -> None:
 
 
 def smallest_k_masks(
-    scores: Sequence[Tensor], masks: Sequence[Tensor | None], k: int
+    scores: Sequence[Tensor],
+    masks: Sequence[Tensor | None],
+    k: int,
+    *,
+    magnitude: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
-    """New keep-masks (same shape/device as each score; dtype of the old mask or, when None,
+    """New keep-masks (same shape/device as each score; of `dtype`, else of the old mask or, when None,
     of the score) after pruning exactly `k` more entries: the k smallest scores among entries
     still kept (mask != 0; None = all kept).
+
+    ``magnitude=True`` ranks ``|scores|`` (L1 pruning) without a copy of all the scores; ``dtype=torch.bool``
+    keeps the output at one byte per entry.
 
     Entries already pruned stay pruned. Ties at the threshold are broken deterministically
     (by tensor order, then flat index), so exactly k entries are newly pruned.
     0 <= k <= number of kept entries, else ValueError naming k. NaN scores raise ValueError.
     """
-    inputs = _Inputs(scores, masks)
+    inputs = _Inputs(scores, masks, magnitude)
     _check_k(k, inputs.total_kept)
     threshold = _find_threshold(inputs, k) if k > 0 else None
     ties_to_prune = k - sum(threshold.below) if threshold is not None else 0
@@ -308,7 +342,7 @@ def smallest_k_masks(
     new_masks: list[Tensor] = []
     for index in range(len(inputs)):
         raw_score, old_mask = inputs.raw_scores[index], inputs.masks[index]
-        out_dtype = raw_score.dtype if old_mask is None else old_mask.dtype
+        out_dtype = dtype or (raw_score.dtype if old_mask is None else old_mask.dtype)
         kept = inputs.kept(index)
         if threshold is None:
             keep = torch.ones(raw_score.numel(), dtype=torch.bool, device=raw_score.device) if kept is None else kept
@@ -326,5 +360,6 @@ def smallest_k_masks(
                     ties &= kept
                 _prune_first_ties(keep, ties, tie_share)
             ties_to_prune -= tie_share
-        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=True))
+        # `keep` is a fresh tensor unless it is the caller's kept mask: copy only then, or to change dtype.
+        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=keep is kept))
     return new_masks
