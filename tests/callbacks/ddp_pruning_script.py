@@ -1,14 +1,15 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning} OUT_DIR
-Lightning's `ddp` launcher re-runs this script for rank 1.
+Usage: python ddp_pruning_script.py {litcompress,lightning} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
+Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
+and loads rank 0's weights back into this process's model.
 """
 
 import os
 import sys
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
@@ -26,25 +27,39 @@ class Model(BoringModel):
         torch.manual_seed(1000 + self.global_rank + 10 * self.current_epoch)
 
 
-def main(impl: str, out: str) -> None:
+class SaveMasks(Callback):
+    """Each rank saves its pruning state when training ends (before the strategy tears the processes down)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v for k, v in pl_module.state_dict().items() if k.endswith(("_mask", "_orig"))}
+        state.update({f"{name}.effective": m.weight.detach().clone() for name, m in pl_module.named_modules()
+                      if isinstance(m, nn.Linear)})
+        torch.save(state, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked") -> None:
     cls = ModelPruning if impl == "litcompress" else LightningModelPruning
     model = Model()
     callback = cls(
         "random_unstructured",
         amount=0.3,
-        make_pruning_permanent=False,
+        make_pruning_permanent=permanence == "permanent",
         use_lottery_ticket_hypothesis=True,
         resample_parameters=True,
     )
     trainer = Trainer(
-        accelerator="cpu", strategy="ddp", devices=2, max_epochs=3, limit_train_batches=3, limit_val_batches=0,
+        accelerator="cpu", strategy=strategy, devices=2, max_epochs=3, limit_train_batches=3, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback],
+        callbacks=[SaveMasks(out), callback],
     )
     trainer.fit(model)
-    state = {k: v for k, v in model.state_dict().items() if k.endswith(("_mask", "_orig"))}
-    torch.save(state, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+    if strategy == "ddp_spawn":  # this process got rank 0's weights back
+        torch.save({f"{name}.effective": m.weight.detach().clone() for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear)}, os.path.join(out, "parent.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -13,10 +13,10 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 
-def _run(impl: str, out: Path) -> dict[int, dict[str, torch.Tensor]]:
+def _run(impl: str, out: Path, *args: str) -> dict[int, dict[str, torch.Tensor]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(SCRIPT), impl, str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, str(SCRIPT), impl, str(out), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {rank: torch.load(out / f"rank{rank}.pt") for rank in (0, 1)}
 
@@ -33,3 +33,16 @@ def test_ddp_ranks_share_masks_and_reset_weights(tmp_path, impl):
     assert states[0].keys() == states[1].keys() and any(k.endswith("_mask") for k in states[0])
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize("permanence", ["masked", "permanent"])
+def test_ddp_spawn_pickles_the_callback_and_returns_the_pruned_model(tmp_path, permanence):
+    states = _run("litcompress", tmp_path, "ddp_spawn", permanence)
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    # the parent process's model got rank 0's pruned weights back, whichever checkpoint format
+    parent = torch.load(tmp_path / "parent.pt")
+    assert parent.keys() == {"layer.0.effective", "layer.2.effective"}
+    for key, value in parent.items():
+        assert torch.equal(value, states[0][key]), key
+        assert int((value == 0).sum()) > 0

@@ -313,6 +313,11 @@ class ModelPruning(Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if _in_spawned_worker(trainer):
+            # `ddp_spawn` hands rank 0's weights to the parent process as a state dict loaded with strict=False into
+            # the parent's unpruned model, where `<name>_orig`/`<name>_mask` keys would be dropped silently: hand over
+            # the effective weights instead. (The worker's model is discarded right after.)
+            self._hook_handles = engine.register_state_hooks(self._parameters_to_prune, permanent_state_dict=True)
 
     def _run_pruning(self, current_epoch: int, trainer: Optional["pl.Trainer"] = None) -> None:
         prune = self._apply_pruning(current_epoch) if callable(self._apply_pruning) else self._apply_pruning
@@ -549,6 +554,14 @@ class ModelPruning(Callback):
     @staticmethod
     def _is_pruning_method(method: Any) -> bool:
         return is_pruning_method(method)
+
+
+def _in_spawned_worker(trainer: Optional["pl.Trainer"]) -> bool:
+    """True inside a process started by Lightning's multiprocessing launcher (``ddp_spawn``, ``ddp_fork``)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return isinstance(launcher, _MultiProcessingLauncher)
 
 
 def _describe(value: Any) -> str:
