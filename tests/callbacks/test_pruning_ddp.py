@@ -35,9 +35,17 @@ def test_ddp_ranks_share_masks_and_reset_weights(tmp_path, impl):
         assert torch.equal(states[0][key], states[1][key]), key
 
 
-@pytest.mark.parametrize("permanence", ["masked", "permanent"])
-def test_ddp_spawn_pickles_the_callback_and_returns_the_pruned_model(tmp_path, permanence):
-    states = _run("litcompress", tmp_path, "ddp_spawn", permanence)
+@pytest.mark.parametrize(
+    ("impl", "permanence"),
+    [
+        pytest.param("lightning", "masked", marks=pytest.mark.xfail(
+            strict=True, reason="the parent's model silently keeps its initial weights (masked keys dropped)")),
+        ("litcompress", "masked"),
+        ("litcompress", "permanent"),
+    ],
+)
+def test_ddp_spawn_pickles_the_callback_and_returns_the_pruned_model(tmp_path, impl, permanence):
+    states = _run(impl, tmp_path, "ddp_spawn", permanence)
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     # the parent process's model got rank 0's pruned weights back, whichever checkpoint format
