@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -41,7 +42,7 @@ from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
 from litcompress.pruning.schedules import SparsitySchedule
-from litcompress.report.sparsity import TensorSparsity
+from litcompress.report.sparsity import TensorSparsity, tensor_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -238,22 +239,27 @@ class ModelPruning(Callback):
 
     @staticmethod
     def _get_pruned_stats(module: nn.Module, name: str) -> tuple[int, int]:
-        values = engine.effective_tensor(module, name)
-        return values.numel() - int(torch.count_nonzero(values)), values.numel()
+        stats = tensor_sparsity(module, name)
+        return stats.zeros, stats.numel
 
     def apply_pruning(self, amount: Union[int, float]) -> None:
         """Applies pruning to ``parameters_to_prune``."""
-        if self._verbose:
-            prev_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
+        with self._logging_sparsity(amount):
+            if self._use_global_unstructured:
+                self._apply_global_pruning(amount)
+            else:
+                self._apply_local_pruning(amount)
 
-        if self._use_global_unstructured:
-            self._apply_global_pruning(amount)
-        else:
-            self._apply_local_pruning(amount)
-
-        if self._verbose:
-            curr_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
-            self._log_sparsity_stats(prev_stats, curr_stats, amount=amount)
+    @contextmanager
+    def _logging_sparsity(self, amount: Union[int, float]) -> Iterator[None]:
+        """With ``verbose``, log the sparsity before -> after the pruning done inside the block."""
+        if not self._verbose:
+            yield
+            return
+        prev_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
+        yield
+        curr_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
+        self._log_sparsity_stats(prev_stats, curr_stats, amount=amount)
 
     @rank_zero_only
     def _log_sparsity_stats(
@@ -371,14 +377,11 @@ class ModelPruning(Callback):
 
     def _prune_to_target(self, target: float) -> None:
         """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope)."""
-        prev_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune] if self._verbose else []
-        engine.prune_to_sparsity_(
-            self._parameters_to_prune, self._method, target,
-            scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
-        )
-        if self._verbose:
-            curr_stats = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune]
-            self._log_sparsity_stats(prev_stats, curr_stats, amount=target)
+        with self._logging_sparsity(target):
+            engine.prune_to_sparsity_(
+                self._parameters_to_prune, self._method, target,
+                scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
+            )
 
     def _epoch_schedule_due(self, current_epoch: int) -> bool:
         """With a schedule, only epoch-level ones prune at epoch boundaries, and only on their grid."""
@@ -481,7 +484,8 @@ class ModelPruning(Callback):
         self._hook_handles = []
 
     def _total_zeros(self) -> int:
-        return sum(self._get_pruned_stats(m, n)[0] for m, n in self._parameters_to_prune)
+        """Entries masked out across the targets (mask counts: cheaper than the effective values, for the history)."""
+        return sum(engine.pruned_count(m, n) for m, n in self._parameters_to_prune)
 
     def _validate_against_model(self) -> None:
         """Checks that need the model: structured `pruning_dim` within every target's dimensions."""

@@ -65,6 +65,12 @@ class SparsityReport:
         return self.table()
 
 
+def tensor_sparsity(module: nn.Module, name: str, label: str | None = None) -> TensorSparsity:
+    """Zeros of ``module.<name>`` in its effective values (``orig * mask`` when pruned)."""
+    values = effective_tensor(module, name)
+    return TensorSparsity(label or name, values.numel() - int(torch.count_nonzero(values)), values.numel())
+
+
 def sparsity_report(
     model: nn.Module, targets: Sequence[Target] | None = None, *, print_table: bool = False
 ) -> SparsityReport:
@@ -79,11 +85,7 @@ def sparsity_report(
             (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if p is not None
         ]
     names = qualified_names(model, targets)
-    rows = []
-    for name, (module, tensor_name) in zip(names, targets):
-        values = effective_tensor(module, tensor_name)
-        rows.append(TensorSparsity(name, values.numel() - int(torch.count_nonzero(values)), values.numel()))
-    report = SparsityReport(tuple(rows))
+    report = SparsityReport(tuple(tensor_sparsity(m, n, label) for label, (m, n) in zip(names, targets)))
     if print_table:
         print(report.table())
     return report
