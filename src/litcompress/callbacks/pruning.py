@@ -39,6 +39,7 @@ from torch import nn
 
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
+from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
 from litcompress.pruning.schedules import SparsitySchedule
@@ -331,8 +332,9 @@ class ModelPruning(Callback):
             return
         before = self._total_zeros()
         if self._schedule is not None:
-            target = self._schedule.target(self._progress(current_epoch, trainer))
-            self._prune_to_target(target)
+            t = self._progress(current_epoch, trainer)
+            target = self._schedule.target(t)
+            self._prune_to_target(target, t)
             amount: Union[int, float] = target
         else:
             amount = self.amount(current_epoch) if callable(self.amount) else self.amount
@@ -375,13 +377,14 @@ class ModelPruning(Callback):
             return trainer.global_step if trainer is not None else self._last_step
         return current_epoch + 1
 
-    def _prune_to_target(self, target: float) -> None:
+    def _prune_to_target(self, target: float, t: int) -> None:
         """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope)."""
+        pruner = GradualPruner(
+            self._parameters_to_prune, self._schedule, self._method,
+            scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
+        )
         with self._logging_sparsity(target):
-            engine.prune_to_sparsity_(
-                self._parameters_to_prune, self._method, target,
-                scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
-            )
+            pruner.prune_to(target, t)
 
     def _epoch_schedule_due(self, current_epoch: int) -> bool:
         """With a schedule, only epoch-level ones prune at epoch boundaries, and only on their grid."""

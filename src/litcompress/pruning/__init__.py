@@ -11,25 +11,31 @@ from litcompress.pruning.engine import (
     permanent_state_dict,
     prune_,
     prune_model_,
+    prune_to_sparsity_,
     pruned_targets,
     restore_masks_,
     set_mask_,
 )
+from litcompress.pruning.gradual import GradualPruner
+from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
 
 __all__ = [
+    "GradualPruner",
     "PRUNING_METHODS",
     "apply_mask_",
     "broadcast_pruning_state_",
     "default_targets",
     "effective_tensor",
     "is_pruned",
+    "iterative_magnitude_pruning",
     "load_pruned_state_dict",
     "make_permanent_",
     "permanent_state_dict",
     "prune_",
     "prune_model_",
+    "prune_to_sparsity_",
     "pruned_targets",
     "resolve_method",
     "restore_masks_",

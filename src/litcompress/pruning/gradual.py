@@ -1,0 +1,79 @@
+"""Gradual pruning for any training loop: a schedule, the tensors it prunes, and resumable state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.utils.prune as torch_prune
+
+from litcompress.pruning.engine import Scope, Target, prune_to_sparsity_, pruned_count
+from litcompress.pruning.methods import resolve_method
+from litcompress.pruning.schedules import SparsitySchedule
+
+
+class GradualPruner:
+    """Prunes `targets` to ``schedule.target(t)`` at every pruning point of `schedule`.
+
+    Call :meth:`step` with the progress in the schedule's unit (optimizer steps done, or epochs finished) after
+    each optimizer step or epoch; it prunes when due and is a no-op otherwise (also when called twice for the same
+    `t`). :meth:`state_dict` holds what a resumed run needs besides the model's masks::
+
+        pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=50))
+        for step, batch in enumerate(loader, start=1):
+            train_step(batch)
+            pruner.step(step)
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        schedule: SparsitySchedule,
+        method: str | type[torch_prune.BasePruningMethod] = "l1_unstructured",
+        *,
+        scope: Scope = "global",
+        **method_kwargs: Any,
+    ) -> None:
+        if not isinstance(schedule, SparsitySchedule):
+            raise TypeError(f"`schedule` must be a SparsitySchedule, got {schedule!r}.")
+        if scope not in ("global", "local"):
+            raise ValueError(f"`scope` must be 'global' or 'local', got {scope!r}.")
+        self.method = resolve_method(method)
+        if scope == "global" and getattr(self.method, "PRUNING_TYPE", None) != "unstructured":
+            raise ValueError(f"Global pruning needs an unstructured method, got {self.method.__name__}.")
+        self.targets = list(targets)
+        self.schedule = schedule
+        self.scope = scope
+        self.method_kwargs = method_kwargs
+        self.last_t = -1
+        self.history: list[dict[str, Any]] = []
+
+    def due(self, t: int) -> bool:
+        """Whether :meth:`step` would prune at `t`."""
+        return t != self.last_t and self.schedule.should_prune(t)
+
+    def step(self, t: int) -> bool:
+        """Prune to the schedule's target if `t` is a pruning point; returns whether it pruned."""
+        if not self.due(t):
+            self.last_t = t
+            return False
+        self.prune_to(self.schedule.target(t), t)
+        return True
+
+    def prune_to(self, target: float, t: int) -> None:
+        """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
+        before = self.pruned()
+        prune_to_sparsity_(self.targets, self.method, target, scope=self.scope, **self.method_kwargs)
+        self.last_t = t
+        self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": self.pruned()})
+
+    def pruned(self) -> int:
+        """Entries masked out across the targets."""
+        return sum(pruned_count(m, n) for m, n in self.targets)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_t": self.last_t, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_t = int(state["last_t"])
+        self.history = list(state["history"])
