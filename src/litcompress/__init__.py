@@ -12,7 +12,7 @@ from litcompress.pruning import load_pruned_state_dict, make_permanent_, permane
 from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
-    from litcompress.callbacks.pruning import ModelPruning
+    from litcompress.callbacks.pruning import ModelPruning, load_pruned_checkpoint
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ if not _logging.getLogger().hasHandlers():
     _logger.addHandler(_logging.StreamHandler())
     _logger.propagate = False
 
-_LAZY = {"ModelPruning": "litcompress.callbacks.pruning"}
+_LAZY = {"ModelPruning": "litcompress.callbacks.pruning", "load_pruned_checkpoint": "litcompress.callbacks.pruning"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,6 +38,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ModelPruning",
     "SparsityReport",
+    "load_pruned_checkpoint",
     "load_pruned_state_dict",
     "make_permanent_",
     "permanent_state_dict",

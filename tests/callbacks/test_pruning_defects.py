@@ -279,3 +279,28 @@ def test_pruned_parameters_keep_their_order(tmp_path):
     after = [name.replace("_orig", "") for name, _ in model.named_parameters()]
     assert after == before
     assert math.isclose(sum(p.numel() for p in model.parameters()), 32 * 32 * 2 + 32 + 32 * 2 + 2)
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+@pytest.mark.parametrize("cls", [LightningModelPruning, ModelPruning], ids=["lightning", "litcompress"])
+def test_load_pruned_checkpoint_file_into_fresh_model(tmp_path, cls, make_pruning_permanent):
+    """The helper reads checkpoint files of either callback and either format."""
+    from litcompress import load_pruned_checkpoint
+
+    seed_everything(0)
+    model = ThreeLayerModel()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # written during training, masks live
+    trainer = make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[
+        cls("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent,
+            use_lottery_ticket_hypothesis=False), ckpt])
+    trainer.fit(model)
+    path = ckpt.last_model_path
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = model(x)
+    live = load_pruned_checkpoint(ThreeLayerModel(), path)
+    inference = load_pruned_checkpoint(ThreeLayerModel(), path, keep_masks=False)
+    assert torch.equal(live(x), expected) and torch.equal(inference(x), expected)
+    assert not torch_prune.is_pruned(inference)
+    # masks come back whenever the checkpoint holds them: in its keys, or in litcompress's callback state
+    assert torch_prune.is_pruned(live) == (not make_pruning_permanent or cls is ModelPruning)

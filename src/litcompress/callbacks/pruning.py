@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -640,3 +641,28 @@ def _check_norm(value: Any) -> None:
         raise MisconfigurationException(
             f"`pruning_norm` must be a positive number (1, 2, float('inf')) or 'fro', got {value!r}."
         )
+
+
+def load_pruned_checkpoint(
+    model: nn.Module, checkpoint: Union[str, "os.PathLike[str]", dict[str, Any]], *, keep_masks: bool = True,
+    strict: bool = True,
+) -> nn.Module:
+    """Load a Lightning checkpoint written with pruning into a fresh, unpruned `model`; returns `model`.
+
+    Works with both formats: ``<name>_orig``/``<name>_mask`` keys (``make_pruning_permanent=False``, also
+    Lightning's own callback) and effective weights plus this callback's saved masks. With ``keep_masks=True`` the
+    model ends with live masks (to continue pruning or training sparse); with ``False`` it is permanent, ready for
+    inference or export.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise ValueError("Not a Lightning checkpoint (no 'state_dict'); use `load_pruned_state_dict` for a state dict.")
+    engine.load_pruned_state_dict(model, checkpoint["state_dict"], strict=strict)
+    if keep_masks:
+        for key, state in checkpoint.get("callbacks", {}).items():
+            if key.startswith("ModelPruning") and isinstance(state, dict) and state.get("masks"):
+                engine.restore_masks_(model, state["masks"])
+    else:
+        engine.make_permanent_(model)
+    return model
