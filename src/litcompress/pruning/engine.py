@@ -120,26 +120,27 @@ def _reparametrise_(module: nn.Module, name: str) -> Tensor:
     return getattr(module, name + "_mask")
 
 
-def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
-    """Prune ``module.<name>`` with an explicit mask (1 keeps, 0 prunes), combined with any existing mask."""
+def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -> None:
     param = trainable_tensor(module, name)
     if mask.shape != param.shape:
         raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
     buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
     with torch.no_grad():
-        buffer.mul_(mask.to(device=buffer.device, dtype=buffer.dtype))
+        if combine:
+            buffer.mul_(mask.to(device=buffer.device, dtype=buffer.dtype))
+        else:
+            buffer.copy_(mask.to(device=buffer.device))
     refresh_cached_tensor(module, name)
+
+
+def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
+    """Prune ``module.<name>`` with an explicit mask (1 keeps, 0 prunes), combined with any existing mask."""
+    _write_mask_(module, name, mask, combine=True)
 
 
 def set_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
     """Make ``module.<name>``'s mask exactly `mask`, pruning it first if needed."""
-    param = trainable_tensor(module, name)
-    if mask.shape != param.shape:
-        raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
-    buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
-    with torch.no_grad():
-        buffer.copy_(mask.to(device=buffer.device))
-    refresh_cached_tensor(module, name)
+    _write_mask_(module, name, mask, combine=False)
 
 
 def refresh_cached_tensor(module: nn.Module, name: str) -> None:
