@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -44,6 +45,32 @@ class ModelWithAttnMask(ThreeLayerModel):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("attn_mask", torch.ones(4, 4))
+
+
+class FixedDataModel(ThreeLayerModel):
+    """Deterministic data and Adam (which has per-parameter state), so two runs can be compared bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randn(64, 32, generator=g)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.data), batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.data[:16]), batch_size=16)
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch[0]).pow(2).mean()
+        self.log("test", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=0.01)
 
 
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:

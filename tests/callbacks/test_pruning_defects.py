@@ -17,10 +17,9 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress import ModelPruning, load_pruned_state_dict
-from tests.conftest import ModelWithAttnMask, ThreeLayerModel, make_trainer
+from tests.conftest import FixedDataModel, ModelWithAttnMask, ThreeLayerModel, make_trainer
 
 
 def both(reason: str):
@@ -29,32 +28,6 @@ def both(reason: str):
         [pytest.param(LightningModelPruning, marks=pytest.mark.xfail(strict=True, reason=reason)), ModelPruning],
         ids=["lightning", "litcompress"],
     )
-
-
-class FixedDataModel(ThreeLayerModel):
-    """Deterministic data and Adam (which has per-parameter state), so two runs can be compared bit for bit."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.data = torch.randn(64, 32, generator=g)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.data), batch_size=16)
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(self.data[:16]), batch_size=16)
-
-    def training_step(self, batch, batch_idx):
-        loss = self(batch[0]).pow(2).mean()
-        self.log("test", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val", self(batch[0]).pow(2).mean())
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=0.01)
 
 
 def _pruning(cls, model, **kw):

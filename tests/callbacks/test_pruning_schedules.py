@@ -12,8 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning
 from litcompress.pruning.schedules import IterativeSchedule, PolynomialDecay
-from tests.callbacks.test_pruning_defects import FixedDataModel
-from tests.conftest import ThreeLayerModel, make_trainer
+from tests.conftest import FixedDataModel, ThreeLayerModel, make_trainer
 
 
 def weight_targets(model):
