@@ -323,6 +323,10 @@ def quantize(
         goal_met = True
         note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "
              "candidates meeting the goal.")
+        if chosen.latency_s > baseline_latency:
+            note(f"the chosen int8 model is slower than fp32 on this host ({chosen.latency_s * 1e3:.3f} ms vs "
+                 f"{baseline_latency * 1e3:.3f} ms): the model is too small for int8 kernels to pay off; it is "
+                 "still smaller on disk.")
     else:
         goal_met = False
         ran = [t for t in trials if t.index in models]
