@@ -91,7 +91,8 @@ def _nodes_of_layers(onnx_model, layers: Sequence[str]) -> list[str]:
             # The legacy exporter keeps parameter names ("fc.weight") and scopes node names ("/fc/Gemm").
             if any(i in (f"{layer}.weight", f"{layer}.bias") for i in node.input) \
                     or f"/{layer}/" in node.name or node.name.split("/")[-2:-1] == [layer]:
-                nodes.append(node.name)
+                # Dynamic per-channel Gemm is rewritten to "<node>_MatMul" + Add before quantizing.
+                nodes += [node.name, f"{node.name}_MatMul"]
                 break
     return nodes
 
