@@ -19,6 +19,8 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
         result = {}
         for name in layers:
             module = modules[name]
+            if isinstance(module, nn.Sequential):  # an fp32 layer fused with its ReLU (LinearReLU, ConvReLU2d)
+                module = module[0]
             weight = module.weight() if callable(getattr(module, "weight", None)) else module.weight
             result[name] = weight.dtype == torch.qint8
         return result

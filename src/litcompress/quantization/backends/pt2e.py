@@ -50,8 +50,10 @@ class PT2EBackend(Backend):
 
     def check_available(self) -> None:
         try:
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
-            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa
+            with warnings.catch_warnings():  # torchao's import emits torch.jit deprecation warnings
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
+                from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa
         except ImportError as exc:
             raise BackendUnavailableError(
                 f"pt2e backend needs torchao with torchao.quantization.pt2e ({exc}); "
@@ -65,11 +67,23 @@ class PT2EBackend(Backend):
 
     def quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
                  calibration: Sequence[Inputs]) -> nn.Module:
+        if recipe.approach not in self.approaches:
+            raise ValueError(f"pt2e backend does not support approach {recipe.approach!r}.")
+        return self._quantize(model, recipe, example_inputs, calibration)
+
+    def _quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                  calibration: Sequence[Inputs]) -> nn.Module:
+        with warnings.catch_warnings():
+            # Expected notes, e.g. "The input of maxpool2d is not quantized, skip annotate".
+            warnings.filterwarnings("ignore", message=".*skip annotate.*")
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._quantize_unfiltered(model, recipe, example_inputs, calibration)
+
+    def _quantize_unfiltered(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                             calibration: Sequence[Inputs]) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-        if recipe.approach not in self.approaches:
-            raise ValueError(f"pt2e backend does not support approach {recipe.approach!r}.")
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
             is_dynamic=recipe.approach == "dynamic", reduce_range=recipe.reduce_range))
