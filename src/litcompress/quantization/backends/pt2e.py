@@ -22,7 +22,8 @@ METADATA_FILE = "litcompress.json"
 
 def _export_inputs(example_inputs: Inputs) -> Inputs:
     # torch.export specialises a size-1 dimension; a batch of 2 keeps the batch dimension dynamic.
-    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in example_inputs)
+    # clone(): torch.export.save stores sample inputs, and a view would drag its whole storage along.
+    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t.clone() for t in example_inputs)
 
 
 def _batch_dynamic_shapes(inputs: Inputs):
@@ -121,6 +122,7 @@ class PT2EBackend(Backend):
 
 def load_exported(path: str) -> tuple[nn.Module, dict]:
     """Load an artefact written by :meth:`PT2EBackend.save`."""
+    PT2EBackend().check_available()  # importing torchao's pt2e registers the quantized_decomposed ops
     extra = {METADATA_FILE: ""}
     program = torch.export.load(path, extra_files=extra)
     if not extra[METADATA_FILE]:
