@@ -25,7 +25,7 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
             result[name] = weight.dtype == torch.qint8
         return result
     if backend == "pt2e":
-        module = getattr(model, "_orig_mod", model)
+        module = getattr(model, "graph_module", model)
         float_weights = {n for n, _ in list(module.named_parameters()) + list(module.named_buffers())}
         # convert_pt2e folds quantized weights into int8 constants; fp32 layers keep "<layer>.weight".
         return {name: f"{name}.weight" not in float_weights for name in layers}

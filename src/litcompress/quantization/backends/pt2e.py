@@ -41,6 +41,28 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
             delattr(graph_module.get_submodule(parent) if parent else graph_module, leaf)
 
 
+class CompiledInference(nn.Module):
+    """A converted PT2E graph run through ``torch.compile`` with inductor's freezing.
+
+    Freezing lets inductor prepack the int8 weights into its fused x86 kernels. It is set with
+    ``torch._inductor.config.patch`` around each call (recompiles for new shapes need it too) and
+    the call runs in inference mode: on torch 2.13 the weight-prepack ops have no fake kernel, so
+    compiling under plain ``no_grad`` (or with ``options={"freezing": True}``) fails.
+    """
+
+    def __init__(self, graph_module: nn.Module) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self._compiled = torch.compile(graph_module)
+
+    def forward(self, *inputs: torch.Tensor):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True), torch.inference_mode():
+            output = self._compiled(*inputs)
+        return output.clone() if isinstance(output, torch.Tensor) else output  # leave inference mode
+
+
 class PT2EBackend(Backend):
     """Static (Conv2d + Linear) and dynamic (Linear) int8 via torchao's PT2E flow."""
 
@@ -104,15 +126,13 @@ class PT2EBackend(Backend):
             converted = convert_pt2e(prepared)
         _drop_unused_tensors(converted)
         if self.compile:
-            # freezing lets inductor fold the int8 weights into its fused x86 kernels.
-            compiled = torch.compile(converted, options={"freezing": True})
-            with torch.no_grad():
-                compiled(*example_inputs)  # pay the compile cost here, not inside eval/latency
+            compiled = CompiledInference(converted)
+            compiled(*example_inputs)  # pay the compile cost here, not inside eval/latency
             return compiled
         return converted
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
-        module = getattr(quantized, "_orig_mod", quantized)  # unwrap torch.compile
+        module = quantized.graph_module if isinstance(quantized, CompiledInference) else quantized
         inputs = _export_inputs(example_inputs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
