@@ -34,7 +34,7 @@ except OSError:
 import torch
 from torch import nn
 
-from litcompress.quantization import AccuracyCriterion, PTQConfig, get_backend, quantize
+from litcompress.quantization import AccuracyCriterion, PTQConfig, get_backend, quantize, save_quantized
 from litcompress.quantization.backends import cpu_has_vnni
 from litcompress.quantization.latency import measure_latencies
 
@@ -120,8 +120,15 @@ def run_inc(model, approach, example, calibration, eval_fn, max_trials):
     logging.getLogger("neural_compressor").setLevel(logging.WARNING)
     t0 = time.time()
     try:
-        exported = inc_export(copy.deepcopy(model), example_inputs=example)
-        config_set = (StaticQuantConfig.get_config_set_for_tuning() if approach == "static"
+        from torch.export import Dim
+
+        from litcompress.quantization.backends.pt2e import CompiledInference
+
+        # A batch of >= 2 and a dynamic batch dimension: the same graph serves batch 1, 32 and eval.
+        export_example = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in example)
+        exported = inc_export(copy.deepcopy(model), example_inputs=export_example,
+                              dynamic_shapes=tuple({0: Dim.AUTO} for _ in export_example))
+        config_set = ([StaticQuantConfig.get_config_set_for_tuning()] if approach == "static"
                       else [DynamicQuantConfig(), DynamicQuantConfig(w_granularity="per_channel")])
         tune = TuningConfig(config_set=config_set, tolerable_loss=0.01, max_trials=max_trials)
 
@@ -129,13 +136,12 @@ def run_inc(model, approach, example, calibration, eval_fn, max_trials):
             for (batch,) in calibration:
                 m(batch)
 
-        q = autotune(exported, tune, eval_fn=eval_fn, run_fn=run_fn, example_inputs=example)
+        q = autotune(exported, tune, eval_fn=eval_fn, run_fn=run_fn, example_inputs=export_example)
         if q is None:
             return None, time.time() - t0, "INC autotune returned None (no config met the goal)"
         # INC's PT2E output is decomposed q/dq: torch.compile lowers it to int8 kernels.
-        compiled = torch.compile(q, options={"freezing": True})
-        with torch.no_grad():
-            compiled(*example)
+        compiled = CompiledInference(q)  # inductor freezing, as for our pt2e backend
+        compiled(*example)
         return compiled, time.time() - t0, "INC 3.10 autotune + torch.compile"
     except Exception as exc:
         return None, time.time() - t0, f"INC failed: {type(exc).__name__}: {str(exc)[:200]}"
@@ -159,17 +165,25 @@ def bench_model(name, model, approach, data, args, tmp):
     torch.save(model.state_dict(), fp32_path)
     variants = {"fp32 eager": (model, None, 0.0, None)}
 
+    failures = {}
     for backend_name in ("torch_ao", "onnxruntime", "pt2e"):
         backend = get_backend(backend_name)
         if backend_name == "pt2e":
             backend.compile = True
         t0 = time.time()
         recipe = backend.recipes(approach)[0]
-        q = backend.quantize(copy.deepcopy(model), recipe, example, calibration)
         label = f"{backend_name} int8" + (" (compiled)" if backend_name == "pt2e" else "")
-        path = os.path.join(tmp, f"{name}_{backend_name}{backend.artifact_suffix}")
-        from litcompress.quantization import save_quantized
-        size = save_quantized(q, recipe, path, example)
+        try:
+            q = backend.quantize(copy.deepcopy(model), recipe, example, calibration)
+            for batch in (1, 32):  # fail here, not in the timing loop
+                with torch.no_grad():
+                    q(xte[:batch])
+            path = os.path.join(tmp, f"{name}_{backend_name}{backend.artifact_suffix}")
+            size = save_quantized(q, recipe, path, example)
+        except Exception as exc:
+            failures[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"[{name}] {label} failed: {failures[label]}", flush=True)
+            continue
         variants[label] = (q, size, time.time() - t0, recipe.describe())
 
     config = PTQConfig(approach=approach, backends=tuple(args.tune_backends.split(",")), max_trials=10,
@@ -217,7 +231,7 @@ def bench_model(name, model, approach, data, args, tmp):
         }
     return {"rows": rows, "fp32_size_bytes": fp32_size, "tuned_trials": tuned_trials,
             "tuned_first_passing_trial": tuned_first_pass, "tuned_goal_met": result.goal_met,
-            "tuned_recipe": variants["litcompress tuned"][3], "inc": inc_note}
+            "tuned_recipe": variants["litcompress tuned"][3], "inc": inc_note, "failures": failures}
 
 
 def print_table(name: str, out: dict) -> None:

@@ -24,6 +24,10 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
             weight = module.weight() if callable(getattr(module, "weight", None)) else module.weight
             result[name] = weight.dtype == torch.qint8
         return result
+    if backend == "torchao":  # weight-only: the Linear weight becomes a torchao int8 tensor subclass
+        modules = dict(model.named_modules())
+        return {name: type(modules[name].weight) is not torch.nn.Parameter
+                and modules[name].weight.__class__.__name__ != "Tensor" for name in layers}
     if backend == "pt2e":
         module = getattr(model, "graph_module", model)
         float_weights = {n for n, _ in list(module.named_parameters()) + list(module.named_buffers())}

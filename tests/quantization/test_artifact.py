@@ -48,7 +48,7 @@ def test_artefacts_reload_in_a_fresh_process_with_identical_outputs(wide_cnn, di
 
     results, paths = {}, []
     for backend, approach in [("torch_ao", "static"), ("torch_ao", "dynamic"), ("onnxruntime", "static"),
-                              ("pt2e", "static")]:
+                              ("pt2e", "static"), ("torchao", "weight_only")]:
         config = PTQConfig(approach=approach, backends=(backend,), max_trials=2, latency_repeats=3,
                            accuracy=AccuracyCriterion(0.05))
         result = quantize(wide_cnn, config, eval_fn=accuracy_fn(x, labels), calibration_data=calibration)

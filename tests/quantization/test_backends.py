@@ -112,3 +112,21 @@ def test_pt2e_compiled_matches_eager_converted(trained_cnn, digits):
     compiled = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:32],), _calibration(x))
     with torch.no_grad():
         assert sqnr_db(eager(x[:32]), compiled(x[:32])) > 25.0
+
+
+def test_torchao_weight_only_close_to_fp32_and_honours_fp32_layers(trained_mlp, digits):
+    x = digits[2]
+    backend = get_backend("torchao")
+    recipe = backend.recipes("weight_only")[0]
+    quantized = backend.quantize(copy.deepcopy(trained_mlp), recipe, (x[:1],), [])
+    with torch.no_grad():
+        assert sqnr_db(trained_mlp(x), quantized(x)) > 30.0  # float activations: only weight rounding
+    assert quantized_layers(quantized, "torchao", ["0", "2"]) == {"0": True, "2": True}
+    partial = backend.quantize(copy.deepcopy(trained_mlp), recipe.with_fp32_layers(("0",)), (x[:1],), [])
+    assert quantized_layers(partial, "torchao", ["0", "2"]) == {"0": False, "2": True}
+
+
+def test_backends_reject_approaches_they_do_not_have(trained_mlp, digits):
+    with pytest.raises(ValueError, match="weight_only"):
+        get_backend("torch_ao").quantize(copy.deepcopy(trained_mlp), Recipe("torch_ao", "weight_only"),
+                                         (digits[2][:1],), [])

@@ -11,7 +11,7 @@ CalibrationMethod = Literal["minmax", "histogram", "percentile"]
 
 APPROACHES: tuple[str, ...] = ("dynamic", "static", "weight_only")
 CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "histogram", "percentile")
-DEFAULT_BACKENDS: tuple[str, ...] = ("torch_ao", "onnxruntime", "pt2e")
+DEFAULT_BACKENDS: tuple[str, ...] = ("torch_ao", "onnxruntime", "pt2e", "torchao")
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ BACKEND_REGISTRY: dict[str, str] = {
     "torch_ao": "litcompress.quantization.backends.torch_ao:TorchAOBackend",
     "onnxruntime": "litcompress.quantization.backends.onnxruntime:OnnxRuntimeBackend",
     "pt2e": "litcompress.quantization.backends.pt2e:PT2EBackend",
+    "torchao": "litcompress.quantization.backends.torchao_weight_only:TorchAOWeightOnlyBackend",
 }
 
 

@@ -53,7 +53,8 @@ class CompiledInference(nn.Module):
     def __init__(self, graph_module: nn.Module) -> None:
         super().__init__()
         self.graph_module = graph_module
-        self._compiled = torch.compile(graph_module)
+        # Static shapes: inductor's int8 conv lowering asserts wrong strides with a symbolic batch.
+        self._compiled = torch.compile(graph_module, dynamic=False)
 
     def forward(self, *inputs: torch.Tensor):
         import torch._inductor.config as inductor_config
