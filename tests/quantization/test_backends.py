@@ -3,8 +3,10 @@
 import copy
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
+
 
 from litcompress.quantization import Recipe, get_backend, sqnr_db
 from litcompress.quantization.backends import quantizable_layers
@@ -130,3 +132,29 @@ def test_backends_reject_approaches_they_do_not_have(trained_mlp, digits):
     with pytest.raises(ValueError, match="weight_only"):
         get_backend("torch_ao").quantize(copy.deepcopy(trained_mlp), Recipe("torch_ao", "weight_only"),
                                          (digits[2][:1],), [])
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), width=st.sampled_from([8, 32, 96]), per_channel=st.booleans())
+def test_dynamic_int8_tracks_fp32_for_random_linears(seed, width, per_channel):
+    """Property: for any random MLP, torch.ao dynamic int8 output stays within ~25 dB SQNR of fp32."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)).eval()
+    x = torch.randn(64, width)
+    backend = get_backend("torch_ao")
+    quantized = backend.quantize(copy.deepcopy(model), Recipe("torch_ao", "dynamic", per_channel=per_channel),
+                                 (x[:1],), [])
+    with torch.no_grad():
+        assert sqnr_db(model(x), quantized(x)) > 25.0
+
+
+@given(scale=st.floats(1e-3, 1e3), noise=st.floats(1e-4, 1e-1))
+def test_sqnr_is_scale_invariant_and_falls_with_noise(scale, noise):
+    torch.manual_seed(0)
+    signal = torch.randn(1000)
+    perturbation = torch.randn(1000)
+    small = sqnr_db(signal * scale, (signal + noise * perturbation) * scale)
+    large = sqnr_db(signal * scale, (signal + 2 * noise * perturbation) * scale)
+    assert sqnr_db(signal, signal) == float("inf")
+    assert abs(small - sqnr_db(signal, signal + noise * perturbation)) < 1e-2
+    assert large < small

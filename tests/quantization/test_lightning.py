@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized
+from litcompress.quantization import PTQConfig, load_quantized
 from litcompress.quantization.lightning import QuantizeOnFitEnd, lightning_eval_fn, quantize_checkpoint, quantize_lightning
 
 
@@ -85,15 +85,17 @@ def test_unknown_metric_names_the_logged_ones(fitted):
         quantize_lightning(module, CONFIG, metric="val_accuracy", datamodule=data)
 
 
-def test_callback_quantizes_at_fit_end_and_saves(digits, tmp_path):
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime"])
+def test_callback_quantizes_at_fit_end_and_saves(digits, tmp_path, backend):
     torch.manual_seed(0)
-    path = tmp_path / "model.onnx"
-    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc", save_path=path)
+    path = tmp_path / "model.bin"
+    config = PTQConfig(approach="dynamic", backends=(backend,), max_trials=4, latency_repeats=3)
+    callback = QuantizeOnFitEnd(config, metric="val_acc", save_path=path)
     module = DigitsModule()
     _trainer(callbacks=[callback]).fit(module, datamodule=DigitsData(digits))
     assert callback.result is not None and callback.result.model is not None
     loaded, recipe = load_quantized(path)
-    assert recipe == callback.result.recipe
+    assert recipe == callback.result.recipe and recipe.backend == backend
     x = digits[2][:20]
     assert torch.allclose(loaded(x), callback.result.model(x), atol=1e-5)
 

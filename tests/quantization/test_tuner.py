@@ -1,7 +1,6 @@
 """The search: fallback of sensitive layers, never-None contract, bad input, budget."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -197,3 +196,4 @@ def test_backend_without_the_approach_is_skipped_with_message(trained_mlp, digit
         result = quantize(trained_mlp, config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
     assert any("does not support approach 'weight_only'" in m for m in result.messages)
     assert not math.isnan(result.metric)
+

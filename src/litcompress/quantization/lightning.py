@@ -7,7 +7,6 @@ module of the subpackage that imports lightning.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -87,7 +86,13 @@ def quantize_lightning(
         if hasattr(datamodule, "setup"):
             datamodule.setup("fit")
         calibration_data = datamodule.train_dataloader()
-    target = getattr(module, submodule) if submodule else _detached_copy(module)
+    if submodule:
+        target = getattr(module, submodule)
+    else:
+        target = _detached_copy(module)
+        # Tracing/export reads every property; Lightning's `trainer` raises on an unattached module
+        # unless this flag (the one Lightning's own to_torchscript sets) is on. Our copy only.
+        target._jit_is_scripting = True
     eval_fn = lightning_eval_fn(module, datamodule, metric, trainer=trainer, submodule=submodule,
                                 dataloaders=val_dataloaders)
     return quantize(target, config, eval_fn=eval_fn, calibration_data=calibration_data,

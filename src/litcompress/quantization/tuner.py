@@ -253,7 +253,12 @@ def quantize(
 
     def ranking(per_channel: bool) -> list[str]:
         if per_channel not in rankings:
-            scores = layer_sensitivity(fp32, layers, calibration, config.approach, per_channel)
+            try:
+                scores = layer_sensitivity(fp32, layers, calibration, config.approach, per_channel)
+            except Exception as exc:  # no ranking means no fallback, not a lost search
+                rankings[per_channel] = []
+                note(f"layer sensitivity failed ({type(exc).__name__}: {exc}); no fp32 fallback this time.")
+                return []
             rankings[per_channel] = sorted(layers, key=lambda n: scores[n])
             note("layer sensitivity (output SQNR dB, most sensitive first): "
                  + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[per_channel]))
@@ -314,11 +319,14 @@ def quantize(
     passing = [t for t in trials if t.meets_goal and t.index in models]
     if passing:
         # Re-measure the finalists interleaved with fp32 so that host noise hits all alike.
-        measured = measure_latencies([fp32] + [models[t.index] for t in passing], example_inputs,
-                                     config.latency_repeats, num_threads=config.num_threads)
-        baseline_latency = measured[0]["median"]
-        for trial, m in zip(passing, measured[1:]):
-            trial.latency_s = m["median"]
+        try:
+            measured = measure_latencies([fp32] + [models[t.index] for t in passing], example_inputs,
+                                         config.latency_repeats, num_threads=config.num_threads)
+            baseline_latency = measured[0]["median"]
+            for trial, m in zip(passing, measured[1:]):
+                trial.latency_s = m["median"]
+        except Exception as exc:  # keep the per-trial timings rather than lose the search
+            note(f"final interleaved timing failed ({type(exc).__name__}: {exc}); using per-trial timings.")
         chosen = min(passing, key=lambda t: t.latency_s)
         goal_met = True
         note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "

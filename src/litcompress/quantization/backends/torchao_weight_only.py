@@ -7,7 +7,6 @@ candidate and only picks it when it is the fastest one meeting the goal.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from typing import Sequence
 
