@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core host thread hand-offs
+    made them ~10x slower. Restored afterwards."""
+    from litcompress.quantization.latency import pinned_threads
+
+    with pinned_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def digits():
     """sklearn's 8x8 digits as (train_x, train_y, test_x, test_y) float tensors in [0, 1]."""
