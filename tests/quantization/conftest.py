@@ -13,12 +13,21 @@ _HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config, items):
+    from quant_helpers import backend_missing
+
+    ours = [item for item in items if _HERE in Path(str(item.fspath)).parents]
+    # Cases parametrized over an optional backend that is not installed are skipped, with the reason.
+    for item in ours:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for key in ("backend_name", "backend"):
+            if isinstance(params.get(key), str) and (reason := backend_missing(params[key])):
+                item.add_marker(pytest.mark.skip(reason=reason))
     # Slow cases (torch.compile) run only when asked for: `-m slow` or LITCOMPRESS_RUN_SLOW=1.
     if "slow" in (config.getoption("-m") or "") or os.environ.get("LITCOMPRESS_RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with -m slow or LITCOMPRESS_RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords and _HERE in Path(str(item.fspath)).parents:
+    for item in ours:
+        if "slow" in item.keywords:
             item.add_marker(skip)
 
 

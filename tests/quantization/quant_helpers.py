@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import onnx
 import torch
 from torch import nn
 
@@ -10,6 +9,8 @@ from torch import nn
 def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[str, bool]:
     """For each torch layer name: True when the backend's model runs that layer with int8 weights."""
     if backend == "onnxruntime":
+        import onnx
+
         proto = onnx.load_from_string(model.model_bytes)
         int8 = {init.name for init in proto.graph.initializer if init.data_type == onnx.TensorProto.INT8}
         # ORT names a quantized weight "<layer>.weight_quantized"; a dynamic MatMul may keep a transposed copy.
@@ -38,3 +39,14 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def backend_missing(name: str) -> str | None:
+    """Why a backend cannot run here (optional package missing), or None."""
+    from litcompress.quantization import BackendUnavailableError, get_backend
+
+    try:
+        get_backend(name).check_available()
+    except (BackendUnavailableError, ImportError) as exc:
+        return str(exc)
+    return None

@@ -197,3 +197,46 @@ def test_backend_without_the_approach_is_skipped_with_message(trained_mlp, digit
     assert any("does not support approach 'weight_only'" in m for m in result.messages)
     assert not math.isnan(result.metric)
 
+
+
+WITHOUT_OPTIONAL = r"""
+import sys, importlib.abc, json
+
+class Block(importlib.abc.MetaPathFinder):
+    # Simulates a machine without the optional packages.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"onnx", "onnxruntime", "torchao", "lightning"}:
+            raise ImportError(f"No module named {name!r} (blocked for this test)")
+
+sys.meta_path.insert(0, Block())
+import torch
+from torch import nn
+import litcompress.quantization as q
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+x = torch.randn(32, 8)
+result = q.quantize(model, q.PTQConfig(approach="dynamic", latency_repeats=3), eval_fn=lambda m: 1.0,
+                    example_inputs=x[:1])
+print(json.dumps({"backend": result.recipe.backend, "messages": result.messages,
+                  "lightning_loaded": "lightning" in sys.modules}))
+"""
+
+
+def test_works_without_optional_backends_and_says_why():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_OPTIONAL], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "torch_ao" and not out["lightning_loaded"]
+    skipped = " ".join(out["messages"])
+    for name in ("onnxruntime", "pt2e", "torchao"):
+        assert f"backend {name!r} skipped" in skipped
+    assert "pip install onnx onnxruntime" in skipped
