@@ -56,12 +56,11 @@ class Recipe:
     """One quantization candidate: everything needed to rebuild it without tuning."""
 
     backend: str
-    approach: str
+    approach: Approach
     per_channel: bool = True
-    calibration: str = "minmax"
+    calibration: CalibrationMethod = "minmax"
     fp32_layers: tuple[str, ...] = ()
     reduce_range: bool = False
-    options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.approach not in APPROACHES:
@@ -90,7 +89,7 @@ class Recipe:
         return {
             "backend": self.backend, "approach": self.approach, "per_channel": self.per_channel,
             "calibration": self.calibration, "fp32_layers": list(self.fp32_layers),
-            "reduce_range": self.reduce_range, "options": [list(kv) for kv in self.options],
+            "reduce_range": self.reduce_range,
         }
 
     @classmethod
@@ -98,7 +97,7 @@ class Recipe:
         return cls(
             backend=data["backend"], approach=data["approach"], per_channel=data["per_channel"],
             calibration=data["calibration"], fp32_layers=tuple(data["fp32_layers"]),
-            reduce_range=data["reduce_range"], options=tuple(tuple(kv) for kv in data.get("options", [])),
+            reduce_range=data["reduce_range"],
         )
 
 
@@ -120,7 +119,7 @@ class PTQConfig:
         compile: compile PT2E candidates with ``torch.compile`` (slow first call, fast kernels).
     """
 
-    approach: str = "dynamic"
+    approach: Approach = "dynamic"
     accuracy: AccuracyCriterion = field(default_factory=AccuracyCriterion)
     backends: tuple[str, ...] = DEFAULT_BACKENDS
     max_trials: int = 10

@@ -244,8 +244,7 @@ def quantize(
             note(f"backend {name!r} skipped: it does not support approach {config.approach!r} "
                  f"(supports {backend.approaches}).")
             continue
-        if name == "pt2e" and config.compile:
-            backend.compile = True  # type: ignore[attr-defined]
+        backend.configure(config)
         searches.append(_BackendSearch(backend, config.approach))
 
     layers = quantizable_layers(fp32, config.approach)

@@ -8,12 +8,15 @@ deprecated ``torch.ao.quantization`` from torch breaks ``torch_ao.py`` only.
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from ..config import Recipe
+
+if TYPE_CHECKING:
+    from ..config import PTQConfig
 
 Inputs = tuple  # positional model inputs, e.g. (tensor,)
 
@@ -38,6 +41,9 @@ class Backend:
 
     def check_available(self) -> None:
         """Raise :class:`BackendUnavailableError` with an actionable message if unusable."""
+
+    def configure(self, config: "PTQConfig") -> None:
+        """Read the options of ``config`` that concern this backend (default: none)."""
 
     def recipes(self, approach: str) -> list[Recipe]:
         """Knob variants to try first (before falling back layers), most promising first."""

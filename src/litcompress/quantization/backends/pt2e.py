@@ -84,6 +84,9 @@ class PT2EBackend(Backend):
                 "install torchao>=0.12 or drop 'pt2e' from backends."
             ) from exc
 
+    def configure(self, config) -> None:
+        self.compile = config.compile
+
     def recipes(self, approach: str) -> list[Recipe]:
         reduce_range = not cpu_has_vnni()
         calibration = "histogram" if approach == "static" else "minmax"

@@ -50,10 +50,11 @@ class TorchAOBackend(Backend):
                 f"torch_ao backend: torch.ao.quantization is not available in torch {torch.__version__} "
                 f"({exc}); use backends=('onnxruntime', 'pt2e')."
             ) from exc
-        if "x86" not in torch.backends.quantized.supported_engines:
+        # The packed int8 weights follow the process-wide engine, which we leave to the user.
+        if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
             raise BackendUnavailableError(
-                "torch_ao backend: the 'x86' quantized engine is not built into this torch "
-                f"(engines: {torch.backends.quantized.supported_engines})."
+                f"torch_ao backend: quantized engine {torch.backends.quantized.engine!r} is not an x86 "
+                "engine; set torch.backends.quantized.engine = 'x86' (qnnpack is slower than fp32 on x86)."
             )
 
     def recipes(self, approach: str) -> list[Recipe]:
@@ -93,7 +94,6 @@ class TorchAOBackend(Backend):
     # --- quantize -------------------------------------------------------------------------------
     def quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
                  calibration: Sequence[Inputs]) -> nn.Module:
-        torch.backends.quantized.engine = "x86"
         model = model.eval()
         with _quiet_torch_ao(), torch.no_grad():
             if recipe.approach == "dynamic":
@@ -140,6 +140,5 @@ def load_torchscript(path: str) -> tuple[nn.Module, dict]:
     """Load an artefact written by :meth:`TorchAOBackend.save`."""
     extra = {METADATA_FILE: ""}
     with _quiet_torch_ao():
-        torch.backends.quantized.engine = "x86"
         module = torch.jit.load(path, _extra_files=extra)
     return module, json.loads(extra[METADATA_FILE])
