@@ -240,3 +240,20 @@ def test_works_without_optional_backends_and_says_why():
     for name in ("onnxruntime", "pt2e", "torchao"):
         assert f"backend {name!r} skipped" in skipped
     assert "pip install onnx onnxruntime" in skipped
+
+
+def test_interrupt_keeps_what_was_found(trained_mlp, digits):
+    x_test, y_test = digits[2], digits[3]
+    calls = []
+
+    def evaluate_then_interrupt(model):
+        calls.append(model)
+        if len(calls) == 3:  # baseline, trial 1, then Ctrl-C during trial 2
+            raise KeyboardInterrupt
+        return accuracy_fn(x_test, y_test)(model)
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=evaluate_then_interrupt, example_inputs=x_test[:1])
+    assert result.goal_met and result.recipe == result.trials[0].recipe
+    assert result.trials[1].error == "interrupted"
+    assert any("interrupted" in m for m in result.messages)

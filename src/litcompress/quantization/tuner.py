@@ -270,49 +270,55 @@ def quantize(
 
     trials: list[Trial] = []
     models: dict[int, nn.Module] = {}
-    timed_out = False
-    while len(trials) < config.max_trials:
-        goal_met_somewhere = any(t.meets_goal for t in trials)
-        progressed = False
-        for search in searches:
-            if len(trials) >= config.max_trials:
+    timed_out = interrupted = False
+    try:
+        while len(trials) < config.max_trials:
+            goal_met_somewhere = any(t.meets_goal for t in trials)
+            progressed = False
+            for search in searches:
+                if len(trials) >= config.max_trials:
+                    break
+                if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
+                    timed_out = True
+                    break
+                # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster.
+                recipe = search.next_recipe(ranking, score, allow_fallback=not goal_met_somewhere)
+                if recipe is None:
+                    continue
+                progressed = True
+                trial = Trial(index=len(trials) + 1, recipe=recipe)
+                trials.append(trial)
+                t0 = time.monotonic()
+                try:
+                    candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
+                    with torch.no_grad():
+                        trial.metric = _check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
+                    trial.meets_goal = criterion.is_met(trial.metric, baseline_metric)
+                    trial.latency_s = measure_latencies([candidate], example_inputs, max(3, config.latency_repeats // 2),
+                                                        num_threads=config.num_threads)[0]["median"]
+                    trial.size_bytes = model_size_bytes(candidate)
+                    models[trial.index] = candidate
+                except ExportError as exc:
+                    trial.error = str(exc)
+                    search.done = True  # every recipe of this backend needs the same export
+                    note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
+                except Exception as exc:  # one broken candidate must not end a long search
+                    trial.error = f"{type(exc).__name__}: {exc}"
+                    note(f"trial {trial.index} ({recipe.describe()}) failed: {trial.error}")
+                trial.seconds = time.monotonic() - t0
+                search.record(trial)
+                logger.info("trial %d %s metric=%s goal=%s", trial.index, recipe.describe(), trial.metric,
+                            trial.meets_goal)
+            if timed_out or not progressed:
                 break
-            if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
-                timed_out = True
-                break
-            # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster.
-            recipe = search.next_recipe(ranking, score, allow_fallback=not goal_met_somewhere)
-            if recipe is None:
-                continue
-            progressed = True
-            trial = Trial(index=len(trials) + 1, recipe=recipe)
-            trials.append(trial)
-            t0 = time.monotonic()
-            try:
-                candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
-                with torch.no_grad():
-                    trial.metric = _check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
-                trial.meets_goal = criterion.is_met(trial.metric, baseline_metric)
-                trial.latency_s = measure_latencies([candidate], example_inputs, max(3, config.latency_repeats // 2),
-                                                    num_threads=config.num_threads)[0]["median"]
-                trial.size_bytes = model_size_bytes(candidate)
-                models[trial.index] = candidate
-            except ExportError as exc:
-                trial.error = str(exc)
-                search.done = True  # every recipe of this backend needs the same export
-                note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
-            except Exception as exc:  # one broken candidate must not end a long search
-                trial.error = f"{type(exc).__name__}: {exc}"
-                note(f"trial {trial.index} ({recipe.describe()}) failed: {trial.error}")
-            trial.seconds = time.monotonic() - t0
-            search.record(trial)
-            logger.info("trial %d %s metric=%s goal=%s", trial.index, recipe.describe(), trial.metric,
-                        trial.meets_goal)
-        if timed_out or not progressed:
-            break
+    except KeyboardInterrupt:  # Ctrl-C ends the search, not what it found
+        interrupted = True
+        if trials and trials[-1].metric is None and trials[-1].error is None:
+            trials[-1].error = "interrupted"
+        note(f"interrupted during trial {len(trials)}; keeping the best model so far.")
     if timed_out:
         note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far.")
-    elif len(trials) >= config.max_trials and not any(t.meets_goal for t in trials):
+    elif not interrupted and len(trials) >= config.max_trials and not any(t.meets_goal for t in trials):
         note(f"max_trials={config.max_trials} reached without meeting the goal.")
 
     passing = [t for t in trials if t.meets_goal and t.index in models]
