@@ -257,3 +257,12 @@ def test_interrupt_keeps_what_was_found(trained_mlp, digits):
     assert result.goal_met and result.recipe == result.trials[0].recipe
     assert result.trials[1].error == "interrupted"
     assert any("interrupted" in m for m in result.messages)
+
+
+def test_threads_are_pinned_for_the_whole_search(trained_mlp, digits):
+    before = torch.get_num_threads()
+    config = PTQConfig(approach="dynamic", backends=("onnxruntime",), num_threads=2, **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
+    # The ORT candidate was built inside the pinned region: same thread count as the torch timings.
+    assert result.model.session.get_session_options().intra_op_num_threads == 2
+    assert torch.get_num_threads() == before

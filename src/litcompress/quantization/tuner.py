@@ -18,7 +18,7 @@ from torch import nn
 from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, get_backend, quantizable_layers,
                        to_inputs)
 from .config import PTQConfig, Recipe
-from .latency import measure_latencies
+from .latency import measure_latencies, pinned_threads
 from .sensitivity import layer_sensitivity
 
 logger = logging.getLogger("litcompress.quantization")
@@ -214,6 +214,14 @@ def quantize(
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
 
+    # Pinned for the whole search, so that ORT sessions created by candidates get the same
+    # thread count as the torch variants they are timed against.
+    with pinned_threads(config.num_threads):
+        return _search(model, config, eval_fn, calibration, example_inputs)
+
+
+def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],
+            example_inputs: Inputs) -> QuantizationResult:
     started = time.monotonic()
     messages: list[str] = []
 
@@ -353,7 +361,7 @@ def quantize(
             warning = ("No quantized candidate could be built (see result.messages/trials): returning "
                        "an fp32 copy of the model.")
         note(warning)
-        warnings.warn(warning, QuantizationGoalWarning, stacklevel=2)
+        warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
 
     if chosen is None:
         return QuantizationResult(model=fp32, recipe=None, metric=baseline_metric, baseline_metric=baseline_metric,
