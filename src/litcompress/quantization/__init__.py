@@ -1,0 +1,31 @@
+"""Post-training quantization with accuracy-aware, speed-aware tuning across backends.
+
+Entry point: :func:`quantize` (framework-free); :mod:`litcompress.quantization.lightning`
+adapts it to Lightning (imported on demand, so this package does not import lightning).
+"""
+
+from .artifact import load_quantized, save_quantized
+from .backends import BACKEND_REGISTRY, BackendUnavailableError, ExportError, get_backend
+from .config import AccuracyCriterion, PTQConfig, Recipe
+from .latency import measure_latencies
+from .sensitivity import layer_sensitivity, sqnr_db
+from .tuner import QuantizationGoalWarning, QuantizationResult, Trial, quantize
+
+__all__ = [
+    "AccuracyCriterion",
+    "BACKEND_REGISTRY",
+    "BackendUnavailableError",
+    "ExportError",
+    "PTQConfig",
+    "QuantizationGoalWarning",
+    "QuantizationResult",
+    "Recipe",
+    "Trial",
+    "get_backend",
+    "layer_sensitivity",
+    "load_quantized",
+    "measure_latencies",
+    "quantize",
+    "save_quantized",
+    "sqnr_db",
+]

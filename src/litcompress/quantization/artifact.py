@@ -1,0 +1,60 @@
+"""Save a quantized model as one self-contained artefact and load it back without re-tuning.
+
+Formats: ONNX (``onnxruntime`` backend, recipe in the model's metadata), TorchScript
+(``torch_ao`` backend and fp32 fallback) and a ``torch.export`` program (``pt2e``), each
+with the recipe stored inside the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .config import Recipe
+
+FORMAT_VERSION = 1
+
+
+def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathLike,
+                   example_inputs: Sequence[torch.Tensor]) -> int:
+    """Write ``model`` (built from ``recipe``) to ``path``; return the file size in bytes."""
+    path = os.fspath(path)
+    metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
+                           "recipe": None if recipe is None else recipe.to_dict()})
+    backend_name = "torch_ao" if recipe is None else recipe.backend  # fp32 fallback: TorchScript
+    get_backend(backend_name).save(model, path, metadata, tuple(example_inputs))
+    return os.path.getsize(path)
+
+
+def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
+    """Load an artefact written by :func:`save_quantized` (or ``QuantizationResult.save``).
+
+    Returns the runnable model and the recipe it was built from (None for an fp32 fallback).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_quantized: no file at {path!r}.")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("extra/litcompress.json") for n in names) and any(n.endswith("constants.pkl")
+                                                                           or "/code/" in n for n in names):
+            from .backends.torch_ao import load_torchscript
+
+            model, metadata = load_torchscript(path)
+        else:
+            from .backends.pt2e import load_exported
+
+            model, metadata = load_exported(path)
+    else:
+        from .backends.onnxruntime import load_onnx
+
+        model, metadata = load_onnx(path)
+    recipe = metadata.get("recipe")
+    return model, None if recipe is None else Recipe.from_dict(recipe)

@@ -1,0 +1,194 @@
+"""ONNX Runtime backend: export with ``torch.onnx.export``, then ORT ``quantize_dynamic``/``quantize_static``."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Recipe
+from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+
+METADATA_KEY = "litcompress"
+
+
+def _session_options(num_threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Spinning ORT threads steal the cores torch uses in the same process.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ONNX model run by ONNX Runtime, usable like the torch module it came from."""
+
+    def __init__(self, model_bytes: bytes, num_threads: int | None = None) -> None:
+        super().__init__()
+        self.model_bytes = model_bytes
+        self.num_threads = num_threads
+        self._make_session()
+
+    def _make_session(self) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(self.model_bytes, _session_options(self.num_threads),
+                                            providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __deepcopy__(self, memo: dict) -> "OnnxRuntimeModule":
+        return OnnxRuntimeModule(self.model_bytes, self.num_threads)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("session", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_session()
+
+
+def export_onnx(model: nn.Module, example_inputs: Inputs) -> bytes:
+    """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given)."""
+    model = copy.deepcopy(model).eval()
+    names = [f"input_{i}" for i in range(len(example_inputs))]
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
+                              output_names=["output"], opset_version=17,
+                              dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}})
+    except Exception as exc:
+        raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    return buffer.getvalue()
+
+
+def _nodes_of_layers(onnx_model, layers: Sequence[str]) -> list[str]:
+    """ONNX node names that implement the given torch module names."""
+    wanted = set(layers)
+    nodes = []
+    for node in onnx_model.graph.node:
+        for layer in wanted:
+            # The legacy exporter keeps parameter names ("fc.weight") and scopes node names ("/fc/Gemm").
+            if any(i in (f"{layer}.weight", f"{layer}.bias") for i in node.input) \
+                    or f"/{layer}/" in node.name or node.name.split("/")[-2:-1] == [layer]:
+                # Dynamic per-channel Gemm is rewritten to "<node>_MatMul" + Add before quantizing.
+                nodes += [node.name, f"{node.name}_MatMul"]
+                break
+    return nodes
+
+
+class _Reader:
+    """ORT CalibrationDataReader over our calibration batches."""
+
+    def __init__(self, names: list[str], calibration: Sequence[Inputs]) -> None:
+        self._items = iter([{n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+                            for inputs in calibration])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+class OnnxRuntimeBackend(Backend):
+    """Int8 QDQ static and dynamic quantization run by ONNX Runtime's CPU provider."""
+
+    name = "onnxruntime"
+    approaches = ("dynamic", "static")
+    artifact_suffix = ".onnx"
+
+    def check_available(self) -> None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            from onnxruntime.quantization import quantize_static  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"onnxruntime backend needs the packages 'onnx' and 'onnxruntime' ({exc}); "
+                "install them (pip install onnx onnxruntime) or drop 'onnxruntime' from backends."
+            ) from exc
+
+    def recipes(self, approach: str) -> list[Recipe]:
+        reduce_range = not cpu_has_vnni()
+        if approach == "dynamic":
+            return [Recipe(self.name, approach, per_channel=True, reduce_range=reduce_range),
+                    Recipe(self.name, approach, per_channel=False, reduce_range=reduce_range)]
+        return [Recipe(self.name, approach, per_channel=True, calibration="minmax", reduce_range=reduce_range),
+                Recipe(self.name, approach, per_channel=True, calibration="percentile",
+                       reduce_range=reduce_range)]
+
+    def quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                 calibration: Sequence[Inputs]) -> nn.Module:
+        import onnx
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        fp32_bytes = export_onnx(model, example_inputs)
+        with tempfile.TemporaryDirectory(prefix="litcompress_ort_") as tmp:
+            src, pre, dst = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+            with open(src, "wb") as f:
+                f.write(fp32_bytes)
+            try:  # shape inference + graph cleanup, as ORT recommends before quantizing
+                quant_pre_process(src, pre, skip_symbolic_shape=True)
+            except Exception:
+                pre = src
+            exclude = _nodes_of_layers(onnx.load(pre), recipe.fp32_layers)
+            if recipe.approach == "dynamic":
+                quantize_dynamic(pre, dst, op_types_to_quantize=["MatMul", "Gemm"],
+                                 per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+            elif recipe.approach == "static":
+                method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                          "histogram": CalibrationMethod.Entropy}[recipe.calibration]
+                names = [f"input_{i}" for i in range(len(example_inputs))]
+                quantize_static(pre, dst, _Reader(names, calibration), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                                per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=exclude, calibrate_method=method,
+                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+            else:
+                raise ValueError(f"onnxruntime backend does not support approach {recipe.approach!r}.")
+            with open(dst, "rb") as f:
+                return OnnxRuntimeModule(f.read())
+
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+        import onnx
+
+        if not isinstance(quantized, OnnxRuntimeModule):
+            raise TypeError("onnxruntime backend can only save OnnxRuntimeModule results.")
+        proto = onnx.load_from_string(quantized.model_bytes)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, metadata
+        onnx.save(proto, path)
+
+
+def load_onnx(path: str) -> tuple[nn.Module, dict]:
+    """Load an artefact written by :meth:`OnnxRuntimeBackend.save`."""
+    import onnx
+
+    proto = onnx.load(path)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is an ONNX file but not a litcompress artefact (no '{METADATA_KEY}' metadata).")
+    with open(path, "rb") as f:
+        return OnnxRuntimeModule(f.read()), json.loads(metadata[METADATA_KEY])

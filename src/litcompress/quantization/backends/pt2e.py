@@ -1,0 +1,154 @@
+"""torchao PT2E backend: ``torch.export`` + ``X86InductorQuantizer`` (+ optional ``torch.compile``).
+
+reduce_range is chosen from the CPU: without VNNI the int8 kernels need 7-bit activations
+to avoid saturating 16-bit intermediate sums (measured ~5x larger error otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import Recipe
+from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+
+METADATA_FILE = "litcompress.json"
+
+
+def _export_inputs(example_inputs: Inputs) -> Inputs:
+    # torch.export specialises a size-1 dimension; a batch of 2 keeps the batch dimension dynamic.
+    # clone(): torch.export.save stores sample inputs, and a view would drag its whole storage along.
+    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t.clone() for t in example_inputs)
+
+
+def _batch_dynamic_shapes(inputs: Inputs):
+    from torch.export import Dim
+
+    return tuple({0: Dim.AUTO} if t.dim() > 0 else None for t in inputs)
+
+
+def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
+    """convert_pt2e leaves the fp32 weights as unused attributes: drop them so the artefact is int8."""
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        if name not in used:
+            parent, _, leaf = name.rpartition(".")
+            delattr(graph_module.get_submodule(parent) if parent else graph_module, leaf)
+
+
+class CompiledInference(nn.Module):
+    """A converted PT2E graph run through ``torch.compile`` with inductor's freezing.
+
+    Freezing lets inductor prepack the int8 weights into its fused x86 kernels. It is set with
+    ``torch._inductor.config.patch`` around each call (recompiles for new shapes need it too) and
+    the call runs in inference mode: on torch 2.13 the weight-prepack ops have no fake kernel, so
+    compiling under plain ``no_grad`` (or with ``options={"freezing": True}``) fails.
+    """
+
+    def __init__(self, graph_module: nn.Module) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        # Static shapes: inductor's int8 conv lowering asserts wrong strides with a symbolic batch.
+        self._compiled = torch.compile(graph_module, dynamic=False)
+
+    def forward(self, *inputs: torch.Tensor):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True), torch.inference_mode():
+            output = self._compiled(*inputs)
+        return output.clone() if isinstance(output, torch.Tensor) else output  # leave inference mode
+
+
+class PT2EBackend(Backend):
+    """Static (Conv2d + Linear) and dynamic (Linear) int8 via torchao's PT2E flow."""
+
+    name = "pt2e"
+    approaches = ("dynamic", "static")
+    artifact_suffix = ".pt2"
+    compile = False
+
+    def check_available(self) -> None:
+        try:
+            with warnings.catch_warnings():  # torchao's import emits torch.jit deprecation warnings
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
+                from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"pt2e backend needs torchao with torchao.quantization.pt2e ({exc}); "
+                "install torchao>=0.12 or drop 'pt2e' from backends."
+            ) from exc
+
+    def configure(self, config) -> None:
+        self.compile = config.compile
+
+    def recipes(self, approach: str) -> list[Recipe]:
+        reduce_range = not cpu_has_vnni()
+        calibration = "histogram" if approach == "static" else "minmax"
+        return [Recipe(self.name, approach, per_channel=True, calibration=calibration, reduce_range=reduce_range)]
+
+    def quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                 calibration: Sequence[Inputs]) -> nn.Module:
+        if recipe.approach not in self.approaches:
+            raise ValueError(f"pt2e backend does not support approach {recipe.approach!r}.")
+        return self._quantize(model, recipe, example_inputs, calibration)
+
+    def _quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                  calibration: Sequence[Inputs]) -> nn.Module:
+        with warnings.catch_warnings():
+            # Expected notes, e.g. "The input of maxpool2d is not quantized, skip annotate".
+            warnings.filterwarnings("ignore", message=".*skip annotate.*")
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return self._quantize_unfiltered(model, recipe, example_inputs, calibration)
+
+    def _quantize_unfiltered(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                             calibration: Sequence[Inputs]) -> nn.Module:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
+            is_dynamic=recipe.approach == "dynamic", reduce_range=recipe.reduce_range))
+        for name in recipe.fp32_layers:
+            quantizer.set_module_name_qconfig(name, None)
+        inputs = _export_inputs(example_inputs)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = torch.export.export(model.eval(), inputs, dynamic_shapes=_batch_dynamic_shapes(inputs)).module()
+        except Exception as exc:
+            raise ExportError(f"pt2e: torch.export failed: {type(exc).__name__}: {exc}") from exc
+        with torch.no_grad():
+            prepared = prepare_pt2e(graph, quantizer)
+            for batch in (calibration if recipe.approach == "static" else calibration[:1]):
+                prepared(*batch)
+            converted = convert_pt2e(prepared)
+        _drop_unused_tensors(converted)
+        if self.compile:
+            compiled = CompiledInference(converted)
+            compiled(*example_inputs)  # pay the compile cost here, not inside eval/latency
+            return compiled
+        return converted
+
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+        module = quantized.graph_module if isinstance(quantized, CompiledInference) else quantized
+        inputs = _export_inputs(example_inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(copy.deepcopy(module), inputs, dynamic_shapes=_batch_dynamic_shapes(inputs))
+        torch.export.save(program, path, extra_files={METADATA_FILE: metadata})
+
+
+def load_exported(path: str) -> tuple[nn.Module, dict]:
+    """Load an artefact written by :meth:`PT2EBackend.save`."""
+    PT2EBackend().check_available()  # importing torchao's pt2e registers the quantized_decomposed ops
+    extra = {METADATA_FILE: ""}
+    program = torch.export.load(path, extra_files=extra)
+    if not extra[METADATA_FILE]:
+        raise ValueError(f"{path} is a torch.export archive but not a litcompress artefact.")
+    return program.module(), json.loads(extra[METADATA_FILE])

@@ -1,0 +1,144 @@
+"""torch.ao.quantization backend (FX graph mode static, eager dynamic).
+
+torch.ao.quantization is deprecated in torch but is still the fast int8 path on
+x86 CPUs; everything that touches it lives in this module so that its removal
+breaks this backend only. Its deprecation warnings are silenced locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..config import Recipe
+from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+
+METADATA_FILE = "litcompress.json"
+
+
+@contextlib.contextmanager
+def _quiet_torch_ao() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quant_min and quant_max.*")
+        warnings.filterwarnings("ignore", message=".*torch.quantize_per_tensor.*")
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+class TorchAOBackend(Backend):
+    """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic``."""
+
+    name = "torch_ao"
+    approaches = ("dynamic", "static")
+    artifact_suffix = ".pt"
+
+    def check_available(self) -> None:
+        try:
+            with _quiet_torch_ao():
+                import torch.ao.quantization  # noqa: F401
+                from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx  # noqa: F401
+        except ImportError as exc:  # removed from a future torch
+            raise BackendUnavailableError(
+                f"torch_ao backend: torch.ao.quantization is not available in torch {torch.__version__} "
+                f"({exc}); use backends=('onnxruntime', 'pt2e')."
+            ) from exc
+        # The packed int8 weights follow the process-wide engine, which we leave to the user.
+        if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
+            raise BackendUnavailableError(
+                f"torch_ao backend: quantized engine {torch.backends.quantized.engine!r} is not an x86 "
+                "engine; set torch.backends.quantized.engine = 'x86' (qnnpack is slower than fp32 on x86)."
+            )
+
+    def recipes(self, approach: str) -> list[Recipe]:
+        # Without VNNI, fbgemm's int8 kernels can saturate 16-bit accumulators: reduce_range avoids it.
+        reduce_range = not cpu_has_vnni()
+        if approach == "dynamic":
+            return [Recipe(self.name, approach, per_channel=True, reduce_range=reduce_range),
+                    Recipe(self.name, approach, per_channel=False, reduce_range=reduce_range)]
+        return [Recipe(self.name, approach, per_channel=True, calibration="minmax", reduce_range=reduce_range),
+                Recipe(self.name, approach, per_channel=True, calibration="histogram", reduce_range=reduce_range)]
+
+    # --- qconfigs -------------------------------------------------------------------------------
+    @staticmethod
+    def _static_qconfig(recipe: Recipe):
+        from torch.ao.quantization import QConfig
+        from torch.ao.quantization.observer import (HistogramObserver, MinMaxObserver,
+                                                    PerChannelMinMaxObserver)
+
+        if recipe.calibration == "minmax":
+            activation = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=recipe.reduce_range)
+        else:  # histogram/percentile: HistogramObserver minimises quantization error over the histogram
+            activation = HistogramObserver.with_args(dtype=torch.quint8, reduce_range=recipe.reduce_range)
+        if recipe.per_channel:
+            weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        else:
+            weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        return QConfig(activation=activation, weight=weight)
+
+    @staticmethod
+    def _dynamic_qconfig(recipe: Recipe):
+        # The dynamic int8 kernels choose activation scales per batch (and apply fbgemm's
+        # reduce_range themselves); only the weight observer is a knob.
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+
+        return per_channel_dynamic_qconfig if recipe.per_channel else default_dynamic_qconfig
+
+    # --- quantize -------------------------------------------------------------------------------
+    def quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                 calibration: Sequence[Inputs]) -> nn.Module:
+        model = model.eval()
+        with _quiet_torch_ao(), torch.no_grad():
+            if recipe.approach == "dynamic":
+                return self._quantize_dynamic(model, recipe)
+            if recipe.approach == "static":
+                return self._quantize_static(model, recipe, example_inputs, calibration)
+        raise ValueError(f"torch_ao backend does not support approach {recipe.approach!r}.")
+
+    def _quantize_dynamic(self, model: nn.Module, recipe: Recipe) -> nn.Module:
+        from torch.ao.quantization import quantize_dynamic
+
+        qconfig = self._dynamic_qconfig(recipe)
+        skip = set(recipe.fp32_layers)
+        spec = {name: qconfig for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and name not in skip}
+        return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+
+    def _quantize_static(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                         calibration: Sequence[Inputs]) -> nn.Module:
+        from torch.ao.quantization import QConfigMapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        mapping = QConfigMapping().set_global(self._static_qconfig(recipe))
+        for name in recipe.fp32_layers:
+            mapping.set_module_name(name, None)
+        try:
+            prepared = prepare_fx(model, mapping, example_inputs)
+        except Exception as exc:  # symbolic tracing fails on data-dependent control flow
+            raise ExportError(f"torch_ao static: torch.fx could not trace the model: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        for inputs in calibration:
+            prepared(*inputs)
+        return convert_fx(prepared)
+
+    # --- save -----------------------------------------------------------------------------------
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+        with _quiet_torch_ao(), torch.no_grad():
+            # TorchScript is the one self-contained format torch.ao's packed int8 weights serialise to.
+            scripted = torch.jit.trace(copy.deepcopy(quantized).eval(), example_inputs, check_trace=False)
+            torch.jit.save(scripted, path, _extra_files={METADATA_FILE: metadata})
+
+
+def load_torchscript(path: str) -> tuple[nn.Module, dict]:
+    """Load an artefact written by :meth:`TorchAOBackend.save`."""
+    extra = {METADATA_FILE: ""}
+    with _quiet_torch_ao():
+        module = torch.jit.load(path, _extra_files=extra)
+    return module, json.loads(extra[METADATA_FILE])

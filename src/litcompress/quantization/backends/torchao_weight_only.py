@@ -1,0 +1,64 @@
+"""torchao ``quantize_`` backend for weight-only int8 (Linear layers; compute stays float).
+
+Accurate, but on CPUs measured here it is slower than fp32: the tuner times it like any other
+candidate and only picks it when it is the fastest one meeting the goal.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import Recipe
+from . import Backend, BackendUnavailableError, Inputs
+
+METADATA_FILE = "litcompress.json"
+
+
+class TorchAOWeightOnlyBackend(Backend):
+    """Int8 weight-only quantization of Linear layers via ``torchao.quantization.quantize_``."""
+
+    name = "torchao"
+    approaches = ("weight_only",)
+    artifact_suffix = ".pt2"
+
+    def check_available(self) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"torchao backend needs torchao ({exc}); install torchao or drop 'torchao' from backends."
+            ) from exc
+
+    def recipes(self, approach: str) -> list[Recipe]:
+        return [Recipe(self.name, approach, per_channel=True)]
+
+    def quantize(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
+                 calibration: Sequence[Inputs]) -> nn.Module:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        if recipe.approach != "weight_only":
+            raise ValueError(f"torchao backend supports approach 'weight_only' only, not {recipe.approach!r}.")
+        skip = set(recipe.fp32_layers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # Int8WeightOnlyConfig is per output channel (one scale per row).
+            quantize_(model.eval(), Int8WeightOnlyConfig(),
+                      filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn not in skip)
+        return model
+
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+        from .pt2e import _batch_dynamic_shapes, _export_inputs
+
+        inputs = _export_inputs(example_inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(copy.deepcopy(quantized).eval(), inputs,
+                                          dynamic_shapes=_batch_dynamic_shapes(inputs))
+        torch.export.save(program, path, extra_files={METADATA_FILE: metadata})

@@ -1,0 +1,166 @@
+"""Configuration dataclasses for post-training quantization (validated on construction)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Approach = Literal["dynamic", "static", "weight_only"]
+CalibrationMethod = Literal["minmax", "histogram", "percentile"]
+
+APPROACHES: tuple[str, ...] = ("dynamic", "static", "weight_only")
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "histogram", "percentile")
+DEFAULT_BACKENDS: tuple[str, ...] = ("torch_ao", "onnxruntime", "pt2e", "torchao")
+
+
+@dataclass(frozen=True)
+class AccuracyCriterion:
+    """How much metric loss is tolerated against the fp32 baseline.
+
+    ``tolerable_loss`` is a fraction of the baseline when ``relative`` is True
+    (0.01 = 1 %), otherwise an absolute amount in the metric's own unit.
+    ``higher_is_better`` is False for losses/errors.
+    """
+
+    tolerable_loss: float = 0.01
+    relative: bool = True
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tolerable_loss, (int, float)) or not math.isfinite(self.tolerable_loss) \
+                or self.tolerable_loss < 0:
+            raise ValueError(
+                f"AccuracyCriterion(tolerable_loss={self.tolerable_loss!r}): expected a finite number >= 0, "
+                "e.g. tolerable_loss=0.01 (1 % relative) or relative=False for an absolute amount."
+            )
+
+    def threshold(self, baseline: float) -> float:
+        """The worst metric value that still meets the goal."""
+        margin = self.tolerable_loss * abs(baseline) if self.relative else self.tolerable_loss
+        return baseline - margin if self.higher_is_better else baseline + margin
+
+    def is_met(self, metric: float, baseline: float) -> bool:
+        limit = self.threshold(baseline)
+        # A tiny epsilon so that a metric equal to the limit (e.g. identical accuracy) passes.
+        eps = 1e-12 * max(1.0, abs(limit))
+        return metric >= limit - eps if self.higher_is_better else metric <= limit + eps
+
+    def is_better(self, a: float, b: float) -> bool:
+        """True when metric ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One quantization candidate: everything needed to rebuild it without tuning."""
+
+    backend: str
+    approach: Approach
+    per_channel: bool = True
+    calibration: CalibrationMethod = "minmax"
+    fp32_layers: tuple[str, ...] = ()
+    reduce_range: bool = False
+
+    def __post_init__(self) -> None:
+        if self.approach not in APPROACHES:
+            raise ValueError(f"Recipe(approach={self.approach!r}): unknown approach; use one of {APPROACHES}.")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"Recipe(calibration={self.calibration!r}): unknown calibration method; use one of "
+                f"{CALIBRATION_METHODS}."
+            )
+        object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))
+
+    def with_fp32_layers(self, layers: tuple[str, ...]) -> "Recipe":
+        return replace(self, fp32_layers=tuple(layers))
+
+    def describe(self) -> str:
+        parts = [self.backend, self.approach, "per-channel" if self.per_channel else "per-tensor"]
+        if self.approach == "static":
+            parts.append(self.calibration)
+        if self.reduce_range:
+            parts.append("reduce_range")
+        if self.fp32_layers:
+            parts.append(f"fp32={list(self.fp32_layers)}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend, "approach": self.approach, "per_channel": self.per_channel,
+            "calibration": self.calibration, "fp32_layers": list(self.fp32_layers),
+            "reduce_range": self.reduce_range,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        return cls(
+            backend=data["backend"], approach=data["approach"], per_channel=data["per_channel"],
+            calibration=data["calibration"], fp32_layers=tuple(data["fp32_layers"]),
+            reduce_range=data["reduce_range"],
+        )
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """What to tune: approach, accuracy goal, budget and the backends to consider.
+
+    Args:
+        approach: ``"dynamic"`` (int8 weights, activations quantized on the fly),
+            ``"static"`` (int8 weights and activations, needs calibration data) or
+            ``"weight_only"`` (int8 weights, float compute).
+        accuracy: the accuracy goal against the fp32 baseline.
+        backends: names from :func:`available_backends`, tried in this order.
+        max_trials: evaluated candidates at most (the fp32 baseline is not counted).
+        timeout_s: wall-clock budget for the search; the best model so far is returned.
+        num_calibration_batches: batches of calibration data used for static quantization.
+        latency_repeats: timed runs per candidate (median is kept).
+        num_threads: threads pinned while measuring latency (None: keep torch's setting).
+        compile: compile PT2E candidates with ``torch.compile`` (slow first call, fast kernels).
+    """
+
+    approach: Approach = "dynamic"
+    accuracy: AccuracyCriterion = field(default_factory=AccuracyCriterion)
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    max_trials: int = 10
+    timeout_s: float | None = None
+    num_calibration_batches: int = 16
+    latency_repeats: int = 20
+    num_threads: int | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        from .backends import BACKEND_REGISTRY  # registry import is cheap: backends import lazily
+
+        if self.approach not in APPROACHES:
+            raise ValueError(
+                f"PTQConfig(approach={self.approach!r}): unknown approach; use one of {APPROACHES}."
+            )
+        if isinstance(self.backends, str):
+            object.__setattr__(self, "backends", (self.backends,))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if not self.backends:
+            raise ValueError(f"PTQConfig(backends=()): give at least one of {tuple(BACKEND_REGISTRY)}.")
+        for name in self.backends:
+            if name not in BACKEND_REGISTRY:
+                raise ValueError(
+                    f"PTQConfig(backends=...): unknown backend {name!r}; use names from "
+                    f"{tuple(BACKEND_REGISTRY)}."
+                )
+        if not isinstance(self.accuracy, AccuracyCriterion):
+            raise TypeError(
+                f"PTQConfig(accuracy={self.accuracy!r}): expected an AccuracyCriterion, "
+                "e.g. AccuracyCriterion(tolerable_loss=0.01)."
+            )
+        if not isinstance(self.max_trials, int) or self.max_trials < 1:
+            raise ValueError(f"PTQConfig(max_trials={self.max_trials!r}): expected an int >= 1.")
+        if self.timeout_s is not None and not (self.timeout_s > 0):
+            raise ValueError(f"PTQConfig(timeout_s={self.timeout_s!r}): expected a positive number or None.")
+        if self.num_calibration_batches < 1:
+            raise ValueError(
+                f"PTQConfig(num_calibration_batches={self.num_calibration_batches!r}): expected >= 1."
+            )
+        if self.latency_repeats < 1:
+            raise ValueError(f"PTQConfig(latency_repeats={self.latency_repeats!r}): expected >= 1.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"PTQConfig(num_threads={self.num_threads!r}): expected >= 1 or None.")

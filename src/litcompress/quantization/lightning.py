@@ -1,0 +1,136 @@
+"""Lightning adapter: judge candidates with the module's own validation metric.
+
+A thin layer over the framework-free :func:`litcompress.quantization.quantize`; the only
+module of the subpackage that imports lightning.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable, Iterable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from .config import PTQConfig
+from .tuner import QuantizationResult, quantize
+
+
+def _evaluation_trainer() -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+
+
+def _detached_copy(module: L.LightningModule) -> L.LightningModule:
+    """Deep copy without dragging the attached Trainer along (the user's module is untouched)."""
+    memo = {}
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        memo[id(trainer)] = None
+    return copy.deepcopy(module, memo)
+
+
+def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModule | None, metric: str,
+                      trainer: L.Trainer | None = None, submodule: str | None = None,
+                      dataloaders=None) -> Callable[[nn.Module], float]:
+    """Build ``eval_fn(candidate) -> float``: swap the candidate into a copy of ``module`` and
+    return ``trainer.validate``'s logged ``metric``.
+
+    With ``submodule=None`` the candidate replaces the module's ``forward`` (so ``validation_step``
+    must call ``self(...)``); otherwise it replaces ``getattr(module, submodule)``.
+    """
+    host = _detached_copy(module).eval()
+    trainer = trainer or _evaluation_trainer()
+
+    def evaluate(candidate: nn.Module) -> float:
+        if submodule is None:
+            # An instance attribute shadows the class's forward: self(x) now runs the candidate.
+            object.__setattr__(host, "forward", candidate)
+        else:
+            setattr(host, submodule, candidate)
+        results = trainer.validate(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False)
+        logged = results[0] if results else {}
+        if metric not in logged:
+            raise KeyError(f"metric={metric!r} was not logged by validation_step; logged: {sorted(logged)}. "
+                           "Pass the name given to self.log(...) in validation_step.")
+        return float(logged[metric])
+
+    return evaluate
+
+
+def quantize_lightning(
+    module: L.LightningModule,
+    config: PTQConfig | None = None,
+    *,
+    metric: str,
+    datamodule: L.LightningDataModule | None = None,
+    val_dataloaders=None,
+    calibration_data: Iterable | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    input_fn: Callable[[object], tuple] | None = None,
+    submodule: str | None = None,
+    trainer: L.Trainer | None = None,
+) -> QuantizationResult:
+    """Quantize a LightningModule (or its ``submodule``), judged by its own validation ``metric``.
+
+    Calibration data defaults to ``datamodule.train_dataloader()``; batches that are
+    ``(inputs, target)`` pairs are fed as ``inputs`` (override with ``input_fn``).
+    Lower-is-better metrics (e.g. ``val_loss``) need ``AccuracyCriterion(higher_is_better=False)``.
+    """
+    if datamodule is None and val_dataloaders is None:
+        raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
+                         "so that candidates can be validated.")
+    if calibration_data is None and datamodule is not None:
+        if hasattr(datamodule, "setup"):
+            datamodule.setup("fit")
+        calibration_data = datamodule.train_dataloader()
+    if submodule:
+        target = getattr(module, submodule)
+    else:
+        target = _detached_copy(module)
+        # Tracing/export reads every property; Lightning's `trainer` raises on an unattached module
+        # unless this flag (the one Lightning's own to_torchscript sets) is on. Our copy only.
+        target._jit_is_scripting = True
+    eval_fn = lightning_eval_fn(module, datamodule, metric, trainer=trainer, submodule=submodule,
+                                dataloaders=val_dataloaders)
+    return quantize(target, config, eval_fn=eval_fn, calibration_data=calibration_data,
+                    example_inputs=example_inputs, input_fn=input_fn)
+
+
+def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: str | os.PathLike,
+                        config: PTQConfig | None = None, **kwargs) -> QuantizationResult:
+    """Load ``module_class`` from a Lightning checkpoint and run :func:`quantize_lightning` on it."""
+    module = module_class.load_from_checkpoint(os.fspath(checkpoint_path), map_location="cpu")
+    return quantize_lightning(module, config, **kwargs)
+
+
+class QuantizeOnFitEnd(L.Callback):
+    """Quantize the trained module when ``fit`` ends, judged by its validation ``metric``.
+
+    The result is kept in ``self.result`` and, with ``save_path``, written as one artefact.
+    """
+
+    def __init__(self, config: PTQConfig, metric: str, *, submodule: str | None = None,
+                 save_path: str | os.PathLike | None = None, calibration_data: Iterable | None = None,
+                 input_fn: Callable[[object], tuple] | None = None) -> None:
+        if not isinstance(config, PTQConfig):
+            raise TypeError(f"QuantizeOnFitEnd(config={config!r}): expected a PTQConfig.")
+        if not metric:
+            raise ValueError("QuantizeOnFitEnd(metric=''): name the metric logged in validation_step.")
+        self.config, self.metric, self.submodule = config, metric, submodule
+        self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn
+        self.result: QuantizationResult | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        val_dataloaders = None if datamodule is not None else trainer.val_dataloaders
+        calibration = self.calibration_data
+        if calibration is None and datamodule is None:
+            calibration = trainer.train_dataloader
+        self.result = quantize_lightning(
+            pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
+            calibration_data=calibration, input_fn=self.input_fn, submodule=self.submodule)
+        if self.save_path is not None:
+            self.result.save(os.fspath(self.save_path))

@@ -1,0 +1,93 @@
+"""Per-layer sensitivity: SQNR of the model output when only one layer is int8-quantized.
+
+Backend-agnostic: weights and input activations of a single layer are fake-quantized with
+torch's fake-quant ops (int8 weights, uint8 activations with min-max ranges from the
+calibration data, or per batch for dynamic), and the final output is compared with fp32.
+The lowest SQNR marks the layer that loses most when quantized.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better, inf when equal)."""
+    noise = (reference.float() - approximation.float()).pow(2).mean()
+    signal = reference.float().pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
+
+
+def _fake_quant_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    if per_channel:
+        scale = weight.detach().abs().flatten(1).amax(dim=1).clamp_min(1e-12) / 127
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, -128, 127)
+    scale = float(weight.detach().abs().max().clamp_min(1e-12)) / 127
+    return torch.fake_quantize_per_tensor_affine(weight, scale, 0, -128, 127)
+
+
+def _fake_quant_activation(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255, 1e-12)
+    zero_point = int(round(-lo / scale))
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+
+
+def _first_output(output: object) -> torch.Tensor:
+    while isinstance(output, (tuple, list)):
+        output = output[0]
+    return output
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequence[tuple],
+                      approach: str = "static", per_channel: bool = True) -> dict[str, float]:
+    """SQNR (dB) of the model output on ``calibration`` with only that layer quantized, per layer."""
+    model = copy.deepcopy(model).eval()
+    modules = dict(model.named_modules())
+    reference = [_first_output(model(*inputs)) for inputs in calibration]
+
+    ranges: dict[str, list[float]] = {}
+    if approach == "static":  # observed activation ranges, like a min-max observer
+        def observe(name: str):
+            def hook(module, args):
+                x = args[0]
+                lo, hi = ranges.setdefault(name, [float("inf"), float("-inf")])
+                ranges[name] = [min(lo, float(x.min())), max(hi, float(x.max()))]
+            return hook
+        handles = [modules[name].register_forward_pre_hook(observe(name)) for name in layers]
+        for inputs in calibration:
+            model(*inputs)
+        for handle in handles:
+            handle.remove()
+
+    scores: dict[str, float] = {}
+    for name in layers:
+        module = modules[name]
+        original = module.weight.data.clone()
+        module.weight.data = _fake_quant_weight(original, per_channel)
+        if approach == "static":
+            lo, hi = ranges[name]
+            quant_input = lambda m, args, lo=lo, hi=hi: (_fake_quant_activation(args[0], lo, hi), *args[1:])
+        elif approach == "dynamic":
+            quant_input = lambda m, args: (_fake_quant_activation(args[0], float(args[0].min()),
+                                                                  float(args[0].max())), *args[1:])
+        else:  # weight_only: activations stay float
+            quant_input = None
+        handle = module.register_forward_pre_hook(quant_input) if quant_input else None
+        try:
+            outputs = [_first_output(model(*inputs)) for inputs in calibration]
+        finally:
+            module.weight.data = original
+            if handle:
+                handle.remove()
+        scores[name] = sqnr_db(torch.cat([r.flatten() for r in reference]),
+                               torch.cat([o.flatten() for o in outputs]))
+    return scores

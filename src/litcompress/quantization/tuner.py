@@ -1,0 +1,377 @@
+"""Accuracy-aware, speed-aware post-training quantization search across backends."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import numbers
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, get_backend, quantizable_layers,
+                       to_inputs)
+from .config import PTQConfig, Recipe
+from .latency import measure_latencies, pinned_threads
+from .sensitivity import layer_sensitivity
+
+logger = logging.getLogger("litcompress.quantization")
+
+EvalFn = Callable[[nn.Module], float]
+
+
+class QuantizationGoalWarning(UserWarning):
+    """The accuracy goal was not met: the best model found is returned anyway."""
+
+
+@dataclass
+class Trial:
+    """One evaluated candidate (a row of the trial table)."""
+
+    index: int
+    recipe: Recipe
+    metric: float | None = None
+    latency_s: float | None = None
+    size_bytes: int | None = None
+    meets_goal: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+    def as_row(self) -> dict[str, Any]:
+        return {"trial": self.index, "config": self.recipe.describe(), "metric": self.metric,
+                "latency_ms": None if self.latency_s is None else self.latency_s * 1e3,
+                "size_bytes": self.size_bytes, "meets_goal": self.meets_goal, "error": self.error}
+
+
+@dataclass
+class QuantizationResult:
+    """What :func:`quantize` found: the chosen model (never None), its recipe and the trial table."""
+
+    model: nn.Module
+    recipe: Recipe | None
+    metric: float
+    baseline_metric: float
+    latency_s: float
+    baseline_latency_s: float
+    size_bytes: int
+    baseline_size_bytes: int
+    goal_met: bool
+    trials: list[Trial] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    tuning_seconds: float = 0.0
+    example_inputs: Inputs = ()
+
+    @property
+    def speedup(self) -> float:
+        """fp32 latency / chosen model latency, measured interleaved on this host."""
+        return self.baseline_latency_s / self.latency_s if self.latency_s > 0 else float("nan")
+
+    def table(self) -> str:
+        """The trial table as aligned text."""
+        lines = [f"{'#':>3} {'metric':>10} {'latency ms':>11} {'size KiB':>9} {'goal':>5}  config",
+                 f"{'fp32':>3} {self.baseline_metric:>10.5g} {self.baseline_latency_s * 1e3:>11.4f} "
+                 f"{self.baseline_size_bytes / 1024:>9.1f} {'':>5}  baseline"]
+        for t in self.trials:
+            metric = "-" if t.metric is None else f"{t.metric:.5g}"
+            latency = "-" if t.latency_s is None else f"{t.latency_s * 1e3:.4f}"
+            size = "-" if t.size_bytes is None else f"{t.size_bytes / 1024:.1f}"
+            note = f"  ERROR: {t.error}" if t.error else ""
+            lines.append(f"{t.index:>3} {metric:>10} {latency:>11} {size:>9} {'yes' if t.meets_goal else 'no':>5}  "
+                         f"{t.recipe.describe()}{note}")
+        return "\n".join(lines)
+
+    def save(self, path: str) -> int:
+        """Write the chosen model as one artefact; returns its size on disk in bytes."""
+        from .artifact import save_quantized
+
+        return save_quantized(self.model, self.recipe, path, self.example_inputs)
+
+
+def _check_metric(value: object, where: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"eval_fn returned {value!r} ({type(value).__name__}) for {where}; "
+                         "it must return one finite number (e.g. accuracy as a float).")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"eval_fn returned {value} for {where}; it must return a finite number.")
+    return value
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Serialized size of a model's weights (ONNX bytes for ORT models)."""
+    model_bytes = getattr(model, "model_bytes", None)
+    if isinstance(model_bytes, bytes):
+        return len(model_bytes)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _default_input_fn(batch: object) -> Inputs:
+    # A (inputs, target) pair from a DataLoader: the model takes the first element.
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    return to_inputs(batch)
+
+
+class _BackendSearch:
+    """Per-backend search: knob variants first, then fp32 fallback of the most sensitive layers."""
+
+    def __init__(self, backend: Backend, approach: str) -> None:
+        self.backend = backend
+        self.pending = list(backend.recipes(approach))
+        self.tried: list[Trial] = []
+        self.fallback_started = False
+        self.done = False
+
+    def record(self, trial: Trial) -> None:
+        self.tried.append(trial)
+        if trial.meets_goal:
+            self.done = True
+
+    def next_recipe(self, ranking: Callable[[bool], list[str]], score: Callable[[Trial], float],
+                    allow_fallback: bool) -> Recipe | None:
+        if self.done:
+            return None
+        if self.pending:
+            return self.pending.pop(0)
+        ran = [t for t in self.tried if t.metric is not None]
+        if not allow_fallback or not ran:
+            self.done = True
+            return None
+        base = max(ran, key=score)
+        order = ranking(base.recipe.per_channel)
+        k = len(base.recipe.fp32_layers) + 1
+        if k >= len(order):  # all layers in fp32 is no quantization at all
+            self.done = True
+            return None
+        self.fallback_started = True
+        return base.recipe.with_fp32_layers(tuple(order[:k]))
+
+
+def quantize(
+    model: nn.Module,
+    config: PTQConfig | None = None,
+    *,
+    eval_fn: EvalFn,
+    calibration_data: Iterable | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    input_fn: Callable[[object], Inputs] | None = None,
+) -> QuantizationResult:
+    """Search int8 candidates across backends; return the fastest one that meets the accuracy goal.
+
+    Args:
+        model: the fp32 model (never modified: every candidate is built from a deep copy).
+        config: approach, accuracy goal, budget and backends (:class:`PTQConfig`).
+        eval_fn: ``model -> metric``; called on the fp32 copy first (the baseline), then on
+            each candidate.
+        calibration_data: an iterable of batches (tensors, tuples of inputs, or
+            ``(inputs, target)`` pairs); required for ``approach="static"``. Also used to rank
+            layers by sensitivity.
+        example_inputs: inputs used for export/tracing and latency measurement; defaults to the
+            first calibration batch.
+        input_fn: maps a batch of ``calibration_data`` to the model's positional inputs.
+
+    Returns:
+        A :class:`QuantizationResult`, always holding a model: the fastest candidate meeting the
+        goal, else the most accurate candidate (with a :class:`QuantizationGoalWarning`), else the
+        fp32 model when no candidate could be built.
+    """
+    config = config if config is not None else PTQConfig()
+    if not isinstance(config, PTQConfig):
+        raise TypeError(f"quantize(config={config!r}): expected a PTQConfig.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize(model=...): expected a torch.nn.Module, got {type(model).__name__}.")
+    if not callable(eval_fn):
+        raise TypeError(f"quantize(eval_fn={eval_fn!r}): expected a callable model -> metric.")
+    input_fn = input_fn or _default_input_fn
+
+    calibration: list[Inputs] = []
+    if calibration_data is not None:
+        for i, batch in enumerate(calibration_data):
+            if i >= config.num_calibration_batches:
+                break
+            calibration.append(tuple(input_fn(batch)))
+    if config.approach == "static" and not calibration:
+        raise ValueError("quantize(calibration_data=None): approach='static' needs calibration data "
+                         "(a DataLoader or list of input batches) to observe activation ranges.")
+    if example_inputs is None:
+        if not calibration:
+            raise ValueError("quantize(example_inputs=None): give example_inputs (a tensor or tuple of "
+                             "tensors) or calibration_data, needed for export and latency measurement.")
+        example_inputs = calibration[0]
+    example_inputs = to_inputs(example_inputs)
+    if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
+        calibration = [example_inputs]
+
+    # Pinned for the whole search, so that ORT sessions created by candidates get the same
+    # thread count as the torch variants they are timed against.
+    with pinned_threads(config.num_threads):
+        return _search(model, config, eval_fn, calibration, example_inputs)
+
+
+def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],
+            example_inputs: Inputs) -> QuantizationResult:
+    started = time.monotonic()
+    messages: list[str] = []
+
+    def note(message: str) -> None:
+        messages.append(message)
+        logger.info(message)
+
+    fp32 = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        baseline_metric = _check_metric(eval_fn(fp32), "the fp32 baseline")
+    criterion = config.accuracy
+    threshold = criterion.threshold(baseline_metric)
+    note(f"fp32 baseline metric {baseline_metric:.6g}; goal: metric "
+         f"{'>=' if criterion.higher_is_better else '<='} {threshold:.6g}")
+    baseline_latency = measure_latencies([fp32], example_inputs, config.latency_repeats,
+                                         num_threads=config.num_threads)[0]["median"]
+    baseline_size = model_size_bytes(fp32)
+
+    searches: list[_BackendSearch] = []
+    for name in config.backends:
+        try:
+            backend = get_backend(name)
+            backend.check_available()
+        except (BackendUnavailableError, ImportError) as exc:
+            note(f"backend {name!r} skipped: {exc}")
+            continue
+        if config.approach not in backend.approaches:
+            note(f"backend {name!r} skipped: it does not support approach {config.approach!r} "
+                 f"(supports {backend.approaches}).")
+            continue
+        backend.configure(config)
+        searches.append(_BackendSearch(backend, config.approach))
+
+    layers = quantizable_layers(fp32, config.approach)
+    rankings: dict[bool, list[str]] = {}
+
+    def ranking(per_channel: bool) -> list[str]:
+        if per_channel not in rankings:
+            try:
+                scores = layer_sensitivity(fp32, layers, calibration, config.approach, per_channel)
+            except Exception as exc:  # no ranking means no fallback, not a lost search
+                rankings[per_channel] = []
+                note(f"layer sensitivity failed ({type(exc).__name__}: {exc}); no fp32 fallback this time.")
+                return []
+            rankings[per_channel] = sorted(layers, key=lambda n: scores[n])
+            note("layer sensitivity (output SQNR dB, most sensitive first): "
+                 + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[per_channel]))
+        return rankings[per_channel]
+
+    def score(trial: Trial) -> float:
+        if trial.metric is None:
+            return float("-inf")
+        return trial.metric if criterion.higher_is_better else -trial.metric
+
+    trials: list[Trial] = []
+    models: dict[int, nn.Module] = {}
+    timed_out = interrupted = False
+    try:
+        while len(trials) < config.max_trials:
+            goal_met_somewhere = any(t.meets_goal for t in trials)
+            progressed = False
+            for search in searches:
+                if len(trials) >= config.max_trials:
+                    break
+                if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
+                    timed_out = True
+                    break
+                # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster.
+                recipe = search.next_recipe(ranking, score, allow_fallback=not goal_met_somewhere)
+                if recipe is None:
+                    continue
+                progressed = True
+                trial = Trial(index=len(trials) + 1, recipe=recipe)
+                trials.append(trial)
+                t0 = time.monotonic()
+                try:
+                    candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
+                    with torch.no_grad():
+                        trial.metric = _check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
+                    trial.meets_goal = criterion.is_met(trial.metric, baseline_metric)
+                    trial.latency_s = measure_latencies([candidate], example_inputs, max(3, config.latency_repeats // 2),
+                                                        num_threads=config.num_threads)[0]["median"]
+                    trial.size_bytes = model_size_bytes(candidate)
+                    models[trial.index] = candidate
+                except ExportError as exc:
+                    trial.error = str(exc)
+                    search.done = True  # every recipe of this backend needs the same export
+                    note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
+                except Exception as exc:  # one broken candidate must not end a long search
+                    trial.error = f"{type(exc).__name__}: {exc}"
+                    note(f"trial {trial.index} ({recipe.describe()}) failed: {trial.error}")
+                trial.seconds = time.monotonic() - t0
+                search.record(trial)
+                logger.info("trial %d %s metric=%s goal=%s", trial.index, recipe.describe(), trial.metric,
+                            trial.meets_goal)
+            if timed_out or not progressed:
+                break
+    except KeyboardInterrupt:  # Ctrl-C ends the search, not what it found
+        interrupted = True
+        if trials and trials[-1].metric is None and trials[-1].error is None:
+            trials[-1].error = "interrupted"
+        note(f"interrupted during trial {len(trials)}; keeping the best model so far.")
+    if timed_out:
+        note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far.")
+    elif not interrupted and len(trials) >= config.max_trials and not any(t.meets_goal for t in trials):
+        note(f"max_trials={config.max_trials} reached without meeting the goal.")
+
+    passing = [t for t in trials if t.meets_goal and t.index in models]
+    if passing:
+        # Re-measure the finalists interleaved with fp32 so that host noise hits all alike.
+        try:
+            measured = measure_latencies([fp32] + [models[t.index] for t in passing], example_inputs,
+                                         config.latency_repeats, num_threads=config.num_threads)
+            baseline_latency = measured[0]["median"]
+            for trial, m in zip(passing, measured[1:]):
+                trial.latency_s = m["median"]
+        except Exception as exc:  # keep the per-trial timings rather than lose the search
+            note(f"final interleaved timing failed ({type(exc).__name__}: {exc}); using per-trial timings.")
+        chosen = min(passing, key=lambda t: t.latency_s)
+        goal_met = True
+        note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "
+             "candidates meeting the goal.")
+        if chosen.latency_s > baseline_latency:
+            note(f"the chosen int8 model is slower than fp32 on this host ({chosen.latency_s * 1e3:.3f} ms vs "
+                 f"{baseline_latency * 1e3:.3f} ms): the model is too small for int8 kernels to pay off; it is "
+                 "still smaller on disk.")
+    else:
+        goal_met = False
+        ran = [t for t in trials if t.index in models]
+        chosen = max(ran, key=score) if ran else None
+        if chosen is not None:
+            warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
+                       f"{threshold:.6g}): returning the most accurate candidate, trial {chosen.index} "
+                       f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
+                       f"{baseline_metric:.6g}. Raise max_trials/timeout_s or the tolerable loss.")
+        else:
+            warning = ("No quantized candidate could be built (see result.messages/trials): returning "
+                       "an fp32 copy of the model.")
+        note(warning)
+        warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
+
+    if chosen is None:
+        return QuantizationResult(model=fp32, recipe=None, metric=baseline_metric, baseline_metric=baseline_metric,
+                                  latency_s=baseline_latency, baseline_latency_s=baseline_latency,
+                                  size_bytes=baseline_size, baseline_size_bytes=baseline_size, goal_met=False,
+                                  trials=trials, messages=messages, tuning_seconds=time.monotonic() - started,
+                                  example_inputs=example_inputs)
+    return QuantizationResult(model=models[chosen.index], recipe=chosen.recipe, metric=chosen.metric,
+                              baseline_metric=baseline_metric, latency_s=chosen.latency_s,
+                              baseline_latency_s=baseline_latency, size_bytes=chosen.size_bytes,
+                              baseline_size_bytes=baseline_size, goal_met=goal_met, trials=trials,
+                              messages=messages, tuning_seconds=time.monotonic() - started,
+                              example_inputs=example_inputs)

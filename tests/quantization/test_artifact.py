@@ -1,0 +1,100 @@
+"""Save, then load in a fresh process: same outputs, no re-tuning, small on disk."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import accuracy_fn
+from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+LOADER = """
+import json, sys, torch
+from litcompress.quantization import load_quantized
+x = torch.load(sys.argv[1])
+out = {}
+for path in sys.argv[2:]:
+    model, recipe = load_quantized(path)
+    with torch.no_grad():
+        torch.save(model(x), path + ".out")
+    out[path] = None if recipe is None else recipe.to_dict()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def wide_cnn(digits):
+    # Wide enough that weights, not format overhead, dominate the artefact size.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(64 * 64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+
+
+def test_artefacts_reload_in_a_fresh_process_with_identical_outputs(wide_cnn, digits, tmp_path):
+    x = digits[2][:200].view(-1, 1, 8, 8)
+    with torch.no_grad():
+        labels = wide_cnn(x).argmax(1)
+    fp32_path = tmp_path / "fp32.pt"
+    torch.save(wide_cnn.state_dict(), fp32_path)
+    fp32_size = os.path.getsize(fp32_path)
+    calibration = [(digits[0][i:i + 64].view(-1, 1, 8, 8),) for i in range(0, 256, 64)]
+
+    results, paths = {}, []
+    for backend, approach in [("torch_ao", "static"), ("torch_ao", "dynamic"), ("onnxruntime", "static"),
+                              ("pt2e", "static"), ("torchao", "weight_only")]:
+        config = PTQConfig(approach=approach, backends=(backend,), max_trials=2, latency_repeats=3,
+                           accuracy=AccuracyCriterion(0.05))
+        result = quantize(wide_cnn, config, eval_fn=accuracy_fn(x, labels), calibration_data=calibration)
+        assert result.goal_met and result.recipe.backend == backend and not result.recipe.fp32_layers
+        path = str(tmp_path / f"{backend}_{approach}.bin")
+        size = result.save(path)
+        assert size == os.path.getsize(path)
+        if approach == "static":  # dynamic int8 keeps the conv layers in fp32
+            assert size <= 0.3 * fp32_size, (backend, size, fp32_size)
+        results[path], paths = result, paths + [path]
+
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "x.pt"), *paths], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipes = json.loads(proc.stdout.strip().splitlines()[-1])
+    for path, result in results.items():
+        assert recipes[path] == result.recipe.to_dict()
+        with torch.no_grad():
+            expected = result.model(x)
+        assert torch.allclose(torch.load(path + ".out"), expected, atol=1e-5), path
+
+
+def test_fp32_fallback_result_saves_and_loads(tmp_path, digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10)).eval()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), timeout_s=1e-9, latency_repeats=3)
+    with pytest.warns(UserWarning):
+        result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
+    path = tmp_path / "fp32_fallback.pt"
+    result.save(path)
+    loaded, recipe = load_quantized(path)
+    assert recipe is None
+    assert torch.equal(loaded(digits[2]), model(digits[2]))
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file"):
+        load_quantized(tmp_path / "nope.onnx")
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "foreign.onnx")
+    with pytest.raises(ValueError, match="not a litcompress artefact"):
+        load_quantized(tmp_path / "foreign.onnx")

@@ -1,0 +1,160 @@
+"""Each backend on small real models: outputs close to fp32, fp32 layers honoured, input untouched."""
+
+import copy
+
+import pytest
+from hypothesis import given, settings, strategies as st
+import torch
+from torch import nn
+
+
+from litcompress.quantization import Recipe, get_backend, sqnr_db
+from litcompress.quantization.backends import quantizable_layers
+
+from quant_helpers import quantized_layers, state_snapshot
+
+BACKENDS = ["torch_ao", "onnxruntime", "pt2e"]
+
+
+def _calibration(x, batch=64, batches=4):
+    return [(x[i:i + batch],) for i in range(0, batch * batches, batch)]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_int8_outputs_close_to_fp32_on_mlp_and_cnn(backend_name, approach, trained_mlp, trained_cnn, digits):
+    x_train, _, x_test, y_test = digits
+    model, shape = (trained_mlp, (-1, 64)) if approach == "dynamic" else (trained_cnn, (-1, 1, 8, 8))
+    x_train, x_test = x_train.view(shape), x_test.view(shape)
+    before = state_snapshot(model)
+    backend = get_backend(backend_name)
+    recipe = backend.recipes(approach)[0]
+    quantized = backend.quantize(copy.deepcopy(model), recipe, (x_test[:1],), _calibration(x_train))
+    with torch.no_grad():
+        reference, output = model(x_test), quantized(x_test)
+    assert output.shape == reference.shape
+    assert sqnr_db(reference, output) > 20.0
+    accuracy_fp32 = (reference.argmax(1) == y_test).float().mean()
+    accuracy_int8 = (output.argmax(1) == y_test).float().mean()
+    assert accuracy_int8 >= accuracy_fp32 - 0.03
+    layers = quantizable_layers(model, approach)
+    assert all(quantized_layers(quantized, backend_name, layers).values())
+    after = state_snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_fp32_layers_stay_float_in_static_cnn(backend_name, trained_cnn, digits):
+    x = digits[0].view(-1, 1, 8, 8)
+    backend = get_backend(backend_name)
+    recipe = backend.recipes("static")[0].with_fp32_layers(("conv1",))
+    quantized = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:1],), _calibration(x))
+    flags = quantized_layers(quantized, backend_name, ["conv1", "conv2", "fc"])
+    assert flags == {"conv1": False, "conv2": True, "fc": True}
+    with torch.no_grad():
+        assert sqnr_db(trained_cnn(x[:200]), quantized(x[:200])) > 20.0
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_fp32_layers_stay_float_in_dynamic_mlp(backend_name, trained_mlp, digits):
+    x = digits[0]
+    backend = get_backend(backend_name)
+    recipe = backend.recipes("dynamic")[0].with_fp32_layers(("2",))
+    quantized = backend.quantize(copy.deepcopy(trained_mlp), recipe, (x[:1],), _calibration(x))
+    assert quantized_layers(quantized, backend_name, ["0", "2"]) == {"0": True, "2": False}
+
+
+@pytest.mark.parametrize("backend_name", ["torch_ao", "onnxruntime"])
+def test_calibration_knobs_give_different_valid_models(backend_name, trained_cnn, digits):
+    x = digits[0].view(-1, 1, 8, 8)
+    backend = get_backend(backend_name)
+    outputs = []
+    for recipe in backend.recipes("static"):
+        quantized = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:1],), _calibration(x))
+        with torch.no_grad():
+            outputs.append(quantized(x[:200]))
+        assert sqnr_db(trained_cnn(x[:200]).detach(), outputs[-1]) > 15.0
+    assert len(outputs) >= 2 and not torch.equal(outputs[0], outputs[1])
+
+
+def test_per_tensor_recipe_is_a_real_knob(trained_mlp, digits):
+    x = digits[0]
+    backend = get_backend("torch_ao")
+    per_channel, per_tensor = (backend.quantize(copy.deepcopy(trained_mlp), Recipe("torch_ao", "dynamic", per_channel=pc),
+                                                (x[:1],), []) for pc in (True, False))
+    assert per_channel[0].weight().qscheme() == torch.per_channel_affine
+    assert per_tensor[0].weight().qscheme() == torch.per_tensor_affine
+
+
+def test_onnx_export_leaves_the_users_module_untouched(trained_cnn, digits):
+    from litcompress.quantization.backends.onnxruntime import export_onnx
+
+    before = state_snapshot(trained_cnn)
+    modules_before = [type(m) for m in trained_cnn.modules()]
+    export_onnx(trained_cnn, (digits[0][:1].view(1, 1, 8, 8),))
+    after = state_snapshot(trained_cnn)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in trained_cnn.modules()] == modules_before
+
+
+def test_onnxruntime_module_survives_deepcopy(trained_mlp, digits):
+    backend = get_backend("onnxruntime")
+    quantized = backend.quantize(copy.deepcopy(trained_mlp), backend.recipes("dynamic")[0], (digits[0][:1],), [])
+    clone = copy.deepcopy(quantized)
+    assert torch.equal(clone(digits[2]), quantized(digits[2]))
+
+
+@pytest.mark.slow
+def test_pt2e_compiled_matches_eager_converted(trained_cnn, digits):
+    x = digits[0].view(-1, 1, 8, 8)
+    backend = get_backend("pt2e")
+    recipe = backend.recipes("static")[0]
+    eager = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:32],), _calibration(x))
+    backend.compile = True
+    compiled = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:32],), _calibration(x))
+    with torch.no_grad():
+        assert sqnr_db(eager(x[:32]), compiled(x[:32])) > 25.0
+
+
+def test_torchao_weight_only_close_to_fp32_and_honours_fp32_layers(trained_mlp, digits):
+    x = digits[2]
+    backend = get_backend("torchao")
+    recipe = backend.recipes("weight_only")[0]
+    quantized = backend.quantize(copy.deepcopy(trained_mlp), recipe, (x[:1],), [])
+    with torch.no_grad():
+        assert sqnr_db(trained_mlp(x), quantized(x)) > 30.0  # float activations: only weight rounding
+    assert quantized_layers(quantized, "torchao", ["0", "2"]) == {"0": True, "2": True}
+    partial = backend.quantize(copy.deepcopy(trained_mlp), recipe.with_fp32_layers(("0",)), (x[:1],), [])
+    assert quantized_layers(partial, "torchao", ["0", "2"]) == {"0": False, "2": True}
+
+
+def test_backends_reject_approaches_they_do_not_have(trained_mlp, digits):
+    with pytest.raises(ValueError, match="weight_only"):
+        get_backend("torch_ao").quantize(copy.deepcopy(trained_mlp), Recipe("torch_ao", "weight_only"),
+                                         (digits[2][:1],), [])
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), width=st.sampled_from([8, 32, 96]), per_channel=st.booleans())
+def test_dynamic_int8_tracks_fp32_for_random_linears(seed, width, per_channel):
+    """Property: for any random MLP, torch.ao dynamic int8 output stays within ~25 dB SQNR of fp32."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)).eval()
+    x = torch.randn(64, width)
+    backend = get_backend("torch_ao")
+    quantized = backend.quantize(copy.deepcopy(model), Recipe("torch_ao", "dynamic", per_channel=per_channel),
+                                 (x[:1],), [])
+    with torch.no_grad():
+        assert sqnr_db(model(x), quantized(x)) > 25.0
+
+
+@given(scale=st.floats(1e-3, 1e3), noise=st.floats(1e-4, 1e-1))
+def test_sqnr_is_scale_invariant_and_falls_with_noise(scale, noise):
+    torch.manual_seed(0)
+    signal = torch.randn(1000)
+    perturbation = torch.randn(1000)
+    small = sqnr_db(signal * scale, (signal + noise * perturbation) * scale)
+    large = sqnr_db(signal * scale, (signal + 2 * noise * perturbation) * scale)
+    assert sqnr_db(signal, signal) == float("inf")
+    assert abs(small - sqnr_db(signal, signal + noise * perturbation)) < 1e-2
+    assert large < small

@@ -1,0 +1,59 @@
+import pytest
+from hypothesis import given, strategies as st
+
+from litcompress.quantization import AccuracyCriterion, PTQConfig, Recipe
+
+
+def test_unknown_approach_names_argument_and_choices():
+    with pytest.raises(ValueError, match=r"approach='qat'.*dynamic.*static.*weight_only"):
+        PTQConfig(approach="qat")
+
+
+def test_unknown_backend_names_it_and_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'.*torch_ao"):
+        PTQConfig(backends=("torch_ao", "tensorrt"))
+
+
+def test_backends_given_as_one_string_become_a_tuple():
+    assert PTQConfig(backends="onnxruntime").backends == ("onnxruntime",)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"max_trials": 0}, "max_trials"),
+    ({"timeout_s": -1}, "timeout_s"),
+    ({"num_calibration_batches": 0}, "num_calibration_batches"),
+    ({"backends": ()}, "backends"),
+    ({"accuracy": 0.01}, "accuracy"),
+])
+def test_bad_budget_values_name_the_argument(kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        PTQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("loss", [-0.1, float("nan"), float("inf")])
+def test_bad_tolerable_loss(loss):
+    with pytest.raises(ValueError, match="tolerable_loss"):
+        AccuracyCriterion(tolerable_loss=loss)
+
+
+def test_recipe_round_trips_through_dict():
+    recipe = Recipe("torch_ao", "static", per_channel=False, calibration="histogram", fp32_layers=("a.b",),
+                    reduce_range=True)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@given(baseline=st.floats(-1e6, 1e6), tolerance=st.floats(0, 1), relative=st.booleans(),
+       higher=st.booleans())
+def test_criterion_baseline_always_meets_goal_and_threshold_is_the_boundary(baseline, tolerance, relative, higher):
+    criterion = AccuracyCriterion(tolerable_loss=tolerance, relative=relative, higher_is_better=higher)
+    assert criterion.is_met(baseline, baseline)
+    limit = criterion.threshold(baseline)
+    assert criterion.is_met(limit, baseline)
+    worse = limit - 1 - abs(limit) * 1e-6 if higher else limit + 1 + abs(limit) * 1e-6
+    assert not criterion.is_met(worse, baseline)
+
+
+def test_relative_criterion_on_lower_is_better_metric():
+    criterion = AccuracyCriterion(tolerable_loss=0.1, relative=True, higher_is_better=False)
+    assert criterion.threshold(2.0) == pytest.approx(2.2)
+    assert criterion.is_met(2.1, 2.0) and not criterion.is_met(2.3, 2.0)

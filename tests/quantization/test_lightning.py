@@ -1,0 +1,110 @@
+"""Lightning adapter with the real Trainer: candidates judged by the module's own validation metric."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress.quantization import PTQConfig, load_quantized
+from litcompress.quantization.lightning import QuantizeOnFitEnd, lightning_eval_fn, quantize_checkpoint, quantize_lightning
+
+
+class DigitsModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class DigitsData(L.LightningDataModule):
+    def __init__(self, digits) -> None:
+        super().__init__()
+        self.digits = digits
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.digits[0], self.digits[1]), batch_size=64, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.digits[2], self.digits[3]), batch_size=200)
+
+
+def _trainer(max_epochs=4, **kwargs):
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    torch.manual_seed(0)
+    module, data = DigitsModule(), DigitsData(digits)
+    _trainer().fit(module, datamodule=data)
+    return module, data
+
+
+CONFIG = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), max_trials=4, latency_repeats=3)
+
+
+def test_quantize_lightning_judges_by_validation_metric(fitted):
+    module, data = fitted
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data)
+    assert result.goal_met and result.recipe is not None
+    # The reported metric is what trainer.validate logs for the chosen model.
+    assert lightning_eval_fn(module, data, "val_acc")(result.model) == pytest.approx(result.metric)
+    assert result.baseline_metric == pytest.approx(_trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"])
+    assert all(torch.equal(before[k], module.state_dict()[k]) for k in before)
+
+
+def test_submodule_is_swapped_in(fitted):
+    module, data = fitted
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, submodule="net")
+    assert result.goal_met
+    assert not any(isinstance(m, L.LightningModule) for m in result.model.modules())
+
+
+def test_unknown_metric_names_the_logged_ones(fitted):
+    module, data = fitted
+    with pytest.raises(KeyError, match="val_acc"):
+        quantize_lightning(module, CONFIG, metric="val_accuracy", datamodule=data)
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime"])
+def test_callback_quantizes_at_fit_end_and_saves(digits, tmp_path, backend):
+    torch.manual_seed(0)
+    path = tmp_path / "model.bin"
+    config = PTQConfig(approach="dynamic", backends=(backend,), max_trials=4, latency_repeats=3)
+    callback = QuantizeOnFitEnd(config, metric="val_acc", save_path=path)
+    module = DigitsModule()
+    _trainer(callbacks=[callback]).fit(module, datamodule=DigitsData(digits))
+    assert callback.result is not None and callback.result.model is not None
+    loaded, recipe = load_quantized(path)
+    assert recipe == callback.result.recipe and recipe.backend == backend
+    x = digits[2][:20]
+    assert torch.allclose(loaded(x), callback.result.model(x), atol=1e-5)
+
+
+def test_quantize_from_checkpoint(fitted, tmp_path):
+    module, data = fitted
+    trainer = _trainer(max_epochs=0)
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    result = quantize_checkpoint(DigitsModule, path, CONFIG, metric="val_acc", datamodule=data)
+    assert result.goal_met and os.path.exists(path)

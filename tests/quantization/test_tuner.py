@@ -1,0 +1,268 @@
+"""The search: fallback of sensitive layers, never-None contract, bad input, budget."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import accuracy_fn, make_sensitive_mlp
+from litcompress.quantization import (AccuracyCriterion, PTQConfig, QuantizationGoalWarning, layer_sensitivity,
+                                      quantize)
+from litcompress.quantization.backends import BACKEND_REGISTRY, BackendUnavailableError, Backend
+from quant_helpers import quantized_layers, state_snapshot
+
+FAST = dict(latency_repeats=3, max_trials=6)
+
+
+def test_sensitivity_ranks_the_broken_layer_first():
+    model, x, _ = make_sensitive_mlp()
+    for approach in ("dynamic", "static"):
+        scores = layer_sensitivity(model, ["0", "2", "4"], [(x[:128],), (x[128:256],)], approach)
+        assert min(scores, key=scores.get) == "0"
+        assert scores["0"] < scores["2"] - 10 and scores["0"] < scores["4"] - 10
+
+
+@pytest.mark.parametrize("backend, approach", [("torch_ao", "dynamic"), ("torch_ao", "static"),
+                                               ("onnxruntime", "dynamic"), ("onnxruntime", "static"),
+                                               ("pt2e", "static")])
+def test_sensitive_layer_falls_back_to_fp32(backend, approach):
+    model, x, labels = make_sensitive_mlp()
+    before = state_snapshot(model)
+    config = PTQConfig(approach=approach, backends=(backend,), accuracy=AccuracyCriterion(0.01), **FAST)
+    result = quantize(model, config, eval_fn=accuracy_fn(x, labels),
+                      calibration_data=[(x[i:i + 64],) for i in range(0, 256, 64)])
+    assert result.goal_met
+    assert "0" in result.recipe.fp32_layers
+    assert len(result.recipe.fp32_layers) < 3  # still a quantized model
+    flags = quantized_layers(result.model, backend, ["0", "2", "4"])
+    assert flags["0"] is False and any(flags.values())
+    # The first trial (everything int8) must have missed the goal: fallback was needed.
+    assert not result.trials[0].meets_goal
+    after = state_snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_goal_met_by_default_candidate_picks_fastest_passing(trained_mlp, digits):
+    x_train, _, x_test, y_test = digits
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(x_test, y_test), example_inputs=x_test[:1])
+    assert result.goal_met and result.model is not None
+    passing = [t for t in result.trials if t.meets_goal]
+    assert result.latency_s == min(t.latency_s for t in passing)
+    assert result.recipe in [t.recipe for t in passing]
+    assert "fp32" in result.table() and result.recipe.describe() in result.table()
+    with torch.no_grad():
+        assert torch.allclose(result.model(x_test), trained_mlp(x_test), atol=0.5)
+
+
+def test_goal_not_met_returns_most_accurate_candidate_with_warning(trained_mlp, digits):
+    x_test = digits[2]
+    with torch.no_grad():
+        reference = trained_mlp(x_test)
+
+    def negative_max_error(model):  # only the exact fp32 model reaches 0
+        with torch.no_grad():
+            return -float((model(x_test) - reference).abs().max())
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=3, latency_repeats=3,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
+    with pytest.warns(QuantizationGoalWarning, match="goal not met"):
+        result = quantize(trained_mlp, config, eval_fn=negative_max_error, example_inputs=x_test[:1])
+    assert result.model is not None and not result.goal_met
+    assert len(result.trials) == 3
+    best = max((t for t in result.trials if t.metric is not None), key=lambda t: t.metric)
+    assert result.recipe == best.recipe and result.metric == best.metric
+
+
+def test_lower_is_better_metric(trained_mlp, digits):
+    x_test, y_test = digits[2], digits[3]
+
+    def loss(model):
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(x_test), y_test))
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",),
+                       accuracy=AccuracyCriterion(0.05, higher_is_better=False), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=loss, example_inputs=x_test[:1])
+    assert result.goal_met and result.metric <= result.baseline_metric * 1.05
+
+
+class FFTModel(nn.Module):
+    """A Linear -> FFT -> Linear model: ONNX has no export for aten::fft_rfft."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(9, 4)
+
+    def forward(self, x):
+        return self.b(torch.fft.rfft(self.a(x)).abs())
+
+
+def test_export_failure_names_the_op_and_other_backends_go_on():
+    torch.manual_seed(0)
+    model, x = FFTModel().eval(), torch.randn(64, 16)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    config = PTQConfig(approach="dynamic", backends=("onnxruntime", "torch_ao"),
+                       accuracy=AccuracyCriterion(0.05), **FAST)
+    result = quantize(model, config, eval_fn=accuracy_fn(x, labels), example_inputs=x[:1])
+    failed = [t for t in result.trials if t.recipe.backend == "onnxruntime"]
+    assert len(failed) == 1 and "fft" in failed[0].error.lower()
+    assert result.recipe.backend == "torch_ao" and result.goal_met
+    assert any("fft" in m.lower() for m in result.messages)
+
+
+def test_no_candidate_at_all_returns_fp32_copy():
+    torch.manual_seed(0)
+    model, x = FFTModel().eval(), torch.randn(64, 16)
+    config = PTQConfig(approach="dynamic", backends=("onnxruntime",), **FAST)
+    with pytest.warns(QuantizationGoalWarning, match="fp32"):
+        result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=x[:1])
+    assert result.recipe is None and result.model is not model and not result.goal_met
+    assert torch.equal(result.model(x), model(x))
+
+
+def test_static_without_calibration_data_fails_early(trained_mlp, digits):
+    with pytest.raises(ValueError, match="calibration_data.*static"):
+        quantize(trained_mlp, PTQConfig(approach="static"), eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
+
+
+def test_missing_inputs_fail_early(trained_mlp):
+    with pytest.raises(ValueError, match="example_inputs"):
+        quantize(trained_mlp, PTQConfig(approach="dynamic"), eval_fn=lambda m: 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "0.9", None, torch.tensor([1.0, 2.0])])
+def test_baseline_metric_must_be_a_finite_number(trained_mlp, digits, bad):
+    with pytest.raises(ValueError, match="eval_fn returned"):
+        quantize(trained_mlp, PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST),
+                 eval_fn=lambda m: bad, example_inputs=digits[2][:1])
+
+
+def test_nan_from_a_candidate_is_recorded_and_search_goes_on(trained_mlp, digits):
+    x_test = digits[2]
+    with torch.no_grad():
+        reference = trained_mlp(x_test)
+
+    def nan_unless_exact(model):
+        with torch.no_grad():
+            return 1.0 if torch.equal(model(x_test), reference) else float("nan")
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(trained_mlp, config, eval_fn=nan_unless_exact, example_inputs=x_test[:1])
+    assert len(result.trials) == 2  # both knob variants tried; no metric, so no fallback
+    assert all("nan" in t.error for t in result.trials)
+    assert result.recipe is None and result.model is not None
+
+
+def test_timeout_keeps_what_was_found(trained_mlp, digits):
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), timeout_s=1e-9, latency_repeats=3)
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]),
+                          example_inputs=digits[2][:1])
+    assert result.trials == [] and result.model is not None
+    assert any("timeout_s" in m for m in result.messages)
+
+
+def test_max_trials_is_a_hard_budget():
+    model, x, labels = make_sensitive_mlp()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), max_trials=2, latency_repeats=3)
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(model, config, eval_fn=accuracy_fn(x, labels), example_inputs=x[:1])
+    assert len(result.trials) == 2 and result.model is not None
+
+
+class UnavailableBackend(Backend):
+    name = "unavailable"
+    approaches = ("dynamic",)
+
+    def check_available(self) -> None:
+        raise BackendUnavailableError("unavailable backend: install the 'nothing' package")
+
+
+def test_unavailable_backend_is_reported_and_skipped(monkeypatch, trained_mlp, digits):
+    monkeypatch.setitem(BACKEND_REGISTRY, "unavailable", f"{__name__}:UnavailableBackend")
+    config = PTQConfig(approach="dynamic", backends=("unavailable", "torch_ao"), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
+    assert result.goal_met and result.recipe.backend == "torch_ao"
+    assert any("install the 'nothing' package" in m for m in result.messages)
+
+
+def test_backend_without_the_approach_is_skipped_with_message(trained_mlp, digits):
+    config = PTQConfig(approach="weight_only", backends=("onnxruntime",), **FAST)
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(trained_mlp, config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
+    assert any("does not support approach 'weight_only'" in m for m in result.messages)
+    assert not math.isnan(result.metric)
+
+
+
+WITHOUT_OPTIONAL = r"""
+import sys, importlib.abc, json
+
+class Block(importlib.abc.MetaPathFinder):
+    # Simulates a machine without the optional packages.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"onnx", "onnxruntime", "torchao", "lightning"}:
+            raise ImportError(f"No module named {name!r} (blocked for this test)")
+
+sys.meta_path.insert(0, Block())
+import torch
+from torch import nn
+import litcompress.quantization as q
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+x = torch.randn(32, 8)
+result = q.quantize(model, q.PTQConfig(approach="dynamic", latency_repeats=3), eval_fn=lambda m: 1.0,
+                    example_inputs=x[:1])
+print(json.dumps({"backend": result.recipe.backend, "messages": result.messages,
+                  "lightning_loaded": "lightning" in sys.modules}))
+"""
+
+
+def test_works_without_optional_backends_and_says_why():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_OPTIONAL], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "torch_ao" and not out["lightning_loaded"]
+    skipped = " ".join(out["messages"])
+    for name in ("onnxruntime", "pt2e", "torchao"):
+        assert f"backend {name!r} skipped" in skipped
+    assert "pip install onnx onnxruntime" in skipped
+
+
+def test_interrupt_keeps_what_was_found(trained_mlp, digits):
+    x_test, y_test = digits[2], digits[3]
+    calls = []
+
+    def evaluate_then_interrupt(model):
+        calls.append(model)
+        if len(calls) == 3:  # baseline, trial 1, then Ctrl-C during trial 2
+            raise KeyboardInterrupt
+        return accuracy_fn(x_test, y_test)(model)
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=evaluate_then_interrupt, example_inputs=x_test[:1])
+    assert result.goal_met and result.recipe == result.trials[0].recipe
+    assert result.trials[1].error == "interrupted"
+    assert any("interrupted" in m for m in result.messages)
+
+
+def test_threads_are_pinned_for_the_whole_search(trained_mlp, digits):
+    before = torch.get_num_threads()
+    config = PTQConfig(approach="dynamic", backends=("onnxruntime",), num_threads=2, **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
+    # The ORT candidate was built inside the pinned region: same thread count as the torch timings.
+    assert result.model.session.get_session_options().intra_op_num_threads == 2
+    assert torch.get_num_threads() == before
