@@ -13,6 +13,15 @@ from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
     from litcompress.callbacks.pruning import ModelPruning, load_pruned_checkpoint
+    from litcompress.quantization import (
+        AccuracyCriterion,
+        PTQConfig,
+        QuantizationGoalWarning,
+        QuantizationResult,
+        load_quantized,
+        quantize,
+        save_quantized,
+    )
 
 __version__ = "0.1.0"
 
@@ -24,7 +33,15 @@ if not _logging.getLogger().hasHandlers():
     _logger.addHandler(_logging.StreamHandler())
     _logger.propagate = False
 
-_LAZY = {"ModelPruning": "litcompress.callbacks.pruning", "load_pruned_checkpoint": "litcompress.callbacks.pruning"}
+_LAZY = {
+    "ModelPruning": "litcompress.callbacks.pruning",
+    "load_pruned_checkpoint": "litcompress.callbacks.pruning",
+    **dict.fromkeys(
+        ("AccuracyCriterion", "PTQConfig", "QuantizationGoalWarning", "QuantizationResult", "load_quantized",
+         "quantize", "save_quantized"),
+        "litcompress.quantization",
+    ),
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -36,13 +53,20 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AccuracyCriterion",
     "ModelPruning",
+    "PTQConfig",
+    "QuantizationGoalWarning",
+    "QuantizationResult",
     "SparsityReport",
     "load_pruned_checkpoint",
     "load_pruned_state_dict",
+    "load_quantized",
     "make_permanent_",
     "permanent_state_dict",
     "prune_",
     "prune_model_",
+    "quantize",
+    "save_quantized",
     "sparsity_report",
 ]
