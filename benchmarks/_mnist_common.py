@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import logging
 import math
 import pickle
 import time
@@ -30,7 +31,8 @@ class Recipe:
 
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3  # Adam, cosine-annealed to 0 over the whole run (per optimizer step)
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (Nesterov momentum 0.9)
+    lr: float = 1e-3  # peak LR, cosine-annealed to 0 over the whole run (per optimizer step)
     weight_decay: float = 0.0
     train_subset: int | None = None  # first N training images (``--quick``); None = all 50k
 
@@ -71,7 +73,16 @@ class LeNet300100(LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's optimizer/scheduler dict
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.recipe.lr, weight_decay=self.recipe.weight_decay)
+        r = self.recipe
+        if r.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+        elif r.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(self.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+        elif r.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=r.lr, momentum=0.9, nesterov=True,
+                                        weight_decay=r.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {r.optimizer!r}")
         total = self.recipe.epochs * self.recipe.steps_per_epoch()
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -133,6 +144,7 @@ def train_and_evaluate(
         torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" banners per run
     train, valid, test = load_mnist()
     if recipe.train_subset:
         train = (train[0][: recipe.train_subset], train[1][: recipe.train_subset])

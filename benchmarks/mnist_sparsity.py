@@ -12,6 +12,7 @@ The last printed line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -240,15 +241,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with 1 torch thread)")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS_MNIST.md")
     parser.add_argument("--no-write", action="store_true", help="do not write --output (implied by --quick)")
+    parser.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=Recipe.optimizer)
+    parser.add_argument("--lr", type=float, default=Recipe.lr, help="peak LR (cosine-annealed per step)")
+    parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    parser.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
     parser.add_argument("--begin", type=float, default=SCHEDULE.begin, help="litcompress: first round, fraction of steps")
     parser.add_argument("--end", type=float, default=SCHEDULE.end, help="litcompress: last round, fraction of steps")
     parser.add_argument("--frequency", type=int, default=SCHEDULE.frequency, help="litcompress: steps between rounds")
     args = parser.parse_args(argv)
     if any(not 0.0 < t < 1.0 for t in args.targets):
         parser.error(f"--targets must be in (0, 1), got {args.targets}")
-    seeds, recipe = args.seeds, Recipe(epochs=args.epochs)
+    knobs = dict(optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay)
+    seeds, recipe = args.seeds, Recipe(epochs=args.epochs, **knobs)
     if args.quick:
-        seeds, recipe = seeds[:1], Recipe(epochs=2, train_subset=5_000)
+        seeds, recipe = seeds[:1], Recipe(epochs=2, train_subset=5_000, **knobs)
     schedule = ScheduleConfig(begin=args.begin, end=args.end, frequency=args.frequency)
 
     jobs = [(row, 0.0 if row == "dense" else t, seed, recipe, schedule, 1)
@@ -273,8 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"wrote {os.path.relpath(args.output)}")
     print(json.dumps({
         "command": command.rstrip(),
-        "recipe": {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr, "optimizer": "Adam",
-                   "lr_schedule": "cosine per step", "train_subset": recipe.train_subset},
+        "recipe": {**dataclasses.asdict(recipe), "lr_schedule": "cosine to 0, per step"},
         "schedule": {"begin": schedule.begin, "end": schedule.end, "frequency": schedule.frequency,
                      "power": schedule.power},
         "seeds": list(seeds),
