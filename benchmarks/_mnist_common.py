@@ -31,9 +31,11 @@ class Recipe:
 
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (Nesterov momentum 0.9)
-    lr: float = 1e-3  # peak LR, cosine-annealed to 0 over the whole run (per optimizer step)
-    weight_decay: float = 0.0
+    # Chosen on the validation set (seeds 100/101, not the benchmark's) among Adam 1e-3..1e-2, AdamW, SGD 0.05..0.3
+    # with/without weight decay: SGD + Nesterov at 0.2 with L2 5e-4 was best for the 98% row and for dense.
+    optimizer: str = "sgd"  # "adam", "adamw" or "sgd" (Nesterov momentum 0.9)
+    lr: float = 0.2  # peak LR, cosine-annealed to 0 over the whole run (per optimizer step)
+    weight_decay: float = 5e-4
     train_subset: int | None = None  # first N training images (``--quick``); None = all 50k
 
     def steps_per_epoch(self) -> int:
@@ -122,6 +124,7 @@ class RunResult:
     val_acc: float
     test_acc: float
     seconds: float
+    implementation: str = ""  # which pruning callback ran
 
     def to_dict(self) -> dict:
         return asdict(self)

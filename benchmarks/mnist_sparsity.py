@@ -49,6 +49,7 @@ class ScheduleConfig:
     end: float = 0.6  # fraction of all optimizer steps
     frequency: int = 100  # optimizer steps between rounds
     power: float = 3.0  # Zhu & Gupta cubic
+    stand_in: bool = False  # force the private stand-in instead of litcompress.ModelPruning
 
     def in_steps(self, total_steps: int) -> tuple[int, int, int]:
         """(begin, end, frequency) in optimizer steps; `frequency` is capped so a short run still has ~10 rounds."""
@@ -58,6 +59,7 @@ class ScheduleConfig:
 
 
 SCHEDULE = ScheduleConfig()
+IMPLEMENTATION = "n/a"  # set by litcompress_pruning_callback: "litcompress.ModelPruning" or "stand-in"
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,28 @@ class _GradualGlobalMagnitudePruning(Callback):
 
 
 def litcompress_pruning_callback(target: float, steps_per_epoch: int, epochs: int) -> Callback:
-    """The litcompress row: Zhu & Gupta cubic schedule of the total sparsity (``SCHEDULE``), global L1, weights only.
+    """The litcompress row: ``litcompress.ModelPruning`` with a Zhu & Gupta cubic schedule of the total sparsity
+    (``SCHEDULE``), global L1 over all weights, lottery ticket off.
 
-    Stand-in until ``litcompress.ModelPruning`` takes a schedule; then this becomes
-    ``ModelPruning("l1_unstructured", amount=PolynomialDecay(final_sparsity=target, begin=begin, end=end,
-    frequency=frequency, unit="step"), parameter_names=["weight"], use_lottery_ticket_hypothesis=False)``.
+    Falls back to the private stand-in above (same schedule, same global magnitude rounds) where the installed
+    litcompress predates schedules; ``IMPLEMENTATION`` says which one ran.
     """
+    global IMPLEMENTATION
     begin, end, frequency = SCHEDULE.in_steps(steps_per_epoch * epochs)
-    schedule = _PolynomialDecay(final_sparsity=target, begin=begin, end=end, frequency=frequency, power=SCHEDULE.power)
-    return _GradualGlobalMagnitudePruning(schedule)
+    try:
+        if SCHEDULE.stand_in:
+            raise ImportError("--stand-in")
+        from litcompress import ModelPruning
+        from litcompress.pruning.schedules import PolynomialDecay
+    except ImportError:
+        IMPLEMENTATION = "stand-in"
+        return _GradualGlobalMagnitudePruning(_PolynomialDecay(
+            final_sparsity=target, begin=begin, end=end, frequency=frequency, power=SCHEDULE.power))
+    IMPLEMENTATION = "litcompress.ModelPruning"
+    schedule = PolynomialDecay(final_sparsity=target, begin=begin, end=end, frequency=frequency,
+                               power=SCHEDULE.power, unit="step")
+    return ModelPruning("l1_unstructured", amount=schedule, parameter_names=["weight"],
+                        use_global_unstructured=True, use_lottery_ticket_hypothesis=False)
 
 
 # ----------------------------------------------------------------------------- Lightning's callback, per its docs
@@ -155,7 +170,9 @@ def _run(job: tuple[str, float, int, Recipe, ScheduleConfig, int | None]) -> Run
     global SCHEDULE
     row, target, seed, recipe, schedule, threads = job
     SCHEDULE = schedule
-    return train_and_evaluate(row, target, seed, recipe, lambda: make_callbacks(row, target, recipe), threads)
+    result = train_and_evaluate(row, target, seed, recipe, lambda: make_callbacks(row, target, recipe), threads)
+    impl = {"dense": "-", "lightning": "lightning.pytorch.callbacks.ModelPruning"}.get(row, IMPLEMENTATION)
+    return dataclasses.replace(result, implementation=impl)
 
 
 # ----------------------------------------------------------------------------- aggregation and output
@@ -170,7 +187,8 @@ def summarise(results: Sequence[RunResult]) -> list[dict]:
         groups.setdefault((r.row, r.target), []).append(r)
     summary = []
     for (row, target), runs in sorted(groups.items(), key=lambda kv: (ROWS.index(kv[0][0]), kv[0][1])):
-        entry: dict = {"row": row, "target": target, "seeds": sorted(r.seed for r in runs)}
+        entry: dict = {"row": row, "target": target, "seeds": sorted(r.seed for r in runs),
+                       "implementation": ", ".join(sorted({r.implementation for r in runs}))}
         for key in ("sparsity", "val_acc", "test_acc"):
             mean, std = _mean_std([getattr(r, key) for r in runs])
             entry[key] = {"mean": mean, "std": std}
@@ -187,7 +205,8 @@ def table(summary: Sequence[dict], markdown: bool) -> str:
         pct = lambda s: f"{100 * e[s]['mean']:.2f} ± {100 * e[s]['std']:.2f}"  # noqa: E731
         delta = "" if dense is None or e["row"] == "dense" else f"{100 * (e['test_acc']['mean'] - dense):+.2f}"
         target = "-" if e["row"] == "dense" else f"{e['target']:.0%}"
-        rows.append((ROW_LABELS[e["row"]], target, pct("sparsity"), pct("test_acc"), delta, pct("val_acc")))
+        label = ROW_LABELS[e["row"]] + (" [stand-in]" if "stand-in" in e["implementation"] else "")
+        rows.append((label, target, pct("sparsity"), pct("test_acc"), delta, pct("val_acc")))
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -201,6 +220,8 @@ def write_markdown(path: Path, summary: Sequence[dict], command: str, recipe: Re
     """(Re)write the results section with the table and the exact command."""
     total = recipe.epochs * recipe.steps_per_epoch()
     begin, end, frequency = schedule.in_steps(total)
+    optimizer = {"sgd": "SGD with Nesterov momentum 0.9", "adam": "Adam", "adamw": "AdamW"}[recipe.optimizer]
+    impl = ", ".join(sorted({e["implementation"] for e in summary if e["row"] == "litcompress"})) or "-"
     text = f"""## MNIST: LeNet-300-100 at 90-98% weight sparsity
 
 Produced by (from the repository root):
@@ -210,18 +231,22 @@ Produced by (from the repository root):
 ```
 
 LeNet-300-100 (784-300-100-10, 266,200 weights) on real MNIST (50k train / 10k validation / 10k test), seeds
-{", ".join(map(str, seeds))}, mean ± sample std over seeds. Every row: Adam (lr {recipe.lr:g}, cosine-annealed to 0
-per step), batch {recipe.batch_size}, {recipe.epochs} epochs ({total} steps), same initial weights and data order per
+{", ".join(map(str, seeds))}, mean ± sample std over seeds. Every row: {optimizer} (peak lr {recipe.lr:g}, cosine-annealed
+to 0 per step, L2 weight decay {recipe.weight_decay:g}), batch {recipe.batch_size}, {recipe.epochs} epochs ({total} steps), same initial weights and data order per
 seed; the final model is evaluated (no epoch selection, the test set is used for nothing else). Sparsity is
-measured on the weights of the three Linear layers (biases are not pruned).
+measured on the weights of the three Linear layers (biases are not pruned). The recipe and the litcompress schedule
+were chosen on the validation set with other seeds (100, 101).
 
 - **Lightning ModelPruning**: `lightning.pytorch.callbacks.ModelPruning("l1_unstructured",
   amount=lambda e: 1 - (1 - target) ** (1 / {max(1, recipe.epochs // 2)}) if e < {max(1, recipe.epochs // 2)} else 0,
   use_global_unstructured=True, parameter_names=["weight"], use_lottery_ticket_hypothesis=False)`,
   i.e. one round at the end of each epoch over the first half of training.
-- **litcompress (cubic)**: Zhu & Gupta cubic schedule of the total sparsity, global magnitude (L1) over all
-  weights, a round every {frequency} steps from step {begin} to step {end} ({schedule.begin:.0%}-{schedule.end:.0%} of
-  training), then fine-tuning with the mask fixed. One configuration for every target, chosen on the validation set.
+- **litcompress (cubic)**: `litcompress.ModelPruning("l1_unstructured", amount=PolynomialDecay(final_sparsity=target,
+  begin={begin}, end={end}, frequency={frequency}, power={schedule.power:g}, unit="step"), parameter_names=["weight"],
+  use_lottery_ticket_hypothesis=False)` (ran: {impl}): Zhu & Gupta cubic schedule of the total sparsity, global
+  magnitude (L1) over all weights, a round every {frequency} steps from step {begin} to step {end}
+  ({schedule.begin:.0%}-{schedule.end:.0%} of training), then fine-tuning with the mask fixed. One configuration
+  for every target.
 
 {table(summary, markdown=True)}
 
@@ -248,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--begin", type=float, default=SCHEDULE.begin, help="litcompress: first round, fraction of steps")
     parser.add_argument("--end", type=float, default=SCHEDULE.end, help="litcompress: last round, fraction of steps")
     parser.add_argument("--frequency", type=int, default=SCHEDULE.frequency, help="litcompress: steps between rounds")
+    parser.add_argument("--stand-in", action="store_true",
+                        help="litcompress rows: use the private stand-in callback instead of litcompress.ModelPruning")
     args = parser.parse_args(argv)
     if any(not 0.0 < t < 1.0 for t in args.targets):
         parser.error(f"--targets must be in (0, 1), got {args.targets}")
@@ -255,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds, recipe = args.seeds, Recipe(epochs=args.epochs, **knobs)
     if args.quick:
         seeds, recipe = seeds[:1], Recipe(epochs=2, train_subset=5_000, **knobs)
-    schedule = ScheduleConfig(begin=args.begin, end=args.end, frequency=args.frequency)
+    schedule = ScheduleConfig(begin=args.begin, end=args.end, frequency=args.frequency, stand_in=args.stand_in)
 
     jobs = [(row, 0.0 if row == "dense" else t, seed, recipe, schedule, 1)
             for seed in seeds for row in args.rows for t in ([0.0] if row == "dense" else args.targets)]
