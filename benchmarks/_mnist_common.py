@@ -49,7 +49,8 @@ def load_mnist() -> tuple[Split, Split, Split]:
     path = importlib.resources.files("mnist").joinpath("data/mnist.pkl.gz")
     with path.open("rb") as raw, gzip.open(raw) as f:
         splits = pickle.load(f, encoding="latin1")
-    return tuple((torch.from_numpy(x).float(), torch.from_numpy(y).long()) for x, y in splits)  # type: ignore[return-value]
+    (train, valid, test) = ((torch.from_numpy(x).float(), torch.from_numpy(y).long()) for x, y in splits)
+    return train, valid, test
 
 
 def _batches(split: Split, batch_size: int, shuffle: bool) -> DataLoader:
