@@ -60,12 +60,13 @@ class LeNetWithTest(LeNet300100):
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
 
-def run_seed(seed: int, recipe: Recipe, rounds: int) -> dict:
+def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float) -> dict:
     seed_everything(seed, verbose=False)
     module = LeNetWithTest(recipe)
     start = time.perf_counter()
     ticket = find_lottery_ticket(
-        module, InMemoryMNIST(recipe), metric="test_acc", rounds=rounds, rate=0.2, layer_rates={"fc3.weight": 0.1},
+        module, InMemoryMNIST(recipe), metric="test_acc", rounds=rounds, rate=rate, scope=scope,
+        layer_rates={"fc3.weight": rate / 2} if scope == "local" else None,
         trainer_kwargs=dict(max_epochs=recipe.epochs, accelerator="cpu", devices=1, limit_val_batches=0,
                             num_sanity_val_steps=0, deterministic=True),
         control="final",
@@ -93,6 +94,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="training epochs per round")
     parser.add_argument("--rounds", type=int, default=15, help="pruning rounds (15 -> 3.57%% remaining)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scope", choices=["local", "global"], default="local",
+                        help="local: each layer loses `rate` per round (the output layer rate/2), as Frankle & Carbin;"
+                             " global: one magnitude ranking over all layers")
+    parser.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 3 rounds, 5k images")
     args = parser.parse_args()
     if args.epochs < 1 or args.rounds < 1:
@@ -106,13 +111,16 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     recipe = Recipe(epochs=args.epochs, train_subset=5000 if args.quick else None)
 
-    runs = [run_seed(seed, recipe, args.rounds) for seed in args.seeds]
+    if not 0 < args.rate < 1:
+        parser.error("--rate must be in (0, 1)")
+    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate) for seed in args.seeds]
     dense = [run["rounds"][0]["test_acc"] for run in runs]
     ticket = [run["rounds"][-1]["test_acc"] for run in runs]
     control = [run["rounds"][-1]["control_test_acc"] for run in runs]
     remaining = runs[0]["rounds"][-1]["remaining"]
     best_round = max(range(args.rounds + 1), key=lambda r: statistics.mean(run["rounds"][r]["test_acc"] for run in runs))
-    print(f"\nLeNet-300-100, MNIST, {args.epochs} epochs per round, {len(runs)} seed(s); test accuracy, mean ± std")
+    print(f"\nLeNet-300-100, MNIST, {args.scope} IMP at {args.rate:.0%} per round, {args.epochs} epochs per round,"
+          f" {len(runs)} seed(s); test accuracy, mean ± std")
     print(f"{'network':42} {'weights left':>12} {'test acc [%]':>14}")
     print(f"{'dense (round 0)':42} {'100.00%':>12} {mean_std(dense):>14}")
     print(f"{f'ticket (round {args.rounds})':42} {remaining:>12.2%} {mean_std(ticket):>14}")
@@ -121,7 +129,7 @@ def main() -> None:
           f"ticket - control: {100 * (statistics.mean(ticket) - statistics.mean(control)):+.2f} pt; "
           f"best mean round: {best_round}")
     print(json.dumps({
-        "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds, "remaining": remaining,
+        "scope": args.scope, "rate": args.rate, "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds, "remaining": remaining,
         "dense_test_acc": dense, "ticket_test_acc": ticket, "control_test_acc": control, "runs": runs,
     }))
 

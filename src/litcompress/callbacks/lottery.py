@@ -24,6 +24,7 @@ def find_lottery_ticket(
     rewind_to_step: Optional[int] = None,
     evaluate_on: Literal["test", "validate"] = "test",
     parameter_names: Sequence[str] = ("weight",),
+    scope: Literal["local", "global"] = "local",
     control: str = "final",
 ) -> LotteryTicket:
     """Iterative magnitude pruning where every round is ``Trainer(**trainer_kwargs).fit(module, datamodule)``.
@@ -55,5 +56,5 @@ def find_lottery_ticket(
 
     return iterative_magnitude_pruning(
         module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates, parameter_names=parameter_names,
-        train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
+        scope=scope, train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
     )

@@ -31,7 +31,6 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.utils.prune as torch_prune
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
