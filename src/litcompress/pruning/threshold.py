@@ -81,6 +81,9 @@ class _Inputs:
         # Flat bool kept-masks, built once: re-deriving `mask != 0` from float masks in every
         # pass costs more than the 1 byte per entry they take.
         self._kept: list[Tensor | None] = []
+        # Whether each kept mask is our own copy (built from a float mask) rather than the caller's tensor: our
+        # copies are reused as the output masks, which saves a mask-sized allocation per tensor.
+        self._owns_kept: list[bool] = []
         for index, (score, mask) in enumerate(zip(scores, masks)):
             if not isinstance(score, Tensor):
                 raise TypeError(f"scores[{index}] must be a torch.Tensor, got {type(score).__name__}")
@@ -93,11 +96,13 @@ class _Inputs:
                 raise ValueError(f"scores[{index}] contains NaN; scores must be comparable numbers")
             if mask is None:
                 self._kept.append(None)
+                self._owns_kept.append(False)
                 self.kept_counts.append(score.numel())
             else:
                 flat = mask.reshape(-1)
                 kept = (flat if flat.dtype == torch.bool else flat != 0).to(score.device)
                 self._kept.append(kept)
+                self._owns_kept.append(kept is not flat)
                 self.kept_counts.append(int(torch.count_nonzero(kept)))
         self.total_kept = sum(self.kept_counts)
 
@@ -128,6 +133,10 @@ class _Inputs:
     def kept(self, index: int) -> Tensor | None:
         """Flat bool mask of kept entries (do not modify), or None when every entry is kept."""
         return self._kept[index]
+
+    def owns_kept(self, index: int) -> bool:
+        """True when ``kept(index)`` is a private copy that the last pass may overwrite."""
+        return self._owns_kept[index]
 
 
 def _select(values: Tensor, kept: Tensor | None, lower: _Bound | None, upper: _Bound | None) -> Tensor | None:
@@ -352,14 +361,20 @@ def smallest_k_masks(
             tie_share = min(ties_to_prune, threshold.ties[index])
             # Strictly above prunes every tie at once; otherwise keep >= and clear some ties.
             keep = values > value if tie_share == threshold.ties[index] else values >= value
-            if kept is not None:
-                keep &= kept
+            ties = None
             if 0 < tie_share < threshold.ties[index]:
                 ties = values == value
                 if kept is not None:
                     ties &= kept
+            if kept is not None:
+                if inputs.owns_kept(index):  # last use of our private copy: it becomes the output
+                    keep = kept.logical_and_(keep)
+                else:
+                    keep &= kept
+            if ties is not None:
                 _prune_first_ties(keep, ties, tie_share)
             ties_to_prune -= tie_share
-        # `keep` is a fresh tensor unless it is the caller's kept mask: copy only then, or to change dtype.
-        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=keep is kept))
+        # A fresh tensor, or our own kept copy, needs no copy; the caller's kept mask does (or a dtype change).
+        reuse = keep is not kept or inputs.owns_kept(index)
+        new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=not reuse))
     return new_masks
