@@ -267,3 +267,24 @@ def test_magnitude_mode_equals_explicit_abs_and_bool_output(shapes, seed, fracti
     assert all(torch.equal(a, e.bool()) for a, e in zip(actual, expected))
     if k:
         assert kth_smallest(scores, masks, k, magnitude=True) == kth_smallest([s.abs() for s in scores], masks, k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+    seed=st.integers(0, 10_000),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_out_receives_the_masks_even_when_it_is_the_input_mask(shapes, seed, fraction):
+    """Writing into `out` (here: the float masks passed in, as the engine does) gives the returned masks."""
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.randint(-3, 4, shape, generator=g).float() for shape in shapes]
+    masks = [(torch.rand(shape, generator=g) > 0.4).float() for shape in shapes]
+    kept = sum(int(m.sum()) for m in masks)
+    k = round(fraction * kept)
+    expected = smallest_k_masks(scores, [m.clone() for m in masks], k, magnitude=True)
+    returned = smallest_k_masks(scores, masks, k, magnitude=True, out=masks)
+    assert all(r is m for r, m in zip(returned, masks))
+    assert all(torch.equal(m, e) for m, e in zip(masks, expected))
+    with pytest.raises(ValueError, match="out"):
+        smallest_k_masks(scores, masks, 0, out=[torch.zeros(1)] * (len(shapes) + 1))

@@ -246,11 +246,15 @@ def _global_magnitude_prune_(targets: Sequence[Target], amount: float | int) -> 
     """
     remaining = sum(remaining_count(m, n) for m, n in targets)
     count = amount if isinstance(amount, int) else round(amount * remaining)
+    previous = [mask_of(m, n) for m, n in targets]
+    # Every target gets its mask buffer first (all ones where new), and the new masks are written straight into
+    # the buffers: no second set of masks is ever held.
+    buffers = [mask if mask is not None else _reparametrise_(m, n) for mask, (m, n) in zip(previous, targets)]
     with torch.no_grad():
         scores = [trainable_tensor(m, n).detach() for m, n in targets]
-        keep = smallest_k_masks(scores, [mask_of(m, n) for m, n in targets], count, magnitude=True, dtype=torch.bool)
-    for (module, name), mask in zip(targets, keep):
-        set_mask_(module, name, mask)
+        smallest_k_masks(scores, previous, count, magnitude=True, out=buffers)
+    for module, name in targets:
+        refresh_cached_tensor(module, name)
 
 
 def pruned_count(module: nn.Module, name: str) -> int:

@@ -329,13 +329,15 @@ def smallest_k_masks(
     *,
     magnitude: bool = False,
     dtype: torch.dtype | None = None,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """New keep-masks (same shape/device as each score; of `dtype`, else of the old mask or, when None,
     of the score) after pruning exactly `k` more entries: the k smallest scores among entries
     still kept (mask != 0; None = all kept).
 
     ``magnitude=True`` ranks ``|scores|`` (L1 pruning) without a copy of all the scores; ``dtype=torch.bool``
-    keeps the output at one byte per entry.
+    keeps the output at one byte per entry. ``out`` (one tensor per score, e.g. the mask buffers themselves) receives
+    each new mask as soon as it is computed, so no second set of masks is ever held; it is also what is returned.
 
     Entries already pruned stay pruned. Ties at the threshold are broken deterministically
     (by tensor order, then flat index), so exactly k entries are newly pruned.
@@ -343,6 +345,8 @@ def smallest_k_masks(
     """
     inputs = _Inputs(scores, masks, magnitude)
     _check_k(k, inputs.total_kept)
+    if out is not None and [o.shape for o in out] != [s.shape for s in inputs.raw_scores]:
+        raise ValueError("out must hold one tensor of each score's shape, in the same order")
     threshold = _find_threshold(inputs, k) if k > 0 else None
     ties_to_prune = k - sum(threshold.below) if threshold is not None else 0
 
@@ -374,6 +378,10 @@ def smallest_k_masks(
             if ties is not None:
                 _prune_first_ties(keep, ties, tie_share)
             ties_to_prune -= tie_share
+        if out is not None:
+            out[index].copy_(keep.reshape(raw_score.shape))  # written now; `keep` is freed before the next tensor
+            new_masks.append(out[index])
+            continue
         # A fresh tensor, or our own kept copy, needs no copy; the caller's kept mask does (or a dtype change).
         reuse = keep is not kept or inputs.owns_kept(index)
         new_masks.append(keep.reshape(raw_score.shape).to(out_dtype, copy=not reuse))
