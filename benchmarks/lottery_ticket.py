@@ -62,7 +62,7 @@ class LeNetWithTest(LeNet300100):
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
 
-def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float) -> dict:
+def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float, rewind_to_step: int | None) -> dict:
     seed_everything(seed, verbose=False)
     module = LeNetWithTest(recipe)
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float) ->
         layer_rates={"fc3.weight": rate / 2} if scope == "local" else None,
         trainer_kwargs=dict(max_epochs=recipe.epochs, accelerator="cpu", devices=1, limit_val_batches=0,
                             num_sanity_val_steps=0, deterministic=True),
-        control="final",
+        rewind_to_step=rewind_to_step, control="final",
     )
     seconds = time.perf_counter() - start
     print(f"\nseed {seed} ({seconds:.0f} s)\n{ticket.table()}", flush=True)
@@ -100,6 +100,8 @@ def main() -> None:
                         help="local: each layer loses `rate` per round (the output layer rate/2), as Frankle & Carbin;"
                              " global: one magnitude ranking over all layers")
     parser.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
+    parser.add_argument("--rewind-to-step", type=int, default=None,
+                        help="late rewinding: train this many steps first and rewind there (dense round 0 too)")
     defaults = Recipe()
     parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak LR, cosine-annealed to 0 in every round")
@@ -120,7 +122,7 @@ def main() -> None:
 
     if not 0 < args.rate < 1:
         parser.error("--rate must be in (0, 1)")
-    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate) for seed in args.seeds]
+    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate, args.rewind_to_step) for seed in args.seeds]
     dense = [run["rounds"][0]["test_acc"] for run in runs]
     ticket = [run["rounds"][-1]["test_acc"] for run in runs]
     control = [run["rounds"][-1]["control_test_acc"] for run in runs]
@@ -136,7 +138,7 @@ def main() -> None:
           f"ticket - control: {100 * (statistics.mean(ticket) - statistics.mean(control)):+.2f} pt; "
           f"best mean round: {best_round}")
     print(json.dumps({
-        "recipe": dataclasses.asdict(recipe), "scope": args.scope, "rate": args.rate, "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds, "remaining": remaining,
+        "recipe": dataclasses.asdict(recipe), "rewind_to_step": args.rewind_to_step, "scope": args.scope, "rate": args.rate, "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds, "remaining": remaining,
         "dense_test_acc": dense, "ticket_test_acc": ticket, "control_test_acc": control, "runs": runs,
     }))
 
