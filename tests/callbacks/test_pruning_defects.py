@@ -196,7 +196,7 @@ def test_count_larger_than_remaining_is_a_clear_error(tmp_path):
     model = ThreeLayerModel()
     callback = ModelPruning("l1_unstructured", amount=100, parameters_to_prune=[(model.layer.mlp_3, "weight")],
                             use_global_unstructured=False)
-    with pytest.raises(MisconfigurationException, match="more weights than remain"):
+    with pytest.raises(MisconfigurationException, match="more entries than remain"):
         make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
 
 

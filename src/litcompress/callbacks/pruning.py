@@ -39,7 +39,6 @@ from torch import nn
 
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
-from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
 from litcompress.pruning.schedules import SparsitySchedule
@@ -332,9 +331,8 @@ class ModelPruning(Callback):
             return
         before = self._total_zeros()
         if self._schedule is not None:
-            t = self._progress(current_epoch, trainer)
-            target = self._schedule.target(t)
-            self._prune_to_target(target, t)
+            target = self._schedule.target(self._progress(current_epoch, trainer))
+            self._prune_to_target(target)
             amount: Union[int, float] = target
         else:
             amount = self.amount(current_epoch) if callable(self.amount) else self.amount
@@ -377,14 +375,13 @@ class ModelPruning(Callback):
             return trainer.global_step if trainer is not None else self._last_step
         return current_epoch + 1
 
-    def _prune_to_target(self, target: float, t: int) -> None:
+    def _prune_to_target(self, target: float) -> None:
         """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope)."""
-        pruner = GradualPruner(
-            self._parameters_to_prune, self._schedule, self._method,
-            scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
-        )
         with self._logging_sparsity(target):
-            pruner.prune_to(target, t)
+            engine.prune_to_sparsity_(
+                self._parameters_to_prune, self._method, target,
+                scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
+            )
 
     def _epoch_schedule_due(self, current_epoch: int) -> bool:
         """With a schedule, only epoch-level ones prune at epoch boundaries, and only on their grid."""
@@ -508,13 +505,10 @@ class ModelPruning(Callback):
         if not isinstance(amount, numbers.Integral):
             return
         remaining = [engine.remaining_count(m, n) for m, n in self._parameters_to_prune]
-        available = sum(remaining) if self._use_global_unstructured else min(remaining, default=0)
-        if amount > available:
-            raise MisconfigurationException(
-                f"`amount={amount}` asks to prune more weights than remain ({available}"
-                f" {'in total' if self._use_global_unstructured else 'in the smallest parameter'})."
-                " Use a smaller count or a fraction."
-            )
+        try:
+            engine.check_count_fits(int(amount), remaining, "global" if self._use_global_unstructured else "local")
+        except ValueError as err:
+            raise MisconfigurationException(f"{err} Use a smaller count or a fraction.") from None
 
     @staticmethod
     def sanitize_parameters_to_prune(

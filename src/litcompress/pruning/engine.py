@@ -211,21 +211,18 @@ def prune_(
     amount = validate_amount(amount)
     if not targets:
         return
+    fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
+    remaining = [remaining_count(m, n) for m, n in targets] if isinstance(amount, int) or fast_path else []
     if isinstance(amount, int):
-        remaining = [remaining_count(m, n) for m, n in targets]
-        available = sum(remaining) if scope == "global" else min(remaining)
-        if amount > available:
-            raise ValueError(
-                f"`amount`={amount} asks to prune more entries than remain "
-                f"({available} {'in total' if scope == 'global' else 'in the smallest target'})."
-            )
+        check_count_fits(amount, remaining, scope)
     modules = unique_modules(targets)
     with parameter_order_preserved(modules):
         if scope == "global":
             if getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
                 raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
-            if method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs:
-                _global_magnitude_prune_(targets, amount)
+            if fast_path:
+                count = amount if isinstance(amount, int) else round(amount * sum(remaining))
+                _global_magnitude_prune_(targets, count)
                 return
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, **kwargs)
@@ -237,15 +234,23 @@ def prune_(
             raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
 
 
-def _global_magnitude_prune_(targets: Sequence[Target], amount: float | int) -> None:
-    """Global L1 pruning without concatenating the model (what ``global_unstructured`` does).
+def check_count_fits(count: int, remaining: Sequence[int], scope: Scope) -> None:
+    """Raise ValueError when pruning `count` entries asks for more than `remaining` (per target) still holds."""
+    available = sum(remaining) if scope == "global" else min(remaining, default=0)
+    if count > available:
+        raise ValueError(
+            f"`amount={count}` asks to prune more entries than remain "
+            f"({available} {'in total' if scope == 'global' else 'in the smallest target'})."
+        )
 
-    Same count as torch (``round(amount * remaining)`` of the entries still kept), the smallest magnitudes, ties
-    broken by (target order, flat index). Existing mask buffers are updated in place, so repeated rounds do not
-    stack pruning methods on the module.
+
+def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
+    """Prune the `count` smallest magnitudes among the entries still kept, over all targets together.
+
+    What ``global_unstructured`` does (torch's count is ``round(amount * remaining)``), without concatenating the
+    model: ties broken by (target order, flat index); existing mask buffers updated in place, so repeated rounds
+    do not stack pruning methods on the module.
     """
-    remaining = sum(remaining_count(m, n) for m, n in targets)
-    count = amount if isinstance(amount, int) else round(amount * remaining)
     previous = [mask_of(m, n) for m, n in targets]
     # Every target gets its mask buffer first (all ones where new), and the new masks are written straight into
     # the buffers: no second set of masks is ever held.
@@ -337,11 +342,13 @@ def default_targets(model: nn.Module, parameter_names: Sequence[str] = ("weight"
 
 
 # --------------------------------------------------------------------------------------------- state dicts
-def _pruned_keys(module: nn.Module, prefix: str, names: Iterable[str]) -> Iterator[tuple[str, str, str, str]]:
-    for name in names:
-        if is_pruned(module, name):
-            key = prefix + name
-            yield name, key, key + "_orig", key + "_mask"
+def _make_entry_permanent(state_dict: dict[str, Any], key: str) -> None:
+    """Replace ``<key>_orig`` and ``<key>_mask`` in `state_dict` by ``<key>`` = ``orig * mask`` (no autograd)."""
+    orig_key, mask_key = key + "_orig", key + "_mask"
+    if orig_key in state_dict and mask_key in state_dict:
+        orig, mask = state_dict.pop(orig_key), state_dict.pop(mask_key)
+        with torch.no_grad():
+            state_dict[key] = orig.detach() * mask.to(dtype=orig.dtype)
 
 
 class PermanentStateDictHook:
@@ -356,11 +363,9 @@ class PermanentStateDictHook:
         self.names = tuple(names)
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for _, key, orig_key, mask_key in _pruned_keys(module, prefix, self.names):
-            if orig_key in state_dict and mask_key in state_dict:
-                orig, mask = state_dict.pop(orig_key), state_dict.pop(mask_key)
-                with torch.no_grad():
-                    state_dict[key] = orig.detach() * mask.to(dtype=orig.dtype)
+        for name in self.names:
+            if is_pruned(module, name):
+                _make_entry_permanent(state_dict, prefix + name)
 
 
 class PrunedStateLoadHook:
@@ -404,12 +409,8 @@ def register_state_hooks(
 def permanent_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` with every pruned tensor as its effective values (loads into an unpruned model)."""
     state = model.state_dict()
-    for path, module, name in pruned_targets(model):
-        key = f"{path}.{name}" if path else name
-        orig, mask = state.pop(key + "_orig", None), state.pop(key + "_mask", None)
-        if orig is not None and mask is not None:
-            with torch.no_grad():
-                state[key] = orig.detach() * mask.to(dtype=orig.dtype)
+    for path, _, name in pruned_targets(model):
+        _make_entry_permanent(state, f"{path}.{name}" if path else name)
     return state
 
 

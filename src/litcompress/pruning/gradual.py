@@ -63,9 +63,9 @@ class GradualPruner:
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
         before = self.pruned()
-        prune_to_sparsity_(self.targets, self.method, target, scope=self.scope, **self.method_kwargs)
+        newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope, **self.method_kwargs)
         self.last_t = t
-        self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": self.pruned()})
+        self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
 
     def pruned(self) -> int:
         """Entries masked out across the targets."""

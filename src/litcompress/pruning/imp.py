@@ -19,6 +19,7 @@ from litcompress.pruning.engine import (
     Scope,
     Target,
     default_targets,
+    is_pruned,
     mask_of,
     prune_,
     qualified_names,
@@ -134,7 +135,7 @@ def iterative_magnitude_pruning(
     layer_rates = dict(layer_rates or {})
     _validate(rounds, rate, layer_rates, control)
     network = copy.deepcopy(model)
-    pristine = copy.deepcopy(model)
+    pristine = copy.deepcopy(model) if control != "none" else None  # the control's architecture, untrained
     targets = default_targets(network, parameter_names)
     names = qualified_names(network, targets)
     unknown = set(layer_rates) - set(names)
@@ -146,7 +147,11 @@ def iterative_magnitude_pruning(
     if train_to_rewind_point is not None:
         train_to_rewind_point(network)
     snapshot = take_snapshot(targets)
-    rewound: dict[str, Tensor] = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    def state_now() -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    rewound: dict[str, Tensor] = {}  # set after the last pruning round (rounds >= 1)
 
     table: list[IMPRound] = []
     for r in range(rounds + 1):
@@ -157,15 +162,18 @@ def iterative_magnitude_pruning(
                 for name, target in zip(names, targets):
                     prune_([target], "l1_unstructured", layer_rates.get(name, rate), scope="local")
             rewind_(targets, snapshot)
-            rewound = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            if r == rounds:  # the ticket: the final mask on the rewound weights
+                rewound = state_now()
         train(network)
         metric = float(evaluate(network))
         if math.isnan(metric):
             raise ValueError(f"`evaluate` returned NaN in round {r}; it must return a number.")
-        masks = {n: mask_of(m, t).detach().clone() for n, (m, t) in zip(names, targets) if mask_of(m, t) is not None}
         run_control = r > 0 and (control == "every" or (control == "final" and r == rounds))
-        control_metric = (
-            _random_reinit_control(pristine, names, masks, train, evaluate, control_seed + r) if run_control else None
-        )
+        control_metric = None
+        if run_control or r == rounds:
+            masks = {n: mask_of(m, t).detach().clone() for n, (m, t) in zip(names, targets) if is_pruned(m, t)}
+        if run_control:
+            assert pristine is not None
+            control_metric = _random_reinit_control(pristine, names, masks, train, evaluate, control_seed + r)
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
     return LotteryTicket(model=network, masks=masks, rewound_state=rewound, rounds=table)
