@@ -92,4 +92,5 @@ def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
 
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
+    """One intra-op thread: the test models are tiny, and on a 2-core host thread hand-offs made them ~10x slower."""
     torch.set_num_threads(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,23 +21,7 @@ def pytest_collection_modifyitems(config, items):
         for key in ("backend_name", "backend"):
             if isinstance(params.get(key), str) and (reason := backend_missing(params[key])):
                 item.add_marker(pytest.mark.skip(reason=reason))
-    # Slow cases (torch.compile) run only when asked for: `-m slow` or LITCOMPRESS_RUN_SLOW=1.
-    if "slow" in (config.getoption("-m") or "") or os.environ.get("LITCOMPRESS_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with -m slow or LITCOMPRESS_RUN_SLOW=1")
-    for item in ours:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core host thread hand-offs
-    made them ~10x slower. Restored afterwards."""
-    from litcompress.quantization.latency import pinned_threads
-
-    with pinned_threads(1):
-        yield
+    # Slow cases (torch.compile) are deselected by `make test` (-m "not slow") and run by `make test-slow`.
 
 
 @pytest.fixture(scope="session")

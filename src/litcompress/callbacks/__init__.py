@@ -1,5 +1,7 @@
 """Lightning callbacks: thin adapters over the framework-free engines."""
 
+from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.callbacks.pruning import ModelPruning, load_pruned_checkpoint
+from litcompress.quantization.lightning import QuantizeOnFitEnd
 
-__all__ = ["ModelPruning", "load_pruned_checkpoint"]
+__all__ = ["ModelPruning", "QuantizeOnFitEnd", "find_lottery_ticket", "load_pruned_checkpoint"]
