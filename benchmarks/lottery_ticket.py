@@ -8,11 +8,15 @@ re-initialisation of the same sparse architecture (the control) is clearly below
 Every round trains with the same recipe (``_mnist_common.Recipe``, by default the one chosen on validation data for
 the sparsity benchmark: SGD + Nesterov, peak LR 0.2 cosine-annealed to 0, L2 5e-4, batch 128) for ``--epochs``
 epochs through ``litcompress.callbacks.lottery.find_lottery_ticket`` (a fresh ``Trainer`` per round). Test accuracy
-is only reported, never used for a choice.
+is only reported, never used for a choice: choices are made with ``--split val``.
 
 Usage::
 
     python benchmarks/lottery_ticket.py [--seeds 0 1 2] [--epochs 5] [--rounds 15] [--quick]
+    python benchmarks/lottery_ticket.py --scope global --rewind-to-step 98     # the configuration in BENCHMARKS.md
+    python benchmarks/lottery_ticket.py --split val --seeds 100 101 ...        # choose a configuration
+
+With ``--split val`` every round is evaluated on the 10k validation images instead of the test set.
 
 Prints a per-round table per seed, a summary, and as its last line one JSON object with all figures.
 """
@@ -52,6 +56,9 @@ class InMemoryMNIST(LightningDataModule):
             train = (train[0][: self.recipe.train_subset], train[1][: self.recipe.train_subset])
         return _batches(train, self.recipe.batch_size, shuffle=True)
 
+    def val_dataloader(self):
+        return _batches(load_mnist()[1], 10_000, shuffle=False)
+
     def test_dataloader(self):
         return _batches(load_mnist()[2], 10_000, shuffle=False)
 
@@ -61,26 +68,38 @@ class LeNetWithTest(LeNet300100):
         x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
 
-def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float, rewind_to_step: int | None) -> dict:
+
+def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float, rewind_to_step: int | None,
+             split: str = "test") -> dict:
+    """IMP from seed `seed`; every round is evaluated on `split` ("test", or "val" to choose configurations)."""
     seed_everything(seed, verbose=False)
     module = LeNetWithTest(recipe)
     start = time.perf_counter()
+    # Validation only where asked for, and then only by `Trainer.validate` after each round (never during `fit`).
+    validation = dict(limit_val_batches=1.0, check_val_every_n_epoch=recipe.epochs + 1) if split == "val" else \
+        dict(limit_val_batches=0)
     ticket = find_lottery_ticket(
-        module, InMemoryMNIST(recipe), metric="test_acc", rounds=rounds, rate=rate, scope=scope,
+        module, InMemoryMNIST(recipe), metric=f"{split}_acc", rounds=rounds, rate=rate, scope=scope,
+        evaluate_on="validate" if split == "val" else "test",
         layer_rates={"fc3.weight": rate / 2} if scope == "local" else None,
-        trainer_kwargs=dict(max_epochs=recipe.epochs, accelerator="cpu", devices=1, limit_val_batches=0,
-                            num_sanity_val_steps=0, deterministic=True),
+        trainer_kwargs=dict(max_epochs=recipe.epochs, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+                            deterministic=True, **validation),
         rewind_to_step=rewind_to_step, control="final",
     )
     seconds = time.perf_counter() - start
     print(f"\nseed {seed} ({seconds:.0f} s)\n{ticket.table()}", flush=True)
-    assert abs(accuracy(ticket.model, load_mnist()[2]) - ticket.rounds[-1].metric) < 1e-6
+    evaluated = load_mnist()[1 if split == "val" else 2]
+    assert abs(accuracy(ticket.model, evaluated) - ticket.rounds[-1].metric) < 1e-6
     return {
         "seed": seed,
         "seconds": seconds,
         "rounds": [
-            {"round": r.round, "remaining": r.remaining, "test_acc": r.metric, "control_test_acc": r.control_metric}
+            {"round": r.round, "remaining": r.remaining, f"{split}_acc": r.metric,
+             f"control_{split}_acc": r.control_metric}
             for r in ticket.rounds
         ],
     }
@@ -106,6 +125,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak LR, cosine-annealed to 0 in every round")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="what every round is evaluated on: 'val' (the 10k validation images) to choose a "
+                             "configuration, 'test' to report the chosen one")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 3 rounds, 5k images")
     args = parser.parse_args()
     if args.epochs < 1 or args.rounds < 1:
@@ -122,15 +144,18 @@ def main() -> None:
 
     if not 0 < args.rate < 1:
         parser.error("--rate must be in (0, 1)")
-    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate, args.rewind_to_step) for seed in args.seeds]
-    dense = [run["rounds"][0]["test_acc"] for run in runs]
-    ticket = [run["rounds"][-1]["test_acc"] for run in runs]
-    control = [run["rounds"][-1]["control_test_acc"] for run in runs]
+    split = args.split
+    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate, args.rewind_to_step, split)
+            for seed in args.seeds]
+    dense = [run["rounds"][0][f"{split}_acc"] for run in runs]
+    ticket = [run["rounds"][-1][f"{split}_acc"] for run in runs]
+    control = [run["rounds"][-1][f"control_{split}_acc"] for run in runs]
     remaining = runs[0]["rounds"][-1]["remaining"]
-    best_round = max(range(args.rounds + 1), key=lambda r: statistics.mean(run["rounds"][r]["test_acc"] for run in runs))
+    best_round = max(range(args.rounds + 1),
+                     key=lambda r: statistics.mean(run["rounds"][r][f"{split}_acc"] for run in runs))
     print(f"\nLeNet-300-100, MNIST, {args.scope} IMP at {args.rate:.0%} per round, {args.epochs} epochs per round,"
-          f" {len(runs)} seed(s); test accuracy, mean ± std")
-    print(f"{'network':42} {'weights left':>12} {'test acc [%]':>14}")
+          f" {len(runs)} seed(s); {split} accuracy, mean ± std")
+    print(f"{'network':42} {'weights left':>12} {f'{split} acc [%]':>14}")
     print(f"{'dense (round 0)':42} {'100.00%':>12} {mean_std(dense):>14}")
     print(f"{f'ticket (round {args.rounds})':42} {remaining:>12.2%} {mean_std(ticket):>14}")
     print(f"{'random re-init, same mask (control)':42} {remaining:>12.2%} {mean_std(control):>14}")
@@ -138,8 +163,11 @@ def main() -> None:
           f"ticket - control: {100 * (statistics.mean(ticket) - statistics.mean(control)):+.2f} pt; "
           f"best mean round: {best_round}")
     print(json.dumps({
-        "recipe": dataclasses.asdict(recipe), "rewind_to_step": args.rewind_to_step, "scope": args.scope, "rate": args.rate, "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds, "remaining": remaining,
-        "dense_test_acc": dense, "ticket_test_acc": ticket, "control_test_acc": control, "runs": runs,
+        "recipe": dataclasses.asdict(recipe), "rewind_to_step": args.rewind_to_step, "scope": args.scope,
+        "rate": args.rate, "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds,
+        "remaining": remaining,
+        "split": split, f"dense_{split}_acc": dense, f"ticket_{split}_acc": ticket, f"control_{split}_acc": control,
+        "runs": runs,
     }))
 
 
