@@ -64,13 +64,17 @@ class InMemoryMNIST(LightningDataModule):
 
 
 class LeNetWithTest(LeNet300100):
-    def test_step(self, batch, batch_idx):
+    """Logs ``test_acc`` / ``val_acc``: the metrics ``find_lottery_ticket`` reads after each round."""
+
+    def _log_accuracy(self, name: str, batch) -> None:
         x, y = batch
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+        self.log(name, (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        self._log_accuracy("test_acc", batch)
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+        self._log_accuracy("val_acc", batch)
 
 
 def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float, rewind_to_step: int | None,
