@@ -7,8 +7,8 @@ re-initialisation of the same sparse architecture (the control) is clearly below
 
 Every round trains with the same recipe (``LOTTERY_RECIPE``: the first recipe chosen on validation data for the
 sparsity benchmark, SGD + Nesterov, peak LR 0.2 cosine-annealed to 0, L2 5e-4, batch 128; the rewinding step was
-chosen for it) for ``--epochs`` epochs through ``litcompress.callbacks.lottery.find_lottery_ticket`` (a fresh ``Trainer`` per round). Test accuracy
-is only reported, never used for a choice: choices are made with ``--split val``.
+chosen for it) for ``--epochs`` epochs through ``litcompress.callbacks.lottery.find_lottery_ticket`` (a fresh
+``Trainer`` per round). Test accuracy is only reported, never used for a choice: choices are made with ``--split val``.
 
 Usage::
 
