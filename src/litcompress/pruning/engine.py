@@ -16,6 +16,7 @@ Two deliberate differences from calling torch directly:
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -148,6 +149,20 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
     hook = pruning_hook(module, name)
     if hook is not None:
         setattr(module, name, hook.apply_mask(module))
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` that also works on pruned modules after a forward pass.
+
+    Their cached ``<name>`` (``orig * mask``) is a non-leaf tensor, which ``copy.deepcopy`` refuses; it is seeded
+    in the memo as a detached clone (the pruning hook recomputes it at the copy's next forward anyway).
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def make_permanent_(model: nn.Module) -> int:
