@@ -8,7 +8,17 @@ from __future__ import annotations
 import logging as _logging
 from typing import TYPE_CHECKING, Any
 
-from litcompress.pruning import load_pruned_state_dict, make_permanent_, permanent_state_dict, prune_, prune_model_
+from litcompress.pruning import (
+    ShrinkReport,
+    ShrinkResult,
+    load_pruned_state_dict,
+    make_permanent_,
+    permanent_state_dict,
+    prune_,
+    prune_model_,
+    shrink,
+    shrink_,
+)
 from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
@@ -58,6 +68,8 @@ __all__ = [
     "PTQConfig",
     "QuantizationGoalWarning",
     "QuantizationResult",
+    "ShrinkReport",
+    "ShrinkResult",
     "SparsityReport",
     "load_pruned_checkpoint",
     "load_pruned_state_dict",
@@ -68,5 +80,7 @@ __all__ = [
     "prune_model_",
     "quantize",
     "save_quantized",
+    "shrink",
+    "shrink_",
     "sparsity_report",
 ]

@@ -20,10 +20,14 @@ from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
+from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, shrink, shrink_
 
 __all__ = [
     "GradualPruner",
+    "LayerShrink",
     "PRUNING_METHODS",
+    "ShrinkReport",
+    "ShrinkResult",
     "apply_mask_",
     "broadcast_pruning_state_",
     "default_targets",
@@ -41,5 +45,7 @@ __all__ = [
     "restore_masks_",
     "rewind_",
     "set_mask_",
+    "shrink",
+    "shrink_",
     "take_snapshot",
 ]

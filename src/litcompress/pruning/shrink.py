@@ -1,0 +1,481 @@
+"""Physically remove pruned channels, so a pruned model really gets smaller and faster.
+
+Pruning only masks: a Linear layer whose rows are zero still multiplies by them. `shrink` finds every output
+channel (a Linear row, a Conv filter) whose weights are all zero, removes it from its layer (and from a
+BatchNorm after it), removes the matching input columns of the layer that consumes it, and folds what the removed
+channel still contributed into that consumer's bias: a channel with zero weights outputs a constant (its bias,
+through BatchNorm and the activation), so its effect downstream is a constant too. The shrunk model computes the
+same function as the masked one in eval mode (exactly up to float rounding), with fewer parameters and FLOPs.
+
+Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
+through a chain ``producer -> [BatchNorm] -> [element-wise ops, pooling, dropout, flatten] -> consumer`` in which
+every output has one user and the consumer is a Linear or an ungrouped Conv; a residual add, a concatenation, a
+LayerNorm, a layer used twice or the model's output end the chain and keep the producer as it is.
+
+The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
+edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
+from torch import Tensor, fx, nn
+
+from litcompress.pruning.engine import deepcopy_model, make_permanent_
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Element-wise (per channel) ops: a constant channel stays a constant channel, whose value we compute by running
+# the op on it.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, torch.sigmoid,
+    F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus,
+}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+# Ops that pass a constant channel through unchanged (eval mode): dropout and pooling that never pads with zeros.
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_POOLING = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_POOLING_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d,
+}
+
+
+@dataclass(frozen=True)
+class LayerShrink:
+    """One producer layer that lost output channels (and its consumer, which lost the matching inputs)."""
+
+    name: str
+    consumer: str
+    channels_before: int
+    channels_after: int
+    folded: int  # removed channels with a non-zero constant output, added to the consumer's bias
+    left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv)
+
+    @property
+    def removed(self) -> int:
+        return self.channels_before - self.channels_after
+
+
+@dataclass(frozen=True)
+class ShrinkReport:
+    """What `shrink_` removed, what it kept and why, and the parameter counts before and after."""
+
+    layers: tuple[LayerShrink, ...]
+    kept: tuple[tuple[str, str], ...]  # (layer, reason) for layers with all-zero channels that had to stay
+    parameters_before: int
+    parameters_after: int
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(layer.removed for layer in self.layers)
+
+    @property
+    def parameter_ratio(self) -> float:
+        """Parameters after / before (1.0 when nothing was removed)."""
+        return self.parameters_after / self.parameters_before if self.parameters_before else 1.0
+
+    def table(self) -> str:
+        """A plain-text table: one line per shrunk layer, one per layer kept with its reason, and the totals."""
+        lines = [f"{'layer':<32} {'consumer':<32} {'channels':>15} {'folded':>7} {'left':>5}"]
+        for layer in self.layers:
+            lines.append(f"{layer.name:<32} {layer.consumer:<32} "
+                         f"{f'{layer.channels_before} -> {layer.channels_after}':>15} {layer.folded:>7} "
+                         f"{layer.left:>5}")
+        for name, reason in self.kept:
+            lines.append(f"{name:<32} kept: {reason}")
+        lines.append(f"parameters {self.parameters_before:,} -> {self.parameters_after:,} "
+                     f"({self.parameter_ratio:.3f}x)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ShrinkResult:
+    """The shrunk copy and its report (the model given to `shrink` is left untouched)."""
+
+    model: nn.Module
+    report: ShrinkReport = field(repr=False)
+
+
+# ------------------------------------------------------------------------------------------------ the chain
+@dataclass
+class _Chain:
+    """What lies between a producer and its consumer, in order."""
+
+    producer: nn.Module
+    consumer: nn.Module
+    consumer_name: str
+    batch_norm: nn.Module | None = None
+    ops: list[Callable[[Tensor], Tensor]] = field(default_factory=list)  # element-wise ops, applied in order
+    flattened: bool = False
+    zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _is_producer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
+
+
+def _is_batch_size(node: object, source: fx.Node) -> bool:
+    """True for ``source.size(0)`` or ``source.shape[0]`` (as traced by fx)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target == "size" and node.args[0] is source:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim == 0
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        inner = node.args[0]
+        return isinstance(inner, fx.Node) and (
+            (inner.op == "call_method" and inner.target == "size" and inner.args[0] is source and len(inner.args) == 1)
+            or (inner.op == "call_function" and inner.target is getattr and inner.args[0] is source
+                and inner.args[1] == "shape")
+        )
+    return False
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    """True for a node that only reads its input's shape (``x.size(...)``, ``x.shape``): it does not use its values."""
+    return (node.op == "call_method" and node.target in ("size", "dim")) or (
+        node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")
+    )
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    return [user for user in node.users if not _reads_shape_only(user)]
+
+
+def _tensor_args(node: fx.Node, source: fx.Node) -> list[fx.Node]:
+    """The node's tensor inputs, not counting reads of `source`'s batch size."""
+    return [a for a in node.all_input_nodes if not _is_batch_size(a, source)]
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[str(node.target)]).__name__})"
+    if node.op == "output":
+        return "the model's output"
+    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+
+
+def _flatten_start(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
+    """`start_dim` if `node` flattens all dimensions from there to the end, else None."""
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        if isinstance(module, nn.Flatten) and module.end_dim == -1:
+            return module.start_dim
+        return None
+    args = list(node.args[1:])
+    start = node.kwargs.get("start_dim", args[0] if args else 0)
+    end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
+        return start if end == -1 and isinstance(start, int) else None
+    # x.view(x.size(0), -1) / x.reshape(x.shape[0], -1): a fixed feature count would break once channels go
+    source = node.args[0]
+    if node.op == "call_method" and node.target in ("view", "reshape") and len(node.args) == 3 and not node.kwargs:
+        return 1 if _is_batch_size(node.args[1], source) and node.args[2] == -1 else None
+    return None
+
+
+def _function_op(node: fx.Node) -> Callable[[Tensor], Tensor]:
+    """The node's element-wise function applied to a tensor standing for its input (other arguments kept)."""
+    target = node.target
+    rest, kwargs = node.args[1:], {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if node.op == "call_method":
+        return lambda x: getattr(x, str(target))(*rest, **kwargs)
+    return lambda x: target(x, *rest, **kwargs)  # type: ignore[operator]
+
+
+def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
+            calls: dict[str, int]) -> _Chain | str:
+    """The chain from the producer node `start` to its consumer, or the reason there is none."""
+    producer = modules[producer_name]
+    is_conv = isinstance(producer, _CONV)
+    chain = _Chain(producer, producer, "")
+    node = start
+    while True:
+        users = _value_users(node)
+        if len(users) != 1:
+            return "its output is used by several operations" if users else "its output is not used"
+        user = users[0]
+        if user.op == "output":
+            return "it produces the model's output, whose width is part of the model's interface"
+        if _tensor_args(user, node) != [node]:
+            return f"its output meets another tensor in {_describe(user, modules)}"
+        module = modules.get(str(user.target)) if user.op == "call_module" else None
+        if module is not None and calls[str(user.target)] > 1:
+            return f"{user.target} is called more than once"
+        if module is not None and _is_producer(module):
+            if parametrize.is_parametrized(module):
+                return f"its consumer {user.target} is parametrized"
+            if chain.flattened:
+                ok = isinstance(module, nn.Linear) and module.in_features % producer.out_channels == 0
+            elif is_conv:
+                ok = type(module) is type(producer) and module.in_channels == producer.out_channels
+            else:
+                ok = isinstance(module, nn.Linear) and module.in_features == producer.out_features
+            if not ok:
+                return f"its consumer {_describe(user, modules)} does not take its channels one to one"
+            chain.consumer, chain.consumer_name = module, str(user.target)
+            chain.zero_padded_consumer = isinstance(module, _CONV) and module.padding_mode == "zeros" and (
+                module.padding == "same" if isinstance(module.padding, str) else any(p != 0 for p in module.padding))
+            return chain
+        if module is not None and isinstance(module, _BATCH_NORM) and chain.batch_norm is None and not chain.ops \
+                and not chain.flattened:
+            if module.running_mean is None:
+                return f"{user.target} has no running statistics"
+            chain.batch_norm = module
+        elif module is not None and isinstance(module, _ELEMENTWISE_MODULES) and not chain.flattened:
+            chain.ops.append(module)
+        elif module is not None and isinstance(module, (*_DROPOUT, *_POOLING)) and not chain.flattened:
+            pass  # a constant channel stays the same constant
+        elif (user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS) or (
+            user.op == "call_method" and user.target in _ELEMENTWISE_METHODS
+        ):
+            if chain.flattened:
+                return "an element-wise op after the flatten"
+            chain.ops.append(_function_op(user))
+        elif user.op == "call_function" and user.target in _POOLING_FUNCTIONS and not chain.flattened:
+            pass
+        elif is_conv and not chain.flattened and _flatten_start(user, modules) == 1:
+            chain.flattened = True
+        else:
+            return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
+        node = user
+
+
+# ------------------------------------------------------------------------------------------------ the edit
+@torch.no_grad()
+def _constant_outputs(chain: _Chain, channels: Tensor) -> Tensor:
+    """The constant each of `channels` outputs (all its weights are zero) after BatchNorm and the element-wise ops,
+    in eval mode."""
+    producer = chain.producer
+    weight = producer.weight
+    value = producer.bias.detach().clone() if producer.bias is not None else weight.new_zeros(weight.shape[0])
+    spatial = producer.weight.dim() - 2
+    x = value.view(1, -1, *([1] * spatial))  # [1, C] for Linear, [1, C, 1, ...] for convs
+    if chain.batch_norm is not None:
+        bn = chain.batch_norm
+        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    for op in chain.ops:
+        if isinstance(op, nn.Module):
+            was_training = op.training
+            op.eval()
+            try:
+                x = op(x.clone())
+            finally:
+                op.train(was_training)
+        else:
+            x = op(x.clone())
+    return x.reshape(-1)[channels]
+
+
+def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
+    module.weight = nn.Parameter(module.weight.detach()[keep].clone(), module.weight.requires_grad)
+    if module.bias is not None:
+        module.bias = nn.Parameter(module.bias.detach()[keep].clone(), module.bias.requires_grad)
+    if isinstance(module, nn.Linear):
+        module.out_features = int(keep.numel())
+    else:
+        module.out_channels = int(keep.numel())
+
+
+def _keep_batch_norm_(bn: nn.Module, keep: Tensor) -> None:
+    for name in ("weight", "bias"):
+        p = getattr(bn, name)
+        if p is not None:
+            setattr(bn, name, nn.Parameter(p.detach()[keep].clone(), p.requires_grad))
+    for name in ("running_mean", "running_var"):
+        setattr(bn, name, getattr(bn, name)[keep].clone())
+    bn.num_features = int(keep.numel())
+
+
+def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | None:
+    """Remove the producer's all-zero channels the chain allows; the consumer absorbs their constants."""
+    producer, consumer = chain.producer, chain.consumer
+    channels = producer.weight.shape[0]
+    dead = (producer.weight.detach().reshape(channels, -1) == 0).all(dim=1)
+    if not bool(dead.any()):
+        return None
+    constants = producer.weight.new_zeros(channels)
+    constants[dead] = _constant_outputs(chain, dead.nonzero().flatten())
+    all_zero = int(dead.sum())
+    if chain.zero_padded_consumer:
+        # a constant channel is not constant in a zero-padded conv's receptive field at the border
+        dead &= constants == 0
+        if not bool(dead.any()):
+            return f"its zero channels output non-zero constants into the zero-padded conv {chain.consumer_name}"
+    if bool(dead.all()):
+        dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
+    keep = (~dead).nonzero().flatten()
+    remove = dead.nonzero().flatten()
+    if not math.isfinite(float(constants[remove].abs().sum())):
+        return "its zero channels output non-finite constants"
+
+    # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
+    weight = consumer.weight.detach()
+    per_channel = weight.shape[1] // channels if chain.flattened else 1
+    columns = torch.arange(weight.shape[1], device=weight.device).view(channels, per_channel)
+    folded = int((constants[remove] != 0).sum())
+    if folded:
+        removed_columns = columns[remove]  # [r, s]
+        contribution = weight[:, removed_columns.flatten()].reshape(weight.shape[0], remove.numel(), per_channel, -1)
+        contribution = (contribution * constants[remove].view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                         consumer.weight.requires_grad)
+        consumer.bias.data += contribution.to(consumer.bias.dtype)
+    kept_columns = columns[keep].flatten()
+    consumer.weight = nn.Parameter(weight[:, kept_columns].clone(), consumer.weight.requires_grad)
+    if isinstance(consumer, nn.Linear):
+        consumer.in_features = int(kept_columns.numel())
+    else:
+        consumer.in_channels = int(kept_columns.numel())
+
+    if chain.batch_norm is not None:
+        _keep_batch_norm_(chain.batch_norm, keep)
+    _keep_rows_(producer, keep)
+    removed = int(remove.numel())
+    return LayerShrink(producer_name, chain.consumer_name, channels, int(keep.numel()), folded,
+                       left=all_zero - removed)
+
+
+def _outputs(model: nn.Module, example_inputs: tuple) -> object:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*example_inputs)
+    finally:
+        model.train(was_training)
+
+
+def _max_difference(a: object, b: object) -> float:
+    """Largest absolute difference between two outputs (tensors, or tuples/lists/dicts of them)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.shape != b.shape:
+            return math.inf
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return max((_max_difference(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return max((_max_difference(a[k], b[k]) for k in a), default=0.0)
+    return 0.0 if a == b else math.inf
+
+
+def _scale(output: object) -> float:
+    if isinstance(output, Tensor):
+        return float(output.double().abs().max()) if output.numel() else 0.0
+    if isinstance(output, (tuple, list)):
+        return max((_scale(x) for x in output), default=0.0)
+    if isinstance(output, dict):
+        return max((_scale(x) for x in output.values()), default=0.0)
+    return 0.0
+
+
+def shrink_(
+    model: nn.Module,
+    example_inputs: Tensor | tuple | None = None,
+    *,
+    rtol: float = 1e-4,
+    tracer: type[fx.Tracer] = fx.Tracer,
+) -> ShrinkReport:
+    """Remove `model`'s all-zero output channels in place (see the module docstring); returns what was done.
+
+    Pruning re-parametrisations are made permanent first. Parameters of edited layers are replaced, so build the
+    optimizer after shrinking. With `example_inputs`, the outputs (eval mode) before and after are compared and a
+    difference above ``rtol`` times the largest output raises ``ValueError`` (use `shrink`, which works on a copy,
+    to keep the model intact in that case). `tracer` can be a ``torch.fx.Tracer`` subclass that keeps more
+    modules as leaves.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"shrink expects an nn.Module, got {type(model).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if not (isinstance(rtol, (int, float)) and rtol >= 0):
+        raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+    before = _count_parameters(model)
+    make_permanent_(model)
+    reference = _outputs(model, example_inputs) if example_inputs is not None else None
+    try:
+        graph = tracer().trace(model)
+    except Exception as error:  # fx raises many types; the user needs the original message and what to do
+        raise ValueError(
+            f"shrink needs a model torch.fx can trace, and tracing {type(model).__name__} failed: {error}. "
+            "Shrink the traceable sub-module that holds the layers instead, or pass a tracer that keeps the "
+            "untraceable parts as leaf modules."
+        ) from error
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+
+    layers: list[LayerShrink] = []
+    kept: list[tuple[str, str]] = []
+    for node in graph.nodes:  # topological order: a consumer is shrunk as a producer after losing its inputs
+        name = str(node.target)
+        if node.op != "call_module" or not _is_producer(modules[name]):
+            continue
+        producer = modules[name]
+        has_dead = bool((producer.weight.detach().reshape(producer.weight.shape[0], -1) == 0).all(dim=1).any())
+        if not has_dead:
+            continue
+        if calls[name] > 1:
+            if any(done == name for done, _ in kept):
+                continue  # one line per module, however often it is called
+            outcome: LayerShrink | str | None = "it is called more than once"
+        elif parametrize.is_parametrized(producer):
+            outcome = "it is parametrized"
+        else:
+            chain = _follow(node, name, modules, calls)
+            outcome = chain if isinstance(chain, str) else _shrink_chain_(chain, name)
+        if isinstance(outcome, LayerShrink):
+            layers.append(outcome)
+        elif isinstance(outcome, str):
+            kept.append((name, outcome))
+    report = ShrinkReport(tuple(layers), tuple(kept), before, _count_parameters(model))
+    if example_inputs is not None:
+        difference = _max_difference(reference, _outputs(model, example_inputs))
+        if not difference <= rtol * max(_scale(reference), 1.0):
+            raise ValueError(
+                f"the shrunk model's outputs differ from the original's by {difference:.3g} (more than rtol={rtol} "
+                f"of the largest output): its forward probably depends on a layer's width (a hard-coded shape or "
+                f"size() arithmetic). Shrunk layers: {[layer.name for layer in layers]}."
+            )
+    return report
+
+
+def shrink(
+    model: nn.Module,
+    example_inputs: Tensor | tuple | None = None,
+    *,
+    rtol: float = 1e-4,
+    tracer: type[fx.Tracer] = fx.Tracer,
+) -> ShrinkResult:
+    """A shrunk deep copy of `model` and its report; `model` itself is not changed (see `shrink_`)."""
+    copied = deepcopy_model(model)
+    report = shrink_(copied, example_inputs, rtol=rtol, tracer=tracer)
+    return ShrinkResult(copied, report)
+
+
+__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "shrink", "shrink_"]

@@ -1,0 +1,402 @@
+"""Physical removal of pruned channels: the shrunk model computes what the masked one did, with fewer parameters."""
+
+from __future__ import annotations
+
+import pickle
+
+import hypothesis.strategies as st
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
+from hypothesis import given, settings
+from torch import nn
+
+from litcompress import ModelPruning, shrink
+from litcompress.data import DigitsDataModule
+from litcompress.pruning import is_pruned, prune_, shrink_
+from tests.conftest import make_trainer
+
+ACTIVATIONS = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU,
+    "leaky": lambda: nn.LeakyReLU(0.1), "identity": nn.Identity,
+}
+
+
+def randomise_batch_norm_(bn: nn.Module, g: torch.Generator) -> None:
+    """Non-trivial statistics and affine parameters, so folding through BatchNorm is really exercised."""
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=g)
+        bn.running_var.uniform_(0.3, 3.0, generator=g)
+        bn.weight.normal_(generator=g)
+        bn.bias.normal_(generator=g)
+
+
+def zero_rows_(module: nn.Module, rows: list[int]) -> None:
+    """Zero whole output channels (what structured pruning or dead units leave), keeping the bias."""
+    with torch.no_grad():
+        module.weight[rows] = 0
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(now[key], value), key
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ MLPs
+@st.composite
+def mlps(draw: st.DrawFn) -> tuple[nn.Sequential, list[int], list[list[int]]]:
+    """A random MLP with some all-zero rows in every hidden layer; (model, hidden Linear indices, dead rows)."""
+    widths = draw(st.lists(st.integers(1, 12), min_size=1, max_size=3))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    hidden: list[int] = []
+    dead: list[list[int]] = []
+    fan_in = 6
+    for width in widths:
+        linear = nn.Linear(fan_in, width, bias=draw(st.booleans()))
+        hidden.append(len(layers))
+        layers.append(linear)
+        rows = draw(st.lists(st.integers(0, width - 1), unique=True, max_size=width))
+        zero_rows_(linear, rows)
+        dead.append(sorted(rows))
+        if draw(st.booleans()):
+            bn = nn.BatchNorm1d(width)
+            randomise_batch_norm_(bn, g)
+            layers.append(bn)
+        layers.append(ACTIVATIONS[draw(st.sampled_from(sorted(ACTIVATIONS)))]())
+        if draw(st.booleans()):
+            layers.append(nn.Dropout(0.3))
+        fan_in = width
+    layers.append(nn.Linear(fan_in, 3, bias=draw(st.booleans())))
+    return nn.Sequential(*layers), hidden, dead
+
+
+@settings(max_examples=120, deadline=None)
+@given(mlps())
+def test_shrunk_mlp_computes_the_same_function_without_its_zero_rows(case) -> None:
+    model, hidden, dead = case
+    x = torch.randn(16, 6)
+    before, expected = state_copy(model), outputs(model, x)
+
+    result = shrink(model, x)
+
+    assert_same_state(model, before)  # the user's model is untouched
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    by_name = {layer.name: layer for layer in result.report.layers}
+    for index, rows in zip(hidden, dead):
+        width = model[index].out_features
+        # every zero row goes, except that a layer keeps one channel when all are zero
+        expected_width = max(width - len(rows), 1)
+        assert result.model[index].out_features == expected_width
+        if rows:
+            layer = by_name[str(index)]
+            assert (layer.channels_before, layer.channels_after) == (width, expected_width)
+        assert not (result.model[index].weight == 0).all(dim=1).any() or expected_width == 1
+    assert result.model[-1].out_features == 3  # the output layer keeps its width
+    assert result.report.parameters_after == count_parameters(result.model)
+    assert result.report.parameters_before == count_parameters(model)
+    assert result.report.kept == ()
+
+
+# ------------------------------------------------------------------------------------------------ CNNs
+class ConvNet(nn.Module):
+    """conv -> [BN] -> ReLU -> [pool] -> conv (padding p) -> ReLU -> flatten (one of three spellings) -> Linear."""
+
+    def __init__(self, batch_norm: bool, pool: bool, padding: int, flatten: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8) if batch_norm else nn.Identity()
+        self.pool = pool
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=padding)
+        self.flatten_style = flatten
+        side = (4 if pool else 8) - 2 + 2 * padding
+        self.head = nn.Linear(6 * side * side, 4)
+        self.flatten = nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv1(x)))
+        if self.pool:
+            x = F.max_pool2d(x, 2)
+        x = self.conv2(x).relu()
+        if self.flatten_style == "module":
+            x = self.flatten(x)
+        elif self.flatten_style == "function":
+            x = torch.flatten(x, 1)
+        else:
+            x = x.view(x.size(0), -1)
+        return self.head(x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch_norm=st.booleans(),
+    pool=st.booleans(),
+    padding=st.sampled_from([0, 1]),
+    flatten=st.sampled_from(["module", "function", "view"]),
+    dead1=st.lists(st.integers(0, 7), unique=True, max_size=8),
+    dead2=st.lists(st.integers(0, 5), unique=True, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_shrunk_convnet_computes_the_same_function(batch_norm, pool, padding, flatten, dead1, dead2, seed) -> None:
+    torch.manual_seed(seed)
+    model = ConvNet(batch_norm, pool, padding, flatten)
+    if batch_norm:
+        randomise_batch_norm_(model.bn, torch.Generator().manual_seed(seed))
+    zero_rows_(model.conv1, dead1)
+    zero_rows_(model.conv2, dead2)
+    x = torch.randn(3, 2, 8, 8)
+    expected = outputs(model, x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    shrunk = result.model
+    assert shrunk.conv2.in_channels == shrunk.conv1.out_channels
+    assert shrunk.head.in_features % shrunk.conv2.out_channels == 0
+    # conv2 -> head: a Linear, so every zero filter of conv2 goes (one stays if all were zero)
+    assert shrunk.conv2.out_channels == max(6 - len(dead2), 1)
+    # conv1 -> conv2: zero filters whose constant (ReLU(BN(bias))) is non-zero can only go when conv2 does not pad
+    if padding == 0 or not dead1:
+        assert shrunk.conv1.out_channels == max(8 - len(dead1), 1)
+    else:
+        assert max(8 - len(dead1), 1) <= shrunk.conv1.out_channels <= 8
+        layer = next((item for item in result.report.layers if item.name == "conv1"), None)
+        left = layer.left if layer else len(dead1)
+        assert shrunk.conv1.out_channels == 8 - len(dead1) + left
+    if batch_norm:
+        assert shrunk.bn.num_features == shrunk.conv1.out_channels
+        assert shrunk.bn.running_mean.shape == (shrunk.conv1.out_channels,)
+
+
+# ------------------------------------------------------------------------------------------------ graphs kept
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.out(h + self.fc2(h))
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class SharedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.shared, self.out = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.shared(torch.relu(self.shared(self.inp(x)))))
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.out = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.fc(x)))
+
+
+@pytest.mark.parametrize(
+    ("model_class", "zeroed", "reason"),
+    [
+        (Residual, "fc1", "several operations"),
+        (Residual, "fc2", "meets another tensor"),
+        (Concat, "a", "meets another tensor in call_function cat"),
+        (SharedLayer, "shared", "called more than once"),
+        (SharedLayer, "inp", "called more than once"),
+        (WithLayerNorm, "fc", "LayerNorm"),
+        (WithLayerNorm, "out", "produces the model's output"),
+    ],
+)
+def test_channels_stay_where_removing_them_would_change_the_function(model_class, zeroed, reason) -> None:
+    torch.manual_seed(0)
+    model = model_class()
+    zero_rows_(getattr(model, zeroed), [0, 1])
+    x = torch.randn(7, 4 if model_class is not Residual else 5)
+    expected = outputs(model, x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    assert result.report.layers == ()
+    assert result.report.parameters_after == result.report.parameters_before
+    (name, why), = result.report.kept
+    assert name == zeroed and reason in why
+    assert name in result.report.table() and why in result.report.table()
+
+
+def test_only_layers_with_zero_channels_are_reported() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    result = shrink(model)
+    assert result.report.layers == () and result.report.kept == ()
+    assert result.report.parameter_ratio == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ pruned models
+def test_models_pruned_by_torch_or_litcompress_are_shrunk_and_stay_pruned() -> None:
+    torch.manual_seed(0)
+    by_torch = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
+    by_litcompress = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
+    for layer in (0, 2):
+        torch_prune.ln_structured(by_torch[layer], "weight", amount=0.5, n=1, dim=0)
+        prune_([(by_litcompress[layer], "weight")], "ln_structured", 8, scope="local", n=2, dim=0)
+    x = torch.randn(5, 10)
+    for model, channels in ((by_torch, 10), (by_litcompress, 12)):
+        model(torch.randn(2, 10))  # a forward in grad mode leaves non-leaf cached weights (deepcopy refuses them)
+        expected = outputs(model, x)
+        result = shrink(model, x)
+        torch.testing.assert_close(outputs(result.model, x), expected)
+        assert [m.out_features for m in result.model if isinstance(m, nn.Linear)] == [channels, channels, 3]
+        assert all(not is_pruned(m, "weight") for m in result.model if isinstance(m, nn.Linear))
+        assert is_pruned(model[0], "weight") and is_pruned(model[2], "weight")  # the user's model keeps its masks
+
+
+def test_unstructured_pruning_leaves_dead_units_that_shrink_removes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+    prune_([(model[0], "weight")], "l1_unstructured", 0.99)
+    dead = int((model[0].weight == 0).all(dim=1).sum())
+    assert dead > 0
+    result = shrink(model)
+    assert result.model[0].out_features == 100 - dead
+    assert result.report.channels_removed == dead
+
+
+def test_shrink_in_place_edits_the_modules_and_keeps_the_class_and_hooks() -> None:
+    torch.manual_seed(0)
+    model = ConvNet(batch_norm=True, pool=True, padding=0, flatten="view")
+    calls: list[int] = []
+    model.head.register_forward_hook(lambda module, args, out: calls.append(out.shape[1]))
+    zero_rows_(model.conv2, [0, 3])
+    head = model.head
+    report = shrink_(model, torch.randn(2, 2, 8, 8))
+    assert model.head is head and head.in_features == 4 * 2 * 2  # 4 filters left, 2x2 positions each
+    assert isinstance(model, ConvNet) and report.channels_removed == 2
+    model(torch.randn(1, 2, 8, 8))
+    assert calls[-1] == 4
+
+
+def test_shrunk_model_survives_pickling(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ConvNet(batch_norm=True, pool=False, padding=1, flatten="function")
+    zero_rows_(model.conv2, [1, 2, 5])
+    result = shrink(model)
+    path = tmp_path / "shrunk.pt"
+    torch.save(result.model, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(2, 2, 8, 8)
+    torch.testing.assert_close(outputs(loaded, x), outputs(model, x))
+    assert loaded.conv2.out_channels == 3
+    pickle.dumps(result.report)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class WidthDependent(nn.Module):
+    """A forward that reads a layer's width: shrinking changes what it computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h) / h.size(1)
+
+
+def test_outputs_that_change_are_caught_when_example_inputs_are_given() -> None:
+    torch.manual_seed(0)
+    model = WidthDependent()
+    zero_rows_(model.fc1, [0, 1])
+    before = state_copy(model)
+    with pytest.raises(ValueError, match="outputs differ"):
+        shrink(model, torch.randn(3, 4))
+    assert_same_state(model, before)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return self.fc(x)
+        return x
+
+
+def test_untraceable_models_and_bad_arguments_get_clear_errors() -> None:
+    with pytest.raises(ValueError, match="torch.fx can trace.*Untraceable"):
+        shrink(Untraceable())
+    with pytest.raises(TypeError, match="nn.Module"):
+        shrink_("not a model")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rtol"):
+        shrink(nn.Linear(2, 2), rtol=-1.0)
+
+
+# ------------------------------------------------------------------------------------------------ Lightning
+class DigitsMLP(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_structured_pruning_under_a_trainer_then_shrink_keeps_every_prediction(tmp_path) -> None:
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    model = DigitsMLP()
+    pruning = ModelPruning("ln_structured", amount=0.25, pruning_dim=0, pruning_norm=1,
+                           parameters_to_prune=[(model.fc1, "weight"), (model.fc2, "weight")],
+                           use_global_unstructured=False, verbose=0)
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=None, callbacks=[pruning])
+    trainer.fit(model, datamodule=data)
+    x, _ = next(iter(data.test_dataloader()))
+
+    result = shrink(model, x)
+
+    # two rounds of 25% of what remains: 64 -> 48 -> 36 rows, 32 -> 24 -> 18
+    assert (result.model.fc1.out_features, result.model.fc2.out_features) == (36, 18)
+    assert result.model.fc2.in_features == 36 and result.model.fc3.in_features == 18
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs(result.model, x).argmax(1), outputs(model, x).argmax(1))
+    assert result.report.parameter_ratio < 0.6
+    assert isinstance(result.model, DigitsMLP)
