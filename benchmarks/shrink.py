@@ -1,0 +1,229 @@
+"""Benchmark structured pruning as Lightning leaves it (zeros in place) against litcompress's `shrink` (zeros removed).
+
+For each model, Lightning's own ``ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1)`` prunes
+``--amount`` of the output channels of every hidden layer (L1 norm of the filters/rows; the output layer is left
+alone), and makes the pruning permanent, which is what a Lightning user ships: same shapes, zeros inside. Then
+``litcompress.shrink`` removes those channels from a copy. Both models are compared in eval mode:
+
+* parameters and the size of the saved ``state_dict``;
+* latency of a forward pass (``torch.no_grad``), at batch 1 and a larger batch: the two variants are interleaved
+  (masked, shrunk, masked, ...), ``--repeats`` timed blocks each, the median block time per forward is reported
+  (min and max too) with the ratio masked / shrunk;
+* the largest difference between their outputs (they compute the same function).
+
+Models: ``cnn``, a VGG-style net for 3x32x32 inputs (six 3x3 convs 64-64-128-128-256-256 with BatchNorm + ReLU and
+max-pooling, then 4096-512-10 Linear layers); ``mlp``, 1024-4096-4096-1024 Linear + ReLU. Weights are random (seeded):
+latency and size do not depend on training.
+
+Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
+variants interleaved, medians. Usage::
+
+    python benchmarks/shrink.py [--amount 0.5] [--threads 1] [--repeats 15]
+
+The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pin_allocator() -> None:
+    """Without this, latency here depends on what ran before in the process (3x, ../shared/README.md)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+pin_allocator()
+
+import torch  # noqa: E402  (after pinning the allocator)
+from lightning.pytorch import LightningModule  # noqa: E402
+from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  # noqa: E402
+from torch import nn  # noqa: E402
+
+from litcompress import shrink  # noqa: E402
+from mnist_sparsity import replace_section  # noqa: E402
+
+
+class VGGish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for width, pool in ((64, False), (64, True), (128, False), (128, True), (256, False), (256, True)):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(256 * 4 * 4, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
+    """(model, one input's shape, the larger batch size)."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = VGGish()
+        with torch.no_grad():  # BatchNorm statistics as after training, so the folded constants are not trivial
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.normal_(0, 0.1)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.bias.normal_(0, 0.1)
+        return model.eval(), (3, 32, 32), 32
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    return model.eval(), (1024,), 64
+
+
+def prune_like_lightning(model: nn.Module, amount: float) -> nn.Module:
+    """Lightning's ModelPruning, ln_structured on dim 0, every hidden layer, made permanent (what gets shipped)."""
+    hidden = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+    holder = LightningModule()
+    holder.net = model
+    callback = LightningModelPruning(
+        "ln_structured", parameters_to_prune=[(m, "weight") for m in hidden], amount=amount, pruning_dim=0,
+        pruning_norm=1, use_global_unstructured=False, use_lottery_ticket_hypothesis=False, verbose=0,
+    )
+    callback.setup(None, holder, "fit")
+    callback.apply_pruning(amount)
+    callback.make_pruning_permanent(holder)
+    return model
+
+
+def state_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def block_seconds(model: nn.Module, x: torch.Tensor, forwards: int) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(forwards):
+            model(x)
+        return (time.perf_counter() - start) / forwards
+
+
+def interleaved(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Per-forward seconds of `repeats` blocks per variant, the variants alternating block by block."""
+    with torch.no_grad():
+        for model in variants.values():  # warm-up (first-call allocations, oneDNN primitive creation)
+            for _ in range(3):
+                model(x)
+        first = block_seconds(next(iter(variants.values())), x, 1)
+    forwards = max(3, min(200, int(0.2 / max(first, 1e-6))))  # ~0.2 s per block
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, model in variants.items():
+            times[name].append(block_seconds(model, x, forwards))
+    return times
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run(name: str, amount: float, repeats: int, log: Callable[[str], None]) -> dict:
+    model, shape, big_batch = build(name)
+    masked = prune_like_lightning(model, amount)
+    probe = torch.randn(8, *shape)
+    result = shrink(masked, probe)
+    shrunk = result.model.eval()
+    with torch.no_grad():
+        difference = float((masked(probe) - shrunk(probe)).abs().max())
+    log(result.report.table())
+    out: dict = {
+        "model": name,
+        "parameters": {"masked": sum(p.numel() for p in masked.parameters()),
+                       "shrunk": sum(p.numel() for p in shrunk.parameters())},
+        "state_dict_bytes": {"masked": state_bytes(masked), "shrunk": state_bytes(shrunk)},
+        "max_abs_output_difference": difference,
+        "report": result.report.table(),
+        "latency": {},
+    }
+    for batch in (1, big_batch):
+        x = torch.randn(batch, *shape)
+        times = interleaved({"masked": masked, "shrunk": shrunk}, x, repeats)
+        out["latency"][batch] = {
+            "masked_s": stats(times["masked"]), "shrunk_s": stats(times["shrunk"]),
+            "speedup_median": statistics.median(times["masked"]) / statistics.median(times["shrunk"]),
+        }
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | parameters (masked -> shrunk) | state_dict | batch | latency masked (median, min-max) "
+             "| latency shrunk | speed-up | max output diff. |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p, s = r["parameters"], r["state_dict_bytes"]
+        for batch, lat in r["latency"].items():
+            m, k = lat["masked_s"], lat["shrunk_s"]
+            lines.append(
+                f"| {r['model']} | {p['masked']:,} -> {p['shrunk']:,} ({p['shrunk'] / p['masked']:.2f}x) "
+                f"| {s['masked'] / 2**20:.1f} -> {s['shrunk'] / 2**20:.1f} MiB | {batch} "
+                f"| {m['median'] * 1e3:.2f} ms ({m['min'] * 1e3:.2f}-{m['max'] * 1e3:.2f}) "
+                f"| {k['median'] * 1e3:.2f} ms ({k['min'] * 1e3:.2f}-{k['max'] * 1e3:.2f}) "
+                f"| **{lat['speedup_median']:.2f}x** | {r['max_abs_output_difference']:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--amount", type=float, default=0.5, help="fraction of each hidden layer's channels pruned")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per variant and batch size")
+    parser.add_argument("--models", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.amount < 1.0:
+        parser.error("--amount must be in (0, 1)")
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    results = [run(name, args.amount, args.repeats, print) for name in args.models]
+    text = table(results)
+    print(text)
+    command = "python benchmarks/shrink.py" + "".join(
+        f" --{k} {v}" for k, v in (("amount", args.amount), ("threads", args.threads), ("repeats", args.repeats)))
+    reports = "\n\n".join(f"{r['model']}:\n{r['report']}" for r in results)
+    if args.write:
+        replace_section(REPO / "BENCHMARKS.md", "shrink", f"""## Structured pruning: masked (Lightning) vs shrunk (litcompress) (`benchmarks/shrink.py`)
+
+Command: `{command}` ({datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, torch {torch.__version__},
+{args.threads} thread(s), allocator pinned, variants interleaved, {args.repeats} blocks of ~0.2 s each).
+Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes every hidden
+layer once and makes it permanent; `litcompress.shrink` then removes the zero channels (and folds their constant
+outputs into the next layer's bias). Same inputs, eval mode, `torch.no_grad()`.
+
+{text}
+
+What `shrink` did (its report; "left": zero filters that had to stay because their constant output, ReLU(BN(bias)),
+feeds a zero-padded conv, where it is not constant at the border: removing them would change the outputs):
+
+```
+{reports}
+```
+""")
+    print(json.dumps({"command": command, "threads": args.threads, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
