@@ -400,3 +400,51 @@ def test_structured_pruning_under_a_trainer_then_shrink_keeps_every_prediction(t
     assert torch.equal(outputs(result.model, x).argmax(1), outputs(model, x).argmax(1))
     assert result.report.parameter_ratio < 0.6
     assert isinstance(result.model, DigitsMLP)
+
+
+class ConvVariants(nn.Module):
+    """Less common chains: BatchNorm after the activation, dropout and an activation after the flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(F.leaky_relu(self.conv(x), 0.2))
+        x = F.dropout(torch.flatten(x, 1), 0.5, training=self.training)
+        return self.head(torch.tanh(x))
+
+
+class PoolsFeatures(nn.Module):
+    """MaxPool1d over a Linear's output pools across features: not per channel, so nothing may be removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.pool, self.out = nn.Linear(4, 8), nn.MaxPool1d(2), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.pool(self.fc(x)))
+
+
+def test_batch_norm_after_the_activation_and_ops_after_the_flatten_are_seen_through() -> None:
+    torch.manual_seed(0)
+    model = ConvVariants()
+    randomise_batch_norm_(model.bn, torch.Generator().manual_seed(1))
+    zero_rows_(model.conv, [1, 4])
+    x = torch.randn(3, 2, 6, 6)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+    assert (result.model.conv.out_channels, result.model.bn.num_features, result.model.head.in_features) == (4, 4, 64)
+    assert result.report.layers[0].folded == 2
+
+
+def test_pooling_across_a_linear_layers_features_stops_the_chain() -> None:
+    torch.manual_seed(0)
+    model = PoolsFeatures()
+    zero_rows_(model.fc, [0, 5])
+    x = torch.randn(3, 4)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+    assert result.report.layers == () and result.report.kept[0][0] == "fc"

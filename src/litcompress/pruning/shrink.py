@@ -8,9 +8,10 @@ through BatchNorm and the activation), so its effect downstream is a constant to
 same function as the masked one in eval mode (exactly up to float rounding), with fewer parameters and FLOPs.
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
-through a chain ``producer -> [BatchNorm] -> [element-wise ops, pooling, dropout, flatten] -> consumer`` in which
-every output has one user and the consumer is a Linear or an ungrouped Conv; a residual add, a concatenation, a
-LayerNorm, a layer used twice or the model's output end the chain and keep the producer as it is.
+through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
+activations, dropout, a conv's spatial max/adaptive pooling and a flatten from conv to Linear, in which every output
+has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's output end the chain
+and keep the producer as it is.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
@@ -51,9 +52,9 @@ _POOLING = (
 )
 _POOLING_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ class _Chain:
     producer: nn.Module
     consumer: nn.Module
     consumer_name: str
-    batch_norm: nn.Module | None = None
-    ops: list[Callable[[Tensor], Tensor]] = field(default_factory=list)  # element-wise ops, applied in order
+    batch_norms: list[nn.Module] = field(default_factory=list)  # lose the same channels as the producer
+    ops: list[Callable[[Tensor], Tensor]] = field(default_factory=list)  # per-channel ops (BN included), in order
     flattened: bool = False
     zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
 
@@ -182,6 +183,8 @@ def _flatten_start(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
         if isinstance(module, nn.Flatten) and module.end_dim == -1:
             return module.start_dim
         return None
+    if not node.args:
+        return None
     args = list(node.args[1:])
     start = node.kwargs.get("start_dim", args[0] if args else 0)
     end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
@@ -203,6 +206,11 @@ def _function_op(node: fx.Node) -> Callable[[Tensor], Tensor]:
     if node.op == "call_method":
         return lambda x: getattr(x, str(target))(*rest, **kwargs)
     return lambda x: target(x, *rest, **kwargs)  # type: ignore[operator]
+
+
+def _batch_norm_in_eval(bn: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The BatchNorm with its running statistics, as in eval mode (the mode shrink keeps the function in)."""
+    return lambda x: F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
@@ -239,23 +247,26 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
             chain.zero_padded_consumer = isinstance(module, _CONV) and module.padding_mode == "zeros" and (
                 module.padding == "same" if isinstance(module.padding, str) else any(p != 0 for p in module.padding))
             return chain
-        if module is not None and isinstance(module, _BATCH_NORM) and chain.batch_norm is None and not chain.ops \
-                and not chain.flattened:
+        if module is not None and isinstance(module, _BATCH_NORM) and not chain.flattened:
             if module.running_mean is None:
                 return f"{user.target} has no running statistics"
-            chain.batch_norm = module
-        elif module is not None and isinstance(module, _ELEMENTWISE_MODULES) and not chain.flattened:
-            chain.ops.append(module)
-        elif module is not None and isinstance(module, (*_DROPOUT, *_POOLING)) and not chain.flattened:
-            pass  # a constant channel stays the same constant
+            chain.batch_norms.append(module)
+            chain.ops.append(_batch_norm_in_eval(module))
+        elif module is not None and isinstance(module, _ELEMENTWISE_MODULES):
+            chain.ops.append(module)  # per element: the same before or after a flatten
+        elif (module is not None and isinstance(module, _DROPOUT)) or (
+            user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
+        ):
+            pass  # identity in eval mode
         elif (user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS) or (
             user.op == "call_method" and user.target in _ELEMENTWISE_METHODS
         ):
-            if chain.flattened:
-                return "an element-wise op after the flatten"
             chain.ops.append(_function_op(user))
-        elif user.op == "call_function" and user.target in _POOLING_FUNCTIONS and not chain.flattened:
-            pass
+        elif is_conv and not chain.flattened and (
+            (module is not None and isinstance(module, _POOLING))
+            or (user.op == "call_function" and user.target in _POOLING_FUNCTIONS)
+        ):
+            pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
         elif is_conv and not chain.flattened and _flatten_start(user, modules) == 1:
             chain.flattened = True
         else:
@@ -266,16 +277,13 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
 # ------------------------------------------------------------------------------------------------ the edit
 @torch.no_grad()
 def _constant_outputs(chain: _Chain, channels: Tensor) -> Tensor:
-    """The constant each of `channels` outputs (all its weights are zero) after BatchNorm and the element-wise ops,
-    in eval mode."""
+    """The constant each of `channels` outputs (all its weights are zero) after the chain's per-channel ops
+    (BatchNorm, activations), in eval mode."""
     producer = chain.producer
     weight = producer.weight
     value = producer.bias.detach().clone() if producer.bias is not None else weight.new_zeros(weight.shape[0])
     spatial = producer.weight.dim() - 2
     x = value.view(1, -1, *([1] * spatial))  # [1, C] for Linear, [1, C, 1, ...] for convs
-    if chain.batch_norm is not None:
-        bn = chain.batch_norm
-        x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     for op in chain.ops:
         if isinstance(op, nn.Module):
             was_training = op.training
@@ -351,8 +359,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
     else:
         consumer.in_channels = int(kept_columns.numel())
 
-    if chain.batch_norm is not None:
-        _keep_batch_norm_(chain.batch_norm, keep)
+    for bn in chain.batch_norms:
+        _keep_batch_norm_(bn, keep)
     _keep_rows_(producer, keep)
     removed = int(remove.numel())
     return LayerShrink(producer_name, chain.consumer_name, channels, int(keep.numel()), folded,
