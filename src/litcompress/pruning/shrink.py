@@ -135,6 +135,12 @@ def _is_producer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
 
 
+def _zero_channels(module: nn.Module) -> Tensor:
+    """Boolean per output channel: True where all of the channel's weights are zero."""
+    weight = module.weight.detach()
+    return (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
+
+
 def _is_batch_size(node: object, source: fx.Node) -> bool:
     """True for ``source.size(0)`` or ``source.shape[0]`` (as traced by fx)."""
     if not isinstance(node, fx.Node):
@@ -321,7 +327,7 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
     """Remove the producer's all-zero channels the chain allows; the consumer absorbs their constants."""
     producer, consumer = chain.producer, chain.consumer
     channels = producer.weight.shape[0]
-    dead = (producer.weight.detach().reshape(channels, -1) == 0).all(dim=1)
+    dead = _zero_channels(producer)
     if not bool(dead.any()):
         return None
     constants = producer.weight.new_zeros(channels)
@@ -445,8 +451,7 @@ def shrink_(
         if node.op != "call_module" or not _is_producer(modules[name]):
             continue
         producer = modules[name]
-        has_dead = bool((producer.weight.detach().reshape(producer.weight.shape[0], -1) == 0).all(dim=1).any())
-        if not has_dead:
+        if not bool(_zero_channels(producer).any()):
             continue
         if calls[name] > 1:
             if any(done == name for done, _ in kept):
