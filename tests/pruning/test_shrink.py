@@ -317,7 +317,7 @@ def test_shrunk_model_survives_pickling(tmp_path) -> None:
     x = torch.randn(2, 2, 8, 8)
     torch.testing.assert_close(outputs(loaded, x), outputs(model, x))
     assert loaded.conv2.out_channels == 3
-    pickle.dumps(result.report)
+    assert pickle.loads(pickle.dumps(result.report)) == result.report
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -448,3 +448,31 @@ def test_pooling_across_a_linear_layers_features_stops_the_chain() -> None:
     result = shrink(model, x)
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
     assert result.report.layers == () and result.report.kept[0][0] == "fc"
+
+
+class TupleOutput(nn.Module):
+    """Outputs a dict holding a tuple: the before/after check compares every tensor in it."""
+
+    def __init__(self, width_dependent: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.width_dependent = width_dependent
+
+    def forward(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        h = self.fc1(x)
+        logits = self.fc2(torch.relu(h))
+        scale = h.size(1) if self.width_dependent else 1
+        return {"out": (logits, logits.sum(1) / scale)}
+
+
+@pytest.mark.parametrize("width_dependent", [False, True])
+def test_nested_outputs_are_compared_leaf_by_leaf(width_dependent: bool) -> None:
+    torch.manual_seed(0)
+    model = TupleOutput(width_dependent)
+    zero_rows_(model.fc1, [2, 3])
+    x = torch.randn(5, 4)
+    if width_dependent:  # only the second tensor of the tuple changes
+        with pytest.raises(ValueError, match="outputs differ"):
+            shrink(model, x)
+    else:
+        assert shrink(model, x).model.fc1.out_features == 4

@@ -383,27 +383,36 @@ def _outputs(model: nn.Module, example_inputs: tuple) -> object:
         model.train(was_training)
 
 
+def _leaves(output: object) -> list[object]:
+    """The tensors (and other values) of a model output, nested tuples/lists/dicts flattened in order."""
+    if isinstance(output, (tuple, list)):
+        return [leaf for item in output for leaf in _leaves(item)]
+    if isinstance(output, dict):
+        return [leaf for key in output for leaf in (key, *_leaves(output[key]))]
+    return [output]
+
+
 def _max_difference(a: object, b: object) -> float:
-    """Largest absolute difference between two outputs (tensors, or tuples/lists/dicts of them)."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        if a.shape != b.shape:
+    """Largest absolute difference between two outputs; inf when their structure or shapes differ."""
+    leaves_a, leaves_b = _leaves(a), _leaves(b)
+    if len(leaves_a) != len(leaves_b):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, Tensor) and isinstance(y, Tensor):
+            if x.shape != y.shape:
+                return math.inf
+            if x.numel():
+                worst = max(worst, float((x.double() - y.double()).abs().max()))
+        elif x != y:
             return math.inf
-        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        return max((_max_difference(x, y) for x, y in zip(a, b)), default=0.0)
-    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
-        return max((_max_difference(a[k], b[k]) for k in a), default=0.0)
-    return 0.0 if a == b else math.inf
+    return worst
 
 
 def _scale(output: object) -> float:
-    if isinstance(output, Tensor):
-        return float(output.double().abs().max()) if output.numel() else 0.0
-    if isinstance(output, (tuple, list)):
-        return max((_scale(x) for x in output), default=0.0)
-    if isinstance(output, dict):
-        return max((_scale(x) for x in output.values()), default=0.0)
-    return 0.0
+    """Largest absolute value among the output's tensors."""
+    return max((float(x.double().abs().max()) for x in _leaves(output) if isinstance(x, Tensor) and x.numel()),
+               default=0.0)
 
 
 def shrink_(
