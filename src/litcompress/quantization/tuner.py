@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import numbers
@@ -14,6 +13,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from litcompress.report.size import model_size_bytes
 
 from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, get_backend, quantizable_layers,
                        to_inputs)
@@ -93,7 +94,7 @@ class QuantizationResult:
         return save_quantized(self.model, self.recipe, path, self.example_inputs)
 
 
-def _check_metric(value: object, where: str) -> float:
+def check_metric(value: object, where: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -103,18 +104,6 @@ def _check_metric(value: object, where: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"eval_fn returned {value} for {where}; it must return a finite number.")
     return value
-
-
-def model_size_bytes(model: nn.Module) -> int:
-    """Serialized size of a model's weights (ONNX bytes for ORT models)."""
-    model_bytes = getattr(model, "model_bytes", None)
-    if isinstance(model_bytes, bytes):
-        return len(model_bytes)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.save(model.state_dict(), buffer)
-    return buffer.tell()
 
 
 def _default_input_fn(batch: object) -> Inputs:
@@ -231,7 +220,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
 
     fp32 = copy.deepcopy(model).eval()
     with torch.no_grad():
-        baseline_metric = _check_metric(eval_fn(fp32), "the fp32 baseline")
+        baseline_metric = check_metric(eval_fn(fp32), "the fp32 baseline")
     criterion = config.accuracy
     threshold = criterion.threshold(baseline_metric)
     note(f"fp32 baseline metric {baseline_metric:.6g}; goal: metric "
@@ -300,7 +289,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 try:
                     candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
-                        trial.metric = _check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
+                        trial.metric = check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
                     trial.meets_goal = criterion.is_met(trial.metric, baseline_metric)
                     trial.latency_s = measure_latencies([candidate], example_inputs, max(3, config.latency_repeats // 2),
                                                         num_threads=config.num_threads)[0]["median"]

@@ -1,0 +1,33 @@
+"""How many bytes a model takes: serialized, and after general-purpose compression."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import zlib
+
+import torch
+from torch import nn
+
+
+def serialized_weights(model: nn.Module) -> bytes:
+    """What a model's weights take when saved: the ONNX bytes of an ONNX Runtime model, else ``torch.save``
+    of its state dict (zeros from pruning still take their 4 bytes)."""
+    model_bytes = getattr(model, "model_bytes", None)
+    if isinstance(model_bytes, bytes):
+        return model_bytes
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Serialized size of a model's weights (ONNX bytes for ORT models)."""
+    return len(serialized_weights(model))
+
+
+def compressed_size_bytes(data: bytes) -> int:
+    """Size after zlib (gzip's deflate, level 6): what unstructured sparsity saves in a compressed download."""
+    return len(zlib.compress(data, 6))
