@@ -1,0 +1,309 @@
+"""The compression pipeline's report: accuracy, size, sparsity and latency of every stage.
+
+One row per stage (the input model, then pruned, shrunk, quantized and the exported file read back), rendered as a
+plain-text table, a Markdown page and a PNG plot, and stored as JSON so that it can be rendered again later
+(``litcompress report out/report.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from litcompress.report.sparsity import TensorSparsity
+
+REPORT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one call on the example batch, in milliseconds, over interleaved repeats."""
+
+    min_ms: float
+    median_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """What one stage of the pipeline produced, measured on the same inputs as every other stage.
+
+    ``parameters``/``nonzero_parameters``/``weight_sparsity`` are None for runtimes without torch parameters
+    (ONNX Runtime, packed int8 kernels); ``weight_sparsity`` counts zeros in Linear/Conv weights.
+    """
+
+    stage: str
+    description: str
+    metric: float | None = None
+    test_metric: float | None = None
+    parameters: int | None = None
+    nonzero_parameters: int | None = None
+    weight_sparsity: float | None = None
+    size_bytes: int | None = None
+    gzip_bytes: int | None = None
+    latency: Latency | None = None
+    seconds: float = 0.0
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell."""
+    return " ".join(text.replace("|", "\\|").split()) or " "
+
+
+def _compact(value: float | int | None) -> str:
+    """A short label: 85002 -> '85k', 1234567 -> '1.23M', 75.2 -> '75.2'."""
+    if value is None:
+        return ""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Every stage's metrics, plus the details of the stages that have them (tables as text)."""
+
+    stages: tuple[StageMetrics, ...]
+    metric_name: str = "metric"
+    test_metric_name: str | None = None
+    batch_size: int | None = None
+    num_threads: int | None = None
+    layer_sparsity: tuple[TensorSparsity, ...] = ()
+    details: tuple[tuple[str, str], ...] = ()  # (section title, preformatted text)
+    messages: tuple[str, ...] = ()
+    artifact: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("CompressionReport needs at least one stage (the input model).")
+        names = [s.stage for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+
+    # ------------------------------------------------------------------------------------------- lookups
+    def __getitem__(self, stage: str) -> StageMetrics:
+        for s in self.stages:
+            if s.stage == stage:
+                return s
+        raise KeyError(f"no stage {stage!r}; stages: {[s.stage for s in self.stages]}")
+
+    @property
+    def baseline(self) -> StageMetrics:
+        return self.stages[0]
+
+    @property
+    def final(self) -> StageMetrics:
+        return self.stages[-1]
+
+    def speedup(self, stage: str) -> float | None:
+        """Baseline median latency / this stage's (both measured interleaved in one run)."""
+        base, this = self.baseline.latency, self[stage].latency
+        if base is None or this is None or this.median_ms <= 0:
+            return None
+        return base.median_ms / this.median_ms
+
+    def size_ratio(self, stage: str) -> float | None:
+        """This stage's serialized size / the baseline's."""
+        base, this = self.baseline.size_bytes, self[stage].size_bytes
+        return None if not base or this is None else this / base
+
+    # ------------------------------------------------------------------------------------------- tables
+    def _columns(self) -> list[tuple[str, list[str]]]:
+        stages = self.stages
+        columns = [("stage", [s.stage for s in stages]), (self.metric_name, [_fmt(s.metric, ".4f") for s in stages])]
+        if self.test_metric_name is not None:
+            columns.append((self.test_metric_name, [_fmt(s.test_metric, ".4f") for s in stages]))
+        columns += [
+            ("params", [_fmt(s.parameters, ",d") for s in stages]),
+            ("nonzero", [_fmt(s.nonzero_parameters, ",d") for s in stages]),
+            ("sparsity", [_fmt(s.weight_sparsity, ".1%") for s in stages]),
+            ("size KiB", [_fmt(None if s.size_bytes is None else s.size_bytes / 1024, ".1f") for s in stages]),
+            ("gzip KiB", [_fmt(None if s.gzip_bytes is None else s.gzip_bytes / 1024, ".1f") for s in stages]),
+            ("size x", [_fmt(self.size_ratio(s.stage), ".3f") for s in stages]),
+            ("latency ms", [_fmt(None if s.latency is None else s.latency.median_ms, ".4f") for s in stages]),
+            ("min-max ms", ["-" if s.latency is None else f"{s.latency.min_ms:.4f}-{s.latency.max_ms:.4f}"
+                            for s in stages]),
+            ("speed-up", [_fmt(self.speedup(s.stage), ".2f") for s in stages]),
+            ("what", [" ".join(s.description.split()) for s in stages]),  # one line, whatever it holds
+        ]
+        return columns
+
+    def _conditions(self) -> str:
+        parts = []
+        if self.batch_size is not None:
+            parts.append(f"batch {self.batch_size}")
+        if self.num_threads is not None:
+            parts.append(f"{self.num_threads} thread{'s' if self.num_threads != 1 else ''}")
+        return ("latency: median of interleaved runs, " + ", ".join(parts)) if parts else ""
+
+    def table(self) -> str:
+        """The stage table as aligned plain text."""
+        columns = self._columns()
+        widths = [max(len(title), *(len(c) for c in cells)) for title, cells in columns]
+        last = len(columns) - 1
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(c if i == last else (c.ljust(w) if i == 0 else c.rjust(w))
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        lines = [line([title for title, _ in columns]), line(["-" * w for w in widths])]
+        lines += [line([cells[row] for _, cells in columns]) for row in range(len(self.stages))]
+        if self._conditions():
+            lines.append(self._conditions())
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """A Markdown page: the stage table, then per-layer sparsity, each stage's details and the messages."""
+        columns = self._columns()
+        out = ["# Compression report", ""]
+        out.append("| " + " | ".join(_cell(title) for title, _ in columns) + " |")
+        out.append("|" + "|".join("---" if i in (0, len(columns) - 1) else "---:" for i in range(len(columns))) + "|")
+        for row in range(len(self.stages)):
+            out.append("| " + " | ".join(_cell(cells[row]) for _, cells in columns) + " |")
+        if self._conditions():
+            out += ["", self._conditions() + "; size: serialized weights (the file on disk for `exported`)."]
+        if self.artifact:
+            out += ["", f"Artefact: `{self.artifact}`"]
+        if self.layer_sparsity:
+            out += ["", "## Sparsity per tensor after pruning", "", "| tensor | zeros | numel | sparsity |",
+                    "|---|---:|---:|---:|"]
+            out += [f"| {_cell(t.name)} | {t.zeros:,} | {t.numel:,} | {t.sparsity:.2%} |" for t in self.layer_sparsity]
+        for title, text in self.details:
+            out += ["", f"## {title}", "", "```", text, "```"]
+        if self.messages:
+            out += ["", "## Messages", ""] + [f"- {m}" for m in self.messages]
+        return "\n".join(out) + "\n"
+
+    # ------------------------------------------------------------------------------------------- storage
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = REPORT_FORMAT
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a litcompress compression report (format {data.get('format')!r}, "
+                             f"expected {REPORT_FORMAT}).")
+        stages = tuple(
+            StageMetrics(**{**s, "latency": None if s["latency"] is None else Latency(**s["latency"])})
+            for s in data["stages"]
+        )
+        return cls(
+            stages=stages,
+            metric_name=data["metric_name"],
+            test_metric_name=data["test_metric_name"],
+            batch_size=data["batch_size"],
+            num_threads=data["num_threads"],
+            layer_sparsity=tuple(TensorSparsity(**t) for t in data["layer_sparsity"]),
+            details=tuple((title, text) for title, text in data["details"]),
+            messages=tuple(data["messages"]),
+            artifact=data["artifact"],
+        )
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> CompressionReport:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a JSON file ({error}).") from error
+        return cls.from_dict(data)
+
+    def save(self, directory: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and (with matplotlib installed) ``report.png`` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = {"json": self.save_json(directory / "report.json")}
+        (directory / "report.md").write_text(self.markdown())
+        written["markdown"] = directory / "report.md"
+        if plot:
+            written["plot"] = self.plot(directory / "report.png")
+        return written
+
+    # ------------------------------------------------------------------------------------------- plot
+    def plot(self, path: str | os.PathLike) -> Path:
+        """A PNG with four panels per stage: metric, latency (median, min-max bars), size, parameters.
+
+        Needs matplotlib (``pip install 'litcompress[report]'``).
+        """
+        try:
+            from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+        except ImportError as error:
+            raise ImportError("plotting the report needs matplotlib: pip install 'litcompress[report]'") from error
+        names = [s.stage for s in self.stages]
+        x = list(range(len(names)))
+        figure = Figure(figsize=(11, 7.5), layout="constrained")
+        axes = figure.subplots(2, 2)
+
+        def bars(ax: Any, series: list[tuple[str, list[float | None]]], ylabel: str, title: str) -> None:
+            width = 0.8 / len(series)
+            for k, (label, values) in enumerate(series):
+                offsets = [i - 0.4 + width * (k + 0.5) for i in x]
+                drawn = ax.bar(offsets, [math.nan if v is None else v for v in values], width, label=label)
+                ax.bar_label(drawn, labels=[_compact(v) for v in values], fontsize=8, padding=2)
+            ax.set_xticks(x, names)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            if len(series) > 1:
+                ax.legend(fontsize=8)
+            ax.margins(y=0.15)
+
+        # Metrics as points: bars on a zoomed axis would exaggerate small differences.
+        ax = axes[0][0]
+        metrics = [(self.metric_name, [s.metric for s in self.stages])]
+        if self.test_metric_name is not None:
+            metrics.append((self.test_metric_name, [s.test_metric for s in self.stages]))
+        for label, values in metrics:
+            ax.plot(x, [math.nan if v is None else v for v in values], marker="o", label=label)
+            for i, v in zip(x, values):
+                if v is not None:
+                    ax.annotate(f"{v:.4g}", (i, v), textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=8)
+        ax.set_xticks(x, names)
+        ax.set_ylabel("metric")
+        ax.set_title("Metric per stage")
+        ax.legend(fontsize=8)
+        ax.margins(x=0.1, y=0.25)
+        ax.grid(axis="y", alpha=0.3)
+
+        ax = axes[0][1]
+        medians = [math.nan if s.latency is None else s.latency.median_ms for s in self.stages]
+        low_err = [0.0 if s.latency is None else s.latency.median_ms - s.latency.min_ms for s in self.stages]
+        high_err = [0.0 if s.latency is None else s.latency.max_ms - s.latency.median_ms for s in self.stages]
+        drawn = ax.bar(x, medians, 0.6, yerr=[low_err, high_err], capsize=4, color="tab:orange")
+        ax.bar_label(drawn, labels=[("" if self.speedup(n) is None else f"{self.speedup(n):.2f}x") for n in names],
+                     fontsize=8, padding=2, label_type="center")
+        ax.set_xticks(x, names)
+        ax.set_ylabel("ms per call (median, min-max)")
+        ax.set_title(f"Latency ({self._conditions().removeprefix('latency: ') or 'this host'})", fontsize=9)
+
+        kib = lambda values: [None if v is None else v / 1024 for v in values]  # noqa: E731
+        bars(axes[1][0], [("serialized", kib([s.size_bytes for s in self.stages])),
+                          ("gzip", kib([s.gzip_bytes for s in self.stages]))], "KiB", "Size")
+        bars(axes[1][1], [("all", [s.parameters for s in self.stages]),
+                          ("nonzero", [s.nonzero_parameters for s in self.stages])], "count", "Parameters")
+        path = Path(path)
+        figure.savefig(path, dpi=100)
+        return path
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+__all__ = ["CompressionReport", "Latency", "StageMetrics"]

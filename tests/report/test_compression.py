@@ -1,0 +1,123 @@
+"""The pipeline's report: tables, JSON round trip, plot, and the ratios it derives."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from litcompress.report.compression import CompressionReport, Latency, StageMetrics
+from litcompress.report.sparsity import TensorSparsity
+
+_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_|", min_size=1, max_size=12)
+_maybe_float = st.none() | st.floats(0, 1, allow_nan=False)
+_maybe_count = st.none() | st.integers(0, 10**9)
+
+
+@st.composite
+def latencies(draw):
+    values = sorted(draw(st.lists(st.floats(1e-4, 1e4, allow_nan=False), min_size=3, max_size=3)))
+    return Latency(*values)
+
+
+@st.composite
+def reports(draw):
+    stage_names = draw(st.lists(_names, min_size=1, max_size=5, unique=True))
+    stages = tuple(
+        StageMetrics(stage=name, description=draw(st.text(max_size=30)), metric=draw(_maybe_float),
+                     test_metric=draw(_maybe_float), parameters=draw(_maybe_count),
+                     nonzero_parameters=draw(_maybe_count), weight_sparsity=draw(_maybe_float),
+                     size_bytes=draw(_maybe_count), gzip_bytes=draw(_maybe_count),
+                     latency=draw(st.none() | latencies()), seconds=draw(st.floats(0, 1e4)))
+        for name in stage_names
+    )
+    layers = tuple(TensorSparsity(draw(_names), zeros, zeros + draw(st.integers(0, 100)))
+                   for zeros in draw(st.lists(st.integers(0, 100), max_size=3)))
+    return CompressionReport(
+        stages=stages, metric_name=draw(_names), test_metric_name=draw(st.none() | _names),
+        batch_size=draw(st.none() | st.integers(1, 512)), num_threads=draw(st.none() | st.integers(1, 64)),
+        layer_sparsity=layers, details=tuple((draw(_names), draw(st.text(max_size=40))) for _ in range(2)),
+        messages=tuple(draw(st.lists(st.text(max_size=30), max_size=3))), artifact=draw(st.none() | _names),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(report=reports())
+def test_json_round_trip_gives_the_same_report(report, tmp_path_factory):
+    path = tmp_path_factory.mktemp("r") / "report.json"
+    report.save_json(path)
+    assert CompressionReport.load_json(path) == report
+
+
+@settings(max_examples=60, deadline=None)
+@given(report=reports())
+def test_tables_have_one_line_per_stage_and_every_column(report):
+    table = report.table().splitlines()
+    header = table[0].split()
+    assert header[0] == "stage" and header[1] == report.metric_name
+    assert (report.test_metric_name in header) == (report.test_metric_name is not None)
+    rows = table[2:2 + len(report.stages)]
+    assert [r.split()[0] for r in rows] == [s.stage for s in report.stages]
+    markdown = report.markdown()
+    stage_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "|---" not in line]
+    # header + one per stage (+ the per-tensor sparsity table's header and rows)
+    assert len(stage_lines) == 1 + len(report.stages) + (1 + len(report.layer_sparsity) if report.layer_sparsity else 0)
+    # A '|' inside a cell is escaped, so every stage row has as many cells as the header.
+    widths = {len(line.replace("\\|", "").split("|")) for line in stage_lines[: 1 + len(report.stages)]}
+    assert len(widths) == 1
+
+
+def _stage(name: str, median: float | None, size: int | None) -> StageMetrics:
+    latency = None if median is None else Latency(median / 2, median, median * 2)
+    return StageMetrics(stage=name, description=name, metric=0.9, size_bytes=size, latency=latency)
+
+
+@given(base=st.floats(1e-3, 1e3), other=st.floats(1e-3, 1e3), size=st.integers(1, 10**9),
+       smaller=st.integers(0, 10**9))
+def test_ratios_are_against_the_first_stage(base, other, size, smaller):
+    report = CompressionReport((_stage("input", base, size), _stage("quantized", other, smaller)))
+    assert report.speedup("input") == 1.0 and report.size_ratio("input") == 1.0
+    assert report.speedup("quantized") == pytest.approx(base / other)
+    assert report.size_ratio("quantized") == pytest.approx(smaller / size)
+    assert report.baseline.stage == "input" and report.final.stage == "quantized"
+
+
+def test_unknown_values_show_as_dashes_and_have_no_ratio():
+    report = CompressionReport((_stage("input", None, None), _stage("quantized", 1.0, 10)))
+    assert report.speedup("quantized") is None and report.size_ratio("quantized") is None
+    row = report.table().splitlines()[2]
+    assert row.split()[:3] == ["input", "0.9000", "-"]
+    with pytest.raises(KeyError, match="stages: \\['input', 'quantized'\\]"):
+        report["shrunk"]
+
+
+def test_bad_reports_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least one stage"):
+        CompressionReport(())
+    with pytest.raises(ValueError, match="unique"):
+        CompressionReport((_stage("a", 1, 1), _stage("a", 1, 1)))
+    (tmp_path / "x.json").write_text('{"format": 99}')
+    with pytest.raises(ValueError, match="not a litcompress compression report"):
+        CompressionReport.load_json(tmp_path / "x.json")
+    (tmp_path / "y.json").write_text("not json")
+    with pytest.raises(ValueError, match="not a JSON file"):
+        CompressionReport.load_json(tmp_path / "y.json")
+
+
+def test_save_writes_json_markdown_and_a_png_plot(tmp_path):
+    stages = (_stage("input", 2.0, 4000), _stage("pruned", 1.5, 4000), _stage("quantized", 0.5, 1000))
+    report = CompressionReport(stages, metric_name="val_acc", batch_size=32, num_threads=1,
+                               layer_sparsity=(TensorSparsity("0.weight", 3, 4),), details=(("Shrink", "table"),),
+                               messages=("a note",))
+    written = report.save(tmp_path / "out")
+    assert set(written) == {"json", "markdown", "plot"}
+    assert CompressionReport.load_json(written["json"]) == report
+    markdown = written["markdown"].read_text()
+    assert "| 0.weight | 3 | 4 | 75.00% |" in markdown and "## Shrink" in markdown and "- a note" in markdown
+    assert "batch 32, 1 thread" in markdown
+    png = written["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (1100, 750)
