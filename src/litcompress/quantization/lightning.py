@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -34,13 +34,17 @@ def _detached_copy(module: L.LightningModule) -> L.LightningModule:
 
 def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModule | None, metric: str,
                       trainer: L.Trainer | None = None, submodule: str | None = None,
-                      dataloaders=None) -> Callable[[nn.Module], float]:
+                      dataloaders=None,
+                      stage: Literal["validate", "test"] = "validate") -> Callable[[nn.Module], float]:
     """Build ``eval_fn(candidate) -> float``: swap the candidate into a copy of ``module`` and
-    return ``trainer.validate``'s logged ``metric``.
+    return the ``metric`` logged by ``trainer.validate`` (or ``trainer.test`` with ``stage="test"``).
 
     With ``submodule=None`` the candidate replaces the module's ``forward`` (so ``validation_step``
     must call ``self(...)``); otherwise it replaces ``getattr(module, submodule)``.
     """
+    if stage not in ("validate", "test"):
+        raise ValueError(f"lightning_eval_fn(stage={stage!r}): use 'validate' or 'test'.")
+    step = "validation_step" if stage == "validate" else "test_step"
     host = _detached_copy(module).eval()
     trainer = trainer or _evaluation_trainer()
 
@@ -50,11 +54,12 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
             object.__setattr__(host, "forward", candidate)
         else:
             setattr(host, submodule, candidate)
-        results = trainer.validate(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False)
+        run = trainer.validate if stage == "validate" else trainer.test
+        results = run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False)
         logged = results[0] if results else {}
         if metric not in logged:
-            raise KeyError(f"metric={metric!r} was not logged by validation_step; logged: {sorted(logged)}. "
-                           "Pass the name given to self.log(...) in validation_step.")
+            raise KeyError(f"metric={metric!r} was not logged by {step}; logged: {sorted(logged)}. "
+                           f"Pass the name given to self.log(...) in {step}.")
         return float(logged[metric])
 
     return evaluate

@@ -1,0 +1,99 @@
+"""Small classifiers for the command line's built-in runs and for examples: LightningModules that log
+``train_loss``, ``val_acc``, ``val_loss`` and ``test_acc``, and whose steps call ``self(x)`` (so that the pipeline can
+judge any stage's model with them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+
+def _check_widths(name: str, widths: Sequence[int]) -> tuple[int, ...]:
+    widths = tuple(widths)
+    if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueError(f"{name}={widths!r}: expected one or more positive ints, e.g. (256, 256).")
+    return widths
+
+
+class Classifier(L.LightningModule):
+    """Cross-entropy classification of ``self.net``'s logits, trained with Adam."""
+
+    net: nn.Module
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr={lr!r}: expected a learning rate > 0, e.g. 1e-3.")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r}: expected a number >= 0.")
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def _evaluate(self, batch: Any, prefix: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{prefix}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=prefix == "val")
+        self.log(f"{prefix}_loss", nn.functional.cross_entropy(logits, y))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class MLPClassifier(Classifier):
+    """Linear -> ReLU blocks of widths `hidden`, then a Linear to `num_classes` logits."""
+
+    def __init__(self, in_features: int = 64, hidden: Sequence[int] = (256, 256), num_classes: int = 10,
+                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        hidden = _check_widths("hidden", hidden)
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+class CNNClassifier(Classifier):
+    """3x3 Conv -> BatchNorm -> ReLU blocks of widths `channels` (unpadded, so that pruned filters can be removed
+    exactly), a 2x2 max-pool, then a Linear to `num_classes` logits."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, channels: Sequence[int] = (32, 64),
+                 num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        channels = _check_widths("channels", channels)
+        side = image_size - 2 * len(channels)
+        if side < 2:
+            raise ValueError(f"image_size={image_size} is too small for {len(channels)} unpadded 3x3 convolutions "
+                             "and a 2x2 pooling; use fewer channels entries.")
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for c in channels:
+            layers += [nn.Conv2d(width, c, 3, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            width = c
+        layers += [nn.MaxPool2d(2), nn.Flatten(), nn.Linear(width * (side // 2) ** 2, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+
+__all__ = ["CNNClassifier", "Classifier", "MLPClassifier"]

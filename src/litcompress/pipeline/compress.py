@@ -1,0 +1,329 @@
+"""One call from a trained model to a compressed file: prune -> shrink -> quantize -> export, with a report.
+
+Framework-free: the model is any ``nn.Module``, accuracy comes from ``eval_fn(model) -> float`` and fine-tuning, if
+any, from ``fine_tune(model, step)``, a training loop that calls ``step(t)`` after its t-th optimizer step.
+:mod:`litcompress.pipeline.lightning` supplies all three from a LightningModule and a DataModule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
+                                        prune_to_sparsity_)
+from litcompress.pruning.gradual import GradualPruner
+from litcompress.pruning.shrink import ShrinkReport, shrink
+from litcompress.quantization.artifact import load_quantized, save_quantized
+from litcompress.quantization.backends import get_backend, to_inputs
+from litcompress.quantization.latency import measure_latencies, pinned_threads
+from litcompress.quantization.tuner import QuantizationResult, check_metric, quantize
+from litcompress.report.compression import CompressionReport, Latency, StageMetrics
+from litcompress.report.size import compressed_size_bytes, serialized_weights
+from litcompress.report.sparsity import SparsityReport, sparsity_report
+
+from .config import CompressionConfig, PruneConfig
+
+logger = logging.getLogger("litcompress.pipeline")
+
+EvalFn = Callable[[nn.Module], float]
+FineTuneFn = Callable[[nn.Module, Callable[[int], None]], None]
+
+PRUNED_STATE_FILE = "pruned_state_dict.pt"
+
+
+@dataclass
+class CompressionResult:
+    """The compressed model, every stage's model, and the report.
+
+    ``model`` is the last stage's model in memory (quantized, else shrunk, else pruned, else a copy of the input);
+    ``artifact`` is the exported file (None without ``output_dir`` or with ``export=False``).
+    """
+
+    model: nn.Module
+    report: CompressionReport
+    stage_models: dict[str, nn.Module]
+    artifact: Path | None = None
+    sparsity: SparsityReport | None = None
+    shrink: ShrinkReport | None = None
+    quantization: QuantizationResult | None = None
+
+
+def prune_targets(model: nn.Module, config: PruneConfig) -> list[Target]:
+    """The ``(module, name)`` pairs `config` prunes in `model`, in module order."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)]
+    exclude = config.exclude
+    if exclude is None:
+        exclude = (layers[-1][0],) if config.structured and layers else ()
+    unknown = set(exclude) - {name for name, _ in model.named_modules()}
+    if unknown:
+        raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
+                         "those of model.named_modules().")
+    targets = [(m, p) for name, m in layers if name not in exclude for p in config.parameter_names
+               if isinstance(getattr(m, p, None), torch.Tensor)]
+    if not targets:
+        raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
+                         f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
+    return targets
+
+
+def weight_sparsity(model: nn.Module) -> float | None:
+    """Zeros among the weights of Linear/Conv layers (None when the model has none, e.g. ONNX Runtime)."""
+    from .config import PrunableLayers
+
+    zeros = total = 0
+    for module in model.modules():
+        if isinstance(module, PrunableLayers) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            weight = module.weight
+            zeros += weight.numel() - int(torch.count_nonzero(weight))
+            total += weight.numel()
+    return zeros / total if total else None
+
+
+class _Stages:
+    """Collects each stage's model and measurements; latency is measured for all of them at the end."""
+
+    def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None) -> None:
+        self.eval_fn, self.test_fn = eval_fn, test_fn
+        self.models: dict[str, nn.Module] = {}
+        self.rows: list[StageMetrics] = []
+
+    def add(self, stage: str, model: nn.Module, description: str, seconds: float, *,
+            metric: float | None = None, file: Path | None = None) -> StageMetrics:
+        model.eval()
+        with torch.no_grad():
+            if metric is None:
+                metric = check_metric(self.eval_fn(model), f"stage {stage!r}")
+            test = None if self.test_fn is None else check_metric(self.test_fn(model), f"stage {stage!r} (test)")
+        data = file.read_bytes() if file is not None else serialized_weights(model)
+        parameters = [p for p in model.parameters()]
+        row = StageMetrics(
+            stage=stage, description=description, metric=metric, test_metric=test,
+            parameters=sum(p.numel() for p in parameters) if parameters else None,
+            nonzero_parameters=sum(int(torch.count_nonzero(p)) for p in parameters) if parameters else None,
+            weight_sparsity=weight_sparsity(model), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
+            seconds=seconds,
+        )
+        self.models[stage] = model
+        self.rows.append(row)
+        logger.info("%s: metric=%.6g (%s)", stage, metric, description)
+        return row
+
+    def pop(self) -> StageMetrics:
+        row = self.rows.pop()
+        del self.models[row.stage]
+        return row
+
+
+def _max_output_difference(a: nn.Module, b: nn.Module, inputs: tuple) -> float:
+    with torch.no_grad():
+        out_a, out_b = a(*inputs), b(*inputs)
+    if isinstance(out_a, torch.Tensor) and isinstance(out_b, torch.Tensor):
+        return float((out_a.double() - out_b.double()).abs().max()) if out_a.numel() else 0.0
+    return float("nan")
+
+
+def compress(
+    model: nn.Module,
+    config: CompressionConfig | None = None,
+    *,
+    eval_fn: EvalFn,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    calibration_data: Iterable | None = None,
+    fine_tune: FineTuneFn | None = None,
+    fine_tune_steps: int | None = None,
+    test_fn: EvalFn | None = None,
+    output_dir: str | os.PathLike | None = None,
+    input_fn: Callable[[object], tuple] | None = None,
+    metric_name: str = "metric",
+    test_metric_name: str | None = None,
+) -> CompressionResult:
+    """Compress a copy of `model` stage by stage and measure every stage alike; `model` is not modified.
+
+    Args:
+        model: the trained fp32 model.
+        config: which stages run and how (:class:`CompressionConfig`); default: shrink and export only.
+        eval_fn: ``model -> metric`` (higher is better unless ``config.quantize.accuracy`` says otherwise), on
+            validation data: it judges quantization candidates and fills the report's metric column.
+        example_inputs: one batch of inputs, used to trace (shrink, export) and to time every stage.
+        calibration_data: batches for static quantization and layer sensitivity (see ``quantize``).
+        fine_tune: ``fine_tune(model, step)``: trains `model` in place (any loop) and calls ``step(t)`` after
+            its t-th optimizer step (t = 1, 2, ...), which prunes when the schedule says so. Without it pruning
+            is one-shot.
+        fine_tune_steps: how many optimizer steps ``fine_tune`` makes (sets a shaped schedule's length).
+        test_fn: ``model -> metric`` on held-out test data, for the report only (never used for decisions).
+        output_dir: where the pruned state dict, the exported model and the report files are written.
+        input_fn: maps a calibration batch to the model's positional inputs.
+        metric_name, test_metric_name: column titles in the report.
+    """
+    config = config if config is not None else CompressionConfig()
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"compress(config={config!r}): expected a CompressionConfig.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress(model=...): expected a torch.nn.Module, got {type(model).__name__}.")
+    if not callable(eval_fn):
+        raise TypeError(f"compress(eval_fn={eval_fn!r}): expected a callable model -> metric.")
+    if test_fn is not None and not callable(test_fn):
+        raise TypeError(f"compress(test_fn={test_fn!r}): expected a callable model -> metric, or None.")
+    inputs = to_inputs(example_inputs)
+    if fine_tune is not None:
+        if not callable(fine_tune):
+            raise TypeError(f"compress(fine_tune={fine_tune!r}): expected fine_tune(model, step) or None.")
+        if config.prune is None:
+            raise ValueError("compress(fine_tune=...) without config.prune: fine-tuning runs while pruning; "
+                             "give CompressionConfig(prune=PruneConfig(...)).")
+        if isinstance(fine_tune_steps, bool) or not isinstance(fine_tune_steps, int) or fine_tune_steps < 1:
+            raise ValueError(f"compress(fine_tune_steps={fine_tune_steps!r}): with fine_tune, give the number of "
+                             "optimizer steps it makes (an int >= 1), so that the schedule can span them.")
+    elif config.prune is not None and not isinstance(config.prune.schedule, str):
+        raise ValueError("a SparsitySchedule needs fine-tuning to run along: pass fine_tune=..., or use "
+                         "PruneConfig(sparsity=..., schedule='oneshot').")
+    if config.quantize is not None and config.quantize.approach == "static" and calibration_data is None:
+        raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
+    directory = Path(output_dir) if output_dir is not None else None
+    if directory is not None:
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"compress(output_dir={str(directory)!r}) is a file; give a directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+
+    messages: list[str] = []
+
+    def note(message: str) -> None:
+        messages.append(message)
+        logger.info(message)
+
+    stages = _Stages(eval_fn, test_fn)
+    details: list[tuple[str, str]] = []
+    work = deepcopy_model(model)
+    started = time.monotonic()
+    stages.add("input", deepcopy_model(work), "the model as given", 0.0)
+    result_sparsity = shrink_report = quantization = None
+
+    # ---------------------------------------------------------------------------------------- prune
+    if config.prune is not None:
+        prune = config.prune
+        t0 = time.monotonic()
+        targets = prune_targets(work, prune)
+        method, kwargs = prune.pruning_method, prune.method_kwargs()
+        if fine_tune is None:
+            prune_to_sparsity_(targets, method, float(prune.sparsity), scope=prune.scope, **kwargs)
+            how = "one-shot, no fine-tuning"
+        else:
+            assert fine_tune_steps is not None
+            schedule = prune.step_schedule(fine_tune_steps)
+            pruner = GradualPruner(targets, schedule, method, scope=prune.scope, **kwargs)
+            pruner.step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
+            fine_tune(work, pruner.step)
+            rounds = sum(1 for h in pruner.history if h["pruned_after"] > h["pruned_before"])
+            late = prune_to_sparsity_(targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
+            if late:
+                note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
+                     f"the remaining {late:,} entries were pruned at once afterwards.")
+            how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps"
+        result_sparsity = sparsity_report(work, targets)
+        make_permanent_(work)
+        work.eval()
+        description = f"{prune.describe()}, {how}"
+        if directory is not None:
+            # Saved before anything else can fail: it loads into the user's unchanged architecture.
+            torch.save(permanent_state_dict(work), directory / PRUNED_STATE_FILE)
+        stages.add("pruned", deepcopy_model(work), description, time.monotonic() - t0)
+
+    # ---------------------------------------------------------------------------------------- shrink
+    if config.shrink:
+        t0 = time.monotonic()
+        try:
+            shrunk = shrink(work, inputs)
+        except ValueError as error:  # untraceable model or a forward that reads widths: keep the model as is
+            note(f"shrink skipped: {error}")
+        else:
+            shrink_report = shrunk.report
+            details.append(("Shrink", shrink_report.table()))
+            if shrink_report.channels_removed:
+                work = shrunk.model.eval()
+                description = (f"{shrink_report.channels_removed:,} channels removed, parameters "
+                               f"x{shrink_report.parameter_ratio:.3f}")
+                stages.add("shrunk", deepcopy_model(work), description, time.monotonic() - t0)
+            else:
+                note("shrink: no all-zero channel to remove" + (
+                    f" (kept: {'; '.join(f'{n}: {r}' for n, r in shrink_report.kept)})" if shrink_report.kept else ""))
+
+    # ---------------------------------------------------------------------------------------- quantize
+    if config.quantize is not None:
+        t0 = time.monotonic()
+        ptq = config.quantize
+        if ptq.num_threads is None and config.num_threads is not None:
+            # Candidates are timed (and ONNX Runtime sessions made) with the threads the report uses.
+            ptq = dataclasses.replace(ptq, num_threads=config.num_threads)
+        quantization = quantize(work, ptq, eval_fn=eval_fn, calibration_data=calibration_data,
+                                example_inputs=inputs, input_fn=input_fn)
+        details.append(("Quantization trials", quantization.table()))
+        messages.extend(f"quantization: {m}" for m in quantization.messages)
+        if quantization.recipe is not None:
+            work = quantization.model
+            description = quantization.recipe.describe() + ("" if quantization.goal_met else " (goal missed)")
+            stages.add("quantized", work, description, time.monotonic() - t0, metric=quantization.metric)
+
+    # ---------------------------------------------------------------------------------------- export
+    artifact: Path | None = None
+    if config.export and directory is not None:
+        t0 = time.monotonic()
+        recipe = quantization.recipe if quantization is not None else None
+        suffix = get_backend(recipe.backend if recipe is not None else "torch_ao").artifact_suffix
+        artifact = directory / f"model{suffix}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_quantized(work, recipe, artifact, inputs)
+        for w in caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
+            note(f"export: {w.category.__name__}: {w.message}")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
+            loaded, _ = load_quantized(artifact)
+        difference = _max_output_difference(work, loaded, inputs)
+        seconds = time.monotonic() - t0
+        final = stages.rows[-1]
+        if final.stage == "input":  # nothing changed the model: the file gets a row of its own
+            stages.add("exported", loaded, f"{artifact.name} read back from disk", seconds, file=artifact)
+        else:  # the last stage is measured as shipped: the file read back from disk
+            stages.pop()
+            row = stages.add(final.stage, loaded, f"{final.description}; {artifact.name} read back",
+                             final.seconds + seconds, file=artifact)
+            if row.metric != final.metric:
+                note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model "
+                     f"{final.metric:.6g}.")
+        note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
+             f"{difference:.3g}.")
+    elif config.export:
+        note("export skipped: no output_dir given.")
+
+    # ---------------------------------------------------------------------------------------- latency
+    names = [row.stage for row in stages.rows]
+    measured = measure_latencies([stages.models[n] for n in names], inputs, config.latency_repeats,
+                                 num_threads=config.num_threads)
+    rows = tuple(
+        StageMetrics(**{**row.__dict__, "latency": Latency(m["min"] * 1e3, m["median"] * 1e3, m["max"] * 1e3)})
+        for row, m in zip(stages.rows, measured)
+    )
+    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
+    report = CompressionReport(
+        stages=rows, metric_name=metric_name, test_metric_name=test_metric_name if test_fn is not None else None,
+        batch_size=None if first is None else int(first.shape[0]),
+        num_threads=config.num_threads or torch.get_num_threads(),
+        layer_sparsity=() if result_sparsity is None else result_sparsity.tensors,
+        details=tuple(details), messages=tuple(messages), artifact=None if artifact is None else str(artifact),
+    )
+    logger.info("pipeline finished in %.1f s", time.monotonic() - started)
+    return CompressionResult(model=work, report=report, stage_models=stages.models, artifact=artifact,
+                             sparsity=result_sparsity, shrink=shrink_report, quantization=quantization)
+
+
+__all__ = ["CompressionResult", "compress", "prune_targets", "weight_sparsity"]

@@ -1,0 +1,183 @@
+"""What the compression pipeline does, as configuration validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+from litcompress.pruning.methods import resolve_method
+from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
+from litcompress.quantization.config import PTQConfig
+
+ScheduleShape = Literal["cubic", "linear", "oneshot"]
+SCHEDULE_SHAPES: tuple[str, ...] = ("cubic", "linear", "oneshot")
+PrunableLayers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how far.
+
+    Args:
+        sparsity: the final fraction of the pruned entries (or, for structured methods, of the rows/channels of
+            each layer) in [0, 1). Not needed with a :class:`SparsitySchedule` (its ``final_sparsity`` is used).
+        method: a ``torch.nn.utils.prune`` function name (``"l1_unstructured"``, ``"ln_structured"``,
+            ``"random_unstructured"``, ``"random_structured"``) or a ``BasePruningMethod`` subclass.
+        schedule: how sparsity grows while fine-tuning: ``"cubic"`` (Zhu & Gupta) or ``"linear"`` from 0 to
+            ``sparsity`` between the fractions ``begin`` and ``end`` of the fine-tuning steps, ``"oneshot"``
+            (everything before fine-tuning), or a :class:`SparsitySchedule` in optimizer steps. Without
+            fine-tuning every shape prunes at once.
+        begin, end: fractions of the fine-tuning steps where a shaped schedule starts and reaches ``sparsity``.
+        rounds: pruning rounds along a shaped schedule (evenly spaced; the last at ``end``).
+        scope: ``"global"`` ranks all tensors together, ``"local"`` prunes each tensor to ``sparsity``; default
+            global for unstructured methods, local for structured ones (which only work locally).
+        parameter_names: which tensors of each layer to prune.
+        layer_types: the layer classes whose tensors are pruned.
+        exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
+            the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
+        dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what
+            :func:`litcompress.shrink` removes) and the norm that ranks them (``ln_structured``).
+    """
+
+    sparsity: float | None = None
+    method: Union[str, type[torch_prune.BasePruningMethod]] = "l1_unstructured"
+    schedule: Union[ScheduleShape, SparsitySchedule] = "cubic"
+    begin: float = 0.0
+    end: float = 0.6
+    rounds: int = 20
+    scope: Literal["global", "local"] | None = None
+    parameter_names: tuple[str, ...] = ("weight",)
+    layer_types: tuple[type[nn.Module], ...] = PrunableLayers
+    exclude: tuple[str, ...] | None = None
+    dim: int = 0
+    norm: float = 2
+
+    def __post_init__(self) -> None:
+        method = resolve_method(self.method)  # ValueError/TypeError naming the choices
+        if isinstance(self.schedule, SparsitySchedule):
+            if self.schedule.unit != "step":
+                raise ValueError(f"PruneConfig(schedule=...): the pipeline counts optimizer steps, got a schedule in "
+                                 f"{self.schedule.unit!r}s; build it with unit='step'.")
+            final = float(self.schedule.final_sparsity)
+            if self.sparsity is not None and not math.isclose(self.sparsity, final):
+                raise ValueError(f"PruneConfig(sparsity={self.sparsity!r}) disagrees with the schedule's final "
+                                 f"sparsity {final}; give one of them.")
+            object.__setattr__(self, "sparsity", final)
+        elif self.schedule not in SCHEDULE_SHAPES:
+            raise ValueError(f"PruneConfig(schedule={self.schedule!r}): use one of {SCHEDULE_SHAPES} or a "
+                             "SparsitySchedule.")
+        if self.sparsity is None:
+            raise ValueError("PruneConfig(sparsity=None): give the final sparsity, e.g. sparsity=0.9.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"PruneConfig(sparsity={self.sparsity!r}): expected a fraction in [0, 1), e.g. 0.9.")
+        if not (isinstance(self.begin, (int, float)) and isinstance(self.end, (int, float))
+                and 0.0 <= self.begin < self.end <= 1.0):
+            raise ValueError(f"PruneConfig(begin={self.begin!r}, end={self.end!r}): expected fractions of the "
+                             "fine-tuning steps with 0 <= begin < end <= 1, e.g. begin=0.0, end=0.6.")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"PruneConfig(rounds={self.rounds!r}): expected an int >= 1.")
+        structured = getattr(method, "PRUNING_TYPE", None) == "structured"
+        if self.scope is None:
+            object.__setattr__(self, "scope", "local" if structured else "global")
+        if self.scope not in ("global", "local"):
+            raise ValueError(f"PruneConfig(scope={self.scope!r}): use 'global' or 'local'.")
+        if self.scope == "global" and getattr(method, "PRUNING_TYPE", None) != "unstructured":
+            raise ValueError(f"PruneConfig(scope='global'): global pruning ranks single weights and needs an "
+                             f"unstructured method, got {method.__name__}; use scope='local'.")
+        object.__setattr__(self, "parameter_names", _names("parameter_names", self.parameter_names))
+        if not self.parameter_names:
+            raise ValueError("PruneConfig(parameter_names=()): name at least one tensor, e.g. ('weight',).")
+        layer_types = tuple(self.layer_types) if isinstance(self.layer_types, Sequence) else (self.layer_types,)
+        if not layer_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
+            raise ValueError(f"PruneConfig(layer_types={self.layer_types!r}): expected nn.Module classes, "
+                             "e.g. (nn.Linear, nn.Conv2d).")
+        object.__setattr__(self, "layer_types", layer_types)
+        if self.exclude is not None:
+            object.__setattr__(self, "exclude", _names("exclude", self.exclude))
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
+            raise ValueError(f"PruneConfig(dim={self.dim!r}): expected an int (0: output channels).")
+        if isinstance(self.norm, bool) or not isinstance(self.norm, (int, float)) or not self.norm > 0:
+            raise ValueError(f"PruneConfig(norm={self.norm!r}): expected a number > 0 (or math.inf), e.g. 2.")
+
+    @property
+    def pruning_method(self) -> type[torch_prune.BasePruningMethod]:
+        return resolve_method(self.method)
+
+    @property
+    def structured(self) -> bool:
+        return getattr(self.pruning_method, "PRUNING_TYPE", None) == "structured"
+
+    def method_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for the pruning method (the engine passes each method only those it accepts)."""
+        return {"dim": self.dim, "n": self.norm} if self.structured else {}
+
+    def step_schedule(self, total_steps: int) -> SparsitySchedule:
+        """The schedule over ``total_steps`` fine-tuning steps (``self.schedule`` when it is one already)."""
+        if isinstance(self.schedule, SparsitySchedule):
+            return self.schedule
+        assert self.sparsity is not None
+        if self.schedule == "oneshot" or total_steps < 2:
+            return PolynomialDecay(final_sparsity=self.sparsity, initial_sparsity=self.sparsity, begin=0, end=1)
+        begin = min(round(self.begin * total_steps), total_steps - 1)
+        end = max(round(self.end * total_steps), begin + 1)
+        frequency = max(1, math.ceil((end - begin) / self.rounds))
+        shape = PolynomialDecay if self.schedule == "cubic" else LinearSchedule
+        return shape(final_sparsity=self.sparsity, begin=begin, end=end, frequency=frequency)
+
+    def describe(self) -> str:
+        method = self.method if isinstance(self.method, str) else self.pruning_method.__name__
+        shape = type(self.schedule).__name__ if isinstance(self.schedule, SparsitySchedule) else self.schedule
+        return f"{method} {self.scope} to {self.sparsity:.1%} ({shape})"
+
+
+def _names(argument: str, value: object) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"PruneConfig({argument}={value!r}): expected names (non-empty strings).")
+    return names
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """The pipeline: prune (optionally while fine-tuning) -> shrink -> quantize -> export, each stage optional.
+
+    Args:
+        prune: what to prune, or None to skip pruning (a model pruned earlier is still shrunk).
+        shrink: physically remove all-zero channels (:func:`litcompress.shrink`).
+        quantize: post-training quantization (:func:`litcompress.quantization.quantize`), or None.
+        export: write the final model as one file (ONNX, TorchScript or ``torch.export``) into the output
+            directory and measure it as read back from disk.
+        latency_repeats: interleaved timed calls per stage for the report (medians reported).
+        num_threads: torch threads while timing (None: torch's current setting, recorded in the report).
+    """
+
+    prune: PruneConfig | None = None
+    shrink: bool = True
+    quantize: PTQConfig | None = None
+    export: bool = True
+    latency_repeats: int = 30
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prune is not None and not isinstance(self.prune, PruneConfig):
+            raise TypeError(f"CompressionConfig(prune={self.prune!r}): expected a PruneConfig or None.")
+        if self.quantize is not None and not isinstance(self.quantize, PTQConfig):
+            raise TypeError(f"CompressionConfig(quantize={self.quantize!r}): expected a PTQConfig or None.")
+        for flag in ("shrink", "export"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"CompressionConfig({flag}={getattr(self, flag)!r}): expected True or False.")
+        if isinstance(self.latency_repeats, bool) or not isinstance(self.latency_repeats, int) \
+                or self.latency_repeats < 1:
+            raise ValueError(f"CompressionConfig(latency_repeats={self.latency_repeats!r}): expected an int >= 1.")
+        if self.num_threads is not None and (isinstance(self.num_threads, bool)
+                                             or not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"CompressionConfig(num_threads={self.num_threads!r}): expected an int >= 1 or None.")
+
+
+__all__ = ["CompressionConfig", "PruneConfig", "PrunableLayers"]

@@ -1,0 +1,131 @@
+"""Lightning adapter for the pipeline: fine-tune with the module's own ``training_step`` and optimizer, judge every
+stage with the metric its ``validation_step`` (and ``test_step``) logs.
+
+A thin layer over the framework-free :func:`litcompress.pipeline.compress`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from litcompress.quantization.lightning import _detached_copy, lightning_eval_fn
+from litcompress.quantization.tuner import _default_input_fn
+
+from .compress import CompressionResult, compress
+from .config import CompressionConfig
+
+
+class PruneAfterOptimizerSteps(L.Callback):
+    """Calls ``step(trainer.global_step)`` after every training batch: the engine prunes when its schedule says so
+    (``GradualPruner.step`` ignores a repeated step, as under gradient accumulation)."""
+
+    def __init__(self, step: Callable[[int], Any]) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.step(trainer.global_step)
+
+
+def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, Any]) -> int:
+    """Optimizer steps a ``Trainer(max_epochs=epochs, **trainer_kwargs)`` makes over `train_batches` batches."""
+    batches = train_batches
+    limit = trainer_kwargs.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    per_epoch = math.ceil(batches / int(trainer_kwargs.get("accumulate_grad_batches", 1)))
+    total = per_epoch * epochs
+    max_steps = trainer_kwargs.get("max_steps", -1)
+    return min(total, max_steps) if max_steps is not None and max_steps > 0 else total
+
+
+def compress_lightning(
+    module: L.LightningModule,
+    config: CompressionConfig | None = None,
+    *,
+    datamodule: L.LightningDataModule,
+    metric: str = "val_acc",
+    test_metric: str | None = None,
+    fine_tune_epochs: int = 0,
+    trainer_kwargs: dict[str, Any] | None = None,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    calibration_data: Iterable | None = None,
+    input_fn: Callable[[object], tuple] | None = None,
+    submodule: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> CompressionResult:
+    """Run the pipeline on a copy of `module` (never modified), judged by its own logged metrics.
+
+    Args:
+        module: the trained LightningModule; with ``submodule=None`` its ``validation_step`` must call
+            ``self(...)``, which each stage's model replaces in a private copy.
+        config: the stages (:class:`CompressionConfig`).
+        datamodule: gives the fine-tuning, validation (and test) data, and calibration batches by default.
+        metric: logged by ``validation_step``; judges quantization candidates and fills the report.
+        test_metric: logged by ``test_step``; reported for every stage, never used for decisions.
+        fine_tune_epochs: epochs of ``trainer.fit`` while the pruning schedule runs (0: one-shot pruning).
+        trainer_kwargs: extra ``Trainer`` arguments for fine-tuning (CPU, no logger, no checkpoints by default).
+        example_inputs: the batch used for tracing and timing (default: the inputs of the first validation batch).
+        calibration_data: batches for static quantization (default: the training loader).
+        input_fn: maps a batch to the model's positional inputs (default: ``batch[0]`` of ``(x, y)`` pairs).
+        submodule: compress ``getattr(module, submodule)`` instead of the whole module.
+        output_dir: where the pruned state dict, the exported model and the report go.
+    """
+    if not isinstance(module, L.LightningModule):
+        raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
+    if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
+        raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")
+    config = config if config is not None else CompressionConfig()
+    if fine_tune_epochs and config.prune is None:
+        raise ValueError("compress_lightning(fine_tune_epochs=...) without config.prune: fine-tuning runs while "
+                         "pruning; give CompressionConfig(prune=PruneConfig(...)) or fine_tune_epochs=0.")
+    if submodule is not None and not isinstance(getattr(module, submodule, None), nn.Module):
+        raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
+    trainer_kwargs = dict(trainer_kwargs or {})
+    input_fn = input_fn or _default_input_fn
+    datamodule.setup("fit")
+    if example_inputs is None:
+        example_inputs = input_fn(next(iter(datamodule.val_dataloader())))
+    if calibration_data is None:
+        calibration_data = datamodule.train_dataloader()
+
+    host = _detached_copy(module)
+    if submodule is None:
+        # Tracing/export reads every property; an unattached module's `trainer` raises unless this flag (the one
+        # Lightning's own to_torchscript sets) is on. Our copy only.
+        host._jit_is_scripting = True
+    target = host if submodule is None else getattr(host, submodule)
+
+    def fine_tune(model: nn.Module, step: Callable[[int], Any]) -> None:
+        trained = model if submodule is None else host
+        if submodule is not None:
+            setattr(host, submodule, model)  # the pipeline's working copy, trained in place inside the host
+        kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+        kwargs.update(trainer_kwargs)
+        kwargs["max_epochs"] = fine_tune_epochs
+        trainer = L.Trainer(callbacks=[*kwargs.pop("callbacks", []), PruneAfterOptimizerSteps(step)], **kwargs)
+        trainer.fit(trained, datamodule=datamodule)
+
+    steps = optimizer_steps(len(datamodule.train_dataloader()), fine_tune_epochs, trainer_kwargs)
+    return compress(
+        target, config,
+        eval_fn=lightning_eval_fn(module, datamodule, metric, submodule=submodule),
+        test_fn=None if test_metric is None else lightning_eval_fn(module, datamodule, test_metric,
+                                                                   submodule=submodule, stage="test"),
+        example_inputs=example_inputs, calibration_data=calibration_data, input_fn=input_fn,
+        fine_tune=fine_tune if fine_tune_epochs and steps else None, fine_tune_steps=steps or None,
+        output_dir=output_dir, metric_name=metric, test_metric_name=test_metric,
+    )
+
+
+__all__ = ["PruneAfterOptimizerSteps", "compress_lightning", "optimizer_steps"]

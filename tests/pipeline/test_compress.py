@@ -1,0 +1,275 @@
+"""The framework-free pipeline on real models, real pruning/quantization kernels and real files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.data import load_digits_tensors
+from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
+from litcompress.pipeline.compress import PRUNED_STATE_FILE
+from litcompress.pruning import is_pruned
+from litcompress.pruning.schedules import PolynomialDecay
+from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized
+
+FAST = dict(latency_repeats=2, export=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = load_digits_tensors(seed=0)
+    return tuple(t for split in splits for t in split.tensors)  # x_train, y_train, x_val, y_val, x_test, y_test
+
+
+def accuracy(x, y):
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(x).argmax(1) == y).float().mean())
+    return evaluate
+
+
+def mlp(*widths: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1]))
+
+
+def train(model, x, y, steps=150, step_fn=None):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for t in range(1, steps + 1):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if step_fn is not None:
+            step_fn(t)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    return train(mlp(64, 96, 96, 10), digits[0], digits[1])
+
+
+def state_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_every_stage_runs_on_a_copy_and_the_last_is_measured_from_its_file(trained, digits, tmp_path):
+    before = state_of(trained)
+    x_val, y_val = digits[2], digits[3]
+    config = CompressionConfig(
+        prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+        quantize=PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"),
+                           accuracy=AccuracyCriterion(tolerable_loss=0.05)),
+        latency_repeats=3, num_threads=1,
+    )
+    result = compress(trained, config, eval_fn=accuracy(x_val, y_val), test_fn=accuracy(digits[4], digits[5]),
+                      example_inputs=x_val[:32], calibration_data=[(digits[0][:128], None)], output_dir=tmp_path,
+                      metric_name="val_acc", test_metric_name="test_acc")
+    # The user's model is untouched: same values, no pruning re-parametrisation.
+    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
+    assert not any(is_pruned(m, "weight") for m in trained.modules())
+
+    report = result.report
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk", "quantized"]
+    assert all(s.latency is not None and 0 < s.latency.min_ms <= s.latency.median_ms <= s.latency.max_ms
+               for s in report.stages)
+    assert report.metric_name == "val_acc" and report.test_metric_name == "test_acc"
+    assert report.num_threads == 1 and report.batch_size == 32
+    # Structured pruning zeroed half the rows of each hidden layer (the classifier is left whole) ...
+    pruned = result.stage_models["pruned"]
+    assert [int((m.weight.abs().sum(1) == 0).sum()) for m in pruned if isinstance(m, nn.Linear)] == [48, 48, 0]
+    # ... which shrink removed, computing the same function.
+    shrunk = result.stage_models["shrunk"]
+    assert [m.out_features for m in shrunk if isinstance(m, nn.Linear)] == [48, 48, 10]
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+    assert report["shrunk"].parameters == 64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10
+    assert report["shrunk"].metric == report["pruned"].metric
+    # The last stage is the exported file read back: its size is the file's, its outputs the in-memory model's.
+    assert result.artifact is not None and result.artifact.exists()
+    assert report["quantized"].size_bytes == result.artifact.stat().st_size
+    assert report.artifact == str(result.artifact)
+    loaded, recipe = load_quantized(result.artifact)
+    assert recipe == result.quantization.recipe
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_val), result.model(x_val))
+    assert report["quantized"].metric == pytest.approx(accuracy(x_val, y_val)(loaded))
+    # The pruned state dict loads into the user's own architecture and reproduces the pruned stage.
+    fresh = mlp(64, 96, 96, 10)
+    fresh.load_state_dict(torch.load(tmp_path / PRUNED_STATE_FILE))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x_val), pruned(x_val))
+    assert [title for title, _ in report.details] == ["Shrink", "Quantization trials"]
+
+
+@st.composite
+def pruning_cases(draw):
+    widths = [draw(st.integers(2, 24)) for _ in range(draw(st.integers(1, 3)))]
+    structured = draw(st.booleans())
+    return widths, structured, draw(st.floats(0.0, 0.95)), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=pruning_cases())
+def test_sparsity_is_hit_exactly_and_shrinking_keeps_the_outputs(case):
+    widths, structured, sparsity, seed = case
+    torch.manual_seed(seed)
+    model = mlp(8, *widths, 3).eval()
+    x = torch.randn(16, 8)
+    config = CompressionConfig(prune=PruneConfig(sparsity=sparsity,
+                                                 method="ln_structured" if structured else "l1_unstructured"), **FAST)
+    result = compress(model, config, eval_fn=lambda m: float(m(x).sum()), example_inputs=x)
+    pruned = result.stage_models["pruned"]
+    linears = [m for m in pruned if isinstance(m, nn.Linear)]
+    if structured:  # each hidden layer loses exactly round(s * rows) rows; the output layer none
+        assert [int((m.weight.abs().sum(1) == 0).sum()) for m in linears] == \
+               [round(sparsity * m.out_features) for m in linears[:-1]] + [0]
+    else:  # globally, exactly round(s * n) of all the weights
+        n = sum(m.weight.numel() for m in linears)
+        assert sum(int((m.weight == 0).sum()) for m in linears) == round(sparsity * n)
+        assert result.report["pruned"].weight_sparsity == pytest.approx(round(sparsity * n) / n)
+    assert [t.name for t in result.sparsity.tensors] == [f"{i}.weight" for i, m in enumerate(pruned)
+                                                         if isinstance(m, nn.Linear) and (m is not linears[-1]
+                                                                                          or not structured)]
+    # A hidden unit left without weights is removed (in an MLP every one can be); shrink adds a stage only then.
+    dead = [int((m.weight.abs().sum(1) == 0).sum()) for m in linears[:-1]]
+    assert ("shrunk" in result.stage_models) == (sum(dead) > 0)
+    if sum(dead):
+        shrunk = result.stage_models["shrunk"]
+        assert [m.out_features for m in shrunk if isinstance(m, nn.Linear)][:-1] == \
+               [m.out_features - d for m, d in zip(linears, dead)]
+        with torch.no_grad():
+            torch.testing.assert_close(shrunk(x), pruned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuning_runs_the_schedule_in_the_training_loop(trained, digits):
+    x, y = digits[0], digits[1]
+    schedule = PolynomialDecay(final_sparsity=0.9, begin=10, end=60, frequency=10)
+    seen: list[tuple[int, float]] = []
+
+    def fine_tune(model, step):
+        def after_step(t):
+            step(t)
+            weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+            zeros = sum(int((w == 0).sum()) for w in weights)
+            seen.append((t, zeros / sum(w.numel() for w in weights)))
+        train(model, x, y, steps=80, step_fn=after_step)
+
+    config = CompressionConfig(prune=PruneConfig(schedule=schedule), **FAST)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=x[:8],
+                      fine_tune=fine_tune, fine_tune_steps=80)
+    # Sparsity is exactly the schedule's at every pruning point, and pruned weights stay zero in between.
+    n = sum(m.weight.numel() for m in trained if isinstance(m, nn.Linear))
+    previous = 0.0
+    for t, sparsity in seen:
+        assert sparsity == (round(schedule.target(t) * n) / n if schedule.should_prune(t) else previous), t
+        previous = sparsity
+    assert [t for t, _ in seen] == list(range(1, 81)) and previous == round(0.9 * n) / n
+    # t=10 is the schedule's start (target 0); 20..60 prune.
+    assert "5 rounds during 80 fine-tuning steps" in result.report["pruned"].description
+    assert result.report["pruned"].metric > 0.8  # fine-tuning recovered a usable model
+
+
+def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):
+    def fine_tune(model, step):
+        train(model, digits[0], digits[1], steps=5, step_fn=step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.75, schedule="linear", end=1.0), **FAST)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      fine_tune=fine_tune, fine_tune_steps=100)
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.75, abs=1e-4)
+    assert any("fine-tuning stopped at step 5, before its schedule ended (step 100)" in m
+               for m in result.report.messages)
+
+
+def test_an_untraceable_model_is_reported_unshrunk_and_still_exported(digits, tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                h = h * 1.0
+            return self.b(h)
+
+    torch.manual_seed(0)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", exclude=("b",)),
+                               latency_repeats=2)
+    with pytest.warns(torch.jit.TracerWarning):  # the TorchScript file cannot keep the branch either: said
+        result = compress(Branchy(), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4],
+                          output_dir=tmp_path)
+    assert [s.stage for s in result.report.stages] == ["input", "pruned"]
+    assert any(m.startswith("shrink skipped: shrink needs a model torch.fx can trace") for m in result.report.messages)
+    assert result.artifact.suffix == ".pt" and result.report["pruned"].size_bytes == result.artifact.stat().st_size
+    assert any(m.startswith("export: TracerWarning") for m in result.report.messages)
+
+
+def test_export_alone_adds_a_row_for_the_file(trained, digits, tmp_path):
+    result = compress(trained, CompressionConfig(shrink=False, latency_repeats=2),
+                      eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
+    assert [s.stage for s in result.report.stages] == ["input", "exported"]
+    assert result.report["exported"].metric == result.report["input"].metric
+    assert result.report["exported"].size_bytes == result.artifact.stat().st_size
+
+
+def test_a_missed_accuracy_goal_is_a_warning_and_the_best_candidate_is_kept(trained, digits):
+    # A metric that only the fp32 model can satisfy (the fraction of Linear layers left in fp32): every int8
+    # candidate misses the goal, a fallback of some layers to fp32 included.
+    def fp32_only(model):
+        layers = [m for m in model.modules() if type(m).__name__ == "Linear"]  # fp32 and int8 alike
+        return sum(type(m) is nn.Linear for m in layers) / len(layers)
+
+    config = CompressionConfig(quantize=PTQConfig(backends=("torch_ao",), max_trials=2), shrink=False, **FAST)
+    with pytest.warns(QuantizationGoalWarning, match="Accuracy goal not met"):
+        result = compress(trained, config, eval_fn=fp32_only, example_inputs=digits[2][:4])
+    assert result.report["quantized"].description.endswith("(goal missed)")
+    assert result.quantization is not None and not result.quantization.goal_met
+
+
+def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
+    x = digits[2][:4]
+    evaluate = accuracy(digits[2], digits[3])
+    schedule = PruneConfig(schedule=PolynomialDecay(final_sparsity=0.5, begin=0, end=10))
+    with pytest.raises(ValueError, match="needs fine-tuning to run along"):
+        compress(trained, CompressionConfig(prune=schedule), eval_fn=evaluate, example_inputs=x)
+    with pytest.raises(ValueError, match="without config.prune"):
+        compress(trained, CompressionConfig(), eval_fn=evaluate, example_inputs=x, fine_tune=lambda m, s: None,
+                 fine_tune_steps=3)
+    with pytest.raises(ValueError, match="fine_tune_steps=None"):
+        compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5)), eval_fn=evaluate, example_inputs=x,
+                 fine_tune=lambda m, s: None)
+    with pytest.raises(ValueError, match="static quantization needs calibration"):
+        compress(trained, CompressionConfig(quantize=PTQConfig(approach="static")), eval_fn=evaluate,
+                 example_inputs=x)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        compress(trained, eval_fn=evaluate, example_inputs=x, output_dir=tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(ValueError, match="names no module of the model: \\['fc9'\\]"):
+        compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5, exclude=("fc9",))), eval_fn=evaluate,
+                 example_inputs=x)
+    with pytest.raises(ValueError, match="eval_fn returned nan for stage 'input'"):
+        compress(trained, eval_fn=lambda m: float("nan"), example_inputs=x)
+    with pytest.raises(TypeError, match="expected a CompressionConfig"):
+        compress(trained, PruneConfig(sparsity=0.5), eval_fn=evaluate, example_inputs=x)
+
+
+def test_prune_targets_skip_the_classifier_only_for_structured_methods(trained):
+    names = lambda targets: [id(m) for m, _ in targets]  # noqa: E731
+    linears = [m for m in trained if isinstance(m, nn.Linear)]
+    assert names(prune_targets(trained, PruneConfig(sparsity=0.5))) == [id(m) for m in linears]
+    assert names(prune_targets(trained, PruneConfig(sparsity=0.5, method="ln_structured"))) == \
+        [id(m) for m in linears[:-1]]
+    with pytest.raises(ValueError, match="nothing to prune"):
+        prune_targets(trained, PruneConfig(sparsity=0.5, layer_types=(nn.Conv2d,)))
+    both = prune_targets(trained, PruneConfig(sparsity=0.5, parameter_names=("weight", "bias")))
+    assert [n for _, n in both] == ["weight", "bias"] * 3

@@ -1,0 +1,106 @@
+"""Pipeline configuration: validated at construction, schedules spanning the fine-tuning steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch.nn.utils.prune as torch_prune
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.pipeline import CompressionConfig, PruneConfig
+from litcompress.pruning.schedules import IterativeSchedule, LinearSchedule, PolynomialDecay
+from litcompress.quantization import PTQConfig
+
+
+def test_defaults_pick_the_scope_each_method_supports():
+    assert PruneConfig(sparsity=0.5).scope == "global"
+    structured = PruneConfig(sparsity=0.5, method="ln_structured")
+    assert structured.scope == "local" and structured.structured
+    assert structured.method_kwargs() == {"dim": 0, "n": 2}
+    assert PruneConfig(sparsity=0.5, method=torch_prune.RandomUnstructured).scope == "global"
+    assert PruneConfig(sparsity=0.5).method_kwargs() == {}
+
+
+@given(st.one_of(st.floats(allow_nan=True), st.integers(), st.booleans(), st.none(), st.text(max_size=3)))
+def test_sparsity_outside_zero_one_is_refused(value):
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    if valid:
+        assert PruneConfig(sparsity=value).sparsity == value
+    else:
+        with pytest.raises(ValueError, match="sparsity"):
+            PruneConfig(sparsity=value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "l3_unstructured"}, "Unknown pruning method"),
+        ({"schedule": "exponential"}, "schedule='exponential'"),
+        ({"begin": 0.7, "end": 0.6}, "0 <= begin < end <= 1"),
+        ({"end": 1.5}, "0 <= begin < end <= 1"),
+        ({"rounds": 0}, "rounds=0"),
+        ({"scope": "everywhere"}, "scope='everywhere'"),
+        ({"method": "ln_structured", "scope": "global"}, "needs an unstructured method"),
+        ({"parameter_names": ()}, "name at least one tensor"),
+        ({"parameter_names": ("weight", "")}, "non-empty strings"),
+        ({"layer_types": (nn.Linear, int)}, "nn.Module classes"),
+        ({"exclude": (3,)}, "non-empty strings"),
+        ({"dim": 0.5}, "dim=0.5"),
+        ({"norm": 0}, "norm=0"),
+    ],
+)
+def test_bad_prune_config_fails_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PruneConfig(sparsity=0.5, **kwargs)
+
+
+def test_a_schedule_object_sets_the_sparsity_and_must_count_steps():
+    schedule = PolynomialDecay(final_sparsity=0.9, begin=0, end=100, frequency=10)
+    config = PruneConfig(schedule=schedule)
+    assert config.sparsity == 0.9 and config.step_schedule(5) is schedule
+    assert PruneConfig(sparsity=0.9, schedule=schedule).sparsity == 0.9
+    with pytest.raises(ValueError, match="disagrees with the schedule's final sparsity"):
+        PruneConfig(sparsity=0.5, schedule=schedule)
+    with pytest.raises(ValueError, match="unit='step'"):
+        PruneConfig(schedule=IterativeSchedule(rate_per_round=0.2, rounds=3))
+    with pytest.raises(ValueError, match="give the final sparsity"):
+        PruneConfig()
+
+
+@given(total=st.integers(2, 100_000), sparsity=st.floats(0, 0.99), begin=st.floats(0, 0.9),
+       span=st.floats(0.01, 1), rounds=st.integers(1, 50), shape=st.sampled_from(["cubic", "linear"]))
+def test_shaped_schedules_span_the_fine_tuning_steps(total, sparsity, begin, span, rounds, shape):
+    end = min(1.0, begin + span)
+    schedule = PruneConfig(sparsity=sparsity, schedule=shape, begin=begin, end=end, rounds=rounds).step_schedule(total)
+    assert isinstance(schedule, PolynomialDecay) and schedule.unit == "step"
+    assert isinstance(schedule, LinearSchedule) == (shape == "linear")
+    assert 0 <= schedule.begin < schedule.end <= max(total, schedule.begin + 1)
+    assert schedule.target(schedule.begin) == 0.0 and schedule.target(total) == sparsity
+    points = [t for t in range(schedule.begin, schedule.end + 1) if schedule.should_prune(t)]
+    assert len(points) <= rounds + 1 and points[-1] == schedule.end
+
+
+def test_oneshot_prunes_everything_at_step_zero():
+    schedule = PruneConfig(sparsity=0.7, schedule="oneshot").step_schedule(500)
+    assert schedule.should_prune(0) and schedule.target(0) == 0.7
+    assert not any(schedule.should_prune(t) for t in range(2, 500))
+
+
+def test_compression_config_checks_its_fields():
+    config = CompressionConfig()
+    assert config.prune is None and config.shrink and config.quantize is None and config.export
+    with pytest.raises(TypeError, match="expected a PruneConfig"):
+        CompressionConfig(prune=0.5)
+    with pytest.raises(TypeError, match="expected a PTQConfig"):
+        CompressionConfig(quantize="dynamic")
+    with pytest.raises(TypeError, match="shrink=1"):
+        CompressionConfig(shrink=1)
+    with pytest.raises(ValueError, match="latency_repeats=0"):
+        CompressionConfig(latency_repeats=0)
+    with pytest.raises(ValueError, match="num_threads=0"):
+        CompressionConfig(num_threads=0)
+    assert CompressionConfig(quantize=PTQConfig(), num_threads=2).num_threads == 2
+    assert math.isclose(PruneConfig(sparsity=0.25).sparsity, 0.25)

@@ -1,0 +1,103 @@
+"""The pipeline on a LightningModule with the real Trainer: fine-tuning while pruning, stages judged by the module's
+own logged metrics."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress.data import DigitsDataModule
+from litcompress.models import MLPClassifier
+from litcompress.pipeline import CompressionConfig, PruneConfig
+from litcompress.pipeline.lightning import compress_lightning, optimizer_steps
+from litcompress.pruning import is_pruned
+from litcompress.quantization import PTQConfig
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    module = MLPClassifier(hidden=(64, 64), lr=1e-2)
+    _trainer(max_epochs=4).fit(module, datamodule=data)
+    return module, data
+
+
+def test_fine_tunes_while_pruning_and_reports_the_modules_own_metrics(fitted, tmp_path):
+    module, data = fitted
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", rounds=4),
+                               quantize=PTQConfig(backends=("torch_ao",)), latency_repeats=2)
+    result = compress_lightning(module, config, datamodule=data, metric="val_acc", test_metric="test_acc",
+                                fine_tune_epochs=2, output_dir=tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert not any(is_pruned(m, "weight") for m in module.modules())
+
+    report = result.report
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk", "quantized"]
+    steps = 2 * len(data.train_dataloader())
+    assert f"3 rounds during {steps} fine-tuning steps" in report["pruned"].description  # the 4th has none left
+    # The input row is what trainer.validate/test logs for the untouched module.
+    validated = _trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"]
+    tested = _trainer().test(module, datamodule=data, verbose=False)[0]["test_acc"]
+    assert report["input"].metric == pytest.approx(validated) and report["input"].test_metric == pytest.approx(tested)
+    # Fine-tuning trained the surviving weights (not only masked them).
+    pruned = result.stage_models["pruned"]
+    first_in, first_pruned = module.net[0].weight, pruned.net[0].weight
+    kept = first_pruned.abs().sum(1) != 0
+    assert int(kept.sum()) == 32 and not torch.allclose(first_in[kept], first_pruned[kept])
+    shrunk = result.stage_models["shrunk"]
+    assert isinstance(shrunk, MLPClassifier)  # class and forward kept; narrower layers
+    assert [m.out_features for m in shrunk.net if isinstance(m, nn.Linear)] == [32, 32, 10]
+    assert report["quantized"].metric >= 0.99 * report["shrunk"].metric
+    assert result.artifact is not None and result.artifact.exists()
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.parametrize(("batches", "epochs", "kwargs"), [
+    (7, 2, {}),
+    (7, 3, {"limit_train_batches": 3}),
+    (7, 2, {"limit_train_batches": 0.5}),
+    (7, 2, {"accumulate_grad_batches": 3}),
+    (7, 5, {"max_steps": 9}),
+])
+def test_optimizer_steps_match_what_the_trainer_does(batches, epochs, kwargs):
+    model = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)
+    loader = DataLoader(TensorDataset(torch.randn(batches * 2, 4), torch.randint(0, 2, (batches * 2,))), batch_size=2)
+    trainer = _trainer(max_epochs=epochs, limit_val_batches=0, **kwargs)
+    trainer.fit(model, train_dataloaders=loader)
+    assert optimizer_steps(batches, epochs, kwargs) == trainer.global_step
+
+
+def test_a_submodule_is_compressed_and_fine_tuned_inside_its_host(fitted):
+    module, data = fitted
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.7), export=False, latency_repeats=2)
+    result = compress_lightning(module, config, datamodule=data, submodule="net", fine_tune_epochs=1,
+                                trainer_kwargs={"limit_train_batches": 5})
+    assert type(result.model) is nn.Sequential
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.7, abs=1e-4)
+    assert "rounds during 5 fine-tuning steps" in result.report["pruned"].description
+
+
+def test_bad_arguments_fail_before_fine_tuning(fitted):
+    module, data = fitted
+    prune = CompressionConfig(prune=PruneConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="without config.prune"):
+        compress_lightning(module, CompressionConfig(), datamodule=data, fine_tune_epochs=1)
+    with pytest.raises(ValueError, match="fine_tune_epochs=-1"):
+        compress_lightning(module, prune, datamodule=data, fine_tune_epochs=-1)
+    with pytest.raises(ValueError, match="submodule='body'"):
+        compress_lightning(module, prune, datamodule=data, submodule="body")
+    with pytest.raises(TypeError, match="expected a LightningModule"):
+        compress_lightning(module.net, prune, datamodule=data)
+    # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.
+    with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by validation_step"):
+        compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)

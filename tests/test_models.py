@@ -1,0 +1,35 @@
+"""The built-in classifiers: shapes, validation, and checkpoints that rebuild them."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from litcompress.models import CNNClassifier, MLPClassifier
+
+
+@pytest.mark.parametrize(("model", "inputs"), [
+    (MLPClassifier(in_features=12, hidden=(7, 5), num_classes=4), torch.rand(3, 12)),
+    (CNNClassifier(in_channels=2, image_size=9, channels=(3, 6, 4), num_classes=4), torch.rand(3, 2, 9, 9)),
+])
+def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
+    assert model(inputs).shape == (3, 4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    again = type(model).load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu")
+    torch.testing.assert_close(again(inputs), model(inputs))
+
+
+@pytest.mark.parametrize(("build", "match"), [
+    (lambda: MLPClassifier(hidden=()), "hidden=\\(\\)"),
+    (lambda: MLPClassifier(hidden=(8, 0)), "positive ints"),
+    (lambda: MLPClassifier(lr=0), "lr=0"),
+    (lambda: MLPClassifier(weight_decay=-1), "weight_decay=-1"),
+    (lambda: CNNClassifier(image_size=8, channels=(4, 4, 4, 4)), "too small for 4 unpadded"),
+])
+def test_bad_sizes_fail_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
