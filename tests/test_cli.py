@@ -1,0 +1,116 @@
+"""The `litcompress` command end to end: real training, real files, errors at parse time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from litcompress.cli import main
+from litcompress.models import MLPClassifier
+from litcompress.pipeline.compress import PRUNED_STATE_FILE
+from litcompress.quantization import load_quantized
+from litcompress.report.compression import CompressionReport
+
+QUICK = ["--train-epochs", "2", "--prune-epochs", "1", "--backends", "torch_ao", "--latency-repeats", "2",
+         "--max-trials", "2"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["compress", *QUICK, "--model-args", '{"hidden": [48, 48]}', "--sparsity", "0.7",
+                 "--output-dir", str(out)])
+    return code, out
+
+
+def test_compress_trains_compresses_and_writes_every_file(first_run, capsys):
+    code, out = first_run
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"dense.ckpt", PRUNED_STATE_FILE, "model.pt", "report.json", "report.md", "report.png"} <= names
+    report = CompressionReport.load_json(out / "report.json")
+    stages = [s.stage for s in report.stages]
+    # Unstructured pruning may or may not leave a unit without inputs; the report says which.
+    assert stages in (["input", "pruned", "shrunk", "quantized"], ["input", "pruned", "quantized"])
+    assert ("shrunk" in stages) != any(m.startswith("shrink: no all-zero channel") for m in report.messages)
+    assert report.metric_name == "val_acc" and report.test_metric_name == "test_acc"
+    assert report["pruned"].weight_sparsity == pytest.approx(0.7, abs=1e-4)
+    assert report["quantized"].size_bytes == (out / "model.pt").stat().st_size
+    # The dense checkpoint and the pruned state dict both load into the original architecture.
+    dense = MLPClassifier.load_from_checkpoint(out / "dense.ckpt", map_location="cpu")
+    dense.load_state_dict(torch.load(out / PRUNED_STATE_FILE))
+    model, recipe = load_quantized(out / "model.pt")
+    assert recipe.backend == "torch_ao" and recipe.approach == "dynamic"
+    assert model(torch.rand(3, 64)).shape == (3, 10)
+
+
+def test_report_prints_a_saved_report_and_writes_its_plot_again(first_run, capsys, tmp_path):
+    _, out = first_run
+    assert main(["report", str(out), "--plot", str(tmp_path / "again.png"),
+                 "--markdown", str(tmp_path / "again.md")]) == 0
+    printed = capsys.readouterr().out
+    assert CompressionReport.load_json(out / "report.json").table() in printed
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "again.md").read_text() == (out / "report.md").read_text()
+
+
+def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path):
+    _, out = first_run
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--prune", "none", "--quantize", "none",
+                 "--latency-repeats", "2", "--output-dir", str(tmp_path)]) == 0
+    first = CompressionReport.load_json(out / "report.json")
+    second = CompressionReport.load_json(tmp_path / "report.json")
+    assert second["input"].metric == first["input"].metric  # the same trained model, not a new one
+    assert not (tmp_path / "dense.ckpt").exists()
+    assert [s.stage for s in second.stages] == ["input", "exported"]
+
+
+def test_structured_cnn_with_static_quantization(tmp_path):
+    assert main(["compress", "--model", "cnn", "--model-args", '{"channels": [8, 16]}', "--prune", "ln_structured",
+                 "--sparsity", "0.5", "--quantize", "static", "--tolerance", "0.5", *QUICK,
+                 "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk", "quantized"]
+    # conv(1->8, no bias) BN(8) conv(8->16, no bias) BN(16) Linear(16*2*2 -> 10): 72+16+1152+32+650 parameters.
+    assert report["input"].parameters == 1922
+    # Half the filters of both convs go (the classifier stays whole): 36+8+288+16+330, plus the bias conv2 gains
+    # for the constant outputs of conv1's removed channels (BatchNorm's shift through ReLU).
+    assert report["shrunk"].parameters == 678 + 8
+    assert report["shrunk"].description.startswith("12 channels removed")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
+    (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
+    (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
+    (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
+    (["--model", "resnet"], "expected one of mlp, cnn or 'package.module:Class'"),
+    (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
+    (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),
+    (["--model-args", "{hidden: 3}"], "expected a JSON object"),
+    (["--prune", "l3_unstructured"], "Unknown pruning method 'l3_unstructured'"),
+    (["--prune", "ln_structured", "--exclude", "net.9"], "names no module of the model: ['net.9']"),
+    (["--model", "cnn", "--data-args", '{"flatten": true}'], "--model cnn takes square images"),
+    (["--metric", "val_accuracy"], "--metric val_accuracy: MLPClassifier.validation_step does not log it"),
+    (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
+    (["--tolerance", "-0.1"], "expected a finite number >= 0"),
+])
+def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", *args, "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_the_console_script_is_installed_and_answers():
+    script = Path(sys.executable).parent / "litcompress"
+    done = subprocess.run([str(script), "compress", "--sparsity", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "expected a fraction in [0, 1), got 2" in done.stderr
+    done = subprocess.run([str(script), "report", "/nonexistent"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cannot read" in done.stderr
