@@ -143,8 +143,10 @@ def test_sparsity_is_hit_exactly_and_shrinking_keeps_the_outputs(case):
     assert ("shrunk" in result.stage_models) == (sum(dead) > 0)
     if sum(dead):
         shrunk = result.stage_models["shrunk"]
-        assert [m.out_features for m in shrunk if isinstance(m, nn.Linear)][:-1] == \
-               [m.out_features - d for m, d in zip(linears, dead)]
+        # At least the dead units go (more, when removing them leaves a next-layer unit without inputs; a layer
+        # keeps one unit).
+        widths = [m.out_features for m in shrunk if isinstance(m, nn.Linear)]
+        assert widths[-1] == 3 and all(w <= max(1, m.out_features - d) for w, m, d in zip(widths, linears, dead))
         with torch.no_grad():
             torch.testing.assert_close(shrunk(x), pruned(x), rtol=1e-4, atol=1e-5)
 

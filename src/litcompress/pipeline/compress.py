@@ -22,7 +22,7 @@ from torch import nn
 from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
-from litcompress.pruning.shrink import ShrinkReport, shrink
+from litcompress.pruning.shrink import ShrinkReport, eval_outputs, max_output_difference, shrink
 from litcompress.quantization.artifact import load_quantized, save_quantized
 from litcompress.quantization.backends import get_backend, to_inputs
 from litcompress.quantization.latency import measure_latencies, pinned_threads
@@ -124,14 +124,6 @@ class _Stages:
         return row
 
 
-def _max_output_difference(a: nn.Module, b: nn.Module, inputs: tuple) -> float:
-    with torch.no_grad():
-        out_a, out_b = a(*inputs), b(*inputs)
-    if isinstance(out_a, torch.Tensor) and isinstance(out_b, torch.Tensor):
-        return float((out_a.double() - out_b.double()).abs().max()) if out_a.numel() else 0.0
-    return float("nan")
-
-
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -203,9 +195,9 @@ def compress(
 
     stages = _Stages(eval_fn, test_fn)
     details: list[tuple[str, str]] = []
-    work = deepcopy_model(model)
     started = time.monotonic()
-    stages.add("input", deepcopy_model(work), "the model as given", 0.0)
+    stages.add("input", deepcopy_model(model), "the model as given", 0.0)
+    work = deepcopy_model(model)  # fine-tuned and pruned in place; shrink and quantize return new models
     result_sparsity = shrink_report = quantization = None
 
     # ---------------------------------------------------------------------------------------- prune
@@ -236,7 +228,7 @@ def compress(
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
             torch.save(permanent_state_dict(work), directory / PRUNED_STATE_FILE)
-        stages.add("pruned", deepcopy_model(work), description, time.monotonic() - t0)
+        stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
 
     # ---------------------------------------------------------------------------------------- shrink
     if config.shrink:
@@ -252,7 +244,7 @@ def compress(
                 work = shrunk.model.eval()
                 description = (f"{shrink_report.channels_removed:,} channels removed, parameters "
                                f"x{shrink_report.parameter_ratio:.3f}")
-                stages.add("shrunk", deepcopy_model(work), description, time.monotonic() - t0)
+                stages.add("shrunk", work, description, time.monotonic() - t0)
             else:
                 note("shrink: no all-zero channel to remove" + (
                     f" (kept: {'; '.join(f'{n}: {r}' for n, r in shrink_report.kept)})" if shrink_report.kept else ""))
@@ -288,7 +280,7 @@ def compress(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(artifact)
-        difference = _max_output_difference(work, loaded, inputs)
+        difference = max_output_difference(eval_outputs(work, inputs), eval_outputs(loaded, inputs))
         seconds = time.monotonic() - t0
         final = stages.rows[-1]
         if final.stage == "input":  # nothing changed the model: the file gets a row of its own

@@ -373,7 +373,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
                        left=all_zero - removed)
 
 
-def _outputs(model: nn.Module, example_inputs: tuple) -> object:
+def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
+    """`model`'s outputs on `example_inputs` in eval mode, without gradients (its mode is restored)."""
     was_training = model.training
     model.eval()
     try:
@@ -392,7 +393,7 @@ def _leaves(output: object) -> list[object]:
     return [output]
 
 
-def _max_difference(a: object, b: object) -> float:
+def max_output_difference(a: object, b: object) -> float:
     """Largest absolute difference between two outputs; inf when their structure or shapes differ."""
     leaves_a, leaves_b = _leaves(a), _leaves(b)
     if len(leaves_a) != len(leaves_b):
@@ -438,7 +439,7 @@ def shrink_(
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
     before = _count_parameters(model)
     make_permanent_(model)
-    reference = _outputs(model, example_inputs) if example_inputs is not None else None
+    reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
     try:
         graph = tracer().trace(model)
     except Exception as error:  # fx raises many types; the user needs the original message and what to do
@@ -477,7 +478,7 @@ def shrink_(
             kept.append((name, outcome))
     report = ShrinkReport(tuple(layers), tuple(kept), before, _count_parameters(model))
     if example_inputs is not None:
-        difference = _max_difference(reference, _outputs(model, example_inputs))
+        difference = max_output_difference(reference, eval_outputs(model, example_inputs))
         if not difference <= rtol * max(_scale(reference), 1.0):
             raise ValueError(
                 f"the shrunk model's outputs differ from the original's by {difference:.3g} (more than rtol={rtol} "
