@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/prune_digits.py
+	$(VENV)/bin/litcompress compress --output-dir out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
