@@ -98,14 +98,18 @@ def test_structured_cnn_with_static_quantization(tmp_path):
     (["--metric", "val_accuracy"], "--metric val_accuracy: MLPClassifier.validation_step does not log it"),
     (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
+    (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
 ])
-def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys):
-    out = tmp_path / "out"
+def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("file.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info:
-        main(["compress", *args, "--output-dir", str(out)])
+        main(["compress", "--output-dir", "out", *args])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()  # nothing was trained or written
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("usage: litcompress compress")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing was trained or written
+    assert Path("file.txt").read_text() == "mine"
 
 
 def test_the_console_script_is_installed_and_answers():

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "compress", help="train or load a model, then prune -> shrink -> quantize -> export, with a report",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.set_defaults(subparser=run)  # errors found after parsing are reported with this command's usage
 
     source = run.add_argument_group("model and data")
     source.add_argument("--model", type=_class_spec("model", BUILTIN_MODELS), default="mlp",
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-plot", dest="plot", action="store_false", help="do not write report.png")
 
     show = commands.add_parser("report", help="print a saved report (and write its plot or Markdown again)")
+    show.set_defaults(subparser=show)
     show.add_argument("path", type=Path, help="report.json, or the directory holding it")
     show.add_argument("--plot", type=Path, help="write the plot to this PNG file")
     show.add_argument("--markdown", type=Path, help="write the Markdown report to this file")
@@ -313,7 +315,7 @@ def _trainer(epochs: int, **overrides: Any) -> Any:
                      enable_progress_bar=False, enable_model_summary=False, **overrides)
 
 
-def run_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
     from litcompress.pipeline import prune_targets
@@ -322,6 +324,8 @@ def run_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)
     try:  # everything that can be wrong with the arguments fails here, before any training
+        if args.output_dir.exists() and not args.output_dir.is_dir():
+            raise ValueError(f"--output-dir {args.output_dir} is a file; give a directory.")
         config = _configs(args)
         data = _datamodule(args)
         data.prepare_data()
@@ -333,7 +337,7 @@ def run_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric)
     except (ValueError, TypeError, ImportError, KeyError) as error:
-        parser.error(f"compress: {error}")
+        args.subparser.error(str(error))
     train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -365,29 +369,30 @@ def run_compress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-def run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def run_report(args: argparse.Namespace) -> int:
     from litcompress.report.compression import CompressionReport
 
     path = args.path / "report.json" if args.path.is_dir() else args.path
     try:
         report = CompressionReport.load_json(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        parser.error(f"report: cannot read {path}: {error}")
+        args.subparser.error(f"cannot read {path}: {error}")
     print(report.table())
     if args.markdown:
         args.markdown.write_text(report.markdown())
         print(f"markdown: {args.markdown}")
     if args.plot:
-        print(f"plot: {report.plot(args.plot)}")
+        try:
+            print(f"plot: {report.plot(args.plot)}")
+        except ImportError as error:
+            args.subparser.error(str(error))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compress":
-        return run_compress(args, parser)
-    return run_report(args, parser)
+    return run_compress(args) if args.command == "compress" else run_report(args)
 
 
 if __name__ == "__main__":
