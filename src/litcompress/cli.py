@@ -352,12 +352,9 @@ def run_compress(args: argparse.Namespace) -> int:
     result = compress_lightning(model, config, datamodule=data, metric=args.metric, test_metric=test_metric,
                                 fine_tune_epochs=args.prune_epochs if config.prune is not None else 0,
                                 example_inputs=example_inputs, output_dir=args.output_dir)
-    written = result.report.save(args.output_dir, plot=False)
-    if args.plot:
-        try:
-            written["plot"] = result.report.plot(args.output_dir / "report.png")
-        except ImportError as error:
-            _stderr(f"no plot: {error}")
+    written = result.report.save(args.output_dir, plot=None if args.plot else False)
+    if args.plot and "plot" not in written:
+        _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")
     print(result.report.table())
     for message in result.report.messages:
         if message.startswith("quantization: ") and "goal not met" not in message.lower():

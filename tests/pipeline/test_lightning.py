@@ -9,11 +9,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from litcompress import ModelPruning
+from litcompress.callbacks import CompressOnFitEnd
 from litcompress.data import DigitsDataModule
 from litcompress.models import MLPClassifier
 from litcompress.pipeline import CompressionConfig, PruneConfig
 from litcompress.pipeline.lightning import compress_lightning, optimizer_steps
 from litcompress.pruning import is_pruned
+from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import PTQConfig
 
 
@@ -101,3 +104,37 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
     # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.
     with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by validation_step"):
         compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)
+
+
+def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp_path):
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    module = MLPClassifier(hidden=(64, 64), lr=1e-2)
+    steps = 3 * 17  # 3 epochs of 17 batches
+    pruning = ModelPruning("ln_structured", amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=steps // 2,
+                                                                   frequency=5),
+                           parameters_to_prune=[(module.net[0], "weight"), (module.net[2], "weight")],
+                           pruning_dim=0, pruning_norm=2, use_global_unstructured=False,
+                           use_lottery_ticket_hypothesis=False)
+    compressing = CompressOnFitEnd(CompressionConfig(quantize=PTQConfig(backends=("torch_ao",)), latency_repeats=2),
+                                   test_metric="test_acc", output_dir=tmp_path)
+    _trainer(max_epochs=3, callbacks=[pruning, compressing]).fit(module, datamodule=data)
+    report = compressing.result.report
+    assert [s.stage for s in report.stages] == ["input", "shrunk", "quantized"]
+    assert report["input"].weight_sparsity == pytest.approx((32 * 64 + 32 * 64) / (64 * 64 + 64 * 64 + 10 * 64))
+    assert [m.out_features for m in compressing.result.stage_models["shrunk"].net if isinstance(m, nn.Linear)] == \
+        [32, 32, 10]
+    assert {"report.json", "report.md", "report.png", "model.pt"} <= {p.name for p in tmp_path.iterdir()}
+    assert report["quantized"].test_metric is not None
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_compress_on_fit_end_needs_a_datamodule_and_says_so_before_training(tmp_path):
+    module = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    callback = CompressOnFitEnd(CompressionConfig(), output_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs trainer.fit\\(model, datamodule=...\\)"):
+        _trainer(max_epochs=1, callbacks=[callback]).fit(module, train_dataloaders=loader)
+    assert callback.result is None and not any(tmp_path.iterdir())
+    with pytest.raises(TypeError, match="expected a CompressionConfig"):
+        CompressOnFitEnd(PTQConfig(), output_dir=tmp_path)

@@ -2,6 +2,7 @@
 
 from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.callbacks.pruning import ModelPruning, load_pruned_checkpoint
+from litcompress.pipeline.lightning import CompressOnFitEnd
 from litcompress.quantization.lightning import QuantizeOnFitEnd
 
-__all__ = ["ModelPruning", "QuantizeOnFitEnd", "find_lottery_ticket", "load_pruned_checkpoint"]
+__all__ = ["CompressOnFitEnd", "ModelPruning", "QuantizeOnFitEnd", "find_lottery_ticket", "load_pruned_checkpoint"]

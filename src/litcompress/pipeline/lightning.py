@@ -128,4 +128,41 @@ def compress_lightning(
     )
 
 
-__all__ = ["PruneAfterOptimizerSteps", "compress_lightning", "optimizer_steps"]
+class CompressOnFitEnd(L.Callback):
+    """Run the pipeline on the trained module when ``fit`` ends (shrink -> quantize -> export, with the report).
+
+    Pair it with a pruning callback (``litcompress.ModelPruning`` with a schedule) to prune while training::
+
+        Trainer(callbacks=[ModelPruning("ln_structured", amount=schedule, pruning_dim=0, ...),
+                           CompressOnFitEnd(CompressionConfig(quantize=PTQConfig()), output_dir="out")])
+
+    A ``config.prune`` here prunes the trained module once more, one-shot. The result is in ``self.result``; the
+    report files are written to `output_dir` with the model (the plot when matplotlib is installed, unless
+    ``plot=False``). Needs the Trainer to be given a DataModule.
+    """
+
+    def __init__(self, config: CompressionConfig, *, metric: str = "val_acc", test_metric: str | None = None,
+                 output_dir: str | os.PathLike, submodule: str | None = None, plot: bool | None = None) -> None:
+        if not isinstance(config, CompressionConfig):
+            raise TypeError(f"CompressOnFitEnd(config={config!r}): expected a CompressionConfig.")
+        if not metric:
+            raise ValueError("CompressOnFitEnd(metric=''): name the metric logged in validation_step.")
+        self.config, self.metric, self.test_metric = config, metric, test_metric
+        self.output_dir, self.submodule, self.plot = output_dir, submodule, plot
+        self.result: CompressionResult | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.datamodule is None:
+            raise ValueError("CompressOnFitEnd needs trainer.fit(model, datamodule=...): its validation (and test) "
+                             "loaders judge every stage and its training loader calibrates quantization.")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted or not trainer.is_global_zero:
+            return  # an interrupted fit leaves its checkpoints alone; one rank compresses
+        self.result = compress_lightning(pl_module, self.config, datamodule=trainer.datamodule, metric=self.metric,
+                                         test_metric=self.test_metric, submodule=self.submodule,
+                                         output_dir=self.output_dir)
+        self.result.report.save(self.output_dir, plot=self.plot)
+
+
+__all__ = ["CompressOnFitEnd", "PruneAfterOptimizerSteps", "compress_lightning", "optimizer_steps"]

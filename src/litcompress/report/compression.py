@@ -7,6 +7,7 @@ plain-text table, a Markdown page and a PNG plot, and stored as JSON so that it 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -225,13 +226,18 @@ class CompressionReport:
             raise ValueError(f"{path} is not a JSON file ({error}).") from error
         return cls.from_dict(data)
 
-    def save(self, directory: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
-        """Write ``report.json``, ``report.md`` and (with matplotlib installed) ``report.png`` into `directory`."""
+    def save(self, directory: str | os.PathLike, *, plot: bool | None = None) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into `directory`; returns what was written.
+
+        ``plot=None`` plots when matplotlib is installed, ``True`` requires it, ``False`` skips the plot.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = {"json": self.save_json(directory / "report.json")}
         (directory / "report.md").write_text(self.markdown())
         written["markdown"] = directory / "report.md"
+        if plot is None:
+            plot = importlib.util.find_spec("matplotlib") is not None
         if plot:
             written["plot"] = self.plot(directory / "report.png")
         return written
