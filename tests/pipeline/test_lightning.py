@@ -101,6 +101,11 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
         compress_lightning(module, prune, datamodule=data, submodule="body")
     with pytest.raises(TypeError, match="expected a LightningModule"):
         compress_lightning(module.net, prune, datamodule=data)
+    with pytest.raises(ValueError, match="give fine_tune_epochs instead"):
+        compress_lightning(module, prune, datamodule=data, fine_tune_epochs=1, trainer_kwargs={"max_epochs": 3})
+    for kwargs in ({"devices": 2}, {"strategy": "ddp"}, {"num_nodes": 2}):
+        with pytest.raises(ValueError, match="fine-tunes in this process, on one device"):
+            compress_lightning(module, prune, datamodule=data, fine_tune_epochs=1, trainer_kwargs=kwargs)
     # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.
     with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by validation_step"):
         compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)

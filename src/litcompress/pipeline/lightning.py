@@ -48,6 +48,18 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
     return min(total, max_steps) if max_steps is not None and max_steps > 0 else total
 
 
+def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
+    if "max_epochs" in kwargs:
+        raise ValueError("compress_lightning(trainer_kwargs={'max_epochs': ...}): give fine_tune_epochs instead; the "
+                         "pruning schedule is laid over exactly those epochs.")
+    single = kwargs.get("devices", 1) in (1, "1", [0], (0,), "auto") and kwargs.get("num_nodes", 1) == 1 \
+        and kwargs.get("strategy", "auto") in ("auto", "single_device")
+    if not single:
+        raise ValueError("compress_lightning fine-tunes in this process, on one device (its pruning rounds and the "
+                         "evaluations of every stage run here). For multi-device training, prune with "
+                         "litcompress.ModelPruning during fit (it keeps ranks in sync) and compress the checkpoint.")
+
+
 def compress_lightning(
     module: L.LightningModule,
     config: CompressionConfig | None = None,
@@ -91,6 +103,7 @@ def compress_lightning(
     if submodule is not None and not isinstance(getattr(module, submodule, None), nn.Module):
         raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
     trainer_kwargs = dict(trainer_kwargs or {})
+    _check_trainer_kwargs(trainer_kwargs)
     input_fn = input_fn or _default_input_fn
     datamodule.setup("fit")
     if example_inputs is None:
@@ -152,9 +165,15 @@ class CompressOnFitEnd(L.Callback):
         self.result: CompressionResult | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.datamodule is None:
+        if stage != "fit":
+            return
+        if trainer.datamodule is None:
             raise ValueError("CompressOnFitEnd needs trainer.fit(model, datamodule=...): its validation (and test) "
                              "loaders judge every stage and its training loader calibrates quantization.")
+        if trainer.world_size > 1:
+            raise ValueError("CompressOnFitEnd runs in a single process; after a multi-device fit, run "
+                             "litcompress.compress_lightning (or `litcompress compress --checkpoint`) on the saved "
+                             "checkpoint.")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted or not trainer.is_global_zero:
