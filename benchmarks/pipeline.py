@@ -185,7 +185,8 @@ def table(results: list[dict]) -> str:
             if variant == "litcompress":
                 cells = [f"**{c}**" if i >= 2 else c for i, c in enumerate(cells)]
             lines.append("| " + " | ".join(cells) + " |")
-        ratio = " / ".join(f"{r['latency_ms'][b]['lightning_docs']['median'] / r['latency_ms'][b]['litcompress']['median']:.2f}x"
+        lat = r["latency_ms"]
+        ratio = " / ".join(f"{lat[b]['lightning_docs']['median'] / lat[b]['litcompress']['median']:.2f}x"
                            for b in BATCHES)
         ours, peer = r["litcompress"], r["lightning_docs"]
         lines.append(f"| {setting} | *litcompress vs Lightning docs* | "
@@ -222,11 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     text = table(results)
     print(text)
     wall = time.perf_counter() - started
-    command = (f"python benchmarks/pipeline.py --threads {args.threads} --repeats {args.repeats} --epochs {args.epochs} "
-               f"--fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}")
+    command = (f"python benchmarks/pipeline.py --threads {args.threads} --repeats {args.repeats} "
+               f"--epochs {args.epochs} --fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}")
     if args.write:
         reports = "\n\n".join(f"{r['method']} {r['target']:.0%}:\n{r['report']}" for r in results)
-        replace_section(REPO / "BENCHMARKS.md", "pipeline", f"""## The pipeline vs the Lightning-docs workflow (`benchmarks/pipeline.py`)
+        title = "## The pipeline vs the Lightning-docs workflow (`benchmarks/pipeline.py`)"
+        replace_section(REPO / "BENCHMARKS.md", "pipeline", f"""{title}
 
 ```bash
 .venv/bin/{command} --write
