@@ -46,7 +46,8 @@ class CompressionResult:
     """The compressed model, every stage's model, and the report.
 
     ``model`` is the last stage's model in memory (quantized, else shrunk, else pruned, else a copy of the input);
-    ``artifact`` is the exported file (None without ``output_dir`` or with ``export=False``).
+    ``artifact`` is the exported file (None without ``output_dir`` or with ``export=False``); ``stage_models`` holds
+    each stage's model as measured in the report (the last one read back from ``artifact`` when exported).
     """
 
     model: nn.Module
