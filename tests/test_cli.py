@@ -69,6 +69,19 @@ def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path):
     assert [s.stage for s in second.stages] == ["input", "exported"]
 
 
+def test_a_submodule_exported_to_onnx_without_quantization(first_run, tmp_path):
+    _, out = first_run
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--submodule", "net", "--prune",
+                 "ln_structured", "--sparsity", "0.25", "--prune-epochs", "1", "--quantize", "none",
+                 "--fp32-format", "onnx", "--latency-repeats", "2", "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk"]
+    model, recipe = load_quantized(tmp_path / "model.onnx")
+    assert recipe is None and model(torch.rand(5, 64)).shape == (5, 10)
+    # 48 hidden units lose 12 each: 64*36+36 + 36*36+36 + 36*10+10
+    assert report["shrunk"].parameters == 64 * 36 + 36 + 36 * 36 + 36 + 36 * 10 + 10
+
+
 def test_structured_cnn_with_static_quantization(tmp_path):
     assert main(["compress", "--model", "cnn", "--model-args", '{"channels": [8, 16]}', "--prune", "ln_structured",
                  "--sparsity", "0.5", "--quantize", "static", "--tolerance", "0.5", *QUICK,
@@ -99,6 +112,8 @@ def test_structured_cnn_with_static_quantization(tmp_path):
     (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
+    (["--submodule", "body"], "--submodule body: MLPClassifier has no such sub-module"),
+    (["--fp32-format", "tflite"], "invalid choice: 'tflite'"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--metric", default="val_acc", help="metric logged by validation_step (higher is better)")
     source.add_argument("--test-metric",
                         help="metric logged by test_step, reported only (default: test_acc for built-in models)")
+    source.add_argument("--submodule",
+                        help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
+                             "call self(...)")
     source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
 
     prune = run.add_argument_group("pruning")
@@ -199,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--timeout", type=_positive_float, help="seconds for the quantization search")
     stages.add_argument("--no-export", dest="export", action="store_false",
                         help="do not write the final model file")
+    stages.add_argument("--fp32-format", choices=("torchscript", "onnx"), default="torchscript",
+                        help="file format when the final model is not quantized (a quantized one keeps its "
+                             "backend's format)")
 
     report = run.add_argument_group("report")
     report.add_argument("--output-dir", type=Path, default=Path("out/litcompress"),
@@ -236,7 +242,8 @@ def _configs(args: argparse.Namespace) -> Any:
                              accuracy=AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads, **options)
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
-                             latency_repeats=args.latency_repeats, num_threads=args.threads)
+                             fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
+                             num_threads=args.threads)
 
 
 def _datamodule(args: argparse.Namespace) -> Any:
@@ -318,6 +325,8 @@ def _trainer(epochs: int, **overrides: Any) -> Any:
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
+    from torch import nn
+
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning
 
@@ -331,8 +340,13 @@ def run_compress(args: argparse.Namespace) -> int:
         data.prepare_data()
         data.setup("fit")
         model = _model(args, data)
+        compressed = model
+        if args.submodule is not None:
+            compressed = getattr(model, args.submodule, None)
+            if not isinstance(compressed, nn.Module):
+                raise ValueError(f"--submodule {args.submodule}: {type(model).__name__} has no such sub-module.")
         if config.prune is not None:
-            prune_targets(model, config.prune)  # e.g. --exclude naming no module
+            prune_targets(compressed, config.prune)  # e.g. --exclude naming no module
         example_inputs = _example_inputs(data, args.latency_batch_size)
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric)
@@ -351,7 +365,8 @@ def run_compress(args: argparse.Namespace) -> int:
     _stderr("compressing ...")
     result = compress_lightning(model, config, datamodule=data, metric=args.metric, test_metric=test_metric,
                                 fine_tune_epochs=args.prune_epochs if config.prune is not None else 0,
-                                example_inputs=example_inputs, output_dir=args.output_dir)
+                                example_inputs=example_inputs, submodule=args.submodule,
+                                output_dir=args.output_dir)
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")

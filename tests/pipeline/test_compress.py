@@ -275,3 +275,38 @@ def test_prune_targets_skip_the_classifier_only_for_structured_methods(trained):
         prune_targets(trained, PruneConfig(sparsity=0.5, layer_types=(nn.Conv2d,)))
     both = prune_targets(trained, PruneConfig(sparsity=0.5, parameter_names=("weight", "bias")))
     assert [n for _, n in both] == ["weight", "bias"] * 3
+
+
+def test_an_fp32_model_can_be_exported_to_onnx(trained, digits, tmp_path):
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), fp32_format="onnx",
+                               latency_repeats=2)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      output_dir=tmp_path)
+    assert result.artifact == tmp_path / "model.onnx"
+    assert [s.stage for s in result.report.stages] == ["input", "pruned", "shrunk"]
+    loaded, recipe = load_quantized(result.artifact)
+    assert recipe is None  # fp32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(digits[4]), result.model(digits[4]), rtol=1e-4, atol=1e-5)
+    assert result.report["shrunk"].size_bytes == result.artifact.stat().st_size
+    # ONNX Runtime has no torch parameters: the row keeps the counts of the model it was exported from.
+    assert result.report["shrunk"].parameters == sum(p.numel() for p in result.model.parameters()) == \
+        64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10
+
+
+def test_a_failed_export_is_reported_and_the_results_are_kept(digits, tmp_path):
+    class Spectral(nn.Module):  # torch.onnx cannot export aten::fft_rfft
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 16), nn.Linear(9, 10)
+
+        def forward(self, x):
+            return self.b(torch.fft.rfft(self.a(x)).abs())
+
+    with pytest.warns(RuntimeWarning, match="export failed, no model file written: ExportError"):
+        result = compress(Spectral(), CompressionConfig(fp32_format="onnx", latency_repeats=2),
+                          eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8], output_dir=tmp_path)
+    assert result.artifact is None and not (tmp_path / "model.onnx").exists()
+    assert [s.stage for s in result.report.stages] == ["input"] and result.report["input"].latency is not None
+    with pytest.raises(ValueError, match="fp32_format='tflite'"):
+        CompressionConfig(fp32_format="tflite")

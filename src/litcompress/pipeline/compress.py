@@ -25,6 +25,7 @@ from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.shrink import ShrinkReport, eval_outputs, max_output_difference, shrink
 from litcompress.quantization.artifact import load_quantized, save_quantized
 from litcompress.quantization.backends import get_backend, to_inputs
+from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.tuner import QuantizationResult, check_metric, quantize
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
@@ -123,6 +124,47 @@ class _Stages:
         row = self.rows.pop()
         del self.models[row.stage]
         return row
+
+
+def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, directory: Path, inputs: tuple,
+            stages: _Stages, note: Callable[[str], None]) -> Path | None:
+    """Write the final model, read it back and measure that as the last stage; None (and a warning) on failure."""
+    t0 = time.monotonic()
+    fp32_backend = "onnxruntime" if config.fp32_format == "onnx" else "torch_ao"
+    artifact = directory / f"model{get_backend(recipe.backend if recipe else fp32_backend).artifact_suffix}"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_quantized(model, recipe, artifact, inputs, fp32_format=config.fp32_format)
+        with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
+            loaded, _ = load_quantized(artifact)
+    except Exception as error:  # the stages' models and the report stay the caller's
+        message = f"export failed, no model file written: {type(error).__name__}: {error}"
+        note(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        artifact.unlink(missing_ok=True)
+        return None
+    for w in caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
+        note(f"export: {w.category.__name__}: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    difference = max_output_difference(eval_outputs(model, inputs), eval_outputs(loaded, inputs))
+    seconds = time.monotonic() - t0
+    final = stages.rows[-1]
+    if final.stage == "input":  # nothing changed the model: the file gets a row of its own
+        stages.add("exported", loaded, f"{artifact.name} read back from disk", seconds, file=artifact)
+    else:  # the last stage is measured as shipped: the file read back from disk
+        stages.pop()
+        row = stages.add(final.stage, loaded, f"{final.description}; {artifact.name} read back",
+                         final.seconds + seconds, file=artifact)
+        if row.parameters is None:  # a runtime without torch parameters (ONNX Runtime): the same model's counts
+            stages.rows[-1] = dataclasses.replace(row, parameters=final.parameters,
+                                                  nonzero_parameters=final.nonzero_parameters,
+                                                  weight_sparsity=final.weight_sparsity)
+        if row.metric != final.metric:
+            note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model {final.metric:.6g}.")
+    note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
+         f"{difference:.3g}.")
+    return artifact
 
 
 def compress(
@@ -269,32 +311,8 @@ def compress(
     # ---------------------------------------------------------------------------------------- export
     artifact: Path | None = None
     if config.export and directory is not None:
-        t0 = time.monotonic()
-        recipe = quantization.recipe if quantization is not None else None
-        suffix = get_backend(recipe.backend if recipe is not None else "torch_ao").artifact_suffix
-        artifact = directory / f"model{suffix}"
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            save_quantized(work, recipe, artifact, inputs)
-        for w in caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
-            note(f"export: {w.category.__name__}: {w.message}")
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
-            loaded, _ = load_quantized(artifact)
-        difference = max_output_difference(eval_outputs(work, inputs), eval_outputs(loaded, inputs))
-        seconds = time.monotonic() - t0
-        final = stages.rows[-1]
-        if final.stage == "input":  # nothing changed the model: the file gets a row of its own
-            stages.add("exported", loaded, f"{artifact.name} read back from disk", seconds, file=artifact)
-        else:  # the last stage is measured as shipped: the file read back from disk
-            stages.pop()
-            row = stages.add(final.stage, loaded, f"{final.description}; {artifact.name} read back",
-                             final.seconds + seconds, file=artifact)
-            if row.metric != final.metric:
-                note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model "
-                     f"{final.metric:.6g}.")
-        note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
-             f"{difference:.3g}.")
+        artifact = _export(work, quantization.recipe if quantization is not None else None, config, directory,
+                           inputs, stages, note)
     elif config.export:
         note("export skipped: no output_dir given.")
 

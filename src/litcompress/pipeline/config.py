@@ -12,6 +12,7 @@ from torch import nn
 
 from litcompress.pruning.methods import resolve_method
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
+from litcompress.quantization.artifact import FP32_FORMATS
 from litcompress.quantization.config import PTQConfig
 
 ScheduleShape = Literal["cubic", "linear", "oneshot"]
@@ -153,6 +154,8 @@ class CompressionConfig:
         quantize: post-training quantization (:func:`litcompress.quantization.quantize`), or None.
         export: write the final model as one file (ONNX, TorchScript or ``torch.export``) into the output
             directory and measure it as read back from disk.
+        fp32_format: the file format of an unquantized final model: ``"torchscript"`` or ``"onnx"`` (needs onnx
+            and onnxruntime; the file then runs in ONNX Runtime). A quantized model keeps its backend's format.
         latency_repeats: interleaved timed calls per stage for the report (medians reported).
         num_threads: torch threads while timing (None: torch's current setting, recorded in the report).
     """
@@ -161,6 +164,7 @@ class CompressionConfig:
     shrink: bool = True
     quantize: PTQConfig | None = None
     export: bool = True
+    fp32_format: Literal["torchscript", "onnx"] = "torchscript"
     latency_repeats: int = 30
     num_threads: int | None = None
 
@@ -172,6 +176,8 @@ class CompressionConfig:
         for flag in ("shrink", "export"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"CompressionConfig({flag}={getattr(self, flag)!r}): expected True or False.")
+        if self.fp32_format not in FP32_FORMATS:
+            raise ValueError(f"CompressionConfig(fp32_format={self.fp32_format!r}): use one of {FP32_FORMATS}.")
         if isinstance(self.latency_repeats, bool) or not isinstance(self.latency_repeats, int) \
                 or self.latency_repeats < 1:
             raise ValueError(f"CompressionConfig(latency_repeats={self.latency_repeats!r}): expected an int >= 1.")

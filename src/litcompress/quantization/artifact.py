@@ -1,8 +1,8 @@
 """Save a quantized model as one self-contained artefact and load it back without re-tuning.
 
-Formats: ONNX (``onnxruntime`` backend, recipe in the model's metadata), TorchScript
-(``torch_ao`` backend and fp32 fallback) and a ``torch.export`` program (``pt2e``), each
-with the recipe stored inside the file.
+Formats: ONNX (``onnxruntime`` backend, or an fp32 model on request; recipe in the model's
+metadata), TorchScript (``torch_ao`` backend and fp32 models) and a ``torch.export`` program
+(``pt2e``), each with the recipe stored inside the file.
 """
 
 from __future__ import annotations
@@ -21,13 +21,28 @@ from .config import Recipe
 FORMAT_VERSION = 1
 
 
+FP32_FORMATS: tuple[str, ...] = ("torchscript", "onnx")
+
+
 def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathLike,
-                   example_inputs: Sequence[torch.Tensor]) -> int:
-    """Write ``model`` (built from ``recipe``) to ``path``; return the file size in bytes."""
+                   example_inputs: Sequence[torch.Tensor], *, fp32_format: str = "torchscript") -> int:
+    """Write ``model`` (built from ``recipe``) to ``path``; return the file size in bytes.
+
+    A quantized model is saved in its backend's format. An fp32 model (``recipe=None``) is saved as TorchScript, or
+    with ``fp32_format="onnx"`` exported to ONNX (run by ONNX Runtime once loaded).
+    """
+    if fp32_format not in FP32_FORMATS:
+        raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     path = os.fspath(path)
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
                            "recipe": None if recipe is None else recipe.to_dict()})
-    backend_name = "torch_ao" if recipe is None else recipe.backend  # fp32 fallback: TorchScript
+    backend_name = "torch_ao" if recipe is None else recipe.backend
+    if recipe is None and fp32_format == "onnx":
+        from .backends.onnxruntime import OnnxRuntimeModule, export_onnx
+
+        backend_name = "onnxruntime"
+        if not isinstance(model, OnnxRuntimeModule):
+            model = OnnxRuntimeModule(export_onnx(model, tuple(example_inputs)))
     get_backend(backend_name).save(model, path, metadata, tuple(example_inputs))
     return os.path.getsize(path)
 
