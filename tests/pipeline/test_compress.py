@@ -303,10 +303,13 @@ def test_a_failed_export_is_reported_and_the_results_are_kept(digits, tmp_path):
         def forward(self, x):
             return self.b(torch.fft.rfft(self.a(x)).abs())
 
+    (tmp_path / "model.onnx").write_bytes(b"an earlier run's model")
     with pytest.warns(RuntimeWarning, match="export failed, no model file written: ExportError"):
         result = compress(Spectral(), CompressionConfig(fp32_format="onnx", latency_repeats=2),
                           eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8], output_dir=tmp_path)
-    assert result.artifact is None and not (tmp_path / "model.onnx").exists()
+    assert result.artifact is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no partial file left behind ...
+    assert (tmp_path / "model.onnx").read_bytes() == b"an earlier run's model"  # ... and the earlier file intact
     assert [s.stage for s in result.report.stages] == ["input"] and result.report["input"].latency is not None
     with pytest.raises(ValueError, match="fp32_format='tflite'"):
         CompressionConfig(fp32_format="tflite")

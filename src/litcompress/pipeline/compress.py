@@ -7,12 +7,13 @@ any, from ``fine_tune(model, step)``, a training loop that calls ``step(t)`` aft
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,18 @@ def weight_sparsity(model: nn.Module) -> float | None:
     return zeros / total if total else None
 
 
+@contextlib.contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it only when the block succeeds: a file from an earlier run is
+    never lost to a failed or interrupted write."""
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 class _Stages:
     """Collects each stage's model and measurements; latency is measured for all of them at the end."""
 
@@ -133,16 +146,15 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     fp32_backend = "onnxruntime" if config.fp32_format == "onnx" else "torch_ao"
     artifact = directory / f"model{get_backend(recipe.backend if recipe else fp32_backend).artifact_suffix}"
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with written_atomically(artifact) as partial, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            save_quantized(model, recipe, artifact, inputs, fp32_format=config.fp32_format)
+            save_quantized(model, recipe, partial, inputs, fp32_format=config.fp32_format)
         with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(artifact)
     except Exception as error:  # the stages' models and the report stay the caller's
         message = f"export failed, no model file written: {type(error).__name__}: {error}"
         note(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-        artifact.unlink(missing_ok=True)
         return None
     for w in caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
         note(f"export: {w.category.__name__}: {w.message}")
@@ -270,7 +282,8 @@ def compress(
         description = f"{prune.describe()}, {how}"
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
-            torch.save(permanent_state_dict(work), directory / PRUNED_STATE_FILE)
+            with written_atomically(directory / PRUNED_STATE_FILE) as partial:
+                torch.save(permanent_state_dict(work), partial)
         stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
 
     # ---------------------------------------------------------------------------------------- shrink
