@@ -143,13 +143,22 @@ def _quiet_frameworks() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parser
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones: their help says what happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litcompress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,report}")
     run = commands.add_parser(
         "compress", help="train or load a model, then prune -> shrink -> quantize -> export, with a report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelp)
     run.set_defaults(subparser=run)  # errors found after parsing are reported with this command's usage
 
     source = run.add_argument_group("model and data")
