@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tolerated metric loss of quantization, relative to the pruned model's (0.01 = 1%%)")
     stages.add_argument("--absolute", action="store_true", help="--tolerance is absolute, in the metric's unit")
     stages.add_argument("--max-trials", type=_int_at_least(1), default=8, help="quantization candidates at most")
-    stages.add_argument("--timeout", type=_positive_float, help="seconds for the quantization search")
+    stages.add_argument("--timeout", type=_positive_float,
+                        help="seconds for the quantization search (default: no limit)")
     stages.add_argument("--no-export", dest="export", action="store_false",
                         help="do not write the final model file")
     stages.add_argument("--fp32-format", choices=("torchscript", "onnx"), default="torchscript",
