@@ -42,7 +42,10 @@ def test_compress_trains_compresses_and_writes_every_file(first_run, capsys):
     assert report["quantized"].size_bytes == (out / "model.pt").stat().st_size
     # The dense checkpoint and the pruned state dict both load into the original architecture.
     dense = MLPClassifier.load_from_checkpoint(out / "dense.ckpt", map_location="cpu")
-    dense.load_state_dict(torch.load(out / PRUNED_STATE_FILE))
+    dense.load_state_dict(torch.load(out / PRUNED_STATE_FILE))  # strict: same architecture, plain keys
+    weights = [m.weight for m in dense.net if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(report["pruned"].weight_sparsity, abs=1e-12)
     model, recipe = load_quantized(out / "model.pt")
     assert recipe.backend == "torch_ao" and recipe.approach == "dynamic"
     assert model(torch.rand(3, 64)).shape == (3, 10)
