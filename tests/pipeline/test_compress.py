@@ -69,9 +69,17 @@ def test_every_stage_runs_on_a_copy_and_the_last_is_measured_from_its_file(train
                            accuracy=AccuracyCriterion(tolerable_loss=0.05)),
         latency_repeats=3, num_threads=1,
     )
-    result = compress(trained, config, eval_fn=accuracy(x_val, y_val), test_fn=accuracy(digits[4], digits[5]),
+    tested: list[nn.Module] = []
+
+    def test_accuracy(model):
+        tested.append(model)
+        return accuracy(digits[4], digits[5])(model)
+
+    result = compress(trained, config, eval_fn=accuracy(x_val, y_val), test_fn=test_accuracy,
                       example_inputs=x_val[:32], calibration_data=[(digits[0][:128], None)], output_dir=tmp_path,
                       metric_name="val_acc", test_metric_name="test_acc")
+    # The report-only test metric is taken once per reported stage, on the model the row measures.
+    assert tested == [result.stage_models[s.stage] for s in result.report.stages]
     # The user's model is untouched: same values, no pruning re-parametrisation.
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
     assert not any(is_pruned(m, "weight") for m in trained.modules())
@@ -101,6 +109,7 @@ def test_every_stage_runs_on_a_copy_and_the_last_is_measured_from_its_file(train
     with torch.no_grad():
         torch.testing.assert_close(loaded(x_val), result.model(x_val))
     assert report["quantized"].metric == pytest.approx(accuracy(x_val, y_val)(loaded))
+    assert report["quantized"].test_metric == pytest.approx(accuracy(digits[4], digits[5])(loaded))
     # The pruned state dict loads into the user's own architecture and reproduces the pruned stage.
     fresh = mlp(64, 96, 96, 10)
     fresh.load_state_dict(torch.load(tmp_path / PRUNED_STATE_FILE))

@@ -83,13 +83,9 @@ def weight_sparsity(model: nn.Module) -> float | None:
     """Zeros among the weights of Linear/Conv layers (None when the model has none, e.g. ONNX Runtime)."""
     from .config import PrunableLayers
 
-    zeros = total = 0
-    for module in model.modules():
-        if isinstance(module, PrunableLayers) and isinstance(getattr(module, "weight", None), torch.Tensor):
-            weight = module.weight
-            zeros += weight.numel() - int(torch.count_nonzero(weight))
-            total += weight.numel()
-    return zeros / total if total else None
+    targets = [(m, "weight") for m in model.modules()
+               if isinstance(m, PrunableLayers) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    return sparsity_report(model, targets).sparsity if targets else None
 
 
 @contextlib.contextmanager
@@ -105,27 +101,31 @@ def written_atomically(path: Path) -> Iterator[Path]:
 
 
 class _Stages:
-    """Collects each stage's model and measurements; latency is measured for all of them at the end."""
+    """Each stage's model and measurements. The validation metric is taken when a stage is added (a metric the
+    model does not log fails before any fine-tuning); the report-only ones, the test metric and latency, once for
+    the stages kept, in :meth:`report_rows`."""
 
     def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None) -> None:
         self.eval_fn, self.test_fn = eval_fn, test_fn
         self.models: dict[str, nn.Module] = {}
         self.rows: list[StageMetrics] = []
 
-    def add(self, stage: str, model: nn.Module, description: str, seconds: float, *,
-            metric: float | None = None, file: Path | None = None) -> StageMetrics:
+    def add(self, stage: str, model: nn.Module, description: str, seconds: float, *, metric: float | None = None,
+            file: Path | None = None, counted: nn.Module | None = None) -> StageMetrics:
+        """`file`: the stage's bytes on disk (else its serialized weights); `counted`: the model whose parameters
+        are counted (a file read back into ONNX Runtime has none of its own)."""
         model.eval()
-        with torch.no_grad():
-            if metric is None:
+        if metric is None:
+            with torch.no_grad():
                 metric = check_metric(self.eval_fn(model), f"stage {stage!r}")
-            test = None if self.test_fn is None else check_metric(self.test_fn(model), f"stage {stage!r} (test)")
         data = file.read_bytes() if file is not None else serialized_weights(model)
-        parameters = [p for p in model.parameters()]
+        counted = model if counted is None else counted
+        parameters = list(counted.parameters())
         row = StageMetrics(
-            stage=stage, description=description, metric=metric, test_metric=test,
+            stage=stage, description=description, metric=metric,
             parameters=sum(p.numel() for p in parameters) if parameters else None,
             nonzero_parameters=sum(int(torch.count_nonzero(p)) for p in parameters) if parameters else None,
-            weight_sparsity=weight_sparsity(model), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
+            weight_sparsity=weight_sparsity(counted), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
             seconds=seconds,
         )
         self.models[stage] = model
@@ -137,6 +137,20 @@ class _Stages:
         row = self.rows.pop()
         del self.models[row.stage]
         return row
+
+    def report_rows(self, inputs: tuple, config: CompressionConfig) -> tuple[StageMetrics, ...]:
+        """The rows with their test metric and their latency, all stages timed interleaved in one run."""
+        models = [self.models[row.stage] for row in self.rows]
+        measured = measure_latencies(models, inputs, config.latency_repeats, num_threads=config.num_threads)
+        rows = []
+        for row, model, m in zip(self.rows, models, measured):
+            test = None
+            if self.test_fn is not None:
+                with torch.no_grad():
+                    test = check_metric(self.test_fn(model), f"stage {row.stage!r} (test)")
+            latency = Latency(m["min"] * 1e3, m["median"] * 1e3, m["max"] * 1e3)
+            rows.append(dataclasses.replace(row, test_metric=test, latency=latency))
+        return tuple(rows)
 
 
 def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, directory: Path, inputs: tuple,
@@ -167,11 +181,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     else:  # the last stage is measured as shipped: the file read back from disk
         stages.pop()
         row = stages.add(final.stage, loaded, f"{final.description}; {artifact.name} read back",
-                         final.seconds + seconds, file=artifact)
-        if row.parameters is None:  # a runtime without torch parameters (ONNX Runtime): the same model's counts
-            stages.rows[-1] = dataclasses.replace(row, parameters=final.parameters,
-                                                  nonzero_parameters=final.nonzero_parameters,
-                                                  weight_sparsity=final.weight_sparsity)
+                         final.seconds + seconds, file=artifact, counted=model)
         if row.metric != final.metric:
             note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model {final.metric:.6g}.")
     note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
@@ -329,14 +339,8 @@ def compress(
     elif config.export:
         note("export skipped: no output_dir given.")
 
-    # ---------------------------------------------------------------------------------------- latency
-    names = [row.stage for row in stages.rows]
-    measured = measure_latencies([stages.models[n] for n in names], inputs, config.latency_repeats,
-                                 num_threads=config.num_threads)
-    rows = tuple(
-        StageMetrics(**{**row.__dict__, "latency": Latency(m["min"] * 1e3, m["median"] * 1e3, m["max"] * 1e3)})
-        for row, m in zip(stages.rows, measured)
-    )
+    # ---------------------------------------------------------------------------------------- report
+    rows = stages.report_rows(inputs, config)
     first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
     report = CompressionReport(
         stages=rows, metric_name=metric_name, test_metric_name=test_metric_name if test_fn is not None else None,
