@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import copy
-import io
 import json
 import logging
 import sys
@@ -58,7 +57,8 @@ from litcompress.models import MLPClassifier  # noqa: E402
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
-from litcompress.report.size import compressed_size_bytes  # noqa: E402
+from litcompress.quantization.lightning import QUIET_CPU_TRAINER  # noqa: E402
+from litcompress.report.size import compressed_size_bytes, serialized_weights  # noqa: E402
 from mnist_sparsity import replace_section  # noqa: E402
 from shrink import interleaved, stats  # noqa: E402
 
@@ -74,9 +74,8 @@ def quiet() -> None:
 
 
 def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(max_epochs=epochs, callbacks=callbacks or [], accelerator="cpu", devices=1, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, limit_val_batches=0)
+    return L.Trainer(max_epochs=epochs, callbacks=callbacks or [], **QUIET_CPU_TRAINER, num_sanity_val_steps=0,
+                     limit_val_batches=0)
 
 
 def test_accuracy(model: nn.Module, data: MNISTDataModule) -> float:
@@ -105,13 +104,9 @@ def lightning_docs_variant(dense: MLPClassifier, data: MNISTDataModule, method: 
     return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def saved_bytes(model: nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getvalue()
-
-
-def sizes(data: bytes) -> dict[str, int]:
+def sizes(model: nn.Module) -> dict[str, int]:
+    """What ``torch.save(model.state_dict())`` writes, and after gzip."""
+    data = serialized_weights(model)
     return {"bytes": len(data), "gzip_bytes": compressed_size_bytes(data)}
 
 
@@ -151,8 +146,8 @@ def run_setting(dense: MLPClassifier, data: MNISTDataModule, method: str, target
         latency[batch] = {name: {k: v * 1e3 for k, v in stats(t).items()} for name, t in times.items()}
     return {
         "method": method, "target": target,
-        "dense": {"test_acc": dense_accuracy, **sizes(saved_bytes(dense))},
-        "lightning_docs": {"test_acc": peer_accuracy, **sizes(saved_bytes(peer)), "seconds": peer_seconds},
+        "dense": {"test_acc": dense_accuracy, **sizes(dense)},
+        "lightning_docs": {"test_acc": peer_accuracy, **sizes(peer), "seconds": peer_seconds},
         "litcompress": {"test_acc": ours_accuracy, **ours_sizes, "seconds": ours_seconds,
                         "recipe": final.description, "pruned_zero_rows": zero_rows(pruned),
                         "shrunk_parameters": result.report["shrunk"].parameters

@@ -328,8 +328,9 @@ def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None) 
 def _trainer(epochs: int, **overrides: Any) -> Any:
     import lightning as L
 
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **overrides)
+    from litcompress.quantization.lightning import QUIET_CPU_TRAINER
+
+    return L.Trainer(max_epochs=epochs, **QUIET_CPU_TRAINER, **overrides)
 
 
 def run_compress(args: argparse.Namespace) -> int:

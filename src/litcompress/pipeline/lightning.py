@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from litcompress.quantization.lightning import _detached_copy, lightning_eval_fn
+from litcompress.quantization.lightning import QUIET_CPU_TRAINER, _detached_copy, lightning_eval_fn
 from litcompress.quantization.tuner import _default_input_fn
 
 from .compress import CompressionResult, compress
@@ -122,9 +122,7 @@ def compress_lightning(
         trained = model if submodule is None else host
         if submodule is not None:
             setattr(host, submodule, model)  # the pipeline's working copy, trained in place inside the host
-        kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
-        kwargs.update(trainer_kwargs)
+        kwargs = {**QUIET_CPU_TRAINER, **trainer_kwargs}
         kwargs["max_epochs"] = fine_tune_epochs
         trainer = L.Trainer(callbacks=[*kwargs.pop("callbacks", []), PruneAfterOptimizerSteps(step)], **kwargs)
         trainer.fit(trained, datamodule=datamodule)

@@ -18,9 +18,13 @@ from .config import PTQConfig
 from .tuner import QuantizationResult, quantize
 
 
+#: A Trainer that runs in this process on the CPU and writes nothing: no logger, checkpoints or progress output.
+QUIET_CPU_TRAINER: dict = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+
+
 def _evaluation_trainer() -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**QUIET_CPU_TRAINER)
 
 
 def _detached_copy(module: L.LightningModule) -> L.LightningModule:
