@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from litcompress.quantization.lightning import QUIET_CPU_TRAINER, _detached_copy, lightning_eval_fn
-from litcompress.quantization.tuner import _default_input_fn
+from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn
+from litcompress.quantization.tuner import default_input_fn
 
 from .compress import CompressionResult, compress
 from .config import CompressionConfig
@@ -104,14 +104,14 @@ def compress_lightning(
         raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
-    input_fn = input_fn or _default_input_fn
+    input_fn = input_fn or default_input_fn
     datamodule.setup("fit")
     if example_inputs is None:
         example_inputs = input_fn(next(iter(datamodule.val_dataloader())))
     if calibration_data is None:
         calibration_data = datamodule.train_dataloader()
 
-    host = _detached_copy(module)
+    host = detached_copy(module)
     if submodule is None:
         # Tracing/export reads every property; an unattached module's `trainer` raises unless this flag (the one
         # Lightning's own to_torchscript sets) is on. Our copy only.

@@ -27,7 +27,7 @@ def _evaluation_trainer() -> L.Trainer:
     return L.Trainer(**QUIET_CPU_TRAINER)
 
 
-def _detached_copy(module: L.LightningModule) -> L.LightningModule:
+def detached_copy(module: L.LightningModule) -> L.LightningModule:
     """Deep copy without dragging the attached Trainer along (the user's module is untouched)."""
     memo = {}
     trainer = getattr(module, "_trainer", None)
@@ -49,7 +49,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     if stage not in ("validate", "test"):
         raise ValueError(f"lightning_eval_fn(stage={stage!r}): use 'validate' or 'test'.")
     step = "validation_step" if stage == "validate" else "test_step"
-    host = _detached_copy(module).eval()
+    host = detached_copy(module).eval()
     trainer = trainer or _evaluation_trainer()
 
     def evaluate(candidate: nn.Module) -> float:
@@ -98,7 +98,7 @@ def quantize_lightning(
     if submodule:
         target = getattr(module, submodule)
     else:
-        target = _detached_copy(module)
+        target = detached_copy(module)
         # Tracing/export reads every property; Lightning's `trainer` raises on an unattached module
         # unless this flag (the one Lightning's own to_torchscript sets) is on. Our copy only.
         target._jit_is_scripting = True

@@ -106,8 +106,8 @@ def check_metric(value: object, where: str) -> float:
     return value
 
 
-def _default_input_fn(batch: object) -> Inputs:
-    # A (inputs, target) pair from a DataLoader: the model takes the first element.
+def default_input_fn(batch: object) -> Inputs:
+    """The model's positional inputs from a DataLoader batch: ``(x,)`` for an ``(x, y)`` pair, else the batch."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
         return (batch[0],)
     return to_inputs(batch)
@@ -183,7 +183,7 @@ def quantize(
         raise TypeError(f"quantize(model=...): expected a torch.nn.Module, got {type(model).__name__}.")
     if not callable(eval_fn):
         raise TypeError(f"quantize(eval_fn={eval_fn!r}): expected a callable model -> metric.")
-    input_fn = input_fn or _default_input_fn
+    input_fn = input_fn or default_input_fn
 
     calibration: list[Inputs] = []
     if calibration_data is not None:
