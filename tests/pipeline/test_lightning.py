@@ -20,8 +20,8 @@ from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import PTQConfig
 
 
-def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+def _trainer(devices: int = 1, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=devices, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
@@ -143,3 +143,15 @@ def test_compress_on_fit_end_needs_a_datamodule_and_says_so_before_training(tmp_
     assert callback.result is None and not any(tmp_path.iterdir())
     with pytest.raises(TypeError, match="expected a CompressionConfig"):
         CompressOnFitEnd(PTQConfig(), output_dir=tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_compress_on_fit_end_refuses_a_multi_process_fit_before_training(tmp_path):
+    # Two real gloo processes: each rank's setup must refuse, before any training step or file.
+    module = MLPClassifier(hidden=(8,))
+    callback = CompressOnFitEnd(CompressionConfig(), output_dir=tmp_path)
+    trainer = _trainer(max_epochs=1, callbacks=[callback], strategy="ddp_spawn", devices=2)
+    with pytest.raises(Exception, match="CompressOnFitEnd runs in a single process") as raised:
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert "compress_lightning" in str(raised.value)
+    assert trainer.global_step == 0 and not any(tmp_path.iterdir())
