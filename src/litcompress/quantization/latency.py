@@ -3,6 +3,7 @@
 - glibc's allocator is pinned (no mmap/trim churn between runs), once per process;
 - torch's thread count is pinned while measuring;
 - variants are interleaved (A, B, A, B, ...) so that host noise hits all of them alike;
+- each sample is a block of calls long enough to time (not one sub-millisecond call);
 - medians are reported.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import statistics
 import time
 from typing import Callable, Iterator, Sequence
@@ -48,17 +50,34 @@ def pinned_threads(num_threads: int | None) -> Iterator[None]:
 
 
 def measure_latencies(models: Sequence[Callable], inputs: tuple, repeats: int = 20, warmup: int = 3,
-                      num_threads: int | None = None) -> list[dict[str, float]]:
-    """Interleaved latency of each model on ``inputs``: min/median/max seconds per call."""
+                      num_threads: int | None = None, min_block_s: float = 2e-3) -> list[dict[str, float]]:
+    """Interleaved latency of each model on ``inputs``: min/median/max seconds per call.
+
+    Each of the `repeats` samples of a model is one block of back-to-back calls lasting at least `min_block_s`
+    (one call for slow models), divided by the number of calls: a single call of a model that runs in 0.1 ms is
+    mostly timer and cache noise. The order of the models rotates from one repeat to the next, so none is always
+    measured right after the same neighbour.
+    """
+    if repeats < 1 or warmup < 0 or min_block_s < 0:
+        raise ValueError(f"measure_latencies: repeats >= 1, warmup >= 0 and min_block_s >= 0 "
+                         f"(got {repeats}, {warmup}, {min_block_s}).")
     pin_allocator()
     samples: list[list[float]] = [[] for _ in models]
     with pinned_threads(num_threads), torch.inference_mode():
+        calls = []
         for model in models:
             for _ in range(warmup):
                 model(*inputs)
-        for _ in range(repeats):
-            for i, model in enumerate(models):
+            start = time.perf_counter()
+            model(*inputs)
+            one_call = time.perf_counter() - start
+            calls.append(max(1, math.ceil(min_block_s / max(one_call, 1e-9))) if min_block_s else 1)
+        for r in range(repeats):
+            for k in range(len(models)):
+                i = (r + k) % len(models)
+                model, n = models[i], calls[i]
                 start = time.perf_counter()
-                model(*inputs)
-                samples[i].append(time.perf_counter() - start)
+                for _ in range(n):
+                    model(*inputs)
+                samples[i].append((time.perf_counter() - start) / n)
     return [{"min": min(s), "median": statistics.median(s), "max": max(s)} for s in samples]
