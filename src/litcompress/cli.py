@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds for the quantization search (default: no limit)")
     stages.add_argument("--no-export", dest="export", action="store_false",
                         help="do not write the final model file")
-    stages.add_argument("--fp32-format", choices=("torchscript", "onnx"), default="torchscript",
-                        help="file format when the final model is not quantized (a quantized one keeps its "
+    stages.add_argument("--fp32-format", choices=("export", "torchscript", "onnx"), default="export",
+                        help="file format when the final model is not quantized: a torch.export program (.pt2), "
+                             "TorchScript (.pt, deprecated by torch) or ONNX (a quantized one keeps its "
                              "backend's format)")
 
     report = run.add_argument_group("report")

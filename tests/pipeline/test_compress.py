@@ -200,7 +200,7 @@ def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained,
                for m in result.report.messages)
 
 
-def test_an_untraceable_model_is_reported_unshrunk_and_still_exported(digits, tmp_path):
+def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_can(digits, tmp_path):
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -213,15 +213,41 @@ def test_an_untraceable_model_is_reported_unshrunk_and_still_exported(digits, tm
             return self.b(h)
 
     torch.manual_seed(0)
-    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", exclude=("b",)),
-                               latency_repeats=2)
-    with pytest.warns(torch.jit.TracerWarning):  # the TorchScript file cannot keep the branch either: said
-        result = compress(Branchy(), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4],
-                          output_dir=tmp_path)
-    assert [s.stage for s in result.report.stages] == ["input", "pruned"]
-    assert any(m.startswith("shrink skipped: shrink needs a model torch.fx can trace") for m in result.report.messages)
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", exclude=("b",))
+    run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="export failed, no model file written: GuardOnDataDependentSymNode"):
+        refused = compress(Branchy(), CompressionConfig(prune=prune, latency_repeats=2), **run)  # torch.export
+    assert refused.artifact is None and not list(tmp_path.glob("model*"))
+    assert any(m.endswith("(fp32_format='torchscript' or 'onnx' may export it)") for m in refused.report.messages)
+    assert all(len(m.splitlines()) == 1 for m in refused.report.messages)  # not torch.export's pages of advice
+
+    with pytest.warns(torch.jit.TracerWarning):  # TorchScript writes a file but cannot keep the branch: said
+        result = compress(Branchy(), CompressionConfig(prune=prune, fp32_format="torchscript", latency_repeats=2),
+                          **run)
+    for report in (refused.report, result.report):
+        assert [s.stage for s in report.stages] == ["input", "pruned"]
+        assert any(m.startswith("shrink skipped: shrink needs a model torch.fx can trace") for m in report.messages)
     assert result.artifact.suffix == ".pt" and result.report["pruned"].size_bytes == result.artifact.stat().st_size
     assert any(m.startswith("export: TracerWarning") for m in result.report.messages)
+
+
+@pytest.mark.parametrize(("backend", "approach"), [("pt2e", "static"), ("torchao", "weight_only")])
+def test_a_torch_export_backend_is_exported_and_measured_as_read_back(trained, digits, tmp_path, backend, approach):
+    # Their files are torch.export archives, whose loaded module refuses eval(): the pipeline must still judge it.
+    x_val, y_val = digits[2], digits[3]
+    config = CompressionConfig(quantize=PTQConfig(approach=approach, backends=(backend,), max_trials=1,
+                                                  accuracy=AccuracyCriterion(tolerable_loss=0.05)),
+                               shrink=False, latency_repeats=2)
+    result = compress(trained, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:16],
+                      calibration_data=[(digits[0][:128], None)], output_dir=tmp_path)
+    assert result.artifact == tmp_path / "model.pt2"
+    assert [s.stage for s in result.report.stages] == ["input", "quantized"]
+    assert result.report["quantized"].size_bytes == result.artifact.stat().st_size
+    loaded, recipe = load_quantized(result.artifact)
+    assert recipe is not None and recipe.backend == backend
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x_val), result.model(x_val), rtol=1e-4, atol=1e-4)
+    assert result.report["quantized"].metric == pytest.approx(accuracy(x_val, y_val)(loaded))
 
 
 def test_export_alone_adds_a_row_for_the_file(trained, digits, tmp_path):
@@ -229,7 +255,12 @@ def test_export_alone_adds_a_row_for_the_file(trained, digits, tmp_path):
                       eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
     assert [s.stage for s in result.report.stages] == ["input", "exported"]
     assert result.report["exported"].metric == result.report["input"].metric
+    assert result.artifact == tmp_path / "model.pt2"  # an unquantized model: a torch.export program by default
     assert result.report["exported"].size_bytes == result.artifact.stat().st_size
+    loaded, recipe = load_quantized(result.artifact)
+    assert recipe is None
+    with torch.no_grad():  # the batch dimension stays dynamic
+        torch.testing.assert_close(loaded(digits[4]), trained(digits[4]), rtol=1e-5, atol=1e-6)
 
 
 def test_a_missed_accuracy_goal_is_a_warning_and_the_best_candidate_is_kept(trained, digits):

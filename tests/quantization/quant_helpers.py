@@ -30,7 +30,7 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
         return {name: type(modules[name].weight) is not torch.nn.Parameter
                 and modules[name].weight.__class__.__name__ != "Tensor" for name in layers}
     if backend == "pt2e":
-        module = getattr(model, "graph_module", model)
+        module = getattr(model, "program", model)  # the graph inside ExportedInference
         float_weights = {n for n, _ in list(module.named_parameters()) + list(module.named_buffers())}
         # convert_pt2e folds quantized weights into int8 constants; fp32 layers keep "<layer>.weight".
         return {name: f"{name}.weight" not in float_weights for name in layers}

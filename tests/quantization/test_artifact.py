@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from conftest import accuracy_fn
-from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize
+from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize, save_quantized
+from litcompress.quantization.artifact import FP32_SUFFIXES
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -84,6 +85,34 @@ def test_fp32_fallback_result_saves_and_loads(tmp_path, digits):
     loaded, recipe = load_quantized(path)
     assert recipe is None
     assert torch.equal(loaded(digits[2]), model(digits[2]))
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "torchscript", "onnx"])
+def test_an_fp32_model_reloads_in_a_fresh_process_at_any_batch_size(fp32_format, digits, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # left in training mode on purpose
+    path = tmp_path / f"model{FP32_SUFFIXES[fp32_format]}"
+    assert save_quantized(model, None, path, (digits[2][:1],), fp32_format=fp32_format) == path.stat().st_size
+    assert model.training  # the caller's model is not switched to eval
+    x = digits[2][:7]  # neither the example's batch of 1 nor torch.export's stand-in batch of 2
+    torch.save(x, tmp_path / "x.pt")
+    # The fresh process cannot import torchao: an fp32 file must not need it, whatever its format.
+    block_torchao = "import sys; sys.modules['torchao'] = None\n"
+    done = subprocess.run([sys.executable, "-c", block_torchao + LOADER, str(tmp_path / "x.pt"), str(path)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {str(path): None}
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(str(path) + ".out"), model.eval()(x), rtol=1e-5, atol=1e-6)
+        loaded, _ = load_quantized(path)
+        assert loaded.train() is loaded and loaded.eval() is loaded  # callers (and Lightning) switch modes freely
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_save_refuses_an_unknown_fp32_format(tmp_path):
+    with pytest.raises(ValueError, match="fp32_format='tflite'"):
+        save_quantized(nn.Linear(2, 2), None, tmp_path / "m", (torch.zeros(1, 2),), fp32_format="tflite")
+    assert not any(tmp_path.iterdir())
 
 
 def test_load_rejects_missing_and_foreign_files(tmp_path):

@@ -24,14 +24,14 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.shrink import ShrinkReport, eval_outputs, max_output_difference, shrink
-from litcompress.quantization.artifact import load_quantized, save_quantized
+from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import get_backend, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.tuner import QuantizationResult, check_metric, quantize
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
-from litcompress.report.sparsity import SparsityReport, sparsity_report
+from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
 
 from .config import CompressionConfig, PruneConfig
 
@@ -124,7 +124,8 @@ class _Stages:
         row = StageMetrics(
             stage=stage, description=description, metric=metric,
             parameters=sum(p.numel() for p in parameters) if parameters else None,
-            nonzero_parameters=sum(int(torch.count_nonzero(p)) for p in parameters) if parameters else None,
+            nonzero_parameters=(sum(int(torch.count_nonzero(plain_values(p))) for p in parameters)
+                                if parameters else None),
             weight_sparsity=weight_sparsity(counted), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
             seconds=seconds,
         )
@@ -157,8 +158,8 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
             stages: _Stages, note: Callable[[str], None]) -> Path | None:
     """Write the final model, read it back and measure that as the last stage; None (and a warning) on failure."""
     t0 = time.monotonic()
-    fp32_backend = "onnxruntime" if config.fp32_format == "onnx" else "torch_ao"
-    artifact = directory / f"model{get_backend(recipe.backend if recipe else fp32_backend).artifact_suffix}"
+    suffix = get_backend(recipe.backend).artifact_suffix if recipe else FP32_SUFFIXES[config.fp32_format]
+    artifact = directory / f"model{suffix}"
     try:
         with written_atomically(artifact) as partial, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -166,7 +167,12 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
         with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(artifact)
     except Exception as error:  # the stages' models and the report stay the caller's
-        message = f"export failed, no model file written: {type(error).__name__}: {error}"
+        logger.info("export failed", exc_info=error)  # the whole error (torch.export's run to pages)
+        summary = (str(error).strip().splitlines() or [""])[0]
+        message = f"export failed, no model file written: {type(error).__name__}: {summary}"
+        if recipe is None:
+            others = " or ".join(repr(f) for f in FP32_FORMATS if f != config.fp32_format)
+            message += f" (fp32_format={others} may export it)"
         note(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         return None

@@ -154,8 +154,10 @@ class CompressionConfig:
         quantize: post-training quantization (:func:`litcompress.quantization.quantize`), or None.
         export: write the final model as one file (ONNX, TorchScript or ``torch.export``) into the output
             directory and measure it as read back from disk.
-        fp32_format: the file format of an unquantized final model: ``"torchscript"`` or ``"onnx"`` (needs onnx
-            and onnxruntime; the file then runs in ONNX Runtime). A quantized model keeps its backend's format.
+        fp32_format: the file format of an unquantized final model: ``"export"`` (a ``torch.export`` program,
+            ``model.pt2``), ``"torchscript"`` (``model.pt``; deprecated by torch) or ``"onnx"`` (``model.onnx``;
+            needs onnx and onnxruntime, and the file then runs in ONNX Runtime). A quantized model keeps its
+            backend's format.
         latency_repeats: interleaved timed calls per stage for the report (medians reported).
         num_threads: torch threads while timing (None: torch's current setting, recorded in the report).
     """
@@ -164,7 +166,7 @@ class CompressionConfig:
     shrink: bool = True
     quantize: PTQConfig | None = None
     export: bool = True
-    fp32_format: Literal["torchscript", "onnx"] = "torchscript"
+    fp32_format: Literal["export", "torchscript", "onnx"] = "export"
     latency_repeats: int = 30
     num_threads: int | None = None
 

@@ -1,8 +1,9 @@
 """Save a quantized model as one self-contained artefact and load it back without re-tuning.
 
 Formats: ONNX (``onnxruntime`` backend, or an fp32 model on request; recipe in the model's
-metadata), TorchScript (``torch_ao`` backend and fp32 models) and a ``torch.export`` program
-(``pt2e``), each with the recipe stored inside the file.
+metadata), TorchScript (``torch_ao`` backend, or an fp32 model on request) and a ``torch.export``
+program (``pt2e`` and ``torchao`` backends, and fp32 models by default), each with the recipe
+stored inside the file.
 """
 
 from __future__ import annotations
@@ -21,21 +22,29 @@ from .config import Recipe
 FORMAT_VERSION = 1
 
 
-FP32_FORMATS: tuple[str, ...] = ("torchscript", "onnx")
+#: File formats of an unquantized (fp32) model, and the suffix each is given.
+FP32_FORMATS: tuple[str, ...] = ("export", "torchscript", "onnx")
+FP32_SUFFIXES: dict[str, str] = {"export": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
 
 
 def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathLike,
-                   example_inputs: Sequence[torch.Tensor], *, fp32_format: str = "torchscript") -> int:
+                   example_inputs: Sequence[torch.Tensor], *, fp32_format: str = "export") -> int:
     """Write ``model`` (built from ``recipe``) to ``path``; return the file size in bytes.
 
-    A quantized model is saved in its backend's format. An fp32 model (``recipe=None``) is saved as TorchScript, or
-    with ``fp32_format="onnx"`` exported to ONNX (run by ONNX Runtime once loaded).
+    A quantized model is saved in its backend's format. An fp32 model (``recipe=None``) is saved as a ``torch.export``
+    program (``fp32_format="export"``, with a dynamic batch dimension), as TorchScript (``"torchscript"``,
+    deprecated by torch) or as ONNX (``"onnx"``, run by ONNX Runtime once loaded).
     """
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     path = os.fspath(path)
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
                            "recipe": None if recipe is None else recipe.to_dict()})
+    if recipe is None and fp32_format == "export":
+        from .backends.exported import save_program
+
+        save_program(model, path, metadata, tuple(example_inputs))
+        return os.path.getsize(path)
     backend_name = "torch_ao" if recipe is None else recipe.backend
     if recipe is None and fp32_format == "onnx":
         from .backends.onnxruntime import OnnxRuntimeModule, export_onnx
@@ -64,9 +73,9 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
 
             model, metadata = load_torchscript(path)
         else:
-            from .backends.pt2e import load_exported
+            from .backends.exported import load_program
 
-            model, metadata = load_exported(path)
+            model, metadata = load_program(path)
     else:
         from .backends.onnxruntime import load_onnx
 

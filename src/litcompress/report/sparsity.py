@@ -65,9 +65,18 @@ class SparsityReport:
         return self.table()
 
 
+def plain_values(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as a plain tensor: a quantized tensor subclass (torchao's ``Int8Tensor``, which implements neither
+    ``==`` nor ``count_nonzero``) is dequantized; symmetric int8 keeps zeros exactly zero."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and callable(getattr(tensor, "dequantize", None)):
+        return tensor.dequantize()
+    return tensor
+
+
 def tensor_sparsity(module: nn.Module, name: str, label: str | None = None) -> TensorSparsity:
-    """Zeros of ``module.<name>`` in its effective values (``orig * mask`` when pruned)."""
-    values = effective_tensor(module, name)
+    """Zeros of ``module.<name>`` in its effective values (``orig * mask`` when pruned; dequantized when it is a
+    quantized tensor subclass)."""
+    values = plain_values(effective_tensor(module, name))
     return TensorSparsity(label or name, values.numel() - int(torch.count_nonzero(values)), values.numel())
 
 

@@ -6,8 +6,6 @@ to avoid saturating 16-bit intermediate sums (measured ~5x larger error otherwis
 
 from __future__ import annotations
 
-import copy
-import json
 import warnings
 from typing import Sequence
 
@@ -16,20 +14,8 @@ from torch import nn
 
 from ..config import Recipe
 from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+from .exported import ExportedInference, batch_dynamic_shapes, export_inputs, save_program
 
-METADATA_FILE = "litcompress.json"
-
-
-def _export_inputs(example_inputs: Inputs) -> Inputs:
-    # torch.export specialises a size-1 dimension; a batch of 2 keeps the batch dimension dynamic.
-    # clone(): torch.export.save stores sample inputs, and a view would drag its whole storage along.
-    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t.clone() for t in example_inputs)
-
-
-def _batch_dynamic_shapes(inputs: Inputs):
-    from torch.export import Dim
-
-    return tuple({0: Dim.AUTO} if t.dim() > 0 else None for t in inputs)
 
 
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
@@ -41,7 +27,7 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
             delattr(graph_module.get_submodule(parent) if parent else graph_module, leaf)
 
 
-class CompiledInference(nn.Module):
+class CompiledInference(ExportedInference):
     """A converted PT2E graph run through ``torch.compile`` with inductor's freezing.
 
     Freezing lets inductor prepack the int8 weights into its fused x86 kernels. It is set with
@@ -50,11 +36,10 @@ class CompiledInference(nn.Module):
     compiling under plain ``no_grad`` (or with ``options={"freezing": True}``) fails.
     """
 
-    def __init__(self, graph_module: nn.Module) -> None:
-        super().__init__()
-        self.graph_module = graph_module
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__(program)
         # Static shapes: inductor's int8 conv lowering asserts wrong strides with a symbolic batch.
-        self._compiled = torch.compile(graph_module, dynamic=False)
+        self._compiled = torch.compile(program, dynamic=False)
 
     def forward(self, *inputs: torch.Tensor):
         import torch._inductor.config as inductor_config
@@ -116,11 +101,11 @@ class PT2EBackend(Backend):
             is_dynamic=recipe.approach == "dynamic", reduce_range=recipe.reduce_range))
         for name in recipe.fp32_layers:
             quantizer.set_module_name_qconfig(name, None)
-        inputs = _export_inputs(example_inputs)
+        inputs = export_inputs(example_inputs)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = torch.export.export(model.eval(), inputs, dynamic_shapes=_batch_dynamic_shapes(inputs)).module()
+                graph = torch.export.export(model.eval(), inputs, dynamic_shapes=batch_dynamic_shapes(inputs)).module()
         except Exception as exc:
             raise ExportError(f"pt2e: torch.export failed: {type(exc).__name__}: {exc}") from exc
         with torch.no_grad():
@@ -133,22 +118,10 @@ class PT2EBackend(Backend):
             compiled = CompiledInference(converted)
             compiled(*example_inputs)  # pay the compile cost here, not inside eval/latency
             return compiled
-        return converted
+        return ExportedInference(converted)
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
-        module = quantized.graph_module if isinstance(quantized, CompiledInference) else quantized
-        inputs = _export_inputs(example_inputs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(copy.deepcopy(module), inputs, dynamic_shapes=_batch_dynamic_shapes(inputs))
-        torch.export.save(program, path, extra_files={METADATA_FILE: metadata})
+        module = quantized.program if isinstance(quantized, ExportedInference) else quantized
+        save_program(module, path, metadata, example_inputs, eval_mode=False)  # already an eval-mode export
 
 
-def load_exported(path: str) -> tuple[nn.Module, dict]:
-    """Load an artefact written by :meth:`PT2EBackend.save`."""
-    PT2EBackend().check_available()  # importing torchao's pt2e registers the quantized_decomposed ops
-    extra = {METADATA_FILE: ""}
-    program = torch.export.load(path, extra_files=extra)
-    if not extra[METADATA_FILE]:
-        raise ValueError(f"{path} is a torch.export archive but not a litcompress artefact.")
-    return program.module(), json.loads(extra[METADATA_FILE])

@@ -6,17 +6,14 @@ candidate and only picks it when it is the fastest one meeting the goal.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ..config import Recipe
 from . import Backend, BackendUnavailableError, Inputs
 
-METADATA_FILE = "litcompress.json"
 
 
 class TorchAOWeightOnlyBackend(Backend):
@@ -54,11 +51,6 @@ class TorchAOWeightOnlyBackend(Backend):
         return model
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
-        from .pt2e import _batch_dynamic_shapes, _export_inputs
+        from .exported import save_program
 
-        inputs = _export_inputs(example_inputs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(copy.deepcopy(quantized).eval(), inputs,
-                                          dynamic_shapes=_batch_dynamic_shapes(inputs))
-        torch.export.save(program, path, extra_files={METADATA_FILE: metadata})
+        save_program(quantized, path, metadata, example_inputs)
