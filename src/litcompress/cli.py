@@ -212,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds for the quantization search (default: no limit)")
     stages.add_argument("--no-export", dest="export", action="store_false",
                         help="do not write the final model file")
-    stages.add_argument("--fp32-format", choices=("export", "torchscript", "onnx"), default="export",
-                        help="file format when the final model is not quantized: a torch.export program (.pt2), "
-                             "TorchScript (.pt, deprecated by torch) or ONNX (a quantized one keeps its "
-                             "backend's format)")
+    stages.add_argument("--fp32-format", choices=("auto", "onnx", "export", "torchscript"), default="auto",
+                        help="file format when the final model is not quantized: 'auto' writes ONNX (if onnxruntime "
+                             "is installed) and a torch.export program and keeps the one that runs faster here; "
+                             "or one of them, or TorchScript (deprecated by torch). A quantized model keeps its "
+                             "backend's format")
 
     report = run.add_argument_group("report")
     report.add_argument("--output-dir", type=Path, default=Path("out/litcompress"),

@@ -214,21 +214,33 @@ def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_c
 
     torch.manual_seed(0)
     prune = PruneConfig(sparsity=0.5, method="ln_structured", exclude=("b",))
-    run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
+    run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4])
     with pytest.warns(RuntimeWarning, match="export failed, no model file written: GuardOnDataDependentSymNode"):
-        refused = compress(Branchy(), CompressionConfig(prune=prune, latency_repeats=2), **run)  # torch.export
-    assert refused.artifact is None and not list(tmp_path.glob("model*"))
-    assert any(m.endswith("(fp32_format='torchscript' or 'onnx' may export it)") for m in refused.report.messages)
+        refused = compress(Branchy(), CompressionConfig(prune=prune, fp32_format="export", latency_repeats=2),
+                           output_dir=tmp_path / "export", **run)
+    assert refused.artifact is None and not any((tmp_path / "export").glob("model*"))
+    assert any(m.endswith("(fp32_format='auto' or 'torchscript' or 'onnx' may export it)")
+               for m in refused.report.messages)
     assert all(len(m.splitlines()) == 1 for m in refused.report.messages)  # not torch.export's pages of advice
 
-    with pytest.warns(torch.jit.TracerWarning):  # TorchScript writes a file but cannot keep the branch: said
-        result = compress(Branchy(), CompressionConfig(prune=prune, fp32_format="torchscript", latency_repeats=2),
-                          **run)
-    for report in (refused.report, result.report):
-        assert [s.stage for s in report.stages] == ["input", "pruned"]
-        assert any(m.startswith("shrink skipped: shrink needs a model torch.fx can trace") for m in report.messages)
-    assert result.artifact.suffix == ".pt" and result.report["pruned"].size_bytes == result.artifact.stat().st_size
-    assert any(m.startswith("export: TracerWarning") for m in result.report.messages)
+    # TorchScript and ONNX trace one path through the branch: they write a file, and say so.
+    with pytest.warns(torch.jit.TracerWarning):
+        scripted = compress(Branchy(), CompressionConfig(prune=prune, fp32_format="torchscript", latency_repeats=2),
+                            output_dir=tmp_path / "torchscript", **run)
+    assert scripted.artifact.name == "model.pt"
+    with pytest.warns(torch.jit.TracerWarning):  # "auto": torch.export refuses, so ONNX is kept, with its warning
+        auto = compress(Branchy(), CompressionConfig(prune=prune, latency_repeats=2), output_dir=tmp_path / "auto",
+                        **run)
+    assert sorted(p.name for p in (tmp_path / "auto").glob("model*")) == ["model.onnx"]
+    assert any(m.startswith("export to export: GuardOnDataDependentSymNode") and m.endswith("(skipped)")
+               for m in auto.report.messages)
+    for result in (refused, scripted, auto):
+        assert [s.stage for s in result.report.stages] == ["input", "pruned"]
+        assert any(m.startswith("shrink skipped: shrink needs a model torch.fx can trace")
+                   for m in result.report.messages)
+    for result in (scripted, auto):
+        assert result.report["pruned"].size_bytes == result.artifact.stat().st_size
+        assert any(m.startswith("export: TracerWarning") for m in result.report.messages)
 
 
 @pytest.mark.parametrize(("backend", "approach"), [("pt2e", "static"), ("torchao", "weight_only")])
@@ -250,17 +262,29 @@ def test_a_torch_export_backend_is_exported_and_measured_as_read_back(trained, d
     assert result.report["quantized"].metric == pytest.approx(accuracy(x_val, y_val)(loaded))
 
 
-def test_export_alone_adds_a_row_for_the_file(trained, digits, tmp_path):
+def test_export_alone_adds_a_row_for_the_file_kept_in_the_faster_format(trained, digits, tmp_path):
     result = compress(trained, CompressionConfig(shrink=False, latency_repeats=2),
                       eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
     assert [s.stage for s in result.report.stages] == ["input", "exported"]
     assert result.report["exported"].metric == result.report["input"].metric
-    assert result.artifact == tmp_path / "model.pt2"  # an unquantized model: a torch.export program by default
+    # "auto": both formats were written, read back and timed; one file is left, no partial one.
+    chosen = next(m for m in result.report.messages if m.startswith("fp32 file format chosen by speed"))
+    assert "model.onnx" in chosen and "model.pt2" in chosen and chosen.endswith(f"kept {result.artifact.name}.")
+    assert [p.name for p in tmp_path.glob("model*")] == [result.artifact.name]
     assert result.report["exported"].size_bytes == result.artifact.stat().st_size
+
+
+@pytest.mark.parametrize(("fp32_format", "name"), [("export", "model.pt2"), ("onnx", "model.onnx"),
+                                                   ("torchscript", "model.pt")])
+def test_an_fp32_format_asked_for_is_the_one_written(trained, digits, tmp_path, fp32_format, name):
+    result = compress(trained, CompressionConfig(shrink=False, fp32_format=fp32_format, latency_repeats=2),
+                      eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
+    assert [p.name for p in tmp_path.glob("model*")] == [name] and result.artifact == tmp_path / name
+    assert not any(m.startswith("fp32 file format chosen") for m in result.report.messages)
     loaded, recipe = load_quantized(result.artifact)
     assert recipe is None
     with torch.no_grad():  # the batch dimension stays dynamic
-        torch.testing.assert_close(loaded(digits[4]), trained(digits[4]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(digits[4]), trained(digits[4]), rtol=1e-5, atol=1e-5)
 
 
 def test_a_missed_accuracy_goal_is_a_warning_and_the_best_candidate_is_kept(trained, digits):

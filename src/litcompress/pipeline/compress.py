@@ -25,7 +25,7 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.shrink import ShrinkReport, eval_outputs, max_output_difference, shrink
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
-from litcompress.quantization.backends import get_backend, to_inputs
+from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.tuner import QuantizationResult, check_metric, quantize
@@ -154,31 +154,103 @@ class _Stages:
         return tuple(rows)
 
 
+@dataclass
+class _WrittenFile:
+    """One exported candidate: its file (still under its partial name) read back, and the export's warnings."""
+
+    name: str  # the file name it gets when kept
+    partial: Path
+    loaded: nn.Module
+    caught: list[warnings.WarningMessage]
+
+
+def _fp32_formats(requested: str) -> list[str]:
+    """The formats to write an unquantized model in: `requested`, or for "auto" ONNX (if installed) and export."""
+    if requested != "auto":
+        return [requested]
+    try:
+        get_backend("onnxruntime").check_available()
+    except BackendUnavailableError:
+        return ["export"]
+    return ["onnx", "export"]
+
+
+def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: str, directory: Path, inputs: tuple,
+                         num_threads: int | None) -> _WrittenFile:
+    """Save `model` beside its final name (``model.partial<suffix>``) and load it back; the partial file is removed
+    if either step fails."""
+    suffix = get_backend(recipe.backend).artifact_suffix if recipe else FP32_SUFFIXES[fp32_format]
+    partial = directory / f"model.partial{suffix}"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_quantized(model, recipe, partial, inputs, fp32_format=fp32_format)
+        with pinned_threads(num_threads):  # an ONNX Runtime session takes torch's thread count
+            loaded, _ = load_quantized(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return _WrittenFile(f"model{suffix}", partial, loaded, list(caught))
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
 def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, directory: Path, inputs: tuple,
             stages: _Stages, note: Callable[[str], None]) -> Path | None:
-    """Write the final model, read it back and measure that as the last stage; None (and a warning) on failure."""
+    """Write the final model, read it back and measure that as the last stage; None (and a warning) on failure.
+
+    An unquantized model with ``fp32_format="auto"`` is written in every available format and the file that runs
+    fastest here is kept. Files are written under a partial name and moved into place once chosen, so a failure
+    never leaves a half-written file or removes an earlier run's."""
     t0 = time.monotonic()
-    suffix = get_backend(recipe.backend).artifact_suffix if recipe else FP32_SUFFIXES[config.fp32_format]
-    artifact = directory / f"model{suffix}"
+    formats: list[str] = _fp32_formats(config.fp32_format) if recipe is None else ["export"]  # ignored if quantized
+    written: list[_WrittenFile] = []
+    failures: list[str] = []
     try:
-        with written_atomically(artifact) as partial, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            save_quantized(model, recipe, partial, inputs, fp32_format=config.fp32_format)
-        with pinned_threads(config.num_threads):  # an ONNX Runtime session takes torch's thread count
-            loaded, _ = load_quantized(artifact)
-    except Exception as error:  # the stages' models and the report stay the caller's
-        logger.info("export failed", exc_info=error)  # the whole error (torch.export's run to pages)
-        summary = (str(error).strip().splitlines() or [""])[0]
-        message = f"export failed, no model file written: {type(error).__name__}: {summary}"
-        if recipe is None:
-            others = " or ".join(repr(f) for f in FP32_FORMATS if f != config.fp32_format)
-            message += f" (fp32_format={others} may export it)"
-        note(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        return None
-    for w in caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
+        for fp32_format in formats:
+            try:
+                written.append(_write_and_read_back(model, recipe, fp32_format, directory, inputs,
+                                                    config.num_threads))
+            except Exception as error:  # the stages' models and the report stay the caller's
+                logger.info("export (%s) failed", fp32_format, exc_info=error)  # whole (torch.export's: pages)
+                failures.append(f"{fp32_format if recipe is None else recipe.backend}: {_first_line(error)}"
+                                if len(formats) > 1 else _first_line(error))
+        if not written:
+            message = f"export failed, no model file written: {'; '.join(failures)}"
+            if recipe is None and config.fp32_format != "auto":
+                others = " or ".join(repr(f) for f in ("auto", *FP32_FORMATS) if f != config.fp32_format)
+                message += f" (fp32_format={others} may export it)"
+            note(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return None
+        # A file traced through data-dependent code (TracerWarning) may be wrong for other inputs: one exported
+        # without is preferred whatever the speed.
+        sound = [w for w in written if not any(issubclass(c.category, torch.jit.TracerWarning) for c in w.caught)]
+        for w in written:
+            if sound and w not in sound:
+                note(f"{w.name} not kept: its export traced through data-dependent code (TracerWarning).")
+        candidates = sound or written
+        kept = candidates[0]
+        if len(candidates) > 1:  # chosen by speed on this host, as the quantization backends are
+            medians = [m["median"] for m in measure_latencies([w.loaded for w in candidates], inputs,
+                                                              config.latency_repeats, num_threads=config.num_threads)]
+            kept = candidates[medians.index(min(medians))]
+            timings = ", ".join(f"{w.name} {t * 1e3:.4g} ms" for w, t in zip(candidates, medians))
+            note(f"fp32 file format chosen by speed: {timings} (median, batch {int(inputs[0].shape[0])}): "
+                 f"kept {kept.name}.")
+        for failure in failures:
+            note(f"export to {failure} (skipped)")
+        artifact = directory / kept.name
+        os.replace(kept.partial, artifact)
+    finally:
+        for w in written:
+            w.partial.unlink(missing_ok=True)
+    for w in kept.caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
         note(f"export: {w.category.__name__}: {w.message}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    loaded = kept.loaded
     difference = max_output_difference(eval_outputs(model, inputs), eval_outputs(loaded, inputs))
     seconds = time.monotonic() - t0
     final = stages.rows[-1]

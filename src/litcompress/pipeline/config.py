@@ -154,10 +154,11 @@ class CompressionConfig:
         quantize: post-training quantization (:func:`litcompress.quantization.quantize`), or None.
         export: write the final model as one file (ONNX, TorchScript or ``torch.export``) into the output
             directory and measure it as read back from disk.
-        fp32_format: the file format of an unquantized final model: ``"export"`` (a ``torch.export`` program,
-            ``model.pt2``), ``"torchscript"`` (``model.pt``; deprecated by torch) or ``"onnx"`` (``model.onnx``;
-            needs onnx and onnxruntime, and the file then runs in ONNX Runtime). A quantized model keeps its
-            backend's format.
+        fp32_format: the file format of an unquantized final model. ``"auto"``: each of ONNX (when onnx and
+            onnxruntime are installed; the file runs in ONNX Runtime) and ``torch.export`` is written, read back and
+            timed, and the faster one is kept (one that fails to export is skipped, and said). Or one format:
+            ``"onnx"`` (``model.onnx``), ``"export"`` (``model.pt2``) or ``"torchscript"`` (``model.pt``,
+            deprecated by torch). A quantized model keeps its backend's format.
         latency_repeats: interleaved timed calls per stage for the report (medians reported).
         num_threads: torch threads while timing (None: torch's current setting, recorded in the report).
     """
@@ -166,7 +167,7 @@ class CompressionConfig:
     shrink: bool = True
     quantize: PTQConfig | None = None
     export: bool = True
-    fp32_format: Literal["export", "torchscript", "onnx"] = "export"
+    fp32_format: Literal["auto", "onnx", "export", "torchscript"] = "auto"
     latency_repeats: int = 30
     num_threads: int | None = None
 
@@ -178,8 +179,9 @@ class CompressionConfig:
         for flag in ("shrink", "export"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"CompressionConfig({flag}={getattr(self, flag)!r}): expected True or False.")
-        if self.fp32_format not in FP32_FORMATS:
-            raise ValueError(f"CompressionConfig(fp32_format={self.fp32_format!r}): use one of {FP32_FORMATS}.")
+        if self.fp32_format != "auto" and self.fp32_format not in FP32_FORMATS:
+            raise ValueError(f"CompressionConfig(fp32_format={self.fp32_format!r}): use 'auto' or one of "
+                             f"{FP32_FORMATS}.")
         if isinstance(self.latency_repeats, bool) or not isinstance(self.latency_repeats, int) \
                 or self.latency_repeats < 1:
             raise ValueError(f"CompressionConfig(latency_repeats={self.latency_repeats!r}): expected an int >= 1.")

@@ -74,6 +74,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # ... but not a TracerWarning: the trace took one path of data-dependent code, which the file keeps.
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
                               output_names=["output"], opset_version=17,
                               dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}})
