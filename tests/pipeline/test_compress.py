@@ -110,6 +110,9 @@ def test_every_stage_runs_on_a_copy_and_the_last_is_measured_from_its_file(train
         torch.testing.assert_close(loaded(x_val), result.model(x_val))
     assert report["quantized"].metric == pytest.approx(accuracy(x_val, y_val)(loaded))
     assert report["quantized"].test_metric == pytest.approx(accuracy(digits[4], digits[5])(loaded))
+    # int8 weights are the shrunk model's: the row counts its parameters and zeros, whichever backend won
+    for column in ("parameters", "nonzero_parameters", "weight_sparsity"):
+        assert getattr(report["quantized"], column) == getattr(report["shrunk"], column)
     # The pruned state dict loads into the user's own architecture and reproduces the pruned stage.
     fresh = mlp(64, 96, 96, 10)
     fresh.load_state_dict(torch.load(tmp_path / PRUNED_STATE_FILE))
@@ -260,6 +263,9 @@ def test_a_torch_export_backend_is_exported_and_measured_as_read_back(trained, d
     with torch.no_grad():
         torch.testing.assert_close(loaded(x_val), result.model(x_val), rtol=1e-4, atol=1e-4)
     assert result.report["quantized"].metric == pytest.approx(accuracy(x_val, y_val)(loaded))
+    for column in ("parameters", "nonzero_parameters", "weight_sparsity"):  # the fp32 model's, for every backend
+        assert getattr(result.report["quantized"], column) == getattr(result.report["input"], column)
+    assert not any("Warning: " in m and "deprecated" in m for m in result.report.messages)  # torch's own notices
 
 
 def test_export_alone_adds_a_row_for_the_file_kept_in_the_faster_format(trained, digits, tmp_path):

@@ -198,8 +198,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, directory: Path, inputs: tuple,
-            stages: _Stages, note: Callable[[str], None]) -> Path | None:
+            stages: _Stages, note: Callable[[str], None], counted: nn.Module) -> Path | None:
     """Write the final model, read it back and measure that as the last stage; None (and a warning) on failure.
+    `counted`: the model whose parameters the row counts (a file read back has none, or other ones).
 
     An unquantized model with ``fp32_format="auto"`` is written in every available format and the file that runs
     fastest here is kept. Files are written under a partial name and moved into place once chosen, so a failure
@@ -247,19 +248,26 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     finally:
         for w in written:
             w.partial.unlink(missing_ok=True)
+    said = set()
     for w in kept.caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
-        note(f"export: {w.category.__name__}: {w.message}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        text = f"export: {w.category.__name__}: {w.message}"
+        # torch's notices about its own APIs say nothing of this model or file
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) \
+                and text not in said:
+            said.add(text)
+            note(text)
     loaded = kept.loaded
     difference = max_output_difference(eval_outputs(model, inputs), eval_outputs(loaded, inputs))
     seconds = time.monotonic() - t0
     final = stages.rows[-1]
     if final.stage == "input":  # nothing changed the model: the file gets a row of its own
-        stages.add("exported", loaded, f"{artifact.name} read back from disk", seconds, file=artifact)
+        stages.add("exported", loaded, f"{artifact.name} read back from disk", seconds, file=artifact,
+                   counted=counted)
     else:  # the last stage is measured as shipped: the file read back from disk
         stages.pop()
         row = stages.add(final.stage, loaded, f"{final.description}; {artifact.name} read back",
-                         final.seconds + seconds, file=artifact, counted=model)
+                         final.seconds + seconds, file=artifact, counted=counted)
         if row.metric != final.metric:
             note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model {final.metric:.6g}.")
     note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
@@ -394,6 +402,7 @@ def compress(
                     f" (kept: {'; '.join(f'{n}: {r}' for n, r in shrink_report.kept)})" if shrink_report.kept else ""))
 
     # ---------------------------------------------------------------------------------------- quantize
+    fp32_work = work  # int8 weights are its weights: the quantized rows count its parameters and zeros
     if config.quantize is not None:
         t0 = time.monotonic()
         ptq = config.quantize
@@ -407,13 +416,14 @@ def compress(
         if quantization.recipe is not None:
             work = quantization.model
             description = quantization.recipe.describe() + ("" if quantization.goal_met else " (goal missed)")
-            stages.add("quantized", work, description, time.monotonic() - t0, metric=quantization.metric)
+            stages.add("quantized", work, description, time.monotonic() - t0, metric=quantization.metric,
+                       counted=fp32_work)
 
     # ---------------------------------------------------------------------------------------- export
     artifact: Path | None = None
     if config.export and directory is not None:
-        artifact = _export(work, quantization.recipe if quantization is not None else None, config, directory,
-                           inputs, stages, note)
+        recipe = quantization.recipe if quantization is not None else None
+        artifact = _export(work, recipe, config, directory, inputs, stages, note, counted=fp32_work)
     elif config.export:
         note("export skipped: no output_dir given.")
 
