@@ -109,6 +109,14 @@ def test_an_fp32_model_reloads_in_a_fresh_process_at_any_batch_size(fp32_format,
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fp32_format", ["export", "onnx"])
+def test_the_file_does_not_carry_the_example_batch(fp32_format, tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    small, large = (tmp_path / f"{n}{FP32_SUFFIXES[fp32_format]}" for n in ("small", "large"))
+    assert save_quantized(model, None, small, (torch.randn(2, 64),), fp32_format=fp32_format) == \
+        save_quantized(model, None, large, (torch.randn(512, 64),), fp32_format=fp32_format)
+
+
 def test_save_refuses_an_unknown_fp32_format(tmp_path):
     with pytest.raises(ValueError, match="fp32_format='tflite'"):
         save_quantized(nn.Linear(2, 2), None, tmp_path / "m", (torch.zeros(1, 2),), fp32_format="tflite")

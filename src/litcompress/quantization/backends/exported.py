@@ -22,9 +22,8 @@ METADATA_FILE = "litcompress.json"
 
 def export_inputs(example_inputs: Inputs) -> Inputs:
     """Example inputs fit to export: a batch of 1 becomes 2 (torch.export specialises a size-1 dimension, a batch of
-    2 keeps it dynamic), and every tensor is cloned (the archive stores sample inputs, and a view would drag its whole
-    storage along)."""
-    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t.clone() for t in example_inputs)
+    2 keeps it dynamic)."""
+    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in example_inputs)
 
 
 def batch_dynamic_shapes(inputs: Inputs) -> tuple:
@@ -47,6 +46,7 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, inputs, dynamic_shapes=batch_dynamic_shapes(inputs))
+    program.example_inputs = None  # else the archive carries the example batch (as large as a small model)
     torch.export.save(program, os.fspath(path), extra_files={METADATA_FILE: metadata})
 
 
