@@ -1,0 +1,43 @@
+"""Find a lottery ticket on scikit-learn's digits: iterative magnitude pruning with rewinding, with the Lightning
+Trainer, and its random re-initialisation control (same mask, fresh weights).
+
+Each round trains the network, prunes `--rate` of the weights that remain (layer by layer), and rewinds the survivors
+to their values at step `--rewind-to-step` (Frankle et al. 2019, "late resetting"; 0 = initialisation, as in the
+original lottery ticket paper). No download; about ten seconds on a laptop CPU with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lightning.pytorch import seed_everything
+
+from litcompress.callbacks.lottery import find_lottery_ticket
+from litcompress.data import DigitsDataModule
+from litcompress.models import MLPClassifier
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="prune-rewind-retrain rounds")
+    parser.add_argument("--rate", type=float, default=0.4, help="fraction of the remaining weights pruned per round")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs per round")
+    parser.add_argument("--rewind-to-step", type=int, default=10, help="0 rewinds to initialisation")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    seed_everything(args.seed, verbose=False)
+    module = MLPClassifier(hidden=(128, 128), lr=3e-3)
+    ticket = find_lottery_ticket(
+        module, DigitsDataModule(batch_size=64, seed=args.seed), metric="test_acc", rounds=args.rounds,
+        rate=args.rate, layer_rates={"net.4.weight": args.rate / 2},  # the classifier is pruned half as fast
+        rewind_to_step=args.rewind_to_step or None, trainer_kwargs=dict(max_epochs=args.epochs),
+    )
+    print(ticket.table())
+    last = ticket.rounds[-1]
+    print(f"ticket: {last.remaining:.2%} of the weights remain, test accuracy {last.metric:.4f} "
+          f"(dense {ticket.rounds[0].metric:.4f}, random re-init of the same mask {last.control_metric:.4f})")
+
+
+if __name__ == "__main__":
+    main()
