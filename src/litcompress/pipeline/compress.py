@@ -175,16 +175,16 @@ def _fp32_formats(requested: str) -> list[str]:
     return ["onnx", "export"]
 
 
-def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: str, directory: Path, inputs: tuple,
-                         num_threads: int | None) -> _WrittenFile:
+def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: str | None, directory: Path,
+                         inputs: tuple, num_threads: int | None) -> _WrittenFile:
     """Save `model` beside its final name (``model.partial<suffix>``) and load it back; the partial file is removed
-    if either step fails."""
+    if either step fails. `fp32_format` is None for a quantized model (its backend's format)."""
     suffix = get_backend(recipe.backend).artifact_suffix if recipe else FP32_SUFFIXES[fp32_format]
     partial = directory / f"model.partial{suffix}"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            save_quantized(model, recipe, partial, inputs, fp32_format=fp32_format)
+            save_quantized(model, recipe, partial, inputs, fp32_format=fp32_format or "export")
         with pinned_threads(num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(partial)
     except BaseException:
@@ -206,7 +206,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     fastest here is kept. Files are written under a partial name and moved into place once chosen, so a failure
     never leaves a half-written file or removes an earlier run's."""
     t0 = time.monotonic()
-    formats: list[str] = _fp32_formats(config.fp32_format) if recipe is None else ["export"]  # ignored if quantized
+    formats: list[str | None] = [None] if recipe is not None else list(_fp32_formats(config.fp32_format))
     written: list[_WrittenFile] = []
     failures: list[str] = []
     try:
@@ -215,9 +215,9 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
                 written.append(_write_and_read_back(model, recipe, fp32_format, directory, inputs,
                                                     config.num_threads))
             except Exception as error:  # the stages' models and the report stay the caller's
-                logger.info("export (%s) failed", fp32_format, exc_info=error)  # whole (torch.export's: pages)
-                failures.append(f"{fp32_format if recipe is None else recipe.backend}: {_first_line(error)}"
-                                if len(formats) > 1 else _first_line(error))
+                label = fp32_format or recipe.backend  # type: ignore[union-attr]
+                logger.info("export (%s) failed", label, exc_info=error)  # the whole error (torch.export's: pages)
+                failures.append(f"{label}: {_first_line(error)}" if len(formats) > 1 else _first_line(error))
         if not written:
             message = f"export failed, no model file written: {'; '.join(failures)}"
             if recipe is None and config.fp32_format != "auto":
@@ -235,16 +235,26 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
         candidates = sound or written
         kept = candidates[0]
         if len(candidates) > 1:  # chosen by speed on this host, as the quantization backends are
-            medians = [m["median"] for m in measure_latencies([w.loaded for w in candidates], inputs,
-                                                              config.latency_repeats, num_threads=config.num_threads)]
-            kept = candidates[medians.index(min(medians))]
-            timings = ", ".join(f"{w.name} {t * 1e3:.4g} ms" for w, t in zip(candidates, medians))
-            note(f"fp32 file format chosen by speed: {timings} (median, batch {int(inputs[0].shape[0])}): "
-                 f"kept {kept.name}.")
+            try:
+                medians = [m["median"] for m in measure_latencies(
+                    [w.loaded for w in candidates], inputs, config.latency_repeats, num_threads=config.num_threads)]
+            except Exception as error:  # a file that loads but does not run here: keep the first that does
+                note(f"timing the fp32 files failed ({_first_line(error)}); kept {kept.name}.")
+            else:
+                kept = candidates[medians.index(min(medians))]
+                timings = ", ".join(f"{w.name} {t * 1e3:.4g} ms" for w, t in zip(candidates, medians))
+                note(f"fp32 file format chosen by speed: {timings} (median, batch {int(inputs[0].shape[0])}): "
+                     f"kept {kept.name}.")
         for failure in failures:
             note(f"export to {failure} (skipped)")
         artifact = directory / kept.name
-        os.replace(kept.partial, artifact)
+        try:
+            os.replace(kept.partial, artifact)
+        except OSError as error:
+            message = f"export failed, no model file written: {_first_line(error)}"
+            note(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return None
     finally:
         for w in written:
             w.partial.unlink(missing_ok=True)
