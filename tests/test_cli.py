@@ -85,12 +85,13 @@ def test_a_submodule_exported_to_onnx_without_quantization(first_run, tmp_path):
     assert report["shrunk"].parameters == 64 * 36 + 36 + 36 * 36 + 36 + 36 * 10 + 10
 
 
-def test_structured_cnn_with_static_quantization(tmp_path):
+def test_structured_cnn_gets_static_quantization_by_default(tmp_path, capsys):
     assert main(["compress", "--model", "cnn", "--model-args", '{"channels": [8, 16]}', "--prune", "ln_structured",
-                 "--sparsity", "0.5", "--quantize", "static", "--tolerance", "0.5", *QUICK,
-                 "--output-dir", str(tmp_path)]) == 0
+                 "--sparsity", "0.5", "--tolerance", "0.5", *QUICK, "--output-dir", str(tmp_path)]) == 0
+    assert "--quantize auto: static int8 (the model has convolutions)" in capsys.readouterr().err
     report = CompressionReport.load_json(tmp_path / "report.json")
     assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk", "quantized"]
+    assert report["quantized"].description.startswith("torch_ao static")
     # conv(1->8, no bias) BN(8) conv(8->16, no bias) BN(16) Linear(16*2*2 -> 10): 72+16+1152+32+650 parameters.
     assert report["input"].parameters == 1922
     # Half the filters of both convs go (the classifier stays whole): 36+8+288+16+330, plus the bias conv2 gains

@@ -11,6 +11,7 @@ Every argument is checked, and the model and data are built, before any training
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 BUILTIN_MODELS = ("mlp", "cnn")
 BUILTIN_DATA = ("digits", "mnist")
-QUANTIZE_CHOICES = ("dynamic", "static", "weight_only", "none")
+QUANTIZE_CHOICES = ("auto", "dynamic", "static", "weight_only", "none")
 
 
 # ------------------------------------------------------------------------------------------------ argument types
@@ -200,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages = run.add_argument_group("shrink, quantize, export")
     stages.add_argument("--no-shrink", dest="shrink", action="store_false",
                         help="keep pruned channels instead of removing them")
-    stages.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="dynamic",
-                        help="int8 post-training quantization approach, or 'none'")
+    stages.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                        help="int8 post-training quantization approach, or 'none'; 'auto': static when the "
+                             "compressed model has convolutions (dynamic int8 leaves them in fp32), else dynamic")
     stages.add_argument("--backends", type=_backends,
                         help="comma-separated quantization backends to try (default: all of them)")
     stages.add_argument("--tolerance", type=_non_negative_float, default=0.01,
@@ -250,7 +252,7 @@ def _configs(args: argparse.Namespace) -> Any:
         options: dict[str, Any] = {}
         if args.backends:
             options["backends"] = args.backends
-        quantize = PTQConfig(approach=args.quantize,
+        quantize = PTQConfig(approach="dynamic" if args.quantize == "auto" else args.quantize,  # auto: see below
                              accuracy=AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads, **options)
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
@@ -335,6 +337,15 @@ def _trainer(epochs: int, **overrides: Any) -> Any:
     return L.Trainer(max_epochs=epochs, **QUIET_CPU_TRAINER, **overrides)
 
 
+def auto_approach(model: Any) -> str:
+    """``--quantize auto``: static int8 when `model` has convolutions (dynamic int8 quantizes Linear layers only, so a
+    CNN's convolutions would stay fp32), else dynamic (no calibration pass to go wrong)."""
+    from torch import nn
+
+    has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
+    return "static" if has_conv else "dynamic"
+
+
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
@@ -360,6 +371,9 @@ def run_compress(args: argparse.Namespace) -> int:
                 raise ValueError(f"--submodule {args.submodule}: {type(model).__name__} has no such sub-module.")
         if config.prune is not None:
             prune_targets(compressed, config.prune)  # e.g. --exclude naming no module
+        if args.quantize == "auto" and config.quantize is not None:
+            approach = auto_approach(compressed)
+            config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
         example_inputs = _example_inputs(data, args.latency_batch_size)
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric)
@@ -375,6 +389,9 @@ def run_compress(args: argparse.Namespace) -> int:
         trainer.fit(model, datamodule=data)
         trainer.save_checkpoint(checkpoint)  # the trained dense model survives whatever happens next
         _stderr(f"dense model saved to {checkpoint}")
+    if args.quantize == "auto":
+        _stderr(f"--quantize auto: {config.quantize.approach} int8 ("
+                f"{'the model has convolutions' if config.quantize.approach == 'static' else 'no convolutions'})")
     _stderr("compressing ...")
     result = compress_lightning(model, config, datamodule=data, metric=args.metric, test_metric=test_metric,
                                 fine_tune_epochs=args.prune_epochs if config.prune is not None else 0,
