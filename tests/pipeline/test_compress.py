@@ -191,6 +191,18 @@ def test_fine_tuning_runs_the_schedule_in_the_training_loop(trained, digits):
     assert result.report["pruned"].metric > 0.8  # fine-tuning recovered a usable model
 
 
+def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digits):
+    run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])
+    harsh = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.97), **FAST), **run).report
+    assert harsh["pruned"].metric < 0.99 * harsh["input"].metric
+    said = [m for m in harsh.messages if m.startswith("pruned in one shot without fine-tuning")]
+    assert len(said) == 1 and f"from {harsh['input'].metric:.6g} to {harsh['pruned'].metric:.6g}" in said[0]
+    assert "fine_tune=" in said[0] and "--prune-epochs" in said[0]
+    mild = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.05), **FAST), **run).report
+    assert abs(mild["pruned"].metric - mild["input"].metric) <= 0.01 * mild["input"].metric
+    assert not any(m.startswith("pruned in one shot") for m in mild.messages)
+
+
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):
     def fine_tune(model, step):
         train(model, digits[0], digits[1], steps=5, step_fn=step)

@@ -390,7 +390,12 @@ def compress(
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
             with written_atomically(directory / PRUNED_STATE_FILE) as partial:
                 torch.save(permanent_state_dict(work), partial)
-        stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
+        pruned_row = stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
+        before = stages.rows[0].metric
+        if fine_tune is None and abs(pruned_row.metric - before) > 0.01 * abs(before):
+            note(f"pruned in one shot without fine-tuning, the metric went from {before:.6g} to "
+                 f"{pruned_row.metric:.6g}: pass fine_tune= and fine_tune_steps= (the CLI: --prune-epochs) to prune "
+                 "gradually while training, which recovers most of it.")
 
     # ---------------------------------------------------------------------------------------- shrink
     if config.shrink:
