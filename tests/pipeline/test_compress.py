@@ -292,6 +292,16 @@ def test_export_alone_adds_a_row_for_the_file_kept_in_the_faster_format(trained,
     assert result.report["exported"].size_bytes == result.artifact.stat().st_size
 
 
+def test_an_earlier_runs_model_file_is_left_and_named(trained, digits, tmp_path):
+    run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
+    compress(trained, CompressionConfig(shrink=False, fp32_format="torchscript", latency_repeats=2), **run)
+    earlier = (tmp_path / "model.pt").read_bytes()
+    second = compress(trained, CompressionConfig(shrink=False, fp32_format="export", latency_repeats=2), **run)
+    assert (tmp_path / "model.pt").read_bytes() == earlier  # the user's file, not ours to delete
+    assert "model.pt in the output directory is not from this run (this run's model is model.pt2)." in \
+        second.report.messages
+
+
 @pytest.mark.parametrize(("fp32_format", "name"), [("export", "model.pt2"), ("onnx", "model.onnx"),
                                                    ("torchscript", "model.pt")])
 def test_an_fp32_format_asked_for_is_the_one_written(trained, digits, tmp_path, fp32_format, name):

@@ -282,6 +282,11 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
             note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model {final.metric:.6g}.")
     note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
          f"{difference:.3g}.")
+    earlier = sorted(p.name for p in directory.glob("model.*") if p != artifact and ".partial" not in p.name
+                     and p.suffix in {*FP32_SUFFIXES.values(), ".onnx"})
+    if earlier:  # not ours to delete; but which file is this run's must not be a guess
+        note(f"{', '.join(earlier)} in the output directory {'is' if len(earlier) == 1 else 'are'} not from this "
+             f"run (this run's model is {artifact.name}).")
     return artifact
 
 
