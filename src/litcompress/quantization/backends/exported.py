@@ -85,5 +85,5 @@ def load_program(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if metadata.get("recipe") is not None:
         from .pt2e import PT2EBackend
 
-        PT2EBackend().check_available()  # importing torchao's pt2e registers the quantized_decomposed ops
+        PT2EBackend().check_available()  # imports torchao, registering the ops its int8 programs call
     return ExportedInference(torch.export.load(os.fspath(path)).module()), metadata

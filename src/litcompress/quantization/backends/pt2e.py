@@ -17,7 +17,6 @@ from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnn
 from .exported import ExportedInference, batch_dynamic_shapes, export_inputs, save_program
 
 
-
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
     """convert_pt2e leaves the fp32 weights as unused attributes: drop them so the artefact is int8."""
     used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
@@ -123,5 +122,3 @@ class PT2EBackend(Backend):
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
         module = quantized.program if isinstance(quantized, ExportedInference) else quantized
         save_program(module, path, metadata, example_inputs, eval_mode=False)  # already an eval-mode export
-
-

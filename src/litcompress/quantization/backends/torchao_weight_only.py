@@ -15,7 +15,6 @@ from ..config import Recipe
 from . import Backend, BackendUnavailableError, Inputs
 
 
-
 class TorchAOWeightOnlyBackend(Backend):
     """Int8 weight-only quantization of Linear layers via ``torchao.quantization.quantize_``."""
 
