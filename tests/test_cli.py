@@ -94,9 +94,10 @@ def test_structured_cnn_gets_static_quantization_by_default(tmp_path, capsys):
     assert report["quantized"].description.startswith("torch_ao static")
     # conv(1->8, no bias) BN(8) conv(8->16, no bias) BN(16) Linear(16*2*2 -> 10): 72+16+1152+32+650 parameters.
     assert report["input"].parameters == 1922
-    # Half the filters of both convs go (the classifier stays whole): 36+8+288+16+330, plus the bias conv2 gains
-    # for the constant outputs of conv1's removed channels (BatchNorm's shift through ReLU).
-    assert report["shrunk"].parameters == 678 + 8
+    # Half the filters of both convs go (the classifier stays whole): 36+8+288+16+330. The BatchNorm shift of the
+    # pruned channels was held at zero while fine-tuning (PruneConfig.zero_batch_norm), so they output exactly zero
+    # and conv2 gains no bias for them.
+    assert report["shrunk"].parameters == 678
     assert report["shrunk"].description.startswith("12 channels removed")
 
 

@@ -191,6 +191,38 @@ def test_fine_tuning_runs_the_schedule_in_the_training_loop(trained, digits):
     assert result.report["pruned"].metric > 0.8  # fine-tuning recovered a usable model
 
 
+def padded_cnn() -> nn.Sequential:
+    """Zero-padded 3x3 convs with BatchNorm, as most CNNs have them."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("zero_batch_norm", [True, False])
+def test_zero_batch_norm_lets_shrink_remove_filters_before_a_padded_conv(digits, zero_batch_norm):
+    x, y = digits[0].view(-1, 1, 8, 8), digits[1]
+    x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
+    torch.manual_seed(0)
+    model = train(padded_cnn(), x, y, steps=30)
+
+    def fine_tune(m, step):
+        train(m, x, y, steps=40, step_fn=step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", zero_batch_norm=zero_batch_norm),
+                               **FAST)
+    result = compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8], fine_tune=fine_tune,
+                      fine_tune_steps=40)
+    first = next(layer for layer in result.shrink.layers if layer.name == "0")  # feeds the padded conv "3"
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    if zero_batch_norm:  # every pruned filter of both convs is gone, and the function is the pruned model's
+        assert [layer.channels_after for layer in result.shrink.layers] == [8, 8] and first.left == 0
+        assert torch.equal(pruned[1].weight[pruned[0].weight.flatten(1).abs().sum(1) == 0], torch.zeros(8))
+    else:  # the pruned filters of the first conv output ReLU(BatchNorm shift) != 0: they have to stay
+        assert first.left > 0
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
 def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digits):
     run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])
     harsh = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.97), **FAST), **run).report

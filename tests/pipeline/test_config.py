@@ -52,6 +52,7 @@ def test_sparsity_outside_zero_one_is_refused(value):
         ({"exclude": (3,)}, "non-empty strings"),
         ({"dim": 0.5}, "dim=0.5"),
         ({"norm": 0}, "norm=0"),
+        ({"zero_batch_norm": "yes"}, "zero_batch_norm='yes'"),
     ],
 )
 def test_bad_prune_config_fails_at_construction(kwargs, match):

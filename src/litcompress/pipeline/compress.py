@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
+from litcompress.pruning.engine import (Target, deepcopy_model, effective_tensor, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
-from litcompress.pruning.shrink import ShrinkReport, eval_outputs, max_output_difference, shrink
+from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, max_output_difference,
+                                        shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -290,6 +291,37 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     return artifact
 
 
+def _batch_norm_zeroer(model: nn.Module, targets: Sequence[Target],
+                       note: Callable[[str], None]) -> Callable[[], None] | None:
+    """A function that zeroes the BatchNorm scale and shift of every channel whose filter (a pruned ``weight`` in
+    `targets`) is all zero, or None when the model has no such BatchNorm or cannot be traced."""
+    try:
+        following = following_batch_norms(model)
+    except ValueError:
+        return None  # shrink will say why it cannot trace the model
+    modules = dict(model.named_modules())
+    pruned = {id(m) for m, n in targets if n == "weight"}
+    pairs = [(modules[p], [modules[b] for b in bns]) for p, bns in following.items() if id(modules[p]) in pruned]
+    pairs = [(p, [b for b in bns if b.affine]) for p, bns in pairs]
+    pairs = [(p, bns) for p, bns in pairs if bns]
+    if not pairs:
+        return None
+    note(f"zero_batch_norm: the BatchNorm scale and shift of pruned channels are held at zero in "
+         f"{sum(len(bns) for _, bns in pairs)} BatchNorm layer(s), so shrink can remove those channels.")
+
+    @torch.no_grad()
+    def zero_() -> None:
+        for producer, batch_norms in pairs:
+            weight = effective_tensor(producer, "weight")
+            dead = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
+            if bool(dead.any()):
+                for bn in batch_norms:
+                    bn.weight[dead] = 0.0
+                    bn.bias[dead] = 0.0
+
+    return zero_
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -379,10 +411,19 @@ def compress(
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
             pruner = GradualPruner(targets, schedule, method, scope=prune.scope, **kwargs)
-            pruner.step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
-            fine_tune(work, pruner.step)
+            zero_batch_norms_ = _batch_norm_zeroer(work, targets, note) if prune.zero_batch_norm else None
+
+            def step(t: int) -> None:
+                pruner.step(t)
+                if zero_batch_norms_ is not None:
+                    zero_batch_norms_()  # after every optimizer step: the shift would grow back
+
+            step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
+            fine_tune(work, step)
             rounds = sum(1 for h in pruner.history if h["pruned_after"] > h["pruned_before"])
             late = prune_to_sparsity_(targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
+            if zero_batch_norms_ is not None:
+                zero_batch_norms_()
             if late:
                 note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")

@@ -43,6 +43,10 @@ class PruneConfig:
             the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
         dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what
             :func:`litcompress.shrink` removes) and the norm that ranks them (``ln_structured``).
+        zero_batch_norm: while fine-tuning, a channel whose filter is pruned also loses its BatchNorm scale and
+            shift (kept at zero after every step), so it outputs exactly zero: ``shrink`` then removes it even before
+            a zero-padded convolution, where a constant channel has to stay. Without fine-tuning the model is
+            left to compute what it computed (False then changes nothing).
     """
 
     sparsity: float | None = None
@@ -57,6 +61,7 @@ class PruneConfig:
     exclude: tuple[str, ...] | None = None
     dim: int = 0
     norm: float = 2
+    zero_batch_norm: bool = True
 
     def __post_init__(self) -> None:
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
@@ -74,6 +79,8 @@ class PruneConfig:
                              "SparsitySchedule.")
         if self.sparsity is None:
             raise ValueError("PruneConfig(sparsity=None): give the final sparsity, e.g. sparsity=0.9.")
+        if not isinstance(self.zero_batch_norm, bool):
+            raise TypeError(f"PruneConfig(zero_batch_norm={self.zero_batch_norm!r}): expected True or False.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"PruneConfig(sparsity={self.sparsity!r}): expected a fraction in [0, 1), e.g. 0.9.")

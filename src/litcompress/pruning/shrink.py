@@ -488,6 +488,34 @@ def shrink_(
     return report
 
 
+def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, list[str]]:
+    """For each producer (Linear, ungrouped Conv) whose channels `shrink` can remove, the names of the BatchNorms
+    on its way to its consumer; producers without one are left out. ValueError if the model cannot be traced.
+
+    Zeroing a BatchNorm's scale and shift for the channels whose filters are pruned makes those channels exactly
+    zero (not a constant), which `shrink` removes even before a zero-padded convolution.
+    """
+    try:
+        graph = tracer().trace(model)
+    except Exception as error:
+        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    names = {id(module): name for name, module in modules.items()}
+    found: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or not _is_producer(modules[name]) or calls[name] > 1:
+            continue
+        chain = _follow(node, name, modules, calls)
+        if isinstance(chain, _Chain) and chain.batch_norms:
+            found[name] = [names[id(bn)] for bn in chain.batch_norms]
+    return found
+
+
 def shrink(
     model: nn.Module,
     example_inputs: Tensor | tuple | None = None,
@@ -501,4 +529,4 @@ def shrink(
     return ShrinkResult(copied, report)
 
 
-__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "shrink", "shrink_"]
+__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "following_batch_norms", "shrink", "shrink_"]
