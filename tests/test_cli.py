@@ -56,7 +56,10 @@ def test_report_prints_a_saved_report_and_writes_its_plot_again(first_run, capsy
     assert main(["report", str(out), "--plot", str(tmp_path / "again.png"),
                  "--markdown", str(tmp_path / "again.md")]) == 0
     printed = capsys.readouterr().out
-    assert CompressionReport.load_json(out / "report.json").table() in printed
+    report = CompressionReport.load_json(out / "report.json")
+    assert report.table() in printed
+    assert any(m.startswith("exported ") for m in report.messages)
+    assert all(f"- {m}" in printed for m in report.messages if not m.startswith("quantization: "))
     assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "again.md").read_text() == (out / "report.md").read_text()
 

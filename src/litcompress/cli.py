@@ -346,6 +346,15 @@ def auto_approach(model: Any) -> str:
     return "static" if has_conv else "dynamic"
 
 
+def _print_report(report: Any) -> None:
+    """The table, then the messages (the quantization search log is in report.md: the terminal stays short)."""
+    print(report.table())
+    for message in report.messages:
+        if message.startswith("quantization: ") and "goal not met" not in message.lower():
+            continue
+        print(f"- {message}")
+
+
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
@@ -400,11 +409,7 @@ def run_compress(args: argparse.Namespace) -> int:
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")
-    print(result.report.table())
-    for message in result.report.messages:
-        if message.startswith("quantization: ") and "goal not met" not in message.lower():
-            continue  # the search log is in report.md; keep the terminal short
-        print(f"- {message}")
+    _print_report(result.report)
     if result.artifact is not None:
         print(f"model: {result.artifact}")
     print("report: " + ", ".join(str(p) for p in written.values()))
@@ -419,7 +424,7 @@ def run_report(args: argparse.Namespace) -> int:
         report = CompressionReport.load_json(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
         args.subparser.error(f"cannot read {path}: {error}")
-    print(report.table())
+    _print_report(report)
     if args.markdown:
         args.markdown.write_text(report.markdown())
         print(f"markdown: {args.markdown}")
