@@ -17,12 +17,14 @@ from litcompress.pruning.engine import (
     set_mask_,
 )
 from litcompress.pruning.gradual import GradualPruner
+from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
 from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, shrink, shrink_
 
 __all__ = [
+    "ChannelGroup",
     "GradualPruner",
     "LayerShrink",
     "PRUNING_METHODS",
@@ -38,9 +40,11 @@ __all__ = [
     "make_permanent_",
     "permanent_state_dict",
     "prune_",
+    "prune_groups_",
     "prune_model_",
     "prune_to_sparsity_",
     "pruned_targets",
+    "residual_groups",
     "resolve_method",
     "restore_masks_",
     "rewind_",

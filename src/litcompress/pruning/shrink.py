@@ -11,7 +11,8 @@ Where the graph does not allow that to be done exactly, the channels stay and th
 through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
 activations, dropout, a conv's spatial max/adaptive pooling and a flatten from conv to Linear, in which every output
 has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's output end the chain
-and keep the producer as it is.
+and keep the producer as it is. Channel spaces that residual additions join are handled as groups
+(:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all of them.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
@@ -476,6 +477,13 @@ def shrink_(
             layers.append(outcome)
         elif isinstance(outcome, str):
             kept.append((name, outcome))
+    # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
+    from litcompress.pruning.groups import remove_zero_group_channels_, residual_groups
+
+    grouped = remove_zero_group_channels_(model, residual_groups(model, tracer=tracer))
+    layers += grouped
+    handled = {layer.name for layer in grouped}
+    kept = [(name, reason) for name, reason in kept if name not in handled]
     report = ShrinkReport(tuple(layers), tuple(kept), before, _count_parameters(model))
     if example_inputs is not None:
         difference = max_output_difference(reference, eval_outputs(model, example_inputs))

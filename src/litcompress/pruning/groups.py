@@ -1,0 +1,273 @@
+"""Channel groups across residual additions: prune them together, then remove them with `shrink`.
+
+In ``y = relu(x + bn2(conv2(h)))`` the channels of ``x`` (the stem's or the previous block's output) and of
+``conv2`` are one channel space: a channel can only leave the model if it leaves every layer that writes into the
+space (the *producers*), every BatchNorm on the way, and every layer that reads from it (the *consumers*: the next
+blocks' first convolutions, the classifier). :func:`residual_groups` finds these spaces in a ``torch.fx`` graph;
+:func:`prune_groups_` prunes the same output channels in all producers of a group (ranked by the sum of their
+norms), and :func:`remove_zero_group_channels_` removes the channels that are exactly zero in the whole space.
+
+Exactly zero, not constant: a residual stream feeds zero-padded convolutions, where a constant channel does not
+fold into a bias. With ``zero_batch_norm`` (the pipeline's default) a pruned channel's BatchNorm shift is held at
+zero, so a group's pruned channels are exactly zero after ReLU-like activations (which map 0 to 0).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from litcompress.pruning.engine import apply_mask_, effective_tensor
+from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
+                                        LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_, _keep_rows_)
+
+# Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
+_ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                            nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Identity)
+_ZERO_PRESERVING_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+                              F.mish, torch.tanh, F.tanh, F.hardtanh, F.hardswish}
+_ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One channel space joined by residual additions."""
+
+    producers: tuple[str, ...]  # write into the space (their output channels)
+    batch_norms: tuple[str, ...]  # per-channel, inside the space
+    consumers: tuple[tuple[str, int], ...]  # read from it: (layer, input columns per channel: 1, or a flatten's)
+    channels: int
+
+
+@dataclass
+class _Space:
+    producers: list[str] = field(default_factory=list)
+    batch_norms: list[str] = field(default_factory=list)
+    consumers: list[tuple[str, int]] = field(default_factory=list)
+    joined: bool = False  # an addition merged spaces
+    blocked: str | None = None
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.kwargs:
+        return False
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS)
+
+
+def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> bool:
+    """A per-channel op that keeps an exactly-zero channel exactly zero."""
+    if module is not None:
+        return isinstance(module, (*_ZERO_PRESERVING_MODULES, *_DROPOUT)) or (is_conv and isinstance(module, _POOLING))
+    if node.op == "call_function":
+        return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _DROPOUT_FUNCTIONS or (
+            is_conv and node.target in _POOLING_FUNCTIONS)
+    return node.op == "call_method" and node.target in _ZERO_PRESERVING_METHODS
+
+
+def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> list[ChannelGroup]:
+    """The channel spaces of `model` that residual additions join and that can lose channels as a whole.
+
+    A space is left out when anything other than a Linear/ungrouped Conv (called once), a BatchNorm, a
+    zero-preserving activation, dropout, a conv's pooling, a flatten into a Linear or another addition of the space
+    touches it: the model's input or output, a concatenation, a multiplication, a normalisation over channels.
+    ValueError if the model cannot be traced.
+    """
+    try:
+        graph = tracer().trace(model)
+    except Exception as error:
+        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+
+    parent: list[int] = []
+    spaces: list[_Space] = []
+    channels: list[int] = []
+    is_conv: list[bool] = []
+
+    def new(count: int, conv: bool, blocked: str | None = None) -> int:
+        parent.append(len(parent))
+        spaces.append(_Space(blocked=blocked))
+        channels.append(count)
+        is_conv.append(conv)
+        return parent[-1]
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def block(i: int, reason: str) -> None:
+        root = find(i)
+        spaces[root].blocked = spaces[root].blocked or reason
+
+    space_of: dict[fx.Node, int] = {}
+    flattened: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = [a for a in node.all_input_nodes if a in space_of]
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if node.op == "placeholder":
+            space_of[node] = new(0, False, "it is the model's input")
+            continue
+        if node.op == "output":
+            for a in inputs:
+                block(space_of[a], "it is the model's output")
+            continue
+        if module is not None and _is_producer(module):
+            for a in inputs:
+                if calls[str(node.target)] > 1:
+                    block(space_of[a], f"{node.target} is called more than once")
+                    continue
+                root = find(space_of[a])
+                count = channels[root]
+                width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+                if a in flattened and isinstance(module, nn.Linear) and count and width % count == 0:
+                    spaces[root].consumers.append((str(node.target), width // count))
+                elif a not in flattened and width == count:
+                    spaces[root].consumers.append((str(node.target), 1))
+                else:
+                    block(root, f"{node.target} does not take its channels one to one")
+            out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            space_of[node] = new(out, isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d),
+                                 f"{node.target} is called more than once" if calls[str(node.target)] > 1 else None)
+            spaces[space_of[node]].producers.append(str(node.target))
+            continue
+        if not inputs:
+            continue  # constants, attribute reads: nothing of a space
+        if _is_add(node) and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
+            a, b = (find(space_of[x]) for x in inputs)
+            if channels[a] != channels[b] or (inputs[0] in flattened) != (inputs[1] in flattened):
+                block(a, "an addition of tensors of other shapes")
+                block(b, "an addition of tensors of other shapes")
+            elif a != b:
+                parent[b] = a
+                merged = spaces[a]
+                other = spaces[b]
+                merged.producers += other.producers
+                merged.batch_norms += other.batch_norms
+                merged.consumers += other.consumers
+                merged.blocked = merged.blocked or other.blocked
+            spaces[find(a)].joined = True
+            space_of[node] = find(a)
+            if inputs[0] in flattened:
+                flattened.add(node)
+            continue
+        source = inputs[0]
+        root = find(space_of[source])
+        if len(inputs) == 1 and module is not None and isinstance(module, _BATCH_NORM) and source not in flattened \
+                and calls[str(node.target)] == 1 and module.affine and module.running_mean is not None:
+            spaces[root].batch_norms.append(str(node.target))
+            space_of[node] = root
+        elif len(inputs) == 1 and (module is None or calls[str(node.target)] == 1) \
+                and _passes_through(node, module, is_conv[root] and source not in flattened):
+            space_of[node] = root
+            if source in flattened:
+                flattened.add(node)
+        elif len(inputs) == 1 and is_conv[root] and source not in flattened and _flatten_start(node, modules) == 1:
+            space_of[node] = root
+            flattened.add(node)
+        else:
+            for a in inputs:
+                block(space_of[a], f"it goes to {node.format_node() or node.name}")
+    groups = []
+    for i, space in enumerate(spaces):
+        if find(i) == i and space.joined and space.blocked is None and space.producers and space.consumers:
+            groups.append(ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers),
+                                       channels[i]))
+    return groups
+
+
+def _rows(weight: Tensor) -> Tensor:
+    return weight.reshape(weight.shape[0], -1)
+
+
+@torch.no_grad()
+def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float, norm: float = 2) -> None:
+    """Prune ``round(sparsity * channels)`` output channels of each group in all its producers at once: those with
+    the smallest sum over producers of the norm of their rows (channels pruned before rank lowest and stay)."""
+    modules = dict(model.named_modules())
+    for group in groups:
+        weights = [effective_tensor(modules[p], "weight") for p in group.producers]
+        importance = sum(torch.linalg.vector_norm(_rows(w), ord=norm, dim=1) for w in weights)
+        count = round(sparsity * group.channels)
+        if count <= 0:
+            continue
+        pruned = torch.argsort(importance, stable=True)[:count]
+        for producer, weight in zip(group.producers, weights):
+            mask = torch.ones_like(weight)
+            mask[pruned] = 0
+            apply_mask_(modules[producer], "weight", mask)
+
+
+@torch.no_grad()
+def zero_group_batch_norms_(model: nn.Module, groups: list[ChannelGroup]) -> None:
+    """Zero the BatchNorm scale and shift of every channel whose rows are zero in all of its group's producers."""
+    modules = dict(model.named_modules())
+    for group in groups:
+        dead = torch.stack([(_rows(effective_tensor(modules[p], "weight")) == 0).all(dim=1)
+                            for p in group.producers]).all(dim=0)
+        if bool(dead.any()):
+            for name in group.batch_norms:
+                modules[name].weight[dead] = 0.0
+                modules[name].bias[dead] = 0.0
+
+
+def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:
+    """True for the channels that are zero everywhere in the space: zero rows and biases in every producer, and
+    every BatchNorm maps zero to zero (eval mode)."""
+    dead = torch.ones(group.channels, dtype=torch.bool)
+    for name in group.producers:
+        producer = modules[name]
+        dead &= (_rows(producer.weight.detach()) == 0).all(dim=1).cpu()
+        if producer.bias is not None:
+            dead &= (producer.bias.detach() == 0).cpu()
+    for name in group.batch_norms:
+        bn = modules[name]
+        shift = bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        dead &= (shift == 0).cpu()
+    return dead
+
+
+@torch.no_grad()
+def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup]) -> list[LayerShrink]:
+    """Remove each group's exactly-zero channels from its producers, BatchNorms and consumers (in place)."""
+    modules = dict(model.named_modules())
+    done = []
+    for group in groups:
+        dead = _exactly_zero_channels(modules, group)
+        if not bool(dead.any()):
+            continue
+        if bool(dead.all()):
+            dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
+        keep = (~dead).nonzero().flatten()
+        for name in group.producers:
+            _keep_rows_(modules[name], keep.to(modules[name].weight.device))
+        for name in group.batch_norms:
+            _keep_batch_norm_(modules[name], keep.to(modules[name].weight.device))
+        for name, per_channel in group.consumers:
+            consumer = modules[name]
+            weight = consumer.weight.detach()
+            columns = torch.arange(weight.shape[1], device=weight.device).view(group.channels, per_channel)
+            kept = columns[keep.to(weight.device)].flatten()
+            consumer.weight = nn.Parameter(weight[:, kept].clone(), consumer.weight.requires_grad)
+            if isinstance(consumer, nn.Linear):
+                consumer.in_features = int(kept.numel())
+            else:
+                consumer.in_channels = int(kept.numel())
+        readers = f"residual group, {len(group.consumers)} readers"
+        done += [LayerShrink(name, readers, group.channels, int(keep.numel()), 0) for name in group.producers]
+    return done
+
+
+__all__ = ["ChannelGroup", "prune_groups_", "remove_zero_group_channels_", "residual_groups",
+           "zero_group_batch_norms_"]

@@ -1,0 +1,116 @@
+"""Residual channel groups: found in the graph, pruned as one, removed by shrink with the function unchanged."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from litcompress import shrink
+from litcompress.pruning.groups import (ChannelGroup, prune_groups_, remove_zero_group_channels_, residual_groups,
+                                        zero_group_batch_norms_)
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.c2, self.b2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(x + self.b2(self.c2(h)))
+
+
+class ResNet(nn.Module):
+    """A stem, two residual blocks on one stream of `channels`, global pooling and a classifier."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(Block(channels), Block(channels))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def randomised(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (eval mode), as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1, generator=generator)
+            module.running_var.uniform_(0.5, 2, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.uniform_(-0.5, 0.5, generator=generator)
+    return model.eval()
+
+
+def test_the_residual_stream_is_one_group_with_its_readers():
+    groups = residual_groups(ResNet())
+    assert groups == [ChannelGroup(
+        producers=("stem.0", "blocks.0.c2", "blocks.1.c2"),
+        batch_norms=("stem.1", "blocks.0.b2", "blocks.1.b2"),
+        consumers=(("blocks.0.c1", 1), ("blocks.1.c1", 1), ("head.2", 1)),
+        channels=16,
+    )]
+
+
+@settings(max_examples=12, deadline=None)
+@given(sparsity=st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.95]), seed=st.integers(0, 10_000))
+def test_pruned_groups_shrink_with_the_same_outputs(sparsity, seed):
+    torch.manual_seed(seed)
+    model = randomised(ResNet(), seed)
+    groups = residual_groups(model)
+    prune_groups_(model, groups, sparsity)
+    zero_group_batch_norms_(model, groups)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    result = shrink(model, x)
+    removed = round(sparsity * 16)
+    left = max(16 - removed, 1)  # shrink keeps one channel of a layer that lost them all
+    shrunk = result.model
+    assert [m.out_channels for m in (shrunk.stem[0], shrunk.blocks[0].c2, shrunk.blocks[1].c2)] == [left] * 3
+    assert [shrunk.blocks[0].c1.in_channels, shrunk.blocks[1].c1.in_channels, shrunk.head[2].in_features] == [left] * 3
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_channels_are_not_removed_from_a_group():
+    # Zero filters whose BatchNorm shift is not zero output a constant, which a zero-padded conv does not absorb.
+    model = randomised(ResNet(), 0)
+    groups = residual_groups(model)
+    prune_groups_(model, groups, 0.5)  # no zero_group_batch_norms_
+    assert remove_zero_group_channels_(model, groups) == []
+
+
+class Concatenating(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        s = h + self.b(h)
+        return self.c(torch.cat([s, h], dim=1))
+
+
+class OutputIsTheStream(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + self.b(h)
+
+
+@pytest.mark.parametrize("model", [Concatenating(), OutputIsTheStream()], ids=["concatenation", "model output"])
+def test_a_stream_that_meets_something_else_is_no_group(model):
+    assert residual_groups(model) == []
