@@ -223,6 +223,37 @@ def test_zero_batch_norm_lets_shrink_remove_filters_before_a_padded_conv(digits,
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_residuals", [True, False])
+def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
+    from tests.pruning.test_groups import ResNet
+
+    x, y = digits[0].view(-1, 1, 8, 8), digits[1]
+    x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
+    torch.manual_seed(0)
+    model = train(ResNet(), x, y, steps=20)
+
+    def fine_tune(m, step):
+        train(m, x, y, steps=30, step_fn=step)
+
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", group_residuals=group_residuals)
+    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
+                      example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=30)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    stream = ("stem.0", "blocks.0.c2", "blocks.1.c2")
+    zero_filters = {name: int((m.weight.flatten(1).abs().sum(1) == 0).sum())
+                    for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(zero_filters[name] == 8 for name in zero_filters)  # every conv lost exactly half its filters
+    widths = {name: m.out_channels for name, m in shrunk.named_modules() if isinstance(m, nn.Conv2d)}
+    if group_residuals:  # the same 8 channels in the whole stream: gone from every layer writing or reading it
+        assert set(widths.values()) == {8} and shrunk.head[2].in_features == 8
+        assert result.report["shrunk"].parameters < 0.3 * result.report["input"].parameters
+    else:  # each layer pruned its own channels: the stream keeps all 16
+        assert [widths[name] for name in stream] == [16, 16, 16]
+    assert any(m.startswith("group_residuals:") for m in result.report.messages) == group_residuals
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
 def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digits):
     run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])
     harsh = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.97), **FAST), **run).report

@@ -53,6 +53,7 @@ def test_sparsity_outside_zero_one_is_refused(value):
         ({"dim": 0.5}, "dim=0.5"),
         ({"norm": 0}, "norm=0"),
         ({"zero_batch_norm": "yes"}, "zero_batch_norm='yes'"),
+        ({"group_residuals": 1}, "group_residuals=1"),
     ],
 )
 def test_bad_prune_config_fails_at_construction(kwargs, match):

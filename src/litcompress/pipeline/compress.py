@@ -23,6 +23,7 @@ from torch import nn
 from litcompress.pruning.engine import (Target, deepcopy_model, effective_tensor, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
+from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups, zero_group_batch_norms_
 from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, max_output_difference,
                                         shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
@@ -291,6 +292,25 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     return artifact
 
 
+def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
+                     note: Callable[[str], None]) -> list[ChannelGroup]:
+    """The channel groups joined by residual additions that structured pruning prunes as one (the same channels in
+    every layer writing into the group), when the config asks for it and all those layers are pruning targets."""
+    if not (prune.group_residuals and prune.zero_batch_norm and prune.method == "ln_structured" and prune.dim == 0):
+        return []
+    try:
+        groups = residual_groups(model)
+    except ValueError:
+        return []  # shrink will say why it cannot trace the model
+    names = {id(m): name for name, m in model.named_modules()}
+    pruned = {names[id(m)] for m, n in targets if n == "weight"}
+    groups = [g for g in groups if set(g.producers) <= pruned]
+    if groups:
+        note(f"group_residuals: {len(groups)} channel group(s) joined by residual additions "
+             f"({sum(len(g.producers) for g in groups)} layers) pruned as one, so shrink can remove their channels.")
+    return groups
+
+
 def _batch_norm_zeroer(model: nn.Module, targets: Sequence[Target],
                        note: Callable[[str], None]) -> Callable[[], None] | None:
     """A function that zeroes the BatchNorm scale and shift of every channel whose filter (a pruned ``weight`` in
@@ -410,20 +430,30 @@ def compress(
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
-            pruner = GradualPruner(targets, schedule, method, scope=prune.scope, **kwargs)
-            zero_batch_norms_ = _batch_norm_zeroer(work, targets, note) if prune.zero_batch_norm else None
+            groups = _residual_groups(work, targets, prune, note)
+            in_groups = {name for group in groups for name in group.producers}
+            names = {id(m): name for name, m in work.named_modules()}
+            layer_targets = [(m, n) for m, n in targets if names[id(m)] not in in_groups]
+            pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, **kwargs)
+            zero_batch_norms_ = _batch_norm_zeroer(work, layer_targets, note) if prune.zero_batch_norm else None
+
+            def hold_batch_norms_at_zero() -> None:  # after every optimizer step: the shift would grow back
+                if zero_batch_norms_ is not None:
+                    zero_batch_norms_()
+                zero_group_batch_norms_(work, groups)
 
             def step(t: int) -> None:
                 pruner.step(t)
-                if zero_batch_norms_ is not None:
-                    zero_batch_norms_()  # after every optimizer step: the shift would grow back
+                if groups and schedule.should_prune(t):
+                    prune_groups_(work, groups, schedule.target(t), prune.norm)
+                hold_batch_norms_at_zero()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             fine_tune(work, step)
             rounds = sum(1 for h in pruner.history if h["pruned_after"] > h["pruned_before"])
-            late = prune_to_sparsity_(targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
-            if zero_batch_norms_ is not None:
-                zero_batch_norms_()
+            late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
+            prune_groups_(work, groups, schedule.final_sparsity, prune.norm)  # the same for groups stopped early
+            hold_batch_norms_at_zero()
             if late:
                 note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")

@@ -47,6 +47,10 @@ class PruneConfig:
             shift (kept at zero after every step), so it outputs exactly zero: ``shrink`` then removes it even before
             a zero-padded convolution, where a constant channel has to stay. Without fine-tuning the model is
             left to compute what it computed (False then changes nothing).
+        group_residuals: with ``ln_structured`` while fine-tuning (and ``zero_batch_norm``), the layers whose outputs
+            residual additions join (a ResNet stage's stem and last convs of each block) are pruned as one group: the
+            same channels in all of them, ranked by the sum of their norms, so ``shrink`` can remove them from every
+            layer that writes or reads the residual stream. Otherwise each such layer keeps its pruned channels.
     """
 
     sparsity: float | None = None
@@ -62,6 +66,7 @@ class PruneConfig:
     dim: int = 0
     norm: float = 2
     zero_batch_norm: bool = True
+    group_residuals: bool = True
 
     def __post_init__(self) -> None:
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
@@ -79,8 +84,9 @@ class PruneConfig:
                              "SparsitySchedule.")
         if self.sparsity is None:
             raise ValueError("PruneConfig(sparsity=None): give the final sparsity, e.g. sparsity=0.9.")
-        if not isinstance(self.zero_batch_norm, bool):
-            raise TypeError(f"PruneConfig(zero_batch_norm={self.zero_batch_norm!r}): expected True or False.")
+        for flag in ("zero_batch_norm", "group_residuals"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"PruneConfig({flag}={getattr(self, flag)!r}): expected True or False.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"PruneConfig(sparsity={self.sparsity!r}): expected a fraction in [0, 1), e.g. 0.9.")
