@@ -23,7 +23,8 @@ from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import apply_mask_, effective_tensor
 from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
-                                        LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_, _keep_rows_)
+                                        LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_, _keep_rows_,
+                                        trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -79,15 +80,7 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     touches it: the model's input or output, a concatenation, a multiplication, a normalisation over channels.
     ValueError if the model cannot be traced.
     """
-    try:
-        graph = tracer().trace(model)
-    except Exception as error:
-        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    graph, modules, calls = trace(model, tracer)
 
     parent: list[int] = []
     spaces: list[_Space] = []

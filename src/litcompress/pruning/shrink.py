@@ -132,6 +132,21 @@ def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Graph, dict[str, nn.Module],
+                                                                            dict[str, int]]:
+    """`model`'s ``torch.fx`` graph, its modules by name and how often the graph calls each; ValueError (with fx's
+    message) when it cannot be traced."""
+    try:
+        graph = tracer().trace(model)
+    except Exception as error:  # fx raises many types
+        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return graph, dict(model.named_modules()), calls
+
+
 def _is_producer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
 
@@ -442,18 +457,12 @@ def shrink_(
     make_permanent_(model)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
     try:
-        graph = tracer().trace(model)
-    except Exception as error:  # fx raises many types; the user needs the original message and what to do
+        graph, modules, calls = trace(model, tracer)
+    except ValueError as error:  # the user needs the original message and what to do
         raise ValueError(
-            f"shrink needs a model torch.fx can trace, and tracing {type(model).__name__} failed: {error}. "
-            "Shrink the traceable sub-module that holds the layers instead, or pass a tracer that keeps the "
-            "untraceable parts as leaf modules."
-        ) from error
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+            f"shrink needs a model torch.fx can trace, and {error}. Shrink the traceable sub-module that holds the "
+            "layers instead, or pass a tracer that keeps the untraceable parts as leaf modules."
+        ) from error.__cause__
 
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
@@ -503,15 +512,7 @@ def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Trac
     Zeroing a BatchNorm's scale and shift for the channels whose filters are pruned makes those channels exactly
     zero (not a constant), which `shrink` removes even before a zero-padded convolution.
     """
-    try:
-        graph = tracer().trace(model)
-    except Exception as error:
-        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    graph, modules, calls = trace(model, tracer)
     names = {id(module): name for name, module in modules.items()}
     found: dict[str, list[str]] = {}
     for node in graph.nodes:
