@@ -114,3 +114,14 @@ class OutputIsTheStream(nn.Module):
 @pytest.mark.parametrize("model", [Concatenating(), OutputIsTheStream()], ids=["concatenation", "model output"])
 def test_a_stream_that_meets_something_else_is_no_group(model):
     assert residual_groups(model) == []
+
+
+def test_prune_groups_counts_only_newly_pruned_channels_and_keeps_earlier_ones():
+    model = randomised(ResNet(), 1)
+    groups = residual_groups(model)
+    assert prune_groups_(model, groups, 0.5) == 8
+    first = (model.stem[0].weight.flatten(1).abs().sum(1) == 0).clone()
+    assert prune_groups_(model, groups, 0.5) == 0  # the same target again: nothing new
+    assert prune_groups_(model, groups, 0.75) == 4
+    now = model.stem[0].weight.flatten(1).abs().sum(1) == 0
+    assert bool(now[first].all()) and int(now.sum()) == 12  # channels pruned before stay pruned

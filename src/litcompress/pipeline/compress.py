@@ -442,15 +442,17 @@ def compress(
                     zero_batch_norms_()
                 zero_group_batch_norms_(work, groups)
 
+            group_rounds: list[int] = []
+
             def step(t: int) -> None:
                 pruner.step(t)
-                if groups and schedule.should_prune(t):
-                    prune_groups_(work, groups, schedule.target(t), prune.norm)
+                if groups and schedule.should_prune(t) and prune_groups_(work, groups, schedule.target(t), prune.norm):
+                    group_rounds.append(t)
                 hold_batch_norms_at_zero()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             fine_tune(work, step)
-            rounds = sum(1 for h in pruner.history if h["pruned_after"] > h["pruned_before"])
+            rounds = len({h["t"] for h in pruner.history if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
             late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
             prune_groups_(work, groups, schedule.final_sparsity, prune.norm)  # the same for groups stopped early
             hold_batch_norms_at_zero()

@@ -185,21 +185,26 @@ def _rows(weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float, norm: float = 2) -> None:
+def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float, norm: float = 2) -> int:
     """Prune ``round(sparsity * channels)`` output channels of each group in all its producers at once: those with
-    the smallest sum over producers of the norm of their rows (channels pruned before rank lowest and stay)."""
+    the smallest sum over producers of the norm of their rows (channels pruned before rank lowest and stay).
+    Returns how many channels were newly pruned, over all groups."""
     modules = dict(model.named_modules())
+    newly = 0
     for group in groups:
         weights = [effective_tensor(modules[p], "weight") for p in group.producers]
         importance = sum(torch.linalg.vector_norm(_rows(w), ord=norm, dim=1) for w in weights)
         count = round(sparsity * group.channels)
         if count <= 0:
             continue
+        before = int((importance == 0).sum())
         pruned = torch.argsort(importance, stable=True)[:count]
         for producer, weight in zip(group.producers, weights):
             mask = torch.ones_like(weight)
             mask[pruned] = 0
             apply_mask_(modules[producer], "weight", mask)
+        newly += max(count - before, 0)
+    return newly
 
 
 @torch.no_grad()
