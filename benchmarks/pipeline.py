@@ -4,27 +4,21 @@ Both start from the same trained dense model and get the same fine-tuning budget
 same data order). ``--model mlp`` (default): an MLP 784-1024-1024-10 (``litcompress.models.MLPClassifier``, Adam,
 ``--epochs`` epochs). ``--model cnn``: ``litcompress.models.CNNClassifier`` on 28x28 images (two unpadded 3x3 convs
 of 32 and 64 filters with BatchNorm and ReLU, a 2x2 max-pool, a Linear classifier), structured setting only.
-
-* **Lightning docs**: ``lightning.pytorch.callbacks.ModelPruning`` while fine-tuning, as its docs suggest and as
-  ``benchmarks/mnist_sparsity.py`` runs it: a callable amount over the first half of the epochs whose per-epoch rounds
-  compound to the target, lottery ticket off, made permanent; then ``torch.ao.quantization.quantize_dynamic`` (int8
-  Linear, x86 engine), saved with ``torch.save(state_dict)``: zeros stay in place.
-* **litcompress**: ``litcompress.compress_lightning`` with the same target: cubic schedule inside the same epochs,
-  ``shrink`` (pruned rows removed), then the PTQ search (dynamic int8 on every backend, the fastest within 1% of the
-  pruned model's validation accuracy), exported and measured as the file read back.
+``--model resnet``: ``litcompress.models.ResNetClassifier`` (a stem and two residual blocks of zero-padded 3x3 convs,
+16 channels), structured setting only: litcompress prunes the residual stream as one group and shrinks it.
 
 Two settings for the MLP: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50%
-of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN, ``ln_structured``
-removing 50% of the filters of both convolutions, with static int8 for litcompress (its convolutions are int8 too; the
-peer's ``quantize_dynamic`` covers Linear layers only, as a Lightning user's one-liner does). Compared: test accuracy,
-file size, latency at batch 1 and 64. The dense model and the two variants of a setting are timed in one interleaved
-run (allocator and threads pinned; ``shrink.interleaved``: ``--repeats`` blocks of ~0.2 s of calls per model, taken in
-turns; the median block's time per call, and the min-max).
+of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN and the ResNet,
+``ln_structured`` removing 50% of the filters of every convolution (the ResNet's residual stream too), with static
+int8 for litcompress (its convolutions are int8 too; the peer's ``quantize_dynamic`` covers Linear layers only, as a
+Lightning user's one-liner does). Compared: test accuracy, file size, latency at batch 1 and 64. The dense model and
+the two variants of a setting are timed in one interleaved run (allocator and threads pinned; ``shrink.interleaved``:
+``--repeats`` blocks of ~0.2 s of calls per model, taken in turns; the median block's time per call, and the min-max).
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn] [--threads 1] [--repeats 15] [--epochs 3] [--fine-tune-epochs 4]
-                                  [--write]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet] [--threads 1] [--repeats 15] [--epochs 3]
+                                  [--fine-tune-epochs 4] [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
 """
@@ -59,7 +53,7 @@ from torch import nn  # noqa: E402
 
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
-from litcompress.models import CNNClassifier, MLPClassifier  # noqa: E402
+from litcompress.models import CNNClassifier, MLPClassifier, ResNetClassifier  # noqa: E402
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -68,8 +62,9 @@ from litcompress.report.size import compressed_size_bytes, serialized_weights  #
 from mnist_sparsity import replace_section  # noqa: E402
 from shrink import interleaved, stats  # noqa: E402
 
-SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),)}
-APPROACH = {"mlp": "dynamic", "cnn": "static"}  # litcompress's int8 approach: static for the convolutions
+SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),),
+            "resnet": (("ln_structured", 0.5),)}
+APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static"}  # litcompress's int8: static for convolutions
 BATCHES = (1, 64)
 
 
@@ -95,7 +90,7 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
                            seed: int) -> nn.Module:
     """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
     model = copy.deepcopy(dense)
-    linears = [m for m in model.net if isinstance(m, (nn.Linear, nn.Conv2d))]  # the classifier last
+    linears = [m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # the classifier last
     structured = method.endswith("_structured")
     rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
     per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
@@ -217,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     data = MNISTDataModule(batch_size=128, seed=args.seed, flatten=args.model == "mlp")
     data.setup("fit")
     L.seed_everything(args.seed, verbose=False)
-    dense = (MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3) if args.model == "mlp"
-             else CNNClassifier(in_channels=1, image_size=28, channels=(32, 64), lr=1e-3))
+    models = {"mlp": lambda: MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3),
+              "cnn": lambda: CNNClassifier(in_channels=1, image_size=28, channels=(32, 64), lr=1e-3),
+              "resnet": lambda: ResNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, lr=1e-3)}
+    dense = models[args.model]()
     trainer(args.epochs).fit(dense, datamodule=data)
     dense_accuracy = test_accuracy(dense, data)
     print(f"dense: test accuracy {dense_accuracy:.4f}", flush=True)
@@ -236,6 +233,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.model == "mlp":
             section, title, described = "pipeline", "(`benchmarks/pipeline.py`)", "an MLP 784-1024-1024-10"
             peer_quantization = "`torch.ao.quantization.quantize_dynamic`"
+        elif args.model == "resnet":
+            section, title = "pipeline_resnet", "on a ResNet (`benchmarks/pipeline.py --model resnet`)"
+            described = ("a small ResNet (`litcompress.models.ResNetClassifier`: a 3x3 conv stem and two residual "
+                         "blocks of zero-padded 3x3 convs, 16 channels, BatchNorm, global average pooling, a Linear "
+                         "16-10)")
+            peer_quantization = ("`torch.ao.quantization.quantize_dynamic` (the Linear layer: dynamic int8 has no "
+                                 "convolutions)")
         else:
             section, title = "pipeline_cnn", "on a CNN (`benchmarks/pipeline.py --model cnn`)"
             described = ("a CNN (two unpadded 3x3 convolutions of 32 and 64 filters with BatchNorm and ReLU, a 2x2 "

@@ -104,12 +104,24 @@ def test_structured_cnn_gets_static_quantization_by_default(tmp_path, capsys):
     assert report["shrunk"].description.startswith("12 channels removed")
 
 
+def test_structured_resnet_narrows_its_residual_stream(tmp_path):
+    assert main(["compress", "--model", "resnet", "--model-args", '{"width": 8, "blocks": 2}', "--prune",
+                 "ln_structured", "--sparsity", "0.5", "--quantize", "none", *QUICK,
+                 "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk"]
+    # stem, 2 blocks of two 3x3 convs (8 -> 4 channels everywhere: the stream and the blocks' insides), BatchNorms
+    # and the 4 -> 10 classifier
+    assert report["shrunk"].parameters == 4 * 9 + 8 + 2 * (2 * (4 * 4 * 9) + 2 * 8) + 4 * 10 + 10
+    assert any(m.startswith("group_residuals: 1 channel group(s)") for m in report.messages)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
     (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
-    (["--model", "resnet"], "expected one of mlp, cnn or 'package.module:Class'"),
+    (["--model", "vgg"], "expected one of mlp, cnn, resnet or 'package.module:Class'"),
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),
     (["--model-args", "{hidden: 3}"], "expected a JSON object"),

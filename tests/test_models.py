@@ -6,12 +6,13 @@ import lightning as L
 import pytest
 import torch
 
-from litcompress.models import CNNClassifier, MLPClassifier
+from litcompress.models import CNNClassifier, MLPClassifier, ResNetClassifier
 
 
 @pytest.mark.parametrize(("model", "inputs"), [
     (MLPClassifier(in_features=12, hidden=(7, 5), num_classes=4), torch.rand(3, 12)),
     (CNNClassifier(in_channels=2, image_size=9, channels=(3, 6, 4), num_classes=4), torch.rand(3, 2, 9, 9)),
+    (ResNetClassifier(in_channels=2, width=6, blocks=3, num_classes=4), torch.rand(3, 2, 9, 9)),
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)
@@ -29,6 +30,8 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: MLPClassifier(lr=0), "lr=0"),
     (lambda: MLPClassifier(weight_decay=-1), "weight_decay=-1"),
     (lambda: CNNClassifier(image_size=8, channels=(4, 4, 4, 4)), "too small for 4 unpadded"),
+    (lambda: ResNetClassifier(width=0), "width=\\(0,\\)"),
+    (lambda: ResNetClassifier(blocks=-1), "blocks=\\(-1,\\)"),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BUILTIN_MODELS = ("mlp", "cnn")
+BUILTIN_MODELS = ("mlp", "cnn", "resnet")
 BUILTIN_DATA = ("digits", "mnist")
 QUANTIZE_CHOICES = ("auto", "dynamic", "static", "weight_only", "none")
 
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     source = run.add_argument_group("model and data")
     source.add_argument("--model", type=_class_spec("model", BUILTIN_MODELS), default="mlp",
-                        help="built-in 'mlp' or 'cnn', or package.module:LightningModuleClass")
+                        help="built-in 'mlp', 'cnn' or 'resnet', or package.module:LightningModuleClass")
     source.add_argument("--model-args", type=_json_object, default={},
                         help="JSON keyword arguments for the model, e.g. '{\"hidden\": [512, 512]}'")
     source.add_argument("--checkpoint", type=_existing_file,
@@ -265,16 +265,16 @@ def _datamodule(args: argparse.Namespace) -> Any:
 
     kwargs = {"seed": args.seed, **args.data_args}
     if args.data in BUILTIN_DATA:
-        kwargs.setdefault("flatten", args.model != "cnn")
+        kwargs.setdefault("flatten", args.model == "mlp")
         return (DigitsDataModule if args.data == "digits" else MNISTDataModule)(**kwargs)
     return args.data(**args.data_args)
 
 
 def _model(args: argparse.Namespace, data: Any) -> Any:
-    from litcompress.models import CNNClassifier, MLPClassifier
+    from litcompress.models import CNNClassifier, MLPClassifier, ResNetClassifier
 
     if args.model in BUILTIN_MODELS:
-        cls = MLPClassifier if args.model == "mlp" else CNNClassifier
+        cls = {"mlp": MLPClassifier, "cnn": CNNClassifier, "resnet": ResNetClassifier}[args.model]
         if args.checkpoint is not None:
             return cls.load_from_checkpoint(args.checkpoint, map_location="cpu")
         shape = getattr(data, "input_shape", None)
@@ -288,7 +288,7 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
             kwargs["in_features"] = shape[0]
         else:
             if len(shape) != 3 or shape[1] != shape[2]:
-                raise ValueError(f"--model cnn takes square images (C, H, W), the data gives {tuple(shape)}.")
+                raise ValueError(f"--model {args.model} takes square images (C, H, W), the data gives {tuple(shape)}.")
             kwargs.update(in_channels=shape[0], image_size=shape[1])
         return cls(**{**kwargs, **args.model_args})
     if args.checkpoint is not None:

@@ -96,4 +96,36 @@ class CNNClassifier(Classifier):
         self.net = nn.Sequential(*layers)
 
 
-__all__ = ["CNNClassifier", "Classifier", "MLPClassifier"]
+class ResidualBlock(nn.Module):
+    """``relu(x + bn2(conv2(relu(bn1(conv1(x))))))`` with zero-padded 3x3 convs of one width (a ResNet basic block
+    without downsampling)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(h)))
+
+
+class ResNetClassifier(Classifier):
+    """A small ResNet: a 3x3 conv stem (BatchNorm, ReLU), `blocks` residual blocks of `width` channels on one
+    stream, global average pooling and a Linear to `num_classes` logits. Structured pruning shrinks both the
+    blocks' inner channels and the residual stream (see :mod:`litcompress.pruning.groups`)."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, width: int = 16, blocks: int = 2,
+                 num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        _check_widths("width", (width,))
+        _check_widths("blocks", (blocks,))
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            *[ResidualBlock(width) for _ in range(blocks)],
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
+        )
+
+
+__all__ = ["CNNClassifier", "Classifier", "MLPClassifier", "ResNetClassifier", "ResidualBlock"]

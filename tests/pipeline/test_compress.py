@@ -239,7 +239,7 @@ def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
     result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
                       example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=30)
     pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
-    stream = ("stem.0", "blocks.0.c2", "blocks.1.c2")
+    stream = ("stem.0", "blocks.0.conv2", "blocks.1.conv2")
     zero_filters = {name: int((m.weight.flatten(1).abs().sum(1) == 0).sum())
                     for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
     assert all(zero_filters[name] == 8 for name in zero_filters)  # every conv lost exactly half its filters

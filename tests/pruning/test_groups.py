@@ -9,19 +9,9 @@ from hypothesis import given, settings
 from torch import nn
 
 from litcompress import shrink
+from litcompress.models import ResidualBlock
 from litcompress.pruning.groups import (ChannelGroup, prune_groups_, remove_zero_group_channels_, residual_groups,
                                         zero_group_batch_norms_)
-
-
-class Block(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
-        self.c2, self.b2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.b1(self.c1(x)))
-        return torch.relu(x + self.b2(self.c2(h)))
 
 
 class ResNet(nn.Module):
@@ -31,7 +21,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
                                   nn.ReLU())
-        self.blocks = nn.Sequential(Block(channels), Block(channels))
+        self.blocks = nn.Sequential(ResidualBlock(channels), ResidualBlock(channels))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +43,9 @@ def randomised(model: nn.Module, seed: int) -> nn.Module:
 def test_the_residual_stream_is_one_group_with_its_readers():
     groups = residual_groups(ResNet())
     assert groups == [ChannelGroup(
-        producers=("stem.0", "blocks.0.c2", "blocks.1.c2"),
-        batch_norms=("stem.1", "blocks.0.b2", "blocks.1.b2"),
-        consumers=(("blocks.0.c1", 1), ("blocks.1.c1", 1), ("head.2", 1)),
+        producers=("stem.0", "blocks.0.conv2", "blocks.1.conv2"),
+        batch_norms=("stem.1", "blocks.0.bn2", "blocks.1.bn2"),
+        consumers=(("blocks.0.conv1", 1), ("blocks.1.conv1", 1), ("head.2", 1)),
         channels=16,
     )]
 
@@ -75,8 +65,9 @@ def test_pruned_groups_shrink_with_the_same_outputs(sparsity, seed):
     removed = round(sparsity * 16)
     left = max(16 - removed, 1)  # shrink keeps one channel of a layer that lost them all
     shrunk = result.model
-    assert [m.out_channels for m in (shrunk.stem[0], shrunk.blocks[0].c2, shrunk.blocks[1].c2)] == [left] * 3
-    assert [shrunk.blocks[0].c1.in_channels, shrunk.blocks[1].c1.in_channels, shrunk.head[2].in_features] == [left] * 3
+    assert [m.out_channels for m in (shrunk.stem[0], shrunk.blocks[0].conv2, shrunk.blocks[1].conv2)] == [left] * 3
+    assert [shrunk.blocks[0].conv1.in_channels, shrunk.blocks[1].conv1.in_channels,
+            shrunk.head[2].in_features] == [left] * 3
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
 
