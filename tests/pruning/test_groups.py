@@ -102,7 +102,21 @@ class OutputIsTheStream(nn.Module):
         return h + self.b(h)
 
 
-@pytest.mark.parametrize("model", [Concatenating(), OutputIsTheStream()], ids=["concatenation", "model output"])
+class LinearOnConvOutput(nn.Module):
+    """A Linear applied to a conv's last (spatial) dimension, which happens to equal the channel count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [N, 4, 4, 4]
+        h = self.a(x)
+        return self.head(h + self.b(h)).sum()
+
+
+@pytest.mark.parametrize("model", [Concatenating(), OutputIsTheStream(), LinearOnConvOutput()],
+                         ids=["concatenation", "model output", "linear on a spatial dim"])
 def test_a_stream_that_meets_something_else_is_no_group(model):
     assert residual_groups(model) == []
 

@@ -105,12 +105,14 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
         spaces[root].blocked = spaces[root].blocked or reason
 
     space_of: dict[fx.Node, int] = {}
+    kind_of: dict[int, type | None] = {}  # the producer class of a space (None: the model's input)
     flattened: set[fx.Node] = set()
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if node.op == "placeholder":
             space_of[node] = new(0, False, "it is the model's input")
+            kind_of[space_of[node]] = None
             continue
         if node.op == "output":
             for a in inputs:
@@ -124,9 +126,12 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
                 root = find(space_of[a])
                 count = channels[root]
                 width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+                # channels are dim 1: a conv space is read by a conv of its kind, a Linear space by a Linear (a
+                # Linear on a conv's output would read its last spatial dim), a flattened conv space by a Linear
+                kind = kind_of[root]
                 if a in flattened and isinstance(module, nn.Linear) and count and width % count == 0:
                     spaces[root].consumers.append((str(node.target), width // count))
-                elif a not in flattened and width == count:
+                elif a not in flattened and width == count and type(module) is kind:
                     spaces[root].consumers.append((str(node.target), 1))
                 else:
                     block(root, f"{node.target} does not take its channels one to one")
@@ -134,12 +139,14 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
             space_of[node] = new(out, isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d),
                                  f"{node.target} is called more than once" if calls[str(node.target)] > 1 else None)
             spaces[space_of[node]].producers.append(str(node.target))
+            kind_of[space_of[node]] = type(module)
             continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
         if _is_add(node) and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
             a, b = (find(space_of[x]) for x in inputs)
-            if channels[a] != channels[b] or (inputs[0] in flattened) != (inputs[1] in flattened):
+            if channels[a] != channels[b] or kind_of.get(a) != kind_of.get(b) \
+                    or (inputs[0] in flattened) != (inputs[1] in flattened):
                 block(a, "an addition of tensors of other shapes")
                 block(b, "an addition of tensors of other shapes")
             elif a != b:
