@@ -45,7 +45,7 @@ def test_the_residual_stream_is_one_group_with_its_readers():
     assert groups == [ChannelGroup(
         producers=("stem.0", "blocks.0.conv2", "blocks.1.conv2"),
         batch_norms=("stem.1", "blocks.0.bn2", "blocks.1.bn2"),
-        consumers=(("blocks.0.conv1", 1), ("blocks.1.conv1", 1), ("head.2", 1)),
+        consumers=("blocks.0.conv1", "blocks.1.conv1", "head.2"),
         channels=16,
     )]
 

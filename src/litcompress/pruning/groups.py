@@ -23,8 +23,8 @@ from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import apply_mask_, effective_tensor
 from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
-                                        LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_, _keep_rows_,
-                                        trace)
+                                        LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_,
+                                        _keep_input_channels_, _keep_rows_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -42,17 +42,23 @@ class ChannelGroup:
 
     producers: tuple[str, ...]  # write into the space (their output channels)
     batch_norms: tuple[str, ...]  # per-channel, inside the space
-    consumers: tuple[tuple[str, int], ...]  # read from it: (layer, input columns per channel: 1, or a flatten's)
+    consumers: tuple[str, ...]  # read from it (their input channels, or a flatten's blocks of columns)
     channels: int
 
 
 @dataclass
 class _Space:
+    channels: int
+    kind: type | None  # the producers' class (None: the model's input)
     producers: list[str] = field(default_factory=list)
     batch_norms: list[str] = field(default_factory=list)
-    consumers: list[tuple[str, int]] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
     joined: bool = False  # an addition merged spaces
-    blocked: str | None = None
+    blocked: bool = False  # something other than the ops below touches it
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -80,18 +86,16 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     touches it: the model's input or output, a concatenation, a multiplication, a normalisation over channels.
     ValueError if the model cannot be traced.
     """
-    graph, modules, calls = trace(model, tracer)
+    return _residual_groups(*trace(model, tracer))
 
-    parent: list[int] = []
+
+def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]) -> list[ChannelGroup]:
+    parent: list[int] = []  # union-find over spaces: an addition merges two
     spaces: list[_Space] = []
-    channels: list[int] = []
-    is_conv: list[bool] = []
 
-    def new(count: int, conv: bool, blocked: str | None = None) -> int:
+    def new(space: _Space) -> int:
         parent.append(len(parent))
-        spaces.append(_Space(blocked=blocked))
-        channels.append(count)
-        is_conv.append(conv)
+        spaces.append(space)
         return parent[-1]
 
     def find(i: int) -> int:
@@ -100,59 +104,48 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
             i = parent[i]
         return i
 
-    def block(i: int, reason: str) -> None:
-        root = find(i)
-        spaces[root].blocked = spaces[root].blocked or reason
+    def block(i: int) -> None:
+        spaces[find(i)].blocked = True
 
     space_of: dict[fx.Node, int] = {}
-    kind_of: dict[int, type | None] = {}  # the producer class of a space (None: the model's input)
     flattened: set[fx.Node] = set()
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if node.op == "placeholder":
-            space_of[node] = new(0, False, "it is the model's input")
-            kind_of[space_of[node]] = None
+        once = module is None or calls[str(node.target)] == 1
+        if node.op == "placeholder":  # the model's input keeps its width
+            space_of[node] = new(_Space(0, None, blocked=True))
             continue
-        if node.op == "output":
+        if node.op == "output":  # so does its output
             for a in inputs:
-                block(space_of[a], "it is the model's output")
+                block(space_of[a])
             continue
         if module is not None and _is_producer(module):
             for a in inputs:
-                if calls[str(node.target)] > 1:
-                    block(space_of[a], f"{node.target} is called more than once")
-                    continue
-                root = find(space_of[a])
-                count = channels[root]
+                space = spaces[find(space_of[a])]
                 width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-                # channels are dim 1: a conv space is read by a conv of its kind, a Linear space by a Linear (a
-                # Linear on a conv's output would read its last spatial dim), a flattened conv space by a Linear
-                kind = kind_of[root]
-                if a in flattened and isinstance(module, nn.Linear) and count and width % count == 0:
-                    spaces[root].consumers.append((str(node.target), width // count))
-                elif a not in flattened and width == count and type(module) is kind:
-                    spaces[root].consumers.append((str(node.target), 1))
+                # channels are dim 1: a space is read by a layer of its producers' kind (a Linear on a conv's output
+                # would read its last spatial dim), a flattened conv space by a Linear over blocks of columns
+                if once and ((a in flattened and isinstance(module, nn.Linear) and space.channels
+                              and width % space.channels == 0)
+                             or (a not in flattened and width == space.channels and type(module) is space.kind)):
+                    space.consumers.append(str(node.target))
                 else:
-                    block(root, f"{node.target} does not take its channels one to one")
+                    block(space_of[a])
             out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            space_of[node] = new(out, isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d),
-                                 f"{node.target} is called more than once" if calls[str(node.target)] > 1 else None)
-            spaces[space_of[node]].producers.append(str(node.target))
-            kind_of[space_of[node]] = type(module)
+            space_of[node] = new(_Space(out, type(module), [str(node.target)], blocked=not once))
             continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
         if _is_add(node) and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
             a, b = (find(space_of[x]) for x in inputs)
-            if channels[a] != channels[b] or kind_of.get(a) != kind_of.get(b) \
-                    or (inputs[0] in flattened) != (inputs[1] in flattened):
-                block(a, "an addition of tensors of other shapes")
-                block(b, "an addition of tensors of other shapes")
+            if (spaces[a].channels, spaces[a].kind, inputs[0] in flattened) != \
+                    (spaces[b].channels, spaces[b].kind, inputs[1] in flattened):
+                block(a)  # broadcasting, not one channel space
+                block(b)
             elif a != b:
                 parent[b] = a
-                merged = spaces[a]
-                other = spaces[b]
+                merged, other = spaces[a], spaces[b]
                 merged.producers += other.producers
                 merged.batch_norms += other.batch_norms
                 merged.consumers += other.consumers
@@ -164,27 +157,24 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
             continue
         source = inputs[0]
         root = find(space_of[source])
-        if len(inputs) == 1 and module is not None and isinstance(module, _BATCH_NORM) and source not in flattened \
-                and calls[str(node.target)] == 1 and module.affine and module.running_mean is not None:
+        convs = spaces[root].is_conv and source not in flattened
+        if len(inputs) == 1 and once and isinstance(module, _BATCH_NORM) and source not in flattened \
+                and module.affine and module.running_mean is not None:
             spaces[root].batch_norms.append(str(node.target))
             space_of[node] = root
-        elif len(inputs) == 1 and (module is None or calls[str(node.target)] == 1) \
-                and _passes_through(node, module, is_conv[root] and source not in flattened):
+        elif len(inputs) == 1 and once and _passes_through(node, module, convs):
             space_of[node] = root
             if source in flattened:
                 flattened.add(node)
-        elif len(inputs) == 1 and is_conv[root] and source not in flattened and _flatten_start(node, modules) == 1:
+        elif len(inputs) == 1 and convs and _flatten_start(node, modules) == 1:
             space_of[node] = root
             flattened.add(node)
-        else:
+        else:  # a concatenation, a multiplication, a normalisation over channels, a shape read...
             for a in inputs:
-                block(space_of[a], f"it goes to {node.format_node() or node.name}")
-    groups = []
-    for i, space in enumerate(spaces):
-        if find(i) == i and space.joined and space.blocked is None and space.producers and space.consumers:
-            groups.append(ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers),
-                                       channels[i]))
-    return groups
+                block(space_of[a])
+    return [ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers), space.channels)
+            for i, space in enumerate(spaces)
+            if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers]
 
 
 def _rows(weight: Tensor) -> Tensor:
@@ -259,16 +249,8 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup]) ->
             _keep_rows_(modules[name], keep.to(modules[name].weight.device))
         for name in group.batch_norms:
             _keep_batch_norm_(modules[name], keep.to(modules[name].weight.device))
-        for name, per_channel in group.consumers:
-            consumer = modules[name]
-            weight = consumer.weight.detach()
-            columns = torch.arange(weight.shape[1], device=weight.device).view(group.channels, per_channel)
-            kept = columns[keep.to(weight.device)].flatten()
-            consumer.weight = nn.Parameter(weight[:, kept].clone(), consumer.weight.requires_grad)
-            if isinstance(consumer, nn.Linear):
-                consumer.in_features = int(kept.numel())
-            else:
-                consumer.in_channels = int(kept.numel())
+        for name in group.consumers:
+            _keep_input_channels_(modules[name], keep, group.channels)
         readers = f"residual group, {len(group.consumers)} readers"
         done += [LayerShrink(name, readers, group.channels, int(keep.numel()), 0) for name in group.producers]
     return done

@@ -329,6 +329,19 @@ def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
         module.out_channels = int(keep.numel())
 
 
+def _keep_input_channels_(consumer: nn.Module, keep: Tensor, channels: int) -> None:
+    """Keep the input columns of `consumer` that read the `keep` ones of `channels` (a flatten of a conv's output
+    gives each channel a block of columns, channel-major)."""
+    weight = consumer.weight.detach()
+    columns = torch.arange(weight.shape[1], device=weight.device).view(channels, weight.shape[1] // channels)
+    kept = columns[keep.to(weight.device)].flatten()
+    consumer.weight = nn.Parameter(weight[:, kept].clone(), consumer.weight.requires_grad)
+    if isinstance(consumer, nn.Linear):
+        consumer.in_features = int(kept.numel())
+    else:
+        consumer.in_channels = int(kept.numel())
+
+
 def _keep_batch_norm_(bn: nn.Module, keep: Tensor) -> None:
     for name in ("weight", "bias"):
         p = getattr(bn, name)
@@ -374,12 +387,7 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
             consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
                                          consumer.weight.requires_grad)
         consumer.bias.data += contribution.to(consumer.bias.dtype)
-    kept_columns = columns[keep].flatten()
-    consumer.weight = nn.Parameter(weight[:, kept_columns].clone(), consumer.weight.requires_grad)
-    if isinstance(consumer, nn.Linear):
-        consumer.in_features = int(kept_columns.numel())
-    else:
-        consumer.in_channels = int(kept_columns.numel())
+    _keep_input_channels_(consumer, keep, channels)
 
     for bn in chain.batch_norms:
         _keep_batch_norm_(bn, keep)
@@ -487,9 +495,9 @@ def shrink_(
         elif isinstance(outcome, str):
             kept.append((name, outcome))
     # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
-    from litcompress.pruning.groups import remove_zero_group_channels_, residual_groups
+    from litcompress.pruning.groups import _residual_groups, remove_zero_group_channels_
 
-    grouped = remove_zero_group_channels_(model, residual_groups(model, tracer=tracer))
+    grouped = remove_zero_group_channels_(model, _residual_groups(graph, modules, calls))
     layers += grouped
     handled = {layer.name for layer in grouped}
     kept = [(name, reason) for name, reason in kept if name not in handled]
