@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import (Target, deepcopy_model, effective_tensor, make_permanent_, permanent_state_dict,
+from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups, zero_group_batch_norms_
@@ -292,54 +292,47 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     return artifact
 
 
+def _names_of(model: nn.Module, targets: Sequence[Target]) -> list[str]:
+    names = {id(m): name for name, m in model.named_modules()}
+    return [names[id(m)] for m, _ in targets]
+
+
 def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
-                     note: Callable[[str], None]) -> list[ChannelGroup]:
+                     note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[Target]]:
     """The channel groups joined by residual additions that structured pruning prunes as one (the same channels in
-    every layer writing into the group), when the config asks for it and all those layers are pruning targets."""
+    every layer writing into the group), when the config asks for it and all those layers are pruning targets; and
+    the targets left to prune layer by layer."""
     if not (prune.group_residuals and prune.zero_batch_norm and prune.method == "ln_structured" and prune.dim == 0):
-        return []
+        return [], list(targets)
     try:
         groups = residual_groups(model)
     except ValueError:
-        return []  # shrink will say why it cannot trace the model
-    names = {id(m): name for name, m in model.named_modules()}
-    pruned = {names[id(m)] for m, n in targets if n == "weight"}
-    groups = [g for g in groups if set(g.producers) <= pruned]
+        return [], list(targets)  # shrink will say why it cannot trace the model
+    names = _names_of(model, targets)
+    groups = [g for g in groups if set(g.producers) <= set(names)]
+    grouped = {name for g in groups for name in g.producers}
     if groups:
-        note(f"group_residuals: {len(groups)} channel group(s) joined by residual additions "
-             f"({sum(len(g.producers) for g in groups)} layers) pruned as one, so shrink can remove their channels.")
-    return groups
+        note(f"group_residuals: {len(groups)} channel group(s) joined by residual additions ({len(grouped)} layers) "
+             "pruned as one, so shrink can remove their channels.")
+    return groups, [t for t, name in zip(targets, names) if name not in grouped]
 
 
-def _batch_norm_zeroer(model: nn.Module, targets: Sequence[Target],
-                       note: Callable[[str], None]) -> Callable[[], None] | None:
-    """A function that zeroes the BatchNorm scale and shift of every channel whose filter (a pruned ``weight`` in
-    `targets`) is all zero, or None when the model has no such BatchNorm or cannot be traced."""
+def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], note: Callable[[str], None]) -> list[ChannelGroup]:
+    """Each pruned layer with the BatchNorms between it and its consumer, as a one-layer group whose BatchNorm
+    :func:`zero_group_batch_norms_` holds at zero for pruned channels (none if the model cannot be traced)."""
     try:
         following = following_batch_norms(model)
     except ValueError:
-        return None  # shrink will say why it cannot trace the model
+        return []  # shrink will say why it cannot trace the model
     modules = dict(model.named_modules())
-    pruned = {id(m) for m, n in targets if n == "weight"}
-    pairs = [(modules[p], [modules[b] for b in bns]) for p, bns in following.items() if id(modules[p]) in pruned]
-    pairs = [(p, [b for b in bns if b.affine]) for p, bns in pairs]
-    pairs = [(p, bns) for p, bns in pairs if bns]
-    if not pairs:
-        return None
-    note(f"zero_batch_norm: the BatchNorm scale and shift of pruned channels are held at zero in "
-         f"{sum(len(bns) for _, bns in pairs)} BatchNorm layer(s), so shrink can remove those channels.")
-
-    @torch.no_grad()
-    def zero_() -> None:
-        for producer, batch_norms in pairs:
-            weight = effective_tensor(producer, "weight")
-            dead = (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
-            if bool(dead.any()):
-                for bn in batch_norms:
-                    bn.weight[dead] = 0.0
-                    bn.bias[dead] = 0.0
-
-    return zero_
+    pruned = {name for name, (_, n) in zip(_names_of(model, targets), targets) if n == "weight"}
+    groups = [ChannelGroup((layer,), tuple(b for b in bns if modules[b].affine), (), modules[layer].weight.shape[0])
+              for layer, bns in following.items() if layer in pruned]
+    groups = [g for g in groups if g.batch_norms]
+    if groups:
+        note(f"zero_batch_norm: the BatchNorm scale and shift of pruned channels are held at zero in "
+             f"{sum(len(g.batch_norms) for g in groups)} BatchNorm layer(s), so shrink can remove those channels.")
+    return groups
 
 
 def compress(
@@ -430,32 +423,24 @@ def compress(
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
-            groups = _residual_groups(work, targets, prune, note)
-            in_groups = {name for group in groups for name in group.producers}
-            names = {id(m): name for name, m in work.named_modules()}
-            layer_targets = [(m, n) for m, n in targets if names[id(m)] not in in_groups]
+            groups, layer_targets = _residual_groups(work, targets, prune, note)
             pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, **kwargs)
-            zero_batch_norms_ = _batch_norm_zeroer(work, layer_targets, note) if prune.zero_batch_norm else None
-
-            def hold_batch_norms_at_zero() -> None:  # after every optimizer step: the shift would grow back
-                if zero_batch_norms_ is not None:
-                    zero_batch_norms_()
-                zero_group_batch_norms_(work, groups)
-
+            # after every optimizer step: a pruned channel's BatchNorm shift would grow back
+            held_at_zero = groups + (_batch_norm_groups(work, layer_targets, note) if prune.zero_batch_norm else [])
             group_rounds: list[int] = []
 
             def step(t: int) -> None:
                 pruner.step(t)
                 if groups and schedule.should_prune(t) and prune_groups_(work, groups, schedule.target(t), prune.norm):
                     group_rounds.append(t)
-                hold_batch_norms_at_zero()
+                zero_group_batch_norms_(work, held_at_zero)
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             fine_tune(work, step)
             rounds = len({h["t"] for h in pruner.history if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
             late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
             prune_groups_(work, groups, schedule.final_sparsity, prune.norm)  # the same for groups stopped early
-            hold_batch_norms_at_zero()
+            zero_group_batch_norms_(work, held_at_zero)
             if late:
                 note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")
