@@ -198,20 +198,26 @@ def padded_cnn() -> nn.Sequential:
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
 
 
-@pytest.mark.parametrize("zero_batch_norm", [True, False])
-def test_zero_batch_norm_lets_shrink_remove_filters_before_a_padded_conv(digits, zero_batch_norm):
+def compress_on_images(digits, model: nn.Module, prune: PruneConfig, steps: int):
+    """Train `model` on the digits as 1x8x8 images for `steps`, then compress it while fine-tuning as long again;
+    returns the result and the validation images."""
     x, y = digits[0].view(-1, 1, 8, 8), digits[1]
     x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
     torch.manual_seed(0)
-    model = train(padded_cnn(), x, y, steps=30)
+    model = train(model, x, y, steps=steps)
 
     def fine_tune(m, step):
-        train(m, x, y, steps=40, step_fn=step)
+        train(m, x, y, steps=steps, step_fn=step)
 
-    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", zero_batch_norm=zero_batch_norm),
-                               **FAST)
-    result = compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8], fine_tune=fine_tune,
-                      fine_tune_steps=40)
+    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
+                      example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=steps)
+    return result, x_val
+
+
+@pytest.mark.parametrize("zero_batch_norm", [True, False])
+def test_zero_batch_norm_lets_shrink_remove_filters_before_a_padded_conv(digits, zero_batch_norm):
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", zero_batch_norm=zero_batch_norm)
+    result, x_val = compress_on_images(digits, padded_cnn(), prune, steps=40)
     first = next(layer for layer in result.shrink.layers if layer.name == "0")  # feeds the padded conv "3"
     pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
     if zero_batch_norm:  # every pruned filter of both convs is gone, and the function is the pruned model's
@@ -227,17 +233,8 @@ def test_zero_batch_norm_lets_shrink_remove_filters_before_a_padded_conv(digits,
 def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
     from tests.pruning.test_groups import ResNet
 
-    x, y = digits[0].view(-1, 1, 8, 8), digits[1]
-    x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
-    torch.manual_seed(0)
-    model = train(ResNet(), x, y, steps=20)
-
-    def fine_tune(m, step):
-        train(m, x, y, steps=30, step_fn=step)
-
     prune = PruneConfig(sparsity=0.5, method="ln_structured", group_residuals=group_residuals)
-    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
-                      example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=30)
+    result, x_val = compress_on_images(digits, ResNet(), prune, steps=30)
     pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
     stream = ("stem.0", "blocks.0.conv2", "blocks.1.conv2")
     zero_filters = {name: int((m.weight.flatten(1).abs().sum(1) == 0).sum())
