@@ -476,3 +476,98 @@ def test_nested_outputs_are_compared_leaf_by_leaf(width_dependent: bool) -> None
             shrink(model, x)
     else:
         assert shrink(model, x).model.fc1.out_features == 4
+
+
+# ------------------------------------------------------------------------------------------------ depthwise convs
+class InvertedBottleneck(nn.Module):
+    """A MobileNetV2 block: expand (1x1) -> [BN] -> act -> depthwise 3x3 -> [BN] -> act -> project, [+ x]."""
+
+    def __init__(self, activation: str, expand_bias: bool, dw_padding: int, dw_stride: int, dw_bias: bool,
+                 project_padding: int, residual: bool) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(4, 12, 1, bias=expand_bias)
+        self.bn1, self.act1 = nn.BatchNorm2d(12), ACTIVATIONS[activation]()
+        self.dw = nn.Conv2d(12, 12, 3, stride=dw_stride, padding=dw_padding, groups=12, bias=dw_bias)
+        self.bn2, self.act2 = nn.BatchNorm2d(12), ACTIVATIONS[activation]()
+        self.project = nn.Conv2d(12, 4, 1 + 2 * project_padding, padding=project_padding)
+        self.residual = residual and dw_stride == 1 and dw_padding == 1
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """What `project` reads."""
+        return self.act2(self.bn2(self.dw(self.act1(self.bn1(self.expand(x))))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.hidden(x))
+        return x + y if self.residual else y
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    activation=st.sampled_from(["silu", "gelu", "tanh", "identity"]),  # no flat region: a live channel never
+    expand_bias=st.booleans(), dw_bias=st.booleans(),                   # looks constant to the oracle below
+    dw_padding=st.sampled_from([0, 1]), dw_stride=st.sampled_from([1, 2]), project_padding=st.sampled_from([0, 1]),
+    residual=st.booleans(), zero_batch_norm=st.booleans(),
+    dead_expand=st.lists(st.integers(0, 11), unique=True, max_size=12),
+    dead_dw=st.lists(st.integers(0, 11), unique=True, max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
+        activation, expand_bias, dw_bias, dw_padding, dw_stride, project_padding, residual, zero_batch_norm,
+        dead_expand, dead_dw, seed) -> None:
+    torch.manual_seed(seed)
+    model = InvertedBottleneck(activation, expand_bias, dw_padding, dw_stride, dw_bias, project_padding, residual)
+    generator = torch.Generator().manual_seed(seed)
+    randomise_batch_norm_(model.bn1, generator)
+    randomise_batch_norm_(model.bn2, generator)
+    zero_rows_(model.expand, dead_expand)
+    zero_rows_(model.dw, dead_dw)
+    if zero_batch_norm:  # what the pipeline's zero_batch_norm does to pruned channels
+        with torch.no_grad():
+            for bn in (model.bn1, model.bn2):
+                bn.weight[dead_expand] = 0
+                bn.bias[dead_expand] = 0
+    x = torch.randn(3, 4, 8, 8)
+    expected = outputs(model, x)
+    # Oracle, from the masked model's activations alone: a channel can go when `project` reads it as a constant
+    # (and as zero if `project` pads with zeros).
+    with torch.no_grad():  # `outputs` left the model in eval mode
+        hidden = model.hidden(x).transpose(0, 1).reshape(12, -1)
+    constant = (hidden == hidden[:, :1]).all(1)
+    if project_padding:
+        constant &= hidden[:, 0] == 0
+    expected_width = max(12 - int(constant.sum()), 1)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    shrunk = result.model
+    assert shrunk.expand.out_channels == expected_width
+    assert (shrunk.bn1.num_features, shrunk.dw.in_channels, shrunk.dw.out_channels, shrunk.dw.groups,
+            shrunk.bn2.num_features, shrunk.project.in_channels) == (expected_width,) * 6
+    assert tuple(shrunk.dw.weight.shape) == (expected_width, 1, 3, 3)
+    if expected_width < 12:
+        (layer,) = result.report.layers
+        assert (layer.name, layer.consumer, layer.through) == ("expand", "project", ("dw",))
+        assert "via dw" in result.report.table()
+
+
+class DepthMultiplier(nn.Module):
+    """A grouped conv with two outputs per input channel: its channels do not map one to one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.dw, self.out = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dw(self.conv(x)))
+
+
+def test_a_grouped_conv_that_is_not_depthwise_stops_the_chain() -> None:
+    torch.manual_seed(0)
+    model = DepthMultiplier()
+    zero_rows_(model.conv, [1])
+    x = torch.randn(2, 2, 6, 6)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+    assert result.report.layers == ()
+    assert result.report.kept == (("conv", "its output goes to dw (Conv2d), which shrink does not see through"),)

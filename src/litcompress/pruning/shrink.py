@@ -9,8 +9,9 @@ same function as the masked one in eval mode (exactly up to float rounding), wit
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
 through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
-activations, dropout, a conv's spatial max/adaptive pooling and a flatten from conv to Linear, in which every output
-has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's output end the chain
+activations, dropout, a conv's spatial max/adaptive pooling, depthwise convolutions (a MobileNet block's middle
+layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to Linear, in
+which every output has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's output end the chain
 and keep the producer as it is. Channel spaces that residual additions join are handled as groups
 (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all of them.
 
@@ -68,6 +69,7 @@ class LayerShrink:
     channels_after: int
     folded: int  # removed channels with a non-zero constant output, added to the consumer's bias
     left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv)
+    through: tuple[str, ...] = ()  # depthwise convs between the two, which lost the same channels
 
     @property
     def removed(self) -> int:
@@ -98,7 +100,7 @@ class ShrinkReport:
         for layer in self.layers:
             lines.append(f"{layer.name:<32} {layer.consumer:<32} "
                          f"{f'{layer.channels_before} -> {layer.channels_after}':>15} {layer.folded:>7} "
-                         f"{layer.left:>5}")
+                         f"{layer.left:>5}" + (f"  via {', '.join(layer.through)}" if layer.through else ""))
         for name, reason in self.kept:
             lines.append(f"{name:<32} kept: {reason}")
         lines.append(f"parameters {self.parameters_before:,} -> {self.parameters_after:,} "
@@ -115,6 +117,16 @@ class ShrinkResult:
 
 
 # ------------------------------------------------------------------------------------------------ the chain
+@dataclass(frozen=True)
+class _Depthwise:
+    """A depthwise conv inside a chain, and whether it pads with zeros (then only a zero input channel gives a
+    constant output channel)."""
+
+    name: str
+    conv: nn.Module
+    zero_padded: bool
+
+
 @dataclass
 class _Chain:
     """What lies between a producer and its consumer, in order."""
@@ -123,7 +135,8 @@ class _Chain:
     consumer: nn.Module
     consumer_name: str
     batch_norms: list[nn.Module] = field(default_factory=list)  # lose the same channels as the producer
-    ops: list[Callable[[Tensor], Tensor]] = field(default_factory=list)  # per-channel ops (BN included), in order
+    # per-channel ops (BN included), in order; a _Depthwise is a depthwise conv, which loses channels too
+    ops: list[Callable[[Tensor], Tensor] | _Depthwise] = field(default_factory=list)
     flattened: bool = False
     zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
 
@@ -151,10 +164,23 @@ def _is_producer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose output channel j reads only input channel j (``groups == in_channels == out_channels > 1``)."""
+    return (isinstance(module, _CONV) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 def _zero_channels(module: nn.Module) -> Tensor:
     """Boolean per output channel: True where all of the channel's weights are zero."""
     weight = module.weight.detach()
     return (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
+
+
+def _pads_with_zeros(conv: nn.Module) -> bool:
+    """True for a conv that pads its input with zeros: a constant channel is not constant at its border."""
+    padding = conv.padding
+    return conv.padding_mode == "zeros" and (padding == "same" if isinstance(padding, str)
+                                             else any(p != 0 for p in padding))
 
 
 def _is_batch_size(node: object, source: fx.Node) -> bool:
@@ -266,9 +292,16 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
             if not ok:
                 return f"its consumer {_describe(user, modules)} does not take its channels one to one"
             chain.consumer, chain.consumer_name = module, str(user.target)
-            chain.zero_padded_consumer = isinstance(module, _CONV) and module.padding_mode == "zeros" and (
-                module.padding == "same" if isinstance(module.padding, str) else any(p != 0 for p in module.padding))
+            chain.zero_padded_consumer = isinstance(module, _CONV) and _pads_with_zeros(module)
             return chain
+        if module is not None and is_depthwise(module):
+            if not (is_conv and type(module) is type(producer) and not chain.flattened):
+                return f"its output goes to the depthwise {_describe(user, modules)}, not of its own kind"
+            if parametrize.is_parametrized(module):
+                return f"the depthwise {user.target} is parametrized"
+            chain.ops.append(_Depthwise(str(user.target), module, _pads_with_zeros(module)))
+            node = user
+            continue
         if module is not None and isinstance(module, _BATCH_NORM) and not chain.flattened:
             if module.running_mean is None:
                 return f"{user.target} has no running statistics"
@@ -298,16 +331,28 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
 
 # ------------------------------------------------------------------------------------------------ the edit
 @torch.no_grad()
-def _constant_outputs(chain: _Chain, channels: Tensor) -> Tensor:
-    """The constant each of `channels` outputs (all its weights are zero) after the chain's per-channel ops
-    (BatchNorm, activations), in eval mode."""
-    producer = chain.producer
-    weight = producer.weight
-    value = producer.bias.detach().clone() if producer.bias is not None else weight.new_zeros(weight.shape[0])
-    spatial = producer.weight.dim() - 2
-    x = value.view(1, -1, *([1] * spatial))  # [1, C] for Linear, [1, C, 1, ...] for convs
+def _constant_channels(chain: _Chain) -> tuple[Tensor, Tensor]:
+    """Which of the producer's channels reach the consumer as a constant whatever the input, and that constant (eval
+    mode). A channel whose producer weights are all zero outputs its bias, which the chain's per-channel ops
+    (BatchNorm, activations, depthwise convs) map to other constants; a depthwise filter of zeros outputs its own
+    bias whatever it reads, so its channel is constant from there on even if the producer's is not."""
+    weight = chain.producer.weight.detach()
+    constant = _zero_channels(chain.producer)
+    bias = chain.producer.bias
+    value = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
+    x = value.view(1, -1, *([1] * (weight.dim() - 2)))  # [1, C] for Linear, [1, C, 1, ...] for convs
     for op in chain.ops:
-        if isinstance(op, nn.Module):
+        if isinstance(op, _Depthwise):
+            filters = op.conv.weight.detach()
+            conv_bias = op.conv.bias.detach() if op.conv.bias is not None else filters.new_zeros(filters.shape[0])
+            flat = x.reshape(-1)
+            if op.zero_padded:  # a non-zero constant is not constant in the padded border
+                constant = constant & (flat == 0)
+            zero_filter = _zero_channels(op.conv)
+            constant = constant | zero_filter
+            x = torch.where(zero_filter, conv_bias, flat * filters.reshape(filters.shape[0], -1).sum(1) + conv_bias)
+            x = x.view(1, -1, *([1] * (weight.dim() - 2)))
+        elif isinstance(op, nn.Module):
             was_training = op.training
             op.eval()
             try:
@@ -316,7 +361,7 @@ def _constant_outputs(chain: _Chain, channels: Tensor) -> Tensor:
                 op.train(was_training)
         else:
             x = op(x.clone())
-    return x.reshape(-1)[channels]
+    return constant, x.reshape(-1)
 
 
 def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
@@ -352,16 +397,20 @@ def _keep_batch_norm_(bn: nn.Module, keep: Tensor) -> None:
     bn.num_features = int(keep.numel())
 
 
+def _keep_depthwise_(conv: nn.Module, keep: Tensor) -> None:
+    _keep_rows_(conv, keep)
+    conv.in_channels = conv.groups = int(keep.numel())
+
+
 def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | None:
-    """Remove the producer's all-zero channels the chain allows; the consumer absorbs their constants."""
+    """Remove the producer's channels that reach the consumer as constants, where the chain allows it (and the
+    depthwise convs' on the way); the consumer absorbs their constants."""
     producer, consumer = chain.producer, chain.consumer
     channels = producer.weight.shape[0]
-    dead = _zero_channels(producer)
+    dead, constants = _constant_channels(chain)
     if not bool(dead.any()):
         return None
-    constants = producer.weight.new_zeros(channels)
-    constants[dead] = _constant_outputs(chain, dead.nonzero().flatten())
-    all_zero = int(dead.sum())
+    all_constant = int(dead.sum())
     if chain.zero_padded_consumer:
         # a constant channel is not constant in a zero-padded conv's receptive field at the border
         dead &= constants == 0
@@ -391,10 +440,23 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
 
     for bn in chain.batch_norms:
         _keep_batch_norm_(bn, keep)
+    depthwise = [op for op in chain.ops if isinstance(op, _Depthwise)]
+    for op in depthwise:
+        _keep_depthwise_(op.conv, keep)
     _keep_rows_(producer, keep)
     removed = int(remove.numel())
     return LayerShrink(producer_name, chain.consumer_name, channels, int(keep.numel()), folded,
-                       left=all_zero - removed)
+                       left=all_constant - removed, through=tuple(op.name for op in depthwise))
+
+
+def _zero_depthwise_after(node: fx.Node, name: str, modules: dict[str, nn.Module], calls: dict[str, int]) -> bool:
+    """True if a depthwise conv on the producer's chain has an all-zero filter (its channel is constant from there
+    on, so the producer's channel is unused)."""
+    if calls[name] > 1 or parametrize.is_parametrized(modules[name]):
+        return False
+    chain = _follow(node, name, modules, calls)
+    return isinstance(chain, _Chain) and any(
+        bool(_zero_channels(op.conv).any()) for op in chain.ops if isinstance(op, _Depthwise))
 
 
 def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
@@ -472,14 +534,20 @@ def shrink_(
             "layers instead, or pass a tracer that keeps the untraceable parts as leaf modules."
         ) from error.__cause__
 
+    from litcompress.pruning.groups import _residual_groups, remove_zero_group_channels_
+
+    # Both decided before any edit: a depthwise conv left with one channel looks like an ungrouped conv. The chain
+    # edits below change no residual space's width (a space's producers end no chain).
+    producers = {name for name, module in modules.items() if _is_producer(module)}
+    groups = _residual_groups(graph, modules, calls)
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
     for node in graph.nodes:  # topological order: a consumer is shrunk as a producer after losing its inputs
         name = str(node.target)
-        if node.op != "call_module" or not _is_producer(modules[name]):
+        if node.op != "call_module" or name not in producers:
             continue
         producer = modules[name]
-        if not bool(_zero_channels(producer).any()):
+        if not bool(_zero_channels(producer).any()) and not _zero_depthwise_after(node, name, modules, calls):
             continue
         if calls[name] > 1:
             if any(done == name for done, _ in kept):
@@ -495,9 +563,7 @@ def shrink_(
         elif isinstance(outcome, str):
             kept.append((name, outcome))
     # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
-    from litcompress.pruning.groups import _residual_groups, remove_zero_group_channels_
-
-    grouped = remove_zero_group_channels_(model, _residual_groups(graph, modules, calls))
+    grouped = remove_zero_group_channels_(model, groups)
     layers += grouped
     handled = {layer.name for layer in grouped}
     kept = [(name, reason) for name, reason in kept if name not in handled]
@@ -546,4 +612,4 @@ def shrink(
     return ShrinkResult(copied, report)
 
 
-__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "following_batch_norms", "shrink", "shrink_"]
+__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "following_batch_norms", "is_depthwise", "shrink", "shrink_"]
