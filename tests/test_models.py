@@ -6,16 +6,20 @@ import lightning as L
 import pytest
 import torch
 
-from litcompress.models import CNNClassifier, MLPClassifier, ResNetClassifier
+from litcompress.models import CNNClassifier, MLPClassifier, MobileNetClassifier, ResNetClassifier
 
 
 @pytest.mark.parametrize(("model", "inputs"), [
     (MLPClassifier(in_features=12, hidden=(7, 5), num_classes=4), torch.rand(3, 12)),
     (CNNClassifier(in_channels=2, image_size=9, channels=(3, 6, 4), num_classes=4), torch.rand(3, 2, 9, 9)),
     (ResNetClassifier(in_channels=2, width=6, blocks=3, num_classes=4), torch.rand(3, 2, 9, 9)),
+    (MobileNetClassifier(in_channels=2, width=6, blocks=3, expansion=2, num_classes=4), torch.rand(3, 2, 9, 9)),
+    (MobileNetClassifier(in_channels=1, image_size=28, num_classes=4), torch.rand(3, 1, 28, 28)),
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)
+    if isinstance(model, MobileNetClassifier):  # the stem's stride follows the image size unless given
+        assert model.net[0].stride == ((2, 2) if inputs.shape[-1] >= 16 else (1, 1))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         max_epochs=0)
     trainer.strategy.connect(model)
@@ -32,6 +36,8 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: CNNClassifier(image_size=8, channels=(4, 4, 4, 4)), "too small for 4 unpadded"),
     (lambda: ResNetClassifier(width=0), "width=\\(0,\\)"),
     (lambda: ResNetClassifier(blocks=-1), "blocks=\\(-1,\\)"),
+    (lambda: MobileNetClassifier(expansion=0), "expansion=\\(0,\\)"),
+    (lambda: MobileNetClassifier(stem_stride=0), "stem_stride=\\(0,\\)"),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):

@@ -24,8 +24,8 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups, zero_group_batch_norms_
-from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, max_output_difference,
-                                        shrink)
+from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, is_depthwise,
+                                        max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -65,7 +65,8 @@ class CompressionResult:
 
 def prune_targets(model: nn.Module, config: PruneConfig) -> list[Target]:
     """The ``(module, name)`` pairs `config` prunes in `model`, in module order."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)]
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)
+              and not (config.structured and is_depthwise(m))]  # they follow the layer before them
     exclude = config.exclude
     if exclude is None:
         exclude = (layers[-1][0],) if config.structured and layers else ()

@@ -41,6 +41,8 @@ class PruneConfig:
         layer_types: the layer classes whose tensors are pruned.
         exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
             the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
+            Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their
+            channels are those of the layer before them, and ``shrink`` removes them with that layer's.
         dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what
             :func:`litcompress.shrink` removes) and the norm that ranks them (``ln_structured``).
         zero_batch_norm: while fine-tuning, a channel whose filter is pruned also loses its BatchNorm scale and
