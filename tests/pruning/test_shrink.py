@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import hypothesis.strategies as st
 import lightning as L
@@ -571,3 +572,103 @@ def test_a_grouped_conv_that_is_not_depthwise_stops_the_chain() -> None:
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
     assert result.report.layers == ()
     assert result.report.kept == (("conv", "its output goes to dw (Conv2d), which shrink does not see through"),)
+
+
+# ------------------------------------------------------------------------------------------------ Transformer layers
+class Seq2Seq(nn.Module):
+    """torch's nn.Transformer (one encoder and one decoder layer) between a Linear embedding and a Linear head."""
+
+    def __init__(self, activation: str | nn.Module, batch_first: bool, norm_first: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        with warnings.catch_warnings():  # "enable_nested_tensor is True, but ...": torch's fast path declines
+            warnings.simplefilter("ignore", UserWarning)
+            self.transformer = nn.Transformer(16, 2, 1, 1, dim_feedforward=32, dropout=0.1, activation=activation,
+                                              batch_first=batch_first, norm_first=norm_first)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.head(self.transformer(self.embed(src), self.embed(tgt)))
+
+
+FEED_FORWARD = ("transformer.encoder.layers.0", "transformer.decoder.layers.0")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", nn.SiLU()])
+@pytest.mark.parametrize(("batch_first", "norm_first"), [(True, False), (False, True)])
+def test_transformer_feed_forward_blocks_lose_their_zero_channels(activation, batch_first, norm_first) -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq(activation, batch_first, norm_first).eval()
+    dead = {layer: torch.randperm(32)[:n].tolist() for layer, n in zip(FEED_FORWARD, (12, 31))}
+    for layer, rows in dead.items():
+        zero_rows_(model.get_submodule(f"{layer}.linear1"), rows)  # biases stay: the constants are folded
+    src, tgt = torch.randn(2, 5, 3), torch.randn(2, 4, 3)  # batch 2; sequences of 5 and 4
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    with torch.no_grad():  # eval + no_grad: torch's fused fast path where it applies
+        expected = model(src, tgt)
+    expected_with_grad = model(src, tgt).detach()
+
+    result = shrink(model, (src, tgt))
+
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(src, tgt), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.model(src, tgt).detach(), expected_with_grad, rtol=1e-5, atol=1e-5)
+    for layer, rows in dead.items():
+        width = 32 - len(rows)
+        assert result.model.get_submodule(f"{layer}.linear1").out_features == width
+        assert tuple(result.model.get_submodule(f"{layer}.linear2").weight.shape) == (16, width)
+    assert [(item.name, item.consumer, item.channels_after) for item in result.report.layers] == [
+        (f"{layer}.linear1", f"{layer}.linear2", 32 - len(rows)) for layer, rows in dead.items()]
+
+
+class WithAttention(nn.Module):
+    """A leaf module fx does not trace into (MultiheadAttention) and a Linear forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.unused, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 8), \
+            nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+
+def test_zero_channels_that_fx_cannot_see_are_reported_with_the_reason() -> None:
+    torch.manual_seed(0)
+    model = WithAttention()
+    zero_rows_(model.attention.out_proj, [0, 1])
+    zero_rows_(model.unused, [2])
+    x = torch.randn(2, 3, 8)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+    assert result.report.layers == ()
+    assert dict(result.report.kept) == {
+        "attention.out_proj": "it is inside attention (MultiheadAttention), which torch.fx keeps as one module: pass "
+                              "a tracer that traces into it",
+        "unused": "forward does not call it (as torch.fx traces forward)",
+    }
+
+    seq2seq = Seq2Seq("relu", True, False)
+    zero_rows_(seq2seq.transformer.encoder.layers[0].linear2, [0])
+    (name, reason), = shrink(seq2seq, (torch.randn(2, 5, 3), torch.randn(2, 4, 3))).report.kept
+    assert name == "transformer.encoder.layers.0.linear2"
+    assert reason.startswith("it is inside transformer (Transformer), where only the feed-forward blocks' first")
+
+
+def test_removable_channels_names_the_layers_structured_pruning_can_shrink() -> None:
+    from litcompress.models import MobileNetClassifier
+    from litcompress.pruning.shrink import removable_channels
+
+    mobilenet = removable_channels(MobileNetClassifier(width=8, blocks=1))
+    # the stem and project convs write into the residual stream (one group), expand reads it and feeds the
+    # depthwise conv (not a producer of its own); the classifier's rows are the model's output
+    assert {name for name, reason in mobilenet.items() if reason is None} == {"net.0", "net.3.expand",
+                                                                               "net.3.project"}
+    assert mobilenet["net.6"].startswith("it produces the model's output")
+
+    seq2seq = removable_channels(Seq2Seq("gelu", True, False))
+    assert {name for name, reason in seq2seq.items() if reason is None} == {f"{layer}.linear1"
+                                                                             for layer in FEED_FORWARD}
+    assert seq2seq["embed"] == "it is called more than once"  # on src and on tgt
+    assert "LayerNorm'd residual stream" in seq2seq["transformer.decoder.layers.0.multihead_attn.out_proj"]

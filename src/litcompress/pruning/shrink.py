@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -449,14 +449,83 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
                        left=all_constant - removed, through=tuple(op.name for op in depthwise))
 
 
-def _zero_depthwise_after(node: fx.Node, name: str, modules: dict[str, nn.Module], calls: dict[str, int]) -> bool:
-    """True if a depthwise conv on the producer's chain has an all-zero filter (its channel is constant from there
-    on, so the producer's channel is unused)."""
-    if calls[name] > 1 or parametrize.is_parametrized(modules[name]):
-        return False
-    chain = _follow(node, name, modules, calls)
-    return isinstance(chain, _Chain) and any(
-        bool(_zero_channels(op.conv).any()) for op in chain.ops if isinstance(op, _Depthwise))
+# torch's Transformer layers are leaf modules to fx (it does not trace into torch.nn). Their feed-forward block is a
+# chain all the same: ``linear2(dropout(activation(linear1(x))))`` (the layers' ``_ff_block``), so linear1's channels
+# can go. Exact types only: a subclass may have another forward.
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMER_LEAVES = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, *_TRANSFORMER_LAYERS)
+
+
+def _feed_forward_chain(layer_name: str, layer: nn.Module) -> _Chain | str:
+    activation = layer.activation
+    if not (isinstance(activation, _ELEMENTWISE_MODULES) or activation in _ELEMENTWISE_FUNCTIONS):
+        return f"the activation of {layer_name} ({activation!r}) is not one shrink knows to be element-wise"
+    for part in ("linear1", "linear2"):
+        if parametrize.is_parametrized(getattr(layer, part)):
+            return f"{layer_name}.{part} is parametrized"
+    return _Chain(layer.linear1, layer.linear2, f"{layer_name}.linear2", ops=[activation])
+
+
+def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int],
+                     producers: set[str]) -> Iterator[tuple[str, _Chain | str]]:
+    """Each of `producers` that the graph calls, once, in graph order (a consumer after its producer), with its
+    chain to its consumer or the reason there is none; then the feed-forward blocks of torch's Transformer layers.
+    Lazy: a chain is read when it is reached, after the edits of the chains before it."""
+    seen: set[str] = set()
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or name in seen:
+            continue
+        seen.add(name)
+        module = modules[name]
+        if name in producers:
+            if calls[name] > 1:
+                yield name, "it is called more than once"
+            elif parametrize.is_parametrized(module):
+                yield name, "it is parametrized"
+            else:
+                yield name, _follow(node, name, modules, calls)
+        elif type(module) in _TRANSFORMER_LEAVES:
+            for sub_name, layer in module.named_modules():
+                if type(layer) in _TRANSFORMER_LAYERS:
+                    layer_name = f"{name}.{sub_name}" if sub_name else name
+                    yield f"{layer_name}.linear1", ("it is called more than once" if calls[name] > 1
+                                                    else _feed_forward_chain(layer_name, layer))
+
+
+def _hidden_reason(name: str, graph: fx.Graph, modules: dict[str, nn.Module]) -> str:
+    """Why a producer that no graph node calls keeps its channels."""
+    called = {str(node.target) for node in graph.nodes if node.op == "call_module"}
+    leaf = max((t for t in called if name.startswith(t + ".")), key=len, default=None)
+    if leaf is None:
+        return "forward does not call it (as torch.fx traces forward)"
+    kind = type(modules[leaf]).__name__
+    if type(modules[leaf]) in _TRANSFORMER_LEAVES:
+        return (f"it is inside {leaf} ({kind}), where only the feed-forward blocks' first layers (linear1) can lose "
+                "channels: the others write into the LayerNorm'd residual stream or the attention heads")
+    return f"it is inside {leaf} ({kind}), which torch.fx keeps as one module: pass a tracer that traces into it"
+
+
+def removable_channels(model: nn.Module, *, residual_groups: bool = True,
+                       tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, str | None]:
+    """For every producer layer (Linear, ungrouped Conv) of `model`, in module order: None where `shrink` can remove
+    its output channels once they are zero (a consumer takes them one to one, it is a Transformer layer's
+    ``linear1``, or, with `residual_groups`, it writes into a residual group, whose layers lose a channel together),
+    else the reason it cannot. ValueError if the model cannot be traced.
+
+    Structured pruning of the other layers masks channels that stay: it costs accuracy and saves nothing.
+    """
+    from litcompress.pruning.groups import _residual_groups
+
+    graph, modules, calls = trace(model, tracer)
+    grouped = ({name for group in _residual_groups(graph, modules, calls) for name in group.producers}
+               if residual_groups else set())
+    producers = {name for name, module in modules.items() if _is_producer(module)}
+    found = {name: None if isinstance(chain, _Chain) or name in grouped else chain
+             for name, chain in _producer_chains(graph, modules, calls, producers)}
+    for name in producers - found.keys():
+        found[name] = _hidden_reason(name, graph, modules)
+    return {name: found[name] for name in modules if name in found}
 
 
 def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
@@ -542,26 +611,20 @@ def shrink_(
     groups = _residual_groups(graph, modules, calls)
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
-    for node in graph.nodes:  # topological order: a consumer is shrunk as a producer after losing its inputs
-        name = str(node.target)
-        if node.op != "call_module" or name not in producers:
+    reached: set[str] = set()
+    for name, chain in _producer_chains(graph, modules, calls, producers):
+        reached.add(name)
+        if isinstance(chain, str):
+            if bool(_zero_channels(modules[name]).any()):
+                kept.append((name, chain))
             continue
-        producer = modules[name]
-        if not bool(_zero_channels(producer).any()) and not _zero_depthwise_after(node, name, modules, calls):
-            continue
-        if calls[name] > 1:
-            if any(done == name for done, _ in kept):
-                continue  # one line per module, however often it is called
-            outcome: LayerShrink | str | None = "it is called more than once"
-        elif parametrize.is_parametrized(producer):
-            outcome = "it is parametrized"
-        else:
-            chain = _follow(node, name, modules, calls)
-            outcome = chain if isinstance(chain, str) else _shrink_chain_(chain, name)
+        outcome = _shrink_chain_(chain, name)
         if isinstance(outcome, LayerShrink):
             layers.append(outcome)
         elif isinstance(outcome, str):
             kept.append((name, outcome))
+    kept += [(name, _hidden_reason(name, graph, modules)) for name in modules
+             if name in producers - reached and bool(_zero_channels(modules[name]).any())]
     # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
     grouped = remove_zero_group_channels_(model, groups)
     layers += grouped
@@ -588,15 +651,10 @@ def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Trac
     """
     graph, modules, calls = trace(model, tracer)
     names = {id(module): name for name, module in modules.items()}
-    found: dict[str, list[str]] = {}
-    for node in graph.nodes:
-        name = str(node.target)
-        if node.op != "call_module" or not _is_producer(modules[name]) or calls[name] > 1:
-            continue
-        chain = _follow(node, name, modules, calls)
-        if isinstance(chain, _Chain) and chain.batch_norms:
-            found[name] = [names[id(bn)] for bn in chain.batch_norms]
-    return found
+    producers = {name for name, module in modules.items() if _is_producer(module)}
+    return {name: [names[id(bn)] for bn in chain.batch_norms]
+            for name, chain in _producer_chains(graph, modules, calls, producers)
+            if isinstance(chain, _Chain) and chain.batch_norms}
 
 
 def shrink(
@@ -612,4 +670,5 @@ def shrink(
     return ShrinkResult(copied, report)
 
 
-__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "following_batch_norms", "is_depthwise", "shrink", "shrink_"]
+__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "following_batch_norms", "is_depthwise", "removable_channels",
+           "shrink", "shrink_"]
