@@ -239,16 +239,69 @@ def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
     stream = ("stem.0", "blocks.0.conv2", "blocks.1.conv2")
     zero_filters = {name: int((m.weight.flatten(1).abs().sum(1) == 0).sum())
                     for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
-    assert all(zero_filters[name] == 8 for name in zero_filters)  # every conv lost exactly half its filters
     widths = {name: m.out_channels for name, m in shrunk.named_modules() if isinstance(m, nn.Conv2d)}
+    left_out = [m for m in result.report.messages if m.startswith("removable_only:")]
     if group_residuals:  # the same 8 channels in the whole stream: gone from every layer writing or reading it
+        assert all(zero_filters[name] == 8 for name in zero_filters)  # every conv lost exactly half its filters
         assert set(widths.values()) == {8} and shrunk.head[2].in_features == 8
         assert result.report["shrunk"].parameters < 0.3 * result.report["input"].parameters
-    else:  # each layer pruned its own channels: the stream keeps all 16
+        assert not left_out
+    else:  # layer by layer, the stream's channels could not go: its layers are left whole (removable_only)
+        assert {name: zero_filters[name] for name in stream} == dict.fromkeys(stream, 0)
+        assert zero_filters["blocks.0.conv1"] == zero_filters["blocks.1.conv1"] == 8
         assert [widths[name] for name in stream] == [16, 16, 16]
+        (said,) = left_out
+        assert said.startswith("removable_only: 3 layer(s) left unpruned") and all(name in said for name in stream)
     assert any(m.startswith("group_residuals:") for m in result.report.messages) == group_residuals
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
+class RowTransformer(nn.Module):
+    """Digits as sequences of 8 rows: a Linear embedding, torch's TransformerEncoder (2 layers), the mean over the
+    rows, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.view(-1, 8, 8))).mean(1))
+
+
+def test_structured_pruning_prunes_only_what_shrink_can_remove(digits):
+    x, y, x_val, y_val = digits[:4]
+    torch.manual_seed(0)
+    model = train(RowTransformer(), x, y, steps=20)
+
+    def fine_tune(m, step):
+        train(m, x, y, steps=20, step_fn=step)
+
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    feed_forward = [f"encoder.layers.{i}.linear1" for i in range(2)]
+    assert [name for name, m in model.named_modules() for t, _ in prune_targets(model, prune) if t is m] == \
+        feed_forward
+    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
+                      example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=20)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    zero_rows = {name: int((m.weight.abs().sum(1) == 0).sum()) for name, m in pruned.named_modules()
+                 if isinstance(m, nn.Linear)}
+    assert {name: rows for name, rows in zero_rows.items() if rows} == dict.fromkeys(feed_forward, 16)
+    assert [shrunk.get_submodule(name).out_features for name in feed_forward] == [16, 16]
+    # per layer: 16 rows of linear1 (16 weights and a bias each) and the 16 matching columns of linear2
+    assert result.report["shrunk"].parameters == result.report["input"].parameters - 2 * (16 * 17 + 16 * 16)
+    (said,) = [m for m in result.report.messages if m.startswith("removable_only:")]
+    assert said.startswith("removable_only: 5 layer(s) left unpruned") and "encoder.layers.1.linear2" in said
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+    everything = PruneConfig(sparsity=0.5, method="ln_structured", removable_only=False)
+    assert len(prune_targets(model, everything)) == 7  # embed, and out_proj, linear1, linear2 of both layers
+    with pytest.raises(ValueError, match="shrink can remove the channels of none of the layers to prune"):
+        prune_targets(nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 10)), prune)
 
 
 def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digits):

@@ -25,7 +25,7 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups, zero_group_batch_norms_
 from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, is_depthwise,
-                                        max_output_difference, shrink)
+                                        max_output_difference, removable_channels, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -65,6 +65,12 @@ class CompressionResult:
 
 def prune_targets(model: nn.Module, config: PruneConfig) -> list[Target]:
     """The ``(module, name)`` pairs `config` prunes in `model`, in module order."""
+    return _select_targets(model, config)[0]
+
+
+def _select_targets(model: nn.Module, config: PruneConfig) -> tuple[list[Target], dict[str, str]]:
+    """`prune_targets`, and the layers `removable_only` left out with the reason shrink could not remove their
+    channels."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)
               and not (config.structured and is_depthwise(m))]  # they follow the layer before them
     exclude = config.exclude
@@ -74,12 +80,34 @@ def prune_targets(model: nn.Module, config: PruneConfig) -> list[Target]:
     if unknown:
         raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
                          "those of model.named_modules().")
-    targets = [(m, p) for name, m in layers if name not in exclude for p in config.parameter_names
+    layers = [(name, m) for name, m in layers if name not in exclude]
+    left_out: dict[str, str] = {}
+    if config.structured and config.dim == 0 and config.removable_only:
+        try:
+            removable = removable_channels(model, residual_groups=_groups_residuals(config))
+        except ValueError:
+            removable = None  # shrink will say why it cannot trace the model
+        if removable is not None:
+            left_out = {name: removable[name] for name, _ in layers if removable.get(name, "") is not None}
+            left_out = {name: reason or "it is no Linear or ungrouped Conv" for name, reason in left_out.items()}
+            if len(left_out) == len(layers) and layers:
+                raise ValueError(
+                    f"PruneConfig(method={config.pruning_method.__name__!r}): shrink can remove the channels of none "
+                    f"of the layers to prune, so structured pruning would cost accuracy and save nothing: "
+                    f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. Pass removable_only=False to mask "
+                    "them anyway, or prune unstructured.")
+            layers = [(name, m) for name, m in layers if name not in left_out]
+    targets = [(m, p) for name, m in layers for p in config.parameter_names
                if isinstance(getattr(m, p, None), torch.Tensor)]
     if not targets:
         raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
                          f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
-    return targets
+    return targets, left_out
+
+
+def _groups_residuals(prune: PruneConfig) -> bool:
+    """Whether `prune` prunes the layers joined by residual additions as one group (while fine-tuning)."""
+    return prune.group_residuals and prune.zero_batch_norm and prune.method == "ln_structured" and prune.dim == 0
 
 
 def weight_sparsity(model: nn.Module) -> float | None:
@@ -303,7 +331,7 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
     """The channel groups joined by residual additions that structured pruning prunes as one (the same channels in
     every layer writing into the group), when the config asks for it and all those layers are pruning targets; and
     the targets left to prune layer by layer."""
-    if not (prune.group_residuals and prune.zero_batch_norm and prune.method == "ln_structured" and prune.dim == 0):
+    if not _groups_residuals(prune):
         return [], list(targets)
     try:
         groups = residual_groups(model)
@@ -416,7 +444,14 @@ def compress(
     if config.prune is not None:
         prune = config.prune
         t0 = time.monotonic()
-        targets = prune_targets(work, prune)
+        targets, left_out = _select_targets(work, prune)
+        if left_out:
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in left_out.items():
+                by_reason.setdefault(reason, []).append(name)
+            note(f"removable_only: {len(left_out)} layer(s) left unpruned, as shrink could not remove their channels: "
+                 + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+                 + ". PruneConfig(removable_only=False) prunes them too (masks only).")
         method, kwargs = prune.pruning_method, prune.method_kwargs()
         if fine_tune is None:
             prune_to_sparsity_(targets, method, float(prune.sparsity), scope=prune.scope, **kwargs)

@@ -53,6 +53,11 @@ class PruneConfig:
             residual additions join (a ResNet stage's stem and last convs of each block) are pruned as one group: the
             same channels in all of them, ranked by the sum of their norms, so ``shrink`` can remove them from every
             layer that writes or reads the residual stream. Otherwise each such layer keeps its pruned channels.
+        removable_only: with a structured method on output channels (``dim=0``), prune only the layers whose
+            channels ``shrink`` can then remove (``litcompress.pruning.shrink.removable_channels``); the others
+            (e.g. the layers writing into a Transformer's LayerNorm'd residual stream, or the attention's output)
+            would lose accuracy and keep their size. The report names the layers left out and why. False prunes
+            every target. A model ``torch.fx`` cannot trace is pruned as if False.
     """
 
     sparsity: float | None = None
@@ -69,6 +74,7 @@ class PruneConfig:
     norm: float = 2
     zero_batch_norm: bool = True
     group_residuals: bool = True
+    removable_only: bool = True
 
     def __post_init__(self) -> None:
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
@@ -86,7 +92,7 @@ class PruneConfig:
                              "SparsitySchedule.")
         if self.sparsity is None:
             raise ValueError("PruneConfig(sparsity=None): give the final sparsity, e.g. sparsity=0.9.")
-        for flag in ("zero_batch_norm", "group_residuals"):
+        for flag in ("zero_batch_norm", "group_residuals", "removable_only"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"PruneConfig({flag}={getattr(self, flag)!r}): expected True or False.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
