@@ -6,6 +6,10 @@ same data order). ``--model mlp`` (default): an MLP 784-1024-1024-10 (``litcompr
 of 32 and 64 filters with BatchNorm and ReLU, a 2x2 max-pool, a Linear classifier), structured setting only.
 ``--model resnet``: ``litcompress.models.ResNetClassifier`` (a stem and two residual blocks of zero-padded 3x3 convs,
 16 channels), structured setting only: litcompress prunes the residual stream as one group and shrinks it.
+``--model mobilenet``: ``litcompress.models.MobileNetClassifier`` (a stride-2 stem and two MobileNetV2 inverted
+residual blocks, 16 channels expanded to 64 around depthwise 3x3 convs), structured setting only: the depthwise
+convs are pruned by neither variant (their channels are the expand convs'); litcompress removes them with the expand
+convs' and shrinks the residual stream.
 
 Two settings for the MLP: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50%
 of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN and the ResNet,
@@ -17,7 +21,7 @@ the two variants of a setting are timed in one interleaved run (allocator and th
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn|resnet] [--threads 1] [--repeats 15] [--epochs 3]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet] [--threads 1] [--repeats 15] [--epochs 3]
                                   [--fine-tune-epochs 4] [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
@@ -53,7 +57,7 @@ from torch import nn  # noqa: E402
 
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
-from litcompress.models import CNNClassifier, MLPClassifier, ResNetClassifier  # noqa: E402
+from litcompress.models import CNNClassifier, MLPClassifier, MobileNetClassifier, ResNetClassifier  # noqa: E402
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -63,8 +67,9 @@ from mnist_sparsity import replace_section  # noqa: E402
 from shrink import interleaved, stats  # noqa: E402
 
 SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),),
-            "resnet": (("ln_structured", 0.5),)}
-APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static"}  # litcompress's int8: static for convolutions
+            "resnet": (("ln_structured", 0.5),), "mobilenet": (("ln_structured", 0.5),)}
+# litcompress's int8: static for convolutions
+APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static"}
 BATCHES = (1, 64)
 
 
@@ -90,7 +95,8 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
                            seed: int) -> nn.Module:
     """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
     model = copy.deepcopy(dense)
-    linears = [m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # the classifier last
+    # the classifier last; depthwise convs (groups > 1) are left out: their channels are the layer's before them
+    linears = [m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1]
     structured = method.endswith("_structured")
     rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
     per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
@@ -214,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     L.seed_everything(args.seed, verbose=False)
     models = {"mlp": lambda: MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3),
               "cnn": lambda: CNNClassifier(in_channels=1, image_size=28, channels=(32, 64), lr=1e-3),
-              "resnet": lambda: ResNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, lr=1e-3)}
+              "resnet": lambda: ResNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, lr=1e-3),
+              "mobilenet": lambda: MobileNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, expansion=4,
+                                                       lr=1e-3)}
     dense = models[args.model]()
     trainer(args.epochs).fit(dense, datamodule=data)
     dense_accuracy = test_accuracy(dense, data)
@@ -233,6 +241,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.model == "mlp":
             section, title, described = "pipeline", "(`benchmarks/pipeline.py`)", "an MLP 784-1024-1024-10"
             peer_quantization = "`torch.ao.quantization.quantize_dynamic`"
+        elif args.model == "mobilenet":
+            section, title = "pipeline_mobilenet", "on a MobileNet (`benchmarks/pipeline.py --model mobilenet`)"
+            described = ("a small MobileNetV2 (`litcompress.models.MobileNetClassifier`: a stride-2 3x3 conv stem "
+                         "and two inverted residual blocks, 16 channels expanded to 64 around zero-padded depthwise "
+                         "3x3 convs, BatchNorm and ReLU6, global average pooling, a Linear 16-10)")
+            peer_quantization = ("`torch.ao.quantization.quantize_dynamic` (the Linear layer: dynamic int8 has no "
+                                 "convolutions)")
         elif args.model == "resnet":
             section, title = "pipeline_resnet", "on a ResNet (`benchmarks/pipeline.py --model resnet`)"
             described = ("a small ResNet (`litcompress.models.ResNetClassifier`: a 3x3 conv stem and two residual "

@@ -21,7 +21,7 @@ from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_gro
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
-from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, shrink, shrink_
+from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, removable_channels, shrink, shrink_
 
 __all__ = [
     "ChannelGroup",
@@ -44,6 +44,7 @@ __all__ = [
     "prune_model_",
     "prune_to_sparsity_",
     "pruned_targets",
+    "removable_channels",
     "residual_groups",
     "resolve_method",
     "restore_masks_",
