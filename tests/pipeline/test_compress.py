@@ -10,10 +10,11 @@ from torch import nn
 
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
-from litcompress.pipeline.compress import PRUNED_STATE_FILE
+from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _slower_int8
 from litcompress.pruning import is_pruned
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized
+from litcompress.report.compression import Latency, StageMetrics
 
 FAST = dict(latency_repeats=2, export=False)
 
@@ -302,6 +303,22 @@ def test_structured_pruning_prunes_only_what_shrink_can_remove(digits):
     assert len(prune_targets(model, everything)) == 7  # embed, and out_proj, linear1, linear2 of both layers
     with pytest.raises(ValueError, match="shrink can remove the channels of none of the layers to prune"):
         prune_targets(nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 10)), prune)
+
+
+@given(fp32=st.floats(1e-3, 1e3), ratio=st.floats(0.1, 10), stage=st.sampled_from(["input", "pruned", "shrunk"]))
+def test_an_int8_model_clearly_slower_than_its_fp32_model_is_said(fp32, ratio, stage):
+    def row(name, median):
+        return StageMetrics(name, name, latency=Latency(median / 2, median, median * 2))
+
+    rows = ([] if stage == "input" else [row("input", 1.0)]) + [row(stage, fp32), row("quantized", fp32 * ratio)]
+    said = _slower_int8(rows)
+    if ratio > SLOWER * (1 + 1e-9):
+        assert said.startswith(f"int8 does not pay off here: the quantized model ran {ratio:.2f}x slower than the "
+                               f"{stage} fp32 model")
+        assert f"stage_models[{stage!r}]" in said and "--quantize none" in said
+    elif ratio <= SLOWER * (1 - 1e-9):
+        assert said is None
+    assert _slower_int8([row("input", 1.0), row("shrunk", 5.0)]) is None  # not quantized
 
 
 def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digits):

@@ -43,6 +43,7 @@ EvalFn = Callable[[nn.Module], float]
 FineTuneFn = Callable[[nn.Module, Callable[[int], None]], None]
 
 PRUNED_STATE_FILE = "pruned_state_dict.pt"
+SLOWER = 1.1  # a quantized model this much slower than the fp32 one it came from is said not to pay off (not noise)
 
 
 @dataclass
@@ -364,6 +365,20 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], note: Callab
     return groups
 
 
+def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:
+    """What to say when the quantized stage ran clearly slower than the fp32 stage it came from, else None."""
+    if len(rows) < 2 or rows[-1].stage != "quantized":
+        return None
+    fp32, int8 = rows[-2].latency, rows[-1].latency
+    if fp32 is None or int8 is None or not int8.median_ms > SLOWER * fp32.median_ms:
+        return None
+    stage = rows[-2].stage
+    return (f"int8 does not pay off here: the quantized model ran {int8.median_ms / fp32.median_ms:.2f}x slower than "
+            f"the {stage} fp32 model ({int8.median_ms:.4g} vs {fp32.median_ms:.4g} ms; int8 kernels need larger "
+            f"layers). The fp32 model is stage_models[{stage!r}]; quantize=None (CLI: --quantize none) exports it "
+            "instead.")
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -543,6 +558,9 @@ def compress(
 
     # ---------------------------------------------------------------------------------------- report
     rows = stages.report_rows(inputs, config)
+    slower = _slower_int8(rows)
+    if slower:
+        note(slower)
     first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
     report = CompressionReport(
         stages=rows, metric_name=metric_name, test_metric_name=test_metric_name if test_fn is not None else None,

@@ -334,9 +334,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "
              "candidates meeting the goal.")
         if chosen.latency_s > baseline_latency:
+            weights = ""
+            if chosen.size_bytes is not None and chosen.size_bytes < baseline_size:
+                weights = (f"; its weights are smaller ({chosen.size_bytes / 1024:.1f} vs {baseline_size / 1024:.1f} "
+                           "KiB), though its file may not be")
             note(f"the chosen int8 model is slower than fp32 on this host ({chosen.latency_s * 1e3:.3f} ms vs "
-                 f"{baseline_latency * 1e3:.3f} ms): the model is too small for int8 kernels to pay off; it is "
-                 "still smaller on disk.")
+                 f"{baseline_latency * 1e3:.3f} ms): the model is too small for int8 kernels to pay off{weights}.")
     else:
         goal_met = False
         ran = [t for t in trials if t.index in models]
