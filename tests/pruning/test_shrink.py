@@ -481,11 +481,14 @@ def test_nested_outputs_are_compared_leaf_by_leaf(width_dependent: bool) -> None
 
 # ------------------------------------------------------------------------------------------------ depthwise convs
 class InvertedBottleneck(nn.Module):
-    """A MobileNetV2 block: expand (1x1) -> [BN] -> act -> depthwise 3x3 -> [BN] -> act -> project, [+ x]."""
+    """A MobileNetV2 block: expand (1x1) -> BN -> act -> depthwise 3x3 -> BN -> act -> [squeeze-and-excitation, as
+    in MobileNetV3, its pooling spelt `se`] -> project, [+ x]."""
 
     def __init__(self, activation: str, expand_bias: bool, dw_padding: int, dw_stride: int, dw_bias: bool,
-                 project_padding: int, residual: bool) -> None:
+                 project_padding: int, residual: bool, se: str | None = None) -> None:
         super().__init__()
+        self.se = se
+        self.squeeze, self.excite, self.pool = nn.Conv2d(12, 3, 1), nn.Conv2d(3, 12, 1), nn.AdaptiveAvgPool2d(1)
         self.expand = nn.Conv2d(4, 12, 1, bias=expand_bias)
         self.bn1, self.act1 = nn.BatchNorm2d(12), ACTIVATIONS[activation]()
         self.dw = nn.Conv2d(12, 12, 3, stride=dw_stride, padding=dw_padding, groups=12, bias=dw_bias)
@@ -493,30 +496,43 @@ class InvertedBottleneck(nn.Module):
         self.project = nn.Conv2d(12, 4, 1 + 2 * project_padding, padding=project_padding)
         self.residual = residual and dw_stride == 1 and dw_padding == 1
 
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """What the gate multiplies (what `project` reads without one)."""
+        return self.act2(self.bn2(self.dw(self.act1(self.bn1(self.expand(x))))))
+
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """What `project` reads."""
-        return self.act2(self.bn2(self.dw(self.act1(self.bn1(self.expand(x))))))
+        h = self.gated(x)
+        if self.se is None:
+            return h
+        if self.se == "module":
+            pooled = self.pool(h)
+        elif self.se == "function":
+            pooled = F.adaptive_avg_pool2d(h, 1)
+        else:
+            pooled = h.mean((2, 3), keepdim=True)
+        return h * torch.sigmoid(self.excite(F.relu(self.squeeze(pooled))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.project(self.hidden(x))
         return x + y if self.residual else y
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     activation=st.sampled_from(["silu", "gelu", "tanh", "identity"]),  # no flat region: a live channel never
     expand_bias=st.booleans(), dw_bias=st.booleans(),                   # looks constant to the oracle below
     dw_padding=st.sampled_from([0, 1]), dw_stride=st.sampled_from([1, 2]), project_padding=st.sampled_from([0, 1]),
-    residual=st.booleans(), zero_batch_norm=st.booleans(),
+    residual=st.booleans(), zero_batch_norm=st.booleans(), se=st.sampled_from([None, "module", "function", "mean"]),
     dead_expand=st.lists(st.integers(0, 11), unique=True, max_size=12),
     dead_dw=st.lists(st.integers(0, 11), unique=True, max_size=12),
     seed=st.integers(0, 2**16),
 )
 def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
-        activation, expand_bias, dw_bias, dw_padding, dw_stride, project_padding, residual, zero_batch_norm,
+        activation, expand_bias, dw_bias, dw_padding, dw_stride, project_padding, residual, zero_batch_norm, se,
         dead_expand, dead_dw, seed) -> None:
     torch.manual_seed(seed)
-    model = InvertedBottleneck(activation, expand_bias, dw_padding, dw_stride, dw_bias, project_padding, residual)
+    model = InvertedBottleneck(activation, expand_bias, dw_padding, dw_stride, dw_bias, project_padding, residual, se)
     generator = torch.Generator().manual_seed(seed)
     randomise_batch_norm_(model.bn1, generator)
     randomise_batch_norm_(model.bn2, generator)
@@ -530,11 +546,11 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
     x = torch.randn(3, 4, 8, 8)
     expected = outputs(model, x)
     # Oracle, from the masked model's activations alone: a channel can go when `project` reads it as a constant
-    # (and as zero if `project` pads with zeros).
+    # (and as zero if `project` pads with zeros). Through a gate only a zero is: a constant times the gate varies.
     with torch.no_grad():  # `outputs` left the model in eval mode
-        hidden = model.hidden(x).transpose(0, 1).reshape(12, -1)
+        hidden = (model.gated(x) if se else model.hidden(x)).transpose(0, 1).reshape(12, -1)
     constant = (hidden == hidden[:, :1]).all(1)
-    if project_padding:
+    if project_padding or se:
         constant &= hidden[:, 0] == 0
     expected_width = max(12 - int(constant.sum()), 1)
 
@@ -546,10 +562,26 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
     assert (shrunk.bn1.num_features, shrunk.dw.in_channels, shrunk.dw.out_channels, shrunk.dw.groups,
             shrunk.bn2.num_features, shrunk.project.in_channels) == (expected_width,) * 6
     assert tuple(shrunk.dw.weight.shape) == (expected_width, 1, 3, 3)
+    assert (shrunk.squeeze.in_channels, shrunk.excite.out_channels) == ((expected_width,) * 2 if se else (12, 12))
     if expected_width < 12:
         (layer,) = result.report.layers
-        assert (layer.name, layer.consumer, layer.through) == ("expand", "project", ("dw",))
-        assert "via dw" in result.report.table()
+        through = ("dw", "squeeze", "excite") if se else ("dw",)
+        assert (layer.name, layer.consumer, layer.through) == ("expand", "project", through)
+        assert f"via {', '.join(through)}" in result.report.table()
+
+
+def test_a_gate_shrink_does_not_recognise_stops_the_chain() -> None:
+    torch.manual_seed(0)
+    model = InvertedBottleneck("silu", False, 1, 1, False, 0, False, se="module")
+    model.squeeze = nn.Conv2d(12, 3, 3, padding=1)  # not a 1x1 conv: no squeeze-and-excitation shrink knows
+    zero_rows_(model.expand, [0, 1])
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight[:2] = bn.bias[:2] = 0
+    x = torch.randn(2, 4, 6, 6)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+    assert result.report.kept == (("expand", "its output is used by several operations"),)
 
 
 class DepthMultiplier(nn.Module):

@@ -70,7 +70,7 @@ class LayerShrink:
     channels_after: int
     folded: int  # removed channels with a non-zero constant output, added to the consumer's bias
     left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv)
-    through: tuple[str, ...] = ()  # depthwise convs between the two, which lost the same channels
+    through: tuple[str, ...] = ()  # layers between the two that lost the same channels (depthwise, gates' convs)
 
     @property
     def removed(self) -> int:
@@ -128,6 +128,17 @@ class _Depthwise:
     zero_padded: bool
 
 
+@dataclass(frozen=True)
+class _Gate:
+    """A squeeze-and-excitation gate inside a chain: ``x * excite(act(squeeze(pool(x))))`` (MobileNetV3,
+    EfficientNet). A zero channel of x stays zero whatever its gate, so it leaves `squeeze`'s inputs and `excite`'s
+    outputs; a non-zero constant does not (its gate varies with the input)."""
+
+    names: tuple[str, str]
+    squeeze: nn.Module
+    excite: nn.Module
+
+
 @dataclass
 class _Chain:
     """What lies between a producer and its consumer, in order."""
@@ -136,8 +147,8 @@ class _Chain:
     consumer: nn.Module
     consumer_name: str
     batch_norms: list[nn.Module] = field(default_factory=list)  # lose the same channels as the producer
-    # per-channel ops (BN included), in order; a _Depthwise is a depthwise conv, which loses channels too
-    ops: list[Callable[[Tensor], Tensor] | _Depthwise] = field(default_factory=list)
+    # per-channel ops (BN included), in order; a _Depthwise (depthwise conv) and a _Gate lose channels too
+    ops: list[Callable[[Tensor], Tensor] | _Depthwise | _Gate] = field(default_factory=list)
     flattened: bool = False
     zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
 
@@ -262,6 +273,64 @@ def _batch_norm_in_eval(bn: nn.Module) -> Callable[[Tensor], Tensor]:
     return lambda x: F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
+_MUL_FUNCTIONS = {operator.mul, torch.mul}
+
+
+def _is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)`` or ``x.mean((2, 3), keepdim=True)``."""
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return (node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")) in (1, (1, 1))
+    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
+                                                                 and node.target is torch.mean):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return node.kwargs.get("keepdim", False) is True and isinstance(dims, (tuple, list)) \
+            and sorted(d % 4 for d in dims) == [2, 3]
+    return False
+
+
+def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modules: dict[str, nn.Module],
+                        calls: dict[str, int]) -> tuple[_Gate, fx.Node] | None:
+    """If `node`'s two users are ``node * gate`` and the gate's path from `node` (global average pooling, a 1x1
+    conv from its `channels`, element-wise ops, a 1x1 conv back to `channels`, element-wise ops; nothing else reads
+    it), the gate and the multiplication."""
+    for mul, path_start in ((users[0], users[1]), (users[1], users[0])):
+        is_mul = (mul.op == "call_function" and mul.target in _MUL_FUNCTIONS) or (
+            mul.op == "call_method" and mul.target == "mul")
+        if not is_mul or len(mul.all_input_nodes) != 2 or mul.kwargs or not _is_global_average_pool(path_start,
+                                                                                                     modules):
+            continue
+        convs: list[str] = []
+        step = path_start
+        while True:
+            next_users = _value_users(step)
+            if len(next_users) != 1:
+                break
+            step = next_users[0]
+            if step is mul:
+                break
+            module = modules.get(str(step.target)) if step.op == "call_module" else None
+            if module is not None and calls[str(step.target)] > 1:
+                break
+            if module is not None and _is_producer(module) and isinstance(module, nn.Conv2d):
+                if parametrize.is_parametrized(module) or module.kernel_size != (1, 1):
+                    break
+                convs.append(str(step.target))
+            elif not ((module is not None and isinstance(module, _ELEMENTWISE_MODULES))
+                      or (step.op == "call_function" and step.target in _ELEMENTWISE_FUNCTIONS)
+                      or (step.op == "call_method" and step.target in _ELEMENTWISE_METHODS)):
+                break
+        if step is not mul or len(convs) != 2:
+            continue
+        squeeze, excite = modules[convs[0]], modules[convs[1]]
+        if squeeze.in_channels != channels or excite.out_channels != channels:
+            continue
+        return _Gate((convs[0], convs[1]), squeeze, excite), mul
+    return None
+
+
 def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
             calls: dict[str, int]) -> _Chain | str:
     """The chain from the producer node `start` to its consumer, or the reason there is none."""
@@ -271,6 +340,12 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
     node = start
     while True:
         users = _value_users(node)
+        if len(users) == 2 and is_conv and not chain.flattened:
+            found = _squeeze_excitation(node, users, producer.weight.shape[0], modules, calls)
+            if found is not None:
+                chain.ops.append(found[0])
+                node = found[1]  # on from the multiplication
+                continue
         if len(users) != 1:
             return "its output is used by several operations" if users else "its output is not used"
         user = users[0]
@@ -353,6 +428,8 @@ def _constant_channels(chain: _Chain) -> tuple[Tensor, Tensor]:
             constant = constant | zero_filter
             x = torch.where(zero_filter, conv_bias, flat * filters.reshape(filters.shape[0], -1).sum(1) + conv_bias)
             x = x.view(1, -1, *([1] * (weight.dim() - 2)))
+        elif isinstance(op, _Gate):  # 0 * gate is 0; a non-zero constant times a varying gate is no constant
+            constant = constant & (x.reshape(-1) == 0)
         elif isinstance(op, nn.Module):
             was_training = op.training
             op.eval()
@@ -441,13 +518,19 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
 
     for bn in chain.batch_norms:
         _keep_batch_norm_(bn, keep)
-    depthwise = [op for op in chain.ops if isinstance(op, _Depthwise)]
-    for op in depthwise:
-        _keep_depthwise_(op.conv, keep)
+    through: list[str] = []
+    for op in chain.ops:
+        if isinstance(op, _Depthwise):
+            _keep_depthwise_(op.conv, keep)
+            through.append(op.name)
+        elif isinstance(op, _Gate):
+            _keep_input_channels_(op.squeeze, keep, channels)
+            _keep_rows_(op.excite, keep)
+            through += op.names
     _keep_rows_(producer, keep)
     removed = int(remove.numel())
     return LayerShrink(producer_name, chain.consumer_name, channels, int(keep.numel()), folded,
-                       left=all_constant - removed, through=tuple(op.name for op in depthwise))
+                       left=all_constant - removed, through=tuple(through))
 
 
 # torch's Transformer layers are leaf modules to fx (it does not trace into torch.nn). Their feed-forward block is a
