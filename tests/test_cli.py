@@ -116,19 +116,22 @@ def test_structured_resnet_narrows_its_residual_stream(tmp_path):
     assert any(m.startswith("group_residuals: 1 channel group(s)") for m in report.messages)
 
 
-def test_structured_mobilenet_narrows_its_depthwise_blocks_and_stream(tmp_path):
-    assert main(["compress", "--model", "mobilenet", "--model-args", '{"width": 8, "blocks": 2}', "--prune",
-                 "ln_structured", "--sparsity", "0.5", "--quantize", "none", *QUICK,
-                 "--output-dir", str(tmp_path)]) == 0
+@pytest.mark.parametrize("squeeze_excitation", [False, True])
+def test_structured_mobilenet_narrows_its_depthwise_blocks_and_stream(tmp_path, squeeze_excitation):
+    model_args = f'{{"width": 8, "blocks": 2, "squeeze_excitation": {str(squeeze_excitation).lower()}}}'
+    assert main(["compress", "--model", "mobilenet", "--model-args", model_args, "--prune", "ln_structured",
+                 "--sparsity", "0.5", "--quantize", "none", *QUICK, "--output-dir", str(tmp_path)]) == 0
     report = CompressionReport.load_json(tmp_path / "report.json")
     # Zeros after pruning: half the stem's filters and its BatchNorm's scale and shift; per block, half the rows of
-    # expand (16 x 8 inputs) and project (4 x 32) and the matching BatchNorm entries (bn1, bn2: 16 x 2; bn3: 4 x 2).
-    # None in the depthwise convs: they are no pruning targets of their own.
-    zeros = 4 * 9 + 4 * 2 + 2 * (16 * 8 + 16 * 2 + 16 * 2 + 4 * 32 + 4 * 2)
+    # expand (16 x 8 inputs) and project (4 x 32), the matching BatchNorm entries (bn1, bn2: 16 x 2; bn3: 4 x 2), and
+    # with the gate half of squeeze's 8 filters (4 x 32 inputs; excite's rows go with expand's, below). None in the
+    # depthwise convs: they are no pruning targets of their own.
+    zeros = 4 * 9 + 4 * 2 + 2 * (16 * 8 + 16 * 2 + 16 * 2 + 4 * 32 + 4 * 2 + squeeze_excitation * 4 * 32)
     assert report["pruned"].nonzero_parameters == report["input"].parameters - zeros
     # stem 3x3 (8 -> 4 channels) and BN; per block: expand 4 -> 16 (32 -> 16), BN, depthwise 16 x 3x3, BN,
-    # project 16 -> 4, BN; the 4 -> 10 classifier
-    assert report["shrunk"].parameters == 4 * 9 + 8 + 2 * (4 * 16 + 32 + 16 * 9 + 32 + 16 * 4 + 8) + 4 * 10 + 10
+    # [squeeze 16 -> 4 and excite 4 -> 16, with biases], project 16 -> 4, BN; the 4 -> 10 classifier
+    block = 4 * 16 + 32 + 16 * 9 + 32 + squeeze_excitation * (16 * 4 + 4 + 4 * 16 + 16) + 16 * 4 + 8
+    assert report["shrunk"].parameters == 4 * 9 + 8 + 2 * block + 4 * 10 + 10
     assert any(m.startswith("group_residuals: 1 channel group(s)") for m in report.messages)
 
 

@@ -15,6 +15,7 @@ from litcompress.models import CNNClassifier, MLPClassifier, MobileNetClassifier
     (ResNetClassifier(in_channels=2, width=6, blocks=3, num_classes=4), torch.rand(3, 2, 9, 9)),
     (MobileNetClassifier(in_channels=2, width=6, blocks=3, expansion=2, num_classes=4), torch.rand(3, 2, 9, 9)),
     (MobileNetClassifier(in_channels=1, image_size=28, num_classes=4), torch.rand(3, 1, 28, 28)),
+    (MobileNetClassifier(width=4, blocks=1, squeeze_excitation=True, num_classes=4), torch.rand(3, 1, 8, 8)),
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)

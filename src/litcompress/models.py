@@ -131,31 +131,41 @@ class ResNetClassifier(Classifier):
 class InvertedResidualBlock(nn.Module):
     """MobileNetV2's block without downsampling: ``x + bn3(project(h))`` with
     ``h = relu6(bn2(depthwise(relu6(bn1(expand(x))))))``; 1x1 expand and project convs around a zero-padded
-    depthwise 3x3 conv of ``channels * expansion`` channels."""
+    depthwise 3x3 conv of ``channels * expansion`` channels. With `squeeze_excitation` (MobileNetV3), ``h`` is
+    multiplied by its channel gate ``hardsigmoid(excite(relu(squeeze(mean of h))))`` (1x1 convs, a quarter of the
+    channels in between) before the projection."""
 
-    def __init__(self, channels: int, expansion: int = 4) -> None:
+    def __init__(self, channels: int, expansion: int = 4, squeeze_excitation: bool = False) -> None:
         super().__init__()
         hidden = channels * expansion
         self.expand, self.bn1 = nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden)
         self.depthwise = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
         self.bn2 = nn.BatchNorm2d(hidden)
+        self.squeeze_excitation = squeeze_excitation
+        if squeeze_excitation:
+            self.squeeze = nn.Conv2d(hidden, max(1, hidden // 4), 1)
+            self.excite = nn.Conv2d(max(1, hidden // 4), hidden, 1)
         self.project, self.bn3 = nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = nn.functional.relu6(self.bn1(self.expand(x)))
         h = nn.functional.relu6(self.bn2(self.depthwise(h)))
+        if self.squeeze_excitation:
+            gate = self.excite(nn.functional.relu(self.squeeze(h.mean((2, 3), keepdim=True))))
+            h = h * nn.functional.hardsigmoid(gate)
         return x + self.bn3(self.project(h))
 
 
 class MobileNetClassifier(Classifier):
     """A small MobileNetV2: a 3x3 conv stem (stride `stem_stride`, BatchNorm, ReLU6), `blocks` inverted residual
-    blocks of `width` channels expanded `expansion` times around depthwise convs, global average pooling and a
-    Linear to `num_classes` logits. The stem's stride defaults to 2 for images of 16 pixels or more, else 1.
-    Structured pruning shrinks the expanded channels (depthwise convs included) and the residual stream."""
+    blocks of `width` channels expanded `expansion` times around depthwise convs (with `squeeze_excitation`, gated
+    as in MobileNetV3), global average pooling and a Linear to `num_classes` logits. The stem's stride defaults to 2
+    for images of 16 pixels or more, else 1. Structured pruning shrinks the expanded channels (depthwise convs and
+    gates included) and the residual stream."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, width: int = 16, blocks: int = 2,
-                 expansion: int = 4, stem_stride: int | None = None, num_classes: int = 10, lr: float = 1e-3,
-                 weight_decay: float = 0.0) -> None:
+                 expansion: int = 4, stem_stride: int | None = None, squeeze_excitation: bool = False,
+                 num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
         if stem_stride is None:
             stem_stride = 2 if image_size >= 16 else 1
@@ -165,7 +175,7 @@ class MobileNetClassifier(Classifier):
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU6(), *[InvertedResidualBlock(width, expansion) for _ in range(blocks)],
+            nn.ReLU6(), *[InvertedResidualBlock(width, expansion, squeeze_excitation) for _ in range(blocks)],
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes),
         )
 
