@@ -148,6 +148,23 @@ def test_dynamic_int8_tracks_fp32_for_random_linears(seed, width, per_channel):
         assert sqnr_db(model(x), quantized(x)) > 25.0
 
 
+def test_dynamic_int8_leaves_the_linears_of_torch_transformer_layers_in_fp32():
+    """torch.ao's int8 Linear has a weight() method where the Transformer layers' fast-path checks and
+    MultiheadAttention read a .weight tensor (pytorch/pytorch#109987): quantized, they fail at the first call."""
+    from tests.pipeline.test_compress import RowTransformer
+
+    torch.manual_seed(0)
+    model = RowTransformer().eval()
+    x = torch.randn(16, 64)
+    quantized = get_backend("torch_ao").quantize(copy.deepcopy(model), Recipe("torch_ao", "dynamic"), (x[:1],), [])
+    int8 = {name for name, m in quantized.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
+            and not name.endswith("._packed_params")}
+    assert int8 == {"embed", "head"}
+    with torch.no_grad():  # the fused fast path (eval, no grad) and the plain one both run
+        assert sqnr_db(model(x), quantized(x)) > 25.0
+    assert sqnr_db(model(x).detach(), quantized(x).detach()) > 25.0
+
+
 @given(scale=st.floats(1e-3, 1e3), noise=st.floats(1e-4, 1e-1))
 def test_sqnr_is_scale_invariant_and_falls_with_noise(scale, noise):
     torch.manual_seed(0)

@@ -33,6 +33,18 @@ def _quiet_torch_ao() -> Iterator[None]:
         yield
 
 
+# Modules whose forward reads their Linear layers' `.weight` as a tensor: torch.ao's dynamic int8 Linear has a
+# `weight()` method instead, so they fail at the first call (pytorch/pytorch#109987: the Transformer layers' fast-path
+# checks; MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward). Their Linears stay fp32.
+_READS_WEIGHT_TENSORS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+
+
+def _reads_weight_tensors(model: nn.Module) -> set[str]:
+    """Names of the Linear layers inside modules that read their weight tensors directly."""
+    return {f"{outer}.{inner}" if outer else inner
+            for outer, module in model.named_modules() if isinstance(module, _READS_WEIGHT_TENSORS)
+            for inner, child in module.named_modules() if inner and isinstance(child, nn.Linear)}
+
 class TorchAOBackend(Backend):
     """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic``."""
 
@@ -106,7 +118,7 @@ class TorchAOBackend(Backend):
         from torch.ao.quantization import quantize_dynamic
 
         qconfig = self._dynamic_qconfig(recipe)
-        skip = set(recipe.fp32_layers)
+        skip = set(recipe.fp32_layers) | _reads_weight_tensors(model)
         spec = {name: qconfig for name, module in model.named_modules()
                 if isinstance(module, nn.Linear) and name not in skip}
         return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
