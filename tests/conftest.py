@@ -9,12 +9,17 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
+# CI draws the same examples on every run (a red CI is the code's, not the dice's); local runs explore new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*litlogger.*|.*litmodels.*")
 
