@@ -258,6 +258,25 @@ def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 
+def test_round_to_keeps_channel_counts_that_fill_simd_blocks(digits):
+    model = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.Conv2d(24, 40, 3, padding=1, bias=False), nn.BatchNorm2d(40), nn.ReLU(),
+                          nn.Conv2d(40, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", round_to=8)
+    result, x_val = compress_on_images(digits, model, prune, steps=20)
+    # half of 24 is 12, rounded up to 16 kept; half of 40 is 20 -> 24; 4 of the 1x1 conv's 8 -> 8 (none pruned)
+    widths = [m.out_channels for m in result.stage_models["shrunk"] if isinstance(m, nn.Conv2d)]
+    assert widths == [16, 24, 8]
+    assert "channels kept in multiples of 8" in result.report["pruned"].description
+    with torch.no_grad():
+        torch.testing.assert_close(result.stage_models["shrunk"](x_val), result.stage_models["pruned"](x_val),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="round_to=8\\): rounds the channels structured pruning keeps"):
+        PruneConfig(sparsity=0.5, round_to=8)
+    with pytest.raises(ValueError, match="round_to=0\\): expected an int >= 1"):
+        PruneConfig(sparsity=0.5, method="ln_structured", round_to=0)
+
+
 class RowTransformer(nn.Module):
     """Digits as sequences of 8 rows: a Linear embedding, torch's TransformerEncoder (2 layers), the mean over the
     rows, a Linear head."""

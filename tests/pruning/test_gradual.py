@@ -77,3 +77,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unstructured"):
         GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=5), "ln_structured",
                       n=1, dim=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 70), final=st.floats(0.05, 0.95), multiple=st.sampled_from([4, 8, 16]))
+def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, multiple):
+    torch.manual_seed(0)
+    layer = nn.Linear(6, rows)
+    schedule = PolynomialDecay(final_sparsity=final, begin=0, end=40, frequency=10)
+    pruner = GradualPruner([(layer, "weight")], schedule, "ln_structured", scope="local", keep_multiple_of=multiple,
+                           dim=0, n=2)
+    kept_along = []
+    for t in range(0, 41):
+        pruner.step(t)
+        zero_rows = int((layer.weight.detach().abs().sum(1) == 0).sum())
+        kept_along.append(rows - zero_rows)
+        assert kept_along[-1] % multiple == 0 or kept_along[-1] == rows
+    assert kept_along == sorted(kept_along, reverse=True)  # never un-pruned
+    unrounded_kept = rows - round(final * rows)
+    assert unrounded_kept <= kept_along[-1] < unrounded_kept + multiple
+    with pytest.raises(ValueError, match="for structured methods only"):
+        GradualPruner([(layer, "weight")], schedule, "l1_unstructured", keep_multiple_of=8)

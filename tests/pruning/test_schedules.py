@@ -17,6 +17,7 @@ from litcompress.pruning.schedules import (
     PolynomialDecay,
     SparsitySchedule,
     count_to_prune,
+    rounded_pruned_count,
     increment_for_target,
 )
 
@@ -252,3 +253,17 @@ def test_count_to_prune_examples_and_validation() -> None:
         count_to_prune(10, 0, 1.5)
     with pytest.raises(ValueError, match=r"n_total=True"):
         count_to_prune(True, 0, 0.5)
+
+
+@given(n_total=st.integers(0, 600), targets=st.lists(st.floats(0, 1), min_size=2, max_size=6),
+       multiple=st.integers(1, 32))
+def test_rounded_counts_keep_a_multiple_and_never_prune_more_or_go_back(n_total, targets, multiple) -> None:
+    counts = [rounded_pruned_count(n_total, t, multiple) for t in sorted(targets)]
+    for target, pruned in zip(sorted(targets), counts):
+        assert 0 <= pruned <= round(target * n_total)  # never more than the unrounded count
+        kept = n_total - pruned
+        assert kept % multiple == 0 or kept == n_total  # a multiple, unless none can be pruned
+        assert kept - (n_total - round(target * n_total)) < multiple  # the least rounding up that works
+    assert counts == sorted(counts)  # a rising schedule never has to un-prune
+    assert [rounded_pruned_count(n_total, t, None) for t in targets] == [round(t * n_total) for t in targets]
+

@@ -469,28 +469,33 @@ def compress(
                  + ". PruneConfig(removable_only=False) prunes them too (masks only).")
         method, kwargs = prune.pruning_method, prune.method_kwargs()
         if fine_tune is None:
-            prune_to_sparsity_(targets, method, float(prune.sparsity), scope=prune.scope, **kwargs)
+            prune_to_sparsity_(targets, method, float(prune.sparsity), scope=prune.scope,
+                               keep_multiple_of=prune.round_to, **kwargs)
             how = "one-shot, no fine-tuning"
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
             groups, layer_targets = _residual_groups(work, targets, prune, note)
-            pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, **kwargs)
+            pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=prune.round_to,
+                                   **kwargs)
             # after every optimizer step: a pruned channel's BatchNorm shift would grow back
             held_at_zero = groups + (_batch_norm_groups(work, layer_targets, note) if prune.zero_batch_norm else [])
             group_rounds: list[int] = []
 
             def step(t: int) -> None:
                 pruner.step(t)
-                if groups and schedule.should_prune(t) and prune_groups_(work, groups, schedule.target(t), prune.norm):
+                if groups and schedule.should_prune(t) and prune_groups_(work, groups, schedule.target(t), prune.norm,
+                                                                         prune.round_to):
                     group_rounds.append(t)
                 zero_group_batch_norms_(work, held_at_zero)
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             fine_tune(work, step)
             rounds = len({h["t"] for h in pruner.history if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
-            late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope, **kwargs)
-            prune_groups_(work, groups, schedule.final_sparsity, prune.norm)  # the same for groups stopped early
+            late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope,
+                                      keep_multiple_of=prune.round_to, **kwargs)
+            # the same for groups stopped early
+            prune_groups_(work, groups, schedule.final_sparsity, prune.norm, prune.round_to)
             zero_group_batch_norms_(work, held_at_zero)
             if late:
                 note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "

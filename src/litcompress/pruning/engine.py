@@ -28,7 +28,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
-from litcompress.pruning.schedules import count_to_prune
+from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
 
 Target = tuple[nn.Module, str]
@@ -299,28 +299,35 @@ def prune_to_sparsity_(
     sparsity: float,
     *,
     scope: Scope = "global",
+    keep_multiple_of: int | None = None,
     **method_kwargs: Any,
 ) -> int:
     """Prune `targets` until their sparsity is exactly ``round(sparsity * n)`` entries; returns entries newly pruned.
 
     Never un-prunes: a target already sparser stays as it is. ``scope="global"`` counts all targets together;
     ``"local"`` brings each target to `sparsity` on its own. Structured methods (local only) count slices along
-    ``dim``: the fraction of pruned rows/channels reaches `sparsity`.
+    ``dim``: the fraction of pruned rows/channels reaches `sparsity`, or with `keep_multiple_of` the slices kept are
+    rounded up to a multiple of it (:func:`~litcompress.pruning.schedules.rounded_pruned_count`).
     """
     method_cls = resolve_method(method)
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
+    structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
+    if keep_multiple_of is not None and not (structured and isinstance(keep_multiple_of, int)
+                                             and not isinstance(keep_multiple_of, bool) and keep_multiple_of >= 1):
+        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: an int >= 1, for structured methods only (it "
+                         f"rounds the rows/channels kept), got method {method_cls.__name__}.")
     before = sum(pruned_count(m, n) for m, n in targets)
     if scope == "global":
         total = sum(getattr(m, n).numel() for m, n in targets)
         count = count_to_prune(total, before, sparsity)
         if count:
             prune_(targets, method_cls, count, scope="global", **method_kwargs)
-    elif getattr(method_cls, "PRUNING_TYPE", None) == "structured":
+    elif structured:
         dim = method_kwargs.get("dim", -1)
         for target in targets:
             pruned, total = _pruned_slices(*target, dim)
-            count = count_to_prune(total, pruned, sparsity)
+            count = max(0, rounded_pruned_count(total, sparsity, keep_multiple_of) - pruned)
             if count:
                 prune_([target], method_cls, count, scope="local", **method_kwargs)
     else:

@@ -32,6 +32,7 @@ class GradualPruner:
         method: str | type[torch_prune.BasePruningMethod] = "l1_unstructured",
         *,
         scope: Scope = "global",
+        keep_multiple_of: int | None = None,
         **method_kwargs: Any,
     ) -> None:
         if not isinstance(schedule, SparsitySchedule):
@@ -45,6 +46,10 @@ class GradualPruner:
         self.schedule = schedule
         self.scope = scope
         self.method_kwargs = method_kwargs
+        if keep_multiple_of is not None and getattr(self.method, "PRUNING_TYPE", None) != "structured":
+            raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning "
+                             f"keeps: for structured methods only, got {self.method.__name__}.")
+        self.keep_multiple_of = keep_multiple_of
         self.last_t = -1
         self.history: list[dict[str, Any]] = []
 
@@ -63,7 +68,8 @@ class GradualPruner:
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
         before = self.pruned()
-        newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope, **self.method_kwargs)
+        newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
+                                   keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         self.last_t = t
         self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
 

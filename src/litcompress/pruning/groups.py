@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import apply_mask_, effective_tensor
+from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
                                         LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_,
                                         _keep_input_channels_, _keep_rows_, trace)
@@ -182,16 +183,18 @@ def _rows(weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float, norm: float = 2) -> int:
+def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float, norm: float = 2,
+                  keep_multiple_of: int | None = None) -> int:
     """Prune ``round(sparsity * channels)`` output channels of each group in all its producers at once: those with
-    the smallest sum over producers of the norm of their rows (channels pruned before rank lowest and stay).
-    Returns how many channels were newly pruned, over all groups."""
+    the smallest sum over producers of the norm of their rows (channels pruned before rank lowest and stay); with
+    `keep_multiple_of`, the channels kept are rounded up to a multiple of it. Returns how many channels were newly
+    pruned, over all groups."""
     modules = dict(model.named_modules())
     newly = 0
     for group in groups:
         weights = [effective_tensor(modules[p], "weight") for p in group.producers]
         importance = sum(torch.linalg.vector_norm(_rows(w), ord=norm, dim=1) for w in weights)
-        count = round(sparsity * group.channels)
+        count = rounded_pruned_count(group.channels, sparsity, keep_multiple_of)
         if count <= 0:
             continue
         before = int((importance == 0).sum())
