@@ -570,11 +570,18 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
             shrunk.bn2.num_features, shrunk.project.in_channels) == (expected_width,) * 6
     assert tuple(shrunk.dw.weight.shape) == (expected_width, 1, 3, 3)
     assert (shrunk.squeeze.in_channels, shrunk.excite.out_channels) == ((expected_width,) * 2 if se else (12, 12))
+    removed = constant.clone()
+    if bool(removed.all()):
+        removed[0] = False  # one channel stays
+    zero_rows = torch.tensor([j in dead_expand for j in range(12)])
     if expected_width < 12:
         (layer,) = result.report.layers
         through = ("dw", "squeeze", "excite") if se else ("dw",)
         assert (layer.name, layer.consumer, layer.through) == ("expand", "project", through)
         assert f"via {', '.join(through)}" in result.report.table()
+        assert layer.left == int((zero_rows & ~removed).sum())  # zero filters that had to stay
+    elif dead_expand:  # zero filters, none of which could go: said, with the reason
+        assert dict(result.report.kept)["expand"].startswith("its zero channels output non-zero constants into ")
 
 
 def test_a_gate_shrink_does_not_recognise_stops_the_chain() -> None:

@@ -69,7 +69,7 @@ class LayerShrink:
     channels_before: int
     channels_after: int
     folded: int  # removed channels with a non-zero constant output, added to the consumer's bias
-    left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv)
+    left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv or a gate)
     through: tuple[str, ...] = ()  # layers between the two that lost the same channels (depthwise, gates' convs)
 
     @property
@@ -485,15 +485,22 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
     depthwise convs' on the way); the consumer absorbs their constants."""
     producer, consumer = chain.producer, chain.consumer
     channels = producer.weight.shape[0]
+    zero = _zero_channels(producer)
     dead, constants = _constant_channels(chain)
-    if not bool(dead.any()):
-        return None
-    all_constant = int(dead.sum())
     if chain.zero_padded_consumer:
         # a constant channel is not constant in a zero-padded conv's receptive field at the border
         dead &= constants == 0
-        if not bool(dead.any()):
-            return f"its zero channels output non-zero constants into the zero-padded conv {chain.consumer_name}"
+    if not bool(dead.any()):
+        if not bool(zero.any()):
+            return None
+        padded = [op.name for op in chain.ops if isinstance(op, _Depthwise) and op.zero_padded]
+        padded += [chain.consumer_name] if chain.zero_padded_consumer else []
+        gates = [op.names[0] for op in chain.ops if isinstance(op, _Gate)]
+        return ("its zero channels output non-zero constants into "
+                + " and ".join(([f"the zero-padded conv(s) {', '.join(padded)}"] if padded else [])
+                               + ([f"the gate(s) of {', '.join(gates)}"] if gates else []))
+                + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
+                "zero_batch_norm does, makes them zero)")
     if bool(dead.all()):
         dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
     keep = (~dead).nonzero().flatten()
@@ -528,9 +535,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
             _keep_rows_(op.excite, keep)
             through += op.names
     _keep_rows_(producer, keep)
-    removed = int(remove.numel())
     return LayerShrink(producer_name, chain.consumer_name, channels, int(keep.numel()), folded,
-                       left=all_constant - removed, through=tuple(through))
+                       left=int((zero & ~dead).sum()), through=tuple(through))
 
 
 # torch's Transformer layers are leaf modules to fx (it does not trace into torch.nn). Their feed-forward block is a
