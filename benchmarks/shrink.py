@@ -12,8 +12,14 @@ alone), and makes the pruning permanent, which is what a Lightning user ships: s
 * the largest difference between their outputs (they compute the same function).
 
 Models: ``cnn``, a VGG-style net for 3x32x32 inputs (six 3x3 convs 64-64-128-128-256-256 with BatchNorm + ReLU and
-max-pooling, then 4096-512-10 Linear layers); ``mlp``, 1024-4096-4096-1024 Linear + ReLU. Weights are random (seeded):
-latency and size do not depend on training.
+max-pooling, then 4096-512-10 Linear layers); ``mlp``, 1024-4096-4096-1024 Linear + ReLU; ``mobilenet``, a
+MobileNetV3-style net for 3x64x64 inputs (``litcompress.models.MobileNetClassifier``: 4 inverted residual blocks of
+32 channels expanded 6x around depthwise convs, with squeeze-and-excitation gates); ``transformer``, torch's
+``nn.TransformerEncoder`` (4 layers, d_model 256, 4 heads, feed-forward 1024) on 64 tokens, then a Linear head.
+Lightning's callback prunes the layers whose channels ``shrink`` can remove
+(``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
+squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer. Weights are random
+(seeded): latency and size do not depend on training.
 
 Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
 variants interleaved, medians. Usage::
@@ -56,6 +62,7 @@ from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  #
 from torch import nn  # noqa: E402
 
 from litcompress import shrink  # noqa: E402
+from litcompress.pruning import removable_channels  # noqa: E402
 from mnist_sparsity import replace_section  # noqa: E402
 
 
@@ -76,25 +83,54 @@ class VGGish(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TokenTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(256, 4, dim_feedforward=1024, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+def randomise_batch_norms_(model: nn.Module) -> None:
+    """BatchNorm statistics as after training, so the folded constants are not trivial."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.normal_(0, 0.1)
+
+
 def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
     """(model, one input's shape, the larger batch size)."""
     torch.manual_seed(0)
+    if name == "mobilenet":
+        from litcompress.models import MobileNetClassifier
+
+        model = MobileNetClassifier(in_channels=3, image_size=64, width=32, blocks=4, expansion=6,
+                                    squeeze_excitation=True).net
+        randomise_batch_norms_(model)
+        return model.eval(), (3, 64, 64), 32
+    if name == "transformer":
+        return TokenTransformer().eval(), (64, 256), 16
     if name == "cnn":
         model = VGGish()
-        with torch.no_grad():  # BatchNorm statistics as after training, so the folded constants are not trivial
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.running_mean.normal_(0, 0.1)
-                    module.running_var.uniform_(0.5, 2.0)
-                    module.bias.normal_(0, 0.1)
+        randomise_batch_norms_(model)
         return model.eval(), (3, 32, 32), 32
     model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
     return model.eval(), (1024,), 64
 
 
 def prune_like_lightning(model: nn.Module, amount: float) -> nn.Module:
-    """Lightning's ModelPruning, ln_structured on dim 0, every hidden layer, made permanent (what gets shipped)."""
-    hidden = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+    """Lightning's ModelPruning, ln_structured on dim 0, made permanent (what gets shipped), on the layers whose
+    channels shrink can remove (the output layer is not one of them)."""
+    modules = dict(model.named_modules())
+    # residual streams only shrink when pruned as one group, which Lightning's callback does not do
+    hidden = [modules[name] for name, reason in removable_channels(model, residual_groups=False).items()
+              if reason is None]
     holder = LightningModule()
     holder.net = model
     callback = LightningModelPruning(
@@ -140,11 +176,11 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run(name: str, amount: float, repeats: int, log: Callable[[str], None]) -> dict:
+def run(name: str, amount: float, repeats: int, log: Callable[[str], None], round_to: int | None = None) -> dict:
     model, shape, big_batch = build(name)
     masked = prune_like_lightning(model, amount)
     probe = torch.randn(8, *shape)
-    result = shrink(masked, probe)
+    result = shrink(masked, probe, keep_multiple_of=round_to)
     shrunk = result.model.eval()
     with torch.no_grad():
         difference = float((masked(probe) - shrunk(probe)).abs().max())
@@ -185,12 +221,16 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MODELS = ("cnn", "mlp", "mobilenet", "transformer")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--amount", type=float, default=0.5, help="fraction of each hidden layer's channels pruned")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15, help="timed blocks per variant and batch size")
-    parser.add_argument("--models", nargs="+", choices=("cnn", "mlp"), default=["cnn", "mlp"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--round-to", type=int, help="shrink keeps a multiple of this many channels per layer")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if not 0.0 < args.amount < 1.0:
@@ -198,20 +238,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
-    results = [run(name, args.amount, args.repeats, print) for name in args.models]
+    results = [run(name, args.amount, args.repeats, print, args.round_to) for name in args.models]
     text = table(results)
     print(text)
     command = "python benchmarks/shrink.py" + "".join(
-        f" --{k} {v}" for k, v in (("amount", args.amount), ("threads", args.threads), ("repeats", args.repeats)))
+        f" --{k} {v}" for k, v in (("amount", args.amount), ("threads", args.threads), ("repeats", args.repeats),
+                                   ("models", " ".join(args.models)), ("round-to", args.round_to)) if v is not None)
     reports = "\n\n".join(f"{r['model']}:\n{r['report']}" for r in results)
     if args.write:
         replace_section(REPO / "BENCHMARKS.md", "shrink", f"""## Structured pruning: masked (Lightning) vs shrunk (litcompress) (`benchmarks/shrink.py`)
 
 Command: `{command}` ({datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, torch {torch.__version__},
 {args.threads} thread(s), allocator pinned, variants interleaved, {args.repeats} blocks of ~0.2 s each).
-Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes every hidden
-layer once and makes it permanent; `litcompress.shrink` then removes the zero channels (and folds their constant
-outputs into the next layer's bias). Same inputs, eval mode, `torch.no_grad()`.
+Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes, once, the
+layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
+and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s) and makes it
+permanent; `litcompress.shrink` then removes the zero channels (from the depthwise convs, gates and BatchNorms on
+the way too, and folds their constant outputs into the next layer's bias). Same inputs, eval mode,
+`torch.no_grad()`.
 
 {text}
 

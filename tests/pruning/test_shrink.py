@@ -119,6 +119,20 @@ def test_shrunk_mlp_computes_the_same_function_without_its_zero_rows(case) -> No
     assert result.report.kept == ()
 
 
+@settings(max_examples=60, deadline=None)
+@given(mlps(), st.sampled_from([2, 4, 8]))
+def test_shrink_can_keep_a_multiple_of_channels(case, multiple) -> None:
+    model, hidden, dead = case
+    x = torch.randn(16, 6)
+    result = shrink(model, x, keep_multiple_of=multiple)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+    for index, rows in zip(hidden, dead):
+        width, exact = model[index].out_features, max(model[index].out_features - len(rows), 1)
+        kept = result.model[index].out_features
+        # the least rounding up of the exact count that gives a multiple (or the whole layer)
+        assert kept == min(width, -(-exact // multiple) * multiple) or (exact == 1 and kept == 1 and len(rows) == width)
+
+
 # ------------------------------------------------------------------------------------------------ CNNs
 class ConvNet(nn.Module):
     """conv -> [BN] -> ReLU -> [pool] -> conv (padding p) -> ReLU -> flatten (one of three spellings) -> Linear."""

@@ -520,7 +520,7 @@ def compress(
     if config.shrink:
         t0 = time.monotonic()
         try:
-            shrunk = shrink(work, inputs)
+            shrunk = shrink(work, inputs, keep_multiple_of=config.prune.round_to if config.prune else None)
         except ValueError as error:  # untraceable model or a forward that reads widths: keep the model as is
             note(f"shrink skipped: {error}")
         else:

@@ -61,7 +61,8 @@ class PruneConfig:
         round_to: with a structured method, round the channels each layer (or residual group) keeps up to a
             multiple of this (fewer are pruned than `sparsity` asks where it does not divide): CPU kernels run
             faster on channel counts that fill their SIMD blocks, depthwise convolutions most (16 on AVX-512, 8 on
-            AVX2; ``benchmarks/channel_multiples.py``). None keeps the sparsity exact.
+            AVX2; ``benchmarks/channel_multiples.py``); shrink then keeps multiples too. None keeps the sparsity
+            exact.
     """
 
     sparsity: float | None = None

@@ -25,7 +25,7 @@ from litcompress.pruning.engine import apply_mask_, effective_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
                                         LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, trace)
+                                        _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -237,12 +237,15 @@ def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -
 
 
 @torch.no_grad()
-def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup]) -> list[LayerShrink]:
-    """Remove each group's exactly-zero channels from its producers, BatchNorms and consumers (in place)."""
+def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
+                                keep_multiple_of: int | None = None) -> list[LayerShrink]:
+    """Remove each group's exactly-zero channels from its producers, BatchNorms and consumers (in place); with
+    `keep_multiple_of`, as few stay as leave a multiple of it."""
     modules = dict(model.named_modules())
     done = []
     for group in groups:
         dead = _exactly_zero_channels(modules, group)
+        keep_a_multiple_(dead, keep_multiple_of)
         if not bool(dead.any()):
             continue
         if bool(dead.all()):

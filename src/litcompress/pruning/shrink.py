@@ -475,12 +475,24 @@ def _keep_batch_norm_(bn: nn.Module, keep: Tensor) -> None:
     bn.num_features = int(keep.numel())
 
 
+def keep_a_multiple_(dead: Tensor, multiple: int | None) -> None:
+    """Unmark as few of the `dead` (removable) channels as leave a multiple of `multiple` kept (all, if none
+    does): kernels run faster on channel counts that fill their SIMD blocks, and a channel kept changes nothing."""
+    if not multiple or multiple <= 1:
+        return
+    kept = int((~dead).sum())
+    extra = min(dead.numel(), -(-kept // multiple) * multiple) - kept
+    if extra > 0:
+        dead[dead.nonzero().flatten()[:extra]] = False
+
+
 def _keep_depthwise_(conv: nn.Module, keep: Tensor) -> None:
     _keep_rows_(conv, keep)
     conv.in_channels = conv.groups = int(keep.numel())
 
 
-def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | None:
+def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | None = None
+                   ) -> LayerShrink | str | None:
     """Remove the producer's channels that reach the consumer as constants, where the chain allows it (and the
     depthwise convs' on the way); the consumer absorbs their constants."""
     producer, consumer = chain.producer, chain.consumer
@@ -501,6 +513,9 @@ def _shrink_chain_(chain: _Chain, producer_name: str) -> LayerShrink | str | Non
                                + ([f"the gate(s) of {', '.join(gates)}"] if gates else []))
                 + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
                 "zero_batch_norm does, makes them zero)")
+    keep_a_multiple_(dead, keep_multiple_of)
+    if not bool(dead.any()):
+        return f"keeping a multiple of {keep_multiple_of} channels leaves none of its zero channels to remove"
     if bool(dead.all()):
         dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
     keep = (~dead).nonzero().flatten()
@@ -667,6 +682,7 @@ def shrink_(
     *,
     rtol: float = 1e-4,
     tracer: type[fx.Tracer] = fx.Tracer,
+    keep_multiple_of: int | None = None,
 ) -> ShrinkReport:
     """Remove `model`'s all-zero output channels in place (see the module docstring); returns what was done.
 
@@ -674,7 +690,8 @@ def shrink_(
     optimizer after shrinking. With `example_inputs`, the outputs (eval mode) before and after are compared and a
     difference above ``rtol`` times the largest output raises ``ValueError`` (use `shrink`, which works on a copy,
     to keep the model intact in that case). `tracer` can be a ``torch.fx.Tracer`` subclass that keeps more
-    modules as leaves.
+    modules as leaves. With `keep_multiple_of`, each layer keeps a multiple of that many channels (a few removable
+    ones stay): a depthwise conv with a count that does not fill its SIMD blocks can run slower than before.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"shrink expects an nn.Module, got {type(model).__name__}")
@@ -682,6 +699,9 @@ def shrink_(
         example_inputs = (example_inputs,)
     if not (isinstance(rtol, (int, float)) and rtol >= 0):
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+    if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
+                                         or keep_multiple_of < 1):
+        raise ValueError(f"keep_multiple_of must be an int >= 1 or None, got {keep_multiple_of!r}")
     before = _count_parameters(model)
     make_permanent_(model)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
@@ -708,7 +728,7 @@ def shrink_(
             if bool(_zero_channels(modules[name]).any()):
                 kept.append((name, chain))
             continue
-        outcome = _shrink_chain_(chain, name)
+        outcome = _shrink_chain_(chain, name, keep_multiple_of)
         if isinstance(outcome, LayerShrink):
             layers.append(outcome)
         elif isinstance(outcome, str):
@@ -716,7 +736,7 @@ def shrink_(
     kept += [(name, _hidden_reason(name, graph, modules)) for name in modules
              if name in producers - reached and bool(_zero_channels(modules[name]).any())]
     # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
-    grouped = remove_zero_group_channels_(model, groups)
+    grouped = remove_zero_group_channels_(model, groups, keep_multiple_of)
     layers += grouped
     handled = {layer.name for layer in grouped}
     kept = [(name, reason) for name, reason in kept if name not in handled]
@@ -753,10 +773,11 @@ def shrink(
     *,
     rtol: float = 1e-4,
     tracer: type[fx.Tracer] = fx.Tracer,
+    keep_multiple_of: int | None = None,
 ) -> ShrinkResult:
     """A shrunk deep copy of `model` and its report; `model` itself is not changed (see `shrink_`)."""
     copied = deepcopy_model(model)
-    report = shrink_(copied, example_inputs, rtol=rtol, tracer=tracer)
+    report = shrink_(copied, example_inputs, rtol=rtol, tracer=tracer, keep_multiple_of=keep_multiple_of)
     return ShrinkResult(copied, report)
 
 
