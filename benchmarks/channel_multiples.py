@@ -25,7 +25,6 @@ The last printed line is one JSON object with all figures; ``--write`` puts the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -34,13 +33,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_libc = ctypes.CDLL("libc.so.6")  # pinned before torch allocates anything (../shared/README.md: a factor of 3)
-_libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-_libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+from _pinning import pin_allocator  # noqa: E402
+
+pin_allocator()
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -30,7 +30,6 @@ The last printed line is one JSON object with all figures; ``--write`` puts the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import copy
 import json
 import logging
@@ -43,13 +42,12 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_libc = ctypes.CDLL("libc.so.6")  # pinned before torch allocates anything (../shared/README.md: a factor of 3)
-_libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-_libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+from _pinning import pin_allocator  # noqa: E402
+
+pin_allocator()
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402

@@ -32,7 +32,6 @@ The last printed line is one JSON object with all figures; ``--write`` puts the 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import io
 import json
 import statistics
@@ -42,17 +41,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def pin_allocator() -> None:
-    """Without this, latency here depends on what ran before in the process (3x, ../shared/README.md)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
+from _pinning import pin_allocator  # noqa: E402
 
 pin_allocator()
 
