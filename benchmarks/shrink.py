@@ -168,11 +168,12 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run(name: str, amount: float, repeats: int, log: Callable[[str], None], round_to: int | None = None) -> dict:
+def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
+        keep_multiple_of: int | None = None) -> dict:
     model, shape, big_batch = build(name)
     masked = prune_like_lightning(model, amount)
     probe = torch.randn(8, *shape)
-    result = shrink(masked, probe, keep_multiple_of=round_to)
+    result = shrink(masked, probe, keep_multiple_of=keep_multiple_of)
     shrunk = result.model.eval()
     with torch.no_grad():
         difference = float((masked(probe) - shrunk(probe)).abs().max())
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15, help="timed blocks per variant and batch size")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--round-to", type=int, help="shrink keeps a multiple of this many channels per layer")
+    parser.add_argument("--keep-multiple-of", type=int, help="shrink keeps a multiple of this many channels per layer")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if not 0.0 < args.amount < 1.0:
@@ -230,12 +231,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
-    results = [run(name, args.amount, args.repeats, print, args.round_to) for name in args.models]
+    results = [run(name, args.amount, args.repeats, print, args.keep_multiple_of) for name in args.models]
     text = table(results)
     print(text)
     command = "python benchmarks/shrink.py" + "".join(
         f" --{k} {v}" for k, v in (("amount", args.amount), ("threads", args.threads), ("repeats", args.repeats),
-                                   ("models", " ".join(args.models)), ("round-to", args.round_to)) if v is not None)
+                                   ("models", " ".join(args.models)), ("keep-multiple-of", args.keep_multiple_of))
+        if v is not None)
     reports = "\n\n".join(f"{r['model']}:\n{r['report']}" for r in results)
     if args.write:
         replace_section(REPO / "BENCHMARKS.md", "shrink", f"""## Structured pruning: masked (Lightning) vs shrunk (litcompress) (`benchmarks/shrink.py`)

@@ -194,9 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how sparsity grows over the first 60%% of fine-tuning")
     prune.add_argument("--prune-epochs", type=_int_at_least(0), default=5,
                        help="fine-tuning epochs while pruning (0: one-shot, no fine-tuning)")
-    prune.add_argument("--round-to", type=_int_at_least(1),
-                       help="structured: round the channels each layer keeps up to a multiple of this (e.g. 16), "
-                            "which CPU kernels run faster on (default: the sparsity exactly)")
     prune.add_argument("--exclude", type=_names,
                        help="comma-separated module names left dense (default: the last layer for structured "
                             "methods)")
@@ -204,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     stages = run.add_argument_group("shrink, quantize, export")
     stages.add_argument("--no-shrink", dest="shrink", action="store_false",
                         help="keep pruned channels instead of removing them")
+    stages.add_argument("--keep-multiple-of", type=_int_at_least(1),
+                        help="round the channels each layer keeps, after structured pruning and shrink, up to a "
+                             "multiple of this (e.g. 16: CPU kernels, depthwise convs most, run faster on such "
+                             "counts; default: exact)")
     stages.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                         help="int8 post-training quantization approach, or 'none'; 'auto': static when the "
                              "compressed model has convolutions (dynamic int8 leaves them in fp32), else dynamic")
@@ -249,8 +250,7 @@ def _configs(args: argparse.Namespace) -> Any:
 
     prune = None
     if args.prune.lower() != "none":
-        prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude,
-                            round_to=args.round_to)
+        prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude)
     quantize = None
     if args.quantize != "none":
         options: dict[str, Any] = {}
@@ -261,7 +261,7 @@ def _configs(args: argparse.Namespace) -> Any:
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads, **options)
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
                              fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
-                             num_threads=args.threads)
+                             num_threads=args.threads, keep_multiple_of=args.keep_multiple_of)
 
 
 def _datamodule(args: argparse.Namespace) -> Any:

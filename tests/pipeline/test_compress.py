@@ -199,7 +199,7 @@ def padded_cnn() -> nn.Sequential:
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
 
 
-def compress_on_images(digits, model: nn.Module, prune: PruneConfig, steps: int):
+def compress_on_images(digits, model: nn.Module, prune: PruneConfig, steps: int, **config):
     """Train `model` on the digits as 1x8x8 images for `steps`, then compress it while fine-tuning as long again;
     returns the result and the validation images."""
     x, y = digits[0].view(-1, 1, 8, 8), digits[1]
@@ -210,7 +210,7 @@ def compress_on_images(digits, model: nn.Module, prune: PruneConfig, steps: int)
     def fine_tune(m, step):
         train(m, x, y, steps=steps, step_fn=step)
 
-    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
+    result = compress(model, CompressionConfig(prune=prune, **FAST, **config), eval_fn=accuracy(x_val, y_val),
                       example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=steps)
     return result, x_val
 
@@ -258,12 +258,12 @@ def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 
-def test_round_to_keeps_channel_counts_that_fill_simd_blocks(digits):
+def test_keep_multiple_of_keeps_channel_counts_that_fill_simd_blocks(digits):
     model = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
                           nn.Conv2d(24, 40, 3, padding=1, bias=False), nn.BatchNorm2d(40), nn.ReLU(),
                           nn.Conv2d(40, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
-    prune = PruneConfig(sparsity=0.5, method="ln_structured", round_to=8)
-    result, x_val = compress_on_images(digits, model, prune, steps=20)
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    result, x_val = compress_on_images(digits, model, prune, steps=20, keep_multiple_of=8)
     # half of 24 is 12, rounded up to 16 kept; half of 40 is 20 -> 24; 4 of the 1x1 conv's 8 -> 8 (none pruned)
     widths = [m.out_channels for m in result.stage_models["shrunk"] if isinstance(m, nn.Conv2d)]
     assert widths == [16, 24, 8]
@@ -271,10 +271,17 @@ def test_round_to_keeps_channel_counts_that_fill_simd_blocks(digits):
     with torch.no_grad():
         torch.testing.assert_close(result.stage_models["shrunk"](x_val), result.stage_models["pruned"](x_val),
                                    rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="round_to=8\\): rounds the channels structured pruning keeps"):
-        PruneConfig(sparsity=0.5, round_to=8)
-    with pytest.raises(ValueError, match="round_to=0\\): expected an int >= 1"):
-        PruneConfig(sparsity=0.5, method="ln_structured", round_to=0)
+    with pytest.raises(ValueError, match="keep_multiple_of=0\\): expected an int >= 1"):
+        CompressionConfig(keep_multiple_of=0)
+
+
+def test_keep_multiple_of_rounds_what_shrink_removes_after_unstructured_pruning(trained, digits):
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.97), keep_multiple_of=16, **FAST)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])
+    exact = [int((m.weight != 0).any(dim=1).sum()) for m in result.stage_models["pruned"] if isinstance(m, nn.Linear)]
+    shrunk = [m.out_features for m in result.stage_models["shrunk"] if isinstance(m, nn.Linear)]
+    assert exact[:2] != [96, 96]  # 97% sparsity leaves hidden units without weights
+    assert shrunk[:2] == [min(96, -(-n // 16) * 16) for n in exact[:2]] and shrunk[2] == 10
 
 
 class RowTransformer(nn.Module):

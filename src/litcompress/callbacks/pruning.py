@@ -79,6 +79,8 @@ class ModelPruning(Callback):
             fitting starts ("late resetting", Frankle et al. 2019). Must come before the first pruning round.
         rewind_to_epoch: the same, after this many finished epochs.
         reset_optimizer: clear the optimizers' state (momenta) after each lottery-ticket reset.
+        keep_multiple_of: with a structured method and a schedule, round the rows/channels each layer keeps up to a
+            multiple of this (e.g. 16): CPU kernels run faster on such counts, depthwise convolutions most.
     """
 
     PARAMETER_NAMES = ("weight", "bias")
@@ -102,6 +104,7 @@ class ModelPruning(Callback):
         rewind_to_step: Optional[int] = None,
         rewind_to_epoch: Optional[int] = None,
         reset_optimizer: bool = False,
+        keep_multiple_of: Optional[int] = None,
     ) -> None:
         self._use_global_unstructured = use_global_unstructured
         self._parameters_to_prune = parameters_to_prune
@@ -180,6 +183,15 @@ class ModelPruning(Callback):
                 " callable `epoch -> bool` for the epochs that should rewind."
             )
         self.amount = amount
+        if keep_multiple_of is not None and not (
+                isinstance(keep_multiple_of, int) and not isinstance(keep_multiple_of, bool) and keep_multiple_of >= 1
+                and self._method.PRUNING_TYPE == "structured" and self._schedule is not None):  # type: ignore
+            raise MisconfigurationException(
+                f"`keep_multiple_of={keep_multiple_of!r}` rounds the rows/channels a structured method keeps up to a"
+                " multiple of it, at the targets of an `amount` schedule: pass an int >= 1 with a structured"
+                " `pruning_fn` and a `SparsitySchedule` amount."
+            )
+        self._keep_multiple_of = keep_multiple_of
         self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule)
         self._reset_optimizer = reset_optimizer
 
@@ -380,7 +392,8 @@ class ModelPruning(Callback):
         with self._logging_sparsity(target):
             engine.prune_to_sparsity_(
                 self._parameters_to_prune, self._method, target,
-                scope="global" if self._use_global_unstructured else "local", **self._method_kwargs,
+                scope="global" if self._use_global_unstructured else "local", keep_multiple_of=self._keep_multiple_of,
+                **self._method_kwargs,
             )
 
     def _epoch_schedule_due(self, current_epoch: int) -> bool:

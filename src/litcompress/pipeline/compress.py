@@ -468,15 +468,16 @@ def compress(
                  + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
                  + ". PruneConfig(removable_only=False) prunes them too (masks only).")
         method, kwargs = prune.pruning_method, prune.method_kwargs()
+        multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
         if fine_tune is None:
             prune_to_sparsity_(targets, method, float(prune.sparsity), scope=prune.scope,
-                               keep_multiple_of=prune.round_to, **kwargs)
+                               keep_multiple_of=multiple, **kwargs)
             how = "one-shot, no fine-tuning"
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
             groups, layer_targets = _residual_groups(work, targets, prune, note)
-            pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=prune.round_to,
+            pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
                                    **kwargs)
             # after every optimizer step: a pruned channel's BatchNorm shift would grow back
             held_at_zero = groups + (_batch_norm_groups(work, layer_targets, note) if prune.zero_batch_norm else [])
@@ -485,7 +486,7 @@ def compress(
             def step(t: int) -> None:
                 pruner.step(t)
                 if groups and schedule.should_prune(t) and prune_groups_(work, groups, schedule.target(t), prune.norm,
-                                                                         prune.round_to):
+                                                                         multiple):
                     group_rounds.append(t)
                 zero_group_batch_norms_(work, held_at_zero)
 
@@ -493,9 +494,9 @@ def compress(
             fine_tune(work, step)
             rounds = len({h["t"] for h in pruner.history if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
             late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope,
-                                      keep_multiple_of=prune.round_to, **kwargs)
+                                      keep_multiple_of=multiple, **kwargs)
             # the same for groups stopped early
-            prune_groups_(work, groups, schedule.final_sparsity, prune.norm, prune.round_to)
+            prune_groups_(work, groups, schedule.final_sparsity, prune.norm, multiple)
             zero_group_batch_norms_(work, held_at_zero)
             if late:
                 note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
@@ -504,7 +505,8 @@ def compress(
         result_sparsity = sparsity_report(work, targets)
         make_permanent_(work)
         work.eval()
-        description = f"{prune.describe()}, {how}"
+        description = f"{prune.describe()}, {how}" + (
+            f", channels kept in multiples of {multiple}" if multiple else "")
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
             with written_atomically(directory / PRUNED_STATE_FILE) as partial:
@@ -520,7 +522,7 @@ def compress(
     if config.shrink:
         t0 = time.monotonic()
         try:
-            shrunk = shrink(work, inputs, keep_multiple_of=config.prune.round_to if config.prune else None)
+            shrunk = shrink(work, inputs, keep_multiple_of=config.keep_multiple_of)
         except ValueError as error:  # untraceable model or a forward that reads widths: keep the model as is
             note(f"shrink skipped: {error}")
         else:

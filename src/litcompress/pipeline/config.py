@@ -58,11 +58,6 @@ class PruneConfig:
             (e.g. the layers writing into a Transformer's LayerNorm'd residual stream, or the attention's output)
             would lose accuracy and keep their size. The report names the layers left out and why. False prunes
             every target. A model ``torch.fx`` cannot trace is pruned as if False.
-        round_to: with a structured method, round the channels each layer (or residual group) keeps up to a
-            multiple of this (fewer are pruned than `sparsity` asks where it does not divide): CPU kernels run
-            faster on channel counts that fill their SIMD blocks, depthwise convolutions most (16 on AVX-512, 8 on
-            AVX2; ``benchmarks/channel_multiples.py``); shrink then keeps multiples too. None keeps the sparsity
-            exact.
     """
 
     sparsity: float | None = None
@@ -80,7 +75,6 @@ class PruneConfig:
     zero_batch_norm: bool = True
     group_residuals: bool = True
     removable_only: bool = True
-    round_to: int | None = None
 
     def __post_init__(self) -> None:
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
@@ -132,12 +126,6 @@ class PruneConfig:
             raise ValueError(f"PruneConfig(dim={self.dim!r}): expected an int (0: output channels).")
         if isinstance(self.norm, bool) or not isinstance(self.norm, (int, float)) or not self.norm > 0:
             raise ValueError(f"PruneConfig(norm={self.norm!r}): expected a number > 0 (or math.inf), e.g. 2.")
-        if self.round_to is not None:
-            if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-                raise ValueError(f"PruneConfig(round_to={self.round_to!r}): expected an int >= 1 (e.g. 16) or None.")
-            if not structured:
-                raise ValueError(f"PruneConfig(round_to={self.round_to}): rounds the channels structured pruning "
-                                 f"keeps; {method.__name__} prunes single weights. Use method='ln_structured'.")
 
     @property
     def pruning_method(self) -> type[torch_prune.BasePruningMethod]:
@@ -167,8 +155,7 @@ class PruneConfig:
     def describe(self) -> str:
         method = self.method if isinstance(self.method, str) else self.pruning_method.__name__
         shape = type(self.schedule).__name__ if isinstance(self.schedule, SparsitySchedule) else self.schedule
-        rounded = f", channels kept in multiples of {self.round_to}" if self.round_to else ""
-        return f"{method} {self.scope} to {self.sparsity:.1%} ({shape}{rounded})"
+        return f"{method} {self.scope} to {self.sparsity:.1%} ({shape})"
 
 
 def _names(argument: str, value: object) -> tuple[str, ...]:
@@ -195,6 +182,10 @@ class CompressionConfig:
             deprecated by torch). A quantized model keeps its backend's format.
         latency_repeats: interleaved timed calls per stage for the report (medians reported).
         num_threads: torch threads while timing (None: torch's current setting, recorded in the report).
+        keep_multiple_of: the channels each layer (or residual group) keeps, after structured pruning and after
+            shrink, are rounded up to a multiple of this (a few fewer are pruned or removed): CPU kernels run faster
+            on channel counts that fill their SIMD blocks, depthwise convolutions most (16 on AVX-512, 8 on AVX2;
+            ``benchmarks/channel_multiples.py``). None: the sparsity exactly, every removable channel removed.
     """
 
     prune: PruneConfig | None = None
@@ -204,6 +195,7 @@ class CompressionConfig:
     fp32_format: Literal["auto", "onnx", "export", "torchscript"] = "auto"
     latency_repeats: int = 30
     num_threads: int | None = None
+    keep_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
         if self.prune is not None and not isinstance(self.prune, PruneConfig):
@@ -222,6 +214,10 @@ class CompressionConfig:
         if self.num_threads is not None and (isinstance(self.num_threads, bool)
                                              or not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"CompressionConfig(num_threads={self.num_threads!r}): expected an int >= 1 or None.")
+        if self.keep_multiple_of is not None and (isinstance(self.keep_multiple_of, bool) or not isinstance(
+                self.keep_multiple_of, int) or self.keep_multiple_of < 1):
+            raise ValueError(f"CompressionConfig(keep_multiple_of={self.keep_multiple_of!r}): expected an int >= 1 "
+                             "(e.g. 16) or None.")
 
 
 __all__ = ["CompressionConfig", "PruneConfig", "PrunableLayers"]
