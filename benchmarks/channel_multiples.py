@@ -1,4 +1,4 @@
-"""How a layer's channel count, not only its size, sets its CPU latency: why ``CompressionConfig(keep_multiple_of=...)``.
+"""How a layer's channel count, not only its size, sets its CPU latency: why ``keep_multiple_of`` exists.
 
 Structured pruning leaves whatever channel count the sparsity gives (half of 312 is 156). oneDNN's kernels work on
 blocks of channels (16 fp32 lanes with AVX-512, 8 with AVX2); a count that is not a multiple pays for the partial
