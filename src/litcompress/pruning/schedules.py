@@ -308,15 +308,19 @@ def increment_for_target(current_sparsity: float, target_sparsity: float) -> flo
     return max(0.0, (target_sparsity - current_sparsity) / (1.0 - current_sparsity))
 
 
+def kept_multiple(n_total: int, kept: int, multiple: int | None) -> int:
+    """`kept` rounded up to a multiple of `multiple` (at most `n_total`; unchanged without `multiple`): kernels run
+    faster on channel counts that fill their SIMD blocks."""
+    if multiple is None or multiple <= 1:
+        return kept
+    return min(n_total, -(-kept // multiple) * multiple)
+
+
 def rounded_pruned_count(n_total: int, target: float, keep_multiple_of: int | None = None) -> int:
     """``round(target * n_total)``, or with `keep_multiple_of` the most pruned slices up to that many that leave a
-    multiple of it (or all `n_total`): kernels run faster on channel counts that fill their SIMD blocks. Never more
-    than the unrounded count, and non-decreasing in `target`."""
-    pruned = round(target * n_total)
-    if keep_multiple_of is None or keep_multiple_of <= 1:
-        return pruned
-    kept = -(-(n_total - pruned) // keep_multiple_of) * keep_multiple_of  # rounded up
-    return n_total - min(n_total, kept)
+    multiple of it (or all `n_total`, :func:`kept_multiple`). Never more than the unrounded count, and
+    non-decreasing in `target`."""
+    return n_total - kept_multiple(n_total, n_total - round(target * n_total), keep_multiple_of)
 
 
 def count_to_prune(n_total: int, n_pruned: int, target: float) -> int:

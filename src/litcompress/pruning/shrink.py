@@ -33,6 +33,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.schedules import kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -478,10 +479,8 @@ def _keep_batch_norm_(bn: nn.Module, keep: Tensor) -> None:
 def keep_a_multiple_(dead: Tensor, multiple: int | None) -> None:
     """Unmark as few of the `dead` (removable) channels as leave a multiple of `multiple` kept (all, if none
     does): kernels run faster on channel counts that fill their SIMD blocks, and a channel kept changes nothing."""
-    if not multiple or multiple <= 1:
-        return
     kept = int((~dead).sum())
-    extra = min(dead.numel(), -(-kept // multiple) * multiple) - kept
+    extra = kept_multiple(dead.numel(), kept, multiple) - kept
     if extra > 0:
         dead[dead.nonzero().flatten()[:extra]] = False
 
@@ -598,9 +597,12 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                                                     else _feed_forward_chain(layer_name, layer))
 
 
-def _hidden_reason(name: str, graph: fx.Graph, modules: dict[str, nn.Module]) -> str:
-    """Why a producer that no graph node calls keeps its channels."""
-    called = {str(node.target) for node in graph.nodes if node.op == "call_module"}
+def _called_modules(graph: fx.Graph) -> set[str]:
+    return {str(node.target) for node in graph.nodes if node.op == "call_module"}
+
+
+def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -> str:
+    """Why a producer that no graph node calls (`called`: the names graph nodes call) keeps its channels."""
     leaf = max((t for t in called if name.startswith(t + ".")), key=len, default=None)
     if leaf is None:
         return "forward does not call it (as torch.fx traces forward)"
@@ -628,8 +630,9 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True,
     producers = {name for name, module in modules.items() if _is_producer(module)}
     found = {name: None if isinstance(chain, _Chain) or name in grouped else chain
              for name, chain in _producer_chains(graph, modules, calls, producers)}
+    called = _called_modules(graph)
     for name in producers - found.keys():
-        found[name] = _hidden_reason(name, graph, modules)
+        found[name] = _hidden_reason(name, called, modules)
     return {name: found[name] for name in modules if name in found}
 
 
@@ -733,7 +736,8 @@ def shrink_(
             layers.append(outcome)
         elif isinstance(outcome, str):
             kept.append((name, outcome))
-    kept += [(name, _hidden_reason(name, graph, modules)) for name in modules
+    called = _called_modules(graph)
+    kept += [(name, _hidden_reason(name, called, modules)) for name in modules
              if name in producers - reached and bool(_zero_channels(modules[name]).any())]
     # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
     grouped = remove_zero_group_channels_(model, groups, keep_multiple_of)
