@@ -147,12 +147,23 @@ def test_structured_mobilenet_narrows_its_depthwise_blocks_and_stream(tmp_path, 
     assert any(m.startswith("group_residuals: 1 channel group(s)") for m in report.messages)
 
 
+def test_structured_transformer_narrows_its_feed_forward_blocks_only(tmp_path):
+    assert main(["compress", "--model", "transformer", "--prune", "ln_structured", "--sparsity", "0.5", "--quantize",
+                 "none", *QUICK, "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    # 2 layers (d_model 32, feed-forward 64): half of linear1's rows (32 weights and a bias each) and the matching
+    # columns of linear2 go; the attention, the stream and the embedding stay (their channels could not go)
+    assert report["shrunk"].parameters == report["input"].parameters - 2 * (32 * 33 + 32 * 32)
+    (said,) = [m for m in report.messages if m.startswith("removable_only:")]
+    assert said.startswith("removable_only: 5 layer(s) left unpruned") and "encoder.layers.1.linear2" in said
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
     (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
-    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet or 'package.module:Class'"),
+    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet, transformer or 'package.module:Class'"),
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),
     (["--model-args", "{hidden: 3}"], "expected a JSON object"),

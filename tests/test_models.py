@@ -6,7 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from litcompress.models import CNNClassifier, MLPClassifier, MobileNetClassifier, ResNetClassifier
+from litcompress.models import (CNNClassifier, MLPClassifier, MobileNetClassifier, ResNetClassifier,
+                                TransformerClassifier)
 
 
 @pytest.mark.parametrize(("model", "inputs"), [
@@ -16,6 +17,8 @@ from litcompress.models import CNNClassifier, MLPClassifier, MobileNetClassifier
     (MobileNetClassifier(in_channels=2, width=6, blocks=3, expansion=2, num_classes=4), torch.rand(3, 2, 9, 9)),
     (MobileNetClassifier(in_channels=1, image_size=28, num_classes=4), torch.rand(3, 1, 28, 28)),
     (MobileNetClassifier(width=4, blocks=1, squeeze_excitation=True, num_classes=4), torch.rand(3, 1, 8, 8)),
+    (TransformerClassifier(in_channels=2, image_size=9, d_model=8, heads=2, layers=1, feed_forward=16,
+                           num_classes=4), torch.rand(3, 2, 9, 9)),
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)
@@ -39,6 +42,7 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: ResNetClassifier(blocks=-1), "blocks=\\(-1,\\)"),
     (lambda: MobileNetClassifier(expansion=0), "expansion=\\(0,\\)"),
     (lambda: MobileNetClassifier(stem_stride=0), "stem_stride=\\(0,\\)"),
+    (lambda: TransformerClassifier(d_model=30, heads=4), "d_model=30 must be divisible by heads=4"),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):

@@ -180,5 +180,31 @@ class MobileNetClassifier(Classifier):
         )
 
 
+class TransformerClassifier(Classifier):
+    """An image read as a sequence of its rows: a Linear embedding of each row (channels x width values) plus a
+    learned position embedding, torch's ``nn.TransformerEncoder`` (`layers` layers of width `d_model`, `heads`
+    heads, feed-forward `feed_forward`), the mean over rows and a Linear to `num_classes` logits. Structured pruning
+    shrinks the feed-forward blocks (see :func:`litcompress.pruning.removable_channels`)."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, d_model: int = 32, heads: int = 2, layers: int = 2,
+                 feed_forward: int = 64, num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("d_model", d_model),
+                            ("heads", heads), ("layers", layers), ("feed_forward", feed_forward)):
+            _check_widths(name, (value,))
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} must be divisible by heads={heads}.")
+        self.save_hyperparameters()
+        self.embed = nn.Linear(in_channels * image_size, d_model)
+        self.position = nn.Parameter(torch.zeros(1, image_size, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, feed_forward, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 1, 3).flatten(2)  # (N, C, H, W) -> (N, H, C * W)
+        return self.head(self.encoder(self.embed(rows) + self.position).mean(1))
+
+
 __all__ = ["CNNClassifier", "Classifier", "InvertedResidualBlock", "MLPClassifier", "MobileNetClassifier",
-           "ResNetClassifier", "ResidualBlock"]
+           "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
