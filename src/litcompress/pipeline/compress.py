@@ -23,7 +23,7 @@ from torch import nn
 from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
-from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups, zero_group_batch_norms_
+from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_, residual_groups
 from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, is_depthwise,
                                         max_output_difference, removable_channels, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
@@ -349,7 +349,7 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
 
 def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], note: Callable[[str], None]) -> list[ChannelGroup]:
     """Each pruned layer with the BatchNorms between it and its consumer, as a one-layer group whose BatchNorm
-    :func:`zero_group_batch_norms_` holds at zero for pruned channels (none if the model cannot be traced)."""
+    :class:`BatchNormZeroer` holds at zero for pruned channels (none if the model cannot be traced)."""
     try:
         following = following_batch_norms(model)
     except ValueError:
@@ -480,15 +480,17 @@ def compress(
             pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
                                    **kwargs)
             # after every optimizer step: a pruned channel's BatchNorm shift would grow back
-            held_at_zero = groups + (_batch_norm_groups(work, layer_targets, note) if prune.zero_batch_norm else [])
+            held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, note)
+                                                           if prune.zero_batch_norm else []))
             group_rounds: list[int] = []
 
             def step(t: int) -> None:
                 pruner.step(t)
-                if groups and schedule.should_prune(t) and prune_groups_(work, groups, schedule.target(t), prune.norm,
-                                                                         multiple):
-                    group_rounds.append(t)
-                zero_group_batch_norms_(work, held_at_zero)
+                if schedule.should_prune(t):  # masks change only at the schedule's rounds
+                    if groups and prune_groups_(work, groups, schedule.target(t), prune.norm, multiple):
+                        group_rounds.append(t)
+                    held_at_zero.refresh()
+                held_at_zero.apply_()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             fine_tune(work, step)
@@ -497,7 +499,7 @@ def compress(
                                       keep_multiple_of=multiple, **kwargs)
             # the same for groups stopped early
             prune_groups_(work, groups, schedule.final_sparsity, prune.norm, multiple)
-            zero_group_batch_norms_(work, held_at_zero)
+            held_at_zero.refresh().apply_()
             if late:
                 note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")

@@ -210,14 +210,36 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
 @torch.no_grad()
 def zero_group_batch_norms_(model: nn.Module, groups: list[ChannelGroup]) -> None:
     """Zero the BatchNorm scale and shift of every channel whose rows are zero in all of its group's producers."""
-    modules = dict(model.named_modules())
-    for group in groups:
-        dead = torch.stack([(_rows(effective_tensor(modules[p], "weight")) == 0).all(dim=1)
-                            for p in group.producers]).all(dim=0)
-        if bool(dead.any()):
-            for name in group.batch_norms:
-                modules[name].weight[dead] = 0.0
-                modules[name].bias[dead] = 0.0
+    BatchNormZeroer(model, groups).refresh().apply_()
+
+
+class BatchNormZeroer:
+    """Holds the BatchNorm scale and shift of pruned channels at zero while training, so that they output exactly
+    zero. Which channels are pruned is read from the producers' weights by :meth:`refresh` (after a pruning round:
+    it multiplies out every mask); :meth:`apply_` only writes the zeros, cheap enough for every optimizer step."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
+        modules = dict(model.named_modules())
+        self._groups = [([modules[p] for p in g.producers], [modules[b] for b in g.batch_norms]) for g in groups]
+        self._dead: list[tuple[Tensor, list[nn.Module]]] = []
+
+    @torch.no_grad()
+    def refresh(self) -> BatchNormZeroer:
+        """Re-read which channels are zero in all of a group's producers (returns self)."""
+        self._dead = []
+        for producers, batch_norms in self._groups:
+            dead = torch.stack([(_rows(effective_tensor(p, "weight")) == 0).all(dim=1) for p in producers]).all(0)
+            if bool(dead.any()):
+                self._dead.append((dead, batch_norms))
+        return self
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero the BatchNorm entries of the channels found by the last :meth:`refresh`."""
+        for dead, batch_norms in self._dead:
+            for bn in batch_norms:
+                bn.weight[dead] = 0.0
+                bn.bias[dead] = 0.0
 
 
 def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:
@@ -262,5 +284,5 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
     return done
 
 
-__all__ = ["ChannelGroup", "prune_groups_", "remove_zero_group_channels_", "residual_groups",
+__all__ = ["BatchNormZeroer", "ChannelGroup", "prune_groups_", "remove_zero_group_channels_", "residual_groups",
            "zero_group_batch_norms_"]
