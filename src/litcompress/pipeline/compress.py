@@ -23,9 +23,9 @@ from torch import nn
 from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
-from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_, residual_groups
-from litcompress.pruning.shrink import (ShrinkReport, eval_outputs, following_batch_norms, is_depthwise,
-                                        max_output_difference, removable_channels, shrink)
+from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
+from litcompress.pruning.shrink import (ChannelPlan, ShrinkReport, channel_plan, eval_outputs, is_depthwise,
+                                        max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -66,12 +66,25 @@ class CompressionResult:
 
 def prune_targets(model: nn.Module, config: PruneConfig) -> list[Target]:
     """The ``(module, name)`` pairs `config` prunes in `model`, in module order."""
-    return _select_targets(model, config)[0]
+    return _select_targets(model, config, _traced_plan(model) if _filters_removable(config) else None)[0]
 
 
-def _select_targets(model: nn.Module, config: PruneConfig) -> tuple[list[Target], dict[str, str]]:
+def _traced_plan(model: nn.Module) -> ChannelPlan | None:
+    """`model`'s channel plan, or None when torch.fx cannot trace it (shrink will say why)."""
+    try:
+        return channel_plan(model)
+    except ValueError:
+        return None
+
+
+def _filters_removable(config: PruneConfig) -> bool:
+    return config.structured and config.dim == 0 and config.removable_only
+
+
+def _select_targets(model: nn.Module, config: PruneConfig,
+                    plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str]]:
     """`prune_targets`, and the layers `removable_only` left out with the reason shrink could not remove their
-    channels."""
+    channels (none without a `plan`)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)
               and not (config.structured and is_depthwise(m))]  # they follow the layer before them
     exclude = config.exclude
@@ -83,21 +96,17 @@ def _select_targets(model: nn.Module, config: PruneConfig) -> tuple[list[Target]
                          "those of model.named_modules().")
     layers = [(name, m) for name, m in layers if name not in exclude]
     left_out: dict[str, str] = {}
-    if config.structured and config.dim == 0 and config.removable_only:
-        try:
-            removable = removable_channels(model, residual_groups=_groups_residuals(config))
-        except ValueError:
-            removable = None  # shrink will say why it cannot trace the model
-        if removable is not None:
-            left_out = {name: removable[name] for name, _ in layers if removable.get(name, "") is not None}
-            left_out = {name: reason or "it is no Linear or ungrouped Conv" for name, reason in left_out.items()}
-            if len(left_out) == len(layers) and layers:
-                raise ValueError(
-                    f"PruneConfig(method={config.pruning_method.__name__!r}): shrink can remove the channels of none "
-                    f"of the layers to prune, so structured pruning would cost accuracy and save nothing: "
-                    f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. Pass removable_only=False to mask "
-                    "them anyway, or prune unstructured.")
-            layers = [(name, m) for name, m in layers if name not in left_out]
+    if _filters_removable(config) and plan is not None:
+        removable = plan.removable(residual_groups=_groups_residuals(config))
+        left_out = {name: removable.get(name, "it is no Linear or ungrouped Conv") for name, _ in layers
+                    if removable.get(name, "") is not None}
+        if len(left_out) == len(layers) and layers:
+            raise ValueError(
+                f"PruneConfig(method={config.pruning_method.__name__!r}): shrink can remove the channels of none "
+                f"of the layers to prune, so structured pruning would cost accuracy and save nothing: "
+                f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. Pass removable_only=False to mask "
+                "them anyway, or prune unstructured.")
+        layers = [(name, m) for name, m in layers if name not in left_out]
     targets = [(m, p) for name, m in layers for p in config.parameter_names
                if isinstance(getattr(m, p, None), torch.Tensor)]
     if not targets:
@@ -327,19 +336,15 @@ def _names_of(model: nn.Module, targets: Sequence[Target]) -> list[str]:
     return [names[id(m)] for m, _ in targets]
 
 
-def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
+def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneConfig, plan: ChannelPlan | None,
                      note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[Target]]:
     """The channel groups joined by residual additions that structured pruning prunes as one (the same channels in
     every layer writing into the group), when the config asks for it and all those layers are pruning targets; and
     the targets left to prune layer by layer."""
-    if not _groups_residuals(prune):
+    if not _groups_residuals(prune) or plan is None:
         return [], list(targets)
-    try:
-        groups = residual_groups(model)
-    except ValueError:
-        return [], list(targets)  # shrink will say why it cannot trace the model
     names = _names_of(model, targets)
-    groups = [g for g in groups if set(g.producers) <= set(names)]
+    groups = [g for g in plan.groups if set(g.producers) <= set(names)]
     grouped = {name for g in groups for name in g.producers}
     if groups:
         note(f"group_residuals: {len(groups)} channel group(s) joined by residual additions ({len(grouped)} layers) "
@@ -347,13 +352,13 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
     return groups, [t for t, name in zip(targets, names) if name not in grouped]
 
 
-def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], note: Callable[[str], None]) -> list[ChannelGroup]:
+def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: ChannelPlan | None,
+                       note: Callable[[str], None]) -> list[ChannelGroup]:
     """Each pruned layer with the BatchNorms between it and its consumer, as a one-layer group whose BatchNorm
     :class:`BatchNormZeroer` holds at zero for pruned channels (none if the model cannot be traced)."""
-    try:
-        following = following_batch_norms(model)
-    except ValueError:
-        return []  # shrink will say why it cannot trace the model
+    if plan is None:
+        return []
+    following = plan.batch_norms
     modules = dict(model.named_modules())
     pruned = {name for name, (_, n) in zip(_names_of(model, targets), targets) if n == "weight"}
     groups = [ChannelGroup((layer,), tuple(b for b in bns if modules[b].affine), (), modules[layer].weight.shape[0])
@@ -459,7 +464,8 @@ def compress(
     if config.prune is not None:
         prune = config.prune
         t0 = time.monotonic()
-        targets, left_out = _select_targets(work, prune)
+        plan = _traced_plan(work)  # one trace for the targets, the residual groups and the BatchNorms
+        targets, left_out = _select_targets(work, prune, plan)
         if left_out:
             by_reason: dict[str, list[str]] = {}
             for name, reason in left_out.items():
@@ -476,11 +482,11 @@ def compress(
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
-            groups, layer_targets = _residual_groups(work, targets, prune, note)
+            groups, layer_targets = _residual_groups(work, targets, prune, plan, note)
             pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
                                    **kwargs)
             # after every optimizer step: a pruned channel's BatchNorm shift would grow back
-            held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, note)
+            held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, plan, note)
                                                            if prune.zero_batch_norm else []))
             group_rounds: list[int] = []
 

@@ -613,6 +613,41 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
     return f"it is inside {leaf} ({kind}), which torch.fx keeps as one module: pass a tracer that traces into it"
 
 
+@dataclass(frozen=True)
+class ChannelPlan:
+    """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped Conv), in
+    module order, the reason `shrink` cannot remove its channels on its own (None when it can); the channel groups
+    that residual additions join; and the BatchNorms on each removable producer's way to its consumer."""
+
+    reasons: dict[str, str | None]
+    groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
+    batch_norms: dict[str, list[str]]
+
+    def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
+        """`reasons`, with the producers of residual groups removable when `residual_groups` (pruned as one)."""
+        grouped = {name for group in self.groups for name in group.producers} if residual_groups else set()
+        return {name: None if name in grouped else reason for name, reason in self.reasons.items()}
+
+
+def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> ChannelPlan:
+    """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced."""
+    from litcompress.pruning.groups import _residual_groups
+
+    graph, modules, calls = trace(model, tracer)
+    names = {id(module): name for name, module in modules.items()}
+    producers = {name for name, module in modules.items() if _is_producer(module)}
+    chains = dict(_producer_chains(graph, modules, calls, producers))
+    reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
+    called = _called_modules(graph)
+    reasons.update({name: _hidden_reason(name, called, modules) for name in producers - reasons.keys()})
+    return ChannelPlan(
+        reasons={name: reasons[name] for name in modules if name in reasons},
+        groups=_residual_groups(graph, modules, calls),
+        batch_norms={name: [names[id(bn)] for bn in chain.batch_norms] for name, chain in chains.items()
+                     if isinstance(chain, _Chain) and chain.batch_norms},
+    )
+
+
 def removable_channels(model: nn.Module, *, residual_groups: bool = True,
                        tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, str | None]:
     """For every producer layer (Linear, ungrouped Conv) of `model`, in module order: None where `shrink` can remove
@@ -622,18 +657,7 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True,
 
     Structured pruning of the other layers masks channels that stay: it costs accuracy and saves nothing.
     """
-    from litcompress.pruning.groups import _residual_groups
-
-    graph, modules, calls = trace(model, tracer)
-    grouped = ({name for group in _residual_groups(graph, modules, calls) for name in group.producers}
-               if residual_groups else set())
-    producers = {name for name, module in modules.items() if _is_producer(module)}
-    found = {name: None if isinstance(chain, _Chain) or name in grouped else chain
-             for name, chain in _producer_chains(graph, modules, calls, producers)}
-    called = _called_modules(graph)
-    for name in producers - found.keys():
-        found[name] = _hidden_reason(name, called, modules)
-    return {name: found[name] for name in modules if name in found}
+    return channel_plan(model, tracer=tracer).removable(residual_groups)
 
 
 def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
@@ -763,12 +787,7 @@ def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Trac
     Zeroing a BatchNorm's scale and shift for the channels whose filters are pruned makes those channels exactly
     zero (not a constant), which `shrink` removes even before a zero-padded convolution.
     """
-    graph, modules, calls = trace(model, tracer)
-    names = {id(module): name for name, module in modules.items()}
-    producers = {name for name, module in modules.items() if _is_producer(module)}
-    return {name: [names[id(bn)] for bn in chain.batch_norms]
-            for name, chain in _producer_chains(graph, modules, calls, producers)
-            if isinstance(chain, _Chain) and chain.batch_norms}
+    return channel_plan(model, tracer=tracer).batch_norms
 
 
 def shrink(
@@ -785,5 +804,5 @@ def shrink(
     return ShrinkResult(copied, report)
 
 
-__all__ = ["LayerShrink", "ShrinkReport", "ShrinkResult", "following_batch_norms", "is_depthwise", "removable_channels",
-           "shrink", "shrink_"]
+__all__ = ["ChannelPlan", "LayerShrink", "ShrinkReport", "ShrinkResult", "channel_plan", "following_batch_norms",
+           "is_depthwise", "removable_channels", "shrink", "shrink_"]
