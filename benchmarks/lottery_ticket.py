@@ -24,7 +24,6 @@ Prints a per-round table per seed, a summary, and as its last line one JSON obje
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import logging
@@ -34,10 +33,15 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-from lightning.pytorch import LightningDataModule, seed_everything
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _pinning import pin_allocator  # noqa: E402
+
+pin_allocator()  # before torch allocates anything, as every benchmark here
+
+import torch  # noqa: E402
+from lightning.pytorch import LightningDataModule, seed_everything  # noqa: E402
+
 from _mnist_common import LeNet300100, Recipe, _batches, accuracy, load_mnist  # noqa: E402
 
 from litcompress.callbacks.lottery import find_lottery_ticket  # noqa: E402
@@ -144,8 +148,6 @@ def main() -> None:
         parser.error("--epochs and --rounds must be >= 1")
     if args.quick:
         args.seeds, args.epochs, args.rounds = args.seeds[:1], 1, 3
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)  # pinned allocator, as every benchmark here
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*|.*LeafSpec.*|.*val_dataloader.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

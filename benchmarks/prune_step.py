@@ -24,7 +24,6 @@ The last printed line is one JSON object with all figures.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -35,20 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _pinning import pin_allocator  # noqa: E402  (torch is imported in the worker, after pinning)
+
 AMOUNT = 0.5
 # 2048 -> 4096 -> 2048 -> ... : six weights of 4096x2048 / 2048x4096 (8.4M each, 50.3M total).
 WIDTHS = (2048, 4096, 2048, 4096, 2048, 4096, 2048)
 VARIANTS = ("lightning", "litcompress")
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-
-
-def pin_allocator() -> None:
-    """Keep glibc from returning/mmapping big blocks per call: otherwise timings on this
-    machine vary ~3x with page-fault cost rather than with the algorithm."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def current_rss_bytes() -> int:

