@@ -16,7 +16,8 @@ from torch import nn
 
 from litcompress import ModelPruning, shrink
 from litcompress.data import DigitsDataModule
-from litcompress.pruning import is_pruned, prune_, shrink_
+from litcompress.pruning import is_pruned, prune_, removable_channels, shrink_
+from litcompress.pruning.shrink import following_batch_norms
 from tests.conftest import make_trainer
 
 ACTIVATIONS = {
@@ -244,7 +245,7 @@ class WithLayerNorm(nn.Module):
 @pytest.mark.parametrize(
     ("model_class", "zeroed", "reason"),
     [
-        (Residual, "fc1", "several operations"),
+        (Residual, "fc1", "meets another tensor in call_function add"),  # one of its two branches
         (Residual, "fc2", "meets another tensor"),
         (Concat, "a", "meets another tensor in call_function cat"),
         (SharedLayer, "shared", "called more than once"),
@@ -609,7 +610,103 @@ def test_a_gate_shrink_does_not_recognise_stops_the_chain() -> None:
     x = torch.randn(2, 4, 6, 6)
     result = shrink(model, x)
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
-    assert result.report.kept == (("expand", "its output is used by several operations"),)
+    # the multiplication's other input varies: the branch into it ends there
+    assert result.report.kept == (("expand", "its output meets another tensor in call_function mul"),)
+
+
+# ------------------------------------------------------------------------------------------------ branches
+class Fork(nn.Module):
+    """A stem whose output branches (Inception-style heads, multi-task models): into a conv directly, through a
+    BatchNorm, sigmoid and depthwise conv into another, and pooled and flattened into a Linear."""
+
+    def __init__(self, activation: str, pad_a: int, dw_padding: int, linear_branch: bool) -> None:
+        super().__init__()
+        self.linear_branch = linear_branch
+        self.stem, self.bn, self.act = nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), ACTIVATIONS[activation]()
+        self.conv_a = nn.Conv2d(10, 4, 1 + 2 * pad_a, padding=pad_a)
+        self.bn_b = nn.BatchNorm2d(10)
+        self.dw = nn.Conv2d(10, 10, 3, padding=dw_padding, groups=10)
+        self.conv_b = nn.Conv2d(10, 3, 1)
+        self.fc_c = nn.Linear(40, 5)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.stem(x)))
+
+    def into_b(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dw(torch.sigmoid(self.bn_b(h)))
+
+    def into_c(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(h, 2), 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.trunk(x)
+        heads = (self.conv_a(h), self.conv_b(self.into_b(h)))
+        return (*heads, self.fc_c(self.into_c(h))) if self.linear_branch else heads
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    activation=st.sampled_from(["silu", "tanh", "identity"]),  # no flat region: live channels never look constant
+    pad_a=st.sampled_from([0, 1]), dw_padding=st.sampled_from([0, 1]), linear_branch=st.booleans(),
+    zero_batch_norm=st.booleans(),
+    dead_stem=st.lists(st.integers(0, 9), unique=True, max_size=10),
+    dead_dw=st.lists(st.integers(0, 9), unique=True, max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_a_channel_leaves_a_branching_output_when_every_branch_reads_it_as_a_constant(
+        activation, pad_a, dw_padding, linear_branch, zero_batch_norm, dead_stem, dead_dw, seed) -> None:
+    torch.manual_seed(seed)
+    model = Fork(activation, pad_a, dw_padding, linear_branch)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # moderate statistics, as after training: no activation saturates to an exact constant
+        for bn in (model.bn, model.bn_b):
+            bn.running_mean.uniform_(-1, 1, generator=generator)
+            bn.running_var.uniform_(0.5, 2, generator=generator)
+            bn.weight.uniform_(0.5, 1.5, generator=generator)
+            bn.bias.uniform_(-0.5, 0.5, generator=generator)
+        if zero_batch_norm:
+            model.bn.weight[dead_stem] = model.bn.bias[dead_stem] = 0
+    zero_rows_(model.stem, dead_stem)
+    zero_rows_(model.dw, dead_dw)
+    x = torch.randn(3, 3, 8, 8)
+    expected = outputs(model, x)
+    # Oracle, from the masked model's activations alone: a channel can go when every consumer reads it as a
+    # constant, and as zero where that consumer pads with zeros (conv_a with pad_a; conv_b and fc_c do not pad).
+    with torch.no_grad():
+        h = model.trunk(x)
+        reads = [(h, pad_a > 0), (model.into_b(h), False)] + ([(model.into_c(h).view(3, 10, 4), False)]
+                                                             if linear_branch else [])
+    removable = torch.tensor([j in dead_stem for j in range(10)])
+    for read, zero_padded in reads:
+        per_channel = read.transpose(0, 1).reshape(10, -1)
+        removable &= (per_channel == per_channel[:, :1]).all(1)
+        if zero_padded:
+            removable &= per_channel[:, 0] == 0
+    width = max(10 - int(removable.sum()), 1)
+
+    result = shrink(model, x)
+
+    for got, want in zip(outputs(result.model, x), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    shrunk = result.model
+    assert (shrunk.stem.out_channels, shrunk.bn.num_features, shrunk.conv_a.in_channels, shrunk.bn_b.num_features,
+            shrunk.dw.in_channels, shrunk.dw.groups, shrunk.conv_b.in_channels) == (width,) * 7
+    assert shrunk.fc_c.in_features == (4 * width if linear_branch else 40)
+    if width < 10:
+        (layer,) = result.report.layers
+        consumers = "conv_a, conv_b" + (", fc_c" if linear_branch else "")
+        assert (layer.name, layer.consumer, layer.through) == ("stem", consumers, ("dw",))
+        assert layer.removed == 10 - width
+        assert consumers in result.report.table()
+    elif dead_stem:  # zero filters whose constants a padded conv reads: none could go, and the report says why
+        padded = [name for name, pads in (("dw", dw_padding), ("conv_a", pad_a)) if pads]
+        assert f"the zero-padded conv(s) {', '.join(padded)}" in dict(result.report.kept)["stem"]
+
+
+def test_the_batch_norms_of_every_branch_are_planned_with_their_producer() -> None:
+    model = Fork("tanh", 1, 1, True)
+    assert removable_channels(model)["stem"] is None
+    assert following_batch_norms(model) == {"stem": ["bn", "bn_b"]}
 
 
 class DepthMultiplier(nn.Module):

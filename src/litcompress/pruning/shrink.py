@@ -10,9 +10,11 @@ same function as the masked one in eval mode (exactly up to float rounding), wit
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
 through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
 activations, dropout, a conv's spatial max/adaptive pooling, depthwise convolutions (a MobileNet block's middle
-layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to Linear, in
-which every output has one user; a residual add, a concatenation, a LayerNorm, a layer used twice or the model's
-output end the chain and keep the producer as it is. The feed-forward blocks of torch's Transformer layers, which
+layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to Linear. An
+output with several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches
+every branch's consumer as a constant, and each consumer folds the constant of its own branch. A residual add, a
+concatenation, a LayerNorm, a layer used twice or the model's output, on any branch, end the chain and keep the
+producer as it is. The feed-forward blocks of torch's Transformer layers, which
 fx does not trace into, are chains too. Channel spaces that residual additions join are handled as groups
 (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all of them.
 
@@ -24,8 +26,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,17 +144,43 @@ class _Gate:
 
 
 @dataclass
-class _Chain:
-    """What lies between a producer and its consumer, in order."""
+class _Branch:
+    """One way from a producer to a consumer: what lies between them, in order."""
 
-    producer: nn.Module
-    consumer: nn.Module
-    consumer_name: str
+    consumer: nn.Module | None = None
+    consumer_name: str = ""
     batch_norms: list[nn.Module] = field(default_factory=list)  # lose the same channels as the producer
     # per-channel ops (BN included), in order; a _Depthwise (depthwise conv) and a _Gate lose channels too
     ops: list[Callable[[Tensor], Tensor] | _Depthwise | _Gate] = field(default_factory=list)
     flattened: bool = False
     zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
+
+    def fork(self) -> _Branch:
+        return _Branch(self.consumer, self.consumer_name, list(self.batch_norms), list(self.ops), self.flattened,
+                       self.zero_padded_consumer)
+
+
+@dataclass
+class _Chain:
+    """A producer and every way its output takes to a consumer (one, or several where its output branches)."""
+
+    producer: nn.Module
+    branches: list[_Branch]
+
+    @property
+    def batch_norms(self) -> list[nn.Module]:
+        """The BatchNorms of all branches, each once (a BatchNorm before a fork is on every branch after it)."""
+        return _unique(bn for branch in self.branches for bn in branch.batch_norms)
+
+    @property
+    def consumer_names(self) -> str:
+        return ", ".join(branch.consumer_name for branch in self.branches)
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    """`items` without repeats (by identity), in order."""
+    seen: set[int] = set()
+    return [item for item in items if not (id(item) in seen or seen.add(id(item)))]
 
 
 def _count_parameters(model: nn.Module) -> int:
@@ -334,91 +363,115 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
 
 def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
             calls: dict[str, int]) -> _Chain | str:
-    """The chain from the producer node `start` to its consumer, or the reason there is none."""
+    """The chain from the producer node `start` to its consumers, or the reason there is none. Where the output
+    branches, every branch must reach a consumer: a channel can only go from all of them."""
     producer = modules[producer_name]
+    branches: list[_Branch] = []
+    reason = _walk(start, producer, _Branch(), branches, modules, calls)
+    return reason if reason is not None else _Chain(producer, branches)
+
+
+def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch], modules: dict[str, nn.Module],
+          calls: dict[str, int]) -> str | None:
+    """Follow `branch` on from `node` to its consumer(s), appending each branch that reaches one to `done`; the
+    reason a branch does not, else None."""
     is_conv = isinstance(producer, _CONV)
-    chain = _Chain(producer, producer, "")
-    node = start
     while True:
         users = _value_users(node)
-        if len(users) == 2 and is_conv and not chain.flattened:
+        if len(users) == 2 and is_conv and not branch.flattened:
             found = _squeeze_excitation(node, users, producer.weight.shape[0], modules, calls)
             if found is not None:
-                chain.ops.append(found[0])
+                branch.ops.append(found[0])
                 node = found[1]  # on from the multiplication
                 continue
-        if len(users) != 1:
-            return "its output is used by several operations" if users else "its output is not used"
-        user = users[0]
-        if user.op == "output":
-            return "it produces the model's output, whose width is part of the model's interface"
-        if _tensor_args(user, node) != [node]:
-            return f"its output meets another tensor in {_describe(user, modules)}"
-        module = modules.get(str(user.target)) if user.op == "call_module" else None
-        if module is not None and calls[str(user.target)] > 1:
-            return f"{user.target} is called more than once"
-        if module is not None and _is_producer(module):
-            if parametrize.is_parametrized(module):
-                return f"its consumer {user.target} is parametrized"
-            if chain.flattened:
-                ok = isinstance(module, nn.Linear) and module.in_features % producer.out_channels == 0
-            elif is_conv:
-                ok = type(module) is type(producer) and module.in_channels == producer.out_channels
-            else:
-                ok = isinstance(module, nn.Linear) and module.in_features == producer.out_features
-            if not ok:
-                return f"its consumer {_describe(user, modules)} does not take its channels one to one"
-            chain.consumer, chain.consumer_name = module, str(user.target)
-            chain.zero_padded_consumer = isinstance(module, _CONV) and _pads_with_zeros(module)
-            return chain
-        if module is not None and is_depthwise(module):
-            if not (is_conv and type(module) is type(producer) and not chain.flattened):
-                return f"its output goes to the depthwise {_describe(user, modules)}, not of its own kind"
-            if parametrize.is_parametrized(module):
-                return f"the depthwise {user.target} is parametrized"
-            chain.ops.append(_Depthwise(str(user.target), module, _pads_with_zeros(module)))
-            node = user
-            continue
-        if module is not None and isinstance(module, _BATCH_NORM) and not chain.flattened:
-            if module.running_mean is None:
-                return f"{user.target} has no running statistics"
-            chain.batch_norms.append(module)
-            chain.ops.append(_batch_norm_in_eval(module))
-        elif module is not None and isinstance(module, _ELEMENTWISE_MODULES):
-            chain.ops.append(module)  # per element: the same before or after a flatten
-        elif (module is not None and isinstance(module, _DROPOUT)) or (
-            user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
-        ):
-            pass  # identity in eval mode
-        elif (user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS) or (
-            user.op == "call_method" and user.target in _ELEMENTWISE_METHODS
-        ):
-            chain.ops.append(_function_op(user))
-        elif is_conv and not chain.flattened and (
-            (module is not None and isinstance(module, _POOLING))
-            or (user.op == "call_function" and user.target in _POOLING_FUNCTIONS)
-        ):
-            pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
-        elif is_conv and not chain.flattened and _flatten_start(user, modules) == 1:
-            chain.flattened = True
+        if not users:
+            return "its output is not used"
+        if len(users) > 1:  # each user starts a branch of its own
+            for user in users:
+                reason = _step(user, node, producer, branch.fork(), done, modules, calls)
+                if reason is not None:
+                    return reason
+            return None
+        next_node = _step(users[0], node, producer, branch, done, modules, calls, walk_on=False)
+        if not isinstance(next_node, fx.Node):
+            return next_node
+        node = next_node
+
+
+def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch],
+          modules: dict[str, nn.Module], calls: dict[str, int], walk_on: bool = True) -> fx.Node | str | None:
+    """Take `branch` from `node` into its user `user`: None when `user` is the branch's consumer (the branch is then
+    in `done`), the reason when the branch cannot go on, else (with `walk_on`, the rest of the branch walked: its
+    outcome) `user`, to walk on from."""
+    is_conv = isinstance(producer, _CONV)
+    if user.op == "output":
+        return "it produces the model's output, whose width is part of the model's interface"
+    if _tensor_args(user, node) != [node]:
+        return f"its output meets another tensor in {_describe(user, modules)}"
+    module = modules.get(str(user.target)) if user.op == "call_module" else None
+    if module is not None and calls[str(user.target)] > 1:
+        return f"{user.target} is called more than once"
+    if module is not None and _is_producer(module):
+        if parametrize.is_parametrized(module):
+            return f"its consumer {user.target} is parametrized"
+        if branch.flattened:
+            ok = isinstance(module, nn.Linear) and module.in_features % producer.out_channels == 0
+        elif is_conv:
+            ok = type(module) is type(producer) and module.in_channels == producer.out_channels
         else:
-            return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
-        node = user
+            ok = isinstance(module, nn.Linear) and module.in_features == producer.out_features
+        if not ok:
+            return f"its consumer {_describe(user, modules)} does not take its channels one to one"
+        branch.consumer, branch.consumer_name = module, str(user.target)
+        branch.zero_padded_consumer = isinstance(module, _CONV) and _pads_with_zeros(module)
+        done.append(branch)
+        return None
+    if module is not None and is_depthwise(module):
+        if not (is_conv and type(module) is type(producer) and not branch.flattened):
+            return f"its output goes to the depthwise {_describe(user, modules)}, not of its own kind"
+        if parametrize.is_parametrized(module):
+            return f"the depthwise {user.target} is parametrized"
+        branch.ops.append(_Depthwise(str(user.target), module, _pads_with_zeros(module)))
+    elif module is not None and isinstance(module, _BATCH_NORM) and not branch.flattened:
+        if module.running_mean is None:
+            return f"{user.target} has no running statistics"
+        branch.batch_norms.append(module)
+        branch.ops.append(_batch_norm_in_eval(module))
+    elif module is not None and isinstance(module, _ELEMENTWISE_MODULES):
+        branch.ops.append(module)  # per element: the same before or after a flatten
+    elif (module is not None and isinstance(module, _DROPOUT)) or (
+        user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
+    ):
+        pass  # identity in eval mode
+    elif (user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS) or (
+        user.op == "call_method" and user.target in _ELEMENTWISE_METHODS
+    ):
+        branch.ops.append(_function_op(user))
+    elif is_conv and not branch.flattened and (
+        (module is not None and isinstance(module, _POOLING))
+        or (user.op == "call_function" and user.target in _POOLING_FUNCTIONS)
+    ):
+        pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
+    elif is_conv and not branch.flattened and _flatten_start(user, modules) == 1:
+        branch.flattened = True
+    else:
+        return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
+    return _walk(user, producer, branch, done, modules, calls) if walk_on else user
 
 
 # ------------------------------------------------------------------------------------------------ the edit
 @torch.no_grad()
-def _constant_channels(chain: _Chain) -> tuple[Tensor, Tensor]:
-    """Which of the producer's channels reach the consumer as a constant whatever the input, and that constant (eval
-    mode). A channel whose producer weights are all zero outputs its bias, which the chain's per-channel ops
-    (BatchNorm, activations, depthwise convs) map to other constants; a depthwise filter of zeros outputs its own
-    bias whatever it reads, so its channel is constant from there on even if the producer's is not."""
-    weight = chain.producer.weight.detach()
-    constant = _zero_channels(chain.producer)
-    bias = chain.producer.bias
+def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Tensor]:
+    """Which of the producer's channels reach the branch's consumer as a constant whatever the input, and that
+    constant (eval mode). A channel whose producer weights are all zero outputs its bias, which the branch's
+    per-channel ops (BatchNorm, activations, depthwise convs) map to other constants; a depthwise filter of zeros
+    outputs its own bias whatever it reads, so its channel is constant from there on even if the producer's is not."""
+    weight = producer.weight.detach()
+    constant = _zero_channels(producer)
+    bias = producer.bias
     value = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
     x = value.view(1, -1, *([1] * (weight.dim() - 2)))  # [1, C] for Linear, [1, C, 1, ...] for convs
-    for op in chain.ops:
+    for op in branch.ops:
         if isinstance(op, _Depthwise):
             filters = op.conv.weight.detach()
             conv_bias = op.conv.bias.detach() if op.conv.bias is not None else filters.new_zeros(filters.shape[0])
@@ -492,21 +545,27 @@ def _keep_depthwise_(conv: nn.Module, keep: Tensor) -> None:
 
 def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | None = None
                    ) -> LayerShrink | str | None:
-    """Remove the producer's channels that reach the consumer as constants, where the chain allows it (and the
-    depthwise convs' on the way); the consumer absorbs their constants."""
-    producer, consumer = chain.producer, chain.consumer
+    """Remove the producer's channels that reach every consumer as constants, where the chain allows it (and the
+    depthwise convs' on the way); each consumer absorbs the constants its branch delivers."""
+    producer = chain.producer
     channels = producer.weight.shape[0]
     zero = _zero_channels(producer)
-    dead, constants = _constant_channels(chain)
-    if chain.zero_padded_consumer:
-        # a constant channel is not constant in a zero-padded conv's receptive field at the border
-        dead &= constants == 0
+    dead = torch.ones_like(zero)
+    constants: list[Tensor] = []
+    for branch in chain.branches:
+        constant, value = _constant_channels(producer, branch)
+        if branch.zero_padded_consumer:
+            # a constant channel is not constant in a zero-padded conv's receptive field at the border
+            constant &= value == 0
+        dead &= constant
+        constants.append(value)
+    ops = _unique(op for branch in chain.branches for op in branch.ops)
     if not bool(dead.any()):
         if not bool(zero.any()):
             return None
-        padded = [op.name for op in chain.ops if isinstance(op, _Depthwise) and op.zero_padded]
-        padded += [chain.consumer_name] if chain.zero_padded_consumer else []
-        gates = [op.names[0] for op in chain.ops if isinstance(op, _Gate)]
+        padded = [op.name for op in ops if isinstance(op, _Depthwise) and op.zero_padded]
+        padded += [branch.consumer_name for branch in chain.branches if branch.zero_padded_consumer]
+        gates = [op.names[0] for op in ops if isinstance(op, _Gate)]
         return ("its zero channels output non-zero constants into "
                 + " and ".join(([f"the zero-padded conv(s) {', '.join(padded)}"] if padded else [])
                                + ([f"the gate(s) of {', '.join(gates)}"] if gates else []))
@@ -519,28 +578,17 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
     keep = (~dead).nonzero().flatten()
     remove = dead.nonzero().flatten()
-    if not math.isfinite(float(constants[remove].abs().sum())):
+    if not all(math.isfinite(float(value[remove].abs().sum())) for value in constants):
         return "its zero channels output non-finite constants"
 
-    # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
-    weight = consumer.weight.detach()
-    per_channel = weight.shape[1] // channels if chain.flattened else 1
-    columns = torch.arange(weight.shape[1], device=weight.device).view(channels, per_channel)
-    folded = int((constants[remove] != 0).sum())
-    if folded:
-        removed_columns = columns[remove]  # [r, s]
-        contribution = weight[:, removed_columns.flatten()].reshape(weight.shape[0], remove.numel(), per_channel, -1)
-        contribution = (contribution * constants[remove].view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
-        if consumer.bias is None:
-            consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
-                                         consumer.weight.requires_grad)
-        consumer.bias.data += contribution.to(consumer.bias.dtype)
-    _keep_input_channels_(consumer, keep, channels)
-
+    folded = torch.zeros_like(dead)
+    for branch, value in zip(chain.branches, constants):
+        folded |= dead & (value != 0)
+        _fold_and_drop_inputs_(branch, value, remove, keep, channels)
     for bn in chain.batch_norms:
         _keep_batch_norm_(bn, keep)
     through: list[str] = []
-    for op in chain.ops:
+    for op in ops:
         if isinstance(op, _Depthwise):
             _keep_depthwise_(op.conv, keep)
             through.append(op.name)
@@ -549,8 +597,27 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
             _keep_rows_(op.excite, keep)
             through += op.names
     _keep_rows_(producer, keep)
-    return LayerShrink(producer_name, chain.consumer_name, channels, int(keep.numel()), folded,
+    return LayerShrink(producer_name, chain.consumer_names, channels, int(keep.numel()), int(folded.sum()),
                        left=int((zero & ~dead).sum()), through=tuple(through))
+
+
+def _fold_and_drop_inputs_(branch: _Branch, constants: Tensor, remove: Tensor, keep: Tensor, channels: int) -> None:
+    """Add what the `remove`d channels (whose values on this branch are `constants`) contributed to the consumer's
+    bias, then drop the consumer's inputs that read them."""
+    consumer = branch.consumer
+    weight = consumer.weight.detach()
+    # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
+    per_channel = weight.shape[1] // channels if branch.flattened else 1
+    columns = torch.arange(weight.shape[1], device=weight.device).view(channels, per_channel)
+    if bool((constants[remove] != 0).any()):
+        removed_columns = columns[remove]  # [r, s]
+        contribution = weight[:, removed_columns.flatten()].reshape(weight.shape[0], remove.numel(), per_channel, -1)
+        contribution = (contribution * constants[remove].view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                         consumer.weight.requires_grad)
+        consumer.bias.data += contribution.to(consumer.bias.dtype)
+    _keep_input_channels_(consumer, keep, channels)
 
 
 # torch's Transformer layers are leaf modules to fx (it does not trace into torch.nn). Their feed-forward block is a
@@ -567,7 +634,7 @@ def _feed_forward_chain(layer_name: str, layer: nn.Module) -> _Chain | str:
     for part in ("linear1", "linear2"):
         if parametrize.is_parametrized(getattr(layer, part)):
             return f"{layer_name}.{part} is parametrized"
-    return _Chain(layer.linear1, layer.linear2, f"{layer_name}.linear2", ops=[activation])
+    return _Chain(layer.linear1, [_Branch(layer.linear2, f"{layer_name}.linear2", ops=[activation])])
 
 
 def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int],
