@@ -10,6 +10,7 @@ from torch import nn
 
 from litcompress import shrink
 from litcompress.models import ResidualBlock
+from litcompress.pruning import removable_channels
 from litcompress.pruning.groups import (ChannelGroup, prune_groups_, remove_zero_group_channels_, residual_groups,
                                         zero_group_batch_norms_)
 
@@ -130,3 +131,37 @@ def test_prune_groups_counts_only_newly_pruned_channels_and_keeps_earlier_ones()
     assert prune_groups_(model, groups, 0.75) == 4
     now = model.stem[0].weight.flatten(1).abs().sum(1) == 0
     assert bool(now[first].all()) and int(now.sum()) == 12  # channels pruned before stay pruned
+
+
+class SharedReluBlock(nn.Module):
+    """torchvision's BasicBlock: one ReLU module, called after the first conv and after the addition."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_a_reused_activation_module_neither_ends_a_chain_nor_blocks_a_group():
+    torch.manual_seed(0)
+    model = ResNet(8)
+    model.blocks = nn.Sequential(SharedReluBlock(8), SharedReluBlock(8))
+    randomised(model, 0)
+    (group,) = residual_groups(model)
+    assert set(group.producers) == {"stem.0", "blocks.0.conv2", "blocks.1.conv2"}
+    assert removable_channels(model)["blocks.0.conv1"] is None
+    with torch.no_grad():  # what structured pruning with zero_batch_norm leaves: 3 filters and their BN at zero
+        model.blocks[0].conv1.weight[:3] = 0
+        model.blocks[0].bn1.weight[:3] = model.blocks[0].bn1.bias[:3] = 0
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(result.model.eval()(x), expected)
+    assert (result.model.blocks[0].conv1.out_channels, result.model.blocks[0].conv2.in_channels) == (5, 5)

@@ -24,8 +24,8 @@ from torch import Tensor, fx, nn
 from litcompress.pruning.engine import apply_mask_, effective_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
-                                        LayerShrink, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
+                                        LayerShrink, _called_once_or_stateless, _flatten_start, _is_producer,
+                                        _keep_batch_norm_, _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -113,7 +113,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        once = module is None or calls[str(node.target)] == 1
+        once = module is None or _called_once_or_stateless(module, str(node.target), calls)
         if node.op == "placeholder":  # the model's input keeps its width
             space_of[node] = new(_Space(0, None, blocked=True))
             continue

@@ -202,6 +202,13 @@ def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Gra
     return graph, dict(model.named_modules()), calls
 
 
+def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int]) -> bool:
+    """Whether the graph's calls of `module` leave it free to lose channels: a module called more than once (a layer
+    shared by two paths) cannot lose them for one path only, but an activation, dropout or pooling module has no
+    channels of its own and is often reused (``self.relu`` in torchvision's ResNet blocks)."""
+    return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING))
+
+
 def _is_producer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
 
@@ -342,7 +349,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
             if step is mul:
                 break
             module = modules.get(str(step.target)) if step.op == "call_module" else None
-            if module is not None and calls[str(step.target)] > 1:
+            if module is not None and not _called_once_or_stateless(module, str(step.target), calls):
                 break
             if module is not None and _is_producer(module) and isinstance(module, nn.Conv2d):
                 if parametrize.is_parametrized(module) or module.kernel_size != (1, 1):
@@ -409,7 +416,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     if _tensor_args(user, node) != [node]:
         return f"its output meets another tensor in {_describe(user, modules)}"
     module = modules.get(str(user.target)) if user.op == "call_module" else None
-    if module is not None and calls[str(user.target)] > 1:
+    if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
         return f"{user.target} is called more than once"
     if module is not None and _is_producer(module):
         if parametrize.is_parametrized(module):
