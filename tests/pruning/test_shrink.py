@@ -247,7 +247,7 @@ class WithLayerNorm(nn.Module):
     [
         (Residual, "fc1", "meets another tensor in call_function add"),  # one of its two branches
         (Residual, "fc2", "meets another tensor"),
-        (Concat, "a", "meets another tensor in call_function cat"),
+        (Concat, "a", "along dim=1 in call_function cat, not along its channels (dim=-1 for a Linear's features)"),
         (SharedLayer, "shared", "called more than once"),
         (SharedLayer, "inp", "called more than once"),
         (WithLayerNorm, "fc", "LayerNorm"),
@@ -707,6 +707,155 @@ def test_the_batch_norms_of_every_branch_are_planned_with_their_producer() -> No
     model = Fork("tanh", 1, 1, True)
     assert removable_channels(model)["stem"] is None
     assert following_batch_norms(model) == {"stem": ["bn", "bn_b"]}
+
+
+# ------------------------------------------------------------------------------------------------ concatenations
+class DenseBlock(nn.Module):
+    """A DenseNet block: each layer reads the concatenation of the stem's and every earlier layer's output, and the
+    head reads them all; every producer's output branches into several concatenations."""
+
+    def __init__(self, activation: str, kernel: int, growth: int = 4) -> None:
+        super().__init__()
+        self.stem, self.bn0, self.act = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), ACTIVATIONS[activation]()
+        self.bn_0, self.conv_0 = nn.BatchNorm2d(6), nn.Conv2d(6, growth, kernel, padding=kernel // 2)
+        self.bn_1, self.conv_1 = nn.BatchNorm2d(6 + growth), nn.Conv2d(6 + growth, growth, kernel, padding=kernel // 2)
+        self.bn_f, self.fc = nn.BatchNorm2d(6 + 2 * growth), nn.Linear(6 + 2 * growth, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.act(self.bn0(self.stem(x)))]
+        for bn, conv in ((self.bn_0, self.conv_0), (self.bn_1, self.conv_1)):
+            features.append(conv(self.act(bn(torch.cat(features, 1)))))
+        pooled = F.adaptive_avg_pool2d(self.act(self.bn_f(torch.cat(features, 1))), 1)
+        return self.fc(torch.flatten(pooled, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    activation=st.sampled_from(["silu", "tanh", "identity"]), kernel=st.sampled_from([1, 3]),
+    dead_stem=st.lists(st.integers(0, 5), unique=True, max_size=6),
+    dead_0=st.lists(st.integers(0, 3), unique=True, max_size=4),
+    dead_1=st.lists(st.integers(0, 3), unique=True, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_channels_leave_the_concatenations_of_a_dense_block(activation, kernel, dead_stem, dead_0, dead_1,
+                                                              seed) -> None:
+    torch.manual_seed(seed)
+    model = DenseBlock(activation, kernel)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # moderate statistics, as after training: no activation saturates to an exact constant
+        for bn in (model.bn0, model.bn_0, model.bn_1, model.bn_f):
+            bn.running_mean.uniform_(-1, 1, generator=generator)
+            bn.running_var.uniform_(0.5, 2, generator=generator)
+            bn.weight.uniform_(0.5, 1.5, generator=generator)
+            bn.bias.uniform_(-0.5, 0.5, generator=generator)
+    zero_rows_(model.stem, dead_stem)
+    zero_rows_(model.conv_0, dead_0)
+    zero_rows_(model.conv_1, dead_1)
+    x = torch.randn(3, 3, 6, 6)
+    expected = outputs(model, x)
+    # Oracle, from the masked model's activations alone: what each consumer reads, per channel of its input
+    reads: dict[str, torch.Tensor] = {}
+    hooks = [getattr(model, name).register_forward_pre_hook(
+        lambda module, args, name=name: reads.__setitem__(name, args[0].transpose(0, 1).reshape(args[0].shape[1], -1)))
+        for name in ("conv_0", "conv_1", "fc")]
+    outputs(model, x)
+    for hook in hooks:
+        hook.remove()
+    zero_padded = {"conv_0": kernel == 3, "conv_1": kernel == 3, "fc": False}
+    # (producer, its channels, its zeroed channels, where they start in each consumer's input)
+    producers = [("stem", 6, dead_stem, {"conv_0": 0, "conv_1": 0, "fc": 0}),
+                 ("conv_0", 4, dead_0, {"conv_1": 6, "fc": 6}), ("conv_1", 4, dead_1, {"fc": 10})]
+    widths = {}
+    for name, channels, dead, starts in producers:
+        removable = torch.tensor([j in dead for j in range(channels)])
+        for consumer, start in starts.items():
+            read = reads[consumer][start:start + channels]
+            removable &= (read == read[:, :1]).all(1)
+            if zero_padded[consumer]:
+                removable &= read[:, 0] == 0
+        widths[name] = max(channels - int(removable.sum()), 1)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    shrunk = result.model
+    stem, first, second = widths["stem"], widths["conv_0"], widths["conv_1"]
+    assert (shrunk.stem.out_channels, shrunk.bn0.num_features, shrunk.bn_0.num_features,
+            shrunk.conv_0.in_channels) == (stem,) * 4
+    assert (shrunk.conv_0.out_channels, shrunk.bn_1.num_features, shrunk.conv_1.in_channels) == (
+        first, stem + first, stem + first)
+    assert (shrunk.conv_1.out_channels, shrunk.bn_f.num_features, shrunk.fc.in_features) == (
+        second, stem + first + second, stem + first + second)
+    shrunk_layers = {layer.name: layer for layer in result.report.layers}
+    assert {name for name, _, _, _ in producers if widths[name] < {"stem": 6}.get(name, 4)} == shrunk_layers.keys()
+    if "stem" in shrunk_layers:
+        assert shrunk_layers["stem"].consumer == "conv_0, conv_1, fc"
+
+
+def test_the_batch_norms_after_a_concatenation_are_not_planned_with_a_producer() -> None:
+    # a pruned channel's index in the concatenation is not its index in the producer: the pipeline's zeroing of
+    # BatchNorms for pruned channels only touches those before the first concatenation
+    assert following_batch_norms(DenseBlock("tanh", 1)) == {"stem": ["bn0"]}
+    assert removable_channels(DenseBlock("tanh", 1)) == {
+        "stem": None, "conv_0": None, "conv_1": None,
+        "fc": "it produces the model's output, whose width is part of the model's interface"}
+
+
+class LinearConcat(nn.Module):
+    """Features of two Linear layers, and optionally the raw input, concatenated along the last dim."""
+
+    def __init__(self, with_input: bool, dim: int = -1) -> None:
+        super().__init__()
+        self.with_input, self.dim = with_input, dim
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 3), nn.Linear(8 + 4 * with_input, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.relu(self.a(x)), torch.sigmoid(self.b(x))]
+        return self.out(torch.cat([x, *parts] if self.with_input else parts, dim=self.dim))
+
+
+def test_linear_features_concatenated_along_the_last_dim_lose_their_zero_rows() -> None:
+    torch.manual_seed(0)
+    model = LinearConcat(with_input=False)
+    zero_rows_(model.a, [1, 3])
+    zero_rows_(model.b, [0])
+    x = torch.randn(6, 4)
+    expected = outputs(model, x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    assert (result.model.a.out_features, result.model.b.out_features, result.model.out.in_features) == (3, 2, 5)
+    assert [(layer.name, layer.consumer, layer.removed) for layer in result.report.layers] == [
+        ("a", "out", 2), ("b", "out", 1)]
+
+
+class ConcatTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 5), nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.out(torch.cat([h, torch.relu(h)], -1))
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (LinearConcat(with_input=True), "the concatenation call_function cat also reads placeholder x, whose width "
+                                        "shrink cannot read from the graph"),
+        (ConcatTwice(), "two of its branches meet again in the concatenation cat"),
+    ],
+)
+def test_concatenations_shrink_cannot_place_keep_their_inputs(model, reason) -> None:
+    torch.manual_seed(0)
+    zero_rows_(model.a, [0, 1])
+    x = torch.randn(6, 4)
+    expected = outputs(model, x)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    assert dict(result.report.kept)["a"] == reason
 
 
 class DepthMultiplier(nn.Module):

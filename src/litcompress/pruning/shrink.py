@@ -12,9 +12,11 @@ through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same
 activations, dropout, a conv's spatial max/adaptive pooling, depthwise convolutions (a MobileNet block's middle
 layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to Linear. An
 output with several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches
-every branch's consumer as a constant, and each consumer folds the constant of its own branch. A residual add, a
-concatenation, a LayerNorm, a layer used twice or the model's output, on any branch, end the chain and keep the
-producer as it is. The feed-forward blocks of torch's Transformer layers, which
+every branch's consumer as a constant, and each consumer folds the constant of its own branch. A concatenation
+along the channels (DenseNet, Inception) places the producer's channels among the others, whose widths are read
+from the layers that make them; the ops after it lose the channels at that place. A residual add, a LayerNorm, a
+layer used twice, the model's output, or a concatenation whose inputs' widths the graph does not tell, on any
+branch, end the chain and keep the producer as it is. The feed-forward blocks of torch's Transformer layers, which
 fx does not trace into, are chains too. Channel spaces that residual additions join are handled as groups
 (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all of them.
 
@@ -143,20 +145,71 @@ class _Gate:
     excite: nn.Module
 
 
+@dataclass(frozen=True)
+class _BatchNorm:
+    """A BatchNorm inside a chain, applied as in eval mode (the mode shrink keeps the function in)."""
+
+    bn: nn.Module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+@dataclass(frozen=True)
+class _Concat:
+    """A concatenation along the channels (DenseNet, Inception): from here on the producer's channels are
+    ``[start, start + channels)`` of the `total` channels the ops after it see."""
+
+    name: str
+    start: int
+    total: int
+
+
+_Op = Callable[[Tensor], Tensor] | _BatchNorm | _Depthwise | _Gate | _Concat
+
+
 @dataclass
 class _Branch:
     """One way from a producer to a consumer: what lies between them, in order."""
 
+    producer_channels: int
     consumer: nn.Module | None = None
     consumer_name: str = ""
-    batch_norms: list[nn.Module] = field(default_factory=list)  # lose the same channels as the producer
-    # per-channel ops (BN included), in order; a _Depthwise (depthwise conv) and a _Gate lose channels too
-    ops: list[Callable[[Tensor], Tensor] | _Depthwise | _Gate] = field(default_factory=list)
+    # per-channel ops, in order; a _BatchNorm, a _Depthwise (depthwise conv) and a _Gate lose channels too, and a
+    # _Concat places the producer's channels in a wider space
+    ops: list[_Op] = field(default_factory=list)
     flattened: bool = False
     zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
 
+    @property
+    def width(self) -> int:
+        """The channels the branch carries where it is now (more than the producer's after a concatenation)."""
+        last = self._last_concat()
+        return last.total if last else self.producer_channels
+
+    @property
+    def start(self) -> int:
+        """Where the producer's channels start among those the branch carries where it is now."""
+        last = self._last_concat()
+        return last.start if last else 0
+
+    def _last_concat(self) -> _Concat | None:
+        return next((op for op in reversed(self.ops) if isinstance(op, _Concat)), None)
+
+    @property
+    def batch_norms(self) -> list[nn.Module]:
+        """The BatchNorms before any concatenation: their channel j is the producer's channel j."""
+        found = []
+        for op in self.ops:
+            if isinstance(op, _Concat):
+                break
+            if isinstance(op, _BatchNorm):
+                found.append(op.bn)
+        return found
+
     def fork(self) -> _Branch:
-        return _Branch(self.consumer, self.consumer_name, list(self.batch_norms), list(self.ops), self.flattened,
+        return _Branch(self.producer_channels, self.consumer, self.consumer_name, list(self.ops), self.flattened,
                        self.zero_padded_consumer)
 
 
@@ -169,7 +222,8 @@ class _Chain:
 
     @property
     def batch_norms(self) -> list[nn.Module]:
-        """The BatchNorms of all branches, each once (a BatchNorm before a fork is on every branch after it)."""
+        """The BatchNorms of all branches before any concatenation, each once (one before a fork is on every branch
+        after it): holding them at zero for pruned channels makes those channels zero."""
         return _unique(bn for branch in self.branches for bn in branch.batch_norms)
 
     @property
@@ -305,11 +359,6 @@ def _function_op(node: fx.Node) -> Callable[[Tensor], Tensor]:
     return lambda x: target(x, *rest, **kwargs)  # type: ignore[operator]
 
 
-def _batch_norm_in_eval(bn: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The BatchNorm with its running statistics, as in eval mode (the mode shrink keeps the function in)."""
-    return lambda x: F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-
-
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
 
 
@@ -368,14 +417,97 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
     return None
 
 
+_CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _is_concatenation(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CONCATENATIONS
+
+
+def _concat_parts(node: fx.Node) -> tuple[list[object], object]:
+    """A concatenation's inputs and its dim, as written."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    if len(node.args) > 1:
+        dim = node.args[1]
+    else:
+        dim = node.kwargs.get("dim", node.kwargs.get("axis", 0))
+    return list(parts) if isinstance(parts, (list, tuple)) else [parts], dim
+
+
+def _is_channel_dim(dim: object, producer: nn.Module) -> bool:
+    """Whether `dim` is the channel dimension of `producer`'s output: 1 (or its negative) for a conv, -1 for a
+    Linear (whose output may have any number of leading dimensions)."""
+    if isinstance(producer, _CONV):
+        return dim in (1, 1 - producer.weight.dim())  # a conv's output has as many dims as its weight
+    return dim == -1
+
+
+def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object) -> int | None:
+    """The channels of the tensor `node` stands for, read from the graph (the layer that made it, through
+    per-channel ops), or None where the graph does not tell."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        if isinstance(module, nn.Linear) and not conv:
+            return module.out_features
+        if isinstance(module, _CONV) and conv:
+            return module.out_channels
+        if isinstance(module, _BATCH_NORM) and conv:
+            return module.num_features
+        passes = isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT)) or (conv and isinstance(module, _POOLING))
+    elif _is_concatenation(node):
+        parts, node_dim = _concat_parts(node)
+        if node_dim != dim:
+            return None
+        widths = [_width(part, conv, modules, dim) for part in parts]
+        return None if None in widths else sum(widths)  # type: ignore[arg-type]
+    else:
+        passes = (node.op == "call_function" and node.target in (_ELEMENTWISE_FUNCTIONS | _DROPOUT_FUNCTIONS
+                                                                   | (_POOLING_FUNCTIONS if conv else set()))) or (
+            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+    return _width(node.args[0], conv, modules, dim) if passes and node.args else None
+
+
+def _channel_concat(cat: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch,
+                    modules: dict[str, nn.Module]) -> _Concat | str:
+    """Where the concatenation `cat` puts the channels `branch` carries (`node`), or why shrink cannot follow."""
+    parts, dim = _concat_parts(cat)
+    described = _describe(cat, modules)
+    if branch.flattened:
+        return f"its flattened output goes to the concatenation {described}"
+    if not _is_channel_dim(dim, producer):
+        along = "dim=-1 for a Linear's features" if isinstance(producer, nn.Linear) else "dim=1"
+        return f"its output is concatenated along dim={dim!r} in {described}, not along its channels ({along})"
+    if sum(part is node for part in parts) != 1:
+        return f"its output enters the concatenation {described} more than once"
+    conv = isinstance(producer, _CONV)
+    widths: list[int] = []
+    for part in parts:
+        width = branch.width if part is node else _width(part, conv, modules, dim)
+        if width is None:
+            return (f"the concatenation {described} also reads "
+                    f"{_describe(part, modules) if isinstance(part, fx.Node) else repr(part)}, whose width shrink "
+                    "cannot read from the graph")
+        widths.append(width)
+    index = next(i for i, part in enumerate(parts) if part is node)
+    return _Concat(cat.name, branch.start + sum(widths[:index]), sum(widths))
+
+
 def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
             calls: dict[str, int]) -> _Chain | str:
     """The chain from the producer node `start` to its consumers, or the reason there is none. Where the output
     branches, every branch must reach a consumer: a channel can only go from all of them."""
     producer = modules[producer_name]
     branches: list[_Branch] = []
-    reason = _walk(start, producer, _Branch(), branches, modules, calls)
-    return reason if reason is not None else _Chain(producer, branches)
+    reason = _walk(start, producer, _Branch(producer.weight.shape[0]), branches, modules, calls)
+    if reason is not None:
+        return reason
+    concats = [op.name for branch in branches for op in branch.ops if isinstance(op, _Concat)]
+    twice = next((name for name in concats if concats.count(name) > 1), None)
+    if twice is not None:  # its channels would sit twice in one space, from one edit
+        return f"two of its branches meet again in the concatenation {twice}"
+    return _Chain(producer, branches)
 
 
 def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch], modules: dict[str, nn.Module],
@@ -386,7 +518,7 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
     while True:
         users = _value_users(node)
         if len(users) == 2 and is_conv and not branch.flattened:
-            found = _squeeze_excitation(node, users, producer.weight.shape[0], modules, calls)
+            found = _squeeze_excitation(node, users, branch.width, modules, calls)
             if found is not None:
                 branch.ops.append(found[0])
                 node = found[1]  # on from the multiplication
@@ -413,6 +545,12 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     is_conv = isinstance(producer, _CONV)
     if user.op == "output":
         return "it produces the model's output, whose width is part of the model's interface"
+    if _is_concatenation(user):
+        concat = _channel_concat(user, node, producer, branch, modules)
+        if isinstance(concat, str):
+            return concat
+        branch.ops.append(concat)
+        return _walk(user, producer, branch, done, modules, calls) if walk_on else user
     if _tensor_args(user, node) != [node]:
         return f"its output meets another tensor in {_describe(user, modules)}"
     module = modules.get(str(user.target)) if user.op == "call_module" else None
@@ -422,11 +560,11 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         if parametrize.is_parametrized(module):
             return f"its consumer {user.target} is parametrized"
         if branch.flattened:
-            ok = isinstance(module, nn.Linear) and module.in_features % producer.out_channels == 0
+            ok = isinstance(module, nn.Linear) and module.in_features % branch.width == 0
         elif is_conv:
-            ok = type(module) is type(producer) and module.in_channels == producer.out_channels
+            ok = type(module) is type(producer) and module.in_channels == branch.width
         else:
-            ok = isinstance(module, nn.Linear) and module.in_features == producer.out_features
+            ok = isinstance(module, nn.Linear) and module.in_features == branch.width
         if not ok:
             return f"its consumer {_describe(user, modules)} does not take its channels one to one"
         branch.consumer, branch.consumer_name = module, str(user.target)
@@ -442,8 +580,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     elif module is not None and isinstance(module, _BATCH_NORM) and not branch.flattened:
         if module.running_mean is None:
             return f"{user.target} has no running statistics"
-        branch.batch_norms.append(module)
-        branch.ops.append(_batch_norm_in_eval(module))
+        branch.ops.append(_BatchNorm(module))
     elif module is not None and isinstance(module, _ELEMENTWISE_MODULES):
         branch.ops.append(module)  # per element: the same before or after a flatten
     elif (module is not None and isinstance(module, _DROPOUT)) or (
@@ -472,14 +609,24 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
     """Which of the producer's channels reach the branch's consumer as a constant whatever the input, and that
     constant (eval mode). A channel whose producer weights are all zero outputs its bias, which the branch's
     per-channel ops (BatchNorm, activations, depthwise convs) map to other constants; a depthwise filter of zeros
-    outputs its own bias whatever it reads, so its channel is constant from there on even if the producer's is not."""
+    outputs its own bias whatever it reads, so its channel is constant from there on even if the producer's is not.
+    After a concatenation the other inputs' channels ride along as zeros (never read: per-channel ops only)."""
     weight = producer.weight.detach()
+    channels = weight.shape[0]
     constant = _zero_channels(producer)
     bias = producer.bias
-    value = bias.detach().clone() if bias is not None else weight.new_zeros(weight.shape[0])
+    value = bias.detach().clone() if bias is not None else weight.new_zeros(channels)
     x = value.view(1, -1, *([1] * (weight.dim() - 2)))  # [1, C] for Linear, [1, C, 1, ...] for convs
+    start = 0
     for op in branch.ops:
-        if isinstance(op, _Depthwise):
+        if isinstance(op, _Concat):
+            offset = op.start - start  # where this input's channels (all of x) start in the concatenation
+            wider = x.new_zeros(1, op.total, *x.shape[2:])
+            wider[:, offset:offset + x.shape[1]] = x
+            constant = torch.cat([constant.new_zeros(offset), constant,
+                                  constant.new_zeros(op.total - offset - constant.numel())])
+            x, start = wider, op.start
+        elif isinstance(op, _Depthwise):
             filters = op.conv.weight.detach()
             conv_bias = op.conv.bias.detach() if op.conv.bias is not None else filters.new_zeros(filters.shape[0])
             flat = x.reshape(-1)
@@ -500,7 +647,7 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
                 op.train(was_training)
         else:
             x = op(x.clone())
-    return constant, x.reshape(-1)
+    return constant[start:start + channels], x.reshape(-1)[start:start + channels]
 
 
 def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
@@ -588,38 +735,50 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
     if not all(math.isfinite(float(value[remove].abs().sum())) for value in constants):
         return "its zero channels output non-finite constants"
 
+    def kept_in(start: int, total: int) -> Tensor:
+        """The channels kept of `total`, among which the producer's are ``[start, start + channels)``."""
+        return torch.cat([torch.arange(start, device=keep.device), keep + start,
+                          torch.arange(start + channels, total, device=keep.device)])
+
     folded = torch.zeros_like(dead)
-    for branch, value in zip(chain.branches, constants):
-        folded |= dead & (value != 0)
-        _fold_and_drop_inputs_(branch, value, remove, keep, channels)
-    for bn in chain.batch_norms:
-        _keep_batch_norm_(bn, keep)
     through: list[str] = []
-    for op in ops:
-        if isinstance(op, _Depthwise):
-            _keep_depthwise_(op.conv, keep)
-            through.append(op.name)
-        elif isinstance(op, _Gate):
-            _keep_input_channels_(op.squeeze, keep, channels)
-            _keep_rows_(op.excite, keep)
-            through += op.names
+    edited: set[int] = set()  # ops before a fork are on several branches
+    for branch, value in zip(chain.branches, constants):
+        start, total = 0, channels
+        for op in branch.ops:
+            if isinstance(op, _Concat):
+                start, total = op.start, op.total
+            if id(op) in edited or not isinstance(op, (_BatchNorm, _Depthwise, _Gate)):
+                continue
+            edited.add(id(op))
+            if isinstance(op, _BatchNorm):
+                _keep_batch_norm_(op.bn, kept_in(start, total))
+            elif isinstance(op, _Depthwise):
+                _keep_depthwise_(op.conv, kept_in(start, total))
+                through.append(op.name)
+            else:
+                _keep_input_channels_(op.squeeze, kept_in(start, total), total)
+                _keep_rows_(op.excite, kept_in(start, total))
+                through += op.names
+        folded |= dead & (value != 0)
+        _fold_and_drop_inputs_(branch, remove + start, value[remove], kept_in(start, total), total)
     _keep_rows_(producer, keep)
     return LayerShrink(producer_name, chain.consumer_names, channels, int(keep.numel()), int(folded.sum()),
                        left=int((zero & ~dead).sum()), through=tuple(through))
 
 
-def _fold_and_drop_inputs_(branch: _Branch, constants: Tensor, remove: Tensor, keep: Tensor, channels: int) -> None:
-    """Add what the `remove`d channels (whose values on this branch are `constants`) contributed to the consumer's
-    bias, then drop the consumer's inputs that read them."""
+def _fold_and_drop_inputs_(branch: _Branch, remove: Tensor, constants: Tensor, keep: Tensor, channels: int) -> None:
+    """Add what the `remove`d ones of the consumer's input `channels` contributed (the `constants` they carry) to
+    the consumer's bias, then keep only the inputs that read the `keep` ones."""
     consumer = branch.consumer
     weight = consumer.weight.detach()
     # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
     per_channel = weight.shape[1] // channels if branch.flattened else 1
     columns = torch.arange(weight.shape[1], device=weight.device).view(channels, per_channel)
-    if bool((constants[remove] != 0).any()):
+    if bool((constants != 0).any()):
         removed_columns = columns[remove]  # [r, s]
         contribution = weight[:, removed_columns.flatten()].reshape(weight.shape[0], remove.numel(), per_channel, -1)
-        contribution = (contribution * constants[remove].view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        contribution = (contribution * constants.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
         if consumer.bias is None:
             consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
                                          consumer.weight.requires_grad)
@@ -641,7 +800,8 @@ def _feed_forward_chain(layer_name: str, layer: nn.Module) -> _Chain | str:
     for part in ("linear1", "linear2"):
         if parametrize.is_parametrized(getattr(layer, part)):
             return f"{layer_name}.{part} is parametrized"
-    return _Chain(layer.linear1, [_Branch(layer.linear2, f"{layer_name}.linear2", ops=[activation])])
+    return _Chain(layer.linear1, [_Branch(layer.linear1.out_features, layer.linear2, f"{layer_name}.linear2",
+                                          ops=[activation])])
 
 
 def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int],
