@@ -858,6 +858,83 @@ def test_concatenations_shrink_cannot_place_keep_their_inputs(model, reason) -> 
     assert dict(result.report.kept)["a"] == reason
 
 
+class TinyInception(nn.Module):
+    """Two Inception blocks: four branches concatenated, the concatenation read by the next block's four branches
+    (a max-pool that pads with -inf on one of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"b1": nn.Conv2d(width, 4, 1), "b3": nn.Conv2d(width, 4, 3, padding=1),
+                           "pool": nn.Conv2d(width, 8, 1)}) for width in (8, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.cat([torch.relu(block["b1"](x)), torch.relu(block["b3"](x)),
+                           torch.relu(block["pool"](F.max_pool2d(x, 3, 1, 1)))], 1)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_concatenation_read_by_several_branches_loses_channels_in_all_of_them() -> None:
+    torch.manual_seed(0)
+    model = TinyInception()
+    randomise_batch_norm_(model.stem[1], torch.Generator().manual_seed(0))
+    zero_rows_(model.stem[0], [0, 5])
+    with torch.no_grad():  # zero BatchNorm for them: zero channels, which even block 1's padded b3 can lose
+        model.stem[1].weight[[0, 5]] = model.stem[1].bias[[0, 5]] = 0
+    first, second = model.blocks
+    zero_rows_(first["b1"], [1])  # block 1's outputs: ReLU(bias) constants, folded into block 2's 1x1 convs and
+    zero_rows_(first["pool"], [2, 3, 7])  # zero for its padded b3: only those with a bias <= 0 can go
+    zero_rows_(second["b3"], [0])
+    x = torch.randn(2, 3, 8, 8)
+    expected = outputs(model, x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    shrunk = result.model
+    assert shrunk.stem[0].out_channels == shrunk.stem[1].num_features == 6
+    assert all(shrunk.blocks[0][name].in_channels == 6 for name in ("b1", "b3", "pool"))
+    layers = {layer.name: layer for layer in result.report.layers}
+    assert layers["stem.0"].consumer == "blocks.0.b1, blocks.0.b3, blocks.0.pool"
+    dead = {"blocks.0.b1": [1], "blocks.0.pool": [2, 3, 7]}
+    for name, rows in dead.items():  # b3 of block 2 pads with zeros: a positive ReLU(bias) constant stays
+        goes = [row for row in rows if float(dict(model.named_modules())[name].bias[row]) <= 0]
+        assert dict(shrunk.named_modules())[name].out_channels == {"blocks.0.b1": 4, "blocks.0.pool": 8}[name] - (
+            len(goes))
+    width = sum(shrunk.blocks[0][name].out_channels for name in ("b1", "b3", "pool"))
+    assert all(shrunk.blocks[1][name].in_channels == width for name in ("b1", "b3", "pool"))
+    assert (shrunk.blocks[1]["b3"].out_channels, shrunk.head.in_features) == (3, 15)
+
+
+@pytest.mark.parametrize(("pool", "passes"), [
+    (nn.AvgPool2d(2), True), (nn.AvgPool2d(3, 1, padding=1), False), (nn.AvgPool2d(2, divisor_override=3), False),
+    (lambda x: F.avg_pool2d(x, 2), True), (lambda x: F.avg_pool2d(x, 3, 1, 1), False),
+])
+def test_average_pooling_passes_constants_only_without_padding_or_a_divisor(pool, passes) -> None:
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool, self.out = nn.Conv2d(2, 6, 1), pool, nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.pool(self.conv(x))))
+
+    torch.manual_seed(0)
+    model = Pooled()
+    zero_rows_(model.conv, [0, 3])
+    x = torch.randn(2, 2, 6, 6)
+    expected = outputs(model, x)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    assert result.model.conv.out_channels == (4 if passes else 6)
+    if not passes:
+        assert "which shrink does not see through" in dict(result.report.kept)["conv"]
+
+
 class DepthMultiplier(nn.Module):
     """A grouped conv with two outputs per input channel: its channels do not map one to one."""
 

@@ -23,7 +23,8 @@ from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import apply_mask_, effective_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
-from litcompress.pruning.shrink import (_BATCH_NORM, _DROPOUT, _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
+from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
+                                        _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
                                         LayerShrink, _called_once_or_stateless, _flatten_start, _is_producer,
                                         _keep_batch_norm_, _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
 
@@ -72,10 +73,11 @@ def _is_add(node: fx.Node) -> bool:
 def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> bool:
     """A per-channel op that keeps an exactly-zero channel exactly zero."""
     if module is not None:
-        return isinstance(module, (*_ZERO_PRESERVING_MODULES, *_DROPOUT)) or (is_conv and isinstance(module, _POOLING))
+        return isinstance(module, (*_ZERO_PRESERVING_MODULES, *_DROPOUT)) or (
+            is_conv and isinstance(module, (*_POOLING, *_AVG_POOLING)))  # pooling zeros gives zeros, padded or not
     if node.op == "call_function":
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _DROPOUT_FUNCTIONS or (
-            is_conv and node.target in _POOLING_FUNCTIONS)
+            is_conv and node.target in _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS)
     return node.op == "call_method" and node.target in _ZERO_PRESERVING_METHODS
 
 

@@ -64,6 +64,28 @@ _POOLING_FUNCTIONS = {
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+# Average pooling keeps a constant only without zero padding (counted in the average by default) and without a
+# divisor override (DenseNet's transitions: no padding).
+_AVG_POOLING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_AVG_POOLING_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
+
+
+def _is_unpadded(padding: object) -> bool:
+    return padding == 0 or (isinstance(padding, (tuple, list)) and all(p == 0 for p in padding))
+
+
+def _pools_constants(node: fx.Node, module: nn.Module | None) -> bool:
+    """Spatial pooling that maps a constant channel to the same constant."""
+    if module is not None:
+        return isinstance(module, _POOLING) or (isinstance(module, _AVG_POOLING) and _is_unpadded(module.padding)
+                                                and getattr(module, "divisor_override", None) is None)
+    if node.op != "call_function":
+        return False
+    if node.target in _AVG_POOLING_FUNCTIONS:
+        padding = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
+        divisor = node.args[6] if len(node.args) > 6 else node.kwargs.get("divisor_override")
+        return _is_unpadded(padding) and divisor is None
+    return node.target in _POOLING_FUNCTIONS
 
 
 @dataclass(frozen=True)
@@ -260,7 +282,7 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
     """Whether the graph's calls of `module` leave it free to lose channels: a module called more than once (a layer
     shared by two paths) cannot lose them for one path only, but an activation, dropout or pooling module has no
     channels of its own and is often reused (``self.relu`` in torchvision's ResNet blocks)."""
-    return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING))
+    return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING, *_AVG_POOLING))
 
 
 def _is_producer(module: nn.Module) -> bool:
@@ -455,7 +477,8 @@ def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object)
             return module.out_channels
         if isinstance(module, _BATCH_NORM) and conv:
             return module.num_features
-        passes = isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT)) or (conv and isinstance(module, _POOLING))
+        passes = isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT)) or (
+            conv and isinstance(module, (*_POOLING, *_AVG_POOLING)))
     elif _is_concatenation(node):
         parts, node_dim = _concat_parts(node)
         if node_dim != dim:
@@ -463,8 +486,9 @@ def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object)
         widths = [_width(part, conv, modules, dim) for part in parts]
         return None if None in widths else sum(widths)  # type: ignore[arg-type]
     else:
+        pooling = _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS if conv else set()
         passes = (node.op == "call_function" and node.target in (_ELEMENTWISE_FUNCTIONS | _DROPOUT_FUNCTIONS
-                                                                   | (_POOLING_FUNCTIONS if conv else set()))) or (
+                                                                   | pooling)) or (
             node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
     return _width(node.args[0], conv, modules, dim) if passes and node.args else None
 
@@ -503,7 +527,9 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
     reason = _walk(start, producer, _Branch(producer.weight.shape[0]), branches, modules, calls)
     if reason is not None:
         return reason
-    concats = [op.name for branch in branches for op in branch.ops if isinstance(op, _Concat)]
+    # the same _Concat object on several branches is one concatenation before a fork; two objects of one name are
+    # two branches entering it
+    concats = [op.name for op in _unique(op for branch in branches for op in branch.ops) if isinstance(op, _Concat)]
     twice = next((name for name in concats if concats.count(name) > 1), None)
     if twice is not None:  # its channels would sit twice in one space, from one edit
         return f"two of its branches meet again in the concatenation {twice}"
@@ -591,10 +617,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         user.op == "call_method" and user.target in _ELEMENTWISE_METHODS
     ):
         branch.ops.append(_function_op(user))
-    elif is_conv and not branch.flattened and (
-        (module is not None and isinstance(module, _POOLING))
-        or (user.op == "call_function" and user.target in _POOLING_FUNCTIONS)
-    ):
+    elif is_conv and not branch.flattened and _pools_constants(user, module):
         pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
     elif is_conv and not branch.flattened and _flatten_start(user, modules) == 1:
         branch.flattened = True
