@@ -15,11 +15,14 @@ Models: ``cnn``, a VGG-style net for 3x32x32 inputs (six 3x3 convs 64-64-128-128
 max-pooling, then 4096-512-10 Linear layers); ``mlp``, 1024-4096-4096-1024 Linear + ReLU; ``mobilenet``, a
 MobileNetV3-style net for 3x64x64 inputs (``litcompress.models.MobileNetClassifier``: 4 inverted residual blocks of
 32 channels expanded 6x around depthwise convs, with squeeze-and-excitation gates); ``transformer``, torch's
-``nn.TransformerEncoder`` (4 layers, d_model 256, 4 heads, feed-forward 1024) on 64 tokens, then a Linear head.
+``nn.TransformerEncoder`` (4 layers, d_model 256, 4 heads, feed-forward 1024) on 64 tokens, then a Linear head;
+``densenet``, a DenseNet-BC for 3x32x32 inputs (two dense blocks of 6 layers, growth 32, a halving transition);
+``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels).
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
-squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer. Weights are random
-(seeded): latency and size do not depend on training.
+squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; every conv of the DenseNet
+and the Inception net, whose outputs branch into several concatenations or consumers. Weights are random (seeded):
+latency and size do not depend on training.
 
 Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
 variants interleaved, medians. Usage::
@@ -51,6 +54,7 @@ pin_allocator()
 import torch  # noqa: E402  (after pinning the allocator)
 from lightning.pytorch import LightningModule  # noqa: E402
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from litcompress import shrink  # noqa: E402
@@ -86,6 +90,87 @@ class TokenTransformer(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
+def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    """torchvision's BasicConv2d: a conv without bias, BatchNorm, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class DenseLayer(nn.Module):
+    """DenseNet-BC's layer: BN-ReLU-conv1x1 to 4x growth, BN-ReLU-conv3x3 to growth, on the concatenation of every
+    earlier output of its block."""
+
+    def __init__(self, channels: int, growth: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, 4 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.conv1(torch.relu(self.norm1(torch.cat(features, 1))))
+        return self.conv2(torch.relu(self.norm2(x)))
+
+
+class DenseNet(nn.Module):
+    """A DenseNet-BC for 3x32x32 inputs: a 3x3 stem of 64, two dense blocks of 6 layers (growth 32) with a halving
+    transition (BN-ReLU-conv1x1, average pooling) between them, then BN-ReLU, global pooling and a Linear."""
+
+    def __init__(self, growth: int = 32, layers: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        channels = 64
+        self.block1 = nn.ModuleList(DenseLayer(channels + i * growth, growth) for i in range(layers))
+        channels += layers * growth
+        self.transition = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels // 2, 1,
+                                                                                        bias=False), nn.AvgPool2d(2))
+        channels //= 2
+        self.block2 = nn.ModuleList(DenseLayer(channels + i * growth, growth) for i in range(layers))
+        channels += layers * growth
+        self.norm, self.head = nn.BatchNorm2d(channels), nn.Linear(channels, 10)
+
+    @staticmethod
+    def dense_block(layers: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transition(self.dense_block(self.block1, self.stem(x)))
+        x = torch.relu(self.norm(self.dense_block(self.block2, x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InceptionBlock(nn.Module):
+    """GoogLeNet's block: 1x1; 1x1 then 3x3; 1x1 then two 3x3 (Inception-v3's 5x5); 3x3 max-pool then 1x1;
+    concatenated."""
+
+    def __init__(self, cin: int, width: int) -> None:
+        super().__init__()
+        self.branch1 = conv_bn_relu(cin, width, 1)
+        self.branch3 = nn.Sequential(conv_bn_relu(cin, width, 1), conv_bn_relu(width, 2 * width, 3))
+        self.branch5 = nn.Sequential(conv_bn_relu(cin, width // 2, 1), conv_bn_relu(width // 2, width, 3),
+                                     conv_bn_relu(width, width, 3))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), conv_bn_relu(cin, width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.pool(x)], 1)
+
+
+class Inception(nn.Module):
+    """A GoogLeNet-style net for 3x32x32 inputs: a 3x3 stem of 64, three Inception blocks (5x64 = 320 channels
+    out each, a max-pool after the first), global pooling and a Linear."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(3, 64, 3)
+        self.block1, self.block2 = InceptionBlock(64, width), InceptionBlock(5 * width, width)
+        self.block3, self.head = InceptionBlock(5 * width, width), nn.Linear(5 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(F.max_pool2d(self.block1(self.stem(x)), 2)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def randomise_batch_norms_(model: nn.Module) -> None:
     """BatchNorm statistics as after training, so the folded constants are not trivial."""
     with torch.no_grad():
@@ -108,6 +193,10 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         return model.eval(), (3, 64, 64), 32
     if name == "transformer":
         return TokenTransformer().eval(), (64, 256), 16
+    if name in ("densenet", "inception"):
+        model = DenseNet() if name == "densenet" else Inception()
+        randomise_batch_norms_(model)
+        return model.eval(), (3, 32, 32), 32
     if name == "cnn":
         model = VGGish()
         randomise_batch_norms_(model)
@@ -214,7 +303,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MODELS = ("cnn", "mlp", "mobilenet", "transformer")
+MODELS = ("cnn", "mlp", "mobilenet", "transformer", "densenet", "inception")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,9 +335,10 @@ Command: `{command}` ({datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 {args.threads} thread(s), allocator pinned, variants interleaved, {args.repeats} blocks of ~0.2 s each).
 Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes, once, the
 layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
-and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s) and makes it
-permanent; `litcompress.shrink` then removes the zero channels (from the depthwise convs, gates and BatchNorms on
-the way too, and folds their constant outputs into the next layer's bias). Same inputs, eval mode,
+and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, every conv of
+the DenseNet and the Inception net) and makes it permanent; `litcompress.shrink` then removes the zero channels
+(from the depthwise convs, gates, concatenations and BatchNorms on the way too, and folds their constant outputs
+into the next layers' biases). Same inputs, eval mode,
 `torch.no_grad()`.
 
 {text}
