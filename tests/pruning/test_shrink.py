@@ -17,7 +17,8 @@ from torch import nn
 from litcompress import ModelPruning, shrink
 from litcompress.data import DigitsDataModule
 from litcompress.pruning import is_pruned, prune_, removable_channels, shrink_
-from litcompress.pruning.shrink import following_batch_norms
+from litcompress.pruning.groups import ChannelGroup, zero_group_batch_norms_
+from litcompress.pruning.shrink import channel_plan, following_batch_norms
 from tests.conftest import make_trainer
 
 ACTIVATIONS = {
@@ -792,13 +793,43 @@ def test_channels_leave_the_concatenations_of_a_dense_block(activation, kernel, 
         assert shrunk_layers["stem"].consumer == "conv_0, conv_1, fc"
 
 
-def test_the_batch_norms_after_a_concatenation_are_not_planned_with_a_producer() -> None:
-    # a pruned channel's index in the concatenation is not its index in the producer: the pipeline's zeroing of
-    # BatchNorms for pruned channels only touches those before the first concatenation
-    assert following_batch_norms(DenseBlock("tanh", 1)) == {"stem": ["bn0"]}
-    assert removable_channels(DenseBlock("tanh", 1)) == {
+def test_the_batch_norms_after_a_concatenation_are_planned_at_the_producers_place() -> None:
+    # a pruned channel j of conv_0 is channel 6 + j of bn_1 and bn_f (the stem's 6 channels come first): the
+    # pipeline's zeroing of BatchNorms for pruned channels needs the place
+    model = DenseBlock("tanh", 1)
+    assert channel_plan(model).batch_norms == {"stem": {"bn0": 0, "bn_0": 0, "bn_1": 0, "bn_f": 0},
+                                               "conv_0": {"bn_1": 6, "bn_f": 6}, "conv_1": {"bn_f": 10}}
+    assert following_batch_norms(model) == {"stem": ["bn0", "bn_0", "bn_1", "bn_f"], "conv_0": ["bn_1", "bn_f"],
+                                            "conv_1": ["bn_f"]}
+    assert removable_channels(model) == {
         "stem": None, "conv_0": None, "conv_1": None,
         "fc": "it produces the model's output, whose width is part of the model's interface"}
+
+
+def test_zeroing_the_planned_batch_norms_frees_channels_a_padded_conv_reads_after_a_concatenation() -> None:
+    torch.manual_seed(0)
+    model = DenseBlock("silu", kernel=3)  # conv_1 pads with zeros: a non-zero constant cannot leave its input
+    randomise_batch_norm_(model.bn_1, torch.Generator().manual_seed(0))
+    randomise_batch_norm_(model.bn_f, torch.Generator().manual_seed(1))
+    zero_rows_(model.conv_0, [1, 2])
+    x = torch.randn(2, 3, 6, 6)
+    assert shrink(model, x).model.conv_0.out_channels == 4  # BN(0) is its shift: not zero, so they stay
+
+    places = channel_plan(model).batch_norms["conv_0"]
+    group = ChannelGroup(("conv_0",), tuple(places), (), 4, batch_norm_starts=tuple(places.values()))
+    untouched = {name: getattr(model, name).weight.detach().clone() for name in places}
+    zero_group_batch_norms_(model, [group])
+    for name in places:  # channels 6 + 1 and 6 + 2 of bn_1 and bn_f, nothing else
+        bn = getattr(model, name)
+        zeroed = torch.zeros(bn.num_features, dtype=torch.bool)
+        zeroed[[7, 8]] = True
+        assert bool((bn.weight[zeroed] == 0).all() and (bn.bias[zeroed] == 0).all())
+        torch.testing.assert_close(bn.weight[~zeroed], untouched[name][~zeroed])
+    expected = outputs(model, x)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    (layer,) = result.report.layers
+    assert (layer.name, layer.removed, layer.folded) == ("conv_0", 2, 0)  # exactly zero: nothing to fold
 
 
 class LinearConcat(nn.Module):

@@ -358,15 +358,19 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
     :class:`BatchNormZeroer` holds at zero for pruned channels (none if the model cannot be traced)."""
     if plan is None:
         return []
-    following = plan.batch_norms
     modules = dict(model.named_modules())
     pruned = {name for name, (_, n) in zip(_names_of(model, targets), targets) if n == "weight"}
-    groups = [ChannelGroup((layer,), tuple(b for b in bns if modules[b].affine), (), modules[layer].weight.shape[0])
-              for layer, bns in following.items() if layer in pruned]
-    groups = [g for g in groups if g.batch_norms]
+    groups = []
+    for layer, places in plan.batch_norms.items():
+        # after a concatenation, the layer's channels start past the other inputs' in the BatchNorm
+        affine = {name: start for name, start in places.items() if modules[name].affine}
+        if layer in pruned and affine:
+            groups.append(ChannelGroup((layer,), tuple(affine), (), modules[layer].weight.shape[0],
+                                       batch_norm_starts=tuple(affine.values())))
     if groups:
+        layers = {name for group in groups for name in group.batch_norms}  # one after a concatenation serves several
         note(f"zero_batch_norm: the BatchNorm scale and shift of pruned channels are held at zero in "
-             f"{sum(len(g.batch_norms) for g in groups)} BatchNorm layer(s), so shrink can remove those channels.")
+             f"{len(layers)} BatchNorm layer(s), so shrink can remove those channels.")
     return groups
 
 

@@ -46,6 +46,8 @@ class ChannelGroup:
     batch_norms: tuple[str, ...]  # per-channel, inside the space
     consumers: tuple[str, ...]  # read from it (their input channels, or a flatten's blocks of columns)
     channels: int
+    # where the space's channels start among each BatchNorm's (after a concatenation); empty: 0 for all
+    batch_norm_starts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -222,8 +224,10 @@ class BatchNormZeroer:
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
         modules = dict(model.named_modules())
-        self._groups = [([modules[p] for p in g.producers], [modules[b] for b in g.batch_norms]) for g in groups]
-        self._dead: list[tuple[Tensor, list[nn.Module]]] = []
+        self._groups = [([modules[p] for p in g.producers],
+                         list(zip([modules[b] for b in g.batch_norms], g.batch_norm_starts or [0] * len(g.batch_norms))))
+                        for g in groups]
+        self._dead: list[tuple[Tensor, list[tuple[nn.Module, int]]]] = []
 
     @torch.no_grad()
     def refresh(self) -> BatchNormZeroer:
@@ -232,16 +236,16 @@ class BatchNormZeroer:
         for producers, batch_norms in self._groups:
             dead = torch.stack([(_rows(effective_tensor(p, "weight")) == 0).all(dim=1) for p in producers]).all(0)
             if bool(dead.any()):
-                self._dead.append((dead, batch_norms))
+                self._dead.append((dead.nonzero().flatten(), batch_norms))
         return self
 
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero the BatchNorm entries of the channels found by the last :meth:`refresh`."""
         for dead, batch_norms in self._dead:
-            for bn in batch_norms:
-                bn.weight[dead] = 0.0
-                bn.bias[dead] = 0.0
+            for bn, start in batch_norms:
+                bn.weight[dead + start] = 0.0
+                bn.bias[dead + start] = 0.0
 
 
 def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:

@@ -220,14 +220,15 @@ class _Branch:
         return next((op for op in reversed(self.ops) if isinstance(op, _Concat)), None)
 
     @property
-    def batch_norms(self) -> list[nn.Module]:
-        """The BatchNorms before any concatenation: their channel j is the producer's channel j."""
-        found = []
+    def batch_norms(self) -> list[tuple[nn.Module, int]]:
+        """The BatchNorms on the branch, each with where the producer's channels start among its channels (0 before
+        any concatenation)."""
+        found, start = [], 0
         for op in self.ops:
             if isinstance(op, _Concat):
-                break
-            if isinstance(op, _BatchNorm):
-                found.append(op.bn)
+                start = op.start
+            elif isinstance(op, _BatchNorm):
+                found.append((op.bn, start))
         return found
 
     def fork(self) -> _Branch:
@@ -243,10 +244,11 @@ class _Chain:
     branches: list[_Branch]
 
     @property
-    def batch_norms(self) -> list[nn.Module]:
-        """The BatchNorms of all branches before any concatenation, each once (one before a fork is on every branch
-        after it): holding them at zero for pruned channels makes those channels zero."""
-        return _unique(bn for branch in self.branches for bn in branch.batch_norms)
+    def batch_norms(self) -> dict[nn.Module, int]:
+        """The BatchNorms of all branches (one before a fork is on every branch after it), each with where the
+        producer's channels start among its channels: holding them at zero for pruned channels makes those channels
+        zero."""
+        return {bn: start for branch in self.branches for bn, start in branch.batch_norms}
 
     @property
     def consumer_names(self) -> str:
@@ -874,11 +876,12 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
 class ChannelPlan:
     """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped Conv), in
     module order, the reason `shrink` cannot remove its channels on its own (None when it can); the channel groups
-    that residual additions join; and the BatchNorms on each removable producer's way to its consumer."""
+    that residual additions join; and the BatchNorms on each removable producer's way to its consumers, each with
+    where the producer's channels start among its channels (after a concatenation, past the other inputs')."""
 
     reasons: dict[str, str | None]
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
-    batch_norms: dict[str, list[str]]
+    batch_norms: dict[str, dict[str, int]]
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of residual groups removable when `residual_groups` (pruned as one)."""
@@ -900,8 +903,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> Ch
     return ChannelPlan(
         reasons={name: reasons[name] for name in modules if name in reasons},
         groups=_residual_groups(graph, modules, calls),
-        batch_norms={name: [names[id(bn)] for bn in chain.batch_norms] for name, chain in chains.items()
-                     if isinstance(chain, _Chain) and chain.batch_norms},
+        batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
+                     for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
     )
 
 
@@ -1039,12 +1042,14 @@ def shrink_(
 
 def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, list[str]]:
     """For each producer (Linear, ungrouped Conv) whose channels `shrink` can remove, the names of the BatchNorms
-    on its way to its consumer; producers without one are left out. ValueError if the model cannot be traced.
+    on its way to its consumers; producers without one are left out. ValueError if the model cannot be traced.
 
     Zeroing a BatchNorm's scale and shift for the channels whose filters are pruned makes those channels exactly
-    zero (not a constant), which `shrink` removes even before a zero-padded convolution.
+    zero (not a constant), which `shrink` removes even before a zero-padded convolution. After a concatenation the
+    producer's channel j is the BatchNorm's channel ``start + j``: ``channel_plan(model).batch_norms`` gives each
+    BatchNorm's `start`.
     """
-    return channel_plan(model, tracer=tracer).batch_norms
+    return {name: list(places) for name, places in channel_plan(model, tracer=tracer).batch_norms.items()}
 
 
 def shrink(
