@@ -224,9 +224,11 @@ class BatchNormZeroer:
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
         modules = dict(model.named_modules())
-        self._groups = [([modules[p] for p in g.producers],
-                         list(zip([modules[b] for b in g.batch_norms], g.batch_norm_starts or [0] * len(g.batch_norms))))
-                        for g in groups]
+        self._groups = []
+        for g in groups:
+            starts = g.batch_norm_starts or (0,) * len(g.batch_norms)
+            self._groups.append(([modules[p] for p in g.producers],
+                                 [(modules[b], start) for b, start in zip(g.batch_norms, starts)]))
         self._dead: list[tuple[Tensor, list[tuple[nn.Module, int]]]] = []
 
     @torch.no_grad()
