@@ -158,12 +158,29 @@ def test_structured_transformer_narrows_its_feed_forward_blocks_only(tmp_path):
     assert said.startswith("removable_only: 5 layer(s) left unpruned") and "encoder.layers.1.linear2" in said
 
 
+def test_structured_densenet_narrows_every_concatenation(tmp_path):
+    model_args = '{"stem": 8, "growth": 4, "layers": 2, "blocks": 2}'
+    assert main(["compress", "--model", "densenet", "--model-args", model_args, "--prune", "ln_structured",
+                 "--sparsity", "0.5", "--quantize", "none", *QUICK, "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    # Every conv keeps half its channels: stem 8 -> 4, the 1x1 bottlenecks 16 -> 8, the 3x3 convs 4 -> 2 (growth),
+    # the transition 8 -> 4; the concatenations and their BatchNorms narrow to match, and no bias is folded in (the
+    # pruned channels' BatchNorms, after the concatenations too, were held at zero). Per block of 4 input channels:
+    # layer 0: BN(4) 1x1 4->8 BN(8) 3x3 8->2; layer 1: BN(6) 1x1 6->8 BN(8) 3x3 8->2.
+    block = (8 + 4 * 8 + 16 + 8 * 2 * 9) + (12 + 6 * 8 + 16 + 8 * 2 * 9)
+    transition = 2 * 8 + 8 * 4
+    assert report["shrunk"].parameters == 1 * 4 * 9 + block + transition + block + 2 * 8 + 8 * 10 + 10
+    (said,) = [m for m in report.messages if m.startswith("zero_batch_norm:")]
+    assert "in 10 BatchNorm layer(s)" in said  # all of them: 2 in each of the 4 layers, the transition's, the last
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
     (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
-    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet, transformer or 'package.module:Class'"),
+    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet, transformer, densenet or "
+                         "'package.module:Class'"),
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),
     (["--model-args", "{hidden: 3}"], "expected a JSON object"),

@@ -206,5 +206,72 @@ class TransformerClassifier(Classifier):
         return self.head(self.encoder(self.embed(rows) + self.position).mean(1))
 
 
-__all__ = ["CNNClassifier", "Classifier", "InvertedResidualBlock", "MLPClassifier", "MobileNetClassifier",
-           "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
+class DenseLayer(nn.Module):
+    """DenseNet-BC's layer: it reads the concatenation of its block's earlier outputs through BatchNorm, ReLU and a
+    1x1 conv to ``bottleneck * growth`` channels, then BatchNorm, ReLU and a zero-padded 3x3 conv to `growth`."""
+
+    def __init__(self, channels: int, growth: int, bottleneck: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, bottleneck * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bottleneck * growth)
+        self.conv2 = nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        h = self.conv1(torch.relu(self.norm1(torch.cat(features, 1))))
+        return self.conv2(torch.relu(self.norm2(h)))
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC's body and head: a 3x3 stem conv, `blocks` dense blocks of `layers` layers (each adds `growth`
+    channels to the block's concatenation), a transition between blocks (BatchNorm, ReLU, a 1x1 conv halving the
+    channels, 2x2 average pooling), then BatchNorm, ReLU, global average pooling and a Linear."""
+
+    def __init__(self, in_channels: int, stem: int, growth: int, layers: int, blocks: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
+        channels = stem
+        self.blocks, self.transitions = nn.ModuleList(), nn.ModuleList()
+        for index in range(blocks):
+            self.blocks.append(nn.ModuleList(DenseLayer(channels + i * growth, growth) for i in range(layers)))
+            channels += layers * growth
+            if index < blocks - 1:
+                self.transitions.append(nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(),
+                                                      nn.Conv2d(channels, channels // 2, 1, bias=False),
+                                                      nn.AvgPool2d(2)))
+                channels //= 2
+        self.norm, self.head = nn.BatchNorm2d(channels), nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for index, block in enumerate(self.blocks):
+            features = [x]
+            for layer in block:
+                features.append(layer(features))
+            x = torch.cat(features, 1)
+            if index < len(self.transitions):
+                x = self.transitions[index](x)
+        pooled = nn.functional.adaptive_avg_pool2d(torch.relu(self.norm(x)), 1)
+        return self.head(torch.flatten(pooled, 1))
+
+
+class DenseNetClassifier(Classifier):
+    """A small DenseNet-BC (:class:`DenseNet`): a stem of `stem` channels, `blocks` dense blocks of `layers` layers
+    with growth rate `growth`, halving transitions between them. Structured pruning shrinks every conv: the pruned
+    channels leave the concatenations that read them, and the BatchNorms after them (see
+    :func:`litcompress.shrink`)."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, stem: int = 16, growth: int = 8, layers: int = 3,
+                 blocks: int = 2, num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("stem", stem),
+                            ("growth", growth), ("layers", layers), ("blocks", blocks)):
+            _check_widths(name, (value,))
+        if image_size < 2 ** (blocks - 1):
+            raise ValueError(f"image_size={image_size} is too small for {blocks} blocks: each transition halves it "
+                             f"(need at least {2 ** (blocks - 1)}).")
+        self.save_hyperparameters()
+        self.net = DenseNet(in_channels, stem, growth, layers, blocks, num_classes)
+
+
+__all__ = ["CNNClassifier", "Classifier", "DenseLayer", "DenseNet", "DenseNetClassifier", "InvertedResidualBlock",
+           "MLPClassifier", "MobileNetClassifier", "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
