@@ -224,7 +224,7 @@ class BatchNormZeroer:
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
         modules = dict(model.named_modules())
-        self._groups = []
+        self._groups: list[tuple[list[nn.Module], list[tuple[nn.Module, int]]]] = []
         for g in groups:
             starts = g.batch_norm_starts or (0,) * len(g.batch_norms)
             self._groups.append(([modules[p] for p in g.producers],
