@@ -9,7 +9,9 @@ of 32 and 64 filters with BatchNorm and ReLU, a 2x2 max-pool, a Linear classifie
 ``--model mobilenet``: ``litcompress.models.MobileNetClassifier`` (a stride-2 stem and two MobileNetV2 inverted
 residual blocks, 16 channels expanded to 64 around depthwise 3x3 convs), structured setting only: the depthwise
 convs are pruned by neither variant (their channels are the expand convs'); litcompress removes them with the expand
-convs' and shrinks the residual stream.
+convs' and shrinks the residual stream. ``--model densenet``: ``litcompress.models.DenseNetClassifier`` (a stride-2
+stem and two DenseNet-BC blocks of 3 layers, growth 8), structured setting only: litcompress removes the pruned
+channels from every concatenation that reads them.
 
 Two settings for the MLP: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50%
 of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN and the ResNet,
@@ -21,7 +23,7 @@ the two variants of a setting are timed in one interleaved run (allocator and th
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet] [--threads 1] [--repeats 15] [--epochs 3]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet|densenet] [--threads 1] [--repeats 15] [--epochs 3]
                                   [--fine-tune-epochs 4] [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
@@ -56,7 +58,8 @@ from torch import nn  # noqa: E402
 
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
-from litcompress.models import CNNClassifier, MLPClassifier, MobileNetClassifier, ResNetClassifier  # noqa: E402
+from litcompress.models import (CNNClassifier, DenseNetClassifier, MLPClassifier, MobileNetClassifier,  # noqa: E402
+                                ResNetClassifier)
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -66,9 +69,10 @@ from mnist_sparsity import replace_section  # noqa: E402
 from shrink import interleaved, stats  # noqa: E402
 
 SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),),
-            "resnet": (("ln_structured", 0.5),), "mobilenet": (("ln_structured", 0.5),)}
+            "resnet": (("ln_structured", 0.5),), "mobilenet": (("ln_structured", 0.5),),
+            "densenet": (("ln_structured", 0.5),)}
 # litcompress's int8: static for convolutions
-APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static"}
+APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static", "densenet": "static"}
 BATCHES = (1, 64)
 # per model: the BENCHMARKS.md section, its title's end, and the model in words
 SECTIONS = {
@@ -83,6 +87,11 @@ SECTIONS = {
                   "a small MobileNetV2 (`litcompress.models.MobileNetClassifier`: a stride-2 3x3 conv stem and two "
                   "inverted residual blocks, 16 channels expanded to 64 around zero-padded depthwise 3x3 convs, "
                   "BatchNorm and ReLU6, global average pooling, a Linear 16-10)"),
+    "densenet": ("pipeline_densenet", "on a DenseNet (`benchmarks/pipeline.py --model densenet`)",
+                 "a small DenseNet-BC (`litcompress.models.DenseNetClassifier`: a stride-2 3x3 conv stem of 16 "
+                 "channels, two dense blocks of 3 layers (BatchNorm-ReLU-1x1 conv to 32, BatchNorm-ReLU-zero-padded "
+                 "3x3 conv to 8, on the block's concatenation), a halving transition, global average pooling, a "
+                 "Linear 44-10)"),
 }
 
 
@@ -237,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
               "cnn": lambda: CNNClassifier(in_channels=1, image_size=28, channels=(32, 64), lr=1e-3),
               "resnet": lambda: ResNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, lr=1e-3),
               "mobilenet": lambda: MobileNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, expansion=4,
-                                                       lr=1e-3)}
+                                                       lr=1e-3),
+              "densenet": lambda: DenseNetClassifier(in_channels=1, image_size=28, stem=16, growth=8, layers=3,
+                                                     blocks=2, lr=1e-3)}
     dense = models[args.model]()
     trainer(args.epochs).fit(dense, datamodule=data)
     dense_accuracy = test_accuracy(dense, data)

@@ -21,11 +21,13 @@ from litcompress.models import (CNNClassifier, DenseNetClassifier, MLPClassifier
                            num_classes=4), torch.rand(3, 2, 9, 9)),
     (DenseNetClassifier(in_channels=2, image_size=9, stem=6, growth=3, layers=2, blocks=3, num_classes=4),
      torch.rand(3, 2, 9, 9)),
+    (DenseNetClassifier(image_size=28, blocks=3, num_classes=4), torch.rand(3, 1, 28, 28)),
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)
-    if isinstance(model, MobileNetClassifier):  # the stem's stride follows the image size unless given
-        assert model.net[0].stride == ((2, 2) if inputs.shape[-1] >= 16 else (1, 1))
+    if isinstance(model, (MobileNetClassifier, DenseNetClassifier)):  # the stem's stride follows the image size
+        stem = model.net.stem if isinstance(model, DenseNetClassifier) else model.net[0]
+        assert stem.stride == ((2, 2) if inputs.shape[-1] >= 16 else (1, 1))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         max_epochs=0)
     trainer.strategy.connect(model)
@@ -47,6 +49,7 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: TransformerClassifier(d_model=30, heads=4), "d_model=30 must be divisible by heads=4"),
     (lambda: DenseNetClassifier(growth=0), "growth=\\(0,\\)"),
     (lambda: DenseNetClassifier(image_size=4, blocks=4), "image_size=4 is too small for 4 blocks"),
+    (lambda: DenseNetClassifier(image_size=16, blocks=5), "after a stride-2 stem"),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):

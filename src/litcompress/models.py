@@ -226,9 +226,10 @@ class DenseNet(nn.Module):
     channels to the block's concatenation), a transition between blocks (BatchNorm, ReLU, a 1x1 conv halving the
     channels, 2x2 average pooling), then BatchNorm, ReLU, global average pooling and a Linear."""
 
-    def __init__(self, in_channels: int, stem: int, growth: int, layers: int, blocks: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, stem: int, growth: int, layers: int, blocks: int, num_classes: int,
+                 stem_stride: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(in_channels, stem, 3, stride=stem_stride, padding=1, bias=False)
         channels = stem
         self.blocks, self.transitions = nn.ModuleList(), nn.ModuleList()
         for index in range(blocks):
@@ -255,22 +256,26 @@ class DenseNet(nn.Module):
 
 
 class DenseNetClassifier(Classifier):
-    """A small DenseNet-BC (:class:`DenseNet`): a stem of `stem` channels, `blocks` dense blocks of `layers` layers
-    with growth rate `growth`, halving transitions between them. Structured pruning shrinks every conv: the pruned
-    channels leave the concatenations that read them, and the BatchNorms after them (see
-    :func:`litcompress.shrink`)."""
+    """A small DenseNet-BC (:class:`DenseNet`): a stem of `stem` channels (stride `stem_stride`: 2 for images of 16
+    pixels or more, else 1, unless given), `blocks` dense blocks of `layers` layers with growth rate `growth`, halving
+    transitions between them. Structured pruning shrinks every conv: the pruned channels leave the concatenations
+    that read them, and the BatchNorms after them (see :func:`litcompress.shrink`)."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, stem: int = 16, growth: int = 8, layers: int = 3,
-                 blocks: int = 2, num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 blocks: int = 2, stem_stride: int | None = None, num_classes: int = 10, lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        if stem_stride is None:
+            stem_stride = 2 if image_size >= 16 else 1
         for name, value in (("in_channels", in_channels), ("image_size", image_size), ("stem", stem),
-                            ("growth", growth), ("layers", layers), ("blocks", blocks)):
+                            ("growth", growth), ("layers", layers), ("blocks", blocks), ("stem_stride", stem_stride)):
             _check_widths(name, (value,))
-        if image_size < 2 ** (blocks - 1):
-            raise ValueError(f"image_size={image_size} is too small for {blocks} blocks: each transition halves it "
-                             f"(need at least {2 ** (blocks - 1)}).")
+        side = -(-image_size // stem_stride)  # the stem's output side
+        if side < 2 ** (blocks - 1):
+            raise ValueError(f"image_size={image_size} is too small for {blocks} blocks after a stride-{stem_stride} "
+                             f"stem: each transition halves it (need a side of {2 ** (blocks - 1)} after the stem).")
         self.save_hyperparameters()
-        self.net = DenseNet(in_channels, stem, growth, layers, blocks, num_classes)
+        self.net = DenseNet(in_channels, stem, growth, layers, blocks, num_classes, stem_stride)
 
 
 __all__ = ["CNNClassifier", "Classifier", "DenseLayer", "DenseNet", "DenseNetClassifier", "InvertedResidualBlock",
