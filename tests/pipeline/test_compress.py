@@ -258,6 +258,27 @@ def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 
+
+def test_one_shot_structured_pruning_groups_residuals_and_zeroes_batch_norms_too(digits):
+    from tests.pruning.test_groups import ResNet
+
+    x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
+    torch.manual_seed(0)
+    model = train(ResNet(), digits[0].view(-1, 1, 8, 8), digits[1], steps=30)
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", schedule="oneshot")
+    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
+                      example_inputs=x_val[:8])
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    # the stream pruned as one group, and every pruned channel's BatchNorm at zero: all of them leave, even before
+    # the zero-padded convs, as after gradual pruning
+    assert {m.out_channels for m in shrunk.modules() if isinstance(m, nn.Conv2d)} == {8}
+    assert all(layer.left == 0 for layer in result.shrink.layers)
+    messages = result.report.messages
+    assert any(m.startswith("group_residuals:") for m in messages)
+    assert any(m.startswith("zero_batch_norm:") for m in messages)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
 def test_keep_multiple_of_keeps_channel_counts_that_fill_simd_blocks(digits):
     model = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
                           nn.Conv2d(24, 40, 3, padding=1, bias=False), nn.BatchNorm2d(40), nn.ReLU(),

@@ -479,22 +479,24 @@ def compress(
                  + ". PruneConfig(removable_only=False) prunes them too (masks only).")
         method, kwargs = prune.pruning_method, prune.method_kwargs()
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
+        groups, layer_targets = _residual_groups(work, targets, prune, plan, note)
+        # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
+        held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, plan, note)
+                                                       if prune.zero_batch_norm else []))
         if fine_tune is None:
-            prune_to_sparsity_(targets, method, float(prune.sparsity), scope=prune.scope,
+            prune_to_sparsity_(layer_targets, method, float(prune.sparsity), scope=prune.scope,
                                keep_multiple_of=multiple, **kwargs)
+            prune_groups_(work, groups, float(prune.sparsity), prune.norm, multiple)
+            held_at_zero.refresh().apply_()
             how = "one-shot, no fine-tuning"
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
-            groups, layer_targets = _residual_groups(work, targets, prune, plan, note)
             pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
                                    **kwargs)
-            # after every optimizer step: a pruned channel's BatchNorm shift would grow back
-            held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, plan, note)
-                                                           if prune.zero_batch_norm else []))
             group_rounds: list[int] = []
 
-            def step(t: int) -> None:
+            def step(t: int) -> None:  # after every optimizer step: the BatchNorm shifts would grow back
                 pruner.step(t)
                 if schedule.should_prune(t):  # masks change only at the schedule's rounds
                     if groups and prune_groups_(work, groups, schedule.target(t), prune.norm, multiple):
