@@ -9,16 +9,17 @@ same function as the masked one in eval mode (exactly up to float rounding), wit
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
 through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
-activations, dropout, a conv's spatial max/adaptive pooling, depthwise convolutions (a MobileNet block's middle
-layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to Linear. An
-output with several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches
-every branch's consumer as a constant, and each consumer folds the constant of its own branch. A concatenation
-along the channels (DenseNet, Inception) places the producer's channels among the others, whose widths are read
-from the layers that make them; the ops after it lose the channels at that place. A residual add, a LayerNorm, a
-layer used twice, the model's output, or a concatenation whose inputs' widths the graph does not tell, on any
-branch, end the chain and keep the producer as it is. The feed-forward blocks of torch's Transformer layers, which
-fx does not trace into, are chains too. Channel spaces that residual additions join are handled as groups
-(:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all of them.
+activations, dropout, a conv's spatial max/adaptive pooling (average pooling without padding), depthwise
+convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same channels)
+and a flatten from conv to Linear. An output with several users branches (Inception-style heads, multi-task models):
+a channel goes only if it reaches every branch's consumer as a constant, and each consumer folds the constant of its
+own branch. A concatenation along the channels (DenseNet, Inception) places the producer's channels among the
+others, whose widths are read from the layers that make them; the ops after it lose the channels at that place. A
+residual add, a LayerNorm, a layer used twice, the model's output, or a concatenation whose inputs' widths the graph
+does not tell, on any branch, end the chain and keep the producer as it is. The feed-forward blocks of torch's
+Transformer layers, which fx does not trace into, are chains too. Channel spaces that residual additions join are
+handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all
+of them.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
@@ -258,7 +259,12 @@ class _Chain:
 def _unique(items: Iterable[Any]) -> list[Any]:
     """`items` without repeats (by identity), in order."""
     seen: set[int] = set()
-    return [item for item in items if not (id(item) in seen or seen.add(id(item)))]
+    unique = []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            unique.append(item)
+    return unique
 
 
 def _count_parameters(model: nn.Module) -> int:
