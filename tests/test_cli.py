@@ -174,6 +174,44 @@ def test_structured_densenet_narrows_every_concatenation(tmp_path):
     assert "in 10 BatchNorm layer(s)" in said  # all of them: 2 in each of the 4 layers, the transition's, the last
 
 
+def verdicts(table: str) -> dict[str, str]:
+    """layer -> its 'shrinks' column, from ChannelPlan.table()'s rows."""
+    rows = [line.split() for line in table.splitlines()[1:] if not line.startswith(("group ", "BatchNorms "))][:-1]
+    return {row[0]: " ".join(row[5:7]) if row[5] == "group" else row[5] for row in rows}  # kind: "Linear 8 -> 10"
+
+
+def test_channels_lists_what_structured_pruning_can_narrow_and_why_not(capsys):
+    assert main(["channels", "--model", "resnet", "--model-args", '{"width": 8, "blocks": 2}']) == 0
+    out = capsys.readouterr().out
+    # the stream's writers shrink as one group; the blocks' first convs on their own; the classifier not at all
+    assert verdicts(out) == {"net.0": "group 1", "net.3.conv1": "yes", "net.3.conv2": "group 1",
+                             "net.4.conv1": "yes", "net.4.conv2": "group 1", "net.7": "no"}
+    assert "Linear 8 -> 10" in out and "it produces the model's output" in out
+    assert ("group 1: 8 channels joined by residual additions, written by net.0, net.3.conv2, net.4.conv2; read by "
+            "net.3.conv1, net.4.conv1, net.7") in out
+    assert "5 of 6 layers can lose channels" in out
+
+
+def test_channels_says_why_a_transformers_attention_stays(capsys):
+    assert main(["channels", "--model", "transformer"]) == 0
+    found = verdicts(capsys.readouterr().out)
+    assert found["encoder.layers.0.linear1"] == found["encoder.layers.1.linear1"] == "yes"
+    assert found["encoder.layers.0.linear2"] == found["encoder.layers.0.self_attn.out_proj"] == found["head"] == "no"
+
+
+class Untraceable(MLPClassifier):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) if x.sum() > 0 else -self.net(x)  # control flow on values: fx cannot trace it
+
+
+def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["channels", "--model", "tests.test_cli:Untraceable", "--model-args", '{"in_features": 4}'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: litcompress channels")
+    assert "tracing Untraceable with torch.fx failed" in err
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),

@@ -4,6 +4,7 @@
     litcompress compress --model cnn --prune ln_structured --sparsity 0.5 --quantize static
     litcompress compress --model my_pkg.models:Net --checkpoint last.ckpt --data my_pkg.data:DM --metric val_acc
     litcompress report out/litcompress/report.json --plot report.png
+    litcompress channels --model my_pkg.models:Net          # which layers structured pruning can narrow, and why not
 
 Every argument is checked, and the model and data are built, before any training starts.
 """
@@ -156,7 +157,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litcompress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,report}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,report,channels}")
     run = commands.add_parser(
         "compress", help="train or load a model, then prune -> shrink -> quantize -> export, with a report",
         formatter_class=_DefaultsHelp)
@@ -240,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path", type=Path, help="report.json, or the directory holding it")
     show.add_argument("--plot", type=Path, help="write the plot to this PNG file")
     show.add_argument("--markdown", type=Path, help="write the Markdown report to this file")
+
+    plan = commands.add_parser(
+        "channels", formatter_class=_DefaultsHelp,
+        help="which layers structured pruning can narrow (shrink removes their pruned channels), and why not the "
+             "others; traces the model, trains nothing")
+    plan.set_defaults(subparser=plan)
+    plan.add_argument("--model", type=_class_spec("model", BUILTIN_MODELS), default="mlp",
+                      help="a built-in model (as for compress) or package.module:LightningModuleClass")
+    plan.add_argument("--model-args", type=_json_object, default={}, help="JSON keyword arguments for the model")
+    plan.add_argument("--checkpoint", type=_existing_file, help="build the model from this Lightning checkpoint")
+    plan.add_argument("--data", type=_class_spec("data", BUILTIN_DATA), default="digits",
+                      help="sizes the built-in models' inputs and classes ('digits' or 'mnist'); unused otherwise")
+    plan.add_argument("--data-args", type=_json_object, default={}, help="JSON keyword arguments for the data")
+    plan.add_argument("--submodule", help="look at this attribute of the model (the part compress would compress)")
+    plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -444,10 +460,34 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_channels(args: argparse.Namespace) -> int:
+    from torch import nn
+
+    from litcompress.pruning.shrink import channel_plan
+
+    _quiet_frameworks()
+    try:
+        data = None
+        if args.model in BUILTIN_MODELS and args.checkpoint is None:  # the data sizes a built-in model
+            data = _datamodule(args)
+            data.prepare_data()
+            data.setup("fit")
+        model = _model(args, data)
+        if args.submodule is not None:
+            model = getattr(model, args.submodule, None)
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
+        plan = channel_plan(model)
+    except (ValueError, TypeError, ImportError, KeyError) as error:
+        args.subparser.error(str(error))
+    print(plan.table())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_compress(args) if args.command == "compress" else run_report(args)
+    return {"compress": run_compress, "report": run_report, "channels": run_channels}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -888,11 +888,35 @@ class ChannelPlan:
     reasons: dict[str, str | None]
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
     batch_norms: dict[str, dict[str, int]]
+    layers: dict[str, str] = field(default_factory=dict)  # each producer described: "Conv2d 16 -> 32"
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of residual groups removable when `residual_groups` (pruned as one)."""
         grouped = {name for group in self.groups for name in group.producers} if residual_groups else set()
         return {name: None if name in grouped else reason for name, reason in self.reasons.items()}
+
+    def table(self) -> str:
+        """A plain-text table: per producer, whether `shrink` can remove its pruned output channels (on its own, or
+        with its residual group when the group is pruned as one) and why not; then the groups and the BatchNorms
+        that zero_batch_norm holds at zero."""
+        group_of = {name: i for i, group in enumerate(self.groups, 1) for name in group.producers}
+        width = max([len(name) for name in self.reasons] + [5])
+        lines = [f"{'layer':<{width}}  {'kind':<24}  {'shrinks':<9}  why not"]
+        for name, reason in self.reasons.items():
+            verdict = "yes" if reason is None else f"group {group_of[name]}" if name in group_of else "no"
+            lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
+                         f"{reason if verdict == 'no' else ''}".rstrip())
+        for i, group in enumerate(self.groups, 1):
+            lines.append(f"group {i}: {group.channels} channels joined by residual additions, written by "
+                         f"{', '.join(group.producers)}; read by {', '.join(group.consumers)}")
+        held = sorted({bn for places in self.batch_norms.values() for bn in places})
+        if held:
+            lines.append(f"BatchNorms held at zero for pruned channels while pruning (zero_batch_norm; a group's own "
+                         f"are held with it): {', '.join(held)}")
+        removable = sum(reason is None or name in group_of for name, reason in self.reasons.items())
+        lines.append(f"{removable} of {len(self.reasons)} layers can lose channels; structured pruning with "
+                     "PruneConfig(removable_only=True) prunes only those.")
+        return "\n".join(lines)
 
 
 def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> ChannelPlan:
@@ -911,7 +935,14 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> Ch
         groups=_residual_groups(graph, modules, calls),
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
+        layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
     )
+
+
+def _describe_layer(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return f"Linear {module.in_features} -> {module.out_features}"
+    return f"{type(module).__name__} {module.in_channels} -> {module.out_channels}"
 
 
 def removable_channels(model: nn.Module, *, residual_groups: bool = True,
