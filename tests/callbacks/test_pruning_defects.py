@@ -14,7 +14,7 @@ import torch.nn.utils.prune as torch_prune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -232,6 +232,40 @@ class HalfOfRows(torch_prune.BasePruningMethod):
         mask = default_mask.clone()
         mask[: t.shape[0] // 2] = 0
         return mask
+
+
+@both("with a weight-averaging callback in the same fit the model comes back dense, or fit crashes at its end")
+@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("pruning_first", [True, False])
+def test_weight_averaging_ends_with_the_masked_average_or_is_refused(tmp_path, cls, averaging, pruning_first):
+    """Measured with Lightning 2.6. Listed before the averaging callback, both pruning callbacks end with a dense
+    model (its averaged parameters are written over the permanent pruned weights): litcompress refuses that order
+    at setup. Listed after it, Lightning's fit crashes at its end on a shape mismatch (pruning put ``bias`` before
+    ``weight_orig``, and the averaged copy's parameters are paired by position); litcompress keeps the order, so the
+    averaged weights come back masked."""
+    seed_everything(0)
+    model = ThreeLayerModel()
+    before = _weights(model)
+    pruning = cls("l1_unstructured", amount=0.5, parameter_names=["weight"], verbose=0)
+    average = averaging(swa_lrs=0.01, swa_epoch_start=1) if averaging is StochasticWeightAveraging else averaging()
+    callbacks = [pruning, average] if pruning_first else [average, pruning]
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=callbacks)
+    if pruning_first:
+        with pytest.raises(MisconfigurationException, match=f"List ModelPruning after {averaging.__name__}"):
+            trainer.fit(model)
+        assert all(torch.equal(value, before[key]) for key, value in _weights(model).items())  # nothing trained
+        return
+    trainer.fit(model)
+    averaged = average._average_model
+    averaged = getattr(averaged, "module", averaged)  # EMA wraps it in torch's AveragedModel
+    zeros = numel = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            weight, mean = layer.weight.detach(), dict(averaged.named_modules())[name].weight.detach()
+            kept = weight != 0
+            assert torch.equal(weight[kept], mean[kept])  # the average where the mask keeps a weight
+            zeros, numel = zeros + int((~kept).sum()), numel + weight.numel()
+    assert zeros == round(0.875 * numel)  # and zero where it does not: 3 global rounds of 50%, exactly
 
 
 @both("custom BasePruningMethod subclasses are refused unless use_global_unstructured=True")

@@ -294,6 +294,8 @@ class ModelPruning(Callback):
 
     # ------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer is not None and self._make_pruning_permanent:
+            _refuse_weight_averaging_after(self, trainer.callbacks)
         parameters_to_prune = self.sanitize_parameters_to_prune(
             pl_module, self._parameters_to_prune, parameter_names=self._parameter_names
         )
@@ -672,3 +674,24 @@ def load_pruned_checkpoint(
     else:
         engine.make_permanent_(model)
     return model
+
+
+def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) -> None:
+    """Lightning's weight-averaging callbacks keep a copy of the model from their ``setup`` and, at the end of fit,
+    copy the averaged parameters over the model's (by position: ModelPruning keeps the parameters' order). Listed
+    after a ModelPruning that makes pruning permanent, they do so after the masks are multiplied in: the model comes
+    back dense, which Lightning's ModelPruning lets happen silently. Listed before it, the averaged weights are
+    masked as they should be."""
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    kinds = tuple(getattr(lightning_callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                  if hasattr(lightning_callbacks, name))
+    position = next((i for i, callback in enumerate(callbacks) if callback is pruning), -1)
+    after = sorted({type(callback).__name__ for callback in callbacks[position + 1:] if isinstance(callback, kinds)})
+    if after:
+        raise MisconfigurationException(
+            f"ModelPruning(make_pruning_permanent=True) is listed before {', '.join(after)}: at the end of fit the "
+            "averaging callback writes its averaged parameters over the pruned weights, after the masks were made "
+            f"permanent, and the model would come back unpruned. List ModelPruning after {after[0]} in "
+            "Trainer(callbacks=[...]) (the averaged weights are then masked), or pass make_pruning_permanent=False."
+        )
