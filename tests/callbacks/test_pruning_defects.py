@@ -256,16 +256,35 @@ def test_weight_averaging_ends_with_the_masked_average_or_is_refused(tmp_path, c
         assert all(torch.equal(value, before[key]) for key, value in _weights(model).items())  # nothing trained
         return
     trainer.fit(model)
+    _assert_masked_average(model, average)
+
+
+def _assert_masked_average(model, average) -> None:
+    """`model`'s weights are `average`'s averaged weights where pruning kept them, and zero elsewhere."""
     averaged = average._average_model
     averaged = getattr(averaged, "module", averaged)  # EMA wraps it in torch's AveragedModel
     zeros = numel = 0
     for name, layer in model.named_modules():
         if isinstance(layer, torch.nn.Linear):
+            if torch_prune.is_pruned(layer):
+                layer(torch.zeros(1, layer.in_features))  # masks kept: the forward hook recomputes the weight
             weight, mean = layer.weight.detach(), dict(averaged.named_modules())[name].weight.detach()
             kept = weight != 0
             assert torch.equal(weight[kept], mean[kept])  # the average where the mask keeps a weight
             zeros, numel = zeros + int((~kept).sum()), numel + weight.numel()
     assert zeros == round(0.875 * numel)  # and zero where it does not: 3 global rounds of 50%, exactly
+
+
+@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+def test_weight_averaging_listed_after_pruning_works_while_the_masks_stay(tmp_path, averaging):
+    """The refusal's other remedy: without making the masks permanent, the averaged weights land in
+    ``weight_orig`` and stay masked."""
+    seed_everything(0)
+    model = ThreeLayerModel()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"], make_pruning_permanent=False)
+    average = averaging(swa_lrs=0.01, swa_epoch_start=1) if averaging is StochasticWeightAveraging else averaging()
+    make_trainer(tmp_path, max_epochs=3, callbacks=[pruning, average]).fit(model)
+    _assert_masked_average(model, average)
 
 
 @both("custom BasePruningMethod subclasses are refused unless use_global_unstructured=True")
