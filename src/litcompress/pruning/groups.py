@@ -229,25 +229,26 @@ class BatchNormZeroer:
             starts = g.batch_norm_starts or (0,) * len(g.batch_norms)
             self._groups.append(([modules[p] for p in g.producers],
                                  [(modules[b], start) for b, start in zip(g.batch_norms, starts)]))
-        self._dead: list[tuple[Tensor, list[tuple[nn.Module, int]]]] = []
+        self._zeroed: list[tuple[nn.Module, Tensor]] = []  # each BatchNorm with the entries to hold at zero
 
     @torch.no_grad()
     def refresh(self) -> BatchNormZeroer:
         """Re-read which channels are zero in all of a group's producers (returns self)."""
-        self._dead = []
+        self._zeroed = []
         for producers, batch_norms in self._groups:
             dead = torch.stack([(_rows(effective_tensor(p, "weight")) == 0).all(dim=1) for p in producers]).all(0)
             if bool(dead.any()):
-                self._dead.append((dead.nonzero().flatten(), batch_norms))
+                entries = dead.nonzero().flatten()
+                # after a concatenation, the producer's channels start past the other inputs' in the BatchNorm
+                self._zeroed += [(bn, (entries + start).to(bn.weight.device)) for bn, start in batch_norms]
         return self
 
     @torch.no_grad()
     def apply_(self) -> None:
         """Zero the BatchNorm entries of the channels found by the last :meth:`refresh`."""
-        for dead, batch_norms in self._dead:
-            for bn, start in batch_norms:
-                bn.weight[dead + start] = 0.0
-                bn.bias[dead + start] = 0.0
+        for bn, entries in self._zeroed:
+            bn.weight[entries] = 0.0
+            bn.bias[entries] = 0.0
 
 
 def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:
