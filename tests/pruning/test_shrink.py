@@ -966,6 +966,49 @@ def test_average_pooling_passes_constants_only_without_padding_or_a_divisor(pool
         assert "which shrink does not see through" in dict(result.report.kept)["conv"]
 
 
+
+class TinyUNet(nn.Module):
+    """A U-Net: the encoder's first features go down (max-pool, conv) and across (the skip), the deeper ones are
+    upsampled and concatenated with the skip, and a conv and a 1x1 head read the concatenation's result."""
+
+    def __init__(self, upsample: str) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.enc1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.enc2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.up = nn.Upsample(scale_factor=2, mode=upsample) if upsample != "function" else None
+        self.dec, self.bn3, self.head = nn.Conv2d(24, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.bn1(self.enc1(x)))
+        deep = torch.relu(self.bn2(self.enc2(F.max_pool2d(skip, 2))))
+        deep = self.up(deep) if self.up is not None else F.interpolate(deep, scale_factor=2.0, mode="bilinear")
+        return self.head(torch.relu(self.bn3(self.dec(torch.cat([deep, skip], 1)))))
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear", "function"])
+def test_a_unets_skips_and_upsampled_features_lose_their_zeroed_channels(upsample) -> None:
+    torch.manual_seed(0)
+    model = TinyUNet(upsample)
+    dead = {"enc1": [0, 3, 5], "enc2": [1, 2, 8, 15], "dec": [4]}
+    for index, (conv, rows) in enumerate(dead.items(), 1):
+        bn = getattr(model, f"bn{index}")
+        randomise_batch_norm_(bn, torch.Generator().manual_seed(index))
+        zero_rows_(getattr(model, conv), rows)
+        with torch.no_grad():  # as the pipeline's zero_batch_norm leaves them: the channels are exactly zero
+            bn.weight[rows] = bn.bias[rows] = 0
+    x = torch.randn(2, 3, 8, 8)
+    expected = outputs(model, x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    shrunk = result.model
+    assert (shrunk.enc1.out_channels, shrunk.enc2.in_channels, shrunk.enc2.out_channels) == (5, 5, 12)
+    assert (shrunk.dec.in_channels, shrunk.dec.out_channels, shrunk.head.in_channels) == (12 + 5, 7, 7)
+    consumers = {layer.name: layer.consumer for layer in result.report.layers}
+    assert consumers == {"enc1": "enc2, dec", "enc2": "dec", "dec": "head"}
+
 class DepthMultiplier(nn.Module):
     """A grouped conv with two outputs per input channel: its channels do not map one to one."""
 

@@ -9,17 +9,17 @@ same function as the masked one in eval mode (exactly up to float rounding), wit
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
 through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
-activations, dropout, a conv's spatial max/adaptive pooling (average pooling without padding), depthwise
-convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same channels)
-and a flatten from conv to Linear. An output with several users branches (Inception-style heads, multi-task models):
-a channel goes only if it reaches every branch's consumer as a constant, and each consumer folds the constant of its
-own branch. A concatenation along the channels (DenseNet, Inception) places the producer's channels among the
-others, whose widths are read from the layers that make them; the ops after it lose the channels at that place. A
-residual add, a LayerNorm, a layer used twice, the model's output, or a concatenation whose inputs' widths the graph
-does not tell, on any branch, end the chain and keep the producer as it is. The feed-forward blocks of torch's
-Transformer layers, which fx does not trace into, are chains too. Channel spaces that residual additions join are
-handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of a group's layers leaves all
-of them.
+activations, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling,
+depthwise convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same
+channels) and a flatten from conv to Linear. An output with several users branches (Inception-style heads, multi-
+task models): a channel goes only if it reaches every branch's consumer as a constant, and each consumer folds the
+constant of its own branch. A concatenation along the channels (DenseNet, Inception, U-Net skips) places the
+producer's channels among the others, whose widths are read from the layers that make them; the ops after it lose
+the channels at that place. A residual add, a LayerNorm, a layer used twice, the model's output, or a concatenation
+whose inputs' widths the graph does not tell, on any branch, end the chain and keep the producer as it is. The feed-
+forward blocks of torch's Transformer layers, which fx does not trace into, are chains too. Channel spaces that
+residual additions join are handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of
+a group's layers leaves all of them.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
@@ -54,15 +54,18 @@ _ELEMENTWISE_FUNCTIONS = {
     F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus,
 }
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
-# Ops that pass a constant channel through unchanged (eval mode): dropout and pooling that never pads with zeros.
+# Ops that pass a constant channel through unchanged (eval mode): dropout, and spatial pooling that never pads with
+# zeros or resampling (U-Net decoders' upsampling: every mode interpolates a constant map to the same constant).
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _POOLING = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 )
 _POOLING_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
 }
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 # Average pooling keeps a constant only without zero padding (counted in the average by default) and without a
