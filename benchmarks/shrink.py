@@ -17,12 +17,13 @@ MobileNetV3-style net for 3x64x64 inputs (``litcompress.models.MobileNetClassifi
 32 channels expanded 6x around depthwise convs, with squeeze-and-excitation gates); ``transformer``, torch's
 ``nn.TransformerEncoder`` (4 layers, d_model 256, 4 heads, feed-forward 1024) on 64 tokens, then a Linear head;
 ``densenet``, a DenseNet-BC for 3x32x32 inputs (two dense blocks of 6 layers, growth 32, a halving transition);
-``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels).
+``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels);
+``unet``, a U-Net for 3x64x64 inputs (three levels of 32-64-128 channels, bilinear upsampling, skip concatenations).
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
-squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; every conv of the DenseNet
-and the Inception net, whose outputs branch into several concatenations or consumers. Weights are random (seeded):
-latency and size do not depend on training.
+squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; every conv of the DenseNet,
+the Inception net and the U-Net but its head, whose outputs branch into several concatenations or consumers.
+Weights are random (seeded): latency and size do not depend on training.
 
 Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
 variants interleaved, medians. Usage::
@@ -171,6 +172,31 @@ class Inception(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class UNet(nn.Module):
+    """A U-Net for 3x64x64 inputs: three encoder levels of two conv-BN-ReLU (32, 64, 128 channels, max-pooling
+    between), a decoder that upsamples (bilinear), concatenates the skip and applies two conv-BN-ReLU per level, and a
+    1x1 conv to 2 classes per pixel."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        cin, self.down = 3, nn.ModuleList()
+        for width in widths:
+            self.down.append(nn.Sequential(conv_bn_relu(cin, width, 3), conv_bn_relu(width, width, 3)))
+            cin = width
+        self.up = nn.ModuleList(nn.Sequential(conv_bn_relu(deep + skip, skip, 3), conv_bn_relu(skip, skip, 3))
+                                for deep, skip in zip(widths[:0:-1], widths[-2::-1]))
+        self.head = nn.Conv2d(widths[0], 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for index, level in enumerate(self.down):
+            x = level(F.max_pool2d(x, 2) if index else x)
+            skips.append(x)
+        for level, skip in zip(self.up, skips[-2::-1]):
+            x = level(torch.cat([F.interpolate(x, scale_factor=2.0, mode="bilinear"), skip], 1))
+        return self.head(x)
+
+
 def randomise_batch_norms_(model: nn.Module) -> None:
     """BatchNorm statistics as after training, so the folded constants are not trivial."""
     with torch.no_grad():
@@ -197,6 +223,10 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         model = DenseNet() if name == "densenet" else Inception()
         randomise_batch_norms_(model)
         return model.eval(), (3, 32, 32), 32
+    if name == "unet":
+        model = UNet()
+        randomise_batch_norms_(model)
+        return model.eval(), (3, 64, 64), 8
     if name == "cnn":
         model = VGGish()
         randomise_batch_norms_(model)
@@ -303,7 +333,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MODELS = ("cnn", "mlp", "mobilenet", "transformer", "densenet", "inception")
+MODELS = ("cnn", "mlp", "mobilenet", "transformer", "densenet", "inception", "unet")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,7 +366,7 @@ Command: `{command}` ({datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes, once, the
 layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
 and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, every conv of
-the DenseNet and the Inception net) and makes it permanent; `litcompress.shrink` then removes the zero channels
+the DenseNet, the Inception net and the U-Net but its head) and makes it permanent; `litcompress.shrink` then removes the zero channels
 (from the depthwise convs, gates, concatenations and BatchNorms on the way too, and folds their constant outputs
 into the next layers' biases). Same inputs, eval mode,
 `torch.no_grad()`.
