@@ -10,9 +10,10 @@ from torch import nn
 
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
-from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _slower_int8
+from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _select_targets, _slower_int8
 from litcompress.pruning import is_pruned
 from litcompress.pruning.schedules import PolynomialDecay
+from litcompress.pruning.shrink import channel_plan
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized
 from litcompress.report.compression import Latency, StageMetrics
 
@@ -351,6 +352,16 @@ def test_structured_pruning_prunes_only_what_shrink_can_remove(digits):
     with pytest.raises(ValueError, match="shrink can remove the channels of none of the layers to prune"):
         prune_targets(nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 10)), prune)
 
+
+
+def test_structured_pruning_of_output_channels_leaves_transposed_convs_out():
+    from tests.pruning.test_shrink import TransposedUNet
+
+    model = TransposedUNet()
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", layer_types=(nn.Conv2d, nn.ConvTranspose2d))
+    targets, left_out = _select_targets(model, prune, channel_plan(model))
+    assert {name for name, m in model.named_modules() for t, _ in targets if t is m} == {"enc1", "enc2", "dec"}
+    assert left_out == {"up": "it is a transposed conv, whose output channels are its weight's dim 1, not dim 0"}
 
 @given(fp32=st.floats(1e-3, 1e3), ratio=st.floats(0.1, 10), stage=st.sampled_from(["input", "pruned", "shrunk"]))
 def test_an_int8_model_clearly_slower_than_its_fp32_model_is_said(fp32, ratio, stage):

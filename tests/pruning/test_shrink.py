@@ -1009,6 +1009,58 @@ def test_a_unets_skips_and_upsampled_features_lose_their_zeroed_channels(upsampl
     consumers = {layer.name: layer.consumer for layer in result.report.layers}
     assert consumers == {"enc1": "enc2, dec", "enc2": "dec", "dec": "head"}
 
+
+class TransposedUNet(nn.Module):
+    """A U-Net whose decoder upsamples with a stride-2 transposed conv (the original U-Net's up-convolution): it
+    consumes the deep features and produces the channels concatenated with the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.enc2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.up, self.bn_up = nn.ConvTranspose2d(16, 8, 2, stride=2), nn.BatchNorm2d(8)
+        self.dec, self.head = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.tanh(self.bn1(self.enc1(x)))
+        deep = torch.tanh(self.bn2(self.enc2(F.max_pool2d(skip, 2))))
+        up = torch.tanh(self.bn_up(self.up(deep)))
+        return self.head(torch.tanh(self.dec(torch.cat([up, skip], 1))))
+
+
+@pytest.mark.parametrize("zero_batch_norm", [True, False])
+def test_transposed_convs_lose_zero_input_channels_and_zero_output_filters(zero_batch_norm) -> None:
+    torch.manual_seed(0)
+    model = TransposedUNet()
+    for index, bn in enumerate((model.bn1, model.bn2, model.bn_up)):
+        randomise_batch_norm_(bn, torch.Generator().manual_seed(index))
+    dead = {"enc1": [1, 6], "enc2": [0, 3, 4], "up": [2, 5, 7]}
+    zero_rows_(model.enc1, dead["enc1"])
+    zero_rows_(model.enc2, dead["enc2"])
+    with torch.no_grad():
+        model.up.weight[:, dead["up"]] = 0  # a transposed conv's output filters are its weight's dim 1
+        if zero_batch_norm:  # the pruned channels exactly zero, as the pipeline's zero_batch_norm leaves them
+            for bn, rows in ((model.bn1, dead["enc1"]), (model.bn2, dead["enc2"]), (model.bn_up, dead["up"])):
+                bn.weight[rows] = bn.bias[rows] = 0
+    x = torch.randn(2, 3, 8, 8)
+    expected = outputs(model, x)
+
+    result = shrink(model, x)
+
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    shrunk = result.model
+    if zero_batch_norm:
+        assert (shrunk.enc2.out_channels, shrunk.up.in_channels, shrunk.up.out_channels) == (13, 13, 5)
+        assert tuple(shrunk.up.weight.shape) == (13, 5, 2, 2) and shrunk.bn_up.num_features == 5
+        assert (shrunk.enc1.out_channels, shrunk.dec.in_channels) == (6, 5 + 6)
+        assert {layer.name: layer.consumer for layer in result.report.layers} == {
+            "enc1": "enc2, dec", "enc2": "up", "up": "dec"}
+    else:  # tanh(BatchNorm shift) constants: a transposed conv spreads them unevenly, a padded conv at its border
+        assert result.report.layers == ()
+        kept = dict(result.report.kept)
+        assert "the transposed conv(s) up" in kept["enc2"]
+        assert "the zero-padded conv(s) dec" in kept["up"] and "the zero-padded conv(s) enc2, dec" in kept["enc1"]
+
 class DepthMultiplier(nn.Module):
     """A grouped conv with two outputs per input channel: its channels do not map one to one."""
 

@@ -24,8 +24,8 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
-from litcompress.pruning.shrink import (ChannelPlan, ShrinkReport, channel_plan, eval_outputs, is_depthwise,
-                                        max_output_difference, shrink)
+from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, channel_plan, eval_outputs,
+                                        is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -98,6 +98,9 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is not None:
         removable = plan.removable(residual_groups=_groups_residuals(config))
+        # a transposed conv's output channels are its weight's dim 1: pruning dim 0 would prune its inputs
+        removable.update({name: "it is a transposed conv, whose output channels are its weight's dim 1, not dim 0"
+                          for name, m in layers if isinstance(m, _TRANSPOSED)})
         left_out = {name: removable.get(name, "it is no Linear or ungrouped Conv") for name, _ in layers
                     if removable.get(name, "") is not None}
         if len(left_out) == len(layers) and layers:

@@ -24,9 +24,9 @@ from torch import Tensor, fx, nn
 from litcompress.pruning.engine import apply_mask_, effective_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
-                                        _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS,
-                                        LayerShrink, _called_once_or_stateless, _flatten_start, _is_producer,
-                                        _keep_batch_norm_, _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
+                                        _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
+                                        _called_once_or_stateless, _flatten_start, _is_producer, _keep_batch_norm_,
+                                        _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -125,7 +125,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             for a in inputs:
                 block(space_of[a])
             continue
-        if module is not None and _is_producer(module):
+        if module is not None and _is_producer(module) and not isinstance(module, _TRANSPOSED):
             for a in inputs:
                 space = spaces[find(space_of[a])]
                 width = module.in_features if isinstance(module, nn.Linear) else module.in_channels

@@ -8,7 +8,8 @@ through BatchNorm and the activation), so its effect downstream is a constant to
 same function as the masked one in eval mode (exactly up to float rounding), with fewer parameters and FLOPs.
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
-through a chain from a producer (Linear, ungrouped Conv) to a consumer (the same) over BatchNorm, element-wise
+through a chain from a producer (Linear, ungrouped Conv or transposed Conv) to a consumer (the same; only zero
+channels leave a transposed conv's inputs, where a constant does not stay constant) over BatchNorm, element-wise
 activations, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling,
 depthwise convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same
 channels) and a flatten from conv to Linear. An output with several users branches (Inception-style heads, multi-
@@ -42,6 +43,10 @@ from litcompress.pruning.engine import deepcopy_model, make_permanent_
 from litcompress.pruning.schedules import kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Transposed convs (U-Net up-convolutions): output channels are their weight's dim 1, input channels dim 0. A constant
+# input channel does not give a constant output (kernel taps land unevenly), so only zero channels leave their inputs.
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_LIKE = (*_CONV, *_TRANSPOSED)
 _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Element-wise (per channel) ops: a constant channel stays a constant channel, whose value we compute by running
 # the op on it.
@@ -297,7 +302,17 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
 
 
 def _is_producer(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
+    return isinstance(module, nn.Linear) or (isinstance(module, _CONV_LIKE) and module.groups == 1)
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _filters(module: nn.Module) -> Tensor:
+    """The weight with output channels first (a transposed conv keeps them in dim 1)."""
+    weight = module.weight.detach()
+    return weight.transpose(0, 1) if isinstance(module, _TRANSPOSED) else weight
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -308,7 +323,7 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def _zero_channels(module: nn.Module) -> Tensor:
     """Boolean per output channel: True where all of the channel's weights are zero."""
-    weight = module.weight.detach()
+    weight = _filters(module)
     return (weight.reshape(weight.shape[0], -1) == 0).all(dim=1)
 
 
@@ -470,7 +485,7 @@ def _concat_parts(node: fx.Node) -> tuple[list[object], object]:
 def _is_channel_dim(dim: object, producer: nn.Module) -> bool:
     """Whether `dim` is the channel dimension of `producer`'s output: 1 (or its negative) for a conv, -1 for a
     Linear (whose output may have any number of leading dimensions)."""
-    if isinstance(producer, _CONV):
+    if isinstance(producer, _CONV_LIKE):
         return dim in (1, 1 - producer.weight.dim())  # a conv's output has as many dims as its weight
     return dim == -1
 
@@ -484,7 +499,7 @@ def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object)
         module = modules[str(node.target)]
         if isinstance(module, nn.Linear) and not conv:
             return module.out_features
-        if isinstance(module, _CONV) and conv:
+        if isinstance(module, _CONV_LIKE) and conv:
             return module.out_channels
         if isinstance(module, _BATCH_NORM) and conv:
             return module.num_features
@@ -516,7 +531,7 @@ def _channel_concat(cat: fx.Node, node: fx.Node, producer: nn.Module, branch: _B
         return f"its output is concatenated along dim={dim!r} in {described}, not along its channels ({along})"
     if sum(part is node for part in parts) != 1:
         return f"its output enters the concatenation {described} more than once"
-    conv = isinstance(producer, _CONV)
+    conv = isinstance(producer, _CONV_LIKE)
     widths: list[int] = []
     for part in parts:
         width = branch.width if part is node else _width(part, conv, modules, dim)
@@ -535,7 +550,7 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
     branches, every branch must reach a consumer: a channel can only go from all of them."""
     producer = modules[producer_name]
     branches: list[_Branch] = []
-    reason = _walk(start, producer, _Branch(producer.weight.shape[0]), branches, modules, calls)
+    reason = _walk(start, producer, _Branch(_out_channels(producer)), branches, modules, calls)
     if reason is not None:
         return reason
     # the same _Concat object on several branches is one concatenation before a fork; two objects of one name are
@@ -551,7 +566,7 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
           calls: dict[str, int]) -> str | None:
     """Follow `branch` on from `node` to its consumer(s), appending each branch that reaches one to `done`; the
     reason a branch does not, else None."""
-    is_conv = isinstance(producer, _CONV)
+    is_conv = isinstance(producer, _CONV_LIKE)
     while True:
         users = _value_users(node)
         if len(users) == 2 and is_conv and not branch.flattened:
@@ -579,7 +594,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     """Take `branch` from `node` into its user `user`: None when `user` is the branch's consumer (the branch is then
     in `done`), the reason when the branch cannot go on, else (with `walk_on`, the rest of the branch walked: its
     outcome) `user`, to walk on from."""
-    is_conv = isinstance(producer, _CONV)
+    is_conv = isinstance(producer, _CONV_LIKE)
     if user.op == "output":
         return "it produces the model's output, whose width is part of the model's interface"
     if _is_concatenation(user):
@@ -598,18 +613,21 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return f"its consumer {user.target} is parametrized"
         if branch.flattened:
             ok = isinstance(module, nn.Linear) and module.in_features % branch.width == 0
-        elif is_conv:
-            ok = type(module) is type(producer) and module.in_channels == branch.width
+        elif is_conv:  # a conv or transposed conv of the same number of spatial dims
+            ok = (isinstance(module, _CONV_LIKE) and module.weight.dim() == producer.weight.dim()
+                  and module.in_channels == branch.width)
         else:
             ok = isinstance(module, nn.Linear) and module.in_features == branch.width
         if not ok:
             return f"its consumer {_describe(user, modules)} does not take its channels one to one"
         branch.consumer, branch.consumer_name = module, str(user.target)
-        branch.zero_padded_consumer = isinstance(module, _CONV) and _pads_with_zeros(module)
+        # only zero constants fold into a conv that pads with zeros, or into a transposed conv
+        branch.zero_padded_consumer = isinstance(module, _TRANSPOSED) or (isinstance(module, _CONV)
+                                                                           and _pads_with_zeros(module))
         done.append(branch)
         return None
     if module is not None and is_depthwise(module):
-        if not (is_conv and type(module) is type(producer) and not branch.flattened):
+        if not (is_conv and module.weight.dim() == producer.weight.dim() and not branch.flattened):
             return f"its output goes to the depthwise {_describe(user, modules)}, not of its own kind"
         if parametrize.is_parametrized(module):
             return f"the depthwise {user.target} is parametrized"
@@ -646,7 +664,7 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
     outputs its own bias whatever it reads, so its channel is constant from there on even if the producer's is not.
     After a concatenation the other inputs' channels ride along as zeros (never read: per-channel ops only)."""
     weight = producer.weight.detach()
-    channels = weight.shape[0]
+    channels = _out_channels(producer)
     constant = _zero_channels(producer)
     bias = producer.bias
     value = bias.detach().clone() if bias is not None else weight.new_zeros(channels)
@@ -685,7 +703,9 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
 
 
 def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
-    module.weight = nn.Parameter(module.weight.detach()[keep].clone(), module.weight.requires_grad)
+    weight = module.weight.detach()
+    kept = weight[:, keep] if isinstance(module, _TRANSPOSED) else weight[keep]
+    module.weight = nn.Parameter(kept.clone(), module.weight.requires_grad)
     if module.bias is not None:
         module.bias = nn.Parameter(module.bias.detach()[keep].clone(), module.bias.requires_grad)
     if isinstance(module, nn.Linear):
@@ -696,8 +716,13 @@ def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
 
 def _keep_input_channels_(consumer: nn.Module, keep: Tensor, channels: int) -> None:
     """Keep the input columns of `consumer` that read the `keep` ones of `channels` (a flatten of a conv's output
-    gives each channel a block of columns, channel-major)."""
+    gives each channel a block of columns, channel-major; a transposed conv reads its inputs in dim 0)."""
     weight = consumer.weight.detach()
+    if isinstance(consumer, _TRANSPOSED):
+        kept = keep.to(weight.device)
+        consumer.weight = nn.Parameter(weight[kept].clone(), consumer.weight.requires_grad)
+        consumer.in_channels = int(kept.numel())
+        return
     columns = torch.arange(weight.shape[1], device=weight.device).view(channels, weight.shape[1] // channels)
     kept = columns[keep.to(weight.device)].flatten()
     consumer.weight = nn.Parameter(weight[:, kept].clone(), consumer.weight.requires_grad)
@@ -736,7 +761,7 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
     """Remove the producer's channels that reach every consumer as constants, where the chain allows it (and the
     depthwise convs' on the way); each consumer absorbs the constants its branch delivers."""
     producer = chain.producer
-    channels = producer.weight.shape[0]
+    channels = _out_channels(producer)
     zero = _zero_channels(producer)
     dead = torch.ones_like(zero)
     constants: list[Tensor] = []
@@ -752,10 +777,13 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         if not bool(zero.any()):
             return None
         padded = [op.name for op in ops if isinstance(op, _Depthwise) and op.zero_padded]
-        padded += [branch.consumer_name for branch in chain.branches if branch.zero_padded_consumer]
+        padded += [branch.consumer_name for branch in chain.branches
+                   if branch.zero_padded_consumer and not isinstance(branch.consumer, _TRANSPOSED)]
+        transposed = [branch.consumer_name for branch in chain.branches if isinstance(branch.consumer, _TRANSPOSED)]
         gates = [op.names[0] for op in ops if isinstance(op, _Gate)]
         return ("its zero channels output non-zero constants into "
                 + " and ".join(([f"the zero-padded conv(s) {', '.join(padded)}"] if padded else [])
+                               + ([f"the transposed conv(s) {', '.join(transposed)}"] if transposed else [])
                                + ([f"the gate(s) of {', '.join(gates)}"] if gates else []))
                 + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
                 "zero_batch_norm does, makes them zero)")
@@ -805,11 +833,11 @@ def _fold_and_drop_inputs_(branch: _Branch, remove: Tensor, constants: Tensor, k
     """Add what the `remove`d ones of the consumer's input `channels` contributed (the `constants` they carry) to
     the consumer's bias, then keep only the inputs that read the `keep` ones."""
     consumer = branch.consumer
-    weight = consumer.weight.detach()
-    # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
-    per_channel = weight.shape[1] // channels if branch.flattened else 1
-    columns = torch.arange(weight.shape[1], device=weight.device).view(channels, per_channel)
-    if bool((constants != 0).any()):
+    if bool((constants != 0).any()):  # never into a transposed conv: only zero constants are removed before one
+        weight = consumer.weight.detach()
+        # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
+        per_channel = weight.shape[1] // channels if branch.flattened else 1
+        columns = torch.arange(weight.shape[1], device=weight.device).view(channels, per_channel)
         removed_columns = columns[remove]  # [r, s]
         contribution = weight[:, removed_columns.flatten()].reshape(weight.shape[0], remove.numel(), per_channel, -1)
         contribution = (contribution * constants.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
@@ -883,10 +911,11 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped Conv), in
-    module order, the reason `shrink` cannot remove its channels on its own (None when it can); the channel groups
-    that residual additions join; and the BatchNorms on each removable producer's way to its consumers, each with
-    where the producer's channels start among its channels (after a concatenation, past the other inputs')."""
+    """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped or transposed
+    Conv), in module order, the reason `shrink` cannot remove its channels on its own (None when it can); the
+    channel groups that residual additions join; and the BatchNorms on each removable producer's way to its
+    consumers, each with where the producer's channels start among its channels (after a concatenation, past the
+    other inputs')."""
 
     reasons: dict[str, str | None]
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
@@ -950,10 +979,10 @@ def _describe_layer(module: nn.Module) -> str:
 
 def removable_channels(model: nn.Module, *, residual_groups: bool = True,
                        tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, str | None]:
-    """For every producer layer (Linear, ungrouped Conv) of `model`, in module order: None where `shrink` can remove
-    its output channels once they are zero (a consumer takes them one to one, it is a Transformer layer's
-    ``linear1``, or, with `residual_groups`, it writes into a residual group, whose layers lose a channel together),
-    else the reason it cannot. ValueError if the model cannot be traced.
+    """For every producer layer (Linear, ungrouped or transposed Conv) of `model`, in module order: None where
+    `shrink` can remove its output channels once they are zero (a consumer takes them one to one, it is a
+    Transformer layer's ``linear1``, or, with `residual_groups`, it writes into a residual group, whose layers lose
+    a channel together), else the reason it cannot. ValueError if the model cannot be traced.
 
     Structured pruning of the other layers masks channels that stay: it costs accuracy and saves nothing.
     """
@@ -1081,8 +1110,9 @@ def shrink_(
 
 
 def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, list[str]]:
-    """For each producer (Linear, ungrouped Conv) whose channels `shrink` can remove, the names of the BatchNorms
-    on its way to its consumers; producers without one are left out. ValueError if the model cannot be traced.
+    """For each producer (Linear, ungrouped or transposed Conv) whose channels `shrink` can remove, the names of the
+    BatchNorms on its way to its consumers; producers without one are left out. ValueError if the model cannot be
+    traced.
 
     Zeroing a BatchNorm's scale and shift for the channels whose filters are pruned makes those channels exactly
     zero (not a constant), which `shrink` removes even before a zero-padded convolution. After a concatenation the
