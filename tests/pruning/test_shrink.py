@@ -18,7 +18,7 @@ from litcompress import ModelPruning, shrink
 from litcompress.data import DigitsDataModule
 from litcompress.pruning import is_pruned, prune_, removable_channels, shrink_
 from litcompress.pruning.groups import ChannelGroup, zero_group_batch_norms_
-from litcompress.pruning.shrink import channel_plan, following_batch_norms
+from litcompress.pruning.shrink import ShrinkResult, channel_plan, following_batch_norms
 from tests.conftest import make_trainer
 
 ACTIVATIONS = {
@@ -57,6 +57,14 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(x)
+
+
+def shrunk_alike(model: nn.Module, x: torch.Tensor) -> ShrinkResult:
+    """`shrink(model, x)`, having checked that the shrunk model computes what `model` does on `x`."""
+    expected = outputs(model, x)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    return result
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -260,11 +268,7 @@ def test_channels_stay_where_removing_them_would_change_the_function(model_class
     model = model_class()
     zero_rows_(getattr(model, zeroed), [0, 1])
     x = torch.randn(7, 4 if model_class is not Residual else 5)
-    expected = outputs(model, x)
-
-    result = shrink(model, x)
-
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     assert result.report.layers == ()
     assert result.report.parameters_after == result.report.parameters_before
     (name, why), = result.report.kept
@@ -825,9 +829,7 @@ def test_zeroing_the_planned_batch_norms_frees_channels_a_padded_conv_reads_afte
         zeroed[[7, 8]] = True
         assert bool((bn.weight[zeroed] == 0).all() and (bn.bias[zeroed] == 0).all())
         torch.testing.assert_close(bn.weight[~zeroed], untouched[name][~zeroed])
-    expected = outputs(model, x)
-    result = shrink(model, x)
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     (layer,) = result.report.layers
     assert (layer.name, layer.removed, layer.folded) == ("conv_0", 2, 0)  # exactly zero: nothing to fold
 
@@ -851,11 +853,7 @@ def test_linear_features_concatenated_along_the_last_dim_lose_their_zero_rows() 
     zero_rows_(model.a, [1, 3])
     zero_rows_(model.b, [0])
     x = torch.randn(6, 4)
-    expected = outputs(model, x)
-
-    result = shrink(model, x)
-
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     assert (result.model.a.out_features, result.model.b.out_features, result.model.out.in_features) == (3, 2, 5)
     assert [(layer.name, layer.consumer, layer.removed) for layer in result.report.layers] == [
         ("a", "out", 2), ("b", "out", 1)]
@@ -883,9 +881,7 @@ def test_concatenations_shrink_cannot_place_keep_their_inputs(model, reason) -> 
     torch.manual_seed(0)
     zero_rows_(model.a, [0, 1])
     x = torch.randn(6, 4)
-    expected = outputs(model, x)
-    result = shrink(model, x)
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     assert dict(result.report.kept)["a"] == reason
 
 
@@ -921,11 +917,7 @@ def test_a_concatenation_read_by_several_branches_loses_channels_in_all_of_them(
     zero_rows_(first["pool"], [2, 3, 7])  # zero for its padded b3: only those with a bias <= 0 can go
     zero_rows_(second["b3"], [0])
     x = torch.randn(2, 3, 8, 8)
-    expected = outputs(model, x)
-
-    result = shrink(model, x)
-
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     shrunk = result.model
     assert shrunk.stem[0].out_channels == shrunk.stem[1].num_features == 6
     assert all(shrunk.blocks[0][name].in_channels == 6 for name in ("b1", "b3", "pool"))
@@ -958,9 +950,7 @@ def test_average_pooling_passes_constants_only_without_padding_or_a_divisor(pool
     model = Pooled()
     zero_rows_(model.conv, [0, 3])
     x = torch.randn(2, 2, 6, 6)
-    expected = outputs(model, x)
-    result = shrink(model, x)
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     assert result.model.conv.out_channels == (4 if passes else 6)
     if not passes:
         assert "which shrink does not see through" in dict(result.report.kept)["conv"]
@@ -998,11 +988,7 @@ def test_a_unets_skips_and_upsampled_features_lose_their_zeroed_channels(upsampl
         with torch.no_grad():  # as the pipeline's zero_batch_norm leaves them: the channels are exactly zero
             bn.weight[rows] = bn.bias[rows] = 0
     x = torch.randn(2, 3, 8, 8)
-    expected = outputs(model, x)
-
-    result = shrink(model, x)
-
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     shrunk = result.model
     assert (shrunk.enc1.out_channels, shrunk.enc2.in_channels, shrunk.enc2.out_channels) == (5, 5, 12)
     assert (shrunk.dec.in_channels, shrunk.dec.out_channels, shrunk.head.in_channels) == (12 + 5, 7, 7)
@@ -1043,11 +1029,7 @@ def test_transposed_convs_lose_zero_input_channels_and_zero_output_filters(zero_
             for bn, rows in ((model.bn1, dead["enc1"]), (model.bn2, dead["enc2"]), (model.bn_up, dead["up"])):
                 bn.weight[rows] = bn.bias[rows] = 0
     x = torch.randn(2, 3, 8, 8)
-    expected = outputs(model, x)
-
-    result = shrink(model, x)
-
-    torch.testing.assert_close(outputs(result.model, x), expected)
+    result = shrunk_alike(model, x)
     shrunk = result.model
     if zero_batch_norm:
         assert (shrunk.enc2.out_channels, shrunk.up.in_channels, shrunk.up.out_channels) == (13, 13, 5)
