@@ -10,10 +10,9 @@ from torch import nn
 
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
-from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _select_targets, _slower_int8
+from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _slower_int8
 from litcompress.pruning import is_pruned
 from litcompress.pruning.schedules import PolynomialDecay
-from litcompress.pruning.shrink import channel_plan
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized
 from litcompress.report.compression import Latency, StageMetrics
 
@@ -354,14 +353,39 @@ def test_structured_pruning_prunes_only_what_shrink_can_remove(digits):
 
 
 
-def test_structured_pruning_of_output_channels_leaves_transposed_convs_out():
-    from tests.pruning.test_shrink import TransposedUNet
+class UpConvNet(nn.Module):
+    """A classifier on a U-Net path: the deep features come back up through a stride-2 transposed conv and meet the
+    skip in a concatenation."""
 
-    model = TransposedUNet()
-    prune = PruneConfig(sparsity=0.5, method="ln_structured", layer_types=(nn.Conv2d, nn.ConvTranspose2d))
-    targets, left_out = _select_targets(model, prune, channel_plan(model))
-    assert {name for name, m in model.named_modules() for t, _ in targets if t is m} == {"enc1", "enc2", "dec"}
-    assert left_out == {"up": "it is a transposed conv, whose output channels are its weight's dim 1, not dim 0"}
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.enc2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.up, self.bn_up = nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.dec, self.bn3 = nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.bn1(self.enc1(x)))
+        deep = torch.relu(self.bn2(self.enc2(nn.functional.max_pool2d(skip, 2))))
+        up = torch.relu(self.bn_up(self.up(deep)))
+        h = torch.relu(self.bn3(self.dec(torch.cat([up, skip], 1))))
+        return self.head(nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def test_structured_pruning_prunes_a_transposed_convs_output_channels_along_dim_1(digits):
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    result, x_val = compress_on_images(digits, UpConvNet(), prune, steps=30)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    up = pruned.up.weight  # [in, out, 2, 2]: output filters are dim 1; dim 0, its inputs, is left whole
+    assert int((up.transpose(0, 1).flatten(1).abs().sum(1) == 0).sum()) == 4
+    assert int((up.flatten(1).abs().sum(1) == 0).sum()) == 0
+    widths = {name: (m.in_channels, m.out_channels) for name, m in shrunk.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))}
+    assert widths == {"enc1": (1, 4), "enc2": (4, 8), "up": (8, 4), "dec": (4 + 4, 4)}
+    assert shrunk.head.in_features == 4 and not any(m.startswith("removable_only:") for m in result.report.messages)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 @given(fp32=st.floats(1e-3, 1e3), ratio=st.floats(0.1, 10), stage=st.sampled_from(["input", "pruned", "shrunk"]))
 def test_an_int8_model_clearly_slower_than_its_fp32_model_is_said(fp32, ratio, stage):

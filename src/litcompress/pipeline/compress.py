@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,8 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
-from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, channel_plan, eval_outputs,
-                                        is_depthwise, max_output_difference, shrink)
+from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, _out_channels, channel_plan,
+                                        eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -98,9 +99,6 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is not None:
         removable = plan.removable(residual_groups=_groups_residuals(config))
-        # a transposed conv's output channels are its weight's dim 1: pruning dim 0 would prune its inputs
-        removable.update({name: "it is a transposed conv, whose output channels are its weight's dim 1, not dim 0"
-                          for name, m in layers if isinstance(m, _TRANSPOSED)})
         left_out = {name: removable.get(name, "it is no Linear or ungrouped Conv") for name, _ in layers
                     if removable.get(name, "") is not None}
         if len(left_out) == len(layers) and layers:
@@ -116,6 +114,18 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
                          f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
     return targets, left_out
+
+
+def _by_output_dim(targets: Sequence[Target], prune: PruneConfig) -> list[tuple[list[Target], dict[str, Any]]]:
+    """The targets with the method's keyword arguments, in sets pruned alike: structured pruning of output channels
+    (dim 0) prunes a transposed conv along dim 1, where its output channels are. Unstructured pruning keeps one set
+    (a global threshold spans all of them); an empty set is left out."""
+    kwargs = prune.method_kwargs()
+    if not (prune.structured and prune.dim == 0):
+        return [(list(targets), kwargs)] if targets else []
+    transposed = [t for t in targets if isinstance(t[0], _TRANSPOSED)]
+    regular = [t for t in targets if not isinstance(t[0], _TRANSPOSED)]
+    return [(subset, kw) for subset, kw in ((regular, kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
 
 
 def _groups_residuals(prune: PruneConfig) -> bool:
@@ -368,7 +378,7 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
         # after a concatenation, the layer's channels start past the other inputs' in the BatchNorm
         affine = {name: start for name, start in places.items() if modules[name].affine}
         if layer in pruned and affine:
-            groups.append(ChannelGroup((layer,), tuple(affine), (), modules[layer].weight.shape[0],
+            groups.append(ChannelGroup((layer,), tuple(affine), (), _out_channels(modules[layer]),
                                        batch_norm_starts=tuple(affine.values())))
     if groups:
         layers = {name for group in groups for name in group.batch_norms}  # one after a concatenation serves several
@@ -480,27 +490,30 @@ def compress(
             note(f"removable_only: {len(left_out)} layer(s) left unpruned, as shrink could not remove their channels: "
                  + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
                  + ". PruneConfig(removable_only=False) prunes them too (masks only).")
-        method, kwargs = prune.pruning_method, prune.method_kwargs()
+        method = prune.pruning_method
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
         groups, layer_targets = _residual_groups(work, targets, prune, plan, note)
         # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
         held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, plan, note)
                                                        if prune.zero_batch_norm else []))
+        target_sets = _by_output_dim(layer_targets, prune)
         if fine_tune is None:
-            prune_to_sparsity_(layer_targets, method, float(prune.sparsity), scope=prune.scope,
-                               keep_multiple_of=multiple, **kwargs)
+            for subset, kwargs in target_sets:
+                prune_to_sparsity_(subset, method, float(prune.sparsity), scope=prune.scope,
+                                   keep_multiple_of=multiple, **kwargs)
             prune_groups_(work, groups, float(prune.sparsity), prune.norm, multiple)
             held_at_zero.refresh().apply_()
             how = "one-shot, no fine-tuning"
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
-            pruner = GradualPruner(layer_targets, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
-                                   **kwargs)
+            pruners = [GradualPruner(subset, schedule, method, scope=prune.scope, keep_multiple_of=multiple, **kwargs)
+                       for subset, kwargs in target_sets]
             group_rounds: list[int] = []
 
             def step(t: int) -> None:  # after every optimizer step: the BatchNorm shifts would grow back
-                pruner.step(t)
+                for pruner in pruners:
+                    pruner.step(t)
                 if schedule.should_prune(t):  # masks change only at the schedule's rounds
                     if groups and prune_groups_(work, groups, schedule.target(t), prune.norm, multiple):
                         group_rounds.append(t)
@@ -509,14 +522,16 @@ def compress(
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             fine_tune(work, step)
-            rounds = len({h["t"] for h in pruner.history if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
-            late = prune_to_sparsity_(layer_targets, method, schedule.final_sparsity, scope=prune.scope,
-                                      keep_multiple_of=multiple, **kwargs)
+            rounds = len({h["t"] for pruner in pruners for h in pruner.history
+                          if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
+            late = sum(prune_to_sparsity_(subset, method, schedule.final_sparsity, scope=prune.scope,
+                                          keep_multiple_of=multiple, **kwargs) for subset, kwargs in target_sets)
             # the same for groups stopped early
             prune_groups_(work, groups, schedule.final_sparsity, prune.norm, multiple)
             held_at_zero.refresh().apply_()
             if late:
-                note(f"fine-tuning stopped at step {pruner.last_t}, before its schedule ended (step {schedule.end}); "
+                note(f"fine-tuning stopped at step {pruners[0].last_t}, before its schedule ended "
+                     f"(step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")
             how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps"
         result_sparsity = sparsity_report(work, targets)

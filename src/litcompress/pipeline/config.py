@@ -17,7 +17,9 @@ from litcompress.quantization.config import PTQConfig
 
 ScheduleShape = Literal["cubic", "linear", "oneshot"]
 SCHEDULE_SHAPES: tuple[str, ...] = ("cubic", "linear", "oneshot")
-PrunableLayers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# transposed convs too: structured pruning of output channels prunes them along dim 1, where theirs are
+PrunableLayers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,11 @@ def _rows(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def _output_rows(module: nn.Module, weight: Tensor) -> Tensor:
+    """`weight` (of `module`) as one row per output channel: a transposed conv keeps them in dim 1."""
+    return _rows(weight.transpose(0, 1) if isinstance(module, _TRANSPOSED) else weight)
+
+
 @torch.no_grad()
 def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float, norm: float = 2,
                   keep_multiple_of: int | None = None) -> int:
@@ -236,7 +241,8 @@ class BatchNormZeroer:
         """Re-read which channels are zero in all of a group's producers (returns self)."""
         self._zeroed = []
         for producers, batch_norms in self._groups:
-            dead = torch.stack([(_rows(effective_tensor(p, "weight")) == 0).all(dim=1) for p in producers]).all(0)
+            dead = torch.stack([(_output_rows(p, effective_tensor(p, "weight")) == 0).all(dim=1)
+                                for p in producers]).all(0)
             if bool(dead.any()):
                 entries = dead.nonzero().flatten()
                 # after a concatenation, the producer's channels start past the other inputs' in the BatchNorm
