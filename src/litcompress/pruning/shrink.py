@@ -211,7 +211,8 @@ class _Branch:
     # _Concat places the producer's channels in a wider space
     ops: list[_Op] = field(default_factory=list)
     flattened: bool = False
-    zero_padded_consumer: bool = False  # a conv consumer that pads with zeros: only zero constants fold exactly
+    # only zero constants fold exactly into the consumer: a conv that pads with zeros, or a transposed conv
+    zeros_only: bool = False
 
     @property
     def width(self) -> int:
@@ -242,7 +243,7 @@ class _Branch:
 
     def fork(self) -> _Branch:
         return _Branch(self.producer_channels, self.consumer, self.consumer_name, list(self.ops), self.flattened,
-                       self.zero_padded_consumer)
+                       self.zeros_only)
 
 
 @dataclass
@@ -621,9 +622,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         if not ok:
             return f"its consumer {_describe(user, modules)} does not take its channels one to one"
         branch.consumer, branch.consumer_name = module, str(user.target)
-        # only zero constants fold into a conv that pads with zeros, or into a transposed conv
-        branch.zero_padded_consumer = isinstance(module, _TRANSPOSED) or (isinstance(module, _CONV)
-                                                                           and _pads_with_zeros(module))
+        branch.zeros_only = isinstance(module, _TRANSPOSED) or (isinstance(module, _CONV) and _pads_with_zeros(module))
         done.append(branch)
         return None
     if module is not None and is_depthwise(module):
@@ -767,8 +766,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
     constants: list[Tensor] = []
     for branch in chain.branches:
         constant, value = _constant_channels(producer, branch)
-        if branch.zero_padded_consumer:
-            # a constant channel is not constant in a zero-padded conv's receptive field at the border
+        if branch.zeros_only:
+            # a constant channel is not constant at a zero-padded conv's border, nor through a transposed conv
             constant &= value == 0
         dead &= constant
         constants.append(value)
@@ -778,7 +777,7 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
             return None
         padded = [op.name for op in ops if isinstance(op, _Depthwise) and op.zero_padded]
         padded += [branch.consumer_name for branch in chain.branches
-                   if branch.zero_padded_consumer and not isinstance(branch.consumer, _TRANSPOSED)]
+                   if branch.zeros_only and not isinstance(branch.consumer, _TRANSPOSED)]
         transposed = [branch.consumer_name for branch in chain.branches if isinstance(branch.consumer, _TRANSPOSED)]
         gates = [op.names[0] for op in ops if isinstance(op, _Gate)]
         return ("its zero channels output non-zero constants into "
