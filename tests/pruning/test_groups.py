@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from torch import nn
 
 from litcompress import shrink
-from litcompress.models import ResidualBlock
+from litcompress.models import GatedFeedForward, ResidualBlock
 from litcompress.pruning import removable_channels
 from litcompress.pruning.groups import (ChannelGroup, prune_groups_, remove_zero_group_channels_, residual_groups,
                                         zero_group_batch_norms_)
@@ -48,6 +48,11 @@ def test_the_residual_stream_is_one_group_with_its_readers():
         batch_norms=("stem.1", "blocks.0.bn2", "blocks.1.bn2"),
         consumers=("blocks.0.conv1", "blocks.1.conv1", "head.2"),
         channels=16,
+        # a channel leaves when it is zero in every term of the sums the readers read
+        zero_when=("all", *(("batch_norm", bn, ("producer", conv))
+                            for conv, bn in (("stem.0", "stem.1"), ("blocks.0.conv2", "blocks.0.bn2"),
+                                             ("blocks.1.conv2", "blocks.1.bn2")))),
+        joined_by=("addition",),
     )]
 
 
@@ -165,3 +170,141 @@ def test_a_reused_activation_module_neither_ends_a_chain_nor_blocks_a_group():
 
     torch.testing.assert_close(result.model.eval()(x), expected)
     assert (result.model.blocks[0].conv1.out_channels, result.model.blocks[0].conv2.in_channels) == (5, 5)
+
+
+# ------------------------------------------------------------------ gating products (SwiGLU / GeGLU feed-forwards)
+class GatedBlock(nn.Module):
+    """A residual stream around a LLaMA-style gated feed-forward block, as in a Transformer layer."""
+
+    def __init__(self, activation: str = "silu", d_model: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, d_model)
+        self.feed_forward = GatedFeedForward(d_model, hidden, activation)
+        self.head = nn.Linear(d_model, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(h + self.feed_forward(h))
+
+
+def dead_rows(layer: nn.Linear) -> torch.Tensor:
+    return (layer.weight == 0).all(dim=1)
+
+
+def test_a_gated_feed_forward_is_one_group_joined_by_a_product():
+    model = GatedBlock()
+    groups = residual_groups(model)
+    gated = [g for g in groups if g.gated]
+    assert [(g.producers, g.consumers, g.channels, g.joined_by) for g in gated] == [
+        (("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",), 16, ("multiplication",))]
+    # the stream around it joins inp and w2 by an addition, and is read by the block and the head
+    (stream,) = [g for g in groups if not g.gated]
+    assert (stream.producers, stream.consumers) == (("inp", "feed_forward.w2"),
+                                                    ("feed_forward.w1", "feed_forward.w3", "head"))
+    assert "gating product" in gated[0].describe() and stream.describe() == "residual additions"
+    plan = removable_channels(model)
+    assert plan["feed_forward.w1"] is None and plan["feed_forward.w3"] is None
+    assert plan["feed_forward.w1"] is None and removable_channels(model, residual_groups=False)[
+        "feed_forward.w1"].startswith("its output meets another tensor")
+
+
+@settings(max_examples=20, deadline=None)
+@given(activation=st.sampled_from(["silu", "gelu", "relu"]), gate=st.sets(st.integers(0, 15)),
+       value=st.sets(st.integers(0, 15)), seed=st.integers(0, 10_000))
+def test_a_channel_zero_in_either_factor_leaves_the_whole_gated_block(activation, gate, value, seed):
+    # Layer-by-layer structured pruning (Lightning's ModelPruning) picks w1's and w3's channels independently: a
+    # product's channel is zero when either factor's is, so all of their union can go.
+    torch.manual_seed(seed)
+    model = GatedBlock(activation).eval()
+    with torch.no_grad():
+        model.feed_forward.w1.weight[sorted(gate)] = 0
+        model.feed_forward.w3.weight[sorted(value)] = 0
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    width = max(16 - len(gate | value), 1)
+    ff = shrunk.feed_forward
+    assert (ff.w1.out_features, ff.w3.out_features, ff.w2.in_features) == (width, width, width)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class FactorReadTwice(nn.Module):
+    """w3's output also feeds another layer directly: only its own zero channels may leave there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(4, 8, bias=False), nn.Linear(4, 8, bias=False), nn.Linear(8, 3)
+        self.side = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = self.w3(x)
+        return self.w2(torch.relu(self.w1(x)) * value) + self.side(value)
+
+
+@pytest.mark.parametrize("zeroed, width", [("w1", 8), ("w3", 5)])
+def test_a_factor_read_elsewhere_keeps_what_is_read_there(zeroed, width):
+    torch.manual_seed(0)
+    model = FactorReadTwice().eval()
+    with torch.no_grad():
+        getattr(model, zeroed).weight[:3] = 0
+    x = torch.randn(4, 4)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert (shrunk.w1.out_features, shrunk.w3.out_features, shrunk.w2.in_features, shrunk.side.in_features) == \
+        (width,) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected)
+
+
+class SigmoidGate(nn.Module):
+    """The original GLU, a * sigmoid(b): sigmoid(0) = 1/2, so a zero channel of b is no zero channel of the product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.a(x) * torch.sigmoid(self.b(x)))
+
+
+class LearnedScale(nn.Module):
+    """A product with a learned per-channel scale (LayerScale): not a second layer's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.a(x) * self.scale)
+
+
+@pytest.mark.parametrize("model, zeroed", [(SigmoidGate(), "b"), (LearnedScale(), "scale")],
+                         ids=["sigmoid gate", "learned scale"])
+def test_a_product_with_something_else_is_no_group(model, zeroed):
+    assert residual_groups(model) == []
+    with torch.no_grad():  # b's zero channels gate by sigmoid(0) = 1/2: a's channels still pass
+        for tensor in ((model.b.weight, model.b.bias) if zeroed == "b" else (model.scale,)):
+            tensor[:2] = 0
+    x = torch.randn(3, 4)
+    result = shrink(model, x)
+    assert result.report.layers == ()
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_gated_groups_prune_the_same_channels_in_both_factors():
+    torch.manual_seed(0)
+    model = GatedBlock()
+    (gated,) = [g for g in residual_groups(model) if g.gated]
+    assert prune_groups_(model, [gated], 0.5) == 8
+    ff = model.feed_forward
+    assert torch.equal(dead_rows(ff.w1), dead_rows(ff.w3)) and int(dead_rows(ff.w1).sum()) == 8
+    x = torch.randn(4, 4)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert shrunk.feed_forward.w2.in_features == 8
+    torch.testing.assert_close(shrunk(x), expected)

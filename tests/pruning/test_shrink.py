@@ -1135,8 +1135,7 @@ def test_zero_channels_that_fx_cannot_see_are_reported_with_the_reason() -> None
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
     assert result.report.layers == ()
     assert dict(result.report.kept) == {
-        "attention.out_proj": "it is inside attention (MultiheadAttention), which torch.fx keeps as one module: pass "
-                              "a tracer that traces into it",
+        "attention.out_proj": "it is inside attention (MultiheadAttention), whose heads shrink does not remove",
         "unused": "forward does not call it (as torch.fx traces forward)",
     }
 

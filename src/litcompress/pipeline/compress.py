@@ -102,10 +102,13 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         left_out = {name: removable.get(name, "it is no Linear or ungrouped Conv") for name, _ in layers
                     if removable.get(name, "") is not None}
         if len(left_out) == len(layers) and layers:
+            grouped = {name for group in plan.groups for name in group.producers} & set(left_out)
+            remedy = (f"PruneConfig(group_residuals=True, zero_batch_norm=True) prunes {', '.join(sorted(grouped))} "
+                      "as channel groups, which shrink removes; or pass" if grouped else "Pass")
             raise ValueError(
                 f"PruneConfig(method={config.pruning_method.__name__!r}): shrink can remove the channels of none "
                 f"of the layers to prune, so structured pruning would cost accuracy and save nothing: "
-                f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. Pass removable_only=False to mask "
+                f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. {remedy} removable_only=False to mask "
                 "them anyway, or prune unstructured.")
         layers = [(name, m) for name, m in layers if name not in left_out]
     targets = [(m, p) for name, m in layers for p in config.parameter_names
@@ -129,7 +132,8 @@ def _by_output_dim(targets: Sequence[Target], prune: PruneConfig) -> list[tuple[
 
 
 def _groups_residuals(prune: PruneConfig) -> bool:
-    """Whether `prune` prunes the layers joined by residual additions as one group (while fine-tuning)."""
+    """Whether `prune` prunes the layers joined by residual additions or gating products as one group (while
+    fine-tuning)."""
     return prune.group_residuals and prune.zero_batch_norm and prune.method == "ln_structured" and prune.dim == 0
 
 
@@ -351,16 +355,17 @@ def _names_of(model: nn.Module, targets: Sequence[Target]) -> list[str]:
 
 def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneConfig, plan: ChannelPlan | None,
                      note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[Target]]:
-    """The channel groups joined by residual additions that structured pruning prunes as one (the same channels in
-    every layer writing into the group), when the config asks for it and all those layers are pruning targets; and
-    the targets left to prune layer by layer."""
+    """The channel groups joined by residual additions or gating products that structured pruning prunes as one (the
+    same channels in every layer writing into the group), when the config asks for it and all those layers are
+    pruning targets; and the targets left to prune layer by layer."""
     if not _groups_residuals(prune) or plan is None:
         return [], list(targets)
     names = _names_of(model, targets)
     groups = [g for g in plan.groups if set(g.producers) <= set(names)]
     grouped = {name for g in groups for name in g.producers}
     if groups:
-        note(f"group_residuals: {len(groups)} channel group(s) joined by residual additions ({len(grouped)} layers) "
+        joined = " or ".join(sorted({g.describe() for g in groups}))
+        note(f"group_residuals: {len(groups)} channel group(s) joined by {joined} ({len(grouped)} layers) "
              "pruned as one, so shrink can remove their channels.")
     return groups, [t for t, name in zip(targets, names) if name not in grouped]
 

@@ -52,9 +52,11 @@ class PruneConfig:
             a zero-padded convolution, where a constant channel has to stay. Without fine-tuning the model is
             left to compute what it computed (False then changes nothing).
         group_residuals: with ``ln_structured`` while fine-tuning (and ``zero_batch_norm``), the layers whose outputs
-            residual additions join (a ResNet stage's stem and last convs of each block) are pruned as one group: the
-            same channels in all of them, ranked by the sum of their norms, so ``shrink`` can remove them from every
-            layer that writes or reads the residual stream. Otherwise each such layer keeps its pruned channels.
+            residual additions join (a ResNet stage's stem and last convs of each block), or a gating product (the
+            ``w1`` and ``w3`` of a SwiGLU feed-forward block, ``w2(silu(w1(x)) * w3(x))``), are pruned as one group:
+            the same channels in all of them, ranked by the sum of their norms, so ``shrink`` can remove them from
+            every layer that writes or reads the group's channels. Otherwise each such layer keeps its pruned
+            channels.
         removable_only: with a structured method on output channels (``dim=0``), prune only the layers whose
             channels ``shrink`` can then remove (``litcompress.pruning.shrink.removable_channels``); the others
             (e.g. the layers writing into a Transformer's LayerNorm'd residual stream, or the attention's output)

@@ -1,4 +1,5 @@
-"""Channel groups across residual additions: prune them together, then remove them with `shrink`.
+"""Channel groups across residual additions and gating products: prune them together, then remove them with
+`shrink`.
 
 In ``y = relu(x + bn2(conv2(h)))`` the channels of ``x`` (the stem's or the previous block's output) and of
 ``conv2`` are one channel space: a channel can only leave the model if it leaves every layer that writes into the
@@ -6,6 +7,10 @@ space (the *producers*), every BatchNorm on the way, and every layer that reads 
 blocks' first convolutions, the classifier). :func:`residual_groups` finds these spaces in a ``torch.fx`` graph;
 :func:`prune_groups_` prunes the same output channels in all producers of a group (ranked by the sum of their
 norms), and :func:`remove_zero_group_channels_` removes the channels that are exactly zero in the whole space.
+
+A gated feed-forward block, ``w2(silu(w1(x)) * w3(x))`` (SwiGLU, GeGLU: the MLP of LLaMA-style Transformers), is
+such a space too, joined by a multiplication: ``w1`` and ``w3`` write into it and ``w2`` reads it. A channel of a
+product is zero when either factor's is, so a channel zero in ``w1`` alone leaves ``w3`` and ``w2`` as well.
 
 Exactly zero, not constant: a residual stream feeds zero-padded convolutions, where a constant channel does not
 fold into a bias. With ``zero_batch_norm`` (the pipeline's default) a pruned channel's BatchNorm shift is held at
@@ -15,6 +20,7 @@ zero, so a group's pruned channels are exactly zero after ReLU-like activations 
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +42,19 @@ _ZERO_PRESERVING_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, 
 _ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
+
+# When a channel of a space is exactly zero at some node, as an expression over the space's layers:
+# ("producer", name): zero rows and bias; ("batch_norm", name, x): x zero and the BatchNorm maps 0 to 0;
+# ("all", x, ...): every term zero (a sum); ("any", x, ...): one term zero (a product); ("input", name): the model's
+# input, never known to be zero.
+ZeroRule = tuple
 
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """One channel space joined by residual additions."""
+    """One channel space joined by residual additions or gating products."""
 
     producers: tuple[str, ...]  # write into the space (their output channels)
     batch_norms: tuple[str, ...]  # per-channel, inside the space
@@ -48,6 +62,20 @@ class ChannelGroup:
     channels: int
     # where the space's channels start among each BatchNorm's (after a concatenation); empty: 0 for all
     batch_norm_starts: tuple[int, ...] = ()
+    # when a channel is zero wherever the consumers read the space (a ZeroRule); None: zero in every producer and
+    # every BatchNorm, right for sums only
+    zero_when: ZeroRule | None = None
+    joined_by: tuple[str, ...] = ("addition",)  # "addition" (residual), "multiplication" (gating product)
+
+    @property
+    def gated(self) -> bool:
+        """Whether a multiplication joins the space."""
+        return "multiplication" in self.joined_by
+
+    def describe(self) -> str:
+        """How the space is joined, for reports."""
+        kinds = {"addition": "residual additions", "multiplication": "a gating product (element-wise multiplication)"}
+        return " and ".join(kinds[kind] for kind in self.joined_by)
 
 
 @dataclass
@@ -57,19 +85,26 @@ class _Space:
     producers: list[str] = field(default_factory=list)
     batch_norms: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
-    joined: bool = False  # an addition merged spaces
+    joined: bool = False  # an addition or a multiplication merged spaces
     blocked: bool = False  # something other than the ops below touches it
+    joined_by: set[str] = field(default_factory=set)  # "addition", "multiplication"
+    read: list[ZeroRule] = field(default_factory=list)  # the ZeroRule of what each consumer reads
 
     @property
     def is_conv(self) -> bool:
         return self.kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _is_add(node: fx.Node) -> bool:
+def _joining_op(node: fx.Node) -> str | None:
+    """"all" for an addition (a sum's channel is zero when all terms' are), "any" for a multiplication (when one
+    factor's is), else None."""
     if node.kwargs:
-        return False
-    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS)
+        return None
+    if node.op == "call_function":
+        return "all" if node.target in _ADD_FUNCTIONS else "any" if node.target in _MUL_FUNCTIONS else None
+    if node.op == "call_method":
+        return "all" if node.target in _ADD_METHODS else "any" if node.target in _MUL_METHODS else None
+    return None
 
 
 def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> bool:
@@ -84,12 +119,14 @@ def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> b
 
 
 def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> list[ChannelGroup]:
-    """The channel spaces of `model` that residual additions join and that can lose channels as a whole.
+    """The channel spaces of `model` that residual additions or gating products (the element-wise product of two
+    layers' outputs of one width) join, and that can lose channels as a whole.
 
     A space is left out when anything other than a Linear/ungrouped Conv (called once), a BatchNorm, a
-    zero-preserving activation, dropout, a conv's pooling, a flatten into a Linear or another addition of the space
-    touches it: the model's input or output, a concatenation, a multiplication, a normalisation over channels.
-    ValueError if the model cannot be traced.
+    zero-preserving activation, dropout, a conv's pooling, a flatten into a Linear or another addition or
+    multiplication within the space touches it: the model's input or output, a concatenation, a product with a
+    tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over channels. ValueError if the model
+    cannot be traced.
     """
     return _residual_groups(*trace(model, tracer))
 
@@ -113,6 +150,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         spaces[find(i)].blocked = True
 
     space_of: dict[fx.Node, int] = {}
+    rule_of: dict[fx.Node, ZeroRule] = {}  # when a channel of the node's value is zero
     flattened: set[fx.Node] = set()
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
@@ -120,6 +158,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         once = module is None or _called_once_or_stateless(module, str(node.target), calls)
         if node.op == "placeholder":  # the model's input keeps its width
             space_of[node] = new(_Space(0, None, blocked=True))
+            rule_of[node] = ("input", node.name)  # blocks its space: never evaluated
             continue
         if node.op == "output":  # so does its output
             for a in inputs:
@@ -135,14 +174,17 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                               and width % space.channels == 0)
                              or (a not in flattened and width == space.channels and type(module) is space.kind)):
                     space.consumers.append(str(node.target))
+                    space.read.append(rule_of[a])
                 else:
                     block(space_of[a])
             out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
             space_of[node] = new(_Space(out, type(module), [str(node.target)], blocked=not once))
+            rule_of[node] = ("producer", str(node.target))
             continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
-        if _is_add(node) and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
+        joining = _joining_op(node)
+        if joining and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
             a, b = (find(space_of[x]) for x in inputs)
             if (spaces[a].channels, spaces[a].kind, inputs[0] in flattened) != \
                     (spaces[b].channels, spaces[b].kind, inputs[1] in flattened):
@@ -154,9 +196,13 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 merged.producers += other.producers
                 merged.batch_norms += other.batch_norms
                 merged.consumers += other.consumers
+                merged.read += other.read
                 merged.blocked = merged.blocked or other.blocked
+                merged.joined_by |= other.joined_by
             spaces[find(a)].joined = True
+            spaces[find(a)].joined_by.add("addition" if joining == "all" else "multiplication")
             space_of[node] = find(a)
+            rule_of[node] = _combined(joining, (rule_of[x] for x in inputs))
             if inputs[0] in flattened:
                 flattened.add(node)
             continue
@@ -167,17 +213,21 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 and module.affine and module.running_mean is not None:
             spaces[root].batch_norms.append(str(node.target))
             space_of[node] = root
+            rule_of[node] = ("batch_norm", str(node.target), rule_of[source])
         elif len(inputs) == 1 and once and _passes_through(node, module, convs):
             space_of[node] = root
+            rule_of[node] = rule_of[source]
             if source in flattened:
                 flattened.add(node)
         elif len(inputs) == 1 and convs and _flatten_start(node, modules) == 1:
             space_of[node] = root
+            rule_of[node] = rule_of[source]
             flattened.add(node)
-        else:  # a concatenation, a multiplication, a normalisation over channels, a shape read...
+        else:  # a concatenation, a product with a tensor from elsewhere, a normalisation over channels, a shape read
             for a in inputs:
                 block(space_of[a])
-    return [ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers), space.channels)
+    return [ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers), space.channels,
+                         zero_when=_combined("all", space.read), joined_by=tuple(sorted(space.joined_by)))
             for i, space in enumerate(spaces)
             if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers]
 
@@ -257,19 +307,56 @@ class BatchNormZeroer:
             bn.bias[entries] = 0.0
 
 
+def _zero_producer_channels(producer: nn.Module) -> Tensor:
+    dead = (_rows(producer.weight.detach()) == 0).all(dim=1).cpu()
+    if producer.bias is not None:
+        dead &= (producer.bias.detach() == 0).cpu()
+    return dead
+
+
+def _batch_norm_keeps_zero(bn: nn.Module) -> Tensor:
+    """True for the channels a BatchNorm maps 0 to 0 (eval mode)."""
+    shift = bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return (shift == 0).cpu()
+
+
+def _combined(kind: str, terms: Iterable[ZeroRule]) -> ZeroRule:
+    """("all"|"any", *terms), nested terms of the same kind flattened and repeats dropped (a residual stream's
+    readers see ever longer sums of the same layers); one term stands for itself."""
+    flat: list[ZeroRule] = []
+    for term in terms:
+        for part in (term[1:] if term[0] == kind else (term,)):
+            if part not in flat:
+                flat.append(part)
+    return flat[0] if len(flat) == 1 else (kind, *flat)
+
+
+def _zero_by_rule(modules: dict[str, nn.Module], rule: ZeroRule, known: dict[ZeroRule, Tensor]) -> Tensor:
+    if rule not in known:
+        kind, *terms = rule
+        if kind == "input":
+            raise ValueError(f"a channel group reads the model's input {terms[0]}, whose channels cannot go")
+        if kind == "producer":
+            known[rule] = _zero_producer_channels(modules[terms[0]])
+        elif kind == "batch_norm":
+            known[rule] = _zero_by_rule(modules, terms[1], known) & _batch_norm_keeps_zero(modules[terms[0]])
+        else:
+            values = torch.stack([_zero_by_rule(modules, term, known) for term in terms])
+            known[rule] = values.all(0) if kind == "all" else values.any(0)
+    return known[rule]
+
+
 def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:
-    """True for the channels that are zero everywhere in the space: zero rows and biases in every producer, and
-    every BatchNorm maps zero to zero (eval mode)."""
+    """True for the channels that are zero wherever the consumers read the space (with `zero_when`: a product's
+    channel is zero when one factor's is; without: zero rows and biases in every producer, and every BatchNorm maps
+    zero to zero)."""
+    if group.zero_when is not None:
+        return _zero_by_rule(modules, group.zero_when, {})
     dead = torch.ones(group.channels, dtype=torch.bool)
     for name in group.producers:
-        producer = modules[name]
-        dead &= (_rows(producer.weight.detach()) == 0).all(dim=1).cpu()
-        if producer.bias is not None:
-            dead &= (producer.bias.detach() == 0).cpu()
+        dead &= _zero_producer_channels(modules[name])
     for name in group.batch_norms:
-        bn = modules[name]
-        shift = bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-        dead &= (shift == 0).cpu()
+        dead &= _batch_norm_keeps_zero(modules[name])
     return dead
 
 
@@ -294,7 +381,7 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
             _keep_batch_norm_(modules[name], keep.to(modules[name].weight.device))
         for name in group.consumers:
             _keep_input_channels_(modules[name], keep, group.channels)
-        readers = f"residual group, {len(group.consumers)} readers"
+        readers = f"{'gated' if group.gated else 'residual'} group, {len(group.consumers)} readers"
         done += [LayerShrink(name, readers, group.channels, int(keep.numel()), 0) for name in group.producers]
     return done
 

@@ -19,8 +19,9 @@ producer's channels among the others, whose widths are read from the layers that
 the channels at that place. A residual add, a LayerNorm, a layer used twice, the model's output, or a concatenation
 whose inputs' widths the graph does not tell, on any branch, end the chain and keep the producer as it is. The feed-
 forward blocks of torch's Transformer layers, which fx does not trace into, are chains too. Channel spaces that
-residual additions join are handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero in all of
-a group's layers leaves all of them.
+residual additions or gating products (``w2(silu(w1(x)) * w3(x))``) join are handled as groups
+(:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read it (in all terms of a
+sum, in one factor of a product) leaves all of the group's layers.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
@@ -902,6 +903,8 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
     if leaf is None:
         return "forward does not call it (as torch.fx traces forward)"
     kind = type(modules[leaf]).__name__
+    if isinstance(modules[leaf], nn.MultiheadAttention):
+        return f"it is inside {leaf} (MultiheadAttention), whose heads shrink does not remove"
     if type(modules[leaf]) in _TRANSFORMER_LEAVES:
         return (f"it is inside {leaf} ({kind}), where only the feed-forward blocks' first layers (linear1) can lose "
                 "channels: the others write into the LayerNorm'd residual stream or the attention heads")
@@ -912,7 +915,7 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
 class ChannelPlan:
     """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped or transposed
     Conv), in module order, the reason `shrink` cannot remove its channels on its own (None when it can); the
-    channel groups that residual additions join; and the BatchNorms on each removable producer's way to its
+    channel groups that residual additions or gating products join; and the BatchNorms on each removable producer's way to its
     consumers, each with where the producer's channels start among its channels (after a concatenation, past the
     other inputs')."""
 
@@ -922,7 +925,8 @@ class ChannelPlan:
     layers: dict[str, str] = field(default_factory=dict)  # each producer described: "Conv2d 16 -> 32"
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
-        """`reasons`, with the producers of residual groups removable when `residual_groups` (pruned as one)."""
+        """`reasons`, with the producers of channel groups (residual or gated) removable when `residual_groups`
+        (pruned as one)."""
         grouped = {name for group in self.groups for name in group.producers} if residual_groups else set()
         return {name: None if name in grouped else reason for name, reason in self.reasons.items()}
 
@@ -938,7 +942,7 @@ class ChannelPlan:
             lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
                          f"{reason if verdict == 'no' else ''}".rstrip())
         for i, group in enumerate(self.groups, 1):
-            lines.append(f"group {i}: {group.channels} channels joined by residual additions, written by "
+            lines.append(f"group {i}: {group.channels} channels joined by {group.describe()}, written by "
                          f"{', '.join(group.producers)}; read by {', '.join(group.consumers)}")
         held = sorted({bn for places in self.batch_norms.values() for bn in places})
         if held:
@@ -980,8 +984,8 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True,
                        tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, str | None]:
     """For every producer layer (Linear, ungrouped or transposed Conv) of `model`, in module order: None where
     `shrink` can remove its output channels once they are zero (a consumer takes them one to one, it is a
-    Transformer layer's ``linear1``, or, with `residual_groups`, it writes into a residual group, whose layers lose
-    a channel together), else the reason it cannot. ValueError if the model cannot be traced.
+    Transformer layer's ``linear1``, or, with `residual_groups`, it writes into a channel group joined by residual
+    additions or a gating product, whose layers lose a channel together), else the reason it cannot. ValueError if the model cannot be traced.
 
     Structured pruning of the other layers masks channels that stay: it costs accuracy and saves nothing.
     """
@@ -1091,7 +1095,8 @@ def shrink_(
     called = _called_modules(graph)
     kept += [(name, _hidden_reason(name, called, modules)) for name in modules
              if name in producers - reached and bool(_zero_channels(modules[name]).any())]
-    # Channel spaces joined by residual additions lose the channels that are exactly zero in all their layers.
+    # Channel spaces joined by residual additions or gating products lose the channels that are exactly zero
+    # wherever they are read.
     grouped = remove_zero_group_channels_(model, groups, keep_multiple_of)
     layers += grouped
     handled = {layer.name for layer in grouped}
