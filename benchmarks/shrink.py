@@ -16,12 +16,15 @@ max-pooling, then 4096-512-10 Linear layers); ``mlp``, 1024-4096-4096-1024 Linea
 MobileNetV3-style net for 3x64x64 inputs (``litcompress.models.MobileNetClassifier``: 4 inverted residual blocks of
 32 channels expanded 6x around depthwise convs, with squeeze-and-excitation gates); ``transformer``, torch's
 ``nn.TransformerEncoder`` (4 layers, d_model 256, 4 heads, feed-forward 1024) on 64 tokens, then a Linear head;
+``swiglu``, the same size with LLaMA-style blocks (``litcompress.models.GatedTransformerBlock``: RMSNorm, attention,
+a SwiGLU feed-forward ``w2(silu(w1(x)) * w3(x))`` of 688 channels);
 ``densenet``, a DenseNet-BC for 3x32x32 inputs (two dense blocks of 6 layers, growth 32, a halving transition);
 ``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels);
 ``unet``, a U-Net for 3x64x64 inputs (three levels of 32-64-128 channels, bilinear upsampling, skip concatenations).
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
-squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; every conv of the DenseNet,
+squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
+SwiGLU blocks, each on its own (shrink removes the channels zero in either); every conv of the DenseNet,
 the Inception net and the U-Net but its head, whose outputs branch into several concatenations or consumers.
 Weights are random (seeded): latency and size do not depend on training.
 
@@ -59,7 +62,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from litcompress import shrink  # noqa: E402
-from litcompress.pruning import removable_channels  # noqa: E402
+from litcompress.models import GatedTransformerBlock  # noqa: E402
+from litcompress.pruning import removable_channels, residual_groups  # noqa: E402
 from mnist_sparsity import replace_section  # noqa: E402
 
 
@@ -89,6 +93,19 @@ class TokenTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x).mean(1))
+
+
+class GatedTokenTransformer(nn.Module):
+    """LLaMA-style blocks (RMSNorm, attention, SwiGLU feed-forward of 688 = 8/3 * 256 rounded up to 16) on tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(GatedTransformerBlock(256, 4, 688) for _ in range(4)))
+        self.norm = nn.RMSNorm(256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(x)).mean(1))
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -219,6 +236,8 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         return model.eval(), (3, 64, 64), 32
     if name == "transformer":
         return TokenTransformer().eval(), (64, 256), 16
+    if name == "swiglu":
+        return GatedTokenTransformer().eval(), (64, 256), 16
     if name in ("densenet", "inception"):
         model = DenseNet() if name == "densenet" else Inception()
         randomise_batch_norms_(model)
@@ -239,9 +258,12 @@ def prune_like_lightning(model: nn.Module, amount: float) -> nn.Module:
     """Lightning's ModelPruning, ln_structured on dim 0, made permanent (what gets shipped), on the layers whose
     channels shrink can remove (the output layer is not one of them)."""
     modules = dict(model.named_modules())
-    # residual streams only shrink when pruned as one group, which Lightning's callback does not do
-    hidden = [modules[name] for name, reason in removable_channels(model, residual_groups=False).items()
-              if reason is None]
+    # residual streams only shrink when pruned as one group, which Lightning's callback does not do; a gated
+    # feed-forward's w1 and w3 shrink by the union of their zero channels, so each is pruned on its own as usual
+    names = [name for name, reason in removable_channels(model, residual_groups=False).items() if reason is None]
+    names += [name for group in residual_groups(model) if group.joined_by == ("multiplication",)
+              for name in group.producers]
+    hidden = [modules[name] for name in names]
     holder = LightningModule()
     holder.net = model
     callback = LightningModelPruning(
@@ -333,7 +355,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MODELS = ("cnn", "mlp", "mobilenet", "transformer", "densenet", "inception", "unet")
+MODELS = ("cnn", "mlp", "mobilenet", "transformer", "swiglu", "densenet", "inception", "unet")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,7 +387,8 @@ Command: `{command}` ({datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 {args.threads} thread(s), allocator pinned, variants interleaved, {args.repeats} blocks of ~0.2 s each).
 Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes, once, the
 layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
-and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, every conv of
+and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, the SwiGLU
+blocks' `w1` and `w3` (each on its own: shrink removes the channels zero in either), every conv of
 the DenseNet, the Inception net and the U-Net but its head) and makes it permanent; `litcompress.shrink` then removes the zero channels
 (from the depthwise convs, gates, concatenations and BatchNorms on the way too, and folds their constant outputs
 into the next layers' biases). Same inputs, eval mode,

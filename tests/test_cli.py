@@ -158,6 +158,16 @@ def test_structured_transformer_narrows_its_feed_forward_blocks_only(tmp_path):
     assert said.startswith("removable_only: 5 layer(s) left unpruned") and "encoder.layers.1.linear2" in said
 
 
+def test_structured_swiglu_transformer_narrows_its_gated_feed_forward_blocks(tmp_path):
+    assert main(["compress", "--model", "swiglu", "--prune", "ln_structured", "--sparsity", "0.5", "--quantize",
+                 "none", *QUICK, "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    # 2 blocks (d_model 32, feed-forward 64, no biases): half of the hidden channels go from w1, w3 (rows of 32) and
+    # w2 (columns of 32), pruned as one group per block; the attention, the stream and the embedding stay
+    assert report["shrunk"].parameters == report["input"].parameters - 2 * 3 * 32 * 32
+    assert any(m.startswith("group_residuals: 2 channel group(s) joined by a gating product") for m in report.messages)
+
+
 def test_structured_densenet_narrows_every_concatenation(tmp_path):
     model_args = '{"stem": 8, "growth": 4, "layers": 2, "blocks": 2}'
     assert main(["compress", "--model", "densenet", "--model-args", model_args, "--prune", "ln_structured",
@@ -204,6 +214,16 @@ class Untraceable(MLPClassifier):
         return self.net(x) if x.sum() > 0 else -self.net(x)  # control flow on values: fx cannot trace it
 
 
+def test_channels_shows_a_gated_feed_forward_as_one_group(capsys):
+    assert main(["channels", "--model", "swiglu"]) == 0
+    out = capsys.readouterr().out
+    found = verdicts(out)
+    assert found["blocks.0.feed_forward.w1"] == found["blocks.0.feed_forward.w3"] == "group 1"
+    assert found["blocks.0.feed_forward.w2"] == found["blocks.0.attention.out_proj"] == "no"
+    assert ("group 2: 64 channels joined by a gating product (element-wise multiplication), written by "
+            "blocks.1.feed_forward.w1, blocks.1.feed_forward.w3; read by blocks.1.feed_forward.w2") in out
+
+
 def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["channels", "--model", "tests.test_cli:Untraceable", "--model-args", '{"in_features": 4}'])
@@ -217,7 +237,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
     (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
-    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet, transformer, densenet or "
+    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet, transformer, swiglu, densenet or "
                          "'package.module:Class'"),
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),

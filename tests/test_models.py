@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from litcompress.models import (CNNClassifier, DenseNetClassifier, MLPClassifier, MobileNetClassifier,
-                                ResNetClassifier, TransformerClassifier)
+from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, MLPClassifier,
+                                MobileNetClassifier, ResNetClassifier, TransformerClassifier)
 
 
 @pytest.mark.parametrize(("model", "inputs"), [
@@ -19,6 +19,8 @@ from litcompress.models import (CNNClassifier, DenseNetClassifier, MLPClassifier
     (MobileNetClassifier(width=4, blocks=1, squeeze_excitation=True, num_classes=4), torch.rand(3, 1, 8, 8)),
     (TransformerClassifier(in_channels=2, image_size=9, d_model=8, heads=2, layers=1, feed_forward=16,
                            num_classes=4), torch.rand(3, 2, 9, 9)),
+    (GatedTransformerClassifier(in_channels=2, image_size=9, d_model=8, heads=2, layers=1, feed_forward=16,
+                                activation="gelu", num_classes=4), torch.rand(3, 2, 9, 9)),
     (DenseNetClassifier(in_channels=2, image_size=9, stem=6, growth=3, layers=2, blocks=3, num_classes=4),
      torch.rand(3, 2, 9, 9)),
     (DenseNetClassifier(image_size=28, blocks=3, num_classes=4), torch.rand(3, 1, 28, 28)),
@@ -47,6 +49,9 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: MobileNetClassifier(expansion=0), "expansion=\\(0,\\)"),
     (lambda: MobileNetClassifier(stem_stride=0), "stem_stride=\\(0,\\)"),
     (lambda: TransformerClassifier(d_model=30, heads=4), "d_model=30 must be divisible by heads=4"),
+    (lambda: GatedTransformerClassifier(d_model=30, heads=4), "d_model=30 must be divisible by heads=4"),
+    (lambda: GatedTransformerClassifier(activation="tanh"), "activation='tanh': expected one of"),
+    (lambda: GatedTransformerClassifier(feed_forward=0), "feed_forward=\\(0,\\)"),
     (lambda: DenseNetClassifier(growth=0), "growth=\\(0,\\)"),
     (lambda: DenseNetClassifier(image_size=4, blocks=4), "image_size=4 is too small for 4 blocks"),
     (lambda: DenseNetClassifier(image_size=16, blocks=5), "after a stride-2 stem"),

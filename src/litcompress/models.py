@@ -206,6 +206,73 @@ class TransformerClassifier(Classifier):
         return self.head(self.encoder(self.embed(rows) + self.position).mean(1))
 
 
+_GATE_ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
+
+
+class GatedFeedForward(nn.Module):
+    """The feed-forward block of LLaMA-style Transformers, ``w2(act(w1(x)) * w3(x))`` without biases: SwiGLU with
+    ``activation="silu"``, GeGLU with ``"gelu"``, ReGLU with ``"relu"``. Structured pruning removes its hidden
+    channels from ``w1``, ``w3`` and ``w2`` together (see :mod:`litcompress.pruning.groups`)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "silu") -> None:
+        super().__init__()
+        _check_widths("d_model", (d_model,))
+        _check_widths("hidden", (hidden,))
+        if activation not in _GATE_ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: expected one of {sorted(_GATE_ACTIVATIONS)}.")
+        self.activation = activation
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # the gate
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # the value it gates
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(_GATE_ACTIVATIONS[self.activation](self.w1(x)) * self.w3(x))
+
+
+class GatedTransformerBlock(nn.Module):
+    """A pre-norm Transformer block as in LLaMA: ``x + attention(norm(x))``, then ``x + feed_forward(norm(x))``, with
+    RMSNorm and a :class:`GatedFeedForward`."""
+
+    def __init__(self, d_model: int, heads: int, hidden: int, activation: str = "silu") -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} must be divisible by heads={heads}.")
+        self.attention_norm = nn.RMSNorm(d_model)
+        self.attention = nn.MultiheadAttention(d_model, heads, bias=False, batch_first=True)
+        self.feed_forward_norm = nn.RMSNorm(d_model)
+        self.feed_forward = GatedFeedForward(d_model, hidden, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attention_norm(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.feed_forward(self.feed_forward_norm(x))
+
+
+class GatedTransformerClassifier(Classifier):
+    """:class:`TransformerClassifier` with LLaMA-style blocks (:class:`GatedTransformerBlock`: RMSNorm, SwiGLU
+    feed-forward of width `feed_forward`) and a final RMSNorm. Structured pruning shrinks every block's
+    feed-forward hidden channels (``w1``, ``w3`` and ``w2`` together)."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, d_model: int = 32, heads: int = 2, layers: int = 2,
+                 feed_forward: int = 64, activation: str = "silu", num_classes: int = 10, lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("d_model", d_model),
+                            ("heads", heads), ("layers", layers), ("feed_forward", feed_forward)):
+            _check_widths(name, (value,))
+        self.save_hyperparameters()
+        self.embed = nn.Linear(in_channels * image_size, d_model)
+        self.position = nn.Parameter(torch.zeros(1, image_size, d_model))
+        self.blocks = nn.Sequential(*(GatedTransformerBlock(d_model, heads, feed_forward, activation)
+                                      for _ in range(layers)))
+        self.norm = nn.RMSNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 1, 3).flatten(2)  # (N, C, H, W) -> (N, H, C * W)
+        return self.head(self.norm(self.blocks(self.embed(rows) + self.position)).mean(1))
+
+
 class DenseLayer(nn.Module):
     """DenseNet-BC's layer: it reads the concatenation of its block's earlier outputs through BatchNorm, ReLU and a
     1x1 conv to ``bottleneck * growth`` channels, then BatchNorm, ReLU and a zero-padded 3x3 conv to `growth`."""
@@ -278,5 +345,6 @@ class DenseNetClassifier(Classifier):
         self.net = DenseNet(in_channels, stem, growth, layers, blocks, num_classes, stem_stride)
 
 
-__all__ = ["CNNClassifier", "Classifier", "DenseLayer", "DenseNet", "DenseNetClassifier", "InvertedResidualBlock",
-           "MLPClassifier", "MobileNetClassifier", "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
+__all__ = ["CNNClassifier", "Classifier", "DenseLayer", "DenseNet", "DenseNetClassifier", "GatedFeedForward",
+           "GatedTransformerBlock", "GatedTransformerClassifier", "InvertedResidualBlock", "MLPClassifier",
+           "MobileNetClassifier", "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]

@@ -617,3 +617,27 @@ def test_a_failed_export_is_reported_and_the_results_are_kept(digits, tmp_path):
     assert [s.stage for s in result.report.stages] == ["input"] and result.report["input"].latency is not None
     with pytest.raises(ValueError, match="fp32_format='tflite'"):
         CompressionConfig(fp32_format="tflite")
+
+
+def test_gated_feed_forwards_are_pruned_as_one_and_shrunk(digits):
+    # LLaMA-style blocks: w1 and w3 meet in a product, so the same channels go from both, and from w2's inputs
+    from litcompress.models import GatedTransformerClassifier
+
+    model = GatedTransformerClassifier(d_model=16, heads=2, layers=2, feed_forward=32)
+    result, x_val = compress_on_images(digits, model, PruneConfig(sparsity=0.5, method="ln_structured"), steps=20)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    for block, before in zip(shrunk.blocks, pruned.blocks):
+        ff, pruned_ff = block.feed_forward, before.feed_forward
+        assert (ff.w1.out_features, ff.w3.out_features, ff.w2.in_features) == (16, 16, 16)
+        dead = (pruned_ff.w1.weight == 0).all(1)
+        assert int(dead.sum()) == 16 and torch.equal(dead, (pruned_ff.w3.weight == 0).all(1))
+    assert any(m.startswith("group_residuals: 2 channel group(s) joined by a gating product") for m in
+               result.report.messages)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+    # layer by layer, neither factor could go on its own: the error names the remedy
+    with pytest.raises(ValueError, match=r"group_residuals=True, zero_batch_norm=True\) prunes blocks\.0\."):
+        compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured",
+                                                            group_residuals=False, schedule="oneshot"), **FAST),
+                 eval_fn=accuracy(x_val, digits[3]), example_inputs=x_val[:8])
