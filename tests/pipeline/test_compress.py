@@ -641,3 +641,38 @@ def test_gated_feed_forwards_are_pruned_as_one_and_shrunk(digits):
         compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured",
                                                             group_residuals=False, schedule="oneshot"), **FAST),
                  eval_fn=accuracy(x_val, digits[3]), example_inputs=x_val[:8])
+
+
+class BiasedJoin(nn.Module):
+    """Two biased Linear layers whose outputs are added (two inputs' features fused) or multiplied (a gated block
+    with biases): no BatchNorm to hold a pruned channel at zero, only the biases."""
+
+    def __init__(self, product: bool) -> None:
+        super().__init__()
+        self.product = product
+        self.a, self.b, self.out = nn.Linear(64, 16), nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.a(x)), self.b(x)
+        return self.out(a * b if self.product else a + torch.relu(b))
+
+
+@pytest.mark.parametrize("product", [False, True], ids=["sum", "product"])
+@pytest.mark.parametrize("fine_tune", [False, True], ids=["one-shot", "fine-tuned"])
+def test_a_group_of_biased_layers_holds_the_pruned_channels_biases_at_zero_and_shrinks(digits, product, fine_tune):
+    x, y, x_val, y_val = digits[:4]
+    torch.manual_seed(0)
+    model = train(BiasedJoin(product), x, y, steps=40)
+    steps = 20
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", schedule="cubic" if fine_tune else "oneshot")
+    result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x_val, y_val),
+                      example_inputs=x_val[:8], fine_tune=(lambda m, step: train(m, x, y, steps, step)) if fine_tune
+                      else None, fine_tune_steps=steps if fine_tune else None)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    dead = (pruned.a.weight == 0).all(1)
+    assert int(dead.sum()) == 8 and torch.equal(dead, (pruned.b.weight == 0).all(1))
+    assert not pruned.a.bias[dead].any() and not pruned.b.bias[dead].any()
+    assert not model.a.bias[dead].eq(0).any()  # the user's model keeps its biases
+    assert (shrunk.a.out_features, shrunk.b.out_features, shrunk.out.in_features) == (8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -11,8 +13,8 @@ from torch import nn
 from litcompress import shrink
 from litcompress.models import GatedFeedForward, ResidualBlock
 from litcompress.pruning import removable_channels
-from litcompress.pruning.groups import (ChannelGroup, prune_groups_, remove_zero_group_channels_, residual_groups,
-                                        zero_group_batch_norms_)
+from litcompress.pruning.groups import (BatchNormZeroer, ChannelGroup, prune_groups_, remove_zero_group_channels_,
+                                        residual_groups, zero_group_batch_norms_)
 
 
 class ResNet(nn.Module):
@@ -308,3 +310,27 @@ def test_gated_groups_prune_the_same_channels_in_both_factors():
     shrunk = shrink(model, x).model
     assert shrunk.feed_forward.w2.in_features == 8
     torch.testing.assert_close(shrunk(x), expected)
+
+
+def test_a_batch_norm_of_zero_scale_and_shift_zeroes_its_channel_whatever_comes_in():
+    # A biased conv's pruned filter outputs its bias; a BatchNorm held at zero still makes the channel zero
+    torch.manual_seed(0)
+    model = ResNet(8)
+    model.stem[0] = nn.Conv2d(1, 8, 3, padding=1, bias=True)
+    for block in model.blocks:
+        block.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=True)
+    randomised(model, 0)
+    (group,) = residual_groups(model)
+    prune_groups_(model, [group], 0.5)
+    x = torch.randn(2, 1, 8, 8)
+    assert remove_zero_group_channels_(copy.deepcopy(model), [group]) == []  # shifts not zero: constants stay
+    zeroer = BatchNormZeroer(model, [group], biases=[False]).refresh()
+    zeroer.apply_()
+    assert model.stem[0].bias.ne(0).all()  # biases=[False] leaves them
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert shrunk.stem[0].out_channels == shrunk.head[2].in_features == 4
+    torch.testing.assert_close(shrunk(x), expected)
+    with pytest.raises(ValueError, match="2 biases flags for 1 groups"):
+        BatchNormZeroer(model, [group], biases=[True, False])

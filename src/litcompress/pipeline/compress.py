@@ -499,8 +499,10 @@ def compress(
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
         groups, layer_targets = _residual_groups(work, targets, prune, plan, note)
         # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
-        held_at_zero = BatchNormZeroer(work, groups + (_batch_norm_groups(work, layer_targets, plan, note)
-                                                       if prune.zero_batch_norm else []))
+        # (and a group's producers' biases: a sum or product of biased Linear layers has no BatchNorm to zero)
+        lone_layers = _batch_norm_groups(work, layer_targets, plan, note) if prune.zero_batch_norm else []
+        held_at_zero = BatchNormZeroer(work, groups + lone_layers,
+                                       biases=[True] * len(groups) + [False] * len(lone_layers))
         target_sets = _by_output_dim(layer_targets, prune)
         if fine_tune is None:
             for subset, kwargs in target_sets:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from litcompress.pruning.engine import apply_mask_, effective_tensor
+from litcompress.pruning.engine import apply_mask_, effective_tensor, trainable_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
@@ -268,43 +268,59 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
 
 @torch.no_grad()
 def zero_group_batch_norms_(model: nn.Module, groups: list[ChannelGroup]) -> None:
-    """Zero the BatchNorm scale and shift of every channel whose rows are zero in all of its group's producers."""
+    """Zero the BatchNorm scale and shift, and the producers' biases, of every channel whose rows are zero in all of
+    its group's producers."""
     BatchNormZeroer(model, groups).refresh().apply_()
 
 
 class BatchNormZeroer:
-    """Holds the BatchNorm scale and shift of pruned channels at zero while training, so that they output exactly
-    zero. Which channels are pruned is read from the producers' weights by :meth:`refresh` (after a pruning round:
-    it multiplies out every mask); :meth:`apply_` only writes the zeros, cheap enough for every optimizer step."""
+    """Holds the BatchNorm scale and shift of pruned channels at zero while training, and the producers' biases of
+    those channels, so that they output exactly zero (a group without BatchNorms, such as two biased Linear layers
+    added or multiplied, has only the biases to hold). Which channels are pruned is read from the producers' weights
+    by :meth:`refresh` (after a pruning round: it multiplies out every mask); :meth:`apply_` only writes the zeros,
+    cheap enough for every optimizer step.
 
-    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
+    `biases`: per group, whether its producers' biases are held too (default: all). A lone layer before a BatchNorm
+    needs no bias held, and one whose output also goes elsewhere keeps it: shrink folds that constant.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], *, biases: list[bool] | None = None) -> None:
         modules = dict(model.named_modules())
-        self._groups: list[tuple[list[nn.Module], list[tuple[nn.Module, int]]]] = []
-        for g in groups:
+        if biases is None:
+            biases = [True] * len(groups)
+        if len(biases) != len(groups):
+            raise ValueError(f"BatchNormZeroer: {len(biases)} biases flags for {len(groups)} groups.")
+        self._groups: list[tuple[list[nn.Module], list[tuple[nn.Module, int]], bool]] = []
+        for g, hold_biases in zip(groups, biases):
             starts = g.batch_norm_starts or (0,) * len(g.batch_norms)
             self._groups.append(([modules[p] for p in g.producers],
-                                 [(modules[b], start) for b, start in zip(g.batch_norms, starts)]))
-        self._zeroed: list[tuple[nn.Module, Tensor]] = []  # each BatchNorm with the entries to hold at zero
+                                 [(modules[b], start) for b, start in zip(g.batch_norms, starts)], hold_biases))
+        # each parameter (BatchNorm scale and shift, producer bias) with the entries to hold at zero
+        self._zeroed: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
     def refresh(self) -> BatchNormZeroer:
         """Re-read which channels are zero in all of a group's producers (returns self)."""
         self._zeroed = []
-        for producers, batch_norms in self._groups:
+        for producers, batch_norms, hold_biases in self._groups:
             dead = torch.stack([(_output_rows(p, effective_tensor(p, "weight")) == 0).all(dim=1)
                                 for p in producers]).all(0)
             if bool(dead.any()):
                 entries = dead.nonzero().flatten()
                 # after a concatenation, the producer's channels start past the other inputs' in the BatchNorm
-                self._zeroed += [(bn, (entries + start).to(bn.weight.device)) for bn, start in batch_norms]
+                for bn, start in batch_norms:
+                    at = (entries + start).to(bn.weight.device)
+                    self._zeroed += [(bn.weight, at), (bn.bias, at)]
+                # a pruned bias is computed from its _orig: hold that
+                self._zeroed += [(trainable_tensor(p, "bias"), entries.to(p.bias.device)) for p in producers
+                                 if hold_biases and isinstance(getattr(p, "bias", None), Tensor)]
         return self
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero the BatchNorm entries of the channels found by the last :meth:`refresh`."""
-        for bn, entries in self._zeroed:
-            bn.weight[entries] = 0.0
-            bn.bias[entries] = 0.0
+        """Zero the entries of the channels found by the last :meth:`refresh`."""
+        for parameter, entries in self._zeroed:
+            parameter[entries] = 0.0
 
 
 def _zero_producer_channels(producer: nn.Module) -> Tensor:
@@ -338,8 +354,10 @@ def _zero_by_rule(modules: dict[str, nn.Module], rule: ZeroRule, known: dict[Zer
             raise ValueError(f"a channel group reads the model's input {terms[0]}, whose channels cannot go")
         if kind == "producer":
             known[rule] = _zero_producer_channels(modules[terms[0]])
-        elif kind == "batch_norm":
-            known[rule] = _zero_by_rule(modules, terms[1], known) & _batch_norm_keeps_zero(modules[terms[0]])
+        elif kind == "batch_norm":  # zero in, zero out; or a scale and shift of zero, whatever comes in
+            bn = modules[terms[0]]
+            zeroed = ((bn.weight.detach() == 0) & (bn.bias.detach() == 0)).cpu()
+            known[rule] = (_zero_by_rule(modules, terms[1], known) & _batch_norm_keeps_zero(bn)) | zeroed
         else:
             values = torch.stack([_zero_by_rule(modules, term, known) for term in terms])
             known[rule] = values.all(0) if kind == "all" else values.any(0)
