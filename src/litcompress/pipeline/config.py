@@ -47,11 +47,12 @@ class PruneConfig:
             channels are those of the layer before them, and ``shrink`` removes them with that layer's.
         dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what
             :func:`litcompress.shrink` removes) and the norm that ranks them (``ln_structured``).
-        zero_batch_norm: while fine-tuning, a channel whose filter is pruned also loses its BatchNorm scale and
-            shift (kept at zero after every step), so it outputs exactly zero: ``shrink`` then removes it even before
-            a zero-padded convolution, where a constant channel has to stay. Without fine-tuning the model is
-            left to compute what it computed (False then changes nothing).
-        group_residuals: with ``ln_structured`` while fine-tuning (and ``zero_batch_norm``), the layers whose outputs
+        zero_batch_norm: a channel whose filter is pruned also loses its BatchNorm scale and shift (held at zero
+            after every fine-tuning step; set once without fine-tuning), and in a channel group (below) its
+            producers' biases, so it outputs exactly zero: ``shrink`` then removes it even before a zero-padded
+            convolution, where a constant channel has to stay. False: pruned channels keep them and output a
+            constant, which ``shrink`` folds into the next layer where no zero padding reads it.
+        group_residuals: with ``ln_structured`` (and ``zero_batch_norm``), the layers whose outputs
             residual additions join (a ResNet stage's stem and last convs of each block), or a gating product (the
             ``w1`` and ``w3`` of a SwiGLU feed-forward block, ``w2(silu(w1(x)) * w3(x))``), are pruned as one group:
             the same channels in all of them, ranked by the sum of their norms, so ``shrink`` can remove them from
