@@ -11,7 +11,10 @@ residual blocks, 16 channels expanded to 64 around depthwise 3x3 convs), structu
 convs are pruned by neither variant (their channels are the expand convs'); litcompress removes them with the expand
 convs' and shrinks the residual stream. ``--model densenet``: ``litcompress.models.DenseNetClassifier`` (a stride-2
 stem and two DenseNet-BC blocks of 3 layers, growth 8), structured setting only: litcompress removes the pruned
-channels from every concatenation that reads them.
+channels from every concatenation that reads them. ``--model swiglu``: ``litcompress.models.GatedTransformerClassifier``
+(an image's 28 rows as tokens, two LLaMA-style blocks of width 64, 4 heads, SwiGLU feed-forward of 256), structured
+setting only: both variants prune half of each feed-forward block's ``w1`` and ``w3`` rows (Lightning's callback
+each layer on its own, litcompress the two as one group), with dynamic int8 for both.
 
 Two settings for the MLP: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50%
 of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN and the ResNet,
@@ -23,7 +26,7 @@ the two variants of a setting are timed in one interleaved run (allocator and th
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet|densenet] [--threads 1] [--repeats 15] [--epochs 3]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet|densenet|swiglu] [--threads 1] [--repeats 15] [--epochs 3]
                                   [--fine-tune-epochs 4] [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
@@ -58,8 +61,8 @@ from torch import nn  # noqa: E402
 
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
-from litcompress.models import (CNNClassifier, DenseNetClassifier, MLPClassifier, MobileNetClassifier,  # noqa: E402
-                                ResNetClassifier)
+from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier,  # noqa: E402
+                                MLPClassifier, MobileNetClassifier, ResNetClassifier)
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -70,9 +73,10 @@ from shrink import interleaved, stats  # noqa: E402
 
 SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),),
             "resnet": (("ln_structured", 0.5),), "mobilenet": (("ln_structured", 0.5),),
-            "densenet": (("ln_structured", 0.5),)}
+            "densenet": (("ln_structured", 0.5),), "swiglu": (("ln_structured", 0.5),)}
 # litcompress's int8: static for convolutions
-APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static", "densenet": "static"}
+APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static", "densenet": "static",
+            "swiglu": "dynamic"}
 BATCHES = (1, 64)
 # per model: the BENCHMARKS.md section, its title's end, and the model in words
 SECTIONS = {
@@ -92,6 +96,10 @@ SECTIONS = {
                  "channels, two dense blocks of 3 layers (BatchNorm-ReLU-1x1 conv to 32, BatchNorm-ReLU-zero-padded "
                  "3x3 conv to 8, on the block's concatenation), a halving transition, global average pooling, a "
                  "Linear 44-10)"),
+    "swiglu": ("pipeline_swiglu", "on a LLaMA-style Transformer (`benchmarks/pipeline.py --model swiglu`)",
+               "a small LLaMA-style Transformer (`litcompress.models.GatedTransformerClassifier`: each image's 28 rows "
+               "as tokens, a Linear 28-64 embedding, two pre-norm blocks of RMSNorm, 4-head attention and a SwiGLU "
+               "feed-forward `w2(silu(w1(x)) * w3(x))` of 256 channels, the mean over tokens, a Linear 64-10)"),
 }
 
 
@@ -118,8 +126,10 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
     """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
     model = copy.deepcopy(dense)
     # the classifier last; depthwise convs (groups > 1) are left out: their channels are the layer's before them
-    linears = [m for m in model.net.modules()
+    linears = [m for m in getattr(model, "net", model).modules()
                if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1]
+    if isinstance(model, GatedTransformerClassifier):  # the layers litcompress prunes (the classifier stays last)
+        linears = [m for name, m in model.named_modules() if name.endswith((".w1", ".w3"))] + [model.head]
     structured = method.endswith("_structured")
     rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
     per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
@@ -248,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
               "mobilenet": lambda: MobileNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, expansion=4,
                                                        lr=1e-3),
               "densenet": lambda: DenseNetClassifier(in_channels=1, image_size=28, stem=16, growth=8, layers=3,
-                                                     blocks=2, lr=1e-3)}
+                                                     blocks=2, lr=1e-3),
+              "swiglu": lambda: GatedTransformerClassifier(in_channels=1, image_size=28, d_model=64, heads=4,
+                                                           layers=2, feed_forward=256, lr=1e-3)}
     dense = models[args.model]()
     trainer(args.epochs).fit(dense, datamodule=data)
     dense_accuracy = test_accuracy(dense, data)
