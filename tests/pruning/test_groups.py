@@ -8,6 +8,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
+import torch.nn.functional as F
 from torch import nn
 
 from litcompress import shrink
@@ -334,3 +335,106 @@ def test_a_batch_norm_of_zero_scale_and_shift_zeroes_its_channel_whatever_comes_
     torch.testing.assert_close(shrunk(x), expected)
     with pytest.raises(ValueError, match="2 biases flags for 1 groups"):
         BatchNormZeroer(model, [group], biases=[True, False])
+
+
+# ------------------------------------------------------------------ a fused layer chunked into the factors
+class FusedGate(nn.Module):
+    """``a, b = w13(x).chunk(2)``, then ``w2(act(a) * b)`` (one layer computes both factors), as a Linear block on a
+    residual stream or as a gated conv."""
+
+    def __init__(self, conv: bool, bias: bool) -> None:
+        super().__init__()
+        self.conv = conv
+        if conv:
+            self.inp, self.w13, self.w2 = nn.Conv2d(2, 6, 1), nn.Conv2d(6, 16, 3, padding=1, bias=bias), \
+                nn.Conv2d(8, 3, 3, padding=1)
+        else:
+            self.inp, self.w13, self.w2 = nn.Linear(4, 6), nn.Linear(6, 16, bias=bias), nn.Linear(8, 6)
+            self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.conv:
+            a, b = torch.chunk(self.w13(h), 2, dim=1)
+            return self.w2(torch.relu(a) * b)
+        a, b = self.w13(h).chunk(2, dim=-1)
+        return self.head(h + self.w2(F.silu(a) * b))
+
+
+@settings(max_examples=20, deadline=None)
+@given(conv=st.booleans(), bias=st.booleans(), gate=st.sets(st.integers(0, 7)), value=st.sets(st.integers(0, 7)),
+       seed=st.integers(0, 10_000))
+def test_a_fused_layer_chunked_into_both_factors_loses_both_rows_of_a_channel(conv, bias, gate, value, seed):
+    torch.manual_seed(seed)
+    model = FusedGate(conv, bias).eval()
+    (group,) = [g for g in residual_groups(model) if g.gated]
+    assert (group.producer_slices(), group.consumers, group.channels) == ({"w13": [0, 8]}, ("w2",), 8)
+    rows = sorted(gate) + [8 + j for j in sorted(value)]  # zero rows in the gate's half and the value's half
+    with torch.no_grad():
+        model.w13.weight[rows] = 0
+        if bias:
+            model.w13.bias[rows] = 0
+    x = torch.randn(3, 2, 5, 5) if conv else torch.randn(3, 4)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    width = max(8 - len(gate | value), 1)
+    channels = (shrunk.w13.out_channels, shrunk.w2.in_channels) if conv else \
+        (shrunk.w13.out_features, shrunk.w2.in_features)
+    assert channels == (2 * width, width)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class ChunksApart(nn.Module):
+    """The two parts of a chunk go to different layers: no one channel space holds both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w13, self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 3), nn.Linear(4, 3)
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.a(a) * self.b(b) + self.c(a)
+
+
+class SplitBySize(nn.Module):
+    """split(4) writes the part's width into the code: a narrower layer would be split wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w13, self.w2 = nn.Linear(4, 8), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).split(4, dim=-1)
+        return self.w2(torch.relu(a) * b)
+
+
+@pytest.mark.parametrize("model", [ChunksApart(), SplitBySize()], ids=["parts apart", "split by size"])
+def test_chunks_that_cannot_narrow_together_are_no_group(model):
+    assert [g for g in residual_groups(model) if "w13" in g.producers] == []
+    with torch.no_grad():
+        model.w13.weight[[0, 4]] = 0
+        model.w13.bias[[0, 4]] = 0
+    x = torch.randn(3, 4)
+    result = shrink(model, x)
+    assert "w13" not in {layer.name for layer in result.report.layers}
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_prune_groups_prunes_a_channel_in_every_part_of_a_chunked_layer():
+    torch.manual_seed(0)
+    model = FusedGate(conv=False, bias=True)
+    (group,) = [g for g in residual_groups(model) if g.gated]
+    assert prune_groups_(model, [group], 0.5) == 4
+    dead = (model.w13.weight == 0).all(1)
+    assert torch.equal(dead[:8], dead[8:]) and int(dead.sum()) == 8
+    BatchNormZeroer(model, [group]).refresh().apply_()  # no BatchNorm: the biases of both parts
+    assert not model.w13.bias[dead].any() and model.w13.bias[~dead].ne(0).all()
+    x = torch.randn(4, 4)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert (shrunk.w13.out_features, shrunk.w2.in_features) == (8, 4)
+    torch.testing.assert_close(shrunk(x), expected)

@@ -10,7 +10,9 @@ norms), and :func:`remove_zero_group_channels_` removes the channels that are ex
 
 A gated feed-forward block, ``w2(silu(w1(x)) * w3(x))`` (SwiGLU, GeGLU: the MLP of LLaMA-style Transformers), is
 such a space too, joined by a multiplication: ``w1`` and ``w3`` write into it and ``w2`` reads it. A channel of a
-product is zero when either factor's is, so a channel zero in ``w1`` alone leaves ``w3`` and ``w2`` as well.
+product is zero when either factor's is, so a channel zero in ``w1`` alone leaves ``w3`` and ``w2`` as well. A
+fused ``w13`` whose output is chunked in two (``a, b = w13(x).chunk(2, dim=-1)``) writes both factors: its rows
+``j`` and ``hidden + j`` are the group's channel ``j``, and leave together.
 
 Exactly zero, not constant: a residual stream feeds zero-padded convolutions, where a constant channel does not
 fold into a bias. With ``zero_batch_norm`` (the pipeline's default) a pruned channel's BatchNorm shift is held at
@@ -44,11 +46,13 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 _MUL_METHODS = {"mul", "mul_"}
+_CHUNK_FUNCTIONS = {torch.chunk}
 
 # When a channel of a space is exactly zero at some node, as an expression over the space's layers:
 # ("producer", name): zero rows and bias; ("batch_norm", name, x): x zero and the BatchNorm maps 0 to 0;
 # ("all", x, ...): every term zero (a sum); ("any", x, ...): one term zero (a product); ("input", name): the model's
-# input, never known to be zero.
+# input, never known to be zero; ("chunk", name, start, width): the producer's output channels start..start + width
+# zero (one of the parts its output is chunked into).
 ZeroRule = tuple
 
 
@@ -66,6 +70,17 @@ class ChannelGroup:
     # every BatchNorm, right for sums only
     zero_when: ZeroRule | None = None
     joined_by: tuple[str, ...] = ("addition",)  # "addition" (residual), "multiplication" (gating product)
+    # where each producer's channels start among its outputs: a layer chunked into several parts of the space is
+    # listed once per part (a fused w13 twice, at 0 and hidden); empty: 0 for all, each listed once
+    producer_starts: tuple[int, ...] = ()
+
+    def producer_slices(self) -> dict[str, list[int]]:
+        """Each producer with the starts of its parts in the space, in order."""
+        starts = self.producer_starts or (0,) * len(self.producers)
+        slices: dict[str, list[int]] = {}
+        for name, start in zip(self.producers, starts):
+            slices.setdefault(name, []).append(start)
+        return {name: sorted(found) for name, found in slices.items()}
 
     @property
     def gated(self) -> bool:
@@ -83,6 +98,7 @@ class _Space:
     channels: int
     kind: type | None  # the producers' class (None: the model's input)
     producers: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # per producer: where its part starts among its outputs
     batch_norms: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     joined: bool = False  # an addition or a multiplication merged spaces
@@ -116,6 +132,29 @@ def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> b
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _DROPOUT_FUNCTIONS or (
             is_conv and node.target in _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS)
     return node.op == "call_method" and node.target in _ZERO_PRESERVING_METHODS
+
+
+def _channel_chunks(node: fx.Node, producer: nn.Module) -> int | None:
+    """How many equal parts ``chunk`` splits `node` (a layer's output, its only use) into along the channels: dim -1
+    of a Linear's output, dim 1 of a conv's; None for anything else. ``split`` with sizes is left out: its sizes are
+    written in the code, and would not follow the layer's new width."""
+    if not ((node.op == "call_method" and node.target == "chunk") or
+            (node.op == "call_function" and node.target in _CHUNK_FUNCTIONS)):
+        return None
+    args = list(node.args[1:]) + [node.kwargs[k] for k in ("chunks", "dim") if k in node.kwargs]
+    if len(args) == 1:
+        args.append(0)  # chunk's default dim
+    if len(args) != 2 or not all(isinstance(a, int) for a in args):
+        return None
+    chunks, dim = args
+    channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    if chunks < 2 or channels % chunks or dim != (-1 if isinstance(producer, nn.Linear) else 1):
+        return None
+    users = list(node.users)
+    if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+               for u in users) or sorted(u.args[1] for u in users) != list(range(chunks)):
+        return None  # each part taken once, by index
+    return chunks
 
 
 def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> list[ChannelGroup]:
@@ -152,6 +191,8 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
     space_of: dict[fx.Node, int] = {}
     rule_of: dict[fx.Node, ZeroRule] = {}  # when a channel of the node's value is zero
     flattened: set[fx.Node] = set()
+    chunked: list[list[int]] = []  # the spaces of each chunked layer's parts
+    handled: set[fx.Node] = set()  # chunk and getitem nodes, made spaces with their layer
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
@@ -178,8 +219,23 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 else:
                     block(space_of[a])
             out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            space_of[node] = new(_Space(out, type(module), [str(node.target)], blocked=not once))
-            rule_of[node] = ("producer", str(node.target))
+            users = list(node.users)
+            chunks = _channel_chunks(users[0], module) if len(users) == 1 else None
+            if chunks is None:
+                space_of[node] = new(_Space(out, type(module), [str(node.target)], [0], blocked=not once))
+                rule_of[node] = ("producer", str(node.target))
+            else:  # each part is a space of its own, written by the layer's rows start..start + width
+                width = out // chunks
+                parts = []
+                for part in sorted(users[0].users, key=lambda u: u.args[1]):
+                    start = part.args[1] * width
+                    space_of[part] = new(_Space(width, type(module), [str(node.target)], [start], blocked=not once))
+                    rule_of[part] = ("chunk", str(node.target), start, width)
+                    parts.append(space_of[part])
+                chunked.append(parts)
+                handled.update({users[0], *users[0].users})
+            continue
+        if node in handled:
             continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
@@ -194,6 +250,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 parent[b] = a
                 merged, other = spaces[a], spaces[b]
                 merged.producers += other.producers
+                merged.starts += other.starts
                 merged.batch_norms += other.batch_norms
                 merged.consumers += other.consumers
                 merged.read += other.read
@@ -226,8 +283,13 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         else:  # a concatenation, a product with a tensor from elsewhere, a normalisation over channels, a shape read
             for a in inputs:
                 block(space_of[a])
+    for parts in chunked:  # a layer's rows leave by the group's channel: all its parts must be in one group
+        if len({find(part) for part in parts}) > 1:
+            for part in parts:
+                block(part)
     return [ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers), space.channels,
-                         zero_when=_combined("all", space.read), joined_by=tuple(sorted(space.joined_by)))
+                         zero_when=_combined("all", space.read), joined_by=tuple(sorted(space.joined_by)),
+                         producer_starts=tuple(space.starts) if any(space.starts) else ())
             for i, space in enumerate(spaces)
             if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers]
 
@@ -251,16 +313,19 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
     modules = dict(model.named_modules())
     newly = 0
     for group in groups:
-        weights = [effective_tensor(modules[p], "weight") for p in group.producers]
-        importance = sum(torch.linalg.vector_norm(_rows(w), ord=norm, dim=1) for w in weights)
+        slices = group.producer_slices()
+        weights = {p: effective_tensor(modules[p], "weight") for p in slices}
+        importance = sum(torch.linalg.vector_norm(_rows(weights[p])[start:start + group.channels], ord=norm, dim=1)
+                         for p, starts in slices.items() for start in starts)
         count = rounded_pruned_count(group.channels, sparsity, keep_multiple_of)
         if count <= 0:
             continue
         before = int((importance == 0).sum())
         pruned = torch.argsort(importance, stable=True)[:count]
-        for producer, weight in zip(group.producers, weights):
-            mask = torch.ones_like(weight)
-            mask[pruned] = 0
+        for producer, starts in slices.items():
+            mask = torch.ones_like(weights[producer])
+            for start in starts:
+                mask[pruned + start] = 0
             apply_mask_(modules[producer], "weight", mask)
         newly += max(count - before, 0)
     return newly
@@ -290,11 +355,13 @@ class BatchNormZeroer:
             biases = [True] * len(groups)
         if len(biases) != len(groups):
             raise ValueError(f"BatchNormZeroer: {len(biases)} biases flags for {len(groups)} groups.")
-        self._groups: list[tuple[list[nn.Module], list[tuple[nn.Module, int]], bool]] = []
+        # per group: each producer's part (module, start), its BatchNorms with their starts, its channels, the flag
+        self._groups: list[tuple[list[tuple[nn.Module, int]], list[tuple[nn.Module, int]], int, bool]] = []
         for g, hold_biases in zip(groups, biases):
             starts = g.batch_norm_starts or (0,) * len(g.batch_norms)
-            self._groups.append(([modules[p] for p in g.producers],
-                                 [(modules[b], start) for b, start in zip(g.batch_norms, starts)], hold_biases))
+            parts = [(modules[p], start) for p, found in g.producer_slices().items() for start in found]
+            self._groups.append((parts, [(modules[b], start) for b, start in zip(g.batch_norms, starts)],
+                                 g.channels, hold_biases))
         # each parameter (BatchNorm scale and shift, producer bias) with the entries to hold at zero
         self._zeroed: list[tuple[Tensor, Tensor]] = []
 
@@ -302,9 +369,9 @@ class BatchNormZeroer:
     def refresh(self) -> BatchNormZeroer:
         """Re-read which channels are zero in all of a group's producers (returns self)."""
         self._zeroed = []
-        for producers, batch_norms, hold_biases in self._groups:
-            dead = torch.stack([(_output_rows(p, effective_tensor(p, "weight")) == 0).all(dim=1)
-                                for p in producers]).all(0)
+        for parts, batch_norms, channels, hold_biases in self._groups:
+            dead = torch.stack([(_output_rows(p, effective_tensor(p, "weight"))[start:start + channels] == 0).all(1)
+                                for p, start in parts]).all(0)
             if bool(dead.any()):
                 entries = dead.nonzero().flatten()
                 # after a concatenation, the producer's channels start past the other inputs' in the BatchNorm
@@ -312,8 +379,8 @@ class BatchNormZeroer:
                     at = (entries + start).to(bn.weight.device)
                     self._zeroed += [(bn.weight, at), (bn.bias, at)]
                 # a pruned bias is computed from its _orig: hold that
-                self._zeroed += [(trainable_tensor(p, "bias"), entries.to(p.bias.device)) for p in producers
-                                 if hold_biases and isinstance(getattr(p, "bias", None), Tensor)]
+                self._zeroed += [(trainable_tensor(p, "bias"), (entries + start).to(p.bias.device))
+                                 for p, start in parts if hold_biases and isinstance(getattr(p, "bias", None), Tensor)]
         return self
 
     @torch.no_grad()
@@ -354,6 +421,9 @@ def _zero_by_rule(modules: dict[str, nn.Module], rule: ZeroRule, known: dict[Zer
             raise ValueError(f"a channel group reads the model's input {terms[0]}, whose channels cannot go")
         if kind == "producer":
             known[rule] = _zero_producer_channels(modules[terms[0]])
+        elif kind == "chunk":
+            start, width = terms[1:]
+            known[rule] = _zero_producer_channels(modules[terms[0]])[start:start + width]
         elif kind == "batch_norm":  # zero in, zero out; or a scale and shift of zero, whatever comes in
             bn = modules[terms[0]]
             zeroed = ((bn.weight.detach() == 0) & (bn.bias.detach() == 0)).cpu()
@@ -371,8 +441,9 @@ def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -
     if group.zero_when is not None:
         return _zero_by_rule(modules, group.zero_when, {})
     dead = torch.ones(group.channels, dtype=torch.bool)
-    for name in group.producers:
-        dead &= _zero_producer_channels(modules[name])
+    for name, starts in group.producer_slices().items():
+        for start in starts:
+            dead &= _zero_producer_channels(modules[name])[start:start + group.channels]
     for name in group.batch_norms:
         dead &= _batch_norm_keeps_zero(modules[name])
     return dead
@@ -393,14 +464,17 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
         if bool(dead.all()):
             dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
         keep = (~dead).nonzero().flatten()
-        for name in group.producers:
-            _keep_rows_(modules[name], keep.to(modules[name].weight.device))
+        slices = group.producer_slices()
+        for name, starts in slices.items():  # a chunked layer keeps the channel in each of its parts
+            rows = torch.cat([keep + start for start in starts])
+            _keep_rows_(modules[name], rows.to(modules[name].weight.device))
         for name in group.batch_norms:
             _keep_batch_norm_(modules[name], keep.to(modules[name].weight.device))
         for name in group.consumers:
             _keep_input_channels_(modules[name], keep, group.channels)
         readers = f"{'gated' if group.gated else 'residual'} group, {len(group.consumers)} readers"
-        done += [LayerShrink(name, readers, group.channels, int(keep.numel()), 0) for name in group.producers]
+        done += [LayerShrink(name, readers, group.channels * len(starts), int(keep.numel()) * len(starts), 0)
+                 for name, starts in slices.items()]
     return done
 
 

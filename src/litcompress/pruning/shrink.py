@@ -942,8 +942,10 @@ class ChannelPlan:
             lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
                          f"{reason if verdict == 'no' else ''}".rstrip())
         for i, group in enumerate(self.groups, 1):
+            writers = [name if len(starts) == 1 else f"{name} ({len(starts)} chunks)"
+                       for name, starts in group.producer_slices().items()]
             lines.append(f"group {i}: {group.channels} channels joined by {group.describe()}, written by "
-                         f"{', '.join(group.producers)}; read by {', '.join(group.consumers)}")
+                         f"{', '.join(writers)}; read by {', '.join(group.consumers)}")
         held = sorted({bn for places in self.batch_norms.values() for bn in places})
         if held:
             lines.append(f"BatchNorms held at zero for pruned channels while pruning (zero_batch_norm; a group's own "
