@@ -676,3 +676,32 @@ def test_a_group_of_biased_layers_holds_the_pruned_channels_biases_at_zero_and_s
     assert (shrunk.a.out_features, shrunk.b.out_features, shrunk.out.in_features) == (8, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
+class FusedGatedHead(nn.Module):
+    """One biased Linear computes both factors of a gate: ``a, b = w13(x).chunk(2)``, then ``out(relu(a) * b)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w13, self.out = nn.Linear(64, 32), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.out(torch.relu(a) * b)
+
+
+def test_a_fused_gate_loses_a_channel_from_both_of_its_halves(digits):
+    x, y, x_val, y_val = digits[:4]
+    torch.manual_seed(0)
+    model = train(FusedGatedHead(), x, y, steps=40)
+    steps = 20
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), **FAST),
+                      eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8],
+                      fine_tune=lambda m, step: train(m, x, y, steps, step), fine_tune_steps=steps)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    dead = (pruned.w13.weight == 0).all(1)
+    assert torch.equal(dead[:16], dead[16:]) and int(dead[:16].sum()) == 8  # channel j: rows j and 16 + j
+    assert not pruned.w13.bias[dead].any()
+    assert (shrunk.w13.out_features, shrunk.out.in_features) == (16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
