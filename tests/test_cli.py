@@ -190,6 +190,14 @@ def verdicts(table: str) -> dict[str, str]:
     return {row[0]: " ".join(row[5:7]) if row[5] == "group" else row[5] for row in rows}  # kind: "Linear 8 -> 10"
 
 
+def test_min_speedup_out_of_reach_keeps_and_exports_the_fp32_model(tmp_path):
+    assert main(["compress", "--min-speedup", "1000", *QUICK, "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert [s.stage for s in report.stages][-1] != "quantized"
+    assert any(m.startswith("quantization: min_speedup=1000: no int8 model") for m in report.messages)
+    assert not any(p.suffix == ".pt" and p.stem == "model" for p in tmp_path.iterdir())  # no int8 TorchScript
+
+
 def test_channels_lists_what_structured_pruning_can_narrow_and_why_not(capsys):
     assert main(["channels", "--model", "resnet", "--model-args", '{"width": 8, "blocks": 2}']) == 0
     out = capsys.readouterr().out
@@ -249,6 +257,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--metric", "val_accuracy"], "--metric val_accuracy: MLPClassifier.validation_step does not log it"),
     (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
+    (["--min-speedup", "0"], "argument --min-speedup: expected a number > 0, got 0"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
     (["--submodule", "body"], "--submodule body: MLPClassifier has no such sub-module"),
     (["--fp32-format", "tflite"], "invalid choice: 'tflite'"),

@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--max-trials", type=_int_at_least(1), default=8, help="quantization candidates at most")
     stages.add_argument("--timeout", type=_positive_float,
                         help="seconds for the quantization search (default: no limit)")
+    stages.add_argument("--min-speedup", type=_positive_float,
+                        help="keep int8 only if it runs at least this many times as fast as fp32 here (e.g. 1.0: "
+                             "never slower; default: the fastest int8 model is kept even when slower, for its "
+                             "smaller weights)")
     stages.add_argument("--no-export", dest="export", action="store_false",
                         help="do not write the final model file")
     stages.add_argument("--fp32-format", choices=("auto", "onnx", "export", "torchscript"), default="auto",
@@ -276,7 +280,8 @@ def _configs(args: argparse.Namespace) -> Any:
             options["backends"] = args.backends
         quantize = PTQConfig(approach="dynamic" if args.quantize == "auto" else args.quantize,  # auto: see below
                              accuracy=AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
-                             max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads, **options)
+                             max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads,
+                             min_speedup=args.min_speedup, **options)
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
                              fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
                              num_threads=args.threads, keep_multiple_of=args.keep_multiple_of)

@@ -397,7 +397,7 @@ def test_an_int8_model_clearly_slower_than_its_fp32_model_is_said(fp32, ratio, s
     if ratio > SLOWER * (1 + 1e-9):
         assert said.startswith(f"int8 does not pay off here: the quantized model ran {ratio:.2f}x slower than the "
                                f"{stage} fp32 model")
-        assert f"stage_models[{stage!r}]" in said and "--quantize none" in said
+        assert f"stage_models[{stage!r}]" in said and "--quantize none" in said and "--min-speedup 1" in said
     elif ratio <= SLOWER * (1 - 1e-9):
         assert said is None
     assert _slower_int8([row("input", 1.0), row("shrunk", 5.0)]) is None  # not quantized
@@ -705,3 +705,16 @@ def test_a_fused_gate_loses_a_channel_from_both_of_its_halves(digits):
     assert (shrunk.w13.out_features, shrunk.out.in_features) == (16, 8)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
+def test_min_speedup_out_of_reach_exports_the_fp32_model(trained, digits, tmp_path):
+    x_val, y_val = digits[2], digits[3]
+    ptq = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3, max_trials=2, min_speedup=1000.0)
+    result = compress(trained, CompressionConfig(quantize=ptq, latency_repeats=2, fp32_format="export"),
+                      eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8], output_dir=tmp_path)
+    assert result.quantization.recipe is None and result.quantization.trials  # tried, and turned down
+    assert "quantized" not in result.stage_models and result.artifact.name == "model.pt2"
+    assert any(m.startswith("quantization: min_speedup=1000: no int8 model meeting the goal") for m in
+               result.report.messages)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x_val), trained(x_val))

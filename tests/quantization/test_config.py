@@ -24,6 +24,10 @@ def test_backends_given_as_one_string_become_a_tuple():
     ({"num_calibration_batches": 0}, "num_calibration_batches"),
     ({"backends": ()}, "backends"),
     ({"accuracy": 0.01}, "accuracy"),
+    ({"min_speedup": 0}, "min_speedup"),
+    ({"min_speedup": float("inf")}, "min_speedup"),
+    ({"min_speedup": True}, "min_speedup"),
+    ({"min_speedup": "1.1"}, "min_speedup"),
 ])
 def test_bad_budget_values_name_the_argument(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):

@@ -1,6 +1,7 @@
 """The search: fallback of sensitive layers, never-None contract, bad input, budget."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -266,3 +267,38 @@ def test_threads_are_pinned_for_the_whole_search(trained_mlp, digits):
     # The ORT candidate was built inside the pinned region: same thread count as the torch timings.
     assert result.model.session.get_session_options().intra_op_num_threads == 2
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("goal", ["met", "missed"])
+def test_min_speedup_keeps_fp32_when_no_int8_model_is_fast_enough(trained_mlp, digits, goal):
+    # 1000x is out of reach of any int8 kernel: whatever the timings, fp32 is kept, and the result says why
+    x_train, _, x_test, y_test = digits
+    with torch.no_grad():
+        reference = trained_mlp(x_test)
+
+    def negative_max_error(model):  # only the exact fp32 model reaches 0: every int8 candidate misses the goal
+        with torch.no_grad():
+            return -float((model(x_test) - reference).abs().max())
+
+    accuracy = AccuracyCriterion(0.01) if goal == "met" else AccuracyCriterion(tolerable_loss=0.0, relative=False)
+    eval_fn = accuracy_fn(x_test, y_test) if goal == "met" else negative_max_error
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), accuracy=accuracy, min_speedup=1000.0, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizationGoalWarning)  # fp32 meets any goal: no warning
+        result = quantize(trained_mlp, config, eval_fn=eval_fn, example_inputs=x_test[:1])
+    assert result.recipe is None and result.goal_met
+    assert result.metric == result.baseline_metric and result.latency_s == result.baseline_latency_s
+    assert quantized_layers(result.model, "torch_ao", ["0", "2"]) == {"0": False, "2": False}
+    assert any(t.metric is not None for t in result.trials)  # candidates were built, and turned down
+    (said,) = [m for m in result.messages if m.startswith("min_speedup=1000:")]
+    assert "keeping the fp32 model" in said and ("meeting the goal" in said) == (goal == "met")
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x_test), reference)
+
+
+def test_a_reachable_min_speedup_keeps_the_fastest_int8_model(trained_mlp, digits):
+    x_test, y_test = digits[2], digits[3]
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), min_speedup=1e-6, **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(x_test, y_test), example_inputs=x_test[:1])
+    assert result.recipe is not None and result.goal_met
+    assert not any(m.startswith("min_speedup=") for m in result.messages)

@@ -403,7 +403,8 @@ def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:
     return (f"int8 does not pay off here: the quantized model ran {int8.median_ms / fp32.median_ms:.2f}x slower than "
             f"the {stage} fp32 model ({int8.median_ms:.4g} vs {fp32.median_ms:.4g} ms; int8 kernels need larger "
             f"layers). The fp32 model is stage_models[{stage!r}]; quantize=None (CLI: --quantize none) exports it "
-            "instead.")
+            "instead, and PTQConfig(min_speedup=1.0) (CLI: --min-speedup 1) keeps fp32 wherever int8 does not pay "
+            "off.")
 
 
 def compress(

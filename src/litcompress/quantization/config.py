@@ -117,6 +117,10 @@ class PTQConfig:
         latency_repeats: timed runs per candidate (median is kept).
         num_threads: threads pinned while measuring latency (None: keep torch's setting).
         compile: compile PT2E candidates with ``torch.compile`` (slow first call, fast kernels).
+        min_speedup: keep an int8 model only if it runs at least this many times as fast as the fp32 one on this
+            host (measured interleaved, at ``example_inputs``' batch size); otherwise the fp32 model is returned
+            (``recipe`` None) and the result says why. 1.0: never slower. None: speed only ranks candidates, and a
+            slower int8 model is kept for its 4x smaller weights (the result says it is slower).
     """
 
     approach: Approach = "dynamic"
@@ -128,6 +132,7 @@ class PTQConfig:
     latency_repeats: int = 20
     num_threads: int | None = None
     compile: bool = False
+    min_speedup: float | None = None
 
     def __post_init__(self) -> None:
         from .backends import BACKEND_REGISTRY  # registry import is cheap: backends import lazily
@@ -164,3 +169,7 @@ class PTQConfig:
             raise ValueError(f"PTQConfig(latency_repeats={self.latency_repeats!r}): expected >= 1.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"PTQConfig(num_threads={self.num_threads!r}): expected >= 1 or None.")
+        if self.min_speedup is not None and (isinstance(self.min_speedup, bool) or not isinstance(
+                self.min_speedup, (int, float)) or not 0 < self.min_speedup < float("inf")):
+            raise ValueError(f"PTQConfig(min_speedup={self.min_speedup!r}): expected a number > 0 (e.g. 1.0: int8 "
+                             "only where it is not slower than fp32) or None.")

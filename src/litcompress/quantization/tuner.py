@@ -157,7 +157,8 @@ def quantize(
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     input_fn: Callable[[object], Inputs] | None = None,
 ) -> QuantizationResult:
-    """Search int8 candidates across backends; return the fastest one that meets the accuracy goal.
+    """Search int8 candidates across backends; return the fastest one that meets the accuracy goal (with
+    ``config.min_speedup``, only one that runs that much faster than fp32, else the fp32 model).
 
     Args:
         model: the fp32 model (never modified: every candidate is built from a deep copy).
@@ -174,7 +175,8 @@ def quantize(
     Returns:
         A :class:`QuantizationResult`, always holding a model: the fastest candidate meeting the
         goal, else the most accurate candidate (with a :class:`QuantizationGoalWarning`), else the
-        fp32 model when no candidate could be built.
+        fp32 model when no candidate could be built or none runs ``config.min_speedup`` times as fast
+        as fp32 (``recipe`` None, and a message says which).
     """
     config = config if config is not None else PTQConfig()
     if not isinstance(config, PTQConfig):
@@ -318,6 +320,14 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     elif not interrupted and len(trials) >= config.max_trials and not any(t.meets_goal for t in trials):
         note(f"max_trials={config.max_trials} reached without meeting the goal.")
 
+    def fast_enough(trial: Trial) -> bool:
+        return config.min_speedup is None or trial.latency_s * config.min_speedup <= baseline_latency
+
+    def too_slow(trial: Trial, which: str) -> str:
+        return (f"min_speedup={config.min_speedup:g}: no int8 model {which}runs {config.min_speedup:g}x as fast as "
+                f"fp32 here (the fastest, trial {trial.index}, {baseline_latency / trial.latency_s:.2f}x: "
+                f"{trial.latency_s * 1e3:.3f} vs {baseline_latency * 1e3:.3f} ms): keeping the fp32 model.")
+
     passing = [t for t in trials if t.meets_goal and t.index in models]
     if passing:
         # Re-measure the finalists interleaved with fp32 so that host noise hits all alike.
@@ -330,10 +340,14 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         except Exception as exc:  # keep the per-trial timings rather than lose the search
             note(f"final interleaved timing failed ({type(exc).__name__}: {exc}); using per-trial timings.")
         chosen = min(passing, key=lambda t: t.latency_s)
-        goal_met = True
-        note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "
-             "candidates meeting the goal.")
-        if chosen.latency_s > baseline_latency:
+        goal_met = True  # by the int8 model chosen, or by the fp32 one kept
+        if not fast_enough(chosen):
+            note(too_slow(chosen, "meeting the goal "))
+            chosen = None
+        else:
+            note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "
+                 "candidates meeting the goal.")
+        if chosen is not None and chosen.latency_s > baseline_latency:
             weights = ""
             if chosen.size_bytes is not None and chosen.size_bytes < baseline_size:
                 weights = (f"; its weights are smaller ({chosen.size_bytes / 1024:.1f} vs {baseline_size / 1024:.1f} "
@@ -341,24 +355,30 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             note(f"the chosen int8 model is slower than fp32 on this host ({chosen.latency_s * 1e3:.3f} ms vs "
                  f"{baseline_latency * 1e3:.3f} ms): the model is too small for int8 kernels to pay off{weights}.")
     else:
-        goal_met = False
         ran = [t for t in trials if t.index in models]
-        chosen = max(ran, key=score) if ran else None
-        if chosen is not None:
-            warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
-                       f"{threshold:.6g}): returning the most accurate candidate, trial {chosen.index} "
-                       f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
-                       f"{baseline_metric:.6g}. Raise max_trials/timeout_s or the tolerable loss.")
+        fast = [t for t in ran if fast_enough(t)]
+        if ran and not fast:  # the fp32 model meets the goal, and no int8 one pays off
+            note(too_slow(min(ran, key=lambda t: t.latency_s), ""))
+            chosen, goal_met = None, True
         else:
-            warning = ("No quantized candidate could be built (see result.messages/trials): returning "
-                       "an fp32 copy of the model.")
-        note(warning)
-        warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
+            goal_met = False
+            chosen = max(fast, key=score) if fast else None
+            if chosen is not None:
+                warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
+                           f"{threshold:.6g}): returning the most accurate candidate"
+                           f"{' fast enough for min_speedup' if len(fast) < len(ran) else ''}, trial {chosen.index} "
+                           f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
+                           f"{baseline_metric:.6g}. Raise max_trials/timeout_s or the tolerable loss.")
+            else:
+                warning = ("No quantized candidate could be built (see result.messages/trials): returning "
+                           "an fp32 copy of the model.")
+            note(warning)
+            warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
 
     if chosen is None:
         return QuantizationResult(model=fp32, recipe=None, metric=baseline_metric, baseline_metric=baseline_metric,
                                   latency_s=baseline_latency, baseline_latency_s=baseline_latency,
-                                  size_bytes=baseline_size, baseline_size_bytes=baseline_size, goal_met=False,
+                                  size_bytes=baseline_size, baseline_size_bytes=baseline_size, goal_met=goal_met,
                                   trials=trials, messages=messages, tuning_seconds=time.monotonic() - started,
                                   example_inputs=example_inputs)
     return QuantizationResult(model=models[chosen.index], recipe=chosen.recipe, metric=chosen.metric,
