@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,19 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     onnx.save(helper.make_model(graph), tmp_path / "foreign.onnx")
     with pytest.raises(ValueError, match="not a litcompress artefact"):
         load_quantized(tmp_path / "foreign.onnx")
+
+
+@pytest.mark.parametrize("name, kind", [("kept.onnx", "onnx"), ("kept.pt2", "program"), ("kept.bin", "program")])
+def test_an_fp32_result_is_saved_in_the_format_its_path_names(tmp_path, digits, name, kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10)).eval()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3, max_trials=1,
+                       min_speedup=1000.0)  # out of reach: the fp32 model is the result
+    result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
+    assert result.recipe is None
+    path = tmp_path / name
+    result.save(path)
+    assert zipfile.is_zipfile(path) == (kind == "program")  # an ONNX file is a protobuf, a program a zip
+    loaded, recipe = load_quantized(path)
+    assert recipe is None
+    torch.testing.assert_close(loaded(digits[2]), model(digits[2]), rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -87,11 +88,18 @@ class QuantizationResult:
                          f"{t.recipe.describe()}{note}")
         return "\n".join(lines)
 
-    def save(self, path: str) -> int:
-        """Write the chosen model as one artefact; returns its size on disk in bytes."""
+    def save(self, path: str | os.PathLike, *, fp32_format: str | None = None) -> int:
+        """Write the chosen model as one artefact; returns its size on disk in bytes.
+
+        A quantized model is written in its backend's format. The fp32 model (``recipe`` None: no candidate was
+        built, or none was fast enough for ``min_speedup``) in `fp32_format` (see :func:`save_quantized`); None:
+        ONNX for a path ending in ``.onnx``, else a ``torch.export`` program.
+        """
         from .artifact import save_quantized
 
-        return save_quantized(self.model, self.recipe, path, self.example_inputs)
+        if fp32_format is None:
+            fp32_format = "onnx" if os.fspath(path).lower().endswith(".onnx") else "export"
+        return save_quantized(self.model, self.recipe, path, self.example_inputs, fp32_format=fp32_format)
 
 
 def check_metric(value: object, where: str) -> float:
