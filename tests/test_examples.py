@@ -48,3 +48,19 @@ def test_quantize_lightning(tmp_path):
     assert "reloaded, same predictions: True" in out
     assert (tmp_path / "model.int8").exists()
     assert "chosen: " in out and "fp32 (no candidate met the goal)" not in out
+
+
+def test_shrink_swiglu_lightning():
+    out = run("shrink_swiglu_lightning.py", "--epochs", "2", "--amount", "0.5")
+    lines = out.splitlines()
+    # the shrink report's rows: "blocks.0.feed_forward.w1  gated group, 1 readers  64 -> 21  0  0"
+    kept = {line.split()[0].rsplit(".", 1)[0]: int(line.split()[7]) for line in lines if ".w1 " in line}
+    # the script's own count per block: "blocks.0.feed_forward: 32 zero rows in w1, 32 in w3, 43 channels removed"
+    counted = {line.split(":")[0]: [int(w) for w in line.replace(",", "").split() if w.isdigit()]
+               for line in lines if "channels removed" in line}
+    assert set(kept) == set(counted) == {"blocks.0.feed_forward", "blocks.1.feed_forward"}
+    for block, (zero_w1, zero_w3, gone) in counted.items():
+        assert zero_w1 == zero_w3 == 32  # the schedule hit half of each layer exactly
+        assert 32 <= gone <= 64 and kept[block] == 64 - gone  # the union of both layers' zero rows left
+    (said,) = [line for line in lines if "largest output difference after shrinking" in line]
+    assert float(said.split()[-1]) < 1e-5  # the same function (sums over fewer zero terms)
