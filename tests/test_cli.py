@@ -232,6 +232,22 @@ def test_channels_shows_a_gated_feed_forward_as_one_group(capsys):
             "blocks.1.feed_forward.w1, blocks.1.feed_forward.w3; read by blocks.1.feed_forward.w2") in out
 
 
+def test_channels_with_a_sparsity_shows_the_widths_and_parameters_compress_reaches(capsys):
+    from litcompress.models import ResNetClassifier
+    from litcompress.pipeline import PruneConfig, preview_shrink
+
+    assert main(["channels", "--model", "resnet", "--sparsity", "0.5"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if "->" in line and not line.startswith(("parameters", "net.7"))]
+    assert {row[0]: row[-5:-2] for row in rows if row[0].startswith("net.")} == {
+        name: ["16", "->", "8"] for name in ("net.0", "net.3.conv1", "net.3.conv2", "net.4.conv1", "net.4.conv2")}
+    expected, _ = preview_shrink(ResNetClassifier(in_channels=1, image_size=8),
+                                 PruneConfig(sparsity=0.5, method="ln_structured"))
+    report = expected.report
+    assert f"parameters {report.parameters_before:,} -> {report.parameters_after:,}" in out
+    assert "- group_residuals: 1 channel group(s) joined by residual additions" in out
+
+
 def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["channels", "--model", "tests.test_cli:Untraceable", "--model-args", '{"in_features": 4}'])

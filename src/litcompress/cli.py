@@ -260,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sizes the built-in models' inputs and classes ('digits' or 'mnist'); unused otherwise")
     plan.add_argument("--data-args", type=_json_object, default={}, help="JSON keyword arguments for the data")
     plan.add_argument("--submodule", help="look at this attribute of the model (the part compress would compress)")
+    plan.add_argument("--sparsity", type=_fraction,
+                      help="also show what ln_structured pruning of this fraction of the channels and shrink leave: "
+                           "a copy pruned in one shot as compress prunes it, then shrunk (widths and parameters; no "
+                           "data, no training)")
+    plan.add_argument("--keep-multiple-of", type=_int_at_least(1),
+                      help="with --sparsity: keep channel counts in multiples of this, as compress would")
     plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
@@ -484,9 +490,23 @@ def run_channels(args: argparse.Namespace) -> int:
             if not isinstance(model, nn.Module):
                 raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
         plan = channel_plan(model)
+        preview = None
+        if args.sparsity is not None:
+            from litcompress.pipeline import PruneConfig, preview_shrink
+
+            preview = preview_shrink(model, PruneConfig(sparsity=args.sparsity, method="ln_structured",
+                                                        schedule="oneshot"), keep_multiple_of=args.keep_multiple_of)
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
     print(plan.table())
+    if preview is not None:
+        result, notes = preview
+        report = result.report
+        print(f"\nAfter ln_structured pruning of {args.sparsity:.0%} of the channels, as compress prunes, and shrink "
+              "(a copy pruned in one shot; training changes the weights, not these widths):")
+        print(report.table())
+        for note in notes:
+            print(f"- {note}")
     return 0
 
 

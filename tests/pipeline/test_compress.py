@@ -718,3 +718,41 @@ def test_min_speedup_out_of_reach_exports_the_fp32_model(trained, digits, tmp_pa
                result.report.messages)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x_val), trained(x_val))
+
+
+def _preview_cases():
+    from litcompress.models import DenseNetClassifier, GatedTransformerClassifier, MobileNetClassifier
+    from tests.pruning.test_groups import ResNet
+
+    return {"resnet": ResNet, "mobilenet": lambda: MobileNetClassifier(width=8, blocks=2, expansion=4).net,
+            "densenet": lambda: DenseNetClassifier(stem=8, growth=4, layers=2, blocks=2).net,
+            "swiglu": lambda: GatedTransformerClassifier(d_model=16, feed_forward=32)}
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "densenet", "swiglu"])
+@pytest.mark.parametrize("keep_multiple_of", [None, 4])
+def test_preview_shrink_reaches_the_widths_compress_reaches(digits, name, keep_multiple_of):
+    # Without data or training: the same layers, groups and widths as the pipeline's one-shot structured pruning
+    from litcompress.pipeline import preview_shrink
+
+    torch.manual_seed(0)
+    model = _preview_cases()[name]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", schedule="oneshot")
+    preview, notes = preview_shrink(model, prune, keep_multiple_of=keep_multiple_of)
+    x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
+    result = compress(model, CompressionConfig(prune=prune, keep_multiple_of=keep_multiple_of, **FAST),
+                      eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8])
+    widths = {layer.name: layer.channels_after for layer in result.shrink.layers}
+    assert {layer.name: layer.channels_after for layer in preview.report.layers} == widths and widths
+    assert preview.report.parameters_after == result.report["shrunk"].parameters
+    assert [n for n in notes if n.startswith("group_residuals")] == \
+        [m for m in result.report.messages if m.startswith("group_residuals")]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not touched
+
+
+def test_preview_shrink_wants_structured_pruning_of_output_channels(trained):
+    from litcompress.pipeline import preview_shrink
+
+    with pytest.raises(ValueError, match="give a structured PruneConfig on output channels"):
+        preview_shrink(trained, PruneConfig(sparsity=0.5))

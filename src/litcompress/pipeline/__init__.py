@@ -4,7 +4,7 @@
 DataModule (imported on demand, so this package does not import Lightning).
 """
 
-from litcompress.pipeline.compress import CompressionResult, compress, prune_targets, weight_sparsity
+from litcompress.pipeline.compress import CompressionResult, compress, preview_shrink, prune_targets, weight_sparsity
 from litcompress.pipeline.config import CompressionConfig, PruneConfig
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 
@@ -16,6 +16,7 @@ __all__ = [
     "PruneConfig",
     "StageMetrics",
     "compress",
+    "preview_shrink",
     "prune_targets",
     "weight_sparsity",
 ]

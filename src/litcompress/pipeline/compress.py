@@ -25,8 +25,8 @@ from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_,
                                         prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
-from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, _out_channels, channel_plan,
-                                        eval_outputs, is_depthwise, max_output_difference, shrink)
+from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
+                                        channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
@@ -392,6 +392,68 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
     return groups
 
 
+@dataclass
+class _Pruning:
+    """What the pipeline prunes in a model and how: the targets, the channel groups pruned as one, the sets pruned
+    alike (per output dim) and the zeroer of pruned channels' BatchNorms and group biases."""
+
+    model: nn.Module
+    prune: PruneConfig
+    keep_multiple_of: int | None
+    targets: list[Target]
+    groups: list[ChannelGroup]
+    sets: list[tuple[list[Target], dict[str, Any]]]
+    held_at_zero: BatchNormZeroer
+
+    @classmethod
+    def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
+             note: Callable[[str], None]) -> _Pruning:
+        plan = _traced_plan(model)  # one trace for the targets, the residual groups and the BatchNorms
+        targets, left_out = _select_targets(model, prune, plan)
+        if left_out:
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in left_out.items():
+                by_reason.setdefault(reason, []).append(name)
+            note(f"removable_only: {len(left_out)} layer(s) left unpruned, as shrink could not remove their channels: "
+                 + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+                 + ". PruneConfig(removable_only=False) prunes them too (masks only).")
+        groups, layer_targets = _residual_groups(model, targets, prune, plan, note)
+        # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
+        # (and a group's producers' biases: a sum or product of biased Linear layers has no BatchNorm to zero)
+        lone_layers = _batch_norm_groups(model, layer_targets, plan, note) if prune.zero_batch_norm else []
+        held_at_zero = BatchNormZeroer(model, groups + lone_layers,
+                                       biases=[True] * len(groups) + [False] * len(lone_layers))
+        return cls(model, prune, keep_multiple_of, targets, groups, _by_output_dim(layer_targets, prune),
+                   held_at_zero)
+
+    def prune_once_(self, sparsity: float) -> int:
+        """Prune every set and group to `sparsity` at once (entries pruned before stay); returns how many entries
+        were newly pruned in the sets."""
+        prune, multiple = self.prune, self.keep_multiple_of
+        newly = sum(prune_to_sparsity_(subset, prune.pruning_method, sparsity, scope=prune.scope,
+                                       keep_multiple_of=multiple, **kwargs) for subset, kwargs in self.sets)
+        prune_groups_(self.model, self.groups, sparsity, prune.norm, multiple)
+        self.held_at_zero.refresh().apply_()
+        return newly
+
+
+def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: int | None = None,
+                   tracer: type[torch.fx.Tracer] = torch.fx.Tracer) -> tuple[ShrinkResult, list[str]]:
+    """What structured pruning to ``prune.sparsity`` and shrink do to `model`'s size, without data or training: a
+    copy pruned in one shot as :func:`compress` prunes it (the same layers, channel groups, and BatchNorms held at
+    zero), then shrunk. The channel counts are those :func:`compress` reaches (fine-tuning moves weights, not
+    counts); the weights are not trained. Returns the shrink result (its report: per layer the channels before and
+    after, the parameters) and the pipeline's notes (layers left out and why, groups). `model` is not modified.
+    """
+    if not isinstance(prune, PruneConfig) or not prune.structured or prune.dim != 0:
+        raise ValueError(f"preview_shrink(prune={prune!r}): give a structured PruneConfig on output channels, e.g. "
+                         "PruneConfig(sparsity=0.5, method='ln_structured').")
+    notes: list[str] = []
+    work = deepcopy_model(model)
+    _Pruning.plan(work, prune, keep_multiple_of, notes.append).prune_once_(float(prune.sparsity))
+    return shrink(work, keep_multiple_of=keep_multiple_of, tracer=tracer), notes
+
+
 def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:
     """What to say when the quantized stage ran clearly slower than the fp32 stage it came from, else None."""
     if len(rows) < 2 or rows[-1].stage != "quantized":
@@ -487,30 +549,12 @@ def compress(
     if config.prune is not None:
         prune = config.prune
         t0 = time.monotonic()
-        plan = _traced_plan(work)  # one trace for the targets, the residual groups and the BatchNorms
-        targets, left_out = _select_targets(work, prune, plan)
-        if left_out:
-            by_reason: dict[str, list[str]] = {}
-            for name, reason in left_out.items():
-                by_reason.setdefault(reason, []).append(name)
-            note(f"removable_only: {len(left_out)} layer(s) left unpruned, as shrink could not remove their channels: "
-                 + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
-                 + ". PruneConfig(removable_only=False) prunes them too (masks only).")
-        method = prune.pruning_method
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
-        groups, layer_targets = _residual_groups(work, targets, prune, plan, note)
-        # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
-        # (and a group's producers' biases: a sum or product of biased Linear layers has no BatchNorm to zero)
-        lone_layers = _batch_norm_groups(work, layer_targets, plan, note) if prune.zero_batch_norm else []
-        held_at_zero = BatchNormZeroer(work, groups + lone_layers,
-                                       biases=[True] * len(groups) + [False] * len(lone_layers))
-        target_sets = _by_output_dim(layer_targets, prune)
+        pruning = _Pruning.plan(work, prune, multiple, note)
+        method, targets, groups, target_sets = prune.pruning_method, pruning.targets, pruning.groups, pruning.sets
+        held_at_zero = pruning.held_at_zero
         if fine_tune is None:
-            for subset, kwargs in target_sets:
-                prune_to_sparsity_(subset, method, float(prune.sparsity), scope=prune.scope,
-                                   keep_multiple_of=multiple, **kwargs)
-            prune_groups_(work, groups, float(prune.sparsity), prune.norm, multiple)
-            held_at_zero.refresh().apply_()
+            pruning.prune_once_(float(prune.sparsity))
             how = "one-shot, no fine-tuning"
         else:
             assert fine_tune_steps is not None
@@ -532,11 +576,7 @@ def compress(
             fine_tune(work, step)
             rounds = len({h["t"] for pruner in pruners for h in pruner.history
                           if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
-            late = sum(prune_to_sparsity_(subset, method, schedule.final_sparsity, scope=prune.scope,
-                                          keep_multiple_of=multiple, **kwargs) for subset, kwargs in target_sets)
-            # the same for groups stopped early
-            prune_groups_(work, groups, schedule.final_sparsity, prune.norm, multiple)
-            held_at_zero.refresh().apply_()
+            late = pruning.prune_once_(schedule.final_sparsity)  # the same for groups stopped early
             if late:
                 note(f"fine-tuning stopped at step {pruners[0].last_t}, before its schedule ended "
                      f"(step {schedule.end}); "
@@ -621,4 +661,4 @@ def compress(
                              sparsity=result_sparsity, shrink=shrink_report, quantization=quantization)
 
 
-__all__ = ["CompressionResult", "compress", "prune_targets", "weight_sparsity"]
+__all__ = ["CompressionResult", "compress", "preview_shrink", "prune_targets", "weight_sparsity"]
