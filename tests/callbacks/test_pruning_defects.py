@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning, load_pruned_state_dict
+from litcompress.pruning.engine import deepcopy_model, make_permanent_
 from tests.conftest import FixedDataModel, ModelWithAttnMask, ThreeLayerModel, make_trainer
 
 
@@ -350,3 +351,33 @@ def test_load_pruned_checkpoint_file_into_fresh_model(tmp_path, cls, make_prunin
     assert not torch_prune.is_pruned(inference)
     # masks come back whenever the checkpoint holds them: in its keys, or in litcompress's callback state
     assert torch_prune.is_pruned(live) == (not make_pruning_permanent or cls is ModelPruning)
+
+
+class AttentionModel(FixedDataModel):
+    """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
+    the layer's inference fast path reads every weight without calling its modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.layer(x.view(-1, 4, 8)).mean(1))
+
+
+@both("a pruned attention out_proj computes with the tensor cached at pruning: the second backward fails")
+def test_pruning_an_attention_trains_and_evaluates_with_current_weights(tmp_path, cls):
+    seed_everything(0)
+    model = AttentionModel()
+    callback = cls("l1_unstructured", amount=0.3, make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(model)
+    out_proj = model.layer.self_attn.out_proj
+    assert torch_prune.is_pruned(out_proj)
+    # the masked model, in eval mode (the fast path), computes what its weights say: as a copy made permanent does
+    permanent = deepcopy_model(model)
+    make_permanent_(permanent)
+    model.eval(), permanent.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(model.data), permanent(model.data))
+    assert torch.equal(out_proj.weight, out_proj.weight_orig * out_proj.weight_mask)

@@ -756,3 +756,19 @@ def test_preview_shrink_wants_structured_pruning_of_output_channels(trained):
 
     with pytest.raises(ValueError, match="give a structured PruneConfig on output channels"):
         preview_shrink(trained, PruneConfig(sparsity=0.5))
+
+
+def test_unstructured_pruning_of_a_transformer_while_fine_tuning_reaches_the_attention(digits):
+    # nn.MultiheadAttention reads its out_proj's weight without calling out_proj: pruned, it used to keep the tensor
+    # cached at pruning, and the second backward failed
+    from litcompress.models import TransformerClassifier
+
+    model = TransformerClassifier(d_model=16, heads=2, layers=1, feed_forward=32)
+    result, x_val = compress_on_images(digits, model, PruneConfig(sparsity=0.8), steps=10)
+    pruned = result.stage_models["pruned"]
+    assert result.sparsity.sparsity == pytest.approx(0.8, abs=1e-3)
+    out_proj = pruned.encoder.layers[0].self_attn.out_proj
+    assert float((out_proj.weight == 0).float().mean()) > 0.5
+    before = result.stage_models["input"].encoder.layers[0].self_attn.out_proj.weight
+    kept = out_proj.weight != 0
+    assert not torch.equal(out_proj.weight[kept], before[kept])  # fine-tuning updated the attention's weights

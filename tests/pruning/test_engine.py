@@ -22,7 +22,8 @@ from litcompress.pruning import (
     rewind_,
     take_snapshot,
 )
-from litcompress.pruning.engine import PermanentStateDictHook, register_state_hooks, remaining_count
+from litcompress.pruning.engine import (PermanentStateDictHook, deepcopy_model, keep_bypassed_weights_current_,
+                                        register_state_hooks, remaining_count)
 from litcompress.report import sparsity_report
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -238,3 +239,41 @@ def test_repeated_global_rounds_do_not_stack_pruning_methods():
         prune_(targets, "l1_unstructured", 0.1)
     hooks = [h for h in model[0]._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
     assert len(hooks) == 1 and not isinstance(hooks[0], torch_prune.PruningContainer)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention alone (it reads out_proj.weight without calling out_proj) or inside a Transformer
+    layer, whose inference fast path reads every weight without calling the modules."""
+
+    def __init__(self, layer: bool) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True) if layer else \
+            nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.block, nn.MultiheadAttention):
+            return self.block(x, x, x, need_weights=False)[0]
+        return self.block(x)
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["MultiheadAttention", "TransformerEncoderLayer"])
+def test_weights_read_without_a_call_stay_current_while_training(layer):
+    torch.manual_seed(0)
+    model = Attention(layer)
+    targets = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    prune_(targets, "l1_unstructured", 0.5, scope="global")
+    assert keep_bypassed_weights_current_(model) == (2 if layer else 1)  # the layer and its attention
+    assert keep_bypassed_weights_current_(model) == 0  # once
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(3, 4, 8)
+    for _ in range(3):  # without the hooks, the second backward fails on the out_proj tensor cached at pruning
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    model.eval()
+    permanent = deepcopy_model(model)
+    make_permanent_(permanent)
+    assert keep_bypassed_weights_current_(permanent) == (2 if layer else 1)  # make_permanent_ removed them
+    make_permanent_(permanent)
+    with torch.no_grad():  # eval, no grad: the Transformer layer's fast path, with the weights after the last step
+        torch.testing.assert_close(model(x), permanent(x))

@@ -306,6 +306,7 @@ class ModelPruning(Callback):
         self._hook_handles = engine.register_state_hooks(
             self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent
         )
+        engine.keep_bypassed_weights_current_(pl_module)  # attention's out_proj: its forward is never called
         if self._pending_state is not None:
             self._restore(self._pending_state)
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import (Target, deepcopy_model, make_permanent_, permanent_state_dict,
-                                        prune_to_sparsity_)
+from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_weights_current_, make_permanent_,
+                                        permanent_state_dict, prune_to_sparsity_)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
@@ -551,6 +551,7 @@ def compress(
         t0 = time.monotonic()
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
         pruning = _Pruning.plan(work, prune, multiple, note)
+        keep_bypassed_weights_current_(work)  # an attention's pruned out_proj is read, never called
         method, targets, groups, target_sets = prune.pruning_method, pruning.targets, pruning.groups, pruning.sets
         held_at_zero = pruning.held_at_zero
         if fine_tune is None:

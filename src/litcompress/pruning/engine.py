@@ -144,6 +144,39 @@ def set_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
     _write_mask_(module, name, mask, combine=False)
 
 
+# torch modules whose forward reads their sub-modules' weights without calling those sub-modules (so torch's pruning
+# hooks, which recompute ``orig * mask`` in the pruned module's own forward, never run): nn.MultiheadAttention passes
+# ``out_proj.weight`` to its functional form; the Transformer layers' inference fast path passes every weight.
+_BYPASSING = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _recompute_pruned_descendants(module: nn.Module, args: object) -> None:
+    """Forward pre-hook: recompute the pruned tensors (``orig * mask``) of `module`'s sub-modules."""
+    for child in module.modules():
+        if child is not module:
+            for hook in child._forward_pre_hooks.values():
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    setattr(child, hook._tensor_name, hook.apply_mask(child))
+
+
+def keep_bypassed_weights_current_(model: nn.Module) -> int:
+    """Make the torch modules of `model` that read their sub-modules' weights without calling them
+    (``nn.MultiheadAttention``'s ``out_proj``; the fast path of ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerDecoderLayer``) recompute those sub-modules' pruned weights at every call; returns how many hooks
+    were added. Without it a pruned ``out_proj`` computes with the tensor cached when it was pruned: the second
+    backward fails ("Trying to backward through the graph a second time") and the optimizer's updates never reach
+    the attention. Idempotent (copies of the model keep the hooks); :func:`make_permanent_` removes them. Pruning
+    through the pipeline, :class:`litcompress.ModelPruning` or the IMP driver calls this; call it yourself after
+    pruning a model with :func:`prune_` or :class:`GradualPruner` in your own loop.
+    """
+    added = 0
+    for module in model.modules():
+        if isinstance(module, _BYPASSING) and _recompute_pruned_descendants not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_recompute_pruned_descendants)
+            added += 1
+    return added
+
+
 def refresh_cached_tensor(module: nn.Module, name: str) -> None:
     """Recompute the cached ``module.<name>`` after its orig or mask changed in place."""
     hook = pruning_hook(module, name)
@@ -172,6 +205,8 @@ def make_permanent_(model: nn.Module) -> int:
     """
     removed = 0
     for module in model.modules():
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is _recompute_pruned_descendants]:
+            del module._forward_pre_hooks[key]  # nothing left to recompute
         keys = [k for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]
         if not keys:
             continue
@@ -350,6 +385,7 @@ def prune_model_(
     """Prune every `parameter_names` tensor of the leaf modules of `model`; returns the targets pruned."""
     targets = default_targets(model, parameter_names)
     prune_(targets, method, amount, scope=scope, **method_kwargs)
+    keep_bypassed_weights_current_(model)
     return targets
 
 

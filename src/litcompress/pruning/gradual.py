@@ -23,6 +23,10 @@ class GradualPruner:
         for step, batch in enumerate(loader, start=1):
             train_step(batch)
             pruner.step(step)
+
+    With ``nn.MultiheadAttention`` or torch's Transformer layers among the pruned modules' parents, call
+    :func:`litcompress.pruning.keep_bypassed_weights_current_` on the model once (before training): they read
+    their sub-modules' weights without calling them (an attention's ``out_proj``).
     """
 
     def __init__(

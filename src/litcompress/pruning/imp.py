@@ -20,6 +20,7 @@ from litcompress.pruning.engine import (
     Target,
     default_targets,
     is_pruned,
+    keep_bypassed_weights_current_,
     mask_of,
     prune_,
     qualified_names,
@@ -162,6 +163,7 @@ def iterative_magnitude_pruning(
                 for name, target in zip(names, targets):
                     prune_([target], "l1_unstructured", layer_rates.get(name, rate), scope="local")
             rewind_(targets, snapshot)
+            keep_bypassed_weights_current_(network)
             if r == rounds:  # the ticket: the final mask on the rewound weights
                 rewound = state_now()
         train(network)
