@@ -277,3 +277,27 @@ def test_weights_read_without_a_call_stay_current_while_training(layer):
     make_permanent_(permanent)
     with torch.no_grad():  # eval, no grad: the Transformer layer's fast path, with the weights after the last step
         torch.testing.assert_close(model(x), permanent(x))
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["MultiheadAttention", "TransformerEncoderLayer"])
+def test_a_masked_state_dict_loads_into_a_fresh_attention_model_that_computes_and_trains(layer):
+    torch.manual_seed(0)
+    model = Attention(layer)
+    prune_([(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)], "l1_unstructured", 0.5,
+           scope="global")
+    keep_bypassed_weights_current_(model)
+    x = torch.randn(3, 4, 8)
+    torch.manual_seed(1)
+    fresh = load_pruned_state_dict(Attention(layer), model.state_dict())  # other initial weights, loaded over
+    model.eval(), fresh.eval()
+    with torch.no_grad():  # out_proj's cached orig * mask was the fresh model's initial one until refreshed
+        torch.testing.assert_close(fresh(x), model(x))
+    fresh.train()
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        fresh(x).pow(2).mean().backward()
+        optimizer.step()
+    out_proj = (fresh.block.self_attn if layer else fresh.block).out_proj
+    fresh(x)  # torch recomputes a cached orig * mask at the next call, here the attention's
+    torch.testing.assert_close(out_proj.weight, out_proj.weight_orig * out_proj.weight_mask)

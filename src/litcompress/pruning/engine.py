@@ -480,6 +480,7 @@ def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> list[Target
         module = model.get_submodule(path)
         set_mask_(module, name, mask)
         touched.append((module, name))
+    keep_bypassed_weights_current_(model)
     return touched
 
 
@@ -501,7 +502,11 @@ def load_pruned_state_dict(
         if not is_pruned(module, name):
             apply_mask_(module, name, state[key])
     model.load_state_dict(state, strict=strict)
-    if not keep_masks:
+    for _, module, name in pruned_targets(model):  # the cached orig * mask was computed before the load
+        refresh_cached_tensor(module, name)
+    if keep_masks:
+        keep_bypassed_weights_current_(model)
+    else:
         make_permanent_(model)
     return model
 
