@@ -175,3 +175,26 @@ def test_sqnr_is_scale_invariant_and_falls_with_noise(scale, noise):
     assert sqnr_db(signal, signal) == float("inf")
     assert abs(small - sqnr_db(signal, signal + noise * perturbation)) < 1e-2
     assert large < small
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_exports_to_onnx_with_the_same_outputs(affine):
+    # the legacy exporter has no aten::rms_norm at any opset: the copy it exports writes RMSNorm in plain ops
+    from litcompress.models import GatedTransformerClassifier
+    from litcompress.quantization.backends.onnxruntime import OnnxRuntimeModule, export_onnx
+
+    torch.manual_seed(0)
+    model = GatedTransformerClassifier().eval()
+    model.norm = nn.RMSNorm(32, eps=1e-5, elementwise_affine=affine)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.data.uniform_(0.5, 1.5)
+    x = torch.rand(5, 1, 8, 8)
+    runtime = OnnxRuntimeModule(export_onnx(model, (x[:2],)))  # exported at batch 2, run at 5
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(x), model(x), rtol=1e-4, atol=1e-5)
+    assert sum(isinstance(m, nn.RMSNorm) for m in model.modules()) == 5  # the user's model keeps its modules
+    recipe = Recipe(backend="onnxruntime", approach="dynamic")
+    quantized = get_backend("onnxruntime").quantize(copy.deepcopy(model), recipe, (x[:2],), [(x[:2],)])
+    with torch.no_grad():
+        assert sqnr_db(model(x), quantized(x)) > 20

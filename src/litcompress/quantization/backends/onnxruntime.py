@@ -66,9 +66,36 @@ class OnnxRuntimeModule(nn.Module):
         self._make_session()
 
 
+class _RMSNormInOps(nn.Module):
+    """``nn.RMSNorm`` written with ops the legacy ONNX exporter knows (it has no ``aten::rms_norm`` at any opset):
+    ``x * rsqrt(mean(x^2) + eps) * weight``, as torch computes it."""
+
+    def __init__(self, norm: nn.RMSNorm) -> None:
+        super().__init__()
+        self.dims = tuple(range(-len(norm.normalized_shape), 0))
+        self.eps, self.weight = norm.eps, norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        y = x * torch.rsqrt(x.pow(2).mean(self.dims, keepdim=True) + eps)
+        return y if self.weight is None else y * self.weight
+
+
+def _exportable_(model: nn.Module) -> nn.Module:
+    """Replace, in place, the modules of `model` the legacy ONNX exporter cannot export with equivalent ones."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.RMSNorm):
+            parent, _, attribute = name.rpartition(".")
+            if not attribute:
+                return _RMSNormInOps(module)
+            setattr(model.get_submodule(parent), attribute, _RMSNormInOps(module))
+    return model
+
+
 def export_onnx(model: nn.Module, example_inputs: Inputs) -> bytes:
-    """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given)."""
-    model = copy.deepcopy(model).eval()
+    """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
+    written in ops it knows)."""
+    model = _exportable_(copy.deepcopy(model).eval())
     names = [f"input_{i}" for i in range(len(example_inputs))]
     buffer = io.BytesIO()
     try:
