@@ -108,3 +108,25 @@ def test_quantize_from_checkpoint(fitted, tmp_path):
     trainer.save_checkpoint(path)
     result = quantize_checkpoint(DigitsModule, path, CONFIG, metric="val_acc", datamodule=data)
     assert result.goal_met and os.path.exists(path)
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime"])
+def test_quantizing_at_fit_end_a_model_pruned_with_masks_kept(digits, backend):
+    # ModelPruning(make_pruning_permanent=False) leaves orig * mask tensors that copy.deepcopy refuses after a forward
+    from litcompress import ModelPruning
+    from litcompress.pruning import is_pruned
+
+    torch.manual_seed(0)
+    module = DigitsModule()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=False)
+    config = PTQConfig(approach="dynamic", backends=(backend,), max_trials=2, latency_repeats=3)
+    quantizing = QuantizeOnFitEnd(config, metric="val_acc")
+    _trainer(max_epochs=2, callbacks=[pruning, quantizing]).fit(module, datamodule=DigitsData(digits))
+    result = quantizing.result
+    assert is_pruned(module.net[0], "weight")  # the user's model keeps its masks
+    assert any(m.startswith("the model's pruning masks were made permanent") for m in result.messages)
+    x, y = digits[2], digits[3]
+    with torch.no_grad():  # the baseline is the masked model as trained, and int8 agrees with it
+        assert result.baseline_metric == pytest.approx(float((module(x).argmax(1) == y).float().mean()), abs=1e-6)
+        assert (result.model(x).argmax(1) == module(x).argmax(1)).float().mean() > 0.95
+    assert result.goal_met and result.recipe is not None and result.recipe.backend == backend

@@ -184,13 +184,14 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
         setattr(module, name, hook.apply_mask(module))
 
 
-def deepcopy_model(model: nn.Module) -> nn.Module:
+def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
     """``copy.deepcopy(model)`` that also works on pruned modules after a forward pass.
 
     Their cached ``<name>`` (``orig * mask``) is a non-leaf tensor, which ``copy.deepcopy`` refuses; it is seeded
-    in the memo as a detached clone (the pruning hook recomputes it at the copy's next forward anyway).
+    in the memo as a detached clone (the pruning hook recomputes it at the copy's next forward anyway). `memo`:
+    objects to map as given (e.g. ``{id(trainer): None}`` leaves an attached Trainer behind).
     """
-    memo: dict[int, object] = {}
+    memo = dict(memo or {})
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, Tensor) and not value.is_leaf:

@@ -7,7 +7,6 @@ callables, so a plain loop or a Lightning `Trainer` (see :mod:`litcompress.callb
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from litcompress.pruning.engine import (
     Scope,
     Target,
+    deepcopy_model,
     default_targets,
     is_pruned,
     keep_bypassed_weights_current_,
@@ -85,7 +85,7 @@ def _random_reinit_control(
     seed: int,
 ) -> float:
     """Train the same sparse architecture from freshly drawn weights (the control of Frankle & Carbin)."""
-    control = copy.deepcopy(pristine)
+    control = deepcopy_model(pristine)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for module in control.modules():
@@ -135,8 +135,8 @@ def iterative_magnitude_pruning(
     """
     layer_rates = dict(layer_rates or {})
     _validate(rounds, rate, layer_rates, control)
-    network = copy.deepcopy(model)
-    pristine = copy.deepcopy(model) if control != "none" else None  # the control's architecture, untrained
+    network = deepcopy_model(model)
+    pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
     targets = default_targets(network, parameter_names)
     names = qualified_names(network, targets)
     unknown = set(layer_rates) - set(names)

@@ -6,13 +6,14 @@ module of the subpackage that imports lightning.
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Callable, Iterable, Literal, Sequence
 
 import lightning as L
 import torch
 from torch import nn
+
+from litcompress.pruning.engine import deepcopy_model
 
 from .config import PTQConfig
 from .tuner import QuantizationResult, quantize
@@ -28,12 +29,13 @@ def _evaluation_trainer() -> L.Trainer:
 
 
 def detached_copy(module: L.LightningModule) -> L.LightningModule:
-    """Deep copy without dragging the attached Trainer along (the user's module is untouched)."""
-    memo = {}
+    """Deep copy without dragging the attached Trainer along (the user's module is untouched; pruned modules with
+    their masks are copied too)."""
+    memo: dict[int, object] = {}
     trainer = getattr(module, "_trainer", None)
     if trainer is not None:
         memo[id(trainer)] = None
-    return copy.deepcopy(module, memo)
+    return deepcopy_model(module, memo)
 
 
 def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModule | None, metric: str,

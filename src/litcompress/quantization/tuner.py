@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from litcompress.pruning.engine import deepcopy_model, make_permanent_
 from litcompress.report.size import model_size_bytes
 
 from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, get_backend, quantizable_layers,
@@ -228,7 +229,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         messages.append(message)
         logger.info(message)
 
-    fp32 = copy.deepcopy(model).eval()
+    fp32 = deepcopy_model(model).eval()
+    if make_permanent_(fp32):  # int8 kernels and exporters take plain weights: the pruned ones, zeros and all
+        note("the model's pruning masks were made permanent in the copy quantized (the model keeps them).")
     with torch.no_grad():
         baseline_metric = check_metric(eval_fn(fp32), "the fp32 baseline")
     criterion = config.accuracy
