@@ -87,6 +87,30 @@ def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path):
     assert [s.stage for s in second.stages] == ["input", "exported"]
 
 
+def test_a_checkpoint_written_while_pruning_with_masks_is_compressed(tmp_path):
+    import lightning as L
+
+    from litcompress import ModelPruning
+    from litcompress.data import DigitsDataModule
+    from litcompress.models import MLPClassifier
+
+    L.seed_everything(0, verbose=False)
+    model, data = MLPClassifier(in_features=64, hidden=(32,)), DigitsDataModule(flatten=True)
+    trainer = L.Trainer(max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5,
+                                                              make_pruning_permanent=False)],
+                        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    trainer.fit(model, datamodule=data)
+    path = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(path)
+    assert main(["compress", "--checkpoint", str(path), "--prune", "none",
+                 "--quantize", "none", "--latency-repeats", "2", "--output-dir", str(tmp_path / "out")]) == 0
+    given = CompressionReport.load_json(tmp_path / "out" / "report.json")["input"]
+    # the model as it would ship: its parameters, half of them zero (weights and biases, one global round)
+    assert given.parameters == 64 * 32 + 32 + 32 * 10 + 10
+    assert given.nonzero_parameters == given.parameters - round(0.5 * given.parameters)
+
+
 def test_a_submodule_exported_to_onnx_without_quantization(first_run, tmp_path):
     _, out = first_run
     assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--submodule", "net", "--prune",

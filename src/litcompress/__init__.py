@@ -22,7 +22,7 @@ from litcompress.pruning import (
 from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
-    from litcompress.callbacks.pruning import ModelPruning, load_pruned_checkpoint
+    from litcompress.callbacks.pruning import ModelPruning, load_module_from_checkpoint, load_pruned_checkpoint
     from litcompress.pipeline import CompressionConfig, CompressionReport, CompressionResult, PruneConfig, compress
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization import (
@@ -48,6 +48,7 @@ if not _logging.getLogger().hasHandlers():
 _LAZY = {
     "ModelPruning": "litcompress.callbacks.pruning",
     "load_pruned_checkpoint": "litcompress.callbacks.pruning",
+    "load_module_from_checkpoint": "litcompress.callbacks.pruning",
     "compress_lightning": "litcompress.pipeline.lightning",
     **dict.fromkeys(
         ("CompressionConfig", "CompressionReport", "CompressionResult", "PruneConfig", "compress"),
@@ -84,6 +85,7 @@ __all__ = [
     "SparsityReport",
     "compress",
     "compress_lightning",
+    "load_module_from_checkpoint",
     "load_pruned_checkpoint",
     "load_pruned_state_dict",
     "load_quantized",

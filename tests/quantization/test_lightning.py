@@ -110,6 +110,23 @@ def test_quantize_from_checkpoint(fitted, tmp_path):
     assert result.goal_met and os.path.exists(path)
 
 
+def test_quantize_from_a_checkpoint_written_while_pruning_with_masks(digits, tmp_path):
+    from litcompress import ModelPruning
+
+    torch.manual_seed(0)
+    module, data = DigitsModule(), DigitsData(digits)
+    trainer = _trainer(max_epochs=2, callbacks=[ModelPruning("l1_unstructured", amount=0.5,
+                                                             make_pruning_permanent=False)])
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(path)  # <name>_orig/<name>_mask keys, which DigitsModule.load_from_checkpoint refuses
+    result = quantize_checkpoint(DigitsModule, path, CONFIG, metric="val_acc", datamodule=data)
+    x, y = digits[2], digits[3]
+    with torch.no_grad():  # the baseline is the pruned model of the checkpoint
+        assert result.baseline_metric == pytest.approx(float((module(x).argmax(1) == y).float().mean()), abs=1e-6)
+    assert result.goal_met and result.recipe is not None
+
+
 @pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime"])
 def test_quantizing_at_fit_end_a_model_pruned_with_masks_kept(digits, backend):
     # ModelPruning(make_pruning_permanent=False) leaves orig * mask tensors that copy.deepcopy refuses after a forward

@@ -24,6 +24,7 @@ import logging
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -675,6 +676,25 @@ def load_pruned_checkpoint(
     else:
         engine.make_permanent_(model)
     return model
+
+
+def load_module_from_checkpoint(
+    module_class: type[LightningModule], checkpoint_path: Union[str, "os.PathLike[str]"], *, keep_masks: bool = True,
+    **kwargs: Any,
+) -> LightningModule:
+    """``module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", **kwargs)`` that also reads a
+    checkpoint written while pruning with masks (``<name>_orig``/``<name>_mask`` keys: ``make_pruning_permanent=False``,
+    Lightning's callback too), which ``load_from_checkpoint`` refuses. `keep_masks`: as in
+    :func:`load_pruned_checkpoint`."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if not any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state):
+        return module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", **kwargs)
+    # Lightning builds the module from its saved hyperparameters; the weights and masks are loaded strictly below
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=False, **kwargs)
+    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks)
 
 
 def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) -> None:

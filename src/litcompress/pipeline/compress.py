@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_weights_current_, make_permanent_,
-                                        permanent_state_dict, prune_to_sparsity_)
+                                        permanent_state_dict, prune_to_sparsity_, pruned_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
@@ -176,8 +176,13 @@ class _Stages:
         if metric is None:
             with torch.no_grad():
                 metric = check_metric(self.eval_fn(model), f"stage {stage!r}")
-        data = file.read_bytes() if file is not None else serialized_weights(model)
         counted = model if counted is None else counted
+        shipped = model
+        if pruned_targets(model):  # a model given with live masks: sized and counted as it would ship
+            shipped = deepcopy_model(model)
+            make_permanent_(shipped)
+            counted = shipped if counted is model else counted
+        data = file.read_bytes() if file is not None else serialized_weights(shipped)
         parameters = list(counted.parameters())
         row = StageMetrics(
             stage=stage, description=description, metric=metric,

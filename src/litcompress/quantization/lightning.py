@@ -113,7 +113,10 @@ def quantize_lightning(
 def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: str | os.PathLike,
                         config: PTQConfig | None = None, **kwargs) -> QuantizationResult:
     """Load ``module_class`` from a Lightning checkpoint and run :func:`quantize_lightning` on it."""
-    module = module_class.load_from_checkpoint(os.fspath(checkpoint_path), map_location="cpu")
+    from litcompress.callbacks.pruning import load_module_from_checkpoint
+
+    # a checkpoint written while pruning with masks loads too; int8 takes the pruned weights, zeros and all
+    module = load_module_from_checkpoint(module_class, os.fspath(checkpoint_path), keep_masks=False)
     return quantize_lightning(module, config, **kwargs)
 
 
