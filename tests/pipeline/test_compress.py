@@ -772,3 +772,36 @@ def test_unstructured_pruning_of_a_transformer_while_fine_tuning_reaches_the_att
     before = result.stage_models["input"].encoder.layers[0].self_attn.out_proj.weight
     kept = out_proj.weight != 0
     assert not torch.equal(out_proj.weight[kept], before[kept])  # fine-tuning updated the attention's weights
+
+
+def test_an_attentions_shape_checks_do_not_disqualify_its_onnx_file(digits, tmp_path):
+    # nn.MultiheadAttention's "if <shape check>: raise" lines give TracerWarnings while tracing; they guard errors only,
+    # so the ONNX file is right for other inputs and competes on speed like any other
+    from litcompress.models import TransformerClassifier
+
+    torch.manual_seed(0)
+    model = TransformerClassifier(d_model=16, heads=2, layers=1, feed_forward=32).eval()
+    x_val, y_val = digits[2].view(-1, 1, 8, 8), digits[3]
+    result = compress(model, CompressionConfig(latency_repeats=2), eval_fn=accuracy(x_val, y_val),
+                      example_inputs=x_val[:8], output_dir=tmp_path)
+    messages = result.report.messages
+    assert not any("data-dependent code" in m or m.startswith("export: TracerWarning") for m in messages)
+    assert any(m.startswith("fp32 file format chosen by speed: model.onnx") for m in messages)  # both timed
+    loaded = result.stage_models["exported"]
+    with torch.no_grad():  # written at batch 8, right at another batch size
+        torch.testing.assert_close(loaded(x_val[:5]), model(x_val[:5]), rtol=1e-4, atol=1e-5)
+
+
+def test_guards_an_error_tells_shape_checks_from_data_dependent_branches(tmp_path):
+    import warnings as _warnings
+
+    from litcompress.pipeline.compress import _guards_an_error
+
+    source = tmp_path / "code.py"
+    source.write_text("if x.shape != y.shape:\n    raise AssertionError('no')\nassert x.numel() > 0\n"
+                      "if h.sum() > 0:\n    h = h * 2\n")
+
+    def caught(line):
+        return _warnings.WarningMessage("m", torch.jit.TracerWarning, str(source), line)
+
+    assert [_guards_an_error(caught(line)) for line in (1, 3, 4)] == [True, True, False]

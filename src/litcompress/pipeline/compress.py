@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import linecache
 import logging
 import os
 import time
@@ -256,6 +257,26 @@ def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: s
     return _WrittenFile(f"model{suffix}", partial, loaded, list(caught))
 
 
+def _guards_an_error(caught: warnings.WarningMessage) -> bool:
+    """Whether a TracerWarning comes from a condition that only guards an error (``if <check>: raise ...`` or an
+    ``assert``), as in nn.MultiheadAttention's shape checks: the trace takes the one path that does not fail, so the
+    file is right for other inputs. Conditions that choose what to compute (data-dependent branches) are not."""
+    line = linecache.getline(caught.filename, caught.lineno).strip()
+    if line.startswith("assert "):
+        return True
+    if not line.startswith("if "):
+        return False
+    for following in range(caught.lineno + 1, caught.lineno + 4):
+        text = linecache.getline(caught.filename, following).strip()
+        if text:
+            return text.startswith("raise ")
+    return False
+
+
+def _traced_data_dependent_code(caught: warnings.WarningMessage) -> bool:
+    return issubclass(caught.category, torch.jit.TracerWarning) and not _guards_an_error(caught)
+
+
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
@@ -291,7 +312,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
             return None
         # A file traced through data-dependent code (TracerWarning) may be wrong for other inputs: one exported
         # without is preferred whatever the speed.
-        sound = [w for w in written if not any(issubclass(c.category, torch.jit.TracerWarning) for c in w.caught)]
+        sound = [w for w in written if not any(_traced_data_dependent_code(c) for c in w.caught)]
         for w in written:
             if sound and w not in sound:
                 note(f"{w.name} not kept: its export traced through data-dependent code (TracerWarning).")
@@ -323,6 +344,8 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
             w.partial.unlink(missing_ok=True)
     said = set()
     for w in kept.caught:  # e.g. a TracerWarning: the file may not generalize to other inputs; say so in the report
+        if issubclass(w.category, torch.jit.TracerWarning) and _guards_an_error(w):
+            continue  # a shape check in torch's attention: nothing to say
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         text = f"export: {w.category.__name__}: {w.message}"
         # torch's notices about its own APIs say nothing of this model or file
