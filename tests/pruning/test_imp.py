@@ -111,3 +111,26 @@ def test_find_lottery_ticket_with_trainer_and_late_rewinding():
     with pytest.raises(KeyError, match="was not logged"):
         find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="val_acc", rounds=1,
                             trainer_kwargs=dict(max_epochs=1))
+
+
+class RowAttention(nn.Module):
+    """The digits' 8 rows as tokens through nn.MultiheadAttention, which reads its out_proj's weight without calling
+    out_proj (pruned, its cached orig * mask must be recomputed at every call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.view(-1, 8, 8)
+        return self.head(self.attention(rows, rows, rows, need_weights=False)[0].flatten(1))
+
+
+def test_imp_and_its_control_train_an_attention():
+    torch.manual_seed(0)
+    train, evaluate = plain_train_and_evaluate()
+    ticket = iterative_magnitude_pruning(RowAttention(), train, evaluate, rounds=2, rate=0.5, control="every")
+    assert "attention.out_proj.weight" in ticket.masks  # every Linear's weight, the attention's output too
+    assert all(r.metric > 0.5 for r in ticket.rounds) and all(r.control_metric is not None
+                                                              for r in ticket.rounds[1:])

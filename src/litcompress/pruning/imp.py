@@ -94,6 +94,7 @@ def _random_reinit_control(
     for name in names:
         path, _, tensor = name.rpartition(".")
         set_mask_(control.get_submodule(path), tensor, masks[name])
+    keep_bypassed_weights_current_(control)
     train(control)
     return float(evaluate(control))
 
