@@ -26,8 +26,8 @@ the two variants of a setting are timed in one interleaved run (allocator and th
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet|densenet|swiglu] [--threads 1] [--repeats 15] [--epochs 3]
-                                  [--fine-tune-epochs 4] [--write]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet|densenet|swiglu] [--threads 1] [--repeats 15]
+                                  [--epochs 3] [--fine-tune-epochs 4] [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
 """

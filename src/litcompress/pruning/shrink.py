@@ -915,9 +915,9 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
 class ChannelPlan:
     """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped or transposed
     Conv), in module order, the reason `shrink` cannot remove its channels on its own (None when it can); the
-    channel groups that residual additions or gating products join; and the BatchNorms on each removable producer's way to its
-    consumers, each with where the producer's channels start among its channels (after a concatenation, past the
-    other inputs')."""
+    channel groups that residual additions or gating products join; and the BatchNorms on each removable producer's
+    way to its consumers, each with where the producer's channels start among its channels (after a concatenation,
+    past the other inputs')."""
 
     reasons: dict[str, str | None]
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
@@ -987,7 +987,8 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True,
     """For every producer layer (Linear, ungrouped or transposed Conv) of `model`, in module order: None where
     `shrink` can remove its output channels once they are zero (a consumer takes them one to one, it is a
     Transformer layer's ``linear1``, or, with `residual_groups`, it writes into a channel group joined by residual
-    additions or a gating product, whose layers lose a channel together), else the reason it cannot. ValueError if the model cannot be traced.
+    additions or a gating product, whose layers lose a channel together), else the reason it cannot. ValueError if
+    the model cannot be traced.
 
     Structured pruning of the other layers masks channels that stay: it costs accuracy and saves nothing.
     """
