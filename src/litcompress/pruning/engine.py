@@ -147,16 +147,31 @@ def set_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
 # torch modules whose forward reads their sub-modules' weights without calling those sub-modules (so torch's pruning
 # hooks, which recompute ``orig * mask`` in the pruned module's own forward, never run): nn.MultiheadAttention passes
 # ``out_proj.weight`` to its functional form; the Transformer layers' inference fast path passes every weight.
-_BYPASSING = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-def _recompute_pruned_descendants(module: nn.Module, args: object) -> None:
-    """Forward pre-hook: recompute the pruned tensors (``orig * mask``) of `module`'s sub-modules."""
-    for child in module.modules():
-        if child is not module:
-            for hook in child._forward_pre_hooks.values():
-                if isinstance(hook, torch_prune.BasePruningMethod):
-                    setattr(child, hook._tensor_name, hook.apply_mask(child))
+def _recompute_(module: nn.Module) -> None:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, torch_prune.BasePruningMethod):
+            setattr(module, hook._tensor_name, hook.apply_mask(module))
+
+
+def _recompute_attention_output(attention: nn.Module, args: object) -> None:
+    """Forward pre-hook of nn.MultiheadAttention: recompute its ``out_proj``'s pruned tensors."""
+    _recompute_(attention.out_proj)
+
+
+def _recompute_for_fast_path(layer: nn.Module, args: object) -> None:
+    """Forward pre-hook of a Transformer layer: recompute every pruned tensor inside it when its inference fast path
+    may run (not while training with gradients, when its modules are called and recompute their own)."""
+    if layer.training and torch.is_grad_enabled():
+        return
+    for module in layer.modules():
+        if module is not layer:
+            _recompute_(module)
+
+
+_BYPASS_HOOKS = (_recompute_attention_output, _recompute_for_fast_path)
 
 
 def keep_bypassed_weights_current_(model: nn.Module) -> int:
@@ -171,8 +186,10 @@ def keep_bypassed_weights_current_(model: nn.Module) -> int:
     """
     added = 0
     for module in model.modules():
-        if isinstance(module, _BYPASSING) and _recompute_pruned_descendants not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(_recompute_pruned_descendants)
+        hook = _recompute_attention_output if isinstance(module, nn.MultiheadAttention) else \
+            _recompute_for_fast_path if isinstance(module, _TRANSFORMER_LAYERS) else None
+        if hook is not None and hook not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(hook)
             added += 1
     return added
 
@@ -206,7 +223,7 @@ def make_permanent_(model: nn.Module) -> int:
     """
     removed = 0
     for module in model.modules():
-        for key in [k for k, h in module._forward_pre_hooks.items() if h is _recompute_pruned_descendants]:
+        for key in [k for k, h in module._forward_pre_hooks.items() if h in _BYPASS_HOOKS]:
             del module._forward_pre_hooks[key]  # nothing left to recompute
         keys = [k for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]
         if not keys:
