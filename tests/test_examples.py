@@ -53,7 +53,7 @@ def test_quantize_lightning(tmp_path):
 def test_shrink_swiglu_lightning():
     out = run("shrink_swiglu_lightning.py", "--epochs", "2", "--amount", "0.5")
     lines = out.splitlines()
-    # the shrink report's rows: "blocks.0.feed_forward.w1  gated group, 1 readers  64 -> 21  0  0"
+    # the shrink report's rows: "blocks.0.feed_forward.w1  gated group, 1 reader  64 -> 21  0  0"
     kept = {line.split()[0].rsplit(".", 1)[0]: int(line.split()[7]) for line in lines if ".w1 " in line}
     # the script's own count per block: "blocks.0.feed_forward: 32 zero rows in w1, 32 in w3, 43 channels removed"
     counted = {line.split(":")[0]: [int(w) for w in line.replace(",", "").split() if w.isdigit()]

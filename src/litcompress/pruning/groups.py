@@ -472,7 +472,8 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
             _keep_batch_norm_(modules[name], keep.to(modules[name].weight.device))
         for name in group.consumers:
             _keep_input_channels_(modules[name], keep, group.channels)
-        readers = f"{'gated' if group.gated else 'residual'} group, {len(group.consumers)} readers"
+        count = len(group.consumers)
+        readers = f"{'gated' if group.gated else 'residual'} group, {count} reader{'' if count == 1 else 's'}"
         done += [LayerShrink(name, readers, group.channels * len(starts), int(keep.numel()) * len(starts), 0)
                  for name, starts in slices.items()]
     return done
