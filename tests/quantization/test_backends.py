@@ -165,6 +165,27 @@ def test_dynamic_int8_leaves_the_linears_of_torch_transformer_layers_in_fp32():
     assert sqnr_db(model(x).detach(), quantized(x).detach()) > 25.0
 
 
+def test_weight_only_int8_leaves_the_linears_of_torch_attention_and_transformer_layers_in_fp32():
+    """torchao's int8 weight is a tensor subclass that F.multi_head_attention_forward (out_proj.weight read as a
+    tensor) cannot run; the other Linears, the gated feed-forward's among them, are quantized."""
+    from litcompress.models import GatedTransformerClassifier
+    from tests.pipeline.test_compress import RowTransformer
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 64)
+    for model, inputs in ((RowTransformer().eval(), x), (GatedTransformerClassifier().eval(), x.view(16, 1, 8, 8))):
+        backend = get_backend("torchao")
+        quantized = backend.quantize(copy.deepcopy(model), backend.recipes("weight_only")[0], (inputs[:1],), [])
+        kept = {name for name, m in quantized.named_modules()
+                if isinstance(m, nn.Linear) and type(m.weight) in (torch.Tensor, nn.Parameter)}
+        attention = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                     and (".self_attn." in f".{name}." or ".attention." in f".{name}.")}
+        assert attention and attention <= kept and kept != {n for n, m in model.named_modules()
+                                                             if isinstance(m, nn.Linear)}
+        with torch.no_grad():
+            assert sqnr_db(model(inputs), quantized(inputs)) > 25.0
+
+
 @given(scale=st.floats(1e-3, 1e3), noise=st.floats(1e-4, 1e-1))
 def test_sqnr_is_scale_invariant_and_falls_with_noise(scale, noise):
     torch.manual_seed(0)

@@ -76,6 +76,19 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
+# Modules whose forward reads their Linear layers' `.weight` as a plain tensor instead of calling them: the Transformer
+# layers' fast-path checks, and MultiheadAttention, which passes out_proj.weight to F.multi_head_attention_forward. A
+# quantized Linear there (torch.ao's packed weights, torchao's tensor subclass) fails at the first call.
+_READS_WEIGHT_TENSORS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+
+
+def _reads_weight_tensors(model: nn.Module) -> set[str]:
+    """Names of the Linear layers inside modules that read their weight tensors directly."""
+    return {f"{outer}.{inner}" if outer else inner
+            for outer, module in model.named_modules() if isinstance(module, _READS_WEIGHT_TENSORS)
+            for inner, child in module.named_modules() if inner and isinstance(child, nn.Linear)}
+
+
 def quantizable_layers(model: nn.Module, approach: str) -> list[str]:
     """Names of the layers a backend quantizes for ``approach`` (Linear, plus Conv2d when static)."""
     types: tuple[type, ...] = (nn.Linear, nn.Conv2d) if approach == "static" else (nn.Linear,)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+from . import Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors, cpu_has_vnni
 
 METADATA_FILE = "litcompress.json"
 
@@ -33,17 +33,8 @@ def _quiet_torch_ao() -> Iterator[None]:
         yield
 
 
-# Modules whose forward reads their Linear layers' `.weight` as a tensor: torch.ao's dynamic int8 Linear has a
-# `weight()` method instead, so they fail at the first call (pytorch/pytorch#109987: the Transformer layers' fast-path
-# checks; MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward). Their Linears stay fp32.
-_READS_WEIGHT_TENSORS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
-
-
-def _reads_weight_tensors(model: nn.Module) -> set[str]:
-    """Names of the Linear layers inside modules that read their weight tensors directly."""
-    return {f"{outer}.{inner}" if outer else inner
-            for outer, module in model.named_modules() if isinstance(module, _READS_WEIGHT_TENSORS)
-            for inner, child in module.named_modules() if inner and isinstance(child, nn.Linear)}
+# torch.ao's dynamic int8 Linear has a `weight()` method instead of a tensor, so the Linears of modules that read
+# their weight tensors directly stay fp32 (pytorch/pytorch#109987).
 
 class TorchAOBackend(Backend):
     """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic``."""

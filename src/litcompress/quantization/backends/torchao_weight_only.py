@@ -12,7 +12,7 @@ from typing import Sequence
 from torch import nn
 
 from ..config import Recipe
-from . import Backend, BackendUnavailableError, Inputs
+from . import Backend, BackendUnavailableError, Inputs, _reads_weight_tensors
 
 
 class TorchAOWeightOnlyBackend(Backend):
@@ -41,7 +41,7 @@ class TorchAOWeightOnlyBackend(Backend):
 
         if recipe.approach != "weight_only":
             raise ValueError(f"torchao backend supports approach 'weight_only' only, not {recipe.approach!r}.")
-        skip = set(recipe.fp32_layers)
+        skip = set(recipe.fp32_layers) | _reads_weight_tensors(model)  # their weights are read, not called
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             # Int8WeightOnlyConfig is per output channel (one scale per row).
