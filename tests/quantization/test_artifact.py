@@ -1,5 +1,6 @@
 """Save, then load in a fresh process: same outputs, no re-tuning, small on disk."""
 
+import copy
 import json
 import os
 import subprocess
@@ -152,3 +153,23 @@ def test_an_fp32_result_is_saved_in_the_format_its_path_names(tmp_path, digits, 
     loaded, recipe = load_quantized(path)
     assert recipe is None
     torch.testing.assert_close(loaded(digits[2]), model(digits[2]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_lightning_module_is_saved_as_torchscript(tmp_path, digits):
+    # tracing probes every attribute, and a LightningModule's `trainer` raises when no Trainer is attached
+    from litcompress.models import MLPClassifier
+    from litcompress.quantization import Recipe, get_backend
+
+    torch.manual_seed(0)
+    module = MLPClassifier(in_features=64, hidden=(32,)).eval()
+    x = digits[2][:7]
+    fp32_path = tmp_path / "fp32.pt"
+    save_quantized(module, None, fp32_path, (x[:1],), fp32_format="torchscript")
+    int8 = get_backend("torch_ao").quantize(copy.deepcopy(module), Recipe("torch_ao", "dynamic"), (x[:1],), [])
+    int8_path = tmp_path / "int8.pt"
+    save_quantized(int8, Recipe("torch_ao", "dynamic"), int8_path, (x[:1],))
+    for path, expected in ((fp32_path, module), (int8_path, int8)):
+        loaded, _ = load_quantized(path)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected(x))
+    assert module._jit_is_scripting is False  # the user's module is left as it was

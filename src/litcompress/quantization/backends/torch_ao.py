@@ -135,7 +135,13 @@ class TorchAOBackend(Backend):
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
         with _quiet_torch_ao(), torch.no_grad():
             # TorchScript is the one self-contained format torch.ao's packed int8 weights serialise to.
-            scripted = torch.jit.trace(copy.deepcopy(quantized).eval(), example_inputs, check_trace=False)
+            module = copy.deepcopy(quantized).eval()
+            for sub in module.modules():
+                # Tracing probes every attribute, and a LightningModule's `trainer` raises without a Trainer; the
+                # flag Lightning's own to_torchscript sets makes it answer None.
+                if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
+                    sub._jit_is_scripting = True
+            scripted = torch.jit.trace(module, example_inputs, check_trace=False)
             torch.jit.save(scripted, path, _extra_files={METADATA_FILE: metadata})
 
 
