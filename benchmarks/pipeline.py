@@ -313,6 +313,8 @@ of ~0.2 s each per model, the median block's time per call (min-max).
 
 {text}
 
+Bold: the cells where litcompress beats the Lightning-docs variant.
+
 litcompress's own report of each run (its latencies: batch 128, 5 interleaved samples each; the last row is the
 exported file):
 

@@ -207,8 +207,9 @@ def test_a_gated_feed_forward_is_one_group_joined_by_a_product():
     assert "gating product" in gated[0].describe() and stream.describe() == "residual additions"
     plan = removable_channels(model)
     assert plan["feed_forward.w1"] is None and plan["feed_forward.w3"] is None
-    assert plan["feed_forward.w1"] is None and removable_channels(model, residual_groups=False)[
-        "feed_forward.w1"].startswith("its output meets another tensor")
+    # on its own neither factor could lose a channel: its output meets the other's in the product
+    assert removable_channels(model, residual_groups=False)["feed_forward.w1"].startswith(
+        "its output meets another tensor")
 
 
 @settings(max_examples=20, deadline=None)

@@ -465,8 +465,8 @@ class _Pruning:
         return newly
 
 
-def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: int | None = None,
-                   tracer: type[torch.fx.Tracer] = torch.fx.Tracer) -> tuple[ShrinkResult, list[str]]:
+def preview_shrink(model: nn.Module, prune: PruneConfig, *,
+                   keep_multiple_of: int | None = None) -> tuple[ShrinkResult, list[str]]:
     """What structured pruning to ``prune.sparsity`` and shrink do to `model`'s size, without data or training: a
     copy pruned in one shot as :func:`compress` prunes it (the same layers, channel groups, and BatchNorms held at
     zero), then shrunk. The channel counts are those :func:`compress` reaches (fine-tuning moves weights, not
@@ -479,7 +479,7 @@ def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: in
     notes: list[str] = []
     work = deepcopy_model(model)
     _Pruning.plan(work, prune, keep_multiple_of, notes.append).prune_once_(float(prune.sparsity))
-    return shrink(work, keep_multiple_of=keep_multiple_of, tracer=tracer), notes
+    return shrink(work, keep_multiple_of=keep_multiple_of), notes
 
 
 def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:

@@ -137,6 +137,7 @@ def iterative_magnitude_pruning(
     layer_rates = dict(layer_rates or {})
     _validate(rounds, rate, layer_rates, control)
     network = deepcopy_model(model)
+    keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
     pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
     targets = default_targets(network, parameter_names)
     names = qualified_names(network, targets)
@@ -164,7 +165,6 @@ def iterative_magnitude_pruning(
                 for name, target in zip(names, targets):
                     prune_([target], "l1_unstructured", layer_rates.get(name, rate), scope="local")
             rewind_(targets, snapshot)
-            keep_bypassed_weights_current_(network)
             if r == rounds:  # the ticket: the final mask on the rewound weights
                 rewound = state_now()
         train(network)
