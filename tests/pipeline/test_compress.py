@@ -569,6 +569,32 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
         compress(trained, PruneConfig(sparsity=0.5), eval_fn=evaluate, example_inputs=x)
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x, y):
+        return self.head(torch.relu(self.a(x) + self.b(y)))
+
+
+def test_calibration_batches_the_model_cannot_take_fail_before_fine_tuning(digits):
+    x = digits[0][:16]
+    model, config = _TwoInputs(), CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(), **FAST)
+    steps: list[int] = []
+    with pytest.raises(ValueError, match="first calibration batch.*input_fn=lambda batch: tuple"):
+        compress(model, config, eval_fn=lambda m: 1.0, example_inputs=(x, x), calibration_data=[(x, x)] * 2,
+                 fine_tune=lambda m, step: steps.append(step), fine_tune_steps=4)
+    assert steps == []  # nothing trained
+    with pytest.raises(ValueError, match=r"example_inputs \(inputs: \(16, 64\) torch.float32\)"):
+        compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x)
+    # A one-shot iterator is not read ahead (its batch would be lost: static int8 would find no calibration data).
+    static = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(approach="static"), **FAST)
+    result = compress(model, static, eval_fn=lambda m: 1.0, example_inputs=(x, x), calibration_data=iter([(x, x)]),
+                      input_fn=lambda batch: tuple(batch))
+    assert result.quantization is not None and result.quantization.recipe.approach == "static"
+
+
 def test_prune_targets_skip_the_classifier_only_for_structured_methods(trained):
     names = lambda targets: [id(m) for m, _ in targets]  # noqa: E731
     linears = [m for m in trained if isinstance(m, nn.Linear)]

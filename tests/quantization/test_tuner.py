@@ -134,6 +134,59 @@ def test_missing_inputs_fail_early(trained_mlp):
         quantize(trained_mlp, PTQConfig(approach="dynamic"), eval_fn=lambda m: 1.0)
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(4, 16), nn.Linear(16, 3)
+        self.norm = nn.BatchNorm1d(16)
+
+    def forward(self, x, y):
+        return self.head(torch.relu(self.norm(self.a(x) + self.b(y))))
+
+
+def test_batch_read_as_inputs_and_target_fails_before_any_evaluation_naming_input_fn():
+    torch.manual_seed(0)
+    model = _TwoInputs().train()
+    batches = [(torch.randn(8, 8), torch.randn(8, 4)) for _ in range(2)]
+    before = state_snapshot(model)
+    evaluated = []
+    message = r"first calibration batch.*\(8, 8\).*missing 1 required.*input_fn=lambda batch"
+    with pytest.raises(ValueError, match=message):
+        quantize(model, PTQConfig(approach="static", **FAST), eval_fn=evaluated.append, calibration_data=batches)
+    assert evaluated == []  # the baseline evaluation never ran
+    assert model.training and model.norm.training  # the check ran it in eval mode and gave its modes back
+    assert all(torch.equal(before[k], v) for k, v in state_snapshot(model).items())  # BatchNorm stats untouched
+
+
+def test_example_inputs_the_model_cannot_take_fail_early(trained_mlp, digits):
+    with pytest.raises(ValueError, match=r"example_inputs \(inputs: \(1, 10\)"):
+        quantize(trained_mlp, PTQConfig(approach="dynamic", **FAST), eval_fn=lambda m: 1.0,
+                 calibration_data=[digits[2][:4]], example_inputs=torch.zeros(1, 10))
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_a_model_with_two_inputs_quantizes_on_every_backend_with_input_fn(approach, tmp_path):
+    from litcompress.quantization import load_quantized
+
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    batches = [(torch.randn(16, 8), torch.randn(16, 4)) for _ in range(4)]
+    result = quantize(model, PTQConfig(approach=approach, **FAST), eval_fn=lambda m: 1.0, calibration_data=batches,
+                      input_fn=lambda batch: tuple(batch))
+    built = [t for t in result.trials if t.error is None]
+    assert {t.recipe.backend for t in built} >= {"torch_ao", "onnxruntime", "pt2e"}
+    x, y = batches[0]
+    with torch.no_grad():
+        expected, got = model(x, y), result.model(x, y)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    path = tmp_path / ("model.onnx" if result.recipe.backend == "onnxruntime" else "model.pt")
+    result.save(path)
+    loaded, recipe = load_quantized(path)
+    assert recipe == result.recipe
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, y), got, atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), "0.9", None, torch.tensor([1.0, 2.0])])
 def test_baseline_metric_must_be_a_finite_number(trained_mlp, digits, bad):
     with pytest.raises(ValueError, match="eval_fn returned"):

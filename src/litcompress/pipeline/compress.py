@@ -32,7 +32,8 @@ from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
-from litcompress.quantization.tuner import QuantizationResult, check_metric, quantize
+from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs, default_input_fn,
+                                            quantize)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -554,6 +555,13 @@ def compress(
                          "PruneConfig(sparsity=..., schedule='oneshot').")
     if config.quantize is not None and config.quantize.approach == "static" and calibration_data is None:
         raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
+    # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
+    check_model_runs(model, inputs, what="example_inputs", default_input_fn_used=False)
+    if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
+        first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
+        if first is not None:
+            check_model_runs(model, tuple((input_fn or default_input_fn)(first)), what="the first calibration batch",
+                             default_input_fn_used=input_fn in (None, default_input_fn))
     directory = Path(output_dir) if output_dir is not None else None
     if directory is not None:
         if directory.exists() and not directory.is_dir():

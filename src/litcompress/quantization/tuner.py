@@ -115,6 +115,33 @@ def check_metric(value: object, where: str) -> float:
     return value
 
 
+def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_input_fn_used: bool) -> None:
+    """Call `model` once on `inputs` (eval mode, no grad; its modes are restored) and turn a failure into an error
+    that names the inputs and, for a batch the default `input_fn` split as ``(inputs, target)``, the remedy.
+
+    The search calls the model on these inputs only after the baseline evaluation (and the pipeline only after
+    fine-tuning): a model that cannot take them should fail here, before any of that work.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as error:
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in inputs)
+        hint = ""
+        if default_input_fn_used:
+            hint = (" The default input_fn reads a batch of two tensors as (inputs, target) and passes only the "
+                    "first: if the model takes both, pass input_fn=lambda batch: tuple(batch); for another batch "
+                    "layout, a function that returns the model's positional inputs.")
+        raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
+                         f"{type(error).__name__}: {error}.{hint}") from error
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def default_input_fn(batch: object) -> Inputs:
     """The model's positional inputs from a DataLoader batch: ``(x,)`` for an ``(x, y)`` pair, else the batch."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
@@ -194,6 +221,7 @@ def quantize(
         raise TypeError(f"quantize(model=...): expected a torch.nn.Module, got {type(model).__name__}.")
     if not callable(eval_fn):
         raise TypeError(f"quantize(eval_fn={eval_fn!r}): expected a callable model -> metric.")
+    default_input_fn_used = input_fn in (None, default_input_fn)
     input_fn = input_fn or default_input_fn
 
     calibration: list[Inputs] = []
@@ -213,6 +241,11 @@ def quantize(
     example_inputs = to_inputs(example_inputs)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
+    else:
+        check_model_runs(model, calibration[0], what="the first calibration batch",
+                         default_input_fn_used=default_input_fn_used)
+    if example_inputs is not calibration[0]:
+        check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
