@@ -105,15 +105,103 @@ def test_onnxruntime_module_survives_deepcopy(trained_mlp, digits):
 
 
 @pytest.mark.slow
-def test_pt2e_compiled_matches_eager_converted(trained_cnn, digits):
+@pytest.mark.parametrize("which", ["cnn", "pre-activation"])
+def test_pt2e_compiled_matches_eager_converted(which, trained_cnn, digits):
     x = digits[0].view(-1, 1, 8, 8)
+    model = trained_cnn if which == "cnn" else _trained_statistics(_PreActivation())  # its batch norms: mul + add
     backend = get_backend("pt2e")
     recipe = backend.recipes("static")[0]
-    eager = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:32],), _calibration(x))
+    eager = backend.quantize(copy.deepcopy(model), recipe, (x[:32],), _calibration(x))
     backend.compile = True
-    compiled = backend.quantize(copy.deepcopy(trained_cnn), recipe, (x[:32],), _calibration(x))
+    compiled = backend.quantize(copy.deepcopy(model), recipe, (x[:32],), _calibration(x))
     with torch.no_grad():
         assert sqnr_db(eager(x[:32]), compiled(x[:32])) > 25.0
+
+
+class _PreActivation(nn.Module):
+    """Batch norms prepare_pt2e cannot fold into a producer: after an addition (pre-activation ResNet) and after a
+    concatenation (DenseNet-BC)."""
+
+    def __init__(self, affine: bool = True, track_running_stats: bool = True):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.norm_sum = nn.BatchNorm2d(4, affine=affine, track_running_stats=track_running_stats)
+        self.norm_cat = nn.BatchNorm2d(8, affine=affine, track_running_stats=track_running_stats)
+        self.head = nn.Linear(8, 3)
+        self.norm_features = nn.BatchNorm1d(8, affine=affine, track_running_stats=track_running_stats)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        y = torch.cat([torch.relu(self.norm_sum(a + b)), a], dim=1)
+        return self.head(torch.relu(self.norm_features(torch.relu(self.norm_cat(y)).mean((2, 3)))))
+
+
+def _trained_statistics(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for module in model.modules():  # non-trivial statistics and affine parameters
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.affine:
+                nn.init.uniform_(module.weight, 0.5, 2.0)
+                nn.init.uniform_(module.bias, -1.0, 1.0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 8, 8) * 3 + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_pt2e_batch_norms_left_by_prepare_become_the_same_affine_map(affine):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from litcompress.quantization.backends.pt2e import _fold_standalone_batch_norms_
+
+    model = _trained_statistics(_PreActivation(affine=affine))
+    x = torch.randn(4, 1, 8, 8)
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+
+    def batch_norms():
+        return [n for n in prepared.graph.nodes if "batch_norm" in str(n.target)]
+
+    assert len(batch_norms()) == 3  # none follows a conv or Linear
+    with torch.no_grad():
+        before = prepared(x)
+        assert _fold_standalone_batch_norms_(prepared) == 3
+        assert batch_norms() == []
+        torch.testing.assert_close(prepared(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_pt2e_leaves_batch_norms_that_use_batch_statistics():
+    from litcompress.quantization.backends.pt2e import _fold_standalone_batch_norms_
+
+    model = _PreActivation(track_running_stats=False).eval()  # normalises by each batch's statistics, even in eval
+    x = torch.randn(4, 1, 8, 8)
+    graph = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        before = graph(x)
+        assert _fold_standalone_batch_norms_(graph) == 0
+        torch.testing.assert_close(graph(x), before)
+
+
+def test_pt2e_static_int8_of_a_pre_activation_model_tracks_fp32_and_round_trips(tmp_path):
+    from litcompress.quantization import load_quantized, save_quantized
+
+    model = _trained_statistics(_PreActivation())
+    calibration = [(torch.randn(16, 1, 8, 8) * 3 + 1,) for _ in range(4)]
+    backend = get_backend("pt2e")
+    recipe = backend.recipes("static")[0]
+    quantized = backend.quantize(copy.deepcopy(model), recipe, calibration[0], calibration)
+    assert not [n for n in quantized.program.graph.nodes if "batch_norm" in str(n.target)]
+    x = calibration[0][0]
+    with torch.no_grad():
+        assert sqnr_db(model(x), quantized(x)) > 20.0
+        save_quantized(quantized, recipe, tmp_path / "model.pt2", (x,))
+        loaded, loaded_recipe = load_quantized(tmp_path / "model.pt2")
+        assert loaded_recipe == recipe
+        torch.testing.assert_close(loaded(x), quantized(x))
 
 
 def test_torchao_weight_only_close_to_fp32_and_honours_fp32_layers(trained_mlp, digits):

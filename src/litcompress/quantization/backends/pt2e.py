@@ -26,6 +26,69 @@ def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
             delattr(graph_module.get_submodule(parent) if parent else graph_module, leaf)
 
 
+_BATCH_NORM = "aten.batch_norm.default"
+
+
+def _attribute(graph_module: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(graph_module.get_submodule(owner) if owner else graph_module, leaf)
+
+
+def _fold_standalone_batch_norms_(graph_module: torch.fx.GraphModule) -> int:
+    """Write each eval-mode batch norm that ``prepare_pt2e`` left in the graph as ``x * scale + shift``; returns how
+    many.
+
+    ``prepare_pt2e`` folds a batch norm into the conv or Linear before it; one after an addition or a concatenation
+    (pre-activation ResNets, DenseNet-BC) stays. ``convert_pt2e`` then looks for QAT conv-bn patterns whenever a
+    batch norm is in the graph, exporting some hundred pattern graphs: 12-25 s per candidate even for a tiny model.
+    In eval mode a batch norm is that affine map (running statistics, fixed), never quantized, so nothing else
+    changes.
+    """
+    graph, folded = graph_module.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or str(node.target) != _BATCH_NORM:
+            continue
+        x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
+        if training or not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in (mean, var)):
+            continue  # batch statistics: not an affine map
+        try:
+            mean_t, var_t, weight_t, bias_t = (
+                None if not isinstance(arg, torch.fx.Node) else _attribute(graph_module, arg.target)
+                for arg in (mean, var, weight, bias))
+        except AttributeError:
+            continue
+        out = node.meta.get("val")  # the input may be an observer, which export did not trace
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            continue
+        ndim = out.dim()
+        with torch.no_grad():
+            scale = torch.rsqrt(var_t.detach().float() + eps)
+            if weight_t is not None:
+                scale = scale * weight_t.detach()
+            shift = -mean_t.detach() * scale
+            if bias_t is not None:
+                shift = shift + bias_t.detach()
+        shape = (-1,) + (1,) * (ndim - 2)
+        names = []
+        for kind, tensor in (("scale", scale), ("shift", shift)):
+            name = f"_litcompress_bn_{kind}_{folded}"
+            graph_module.register_buffer(name, tensor.reshape(shape).contiguous())
+            names.append(name)
+        with graph.inserting_before(node):
+            scale_node, shift_node = (graph.get_attr(name) for name in names)
+            scaled = graph.call_function(torch.ops.aten.mul.Tensor, (x, scale_node))
+            shifted = graph.call_function(torch.ops.aten.add.Tensor, (scaled, shift_node))
+        for new in (scaled, shifted):
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
+        node.replace_all_uses_with(shifted)
+        graph.erase_node(node)
+        folded += 1
+    if folded:
+        graph.eliminate_dead_code()
+        graph_module.recompile()
+    return folded
+
+
 class CompiledInference(ExportedInference):
     """A converted PT2E graph run through ``torch.compile`` with inductor's freezing.
 
@@ -109,6 +172,7 @@ class PT2EBackend(Backend):
             raise ExportError(f"pt2e: torch.export failed: {type(exc).__name__}: {exc}") from exc
         with torch.no_grad():
             prepared = prepare_pt2e(graph, quantizer)
+            _fold_standalone_batch_norms_(prepared)
             for batch in (calibration if recipe.approach == "static" else calibration[:1]):
                 prepared(*batch)
             converted = convert_pt2e(prepared)
