@@ -301,6 +301,9 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
     (["--submodule", "body"], "--submodule body: MLPClassifier has no such sub-module"),
     (["--fp32-format", "tflite"], "invalid choice: 'tflite'"),
+    (["--metric", "val_loss"], "--metric val_loss: it reads as a loss or an error (lower is better), but the "
+                               "accuracy goal treats higher values as better"),
+    (["--mode", "minimum"], "argument --mode: invalid choice: 'minimum'"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON keyword arguments for the DataModule, e.g. '{\"batch_size\": 128}'")
     source.add_argument("--train-epochs", type=_int_at_least(0),
                         help="epochs of dense training before compressing (default: 10, or 0 with --checkpoint)")
-    source.add_argument("--metric", default="val_acc", help="metric logged by validation_step (higher is better)")
+    source.add_argument("--metric", default="val_acc", help="metric logged by validation_step")
+    source.add_argument("--mode", choices=("max", "min"),
+                        help="whether a higher (max, the default) or lower (min: a loss) --metric is better, as for "
+                             "Lightning's ModelCheckpoint; required for a metric named like a loss or an error")
     source.add_argument("--test-metric",
                         help="metric logged by test_step, reported only (default: test_acc for built-in models)")
     source.add_argument("--submodule",
@@ -276,6 +279,7 @@ def _configs(args: argparse.Namespace) -> Any:
     """The pipeline's configuration from the arguments (ValueError when they do not fit together)."""
     from litcompress.pipeline import CompressionConfig, PruneConfig
     from litcompress.quantization import AccuracyCriterion, PTQConfig
+    from litcompress.quantization.config import criterion_for_metric
 
     prune = None
     if args.prune.lower() != "none":
@@ -285,8 +289,10 @@ def _configs(args: argparse.Namespace) -> Any:
         options: dict[str, Any] = {}
         if args.backends:
             options["backends"] = args.backends
+        accuracy = criterion_for_metric(AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
+                                        args.metric, args.mode, "--metric")
         quantize = PTQConfig(approach="dynamic" if args.quantize == "auto" else args.quantize,  # auto: see below
-                             accuracy=AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
+                             accuracy=accuracy,
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads,
                              min_speedup=args.min_speedup, **options)
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,

@@ -111,6 +111,29 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
         compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)
 
 
+def test_a_loss_as_the_metric_needs_its_mode_and_then_the_goal_bounds_it_from_above(fitted, tmp_path):
+    module, data = fitted
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(
+        approach="dynamic", backends=("torch_ao", "onnxruntime"), max_trials=4, latency_repeats=2), latency_repeats=2,
+        export=False)
+    for refused in (lambda: compress_lightning(module, config, datamodule=data, metric="val_loss", fine_tune_epochs=50),
+                    lambda: CompressOnFitEnd(config, metric="val_loss", output_dir=tmp_path)):
+        with pytest.raises(ValueError, match=r"\(metric='val_loss'\): it reads as a loss.*Pass mode='min'"):
+            refused()
+    with pytest.raises(ValueError, match="mode='least'"):
+        compress_lightning(module, CompressionConfig(), datamodule=data, metric="val_loss", mode="least")
+    result = compress_lightning(module, config, datamodule=data, metric="val_loss", mode="min")
+    baseline = result.report["pruned"].metric
+    assert f"quantization: fp32 baseline metric {baseline:.6g}; goal: metric <= {baseline * 1.01:.6g}" in \
+        result.report.messages
+    assert result.quantization.goal_met and result.quantization.metric <= baseline * 1.01
+    assert config.quantize.accuracy.higher_is_better  # the caller's config is left as it was
+    # Without quantization the direction decides nothing: no mode needed.
+    unquantized = compress_lightning(module, CompressionConfig(prune=PruneConfig(sparsity=0.5), latency_repeats=2,
+                                                               export=False), datamodule=data, metric="val_loss")
+    assert [s.stage for s in unquantized.report.stages] == ["input", "pruned"]
+
+
 def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp_path):
     L.seed_everything(0)
     data = DigitsDataModule(batch_size=64)

@@ -1,7 +1,10 @@
+import re
+
 import pytest
 from hypothesis import given, strategies as st
 
 from litcompress.quantization import AccuracyCriterion, PTQConfig, Recipe
+from litcompress.quantization.config import criterion_for_metric, metric_reads_lower_is_better
 
 
 def test_unknown_approach_names_argument_and_choices():
@@ -61,3 +64,29 @@ def test_relative_criterion_on_lower_is_better_metric():
     criterion = AccuracyCriterion(tolerable_loss=0.1, relative=True, higher_is_better=False)
     assert criterion.threshold(2.0) == pytest.approx(2.2)
     assert criterion.is_met(2.1, 2.0) and not criterion.is_met(2.3, 2.0)
+
+
+@given(st.sampled_from(["loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "wer", "cer"]),
+       st.sampled_from(["", "val_", "val/", "train-", "test_"]), st.sampled_from(["", "_epoch", "/step", "_0"]),
+       st.booleans())
+def test_metric_names_that_read_as_losses_need_a_mode(word, prefix, suffix, upper):
+    name = prefix + (word.upper() if upper else word) + suffix
+    assert metric_reads_lower_is_better(name)
+    with pytest.raises(ValueError, match=f"quantize_lightning\\(metric='{re.escape(name)}'\\).*mode='min'"):
+        criterion_for_metric(AccuracyCriterion(), name, None, "quantize_lightning")
+    lower = criterion_for_metric(AccuracyCriterion(tolerable_loss=0.1), name, "min", "quantize_lightning")
+    assert not lower.higher_is_better and lower.tolerable_loss == 0.1
+    assert lower.is_met(1.05, 1.0) and not lower.is_met(1.2, 1.0)  # a loss may rise by 10 %, not by 20 %
+    told = AccuracyCriterion(higher_is_better=False)
+    assert criterion_for_metric(told, name, None, "quantize_lightning") == told  # already lower-is-better
+    assert criterion_for_metric(AccuracyCriterion(), name, "max", "x").higher_is_better  # the user's word
+
+
+@pytest.mark.parametrize("name", ["val_acc", "accuracy", "val_f1", "auroc", "val_iou", "map_50", "psnr", "glossary",
+                                  "merit", "cerebral_acc"])
+def test_other_metric_names_keep_the_default_direction(name):
+    assert not metric_reads_lower_is_better(name)
+    assert criterion_for_metric(AccuracyCriterion(), name, None, "f").higher_is_better
+    assert not criterion_for_metric(AccuracyCriterion(), name, "min", "f").higher_is_better
+    with pytest.raises(ValueError, match="mode='lowest'.*'max'.*'min'"):
+        criterion_for_metric(AccuracyCriterion(), name, "lowest", "f")

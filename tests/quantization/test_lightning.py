@@ -27,7 +27,9 @@ class DigitsModule(L.LightningModule):
 
     def validation_step(self, batch, _):
         x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True)
+        logits = self(x)
+        self.log("val_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), on_epoch=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
@@ -70,6 +72,21 @@ def test_quantize_lightning_judges_by_validation_metric(fitted):
     assert lightning_eval_fn(module, data, "val_acc")(result.model) == pytest.approx(result.metric)
     assert result.baseline_metric == pytest.approx(_trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"])
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before)
+
+
+def test_a_loss_is_judged_lower_is_better_with_mode_min_and_refused_without(fitted, tmp_path):
+    module, data = fitted
+    with pytest.raises(ValueError, match=r"quantize_lightning\(metric='val_loss'\).*mode='min'"):
+        quantize_lightning(module, CONFIG, metric="val_loss", datamodule=data)
+    with pytest.raises(ValueError, match=r"QuantizeOnFitEnd\(metric='val_loss'\).*mode='min'"):
+        QuantizeOnFitEnd(CONFIG, metric="val_loss")  # at construction, before any training
+    result = quantize_lightning(module, CONFIG, metric="val_loss", datamodule=data, mode="min")
+    assert result.baseline_metric == pytest.approx(
+        _trainer().validate(module, datamodule=data, verbose=False)[0]["val_loss"])
+    assert any(m.endswith(f"goal: metric <= {result.baseline_metric * 1.01:.6g}") for m in result.messages)
+    assert result.goal_met and result.metric <= result.baseline_metric * 1.01
+    # The chosen candidate is the fastest meeting the bound; among all that met it, none is judged by a higher loss.
+    assert all(t.metric <= result.baseline_metric * 1.01 for t in result.trials if t.meets_goal)
 
 
 def test_submodule_is_swapped_in(fitted):

@@ -6,16 +6,18 @@ A thin layer over the framework-free :func:`litcompress.pipeline.compress`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import nn
 
-from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn
+from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn, with_metric_mode
+from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.tuner import default_input_fn
 
 from .compress import CompressionResult, compress
@@ -60,6 +62,16 @@ def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
                          "litcompress.ModelPruning during fit (it keeps ranks in sync) and compress the checkpoint.")
 
 
+def _with_metric_mode(config: CompressionConfig, metric: str, mode: str | None, where: str) -> CompressionConfig:
+    """The metric's direction matters to the quantization search only (the other stages report it)."""
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"{where}(config={config!r}): expected a CompressionConfig.")
+    if config.quantize is None:
+        check_metric_mode(mode, where)
+        return config
+    return dataclasses.replace(config, quantize=with_metric_mode(config.quantize, metric, mode, where))
+
+
 def compress_lightning(
     module: L.LightningModule,
     config: CompressionConfig | None = None,
@@ -74,6 +86,7 @@ def compress_lightning(
     input_fn: Callable[[object], tuple] | None = None,
     submodule: str | None = None,
     output_dir: str | os.PathLike | None = None,
+    mode: Literal["max", "min"] | None = None,
 ) -> CompressionResult:
     """Run the pipeline on a copy of `module` (never modified), judged by its own logged metrics.
 
@@ -91,12 +104,16 @@ def compress_lightning(
         input_fn: maps a batch to the model's positional inputs (default: ``batch[0]`` of ``(x, y)`` pairs).
         submodule: compress ``getattr(module, submodule)`` instead of the whole module.
         output_dir: where the pruned state dict, the exported model and the report go.
+        mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
+            ``config.quantize.accuracy``'s direction, and refuses a metric named like a loss or an error under the
+            default higher-is-better goal.
     """
     if not isinstance(module, L.LightningModule):
         raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")
-    config = config if config is not None else CompressionConfig()
+    config = _with_metric_mode(config if config is not None else CompressionConfig(), metric, mode,
+                               "compress_lightning")
     if fine_tune_epochs and config.prune is None:
         raise ValueError("compress_lightning(fine_tune_epochs=...) without config.prune: fine-tuning runs while "
                          "pruning; give CompressionConfig(prune=PruneConfig(...)) or fine_tune_epochs=0.")
@@ -153,11 +170,13 @@ class CompressOnFitEnd(L.Callback):
     """
 
     def __init__(self, config: CompressionConfig, *, metric: str = "val_acc", test_metric: str | None = None,
-                 output_dir: str | os.PathLike, submodule: str | None = None, plot: bool | None = None) -> None:
+                 output_dir: str | os.PathLike, submodule: str | None = None, plot: bool | None = None,
+                 mode: Literal["max", "min"] | None = None) -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"CompressOnFitEnd(config={config!r}): expected a CompressionConfig.")
         if not metric:
             raise ValueError("CompressOnFitEnd(metric=''): name the metric logged in validation_step.")
+        config = _with_metric_mode(config, metric, mode, "CompressOnFitEnd")  # before training, not after it
         self.config, self.metric, self.test_metric = config, metric, test_metric
         self.output_dir, self.submodule, self.plot = output_dir, submodule, plot
         self.result: CompressionResult | None = None

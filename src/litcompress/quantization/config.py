@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -49,6 +50,42 @@ class AccuracyCriterion:
     def is_better(self, a: float, b: float) -> bool:
         """True when metric ``a`` is strictly better than ``b``."""
         return a > b if self.higher_is_better else a < b
+
+
+# Name parts of metrics where lower is better (Lightning users log `val_loss`, `val_mse`, `val_wer`, ...).
+_LOWER_IS_BETTER_WORDS = frozenset({"loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "wer",
+                                    "cer"})
+METRIC_MODES: tuple[str, ...] = ("max", "min")
+
+
+def metric_reads_lower_is_better(name: str) -> bool:
+    """Whether a metric's name says lower is better: a part (split at non-letters) is a loss or an error."""
+    return any(part in _LOWER_IS_BETTER_WORDS for part in re.split(r"[^a-z]+", name.lower()))
+
+
+def check_metric_mode(mode: str | None, where: str) -> str | None:
+    if mode is not None and mode not in METRIC_MODES:
+        raise ValueError(f"{where}(mode={mode!r}): expected 'max' (higher is better) or 'min' (lower is better).")
+    return mode
+
+
+def criterion_for_metric(criterion: AccuracyCriterion, metric: str, mode: str | None, where: str) -> AccuracyCriterion:
+    """`criterion` judging `metric`: ``mode`` "max"/"min" (as Lightning's ``ModelCheckpoint(mode=...)``) sets which
+    way is better; without it, a metric whose name reads as a loss or an error (``val_loss``) under the default
+    higher-is-better criterion is refused, since the search would keep the candidates that raise the loss.
+    """
+    if check_metric_mode(mode, where) is not None:
+        return replace(criterion, higher_is_better=mode == "max")
+    if criterion.higher_is_better and metric_reads_lower_is_better(metric):
+        if where.startswith("--"):  # the command line's option
+            subject, low, high = f"{where} {metric}", "--mode min", "--mode max"
+        else:
+            subject, low, high = f"{where}(metric={metric!r})", "mode='min'", "mode='max'"
+            low += " (or AccuracyCriterion(higher_is_better=False))"
+        raise ValueError(f"{subject}: it reads as a loss or an error (lower is better), but the accuracy goal treats "
+                         "higher values as better: the search would keep the candidates that raise it. Pass "
+                         f"{low}, or {high} if higher is better after all.")
+    return criterion
 
 
 @dataclass(frozen=True)

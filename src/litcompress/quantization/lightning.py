@@ -6,6 +6,7 @@ module of the subpackage that imports lightning.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from litcompress.pruning.engine import deepcopy_model
 
-from .config import PTQConfig
+from .config import PTQConfig, criterion_for_metric
 from .tuner import QuantizationResult, quantize
 
 
@@ -83,13 +84,17 @@ def quantize_lightning(
     input_fn: Callable[[object], tuple] | None = None,
     submodule: str | None = None,
     trainer: L.Trainer | None = None,
+    mode: Literal["max", "min"] | None = None,
 ) -> QuantizationResult:
     """Quantize a LightningModule (or its ``submodule``), judged by its own validation ``metric``.
 
     Calibration data defaults to ``datamodule.train_dataloader()``; batches that are
     ``(inputs, target)`` pairs are fed as ``inputs`` (override with ``input_fn``).
-    Lower-is-better metrics (e.g. ``val_loss``) need ``AccuracyCriterion(higher_is_better=False)``.
+    ``mode="min"`` for a lower-is-better metric (``val_loss``), as for Lightning's ``ModelCheckpoint``; a metric
+    named like a loss or an error is refused without it (see :func:`~litcompress.quantization.config.
+    criterion_for_metric`).
     """
+    config = with_metric_mode(config, metric, mode, "quantize_lightning")
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
                          "so that candidates can be validated.")
@@ -110,6 +115,14 @@ def quantize_lightning(
                     example_inputs=example_inputs, input_fn=input_fn)
 
 
+def with_metric_mode(config: PTQConfig | None, metric: str, mode: str | None, where: str) -> PTQConfig:
+    """`config` (default: ``PTQConfig()``) with its accuracy goal judging `metric` the way `mode` says."""
+    config = config if config is not None else PTQConfig()
+    if not isinstance(config, PTQConfig):
+        raise TypeError(f"{where}(config={config!r}): expected a PTQConfig.")
+    return dataclasses.replace(config, accuracy=criterion_for_metric(config.accuracy, metric, mode, where))
+
+
 def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: str | os.PathLike,
                         config: PTQConfig | None = None, **kwargs) -> QuantizationResult:
     """Load ``module_class`` from a Lightning checkpoint and run :func:`quantize_lightning` on it."""
@@ -128,11 +141,12 @@ class QuantizeOnFitEnd(L.Callback):
 
     def __init__(self, config: PTQConfig, metric: str, *, submodule: str | None = None,
                  save_path: str | os.PathLike | None = None, calibration_data: Iterable | None = None,
-                 input_fn: Callable[[object], tuple] | None = None) -> None:
+                 input_fn: Callable[[object], tuple] | None = None, mode: Literal["max", "min"] | None = None) -> None:
         if not isinstance(config, PTQConfig):
             raise TypeError(f"QuantizeOnFitEnd(config={config!r}): expected a PTQConfig.")
         if not metric:
             raise ValueError("QuantizeOnFitEnd(metric=''): name the metric logged in validation_step.")
+        config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
         self.config, self.metric, self.submodule = config, metric, submodule
         self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn
         self.result: QuantizationResult | None = None
