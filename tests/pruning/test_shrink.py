@@ -775,7 +775,9 @@ def test_channels_leave_the_concatenations_of_a_dense_block(activation, kernel, 
         removable = torch.tensor([j in dead for j in range(channels)])
         for consumer, start in starts.items():
             read = reads[consumer][start:start + channels]
-            removable &= (read == read[:, :1]).all(1)
+            # a constant channel computed by vectorised kernels can differ in its last bit where the SIMD loop's
+            # scalar tail computes it (silu's exp): constant within float rounding
+            removable &= ((read - read[:, :1]).abs() <= 1e-6 * (1 + read[:, :1].abs())).all(1)
             if zero_padded[consumer]:
                 removable &= read[:, 0] == 0
         widths[name] = max(channels - int(removable.sum()), 1)
