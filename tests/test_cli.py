@@ -192,6 +192,16 @@ def test_structured_swiglu_transformer_narrows_its_gated_feed_forward_blocks(tmp
     assert any(m.startswith("group_residuals: 2 channel group(s) joined by a gating product") for m in report.messages)
 
 
+def test_prune_heads_narrows_each_attention_to_its_kept_heads(tmp_path):
+    assert main(["compress", "--model", "swiglu", "--prune", "ln_structured", "--sparsity", "0.5", "--prune-heads",
+                 "0.5", "--quantize", "none", *QUICK, "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    # as above, and one of the two heads (16 channels) of each block's attention: its query, key and value rows
+    # (3 x 16 x 32) and its out_proj columns (32 x 16), no biases
+    assert report["shrunk"].parameters == report["input"].parameters - 2 * 3 * 32 * 32 - 2 * 4 * 16 * 32
+    assert "2 attention heads removed" in report["shrunk"].description
+
+
 def test_structured_densenet_narrows_every_concatenation(tmp_path):
     model_args = '{"stem": 8, "growth": 4, "layers": 2, "blocks": 2}'
     assert main(["compress", "--model", "densenet", "--model-args", model_args, "--prune", "ln_structured",
@@ -272,6 +282,17 @@ def test_channels_with_a_sparsity_shows_the_widths_and_parameters_compress_reach
     assert "- group_residuals: 1 channel group(s) joined by residual additions" in out
 
 
+def test_channels_previews_pruned_heads_too(capsys):
+    assert main(["channels", "--model", "swiglu", "--sparsity", "0", "--prune-heads", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "After ln_structured pruning of 0% of the channels and 50% of the attention heads" in out
+    assert "blocks.0.attention               (attention heads)                         2 -> 1" in out
+    assert "parameters 21,514 -> 17,418 (0.810x)" in out  # 2 x (3 x 16 x 32 + 32 x 16): one head per block
+    with pytest.raises(SystemExit):
+        main(["channels", "--model", "swiglu", "--prune-heads", "0.5"])
+    assert "--prune-heads previews with --sparsity" in capsys.readouterr().err
+
+
 def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["channels", "--model", "tests.test_cli:Untraceable", "--model-args", '{"in_features": 4}'])
@@ -304,6 +325,10 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--metric", "val_loss"], "--metric val_loss: it reads as a loss or an error (lower is better), but the "
                                "accuracy goal treats higher values as better"),
     (["--mode", "minimum"], "argument --mode: invalid choice: 'minimum'"),
+    (["--prune-heads", "0.5"], "PruneConfig(heads=0.5): the model has no nn.MultiheadAttention whose heads can be "
+                               "pruned"),
+    (["--prune", "none", "--prune-heads", "0.5"], "--prune-heads prunes along with --prune"),
+    (["--prune-heads", "1"], "argument --prune-heads: expected a fraction in [0, 1), got 1"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how sparsity grows over the first 60%% of fine-tuning")
     prune.add_argument("--prune-epochs", type=_int_at_least(0), default=5,
                        help="fine-tuning epochs while pruning (0: one-shot, no fine-tuning)")
+    prune.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
+                       help="also prune this fraction of each attention's heads (nn.MultiheadAttention), along the "
+                            "same schedule; shrink removes them (default: 0, none)")
     prune.add_argument("--exclude", type=_names,
                        help="comma-separated module names left dense (default: the last layer for structured "
                             "methods)")
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "data, no training)")
     plan.add_argument("--keep-multiple-of", type=_int_at_least(1),
                       help="with --sparsity: keep channel counts in multiples of this, as compress would")
+    plan.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
+                      help="with --sparsity: also prune this fraction of each attention's heads, as compress would")
     plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
@@ -282,8 +287,12 @@ def _configs(args: argparse.Namespace) -> Any:
     from litcompress.quantization.config import criterion_for_metric
 
     prune = None
+    if args.prune.lower() == "none" and args.prune_heads:
+        raise ValueError("--prune-heads prunes along with --prune: give a --prune method (e.g. ln_structured) or "
+                         "drop --prune-heads.")
     if args.prune.lower() != "none":
-        prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude)
+        prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude,
+                            heads=args.prune_heads)
     quantize = None
     if args.quantize != "none":
         options: dict[str, Any] = {}
@@ -503,15 +512,19 @@ def run_channels(args: argparse.Namespace) -> int:
             from litcompress.pipeline import PruneConfig, preview_shrink
 
             preview = preview_shrink(model, PruneConfig(sparsity=args.sparsity, method="ln_structured",
-                                                        schedule="oneshot"), keep_multiple_of=args.keep_multiple_of)
+                                                        schedule="oneshot", heads=args.prune_heads),
+                                     keep_multiple_of=args.keep_multiple_of)
+        elif args.prune_heads:
+            raise ValueError("--prune-heads previews with --sparsity: give --sparsity too (0 for heads only).")
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
     print(plan.table())
     if preview is not None:
         result, notes = preview
         report = result.report
-        print(f"\nAfter ln_structured pruning of {args.sparsity:.0%} of the channels, as compress prunes, and shrink "
-              "(a copy pruned in one shot; training changes the weights, not these widths):")
+        heads = f" and {args.prune_heads:.0%} of the attention heads" if args.prune_heads else ""
+        print(f"\nAfter ln_structured pruning of {args.sparsity:.0%} of the channels{heads}, as compress prunes, and "
+              "shrink (a copy pruned in one shot; training changes the weights, not these widths):")
         print(report.table())
         for note in notes:
             print(f"- {note}")

@@ -1137,7 +1137,9 @@ def test_zero_channels_that_fx_cannot_see_are_reported_with_the_reason() -> None
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
     assert result.report.layers == ()
     assert dict(result.report.kept) == {
-        "attention.out_proj": "it is inside attention (MultiheadAttention), whose heads shrink does not remove",
+        "attention.out_proj": "it is inside attention (MultiheadAttention), whose output channels are the stream's: "
+                              "the attention loses whole heads instead (pruned with prune_heads_ or "
+                              "PruneConfig(heads=...))",
         "unused": "forward does not call it (as torch.fx traces forward)",
     }
 

@@ -25,6 +25,7 @@ from torch import nn
 from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_targets)
 from litcompress.pruning.gradual import GradualPruner
+from litcompress.pruning.heads import prunable_attentions, prune_heads_
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
@@ -98,6 +99,9 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
                          "those of model.named_modules().")
     layers = [(name, m) for name, m in layers if name not in exclude]
+    if config.heads and not prunable_attentions(model, exclude):
+        raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
+                         "be pruned (outside exclude); pass heads=0.")
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is not None:
         removable = plan.removable(residual_groups=_groups_residuals(config))
@@ -433,6 +437,7 @@ class _Pruning:
     groups: list[ChannelGroup]
     sets: list[tuple[list[Target], dict[str, Any]]]
     held_at_zero: BatchNormZeroer
+    heads_masked: int = 0
 
     @classmethod
     def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
@@ -462,8 +467,18 @@ class _Pruning:
         newly = sum(prune_to_sparsity_(subset, prune.pruning_method, sparsity, scope=prune.scope,
                                        keep_multiple_of=multiple, **kwargs) for subset, kwargs in self.sets)
         prune_groups_(self.model, self.groups, sparsity, prune.norm, multiple)
+        self.prune_heads_(sparsity)
         self.held_at_zero.refresh().apply_()
         return newly
+
+    def prune_heads_(self, sparsity: float) -> bool:
+        """Prune the attention heads due at `sparsity` (``PruneConfig.heads`` in proportion); True if any are."""
+        if not self.prune.heads:
+            return False
+        masked = sum(prune_heads_(self.model, self.prune.heads_at(sparsity), exclude=tuple(self.prune.exclude or ()))
+                     .values())
+        grew, self.heads_masked = masked > self.heads_masked, masked
+        return grew
 
 
 def preview_shrink(model: nn.Module, prune: PruneConfig, *,
@@ -606,6 +621,8 @@ def compress(
                 if schedule.should_prune(t):  # masks change only at the schedule's rounds
                     if groups and prune_groups_(work, groups, schedule.target(t), prune.norm, multiple):
                         group_rounds.append(t)
+                    if pruning.prune_heads_(schedule.target(t)):
+                        group_rounds.append(t)
                     held_at_zero.refresh()
                 held_at_zero.apply_()
 
@@ -645,13 +662,15 @@ def compress(
         else:
             shrink_report = shrunk.report
             details.append(("Shrink", shrink_report.table()))
-            if shrink_report.channels_removed:
+            if shrink_report.channels_removed or shrink_report.heads_removed:
                 work = shrunk.model.eval()
-                description = (f"{shrink_report.channels_removed:,} channels removed, parameters "
-                               f"x{shrink_report.parameter_ratio:.3f}")
+                removed = [f"{count:,} {what} removed" for count, what in (
+                    (shrink_report.channels_removed, "channels"), (shrink_report.heads_removed, "attention heads"))
+                    if count]
+                description = f"{', '.join(removed)}, parameters x{shrink_report.parameter_ratio:.3f}"
                 stages.add("shrunk", work, description, time.monotonic() - t0)
             else:
-                note("shrink: no all-zero channel to remove" + (
+                note("shrink: no all-zero channel or attention head to remove" + (
                     f" (kept: {'; '.join(f'{n}: {r}' for n, r in shrink_report.kept)})" if shrink_report.kept else ""))
 
     # ---------------------------------------------------------------------------------------- quantize

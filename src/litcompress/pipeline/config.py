@@ -63,6 +63,11 @@ class PruneConfig:
             (e.g. the layers writing into a Transformer's LayerNorm'd residual stream, or the attention's output)
             would lose accuracy and keep their size. The report names the layers left out and why. False prunes
             every target. A model ``torch.fx`` cannot trace is pruned as if False.
+        heads: the fraction of each ``nn.MultiheadAttention``'s heads to prune (those with the smallest norm of
+            their query, key, value and output weights; at least one stays), along the same schedule as
+            ``sparsity``, with any method. ``shrink`` then removes them: the attention narrows to the kept heads
+            (:class:`litcompress.pruning.heads.HeadPrunedAttention`). 0 (the default) prunes none; attentions named
+            in ``exclude`` keep theirs.
     """
 
     sparsity: float | None = None
@@ -80,6 +85,7 @@ class PruneConfig:
     zero_batch_norm: bool = True
     group_residuals: bool = True
     removable_only: bool = True
+    heads: float = 0.0
 
     def __post_init__(self) -> None:
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
@@ -131,6 +137,9 @@ class PruneConfig:
             raise ValueError(f"PruneConfig(dim={self.dim!r}): expected an int (0: output channels).")
         if isinstance(self.norm, bool) or not isinstance(self.norm, (int, float)) or not self.norm > 0:
             raise ValueError(f"PruneConfig(norm={self.norm!r}): expected a number > 0 (or math.inf), e.g. 2.")
+        if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) or not 0.0 <= self.heads < 1.0:
+            raise ValueError(f"PruneConfig(heads={self.heads!r}): expected the fraction of each attention's heads "
+                             "to prune, in [0, 1), e.g. 0.5.")
 
     @property
     def pruning_method(self) -> type[torch_prune.BasePruningMethod]:
@@ -160,7 +169,14 @@ class PruneConfig:
     def describe(self) -> str:
         method = self.method if isinstance(self.method, str) else self.pruning_method.__name__
         shape = type(self.schedule).__name__ if isinstance(self.schedule, SparsitySchedule) else self.schedule
-        return f"{method} {self.scope} to {self.sparsity:.1%} ({shape})"
+        heads = f" and {self.heads:.0%} of the attention heads" if self.heads else ""
+        return f"{method} {self.scope} to {self.sparsity:.1%}{heads} ({shape})"
+
+    def heads_at(self, sparsity: float) -> float:
+        """The fraction of heads pruned when the schedule is at `sparsity`: ``heads`` in proportion (all of it at
+        once when ``sparsity`` is 0, where the schedule has no progress to follow)."""
+        assert self.sparsity is not None
+        return self.heads * min(1.0, sparsity / self.sparsity) if self.sparsity > 0 else self.heads
 
 
 def _names(argument: str, value: object) -> tuple[str, ...]:

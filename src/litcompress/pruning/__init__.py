@@ -19,6 +19,7 @@ from litcompress.pruning.engine import (
 )
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups
+from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, prune_heads_, remove_zero_heads_
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
@@ -27,6 +28,8 @@ from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, 
 __all__ = [
     "ChannelGroup",
     "GradualPruner",
+    "HeadPrunedAttention",
+    "HeadShrink",
     "LayerShrink",
     "PRUNING_METHODS",
     "ShrinkReport",
@@ -43,9 +46,11 @@ __all__ = [
     "permanent_state_dict",
     "prune_",
     "prune_groups_",
+    "prune_heads_",
     "prune_model_",
     "prune_to_sparsity_",
     "pruned_targets",
+    "remove_zero_heads_",
     "removable_channels",
     "residual_groups",
     "resolve_method",

@@ -41,6 +41,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.heads import HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -123,10 +124,15 @@ class ShrinkReport:
     kept: tuple[tuple[str, str], ...]  # (layer, reason) for layers with all-zero channels that had to stay
     parameters_before: int
     parameters_after: int
+    heads: tuple[HeadShrink, ...] = ()  # attentions that lost heads adding nothing (value rows all zero)
 
     @property
     def channels_removed(self) -> int:
         return sum(layer.removed for layer in self.layers)
+
+    @property
+    def heads_removed(self) -> int:
+        return sum(head.removed for head in self.heads)
 
     @property
     def parameter_ratio(self) -> float:
@@ -140,6 +146,10 @@ class ShrinkReport:
             lines.append(f"{layer.name:<32} {layer.consumer:<32} "
                          f"{f'{layer.channels_before} -> {layer.channels_after}':>15} {layer.folded:>7} "
                          f"{layer.left:>5}" + (f"  via {', '.join(layer.through)}" if layer.through else ""))
+        for head in self.heads:
+            heads = f"{head.heads_before} -> {head.heads_after}"
+            lines.append(f"{head.name:<32} {'(attention heads)':<32} {heads:>15} {'':>7} {'':>5}  "
+                         f"heads of {head.head_dim}")
         for name, reason in self.kept:
             lines.append(f"{name:<32} kept: {reason}")
         lines.append(f"parameters {self.parameters_before:,} -> {self.parameters_after:,} "
@@ -904,7 +914,8 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
         return "forward does not call it (as torch.fx traces forward)"
     kind = type(modules[leaf]).__name__
     if isinstance(modules[leaf], nn.MultiheadAttention):
-        return f"it is inside {leaf} (MultiheadAttention), whose heads shrink does not remove"
+        return (f"it is inside {leaf} (MultiheadAttention), whose output channels are the stream's: the attention "
+                "loses whole heads instead (pruned with prune_heads_ or PruneConfig(heads=...))")
     if type(modules[leaf]) in _TRANSFORMER_LEAVES:
         return (f"it is inside {leaf} ({kind}), where only the feed-forward blocks' first layers (linear1) can lose "
                 "channels: the others write into the LayerNorm'd residual stream or the attention heads")
@@ -1104,7 +1115,9 @@ def shrink_(
     layers += grouped
     handled = {layer.name for layer in grouped}
     kept = [(name, reason) for name, reason in kept if name not in handled]
-    report = ShrinkReport(tuple(layers), tuple(kept), before, _count_parameters(model))
+    # Last: an attention is replaced by another module, and the tracing above saw the original.
+    heads, heads_kept = remove_zero_heads_(model)
+    report = ShrinkReport(tuple(layers), tuple(kept + heads_kept), before, _count_parameters(model), tuple(heads))
     if example_inputs is not None:
         difference = max_output_difference(reference, eval_outputs(model, example_inputs))
         if not difference <= rtol * max(_scale(reference), 1.0):

@@ -1,0 +1,286 @@
+"""Attention heads: rank, prune (mask) and remove the heads of ``nn.MultiheadAttention``.
+
+A head of an attention with packed projections (``in_proj_weight``: the query, key and value rows of every head,
+``out_proj``: one block of columns per head) adds ``out_proj[:, head] @ (softmax(q k^T) v)`` to the output. When its
+value rows and value bias are zero, it adds exactly nothing, whatever its query and key: removing it changes no
+output. Pruning a head zeroes its query, key and value rows (and biases); :func:`remove_zero_heads_` replaces each
+attention that has such heads with a :class:`HeadPrunedAttention` holding the others, which computes what
+``nn.MultiheadAttention`` computes (same arguments and masks) with ``heads x head_dim`` inner channels instead of
+``embed_dim``: fewer projection rows, fewer ``out_proj`` columns, less attention work.
+
+``nn.MultiheadAttention`` cannot hold fewer heads than its width allows, hence the replacement module. Attention
+layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value widths are left alone (said in the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .engine import set_mask_
+
+__all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
+           "remove_zero_heads_", "zero_heads"]
+
+
+class HeadPrunedAttention(nn.Module):
+    """Multi-head attention with `num_heads` heads of `head_dim` channels on an `embed_dim`-wide stream: what
+    ``nn.MultiheadAttention`` computes (same ``forward`` arguments, masks and outputs) when its inner width,
+    ``num_heads * head_dim``, may be smaller than `embed_dim`. Built by :func:`remove_zero_heads_`.
+
+    `original_heads` is the head count of the attention it replaces: a 3-D ``attn_mask`` (one ``(L, S)`` mask per
+    batch item and original head) is read for the kept heads, `kept_heads`.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, bias: bool = True, dropout: float = 0.0,
+                 batch_first: bool = False, original_heads: int | None = None,
+                 kept_heads: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"HeadPrunedAttention needs num_heads >= 1 and head_dim >= 1, got {num_heads}, "
+                             f"{head_dim}.")
+        inner = num_heads * head_dim
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.original_heads = original_heads if original_heads is not None else num_heads
+        self.kept_heads = tuple(kept_heads) if kept_heads is not None else tuple(range(num_heads))
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        # Read by nn.TransformerEncoderLayer / DecoderLayer to choose their fused fast path, which assumes torch's
+        # own attention: these values turn it off (the layer then calls this module).
+        self._qkv_same_embed_dim = False
+        self.in_proj_weight = None
+        self.in_proj_bias = None
+
+    @property
+    def kdim(self) -> int:
+        return self.embed_dim
+
+    @property
+    def vdim(self) -> int:
+        return self.embed_dim
+
+    def _heads_mask(self, attn_mask: Tensor, batch: int) -> Tensor:
+        """A 3-D mask ``(batch * original_heads, L, S)`` for the kept heads: ``(batch, heads, L, S)``."""
+        mask = attn_mask.reshape(batch, self.original_heads, *attn_mask.shape[-2:])
+        if self.num_heads != self.original_heads:
+            mask = mask[:, list(self.kept_heads)]
+        return mask
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first and not unbatched:  # work in (batch, length, embed)
+            q_in, k_in, v_in = query, key, value
+        else:
+            q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        batch, target, source = q_in.shape[0], q_in.shape[1], k_in.shape[1]
+
+        def heads(x: Tensor, length: int) -> Tensor:
+            return x.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(q_in), target)
+        k = heads(self.k_proj(k_in), source)
+        v = heads(self.v_proj(v_in), source)
+
+        mask = _additive_mask(attn_mask, q.dtype)
+        if mask is not None:
+            mask = self._heads_mask(mask, batch) if mask.dim() == 3 else mask  # (L, S) broadcasts
+        if key_padding_mask is not None:
+            padding = _additive_mask(key_padding_mask, q.dtype).reshape(batch, 1, 1, source)
+            mask = padding if mask is None else mask + padding
+        if mask is None and is_causal:
+            mask = torch.full((target, source), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        dropout = self.dropout if self.training else 0.0
+
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / self.head_dim ** 0.5)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            attended = F.dropout(weights, dropout, training=self.training) @ v
+        else:
+            weights = None
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(attended.transpose(1, 2).reshape(batch, target, self.num_heads * self.head_dim))
+        if not (self.batch_first and not unbatched):
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+        if weights is not None:
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """nn.MultiheadAttention's masks as additive float masks: True (bool) means "may not attend"."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _why_not(attention: nn.MultiheadAttention) -> str | None:
+    """Why this attention's heads cannot be pruned or removed, or None."""
+    if not attention._qkv_same_embed_dim:
+        return "its keys and values have their own widths (kdim/vdim)"
+    if attention.bias_k is not None:
+        return "it adds learned key/value biases (add_bias_kv)"
+    if attention.add_zero_attn:
+        return "it adds a zero attention slot (add_zero_attn)"
+    return None
+
+
+def _head_rows(attention: nn.MultiheadAttention, head: int) -> list[int]:
+    """The rows of ``in_proj_weight`` (query, key, value) that belong to `head`."""
+    embed, width = attention.embed_dim, attention.head_dim
+    return [part * embed + head * width + i for part in range(3) for i in range(width)]
+
+
+def attention_head_norms(attention: nn.MultiheadAttention) -> Tensor:
+    """Each head's importance: the L2 norm of its query, key and value rows and its ``out_proj`` columns."""
+    with torch.no_grad():
+        weight = attention.in_proj_weight.detach()
+        embed, heads, width = attention.embed_dim, attention.num_heads, attention.head_dim
+        rows = weight.reshape(3, heads, width, embed).pow(2).sum(dim=(0, 2, 3))
+        columns = attention.out_proj.weight.detach().reshape(embed, heads, width).pow(2).sum(dim=(0, 2))
+        return (rows + columns).sqrt()
+
+
+def zero_heads(attention: nn.MultiheadAttention) -> Tensor:
+    """A bool per head: True when its value rows and value bias are all zero (it adds nothing to the output)."""
+    with torch.no_grad():
+        embed, heads, width = attention.embed_dim, attention.num_heads, attention.head_dim
+        values = attention.in_proj_weight.detach()[2 * embed:].reshape(heads, width * embed)
+        zero = (values == 0).all(dim=1)
+        if attention.in_proj_bias is not None:
+            zero &= (attention.in_proj_bias.detach()[2 * embed:].reshape(heads, width) == 0).all(dim=1)
+        return zero
+
+
+def _attentions(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+
+
+def prunable_attentions(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The names of `model`'s attentions whose heads :func:`prune_heads_` prunes (outside `exclude`)."""
+    return [name for name, attention in _attentions(model) if name not in exclude and _why_not(attention) is None]
+
+
+def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """Mask the ``round(fraction * num_heads)`` heads with the smallest :func:`attention_head_norms` in each
+    ``nn.MultiheadAttention`` of `model` (at least one head stays): their query, key and value rows and biases, through
+    ``torch.nn.utils.prune`` masks on ``in_proj_weight`` / ``in_proj_bias``. Heads already masked stay masked (they
+    rank lowest), so growing fractions along a schedule prune a growing set. Returns the masked head count per
+    attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module docstring), are left.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"prune_heads_(fraction={fraction!r}): expected a fraction of each attention's heads in "
+                         "[0, 1).")
+    masked: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    for name in prunable_attentions(model, exclude):
+        attention = modules[name]
+        heads = attention.num_heads
+        count = min(int(round(fraction * heads)), heads - 1)
+        norms = attention_head_norms(attention)
+        norms[zero_heads(attention)] = -1.0  # pruned earlier (or dead): first out
+        order = torch.argsort(norms, stable=True)
+        pruned = order[:count].tolist()
+        weight_mask = torch.ones_like(attention.in_proj_weight, dtype=torch.bool)
+        for head in pruned:
+            weight_mask[_head_rows(attention, head)] = False
+        set_mask_(attention, "in_proj_weight", weight_mask.to(attention.in_proj_weight.dtype))
+        if attention.in_proj_bias is not None:
+            bias_mask = weight_mask[:, 0].to(attention.in_proj_bias.dtype)
+            set_mask_(attention, "in_proj_bias", bias_mask)
+        masked[name] = count
+    return masked
+
+
+@dataclass(frozen=True)
+class HeadShrink:
+    """One attention that lost heads."""
+
+    name: str
+    heads_before: int
+    heads_after: int
+    head_dim: int
+
+    @property
+    def removed(self) -> int:
+        return self.heads_before - self.heads_after
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), leaf
+
+
+def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[str, str]]]:
+    """Replace, in place, each ``nn.MultiheadAttention`` of `model` that has heads adding nothing (:func:`zero_heads`)
+    with a :class:`HeadPrunedAttention` of its other heads (at least one); outputs are unchanged. Returns what was
+    removed and, for attentions with zero heads that had to stay, why. A masked attention is read through its masks
+    (the replacement holds the effective weights, no masks). The replacement's attention weights
+    (``need_weights=True``) average its kept heads only.
+    """
+    removed: list[HeadShrink] = []
+    kept: list[tuple[str, str]] = []
+    for name, attention in _attentions(model):
+        zero = zero_heads(attention)
+        if not bool(zero.any()):
+            continue
+        reason = _why_not(attention)
+        if reason is not None:
+            kept.append((name, f"its zero heads stay: {reason}"))
+            continue
+        keep = (~zero).nonzero().flatten().tolist() or [0]  # an attention with no head left keeps one (it adds 0)
+        replacement = _without_heads(attention, keep)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, replacement)
+        if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+            _disable_nested_tensor_(model, parent)
+        removed.append(HeadShrink(name, attention.num_heads, len(keep), attention.head_dim))
+    return removed, kept
+
+
+def _without_heads(attention: nn.MultiheadAttention, keep: list[int]) -> HeadPrunedAttention:
+    embed, width = attention.embed_dim, attention.head_dim
+    weight = attention.in_proj_weight.detach()
+    bias = attention.in_proj_bias.detach() if attention.in_proj_bias is not None else None
+    module = HeadPrunedAttention(embed, len(keep), width, bias=bias is not None, dropout=attention.dropout,
+                                 batch_first=attention.batch_first, original_heads=attention.num_heads,
+                                 kept_heads=tuple(keep)).to(device=weight.device, dtype=weight.dtype)
+    columns = torch.tensor([head * width + i for head in keep for i in range(width)], device=weight.device)
+    with torch.no_grad():
+        for part, projection in enumerate((module.q_proj, module.k_proj, module.v_proj)):
+            projection.weight.copy_(weight[part * embed:(part + 1) * embed][columns])
+            if bias is not None:
+                projection.bias.copy_(bias[part * embed:(part + 1) * embed][columns])
+        module.out_proj.weight.copy_(attention.out_proj.weight.detach()[:, columns])
+        if bias is not None:
+            module.out_proj.bias.copy_(attention.out_proj.bias.detach())
+    module.train(attention.training)
+    return module
+
+
+def _disable_nested_tensor_(model: nn.Module, layer: nn.Module) -> None:
+    """A TransformerEncoder whose layers' attention was replaced must not take its nested-tensor fast path, which
+    reads torch's attention weights directly."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(child is layer for child in module.layers):
+            module.use_nested_tensor = False

@@ -1,0 +1,190 @@
+"""Attention heads: pruned by norm, removed exactly, through shrink and the pipeline."""
+
+from __future__ import annotations
+
+import warnings
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from litcompress import CompressionConfig, PruneConfig, compress, make_permanent_, shrink
+from litcompress.models import GatedTransformerClassifier, TransformerClassifier
+from litcompress.pruning.heads import (HeadPrunedAttention, attention_head_norms, prune_heads_, remove_zero_heads_,
+                                       zero_heads)
+from litcompress.quantization import load_quantized
+
+
+class Holder(nn.Module):
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def _zero_values_(attention: nn.MultiheadAttention, heads: list[int]) -> None:
+    embed, width = attention.embed_dim, attention.head_dim
+    with torch.no_grad():
+        for head in heads:
+            rows = slice(2 * embed + head * width, 2 * embed + (head + 1) * width)
+            attention.in_proj_weight[rows] = 0
+            if attention.in_proj_bias is not None:
+                attention.in_proj_bias[rows] = 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(heads=st.sampled_from([1, 2, 3, 4, 6]), head_dim=st.sampled_from([2, 4, 5]), bias=st.booleans(),
+       batch_first=st.booleans(), zero=st.data(), mask=st.sampled_from([None, "float", "bool", "per-head"]),
+       padding=st.booleans(), unbatched=st.booleans(), need_weights=st.booleans(), seed=st.integers(0, 2**16))
+def test_removing_heads_whose_values_are_zero_keeps_every_output(heads, head_dim, bias, batch_first, zero, mask,
+                                                                 padding, unbatched, need_weights, seed):
+    torch.manual_seed(seed)
+    embed = heads * head_dim
+    holder = Holder(nn.MultiheadAttention(embed, heads, bias=bias, batch_first=batch_first)).eval()
+    dead = sorted(zero.draw(st.sets(st.integers(0, heads - 1))))
+    _zero_values_(holder.attention, dead)
+    attention = holder.attention
+    batch, length = 3, 5
+    shape = (length, embed) if unbatched else (batch, length, embed) if batch_first else (length, batch, embed)
+    x = torch.randn(shape)
+    attn_mask = {None: None, "float": torch.randn(length, length), "bool": torch.rand(length, length) > 0.6,
+                 "per-head": torch.randn((1 if unbatched else batch) * heads, length, length)}[mask]
+    if mask == "bool":
+        attn_mask[:, 0] = False  # every query may attend somewhere
+    key_padding_mask = None
+    if padding:
+        key_padding_mask = torch.zeros((length,) if unbatched else (batch, length), dtype=torch.bool)
+        key_padding_mask[..., -1] = True
+    kwargs = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=need_weights)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "mismatched key_padding_mask and attn_mask" types
+        expected, expected_weights = attention(x, x, x, **kwargs)
+        before = sum(p.numel() for p in holder.parameters())
+        removed, kept = remove_zero_heads_(holder)
+        replaced = holder.attention
+        got, weights = replaced(x, x, x, **kwargs)
+    assert kept == []
+    if not dead:
+        assert removed == [] and replaced is attention
+    else:
+        survivors = heads - len(dead) or 1  # no head left: one stays, adding nothing
+        assert isinstance(replaced, HeadPrunedAttention) and replaced.num_heads == survivors
+        assert [(h.heads_before, h.heads_after) for h in removed] == [(heads, survivors)]
+        per_head = 4 * embed * head_dim + (3 * head_dim if bias else 0)  # q, k, v rows and biases, out_proj columns
+        assert sum(p.numel() for p in holder.parameters()) == before - (heads - survivors) * per_head
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if need_weights:
+        assert weights.shape == expected_weights.shape  # averaged over the kept heads only (documented)
+
+
+def test_prune_heads_masks_the_weakest_heads_of_each_attention_and_keeps_what_it_masked():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({
+        "a": nn.MultiheadAttention(32, 8), "b": nn.MultiheadAttention(24, 3, bias=False),
+        "excluded": nn.MultiheadAttention(16, 4), "cross": nn.MultiheadAttention(16, 4, kdim=8, vdim=8)})
+    with torch.no_grad():
+        for head, scale in enumerate([1.0, 0.1, 2.0, 0.2, 3.0, 0.3, 4.0, 0.4]):  # a's weakest: 1, 3, 5, 7 in order
+            model["a"].in_proj_weight.view(3, 8, 4, 32)[:, head] *= scale
+    norms = attention_head_norms(model["a"])
+    assert norms.argsort()[:4].tolist() == [1, 3, 5, 7]
+    assert prune_heads_(model, 0.25, exclude=("excluded",)) == {"a": 2, "b": 1}  # round(0.75) = 1 of 3
+    assert zero_heads(model["a"]).nonzero().flatten().tolist() == [1, 3]
+    assert not zero_heads(model["excluded"]).any()
+    assert prune_heads_(model, 0.5, exclude=("excluded",)) == {"a": 4, "b": 2}
+    assert zero_heads(model["a"]).nonzero().flatten().tolist() == [1, 3, 5, 7]
+    # the query and key rows of a pruned head are zero too, and training cannot bring them back
+    assert (model["a"].in_proj_weight.view(3, 8, 4, 32)[:, [1, 3, 5, 7]] == 0).all()
+    assert prune_heads_(model, 0.99) == {"a": 7, "b": 2, "excluded": 3}  # one head always stays
+    with pytest.raises(ValueError, match=r"prune_heads_\(fraction=1.0\).*\[0, 1\)"):
+        prune_heads_(model, 1.0)
+
+
+def test_a_transformer_encoder_on_its_fast_paths_computes_the_same_without_its_pruned_heads():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    assert encoder.use_nested_tensor  # padded batches take the nested-tensor path, reading the attention's weights
+    x = torch.randn(3, 7, 32)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, -2:] = True
+    prune_heads_(encoder, 0.5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, expected_padded = encoder(x), encoder(x, src_key_padding_mask=padding)
+        make_permanent_(encoder)
+        removed, _ = remove_zero_heads_(encoder)
+        got, got_padded = encoder(x), encoder(x, src_key_padding_mask=padding)
+    assert [h.heads_after for h in removed] == [2, 2]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_padded[~padding], expected_padded[~padding], rtol=1e-5, atol=1e-5)
+    encoder.train()  # and it trains: gradients reach the kept heads
+    encoder(x).sum().backward()
+    assert encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model_class", [TransformerClassifier, GatedTransformerClassifier])
+def test_the_pipeline_prunes_heads_along_its_schedule_and_shrink_removes_them(model_class, tmp_path):
+    torch.manual_seed(0)
+    model = model_class(heads=4)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    optimizer_steps = 12
+
+    def fine_tune(net, step):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for t in range(1, optimizer_steps + 1):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            step(t)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", heads=0.5, rounds=4),
+                               fp32_format="onnx", latency_repeats=2)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x[:8], fine_tune=fine_tune,
+                      fine_tune_steps=optimizer_steps, output_dir=tmp_path)
+    pruned, shrunk = result.stage_models["pruned"], result.model  # stage_models["shrunk"]: the ONNX file read back
+    attentions = [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert [int(zero_heads(a).sum()) for a in attentions] == [2] * len(attentions)
+    assert [m.num_heads for m in shrunk.modules() if isinstance(m, HeadPrunedAttention)] == [2] * len(attentions)
+    assert result.shrink.heads_removed == 2 * len(attentions)
+    assert "attention heads removed" in result.report["shrunk"].description
+    assert "50% of the attention heads" in result.report["pruned"].description
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), pruned(x), rtol=1e-4, atol=1e-5)
+        loaded, _ = load_quantized(result.artifact)  # the narrowed attention exports to ONNX and runs there
+        torch.testing.assert_close(loaded(x[:8]), shrunk(x[:8]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(result.stage_models["shrunk"](x[:8]), shrunk(x[:8]), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, HeadPrunedAttention) for m in model.modules())  # the user's model is untouched
+
+
+def test_shrink_reports_the_heads_it_removed_and_the_attentions_it_could_not_narrow():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"self": nn.MultiheadAttention(16, 4), "biased": nn.MultiheadAttention(16, 4,
+                                                                                                   add_bias_kv=True)})
+    for attention in model.values():
+        _zero_values_(attention, [0, 2])
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return sum(a(x, x, x, need_weights=False)[0] for a in self.inner.values())
+
+    result = shrink(Both(), torch.randn(5, 2, 16))
+    assert [(h.name, h.heads_before, h.heads_after) for h in result.report.heads] == [("inner.self", 4, 2)]
+    assert result.report.kept == (("inner.biased", "its zero heads stay: it adds learned key/value biases "
+                                   "(add_bias_kv)"),)
+    assert "inner.self" in result.report.table() and "heads of 4" in result.report.table()
+
+
+def test_prune_config_heads_must_be_a_fraction():
+    for bad in (1.0, -0.1, True, "half"):
+        with pytest.raises(ValueError, match=r"PruneConfig\(heads=.*\[0, 1\)"):
+            PruneConfig(sparsity=0.5, heads=bad)
+    assert "25% of the attention heads" in PruneConfig(sparsity=0.5, heads=0.25).describe()
+    assert PruneConfig(sparsity=0.5, heads=0.5).heads_at(0.25) == 0.25
