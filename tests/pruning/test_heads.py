@@ -188,3 +188,24 @@ def test_prune_config_heads_must_be_a_fraction():
             PruneConfig(sparsity=0.5, heads=bad)
     assert "25% of the attention heads" in PruneConfig(sparsity=0.5, heads=0.25).describe()
     assert PruneConfig(sparsity=0.5, heads=0.5).heads_at(0.25) == 0.25
+
+
+def test_a_narrowed_attention_is_traced_as_one_module_by_shrink_and_torch_ao():
+    from litcompress.pruning.shrink import channel_plan
+    from litcompress.quantization import PTQConfig, quantize, sqnr_db
+
+    torch.manual_seed(0)
+    model = GatedTransformerClassifier(heads=4).eval()
+    x = torch.randn(8, 1, 8, 8)
+    prune_heads_(model, 0.5)
+    narrowed = shrink(model, x).model
+    # its forward branches on the inputs' shapes, as torch's attention does: fx keeps both whole
+    reasons = channel_plan(narrowed).removable()
+    assert "inside blocks.0.attention (HeadPrunedAttention)" in reasons["blocks.0.attention.q_proj"]
+    again = shrink(narrowed, x)  # a shrunk model shrinks again (nothing left to remove here)
+    assert again.report.layers == () and again.report.heads == ()
+    result = quantize(narrowed, PTQConfig(approach="static", backends=("torch_ao",), latency_repeats=2),
+                      eval_fn=lambda m: 1.0, calibration_data=[x])
+    assert result.recipe is not None and [t.error for t in result.trials] == [None]
+    with torch.no_grad():
+        assert sqnr_db(narrowed(x), result.model(x)) > 15.0

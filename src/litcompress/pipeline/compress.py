@@ -25,8 +25,8 @@ from torch import nn
 from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_targets)
 from litcompress.pruning.gradual import GradualPruner
-from litcompress.pruning.heads import prunable_attentions, prune_heads_
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
+from litcompress.pruning.heads import prunable_attentions, prune_heads_
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized

@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn, with_metric_mode
 from litcompress.quantization.config import check_metric_mode
+from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn, with_metric_mode
 from litcompress.quantization.tuner import default_input_fn
 
 from .compress import CompressionResult, compress

@@ -41,7 +41,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
-from litcompress.pruning.heads import HeadShrink, remove_zero_heads_
+from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -291,12 +291,23 @@ def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _keeping_narrowed_attention(tracer: type[fx.Tracer]) -> type[fx.Tracer]:
+    """`tracer` that keeps :class:`HeadPrunedAttention` (from an earlier shrink) as one module, as fx keeps torch's
+    attention: its forward branches on its inputs' shapes, as torch's does."""
+
+    class Tracer(tracer):  # type: ignore[valid-type, misc]
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return isinstance(module, HeadPrunedAttention) or super().is_leaf_module(module, qualified_name)
+
+    return Tracer
+
+
 def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Graph, dict[str, nn.Module],
                                                                             dict[str, int]]:
     """`model`'s ``torch.fx`` graph, its modules by name and how often the graph calls each; ValueError (with fx's
     message) when it cannot be traced."""
     try:
-        graph = tracer().trace(model)
+        graph = _keeping_narrowed_attention(tracer)().trace(model)
     except Exception as error:  # fx raises many types
         raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
     calls: dict[str, int] = {}
@@ -913,8 +924,8 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
     if leaf is None:
         return "forward does not call it (as torch.fx traces forward)"
     kind = type(modules[leaf]).__name__
-    if isinstance(modules[leaf], nn.MultiheadAttention):
-        return (f"it is inside {leaf} (MultiheadAttention), whose output channels are the stream's: the attention "
+    if isinstance(modules[leaf], nn.MultiheadAttention | HeadPrunedAttention):
+        return (f"it is inside {leaf} ({kind}), whose output channels are the stream's: the attention "
                 "loses whole heads instead (pruned with prune_heads_ or PruneConfig(heads=...))")
     if type(modules[leaf]) in _TRANSFORMER_LEAVES:
         return (f"it is inside {leaf} ({kind}), where only the feed-forward blocks' first layers (linear1) can lose "

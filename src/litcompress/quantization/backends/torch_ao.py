@@ -122,8 +122,14 @@ class TorchAOBackend(Backend):
         mapping = QConfigMapping().set_global(self._static_qconfig(recipe))
         for name in recipe.fp32_layers:
             mapping.set_module_name(name, None)
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+        from litcompress.pruning.heads import HeadPrunedAttention
+
+        # an attention narrowed by shrink branches on its inputs' shapes, as torch's (which fx keeps whole) does
+        custom = PrepareCustomConfig().set_non_traceable_module_classes([HeadPrunedAttention])
         try:
-            prepared = prepare_fx(model, mapping, example_inputs)
+            prepared = prepare_fx(model, mapping, example_inputs, prepare_custom_config=custom)
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
             raise ExportError(f"torch_ao static: torch.fx could not trace the model: "
                               f"{type(exc).__name__}: {exc}") from exc
