@@ -17,7 +17,10 @@ MobileNetV3-style net for 3x64x64 inputs (``litcompress.models.MobileNetClassifi
 32 channels expanded 6x around depthwise convs, with squeeze-and-excitation gates); ``transformer``, torch's
 ``nn.TransformerEncoder`` (4 layers, d_model 256, 4 heads, feed-forward 1024) on 64 tokens, then a Linear head;
 ``swiglu``, the same size with LLaMA-style blocks (``litcompress.models.GatedTransformerBlock``: RMSNorm, attention,
-a SwiGLU feed-forward ``w2(silu(w1(x)) * w3(x))`` of 688 channels);
+a SwiGLU feed-forward ``w2(silu(w1(x)) * w3(x))`` of 688 channels); ``transformer+heads`` and ``swiglu+heads``,
+the same with ``--amount`` of each attention's heads masked too (``litcompress.pruning.prune_heads_``, the weakest by
+norm; Lightning's callback has no head pruning, so both variants carry the same masks, made permanent) and removed
+by ``shrink``;
 ``densenet``, a DenseNet-BC for 3x32x32 inputs (two dense blocks of 6 layers, growth 32, a halving transition);
 ``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels);
 ``unet``, a U-Net for 3x64x64 inputs (three levels of 32-64-128 channels, bilinear upsampling, skip concatenations).
@@ -61,9 +64,9 @@ from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  #
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from litcompress import shrink  # noqa: E402
+from litcompress import make_permanent_, shrink  # noqa: E402
 from litcompress.models import GatedTransformerBlock  # noqa: E402
-from litcompress.pruning import removable_channels, residual_groups  # noqa: E402
+from litcompress.pruning import prune_heads_, removable_channels, residual_groups  # noqa: E402
 from mnist_sparsity import replace_section  # noqa: E402
 
 
@@ -311,8 +314,12 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
         keep_multiple_of: int | None = None) -> dict:
-    model, shape, big_batch = build(name)
+    base, _, extra = name.partition("+")
+    model, shape, big_batch = build(base)
     masked = prune_like_lightning(model, amount)
+    if extra == "heads":  # Lightning has no head pruning: the same heads masked in place, what a mask ships
+        prune_heads_(masked, amount)
+        make_permanent_(masked)
     probe = torch.randn(8, *shape)
     result = shrink(masked, probe, keep_multiple_of=keep_multiple_of)
     shrunk = result.model.eval()
@@ -355,7 +362,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MODELS = ("cnn", "mlp", "mobilenet", "transformer", "swiglu", "densenet", "inception", "unet")
+MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
+          "inception", "unet")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -389,7 +397,9 @@ Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount
 layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
 and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, the SwiGLU
 blocks' `w1` and `w3` (each on its own: shrink removes the channels zero in either), every conv of
-the DenseNet, the Inception net and the U-Net but its head) and makes it permanent; `litcompress.shrink` then removes the zero channels
+the DenseNet, the Inception net and the U-Net but its head) and makes it permanent (the `+heads` rows: `--amount` of
+each attention's heads masked too, by `litcompress.pruning.prune_heads_`, as Lightning cannot; both variants carry
+those zeros); `litcompress.shrink` then removes the zero channels and heads
 (from the depthwise convs, gates, concatenations and BatchNorms on the way too, and folds their constant outputs
 into the next layers' biases). Same inputs, eval mode,
 `torch.no_grad()`.
