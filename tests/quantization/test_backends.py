@@ -253,6 +253,30 @@ def test_dynamic_int8_leaves_the_linears_of_torch_transformer_layers_in_fp32():
     assert sqnr_db(model(x).detach(), quantized(x).detach()) > 25.0
 
 
+def test_dynamic_int8_covers_a_transformer_layer_whose_attention_shrink_narrowed():
+    """An encoder layer holding a HeadPrunedAttention never takes its fused fast path: every Linear is called, so
+    every Linear can be int8, the attention's projections included."""
+    from litcompress import make_permanent_, shrink
+    from litcompress.pruning import prune_heads_
+    from tests.pipeline.test_compress import RowTransformer
+
+    torch.manual_seed(0)
+    model = RowTransformer().eval()
+    x = torch.randn(16, 64)
+    prune_heads_(model, 0.5)
+    make_permanent_(model)
+    narrowed = shrink(model, x).model
+    quantized = get_backend("torch_ao").quantize(copy.deepcopy(narrowed), Recipe("torch_ao", "dynamic"), (x[:1],), [])
+    int8 = {name for name, m in quantized.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
+            and not name.endswith("._packed_params")}
+    layers = [f"encoder.layers.{i}.{leaf}" for i in range(2)
+              for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                           "linear1", "linear2")]
+    assert int8 == {"embed", "head", *layers}
+    with torch.no_grad():
+        assert sqnr_db(narrowed(x), quantized(x)) > 25.0
+
+
 def test_weight_only_int8_leaves_the_linears_of_torch_attention_and_transformer_layers_in_fp32():
     """torchao's int8 weight is a tensor subclass that F.multi_head_attention_forward (out_proj.weight read as a
     tensor) cannot run; the other Linears, the gated feed-forward's among them, are quantized."""

@@ -83,9 +83,14 @@ _READS_WEIGHT_TENSORS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
 
 
 def _reads_weight_tensors(model: nn.Module) -> set[str]:
-    """Names of the Linear layers inside modules that read their weight tensors directly."""
+    """Names of the Linear layers inside modules that read their weight tensors directly. An encoder layer whose
+    attention shrink narrowed (a HeadPrunedAttention) never takes its fast path: its Linears are called."""
+    from litcompress.pruning.heads import HeadPrunedAttention
+
     return {f"{outer}.{inner}" if outer else inner
             for outer, module in model.named_modules() if isinstance(module, _READS_WEIGHT_TENSORS)
+            and not (isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn,
+                                                                                HeadPrunedAttention))
             for inner, child in module.named_modules() if inner and isinstance(child, nn.Linear)}
 
 
