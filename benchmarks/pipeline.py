@@ -167,7 +167,7 @@ def run_setting(dense: L.LightningModule, data: MNISTDataModule, method: str, ta
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         config = CompressionConfig(
-            prune=PruneConfig(sparsity=target, method=method),
+            prune=PruneConfig(sparsity=target, method=method, heads=args.prune_heads),
             quantize=PTQConfig(approach=APPROACH[args.model], accuracy=AccuracyCriterion(tolerable_loss=0.01),
                                num_threads=args.threads),
             latency_repeats=5, num_threads=args.threads,
@@ -248,10 +248,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     parser.add_argument("--fine-tune-epochs", type=int, default=4, help="fine-tuning epochs while pruning")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prune-heads", type=float, default=0.0,
+                        help="litcompress also prunes this fraction of each attention's heads "
+                             "(PruneConfig(heads=...)), which Lightning's callback cannot; written to its own "
+                             "BENCHMARKS.md section")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     if min(args.threads, args.repeats, args.epochs, args.fine_tune_epochs) < 1:
         parser.error("--threads, --repeats, --epochs and --fine-tune-epochs must be >= 1")
+    if not 0.0 <= args.prune_heads < 1.0:
+        parser.error("--prune-heads must be in [0, 1)")
     quiet()
     load_at_start = os.getloadavg()[0]  # other jobs on the host skew the timings: said, not assumed away
     started = time.perf_counter()
@@ -279,10 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     wall = time.perf_counter() - started
     command = (f"python benchmarks/pipeline.py --model {args.model} --threads {args.threads} --repeats {args.repeats} "
-               f"--epochs {args.epochs} --fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}")
+               f"--epochs {args.epochs} --fine-tune-epochs {args.fine_tune_epochs} --seed {args.seed}"
+               + (f" --prune-heads {args.prune_heads}" if args.prune_heads else ""))
     if args.write:
         reports = "\n\n".join(f"{r['method']} {r['target']:.0%}:\n{r['report']}" for r in results)
         section, title, described = SECTIONS[args.model]
+        heads = ""
+        if args.prune_heads:  # its own section: the one without head pruning stays
+            section += "_heads"
+            title = title.replace("(`", f"with {args.prune_heads:.0%} of its attention heads pruned too (`", 1) \
+                .replace("`)", f" --prune-heads {args.prune_heads}`)", 1)
+            heads = (f" It also prunes {args.prune_heads:.0%} of each attention's heads along the same schedule "
+                     "(`PruneConfig(heads=...)`), which shrink removes; Lightning's callback has no head pruning.")
         peer_quantization = "`torch.ao.quantization.quantize_dynamic`" + (
             "" if APPROACH[args.model] == "dynamic" else " (the Linear layer: dynamic int8 has no convolutions)")
         setup = "\n".join([
@@ -297,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"{peer_quantization}, saved as a state dict.", 118, subsequent_indent="  "),
             textwrap.fill("- **litcompress**: `compress_lightning` (cubic schedule over the first 60% of the steps, "
                           f"shrink, a {APPROACH[args.model]}-int8 search over every backend within 1% of the pruned "
-                          "model's validation accuracy), measured as the exported file read back.", 118,
+                          f"model's validation accuracy), measured as the exported file read back.{heads}", 118,
                           subsequent_indent="  "),
         ])
         replace_section(REPO / "BENCHMARKS.md", section, f"""## The pipeline vs the Lightning-docs workflow {title}
