@@ -129,6 +129,15 @@ def test_static_without_calibration_data_fails_early(trained_mlp, digits):
         quantize(trained_mlp, PTQConfig(approach="static"), eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
 
 
+def test_a_dict_batch_names_its_keys_and_input_fn(trained_mlp, digits):
+    batches = [{"pixels": digits[2][:8], "label": digits[3][:8]}]
+    with pytest.raises(TypeError, match=r"batch of type dict \(keys: \['label', 'pixels'\]\).*input_fn="):
+        quantize(trained_mlp, PTQConfig(approach="dynamic", **FAST), eval_fn=lambda m: 1.0, calibration_data=batches)
+    result = quantize(trained_mlp, PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST),
+                      eval_fn=lambda m: 1.0, calibration_data=batches, input_fn=lambda batch: (batch["pixels"],))
+    assert result.recipe is not None
+
+
 def test_missing_inputs_fail_early(trained_mlp):
     with pytest.raises(ValueError, match="example_inputs"):
         quantize(trained_mlp, PTQConfig(approach="dynamic"), eval_fn=lambda m: 1.0)

@@ -146,6 +146,11 @@ def default_input_fn(batch: object) -> Inputs:
     """The model's positional inputs from a DataLoader batch: ``(x,)`` for an ``(x, y)`` pair, else the batch."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
         return (batch[0],)
+    if not isinstance(batch, (torch.Tensor, tuple, list)):
+        keys = f" (keys: {sorted(map(str, batch))})" if isinstance(batch, dict) else ""
+        raise TypeError(f"A batch of type {type(batch).__name__}{keys} is not the model's inputs: pass "
+                        "input_fn=, a function from a batch to the model's positional inputs, e.g. "
+                        "input_fn=lambda batch: (batch['x'],).")
     return to_inputs(batch)
 
 
