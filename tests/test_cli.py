@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -291,6 +292,20 @@ def test_channels_previews_pruned_heads_too(capsys):
     with pytest.raises(SystemExit):
         main(["channels", "--model", "swiglu", "--prune-heads", "0.5"])
     assert "--prune-heads previews with --sparsity" in capsys.readouterr().err
+
+
+def test_channels_with_latency_times_the_model_and_its_shrunk_copy(capsys):
+    assert main(["channels", "--model", "mlp", "--model-args", '{"hidden": [256, 256]}', "--sparsity", "0.5",
+                 "--latency", "--latency-batch-size", "32"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("latency"))
+    match = re.fullmatch(r"latency at batch 32, 1 thread\(s\), median of interleaved runs: ([\d.]+) ms -> "
+                         r"([\d.]+) ms \(([\d.]+)x as fast\)", line)
+    assert match, line
+    before, after, ratio = map(float, match.groups())
+    assert before > 0 and after > 0 and ratio == pytest.approx(before / after, rel=0.02)  # the figures agree
+    with pytest.raises(SystemExit):
+        main(["channels", "--model", "mlp", "--latency"])
+    assert "--latency previews with --sparsity: give --sparsity too." in capsys.readouterr().err
 
 
 def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):

@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --sparsity: keep channel counts in multiples of this, as compress would")
     plan.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
                       help="with --sparsity: also prune this fraction of each attention's heads, as compress would")
+    plan.add_argument("--latency", action="store_true",
+                      help="with --sparsity: also time the model and its shrunk copy on inputs from --data "
+                           "(interleaved, threads and allocator pinned, medians), as compress's report would")
+    plan.add_argument("--latency-batch-size", type=_int_at_least(1),
+                      help="with --latency: inputs per timed call (default: the data's batch size)")
+    plan.add_argument("--threads", type=_int_at_least(1), default=1, help="with --latency: torch threads")
     plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
@@ -497,7 +503,7 @@ def run_channels(args: argparse.Namespace) -> int:
     _quiet_frameworks()
     try:
         data = None
-        if args.model in BUILTIN_MODELS and args.checkpoint is None:  # the data sizes a built-in model
+        if (args.model in BUILTIN_MODELS and args.checkpoint is None) or args.latency:  # sizes a built-in model
             data = _datamodule(args)
             data.prepare_data()
             data.setup("fit")
@@ -514,8 +520,18 @@ def run_channels(args: argparse.Namespace) -> int:
             preview = preview_shrink(model, PruneConfig(sparsity=args.sparsity, method="ln_structured",
                                                         schedule="oneshot", heads=args.prune_heads),
                                      keep_multiple_of=args.keep_multiple_of)
-        elif args.prune_heads:
-            raise ValueError("--prune-heads previews with --sparsity: give --sparsity too (0 for heads only).")
+        elif args.prune_heads or args.latency:
+            raise ValueError(f"{'--prune-heads' if args.prune_heads else '--latency'} previews with --sparsity: give "
+                             f"--sparsity too{' (0 for heads only)' if args.prune_heads else ''}.")
+        timing = None
+        if args.latency:
+            from litcompress.quantization.latency import measure_latencies
+
+            inputs = (_example_inputs(data, args.latency_batch_size),)
+            shrunk = preview[0].model.eval()
+            medians = [row["median"] for row in measure_latencies([model.eval(), shrunk], inputs, repeats=15,
+                                                                   num_threads=args.threads)]
+            timing = (inputs[0].shape[0], medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
     print(plan.table())
@@ -526,6 +542,10 @@ def run_channels(args: argparse.Namespace) -> int:
         print(f"\nAfter ln_structured pruning of {args.sparsity:.0%} of the channels{heads}, as compress prunes, and "
               "shrink (a copy pruned in one shot; training changes the weights, not these widths):")
         print(report.table())
+        if timing is not None:
+            batch, (before, after) = timing
+            print(f"latency at batch {batch}, {args.threads} thread(s), median of interleaved runs: "
+                  f"{before * 1e3:.4g} ms -> {after * 1e3:.4g} ms ({before / after:.2f}x as fast)")
         for note in notes:
             print(f"- {note}")
     return 0
