@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,11 @@ def test_shrink_swiglu_lightning():
         assert 32 <= gone <= 64 and kept[block] == 64 - gone  # the union of both layers' zero rows left
     (said,) = [line for line in lines if "largest output difference after shrinking" in line]
     assert float(said.split()[-1]) < 1e-5  # the same function (sums over fewer zero terms)
+
+
+def test_prune_heads_plain_pytorch():
+    out = run("prune_heads_plain_pytorch.py", "--epochs", "2", "--heads", "0.5")
+    assert "heads kept: encoder.layers.0.self_attn 4, encoder.layers.1.self_attn 4" in out
+    pruned, shrunk = (float(v) for v in re.search(r"test accuracy ([\d.]+)% \(pruned\) and ([\d.]+)% \(shrunk\)",
+                                                  out).groups())
+    assert pruned == shrunk  # removing zero heads changes no prediction
