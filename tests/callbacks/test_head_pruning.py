@@ -1,0 +1,122 @@
+"""HeadPruning under the real Trainer: heads pruned along the schedule, removed by shrink, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from litcompress import ModelPruning, shrink
+from litcompress.callbacks import HeadPruning
+from litcompress.data import DigitsDataModule
+from litcompress.models import MLPClassifier, TransformerClassifier
+from litcompress.pruning import HeadPrunedAttention, is_pruned
+from litcompress.pruning.heads import zero_heads
+from litcompress.pruning.schedules import PolynomialDecay
+
+
+def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=2)
+    return Trainer(max_epochs=epochs, callbacks=callbacks, **{**options, **kwargs})
+
+
+class _InOrder(DigitsDataModule):
+    """The training set in the same order every epoch: a resumed run then sees what the uninterrupted one saw
+    (a shuffling loader's generator starts over when a run resumes)."""
+
+    def train_dataloader(self):
+        return self._loader(self._require_splits().train, shuffle=False)
+
+
+def _data(in_order: bool = False) -> DigitsDataModule:
+    return (_InOrder if in_order else DigitsDataModule)(batch_size=64, flatten=False)
+
+
+def _attentions(model: nn.Module) -> list[nn.MultiheadAttention]:
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def test_heads_pruned_along_a_step_schedule_then_shrink_removes_them(tmp_path):
+    seed_everything(0)
+    model, data = TransformerClassifier(heads=4), _data()
+    counts: list[list[int]] = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            counts.append([int(zero_heads(a).sum()) for a in _attentions(pl_module)])
+
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=20, frequency=5)
+    pruning = HeadPruning(schedule, make_pruning_permanent=True)
+    _trainer(tmp_path, 2, [pruning, Watch()]).fit(model, datamodule=data)
+    # the schedule's fraction of 4 heads, rounded, after each round (Watch runs after the pruning callback)
+    assert counts[4] == [round(4 * schedule.target(5))] * 2 and counts[-1] == [2, 2]
+    assert all(a <= b for a, b in zip(counts, counts[1:]))  # heads pruned stay pruned
+    assert not any(is_pruned(a, "in_proj_weight") for a in _attentions(model))  # permanent at the end of fit
+    x = next(iter(data.test_dataloader()))[0]
+    result = shrink(model.eval(), x)
+    assert [m.num_heads for m in result.model.modules() if isinstance(m, HeadPrunedAttention)] == [2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"killed at step {self.step}")
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_killed_mid_schedule_then_resumed_ends_with_the_same_heads_and_weights(tmp_path, make_pruning_permanent):
+    def run(callbacks, ckpt_path=None):
+        model = TransformerClassifier(heads=4)
+        pruning = HeadPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=30, frequency=4),
+                              make_pruning_permanent=make_pruning_permanent)
+        trainer = _trainer(tmp_path, 3, [pruning, *callbacks], enable_checkpointing=True)
+        trainer.fit(model, datamodule=_data(in_order=True), ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(1)
+    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
+    seed_everything(1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="killed at step 25"):
+        run([checkpoint, CrashAtStep(25)])  # epoch 1 of 3 (23 steps each), mid-schedule
+    # what the crash left on disk loads into the unpruned architecture (masks re-created when not permanent)
+    state = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    assert any(k.endswith("in_proj_weight_mask") for k in state) == (not make_pruning_permanent)
+    resumed = run([], ckpt_path=checkpoint.last_model_path)
+    assert [int(zero_heads(a).sum()) for a in _attentions(resumed)] == [3, 3]  # round(0.75 * 4)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_beside_model_pruning_the_channels_and_heads_both_leave(tmp_path):
+    seed_everything(0)
+    model, data = TransformerClassifier(heads=4), _data()
+    feed_forward = [(m, "weight") for name, m in model.named_modules() if name.endswith("linear1")]
+    callbacks = [ModelPruning("ln_structured", parameters_to_prune=feed_forward, pruning_dim=0, pruning_norm=2,
+                              amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=20, frequency=5),
+                              use_global_unstructured=False, use_lottery_ticket_hypothesis=False, verbose=0),
+                 HeadPruning(0.5)]
+    _trainer(tmp_path, 1, callbacks).fit(model, datamodule=data)
+    x = next(iter(data.test_dataloader()))[0]
+    report = shrink(model.eval(), x).report
+    assert report.heads_removed == 4 and report.channels_removed == 2 * 32  # half of each linear1's 64 rows
+
+
+def test_bad_input_is_refused_before_training(tmp_path):
+    for bad in (1.0, 0.0, -0.5, True, "half", float("nan")):
+        with pytest.raises(MisconfigurationException, match="HeadPruning\\(heads="):
+            HeadPruning(bad)
+    with pytest.raises(MisconfigurationException, match="exclude"):
+        HeadPruning(0.5, exclude="encoder")
+    model = MLPClassifier()
+    with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.MultiheadAttention"):
+        _trainer(tmp_path, 1, [HeadPruning(0.5)]).fit(model, datamodule=DigitsDataModule(batch_size=64))
