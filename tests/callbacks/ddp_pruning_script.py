@@ -1,6 +1,6 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """
@@ -15,6 +15,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
 from litcompress import ModelPruning
+from litcompress.callbacks import HeadPruning
 
 
 class Model(BoringModel):
@@ -25,6 +26,16 @@ class Model(BoringModel):
     def on_train_epoch_start(self) -> None:
         # Ranks not seeded alike, as in a user script without `seed_everything`.
         torch.manual_seed(1000 + self.global_rank + 10 * self.current_epoch)
+
+
+class AttentionModel(Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.view(-1, 4, 8).repeat(1, 1, 4)  # 4 tokens of 32
+        return self.layer(self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(1))
 
 
 class SaveMasks(Callback):
@@ -54,15 +65,19 @@ class DestroyProcessGroup(Callback):
 
 
 def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked") -> None:
-    cls = ModelPruning if impl == "litcompress" else LightningModelPruning
-    model = Model()
-    callback = cls(
-        "random_unstructured",
-        amount=0.3,
-        make_pruning_permanent=permanence == "permanent",
-        use_lottery_ticket_hypothesis=True,
-        resample_parameters=True,
-    )
+    if impl == "heads":  # litcompress's HeadPruning, once after the first step
+        model = AttentionModel()
+        callback = HeadPruning(0.5, make_pruning_permanent=permanence == "permanent")
+    else:
+        cls = ModelPruning if impl == "litcompress" else LightningModelPruning
+        model = Model()
+        callback = cls(
+            "random_unstructured",
+            amount=0.3,
+            make_pruning_permanent=permanence == "permanent",
+            use_lottery_ticket_hypothesis=True,
+            resample_parameters=True,
+        )
     trainer = Trainer(
         accelerator="cpu", strategy=strategy, devices=2, max_epochs=3, limit_train_batches=3, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -54,3 +54,13 @@ def test_ddp_spawn_pickles_the_callback_and_returns_the_pruned_model(tmp_path, i
     for key, value in parent.items():
         assert torch.equal(value, states[0][key]), key
         assert int((value == 0).sum()) > 0
+
+
+def test_ddp_ranks_prune_the_same_heads(tmp_path):
+    states = _run("heads", tmp_path)
+    masks = [k for k in states[0] if k.startswith("attention.in_proj") and k.endswith("_mask")]
+    assert masks == ["attention.in_proj_weight_mask", "attention.in_proj_bias_mask"]
+    weight_mask = states[0]["attention.in_proj_weight_mask"].view(3, 4, 8, 32)
+    assert int((weight_mask == 0).all(dim=(0, 2, 3)).sum()) == 2  # half of the 4 heads
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
