@@ -98,6 +98,8 @@ def test_prune_heads_masks_the_weakest_heads_of_each_attention_and_keeps_what_it
     assert zero_heads(model["a"]).nonzero().flatten().tolist() == [1, 3, 5, 7]
     # the query and key rows of a pruned head are zero too, and training cannot bring them back
     assert (model["a"].in_proj_weight.view(3, 8, 4, 32)[:, [1, 3, 5, 7]] == 0).all()
+    assert prune_heads_(model, 0.25, exclude=("excluded",)) == {"a": 4, "b": 2}  # a smaller fraction unmasks none
+    assert zero_heads(model["a"]).nonzero().flatten().tolist() == [1, 3, 5, 7]
     assert prune_heads_(model, 0.99) == {"a": 7, "b": 2, "excluded": 3}  # one head always stays
     with pytest.raises(ValueError, match=r"prune_heads_\(fraction=1.0\).*\[0, 1\)"):
         prune_heads_(model, 1.0)

@@ -184,9 +184,9 @@ def prunable_attentions(model: nn.Module, exclude: tuple[str, ...] = ()) -> list
 def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
     """Mask the ``round(fraction * num_heads)`` heads with the smallest :func:`attention_head_norms` in each
     ``nn.MultiheadAttention`` of `model` (at least one head stays): their query, key and value rows and biases, through
-    ``torch.nn.utils.prune`` masks on ``in_proj_weight`` / ``in_proj_bias``. Heads already masked stay masked (they
-    rank lowest), so growing fractions along a schedule prune a growing set. Returns the masked head count per
-    attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module docstring), are left.
+    ``torch.nn.utils.prune`` masks on ``in_proj_weight`` / ``in_proj_bias``. Heads already masked (or zero) stay
+    masked, whatever the fraction, so growing fractions along a schedule prune a growing set. Returns the masked head
+    count per attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module docstring), are left.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"prune_heads_(fraction={fraction!r}): expected a fraction of each attention's heads in "
@@ -195,10 +195,11 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     modules = dict(model.named_modules())
     for name in prunable_attentions(model, exclude):
         attention = modules[name]
-        heads = attention.num_heads
-        count = min(int(round(fraction * heads)), heads - 1)
+        heads, zero = attention.num_heads, zero_heads(attention)
+        # never fewer than are zero already: a smaller fraction does not bring masked heads back
+        count = min(max(int(round(fraction * heads)), int(zero.sum())), heads - 1)
         norms = attention_head_norms(attention)
-        norms[zero_heads(attention)] = -1.0  # pruned earlier (or dead): first out
+        norms[zero] = -1.0  # pruned earlier (or dead): first out
         order = torch.argsort(norms, stable=True)
         pruned = order[:count].tolist()
         weight_mask = torch.ones_like(attention.in_proj_weight, dtype=torch.bool)
