@@ -43,7 +43,9 @@ class HeadPruning(Callback):
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
-            load (``trainer.fit(ckpt_path=...)``, :func:`litcompress.load_pruned_state_dict`).
+            load (``trainer.fit(ckpt_path=...)``, :func:`litcompress.load_pruned_state_dict`). A
+            ``ModelPruning(make_pruning_permanent=True)`` in the same Trainer makes every mask of the module
+            permanent at the end of ``fit``, these too.
         verbose: 1 logs each round's head counts.
 
     The callback's state (the masks, the last step or epoch) is saved in checkpoints: a resumed run continues the
