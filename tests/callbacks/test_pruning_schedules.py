@@ -165,6 +165,32 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
+def test_resumed_on_a_shuffling_bundled_datamodule_ends_like_the_uninterrupted_run(tmp_path):
+    """With litcompress's own DataModules, whose epochs are shuffled: the resumed run sees each epoch's order again."""
+    from litcompress.data import DigitsDataModule
+    from litcompress.models import MLPClassifier
+
+    def run(callbacks, ckpt_path=None):
+        model = MLPClassifier(hidden=(64, 64))
+        targets = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        pruning = ModelPruning("l1_unstructured", parameters_to_prune=targets, use_lottery_ticket_hypothesis=False,
+                               amount=PolynomialDecay(final_sparsity=0.8, begin=0, end=60, frequency=5))
+        trainer = make_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[pruning, *callbacks],
+                               limit_train_batches=1.0)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(2)
+    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
+    seed_everything(2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash):
+        run([checkpoint, CrashAtStep(30)])  # in epoch 1 (17 steps each), mid-schedule
+    resumed = run([], ckpt_path=checkpoint.last_model_path)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])
 def test_killed_mid_schedule_then_resumed_ends_with_same_masks(tmp_path, make_pruning_permanent):
     """A run interrupted mid-schedule and resumed from its last checkpoint ends exactly like an uninterrupted one."""

@@ -9,6 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress.data import DigitsDataModule, MNISTDataModule, load_digits_tensors, load_mnist_tensors
 from litcompress.data.datasets import MNIST_INSTALL_HINT, mnist_archive_path
@@ -109,6 +112,24 @@ def test_digits_train_loader_order_depends_only_on_seed() -> None:
 
     assert torch.equal(first_labels(0), first_labels(0))
     assert not torch.equal(first_labels(0), first_labels(1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 300), epochs=st.integers(1, 5))
+def test_epoch_sampler_replays_a_seeded_shuffling_loader_and_jumps_to_any_epoch(seed, size, epochs) -> None:
+    from litcompress.data.datamodules import EpochShuffleSampler
+
+    dataset = TensorDataset(torch.arange(size))
+    loader = DataLoader(dataset, batch_size=size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    expected = [torch.cat([batch[0] for batch in loader]).tolist() for _ in range(epochs)]  # as loaders shuffled
+    sampler = EpochShuffleSampler(size, seed)
+    assert [list(sampler) for _ in range(epochs)] == expected  # a plain loop: each pass is the next epoch
+    for epoch in reversed(range(epochs)):  # Lightning resuming at any epoch: set_epoch, then the same order
+        sampler.set_epoch(epoch)
+        assert list(sampler) == expected[epoch]
+    fresh = EpochShuffleSampler(size, seed)
+    fresh.set_epoch(epochs - 1)
+    assert list(fresh) == expected[-1]
 
 
 def test_importing_data_package_does_not_import_lightning() -> None:

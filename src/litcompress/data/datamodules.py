@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
 from litcompress.data.datasets import (
     DIGITS_IMAGE_SHAPE,
@@ -18,7 +20,41 @@ from litcompress.data.datasets import (
     mnist_archive_path,
 )
 
-__all__ = ["DigitsDataModule", "MNISTDataModule"]
+__all__ = ["DigitsDataModule", "EpochShuffleSampler", "MNISTDataModule"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """The order ``DataLoader(dataset, shuffle=True, generator=torch.Generator().manual_seed(seed))`` gives epoch
+    after epoch, with each epoch's order a function of ``(seed, epoch)``: Lightning calls ``set_epoch`` at the start
+    of every epoch, so a run resumed from a checkpoint sees the orders an uninterrupted run saw (a shuffling loader's
+    generator would start over at epoch 0's order). Without ``set_epoch`` (a plain loop), each pass is the next
+    epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._drawn = -1  # the last epoch whose order `_generator` has produced
+        self._order = RandomSampler(range(size), generator=self._generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if epoch <= self._drawn:  # an earlier epoch again (a resume, a second fit): replay from the seed
+            self._generator.manual_seed(self.seed)
+            self._drawn = -1
+        indices: list[int] = []
+        while self._drawn < epoch:
+            # What a DataLoader with this generator draws per epoch: its workers' base seed, then the permutation.
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)
+            indices = list(self._order)
+            self._drawn += 1
+        return iter(indices)
 
 
 class _BundledDataModule(L.LightningDataModule):
@@ -51,13 +87,13 @@ class _BundledDataModule(L.LightningDataModule):
         return self.splits
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        # Seeded generator: the shuffling order depends only on `seed`, not on global RNG state.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # The shuffling order depends only on `seed` and the epoch, not on global RNG state (the loader's own
+        # generator only seeds workers, as before, so the global RNG is not drawn from either).
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
