@@ -184,9 +184,10 @@ def prunable_attentions(model: nn.Module, exclude: tuple[str, ...] = ()) -> list
 def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
     """Mask the ``round(fraction * num_heads)`` heads with the smallest :func:`attention_head_norms` in each
     ``nn.MultiheadAttention`` of `model` (at least one head stays): their query, key and value rows and biases,
-    through ``torch.nn.utils.prune`` masks on ``in_proj_weight`` / ``in_proj_bias``. Heads already masked (or zero) stay
-    masked, whatever the fraction, so growing fractions along a schedule prune a growing set. Returns the masked head
-    count per attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module docstring), are left.
+    through ``torch.nn.utils.prune`` masks on ``in_proj_weight`` / ``in_proj_bias``. Heads already masked (or zero)
+    stay masked, whatever the fraction, so growing fractions along a schedule prune a growing set. Returns the masked
+    head count per attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module
+    docstring), are left.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"prune_heads_(fraction={fraction!r}): expected a fraction of each attention's heads in "
