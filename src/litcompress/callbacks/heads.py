@@ -9,24 +9,21 @@ prunes channels or weights.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch.nn.utils.prune as torch_prune
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_, zero_heads
 from litcompress.pruning.schedules import SparsitySchedule
-
-log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 
@@ -37,7 +34,7 @@ class HeadPruning(Callback):
     Args:
         heads: a :class:`~litcompress.pruning.schedules.SparsitySchedule` giving the fraction of each attention's
             heads pruned as training goes (``unit="step"``: optimizer steps; ``"epoch"``: epochs finished), e.g.
-            ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction in [0, 1),
+            ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction in (0, 1),
             pruned once, when the first optimizer step is done. At least one head of each attention stays.
         exclude: names of attentions (as in ``named_modules()``) that keep their heads.
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
