@@ -156,6 +156,7 @@ class _TwoInputs(nn.Module):
 def test_batch_read_as_inputs_and_target_fails_before_any_evaluation_naming_input_fn():
     torch.manual_seed(0)
     model = _TwoInputs().train()
+    model.norm.eval()  # a frozen BatchNorm inside a training model
     batches = [(torch.randn(8, 8), torch.randn(8, 4)) for _ in range(2)]
     before = state_snapshot(model)
     evaluated = []
@@ -163,7 +164,7 @@ def test_batch_read_as_inputs_and_target_fails_before_any_evaluation_naming_inpu
     with pytest.raises(ValueError, match=message):
         quantize(model, PTQConfig(approach="static", **FAST), eval_fn=evaluated.append, calibration_data=batches)
     assert evaluated == []  # the baseline evaluation never ran
-    assert model.training and model.norm.training  # the check ran it in eval mode and gave its modes back
+    assert model.training and not model.norm.training  # the check ran it in eval mode and gave each its mode back
     assert all(torch.equal(before[k], v) for k, v in state_snapshot(model).items())  # BatchNorm stats untouched
 
 

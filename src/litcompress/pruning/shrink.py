@@ -1018,14 +1018,16 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True,
 
 
 def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
-    """`model`'s outputs on `example_inputs` in eval mode, without gradients (its mode is restored)."""
-    was_training = model.training
+    """`model`'s outputs on `example_inputs` in eval mode, without gradients. Each module's mode is restored (a
+    BatchNorm kept in eval mode inside a training model stays so)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             return model(*example_inputs)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _leaves(output: object) -> list[object]:

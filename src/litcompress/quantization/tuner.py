@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.shrink import eval_outputs
 from litcompress.report.size import model_size_bytes
 
 from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, get_backend, quantizable_layers,
@@ -122,11 +123,8 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
     The search calls the model on these inputs only after the baseline evaluation (and the pipeline only after
     fine-tuning): a model that cannot take them should fail here, before any of that work.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
-            model(*inputs)
+        eval_outputs(model, inputs)
     except Exception as error:
         shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
                            for x in inputs)
@@ -137,9 +135,6 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                     "layout, a function that returns the model's positional inputs.")
         raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
                          f"{type(error).__name__}: {error}.{hint}") from error
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def default_input_fn(batch: object) -> Inputs:
