@@ -305,7 +305,7 @@ def _configs(args: argparse.Namespace) -> Any:
         if args.backends:
             options["backends"] = args.backends
         accuracy = criterion_for_metric(AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
-                                        args.metric, args.mode, "--metric")
+                                        args.metric, args.mode, "--metric", command_line=True)
         quantize = PTQConfig(approach="dynamic" if args.quantize == "auto" else args.quantize,  # auto: see below
                              accuracy=accuracy,
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads,

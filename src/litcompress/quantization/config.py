@@ -69,15 +69,17 @@ def check_metric_mode(mode: str | None, where: str) -> str | None:
     return mode
 
 
-def criterion_for_metric(criterion: AccuracyCriterion, metric: str, mode: str | None, where: str) -> AccuracyCriterion:
+def criterion_for_metric(criterion: AccuracyCriterion, metric: str, mode: str | None, where: str, *,
+                         command_line: bool = False) -> AccuracyCriterion:
     """`criterion` judging `metric`: ``mode`` "max"/"min" (as Lightning's ``ModelCheckpoint(mode=...)``) sets which
     way is better; without it, a metric whose name reads as a loss or an error (``val_loss``) under the default
-    higher-is-better criterion is refused, since the search would keep the candidates that raise the loss.
+    higher-is-better criterion is refused, since the search would keep the candidates that raise the loss. With
+    `command_line`, `where` is the option (``--metric``) and the error names ``--mode``.
     """
     if check_metric_mode(mode, where) is not None:
         return replace(criterion, higher_is_better=mode == "max")
     if criterion.higher_is_better and metric_reads_lower_is_better(metric):
-        if where.startswith("--"):  # the command line's option
+        if command_line:
             subject, low, high = f"{where} {metric}", "--mode min", "--mode max"
         else:
             subject, low, high = f"{where}(metric={metric!r})", "mode='min'", "mode='max'"
