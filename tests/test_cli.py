@@ -363,3 +363,15 @@ def test_the_console_script_is_installed_and_answers():
     assert done.returncode == 2 and "expected a fraction in [0, 1), got 2" in done.stderr
     done = subprocess.run([str(script), "report", "/nonexistent"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dynamic-dims", "0:x"], "expected INPUT:DIM pairs such as '0:1'"),
+    (["--dynamic-dims", "1:1"], "dynamic_dims names input 1, but the model takes 1 input"),
+    (["--dynamic-dims", "0:1", "--quantize", "none"], "--dynamic-dims is read by the quantization search"),
+])
+def test_dynamic_dims_that_cannot_apply_fail_before_training(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", *QUICK, "--output-dir", str(tmp_path / "out"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written

@@ -97,6 +97,18 @@ def _backends(text: str) -> tuple[str, ...]:
     return names
 
 
+def _dynamic_dims(text: str) -> dict[int, tuple[int, ...]]:
+    """``--dynamic-dims 0:1,1:1``: input index : dim pairs."""
+    dims: dict[int, set[int]] = {}
+    for pair in _names(text):
+        index, colon, dim = pair.partition(":")
+        if not (colon and index.strip().isdigit() and dim.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"expected INPUT:DIM pairs such as '0:1' (dim 1 of input 0), got "
+                                             f"{pair!r}")
+        dims.setdefault(int(index), set()).add(int(dim))
+    return {index: tuple(sorted(d)) for index, d in dims.items()}
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -230,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep int8 only if it runs at least this many times as fast as fp32 here (e.g. 1.0: "
                              "never slower; default: the fastest int8 model is kept even when slower, for its "
                              "smaller weights)")
+    stages.add_argument("--dynamic-dims", type=_dynamic_dims, metavar="INPUT:DIM,...",
+                        help="input dims besides the batch that vary at inference time (e.g. '0:1', a sequence "
+                             "length), which the files leave free; dims that vary between batches are found without "
+                             "it")
     stages.add_argument("--no-export", dest="export", action="store_false",
                         help="do not write the final model file")
     stages.add_argument("--fp32-format", choices=("auto", "onnx", "export", "torchscript"), default="auto",
@@ -309,7 +325,9 @@ def _configs(args: argparse.Namespace) -> Any:
         quantize = PTQConfig(approach="dynamic" if args.quantize == "auto" else args.quantize,  # auto: see below
                              accuracy=accuracy,
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads,
-                             min_speedup=args.min_speedup, **options)
+                             min_speedup=args.min_speedup, dynamic_dims=args.dynamic_dims, **options)
+    elif args.dynamic_dims:
+        raise ValueError("--dynamic-dims is read by the quantization search: drop it with --quantize none.")
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
                              fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
                              num_threads=args.threads, keep_multiple_of=args.keep_multiple_of)
@@ -421,6 +439,8 @@ def run_compress(args: argparse.Namespace) -> int:
 
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning
+    from litcompress.quantization.backends import to_inputs
+    from litcompress.quantization.shapes import resolve_dynamic_dims
 
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)
@@ -443,6 +463,8 @@ def run_compress(args: argparse.Namespace) -> int:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
         example_inputs = _example_inputs(data, args.latency_batch_size)
+        if config.quantize is not None and config.quantize.dynamic_dims:
+            resolve_dynamic_dims([to_inputs(example_inputs)], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric)
     except (ValueError, TypeError, ImportError, KeyError) as error:

@@ -831,3 +831,51 @@ def test_guards_an_error_tells_shape_checks_from_data_dependent_branches(tmp_pat
         return _warnings.WarningMessage("m", torch.jit.TracerWarning, str(source), line)
 
     assert [_guards_an_error(caught(line)) for line in (1, 3, 4)] == [True, True, False]
+
+
+class _Tokens(nn.Module):
+    """Token ids -> embeddings -> LSTM -> classes: a model fed sequences of several lengths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        self.rnn = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_file_of_a_sequence_model_takes_lengths_the_pipeline_never_saw(quantized, tmp_path):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    batches = [(torch.randint(0, 30, (8, n)),) for n in (12, 20, 9)]
+    with torch.no_grad():
+        expected = [model(*b).argmax(1) for b in batches]
+
+    def eval_fn(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.cat([m(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
+
+    quantize = PTQConfig(backends=("torch_ao",), accuracy=AccuracyCriterion(tolerable_loss=1.0), latency_repeats=2,
+                         max_trials=1) if quantized else None
+    result = compress(model, CompressionConfig(shrink=False, quantize=quantize, latency_repeats=2), eval_fn=eval_fn,
+                      example_inputs=batches[0], calibration_data=batches, output_dir=tmp_path)
+    assert result.artifact is not None, result.report.messages
+    loaded, recipe = load_quantized(result.artifact)
+    assert (recipe is not None) == quantized
+    for n in (5, 33):
+        tokens = torch.randint(0, 30, (3, n))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tokens), result.model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_declared_dynamic_dim_the_inputs_lack_fails_before_fine_tuning(digits):
+    tuned = []
+    with pytest.raises(ValueError, match="names dim 2 of input 0, which has 2 dims"):
+        compress(nn.Linear(64, 10), CompressionConfig(prune=PruneConfig(sparsity=0.5),
+                                                      quantize=PTQConfig(dynamic_dims={0: 2})),
+                 eval_fn=lambda m: 1.0, example_inputs=digits[2][:4], fine_tune=lambda m, step: tuned.append(m),
+                 fine_tune_steps=3)
+    assert tuned == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import linecache
 import logging
 import os
@@ -33,6 +34,7 @@ from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
+from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs, default_input_fn,
                                             quantize)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
@@ -233,6 +235,20 @@ class _WrittenFile:
     caught: list[warnings.WarningMessage]
 
 
+def _first_batches(data: Iterable | None, input_fn: Callable[[object], tuple] | None, limit: int) -> list[tuple]:
+    """Up to `limit` batches of `data` as positional inputs; none from a one-shot iterator (reading it would use it
+    up) or a batch the input function cannot take."""
+    if data is None or iter(data) is data:
+        return []
+    batches = []
+    try:
+        for batch in itertools.islice(data, limit):
+            batches.append(tuple((input_fn or default_input_fn)(batch)))
+    except Exception:  # a dims guess is not worth an error; quantization reports bad batches itself
+        return batches
+    return batches
+
+
 def _fp32_formats(requested: str) -> list[str]:
     """The formats to write an unquantized model in: `requested`, or for "auto" ONNX (if installed) and export."""
     if requested != "auto":
@@ -245,7 +261,7 @@ def _fp32_formats(requested: str) -> list[str]:
 
 
 def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: str | None, directory: Path,
-                         inputs: tuple, num_threads: int | None) -> _WrittenFile:
+                         inputs: tuple, num_threads: int | None, dynamic_dims: DynamicDims | None) -> _WrittenFile:
     """Save `model` beside its final name (``model.partial<suffix>``) and load it back; the partial file is removed
     if either step fails. `fp32_format` is None for a quantized model (its backend's format)."""
     suffix = get_backend(recipe.backend).artifact_suffix if recipe else FP32_SUFFIXES[fp32_format]
@@ -253,7 +269,8 @@ def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: s
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            save_quantized(model, recipe, partial, inputs, fp32_format=fp32_format or "export")
+            save_quantized(model, recipe, partial, inputs, fp32_format=fp32_format or "export",
+                           dynamic_dims=dynamic_dims)
         with pinned_threads(num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(partial)
     except BaseException:
@@ -287,9 +304,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, directory: Path, inputs: tuple,
-            stages: _Stages, note: Callable[[str], None], counted: nn.Module) -> Path | None:
+            stages: _Stages, note: Callable[[str], None], counted: nn.Module,
+            dynamic_dims: DynamicDims | None) -> Path | None:
     """Write the final model, read it back and measure that as the last stage; None (and a warning) on failure.
     `counted`: the model whose parameters the row counts (a file read back has none, or other ones).
+    `dynamic_dims`: the input dims the file leaves free (per input).
 
     An unquantized model with ``fp32_format="auto"`` is written in every available format and the file that runs
     fastest here is kept. Files are written under a partial name and moved into place once chosen, so a failure
@@ -302,7 +321,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
         for fp32_format in formats:
             try:
                 written.append(_write_and_read_back(model, recipe, fp32_format, directory, inputs,
-                                                    config.num_threads))
+                                                    config.num_threads, dynamic_dims))
             except Exception as error:  # the stages' models and the report stay the caller's
                 label = fp32_format or recipe.backend  # type: ignore[union-attr]
                 logger.info("export (%s) failed", label, exc_info=error)  # the whole error (torch.export's: pages)
@@ -572,6 +591,8 @@ def compress(
         raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
     check_model_runs(model, inputs, what="example_inputs", default_input_fn_used=False)
+    if config.quantize is not None:  # declared dynamic dims that the inputs do not have fail here, not after training
+        resolve_dynamic_dims([inputs], config.quantize.dynamic_dims)
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
         if first is not None:
@@ -695,7 +716,11 @@ def compress(
     artifact: Path | None = None
     if config.export and directory is not None:
         recipe = quantization.recipe if quantization is not None else None
-        artifact = _export(work, recipe, config, directory, inputs, stages, note, counted=fp32_work)
+        # The dims the quantization search left free; without one, those that vary in the data seen.
+        dynamic_dims = quantization.dynamic_dims if quantization is not None else resolve_dynamic_dims(
+            [inputs, *_first_batches(calibration_data, input_fn, 16)])
+        artifact = _export(work, recipe, config, directory, inputs, stages, note, counted=fp32_work,
+                           dynamic_dims=dynamic_dims)
     elif config.export:
         note("export skipped: no output_dir given.")
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .backends import get_backend
 from .config import Recipe
+from .shapes import DynamicDims, normalize_dynamic_dims
 
 FORMAT_VERSION = 1
 
@@ -28,13 +29,17 @@ FP32_SUFFIXES: dict[str, str] = {"export": ".pt2", "torchscript": ".pt", "onnx":
 
 
 def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathLike,
-                   example_inputs: Sequence[torch.Tensor], *, fp32_format: str = "export") -> int:
+                   example_inputs: Sequence[torch.Tensor], *, fp32_format: str = "export",
+                   dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None) -> int:
     """Write ``model`` (built from ``recipe``) to ``path``; return the file size in bytes.
 
     A quantized model is saved in its backend's format. An fp32 model (``recipe=None``) is saved as a ``torch.export``
-    program (``fp32_format="export"``, with a dynamic batch dimension), as TorchScript (``"torchscript"``,
-    deprecated by torch) or as ONNX (``"onnx"``, run by ONNX Runtime once loaded).
+    program (``fp32_format="export"``), as TorchScript (``"torchscript"``, deprecated by torch) or as ONNX
+    (``"onnx"``, run by ONNX Runtime once loaded). The file leaves the batch dim of every input free, and the
+    `dynamic_dims` (``{input_index: dims}``, as in :class:`PTQConfig`; ``QuantizationResult.save`` passes the
+    ones its search used); a format that cannot leave one free raises an error that says which.
     """
+    dynamic_dims = normalize_dynamic_dims(dynamic_dims, "save_quantized")
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     path = os.fspath(path)
@@ -43,7 +48,13 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     if recipe is None and fp32_format == "export":
         from .backends.exported import save_program
 
-        save_program(model, path, metadata, tuple(example_inputs))
+        from .backends import FixedDimError
+
+        try:
+            save_program(model, path, metadata, tuple(example_inputs), dynamic_dims=dynamic_dims)
+        except FixedDimError as exc:
+            raise FixedDimError(f"save_quantized: {exc}; fp32_format='onnx' or 'torchscript' may keep it free") \
+                from exc
         return os.path.getsize(path)
     backend_name = "torch_ao" if recipe is None else recipe.backend
     if recipe is None and fp32_format == "onnx":
@@ -51,8 +62,8 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
 
         backend_name = "onnxruntime"
         if not isinstance(model, OnnxRuntimeModule):
-            model = OnnxRuntimeModule(export_onnx(model, tuple(example_inputs)))
-    get_backend(backend_name).save(model, path, metadata, tuple(example_inputs))
+            model = OnnxRuntimeModule(export_onnx(model, tuple(example_inputs), dynamic_dims))
+    get_backend(backend_name).save(model, path, metadata, tuple(example_inputs), dynamic_dims=dynamic_dims)
     return os.path.getsize(path)
 
 

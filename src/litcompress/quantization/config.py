@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from typing import Literal
+
+from .shapes import DynamicDims, normalize_dynamic_dims
 
 Approach = Literal["dynamic", "static", "weight_only"]
 CalibrationMethod = Literal["minmax", "histogram", "percentile"]
@@ -160,6 +163,11 @@ class PTQConfig:
             host (measured interleaved, at ``example_inputs``' batch size); otherwise the fp32 model is returned
             (``recipe`` None) and the result says why. 1.0: never slower. None: speed only ranks candidates, and a
             slower int8 model is kept for its 4x smaller weights (the result says it is slower).
+        dynamic_dims: input dims that vary at inference time besides the batch dim, which exported files then leave
+            free: ``{input_index: dims}``, e.g. ``{0: (1,)}`` for a sequence length of input 0. Dims whose size
+            differs between calibration batches are found without it; declare those that calibration data fixed
+            (padded to one length). A backend whose export cannot leave a dim free (``torch.export`` unrolls an
+            RNN over its sequence) is skipped, and the trial says why.
     """
 
     approach: Approach = "dynamic"
@@ -172,6 +180,7 @@ class PTQConfig:
     num_threads: int | None = None
     compile: bool = False
     min_speedup: float | None = None
+    dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         from .backends import BACKEND_REGISTRY  # registry import is cheap: backends import lazily
@@ -212,3 +221,4 @@ class PTQConfig:
                 self.min_speedup, (int, float)) or not 0 < self.min_speedup < float("inf")):
             raise ValueError(f"PTQConfig(min_speedup={self.min_speedup!r}): expected a number > 0 (e.g. 1.0: int8 "
                              "only where it is not slower than fp32) or None.")
+        object.__setattr__(self, "dynamic_dims", normalize_dynamic_dims(self.dynamic_dims))

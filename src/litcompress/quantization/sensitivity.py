@@ -71,21 +71,25 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     scores: dict[str, float] = {}
     for name in layers:
         module = modules[name]
-        original = module.weight.data.clone()
-        module.weight.data = _fake_quant_weight(original, per_channel)
+        # a Linear or conv has `weight`; an LSTM/GRU (or cell) one weight matrix per gate set and layer
+        weights = [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight") and p.dim() >= 2]
+        originals = [w.data.clone() for w in weights]
+        for weight, original in zip(weights, originals):
+            weight.data = _fake_quant_weight(original, per_channel)
         if approach == "static":
             lo, hi = ranges[name]
             quant_input = lambda m, args, lo=lo, hi=hi: (_fake_quant_activation(args[0], lo, hi), *args[1:])
         elif approach == "dynamic":
-            quant_input = lambda m, args: (_fake_quant_activation(args[0], float(args[0].min()),
-                                                                  float(args[0].max())), *args[1:])
+            quant_input = lambda m, args: args if not isinstance(args[0], torch.Tensor) else (  # a PackedSequence
+                _fake_quant_activation(args[0], float(args[0].min()), float(args[0].max())), *args[1:])
         else:  # weight_only: activations stay float
             quant_input = None
         handle = module.register_forward_pre_hook(quant_input) if quant_input else None
         try:
             outputs = [_first_output(model(*inputs)) for inputs in calibration]
         finally:
-            module.weight.data = original
+            for weight, original in zip(weights, originals):
+                weight.data = original
             if handle:
                 handle.remove()
         scores[name] = sqnr_db(torch.cat([r.flatten() for r in reference]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import numbers
@@ -24,6 +25,7 @@ from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, ge
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
 from .sensitivity import layer_sensitivity
+from .shapes import DynamicDims, fixed_size_hint, resolve_dynamic_dims
 
 logger = logging.getLogger("litcompress.quantization")
 
@@ -70,6 +72,7 @@ class QuantizationResult:
     messages: list[str] = field(default_factory=list)
     tuning_seconds: float = 0.0
     example_inputs: Inputs = ()
+    dynamic_dims: DynamicDims | None = None  # per input, the dims its files leave free (None: the batch dims)
 
     @property
     def speedup(self) -> float:
@@ -101,7 +104,8 @@ class QuantizationResult:
 
         if fp32_format is None:
             fp32_format = "onnx" if os.fspath(path).lower().endswith(".onnx") else "export"
-        return save_quantized(self.model, self.recipe, path, self.example_inputs, fp32_format=fp32_format)
+        return save_quantized(self.model, self.recipe, path, self.example_inputs, fp32_format=fp32_format,
+                              dynamic_dims=self.dynamic_dims)
 
 
 def check_metric(value: object, where: str) -> float:
@@ -246,6 +250,9 @@ def quantize(
                          default_input_fn_used=default_input_fn_used)
     if example_inputs is not calibration[0]:
         check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
+    # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
+    config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
+                                                                           config.dynamic_dims))
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
@@ -347,6 +354,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                     note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
                 except Exception as exc:  # one broken candidate must not end a long search
                     trial.error = f"{type(exc).__name__}: {exc}"
+                    hint = fixed_size_hint(trial.error)
+                    if hint:
+                        trial.error += f" ({hint})"
                     note(f"trial {trial.index} ({recipe.describe()}) failed: {trial.error}")
                 trial.seconds = time.monotonic() - t0
                 search.record(trial)
@@ -424,10 +434,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                                   latency_s=baseline_latency, baseline_latency_s=baseline_latency,
                                   size_bytes=baseline_size, baseline_size_bytes=baseline_size, goal_met=goal_met,
                                   trials=trials, messages=messages, tuning_seconds=time.monotonic() - started,
-                                  example_inputs=example_inputs)
+                                  example_inputs=example_inputs, dynamic_dims=config.dynamic_dims)
     return QuantizationResult(model=models[chosen.index], recipe=chosen.recipe, metric=chosen.metric,
                               baseline_metric=baseline_metric, latency_s=chosen.latency_s,
                               baseline_latency_s=baseline_latency, size_bytes=chosen.size_bytes,
                               baseline_size_bytes=baseline_size, goal_met=goal_met, trials=trials,
                               messages=messages, tuning_seconds=time.monotonic() - started,
-                              example_inputs=example_inputs)
+                              example_inputs=example_inputs, dynamic_dims=config.dynamic_dims)

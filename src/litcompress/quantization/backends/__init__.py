@@ -8,15 +8,17 @@ deprecated ``torch.ao.quantization`` from torch breaks ``torch_ao.py`` only.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..config import Recipe
+from ..shapes import dims_for
 
 if TYPE_CHECKING:
     from ..config import PTQConfig
+    from ..shapes import DynamicDims
 
 Inputs = tuple  # positional model inputs, e.g. (tensor,)
 
@@ -29,6 +31,46 @@ class ExportError(RuntimeError):
     """The model could not be exported/traced for a backend that needs a graph."""
 
 
+class FixedDimError(ExportError):
+    """An exporter fixed an input dim that has to stay free (it varies in the data, or was declared to)."""
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) else None
+
+
+@torch.no_grad()
+def check_free_dims(reference: Callable[..., object], exported: Callable[..., object], example_inputs: Inputs,
+                    dynamic_dims: "DynamicDims | None", exporter: str) -> None:
+    """Raise :class:`FixedDimError` when `exported` (a file's model) does not give `reference`'s output on the
+    example cut shorter along its free non-batch dims: the exporter fixed their sizes (a trace records sizes that
+    the code turns into Python numbers). Nothing to check without such dims, or when `reference` refuses the cut."""
+    from ..shapes import describe_fixed, shrunk_along_free_dims
+
+    cut = shrunk_along_free_dims(example_inputs, dynamic_dims)
+    if cut is None:
+        return
+    try:
+        expected = _first_tensor(reference(*cut))
+    except Exception:  # the model itself needs the example's sizes: nothing an exporter could keep free
+        return
+    fixed = [(i, d, int(t.shape[d])) for i, (t, dims) in enumerate(zip(example_inputs, dims_for(example_inputs,
+             dynamic_dims))) if isinstance(t, torch.Tensor) for d in dims if d > 0 and t.shape[d] > 2]
+    try:
+        got = _first_tensor(exported(*cut))
+        error = None if got is None or expected is None or got.shape == expected.shape and torch.allclose(
+            got.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp_min(1e-6))) \
+            else "gives other outputs"
+    except Exception as exc:
+        error = f"fails ({type(exc).__name__})"
+    if error:
+        raise FixedDimError(f"{exporter} did not leave free {describe_fixed(fixed)}, which must stay free (it varies "
+                            f"in the data or was declared in dynamic_dims): the file {error} on inputs one shorter "
+                            "there")
+
+
 class Backend:
     """Interface of a quantization backend.
 
@@ -38,12 +80,15 @@ class Backend:
     name: str = ""
     approaches: tuple[str, ...] = ()
     artifact_suffix: str = ".pt"
+    #: per input, the dims an exported candidate leaves free (None: the batch dims); set by :meth:`configure`
+    dynamic_dims: "DynamicDims | None" = None
 
     def check_available(self) -> None:
         """Raise :class:`BackendUnavailableError` with an actionable message if unusable."""
 
     def configure(self, config: "PTQConfig") -> None:
-        """Read the options of ``config`` that concern this backend (default: none)."""
+        """Read the options of ``config`` that concern this backend (overrides call this first)."""
+        self.dynamic_dims = config.dynamic_dims
 
     def recipes(self, approach: str) -> list[Recipe]:
         """Knob variants to try first (before falling back layers), most promising first."""
@@ -54,8 +99,9 @@ class Backend:
         """Return a new quantized module; ``model`` is a private copy the backend may consume."""
         raise NotImplementedError
 
-    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
-        """Write one self-contained artefact holding ``metadata`` (JSON text)."""
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
+             dynamic_dims: "DynamicDims | None" = None) -> None:
+        """Write one self-contained artefact holding ``metadata`` (JSON text) that leaves `dynamic_dims` free."""
         raise NotImplementedError
 
 
@@ -94,9 +140,15 @@ def _reads_weight_tensors(model: nn.Module) -> set[str]:
             for inner, child in module.named_modules() if inner and isinstance(child, nn.Linear)}
 
 
+#: Recurrent layers with dynamic int8 kernels (torch.ao's; ONNX Runtime quantizes LSTM only).
+RECURRENT_LAYERS: tuple[type, ...] = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
 def quantizable_layers(model: nn.Module, approach: str) -> list[str]:
-    """Names of the layers a backend quantizes for ``approach`` (Linear, plus Conv2d when static)."""
-    types: tuple[type, ...] = (nn.Linear, nn.Conv2d) if approach == "static" else (nn.Linear,)
+    """Names of the layers a backend quantizes for ``approach``: Linear, plus Conv2d when static, plus the recurrent
+    layers (LSTM, GRU and the cells) when dynamic."""
+    types: tuple[type, ...] = {"static": (nn.Linear, nn.Conv2d),
+                               "dynamic": (nn.Linear, *RECURRENT_LAYERS)}.get(approach, (nn.Linear,))
     return [name for name, module in model.named_modules() if isinstance(module, types)]
 
 

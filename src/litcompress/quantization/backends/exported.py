@@ -15,7 +15,8 @@ import zipfile
 import torch
 from torch import nn
 
-from . import Inputs
+from ..shapes import DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims
+from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
 
@@ -26,16 +27,24 @@ def export_inputs(example_inputs: Inputs) -> Inputs:
     return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in example_inputs)
 
 
-def batch_dynamic_shapes(inputs: Inputs) -> tuple:
-    """A dynamic first (batch) dimension for every tensor input."""
-    from torch.export import Dim
-
-    return tuple({0: Dim.AUTO} if t.dim() > 0 else None for t in inputs)
+def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
+    """``torch.export`` `module` on `inputs` leaving `dynamic_dims` free (None: the batch dims); raises
+    :class:`FixedDimError` when the model's code fixes one of the non-batch ones."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, inputs, dynamic_shapes=export_dynamic_shapes(inputs, dynamic_dims))
+    fixed = export_specialised_dims(program, inputs, dynamic_dims)
+    if fixed:
+        raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (it varies in the "
+                            "data or was declared in dynamic_dims): the model's code fixes it there (an RNN unrolls "
+                            "over its sequence length, for one)")
+    return program
 
 
 def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, example_inputs: Inputs, *,
-                 eval_mode: bool = True) -> None:
-    """Export a copy of `module` (with a dynamic batch dimension) and save it to `path` with `metadata` inside.
+                 eval_mode: bool = True, dynamic_dims: DynamicDims | None = None) -> None:
+    """Export a copy of `module` (leaving the batch dims and `dynamic_dims` free) and save it to `path` with
+    `metadata` inside.
 
     `eval_mode=False` exports the module in the mode it is in: a graph that was itself exported refuses ``eval()``.
     """
@@ -43,9 +52,7 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     module = copy.deepcopy(module)
     if eval_mode:
         module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(module, inputs, dynamic_shapes=batch_dynamic_shapes(inputs))
+    program = export_program(module, inputs, dynamic_dims)
     program.example_inputs = None  # else the archive carries the example batch (as large as a small model)
     torch.export.save(program, os.fspath(path), extra_files={METADATA_FILE: metadata})
 

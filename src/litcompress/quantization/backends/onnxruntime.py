@@ -8,14 +8,15 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..config import Recipe
-from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
+from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
 METADATA_KEY = "litcompress"
 
@@ -92,9 +93,13 @@ def _exportable_(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_onnx(model: nn.Module, example_inputs: Inputs) -> bytes:
+def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None) -> bytes:
     """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
-    written in ops it knows)."""
+    written in ops it knows), leaving the batch dims and `dynamic_dims` free; raises :class:`FixedDimError` when the
+    file turns out to fix one of the latter (the exporter traces, and nn.MultiheadAttention's reshapes keep the
+    example's sequence length)."""
+    # the model to compare the file with (the exporter may modify the copy it is given)
+    reference = copy.deepcopy(model).eval() if shrunk_along_free_dims(example_inputs, dynamic_dims) else None
     model = _exportable_(copy.deepcopy(model).eval())
     names = [f"input_{i}" for i in range(len(example_inputs))]
     buffer = io.BytesIO()
@@ -105,10 +110,28 @@ def export_onnx(model: nn.Module, example_inputs: Inputs) -> bytes:
             warnings.simplefilter("always", torch.jit.TracerWarning)
             torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
                               output_names=["output"], opset_version=17,
-                              dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}})
+                              dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims),
+                                            "output": {0: "batch"}})
     except Exception as exc:
         raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    if reference is not None:
+        check_free_dims(reference, _quiet_session(buffer.getvalue()), example_inputs, dynamic_dims,
+                        "torch.onnx.export")
     return buffer.getvalue()
+
+
+def _quiet_session(model_bytes: bytes) -> Callable[..., torch.Tensor]:
+    """A one-thread ORT session as a function of torch inputs, which does not log its failures (expected ones)."""
+    import onnxruntime as ort
+
+    options = _session_options(1)
+    options.log_severity_level = 4  # fatal only
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]))
+    return run
 
 
 def _nodes_of_layers(onnx_model, layers: Sequence[str]) -> list[str]:
@@ -171,7 +194,7 @@ class OnnxRuntimeBackend(Backend):
                                               quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        fp32_bytes = export_onnx(model, example_inputs)
+        fp32_bytes = export_onnx(model, example_inputs, self.dynamic_dims)
         with tempfile.TemporaryDirectory(prefix="litcompress_ort_") as tmp:
             src, pre, dst = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
             with open(src, "wb") as f:
@@ -182,7 +205,7 @@ class OnnxRuntimeBackend(Backend):
                 pre = src
             exclude = _nodes_of_layers(onnx.load(pre), recipe.fp32_layers)
             if recipe.approach == "dynamic":
-                quantize_dynamic(pre, dst, op_types_to_quantize=["MatMul", "Gemm"],
+                quantize_dynamic(pre, dst, op_types_to_quantize=["MatMul", "Gemm", "LSTM"],
                                  per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                                  weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
             elif recipe.approach == "static":
@@ -200,7 +223,8 @@ class OnnxRuntimeBackend(Backend):
             with open(dst, "rb") as f:
                 return OnnxRuntimeModule(f.read())
 
-    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
+             dynamic_dims=None) -> None:
         import onnx
 
         if not isinstance(quantized, OnnxRuntimeModule):

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import Recipe
 from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
-from .exported import ExportedInference, batch_dynamic_shapes, export_inputs, save_program
+from .exported import ExportedInference, FixedDimError, export_inputs, export_program, save_program
 
 
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
@@ -132,6 +132,7 @@ class PT2EBackend(Backend):
             ) from exc
 
     def configure(self, config) -> None:
+        super().configure(config)
         self.compile = config.compile
 
     def recipes(self, approach: str) -> list[Recipe]:
@@ -165,9 +166,9 @@ class PT2EBackend(Backend):
             quantizer.set_module_name_qconfig(name, None)
         inputs = export_inputs(example_inputs)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = torch.export.export(model.eval(), inputs, dynamic_shapes=batch_dynamic_shapes(inputs)).module()
+            graph = export_program(model.eval(), inputs, self.dynamic_dims).module()
+        except FixedDimError as exc:
+            raise ExportError(f"pt2e: {exc}") from exc
         except Exception as exc:
             raise ExportError(f"pt2e: torch.export failed: {type(exc).__name__}: {exc}") from exc
         with torch.no_grad():
@@ -183,6 +184,8 @@ class PT2EBackend(Backend):
             return compiled
         return ExportedInference(converted)
 
-    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
+             dynamic_dims=None) -> None:
         module = quantized.program if isinstance(quantized, ExportedInference) else quantized
-        save_program(module, path, metadata, example_inputs, eval_mode=False)  # already an eval-mode export
+        # already an eval-mode export
+        save_program(module, path, metadata, example_inputs, eval_mode=False, dynamic_dims=dynamic_dims)

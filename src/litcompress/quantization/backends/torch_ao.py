@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from . import Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors, cpu_has_vnni
+from ..shapes import shrunk_along_free_dims
+from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors,
+               check_free_dims, cpu_has_vnni)
 
 METADATA_FILE = "litcompress.json"
 
@@ -37,7 +39,8 @@ def _quiet_torch_ao() -> Iterator[None]:
 # their weight tensors directly stay fp32 (pytorch/pytorch#109987).
 
 class TorchAOBackend(Backend):
-    """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic``."""
+    """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic`` (Linear, LSTM, GRU and
+    the recurrent cells)."""
 
     name = "torch_ao"
     approaches = ("dynamic", "static")
@@ -100,10 +103,15 @@ class TorchAOBackend(Backend):
         model = model.eval()
         with _quiet_torch_ao(), torch.no_grad():
             if recipe.approach == "dynamic":
-                return self._quantize_dynamic(model, recipe)
-            if recipe.approach == "static":
-                return self._quantize_static(model, recipe, example_inputs, calibration)
-        raise ValueError(f"torch_ao backend does not support approach {recipe.approach!r}.")
+                quantized = self._quantize_dynamic(model, recipe)
+            elif recipe.approach == "static":
+                quantized = self._quantize_static(model, recipe, example_inputs, calibration)
+            else:
+                raise ValueError(f"torch_ao backend does not support approach {recipe.approach!r}.")
+            if shrunk_along_free_dims(example_inputs, self.dynamic_dims) is not None:
+                # its file is a trace: a candidate whose trace fixes a varying size could not be saved
+                _trace_checked(quantized, example_inputs, self.dynamic_dims)
+        return quantized
 
     def _quantize_dynamic(self, model: nn.Module, recipe: Recipe) -> nn.Module:
         from torch.ao.quantization import quantize_dynamic
@@ -111,7 +119,7 @@ class TorchAOBackend(Backend):
         qconfig = self._dynamic_qconfig(recipe)
         skip = set(recipe.fp32_layers) | _reads_weight_tensors(model)
         spec = {name: qconfig for name, module in model.named_modules()
-                if isinstance(module, nn.Linear) and name not in skip}
+                if isinstance(module, (nn.Linear, *RECURRENT_LAYERS)) and name not in skip}
         return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
 
     def _quantize_static(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
@@ -138,17 +146,27 @@ class TorchAOBackend(Backend):
         return convert_fx(prepared)
 
     # --- save -----------------------------------------------------------------------------------
-    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
+             dynamic_dims=None) -> None:
         with _quiet_torch_ao(), torch.no_grad():
-            # TorchScript is the one self-contained format torch.ao's packed int8 weights serialise to.
-            module = copy.deepcopy(quantized).eval()
-            for sub in module.modules():
-                # Tracing probes every attribute, and a LightningModule's `trainer` raises without a Trainer; the
-                # flag Lightning's own to_torchscript sets makes it answer None.
-                if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
-                    sub._jit_is_scripting = True
-            scripted = torch.jit.trace(module, example_inputs, check_trace=False)
+            scripted = _trace_checked(quantized, example_inputs, dynamic_dims)
             torch.jit.save(scripted, path, _extra_files={METADATA_FILE: metadata})
+
+
+def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -> torch.jit.ScriptModule:
+    """TorchScript of `quantized` (the one self-contained format torch.ao's packed int8 weights serialise to);
+    :class:`FixedDimError` when the trace fixed a dim that must stay free."""
+    module = copy.deepcopy(quantized).eval()
+    for sub in module.modules():
+        # Tracing probes every attribute, and a LightningModule's `trainer` raises without a Trainer; the
+        # flag Lightning's own to_torchscript sets makes it answer None.
+        if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
+            sub._jit_is_scripting = True
+    scripted = torch.jit.trace(module, example_inputs, check_trace=False)
+    # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
+    check_free_dims(lambda *cut: copy.deepcopy(quantized).eval()(*cut), scripted, example_inputs, dynamic_dims,
+                    "torch.jit.trace")
+    return scripted
 
 
 def load_torchscript(path: str) -> tuple[nn.Module, dict]:

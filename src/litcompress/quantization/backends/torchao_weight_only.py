@@ -12,6 +12,7 @@ from typing import Sequence
 from torch import nn
 
 from ..config import Recipe
+from ..shapes import shrunk_along_free_dims
 from . import Backend, BackendUnavailableError, Inputs, _reads_weight_tensors
 
 
@@ -47,9 +48,15 @@ class TorchAOWeightOnlyBackend(Backend):
             # Int8WeightOnlyConfig is per output channel (one scale per row).
             quantize_(model.eval(), Int8WeightOnlyConfig(),
                       filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn not in skip)
+        if shrunk_along_free_dims(example_inputs, self.dynamic_dims) is not None:
+            # its file is a torch.export program: a candidate whose export fixes a varying size could not be saved
+            from .exported import export_inputs, export_program
+
+            export_program(model, export_inputs(example_inputs), self.dynamic_dims)
         return model
 
-    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs) -> None:
+    def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
+             dynamic_dims=None) -> None:
         from .exported import save_program
 
-        save_program(quantized, path, metadata, example_inputs)
+        save_program(quantized, path, metadata, example_inputs, dynamic_dims=dynamic_dims)

@@ -1,0 +1,254 @@
+"""Sequence models: input dims that vary (a sequence length) stay free in every file, and LSTM/GRU layers are
+quantized by dynamic int8. Real exporters, real ORT sessions, real files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from quant_helpers import backend_missing
+from torch import nn
+
+from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize, save_quantized
+from litcompress.quantization.backends import FixedDimError, quantizable_layers
+from litcompress.quantization.sensitivity import layer_sensitivity
+from litcompress.quantization.shapes import fixed_size_hint, normalize_dynamic_dims, resolve_dynamic_dims
+
+VOCAB = 50
+
+
+class TokenEncoder(nn.Module):
+    """Tokens -> torch's Transformer encoder -> mean over the sequence -> classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+class TokenBag(nn.Module):
+    """Tokens -> embeddings -> mean -> MLP: exports with a free sequence length everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.fc = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.embed(tokens).mean(1))))
+
+
+class RecurrentClassifier(nn.Module):
+    def __init__(self, rnn: type[nn.Module] = nn.LSTM) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.rnn = rnn(32, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0][:, -1])
+
+
+def _batches(lengths, batch_size: int = 16, seed: int = 0) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, (batch_size, n), generator=generator),) for n in lengths]
+
+
+def _agreement_with(reference: nn.Module, batches):
+    """The metric: how often a model's class agrees with `reference`'s (fp32) on `batches`."""
+    with torch.no_grad():
+        expected = [reference(*b).argmax(1) for b in batches]
+
+    def eval_fn(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.cat([model(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
+    return eval_fn
+
+
+def _lenient(approach: str, backend: str, **kwargs) -> PTQConfig:
+    # The structure and the files are under test, not the accuracy of untrained models.
+    return PTQConfig(approach=approach, backends=(backend,), latency_repeats=3, max_trials=2,
+                     accuracy=AccuracyCriterion(tolerable_loss=1.0), **kwargs)
+
+
+def _unseen_lengths_match(result, tmp_path, lengths=(7, 45)) -> None:
+    """The file, read back, gives the in-memory model's outputs on sequence lengths no batch had."""
+    path = tmp_path / "model"
+    result.save(path)
+    loaded, _ = load_quantized(path)
+    for tokens, in _batches(lengths, batch_size=3, seed=1):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tokens), result.model(tokens), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- declarations and resolution
+dims = st.lists(st.integers(0, 4), max_size=3)
+
+
+@given(st.dictionaries(st.integers(0, 3), dims, max_size=3))
+def test_a_dict_and_a_sequence_declare_the_same_dims(declared):
+    normalized = normalize_dynamic_dims(declared)
+    as_sequence = [declared.get(i, ()) for i in range(max(declared) + 1)] if declared else []
+    assert normalized == normalize_dynamic_dims(as_sequence)
+    for index, dims_of_input in declared.items():
+        assert normalized[index] == tuple(sorted(set(dims_of_input)))
+    assert all(normalized[i] == () for i in range(len(normalized)) if i not in declared)
+
+
+@pytest.mark.parametrize("bad", [{0: -1}, {-1: (1,)}, {0: "1"}, {True: 1}, {0: (1.5,)}, "0:1", 3, {0: (True,)}])
+def test_bad_declarations_are_refused_at_construction(bad):
+    with pytest.raises((ValueError, TypeError), match=r"PTQConfig\(dynamic_dims="):
+        PTQConfig(dynamic_dims=bad)
+
+
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=4),
+       st.lists(st.integers(1, 2), max_size=2))
+def test_resolved_dims_are_the_batch_the_varying_and_the_declared(shapes, declared):
+    batches = [(torch.zeros(shape), torch.zeros(2)) for shape in shapes]
+    resolved = resolve_dynamic_dims(batches, ((), ()) if not declared else (tuple(declared),))
+    varying = {d for d in range(3) if len({shape[d] for shape in shapes}) > 1}
+    assert resolved[0] == tuple(sorted({0} | varying | set(declared)))
+    assert resolved[1] == (0,)  # a 1-d input: its batch dim only
+
+
+def test_declarations_that_do_not_fit_the_inputs_fail_before_any_evaluation():
+    model = TokenBag().eval()
+    calls = []
+    for bad, message in (({1: (1,)}, "names input 1, but the model takes 1 input"),
+                         ({0: (2,)}, "names dim 2 of input 0, which has 2 dims")):
+        with pytest.raises(ValueError, match=message):
+            quantize(model, PTQConfig(dynamic_dims=bad), eval_fn=lambda m: calls.append(m) or 1.0,
+                     calibration_data=_batches([8]))
+    assert calls == []
+
+
+def test_the_hint_for_a_fixed_size_names_the_input_and_the_dim():
+    ort = ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: input_0 for the following "
+           "indices\n index: 1 Got: 12 Expected: 20\n Please fix")
+    assert "PTQConfig(dynamic_dims={0: (1,)})" in fixed_size_hint(ort)
+    export = "Expected input at *args[1].shape[2] to be equal to 20, but got 7."
+    assert "PTQConfig(dynamic_dims={1: (2,)})" in fixed_size_hint(export)
+    assert fixed_size_hint("Got invalid dimensions for input: input_0 for the following indices\n index: 0 Got: 3 "
+                           "Expected: 4") is None  # the batch dim is always free: not this problem
+    assert fixed_size_hint("some other error") is None
+
+
+# ----------------------------------------------------------------------------- every backend, varying lengths
+@pytest.mark.parametrize("backend,approach", [("torch_ao", "dynamic"), ("pt2e", "dynamic"), ("onnxruntime", "dynamic"),
+                                              ("torchao", "weight_only")])
+def test_files_take_sequence_lengths_the_search_never_saw(backend, approach, tmp_path):
+    if reason := backend_missing(backend):
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = TokenBag().eval()
+    batches = _batches([20, 12, 20, 31])
+    result = quantize(model, _lenient(approach, backend), eval_fn=_agreement_with(model, batches),
+                      calibration_data=batches)
+    assert result.recipe is not None and result.recipe.backend == backend, result.table()
+    assert result.dynamic_dims == ((0, 1),)
+    _unseen_lengths_match(result, tmp_path)
+
+
+def test_a_transformer_keeps_its_sequence_free_where_the_exporter_can_and_onnx_says_why_not(tmp_path):
+    torch.manual_seed(0)
+    model = TokenEncoder().eval()
+    batches = _batches([20, 12, 20, 31])
+    eval_fn = _agreement_with(model, batches)
+    for backend in ("pt2e", "torch_ao"):
+        result = quantize(model, _lenient("dynamic", backend), eval_fn=eval_fn, calibration_data=batches)
+        assert result.recipe is not None, result.table()
+        _unseen_lengths_match(result, tmp_path)
+    # The legacy ONNX exporter traces nn.MultiheadAttention's reshapes with the example's length: the backend is
+    # skipped with the reason, instead of every candidate failing on the first batch of another length.
+    result = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=eval_fn, calibration_data=batches)
+    assert result.recipe is None and len(result.trials) == 1
+    assert "torch.onnx.export did not leave free dim 1 of input 0 (size 20)" in result.trials[0].error
+
+
+def test_a_declared_dim_stays_free_although_calibration_was_padded_to_one_length(tmp_path):
+    torch.manual_seed(0)
+    model = TokenBag().eval()
+    calibration = _batches([20, 20])
+    other_lengths = _batches([12, 20], seed=3)
+    eval_fn = _agreement_with(model, other_lengths)
+    undeclared = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=eval_fn, calibration_data=calibration)
+    assert undeclared.recipe is None
+    assert all("PTQConfig(dynamic_dims={0: (1,)})" in t.error for t in undeclared.trials), undeclared.table()
+    declared = quantize(model, _lenient("dynamic", "onnxruntime", dynamic_dims={0: 1}), eval_fn=eval_fn,
+                        calibration_data=calibration)
+    assert declared.recipe is not None and declared.dynamic_dims == ((0, 1),)
+    _unseen_lengths_match(declared, tmp_path)
+
+
+# ----------------------------------------------------------------------------- recurrent layers
+def test_dynamic_int8_counts_recurrent_layers_as_quantizable():
+    model = nn.ModuleDict({"lstm": nn.LSTM(4, 4), "gru": nn.GRU(4, 4), "cell": nn.GRUCell(4, 4),
+                           "fc": nn.Linear(4, 4), "conv": nn.Conv2d(1, 1, 1)})
+    assert sorted(quantizable_layers(model, "dynamic")) == ["cell", "fc", "gru", "lstm"]
+    assert sorted(quantizable_layers(model, "static")) == ["conv", "fc"]
+    assert quantizable_layers(model, "weight_only") == ["fc"]
+
+
+def test_sensitivity_of_a_recurrent_layer_is_finite_and_leaves_its_weights_as_they_were():
+    torch.manual_seed(0)
+    model = RecurrentClassifier().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = layer_sensitivity(model, ["rnn", "head"], _batches([10, 14]), approach="dynamic")
+    assert all(0 < s < float("inf") for s in scores.values()), scores
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_torch_ao_quantizes_lstm_and_gru_and_its_file_takes_other_lengths(rnn, tmp_path):
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    torch.manual_seed(0)
+    model = RecurrentClassifier(rnn).eval()
+    batches = _batches([20, 12, 31])
+    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(model, batches),
+                      calibration_data=batches)
+    assert isinstance(result.model.rnn, {nn.LSTM: nnqd.LSTM, nn.GRU: nnqd.GRU}[rnn]), result.table()
+    assert result.size_bytes < 0.4 * result.baseline_size_bytes  # the recurrent weights dominate the model
+    _unseen_lengths_match(result, tmp_path)
+
+
+def test_onnxruntime_quantizes_an_lstm(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = RecurrentClassifier(nn.LSTM).eval()
+    batches = _batches([20, 12, 31])
+    result = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=_agreement_with(model, batches),
+                      calibration_data=batches)
+    assert result.recipe is not None, result.table()
+    ops = {node.op_type for node in onnx.load_from_string(result.model.model_bytes).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    assert result.size_bytes < 0.4 * result.baseline_size_bytes
+    _unseen_lengths_match(result, tmp_path)
+
+
+def test_an_lstm_that_torch_export_unrolls_is_skipped_by_pt2e_and_its_fp32_file_says_which_format_works(tmp_path):
+    torch.manual_seed(0)
+    model = RecurrentClassifier(nn.LSTM).eval()
+    batches = _batches([20, 12, 31])
+    result = quantize(model, _lenient("dynamic", "pt2e"), eval_fn=_agreement_with(model, batches),
+                      calibration_data=batches)
+    assert result.recipe is None and len(result.trials) == 1
+    assert "torch.export fixed dim 1 of input 0 (size 20)" in result.trials[0].error
+    with pytest.raises(FixedDimError, match="fp32_format='onnx' or 'torchscript' may keep it free"):
+        result.save(tmp_path / "model.pt2")
+    assert not (tmp_path / "model.pt2").exists()
+    size = save_quantized(result.model, None, tmp_path / "model.onnx", batches[0], fp32_format="onnx",
+                          dynamic_dims=result.dynamic_dims)
+    assert size > 0
+    loaded, _ = load_quantized(tmp_path / "model.onnx")
+    tokens = _batches([7], batch_size=3, seed=1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-4, atol=1e-4)
