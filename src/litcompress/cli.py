@@ -386,10 +386,13 @@ def _example_inputs(data: Any, batch_size: int | None) -> Any:
         if count >= batch_size:
             break
         batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if batch.shape[1:] != inputs.shape[1:]:  # another sequence length: a timed batch has one
+            continue
         parts.append(batch)
         count += batch.shape[0]
     if count < batch_size:
-        raise ValueError(f"--latency-batch-size {batch_size} is more than the {count} validation inputs.")
+        shape = "" if inputs.dim() < 2 else f" shaped like the first batch's ({tuple(inputs.shape[1:])} each)"
+        raise ValueError(f"--latency-batch-size {batch_size} is more than the {count} validation inputs{shape}.")
     return torch.cat(parts)[:batch_size]
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
 from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _slower_int8
-from litcompress.pruning import is_pruned
+from litcompress.pruning import is_pruned, make_permanent_, permanent_state_dict, prune_
+from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized
 from litcompress.report.compression import Latency, StageMetrics
@@ -879,3 +880,65 @@ def test_a_declared_dynamic_dim_the_inputs_lack_fails_before_fine_tuning(digits)
                  eval_fn=lambda m: 1.0, example_inputs=digits[2][:4], fine_tune=lambda m, step: tuned.append(m),
                  fine_tune_steps=3)
     assert tuned == []
+
+
+@pytest.mark.parametrize("rnn_kwargs", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 8}])
+def test_unstructured_pruning_covers_every_weight_matrix_of_a_recurrent_layer(rnn_kwargs):
+    model = nn.Sequential(nn.LSTM(16, 32, batch_first=True, **rnn_kwargs))
+    lstm = model[0]
+    expected = [n for n, p in lstm.named_parameters() if n.startswith("weight")]
+    assert [n for _, n in prune_targets(model, PruneConfig(sparsity=0.5))] == expected
+    cell = nn.Sequential(nn.GRUCell(4, 4), nn.Linear(4, 2))
+    assert [n for _, n in prune_targets(cell, PruneConfig(sparsity=0.5))] == ["weight_ih", "weight_hh", "weight"]
+    # structured pruning would cut gate rows, no channel shrink can remove: a recurrent layer is left out
+    with_head = nn.Sequential(nn.GRU(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    assert [type(m) for m, _ in prune_targets(with_head, PruneConfig(sparsity=0.5, method="ln_structured",
+                                                                      removable_only=False))] == [nn.Linear]
+
+
+def test_a_recurrent_model_is_pruned_to_the_exact_sparsity_over_its_lstm_and_head():
+    torch.manual_seed(0)
+    model = _Tokens()
+    batches = [(torch.randint(0, 30, (8, n)), torch.randint(0, 3, (8,))) for n in (12, 20, 9)]
+
+    def fine_tune(m: nn.Module, step) -> None:
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+        for t in range(1, 13):
+            x, y = batches[t % 3]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            optimizer.step()
+            step(t)
+
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.7), shrink=False, export=False,
+                                               latency_repeats=2),
+                      eval_fn=lambda m: 1.0, example_inputs=batches[0][0], fine_tune=fine_tune, fine_tune_steps=12)
+    pruned = result.stage_models["pruned"]
+    targets = prune_targets(pruned, PruneConfig(sparsity=0.7))
+    zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in targets)
+    total = sum(getattr(m, n).numel() for m, n in targets)
+    assert zeros == round(0.7 * total)  # global over the LSTM's matrices and the head
+    assert all(0 < int((getattr(m, n) == 0).sum()) < getattr(m, n).numel() for m, n in targets)
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.7, abs=1e-3)  # the report counts the LSTM
+    assert pruned_targets(pruned) == []  # the stage model holds plain (permanent) weights
+    assert pruned_targets(model) == []  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_a_masked_recurrent_layer_computes_with_its_mask_and_keeps_it_through_permanence_and_its_state_dict(rnn):
+    torch.manual_seed(0)
+    model = nn.Sequential(rnn(6, 12, num_layers=2, batch_first=True))
+    targets = prune_targets(model, PruneConfig(sparsity=0.6))
+    prune_(targets, "l1_unstructured", 0.6)
+    x = torch.randn(3, 7, 6)
+    masked = model(x)[0]
+    zeroed = deepcopy_model(model)  # after a forward: its cached masked weights are no graph leaves
+    make_permanent_(zeroed)
+    reference = rnn(6, 12, num_layers=2, batch_first=True)
+    reference.load_state_dict({k.removeprefix("0."): v for k, v in permanent_state_dict(model).items()})
+    assert int(sum((getattr(m, n) == 0).sum() for m, n in prune_targets(zeroed, PruneConfig(sparsity=0.6)))) > 0
+    torch.testing.assert_close(zeroed(x)[0], masked)
+    torch.testing.assert_close(reference(x)[0], masked)  # the plain weights a fresh LSTM loads are the masked ones
+    masked.sum().backward()  # the gradient reaches the trainable weights through the mask
+    orig = model[0].weight_hh_l0_orig
+    assert orig.grad is not None and torch.all(orig.grad[model[0].weight_hh_l0_mask == 0] == 0)

@@ -41,7 +41,7 @@ from litcompress.report.compression import CompressionReport, Latency, StageMetr
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
 
-from .config import CompressionConfig, PruneConfig
+from .config import CompressionConfig, PruneConfig, RecurrentLayers, tensor_names
 
 logger = logging.getLogger("litcompress.pipeline")
 
@@ -92,7 +92,8 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     """`prune_targets`, and the layers `removable_only` left out with the reason shrink could not remove their
     channels (none without a `plan`)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)
-              and not (config.structured and is_depthwise(m))]  # they follow the layer before them
+              # depthwise convs follow the layer before them; a recurrent layer's rows are gates, not channels
+              and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
     exclude = config.exclude
     if exclude is None:
         exclude = (layers[-1][0],) if config.structured and layers else ()
@@ -119,8 +120,7 @@ def _select_targets(model: nn.Module, config: PruneConfig,
                 f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. {remedy} removable_only=False to mask "
                 "them anyway, or prune unstructured.")
         layers = [(name, m) for name, m in layers if name not in left_out]
-    targets = [(m, p) for name, m in layers for p in config.parameter_names
-               if isinstance(getattr(m, p, None), torch.Tensor)]
+    targets = [(m, t) for name, m in layers for p in config.parameter_names for t in tensor_names(m, p)]
     if not targets:
         raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
                          f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
@@ -146,11 +146,10 @@ def _groups_residuals(prune: PruneConfig) -> bool:
 
 
 def weight_sparsity(model: nn.Module) -> float | None:
-    """Zeros among the weights of Linear/Conv layers (None when the model has none, e.g. ONNX Runtime)."""
+    """Zeros among the weights of Linear/Conv/recurrent layers (None when the model has none, e.g. ONNX Runtime)."""
     from .config import PrunableLayers
 
-    targets = [(m, "weight") for m in model.modules()
-               if isinstance(m, PrunableLayers) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) for t in tensor_names(m, "weight")]
     return sparsity_report(model, targets).sparsity if targets else None
 
 

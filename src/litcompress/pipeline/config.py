@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
+import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
@@ -17,9 +18,21 @@ from litcompress.quantization.config import PTQConfig
 
 ScheduleShape = Literal["cubic", "linear", "oneshot"]
 SCHEDULE_SHAPES: tuple[str, ...] = ("cubic", "linear", "oneshot")
+# Recurrent layers: their "weight" is every weight matrix (weight_ih_l0, weight_hh_l0, ...); unstructured only (a
+# row of a gate-stacked matrix is no channel that shrink could remove).
+RecurrentLayers = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 # transposed convs too: structured pruning of output channels prunes them along dim 1, where theirs are
 PrunableLayers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d)
+                  nn.ConvTranspose3d, *RecurrentLayers)
+
+
+def tensor_names(module: nn.Module, name: str) -> list[str]:
+    """The tensors `name` stands for in `module`: for an RNN/LSTM/GRU (or cell), ``"weight"`` is each of its weight
+    matrices; otherwise `name` itself when the module has such a tensor."""
+    if name == "weight" and isinstance(module, RecurrentLayers):
+        names = getattr(module, "_flat_weights_names", None) or ["weight_ih", "weight_hh"]
+        return [n for n in names if n.startswith("weight") and isinstance(getattr(module, n, None), torch.Tensor)]
+    return [name] if isinstance(getattr(module, name, None), torch.Tensor) else []
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,8 @@ class PruneConfig:
         scope: ``"global"`` ranks all tensors together, ``"local"`` prunes each tensor to ``sparsity``; default
             global for unstructured methods, local for structured ones (which only work locally).
         parameter_names: which tensors of each layer to prune.
-        layer_types: the layer classes whose tensors are pruned.
+        layer_types: the layer classes whose tensors are pruned. The default includes ``nn.LSTM``/``GRU``/``RNN``
+            and their cells, whose ``"weight"`` is each of their weight matrices, for unstructured methods only.
         exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
             the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
             Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their
@@ -241,4 +255,4 @@ class CompressionConfig:
                              "(e.g. 16) or None.")
 
 
-__all__ = ["CompressionConfig", "PruneConfig", "PrunableLayers"]
+__all__ = ["CompressionConfig", "PruneConfig", "PrunableLayers", "RecurrentLayers", "tensor_names"]
