@@ -375,3 +375,27 @@ def test_dynamic_dims_that_cannot_apply_fail_before_training(argv, message, tmp_
         main(["compress", *QUICK, "--output-dir", str(tmp_path / "out"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_a_sequence_model_fed_several_lengths_is_pruned_quantized_and_its_file_takes_any_length(tmp_path):
+    import torch
+
+    from litcompress.quantization import load_quantized
+    from tests.sequence_task import VOCAB
+
+    out = tmp_path / "seq"
+    assert main(["compress", "--model", "tests.sequence_task:TokenClassifier",
+                 "--data", "tests.sequence_task:TokenData",
+                 "--train-epochs", "1", "--prune", "l1_unstructured", "--sparsity", "0.6", "--prune-epochs", "1",
+                 "--backends", "torch_ao,onnxruntime", "--max-trials", "2", "--latency-repeats", "2",
+                 "--latency-batch-size", "64", "--no-plot", "--output-dir", str(out)]) == 0
+    report = CompressionReport.load_json(out / "report.json")
+    assert report["pruned"].weight_sparsity == pytest.approx(0.6, abs=1e-3)  # the LSTM's matrices included
+    assert report["quantized"].size_bytes < 0.4 * report["input"].size_bytes  # the LSTM is int8 too
+    assert report.batch_size == 64  # two batches of the first's length
+    (artifact,) = [p for p in out.glob("model.*")]
+    model, recipe = load_quantized(artifact)
+    assert recipe is not None
+    for length in (5, 24, 40):  # 5 and 40: lengths no batch had
+        tokens = torch.randint(0, VOCAB, (3, length))
+        assert model(tokens).shape == (3, 2)
