@@ -76,7 +76,9 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
         originals = [w.data.clone() for w in weights]
         for weight, original in zip(weights, originals):
             weight.data = _fake_quant_weight(original, per_channel)
-        if approach == "static":
+        if isinstance(module, nn.Embedding):  # weight-only: its input is indices
+            quant_input = None
+        elif approach == "static":
             lo, hi = ranges[name]
             quant_input = lambda m, args, lo=lo, hi=hi: (_fake_quant_activation(args[0], lo, hi), *args[1:])
         elif approach == "dynamic":

@@ -144,12 +144,19 @@ def _reads_weight_tensors(model: nn.Module) -> set[str]:
 RECURRENT_LAYERS: tuple[type, ...] = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
 
+def is_quantizable_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose int8 table (one scale per row) computes what it does: not one with ``max_norm``, which
+    renormalises rows as it reads them."""
+    return type(module) is nn.Embedding and module.max_norm is None
+
+
 def quantizable_layers(model: nn.Module, approach: str) -> list[str]:
     """Names of the layers a backend quantizes for ``approach``: Linear, plus Conv2d when static, plus the recurrent
-    layers (LSTM, GRU and the cells) when dynamic."""
+    layers (LSTM, GRU and the cells) and embedding tables when dynamic."""
     types: tuple[type, ...] = {"static": (nn.Linear, nn.Conv2d),
                                "dynamic": (nn.Linear, *RECURRENT_LAYERS)}.get(approach, (nn.Linear,))
-    return [name for name, module in model.named_modules() if isinstance(module, types)]
+    return [name for name, module in model.named_modules() if isinstance(module, types)
+            or approach == "dynamic" and is_quantizable_embedding(module)]
 
 
 def cpu_has_vnni() -> bool:

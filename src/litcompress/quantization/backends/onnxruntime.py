@@ -205,7 +205,8 @@ class OnnxRuntimeBackend(Backend):
                 pre = src
             exclude = _nodes_of_layers(onnx.load(pre), recipe.fp32_layers)
             if recipe.approach == "dynamic":
-                quantize_dynamic(pre, dst, op_types_to_quantize=["MatMul", "Gemm", "LSTM"],
+                # Gather: an embedding table (ORT quantizes a Gather whose table is a weight, not one of activations)
+                quantize_dynamic(pre, dst, op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Gather"],
                                  per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                                  weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
             elif recipe.approach == "static":

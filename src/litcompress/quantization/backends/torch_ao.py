@@ -19,7 +19,7 @@ from torch import nn
 from ..config import Recipe
 from ..shapes import shrunk_along_free_dims
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors,
-               check_free_dims, cpu_has_vnni)
+               check_free_dims, cpu_has_vnni, is_quantizable_embedding)
 
 METADATA_FILE = "litcompress.json"
 
@@ -40,7 +40,7 @@ def _quiet_torch_ao() -> Iterator[None]:
 
 class TorchAOBackend(Backend):
     """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic`` (Linear, LSTM, GRU and
-    the recurrent cells)."""
+    the recurrent cells; embedding tables as int8 rows)."""
 
     name = "torch_ao"
     approaches = ("dynamic", "static")
@@ -114,12 +114,15 @@ class TorchAOBackend(Backend):
         return quantized
 
     def _quantize_dynamic(self, model: nn.Module, recipe: Recipe) -> nn.Module:
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import float_qparams_weight_only_qconfig, quantize_dynamic
 
         qconfig = self._dynamic_qconfig(recipe)
-        skip = set(recipe.fp32_layers) | _reads_weight_tensors(model)
+        skip = _with_tied_layers(model, set(recipe.fp32_layers) | _reads_weight_tensors(model))
         spec = {name: qconfig for name, module in model.named_modules()
                 if isinstance(module, (nn.Linear, *RECURRENT_LAYERS)) and name not in skip}
+        # an embedding table is looked up, not multiplied: int8 rows, each with its own float scale and offset
+        spec.update({name: float_qparams_weight_only_qconfig for name, module in model.named_modules()
+                     if is_quantizable_embedding(module) and name not in skip})
         return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
 
     def _quantize_static(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
@@ -151,6 +154,21 @@ class TorchAOBackend(Backend):
         with _quiet_torch_ao(), torch.no_grad():
             scripted = _trace_checked(quantized, example_inputs, dynamic_dims)
             torch.jit.save(scripted, path, _extra_files={METADATA_FILE: metadata})
+
+
+def _with_tied_layers(model: nn.Module, skip: set[str]) -> set[str]:
+    """`skip` and every layer sharing a weight with one in it. Each quantized module keeps its own int8 copy: a tied
+    table (an embedding that is also the output layer) quantized on one side only adds that copy to the fp32 one."""
+    users: dict[int, set[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            users.setdefault(id(weight), set()).add(name)
+    tied = set(skip)
+    for names in users.values():
+        if len(names) > 1 and names & skip:
+            tied |= names
+    return tied
 
 
 def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -> torch.jit.ScriptModule:

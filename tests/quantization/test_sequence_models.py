@@ -1,7 +1,9 @@
-"""Sequence models: input dims that vary (a sequence length) stay free in every file, and LSTM/GRU layers are
-quantized by dynamic int8. Real exporters, real ORT sessions, real files."""
+"""Sequence (text) models: input dims that vary (a sequence length) stay free in every file, and LSTM/GRU layers
+and embedding tables are quantized by dynamic int8. Real exporters, real ORT sessions, real files."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ from hypothesis import strategies as st
 from quant_helpers import backend_missing
 from torch import nn
 
-from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize, save_quantized
+from litcompress.quantization import (AccuracyCriterion, PTQConfig, Recipe, get_backend, load_quantized, quantize,
+                                      save_quantized)
 from litcompress.quantization.backends import FixedDimError, quantizable_layers
 from litcompress.quantization.sensitivity import layer_sensitivity
+from litcompress.report.size import model_size_bytes
 from litcompress.quantization.shapes import fixed_size_hint, normalize_dynamic_dims, resolve_dynamic_dims
 
 VOCAB = 50
@@ -196,11 +200,11 @@ def test_dynamic_int8_counts_recurrent_layers_as_quantizable():
     assert quantizable_layers(model, "weight_only") == ["fc"]
 
 
-def test_sensitivity_of_a_recurrent_layer_is_finite_and_leaves_its_weights_as_they_were():
+def test_sensitivity_of_recurrent_and_embedding_layers_is_finite_and_leaves_their_weights_as_they_were():
     torch.manual_seed(0)
     model = RecurrentClassifier().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    scores = layer_sensitivity(model, ["rnn", "head"], _batches([10, 14]), approach="dynamic")
+    scores = layer_sensitivity(model, ["embed", "rnn", "head"], _batches([10, 14]), approach="dynamic")
     assert all(0 < s < float("inf") for s in scores.values()), scores
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -252,3 +256,60 @@ def test_an_lstm_that_torch_export_unrolls_is_skipped_by_pt2e_and_its_fp32_file_
     tokens = _batches([7], batch_size=3, seed=1)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- embedding tables
+class TableHeavy(nn.Module):
+    """A model whose weights are mostly its embedding table; `tied`: the output layer is the table (as in LMs)."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(2000, 32, padding_idx=0)
+        self.fc = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 2000, bias=False)
+        if tied:
+            self.out.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.embed(tokens).mean(1))))
+
+
+def test_dynamic_int8_counts_embedding_tables_that_it_can_quantize():
+    model = nn.ModuleDict({"table": nn.Embedding(10, 4), "renormed": nn.Embedding(10, 4, max_norm=1.0),
+                           "bag": nn.EmbeddingBag(10, 4), "fc": nn.Linear(4, 4)})
+    assert sorted(quantizable_layers(model, "dynamic")) == ["fc", "table"]
+    assert quantizable_layers(model, "static") == ["fc"]
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime"])
+def test_an_embedding_table_is_stored_in_int8_and_its_file_reads_back(backend, tmp_path):
+    torch.manual_seed(0)
+    model = TableHeavy().eval()
+    batches = _batches([10, 14])  # token ids < VOCAB, a part of the table
+    result = quantize(model, _lenient("dynamic", backend), eval_fn=_agreement_with(model, batches),
+                      calibration_data=batches)
+    assert result.recipe is not None and not result.recipe.fp32_layers, result.table()
+    assert result.size_bytes < 0.4 * result.baseline_size_bytes  # table and output layer both int8
+    if backend == "torch_ao":
+        from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+
+        assert isinstance(result.model.embed, QuantizedEmbedding)
+    _unseen_lengths_match(result, tmp_path)
+    tokens = _batches([9], batch_size=4, seed=5)[0][0]
+    with torch.no_grad():  # int8 rows: close to the fp32 outputs
+        assert (result.model(tokens) - model(tokens)).abs().max() < 0.05 * model(tokens).abs().max()
+
+
+def test_a_tied_table_stays_fp32_on_both_sides_when_one_side_falls_back():
+    model = TableHeavy(tied=True).eval()
+    backend = get_backend("torch_ao")
+    example = _batches([6])[0]
+    both = backend.quantize(copy.deepcopy(model), Recipe("torch_ao", "dynamic"), example, [example])
+    one_side = backend.quantize(copy.deepcopy(model), Recipe("torch_ao", "dynamic", fp32_layers=("out",)), example,
+                                [example])
+    assert type(one_side.embed) is nn.Embedding and type(one_side.out) is nn.Linear  # both sides of the tie fp32
+    assert type(one_side.fc) is not nn.Linear
+    assert type(both.embed) is not nn.Embedding and type(both.out) is not nn.Linear
+    # Quantizing one side of a tie would add an int8 copy to the fp32 table: never larger than fp32 here.
+    assert model_size_bytes(one_side) <= model_size_bytes(model)
+    assert model_size_bytes(both) < 0.75 * model_size_bytes(model)  # two int8 copies for one fp32 table: ~0.7
