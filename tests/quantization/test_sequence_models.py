@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from quant_helpers import backend_missing
+from quant_helpers import backend_missing, quantized_layers
 from torch import nn
 
 from litcompress.quantization import (AccuracyCriterion, PTQConfig, Recipe, get_backend, load_quantized, quantize,
@@ -194,9 +194,9 @@ def test_a_declared_dim_stays_free_although_calibration_was_padded_to_one_length
 # ----------------------------------------------------------------------------- recurrent layers
 def test_dynamic_int8_counts_recurrent_layers_as_quantizable():
     model = nn.ModuleDict({"lstm": nn.LSTM(4, 4), "gru": nn.GRU(4, 4), "cell": nn.GRUCell(4, 4),
-                           "fc": nn.Linear(4, 4), "conv": nn.Conv2d(1, 1, 1)})
+                           "fc": nn.Linear(4, 4), "conv": nn.Conv2d(1, 1, 1), "conv1d": nn.Conv1d(1, 1, 1)})
     assert sorted(quantizable_layers(model, "dynamic")) == ["cell", "fc", "gru", "lstm"]
-    assert sorted(quantizable_layers(model, "static")) == ["conv", "fc"]
+    assert sorted(quantizable_layers(model, "static")) == ["conv", "conv1d", "fc"]
     assert quantizable_layers(model, "weight_only") == ["fc"]
 
 
@@ -313,3 +313,50 @@ def test_a_tied_table_stays_fp32_on_both_sides_when_one_side_falls_back():
     # Quantizing one side of a tie would add an int8 copy to the fp32 table: never larger than fp32 here.
     assert model_size_bytes(one_side) <= model_size_bytes(model)
     assert model_size_bytes(both) < 0.75 * model_size_bytes(model)  # two int8 copies for one fp32 table: ~0.7
+
+
+# ----------------------------------------------------------------------------- 1-d convolutions (audio, signals)
+class SignalNet(nn.Module):
+    """Conv1d + BatchNorm1d over a time axis, global average, Linear: takes signals of any length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv1d(4, 16, 5, padding=2), nn.BatchNorm1d(16)
+        self.conv2, self.norm2 = nn.Conv1d(16, 32, 5, padding=2, stride=2), nn.BatchNorm1d(32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x))))))
+        return self.head(x.mean(-1))
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime"])
+def test_static_int8_falls_a_conv1d_back_to_fp32_and_keeps_the_signal_length_free(backend, tmp_path):
+    torch.manual_seed(0)
+    model = SignalNet().eval()
+    signals = [(torch.randn(8, 4, n),) for n in (64, 96, 64)]
+    assert quantizable_layers(model, "static") == ["conv1", "conv2", "head"]  # so the search can fall them back
+    engine = get_backend(backend)
+    engine.dynamic_dims = ((0, 2),)
+    recipe = engine.recipes("static")[0].with_fp32_layers(("conv1",))
+    quantized = engine.quantize(copy.deepcopy(model), recipe, signals[0], signals)
+    expected = {"conv1": False, "conv2": True, "head": True}
+    if backend == "torch_ao":
+        assert quantized_layers(quantized, backend, list(expected)) == expected
+    else:  # the exporter folded the BatchNorms into the convs' weights, renamed: read the QDQ graph by node
+        import onnx
+
+        graph = onnx.load_from_string(quantized.model_bytes).graph
+        dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+        weights_int8 = {node.name.split("/")[1]: node.input[1] in dequantized for node in graph.node
+                        if node.op_type in ("Conv", "Gemm")}
+        assert weights_int8 == expected
+    result = quantize(model, _lenient("static", backend), eval_fn=_agreement_with(model, signals),
+                      calibration_data=signals)
+    assert result.dynamic_dims == ((0, 2),) and result.recipe is not None, result.table()
+    path = tmp_path / "model"
+    result.save(path)
+    loaded, _ = load_quantized(path)
+    signal = torch.randn(2, 4, 77)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(signal), result.model(signal), rtol=1e-4, atol=1e-4)

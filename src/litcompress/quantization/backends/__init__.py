@@ -151,9 +151,9 @@ def is_quantizable_embedding(module: nn.Module) -> bool:
 
 
 def quantizable_layers(model: nn.Module, approach: str) -> list[str]:
-    """Names of the layers a backend quantizes for ``approach``: Linear, plus Conv2d when static, plus the recurrent
-    layers (LSTM, GRU and the cells) and embedding tables when dynamic."""
-    types: tuple[type, ...] = {"static": (nn.Linear, nn.Conv2d),
+    """Names of the layers a backend quantizes for ``approach``: Linear, plus the convolutions (1-, 2- and 3-d) when
+    static, plus the recurrent layers (LSTM, GRU and the cells) and embedding tables when dynamic."""
+    types: tuple[type, ...] = {"static": (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
                                "dynamic": (nn.Linear, *RECURRENT_LAYERS)}.get(approach, (nn.Linear,))
     return [name for name, module in model.named_modules() if isinstance(module, types)
             or approach == "dynamic" and is_quantizable_embedding(module)]
