@@ -14,7 +14,7 @@ from torch import nn
 
 from litcompress.quantization import (AccuracyCriterion, PTQConfig, Recipe, get_backend, load_quantized, quantize,
                                       save_quantized)
-from litcompress.quantization.backends import FixedDimError, quantizable_layers
+from litcompress.quantization.backends import FixedDimError, check_free_dims, quantizable_layers
 from litcompress.quantization.sensitivity import layer_sensitivity
 from litcompress.report.size import model_size_bytes
 from litcompress.quantization.shapes import fixed_size_hint, normalize_dynamic_dims, resolve_dynamic_dims
@@ -360,3 +360,52 @@ def test_static_int8_falls_a_conv1d_back_to_fp32_and_keeps_the_signal_length_fre
     signal = torch.randn(2, 4, 77)
     with torch.no_grad():
         torch.testing.assert_close(loaded(signal), result.model(signal), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the batch stays free too
+class CountsRows(nn.Module):
+    """Correct for any batch in eager mode; a trace keeps the example's row count (``int()`` of a size)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(int(x.shape[0]), dtype=x.dtype)[:, None]
+
+
+def test_a_file_that_fixed_the_batch_size_is_refused():
+    model, example = CountsRows(), (torch.zeros(4, 3),)
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(model, example, check_trace=False)
+    with pytest.raises(FixedDimError, match=r"did not leave free dim 0 of input 0 \(size 4\).*one more row along"):
+        check_free_dims(model, traced, example, None, "torch.jit.trace")
+    check_free_dims(model, model, example, None, "itself")  # the model against itself: nothing to say
+
+
+class PackedClassifier(nn.Module):
+    """Padded token ids and their lengths, packed for the LSTM (the usual way to feed it varying lengths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16, padding_idx=0)
+        self.rnn = nn.LSTM(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][0][-1])
+
+
+def test_torch_aos_lstm_on_a_packed_sequence_traces_to_a_fixed_batch_and_is_refused():
+    torch.manual_seed(0)
+    model = PackedClassifier().eval()
+    batches = []
+    for length in (12, 20, 9):
+        lengths = torch.randint(2, length + 1, (16,))
+        lengths[0] = length
+        tokens = torch.randint(1, VOCAB, (16, length)) * (torch.arange(length)[None] < lengths[:, None])
+        batches.append((tokens, lengths))
+    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(model, batches),
+                      calibration_data=batches, input_fn=tuple)
+    # torch.ao's dynamic LSTM sizes its initial state from the packed batch as a Python int: the trace (its file)
+    # would take batches of 16 only. Before, that file was written and failed on the first other batch.
+    assert result.recipe is None and len(result.trials) == 1
+    assert "torch.jit.trace did not leave free dim 0 of input 0 (size 16)" in result.trials[0].error

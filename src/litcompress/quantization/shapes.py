@@ -101,8 +101,8 @@ def export_dynamic_shapes(inputs: Sequence[torch.Tensor], dynamic_dims: DynamicD
 
 def export_specialised_dims(program: torch.export.ExportedProgram, inputs: Sequence[torch.Tensor],
                             dynamic_dims: DynamicDims | None) -> list[tuple[int, int, int]]:
-    """``(input, dim, size)`` for every non-batch dim that was asked to be free but that ``torch.export`` fixed (an
-    RNN unrolls over its sequence length, for one). A batch dim is not listed: a batch of one is fixed by design."""
+    """``(input, dim, size)`` for every dim that was asked to be free but that ``torch.export`` fixed (an RNN unrolls
+    over its sequence length, for one; code that reshapes to a constant batch)."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
@@ -114,7 +114,7 @@ def export_specialised_dims(program: torch.export.ExportedProgram, inputs: Seque
         if not isinstance(value, torch.Tensor):
             continue
         for d in dims:
-            if d > 0 and is_concrete_int(value.shape[d]):  # a plain int, or a SymInt that export specialised
+            if is_concrete_int(value.shape[d]):  # a plain int, or a SymInt that export specialised
                 fixed.append((i, d, int(value.shape[d])))
     return fixed
 
@@ -143,6 +143,17 @@ def shrunk_along_free_dims(inputs: Sequence[object], dynamic_dims: DynamicDims |
                     tensor, changed = tensor.narrow(d, 0, tensor.shape[d] - 1), True
         cut.append(tensor)
     return tuple(cut) if changed else None
+
+
+def grown_along_batch(inputs: Sequence[object], dynamic_dims: DynamicDims | None) -> tuple | None:
+    """`inputs` with their first row repeated once more along the batch dim (a batch one larger, of inputs the model
+    takes), to check that an exported file takes other batch sizes; None when no input has a batch dim."""
+    grown, changed = [], False
+    for tensor, dims in zip(inputs, dims_for(inputs, dynamic_dims)):
+        if isinstance(tensor, torch.Tensor) and 0 in dims and tensor.shape[0] > 0:
+            tensor, changed = torch.cat([tensor, tensor[:1]]), True
+        grown.append(tensor)
+    return tuple(grown) if changed else None
 
 
 # ORT's message for an input whose size the file fixed, and torch.export's guard on one.

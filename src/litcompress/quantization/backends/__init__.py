@@ -45,30 +45,36 @@ def _first_tensor(output: object) -> torch.Tensor | None:
 def check_free_dims(reference: Callable[..., object], exported: Callable[..., object], example_inputs: Inputs,
                     dynamic_dims: "DynamicDims | None", exporter: str) -> None:
     """Raise :class:`FixedDimError` when `exported` (a file's model) does not give `reference`'s output on the
-    example cut shorter along its free non-batch dims: the exporter fixed their sizes (a trace records sizes that
-    the code turns into Python numbers). Nothing to check without such dims, or when `reference` refuses the cut."""
-    from ..shapes import describe_fixed, shrunk_along_free_dims
+    example with one more row along the batch dim, or cut one shorter along its other free dims: the exporter fixed
+    their sizes (a trace keeps a size the code turned into a Python number, as torch.ao's LSTM does with a packed
+    sequence's batch). A variant `reference` itself refuses (a model that needs the example's sizes) is not checked.
+    """
+    from ..shapes import describe_fixed, grown_along_batch, shrunk_along_free_dims
 
-    cut = shrunk_along_free_dims(example_inputs, dynamic_dims)
-    if cut is None:
-        return
-    try:
-        expected = _first_tensor(reference(*cut))
-    except Exception:  # the model itself needs the example's sizes: nothing an exporter could keep free
-        return
-    fixed = [(i, d, int(t.shape[d])) for i, (t, dims) in enumerate(zip(example_inputs, dims_for(example_inputs,
-             dynamic_dims))) if isinstance(t, torch.Tensor) for d in dims if d > 0 and t.shape[d] > 2]
-    try:
-        got = _first_tensor(exported(*cut))
-        error = None if got is None or expected is None or got.shape == expected.shape and torch.allclose(
-            got.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp_min(1e-6))) \
-            else "gives other outputs"
-    except Exception as exc:
-        error = f"fails ({type(exc).__name__})"
-    if error:
-        raise FixedDimError(f"{exporter} did not leave free {describe_fixed(fixed)}, which must stay free (it varies "
-                            f"in the data or was declared in dynamic_dims): the file {error} on inputs one shorter "
-                            "there")
+    dims = dims_for(example_inputs, dynamic_dims)
+    tensors = [(i, t) for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)]
+    variants = (("with one more row along the batch", grown_along_batch(example_inputs, dynamic_dims),
+                 [(i, 0, int(t.shape[0])) for i, t in tensors if 0 in dims[i]]),
+                ("one shorter there", shrunk_along_free_dims(example_inputs, dynamic_dims),
+                 [(i, d, int(t.shape[d])) for i, t in tensors for d in dims[i] if d > 0 and t.shape[d] > 2]))
+    for how, inputs, changed in variants:
+        if inputs is None:
+            continue
+        try:
+            expected = _first_tensor(reference(*inputs))
+        except Exception:  # the model itself needs the example's sizes: nothing an exporter could keep free
+            continue
+        try:
+            got = _first_tensor(exported(*inputs))
+            error = None if got is None or expected is None or got.shape == expected.shape and torch.allclose(
+                got.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp_min(1e-6))) \
+                else "gives other outputs"
+        except Exception as exc:
+            error = f"fails ({type(exc).__name__})"
+        if error:
+            raise FixedDimError(f"{exporter} did not leave free {describe_fixed(changed)}, which must stay free (the "
+                                "batch, a dim that varies in the data or one declared in dynamic_dims): the file "
+                                f"{error} on the example {how}")
 
 
 class Backend:

@@ -15,7 +15,7 @@ import zipfile
 import torch
 from torch import nn
 
-from ..shapes import DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims
+from ..shapes import DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, grown_along_batch
 from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
@@ -29,16 +29,29 @@ def export_inputs(example_inputs: Inputs) -> Inputs:
 
 def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
     """``torch.export`` `module` on `inputs` leaving `dynamic_dims` free (None: the batch dims); raises
-    :class:`FixedDimError` when the model's code fixes one of the non-batch ones."""
+    :class:`FixedDimError` when the model's code fixes one of them (the batch only if `module` takes another)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, inputs, dynamic_shapes=export_dynamic_shapes(inputs, dynamic_dims))
     fixed = export_specialised_dims(program, inputs, dynamic_dims)
+    if any(d == 0 for _, d, _ in fixed) and not _takes(module, grown_along_batch(inputs, dynamic_dims)):
+        fixed = [f for f in fixed if f[1] != 0]  # the model's own code needs the example's batch size
     if fixed:
         raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (it varies in the "
                             "data or was declared in dynamic_dims): the model's code fixes it there (an RNN unrolls "
                             "over its sequence length, for one)")
     return program
+
+
+def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
+    if inputs is None:
+        return False
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    except Exception:
+        return False
+    return True
 
 
 def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, example_inputs: Inputs, *,

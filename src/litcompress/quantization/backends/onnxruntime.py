@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
+from ..shapes import DynamicDims, onnx_dynamic_axes
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
 METADATA_KEY = "litcompress"
@@ -96,10 +96,9 @@ def _exportable_(model: nn.Module) -> nn.Module:
 def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None) -> bytes:
     """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
     written in ops it knows), leaving the batch dims and `dynamic_dims` free; raises :class:`FixedDimError` when the
-    file turns out to fix one of the latter (the exporter traces, and nn.MultiheadAttention's reshapes keep the
-    example's sequence length)."""
-    # the model to compare the file with (the exporter may modify the copy it is given)
-    reference = copy.deepcopy(model).eval() if shrunk_along_free_dims(example_inputs, dynamic_dims) else None
+    file turns out to fix one (the exporter traces, and nn.MultiheadAttention's reshapes keep the example's sequence
+    length)."""
+    reference = copy.deepcopy(model).eval()  # to compare the file with (the exporter may modify the copy it is given)
     model = _exportable_(copy.deepcopy(model).eval())
     names = [f"input_{i}" for i in range(len(example_inputs))]
     buffer = io.BytesIO()
@@ -114,9 +113,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
                                             "output": {0: "batch"}})
     except Exception as exc:
         raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    if reference is not None:
-        check_free_dims(reference, _quiet_session(buffer.getvalue()), example_inputs, dynamic_dims,
-                        "torch.onnx.export")
+    check_free_dims(reference, _quiet_session(buffer.getvalue()), example_inputs, dynamic_dims, "torch.onnx.export")
     return buffer.getvalue()
 
 

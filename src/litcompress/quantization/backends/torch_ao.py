@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..shapes import shrunk_along_free_dims
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors,
                check_free_dims, cpu_has_vnni, is_quantizable_embedding)
 
@@ -108,9 +107,8 @@ class TorchAOBackend(Backend):
                 quantized = self._quantize_static(model, recipe, example_inputs, calibration)
             else:
                 raise ValueError(f"torch_ao backend does not support approach {recipe.approach!r}.")
-            if shrunk_along_free_dims(example_inputs, self.dynamic_dims) is not None:
-                # its file is a trace: a candidate whose trace fixes a varying size could not be saved
-                _trace_checked(quantized, example_inputs, self.dynamic_dims)
+            # its file is a trace: a candidate whose trace fixes a size that must stay free could not be saved
+            _trace_checked(quantized, example_inputs, self.dynamic_dims)
         return quantized
 
     def _quantize_dynamic(self, model: nn.Module, recipe: Recipe) -> nn.Module:

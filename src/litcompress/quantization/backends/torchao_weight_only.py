@@ -12,7 +12,6 @@ from typing import Sequence
 from torch import nn
 
 from ..config import Recipe
-from ..shapes import shrunk_along_free_dims
 from . import Backend, BackendUnavailableError, Inputs, _reads_weight_tensors
 
 
@@ -48,11 +47,11 @@ class TorchAOWeightOnlyBackend(Backend):
             # Int8WeightOnlyConfig is per output channel (one scale per row).
             quantize_(model.eval(), Int8WeightOnlyConfig(),
                       filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn not in skip)
-        if shrunk_along_free_dims(example_inputs, self.dynamic_dims) is not None:
-            # its file is a torch.export program: a candidate whose export fixes a varying size could not be saved
-            from .exported import export_inputs, export_program
+        # its file is a torch.export program: a candidate whose export fixes a size that must stay free could not be
+        # saved
+        from .exported import export_inputs, export_program
 
-            export_program(model, export_inputs(example_inputs), self.dynamic_dims)
+        export_program(model, export_inputs(example_inputs), self.dynamic_dims)
         return model
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
