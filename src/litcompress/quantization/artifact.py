@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .backends import get_backend
+from .backends import FixedDimError, get_backend
 from .config import Recipe
 from .shapes import DynamicDims, normalize_dynamic_dims
 
@@ -47,8 +47,6 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
                            "recipe": None if recipe is None else recipe.to_dict()})
     if recipe is None and fp32_format == "export":
         from .backends.exported import save_program
-
-        from .backends import FixedDimError
 
         try:
             save_program(model, path, metadata, tuple(example_inputs), dynamic_dims=dynamic_dims)

@@ -1,4 +1,4 @@
-"""Which input dimensions an exported model must leave free, and checks that the exporters did.
+"""Which input dimensions an exported model must leave free, and the helpers that check the exporters did.
 
 Exporters fix every input size they are not told is dynamic. A model fed batches of several sequence lengths (text,
 audio, time series) therefore exports to a file that rejects every length but the example's. The free dimensions
@@ -93,7 +93,7 @@ def dims_for(inputs: Sequence[object], dynamic_dims: DynamicDims | None) -> Dyna
 
 def export_dynamic_shapes(inputs: Sequence[torch.Tensor], dynamic_dims: DynamicDims | None) -> tuple:
     """``torch.export``'s ``dynamic_shapes`` for `inputs`: ``Dim.AUTO`` on each free dim (export specialises a dim
-    the code fixes instead of failing; :func:`check_export_kept_dims` tells)."""
+    the code fixes instead of failing; :func:`export_specialised_dims` tells which)."""
     from torch.export import Dim
 
     return tuple({d: Dim.AUTO for d in dims} or None for dims in dims_for(inputs, dynamic_dims))

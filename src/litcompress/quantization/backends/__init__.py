@@ -32,7 +32,8 @@ class ExportError(RuntimeError):
 
 
 class FixedDimError(ExportError):
-    """An exporter fixed an input dim that has to stay free (it varies in the data, or was declared to)."""
+    """An exporter fixed an input dim that has to stay free: the batch, a dim that varies in the data, or a declared
+    one."""
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
@@ -93,7 +94,7 @@ class Backend:
         """Raise :class:`BackendUnavailableError` with an actionable message if unusable."""
 
     def configure(self, config: "PTQConfig") -> None:
-        """Read the options of ``config`` that concern this backend (overrides call this first)."""
+        """Read the options of ``config`` that concern this backend (an override calls ``super().configure``)."""
         self.dynamic_dims = config.dynamic_dims
 
     def recipes(self, approach: str) -> list[Recipe]:

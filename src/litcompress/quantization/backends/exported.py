@@ -37,9 +37,9 @@ def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims 
     if any(d == 0 for _, d, _ in fixed) and not _takes(module, grown_along_batch(inputs, dynamic_dims)):
         fixed = [f for f in fixed if f[1] != 0]  # the model's own code needs the example's batch size
     if fixed:
-        raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (it varies in the "
-                            "data or was declared in dynamic_dims): the model's code fixes it there (an RNN unrolls "
-                            "over its sequence length, for one)")
+        raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (the batch, a dim "
+                            "that varies in the data or one declared in dynamic_dims): the model's code fixes it "
+                            "there (an RNN unrolls over its sequence length, for one)")
     return program
 
 

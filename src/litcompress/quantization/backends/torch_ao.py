@@ -38,8 +38,8 @@ def _quiet_torch_ao() -> Iterator[None]:
 # their weight tensors directly stay fp32 (pytorch/pytorch#109987).
 
 class TorchAOBackend(Backend):
-    """Static int8 via FX graph mode (Conv2d + Linear), dynamic int8 via ``quantize_dynamic`` (Linear, LSTM, GRU and
-    the recurrent cells; embedding tables as int8 rows)."""
+    """Static int8 via FX graph mode (convolutions + Linear), dynamic int8 via ``quantize_dynamic`` (Linear, LSTM, GRU
+    and the recurrent cells; embedding tables as int8 rows)."""
 
     name = "torch_ao"
     approaches = ("dynamic", "static")
@@ -178,9 +178,12 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -
         # flag Lightning's own to_torchscript sets makes it answer None.
         if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
             sub._jit_is_scripting = True
-    scripted = torch.jit.trace(module, example_inputs, check_trace=False)
+    try:
+        scripted = torch.jit.trace(module, example_inputs, check_trace=False)
+    except Exception as exc:  # every recipe of this model would fail alike
+        raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
     # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
-    check_free_dims(lambda *cut: copy.deepcopy(quantized).eval()(*cut), scripted, example_inputs, dynamic_dims,
+    check_free_dims(lambda *inputs: copy.deepcopy(quantized).eval()(*inputs), scripted, example_inputs, dynamic_dims,
                     "torch.jit.trace")
     return scripted
 
