@@ -13,7 +13,7 @@ from torch import nn
 from litcompress import CompressionConfig, PruneConfig, compress, make_permanent_, shrink
 from litcompress.models import GatedTransformerClassifier, TransformerClassifier
 from litcompress.pruning.heads import (HeadPrunedAttention, attention_head_norms, prune_heads_, remove_zero_heads_,
-                                       zero_heads)
+                                       rewrite_attentions_, zero_heads)
 from litcompress.quantization import load_quantized
 
 
@@ -211,3 +211,27 @@ def test_a_narrowed_attention_is_traced_as_one_module_by_shrink_and_torch_ao():
     assert result.recipe is not None and [t.error for t in result.trials] == [None]
     with torch.no_grad():
         assert sqnr_db(narrowed(x), result.model(x)) > 15.0
+
+
+def test_rewriting_every_attention_as_head_pruned_keeps_outputs_and_leaves_what_it_cannot_rewrite():
+    torch.manual_seed(0)
+    model = nn.Transformer(32, 4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
+                           batch_first=True).eval()
+    source, target = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, -3:] = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # (the decoder is told the padding too: torch's fast path writes zeros there, the slow path does not)
+        masks = dict(tgt_mask=causal, src_key_padding_mask=padding, memory_key_padding_mask=padding)
+        expected = model(source, target, **masks)
+        rewritten = rewrite_attentions_(model)
+        got = rewritten(source, target, **masks)
+    assert rewritten is model
+    assert sum(isinstance(m, HeadPrunedAttention) for m in model.modules()) == 3  # encoder self, decoder self + cross
+    assert not any(type(m) is nn.MultiheadAttention for m in model.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with_bias_kv = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    assert rewrite_attentions_(with_bias_kv) is with_bias_kv  # its extra key/value rows have no counterpart
+    assert isinstance(rewrite_attentions_(nn.MultiheadAttention(8, 2)), HeadPrunedAttention)

@@ -260,6 +260,23 @@ def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[s
     return removed, kept
 
 
+def rewrite_attentions_(model: nn.Module) -> nn.Module:
+    """Replace, in place, each ``nn.MultiheadAttention`` of `model` that can be with a :class:`HeadPrunedAttention` of
+    all its heads: the same outputs, computed from plain Linear layers and shapes read at run time (torch's attention
+    leaves exporters that trace it the example's sequence length). Returns `model`, or the replacement when `model`
+    itself is such an attention."""
+    if isinstance(model, nn.MultiheadAttention):
+        return model if _why_not(model) is not None else _without_heads(model, list(range(model.num_heads)))
+    for name, attention in _attentions(model):
+        if _why_not(attention) is not None:
+            continue
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, _without_heads(attention, list(range(attention.num_heads))))
+        if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+            _disable_nested_tensor_(model, parent)
+    return model
+
+
 def _without_heads(attention: nn.MultiheadAttention, keep: list[int]) -> HeadPrunedAttention:
     embed, width = attention.embed_dim, attention.head_dim
     weight = attention.in_proj_weight.detach()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..shapes import DynamicDims, onnx_dynamic_axes
+from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
 METADATA_KEY = "litcompress"
@@ -82,8 +82,14 @@ class _RMSNormInOps(nn.Module):
         return y if self.weight is None else y * self.weight
 
 
-def _exportable_(model: nn.Module) -> nn.Module:
-    """Replace, in place, the modules of `model` the legacy ONNX exporter cannot export with equivalent ones."""
+def _exportable_(model: nn.Module, free_lengths: bool = False) -> nn.Module:
+    """Replace, in place, the modules of `model` the legacy ONNX exporter cannot export with equivalent ones; with
+    `free_lengths` (an input dim besides the batch must stay free), torch's attentions too, whose traced reshapes
+    keep the example's sequence length."""
+    if free_lengths:
+        from litcompress.pruning.heads import rewrite_attentions_
+
+        model = rewrite_attentions_(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.RMSNorm):
             parent, _, attribute = name.rpartition(".")
@@ -95,11 +101,12 @@ def _exportable_(model: nn.Module) -> nn.Module:
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None) -> bytes:
     """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
-    written in ops it knows), leaving the batch dims and `dynamic_dims` free; raises :class:`FixedDimError` when the
-    file turns out to fix one (the exporter traces, and nn.MultiheadAttention's reshapes keep the example's sequence
-    length)."""
+    written in ops it knows; with free dims besides the batch, its nn.MultiheadAttentions as HeadPrunedAttentions
+    of all their heads, whose traced reshapes keep no sequence length), leaving the batch dims and `dynamic_dims`
+    free; raises :class:`FixedDimError` when the file turns out to fix one (the exporter traces)."""
     reference = copy.deepcopy(model).eval()  # to compare the file with (the exporter may modify the copy it is given)
-    model = _exportable_(copy.deepcopy(model).eval())
+    model = _exportable_(copy.deepcopy(model).eval(), free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims)
+                         is not None)
     names = [f"input_{i}" for i in range(len(example_inputs))]
     buffer = io.BytesIO()
     try:
