@@ -225,15 +225,20 @@ def test_sensitivity_of_recurrent_and_embedding_layers_is_finite_and_leaves_thei
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _quantized_recurrent(rnn: type[nn.Module], backend: str):
+    """A RecurrentClassifier, its batches of three lengths, and the dynamic int8 search on one backend."""
+    torch.manual_seed(0)
+    model = RecurrentClassifier(rnn).eval()
+    batches = _batches([20, 12, 31])
+    return model, batches, quantize(model, _lenient("dynamic", backend), eval_fn=_agreement_with(model, batches),
+                                    calibration_data=batches)
+
+
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
 def test_torch_ao_quantizes_lstm_and_gru_and_its_file_takes_other_lengths(rnn, tmp_path):
     from torch.ao.nn.quantized import dynamic as nnqd
 
-    torch.manual_seed(0)
-    model = RecurrentClassifier(rnn).eval()
-    batches = _batches([20, 12, 31])
-    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(model, batches),
-                      calibration_data=batches)
+    _, _, result = _quantized_recurrent(rnn, "torch_ao")
     assert isinstance(result.model.rnn, {nn.LSTM: nnqd.LSTM, nn.GRU: nnqd.GRU}[rnn]), result.table()
     assert result.size_bytes < 0.4 * result.baseline_size_bytes  # the recurrent weights dominate the model
     _unseen_lengths_match(result, tmp_path)
@@ -242,11 +247,7 @@ def test_torch_ao_quantizes_lstm_and_gru_and_its_file_takes_other_lengths(rnn, t
 def test_onnxruntime_quantizes_an_lstm(tmp_path):
     import onnx
 
-    torch.manual_seed(0)
-    model = RecurrentClassifier(nn.LSTM).eval()
-    batches = _batches([20, 12, 31])
-    result = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=_agreement_with(model, batches),
-                      calibration_data=batches)
+    _, _, result = _quantized_recurrent(nn.LSTM, "onnxruntime")
     assert result.recipe is not None, result.table()
     ops = {node.op_type for node in onnx.load_from_string(result.model.model_bytes).graph.node}
     assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
@@ -255,11 +256,7 @@ def test_onnxruntime_quantizes_an_lstm(tmp_path):
 
 
 def test_an_lstm_that_torch_export_unrolls_is_skipped_by_pt2e_and_its_fp32_file_says_which_format_works(tmp_path):
-    torch.manual_seed(0)
-    model = RecurrentClassifier(nn.LSTM).eval()
-    batches = _batches([20, 12, 31])
-    result = quantize(model, _lenient("dynamic", "pt2e"), eval_fn=_agreement_with(model, batches),
-                      calibration_data=batches)
+    model, batches, result = _quantized_recurrent(nn.LSTM, "pt2e")
     assert result.recipe is None and len(result.trials) == 1
     assert "torch.export fixed dim 1 of input 0 (size 20)" in result.trials[0].error
     with pytest.raises(FixedDimError, match="fp32_format='onnx' or 'torchscript' may keep it free"):
