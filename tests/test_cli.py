@@ -399,3 +399,11 @@ def test_a_sequence_model_fed_several_lengths_is_pruned_quantized_and_its_file_t
     for length in (5, 24, 40):  # 5 and 40: lengths no batch had
         tokens = torch.randint(0, VOCAB, (3, length))
         assert model(tokens).shape == (3, 2)
+
+
+def test_channels_says_why_a_recurrent_layer_keeps_its_hidden_units(capsys):
+    assert main(["channels", "--model", "tests.sequence_task:TokenClassifier",
+                 "--data", "tests.sequence_task:TokenData"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^rnn +LSTM 16 -> 64 +no +a recurrent layer: shrink does not remove hidden units", out, re.M)
+    assert "1 of 3 layers can lose channels" in out

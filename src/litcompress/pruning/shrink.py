@@ -945,6 +945,8 @@ class ChannelPlan:
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
     batch_norms: dict[str, dict[str, int]]
     layers: dict[str, str] = field(default_factory=dict)  # each producer described: "Conv2d 16 -> 32"
+    # LSTM/GRU/RNN layers (and cells), described: shrink does not narrow them (their rows are gates)
+    recurrent: dict[str, str] = field(default_factory=dict)
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of channel groups (residual or gated) removable when `residual_groups`
@@ -957,12 +959,14 @@ class ChannelPlan:
         with its residual group when the group is pruned as one) and why not; then the groups and the BatchNorms
         that zero_batch_norm holds at zero."""
         group_of = {name: i for i, group in enumerate(self.groups, 1) for name in group.producers}
-        width = max([len(name) for name in self.reasons] + [5])
+        width = max([len(name) for name in (*self.reasons, *self.recurrent)] + [5])
         lines = [f"{'layer':<{width}}  {'kind':<24}  {'shrinks':<9}  why not"]
         for name, reason in self.reasons.items():
             verdict = "yes" if reason is None else f"group {group_of[name]}" if name in group_of else "no"
             lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
                          f"{reason if verdict == 'no' else ''}".rstrip())
+        for name, kind in self.recurrent.items():
+            lines.append(f"{name:<{width}}  {kind:<24}  {'no':<9}  {RECURRENT_REASON}")
         for i, group in enumerate(self.groups, 1):
             writers = [name if len(starts) == 1 else f"{name} ({len(starts)} chunks)"
                        for name, starts in group.producer_slices().items()]
@@ -973,7 +977,8 @@ class ChannelPlan:
             lines.append(f"BatchNorms held at zero for pruned channels while pruning (zero_batch_norm; a group's own "
                          f"are held with it): {', '.join(held)}")
         removable = sum(reason is None or name in group_of for name, reason in self.reasons.items())
-        lines.append(f"{removable} of {len(self.reasons)} layers can lose channels; structured pruning with "
+        lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; structured "
+                     "pruning with "
                      "PruneConfig(removable_only=True) prunes only those.")
         return "\n".join(lines)
 
@@ -995,7 +1000,13 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> Ch
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
+        recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
+                   if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
     )
+
+
+RECURRENT_REASON = ("a recurrent layer: shrink does not remove hidden units (its rows are gates); unstructured pruning "
+                    "prunes its weights")
 
 
 def _describe_layer(module: nn.Module) -> str:
