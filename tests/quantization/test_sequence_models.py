@@ -210,7 +210,8 @@ def test_a_declared_dim_stays_free_although_calibration_was_padded_to_one_length
 # ----------------------------------------------------------------------------- recurrent layers
 def test_dynamic_int8_counts_recurrent_layers_as_quantizable():
     model = nn.ModuleDict({"lstm": nn.LSTM(4, 4), "gru": nn.GRU(4, 4), "cell": nn.GRUCell(4, 4),
-                           "fc": nn.Linear(4, 4), "conv": nn.Conv2d(1, 1, 1), "conv1d": nn.Conv1d(1, 1, 1)})
+                           "fc": nn.Linear(4, 4), "conv": nn.Conv2d(1, 1, 1), "conv1d": nn.Conv1d(1, 1, 1),
+                           "projected": nn.LSTM(4, 4, proj_size=2)})  # torch.ao's int8 LSTM has no projections
     assert sorted(quantizable_layers(model, "dynamic")) == ["cell", "fc", "gru", "lstm"]
     assert sorted(quantizable_layers(model, "static")) == ["conv", "conv1d", "fc"]
     assert quantizable_layers(model, "weight_only") == ["fc"]
@@ -232,6 +233,25 @@ def _quantized_recurrent(rnn: type[nn.Module], backend: str):
     batches = _batches([20, 12, 31])
     return model, batches, quantize(model, _lenient("dynamic", backend), eval_fn=_agreement_with(model, batches),
                                     calibration_data=batches)
+
+
+class ProjectedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(8, 16, proj_size=4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_an_lstm_with_projections_stays_fp32_and_the_rest_is_quantized():
+    torch.manual_seed(0)
+    projected = ProjectedLSTM().eval()
+    batches = [(torch.randn(4, n, 8),) for n in (6, 9)]
+    result = quantize(projected, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(projected, batches),
+                      calibration_data=batches)
+    assert result.recipe is not None, result.table()  # before: the int8 LSTM failed, and so did the backend
+    assert type(result.model.rnn) is nn.LSTM and type(result.model.head) is not nn.Linear
 
 
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])

@@ -151,6 +151,11 @@ def _reads_weight_tensors(model: nn.Module) -> set[str]:
 RECURRENT_LAYERS: tuple[type, ...] = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
 
+def is_quantizable_recurrent(module: nn.Module) -> bool:
+    """An LSTM/GRU (or cell) torch.ao's dynamic int8 kernels compute: not an LSTM with projections (``proj_size``)."""
+    return isinstance(module, RECURRENT_LAYERS) and not getattr(module, "proj_size", 0)
+
+
 def is_quantizable_embedding(module: nn.Module) -> bool:
     """An ``nn.Embedding`` whose int8 table (one scale per row) computes what it does: not one with ``max_norm``, which
     renormalises rows as it reads them."""
@@ -160,10 +165,9 @@ def is_quantizable_embedding(module: nn.Module) -> bool:
 def quantizable_layers(model: nn.Module, approach: str) -> list[str]:
     """Names of the layers a backend quantizes for ``approach``: Linear, plus the convolutions (1-, 2- and 3-d) when
     static, plus the recurrent layers (LSTM, GRU and the cells) and embedding tables when dynamic."""
-    types: tuple[type, ...] = {"static": (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
-                               "dynamic": (nn.Linear, *RECURRENT_LAYERS)}.get(approach, (nn.Linear,))
+    types: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) if approach == "static" else (nn.Linear,)
     return [name for name, module in model.named_modules() if isinstance(module, types)
-            or approach == "dynamic" and is_quantizable_embedding(module)]
+            or approach == "dynamic" and (is_quantizable_recurrent(module) or is_quantizable_embedding(module))]
 
 
 def cpu_has_vnni() -> bool:

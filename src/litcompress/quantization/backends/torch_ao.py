@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors,
-               check_free_dims, cpu_has_vnni, is_quantizable_embedding)
+from . import (Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors, check_free_dims,
+               cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
 METADATA_FILE = "litcompress.json"
 
@@ -117,7 +117,7 @@ class TorchAOBackend(Backend):
         qconfig = self._dynamic_qconfig(recipe)
         skip = _with_tied_layers(model, set(recipe.fp32_layers) | _reads_weight_tensors(model))
         spec = {name: qconfig for name, module in model.named_modules()
-                if isinstance(module, (nn.Linear, *RECURRENT_LAYERS)) and name not in skip}
+                if (isinstance(module, nn.Linear) or is_quantizable_recurrent(module)) and name not in skip}
         # an embedding table is looked up, not multiplied: int8 rows, each with its own float scale and offset
         spec.update({name: float_qparams_weight_only_qconfig for name, module in model.named_modules()
                      if is_quantizable_embedding(module) and name not in skip})
