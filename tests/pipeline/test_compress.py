@@ -819,21 +819,6 @@ def test_an_attentions_shape_checks_do_not_disqualify_its_onnx_file(digits, tmp_
         torch.testing.assert_close(loaded(x_val[:5]), model(x_val[:5]), rtol=1e-4, atol=1e-5)
 
 
-def test_guards_an_error_tells_shape_checks_from_data_dependent_branches(tmp_path):
-    import warnings as _warnings
-
-    from litcompress.pipeline.compress import _guards_an_error
-
-    source = tmp_path / "code.py"
-    source.write_text("if x.shape != y.shape:\n    raise AssertionError('no')\nassert x.numel() > 0\n"
-                      "if h.sum() > 0:\n    h = h * 2\n")
-
-    def caught(line):
-        return _warnings.WarningMessage("m", torch.jit.TracerWarning, str(source), line)
-
-    assert [_guards_an_error(caught(line)) for line in (1, 3, 4)] == [True, True, False]
-
-
 class _Tokens(nn.Module):
     """Token ids -> embeddings -> LSTM -> classes: a model fed sequences of several lengths."""
 

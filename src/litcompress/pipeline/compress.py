@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import linecache
 import logging
 import os
 import time
@@ -35,6 +34,7 @@ from litcompress.quantization.backends import BackendUnavailableError, get_backe
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
+from litcompress.quantization.tracing import guards_an_error as _guards_an_error
 from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs, default_input_fn,
                                             quantize)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
@@ -276,22 +276,6 @@ def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: s
         partial.unlink(missing_ok=True)
         raise
     return _WrittenFile(f"model{suffix}", partial, loaded, list(caught))
-
-
-def _guards_an_error(caught: warnings.WarningMessage) -> bool:
-    """Whether a TracerWarning comes from a condition that only guards an error (``if <check>: raise ...`` or an
-    ``assert``), as in nn.MultiheadAttention's shape checks: the trace takes the one path that does not fail, so the
-    file is right for other inputs. Conditions that choose what to compute (data-dependent branches) are not."""
-    line = linecache.getline(caught.filename, caught.lineno).strip()
-    if line.startswith("assert "):
-        return True
-    if not line.startswith("if "):
-        return False
-    for following in range(caught.lineno + 1, caught.lineno + 4):
-        text = linecache.getline(caught.filename, following).strip()
-        if text:
-            return text.startswith("raise ")
-    return False
 
 
 def _traced_data_dependent_code(caught: warnings.WarningMessage) -> bool:

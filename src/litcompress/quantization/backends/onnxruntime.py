@@ -7,7 +7,6 @@ import io
 import json
 import os
 import tempfile
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..config import Recipe
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
+from ..tracing import tracer_warnings_that_matter
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
 METADATA_KEY = "litcompress"
@@ -110,10 +110,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
     names = [f"input_{i}" for i in range(len(example_inputs))]
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # ... but not a TracerWarning: the trace took one path of data-dependent code, which the file keeps.
-            warnings.simplefilter("always", torch.jit.TracerWarning)
+        # No warning but a TracerWarning from data-dependent code (the file keeps the path the trace took).
+        with tracer_warnings_that_matter():
             torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
                               output_names=["output"], opset_version=17,
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims),

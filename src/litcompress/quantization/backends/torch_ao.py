@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
+from ..tracing import tracer_warnings_that_matter
 from . import (Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors, check_free_dims,
                cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
@@ -179,7 +180,8 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -
         if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
             sub._jit_is_scripting = True
     try:
-        scripted = torch.jit.trace(module, example_inputs, check_trace=False)
+        with tracer_warnings_that_matter():  # not those of conditions that only guard an error (the RNNs' checks)
+            scripted = torch.jit.trace(module, example_inputs, check_trace=False)
     except Exception as exc:  # every recipe of this model would fail alike
         raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
     # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
