@@ -1166,3 +1166,69 @@ def test_removable_channels_names_the_layers_structured_pruning_can_shrink() -> 
                                                                              for layer in FEED_FORWARD}
     assert seq2seq["embed"] == "it is called more than once"  # on src and on tgt
     assert "LayerNorm'd residual stream" in seq2seq["transformer.decoder.layers.0.multihead_attn.out_proj"]
+
+
+# ------------------------------------------------------------------------------------------------ global pooling
+class PooledByReduction(nn.Module):
+    """Convs whose activations are reduced over their spatial dims before the Linear head, written as code does it:
+    ``x.mean(-1)`` on a 1-d signal, ``x.mean((2, 3))``, ``torch.amax(x, dim=[2, 3])``, ``keepdim`` then a flatten."""
+
+    def __init__(self, spatial: int, pool: str) -> None:
+        super().__init__()
+        conv = nn.Conv1d if spatial == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if spatial == 1 else nn.BatchNorm2d
+        self.spatial, self.pool = spatial, pool
+        self.conv1, self.norm1 = conv(3, 8, 3, padding=1), norm(8)
+        self.conv2, self.norm2 = conv(8, 6, 3, padding=1), norm(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = torch.relu(self.norm2(self.conv2(x)))
+        dims = (-1,) if self.spatial == 1 else (2, 3)
+        if self.pool == "mean":
+            x = x.mean(dims[0] if self.spatial == 1 else dims)
+        elif self.pool == "amax":
+            x = torch.amax(x, dim=list(dims))
+        else:  # keepdim, then a flatten
+            x = torch.flatten(x.mean(dims, keepdim=True), 1)
+        return self.head(x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim"]),
+       dead1=st.lists(st.integers(0, 7), unique=True, max_size=8),
+       dead2=st.lists(st.integers(0, 5), unique=True, max_size=6), seed=st.integers(0, 2**16))
+def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_channels(spatial, pool, dead1, dead2,
+                                                                                     seed) -> None:
+    torch.manual_seed(seed)
+    model = PooledByReduction(spatial, pool).eval()
+    for norm, dead in ((model.norm1, dead1), (model.norm2, dead2)):
+        randomise_batch_norm_(norm, torch.Generator().manual_seed(seed))
+        with torch.no_grad():  # as zero_batch_norm holds them: the channel outputs exactly zero
+            norm.weight[dead], norm.bias[dead] = 0.0, 0.0
+    zero_rows_(model.conv1, dead1)
+    zero_rows_(model.conv2, dead2)
+    x = torch.randn(2, 3, 11) if spatial == 1 else torch.randn(2, 3, 6, 5)
+    expected = outputs(model, x)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    assert result.model.conv2.out_channels == result.model.head.in_features == max(6 - len(dead2), 1)
+    assert result.model.conv1.out_channels == max(8 - len(dead1), 1)
+
+
+@pytest.mark.parametrize("reduce", [lambda x: x.sum((2, 3)), lambda x: x.mean((1, 2)), lambda x: x.mean(2)])
+def test_a_reduction_that_is_no_global_pool_keeps_the_channels(reduce) -> None:
+    class Reduced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(2, 4, 1), nn.LazyLinear(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(reduce(self.conv(x)).flatten(1))
+
+    model = Reduced().eval()
+    outputs(model, torch.randn(1, 2, 4, 4))  # sizes the lazy head
+    zero_rows_(model.conv, [1])
+    reason = channel_plan(model).reasons["conv"]
+    assert reason is not None and "does not see through" in reason

@@ -421,6 +421,32 @@ def _flatten_start(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
     return None
 
 
+_REDUCTIONS = ("mean", "amax", "amin")  # each maps a constant to itself (a sum would scale it)
+
+
+def _spatial_reduction(node: fx.Node, ndim: int) -> str | None:
+    """For ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function) over spatial dims only of an
+    `ndim`-d conv activation: ``"keep"`` with keepdim (still a conv activation), ``"all"`` when every spatial dim goes
+    (a global pool: ``(batch, channels)`` is left, e.g. ``x.mean((2, 3))`` or a Conv1d's ``x.mean(-1)``); else None.
+    """
+    if node.op == "call_method" and node.target in _REDUCTIONS:
+        pass
+    elif not (node.op == "call_function" and node.target in tuple(getattr(torch, r) for r in _REDUCTIONS)):
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims) \
+            or not isinstance(keepdim, bool):
+        return None
+    spatial = {d % ndim for d in dims}
+    if not spatial <= set(range(2, ndim)) or len(spatial) != len(dims):
+        return None
+    if keepdim:
+        return "keep"
+    return "all" if spatial == set(range(2, ndim)) else None
+
+
 def _function_op(node: fx.Node) -> Callable[[Tensor], Tensor]:
     """The node's element-wise function applied to a tensor standing for its input (other arguments kept)."""
     target = node.target
@@ -671,6 +697,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
     elif is_conv and not branch.flattened and _flatten_start(user, modules) == 1:
         branch.flattened = True
+    elif is_conv and not branch.flattened and (reduced := _spatial_reduction(user, producer.weight.dim())):
+        branch.flattened = reduced == "all"  # (batch, channels) left: features, as after a flatten
     else:
         return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
     return _walk(user, producer, branch, done, modules, calls) if walk_on else user
