@@ -381,7 +381,7 @@ def test_a_sequence_model_fed_several_lengths_is_pruned_quantized_and_its_file_t
     import torch
 
     from litcompress.quantization import load_quantized
-    from tests.sequence_task import VOCAB
+    from tests.sequence_task import VOCAB, TokenClassifier
 
     out = tmp_path / "seq"
     assert main(["compress", "--model", "tests.sequence_task:TokenClassifier",
@@ -396,9 +396,14 @@ def test_a_sequence_model_fed_several_lengths_is_pruned_quantized_and_its_file_t
     (artifact,) = [p for p in out.glob("model.*")]
     model, recipe = load_quantized(artifact)
     assert recipe is not None
+    pruned = TokenClassifier()  # the fp32 pruned model, from the state dict written beside the file
+    pruned.load_state_dict(torch.load(out / "pruned_state_dict.pt"))
     for length in (5, 24, 40):  # 5 and 40: lengths no batch had
-        tokens = torch.randint(0, VOCAB, (3, length))
-        assert model(tokens).shape == (3, 2)
+        tokens = torch.randint(0, VOCAB, (64, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            int8, fp32 = model(tokens), pruned.eval()(tokens)
+        assert int8.shape == fp32.shape == (64, 2)
+        assert (int8 - fp32).abs().max() < 0.1 * fp32.abs().max()  # int8 rounding, not another model
 
 
 def test_channels_says_why_a_recurrent_layer_keeps_its_hidden_units(capsys):
