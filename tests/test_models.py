@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, MLPClassifier,
-                                MobileNetClassifier, ResNetClassifier, TransformerClassifier)
+from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, LSTMClassifier,
+                                MLPClassifier, MobileNetClassifier, ResNetClassifier, TransformerClassifier)
 
 
 @pytest.mark.parametrize(("model", "inputs"), [
@@ -24,6 +24,7 @@ from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransfor
     (DenseNetClassifier(in_channels=2, image_size=9, stem=6, growth=3, layers=2, blocks=3, num_classes=4),
      torch.rand(3, 2, 9, 9)),
     (DenseNetClassifier(image_size=28, blocks=3, num_classes=4), torch.rand(3, 1, 28, 28)),
+    (LSTMClassifier(in_channels=2, image_size=9, hidden=8, layers=2, num_classes=4), torch.rand(3, 2, 9, 9)),
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)
@@ -55,6 +56,7 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: DenseNetClassifier(growth=0), "growth=\\(0,\\)"),
     (lambda: DenseNetClassifier(image_size=4, blocks=4), "image_size=4 is too small for 4 blocks"),
     (lambda: DenseNetClassifier(image_size=16, blocks=5), "after a stride-2 stem"),
+    (lambda: LSTMClassifier(hidden=0), "hidden=\\(0,\\)"),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):

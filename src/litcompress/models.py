@@ -206,6 +206,26 @@ class TransformerClassifier(Classifier):
         return self.head(self.encoder(self.embed(rows) + self.position).mean(1))
 
 
+class LSTMClassifier(Classifier):
+    """An image read as a sequence of its rows (channels x width values per step) by an ``nn.LSTM`` of `layers`
+    layers of `hidden` units; its last output goes to a Linear to `num_classes` logits (sequential MNIST). Pruning
+    prunes the LSTM's weight matrices (unstructured), and dynamic int8 quantizes the LSTM itself."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, hidden: int = 64, layers: int = 1,
+                 num_classes: int = 10, lr: float = 3e-3, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("hidden", hidden),
+                            ("layers", layers)):
+            _check_widths(name, (value,))
+        self.save_hyperparameters()
+        self.lstm = nn.LSTM(in_channels * image_size, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(0, 2, 1, 3).flatten(2)  # (N, C, H, W) -> (N, H, C * W)
+        return self.head(self.lstm(rows)[0][:, -1])
+
+
 _GATE_ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
 
 
@@ -346,5 +366,5 @@ class DenseNetClassifier(Classifier):
 
 
 __all__ = ["CNNClassifier", "Classifier", "DenseLayer", "DenseNet", "DenseNetClassifier", "GatedFeedForward",
-           "GatedTransformerBlock", "GatedTransformerClassifier", "InvertedResidualBlock", "MLPClassifier",
-           "MobileNetClassifier", "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
+           "GatedTransformerBlock", "GatedTransformerClassifier", "InvertedResidualBlock", "LSTMClassifier",
+           "MLPClassifier", "MobileNetClassifier", "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
