@@ -23,12 +23,15 @@ norm; Lightning's callback has no head pruning, so both variants carry the same 
 by ``shrink``;
 ``densenet``, a DenseNet-BC for 3x32x32 inputs (two dense blocks of 6 layers, growth 32, a halving transition);
 ``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels);
-``unet``, a U-Net for 3x64x64 inputs (three levels of 32-64-128 channels, bilinear upsampling, skip concatenations).
+``unet``, a U-Net for 3x64x64 inputs (three levels of 32-64-128 channels, bilinear upsampling, skip concatenations);
+``signal``, a 1-d conv net for 8x1024 signals (four Conv1d-BN-ReLU layers of 64-128-128-256 channels, then
+``x.mean(-1)`` and a Linear head).
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
 squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
 SwiGLU blocks, each on its own (shrink removes the channels zero in either); every conv of the DenseNet,
-the Inception net and the U-Net but its head, whose outputs branch into several concatenations or consumers.
+the Inception net and the U-Net but its head, whose outputs branch into several concatenations or consumers; every
+conv of the signal net.
 Weights are random (seeded): latency and size do not depend on training.
 
 Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
@@ -85,6 +88,25 @@ class VGGish(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class SignalNet(nn.Module):
+    """A 1-d conv net for signals of 8 channels (audio features, sensors): four Conv1d-BatchNorm-ReLU layers of
+    64-128-128-256 channels (three of stride 2), global average pooling written as ``x.mean(-1)``, a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 8
+        for width, kernel, stride in ((64, 7, 1), (128, 5, 2), (128, 5, 2), (256, 3, 2)):
+            layers += [nn.Conv1d(channels, width, kernel, stride=stride, padding=kernel // 2), nn.BatchNorm1d(width),
+                       nn.ReLU()]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(-1))
 
 
 class TokenTransformer(nn.Module):
@@ -221,7 +243,7 @@ def randomise_batch_norms_(model: nn.Module) -> None:
     """BatchNorm statistics as after training, so the folded constants are not trivial."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
                 module.bias.normal_(0, 0.1)
@@ -253,6 +275,10 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         model = VGGish()
         randomise_batch_norms_(model)
         return model.eval(), (3, 32, 32), 32
+    if name == "signal":
+        model = SignalNet()
+        randomise_batch_norms_(model)
+        return model.eval(), (8, 1024), 32
     model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
     return model.eval(), (1024,), 64
 
@@ -363,7 +389,7 @@ def table(results: list[dict]) -> str:
 
 
 MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
-          "inception", "unet")
+          "inception", "unet", "signal")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -397,9 +423,9 @@ Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount
 layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
 and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, the SwiGLU
 blocks' `w1` and `w3` (each on its own: shrink removes the channels zero in either), every conv of
-the DenseNet, the Inception net and the U-Net but its head) and makes it permanent (the `+heads` rows: `--amount` of
-each attention's heads masked too, by `litcompress.pruning.prune_heads_`, as Lightning cannot; both variants carry
-those zeros); `litcompress.shrink` then removes the zero channels and heads
+the DenseNet, the Inception net and the U-Net but its head, every conv of the signal net) and makes it permanent
+(the `+heads` rows: `--amount` of each attention's heads masked too, by `litcompress.pruning.prune_heads_`, as
+Lightning cannot; both variants carry those zeros); `litcompress.shrink` then removes the zero channels and heads
 (from the depthwise convs, gates, concatenations and BatchNorms on the way too, and folds their constant outputs
 into the next layers' biases). Same inputs, eval mode,
 `torch.no_grad()`.
