@@ -427,18 +427,31 @@ class PackedClassifier(nn.Module):
         return self.head(self.rnn(packed)[1][0][-1])
 
 
-def test_torch_aos_lstm_on_a_packed_sequence_traces_to_a_fixed_batch_and_is_refused():
+def test_torch_aos_lstm_on_a_packed_sequence_fixes_the_batch_so_the_search_keeps_it_fp32(tmp_path):
     torch.manual_seed(0)
     model = PackedClassifier().eval()
-    batches = []
-    for length in (12, 20, 9):
-        lengths = torch.randint(2, length + 1, (16,))
+
+    def batch(size: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(2, length + 1, (size,), generator=generator)
         lengths[0] = length
-        tokens = torch.randint(1, VOCAB, (16, length)) * (torch.arange(length)[None] < lengths[:, None])
-        batches.append((tokens, lengths))
+        tokens = torch.randint(1, VOCAB, (size, length), generator=generator)
+        return tokens * (torch.arange(length)[None] < lengths[:, None]), lengths
+
+    batches = [batch(16, length, seed) for seed, length in enumerate((12, 20, 9))]
     result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(model, batches),
                       calibration_data=batches, input_fn=tuple)
-    # torch.ao's dynamic LSTM sizes its initial state from the packed batch as a Python int: the trace (its file)
-    # would take batches of 16 only. Before, that file was written and failed on the first other batch.
-    assert result.recipe is None and len(result.trials) == 1
-    assert "torch.jit.trace did not leave free dim 0 of input 0 (size 16)" in result.trials[0].error
+    # torch.ao's int8 LSTM sizes its initial state from the packed batch as a Python int: its trace (the file) would
+    # take batches of 16 only. Before, that file was written and failed on the first other batch.
+    first = result.trials[0]
+    assert "torch.jit.trace did not leave free dim 0 of input 0 (size 16)" in first.error
+    assert result.recipe is not None and result.recipe.fp32_layers == ("rnn",), result.table()
+    assert type(result.model.rnn) is nn.LSTM and type(result.model.head) is not nn.Linear  # the rest is int8
+    assert type(result.model.embed) is not nn.Embedding
+    path = tmp_path / "model"
+    result.save(path)
+    loaded, _ = load_quantized(path)
+    for size, length in ((3, 31), (16, 12), (7, 5)):
+        inputs = batch(size, length, seed=100 + size)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(*inputs), result.model(*inputs), rtol=1e-4, atol=1e-4)

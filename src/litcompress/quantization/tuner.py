@@ -350,8 +350,14 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                     models[trial.index] = candidate
                 except ExportError as exc:
                     trial.error = str(exc)
-                    search.done = True  # every recipe of this backend needs the same export
-                    note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
+                    retry = tuple(getattr(exc, "fp32_layers", ()))
+                    if retry:  # the int8 version of these layers fixed a size: once more with them in fp32
+                        search.pending.insert(0, recipe.with_fp32_layers(recipe.fp32_layers + retry))
+                        note(f"trial {trial.index}: {exc}; trying backend {search.backend.name!r} again with "
+                             f"{list(retry)} in fp32.")
+                    else:
+                        search.done = True  # every recipe of this backend needs the same export
+                        note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
                 except Exception as exc:  # one broken candidate must not end a long search
                     trial.error = f"{type(exc).__name__}: {exc}"
                     hint = fixed_size_hint(trial.error)

@@ -33,7 +33,12 @@ class ExportError(RuntimeError):
 
 class FixedDimError(ExportError):
     """An exporter fixed an input dim that has to stay free: the batch, a dim that varies in the data, or a declared
-    one."""
+    one. `fp32_layers`: layers whose int8 version fixed it, so that a candidate keeping them fp32 may not (the search
+    tries that once)."""
+
+    def __init__(self, message: str, fp32_layers: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fp32_layers = tuple(fp32_layers)
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:

@@ -18,8 +18,8 @@ from torch import nn
 
 from ..config import Recipe
 from ..tracing import tracer_warnings_that_matter
-from . import (Backend, BackendUnavailableError, ExportError, Inputs, _reads_weight_tensors, check_free_dims,
-               cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
+from . import (Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs, _reads_weight_tensors,
+               check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
 METADATA_FILE = "litcompress.json"
 
@@ -109,7 +109,13 @@ class TorchAOBackend(Backend):
             else:
                 raise ValueError(f"torch_ao backend does not support approach {recipe.approach!r}.")
             # its file is a trace: a candidate whose trace fixes a size that must stay free could not be saved
-            _trace_checked(quantized, example_inputs, self.dynamic_dims)
+            try:
+                _trace_checked(quantized, example_inputs, self.dynamic_dims)
+            except FixedDimError as exc:
+                # torch.ao's int8 LSTM/GRU turns a packed sequence's batch into a Python number; the float ones do not
+                recurrent = [name for name, module in quantized.named_modules()
+                             if isinstance(module, _int8_recurrent_types()) and name not in recipe.fp32_layers]
+                raise FixedDimError(str(exc), fp32_layers=recurrent) from exc
         return quantized
 
     def _quantize_dynamic(self, model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -153,6 +159,12 @@ class TorchAOBackend(Backend):
         with _quiet_torch_ao(), torch.no_grad():
             scripted = _trace_checked(quantized, example_inputs, dynamic_dims)
             torch.jit.save(scripted, path, _extra_files={METADATA_FILE: metadata})
+
+
+def _int8_recurrent_types() -> tuple[type, ...]:
+    from torch.ao.nn.quantized.dynamic import GRU, GRUCell, LSTM, LSTMCell, RNNCell
+
+    return (LSTM, GRU, LSTMCell, GRUCell, RNNCell)
 
 
 def _with_tied_layers(model: nn.Module, skip: set[str]) -> set[str]:
