@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from litcompress.pruning.shrink import eval_outputs
+
 from ..config import Recipe
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
 from ..tracing import tracer_warnings_that_matter
@@ -104,7 +106,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
     written in ops it knows; with free dims besides the batch, its nn.MultiheadAttentions as HeadPrunedAttentions
     of all their heads, whose traced reshapes keep no sequence length), leaving the batch dims and `dynamic_dims`
     free; raises :class:`FixedDimError` when the file turns out to fix one (the exporter traces)."""
-    reference = copy.deepcopy(model).eval()  # to compare the file with (the exporter may modify the copy it is given)
+    original = model  # the file is compared with it (the exporter may modify the copy it is given)
     model = _exportable_(copy.deepcopy(model).eval(), free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims)
                          is not None)
     names = [f"input_{i}" for i in range(len(example_inputs))]
@@ -118,7 +120,8 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
                                             "output": {0: "batch"}})
     except Exception as exc:
         raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    check_free_dims(reference, _quiet_session(buffer.getvalue()), example_inputs, dynamic_dims, "torch.onnx.export")
+    check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(buffer.getvalue()), example_inputs,
+                    dynamic_dims, "torch.onnx.export")
     return buffer.getvalue()
 
 

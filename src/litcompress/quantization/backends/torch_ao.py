@@ -16,10 +16,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from litcompress.pruning.shrink import eval_outputs
+
 from ..config import Recipe
 from ..tracing import tracer_warnings_that_matter
-from . import (Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs, _reads_weight_tensors,
-               check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
+from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
+               _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
 METADATA_FILE = "litcompress.json"
 
@@ -162,9 +164,11 @@ class TorchAOBackend(Backend):
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
-    from torch.ao.nn.quantized.dynamic import GRU, GRUCell, LSTM, LSTMCell, RNNCell
+    """What ``quantize_dynamic`` turns RECURRENT_LAYERS into (its own mapping)."""
+    from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
-    return (LSTM, GRU, LSTMCell, GRUCell, RNNCell)
+    mapping = get_default_dynamic_quant_module_mappings()
+    return tuple(mapping[layer] for layer in RECURRENT_LAYERS)
 
 
 def _with_tied_layers(model: nn.Module, skip: set[str]) -> set[str]:
@@ -197,7 +201,7 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -
     except Exception as exc:  # every recipe of this model would fail alike
         raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
     # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
-    check_free_dims(lambda *inputs: copy.deepcopy(quantized).eval()(*inputs), scripted, example_inputs, dynamic_dims,
+    check_free_dims(lambda *inputs: eval_outputs(quantized, inputs), scripted, example_inputs, dynamic_dims,
                     "torch.jit.trace")
     return scripted
 
