@@ -174,6 +174,18 @@ def test_example_inputs_the_model_cannot_take_fail_early(trained_mlp, digits):
                  calibration_data=[digits[2][:4]], example_inputs=torch.zeros(1, 10))
 
 
+def test_default_input_fn_reads_inputs_and_target_pairs():
+    from litcompress.quantization.tuner import default_input_fn
+
+    x, side, y = torch.randn(4, 8), torch.randn(4, 4), torch.arange(4)
+    assert default_input_fn((x, y))[0] is x and len(default_input_fn((x, y))) == 1
+    several = default_input_fn(((x, side), y))  # Lightning's `(x, side), y = batch`: several inputs, one target
+    assert len(several) == 2 and several[0] is x and several[1] is side
+    assert len(default_input_fn([[x, side], y])) == 2
+    assert len(default_input_fn((x, side, y))) == 3  # not a pair: the whole batch, as before
+    assert len(default_input_fn(((x, side), [y, y]))) == 2 and default_input_fn(((x, side), [y, y]))[0] is x
+
+
 @pytest.mark.parametrize("approach", ["dynamic", "static"])
 def test_a_model_with_two_inputs_quantizes_on_every_backend_with_input_fn(approach, tmp_path):
     from litcompress.quantization import load_quantized
@@ -195,6 +207,20 @@ def test_a_model_with_two_inputs_quantizes_on_every_backend_with_input_fn(approa
     assert recipe == result.recipe
     with torch.no_grad():
         assert torch.allclose(loaded(x, y), got, atol=1e-5)
+
+
+def test_a_model_with_two_inputs_takes_inputs_and_target_batches_without_input_fn():
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    batches = [((torch.randn(16, 8), torch.randn(16, 4)), torch.randint(0, 3, (16,))) for _ in range(4)]
+    result = quantize(model, PTQConfig(approach="static", backends=("onnxruntime",), **FAST), eval_fn=lambda m: 1.0,
+                      calibration_data=batches)
+    assert result.recipe is not None and result.recipe.approach == "static"
+    (x, side), _ = batches[0]
+    assert result.example_inputs[0].shape == x.shape and result.example_inputs[1].shape == side.shape
+    with torch.no_grad():
+        expected, got = model(x, side), result.model(x, side)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), "0.9", None, torch.tensor([1.0, 2.0])])

@@ -134,17 +134,23 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                            for x in inputs)
         hint = ""
         if default_input_fn_used:
-            hint = (" The default input_fn reads a batch of two tensors as (inputs, target) and passes only the "
-                    "first: if the model takes both, pass input_fn=lambda batch: tuple(batch); for another batch "
-                    "layout, a function that returns the model's positional inputs.")
+            hint = (" The default input_fn reads a batch of two as (inputs, target) and passes only the inputs "
+                    "(a tuple of tensors as several positional inputs): if the model takes both, pass "
+                    "input_fn=lambda batch: tuple(batch); for another batch layout, a function that returns the "
+                    "model's positional inputs.")
         raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
                          f"{type(error).__name__}: {error}.{hint}") from error
 
 
 def default_input_fn(batch: object) -> Inputs:
-    """The model's positional inputs from a DataLoader batch: ``(x,)`` for an ``(x, y)`` pair, else the batch."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
+    """The model's positional inputs from a DataLoader batch: ``(x,)`` for an ``(x, y)`` pair, ``(x, mask)`` for a
+    ``((x, mask), y)`` pair (a model of several inputs), else the batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs = batch[0]
+        if isinstance(inputs, torch.Tensor):
+            return (inputs,)
+        if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
+            return tuple(inputs)
     if not isinstance(batch, (torch.Tensor, tuple, list)):
         keys = f" (keys: {sorted(map(str, batch))})" if isinstance(batch, dict) else ""
         raise TypeError(f"A batch of type {type(batch).__name__}{keys} is not the model's inputs: pass "
