@@ -35,13 +35,14 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only, rank_zero_warn
 from torch import nn
 
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
+from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
 from litcompress.report.sparsity import TensorSparsity, tensor_sparsity
 
@@ -297,10 +298,12 @@ class ModelPruning(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer is not None and self._make_pruning_permanent:
             _refuse_weight_averaging_after(self, trainer.callbacks)
+        given = bool(self._parameters_to_prune)
         parameters_to_prune = self.sanitize_parameters_to_prune(
             pl_module, self._parameters_to_prune, parameter_names=self._parameter_names
         )
         self._parameters_to_prune = self.filter_parameters_to_prune(parameters_to_prune)
+        self._check_parametrized(pl_module, given)
         self._validate_against_model()
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
         self._remove_hooks()
@@ -503,6 +506,28 @@ class ModelPruning(Callback):
     def _total_zeros(self) -> int:
         """Entries masked out across the targets (mask counts: cheaper than the effective values, for the history)."""
         return sum(engine.pruned_count(m, n) for m, n in self._parameters_to_prune)
+
+    def _check_parametrized(self, pl_module: LightningModule, given: bool) -> None:
+        """Parametrized weights (``weight_norm``, ``spectral_norm``) cannot be masked by torch's pruning: an
+        explicit one fails here, before training; the defaults leave them out, as Lightning's callback does, and
+        a warning names them (otherwise the layers of a weight-normed model would stay dense without a word)."""
+        try:
+            check_prunable(self._parameters_to_prune)
+        except ValueError as err:
+            raise MisconfigurationException(f"`parameters_to_prune`: {err}") from None
+        if given:
+            return
+        names = self._parameter_names or self.PARAMETER_NAMES
+        skipped = [f"{path}.{name}" if path else name
+                   for path, _, name in parametrized_tensors(pl_module) if name in names]
+        if skipped:
+            rank_zero_warn(
+                f"ModelPruning leaves out {len(skipped)} parametrized tensor(s), which torch.nn.utils.prune cannot "
+                f"mask: {', '.join(skipped)}. To prune them, call "
+                "litcompress.pruning.fold_parametrizations_(model) before fitting (each becomes a plain layer "
+                "holding its current weight), or pass `parameters_to_prune` without them to "
+                "silence this."
+            )
 
     def _validate_against_model(self) -> None:
         """Checks that need the model: structured `pruning_dim` within every target's dimensions."""

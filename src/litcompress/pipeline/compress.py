@@ -27,6 +27,7 @@ from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_we
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
+from litcompress.pruning.parametrizations import fold_parametrizations_, unfold_state_dict
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
@@ -496,6 +497,10 @@ def preview_shrink(model: nn.Module, prune: PruneConfig, *,
                          "PruneConfig(sparsity=0.5, method='ln_structured').")
     notes: list[str] = []
     work = deepcopy_model(model)
+    folded = fold_parametrizations_(work)  # as compress does
+    if folded:
+        notes.append(f"folded {len(folded)} parametrized weight(s) into plain ones, as compress does: "
+                     f"{', '.join(folded)}.")
     _Pruning.plan(work, prune, keep_multiple_of, notes.append).prune_once_(float(prune.sparsity))
     return shrink(work, keep_multiple_of=keep_multiple_of), notes
 
@@ -599,6 +604,9 @@ def compress(
     stages.add("input", deepcopy_model(model), "the model as given", 0.0)
     work = deepcopy_model(model)  # fine-tuned and pruned in place; shrink and quantize return new models
     result_sparsity = shrink_report = quantization = None
+    folded = fold_parametrizations_(work)  # torch's pruning, shrink and the int8 backends need plain weights
+    if folded:
+        note(f"folded {len(folded)} parametrized weight(s) into plain ones, as for inference: {', '.join(folded)}.")
 
     # ---------------------------------------------------------------------------------------- prune
     if config.prune is not None:
@@ -647,8 +655,13 @@ def compress(
             f", channels kept in multiples of {multiple}" if multiple else "")
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
+            state, kept_folded = unfold_state_dict(model, permanent_state_dict(work), folded)
+            if kept_folded:
+                note(f"{PRUNED_STATE_FILE} holds plain weights for {', '.join(kept_folded)}: their parametrization "
+                     "does not give a weight back from its value; load it after "
+                     "litcompress.pruning.fold_parametrizations_(model).")
             with written_atomically(directory / PRUNED_STATE_FILE) as partial:
-                torch.save(permanent_state_dict(work), partial)
+                torch.save(state, partial)
         pruned_row = stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
         before = stages.rows[0].metric
         if fine_tune is None and abs(pruned_row.metric - before) > 0.01 * abs(before):

@@ -23,6 +23,7 @@ from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, prune_hea
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
+from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, removable_channels, shrink, shrink_
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "broadcast_pruning_state_",
     "default_targets",
     "effective_tensor",
+    "fold_parametrizations_",
     "is_pruned",
     "iterative_magnitude_pruning",
     "keep_bypassed_weights_current_",

@@ -28,6 +28,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
+from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
 
@@ -116,6 +117,7 @@ def _reparametrise_(module: nn.Module, name: str) -> Tensor:
     Uses torch's `Identity` method, whose hook holds no tensor: `custom_from_mask` would keep a second copy of
     the mask alive inside its hook for as long as the model lives.
     """
+    check_prunable([(module, name)])
     with parameter_order_preserved([module]):
         torch_prune.identity(module, name)
     return getattr(module, name + "_mask")
@@ -279,6 +281,7 @@ def prune_(
     amount = validate_amount(amount)
     if not targets:
         return
+    check_prunable(targets)
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     remaining = [remaining_count(m, n) for m, n in targets] if isinstance(amount, int) or fast_path else []
     if isinstance(amount, int):

@@ -9,6 +9,7 @@ import torch.nn.utils.prune as torch_prune
 
 from litcompress.pruning.engine import Scope, Target, prune_to_sparsity_, pruned_count
 from litcompress.pruning.methods import resolve_method
+from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
 
 
@@ -47,6 +48,7 @@ class GradualPruner:
         if scope == "global" and getattr(self.method, "PRUNING_TYPE", None) != "unstructured":
             raise ValueError(f"Global pruning needs an unstructured method, got {self.method.__name__}.")
         self.targets = list(targets)
+        check_prunable(self.targets)
         self.schedule = schedule
         self.scope = scope
         self.method_kwargs = method_kwargs

@@ -931,7 +931,7 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             if calls[name] > 1:
                 yield name, "it is called more than once"
             elif parametrize.is_parametrized(module):
-                yield name, "it is parametrized"
+                yield name, "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
             else:
                 yield name, _follow(node, name, modules, calls)
         elif type(module) in _TRANSFORMER_LEAVES:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import eval_outputs
 from litcompress.report.size import model_size_bytes
 
@@ -278,6 +279,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     fp32 = deepcopy_model(model).eval()
     if make_permanent_(fp32):  # int8 kernels and exporters take plain weights: the pruned ones, zeros and all
         note("the model's pruning masks were made permanent in the copy quantized (the model keeps them).")
+    folded = fold_parametrizations_(fp32)  # torch_ao would skip a weight-normed Linear; exports recompute the norm
+    if folded:
+        note(f"folded {len(folded)} parametrized weight(s) into plain ones in the copy quantized, as for inference: "
+             f"{', '.join(folded)}.")
     with torch.no_grad():
         baseline_metric = check_metric(eval_fn(fp32), "the fp32 baseline")
     criterion = config.accuracy

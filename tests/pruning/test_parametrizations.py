@@ -1,0 +1,193 @@
+"""Weights computed by `torch.nn.utils.parametrize` (weight_norm, spectral_norm): folded for pruning, never lost.
+
+torch's pruning cannot mask them; before, the engine and `compress` failed deep inside torch with a TypeError, and
+`ModelPruning`'s defaults (like Lightning's) skipped every weight-normed layer without a word.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress import CompressionConfig, ModelPruning, PruneConfig, compress
+from litcompress.pruning import GradualPruner, apply_mask_, fold_parametrizations_, make_permanent_, prune_
+from litcompress.pruning.engine import deepcopy_model
+from litcompress.pruning.parametrizations import unfold_state_dict
+from litcompress.pruning.schedules import ConstantSparsity
+from litcompress.quantization import PTQConfig, quantize
+from tests.quantization.quant_helpers import quantized_layers
+
+
+def conv_net(seed: int = 0) -> nn.Sequential:
+    """A weight-normed 1-d conv net, as in audio models (WaveNet, HiFi-GAN)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(weight_norm(nn.Conv1d(4, 16, 5, padding=2)), nn.ReLU(),
+                         weight_norm(nn.Conv1d(16, 16, 5, padding=2)), nn.ReLU(),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+
+
+def test_folding_a_copy_keeps_the_original_and_its_outputs():
+    model, x = conv_net(), torch.randn(8, 4, 30)
+    with torch.no_grad():
+        expected = model(x)
+    copy = deepcopy_model(model)
+    folded = fold_parametrizations_(copy)
+    assert folded == ["0.weight (_WeightNorm)", "2.weight (_WeightNorm)"]
+    assert not any(parametrize.is_parametrized(m) for m in copy.modules())
+    assert all(isinstance(copy[i].weight, nn.Parameter) and copy[i].weight.requires_grad for i in (0, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), expected)
+        # torch deletes the property from the class a deep copy shares with its original: the original still works
+        assert parametrize.is_parametrized(model[0]) and torch.equal(model(x), expected)
+    assert fold_parametrizations_(copy) == []
+
+
+def test_folding_spectral_norm_in_training_mode_runs_no_power_iteration():
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = deepcopy_model(model)
+    eval_weight = copy.eval()[0].weight.detach().clone()
+    copy.train()
+    fold_parametrizations_(copy)
+    assert copy.training and copy[0].training  # modes given back
+    assert torch.equal(copy[0].weight, eval_weight)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: prune_([(m[0], "weight")], "l1_unstructured", 0.5),
+    lambda m: prune_([(m[0], "weight")], "ln_structured", 0.5, scope="local", n=2, dim=0),
+    lambda m: apply_mask_(m[0], "weight", torch.ones_like(m[0].weight)),
+    lambda m: GradualPruner([(m[0], "weight")], ConstantSparsity(0.5)),
+])
+def test_the_engine_refuses_a_parametrized_weight_naming_the_fix(call):
+    model = conv_net()
+    with pytest.raises(ValueError, match=r"Conv1d.weight \(_WeightNorm\).*fold_parametrizations_"):
+        call(model)
+    assert parametrize.is_parametrized(model[0], "weight")  # left as it was
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), dim=st.sampled_from([0, 1]), zero_slices=st.integers(0, 3),
+       density=st.floats(0.0, 1.0))
+def test_pruned_weights_unfold_into_the_weight_normed_architecture(seed, dim, zero_slices, density):
+    """Any pruning pattern (entries, whole channels) of a folded weight-normed layer loads back into the model as
+    given, and computes the same outputs: weight norm's inverse of a zero channel would be 0 / 0."""
+    torch.manual_seed(seed)
+    reference = nn.Sequential(weight_norm(nn.Linear(6, 5), dim=dim), nn.ReLU(), nn.Linear(5, 2))
+    pruned = deepcopy_model(reference)
+    folded = fold_parametrizations_(pruned)
+    mask = (torch.rand(5, 6) < density).float()
+    mask.select(dim, 0)[:] = 1  # at least one kept slice
+    for index in range(1, zero_slices + 1):
+        mask.select(dim, index)[:] = 0
+    apply_mask_(pruned[0], "weight", mask)
+    make_permanent_(pruned)
+    state, kept = unfold_state_dict(reference, pruned.state_dict(), folded)
+    assert kept == []
+    fresh = nn.Sequential(weight_norm(nn.Linear(6, 5), dim=dim), nn.ReLU(), nn.Linear(5, 2))
+    fresh.load_state_dict(state)  # strict: the layout of the model as given
+    assert torch.equal(fresh[0].weight == 0, pruned[0].weight == 0)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pruned(x))
+
+
+def test_a_parametrization_that_cannot_give_the_weight_back_keeps_the_plain_state():
+    torch.manual_seed(0)
+    reference = nn.Sequential(spectral_norm(nn.Linear(6, 5)), nn.Linear(5, 2)).eval()
+    pruned = deepcopy_model(reference)
+    folded = fold_parametrizations_(pruned)
+    state, kept = unfold_state_dict(reference, pruned.state_dict(), folded)
+    assert kept == []  # unpruned, W / sigma(W) has sigma 1 along the stored singular vectors: it comes back
+    prune_([(pruned[0], "weight")], "l1_unstructured", 0.5)
+    make_permanent_(pruned)
+    state, kept = unfold_state_dict(reference, pruned.state_dict(), folded)
+    assert kept == folded  # pruned, its sigma is no longer 1: v / sigma(v) of the value is not the value
+    assert set(state) == set(pruned.state_dict()) and torch.equal(state["0.weight"], pruned[0].weight)
+
+
+class _WeightNormed(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), weight_norm(nn.Linear(32, 32)), nn.ReLU(),
+                                 nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(module: pl.LightningModule, callback: ModelPruning) -> pl.Trainer:
+    torch.manual_seed(0)
+    x = torch.randn(128, 16)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=32))
+    return trainer
+
+
+def test_model_pruning_names_the_weight_normed_layers_its_defaults_leave_out():
+    module = _WeightNormed()
+    with pytest.warns(UserWarning, match=r"leaves out 1 parametrized tensor\(s\).*net\.2\.weight.*"
+                                         r"fold_parametrizations_"):
+        _fit(module, ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"]))
+    assert (module.net[0].weight == 0).any() and not (module.net[2].weight == 0).any()
+    folded = _WeightNormed()
+    fold_parametrizations_(folded)  # the fix the warning names: now every layer is pruned
+    _fit(folded, ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"]))
+    total = sum(m.weight.numel() for m in folded.net if isinstance(m, nn.Linear))
+    zeros = sum(int((m.weight == 0).sum()) for m in folded.net if isinstance(m, nn.Linear))
+    assert (folded.net[2].weight == 0).any() and zeros == round(0.5 * total)
+
+
+def test_model_pruning_refuses_an_explicit_parametrized_weight_before_training():
+    module = _WeightNormed()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    callback = ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=[(module.net[2], "weight")])
+    with pytest.raises(MisconfigurationException, match=r"parameters_to_prune.*_WeightNorm.*fold_parametrizations_"):
+        _fit(module, callback)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # no training step ran
+
+
+def test_compress_prunes_and_shrinks_weight_normed_convs_and_its_state_loads_into_them(tmp_path):
+    model, x = conv_net(), torch.randn(32, 4, 30)
+    with torch.no_grad():
+        expected = model(x)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), latency_repeats=2,
+                               export=False)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x[:8], output_dir=tmp_path)
+    assert any("folded 2 parametrized weight(s)" in m for m in result.report.messages)
+    assert result.shrink is not None and result.shrink.channels_removed > 0  # before: "it is parametrized"
+    assert parametrize.is_parametrized(model[0]) and torch.equal(model(x), expected)  # the model given is unchanged
+    fresh = conv_net(seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / "pruned_state_dict.pt"))  # the architecture as given
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), result.stage_models["pruned"](x))
+        torch.testing.assert_close(result.model(x), fresh(x))  # shrunk: the same function
+
+
+def test_dynamic_int8_quantizes_a_weight_normed_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(32, 64)), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(16, 32)
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3),
+                      eval_fn=lambda m: 1.0, example_inputs=x)
+    assert quantized_layers(result.model, "torch_ao", ["0", "2"]) == {"0": True, "2": True}  # before: "0" fp32
+    assert any("folded 1 parametrized weight(s)" in m for m in result.messages)
+    assert parametrize.is_parametrized(model[0])
