@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .outputs import tensor_leaves
+
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better, inf when equal)."""
@@ -40,10 +42,12 @@ def _fake_quant_activation(x: torch.Tensor, lo: float, hi: float) -> torch.Tenso
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
 
-def _first_output(output: object) -> torch.Tensor:
-    while isinstance(output, (tuple, list)):
-        output = output[0]
-    return output
+def _output_vector(output: object) -> torch.Tensor:
+    """Every tensor of a model output (tuples, lists and dicts of them) as one float vector."""
+    leaves = tensor_leaves(output)
+    if not leaves:
+        raise TypeError(f"the model output ({type(output).__name__}) holds no tensor to compare")
+    return torch.cat([leaf.detach().float().flatten() for leaf in leaves])
 
 
 @torch.no_grad()
@@ -52,7 +56,7 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     """SQNR (dB) of the model output on ``calibration`` with only that layer quantized, per layer."""
     model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
-    reference = [_first_output(model(*inputs)) for inputs in calibration]
+    reference = [_output_vector(model(*inputs)) for inputs in calibration]
 
     ranges: dict[str, list[float]] = {}
     if approach == "static":  # observed activation ranges, like a min-max observer
@@ -88,12 +92,11 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
             quant_input = None
         handle = module.register_forward_pre_hook(quant_input) if quant_input else None
         try:
-            outputs = [_first_output(model(*inputs)) for inputs in calibration]
+            outputs = [_output_vector(model(*inputs)) for inputs in calibration]
         finally:
             for weight, original in zip(weights, originals):
                 weight.data = original
             if handle:
                 handle.remove()
-        scores[name] = sqnr_db(torch.cat([r.flatten() for r in reference]),
-                               torch.cat([o.flatten() for o in outputs]))
+        scores[name] = sqnr_db(torch.cat(reference), torch.cat(outputs))
     return scores

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
+from ..outputs import tensor_leaves
 from ..shapes import dims_for
 
 if TYPE_CHECKING:
@@ -41,10 +42,9 @@ class FixedDimError(ExportError):
         self.fp32_layers = tuple(fp32_layers)
 
 
-def _first_tensor(output: object) -> torch.Tensor | None:
-    while isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    return output if isinstance(output, torch.Tensor) else None
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return got.shape == expected.shape and (not expected.numel() or torch.allclose(
+        got.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp_min(1e-6))))
 
 
 @torch.no_grad()
@@ -67,13 +67,12 @@ def check_free_dims(reference: Callable[..., object], exported: Callable[..., ob
         if inputs is None:
             continue
         try:
-            expected = _first_tensor(reference(*inputs))
+            expected = tensor_leaves(reference(*inputs))
         except Exception:  # the model itself needs the example's sizes: nothing an exporter could keep free
             continue
         try:
-            got = _first_tensor(exported(*inputs))
-            error = None if got is None or expected is None or got.shape == expected.shape and torch.allclose(
-                got.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max().clamp_min(1e-6))) \
+            got = tensor_leaves(exported(*inputs))
+            error = None if len(got) == len(expected) and all(_close(g, e) for g, e in zip(got, expected)) \
                 else "gives other outputs"
         except Exception as exc:
             error = f"fails ({type(exc).__name__})"

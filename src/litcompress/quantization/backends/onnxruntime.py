@@ -16,11 +16,14 @@ from torch import nn
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
+from ..outputs import TENSOR, Structure, output_structure, rebuild, tensor_leaves
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
 from ..tracing import tracer_warnings_that_matter
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
 METADATA_KEY = "litcompress"
+#: the JSON structure of the model's output (see `..outputs`), when it is not a single tensor
+OUTPUTS_KEY = "litcompress.outputs"
 
 
 def _session_options(num_threads: int | None = None):
@@ -50,10 +53,15 @@ class OnnxRuntimeModule(nn.Module):
         self.session = ort.InferenceSession(self.model_bytes, _session_options(self.num_threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        structure = self.session.get_modelmeta().custom_metadata_map.get(OUTPUTS_KEY)
+        self.output_structure = json.loads(structure) if structure else None
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, *inputs: torch.Tensor) -> object:
+        """The model's output: a tensor, or the tuples, lists and dicts of tensors the exported model returned."""
         feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        if self.output_structure is not None:
+            return rebuild(self.output_structure, outputs)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def __deepcopy__(self, memo: dict) -> "OnnxRuntimeModule":
@@ -110,23 +118,57 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
     model = _exportable_(copy.deepcopy(model).eval(), free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims)
                          is not None)
     names = [f"input_{i}" for i in range(len(example_inputs))]
+    reference = eval_outputs(original, example_inputs)
+    try:
+        structure = output_structure(reference)
+    except TypeError as exc:
+        raise ExportError(f"onnxruntime: {exc}") from exc
+    leaves = tensor_leaves(reference)
+    output_names = ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
+    batch = next((int(t.shape[0]) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    output_axes = {name: {0: "batch"} for name, leaf in zip(output_names, leaves)
+                   if leaf.dim() and int(leaf.shape[0]) == batch}
     buffer = io.BytesIO()
     try:
         # No warning but a TracerWarning from data-dependent code (the file keeps the path the trace took).
         with tracer_warnings_that_matter():
             torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
-                              output_names=["output"], opset_version=17,
-                              dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims),
-                                            "output": {0: "batch"}})
+                              output_names=output_names, opset_version=17,
+                              dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
     except Exception as exc:
         raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(buffer.getvalue()), example_inputs,
+    model_bytes = with_output_structure(buffer.getvalue(), structure)
+    check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(model_bytes), example_inputs,
                     dynamic_dims, "torch.onnx.export")
-    return buffer.getvalue()
+    return model_bytes
 
 
-def _quiet_session(model_bytes: bytes) -> Callable[..., torch.Tensor]:
-    """A one-thread ORT session as a function of torch inputs, which does not log its failures (expected ones)."""
+def with_output_structure(model_bytes: bytes, structure: Structure) -> bytes:
+    """`model_bytes` with `structure` in its metadata (unchanged for a single tensor, which needs none)."""
+    import onnx
+
+    if structure == TENSOR:
+        return model_bytes
+    proto = onnx.load_from_string(model_bytes)
+    kept = [p for p in proto.metadata_props if p.key != OUTPUTS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = OUTPUTS_KEY, json.dumps(structure)
+    return proto.SerializeToString()
+
+
+def output_structure_of(model_bytes: bytes) -> Structure:
+    """The output structure recorded in an ONNX file (a single tensor when none is)."""
+    import onnx
+
+    recorded = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}.get(OUTPUTS_KEY)
+    return json.loads(recorded) if recorded else TENSOR
+
+
+def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
+    """A one-thread ORT session as a function of torch inputs to its outputs, which does not log its failures
+    (expected ones)."""
     import onnxruntime as ort
 
     options = _session_options(1)
@@ -134,8 +176,8 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., torch.Tensor]:
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
-    def run(*inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]))
+    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
     return run
 
 
@@ -227,7 +269,7 @@ class OnnxRuntimeBackend(Backend):
             else:
                 raise ValueError(f"onnxruntime backend does not support approach {recipe.approach!r}.")
             with open(dst, "rb") as f:
-                return OnnxRuntimeModule(f.read())
+                return OnnxRuntimeModule(with_output_structure(f.read(), output_structure_of(fp32_bytes)))
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:

@@ -197,9 +197,14 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -
             sub._jit_is_scripting = True
     try:
         with tracer_warnings_that_matter():  # not those of conditions that only guard an error (the RNNs' checks)
-            scripted = torch.jit.trace(module, example_inputs, check_trace=False)
+            # strict=False: a model returning a dict or a list (of a fixed structure) traces as it is
+            scripted = torch.jit.trace(module, example_inputs, check_trace=False, strict=False)
     except Exception as exc:  # every recipe of this model would fail alike
-        raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {exc}") from exc
+        message = str(exc)
+        if "Tracer cannot infer type of" in message:  # the message prints the whole output, tensors and all
+            message = ("TorchScript cannot type the model's output (a dict's values must share one type, e.g. all "
+                       f"tensors): {message.rsplit(':', 1)[-1].strip()}")
+        raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {message}") from exc
     # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
     check_free_dims(lambda *inputs: eval_outputs(quantized, inputs), scripted, example_inputs, dynamic_dims,
                     "torch.jit.trace")

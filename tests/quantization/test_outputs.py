@@ -1,0 +1,126 @@
+"""Models that return dicts, tuples and lists of tensors (multi-task heads, Hugging Face style outputs).
+
+Before, every ONNX Runtime candidate of such a model failed in the user's eval_fn (the file returned a flat tuple),
+torch_ao's trace refused a dict, and layer sensitivity failed, so the search had one backend left.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.quantization import PTQConfig, load_quantized, quantize
+from litcompress.quantization.outputs import output_structure, rebuild, tensor_leaves
+from litcompress.quantization.sensitivity import layer_sensitivity
+
+tensors = st.builds(lambda n, seed: torch.randn(n, 3, generator=torch.Generator().manual_seed(seed)),
+                    st.integers(1, 4), st.integers(0, 1000))
+outputs = st.recursive(
+    tensors,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.lists(children, max_size=3).map(tuple),
+                               st.dictionaries(st.one_of(st.text(min_size=1, max_size=5), st.integers(0, 9)),
+                                               children, max_size=3)),
+    max_leaves=8,
+)
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a is b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+@settings(max_examples=60, deadline=None)
+@given(outputs)
+def test_an_output_is_rebuilt_from_its_json_structure_and_its_leaves(output):
+    structure = json.loads(json.dumps(output_structure(output)))  # what a file's metadata keeps
+    assert same(rebuild(structure, tensor_leaves(output)), output)
+
+
+def test_a_leaf_that_is_not_a_tensor_is_named():
+    with pytest.raises(TypeError, match=r"output\['aux'\]\[1\] is a NoneType"):
+        output_structure({"logits": torch.ones(1), "aux": (torch.ones(1), None)})
+    with pytest.raises(ValueError, match="more outputs"):
+        rebuild("tensor", [torch.ones(1), torch.ones(1)])
+
+
+class _MultiTask(nn.Module):
+    def __init__(self, nested: bool = False):
+        super().__init__()
+        self.body, self.cls, self.reg = nn.Linear(32, 64), nn.Linear(64, 4), nn.Linear(64, 2)
+        self.nested = nested
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        if self.nested:
+            return {"logits": self.cls(features), "heads": (self.reg(features), [features])}
+        return {"logits": self.cls(features), "box": self.reg(features)}
+
+
+def _data(nested: bool = False):
+    torch.manual_seed(0)
+    model = _MultiTask(nested).eval()
+    x = torch.randn(256, 32)
+    labels = model(x)["logits"].argmax(1)
+
+    def accuracy(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return (candidate(x)["logits"].argmax(1) == labels).float().mean().item()
+    return model, x, accuracy
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_a_model_returning_a_dict_quantizes_on_every_backend(approach):
+    model, x, accuracy = _data()
+    result = quantize(model, PTQConfig(approach=approach, backends=("torch_ao", "onnxruntime", "pt2e"),
+                                       latency_repeats=3, max_trials=6),
+                      eval_fn=accuracy, calibration_data=[x[i:i + 32] for i in range(0, 256, 32)],
+                      example_inputs=x[:32])
+    assert {t.recipe.backend for t in result.trials} == {"torch_ao", "onnxruntime", "pt2e"}
+    assert all(t.error is None and t.metric > 0.9 for t in result.trials)
+    assert not any("sensitivity failed" in m for m in result.messages)
+
+
+@pytest.mark.parametrize(("backend", "nested"), [("torch_ao", False), ("onnxruntime", False), ("onnxruntime", True),
+                                                  ("pt2e", True)])
+def test_the_file_of_a_model_returning_a_dict_returns_the_dict(backend, nested, tmp_path):
+    model, x, accuracy = _data(nested)
+    result = quantize(model, PTQConfig(approach="static", backends=(backend,), latency_repeats=3, max_trials=1),
+                      eval_fn=accuracy, calibration_data=[x[:64]], example_inputs=x[:32])
+    assert result.recipe is not None and result.recipe.backend == backend
+    path = tmp_path / {"onnxruntime": "model.onnx", "torch_ao": "model.pt", "pt2e": "model.pt2"}[backend]
+    result.save(path)
+    loaded, _ = load_quantized(path)  # as in a fresh process: the structure comes from the file
+    with torch.no_grad():
+        expected, got = model(x[:7]), loaded(x[:7])  # a batch size the search never saw
+    assert list(got) == list(expected)
+    if nested:
+        assert isinstance(got["heads"], tuple) and isinstance(got["heads"][1], list)
+        assert got["heads"][1][0].shape == (7, 64)
+    for leaf, reference in zip(tensor_leaves(got), tensor_leaves(expected), strict=True):
+        assert (leaf - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_torch_ao_says_briefly_why_it_cannot_trace_a_mixed_dict():
+    model, x, accuracy = _data(nested=True)
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3, max_trials=1),
+                      eval_fn=accuracy, example_inputs=x[:32])
+    (trial,) = result.trials
+    assert "a dict's values must share one type" in trial.error and "tensor(" not in trial.error
+    assert len(trial.error) < 400
+
+
+def test_layer_sensitivity_reads_every_tensor_of_a_dict_output():
+    torch.manual_seed(0)
+    model = _MultiTask(nested=True).eval()
+    scores = layer_sensitivity(model, ["body", "cls", "reg"], [(torch.randn(32, 32),)], approach="dynamic")
+    assert set(scores) == {"body", "cls", "reg"} and all(s > 10 for s in scores.values())
+    # `reg` changes only the second head: an SQNR over the first tensor alone would call it harmless (inf)
+    assert scores["reg"] != float("inf")
