@@ -55,6 +55,18 @@ def test_heads_pruned_along_a_step_schedule_then_shrink_removes_them(tmp_path):
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_fit_shorter_than_the_head_schedule_says_where_it_will_stop(tmp_path):
+    seed_everything(0)
+    model, data = TransformerClassifier(heads=4), _data()
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=1000, frequency=5)
+    trainer = _trainer(tmp_path, 1, [HeadPruning(schedule)])
+    with pytest.warns(UserWarning, match=r"until step 1000 \(to 50\.0% of each attention's heads\)") as record:
+        trainer.fit(model, datamodule=data)
+    steps = trainer.global_step
+    (message,) = [str(w.message) for w in record if "schedule" in str(w.message)]
+    assert f"runs {steps} optimizer steps: it will stop at {schedule.reached_by(steps):.1%}" in message
+
+
 class CrashAtStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -217,3 +219,55 @@ def test_killed_mid_schedule_then_resumed_ends_with_same_masks(tmp_path, make_pr
         assert torch.equal(getattr(*a), getattr(*b))
     zeros, total = zeros_and_total(weight_targets(resumed))
     assert zeros == round(0.85 * total)
+
+
+class StopAtStep(Callback):
+    """Stops the fit after `step` optimizer steps, as EarlyStopping or a time limit would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _schedule_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "schedule" in str(w.message)]
+
+
+@pytest.mark.parametrize(("schedule", "trainer_kwargs", "stop_at"), [
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=40, frequency=2), dict(max_epochs=3), None),  # 12 steps
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=40, frequency=3), dict(max_steps=7, max_epochs=-1), None),
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=10, frequency=1),
+     dict(max_epochs=4, accumulate_grad_batches=2), None),  # 8 optimizer steps
+    (IterativeSchedule(rate_per_round=0.3, rounds=5, unit="epoch"), dict(max_epochs=2), None),
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=10, frequency=2), dict(max_epochs=3), 5),  # stopped early
+])
+def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path, schedule, trainer_kwargs, stop_at):
+    """Before, a 90% schedule longer than the fit ended at, say, 24% without a word."""
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule,
+                            use_lottery_ticket_hypothesis=False)
+    callbacks = [callback] + ([StopAtStep(stop_at)] if stop_at else [])
+    with pytest.warns(UserWarning) as record:
+        trainer = make_trainer(tmp_path, callbacks=callbacks, **trainer_kwargs)
+        trainer.fit(model)
+    (message,) = _schedule_warnings(record)  # said once: when fitting starts, or, unforeseen, when it ends
+    zeros, total = zeros_and_total(targets)
+    reached = zeros / total
+    assert reached < schedule.final_sparsity
+    stated = float(re.search(r"(?:stop at|model is at) (\d+\.\d)%", message).group(1)) / 100
+    assert abs(stated - reached) <= 0.001  # the sparsity said is the one reached (to rounding)
+    assert f"{schedule.final_sparsity:.1%}" in message
+    assert ("Fitting ended" in message) == (stop_at is not None)
+
+
+def test_a_schedule_within_the_fit_warns_nothing(tmp_path, recwarn):
+    model = ThreeLayerModel()
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=weight_targets(model),
+                            amount=PolynomialDecay(final_sparsity=0.9, begin=0, end=12, frequency=2),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=3).fit(model)  # 12 steps: the last round runs
+    assert _schedule_warnings(recwarn) == []

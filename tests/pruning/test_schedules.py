@@ -106,6 +106,19 @@ def test_should_prune_at_begin_and_end_and_only_on_the_grid(schedule: SparsitySc
 
 
 @settings(max_examples=150, deadline=None)
+@given(schedule=any_schedules())
+def test_reached_by_is_the_target_of_the_last_round_so_far(schedule: SparsitySchedule) -> None:
+    """What a run stopped at `t` reached: used to warn when a fit is shorter than its schedule."""
+    previous = 0.0
+    for t in progress_points(schedule):
+        rounds = [u for u in range(schedule.begin, min(t, schedule.end) + 1) if schedule.should_prune(u)]
+        assert schedule.reached_by(t) == (schedule.target(rounds[-1]) if rounds else 0.0)
+        assert schedule.reached_by(t) >= previous
+        previous = schedule.reached_by(t)
+    assert schedule.reached_by(schedule.end) == schedule.target(schedule.end)
+
+
+@settings(max_examples=150, deadline=None)
 @given(schedule=any_schedules(), n_total=st.integers(0, 10_000_000))
 def test_count_to_prune_hits_rounded_target_exactly_along_schedule(schedule: SparsitySchedule, n_total: int) -> None:
     n_pruned = 0

@@ -17,9 +17,10 @@ import torch.nn.utils.prune as torch_prune
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_, zero_heads
@@ -73,6 +74,7 @@ class HeadPruning(Callback):
         self._names: list[str] = []
         self._hook_handles: list[Any] = []
         self._last_step, self._last_epoch = -1, -1
+        self._warned_fit_too_short = False
         self._pruned_once = False
         self._pending_state: Optional[dict[str, Any]] = None
 
@@ -116,7 +118,19 @@ class HeadPruning(Callback):
             self._last_epoch = finished
             self._prune(pl_module, float(self._schedule.target(finished)))
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,
+                                                                              "of each attention's heads")
+        self._warned_fit_too_short = message is not None
+        if message:
+            rank_zero_warn(message)
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self._schedule is not None and not self._warned_fit_too_short:
+            progress = trainer.global_step if self._schedule.unit == "step" else pl_module.current_epoch
+            message = stopped_early_message(self._schedule, progress, "of each attention's heads")
+            if message:
+                rank_zero_warn(message)
         if self._make_pruning_permanent:  # its own masks only: another pruning callback decides about its own
             with engine.parameter_order_preserved(engine.unique_modules(self._targets)):
                 for module, name in self._targets:

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only, rank_zero_warn
 from torch import nn
 
+from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
@@ -210,6 +211,7 @@ class ModelPruning(Callback):
         # State kept across checkpoints (see `state_dict`).
         self._rounds = 0
         self._last_step = -1
+        self._warned_fit_too_short = False
         self._history: list[dict[str, Any]] = []
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
@@ -319,6 +321,15 @@ class ModelPruning(Callback):
         # ranks, and a snapshot restored from a checkpoint is already in place.
         if self._rewind_point in (None, 0):
             self._take_snapshot_once()
+        self._warn_if_fit_ends_before_the_schedule(trainer)
+
+    def _warn_if_fit_ends_before_the_schedule(self, trainer: "pl.Trainer") -> None:
+        self._warned_fit_too_short = False
+        if self._schedule is not None:
+            message = fit_too_short_message(self._schedule, trainer, "sparsity")
+            if message:
+                self._warned_fit_too_short = True
+                rank_zero_warn(message)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
@@ -424,6 +435,11 @@ class ModelPruning(Callback):
             self._run_pruning(pl_module.current_epoch, trainer=trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self._schedule is not None:
+            progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
+            message = stopped_early_message(self._schedule, progress, "sparsity")
+            if message and not self._warned_fit_too_short:  # said when fitting started
+                rank_zero_warn(message)
         if self._make_pruning_permanent:
             rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
             self.make_pruning_permanent(pl_module)

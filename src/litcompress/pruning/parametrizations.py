@@ -48,7 +48,8 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     """Replace every parametrized tensor of `model` by a plain parameter holding its current value, in place.
 
     The value is read in eval mode (``spectral_norm`` would run a power iteration in training mode); it stays a
-    parameter when it required grad. Modules deep-copied from one another can be folded independently. Returns the folded tensors' qualified names with their parametrizations, e.g.
+    parameter when it required grad. Modules deep-copied from one another can be folded independently. Returns
+    the folded tensors' qualified names with their parametrizations, e.g.
     ``["net.2.weight (_WeightNorm)"]``; an empty list when there was none.
     """
     folded = []

@@ -88,6 +88,12 @@ class SparsitySchedule(abc.ABC):
     def should_prune(self, t: int) -> bool:
         """True at the progress values where a pruning round must run."""
 
+    def reached_by(self, t: int) -> float:
+        """The target of the last round at or before progress `t`: where a run stopped at `t` is (0 before the
+        first round)."""
+        return next((self.target(u) for u in range(min(t, self.end), self.begin - 1, -1) if self.should_prune(u)),
+                    0.0)
+
 
 # ----------------------------------------------------------------------------- polynomial
 @dataclass(frozen=True, kw_only=True)

@@ -177,7 +177,8 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
+        outputs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+        return [torch.from_numpy(np.asarray(o)) for o in outputs]
     return run
 
 
