@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--submodule",
                         help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
                              "call self(...)")
+    source.add_argument("--inputs", type=_names, metavar="KEY,...",
+                        help="for batches that are dicts: the keys whose values are the model's inputs, in the "
+                             "order forward takes them (default: the keys named like forward's parameters)")
     source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
 
     prune = run.add_argument_group("pruning")
@@ -373,27 +376,49 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
     return args.model(**args.model_args)
 
 
-def _example_inputs(data: Any, batch_size: int | None) -> Any:
+def _input_fn(args: argparse.Namespace, model: Any) -> Any:
+    """The batch -> inputs function of a run: --inputs' keys of a dict batch, else read as compress reads it."""
+    from litcompress.quantization.tuner import model_input_fn
+
+    if getattr(args, "inputs", None) is None:
+        return model_input_fn(model)
+    keys = args.inputs
+
+    def by_keys(batch: Any) -> tuple:
+        if not isinstance(batch, dict):
+            raise TypeError(f"--inputs {','.join(keys)}: the batches are {type(batch).__name__}s, not dicts; "
+                            "leave --inputs out")
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise KeyError(f"--inputs: {missing} not in the batch (keys: {sorted(map(str, batch))})")
+        return tuple(batch[k] for k in keys)
+    return by_keys
+
+
+def _example_inputs(data: Any, batch_size: int | None, input_fn: Any) -> tuple:
+    """The first validation batch's inputs, or `batch_size` rows of the validation batches shaped like it."""
     import torch
 
+    from litcompress.quantization.backends import to_inputs
+
     batches = iter(data.val_dataloader())
-    first = next(batches)
-    inputs = first[0] if isinstance(first, (tuple, list)) else first
+    inputs = to_inputs(input_fn(next(batches)))
     if batch_size is None:
         return inputs
-    parts, count = [inputs], inputs.shape[0]
+    parts, count = [inputs], inputs[0].shape[0]
     for batch in batches:
         if count >= batch_size:
             break
-        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if batch.shape[1:] != inputs.shape[1:]:  # another sequence length: a timed batch has one
+        batch = to_inputs(input_fn(batch))
+        if any(b.shape[1:] != i.shape[1:] for b, i in zip(batch, inputs)):  # another length: a timed batch has one
             continue
         parts.append(batch)
-        count += batch.shape[0]
+        count += batch[0].shape[0]
     if count < batch_size:
-        shape = "" if inputs.dim() < 2 else f" shaped like the first batch's ({tuple(inputs.shape[1:])} each)"
+        first = inputs[0]
+        shape = "" if first.dim() < 2 else f" shaped like the first batch's ({tuple(first.shape[1:])} each)"
         raise ValueError(f"--latency-batch-size {batch_size} is more than the {count} validation inputs{shape}.")
-    return torch.cat(parts)[:batch_size]
+    return tuple(torch.cat([part[i] for part in parts])[:batch_size] for i in range(len(inputs)))
 
 
 def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None) -> None:
@@ -442,8 +467,8 @@ def run_compress(args: argparse.Namespace) -> int:
 
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning
-    from litcompress.quantization.backends import to_inputs
     from litcompress.quantization.shapes import resolve_dynamic_dims
+    from litcompress.quantization.tuner import check_model_runs
 
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)
@@ -465,9 +490,12 @@ def run_compress(args: argparse.Namespace) -> int:
         if args.quantize == "auto" and config.quantize is not None:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
-        example_inputs = _example_inputs(data, args.latency_batch_size)
+        input_fn = _input_fn(args, compressed)
+        example_inputs = _example_inputs(data, args.latency_batch_size, input_fn)
+        check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
+                         default_input_fn_used=args.inputs is None)
         if config.quantize is not None and config.quantize.dynamic_dims:
-            resolve_dynamic_dims([to_inputs(example_inputs)], config.quantize.dynamic_dims)  # e.g. no input 1
+            resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric)
     except (ValueError, TypeError, ImportError, KeyError) as error:
@@ -488,7 +516,7 @@ def run_compress(args: argparse.Namespace) -> int:
     _stderr("compressing ...")
     result = compress_lightning(model, config, datamodule=data, metric=args.metric, test_metric=test_metric,
                                 fine_tune_epochs=args.prune_epochs if config.prune is not None else 0,
-                                example_inputs=example_inputs, submodule=args.submodule,
+                                example_inputs=example_inputs, input_fn=input_fn, submodule=args.submodule,
                                 output_dir=args.output_dir)
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
@@ -552,7 +580,7 @@ def run_channels(args: argparse.Namespace) -> int:
         if args.latency:
             from litcompress.quantization.latency import measure_latencies
 
-            inputs = (_example_inputs(data, args.latency_batch_size),)
+            inputs = _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
             shrunk = preview[0].model.eval()
             medians = [row["median"] for row in measure_latencies([model.eval(), shrunk], inputs, repeats=15,
                                                                    num_threads=args.threads)]

@@ -164,3 +164,43 @@ def test_quantizing_at_fit_end_a_model_pruned_with_masks_kept(digits, backend):
         assert result.baseline_metric == pytest.approx(float((module(x).argmax(1) == y).float().mean()), abs=1e-6)
         assert (result.model(x).argmax(1) == module(x).argmax(1)).float().mean() > 0.95
     assert result.goal_met and result.recipe is not None and result.recipe.backend == backend
+
+
+def test_candidates_are_judged_through_a_validation_step_that_calls_the_model_by_keyword():
+    """self(input_ids=..., attention_mask=...) with dict batches: ONNX and TorchScript candidates take positional
+    inputs only, so before every one of them failed in validation_step."""
+    from tests.text_task import TextClassifier, TextData
+
+    L.seed_everything(0)
+    module, data = TextClassifier(), TextData()
+    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data)
+    result = quantize_lightning(module, PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime", "pt2e"),
+                                                  latency_repeats=2, max_trials=3),
+                                metric="val_acc", datamodule=data)
+    assert {t.recipe.backend for t in result.trials} == {"torch_ao", "onnxruntime", "pt2e"}
+    assert all(t.error is None and t.metric > 0.7 for t in result.trials)
+
+
+def test_keywords_are_passed_by_position_in_the_order_of_forward():
+    import inspect
+
+    from litcompress.quantization.lightning import KeywordsAsPositional
+
+    def forward(input_ids, attention_mask=None, *, scale=1.0):
+        raise AssertionError("only its signature is used")
+
+    calls = []
+    wrapped = KeywordsAsPositional(lambda *args: calls.append(args), inspect.signature(forward))
+    wrapped(attention_mask=2, input_ids=1)
+    wrapped(1, attention_mask=2)
+    wrapped(input_ids=1)
+    assert calls == [(1, 2), (1, 2), (1,)]
+    with pytest.raises(TypeError, match="keyword-only input `scale`"):
+        wrapped(1, scale=2.0)
+
+    def gapped(a, b=None, c=None):
+        raise AssertionError("only its signature is used")
+
+    with pytest.raises(TypeError, match=r"called with \['c'\] but without `b`"):
+        KeywordsAsPositional(lambda *args: None, inspect.signature(gapped))(1, c=3)

@@ -186,6 +186,29 @@ def test_default_input_fn_reads_inputs_and_target_pairs():
     assert len(default_input_fn(((x, side), [y, y]))) == 2 and default_input_fn(((x, side), [y, y]))[0] is x
 
 
+def test_model_input_fn_reads_a_dict_batch_by_forwards_parameter_names():
+    from litcompress.quantization.tuner import model_input_fn
+
+    read = model_input_fn(_TwoInputs())  # forward(x, y)
+    x, y, label = torch.randn(4, 8), torch.randn(4, 4), torch.arange(4)
+    inputs = read({"label": label, "y": y, "x": x})  # any key order; keys forward does not take are left out
+    assert len(inputs) == 2 and inputs[0] is x and inputs[1] is y
+    assert read({"x": x, "label": label})[0] is x  # leading parameters only: y may have a default
+    assert read((x, label))[0] is x  # other batches as default_input_fn reads them
+    with pytest.raises(TypeError, match=r"keys: \['label', 'y'\].*leading parameters \(x, y\).*'x' is not in the "
+                                        r"batch but \['y'\] are.*input_fn="):
+        read({"y": y, "label": label})
+
+
+def test_a_model_with_two_inputs_takes_dict_batches_without_input_fn():
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    batches = [{"x": torch.randn(16, 8), "y": torch.randn(16, 4), "label": torch.arange(16)} for _ in range(4)]
+    result = quantize(model, PTQConfig(approach="static", backends=("onnxruntime",), **FAST), eval_fn=lambda m: 1.0,
+                      calibration_data=batches)
+    assert result.recipe is not None and [t.shape for t in result.example_inputs] == [(16, 8), (16, 4)]
+
+
 @pytest.mark.parametrize("approach", ["dynamic", "static"])
 def test_a_model_with_two_inputs_quantizes_on_every_backend_with_input_fn(approach, tmp_path):
     from litcompress.quantization import load_quantized

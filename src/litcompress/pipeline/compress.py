@@ -37,7 +37,7 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
 from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs, default_input_fn,
-                                            quantize)
+                                            model_input_fn, quantize)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -235,7 +235,7 @@ class _WrittenFile:
     caught: list[warnings.WarningMessage]
 
 
-def _first_batches(data: Iterable | None, input_fn: Callable[[object], tuple] | None, limit: int) -> list[tuple]:
+def _first_batches(data: Iterable | None, input_fn: Callable[[object], tuple], limit: int) -> list[tuple]:
     """Up to `limit` batches of `data` as positional inputs; none from a one-shot iterator (reading it would use it
     up) or a batch the input function cannot take."""
     if data is None or iter(data) is data:
@@ -243,7 +243,7 @@ def _first_batches(data: Iterable | None, input_fn: Callable[[object], tuple] | 
     batches = []
     try:
         for batch in itertools.islice(data, limit):
-            batches.append(tuple((input_fn or default_input_fn)(batch)))
+            batches.append(tuple(input_fn(batch)))
     except Exception:  # a dims guess is not worth an error; quantization reports bad batches itself
         return batches
     return batches
@@ -563,6 +563,8 @@ def compress(
     if test_fn is not None and not callable(test_fn):
         raise TypeError(f"compress(test_fn={test_fn!r}): expected a callable model -> metric, or None.")
     inputs = to_inputs(example_inputs)
+    default_input_fn_used = input_fn in (None, default_input_fn)
+    input_fn = input_fn or model_input_fn(model)  # a dict batch is read by forward's parameter names
     if fine_tune is not None:
         if not callable(fine_tune):
             raise TypeError(f"compress(fine_tune={fine_tune!r}): expected fine_tune(model, step) or None.")
@@ -584,8 +586,8 @@ def compress(
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
         if first is not None:
-            check_model_runs(model, tuple((input_fn or default_input_fn)(first)), what="the first calibration batch",
-                             default_input_fn_used=input_fn in (None, default_input_fn))
+            check_model_runs(model, tuple(input_fn(first)), what="the first calibration batch",
+                             default_input_fn_used=default_input_fn_used)
     directory = Path(output_dir) if output_dir is not None else None
     if directory is not None:
         if directory.exists() and not directory.is_dir():

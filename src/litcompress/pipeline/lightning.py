@@ -18,7 +18,7 @@ from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn, with_metric_mode
-from litcompress.quantization.tuner import default_input_fn
+from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
 from .config import CompressionConfig
@@ -101,7 +101,8 @@ def compress_lightning(
         trainer_kwargs: extra ``Trainer`` arguments for fine-tuning (CPU, no logger, no checkpoints by default).
         example_inputs: the batch used for tracing and timing (default: the inputs of the first validation batch).
         calibration_data: batches for static quantization (default: the training loader).
-        input_fn: maps a batch to the model's positional inputs (default: ``batch[0]`` of ``(x, y)`` pairs).
+        input_fn: maps a batch to the model's positional inputs (default: ``x`` of ``(x, y)`` pairs, ``x, mask`` of
+            ``((x, mask), y)``, and the values of a dict batch's keys named like forward's parameters).
         submodule: compress ``getattr(module, submodule)`` instead of the whole module.
         output_dir: where the pruned state dict, the exported model and the report go.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
@@ -121,7 +122,8 @@ def compress_lightning(
         raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
-    input_fn = input_fn or default_input_fn
+    # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
+    input_fn = input_fn or model_input_fn(module if submodule is None else getattr(module, submodule))
     datamodule.setup("fit")
     if example_inputs is None:
         example_inputs = input_fn(next(iter(datamodule.val_dataloader())))

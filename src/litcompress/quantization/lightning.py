@@ -7,8 +7,9 @@ module of the subpackage that imports lightning.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -39,6 +40,48 @@ def detached_copy(module: L.LightningModule) -> L.LightningModule:
     return deepcopy_model(module, memo)
 
 
+def _signature_or_none(function: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+
+
+class KeywordsAsPositional(nn.Module):
+    """Calls `model` with keyword arguments turned into positional ones, in the order of `signature` (that of the
+    forward `model` stands in for): ``self(input_ids=..., attention_mask=...)`` in a ``validation_step`` reaches an
+    ONNX or TorchScript candidate, which takes positional inputs only."""
+
+    def __init__(self, model: nn.Module, signature: inspect.Signature | None) -> None:
+        super().__init__()
+        self.model, self.signature = model, signature
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not kwargs or self.signature is None:
+            return self.model(*args, **kwargs)
+        bound = self.signature.bind(*args, **kwargs).arguments
+        keyword_only = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)
+        given = [p for p in self.signature.parameters.values() if p.kind in keyword_only and p.name in bound]
+        if given:
+            raise TypeError(f"the model was called with the keyword-only input `{given[0].name}`: a compressed "
+                            "model takes its inputs by position")
+        parameters = [p for p in self.signature.parameters.values() if p.kind not in keyword_only]
+        positional: list[Any] = []
+        for i, parameter in enumerate(parameters):
+            if parameter.name not in bound:
+                later = [p.name for p in parameters[i + 1:] if p.name in bound]
+                if later:
+                    raise TypeError(f"the model was called with {later} but without `{parameter.name}` before "
+                                    "them: a compressed model takes its inputs by position, so give every input up "
+                                    "to the last one")
+                break
+            if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                positional.extend(bound[parameter.name])
+            else:
+                positional.append(bound[parameter.name])
+        return self.model(*positional)
+
+
 def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModule | None, metric: str,
                       trainer: L.Trainer | None = None, submodule: str | None = None,
                       dataloaders=None,
@@ -55,7 +98,11 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     host = detached_copy(module).eval()
     trainer = trainer or _evaluation_trainer()
 
+    replaced = host if submodule is None else getattr(host, submodule)
+    signature = _signature_or_none(replaced.forward)
+
     def evaluate(candidate: nn.Module) -> float:
+        candidate = KeywordsAsPositional(candidate, signature)  # ONNX and TorchScript models take no keywords
         if submodule is None:
             # An instance attribute shadows the class's forward: self(x) now runs the candidate.
             object.__setattr__(host, "forward", candidate)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import itertools
 import logging
 import math
 import numbers
@@ -11,6 +13,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -160,6 +163,39 @@ def default_input_fn(batch: object) -> Inputs:
     return to_inputs(batch)
 
 
+def forward_parameters(model: nn.Module) -> list[str]:
+    """The names of ``model.forward``'s positional parameters, in order (empty when it has no signature)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [name for name, parameter in signature.parameters.items() if parameter.kind in kinds]
+
+
+def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
+    """`default_input_fn` for `model`, which also reads a dict batch (``{"input_ids": ..., "attention_mask": ...,
+    "labels": ...}``, as Hugging Face datasets give): the values of the keys named like ``forward``'s leading
+    parameters, in their order (``labels`` and other keys forward does not take are left out)."""
+    names = forward_parameters(model)
+
+    def input_fn(batch: object) -> Inputs:
+        if not isinstance(batch, Mapping):
+            return default_input_fn(batch)
+        taken = list(itertools.takewhile(lambda name: name in batch, names))
+        skipped = [name for name in names[len(taken):] if name in batch]
+        if not taken or skipped:
+            gap = f"; {names[len(taken)]!r} is not in the batch but {skipped} are" if skipped else ""
+            raise TypeError(f"A batch of type {type(batch).__name__} (keys: {sorted(map(str, batch))}) is read by "
+                            f"name as forward's leading parameters ({', '.join(names) or 'none'}){gap}: pass "
+                            "input_fn=, a function from a batch to the model's positional inputs, e.g. "
+                            "input_fn=lambda batch: (batch['x'],) (CLI: --inputs x).")
+        return tuple(batch[name] for name in taken)
+
+    input_fn.__qualname__ = f"model_input_fn({type(model).__name__})"
+    return input_fn
+
+
 class _BackendSearch:
     """Per-backend search: knob variants first, then fp32 fallback of the most sensitive layers."""
 
@@ -233,7 +269,7 @@ def quantize(
     if not callable(eval_fn):
         raise TypeError(f"quantize(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     default_input_fn_used = input_fn in (None, default_input_fn)
-    input_fn = input_fn or default_input_fn
+    input_fn = input_fn or model_input_fn(model)
 
     calibration: list[Inputs] = []
     if calibration_data is not None:
