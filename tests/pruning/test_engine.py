@@ -301,3 +301,33 @@ def test_a_masked_state_dict_loads_into_a_fresh_attention_model_that_computes_an
     out_proj = (fresh.block.self_attn if layer else fresh.block).out_proj
     fresh(x)  # torch recomputes a cached orig * mask at the next call, here the attention's
     torch.testing.assert_close(out_proj.weight, out_proj.weight_orig * out_proj.weight_mask)
+
+
+@settings(max_examples=40, deadline=None)
+@given(groups=st.sampled_from([2, 3, 4, 6]), per_group=st.integers(1, 6),
+       targets=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4), random=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, per_group, targets, random, seed):
+    """A grouped conv (or a layer grouped convs read) can only lose channels evenly over its groups: each block of
+    rows loses round(target * rows per block), the rows pruned before stay pruned, the smallest norms go first."""
+    from litcompress.pruning.engine import mask_of, prune_to_sparsity_
+    from litcompress.pruning.schedules import rounded_pruned_count
+
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, groups * per_group, 3, groups=groups if 4 % groups == 0 else 1)
+    target = (conv, "weight")
+    method = "random_structured" if random else "ln_structured"
+    pruned_before = torch.zeros(groups * per_group, dtype=torch.bool)
+    for sparsity in sorted(targets):
+        prune_to_sparsity_([target], method, sparsity, scope="local", dim=0, n=2, slice_groups={target: groups})
+        mask = mask_of(conv, "weight")
+        rows_pruned = (mask.flatten(1) == 0).all(dim=1) if mask is not None else torch.zeros_like(pruned_before)
+        per_block = rows_pruned.view(groups, per_group).sum(dim=1)
+        assert per_block.tolist() == [rounded_pruned_count(per_group, sparsity)] * groups
+        assert (rows_pruned | ~pruned_before).all()  # rows pruned before stay pruned
+        pruned_before = rows_pruned
+    if not random and mask is not None:  # within each block, the pruned rows have the smallest norms
+        norms = conv.weight_orig.detach().flatten(1).norm(dim=1).view(groups, per_group)
+        for block, pruned in zip(norms, rows_pruned.view(groups, per_group)):
+            if pruned.any() and (~pruned).any() and len(targets) == 1:
+                assert block[pruned].max() <= block[~pruned].min()

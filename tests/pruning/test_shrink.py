@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 
@@ -1056,15 +1057,87 @@ class DepthMultiplier(nn.Module):
         return self.out(self.dw(self.conv(x)))
 
 
-def test_a_grouped_conv_that_is_not_depthwise_stops_the_chain() -> None:
+def test_channels_spread_unevenly_over_a_grouped_convs_groups_stay() -> None:
     torch.manual_seed(0)
-    model = DepthMultiplier()
+    model = DepthMultiplier()  # dw: 4 groups of one input channel each
     zero_rows_(model.conv, [1])
     x = torch.randn(2, 2, 6, 6)
     result = shrink(model, x)
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
     assert result.report.layers == ()
-    assert result.report.kept == (("conv", "its output goes to dw (Conv2d), which shrink does not see through"),)
+    assert result.report.kept == (("conv", "its zero channels are not spread evenly over the groups of the grouped "
+                                            "conv(s) dw, which must each lose as many"),)
+
+
+class GroupedChain(nn.Module):
+    """conv (groups g1) -> BatchNorm -> ReLU -> conv (groups g2) -> conv 1x1 -> pool -> Linear: a ResNeXt block."""
+
+    def __init__(self, g1: int, g2: int, padding: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 24, 3, padding=padding, groups=g1)
+        self.bn = nn.BatchNorm2d(24)
+        self.b = nn.Conv2d(24, 24, 3, padding=padding, groups=g2)
+        self.c = nn.Conv2d(24, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c(torch.relu(self.b(torch.relu(self.bn(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(g1=st.sampled_from([1, 2, 4]), g2=st.sampled_from([2, 3, 4, 6, 8]), padding=st.sampled_from([0, 1]),
+       dead_a=st.sets(st.integers(0, 23), max_size=20), dead_b=st.sets(st.integers(0, 23), max_size=20),
+       zero_batch_norm=st.booleans(), seed=st.integers(0, 1000))
+def test_grouped_convs_lose_their_zero_channels_evenly_and_compute_the_same(g1, g2, padding, dead_a, dead_b,
+                                                                              zero_batch_norm, seed) -> None:
+    """Grouped convs (ResNeXt, RegNet) as producers and as consumers: each group loses as many channels, the
+    model computes the same function, and a layer keeps only the zero channels that would unbalance a group."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = GroupedChain(g1, g2, padding).eval()
+    randomise_batch_norm_(model.bn, g)
+    zero_rows_(model.a, sorted(dead_a))
+    zero_rows_(model.b, sorted(dead_b))
+    if zero_batch_norm:  # as the pipeline holds a pruned channel's BatchNorm: the channel is then exactly zero
+        with torch.no_grad():
+            rows = sorted(dead_a)
+            model.a.bias[rows], model.bn.weight[rows], model.bn.bias[rows] = 0, 0, 0
+    x = torch.randn(2, 4, 9, 9, generator=g)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x), rtol=1e-4, atol=1e-5)
+    shrunk = result.model
+    for conv, groups in ((shrunk.a, g1), (shrunk.b, g2)):
+        assert conv.groups == groups and conv.out_channels % groups == 0 and conv.in_channels % groups == 0
+    layers = {layer.name: layer for layer in result.report.layers}
+    if "b" in layers or dead_b:  # b's own zero channels: all go when they are even over its groups, none if
+        per_group = [len([r for r in dead_b if r // (24 // g2) == i]) for i in range(g2)]
+        assert shrunk.b.out_channels == 24 - g2 * min(per_group) or (min(per_group) == 24 // g2)
+    if zero_batch_norm and dead_a:  # exactly zero channels into b: as many leave as every lcm(g1, g2) group allows
+        blocks = math.lcm(g1, g2)
+        per_block = [len([r for r in dead_a if r // (24 // blocks) == i]) for i in range(blocks)]
+        if min(per_block) < 24 // blocks:  # (a layer never loses every channel)
+            assert shrunk.a.out_channels == 24 - blocks * min(per_block)
+
+
+def test_structured_pruning_in_the_pipeline_prunes_grouped_convs_evenly_and_shrink_removes_every_channel() -> None:
+    from litcompress.pipeline import PruneConfig, preview_shrink
+
+    torch.manual_seed(0)
+
+    def block(cin: int, mid: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                             nn.Conv2d(mid, mid, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                             nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    model = nn.Sequential(block(3, 32, 32), block(32, 64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10)).eval()
+    result, _ = preview_shrink(model, PruneConfig(sparsity=0.5, method="ln_structured"))
+    widths = {layer.name: (layer.channels_before, layer.channels_after, layer.left) for layer in result.report.layers}
+    # every layer, the grouped ones and those they read, loses exactly half its channels, 2 or 4 from each group
+    assert widths == {"0.0": (32, 16, 0), "0.3": (32, 16, 0), "0.6": (32, 16, 0),
+                      "1.0": (64, 32, 0), "1.3": (64, 32, 0), "1.6": (64, 32, 0)}
+    assert result.model[0][3].groups == 8 and result.model[0][3].weight.shape == (16, 2, 3, 3)
 
 
 # ------------------------------------------------------------------------------------------------ Transformer layers

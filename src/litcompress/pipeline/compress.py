@@ -109,7 +109,7 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is not None:
         removable = plan.removable(residual_groups=_groups_residuals(config))
-        left_out = {name: removable.get(name, "it is no Linear or ungrouped Conv") for name, _ in layers
+        left_out = {name: removable.get(name, "it is no Linear or Conv") for name, _ in layers
                     if removable.get(name, "") is not None}
         if len(left_out) == len(layers) and layers:
             grouped = {name for group in plan.groups for name in group.producers} & set(left_out)
@@ -128,16 +128,22 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     return targets, left_out
 
 
-def _by_output_dim(targets: Sequence[Target], prune: PruneConfig) -> list[tuple[list[Target], dict[str, Any]]]:
+def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
+                   plan: ChannelPlan | None) -> list[tuple[list[Target], dict[str, Any]]]:
     """The targets with the method's keyword arguments, in sets pruned alike: structured pruning of output channels
-    (dim 0) prunes a transposed conv along dim 1, where its output channels are. Unstructured pruning keeps one set
-    (a global threshold spans all of them); an empty set is left out."""
+    (dim 0) prunes a transposed conv along dim 1, where its output channels are, and the channels of grouped convs
+    (and of the layers grouped convs read) evenly over their groups (``slice_groups``), which shrink can then remove.
+    Unstructured pruning keeps one set (a global threshold spans all of them); an empty set is left out."""
     kwargs = prune.method_kwargs()
     if not (prune.structured and prune.dim == 0):
         return [(list(targets), kwargs)] if targets else []
     transposed = [t for t in targets if isinstance(t[0], _TRANSPOSED)]
     regular = [t for t in targets if not isinstance(t[0], _TRANSPOSED)]
-    return [(subset, kw) for subset, kw in ((regular, kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
+    names = {id(m): name for name, m in model.named_modules()}
+    even = {t: plan.slice_groups[names[id(t[0])]] for t in regular if plan is not None
+            and names.get(id(t[0])) in plan.slice_groups}
+    regular_kwargs = {**kwargs, "slice_groups": even} if even else kwargs
+    return [(subset, kw) for subset, kw in ((regular, regular_kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
 
 
 def _groups_residuals(prune: PruneConfig) -> bool:
@@ -460,7 +466,7 @@ class _Pruning:
         lone_layers = _batch_norm_groups(model, layer_targets, plan, note) if prune.zero_batch_norm else []
         held_at_zero = BatchNormZeroer(model, groups + lone_layers,
                                        biases=[True] * len(groups) + [False] * len(lone_layers))
-        return cls(model, prune, keep_multiple_of, targets, groups, _by_output_dim(layer_targets, prune),
+        return cls(model, prune, keep_multiple_of, targets, groups, _by_output_dim(model, layer_targets, prune, plan),
                    held_at_zero)
 
     def prune_once_(self, sparsity: float) -> int:

@@ -349,6 +349,37 @@ def _pruned_slices(module: nn.Module, name: str, dim: int) -> tuple[int, int]:
     return int((kept_per_slice == 0).sum()), total
 
 
+def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune.BasePruningMethod], sparsity: float,
+                          groups: int, keep_multiple_of: int | None, *, dim: int = -1, n: float = 2,
+                          **_: Any) -> None:
+    """Structured pruning of ``module.<name>`` to `sparsity` of its slices along `dim` in each of `groups` equal
+    blocks of slices, so that every block loses as many (a grouped conv's groups, or the input groups of grouped
+    convs reading the channels: only an even loss can be removed). The slices pruned are the kept ones of smallest
+    L`n` norm per block, or random ones for a random method; slices pruned before stay pruned."""
+    tensor = trainable_tensor(module, name).detach()
+    total = tensor.shape[dim]
+    size = total // groups
+    mask = mask_of(module, name)
+    slices = (tensor if mask is None else tensor * mask).transpose(0, dim).reshape(total, -1)
+    kept = torch.ones(total, dtype=torch.bool, device=tensor.device) if mask is None else \
+        mask.transpose(0, dim).reshape(total, -1).count_nonzero(dim=1) > 0
+    random = issubclass(method, torch_prune.RandomStructured)
+    scores = torch.rand(total, device=tensor.device) if random else torch.linalg.vector_norm(slices.float(), ord=n,
+                                                                                              dim=1)
+    target = rounded_pruned_count(size, sparsity, keep_multiple_of)
+    drop = torch.zeros(total, dtype=torch.bool, device=tensor.device)
+    for block in range(groups):
+        rows = torch.arange(block * size, (block + 1) * size, device=tensor.device)
+        candidates = rows[kept[rows]]
+        count = max(0, target - (size - int(candidates.numel())))
+        if count:
+            drop[candidates[scores[candidates].argsort(stable=True)[:count]]] = True
+    if bool(drop.any()):
+        shape = [1] * tensor.dim()
+        shape[dim] = total
+        apply_mask_(module, name, (~drop).to(tensor.dtype).view(shape).expand_as(tensor))
+
+
 def prune_to_sparsity_(
     targets: Sequence[Target],
     method: str | type[torch_prune.BasePruningMethod],
@@ -381,7 +412,12 @@ def prune_to_sparsity_(
             prune_(targets, method_cls, count, scope="global", **method_kwargs)
     elif structured:
         dim = method_kwargs.get("dim", -1)
+        slice_groups = method_kwargs.pop("slice_groups", None) or {}
         for target in targets:
+            groups = slice_groups.get(target, 1)
+            if groups > 1:
+                _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
+                continue
             pruned, total = _pruned_slices(*target, dim)
             count = max(0, rounded_pruned_count(total, sparsity, keep_multiple_of) - pruned)
             if count:

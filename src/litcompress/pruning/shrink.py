@@ -8,8 +8,10 @@ through BatchNorm and the activation), so its effect downstream is a constant to
 same function as the masked one in eval mode (exactly up to float rounding), with fewer parameters and FLOPs.
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
-through a chain from a producer (Linear, ungrouped Conv or transposed Conv) to a consumer (the same; only zero
-channels leave a transposed conv's inputs, where a constant does not stay constant) over BatchNorm, element-wise
+through a chain from a producer (Linear, Conv, grouped Conv or transposed Conv) to a consumer (the same; only zero
+channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
+consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
+over BatchNorm, element-wise
 activations, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling,
 depthwise convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same
 channels) and a flatten from conv to Linear. An output with several users branches (Inception-style heads, multi-
@@ -326,6 +328,28 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
 
 def _is_producer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, _CONV_LIKE) and module.groups == 1)
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """A conv of ``groups > 1`` that is not depthwise (ResNeXt, RegNet): its channels go in equal numbers per group."""
+    return isinstance(module, _CONV) and module.groups > 1 and not is_depthwise(module)
+
+
+def _has_channels(module: nn.Module) -> bool:
+    """A layer whose output channels shrink can remove (grouped convs in equal numbers per group)."""
+    return _is_producer(module) or _is_grouped(module)
+
+
+def _balance_(dead: Tensor, groups: int, offset: int = 0, total: int | None = None) -> None:
+    """Unmark `dead` channels until each of a grouped conv's `groups` loses as many: channel j is its channel
+    ``offset + j`` of `total` (its input channels), or of ``dead.numel()`` (its own output channels). A group that
+    none of them falls in loses none, so then neither does any other."""
+    total = dead.numel() if total is None else total
+    group_of = (torch.arange(dead.numel(), device=dead.device) + offset) // (total // groups)
+    per_group = [(dead & (group_of == g)).nonzero().flatten() for g in range(groups)]
+    fewest = min(int(found.numel()) for found in per_group)
+    for found in per_group:
+        dead[found[fewest:]] = False
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -657,7 +681,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     module = modules.get(str(user.target)) if user.op == "call_module" else None
     if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
         return f"{user.target} is called more than once"
-    if module is not None and _is_producer(module):
+    if module is not None and _has_channels(module):
         if parametrize.is_parametrized(module):
             return f"its consumer {user.target} is parametrized"
         if branch.flattened:
@@ -765,8 +789,18 @@ def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
 
 def _keep_input_channels_(consumer: nn.Module, keep: Tensor, channels: int) -> None:
     """Keep the input columns of `consumer` that read the `keep` ones of `channels` (a flatten of a conv's output
-    gives each channel a block of columns, channel-major; a transposed conv reads its inputs in dim 0)."""
+    gives each channel a block of columns, channel-major; a transposed conv reads its inputs in dim 0; a grouped
+    conv's rows of group g read its input channels of group g, as columns of their own)."""
     weight = consumer.weight.detach()
+    if _is_grouped(consumer):
+        groups, per_group = consumer.groups, channels // consumer.groups
+        rows = weight.shape[0] // groups
+        keep = keep.to(weight.device)
+        parts = [weight[g * rows:(g + 1) * rows][:, keep[(keep >= g * per_group) & (keep < (g + 1) * per_group)]
+                                                  - g * per_group] for g in range(groups)]
+        consumer.weight = nn.Parameter(torch.cat(parts).clone(), consumer.weight.requires_grad)
+        consumer.in_channels = int(keep.numel())
+        return
     if isinstance(consumer, _TRANSPOSED):
         kept = keep.to(weight.device)
         consumer.weight = nn.Parameter(weight[kept].clone(), consumer.weight.requires_grad)
@@ -836,11 +870,34 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                                + ([f"the gate(s) of {', '.join(gates)}"] if gates else []))
                 + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
                 "zero_batch_norm does, makes them zero)")
-    keep_a_multiple_(dead, keep_multiple_of)
-    if not bool(dead.any()):
+    # Grouped convs, the producer or a consumer, lose channels in equal numbers per group.
+    balances = [(producer.groups, 0, None)] if _is_grouped(producer) else []
+    for branch in chain.branches:
+        if _is_grouped(branch.consumer):
+            start = next((op.start for op in reversed(branch.ops) if isinstance(op, _Concat)), 0)
+            balances.append((branch.consumer.groups, start, branch.consumer.in_channels))
+    if balances and all(offset == 0 and total in (None, channels) for _, offset, total in balances):
+        # One partition into lcm(groups) equal blocks: even over those is even over each conv's groups, and keeps
+        # more than balancing over each in turn (which can end with nothing left to remove)
+        balances = [(math.lcm(*(groups for groups, _, _ in balances)), 0, None)]
+    multiple_left_none = False
+    while True:  # each step only keeps channels: it ends
+        before = dead.clone()
+        keep_a_multiple_(dead, keep_multiple_of)
+        multiple_left_none = multiple_left_none or (bool(before.any()) and not bool(dead.any()))
+        if bool(dead.all()):
+            dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
+        for groups, offset, total in balances:
+            _balance_(dead, groups, offset, total)
+        if torch.equal(before, dead):
+            break
+    if multiple_left_none and not bool(dead.any()):
         return f"keeping a multiple of {keep_multiple_of} channels leaves none of its zero channels to remove"
-    if bool(dead.all()):
-        dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
+    if balances and not bool(dead.any()):
+        return ("its zero channels are not spread evenly over the groups of the grouped conv(s) "
+                + ", ".join([producer_name] * _is_grouped(producer)
+                            + [b.consumer_name for b in chain.branches if _is_grouped(b.consumer)])
+                + ", which must each lose as many")
     keep = (~dead).nonzero().flatten()
     remove = dead.nonzero().flatten()
     if not all(math.isfinite(float(value[remove].abs().sum())) for value in constants):
@@ -882,7 +939,19 @@ def _fold_and_drop_inputs_(branch: _Branch, remove: Tensor, constants: Tensor, k
     """Add what the `remove`d ones of the consumer's input `channels` contributed (the `constants` they carry) to
     the consumer's bias, then keep only the inputs that read the `keep` ones."""
     consumer = branch.consumer
-    if bool((constants != 0).any()):  # never into a transposed conv: only zero constants are removed before one
+    if bool((constants != 0).any()) and _is_grouped(consumer):  # an unpadded one: input channel c, group g's rows
+        weight = consumer.weight.detach()
+        per_group, rows = channels // consumer.groups, weight.shape[0] // consumer.groups
+        contribution = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        for channel, constant in zip(remove.tolist(), constants.tolist()):
+            group = channel // per_group
+            block = weight[group * rows:(group + 1) * rows, channel - group * per_group]
+            contribution[group * rows:(group + 1) * rows] += block.reshape(rows, -1).sum(1) * constant
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                         consumer.weight.requires_grad)
+        consumer.bias.data += contribution.to(consumer.bias.dtype)
+    elif bool((constants != 0).any()):  # never into a transposed conv: only zero constants are removed before one
         weight = consumer.weight.detach()
         # consumer inputs: channel j is column j, or columns [j*s, (j+1)*s) after flattening a conv's s positions
         per_channel = weight.shape[1] // channels if branch.flattened else 1
@@ -963,11 +1032,11 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """What one trace of a model tells about its channels: for every producer layer (Linear, ungrouped or transposed
-    Conv), in module order, the reason `shrink` cannot remove its channels on its own (None when it can); the
-    channel groups that residual additions or gating products join; and the BatchNorms on each removable producer's
-    way to its consumers, each with where the producer's channels start among its channels (after a concatenation,
-    past the other inputs')."""
+    """What one trace of a model tells about its channels: for every producer layer (Linear, Conv, grouped or
+    transposed Conv), in module order, the reason `shrink` cannot remove its channels on its own (None when it
+    can); the channel groups that residual additions or gating products join; and the BatchNorms on each removable
+    producer's way to its consumers, each with where the producer's channels start among its channels (after a
+    concatenation, past the other inputs')."""
 
     reasons: dict[str, str | None]
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
@@ -975,6 +1044,8 @@ class ChannelPlan:
     layers: dict[str, str] = field(default_factory=dict)  # each producer described: "Conv2d 16 -> 32"
     # LSTM/GRU/RNN layers (and cells), described: shrink does not narrow them (their rows are gates)
     recurrent: dict[str, str] = field(default_factory=dict)
+    # producers whose channels go in equal numbers from each of that many groups (grouped convs, or their inputs)
+    slice_groups: dict[str, int] = field(default_factory=dict)
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of channel groups (residual or gated) removable when `residual_groups`
@@ -1011,19 +1082,30 @@ class ChannelPlan:
         return "\n".join(lines)
 
 
+def _slice_groups(chain: _Chain) -> int:
+    """In how many equal groups the producer's channels must be removed: the least common multiple of its own
+    groups and those of the grouped convs reading them (whole: a concatenation before one is left to shrink)."""
+    groups = [chain.producer.groups] if _is_grouped(chain.producer) else []
+    groups += [branch.consumer.groups for branch in chain.branches if _is_grouped(branch.consumer)
+               and not any(isinstance(op, _Concat) for op in branch.ops)]
+    return math.lcm(*groups) if groups else 1
+
+
 def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> ChannelPlan:
     """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced."""
     from litcompress.pruning.groups import _residual_groups
 
     graph, modules, calls = trace(model, tracer)
     names = {id(module): name for name, module in modules.items()}
-    producers = {name for name, module in modules.items() if _is_producer(module)}
+    producers = {name for name, module in modules.items() if _has_channels(module)}
     chains = dict(_producer_chains(graph, modules, calls, producers))
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     called = _called_modules(graph)
     reasons.update({name: _hidden_reason(name, called, modules) for name in producers - reasons.keys()})
     return ChannelPlan(
         reasons={name: reasons[name] for name in modules if name in reasons},
+        slice_groups={name: groups for name, chain in chains.items() if isinstance(chain, _Chain)
+                      and (groups := _slice_groups(chain)) > 1},
         groups=_residual_groups(graph, modules, calls),
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
@@ -1045,7 +1127,7 @@ def _describe_layer(module: nn.Module) -> str:
 
 def removable_channels(model: nn.Module, *, residual_groups: bool = True,
                        tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, str | None]:
-    """For every producer layer (Linear, ungrouped or transposed Conv) of `model`, in module order: None where
+    """For every producer layer (Linear, Conv, grouped or transposed Conv) of `model`, in module order: None where
     `shrink` can remove its output channels once they are zero (a consumer takes them one to one, it is a
     Transformer layer's ``linear1``, or, with `residual_groups`, it writes into a channel group joined by residual
     additions or a gating product, whose layers lose a channel together), else the reason it cannot. ValueError if
@@ -1142,7 +1224,7 @@ def shrink_(
 
     # Both decided before any edit: a depthwise conv left with one channel looks like an ungrouped conv. The chain
     # edits below change no residual space's width (a space's producers end no chain).
-    producers = {name for name, module in modules.items() if _is_producer(module)}
+    producers = {name for name, module in modules.items() if _has_channels(module)}
     groups = _residual_groups(graph, modules, calls)
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
@@ -1182,7 +1264,7 @@ def shrink_(
 
 
 def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, list[str]]:
-    """For each producer (Linear, ungrouped or transposed Conv) whose channels `shrink` can remove, the names of the
+    """For each producer (Linear, Conv, grouped or transposed Conv) whose channels `shrink` can remove, the names of the
     BatchNorms on its way to its consumers; producers without one are left out. ValueError if the model cannot be
     traced.
 
