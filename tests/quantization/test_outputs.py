@@ -7,6 +7,8 @@ torch_ao's trace refused a dict, and layer sensitivity failed, so the search had
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -124,3 +126,53 @@ def test_layer_sensitivity_reads_every_tensor_of_a_dict_output():
     assert set(scores) == {"body", "cls", "reg"} and all(s > 10 for s in scores.values())
     # `reg` changes only the second head: an SQNR over the first tensor alone would call it harmless (inf)
     assert scores["reg"] != float("inf")
+
+
+class Prediction(NamedTuple):
+    logits: torch.Tensor
+    box: torch.Tensor
+
+
+class ModelOutput(OrderedDict):
+    """Like Hugging Face's ModelOutput: a mapping whose entries are attributes too."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+
+class _Named(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.body, self.cls, self.reg, self.kind = nn.Linear(32, 64), nn.Linear(64, 4), nn.Linear(64, 2), kind
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        if self.kind == "namedtuple":
+            return Prediction(self.cls(features), self.reg(features))
+        return ModelOutput(logits=self.cls(features), box=self.reg(features))
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "model_output"])
+def test_a_named_tuple_or_a_model_output_comes_back_as_its_class(kind, tmp_path):
+    torch.manual_seed(0)
+    model, x = _Named(kind).eval(), torch.randn(64, 32)
+    labels = model(x).logits.argmax(1)
+
+    def accuracy(candidate: nn.Module) -> float:  # reads the output by attribute, as Hugging Face code does
+        with torch.no_grad():
+            return (candidate(x).logits.argmax(1) == labels).float().mean().item()
+
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("onnxruntime",), latency_repeats=3,
+                                       max_trials=1), eval_fn=accuracy, example_inputs=x[:16])
+    assert result.trials[0].error is None and result.metric > 0.9
+    result.save(tmp_path / "model.onnx")
+    loaded, _ = load_quantized(tmp_path / "model.onnx")
+    with torch.no_grad():
+        got, expected = loaded(x[:5]), model(x[:5])
+    assert type(got) is type(expected) and (got.box - expected.box).abs().max() < 0.1
+    # a class that cannot be imported where the file is loaded leaves the plain structure
+    structure = {"dict": [["logits", "tensor"]], "class": "no_such_module:Output"}
+    assert rebuild(structure, [torch.ones(1)]).keys() == {"logits"}

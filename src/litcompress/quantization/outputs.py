@@ -8,32 +8,40 @@ The structure is written as JSON into the file's metadata, so that a file loaded
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-Structure = Any  # "tensor" | {"tuple": [...]} | {"list": [...]} | {"dict": [[key, structure], ...]}
+# "tensor" | {"tuple" or "list": [structure, ...]} | {"dict": [[key, structure], ...]}, each container with an
+# optional "class": "module:qualname" (a named tuple, a Mapping subclass)
+Structure = Any
 TENSOR = "tensor"
 
 
 def output_structure(output: object, where: str = "output") -> Structure:
     """The JSON-able structure of `output`; raises `TypeError` naming the first leaf that is not a tensor.
 
-    Named tuples are recorded as tuples; mappings (``dict`` and its subclasses) as dicts with their keys in order.
+    Mappings (``dict`` and its subclasses) are recorded as dicts with their keys in order; a named tuple or a
+    mapping of another class (a Hugging Face ``ModelOutput``) also with its class, to be rebuilt as one.
     """
     if isinstance(output, torch.Tensor):
         return TENSOR
     if isinstance(output, (tuple, list)):
-        return {type(output).__name__ if type(output) in (tuple, list) else "tuple":
+        node = {"list" if isinstance(output, list) else "tuple":
                 [output_structure(item, f"{where}[{i}]") for i, item in enumerate(output)]}
-    if isinstance(output, Mapping):
+    elif isinstance(output, Mapping):
         for key in output:
             if not isinstance(key, (str, int)):
                 raise TypeError(f"{where} is a dict with a key of type {type(key).__name__}: only str and int keys "
                                 "can be written into a model file")
-        return {"dict": [[key, output_structure(value, f"{where}[{key!r}]")] for key, value in output.items()]}
-    raise TypeError(f"{where} is a {type(output).__name__}, not a tensor: a model file returns tensors only")
+        node = {"dict": [[key, output_structure(value, f"{where}[{key!r}]")] for key, value in output.items()]}
+    else:
+        raise TypeError(f"{where} is a {type(output).__name__}, not a tensor: a model file returns tensors only")
+    if type(output) not in (tuple, list, dict):  # a named tuple, a Hugging Face ModelOutput: rebuilt when importable
+        node["class"] = f"{type(output).__module__}:{type(output).__qualname__}"
+    return node
 
 
 def tensor_leaves(output: object) -> list[torch.Tensor]:
@@ -54,16 +62,33 @@ def rebuild(structure: Structure, leaves: Sequence[torch.Tensor]) -> object:
     def build(node: Structure) -> object:
         if node == TENSOR:
             return next(remaining)
-        (kind, items), = node.items()
+        kind = next(k for k in node if k != "class")
         if kind == "dict":
-            return {key: build(value) for key, value in items}
-        built = [build(item) for item in items]
-        return built if kind == "list" else tuple(built)
+            built: Any = {key: build(value) for key, value in node[kind]}
+        else:
+            built = [build(item) for item in node[kind]]
+            built = built if kind == "list" else tuple(built)
+        return _as_class(built, node["class"]) if "class" in node else built
 
     result = build(structure)
     if next(remaining, None) is not None:
         raise ValueError(f"the file returns more outputs than its recorded structure holds ({structure})")
     return result
+
+
+def _as_class(built: Any, path: str) -> Any:
+    """`built` (a dict, list or tuple) as an instance of the class at `path` (``module:qualname``), as the model
+    returned it; `built` itself when the class cannot be imported or built from it (a file loaded elsewhere)."""
+    module_name, _, qualname = path.partition(":")
+    try:
+        cls: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        if isinstance(built, dict):
+            return cls(**built) if all(isinstance(k, str) for k in built) else cls(built)
+        return cls(*built) if hasattr(cls, "_fields") else cls(built)  # a named tuple takes its fields
+    except Exception:  # noqa: BLE001 - any failure leaves the plain structure, which holds the same tensors
+        return built
 
 
 __all__ = ["Structure", "TENSOR", "output_structure", "rebuild", "tensor_leaves"]
