@@ -6,6 +6,8 @@ torch's pruning cannot mask them; before, the engine and `compress` failed deep 
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -26,12 +28,16 @@ from litcompress.quantization import PTQConfig, quantize
 from tests.quantization.quant_helpers import quantized_layers
 
 
-def conv_net(seed: int = 0) -> nn.Sequential:
-    """A weight-normed 1-d conv net, as in audio models (WaveNet, HiFi-GAN)."""
+def conv_net(seed: int = 0, hooks: bool = False) -> nn.Sequential:
+    """A weight-normed 1-d conv net, as in audio models (WaveNet, HiFi-GAN); with `hooks`, by the older
+    ``torch.nn.utils.weight_norm``, which vocoder code still uses."""
     torch.manual_seed(seed)
-    return nn.Sequential(weight_norm(nn.Conv1d(4, 16, 5, padding=2)), nn.ReLU(),
-                         weight_norm(nn.Conv1d(16, 16, 5, padding=2)), nn.ReLU(),
-                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        norm = torch.nn.utils.weight_norm if hooks else weight_norm
+        return nn.Sequential(norm(nn.Conv1d(4, 16, 5, padding=2)), nn.ReLU(),
+                             norm(nn.Conv1d(16, 16, 5, padding=2)), nn.ReLU(),
+                             nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
 
 
 def test_folding_a_copy_keeps_the_original_and_its_outputs():
@@ -69,11 +75,14 @@ def test_folding_spectral_norm_in_training_mode_runs_no_power_iteration():
     lambda m: apply_mask_(m[0], "weight", torch.ones_like(m[0].weight)),
     lambda m: GradualPruner([(m[0], "weight")], ConstantSparsity(0.5)),
 ])
-def test_the_engine_refuses_a_parametrized_weight_naming_the_fix(call):
-    model = conv_net()
-    with pytest.raises(ValueError, match=r"Conv1d.weight \(_WeightNorm\).*fold_parametrizations_"):
+@pytest.mark.parametrize("hooks", [False, True])
+def test_the_engine_refuses_a_parametrized_weight_naming_the_fix(call, hooks):
+    model = conv_net(hooks=hooks)
+    described = "WeightNorm" if hooks else "_WeightNorm"
+    with pytest.raises(ValueError, match=rf"Conv1d.weight \({described}\).*fold_parametrizations_"):
         call(model)
-    assert parametrize.is_parametrized(model[0], "weight")  # left as it was
+    assert parametrize.is_parametrized(model[0], "weight") or hooks  # left as it was
+    assert "weight_g" in dict(model[0].named_parameters()) or not hooks
 
 
 @settings(max_examples=30, deadline=None)
@@ -165,8 +174,9 @@ def test_model_pruning_refuses_an_explicit_parametrized_weight_before_training()
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # no training step ran
 
 
-def test_compress_prunes_and_shrinks_weight_normed_convs_and_its_state_loads_into_them(tmp_path):
-    model, x = conv_net(), torch.randn(32, 4, 30)
+@pytest.mark.parametrize("hooks", [False, True])
+def test_compress_prunes_and_shrinks_weight_normed_convs_and_its_state_loads_into_them(tmp_path, hooks):
+    model, x = conv_net(hooks=hooks), torch.randn(32, 4, 30)
     with torch.no_grad():
         expected = model(x)
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), latency_repeats=2,
@@ -174,8 +184,9 @@ def test_compress_prunes_and_shrinks_weight_normed_convs_and_its_state_loads_int
     result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x[:8], output_dir=tmp_path)
     assert any("folded 2 parametrized weight(s)" in m for m in result.report.messages)
     assert result.shrink is not None and result.shrink.channels_removed > 0  # before: "it is parametrized"
-    assert parametrize.is_parametrized(model[0]) and torch.equal(model(x), expected)  # the model given is unchanged
-    fresh = conv_net(seed=1)
+    assert torch.equal(model(x), expected)  # the model given is unchanged, its norms too
+    assert parametrize.is_parametrized(model[0]) or "weight_g" in dict(model[0].named_parameters())
+    fresh = conv_net(seed=1, hooks=hooks)
     fresh.load_state_dict(torch.load(tmp_path / "pruned_state_dict.pt"))  # the architecture as given
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), result.stage_models["pruned"](x))

@@ -1,4 +1,5 @@
-"""Tensors computed by `torch.nn.utils.parametrize` (``weight_norm``, ``spectral_norm``, ``orthogonal``, ...).
+"""Tensors computed by `torch.nn.utils.parametrize` (``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) or by
+the older hooks of ``torch.nn.utils.weight_norm`` and ``spectral_norm``.
 
 `torch.nn.utils.prune` can mask only a tensor that is a parameter of its module. A parametrized weight is a
 property recomputed from the parametrization's originals at every access, so pruning has to see it folded into a
@@ -14,25 +15,54 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
-FOLD_HINT = ("fold it into a plain weight first with litcompress.pruning.fold_parametrizations_(model) (or "
-             "torch.nn.utils.parametrize.remove_parametrizations(module, name)), as inference does")
+FOLD_HINT = ("fold it into a plain weight first with litcompress.pruning.fold_parametrizations_(model) (or torch's "
+             "remove_parametrizations / remove_weight_norm / remove_spectral_norm), as inference does")
+
+
+def _norm_hook(module: nn.Module, name: str) -> WeightNorm | SpectralNorm | None:
+    """The forward pre-hook of the older ``torch.nn.utils.weight_norm``/``spectral_norm`` computing
+    ``module.<name>`` (still common in vocoder code), or None."""
+    return next((hook for hook in module._forward_pre_hooks.values()
+                 if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == name), None)
+
+
+def has_computed_tensors(module: nn.Module) -> bool:
+    """Whether any tensor of `module` is computed by a parametrization or a weight/spectral norm hook."""
+    return parametrize.is_parametrized(module) or any(isinstance(hook, (WeightNorm, SpectralNorm))
+                                                      for hook in module._forward_pre_hooks.values())
+
+
+def is_computed(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is computed by a parametrization or a weight/spectral norm hook."""
+    return parametrize.is_parametrized(module, name) or _norm_hook(module, name) is not None
 
 
 def describe_parametrization(module: nn.Module, name: str) -> str:
-    """The classes computing ``module.<name>``, e.g. ``"_WeightNorm"``."""
+    """The classes computing ``module.<name>``, e.g. ``"_WeightNorm"`` (``"WeightNorm"`` for the hook)."""
+    hook = _norm_hook(module, name)
+    if hook is not None:
+        return type(hook).__name__
     return " -> ".join(type(p).__name__ for p in module.parametrizations[name])
 
 
 def parametrized_tensors(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Every parametrized tensor of `model` as ``(module_path, module, tensor_name)``, in module order."""
-    return [(path, module, name) for path, module in model.named_modules()
-            if parametrize.is_parametrized(module) for name in module.parametrizations]
+    """Every computed tensor of `model` (parametrizations, weight/spectral norm hooks) as ``(module_path, module,
+    tensor_name)``, in module order."""
+    found = []
+    for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            found += [(path, module, name) for name in module.parametrizations]
+        found += [(path, module, hook.name) for hook in module._forward_pre_hooks.values()
+                  if isinstance(hook, (WeightNorm, SpectralNorm))]
+    return found
 
 
 def parametrized_targets(targets: Iterable[tuple[nn.Module, str]]) -> list[tuple[nn.Module, str]]:
     """The targets whose tensor is computed by a parametrization (`torch.nn.utils.prune` cannot mask them)."""
-    return [(m, n) for m, n in targets if parametrize.is_parametrized(m, n)]
+    return [(m, n) for m, n in targets if is_computed(m, n)]
 
 
 def check_prunable(targets: Iterable[tuple[nn.Module, str]]) -> None:
@@ -55,6 +85,18 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     folded = []
     for path, module, name in parametrized_tensors(model):
         described = describe_parametrization(module, name)
+        hook = _norm_hook(module, name)
+        if hook is not None:  # torch's removal computes the weight and makes it a parameter
+            training = module.training
+            module.eval()
+            with torch.no_grad():
+                if isinstance(hook, WeightNorm):
+                    torch.nn.utils.remove_weight_norm(module, name)
+                else:
+                    torch.nn.utils.remove_spectral_norm(module, name)
+            module.train(training)
+            folded.append(f"{path + '.' if path else ''}{name} ({described})")
+            continue
         # torch deletes the tensor's property from the module's class, which a deep copy shares with the module
         # it was copied from: folding a copy would break the original. Give the module a class of its own first.
         cls = type(module)
@@ -93,9 +135,17 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
             module = target.get_submodule(path)
             value = plain.pop(qualified).detach()
             try:
-                setattr(module, name, value.clone())  # the originals take the storage of what is assigned
-                _zero_rows_of_weight_norm_(module, name)
-                back = getattr(module, name)
+                hook = _norm_hook(module, name)
+                if isinstance(hook, WeightNorm):
+                    back = _unfold_weight_norm_hook_(module, hook, value)
+                elif hook is not None:  # a spectral norm hook: no inverse
+                    back = None
+                else:
+                    setattr(module, name, value.clone())  # the originals take the storage of what is assigned
+                    _zero_rows_of_weight_norm_(module, name)
+                    back = getattr(module, name)
+                if back is None:
+                    raise ValueError("no inverse")
                 exact = torch.equal(back == 0, value == 0) and torch.allclose(back, value, rtol=1e-5, atol=1e-7)
             except Exception:  # noqa: BLE001 - a parametrization without right_inverse, or one that rejects the value
                 exact = False
@@ -104,11 +154,24 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     if failed:
         return dict(state), failed
     missing, unexpected = target.load_state_dict(plain, strict=False)
-    originals = {k for k in target.state_dict() if ".parametrizations." in k}
+    folded_modules = {entry.split(" ", 1)[0].rpartition(".")[0] for entry in folded}
+    originals = {k for k in target.state_dict() if ".parametrizations." in k
+                 or k.rpartition(".")[0] in folded_modules and k.endswith(("_g", "_v"))}
     if unexpected or set(missing) - originals:
         raise RuntimeError(f"unfolding the pruned state dict: unexpected keys {unexpected}, missing "
                            f"{sorted(set(missing) - originals)}")
     return target.state_dict(), []
+
+
+def _unfold_weight_norm_hook_(module: nn.Module, hook: WeightNorm, value: Tensor) -> Tensor:
+    """Set the hook's ``<name>_g`` and ``<name>_v`` to give `value` (a zero row: ``g = 0``, ``v = 1``); returns the
+    weight they compute."""
+    g = torch.norm_except_dim(value, 2, hook.dim)
+    v = value.clone()
+    v.masked_fill_((g == 0).expand_as(v), 1.0)
+    getattr(module, hook.name + "_g").copy_(g)
+    getattr(module, hook.name + "_v").copy_(v)
+    return hook.compute_weight(module)
 
 
 def _zero_rows_of_weight_norm_(module: nn.Module, name: str) -> None:
@@ -123,5 +186,5 @@ def _zero_rows_of_weight_norm_(module: nn.Module, name: str) -> None:
         v.masked_fill_(zero, 1.0)
 
 
-__all__ = ["check_prunable", "fold_parametrizations_", "parametrized_targets", "parametrized_tensors",
+__all__ = ["check_prunable", "fold_parametrizations_", "is_computed", "parametrized_targets", "parametrized_tensors",
            "unfold_state_dict"]

@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
 
@@ -522,7 +522,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
             if module is not None and not _called_once_or_stateless(module, str(step.target), calls):
                 break
             if module is not None and _is_producer(module) and isinstance(module, nn.Conv2d):
-                if parametrize.is_parametrized(module) or module.kernel_size != (1, 1):
+                if has_computed_tensors(module) or module.kernel_size != (1, 1):
                     break
                 convs.append(str(step.target))
             elif not ((module is not None and isinstance(module, _ELEMENTWISE_MODULES))
@@ -682,7 +682,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
         return f"{user.target} is called more than once"
     if module is not None and _has_channels(module):
-        if parametrize.is_parametrized(module):
+        if has_computed_tensors(module):
             return f"its consumer {user.target} is parametrized"
         if branch.flattened:
             ok = isinstance(module, nn.Linear) and module.in_features % branch.width == 0
@@ -700,7 +700,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     if module is not None and is_depthwise(module):
         if not (is_conv and module.weight.dim() == producer.weight.dim() and not branch.flattened):
             return f"its output goes to the depthwise {_describe(user, modules)}, not of its own kind"
-        if parametrize.is_parametrized(module):
+        if has_computed_tensors(module):
             return f"the depthwise {user.target} is parametrized"
         branch.ops.append(_Depthwise(str(user.target), module, _pads_with_zeros(module)))
     elif module is not None and isinstance(module, _BATCH_NORM) and not branch.flattened:
@@ -978,7 +978,7 @@ def _feed_forward_chain(layer_name: str, layer: nn.Module) -> _Chain | str:
     if not (isinstance(activation, _ELEMENTWISE_MODULES) or activation in _ELEMENTWISE_FUNCTIONS):
         return f"the activation of {layer_name} ({activation!r}) is not one shrink knows to be element-wise"
     for part in ("linear1", "linear2"):
-        if parametrize.is_parametrized(getattr(layer, part)):
+        if has_computed_tensors(getattr(layer, part)):
             return f"{layer_name}.{part} is parametrized"
     return _Chain(layer.linear1, [_Branch(layer.linear1.out_features, layer.linear2, f"{layer_name}.linear2",
                                           ops=[activation])])
@@ -999,7 +999,7 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         if name in producers:
             if calls[name] > 1:
                 yield name, "it is called more than once"
-            elif parametrize.is_parametrized(module):
+            elif has_computed_tensors(module):
                 yield name, "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
             else:
                 yield name, _follow(node, name, modules, calls)
