@@ -137,6 +137,17 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     onnx.save(helper.make_model(graph), tmp_path / "foreign.onnx")
     with pytest.raises(ValueError, match="not a litcompress artefact"):
         load_quantized(tmp_path / "foreign.onnx")
+    # what users pass by mistake: a state dict (pruned_state_dict.pt), a pickled module, a broken file, the directory
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "pruned_state_dict.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
+    (tmp_path / "broken.pt2").write_bytes(b"garbage")
+    for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*load_state_dict"),
+                          ("module.pt", "a torch\\.save file"),
+                          ("broken.pt2", "neither ONNX nor a zip archive")):
+        with pytest.raises(ValueError, match=rf"'.*{name}' is not a model file litcompress wrote.*{message}"):
+            load_quantized(tmp_path / name)
+    with pytest.raises(IsADirectoryError, match="give the model file in it"):
+        load_quantized(tmp_path)
 
 
 @pytest.mark.parametrize("name, kind", [("kept.onnx", "onnx"), ("kept.pt2", "program"), ("kept.bin", "program")])

@@ -73,6 +73,11 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_quantized: no file at {path!r}.")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"load_quantized: {path!r} is a directory; give the model file in it (model.onnx, "
+                                "model.pt or model.pt2).")
+    not_ours = (f"load_quantized: {path!r} is not a model file litcompress wrote (save_quantized, "
+                "QuantizationResult.save or `litcompress compress`)")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -81,6 +86,10 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
             from .backends.torch_ao import load_torchscript
 
             model, metadata = load_torchscript(path)
+        elif any(n.endswith(".pkl") for n in names) and not any("/models/" in n or "/extra/" in n for n in names):
+            # torch.save's archive (a state dict, a pickled module): no program to run
+            raise ValueError(f"{not_ours}: it is a torch.save file (a state dict or a pickled object). A pruned "
+                             "state dict loads into your model with model.load_state_dict(torch.load(path)).")
         else:
             from .backends.exported import load_program
 
@@ -88,6 +97,12 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     else:
         from .backends.onnxruntime import load_onnx
 
-        model, metadata = load_onnx(path)
+        try:
+            model, metadata = load_onnx(path)
+        except ValueError:
+            raise
+        except Exception as error:  # protobuf's DecodeError and the like: not ONNX at all
+            raise ValueError(f"{not_ours}: it is neither ONNX nor a zip archive (TorchScript, torch.export) "
+                             f"({type(error).__name__}: {error}).") from error
     recipe = metadata.get("recipe")
     return model, None if recipe is None else Recipe.from_dict(recipe)
