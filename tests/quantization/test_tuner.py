@@ -207,6 +207,10 @@ def test_a_model_with_two_inputs_takes_dict_batches_without_input_fn():
     result = quantize(model, PTQConfig(approach="static", backends=("onnxruntime",), **FAST), eval_fn=lambda m: 1.0,
                       calibration_data=batches)
     assert result.recipe is not None and [t.shape for t in result.example_inputs] == [(16, 8), (16, 4)]
+    example = {"y": torch.randn(3, 4), "x": torch.randn(3, 8)}  # example_inputs as a dict, by forward's names
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST), eval_fn=lambda m: 1.0,
+                      example_inputs=example)
+    assert result.example_inputs[0] is example["x"] and result.example_inputs[1] is example["y"]
 
 
 @pytest.mark.parametrize("approach", ["dynamic", "static"])

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -531,7 +531,7 @@ def compress(
     config: CompressionConfig | None = None,
     *,
     eval_fn: EvalFn,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     calibration_data: Iterable | None = None,
     fine_tune: FineTuneFn | None = None,
     fine_tune_steps: int | None = None,
@@ -548,7 +548,8 @@ def compress(
         config: which stages run and how (:class:`CompressionConfig`); default: shrink and export only.
         eval_fn: ``model -> metric`` (higher is better unless ``config.quantize.accuracy`` says otherwise), on
             validation data: it judges quantization candidates and fills the report's metric column.
-        example_inputs: one batch of inputs, used to trace (shrink, export) and to time every stage.
+        example_inputs: one batch of inputs, used to trace (shrink, export) and to time every stage (a tensor, a
+            tuple, or a dict keyed by forward's parameter names).
         calibration_data: batches for static quantization and layer sensitivity (see ``quantize``).
         fine_tune: ``fine_tune(model, step)``: trains `model` in place (any loop) and calls ``step(t)`` after
             its t-th optimizer step (t = 1, 2, ...), which prunes when the schedule says so. Without it pruning
@@ -568,7 +569,8 @@ def compress(
         raise TypeError(f"compress(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     if test_fn is not None and not callable(test_fn):
         raise TypeError(f"compress(test_fn={test_fn!r}): expected a callable model -> metric, or None.")
-    inputs = to_inputs(example_inputs)
+    inputs = to_inputs(model_input_fn(model)(example_inputs) if isinstance(example_inputs, Mapping)
+                       else example_inputs)  # a dict: by forward's parameter names
     default_input_fn_used = input_fn in (None, default_input_fn)
     input_fn = input_fn or model_input_fn(model)  # a dict batch is read by forward's parameter names
     if fine_tune is not None:

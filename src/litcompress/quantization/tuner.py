@@ -237,7 +237,7 @@ def quantize(
     *,
     eval_fn: EvalFn,
     calibration_data: Iterable | None = None,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     input_fn: Callable[[object], Inputs] | None = None,
 ) -> QuantizationResult:
     """Search int8 candidates across backends; return the fastest one that meets the accuracy goal (with
@@ -251,7 +251,8 @@ def quantize(
         calibration_data: an iterable of batches (tensors, tuples of inputs, or
             ``(inputs, target)`` pairs); required for ``approach="static"``. Also used to rank
             layers by sensitivity.
-        example_inputs: inputs used for export/tracing and latency measurement; defaults to the
+        example_inputs: inputs used for export/tracing and latency measurement (a tensor, a tuple, or a dict
+            keyed by forward's parameter names); defaults to the
             first calibration batch.
         input_fn: maps a batch of ``calibration_data`` to the model's positional inputs.
 
@@ -285,7 +286,8 @@ def quantize(
             raise ValueError("quantize(example_inputs=None): give example_inputs (a tensor or tuple of "
                              "tensors) or calibration_data, needed for export and latency measurement.")
         example_inputs = calibration[0]
-    example_inputs = to_inputs(example_inputs)
+    example_inputs = to_inputs(model_input_fn(model)(example_inputs) if isinstance(example_inputs, Mapping)
+                               else example_inputs)  # a dict: by forward's parameter names
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
     else:
