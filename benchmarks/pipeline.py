@@ -6,6 +6,9 @@ same data order). ``--model mlp`` (default): an MLP 784-1024-1024-10 (``litcompr
 of 32 and 64 filters with BatchNorm and ReLU, a 2x2 max-pool, a Linear classifier), structured setting only.
 ``--model resnet``: ``litcompress.models.ResNetClassifier`` (a stem and two residual blocks of zero-padded 3x3 convs,
 16 channels), structured setting only: litcompress prunes the residual stream as one group and shrinks it.
+``--model resnext``: ``litcompress.models.ResNeXtClassifier`` (a stride-2 stem and two bottleneck blocks around
+zero-padded 3x3 convs of 8 groups, 64 channels, on a 32-channel stream), structured setting only: litcompress prunes
+the grouped convs' channels, and those they read, evenly over their groups, and shrinks them with the stream.
 ``--model mobilenet``: ``litcompress.models.MobileNetClassifier`` (a stride-2 stem and two MobileNetV2 inverted
 residual blocks, 16 channels expanded to 64 around depthwise 3x3 convs), structured setting only: the depthwise
 convs are pruned by neither variant (their channels are the expand convs'); litcompress removes them with the expand
@@ -26,7 +29,8 @@ the two variants of a setting are timed in one interleaved run (allocator and th
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn|resnet|mobilenet|densenet|swiglu] [--threads 1] [--repeats 15]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet|resnext|mobilenet|densenet|swiglu] [--threads 1]
+                                  [--repeats 15]
                                   [--epochs 3] [--fine-tune-epochs 4] [--write]
 
 The last printed line is one JSON object with all figures; ``--write`` puts the table into BENCHMARKS.md.
@@ -62,7 +66,7 @@ from torch import nn  # noqa: E402
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
 from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier,  # noqa: E402
-                                MLPClassifier, MobileNetClassifier, ResNetClassifier)
+                                MLPClassifier, MobileNetClassifier, ResNetClassifier, ResNeXtClassifier)
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -72,11 +76,12 @@ from mnist_sparsity import replace_section  # noqa: E402
 from shrink import interleaved, stats  # noqa: E402
 
 SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),),
-            "resnet": (("ln_structured", 0.5),), "mobilenet": (("ln_structured", 0.5),),
-            "densenet": (("ln_structured", 0.5),), "swiglu": (("ln_structured", 0.5),)}
+            "resnet": (("ln_structured", 0.5),), "resnext": (("ln_structured", 0.5),),
+            "mobilenet": (("ln_structured", 0.5),), "densenet": (("ln_structured", 0.5),),
+            "swiglu": (("ln_structured", 0.5),)}
 # litcompress's int8: static for convolutions
-APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "mobilenet": "static", "densenet": "static",
-            "swiglu": "dynamic"}
+APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "resnext": "static", "mobilenet": "static",
+            "densenet": "static", "swiglu": "dynamic"}
 BATCHES = (1, 64)
 # per model: the BENCHMARKS.md section, its title's end, and the model in words
 SECTIONS = {
@@ -87,6 +92,11 @@ SECTIONS = {
     "resnet": ("pipeline_resnet", "on a ResNet (`benchmarks/pipeline.py --model resnet`)",
                "a small ResNet (`litcompress.models.ResNetClassifier`: a 3x3 conv stem and two residual blocks of "
                "zero-padded 3x3 convs, 16 channels, BatchNorm, global average pooling, a Linear 16-10)"),
+    "resnext": ("pipeline_resnext", "on a ResNeXt (`benchmarks/pipeline.py --model resnext`)",
+                "a small ResNeXt (`litcompress.models.ResNeXtClassifier`: a stride-2 3x3 conv stem of 32 channels "
+                "and two bottleneck blocks, each a 1x1 conv to 64 channels, a zero-padded 3x3 conv of 8 groups and a "
+                "1x1 conv back to the 32-channel residual stream, BatchNorm, global average pooling, a Linear "
+                "32-10; both variants prune the grouped convs too)"),
     "mobilenet": ("pipeline_mobilenet", "on a MobileNet (`benchmarks/pipeline.py --model mobilenet`)",
                   "a small MobileNetV2 (`litcompress.models.MobileNetClassifier`: a stride-2 3x3 conv stem and two "
                   "inverted residual blocks, 16 channels expanded to 64 around zero-padded depthwise 3x3 convs, "
@@ -126,9 +136,10 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
                            seed: int) -> nn.Module:
     """Lightning's callback as its docs show it, then torch's dynamic int8 quantization."""
     model = copy.deepcopy(dense)
-    # the classifier last; depthwise convs (groups > 1) are left out: their channels are the layer's before them
-    linears = [m for m in getattr(model, "net", model).modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1]
+    # the classifier last; depthwise convs are left out: their channels are the layer's before them (grouped convs
+    # that are not depthwise, ResNeXt's, are layers of their own)
+    linears = [m for m in getattr(model, "net", model).modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+               and not (getattr(m, "groups", 1) > 1 and m.groups == m.in_channels == m.out_channels)]
     if isinstance(model, GatedTransformerClassifier):  # the layers litcompress prunes (the classifier stays last)
         linears = [m for name, m in model.named_modules() if name.endswith((".w1", ".w3"))] + [model.head]
     structured = method.endswith("_structured")
@@ -267,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     models = {"mlp": lambda: MLPClassifier(in_features=784, hidden=(1024, 1024), lr=1e-3),
               "cnn": lambda: CNNClassifier(in_channels=1, image_size=28, channels=(32, 64), lr=1e-3),
               "resnet": lambda: ResNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, lr=1e-3),
+              "resnext": lambda: ResNeXtClassifier(in_channels=1, image_size=28, channels=32, width=64, groups=8,
+                                                   blocks=2, lr=1e-3),
               "mobilenet": lambda: MobileNetClassifier(in_channels=1, image_size=28, width=16, blocks=2, expansion=4,
                                                        lr=1e-3),
               "densenet": lambda: DenseNetClassifier(in_channels=1, image_size=28, stem=16, growth=8, layers=3,

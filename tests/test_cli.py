@@ -321,7 +321,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
     (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
-    (["--model", "vgg"], "expected one of mlp, cnn, resnet, mobilenet, transformer, swiglu, densenet, lstm or "
+    (["--model", "vgg"], "expected one of mlp, cnn, resnet, resnext, mobilenet, transformer, swiglu, densenet, lstm or "
                          "'package.module:Class'"),
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),

@@ -7,13 +7,16 @@ import pytest
 import torch
 
 from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, LSTMClassifier,
-                                MLPClassifier, MobileNetClassifier, ResNetClassifier, TransformerClassifier)
+                                MLPClassifier, MobileNetClassifier, ResNetClassifier, ResNeXtClassifier,
+                                TransformerClassifier)
 
 
 @pytest.mark.parametrize(("model", "inputs"), [
     (MLPClassifier(in_features=12, hidden=(7, 5), num_classes=4), torch.rand(3, 12)),
     (CNNClassifier(in_channels=2, image_size=9, channels=(3, 6, 4), num_classes=4), torch.rand(3, 2, 9, 9)),
     (ResNetClassifier(in_channels=2, width=6, blocks=3, num_classes=4), torch.rand(3, 2, 9, 9)),
+    (ResNeXtClassifier(in_channels=2, channels=6, width=12, groups=4, blocks=2, num_classes=4), torch.rand(3, 2, 9, 9)),
+    (ResNeXtClassifier(image_size=28, num_classes=4), torch.rand(3, 1, 28, 28)),
     (MobileNetClassifier(in_channels=2, width=6, blocks=3, expansion=2, num_classes=4), torch.rand(3, 2, 9, 9)),
     (MobileNetClassifier(in_channels=1, image_size=28, num_classes=4), torch.rand(3, 1, 28, 28)),
     (MobileNetClassifier(width=4, blocks=1, squeeze_excitation=True, num_classes=4), torch.rand(3, 1, 8, 8)),
@@ -28,7 +31,7 @@ from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransfor
 ])
 def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(model, inputs, tmp_path):
     assert model(inputs).shape == (3, 4)
-    if isinstance(model, (MobileNetClassifier, DenseNetClassifier)):  # the stem's stride follows the image size
+    if isinstance(model, (MobileNetClassifier, DenseNetClassifier, ResNeXtClassifier)):  # stride follows image size
         stem = model.net.stem if isinstance(model, DenseNetClassifier) else model.net[0]
         assert stem.stride == ((2, 2) if inputs.shape[-1] >= 16 else (1, 1))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -57,6 +60,8 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: DenseNetClassifier(image_size=4, blocks=4), "image_size=4 is too small for 4 blocks"),
     (lambda: DenseNetClassifier(image_size=16, blocks=5), "after a stride-2 stem"),
     (lambda: LSTMClassifier(hidden=0), "hidden=\\(0,\\)"),
+    (lambda: ResNeXtClassifier(width=20, groups=8), "width=20 is not a multiple of groups=8"),
+    (lambda: ResNeXtClassifier(groups=0), "groups=\\(0,\\)"),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):

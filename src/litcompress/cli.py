@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BUILTIN_MODELS = ("mlp", "cnn", "resnet", "mobilenet", "transformer", "swiglu", "densenet", "lstm")
+BUILTIN_MODELS = ("mlp", "cnn", "resnet", "resnext", "mobilenet", "transformer", "swiglu", "densenet", "lstm")
 BUILTIN_DATA = ("digits", "mnist")
 QUANTIZE_CHOICES = ("auto", "dynamic", "static", "weight_only", "none")
 
@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     source = run.add_argument_group("model and data")
     source.add_argument("--model", type=_class_spec("model", BUILTIN_MODELS), default="mlp",
-                        help="built-in 'mlp', 'cnn', 'resnet', 'mobilenet', 'transformer' (an image's rows as a "
+                        help="built-in 'mlp', 'cnn', 'resnet', 'resnext' (grouped convs), 'mobilenet', "
+                             "'transformer' (an image's rows as a "
                              "sequence), 'swiglu' (the same with LLaMA-style blocks: RMSNorm, SwiGLU feed-forward), "
                              "'densenet' or 'lstm' (the rows read by an LSTM), or package.module:LightningModuleClass")
     source.add_argument("--model-args", type=_json_object, default={},
@@ -349,10 +350,11 @@ def _datamodule(args: argparse.Namespace) -> Any:
 def _model(args: argparse.Namespace, data: Any) -> Any:
     from litcompress.callbacks.pruning import load_module_from_checkpoint
     from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, LSTMClassifier,
-                                    MLPClassifier, MobileNetClassifier, ResNetClassifier, TransformerClassifier)
+                                    MLPClassifier, MobileNetClassifier, ResNetClassifier, ResNeXtClassifier,
+                                    TransformerClassifier)
 
     if args.model in BUILTIN_MODELS:
-        cls = {"mlp": MLPClassifier, "cnn": CNNClassifier, "resnet": ResNetClassifier,
+        cls = {"mlp": MLPClassifier, "cnn": CNNClassifier, "resnet": ResNetClassifier, "resnext": ResNeXtClassifier,
                "mobilenet": MobileNetClassifier, "transformer": TransformerClassifier,
                "swiglu": GatedTransformerClassifier, "densenet": DenseNetClassifier, "lstm": LSTMClassifier}[args.model]
         if args.checkpoint is not None:

@@ -128,6 +128,50 @@ class ResNetClassifier(Classifier):
         )
 
 
+class ResNeXtBlock(nn.Module):
+    """ResNeXt's bottleneck without downsampling: ``relu(x + bn3(expand(h)))`` with
+    ``h = relu(bn2(grouped(relu(bn1(reduce(x))))))``; 1x1 convs from `channels` to `width` and back around a
+    zero-padded 3x3 conv of `groups` groups (its cardinality)."""
+
+    def __init__(self, channels: int, width: int, groups: int) -> None:
+        super().__init__()
+        if width % groups:
+            raise ValueError(f"width={width} is not a multiple of groups={groups}: a grouped conv splits its "
+                             "channels evenly.")
+        self.reduce, self.bn1 = nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.grouped = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.expand, self.bn3 = nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.reduce(x)))
+        h = torch.relu(self.bn2(self.grouped(h)))
+        return torch.relu(x + self.bn3(self.expand(h)))
+
+
+class ResNeXtClassifier(Classifier):
+    """A small ResNeXt: a 3x3 conv stem (stride 2 for images of 16 pixels or more, BatchNorm, ReLU), `blocks`
+    bottleneck blocks on a stream of `channels`, each with a grouped 3x3 conv of `width` channels in `groups`
+    groups, global average pooling and a Linear to `num_classes` logits. Structured pruning prunes the grouped
+    convs' channels and those they read evenly over their groups, and the residual stream as one group; shrink
+    removes them all."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, channels: int = 32, width: int = 64,
+                 groups: int = 8, blocks: int = 2, num_classes: int = 10, lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        for name, value in (("image_size", image_size), ("channels", channels), ("width", width),
+                            ("groups", groups), ("blocks", blocks)):
+            _check_widths(name, (value,))
+        self.save_hyperparameters()
+        stride = 2 if image_size >= 16 else 1
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(), *[ResNeXtBlock(channels, width, groups) for _ in range(blocks)],
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes),
+        )
+
+
 class InvertedResidualBlock(nn.Module):
     """MobileNetV2's block without downsampling: ``x + bn3(project(h))`` with
     ``h = relu6(bn2(depthwise(relu6(bn1(expand(x))))))``; 1x1 expand and project convs around a zero-padded
@@ -367,4 +411,5 @@ class DenseNetClassifier(Classifier):
 
 __all__ = ["CNNClassifier", "Classifier", "DenseLayer", "DenseNet", "DenseNetClassifier", "GatedFeedForward",
            "GatedTransformerBlock", "GatedTransformerClassifier", "InvertedResidualBlock", "LSTMClassifier",
-           "MLPClassifier", "MobileNetClassifier", "ResNetClassifier", "ResidualBlock", "TransformerClassifier"]
+           "MLPClassifier", "MobileNetClassifier", "ResNeXtBlock", "ResNeXtClassifier", "ResNetClassifier",
+           "ResidualBlock", "TransformerClassifier"]

@@ -1122,7 +1122,8 @@ RECURRENT_REASON = ("a recurrent layer: shrink does not remove hidden units (its
 def _describe_layer(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return f"Linear {module.in_features} -> {module.out_features}"
-    return f"{type(module).__name__} {module.in_channels} -> {module.out_channels}"
+    groups = f", {module.groups} groups" if _is_grouped(module) else ""
+    return f"{type(module).__name__} {module.in_channels} -> {module.out_channels}{groups}"
 
 
 def removable_channels(model: nn.Module, *, residual_groups: bool = True,
