@@ -11,19 +11,18 @@ Where the graph does not allow that to be done exactly, the channels stay and th
 through a chain from a producer (Linear, Conv, grouped Conv or transposed Conv) to a consumer (the same; only zero
 channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
 consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
-over BatchNorm, element-wise
-activations, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling,
-depthwise convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same
-channels) and a flatten from conv to Linear. An output with several users branches (Inception-style heads, multi-
-task models): a channel goes only if it reaches every branch's consumer as a constant, and each consumer folds the
-constant of its own branch. A concatenation along the channels (DenseNet, Inception, U-Net skips) places the
-producer's channels among the others, whose widths are read from the layers that make them; the ops after it lose
-the channels at that place. A residual add, a LayerNorm, a layer used twice, the model's output, or a concatenation
-whose inputs' widths the graph does not tell, on any branch, end the chain and keep the producer as it is. The feed-
-forward blocks of torch's Transformer layers, which fx does not trace into, are chains too. Channel spaces that
-residual additions or gating products (``w2(silu(w1(x)) * w3(x))``) join are handled as groups
-(:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read it (in all terms of a
-sum, in one factor of a product) leaves all of the group's layers.
+over BatchNorm, element-wise activations, dropout, a conv's spatial max/adaptive pooling (average pooling without
+padding) and upsampling, depthwise convolutions (a MobileNet block's middle layer: its channel j reads only channel
+j, so it loses the same channels) and a flatten from conv to Linear. An output with several users branches
+(Inception-style heads, multi-task models): a channel goes only if it reaches every branch's consumer as a constant,
+and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
+U-Net skips) places the producer's channels among the others, whose widths are read from the layers that make them;
+the ops after it lose the channels at that place. A residual add, a LayerNorm, a layer used twice, the model's
+output, or a concatenation whose inputs' widths the graph does not tell, on any branch, end the chain and keep the
+producer as it is. The feed-forward blocks of torch's Transformer layers, which fx does not trace into, are chains
+too. Channel spaces that residual additions or gating products (``w2(silu(w1(x)) * w3(x))``) join are handled as
+groups (:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read it (in all
+terms of a sum, in one factor of a product) leaves all of the group's layers.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
