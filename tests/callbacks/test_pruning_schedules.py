@@ -271,3 +271,28 @@ def test_a_schedule_within_the_fit_warns_nothing(tmp_path, recwarn):
                             use_lottery_ticket_hypothesis=False)
     make_trainer(tmp_path, callbacks=callback, max_epochs=3).fit(model)  # 12 steps: the last round runs
     assert _schedule_warnings(recwarn) == []
+
+
+def test_structured_schedules_prune_grouped_convs_and_their_inputs_evenly_over_the_groups(tmp_path):
+    """A ResNeXt block: the grouped conv and the 1x1 conv it reads lose channels evenly over its 4 groups (Lightning's
+    callback prunes each layer's weakest channels wherever they are), so shrink removes all of the grouped conv's."""
+    from litcompress import shrink
+    from litcompress.data import DigitsDataModule
+    from litcompress.models import ResNeXtClassifier
+
+    seed_everything(0)
+    model = ResNeXtClassifier(image_size=8, channels=16, width=32, groups=4, blocks=1)
+    block = model.net[3]
+    targets = [(block.reduce, "weight"), (block.grouped, "weight")]
+    callback = ModelPruning("ln_structured", amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=20, frequency=5),
+                            pruning_dim=0, pruning_norm=2, use_global_unstructured=False,
+                            parameters_to_prune=targets, use_lottery_ticket_hypothesis=False)
+    data = DigitsDataModule(batch_size=64, flatten=False)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=2, limit_train_batches=None).fit(model, datamodule=data)
+    for module in (block.reduce, block.grouped):
+        zero_rows = (module.weight.flatten(1) == 0).all(dim=1)
+        assert zero_rows.view(4, 8).sum(dim=1).tolist() == [4, 4, 4, 4]  # half of each group's 8 channels
+    x = next(iter(data.val_dataloader()))[0]
+    report = shrink(model.eval(), x).report
+    (grouped,) = [layer for layer in report.layers if layer.name == "net.3.grouped"]
+    assert (grouped.channels_before, grouped.channels_after, grouped.left) == (32, 16, 0)

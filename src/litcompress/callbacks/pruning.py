@@ -84,6 +84,11 @@ class ModelPruning(Callback):
         reset_optimizer: clear the optimizers' state (momenta) after each lottery-ticket reset.
         keep_multiple_of: with a structured method and a schedule, round the rows/channels each layer keeps up to a
             multiple of this (e.g. 16): CPU kernels run faster on such counts, depthwise convolutions most.
+
+    With a structured method on output channels (``pruning_dim=0``) and a schedule, the channels of grouped convs
+    (ResNeXt's) and of the layers that grouped convs read are pruned evenly over those groups, the only way
+    ``litcompress.shrink`` can remove them (the layers that read them are found by tracing the model with torch.fx;
+    a model it cannot trace gets the grouped convs' own groups only).
     """
 
     PARAMETER_NAMES = ("weight", "bias")
@@ -195,6 +200,7 @@ class ModelPruning(Callback):
                 " `pruning_fn` and a `SparsitySchedule` amount."
             )
         self._keep_multiple_of = keep_multiple_of
+        self._slice_groups: dict[tuple[nn.Module, str], int] = {}
         self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule)
         self._reset_optimizer = reset_optimizer
 
@@ -307,6 +313,7 @@ class ModelPruning(Callback):
         self._parameters_to_prune = self.filter_parameters_to_prune(parameters_to_prune)
         self._check_parametrized(pl_module, given)
         self._validate_against_model()
+        self._slice_groups = self._even_slices(pl_module)
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
         self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(
@@ -407,12 +414,36 @@ class ModelPruning(Callback):
 
     def _prune_to_target(self, target: float) -> None:
         """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope)."""
+        even = {"slice_groups": self._slice_groups} if self._slice_groups else {}
         with self._logging_sparsity(target):
             engine.prune_to_sparsity_(
                 self._parameters_to_prune, self._method, target,
                 scope="global" if self._use_global_unstructured else "local", keep_multiple_of=self._keep_multiple_of,
-                **self._method_kwargs,
+                **self._method_kwargs, **even,
             )
+
+    def _even_slices(self, pl_module: LightningModule) -> dict[tuple[nn.Module, str], int]:
+        """For a schedule's structured rounds on output channels: the weight targets whose channels go evenly over
+        groups (see the class docstring), with how many."""
+        if self._schedule is None or self._method.PRUNING_TYPE != "structured" or self._method_kwargs.get("dim") != 0:
+            return {}
+        from litcompress.pruning.shrink import _is_grouped, channel_plan
+
+        groups = {id(m): m.groups for m, name in self._parameters_to_prune if name == "weight" and _is_grouped(m)}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plan = channel_plan(pl_module)
+        except Exception:  # noqa: BLE001 - a model fx cannot trace: the grouped convs' own groups only
+            plan = None
+        if plan is not None:
+            modules = dict(pl_module.named_modules())
+            for name, count in plan.slice_groups.items():
+                module = modules.get(name)
+                if module is not None:
+                    groups[id(module)] = math.lcm(groups.get(id(module), 1), count)
+        return {(m, name): groups[id(m)] for m, name in self._parameters_to_prune
+                if name == "weight" and groups.get(id(m), 1) > 1}
 
     def _epoch_schedule_due(self, current_epoch: int) -> bool:
         """With a schedule, only epoch-level ones prune at epoch boundaries, and only on their grid."""
