@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from torch import fx, nn
 
 
 def guards_an_error(caught: warnings.WarningMessage) -> bool:
@@ -31,14 +32,52 @@ def guards_an_error(caught: warnings.WarningMessage) -> bool:
     return False
 
 
+_NUMBER_TYPES = {"float", "int", "number", "SymInt", "Optional[float]", "Optional[int]", "Optional[number]"}
+
+
+def numbers_read_from_constants(model: nn.Module) -> bool:
+    """Whether `model`'s FX graphs call ops with number arguments (a float scale, an int zero point) and take every
+    such tensor-held number from an attribute, a constant, never from data: torch.ao's converted residual adds,
+    ``quantized.add_relu(x, y, scale, zero_point)``. Tracing then warns that it converts a tensor to a Python number,
+    which is right for every input."""
+    found = False
+    for module in model.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        for node in graph.nodes:
+            target = node.target
+            overload = getattr(target, "default", None) if isinstance(target, torch._ops.OpOverloadPacket) else target
+            schema = getattr(overload, "_schema", None)
+            if node.op != "call_function" or schema is None:
+                continue
+            for argument, value in zip(schema.arguments, node.args):
+                if str(argument.type) in _NUMBER_TYPES and isinstance(value, fx.Node):
+                    if value.op != "get_attr":
+                        return False
+                    found = True
+    return found
+
+
+def _converts_a_constant(caught: warnings.WarningMessage) -> bool:
+    """A warning raised by an op call (not by model code) for converting a tensor argument to a Python number."""
+    return str(caught.message).startswith("Converting a tensor to a Python") and \
+        caught.filename.replace("\\", "/").endswith("torch/_ops.py")
+
+
 @contextlib.contextmanager
-def tracer_warnings_that_matter() -> Iterator[None]:
+def tracer_warnings_that_matter(numbers_are_constants: bool = False) -> Iterator[None]:
     """Within the block, other warnings are ignored and TracerWarnings recorded; after it, those that do not guard an
-    error are warned again, where they were raised (a caller recording warnings sees them as before)."""
+    error are warned again, where they were raised (a caller recording warnings sees them as before). With
+    `numbers_are_constants` (see :func:`numbers_read_from_constants`), neither are an op's conversions of its
+    number arguments."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore")
         warnings.simplefilter("always", torch.jit.TracerWarning)
         yield
     for warning in caught:
-        if issubclass(warning.category, torch.jit.TracerWarning) and not guards_an_error(warning):
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        if not issubclass(warning.category, torch.jit.TracerWarning) or guards_an_error(warning):
+            continue
+        if numbers_are_constants and _converts_a_constant(warning):
+            continue
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

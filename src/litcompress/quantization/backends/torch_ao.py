@@ -19,7 +19,7 @@ from torch import nn
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
-from ..tracing import tracer_warnings_that_matter
+from ..tracing import numbers_read_from_constants, tracer_warnings_that_matter
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
                _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
@@ -196,7 +196,8 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -
         if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
             sub._jit_is_scripting = True
     try:
-        with tracer_warnings_that_matter():  # not those of conditions that only guard an error (the RNNs' checks)
+        # not those of conditions that only guard an error (the RNNs' checks), nor of the residual adds' constants
+        with tracer_warnings_that_matter(numbers_are_constants=numbers_read_from_constants(module)):
             # strict=False: a model returning a dict or a list (of a fixed structure) traces as it is
             scripted = torch.jit.trace(module, example_inputs, check_trace=False, strict=False)
     except Exception as exc:  # every recipe of this model would fail alike
