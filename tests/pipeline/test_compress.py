@@ -927,3 +927,20 @@ def test_a_masked_recurrent_layer_computes_with_its_mask_and_keeps_it_through_pe
     masked.sum().backward()  # the gradient reaches the trainable weights through the mask
     orig = model[0].weight_hh_l0_orig
     assert orig.grad is not None and torch.all(orig.grad[model[0].weight_hh_l0_mask == 0] == 0)
+
+
+def test_a_bfloat16_model_is_pruned_quantized_and_its_file_read_back(digits, tmp_path):
+    x_val, y_val = digits[2], digits[3]
+    torch.manual_seed(0)
+    model = train(mlp(64, 96, 96, 10), digits[0], digits[1]).to(torch.bfloat16)
+
+    def accuracy(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return (candidate(x_val.bfloat16()).argmax(1) == y_val).float().mean().item()
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(approach="dynamic", max_trials=3),
+                               latency_repeats=2)
+    result = compress(model, config, eval_fn=accuracy, example_inputs=x_val[:16].bfloat16(), output_dir=tmp_path)
+    quantized = result.report["quantized"]
+    assert "read back" in quantized.description and quantized.metric > 0.9
+    assert any("bfloat16 weights were quantized from a float32 copy" in m for m in result.report.messages)

@@ -418,3 +418,34 @@ def test_a_reachable_min_speedup_keeps_the_fastest_int8_model(trained_mlp, digit
     result = quantize(trained_mlp, config, eval_fn=accuracy_fn(x_test, y_test), example_inputs=x_test[:1])
     assert result.recipe is not None and result.goal_met
     assert not any(m.startswith("min_speedup=") for m in result.messages)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_a_half_precision_model_quantizes_on_every_backend(dtype, approach, tmp_path):
+    """A model trained with Lightning's precision="bf16-true" has bfloat16 weights. Before, torch_ao failed ("expected
+    scalar type Float but found BFloat16") and ONNX Runtime had no kernel ("Gemm(13)"): only PT2E was left."""
+    from litcompress.quantization import load_quantized
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = torch.randn(256, 32)
+    labels = model(x).argmax(1)
+    model = model.to(dtype)
+
+    def accuracy(candidate: nn.Module) -> float:  # fed the model's own dtype, as the user's data loader gives it
+        with torch.no_grad():
+            return (candidate(x.to(dtype)).argmax(1) == labels).float().mean().item()
+
+    result = quantize(model, PTQConfig(approach=approach, backends=("torch_ao", "onnxruntime", "pt2e"), **FAST),
+                      eval_fn=accuracy, calibration_data=[x[:64].to(dtype)])
+    assert {t.recipe.backend for t in result.trials} == {"torch_ao", "onnxruntime", "pt2e"}
+    assert all(t.error is None and t.metric > 0.9 for t in result.trials)
+    assert next(model.parameters()).dtype == dtype  # the model given is untouched
+    with torch.no_grad():
+        expected = result.model(x[:8].to(dtype))  # the result takes the model's inputs
+    path = tmp_path / ("model.onnx" if result.recipe.backend == "onnxruntime" else "model.pt")
+    result.save(path)
+    loaded, _ = load_quantized(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:8].to(dtype).float()), expected)  # its file takes float32 inputs

@@ -36,8 +36,8 @@ from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs, default_input_fn,
-                                            model_input_fn, quantize)
+from litcompress.quantization.tuner import (FloatInputs, QuantizationResult, check_metric, check_model_runs,
+                                            default_input_fn, model_input_fn, quantize)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -279,6 +279,8 @@ def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: s
                            dynamic_dims=dynamic_dims)
         with pinned_threads(num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(partial)
+        if isinstance(model, FloatInputs):  # a half-precision model's: judged on the same inputs as the model
+            loaded = FloatInputs(loaded)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

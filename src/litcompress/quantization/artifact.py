@@ -39,6 +39,10 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     `dynamic_dims` (``{input_index: dims}``, as in :class:`PTQConfig`; ``QuantizationResult.save`` passes the
     ones its search used); a format that cannot leave one free raises an error that says which.
     """
+    from .tuner import FloatInputs, float32_inputs
+
+    if isinstance(model, FloatInputs):  # a half-precision model's result: its file takes float32 inputs
+        model, example_inputs = model.model, float32_inputs(tuple(example_inputs))
     dynamic_dims = normalize_dynamic_dims(dynamic_dims, "save_quantized")
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")

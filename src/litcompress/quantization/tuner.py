@@ -163,6 +163,31 @@ def default_input_fn(batch: object) -> Inputs:
     return to_inputs(batch)
 
 
+def low_precision_dtypes(model: nn.Module) -> set[torch.dtype]:
+    """The half-precision float dtypes among `model`'s parameters and buffers (a ``bf16-true`` Lightning run's)."""
+    return {t.dtype for t in itertools.chain(model.parameters(), model.buffers())
+            if t.dtype in (torch.bfloat16, torch.float16)}
+
+
+def float32_inputs(inputs: Inputs) -> Inputs:
+    """`inputs` with every half-precision float tensor cast to float32 (integer inputs, token ids, as they are)."""
+    return tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+                 for x in inputs)
+
+
+class FloatInputs(nn.Module):
+    """`model` (an int8 candidate, or the float32 copy of a bfloat16/float16 model) called with half-precision float
+    inputs cast to float32, which int8 kernels and ONNX Runtime need; what `quantize` returns for such a model.
+    Saving it saves `model`, whose file takes float32 inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*float32_inputs(inputs))
+
+
 def forward_parameters(model: nn.Module) -> list[str]:
     """The names of ``model.forward``'s positional parameters, in order (empty when it has no signature)."""
     try:
@@ -298,6 +323,8 @@ def quantize(
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
+    if low_precision_dtypes(model):  # int8 kernels and exporters take float32 activations: see FloatInputs
+        example_inputs, calibration = float32_inputs(example_inputs), [float32_inputs(b) for b in calibration]
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
@@ -315,6 +342,16 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         logger.info(message)
 
     fp32 = deepcopy_model(model).eval()
+    low_precision = low_precision_dtypes(model)
+    if low_precision:
+        # int8 kernels take float32 activations: the search quantizes a float32 copy, and every candidate (and the
+        # result) casts the user's low-precision inputs, so that eval_fn can feed them as it feeds the model
+        fp32.float()
+        user_eval_fn = eval_fn
+        eval_fn = lambda candidate: user_eval_fn(FloatInputs(candidate))  # noqa: E731
+        note(f"the model's {', '.join(sorted(str(d).removeprefix('torch.') for d in low_precision))} weights were "
+             "quantized from a float32 copy; the result casts float inputs to float32, and its file takes float32 "
+             "inputs.")
     if make_permanent_(fp32):  # int8 kernels and exporters take plain weights: the pruned ones, zeros and all
         note("the model's pruning masks were made permanent in the copy quantized (the model keeps them).")
     folded = fold_parametrizations_(fp32)  # torch_ao would skip a weight-normed Linear; exports recompute the norm
@@ -484,6 +521,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             note(warning)
             warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
 
+    if low_precision:  # the result takes the model's own inputs, as the candidates were judged
+        fp32 = FloatInputs(fp32)
+        models = {index: FloatInputs(candidate) for index, candidate in models.items()}
     if chosen is None:
         return QuantizationResult(model=fp32, recipe=None, metric=baseline_metric, baseline_metric=baseline_metric,
                                   latency_s=baseline_latency, baseline_latency_s=baseline_latency,
