@@ -8,7 +8,8 @@ plain parameter first, as inference does anyway (``remove_weight_norm`` before s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,29 +87,33 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     for path, module, name in parametrized_tensors(model):
         described = describe_parametrization(module, name)
         hook = _norm_hook(module, name)
-        if hook is not None:  # torch's removal computes the weight and makes it a parameter
-            training = module.training
-            module.eval()
-            with torch.no_grad():
-                if isinstance(hook, WeightNorm):
-                    torch.nn.utils.remove_weight_norm(module, name)
-                else:
-                    torch.nn.utils.remove_spectral_norm(module, name)
-            module.train(training)
-            folded.append(f"{path + '.' if path else ''}{name} ({described})")
-            continue
-        # torch deletes the tensor's property from the module's class, which a deep copy shares with the module
-        # it was copied from: folding a copy would break the original. Give the module a class of its own first.
-        cls = type(module)
-        module.__class__ = type(cls.__name__, cls.__bases__,
-                                {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-        training = module.training
-        module.eval()
-        # Not under no_grad: torch keeps a tensor that requires no grad as a buffer rather than a parameter.
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-        module.train(training)
+        with _in_eval_mode(module):
+            if hook is not None:  # torch's removal computes the weight and makes it a parameter
+                with torch.no_grad():
+                    remove = torch.nn.utils.remove_weight_norm if isinstance(hook, WeightNorm) else \
+                        torch.nn.utils.remove_spectral_norm
+                    remove(module, name)
+            else:
+                # torch deletes the tensor's property from the module's class, which a deep copy shares with the
+                # module it was copied from: folding a copy would break the original. Give it a class of its own.
+                cls = type(module)
+                module.__class__ = type(cls.__name__, cls.__bases__,
+                                        {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+                # Not under no_grad: torch keeps a tensor that requires no grad as a buffer, not a parameter.
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         folded.append(f"{path + '.' if path else ''}{name} ({described})")
     return folded
+
+
+@contextlib.contextmanager
+def _in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode within the block (``spectral_norm`` runs a power iteration in training mode)."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
 
 
 def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
@@ -116,7 +121,7 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     """`state` (of a copy of `reference` after :func:`fold_parametrizations_`) in `reference`'s own layout.
 
     Each folded tensor is assigned to a deep copy of `reference` through its parametrization's ``right_inverse``
-    (weight norm's gives back ``g`` and ``v`` exactly, zeros included). Returns the state dict and the folded
+    (weight norm's ``g`` and ``v`` are computed here: its own inverse turns a zero channel into ``0 / 0``). Returns the state dict and the folded
     tensors whose parametrization does not give its value back (``spectral_norm``: ``v / sigma(v)`` for ``v``):
     when there is one, `state` is returned unchanged, since a loaded model would not compute the pruned weights.
     """
@@ -135,15 +140,23 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
             module = target.get_submodule(path)
             value = plain.pop(qualified).detach()
             hook = _norm_hook(module, name)
+            chain = None if hook is not None else module.parametrizations[name]
             try:
                 if isinstance(hook, WeightNorm):
-                    back = _unfold_weight_norm_hook_(module, hook, value)
-                elif hook is None:
-                    setattr(module, name, value.clone())  # the originals take the storage of what is assigned
-                    _zero_rows_of_weight_norm_(module, name)
-                    back = getattr(module, name)
-                else:  # a spectral norm hook has no inverse
+                    g, v = _weight_norm_parts(value, hook.dim)
+                    getattr(module, name + "_g").copy_(g)
+                    getattr(module, name + "_v").copy_(v)
+                    back = hook.compute_weight(module)
+                elif hook is not None:  # a spectral norm hook has no inverse
                     back = None
+                elif len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                    g, v = _weight_norm_parts(value, chain[0].dim)
+                    chain.original0.copy_(g)
+                    chain.original1.copy_(v)
+                    back = getattr(module, name)
+                else:
+                    setattr(module, name, value.clone())  # the originals take the storage of what is assigned
+                    back = getattr(module, name)
             except Exception:  # noqa: BLE001 - a parametrization without right_inverse, or one that rejects the value
                 back = None
             exact = back is not None and torch.equal(back == 0, value == 0) and torch.allclose(
@@ -162,27 +175,13 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     return target.state_dict(), []
 
 
-def _unfold_weight_norm_hook_(module: nn.Module, hook: WeightNorm, value: Tensor) -> Tensor:
-    """Set the hook's ``<name>_g`` and ``<name>_v`` to give `value` (a zero row: ``g = 0``, ``v = 1``); returns the
-    weight they compute."""
-    g = torch.norm_except_dim(value, 2, hook.dim)
+def _weight_norm_parts(value: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``g`` and ``v`` of weight norm along `dim` that compute `value`. A zero row (a pruned channel) would be
+    ``g = 0, v = 0``, which computes ``0 / 0``: it gets ``v = 1``, which computes ``0 * v / |v| = 0``."""
+    g = torch.norm_except_dim(value, 2, dim)
     v = value.clone()
     v.masked_fill_((g == 0).expand_as(v), 1.0)
-    getattr(module, hook.name + "_g").copy_(g)
-    getattr(module, hook.name + "_v").copy_(v)
-    return hook.compute_weight(module)
-
-
-def _zero_rows_of_weight_norm_(module: nn.Module, name: str) -> None:
-    """Weight norm's inverse of a zero row (a pruned channel) is ``g = 0`` and ``v = 0``, which computes
-    ``0 / 0``: give such rows ``v = 1``, so that they compute ``0 * v / |v| = 0``."""
-    chain = module.parametrizations[name]
-    if len(chain) != 1 or not isinstance(chain[0], _WeightNorm) or not hasattr(chain, "original1"):
-        return
-    g, v = chain.original0, chain.original1
-    zero = (g == 0).expand_as(v)
-    with torch.no_grad():
-        v.masked_fill_(zero, 1.0)
+    return g, v
 
 
 __all__ = ["check_prunable", "fold_parametrizations_", "is_computed", "parametrized_targets", "parametrized_tensors",
