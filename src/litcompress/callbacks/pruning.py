@@ -313,7 +313,8 @@ class ModelPruning(Callback):
         self._parameters_to_prune = self.filter_parameters_to_prune(parameters_to_prune)
         self._check_parametrized(pl_module, given)
         self._validate_against_model()
-        self._slice_groups = self._even_slices(pl_module)
+        if stage == "fit":  # rounds run while fitting only; validate/test need no trace
+            self._slice_groups = self._even_slices(pl_module)
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
         self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(
@@ -427,9 +428,9 @@ class ModelPruning(Callback):
         groups (see the class docstring), with how many."""
         if self._schedule is None or self._method.PRUNING_TYPE != "structured" or self._method_kwargs.get("dim") != 0:
             return {}
-        from litcompress.pruning.shrink import _is_grouped, channel_plan
+        from litcompress.pruning.shrink import channel_plan, is_grouped
 
-        groups = {id(m): m.groups for m, name in self._parameters_to_prune if name == "weight" and _is_grouped(m)}
+        groups = {id(m): m.groups for m, name in self._parameters_to_prune if name == "weight" and is_grouped(m)}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -121,9 +121,10 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     """`state` (of a copy of `reference` after :func:`fold_parametrizations_`) in `reference`'s own layout.
 
     Each folded tensor is assigned to a deep copy of `reference` through its parametrization's ``right_inverse``
-    (weight norm's ``g`` and ``v`` are computed here: its own inverse turns a zero channel into ``0 / 0``). Returns the state dict and the folded
-    tensors whose parametrization does not give its value back (``spectral_norm``: ``v / sigma(v)`` for ``v``):
-    when there is one, `state` is returned unchanged, since a loaded model would not compute the pruned weights.
+    (weight norm's ``g`` and ``v`` are computed here: its own inverse turns a zero channel into ``0 / 0``). Returns
+    the state dict and the folded tensors whose parametrization does not give its value back (``spectral_norm``:
+    ``v / sigma(v)`` for ``v``): when there is one, `state` is returned unchanged, since a loaded model would not
+    compute the pruned weights.
     """
     if not folded:
         return dict(state), []

@@ -329,14 +329,14 @@ def _is_producer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, _CONV_LIKE) and module.groups == 1)
 
 
-def _is_grouped(module: nn.Module) -> bool:
+def is_grouped(module: nn.Module) -> bool:
     """A conv of ``groups > 1`` that is not depthwise (ResNeXt, RegNet): its channels go in equal numbers per group."""
     return isinstance(module, _CONV) and module.groups > 1 and not is_depthwise(module)
 
 
 def _has_channels(module: nn.Module) -> bool:
     """A layer whose output channels shrink can remove (grouped convs in equal numbers per group)."""
-    return _is_producer(module) or _is_grouped(module)
+    return _is_producer(module) or is_grouped(module)
 
 
 def _balance_(dead: Tensor, groups: int, offset: int = 0, total: int | None = None) -> None:
@@ -791,7 +791,7 @@ def _keep_input_channels_(consumer: nn.Module, keep: Tensor, channels: int) -> N
     gives each channel a block of columns, channel-major; a transposed conv reads its inputs in dim 0; a grouped
     conv's rows of group g read its input channels of group g, as columns of their own)."""
     weight = consumer.weight.detach()
-    if _is_grouped(consumer):
+    if is_grouped(consumer):
         groups, per_group = consumer.groups, channels // consumer.groups
         rows = weight.shape[0] // groups
         keep = keep.to(weight.device)
@@ -870,9 +870,9 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                 + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
                 "zero_batch_norm does, makes them zero)")
     # Grouped convs, the producer or a consumer, lose channels in equal numbers per group.
-    balances = [(producer.groups, 0, None)] if _is_grouped(producer) else []
+    balances = [(producer.groups, 0, None)] if is_grouped(producer) else []
     for branch in chain.branches:
-        if _is_grouped(branch.consumer):
+        if is_grouped(branch.consumer):
             start = next((op.start for op in reversed(branch.ops) if isinstance(op, _Concat)), 0)
             balances.append((branch.consumer.groups, start, branch.consumer.in_channels))
     if balances and all(offset == 0 and total in (None, channels) for _, offset, total in balances):
@@ -894,8 +894,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         return f"keeping a multiple of {keep_multiple_of} channels leaves none of its zero channels to remove"
     if balances and not bool(dead.any()):
         return ("its zero channels are not spread evenly over the groups of the grouped conv(s) "
-                + ", ".join([producer_name] * _is_grouped(producer)
-                            + [b.consumer_name for b in chain.branches if _is_grouped(b.consumer)])
+                + ", ".join([producer_name] * is_grouped(producer)
+                            + [b.consumer_name for b in chain.branches if is_grouped(b.consumer)])
                 + ", which must each lose as many")
     keep = (~dead).nonzero().flatten()
     remove = dead.nonzero().flatten()
@@ -938,7 +938,7 @@ def _fold_and_drop_inputs_(branch: _Branch, remove: Tensor, constants: Tensor, k
     """Add what the `remove`d ones of the consumer's input `channels` contributed (the `constants` they carry) to
     the consumer's bias, then keep only the inputs that read the `keep` ones."""
     consumer = branch.consumer
-    if bool((constants != 0).any()) and _is_grouped(consumer):  # an unpadded one: input channel c, group g's rows
+    if bool((constants != 0).any()) and is_grouped(consumer):  # an unpadded one: input channel c, group g's rows
         weight = consumer.weight.detach()
         per_group, rows = channels // consumer.groups, weight.shape[0] // consumer.groups
         contribution = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -1084,8 +1084,8 @@ class ChannelPlan:
 def _slice_groups(chain: _Chain) -> int:
     """In how many equal groups the producer's channels must be removed: the least common multiple of its own
     groups and those of the grouped convs reading them (whole: a concatenation before one is left to shrink)."""
-    groups = [chain.producer.groups] if _is_grouped(chain.producer) else []
-    groups += [branch.consumer.groups for branch in chain.branches if _is_grouped(branch.consumer)
+    groups = [chain.producer.groups] if is_grouped(chain.producer) else []
+    groups += [branch.consumer.groups for branch in chain.branches if is_grouped(branch.consumer)
                and not any(isinstance(op, _Concat) for op in branch.ops)]
     return math.lcm(*groups) if groups else 1
 
@@ -1121,7 +1121,7 @@ RECURRENT_REASON = ("a recurrent layer: shrink does not remove hidden units (its
 def _describe_layer(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return f"Linear {module.in_features} -> {module.out_features}"
-    groups = f", {module.groups} groups" if _is_grouped(module) else ""
+    groups = f", {module.groups} groups" if is_grouped(module) else ""
     return f"{type(module).__name__} {module.in_channels} -> {module.out_channels}{groups}"
 
 
@@ -1291,4 +1291,4 @@ def shrink(
 
 
 __all__ = ["ChannelPlan", "LayerShrink", "ShrinkReport", "ShrinkResult", "channel_plan", "following_batch_norms",
-           "is_depthwise", "removable_channels", "shrink", "shrink_"]
+           "is_depthwise", "is_grouped", "removable_channels", "shrink", "shrink_"]

@@ -18,7 +18,7 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import QuantizationResult, quantize
+from .tuner import QuantizationResult, quantize, signature_or_none
 
 
 #: A Trainer that runs in this process on the CPU and writes nothing: no logger, checkpoints or progress output.
@@ -38,13 +38,6 @@ def detached_copy(module: L.LightningModule) -> L.LightningModule:
     if trainer is not None:
         memo[id(trainer)] = None
     return deepcopy_model(module, memo)
-
-
-def _signature_or_none(function: Callable) -> inspect.Signature | None:
-    try:
-        return inspect.signature(function)
-    except (TypeError, ValueError):
-        return None
 
 
 class KeywordsAsPositional(nn.Module):
@@ -99,7 +92,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     trainer = trainer or _evaluation_trainer()
 
     replaced = host if submodule is None else getattr(host, submodule)
-    signature = _signature_or_none(replaced.forward)
+    signature = signature_or_none(replaced.forward)
 
     def evaluate(candidate: nn.Module) -> float:
         candidate = KeywordsAsPositional(candidate, signature)  # ONNX and TorchScript models take no keywords

@@ -188,11 +188,18 @@ class FloatInputs(nn.Module):
         return self.model(*float32_inputs(inputs))
 
 
+def signature_or_none(function: Callable) -> inspect.Signature | None:
+    """`function`'s signature, or None when it has none Python can read (a builtin, a TorchScript method)."""
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+
+
 def forward_parameters(model: nn.Module) -> list[str]:
     """The names of ``model.forward``'s positional parameters, in order (empty when it has no signature)."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
+    signature = signature_or_none(model.forward)
+    if signature is None:
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [name for name, parameter in signature.parameters.items() if parameter.kind in kinds]
@@ -323,8 +330,6 @@ def quantize(
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
-    if low_precision_dtypes(model):  # int8 kernels and exporters take float32 activations: see FloatInputs
-        example_inputs, calibration = float32_inputs(example_inputs), [float32_inputs(b) for b in calibration]
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
@@ -347,6 +352,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         # int8 kernels take float32 activations: the search quantizes a float32 copy, and every candidate (and the
         # result) casts the user's low-precision inputs, so that eval_fn can feed them as it feeds the model
         fp32.float()
+        example_inputs, calibration = float32_inputs(example_inputs), [float32_inputs(b) for b in calibration]
         user_eval_fn = eval_fn
         eval_fn = lambda candidate: user_eval_fn(FloatInputs(candidate))  # noqa: E731
         note(f"the model's {', '.join(sorted(str(d).removeprefix('torch.') for d in low_precision))} weights were "
