@@ -118,6 +118,13 @@ def test_reached_by_is_the_target_of_the_last_round_so_far(schedule: SparsitySch
     assert schedule.reached_by(schedule.end) == schedule.target(schedule.end)
 
 
+def test_reached_by_gives_the_readmes_example() -> None:
+    """README: a 90% schedule to step 1000 in a 100-step fit leaves 24%."""
+    schedule = PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=10)
+    assert schedule.reached_by(100) == pytest.approx(0.9 * (1 - 0.9 ** 3)) and f"{schedule.reached_by(100):.0%}" == "24%"
+    assert schedule.reached_by(105) == schedule.reached_by(100)  # no round between grid points
+
+
 @settings(max_examples=150, deadline=None)
 @given(schedule=any_schedules(), n_total=st.integers(0, 10_000_000))
 def test_count_to_prune_hits_rounded_target_exactly_along_schedule(schedule: SparsitySchedule, n_total: int) -> None:

@@ -110,10 +110,17 @@ def _exportable_(model: nn.Module, free_lengths: bool = False) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None) -> bytes:
+    """The bytes of :func:`export_onnx_with_structure`."""
+    return export_onnx_with_structure(model, example_inputs, dynamic_dims)[0]
+
+
+def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs,
+                               dynamic_dims: DynamicDims | None = None) -> tuple[bytes, Structure]:
     """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
     written in ops it knows; with free dims besides the batch, its nn.MultiheadAttentions as HeadPrunedAttentions
     of all their heads, whose traced reshapes keep no sequence length), leaving the batch dims and `dynamic_dims`
-    free; raises :class:`FixedDimError` when the file turns out to fix one (the exporter traces)."""
+    free; raises :class:`FixedDimError` when the file turns out to fix one (the exporter traces). Returns the file's
+    bytes and the structure of the model's output, which they record when it is not a single tensor."""
     original = model  # the file is compared with it (the exporter may modify the copy it is given)
     model = _exportable_(copy.deepcopy(model).eval(), free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims)
                          is not None)
@@ -140,7 +147,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
     model_bytes = with_output_structure(buffer.getvalue(), structure)
     check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(model_bytes), example_inputs,
                     dynamic_dims, "torch.onnx.export")
-    return model_bytes
+    return model_bytes, structure
 
 
 def with_output_structure(model_bytes: bytes, structure: Structure) -> bytes:
@@ -156,14 +163,6 @@ def with_output_structure(model_bytes: bytes, structure: Structure) -> bytes:
     entry = proto.metadata_props.add()
     entry.key, entry.value = OUTPUTS_KEY, json.dumps(structure)
     return proto.SerializeToString()
-
-
-def output_structure_of(model_bytes: bytes) -> Structure:
-    """The output structure recorded in an ONNX file (a single tensor when none is)."""
-    import onnx
-
-    recorded = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}.get(OUTPUTS_KEY)
-    return json.loads(recorded) if recorded else TENSOR
 
 
 def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
@@ -242,7 +241,7 @@ class OnnxRuntimeBackend(Backend):
                                               quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        fp32_bytes = export_onnx(model, example_inputs, self.dynamic_dims)
+        fp32_bytes, structure = export_onnx_with_structure(model, example_inputs, self.dynamic_dims)
         with tempfile.TemporaryDirectory(prefix="litcompress_ort_") as tmp:
             src, pre, dst = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
             with open(src, "wb") as f:
@@ -270,7 +269,7 @@ class OnnxRuntimeBackend(Backend):
             else:
                 raise ValueError(f"onnxruntime backend does not support approach {recipe.approach!r}.")
             with open(dst, "rb") as f:
-                return OnnxRuntimeModule(with_output_structure(f.read(), output_structure_of(fp32_bytes)))
+                return OnnxRuntimeModule(with_output_structure(f.read(), structure))
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
