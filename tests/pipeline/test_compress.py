@@ -944,3 +944,43 @@ def test_a_bfloat16_model_is_pruned_quantized_and_its_file_read_back(digits, tmp
     quantized = result.report["quantized"]
     assert "read back" in quantized.description and quantized.metric > 0.9
     assert any("bfloat16 weights were quantized from a float32 copy" in m for m in result.report.messages)
+
+
+def test_a_tied_output_layer_is_pruned_with_its_embedding_and_stays_tied(tmp_path):
+    """A language model whose output layer holds its input embedding's matrix: the pipeline prunes the Linear
+    layers, so the embedding must compute with the output layer's mask while fine-tuning, the tensor counts once in
+    the sparsity, the saved state dict keeps one tensor under both names, and the fp32 file stores it once."""
+    from tests.pruning.test_tied_weights import VOCAB, TiedLM, ids
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    x = ids(0, batch=64)
+    y = (x[:, 0] + x[:, 1]) % VOCAB
+    masked_lookups: list[bool] = []
+
+    def fine_tune(working, step):
+        def after_step(t):
+            step(t)
+            if hasattr(working.head, "weight_mask"):
+                mask = working.head.weight_mask
+                masked_lookups.append(bool(torch.equal(working.embedding(torch.arange(VOCAB)) == 0,
+                                                       (mask == 0) | (working.head.weight_orig == 0))))
+        train(working, x, y, steps=30, step_fn=after_step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.6), latency_repeats=2, fp32_format="onnx")
+    result = compress(model, config, eval_fn=lambda m: float((m(x).argmax(1) == y).float().mean()),
+                      example_inputs=(x[:8],), fine_tune=fine_tune, fine_tune_steps=30, output_dir=tmp_path)
+    assert masked_lookups and all(masked_lookups)
+    targets = prune_targets(model, config.prune)
+    assert (model.embedding, "weight") in targets  # found through the tie; the user's model is untouched
+    assert not any(is_pruned(m, n) for m, n in targets) and model.head.weight is model.embedding.weight
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert result.sparsity.numel == linear and result.sparsity.zeros == round(0.6 * linear)
+    state = torch.load(tmp_path / PRUNED_STATE_FILE)
+    assert torch.equal(state["head.weight"], state["embedding.weight"])
+    fresh = TiedLM(seed=1)
+    fresh.load_state_dict(state)
+    assert fresh.head.weight is fresh.embedding.weight and (fresh.embedding.weight == 0).any()
+    onnx = pytest.importorskip("onnx")
+    initializers = [tuple(i.dims) for i in onnx.load(str(result.artifact)).graph.initializer]
+    assert sum(dims in ((VOCAB, 12), (12, VOCAB)) for dims in initializers) == 1

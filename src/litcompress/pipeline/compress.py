@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_weights_current_, make_permanent_,
-                                        permanent_state_dict, prune_to_sparsity_, pruned_targets)
+                                        permanent_state_dict, prune_to_sparsity_, pruned_targets, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
@@ -125,7 +125,8 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     if not targets:
         raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
                          f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
-    return targets, left_out
+    # tied weights: the other modules holding a pruned tensor (an embedding tied to the output layer) are masked too
+    return with_tied_targets(model, targets), left_out
 
 
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,

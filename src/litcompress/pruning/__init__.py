@@ -4,6 +4,7 @@ from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.engine import (
     apply_mask_,
     default_targets,
+    distinct_targets,
     effective_tensor,
     is_pruned,
     keep_bypassed_weights_current_,
@@ -16,6 +17,7 @@ from litcompress.pruning.engine import (
     pruned_targets,
     restore_masks_,
     set_mask_,
+    with_tied_targets,
 )
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import ChannelGroup, prune_groups_, residual_groups
@@ -38,6 +40,7 @@ __all__ = [
     "apply_mask_",
     "broadcast_pruning_state_",
     "default_targets",
+    "distinct_targets",
     "effective_tensor",
     "fold_parametrizations_",
     "is_pruned",
@@ -62,4 +65,5 @@ __all__ = [
     "shrink",
     "shrink_",
     "take_snapshot",
+    "with_tied_targets",
 ]

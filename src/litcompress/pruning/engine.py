@@ -91,6 +91,52 @@ def unique_modules(targets: Iterable[Target]) -> list[nn.Module]:
     return list(seen.values())
 
 
+def distinct_targets(targets: Iterable[Target]) -> list[Target]:
+    """`targets` with each tensor once, under its first target. Tied weights (one Parameter held by several modules,
+    as a language model's output layer holds its input embedding's matrix) are one tensor: counting them once keeps
+    the sparsity exact and the global ranking fair."""
+    seen: set[int] = set()
+    distinct = []
+    for module, name in targets:
+        key = id(trainable_tensor(module, name))
+        if key not in seen:
+            seen.add(key)
+            distinct.append((module, name))
+    return distinct
+
+
+def tied_parameters(named_modules: Iterable[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module, str]]]:
+    """Each parameter that several of `named_modules` hold (tied weights: a language model's output layer holding
+    its input embedding's matrix), as its holders ``(module path, module, tensor name)``; the name of a pruned
+    tensor, not of its ``<name>_orig``."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in named_modules:
+        for key, param in module._parameters.items():
+            if param is not None:
+                base = key[: -len("_orig")]
+                name = base if key.endswith("_orig") and is_pruned(module, base) else key
+                holders.setdefault(id(param), []).append((path, module, name))
+    return [group for group in holders.values() if len(group) > 1]
+
+
+def with_tied_targets(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
+    """`targets`, then every other ``(module, name)`` of `model` that holds one of their tensors (tied weights).
+
+    A tied tensor pruned under one module only would reach the others unmasked: they would train with, and be
+    judged on, values that the permanent model no longer has.
+    """
+    holders = {id(trainable_tensor(m, n)): group for group in tied_parameters(model.named_modules())
+               for _, m, n in group[:1]}
+    result = list(targets)
+    seen = {(id(m), n) for m, n in result}
+    for module, name in targets:
+        for _, holder, holder_name in holders.get(id(trainable_tensor(module, name)), ()):
+            if (id(holder), holder_name) not in seen:
+                seen.add((id(holder), holder_name))
+                result.append((holder, holder_name))
+    return result
+
+
 # -------------------------------------------------------------------------------------- re-parametrisation
 @contextmanager
 def parameter_order_preserved(modules: Iterable[nn.Module]) -> Iterator[None]:
@@ -134,6 +180,24 @@ def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -
         else:
             buffer.copy_(mask.to(device=buffer.device))
     refresh_cached_tensor(module, name)
+
+
+def share_tied_masks_(targets: Sequence[Target]) -> None:
+    """Give each later target of a tensor the mask buffer of its first target (:func:`distinct_targets`): tied
+    weights are masked alike under every module that holds them, and a later round's in-place update reaches all."""
+    first: dict[int, Target] = {}
+    for module, name in targets:
+        key = id(trainable_tensor(module, name))
+        if key not in first:
+            first[key] = (module, name)
+            continue
+        mask = mask_of(*first[key])
+        if mask is None:
+            continue
+        if not is_pruned(module, name):
+            _reparametrise_(module, name)
+        module._buffers[name + "_mask"] = mask
+        refresh_cached_tensor(module, name)  # also when the buffer was shared already and updated in place
 
 
 def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
@@ -275,12 +339,19 @@ def prune_(
     """Prune `targets` in place by `amount` of their *remaining* entries, as torch does.
 
     ``scope="global"`` ranks all targets together (unstructured methods only); ``"local"`` prunes each target
-    by `amount` on its own. `method_kwargs` (``dim``, ``n``, ...) go to methods that accept them.
+    by `amount` on its own. `method_kwargs` (``dim``, ``n``, ...) go to methods that accept them. A tensor held by
+    several targets (tied weights) is pruned once and masked alike under each.
     """
     method_cls = resolve_method(method)
     amount = validate_amount(amount)
     if not targets:
         return
+    _prune_distinct_(distinct_targets(targets), method_cls, amount, scope, **method_kwargs)
+    share_tied_masks_(targets)
+
+
+def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod], amount: float | int,
+                     scope: Scope, **method_kwargs: Any) -> None:
     check_prunable(targets)
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     remaining = [remaining_count(m, n) for m, n in targets] if isinstance(amount, int) or fast_path else []
@@ -394,8 +465,10 @@ def prune_to_sparsity_(
     Never un-prunes: a target already sparser stays as it is. ``scope="global"`` counts all targets together;
     ``"local"`` brings each target to `sparsity` on its own. Structured methods (local only) count slices along
     ``dim``: the fraction of pruned rows/channels reaches `sparsity`, or with `keep_multiple_of` the slices kept are
-    rounded up to a multiple of it (:func:`~litcompress.pruning.schedules.rounded_pruned_count`).
+    rounded up to a multiple of it (:func:`~litcompress.pruning.schedules.rounded_pruned_count`). A tensor held by
+    several targets (tied weights) counts once and is masked alike under each.
     """
+    tied, targets = targets, distinct_targets(targets)
     method_cls = resolve_method(method)
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
@@ -427,6 +500,7 @@ def prune_to_sparsity_(
             count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
             if count:
                 prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
+    share_tied_masks_(tied)
     return sum(pruned_count(m, n) for m, n in targets) - before
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.nn.utils.prune as torch_prune
 
-from litcompress.pruning.engine import Scope, Target, prune_to_sparsity_, pruned_count
+from litcompress.pruning.engine import Scope, Target, distinct_targets, prune_to_sparsity_, pruned_count
 from litcompress.pruning.methods import resolve_method
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
@@ -27,7 +27,9 @@ class GradualPruner:
 
     With ``nn.MultiheadAttention`` or torch's Transformer layers among the pruned modules' parents, call
     :func:`litcompress.pruning.keep_bypassed_weights_current_` on the model once (before training): they read
-    their sub-modules' weights without calling them (an attention's ``out_proj``).
+    their sub-modules' weights without calling them (an attention's ``out_proj``). With tied weights (an output
+    layer holding its input embedding's matrix), pass ``with_tied_targets(model, targets)``, so that every module
+    holding a pruned tensor computes with its mask.
     """
 
     def __init__(
@@ -81,7 +83,7 @@ class GradualPruner:
 
     def pruned(self) -> int:
         """Entries masked out across the targets."""
-        return sum(pruned_count(m, n) for m, n in self.targets)
+        return sum(pruned_count(m, n) for m, n in distinct_targets(self.targets))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_t": self.last_t, "history": list(self.history)}

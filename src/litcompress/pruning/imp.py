@@ -19,6 +19,7 @@ from litcompress.pruning.engine import (
     Target,
     deepcopy_model,
     default_targets,
+    distinct_targets,
     is_pruned,
     keep_bypassed_weights_current_,
     mask_of,
@@ -76,6 +77,7 @@ def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], contro
 
 
 def _remaining_fraction(targets: Sequence[Target]) -> float:
+    targets = distinct_targets(targets)
     kept = sum(remaining_count(m, n) for m, n in targets)
     return kept / sum(getattr(m, n).numel() for m, n in targets)
 

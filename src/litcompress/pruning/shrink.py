@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.engine import deepcopy_model, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
@@ -315,13 +315,39 @@ def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Gra
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    return graph, dict(model.named_modules()), calls
+    modules = dict(model.named_modules())
+    # a module holding a tensor that other modules hold too (tied weights) is used by their calls as well
+    for name, others in _tied_modules(modules).items():
+        if name in calls:
+            calls[name] += sum(calls.get(other, 0) for other, _ in others)
+    return graph, modules, calls
+
+
+def _tied_modules(modules: dict[str, nn.Module]) -> dict[str, list[tuple[str, str]]]:
+    """Each module (by name) holding a parameter that other modules hold too (tied weights: a language model's
+    output layer and its input embedding), with those others and the parameter's name there."""
+    tied: dict[str, list[tuple[str, str]]] = {}
+    for group in tied_parameters(modules.items()):
+        for name, _, _ in group:
+            tied.setdefault(name, []).extend((other, key) for other, _, key in group if other != name)
+    return tied
+
+
+def _reuse_reason(name: str, modules: dict[str, nn.Module], subject: str = "it") -> str:
+    """Why module `name` (`subject` in the sentence), used more than once by the graph's calls, keeps its channels:
+    it is called more than once, or a tensor of it is tied to another module's."""
+    others = _tied_modules(modules).get(name)
+    if not others:
+        return f"{subject} is called more than once"
+    tied = ", ".join(f"{other}.{key}" for other, key in others)
+    return f"{subject} holds a tensor tied to {tied} (one parameter in two modules), which narrowing it would untie"
 
 
 def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int]) -> bool:
     """Whether the graph's calls of `module` leave it free to lose channels: a module called more than once (a layer
-    shared by two paths) cannot lose them for one path only, but an activation, dropout or pooling module has no
-    channels of its own and is often reused (``self.relu`` in torchvision's ResNet blocks)."""
+    shared by two paths), or holding weights tied to another module's, cannot lose them for one use only, but an
+    activation, dropout or pooling module has no channels of its own and is often reused (``self.relu`` in
+    torchvision's ResNet blocks)."""
     return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING, *_AVG_POOLING))
 
 
@@ -679,7 +705,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         return f"its output meets another tensor in {_describe(user, modules)}"
     module = modules.get(str(user.target)) if user.op == "call_module" else None
     if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
-        return f"{user.target} is called more than once"
+        return _reuse_reason(str(user.target), modules, subject=str(user.target))
     if module is not None and _has_channels(module):
         if has_computed_tensors(module):
             return f"its consumer {user.target} is parametrized"
@@ -997,7 +1023,7 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         module = modules[name]
         if name in producers:
             if calls[name] > 1:
-                yield name, "it is called more than once"
+                yield name, _reuse_reason(name, modules)
             elif has_computed_tensors(module):
                 yield name, "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
             else:

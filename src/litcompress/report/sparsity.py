@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import Target, effective_tensor, pruned_targets, qualified_names
+from litcompress.pruning.engine import Target, distinct_targets, effective_tensor, pruned_targets, qualified_names
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,15 @@ def sparsity_report(
     """Zeros of `targets` (default: every pruned tensor of `model`, else every parameter) in effective values.
 
     Effective values are ``orig * mask`` for pruned tensors, so zeros from pruning and exact zeros in the
-    weights both count. Names are relative to `model`.
+    weights both count. Names are relative to `model`. A tensor held by several modules (tied weights) is counted
+    once, under its first name.
     """
     if targets is None:
         pruned = [(m, n) for _, m, n in pruned_targets(model)]
         targets = pruned or [
             (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if p is not None
         ]
+    targets = distinct_targets(targets)
     names = qualified_names(model, targets)
     report = SparsityReport(tuple(tensor_sparsity(m, n, label) for label, (m, n) in zip(names, targets)))
     if print_table:

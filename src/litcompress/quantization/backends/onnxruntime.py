@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from litcompress.pruning.engine import tied_parameters
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
@@ -110,17 +111,22 @@ def _exportable_(model: nn.Module, free_lengths: bool = False) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None) -> bytes:
-    """The bytes of :func:`export_onnx_with_structure`."""
-    return export_onnx_with_structure(model, example_inputs, dynamic_dims)[0]
+    """The bytes of :func:`export_onnx_with_structure`, for an fp32 file: tied weights (an output layer holding its
+    input embedding's matrix) are stored once, as the exporter's constant folding would store the output layer's
+    transposed copy besides (ONNX Runtime folds that transpose in memory when it loads the file)."""
+    tied = bool(tied_parameters(model.named_modules()))
+    return export_onnx_with_structure(model, example_inputs, dynamic_dims, fold_constants=not tied)[0]
 
 
-def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs,
-                               dynamic_dims: DynamicDims | None = None) -> tuple[bytes, Structure]:
+def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None, *,
+                               fold_constants: bool = True) -> tuple[bytes, Structure]:
     """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
     written in ops it knows; with free dims besides the batch, its nn.MultiheadAttentions as HeadPrunedAttentions
     of all their heads, whose traced reshapes keep no sequence length), leaving the batch dims and `dynamic_dims`
     free; raises :class:`FixedDimError` when the file turns out to fix one (the exporter traces). Returns the file's
-    bytes and the structure of the model's output, which they record when it is not a single tensor."""
+    bytes and the structure of the model's output, which they record when it is not a single tensor.
+    `fold_constants`: the exporter's constant folding (which lets ONNX Runtime's quantizer see a tied output layer's
+    weight as an initializer of its own)."""
     original = model  # the file is compared with it (the exporter may modify the copy it is given)
     model = _exportable_(copy.deepcopy(model).eval(), free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims)
                          is not None)
@@ -140,7 +146,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs,
         # No warning but a TracerWarning from data-dependent code (the file keeps the path the trace took).
         with tracer_warnings_that_matter():
             torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
-                              output_names=output_names, opset_version=17,
+                              output_names=output_names, opset_version=17, do_constant_folding=fold_constants,
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
     except Exception as exc:
         raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc

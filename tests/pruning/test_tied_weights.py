@@ -1,0 +1,177 @@
+"""Tied weights (one Parameter held by several modules, as a language model's output layer holds its input
+embedding's matrix): pruned once, masked alike under every holder, counted once, never untied."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.pruning import (
+    GradualPruner,
+    default_targets,
+    distinct_targets,
+    effective_tensor,
+    is_pruned,
+    make_permanent_,
+    prune_,
+    prune_to_sparsity_,
+    shrink_,
+    with_tied_targets,
+)
+from litcompress.pruning.engine import mask_of, pruned_count
+from litcompress.pruning.schedules import PolynomialDecay
+from litcompress.pruning.shrink import channel_plan
+from litcompress.report import sparsity_report
+
+SETTINGS = settings(max_examples=25, deadline=None)
+VOCAB, WIDTH, LENGTH = 30, 12, 6
+
+
+class TiedLM(nn.Module):
+    """Embedding -> feed-forward -> output layer tied to the embedding (GPT-2's wte / lm_head)."""
+
+    def __init__(self, seed: int = 0, hidden: int = 24) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embedding = nn.Embedding(VOCAB, WIDTH)
+        self.ff = nn.Sequential(nn.Linear(WIDTH, hidden), nn.ReLU(), nn.Linear(hidden, WIDTH))
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ff(self.embedding(ids).mean(1)))
+
+
+def ids(seed: int = 0, batch: int = 5) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+def unique_weights(model: nn.Module) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight")
+               or name.endswith("weight_orig"))
+
+
+def zeros_of_unique_weights(model: nn.Module) -> int:
+    seen, zeros = set(), 0
+    for module in model.modules():
+        for name in ("weight",):
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                tensor = effective_tensor(module, name)
+                key = id(module.weight_orig if is_pruned(module, name) else module.weight)
+                if key not in seen:
+                    seen.add(key)
+                    zeros += int((tensor == 0).sum())
+    return zeros
+
+
+def test_the_defaults_name_both_holders_but_the_tensor_is_one():
+    model = TiedLM()
+    targets = default_targets(model)
+    assert [m for m, _ in targets].count(model.head) == 1 and [m for m, _ in targets].count(model.embedding) == 1
+    assert len(distinct_targets(targets)) == len(targets) - 1
+
+
+@SETTINGS
+@given(sparsity=st.floats(0.0, 1.0), seed=st.integers(0, 50))
+def test_global_pruning_counts_a_tied_tensor_once_and_masks_it_alike(sparsity, seed):
+    model = TiedLM(seed)
+    targets = default_targets(model)
+    prune_to_sparsity_(targets, "l1_unstructured", sparsity)
+    assert zeros_of_unique_weights(model) == round(sparsity * unique_weights(model))  # exact, on distinct tensors
+    assert mask_of(model.head, "weight") is mask_of(model.embedding, "weight")
+    assert torch.equal(effective_tensor(model.head, "weight"), effective_tensor(model.embedding, "weight"))
+    report = sparsity_report(model, targets)
+    assert report.numel == unique_weights(model) and report.zeros == zeros_of_unique_weights(model)
+    make_permanent_(model)
+    assert model.head.weight is model.embedding.weight  # still tied
+
+
+@SETTINGS
+@given(amounts=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3), seed=st.integers(0, 50),
+       scope=st.sampled_from(["local", "global"]))
+def test_rounds_of_prune_keep_the_holders_masks_one(amounts, seed, scope):
+    model = TiedLM(seed)
+    targets = default_targets(model)
+    remaining = unique_weights(model)
+    for amount in amounts:
+        before = pruned_count(model.head, "weight")
+        prune_(targets, "l1_unstructured", amount, scope=scope)
+        assert mask_of(model.head, "weight") is mask_of(model.embedding, "weight")
+        if scope == "local":  # the tied tensor pruned once by `amount` of what it kept, not twice
+            kept = VOCAB * WIDTH - before
+            assert pruned_count(model.head, "weight") - before == round(amount * kept)
+        remaining = unique_weights(model) - zeros_of_unique_weights(model)
+    x = ids(seed)
+    assert torch.equal(model.head.weight, model.embedding.weight)  # after a forward both recompute alike
+    model(x)
+    assert torch.equal(model.head.weight, model.embedding.weight)
+    assert remaining == sum(int(torch.count_nonzero(mask_of(m, n))) for m, n in distinct_targets(targets))
+
+
+def test_a_target_naming_one_holder_gets_the_others_from_the_model():
+    model = TiedLM()
+    targets = with_tied_targets(model, [(model.head, "weight"), (model.ff[0], "weight")])
+    assert targets[:2] == [(model.head, "weight"), (model.ff[0], "weight")]
+    assert targets[2:] == [(model.embedding, "weight")]  # found, appended once
+    assert with_tied_targets(model, targets) == targets
+    prune_(targets, "l1_unstructured", 0.5)
+    # the embedding computes with the mask: training sees what the permanent model keeps
+    emb = model.embedding(torch.arange(VOCAB))
+    assert torch.equal(emb, effective_tensor(model.head, "weight"))
+    assert (emb == 0).any()
+
+
+def test_a_gradual_pruner_over_tied_targets_reaches_its_target_on_distinct_tensors():
+    model = TiedLM()
+    targets = with_tied_targets(model, [(model.head, "weight"), (model.ff[2], "weight")])
+    pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.8, begin=0, end=10, frequency=2))
+    for step in range(1, 11):
+        pruner.step(step)
+    distinct = distinct_targets(targets)
+    assert pruner.pruned() == round(0.8 * sum(m.weight_orig.numel() for m, _ in distinct))
+    assert mask_of(model.head, "weight") is mask_of(model.embedding, "weight")
+
+
+def test_shrink_keeps_a_consumer_whose_weight_is_tied_and_says_why():
+    model = TiedLM().eval()
+    with torch.no_grad():  # zero channels in both hidden layers: the first can go, the second feeds the tied head
+        model.ff[0].weight[:5] = 0
+        model.ff[0].bias[:5] = 0
+        model.ff[2].weight[:4] = 0
+        model.ff[2].bias[:4] = 0
+    x = ids()
+    expected = model(x)
+    report = shrink_(model, (x,))
+    assert model.head.weight is model.embedding.weight and model.head.weight.shape == (VOCAB, WIDTH)
+    assert [layer.name for layer in report.layers] == ["ff.0"] and model.ff[0].out_features == 24 - 5
+    reason = dict(report.kept)["ff.2"]
+    assert "tied to embedding.weight" in reason
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    assert "tied to embedding.weight" in (channel_plan(TiedLM()).reasons["ff.2"] or "")
+
+
+def test_untied_twin_still_shrinks_through_the_head():
+    """The control: the same model without the tie removes the second layer's channels (the head is a consumer)."""
+    model = TiedLM().eval()
+    model.head.weight = nn.Parameter(model.embedding.weight.detach().clone())
+    with torch.no_grad():
+        model.ff[2].weight[:4] = 0
+        model.ff[2].bias[:4] = 0
+    report = shrink_(model, (ids(),))
+    assert "ff.2" in [layer.name for layer in report.layers] and model.head.in_features == WIDTH - 4
+
+
+def test_an_fp32_onnx_file_stores_a_tied_matrix_once():
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from litcompress.quantization.backends.onnxruntime import OnnxRuntimeModule, export_onnx
+
+    model = TiedLM().eval()
+    x = ids()
+    data = export_onnx(model, (x,))
+    initializers = [tuple(i.dims) for i in onnx.load_from_string(data).graph.initializer]
+    assert initializers.count((VOCAB, WIDTH)) + initializers.count((WIDTH, VOCAB)) == 1
+    assert torch.allclose(OnnxRuntimeModule(data)(x), model(x), atol=1e-5)
