@@ -124,3 +124,24 @@ def test_bad_input_is_refused_before_training(tmp_path):
     model = MLPClassifier()
     with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.MultiheadAttention"):
         _trainer(tmp_path, 1, [HeadPruning(0.5)]).fit(model, datamodule=DigitsDataModule(batch_size=64))
+
+
+class ConfiguredTransformer(TransformerClassifier):
+    """Its encoder is built in `configure_model`, which the Trainer calls after every callback's `setup`."""
+
+    def __init__(self) -> None:
+        super().__init__(heads=4)
+        self.encoder = None
+
+    def configure_model(self) -> None:
+        if self.encoder is None:
+            layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+def test_heads_of_a_module_built_in_configure_model_are_pruned(tmp_path):
+    seed_everything(0)
+    model = ConfiguredTransformer()
+    pruning = HeadPruning(0.5, make_pruning_permanent=False)
+    _trainer(tmp_path, 1, [pruning], limit_train_batches=2).fit(model, datamodule=_data())
+    assert [int(zero_heads(a).sum()) for a in _attentions(model)] == [2, 2]

@@ -410,3 +410,108 @@ def test_pruning_an_attention_trains_and_evaluates_with_current_weights(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(model(model.data), permanent(model.data))
     assert torch.equal(out_proj.weight, out_proj.weight_orig * out_proj.weight_mask)
+
+
+class TiedLanguageModel(FixedDataModel):
+    """An output layer holding its input embedding's matrix (GPT-2's wte / lm_head): one tensor, two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(40, 32)
+        self.layer = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 40, bias=False)
+        self.head.weight = self.embedding.weight
+        self.data = torch.randint(0, 40, (64, 5), generator=torch.Generator().manual_seed(0))
+
+    def forward(self, ids):
+        return self.head(self.layer(self.embedding(ids).mean(1)))
+
+
+def _unique_weight_sparsity(model):
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+
+
+@both("a tied tensor counts twice: the global threshold weights it double, the sparsity misses its target")
+def test_global_pruning_of_a_tied_tensor_hits_its_target_on_distinct_weights(tmp_path, cls, caplog):
+    seed_everything(0)
+    model = TiedLanguageModel()
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[cls(
+        "l1_unstructured", amount=0.9, parameter_names=["weight"], use_global_unstructured=True, verbose=1)])
+    with caplog.at_level("INFO"):
+        trainer.fit(model)
+    assert model.head.weight is model.embedding.weight  # still one tensor
+    unique = 40 * 32 + 32 * 32
+    zeros = round(0.9 * unique)
+    assert f"-> {zeros}/{unique} ({zeros / unique:.2%})" in caplog.text  # the log counts it once
+    assert _unique_weight_sparsity(model) == pytest.approx(round(0.9 * unique) / unique, abs=1e-9)
+
+
+@both("a tied tensor pruned under one module reaches the other unmasked while training")
+def test_the_embedding_computes_with_the_mask_of_its_tied_output_layer(tmp_path, cls):
+    seen = []
+    seed_everything(0)
+    model = TiedLanguageModel()
+
+    def check(module, args, output):
+        head = model.head
+        if hasattr(head, "weight_mask"):  # what the pruned output layer computes with, now
+            seen.append(torch.equal(output, (head.weight_orig * head.weight_mask)[args[0]]))
+
+    model.embedding.register_forward_hook(check)
+    pruning = cls("l1_unstructured", amount=0.5, parameters_to_prune=[(model.head, "weight")],
+                  make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[pruning]).fit(model)
+    assert seen and all(seen)
+
+
+class ConfiguredModel(FixedDataModel):
+    """Builds its layers in `configure_model` (Lightning's way for large models), which the Trainer calls after every
+    callback's `setup`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = None
+
+    def configure_model(self):
+        if self.layer is None:  # idempotent, as Lightning asks
+            torch.manual_seed(0)
+            self.layer = ThreeLayerModel().layer
+
+
+def _linear_sparsity(model):
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@both("the targets are looked for in `setup`, before `configure_model` builds the layers (global: torch.cat fails)")
+def test_a_module_built_in_configure_model_is_pruned(tmp_path, cls):
+    model = ConfiguredModel()
+    make_trainer(tmp_path, max_epochs=2, callbacks=[cls("l1_unstructured", amount=0.5, parameter_names=["weight"],
+                                                        use_global_unstructured=True)]).fit(model)
+    assert _linear_sparsity(model) == pytest.approx(0.75, abs=1e-3)  # two rounds of 50%
+
+
+def test_a_module_built_in_configure_model_resumes_its_masked_checkpoint_exactly(tmp_path):
+    """make_pruning_permanent=False: the checkpoint's `<name>_orig`/`<name>_mask` keys load into the fresh module's
+    layers (built after `setup`), and the resumed run ends bit-identical to an uninterrupted one."""
+    from litcompress.pruning.schedules import PolynomialDecay
+
+    def callback():
+        schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=12, frequency=2, unit="step")
+        return ModelPruning("l1_unstructured", amount=schedule, make_pruning_permanent=False,
+                            use_lottery_ticket_hypothesis=False, parameter_names=["weight"])
+
+    seed_everything(3)
+    model = ConfiguredModel()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[callback(), ckpt]).fit(model)
+    expected = _weights(model)
+    assert any(key.endswith("weight_mask") for key in expected)
+
+    fresh = ConfiguredModel()
+    make_trainer(tmp_path, max_epochs=4, callbacks=[callback()]).fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    actual = _weights(fresh)
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+    assert _linear_sparsity(fresh) == pytest.approx(0.8, abs=1e-3)

@@ -14,13 +14,13 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch.nn.utils.prune as torch_prune
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
+from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_, zero_heads
@@ -29,7 +29,7 @@ from litcompress.pruning.schedules import SparsitySchedule
 _STATE_VERSION = 1
 
 
-class HeadPruning(Callback):
+class HeadPruning(TargetsFoundOnceConfigured):
     """Prune each ``nn.MultiheadAttention``'s weakest heads while training (see the module docstring).
 
     Args:
@@ -79,7 +79,7 @@ class HeadPruning(Callback):
         self._pending_state: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------------ hooks
-    def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+    def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         attentions = prunable_attentions(pl_module, self.exclude)
         if not attentions:
             raise MisconfigurationException(
@@ -90,8 +90,7 @@ class HeadPruning(Callback):
         self._targets = [(modules[name], tensor) for name in attentions for tensor in ("in_proj_weight", "in_proj_bias")
                          if getattr(modules[name], tensor, None) is not None]
         self._names = engine.qualified_names(pl_module, self._targets)
-        for handle in self._hook_handles:
-            handle.remove()
+        self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(self._targets,
                                                          permanent_state_dict=self._make_pruning_permanent)
         engine.keep_bypassed_weights_current_(pl_module)  # Transformer layers' fast path reads the weights directly
@@ -119,6 +118,7 @@ class HeadPruning(Callback):
             self._prune(pl_module, float(self._schedule.target(finished)))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
         message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,
                                                                               "of each attention's heads")
         self._warned_fit_too_short = message is not None
@@ -138,9 +138,7 @@ class HeadPruning(Callback):
                         torch_prune.remove(module, name)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
+        self._remove_hooks()
 
     def _prune(self, pl_module: LightningModule, fraction: float) -> None:
         masked = prune_heads_(pl_module, fraction, exclude=self.exclude)

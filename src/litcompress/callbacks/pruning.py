@@ -39,6 +39,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_onl
 from torch import nn
 
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
+from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
@@ -55,7 +56,7 @@ _MODULE_CONTAINERS = (LightningModule, nn.Sequential, nn.ModuleList, nn.ModuleDi
 _STATE_VERSION = 1
 
 
-class ModelPruning(Callback):
+class ModelPruning(TargetsFoundOnceConfigured):
     """Prune a model's parameters during training with ``torch.nn.utils.prune``.
 
     Args:
@@ -287,8 +288,12 @@ class ModelPruning(Callback):
     def _log_sparsity_stats(
         self, prev: list[tuple[int, int]], curr: list[tuple[int, int]], amount: Union[int, float] = 0
     ) -> None:
-        total = TensorSparsity("total", sum(z for z, _ in curr), sum(n for _, n in curr))
-        prev_zeros = sum(z for z, _ in prev)
+        # a tied tensor counts once in the total
+        distinct = {(id(m), n) for m, n in engine.distinct_targets(self._parameters_to_prune)}
+        once = [(id(m), n) in distinct for m, n in self._parameters_to_prune]
+        total = TensorSparsity("total", sum(z for (z, _), o in zip(curr, once) if o),
+                               sum(n for (_, n), o in zip(curr, once) if o))
+        prev_zeros = sum(z for (z, _), o in zip(prev, once) if o)
         log.info(
             f"Applied `{self._pruning_method_name}`. Pruned:"
             f" {prev_zeros}/{total.numel} ({prev_zeros / total.numel:.2%}) ->"
@@ -306,11 +311,17 @@ class ModelPruning(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer is not None and self._make_pruning_permanent:
             _refuse_weight_averaging_after(self, trainer.callbacks)
+        super().setup(trainer, pl_module, stage)  # finds the targets now, or once `configure_model` has run
+
+    def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
+        """Resolve ``parameters_to_prune`` on the model, register the state-dict hooks, restore a loaded state."""
         given = bool(self._parameters_to_prune)
         parameters_to_prune = self.sanitize_parameters_to_prune(
             pl_module, self._parameters_to_prune, parameter_names=self._parameter_names
         )
-        self._parameters_to_prune = self.filter_parameters_to_prune(parameters_to_prune)
+        # tied weights: every module holding a pruned tensor computes with its mask
+        self._parameters_to_prune = engine.with_tied_targets(pl_module,
+                                                             self.filter_parameters_to_prune(parameters_to_prune))
         self._check_parametrized(pl_module, given)
         self._validate_against_model()
         if stage == "fit":  # rounds run while fitting only; validate/test need no trace
@@ -325,6 +336,7 @@ class ModelPruning(Callback):
             self._restore(self._pending_state)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
         # ranks, and a snapshot restored from a checkpoint is already in place.
         if self._rewind_point in (None, 0):
@@ -546,14 +558,9 @@ class ModelPruning(Callback):
         if self._use_lottery_ticket_hypothesis and self._original_layers is None:
             self._original_layers = take_snapshot(self._parameters_to_prune)
 
-    def _remove_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
-
     def _total_zeros(self) -> int:
         """Entries masked out across the targets (mask counts: cheaper than the effective values, for the history)."""
-        return sum(engine.pruned_count(m, n) for m, n in self._parameters_to_prune)
+        return sum(engine.pruned_count(m, n) for m, n in engine.distinct_targets(self._parameters_to_prune))
 
     def _check_parametrized(self, pl_module: LightningModule, given: bool) -> None:
         """Parametrized weights (``weight_norm``, ``spectral_norm``) cannot be masked by torch's pruning: an
@@ -594,7 +601,7 @@ class ModelPruning(Callback):
     def _check_amount_fits(self, amount: Union[int, float]) -> None:
         if not isinstance(amount, numbers.Integral):
             return
-        remaining = [engine.remaining_count(m, n) for m, n in self._parameters_to_prune]
+        remaining = [engine.remaining_count(m, n) for m, n in engine.distinct_targets(self._parameters_to_prune)]
         try:
             engine.check_count_fits(int(amount), remaining, "global" if self._use_global_unstructured else "local")
         except ValueError as err:

@@ -579,6 +579,25 @@ class PrunedStateLoadHook:
                 state_dict[mask_key] = getattr(module, name + "_mask").detach().clone()
 
 
+class MaskedStateLoadHook:
+    """Load-state-dict pre-hook for a whole model whose pruning targets are not known yet (a LightningModule that
+    builds its layers in ``configure_model``): each ``<path>.<name>_orig`` + ``<path>.<name>_mask`` pair of the
+    incoming state dict re-creates its mask on the unpruned module first, so the pair loads."""
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith("_mask")]:
+            base = key[len(prefix): -len("_mask")]
+            if prefix + base + "_orig" not in state_dict:
+                continue  # an ordinary buffer that happens to end in `_mask`
+            path, _, name = base.rpartition(".")
+            try:
+                owner = module.get_submodule(path)
+            except AttributeError:
+                continue  # not this model's: strict loading reports it
+            if isinstance(getattr(owner, name, None), nn.Parameter) and not is_pruned(owner, name):
+                apply_mask_(owner, name, state_dict[key])
+
+
 def register_state_hooks(
     targets: Sequence[Target], *, permanent_state_dict: bool
 ) -> list[torch.utils.hooks.RemovableHandle]:
@@ -624,14 +643,7 @@ def load_pruned_state_dict(
     ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference.
     """
     state = dict(state_dict)
-    for key in [k for k in state if k.endswith("_mask")]:
-        base = key[: -len("_mask")]
-        if base + "_orig" not in state:
-            continue  # an ordinary buffer that happens to end in `_mask`
-        path, _, name = base.rpartition(".")
-        module = model.get_submodule(path)
-        if not is_pruned(module, name):
-            apply_mask_(module, name, state[key])
+    MaskedStateLoadHook()(model, state, "")
     model.load_state_dict(state, strict=strict)
     for _, module, name in pruned_targets(model):  # the cached orig * mask was computed before the load
         refresh_cached_tensor(module, name)
