@@ -420,11 +420,12 @@ def test_a_reachable_min_speedup_keeps_the_fastest_int8_model(trained_mlp, digit
     assert not any(m.startswith("min_speedup=") for m in result.messages)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("approach", ["dynamic", "static"])
-def test_a_half_precision_model_quantizes_on_every_backend(dtype, approach, tmp_path):
+def test_a_model_in_another_float_dtype_quantizes_on_every_backend(dtype, approach, tmp_path):
     """A model trained with Lightning's precision="bf16-true" has bfloat16 weights. Before, torch_ao failed ("expected
-    scalar type Float but found BFloat16") and ONNX Runtime had no kernel ("Gemm(13)"): only PT2E was left."""
+    scalar type Float but found BFloat16") and ONNX Runtime had no kernel ("Gemm(13)"): only PT2E was left. A float64
+    model's ONNX Runtime "int8" file was a float64 one (its quantizer leaves double MatMuls as they are)."""
     from litcompress.quantization import load_quantized
 
     torch.manual_seed(0)
@@ -449,3 +450,18 @@ def test_a_half_precision_model_quantizes_on_every_backend(dtype, approach, tmp_
     loaded, _ = load_quantized(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x[:8].to(dtype).float()), expected)  # its file takes float32 inputs
+
+
+def test_a_float64_models_onnx_file_holds_int8_weights(tmp_path):
+    """ONNX Runtime's quantizer quantizes float MatMuls only: a float64 model's "int8" file kept every weight in
+    float64. The search now quantizes a float32 copy."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval().double()
+    x = torch.randn(64, 32, dtype=torch.float64)
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("onnxruntime",), **FAST),
+                      eval_fn=lambda m: 1.0, example_inputs=x[:8])
+    result.save(tmp_path / "model.onnx")
+    types = {i.data_type for i in onnx.load(str(tmp_path / "model.onnx")).graph.initializer if len(i.dims) == 2}
+    assert types == {onnx.TensorProto.INT8}, types
+    assert any("float64 weights were quantized from a float32 copy" in m for m in result.messages)

@@ -280,7 +280,7 @@ def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: s
                            dynamic_dims=dynamic_dims)
         with pinned_threads(num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(partial)
-        if isinstance(model, FloatInputs):  # a half-precision model's: judged on the same inputs as the model
+        if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's: judged on the same inputs as the model
             loaded = FloatInputs(loaded)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     """
     from .tuner import FloatInputs, float32_inputs
 
-    if isinstance(model, FloatInputs):  # a half-precision model's result: its file takes float32 inputs
+    if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's result: its file takes float32 inputs
         model, example_inputs = model.model, float32_inputs(tuple(example_inputs))
     dynamic_dims = normalize_dynamic_dims(dynamic_dims, "save_quantized")
     if fp32_format not in FP32_FORMATS:

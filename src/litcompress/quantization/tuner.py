@@ -163,20 +163,24 @@ def default_input_fn(batch: object) -> Inputs:
     return to_inputs(batch)
 
 
-def low_precision_dtypes(model: nn.Module) -> set[torch.dtype]:
-    """The half-precision float dtypes among `model`'s parameters and buffers (a ``bf16-true`` Lightning run's)."""
-    return {t.dtype for t in itertools.chain(model.parameters(), model.buffers())
-            if t.dtype in (torch.bfloat16, torch.float16)}
+# Float dtypes that int8 kernels do not take activations in: a ``bf16-true`` Lightning run's weights, and float64
+# (ONNX Runtime's quantizer leaves a double MatMul in float64, so its "int8" file would be a float64 one)
+NON_FLOAT32_DTYPES = (torch.bfloat16, torch.float16, torch.float64)
+
+
+def non_float32_dtypes(model: nn.Module) -> set[torch.dtype]:
+    """The float dtypes other than float32 among `model`'s parameters and buffers (``NON_FLOAT32_DTYPES``)."""
+    return {t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.dtype in NON_FLOAT32_DTYPES}
 
 
 def float32_inputs(inputs: Inputs) -> Inputs:
-    """`inputs` with every half-precision float tensor cast to float32 (integer inputs, token ids, as they are)."""
-    return tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
-                 for x in inputs)
+    """`inputs` with every bfloat16/float16/float64 tensor cast to float32 (integer inputs, token ids, as they
+    are)."""
+    return tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in NON_FLOAT32_DTYPES else x for x in inputs)
 
 
 class FloatInputs(nn.Module):
-    """`model` (an int8 candidate, or the float32 copy of a bfloat16/float16 model) called with half-precision float
+    """`model` (an int8 candidate, or the float32 copy of a bfloat16/float16/float64 model) called with such float
     inputs cast to float32, which int8 kernels and ONNX Runtime need; what `quantize` returns for such a model.
     Saving it saves `model`, whose file takes float32 inputs."""
 
@@ -347,15 +351,15 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         logger.info(message)
 
     fp32 = deepcopy_model(model).eval()
-    low_precision = low_precision_dtypes(model)
-    if low_precision:
+    other_floats = non_float32_dtypes(model)
+    if other_floats:
         # int8 kernels take float32 activations: the search quantizes a float32 copy, and every candidate (and the
-        # result) casts the user's low-precision inputs, so that eval_fn can feed them as it feeds the model
+        # result) casts the user's bfloat16/float16/float64 inputs, so that eval_fn can feed them as it feeds the model
         fp32.float()
         example_inputs, calibration = float32_inputs(example_inputs), [float32_inputs(b) for b in calibration]
         user_eval_fn = eval_fn
         eval_fn = lambda candidate: user_eval_fn(FloatInputs(candidate))  # noqa: E731
-        note(f"the model's {', '.join(sorted(str(d).removeprefix('torch.') for d in low_precision))} weights were "
+        note(f"the model's {', '.join(sorted(str(d).removeprefix('torch.') for d in other_floats))} weights were "
              "quantized from a float32 copy; the result casts float inputs to float32, and its file takes float32 "
              "inputs.")
     if make_permanent_(fp32):  # int8 kernels and exporters take plain weights: the pruned ones, zeros and all
@@ -527,7 +531,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             note(warning)
             warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
 
-    if low_precision:  # the result takes the model's own inputs, as the candidates were judged
+    if other_floats:  # the result takes the model's own inputs, as the candidates were judged
         fp32 = FloatInputs(fp32)
         models = {index: FloatInputs(candidate) for index, candidate in models.items()}
     if chosen is None:
