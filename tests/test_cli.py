@@ -335,6 +335,8 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
     (["--min-speedup", "0"], "argument --min-speedup: expected a number > 0, got 0"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
+    (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: cannot write there"),  # found before training
+    (["--model-args", '{"hidden": 3}'], "hidden=3: expected one or more positive ints"),
     (["--submodule", "body"], "--submodule body: MLPClassifier has no such sub-module"),
     (["--fp32-format", "tflite"], "invalid choice: 'tflite'"),
     (["--metric", "val_loss"], "--metric val_loss: it reads as a loss or an error (lower is better), but the "

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -462,6 +463,17 @@ def _print_report(report: Any) -> None:
         print(f"- {message}")
 
 
+def _check_writable(directory: Path) -> None:
+    """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
+    any training rather than after it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output-dir {directory}: cannot write there ({error.strerror or error}).") from None
+
+
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
@@ -500,10 +512,10 @@ def run_compress(args: argparse.Namespace) -> int:
             resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric)
+        _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
     train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
 
     if train_epochs:
         _stderr(f"training {type(model).__name__} for {train_epochs} epochs ...")

@@ -14,9 +14,10 @@ from torch import nn
 
 
 def _check_widths(name: str, widths: Sequence[int]) -> tuple[int, ...]:
-    widths = tuple(widths)
+    given = widths
+    widths = tuple(widths) if isinstance(widths, Sequence) and not isinstance(widths, str) else ()
     if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ValueError(f"{name}={widths!r}: expected one or more positive ints, e.g. (256, 256).")
+        raise ValueError(f"{name}={given!r}: expected one or more positive ints, e.g. (256, 256).")
     return widths
 
 
