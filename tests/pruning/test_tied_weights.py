@@ -175,3 +175,12 @@ def test_an_fp32_onnx_file_stores_a_tied_matrix_once():
     initializers = [tuple(i.dims) for i in onnx.load_from_string(data).graph.initializer]
     assert initializers.count((VOCAB, WIDTH)) + initializers.count((WIDTH, VOCAB)) == 1
     assert torch.allclose(OnnxRuntimeModule(data)(x), model(x), atol=1e-5)
+
+
+def test_computed_weights_are_never_taken_for_one_tensor():
+    """A parametrized weight is computed afresh at every access: two of them must not pass for one tensor because a
+    freed temporary's id came back."""
+    layers = [torch.nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)) for _ in range(3)]
+    targets = [(layer, "weight") for layer in layers]
+    assert distinct_targets(targets) == targets
+    assert len(sparsity_report(nn.Sequential(*layers), targets).tensors) == 3

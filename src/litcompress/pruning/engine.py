@@ -91,14 +91,21 @@ def unique_modules(targets: Iterable[Target]) -> list[nn.Module]:
     return list(seen.values())
 
 
+def _tensor_key(module: nn.Module, name: str) -> object:
+    """What identifies the tensor of a target: its Parameter (which tied modules share), else the target itself (a
+    parametrized weight is computed afresh at every access, and a freed temporary's id can come back)."""
+    tensor = trainable_tensor(module, name)
+    return id(tensor) if isinstance(tensor, nn.Parameter) else (id(module), name)
+
+
 def distinct_targets(targets: Iterable[Target]) -> list[Target]:
     """`targets` with each tensor once, under its first target. Tied weights (one Parameter held by several modules,
     as a language model's output layer holds its input embedding's matrix) are one tensor: counting them once keeps
     the sparsity exact and the global ranking fair."""
-    seen: set[int] = set()
+    seen: set[object] = set()
     distinct = []
     for module, name in targets:
-        key = id(trainable_tensor(module, name))
+        key = _tensor_key(module, name)
         if key not in seen:
             seen.add(key)
             distinct.append((module, name))
@@ -125,12 +132,11 @@ def with_tied_targets(model: nn.Module, targets: Sequence[Target]) -> list[Targe
     A tied tensor pruned under one module only would reach the others unmasked: they would train with, and be
     judged on, values that the permanent model no longer has.
     """
-    holders = {id(trainable_tensor(m, n)): group for group in tied_parameters(model.named_modules())
-               for _, m, n in group[:1]}
+    holders = {_tensor_key(m, n): group for group in tied_parameters(model.named_modules()) for _, m, n in group[:1]}
     result = list(targets)
     seen = {(id(m), n) for m, n in result}
     for module, name in targets:
-        for _, holder, holder_name in holders.get(id(trainable_tensor(module, name)), ()):
+        for _, holder, holder_name in holders.get(_tensor_key(module, name), ()):
             if (id(holder), holder_name) not in seen:
                 seen.add((id(holder), holder_name))
                 result.append((holder, holder_name))
@@ -187,7 +193,7 @@ def share_tied_masks_(targets: Sequence[Target]) -> None:
     weights are masked alike under every module that holds them, and a later round's in-place update reaches all."""
     first: dict[int, Target] = {}
     for module, name in targets:
-        key = id(trainable_tensor(module, name))
+        key = _tensor_key(module, name)
         if key not in first:
             first[key] = (module, name)
             continue
