@@ -6,7 +6,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -39,6 +41,11 @@ def find_lottery_ticket(
     if rewind_to_step is not None and (isinstance(rewind_to_step, bool) or rewind_to_step < 1):
         raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got {rewind_to_step!r}.")
     kwargs = {**_QUIET, **dict(trainer_kwargs or {})}
+    if is_overridden("configure_model", module):
+        # the Trainer would build the layers after `setup`; the rounds' masks and snapshot need them first (on a copy:
+        # `module` stays as given)
+        module = deepcopy_model(module)
+        module.configure_model()
 
     def train(model: LightningModule) -> None:
         Trainer(**kwargs).fit(model, datamodule=datamodule)

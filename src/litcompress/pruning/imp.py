@@ -142,6 +142,9 @@ def iterative_magnitude_pruning(
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
     pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
     targets = default_targets(network, parameter_names)
+    if not targets:
+        raise ValueError(f"nothing to prune: {type(model).__name__} has no {list(parameter_names)} parameter (a "
+                         "module that builds its layers later, e.g. in `configure_model`, must have built them).")
     names = qualified_names(network, targets)
     unknown = set(layer_rates) - set(names)
     if unknown:
