@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -296,3 +297,26 @@ def test_structured_schedules_prune_grouped_convs_and_their_inputs_evenly_over_t
     report = shrink(model.eval(), x).report
     (grouped,) = [layer for layer in report.layers if layer.name == "net.3.grouped"]
     assert (grouped.channels_before, grouped.channels_after, grouped.left) == (32, 16, 0)
+
+
+def _amount_per_epoch(epoch: int, rate: float) -> float:
+    return rate if epoch < 2 else 0.0
+
+
+class _AmountObject:
+    def __call__(self, epoch: int) -> float:
+        return 0.3
+
+
+@pytest.mark.parametrize("amount", [
+    functools.partial(_amount_per_epoch, rate=0.3),
+    _AmountObject(),
+    lambda epoch: 0.3,
+])
+def test_the_state_key_of_a_callable_amount_names_no_memory_address(amount):
+    """The checkpoint holds the callback's state under its `state_key`; a key with an address in it would not be
+    found by the resumed run in a new process, which would then lose its rounds and lottery-ticket snapshot."""
+    key = ModelPruning("l1_unstructured", amount=amount).state_key
+    assert "0x" not in key and key == ModelPruning("l1_unstructured", amount=amount).state_key
+    if isinstance(amount, functools.partial):
+        assert "_amount_per_epoch, rate=0.3" in key

@@ -663,10 +663,17 @@ def _in_spawned_worker(trainer: Optional["pl.Trainer"]) -> bool:
 
 
 def _describe(value: Any) -> str:
-    """A stable description of a number, schedule or callable (a repr with no memory address)."""
+    """A stable description of a number, schedule or callable (a repr with no memory address, so that a resumed run
+    in a new process finds the state its checkpoint holds under the callback's `state_key`)."""
+    if isinstance(value, partial):
+        arguments = [_describe(a) for a in value.args] + [f"{k}={_describe(v)}" for k, v in value.keywords.items()]
+        return f"functools.partial({', '.join([_describe(value.func), *arguments])})"
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    return repr(value)
+    text = repr(value)
+    if " at 0x" in text:  # object's default repr: its class is what stays the same from one process to the next
+        return f"{type(value).__module__}.{type(value).__qualname__}"
+    return text
 
 
 def _is_param_list(value: Any) -> bool:
