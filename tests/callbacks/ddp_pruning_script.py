@@ -1,6 +1,6 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning,heads} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads,configured} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """
@@ -26,6 +26,18 @@ class Model(BoringModel):
     def on_train_epoch_start(self) -> None:
         # Ranks not seeded alike, as in a user script without `seed_everything`.
         torch.manual_seed(1000 + self.global_rank + 10 * self.current_epoch)
+
+
+class ConfiguredModel(Model):
+    """Builds its layers in `configure_model`, which the Trainer calls after the callbacks' `setup`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = None
+
+    def configure_model(self) -> None:
+        if self.layer is None:
+            self.layer = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 2))
 
 
 class AttentionModel(Model):
@@ -69,8 +81,8 @@ def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked")
         model = AttentionModel()
         callback = HeadPruning(0.5, make_pruning_permanent=permanence == "permanent")
     else:
-        cls = ModelPruning if impl == "litcompress" else LightningModelPruning
-        model = Model()
+        cls = LightningModelPruning if impl == "lightning" else ModelPruning
+        model = ConfiguredModel() if impl == "configured" else Model()
         callback = cls(
             "random_unstructured",
             amount=0.3,
