@@ -515,3 +515,13 @@ def test_a_module_built_in_configure_model_resumes_its_masked_checkpoint_exactly
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[k], expected[k]) for k in expected)
     assert _linear_sparsity(fresh) == pytest.approx(0.8, abs=1e-3)
+
+
+@both("a structured method on the default targets (biases too) fails in torch after the first epoch of training")
+def test_a_structured_method_on_biases_is_refused_before_training(tmp_path, cls):
+    model = FixedDataModel()
+    pruning = cls("ln_structured", amount=0.5, pruning_dim=0, pruning_norm=2, use_global_unstructured=False)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[pruning])
+    with pytest.raises(MisconfigurationException, match="prunes whole slices of multidimensional tensors"):
+        trainer.fit(model)
+    assert trainer.global_step == 0

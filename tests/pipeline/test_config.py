@@ -48,6 +48,7 @@ def test_sparsity_outside_zero_one_is_refused(value):
         ({"method": "ln_structured", "scope": "global"}, "needs an unstructured method"),
         ({"parameter_names": ()}, "name at least one tensor"),
         ({"parameter_names": ("weight", "")}, "non-empty strings"),
+        ({"method": "ln_structured", "parameter_names": ("weight", "bias")}, "a bias has one dimension"),
         ({"layer_types": (nn.Linear, int)}, "nn.Module classes"),
         ({"exclude": (3,)}, "non-empty strings"),
         ({"dim": 0.5}, "dim=0.5"),

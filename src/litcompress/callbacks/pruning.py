@@ -96,11 +96,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def __init__(
         self,
-        pruning_fn: Union[Callable, str],
+        pruning_fn: Union[str, Callable],
         parameters_to_prune: _PARAM_LIST = (),
         parameter_names: Optional[list[str]] = None,
         use_global_unstructured: bool = True,
-        amount: Union[int, float, Callable[[int], Union[int, float]]] = 0.5,
+        amount: Union[int, float, SparsitySchedule, Callable[[int], Union[int, float]]] = 0.5,
         apply_pruning: Union[bool, Callable[[int], bool]] = True,
         make_pruning_permanent: bool = True,
         use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = True,
@@ -585,13 +585,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
             )
 
     def _validate_against_model(self) -> None:
-        """Checks that need the model: structured `pruning_dim` within every target's dimensions."""
+        """Checks that need the model: a structured method's targets have slices to prune (torch refuses a 1-d
+        tensor only when the first round runs, after training), and `pruning_dim` is within their dimensions."""
         dim = self._method_kwargs.get("dim")
-        if dim is None:
-            return
+        structured = getattr(self._method, "PRUNING_TYPE", None) == "structured"
         for module, name in self._parameters_to_prune:
             ndim = engine.trainable_tensor(module, name).dim()
-            if not -ndim <= dim < ndim:
+            if structured and ndim < 2:
+                raise MisconfigurationException(
+                    f"`{self._pruning_method_name}` prunes whole slices of multidimensional tensors, but"
+                    f" `{type(module).__name__}.{name}` has {ndim} dimension. Pass `parameter_names=[\"weight\"]`"
+                    " (the default names the biases too) or leave it out of `parameters_to_prune`."
+                )
+            if dim is not None and not -ndim <= dim < ndim:
                 raise MisconfigurationException(
                     f"`pruning_dim={dim}` is out of range for `{type(module).__name__}.{name}` with {ndim}"
                     f" dimension(s). Choose a dimension in [{-ndim}, {ndim - 1}] or restrict `parameter_names`"

@@ -140,6 +140,11 @@ class PruneConfig:
         object.__setattr__(self, "parameter_names", _names("parameter_names", self.parameter_names))
         if not self.parameter_names:
             raise ValueError("PruneConfig(parameter_names=()): name at least one tensor, e.g. ('weight',).")
+        if structured and "bias" in self.parameter_names:
+            raise ValueError(f"PruneConfig(method={method.__name__!r}, parameter_names={self.parameter_names!r}): "
+                             "a structured method prunes slices of multidimensional tensors, and a bias has one "
+                             "dimension (torch would refuse it at the first round). Leave 'bias' out: shrink "
+                             "removes a removed channel's bias with it.")
         layer_types = tuple(self.layer_types) if isinstance(self.layer_types, Sequence) else (self.layer_types,)
         if not layer_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
             raise ValueError(f"PruneConfig(layer_types={self.layer_types!r}): expected nn.Module classes, "

@@ -1,0 +1,81 @@
+"""The callbacks configured the way LightningCLI users configure them: from YAML, schedules included, and the
+config LightningCLI saves runs again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tests.conftest import FixedDataModel
+
+pytest.importorskip("jsonargparse")
+from lightning.pytorch.cli import LightningCLI  # noqa: E402  (needs jsonargparse)
+
+
+class CliModel(FixedDataModel):
+    """A LightningCLI model (its constructor takes no arguments LightningCLI would have to fill)."""
+
+
+def _weight_sparsity(model: nn.Module) -> float:
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def _fit(config_path, tmp_path) -> LightningCLI:
+    return LightningCLI(CliModel, args=["fit", "--config", str(config_path)],
+                        save_config_kwargs={"overwrite": True, "config_filename": "saved.yaml"})
+
+
+def _config(tmp_path, callback: dict) -> dict:
+    return {"trainer": {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 1, "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                        "default_root_dir": str(tmp_path), "accelerator": "cpu", "callbacks": [callback]}}
+
+
+@pytest.mark.parametrize("amount", [
+    0.5,
+    {"class_path": "litcompress.pruning.schedules.PolynomialDecay",
+     "init_args": {"final_sparsity": 0.8, "begin": 0, "end": 6, "frequency": 2}},
+])
+def test_model_pruning_from_yaml_and_from_the_config_lightning_cli_saved(amount, tmp_path):
+    """Before, a schedule given as `amount` did not validate against the constructor's type hints, and the config
+    LightningCLI saved named `pruning_fn: Unable to serialize instance l1_unstructured` (Lightning's callback still
+    does), which fails when run again."""
+    callback = {"class_path": "litcompress.ModelPruning",
+                "init_args": {"pruning_fn": "l1_unstructured", "amount": amount, "parameter_names": ["weight"],
+                              "use_lottery_ticket_hypothesis": False}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, callback)))
+    first = _fit(path, tmp_path)
+    expected = 0.75 if amount == 0.5 else 0.8  # two rounds of 50% of what remains, or the schedule's target
+    assert _weight_sparsity(first.model) == pytest.approx(expected, abs=1e-3)
+
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    [saved_callback] = saved["trainer"]["callbacks"]
+    assert saved_callback["init_args"]["pruning_fn"] == "l1_unstructured"
+    again = _fit(tmp_path / "saved.yaml", tmp_path)
+    assert _weight_sparsity(again.model) == pytest.approx(expected, abs=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                  again.model.state_dict().values()))
+
+
+def test_head_pruning_and_compress_on_fit_end_from_yaml(tmp_path):
+    from litcompress.callbacks import CompressOnFitEnd, HeadPruning
+
+    callback = {"class_path": "litcompress.callbacks.HeadPruning",
+                "init_args": {"heads": {"class_path": "litcompress.pruning.schedules.PolynomialDecay",
+                                        "init_args": {"final_sparsity": 0.5, "begin": 0, "end": 4}}}}
+    config = _config(tmp_path, callback)
+    config["trainer"]["callbacks"].append(
+        {"class_path": "litcompress.callbacks.CompressOnFitEnd",
+         "init_args": {"output_dir": str(tmp_path / "out"), "metric": "val_acc",
+                       "config": {"prune": {"sparsity": 0.5, "method": "ln_structured"},
+                                  "quantize": {"approach": "dynamic", "backends": ["onnxruntime"]}}}})
+    parsed = LightningCLI(CliModel, args=["--config", yaml.safe_dump(config)], run=False)
+    [head_pruning] = [c for c in parsed.trainer.callbacks if isinstance(c, HeadPruning)]
+    assert head_pruning.heads.final_sparsity == 0.5 and head_pruning.heads.end == 4
+    [compress] = [c for c in parsed.trainer.callbacks if isinstance(c, CompressOnFitEnd)]
+    assert compress.config.prune.sparsity == 0.5 and compress.config.prune.method == "ln_structured"
+    assert compress.config.quantize.backends == ("onnxruntime",)
