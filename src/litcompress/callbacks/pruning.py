@@ -90,6 +90,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
     (ResNeXt's) and of the layers that grouped convs read are pruned evenly over those groups, the only way
     ``litcompress.shrink`` can remove them (the layers that read them are found by tracing the model with torch.fx;
     a model it cannot trace gets the grouped convs' own groups only).
+
+    A tensor held by several modules (tied weights: an output layer holding its input embedding's matrix) is pruned
+    under every module that holds it, with one mask, and counts once. A module that builds its layers in
+    ``configure_model`` has its targets found when the stage starts (the Trainer calls that hook after ``setup``).
     """
 
     PARAMETER_NAMES = ("weight", "bias")

@@ -112,10 +112,9 @@ def distinct_targets(targets: Iterable[Target]) -> list[Target]:
     return distinct
 
 
-def tied_parameters(named_modules: Iterable[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module, str]]]:
-    """Each parameter that several of `named_modules` hold (tied weights: a language model's output layer holding
-    its input embedding's matrix), as its holders ``(module path, module, tensor name)``; the name of a pruned
-    tensor, not of its ``<name>_orig``."""
+def _tied_holders(named_modules: Iterable[tuple[str, nn.Module]]) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """By id of each parameter that several of `named_modules` hold, its holders ``(module path, module, tensor
+    name)``; the name of a pruned tensor, not of its ``<name>_orig``."""
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for path, module in named_modules:
         for key, param in module._parameters.items():
@@ -123,7 +122,13 @@ def tied_parameters(named_modules: Iterable[tuple[str, nn.Module]]) -> list[list
                 base = key[: -len("_orig")]
                 name = base if key.endswith("_orig") and is_pruned(module, base) else key
                 holders.setdefault(id(param), []).append((path, module, name))
-    return [group for group in holders.values() if len(group) > 1]
+    return {key: group for key, group in holders.items() if len(group) > 1}
+
+
+def tied_parameters(named_modules: Iterable[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module, str]]]:
+    """Each parameter that several of `named_modules` hold (tied weights: a language model's output layer holding
+    its input embedding's matrix), as its holders ``(module path, module, tensor name)``."""
+    return list(_tied_holders(named_modules).values())
 
 
 def with_tied_targets(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
@@ -132,7 +137,7 @@ def with_tied_targets(model: nn.Module, targets: Sequence[Target]) -> list[Targe
     A tied tensor pruned under one module only would reach the others unmasked: they would train with, and be
     judged on, values that the permanent model no longer has.
     """
-    holders = {_tensor_key(m, n): group for group in tied_parameters(model.named_modules()) for _, m, n in group[:1]}
+    holders = _tied_holders(model.named_modules())  # keyed like _tensor_key: by the Parameter's id
     result = list(targets)
     seen = {(id(m), n) for m, n in result}
     for module, name in targets:
@@ -191,7 +196,7 @@ def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -
 def share_tied_masks_(targets: Sequence[Target]) -> None:
     """Give each later target of a tensor the mask buffer of its first target (:func:`distinct_targets`): tied
     weights are masked alike under every module that holds them, and a later round's in-place update reaches all."""
-    first: dict[int, Target] = {}
+    first: dict[object, Target] = {}
     for module, name in targets:
         key = _tensor_key(module, name)
         if key not in first:
@@ -474,7 +479,7 @@ def prune_to_sparsity_(
     rounded up to a multiple of it (:func:`~litcompress.pruning.schedules.rounded_pruned_count`). A tensor held by
     several targets (tied weights) counts once and is masked alike under each.
     """
-    tied, targets = targets, distinct_targets(targets)
+    given, targets = targets, distinct_targets(targets)
     method_cls = resolve_method(method)
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
@@ -506,7 +511,7 @@ def prune_to_sparsity_(
             count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
             if count:
                 prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
-    share_tied_masks_(tied)
+    share_tied_masks_(given)
     return sum(pruned_count(m, n) for m, n in targets) - before
 
 
