@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import settings
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -76,6 +76,33 @@ class FixedDataModel(ThreeLayerModel):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=0.01)
+
+
+class ConfiguredDigitsClassifier(LightningModule):
+    """A digits classifier that builds its layers in `configure_model` (Lightning's way for large models): a Trainer
+    calls it after `setup`; before that the module has no layers."""
+
+    def __init__(self, hidden: int = 48) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:  # idempotent, as Lightning asks
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, self.hparams.hidden), nn.ReLU(),
+                                     nn.Linear(self.hparams.hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:

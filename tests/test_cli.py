@@ -359,6 +359,17 @@ def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, mon
     assert Path("file.txt").read_text() == "mine"
 
 
+def test_a_module_that_builds_its_layers_in_configure_model(tmp_path, capsys):
+    """Its layers exist once `configure_model` runs (a Trainer calls it when fitting); the parse-time checks (what to
+    prune, a forward on the first batch) used to fail with "nothing to prune"."""
+    code = main(["compress", *QUICK, "--model", "tests.conftest:ConfiguredDigitsClassifier", "--model-args",
+                 '{"hidden": 32}', "--metric", "val_acc", "--output-dir", str(tmp_path)])
+    assert code == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert [s.stage for s in report.stages][:2] == ["input", "pruned"]
+    assert report["input"].parameters == 64 * 32 + 32 + 32 * 10 + 10
+
+
 def test_the_console_script_is_installed_and_answers():
     script = Path(sys.executable).parent / "litcompress"
     done = subprocess.run([str(script), "compress", "--sparsity", "2"], capture_output=True, text=True, timeout=120)

@@ -178,3 +178,18 @@ def test_compress_on_fit_end_refuses_a_multi_process_fit_before_training(tmp_pat
         trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
     assert "compress_lightning" in str(raised.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_module_built_in_configure_model_is_compressed_from_a_built_copy(tmp_path):
+    """compress_lightning (and the quantization search's evaluation) works on a copy whose layers are built, as a
+    Trainer would build them; before, a module not yet fitted had nothing to prune ("nothing to prune: no Linear")."""
+    from tests.conftest import ConfiguredDigitsClassifier
+
+    L.seed_everything(0)
+    module = ConfiguredDigitsClassifier()
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(backends=("torch_ao",)),
+                               latency_repeats=2, export=False)
+    result = compress_lightning(module, config, datamodule=DigitsDataModule(batch_size=64), fine_tune_epochs=1)
+    assert module.net is None  # the module given is untouched
+    assert result.sparsity.sparsity == pytest.approx(0.5, abs=1e-3)
+    assert [s.stage for s in result.report.stages][:2] == ["input", "pruned"]

@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
 from torch import nn
 
@@ -32,12 +33,16 @@ def _evaluation_trainer() -> L.Trainer:
 
 def detached_copy(module: L.LightningModule) -> L.LightningModule:
     """Deep copy without dragging the attached Trainer along (the user's module is untouched; pruned modules with
-    their masks are copied too)."""
+    their masks are copied too), its layers built: a module that builds them in ``configure_model`` has the copy's
+    built here, as a Trainer would (Lightning asks that hook to be idempotent)."""
     memo: dict[int, object] = {}
     trainer = getattr(module, "_trainer", None)
     if trainer is not None:
         memo[id(trainer)] = None
-    return deepcopy_model(module, memo)
+    copy = deepcopy_model(module, memo)
+    if is_overridden("configure_model", copy):
+        copy.configure_model()
+    return copy
 
 
 class KeywordsAsPositional(nn.Module):
