@@ -1305,3 +1305,55 @@ def test_a_reduction_that_is_no_global_pool_keeps_the_channels(reduce) -> None:
     zero_rows_(model.conv, [1])
     reason = channel_plan(model).reasons["conv"]
     assert reason is not None and "does not see through" in reason
+
+
+class PReLUConvNet(nn.Module):
+    """conv -> BatchNorm -> PReLU with a slope per channel -> conv -> BatchNorm -> PReLU with one slope (reused) ->
+    1x1 conv -> mean pool -> Linear (MobileFaceNet-style activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.PReLU(16)
+        self.conv2, self.bn2, self.act = nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.PReLU()
+        self.conv3, self.head = nn.Conv2d(24, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        return self.head(self.act(self.conv3(x)).mean((2, 3)))
+
+
+@settings(max_examples=20, deadline=None)
+@given(dead1=st.sets(st.integers(0, 15), max_size=15), dead2=st.sets(st.integers(0, 23), max_size=23),
+       seed=st.integers(0, 99))
+def test_prelu_slopes_go_with_their_channels(dead1, dead2, seed) -> None:
+    torch.manual_seed(seed)
+    model = PReLUConvNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        model.act1.weight.uniform_(0.0, 0.5)
+        for conv, bn, dead in ((model.conv1, model.bn1, dead1), (model.conv2, model.bn2, dead2)):
+            rows = sorted(dead)
+            conv.weight[rows] = 0
+            if conv.bias is not None:
+                conv.bias[rows] = 0
+            bn.weight[rows], bn.bias[rows] = 0, 0  # zero through the BatchNorm: removable through a padded conv
+    x = torch.randn(4, 3, 8, 8)
+    result = shrink(model, x)
+    assert result.model.conv1.out_channels == 16 - len(dead1) == result.model.act1.num_parameters
+    assert result.model.conv2.out_channels == 24 - len(dead2)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_prelu_after_a_linear_layer_keeps_its_channels_and_says_why() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.PReLU(16), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:3], model[0].bias[:3] = 0, 0
+    result = shrink(model, torch.randn(2, 8))
+    assert "slopes apply to dim 1, which shrink knows to be the channels only after a conv" in dict(
+        result.report.kept)["0"]
+    single = nn.Sequential(nn.Linear(8, 16), nn.PReLU(), nn.Linear(16, 4)).eval()  # one slope: per element
+    with torch.no_grad():
+        single[0].weight[:3], single[0].bias[:3] = 0, 0
+    assert shrink(single, torch.randn(2, 8)).model[0].out_features == 13

@@ -200,6 +200,17 @@ class _BatchNorm:
 
 
 @dataclass(frozen=True)
+class _PReLU:
+    """A PReLU with a slope per channel inside a conv's chain (dim 1, where a conv's channels are): it loses the
+    slopes of the channels that go."""
+
+    prelu: nn.PReLU
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.prelu(x, self.prelu.weight.detach())
+
+
+@dataclass(frozen=True)
 class _Concat:
     """A concatenation along the channels (DenseNet, Inception): from here on the producer's channels are
     ``[start, start + channels)`` of the `total` channels the ops after it see."""
@@ -209,7 +220,7 @@ class _Concat:
     total: int
 
 
-_Op = Callable[[Tensor], Tensor] | _BatchNorm | _Depthwise | _Gate | _Concat
+_Op = Callable[[Tensor], Tensor] | _BatchNorm | _PReLU | _Depthwise | _Gate | _Concat
 
 
 @dataclass
@@ -348,7 +359,8 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
     shared by two paths), or holding weights tied to another module's, cannot lose them for one use only, but an
     activation, dropout or pooling module has no channels of its own and is often reused (``self.relu`` in
     torchvision's ResNet blocks)."""
-    return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING, *_AVG_POOLING))
+    return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING, *_AVG_POOLING)) or (
+        isinstance(module, nn.PReLU) and module.num_parameters == 1)
 
 
 def _is_producer(module: nn.Module) -> bool:
@@ -734,6 +746,15 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         branch.ops.append(_BatchNorm(module))
     elif module is not None and isinstance(module, _ELEMENTWISE_MODULES):
         branch.ops.append(module)  # per element: the same before or after a flatten
+    elif isinstance(module, nn.PReLU) and module.num_parameters == 1:
+        branch.ops.append(module)  # one slope: per element
+    elif isinstance(module, nn.PReLU):
+        # a slope per entry of dim 1: a conv's channels there; a Linear's features are its input's last dim, which
+        # is dim 1 only for a 2-d input, a rank the graph does not tell
+        if not (is_conv and not branch.flattened and module.num_parameters == branch.width):
+            return (f"its output goes to {_describe(user, modules)}, whose {module.num_parameters} slopes apply to "
+                    "dim 1, which shrink knows to be the channels only after a conv")
+        branch.ops.append(_PReLU(module))
     elif (module is not None and isinstance(module, _DROPOUT)) or (
         user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
     ):
@@ -850,6 +871,11 @@ def _keep_batch_norm_(bn: nn.Module, keep: Tensor) -> None:
     bn.num_features = int(keep.numel())
 
 
+def _keep_prelu_(prelu: nn.PReLU, keep: Tensor) -> None:
+    prelu.weight = nn.Parameter(prelu.weight.detach()[keep].clone(), prelu.weight.requires_grad)
+    prelu.num_parameters = int(keep.numel())
+
+
 def keep_a_multiple_(dead: Tensor, multiple: int | None) -> None:
     """Unmark as few of the `dead` (removable) channels as leave a multiple of `multiple` kept (all, if none
     does): kernels run faster on channel counts that fill their SIMD blocks, and a channel kept changes nothing."""
@@ -941,11 +967,13 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         for op in branch.ops:
             if isinstance(op, _Concat):
                 start, total = op.start, op.total
-            if id(op) in edited or not isinstance(op, (_BatchNorm, _Depthwise, _Gate)):
+            if id(op) in edited or not isinstance(op, (_BatchNorm, _PReLU, _Depthwise, _Gate)):
                 continue
             edited.add(id(op))
             if isinstance(op, _BatchNorm):
                 _keep_batch_norm_(op.bn, kept_in(start, total))
+            elif isinstance(op, _PReLU):
+                _keep_prelu_(op.prelu, kept_in(start, total))
             elif isinstance(op, _Depthwise):
                 _keep_depthwise_(op.conv, kept_in(start, total))
                 through.append(op.name)
