@@ -1357,3 +1357,32 @@ def test_a_prelu_after_a_linear_layer_keeps_its_channels_and_says_why() -> None:
     with torch.no_grad():
         single[0].weight[:3], single[0].bias[:3] = 0, 0
     assert shrink(single, torch.randn(2, 8)).model[0].out_features == 13
+
+
+class ClampNet(nn.Module):
+    """Activations written as clamps (ReLU6 as ``torch.clamp(x, 0, 6)``, ``x.clamp(min=0)``, ``.clip(max=3)``) and
+    an in-place ``F.relu_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.fc1, self.fc2 = nn.Conv2d(16, 16, 1), nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(self.bn1(self.conv1(x)), 0, 6)
+        x = self.conv2(x).clamp(min=0).mean((2, 3))
+        return self.fc2(F.relu_(self.fc1(x)).clip(max=3))
+
+
+def test_clamps_are_element_wise_and_constant_channels_fold_through_them() -> None:
+    torch.manual_seed(0)
+    model = ClampNet().eval()
+    with torch.no_grad():
+        model.conv1.weight[:4], model.conv1.bias[:4], model.bn1.weight[:4], model.bn1.bias[:4] = 0, 0, 0, 0
+        model.conv2.weight[:3], model.conv2.bias[:3] = 0, 1.0  # constant 1 -> clamp -> mean: folded into fc1
+        model.fc1.weight[:7] = 0  # constant bias -> relu_ -> clip: folded into fc2
+    x = torch.randn(2, 3, 6, 6)
+    result = shrink(model, x)
+    assert [(layer.name, layer.channels_after, layer.folded) for layer in result.report.layers] == [
+        ("conv1", 12, 0), ("conv2", 13, 3), ("fc1", 25, int((model.fc1.bias[:7] > 0).sum()))]
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)

@@ -59,9 +59,12 @@ _ELEMENTWISE_MODULES = (
 )
 _ELEMENTWISE_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, torch.sigmoid,
-    F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus,
+    F.sigmoid, torch.tanh, F.tanh, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, torch.relu_, F.relu_,
+    # with numbers for bounds (a tensor bound is another input, which ends a chain): ReLU6 written as a clamp
+    torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
 }
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "relu_", "sigmoid_", "tanh_", "clamp", "clip", "clamp_min",
+                        "clamp_max", "clamp_", "clip_", "clamp_min_", "clamp_max_"}
 # Ops that pass a constant channel through unchanged (eval mode): dropout, and spatial pooling that never pads with
 # zeros or resampling (U-Net decoders' upsampling: every mode interpolates a constant map to the same constant).
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
