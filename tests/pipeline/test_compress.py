@@ -441,7 +441,8 @@ def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_c
             return self.b(h)
 
     torch.manual_seed(0)
-    prune = PruneConfig(sparsity=0.5, method="ln_structured", exclude=("b",))
+    # masks without a trace: removable_only=False (by default structured pruning of an untraceable model is refused)
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", exclude=("b",), removable_only=False)
     run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4])
     with pytest.warns(RuntimeWarning, match="export failed, no model file written: GuardOnDataDependentSymNode"):
         refused = compress(Branchy(), CompressionConfig(prune=prune, fp32_format="export", latency_repeats=2),
@@ -984,3 +985,40 @@ def test_a_tied_output_layer_is_pruned_with_its_embedding_and_stays_tied(tmp_pat
     onnx = pytest.importorskip("onnx")
     initializers = [tuple(i.dims) for i in onnx.load(str(result.artifact)).graph.initializer]
     assert sum(dims in ((VOCAB, 12), (12, VOCAB)) for dims in initializers) == 1
+
+
+class Untraceable(nn.Module):
+    """An MLP whose forward has data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(64, 32, 32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.net(x)
+        return self.net(-x)
+
+
+def test_structured_pruning_of_a_model_fx_cannot_trace_is_refused_before_fine_tuning(digits):
+    """Without a trace shrink removes nothing, and removable_only could filter nothing: every layer was pruned by
+    channel, a GPT's residual stream included (a probe's loss went from 0.80 to 4.5). Refused before any training;
+    removable_only=False masks the channels all the same."""
+    x_val, y_val = digits[2], digits[3]
+    model = Untraceable().eval()
+    tuned: list[int] = []
+
+    def fine_tune(model, step):
+        tuned.append(1)
+
+    with pytest.raises(ValueError, match=r"shrink needs the model traced by torch.fx: tracing Untraceable with "
+                                         r"torch.fx failed.*removable_only=False masks the channels anyway"):
+        compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), **FAST),
+                 eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8], fine_tune=fine_tune, fine_tune_steps=10)
+    assert not tuned
+    with pytest.raises(ValueError, match="shrink needs the model traced"):
+        prune_targets(model, PruneConfig(sparsity=0.5, method="ln_structured"))
+    masked = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured",
+                                                                 removable_only=False), **FAST),
+                      eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8])
+    assert masked.sparsity.sparsity > 0.4

@@ -88,6 +88,11 @@ def _filters_removable(config: PruneConfig) -> bool:
     return config.structured and config.dim == 0 and config.removable_only
 
 
+def _method_name(config: PruneConfig) -> str:
+    """The method as the config was given it: a torch.nn.utils.prune function's name, or a class's name."""
+    return config.method if isinstance(config.method, str) else config.method.__name__
+
+
 def _select_targets(model: nn.Module, config: PruneConfig,
                     plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str]]:
     """`prune_targets`, and the layers `removable_only` left out with the reason shrink could not remove their
@@ -107,6 +112,20 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
                          "be pruned (outside exclude); pass heads=0.")
     left_out: dict[str, str] = {}
+    if _filters_removable(config) and plan is None:
+        # Without a trace shrink removes nothing, and every layer pruned by channel would only lose accuracy (a
+        # GPT's attention outputs and MLP projections write the residual stream: half of it gone).
+        try:
+            channel_plan(model)
+            failure = "it could not be traced"
+        except ValueError as error:
+            failure = str(error)
+        raise ValueError(
+            f"PruneConfig(method={_method_name(config)!r}): structured pruning prunes the channels that "
+            f"shrink can remove (removable_only=True), and shrink needs the model traced by torch.fx: {failure}. "
+            "Make forward traceable, or compress the traceable sub-module that holds the layers "
+            "(compress_lightning(submodule=...), CLI --submodule); removable_only=False masks the channels anyway "
+            "(nothing gets smaller), or prune unstructured.")
     if _filters_removable(config) and plan is not None:
         removable = plan.removable(residual_groups=_groups_residuals(config))
         left_out = {name: removable.get(name, "it is no Linear or Conv") for name, _ in layers
@@ -116,7 +135,7 @@ def _select_targets(model: nn.Module, config: PruneConfig,
             remedy = (f"PruneConfig(group_residuals=True, zero_batch_norm=True) prunes {', '.join(sorted(grouped))} "
                       "as channel groups, which shrink removes; or pass" if grouped else "Pass")
             raise ValueError(
-                f"PruneConfig(method={config.pruning_method.__name__!r}): shrink can remove the channels of none "
+                f"PruneConfig(method={_method_name(config)!r}): shrink can remove the channels of none "
                 f"of the layers to prune, so structured pruning would cost accuracy and save nothing: "
                 f"{'; '.join(f'{n}: {r}' for n, r in left_out.items())}. {remedy} removable_only=False to mask "
                 "them anyway, or prune unstructured.")
