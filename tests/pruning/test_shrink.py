@@ -1386,3 +1386,38 @@ def test_clamps_are_element_wise_and_constant_channels_fold_through_them() -> No
     assert [(layer.name, layer.channels_after, layer.folded) for layer in result.report.layers] == [
         ("conv1", 12, 0), ("conv2", 13, 3), ("fc1", 25, int((model.fc1.bias[:7] > 0).sum()))]
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class HandWrittenSwish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class SelfGatedNet(nn.Module):
+    """Swish written as ``x * torch.sigmoid(x)`` (older EfficientNet code) after a conv, and ``torch.tanh(h) * h``
+    after a Linear layer; the last product multiplies two different layers' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), HandWrittenSwish()
+        self.conv2, self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Linear(8, 32), nn.Linear(32, 5)
+        self.side = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.act(self.bn1(self.conv1(x)))).mean((2, 3))
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h) * h) * self.side(x)
+
+
+def test_a_product_of_a_channel_with_an_element_wise_function_of_itself_is_element_wise() -> None:
+    torch.manual_seed(0)
+    model = SelfGatedNet().eval()
+    with torch.no_grad():
+        model.conv1.weight[:4], model.conv1.bias[:4], model.bn1.weight[:4], model.bn1.bias[:4] = 0, 0, 0, 0
+        model.fc1.weight[:6] = 0  # constant bias -> tanh(b) * b: folded into fc2
+        model.fc2.weight[:2], model.fc2.bias[:2] = 0, 0  # fc2's output meets side's: its zero channels stay
+    x = torch.randn(2, 3, 6, 6)
+    result = shrink(model, x)
+    assert [(layer.name, layer.channels_after) for layer in result.report.layers] == [("conv1", 12), ("fc1", 26)]
+    assert "meets another tensor" in dict(result.report.kept)["fc2"]
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
