@@ -580,8 +580,8 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
 
 @dataclass(frozen=True)
 class _SelfGate:
-    """``x * f(x)`` with `f` element-wise (Swish written as ``x * torch.sigmoid(x)``, GELU's tanh form): element-wise
-    as a whole, so a constant channel stays a constant one."""
+    """``x * f(x)`` with `f` element-wise (Swish written as ``x * torch.sigmoid(x)``): element-wise as a whole, so a
+    constant channel stays a constant one."""
 
     ops: tuple[Callable[[Tensor], Tensor], ...]
 
@@ -592,24 +592,22 @@ class _SelfGate:
         return x * gate
 
 
-def _elementwise_op(step: fx.Node, previous: fx.Node, modules: dict[str, nn.Module],
-                    calls: dict[str, int]) -> Callable[[Tensor], Tensor] | None:
+def _elementwise_op(step: fx.Node, previous: fx.Node,
+                    modules: dict[str, nn.Module]) -> Callable[[Tensor], Tensor] | None:
     """`step` as a function of `previous`, its only tensor input, when it is element-wise (None otherwise)."""
     if _tensor_args(step, previous) != [previous]:
         return None
     module = modules.get(str(step.target)) if step.op == "call_module" else None
-    if module is not None:
-        stateless = isinstance(module, _ELEMENTWISE_MODULES) or (isinstance(module, nn.PReLU)
-                                                                 and module.num_parameters == 1)
-        return module if stateless and _called_once_or_stateless(module, str(step.target), calls) else None
+    if module is not None:  # modules without channels of their own: free to be reused
+        one_slope = isinstance(module, nn.PReLU) and module.num_parameters == 1
+        return module if isinstance(module, _ELEMENTWISE_MODULES) or one_slope else None
     if (step.op == "call_function" and step.target in _ELEMENTWISE_FUNCTIONS) or (
             step.op == "call_method" and step.target in _ELEMENTWISE_METHODS):
         return _function_op(step)
     return None
 
 
-def _self_gate(node: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module],
-               calls: dict[str, int]) -> tuple[_SelfGate, fx.Node] | None:
+def _self_gate(node: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[_SelfGate, fx.Node] | None:
     """If `node`'s two users are ``node * f(node)`` with `f` a path of element-wise ops that nothing else reads, the
     gate and the multiplication."""
     for mul, path_start in ((users[0], users[1]), (users[1], users[0])):
@@ -620,7 +618,7 @@ def _self_gate(node: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module
         ops: list[Callable[[Tensor], Tensor]] = []
         previous, step = node, path_start
         while step is not mul:
-            op = _elementwise_op(step, previous, modules, calls)
+            op = _elementwise_op(step, previous, modules)
             next_users = _value_users(step)
             if op is None or len(next_users) != 1:
                 break
@@ -742,7 +740,7 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
                 node = found[1]  # on from the multiplication
                 continue
         if len(users) == 2:
-            gated = _self_gate(node, users, modules, calls)
+            gated = _self_gate(node, users, modules)
             if gated is not None:
                 branch.ops.append(gated[0])
                 node = gated[1]  # on from the multiplication
