@@ -439,3 +439,64 @@ def test_prune_groups_prunes_a_channel_in_every_part_of_a_chunked_layer():
     shrunk = shrink(model, x).model
     assert (shrunk.w13.out_features, shrunk.w2.in_features) == (8, 4)
     torch.testing.assert_close(shrunk(x), expected)
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)  # as older EfficientNet code writes it
+
+
+class HandWrittenMBConv(nn.Module):
+    """An EfficientNet block as older code writes it: Swish as ``x * sigmoid(x)``, inside the squeeze-and-excitation
+    gate too, and a residual addition."""
+
+    def __init__(self, channels: int, expansion: int = 4) -> None:
+        super().__init__()
+        hidden = channels * expansion
+        self.expand, self.bn1 = nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.se_reduce, self.se_expand = nn.Conv2d(hidden, hidden // 4, 1), nn.Conv2d(hidden // 4, hidden, 1)
+        self.project, self.bn3 = nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _swish(self.bn2(self.dw(_swish(self.bn1(self.expand(x))))))
+        h = h * torch.sigmoid(self.se_expand(_swish(self.se_reduce(F.adaptive_avg_pool2d(h, 1)))))
+        return x + self.bn3(self.project(h))
+
+
+class HandWrittenEfficientNet(nn.Module):
+    """A Swish stem, two blocks and global pooling written as ``x.mean((2, 3))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.blocks = nn.Sequential(HandWrittenMBConv(16), HandWrittenMBConv(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(_swish(self.stem(x))).mean((2, 3)))
+
+
+def test_residual_stream_and_blocks_written_with_hand_made_swish_and_mean_pooling_shrink():
+    """Before, x * sigmoid(x) ended every chain and blocked the residual group, the squeeze-and-excitation path broke
+    at its own Swish, and a residual group read through x.mean((2, 3)) was blocked: nothing of this net could go."""
+    from litcompress.pipeline import CompressionConfig, PruneConfig, compress
+
+    torch.manual_seed(0)
+    model = HandWrittenEfficientNet()
+    x = torch.randn(16, 1, 8, 8)
+    model.train()
+    model(x)  # running statistics
+    model.eval()
+    groups = residual_groups(model)
+    assert [sorted(g.producers) for g in groups] == [["blocks.0.project", "blocks.1.project", "stem"]]
+    plan = removable_channels(model)
+    assert plan["blocks.0.expand"] is None and plan["blocks.1.expand"] is None
+    # one-shot structured pruning, then shrink, whose outputs are checked against the pruned model's
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                               latency_repeats=2, export=False),
+                      eval_fn=lambda m: 1.0, example_inputs=x[:4])
+    widths = {layer.name: layer.channels_after for layer in result.shrink.layers}
+    assert widths["blocks.0.expand"] == widths["blocks.1.expand"] == 32
+    assert widths["stem"] == widths["blocks.0.project"] == widths["blocks.1.project"] == 8
+    assert result.shrink.parameters_after < 0.35 * result.shrink.parameters_before

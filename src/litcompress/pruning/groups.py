@@ -34,7 +34,8 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
                                         _called_once_or_stateless, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, keep_a_multiple_, trace)
+                                        _keep_input_channels_, _keep_rows_, _self_gate, _spatial_reduction,
+                                        _value_users, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -47,6 +48,7 @@ _ADD_METHODS = {"add", "add_"}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 _MUL_METHODS = {"mul", "mul_"}
 _CHUNK_FUNCTIONS = {torch.chunk}
+_CONV_NDIM = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}  # a conv activation's dims: batch, channels, spatial
 
 # When a channel of a space is exactly zero at some node, as an expression over the space's layers:
 # ("producer", name): zero rows and bias; ("batch_norm", name, x): x zero and the BatchNorm maps 0 to 0;
@@ -193,6 +195,15 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
     flattened: set[fx.Node] = set()
     chunked: list[list[int]] = []  # the spaces of each chunked layer's parts
     handled: set[fx.Node] = set()  # chunk and getitem nodes, made spaces with their layer
+    # x * f(x) with f element-wise (Swish written as x * sigmoid(x)): zero where x is zero, whatever f(0) is; the
+    # product takes x's space, and f's path (which nothing else reads) is passed over
+    self_gated: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        users = _value_users(node)
+        gated = _self_gate(node, users, modules) if len(users) == 2 else None
+        if gated is not None:
+            self_gated[gated[1]] = node
+            handled.update(gated[2])
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
@@ -237,6 +248,12 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             continue
         if node in handled:
             continue
+        if node in self_gated and self_gated[node] in space_of:
+            source = self_gated[node]
+            space_of[node], rule_of[node] = find(space_of[source]), rule_of[source]
+            if source in flattened:
+                flattened.add(node)
+            continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
         joining = _joining_op(node)
@@ -280,6 +297,12 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             space_of[node] = root
             rule_of[node] = rule_of[source]
             flattened.add(node)
+        elif len(inputs) == 1 and convs and (reduced := _spatial_reduction(node, _CONV_NDIM[spaces[root].kind])):
+            # global pooling written as a reduction, x.mean((2, 3)): a zero channel averages to zero
+            space_of[node] = root
+            rule_of[node] = rule_of[source]
+            if reduced == "all":  # (batch, channels) left: read as features, as after a flatten
+                flattened.add(node)
         else:  # a concatenation, a product with a tensor from elsewhere, a normalisation over channels, a shape read
             for a in inputs:
                 block(space_of[a])

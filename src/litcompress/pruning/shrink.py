@@ -553,6 +553,10 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
         step = path_start
         while True:
             next_users = _value_users(step)
+            gated = _self_gate(step, next_users, modules) if len(next_users) == 2 else None
+            if gated is not None:  # Swish written as x * sigmoid(x) inside the gate: on from its product
+                step = gated[1]
+                next_users = _value_users(step)
             if len(next_users) != 1:
                 break
             step = next_users[0]
@@ -607,15 +611,17 @@ def _elementwise_op(step: fx.Node, previous: fx.Node,
     return None
 
 
-def _self_gate(node: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[_SelfGate, fx.Node] | None:
+def _self_gate(node: fx.Node, users: list[fx.Node],
+               modules: dict[str, nn.Module]) -> tuple[_SelfGate, fx.Node, list[fx.Node]] | None:
     """If `node`'s two users are ``node * f(node)`` with `f` a path of element-wise ops that nothing else reads, the
-    gate and the multiplication."""
+    gate, the multiplication and the path's nodes."""
     for mul, path_start in ((users[0], users[1]), (users[1], users[0])):
         is_mul = (mul.op == "call_function" and mul.target in _MUL_FUNCTIONS) or (
             mul.op == "call_method" and mul.target == "mul")
         if not is_mul or len(mul.args) != 2 or mul.kwargs or node not in mul.args:
             continue
         ops: list[Callable[[Tensor], Tensor]] = []
+        path: list[fx.Node] = []
         previous, step = node, path_start
         while step is not mul:
             op = _elementwise_op(step, previous, modules)
@@ -623,9 +629,10 @@ def _self_gate(node: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module
             if op is None or len(next_users) != 1:
                 break
             ops.append(op)
+            path.append(step)
             previous, step = step, next_users[0]
         if step is mul and ops and set(mul.args) == {node, previous}:
-            return _SelfGate(tuple(ops)), mul
+            return _SelfGate(tuple(ops)), mul, path
     return None
 
 
