@@ -61,8 +61,8 @@ def test_model_pruning_from_yaml_and_from_the_config_lightning_cli_saved(amount,
                                                   again.model.state_dict().values()))
 
 
-def test_head_pruning_and_compress_on_fit_end_from_yaml(tmp_path):
-    from litcompress.callbacks import CompressOnFitEnd, HeadPruning
+def test_head_pruning_compress_and_quantize_on_fit_end_from_yaml(tmp_path):
+    from litcompress.callbacks import CompressOnFitEnd, HeadPruning, QuantizeOnFitEnd
 
     callback = {"class_path": "litcompress.callbacks.HeadPruning",
                 "init_args": {"heads": {"class_path": "litcompress.pruning.schedules.PolynomialDecay",
@@ -73,9 +73,16 @@ def test_head_pruning_and_compress_on_fit_end_from_yaml(tmp_path):
          "init_args": {"output_dir": str(tmp_path / "out"), "metric": "val_acc",
                        "config": {"prune": {"sparsity": 0.5, "method": "ln_structured"},
                                   "quantize": {"approach": "dynamic", "backends": ["onnxruntime"]}}}})
+    config["trainer"]["callbacks"].append(
+        {"class_path": "litcompress.callbacks.QuantizeOnFitEnd",
+         "init_args": {"metric": "val_acc", "config": {"approach": "static",
+                                                       "accuracy": {"tolerable_loss": 0.02, "relative": False}}}})
     parsed = LightningCLI(CliModel, args=["--config", yaml.safe_dump(config)], run=False)
     [head_pruning] = [c for c in parsed.trainer.callbacks if isinstance(c, HeadPruning)]
     assert head_pruning.heads.final_sparsity == 0.5 and head_pruning.heads.end == 4
     [compress] = [c for c in parsed.trainer.callbacks if isinstance(c, CompressOnFitEnd)]
     assert compress.config.prune.sparsity == 0.5 and compress.config.prune.method == "ln_structured"
     assert compress.config.quantize.backends == ("onnxruntime",)
+    [quantize] = [c for c in parsed.trainer.callbacks if isinstance(c, QuantizeOnFitEnd)]
+    assert quantize.config.approach == "static" and quantize.config.accuracy.tolerable_loss == 0.02
+    assert quantize.config.accuracy.relative is False
