@@ -1022,3 +1022,30 @@ def test_structured_pruning_of_a_model_fx_cannot_trace_is_refused_before_fine_tu
                                                                  removable_only=False), **FAST),
                       eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8])
     assert masked.sparsity.sparsity > 0.4
+
+
+class CompiledBody(nn.Module):
+    """A model whose body is torch.compile'd (as Lightning's docs suggest for a LightningModule's network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.compile(mlp(64, 48, 48, 10), backend="eager")  # eager backend: no compiler in the test
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_torch_compiled_model_is_compressed_as_the_eager_modules_it_compiles(trained, digits, tmp_path):
+    """Before, every step that traces failed on a compiled module: shrink ("OptimizedModule is missing the required
+    forward"), every int8 backend (torch.jit.trace, torch.onnx.export, torch.export), and the export."""
+    x_val, y_val = digits[2], digits[3]
+    for model in (torch.compile(trained, backend="eager"), CompiledBody()):
+        config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                   quantize=PTQConfig(backends=("torch_ao", "onnxruntime")), latency_repeats=2)
+        result = compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8],
+                          output_dir=tmp_path / type(model).__name__)
+        assert [s.stage for s in result.report.stages] == ["input", "pruned", "shrunk", "quantized"]
+        assert all(t.error is None for t in result.quantization.trials)
+        assert result.artifact is not None and result.artifact.exists()
+        assert any(m.startswith("torch.compile'd module(s)") for m in result.report.messages)
+    assert isinstance(model.body, torch._dynamo.OptimizedModule)  # the model given stays compiled

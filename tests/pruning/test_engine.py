@@ -331,3 +331,17 @@ def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, p
         for block, pruned in zip(norms, rows_pruned.view(groups, per_group)):
             if pruned.any() and (~pruned).any() and len(targets) == 1:
                 assert block[pruned].max() <= block[~pruned].min()
+
+
+def test_eager_copy_unwraps_compiled_modules_at_any_depth_and_leaves_the_model_as_given():
+    from litcompress.pruning.engine import compiled_module_names, eager_copy
+
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model = torch.compile(nn.Sequential(torch.compile(inner, backend="eager"), nn.Linear(4, 2)), backend="eager")
+    assert compiled_module_names(model) == ["", "_orig_mod.0"]
+    copy = eager_copy(model)
+    assert compiled_module_names(copy) == [] and isinstance(copy, nn.Sequential) and isinstance(copy[0], nn.Sequential)
+    assert copy[0][0] is not inner[0]  # a copy
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(copy(x), model(x))
+    assert compiled_module_names(model) == ["", "_orig_mod.0"]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import (Target, deepcopy_model, keep_bypassed_weights_current_, make_permanent_,
+from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy,
+                                        keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_targets, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
@@ -591,6 +592,9 @@ def compress(
         raise TypeError(f"compress(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     if test_fn is not None and not callable(test_fn):
         raise TypeError(f"compress(test_fn={test_fn!r}): expected a callable model -> metric, or None.")
+    compiled = compiled_module_names(model)
+    if compiled:  # fx, the exporters and the int8 backends need eager modules; a copy, the model given stays compiled
+        model = eager_copy(model)
     inputs = to_inputs(model_input_fn(model)(example_inputs) if isinstance(example_inputs, Mapping)
                        else example_inputs)  # a dict: by forward's parameter names
     default_input_fn_used = input_fn in (None, default_input_fn)
@@ -630,6 +634,10 @@ def compress(
         messages.append(message)
         logger.info(message)
 
+    if compiled:
+        names = ", ".join(repr(n) if n else "the model" for n in compiled)
+        note(f"torch.compile'd module(s) {names} compressed as the eager modules they compile (compile the result "
+             "again to run it compiled).")
     stages = _Stages(eval_fn, test_fn)
     details: list[tuple[str, str]] = []
     started = time.monotonic()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -291,6 +292,34 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
             if isinstance(value, Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether `module` is a ``torch.compile``'d wrapper (an ``OptimizedModule``). torch.compile imports
+    torch._dynamo; until something has, nothing is compiled, and importing it here (1.5 s) is spared."""
+    dynamo = sys.modules.get("torch._dynamo")
+    optimized = getattr(dynamo, "OptimizedModule", None) if dynamo is not None else None
+    return optimized is not None and isinstance(module, optimized)
+
+
+def compiled_module_names(model: nn.Module) -> list[str]:
+    """The names of `model`'s ``torch.compile``'d modules (``""`` for `model` itself), outermost first."""
+    return [name for name, module in model.named_modules() if _is_compiled(module)]
+
+
+def eager_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` in which every ``torch.compile``'d module, `model` itself included, is the eager
+    module it compiles: what tracing, exporting and quantizing need (compile the result again if you like)."""
+    copied = deepcopy_model(model)
+    while _is_compiled(copied):
+        copied = copied._orig_mod
+    for parent in list(copied.modules()):
+        for child_name, child in list(parent.named_children()):
+            if _is_compiled(child):
+                while _is_compiled(child):
+                    child = child._orig_mod
+                setattr(parent, child_name, child)
+    return copied
 
 
 def make_permanent_(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from litcompress.pruning.engine import deepcopy_model, make_permanent_, tied_parameters
+from litcompress.pruning.engine import eager_copy, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
@@ -1406,7 +1406,7 @@ def shrink(
     keep_multiple_of: int | None = None,
 ) -> ShrinkResult:
     """A shrunk deep copy of `model` and its report; `model` itself is not changed (see `shrink_`)."""
-    copied = deepcopy_model(model)
+    copied = eager_copy(model)  # fx traces eager modules, not torch.compile'd ones
     report = shrink_(copied, example_inputs, rtol=rtol, tracer=tracer, keep_multiple_of=keep_multiple_of)
     return ShrinkResult(copied, report)
 

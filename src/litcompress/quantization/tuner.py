@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.engine import compiled_module_names, eager_copy, make_permanent_
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import eval_outputs
 from litcompress.report.size import model_size_bytes
@@ -350,7 +350,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         messages.append(message)
         logger.info(message)
 
-    fp32 = deepcopy_model(model).eval()
+    compiled = compiled_module_names(model)
+    fp32 = eager_copy(model).eval()  # the exporters and the int8 backends need eager modules
+    if compiled:
+        names = ", ".join(repr(n) if n else "the model" for n in compiled)
+        note(f"torch.compile'd module(s) {names} quantized as the eager modules they compile.")
     other_floats = non_float32_dtypes(model)
     if other_floats:
         # int8 kernels take float32 activations: the search quantizes a float32 copy, and every candidate (and the
