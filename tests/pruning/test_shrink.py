@@ -1421,3 +1421,15 @@ def test_a_product_of_a_channel_with_an_element_wise_function_of_itself_is_eleme
     assert [(layer.name, layer.channels_after) for layer in result.report.layers] == [("conv1", 12), ("fc1", 26)]
     assert "meets another tensor" in dict(result.report.kept)["fc2"]
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_model_is_shrunk_as_an_eager_copy_and_traced_only_with_a_hint() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:5], model[0].bias[:5] = 0, 0
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(3, 8)
+    result = shrink(compiled, x)
+    assert result.model[0].out_features == 11 and isinstance(result.model, nn.Sequential)
+    with pytest.raises(ValueError, match=r"torch.compile'd: the model; trace the eager module, `._orig_mod`"):
+        channel_plan(compiled)

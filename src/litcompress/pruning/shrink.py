@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from litcompress.pruning.engine import eager_copy, make_permanent_, tied_parameters
+from litcompress.pruning.engine import compiled_module_names, eager_copy, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
@@ -324,7 +324,10 @@ def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Gra
     try:
         graph = _keeping_narrowed_attention(tracer)().trace(model)
     except Exception as error:  # fx raises many types
-        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}") from error
+        compiled = compiled_module_names(model)
+        hint = (f" (torch.compile'd: {', '.join(repr(n) if n else 'the model' for n in compiled)}; trace the eager "
+                "module, `._orig_mod`, or use shrink()/compress(), which work on an eager copy)") if compiled else ""
+        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}{hint}") from error
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
