@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
+from litcompress.quantization.lightning import detached_copy
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -42,10 +42,9 @@ def find_lottery_ticket(
         raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got {rewind_to_step!r}.")
     kwargs = {**_QUIET, **dict(trainer_kwargs or {})}
     if is_overridden("configure_model", module):
-        # the Trainer would build the layers after `setup`; the rounds' masks and snapshot need them first (on a copy:
-        # `module` stays as given)
-        module = deepcopy_model(module)
-        module.configure_model()
+        # the Trainer would build the layers after `setup`; the rounds' masks and snapshot need them first (on a
+        # copy, with them built: `module` stays as given)
+        module = detached_copy(module)
 
     def train(model: LightningModule) -> None:
         Trainer(**kwargs).fit(model, datamodule=datamodule)

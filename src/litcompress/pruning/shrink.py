@@ -562,7 +562,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
                 next_users = _value_users(step)
             if len(next_users) != 1:
                 break
-            step = next_users[0]
+            previous, step = step, next_users[0]
             if step is mul:
                 break
             module = modules.get(str(step.target)) if step.op == "call_module" else None
@@ -572,9 +572,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
                 if has_computed_tensors(module) or module.kernel_size != (1, 1):
                     break
                 convs.append(str(step.target))
-            elif not ((module is not None and isinstance(module, _ELEMENTWISE_MODULES))
-                      or (step.op == "call_function" and step.target in _ELEMENTWISE_FUNCTIONS)
-                      or (step.op == "call_method" and step.target in _ELEMENTWISE_METHODS)):
+            elif _elementwise_op(step, previous, modules) is None:
                 break
         if step is not mul or len(convs) != 2:
             continue
