@@ -113,28 +113,19 @@ def test_find_lottery_ticket_with_trainer_and_late_rewinding():
                             trainer_kwargs=dict(max_epochs=1))
 
 
-class LateBuiltDigitsClassifier(DigitsClassifier):
-    """Builds its network in `configure_model`, which a Trainer calls after `setup`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = None
-
-    def configure_model(self) -> None:
-        if self.net is None:
-            self.net = mlp()
-
-
 def test_find_lottery_ticket_builds_a_configure_model_module_on_a_copy():
+    from tests.conftest import ConfiguredDigitsClassifier  # builds its layers in `configure_model`
+
     seed_everything(0)
-    module = LateBuiltDigitsClassifier()
-    ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="test_acc", rounds=1, rate=0.5,
-                                 trainer_kwargs=dict(max_epochs=2, accelerator="cpu"), control="none")
+    module = ConfiguredDigitsClassifier()
+    ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1, rate=0.5,
+                                 trainer_kwargs=dict(max_epochs=2, accelerator="cpu"), evaluate_on="validate",
+                                 control="none")
     assert module.net is None  # the module given is untouched
     assert ticket.remaining == pytest.approx(0.5) and ticket.rounds[1].metric > 0.5
     train, evaluate = plain_train_and_evaluate()
-    with pytest.raises(ValueError, match="nothing to prune: LateBuiltDigitsClassifier has no"):
-        iterative_magnitude_pruning(LateBuiltDigitsClassifier(), train, evaluate, rounds=1)
+    with pytest.raises(ValueError, match="nothing to prune: ConfiguredDigitsClassifier has no"):
+        iterative_magnitude_pruning(ConfiguredDigitsClassifier(), train, evaluate, rounds=1)
 
 
 class RowAttention(nn.Module):
