@@ -349,9 +349,8 @@ def _datamodule(args: argparse.Namespace) -> Any:
 
 
 def _model(args: argparse.Namespace, data: Any) -> Any:
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
     from litcompress.callbacks.pruning import load_module_from_checkpoint
+    from litcompress.quantization.lightning import configure_outside_trainer_
     from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, LSTMClassifier,
                                     MLPClassifier, MobileNetClassifier, ResNetClassifier, ResNeXtClassifier,
                                     TransformerClassifier)
@@ -379,10 +378,9 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
     if args.checkpoint is not None:
         return load_module_from_checkpoint(args.model, args.checkpoint, **args.model_args)
     model = args.model(**args.model_args)
-    if is_overridden("configure_model", model):
-        # the Trainer would build the layers when fitting; the checks at parse time (what to prune, a forward on
-        # the first batch) need them now (this process is the single CPU device the Trainer would use)
-        model.configure_model()
+    # the Trainer would build the layers when fitting; the checks at parse time (what to prune, a forward on the
+    # first batch) need them now (this process is the single CPU device the Trainer would use)
+    configure_outside_trainer_(model)
     return model
 
 

@@ -193,3 +193,27 @@ def test_a_module_built_in_configure_model_is_compressed_from_a_built_copy(tmp_p
     assert module.net is None  # the module given is untouched
     assert result.sparsity.sparsity == pytest.approx(0.5, abs=1e-3)
     assert [s.stage for s in result.report.stages][:2] == ["input", "pruned"]
+
+
+def test_a_configure_model_hook_that_needs_the_trainer_is_let_pass_once_the_layers_exist(fitted, tmp_path):
+    """A tensor-parallel module's configure_model reads the Trainer's device mesh, which a copy outside a Trainer has
+    not: a fitted module (its layers built) is compressed all the same; one with no layers cannot be."""
+    module, data = fitted
+
+    class NeedsTrainer(MLPClassifier):
+        def configure_model(self) -> None:
+            if self._trainer is None:  # stands for reading self.device_mesh
+                raise RuntimeError("no device mesh outside a Trainer")
+
+    fitted_copy = NeedsTrainer(hidden=(64, 64), lr=1e-2)
+    fitted_copy.load_state_dict(module.state_dict())
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), latency_repeats=2, export=False)
+    result = compress_lightning(fitted_copy, config, datamodule=data)
+    assert result.report["pruned"].metric > 0.8
+
+    class EmptyNeedsTrainer(L.LightningModule):
+        def configure_model(self) -> None:
+            raise RuntimeError("no device mesh outside a Trainer")
+
+    with pytest.raises(RuntimeError, match="no device mesh"):
+        compress_lightning(EmptyNeedsTrainer(), config, datamodule=data)

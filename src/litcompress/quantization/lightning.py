@@ -34,15 +34,29 @@ def _evaluation_trainer() -> L.Trainer:
 def detached_copy(module: L.LightningModule) -> L.LightningModule:
     """Deep copy without dragging the attached Trainer along (the user's module is untouched; pruned modules with
     their masks are copied too), its layers built: a module that builds them in ``configure_model`` has the copy's
-    built here, as a Trainer would (Lightning asks that hook to be idempotent)."""
+    built here, as a Trainer would (Lightning asks that hook to be idempotent; see
+    :func:`configure_outside_trainer_`)."""
     memo: dict[int, object] = {}
     trainer = getattr(module, "_trainer", None)
     if trainer is not None:
         memo[id(trainer)] = None
     copy = deepcopy_model(module, memo)
-    if is_overridden("configure_model", copy):
-        copy.configure_model()
+    configure_outside_trainer_(copy)
     return copy
+
+
+def configure_outside_trainer_(module: L.LightningModule) -> None:
+    """Call `module`'s ``configure_model`` as a Trainer would, where it overrides it. A hook that needs the Trainer
+    (a tensor-parallel module reads ``self.device_mesh``) may fail here: that is let pass when the module has
+    parameters already (a fitted module's layers exist), and raised when it has none (nothing would be left to
+    compress)."""
+    if not is_overridden("configure_model", module):
+        return
+    try:
+        module.configure_model()
+    except Exception:  # noqa: BLE001 - any failure of the user's hook outside a Trainer
+        if next(module.parameters(), None) is None:
+            raise
 
 
 class KeywordsAsPositional(nn.Module):
