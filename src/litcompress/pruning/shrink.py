@@ -365,8 +365,13 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
     shared by two paths), or holding weights tied to another module's, cannot lose them for one use only, but an
     activation, dropout or pooling module has no channels of its own and is often reused (``self.relu`` in
     torchvision's ResNet blocks)."""
-    return calls[name] == 1 or isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, *_POOLING, *_AVG_POOLING)) or (
-        isinstance(module, nn.PReLU) and module.num_parameters == 1)
+    return calls[name] == 1 or _is_elementwise_module(module) or isinstance(module, (*_DROPOUT, *_POOLING,
+                                                                                       *_AVG_POOLING))
+
+
+def _is_elementwise_module(module: nn.Module) -> bool:
+    """An activation module without channels of its own (a PReLU of one slope too)."""
+    return isinstance(module, _ELEMENTWISE_MODULES) or (isinstance(module, nn.PReLU) and module.num_parameters == 1)
 
 
 def _is_producer(module: nn.Module) -> bool:
@@ -604,8 +609,7 @@ def _elementwise_op(step: fx.Node, previous: fx.Node,
         return None
     module = modules.get(str(step.target)) if step.op == "call_module" else None
     if module is not None:  # modules without channels of their own: free to be reused
-        one_slope = isinstance(module, nn.PReLU) and module.num_parameters == 1
-        return module if isinstance(module, _ELEMENTWISE_MODULES) or one_slope else None
+        return module if _is_elementwise_module(module) else None
     if (step.op == "call_function" and step.target in _ELEMENTWISE_FUNCTIONS) or (
             step.op == "call_method" and step.target in _ELEMENTWISE_METHODS):
         return _function_op(step)
@@ -812,10 +816,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         if module.running_mean is None:
             return f"{user.target} has no running statistics"
         branch.ops.append(_BatchNorm(module))
-    elif module is not None and isinstance(module, _ELEMENTWISE_MODULES):
-        branch.ops.append(module)  # per element: the same before or after a flatten
-    elif isinstance(module, nn.PReLU) and module.num_parameters == 1:
-        branch.ops.append(module)  # one slope: per element
+    elif (op := _elementwise_op(user, node, modules)) is not None:
+        branch.ops.append(op)  # per element: the same before or after a flatten
     elif isinstance(module, nn.PReLU):
         # a slope per entry of dim 1: a conv's channels there; a Linear's features are its input's last dim, which
         # is dim 1 only for a 2-d input, a rank the graph does not tell
@@ -827,10 +829,6 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
     ):
         pass  # identity in eval mode
-    elif (user.op == "call_function" and user.target in _ELEMENTWISE_FUNCTIONS) or (
-        user.op == "call_method" and user.target in _ELEMENTWISE_METHODS
-    ):
-        branch.ops.append(_function_op(user))
     elif is_conv and not branch.flattened and _pools_constants(user, module):
         pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
     elif is_conv and not branch.flattened and _flatten_start(user, modules) == 1:
