@@ -16,9 +16,9 @@ that state, which is what the algorithm itself costs.
 
 Times come from processes whose allocator is pinned (../shared/README.md); memory from processes of their own with
 glibc's default allocator, whose large blocks are mmap'd and returned when freed, so that peak RSS is the peak of
-what the code holds. With the allocator pinned (no mmap, no trim) peak RSS also counts heap fragmentation: four
-identical litcompress runs gave 136 to 413 MiB beyond the state that way, seven gave 122 to 173 MiB with the default
-allocator.
+what the code holds. With the allocator pinned (no mmap, no trim) peak RSS also counts heap fragmentation: seven
+identical litcompress processes gave 136 to 413 MiB beyond the state that way, ten gave 122 to 186 MiB with the
+default allocator (``--worker litcompress --allocator pinned|default`` runs one).
 
 Usage::
 
