@@ -23,7 +23,7 @@ def _weight_sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def _fit(config_path, tmp_path) -> LightningCLI:
+def _fit(config_path) -> LightningCLI:
     return LightningCLI(CliModel, args=["fit", "--config", str(config_path)],
                         save_config_kwargs={"overwrite": True, "config_filename": "saved.yaml"})
 
@@ -48,14 +48,14 @@ def test_model_pruning_from_yaml_and_from_the_config_lightning_cli_saved(amount,
                               "use_lottery_ticket_hypothesis": False}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(_config(tmp_path, callback)))
-    first = _fit(path, tmp_path)
+    first = _fit(path)
     expected = 0.75 if amount == 0.5 else 0.8  # two rounds of 50% of what remains, or the schedule's target
     assert _weight_sparsity(first.model) == pytest.approx(expected, abs=1e-3)
 
     saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
     [saved_callback] = saved["trainer"]["callbacks"]
     assert saved_callback["init_args"]["pruning_fn"] == "l1_unstructured"
-    again = _fit(tmp_path / "saved.yaml", tmp_path)
+    again = _fit(tmp_path / "saved.yaml")
     assert _weight_sparsity(again.model) == pytest.approx(expected, abs=1e-3)
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
                                                   again.model.state_dict().values()))
