@@ -1359,6 +1359,38 @@ def test_a_prelu_after_a_linear_layer_keeps_its_channels_and_says_why() -> None:
     assert shrink(single, torch.randn(2, 8)).model[0].out_features == 13
 
 
+class TokenBatchNorm(nn.Module):
+    """BatchNorm1d over the tokens of a (batch, tokens, features) input: dim 1 is not the Linear layer's features."""
+
+    def __init__(self, tokens: int = 5, residual: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+        self.norm, self.residual = nn.BatchNorm1d(tokens), residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.a(x) + self.b(x) if self.residual else self.a(x)
+        return self.out(F.relu(self.norm(hidden)))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["chain", "residual group"])
+def test_a_batch_norm_over_a_linear_layers_tokens_keeps_its_channels(residual) -> None:
+    model = TokenBatchNorm(residual=residual).eval()
+    randomise_batch_norm_(model.norm, torch.Generator().manual_seed(0))
+    zero_rows_(model.a, list(range(6)))
+    zero_rows_(model.b, list(range(6)))
+    x = torch.randn(3, 5, 8)
+    result = shrink(model, x)  # used to fail inside F.batch_norm (5 statistics for 16 channels)
+    assert result.report.layers == ()
+    if not residual:
+        assert "normalises 5 entries of dim 1, not its 16 channels" in dict(result.report.kept)["a"]
+    torch.testing.assert_close(result.model(x), model(x))
+    # the same layers on 2-d inputs: BatchNorm1d normalises the features, and the zero rows leave
+    flat = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    randomise_batch_norm_(flat[1], torch.Generator().manual_seed(1))
+    zero_rows_(flat[0], list(range(6)))
+    assert shrink(flat, torch.randn(3, 8)).model[0].out_features == 10
+
+
 class ClampNet(nn.Module):
     """Activations written as clamps (ReLU6 as ``torch.clamp(x, 0, 6)``, ``x.clamp(min=0)``, ``.clip(max=3)``) and
     an in-place ``F.relu_``."""

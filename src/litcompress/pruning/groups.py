@@ -34,8 +34,8 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
                                         _called_once_or_stateless, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, _self_gate, _spatial_reduction,
-                                        _value_users, keep_a_multiple_, trace)
+                                        _keep_input_channels_, _keep_rows_, _normalises_channels, _self_gate,
+                                        _spatial_reduction, _value_users, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -284,7 +284,8 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         root = find(space_of[source])
         convs = spaces[root].is_conv and source not in flattened
         if len(inputs) == 1 and once and isinstance(module, _BATCH_NORM) and source not in flattened \
-                and module.affine and module.running_mean is not None:
+                and module.affine and module.running_mean is not None \
+                and _normalises_channels(module, convs, spaces[root].channels):
             spaces[root].batch_norms.append(str(node.target))
             space_of[node] = root
             rule_of[node] = ("batch_norm", str(node.target), rule_of[source])

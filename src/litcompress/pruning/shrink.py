@@ -11,9 +11,10 @@ Where the graph does not allow that to be done exactly, the channels stay and th
 through a chain from a producer (Linear, Conv, grouped Conv or transposed Conv) to a consumer (the same; only zero
 channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
 consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
-over BatchNorm, element-wise activations, dropout, a conv's spatial max/adaptive pooling (average pooling without
-padding) and upsampling, depthwise convolutions (a MobileNet block's middle layer: its channel j reads only channel
-j, so it loses the same channels) and a flatten from conv to Linear. An output with several users branches
+over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations, dropout, a conv's
+spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise convolutions (a MobileNet
+block's middle layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to
+Linear. An output with several users branches
 (Inception-style heads, multi-task models): a channel goes only if it reaches every branch's consumer as a constant,
 and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
 U-Net skips) places the producer's channels among the others, whose widths are read from the layers that make them;
@@ -367,6 +368,13 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
     torchvision's ResNet blocks)."""
     return calls[name] == 1 or _is_elementwise_module(module) or isinstance(module, (*_DROPOUT, *_POOLING,
                                                                                        *_AVG_POOLING))
+
+
+def _normalises_channels(bn: nn.Module, after_conv: bool, channels: int) -> bool:
+    """Whether BatchNorm `bn` normalises its input's `channels` channels. BatchNorm normalises dim 1: a conv's
+    channels, but a Linear layer's features only for a 2-d input (on (batch, tokens, features) a BatchNorm1d
+    normalises the tokens), a rank the graph does not tell; only a width that differs gives that away."""
+    return bn.num_features == channels and (after_conv or isinstance(bn, nn.BatchNorm1d))
 
 
 def _is_elementwise_module(module: nn.Module) -> bool:
@@ -813,6 +821,9 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return f"the depthwise {user.target} is parametrized"
         branch.ops.append(_Depthwise(str(user.target), module, _pads_with_zeros(module)))
     elif module is not None and isinstance(module, _BATCH_NORM) and not branch.flattened:
+        if not _normalises_channels(module, is_conv, branch.width):
+            return (f"its output goes to {_describe(user, modules)}, which normalises {module.num_features} entries "
+                    f"of dim 1, not its {branch.width} channels")
         if module.running_mean is None:
             return f"{user.target} has no running statistics"
         branch.ops.append(_BatchNorm(module))
