@@ -153,14 +153,14 @@ class _TwoInputs(nn.Module):
         return self.head(torch.relu(self.norm(self.a(x) + self.b(y))))
 
 
-def test_batch_read_as_inputs_and_target_fails_before_any_evaluation_naming_input_fn():
+def test_a_batch_the_model_cannot_take_fails_before_any_evaluation_naming_input_fn():
     torch.manual_seed(0)
     model = _TwoInputs().train()
     model.norm.eval()  # a frozen BatchNorm inside a training model
-    batches = [(torch.randn(8, 8), torch.randn(8, 4)) for _ in range(2)]
+    batches = [(torch.randn(8, 8), torch.randn(8, 3)) for _ in range(2)]  # y should have 4 features
     before = state_snapshot(model)
     evaluated = []
-    message = r"first calibration batch.*\(8, 8\).*missing 1 required.*input_fn=lambda batch"
+    message = r"first calibration batch.*\(8, 8\).*\(8, 3\).*input_fn=lambda batch"
     with pytest.raises(ValueError, match=message):
         quantize(model, PTQConfig(approach="static", **FAST), eval_fn=evaluated.append, calibration_data=batches)
     assert evaluated == []  # the baseline evaluation never ran
@@ -194,10 +194,51 @@ def test_model_input_fn_reads_a_dict_batch_by_forwards_parameter_names():
     inputs = read({"label": label, "y": y, "x": x})  # any key order; keys forward does not take are left out
     assert len(inputs) == 2 and inputs[0] is x and inputs[1] is y
     assert read({"x": x, "label": label})[0] is x  # leading parameters only: y may have a default
-    assert read((x, label))[0] is x  # other batches as default_input_fn reads them
+    assert read(((x, y), label)) == (x, y)  # other batches as default_input_fn reads them
     with pytest.raises(TypeError, match=r"keys: \['label', 'y'\].*leading parameters \(x, y\).*'x' is not in the "
                                         r"batch but \['y'\] are.*input_fn="):
         read({"y": y, "label": label})
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 3)
+
+    def forward(self, x, mask=None):
+        return self.a(x) if mask is None else self.a(x) * mask
+
+
+def _identical(got: tuple, expected: tuple) -> bool:
+    return len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
+
+
+def test_model_input_fn_reads_a_flat_batch_by_forwards_arity():
+    from litcompress.quantization.tuner import model_input_fn
+
+    x, mask, label = torch.randn(4, 8), torch.randn(4, 4), torch.arange(4)
+    both = model_input_fn(_TwoInputs())  # forward(x, y): requires two, takes two
+    assert _identical(both((x, mask)), (x, mask))  # its two inputs, not (inputs, target)
+    assert _identical(both([x, mask, label]), (x, mask))  # a TensorDataset's (x, mask, y)
+    assert _identical(both((x, mask, label, label)), (x, mask, label, label))  # no layout it knows: as given
+    optional = model_input_fn(_OptionalMask())  # forward(x, mask=None): requires one, takes two
+    assert _identical(optional((x, label)), (x,))  # a pair, as for any one-input model
+    assert _identical(optional((x, mask, label)), (x, mask))
+    one = model_input_fn(nn.Linear(8, 3))
+    assert _identical(one((x, label)), (x,)) and _identical(one((x, mask, label)), (x, mask, label))
+
+
+@pytest.mark.parametrize("layout", ["inputs", "inputs and target"])
+def test_a_model_with_two_inputs_takes_flat_batches_without_input_fn(layout):
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    batches = [(torch.randn(16, 8), torch.randn(16, 4)) for _ in range(4)]
+    if layout == "inputs and target":
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), torch.arange(64)), batch_size=16)
+    result = quantize(model, PTQConfig(approach="static", backends=("torch_ao",), **FAST), eval_fn=lambda m: 1.0,
+                      calibration_data=batches if layout == "inputs" else loader)
+    assert result.recipe is not None and [t.shape for t in result.example_inputs] == [(16, 8), (16, 4)]
 
 
 def test_a_model_with_two_inputs_takes_dict_batches_without_input_fn():

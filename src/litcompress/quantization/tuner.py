@@ -138,10 +138,11 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                            for x in inputs)
         hint = ""
         if default_input_fn_used:
-            hint = (" The default input_fn reads a batch of two as (inputs, target) and passes only the inputs "
-                    "(a tuple of tensors as several positional inputs): if the model takes both, pass "
-                    "input_fn=lambda batch: tuple(batch); for another batch layout, a function that returns the "
-                    "model's positional inputs.")
+            hint = (" The default input_fn passes a batch's tensors as the model's positional inputs, but reads "
+                    "a batch of two as (inputs, target) for a forward that takes one input, a batch of one more "
+                    "than forward takes as ending with its target, and ((x, mask), y) as (x, mask): for another "
+                    "batch layout, pass input_fn=, a function that returns the model's positional inputs (e.g. "
+                    "input_fn=lambda batch: tuple(batch)).")
         raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
                          f"{type(error).__name__}: {error}.{hint}") from error
 
@@ -209,13 +210,34 @@ def forward_parameters(model: nn.Module) -> list[str]:
     return [name for name, parameter in signature.parameters.items() if parameter.kind in kinds]
 
 
+def _positional_arity(model: nn.Module) -> tuple[int, float]:
+    """How many positional inputs ``model.forward`` requires and takes at most (inf with ``*args``); (0, inf)
+    when it has no signature."""
+    signature = signature_or_none(model.forward)
+    if signature is None:
+        return 0, math.inf
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    required = sum(1 for p in positional if p.default is inspect.Parameter.empty)
+    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
+    return required, math.inf if varargs else len(positional)
+
+
 def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
     """`default_input_fn` for `model`, which also reads a dict batch (``{"input_ids": ..., "attention_mask": ...,
     "labels": ...}``, as Hugging Face datasets give): the values of the keys named like ``forward``'s leading
-    parameters, in their order (``labels`` and other keys forward does not take are left out)."""
+    parameters, in their order (``labels`` and other keys forward does not take are left out). A flat batch of
+    tensors is read by ``forward``'s arity: all of it when forward requires two or more inputs and takes that many
+    (``(x, mask)``), all but the last when forward takes exactly one fewer (``(x, mask, y)``, a TensorDataset's)."""
     names = forward_parameters(model)
+    required, most = _positional_arity(model)
 
     def input_fn(batch: object) -> Inputs:
+        if isinstance(batch, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in batch):
+            if 2 <= required <= len(batch) <= most:
+                return tuple(batch)  # (x, mask) for forward(x, mask): not an (inputs, target) pair
+            if len(batch) == most + 1 >= 3:
+                return tuple(batch[:-1])  # (x, mask, y) for forward(x, mask): the target is left out
         if not isinstance(batch, Mapping):
             return default_input_fn(batch)
         taken = list(itertools.takewhile(lambda name: name in batch, names))
@@ -284,9 +306,9 @@ def quantize(
         config: approach, accuracy goal, budget and backends (:class:`PTQConfig`).
         eval_fn: ``model -> metric``; called on the fp32 copy first (the baseline), then on
             each candidate.
-        calibration_data: an iterable of batches (tensors, tuples of inputs, or
-            ``(inputs, target)`` pairs); required for ``approach="static"``. Also used to rank
-            layers by sensitivity.
+        calibration_data: an iterable of batches (tensors, tuples of inputs, ``(inputs, target)`` pairs, or dicts;
+            read as :func:`model_input_fn` says); required for ``approach="static"``. Also used to rank layers by
+            sensitivity.
         example_inputs: inputs used for export/tracing and latency measurement (a tensor, a tuple, or a dict
             keyed by forward's parameter names); defaults to the
             first calibration batch.
