@@ -76,7 +76,8 @@ class PruneConfig:
             channels ``shrink`` can then remove (``litcompress.pruning.shrink.removable_channels``); the others
             (e.g. the layers writing into a Transformer's LayerNorm'd residual stream, or the attention's output)
             would lose accuracy and keep their size. The report names the layers left out and why. False prunes
-            every target. A model ``torch.fx`` cannot trace is pruned as if False.
+            every target. A model ``torch.fx`` cannot trace (shrink would remove nothing) is refused with the
+            trace's error before any training; False masks its channels anyway.
         heads: the fraction of each ``nn.MultiheadAttention``'s heads to prune (those with the smallest norm of
             their query, key, value and output weights; at least one stays), along the same schedule as
             ``sparsity``, with any method. ``shrink`` then removes them: the attention narrows to the kept heads
