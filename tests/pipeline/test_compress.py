@@ -947,6 +947,30 @@ def test_a_bfloat16_model_is_pruned_quantized_and_its_file_read_back(digits, tmp
     assert any("bfloat16 weights were quantized from a float32 copy" in m for m in result.report.messages)
 
 
+def test_a_float16_models_onnx_runtime_int8_stage_is_sized_by_its_onnx_bytes(digits):
+    """Without a file, an ONNX Runtime model is sized by its ONNX bytes. A half-precision model's int8 result wraps
+    it (float inputs cast to float32), and was sized as the wrapper's empty state dict: 1.3 KiB for 9k weights."""
+    from litcompress.report.size import model_size_bytes
+
+    x_val, y_val = digits[2], digits[3]
+    torch.manual_seed(0)
+    model = train(mlp(64, 96, 96, 10), digits[0], digits[1]).half()
+
+    def accuracy(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return (candidate(x_val.half()).argmax(1) == y_val).float().mean().item()
+
+    config = CompressionConfig(prune=None, quantize=PTQConfig(backends=("onnxruntime",), max_trials=1),
+                               latency_repeats=2)
+    result = compress(model, config, eval_fn=accuracy, example_inputs=x_val[:16].half())
+    quantized = result.stage_models["quantized"]
+    onnx_bytes = quantized.model.model_bytes
+    assert isinstance(onnx_bytes, bytes) and result.report["quantized"].size_bytes == len(onnx_bytes)
+    weights = sum(p.numel() for p in model.parameters())
+    assert weights < len(onnx_bytes) < 2 * weights  # int8: about a byte per weight, plus the graph
+    assert model_size_bytes(quantized) == len(onnx_bytes)
+
+
 def test_a_tied_output_layer_is_pruned_with_its_embedding_and_stays_tied(tmp_path):
     """A language model whose output layer holds its input embedding's matrix: the pipeline prunes the Linear
     layers, so the embedding must compute with the output layer's mask while fine-tuning, the tensor counts once in

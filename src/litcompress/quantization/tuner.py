@@ -192,6 +192,11 @@ class FloatInputs(nn.Module):
     def forward(self, *inputs: Any) -> Any:
         return self.model(*float32_inputs(inputs))
 
+    @property
+    def model_bytes(self) -> bytes | None:
+        """The ONNX bytes of a wrapped ONNX Runtime model (what its size is measured by), else None."""
+        return getattr(self.model, "model_bytes", None)
+
 
 def signature_or_none(function: Callable) -> inspect.Signature | None:
     """`function`'s signature, or None when it has none Python can read (a builtin, a TorchScript method)."""
