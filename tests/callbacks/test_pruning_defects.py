@@ -161,6 +161,37 @@ def test_fit_test_fit_with_one_callback(tmp_path, cls):
     assert zeros == 2 * 1024 + 64 + 34 - remaining
 
 
+@both("a second callback finds no targets in a model whose masks are attached: it prunes nothing (global: crash)")
+@pytest.mark.parametrize("use_global_unstructured", [False, True], ids=["local", "global"])
+def test_a_second_callback_prunes_on_from_the_masks_a_first_one_left(tmp_path, cls, use_global_unstructured):
+    """Fine-tuning in a second fit with a new callback, masks kept (make_pruning_permanent=False): the new callback
+    prunes the same tensors on from their masks. Lightning's finds no targets there (it keeps the names that hold
+    an nn.Parameter, and a pruned module's "weight" is a computed tensor): per layer it prunes nothing without a word, globally it fails in torch.cat, and its
+    verbose log line divides by zero."""
+    model = ThreeLayerModel()
+
+    def callback():
+        return cls("l1_unstructured", amount=0.3, make_pruning_permanent=False, use_lottery_ticket_hypothesis=False,
+                   use_global_unstructured=use_global_unstructured, verbose=0)
+
+    for _ in range(2):  # two epochs, so two rounds, per fit
+        make_trainer(tmp_path, max_epochs=2, callbacks=callback()).fit(model)
+    targets = [(m, n) for m in model.layer for n in ("weight", "bias") if hasattr(m, n + "_mask")]
+    assert len(targets) == 5  # three weights and two biases
+    sizes = [getattr(m, n).numel() for m, n in targets]
+    zeros = [int((getattr(m, n + "_mask") == 0).sum()) for m, n in targets]
+    remaining = sum(sizes) if use_global_unstructured else sizes
+    for _ in range(4):  # each round prunes 30% of what remains, in the first fit and in the second
+        if use_global_unstructured:
+            remaining -= round(0.3 * remaining)
+        else:
+            remaining = [r - round(0.3 * r) for r in remaining]
+    if use_global_unstructured:
+        assert sum(zeros) == sum(sizes) - remaining
+    else:
+        assert zeros == [n - r for n, r in zip(sizes, remaining)]
+
+
 @both("weights_only checkpoints skip the permanence step and hold weight_orig/weight_mask")
 def test_weights_only_checkpoint_is_permanent(tmp_path, cls):
     model = ThreeLayerModel()
