@@ -166,8 +166,8 @@ def test_fit_test_fit_with_one_callback(tmp_path, cls):
 def test_a_second_callback_prunes_on_from_the_masks_a_first_one_left(tmp_path, cls, use_global_unstructured):
     """Fine-tuning in a second fit with a new callback, masks kept (make_pruning_permanent=False): the new callback
     prunes the same tensors on from their masks. Lightning's finds no targets there (it keeps the names that hold
-    an nn.Parameter, and a pruned module's "weight" is a computed tensor): per layer it prunes nothing without a word, globally it fails in torch.cat, and its
-    verbose log line divides by zero."""
+    an nn.Parameter, and a pruned module's "weight" is a computed tensor): per layer it prunes nothing without a
+    word, globally it fails in torch.cat, and its verbose log line divides by zero."""
     model = ThreeLayerModel()
 
     def callback():

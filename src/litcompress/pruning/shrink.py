@@ -1346,8 +1346,9 @@ def shrink_(
     difference above ``rtol`` times the largest output raises ``ValueError`` (use `shrink`, which works on a copy,
     to keep the model intact in that case); for bfloat16 or float16 outputs the bound is at least ``ROUNDING_EPS``
     times their dtype's epsilon (folding constants into biases rounds them anew). `tracer` can be a
-    ``torch.fx.Tracer`` subclass that keeps more modules as leaves. With `keep_multiple_of`, each layer keeps a multiple of that many channels (a few removable
-    ones stay): a depthwise conv with a count that does not fill its SIMD blocks can run slower than before.
+    ``torch.fx.Tracer`` subclass that keeps more modules as leaves. With `keep_multiple_of`, each layer keeps a
+    multiple of that many channels (a few removable ones stay): a depthwise conv with a count that does not fill its
+    SIMD blocks can run slower than before.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"shrink expects an nn.Module, got {type(model).__name__}")
