@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import os
+import re
 import tempfile
 from typing import Callable, Sequence
 
@@ -39,6 +40,19 @@ def _session_options(num_threads: int | None = None):
     return options
 
 
+_OUR_INPUT_NAME = re.compile(r"input_(\d+)")
+
+
+def input_feed(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feed of the graph inputs `names` from the model's positional `inputs`. Our files name input i
+    ``input_i``, and the exporter leaves out an input the graph never reads (a mask the model ignores, a label in
+    a dict of inputs), so such names are matched by their index; other files' inputs are taken in order."""
+    matches = [_OUR_INPUT_NAME.fullmatch(name) for name in names]
+    if all(matches) and all(int(m.group(1)) < len(inputs) for m in matches):
+        return {name: inputs[int(m.group(1))].detach().cpu().numpy() for name, m in zip(names, matches)}
+    return {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+
+
 class OnnxRuntimeModule(nn.Module):
     """An ONNX model run by ONNX Runtime, usable like the torch module it came from."""
 
@@ -59,7 +73,7 @@ class OnnxRuntimeModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> object:
         """The model's output: a tensor, or the tuples, lists and dicts of tensors the exported model returned."""
-        feed = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        feed = input_feed(self.input_names, inputs)
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
         if self.output_structure is not None:
             return rebuild(self.output_structure, outputs)
@@ -182,7 +196,7 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        outputs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+        outputs = session.run(None, input_feed(names, inputs))
         return [torch.from_numpy(np.asarray(o)) for o in outputs]
     return run
 
@@ -206,8 +220,7 @@ class _Reader:
     """ORT CalibrationDataReader over our calibration batches."""
 
     def __init__(self, names: list[str], calibration: Sequence[Inputs]) -> None:
-        self._items = iter([{n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
-                            for inputs in calibration])
+        self._items = iter([input_feed(names, inputs) for inputs in calibration])
 
     def get_next(self):
         return next(self._items, None)
@@ -265,7 +278,9 @@ class OnnxRuntimeBackend(Backend):
             elif recipe.approach == "static":
                 method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                           "histogram": CalibrationMethod.Entropy}[recipe.calibration]
-                names = [f"input_{i}" for i in range(len(example_inputs))]
+                proto = onnx.load(pre)
+                initializers = {tensor.name for tensor in proto.graph.initializer}
+                names = [i.name for i in proto.graph.input if i.name not in initializers]  # those the graph reads
                 quantize_static(pre, dst, _Reader(names, calibration), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                                 per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
