@@ -331,3 +331,28 @@ def test_rms_norm_exports_to_onnx_with_the_same_outputs(affine):
     quantized = get_backend("onnxruntime").quantize(copy.deepcopy(model), recipe, (x[:2],), [(x[:2],)])
     with torch.no_grad():
         assert sqnr_db(model(x), quantized(x)) > 20
+
+
+class IgnoresItsFirstInput(nn.Module):
+    """forward(mask, x) that never reads `mask` (in eval mode, say): the ONNX exporter leaves input_0 out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_onnxruntime_feeds_each_input_by_its_index_when_the_graph_reads_only_some(approach):
+    """ORT's feed paired the graph's inputs with the model's in order: with input_0 left out, x went to nothing
+    and the mask to input_1 (a shape error here; wrong outputs where the shapes agree)."""
+    torch.manual_seed(0)
+    model = IgnoresItsFirstInput().eval()
+    batches = [(torch.ones(16, 3), torch.randn(16, 8)) for _ in range(4)]
+    quantized = get_backend("onnxruntime").quantize(copy.deepcopy(model), next(iter(
+        get_backend("onnxruntime").recipes(approach))), batches[0], batches)
+    assert quantized.input_names == ["input_1"]
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(*batches[1]), model(*batches[1]), atol=0.05, rtol=0.05)
