@@ -31,13 +31,15 @@ from litcompress.pruning.heads import prunable_attentions, prune_heads_
 from litcompress.pruning.parametrizations import fold_parametrizations_, unfold_state_dict
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
-from litcompress.quantization.artifact import FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized
+from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
+                                              taking_inputs_like)
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
+from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (FloatInputs, QuantizationResult, check_metric, check_model_runs,
+from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs,
                                             default_input_fn, model_input_fn, quantize)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
@@ -300,8 +302,7 @@ def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: s
                            dynamic_dims=dynamic_dims)
         with pinned_threads(num_threads):  # an ONNX Runtime session takes torch's thread count
             loaded, _ = load_quantized(partial)
-        if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's: judged on the same inputs as the model
-            loaded = FloatInputs(loaded)
+        loaded = taking_inputs_like(loaded, model, inputs)  # judged on the same inputs as the model
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -364,7 +365,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
             else:
                 kept = candidates[medians.index(min(medians))]
                 timings = ", ".join(f"{w.name} {t * 1e3:.4g} ms" for w, t in zip(candidates, medians))
-                note(f"fp32 file format chosen by speed: {timings} (median, batch {int(inputs[0].shape[0])}): "
+                note(f"fp32 file format chosen by speed: {timings} (median, batch {batch_size(inputs)}): "
                      f"kept {kept.name}.")
         for failure in failures:
             note(f"export to {failure} (skipped)")
@@ -765,10 +766,9 @@ def compress(
     slower = _slower_int8(rows)
     if slower:
         note(slower)
-    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None
     report = CompressionReport(
         stages=rows, metric_name=metric_name, test_metric_name=test_metric_name if test_fn is not None else None,
-        batch_size=None if first is None else int(first.shape[0]),
+        batch_size=batch_size(inputs),
         num_threads=config.num_threads or torch.get_num_threads(),
         layer_sparsity=() if result_sparsity is None else result_sparsity.tensors,
         details=tuple(details), messages=tuple(messages), artifact=None if artifact is None else str(artifact),

@@ -35,12 +35,20 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
 
     A quantized model is saved in its backend's format. An fp32 model (``recipe=None``) is saved as a ``torch.export``
     program (``fp32_format="export"``), as TorchScript (``"torchscript"``, deprecated by torch) or as ONNX
-    (``"onnx"``, run by ONNX Runtime once loaded). The file leaves the batch dim of every input free, and the
-    `dynamic_dims` (``{input_index: dims}``, as in :class:`PTQConfig`; ``QuantizationResult.save`` passes the
-    ones its search used); a format that cannot leave one free raises an error that says which.
+    (``"onnx"``, run by ONNX Runtime once loaded). A model whose inputs are containers (a dict, a tuple) is saved as
+    one that takes the tensors in them, flattened as ``torch.utils._pytree.tree_flatten`` orders them (dict entries
+    by sorted key). The file leaves the batch dim of every input free, and the `dynamic_dims` (``{input_index:
+    dims}``, as in :class:`PTQConfig`; ``QuantizationResult.save`` passes the ones its search used); a format that
+    cannot leave one free raises an error that says which.
     """
+    from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
     from .tuner import FloatInputs, float32_inputs
 
+    if isinstance(model, NestedInputs):  # a result for a model of container inputs: its file takes their tensors
+        model, example_inputs = model.model, model.structure.flatten(tuple(example_inputs), "example_inputs")
+    elif is_nested(example_inputs):  # the same for a float model of container inputs
+        structure = InputStructure.of(tuple(example_inputs))
+        model, example_inputs = flat_inputs(model, structure), structure.flatten(tuple(example_inputs))
     if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's result: its file takes float32 inputs
         model, example_inputs = model.model, float32_inputs(tuple(example_inputs))
     dynamic_dims = normalize_dynamic_dims(dynamic_dims, "save_quantized")
@@ -67,6 +75,22 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
             model = OnnxRuntimeModule(export_onnx(model, tuple(example_inputs), dynamic_dims))
     get_backend(backend_name).save(model, path, metadata, tuple(example_inputs), dynamic_dims=dynamic_dims)
     return os.path.getsize(path)
+
+
+def taking_inputs_like(loaded: nn.Module, saved: nn.Module, example_inputs: Sequence[object]) -> nn.Module:
+    """`loaded` (a file `save_quantized` wrote for `saved`) wrapped to take the inputs `saved` takes: the
+    containers of a model of nested inputs, the bfloat16/float16/float64 inputs of such a model's result."""
+    from .nested import InputStructure, NestedInputs, is_nested
+    from .tuner import FloatInputs
+
+    structure = None
+    if isinstance(saved, NestedInputs):
+        saved, structure = saved.model, saved.structure
+    elif is_nested(example_inputs):
+        structure = InputStructure.of(tuple(example_inputs))
+    if isinstance(saved, FloatInputs):
+        loaded = FloatInputs(loaded)
+    return loaded if structure is None else NestedInputs(loaded, structure)
 
 
 def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:

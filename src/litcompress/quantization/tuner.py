@@ -28,6 +28,7 @@ from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, ge
                        to_inputs)
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
+from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
 from .sensitivity import layer_sensitivity
 from .shapes import DynamicDims, fixed_size_hint, resolve_dynamic_dims
 
@@ -252,7 +253,8 @@ def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
             raise TypeError(f"A batch of type {type(batch).__name__} (keys: {sorted(map(str, batch))}) is read by "
                             f"name as forward's leading parameters ({', '.join(names) or 'none'}){gap}: pass "
                             "input_fn=, a function from a batch to the model's positional inputs, e.g. "
-                            "input_fn=lambda batch: (batch['x'],) (CLI: --inputs x).")
+                            "input_fn=lambda batch: (batch['x'],) (CLI: --inputs x), or input_fn=lambda batch: "
+                            "(batch,) for a forward that takes the dict itself.")
         return tuple(batch[name] for name in taken)
 
     input_fn.__qualname__ = f"model_input_fn({type(model).__name__})"
@@ -358,6 +360,16 @@ def quantize(
                          default_input_fn_used=default_input_fn_used)
     if example_inputs is not calibration[0]:
         check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
+    given_inputs, structure = example_inputs, None
+    if is_nested(example_inputs):
+        # forward(batch) reading batch["x"]: exporters and int8 backends take tensors, so the search quantizes a
+        # model of the flattened tensors, and the result (like each candidate eval_fn sees) takes the containers
+        structure = InputStructure.of(example_inputs)
+        calibration = [structure.flatten(batch, f"calibration batch {i}") for i, batch in enumerate(calibration)]
+        example_inputs = structure.flatten(example_inputs, "example_inputs")
+        model = flat_inputs(model, structure)
+        nested_eval_fn = eval_fn
+        eval_fn = lambda candidate: nested_eval_fn(NestedInputs(candidate, structure))  # noqa: E731
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
@@ -365,7 +377,16 @@ def quantize(
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
     with pinned_threads(config.num_threads):
-        return _search(model, config, eval_fn, calibration, example_inputs)
+        result = _search(model, config, eval_fn, calibration, example_inputs)
+    if structure is not None:
+        result.model, result.example_inputs = NestedInputs(result.model, structure), given_inputs
+        message = (f"the model takes containers as inputs: the result takes them too, and a saved file the "
+                   f"{len(structure.tensor_positions)} tensor(s) in them, flattened as torch.utils._pytree."
+                   "tree_flatten orders them (dict entries by sorted key); dynamic_dims indices count those "
+                   "tensors.")
+        result.messages.append(message)
+        logger.info(message)
+    return result
 
 
 def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],

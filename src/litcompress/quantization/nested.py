@@ -1,0 +1,140 @@
+"""Models whose inputs are containers (``forward(self, batch)`` reading ``batch["x"]``), for the int8 backends.
+
+torch.export, the ONNX exporter and ONNX Runtime take tensors as positional inputs. `FlatInputs` gives such a model
+that signature: it takes the tensors found in the example inputs (flattened as ``torch.utils._pytree`` does) and
+rebuilds the containers around them (dicts with their keys sorted); non-tensor leaves (flags, sizes) are held
+as constants. `NestedInputs` is
+the other way round: it lets a model built from a `FlatInputs` (an int8 candidate) be called with the user's
+containers, as `quantize`'s result is. A saved file takes the flattened tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+Inputs = tuple[Any, ...]
+
+
+def is_nested(inputs: Sequence[object]) -> bool:
+    """Whether any positional input is a container (a dict, list or tuple) rather than a tensor or a scalar."""
+    return any(isinstance(x, (Mapping, list, tuple)) for x in inputs)
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with every dict's entries ordered by key: a batch whose dict was built in another order is the same
+    input (the model reads it by key), and flattens to the same tensors in the same places."""
+    if isinstance(value, Mapping):
+        return {key: _canonical(value[key]) for key in sorted(value, key=repr)}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_canonical(item) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(item) for item in value) if type(value) in (list, tuple) else value
+    return value
+
+
+def batch_size(inputs: Sequence[object]) -> int | None:
+    """The size of dim 0 of the first tensor with dimensions among `inputs` (in containers too), else None."""
+    return next((int(leaf.shape[0]) for leaf in pytree.tree_leaves(_canonical(tuple(inputs)))
+                 if isinstance(leaf, torch.Tensor) and leaf.dim()), None)
+
+
+@dataclass(frozen=True)
+class InputStructure:
+    """Where the tensors sit among the flattened leaves of a model's positional inputs, and the other leaves."""
+
+    spec: pytree.TreeSpec
+    tensor_positions: tuple[int, ...]
+    constants: tuple[tuple[int, Any], ...]  # (leaf position, value) of each non-tensor leaf
+
+    @classmethod
+    def of(cls, inputs: Inputs) -> InputStructure:
+        leaves, spec = pytree.tree_flatten(_canonical(tuple(inputs)))
+        tensors = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+        return cls(spec, tensors, tuple((i, leaf) for i, leaf in enumerate(leaves) if i not in set(tensors)))
+
+    def flatten(self, inputs: Inputs, what: str = "the inputs") -> Inputs:
+        """The tensors of `inputs`, which must be structured as the example inputs were (dicts in any order)."""
+        leaves, spec = pytree.tree_flatten(_canonical(tuple(inputs)))
+        if spec != self.spec:
+            raise ValueError(f"{what} are not structured as the example inputs were (the containers, their keys "
+                             f"and lengths must match): expected {self.spec}, got {spec}.")
+        for position, value in self.constants:
+            if not _same(leaves[position], value):
+                raise ValueError(f"{what}: the non-tensor entry {value!r} of the example inputs is part of the "
+                                 f"quantized model (a constant there), but this call gives {leaves[position]!r}.")
+        return tuple(leaves[i] for i in self.tensor_positions)
+
+    def unflatten(self, tensors: Inputs) -> Inputs:
+        leaves: list[Any] = [None] * (len(self.tensor_positions) + len(self.constants))
+        for position, tensor in zip(self.tensor_positions, tensors):
+            leaves[position] = tensor
+        for position, value in self.constants:
+            leaves[position] = value
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # a value whose == is not a bool (an array): compare identity
+        return a is b
+
+
+class FlatInputs(nn.Module):
+    """`model` called with the tensors of its nested inputs, positionally (what exporters and int8 backends take).
+
+    Use :func:`flat_inputs` to build one: its ``forward`` names each tensor (``input_0``, ``input_1``, ...), as
+    torch.fx and torch.export need (they give ``*args`` one proxy, or refuse it)."""
+
+    def __init__(self, model: nn.Module, structure: InputStructure) -> None:
+        super().__init__()
+        self.model = model
+        self.structure = structure
+
+    def call_nested(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+        return self.model(*self.structure.unflatten(tensors))
+
+
+_FLAT_CLASSES: dict[int, type[FlatInputs]] = {}
+
+
+def flat_inputs(model: nn.Module, structure: InputStructure) -> FlatInputs:
+    """A `FlatInputs` for `model` whose forward takes exactly the structure's tensors."""
+    count = len(structure.tensor_positions)
+    if count == 0:
+        raise ValueError("the model's inputs hold no tensor: there is nothing for an int8 model to take.")
+    if count not in _FLAT_CLASSES:
+        names = ", ".join(f"input_{i}" for i in range(count))
+        namespace: dict[str, Any] = {}
+        # a forward of `count` named parameters (a class per count, like collections.namedtuple builds its own)
+        exec(f"def forward(self, {names}):\n    return self.call_nested(({names},))\n", namespace)
+        _FLAT_CLASSES[count] = type(f"FlatInputs{count}", (FlatInputs,), {"forward": namespace["forward"],
+                                                                          "__module__": __name__})
+    return _FLAT_CLASSES[count](model, structure)
+
+
+class NestedInputs(nn.Module):
+    """`model` (taking flat tensors, e.g. an int8 model built from a `FlatInputs`) called with nested inputs
+    structured as the example inputs were."""
+
+    def __init__(self, model: nn.Module, structure: InputStructure) -> None:
+        super().__init__()
+        self.model = model
+        self.structure = structure
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*self.structure.flatten(inputs, "the model's inputs"))
+
+    @property
+    def model_bytes(self) -> bytes | None:
+        """The ONNX bytes of a wrapped ONNX Runtime model (what its size is measured by), else None."""
+        return getattr(self.model, "model_bytes", None)
+
+
+__all__ = ["FlatInputs", "InputStructure", "NestedInputs", "batch_size", "flat_inputs", "is_nested"]

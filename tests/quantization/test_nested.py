@@ -1,0 +1,142 @@
+"""Models whose inputs are containers (``forward(self, batch)`` reading ``batch["x"]``) quantize on every backend."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from litcompress import CompressionConfig, PTQConfig, compress, load_quantized, quantize
+from litcompress.quantization.nested import InputStructure, NestedInputs, flat_inputs, is_nested
+
+Pair = namedtuple("Pair", ["left", "right"])
+
+
+class ReadsADict(nn.Module):
+    """Reads ``batch["x"]`` and ``batch["side"]["mask"]``; ``batch["label"]`` is there too and never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, batch):
+        hidden = torch.relu(self.a(batch["x"])) * batch["side"]["mask"]
+        return self.b(hidden) * batch["side"]["scale"]
+
+
+def batch(seed: int, size: int = 16, order: str = "x first") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x, mask = torch.randn(size, 8, generator=g), (torch.rand(size, 32, generator=g) > 0.2).float()
+    label = torch.randint(0, 4, (size,), generator=g)
+    side = {"mask": mask, "scale": 2.0}  # a number among the tensors: a constant of the quantized model
+    return {"x": x, "side": side, "label": label} if order == "x first" else {"label": label, "side": side, "x": x}
+
+
+leaves = st.one_of(st.integers(-3, 3), st.booleans(), st.none(),
+                   st.integers(1, 3).map(lambda n: torch.randn(n, 2)))
+trees = st.recursive(leaves, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+    st.dictionaries(st.sampled_from("abcd"), inner, max_size=3), st.tuples(inner, inner).map(lambda t: Pair(*t))),
+    max_leaves=8)
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a is b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(trees, min_size=1, max_size=3))
+def test_flattening_keeps_every_tensor_and_rebuilds_the_same_inputs(inputs):
+    inputs = tuple(inputs)
+    structure = InputStructure.of(inputs)
+    tensors = structure.flatten(inputs)
+    assert all(isinstance(t, torch.Tensor) for t in tensors)
+    assert len(tensors) == len(structure.tensor_positions)
+    assert _same_tree(structure.unflatten(tensors), inputs)
+
+
+def test_inputs_structured_otherwise_are_refused_with_what_differs():
+    structure = InputStructure.of((batch(0),))
+    reordered = batch(1, order="label first")  # the same keys, built in another order: the same input
+    label, mask, x = structure.flatten((reordered,))  # by sorted key
+    assert label is reordered["label"] and mask is reordered["side"]["mask"] and x is reordered["x"]
+    with pytest.raises(ValueError, match="not structured as the example inputs"):
+        structure.flatten(({"x": torch.randn(2, 8)},))
+    changed = batch(1)
+    changed["side"]["scale"] = 3.0
+    with pytest.raises(ValueError, match=r"non-tensor entry 2.0 .* gives 3.0"):
+        structure.flatten((changed,))
+    assert is_nested((batch(0),)) and not is_nested((torch.randn(2), None, 3))
+    with pytest.raises(ValueError, match="hold no tensor"):
+        flat_inputs(ReadsADict(), InputStructure.of(({"scale": 1.0},)))
+
+
+def test_a_flat_model_takes_the_tensors_and_computes_what_the_model_does():
+    torch.manual_seed(0)
+    model, inputs = ReadsADict().eval(), (batch(0),)
+    structure = InputStructure.of(inputs)
+    flat = flat_inputs(model, structure)
+    assert list(torch.fx.symbolic_trace(flat).graph.find_nodes(op="placeholder")) != []  # fx sees named inputs
+    with torch.no_grad():
+        expected = model(*inputs)
+        assert torch.equal(flat(*structure.flatten(inputs)), expected)
+        assert torch.equal(NestedInputs(flat, structure)(*inputs), expected)
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_a_model_of_dict_inputs_quantizes_on_every_backend_and_saves_a_file_of_its_tensors(approach, tmp_path):
+    torch.manual_seed(0)
+    model = ReadsADict().eval()
+    batches = [batch(seed) for seed in range(4)]
+    with torch.no_grad():
+        references = [model(b) for b in batches]
+
+    def error(candidate: nn.Module) -> float:  # called with the user's dicts, as the model is
+        with torch.no_grad():
+            return max(float((candidate(b) - r).abs().max()) for b, r in zip(batches, references))
+
+    config = PTQConfig(approach=approach, max_trials=3, latency_repeats=2)
+    result = quantize(model, config, eval_fn=lambda m: -error(m), calibration_data=batches,
+                      input_fn=lambda b: (b,))
+    built = {t.recipe.backend: t for t in result.trials if t.error is None}
+    assert set(built) >= {"torch_ao", "onnxruntime", "pt2e"}, [t.error for t in result.trials]
+    scale = max(float(r.abs().max()) for r in references)
+    assert all(-t.metric < 0.1 * scale for t in built.values())
+    assert any("takes containers as inputs" in m for m in result.messages)
+    assert error(result.model) < 0.1 * scale  # the result takes dicts too
+
+    path = tmp_path / ("model" + (".onnx" if result.recipe.backend == "onnxruntime" else ".pt"))
+    result.save(path)
+    loaded, recipe = load_quantized(path)
+    assert recipe == result.recipe
+    structure = InputStructure.of((batches[0],))
+    with torch.no_grad():  # the file takes the dict's tensors by sorted key: label (never read), mask, x
+        torch.testing.assert_close(loaded(*structure.flatten((batches[1],))), result.model(batches[1]))
+
+
+def test_the_pipeline_exports_a_model_of_dict_inputs_and_reads_its_file_back(tmp_path):
+    torch.manual_seed(0)
+    model = ReadsADict().eval()
+    batches = [batch(seed) for seed in range(4)]
+
+    def agreement(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return float((candidate(batches[0]).argmax(1) == model(batches[0]).argmax(1)).float().mean())
+
+    for quantize_config in (PTQConfig(backends=("onnxruntime",), max_trials=1), None):
+        config = CompressionConfig(prune=None, quantize=quantize_config, latency_repeats=2)
+        result = compress(model, config, eval_fn=agreement, example_inputs=(batches[0],), calibration_data=batches,
+                          input_fn=lambda b: (b,), output_dir=tmp_path / str(quantize_config is None))
+        final = result.report.stages[-1]
+        assert "read back" in final.description and final.metric > 0.9
+        assert result.artifact is not None and result.artifact.exists()
