@@ -197,6 +197,44 @@ def test_prune_rejects_bad_arguments_with_clear_errors():
         apply_mask_(layer, "weight", torch.ones(2, 2))
 
 
+def test_the_engines_entry_points_name_what_they_expect_when_given_something_else():
+    """A model where targets were expected, a misspelt tensor name, None for a model or a snapshot: each failed
+    deep inside (cannot unpack a Linear; no attribute 'modules'); now the entry point says what it takes."""
+    from litcompress import sparsity_report
+    from litcompress.pruning import GradualPruner, prune_model_, prune_to_sparsity_
+    from litcompress.pruning.schedules import PolynomialDecay
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=10)
+    for call, where in ((lambda t: prune_(t, "l1_unstructured", 0.5), "prune_"),
+                        (lambda t: prune_to_sparsity_(t, "l1_unstructured", 0.5), "prune_to_sparsity_"),
+                        (lambda t: GradualPruner(t, schedule), "GradualPruner"),
+                        (take_snapshot, "take_snapshot"),
+                        (lambda t: sparsity_report(model, t), "sparsity_report")):
+        with pytest.raises(TypeError, match=rf"{where}: expected \(module, name\) pairs .* got a Sequential; "
+                                            r"default_targets\(model\)"):
+            call(model)
+        with pytest.raises(ValueError, match=rf"{where}: Linear has no tensor 'wieght' \(its parameters: "
+                                             r"\['weight', 'bias'\]\)"):
+            call([(model[0], "wieght")])
+        with pytest.raises(TypeError, match=rf"{where}: each target is a \(module, name\) pair .* got 'weight'"):
+            call([(model[0], "weight"), "weight"])
+    for call, where in ((prune_model_, "prune_model_"), (make_permanent_, "make_permanent_"),
+                        (sparsity_report, "sparsity_report")):
+        with pytest.raises(TypeError, match=f"{where}: expected a torch.nn.Module, got NoneType"):
+            call(None)
+    with pytest.raises(TypeError, match="rewind_: expected the snapshot take_snapshot"):
+        rewind_([(model[0], "weight")], None)
+    # what they take still works: a pruned tensor, a buffer, a weight-normed layer's computed weight (refused
+    # later by its own check, which names the fix)
+    prune_([(model[0], "weight")], "l1_unstructured", 0.5)
+    prune_to_sparsity_([(model[0], "weight"), (model[2], "weight")], "l1_unstructured", 0.75)
+    assert sparsity_report(model, [(model[0], "weight"), (model[2], "weight")]).zeros == 36  # 0.75 of 32 + 16
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="computed by a parametrization"):
+        prune_([(normed, "weight")], "l1_unstructured", 0.5)
+
+
 def test_plain_pytorch_loop_with_iterative_pruning_and_lottery_ticket():
     """The engine without Lightning: train, prune 50% globally, rewind, three rounds."""
     torch.manual_seed(0)

@@ -92,6 +92,43 @@ def unique_modules(targets: Iterable[Target]) -> list[nn.Module]:
     return list(seen.values())
 
 
+def check_module(model: object, where: str) -> None:
+    """TypeError unless `model` is an ``nn.Module``, naming the entry point `where` it was given to."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}.")
+
+
+def _holds_tensor(module: nn.Module, name: str) -> bool:
+    """Whether `module` has a tensor `name`, without computing a parametrized one."""
+    from torch.nn.utils import parametrize
+
+    return (isinstance(module._parameters.get(name), Tensor) or isinstance(module._buffers.get(name), Tensor)
+            or is_pruned(module, name) or parametrize.is_parametrized(module, name)
+            or isinstance(module.__dict__.get(name), Tensor))
+
+
+def check_targets(targets: object, where: str) -> list[Target]:
+    """`targets` as a list of ``(module, name)`` pairs, each naming a tensor its module holds; else an error that
+    says what was given and what is expected."""
+    if isinstance(targets, nn.Module):
+        raise TypeError(f"{where}: expected (module, name) pairs such as [(model.fc, 'weight')], got a "
+                        f"{type(targets).__name__}; default_targets(model) lists a model's weights (prune_model_ "
+                        "prunes them).")
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        raise TypeError(f"{where}: expected a list of (module, name) pairs, got {type(targets).__name__}.")
+    pairs = list(targets)
+    for item in pairs:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], nn.Module)
+                and isinstance(item[1], str)):
+            raise TypeError(f"{where}: each target is a (module, name) pair such as (model.fc, 'weight'), got "
+                            f"{item!r}.")
+        module, name = item
+        if not _holds_tensor(module, name):
+            names = [n for n, _ in module.named_parameters(recurse=False)]
+            raise ValueError(f"{where}: {type(module).__name__} has no tensor {name!r} (its parameters: {names}).")
+    return [(module, name) for module, name in pairs]
+
+
 def _tensor_key(module: nn.Module, name: str) -> object:
     """What identifies the tensor of a target: its Parameter (which tied modules share), else the target itself (a
     parametrized weight is computed afresh at every access, and a freed temporary's id can come back)."""
@@ -327,6 +364,7 @@ def make_permanent_(model: nn.Module) -> int:
 
     Parameter objects are kept (their values become ``orig * mask``), so optimizers stay valid.
     """
+    check_module(model, "make_permanent_")
     removed = 0
     for module in model.modules():
         for key in [k for k, h in module._forward_pre_hooks.items() if h in _BYPASS_HOOKS]:
@@ -382,6 +420,7 @@ def prune_(
     by `amount` on its own. `method_kwargs` (``dim``, ``n``, ...) go to methods that accept them. A tensor held by
     several targets (tied weights) is pruned once and masked alike under each.
     """
+    targets = check_targets(targets, "prune_")
     method_cls = resolve_method(method)
     amount = validate_amount(amount)
     if not targets:
@@ -508,7 +547,8 @@ def prune_to_sparsity_(
     rounded up to a multiple of it (:func:`~litcompress.pruning.schedules.rounded_pruned_count`). A tensor held by
     several targets (tied weights) counts once and is masked alike under each.
     """
-    given, targets = targets, distinct_targets(targets)
+    given = check_targets(targets, "prune_to_sparsity_")
+    targets = distinct_targets(given)
     method_cls = resolve_method(method)
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
@@ -554,6 +594,7 @@ def prune_model_(
     **method_kwargs: Any,
 ) -> list[Target]:
     """Prune every `parameter_names` tensor of the leaf modules of `model`; returns the targets pruned."""
+    check_module(model, "prune_model_")
     targets = default_targets(model, parameter_names)
     prune_(targets, method, amount, scope=scope, **method_kwargs)
     keep_bypassed_weights_current_(model)

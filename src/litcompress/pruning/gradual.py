@@ -7,7 +7,8 @@ from typing import Any
 
 import torch.nn.utils.prune as torch_prune
 
-from litcompress.pruning.engine import Scope, Target, distinct_targets, prune_to_sparsity_, pruned_count
+from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, prune_to_sparsity_,
+                                        pruned_count)
 from litcompress.pruning.methods import resolve_method
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
@@ -49,7 +50,7 @@ class GradualPruner:
         self.method = resolve_method(method)
         if scope == "global" and getattr(self.method, "PRUNING_TYPE", None) != "unstructured":
             raise ValueError(f"Global pruning needs an unstructured method, got {self.method.__name__}.")
-        self.targets = list(targets)
+        self.targets = check_targets(targets, "GradualPruner")
         check_prunable(self.targets)
         self.schedule = schedule
         self.scope = scope

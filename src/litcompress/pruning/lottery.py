@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 import torch
@@ -12,6 +12,7 @@ from torch.nn.utils.prune import BasePruningMethod
 
 from litcompress.pruning.engine import (
     Target,
+    check_targets,
     parameter_order_preserved,
     refresh_cached_tensor,
     trainable_tensor,
@@ -60,6 +61,7 @@ def _cpu_copy_without_pruning(module: nn.Module) -> nn.Module:
 
 def take_snapshot(targets: Sequence[Target]) -> Snapshot:
     """Copy the current trainable values of `targets` to the CPU, one module copy per distinct module."""
+    targets = check_targets(targets, "take_snapshot")
     snapshot: Snapshot = {}
     for i, (module, name) in enumerate(targets):
         if id(module) not in snapshot:
@@ -84,6 +86,9 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
     With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead
     (the random re-initialisation control of the lottery-ticket experiments).
     """
+    if not isinstance(snapshot, Mapping):
+        raise TypeError(f"rewind_: expected the snapshot take_snapshot(targets) returned before pruning, got "
+                        f"{type(snapshot).__name__}.")
     for layer in snapshot.values():
         source = layer["data"]
         if resample and callable(getattr(source, "reset_parameters", None)):

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import Target, distinct_targets, effective_tensor, pruned_targets, qualified_names
+from litcompress.pruning.engine import (Target, check_module, check_targets, distinct_targets, effective_tensor,
+                                        pruned_targets, qualified_names)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ def sparsity_report(
     weights both count. Names are relative to `model`. A tensor held by several modules (tied weights) is counted
     once, under its first name.
     """
+    check_module(model, "sparsity_report")
+    if targets is not None:
+        targets = check_targets(targets, "sparsity_report")
     if targets is None:
         pruned = [(m, n) for _, m, n in pruned_targets(model)]
         targets = pruned or [
