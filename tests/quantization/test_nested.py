@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import namedtuple
 
 import hypothesis.strategies as st
@@ -63,6 +64,7 @@ def test_flattening_keeps_every_tensor_and_rebuilds_the_same_inputs(inputs):
     assert all(isinstance(t, torch.Tensor) for t in tensors)
     assert len(tensors) == len(structure.tensor_positions)
     assert _same_tree(structure.unflatten(tensors), inputs)
+    assert pickle.loads(pickle.dumps(structure)) == structure  # without pickling the TreeSpec (deprecated)
 
 
 def test_inputs_structured_otherwise_are_refused_with_what_differs():
@@ -91,6 +93,11 @@ def test_a_flat_model_takes_the_tensors_and_computes_what_the_model_does():
         expected = model(*inputs)
         assert torch.equal(flat(*structure.flatten(inputs)), expected)
         assert torch.equal(NestedInputs(flat, structure)(*inputs), expected)
+    # the wrapper's class is built at run time: pickling (torch.save of a result) rebuilds it
+    restored = pickle.loads(pickle.dumps(NestedInputs(flat, structure)))
+    assert type(restored.model) is type(flat) and not restored.model.model.training
+    with torch.no_grad():
+        assert torch.equal(restored(*inputs), expected)
 
 
 @pytest.mark.parametrize("approach", ["dynamic", "static"])

@@ -3,9 +3,9 @@
 torch.export, the ONNX exporter and ONNX Runtime take tensors as positional inputs. `FlatInputs` gives such a model
 that signature: it takes the tensors found in the example inputs (flattened as ``torch.utils._pytree`` does) and
 rebuilds the containers around them (dicts with their keys sorted); non-tensor leaves (flags, sizes) are held
-as constants. `NestedInputs` is
-the other way round: it lets a model built from a `FlatInputs` (an int8 candidate) be called with the user's
-containers, as `quantize`'s result is. A saved file takes the flattened tensors.
+as constants. `NestedInputs` is the other way round: it lets a model built from a `FlatInputs` (an int8
+candidate) be called with the user's containers, as `quantize`'s result is. A saved file takes the flattened
+tensors.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _canonical(value: Any) -> Any:
         return {key: _canonical(value[key]) for key in sorted(value, key=repr)}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
         return type(value)(*(_canonical(item) for item in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_canonical(item) for item in value) if type(value) in (list, tuple) else value
+    if type(value) in (list, tuple):  # (other subclasses are leaves to pytree)
+        return type(value)(_canonical(item) for item in value)
     return value
 
 
@@ -56,7 +56,8 @@ class InputStructure:
     def of(cls, inputs: Inputs) -> InputStructure:
         leaves, spec = pytree.tree_flatten(_canonical(tuple(inputs)))
         tensors = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
-        return cls(spec, tensors, tuple((i, leaf) for i, leaf in enumerate(leaves) if i not in set(tensors)))
+        constants = tuple((i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor))
+        return cls(spec, tensors, constants)
 
     def flatten(self, inputs: Inputs, what: str = "the inputs") -> Inputs:
         """The tensors of `inputs`, which must be structured as the example inputs were (dicts in any order)."""
@@ -70,6 +71,11 @@ class InputStructure:
                                  f"quantized model (a constant there), but this call gives {leaves[position]!r}.")
         return tuple(leaves[i] for i in self.tensor_positions)
 
+    def __reduce__(self) -> tuple:
+        # pickled as the containers with each leaf's position in its place: torch deprecates pickling a TreeSpec
+        skeleton = pytree.tree_unflatten(list(range(self.spec.num_leaves)), self.spec)
+        return _structure_of_skeleton, (skeleton, self.tensor_positions, self.constants)
+
     def unflatten(self, tensors: Inputs) -> Inputs:
         leaves: list[Any] = [None] * (len(self.tensor_positions) + len(self.constants))
         for position, tensor in zip(self.tensor_positions, tensors):
@@ -77,6 +83,11 @@ class InputStructure:
         for position, value in self.constants:
             leaves[position] = value
         return pytree.tree_unflatten(leaves, self.spec)
+
+
+def _structure_of_skeleton(skeleton: Inputs, tensor_positions: tuple[int, ...],
+                           constants: tuple[tuple[int, Any], ...]) -> InputStructure:
+    return InputStructure(pytree.tree_structure(skeleton), tensor_positions, constants)
 
 
 def _same(a: object, b: object) -> bool:
@@ -99,6 +110,16 @@ class FlatInputs(nn.Module):
 
     def call_nested(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         return self.model(*self.structure.unflatten(tensors))
+
+    def __reduce__(self) -> tuple:
+        # its class is built at run time (one per tensor count), so pickle rebuilds it rather than import it
+        return _rebuilt, (self.model, self.structure, self.training)
+
+
+def _rebuilt(model: nn.Module, structure: InputStructure, training: bool) -> FlatInputs:
+    wrapper = flat_inputs(model, structure)
+    wrapper.training = training  # the wrapper's own flag: `model` was pickled with its modes
+    return wrapper
 
 
 _FLAT_CLASSES: dict[int, type[FlatInputs]] = {}
