@@ -102,7 +102,9 @@ def compress_lightning(
         example_inputs: the batch used for tracing and timing (default: the inputs of the first validation batch).
         calibration_data: batches for static quantization (default: the training loader).
         input_fn: maps a batch to the model's positional inputs (default: ``x`` of ``(x, y)`` pairs, ``x, mask`` of
-            ``((x, mask), y)``, and the values of a dict batch's keys named like forward's parameters).
+            ``((x, mask), y)``, of ``(x, mask)`` and ``(x, mask, y)`` for a forward of two inputs, and the values of
+            a dict batch's keys named like forward's parameters; ``lambda batch: (batch,)`` for a forward that
+            takes the dict itself).
         submodule: compress ``getattr(module, submodule)`` instead of the whole module.
         output_dir: where the pruned state dict, the exported model and the report go.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
