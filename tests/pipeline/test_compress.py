@@ -1073,3 +1073,24 @@ def test_a_torch_compiled_model_is_compressed_as_the_eager_modules_it_compiles(t
         assert result.artifact is not None and result.artifact.exists()
         assert any(m.startswith("torch.compile'd module(s)") for m in result.report.messages)
     assert isinstance(model.body, torch._dynamo.OptimizedModule)  # the model given stays compiled
+
+
+def test_a_sequence_models_token_pooled_layers_are_pruned_and_removed_with_the_example_inputs_ranks():
+    """A feed-forward layer on every token, pooled over the tokens before the head (``head(ff(x).mean(1))``):
+    whether dim 1 is the tokens depends on the input's rank, which the example inputs give. Before, structured
+    pruning left the layer out ("its output goes to call_method mean, which shrink does not see through")."""
+    from litcompress.pipeline import preview_shrink
+    from tests.pruning.test_shrink import TokenPooling
+
+    torch.manual_seed(0)
+    model = TokenPooling("mean").eval()
+    x = torch.randn(16, 5, 8)
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    with pytest.raises(ValueError, match="ff: its output goes to call_method mean, which shrink does not see"):
+        prune_targets(model, prune)  # without inputs: the head is excluded, and ff is not removable
+    assert prune_targets(model, prune, (x,)) == [(model.ff, "weight")]
+    preview, notes = preview_shrink(model, prune, example_inputs=x)
+    assert preview.model.ff.out_features == 8 and notes == []
+    result = compress(model, CompressionConfig(prune=prune, quantize=None), eval_fn=lambda m: 1.0, example_inputs=x)
+    assert result.stage_models["shrunk"].ff.out_features == 8
+    assert not any("removable_only" in m for m in result.report.messages)

@@ -1374,13 +1374,18 @@ def test_prelu_slopes_go_with_their_channels(dead1, dead2, seed) -> None:
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_prelu_after_a_linear_layer_keeps_its_channels_and_says_why() -> None:
+def test_a_prelu_after_a_linear_layer_loses_its_channels_only_where_example_inputs_show_a_2d_input() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.PReLU(16), nn.Linear(16, 4)).eval()
     with torch.no_grad():
         model[0].weight[:3], model[0].bias[:3] = 0, 0
-    result = shrink(model, torch.randn(2, 8))
+        model[1].weight.uniform_(0.1, 0.5)
+    result = shrink(model)  # no inputs: dim 1 is the features only for a 2-d input, a rank the graph does not tell
     assert "slopes apply to dim 1, which shrink knows to be the channels only after a conv" in dict(
         result.report.kept)["0"]
+    x = torch.randn(2, 8)
+    result = shrink(model, x)  # (batch, features): the slopes are per feature, and go with their channels
+    assert result.model[0].out_features == result.model[1].num_parameters == 13
+    torch.testing.assert_close(result.model(x), model(x))
     single = nn.Sequential(nn.Linear(8, 16), nn.PReLU(), nn.Linear(16, 4)).eval()  # one slope: per element
     with torch.no_grad():
         single[0].weight[:3], single[0].bias[:3] = 0, 0
@@ -1417,6 +1422,63 @@ def test_a_batch_norm_over_a_linear_layers_tokens_keeps_its_channels(residual) -
     randomise_batch_norm_(flat[1], torch.Generator().manual_seed(1))
     zero_rows_(flat[0], list(range(6)))
     assert shrink(flat, torch.randn(3, 8)).model[0].out_features == 10
+
+
+class TokenPooling(nn.Module):
+    """A sequence classifier: a feed-forward layer on every token, its features pooled over the tokens, a head."""
+
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.ff, self.head, self.pool = nn.Linear(8, 16), nn.Linear(16, 3), pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self.ff(x))
+        if self.pool == "mean":
+            pooled = hidden.mean(1)
+        elif self.pool == "mean keepdim":
+            pooled = hidden.mean(dim=-2, keepdim=True).squeeze(1)
+        elif self.pool == "amax":
+            pooled = torch.amax(hidden, dim=1)
+        elif self.pool == "class token":
+            pooled = hidden[:, 0]
+        else:  # "over the features": what the same code does to a 2-d input
+            pooled = hidden.mean(1, keepdim=True).expand(-1, 16)
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize("pool", ["mean", "mean keepdim", "amax", "class token"])
+def test_a_linear_layer_whose_tokens_are_pooled_loses_its_zero_channels_given_example_inputs(pool) -> None:
+    torch.manual_seed(0)
+    model = TokenPooling(pool).eval()
+    zero_rows_(model.ff, [1, 4, 9])
+    x = torch.randn(3, 5, 8)
+    assert "does not see through" in dict(shrink(model).report.kept)["ff"]  # no ranks without inputs
+    result = shrink(model, x)
+    if pool == "mean keepdim":  # squeeze(1) after the pooling: a shape op shrink does not see through
+        assert result.report.layers == ()
+        return
+    assert (result.model.ff.out_features, result.model.head.in_features) == (13, 13)
+    torch.testing.assert_close(result.model(x), model(x))
+    other_length = torch.randn(2, 7, 8)  # another sequence length: the pooled constants do not depend on it
+    torch.testing.assert_close(result.model(other_length), model(other_length))
+
+
+def test_a_reduction_over_a_2d_outputs_features_keeps_its_channels() -> None:
+    model = TokenPooling("over the features").eval()
+    zero_rows_(model.ff, [1, 4, 9])
+    result = shrink(model, torch.randn(3, 8))  # 2-d: mean(1) averages the features themselves
+    assert result.report.layers == () and "does not see through" in dict(result.report.kept)["ff"]
+
+
+def test_a_batch_norm_over_as_many_tokens_as_features_is_told_apart_by_the_example_inputs() -> None:
+    model = TokenBatchNorm(tokens=16).eval()  # 16 tokens, 16 features: the widths agree
+    randomise_batch_norm_(model.norm, torch.Generator().manual_seed(0))
+    zero_rows_(model.a, list(range(6)))
+    x = torch.randn(3, 16, 8)
+    result = shrink(model, x)
+    assert result.report.layers == ()
+    assert "normalises dim 1 of its 3-d output (the tokens)" in dict(result.report.kept)["a"]
+    torch.testing.assert_close(result.model(x), model(x))
 
 
 class ClampNet(nn.Module):

@@ -74,15 +74,18 @@ class CompressionResult:
     quantization: QuantizationResult | None = None
 
 
-def prune_targets(model: nn.Module, config: PruneConfig) -> list[Target]:
-    """The ``(module, name)`` pairs `config` prunes in `model`, in module order."""
-    return _select_targets(model, config, _traced_plan(model) if _filters_removable(config) else None)[0]
+def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple | None = None) -> list[Target]:
+    """The ``(module, name)`` pairs `config` prunes in `model`, in module order (with `example_inputs`, as
+    :func:`compress` given them selects them)."""
+    plan = _traced_plan(model, example_inputs) if _filters_removable(config) else None
+    return _select_targets(model, config, plan)[0]
 
 
-def _traced_plan(model: nn.Module) -> ChannelPlan | None:
-    """`model`'s channel plan, or None when torch.fx cannot trace it (shrink will say why)."""
+def _traced_plan(model: nn.Module, example_inputs: tuple | None = None) -> ChannelPlan | None:
+    """`model`'s channel plan, or None when torch.fx cannot trace it (shrink will say why). The example inputs'
+    ranks let more chains through, as shrink sees them."""
     try:
-        return channel_plan(model)
+        return channel_plan(model, example_inputs=example_inputs)
     except ValueError:
         return None
 
@@ -474,8 +477,9 @@ class _Pruning:
 
     @classmethod
     def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
-             note: Callable[[str], None]) -> _Pruning:
-        plan = _traced_plan(model)  # one trace for the targets, the residual groups and the BatchNorms
+             note: Callable[[str], None], example_inputs: tuple | None = None) -> _Pruning:
+        # one trace for the targets, the residual groups and the BatchNorms
+        plan = _traced_plan(model, example_inputs)
         targets, left_out = _select_targets(model, prune, plan)
         if left_out:
             by_reason: dict[str, list[str]] = {}
@@ -514,13 +518,15 @@ class _Pruning:
         return grew
 
 
-def preview_shrink(model: nn.Module, prune: PruneConfig, *,
-                   keep_multiple_of: int | None = None) -> tuple[ShrinkResult, list[str]]:
+def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: int | None = None,
+                   example_inputs: torch.Tensor | tuple | None = None) -> tuple[ShrinkResult, list[str]]:
     """What structured pruning to ``prune.sparsity`` and shrink do to `model`'s size, without data or training: a
     copy pruned in one shot as :func:`compress` prunes it (the same layers, channel groups, and BatchNorms held at
     zero), then shrunk. The channel counts are those :func:`compress` reaches (fine-tuning moves weights, not
     counts); the weights are not trained. Returns the shrink result (its report: per layer the channels before and
     after, the parameters) and the pipeline's notes (layers left out and why, groups). `model` is not modified.
+    Give the `example_inputs` that compress will get: their ranks let more layers through (a sequence model's
+    token pooling), and shrink checks the outputs on them.
     """
     if not isinstance(prune, PruneConfig) or not prune.structured or prune.dim != 0:
         raise ValueError(f"preview_shrink(prune={prune!r}): give a structured PruneConfig on output channels, e.g. "
@@ -531,8 +537,9 @@ def preview_shrink(model: nn.Module, prune: PruneConfig, *,
     if folded:
         notes.append(f"folded {len(folded)} parametrized weight(s) into plain ones, as compress does: "
                      f"{', '.join(folded)}.")
-    _Pruning.plan(work, prune, keep_multiple_of, notes.append).prune_once_(float(prune.sparsity))
-    return shrink(work, keep_multiple_of=keep_multiple_of), notes
+    inputs = None if example_inputs is None else to_inputs(example_inputs)
+    _Pruning.plan(work, prune, keep_multiple_of, notes.append, inputs).prune_once_(float(prune.sparsity))
+    return shrink(work, inputs, keep_multiple_of=keep_multiple_of), notes
 
 
 def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:
@@ -654,7 +661,7 @@ def compress(
         prune = config.prune
         t0 = time.monotonic()
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
-        pruning = _Pruning.plan(work, prune, multiple, note)
+        pruning = _Pruning.plan(work, prune, multiple, note, inputs)
         keep_bypassed_weights_current_(work)  # an attention's pruned out_proj is read, never called
         method, targets, groups, target_sets = prune.pruning_method, pruning.targets, pruning.groups, pruning.sets
         held_at_zero = pruning.held_at_zero

@@ -34,7 +34,7 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
                                         _called_once_or_stateless, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, _normalises_channels, _self_gate,
+                                        _keep_input_channels_, _keep_rows_, _normalises_channels, _rank, _self_gate,
                                         _spatial_reduction, _value_users, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
@@ -285,7 +285,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         convs = spaces[root].is_conv and source not in flattened
         if len(inputs) == 1 and once and isinstance(module, _BATCH_NORM) and source not in flattened \
                 and module.affine and module.running_mean is not None \
-                and _normalises_channels(module, convs, spaces[root].channels):
+                and _normalises_channels(module, convs, spaces[root].channels, _rank(source)):
             spaces[root].batch_norms.append(str(node.target))
             space_of[node] = root
             rule_of[node] = ("batch_norm", str(node.target), rule_of[source])

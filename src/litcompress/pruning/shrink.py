@@ -14,7 +14,9 @@ consumer, loses as many channels from each of its groups, and keeps the zero cha
 over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations, dropout, a conv's
 spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise convolutions (a MobileNet
 block's middle layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to
-Linear. An output with several users branches
+Linear. With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain
+also passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``) and a PReLU on a 2-d
+input, and a BatchNorm1d over tokens as many as the features ends it. An output with several users branches
 (Inception-style heads, multi-task models): a channel goes only if it reaches every branch's consumer as a constant,
 and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
 U-Net skips) places the producer's channels among the others, whose widths are read from the layers that make them;
@@ -31,6 +33,7 @@ edited (weights replaced by smaller ones), so the model keeps its class, its ``f
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -370,11 +373,68 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
                                                                                        *_AVG_POOLING))
 
 
-def _normalises_channels(bn: nn.Module, after_conv: bool, channels: int) -> bool:
+def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | None) -> None:
+    """Record the shape of each tensor `graph` computes on `example_inputs` (``node.meta["tensor_meta"]``, run in
+    eval mode without gradients, modes restored), which tells a Linear layer's features from its tokens where
+    ranks matter. Nothing is recorded without inputs or when the run fails: the walk then assumes no rank."""
+    if example_inputs is None:
+        return
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        runnable = fx.GraphModule(model, copy.deepcopy(graph))  # a copy: a GraphModule takes its graph over
+        with torch.no_grad():
+            ShapeProp(runnable).propagate(*example_inputs)
+        shapes = {node.name: node.meta.get("tensor_meta") for node in runnable.graph.nodes}
+    except Exception:  # noqa: BLE001 - the shapes only refine the walk
+        return
+    finally:
+        for module, training in modes:
+            module.training = training
+    for node in graph.nodes:
+        if shapes.get(node.name) is not None:
+            node.meta["tensor_meta"] = shapes[node.name]
+
+
+def _rank(node: fx.Node) -> int | None:
+    """The number of dims of `node`'s tensor on the example inputs, when `annotate_shapes_` recorded it."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return len(shape) if isinstance(shape, torch.Size) else None
+
+
+def _normalises_channels(bn: nn.Module, after_conv: bool, channels: int, rank: int | None = None) -> bool:
     """Whether BatchNorm `bn` normalises its input's `channels` channels. BatchNorm normalises dim 1: a conv's
     channels, but a Linear layer's features only for a 2-d input (on (batch, tokens, features) a BatchNorm1d
-    normalises the tokens), a rank the graph does not tell; only a width that differs gives that away."""
-    return bn.num_features == channels and (after_conv or isinstance(bn, nn.BatchNorm1d))
+    normalises the tokens). The `rank` of its input tells (shrink with example inputs); without it only a width
+    that differs gives the tokens away."""
+    if after_conv:
+        return bn.num_features == channels
+    return isinstance(bn, nn.BatchNorm1d) and bn.num_features == channels and rank in (None, 2)
+
+
+def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` maps `node`, a Linear layer's (batch, ..., features) output of known rank, to a tensor whose
+    last dim is still those features, each a constant where it was one: a mean/amax/amin over token dims (a
+    sequence model's pooling, ``ff(x).mean(1)``), or an index that keeps the batch and the features (``h[:, 0]``,
+    the class token). Dim 1 of a 2-d output is the features: no reduction there passes."""
+    rank = _rank(node)
+    if rank is None or rank < 3:
+        return False
+    if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
+        index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+        return (0 < len(index) < rank and index[0] == slice(None)
+                and all(isinstance(i, int) or (isinstance(i, slice) and all(
+                    isinstance(b, (int, type(None))) for b in (i.start, i.stop, i.step))) for i in index[1:]))
+    if not ((user.op == "call_method" and user.target in _REDUCTIONS)
+            or (user.op == "call_function" and user.target in tuple(getattr(torch, r) for r in _REDUCTIONS))):
+        return False
+    dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return False
+    return all(0 < d % rank < rank - 1 for d in dims)
 
 
 def _is_elementwise_module(module: nn.Module) -> bool:
@@ -821,7 +881,10 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return f"the depthwise {user.target} is parametrized"
         branch.ops.append(_Depthwise(str(user.target), module, _pads_with_zeros(module)))
     elif module is not None and isinstance(module, _BATCH_NORM) and not branch.flattened:
-        if not _normalises_channels(module, is_conv, branch.width):
+        if not _normalises_channels(module, is_conv, branch.width, _rank(node)):
+            if module.num_features == branch.width and _rank(node):
+                return (f"its output goes to {_describe(user, modules)}, which normalises dim 1 of its "
+                        f"{_rank(node)}-d output (the tokens), not its features")
             return (f"its output goes to {_describe(user, modules)}, which normalises {module.num_features} entries "
                     f"of dim 1, not its {branch.width} channels")
         if module.running_mean is None:
@@ -831,10 +894,12 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         branch.ops.append(op)  # per element: the same before or after a flatten
     elif isinstance(module, nn.PReLU):
         # a slope per entry of dim 1: a conv's channels there; a Linear's features are its input's last dim, which
-        # is dim 1 only for a 2-d input, a rank the graph does not tell
-        if not (is_conv and not branch.flattened and module.num_parameters == branch.width):
+        # is dim 1 only for a 2-d input, a rank only the example inputs tell
+        on_channels = is_conv or _rank(node) == 2
+        if not (on_channels and not branch.flattened and module.num_parameters == branch.width):
             return (f"its output goes to {_describe(user, modules)}, whose {module.num_parameters} slopes apply to "
-                    "dim 1, which shrink knows to be the channels only after a conv")
+                    "dim 1, which shrink knows to be the channels only after a conv (or, given example inputs, "
+                    "for a 2-d input)")
         branch.ops.append(_PReLU(module))
     elif (module is not None and isinstance(module, _DROPOUT)) or (
         user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
@@ -846,6 +911,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         branch.flattened = True
     elif is_conv and not branch.flattened and (reduced := _spatial_reduction(user, producer.weight.dim())):
         branch.flattened = reduced == "all"  # (batch, channels) left: features, as after a flatten
+    elif not is_conv and not branch.flattened and _keeps_features(user, node):
+        pass  # tokens pooled or one taken: each feature keeps its constant
     else:
         return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
     return _walk(user, producer, branch, done, modules, calls) if walk_on else user
@@ -1225,11 +1292,15 @@ def _slice_groups(chain: _Chain) -> int:
     return math.lcm(*groups) if groups else 1
 
 
-def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> ChannelPlan:
-    """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced."""
+def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
+                 example_inputs: Tensor | tuple | None = None) -> ChannelPlan:
+    """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced. With `example_inputs`, the ranks
+    they give let more chains through (a sequence model's token pooling), as in ``shrink(model, example_inputs)``."""
     from litcompress.pruning.groups import _residual_groups
 
     graph, modules, calls = trace(model, tracer)
+    if example_inputs is not None:
+        annotate_shapes_(graph, model, example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
     names = {id(module): name for name, module in modules.items()}
     producers = {name for name, module in modules.items() if _has_channels(module)}
     chains = dict(_producer_chains(graph, modules, calls, producers))
@@ -1369,6 +1440,7 @@ def shrink_(
             f"shrink needs a model torch.fx can trace, and {error}. Shrink the traceable sub-module that holds the "
             "layers instead, or pass a tracer that keeps the untraceable parts as leaf modules."
         ) from error.__cause__
+    annotate_shapes_(graph, model, example_inputs)  # ranks: a Linear layer's features, or its tokens
 
     from litcompress.pruning.groups import _residual_groups, remove_zero_group_channels_
 
