@@ -584,14 +584,16 @@ def run_channels(args: argparse.Namespace) -> int:
             model = getattr(model, args.submodule, None)
             if not isinstance(model, nn.Module):
                 raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
-        plan = channel_plan(model)
+        # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
+        inputs = None if data is None else _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
+        plan = channel_plan(model, example_inputs=inputs)
         preview = None
         if args.sparsity is not None:
             from litcompress.pipeline import PruneConfig, preview_shrink
 
             preview = preview_shrink(model, PruneConfig(sparsity=args.sparsity, method="ln_structured",
                                                         schedule="oneshot", heads=args.prune_heads),
-                                     keep_multiple_of=args.keep_multiple_of)
+                                     keep_multiple_of=args.keep_multiple_of, example_inputs=inputs)
         elif args.prune_heads or args.latency:
             raise ValueError(f"{'--prune-heads' if args.prune_heads else '--latency'} previews with --sparsity: give "
                              f"--sparsity too{' (0 for heads only)' if args.prune_heads else ''}.")
@@ -599,7 +601,6 @@ def run_channels(args: argparse.Namespace) -> int:
         if args.latency:
             from litcompress.quantization.latency import measure_latencies
 
-            inputs = _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
             shrunk = preview[0].model.eval()
             medians = [row["median"] for row in measure_latencies([model.eval(), shrunk], inputs, repeats=15,
                                                                    num_threads=args.threads)]
