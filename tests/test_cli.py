@@ -77,6 +77,25 @@ def test_report_prints_a_saved_report_and_writes_its_plot_again(first_run, capsy
     assert (tmp_path / "again.md").read_text() == (out / "report.md").read_text()
 
 
+def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing(first_run, capsys, tmp_path):
+    """--plot r.txt and --plot/--markdown in an unwritable place were tracebacks from matplotlib and pathlib, after
+    the report was printed and the markdown written."""
+    _, out = first_run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for extra, message in ((["--plot", str(tmp_path / "r.txt")], r"--plot .*r\.txt: matplotlib cannot write \.txt"),
+                           (["--markdown", str(tmp_path / "r.md"), "--plot", str(blocker / "r.png")],
+                            r"--plot .*a-file/r\.png: cannot write there"),
+                           (["--markdown", str(blocker / "r.md")], r"--markdown .*a-file/r\.md: cannot write there")):
+        with pytest.raises(SystemExit):
+            main(["report", str(out), *extra])
+        captured = capsys.readouterr()
+        assert re.search(message, captured.err) and captured.out == ""
+    assert not (tmp_path / "r.md").exists()  # refused before writing anything
+    assert main(["report", str(out), "--plot", str(tmp_path / "new" / "r.svg")]) == 0  # any format it writes
+    assert (tmp_path / "new" / "r.svg").read_text().lstrip().startswith("<?xml")
+
+
 def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path):
     _, out = first_run
     assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--prune", "none", "--quantize", "none",

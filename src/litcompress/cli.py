@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("report", help="print a saved report (and write its plot or Markdown again)")
     show.set_defaults(subparser=show)
     show.add_argument("path", type=Path, help="report.json, or the directory holding it")
-    show.add_argument("--plot", type=Path, help="write the plot to this PNG file")
+    show.add_argument("--plot", type=Path, help="write the plot to this file (PNG, or a format matplotlib writes, "
+                                                "by its suffix: .svg, .pdf, ...)")
     show.add_argument("--markdown", type=Path, help="write the Markdown report to this file")
 
     plan = commands.add_parser(
@@ -468,15 +469,29 @@ def _print_report(report: Any) -> None:
         print(f"- {message}")
 
 
-def _check_writable(directory: Path) -> None:
+def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
     """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
-    any training rather than after it."""
+    any training rather than after it. `option` and `given` (the path given, default `directory`) name it."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as error:
-        raise ValueError(f"--output-dir {directory}: cannot write there ({error.strerror or error}).") from None
+        raise ValueError(f"{option} {given or directory}: cannot write there ({error.strerror or error}).") from None
+
+
+def _check_plot_path(path: Path) -> None:
+    """A --plot file matplotlib can write: a format it knows (PNG without a suffix), in a writable directory."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'litcompress[report]'") from None
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix and suffix not in formats:
+        raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))} (.png by default).")
+    _check_writable(path.parent, "--plot", path)
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -555,15 +570,19 @@ def run_report(args: argparse.Namespace) -> int:
         report = CompressionReport.load_json(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
         args.subparser.error(f"cannot read {path}: {error}")
+    try:  # before anything is printed or written
+        if args.markdown:
+            _check_writable(args.markdown.parent, "--markdown", args.markdown)
+        if args.plot:
+            _check_plot_path(args.plot)
+    except (ValueError, ImportError) as error:
+        args.subparser.error(str(error))
     _print_report(report)
     if args.markdown:
         args.markdown.write_text(report.markdown())
         print(f"markdown: {args.markdown}")
     if args.plot:
-        try:
-            print(f"plot: {report.plot(args.plot)}")
-        except ImportError as error:
-            args.subparser.error(str(error))
+        print(f"plot: {report.plot(args.plot)}")
     return 0
 
 
