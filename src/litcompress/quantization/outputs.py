@@ -14,20 +14,24 @@ from typing import Any
 
 import torch
 
-# "tensor" | {"tuple" or "list": [structure, ...]} | {"dict": [[key, structure], ...]}, each container with an
-# optional "class": "module:qualname" (a named tuple, a Mapping subclass)
+# "tensor" | "none" | {"tuple" or "list": [structure, ...]} | {"dict": [[key, structure], ...]}, each container with
+# an optional "class": "module:qualname" (a named tuple, a Mapping subclass)
 Structure = Any
 TENSOR = "tensor"
+NONE = "none"  # a None among the outputs (``return logits, None``): no graph output, put back when rebuilt
 
 
 def output_structure(output: object, where: str = "output") -> Structure:
-    """The JSON-able structure of `output`; raises `TypeError` naming the first leaf that is not a tensor.
+    """The JSON-able structure of `output`; raises `TypeError` naming the first leaf that is neither a tensor nor
+    None.
 
     Mappings (``dict`` and its subclasses) are recorded as dicts with their keys in order; a named tuple or a
     mapping of another class (a Hugging Face ``ModelOutput``) also with its class, to be rebuilt as one.
     """
     if isinstance(output, torch.Tensor):
         return TENSOR
+    if output is None:
+        return NONE
     if isinstance(output, (tuple, list)):
         node = {"list" if isinstance(output, list) else "tuple":
                 [output_structure(item, f"{where}[{i}]") for i, item in enumerate(output)]}
@@ -62,6 +66,8 @@ def rebuild(structure: Structure, leaves: Sequence[torch.Tensor]) -> object:
     def build(node: Structure) -> object:
         if node == TENSOR:
             return next(remaining)
+        if node == NONE:
+            return None
         kind = next(k for k in node if k != "class")
         if kind == "dict":
             built: Any = {key: build(value) for key, value in node[kind]}
@@ -91,4 +97,4 @@ def _as_class(built: Any, path: str) -> Any:
         return built
 
 
-__all__ = ["Structure", "TENSOR", "output_structure", "rebuild", "tensor_leaves"]
+__all__ = ["NONE", "Structure", "TENSOR", "output_structure", "rebuild", "tensor_leaves"]
