@@ -7,6 +7,7 @@ there and fixed here.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -190,6 +191,21 @@ def test_a_second_callback_prunes_on_from_the_masks_a_first_one_left(tmp_path, c
         assert sum(zeros) == sum(sizes) - remaining
     else:
         assert zeros == [n - r for n, r in zip(sizes, remaining)]
+
+
+@both("prune_on_train_epoch_end=False without any validation prunes nothing, without a word")
+def test_pruning_at_validation_end_warns_when_no_validation_ran(tmp_path, cls):
+    model = ThreeLayerModel()
+    callback = cls("l1_unstructured", amount=0.3, prune_on_train_epoch_end=False, verbose=0)
+    with pytest.warns(UserWarning, match=r"no validation ran in this fit .* prune_on_train_epoch_end=True"):
+        make_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=callback).fit(model)
+    assert all(int((m.weight == 0).sum()) == 0 for m in model.layer)  # as Lightning's: nothing pruned
+    with warnings.catch_warnings(record=True) as caught:  # with validation: rounds, and no such warning
+        warnings.simplefilter("always")
+        callback = cls("l1_unstructured", amount=0.3, prune_on_train_epoch_end=False, verbose=0)
+        make_trainer(tmp_path, max_epochs=2, limit_val_batches=1, callbacks=callback).fit(model)
+    assert not any("no validation ran" in str(w.message) for w in caught)
+    assert all(int((m.weight == 0).sum()) > 0 for m in model.layer)
 
 
 @both("weights_only checkpoints skip the permanence step and hold weight_orig/weight_mask")

@@ -124,6 +124,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
         self._resample_parameters = resample_parameters
         self._prune_on_train_epoch_end = prune_on_train_epoch_end
+        self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
         self._method_kwargs: dict[str, Any] = {}
         self._original_layers: Optional[Snapshot] = None
@@ -346,6 +347,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._rewind_point in (None, 0):
             self._take_snapshot_once()
         self._warn_if_fit_ends_before_the_schedule(trainer)
+        self._validations_this_fit = 0
 
     def _warn_if_fit_ends_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         self._warned_fit_too_short = False
@@ -474,6 +476,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._run_pruning(pl_module.current_epoch, trainer=trainer)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validations_this_fit += 1
         if (
             not trainer.sanity_checking
             and not self._prune_on_train_epoch_end
@@ -483,6 +487,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._run_pruning(pl_module.current_epoch, trainer=trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
+        if not self._prune_on_train_epoch_end and prunes_per_epoch and trainer.current_epoch > 0 \
+                and not self._validations_this_fit:
+            # Lightning's callback prunes nothing then, without a word
+            rank_zero_warn("ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and "
+                           "no validation ran in this fit (limit_val_batches=0, no validation_step or no "
+                           "val_dataloader), so nothing was pruned. Pass prune_on_train_epoch_end=True to prune at "
+                           "the end of each training epoch.")
         if self._schedule is not None:
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
             message = stopped_early_message(self._schedule, progress, "sparsity")
