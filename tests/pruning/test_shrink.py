@@ -1441,12 +1441,14 @@ class TokenPooling(nn.Module):
             pooled = torch.amax(hidden, dim=1)
         elif self.pool == "class token":
             pooled = hidden[:, 0]
+        elif self.pool == "tokens as a batch":  # no pooling: every token classified
+            pooled = hidden.unsqueeze(1).flatten(0, 2)
         else:  # "over the features": what the same code does to a 2-d input
             pooled = hidden.mean(1, keepdim=True).expand(-1, 16)
         return self.head(pooled)
 
 
-@pytest.mark.parametrize("pool", ["mean", "mean keepdim", "amax", "class token"])
+@pytest.mark.parametrize("pool", ["mean", "mean keepdim", "amax", "class token", "tokens as a batch"])
 def test_a_linear_layer_whose_tokens_are_pooled_loses_its_zero_channels_given_example_inputs(pool) -> None:
     torch.manual_seed(0)
     model = TokenPooling(pool).eval()
@@ -1454,9 +1456,6 @@ def test_a_linear_layer_whose_tokens_are_pooled_loses_its_zero_channels_given_ex
     x = torch.randn(3, 5, 8)
     assert "does not see through" in dict(shrink(model).report.kept)["ff"]  # no ranks without inputs
     result = shrink(model, x)
-    if pool == "mean keepdim":  # squeeze(1) after the pooling: a shape op shrink does not see through
-        assert result.report.layers == ()
-        return
     assert (result.model.ff.out_features, result.model.head.in_features) == (13, 13)
     torch.testing.assert_close(result.model(x), model(x))
     other_length = torch.randn(2, 7, 8)  # another sequence length: the pooled constants do not depend on it
@@ -1468,6 +1467,10 @@ def test_a_reduction_over_a_2d_outputs_features_keeps_its_channels() -> None:
     zero_rows_(model.ff, [1, 4, 9])
     result = shrink(model, torch.randn(3, 8))  # 2-d: mean(1) averages the features themselves
     assert result.report.layers == () and "does not see through" in dict(result.report.kept)["ff"]
+    flattened = nn.Sequential(nn.Linear(8, 16), nn.Flatten(), nn.Linear(5 * 16, 3)).eval()  # tokens x features
+    zero_rows_(flattened[0], [1, 4, 9])
+    result = shrink(flattened, torch.randn(3, 5, 8))
+    assert result.report.layers == () and "does not see through" in dict(result.report.kept)["0"]
 
 
 def test_a_batch_norm_over_as_many_tokens_as_features_is_told_apart_by_the_example_inputs() -> None:

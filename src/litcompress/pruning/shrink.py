@@ -15,8 +15,9 @@ over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise 
 spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise convolutions (a MobileNet
 block's middle layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to
 Linear. With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain
-also passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``) and a PReLU on a 2-d
-input, and a BatchNorm1d over tokens as many as the features ends it. An output with several users branches
+also passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``), a squeeze, unsqueeze
+or flatten of dims before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over
+tokens as many as the features ends it. An output with several users branches
 (Inception-style heads, multi-task models): a channel goes only if it reaches every branch's consumer as a constant,
 and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
 U-Net skips) places the producer's channels among the others, whose widths are read from the layers that make them;
@@ -418,9 +419,21 @@ def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
     """Whether `user` maps `node`, a Linear layer's (batch, ..., features) output of known rank, to a tensor whose
     last dim is still those features, each a constant where it was one: a mean/amax/amin over token dims (a
     sequence model's pooling, ``ff(x).mean(1)``), or an index that keeps the batch and the features (``h[:, 0]``,
-    the class token). Dim 1 of a 2-d output is the features: no reduction there passes."""
+    the class token), or a squeeze, unsqueeze or flatten of dims before the features (``flatten(0, 1)``: tokens
+    as a batch). Dim 1 of a 2-d output is the features: no reduction there passes."""
     rank = _rank(node)
-    if rank is None or rank < 3:
+    if rank is None or rank < 2:
+        return False
+    if user.op == "call_method" and user.target in ("squeeze", "unsqueeze", "flatten") and not user.kwargs:
+        dims = user.args[1:]
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return False
+        if user.target == "unsqueeze":  # a new dim before the features
+            return -rank - 1 <= dims[0] <= rank and dims[0] % (rank + 1) < rank
+        if user.target == "squeeze":
+            return len(dims) == 1 and -rank <= dims[0] < rank and dims[0] % rank < rank - 1
+        return len(dims) == 2 and all(-rank <= d < rank for d in dims) and dims[1] % rank < rank - 1
+    if rank < 3:
         return False
     if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
         index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
