@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import pytest
@@ -22,11 +23,20 @@ from litcompress.quantization.sensitivity import layer_sensitivity
 
 tensors = st.builds(lambda n, seed: torch.randn(n, 3, generator=torch.Generator().manual_seed(seed)),
                     st.integers(1, 4), st.integers(0, 1000))
+@dataclass
+class DataclassOutput:
+    """A model output written as a dataclass (``return DataclassOutput(logits, hidden)``)."""
+
+    logits: object
+    hidden: object = None
+
+
 outputs = st.recursive(
     st.one_of(tensors, st.none()),
     lambda children: st.one_of(st.lists(children, max_size=3), st.lists(children, max_size=3).map(tuple),
                                st.dictionaries(st.one_of(st.text(min_size=1, max_size=5), st.integers(0, 9)),
-                                               children, max_size=3)),
+                                               children, max_size=3),
+                               st.tuples(children, children).map(lambda pair: DataclassOutput(*pair))),
     max_leaves=8,
 )
 
@@ -36,6 +46,8 @@ def same(a: object, b: object) -> bool:
         return isinstance(b, torch.Tensor) and a is b
     if a is None:
         return b is None
+    if isinstance(a, DataclassOutput):
+        return type(b) is DataclassOutput and same(a.logits, b.logits) and same(a.hidden, b.hidden)
     if isinstance(a, dict):
         return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
@@ -191,19 +203,36 @@ class _LogitsAndNone(nn.Module):
         return self.head(torch.relu(self.body(x))), None
 
 
-def test_a_none_among_the_outputs_comes_back_from_an_onnx_runtime_file(tmp_path):
-    """ONNX Runtime's candidates failed ("output[1] is a NoneType, not a tensor"): the exporter leaves the None out,
-    and now the recorded structure puts it back, in memory and from the file."""
+class _ReturnsADataclass(_LogitsAndNone):
+    def forward(self, x):
+        hidden = torch.relu(self.body(x))
+        return DataclassOutput(self.head(hidden), hidden)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch_ao"])
+@pytest.mark.parametrize("returns", ["logits and None", "a dataclass"])
+def test_a_none_or_a_dataclass_output_comes_back_from_the_file(backend, returns, tmp_path):
+    """ONNX Runtime failed on both ("output[1] is a NoneType, not a tensor"; "... is a DataclassOutput"), torch_ao's
+    TorchScript trace too ("Only tensors, lists, tuples of tensors, or dictionary of tensors"): the file now returns
+    the tensors and the recorded structure rebuilds the output, in memory and from the file."""
     torch.manual_seed(0)
-    model, x = _LogitsAndNone().eval(), torch.randn(64, 32)
+    model, x = (_LogitsAndNone() if returns == "logits and None" else _ReturnsADataclass()).eval(), torch.randn(64, 32)
+
+    def logits(output):
+        return output[0] if isinstance(output, tuple) else output.logits
+
     with torch.no_grad():
-        reference = model(x)[0]
-    result = quantize(model, PTQConfig(approach="static", backends=("onnxruntime",), latency_repeats=2, max_trials=1),
-                      eval_fn=lambda m: -float((m(x)[0] - reference).abs().max()), calibration_data=[x])
-    assert result.recipe is not None and result.recipe.backend == "onnxruntime"
-    result.save(tmp_path / "model.onnx")
-    loaded, _ = load_quantized(tmp_path / "model.onnx")
+        reference = logits(model(x))
+    result = quantize(model, PTQConfig(approach="static", backends=(backend,), latency_repeats=2, max_trials=1),
+                      eval_fn=lambda m: -float((logits(m(x)) - reference).abs().max()), calibration_data=[x])
+    assert result.recipe is not None and result.recipe.backend == backend, [t.error for t in result.trials]
+    path = tmp_path / ("model.onnx" if backend == "onnxruntime" else "model.pt")
+    result.save(path)
+    loaded, _ = load_quantized(path)
     with torch.no_grad():
         for got in (result.model(x[:5]), loaded(x[:5])):
-            assert isinstance(got, tuple) and len(got) == 2 and got[1] is None
-            assert (got[0] - reference[:5]).abs().max() < 0.1 * reference.abs().max()
+            if returns == "logits and None":
+                assert isinstance(got, tuple) and len(got) == 2 and got[1] is None
+            else:
+                assert type(got) is DataclassOutput and got.hidden.shape == (5, 64)
+            assert (logits(got) - reference[:5]).abs().max() < 0.1 * reference.abs().max()

@@ -4,18 +4,22 @@ An ONNX graph returns a flat list of tensors: the legacy exporter flattens neste
 order. A model returning ``{"logits": ..., "features": ...}`` (a multi-task head, a Hugging Face style output)
 must come back from its ONNX file as that dict, or the user's ``eval_fn`` fails on every ONNX Runtime candidate.
 The structure is written as JSON into the file's metadata, so that a file loaded in a fresh process rebuilds it.
+A None among the outputs (``return logits, None``) or a dataclass output, which the exporters cannot return, is
+exported through `TensorLeaves` (the tensors, flat) and rebuilt from the structure (`RebuiltOutputs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-# "tensor" | "none" | {"tuple" or "list": [structure, ...]} | {"dict": [[key, structure], ...]}, each container with
-# an optional "class": "module:qualname" (a named tuple, a Mapping subclass)
+# "tensor" | "none" | {"tuple" or "list": [structure, ...]} | {"dict" or "dataclass": [[key, structure], ...]}, each
+# container with an optional "class": "module:qualname" (a named tuple, a Mapping subclass; always for a dataclass)
 Structure = Any
 TENSOR = "tensor"
 NONE = "none"  # a None among the outputs (``return logits, None``): no graph output, put back when rebuilt
@@ -41,6 +45,9 @@ def output_structure(output: object, where: str = "output") -> Structure:
                 raise TypeError(f"{where} is a dict with a key of type {type(key).__name__}: only str and int keys "
                                 "can be written into a model file")
         node = {"dict": [[key, output_structure(value, f"{where}[{key!r}]")] for key, value in output.items()]}
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):  # a model output written as a dataclass
+        node = {"dataclass": [[f.name, output_structure(getattr(output, f.name), f"{where}.{f.name}")]
+                              for f in dataclasses.fields(output)]}
     else:
         raise TypeError(f"{where} is a {type(output).__name__}, not a tensor: a model file returns tensors only")
     if type(output) not in (tuple, list, dict):  # a named tuple, a Hugging Face ModelOutput: rebuilt when importable
@@ -56,7 +63,46 @@ def tensor_leaves(output: object) -> list[torch.Tensor]:
         return [leaf for item in output for leaf in tensor_leaves(item)]
     if isinstance(output, Mapping):
         return [leaf for value in output.values() for leaf in tensor_leaves(value)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [leaf for f in dataclasses.fields(output) for leaf in tensor_leaves(getattr(output, f.name))]
     return []
+
+
+def traces_as_it_is(structure: Structure) -> bool:
+    """Whether an output of `structure` is made of tensors, tuples, lists and dicts only, which TorchScript and the
+    ONNX exporter return as they are; a None or a dataclass needs `TensorLeaves` and `rebuild`."""
+    if structure == TENSOR:
+        return True
+    if structure == NONE:
+        return False
+    kind = next(k for k in structure if k != "class")
+    children = [child for _, child in structure[kind]] if kind in ("dict", "dataclass") else structure[kind]
+    return kind != "dataclass" and all(traces_as_it_is(child) for child in children)
+
+
+class TensorLeaves(nn.Module):
+    """`model` returning the tensors of its output as a flat tuple (:func:`tensor_leaves`' order), for exporters
+    that cannot return a None or a dataclass; :func:`rebuild` with the output's structure gives the output back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(tensor_leaves(self.model(*inputs)))
+
+
+class RebuiltOutputs(nn.Module):
+    """A model (a loaded file) returning flat tensors, called to return the output `structure` they came from."""
+
+    def __init__(self, model: nn.Module, structure: Structure) -> None:
+        super().__init__()
+        self.model = model
+        self.structure = structure
+
+    def forward(self, *inputs: Any) -> object:
+        outputs = self.model(*inputs)
+        return rebuild(self.structure, [outputs] if isinstance(outputs, torch.Tensor) else list(outputs))
 
 
 def rebuild(structure: Structure, leaves: Sequence[torch.Tensor]) -> object:
@@ -69,7 +115,7 @@ def rebuild(structure: Structure, leaves: Sequence[torch.Tensor]) -> object:
         if node == NONE:
             return None
         kind = next(k for k in node if k != "class")
-        if kind == "dict":
+        if kind in ("dict", "dataclass"):
             built: Any = {key: build(value) for key, value in node[kind]}
         else:
             built = [build(item) for item in node[kind]]
@@ -97,4 +143,5 @@ def _as_class(built: Any, path: str) -> Any:
         return built
 
 
-__all__ = ["NONE", "Structure", "TENSOR", "output_structure", "rebuild", "tensor_leaves"]
+__all__ = ["NONE", "RebuiltOutputs", "Structure", "TENSOR", "TensorLeaves", "output_structure", "rebuild",
+           "tensor_leaves", "traces_as_it_is"]

@@ -19,11 +19,13 @@ from torch import nn
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
+from ..outputs import RebuiltOutputs, Structure, TensorLeaves, output_structure, traces_as_it_is
 from ..tracing import numbers_read_from_constants, tracer_warnings_that_matter
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
                _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
 METADATA_FILE = "litcompress.json"
+OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the script returns its tensors flat
 
 
 @contextlib.contextmanager
@@ -159,8 +161,11 @@ class TorchAOBackend(Backend):
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
         with _quiet_torch_ao(), torch.no_grad():
-            scripted = _trace_checked(quantized, example_inputs, dynamic_dims)
-            torch.jit.save(scripted, path, _extra_files={METADATA_FILE: metadata})
+            scripted, structure = _trace_checked(quantized, example_inputs, dynamic_dims)
+            extra = {METADATA_FILE: metadata}
+            if structure is not None:
+                extra[OUTPUTS_FILE] = json.dumps(structure)
+            torch.jit.save(scripted, path, _extra_files=extra)
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
@@ -186,10 +191,21 @@ def _with_tied_layers(model: nn.Module, skip: set[str]) -> set[str]:
     return tied
 
 
-def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -> torch.jit.ScriptModule:
-    """TorchScript of `quantized` (the one self-contained format torch.ao's packed int8 weights serialise to);
-    :class:`FixedDimError` when the trace fixed a dim that must stay free."""
+def _trace_checked(quantized: nn.Module, example_inputs: Inputs,
+                   dynamic_dims) -> tuple[torch.jit.ScriptModule, Structure | None]:
+    """TorchScript of `quantized` (the one self-contained format torch.ao's packed int8 weights serialise to), and
+    the structure of its output when TorchScript cannot return it as it is (a None, a dataclass: the script returns
+    the tensors, and :func:`load_torchscript` rebuilds it); :class:`FixedDimError` when the trace fixed a dim that
+    must stay free."""
     module = copy.deepcopy(quantized).eval()
+    try:
+        structure = output_structure(eval_outputs(module, example_inputs))
+    except TypeError:  # a leaf no file can return: the trace below says why
+        structure = None
+    if structure is not None and traces_as_it_is(structure):
+        structure = None
+    if structure is not None:
+        module = TensorLeaves(module)
     for sub in module.modules():
         # Tracing probes every attribute, and a LightningModule's `trainer` raises without a Trainer; the
         # flag Lightning's own to_torchscript sets makes it answer None.
@@ -209,12 +225,14 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs, dynamic_dims) -
     # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
     check_free_dims(lambda *inputs: eval_outputs(quantized, inputs), scripted, example_inputs, dynamic_dims,
                     "torch.jit.trace")
-    return scripted
+    return scripted, structure
 
 
 def load_torchscript(path: str) -> tuple[nn.Module, dict]:
-    """Load an artefact written by :meth:`TorchAOBackend.save`."""
-    extra = {METADATA_FILE: ""}
+    """Load an artefact written by :meth:`TorchAOBackend.save` (its output rebuilt when the file records how)."""
+    extra = {METADATA_FILE: "", OUTPUTS_FILE: ""}
     with _quiet_torch_ao():
         module = torch.jit.load(path, _extra_files=extra)
+    if extra[OUTPUTS_FILE]:
+        module = RebuiltOutputs(module, json.loads(extra[OUTPUTS_FILE]))
     return module, json.loads(extra[METADATA_FILE])
