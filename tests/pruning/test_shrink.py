@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import warnings
@@ -515,10 +516,24 @@ class TupleOutput(nn.Module):
         return {"out": (logits, logits.sum(1) / scale)}
 
 
+@dataclasses.dataclass
+class LogitsAndScore:
+    logits: torch.Tensor
+    score: torch.Tensor
+
+
+class DataclassOutput(TupleOutput):
+    """The same tensors in a dataclass (whose == compares tensors, which fails on more than one value)."""
+
+    def forward(self, x: torch.Tensor) -> LogitsAndScore:
+        return LogitsAndScore(*super().forward(x)["out"])
+
+
 @pytest.mark.parametrize("width_dependent", [False, True])
-def test_nested_outputs_are_compared_leaf_by_leaf(width_dependent: bool) -> None:
+@pytest.mark.parametrize("model_class", [TupleOutput, DataclassOutput])
+def test_nested_outputs_are_compared_leaf_by_leaf(width_dependent: bool, model_class: type) -> None:
     torch.manual_seed(0)
-    model = TupleOutput(width_dependent)
+    model = model_class(width_dependent)
     zero_rows_(model.fc1, [2, 3])
     x = torch.randn(5, 4)
     if width_dependent:  # only the second tensor of the tuple changes

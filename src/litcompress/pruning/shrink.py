@@ -35,6 +35,7 @@ edited (weights replaced by smaller ones), so the model keeps its class, its ``f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -1371,11 +1372,14 @@ def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
 
 
 def _leaves(output: object) -> list[object]:
-    """The tensors (and other values) of a model output, nested tuples/lists/dicts flattened in order."""
+    """The tensors (and other values) of a model output, nested tuples/lists/dicts/dataclasses flattened in order."""
     if isinstance(output, (tuple, list)):
         return [leaf for item in output for leaf in _leaves(item)]
     if isinstance(output, dict):
         return [leaf for key in output for leaf in (key, *_leaves(output[key]))]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):  # its == would compare tensors
+        return [type(output), *(leaf for f in dataclasses.fields(output)
+                                for leaf in (f.name, *_leaves(getattr(output, f.name))))]
     return [output]
 
 
