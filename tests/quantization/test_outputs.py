@@ -209,12 +209,13 @@ class _ReturnsADataclass(_LogitsAndNone):
         return DataclassOutput(self.head(hidden), hidden)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch_ao"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch_ao", "pt2e"])
 @pytest.mark.parametrize("returns", ["logits and None", "a dataclass"])
 def test_a_none_or_a_dataclass_output_comes_back_from_the_file(backend, returns, tmp_path):
     """ONNX Runtime failed on both ("output[1] is a NoneType, not a tensor"; "... is a DataclassOutput"), torch_ao's
-    TorchScript trace too ("Only tensors, lists, tuples of tensors, or dictionary of tensors"): the file now returns
-    the tensors and the recorded structure rebuilds the output, in memory and from the file."""
+    TorchScript trace too ("Only tensors, lists, tuples of tensors, or dictionary of tensors"), torch.export on the
+    dataclass ("not a known type"): the file now returns the tensors and the recorded structure rebuilds the
+    output, in memory and from the file."""
     torch.manual_seed(0)
     model, x = (_LogitsAndNone() if returns == "logits and None" else _ReturnsADataclass()).eval(), torch.randn(64, 32)
 
@@ -226,7 +227,7 @@ def test_a_none_or_a_dataclass_output_comes_back_from_the_file(backend, returns,
     result = quantize(model, PTQConfig(approach="static", backends=(backend,), latency_repeats=2, max_trials=1),
                       eval_fn=lambda m: -float((logits(m(x)) - reference).abs().max()), calibration_data=[x])
     assert result.recipe is not None and result.recipe.backend == backend, [t.error for t in result.trials]
-    path = tmp_path / ("model.onnx" if backend == "onnxruntime" else "model.pt")
+    path = tmp_path / {"onnxruntime": "model.onnx", "torch_ao": "model.pt", "pt2e": "model.pt2"}[backend]
     result.save(path)
     loaded, _ = load_quantized(path)
     with torch.no_grad():
@@ -236,3 +237,19 @@ def test_a_none_or_a_dataclass_output_comes_back_from_the_file(backend, returns,
             else:
                 assert type(got) is DataclassOutput and got.hidden.shape == (5, 64)
             assert (logits(got) - reference[:5]).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "onnx", "torchscript"])
+def test_an_fp32_file_of_a_model_returning_a_dataclass_returns_it(fp32_format, tmp_path):
+    from litcompress.quantization import save_quantized
+
+    torch.manual_seed(0)
+    model, x = _ReturnsADataclass().eval(), torch.randn(8, 32)
+    path = tmp_path / {"export": "model.pt2", "onnx": "model.onnx", "torchscript": "model.pt"}[fp32_format]
+    save_quantized(model, None, path, (x,), fp32_format=fp32_format)
+    loaded, recipe = load_quantized(path)
+    with torch.no_grad():
+        got, expected = loaded(x[:3]), model(x[:3])
+    assert recipe is None and type(got) is DataclassOutput
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.hidden, expected.hidden, rtol=1e-4, atol=1e-5)

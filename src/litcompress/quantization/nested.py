@@ -108,7 +108,7 @@ class FlatInputs(nn.Module):
         self.model = model
         self.structure = structure
 
-    def call_nested(self, tensors: tuple[torch.Tensor, ...]) -> Any:
+    def call(self, tensors: tuple[torch.Tensor, ...]) -> Any:
         return self.model(*self.structure.unflatten(tensors))
 
     def __reduce__(self) -> tuple:
@@ -122,7 +122,22 @@ def _rebuilt(model: nn.Module, structure: InputStructure, training: bool) -> Fla
     return wrapper
 
 
-_FLAT_CLASSES: dict[int, type[FlatInputs]] = {}
+_POSITIONAL_CLASSES: dict[tuple[type, int], type] = {}
+
+
+def positional_class(base: type[nn.Module], count: int) -> type[nn.Module]:
+    """`base` (a module whose ``call(inputs)`` takes a tuple) with a ``forward`` of `count` named positional
+    parameters, ``input_0`` ... : torch.fx gives ``*args`` one proxy and torch.export matches dynamic shapes to the
+    signature, so a wrapper handing on any inputs needs one class per count (as collections.namedtuple builds its
+    own)."""
+    if (base, count) not in _POSITIONAL_CLASSES:
+        names = ", ".join(f"input_{i}" for i in range(count))
+        namespace: dict[str, Any] = {}
+        parameters, packed = (f", {names}", f"({names},)") if names else ("", "()")
+        exec(f"def forward(self{parameters}):\n    return self.call({packed})\n", namespace)
+        _POSITIONAL_CLASSES[base, count] = type(f"{base.__name__}{count}", (base,),
+                                                {"forward": namespace["forward"], "__module__": base.__module__})
+    return _POSITIONAL_CLASSES[base, count]
 
 
 def flat_inputs(model: nn.Module, structure: InputStructure) -> FlatInputs:
@@ -130,14 +145,7 @@ def flat_inputs(model: nn.Module, structure: InputStructure) -> FlatInputs:
     count = len(structure.tensor_positions)
     if count == 0:
         raise ValueError("the model's inputs hold no tensor: there is nothing for an int8 model to take.")
-    if count not in _FLAT_CLASSES:
-        names = ", ".join(f"input_{i}" for i in range(count))
-        namespace: dict[str, Any] = {}
-        # a forward of `count` named parameters (a class per count, like collections.namedtuple builds its own)
-        exec(f"def forward(self, {names}):\n    return self.call_nested(({names},))\n", namespace)
-        _FLAT_CLASSES[count] = type(f"FlatInputs{count}", (FlatInputs,), {"forward": namespace["forward"],
-                                                                          "__module__": __name__})
-    return _FLAT_CLASSES[count](model, structure)
+    return positional_class(FlatInputs, count)(model, structure)
 
 
 class NestedInputs(nn.Module):
@@ -158,4 +166,5 @@ class NestedInputs(nn.Module):
         return getattr(self.model, "model_bytes", None)
 
 
-__all__ = ["FlatInputs", "InputStructure", "NestedInputs", "batch_size", "flat_inputs", "is_nested"]
+__all__ = ["FlatInputs", "InputStructure", "NestedInputs", "batch_size", "flat_inputs", "is_nested",
+           "positional_class"]

@@ -80,16 +80,37 @@ def traces_as_it_is(structure: Structure) -> bool:
     return kind != "dataclass" and all(traces_as_it_is(child) for child in children)
 
 
+def untraceable_structure(model: nn.Module, example_inputs: Sequence[object]) -> Structure | None:
+    """The structure of `model`'s output on `example_inputs` (run in eval mode) when an exporter cannot return it as
+    it is (a None, a dataclass: export ``TensorLeaves(model)`` and rebuild), else None (also when a leaf is of a
+    kind no file returns: the export says so)."""
+    from litcompress.pruning.shrink import eval_outputs
+
+    try:
+        structure = output_structure(eval_outputs(model, tuple(example_inputs)))
+    except TypeError:
+        return None
+    return None if traces_as_it_is(structure) else structure
+
+
 class TensorLeaves(nn.Module):
     """`model` returning the tensors of its output as a flat tuple (:func:`tensor_leaves`' order), for exporters
-    that cannot return a None or a dataclass; :func:`rebuild` with the output's structure gives the output back."""
+    that cannot return a None or a dataclass; :func:`rebuild` with the output's structure gives the output back.
+    Built by :func:`tensor_leaves_of`, whose forward names each input."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+    def call(self, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(tensor_leaves(self.model(*inputs)))
+
+
+def tensor_leaves_of(model: nn.Module, inputs: Sequence[object]) -> TensorLeaves:
+    """A `TensorLeaves` of `model` whose forward takes as many positional inputs as `inputs` holds."""
+    from .nested import positional_class
+
+    return positional_class(TensorLeaves, len(inputs))(model)
 
 
 class RebuiltOutputs(nn.Module):
@@ -144,4 +165,4 @@ def _as_class(built: Any, path: str) -> Any:
 
 
 __all__ = ["NONE", "RebuiltOutputs", "Structure", "TENSOR", "TensorLeaves", "output_structure", "rebuild",
-           "tensor_leaves", "traces_as_it_is"]
+           "tensor_leaves", "tensor_leaves_of", "traces_as_it_is", "untraceable_structure"]

@@ -15,10 +15,12 @@ import zipfile
 import torch
 from torch import nn
 
+from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
 from ..shapes import DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, grown_along_batch
 from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
+OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the program returns its tensors flat
 
 
 def export_inputs(example_inputs: Inputs) -> Inputs:
@@ -55,9 +57,11 @@ def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
 
 
 def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, example_inputs: Inputs, *,
-                 eval_mode: bool = True, dynamic_dims: DynamicDims | None = None) -> None:
+                 eval_mode: bool = True, dynamic_dims: DynamicDims | None = None,
+                 outputs: Structure | None = None) -> None:
     """Export a copy of `module` (leaving the batch dims and `dynamic_dims` free) and save it to `path` with
-    `metadata` inside.
+    `metadata` inside. An output torch.export cannot return (a dataclass) is exported flat, with its structure
+    (`outputs`, found by running `module` when it is in eval mode) in the archive, and rebuilt by `load_program`.
 
     `eval_mode=False` exports the module in the mode it is in: a graph that was itself exported refuses ``eval()``.
     """
@@ -65,9 +69,15 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     module = copy.deepcopy(module)
     if eval_mode:
         module.eval()
+        outputs = outputs or untraceable_structure(module, inputs)
+    if outputs is not None:
+        module = tensor_leaves_of(module, inputs)
     program = export_program(module, inputs, dynamic_dims)
     program.example_inputs = None  # else the archive carries the example batch (as large as a small model)
-    torch.export.save(program, os.fspath(path), extra_files={METADATA_FILE: metadata})
+    extra = {METADATA_FILE: metadata}
+    if outputs is not None:
+        extra[OUTPUTS_FILE] = json.dumps(outputs)
+    torch.export.save(program, os.fspath(path), extra_files=extra)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -106,4 +116,8 @@ def load_program(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         from .pt2e import PT2EBackend
 
         PT2EBackend().check_available()  # imports torchao, registering the ops its int8 programs call
-    return ExportedInference(torch.export.load(os.fspath(path)).module()), metadata
+    extra = {OUTPUTS_FILE: ""}
+    module: nn.Module = ExportedInference(torch.export.load(os.fspath(path), extra_files=extra).module())
+    if extra[OUTPUTS_FILE]:
+        module = RebuiltOutputs(module, json.loads(extra[OUTPUTS_FILE]))
+    return module, metadata

@@ -18,7 +18,8 @@ from litcompress.pruning.engine import tied_parameters
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
-from ..outputs import TENSOR, Structure, TensorLeaves, output_structure, rebuild, tensor_leaves, traces_as_it_is
+from ..outputs import (TENSOR, Structure, output_structure, rebuild, tensor_leaves, tensor_leaves_of,
+                       traces_as_it_is)
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
 from ..tracing import tracer_warnings_that_matter
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
@@ -152,7 +153,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
         raise ExportError(f"onnxruntime: {exc}") from exc
     leaves = tensor_leaves(reference)
     if not traces_as_it_is(structure):  # a None or a dataclass: the graph returns the tensors, rebuilt when read
-        model = TensorLeaves(model)
+        model = tensor_leaves_of(model, example_inputs)
     output_names = ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
     batch = next((int(t.shape[0]) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
     output_axes = {name: {0: "batch"} for name, leaf in zip(output_names, leaves)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
+from ..outputs import RebuiltOutputs, tensor_leaves_of, untraceable_structure
 from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
 from .exported import ExportedInference, FixedDimError, export_inputs, export_program, save_program
 
@@ -165,6 +166,9 @@ class PT2EBackend(Backend):
         for name in recipe.fp32_layers:
             quantizer.set_module_name_qconfig(name, None)
         inputs = export_inputs(example_inputs)
+        structure = untraceable_structure(model, inputs)  # a dataclass output: exported flat, rebuilt below
+        if structure is not None:
+            model = tensor_leaves_of(model, inputs)
         try:
             graph = export_program(model.eval(), inputs, self.dynamic_dims).module()
         except FixedDimError as exc:
@@ -179,13 +183,18 @@ class PT2EBackend(Backend):
             converted = convert_pt2e(prepared)
         _drop_unused_tensors(converted)
         if self.compile:
-            compiled = CompiledInference(converted)
-            compiled(*example_inputs)  # pay the compile cost here, not inside eval/latency
-            return compiled
-        return ExportedInference(converted)
+            result: nn.Module = CompiledInference(converted)
+            result(*example_inputs)  # pay the compile cost here, not inside eval/latency
+        else:
+            result = ExportedInference(converted)
+        return result if structure is None else RebuiltOutputs(result, structure)
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
+        structure = None
+        if isinstance(quantized, RebuiltOutputs):  # a flat program and the structure its output is rebuilt to
+            structure, quantized = quantized.structure, quantized.model
         module = quantized.program if isinstance(quantized, ExportedInference) else quantized
         # already an eval-mode export
-        save_program(module, path, metadata, example_inputs, eval_mode=False, dynamic_dims=dynamic_dims)
+        save_program(module, path, metadata, example_inputs, eval_mode=False, dynamic_dims=dynamic_dims,
+                     outputs=structure)

@@ -19,7 +19,7 @@ from torch import nn
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
-from ..outputs import RebuiltOutputs, Structure, TensorLeaves, output_structure, traces_as_it_is
+from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
 from ..tracing import numbers_read_from_constants, tracer_warnings_that_matter
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
                _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
@@ -198,14 +198,9 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs,
     the tensors, and :func:`load_torchscript` rebuilds it); :class:`FixedDimError` when the trace fixed a dim that
     must stay free."""
     module = copy.deepcopy(quantized).eval()
-    try:
-        structure = output_structure(eval_outputs(module, example_inputs))
-    except TypeError:  # a leaf no file can return: the trace below says why
-        structure = None
-    if structure is not None and traces_as_it_is(structure):
-        structure = None
+    structure = untraceable_structure(module, example_inputs)
     if structure is not None:
-        module = TensorLeaves(module)
+        module = tensor_leaves_of(module, example_inputs)
     for sub in module.modules():
         # Tracing probes every attribute, and a LightningModule's `trainer` raises without a Trainer; the
         # flag Lightning's own to_torchscript sets makes it answer None.
