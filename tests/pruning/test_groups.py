@@ -500,3 +500,40 @@ def test_residual_stream_and_blocks_written_with_hand_made_swish_and_mean_poolin
     assert widths["blocks.0.expand"] == widths["blocks.1.expand"] == 32
     assert widths["stem"] == widths["blocks.0.project"] == widths["blocks.1.project"] == 8
     assert result.shrink.parameters_after < 0.35 * result.shrink.parameters_before
+
+
+class TokenResidualMLP(nn.Module):
+    """A residual stream of Linear features on every token, pooled over the tokens before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.ff1 = nn.Linear(8, 16), nn.Linear(16, 32)
+        self.ff2, self.head = nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.ff2(F.gelu(self.ff1(h)))
+        return self.head(h.mean(1))
+
+
+def test_a_token_stream_pooled_before_its_reader_is_a_group_given_example_inputs():
+    from litcompress.pipeline import CompressionConfig, PruneConfig, compress
+    from litcompress.pruning.shrink import channel_plan
+
+    torch.manual_seed(0)
+    model, x = TokenResidualMLP().eval(), torch.randn(4, 6, 8)
+    assert residual_groups(model) == []  # without ranks, the mean(1) blocks the stream
+    (group,) = channel_plan(model, example_inputs=x).groups
+    assert (group.producers, group.consumers, group.channels) == (("embed", "ff2"), ("ff1", "head"), 16)
+    with torch.no_grad():
+        for layer in (model.embed, model.ff2):
+            layer.weight[:5], layer.bias[:5] = 0, 0
+    result = shrink(model, x)
+    assert (result.model.embed.out_features, result.model.ff2.out_features, result.model.head.in_features) == (11,) * 3
+    torch.testing.assert_close(result.model(x), model(x))
+    # the pipeline prunes the group as one with the example inputs, and shrink removes its channels
+    compressed = compress(TokenResidualMLP().eval(), CompressionConfig(
+        prune=PruneConfig(sparsity=0.5, method="ln_structured", exclude=("head",)), quantize=None),
+        eval_fn=lambda m: 1.0, example_inputs=x)
+    shrunk = compressed.stage_models["shrunk"]
+    assert shrunk.embed.out_features == shrunk.ff2.out_features == shrunk.head.in_features == 8

@@ -34,8 +34,8 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
                                         _called_once_or_stateless, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, _normalises_channels, _rank, _self_gate,
-                                        _spatial_reduction, _value_users, keep_a_multiple_, trace)
+                                        _keep_input_channels_, _keep_rows_, _keeps_features, _normalises_channels,
+                                        _rank, _self_gate, _spatial_reduction, _value_users, keep_a_multiple_, trace)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -304,6 +304,12 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             rule_of[node] = rule_of[source]
             if reduced == "all":  # (batch, channels) left: read as features, as after a flatten
                 flattened.add(node)
+        elif len(inputs) == 1 and spaces[root].kind is nn.Linear and source not in flattened \
+                and _keeps_features(node, source):
+            # a stream of Linear features pooled over tokens (x.mean(1), the class token), as the example inputs'
+            # ranks tell: a zero feature stays zero
+            space_of[node] = root
+            rule_of[node] = rule_of[source]
         else:  # a concatenation, a product with a tensor from elsewhere, a normalisation over channels, a shape read
             for a in inputs:
                 block(space_of[a])
