@@ -18,6 +18,7 @@ from litcompress.pruning.engine import tied_parameters
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
+from ..nested import batch_size
 from ..outputs import (TENSOR, Structure, output_structure, rebuild, tensor_leaves, tensor_leaves_of,
                        traces_as_it_is)
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
@@ -155,7 +156,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     if not traces_as_it_is(structure):  # a None or a dataclass: the graph returns the tensors, rebuilt when read
         model = tensor_leaves_of(model, example_inputs)
     output_names = ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
-    batch = next((int(t.shape[0]) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim()), None)
+    batch = batch_size(example_inputs)
     output_axes = {name: {0: "batch"} for name, leaf in zip(output_names, leaves)
                    if leaf.dim() and int(leaf.shape[0]) == batch}
     buffer = io.BytesIO()
