@@ -481,6 +481,23 @@ def test_a_text_model_with_dict_batches_called_by_keyword_is_compressed_end_to_e
     assert (int8 - fp32).abs().max() < 0.1 * fp32.abs().max()
 
 
+def test_inputs_star_passes_the_whole_batch_to_a_forward_that_takes_it(tmp_path, capsys):
+    """A LightningModule whose forward reads its dict batch itself: --inputs '*' quantizes it (the file takes the
+    batch's tensors by sorted key), and --latency-batch-size gathers batches of dicts."""
+    out = tmp_path / "out"
+    assert main(["compress", "--model", "tests.text_task:BatchClassifier", "--data", "tests.text_task:TextData",
+                 "--inputs", "*", "--prune", "none", "--quantize", "dynamic", "--backends", "onnxruntime",
+                 "--max-trials", "1", "--latency-repeats", "2", "--latency-batch-size", "48", "--no-plot",
+                 "--train-epochs", "1", "--output-dir", str(out)]) == 0
+    report = CompressionReport.load_json(out / "report.json")
+    assert report["quantized"].metric > 0.5 and report.batch_size == 48
+    assert any("takes containers as inputs" in m for m in report.messages)
+    loaded, _ = load_quantized(out / "model.onnx")
+    ids, mask = torch.randint(0, 20, (3, 12)), torch.ones(3, 12, dtype=torch.long)
+    labels = torch.zeros(3, dtype=torch.long)
+    assert loaded(mask, ids, labels).shape == (3, 2)  # attention_mask, input_ids, labels: sorted keys
+
+
 def test_inputs_names_the_keys_of_dict_batches_and_is_checked_before_training(tmp_path, capsys):
     keys = '{"keys": ["ids", "mask", "y"]}'
     common = ["compress", "--model", "tests.text_task:TextClassifier", "--model-args", keys,

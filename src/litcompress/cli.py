@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "call self(...)")
     source.add_argument("--inputs", type=_names, metavar="KEY,...",
                         help="for batches that are dicts: the keys whose values are the model's inputs, in the "
-                             "order forward takes them (default: the keys named like forward's parameters)")
+                             "order forward takes them (default: the keys named like forward's parameters); '*' "
+                             "for a forward that takes the whole batch (forward(self, batch))")
     source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
 
     prune = run.add_argument_group("pruning")
@@ -392,6 +393,11 @@ def _input_fn(args: argparse.Namespace, model: Any) -> Any:
     if getattr(args, "inputs", None) is None:
         return model_input_fn(model)
     keys = args.inputs
+    if keys == ("*",):  # forward(self, batch): the whole batch is the one input
+
+        def whole_batch(batch: Any) -> tuple:
+            return (batch,)
+        return whole_batch
 
     def by_keys(batch: Any) -> tuple:
         if not isinstance(batch, dict):
@@ -409,25 +415,28 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any) -> tuple:
     import torch
 
     from litcompress.quantization.backends import to_inputs
+    from litcompress.quantization.nested import InputStructure
 
     batches = iter(data.val_dataloader())
     inputs = to_inputs(input_fn(next(batches)))
     if batch_size is None:
         return inputs
-    parts, count = [inputs], inputs[0].shape[0]
+    # the tensors of the inputs (in dicts too: --inputs '*'), concatenated batch by batch
+    structure = InputStructure.of(inputs)
+    first = structure.flatten(inputs)
+    parts, count = [first], first[0].shape[0]
     for batch in batches:
         if count >= batch_size:
             break
-        batch = to_inputs(input_fn(batch))
-        if any(b.shape[1:] != i.shape[1:] for b, i in zip(batch, inputs)):  # another length: a timed batch has one
+        tensors = structure.flatten(to_inputs(input_fn(batch)))
+        if any(b.shape[1:] != i.shape[1:] for b, i in zip(tensors, first)):  # another length: a timed batch has one
             continue
-        parts.append(batch)
-        count += batch[0].shape[0]
+        parts.append(tensors)
+        count += tensors[0].shape[0]
     if count < batch_size:
-        first = inputs[0]
-        shape = "" if first.dim() < 2 else f" shaped like the first batch's ({tuple(first.shape[1:])} each)"
+        shape = "" if first[0].dim() < 2 else f" shaped like the first batch's ({tuple(first[0].shape[1:])} each)"
         raise ValueError(f"--latency-batch-size {batch_size} is more than the {count} validation inputs{shape}.")
-    return tuple(torch.cat([part[i] for part in parts])[:batch_size] for i in range(len(inputs)))
+    return structure.unflatten(tuple(torch.cat([part[i] for part in parts])[:batch_size] for i in range(len(first))))
 
 
 def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None) -> None:
@@ -619,11 +628,12 @@ def run_channels(args: argparse.Namespace) -> int:
         timing = None
         if args.latency:
             from litcompress.quantization.latency import measure_latencies
+            from litcompress.quantization.nested import batch_size
 
             shrunk = preview[0].model.eval()
             medians = [row["median"] for row in measure_latencies([model.eval(), shrunk], inputs, repeats=15,
                                                                    num_threads=args.threads)]
-            timing = (inputs[0].shape[0], medians)
+            timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
     print(plan.table())

@@ -17,9 +17,9 @@ block's middle layer: its channel j reads only channel j, so it loses the same c
 Linear. With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain
 also passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``), a squeeze, unsqueeze
 or flatten of dims before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over
-tokens as many as the features ends it; a residual stream of Linear features pooled so stays a group. An output with several users branches
-(Inception-style heads, multi-task models): a channel goes only if it reaches every branch's consumer as a constant,
-and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
+tokens as many as the features ends it; a residual stream of Linear features pooled so stays a group. An output
+with several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches every
+branch's consumer as a constant, and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
 U-Net skips) places the producer's channels among the others, whose widths are read from the layers that make them;
 the ops after it lose the channels at that place. A residual add, a LayerNorm, a layer used twice, the model's
 output, or a concatenation whose inputs' widths the graph does not tell, on any branch, end the chain and keep the
