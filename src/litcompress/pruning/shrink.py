@@ -14,19 +14,19 @@ consumer, loses as many channels from each of its groups, and keeps the zero cha
 over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations, dropout, a conv's
 spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise convolutions (a MobileNet
 block's middle layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to
-Linear. With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain
-also passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``), a squeeze, unsqueeze
-or flatten of dims before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over
-tokens as many as the features ends it; a residual stream of Linear features pooled so stays a group. An output
-with several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches every
-branch's consumer as a constant, and each consumer folds the constant of its own branch. A concatenation along the channels (DenseNet, Inception,
-U-Net skips) places the producer's channels among the others, whose widths are read from the layers that make them;
-the ops after it lose the channels at that place. A residual add, a LayerNorm, a layer used twice, the model's
-output, or a concatenation whose inputs' widths the graph does not tell, on any branch, end the chain and keep the
-producer as it is. The feed-forward blocks of torch's Transformer layers, which fx does not trace into, are chains
-too. Channel spaces that residual additions or gating products (``w2(silu(w1(x)) * w3(x))``) join are handled as
-groups (:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read it (in all
-terms of a sum, in one factor of a product) leaves all of the group's layers.
+Linear. With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain also
+passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``), a squeeze, unsqueeze or
+flatten of dims before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over tokens
+as many as the features ends it; a residual stream of Linear features pooled so stays a group. An output with
+several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches every branch's
+consumer as a constant, and each consumer folds the constant of its own branch. A concatenation along the channels
+(DenseNet, Inception, U-Net skips) places the producer's channels among the others, whose widths are read from the
+layers that make them; the ops after it lose the channels at that place. A residual add, a LayerNorm, a layer used
+twice, the model's output, or a concatenation whose inputs' widths the graph does not tell, on any branch, end the
+chain and keep the producer as it is. The feed-forward blocks of torch's Transformer layers, which fx does not trace
+into, are chains too. Channel spaces that residual additions or gating products (``w2(silu(w1(x)) * w3(x))``) join
+are handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read
+it (in all terms of a sum, in one factor of a product) leaves all of the group's layers.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
 edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
