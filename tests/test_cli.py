@@ -327,6 +327,15 @@ def test_channels_with_latency_times_the_model_and_its_shrunk_copy(capsys):
     assert "--latency previews with --sparsity: give --sparsity too." in capsys.readouterr().err
 
 
+def test_channels_times_a_model_that_takes_its_whole_batch_with_inputs_star(capsys):
+    """channels had no --inputs: a model reading its dict batch could not be timed ("pass input_fn=", "--inputs x"
+    in the error, an option channels refused)."""
+    assert main(["channels", "--model", "tests.text_task:BatchClassifier", "--data", "tests.text_task:TextData",
+                 "--inputs", "*", "--sparsity", "0.5", "--latency", "--latency-batch-size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"ff\.0 +ff\.2 +64 -> 32", out) and "latency at batch 48" in out
+
+
 def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["channels", "--model", "tests.test_cli:Untraceable", "--model-args", '{"in_features": 4}'])

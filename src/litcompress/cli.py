@@ -81,6 +81,11 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+INPUTS_HELP = ("for batches that are dicts: the keys whose values are the model's inputs, in the order forward takes "
+               "them (default: the keys named like forward's parameters); '*' for a forward that takes the whole "
+               "batch (forward(self, batch))")
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
@@ -202,10 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--submodule",
                         help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
                              "call self(...)")
-    source.add_argument("--inputs", type=_names, metavar="KEY,...",
-                        help="for batches that are dicts: the keys whose values are the model's inputs, in the "
-                             "order forward takes them (default: the keys named like forward's parameters); '*' "
-                             "for a forward that takes the whole batch (forward(self, batch))")
+    source.add_argument("--inputs", type=_names, metavar="KEY,...", help=INPUTS_HELP)
     source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
 
     prune = run.add_argument_group("pruning")
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(interleaved, threads and allocator pinned, medians), as compress's report would")
     plan.add_argument("--latency-batch-size", type=_int_at_least(1),
                       help="with --latency: inputs per timed call (default: the data's batch size)")
+    plan.add_argument("--inputs", type=_names, metavar="KEY,...", help=f"with --latency: {INPUTS_HELP}")
     plan.add_argument("--threads", type=_int_at_least(1), default=1, help="with --latency: torch threads")
     plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
