@@ -441,14 +441,8 @@ def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
         return (0 < len(index) < rank and index[0] == slice(None)
                 and all(isinstance(i, int) or (isinstance(i, slice) and all(
                     isinstance(b, (int, type(None))) for b in (i.start, i.stop, i.step))) for i in index[1:]))
-    if not ((user.op == "call_method" and user.target in _REDUCTIONS)
-            or (user.op == "call_function" and user.target in tuple(getattr(torch, r) for r in _REDUCTIONS))):
-        return False
-    dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
-    dims = (dims,) if isinstance(dims, int) else dims
-    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
-        return False
-    return all(0 < d % rank < rank - 1 for d in dims)
+    reduced = _reduction_dims(user)
+    return reduced is not None and all(0 < d % rank < rank - 1 for d in reduced[0])
 
 
 def _is_elementwise_module(module: nn.Module) -> bool:
@@ -578,14 +572,11 @@ def _flatten_start(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
 _REDUCTIONS = ("mean", "amax", "amin")  # each maps a constant to itself (a sum would scale it)
 
 
-def _spatial_reduction(node: fx.Node, ndim: int) -> str | None:
-    """For ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function) over spatial dims only of an
-    `ndim`-d conv activation: ``"keep"`` with keepdim (still a conv activation), ``"all"`` when every spatial dim goes
-    (a global pool: ``(batch, channels)`` is left, e.g. ``x.mean((2, 3))`` or a Conv1d's ``x.mean(-1)``); else None.
-    """
-    if node.op == "call_method" and node.target in _REDUCTIONS:
-        pass
-    elif not (node.op == "call_function" and node.target in tuple(getattr(torch, r) for r in _REDUCTIONS)):
+def _reduction_dims(node: fx.Node) -> tuple[tuple[int, ...], bool] | None:
+    """The dims and keepdim of ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function), each of which
+    maps a constant to itself, when written with int dims; else None."""
+    if not ((node.op == "call_method" and node.target in _REDUCTIONS)
+            or (node.op == "call_function" and node.target in tuple(getattr(torch, r) for r in _REDUCTIONS))):
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
@@ -593,6 +584,18 @@ def _spatial_reduction(node: fx.Node, ndim: int) -> str | None:
     if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims) \
             or not isinstance(keepdim, bool):
         return None
+    return tuple(dims), keepdim
+
+
+def _spatial_reduction(node: fx.Node, ndim: int) -> str | None:
+    """For ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function) over spatial dims only of an
+    `ndim`-d conv activation: ``"keep"`` with keepdim (still a conv activation), ``"all"`` when every spatial dim goes
+    (a global pool: ``(batch, channels)`` is left, e.g. ``x.mean((2, 3))`` or a Conv1d's ``x.mean(-1)``); else None.
+    """
+    reduced = _reduction_dims(node)
+    if reduced is None:
+        return None
+    dims, keepdim = reduced
     spatial = {d % ndim for d in dims}
     if not spatial <= set(range(2, ndim)) or len(spatial) != len(dims):
         return None
