@@ -209,24 +209,28 @@ def signature_or_none(function: Callable) -> inspect.Signature | None:
 
 def forward_parameters(model: nn.Module) -> list[str]:
     """The names of ``model.forward``'s positional parameters, in order (empty when it has no signature)."""
+    return [p.name for p in _positional_parameters(model) or () if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def _positional_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """``model.forward``'s positional parameters, a trailing ``*args`` included; None without a signature."""
     signature = signature_or_none(model.forward)
     if signature is None:
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [name for name, parameter in signature.parameters.items() if parameter.kind in kinds]
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.VAR_POSITIONAL)
+    return [parameter for parameter in signature.parameters.values() if parameter.kind in kinds]
 
 
 def _positional_arity(model: nn.Module) -> tuple[int, float]:
     """How many positional inputs ``model.forward`` requires and takes at most (inf with ``*args``); (0, inf)
     when it has no signature."""
-    signature = signature_or_none(model.forward)
-    if signature is None:
+    parameters = _positional_parameters(model)
+    if parameters is None:
         return 0, math.inf
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    positional = [p for p in signature.parameters.values() if p.kind in kinds]
-    required = sum(1 for p in positional if p.default is inspect.Parameter.empty)
-    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values())
-    return required, math.inf if varargs else len(positional)
+    named = [p for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    required = sum(1 for p in named if p.default is inspect.Parameter.empty)
+    return required, math.inf if len(named) < len(parameters) else len(named)
 
 
 def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
