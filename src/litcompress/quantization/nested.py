@@ -148,17 +148,12 @@ def flat_inputs(model: nn.Module, structure: InputStructure) -> FlatInputs:
     return positional_class(FlatInputs, count)(model, structure)
 
 
-class NestedInputs(nn.Module):
-    """`model` (taking flat tensors, e.g. an int8 model built from a `FlatInputs`) called with nested inputs
-    structured as the example inputs were."""
+class InputAdapter(nn.Module):
+    """A wrapper that adapts the user's inputs to `model` (an int8 candidate, a file read back): sized as `model`."""
 
-    def __init__(self, model: nn.Module, structure: InputStructure) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.structure = structure
-
-    def forward(self, *inputs: Any) -> Any:
-        return self.model(*self.structure.flatten(inputs, "the model's inputs"))
 
     @property
     def model_bytes(self) -> bytes | None:
@@ -166,5 +161,17 @@ class NestedInputs(nn.Module):
         return getattr(self.model, "model_bytes", None)
 
 
-__all__ = ["FlatInputs", "InputStructure", "NestedInputs", "batch_size", "flat_inputs", "is_nested",
+class NestedInputs(InputAdapter):
+    """`model` (taking flat tensors, e.g. an int8 model built from a `FlatInputs`) called with nested inputs
+    structured as the example inputs were."""
+
+    def __init__(self, model: nn.Module, structure: InputStructure) -> None:
+        super().__init__(model)
+        self.structure = structure
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*self.structure.flatten(inputs, "the model's inputs"))
+
+
+__all__ = ["FlatInputs", "InputAdapter", "InputStructure", "NestedInputs", "batch_size", "flat_inputs", "is_nested",
            "positional_class"]

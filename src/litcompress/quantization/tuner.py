@@ -28,7 +28,7 @@ from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, ge
                        to_inputs)
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
-from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
+from .nested import InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
 from .sensitivity import layer_sensitivity
 from .shapes import DynamicDims, fixed_size_hint, resolve_dynamic_dims
 
@@ -181,22 +181,13 @@ def float32_inputs(inputs: Inputs) -> Inputs:
     return tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in NON_FLOAT32_DTYPES else x for x in inputs)
 
 
-class FloatInputs(nn.Module):
+class FloatInputs(InputAdapter):
     """`model` (an int8 candidate, or the float32 copy of a bfloat16/float16/float64 model) called with such float
     inputs cast to float32, which int8 kernels and ONNX Runtime need; what `quantize` returns for such a model.
     Saving it saves `model`, whose file takes float32 inputs."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(self, *inputs: Any) -> Any:
         return self.model(*float32_inputs(inputs))
-
-    @property
-    def model_bytes(self) -> bytes | None:
-        """The ONNX bytes of a wrapped ONNX Runtime model (what its size is measured by), else None."""
-        return getattr(self.model, "model_bytes", None)
 
 
 def signature_or_none(function: Callable) -> inspect.Signature | None:
