@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
 from litcompress.pruning.parametrizations import check_prunable
@@ -100,8 +101,6 @@ def check_module(model: object, where: str) -> None:
 
 def _holds_tensor(module: nn.Module, name: str) -> bool:
     """Whether `module` has a tensor `name`, without computing a parametrized one."""
-    from torch.nn.utils import parametrize
-
     return (isinstance(module._parameters.get(name), Tensor) or isinstance(module._buffers.get(name), Tensor)
             or is_pruned(module, name) or parametrize.is_parametrized(module, name)
             or isinstance(module.__dict__.get(name), Tensor))
