@@ -6,6 +6,7 @@ there and fixed here.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -15,7 +16,7 @@ import torch.nn.utils.prune as torch_prune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -362,6 +363,56 @@ def test_custom_method_in_local_mode(tmp_path, cls):
                    use_lottery_ticket_hypothesis=False)
     make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
     assert torch.all(model.layer.mlp_2.weight[:16] == 0) and torch.all(model.layer.mlp_2.weight[16:] != 0)
+
+
+class _EffectiveWeights(Callback):
+    """Records ``orig * mask`` (the weights the model trains) and the masks of `targets` at each epoch's end."""
+
+    def __init__(self, targets) -> None:
+        self.targets, self.records = targets, []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.records.append([(getattr(m, n + "_orig", getattr(m, n)) * getattr(m, n + "_mask", 1)).detach().clone()
+                             for m, n in self.targets])
+
+
+@both("rounds after the first rank the weights of the last forward, one optimizer step old without validation")
+@pytest.mark.parametrize("use_global_unstructured", [False, True], ids=["local", "global"])
+def test_each_round_ranks_the_weights_as_they_are_when_it_runs(tmp_path, cls, use_global_unstructured):
+    """Pruning at the end of a training epoch in a fit without validation: the last forward was before the
+    epoch's last optimizer step. Each round prunes the smallest magnitudes of the weights as they are then."""
+    seed_everything(3)
+    model = FixedDataModel()
+    targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
+    before, after = _EffectiveWeights(targets), _EffectiveWeights(targets)
+    pruning = cls("l1_unstructured", amount=0.3, parameters_to_prune=targets, make_pruning_permanent=False,
+                  use_global_unstructured=use_global_unstructured, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[before, pruning, after]).fit(model)
+    for weights, masks in zip(before.records[1:], after.records[1:]):  # the first round ranks the parameters
+        groups = [list(range(len(targets)))] if use_global_unstructured else [[i] for i in range(len(targets))]
+        for group in groups:
+            kept_before = torch.cat([(weights[i] != 0).flatten() for i in group])
+            kept_after = torch.cat([(masks[i] != 0).flatten() for i in group])
+            magnitude = torch.cat([weights[i].abs().flatten() for i in group])
+            pruned_now = kept_before & ~kept_after
+            assert pruned_now.any()
+            assert magnitude[pruned_now].max() <= magnitude[kept_after].min()
+
+
+@both("after a fit whose last epoch pruned nothing, `module.weight` is the tensor of the last training forward")
+def test_a_fit_that_keeps_its_masks_leaves_current_weights(tmp_path, cls):
+    """make_pruning_permanent=False and a last epoch without a round (pruning over the first part of training):
+    after the fit, ``module.weight`` is ``orig * mask`` as trained, not as of the last forward (whose autograd
+    history also made ``copy.deepcopy(model)`` fail)."""
+    model = FixedDataModel()
+    targets = [(model.layer.mlp_1, "weight")]
+    pruning = cls("l1_unstructured", amount=0.3, parameters_to_prune=targets, make_pruning_permanent=False,
+                  apply_pruning=lambda epoch: epoch == 0, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=pruning).fit(model)
+    layer = model.layer.mlp_1
+    assert torch.equal(layer.weight, layer.weight_orig * layer.weight_mask)
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied.layer.mlp_1.weight, layer.weight)
 
 
 def test_pruned_parameters_keep_their_order(tmp_path):

@@ -270,6 +270,60 @@ def test_global_l1_matches_torch_global_unstructured(widths, amounts, seed):
         assert torch.equal(getattr(m, n + "_mask"), getattr(m2, n2 + "_mask"))
 
 
+class MagnitudeAbove(torch_prune.BasePruningMethod):
+    """A custom unstructured method: prunes the entries kept so far whose magnitude is below a threshold."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def compute_mask(self, t, default_mask):
+        return default_mask * (t.abs() >= self.threshold).to(default_mask.dtype)
+
+
+@pytest.mark.parametrize("method", ["l1_unstructured", torch_prune.L1Unstructured, MagnitudeAbove],
+                         ids=["l1-name", "l1-class", "custom-class"])
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_later_rounds_rank_the_weights_as_they_are_now(method, scope):
+    """After an optimizer step, ``module.weight`` is still the tensor the pruning hook made at the last forward:
+    torch's `global_unstructured` ranks that one. Every round ranks ``orig * mask`` as it is when it runs."""
+    model = mlp([6, 6, 6], 0)
+    targets = default_targets(model)
+    prune_(targets, method, 0.3, scope=scope, threshold=0.1)  # `threshold` goes to the custom method only
+    model(torch.randn(2, 6))  # the hooks cache orig * mask
+    with torch.no_grad():  # an optimizer step: the trained values move, the cached ones stay
+        for module, name in targets:
+            orig = getattr(module, name + "_orig")
+            orig.copy_(torch.randn_like(orig))
+    current = {(id(m), n): (getattr(m, n + "_orig") * getattr(m, n + "_mask")).clone() for m, n in targets}
+    if method is MagnitudeAbove:
+        threshold = torch.cat([t.flatten() for t in current.values()]).abs().median().item()
+        prune_(targets, method, 0.0, scope=scope, threshold=threshold)
+        for module, name in targets:
+            expected = (current[id(module), name].abs() >= threshold).float()  # pruned entries are 0 in `current`
+            assert torch.equal(getattr(module, name + "_mask"), expected)
+    else:
+        prune_(targets, method, 0.5, scope=scope)
+        reference = mlp([6, 6, 6], 0)
+        reference_targets = default_targets(reference)
+        for (module, name), (ref, ref_name) in zip(targets, reference_targets):
+            with torch.no_grad():
+                getattr(ref, ref_name).copy_(current[id(module), name])
+        # the same pruned count from the current values, ranked by torch without any cached tensor
+        counts = [int(getattr(m, n + "_mask").numel() - getattr(m, n + "_mask").sum()) for m, n in targets]
+        if scope == "global":
+            torch_prune.global_unstructured(reference_targets, pruning_method=torch_prune.L1Unstructured,
+                                            amount=sum(counts))
+        else:
+            for (ref, ref_name), count in zip(reference_targets, counts):
+                torch_prune.l1_unstructured(ref, ref_name, amount=count)
+        for (module, name), (ref, ref_name) in zip(targets, reference_targets):
+            assert torch.equal(getattr(module, name + "_mask"), getattr(ref, ref_name + "_mask"))
+    for module, name in targets:  # and the module computes with the new values at once
+        assert torch.equal(getattr(module, name), getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+
+
 def test_repeated_global_rounds_do_not_stack_pruning_methods():
     model = mlp([8, 8, 8], 0)
     targets = default_targets(model)

@@ -105,6 +105,27 @@ def test_prune_heads_masks_the_weakest_heads_of_each_attention_and_keeps_what_it
         prune_heads_(model, 1.0)
 
 
+def test_a_later_round_ranks_heads_by_their_weights_as_they_are_now():
+    """Between rounds an optimizer changes ``in_proj_weight_orig``; ``in_proj_weight`` keeps the values of the last
+    forward until the next one. The next round ranks the heads by the trained values."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4)
+    x = torch.randn(3, 2, 16)
+    prune_heads_(attention, 0.25)
+    first = zero_heads(attention).nonzero().flatten().tolist()
+    attention(x, x, x)  # the pruning hook caches orig * mask
+    with torch.no_grad():  # "training" makes the weakest surviving head the strongest one, and the others weak
+        view = attention.in_proj_weight_orig.view(3, 4, 4, 16)
+        survivors = [h for h in range(4) if h not in first]
+        weakest = min(survivors, key=lambda h: float(view[:, h].norm()))
+        for head in survivors:
+            view[:, head] *= 100.0 if head == weakest else 0.01
+    assert attention_head_norms(attention)[weakest] == attention_head_norms(attention)[survivors].max()
+    prune_heads_(attention, 0.5)
+    pruned = zero_heads(attention).nonzero().flatten().tolist()
+    assert len(pruned) == 2 and set(first) < set(pruned) and weakest not in pruned
+
+
 def test_a_transformer_encoder_on_its_fast_paths_computes_the_same_without_its_pruned_heads():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)

@@ -503,6 +503,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._make_pruning_permanent:
             rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
             self.make_pruning_permanent(pl_module)
+        else:  # `module.<name>` is the tensor of the last forward, from before the last optimizer step
+            with torch.no_grad():  # a tensor without autograd history, as after an evaluation: the model deep-copies
+                for module, name in self._parameters_to_prune:
+                    engine.refresh_cached_tensor(module, name)
 
     # ------------------------------------------------------------------------------------------ state
     @property

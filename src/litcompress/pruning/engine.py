@@ -432,6 +432,12 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                      scope: Scope, **method_kwargs: Any) -> None:
     check_prunable(targets)
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
+    if not fast_path:
+        # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
+        # an optimizer step it still holds the weights from before that step. Rank orig * mask as it is now (the
+        # fast path reads `<name>_orig` and the mask itself).
+        for module, name in targets:
+            refresh_cached_tensor(module, name)
     remaining = [remaining_count(m, n) for m, n in targets] if isinstance(amount, int) or fast_path else []
     if isinstance(amount, int):
         check_count_fits(amount, remaining, scope)

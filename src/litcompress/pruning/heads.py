@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .engine import set_mask_
+from .engine import effective_tensor, set_mask_
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
@@ -153,11 +153,12 @@ def _head_rows(attention: nn.MultiheadAttention, head: int) -> list[int]:
 
 def attention_head_norms(attention: nn.MultiheadAttention) -> Tensor:
     """Each head's importance: the L2 norm of its query, key and value rows and its ``out_proj`` columns."""
+    # effective values: a pruned `module.<name>` is the tensor of the last forward, older than the last optimizer step
     with torch.no_grad():
-        weight = attention.in_proj_weight.detach()
+        weight = effective_tensor(attention, "in_proj_weight")
         embed, heads, width = attention.embed_dim, attention.num_heads, attention.head_dim
         rows = weight.reshape(3, heads, width, embed).pow(2).sum(dim=(0, 2, 3))
-        columns = attention.out_proj.weight.detach().reshape(embed, heads, width).pow(2).sum(dim=(0, 2))
+        columns = effective_tensor(attention.out_proj, "weight").reshape(embed, heads, width).pow(2).sum(dim=(0, 2))
         return (rows + columns).sqrt()
 
 
@@ -165,10 +166,10 @@ def zero_heads(attention: nn.MultiheadAttention) -> Tensor:
     """A bool per head: True when its value rows and value bias are all zero (it adds nothing to the output)."""
     with torch.no_grad():
         embed, heads, width = attention.embed_dim, attention.num_heads, attention.head_dim
-        values = attention.in_proj_weight.detach()[2 * embed:].reshape(heads, width * embed)
+        values = effective_tensor(attention, "in_proj_weight")[2 * embed:].reshape(heads, width * embed)
         zero = (values == 0).all(dim=1)
         if attention.in_proj_bias is not None:
-            zero &= (attention.in_proj_bias.detach()[2 * embed:].reshape(heads, width) == 0).all(dim=1)
+            zero &= (effective_tensor(attention, "in_proj_bias")[2 * embed:].reshape(heads, width) == 0).all(dim=1)
         return zero
 
 
