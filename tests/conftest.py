@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import settings
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -100,6 +100,61 @@ class ConfiguredDigitsClassifier(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class TwoValidationSetsData(LightningDataModule):
+    """Digits with two validation dataloaders (a list, as Lightning allows) and, with `two_train_loaders`, two
+    training dataloaders (a dict); Lightning names a metric of each validation loader `<name>/dataloader_idx_<i>`."""
+
+    def __init__(self, batch_size: int = 32, two_train_loaders: bool = False) -> None:
+        super().__init__()
+        self.batch_size, self.two_train_loaders = batch_size, two_train_loaders
+
+    def setup(self, stage: str | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = torch.tensor(digits.data, dtype=torch.float32) / 16, torch.tensor(digits.target)
+        self.splits = [TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1000), (1000, 1400), (1400, 1797))]
+
+    def _loader(self, split: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle)
+
+    def train_dataloader(self) -> Any:
+        if self.two_train_loaders:  # Lightning's default mode for several: as many batches as the longest has
+            return {"digits": self._loader(0, shuffle=True), "few": self._loader(1)}
+        return self._loader(0, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(1), self._loader(2)]
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(2)
+
+
+class TwoValidationSetsClassifier(LightningModule):
+    """A digits MLP whose steps take the `dataloader_idx` of several dataloaders (and a dict of training batches)."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        pairs = batch.values() if isinstance(batch, dict) else [batch]
+        return sum(nn.functional.cross_entropy(self(x), y) for x, y in pairs)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-2)

@@ -358,7 +358,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--keep-multiple-of", "0"], "argument --keep-multiple-of: expected an integer >= 1, got 0"),
     (["--prune", "ln_structured", "--exclude", "net.9"], "names no module of the model: ['net.9']"),
     (["--model", "cnn", "--data-args", '{"flatten": true}'], "--model cnn takes square images"),
-    (["--metric", "val_accuracy"], "--metric val_accuracy: MLPClassifier.validation_step does not log it"),
+    (["--metric", "val_accuracy"], "--metric 'val_accuracy' was not logged by MLPClassifier.validation_step"),
     (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
     (["--min-speedup", "0"], "argument --min-speedup: expected a number > 0, got 0"),
@@ -396,6 +396,24 @@ def test_a_module_that_builds_its_layers_in_configure_model(tmp_path, capsys):
     report = CompressionReport.load_json(tmp_path / "report.json")
     assert [s.stage for s in report.stages][:2] == ["input", "pruned"]
     assert report["input"].parameters == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_several_validation_dataloaders_name_their_metric_and_feed_the_first(tmp_path, capsys):
+    """`val_dataloader` returning a list: the inputs for tracing and timing come from the first loader (they were read
+    as a DataLoader), and a metric logged per loader is named as Lightning names it, before any training."""
+    common = ["compress", *QUICK, "--model", "tests.conftest:TwoValidationSetsClassifier",
+              "--data", "tests.conftest:TwoValidationSetsData", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main(common)
+    err = capsys.readouterr().err
+    assert "--metric 'val_acc' is logged by TwoValidationSetsClassifier.validation_step once per dataloader" in err
+    assert "['val_acc/dataloader_idx_0', 'val_acc/dataloader_idx_1']" in err
+    assert not (tmp_path / "out").exists()
+    assert main([*common, "--metric", "val_acc/dataloader_idx_0", "--latency-batch-size", "48"]) == 0
+    report = CompressionReport.load_json(tmp_path / "out" / "report.json")
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk", "quantized"]
+    assert report.batch_size == 48  # rows of the first validation loader's batches
+    assert all(0.5 < s.metric <= 1 for s in report.stages)
 
 
 def test_the_console_script_is_installed_and_answers():

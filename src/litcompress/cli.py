@@ -418,9 +418,10 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any) -> tuple:
     import torch
 
     from litcompress.quantization.backends import to_inputs
+    from litcompress.quantization.lightning import first_loader
     from litcompress.quantization.nested import InputStructure
 
-    batches = iter(data.val_dataloader())
+    batches = iter(first_loader(data.val_dataloader()))
     inputs = to_inputs(input_fn(next(batches)))
     if batch_size is None:
         return inputs
@@ -444,15 +445,17 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any) -> tuple:
 
 def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None) -> None:
     """One validation (and test) batch: a metric the module does not log fails now, not after training."""
+    from litcompress.quantization.lightning import logged_metrics, missing_metric_message
+
     for stage, name in (("validate", metric), ("test", test_metric)):
         if name is None:
             continue
         trainer = _trainer(1, limit_val_batches=1, limit_test_batches=1)
-        logged = getattr(trainer, stage)(model, datamodule=data, verbose=False)[0]
-        if name not in logged:
-            step = "validation_step" if stage == "validate" else "test_step"
-            raise ValueError(f"{'--metric' if stage == 'validate' else '--test-metric'} {name}: "
-                             f"{type(model).__name__}.{step} does not log it; it logs {sorted(logged)}.")
+        logged = logged_metrics(getattr(trainer, stage)(model, datamodule=data, verbose=False))
+        message = missing_metric_message(name, logged, f"{type(model).__name__}."
+                                         f"{'validation_step' if stage == 'validate' else 'test_step'}")
+        if message:
+            raise ValueError(f"{'--metric' if stage == 'validate' else '--test-metric'} {message}")
 
 
 def _trainer(epochs: int, **overrides: Any) -> Any:

@@ -80,6 +80,29 @@ def test_optimizer_steps_match_what_the_trainer_does(batches, epochs, kwargs):
     assert optimizer_steps(batches, epochs, kwargs) == trainer.global_step
 
 
+def test_several_dataloaders_the_schedule_spans_the_longest_and_the_metric_is_the_named_loaders():
+    """A dict of training loaders and a list of validation loaders: fine-tuning runs as many steps per epoch as the
+    longest training loader has (the schedule ends on its last step), tracing and calibration read the first
+    loaders, and each stage is judged by the metric of the validation loader it names."""
+    from tests.conftest import TwoValidationSetsClassifier, TwoValidationSetsData
+
+    L.seed_everything(0)
+    data = TwoValidationSetsData(two_train_loaders=True)
+    module = TwoValidationSetsClassifier()
+    _trainer(max_epochs=2).fit(module, datamodule=data)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.6, rounds=4),
+                               quantize=PTQConfig(approach="static", backends=("torch_ao",)), latency_repeats=2)
+    result = compress_lightning(module, config, datamodule=data, metric="val_acc/dataloader_idx_1",
+                                fine_tune_epochs=1)
+    report = result.report
+    steps = max(len(loader) for loader in data.train_dataloader().values())  # 32, not the 2 loaders of the dict
+    assert f"rounds during {steps} fine-tuning steps" in report["pruned"].description
+    assert report["pruned"].weight_sparsity == pytest.approx(0.6, abs=1e-3)  # the schedule ended
+    second = _trainer().validate(module, datamodule=data, verbose=False)[1]["val_acc/dataloader_idx_1"]
+    assert report["input"].metric == pytest.approx(second)
+    assert report["quantized"].description.startswith("torch_ao static")
+
+
 def test_a_submodule_is_compressed_and_fine_tuned_inside_its_host(fitted):
     module, data = fitted
     config = CompressionConfig(prune=PruneConfig(sparsity=0.7), export=False, latency_repeats=2)

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
-from litcompress.quantization.lightning import detached_copy
+from litcompress.quantization.lightning import detached_copy, logged_metrics, missing_metric_message
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -52,9 +52,10 @@ def find_lottery_ticket(
     def evaluate(model: LightningModule) -> float:
         trainer = Trainer(**{**kwargs, "max_epochs": None, "max_steps": -1})
         run = trainer.test if evaluate_on == "test" else trainer.validate
-        results = run(model, datamodule=datamodule, verbose=False)[0]
-        if metric not in results:
-            raise KeyError(f"`metric={metric!r}` was not logged in {evaluate_on}; logged: {sorted(results)}.")
+        results = logged_metrics(run(model, datamodule=datamodule, verbose=False))
+        message = missing_metric_message(metric, results, "test_step" if evaluate_on == "test" else "validation_step")
+        if message:
+            raise KeyError(f"metric={message}")
         return float(results[metric])
 
     def train_to_rewind_point(model: LightningModule) -> None:

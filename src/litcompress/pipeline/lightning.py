@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
-from litcompress.quantization.lightning import QUIET_CPU_TRAINER, detached_copy, lightning_eval_fn, with_metric_mode
+from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, detached_copy, first_loader, lightning_eval_fn,
+                                                with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -48,6 +49,14 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
     total = per_epoch * epochs
     max_steps = trainer_kwargs.get("max_steps", -1)
     return min(total, max_steps) if max_steps is not None and max_steps > 0 else total
+
+
+def _train_batches(loaders: Any) -> int:
+    """Batches in one training epoch: with several train dataloaders (a list or dict of them), Lightning's default
+    ("max_size_cycle") runs as many as the longest has."""
+    if first_loader(loaders) is not loaders:
+        return max(len(loader) for loader in (loaders.values() if isinstance(loaders, dict) else loaders))
+    return len(loaders)
 
 
 def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
@@ -128,9 +137,9 @@ def compress_lightning(
     input_fn = input_fn or model_input_fn(module if submodule is None else getattr(module, submodule))
     datamodule.setup("fit")
     if example_inputs is None:
-        example_inputs = input_fn(next(iter(datamodule.val_dataloader())))
+        example_inputs = input_fn(next(iter(first_loader(datamodule.val_dataloader()))))
     if calibration_data is None:
-        calibration_data = datamodule.train_dataloader()
+        calibration_data = first_loader(datamodule.train_dataloader())
 
     host = detached_copy(module)
     if submodule is None:
@@ -148,7 +157,7 @@ def compress_lightning(
         trainer = L.Trainer(callbacks=[*kwargs.pop("callbacks", []), PruneAfterOptimizerSteps(step)], **kwargs)
         trainer.fit(trained, datamodule=datamodule)
 
-    steps = optimizer_steps(len(datamodule.train_dataloader()), fine_tune_epochs, trainer_kwargs)
+    steps = optimizer_steps(_train_batches(datamodule.train_dataloader()), fine_tune_epochs, trainer_kwargs)
     return compress(
         target, config,
         eval_fn=lightning_eval_fn(module, datamodule, metric, submodule=submodule),

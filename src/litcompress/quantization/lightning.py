@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -29,6 +29,42 @@ QUIET_CPU_TRAINER: dict = dict(accelerator="cpu", devices=1, logger=False, enabl
 
 def _evaluation_trainer() -> L.Trainer:
     return L.Trainer(**QUIET_CPU_TRAINER)
+
+
+def _is_loader(value: object) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, (torch.Tensor, str, bytes, Mapping, Sequence))
+
+
+def first_loader(loaders: Any) -> Any:
+    """The first of several dataloaders (a list, tuple or dict of them, as ``val_dataloader`` and
+    ``train_dataloader`` may return), where batches are read for tracing and calibration; one as it is."""
+    if isinstance(loaders, Mapping) and loaders and all(_is_loader(v) for v in loaders.values()):
+        return next(iter(loaders.values()))
+    if isinstance(loaders, Sequence) and not isinstance(loaders, (str, bytes)) and loaders \
+            and all(_is_loader(v) for v in loaders):
+        return loaders[0]
+    return loaders
+
+
+def logged_metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The metrics ``trainer.validate``/``test`` returned, over all its dataloaders (one dict each)."""
+    logged: dict[str, float] = {}
+    for result in results:
+        for name, value in result.items():
+            logged.setdefault(name, value)
+    return logged
+
+
+def missing_metric_message(metric: str, logged: Mapping[str, float], step: str) -> str | None:
+    """Why `metric` is not among the `logged` ones (None when it is), with the names to pass instead."""
+    if metric in logged:
+        return None
+    per_loader = sorted(name for name in logged if name.startswith(f"{metric}/dataloader_idx_"))
+    if per_loader:
+        return (f"{metric!r} is logged by {step} once per dataloader, and Lightning names each "
+                f"{per_loader}: pass one of these names (the first dataloader's is {per_loader[0]!r}).")
+    return f"{metric!r} was not logged by {step}; logged: {sorted(logged)}. Pass the name given to self.log(...) " \
+           f"in {step}."
 
 
 def detached_copy(module: L.LightningModule) -> L.LightningModule:
@@ -121,11 +157,10 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
         else:
             setattr(host, submodule, candidate)
         run = trainer.validate if stage == "validate" else trainer.test
-        results = run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False)
-        logged = results[0] if results else {}
-        if metric not in logged:
-            raise KeyError(f"metric={metric!r} was not logged by {step}; logged: {sorted(logged)}. "
-                           f"Pass the name given to self.log(...) in {step}.")
+        logged = logged_metrics(run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False))
+        message = missing_metric_message(metric, logged, step)
+        if message:
+            raise KeyError(f"metric={message}")
         return float(logged[metric])
 
     return evaluate
@@ -160,7 +195,7 @@ def quantize_lightning(
     if calibration_data is None and datamodule is not None:
         if hasattr(datamodule, "setup"):
             datamodule.setup("fit")
-        calibration_data = datamodule.train_dataloader()
+        calibration_data = first_loader(datamodule.train_dataloader())
     if submodule:
         target = getattr(module, submodule)
     else:
@@ -215,7 +250,7 @@ class QuantizeOnFitEnd(L.Callback):
         val_dataloaders = None if datamodule is not None else trainer.val_dataloaders
         calibration = self.calibration_data
         if calibration is None and datamodule is None:
-            calibration = trainer.train_dataloader
+            calibration = first_loader(trainer.train_dataloader)
         self.result = quantize_lightning(
             pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
             calibration_data=calibration, input_fn=self.input_fn, submodule=self.submodule)
