@@ -256,6 +256,19 @@ def test_structured_dim_out_of_range_fails_at_setup(tmp_path):
         make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(ThreeLayerModel())
 
 
+@pytest.mark.parametrize("use_global_unstructured", [False, True], ids=["local", "global"])
+def test_a_tensor_the_layer_was_built_without_fails_at_setup(tmp_path, use_global_unstructured):
+    """`(layer, "bias")` of a layer built with bias=False: the attribute exists and is None (Lightning's callback
+    and ours failed in torch, "'NoneType' object has no attribute ...")."""
+    model = ThreeLayerModel()
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=[(model.layer.mlp_2, "bias")],
+                            use_global_unstructured=use_global_unstructured)
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=callback)
+    with pytest.raises(MisconfigurationException, match=r"missing parameters: \['bias'\] \(`Linear.bias` is None\)"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -661,17 +661,21 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 " with 2 elements: (nn.Module, parameter_name_to_prune) or None"
             )
         known = {id(m) for m in current_modules}
-        missing_modules, missing_parameters = [], []
+        missing_modules, missing_parameters, absent = [], [], []
         for module, name in parameters_to_prune:
             if id(module) not in known:
                 missing_modules.append(module)
                 continue
             if not hasattr(module, name):
                 missing_parameters.append(name)
+            elif not isinstance(getattr(module, name), torch.Tensor):  # e.g. `bias` of a layer built with bias=False
+                missing_parameters.append(name)
+                absent.append(f"`{type(module).__name__}.{name}` is {getattr(module, name)!r}")
         if missing_modules or missing_parameters:
             raise MisconfigurationException(
                 "Some provided `parameters_to_prune` don't exist in the model."
                 f" Found missing modules: {missing_modules} and missing parameters: {missing_parameters}"
+                + (f" ({', '.join(absent)})." if absent else "")
             )
         return parameters_to_prune
 
