@@ -202,3 +202,80 @@ def test_dynamic_int8_quantizes_a_weight_normed_linear():
     assert quantized_layers(result.model, "torch_ao", ["0", "2"]) == {"0": True, "2": True}  # before: "0" fp32
     assert any("folded 1 parametrized weight(s)" in m for m in result.messages)
     assert parametrize.is_parametrized(model[0])
+
+
+# TorchScript modules (torch.jit.script / trace) fix their attributes when compiled: torch's pruning cannot replace a
+# parameter by `<name>_orig` and a mask there. Before, the engine failed with "'OrderedDictWrapper' object has no
+# attribute 'get'", `compress` said the model had no Linear layer, and `ModelPruning` failed in torch at setup.
+
+
+def _scripted_mlp() -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    return torch.jit.script(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval())
+
+
+@pytest.mark.parametrize("call", ["prune_model_", "prune_", "GradualPruner"])
+def test_the_engine_refuses_a_torchscript_module_naming_the_fix(call):
+    from litcompress import prune_model_
+    from litcompress.report import sparsity_report
+
+    model = _scripted_mlp()
+    with pytest.raises(ValueError, match=r"cannot prune Linear\.weight of a TorchScript module.*before torch\.jit"):
+        if call == "prune_model_":
+            prune_model_(model, amount=0.5)
+        elif call == "prune_":
+            prune_([(getattr(model, "0"), "weight")], "l1_unstructured", 0.5)  # model[0] is no ScriptModule
+        else:
+            GradualPruner([(getattr(model, "0"), "weight")], ConstantSparsity(0.5))
+    assert sparsity_report(model).sparsity == 0.0  # reading it is fine
+
+
+class _ScriptedEncoder(pl.LightningModule):
+    """A frozen, scripted feature extractor under a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.jit.script(nn.Sequential(nn.Linear(16, 32), nn.ReLU()))
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_model_pruning_leaves_a_torchscript_module_out_of_its_defaults_and_says_so():
+    module = _ScriptedEncoder()
+    with pytest.warns(UserWarning, match=r"leaves out the tensors of 1 TorchScript module\(s\).*encoder\.0.*"
+                                         r"before torch\.jit\.script"):
+        _fit(module, ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"]))
+    assert int((module.head.weight == 0).sum()) == 32 and not (getattr(module.encoder, "0").weight == 0).any()
+
+
+def test_model_pruning_refuses_an_explicit_torchscript_weight_before_training():
+    module = _ScriptedEncoder()
+    scripted_linear = getattr(module.encoder, "0")  # `encoder[0]` is the Python Linear it was compiled from
+    callback = ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=[(scripted_linear, "weight")])
+    before = module.head.weight.detach().clone()
+    with pytest.raises(MisconfigurationException, match=r"parameters_to_prune.*TorchScript module"):
+        _fit(module, callback)
+    assert torch.equal(module.head.weight, before)  # no training step ran
+
+
+def test_compress_refuses_a_torchscript_model_to_prune_and_quantizes_it_alone():
+    model, x = _scripted_mlp(), torch.randn(8, 16)
+
+    def metric(candidate):
+        return -float((candidate(x) - model(x)).abs().mean())
+
+    with pytest.raises(TypeError, match=r"TorchScript module cannot be pruned.*prune=None, shrink=False"):
+        compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5)), eval_fn=metric, example_inputs=x)
+    result = compress(model, CompressionConfig(prune=None, shrink=False, export=False, latency_repeats=2,
+                                               quantize=PTQConfig(backends=("torch_ao",), latency_repeats=2)),
+                      eval_fn=metric, example_inputs=x)
+    assert [s.stage for s in result.report.stages] == ["input", "quantized"]

@@ -44,7 +44,7 @@ from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
-from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors
+from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
 from litcompress.report.sparsity import TensorSparsity, tensor_sparsity
 
@@ -603,6 +603,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "holding its current weight), or pass `parameters_to_prune` without them to "
                 "silence this."
             )
+        scripted = [path for path, module in pl_module.named_modules() if is_scripted(module)
+                    and any(isinstance(getattr(module, name, None), nn.Parameter) for name in names)]
+        if scripted:
+            rank_zero_warn(
+                f"ModelPruning leaves out the tensors of {len(scripted)} TorchScript module(s), which "
+                f"torch.nn.utils.prune cannot re-parametrise: {', '.join(scripted[:5])}"
+                f"{', ...' if len(scripted) > 5 else ''}. To prune them, {SCRIPTED_HINT}; or pass "
+                "`parameters_to_prune` without them to silence this."
+            )
 
     def _validate_against_model(self) -> None:
         """Checks that need the model: a structured method's targets have slices to prune (torch refuses a 1-d
@@ -653,7 +662,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 (m, p)
                 for p in parameters
                 for m in current_modules
-                if isinstance(getattr(m, p, None), nn.Parameter) or engine.is_pruned(m, p)
+                if not is_scripted(m)  # torch cannot prune TorchScript modules (warned at setup)
+                and (isinstance(getattr(m, p, None), nn.Parameter) or engine.is_pruned(m, p))
             ]
         if not _is_param_list(parameters_to_prune):
             raise MisconfigurationException(

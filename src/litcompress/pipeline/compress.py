@@ -28,7 +28,7 @@ from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
-from litcompress.pruning.parametrizations import fold_parametrizations_, unfold_state_dict
+from litcompress.pruning.parametrizations import fold_parametrizations_, is_scripted, unfold_state_dict
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
@@ -596,6 +596,10 @@ def compress(
         raise TypeError(f"compress(config={config!r}): expected a CompressionConfig.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress(model=...): expected a torch.nn.Module, got {type(model).__name__}.")
+    if is_scripted(model) and (config.prune is not None or config.shrink):
+        raise TypeError("compress(model=...): a TorchScript module cannot be pruned (its parameters are fixed when "
+                        "it is compiled) or shrunk (torch.fx cannot trace it). Pass the nn.Module from before "
+                        "torch.jit.script / trace, or CompressionConfig(prune=None, shrink=False) to quantize it only.")
     if not callable(eval_fn):
         raise TypeError(f"compress(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     if test_fn is not None and not callable(test_fn):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
-from litcompress.pruning.parametrizations import check_prunable
+from litcompress.pruning.parametrizations import check_prunable, scripted_targets_message
 from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
 
@@ -122,6 +122,9 @@ def check_targets(targets: object, where: str) -> list[Target]:
             raise TypeError(f"{where}: each target is a (module, name) pair such as (model.fc, 'weight'), got "
                             f"{item!r}.")
         module, name = item
+        scripted = scripted_targets_message([(module, name)])
+        if scripted:  # its parameter dict cannot even be read as a module's
+            raise ValueError(f"{where}: {scripted}")
         if not _holds_tensor(module, name):
             names = [n for n, _ in module.named_parameters(recurse=False)]
             raise ValueError(f"{where}: {type(module).__name__} has no tensor {name!r} (its parameters: {names}).")

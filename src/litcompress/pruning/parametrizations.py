@@ -66,8 +66,32 @@ def parametrized_targets(targets: Iterable[tuple[nn.Module, str]]) -> list[tuple
     return [(m, n) for m, n in targets if is_computed(m, n)]
 
 
+SCRIPTED_HINT = ("prune the nn.Module before torch.jit.script / torch.jit.trace (and script the pruned model after "
+                 "litcompress.make_permanent_)")
+
+
+def is_scripted(module: nn.Module) -> bool:
+    """Whether `module` is TorchScript (``torch.jit.script``/``trace``): its attributes are fixed at compilation, so
+    `torch.nn.utils.prune` cannot replace a parameter by ``<name>_orig`` and a mask."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def scripted_targets_message(targets: Iterable[tuple[nn.Module, str]]) -> str | None:
+    """Why the TorchScript targets among `targets` cannot be pruned, with the fix; None when there is none."""
+    scripted = [(m, n) for m, n in targets if is_scripted(m)]
+    if not scripted:
+        return None
+    names = ", ".join(f"{m.original_name}.{n}" for m, n in scripted[:3]) + (", ..." if len(scripted) > 3 else "")
+    return (f"cannot prune {names} of a TorchScript module: its parameters are fixed when it is compiled, so "
+            f"torch.nn.utils.prune cannot re-parametrise them; {SCRIPTED_HINT}.")
+
+
 def check_prunable(targets: Iterable[tuple[nn.Module, str]]) -> None:
-    """Raise a `ValueError` naming the targets that are parametrized, with the fix."""
+    """Raise a `ValueError` naming the targets that are parametrized or TorchScript, with the fix."""
+    targets = list(targets)
+    message = scripted_targets_message(targets)
+    if message:
+        raise ValueError(message)
     found = parametrized_targets(targets)
     if found:
         names = ", ".join(f"{type(m).__name__}.{n} ({describe_parametrization(m, n)})" for m, n in found)
