@@ -365,6 +365,12 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
     (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: cannot write there"),  # found before training
     (["--model-args", '{"hidden": 3}'], "hidden=3: expected one or more positive ints"),
+    (["--model-args", '{"hidden": [8], "widht": 3}'],
+     '--model-args: MLPClassifier(**{"num_classes": 10, "in_features": 64, "hidden": [8], "widht": 3}) failed: '
+     "MLPClassifier.__init__() got an unexpected keyword argument 'widht'"),
+    (["--data-args", '{"batch_size": 0}'],
+     '--data-args: DigitsDataModule(**{"seed": 0, "batch_size": 0, "flatten": true}) failed: batch_size=0 must be a '
+     'positive int'),
     (["--submodule", "body"], "--submodule body: MLPClassifier has no such sub-module"),
     (["--fp32-format", "tflite"], "invalid choice: 'tflite'"),
     (["--metric", "val_loss"], "--metric val_loss: it reads as a loss or an error (lower is better), but the "

@@ -343,14 +343,24 @@ def _configs(args: argparse.Namespace) -> Any:
                              num_threads=args.threads, keep_multiple_of=args.keep_multiple_of)
 
 
+def _built(option: str, cls: Any, kwargs: dict[str, Any]) -> Any:
+    """``cls(**kwargs)``; an argument the class refuses fails naming the option and the arguments it was given."""
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        shown = json.dumps(kwargs, default=str)
+        kind = TypeError if isinstance(error, TypeError) else ValueError  # not type(error): its __init__ may differ
+        raise kind(f"{option}: {cls.__name__}(**{shown}) failed: {error}") from error
+
+
 def _datamodule(args: argparse.Namespace) -> Any:
     from litcompress.data import DigitsDataModule, MNISTDataModule
 
     kwargs = {"seed": args.seed, **args.data_args}
     if args.data in BUILTIN_DATA:
         kwargs.setdefault("flatten", args.model == "mlp")
-        return (DigitsDataModule if args.data == "digits" else MNISTDataModule)(**kwargs)
-    return args.data(**args.data_args)
+        return _built("--data-args", DigitsDataModule if args.data == "digits" else MNISTDataModule, kwargs)
+    return _built("--data-args", args.data, args.data_args)
 
 
 def _model(args: argparse.Namespace, data: Any) -> Any:
@@ -379,10 +389,10 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
             if len(shape) != 3 or shape[1] != shape[2]:
                 raise ValueError(f"--model {args.model} takes square images (C, H, W), the data gives {tuple(shape)}.")
             kwargs.update(in_channels=shape[0], image_size=shape[1])
-        return cls(**{**kwargs, **args.model_args})
+        return _built("--model-args", cls, {**kwargs, **args.model_args})
     if args.checkpoint is not None:
         return load_module_from_checkpoint(args.model, args.checkpoint, **args.model_args)
-    model = args.model(**args.model_args)
+    model = _built("--model-args", args.model, args.model_args)
     # the Trainer would build the layers when fitting; the checks at parse time (what to prune, a forward on the
     # first batch) need them now (this process is the single CPU device the Trainer would use)
     configure_outside_trainer_(model)

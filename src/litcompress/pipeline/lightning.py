@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -55,7 +55,7 @@ def _train_batches(loaders: Any) -> int:
     """Batches in one training epoch: with several train dataloaders (a list or dict of them), Lightning's default
     ("max_size_cycle") runs as many as the longest has."""
     if first_loader(loaders) is not loaders:
-        return max(len(loader) for loader in (loaders.values() if isinstance(loaders, dict) else loaders))
+        return max(len(loader) for loader in (loaders.values() if isinstance(loaders, Mapping) else loaders))
     return len(loaders)
 
 
