@@ -141,8 +141,10 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "pruned_state_dict.pt")
     torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
     (tmp_path / "broken.pt2").write_bytes(b"garbage")
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")  # torch.jit's, not ours
     for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*load_state_dict"),
                           ("module.pt", "a torch\\.save file"),
+                          ("scripted.pt", r"a TorchScript archive without litcompress's metadata; torch\.jit\.load"),
                           ("broken.pt2", "neither ONNX nor a zip archive")):
         with pytest.raises(ValueError, match=rf"'.*{name}' is not a model file litcompress wrote.*{message}"):
             load_quantized(tmp_path / name)

@@ -109,11 +109,14 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-        if any(n.endswith("extra/litcompress.json") for n in names) and any(n.endswith("constants.pkl")
-                                                                           or "/code/" in n for n in names):
+        torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+        if torchscript and any(n.endswith("extra/litcompress.json") for n in names):
             from .backends.torch_ao import load_torchscript
 
             model, metadata = load_torchscript(path)
+        elif torchscript:
+            raise ValueError(f"{not_ours}: it is a TorchScript archive without litcompress's metadata; "
+                             "torch.jit.load(path) runs it.")
         elif any(n.endswith(".pkl") for n in names) and not any("/models/" in n or "/extra/" in n for n in names):
             # torch.save's archive (a state dict, a pickled module): no program to run
             raise ValueError(f"{not_ours}: it is a torch.save file (a state dict or a pickled object). A pruned "
