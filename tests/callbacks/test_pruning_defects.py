@@ -428,6 +428,59 @@ def test_a_fit_that_keeps_its_masks_leaves_current_weights(tmp_path, cls):
     assert torch.equal(copied.layer.mlp_1.weight, layer.weight)
 
 
+class LazyModel(FixedDataModel):
+    """Its first layer is lazy: the weight has no shape until the first forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer.mlp_1 = torch.nn.LazyLinear(32)
+
+
+class _FirstForwardWeights(Callback):
+    """The first layer's weight when the first backward pass starts: its initial values, materialised, untrained."""
+
+    def __init__(self) -> None:
+        self.weight = None
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.weight is None:
+            self.weight = pl_module.layer.mlp_1.weight.detach().clone()
+
+
+@both("lazy layers: the lottery-ticket snapshot is taken before they exist and the first reset fails")
+@pytest.mark.parametrize("validation", [0, 1], ids=["no-validation", "validation"])
+def test_lazy_layers_are_pruned_and_rewound_to_their_first_values(tmp_path, cls, validation):
+    """`nn.LazyLinear` gets its weight at its first call: pruning finds it then (ours failed at setup, before
+    training), and the lottery-ticket reset brings the survivors back to those first values."""
+    seed_everything(3)
+    model, first = LazyModel(), _FirstForwardWeights()
+    pruning = cls("l1_unstructured", amount=0.5, parameter_names=["weight"], use_lottery_ticket_hypothesis=True)
+    make_trainer(tmp_path, max_epochs=2, limit_val_batches=validation, callbacks=[pruning, first]).fit(model)
+    weight = model.layer.mlp_1.weight
+    kept = weight != 0
+    assert 0 < int(kept.sum()) < weight.numel()
+    assert torch.equal(weight[kept], first.weight[kept])
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True], ids=["masks", "permanent"])
+def test_a_lazy_model_resumes_from_its_checkpoint_exactly(tmp_path, make_pruning_permanent):
+    """A fresh lazy model gets its shapes from the checkpoint (a masked one too: `weight_orig` and `weight_mask`)
+    and ends bit-identical to the uninterrupted run."""
+    def callback():
+        return ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=make_pruning_permanent,
+                            use_lottery_ticket_hypothesis=True)
+
+    seed_everything(3)
+    model = LazyModel()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[callback(), ckpt]).fit(model)
+    fresh = LazyModel()
+    make_trainer(tmp_path, max_epochs=4, callbacks=[callback()]).fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    expected, actual = _weights(model), _weights(fresh)
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 def test_pruned_parameters_keep_their_order(tmp_path):
     """The optimizer state of a resumed run is indexed like the parameters of the uninterrupted one."""
     model = ThreeLayerModel()

@@ -619,7 +619,8 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
     # activation saturated (GELU and SiLU round far negative inputs to exactly 0).
     with torch.no_grad():  # `outputs` left the model in eval mode
         hidden = (model.gated(x) if se else model.hidden(x)).transpose(0, 1).reshape(12, -1)
-    constant = (hidden == hidden[:, :1]).all(1)
+    # (to a few ulps: BatchNorm's vectorised CPU kernel can round the tail of a row of equal inputs differently)
+    constant = ((hidden - hidden[:, :1]).abs() <= 1e-6 * (1 + hidden[:, :1].abs())).all(1)
     if project_padding or se:
         constant &= hidden[:, 0] == 0
     constant &= torch.tensor([j in dead_expand or j in dead_dw for j in range(12)])

@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only, rank_zero_warn
 from torch import nn
@@ -343,8 +344,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
-        # ranks, and a snapshot restored from a checkpoint is already in place.
-        if self._rewind_point in (None, 0):
+        # ranks, and a snapshot restored from a checkpoint is already in place. (Lazy layers: once they exist.)
+        if self._rewind_point in (None, 0) and self._deferred_stage is None:
             self._take_snapshot_once()
         self._warn_if_fit_ends_before_the_schedule(trainer)
         self._validations_this_fit = 0
@@ -356,6 +357,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
             if message:
                 self._warned_fit_too_short = True
                 rank_zero_warn(message)
+
+    def _find_targets_if_deferred(self, pl_module: LightningModule) -> bool:
+        found = super()._find_targets_if_deferred(pl_module)
+        fitting = pl_module._trainer is not None and pl_module.trainer.state.fn == TrainerFn.FITTING
+        if found and fitting and self._rewind_point in (None, 0):
+            self._take_snapshot_once()  # lazy layers, called for the first time: their initial values, untrained
+        return found
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:

@@ -1,5 +1,6 @@
-"""When a pruning callback finds its targets: in ``setup``, or, for a LightningModule that builds its layers in
-``configure_model`` (which the Trainer calls after every ``setup`` hook), once the stage starts."""
+"""When a pruning callback finds its targets: in ``setup``; for a LightningModule that builds its layers in
+``configure_model`` (which the Trainer calls after every ``setup`` hook), once the stage starts; for one with lazy
+layers (``nn.LazyLinear``, whose weights exist only after their first call), after the first forward pass."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from litcompress.pruning import engine
 
 
+def has_lazy_parameters(module: nn.Module) -> bool:
+    """Whether a lazy layer of `module` has not been called yet (its parameters have no shape)."""
+    return any(is_lazy(p) for p in module.parameters())
+
+
 class TargetsFoundOnceConfigured(Callback):
     """Base of the pruning callbacks: calls :meth:`_find_targets` in ``setup``, or at the start of the stage
-    (``on_fit_start``, ``on_validation_start``, ...) when the module overrides ``configure_model``. Meanwhile a
-    checkpoint whose state dict holds ``<name>_orig``/``<name>_mask`` pairs still loads into the module (the Trainer
-    restores it between the two)."""
+    (``on_fit_start``, ``on_validation_start``, ...) when the module overrides ``configure_model``, or after the
+    first forward pass (before the first backward) while it has lazy layers. Meanwhile a checkpoint whose state dict
+    holds ``<name>_orig``/``<name>_mask`` pairs still loads into the module (the Trainer restores it between the
+    two)."""
 
     _deferred_stage: Optional[str] = None
     _hook_handles: list[Any]
@@ -26,18 +35,21 @@ class TargetsFoundOnceConfigured(Callback):
         raise NotImplementedError
 
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
-        if trainer is not None and is_overridden("configure_model", pl_module):
+        if trainer is not None and (is_overridden("configure_model", pl_module) or has_lazy_parameters(pl_module)):
             self._deferred_stage = stage
             self._remove_hooks()
             self._hook_handles = [pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook())]
             return
         self._find_targets(pl_module, stage)
 
-    def _find_targets_if_deferred(self, pl_module: LightningModule) -> None:
-        if self._deferred_stage is not None:
-            stage, self._deferred_stage = self._deferred_stage, None
-            self._remove_hooks()
-            self._find_targets(pl_module, stage)
+    def _find_targets_if_deferred(self, pl_module: LightningModule) -> bool:
+        """Find the targets now if they were put off and the module's layers all exist; whether they were."""
+        if self._deferred_stage is None or has_lazy_parameters(pl_module):
+            return False
+        stage, self._deferred_stage = self._deferred_stage, None
+        self._remove_hooks()
+        self._find_targets(pl_module, stage)
+        return True
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
@@ -54,4 +66,19 @@ class TargetsFoundOnceConfigured(Callback):
         self._find_targets_if_deferred(pl_module)
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._find_targets_if_deferred(pl_module)
+
+    # lazy layers exist after their first call: the first forward of a stage, before anything is trained
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: LightningModule, loss: Tensor) -> None:
+        self._find_targets_if_deferred(pl_module)
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, *args: Any,
+                                **kwargs: Any) -> None:
+        self._find_targets_if_deferred(pl_module)
+
+    def on_test_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._find_targets_if_deferred(pl_module)
+
+    def on_predict_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, *args: Any,
+                             **kwargs: Any) -> None:
         self._find_targets_if_deferred(pl_module)

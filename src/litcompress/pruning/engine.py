@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
@@ -222,6 +223,8 @@ def _reparametrise_(module: nn.Module, name: str) -> Tensor:
 
 def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -> None:
     param = trainable_tensor(module, name)
+    if is_lazy(param):  # a lazy layer never called, loading a masked checkpoint: the mask gives the shape, the
+        param.materialize(mask.shape)  # checkpoint the values (as torch's own load hook of lazy layers does)
     if mask.shape != param.shape:
         raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
     buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
