@@ -729,7 +729,8 @@ def test_a_channel_leaves_a_branching_output_when_every_branch_reads_it_as_a_con
     removable = torch.tensor([j in dead_stem for j in range(10)])
     for read, zero_padded in reads:
         per_channel = read.transpose(0, 1).reshape(10, -1)
-        removable &= (per_channel == per_channel[:, :1]).all(1)
+        # to a few ulps, as above: BatchNorm's CPU kernel can round the tail of a constant row differently
+        removable &= ((per_channel - per_channel[:, :1]).abs() <= 1e-6 * (1 + per_channel[:, :1].abs())).all(1)
         if zero_padded:
             removable &= per_channel[:, 0] == 0
     width = max(10 - int(removable.sum()), 1)
