@@ -180,15 +180,48 @@ def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
-def test_compress_on_fit_end_needs_a_datamodule_and_says_so_before_training(tmp_path):
+def test_compress_on_fit_end_needs_validation_data_and_says_so_before_training(tmp_path):
     module = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)
     loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
     callback = CompressOnFitEnd(CompressionConfig(), output_dir=tmp_path)
-    with pytest.raises(ValueError, match="needs trainer.fit\\(model, datamodule=...\\)"):
-        _trainer(max_epochs=1, callbacks=[callback]).fit(module, train_dataloaders=loader)
-    assert callback.result is None and not any(tmp_path.iterdir())
+    trainer = _trainer(max_epochs=1, callbacks=[callback])
+    with pytest.raises(ValueError, match="needs validation data.*trainer.fit\\(model, train_loader, val_loader\\)"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert callback.result is None and not any(tmp_path.iterdir()) and trainer.global_step == 0
+    tested = CompressOnFitEnd(CompressionConfig(), test_metric="test_acc", output_dir=tmp_path)
+    trainer = _trainer(max_epochs=1, callbacks=[tested])
+    with pytest.raises(ValueError, match="test_metric='test_acc'.*pass CompressOnFitEnd\\(test_dataloaders=...\\)"):
+        trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.global_step == 0
     with pytest.raises(TypeError, match="expected a CompressionConfig"):
         CompressOnFitEnd(PTQConfig(), output_dir=tmp_path)
+
+
+def test_dataloaders_given_to_fit_or_to_compress_lightning_serve_as_a_datamodule(tmp_path):
+    """`trainer.fit(model, train_loader, val_loader)`, the way Lightning's own examples fit, with no DataModule:
+    CompressOnFitEnd compresses with the fit's loaders, and compress_lightning takes loaders too."""
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    train, val, test = data.train_dataloader(), data.val_dataloader(), data.test_dataloader()
+    module = MLPClassifier(hidden=(32,), lr=1e-2)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), latency_repeats=2,
+                               quantize=PTQConfig(approach="static", backends=("torch_ao",)), export=False)
+    compressing = CompressOnFitEnd(config, test_metric="test_acc", test_dataloaders=test, output_dir=tmp_path)
+    _trainer(max_epochs=2, callbacks=[compressing]).fit(module, train, val)
+    report = compressing.result.report
+    assert [s.stage for s in report.stages] == ["input", "pruned", "shrunk", "quantized"]
+    validated = _trainer().validate(module, val, verbose=False)[0]["val_acc"]
+    assert report["input"].metric == pytest.approx(validated) and report["input"].test_metric is not None
+    again = compress_lightning(module, config, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=1)
+    assert again.report["input"].metric == pytest.approx(validated)
+    assert f"during {len(train)} fine-tuning steps" in again.report["pruned"].description
+    with pytest.raises(ValueError, match="give a DataModule or dataloaders, not both"):
+        compress_lightning(module, config, datamodule=data, val_dataloaders=val)
+    with pytest.raises(ValueError, match="give datamodule=, or train_dataloaders="):
+        compress_lightning(module, config, val_dataloaders=val)
+    with pytest.raises(ValueError, match="test_metric='test_acc'. without test_dataloaders="):
+        compress_lightning(module, config, train_dataloaders=train, val_dataloaders=val, test_metric="test_acc")
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")

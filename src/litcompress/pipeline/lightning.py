@@ -81,11 +81,53 @@ def _with_metric_mode(config: CompressionConfig, metric: str, mode: str | None, 
     return dataclasses.replace(config, quantize=with_metric_mode(config.quantize, metric, mode, where))
 
 
+class LoadersDataModule(L.LightningDataModule):
+    """A DataModule over dataloaders given as they are, as ``trainer.fit(model, train_loader, val_loader)`` takes
+    them; ``test_dataloader`` exists only when a test loader is given."""
+
+    def __init__(self, train_dataloaders: Any, val_dataloaders: Any, test_dataloaders: Any = None) -> None:
+        super().__init__()
+        self._train, self._val, self._test = train_dataloaders, val_dataloaders, test_dataloaders
+
+    def train_dataloader(self) -> Any:
+        return self._train
+
+    def val_dataloader(self) -> Any:
+        return self._val
+
+    def test_dataloader(self) -> Any:
+        if self._test is None:
+            raise ValueError("no test dataloader was given: pass test_dataloaders= with test_metric=")
+        return self._test
+
+
+def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: Any, test_metric: str | None,
+          where: str) -> L.LightningDataModule:
+    """The DataModule of a run: `datamodule`, or one over the dataloaders given instead."""
+    loaders = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": test}
+    given = [name for name, loader in loaders.items() if loader is not None]
+    if datamodule is not None:
+        if given:
+            raise ValueError(f"{where}(datamodule=..., {', '.join(f'{n}=...' for n in given)}): give a DataModule "
+                             "or dataloaders, not both.")
+        return datamodule
+    if train is None or val is None:
+        raise ValueError(f"{where}: give datamodule=, or train_dataloaders= (fine-tuning and calibration) and "
+                         "val_dataloaders= (the metric of every stage).")
+    if test_metric is not None and test is None:
+        raise ValueError(f"{where}(test_metric={test_metric!r}) without test_dataloaders=: give the loader whose "
+                         "test_step logs it.")
+    return LoadersDataModule(train, val, test)
+
+
 def compress_lightning(
     module: L.LightningModule,
     config: CompressionConfig | None = None,
     *,
-    datamodule: L.LightningDataModule,
+    datamodule: L.LightningDataModule | None = None,
+    train_dataloaders: Any = None,
+    val_dataloaders: Any = None,
+    test_dataloaders: Any = None,
     metric: str = "val_acc",
     test_metric: str | None = None,
     fine_tune_epochs: int = 0,
@@ -104,6 +146,8 @@ def compress_lightning(
             ``self(...)``, which each stage's model replaces in a private copy.
         config: the stages (:class:`CompressionConfig`).
         datamodule: gives the fine-tuning, validation (and test) data, and calibration batches by default.
+        train_dataloaders, val_dataloaders, test_dataloaders: the dataloaders themselves instead of `datamodule`,
+            as ``trainer.fit(model, train_loader, val_loader)`` takes them (a test loader only with `test_metric`).
         metric: logged by ``validation_step``; judges quantization candidates and fills the report.
         test_metric: logged by ``test_step``; reported for every stage, never used for decisions.
         fine_tune_epochs: epochs of ``trainer.fit`` while the pruning schedule runs (0: one-shot pruning).
@@ -131,6 +175,8 @@ def compress_lightning(
                          "pruning; give CompressionConfig(prune=PruneConfig(...)) or fine_tune_epochs=0.")
     if submodule is not None and not isinstance(getattr(module, submodule, None), nn.Module):
         raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
+    datamodule = _data(datamodule, train_dataloaders, val_dataloaders, test_dataloaders, test_metric,
+                       "compress_lightning")
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
     # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
@@ -169,6 +215,15 @@ def compress_lightning(
     )
 
 
+def _has_validation_data(trainer: L.Trainer) -> bool:
+    """Whether this fit has validation dataloaders (given to ``fit``, or a module's ``val_dataloader``), read where
+    Lightning's own check reads it; True when that place moved (the run then fails at its end, not before)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:
+        return True
+
+
 class CompressOnFitEnd(L.Callback):
     """Run the pipeline on the trained module when ``fit`` ends (shrink -> quantize -> export, with the report).
 
@@ -179,12 +234,13 @@ class CompressOnFitEnd(L.Callback):
 
     A ``config.prune`` here prunes the trained module once more, one-shot. The result is in ``self.result``; the
     report files are written to `output_dir` with the model (the plot when matplotlib is installed, unless
-    ``plot=False``). Needs the Trainer to be given a DataModule.
+    ``plot=False``). The data is the fit's: its DataModule, or the dataloaders ``trainer.fit`` was given (then a
+    `test_metric` needs ``test_dataloaders``).
     """
 
     def __init__(self, config: CompressionConfig, *, metric: str = "val_acc", test_metric: str | None = None,
                  output_dir: str | os.PathLike, submodule: str | None = None, plot: bool | None = None,
-                 mode: Literal["max", "min"] | None = None) -> None:
+                 mode: Literal["max", "min"] | None = None, test_dataloaders: Any = None) -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"CompressOnFitEnd(config={config!r}): expected a CompressionConfig.")
         if not metric:
@@ -192,14 +248,19 @@ class CompressOnFitEnd(L.Callback):
         config = _with_metric_mode(config, metric, mode, "CompressOnFitEnd")  # before training, not after it
         self.config, self.metric, self.test_metric = config, metric, test_metric
         self.output_dir, self.submodule, self.plot = output_dir, submodule, plot
+        self.test_dataloaders = test_dataloaders
         self.result: CompressionResult | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         if trainer.datamodule is None:
-            raise ValueError("CompressOnFitEnd needs trainer.fit(model, datamodule=...): its validation (and test) "
-                             "loaders judge every stage and its training loader calibrates quantization.")
+            if not _has_validation_data(trainer):
+                raise ValueError("CompressOnFitEnd needs validation data, whose metric judges every stage: "
+                                 "trainer.fit(model, datamodule=...) or trainer.fit(model, train_loader, val_loader).")
+            if self.test_metric is not None and self.test_dataloaders is None:
+                raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
+                                 "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
         if trainer.world_size > 1:
             raise ValueError("CompressOnFitEnd runs in a single process; after a multi-device fit, run "
                              "litcompress.compress_lightning (or `litcompress compress --checkpoint`) on the saved "
@@ -208,10 +269,19 @@ class CompressOnFitEnd(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return  # Ctrl-C ends the run: no compression of a half-trained model
-        self.result = compress_lightning(pl_module, self.config, datamodule=trainer.datamodule, metric=self.metric,
+        if trainer.datamodule is not None:
+            data: dict[str, Any] = {"datamodule": trainer.datamodule}
+        elif not trainer.val_dataloaders:
+            raise ValueError("CompressOnFitEnd: this fit had no validation dataloader, whose metric judges every "
+                             "stage: pass val_dataloaders to trainer.fit.")
+        else:
+            data = {"train_dataloaders": trainer.train_dataloader, "val_dataloaders": trainer.val_dataloaders,
+                    "test_dataloaders": self.test_dataloaders}
+        self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
                                          output_dir=self.output_dir)
         self.result.report.save(self.output_dir, plot=self.plot)
 
 
-__all__ = ["CompressOnFitEnd", "PruneAfterOptimizerSteps", "compress_lightning", "optimizer_steps"]
+__all__ = ["CompressOnFitEnd", "LoadersDataModule", "PruneAfterOptimizerSteps", "compress_lightning",
+           "optimizer_steps"]
