@@ -1575,3 +1575,16 @@ def test_a_compiled_model_is_shrunk_as_an_eager_copy_and_traced_only_with_a_hint
     assert result.model[0].out_features == 11 and isinstance(result.model, nn.Sequential)
     with pytest.raises(ValueError, match=r"torch.compile'd: the model; trace the eager module, `._orig_mod`"):
         channel_plan(compiled)
+
+
+def test_lazy_layers_take_their_shapes_from_the_example_inputs():
+    """A model with nn.LazyLinear never called: shrink runs its copy once on the example inputs, so the lazy layers
+    get their weights (before: "Attempted to use an uninitialized parameter"); without inputs, it says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"0\.weight, 0\.bias belong to lazy layers never called.*example_inputs"):
+        shrink(model)
+    result = shrink(model, x)
+    assert (result.model[0].in_features, result.model[0].out_features) == (6, 8)  # random weights: none removed
+    assert torch.nn.parameter.is_lazy(model[0].weight)  # the model as given

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.parameter import is_lazy
 
 from litcompress.pruning.engine import compiled_module_names, eager_copy, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import has_computed_tensors
@@ -1450,6 +1451,13 @@ def shrink_(
     if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
                                          or keep_multiple_of < 1):
         raise ValueError(f"keep_multiple_of must be an int >= 1 or None, got {keep_multiple_of!r}")
+    lazy = [name for name, parameter in model.named_parameters() if is_lazy(parameter)]
+    if lazy:  # lazy layers (nn.LazyLinear) have no weights until their first call
+        if example_inputs is None:
+            raise ValueError(f"shrink: {', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''} belong to lazy layers "
+                             "never called, whose weights have no shape yet: pass example_inputs (or call the model "
+                             "once first).")
+        eval_outputs(model, example_inputs)
     before = _count_parameters(model)
     make_permanent_(model)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
