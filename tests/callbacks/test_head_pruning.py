@@ -101,6 +101,25 @@ def test_killed_mid_schedule_then_resumed_ends_with_the_same_heads_and_weights(t
         assert torch.equal(a, b), name
 
 
+def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_makes_the_round_that_epochs_end_skipped(tmp_path):
+    """A fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop): its
+    epoch-level round runs when training resumes, and the run ends like the uninterrupted one."""
+    def run(callbacks, ckpt_path=None):
+        model = TransformerClassifier(heads=4)
+        pruning = HeadPruning(PolynomialDecay(final_sparsity=0.75, begin=1, end=3, frequency=1, unit="epoch"))
+        _trainer(tmp_path, 3, [pruning, *callbacks], enable_checkpointing=True).fit(model, datamodule=_data(),
+                                                                                     ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(1)
+    reference = run([ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=17,
+                                     save_on_train_epoch_end=False)])  # 17 steps per epoch: each epoch's last batch
+    resumed = run([], ckpt_path=tmp_path / "epoch=1-step=34.ckpt")  # epoch 1's end, and its round, skipped
+    assert [int(zero_heads(a).sum()) for a in _attentions(resumed)] == [3, 3]
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_beside_model_pruning_the_channels_and_heads_both_leave(tmp_path):
     seed_everything(0)
     model, data = TransformerClassifier(heads=4), _data()

@@ -222,6 +222,31 @@ def test_killed_mid_schedule_then_resumed_ends_with_same_masks(tmp_path, make_pr
     assert zeros == round(0.85 * total)
 
 
+@pytest.mark.parametrize("validation", [False, True], ids=["prune-at-epoch-end", "prune-at-validation-end"])
+@pytest.mark.parametrize("lottery", [None, "rewind-to-epoch-2"])
+def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_ends_like_the_uninterrupted_run(tmp_path, validation,
+                                                                                          lottery):
+    """`ModelCheckpoint(every_n_train_steps=...)` saves at an epoch's last batch, before the epoch's end hooks; a fit
+    resumed from it starts the next epoch without them (Lightning's loop), so that epoch's pruning round (and the
+    next epoch's start, where `rewind_to_epoch` takes its snapshot) never ran: one round short, without a word."""
+    def callback():
+        kw = dict(use_lottery_ticket_hypothesis=lambda epoch: epoch >= 2, rewind_to_epoch=2) if lottery else \
+            dict(use_lottery_ticket_hypothesis=False)
+        return ModelPruning("l1_unstructured", amount=lambda epoch: 0.3 if epoch >= 1 else 0.0,
+                            make_pruning_permanent=False, prune_on_train_epoch_end=not validation, **kw)
+
+    seed_everything(3)
+    model, uninterrupted = FixedDataModel(), callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=4, save_on_train_epoch_end=False)
+    make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[uninterrupted, ckpt]).fit(model)
+    resumed_model, resumed = FixedDataModel(), callback()
+    make_trainer(tmp_path, max_epochs=4, callbacks=[resumed]).fit(resumed_model,
+                                                                  ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    assert [h["epoch"] for h in resumed._history] == [h["epoch"] for h in uninterrupted._history] == [1, 2, 3]
+    expected, actual = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 class StopAtStep(Callback):
     """Stops the fit after `step` optimizer steps, as EarlyStopping or a time limit would."""
 

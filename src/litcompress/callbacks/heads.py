@@ -117,6 +117,15 @@ class HeadPruning(TargetsFoundOnceConfigured):
             self._last_epoch = finished
             self._prune(pl_module, float(self._schedule.target(finished)))
 
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # a fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop):
+        # its round runs here, before training goes on, where the uninterrupted run made it
+        finished = trainer.current_epoch
+        if self._schedule is not None and self._schedule.unit == "epoch" and finished > 0 \
+                and finished != self._last_epoch and self._schedule.should_prune(finished):
+            self._last_epoch = finished
+            self._prune(pl_module, float(self._schedule.target(finished)))
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
         message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,

@@ -224,6 +224,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # State kept across checkpoints (see `state_dict`).
         self._rounds = 0
         self._last_step = -1
+        self._epochs_ended: Optional[int] = 0  # training epochs whose end this callback saw (None: unknown)
         self._warned_fit_too_short = False
         self._history: list[dict[str, Any]] = []
         self._qualified_names: list[str] = []
@@ -482,6 +483,29 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._prune_on_train_epoch_end and self._epoch_schedule_due(pl_module.current_epoch):
             rank_zero_debug("`ModelPruning.on_train_epoch_end`. Applying pruning")
             self._run_pruning(pl_module.current_epoch, trainer=trainer)
+        self._epochs_ended = pl_module.current_epoch + 1
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # A fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next
+        # epoch without the end hooks (validation, `on_train_epoch_end`) of the one saved, nor the next one's
+        # `on_train_epoch_start`: the rounds and the snapshot those would have made are made here, before training
+        # goes on, where the uninterrupted run made them.
+        if self._epochs_ended is not None:
+            for epoch in range(self._epochs_ended, trainer.current_epoch):
+                self._catch_up_epoch_end(trainer, epoch)
+        self._epochs_ended = max(self._epochs_ended or 0, trainer.current_epoch)
+        if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
+            self._take_snapshot_once()
+
+    def _catch_up_epoch_end(self, trainer: "pl.Trainer", epoch: int) -> None:
+        """The round that the end of `epoch` (skipped by a resumed fit) would have run."""
+        if not self._epoch_schedule_due(epoch):
+            return
+        validated = trainer.check_val_every_n_epoch is not None and (epoch + 1) % trainer.check_val_every_n_epoch == 0
+        if self._prune_on_train_epoch_end or validated:
+            log.info(f"`ModelPruning`: this fit resumed after the last batch of epoch {epoch}, whose end Lightning "
+                     "skips; its pruning round runs now.")
+            self._run_pruning(epoch, trainer=trainer)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -546,6 +570,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             "version": _STATE_VERSION,
             "rounds": self._rounds,
             "last_step": self._last_step,
+            "epochs_ended": self._epochs_ended,
             "history": list(self._history),
             "parameters": list(self._qualified_names),
             "masks": masks,
@@ -563,6 +588,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._pending_state = None
         self._rounds = int(state.get("rounds", 0))
         self._last_step = int(state.get("last_step", -1))
+        self._epochs_ended = state.get("epochs_ended")  # None from an older checkpoint: nothing is caught up
         self._history = list(state.get("history", []))
         index = {qname: i for i, qname in enumerate(self._qualified_names)}
         unknown = [q for q in state.get("masks", {}) if q not in index]
