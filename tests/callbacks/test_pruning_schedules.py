@@ -247,6 +247,16 @@ def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_ends_like_the_uninter
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
+def test_a_new_callback_on_a_fit_resumed_from_a_dense_checkpoint_catches_up_nothing(tmp_path):
+    """Fine-tuning with pruning from a checkpoint written without the callback: its rounds start with this fit."""
+    seed_everything(3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[ckpt]).fit(FixedDataModel())
+    pruning = ModelPruning("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=5, callbacks=[pruning]).fit(FixedDataModel(), ckpt_path=ckpt.best_model_path)
+    assert [h["epoch"] for h in pruning._history] == [3, 4]
+
+
 class StopAtStep(Callback):
     """Stops the fit after `step` optimizer steps, as EarlyStopping or a time limit would."""
 

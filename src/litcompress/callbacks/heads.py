@@ -74,6 +74,7 @@ class HeadPruning(TargetsFoundOnceConfigured):
         self._names: list[str] = []
         self._hook_handles: list[Any] = []
         self._last_step, self._last_epoch = -1, -1
+        self._restored = False  # state loaded from a checkpoint (only then can a resumed fit have skipped a round)
         self._warned_fit_too_short = False
         self._pruned_once = False
         self._pending_state: Optional[dict[str, Any]] = None
@@ -121,7 +122,7 @@ class HeadPruning(TargetsFoundOnceConfigured):
         # a fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop):
         # its round runs here, before training goes on, where the uninterrupted run made it
         finished = trainer.current_epoch
-        if self._schedule is not None and self._schedule.unit == "epoch" and finished > 0 \
+        if self._schedule is not None and self._schedule.unit == "epoch" and self._restored and finished > 0 \
                 and finished != self._last_epoch and self._schedule.should_prune(finished):
             self._last_epoch = finished
             self._prune(pl_module, float(self._schedule.target(finished)))
@@ -189,3 +190,4 @@ class HeadPruning(TargetsFoundOnceConfigured):
         self._last_step = int(state.get("last_step", -1))
         self._last_epoch = int(state.get("last_epoch", -1))
         self._pruned_once = bool(state.get("pruned_once", False))
+        self._restored = True

@@ -224,7 +224,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # State kept across checkpoints (see `state_dict`).
         self._rounds = 0
         self._last_step = -1
-        self._epochs_ended: Optional[int] = 0  # training epochs whose end this callback saw (None: unknown)
+        # training epochs whose end this callback saw; None until a fit or a checkpoint says (a fresh callback on a
+        # fit resumed from a checkpoint written without it has nothing to catch up)
+        self._epochs_ended: Optional[int] = None
         self._warned_fit_too_short = False
         self._history: list[dict[str, Any]] = []
         self._qualified_names: list[str] = []
@@ -493,7 +495,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._epochs_ended is not None:
             for epoch in range(self._epochs_ended, trainer.current_epoch):
                 self._catch_up_epoch_end(trainer, epoch)
-        self._epochs_ended = max(self._epochs_ended or 0, trainer.current_epoch)
+        self._epochs_ended = trainer.current_epoch
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
             self._take_snapshot_once()
 
