@@ -462,6 +462,29 @@ def test_lazy_layers_are_pruned_and_rewound_to_their_first_values(tmp_path, cls,
     assert torch.equal(weight[kept], first.weight[kept])
 
 
+class LazyBranchModel(LazyModel):
+    """A lazy layer on a branch the forward pass never takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.LazyLinear(4)
+
+
+def test_a_lazy_layer_the_forward_never_calls_is_left_out_and_said(tmp_path):
+    """The targets are found after the first forward pass even if a lazy layer is still without weights (an unused
+    branch): the others are pruned, that one named; named explicitly, it is refused."""
+    model = LazyBranchModel()
+    with pytest.warns(UserWarning, match=r"leaves out unused\.weight, unused\.bias: lazy layers that the first "
+                                         r"forward pass did not call"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=ModelPruning("l1_unstructured", amount=0.5)).fit(model)
+    assert int((model.layer.mlp_1.weight == 0).sum()) > 0
+    model = LazyBranchModel()
+    explicit = ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=[(model.unused, "weight")])
+    with pytest.raises(MisconfigurationException, match=r"LazyLinear\.weight belong to lazy layers that the first "
+                                                        r"forward pass did not call"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=explicit).fit(model)
+
+
 @pytest.mark.parametrize("make_pruning_permanent", [False, True], ids=["masks", "permanent"])
 def test_a_lazy_model_resumes_from_its_checkpoint_exactly(tmp_path, make_pruning_permanent):
     """A fresh lazy model gets its shapes from the checkpoint (a masked one too: `weight_orig` and `weight_mask`)

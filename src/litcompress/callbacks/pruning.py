@@ -38,6 +38,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only, rank_zero_warn
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured
@@ -361,8 +362,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._warned_fit_too_short = True
                 rank_zero_warn(message)
 
-    def _find_targets_if_deferred(self, pl_module: LightningModule) -> bool:
-        found = super()._find_targets_if_deferred(pl_module)
+    def _find_targets_if_deferred(self, pl_module: LightningModule, *, forward_done: bool = False) -> bool:
+        found = super()._find_targets_if_deferred(pl_module, forward_done=forward_done)
         fitting = pl_module._trainer is not None and pl_module.trainer.state.fn == TrainerFn.FITTING
         if found and fitting and self._rewind_point in (None, 0):
             self._take_snapshot_once()  # lazy layers, called for the first time: their initial values, untrained
@@ -626,6 +627,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
             check_prunable(self._parameters_to_prune)
         except ValueError as err:
             raise MisconfigurationException(f"`parameters_to_prune`: {err}") from None
+        never_called = [f"{type(m).__name__}.{n}" for m, n in self._parameters_to_prune if is_lazy(getattr(m, n))]
+        if never_called:
+            raise MisconfigurationException(f"`parameters_to_prune`: {', '.join(never_called)} belong to lazy layers "
+                                            "that the first forward pass did not call: their weights do not exist.")
         if given:
             return
         names = self._parameter_names or self.PARAMETER_NAMES
@@ -639,6 +644,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "holding its current weight), or pass `parameters_to_prune` without them to "
                 "silence this."
             )
+        lazy = [name for name, parameter in pl_module.named_parameters() if is_lazy(parameter)]
+        if lazy:
+            rank_zero_warn(f"ModelPruning leaves out {', '.join(lazy[:5])}{', ...' if len(lazy) > 5 else ''}: lazy "
+                           "layers that the first forward pass did not call, whose weights do not exist.")
         scripted = [path for path, module in pl_module.named_modules() if is_scripted(module)
                     and any(isinstance(getattr(module, name, None), nn.Parameter) for name in names)]
         if scripted:
@@ -700,6 +709,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 for m in current_modules
                 if not is_scripted(m)  # torch cannot prune TorchScript modules (warned at setup)
                 and (isinstance(getattr(m, p, None), nn.Parameter) or engine.is_pruned(m, p))
+                and not is_lazy(getattr(m, p))  # a lazy layer the forward pass never called (warned)
             ]
         if not _is_param_list(parameters_to_prune):
             raise MisconfigurationException(

@@ -42,9 +42,10 @@ class TargetsFoundOnceConfigured(Callback):
             return
         self._find_targets(pl_module, stage)
 
-    def _find_targets_if_deferred(self, pl_module: LightningModule) -> bool:
-        """Find the targets now if they were put off and the module's layers all exist; whether they were."""
-        if self._deferred_stage is None or has_lazy_parameters(pl_module):
+    def _find_targets_if_deferred(self, pl_module: LightningModule, *, forward_done: bool = False) -> bool:
+        """Find the targets now if they were put off and the module's layers all exist, or, once a whole forward
+        pass is done (`forward_done`), with those lazy layers it never called left out; whether they were found."""
+        if self._deferred_stage is None or (has_lazy_parameters(pl_module) and not forward_done):
             return False
         stage, self._deferred_stage = self._deferred_stage, None
         self._remove_hooks()
@@ -70,7 +71,7 @@ class TargetsFoundOnceConfigured(Callback):
 
     # lazy layers exist after their first call: the first forward of a stage, before anything is trained
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: LightningModule, loss: Tensor) -> None:
-        self._find_targets_if_deferred(pl_module)
+        self._find_targets_if_deferred(pl_module, forward_done=True)  # a layer still lazy is one forward never calls
 
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, *args: Any,
                                 **kwargs: Any) -> None:
