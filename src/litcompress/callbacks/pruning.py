@@ -644,7 +644,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "holding its current weight), or pass `parameters_to_prune` without them to "
                 "silence this."
             )
-        lazy = [name for name, parameter in pl_module.named_parameters() if is_lazy(parameter)]
+        lazy = engine.lazy_parameter_names(pl_module)
         if lazy:
             rank_zero_warn(f"ModelPruning leaves out {', '.join(lazy[:5])}{', ...' if len(lazy) > 5 else ''}: lazy "
                            "layers that the first forward pass did not call, whose weights do not exist.")

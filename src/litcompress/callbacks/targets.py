@@ -10,15 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
+from torch import Tensor
 
 from litcompress.pruning import engine
-
-
-def has_lazy_parameters(module: nn.Module) -> bool:
-    """Whether a lazy layer of `module` has not been called yet (its parameters have no shape)."""
-    return any(is_lazy(p) for p in module.parameters())
 
 
 class TargetsFoundOnceConfigured(Callback):
@@ -35,7 +29,8 @@ class TargetsFoundOnceConfigured(Callback):
         raise NotImplementedError
 
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
-        if trainer is not None and (is_overridden("configure_model", pl_module) or has_lazy_parameters(pl_module)):
+        lazy = bool(engine.lazy_parameter_names(pl_module))
+        if trainer is not None and (is_overridden("configure_model", pl_module) or lazy):
             self._deferred_stage = stage
             self._remove_hooks()
             self._hook_handles = [pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook())]
@@ -45,7 +40,7 @@ class TargetsFoundOnceConfigured(Callback):
     def _find_targets_if_deferred(self, pl_module: LightningModule, *, forward_done: bool = False) -> bool:
         """Find the targets now if they were put off and the module's layers all exist, or, once a whole forward
         pass is done (`forward_done`), with those lazy layers it never called left out; whether they were found."""
-        if self._deferred_stage is None or (has_lazy_parameters(pl_module) and not forward_done):
+        if self._deferred_stage is None or (engine.lazy_parameter_names(pl_module) and not forward_done):
             return False
         stage, self._deferred_stage = self._deferred_stage, None
         self._remove_hooks()

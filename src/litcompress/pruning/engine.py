@@ -94,6 +94,12 @@ def unique_modules(targets: Iterable[Target]) -> list[nn.Module]:
     return list(seen.values())
 
 
+def lazy_parameter_names(model: nn.Module) -> list[str]:
+    """The qualified names of `model`'s parameters that lazy layers (``nn.LazyLinear``) have not created yet: those
+    layers were never called."""
+    return [name for name, parameter in model.named_parameters() if is_lazy(parameter)]
+
+
 def check_module(model: object, where: str) -> None:
     """TypeError unless `model` is an ``nn.Module``, naming the entry point `where` it was given to."""
     if not isinstance(model, nn.Module):

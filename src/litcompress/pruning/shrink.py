@@ -45,9 +45,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.nn.parameter import is_lazy
 
-from litcompress.pruning.engine import compiled_module_names, eager_copy, make_permanent_, tied_parameters
+from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_parameter_names, make_permanent_,
+                                        tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.schedules import kept_multiple
@@ -1451,7 +1451,7 @@ def shrink_(
     if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
                                          or keep_multiple_of < 1):
         raise ValueError(f"keep_multiple_of must be an int >= 1 or None, got {keep_multiple_of!r}")
-    lazy = [name for name, parameter in model.named_parameters() if is_lazy(parameter)]
+    lazy = lazy_parameter_names(model)
     if lazy:  # lazy layers (nn.LazyLinear) have no weights until their first call
         if example_inputs is None:
             raise ValueError(f"shrink: {', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''} belong to lazy layers "
