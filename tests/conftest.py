@@ -105,6 +105,31 @@ class ConfiguredDigitsClassifier(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class SubmoduleStepsClassifier(LightningModule):
+    """A digits MLP whose steps call its `net` directly instead of `self(...)` (common in user code): a model that
+    replaces `forward` is never called by them, so only ``submodule="net"`` compresses what they measure."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
 class TwoValidationSetsData(LightningDataModule):
     """Digits with two validation dataloaders (a list, as Lightning allows) and, with `two_train_loaders`, two
     training dataloaders (a dict); Lightning names a metric of each validation loader `<name>/dataloader_idx_<i>`."""

@@ -404,6 +404,24 @@ def test_a_module_that_builds_its_layers_in_configure_model(tmp_path, capsys):
     assert report["input"].parameters == 64 * 32 + 32 + 32 * 10 + 10
 
 
+def test_a_validation_step_that_never_calls_the_model_fails_before_training(tmp_path, capsys):
+    """Its metric would judge the original model at every stage; the parse-time check names --submodule."""
+    common = ["compress", *QUICK, "--model", "tests.conftest:SubmoduleStepsClassifier", "--output-dir",
+              str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(common)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: litcompress compress")
+    assert ("--metric val_acc: SubmoduleStepsClassifier.validation_step never called self(...)" in err
+            and "(CLI: --submodule net)" in err)
+    assert not (tmp_path / "out").exists()  # nothing trained or written
+    assert main([*common, "--test-metric", "test_acc", "--submodule", "net", "--sparsity", "0.97"]) == 0
+    report = CompressionReport.load_json(tmp_path / "out" / "report.json")
+    # the stages' own metrics: 97% of the weights gone after 17 fine-tuning steps costs accuracy
+    assert report["pruned"].metric < report["input"].metric - 0.2
+    assert report["pruned"].test_metric < report["input"].test_metric - 0.2
+
+
 def test_several_validation_dataloaders_name_their_metric_and_feed_the_first(tmp_path, capsys):
     """`val_dataloader` returning a list: the inputs for tracing and timing come from the first loader (they were read
     as a DataLoader), and a metric logged per loader is named as Lightning names it, before any training."""

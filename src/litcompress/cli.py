@@ -453,19 +453,23 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any) -> tuple:
     return structure.unflatten(tuple(torch.cat([part[i] for part in parts])[:batch_size] for i in range(len(first))))
 
 
-def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None) -> None:
-    """One validation (and test) batch: a metric the module does not log fails now, not after training."""
-    from litcompress.quantization.lightning import logged_metrics, missing_metric_message
+def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None, submodule: str | None) -> None:
+    """One validation (and test) batch, with a copy of the model to compress in the place compress puts its stages:
+    a metric the module does not log, or one its step computes without that model, fails now, not after training."""
+    from litcompress.quantization.lightning import detached_copy, lightning_eval_fn
 
-    for stage, name in (("validate", metric), ("test", test_metric)):
+    candidate = detached_copy(model if submodule is None else getattr(model, submodule)).eval()
+    for stage, name, option in (("validate", metric, "--metric"), ("test", test_metric, "--test-metric")):
         if name is None:
             continue
-        trainer = _trainer(1, limit_val_batches=1, limit_test_batches=1)
-        logged = logged_metrics(getattr(trainer, stage)(model, datamodule=data, verbose=False))
-        message = missing_metric_message(name, logged, f"{type(model).__name__}."
-                                         f"{'validation_step' if stage == 'validate' else 'test_step'}")
-        if message:
-            raise ValueError(f"{'--metric' if stage == 'validate' else '--test-metric'} {message}")
+        evaluate = lightning_eval_fn(model, data, name, _trainer(1, limit_val_batches=1, limit_test_batches=1),
+                                     submodule=submodule, stage=stage)
+        try:
+            evaluate(candidate)
+        except KeyError as error:  # not logged
+            raise ValueError(f"{option} {str(error.args[0]).removeprefix('metric=')}") from None
+        except ValueError as error:  # logged without calling the model
+            raise ValueError(f"{option} {name}: {error}") from None
 
 
 def _trainer(epochs: int, **overrides: Any) -> Any:
@@ -556,7 +560,7 @@ def run_compress(args: argparse.Namespace) -> int:
         if config.quantize is not None and config.quantize.dynamic_dims:
             resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
-        _check_metrics(model, data, args.metric, test_metric)
+        _check_metrics(model, data, args.metric, test_metric, args.submodule)
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))

@@ -130,8 +130,26 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
         with pytest.raises(ValueError, match="fine-tunes in this process, on one device"):
             compress_lightning(module, prune, datamodule=data, fine_tune_epochs=1, trainer_kwargs=kwargs)
     # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.
-    with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by validation_step"):
+    with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by MLPClassifier.validation_step"):
         compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)
+
+
+def test_a_validation_step_that_never_calls_the_model_fails_before_fine_tuning():
+    """Every stage would report the input's metric (the step calls `self.net`, not the stage's model): refused at the
+    input's evaluation, naming `submodule`; with it, the stages' metrics are their own."""
+    from tests.conftest import SubmoduleStepsClassifier
+
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    module = SubmoduleStepsClassifier(hidden=32)
+    _trainer(max_epochs=2).fit(module, datamodule=data)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.9), quantize=None, latency_repeats=2)
+    with pytest.raises(ValueError, match="never called self.*pass submodule='net'"):
+        compress_lightning(module, config, datamodule=data, fine_tune_epochs=50)
+    result = compress_lightning(module, config, datamodule=data, submodule="net", test_metric="test_acc")
+    report = result.report
+    assert report["pruned"].metric != report["input"].metric  # 90% of the weights gone in one shot
+    assert report["pruned"].test_metric != report["input"].test_metric
 
 
 def test_a_loss_as_the_metric_needs_its_mode_and_then_the_goal_bounds_it_from_above(fitted, tmp_path):
@@ -273,3 +291,23 @@ def test_a_configure_model_hook_that_needs_the_trainer_is_let_pass_once_the_laye
 
     with pytest.raises(RuntimeError, match="no device mesh"):
         compress_lightning(EmptyNeedsTrainer(), config, datamodule=data)
+
+
+def test_a_test_step_that_never_calls_the_model_fails_before_fine_tuning(fitted):
+    """The test metric is report-only, taken for the stages kept at the end; the input's is taken first, so a test
+    step that cannot judge a stage's model fails before the fine-tuning rather than after all of it."""
+
+    class TestStepSkipsTheModel(MLPClassifier):
+        def test_step(self, batch, batch_idx):
+            self.log("test_acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    module, data = fitted
+    skipping = TestStepSkipsTheModel(hidden=(64, 64), lr=1e-2)
+    skipping.load_state_dict(module.state_dict())
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, latency_repeats=2)
+    epochs = []
+    with pytest.raises(ValueError, match="TestStepSkipsTheModel.test_step never called self"):
+        compress_lightning(skipping, config, datamodule=data, test_metric="test_acc", fine_tune_epochs=50,
+                           trainer_kwargs={"callbacks": [L.pytorch.callbacks.LambdaCallback(
+                               on_train_epoch_start=lambda *_: epochs.append(1))]})
+    assert epochs == []

@@ -96,6 +96,24 @@ def test_submodule_is_swapped_in(fitted):
     assert not any(isinstance(m, L.LightningModule) for m in result.model.modules())
 
 
+def test_a_validation_step_that_never_calls_the_model_is_refused_before_any_candidate(digits):
+    """Its metric would be the original's for every candidate (each replaces ``forward``, which the step skips): the
+    baseline evaluation refuses it and names the sub-module the step calls, with which the search then runs."""
+    from tests.conftest import SubmoduleStepsClassifier
+
+    torch.manual_seed(0)
+    module, data = SubmoduleStepsClassifier(), DigitsData(digits)
+    _trainer(max_epochs=2).fit(module, datamodule=data)
+    with pytest.raises(ValueError, match=r"SubmoduleStepsClassifier.validation_step never called self\(\.\.\.\).*"
+                                         r"pass submodule='net'"):
+        quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data)
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, submodule="net")
+    assert result.recipe is not None and result.trials
+    # Each candidate was judged on its own outputs: its metric is that of its own predictions.
+    x, y = digits[2], digits[3]
+    assert result.metric == pytest.approx((result.model(x).argmax(1) == y).float().mean().item())
+
+
 def test_unknown_metric_names_the_logged_ones(fitted):
     module, data = fitted
     with pytest.raises(KeyError, match="val_acc"):

@@ -201,7 +201,7 @@ def written_atomically(path: Path) -> Iterator[Path]:
 class _Stages:
     """Each stage's model and measurements. The validation metric is taken when a stage is added (a metric the
     model does not log fails before any fine-tuning); the report-only ones, the test metric and latency, once for
-    the stages kept, in :meth:`report_rows`."""
+    the stages kept, in :meth:`report_rows` (the input's test metric first, in :meth:`test_first`)."""
 
     def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None) -> None:
         self.eval_fn, self.test_fn = eval_fn, test_fn
@@ -237,6 +237,16 @@ class _Stages:
         logger.info("%s: metric=%.6g (%s)", stage, metric, description)
         return row
 
+    def _test(self, stage: str, model: nn.Module) -> float:
+        with torch.no_grad():
+            return check_metric(self.test_fn(model), f"stage {stage!r} (test)")
+
+    def test_first(self) -> None:
+        """The first stage's test metric now: a test step that cannot judge a model fails before any work."""
+        if self.test_fn is not None and self.rows:
+            row = self.rows[0]
+            self.rows[0] = dataclasses.replace(row, test_metric=self._test(row.stage, self.models[row.stage]))
+
     def pop(self) -> StageMetrics:
         row = self.rows.pop()
         del self.models[row.stage]
@@ -248,10 +258,9 @@ class _Stages:
         measured = measure_latencies(models, inputs, config.latency_repeats, num_threads=config.num_threads)
         rows = []
         for row, model, m in zip(self.rows, models, measured):
-            test = None
-            if self.test_fn is not None:
-                with torch.no_grad():
-                    test = check_metric(self.test_fn(model), f"stage {row.stage!r} (test)")
+            test = row.test_metric
+            if self.test_fn is not None and test is None:
+                test = self._test(row.stage, model)
             latency = Latency(m["min"] * 1e3, m["median"] * 1e3, m["max"] * 1e3)
             rows.append(dataclasses.replace(row, test_metric=test, latency=latency))
         return tuple(rows)
@@ -654,6 +663,7 @@ def compress(
     details: list[tuple[str, str]] = []
     started = time.monotonic()
     stages.add("input", deepcopy_model(model), "the model as given", 0.0)
+    stages.test_first()
     work = deepcopy_model(model)  # fine-tuned and pruned in place; shrink and quantize return new models
     result_sparsity = shrink_report = quantization = None
     folded = fold_parametrizations_(work)  # torch's pruning, shrink and the int8 backends need plain weights

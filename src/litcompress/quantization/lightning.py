@@ -86,7 +86,7 @@ def configure_outside_trainer_(module: L.LightningModule) -> None:
     (a tensor-parallel module reads ``self.device_mesh``) may fail here: that is let pass when the module has
     parameters already (a fitted module's layers exist), and raised when it has none (nothing would be left to
     compress)."""
-    if not is_overridden("configure_model", module):
+    if not isinstance(module, L.LightningModule) or not is_overridden("configure_model", module):
         return
     try:
         module.configure_model()
@@ -103,8 +103,10 @@ class KeywordsAsPositional(nn.Module):
     def __init__(self, model: nn.Module, signature: inspect.Signature | None) -> None:
         super().__init__()
         self.model, self.signature = model, signature
+        self.calls = 0  # how often the step called it: 0 means the metric was not the model's
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
         if not kwargs or self.signature is None:
             return self.model(*args, **kwargs)
         bound = self.signature.bind(*args, **kwargs).arguments
@@ -142,7 +144,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     """
     if stage not in ("validate", "test"):
         raise ValueError(f"lightning_eval_fn(stage={stage!r}): use 'validate' or 'test'.")
-    step = "validation_step" if stage == "validate" else "test_step"
+    step = f"{type(module).__name__}.{'validation_step' if stage == 'validate' else 'test_step'}"
     host = detached_copy(module).eval()
     trainer = trainer or _evaluation_trainer()
 
@@ -161,9 +163,24 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
         message = missing_metric_message(metric, logged, step)
         if message:
             raise KeyError(f"metric={message}")
+        if candidate.calls == 0:
+            raise ValueError(bypassed_model_message(host, submodule, step, metric))
         return float(logged[metric])
 
     return evaluate
+
+
+def bypassed_model_message(host: nn.Module, submodule: str | None, step: str, metric: str) -> str:
+    """Why a metric cannot judge a model its ``step`` never called, and which ``submodule`` to name instead."""
+    holders = [name for name, child in host.named_children()
+               if name != submodule and next(child.parameters(), None) is not None]
+    called = "self(...)" if submodule is None else f"self.{submodule}"
+    hint = (f"pass submodule={holders[0]!r} (CLI: --submodule {holders[0]})" if len(holders) == 1 else
+            f"pass submodule=<the attribute it calls>, one of {holders}" if holders else
+            "call self(...) (the model's forward) there")
+    return (f"{step} never called {called}, so {metric!r} was computed without the model under evaluation (every "
+            f"candidate would score as the original): it calls a sub-module directly; {hint}, or have {step} call "
+            f"{called}.")
 
 
 def quantize_lightning(
