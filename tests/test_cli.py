@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from litcompress.cli import main
-from litcompress.models import MLPClassifier
-from litcompress.pipeline.compress import PRUNED_STATE_FILE
+from litcompress.models import CNNClassifier, MLPClassifier
+from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
 from litcompress.quantization import load_quantized
 from litcompress.report.compression import CompressionReport
 
@@ -158,6 +158,16 @@ def test_structured_cnn_gets_static_quantization_by_default(tmp_path, capsys):
     # and conv2 gains no bias for them.
     assert report["shrunk"].parameters == 678
     assert report["shrunk"].description.startswith("12 channels removed")
+    # The narrow fp32 weights load into a freshly built CNN (narrowed to them), as the pruned ones do at full width:
+    # the same function.
+    from litcompress import load_shrunk_state_dict
+
+    pruned = CNNClassifier(channels=[8, 16])
+    pruned.load_state_dict(torch.load(tmp_path / PRUNED_STATE_FILE))
+    shrunk = load_shrunk_state_dict(CNNClassifier(channels=[8, 16]), torch.load(tmp_path / SHRUNK_STATE_FILE))
+    assert sum(p.numel() for p in shrunk.parameters()) == 678
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(shrunk.eval()(x), pruned.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_structured_resnet_narrows_its_residual_stream(tmp_path):

@@ -20,6 +20,7 @@ The callback is a thin adapter: the work is done by :mod:`litcompress.pruning`.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import numbers
@@ -46,6 +47,7 @@ from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
+from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
 from litcompress.report.sparsity import TensorSparsity, tensor_sparsity
@@ -857,17 +859,42 @@ def load_module_from_checkpoint(
 ) -> LightningModule:
     """``module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", **kwargs)`` that also reads a
     checkpoint written while pruning with masks (``<name>_orig``/``<name>_mask`` keys: ``make_pruning_permanent=False``,
-    Lightning's callback too), which ``load_from_checkpoint`` refuses. `keep_masks`: as in
-    :func:`load_pruned_checkpoint`."""
+    Lightning's callback too), which ``load_from_checkpoint`` refuses, and one of a module whose layers
+    :func:`~litcompress.pruning.shrink.shrink` narrowed (its layers are narrowed alike,
+    :func:`~litcompress.pruning.narrow.narrow_to_state_dict_`). `keep_masks`: as in :func:`load_pruned_checkpoint`."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    if not any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state):
-        return module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", **kwargs)
-    # Lightning builds the module from its saved hyperparameters; the weights and masks are loaded strictly below
+    masked = any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state)
+    try:
+        if not masked:
+            return module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", **kwargs)
+        # Lightning builds the module from its saved hyperparameters; the weights and masks are loaded strictly below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=False, **kwargs)
+    except RuntimeError as error:  # size mismatches: the checkpoint of a model `shrink` narrowed?
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        module = _built_without_weights(module_class, checkpoint, **kwargs)
+        if not narrow_to_state_dict_(module, state):
+            raise
+        if not masked:
+            module.load_state_dict(state)
+            return module
+    narrow_to_state_dict_(module, state)  # `<name>_orig` keys do not fail a non-strict load: a shrunk module's fit now
+    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks)
+
+
+def _built_without_weights(module_class: type[LightningModule], checkpoint: dict[str, Any], **kwargs: Any
+                           ) -> LightningModule:
+    """The module ``load_from_checkpoint`` builds from the checkpoint's hyperparameters (its hooks run), before any
+    weight is loaded into it."""
+    buffer = io.BytesIO()
+    torch.save({**checkpoint, "state_dict": {}}, buffer)
+    buffer.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=False, **kwargs)
-    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks)
+        return module_class.load_from_checkpoint(buffer, map_location="cpu", strict=False, **kwargs)
 
 
 def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) -> None:

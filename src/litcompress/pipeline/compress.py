@@ -53,6 +53,7 @@ EvalFn = Callable[[nn.Module], float]
 FineTuneFn = Callable[[nn.Module, Callable[[int], None]], None]
 
 PRUNED_STATE_FILE = "pruned_state_dict.pt"
+SHRUNK_STATE_FILE = "shrunk_state_dict.pt"
 SLOWER = 1.1  # a quantized model this much slower than the fp32 one it came from is said not to pay off (not noise)
 
 
@@ -747,6 +748,13 @@ def compress(
                     (shrink_report.channels_removed, "channels"), (shrink_report.heads_removed, "attention heads"))
                     if count]
                 description = f"{', '.join(removed)}, parameters x{shrink_report.parameter_ratio:.3f}"
+                if directory is not None:
+                    # the narrow fp32 weights: litcompress.load_shrunk_state_dict(Model(...), state) loads them
+                    with written_atomically(directory / SHRUNK_STATE_FILE) as partial:
+                        torch.save(work.state_dict(), partial)
+                    if folded:
+                        note(f"{SHRUNK_STATE_FILE} holds plain weights for the parametrized {', '.join(folded)}: "
+                             "load it after litcompress.pruning.fold_parametrizations_(model).")
                 stages.add("shrunk", work, description, time.monotonic() - t0)
             else:
                 note("shrink: no all-zero channel or attention head to remove" + (

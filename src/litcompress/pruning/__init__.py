@@ -25,6 +25,7 @@ from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, prune_hea
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
+from litcompress.pruning.narrow import load_shrunk_state_dict, narrow_to_state_dict_
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, removable_channels, shrink, shrink_
 
@@ -47,7 +48,9 @@ __all__ = [
     "iterative_magnitude_pruning",
     "keep_bypassed_weights_current_",
     "load_pruned_state_dict",
+    "load_shrunk_state_dict",
     "make_permanent_",
+    "narrow_to_state_dict_",
     "permanent_state_dict",
     "prune_",
     "prune_groups_",

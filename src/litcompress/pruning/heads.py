@@ -15,6 +15,7 @@ layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value widths are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,12 @@ from .engine import effective_tensor, set_mask_
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
+
+
+def decode_kept_heads(state: Tensor) -> tuple[int, tuple[int, ...]]:
+    """``(original_heads, kept_heads)`` from a :class:`HeadPrunedAttention`'s ``_extra_state``."""
+    values = [int(v) for v in state.flatten().tolist()]
+    return values[0], tuple(values[1:])
 
 
 class HeadPrunedAttention(nn.Module):
@@ -56,6 +63,20 @@ class HeadPrunedAttention(nn.Module):
         self._qkv_same_embed_dim = False
         self.in_proj_weight = None
         self.in_proj_bias = None
+
+    def get_extra_state(self) -> Tensor:
+        """Which heads of the original attention it kept, ``[original_heads, *kept_heads]``: in its ``state_dict``
+        (as ``_extra_state``; a tensor, which exporters that read the state dict take as they take weights), so
+        that :func:`~litcompress.pruning.narrow.load_shrunk_state_dict` can rebuild it in a model built with torch's
+        attention."""
+        return torch.tensor([self.original_heads, *self.kept_heads], dtype=torch.int64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        original_heads, kept = decode_kept_heads(state)
+        if len(kept) != self.num_heads:
+            raise ValueError(f"HeadPrunedAttention: the state keeps heads {list(kept)}, but this module has "
+                             f"{self.num_heads} head(s).")
+        self.original_heads, self.kept_heads = original_heads, kept
 
     @property
     def kdim(self) -> int:
@@ -256,7 +277,7 @@ def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[s
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, replacement)
         if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
-            _disable_nested_tensor_(model, parent)
+            disable_nested_tensor_(model, parent)
         removed.append(HeadShrink(name, attention.num_heads, len(keep), attention.head_dim))
     return removed, kept
 
@@ -274,7 +295,7 @@ def rewrite_attentions_(model: nn.Module) -> nn.Module:
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, _without_heads(attention, list(range(attention.num_heads))))
         if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
-            _disable_nested_tensor_(model, parent)
+            disable_nested_tensor_(model, parent)
     return model
 
 
@@ -298,7 +319,7 @@ def _without_heads(attention: nn.MultiheadAttention, keep: list[int]) -> HeadPru
     return module
 
 
-def _disable_nested_tensor_(model: nn.Module, layer: nn.Module) -> None:
+def disable_nested_tensor_(model: nn.Module, layer: nn.Module) -> None:
     """A TransformerEncoder whose layers' attention was replaced must not take its nested-tensor fast path, which
     reads torch's attention weights directly."""
     for module in model.modules():

@@ -1,0 +1,175 @@
+"""Load the weights of a shrunk model into a model built at its original widths.
+
+`shrink` narrows layers in place: a ``Linear(64, 48)`` becomes ``Linear(64, 31)``, a depthwise conv loses filters
+and groups, a bias folded into a bias-less consumer appears, an ``nn.MultiheadAttention`` with zero heads becomes a
+:class:`~litcompress.pruning.heads.HeadPrunedAttention`. Its ``state_dict`` then no longer fits the model's
+constructor, so ``model.load_state_dict`` (and Lightning's ``load_from_checkpoint``) fail with size mismatches.
+:func:`narrow_to_state_dict_` resizes a freshly built model's layers to the shapes a state dict holds, the way
+`shrink` resized them; :func:`load_shrunk_state_dict` does that and loads the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from litcompress.pruning.heads import HeadPrunedAttention, decode_kept_heads, disable_nested_tensor_
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True) -> nn.Module:
+    """Load the ``state_dict`` of a model that :func:`~litcompress.pruning.shrink.shrink` narrowed into `model`, a
+    model of the same class built at its original widths: its layers are narrowed in place to the state's shapes
+    first (:func:`narrow_to_state_dict_`). Returns `model`, which then computes what the shrunk model did."""
+    narrow_to_state_dict_(model, state_dict)
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
+
+def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """Resize, in place, the layers of `model` whose tensors in `state_dict` are narrower, as `shrink` resized them:
+    Linear layers and convs (grouped, depthwise and transposed ones too, and a bias that folding gave a bias-less
+    layer), BatchNorms and PReLUs; and replace each ``nn.MultiheadAttention`` the state dict holds as a
+    :class:`HeadPrunedAttention` with one. New tensors are left uninitialised for ``load_state_dict`` to fill.
+    Returns the names of the modules changed; a layer of another kind whose shapes differ is left to
+    ``load_state_dict`` to report. A state written while pruning with masks (``<name>_orig``/``<name>_mask``) is
+    read alike.
+
+    A training run resumed from a checkpoint of a shrunk model (``trainer.fit(model, ckpt_path=...)``) needs this
+    on the fresh model before ``fit``, so that its optimizer is built for the narrow parameters.
+    """
+    changed = _replace_attentions_(model, state_dict)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = _tensor(state_dict, prefix + "weight")
+        if isinstance(module, _BATCH_NORM) and weight is None:  # no affine parameters: its statistics tell the width
+            weight = state_dict.get(prefix + "running_mean")
+        if not isinstance(weight, Tensor) or isinstance(module, HeadPrunedAttention):
+            continue
+        if isinstance(module, nn.Linear):
+            resized = _resize_linear_(module, weight)
+        elif isinstance(module, _CONV):
+            resized = _resize_conv_(module, weight, name)
+        elif isinstance(module, _TRANSPOSED):
+            resized = _resize_transposed_(module, weight, name)
+        elif isinstance(module, _BATCH_NORM):
+            resized = _resize_batch_norm_(module, weight)
+        elif isinstance(module, nn.PReLU) and weight.dim() == 1 and weight.numel() != module.num_parameters:
+            module.weight = _like(module.weight, weight.shape)
+            module.num_parameters = weight.numel()
+            resized = True
+        else:
+            continue
+        if isinstance(module, (nn.Linear, *_CONV, *_TRANSPOSED)):
+            resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"))
+        if resized and name not in changed:
+            changed.append(name)
+    return changed
+
+
+def _tensor(state_dict: Mapping[str, Any], key: str) -> Any:
+    """``state_dict[key]``, or the ``<key>_orig`` of a state written while pruning with masks."""
+    return state_dict.get(key, state_dict.get(key + "_orig"))
+
+
+def _like(old: Tensor | None, shape: torch.Size, reference: Tensor | None = None) -> nn.Parameter:
+    """An uninitialised parameter of `shape` with the dtype, device and ``requires_grad`` of `old` (or of
+    `reference`, for a tensor the layer did not have)."""
+    source = old if old is not None else reference
+    return nn.Parameter(torch.empty(shape, dtype=source.dtype, device=source.device), source.requires_grad)
+
+
+def _resize_linear_(module: nn.Linear, weight: Tensor) -> bool:
+    if weight.dim() != 2 or weight.shape == module.weight.shape:
+        return False
+    module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+    module.weight = _like(module.weight, weight.shape)
+    return True
+
+
+def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
+    if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
+        return False
+    out_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    if depthwise and per_group == 1:  # shrink removes a depthwise conv's channels with its groups
+        module.groups = module.in_channels = module.out_channels = out_channels
+    else:
+        if out_channels % module.groups:
+            raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} "
+                             "groups (shrink keeps a grouped conv's groups and narrows each alike).")
+        module.out_channels, module.in_channels = out_channels, per_group * module.groups
+    module.weight = _like(module.weight, weight.shape)
+    return True
+
+
+def _resize_transposed_(module: nn.Module, weight: Tensor, name: str) -> bool:
+    if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
+        return False
+    in_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
+    if in_channels % module.groups:
+        raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} groups.")
+    module.in_channels, module.out_channels = in_channels, per_group * module.groups
+    module.weight = _like(module.weight, weight.shape)
+    return True
+
+
+def _resize_batch_norm_(module: nn.Module, weight: Tensor) -> bool:
+    features = int(weight.shape[0]) if weight.dim() == 1 else module.num_features
+    if features == module.num_features:
+        return False
+    for tensor_name in ("weight", "bias"):
+        if getattr(module, tensor_name) is not None:
+            setattr(module, tensor_name, _like(getattr(module, tensor_name), torch.Size([features])))
+    for buffer_name in ("running_mean", "running_var"):
+        buffer = getattr(module, buffer_name)
+        if buffer is not None:
+            setattr(module, buffer_name, torch.empty(features, dtype=buffer.dtype, device=buffer.device))
+    module.num_features = features
+    return True
+
+
+def _resize_bias_(module: nn.Module, bias: Any) -> bool:
+    """A bias of the state's length; one created where folding gave a bias-less layer a bias."""
+    if not isinstance(bias, Tensor) or (module.bias is not None and module.bias.shape == bias.shape):
+        return False
+    module.bias = _like(module.bias, bias.shape, reference=module.weight)
+    return True
+
+
+def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """Put a :class:`HeadPrunedAttention` where `state_dict` holds one (its projections and heads) and `model` has
+    torch's attention."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if not isinstance(module, nn.MultiheadAttention) or prefix + "q_proj.weight" not in state_dict:
+            continue
+        if not name:
+            raise ValueError("narrow_to_state_dict_: the model itself is an nn.MultiheadAttention that the state "
+                             "dict holds as a HeadPrunedAttention; build the model around it (or load the "
+                             "HeadPrunedAttention's state into one built with its heads).")
+        inner = int(state_dict[prefix + "q_proj.weight"].shape[0])
+        head_dim = module.head_dim
+        original_heads, kept_heads = module.num_heads, None
+        if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
+            original_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
+        replacement = HeadPrunedAttention(
+            module.embed_dim, inner // head_dim, head_dim, bias=prefix + "q_proj.bias" in state_dict,
+            dropout=module.dropout, batch_first=module.batch_first, original_heads=original_heads,
+            kept_heads=kept_heads,
+        ).to(device=module.out_proj.weight.device, dtype=module.out_proj.weight.dtype)
+        replacement.train(module.training)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, replacement)
+        if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+            disable_nested_tensor_(model, parent)
+        replaced.append(name)
+    return replaced

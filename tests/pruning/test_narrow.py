@@ -1,0 +1,225 @@
+"""A shrunk model's state dict loads into a model built at the original widths: narrowed, it computes exactly what
+the shrunk model does (state dicts round-tripped through files, `weights_only=True`)."""
+
+from __future__ import annotations
+
+import io
+
+import lightning as L
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress import (ModelPruning, load_module_from_checkpoint, load_shrunk_state_dict, make_permanent_, prune_,
+                         shrink)
+from litcompress.data import DigitsDataModule
+from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, MLPClassifier,
+                                MobileNetClassifier, ResNeXtClassifier, TransformerClassifier)
+from litcompress.pruning import HeadPrunedAttention, narrow_to_state_dict_, prune_heads_, removable_channels
+
+
+def _through_a_file(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _trained_statistics_(model: nn.Module) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1)
+
+
+def _pruned_and_shrunk(model: nn.Module, x: torch.Tensor, heads: bool = False) -> nn.Module:
+    """Half of the channels of every layer shrink can narrow, (half the heads), then shrink."""
+    modules = dict(model.named_modules())
+    names = [name for name, reason in removable_channels(model).items() if reason is None]
+    prune_([(modules[name], "weight") for name in names], "ln_structured", 0.5, n=1, dim=0, scope="local")
+    if heads:
+        prune_heads_(model, 0.5)
+    make_permanent_(model)
+    return shrink(model.eval(), example_inputs=(x,)).model.eval()
+
+
+MODELS = {
+    "mlp": (lambda: MLPClassifier(hidden=(48, 40)), (64,)),
+    "cnn": (lambda: CNNClassifier(channels=(12, 16)), (1, 8, 8)),
+    "resnext (grouped convs)": (lambda: ResNeXtClassifier(channels=16, width=32, groups=4), (1, 8, 8)),
+    "mobilenet (depthwise, squeeze-excitation)": (
+        lambda: MobileNetClassifier(width=8, expansion=4, squeeze_excitation=True), (1, 8, 8)),
+    "densenet (concatenations)": (lambda: DenseNetClassifier(), (1, 8, 8)),
+    "batch norm without affine parameters": (lambda: nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 3)), (1, 8, 8)),
+    "transformer (heads)": (lambda: TransformerClassifier(d_model=32, heads=4), (1, 8, 8)),
+    "swiglu (heads, gates)": (lambda: GatedTransformerClassifier(), (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_fresh_model_narrowed_to_the_state_computes_what_the_shrunk_one_does(name):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    _trained_statistics_(model)
+    x = torch.randn(4, *shape)
+    shrunk = _pruned_and_shrunk(model, x, heads="heads" in name)
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in build().parameters())
+    state = _through_a_file(shrunk.state_dict())
+
+    fresh = build()
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+        fresh.load_state_dict(state)
+    fresh = load_shrunk_state_dict(build(), state).eval()
+    assert [(n, p.shape) for n, p in fresh.named_parameters()] == [(n, p.shape) for n, p in shrunk.named_parameters()]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), shrunk(x))
+    for module, like in zip(fresh.modules(), shrunk.modules()):  # the layers' own view of their sizes too
+        assert type(module) is type(like)
+        for attribute in ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features",
+                          "num_heads", "kept_heads", "original_heads"):
+            assert getattr(module, attribute, None) == getattr(like, attribute, None), (name, attribute)
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(1, 12), min_size=1, max_size=3), data=st.data())
+def test_any_rows_removed_from_an_mlp_load_back(widths, data):
+    """Property: whichever rows shrink removed (every one of a layer's too), the narrowed fresh model matches."""
+    sizes = [5, *widths, 3]
+    biases = data.draw(st.lists(st.booleans(), min_size=len(sizes) - 1, max_size=len(sizes) - 1), label="biases")
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for a, b, bias in zip(sizes, sizes[1:], biases):
+            layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
+
+    model = build()
+    with torch.no_grad():
+        for layer in list(model)[:-1:2]:
+            rows = data.draw(st.lists(st.integers(0, layer.out_features - 1), unique=True), label="zero rows")
+            layer.weight[rows] = 0
+    x = torch.randn(7, 5)
+    shrunk = shrink(model, example_inputs=(x,)).model
+    fresh = load_shrunk_state_dict(build(), _through_a_file(shrunk.state_dict()))
+    assert torch.equal(fresh(x), shrunk(x))
+
+
+def test_a_bias_that_folding_created_and_a_masked_state_are_read():
+    """A constant channel folded into a bias-less consumer gives it a bias; a state written while pruning with masks
+    (`weight_orig`/`weight_mask`) narrows alike."""
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+
+    model = build()
+    with torch.no_grad():
+        model[0].weight[[1, 5]] = 0  # biases kept: those channels output constants, folded into model[2]
+    x = torch.randn(3, 6)
+    shrunk = shrink(model, example_inputs=(x,)).model
+    assert shrunk[2].bias is not None and shrunk[0].out_features == 6
+    fresh = load_shrunk_state_dict(build(), shrunk.state_dict())
+    assert fresh[2].bias is not None and torch.equal(fresh(x), shrunk(x))
+
+    prune_([(shrunk[0], "weight")], "l1_unstructured", 0.5, scope="local")
+    masked = build()
+    narrowed = narrow_to_state_dict_(masked, shrunk.state_dict())
+    assert narrowed == ["0", "2"] and masked[0].weight.shape == (6, 6)
+
+
+def test_a_conv_weight_that_does_not_fit_its_groups_is_refused():
+    conv = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4))
+    with pytest.raises(ValueError, match=r"0: a weight of shape \(6, 2, 3, 3\) does not fit its 4 groups"):
+        narrow_to_state_dict_(conv, {"0.weight": torch.zeros(6, 2, 3, 3)})
+
+
+def test_the_kept_heads_travel_with_the_state_dict():
+    """A 3-D attention mask holds one (L, S) mask per original head: the reloaded attention reads the kept heads'
+    (not its first ones), because the state dict records which they were."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(16, 2)).eval()
+    with torch.no_grad():  # heads 0 and 2 add nothing: their value rows are zero
+        value = layer.self_attn.in_proj_weight[32:]
+        value[0:4] = 0
+        value[8:12] = 0
+        layer.self_attn.in_proj_bias[32:36] = 0
+        layer.self_attn.in_proj_bias[40:44] = 0
+    x = torch.randn(2, 5, 16)
+    shrunk = shrink(model, example_inputs=(x,)).model.eval()
+    assert shrunk[0].self_attn.kept_heads == (1, 3)
+    state = _through_a_file(shrunk.state_dict())
+    assert state["0.self_attn._extra_state"].tolist() == [4, 1, 3]  # original heads, then the kept ones
+
+    torch.manual_seed(1)
+    fresh = load_shrunk_state_dict(nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+                                                 nn.Linear(16, 2)), state).eval()
+    attention = fresh[0].self_attn
+    assert isinstance(attention, HeadPrunedAttention) and attention.kept_heads == (1, 3)
+    mask = torch.randn(2 * 4, 5, 5)  # (batch * original heads, L, S)
+    with torch.no_grad():
+        expected = shrunk[0].self_attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        assert torch.equal(attention(x, x, x, attn_mask=mask, need_weights=False)[0], expected)
+        assert torch.equal(fresh(x), shrunk(x))
+
+
+def _quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
+    return L.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, limit_val_batches=2, **kwargs)
+
+
+def test_a_checkpoint_of_a_module_fine_tuned_after_shrink_loads_and_resumes(tmp_path):
+    """Lightning's `load_from_checkpoint` fails on the narrow shapes; `load_module_from_checkpoint` builds the module
+    from its hyperparameters, narrows it and loads it; a fresh module narrowed first resumes `fit` from the
+    checkpoint, optimizer state included."""
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64, flatten=False)
+    data.setup("fit")
+    x = next(iter(data.val_dataloader()))[0][:8]
+    module = CNNClassifier(channels=(12, 16), lr=1e-2)
+    _trained_statistics_(module)
+    shrunk = _pruned_and_shrunk(module, x).train()
+    path = tmp_path / "shrunk.ckpt"
+    trainer = _quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3)
+    trainer.fit(shrunk, datamodule=data)
+    trainer.save_checkpoint(path)
+
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        CNNClassifier.load_from_checkpoint(path)
+    loaded = load_module_from_checkpoint(CNNClassifier, path).eval()
+    shrunk.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shrunk(x))
+
+    resumed = CNNClassifier(channels=(12, 16), lr=1e-2)
+    narrow_to_state_dict_(resumed, torch.load(path, weights_only=False)["state_dict"])
+    trainer = _quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=3)
+    trainer.fit(resumed, datamodule=data, ckpt_path=path)
+    assert trainer.global_step == 3 + 3  # the checkpoint's 3 steps, then one more epoch
+
+
+def test_a_checkpoint_written_while_pruning_a_shrunk_module_with_masks_loads(tmp_path):
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    x = next(iter(data.val_dataloader()))[0][:8]
+    shrunk = _pruned_and_shrunk(MLPClassifier(hidden=(48, 40), lr=1e-2), x).train()
+    trainer = _quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[
+        ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False)])
+    trainer.fit(shrunk, datamodule=data)
+    path = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(path)
+    assert any(key.endswith("weight_mask") for key in torch.load(path, weights_only=False)["state_dict"])
+    loaded = load_module_from_checkpoint(MLPClassifier, path, keep_masks=False).eval()
+    make_permanent_(shrunk)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shrunk.eval()(x))
