@@ -51,8 +51,8 @@ def test_quantize_lightning(tmp_path):
     assert "chosen: " in out and "fp32 (no candidate met the goal)" not in out
 
 
-def test_shrink_swiglu_lightning():
-    out = run("shrink_swiglu_lightning.py", "--epochs", "2", "--amount", "0.5")
+def test_shrink_swiglu_lightning(tmp_path):
+    out = run("shrink_swiglu_lightning.py", "--epochs", "2", "--amount", "0.5", "--save", str(tmp_path / "w.pt"))
     lines = out.splitlines()
     # the shrink report's rows: "blocks.0.feed_forward.w1  gated group, 1 reader  64 -> 21  0  0"
     kept = {line.split()[0].rsplit(".", 1)[0]: int(line.split()[7]) for line in lines if ".w1 " in line}
@@ -65,6 +65,8 @@ def test_shrink_swiglu_lightning():
         assert 32 <= gone <= 64 and kept[block] == 64 - gone  # the union of both layers' zero rows left
     (said,) = [line for line in lines if "largest output difference after shrinking" in line]
     assert float(said.split()[-1]) < 1e-5  # the same function (sums over fewer zero terms)
+    (reloaded,) = [line for line in lines if line.startswith("saved ")]
+    assert reloaded.endswith("same outputs: True") and (tmp_path / "w.pt").exists()
 
 
 def test_prune_heads_plain_pytorch():
