@@ -175,12 +175,13 @@ def bypassed_model_message(host: nn.Module, submodule: str | None, step: str, me
     holders = [name for name, child in host.named_children()
                if name != submodule and next(child.parameters(), None) is not None]
     called = "self(...)" if submodule is None else f"self.{submodule}"
-    hint = (f"pass submodule={holders[0]!r} (CLI: --submodule {holders[0]})" if len(holders) == 1 else
-            f"pass submodule=<the attribute it calls>, one of {holders}" if holders else
-            "call self(...) (the model's forward) there")
+    fix = f"have {step} call {called}"
+    if len(holders) == 1:
+        fix = f"pass submodule={holders[0]!r} (CLI: --submodule {holders[0]}), the sub-module it calls, or {fix}"
+    elif holders:
+        fix = f"pass the sub-module it calls as submodule= (CLI: --submodule), one of {holders}, or {fix}"
     return (f"{step} never called {called}, so {metric!r} was computed without the model under evaluation (every "
-            f"candidate would score as the original): it calls a sub-module directly; {hint}, or have {step} call "
-            f"{called}.")
+            f"candidate would score as the original): {fix}.")
 
 
 def quantize_lightning(
