@@ -881,7 +881,7 @@ def load_module_from_checkpoint(
         if not masked:
             module.load_state_dict(state)
             return module
-    narrow_to_state_dict_(module, state)  # `<name>_orig` keys do not fail a non-strict load: a shrunk module's fit now
+    narrow_to_state_dict_(module, state)  # a non-strict load skipped the `<name>_orig` keys unchecked: narrow here
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks)
 
 

@@ -15,7 +15,6 @@ layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value widths are 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
