@@ -20,6 +20,9 @@ from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransfor
 from litcompress.pruning import HeadPrunedAttention, narrow_to_state_dict_, prune_heads_, removable_channels
 
 
+MLP_WITH_16_UNITS = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16)).state_dict()
+
+
 def _through_a_file(state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -136,10 +139,19 @@ def test_a_bias_that_folding_created_and_a_masked_state_are_read():
     assert narrowed == ["0", "2"] and masked[0].weight.shape == (6, 6)
 
 
-def test_a_conv_weight_that_does_not_fit_its_groups_is_refused():
+def test_a_state_that_shrink_cannot_have_written_is_refused():
+    """shrink only removes channels, evenly over a grouped conv's groups: a wider layer (a model built with other
+    widths), another kernel size or uneven groups is named, not loaded into a resized model."""
     conv = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4))
     with pytest.raises(ValueError, match=r"0: a weight of shape \(6, 2, 3, 3\) does not fit its 4 groups"):
         narrow_to_state_dict_(conv, {"0.weight": torch.zeros(6, 2, 3, 3)})
+    with pytest.raises(ValueError, match=r"0: the state dict's tensor of shape \(8, 2, 5, 5\) does not fit"):
+        narrow_to_state_dict_(conv, {"0.weight": torch.zeros(8, 2, 5, 5)})
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    with pytest.raises(ValueError, match=r"0: the state dict's tensor of shape \(16, 4\) does not fit in the "
+                                         r"layer's \(8, 4\).*one built with other widths"):
+        load_shrunk_state_dict(mlp, MLP_WITH_16_UNITS)
+    assert mlp[0].weight.shape == (8, 4)  # refused, not resized
 
 
 def test_the_kept_heads_travel_with_the_state_dict():

@@ -53,14 +53,15 @@ def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> li
         if not isinstance(weight, Tensor) or isinstance(module, HeadPrunedAttention):
             continue
         if isinstance(module, nn.Linear):
-            resized = _resize_linear_(module, weight)
+            resized = _resize_linear_(module, weight, name)
         elif isinstance(module, _CONV):
             resized = _resize_conv_(module, weight, name)
         elif isinstance(module, _TRANSPOSED):
             resized = _resize_transposed_(module, weight, name)
         elif isinstance(module, _BATCH_NORM):
-            resized = _resize_batch_norm_(module, weight)
+            resized = _resize_batch_norm_(module, weight, name)
         elif isinstance(module, nn.PReLU) and weight.dim() == 1 and weight.numel() != module.num_parameters:
+            _check_narrower(name, weight.shape, module.weight.shape)
             module.weight = _like(module.weight, weight.shape)
             module.num_parameters = weight.numel()
             resized = True
@@ -85,9 +86,19 @@ def _like(old: Tensor | None, shape: torch.Size, reference: Tensor | None = None
     return nn.Parameter(torch.empty(shape, dtype=source.dtype, device=source.device), source.requires_grad)
 
 
-def _resize_linear_(module: nn.Linear, weight: Tensor) -> bool:
+def _check_narrower(name: str, shape: torch.Size, built: torch.Size, kernel_dims: int = 0) -> None:
+    """shrink only removes channels: a wider tensor, or another kernel size, is not a shrunk state of this model."""
+    kernels_differ = kernel_dims and shape[-kernel_dims:] != built[-kernel_dims:]
+    if kernels_differ or any(new > old for new, old in zip(shape, built)):
+        raise ValueError(f"{name or 'the model'}: the state dict's tensor of shape {tuple(shape)} does not fit in the "
+                         f"layer's {tuple(built)}: shrink only removes channels, so this is not a shrunk state of "
+                         "this model (one built with other widths?).")
+
+
+def _resize_linear_(module: nn.Linear, weight: Tensor, name: str) -> bool:
     if weight.dim() != 2 or weight.shape == module.weight.shape:
         return False
+    _check_narrower(name, weight.shape, module.weight.shape)
     module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
     module.weight = _like(module.weight, weight.shape)
     return True
@@ -96,6 +107,7 @@ def _resize_linear_(module: nn.Linear, weight: Tensor) -> bool:
 def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
     if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
         return False
+    _check_narrower(name, weight.shape, module.weight.shape, kernel_dims=weight.dim() - 2)
     out_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
     depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
     if depthwise and per_group == 1:  # shrink removes a depthwise conv's channels with its groups
@@ -112,6 +124,7 @@ def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
 def _resize_transposed_(module: nn.Module, weight: Tensor, name: str) -> bool:
     if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
         return False
+    _check_narrower(name, weight.shape, module.weight.shape, kernel_dims=weight.dim() - 2)
     in_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
     if in_channels % module.groups:
         raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} groups.")
@@ -120,10 +133,11 @@ def _resize_transposed_(module: nn.Module, weight: Tensor, name: str) -> bool:
     return True
 
 
-def _resize_batch_norm_(module: nn.Module, weight: Tensor) -> bool:
+def _resize_batch_norm_(module: nn.Module, weight: Tensor, name: str) -> bool:
     features = int(weight.shape[0]) if weight.dim() == 1 else module.num_features
     if features == module.num_features:
         return False
+    _check_narrower(name, weight.shape, torch.Size([module.num_features]))
     for tensor_name in ("weight", "bias"):
         if getattr(module, tensor_name) is not None:
             setattr(module, tensor_name, _like(getattr(module, tensor_name), torch.Size([features])))
@@ -157,6 +171,9 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any]) -> lis
                              "HeadPrunedAttention's state into one built with its heads).")
         inner = int(state_dict[prefix + "q_proj.weight"].shape[0])
         head_dim = module.head_dim
+        if inner > module.embed_dim or inner % head_dim:
+            raise ValueError(f"{name}: the state dict's attention has {inner} inner channels, which are not heads of "
+                             f"{head_dim} of this attention's {module.num_heads}: not a shrunk state of this model.")
         original_heads, kept_heads = module.num_heads, None
         if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
             original_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
