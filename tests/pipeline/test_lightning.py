@@ -206,6 +206,16 @@ def test_compress_on_fit_end_needs_validation_data_and_says_so_before_training(t
     with pytest.raises(ValueError, match="needs validation data.*trainer.fit\\(model, train_loader, val_loader\\)"):
         trainer.fit(module, train_dataloaders=loader)
     assert callback.result is None and not any(tmp_path.iterdir()) and trainer.global_step == 0
+
+    class TrainingOnly(L.LightningDataModule):  # a DataModule without val_dataloader: refused alike, not after fit
+        def train_dataloader(self):
+            return loader
+
+    trainer = _trainer(max_epochs=1, callbacks=[callback])
+    with pytest.raises(ValueError, match="needs validation data.*trainer.fit\\(model, datamodule=...\\) with a "
+                                         "val_dataloader"):
+        trainer.fit(module, datamodule=TrainingOnly())
+    assert trainer.global_step == 0
     tested = CompressOnFitEnd(CompressionConfig(), test_metric="test_acc", output_dir=tmp_path)
     trainer = _trainer(max_epochs=1, callbacks=[tested])
     with pytest.raises(ValueError, match="test_metric='test_acc'.*pass CompressOnFitEnd\\(test_dataloaders=...\\)"):

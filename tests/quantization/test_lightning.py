@@ -114,6 +114,24 @@ def test_a_validation_step_that_never_calls_the_model_is_refused_before_any_cand
     assert result.metric == pytest.approx((result.model(x).argmax(1) == y).float().mean().item())
 
 
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_quantize_on_fit_end_refuses_before_training_what_would_fail_after_it(digits, tmp_path):
+    """No validation data (its metric judges the candidates), or a multi-process fit (every rank would search and
+    write `save_path` at once; two real gloo processes): refused at setup, before the first step."""
+    loader = DataLoader(TensorDataset(digits[0][:64], digits[1][:64]), batch_size=32)
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc", save_path=tmp_path / "int8.pt")
+    trainer = _trainer(max_epochs=1, callbacks=[callback])
+    with pytest.raises(ValueError, match="QuantizeOnFitEnd needs validation data"):
+        trainer.fit(DigitsModule(), train_dataloaders=loader)
+    assert trainer.global_step == 0 and callback.result is None
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[callback])
+    with pytest.raises(Exception, match="QuantizeOnFitEnd runs in a single process.*quantize_checkpoint"):
+        trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_metric_names_the_logged_ones(fitted):
     module, data = fitted
     with pytest.raises(KeyError, match="val_acc"):

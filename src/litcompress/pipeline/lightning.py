@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
-from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, detached_copy, first_loader, lightning_eval_fn,
-                                                with_metric_mode)
+from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, detached_copy, first_loader, has_validation_data,
+                                                lightning_eval_fn, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -215,15 +215,6 @@ def compress_lightning(
     )
 
 
-def _has_validation_data(trainer: L.Trainer) -> bool:
-    """Whether this fit has validation dataloaders (given to ``fit``, or a module's ``val_dataloader``), read where
-    Lightning's own check reads it; True when that place moved (the run then fails at its end, not before)."""
-    try:
-        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
-    except AttributeError:
-        return True
-
-
 class CompressOnFitEnd(L.Callback):
     """Run the pipeline on the trained module when ``fit`` ends (shrink -> quantize -> export, with the report).
 
@@ -254,13 +245,13 @@ class CompressOnFitEnd(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.datamodule is None:
-            if not _has_validation_data(trainer):
-                raise ValueError("CompressOnFitEnd needs validation data, whose metric judges every stage: "
-                                 "trainer.fit(model, datamodule=...) or trainer.fit(model, train_loader, val_loader).")
-            if self.test_metric is not None and self.test_dataloaders is None:
-                raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
-                                 "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
+        if not has_validation_data(trainer):
+            raise ValueError("CompressOnFitEnd needs validation data, whose metric judges every stage: "
+                             "trainer.fit(model, datamodule=...) with a val_dataloader, or trainer.fit(model, "
+                             "train_loader, val_loader).")
+        if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None:
+            raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
+                             "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
         if trainer.world_size > 1:
             raise ValueError("CompressOnFitEnd runs in a single process; after a multi-device fit, run "
                              "litcompress.compress_lightning (or `litcompress compress --checkpoint`) on the saved "

@@ -245,6 +245,15 @@ def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: 
     return quantize_lightning(module, config, **kwargs)
 
 
+def has_validation_data(trainer: L.Trainer) -> bool:
+    """Whether this fit has validation dataloaders (given to ``fit``, or a module's ``val_dataloader``), read where
+    Lightning's own check reads it; True when that place moved (the run then fails at its end, not before)."""
+    try:
+        return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+    except AttributeError:
+        return True
+
+
 class QuantizeOnFitEnd(L.Callback):
     """Quantize the trained module when ``fit`` ends, judged by its validation ``metric``.
 
@@ -262,6 +271,19 @@ class QuantizeOnFitEnd(L.Callback):
         self.config, self.metric, self.submodule = config, metric, submodule
         self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn
         self.result: QuantizationResult | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """What would fail after training fails before it."""
+        if stage != "fit":
+            return
+        if not has_validation_data(trainer):
+            raise ValueError("QuantizeOnFitEnd needs validation data, whose metric judges every candidate: "
+                             "trainer.fit(model, datamodule=...) with a val_dataloader, or trainer.fit(model, "
+                             "train_loader, val_loader).")
+        if trainer.world_size > 1:  # every rank would search, and write save_path at once
+            raise ValueError("QuantizeOnFitEnd runs in a single process; after a multi-device fit, run "
+                             "litcompress.quantization.quantize_checkpoint (or `litcompress compress --checkpoint "
+                             "--prune none`) on the saved checkpoint.")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
