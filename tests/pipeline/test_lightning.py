@@ -321,3 +321,11 @@ def test_a_test_step_that_never_calls_the_model_fails_before_fine_tuning(fitted)
                            trainer_kwargs={"callbacks": [L.pytorch.callbacks.LambdaCallback(
                                on_train_epoch_start=lambda *_: epochs.append(1))]})
     assert epochs == []
+
+
+def test_compress_on_fit_end_warns_at_the_sanity_check_of_a_metric_it_did_not_log(tmp_path):
+    callback = CompressOnFitEnd(CompressionConfig(quantize=None), metric="val_accuracy", output_dir=tmp_path)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"CompressOnFitEnd\(metric='val_accuracy'\) reads it when fit ends"):
+        with pytest.raises(KeyError, match="val_accuracy"):
+            trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule(batch_size=64))

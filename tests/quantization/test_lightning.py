@@ -132,6 +132,37 @@ def test_quantize_on_fit_end_refuses_before_training_what_would_fail_after_it(di
     assert not any(tmp_path.iterdir())
 
 
+def test_a_metric_the_sanity_check_did_not_log_is_warned_of_before_training(digits):
+    """The metric is read when fit ends; a misspelt one is said at the sanity check (a warning: a module may log its
+    metrics only outside it, and then nothing is said)."""
+    steps_when_warned = []
+
+    class Watch(L.Callback):
+        def on_sanity_check_end(self, trainer, pl_module):
+            steps_when_warned.append(trainer.global_step)
+
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_accuracy")
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback, Watch()])
+    with pytest.warns(UserWarning, match=r"QuantizeOnFitEnd\(metric='val_accuracy'\) reads it when fit ends, but the "
+                                         r"sanity-check batches did not log it: .*logged: \['val_acc', 'val_loss'\]"):
+        with pytest.raises(KeyError, match="val_accuracy"):
+            trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert steps_when_warned == [0]
+
+    class LogsOutsideTheSanityCheck(DigitsModule):
+        def validation_step(self, batch, _):
+            if not self.trainer.sanity_checking:
+                super().validation_step(batch, _)
+
+    import warnings
+
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[QuantizeOnFitEnd(CONFIG, metric="val_acc")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(LogsOutsideTheSanityCheck(), datamodule=DigitsData(digits))
+    assert not [w for w in caught if "sanity-check" in str(w.message)]
+
+
 def test_unknown_metric_names_the_logged_ones(fitted):
     module, data = fitted
     with pytest.raises(KeyError, match="val_acc"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, detached_copy, first_loader, has_validation_data,
-                                                lightning_eval_fn, with_metric_mode)
+                                                lightning_eval_fn, warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -256,6 +256,9 @@ class CompressOnFitEnd(L.Callback):
             raise ValueError("CompressOnFitEnd runs in a single process; after a multi-device fit, run "
                              "litcompress.compress_lightning (or `litcompress compress --checkpoint`) on the saved "
                              "checkpoint.")
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        warn_if_sanity_check_missed(trainer, pl_module, self.metric, "CompressOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:

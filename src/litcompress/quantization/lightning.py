@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import warnings
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import lightning as L
@@ -254,6 +255,17 @@ def has_validation_data(trainer: L.Trainer) -> bool:
         return True
 
 
+def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule, metric: str, owner: str) -> None:
+    """After the validation sanity check that starts a fit: warn, before the first training step, when its batches
+    logged metrics but not `metric`, which is read at fit end (a misspelt name fails there). A warning, not an
+    error: a module may log its metrics only outside the sanity check (``if self.trainer.sanity_checking``)."""
+    logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    message = missing_metric_message(metric, logged, f"{type(pl_module).__name__}.validation_step") if logged else None
+    if message:
+        warnings.warn(f"{owner}(metric={metric!r}) reads it when fit ends, but the sanity-check batches did not log "
+                      f"it: {message}", UserWarning, stacklevel=2)
+
+
 class QuantizeOnFitEnd(L.Callback):
     """Quantize the trained module when ``fit`` ends, judged by its validation ``metric``.
 
@@ -284,6 +296,9 @@ class QuantizeOnFitEnd(L.Callback):
             raise ValueError("QuantizeOnFitEnd runs in a single process; after a multi-device fit, run "
                              "litcompress.quantization.quantize_checkpoint (or `litcompress compress --checkpoint "
                              "--prune none`) on the saved checkpoint.")
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
