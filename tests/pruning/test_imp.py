@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch.callbacks import LambdaCallback
 from torch import nn
 
 from litcompress.callbacks.lottery import find_lottery_ticket
@@ -108,9 +109,12 @@ def test_find_lottery_ticket_with_trainer_and_late_rewinding():
     assert all(0.5 < r.metric <= 1.0 for r in ticket.rounds)
     # rewound to step 3, not to initialisation
     assert not torch.equal(ticket.rewound_state["net.0.weight_orig"], module.net[0].weight)
-    with pytest.raises(KeyError, match="was not logged"):
+    steps = []  # a metric the step does not log fails before any training, on one batch
+    with pytest.raises(KeyError, match="'val_acc' was not logged by DigitsClassifier.test_step"):
         find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="val_acc", rounds=1,
-                            trainer_kwargs=dict(max_epochs=1))
+                            trainer_kwargs=dict(max_epochs=1, callbacks=[
+                                LambdaCallback(on_train_batch_end=lambda *_: steps.append(1))]))
+    assert steps == []
 
 
 def test_find_lottery_ticket_builds_a_configure_model_module_on_a_copy():

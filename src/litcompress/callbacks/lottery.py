@@ -49,14 +49,19 @@ def find_lottery_ticket(
     def train(model: LightningModule) -> None:
         Trainer(**kwargs).fit(model, datamodule=datamodule)
 
-    def evaluate(model: LightningModule) -> float:
-        trainer = Trainer(**{**kwargs, "max_epochs": None, "max_steps": -1})
+    step = f"{type(module).__name__}.{'test_step' if evaluate_on == 'test' else 'validation_step'}"
+
+    def evaluate(model: LightningModule, **limits: Any) -> float:
+        trainer = Trainer(**{**kwargs, "max_epochs": None, "max_steps": -1, **limits})
         run = trainer.test if evaluate_on == "test" else trainer.validate
         results = logged_metrics(run(model, datamodule=datamodule, verbose=False))
-        message = missing_metric_message(metric, results, "test_step" if evaluate_on == "test" else "validation_step")
+        message = missing_metric_message(metric, results, step)
         if message:
             raise KeyError(f"metric={message}")
         return float(results[metric])
+
+    # one batch on a copy first: a metric the step does not log fails now, not after the first round's training
+    evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1)
 
     def train_to_rewind_point(model: LightningModule) -> None:
         Trainer(**{**kwargs, "max_epochs": -1, "max_steps": rewind_to_step}).fit(model, datamodule=datamodule)
