@@ -573,3 +573,16 @@ def test_inputs_names_the_keys_of_dict_batches_and_is_checked_before_training(tm
         assert not (tmp_path / "bad" / "dense.ckpt").exists()  # refused before any training
     assert main(common + ["--inputs", "ids,mask", "--train-epochs", "1", "--output-dir", str(tmp_path / "ok")]) == 0
     assert CompressionReport.load_json(tmp_path / "ok" / "report.json")["quantized"].metric > 0.5
+
+
+def test_a_second_run_into_the_same_directory_names_the_files_it_did_not_write(tmp_path, capsys):
+    """The pruned and shrunk state dicts and the plot of a first run stay (not ours to delete), and the second run
+    says which files are not its own, so that no one takes them for its outputs."""
+    out = str(tmp_path / "out")
+    assert main(["compress", *QUICK, "--prune", "ln_structured", "--sparsity", "0.5", "--quantize", "none",
+                 "--output-dir", out]) == 0
+    capsys.readouterr()
+    assert main(["compress", *QUICK, "--prune", "none", "--quantize", "none", "--no-plot", "--output-dir", out]) == 0
+    captured = capsys.readouterr()
+    assert "- pruned_state_dict.pt, shrunk_state_dict.pt in the output directory are not from this run" in captured.out
+    assert "report.png is an earlier run's plot (this run wrote none)" in captured.err

@@ -584,6 +584,8 @@ def run_compress(args: argparse.Namespace) -> int:
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")
+    if "plot" not in written and (args.output_dir / "report.png").exists():
+        _stderr(f"{args.output_dir / 'report.png'} is an earlier run's plot (this run wrote none)")
     _print_report(result.report)
     if result.artifact is not None:
         print(f"model: {result.artifact}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
-from litcompress.pipeline.compress import PRUNED_STATE_FILE, SLOWER, _slower_int8
+from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE, SLOWER, _slower_int8
 from litcompress.pruning import is_pruned, make_permanent_, permanent_state_dict, prune_
 from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
@@ -512,8 +512,22 @@ def test_an_earlier_runs_model_file_is_left_and_named(trained, digits, tmp_path)
     earlier = (tmp_path / "model.pt").read_bytes()
     second = compress(trained, CompressionConfig(shrink=False, fp32_format="export", latency_repeats=2), **run)
     assert (tmp_path / "model.pt").read_bytes() == earlier  # the user's file, not ours to delete
-    assert "model.pt in the output directory is not from this run (this run's model is model.pt2)." in \
+    assert "model.pt in the output directory is not from this run (this run wrote model.pt2)." in \
         second.report.messages
+
+
+def test_an_earlier_runs_state_dicts_are_named_when_this_run_writes_none(trained, digits, tmp_path):
+    """A structured run writes pruned_state_dict.pt and shrunk_state_dict.pt; a later run into the same directory
+    that prunes nothing leaves them (they may be all the user has of that run) and says they are not its own."""
+    run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
+    pruned = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                                 fp32_format="onnx", latency_repeats=2), **run)
+    assert [s.stage for s in pruned.report.stages][-1] == "shrunk"
+    assert {PRUNED_STATE_FILE, SHRUNK_STATE_FILE, "model.onnx"} <= {p.name for p in tmp_path.iterdir()}
+    assert not any("not from this run" in m for m in pruned.report.messages)
+    again = compress(trained, CompressionConfig(fp32_format="onnx", latency_repeats=2), **run)
+    assert (f"{PRUNED_STATE_FILE}, {SHRUNK_STATE_FILE} in the output directory are not from this run (this run "
+            "wrote model.onnx).") in again.report.messages
 
 
 @pytest.mark.parametrize(("fp32_format", "name"), [("export", "model.pt2"), ("onnx", "model.onnx"),

@@ -419,12 +419,20 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
             note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model {final.metric:.6g}.")
     note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
          f"{difference:.3g}.")
-    earlier = sorted(p.name for p in directory.glob("model.*") if p != artifact and ".partial" not in p.name
-                     and p.suffix in {*FP32_SUFFIXES.values(), ".onnx"})
-    if earlier:  # not ours to delete; but which file is this run's must not be a guess
-        note(f"{', '.join(earlier)} in the output directory {'is' if len(earlier) == 1 else 'are'} not from this "
-             f"run (this run's model is {artifact.name}).")
     return artifact
+
+
+def _note_earlier_outputs(directory: Path, written: set[str], note: Callable[[str], None]) -> None:
+    """Name the model and state files of an earlier run into `directory` that this run did not write over (a model
+    in another format; a pruned or shrunk state dict where this run pruned nothing or removed no channel): not ours
+    to delete, but which file is this run's must not be a guess."""
+    model_suffixes = {*FP32_SUFFIXES.values(), ".onnx"}
+    earlier = sorted(p.name for p in directory.iterdir() if p.name not in written and ".partial" not in p.name and (
+        p.name in (PRUNED_STATE_FILE, SHRUNK_STATE_FILE) or (p.stem == "model" and p.suffix in model_suffixes)))
+    if earlier:
+        ours = f"this run wrote {', '.join(sorted(written))}" if written else "this run wrote no model or state file"
+        note(f"{', '.join(earlier)} in the output directory {'is' if len(earlier) == 1 else 'are'} not from this "
+             f"run ({ours}).")
 
 
 def _names_of(model: nn.Module, targets: Sequence[Target]) -> list[str]:
@@ -645,6 +653,7 @@ def compress(
             check_model_runs(model, tuple(input_fn(first)), what="the first calibration batch",
                              default_input_fn_used=default_input_fn_used)
     directory = Path(output_dir) if output_dir is not None else None
+    written: set[str] = set()  # the model and state files this run writes into `directory`
     if directory is not None:
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"compress(output_dir={str(directory)!r}) is a file; give a directory.")
@@ -725,6 +734,7 @@ def compress(
                      "litcompress.pruning.fold_parametrizations_(model).")
             with written_atomically(directory / PRUNED_STATE_FILE) as partial:
                 torch.save(state, partial)
+            written.add(PRUNED_STATE_FILE)
         pruned_row = stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
         before = stages.rows[0].metric
         if fine_tune is None and abs(pruned_row.metric - before) > 0.01 * abs(before):
@@ -752,6 +762,7 @@ def compress(
                     # the narrow fp32 weights: litcompress.load_shrunk_state_dict(Model(...), state) loads them
                     with written_atomically(directory / SHRUNK_STATE_FILE) as partial:
                         torch.save(work.state_dict(), partial)
+                    written.add(SHRUNK_STATE_FILE)
                     if folded:
                         note(f"{SHRUNK_STATE_FILE} holds plain weights for the parametrized {', '.join(folded)}: "
                              "load it after litcompress.pruning.fold_parametrizations_(model).")
@@ -789,6 +800,8 @@ def compress(
                            dynamic_dims=dynamic_dims)
     elif config.export:
         note("export skipped: no output_dir given.")
+    if directory is not None:
+        _note_earlier_outputs(directory, written | ({artifact.name} if artifact is not None else set()), note)
 
     # ---------------------------------------------------------------------------------------- report
     rows = stages.report_rows(inputs, config)
