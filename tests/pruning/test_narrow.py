@@ -58,6 +58,10 @@ MODELS = {
     "mobilenet (depthwise, squeeze-excitation)": (
         lambda: MobileNetClassifier(width=8, expansion=4, squeeze_excitation=True), (1, 8, 8)),
     "densenet (concatenations)": (lambda: DenseNetClassifier(), (1, 8, 8)),
+    "transposed and 1-d convs": (lambda: nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(2), nn.Conv1d(6, 5, 3), nn.PReLU(5), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(5, 3)),
+        (1, 8, 8)),
     "batch norm without affine parameters": (lambda: nn.Sequential(
         nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Flatten(),
         nn.Linear(6 * 6 * 6, 3)), (1, 8, 8)),
