@@ -564,8 +564,10 @@ def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp
         expected = model(x)
     live = load_module_from_checkpoint(ThreeLayerModel, path)
     inference = load_module_from_checkpoint(ThreeLayerModel, path, keep_masks=False)
+    lenient = load_module_from_checkpoint(ThreeLayerModel, path, strict=False)  # taken as load_from_checkpoint's
     with torch.no_grad():
         assert torch.equal(live(x), expected) and torch.equal(inference(x), expected)
+        assert torch.equal(lenient(x), expected)
     assert torch_prune.is_pruned(live) == masked_keys and not torch_prune.is_pruned(inference)
 
 

@@ -865,9 +865,10 @@ def load_module_from_checkpoint(
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     masked = any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state)
+    strict = kwargs.pop("strict", True)  # the loads below that take the weights honour it
     try:
         if not masked:
-            return module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", **kwargs)
+            return module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=strict, **kwargs)
         # Lightning builds the module from its saved hyperparameters; the weights and masks are loaded strictly below
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -879,10 +880,10 @@ def load_module_from_checkpoint(
         if not narrow_to_state_dict_(module, state):
             raise
         if not masked:
-            module.load_state_dict(state)
+            module.load_state_dict(state, strict=strict)
             return module
     narrow_to_state_dict_(module, state)  # a non-strict load skipped the `<name>_orig` keys unchecked: narrow here
-    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks)
+    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=strict)
 
 
 def _built_without_weights(module_class: type[LightningModule], checkpoint: dict[str, Any], **kwargs: Any
