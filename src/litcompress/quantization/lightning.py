@@ -259,7 +259,7 @@ def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule
     """After the validation sanity check that starts a fit: warn, before the first training step, when its batches
     logged metrics but not `metric`, which is read at fit end (a misspelt name fails there). A warning, not an
     error: a module may log its metrics only outside the sanity check (``if self.trainer.sanity_checking``)."""
-    logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    logged = dict(trainer.callback_metrics)  # only the names are read
     message = missing_metric_message(metric, logged, f"{type(pl_module).__name__}.validation_step") if logged else None
     if message:
         warnings.warn(f"{owner}(metric={metric!r}) reads it when fit ends, but the sanity-check batches did not log "
