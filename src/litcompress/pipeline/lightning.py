@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
-from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, detached_copy, first_loader, has_validation_data,
-                                                lightning_eval_fn, warn_if_sanity_check_missed, with_metric_mode)
+from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_fit_for_fit_end_work, detached_copy,
+                                                first_loader, lightning_eval_fn, warn_if_sanity_check_missed,
+                                                with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -245,17 +246,11 @@ class CompressOnFitEnd(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not has_validation_data(trainer):
-            raise ValueError("CompressOnFitEnd needs validation data, whose metric judges every stage: "
-                             "trainer.fit(model, datamodule=...) with a val_dataloader, or trainer.fit(model, "
-                             "train_loader, val_loader).")
+        check_fit_for_fit_end_work(trainer, "CompressOnFitEnd", "stage",
+                                   "litcompress.compress_lightning (or `litcompress compress --checkpoint`)")
         if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None:
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
                              "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
-        if trainer.world_size > 1:
-            raise ValueError("CompressOnFitEnd runs in a single process; after a multi-device fit, run "
-                             "litcompress.compress_lightning (or `litcompress compress --checkpoint`) on the saved "
-                             "checkpoint.")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "CompressOnFitEnd")

@@ -54,10 +54,8 @@ def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> li
             continue
         if isinstance(module, nn.Linear):
             resized = _resize_linear_(module, weight, name)
-        elif isinstance(module, _CONV):
+        elif isinstance(module, (*_CONV, *_TRANSPOSED)):
             resized = _resize_conv_(module, weight, name)
-        elif isinstance(module, _TRANSPOSED):
-            resized = _resize_transposed_(module, weight, name)
         elif isinstance(module, _BATCH_NORM):
             resized = _resize_batch_norm_(module, weight, name)
         elif isinstance(module, nn.PReLU) and weight.dim() == 1 and weight.numel() != module.num_parameters:
@@ -105,30 +103,22 @@ def _resize_linear_(module: nn.Linear, weight: Tensor, name: str) -> bool:
 
 
 def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
+    """A conv's weight is (out, in / groups, *kernel), a transposed conv's (in, out / groups, *kernel)."""
     if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
         return False
     _check_narrower(name, weight.shape, module.weight.shape, kernel_dims=weight.dim() - 2)
-    out_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
-    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    rows, per_group = int(weight.shape[0]), int(weight.shape[1])
+    transposed = isinstance(module, _TRANSPOSED)
+    depthwise = not transposed and module.groups > 1 and module.groups == module.in_channels == module.out_channels
     if depthwise and per_group == 1:  # shrink removes a depthwise conv's channels with its groups
-        module.groups = module.in_channels = module.out_channels = out_channels
+        module.groups = module.in_channels = module.out_channels = rows
+    elif rows % module.groups:
+        raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} groups "
+                         "(shrink keeps a grouped conv's groups and narrows each alike).")
+    elif transposed:
+        module.in_channels, module.out_channels = rows, per_group * module.groups
     else:
-        if out_channels % module.groups:
-            raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} "
-                             "groups (shrink keeps a grouped conv's groups and narrows each alike).")
-        module.out_channels, module.in_channels = out_channels, per_group * module.groups
-    module.weight = _like(module.weight, weight.shape)
-    return True
-
-
-def _resize_transposed_(module: nn.Module, weight: Tensor, name: str) -> bool:
-    if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
-        return False
-    _check_narrower(name, weight.shape, module.weight.shape, kernel_dims=weight.dim() - 2)
-    in_channels, per_group = int(weight.shape[0]), int(weight.shape[1])
-    if in_channels % module.groups:
-        raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} groups.")
-    module.in_channels, module.out_channels = in_channels, per_group * module.groups
+        module.out_channels, module.in_channels = rows, per_group * module.groups
     module.weight = _like(module.weight, weight.shape)
     return True
 

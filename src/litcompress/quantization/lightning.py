@@ -255,6 +255,18 @@ def has_validation_data(trainer: L.Trainer) -> bool:
         return True
 
 
+def check_fit_for_fit_end_work(trainer: L.Trainer, owner: str, judged: str, instead: str) -> None:
+    """Refuse, at ``setup``, a fit in which work done when fit ends would fail after all the training: one without
+    validation data (its metric judges every `judged`), or one on several processes (every rank would do the work and
+    write the same files; `instead` says what to run on the saved checkpoint)."""
+    if not has_validation_data(trainer):
+        raise ValueError(f"{owner} needs validation data, whose metric judges every {judged}: trainer.fit(model, "
+                         "datamodule=...) with a val_dataloader, or trainer.fit(model, train_loader, val_loader).")
+    if trainer.world_size > 1:
+        raise ValueError(f"{owner} runs in a single process; after a multi-device fit, run {instead} on the saved "
+                         "checkpoint.")
+
+
 def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule, metric: str, owner: str) -> None:
     """After the validation sanity check that starts a fit: warn, before the first training step, when its batches
     logged metrics but not `metric`, which is read at fit end (a misspelt name fails there). A warning, not an
@@ -288,14 +300,9 @@ class QuantizeOnFitEnd(L.Callback):
         """What would fail after training fails before it."""
         if stage != "fit":
             return
-        if not has_validation_data(trainer):
-            raise ValueError("QuantizeOnFitEnd needs validation data, whose metric judges every candidate: "
-                             "trainer.fit(model, datamodule=...) with a val_dataloader, or trainer.fit(model, "
-                             "train_loader, val_loader).")
-        if trainer.world_size > 1:  # every rank would search, and write save_path at once
-            raise ValueError("QuantizeOnFitEnd runs in a single process; after a multi-device fit, run "
-                             "litcompress.quantization.quantize_checkpoint (or `litcompress compress --checkpoint "
-                             "--prune none`) on the saved checkpoint.")
+        check_fit_for_fit_end_work(trainer, "QuantizeOnFitEnd", "candidate",
+                                   "litcompress.quantization.lightning.quantize_checkpoint (or `litcompress compress "
+                                   "--checkpoint --prune none`)")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")
