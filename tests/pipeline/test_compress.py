@@ -506,6 +506,23 @@ def test_export_alone_adds_a_row_for_the_file_kept_in_the_faster_format(trained,
     assert result.report["exported"].size_bytes == result.artifact.stat().st_size
 
 
+def test_an_eval_fn_that_scores_another_model_is_said_once(trained, digits):
+    """compress judges its input first; an eval_fn that never runs the model it is given (it closes over another)
+    is said there, once for the run (the quantization search it calls would say it again)."""
+    import warnings
+
+    evaluate = accuracy(digits[2], digits[3])
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(backends=("torch_ao",),
+                               latency_repeats=2), latency_repeats=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compress(trained, config, eval_fn=lambda m: evaluate(trained), example_inputs=digits[2][:4])
+    said = [w for w in caught if "without running the model it was given" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__  # pointed at the caller
+    assert sum("without running the model it was given" in m for m in result.report.messages) == 1
+    assert len({s.metric for s in result.report.stages}) == 1  # what it would have judged: nothing
+
+
 def test_an_earlier_runs_model_file_is_left_and_named(trained, digits, tmp_path):
     run = dict(eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:4], output_dir=tmp_path)
     compress(trained, CompressionConfig(shrink=False, fp32_format="torchscript", latency_repeats=2), **run)

@@ -11,6 +11,7 @@ from conftest import accuracy_fn, make_sensitive_mlp
 from litcompress.quantization import (AccuracyCriterion, PTQConfig, QuantizationGoalWarning, layer_sensitivity,
                                       quantize)
 from litcompress.quantization.backends import BACKEND_REGISTRY, BackendUnavailableError, Backend
+from litcompress.quantization.tuner import UNUSED_MODEL_MESSAGE
 from quant_helpers import quantized_layers, state_snapshot
 
 FAST = dict(latency_repeats=3, max_trials=6)
@@ -55,6 +56,22 @@ def test_goal_met_by_default_candidate_picks_fastest_passing(trained_mlp, digits
     assert "fp32" in result.table() and result.recipe.describe() in result.table()
     with torch.no_grad():
         assert torch.allclose(result.model(x_test), trained_mlp(x_test), atol=0.5)
+
+
+def test_an_eval_fn_that_scores_another_model_is_said(trained_mlp, digits):
+    """`lambda m: accuracy(model)` for `lambda m: accuracy(m)`: every candidate would score as the fp32 model. The
+    baseline evaluation sees the model it was given never ran: a warning and a message (not an error: a constant
+    metric is a way to ask for no accuracy goal). A correct eval_fn gets neither."""
+    _, _, x_test, y_test = digits
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
+    accuracy = accuracy_fn(x_test, y_test)
+    with pytest.warns(UserWarning, match="eval_fn returned its metric without running the model it was given"):
+        result = quantize(trained_mlp, config, eval_fn=lambda m: accuracy(trained_mlp), example_inputs=x_test[:1])
+    assert UNUSED_MODEL_MESSAGE in result.messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = quantize(trained_mlp, config, eval_fn=accuracy, example_inputs=x_test[:1])
+    assert UNUSED_MODEL_MESSAGE not in result.messages
 
 
 def test_goal_not_met_returns_most_accurate_candidate_with_warning(trained_mlp, digits):

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,8 +40,9 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (QuantizationResult, check_metric, check_model_runs,
-                                            default_input_fn, model_input_fn, quantize)
+from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_metric, check_model_runs,
+                                            default_input_fn, evaluate_noting_use, model_input_fn, quantize,
+                                            warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -206,6 +208,7 @@ class _Stages:
 
     def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None) -> None:
         self.eval_fn, self.test_fn = eval_fn, test_fn
+        self.model_unused = False  # an evaluation returned without running the model it was given
         self.models: dict[str, nn.Module] = {}
         self.rows: list[StageMetrics] = []
 
@@ -216,7 +219,9 @@ class _Stages:
         model.eval()
         if metric is None:
             with torch.no_grad():
-                metric = check_metric(self.eval_fn(model), f"stage {stage!r}")
+                value, ran = evaluate_noting_use(self.eval_fn, model)
+            metric = check_metric(value, f"stage {stage!r}")
+            self.model_unused = self.model_unused or not ran
         counted = model if counted is None else counted
         shipped = model
         if pruned_targets(model):  # a model given with live masks: sized and counted as it would ship
@@ -673,6 +678,9 @@ def compress(
     details: list[tuple[str, str]] = []
     started = time.monotonic()
     stages.add("input", deepcopy_model(model), "the model as given", 0.0)
+    if stages.model_unused:
+        warn_unused_model()
+        note(UNUSED_MODEL_MESSAGE)
     stages.test_first()
     work = deepcopy_model(model)  # fine-tuned and pruned in place; shrink and quantize return new models
     result_sparsity = shrink_report = quantization = None
@@ -779,10 +787,13 @@ def compress(
         if ptq.num_threads is None and config.num_threads is not None:
             # Candidates are timed (and ONNX Runtime sessions made) with the threads the report uses.
             ptq = dataclasses.replace(ptq, num_threads=config.num_threads)
-        quantization = quantize(work, ptq, eval_fn=eval_fn, calibration_data=calibration_data,
-                                example_inputs=inputs, input_fn=input_fn)
+        with warnings.catch_warnings():
+            if stages.model_unused:  # said once, for the input
+                warnings.filterwarnings("ignore", message=re.escape(UNUSED_MODEL_MESSAGE))
+            quantization = quantize(work, ptq, eval_fn=eval_fn, calibration_data=calibration_data,
+                                    example_inputs=inputs, input_fn=input_fn)
         details.append(("Quantization trials", quantization.table()))
-        messages.extend(f"quantization: {m}" for m in quantization.messages)
+        messages.extend(f"quantization: {m}" for m in quantization.messages if m != UNUSED_MODEL_MESSAGE)
         if quantization.recipe is not None:
             work = quantization.model
             description = quantization.recipe.describe() + ("" if quantization.goal_met else " (goal missed)")

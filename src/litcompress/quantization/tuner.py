@@ -113,6 +113,38 @@ class QuantizationResult:
                               dynamic_dims=self.dynamic_dims)
 
 
+#: Said (warned, and in the result's messages) when the first evaluation returned without running the model.
+UNUSED_MODEL_MESSAGE = (
+    "eval_fn returned its metric without running the model it was given, so every model it judges scores alike: "
+    "fine for a constant metric (no accuracy goal), but an eval_fn that runs another model, one it closes over "
+    "(lambda m: accuracy(model) for lambda m: accuracy(m)), judges nothing.")
+
+
+def warn_unused_model() -> None:
+    warnings.warn(UNUSED_MODEL_MESSAGE, UserWarning, stacklevel=3)
+
+
+def evaluate_noting_use(eval_fn: Callable[[nn.Module], object], model: nn.Module) -> tuple[object, bool]:
+    """``eval_fn(model)``, and whether it ran `model` (the forward of any of its modules)."""
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    handles = []
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(count))
+    except RuntimeError:  # a module that takes no hooks: not counted, not said
+        calls = 1
+    try:
+        return eval_fn(model), calls > 0
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def check_metric(value: object, where: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -416,7 +448,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         note(f"folded {len(folded)} parametrized weight(s) into plain ones in the copy quantized, as for inference: "
              f"{', '.join(folded)}.")
     with torch.no_grad():
-        baseline_metric = check_metric(eval_fn(fp32), "the fp32 baseline")
+        value, ran = evaluate_noting_use(eval_fn, fp32)
+    baseline_metric = check_metric(value, "the fp32 baseline")
+    if not ran:
+        warn_unused_model()
+        note(UNUSED_MODEL_MESSAGE)
     criterion = config.accuracy
     threshold = criterion.threshold(baseline_metric)
     note(f"fp32 baseline metric {baseline_metric:.6g}; goal: metric "
