@@ -208,7 +208,7 @@ class _Stages:
 
     def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None) -> None:
         self.eval_fn, self.test_fn = eval_fn, test_fn
-        self.model_unused = False  # an evaluation returned without running the model it was given
+        self.model_unused = False  # the first evaluation returned without running the model it was given
         self.models: dict[str, nn.Module] = {}
         self.rows: list[StageMetrics] = []
 
@@ -219,9 +219,12 @@ class _Stages:
         model.eval()
         if metric is None:
             with torch.no_grad():
-                value, ran = evaluate_noting_use(self.eval_fn, model)
+                if self.rows:
+                    value = self.eval_fn(model)
+                else:  # the first evaluation tells whether eval_fn runs the model it is given at all
+                    value, ran = evaluate_noting_use(self.eval_fn, model)
+                    self.model_unused = not ran
             metric = check_metric(value, f"stage {stage!r}")
-            self.model_unused = self.model_unused or not ran
         counted = model if counted is None else counted
         shipped = model
         if pruned_targets(model):  # a model given with live masks: sized and counted as it would ship
