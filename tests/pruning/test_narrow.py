@@ -156,6 +156,13 @@ def test_a_state_that_shrink_cannot_have_written_is_refused():
                                          r"layer's \(8, 4\).*one built with other widths"):
         load_shrunk_state_dict(mlp, MLP_WITH_16_UNITS)
     assert mlp[0].weight.shape == (8, 4)  # refused, not resized
+    # every layer is checked before any is resized: a later misfit leaves the earlier, fitting layers as built
+    two = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    state = {"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(5), "2.weight": torch.zeros(9, 5),
+             "2.bias": torch.zeros(9)}
+    with pytest.raises(ValueError, match=r"2: the state dict's tensor of shape \(9, 5\) does not fit"):
+        narrow_to_state_dict_(two, state)
+    assert two[0].weight.shape == (8, 4) and two[0].out_features == 8 and two[2].in_features == 8
 
 
 def test_the_kept_heads_travel_with_the_state_dict():

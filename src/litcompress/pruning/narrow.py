@@ -44,29 +44,37 @@ def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> li
     A training run resumed from a checkpoint of a shrunk model (``trainer.fit(model, ckpt_path=...)``) needs this
     on the fresh model before ``fit``, so that its optimizer is built for the narrow parameters.
     """
-    changed = _replace_attentions_(model, state_dict)
+    _narrow_(model, state_dict, apply=False)  # every check first: a state that does not fit changes nothing
+    return _narrow_(model, state_dict, apply=True)
+
+
+def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) -> list[str]:
+    """The modules to resize (with `apply`, resized); raises where the state does not fit."""
+    changed = _replace_attentions_(model, state_dict, apply=apply)
+    replaced = tuple(f"{name}." for name in changed)  # a dry run still has torch's attention there
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         weight = _tensor(state_dict, prefix + "weight")
         if isinstance(module, _BATCH_NORM) and weight is None:  # no affine parameters: its statistics tell the width
             weight = state_dict.get(prefix + "running_mean")
-        if not isinstance(weight, Tensor) or isinstance(module, HeadPrunedAttention):
+        if not isinstance(weight, Tensor) or isinstance(module, HeadPrunedAttention) or prefix.startswith(replaced):
             continue
         if isinstance(module, nn.Linear):
-            resized = _resize_linear_(module, weight, name)
+            resized = _resize_linear_(module, weight, name, apply)
         elif isinstance(module, (*_CONV, *_TRANSPOSED)):
-            resized = _resize_conv_(module, weight, name)
+            resized = _resize_conv_(module, weight, name, apply)
         elif isinstance(module, _BATCH_NORM):
-            resized = _resize_batch_norm_(module, weight, name)
+            resized = _resize_batch_norm_(module, weight, name, apply)
         elif isinstance(module, nn.PReLU) and weight.dim() == 1 and weight.numel() != module.num_parameters:
             _check_narrower(name, weight.shape, module.weight.shape)
-            module.weight = _like(module.weight, weight.shape)
-            module.num_parameters = weight.numel()
+            if apply:
+                module.weight = _like(module.weight, weight.shape)
+                module.num_parameters = weight.numel()
             resized = True
         else:
             continue
         if isinstance(module, (nn.Linear, *_CONV, *_TRANSPOSED)):
-            resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"))
+            resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"), apply)
         if resized and name not in changed:
             changed.append(name)
     return changed
@@ -93,16 +101,18 @@ def _check_narrower(name: str, shape: torch.Size, built: torch.Size, kernel_dims
                          "this model (one built with other widths?).")
 
 
-def _resize_linear_(module: nn.Linear, weight: Tensor, name: str) -> bool:
+def _resize_linear_(module: nn.Linear, weight: Tensor, name: str, apply: bool) -> bool:
     if weight.dim() != 2 or weight.shape == module.weight.shape:
         return False
     _check_narrower(name, weight.shape, module.weight.shape)
+    if not apply:
+        return True
     module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
     module.weight = _like(module.weight, weight.shape)
     return True
 
 
-def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
+def _resize_conv_(module: nn.Module, weight: Tensor, name: str, apply: bool) -> bool:
     """A conv's weight is (out, in / groups, *kernel), a transposed conv's (in, out / groups, *kernel)."""
     if weight.dim() != module.weight.dim() or weight.shape == module.weight.shape:
         return False
@@ -110,11 +120,13 @@ def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
     rows, per_group = int(weight.shape[0]), int(weight.shape[1])
     transposed = isinstance(module, _TRANSPOSED)
     depthwise = not transposed and module.groups > 1 and module.groups == module.in_channels == module.out_channels
-    if depthwise and per_group == 1:  # shrink removes a depthwise conv's channels with its groups
-        module.groups = module.in_channels = module.out_channels = rows
-    elif rows % module.groups:
+    if not (depthwise and per_group == 1) and rows % module.groups:
         raise ValueError(f"{name}: a weight of shape {tuple(weight.shape)} does not fit its {module.groups} groups "
                          "(shrink keeps a grouped conv's groups and narrows each alike).")
+    if not apply:
+        return True
+    if depthwise and per_group == 1:  # shrink removes a depthwise conv's channels with its groups
+        module.groups = module.in_channels = module.out_channels = rows
     elif transposed:
         module.in_channels, module.out_channels = rows, per_group * module.groups
     else:
@@ -123,11 +135,13 @@ def _resize_conv_(module: nn.Module, weight: Tensor, name: str) -> bool:
     return True
 
 
-def _resize_batch_norm_(module: nn.Module, weight: Tensor, name: str) -> bool:
+def _resize_batch_norm_(module: nn.Module, weight: Tensor, name: str, apply: bool) -> bool:
     features = int(weight.shape[0]) if weight.dim() == 1 else module.num_features
     if features == module.num_features:
         return False
     _check_narrower(name, weight.shape, torch.Size([module.num_features]))
+    if not apply:
+        return True
     for tensor_name in ("weight", "bias"):
         if getattr(module, tensor_name) is not None:
             setattr(module, tensor_name, _like(getattr(module, tensor_name), torch.Size([features])))
@@ -139,17 +153,18 @@ def _resize_batch_norm_(module: nn.Module, weight: Tensor, name: str) -> bool:
     return True
 
 
-def _resize_bias_(module: nn.Module, bias: Any) -> bool:
+def _resize_bias_(module: nn.Module, bias: Any, apply: bool) -> bool:
     """A bias of the state's length; one created where folding gave a bias-less layer a bias."""
     if not isinstance(bias, Tensor) or (module.bias is not None and module.bias.shape == bias.shape):
         return False
-    module.bias = _like(module.bias, bias.shape, reference=module.weight)
+    if apply:
+        module.bias = _like(module.bias, bias.shape, reference=module.weight)
     return True
 
 
-def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) -> list[str]:
     """Put a :class:`HeadPrunedAttention` where `state_dict` holds one (its projections and heads) and `model` has
-    torch's attention."""
+    torch's attention (without `apply`, only name them)."""
     replaced = []
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
@@ -164,6 +179,9 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any]) -> lis
         if inner > module.embed_dim or inner % head_dim:
             raise ValueError(f"{name}: the state dict's attention has {inner} inner channels, which are not heads of "
                              f"{head_dim} of this attention's {module.num_heads}: not a shrunk state of this model.")
+        if not apply:
+            replaced.append(name)
+            continue
         original_heads, kept_heads = module.num_heads, None
         if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
             original_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
