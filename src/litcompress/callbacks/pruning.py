@@ -877,12 +877,12 @@ def load_module_from_checkpoint(
         if "Error(s) in loading state_dict" not in str(error):
             raise
         module = _built_without_weights(module_class, checkpoint, **kwargs)
-        if not narrow_to_state_dict_(module, state):
-            raise
         if not masked:
+            if not narrow_to_state_dict_(module, state):
+                raise
             module.load_state_dict(state, strict=strict)
             return module
-    narrow_to_state_dict_(module, state)  # a non-strict load skipped the `<name>_orig` keys unchecked: narrow here
+    narrow_to_state_dict_(module, state)  # a non-strict load skips the `<name>_orig` keys unchecked: narrow here
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=strict)
 
 
