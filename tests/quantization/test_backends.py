@@ -357,3 +357,60 @@ def test_onnxruntime_feeds_each_input_by_its_index_when_the_graph_reads_only_som
     assert quantized.input_names == ["input_1"]
     with torch.no_grad():
         torch.testing.assert_close(quantized(*batches[1]), model(*batches[1]), atol=0.05, rtol=0.05)
+
+
+class FlaggedCNN(nn.Module):
+    """Forward takes flags besides its input, read by Python `if`s (a common user pattern): fx symbolised them
+    (torch_ao static failed to trace) and the legacy ONNX exporter passed the keyword-only one by position."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16, 10)
+
+    def forward(self, x, return_features=False, *, log_probs: bool = False):
+        h = torch.flatten(nn.functional.max_pool2d(torch.relu(self.conv(x)), 2), 1)
+        if return_features:
+            return h
+        logits = self.fc(h)
+        return logits.log_softmax(1) if log_probs else logits
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_a_forward_with_flags_quantizes_on_every_backend_with_the_flags_at_their_defaults(backend_name, approach,
+                                                                                           tmp_path):
+    from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize
+
+    torch.manual_seed(0)
+    model = FlaggedCNN().eval()
+    x = torch.randn(256, 1, 8, 8)
+    before = state_snapshot(model)
+    config = PTQConfig(approach=approach, backends=(backend_name,), max_trials=1,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.1))
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    result = quantize(model, config, eval_fn=lambda m: (m(x).argmax(1) == labels).float().mean().item(),
+                      calibration_data=_calibration(x), example_inputs=x[:4])
+    assert [trial.error for trial in result.trials] == [None]
+    with torch.no_grad():
+        reference, output = model(x), result.model(x)
+    assert output.shape == reference.shape and sqnr_db(reference, output) > 20.0
+    result.save(str(tmp_path / "model.int8"))
+    loaded, _ = load_quantized(str(tmp_path / "model.int8"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:7]), result.model(x[:7]), atol=1e-4, rtol=1e-4)
+    after = state_snapshot(model)
+    assert type(model) is FlaggedCNN and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_taking_only_inputs_holds_defaults_and_leaves_forwards_without_extra_parameters_alone():
+    from litcompress.quantization.tracing import taking_only_inputs_
+
+    model = taking_only_inputs_(FlaggedCNN(), 1)
+    assert type(model) is not FlaggedCNN and isinstance(model, FlaggedCNN) and type(model).__name__ == "FlaggedCNN"
+    graph = torch.fx.symbolic_trace(model).graph
+    assert [node.target for node in graph.nodes if node.op == "placeholder"] == ["x"]
+    plain = nn.Linear(3, 2)
+    assert type(taking_only_inputs_(plain, 1)) is nn.Linear   # nothing beyond its input
+    assert type(taking_only_inputs_(FlaggedCNN(), 2)) is not FlaggedCNN  # the flag given: the keyword-only one held

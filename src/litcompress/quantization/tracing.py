@@ -9,6 +9,7 @@ right for other inputs. A condition that chooses what to compute is kept as it w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import warnings
 from collections.abc import Iterator
@@ -81,3 +82,30 @@ def tracer_warnings_that_matter(numbers_are_constants: bool = False) -> Iterator
         if numbers_are_constants and _converts_a_constant(warning):
             continue
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def taking_only_inputs_(model: nn.Module, count: int) -> nn.Module:
+    """Make `model` (a private copy: its class is swapped) take exactly `count` positional inputs, when its class's
+    ``forward`` has further parameters with defaults (``return_features=False``, ``*, need_weights=True``): those
+    then keep their defaults as constants, as a call with `count` inputs does. Tracers need this: torch.fx symbolises
+    every parameter of the class's forward, so a flag used in an ``if`` fails the trace, and the legacy ONNX exporter
+    passes keyword-only defaults by position. Returns `model`, unchanged when there is nothing to hold."""
+
+    cls = type(model)
+    try:
+        parameters = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):  # no Python signature (a TorchScript module)
+        return model
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    inputs, rest = parameters[:count], parameters[count:]
+    if (len(inputs) < count or any(p.kind not in positional for p in inputs) or not rest
+            or any(p.default is inspect.Parameter.empty for p in rest
+                   if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))):
+        return model  # *args among the inputs, nothing beyond them, or a required parameter the call would miss
+    names = ", ".join(p.name for p in inputs)
+    namespace: dict[str, object] = {"_forward": cls.forward}
+    # a generated def: fx reads the parameters from the function's code object
+    exec(f"def forward(self, {names}):\n    return _forward(self, {names})\n", namespace)  # noqa: S102
+    model.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__})
+    return model

@@ -22,7 +22,7 @@ from ..nested import batch_size
 from ..outputs import (TENSOR, Structure, output_structure, rebuild, tensor_leaves, tensor_leaves_of,
                        traces_as_it_is)
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
-from ..tracing import tracer_warnings_that_matter
+from ..tracing import taking_only_inputs_, tracer_warnings_that_matter
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
 METADATA_KEY = "litcompress"
@@ -144,8 +144,9 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     `fold_constants`: the exporter's constant folding (which lets ONNX Runtime's quantizer see a tied output layer's
     weight as an initializer of its own)."""
     original = model  # the file is compared with it (the exporter may modify the copy it is given)
-    model = _exportable_(copy.deepcopy(model).eval(), free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims)
-                         is not None)
+    # forward's other parameters (flags) keep their defaults: the exporter would pass keyword-only ones by position
+    model = taking_only_inputs_(copy.deepcopy(model).eval(), len(example_inputs))
+    model = _exportable_(model, free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims) is not None)
     names = [f"input_{i}" for i in range(len(example_inputs))]
     reference = eval_outputs(original, example_inputs)
     try:

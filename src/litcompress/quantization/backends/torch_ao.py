@@ -20,7 +20,7 @@ from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
-from ..tracing import numbers_read_from_constants, tracer_warnings_that_matter
+from ..tracing import numbers_read_from_constants, taking_only_inputs_, tracer_warnings_that_matter
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
                _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
 
@@ -149,7 +149,8 @@ class TorchAOBackend(Backend):
         # an attention narrowed by shrink branches on its inputs' shapes, as torch's (which fx keeps whole) does
         custom = PrepareCustomConfig().set_non_traceable_module_classes([HeadPrunedAttention])
         try:
-            prepared = prepare_fx(model, mapping, example_inputs, prepare_custom_config=custom)
+            prepared = prepare_fx(taking_only_inputs_(model, len(example_inputs)), mapping, example_inputs,
+                                  prepare_custom_config=custom)
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
             raise ExportError(f"torch_ao static: torch.fx could not trace the model: "
                               f"{type(exc).__name__}: {exc}") from exc
