@@ -1129,3 +1129,39 @@ def test_a_sequence_models_token_pooled_layers_are_pruned_and_removed_with_the_e
     result = compress(model, CompressionConfig(prune=prune, quantize=None), eval_fn=lambda m: 1.0, example_inputs=x)
     assert result.stage_models["shrunk"].ff.out_features == 8
     assert not any("removable_only" in m for m in result.report.messages)
+
+
+class FeaturesClassifier(nn.Module):
+    """``forward(x, return_features=False)``, the features read by a Python ``if`` (fx cannot trace it as it is):
+    structured pruning used to be refused and the fx and ONNX quantizers failed on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 96), nn.Linear(96, 96), nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        features = torch.relu(self.b(torch.relu(self.a(x))))
+        return features if return_features else self.head(features)
+
+
+def test_a_model_with_a_flag_is_pruned_shrunk_and_quantized_keeping_the_layers_the_flag_returns(digits, tmp_path):
+    torch.manual_seed(0)
+    model = train(FeaturesClassifier(), digits[0], digits[1])
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                               quantize=PTQConfig(approach="static", backends=("torch_ao", "onnxruntime"),
+                                                  max_trials=2, accuracy=AccuracyCriterion(tolerable_loss=0.05)),
+                               latency_repeats=2)
+    result = compress(model, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+                      calibration_data=[(digits[0][:128], None)], output_dir=tmp_path)
+    # `b` writes the features forward returns with return_features=True: only `a` is pruned and narrowed
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    assert int((pruned.a.weight.abs().sum(1) == 0).sum()) == 48 and not bool((pruned.b.weight == 0).any())
+    assert (shrunk.a.out_features, shrunk.b.out_features) == (48, 96)
+    x = digits[4]
+    with torch.no_grad():
+        for flag in (False, True):
+            torch.testing.assert_close(shrunk(x, flag), pruned(x, flag), rtol=1e-4, atol=1e-5)
+    assert [trial.error for trial in result.quantization.trials] == [None, None]
+    loaded, _ = load_quantized(str(result.artifact))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x))

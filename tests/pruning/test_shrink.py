@@ -1588,3 +1588,126 @@ def test_lazy_layers_take_their_shapes_from_the_example_inputs():
     result = shrink(model, x)
     assert (result.model[0].in_features, result.model[0].out_features) == (6, 8)  # random weights: none removed
     assert torch.nn.parameter.is_lazy(model[0].weight)  # the model as given
+
+
+class FlaggedMLP(nn.Module):
+    """Flags read by Python ``if``s, as user models have them (fx cannot trace those symbolically): the features
+    returned on request, an optional scale before the head, and an embedding path through a layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, 4)
+        self.proj = nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, *, scale: bool = False,
+                embed: bool = False) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if embed:
+            return self.proj(h)
+        h = torch.relu(self.b(h))
+        if return_features:
+            return h
+        return self.c(h * 2 if scale else h)
+
+
+class DefaultPathMLP(FlaggedMLP):
+    """The same layers, one flag that only rescales the output: every path takes each layer's output the same way."""
+
+    def forward(self, x: torch.Tensor, *, log_probs: bool = False) -> torch.Tensor:
+        logits = self.c(torch.relu(self.b(torch.relu(self.a(x)))) / 3)
+        return logits.log_softmax(-1) if log_probs else logits
+
+
+FLAG_COMBINATIONS = [dict(return_features=f, scale=s, embed=e) for f in (False, True) for s in (False, True)
+                     for e in (False, True)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(dead_a=st.sets(st.integers(0, 15), max_size=16), dead_b=st.sets(st.integers(0, 11), max_size=12),
+       seed=st.integers(0, 2**16))
+def test_a_forward_with_flags_keeps_every_flags_function_and_loses_channels_only_where_all_paths_agree(
+        dead_a, dead_b, seed) -> None:
+    torch.manual_seed(seed)
+    model = DefaultPathMLP().eval()
+    zero_rows_(model.a, sorted(dead_a))
+    zero_rows_(model.b, sorted(dead_b))
+    x = torch.randn(5, 8)
+    result = shrink(model, x)
+    # every path agrees: each layer's zero rows go, their constants folded through `/ 3` into the next layer
+    assert (result.model.a.out_features, result.model.b.out_features) == (
+        max(16 - len(dead_a), 1), max(12 - len(dead_b), 1))
+    for log_probs in (False, True):
+        torch.testing.assert_close(result.model(x, log_probs=log_probs), model(x, log_probs=log_probs),
+                                   rtol=1e-4, atol=1e-5)
+
+    flagged = FlaggedMLP().eval()
+    flagged.load_state_dict(model.state_dict(), strict=False)
+    zero_rows_(flagged.proj, [0])
+    result = shrink(flagged, x)
+    kept = dict(result.report.kept)
+    # a: read by proj with embed=True; b: returned with return_features=True, scaled with scale=True
+    assert result.model.a.out_features == 16 and result.model.b.out_features == 12
+    if dead_a:
+        assert kept["a"] == "with forward's embed=True, its output takes another way to proj"
+    if dead_b:
+        assert kept["b"].startswith("with forward's ")
+    assert kept["proj"].startswith("forward calls it only with embed=True")
+    for flags in FLAG_COMBINATIONS:
+        torch.testing.assert_close(result.model(x, flags["return_features"], scale=flags["scale"],
+                                                embed=flags["embed"]),
+                                   flagged(x, flags["return_features"], scale=flags["scale"], embed=flags["embed"]))
+
+
+def test_the_channel_plan_of_a_forward_with_flags_says_which_path_keeps_each_layer() -> None:
+    plan = channel_plan(FlaggedMLP())
+    assert plan.reasons == {
+        "a": "with forward's embed=True, its output takes another way to proj",
+        "b": "with forward's scale=True, its output takes other ops to c",
+        "c": "it produces the model's output, whose width is part of the model's interface",
+        "proj": "forward calls it only with embed=True, and shrink narrows layers along forward's default path",
+    }
+    assert channel_plan(DefaultPathMLP()).removable() == {
+        "a": None, "b": None, "c": "it produces the model's output, whose width is part of the model's interface",
+        "proj": "forward does not call it (as torch.fx traces forward)"}
+
+
+class ManyFlags(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, f1=False, f2=False, f3=False, f4=False, f5=False):
+        return self.a(x) if f1 or f2 or f3 or f4 or f5 else x
+
+
+def test_a_forward_with_more_flags_than_are_traced_in_all_combinations_is_refused_with_fxs_message() -> None:
+    with pytest.raises(ValueError, match="symbolically traced variables cannot be used as inputs to control flow"):
+        shrink(ManyFlags(), torch.randn(2, 4))
+
+
+class ScaledNet(nn.Module):
+    """A layer's output scaled or shifted by numbers, as ``x * self.scale`` or ``x / math.sqrt(d)``."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.a, self.b, self.op = nn.Linear(6, 10), nn.Linear(10, 3), op
+
+    def forward(self, x):
+        return self.b(self.op(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("op, passes", [
+    (lambda h: h * 2.5, True), (lambda h: 2.5 * h, True), (lambda h: h / 3, True), (lambda h: h + 1, True),
+    (lambda h: h - 0.5, True), (lambda h: h.mul(2), True), (lambda h: torch.add(h, 1), True),
+    (lambda h: 1 - h, False), (lambda h: h ** 2, False), (lambda h: torch.add(h, 1, alpha=2), False),
+])
+def test_arithmetic_with_a_number_is_element_wise_and_constants_fold_through_it(op, passes) -> None:
+    torch.manual_seed(0)
+    model = ScaledNet(op).eval()
+    zero_rows_(model.a, [0, 3, 4])
+    x = torch.randn(7, 6)
+    result = shrink(model, x)
+    assert result.model.a.out_features == (7 if passes else 10)
+    if not passes:
+        assert "does not see through" in dict(result.report.kept)["a"]
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)

@@ -33,9 +33,10 @@ from litcompress.pruning.engine import apply_mask_, effective_tensor, trainable_
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
-                                        _called_once_or_stateless, _flatten_start, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, _keeps_features, _normalises_channels,
-                                        _rank, _self_gate, _spatial_reduction, _value_users, keep_a_multiple_, trace)
+                                        _called_once_or_stateless, _flag_disagreements, _flatten_start,
+                                        _has_channels, _is_producer, _keep_batch_norm_, _keep_input_channels_,
+                                        _keep_rows_, _keeps_features, _normalises_channels, _rank, _self_gate,
+                                        _spatial_reduction, _value_users, keep_a_multiple_, trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -169,7 +170,10 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over channels. ValueError if the model
     cannot be traced.
     """
-    return _residual_groups(*trace(model, tracer))
+    modules, traces = trace_all(model, tracer)
+    producers = {name for name, module in modules.items() if _has_channels(module)}
+    first = traces[0]
+    return _flag_disagreements(traces, modules, producers, _residual_groups(first.graph, modules, first.calls))[1]
 
 
 def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]) -> list[ChannelGroup]:

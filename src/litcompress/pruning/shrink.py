@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -324,12 +326,12 @@ def _keeping_narrowed_attention(tracer: type[fx.Tracer]) -> type[fx.Tracer]:
     return Tracer
 
 
-def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Graph, dict[str, nn.Module],
-                                                                            dict[str, int]]:
-    """`model`'s ``torch.fx`` graph, its modules by name and how often the graph calls each; ValueError (with fx's
-    message) when it cannot be traced."""
+def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer, flags: dict[str, bool] | None = None
+          ) -> tuple[fx.Graph, dict[str, nn.Module], dict[str, int]]:
+    """`model`'s ``torch.fx`` graph (with `flags`, forward's parameters of those names held at those values), its
+    modules by name and how often the graph calls each; ValueError (with fx's message) when it cannot be traced."""
     try:
-        graph = _keeping_narrowed_attention(tracer)().trace(model)
+        graph = _keeping_narrowed_attention(tracer)().trace(model, concrete_args=flags or None)
     except Exception as error:  # fx raises many types
         compiled = compiled_module_names(model)
         hint = (f" (torch.compile'd: {', '.join(repr(n) if n else 'the model' for n in compiled)}; trace the eager "
@@ -345,6 +347,154 @@ def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[fx.Gra
         if name in calls:
             calls[name] += sum(calls.get(other, 0) for other, _ in others)
     return graph, modules, calls
+
+
+#: at most this many flags are traced in all their combinations (2 ** 4 traces)
+MAX_TRACED_FLAGS = 4
+
+
+@dataclass
+class _Trace:
+    """One trace of forward: its graph, how often it calls each module, and the flags held (empty: none)."""
+
+    graph: fx.Graph
+    calls: dict[str, int]
+    flags: dict[str, bool] = field(default_factory=dict)
+    changed: tuple[str, ...] = ()  # the flags not at forward's defaults
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}={self.flags[name]}" for name in self.changed)
+
+
+def _forward_flags(model: nn.Module) -> list[inspect.Parameter]:
+    """The parameters of `model`'s class's forward with a bool default (``return_features=False``): None when the
+    forward has ``*args`` or ``**kwargs`` (fx cannot hold those)."""
+    try:
+        parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters):
+        return []
+    return [p for p in parameters if isinstance(p.default, bool)]
+
+
+def trace_all(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[dict[str, nn.Module], list[_Trace]]:
+    """`model`'s modules by name and its traces: one, when fx traces forward as it is; else, when forward has flags
+    (parameters with a bool default, read by Python ``if``s, which fx cannot trace symbolically), one per
+    combination of their values, forward's defaults first: a layer's channels may go only where every path agrees.
+    ValueError (with fx's message) when a trace fails."""
+    try:
+        graph, modules, calls = trace(model, tracer)
+        return modules, [_Trace(graph, calls)]
+    except ValueError as error:
+        flags = _forward_flags(model)
+        if not flags or len(flags) > MAX_TRACED_FLAGS:
+            raise
+        first_error = error
+    traces = []
+    for flipped in itertools.product((False, True), repeat=len(flags)):
+        values = {p.name: p.default != flip for p, flip in zip(flags, flipped)}
+        try:
+            graph, modules, calls = trace(model, tracer, values)
+        except ValueError as error:
+            held = ", ".join(f"{name}={value}" for name, value in values.items())
+            raise ValueError(f"{first_error}; with forward's flags held ({held}), {error}") from error.__cause__
+        traces.append(_Trace(graph, calls, values, tuple(p.name for p, flip in zip(flags, flipped) if flip)))
+    return modules, traces
+
+
+def _flag_inputs(model: nn.Module, example_inputs: tuple, flags: dict[str, bool]) -> tuple | None:
+    """`example_inputs` followed by a value for each further parameter of forward (a placeholder of a trace that
+    holds `flags`: its value there, else its default); None when one has no default."""
+    if not flags:
+        return example_inputs
+    parameters = list(inspect.signature(type(model).forward).parameters.values())[1 + len(example_inputs):]
+    if any(p.name not in flags and p.default is inspect.Parameter.empty for p in parameters):
+        return None
+    return (*example_inputs, *(flags.get(p.name, p.default) for p in parameters))
+
+
+def _op_key(op: object) -> object:
+    """What a chain op does, comparable between traces (modules by identity)."""
+    if isinstance(op, (_BatchNorm, _PReLU)):
+        return type(op).__name__, id(op.bn if isinstance(op, _BatchNorm) else op.prelu)
+    if isinstance(op, _Depthwise):
+        return "depthwise", op.name, op.zero_padded
+    if isinstance(op, _SelfGate):
+        return "self-gate", tuple(_op_key(o) for o in op.ops)
+    if isinstance(op, (nn.Module, _Gate, _Concat, _Function)):
+        return (type(op).__name__, id(op)) if isinstance(op, nn.Module) else op
+    return "function", op
+
+
+def _chain_key(chain: _Chain) -> tuple:
+    return id(chain.producer), tuple((branch.consumer_name, branch.flattened, branch.zeros_only,
+                                      tuple(_op_key(op) for op in branch.ops)) for branch in chain.branches)
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a tensor among an op's arguments: not provably the same
+        return False
+
+
+def _chain_modules(name: str, chain: _Chain, names: dict[int, str]) -> set[str]:
+    """The modules a chain's edit touches, by name."""
+    found = {name}
+    for branch in chain.branches:
+        found.add(branch.consumer_name)
+        for op in branch.ops:
+            found |= {names.get(id(m), "") for m in (getattr(op, "bn", None), getattr(op, "prelu", None),
+                                                     getattr(op, "conv", None)) if m is not None}
+            found |= set(getattr(op, "names", ()))
+    return found - {""}
+
+
+def _touches(trace: _Trace, module_names: Iterable[str]) -> str | None:
+    """The first of `module_names` that the trace's forward calls (itself, or inside a module fx keeps whole)."""
+    called = _called_modules(trace.graph)
+    return next((name for name in module_names
+                 if name in called or any(name.startswith(leaf + ".") for leaf in called)), None)
+
+
+def _flag_disagreements(traces: list[_Trace], modules: dict[str, nn.Module], producers: set[str],
+                        groups: list) -> tuple[dict[str, str], list]:
+    """With several traces (forward's flags in all combinations; the first holds the defaults, and is the one
+    shrink edits along): the producers of the first trace whose chain another trace does not share, each with why,
+    and the first trace's channel groups that every other trace shares (or never reaches)."""
+    from litcompress.pruning.groups import _residual_groups
+
+    if len(traces) == 1:
+        return {}, groups
+    names = {id(module): name for name, module in modules.items()}
+    main = dict(_producer_chains(traces[0].graph, modules, traces[0].calls, producers))
+    reasons: dict[str, str] = {}
+    shared_groups = list(groups)
+    for other in traces[1:]:
+        held = f"with forward's {other.describe()}"
+        chains = dict(_producer_chains(other.graph, modules, other.calls, producers))
+        for name, chain in main.items():
+            if not isinstance(chain, _Chain) or name in reasons:
+                continue
+            theirs = chains.get(name)
+            if theirs is None:
+                used = _touches(other, _chain_modules(name, chain, names) - {name})
+                if used is not None:
+                    reasons[name] = f"{held}, forward calls {used} but not {name}"
+            elif isinstance(theirs, str):
+                reasons[name] = f"{held}, {theirs}"
+            elif not _same(_chain_key(theirs), _chain_key(chain)):
+                way = "other ops" if theirs.consumer_names == chain.consumer_names else "another way"
+                reasons[name] = f"{held}, its output takes {way} to {theirs.consumer_names}"
+        their_groups = _residual_groups(other.graph, modules, other.calls)
+        for group in list(shared_groups):
+            members = (*group.producers, *group.batch_norms, *group.consumers)
+            if not any(_same(group, g) for g in their_groups) and _touches(other, members) is not None:
+                shared_groups.remove(group)
+                for producer in group.producers:
+                    reasons.setdefault(producer, f"{held}, its residual or gated group is joined otherwise")
+    return reasons, shared_groups
 
 
 def _tied_modules(modules: dict[str, nn.Module]) -> dict[str, list[tuple[str, str]]]:
@@ -376,10 +526,15 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
                                                                                        *_AVG_POOLING))
 
 
-def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | None) -> None:
+def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | None,
+                     flags: dict[str, bool] | None = None) -> None:
     """Record the shape of each tensor `graph` computes on `example_inputs` (``node.meta["tensor_meta"]``, run in
     eval mode without gradients, modes restored), which tells a Linear layer's features from its tokens where
-    ranks matter. Nothing is recorded without inputs or when the run fails: the walk then assumes no rank."""
+    ranks matter; `flags`: those the graph's trace held. Nothing is recorded without inputs or when the run fails:
+    the walk then assumes no rank."""
+    if example_inputs is None:
+        return
+    example_inputs = _flag_inputs(model, example_inputs, flags or {})
     if example_inputs is None:
         return
     from torch.fx.passes.shape_prop import ShapeProp
@@ -605,13 +760,27 @@ def _spatial_reduction(node: fx.Node, ndim: int) -> str | None:
     return "all" if spatial == set(range(2, ndim)) else None
 
 
+@dataclass(frozen=True)
+class _Function:
+    """A graph node's element-wise function (or tensor method) applied to a tensor standing for its input, the
+    node's other arguments kept; equal for nodes that compute the same (traces of one forward with other flags)."""
+
+    target: Any
+    method: bool
+    rest: tuple
+    kwargs: tuple
+
+    def __call__(self, x: Tensor) -> Tensor:
+        kwargs = dict(self.kwargs)
+        if self.method:
+            return getattr(x, str(self.target))(*self.rest, **kwargs)
+        return self.target(x, *self.rest, **kwargs)
+
+
 def _function_op(node: fx.Node) -> Callable[[Tensor], Tensor]:
     """The node's element-wise function applied to a tensor standing for its input (other arguments kept)."""
-    target = node.target
-    rest, kwargs = node.args[1:], {k: v for k, v in node.kwargs.items() if k != "inplace"}
-    if node.op == "call_method":
-        return lambda x: getattr(x, str(target))(*rest, **kwargs)
-    return lambda x: target(x, *rest, **kwargs)  # type: ignore[operator]
+    kwargs = tuple((k, v) for k, v in node.kwargs.items() if k != "inplace")
+    return _Function(node.target, node.op == "call_method", tuple(node.args[1:]), kwargs)
 
 
 _MUL_FUNCTIONS = {operator.mul, torch.mul}
@@ -699,7 +868,29 @@ def _elementwise_op(step: fx.Node, previous: fx.Node,
     if (step.op == "call_function" and step.target in _ELEMENTWISE_FUNCTIONS) or (
             step.op == "call_method" and step.target in _ELEMENTWISE_METHODS):
         return _function_op(step)
-    return None
+    return _scalar_arithmetic(step, previous)
+
+
+# arithmetic with one number, each with whether the number may come first (``2 * x``)
+_SCALAR_FUNCTIONS = {operator.mul: True, operator.add: True, operator.truediv: False, operator.sub: False,
+                     torch.mul: True, torch.add: True, torch.div: False, torch.sub: False}
+_SCALAR_METHODS = {"mul", "add", "div", "sub"}
+
+
+def _scalar_arithmetic(step: fx.Node, previous: fx.Node) -> _Function | None:
+    """`step` as a function of `previous` when it scales or shifts it by a number (``x * self.scale``,
+    ``x / 2``, ``2 * x``): element-wise, a constant channel stays a constant."""
+    if step.kwargs or len(step.args) != 2:
+        return None
+    if step.op == "call_function" and step.target in _SCALAR_FUNCTIONS:
+        number = step.args[1] if step.args[0] is previous else step.args[0] if _SCALAR_FUNCTIONS[step.target] else None
+    elif step.op == "call_method" and step.target in _SCALAR_METHODS and step.args[0] is previous:
+        number = step.args[1]
+    else:
+        return None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return None
+    return _Function(step.target, step.op == "call_method", (number,), ())
 
 
 def _self_gate(node: fx.Node, users: list[fx.Node],
@@ -1234,6 +1425,15 @@ def _called_modules(graph: fx.Graph) -> set[str]:
     return {str(node.target) for node in graph.nodes if node.op == "call_module"}
 
 
+def _unreached_reason(name: str, traces: list[_Trace], modules: dict[str, nn.Module]) -> str:
+    """Why a producer that the first trace (forward's defaults) does not call keeps its channels."""
+    other = next((t for t in traces[1:] if name in _called_modules(t.graph)), None)
+    if other is not None:
+        return (f"forward calls it only with {other.describe()}, and shrink narrows layers along forward's default "
+                "path")
+    return _hidden_reason(name, _called_modules(traces[0].graph), modules)
+
+
 def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -> str:
     """Why a producer that no graph node calls (`called`: the names graph nodes call) keeps its channels."""
     leaf = max((t for t in called if name.startswith(t + ".")), key=len, default=None)
@@ -1316,20 +1516,25 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
     they give let more chains through (a sequence model's token pooling), as in ``shrink(model, example_inputs)``."""
     from litcompress.pruning.groups import _residual_groups
 
-    graph, modules, calls = trace(model, tracer)
+    modules, traces = trace_all(model, tracer)
     if example_inputs is not None:
-        annotate_shapes_(graph, model, example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+        for each in traces:
+            annotate_shapes_(each.graph, model, example_inputs if isinstance(example_inputs, tuple)
+                             else (example_inputs,), each.flags)
+    graph, calls = traces[0].graph, traces[0].calls
     names = {id(module): name for name, module in modules.items()}
     producers = {name for name, module in modules.items() if _has_channels(module)}
-    chains = dict(_producer_chains(graph, modules, calls, producers))
+    disagreements, channel_groups = _flag_disagreements(traces, modules, producers,
+                                                        _residual_groups(graph, modules, calls))
+    chains = {name: disagreements.get(name, chain) if isinstance(chain, _Chain) else chain
+              for name, chain in _producer_chains(graph, modules, calls, producers)}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
-    called = _called_modules(graph)
-    reasons.update({name: _hidden_reason(name, called, modules) for name in producers - reasons.keys()})
+    reasons.update({name: _unreached_reason(name, traces, modules) for name in producers - reasons.keys()})
     return ChannelPlan(
         reasons={name: reasons[name] for name in modules if name in reasons},
         slice_groups={name: groups for name, chain in chains.items() if isinstance(chain, _Chain)
                       and (groups := _slice_groups(chain)) > 1},
-        groups=_residual_groups(graph, modules, calls),
+        groups=channel_groups,
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
@@ -1462,25 +1667,30 @@ def shrink_(
     make_permanent_(model)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
     try:
-        graph, modules, calls = trace(model, tracer)
+        modules, traces = trace_all(model, tracer)
     except ValueError as error:  # the user needs the original message and what to do
         raise ValueError(
             f"shrink needs a model torch.fx can trace, and {error}. Shrink the traceable sub-module that holds the "
             "layers instead, or pass a tracer that keeps the untraceable parts as leaf modules."
         ) from error.__cause__
-    annotate_shapes_(graph, model, example_inputs)  # ranks: a Linear layer's features, or its tokens
+    for each in traces:
+        annotate_shapes_(each.graph, model, example_inputs, each.flags)  # ranks: a Linear's features, or its tokens
+    graph, calls = traces[0].graph, traces[0].calls
 
     from litcompress.pruning.groups import _residual_groups, remove_zero_group_channels_
 
     # Both decided before any edit: a depthwise conv left with one channel looks like an ungrouped conv. The chain
     # edits below change no residual space's width (a space's producers end no chain).
     producers = {name for name, module in modules.items() if _has_channels(module)}
-    groups = _residual_groups(graph, modules, calls)
+    # with flags, forward's paths in all their combinations: a layer loses channels only where every path agrees
+    disagreements, groups = _flag_disagreements(traces, modules, producers, _residual_groups(graph, modules, calls))
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
     reached: set[str] = set()
     for name, chain in _producer_chains(graph, modules, calls, producers):
         reached.add(name)
+        if isinstance(chain, _Chain) and name in disagreements:
+            chain = disagreements[name]
         if isinstance(chain, str):
             if bool(_zero_channels(modules[name]).any()):
                 kept.append((name, chain))
@@ -1490,8 +1700,7 @@ def shrink_(
             layers.append(outcome)
         elif isinstance(outcome, str):
             kept.append((name, outcome))
-    called = _called_modules(graph)
-    kept += [(name, _hidden_reason(name, called, modules)) for name in modules
+    kept += [(name, _unreached_reason(name, traces, modules)) for name in modules
              if name in producers - reached and bool(_zero_channels(modules[name]).any())]
     # Channel spaces joined by residual additions or gating products lose the channels that are exactly zero
     # wherever they are read.
