@@ -414,3 +414,27 @@ def test_taking_only_inputs_holds_defaults_and_leaves_forwards_without_extra_par
     plain = nn.Linear(3, 2)
     assert type(taking_only_inputs_(plain, 1)) is nn.Linear   # nothing beyond its input
     assert type(taking_only_inputs_(FlaggedCNN(), 2)) is not FlaggedCNN  # the flag given: the keyword-only one held
+
+
+class OptionalMask(nn.Module):
+    """``forward(x, mask=None)`` called without a mask: fx took the ``mask is not None`` path (a Proxy is not None),
+    so torch_ao's prepared model failed on the missing mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.a(x))
+        return self.b(h if mask is None else h * mask)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_an_optional_input_left_out_of_the_example_inputs_is_held_at_its_default(backend_name):
+    torch.manual_seed(0)
+    model = OptionalMask().eval()
+    x = torch.randn(256, 8)
+    backend = get_backend(backend_name)
+    quantized = backend.quantize(copy.deepcopy(model), backend.recipes("static")[0], (x[:4],), _calibration(x))
+    with torch.no_grad():
+        assert sqnr_db(model(x), quantized(x)) > 20.0
