@@ -145,6 +145,28 @@ def test_lottery_ticket_reset_restores_initial_weights_exactly(tmp_path, cls):
         assert any(torch.equal(snapshot, v) for v in initial.values())
 
 
+@both("with precision='bf16-true' or '64-true' the lottery-ticket reset puts the float32 snapshot, taken before the "
+      "trainer cast the model, in place of the weights: the next forward fails on mixed dtypes")
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_lottery_ticket_reset_keeps_the_precision_the_trainer_cast_the_model_to(tmp_path, cls, precision, dtype):
+    seed_everything(0)
+    model = FixedDataModel()
+    layers = {name: getattr(model.layer, name) for name in ("mlp_1", "mlp_2", "mlp_3")}
+    initial = {name: layer.weight.detach().to(dtype) for name, layer in layers.items()}  # as the trainer casts them
+    callback = cls("l1_unstructured", amount=0.3, parameter_names=["weight"], make_pruning_permanent=False,
+                   use_lottery_ticket_hypothesis=True)
+    make_trainer(tmp_path, max_epochs=3, precision=precision, callbacks=callback).fit(model)
+    total = sum(w.numel() for w in initial.values())
+    remaining = total
+    for _ in range(3):
+        remaining -= round(0.3 * remaining)
+    assert sum(int((layer.weight_mask == 0).sum()) for layer in layers.values()) == total - remaining
+    for name, layer in layers.items():
+        kept = layer.weight_mask.bool()
+        assert layer.weight_orig.dtype == dtype and layer.weight.dtype == dtype, name
+        assert torch.equal(layer.weight_orig[kept], initial[name][kept]), name  # survivors reset to their start
+
+
 @both("fit -> test -> fit with one callback crashes in deepcopy of non-leaf tensors")
 def test_fit_test_fit_with_one_callback(tmp_path, cls):
     model = ThreeLayerModel()
