@@ -1711,3 +1711,24 @@ def test_arithmetic_with_a_number_is_element_wise_and_constants_fold_through_it(
     if not passes:
         assert "does not see through" in dict(result.report.kept)["a"]
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class OptionalMaskMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h if mask is None else h * mask)
+
+
+def test_example_inputs_the_traced_graph_cannot_run_on_leave_no_traceback_on_stderr(capfd) -> None:
+    """fx traces the mask path (a Proxy is not None), which the example inputs (no mask) cannot run: the shapes are
+    left out, silently (ShapeProp printed the failing node's traceback)."""
+    model = OptionalMaskMLP().eval()
+    zero_rows_(model.a, [0, 1])
+    x = torch.randn(3, 8)
+    result = shrink(model, x)
+    torch.testing.assert_close(result.model(x), model(x))
+    assert "Traceback" not in capfd.readouterr().err

@@ -34,9 +34,11 @@ edited (weights replaced by smaller ones), so the model keeps its class, its ``f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
+import io
 import itertools
 import math
 import operator
@@ -543,7 +545,8 @@ def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | 
     try:
         model.eval()
         runnable = fx.GraphModule(model, copy.deepcopy(graph))  # a copy: a GraphModule takes its graph over
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node before raising: a failed run only means no ranks
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(runnable).propagate(*example_inputs)
         shapes = {node.name: node.meta.get("tensor_meta") for node in runnable.graph.nodes}
     except Exception:  # noqa: BLE001 - the shapes only refine the walk
