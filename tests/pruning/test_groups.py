@@ -537,3 +537,52 @@ def test_a_token_stream_pooled_before_its_reader_is_a_group_given_example_inputs
         eval_fn=lambda m: 1.0, example_inputs=x)
     shrunk = compressed.stage_models["shrunk"]
     assert shrunk.embed.out_features == shrunk.ff2.out_features == shrunk.head.in_features == 8
+
+
+HEADS = {  # how user code flattens the pooled stream before the classifier
+    "flatten": lambda pooled, stream: pooled.flatten(1),
+    "view of its own batch size": lambda pooled, stream: pooled.view(pooled.size(0), -1),
+    "view of the stream's batch size": lambda pooled, stream: pooled.view(stream.size(0), -1),
+    "reshape of shape[0]": lambda pooled, stream: pooled.reshape(stream.shape[0], -1),
+    "squeezes": lambda pooled, stream: pooled.squeeze(-1).squeeze(-1),
+    "squeeze of dims 3, 2": lambda pooled, stream: torch.squeeze(pooled, 3).squeeze(2),
+}
+
+
+class FlattenedHeadResNet(ResNet):
+    """ResNet whose head pools and flattens as `head` says (kuangliu's CIFAR ResNets: ``out.view(out.size(0), -1)``)."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.flatten = HEADS[head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stream = self.blocks(self.stem(x))
+        return self.head[2](self.flatten(F.adaptive_avg_pool2d(stream, 1), stream))
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_a_stream_flattened_by_a_view_of_the_batch_size_or_squeezed_after_pooling_stays_a_group(head):
+    """A size read of the batch blocked the group (a shape read), and a view reading the size of a tensor before the
+    pooling was 'another tensor'; a squeeze passes where the example inputs show the pooled 1x1 maps."""
+    torch.manual_seed(0)
+    model = randomised(FlattenedHeadResNet(head), 0)
+    x = torch.randn(3, 1, 8, 8)
+    if "squeeze" not in head:  # without example inputs, nothing tells the squeezed dims are the pooled 1x1
+        assert [group.consumers for group in residual_groups(model)] == [
+            ("blocks.0.conv1", "blocks.1.conv1", "head.2")]
+    groups = residual_groups(model) or residual_groups(ResNet())  # same layer names
+    prune_groups_(model, groups, 0.5)
+    zero_group_batch_norms_(model, groups)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert (shrunk.stem[0].out_channels, shrunk.head[2].in_features) == (8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_view_whose_sizes_depend_on_the_width_keeps_the_stream() -> None:
+    model = randomised(FlattenedHeadResNet("flatten"), 0)
+    model.flatten = lambda pooled, stream: pooled.view(stream.size(0), stream.size(1))  # the width, read
+    assert residual_groups(model) == []

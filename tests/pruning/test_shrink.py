@@ -1732,3 +1732,51 @@ def test_example_inputs_the_traced_graph_cannot_run_on_leave_no_traceback_on_std
     result = shrink(model, x)
     torch.testing.assert_close(result.model(x), model(x))
     assert "Traceback" not in capfd.readouterr().err
+
+
+POOLED_HEADS = {
+    "view of the pre-pool batch size": lambda pooled, maps: pooled.view(maps.size(0), -1),
+    "reshape of its shape[0]": lambda pooled, maps: pooled.reshape(maps.shape[0], -1),
+    "squeezes": lambda pooled, maps: pooled.squeeze(-1).squeeze(-1),
+    "squeeze of dims 3, 2": lambda pooled, maps: torch.squeeze(pooled, 3).squeeze(2),
+}
+
+
+class PooledHeadCNN(nn.Module):
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.conv, self.fc, self.flatten = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 5), POOLED_HEADS[head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = F.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(self.flatten(F.adaptive_avg_pool2d(maps, 1), maps))
+
+
+@pytest.mark.parametrize("head", list(POOLED_HEADS))
+def test_a_conv_flattened_after_global_pooling_by_a_batch_size_view_or_squeezes_loses_its_zero_filters(head) -> None:
+    torch.manual_seed(0)
+    model = PooledHeadCNN(head).eval()
+    with torch.no_grad():
+        model.conv.weight[:3] = 0  # constants relu(bias): folded into fc
+    x = torch.randn(2, 1, 8, 8)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 5
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+    if "squeeze" in head:  # without example inputs nothing tells that the squeezed dims are the pooled 1x1
+        assert "squeeze" in dict(shrink(model).report.kept)["conv"]
+
+
+class SqueezedMaps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).squeeze(2))  # (N, 8, 1, 8) -> (N, 8, 8): a spatial dim stays
+
+
+def test_a_squeeze_of_maps_larger_than_one_keeps_the_channels() -> None:
+    model = SqueezedMaps().eval()
+    zero_rows_(model.conv, [0, 1])
+    result = shrink(model, torch.randn(2, 1, 1, 8))
+    assert "squeeze, which shrink does not see through" in dict(result.report.kept)["conv"]

@@ -36,7 +36,8 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _called_once_or_stateless, _flag_disagreements, _flatten_start,
                                         _has_channels, _is_producer, _keep_batch_norm_, _keep_input_channels_,
                                         _keep_rows_, _keeps_features, _normalises_channels, _rank, _self_gate,
-                                        _spatial_reduction, _value_users, keep_a_multiple_, trace_all)
+                                        _spatial_reduction, _squeezed_rank, _value_users, keep_a_multiple_,
+                                        _reads_batch_size_only, trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -260,6 +261,8 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
+        if _reads_batch_size_only(node):
+            continue  # x.size(0), as in pool(x).view(x.size(0), -1): the batch, nothing of a space
         joining = _joining_op(node)
         if joining and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
             a, b = (find(space_of[x]) for x in inputs)
@@ -307,6 +310,12 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             space_of[node] = root
             rule_of[node] = rule_of[source]
             if reduced == "all":  # (batch, channels) left: read as features, as after a flatten
+                flattened.add(node)
+        elif len(inputs) == 1 and convs and (squeezed := _squeezed_rank(node, source)) is not None:
+            # pool(x).squeeze(-1).squeeze(-1), as the example inputs' shapes tell
+            space_of[node] = root
+            rule_of[node] = rule_of[source]
+            if squeezed == 2:
                 flattened.add(node)
         elif len(inputs) == 1 and spaces[root].kind is nn.Linear and source not in flattened \
                 and _keeps_features(node, source):

@@ -11,10 +11,11 @@ Where the graph does not allow that to be done exactly, the channels stay and th
 through a chain from a producer (Linear, Conv, grouped Conv or transposed Conv) to a consumer (the same; only zero
 channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
 consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
-over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations, dropout, a conv's
-spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise convolutions (a MobileNet
-block's middle layer: its channel j reads only channel j, so it loses the same channels) and a flatten from conv to
-Linear. With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain also
+over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations and arithmetic with a
+number, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise
+convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same channels)
+and a flatten from conv to Linear (``x.view(x.size(0), -1)`` too, and, with example inputs, squeezes of pooled 1x1
+maps). With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain also
 passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``), a squeeze, unsqueeze or
 flatten of dims before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over tokens
 as many as the features ends it; a residual stream of Linear features pooled so stays a group. An output with
@@ -28,8 +29,10 @@ into, are chains too. Channel spaces that residual additions or gating products 
 are handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read
 it (in all terms of a sum, in one factor of a product) leaves all of the group's layers.
 
-The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``; the module objects of the model itself are
-edited (weights replaced by smaller ones), so the model keeps its class, its ``forward`` and its hooks.
+The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``, or become so with its bool flags held
+(``return_features=False``: every combination is traced, and a layer loses channels only where all agree); the
+module objects of the model itself are edited (weights replaced by smaller ones), so the model keeps its class, its
+``forward`` and its hooks.
 """
 
 from __future__ import annotations
@@ -664,21 +667,57 @@ def _pads_with_zeros(conv: nn.Module) -> bool:
                                              else any(p != 0 for p in padding))
 
 
-def _is_batch_size(node: object, source: fx.Node) -> bool:
-    """True for ``source.size(0)`` or ``source.shape[0]`` (as traced by fx)."""
+_KEEPING_DIM_0 = (*_CONV_LIKE, *_BATCH_NORM, *_POOLING, *_AVG_POOLING, *_DROPOUT, *_ELEMENTWISE_MODULES, nn.Linear,
+                  nn.PReLU)
+
+
+def _same_dim_0(source: fx.Node, modules: dict[str, nn.Module] | None) -> list[fx.Node]:
+    """`source` and the nodes it derives from (by its first input) through layers and ops that keep the size of
+    dim 0 (convs, Linear layers, BatchNorm, pooling, dropout, element-wise ops): a size read of any of them is
+    `source`'s batch size (``self.pool(x).view(x.size(0), -1)``)."""
+    found = [source]
+    node = source
+    while modules is not None and len(found) < 32:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        keeps = isinstance(module, _KEEPING_DIM_0) or (node.op == "call_function" and node.target in (
+            _ELEMENTWISE_FUNCTIONS | _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS | _DROPOUT_FUNCTIONS)) or (
+            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+        if not keeps or not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+        found.append(node)
+    return found
+
+
+def _is_batch_size(node: object, source: fx.Node, modules: dict[str, nn.Module] | None = None) -> bool:
+    """True for ``source.size(0)`` or ``source.shape[0]`` (as traced by fx); given `modules`, also for those of a
+    tensor `source` derives from through ops that keep dim 0's size."""
     if not isinstance(node, fx.Node):
         return False
-    if node.op == "call_method" and node.target == "size" and node.args[0] is source:
+    sources = _same_dim_0(source, modules)
+    if node.op == "call_method" and node.target == "size" and any(node.args[0] is s for s in sources):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return dim == 0
     if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
         inner = node.args[0]
-        return isinstance(inner, fx.Node) and (
-            (inner.op == "call_method" and inner.target == "size" and inner.args[0] is source and len(inner.args) == 1)
-            or (inner.op == "call_function" and inner.target is getattr and inner.args[0] is source
-                and inner.args[1] == "shape")
+        return isinstance(inner, fx.Node) and any(
+            (inner.op == "call_method" and inner.target == "size" and inner.args[0] is s and len(inner.args) == 1)
+            or (inner.op == "call_function" and inner.target is getattr and inner.args[0] is s
+                and inner.args[1] == "shape") for s in sources
         )
     return False
+
+
+def _reads_batch_size_only(node: fx.Node) -> bool:
+    """True for ``x.size(0)``, and for ``x.size()`` or ``x.shape`` used only as ``[0]``: the batch size."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is not None:
+            return dim == 0
+    elif not (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
+        return False
+    return bool(node.users) and all(user.op == "call_function" and user.target is operator.getitem
+                                    and user.args[1] == 0 for user in node.users)
 
 
 def _reads_shape_only(node: fx.Node) -> bool:
@@ -692,9 +731,9 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     return [user for user in node.users if not _reads_shape_only(user)]
 
 
-def _tensor_args(node: fx.Node, source: fx.Node) -> list[fx.Node]:
-    """The node's tensor inputs, not counting reads of `source`'s batch size."""
-    return [a for a in node.all_input_nodes if not _is_batch_size(a, source)]
+def _tensor_args(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] | None = None) -> list[fx.Node]:
+    """The node's tensor inputs, not counting reads of `source`'s batch size (see `_is_batch_size`)."""
+    return [a for a in node.all_input_nodes if not _is_batch_size(a, source, modules)]
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -724,8 +763,23 @@ def _flatten_start(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
     # x.view(x.size(0), -1) / x.reshape(x.shape[0], -1): a fixed feature count would break once channels go
     source = node.args[0]
     if node.op == "call_method" and node.target in ("view", "reshape") and len(node.args) == 3 and not node.kwargs:
-        return 1 if _is_batch_size(node.args[1], source) and node.args[2] == -1 else None
+        return 1 if _is_batch_size(node.args[1], source, modules) and node.args[2] == -1 else None
     return None
+
+
+def _squeezed_rank(user: fx.Node, node: fx.Node) -> int | None:
+    """The rank left when `user` squeezes size-1 dims of a conv's output `node` whose other spatial dims are all 1
+    too (after a global pool: ``pool(x).squeeze(-1).squeeze(-1)``), keeping the batch and the channels; None
+    otherwise, or when the example inputs gave no shapes."""
+    squeeze = (user.op == "call_method" and user.target == "squeeze") or (
+        user.op == "call_function" and user.target is torch.squeeze)
+    shapes = [getattr(n.meta.get("tensor_meta"), "shape", None) for n in (node, user)]
+    if not squeeze or not user.args or user.args[0] is not node or None in shapes:
+        return None
+    before, after = (tuple(int(d) for d in shape) for shape in shapes)
+    if len(before) < 3 or after[:2] != before[:2] or any(d != 1 for d in before[2:]) or any(d != 1 for d in after[2:]):
+        return None
+    return len(after)
 
 
 _REDUCTIONS = ("mean", "amax", "amin")  # each maps a constant to itself (a sum would scale it)
@@ -1065,7 +1119,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return concat
         branch.ops.append(concat)
         return _walk(user, producer, branch, done, modules, calls) if walk_on else user
-    if _tensor_args(user, node) != [node]:
+    if _tensor_args(user, node, modules) != [node]:
         return f"its output meets another tensor in {_describe(user, modules)}"
     module = modules.get(str(user.target)) if user.op == "call_module" else None
     if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
@@ -1123,6 +1177,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         branch.flattened = True
     elif is_conv and not branch.flattened and (reduced := _spatial_reduction(user, producer.weight.dim())):
         branch.flattened = reduced == "all"  # (batch, channels) left: features, as after a flatten
+    elif is_conv and not branch.flattened and (squeezed := _squeezed_rank(user, node)) is not None:
+        branch.flattened = squeezed == 2  # (batch, channels) left: features, as after a flatten
     elif not is_conv and not branch.flattened and _keeps_features(user, node):
         pass  # tokens pooled or one taken: each feature keeps its constant
     else:
