@@ -586,3 +586,32 @@ def test_a_view_whose_sizes_depend_on_the_width_keeps_the_stream() -> None:
     model = randomised(FlattenedHeadResNet("flatten"), 0)
     model.flatten = lambda pooled, stream: pooled.view(stream.size(0), stream.size(1))  # the width, read
     assert residual_groups(model) == []
+
+
+class FeaturesResNet(ResNet):
+    """Returns the residual stream itself (pooled or not) with return_features=True: only the default path has it
+    read by the classifier."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, pool: bool = True) -> torch.Tensor:
+        stream = self.blocks(self.stem(x))
+        if return_features:
+            return stream.mean((2, 3)) if pool else stream
+        return self.head(stream)
+
+
+def test_a_stream_a_flag_returns_keeps_its_width_and_every_path_its_outputs():
+    model = randomised(FeaturesResNet(), 0)
+    groups = residual_groups(ResNet())  # the default path's group
+    prune_groups_(model, groups, 0.5)
+    zero_group_batch_norms_(model, groups)
+    assert residual_groups(model) == []
+    x = torch.randn(2, 1, 8, 8)
+    result = shrink(model, x)
+    kept = dict(result.report.kept)
+    assert all(kept[name].startswith("with forward's return_features=True, its residual group cannot lose channels")
+               for name in groups[0].producers)
+    assert result.model.stem[0].out_channels == 16
+    with torch.no_grad():
+        for return_features in (False, True):
+            for pool in (False, True):
+                torch.testing.assert_close(result.model(x, return_features, pool), model(x, return_features, pool))

@@ -498,7 +498,9 @@ def _flag_disagreements(traces: list[_Trace], modules: dict[str, nn.Module], pro
             if not any(_same(group, g) for g in their_groups) and _touches(other, members) is not None:
                 shared_groups.remove(group)
                 for producer in group.producers:
-                    reasons.setdefault(producer, f"{held}, its residual or gated group is joined otherwise")
+                    reasons.setdefault(producer, f"{held}, its {'gated' if group.gated else 'residual'} group "
+                                                 "cannot lose channels (it meets the model's output or an op shrink "
+                                                 "does not see through, or is joined otherwise)")
     return reasons, shared_groups
 
 
@@ -1585,8 +1587,7 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
     producers = {name for name, module in modules.items() if _has_channels(module)}
     disagreements, channel_groups = _flag_disagreements(traces, modules, producers,
                                                         _residual_groups(graph, modules, calls))
-    chains = {name: disagreements.get(name, chain) if isinstance(chain, _Chain) else chain
-              for name, chain in _producer_chains(graph, modules, calls, producers)}
+    chains = {name: disagreements.get(name, chain) for name, chain in _producer_chains(graph, modules, calls, producers)}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     reasons.update({name: _unreached_reason(name, traces, modules) for name in producers - reasons.keys()})
     return ChannelPlan(
@@ -1748,8 +1749,7 @@ def shrink_(
     reached: set[str] = set()
     for name, chain in _producer_chains(graph, modules, calls, producers):
         reached.add(name)
-        if isinstance(chain, _Chain) and name in disagreements:
-            chain = disagreements[name]
+        chain = disagreements.get(name, chain)  # a chain, or a group's producer, that another path disagrees with
         if isinstance(chain, str):
             if bool(_zero_channels(modules[name]).any()):
                 kept.append((name, chain))
