@@ -1587,7 +1587,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
     producers = {name for name, module in modules.items() if _has_channels(module)}
     disagreements, channel_groups = _flag_disagreements(traces, modules, producers,
                                                         _residual_groups(graph, modules, calls))
-    chains = {name: disagreements.get(name, chain) for name, chain in _producer_chains(graph, modules, calls, producers)}
+    chains = {name: disagreements.get(name, chain)
+              for name, chain in _producer_chains(graph, modules, calls, producers)}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     reasons.update({name: _unreached_reason(name, traces, modules) for name in producers - reasons.keys()})
     return ChannelPlan(
