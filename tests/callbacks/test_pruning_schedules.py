@@ -309,6 +309,30 @@ def test_a_schedule_within_the_fit_warns_nothing(tmp_path, recwarn):
     assert _schedule_warnings(recwarn) == []
 
 
+@pytest.mark.parametrize(("allowed", "reached_at"), [(lambda epoch: epoch % 2 == 0, 4), (lambda epoch: epoch > 0, 8)])
+def test_schedule_rounds_apply_pruning_refuses_are_caught_up_and_the_last_ones_warned_of(tmp_path, recwarn, allowed,
+                                                                                         reached_at):
+    """A step schedule to 80% by step 8 (4 steps per epoch): rounds refused in epoch 0 are caught up by the next
+    round allowed (the schedule gives the total sparsity); rounds refused in epoch 1, the schedule's last, are not,
+    which was silent."""
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=8, frequency=2)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule, apply_pruning=allowed,
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=4).fit(model)
+    zeros, total = zeros_and_total(targets)
+    assert zeros == round(schedule.target(reached_at) * total)  # global: exactly the last allowed round's target
+    skipped = [str(w.message) for w in recwarn if "apply_pruning" in str(w.message)]
+    if reached_at == 8:
+        assert skipped == []
+    else:
+        assert skipped == [
+            "ModelPruning: `apply_pruning` returned False for the schedule's last rounds (epoch 1), so the fit ends at "
+            "the 70.0% target of its last round, short of 80.0%. Let `apply_pruning` allow the epochs of the "
+            "schedule's last rounds, or end the schedule earlier."]
+
+
 def test_structured_schedules_prune_grouped_convs_and_their_inputs_evenly_over_the_groups(tmp_path):
     """A ResNeXt block: the grouped conv and the 1x1 conv it reads lose channels evenly over its 4 groups (Lightning's
     callback prunes each layer's weakest channels wherever they are), so shrink removes all of the grouped conv's."""

@@ -355,6 +355,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._take_snapshot_once()
         self._warn_if_fit_ends_before_the_schedule(trainer)
         self._validations_this_fit = 0
+        self._skipped_targets: list[tuple[int, float]] = []  # schedule rounds apply_pruning said no to
 
     def _warn_if_fit_ends_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         self._warned_fit_too_short = False
@@ -398,6 +399,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _run_pruning(self, current_epoch: int, trainer: Optional["pl.Trainer"] = None) -> None:
         prune = self._apply_pruning(current_epoch) if callable(self._apply_pruning) else self._apply_pruning
         if not prune:
+            if self._schedule is not None and callable(self._apply_pruning) and hasattr(self, "_skipped_targets"):
+                target = self._schedule.target(self._progress(current_epoch, trainer))
+                self._skipped_targets.append((current_epoch, target))
             return
         before = self._total_zeros()
         if self._schedule is not None:
@@ -437,6 +441,20 @@ class ModelPruning(TargetsFoundOnceConfigured):
              "amount": amount, "zeros_before": before, "zeros_after": self._total_zeros(),
              "lottery_ticket_reset": bool(reset)}
         )
+
+    def _warn_if_rounds_were_skipped(self) -> None:
+        """A schedule's rounds that `apply_pruning` refused are caught up by the next round it allows; those after
+        the last allowed one are not, and the fit ends short of the schedule's sparsity: say so."""
+        reached = next((round_["amount"] for round_ in reversed(self._history)), 0.0)
+        missed = [(epoch, target) for epoch, target in getattr(self, "_skipped_targets", ()) if target > reached]
+        if missed:
+            epochs = ", ".join(str(epoch) for epoch in sorted({epoch for epoch, _ in missed}))
+            rank_zero_warn(
+                f"ModelPruning: `apply_pruning` returned False for the schedule's last rounds (epoch {epochs}), so the "
+                f"fit ends at the {reached:.1%} target of its last round, short of "
+                f"{max(target for _, target in missed):.1%}. Let `apply_pruning` allow the epochs of the schedule's "
+                "last rounds, or end the schedule earlier."
+            )
 
     def _progress(self, current_epoch: int, trainer: Optional["pl.Trainer"]) -> int:
         """Where training is, in the schedule's unit: optimizer steps done, or epochs finished."""
@@ -537,6 +555,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             message = stopped_early_message(self._schedule, progress, "sparsity")
             if message and not self._warned_fit_too_short:  # said when fitting started
                 rank_zero_warn(message)
+            self._warn_if_rounds_were_skipped()
         if self._make_pruning_permanent:
             rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
             self.make_pruning_permanent(pl_module)
