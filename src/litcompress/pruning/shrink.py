@@ -372,7 +372,7 @@ class _Trace:
 
 
 def _forward_flags(model: nn.Module) -> list[inspect.Parameter]:
-    """The parameters of `model`'s class's forward with a bool default (``return_features=False``): None when the
+    """The parameters of `model`'s class's forward with a bool default (``return_features=False``); none when the
     forward has ``*args`` or ``**kwargs`` (fx cannot hold those)."""
     try:
         parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]
