@@ -615,3 +615,47 @@ def test_a_stream_a_flag_returns_keeps_its_width_and_every_path_its_outputs():
         for return_features in (False, True):
             for pool in (False, True):
                 torch.testing.assert_close(result.model(x, return_features, pool), model(x, return_features, pool))
+
+
+class ScaledResidualNet(nn.Module):
+    """A residual stream whose blocks are scaled by numbers before they join it (ReZero-style residual scaling,
+    ``x + 0.1 * f(x)``, ``f(x) / 2``), and a stream halved before the head."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.a1, self.a2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1, bias=False)
+        self.b1, self.b2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 1, bias=False)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + 0.1 * self.a2(torch.relu(self.a1(x)))
+        x = x + self.b2(torch.relu(self.b1(x))) / 2
+        return self.head((x * 0.5).mean((2, 3)))
+
+
+def test_a_residual_stream_scaled_by_numbers_is_one_group_and_shrinks():
+    torch.manual_seed(0)
+    model = ScaledResidualNet().eval()
+    (group,) = residual_groups(model)
+    assert set(group.producers) == {"stem", "a2", "b2"} and set(group.consumers) == {"a1", "b1", "head"}
+    prune_groups_(model, [group], 0.5)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert (shrunk.stem.out_channels, shrunk.a1.in_channels, shrunk.head.in_features) == (8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class ShiftedResidualNet(ScaledResidualNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + (self.a2(torch.relu(self.a1(x))) + 1.0)  # a shift: a zero channel becomes 1
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_residual_stream_shifted_by_a_number_is_no_group():
+    assert residual_groups(ShiftedResidualNet()) == []

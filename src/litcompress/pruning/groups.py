@@ -127,11 +127,30 @@ def _joining_op(node: fx.Node) -> str | None:
     return None
 
 
+def _scales_by_a_number(node: fx.Node) -> bool:
+    """``x * c``, ``c * x`` or ``x / c`` with `c` a non-zero number (residual scaling, ``x + 0.1 * f(x)``)."""
+    if node.kwargs or len(node.args) != 2:
+        return False
+    method = node.op == "call_method" and node.target in ("mul", "div")
+    function = node.op == "call_function" and node.target in (operator.mul, torch.mul, operator.truediv, torch.div)
+    if not (method or function):
+        return False
+    divides = node.target in ("div", operator.truediv, torch.div)
+    numbers = [a for a in node.args if not isinstance(a, fx.Node)]
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if len(numbers) != 1 or len(tensors) != 1 or (divides and node.args[1] is not numbers[0]):
+        return False
+    number = numbers[0]
+    return not isinstance(number, bool) and isinstance(number, (int, float)) and number != 0
+
+
 def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> bool:
     """A per-channel op that keeps an exactly-zero channel exactly zero."""
     if module is not None:
         return isinstance(module, (*_ZERO_PRESERVING_MODULES, *_DROPOUT)) or (
             is_conv and isinstance(module, (*_POOLING, *_AVG_POOLING)))  # pooling zeros gives zeros, padded or not
+    if _scales_by_a_number(node):
+        return True
     if node.op == "call_function":
         return node.target in _ZERO_PRESERVING_FUNCTIONS or node.target in _DROPOUT_FUNCTIONS or (
             is_conv and node.target in _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS)
@@ -166,8 +185,8 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     layers' outputs of one width) join, and that can lose channels as a whole.
 
     A space is left out when anything other than a Linear/ungrouped Conv (called once), a BatchNorm, a
-    zero-preserving activation, dropout, a conv's pooling, a flatten into a Linear or another addition or
-    multiplication within the space touches it: the model's input or output, a concatenation, a product with a
+    zero-preserving activation, a scaling by a number (``x + 0.1 * f(x)``), dropout, a conv's pooling, a flatten into
+    a Linear or another addition or multiplication within the space touches it: the model's input or output, a concatenation, a product with a
     tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over channels. ValueError if the model
     cannot be traced.
     """
