@@ -186,9 +186,9 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
 
     A space is left out when anything other than a Linear/ungrouped Conv (called once), a BatchNorm, a
     zero-preserving activation, a scaling by a number (``x + 0.1 * f(x)``), dropout, a conv's pooling, a flatten into
-    a Linear or another addition or multiplication within the space touches it: the model's input or output, a concatenation, a product with a
-    tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over channels. ValueError if the model
-    cannot be traced.
+    a Linear or another addition or multiplication within the space touches it: the model's input or output, a
+    concatenation, a product with a tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over
+    channels. ValueError if the model cannot be traced.
     """
     modules, traces = trace_all(model, tracer)
     producers = {name for name, module in modules.items() if _has_channels(module)}
