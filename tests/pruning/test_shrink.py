@@ -1780,3 +1780,57 @@ def test_a_squeeze_of_maps_larger_than_one_keeps_the_channels() -> None:
     zero_rows_(model.conv, [0, 1])
     result = shrink(model, torch.randn(2, 1, 1, 8))
     assert "squeeze, which shrink does not see through" in dict(result.report.kept)["conv"]
+
+
+SE_FORMS = {  # hand-written squeeze-and-excitation layers with Linear layers, as SENet implementations write them
+    "view(b, c), view(b, c, 1, 1), expand_as": lambda x, fc: x * fc(F.adaptive_avg_pool2d(x, 1).view(
+        x.size(0), x.size(1))).view(x.size(0), x.size(1), 1, 1).expand_as(x),
+    "b, c = size(); view(b, -1); broadcast": lambda x, fc: _unpacked_se(x, fc),
+    "flatten(1), unsqueeze(-1) twice": lambda x, fc: x * fc(F.adaptive_avg_pool2d(x, 1).flatten(1)).unsqueeze(
+        -1).unsqueeze(-1),
+}
+
+
+def _unpacked_se(x: torch.Tensor, fc: nn.Module) -> torch.Tensor:
+    b, c, _, _ = x.size()
+    return x * fc(F.adaptive_avg_pool2d(x, 1).view(b, -1)).view(b, c, 1, 1)
+
+
+class LinearSENet(nn.Module):
+    def __init__(self, form: str, reduction: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Sequential(nn.Linear(16, 16 // reduction, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(16 // reduction, 16, bias=False), nn.Sigmoid())
+        self.conv2, self.head = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 5)
+        self.se = SE_FORMS[form]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.se(torch.relu(self.bn1(self.conv1(x))), self.fc)
+        return self.head(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", list(SE_FORMS))
+@settings(max_examples=5, deadline=None)
+@given(dead=st.sets(st.integers(0, 15), min_size=1, max_size=15), seed=st.integers(0, 2**16))
+def test_a_squeeze_and_excitation_of_linear_layers_loses_the_zero_channels_it_gates(form, dead, seed) -> None:
+    """The classic SENet layer (pooled, reshaped with the sizes of its input, two Linear layers, a sigmoid, reshaped
+    back) ended the chain: its view read the input's channel count ('another tensor')."""
+    torch.manual_seed(seed)
+    model = LinearSENet(form).eval()
+    randomise_batch_norm_(model.bn1, torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # zero channels (the pipeline's zero_batch_norm holds their BatchNorm at zero)
+        rows = sorted(dead)
+        model.conv1.weight[rows], model.conv1.bias[rows], model.bn1.weight[rows], model.bn1.bias[rows] = 0, 0, 0, 0
+    x = torch.randn(2, 3, 6, 6)
+    result = shrink(model, x)
+    assert (result.model.conv1.out_channels, result.model.fc[0].in_features, result.model.fc[2].out_features,
+            result.model.conv2.in_channels) == (16 - len(dead),) * 4
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_squeeze_and_excitation_reshaped_with_a_written_width_keeps_its_channels() -> None:
+    model = LinearSENet("flatten(1), unsqueeze(-1) twice").eval()
+    model.se = lambda x, fc: x * fc(F.adaptive_avg_pool2d(x, 1).view(-1, 16)).view(-1, 16, 1, 1)
+    zero_rows_(model.conv1, [0, 1])
+    assert "conv1" in dict(shrink(model, torch.randn(2, 3, 6, 6)).report.kept)

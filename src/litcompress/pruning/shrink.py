@@ -729,8 +729,46 @@ def _reads_shape_only(node: fx.Node) -> bool:
     )
 
 
+_SHAPE_TEMPLATES = ("expand_as", "view_as", "reshape_as")  # y.expand_as(x) reads x's shape only
+
+
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    return [user for user in node.users if not _reads_shape_only(user)]
+    """The users of `node` that read its values, not only its shape (``x.size()``, ``y.expand_as(x)``)."""
+    return [user for user in node.users if not _reads_shape_only(user) and not (
+        user.op == "call_method" and user.target in _SHAPE_TEMPLATES and user.args[0] is not node)]
+
+
+def _reads_channels(node: object, source: fx.Node) -> bool:
+    """True for ``source.size(1)`` or ``source.shape[1]``, also as unpacked from ``b, c, h, w = source.size()``."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target == "size" and node.args[0] is source:
+        return (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")) == 1
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 1:
+        inner = node.args[0]
+        return isinstance(inner, fx.Node) and inner.args[0] is source and (
+            (inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1)
+            or (inner.op == "call_function" and inner.target is getattr and inner.args[1] == "shape"))
+    return False
+
+
+def _reshapes_pooled_channels(step: fx.Node, previous: fx.Node, origin: fx.Node) -> bool:
+    """Whether `step` only reshapes `previous`, a gate's (batch, channels) values of `origin`'s channels, between
+    (batch, channels) and (batch, channels, 1, ...), its sizes read from `origin` at run time (so they follow its
+    width): ``y.view(b, c)``, ``y.view(b, c, 1, 1)``, ``y.flatten(1)``, ``y.squeeze(-1)``, ``y.unsqueeze(-1)``,
+    ``y.expand_as(origin)``, as hand-written squeeze-and-excitation layers do."""
+    if step.op != "call_method" or not step.args or step.args[0] is not previous or step.kwargs:
+        return False
+    args = step.args[1:]
+    if step.target in ("view", "reshape"):
+        sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        return (len(sizes) >= 2 and _is_batch_size(sizes[0], origin)
+                and (_reads_channels(sizes[1], origin) or sizes[1] == -1) and all(size == 1 for size in sizes[2:]))
+    if step.target == "flatten":
+        return list(args) == [1]
+    if step.target in ("squeeze", "unsqueeze"):
+        return len(args) == 1 and isinstance(args[0], int) and (args[0] >= 2 or args[0] == -1)
+    return step.target == "expand_as" and list(args) == [origin]
 
 
 def _tensor_args(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] | None = None) -> list[fx.Node]:
@@ -863,8 +901,9 @@ def _is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> boo
 def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modules: dict[str, nn.Module],
                         calls: dict[str, int]) -> tuple[_Gate, fx.Node] | None:
     """If `node`'s two users are ``node * gate`` and the gate's path from `node` (global average pooling, a 1x1
-    conv from its `channels`, element-wise ops, a 1x1 conv back to `channels`, element-wise ops; nothing else reads
-    it), the gate and the multiplication."""
+    conv from its `channels`, element-wise ops, a 1x1 conv back to `channels`, element-wise ops; or the same with
+    Linear layers and reshapes between (batch, channels) and (batch, channels, 1, 1) whose sizes come from `node`;
+    nothing else reads it), the gate and the multiplication."""
     for mul, path_start in ((users[0], users[1]), (users[1], users[0])):
         is_mul = (mul.op == "call_function" and mul.target in _MUL_FUNCTIONS) or (
             mul.op == "call_method" and mul.target == "mul")
@@ -887,16 +926,19 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
             module = modules.get(str(step.target)) if step.op == "call_module" else None
             if module is not None and not _called_once_or_stateless(module, str(step.target), calls):
                 break
-            if module is not None and _is_producer(module) and isinstance(module, nn.Conv2d):
-                if has_computed_tensors(module) or module.kernel_size != (1, 1):
+            if module is not None and _is_producer(module) and isinstance(module, (nn.Conv2d, nn.Linear)):
+                if has_computed_tensors(module) or getattr(module, "kernel_size", (1, 1)) != (1, 1) or is_grouped(
+                        module):
                     break
                 convs.append(str(step.target))
-            elif _elementwise_op(step, previous, modules) is None:
+            elif _elementwise_op(step, previous, modules) is None and not _reshapes_pooled_channels(step, previous,
+                                                                                                    node):
                 break
         if step is not mul or len(convs) != 2:
             continue
         squeeze, excite = modules[convs[0]], modules[convs[1]]
-        if squeeze.in_channels != channels or excite.out_channels != channels:
+        if getattr(squeeze, "in_channels", getattr(squeeze, "in_features", None)) != channels or getattr(
+                excite, "out_channels", getattr(excite, "out_features", None)) != channels:
             continue
         return _Gate((convs[0], convs[1]), squeeze, excite), mul
     return None
