@@ -546,6 +546,8 @@ HEADS = {  # how user code flattens the pooled stream before the classifier
     "reshape of shape[0]": lambda pooled, stream: pooled.reshape(stream.shape[0], -1),
     "squeezes": lambda pooled, stream: pooled.squeeze(-1).squeeze(-1),
     "squeeze of dims 3, 2": lambda pooled, stream: torch.squeeze(pooled, 3).squeeze(2),
+    "pooled again with the kernel of its sizes": lambda pooled, stream: F.avg_pool2d(
+        pooled, pooled.size()[2:]).view(stream.size(0), -1),
 }
 
 

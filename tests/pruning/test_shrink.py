@@ -1834,3 +1834,38 @@ def test_a_squeeze_and_excitation_reshaped_with_a_written_width_keeps_its_channe
     model.se = lambda x, fc: x * fc(F.adaptive_avg_pool2d(x, 1).view(-1, 16)).view(-1, 16, 1, 1)
     zero_rows_(model.conv1, [0, 1])
     assert "conv1" in dict(shrink(model, torch.randn(2, 3, 6, 6)).report.kept)
+
+
+SIZED_POOLS = {  # global pooling whose kernel is read from the maps' spatial sizes (DenseNet and CIFAR-ResNet code)
+    "avg_pool2d(x, x.size()[2:])": lambda h: F.avg_pool2d(h, h.size()[2:]).flatten(1),
+    "avg_pool2d(x, x.size(3))": lambda h: F.avg_pool2d(h, h.size(3)).view(h.size(0), -1),
+    "max_pool2d(x, kernel_size=x.shape[-2:])": lambda h: F.max_pool2d(h, kernel_size=h.shape[-2:]).flatten(1),
+}
+
+
+class SizedPoolCNN(nn.Module):
+    def __init__(self, pool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc, self.pool = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 5), pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("pool", list(SIZED_POOLS))
+def test_a_global_pool_whose_kernel_is_read_from_the_spatial_sizes_passes_constant_channels(pool) -> None:
+    torch.manual_seed(0)
+    model = SizedPoolCNN(SIZED_POOLS[pool]).eval()
+    randomise_batch_norm_(model.bn, torch.Generator().manual_seed(0))
+    zero_rows_(model.conv, [1, 4, 6])  # constants through BatchNorm and ReLU: folded into fc
+    x = torch.randn(2, 1, 8, 8)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 5
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_pool_whose_kernel_reads_the_channel_count_keeps_the_channels() -> None:
+    model = SizedPoolCNN(lambda h: F.avg_pool2d(h, h.size(1) // 2).flatten(1)).eval()  # 8 channels: a 4x4 kernel
+    model.fc = nn.Linear(8 * 4, 5)
+    zero_rows_(model.conv, [1, 4, 6])
+    assert "meets another tensor" in dict(shrink(model, torch.randn(2, 1, 8, 8)).report.kept)["conv"]

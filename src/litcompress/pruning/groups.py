@@ -37,7 +37,7 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _has_channels, _is_producer, _keep_batch_norm_, _keep_input_channels_,
                                         _keep_rows_, _keeps_features, _normalises_channels, _rank, _self_gate,
                                         _spatial_reduction, _squeezed_rank, _value_users, keep_a_multiple_,
-                                        _reads_batch_size_only, trace_all)
+                                        _reads_batch_size_only, _reads_spatial_sizes_only, trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -282,6 +282,9 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             continue  # constants, attribute reads: nothing of a space
         if _reads_batch_size_only(node):
             continue  # x.size(0), as in pool(x).view(x.size(0), -1): the batch, nothing of a space
+        space = spaces[find(space_of[inputs[0]])]
+        if space.is_conv and _reads_spatial_sizes_only(node, _CONV_NDIM[space.kind]):
+            continue  # x.size()[2:], as in F.avg_pool2d(x, x.size()[2:]): not the channels
         joining = _joining_op(node)
         if joining and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
             a, b = (find(space_of[x]) for x in inputs)

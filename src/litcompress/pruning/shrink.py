@@ -722,6 +722,28 @@ def _reads_batch_size_only(node: fx.Node) -> bool:
                                     and user.args[1] == 0 for user in node.users)
 
 
+def _is_spatial_index(index: object, ndim: int) -> bool:
+    """Whether `index` (a dim, or a slice ``d:`` of dims) picks only spatial dims of an `ndim`-d conv output."""
+    if isinstance(index, slice):
+        return index.stop is None and index.step is None and _is_spatial_index(index.start, ndim)
+    return isinstance(index, int) and not isinstance(index, bool) and (2 <= index < ndim or -(ndim - 2) <= index <= -1)
+
+
+def _reads_spatial_sizes_only(node: fx.Node, ndim: int) -> bool:
+    """True for ``x.size(d)`` and for ``x.size()`` or ``x.shape`` used only as ``[d]`` or ``[d:]``, with `d` among
+    the spatial dims of `x`, an `ndim`-d conv output (a global pool's kernel, ``x.size()[2:]``)."""
+
+
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is not None:
+            return _is_spatial_index(dim, ndim)
+    elif not (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
+        return False
+    return bool(node.users) and all(user.op == "call_function" and user.target is operator.getitem
+                                    and _is_spatial_index(user.args[1], ndim) for user in node.users)
+
+
 def _reads_shape_only(node: fx.Node) -> bool:
     """True for a node that only reads its input's shape (``x.size(...)``, ``x.shape``): it does not use its values."""
     return (node.op == "call_method" and node.target in ("size", "dim")) or (
@@ -771,9 +793,28 @@ def _reshapes_pooled_channels(step: fx.Node, previous: fx.Node, origin: fx.Node)
     return step.target == "expand_as" and list(args) == [origin]
 
 
-def _tensor_args(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] | None = None) -> list[fx.Node]:
-    """The node's tensor inputs, not counting reads of `source`'s batch size (see `_is_batch_size`)."""
-    return [a for a in node.all_input_nodes if not _is_batch_size(a, source, modules)]
+def _reads_spatial_size(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] | None, ndim: int) -> bool:
+    """True for a read of spatial sizes of `source` (a conv's `ndim`-d output) or of a tensor it derives from
+    through convs, pooling and element-wise ops (as `_same_dim_0` finds them): ``x.size(3)``, ``x.shape[-1]``,
+    ``x.size()[2:]`` (a global pool written ``F.avg_pool2d(x, x.size()[2:])``), which do not depend on the
+    channels."""
+    sources = _same_dim_0(source, modules)
+    if node.op == "call_method" and node.target == "size" and any(node.args[0] is s for s in sources):
+        return _is_spatial_index(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"), ndim)
+    if node.op == "call_function" and node.target is operator.getitem and _is_spatial_index(node.args[1], ndim):
+        inner = node.args[0]
+        return isinstance(inner, fx.Node) and any(inner.args and inner.args[0] is s for s in sources) and (
+            (inner.op == "call_method" and inner.target == "size" and len(inner.args) == 1)
+            or (inner.op == "call_function" and inner.target is getattr and inner.args[1] == "shape"))
+    return False
+
+
+def _tensor_args(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] | None = None,
+                 spatial_ndim: int | None = None) -> list[fx.Node]:
+    """The node's tensor inputs, not counting reads of `source`'s batch size (see `_is_batch_size`) nor, for a conv's
+    `spatial_ndim`-d output, of its spatial sizes."""
+    return [a for a in node.all_input_nodes if not _is_batch_size(a, source, modules) and not (
+        spatial_ndim is not None and _reads_spatial_size(a, source, modules, spatial_ndim))]
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -1163,7 +1204,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return concat
         branch.ops.append(concat)
         return _walk(user, producer, branch, done, modules, calls) if walk_on else user
-    if _tensor_args(user, node, modules) != [node]:
+    spatial_ndim = producer.weight.dim() if is_conv and not branch.flattened else None
+    if _tensor_args(user, node, modules, spatial_ndim) != [node]:
         return f"its output meets another tensor in {_describe(user, modules)}"
     module = modules.get(str(user.target)) if user.op == "call_module" else None
     if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
