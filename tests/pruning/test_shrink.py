@@ -1869,3 +1869,47 @@ def test_a_pool_whose_kernel_reads_the_channel_count_keeps_the_channels() -> Non
     model.fc = nn.Linear(8 * 4, 5)
     zero_rows_(model.conv, [1, 4, 6])
     assert "meets another tensor" in dict(shrink(model, torch.randn(2, 1, 8, 8)).report.kept)["conv"]
+
+
+class ExpandedScaleNet(nn.Module):
+    """A learned per-channel scale expanded to the maps (``gamma.expand_as(x)``): it has the conv's width, so the
+    conv keeps its channels (only a gate's own expand_as passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 5)
+        self.gamma = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc((h * self.gamma.expand_as(h)).mean((2, 3)))
+
+
+def test_an_expand_as_of_something_else_than_a_gate_keeps_the_channels() -> None:
+    model = ExpandedScaleNet().eval()
+    zero_rows_(model.conv, [0, 1])
+    x = torch.randn(2, 1, 6, 6)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 8 and "conv" in dict(result.report.kept)
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+class ViewedAsNet(ExpandedScaleNet):
+    """A parameter reshaped to the maps' shape (``w.view_as(h)``) and read on its own: it holds the conv's width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2 * 8 * 6 * 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.mean((2, 3))) + self.w.view_as(h).mean()
+
+
+def test_a_tensor_viewed_as_the_maps_keeps_the_channels() -> None:
+    model = ViewedAsNet().eval()
+    zero_rows_(model.conv, [0, 1])
+    x = torch.randn(2, 1, 6, 6)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 8 and "conv" in dict(result.report.kept)
+    torch.testing.assert_close(result.model(x), model(x))

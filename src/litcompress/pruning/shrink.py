@@ -45,7 +45,7 @@ import io
 import itertools
 import math
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -751,13 +751,14 @@ def _reads_shape_only(node: fx.Node) -> bool:
     )
 
 
-_SHAPE_TEMPLATES = ("expand_as", "view_as", "reshape_as")  # y.expand_as(x) reads x's shape only
-
-
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    """The users of `node` that read its values, not only its shape (``x.size()``, ``y.expand_as(x)``)."""
-    return [user for user in node.users if not _reads_shape_only(user) and not (
-        user.op == "call_method" and user.target in _SHAPE_TEMPLATES and user.args[0] is not node)]
+    return [user for user in node.users if not _reads_shape_only(user)]
+
+
+def _expanded_as(node: fx.Node, users: list[fx.Node]) -> list[fx.Node]:
+    """The `users` that are ``y.expand_as(node)``: they read only `node`'s shape, which a gate's path may do."""
+    return [user for user in users if user.op == "call_method" and user.target == "expand_as"
+            and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node]
 
 
 def _reads_channels(node: object, source: fx.Node) -> bool:
@@ -940,11 +941,12 @@ def _is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> boo
 
 
 def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modules: dict[str, nn.Module],
-                        calls: dict[str, int]) -> tuple[_Gate, fx.Node] | None:
+                        calls: dict[str, int], templates: Sequence[fx.Node] = ()) -> tuple[_Gate, fx.Node] | None:
     """If `node`'s two users are ``node * gate`` and the gate's path from `node` (global average pooling, a 1x1
     conv from its `channels`, element-wise ops, a 1x1 conv back to `channels`, element-wise ops; or the same with
     Linear layers and reshapes between (batch, channels) and (batch, channels, 1, 1) whose sizes come from `node`;
-    nothing else reads it), the gate and the multiplication."""
+    nothing else reads it), the gate and the multiplication. `templates`: the users ``y.expand_as(node)`` of `node`,
+    which must all lie on the gate's path."""
     for mul, path_start in ((users[0], users[1]), (users[1], users[0])):
         is_mul = (mul.op == "call_function" and mul.target in _MUL_FUNCTIONS) or (
             mul.op == "call_method" and mul.target == "mul")
@@ -952,6 +954,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
                                                                                                      modules):
             continue
         convs: list[str] = []
+        path: set[fx.Node] = set()
         step = path_start
         while True:
             next_users = _value_users(step)
@@ -964,6 +967,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
             previous, step = step, next_users[0]
             if step is mul:
                 break
+            path.add(step)
             module = modules.get(str(step.target)) if step.op == "call_module" else None
             if module is not None and not _called_once_or_stateless(module, str(step.target), calls):
                 break
@@ -975,7 +979,7 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
             elif _elementwise_op(step, previous, modules) is None and not _reshapes_pooled_channels(step, previous,
                                                                                                     node):
                 break
-        if step is not mul or len(convs) != 2:
+        if step is not mul or len(convs) != 2 or not path.issuperset(templates):
             continue
         squeeze, excite = modules[convs[0]], modules[convs[1]]
         if getattr(squeeze, "in_channels", getattr(squeeze, "in_features", None)) != channels or getattr(
@@ -1164,8 +1168,10 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
     is_conv = isinstance(producer, _CONV_LIKE)
     while True:
         users = _value_users(node)
-        if len(users) == 2 and is_conv and not branch.flattened:
-            found = _squeeze_excitation(node, users, branch.width, modules, calls)
+        templates = _expanded_as(node, users)  # an SE gate's y.expand_as(node), if any: on the gate's path
+        if len(users) - len(templates) == 2 and is_conv and not branch.flattened:
+            found = _squeeze_excitation(node, [u for u in users if u not in templates], branch.width, modules, calls,
+                                        templates)
             if found is not None:
                 branch.ops.append(found[0])
                 node = found[1]  # on from the multiplication
