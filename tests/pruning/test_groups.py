@@ -661,3 +661,15 @@ class ShiftedResidualNet(ScaledResidualNet):
 
 def test_a_residual_stream_shifted_by_a_number_is_no_group():
     assert residual_groups(ShiftedResidualNet()) == []
+
+
+class ContiguousResidualNet(ScaledResidualNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).contiguous()
+        x = x + self.a2(torch.relu(self.a1(x))).float()
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_residual_stream_through_copies_and_casts_is_one_group():
+    (group,) = residual_groups(ContiguousResidualNet())
+    assert set(group.producers) == {"stem", "a2"} and set(group.consumers) == {"a1", "head"}

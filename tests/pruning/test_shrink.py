@@ -1913,3 +1913,16 @@ def test_a_tensor_viewed_as_the_maps_keeps_the_channels() -> None:
     result = shrink(model, x)
     assert result.model.conv.out_channels == 8 and "conv" in dict(result.report.kept)
     torch.testing.assert_close(result.model(x), model(x))
+
+
+@pytest.mark.parametrize("op", [lambda h: h.contiguous(), lambda h: h.float(), lambda h: h.to(torch.float32),
+                                lambda h: h.clone(), lambda h: h.detach()],
+                         ids=["contiguous", "float", "to(float32)", "clone", "detach"])
+def test_copies_and_casts_keep_every_value_and_pass_constant_channels(op) -> None:
+    torch.manual_seed(0)
+    model = ScaledNet(op).eval()
+    zero_rows_(model.a, [0, 3, 4])
+    x = torch.randn(7, 6)
+    result = shrink(model, x)
+    assert result.model.a.out_features == 7
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)

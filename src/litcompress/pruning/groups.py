@@ -32,19 +32,20 @@ from torch import Tensor, fx, nn
 from litcompress.pruning.engine import apply_mask_, effective_tensor, trainable_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
-                                        _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED, LayerShrink,
-                                        _called_once_or_stateless, _flag_disagreements, _flatten_start,
-                                        _has_channels, _is_producer, _keep_batch_norm_, _keep_input_channels_,
-                                        _keep_rows_, _keeps_features, _normalises_channels, _rank, _self_gate,
-                                        _spatial_reduction, _squeezed_rank, _value_users, keep_a_multiple_,
-                                        _reads_batch_size_only, _reads_spatial_sizes_only, trace_all)
+                                        _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
+                                        _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
+                                        _flag_disagreements, _flatten_start, _has_channels, _is_producer,
+                                        _keep_batch_norm_, _keep_input_channels_, _keep_rows_, _keeps_features,
+                                        _normalises_channels, _rank, _reads_batch_size_only,
+                                        _reads_spatial_sizes_only, _self_gate, _spatial_reduction, _squeezed_rank,
+                                        _value_users, keep_a_multiple_, trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
                             nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Identity)
 _ZERO_PRESERVING_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
                               F.mish, torch.tanh, F.tanh, F.hardtanh, F.hardswish}
-_ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh"}
+_ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", *_VALUE_KEEPING_METHODS}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}

@@ -77,8 +77,10 @@ _ELEMENTWISE_FUNCTIONS = {
     # with numbers for bounds (a tensor bound is another input, which ends a chain): ReLU6 written as a clamp
     torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
 }
+# copies, layouts and casts keep every value: x.contiguous() after a transpose, x.float() in mixed precision
+_VALUE_KEEPING_METHODS = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "double"}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "relu_", "sigmoid_", "tanh_", "clamp", "clip", "clamp_min",
-                        "clamp_max", "clamp_", "clip_", "clamp_min_", "clamp_max_"}
+                        "clamp_max", "clamp_", "clip_", "clamp_min_", "clamp_max_", *_VALUE_KEEPING_METHODS}
 # Ops that pass a constant channel through unchanged (eval mode): dropout, and spatial pooling that never pads with
 # zeros or resampling (U-Net decoders' upsampling: every mode interpolates a constant map to the same constant).
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
