@@ -1926,3 +1926,30 @@ def test_copies_and_casts_keep_every_value_and_pass_constant_channels(op) -> Non
     result = shrink(model, x)
     assert result.model.a.out_features == 7
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class SizedUpsamplingUNet(nn.Module):
+    """A U-Net level whose decoder upsamples to its skip's size, ``F.interpolate(b, size=a.shape[2:])`` (odd input
+    sizes): the size read of the skip `a`, which `b` derives from, counted as another tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.e2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.d1, self.out = nn.Conv2d(16 + 8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.e1(x))
+        b = torch.relu(self.e2(F.max_pool2d(a, 2)))
+        up = F.interpolate(b, size=a.shape[2:], mode="nearest")
+        return self.out(torch.relu(self.d1(torch.cat([up, a], 1))))
+
+
+def test_a_decoder_upsampled_to_its_skips_size_loses_its_zero_channels() -> None:
+    torch.manual_seed(0)
+    model = SizedUpsamplingUNet().eval()
+    with torch.no_grad():
+        model.e2.weight[:5], model.e2.bias[:5], model.e1.weight[:2], model.e1.bias[:2] = 0, 0, 0, 0
+    x = torch.randn(2, 1, 9, 9)  # odd: the upsampled maps are cut to the skip's size
+    result = shrink(model, x)
+    assert (result.model.e1.out_channels, result.model.e2.out_channels, result.model.d1.in_channels) == (6, 11, 17)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
