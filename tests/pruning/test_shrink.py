@@ -1953,3 +1953,23 @@ def test_a_decoder_upsampled_to_its_skips_size_loses_its_zero_channels() -> None
     result = shrink(model, x)
     assert (result.model.e1.out_channels, result.model.e2.out_channels, result.model.d1.in_channels) == (6, 11, 17)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class FlagAndDataDependentBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:  # data-dependent: no flag value makes this traceable
+            h = h * 2
+        return h if return_features else h + 1
+
+
+def test_a_forward_untraceable_with_its_flags_held_too_is_refused_once_with_fxs_message() -> None:
+    with pytest.raises(ValueError) as error:
+        shrink(FlagAndDataDependentBranch(), torch.randn(2, 4))
+    message = str(error.value)
+    assert message.count("symbolically traced variables cannot be used as inputs to control flow") == 1
+    assert "(also with forward's flags held at return_features=False)" in message

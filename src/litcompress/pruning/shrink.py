@@ -405,7 +405,9 @@ def trace_all(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[di
             graph, modules, calls = trace(model, tracer, values)
         except ValueError as error:
             held = ", ".join(f"{name}={value}" for name, value in values.items())
-            raise ValueError(f"{first_error}; with forward's flags held ({held}), {error}") from error.__cause__
+            message = (f"{error} (also with forward's flags held at {held})" if str(error) == str(first_error)
+                       else f"{first_error}; with forward's flags held at {held}, {error}")
+            raise ValueError(message) from error.__cause__
         traces.append(_Trace(graph, calls, values, tuple(p.name for p, flip in zip(flags, flipped) if flip)))
     return modules, traces
 
