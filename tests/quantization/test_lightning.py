@@ -265,11 +265,63 @@ def test_keywords_are_passed_by_position_in_the_order_of_forward():
     wrapped(1, attention_mask=2)
     wrapped(input_ids=1)
     assert calls == [(1, 2), (1, 2), (1,)]
-    with pytest.raises(TypeError, match="keyword-only input `scale`"):
+    wrapped(1, 2, scale=1.0)  # a flag at its default: held by the compressed model, not passed
+    wrapped(1, None)  # an optional input left out, trailing: not passed
+    assert calls[3:] == [(1, 2), (1,)]
+    with pytest.raises(TypeError, match=r"scale=2.0: a compressed model computes forward with its flags at their "
+                                        r"defaults \(scale=1.0\)"):
         wrapped(1, scale=2.0)
+    with pytest.raises(TypeError, match="keyword-only input `scale`"):
+        wrapped(1, scale=torch.ones(1))  # an input given by keyword only
 
     def gapped(a, b=None, c=None):
         raise AssertionError("only its signature is used")
 
     with pytest.raises(TypeError, match=r"called with \['c'\] but without `b`"):
         KeywordsAsPositional(lambda *args: None, inspect.signature(gapped))(1, c=3)
+
+
+class FlagsModule(DigitsModule):
+    """forward(x, return_features=False, *, log_probs=False), its validation step calling it as `call` says."""
+
+    def __init__(self, call: str = "plain") -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, x, return_features: bool = False, *, log_probs: bool = False):
+        features = self.net[1](self.net[0](x))
+        out = features if return_features else self.net[2](features)
+        return out.log_softmax(1) if log_probs else out
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = {"plain": lambda: self(x), "positional flag": lambda: self(x, False),
+                  "keyword flag": lambda: self(x, return_features=False),
+                  "keyword-only flag": lambda: self(x, log_probs=False),
+                  "flag off its default": lambda: self(x, log_probs=True)}[self.call]()
+        self.log("val_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
+
+
+@pytest.mark.parametrize("call", ["positional flag", "keyword flag", "keyword-only flag"])
+def test_a_validation_step_passing_flags_at_their_defaults_judges_every_backends_candidates(digits, call):
+    """The flags went on to the candidates: pt2e's file took no second input, and a keyword-only flag was refused."""
+    torch.manual_seed(0)
+    module, data = FlagsModule(), DigitsData(digits)
+    _trainer(max_epochs=1).fit(module, datamodule=data)
+    module.call = call
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime", "pt2e"), max_trials=3,
+                       latency_repeats=3)
+    result = quantize_lightning(module, config, metric="val_acc", datamodule=data)
+    assert [(trial.recipe.backend, trial.error) for trial in result.trials] == [
+        ("torch_ao", None), ("onnxruntime", None), ("pt2e", None)]
+    x, y = digits[2], digits[3]
+    predictions = torch.cat([result.model(batch).argmax(1) for batch in x.split(200)])
+    assert result.metric == pytest.approx((predictions == y).float().mean().item())
+
+
+def test_a_validation_step_passing_a_flag_off_its_default_is_refused_at_the_baseline(digits):
+    torch.manual_seed(0)
+    module, data = FlagsModule("flag off its default"), DigitsData(digits)
+    with pytest.raises(TypeError, match=r"log_probs=True: a compressed model computes forward with its flags at "
+                                        r"their defaults \(log_probs=False\)"):
+        quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data)

@@ -108,16 +108,21 @@ class KeywordsAsPositional(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        if not kwargs or self.signature is None:
+        if self.signature is None or (not kwargs and all(isinstance(a, torch.Tensor) for a in args)):
             return self.model(*args, **kwargs)
         bound = self.signature.bind(*args, **kwargs).arguments
         keyword_only = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)
+        for parameter in self.signature.parameters.values():
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.name in bound and \
+                    self._held_flag(parameter, bound[parameter.name]):
+                del bound[parameter.name]
         given = [p for p in self.signature.parameters.values() if p.kind in keyword_only and p.name in bound]
         if given:
             raise TypeError(f"the model was called with the keyword-only input `{given[0].name}`: a compressed "
                             "model takes its inputs by position")
         parameters = [p for p in self.signature.parameters.values() if p.kind not in keyword_only]
         positional: list[Any] = []
+        named: list[inspect.Parameter | None] = []  # the parameter of each positional value (None: of *args)
         for i, parameter in enumerate(parameters):
             if parameter.name not in bound:
                 later = [p.name for p in parameters[i + 1:] if p.name in bound]
@@ -128,9 +133,31 @@ class KeywordsAsPositional(nn.Module):
                 break
             if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
                 positional.extend(bound[parameter.name])
+                named.extend([None] * len(bound[parameter.name]))
             else:
                 positional.append(bound[parameter.name])
+                named.append(parameter)
+        # trailing flags: a compressed model computes forward with them at their defaults, and takes the inputs only
+        while named and named[-1] is not None and self._held_flag(named[-1], positional[-1]):
+            named.pop()
+            positional.pop()
         return self.model(*positional)
+
+    @staticmethod
+    def _held_flag(parameter: inspect.Parameter, value: object) -> bool:
+        """Whether `value`, given for `parameter`, is a flag at its default (a non-tensor argument that a compressed
+        model holds at its default); TypeError for a flag at another value, which no compressed model computes."""
+        default = parameter.default
+        if value is None and default is None:
+            return True  # an optional input left out: the compressed model was built without it
+        if not isinstance(default, (bool, int, float, str)) or type(value) is not type(default):
+            return False  # an input (a tensor, a container): passed on as it is
+        if value != default:
+            raise TypeError(f"the model was called with {parameter.name}={value!r}: a compressed model computes "
+                            f"forward with its flags at their defaults ({parameter.name}={parameter.default!r}); "
+                            "call it so in the validation and test steps, or compress a sub-module whose forward "
+                            "computes what they need (submodule=...)")
+        return True
 
 
 def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModule | None, metric: str,
