@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import hypothesis.strategies as st
 import pytest
@@ -673,3 +674,62 @@ class ContiguousResidualNet(ScaledResidualNet):
 def test_a_residual_stream_through_copies_and_casts_is_one_group():
     (group,) = residual_groups(ContiguousResidualNet())
     assert set(group.producers) == {"stem", "a2"} and set(group.consumers) == {"a1", "head"}
+
+
+class SEBlock(nn.Module):
+    """A residual block with a squeeze-and-excitation gate on its output before the addition (SE-ResNet, RegNetY),
+    written with 1x1 convs or, as SENet implementations do, Linear layers and reshapes read from the maps."""
+
+    def __init__(self, channels: int, linear: bool) -> None:
+        super().__init__()
+        self.linear = linear
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        layer = nn.Linear if linear else functools.partial(nn.Conv2d, kernel_size=1)
+        self.squeeze, self.excite = layer(channels, channels // 4), layer(channels // 4, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.linear:
+            b, c, _, _ = out.size()
+            gate = torch.sigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(out, 1).view(b, c)))))
+            out = out * gate.view(b, c, 1, 1).expand_as(out)
+        else:
+            out = out * torch.sigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(out, 1)))))
+        return F.relu(out + x)
+
+
+class SEResNet(nn.Module):
+    def __init__(self, linear: bool, channels: int = 16) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(SEBlock(channels, linear), SEBlock(channels, linear))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stream = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.head(F.adaptive_avg_pool2d(stream, 1).flatten(1))
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["1x1 convs", "Linear layers"])
+@settings(max_examples=6, deadline=None)
+@given(sparsity=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 10_000))
+def test_a_squeeze_and_excitation_gate_on_a_residual_stream_narrows_with_it(linear, sparsity, seed):
+    """x * gate(x) before each block's addition ended the stream's group (a product with another tensor): an
+    SE-ResNet kept its stream at full width. The gate's channel is zero where x's is: its squeeze layer reads the
+    group, its excite layer loses the rows of the channels that go."""
+    torch.manual_seed(seed)
+    model = randomised(SEResNet(linear), seed)
+    (group,) = residual_groups(model)
+    assert set(group.gate_excites) == {"blocks.0.excite", "blocks.1.excite"}
+    assert {"blocks.0.squeeze", "blocks.1.squeeze"} <= set(group.consumers)
+    prune_groups_(model, [group], sparsity)
+    zero_group_batch_norms_(model, [group])
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    left = 16 - round(sparsity * 16)
+    assert (shrunk.stem.out_channels, shrunk.blocks[1].excite.weight.shape[0], shrunk.head.in_features) == (left,) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)

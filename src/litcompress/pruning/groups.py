@@ -36,9 +36,10 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
                                         _flag_disagreements, _flatten_start, _has_channels, _is_producer,
                                         _keep_batch_norm_, _keep_input_channels_, _keep_rows_, _keeps_features,
-                                        _normalises_channels, _rank, _reads_batch_size_only,
+                                        _normalises_channels, _rank, _reads_batch_size_only, _reads_shape_only,
                                         _reads_spatial_sizes_only, _self_gate, _spatial_reduction, _squeezed_rank,
-                                        _value_users, keep_a_multiple_, trace_all)
+                                        _Gate, _expanded_as, _squeeze_excitation, _value_users, keep_a_multiple_,
+                                        trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -78,6 +79,9 @@ class ChannelGroup:
     # where each producer's channels start among its outputs: a layer chunked into several parts of the space is
     # listed once per part (a fused w13 twice, at 0 and hidden); empty: 0 for all, each listed once
     producer_starts: tuple[int, ...] = ()
+    # the excite layers of squeeze-and-excitation gates on the space (x * gate(x), as in SE-ResNets): they write a
+    # factor for each channel, and lose the rows of the channels that go (their squeeze layers are consumers)
+    gate_excites: tuple[str, ...] = ()
 
     def producer_slices(self) -> dict[str, list[int]]:
         """Each producer with the starts of its parts in the space, in order."""
@@ -110,6 +114,7 @@ class _Space:
     blocked: bool = False  # something other than the ops below touches it
     joined_by: set[str] = field(default_factory=set)  # "addition", "multiplication"
     read: list[ZeroRule] = field(default_factory=list)  # the ZeroRule of what each consumer reads
+    excites: list[str] = field(default_factory=list)  # squeeze-and-excitation gates' excite layers on the space
 
     @property
     def is_conv(self) -> bool:
@@ -197,6 +202,14 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     return _flag_disagreements(traces, modules, producers, _residual_groups(first.graph, modules, first.calls))[1]
 
 
+def _read_only_by(node: fx.Node, readers: set[fx.Node]) -> bool:
+    """Whether `node`'s value (a shape, ``x.size()``) reaches only `readers`, directly or through the items taken
+    from it (``b, c, _, _ = x.size()``)."""
+    return all(user in readers or (user.op == "call_function" and user.target is operator.getitem
+                                   and all(item_user in readers for item_user in user.users))
+               for user in node.users)
+
+
 def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]) -> list[ChannelGroup]:
     parent: list[int] = []  # union-find over spaces: an addition merges two
     spaces: list[_Space] = []
@@ -223,12 +236,22 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
     # x * f(x) with f element-wise (Swish written as x * sigmoid(x)): zero where x is zero, whatever f(0) is; the
     # product takes x's space, and f's path (which nothing else reads) is passed over
     self_gated: dict[fx.Node, fx.Node] = {}
+    # x * excite(act(squeeze(pool(x)))), a squeeze-and-excitation gate: zero where x is zero too; the product takes
+    # x's space, the squeeze layer reads it, the excite layer loses the rows of its channels
+    excited: dict[fx.Node, tuple[fx.Node, _Gate]] = {}
     for node in graph.nodes:
         users = _value_users(node)
         gated = _self_gate(node, users, modules) if len(users) == 2 else None
         if gated is not None:
             self_gated[gated[1]] = node
             handled.update(gated[2])
+        templates = _expanded_as(node, users)
+        if len(users) - len(templates) == 2:
+            found = _squeeze_excitation(node, [u for u in users if u not in templates], None, modules, calls,
+                                        templates)
+            if found is not None:
+                excited[found[1]] = (node, found[0])
+                handled.update(found[2])
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
@@ -279,10 +302,21 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             if source in flattened:
                 flattened.add(node)
             continue
+        if node in excited and excited[node][0] in space_of:
+            source, gate = excited[node]
+            space = spaces[find(space_of[source])]
+            if space.is_conv and source not in flattened and space.channels == gate.excite.weight.shape[0]:
+                space.consumers.append(gate.names[0])
+                space.read.append(rule_of[source])
+                space.excites.append(gate.names[1])
+                space_of[node], rule_of[node] = find(space_of[source]), rule_of[source]
+            else:
+                block(space_of[source])
+            continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
-        if _reads_batch_size_only(node):
-            continue  # x.size(0), as in pool(x).view(x.size(0), -1): the batch, nothing of a space
+        if _reads_batch_size_only(node) or (_reads_shape_only(node) and _read_only_by(node, handled)):
+            continue  # x.size(0), as in pool(x).view(x.size(0), -1), or sizes only a gate's path reshapes with
         space = spaces[find(space_of[inputs[0]])]
         if space.is_conv and _reads_spatial_sizes_only(node, _CONV_NDIM[space.kind]):
             continue  # x.size()[2:], as in F.avg_pool2d(x, x.size()[2:]): not the channels
@@ -301,6 +335,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 merged.batch_norms += other.batch_norms
                 merged.consumers += other.consumers
                 merged.read += other.read
+                merged.excites += other.excites
                 merged.blocked = merged.blocked or other.blocked
                 merged.joined_by |= other.joined_by
             spaces[find(a)].joined = True
@@ -355,7 +390,8 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 block(part)
     return [ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers), space.channels,
                          zero_when=_combined("all", space.read), joined_by=tuple(sorted(space.joined_by)),
-                         producer_starts=tuple(space.starts) if any(space.starts) else ())
+                         producer_starts=tuple(space.starts) if any(space.starts) else (),
+                         gate_excites=tuple(space.excites))
             for i, space in enumerate(spaces)
             if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers]
 
@@ -538,10 +574,14 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
             _keep_batch_norm_(modules[name], keep.to(modules[name].weight.device))
         for name in group.consumers:
             _keep_input_channels_(modules[name], keep, group.channels)
+        for name in group.gate_excites:
+            _keep_rows_(modules[name], keep.to(modules[name].weight.device))
         count = len(group.consumers)
         readers = f"{'gated' if group.gated else 'residual'} group, {count} reader{'' if count == 1 else 's'}"
         done += [LayerShrink(name, readers, group.channels * len(starts), int(keep.numel()) * len(starts), 0)
                  for name, starts in slices.items()]
+        done += [LayerShrink(name, f"{readers} (gate)", group.channels, int(keep.numel()), 0)
+                 for name in group.gate_excites]
     return done
 
 

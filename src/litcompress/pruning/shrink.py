@@ -944,13 +944,15 @@ def _is_global_average_pool(node: fx.Node, modules: dict[str, nn.Module]) -> boo
     return False
 
 
-def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modules: dict[str, nn.Module],
-                        calls: dict[str, int], templates: Sequence[fx.Node] = ()) -> tuple[_Gate, fx.Node] | None:
+def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int | None, modules: dict[str, nn.Module],
+                        calls: dict[str, int], templates: Sequence[fx.Node] = ()
+                        ) -> tuple[_Gate, fx.Node, set[fx.Node]] | None:
     """If `node`'s two users are ``node * gate`` and the gate's path from `node` (global average pooling, a 1x1
     conv from its `channels`, element-wise ops, a 1x1 conv back to `channels`, element-wise ops; or the same with
     Linear layers and reshapes between (batch, channels) and (batch, channels, 1, 1) whose sizes come from `node`;
-    nothing else reads it), the gate and the multiplication. `templates`: the users ``y.expand_as(node)`` of `node`,
-    which must all lie on the gate's path."""
+    nothing else reads it), the gate, the multiplication and the nodes of the gate's path. `templates`: the users
+    ``y.expand_as(node)`` of `node`, which must all lie on the gate's path. `channels`: `node`'s, which the gate must
+    read and write (None: only that it writes as many as it reads)."""
     for mul, path_start in ((users[0], users[1]), (users[1], users[0])):
         is_mul = (mul.op == "call_function" and mul.target in _MUL_FUNCTIONS) or (
             mul.op == "call_method" and mul.target == "mul")
@@ -986,10 +988,11 @@ def _squeeze_excitation(node: fx.Node, users: list[fx.Node], channels: int, modu
         if step is not mul or len(convs) != 2 or not path.issuperset(templates):
             continue
         squeeze, excite = modules[convs[0]], modules[convs[1]]
-        if getattr(squeeze, "in_channels", getattr(squeeze, "in_features", None)) != channels or getattr(
-                excite, "out_channels", getattr(excite, "out_features", None)) != channels:
+        read = getattr(squeeze, "in_channels", getattr(squeeze, "in_features", None))
+        written = getattr(excite, "out_channels", getattr(excite, "out_features", None))
+        if read != written or (channels is not None and read != channels):
             continue
-        return _Gate((convs[0], convs[1]), squeeze, excite), mul
+        return _Gate((convs[0], convs[1]), squeeze, excite), mul, path | {path_start}
     return None
 
 
@@ -1631,7 +1634,8 @@ class ChannelPlan:
         """A plain-text table: per producer, whether `shrink` can remove its pruned output channels (on its own, or
         with its residual group when the group is pruned as one) and why not; then the groups and the BatchNorms
         that zero_batch_norm holds at zero."""
-        group_of = {name: i for i, group in enumerate(self.groups, 1) for name in group.producers}
+        group_of = {name: i for i, group in enumerate(self.groups, 1)
+                    for name in (*group.producers, *group.gate_excites)}  # a gate's excite loses them too
         width = max([len(name) for name in (*self.reasons, *self.recurrent)] + [5])
         lines = [f"{'layer':<{width}}  {'kind':<24}  {'shrinks':<9}  why not"]
         for name, reason in self.reasons.items():
@@ -1643,8 +1647,9 @@ class ChannelPlan:
         for i, group in enumerate(self.groups, 1):
             writers = [name if len(starts) == 1 else f"{name} ({len(starts)} chunks)"
                        for name, starts in group.producer_slices().items()]
+            gates = f"; gated by {', '.join(group.gate_excites)}" if group.gate_excites else ""
             lines.append(f"group {i}: {group.channels} channels joined by {group.describe()}, written by "
-                         f"{', '.join(writers)}; read by {', '.join(group.consumers)}")
+                         f"{', '.join(writers)}; read by {', '.join(group.consumers)}{gates}")
         held = sorted({bn for places in self.batch_norms.values() for bn in places})
         if held:
             lines.append(f"BatchNorms held at zero for pruned channels while pruning (zero_batch_norm; a group's own "
