@@ -1885,15 +1885,6 @@ class ExpandedScaleNet(nn.Module):
         return self.fc((h * self.gamma.expand_as(h)).mean((2, 3)))
 
 
-def test_an_expand_as_of_something_else_than_a_gate_keeps_the_channels() -> None:
-    model = ExpandedScaleNet().eval()
-    zero_rows_(model.conv, [0, 1])
-    x = torch.randn(2, 1, 6, 6)
-    result = shrink(model, x)
-    assert result.model.conv.out_channels == 8 and "conv" in dict(result.report.kept)
-    torch.testing.assert_close(result.model(x), model(x))
-
-
 class ViewedAsNet(ExpandedScaleNet):
     """A parameter reshaped to the maps' shape (``w.view_as(h)``) and read on its own: it holds the conv's width."""
 
@@ -1906,8 +1897,9 @@ class ViewedAsNet(ExpandedScaleNet):
         return self.fc(h.mean((2, 3))) + self.w.view_as(h).mean()
 
 
-def test_a_tensor_viewed_as_the_maps_keeps_the_channels() -> None:
-    model = ViewedAsNet().eval()
+@pytest.mark.parametrize("cls", [ExpandedScaleNet, ViewedAsNet])
+def test_a_tensor_expanded_or_viewed_as_the_maps_outside_a_gate_keeps_the_channels(cls) -> None:
+    model = cls().eval()
     zero_rows_(model.conv, [0, 1])
     x = torch.randn(2, 1, 6, 6)
     result = shrink(model, x)
