@@ -1868,7 +1868,7 @@ def test_a_pool_whose_kernel_reads_the_channel_count_keeps_the_channels() -> Non
     model = SizedPoolCNN(lambda h: F.avg_pool2d(h, h.size(1) // 2).flatten(1)).eval()  # 8 channels: a 4x4 kernel
     model.fc = nn.Linear(8 * 4, 5)
     zero_rows_(model.conv, [1, 4, 6])
-    assert "meets another tensor" in dict(shrink(model, torch.randn(2, 1, 8, 8)).report.kept)["conv"]
+    assert "channel count is read" in dict(shrink(model, torch.randn(2, 1, 8, 8)).report.kept)["conv"]
 
 
 class ExpandedScaleNet(nn.Module):
@@ -1965,3 +1965,29 @@ def test_a_forward_untraceable_with_its_flags_held_too_is_refused_once_with_fxs_
     message = str(error.value)
     assert message.count("symbolically traced variables cannot be used as inputs to control flow") == 1
     assert "(also with forward's flags held at return_features=False)" in message
+
+
+class ChannelCountOffTheChain(nn.Module):
+    """The maps' channel count read for a tensor that never meets them again (a second output): narrowing the conv
+    would change it, though no op on the conv's way to its consumer reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 5)
+        self.codes = nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.conv(x))
+        b, c, _, _ = h.size()
+        return self.fc(h.mean((2, 3))), self.codes[:c].sum(0).expand(b, 3)
+
+
+def test_a_channel_count_read_off_the_chain_keeps_the_channels() -> None:
+    model = ChannelCountOffTheChain().eval()
+    zero_rows_(model.conv, [0, 1])
+    x = torch.randn(2, 1, 6, 6)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 8
+    assert dict(result.report.kept)["conv"].startswith("its channel count is read")
+    for shrunk, original in zip(result.model(x), model(x)):
+        torch.testing.assert_close(shrunk, original)

@@ -34,12 +34,12 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
-                                        _flag_disagreements, _flatten_start, _has_channels, _is_producer,
-                                        _keep_batch_norm_, _keep_input_channels_, _keep_rows_, _keeps_features,
-                                        _normalises_channels, _rank, _reads_batch_size_only, _reads_shape_only,
-                                        _reads_spatial_sizes_only, _self_gate, _spatial_reduction, _squeezed_rank,
-                                        _Gate, _expanded_as, _squeeze_excitation, _value_users, keep_a_multiple_,
-                                        trace_all)
+                                        _expanded_as, _flag_disagreements, _flatten_start, _Gate, _has_channels,
+                                        _is_producer, _keep_batch_norm_, _keep_input_channels_, _keep_rows_,
+                                        _keeps_features, _normalises_channels, _rank, _read_only_by,
+                                        _reads_batch_size_only, _reads_shape_only, _reads_spatial_sizes_only,
+                                        _self_gate, _spatial_reduction, _squeeze_excitation, _squeezed_rank,
+                                        _value_users, keep_a_multiple_, trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -200,14 +200,6 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     producers = {name for name, module in modules.items() if _has_channels(module)}
     first = traces[0]
     return _flag_disagreements(traces, modules, producers, _residual_groups(first.graph, modules, first.calls))[1]
-
-
-def _read_only_by(node: fx.Node, readers: set[fx.Node]) -> bool:
-    """Whether `node`'s value (a shape, ``x.size()``) reaches only `readers`, directly or through the items taken
-    from it (``b, c, _, _ = x.size()``)."""
-    return all(user in readers or (user.op == "call_function" and user.target is operator.getitem
-                                   and all(item_user in readers for item_user in user.users))
-               for user in node.users)
 
 
 def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]) -> list[ChannelGroup]:

@@ -748,6 +748,32 @@ def _reads_spatial_sizes_only(node: fx.Node, ndim: int) -> bool:
                                     and _is_spatial_index(user.args[1], ndim) for user in node.users)
 
 
+def _read_only_by(node: fx.Node, readers: set[fx.Node]) -> bool:
+    """Whether `node`'s value (a shape, ``x.size()``) reaches only `readers`, directly or through the items taken
+    from it (``b, c, _, _ = x.size()``)."""
+    return all(user in readers or (user.op == "call_function" and user.target is operator.getitem
+                                   and all(item_user in readers for item_user in user.users))
+               for user in node.users)
+
+
+def _channel_count_read(node: fx.Node, ndim: int, gate_path: set[fx.Node]) -> fx.Node | None:
+    """A read of `node`'s shape (an `ndim`-d conv output) that may take its channel count (``x.size(1)``,
+    ``x.shape``, ``b, c, h, w = x.size()``) and that does not only reshape a squeeze-and-excitation gate's values
+    (`gate_path`): narrowing the channels would change what it reads. Reads of the batch size, the spatial sizes or
+    the rank are not."""
+    for user in node.users:
+        if not _reads_shape_only(user) or user.target in ("dim", "ndim") or (
+                user.op == "call_function" and user.args[1] == "ndim"):
+            continue
+        if _reads_batch_size_only(user) or _reads_spatial_sizes_only(user, ndim) or _read_only_by(user, gate_path):
+            continue
+        if all(item.op == "call_function" and item.target is operator.getitem and not item.users
+               for item in user.users):
+            continue  # unpacked, the channel count never used
+        return user
+    return None
+
+
 def _reads_shape_only(node: fx.Node) -> bool:
     """True for a node that only reads its input's shape (``x.size(...)``, ``x.shape``): it does not use its values."""
     return (node.op == "call_method" and node.target in ("size", "dim")) or (
@@ -1176,13 +1202,18 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
     while True:
         users = _value_users(node)
         templates = _expanded_as(node, users)  # an SE gate's y.expand_as(node), if any: on the gate's path
+        found = None
         if len(users) - len(templates) == 2 and is_conv and not branch.flattened:
             found = _squeeze_excitation(node, [u for u in users if u not in templates], branch.width, modules, calls,
                                         templates)
-            if found is not None:
-                branch.ops.append(found[0])
-                node = found[1]  # on from the multiplication
-                continue
+        if is_conv and not branch.flattened:
+            read = _channel_count_read(node, producer.weight.dim(), found[2] if found else set())
+            if read is not None:
+                return f"its channel count is read ({_describe(read, modules)}) where the width would change"
+        if found is not None:
+            branch.ops.append(found[0])
+            node = found[1]  # on from the multiplication
+            continue
         if len(users) == 2:
             gated = _self_gate(node, users, modules)
             if gated is not None:
