@@ -1991,3 +1991,25 @@ def test_a_channel_count_read_off_the_chain_keeps_the_channels() -> None:
     assert dict(result.report.kept)["conv"].startswith("its channel count is read")
     for shrunk, original in zip(result.model(x), model(x)):
         torch.testing.assert_close(shrunk, original)
+
+
+class UnpackedSizesNet(nn.Module):
+    """``b, c, _, _ = h.size()`` with only the batch size used (``view(b, -1)`` after pooling): no channel read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        b, c, _, _ = h.size()
+        return self.fc(F.adaptive_avg_pool2d(h, 1).view(b, -1))
+
+
+def test_sizes_unpacked_whose_channel_count_is_never_used_let_the_channels_go() -> None:
+    model = UnpackedSizesNet().eval()
+    zero_rows_(model.conv, [0, 1, 2])
+    x = torch.randn(2, 1, 6, 6)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 5
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)

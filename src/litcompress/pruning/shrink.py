@@ -757,20 +757,28 @@ def _read_only_by(node: fx.Node, readers: set[fx.Node]) -> bool:
 
 
 def _channel_count_read(node: fx.Node, ndim: int, gate_path: set[fx.Node]) -> fx.Node | None:
-    """A read of `node`'s shape (an `ndim`-d conv output) that may take its channel count (``x.size(1)``,
-    ``x.shape``, ``b, c, h, w = x.size()``) and that does not only reshape a squeeze-and-excitation gate's values
-    (`gate_path`): narrowing the channels would change what it reads. Reads of the batch size, the spatial sizes or
-    the rank are not."""
+    """A read of `node`'s shape (an `ndim`-d conv output) that takes its channel count (``x.size(1)``, ``x.shape``
+    as a whole, ``c`` of ``b, c, h, w = x.size()``) for something other than reshaping a squeeze-and-excitation
+    gate's values (`gate_path`): narrowing the channels would change it. Reads of the batch size, the spatial sizes
+    or the rank, and unpacked sizes never used, are not."""
+
+    def harmless(index: object, readers: Iterable[fx.Node]) -> bool:
+        readers = list(readers)
+        return not readers or index == 0 or _is_spatial_index(index, ndim) or all(r in gate_path for r in readers)
+
     for user in node.users:
-        if not _reads_shape_only(user) or user.target in ("dim", "ndim") or (
-                user.op == "call_function" and user.args[1] == "ndim"):
+        if not _reads_shape_only(user) or user.target == "dim" or (user.op == "call_function"
+                                                                    and user.args[1] == "ndim"):
             continue
-        if _reads_batch_size_only(user) or _reads_spatial_sizes_only(user, ndim) or _read_only_by(user, gate_path):
+        dim = (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")) if user.op == "call_method" else None
+        if dim is not None:  # x.size(d)
+            if not harmless(dim, user.users):
+                return user
             continue
-        if all(item.op == "call_function" and item.target is operator.getitem and not item.users
-               for item in user.users):
-            continue  # unpacked, the channel count never used
-        return user
+        for item in user.users:  # x.size() or x.shape: each item taken from it, or the whole of it
+            is_item = item.op == "call_function" and item.target is operator.getitem
+            if not (harmless(item.args[1], item.users) if is_item else item in gate_path):
+                return user
     return None
 
 
