@@ -549,7 +549,13 @@ HEADS = {  # how user code flattens the pooled stream before the classifier
     "squeeze of dims 3, 2": lambda pooled, stream: torch.squeeze(pooled, 3).squeeze(2),
     "pooled again with the kernel of its sizes": lambda pooled, stream: F.avg_pool2d(
         pooled, pooled.size()[2:]).view(stream.size(0), -1),
+    "view of the batch size unpacked with the others": lambda pooled, stream: _view_unpacked(pooled, stream),
 }
+
+
+def _view_unpacked(pooled: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = stream.size()  # only b used: c, h and w are taken and never read
+    return pooled.view(b, -1)
 
 
 class FlattenedHeadResNet(ResNet):

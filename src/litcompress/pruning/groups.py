@@ -36,10 +36,9 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
                                         _expanded_as, _flag_disagreements, _flatten_start, _Gate, _has_channels,
                                         _is_producer, _keep_batch_norm_, _keep_input_channels_, _keep_rows_,
-                                        _keeps_features, _normalises_channels, _rank, _read_only_by,
-                                        _reads_batch_size_only, _reads_shape_only, _reads_spatial_sizes_only,
+                                        _keeps_features, _normalises_channels, _rank, _reads_shape_only,
                                         _self_gate, _spatial_reduction, _squeeze_excitation, _squeezed_rank,
-                                        _value_users, keep_a_multiple_, trace_all)
+                                        _value_users, keep_a_multiple_, _takes_channel_count, trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -307,11 +306,13 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             continue
         if not inputs:
             continue  # constants, attribute reads: nothing of a space
-        if _reads_batch_size_only(node) or (_reads_shape_only(node) and _read_only_by(node, handled)):
-            continue  # x.size(0), as in pool(x).view(x.size(0), -1), or sizes only a gate's path reshapes with
-        space = spaces[find(space_of[inputs[0]])]
-        if space.is_conv and _reads_spatial_sizes_only(node, _CONV_NDIM[space.kind]):
-            continue  # x.size()[2:], as in F.avg_pool2d(x, x.size()[2:]): not the channels
+        if _reads_shape_only(node):
+            space = spaces[find(space_of[inputs[0]])]
+            ndim = _CONV_NDIM[space.kind] if space.is_conv and inputs[0] not in flattened else None
+            if not _takes_channel_count(node, ndim, handled):
+                # x.size(0) in pool(x).view(x.size(0), -1), x.size()[2:] in F.avg_pool2d(x, x.size()[2:]), sizes
+                # only a gate's reshapes use: nothing of the space's channels
+                continue
         joining = _joining_op(node)
         if joining and len(inputs) == 2 and len(node.args) == 2 and all(a in space_of for a in node.args):
             a, b = (find(space_of[x]) for x in inputs)

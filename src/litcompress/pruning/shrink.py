@@ -714,18 +714,6 @@ def _is_batch_size(node: object, source: fx.Node, modules: dict[str, nn.Module] 
     return False
 
 
-def _reads_batch_size_only(node: fx.Node) -> bool:
-    """True for ``x.size(0)``, and for ``x.size()`` or ``x.shape`` used only as ``[0]``: the batch size."""
-    if node.op == "call_method" and node.target == "size":
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dim is not None:
-            return dim == 0
-    elif not (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
-        return False
-    return bool(node.users) and all(user.op == "call_function" and user.target is operator.getitem
-                                    and user.args[1] == 0 for user in node.users)
-
-
 def _is_spatial_index(index: object, ndim: int) -> bool:
     """Whether `index` (a dim, or a slice ``d:`` of dims) picks only spatial dims of an `ndim`-d conv output."""
     if isinstance(index, slice):
@@ -733,53 +721,35 @@ def _is_spatial_index(index: object, ndim: int) -> bool:
     return isinstance(index, int) and not isinstance(index, bool) and (2 <= index < ndim or -(ndim - 2) <= index <= -1)
 
 
-def _reads_spatial_sizes_only(node: fx.Node, ndim: int) -> bool:
-    """True for ``x.size(d)`` and for ``x.size()`` or ``x.shape`` used only as ``[d]`` or ``[d:]``, with `d` among
-    the spatial dims of `x`, an `ndim`-d conv output (a global pool's kernel, ``x.size()[2:]``)."""
-
-
-    if node.op == "call_method" and node.target == "size":
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dim is not None:
-            return _is_spatial_index(dim, ndim)
-    elif not (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
-        return False
-    return bool(node.users) and all(user.op == "call_function" and user.target is operator.getitem
-                                    and _is_spatial_index(user.args[1], ndim) for user in node.users)
-
-
-def _read_only_by(node: fx.Node, readers: set[fx.Node]) -> bool:
-    """Whether `node`'s value (a shape, ``x.size()``) reaches only `readers`, directly or through the items taken
-    from it (``b, c, _, _ = x.size()``)."""
-    return all(user in readers or (user.op == "call_function" and user.target is operator.getitem
-                                   and all(item_user in readers for item_user in user.users))
-               for user in node.users)
-
-
-def _channel_count_read(node: fx.Node, ndim: int, gate_path: set[fx.Node]) -> fx.Node | None:
-    """A read of `node`'s shape (an `ndim`-d conv output) that takes its channel count (``x.size(1)``, ``x.shape``
-    as a whole, ``c`` of ``b, c, h, w = x.size()``) for something other than reshaping a squeeze-and-excitation
-    gate's values (`gate_path`): narrowing the channels would change it. Reads of the batch size, the spatial sizes
-    or the rank, and unpacked sizes never used, are not."""
+def _takes_channel_count(read: fx.Node, ndim: int | None, allowed: set[fx.Node] = frozenset()) -> bool:
+    """Whether `read`, a read of a tensor's shape (``_reads_shape_only``), takes what narrowing the tensor's channels
+    would change: its channel count (``x.size(1)``, ``c`` of ``b, c, h, w = x.size()``) or the whole shape, used by
+    anything but the `allowed` nodes (a squeeze-and-excitation gate's reshapes). Reads of the rank, the batch size,
+    the spatial sizes of an `ndim`-d conv output (None: not a conv output), and unpacked sizes never used do not."""
 
     def harmless(index: object, readers: Iterable[fx.Node]) -> bool:
         readers = list(readers)
-        return not readers or index == 0 or _is_spatial_index(index, ndim) or all(r in gate_path for r in readers)
+        return not readers or index == 0 or (ndim is not None and _is_spatial_index(index, ndim)) or all(
+            r in allowed for r in readers)
 
-    for user in node.users:
-        if not _reads_shape_only(user) or user.target == "dim" or (user.op == "call_function"
-                                                                    and user.args[1] == "ndim"):
-            continue
-        dim = (user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")) if user.op == "call_method" else None
-        if dim is not None:  # x.size(d)
-            if not harmless(dim, user.users):
-                return user
-            continue
-        for item in user.users:  # x.size() or x.shape: each item taken from it, or the whole of it
-            is_item = item.op == "call_function" and item.target is operator.getitem
-            if not (harmless(item.args[1], item.users) if is_item else item in gate_path):
-                return user
-    return None
+    if read.target == "dim" or (read.op == "call_function" and read.args[1] == "ndim"):
+        return False
+    if read.op == "call_method":  # x.size(d), or x.size()
+        dim = read.args[1] if len(read.args) > 1 else read.kwargs.get("dim")
+        if dim is not None:
+            return not harmless(dim, read.users)
+    for item in read.users:  # x.size() or x.shape: each item taken from it, or the whole of it
+        is_item = item.op == "call_function" and item.target is operator.getitem
+        if not (harmless(item.args[1], item.users) if is_item else item in allowed):
+            return True
+    return False
+
+
+def _channel_count_read(node: fx.Node, ndim: int, gate_path: set[fx.Node]) -> fx.Node | None:
+    """A read of `node`'s shape (an `ndim`-d conv output) that takes its channel count for something other than
+    reshaping a squeeze-and-excitation gate's values (`gate_path`): narrowing the channels would change it."""
+    return next((user for user in node.users if _reads_shape_only(user)
+                 and _takes_channel_count(user, ndim, gate_path)), None)
 
 
 def _reads_shape_only(node: fx.Node) -> bool:
