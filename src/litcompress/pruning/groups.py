@@ -37,8 +37,9 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _expanded_as, _flag_disagreements, _flatten_start, _Gate, _has_channels,
                                         _is_producer, _keep_batch_norm_, _keep_input_channels_, _keep_rows_,
                                         _keeps_features, _normalises_channels, _rank, _reads_shape_only,
-                                        _self_gate, _spatial_reduction, _squeeze_excitation, _squeezed_rank,
-                                        _value_users, keep_a_multiple_, _takes_channel_count, trace_all)
+                                        _scalar_arithmetic, _self_gate, _spatial_reduction, _squeeze_excitation,
+                                        _squeezed_rank, _takes_channel_count, _value_users, keep_a_multiple_,
+                                        trace_all)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -132,21 +133,15 @@ def _joining_op(node: fx.Node) -> str | None:
     return None
 
 
+_SCALING = {operator.mul, torch.mul, operator.truediv, torch.div, "mul", "div"}
+
+
 def _scales_by_a_number(node: fx.Node) -> bool:
-    """``x * c``, ``c * x`` or ``x / c`` with `c` a non-zero number (residual scaling, ``x + 0.1 * f(x)``)."""
-    if node.kwargs or len(node.args) != 2:
-        return False
-    method = node.op == "call_method" and node.target in ("mul", "div")
-    function = node.op == "call_function" and node.target in (operator.mul, torch.mul, operator.truediv, torch.div)
-    if not (method or function):
-        return False
-    divides = node.target in ("div", operator.truediv, torch.div)
-    numbers = [a for a in node.args if not isinstance(a, fx.Node)]
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
-    if len(numbers) != 1 or len(tensors) != 1 or (divides and node.args[1] is not numbers[0]):
-        return False
-    number = numbers[0]
-    return not isinstance(number, bool) and isinstance(number, (int, float)) and number != 0
+    """``x * c``, ``c * x`` or ``x / c`` with `c` a non-zero number (residual scaling, ``x + 0.1 * f(x)``): a zero
+    channel stays zero (a shift by a number, which shrink's chains pass too, does not keep it)."""
+    tensors = node.all_input_nodes
+    op = _scalar_arithmetic(node, tensors[0]) if len(tensors) == 1 else None
+    return op is not None and op.target in _SCALING and op.rest[0] != 0
 
 
 def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> bool:
