@@ -34,12 +34,11 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
-                                        _expanded_as, _flag_disagreements, _flatten_start, _Gate, _has_channels,
-                                        _is_producer, _keep_batch_norm_, _keep_input_channels_, _keep_rows_,
-                                        _keeps_features, _normalises_channels, _rank, _reads_shape_only,
-                                        _scalar_arithmetic, _self_gate, _spatial_reduction, _squeeze_excitation,
-                                        _squeezed_rank, _takes_channel_count, _value_users, keep_a_multiple_,
-                                        trace_all)
+                                        _expanded_as, _flatten_start, _Gate, _is_producer, _keep_batch_norm_,
+                                        _keep_input_channels_, _keep_rows_, _keeps_features, _normalises_channels,
+                                        _rank, _reads_shape_only, _scalar_arithmetic, _self_gate,
+                                        _spatial_reduction, _squeeze_excitation, _squeezed_rank,
+                                        _takes_channel_count, _traced, _value_users, keep_a_multiple_)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -190,10 +189,7 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     concatenation, a product with a tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over
     channels. ValueError if the model cannot be traced.
     """
-    modules, traces = trace_all(model, tracer)
-    producers = {name for name, module in modules.items() if _has_channels(module)}
-    first = traces[0]
-    return _flag_disagreements(traces, modules, producers, _residual_groups(first.graph, modules, first.calls))[1]
+    return _traced(model, tracer, None).groups
 
 
 def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]) -> list[ChannelGroup]:

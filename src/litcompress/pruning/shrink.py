@@ -508,6 +508,40 @@ def _flag_disagreements(traces: list[_Trace], modules: dict[str, nn.Module], pro
     return reasons, shared_groups
 
 
+@dataclass
+class _Traced:
+    """What shrink, `channel_plan` and `residual_groups` read from a model: its modules, its traces (one per flag
+    combination, forward's defaults first, shapes annotated from the example inputs), its producers, the channel
+    groups every trace shares and, for the producers some trace disagrees on, why they keep their channels."""
+
+    modules: dict[str, nn.Module]
+    traces: list[_Trace]
+    producers: set[str]
+    groups: list
+    disagreements: dict[str, str]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.traces[0].graph
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return self.traces[0].calls
+
+
+def _traced(model: nn.Module, tracer: type[fx.Tracer], example_inputs: tuple | None) -> _Traced:
+    """`model` traced (ValueError with fx's message when it cannot be) and read as `_Traced` says."""
+    from litcompress.pruning.groups import _residual_groups
+
+    modules, traces = trace_all(model, tracer)
+    for each in traces:
+        annotate_shapes_(each.graph, model, example_inputs, each.flags)  # ranks: a Linear's features, or its tokens
+    producers = {name for name, module in modules.items() if _has_channels(module)}
+    disagreements, groups = _flag_disagreements(traces, modules, producers,
+                                                _residual_groups(traces[0].graph, modules, traces[0].calls))
+    return _Traced(modules, traces, producers, groups, disagreements)
+
+
 def _tied_modules(modules: dict[str, nn.Module]) -> dict[str, list[tuple[str, str]]]:
     """Each module (by name) holding a parameter that other modules hold too (tied weights: a language model's
     output layer and its input embedding), with those others and the parameter's name there."""
@@ -1683,27 +1717,20 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
                  example_inputs: Tensor | tuple | None = None) -> ChannelPlan:
     """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced. With `example_inputs`, the ranks
     they give let more chains through (a sequence model's token pooling), as in ``shrink(model, example_inputs)``."""
-    from litcompress.pruning.groups import _residual_groups
-
-    modules, traces = trace_all(model, tracer)
-    if example_inputs is not None:
-        for each in traces:
-            annotate_shapes_(each.graph, model, example_inputs if isinstance(example_inputs, tuple)
-                             else (example_inputs,), each.flags)
-    graph, calls = traces[0].graph, traces[0].calls
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    traced = _traced(model, tracer, example_inputs)
+    modules, producers = traced.modules, traced.producers
     names = {id(module): name for name, module in modules.items()}
-    producers = {name for name, module in modules.items() if _has_channels(module)}
-    disagreements, channel_groups = _flag_disagreements(traces, modules, producers,
-                                                        _residual_groups(graph, modules, calls))
-    chains = {name: disagreements.get(name, chain)
-              for name, chain in _producer_chains(graph, modules, calls, producers)}
+    chains = {name: traced.disagreements.get(name, chain)
+              for name, chain in _producer_chains(traced.graph, modules, traced.calls, producers)}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
-    reasons.update({name: _unreached_reason(name, traces, modules) for name in producers - reasons.keys()})
+    reasons.update({name: _unreached_reason(name, traced.traces, modules) for name in producers - reasons.keys()})
     return ChannelPlan(
         reasons={name: reasons[name] for name in modules if name in reasons},
         slice_groups={name: groups for name, chain in chains.items() if isinstance(chain, _Chain)
                       and (groups := _slice_groups(chain)) > 1},
-        groups=channel_groups,
+        groups=traced.groups,
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
@@ -1835,24 +1862,21 @@ def shrink_(
     before = _count_parameters(model)
     make_permanent_(model)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
+    # Groups and flag disagreements are decided before any edit: a depthwise conv left with one channel looks like an
+    # ungrouped conv. The chain edits below change no residual space's width (a space's producers end no chain).
+    # With flags, forward's paths in all their combinations: a layer loses channels only where every path agrees.
     try:
-        modules, traces = trace_all(model, tracer)
+        traced = _traced(model, tracer, example_inputs)
     except ValueError as error:  # the user needs the original message and what to do
         raise ValueError(
             f"shrink needs a model torch.fx can trace, and {error}. Shrink the traceable sub-module that holds the "
             "layers instead, or pass a tracer that keeps the untraceable parts as leaf modules."
         ) from error.__cause__
-    for each in traces:
-        annotate_shapes_(each.graph, model, example_inputs, each.flags)  # ranks: a Linear's features, or its tokens
-    graph, calls = traces[0].graph, traces[0].calls
+    modules, traces, producers, groups = traced.modules, traced.traces, traced.producers, traced.groups
+    graph, calls, disagreements = traced.graph, traced.calls, traced.disagreements
 
-    from litcompress.pruning.groups import _residual_groups, remove_zero_group_channels_
+    from litcompress.pruning.groups import remove_zero_group_channels_
 
-    # Both decided before any edit: a depthwise conv left with one channel looks like an ungrouped conv. The chain
-    # edits below change no residual space's width (a space's producers end no chain).
-    producers = {name for name, module in modules.items() if _has_channels(module)}
-    # with flags, forward's paths in all their combinations: a layer loses channels only where every path agrees
-    disagreements, groups = _flag_disagreements(traces, modules, producers, _residual_groups(graph, modules, calls))
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
     reached: set[str] = set()
