@@ -231,6 +231,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # fit resumed from a checkpoint written without it has nothing to catch up)
         self._epochs_ended: Optional[int] = None
         self._warned_fit_too_short = False
+        self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._history: list[dict[str, Any]] = []
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
@@ -355,7 +356,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._take_snapshot_once()
         self._warn_if_fit_ends_before_the_schedule(trainer)
         self._validations_this_fit = 0
-        self._skipped_targets: list[tuple[int, float]] = []  # schedule rounds apply_pruning said no to
+        self._skipped_targets = []
 
     def _warn_if_fit_ends_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         self._warned_fit_too_short = False
@@ -399,7 +400,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _run_pruning(self, current_epoch: int, trainer: Optional["pl.Trainer"] = None) -> None:
         prune = self._apply_pruning(current_epoch) if callable(self._apply_pruning) else self._apply_pruning
         if not prune:
-            if self._schedule is not None and callable(self._apply_pruning) and hasattr(self, "_skipped_targets"):
+            if self._schedule is not None and callable(self._apply_pruning):
                 target = self._schedule.target(self._progress(current_epoch, trainer))
                 self._skipped_targets.append((current_epoch, target))
             return
@@ -446,7 +447,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         """A schedule's rounds that `apply_pruning` refused are caught up by the next round it allows; those after
         the last allowed one are not, and the fit ends short of the schedule's sparsity: say so."""
         reached = next((round_["amount"] for round_ in reversed(self._history)), 0.0)
-        missed = [(epoch, target) for epoch, target in getattr(self, "_skipped_targets", ()) if target > reached]
+        missed = [(epoch, target) for epoch, target in self._skipped_targets if target > reached]
         if missed:
             epochs = ", ".join(str(epoch) for epoch in sorted({epoch for epoch, _ in missed}))
             rank_zero_warn(

@@ -431,9 +431,9 @@ def _op_key(op: object) -> object:
         return "depthwise", op.name, op.zero_padded
     if isinstance(op, _SelfGate):
         return "self-gate", tuple(_op_key(o) for o in op.ops)
-    if isinstance(op, (nn.Module, _Gate, _Concat, _Function)):
-        return (type(op).__name__, id(op)) if isinstance(op, nn.Module) else op
-    return "function", op
+    if isinstance(op, nn.Module):
+        return "module", id(op)
+    return op  # a _Gate, _Concat or _Function (dataclasses that compare by value), or a function
 
 
 def _chain_key(chain: _Chain) -> tuple:
