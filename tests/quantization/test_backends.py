@@ -438,3 +438,53 @@ def test_an_optional_input_left_out_of_the_example_inputs_is_held_at_its_default
     quantized = backend.quantize(copy.deepcopy(model), backend.recipes("static")[0], (x[:4],), _calibration(x))
     with torch.no_grad():
         assert sqnr_db(model(x), quantized(x)) > 20.0
+
+
+class Decoder(nn.Module):
+    """A U-Net-style decoder: PReLU activations and ``ConvTranspose2d(c, c', 2, stride=2)`` upsampling. torch's int8
+    kernels were wrong for both on x86: the transposed conv read memory it should not (other outputs on every call),
+    PReLU's positive side was off, and with a per-channel weight observer torch.ao refused the transposed conv and
+    failed on PReLU's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.PReLU(16),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.PReLU())
+        self.up = nn.Sequential(nn.ConvTranspose2d(32, 16, 2, stride=2), nn.PReLU(16),
+                                nn.ConvTranspose2d(16, 8, 2, stride=2), nn.ReLU(), nn.Conv2d(8, 1, 1))
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_static_int8_of_a_decoder_with_transposed_convs_and_prelu_tracks_fp32_on_every_call(backend_name):
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    x = torch.rand(96, 1, 16, 16)
+    backend = get_backend(backend_name)
+    for recipe in backend.recipes("static"):
+        quantized = backend.quantize(copy.deepcopy(model), recipe, (x[:8],), _calibration(x, batch=32, batches=2))
+        with torch.no_grad():
+            reference, first, second = model(x[64:]), quantized(x[64:]), quantized(x[64:])
+            rows = quantized(x[64:65])
+        torch.testing.assert_close(second, first)
+        torch.testing.assert_close(rows, first[:1])   # a row's output does not depend on the batch around it
+        assert sqnr_db(reference, first) > 20.0, recipe.describe()
+
+
+def test_a_model_that_answers_the_same_inputs_differently_is_named_as_such_not_as_a_fixed_dim():
+    from litcompress.quantization.backends import ExportError, FixedDimError, check_free_dims
+
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+
+    def unsteady(inputs):   # what torch's int8 ConvTranspose2d did: other values on every call
+        return model(inputs) + torch.rand(1)
+
+    with pytest.raises(ExportError, match="other outputs on the same inputs from one call to the next.*no file can reproduce it") as caught:
+        check_free_dims(unsteady, unsteady, (x,), None, "torch.jit.trace")
+    assert not isinstance(caught.value, FixedDimError)
+    with pytest.raises(FixedDimError, match="did not leave free dim 0"):   # a steady model whose file fixed the batch
+        check_free_dims(model, lambda inputs: model(inputs)[:5], (x,), None, "torch.jit.trace")
+    check_free_dims(model, model, (x,), None, "torch.jit.trace")

@@ -72,14 +72,23 @@ def check_free_dims(reference: Callable[..., object], exported: Callable[..., ob
             continue
         try:
             got = tensor_leaves(exported(*inputs))
-            error = None if len(got) == len(expected) and all(_close(g, e) for g, e in zip(got, expected)) \
-                else "gives other outputs"
+            error = None if _same_leaves(got, expected) else "gives other outputs"
         except Exception as exc:
             error = f"fails ({type(exc).__name__})"
+        if error and not _same_leaves(tensor_leaves(reference(*inputs)), expected):
+            # not the file's fault: the model itself answers the same inputs differently from one call to the next
+            raise ExportError(f"the model gives other outputs on the same inputs from one call to the next (on the "
+                              f"example {how}), so no file can reproduce it: randomness left in eval mode, or an "
+                              "(int8) kernel that is wrong for these shapes (keep its layers in fp32_layers, or use "
+                              "another backend)")
         if error:
             raise FixedDimError(f"{exporter} did not leave free {describe_fixed(changed)}, which must stay free (the "
                                 "batch, a dim that varies in the data or one declared in dynamic_dims): the file "
                                 f"{error} on the example {how}")
+
+
+def _same_leaves(got: list, expected: list) -> bool:
+    return len(got) == len(expected) and all(_close(g, e) for g, e in zip(got, expected))
 
 
 class Backend:

@@ -14,6 +14,7 @@ import warnings
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from litcompress.pruning.shrink import eval_outputs
@@ -93,6 +94,29 @@ class TorchAOBackend(Backend):
             weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
         return QConfig(activation=activation, weight=weight)
 
+    @classmethod
+    def _static_qconfig_mapping(cls, recipe: Recipe):
+        """The recipe's qconfig for every op, with the exceptions torch's own x86 mapping makes (float weights for
+        LayerNorm; the fixed output ranges of sigmoid, tanh, hardsigmoid and softmax, which their int8 kernels assume:
+        any other observer leaves them fp32 between a dequantize and a quantize), and transposed convs left fp32:
+        torch's int8 ConvTranspose2d gives wrong outputs on x86 for common shapes (torch 2.13, fbgemm and x86 engines:
+        kernel 2 with 8 or more channels in and out, the U-Net upsampling layer, is off by 2-4x the output's range,
+        and its rows depend on the batch). PReLU stays fp32 too (:class:`_FloatPReLU`)."""
+        from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+        from torch.ao.quantization.observer import FixedQParamsObserver, ReuseInputObserver
+
+        qconfig = cls._static_qconfig(recipe)
+        mapping = get_default_qconfig_mapping("x86").set_global(qconfig)
+        for object_type, special in list(mapping.object_type_qconfigs.items()):
+            if special is None or isinstance(special.activation(), (FixedQParamsObserver, ReuseInputObserver)):
+                continue  # the output range is the op's, not calibrated
+            # the exception is in the weights: calibrate the activations as the recipe says
+            mapping.set_object_type(object_type, QConfig(activation=qconfig.activation, weight=special.weight))
+        for transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, F.conv_transpose1d,
+                           F.conv_transpose2d, F.conv_transpose3d):
+            mapping.set_object_type(transposed, None)
+        return mapping
+
     @staticmethod
     def _dynamic_qconfig(recipe: Recipe):
         # The dynamic int8 kernels choose activation scales per batch (and apply fbgemm's
@@ -136,10 +160,9 @@ class TorchAOBackend(Backend):
 
     def _quantize_static(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
                          calibration: Sequence[Inputs]) -> nn.Module:
-        from torch.ao.quantization import QConfigMapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-        mapping = QConfigMapping().set_global(self._static_qconfig(recipe))
+        mapping = self._static_qconfig_mapping(recipe)
         for name in recipe.fp32_layers:
             mapping.set_module_name(name, None)
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -148,11 +171,12 @@ class TorchAOBackend(Backend):
 
         # an attention narrowed by shrink branches on its inputs' shapes, as torch's (which fx keeps whole) does
         custom = PrepareCustomConfig().set_non_traceable_module_classes([HeadPrunedAttention])
+        _keep_prelu_float_(model)
         try:
             prepared = prepare_fx(taking_only_inputs_(model, len(example_inputs)), mapping, example_inputs,
                                   prepare_custom_config=custom)
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
-            raise ExportError(f"torch_ao static: torch.fx could not trace the model: "
+            raise ExportError(f"torch_ao static: torch.fx could not trace the model or place its observers: "
                               f"{type(exc).__name__}: {exc}") from exc
         for inputs in calibration:
             prepared(*inputs)
@@ -167,6 +191,20 @@ class TorchAOBackend(Backend):
             if structure is not None:
                 extra[OUTPUTS_FILE] = json.dumps(structure)
             torch.jit.save(scripted, path, _extra_files=extra)
+
+
+class _FloatPReLU(nn.PReLU):
+    """An ``nn.PReLU`` that torch.ao's static quantization leaves fp32: its int8 PReLU gives wrong outputs on x86
+    (torch 2.13: the positive side is off by up to 75% of the output's range, with torch's own default qconfig
+    mapping too). A qconfig of None does not keep it fp32: lowering still swaps in the int8 module wherever a
+    quantized op follows, as it matches on the exact type."""
+
+
+def _keep_prelu_float_(model: nn.Module) -> None:
+    """Turn `model`'s (a private copy's) ``nn.PReLU`` modules into :class:`_FloatPReLU`: same weights, same outputs."""
+    for module in model.modules():
+        if type(module) is nn.PReLU:
+            module.__class__ = _FloatPReLU
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
