@@ -739,3 +739,74 @@ def test_a_squeeze_and_excitation_gate_on_a_residual_stream_narrows_with_it(line
     assert (shrunk.stem.out_channels, shrunk.blocks[1].excite.weight.shape[0], shrunk.head.in_features) == (left,) * 3
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ spatial indexing: a TCN's chomp, a crop, a last step
+TCN_READOUTS = {  # how a temporal conv net reads its residual stream out
+    "last step": lambda h: h[:, :, -1],
+    "last step after an ellipsis": lambda h: h[..., -1],
+    "cropped, then pooled": lambda h: h[:, :, 2:].mean(-1),
+}
+
+
+class TemporalConvNet(nn.Module):
+    """Bai et al.'s TCN block as its reference code writes it: dilated causal convs padded on both sides, the extra
+    steps cut off (``Chomp1d``: ``x[:, :, :-padding].contiguous()``), a residual stream, and the classifier reading
+    the last step. Indexing spatial dims ended every chain before."""
+
+    def __init__(self, readout: str, channels: int = 12) -> None:
+        super().__init__()
+        self.readout = TCN_READOUTS[readout]
+        self.inp = nn.Conv1d(3, channels, 1)
+        self.c1 = nn.Conv1d(channels, channels, 3, padding=2, dilation=1)
+        self.c2 = nn.Conv1d(channels, channels, 3, padding=4, dilation=2)
+        self.fc = nn.Linear(channels, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        y = torch.relu(self.c1(h)[:, :, :-2].contiguous())
+        y = torch.relu(self.c2(y)[..., :-4])
+        return self.fc(self.readout(torch.relu(h + y)))
+
+
+@settings(max_examples=20, deadline=None)
+@given(readout=st.sampled_from(list(TCN_READOUTS)), stream=st.sets(st.integers(0, 11), max_size=11),
+       inner=st.sets(st.integers(0, 11), max_size=11), seed=st.integers(0, 10_000))
+def test_a_temporal_conv_net_chomped_and_read_at_its_last_step_shrinks_with_the_same_outputs(readout, stream, inner,
+                                                                                             seed):
+    torch.manual_seed(seed)
+    model = TemporalConvNet(readout).eval()
+    assert {name: reason for name, reason in removable_channels(model).items() if reason} == {
+        "fc": "it produces the model's output, whose width is part of the model's interface"}
+    (group,) = residual_groups(model)
+    assert (set(group.producers), set(group.consumers)) == ({"inp", "c2"}, {"c1", "fc"})
+    with torch.no_grad():
+        for layer, rows in ((model.inp, stream), (model.c2, stream), (model.c1, inner)):
+            layer.weight[sorted(rows)] = 0
+            layer.bias[sorted(rows)] = 0
+    x = torch.randn(5, 3, 20)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert (shrunk.inp.out_channels, shrunk.c2.out_channels, shrunk.fc.in_features) == (12 - len(stream),) * 3
+    assert shrunk.c1.out_channels == 12 - len(inner)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class IndexesChannelsOrOneOfTwoDims(nn.Module):
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self.index = index
+        self.conv, self.head = nn.Conv2d(2, 8, 3, padding=1), nn.Conv1d(8 if index == "one row" else 4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.head(h[:, :, 0] if self.index == "one row" else h[:, :4].flatten(2))
+
+
+@pytest.mark.parametrize("index", ["one row", "some channels"])
+def test_indexing_channels_or_one_of_two_spatial_dims_ends_the_chain(index):
+    model = IndexesChannelsOrOneOfTwoDims(index).eval()
+    assert removable_channels(model)["conv"] == ("its output goes to call_function getitem, which shrink does not "
+                                                 "see through")

@@ -37,7 +37,7 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _expanded_as, _flatten_start, _Gate, _is_producer, _keep_batch_norm_,
                                         _keep_input_channels_, _keep_rows_, _keeps_features, _normalises_channels,
                                         _rank, _reads_shape_only, _scalar_arithmetic, _self_gate,
-                                        _spatial_reduction, _squeeze_excitation, _squeezed_rank,
+                                        _spatial_index, _spatial_reduction, _squeeze_excitation, _squeezed_rank,
                                         _takes_channel_count, _traced, _value_users, keep_a_multiple_)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
@@ -358,6 +358,12 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             space_of[node] = root
             rule_of[node] = rule_of[source]
             if squeezed == 2:
+                flattened.add(node)
+        elif len(inputs) == 1 and convs and (indexed := _spatial_index(node, source, _CONV_NDIM[spaces[root].kind])):
+            # a chomp or crop of spatial dims (x[:, :, :-2]), or one position of each (x[:, :, -1])
+            space_of[node] = root
+            rule_of[node] = rule_of[source]
+            if indexed == "all":
                 flattened.add(node)
         elif len(inputs) == 1 and spaces[root].kind is nn.Linear and source not in flattened \
                 and _keeps_features(node, source):

@@ -906,6 +906,34 @@ def _squeezed_rank(user: fx.Node, node: fx.Node) -> int | None:
     return len(after)
 
 
+def _spatial_index(user: fx.Node, node: fx.Node, ndim: int) -> str | None:
+    """For an index of an `ndim`-d conv activation `node` that keeps the batch and every channel and indexes spatial
+    dims only, with constant bounds: ``"keep"`` when it only slices them (a TCN's chomp, ``x[:, :, :-2]``, a crop,
+    ``x[..., 2:-2, 2:-2]``: still a conv activation), ``"all"`` when it takes one position of every spatial dim
+    (``x[:, :, -1]``, a sequence's last step: ``(batch, channels)`` is left); else None. Either way each channel
+    keeps its constant."""
+    if not (user.op == "call_function" and user.target is operator.getitem and user.args[0] is node):
+        return None
+    index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    if index[:1] == (Ellipsis,):
+        spatial = index[1:]
+    elif index[:2] == (slice(None), slice(None)):
+        spatial = index[2:]
+    else:
+        return None
+    if not spatial or len(spatial) > ndim - 2:
+        return None
+    constant = [isinstance(i, int) or (isinstance(i, slice) and all(isinstance(b, (int, type(None)))
+                                                                    for b in (i.start, i.stop, i.step)))
+                for i in spatial]
+    if not all(constant) or any(isinstance(i, bool) for i in spatial):
+        return None
+    taken = sum(isinstance(i, int) for i in spatial)
+    if taken == 0:
+        return "keep"
+    return "all" if taken == len(spatial) == ndim - 2 else None
+
+
 _REDUCTIONS = ("mean", "amax", "amin")  # each maps a constant to itself (a sum would scale it)
 
 
@@ -1321,6 +1349,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         branch.flattened = reduced == "all"  # (batch, channels) left: features, as after a flatten
     elif is_conv and not branch.flattened and (squeezed := _squeezed_rank(user, node)) is not None:
         branch.flattened = squeezed == 2  # (batch, channels) left: features, as after a flatten
+    elif is_conv and not branch.flattened and (indexed := _spatial_index(user, node, producer.weight.dim())):
+        branch.flattened = indexed == "all"  # a chomp or crop keeps a conv activation; x[:, :, -1] leaves features
     elif not is_conv and not branch.flattened and _keeps_features(user, node):
         pass  # tokens pooled or one taken: each feature keeps its constant
     else:
