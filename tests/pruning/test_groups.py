@@ -265,7 +265,8 @@ def test_a_factor_read_elsewhere_keeps_what_is_read_there(zeroed, width):
 
 
 class SigmoidGate(nn.Module):
-    """The original GLU, a * sigmoid(b): sigmoid(0) = 1/2, so a zero channel of b is no zero channel of the product."""
+    """The original GLU, a * sigmoid(b), of two layers: sigmoid(0) = 1/2, so a zero channel of b is no zero channel
+    of the product, but one of a is."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -287,17 +288,34 @@ class LearnedScale(nn.Module):
         return self.out(self.a(x) * self.scale)
 
 
-@pytest.mark.parametrize("model, zeroed", [(SigmoidGate(), "b"), (LearnedScale(), "scale")],
-                         ids=["sigmoid gate", "learned scale"])
-def test_a_product_with_something_else_is_no_group(model, zeroed):
+def test_a_product_with_something_else_is_no_group():
+    model = LearnedScale().eval()
     assert residual_groups(model) == []
-    with torch.no_grad():  # b's zero channels gate by sigmoid(0) = 1/2: a's channels still pass
-        for tensor in ((model.b.weight, model.b.bias) if zeroed == "b" else (model.scale,)):
-            tensor[:2] = 0
+    with torch.no_grad():
+        model.scale[:2] = 0
     x = torch.randn(3, 4)
     result = shrink(model, x)
     assert result.report.layers == ()
     torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_a_sigmoid_gate_of_two_layers_loses_the_channels_zero_in_its_value_layer_only():
+    model = SigmoidGate().eval()
+    (group,) = residual_groups(model)
+    assert (group.producers, group.consumers) == (("a", "b"), ("out",))
+    assert group.zero_when == ("any", ("producer", "a"), ("never", 8))
+    x = torch.randn(3, 4)
+    with torch.no_grad():  # b's zero channels gate by sigmoid(0) = 1/2: a's channels still pass
+        model.b.weight[:2], model.b.bias[:2] = 0, 0
+    result = shrink(model, x)
+    assert result.report.layers == ()
+    torch.testing.assert_close(result.model(x), model(x))
+    with torch.no_grad():  # a's zero channels are zero in the product: both layers lose them
+        model.a.weight[5:], model.a.bias[5:] = 0, 0
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    assert (shrunk.a.out_features, shrunk.b.out_features, shrunk.out.in_features) == (5, 5, 5)
+    torch.testing.assert_close(shrunk(x), expected)
 
 
 def test_gated_groups_prune_the_same_channels_in_both_factors():
@@ -810,3 +828,81 @@ def test_indexing_channels_or_one_of_two_spatial_dims_ends_the_chain(index):
     model = IndexesChannelsOrOneOfTwoDims(index).eval()
     assert removable_channels(model)["conv"] == ("its output goes to call_function getitem, which shrink does not "
                                                  "see through")
+
+
+# ------------------------------------------------------------------ GLU: a * sigmoid(b) over a layer's two halves
+GLUS = {  # how user code writes a gated linear unit over the channels
+    "F.glu": lambda h, dim, module: F.glu(h, dim),
+    "nn.GLU": lambda h, dim, module: module.glu(h),
+    "chunk, a * sigmoid(b)": lambda h, dim, module: _halves(h, dim, lambda a, b: a * torch.sigmoid(b)),
+    "torch.chunk, b.sigmoid() * a": lambda h, dim, module: _halves(h, dim, lambda a, b: b.sigmoid() * a),
+}
+
+
+def _halves(h: torch.Tensor, dim: int, gate) -> torch.Tensor:
+    a, b = torch.chunk(h, 2, dim)
+    return gate(a, b)
+
+
+class GatedLinearUnit(nn.Module):
+    """Dauphin et al.'s gated conv (and a Conformer's pointwise conv + GLU), as a conv or as a Linear block: the
+    value half keeps zeros, the gate half (through a sigmoid) does not, so a channel goes when its value row is
+    zero. Before, the sigmoid blocked the space and F.glu / nn.GLU ended the chain."""
+
+    def __init__(self, conv: bool, glu: str) -> None:
+        super().__init__()
+        self.conv, self.gate, self.glu = conv, GLUS[glu], nn.GLU(1 if conv else -1)
+        layer = nn.Conv1d if conv else nn.Linear
+        self.inp, self.both, self.out = layer(3, 6, 1) if conv else layer(3, 6), \
+            layer(6, 16, 3, padding=1) if conv else layer(6, 16), layer(8, 4, 1) if conv else layer(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gate(self.both(self.inp(x)), 1 if self.conv else -1, self))
+
+
+@settings(max_examples=30, deadline=None)
+@given(conv=st.booleans(), glu=st.sampled_from(list(GLUS)), value=st.sets(st.integers(0, 7)),
+       gate=st.sets(st.integers(0, 7)), seed=st.integers(0, 10_000))
+def test_a_gated_linear_unit_loses_the_channels_whose_value_half_is_zero(conv, glu, value, gate, seed):
+    torch.manual_seed(seed)
+    model = GatedLinearUnit(conv, glu).eval()
+    (group,) = residual_groups(model)
+    assert (group.producer_slices(), group.consumers, group.channels) == ({"both": [0, 8]}, ("out",), 8)
+    rows = sorted(value) + [8 + j for j in sorted(gate)]
+    with torch.no_grad():
+        model.both.weight[rows] = 0
+        model.both.bias[rows] = 0
+    x = torch.randn(3, 3, 5) if conv else torch.randn(3, 3)
+    with torch.no_grad():
+        expected = model(x)
+    shrunk = shrink(model, x).model
+    width = max(8 - len(value), 1)   # sigmoid(0) = 0.5: a zero gate row alone keeps its channel
+    channels = (shrunk.both.out_channels, shrunk.out.in_channels) if conv else \
+        (shrunk.both.out_features, shrunk.out.in_features)
+    assert channels == (2 * width, width)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class ReadThroughASigmoid(nn.Module):
+    """A residual stream its reader sees through a sigmoid only: no weights make a channel zero there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(torch.sigmoid(h + self.block(h)))
+
+
+def test_a_space_read_only_through_an_op_that_does_not_keep_zeros_is_no_group():
+    model = ReadThroughASigmoid().eval()
+    assert residual_groups(model) == []
+    with torch.no_grad():
+        for layer in (model.inp, model.block):
+            layer.weight[:3], layer.bias[:3] = 0, 0
+    x = torch.randn(4, 3)
+    result = shrink(model, x)
+    assert result.model.inp.out_features == 8
+    torch.testing.assert_close(result.model(x), model(x))

@@ -34,7 +34,7 @@ from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
-                                        _expanded_as, _flatten_start, _Gate, _is_producer, _keep_batch_norm_,
+                                        _elementwise_op, _expanded_as, _flatten_start, _Gate, _is_producer, _keep_batch_norm_,
                                         _keep_input_channels_, _keep_rows_, _keeps_features, _normalises_channels,
                                         _rank, _reads_shape_only, _scalar_arithmetic, _self_gate,
                                         _spatial_index, _spatial_reduction, _squeeze_excitation, _squeezed_rank,
@@ -56,8 +56,9 @@ _CONV_NDIM = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}  # a conv activation's d
 # When a channel of a space is exactly zero at some node, as an expression over the space's layers:
 # ("producer", name): zero rows and bias; ("batch_norm", name, x): x zero and the BatchNorm maps 0 to 0;
 # ("all", x, ...): every term zero (a sum); ("any", x, ...): one term zero (a product); ("input", name): the model's
-# input, never known to be zero; ("chunk", name, start, width): the producer's output channels start..start + width
-# zero (one of the parts its output is chunked into).
+# input, never known to be zero; ("never", width): an op that does not keep zeros (sigmoid(x)), never known to be
+# zero either; ("chunk", name, start, width): the producer's output channels start..start + width zero (one of the
+# parts its output is chunked into).
 ZeroRule = tuple
 
 
@@ -186,8 +187,10 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     A space is left out when anything other than a Linear/ungrouped Conv (called once), a BatchNorm, a
     zero-preserving activation, a scaling by a number (``x + 0.1 * f(x)``), dropout, a conv's pooling, a flatten into
     a Linear or another addition or multiplication within the space touches it: the model's input or output, a
-    concatenation, a product with a tensor from elsewhere (a sigmoid gate, a learned scale), a normalisation over
-    channels. ValueError if the model cannot be traced.
+    concatenation, a product with a tensor from elsewhere (a learned scale), a normalisation over channels. An
+    element-wise op that does not keep zeros (the sigmoid of a GLU, ``a * sigmoid(b)``) leaves channels never known to
+    be zero: through a product with a factor that keeps them, the space stays; a space read only through such ops is
+    left out. ValueError if the model cannot be traced.
     """
     return _traced(model, tracer, None).groups
 
@@ -209,6 +212,23 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
 
     def block(i: int) -> None:
         spaces[find(i)].blocked = True
+
+    def merge(a: int, b: int, joined_by: str) -> int:
+        """One space of the roots `a` and `b` (a residual addition or a gating product joins them); its root."""
+        if a != b:
+            parent[b] = a
+            merged, other = spaces[a], spaces[b]
+            merged.producers += other.producers
+            merged.starts += other.starts
+            merged.batch_norms += other.batch_norms
+            merged.consumers += other.consumers
+            merged.read += other.read
+            merged.excites += other.excites
+            merged.blocked = merged.blocked or other.blocked
+            merged.joined_by |= other.joined_by
+        spaces[a].joined = True
+        spaces[a].joined_by.add(joined_by)
+        return a
 
     space_of: dict[fx.Node, int] = {}
     rule_of: dict[fx.Node, ZeroRule] = {}  # when a channel of the node's value is zero
@@ -262,7 +282,16 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
             users = list(node.users)
             chunks = _channel_chunks(users[0], module) if len(users) == 1 else None
-            if chunks is None:
+            if len(users) == 1 and _is_glu(users[0], module, modules):
+                # F.glu(x, dim) = a * sigmoid(b) for the halves a, b of the channels: one space, zero where a is
+                width = out // 2
+                value, gate = (new(_Space(width, type(module), [str(node.target)], [start], blocked=not once))
+                               for start in (0, width))
+                space_of[users[0]] = merge(value, gate, "multiplication")
+                rule_of[users[0]] = ("chunk", str(node.target), 0, width)
+                chunked.append([value, gate])
+                handled.add(users[0])
+            elif chunks is None:
                 space_of[node] = new(_Space(out, type(module), [str(node.target)], [0], blocked=not once))
                 rule_of[node] = ("producer", str(node.target))
             else:  # each part is a space of its own, written by the layer's rows start..start + width
@@ -311,20 +340,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                     (spaces[b].channels, spaces[b].kind, inputs[1] in flattened):
                 block(a)  # broadcasting, not one channel space
                 block(b)
-            elif a != b:
-                parent[b] = a
-                merged, other = spaces[a], spaces[b]
-                merged.producers += other.producers
-                merged.starts += other.starts
-                merged.batch_norms += other.batch_norms
-                merged.consumers += other.consumers
-                merged.read += other.read
-                merged.excites += other.excites
-                merged.blocked = merged.blocked or other.blocked
-                merged.joined_by |= other.joined_by
-            spaces[find(a)].joined = True
-            spaces[find(a)].joined_by.add("addition" if joining == "all" else "multiplication")
-            space_of[node] = find(a)
+            space_of[node] = merge(find(a), b, "addition" if joining == "all" else "multiplication")
             rule_of[node] = _combined(joining, (rule_of[x] for x in inputs))
             if inputs[0] in flattened:
                 flattened.add(node)
@@ -371,6 +387,13 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             # ranks tell: a zero feature stays zero
             space_of[node] = root
             rule_of[node] = rule_of[source]
+        elif len(inputs) == 1 and _elementwise_op(node, source, modules) is not None:
+            # an element-wise op that does not keep zeros (the sigmoid of a GLU's a * sigmoid(b)): its channels are
+            # never known to be zero, which a product with a factor that can be zero makes no matter
+            space_of[node] = root
+            rule_of[node] = ("never", spaces[root].channels)
+            if source in flattened:
+                flattened.add(node)
         else:  # a concatenation, a product with a tensor from elsewhere, a normalisation over channels, a shape read
             for a in inputs:
                 block(space_of[a])
@@ -383,7 +406,32 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                          producer_starts=tuple(space.starts) if any(space.starts) else (),
                          gate_excites=tuple(space.excites))
             for i, space in enumerate(spaces)
-            if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers]
+            if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers
+            and _can_be_zero(_combined("all", space.read))]
+
+
+def _can_be_zero(rule: ZeroRule) -> bool:
+    """Whether some weights make a channel zero by `rule`: not where a consumer reads an op that is never known to
+    keep zeros (``sigmoid(x)`` on its own), whose group could lose no channel."""
+    kind, *terms = rule
+    if kind == "never":
+        return False
+    if kind in ("all", "any"):
+        return (all if kind == "all" else any)(_can_be_zero(term) for term in terms)
+    return True
+
+
+def _is_glu(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """``F.glu(x, dim)`` or ``nn.GLU(dim)`` of a layer's output `x` (its only use) over its channels: dim -1 of a
+    Linear's output, dim 1 of a conv's, an even number of them."""
+    if node.op == "call_function" and node.target is F.glu:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    elif node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.GLU):
+        dim = modules[str(node.target)].dim
+    else:
+        return False
+    channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    return channels % 2 == 0 and dim == (-1 if isinstance(producer, nn.Linear) else 1)
 
 
 def _rows(weight: Tensor) -> Tensor:
@@ -511,7 +559,9 @@ def _zero_by_rule(modules: dict[str, nn.Module], rule: ZeroRule, known: dict[Zer
         kind, *terms = rule
         if kind == "input":
             raise ValueError(f"a channel group reads the model's input {terms[0]}, whose channels cannot go")
-        if kind == "producer":
+        if kind == "never":
+            known[rule] = torch.zeros(terms[0], dtype=torch.bool)
+        elif kind == "producer":
             known[rule] = _zero_producer_channels(modules[terms[0]])
         elif kind == "chunk":
             start, width = terms[1:]
