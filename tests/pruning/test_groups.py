@@ -906,3 +906,70 @@ def test_a_space_read_only_through_an_op_that_does_not_keep_zeros_is_no_group():
     result = shrink(model, x)
     assert result.model.inp.out_features == 8
     torch.testing.assert_close(result.model(x), model(x))
+
+
+class ConformerConvModule(nn.Module):
+    """A Conformer's convolution module on a (batch, time, features) stream: pointwise conv to twice the width, GLU,
+    depthwise conv, BatchNorm (or none), SiLU, pointwise conv back, residual. The depthwise conv after the GLU
+    blocked its group before."""
+
+    def __init__(self, batch_norm: bool, width: int = 8, kernel: int = 5) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, width), nn.Linear(width, 2)
+        self.norm = nn.LayerNorm(width)
+        self.pw1, self.glu = nn.Conv1d(width, 2 * width, 1), nn.GLU(dim=1)
+        self.dw = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.bn = nn.BatchNorm1d(width) if batch_norm else nn.Identity()
+        self.pw2 = nn.Conv1d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        y = self.glu(self.pw1(self.norm(h).transpose(1, 2)))
+        y = self.pw2(F.silu(self.bn(self.dw(y))))
+        return self.head((h + y.transpose(1, 2)).mean(1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch_norm=st.booleans(), pruned=st.sets(st.integers(0, 7), max_size=7), seed=st.integers(0, 10_000))
+def test_a_depthwise_conv_inside_a_glu_group_loses_the_groups_channels(batch_norm, pruned, seed):
+    torch.manual_seed(seed)
+    model = ConformerConvModule(batch_norm).eval()
+    if batch_norm:
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2)
+    (group,) = residual_groups(model)
+    assert (group.producer_slices(), group.depthwise, group.consumers) == ({"pw1": [0, 8]}, ("dw",), ("pw2",))
+    assert group.batch_norms == (("bn",) if batch_norm else ())
+    x = torch.randn(4, 6, 3)
+    with torch.no_grad():
+        rows = sorted(pruned) + [8 + j for j in sorted(pruned)]  # as prune_groups_ does: both halves of a channel
+        model.pw1.weight[rows], model.pw1.bias[rows] = 0, 0
+        unchanged = model(x)
+    zero_group_batch_norms_(model, [group])   # the depthwise bias (and the BatchNorm) of those channels held at zero
+    assert bool((model.dw.bias[sorted(pruned)] == 0).all())
+    with torch.no_grad():
+        expected = model(x)
+    if not batch_norm:   # the channels were zero before the depthwise conv: only its bias reached pw2
+        assert not pruned or not torch.allclose(unchanged, expected)
+    shrunk = shrink(model, x).model
+    width = max(8 - len(pruned), 1)
+    assert (shrunk.pw1.out_channels, shrunk.dw.out_channels, shrunk.dw.groups, shrunk.pw2.in_channels) == \
+        (2 * width, width, width, width)
+    if batch_norm:
+        assert shrunk.bn.num_features == width
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pipeline_prunes_and_shrinks_a_conformer_convolution_module():
+    from litcompress.pipeline import CompressionConfig, PruneConfig, compress
+
+    torch.manual_seed(0)
+    model = ConformerConvModule(batch_norm=True).eval()
+    x = torch.randn(4, 6, 3)
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                               quantize=None), eval_fn=lambda m: float(m(x).sum()), example_inputs=x)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    assert (shrunk.pw1.out_channels, shrunk.dw.groups, shrunk.bn.num_features, shrunk.pw2.in_channels) == (8, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), pruned(x), rtol=1e-5, atol=1e-5)

@@ -649,10 +649,10 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
         assert dict(result.report.kept)["expand"].startswith("its zero channels output non-zero constants into ")
 
 
-def test_a_gate_shrink_does_not_recognise_stops_the_chain() -> None:
+def test_a_gate_the_chains_do_not_recognise_narrows_as_a_gated_group() -> None:
     torch.manual_seed(0)
     model = InvertedBottleneck("silu", False, 1, 1, False, 0, False, se="module")
-    model.squeeze = nn.Conv2d(12, 3, 3, padding=1)  # not a 1x1 conv: no squeeze-and-excitation shrink knows
+    model.squeeze = nn.Conv2d(12, 3, 3, padding=1)  # not a 1x1 conv: no squeeze-and-excitation the chains know
     zero_rows_(model.expand, [0, 1])
     with torch.no_grad():
         for bn in (model.bn1, model.bn2):
@@ -660,8 +660,13 @@ def test_a_gate_shrink_does_not_recognise_stops_the_chain() -> None:
     x = torch.randn(2, 4, 6, 6)
     result = shrink(model, x)
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
-    # the multiplication's other input varies: the branch into it ends there
-    assert result.report.kept == (("expand", "its output meets another tensor in call_function mul"),)
+    # the product's channel is zero where the expanded one is, whatever sigmoid(excite) is: expand, its BatchNorms
+    # and depthwise conv, the gate's excite rows and the squeeze's and project's inputs lose channels 0 and 1
+    assert {(layer.name, layer.consumer) for layer in result.report.layers} == {
+        ("expand", "gated group, 2 readers"), ("excite", "gated group, 2 readers")}
+    shrunk = result.model
+    assert (shrunk.expand.out_channels, shrunk.bn1.num_features, shrunk.dw.groups, shrunk.bn2.num_features,
+            shrunk.squeeze.in_channels, shrunk.excite.out_channels, shrunk.project.in_channels) == (10,) * 7
 
 
 # ------------------------------------------------------------------------------------------------ branches

@@ -31,14 +31,16 @@ from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import apply_mask_, effective_tensor, trainable_tensor
 from litcompress.pruning.schedules import rounded_pruned_count
+from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
-                                        _elementwise_op, _expanded_as, _flatten_start, _Gate, _is_producer, _keep_batch_norm_,
-                                        _keep_input_channels_, _keep_rows_, _keeps_features, _normalises_channels,
-                                        _rank, _reads_shape_only, _scalar_arithmetic, _self_gate,
-                                        _spatial_index, _spatial_reduction, _squeeze_excitation, _squeezed_rank,
-                                        _takes_channel_count, _traced, _value_users, keep_a_multiple_)
+                                        _elementwise_op, _expanded_as, _flatten_start, _Gate, _is_producer,
+                                        _keep_batch_norm_, _keep_depthwise_, _keep_input_channels_, _keep_rows_,
+                                        _keeps_features, _normalises_channels, _rank, _reads_shape_only,
+                                        _scalar_arithmetic, _self_gate, _spatial_index, _spatial_reduction,
+                                        _squeeze_excitation, _squeezed_rank, _takes_channel_count, _traced,
+                                        _value_users, is_depthwise, keep_a_multiple_)
 
 # Element-wise ops that map 0 to 0: an exactly-zero channel stays exactly zero through them.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -82,6 +84,9 @@ class ChannelGroup:
     # the excite layers of squeeze-and-excitation gates on the space (x * gate(x), as in SE-ResNets): they write a
     # factor for each channel, and lose the rows of the channels that go (their squeeze layers are consumers)
     gate_excites: tuple[str, ...] = ()
+    # depthwise convs inside the space (a Conformer's after its GLU): channel j to channel j, they lose the filters
+    # of the channels that go
+    depthwise: tuple[str, ...] = ()
 
     def producer_slices(self) -> dict[str, list[int]]:
         """Each producer with the starts of its parts in the space, in order."""
@@ -115,6 +120,7 @@ class _Space:
     joined_by: set[str] = field(default_factory=set)  # "addition", "multiplication"
     read: list[ZeroRule] = field(default_factory=list)  # the ZeroRule of what each consumer reads
     excites: list[str] = field(default_factory=list)  # squeeze-and-excitation gates' excite layers on the space
+    depthwise: list[str] = field(default_factory=list)  # depthwise convs inside the space
 
     @property
     def is_conv(self) -> bool:
@@ -224,6 +230,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             merged.consumers += other.consumers
             merged.read += other.read
             merged.excites += other.excites
+            merged.depthwise += other.depthwise
             merged.blocked = merged.blocked or other.blocked
             merged.joined_by |= other.joined_by
         spaces[a].joined = True
@@ -354,6 +361,13 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             spaces[root].batch_norms.append(str(node.target))
             space_of[node] = root
             rule_of[node] = ("batch_norm", str(node.target), rule_of[source])
+        elif len(inputs) == 1 and once and convs and module is not None and is_depthwise(module) \
+                and module.weight.dim() == _CONV_NDIM.get(spaces[root].kind) \
+                and module.in_channels == spaces[root].channels and not has_computed_tensors(module):
+            # channel j from channel j: zero where its input is (or its filter), and its bias
+            spaces[root].depthwise.append(str(node.target))
+            space_of[node] = root
+            rule_of[node] = ("depthwise", str(node.target), rule_of[source])
         elif len(inputs) == 1 and once and _passes_through(node, module, convs):
             space_of[node] = root
             rule_of[node] = rule_of[source]
@@ -404,7 +418,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
     return [ChannelGroup(tuple(space.producers), tuple(space.batch_norms), tuple(space.consumers), space.channels,
                          zero_when=_combined("all", space.read), joined_by=tuple(sorted(space.joined_by)),
                          producer_starts=tuple(space.starts) if any(space.starts) else (),
-                         gate_excites=tuple(space.excites))
+                         gate_excites=tuple(space.excites), depthwise=tuple(space.depthwise))
             for i, space in enumerate(spaces)
             if find(i) == i and space.joined and not space.blocked and space.producers and space.consumers
             and _can_be_zero(_combined("all", space.read))]
@@ -416,6 +430,8 @@ def _can_be_zero(rule: ZeroRule) -> bool:
     kind, *terms = rule
     if kind == "never":
         return False
+    if kind == "depthwise":  # a zero filter and bias: a zero channel, whatever comes in
+        return True
     if kind in ("all", "any"):
         return (all if kind == "all" else any)(_can_be_zero(term) for term in terms)
     return True
@@ -473,14 +489,14 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
 
 @torch.no_grad()
 def zero_group_batch_norms_(model: nn.Module, groups: list[ChannelGroup]) -> None:
-    """Zero the BatchNorm scale and shift, and the producers' biases, of every channel whose rows are zero in all of
-    its group's producers."""
+    """Zero the BatchNorm scale and shift, and the producers' (and depthwise convs') biases, of every channel whose
+    rows are zero in all of its group's producers."""
     BatchNormZeroer(model, groups).refresh().apply_()
 
 
 class BatchNormZeroer:
-    """Holds the BatchNorm scale and shift of pruned channels at zero while training, and the producers' biases of
-    those channels, so that they output exactly zero (a group without BatchNorms, such as two biased Linear layers
+    """Holds the BatchNorm scale and shift of pruned channels at zero while training, and the producers' (and the
+    group's depthwise convs') biases of those channels, so that they output exactly zero (a group without BatchNorms, such as two biased Linear layers
     added or multiplied, has only the biases to hold). Which channels are pruned is read from the producers' weights
     by :meth:`refresh` (after a pruning round: it multiplies out every mask); :meth:`apply_` only writes the zeros,
     cheap enough for every optimizer step.
@@ -496,12 +512,13 @@ class BatchNormZeroer:
         if len(biases) != len(groups):
             raise ValueError(f"BatchNormZeroer: {len(biases)} biases flags for {len(groups)} groups.")
         # per group: each producer's part (module, start), its BatchNorms with their starts, its channels, the flag
-        self._groups: list[tuple[list[tuple[nn.Module, int]], list[tuple[nn.Module, int]], int, bool]] = []
+        self._groups: list[tuple[list[tuple[nn.Module, int]], list[tuple[nn.Module, int]], int, bool,
+                                 list[nn.Module]]] = []
         for g, hold_biases in zip(groups, biases):
             starts = g.batch_norm_starts or (0,) * len(g.batch_norms)
             parts = [(modules[p], start) for p, found in g.producer_slices().items() for start in found]
             self._groups.append((parts, [(modules[b], start) for b, start in zip(g.batch_norms, starts)],
-                                 g.channels, hold_biases))
+                                 g.channels, hold_biases, [modules[d] for d in g.depthwise]))
         # each parameter (BatchNorm scale and shift, producer bias) with the entries to hold at zero
         self._zeroed: list[tuple[Tensor, Tensor]] = []
 
@@ -509,7 +526,7 @@ class BatchNormZeroer:
     def refresh(self) -> BatchNormZeroer:
         """Re-read which channels are zero in all of a group's producers (returns self)."""
         self._zeroed = []
-        for parts, batch_norms, channels, hold_biases in self._groups:
+        for parts, batch_norms, channels, hold_biases, depthwise in self._groups:
             dead = torch.stack([(_output_rows(p, effective_tensor(p, "weight"))[start:start + channels] == 0).all(1)
                                 for p, start in parts]).all(0)
             if bool(dead.any()):
@@ -521,6 +538,9 @@ class BatchNormZeroer:
                 # a pruned bias is computed from its _orig: hold that
                 self._zeroed += [(trainable_tensor(p, "bias"), (entries + start).to(p.bias.device))
                                  for p, start in parts if hold_biases and isinstance(getattr(p, "bias", None), Tensor)]
+                # a depthwise conv inside the group adds its bias to the zero channel
+                self._zeroed += [(trainable_tensor(d, "bias"), entries.to(d.bias.device))
+                                 for d in depthwise if hold_biases and isinstance(getattr(d, "bias", None), Tensor)]
         return self
 
     @torch.no_grad()
@@ -566,6 +586,11 @@ def _zero_by_rule(modules: dict[str, nn.Module], rule: ZeroRule, known: dict[Zer
         elif kind == "chunk":
             start, width = terms[1:]
             known[rule] = _zero_producer_channels(modules[terms[0]])[start:start + width]
+        elif kind == "depthwise":  # zero in (or a zero filter) and no bias: zero out, padded or not
+            conv = modules[terms[0]]
+            filters = (_rows(conv.weight.detach()) == 0).all(1).cpu()
+            known[rule] = (_zero_by_rule(modules, terms[1], known) | filters) & (
+                True if conv.bias is None else (conv.bias.detach() == 0).cpu())
         elif kind == "batch_norm":  # zero in, zero out; or a scale and shift of zero, whatever comes in
             bn = modules[terms[0]]
             zeroed = ((bn.weight.detach() == 0) & (bn.bias.detach() == 0)).cpu()
@@ -616,6 +641,8 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
             _keep_input_channels_(modules[name], keep, group.channels)
         for name in group.gate_excites:
             _keep_rows_(modules[name], keep.to(modules[name].weight.device))
+        for name in group.depthwise:
+            _keep_depthwise_(modules[name], keep.to(modules[name].weight.device))
         count = len(group.consumers)
         readers = f"{'gated' if group.gated else 'residual'} group, {count} reader{'' if count == 1 else 's'}"
         done += [LayerShrink(name, readers, group.channels * len(starts), int(keep.numel()) * len(starts), 0)
