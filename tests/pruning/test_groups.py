@@ -15,6 +15,7 @@ from torch import nn
 from litcompress import shrink
 from litcompress.models import GatedFeedForward, ResidualBlock
 from litcompress.pruning import removable_channels
+from litcompress.pruning.shrink import channel_plan
 from litcompress.pruning.groups import (BatchNormZeroer, ChannelGroup, prune_groups_, remove_zero_group_channels_,
                                         residual_groups, zero_group_batch_norms_)
 
@@ -940,6 +941,7 @@ def test_a_depthwise_conv_inside_a_glu_group_loses_the_groups_channels(batch_nor
     (group,) = residual_groups(model)
     assert (group.producer_slices(), group.depthwise, group.consumers) == ({"pw1": [0, 8]}, ("dw",), ("pw2",))
     assert group.batch_norms == (("bn",) if batch_norm else ())
+    assert "written by pw1 (2 chunks); read by pw2; through the depthwise dw" in channel_plan(model).table()
     x = torch.randn(4, 6, 3)
     with torch.no_grad():
         rows = sorted(pruned) + [8 + j for j in sorted(pruned)]  # as prune_groups_ does: both halves of a channel

@@ -460,7 +460,8 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
     grouped = {name for g in groups for name in g.producers}
     if groups:
         joined = " or ".join(sorted({g.describe() for g in groups}))
-        note(f"group_residuals: {len(groups)} channel group(s) joined by {joined} ({len(grouped)} layers) "
+        layers = f"{len(grouped)} layer{'' if len(grouped) == 1 else 's'}"
+        note(f"group_residuals: {len(groups)} channel group(s) joined by {joined} ({layers}) "
              "pruned as one, so shrink can remove their channels.")
     return groups, [t for t, name in zip(targets, names) if name not in grouped]
 

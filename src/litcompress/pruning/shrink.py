@@ -1721,8 +1721,9 @@ class ChannelPlan:
             writers = [name if len(starts) == 1 else f"{name} ({len(starts)} chunks)"
                        for name, starts in group.producer_slices().items()]
             gates = f"; gated by {', '.join(group.gate_excites)}" if group.gate_excites else ""
+            depthwise = f"; through the depthwise {', '.join(group.depthwise)}" if group.depthwise else ""
             lines.append(f"group {i}: {group.channels} channels joined by {group.describe()}, written by "
-                         f"{', '.join(writers)}; read by {', '.join(group.consumers)}{gates}")
+                         f"{', '.join(writers)}; read by {', '.join(group.consumers)}{gates}{depthwise}")
         held = sorted({bn for places in self.batch_norms.values() for bn in places})
         if held:
             lines.append(f"BatchNorms held at zero for pruned channels while pruning (zero_batch_norm; a group's own "
