@@ -760,7 +760,7 @@ def test_a_squeeze_and_excitation_gate_on_a_residual_stream_narrows_with_it(line
         torch.testing.assert_close(shrunk(x), expected, rtol=1e-5, atol=1e-5)
 
 
-# ------------------------------------------------------------------ spatial indexing: a TCN's chomp, a crop, a last step
+# ---------------------------------------------------------------- spatial indexing: a TCN's chomp, a crop, a last step
 TCN_READOUTS = {  # how a temporal conv net reads its residual stream out
     "last step": lambda h: h[:, :, -1],
     "last step after an ellipsis": lambda h: h[..., -1],

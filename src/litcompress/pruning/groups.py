@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from litcompress.pruning.engine import apply_mask_, effective_tensor, trainable_tensor
-from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.parametrizations import has_computed_tensors
+from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
@@ -496,10 +496,10 @@ def zero_group_batch_norms_(model: nn.Module, groups: list[ChannelGroup]) -> Non
 
 class BatchNormZeroer:
     """Holds the BatchNorm scale and shift of pruned channels at zero while training, and the producers' (and the
-    group's depthwise convs') biases of those channels, so that they output exactly zero (a group without BatchNorms, such as two biased Linear layers
-    added or multiplied, has only the biases to hold). Which channels are pruned is read from the producers' weights
-    by :meth:`refresh` (after a pruning round: it multiplies out every mask); :meth:`apply_` only writes the zeros,
-    cheap enough for every optimizer step.
+    group's depthwise convs') biases of those channels, so that they output exactly zero (a group without
+    BatchNorms, such as two biased Linear layers added or multiplied, has only the biases to hold). Which channels
+    are pruned is read from the producers' weights by :meth:`refresh` (after a pruning round: it multiplies out every
+    mask); :meth:`apply_` only writes the zeros, cheap enough for every optimizer step.
 
     `biases`: per group, whether its producers' biases are held too (default: all). A lone layer before a BatchNorm
     needs no bias held, and one whose output also goes elsewhere keeps it: shrink folds that constant.
