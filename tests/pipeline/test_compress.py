@@ -235,6 +235,42 @@ def test_zero_batch_norm_lets_shrink_remove_filters_before_a_padded_conv(digits,
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 
+class BiasedDecoder(nn.Module):
+    """Zero-padded convs with biases and no BatchNorm, and a transposed conv upsampling into one (a U-Net decoder):
+    a pruned filter still outputs its bias, a constant the padded conv after it does not see as one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.up, self.out = nn.ConvTranspose2d(8, 8, 2, stride=2), nn.Conv2d(8, 10, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+        return self.out(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("zero_batch_norm", [True, False])
+def test_biases_of_pruned_filters_without_a_batch_norm_are_held_at_zero_so_the_filters_go(digits, zero_batch_norm):
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", zero_batch_norm=zero_batch_norm)
+    result, x_val = compress_on_images(digits, BiasedDecoder(), prune, steps=30)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    said = [m for m in result.report.messages if m.startswith("zero_batch_norm: the biases")]
+    widths = {name: shrunk.get_submodule(name).out_channels for name in ("conv1", "conv2", "up")}
+    if zero_batch_norm:  # every pruned filter's bias is zero: its channel is zero, and goes
+        assert widths == {"conv1": 4, "conv2": 4, "up": 4}
+        for name in ("conv1", "conv2", "up"):
+            layer = pruned.get_submodule(name)
+            rows = layer.weight.transpose(0, 1) if name == "up" else layer.weight
+            assert torch.equal(layer.bias[rows.flatten(1).abs().sum(1) == 0], torch.zeros(4))
+        assert said == ["zero_batch_norm: the biases of pruned channels are held at zero in 3 layer(s) without a "
+                        "BatchNorm after them (conv1, conv2, up), so their channels output zero and shrink can remove "
+                        "them before a zero-padded conv too."]
+    else:  # the pruned filters output ReLU(bias) into padded convs: those that are not zero stay
+        assert not said and any(width > 4 for width in widths.values())
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("group_residuals", [True, False])
 def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
     from tests.pruning.test_groups import ResNet

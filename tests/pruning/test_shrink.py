@@ -2018,3 +2018,44 @@ def test_sizes_unpacked_whose_channel_count_is_never_used_let_the_channels_go() 
     result = shrink(model, x)
     assert result.model.conv.out_channels == 5
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+SKIP_OPS = {  # what lies on a U-Net's skip connection before the concatenation
+    "PReLU per channel": lambda: nn.PReLU(6),
+    "GroupNorm": lambda: nn.GroupNorm(2, 6),
+    "InstanceNorm": lambda: nn.InstanceNorm2d(6, affine=True),
+    "crop": lambda: nn.Identity(),
+}
+
+
+class SkipUNet(nn.Module):
+    """An encoder conv, its output through `skip` into the concatenation with the upsampled decoder (cropped on
+    both sides for "crop"). The concatenation's width was unreadable through these ops, so `up` kept its channels."""
+
+    def __init__(self, skip: str) -> None:
+        super().__init__()
+        self.crop = skip == "crop"
+        self.enc, self.skip = nn.Conv2d(2, 6, 3, padding=1), SKIP_OPS[skip]()
+        self.down, self.up = nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ConvTranspose2d(8, 5, 2, stride=2)
+        self.dec = nn.Conv2d(11, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.enc(x)
+        u, s = self.up(torch.relu(self.down(a))), self.skip(a)
+        if self.crop:
+            u, s = u[:, :, 1:-1, 1:-1], s[..., 1:-1, 1:-1]
+        return self.dec(torch.cat([u, s], dim=1))
+
+
+@pytest.mark.parametrize("skip", list(SKIP_OPS))
+def test_a_concatenation_reads_the_width_of_a_skip_through_per_channel_ops_and_crops(skip) -> None:
+    torch.manual_seed(0)
+    model = SkipUNet(skip).eval()
+    assert removable_channels(model)["up"] is None
+    with torch.no_grad():
+        model.up.weight[:, [1, 3]] = 0   # a transposed conv's output channels are dim 1
+        model.up.bias[[1, 3]] = 0
+    x = torch.randn(2, 2, 8, 8)
+    result = shrink(model, x)
+    assert (result.model.up.out_channels, result.model.dec.in_channels) == (3, 9)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy,
                                         keep_bypassed_weights_current_, make_permanent_,
@@ -467,25 +467,35 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
 
 
 def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: ChannelPlan | None,
-                       note: Callable[[str], None]) -> list[ChannelGroup]:
+                       note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
     """Each pruned layer with the BatchNorms between it and its consumer, as a one-layer group whose BatchNorm
-    :class:`BatchNormZeroer` holds at zero for pruned channels (none if the model cannot be traced)."""
+    :class:`BatchNormZeroer` holds at zero for pruned channels; and each pruned conv without such a BatchNorm whose
+    channels go only when exactly zero (into a zero-padded conv), with a bias, as a one-layer group whose bias it
+    holds at zero (none if the model cannot be traced)."""
     if plan is None:
-        return []
+        return [], []
     modules = dict(model.named_modules())
     pruned = {name for name, (_, n) in zip(_names_of(model, targets), targets) if n == "weight"}
-    groups = []
-    for layer, places in plan.batch_norms.items():
+    groups, biased = [], []
+    for layer in sorted(pruned, key=list(modules).index):
         # after a concatenation, the layer's channels start past the other inputs' in the BatchNorm
-        affine = {name: start for name, start in places.items() if modules[name].affine}
-        if layer in pruned and affine:
+        affine = {name: start for name, start in plan.batch_norms.get(layer, {}).items() if modules[name].affine}
+        if affine:
             groups.append(ChannelGroup((layer,), tuple(affine), (), _out_channels(modules[layer]),
                                        batch_norm_starts=tuple(affine.values())))
+        elif layer in plan.zeros_only and isinstance(getattr(modules[layer], "bias", None), Tensor):
+            # a pruned filter still outputs its bias: a constant that a zero-padded conv after it (a U-Net's decoder
+            # conv after its transposed conv) does not see as one at the border, so shrink could not remove it
+            biased.append(ChannelGroup((layer,), (), (), _out_channels(modules[layer])))
     if groups:
         layers = {name for group in groups for name in group.batch_norms}  # one after a concatenation serves several
         note(f"zero_batch_norm: the BatchNorm scale and shift of pruned channels are held at zero in "
              f"{len(layers)} BatchNorm layer(s), so shrink can remove those channels.")
-    return groups
+    if biased:
+        note(f"zero_batch_norm: the biases of pruned channels are held at zero in {len(biased)} layer(s) without a "
+             f"BatchNorm after them ({', '.join(g.producers[0] for g in biased)}), so their channels output zero and "
+             "shrink can remove them before a zero-padded conv too.")
+    return groups, biased
 
 
 @dataclass
@@ -518,9 +528,10 @@ class _Pruning:
         groups, layer_targets = _residual_groups(model, targets, prune, plan, note)
         # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
         # (and a group's producers' biases: a sum or product of biased Linear layers has no BatchNorm to zero)
-        lone_layers = _batch_norm_groups(model, layer_targets, plan, note) if prune.zero_batch_norm else []
-        held_at_zero = BatchNormZeroer(model, groups + lone_layers,
-                                       biases=[True] * len(groups) + [False] * len(lone_layers))
+        lone_layers, biased = _batch_norm_groups(model, layer_targets, plan, note) if prune.zero_batch_norm \
+            else ([], [])
+        held_at_zero = BatchNormZeroer(model, groups + lone_layers + biased,
+                                       biases=[True] * len(groups) + [False] * len(lone_layers) + [True] * len(biased))
         return cls(model, prune, keep_multiple_of, targets, groups, _by_output_dim(model, layer_targets, prune, plan),
                    held_at_zero)
 

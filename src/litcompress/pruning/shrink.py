@@ -65,6 +65,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_LIKE = (*_CONV, *_TRANSPOSED)
 _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_INSTANCE_NORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 # Element-wise (per channel) ops: a constant channel stays a constant channel, whose value we compute by running
 # the op on it.
 _ELEMENTWISE_MODULES = (
@@ -1173,9 +1174,13 @@ def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object)
             return module.out_features
         if isinstance(module, _CONV_LIKE) and conv:
             return module.out_channels
-        if isinstance(module, _BATCH_NORM) and conv:
+        if isinstance(module, (*_BATCH_NORM, *_INSTANCE_NORM)) and conv:
             return module.num_features
-        passes = isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT)) or (
+        if isinstance(module, nn.GroupNorm) and conv:
+            return module.num_channels
+        if isinstance(module, nn.PReLU) and conv and module.num_parameters > 1:  # a slope per channel
+            return module.num_parameters
+        passes = isinstance(module, (*_ELEMENTWISE_MODULES, *_DROPOUT, nn.PReLU)) or (
             conv and isinstance(module, (*_POOLING, *_AVG_POOLING)))
     elif _is_concatenation(node):
         parts, node_dim = _concat_parts(node)
@@ -1187,7 +1192,9 @@ def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object)
         pooling = _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS if conv else set()
         passes = (node.op == "call_function" and node.target in (_ELEMENTWISE_FUNCTIONS | _DROPOUT_FUNCTIONS
                                                                    | pooling)) or (
-            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS) or (
+            # a crop of spatial dims (x[:, :, 2:-2]) keeps the channels (slices only: any conv's rank will do)
+            conv and _spatial_index(node, node.args[0], 5) == "keep" and isinstance(node.args[0], fx.Node))
     return _width(node.args[0], conv, modules, dim) if passes and node.args else None
 
 
@@ -1696,6 +1703,9 @@ class ChannelPlan:
     recurrent: dict[str, str] = field(default_factory=dict)
     # producers whose channels go in equal numbers from each of that many groups (grouped convs, or their inputs)
     slice_groups: dict[str, int] = field(default_factory=dict)
+    # producers whose channels go only when exactly zero, not as constants: a branch reaches a zero-padded conv
+    # (depthwise ones on the way too) or a transposed conv
+    zeros_only: frozenset = frozenset()
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of channel groups (residual or gated) removable when `residual_groups`
@@ -1764,6 +1774,9 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
         groups=traced.groups,
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
+        zeros_only=frozenset(name for name, chain in chains.items() if isinstance(chain, _Chain) and any(
+            branch.zeros_only or any(isinstance(op, _Depthwise) and op.zero_padded for op in branch.ops)
+            for branch in chain.branches)),
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
                    if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
