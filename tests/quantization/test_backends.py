@@ -458,7 +458,9 @@ class Decoder(nn.Module):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_static_int8_of_a_decoder_with_transposed_convs_and_prelu_tracks_fp32_on_every_call(backend_name):
+def test_static_int8_of_a_decoder_with_transposed_convs_and_prelu_tracks_fp32_on_every_call(backend_name, tmp_path):
+    from litcompress.quantization import load_quantized, save_quantized
+
     torch.manual_seed(0)
     model = Decoder().eval()
     x = torch.rand(96, 1, 16, 16)
@@ -471,6 +473,11 @@ def test_static_int8_of_a_decoder_with_transposed_convs_and_prelu_tracks_fp32_on
         torch.testing.assert_close(second, first)
         torch.testing.assert_close(rows, first[:1])   # a row's output does not depend on the batch around it
         assert sqnr_db(reference, first) > 20.0, recipe.describe()
+    path = tmp_path / f"decoder{backend.artifact_suffix}"
+    save_quantized(quantized, recipe, path, (x[:8],))
+    loaded, _ = load_quantized(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[64:]), first, rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_that_answers_the_same_inputs_differently_is_named_as_such_not_as_a_fixed_dim():
