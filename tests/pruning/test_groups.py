@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import hypothesis.strategies as st
 import pytest
@@ -975,3 +976,37 @@ def test_the_pipeline_prunes_and_shrinks_a_conformer_convolution_module():
     assert (shrunk.pw1.out_channels, shrunk.dw.groups, shrunk.bn.num_features, shrunk.pw2.in_channels) == (8, 4, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), pruned(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_norm", ["torch.nn.utils.weight_norm (hook)", "parametrizations.weight_norm"])
+def test_a_weight_normed_layer_keeps_its_group_whole_until_folded(weight_norm):
+    """Bai et al.'s TCN wraps its convs in weight_norm: the hook (or parametrization) computes the weight again at
+    full width on every call, so the group it writes into cannot narrow. The hook's layer was grouped anyway, and
+    shrink failed narrowing it ('cannot assign torch.FloatTensor as parameter weight')."""
+    from litcompress.pruning import fold_parametrizations_
+
+    torch.manual_seed(0)
+    model = TemporalConvNet("last step").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # the hook is deprecated, and still common
+        if weight_norm.endswith("(hook)"):
+            model.c2 = torch.nn.utils.weight_norm(model.c2)
+        else:
+            model.c2 = torch.nn.utils.parametrizations.weight_norm(model.c2)
+    with torch.no_grad():
+        magnitudes = model.c2.weight_g if weight_norm.endswith("(hook)") else \
+            model.c2.parametrizations.weight.original0
+        magnitudes[:4] = 0   # a zero norm: a zero filter
+        for layer in (model.c2, model.inp):
+            layer.bias[:4] = 0
+        model.inp.weight[:4] = 0
+    assert residual_groups(model) == []
+    assert removable_channels(model)["c2"] == "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
+    x = torch.randn(3, 3, 20)
+    result = shrink(model, x)
+    assert (result.model.c2.out_channels, result.model.inp.out_channels) == (12, 12)
+    torch.testing.assert_close(result.model(x), model(x))
+    fold_parametrizations_(model)   # as for inference: now the group narrows
+    shrunk = shrink(model, x).model
+    assert (shrunk.c2.out_channels, shrunk.inp.out_channels, shrunk.fc.in_features) == (8, 8, 8)
+    torch.testing.assert_close(shrunk(x), model(x), rtol=1e-5, atol=1e-5)

@@ -274,12 +274,15 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 block(space_of[a])
             continue
         if module is not None and _is_producer(module) and not isinstance(module, _TRANSPOSED):
+            # a weight computed by a parametrization or a weight-norm hook (a TCN's weight_norm convs) would be
+            # computed again at its full width: such a layer keeps its channels, in and out
+            editable = once and not has_computed_tensors(module)
             for a in inputs:
                 space = spaces[find(space_of[a])]
                 width = module.in_features if isinstance(module, nn.Linear) else module.in_channels
                 # channels are dim 1: a space is read by a layer of its producers' kind (a Linear on a conv's output
                 # would read its last spatial dim), a flattened conv space by a Linear over blocks of columns
-                if once and ((a in flattened and isinstance(module, nn.Linear) and space.channels
+                if editable and ((a in flattened and isinstance(module, nn.Linear) and space.channels
                               and width % space.channels == 0)
                              or (a not in flattened and width == space.channels and type(module) is space.kind)):
                     space.consumers.append(str(node.target))
@@ -292,21 +295,21 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             if len(users) == 1 and _is_glu(users[0], module, modules):
                 # F.glu(x, dim) = a * sigmoid(b) for the halves a, b of the channels: one space, zero where a is
                 width = out // 2
-                value, gate = (new(_Space(width, type(module), [str(node.target)], [start], blocked=not once))
+                value, gate = (new(_Space(width, type(module), [str(node.target)], [start], blocked=not editable))
                                for start in (0, width))
                 space_of[users[0]] = merge(value, gate, "multiplication")
                 rule_of[users[0]] = ("chunk", str(node.target), 0, width)
                 chunked.append([value, gate])
                 handled.add(users[0])
             elif chunks is None:
-                space_of[node] = new(_Space(out, type(module), [str(node.target)], [0], blocked=not once))
+                space_of[node] = new(_Space(out, type(module), [str(node.target)], [0], blocked=not editable))
                 rule_of[node] = ("producer", str(node.target))
             else:  # each part is a space of its own, written by the layer's rows start..start + width
                 width = out // chunks
                 parts = []
                 for part in sorted(users[0].users, key=lambda u: u.args[1]):
                     start = part.args[1] * width
-                    space_of[part] = new(_Space(width, type(module), [str(node.target)], [start], blocked=not once))
+                    space_of[part] = new(_Space(width, type(module), [str(node.target)], [start], blocked=not editable))
                     rule_of[part] = ("chunk", str(node.target), start, width)
                     parts.append(space_of[part])
                 chunked.append(parts)
