@@ -25,13 +25,19 @@ by ``shrink``;
 ``inception``, a GoogLeNet-style net for 3x32x32 inputs (three blocks of four concatenated branches, 320 channels);
 ``unet``, a U-Net for 3x64x64 inputs (three levels of 32-64-128 channels, bilinear upsampling, skip concatenations);
 ``signal``, a 1-d conv net for 8x1024 signals (four Conv1d-BN-ReLU layers of 64-128-128-256 channels, then
-``x.mean(-1)`` and a Linear head).
+``x.mean(-1)`` and a Linear head); ``tcn``, Bai et al.'s temporal conv net for 8x1024 sequences (four residual blocks
+of two dilated causal convs, 128 channels, chomped with ``x[:, :, :-p]``, the last step read); ``conformer``, four
+attention-free Conformer blocks (width 144) on 256x80 frames: feed-forward halves and a convolution module
+(pointwise conv, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv).
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
 squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
 SwiGLU blocks, each on its own (shrink removes the channels zero in either); every conv of the DenseNet,
 the Inception net and the U-Net but its head, whose outputs branch into several concatenations or consumers; every
-conv of the signal net.
+conv of the signal net; the first conv of each TCN block (the second writes into the residual stream); the
+Conformer's feed-forward first layers and its GLU convs (under Lightning's masks these keep their channels: the
+depthwise conv's bias makes a pruned channel constant, not zero, after the GLU; the pipeline, which holds those biases
+at zero, removes them).
 Weights are random (seeded): latency and size do not depend on training.
 
 Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
@@ -279,6 +285,12 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         model = SignalNet()
         randomise_batch_norms_(model)
         return model.eval(), (8, 1024), 32
+    if name == "tcn":
+        return TCN().eval(), (8, 1024), 32
+    if name == "conformer":
+        model = Conformer()
+        randomise_batch_norms_(model)
+        return model.eval(), (256, 80), 16
     model = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
     return model.eval(), (1024,), 64
 
@@ -338,6 +350,70 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+class TemporalBlock(nn.Module):
+    """Bai et al.'s TCN block: two dilated causal convs (padded on both sides, the extra steps chomped off,
+    ``x[:, :, :-padding]``) with ReLU, and a residual (a 1x1 conv where the width changes)."""
+
+    def __init__(self, cin: int, cout: int, dilation: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.chomp = (kernel - 1) * dilation
+        self.conv1 = nn.Conv1d(cin, cout, kernel, padding=self.chomp, dilation=dilation)
+        self.conv2 = nn.Conv1d(cout, cout, kernel, padding=self.chomp, dilation=dilation)
+        self.down = nn.Conv1d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x)[:, :, :-self.chomp].contiguous())
+        h = torch.relu(self.conv2(h)[:, :, :-self.chomp].contiguous())
+        return torch.relu(h + (x if self.down is None else self.down(x)))
+
+
+class TCN(nn.Module):
+    """A TCN for 8x1024 sequences: four temporal blocks of 128 channels (dilations 1, 2, 4, 8), the last step read by
+    a Linear head."""
+
+    def __init__(self, width: int = 128) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(TemporalBlock(8 if i == 0 else width, width, 2 ** i) for i in range(4)))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x)[:, :, -1])
+
+
+class ConformerBlock(nn.Module):
+    """A Conformer block without attention: half-step feed-forward, convolution module (pointwise conv to twice the
+    width, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv), half-step feed-forward, LayerNorm."""
+
+    def __init__(self, width: int, kernel: int = 15) -> None:
+        super().__init__()
+        self.ff1, self.ff2 = (nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.SiLU(),
+                                            nn.Linear(4 * width, width)) for _ in range(2))
+        self.conv_norm = nn.LayerNorm(width)
+        self.pointwise1, self.glu = nn.Conv1d(width, 2 * width, 1), nn.GLU(dim=1)
+        self.depthwise = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.bn, self.pointwise2 = nn.BatchNorm1d(width), nn.Conv1d(width, width, 1)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ff1(x)
+        y = self.glu(self.pointwise1(self.conv_norm(x).transpose(1, 2)))
+        x = x + self.pointwise2(F.silu(self.bn(self.depthwise(y)))).transpose(1, 2)
+        return self.norm(x + 0.5 * self.ff2(x))
+
+
+class Conformer(nn.Module):
+    """Four Conformer blocks (width 144, as Conformer-S) on 256 frames of 80 features, mean-pooled into a Linear."""
+
+    def __init__(self, width: int = 144) -> None:
+        super().__init__()
+        self.inp = nn.Linear(80, width)
+        self.blocks = nn.Sequential(*(ConformerBlock(width) for _ in range(4)))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.inp(x)).mean(1))
+
+
 def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
         keep_multiple_of: int | None = None) -> dict:
     base, _, extra = name.partition("+")
@@ -389,7 +465,7 @@ def table(results: list[dict]) -> str:
 
 
 MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
-          "inception", "unet", "signal")
+          "inception", "unet", "signal", "tcn", "conformer")
 
 
 def main(argv: list[str] | None = None) -> None:
