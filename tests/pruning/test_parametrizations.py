@@ -279,3 +279,49 @@ def test_compress_refuses_a_torchscript_model_to_prune_and_quantizes_it_alone():
                                                quantize=PTQConfig(backends=("torch_ao",), latency_repeats=2)),
                       eval_fn=metric, example_inputs=x)
     assert [s.stage for s in result.report.stages] == ["input", "quantized"]
+
+
+class AliasedTemporalBlock(nn.Module):
+    """The TCN reference code's block (locuslab/TCN): weight-normed convs registered twice, as ``conv1`` and inside
+    ``net``, so the state dict holds each under both names."""
+
+    def __init__(self, hooks: bool) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            norm = torch.nn.utils.weight_norm if hooks else weight_norm
+            self.conv1, self.conv2 = norm(nn.Conv1d(3, 8, 3, padding=2)), norm(nn.Conv1d(8, 8, 3, padding=2))
+        self.net = nn.Sequential(self.conv1, nn.ReLU(), self.conv2, nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x).mean(-1))
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_pruned_weights_unfold_into_a_model_that_registers_its_weight_normed_layers_twice(hooks):
+    torch.manual_seed(0)
+    reference = AliasedTemporalBlock(hooks).eval()
+    pruned = deepcopy_model(reference)
+    folded = fold_parametrizations_(pruned)
+    assert [entry.split(" ")[0] for entry in folded] == ["conv1.weight", "conv2.weight"]
+    prune_([(pruned.conv1, "weight")], "ln_structured", 0.5, scope="local", n=2, dim=0)
+    make_permanent_(pruned)
+    assert {"conv1.weight", "net.0.weight"} <= set(pruned.state_dict())   # one tensor, two keys
+    state, kept = unfold_state_dict(reference, pruned.state_dict(), folded)   # failed: unexpected 'net.0.weight'
+    assert kept == []
+    fresh = AliasedTemporalBlock(hooks)
+    fresh.load_state_dict(state)   # strict
+    x = torch.randn(4, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), pruned(x))
+    assert int((fresh.conv1.weight.flatten(1).abs().sum(1) == 0).sum()) == 4
+
+
+def test_prune_targets_selects_on_a_folded_copy_as_compress_does_and_names_the_models_layers():
+    from litcompress.pipeline import prune_targets
+
+    model = AliasedTemporalBlock(hooks=True)
+    targets = prune_targets(model, PruneConfig(sparsity=0.5, method="ln_structured"))   # refused as parametrized
+    assert [(module, name) for module, name in targets] == [(model.conv1, "weight"), (model.conv2, "weight")]
+    assert "weight_g" in dict(model.conv1.named_parameters())   # the model itself is not folded

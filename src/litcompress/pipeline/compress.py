@@ -29,7 +29,8 @@ from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
-from litcompress.pruning.parametrizations import fold_parametrizations_, is_scripted, unfold_state_dict
+from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
+                                                  unfold_state_dict)
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
@@ -79,9 +80,18 @@ class CompressionResult:
 
 def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple | None = None) -> list[Target]:
     """The ``(module, name)`` pairs `config` prunes in `model`, in module order (with `example_inputs`, as
-    :func:`compress` given them selects them)."""
-    plan = _traced_plan(model, example_inputs) if _filters_removable(config) else None
-    return _select_targets(model, config, plan)[0]
+    :func:`compress` given them selects them). Like :func:`compress`, which prunes a copy with its parametrized
+    weights folded (``weight_norm``), it selects them on such a copy; the pairs name `model`'s modules."""
+    work = model
+    if parametrized_tensors(model):
+        work = deepcopy_model(model)
+        fold_parametrizations_(work)
+    plan = _traced_plan(work, example_inputs) if _filters_removable(config) else None
+    targets = _select_targets(work, config, plan)[0]
+    if work is model:
+        return targets
+    modules, names = dict(model.named_modules()), {id(m): name for name, m in work.named_modules()}
+    return [(modules[names[id(module)]], name) for module, name in targets]
 
 
 def _traced_plan(model: nn.Module, example_inputs: tuple | None = None) -> ChannelPlan | None:

@@ -156,14 +156,22 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
 
     target = deepcopy_model(reference).eval()
     make_permanent_(target)  # a reference with pruning masks: its keys are those of the unpruned model
+    # a module registered under several names (the TCN reference code's conv1, also net.0) has a key under each
+    aliases: dict[int, list[str]] = {}
+    for alias, module in target.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
     plain = dict(state)
     failed = []
+    folded_modules = set()
     with torch.no_grad():
         for entry in folded:
             qualified = entry.split(" ", 1)[0]
             path, _, name = qualified.rpartition(".")
             module = target.get_submodule(path)
             value = plain.pop(qualified).detach()
+            for alias in aliases[id(module)]:
+                plain.pop(f"{alias + '.' if alias else ''}{name}", None)
+                folded_modules.add(alias)
             hook = _norm_hook(module, name)
             chain = None if hook is not None else module.parametrizations[name]
             try:
@@ -191,7 +199,6 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     if failed:
         return dict(state), failed
     missing, unexpected = target.load_state_dict(plain, strict=False)
-    folded_modules = {entry.split(" ", 1)[0].rpartition(".")[0] for entry in folded}
     originals = {k for k in target.state_dict() if ".parametrizations." in k
                  or k.rpartition(".")[0] in folded_modules and k.endswith(("_g", "_v"))}
     if unexpected or set(missing) - originals:
