@@ -487,7 +487,7 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
     modules = dict(model.named_modules())
     pruned = {name for name, (_, n) in zip(_names_of(model, targets), targets) if n == "weight"}
     groups, biased = [], []
-    for layer in sorted(pruned, key=list(modules).index):
+    for layer in (name for name in modules if name in pruned):
         # after a concatenation, the layer's channels start past the other inputs' in the BatchNorm
         affine = {name: start for name, start in plan.batch_norms.get(layer, {}).items() if modules[name].affine}
         if affine:

@@ -1194,7 +1194,7 @@ def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object)
                                                                    | pooling)) or (
             node.op == "call_method" and node.target in _ELEMENTWISE_METHODS) or (
             # a crop of spatial dims (x[:, :, 2:-2]) keeps the channels (slices only: any conv's rank will do)
-            conv and _spatial_index(node, node.args[0], 5) == "keep" and isinstance(node.args[0], fx.Node))
+            conv and bool(node.args) and _spatial_index(node, node.args[0], 5) == "keep")
     return _width(node.args[0], conv, modules, dim) if passes and node.args else None
 
 
