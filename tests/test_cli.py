@@ -286,6 +286,32 @@ class Untraceable(MLPClassifier):
         return self.net(x) if x.sum() > 0 else -self.net(x)  # control flow on values: fx cannot trace it
 
 
+class WeightNormedMLP(MLPClassifier):
+    """An MLP whose hidden layers are weight-normed (torch.nn.utils.parametrizations.weight_norm)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for index in (0, 2):
+            self.net[index] = torch.nn.utils.parametrizations.weight_norm(self.net[index])
+
+
+@pytest.mark.parametrize("sparsity", [None, "0.5"])
+def test_channels_plans_on_a_folded_copy_as_compress_prunes(capsys, sparsity):
+    """The table said 'it is parametrized' for every weight-normed layer, while compress folds them and narrows
+    them (the preview below it did)."""
+    extra = [] if sparsity is None else ["--sparsity", sparsity]
+    assert main(["channels", "--model", "tests.test_cli:WeightNormedMLP", "--model-args", '{"hidden": [16, 16]}',
+                 *extra]) == 0
+    out = capsys.readouterr().out
+    found = verdicts(out.split("\nAfter ")[0])
+    assert found["net.0"] == found["net.2"] == "yes"
+    if sparsity is None:
+        assert ("- the layers of a copy with 2 parametrized weight(s) folded into plain ones, as compress folds them: "
+                "net.0.weight (_WeightNorm), net.2.weight (_WeightNorm).") in out
+    else:   # the preview's notes say it
+        assert re.search(r"net\.0 +net\.2 +16 -> 8", out) and "- folded 2 parametrized weight(s)" in out
+
+
 def test_channels_shows_a_gated_feed_forward_as_one_group(capsys):
     assert main(["channels", "--model", "swiglu"]) == 0
     out = capsys.readouterr().out

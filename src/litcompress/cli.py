@@ -620,6 +620,8 @@ def run_report(args: argparse.Namespace) -> int:
 def run_channels(args: argparse.Namespace) -> int:
     from torch import nn
 
+    from litcompress.pruning.engine import deepcopy_model
+    from litcompress.pruning.parametrizations import fold_parametrizations_, parametrized_tensors
     from litcompress.pruning.shrink import channel_plan
 
     _quiet_frameworks()
@@ -636,7 +638,12 @@ def run_channels(args: argparse.Namespace) -> int:
                 raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
         # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
         inputs = None if data is None else _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
-        plan = channel_plan(model, example_inputs=inputs)
+        # compress folds parametrized weights (weight_norm) before it prunes: the plan is of such a copy
+        planned, folded = model, []
+        if parametrized_tensors(model):
+            planned = deepcopy_model(model)
+            folded = fold_parametrizations_(planned)
+        plan = channel_plan(planned, example_inputs=inputs)
         preview = None
         if args.sparsity is not None:
             from litcompress.pipeline import PruneConfig, preview_shrink
@@ -659,6 +666,9 @@ def run_channels(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
     print(plan.table())
+    if folded and preview is None:  # the preview's notes say it too
+        print(f"- the layers of a copy with {len(folded)} parametrized weight(s) folded into plain ones, as compress "
+              f"folds them: {', '.join(folded)}.")
     if preview is not None:
         result, notes = preview
         report = result.report
