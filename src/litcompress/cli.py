@@ -620,8 +620,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_channels(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from litcompress.pruning.engine import deepcopy_model
-    from litcompress.pruning.parametrizations import fold_parametrizations_, parametrized_tensors
+    from litcompress.pipeline.compress import as_pruned
     from litcompress.pruning.shrink import channel_plan
 
     _quiet_frameworks()
@@ -638,11 +637,7 @@ def run_channels(args: argparse.Namespace) -> int:
                 raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
         # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
         inputs = None if data is None else _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
-        # compress folds parametrized weights (weight_norm) before it prunes: the plan is of such a copy
-        planned, folded = model, []
-        if parametrized_tensors(model):
-            planned = deepcopy_model(model)
-            folded = fold_parametrizations_(planned)
+        planned, folded = as_pruned(model)  # compress folds weight_norm before it prunes: plan what it prunes
         plan = channel_plan(planned, example_inputs=inputs)
         preview = None
         if args.sparsity is not None:

@@ -82,16 +82,22 @@ def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple |
     """The ``(module, name)`` pairs `config` prunes in `model`, in module order (with `example_inputs`, as
     :func:`compress` given them selects them). Like :func:`compress`, which prunes a copy with its parametrized
     weights folded (``weight_norm``), it selects them on such a copy; the pairs name `model`'s modules."""
-    work = model
-    if parametrized_tensors(model):
-        work = deepcopy_model(model)
-        fold_parametrizations_(work)
+    work, _ = as_pruned(model)
     plan = _traced_plan(work, example_inputs) if _filters_removable(config) else None
     targets = _select_targets(work, config, plan)[0]
     if work is model:
         return targets
     modules, names = dict(model.named_modules()), {id(m): name for name, m in work.named_modules()}
     return [(modules[names[id(module)]], name) for module, name in targets]
+
+
+def as_pruned(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """`model` as :func:`compress` prunes it, to read without changing it: `model` itself, or, when it has
+    parametrized weights (``weight_norm``), a deep copy with them folded into plain ones; and the folded tensors."""
+    if not parametrized_tensors(model):
+        return model, []
+    work = deepcopy_model(model)
+    return work, fold_parametrizations_(work)
 
 
 def _traced_plan(model: nn.Module, example_inputs: tuple | None = None) -> ChannelPlan | None:
