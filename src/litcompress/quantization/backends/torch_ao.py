@@ -101,7 +101,8 @@ class TorchAOBackend(Backend):
         any other observer leaves them fp32 between a dequantize and a quantize), and transposed convs left fp32:
         torch's int8 ConvTranspose2d gives wrong outputs on x86 for common shapes (torch 2.13, fbgemm and x86 engines:
         kernel 2 with 8 or more channels in and out, the U-Net upsampling layer, is off by 2-4x the output's range,
-        and its rows depend on the batch). PReLU stays fp32 too (:class:`_FloatPReLU`)."""
+        and its rows depend on the batch: ``benchmarks/torch_ao_kernels.py``). PReLU stays fp32 too
+        (:class:`_FloatPReLU`)."""
         from torch.ao.quantization import QConfig, get_default_qconfig_mapping
         from torch.ao.quantization.observer import FixedQParamsObserver, ReuseInputObserver
 

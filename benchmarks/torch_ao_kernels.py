@@ -1,0 +1,77 @@
+"""Check torch.ao's own static int8 kernels against fp32, with torch's own default x86 qconfig mapping.
+
+This is why litcompress's `torch_ao` backend keeps transposed convs and PReLU in fp32: on the project's x86 hosts
+(torch 2.13) some of torch's int8 kernels return wrong values. No litcompress code runs here: each case is
+``conv -> ReLU -> op`` (or ``conv -> op``), prepared with ``get_default_qconfig_mapping("x86")``, calibrated on random
+inputs, converted, and compared with the fp32 module:
+
+* relative error: max |int8 - fp32| / max |fp32| on one batch (int8 rounding stays near 0.01-0.05);
+* steady: whether two calls on the same batch give the same values.
+
+Usage::
+
+    python benchmarks/torch_ao_kernels.py [--engine x86]
+
+The last printed line is one JSON object with every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import warnings
+
+import torch
+from torch import nn
+
+BAD_ERROR = 0.1  # int8 rounding of these small nets stays well below this
+
+
+def check(model: nn.Module, shape: tuple[int, ...], engine: str) -> dict:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    model.eval()
+    inputs = [torch.randn(*shape) for _ in range(3)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, get_default_qconfig_mapping(engine), (inputs[0],))
+        for x in inputs:
+            prepared(x)
+        int8 = convert_fx(prepared)
+        reference, first, second = model(inputs[0]), int8(inputs[0]), int8(inputs[0])
+    error = float((first - reference).abs().max() / reference.abs().max())
+    steady = bool(torch.equal(first, second))
+    return {"relative_error": round(error, 4), "steady": steady, "bad": error > BAD_ERROR or not steady}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", default="x86", help="torch.backends.quantized.engine (x86, fbgemm, onednn)")
+    args = parser.parse_args(argv)
+    torch.backends.quantized.engine = args.engine
+    torch.manual_seed(0)
+    cases = []
+    for dim, cin, cout, kernel, stride in itertools.product((1, 2), (4, 8, 16, 32), (1, 8, 16), (2, 3, 4), (1, 2)):
+        conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if dim == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+        model = nn.Sequential(conv(1, cin, 3, padding=1), nn.ReLU(), transposed(cin, cout, kernel, stride))
+        shape = (8, 1, 8) if dim == 1 else (8, 1, 8, 8)
+        cases.append({"op": f"ConvTranspose{dim}d({cin}, {cout}, {kernel}, stride={stride})",
+                      **check(model, shape, args.engine)})
+    for slopes in (1, 8):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(slopes), nn.Conv2d(8, 4, 1))
+        cases.append({"op": f"PReLU({slopes}) between convs", **check(model, (4, 3, 10, 10), args.engine)})
+    for case in cases:
+        if case["bad"]:
+            print(f"BAD  {case['op']:<40} relative error {case['relative_error']:.2f}  steady {case['steady']}")
+    by_kind: dict[str, list[dict]] = {}
+    for case in cases:
+        by_kind.setdefault(case["op"].split("(")[0], []).append(case)
+    for kind, found in by_kind.items():
+        print(f"{kind}: {sum(c['bad'] for c in found)} of {len(found)} cases wrong")
+    print(json.dumps({"torch": torch.__version__, "engine": args.engine, "cases": cases}))
+
+
+if __name__ == "__main__":
+    main()
