@@ -86,7 +86,9 @@ def test_resume_restores_masks_and_lottery_snapshot(tmp_path, cls):
     make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
     mask = fresh.layer.mlp_1.weight_mask
     assert int((mask == 0).sum()) == 1024 - 256 // 2  # three rounds of 50%: 1024 -> 512 -> 256 -> 128 kept
-    # the third round's reset used the true initial weights, restored from the checkpoint
+    # the third round's reset (left to the caller at the end of the fit) uses the true initial weights, restored
+    # from the checkpoint
+    callback.apply_lottery_ticket_hypothesis()
     assert torch.equal(fresh.layer.mlp_1.weight_orig, theta0)
 
 
@@ -127,6 +129,18 @@ def test_buffer_named_mask_is_left_alone(tmp_path, cls):
     ModelWithAttnMask.load_from_checkpoint(ckpt.last_model_path)
 
 
+class RecordFirstBatch(Callback):
+    """The trainable weights of `layer.mlp_1`/`mlp_2` once pruned (``weight_orig``) at each epoch's first batch."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        layers = {n: getattr(pl_module.layer, n) for n in ("mlp_1", "mlp_2")}
+        if batch_idx == 0 and all(hasattr(layer, "weight_orig") for layer in layers.values()):
+            self.weights[trainer.current_epoch] = {n: layer.weight_orig.detach().clone() for n, layer in layers.items()}
+
+
 @both("lottery-ticket reset aliases the snapshot, which then drifts with training")
 def test_lottery_ticket_reset_restores_initial_weights_exactly(tmp_path, cls):
     seed_everything(0)
@@ -135,7 +149,12 @@ def test_lottery_ticket_reset_restores_initial_weights_exactly(tmp_path, cls):
     targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
     callback = cls("l1_unstructured", parameters_to_prune=targets, amount=0.3, make_pruning_permanent=False,
                    use_lottery_ticket_hypothesis=True)
-    make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
+    seen = RecordFirstBatch()  # listed after the pruning callback: the weights training starts each epoch from
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback, seen]).fit(model)
+    for epoch in (1, 2):  # after the rounds at the ends of epochs 0 and 1
+        for n in ("mlp_1", "mlp_2"):
+            assert torch.equal(seen.weights[epoch][n], initial[n]), (epoch, n)
+    callback.apply_lottery_ticket_hypothesis()  # the last round's reset, which no training followed
     for n, module in (("mlp_1", model.layer.mlp_1), ("mlp_2", model.layer.mlp_2)):
         assert torch.equal(module.weight_orig, initial[n]), n
     for layer in callback._original_layers.values():
@@ -156,6 +175,7 @@ def test_lottery_ticket_reset_keeps_the_precision_the_trainer_cast_the_model_to(
     callback = cls("l1_unstructured", amount=0.3, parameter_names=["weight"], make_pruning_permanent=False,
                    use_lottery_ticket_hypothesis=True)
     make_trainer(tmp_path, max_epochs=3, precision=precision, callbacks=callback).fit(model)
+    callback.apply_lottery_ticket_hypothesis()  # the last round's reset, which no training followed
     total = sum(w.numel() for w in initial.values())
     remaining = total
     for _ in range(3):
@@ -478,6 +498,7 @@ def test_lazy_layers_are_pruned_and_rewound_to_their_first_values(tmp_path, cls,
     model, first = LazyModel(), _FirstForwardWeights()
     pruning = cls("l1_unstructured", amount=0.5, parameter_names=["weight"], use_lottery_ticket_hypothesis=True)
     make_trainer(tmp_path, max_epochs=2, limit_val_batches=validation, callbacks=[pruning, first]).fit(model)
+    pruning.apply_lottery_ticket_hypothesis()  # the last round's reset, which no training followed
     weight = model.layer.mlp_1.weight
     kept = weight != 0
     assert 0 < int(kept.sum()) < weight.numel()

@@ -111,31 +111,100 @@ class RecordAtStep(Callback):
             self.values = [m.weight.detach().clone() for m in pl_module.layer]
 
 
+class RecordEpochStarts(Callback):
+    """At each epoch's first batch (listed after the pruning callback: what training starts from), the trainable
+    weights (``weight_orig`` once pruned), the zeros of the effective ones and how many parameters have optimizer
+    state."""
+
+    def __init__(self) -> None:
+        self.weights, self.optimizer_states, self.zeros = {}, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.zeros[trainer.current_epoch] = sum(int((m.weight == 0).sum()) for m in pl_module.layer)
+            self.weights[trainer.current_epoch] = [
+                getattr(m, "weight_orig", m.weight).detach().clone() for m in pl_module.layer]
+            self.optimizer_states[trainer.current_epoch] = len(trainer.optimizers[0].state)
+
+
 @pytest.mark.parametrize("reset_optimizer", [False, True])
 def test_rewind_to_step_k(tmp_path, reset_optimizer):
     seed_everything(0)
     model = FixedDataModel()
     targets = weight_targets(model)
-    record = RecordAtStep(3)
+    record, starts = RecordAtStep(3), RecordEpochStarts()
     callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=0.4, rewind_to_step=3,
                             make_pruning_permanent=False, reset_optimizer=reset_optimizer)
-    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[record, callback])  # pruning at steps 4 and 8
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[record, callback, starts])  # rounds at steps 4, 8
     trainer.fit(model)
+    assert all(torch.equal(started, value) for started, value in zip(starts.weights[1], record.values))
+    assert (starts.optimizer_states[1] == 0) == reset_optimizer
+    # the round at the last step rewinds when training goes on, not at the end of the fit
+    assert not any(torch.equal(module.weight_orig, value) for (module, _), value in zip(targets, record.values))
+    callback.apply_lottery_ticket_hypothesis()
     for (module, _), value in zip(targets, record.values):
         assert torch.equal(module.weight_orig, value)
-    assert (len(trainer.optimizers[0].state) == 0) == reset_optimizer
 
 
 def test_rewind_to_epoch_k(tmp_path):
     seed_everything(0)
     model = FixedDataModel()
     targets = weight_targets(model)
-    record = RecordAtStep(4)  # the end of epoch 0 = the start of epoch 1
+    record, starts = RecordAtStep(4), RecordEpochStarts()  # the end of epoch 0 = the start of epoch 1
     callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=0.3, rewind_to_epoch=1,
                             make_pruning_permanent=False, apply_pruning=lambda epoch: epoch >= 1)
-    make_trainer(tmp_path, max_epochs=3, callbacks=[record, callback]).fit(model)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[record, callback, starts]).fit(model)
+    assert all(torch.equal(started, value) for started, value in zip(starts.weights[2], record.values))
+    callback.apply_lottery_ticket_hypothesis()
     for (module, _), value in zip(targets, record.values):
         assert torch.equal(module.weight_orig, value)
+
+
+class RecordBeforeTheRound(Callback):
+    """Listed before the pruning callback: the trainable weights when the last epoch ends, before its round."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.weights = [getattr(m, "weight_orig", m.weight).detach().clone() for m in pl_module.layer]
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_a_fit_ending_on_a_round_keeps_its_trained_weights_and_rewinds_when_training_goes_on(
+        tmp_path, caplog, make_pruning_permanent):
+    """With the lottery ticket on (the default), a reset right after the fit's last round would hand back the
+    initial weights, untrained, as the model (a small BERT classifier, 100% accurate under Lightning's callback, came
+    back at chance). The reset is for the training that follows: a next fit applies it first."""
+    seed_everything(0)
+    model = FixedDataModel()
+    targets = weight_targets(model)
+    initial = [m.weight.detach().clone() for m, _ in targets]
+    before, starts = RecordBeforeTheRound(), RecordEpochStarts()
+    callback = ModelPruning("l1_unstructured", amount=0.3, parameter_names=["weight"],
+                            make_pruning_permanent=make_pruning_permanent)
+    with caplog.at_level("INFO", logger="litcompress"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[before, callback, starts]).fit(model)
+    assert "the last round's lottery-ticket reset waits for training to go on" in caplog.text
+    zeros, total = zeros_and_total(targets)
+    after_one = round(0.3 * total)
+    assert zeros == after_one + round(0.3 * (total - after_one))  # two global rounds of 30% of what remains
+    for (module, name), trained in zip(targets, before.weights):
+        kept = getattr(module, name) != 0
+        assert torch.equal(getattr(module, name)[kept], trained[kept])  # trained, pruned, not reset
+    assert callback.state_dict()["lottery_ticket_reset_pending"]
+    assert all(torch.equal(w, i) for w, i in zip(starts.weights[1], initial))  # the first round's reset: in the fit
+
+    # a second fit with the callback rewinds before its first step and keeps the zeros (masks re-made if permanent)
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback, starts]).fit(model)
+    assert all(torch.equal(w, i) for w, i in zip(starts.weights[0], initial))
+    assert starts.zeros[0] == zeros
+    after_two = zeros
+    zeros = zeros_and_total(targets)[0]
+    assert zeros == after_two + round(0.3 * (total - after_two))  # its round prunes on from the masks
+
+    callback.apply_lottery_ticket_hypothesis()  # the ticket: survivors at their initial values, zeros kept
+    assert zeros_and_total(targets)[0] == zeros
+    for (module, name), first in zip(targets, initial):
+        kept = getattr(module, name) != 0
+        assert torch.equal(getattr(module, name)[kept], first[kept])
 
 
 def test_rewind_after_pruning_began_is_refused(tmp_path):

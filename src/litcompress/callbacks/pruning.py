@@ -10,10 +10,11 @@ Same constructor, hooks, override points, log lines and validation messages as
 * the callback keeps state (rounds, history, masks, the lottery-ticket snapshot) in the checkpoint, so a
   resumed run continues exactly;
 * only real pruning re-parametrisations are touched (a buffer called ``attn_mask`` is left alone);
-* the lottery-ticket snapshot is taken once, on the CPU, when fitting starts, and resets copy its values;
+* the lottery-ticket snapshot is taken once, on the CPU, when fitting starts, and resets copy its values; a reset is
+  applied when training goes on after its round, so a fit that ends on a round keeps its trained weights;
 * ``fit`` -> ``test`` -> ``fit`` with one callback works;
 * ``amount`` is validated at construction; custom ``BasePruningMethod`` classes work in local mode too;
-* under DDP, masks (and reset weights) are broadcast from rank 0 after every round.
+* under DDP, masks (and reset weights) are broadcast from rank 0 after every round (and reset).
 
 The callback is a thin adapter: the work is done by :mod:`litcompress.pruning`.
 """
@@ -77,7 +78,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         make_pruning_permanent: remove the re-parametrisation when training ends, and save effective
             weights in every checkpoint while the live model keeps its masks.
         use_lottery_ticket_hypothesis: after each round, reset surviving weights to their values when fitting
-            started (a bool or a callable ``epoch -> bool``).
+            started (a bool or a callable ``epoch -> bool``). The reset is for the training that follows the round:
+            it is applied when training goes on (before the next batch), so a round at the end of a fit leaves the
+            trained weights, pruned; ``apply_lottery_ticket_hypothesis()`` then gives the ticket.
         resample_parameters: with the lottery ticket, draw fresh values (``reset_parameters``) instead.
         pruning_dim: the dimension for structured methods.
         pruning_norm: the norm for ``ln_structured``.
@@ -233,6 +236,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._warned_fit_too_short = False
         self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._history: list[dict[str, Any]] = []
+        # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
+        self._reset_pending = False
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
         self._hook_handles: list[Any] = []
@@ -262,10 +267,18 @@ class ModelPruning(TargetsFoundOnceConfigured):
         r"""Reset the surviving weights to their values when fitting started (step 4 of the lottery ticket
         hypothesis, Frankle & Carbin 2019), or to freshly drawn values with ``resample_parameters``.
 
-        The values are copied: the snapshot never changes, however many rounds follow.
+        The values are copied: the snapshot never changes, however many rounds follow. A tensor whose pruning was
+        made permanent (after a fit) keeps its zeros.
         """
         assert self._original_layers is not None
+        permanent = [(module, name, getattr(module, name) == 0)
+                     for module, name in engine.distinct_targets(self._parameters_to_prune)
+                     if not engine.is_pruned(module, name)]
         rewind_(self._parameters_to_prune, self._original_layers, resample=self._resample_parameters)
+        with torch.no_grad():
+            for module, name, zeros in permanent:
+                getattr(module, name).masked_fill_(zeros, 0)
+        self._reset_pending = False
 
     def _apply_local_pruning(self, amount: Union[int, float]) -> None:
         engine.prune_(self._parameters_to_prune, self._method, amount, scope="local", **self._method_kwargs)
@@ -377,6 +390,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
             self._take_snapshot_once()
 
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._reset_pending:
+            for module, name in engine.distinct_targets(self._parameters_to_prune):
+                if not engine.is_pruned(module, name):  # made permanent when the last fit ended: its zeros are the
+                    engine.set_mask_(module, name, getattr(module, name) != 0)  # mask the reset must keep
+            self.apply_lottery_ticket_hypothesis()
+            self._reset_pending = False
+            if self._reset_optimizer:
+                for optimizer in trainer.optimizers:
+                    optimizer.state.clear()
+            broadcast_pruning_state_(self._parameters_to_prune, values=True)  # `resample_parameters` draws per rank
+
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -431,11 +457,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
                         " before the first pruning round, or start pruning later."
                     )
                 self._take_snapshot_once()  # pruning outside `fit` (a direct call): snapshot now
-            self.apply_lottery_ticket_hypothesis()
-            if self._reset_optimizer and trainer is not None:
-                for optimizer in trainer.optimizers:
-                    optimizer.state.clear()
-        broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset))
+            if trainer is None:
+                self.apply_lottery_ticket_hypothesis()
+            else:
+                # Applied before the next batch rather than now: the reset is for the training that follows, and a
+                # round at the end of the fit would otherwise hand back the untrained initial weights as the model
+                # (and the epoch's checkpoint, saved after this hook). Nothing trains in between, so the training
+                # is the same either way.
+                self._reset_pending = True
+        broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset) and trainer is None)
         self._rounds += 1
         self._history.append(
             {"round": self._rounds, "epoch": current_epoch, "step": trainer.global_step if trainer else None,
@@ -557,6 +587,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
             if message and not self._warned_fit_too_short:  # said when fitting started
                 rank_zero_warn(message)
             self._warn_if_rounds_were_skipped()
+        if self._reset_pending:
+            _info_on_rank_zero("`ModelPruning`: the last round's lottery-ticket reset waits for training to go on (a "
+                               "next fit, or one resumed from a checkpoint), so the model keeps its trained weights, "
+                               "pruned. `apply_lottery_ticket_hypothesis()` on the callback resets them now (the "
+                               "ticket).")
         if self._make_pruning_permanent:
             rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
             self.make_pruning_permanent(pl_module)
@@ -600,6 +635,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             "parameters": list(self._qualified_names),
             "masks": masks,
             "lottery_ticket_snapshot": snapshot,
+            "lottery_ticket_reset_pending": self._reset_pending,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -615,6 +651,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._last_step = int(state.get("last_step", -1))
         self._epochs_ended = state.get("epochs_ended")  # None from an older checkpoint: nothing is caught up
         self._history = list(state.get("history", []))
+        self._reset_pending = bool(state.get("lottery_ticket_reset_pending", False))
         index = {qname: i for i, qname in enumerate(self._qualified_names)}
         unknown = [q for q in state.get("masks", {}) if q not in index]
         if unknown:
@@ -760,6 +797,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
     @staticmethod
     def _is_pruning_method(method: Any) -> bool:
         return is_pruning_method(method)
+
+
+@rank_zero_only
+def _info_on_rank_zero(message: str) -> None:
+    log.info(message)
 
 
 def _in_spawned_worker(trainer: Optional["pl.Trainer"]) -> bool:
