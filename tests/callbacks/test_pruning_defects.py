@@ -757,3 +757,34 @@ def test_a_structured_method_on_biases_is_refused_before_training(tmp_path, cls)
     with pytest.raises(MisconfigurationException, match="prunes whole slices of multidimensional tensors"):
         trainer.fit(model)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("global_scope", [True, False])
+def test_a_round_that_empties_a_weight_says_so_once(tmp_path, global_scope):
+    """Global magnitude pruning takes a layer whose weights are all smaller than the others' first; once none are left,
+    the model's output no longer depends on its input. The round says which tensor, once, and what to do."""
+    seed_everything(0)
+    model = FixedDataModel()
+    with torch.no_grad():
+        model.layer.mlp_3.weight.mul_(1e-4)  # the last layer's 64 weights: the smallest of all, and kept so
+    model.layer.mlp_3.weight.requires_grad_(False)
+    amount = (lambda epoch: 0.02 if epoch == 0 else 0.5) if global_scope else (lambda epoch: 0.5 if epoch == 0 else 1.0)
+    callback = ModelPruning("l1_unstructured", amount=amount, parameter_names=["weight"],
+                            use_global_unstructured=global_scope, use_lottery_ticket_hypothesis=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
+    said = [str(w.message) for w in caught if "every entry of" in str(w.message)]
+    emptied = [name for name in ("mlp_1", "mlp_2", "mlp_3") if not getattr(model.layer, name).weight.any()]
+    assert emptied == (["mlp_3"] if global_scope else ["mlp_1", "mlp_2", "mlp_3"])
+    assert len(said) == 1  # at the round that emptied them, not again at the next one
+    assert said[0].startswith("ModelPruning (round 2): every entry of " + ", ".join(f"layer.{n}.weight" for n in emptied))
+    assert ("`use_global_unstructured=False`" in said[0]) == global_scope and "`parameters_to_prune`" in said[0]
+
+
+def test_rounds_that_leave_every_weight_some_entries_say_nothing(tmp_path):
+    callback = ModelPruning("l1_unstructured", amount=0.6, use_lottery_ticket_hypothesis=False)  # biases emptied: fine
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(FixedDataModel())
+    assert not [w for w in caught if "every entry of" in str(w.message)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -98,3 +100,20 @@ def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, m
     assert unrounded_kept <= kept_along[-1] < unrounded_kept + multiple
     with pytest.raises(ValueError, match="for structured methods only"):
         GradualPruner([(layer, "weight")], schedule, "l1_unstructured", keep_multiple_of=8)
+
+
+def test_a_round_that_empties_a_weight_warns_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-4)  # all below the first layer's: global magnitude pruning takes them first
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=1))
+    with pytest.warns(UserWarning, match=r"GradualPruner \(target .*\): every entry of Linear\.weight is pruned.*"
+                                         r"prune each tensor on its own"):
+        for t in range(5):
+            pruner.step(t)
+    assert not model[2].weight.any() and model[0].weight.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.step(5)  # past the schedule: no round, no second warning
+        pruner.prune_to(0.5, 6)  # a round that changes nothing: said already

@@ -238,6 +238,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._history: list[dict[str, Any]] = []
         # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
         self._reset_pending = False
+        self._warned_emptied: set[tuple[int, str]] = set()  # tensors a round left without entries, already said
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
         self._hook_handles: list[Any] = []
@@ -467,11 +468,27 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._reset_pending = True
         broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset) and trainer is None)
         self._rounds += 1
+        self._warn_of_emptied_tensors()
         self._history.append(
             {"round": self._rounds, "epoch": current_epoch, "step": trainer.global_step if trainer else None,
              "amount": amount, "zeros_before": before, "zeros_after": self._total_zeros(),
              "lottery_ticket_reset": bool(reset)}
         )
+
+    def _warn_of_emptied_tensors(self) -> None:
+        """A round that pruned every entry of a weight has cut the model at that layer (global rounds do this when one
+        layer's magnitudes are all below the others'): say so once per tensor, naming it."""
+        names = {(id(m), n): q for q, (m, n) in zip(self._qualified_names, self._parameters_to_prune)}
+        emptied = [key for key in ((id(m), n) for m, n in engine.emptied_targets(self._parameters_to_prune))
+                   if key not in self._warned_emptied]
+        if emptied:
+            self._warned_emptied.update(emptied)
+            scope = "global" if self._use_global_unstructured else "local"
+            message = engine.emptied_message(f"ModelPruning (round {self._rounds})",
+                                             [names.get(key, key[1]) for key in emptied], scope)
+            rank_zero_warn(message.replace("prune each tensor on its own (per layer)",
+                                           "prune per layer (`use_global_unstructured=False`)")
+                           .replace("the targets", "`parameters_to_prune`"))
 
     def _warn_if_rounds_were_skipped(self) -> None:
         """A schedule's rounds that `apply_pruning` refused are caught up by the next round it allows; those after

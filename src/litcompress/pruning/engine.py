@@ -500,6 +500,23 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
         refresh_cached_tensor(module, name)
 
 
+def emptied_targets(targets: Iterable[Target]) -> list[Target]:
+    """The targets, biases aside, whose masks prune every entry: nothing flows through their modules any more."""
+    return [(module, name) for module, name in distinct_targets(targets)
+            if not name.endswith("bias") and is_pruned(module, name) and remaining_count(module, name) == 0]
+
+
+def emptied_message(who: str, names: Sequence[str], scope: Scope) -> str:
+    """Why a round that left `names` without a single entry wrecks the model, and what to do."""
+    hint = ("Global pruning ranks every tensor's magnitudes together, so a layer whose magnitudes are all below the "
+            "others' goes first: prune each tensor on its own (per layer), lower the sparsity, or leave "
+            f"{'it' if len(names) == 1 else 'them'} out of the targets." if scope == "global"
+            else f"Lower the sparsity, or leave {'it' if len(names) == 1 else 'them'} out of the targets.")
+    return (f"{who}: every entry of {', '.join(names)} is pruned, so nothing flows through "
+            f"{'it' if len(names) == 1 else 'them'} any more (the output no longer depends on the input along that "
+            f"path; a plain stack of layers gives the same output for every input). {hint}")
+
+
 def pruned_count(module: nn.Module, name: str) -> int:
     """How many entries of ``module.<name>`` its mask prunes (0 when it is not pruned)."""
     return getattr(module, name).numel() - remaining_count(module, name)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.utils.prune as torch_prune
 
-from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, prune_to_sparsity_,
-                                        pruned_count)
+from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, emptied_message,
+                                        emptied_targets, prune_to_sparsity_, pruned_count)
 from litcompress.pruning.methods import resolve_method
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
@@ -61,6 +62,7 @@ class GradualPruner:
         self.keep_multiple_of = keep_multiple_of
         self.last_t = -1
         self.history: list[dict[str, Any]] = []
+        self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
 
     def due(self, t: int) -> bool:
         """Whether :meth:`step` would prune at `t`."""
@@ -81,6 +83,10 @@ class GradualPruner:
                                    keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         self.last_t = t
         self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
+        emptied = [f"{type(m).__name__}.{n}" for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
+        if emptied:
+            self._warned.update((id(m), n) for m, n in emptied_targets(self.targets))
+            warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", emptied, self.scope), stacklevel=3)
 
     def pruned(self) -> int:
         """Entries masked out across the targets."""
