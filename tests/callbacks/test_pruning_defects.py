@@ -778,7 +778,8 @@ def test_a_round_that_empties_a_weight_says_so_once(tmp_path, global_scope):
     emptied = [name for name in ("mlp_1", "mlp_2", "mlp_3") if not getattr(model.layer, name).weight.any()]
     assert emptied == (["mlp_3"] if global_scope else ["mlp_1", "mlp_2", "mlp_3"])
     assert len(said) == 1  # at the round that emptied them, not again at the next one
-    assert said[0].startswith("ModelPruning (round 2): every entry of " + ", ".join(f"layer.{n}.weight" for n in emptied))
+    names = ", ".join(f"layer.{name}.weight" for name in emptied)
+    assert said[0].startswith(f"ModelPruning (round 2): every entry of {names}")
     assert ("`use_global_unstructured=False`" in said[0]) == global_scope and "`parameters_to_prune`" in said[0]
 
 

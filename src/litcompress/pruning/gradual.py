@@ -83,10 +83,11 @@ class GradualPruner:
                                    keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         self.last_t = t
         self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
-        emptied = [f"{type(m).__name__}.{n}" for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
+        emptied = [(m, n) for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
         if emptied:
-            self._warned.update((id(m), n) for m, n in emptied_targets(self.targets))
-            warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", emptied, self.scope), stacklevel=3)
+            self._warned.update((id(m), n) for m, n in emptied)
+            names = [f"{type(m).__name__}.{n}" for m, n in emptied]
+            warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", names, self.scope), stacklevel=3)
 
     def pruned(self) -> int:
         """Entries masked out across the targets."""
