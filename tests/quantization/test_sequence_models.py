@@ -333,6 +333,46 @@ def test_an_embedding_table_is_stored_in_int8_and_its_file_reads_back(backend, t
         assert (result.model(tokens) - model(tokens)).abs().max() < 0.05 * model(tokens).abs().max()
 
 
+class SegmentEmbeddings(nn.Module):
+    """BERT's embeddings (Hugging Face's): segment ids from a buffer expanded to the batch (stride 0) and
+    position ids read through a transpose, so the tables are looked up with non-contiguous indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words, self.segments, self.positions = nn.Embedding(VOCAB, 16), nn.Embedding(2, 16), nn.Embedding(32, 16)
+        self.register_buffer("segment_ids", torch.zeros(1, 32, dtype=torch.long))
+        self.register_buffer("position_ids", torch.arange(32).unsqueeze(1))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        segments = self.segment_ids[:, :length].expand(tokens.shape[0], length)
+        positions = self.position_ids[:length].t()
+        embedded = self.words(tokens) + self.segments(segments) + self.positions(positions)
+        return self.out(embedded.mean(1))
+
+
+def test_tables_looked_up_with_non_contiguous_indices_quantize_on_torch_ao(tmp_path):
+    """torch.ao's int8 embedding refuses non-contiguous indices ("Expect weight, indices, and offsets to be
+    contiguous"), which Hugging Face's BERT embeddings pass: every torch_ao candidate of such a model failed."""
+    torch.manual_seed(0)
+    model = SegmentEmbeddings().eval()
+    batches = _batches([10, 14])
+    quantized = get_backend("torch_ao").quantize(copy.deepcopy(model), Recipe("torch_ao", "dynamic"), batches[0],
+                                                 batches)
+    from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+
+    assert all(isinstance(getattr(quantized, name), QuantizedEmbedding) for name in ("words", "segments", "positions"))
+    tokens = _batches([9], batch_size=4, seed=5)[0][0]
+    with torch.no_grad():  # int8 rows: close to the fp32 outputs
+        assert (quantized(tokens) - model(tokens)).abs().max() < 0.05 * model(tokens).abs().max()
+    path = tmp_path / "model.pt"
+    save_quantized(quantized, Recipe("torch_ao", "dynamic"), path, batches[0])
+    loaded, _ = load_quantized(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), quantized(tokens))
+
+
 def test_a_tied_table_stays_fp32_on_both_sides_when_one_side_falls_back():
     model = TableHeavy(tied=True).eval()
     backend = get_backend("torch_ao")

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 
 from litcompress.pruning.shrink import eval_outputs
 
@@ -157,7 +158,9 @@ class TorchAOBackend(Backend):
         # an embedding table is looked up, not multiplied: int8 rows, each with its own float scale and offset
         spec.update({name: float_qparams_weight_only_qconfig for name, module in model.named_modules()
                      if is_quantizable_embedding(module) and name not in skip})
-        return quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+        quantized = quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
+        _look_up_contiguous_indices_(quantized)
+        return quantized
 
     def _quantize_static(self, model: nn.Module, recipe: Recipe, example_inputs: Inputs,
                          calibration: Sequence[Inputs]) -> nn.Module:
@@ -206,6 +209,23 @@ def _keep_prelu_float_(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.PReLU:
             module.__class__ = _FloatPReLU
+
+
+class _ContiguousLookupEmbedding(QuantizedEmbedding):
+    """torch.ao's int8 embedding, looking its table up with the indices made contiguous (see
+    `_look_up_contiguous_indices_`)."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return super().forward(indices.contiguous())
+
+
+def _look_up_contiguous_indices_(model: nn.Module) -> None:
+    """Make `model`'s (a private copy's) int8 embedding tables accept any indices: torch.ao's int8 lookup refuses
+    non-contiguous ones ("Expect weight, indices, and offsets to be contiguous"), which models pass routinely
+    (Hugging Face's BERT looks its segment table up with a buffer expanded to the batch), where fp32 takes any."""
+    for module in model.modules():
+        if type(module) is QuantizedEmbedding:
+            module.__class__ = _ContiguousLookupEmbedding
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
