@@ -172,7 +172,9 @@ def test_a_fit_ending_on_a_round_keeps_its_trained_weights_and_rewinds_when_trai
         tmp_path, caplog, make_pruning_permanent):
     """With the lottery ticket on (the default), a reset right after the fit's last round would hand back the
     initial weights, untrained, as the model (a small BERT classifier, 100% accurate under Lightning's callback, came
-    back at chance). The reset is for the training that follows: a next fit applies it first."""
+    back at chance), and so would each epoch's checkpoint, saved after the round (a `ModelCheckpoint(monitor=...)`
+    "best" one held initial weights under the score of trained ones). The reset is for the training that follows: a
+    next fit applies it first."""
     seed_everything(0)
     model = FixedDataModel()
     targets = weight_targets(model)
@@ -180,15 +182,21 @@ def test_a_fit_ending_on_a_round_keeps_its_trained_weights_and_rewinds_when_trai
     before, starts = RecordBeforeTheRound(), RecordEpochStarts()
     callback = ModelPruning("l1_unstructured", amount=0.3, parameter_names=["weight"],
                             make_pruning_permanent=make_pruning_permanent)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)  # saved at the epoch's end
     with caplog.at_level("INFO", logger="litcompress"):
-        make_trainer(tmp_path, max_epochs=2, callbacks=[before, callback, starts]).fit(model)
+        make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True,
+                     callbacks=[before, callback, starts, checkpoint]).fit(model)
     assert "the last round's lottery-ticket reset waits for training to go on" in caplog.text
     zeros, total = zeros_and_total(targets)
     after_one = round(0.3 * total)
     assert zeros == after_one + round(0.3 * (total - after_one))  # two global rounds of 30% of what remains
-    for (module, name), trained in zip(targets, before.weights):
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    for (module, name), trained, key in zip(targets, before.weights, ("mlp_1", "mlp_2", "mlp_3")):
         kept = getattr(module, name) != 0
         assert torch.equal(getattr(module, name)[kept], trained[kept])  # trained, pruned, not reset
+        prefix = f"layer.{key}.weight"
+        in_file = saved[prefix] if prefix in saved else saved[prefix + "_orig"] * saved[prefix + "_mask"]
+        assert torch.equal(in_file, getattr(module, name))  # the checkpoint too
     assert callback.state_dict()["lottery_ticket_reset_pending"]
     assert all(torch.equal(w, i) for w, i in zip(starts.weights[1], initial))  # the first round's reset: in the fit
 
