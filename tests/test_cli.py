@@ -378,6 +378,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("usage: litcompress channels")
     assert "tracing Untraceable with torch.fx failed" in err
+    assert "--submodule NAME plans one attribute of the model instead, if that one traces." in err
 
 
 @pytest.mark.parametrize(("args", "message"), [

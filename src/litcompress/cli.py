@@ -638,7 +638,13 @@ def run_channels(args: argparse.Namespace) -> int:
         # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
         inputs = None if data is None else _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
         planned, folded = as_pruned(model)  # compress folds weight_norm before it prunes: plan what it prunes
-        plan = channel_plan(planned, example_inputs=inputs)
+        try:
+            plan = channel_plan(planned, example_inputs=inputs)
+        except ValueError as error:
+            if args.submodule is None and str(error).startswith("tracing "):
+                raise ValueError(f"{error}. --submodule NAME plans one attribute of the model instead, if that one "
+                                 "traces.") from error
+            raise
         preview = None
         if args.sparsity is not None:
             from litcompress.pipeline import PruneConfig, preview_shrink
