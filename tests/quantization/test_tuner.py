@@ -523,3 +523,77 @@ def test_a_float64_models_onnx_file_holds_int8_weights(tmp_path):
     types = {i.data_type for i in onnx.load(str(tmp_path / "model.onnx")).graph.initializer if len(i.dims) == 2}
     assert types == {onnx.TensorProto.INT8}, types
     assert any("float64 weights were quantized from a float32 copy" in m for m in result.messages)
+
+
+class Conv1D(nn.Module):
+    """The contract of Hugging Face's ``Conv1D`` (GPT-2's layers): a Linear layer storing its weight as (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.size()[:-1] + (self.nf,))
+
+
+class GPTStyleMLP(nn.Module):
+    """GPT-2's feed-forward block and head on a digits image read as 8 tokens of 8 pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj, self.head = Conv1D(128, 8), Conv1D(32, 128), nn.Linear(8 * 32, 10)
+        self.alias = self.c_fc  # one layer under two names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.c_proj(torch.nn.functional.gelu(self.c_fc(x.view(-1, 8, 8))))
+        return self.head(hidden.flatten(1))
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime", "pt2e"])
+def test_transposed_linear_layers_are_quantized_on_every_backend(backend, digits):
+    """torch_ao quantizes nn.Linear and pt2e the linear op: GPT-2's Conv1D layers (addmm on a transposed weight) stayed
+    fp32 there, and a 'quantized' GPT-2 came out the size of the fp32 one."""
+    x_train, y_train, x_test, y_test = digits
+    torch.manual_seed(0)
+    model = GPTStyleMLP()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_train), y_train).backward()
+        optimizer.step()
+    model.eval()
+    config = PTQConfig(approach="dynamic", backends=(backend,), accuracy=AccuracyCriterion(0.02), **FAST)
+    result = quantize(model, config, eval_fn=accuracy_fn(x_test, y_test), calibration_data=[(x_train[:64],)])
+    assert result.goal_met and not result.recipe.fp32_layers, result.table()
+    assert any("2 Conv1D layer(s)" in m and "c_fc, c_proj" in m for m in result.messages), result.messages
+    if backend == "onnxruntime":  # the exporter names a 3-d MatMul's weight after the node: count the int8 weights
+        import onnx
+
+        initializers = onnx.load_from_string(result.model.model_bytes).graph.initializer
+        assert sum(i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_quantized") for i in initializers) == 3
+    else:
+        assert all(quantized_layers(result.model, backend, ["c_fc", "c_proj", "head"]).values())
+    assert result.size_bytes < 0.7 * result.baseline_size_bytes  # the head's 2,560 weights are int8 as well
+    assert type(model.c_fc) is Conv1D  # the model given is left as it is
+
+
+def test_as_linear_layers_computes_the_same_and_keeps_aliases_one_layer():
+    from litcompress.quantization.backends import as_linear_layers_
+
+    torch.manual_seed(0)
+    model = GPTStyleMLP().eval()
+    x = torch.randn(5, 64)
+    expected = model(x)
+    assert as_linear_layers_(model) == ["c_fc", "c_proj"]
+    assert type(model.c_fc) is nn.Linear and model.alias is model.c_fc
+    torch.testing.assert_close(model(x), expected)
+
+    class Conv1DOfAnotherKind(Conv1D):  # same attributes, another computation: left alone
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    Conv1DOfAnotherKind.__name__ = "Conv1D"
+    other = nn.Sequential(Conv1DOfAnotherKind(4, 3))
+    assert as_linear_layers_(other) == [] and type(other[0]) is Conv1DOfAnotherKind

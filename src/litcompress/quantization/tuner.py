@@ -24,8 +24,8 @@ from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import eval_outputs
 from litcompress.report.size import model_size_bytes
 
-from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, get_backend, quantizable_layers,
-                       to_inputs)
+from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, as_linear_layers_, get_backend,
+                       quantizable_layers, to_inputs)
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
 from .nested import InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
@@ -447,6 +447,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     if folded:
         note(f"folded {len(folded)} parametrized weight(s) into plain ones in the copy quantized, as for inference: "
              f"{', '.join(folded)}.")
+    transposed = as_linear_layers_(fp32)
+    if transposed:
+        shown = ", ".join(transposed[:3]) + (f" and {len(transposed) - 3} more" if len(transposed) > 3 else "")
+        note(f"{len(transposed)} Conv1D layer(s) (Hugging Face's GPT-2 layers: Linear with the weight stored "
+             f"transposed) quantized as nn.Linear, which every backend quantizes: {shown}.")
     with torch.no_grad():
         value, ran = evaluate_noting_use(eval_fn, fp32)
     baseline_metric = check_metric(value, "the fp32 baseline")

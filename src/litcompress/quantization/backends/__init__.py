@@ -175,6 +175,45 @@ def is_quantizable_embedding(module: nn.Module) -> bool:
     return type(module) is nn.Embedding and module.max_norm is None
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's layers), or a module of its contract: a Linear layer that stores its weight
+    as ``(in, out)`` = ``(nx, nf)`` and computes ``addmm(bias, x, weight)``."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    out_features, in_features = getattr(module, "nf", None), getattr(module, "nx", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(out_features, int) and isinstance(in_features, int)
+            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (in_features, out_features)
+            and (bias is None or isinstance(bias, torch.Tensor) and tuple(bias.shape) == (out_features,)))
+
+
+def as_linear_layers_(model: nn.Module) -> list[str]:
+    """Replace `model`'s (a private copy's) transposed Linear layers (:func:`is_transposed_linear`) with
+    ``nn.Linear`` layers computing the same, checked on a random input; returns their (first) names. The int8 backends
+    quantize ``nn.Linear`` (torch_ao) or the ``linear`` op (pt2e), so a GPT-2 otherwise stays fp32 on both."""
+    linears: dict[int, nn.Linear] = {}
+    replaced = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or not is_transposed_linear(module):
+            continue
+        if id(module) not in linears:
+            weight = module.weight.detach()
+            linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device=weight.device,
+                               dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight.t())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+                probe = torch.randn(3, module.nx, device=weight.device, dtype=weight.dtype)
+                expected = module(probe)
+                same = torch.allclose(linear(probe), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+            if not same:  # a Conv1D of another contract: left as it is
+                continue
+            linears[id(module)] = linear.train(module.training)
+            replaced.append(name)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, linears[id(module)])  # under each of its names
+    return replaced
+
+
 def quantizable_layers(model: nn.Module, approach: str) -> list[str]:
     """Names of the layers a backend quantizes for ``approach``: Linear, plus the convolutions (1-, 2- and 3-d) when
     static, plus the recurrent layers (LSTM, GRU and the cells) and embedding tables when dynamic."""
