@@ -24,6 +24,20 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*litlogger.*|.*litmodels.*")
 
 
+class Conv1D(nn.Module):
+    """The contract of Hugging Face's ``Conv1D`` (GPT-2's layers, in ``transformers.pytorch_utils``): a Linear layer
+    storing its weight as (in, out) and computing ``addmm``. litcompress knows such layers by that contract."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.size()[:-1] + (self.nf,))
+
+
 class ThreeLayerModel(BoringModel):
     """BoringModel with three named linear layers, one without bias."""
 

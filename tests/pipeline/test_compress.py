@@ -1201,3 +1201,23 @@ def test_a_model_with_a_flag_is_pruned_shrunk_and_quantized_keeping_the_layers_t
     loaded, _ = load_quantized(str(result.artifact))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_gpt2_conv1d_layers_are_pruned_unstructured_and_counted():
+    """GPT-2's Conv1D layers (Hugging Face; Linear with the weight stored transposed) were no pruning target: compress
+    pruned only a GPT-2's output layer (its tied embedding table) to the sparsity asked, and the sparsity column
+    counted that layer alone. Structured pruning leaves them out (their rows are input features)."""
+    from tests.conftest import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(32, 8), nn.GELU(), Conv1D(8, 32), nn.Flatten(), nn.Linear(8 * 8, 3)).eval()
+    x = torch.randn(16, 8, 8)
+    assert [id(m) for m, _ in prune_targets(model, PruneConfig(sparsity=0.5))] == [id(model[i]) for i in (0, 2, 4)]
+    assert [id(m) for m, _ in prune_targets(model, PruneConfig(sparsity=0.5, method="ln_structured",
+                                                               removable_only=False, exclude=()))] == [id(model[4])]
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.75), **FAST),
+                      eval_fn=lambda m: float(m(x).abs().mean()), example_inputs=x)
+    pruned = result.stage_models["pruned"]
+    n = sum(pruned[i].weight.numel() for i in (0, 2, 4))
+    assert sum(int((pruned[i].weight == 0).sum()) for i in (0, 2, 4)) == round(0.75 * n)
+    assert result.report["pruned"].weight_sparsity == pytest.approx(round(0.75 * n) / n)

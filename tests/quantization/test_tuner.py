@@ -13,6 +13,7 @@ from litcompress.quantization import (AccuracyCriterion, PTQConfig, Quantization
 from litcompress.quantization.backends import BACKEND_REGISTRY, BackendUnavailableError, Backend
 from litcompress.quantization.tuner import UNUSED_MODEL_MESSAGE
 from quant_helpers import quantized_layers, state_snapshot
+from tests.conftest import Conv1D
 
 FAST = dict(latency_repeats=3, max_trials=6)
 
@@ -523,19 +524,6 @@ def test_a_float64_models_onnx_file_holds_int8_weights(tmp_path):
     types = {i.data_type for i in onnx.load(str(tmp_path / "model.onnx")).graph.initializer if len(i.dims) == 2}
     assert types == {onnx.TensorProto.INT8}, types
     assert any("float64 weights were quantized from a float32 copy" in m for m in result.messages)
-
-
-class Conv1D(nn.Module):
-    """The contract of Hugging Face's ``Conv1D`` (GPT-2's layers): a Linear layer storing its weight as (in, out)."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.size()[:-1] + (self.nf,))
 
 
 class GPTStyleMLP(nn.Module):

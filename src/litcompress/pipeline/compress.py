@@ -35,7 +35,7 @@ from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, 
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
                                               taking_inputs_like)
-from litcompress.quantization.backends import BackendUnavailableError, get_backend, to_inputs
+from litcompress.quantization.backends import BackendUnavailableError, get_backend, is_transposed_linear, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
@@ -122,7 +122,11 @@ def _select_targets(model: nn.Module, config: PruneConfig,
                     plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str]]:
     """`prune_targets`, and the layers `removable_only` left out with the reason shrink could not remove their
     channels (none without a `plan`)."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, config.layer_types)
+    # GPT-2's Conv1D layers (Linear with the weight stored transposed) count as Linear for unstructured pruning;
+    # structured pruning would take their input features for channels, and shrink does not narrow them
+    transposed_linear = not config.structured and nn.Linear in config.layer_types
+    layers = [(name, m) for name, m in model.named_modules()
+              if (isinstance(m, config.layer_types) or transposed_linear and is_transposed_linear(m))
               # depthwise convs follow the layer before them; a recurrent layer's rows are gates, not channels
               and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
     exclude = config.exclude
@@ -198,10 +202,12 @@ def _groups_residuals(prune: PruneConfig) -> bool:
 
 
 def weight_sparsity(model: nn.Module) -> float | None:
-    """Zeros among the weights of Linear/Conv/recurrent layers (None when the model has none, e.g. ONNX Runtime)."""
+    """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too (None when the model has none, e.g.
+    ONNX Runtime)."""
     from .config import PrunableLayers
 
-    targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) for t in tensor_names(m, "weight")]
+    targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) or is_transposed_linear(m)
+               for t in tensor_names(m, "weight")]
     return sparsity_report(model, targets).sparsity if targets else None
 
 

@@ -54,7 +54,9 @@ class PruneConfig:
             global for unstructured methods, local for structured ones (which only work locally).
         parameter_names: which tensors of each layer to prune.
         layer_types: the layer classes whose tensors are pruned. The default includes ``nn.LSTM``/``GRU``/``RNN``
-            and their cells, whose ``"weight"`` is each of their weight matrices, for unstructured methods only.
+            and their cells, whose ``"weight"`` is each of their weight matrices, for unstructured methods only;
+            with ``nn.Linear`` among them, unstructured methods prune Hugging Face's ``Conv1D`` layers too (GPT-2's
+            Linear layers, their weights stored transposed).
         exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
             the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
             Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their
