@@ -286,6 +286,36 @@ class Untraceable(MLPClassifier):
         return self.net(x) if x.sum() > 0 else -self.net(x)  # control flow on values: fx cannot trace it
 
 
+class CenteredPixelsCNN(CNNClassifier):
+    """A CNN whose steps prepare its batches (pixels in [0, 1] centred and stretched to [-2, 2]) before calling
+    ``self(...)``, as many modules do; the model itself sees the prepared pixels."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step(((x - 0.5) * 4, y), batch_idx)
+
+    def _evaluate(self, batch, prefix):
+        x, y = batch
+        super()._evaluate(((x - 0.5) * 4, y), prefix)
+
+
+def test_a_module_that_prepares_its_batches_is_compressed_on_what_its_model_takes(tmp_path, capsys, caplog):
+    """compress calibrated static int8 on the batches as they are ([0, 1] where the model sees [-2, 2]) and timed and
+    traced the model on them: the int8 model missed its goal. It now reads the inputs through validation_step."""
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        assert main(["compress", "--model", "tests.test_cli:CenteredPixelsCNN", "--model-args",
+                     '{"channels": [8, 16]}', *QUICK, "--train-epochs", "4", "--prune", "none", "--tolerance", "0.02",
+                     "--output-dir", str(tmp_path)]) == 0
+    assert "CenteredPixelsCNN.validation_step gives the model other inputs than its batches hold" in caplog.text
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert report["quantized"].description.startswith("torch_ao static"), report["quantized"].description
+    assert "goal missed" not in report["quantized"].description
+    assert report["quantized"].metric >= report["input"].metric - 0.02
+    assert main(["channels", "--model", "tests.test_cli:CenteredPixelsCNN", "--model-args", '{"channels": [8, 16]}',
+                 "--sparsity", "0.5", "--latency", "--latency-batch-size", "300"]) == 0
+    assert "latency at batch 300" in capsys.readouterr().out
+
+
 class WeightNormedMLP(MLPClassifier):
     """An MLP whose hidden layers are weight-normed (torch.nn.utils.parametrizations.weight_norm)."""
 

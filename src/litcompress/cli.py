@@ -423,26 +423,38 @@ def _input_fn(args: argparse.Namespace, model: Any) -> Any:
     return by_keys
 
 
-def _example_inputs(data: Any, batch_size: int | None, input_fn: Any) -> tuple:
-    """The first validation batch's inputs, or `batch_size` rows of the validation batches shaped like it."""
+def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: Any = None,
+                    submodule: str | None = None) -> tuple:
+    """The first validation batch's inputs, or `batch_size` rows of the validation batches shaped like it. With
+    `module` (no --inputs), the inputs its validation_step gives the model, when it prepares its batches."""
+    import math
+
     import torch
 
     from litcompress.quantization.backends import to_inputs
-    from litcompress.quantization.lightning import first_loader
+    from litcompress.quantization.lightning import first_loader, same_inputs, step_model_inputs
     from litcompress.quantization.nested import InputStructure
 
-    batches = iter(first_loader(data.val_dataloader()))
+    loader = first_loader(data.val_dataloader())
+    batches = iter(loader)
     inputs = to_inputs(input_fn(next(batches)))
+    later = (to_inputs(input_fn(batch)) for batch in batches)
+    if module is not None:
+        rows = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+        seen = step_model_inputs(module, loader, 1 if batch_size is None else math.ceil(batch_size / rows) + 1,
+                                 submodule=submodule)
+        if seen is not None and not same_inputs(seen[0], inputs):
+            inputs, later = seen[0], iter(seen[1:])
     if batch_size is None:
         return inputs
     # the tensors of the inputs (in dicts too: --inputs '*'), concatenated batch by batch
     structure = InputStructure.of(inputs)
     first = structure.flatten(inputs)
     parts, count = [first], first[0].shape[0]
-    for batch in batches:
+    for batch_inputs in later:
         if count >= batch_size:
             break
-        tensors = structure.flatten(to_inputs(input_fn(batch)))
+        tensors = structure.flatten(batch_inputs)
         if any(b.shape[1:] != i.shape[1:] for b, i in zip(tensors, first)):  # another length: a timed batch has one
             continue
         parts.append(tensors)
@@ -554,7 +566,8 @@ def run_compress(args: argparse.Namespace) -> int:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
         input_fn = _input_fn(args, compressed)
-        example_inputs = _example_inputs(data, args.latency_batch_size, input_fn)
+        example_inputs = _example_inputs(data, args.latency_batch_size, input_fn,
+                                         module=model if args.inputs is None else None, submodule=args.submodule)
         check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
                          default_input_fn_used=args.inputs is None)
         if config.quantize is not None and config.quantize.dynamic_dims:
@@ -579,7 +592,9 @@ def run_compress(args: argparse.Namespace) -> int:
     _stderr("compressing ...")
     result = compress_lightning(model, config, datamodule=data, metric=args.metric, test_metric=test_metric,
                                 fine_tune_epochs=args.prune_epochs if config.prune is not None else 0,
-                                example_inputs=example_inputs, input_fn=input_fn, submodule=args.submodule,
+                                example_inputs=example_inputs, submodule=args.submodule,
+                                # without --inputs, compress_lightning reads the batches as validation_step does
+                                input_fn=input_fn if args.inputs is not None else None,
                                 output_dir=args.output_dir)
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
@@ -630,13 +645,15 @@ def run_channels(args: argparse.Namespace) -> int:
             data = _datamodule(args)
             data.prepare_data()
             data.setup("fit")
-        model = _model(args, data)
+        model = host = _model(args, data)
         if args.submodule is not None:
             model = getattr(model, args.submodule, None)
             if not isinstance(model, nn.Module):
                 raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
         # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
-        inputs = None if data is None else _example_inputs(data, args.latency_batch_size, _input_fn(args, model))
+        inputs = None if data is None else _example_inputs(
+            data, args.latency_batch_size, _input_fn(args, model),
+            module=host if args.inputs is None else None, submodule=args.submodule)
         planned, folded = as_pruned(model)  # compress folds weight_norm before it prunes: plan what it prunes
         try:
             plan = channel_plan(planned, example_inputs=inputs)

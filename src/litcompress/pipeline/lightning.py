@@ -18,8 +18,8 @@ from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_fit_for_fit_end_work, detached_copy,
-                                                first_loader, lightning_eval_fn, warn_if_sanity_check_missed,
-                                                with_metric_mode)
+                                                first_loader, inputs_as_steps_give_them, lightning_eval_fn,
+                                                warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -180,9 +180,15 @@ def compress_lightning(
                        "compress_lightning")
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
+    datamodule.setup("fit")
+    # a module that prepares its batches in its steps: the inputs its validation_step gives the model
+    calibration_batches = config.quantize.num_calibration_batches if config.quantize is not None else 16
+    example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
+        module, datamodule.val_dataloader(), datamodule.train_dataloader(), example_inputs=example_inputs,
+        calibration_data=calibration_data, input_fn=input_fn, submodule=submodule,
+        calibration_batches=calibration_batches)
     # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
     input_fn = input_fn or model_input_fn(module if submodule is None else getattr(module, submodule))
-    datamodule.setup("fit")
     if example_inputs is None:
         example_inputs = input_fn(next(iter(first_loader(datamodule.val_dataloader()))))
     if calibration_data is None:

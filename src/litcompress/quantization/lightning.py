@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import warnings
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
@@ -20,7 +21,9 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import QuantizationResult, quantize, signature_or_none
+from .tuner import QuantizationResult, model_input_fn, quantize, signature_or_none
+
+logger = logging.getLogger(__name__)
 
 
 #: A Trainer that runs in this process on the CPU and writes nothing: no logger, checkpoints or progress output.
@@ -198,6 +201,97 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     return evaluate
 
 
+class _RecordInputs(nn.Module):
+    """Runs `forward` (the model's own, bound) and keeps a detached copy of each call's positional inputs."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_forward", forward)  # not a sub-module: it may be the host's own forward
+        self.inputs: list[tuple] = []
+
+    def forward(self, *args: Any) -> Any:
+        self.inputs.append(tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
+        return self._forward(*args)
+
+
+def step_model_inputs(module: L.LightningModule, loader: Any, batches: int, *,
+                      submodule: str | None = None) -> list[tuple] | None:
+    """The inputs `module`'s ``validation_step`` passes to its model (``self(...)``, or `submodule`) on the first
+    `batches` batches of `loader`, positional as a compressed model takes them; None when the step does not run on
+    those batches or passes anything but tensors.
+
+    A module that prepares its batches in its steps (``x.float() / 255``, a reshape) feeds its model other values than
+    the batch holds: those, not the batch, are what calibration must observe and an export must be traced on."""
+    host = detached_copy(module).eval()
+    replaced = host if submodule is None else getattr(host, submodule)
+    forward = type(host).forward.__get__(host) if submodule is None else replaced.forward
+    recorder = _RecordInputs(forward)
+    candidate = KeywordsAsPositional(recorder, signature_or_none(replaced.forward))
+    if submodule is None:
+        object.__setattr__(host, "forward", candidate)
+    else:
+        setattr(host, submodule, candidate)
+    try:
+        # fork_rng: reading a loader draws its seed from torch's generator, and the run's training must not change;
+        # no inference mode: exporters trace the recorded inputs in autograd mode, where inference tensors fail
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")  # Lightning's notes on the loader (workers, batch sizes): not the user's
+            L.Trainer(**QUIET_CPU_TRAINER, limit_val_batches=batches, inference_mode=False).validate(
+                host, dataloaders=loader, verbose=False)
+    except Exception:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
+        return None
+    inputs = recorder.inputs
+    if not inputs or not all(isinstance(a, torch.Tensor) for call in inputs for a in call):
+        return None
+    return inputs
+
+
+def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_loader: Any, *,
+                              example_inputs: Any, calibration_data: Any, input_fn: Callable[[object], tuple] | None,
+                              submodule: str | None, calibration_batches: int
+                              ) -> tuple[Any, Any, Callable[[object], tuple] | None]:
+    """``(example_inputs, calibration_data, input_fn)`` as the module's steps feed its model.
+
+    When ``validation_step`` gives the model other inputs than its batch holds (it scales, casts or reshapes them),
+    the example inputs (when not given) become those of the first validation batch and the calibration data (when
+    not given) those of the first `calibration_batches` training batches, both read through ``validation_step``,
+    with an `input_fn` that takes them as they are. Otherwise, or with an `input_fn` of the user's, nothing changes."""
+    if input_fn is not None or val_loader is None or (example_inputs is not None and calibration_data is not None):
+        return example_inputs, calibration_data, input_fn
+    val_loader = first_loader(val_loader)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            first = next(iter(val_loader))
+        from_batch = tuple(model_input_fn(module if submodule is None else getattr(module, submodule))(first))
+    except Exception:  # noqa: BLE001 - a batch the default mapping cannot read: the steps say what the model takes
+        from_batch = None
+    seen = step_model_inputs(module, val_loader, 1, submodule=submodule)
+    if seen is None or (from_batch is not None and same_inputs(seen[0], from_batch)):
+        return example_inputs, calibration_data, input_fn
+    step = f"{type(module).__name__}.validation_step"
+    logger.info(f"{step} gives the model other inputs than its batches hold (it prepares them): the model is traced, "
+                "timed and calibrated on the inputs that step gives it.")
+    if example_inputs is None:
+        example_inputs = seen[0]
+    if calibration_data is None and train_loader is not None:
+        recorded = step_model_inputs(module, first_loader(train_loader), calibration_batches, submodule=submodule)
+        if recorded is not None:
+            return example_inputs, recorded, _as_given
+    return example_inputs, calibration_data, input_fn
+
+
+def _as_given(inputs: object) -> tuple:
+    """`input_fn` for batches that already are the model's positional inputs."""
+    return tuple(inputs)  # type: ignore[arg-type]
+
+
+def same_inputs(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether two tuples of model inputs hold the same tensors (values, dtypes and shapes)."""
+    return len(a) == len(b) and all(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape
+        and torch.equal(x, y) for x, y in zip(a, b))
+
+
 def bypassed_model_message(host: nn.Module, submodule: str | None, step: str, metric: str) -> str:
     """Why a metric cannot judge a model its ``step`` never called, and which ``submodule`` to name instead."""
     holders = [name for name, child in host.named_children()
@@ -238,10 +332,15 @@ def quantize_lightning(
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
                          "so that candidates can be validated.")
-    if calibration_data is None and datamodule is not None:
-        if hasattr(datamodule, "setup"):
-            datamodule.setup("fit")
-        calibration_data = first_loader(datamodule.train_dataloader())
+    if datamodule is not None and hasattr(datamodule, "setup"):
+        datamodule.setup("fit")
+    val_loader = val_dataloaders if val_dataloaders is not None else datamodule.val_dataloader()
+    train_loader = datamodule.train_dataloader() if datamodule is not None else None
+    example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
+        module, val_loader, train_loader, example_inputs=example_inputs, calibration_data=calibration_data,
+        input_fn=input_fn, submodule=submodule, calibration_batches=config.num_calibration_batches)
+    if calibration_data is None and train_loader is not None:
+        calibration_data = first_loader(train_loader)
     if submodule:
         target = getattr(module, submodule)
     else:
