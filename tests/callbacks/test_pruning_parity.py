@@ -182,6 +182,31 @@ def test_verbose_log_lines(tmp_path, caplog, cls, make_pruning_permanent):
     assert hasattr(model.layer.mlp_1, "weight_orig") != make_pruning_permanent
 
 
+class PaddedEmbeddingModel(ThreeLayerModel):
+    """Tokens through an embedding whose padding row is zero and stays zero (it gets no gradient), then the layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 32, padding_idx=0)
+
+    def forward(self, x):
+        return self.layer(self.embed((x.abs() * 10).long().clamp(max=9)).mean(1))
+
+
+@BOTH
+def test_log_lines_count_masked_entries_not_weights_that_are_zero(tmp_path, caplog, cls):
+    """'Pruned:' counts entries the masks prune: the padding row's 32 zeros are no pruning before the first round
+    (litcompress said 'Pruned: 32/2432 (1.32%)' there, Lightning '0/2432')."""
+    model = PaddedEmbeddingModel()
+    callback = cls("l1_unstructured", amount=0.25, parameter_names=["weight"], verbose=2)
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
+    lines = [m for m in caplog.messages if m.startswith("Applied")]
+    assert lines[0] == "Applied `L1Unstructured`. Pruned: 0/2432 (0.00%) -> 608/2432 (25.00%)"
+    embedding = [line for line in lines if "`Embedding(10, 32, padding_idx=0).weight`" in line]
+    assert len(embedding) == 1 and " with amount=0.25. Pruned: 0 (0.00%) -> " in embedding[0]
+
+
 @BOTH
 def test_local_mode_logs_the_function_name(tmp_path, caplog, cls):
     model = ThreeLayerModel()

@@ -51,7 +51,7 @@ from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_p
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
-from litcompress.report.sparsity import TensorSparsity, tensor_sparsity
+from litcompress.report.sparsity import TensorSparsity
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     @staticmethod
     def _get_pruned_stats(module: nn.Module, name: str) -> tuple[int, int]:
-        stats = tensor_sparsity(module, name)
-        return stats.zeros, stats.numel
+        """Entries the mask prunes (as Lightning counts them: an embedding's zero padding row is no pruning), and the
+        tensor's size."""
+        return engine.pruned_count(module, name), getattr(module, name).numel()
 
     def apply_pruning(self, amount: Union[int, float]) -> None:
         """Applies pruning to ``parameters_to_prune``."""
