@@ -402,3 +402,17 @@ def test_inputs_are_read_through_validation_step_only_when_it_prepares_them(raw_
     inputs_as_steps_give_them(module, data.val_dataloader(), data.train_dataloader(), example_inputs=None,
                               calibration_data=None, input_fn=None, submodule=None, calibration_batches=2)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_datamodule_without_training_data_quantizes_with_calibration_data_given(raw_pixels):
+    module, data, raw = raw_pixels
+
+    class ValidationOnly(L.LightningDataModule):
+        def val_dataloader(self):
+            return data.val_dataloader()
+
+    calibration = [(RawPixelsModule.prepare(raw[0][i:i + 64]),) for i in range(0, 256, 64)]
+    config = PTQConfig(approach="static", backends=("torch_ao",), max_trials=1, latency_repeats=3)
+    result = quantize_lightning(module, config, metric="val_acc", datamodule=ValidationOnly(),
+                                calibration_data=calibration)
+    assert result.goal_met, result.table()

@@ -485,11 +485,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if emptied:
             self._warned_emptied.update(emptied)
             scope = "global" if self._use_global_unstructured else "local"
-            message = engine.emptied_message(f"ModelPruning (round {self._rounds})",
-                                             [names.get(key, key[1]) for key in emptied], scope)
-            rank_zero_warn(message.replace("prune each tensor on its own (per layer)",
-                                           "prune per layer (`use_global_unstructured=False`)")
-                           .replace("the targets", "`parameters_to_prune`"))
+            rank_zero_warn(engine.emptied_message(
+                f"ModelPruning (round {self._rounds})", [names.get(key, key[1]) for key in emptied], scope,
+                per_layer="prune per layer (`use_global_unstructured=False`)", targets="`parameters_to_prune`"))
 
     def _warn_if_rounds_were_skipped(self) -> None:
         """A schedule's rounds that `apply_pruning` refused are caught up by the next round it allows; those after

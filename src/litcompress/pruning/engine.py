@@ -506,15 +506,17 @@ def emptied_targets(targets: Iterable[Target]) -> list[Target]:
             if not name.endswith("bias") and is_pruned(module, name) and remaining_count(module, name) == 0]
 
 
-def emptied_message(who: str, names: Sequence[str], scope: Scope) -> str:
-    """Why a round that left `names` without a single entry wrecks the model, and what to do."""
+def emptied_message(who: str, names: Sequence[str], scope: Scope, *,
+                    per_layer: str = "prune each tensor on its own (per layer)", targets: str = "the targets") -> str:
+    """Why a round that left `names` without a single entry wrecks the model, and what to do (`per_layer` and
+    `targets` say it in the caller's arguments)."""
+    them = "it" if len(names) == 1 else "them"
     hint = ("Global pruning ranks every tensor's magnitudes together, so a layer whose magnitudes are all below the "
-            "others' goes first: prune each tensor on its own (per layer), lower the sparsity, or leave "
-            f"{'it' if len(names) == 1 else 'them'} out of the targets." if scope == "global"
-            else f"Lower the sparsity, or leave {'it' if len(names) == 1 else 'them'} out of the targets.")
-    return (f"{who}: every entry of {', '.join(names)} is pruned, so nothing flows through "
-            f"{'it' if len(names) == 1 else 'them'} any more (the output no longer depends on the input along that "
-            f"path; a plain stack of layers gives the same output for every input). {hint}")
+            f"others' goes first: {per_layer}, lower the sparsity, or leave {them} out of {targets}."
+            if scope == "global" else f"Lower the sparsity, or leave {them} out of {targets}.")
+    return (f"{who}: every entry of {', '.join(names)} is pruned, so nothing flows through {them} any more (the "
+            "output no longer depends on the input along that path; a plain stack of layers gives the same output for "
+            f"every input). {hint}")
 
 
 def pruned_count(module: nn.Module, name: str) -> int:

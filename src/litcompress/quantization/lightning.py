@@ -335,7 +335,8 @@ def quantize_lightning(
     if datamodule is not None and hasattr(datamodule, "setup"):
         datamodule.setup("fit")
     val_loader = val_dataloaders if val_dataloaders is not None else datamodule.val_dataloader()
-    train_loader = datamodule.train_dataloader() if datamodule is not None else None
+    # a DataModule may have no training data when calibration data is given
+    train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None else None
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
         module, val_loader, train_loader, example_inputs=example_inputs, calibration_data=calibration_data,
         input_fn=input_fn, submodule=submodule, calibration_batches=config.num_calibration_batches)
