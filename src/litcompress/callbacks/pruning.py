@@ -370,8 +370,26 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._rewind_point in (None, 0) and self._deferred_stage is None:
             self._take_snapshot_once()
         self._warn_if_fit_ends_before_the_schedule(trainer)
+        self._say_if_checkpoints_miss_their_scores(trainer)
         self._validations_this_fit = 0
         self._skipped_targets = []
+
+    def _say_if_checkpoints_miss_their_scores(self, trainer: "pl.Trainer") -> None:
+        """A monitored ModelCheckpoint that saves when the training epoch ends saves after this callback's round of
+        that epoch (Lightning runs checkpoint callbacks last), while its score came from the validation before it."""
+        if not (self._prune_on_train_epoch_end and (self._schedule is None or self._schedule.unit == "epoch")):
+            return
+        for checkpoint in trainer.checkpoint_callbacks:
+            try:
+                at_epoch_end = checkpoint.monitor is not None and checkpoint._should_save_on_train_epoch_end(trainer)
+            except AttributeError:  # Lightning moved it: nothing said
+                continue
+            if at_epoch_end:
+                _info_on_rank_zero(
+                    f"`ModelPruning`: ModelCheckpoint(monitor={checkpoint.monitor!r}) saves at the end of each "
+                    "training epoch, after that epoch's pruning round, so its files hold weights pruned once more "
+                    "than those its score measured. ModelCheckpoint(save_on_train_epoch_end=False) saves them as "
+                    "scored, when validation ends.")
 
     def _warn_if_fit_ends_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         self._warned_fit_too_short = False
