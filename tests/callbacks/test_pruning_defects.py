@@ -789,3 +789,29 @@ def test_rounds_that_leave_every_weight_some_entries_say_nothing(tmp_path):
         warnings.simplefilter("always")
         make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(FixedDataModel())
     assert not [w for w in caught if "every entry of" in str(w.message)]
+
+
+@pytest.mark.parametrize("case", ["default targets", "without the output layer", "unstructured"])
+def test_pruning_the_rows_of_the_output_layer_is_warned_of_before_the_first_round(tmp_path, case):
+    """Structured pruning on dim 0 with the default targets prunes the last layer's rows too: the model's outputs
+    (classes), each pruned one constant. Found by the layer the first training forward runs last, and said then."""
+    model = ThreeLayerModel()
+    kwargs = {"parameters_to_prune": [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]} \
+        if case == "without the output layer" else {}
+    method = "l1_unstructured" if case == "unstructured" else "ln_structured"
+    callback = ModelPruning(method, amount=0.5, parameter_names=["weight"], use_global_unstructured=False,
+                            pruning_dim=0 if method == "ln_structured" else None,
+                            pruning_norm=2 if method == "ln_structured" else None,
+                            use_lottery_ticket_hypothesis=False, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+    said = [str(w.message) for w in caught if "prunes whole rows of" in str(w.message)]
+    if case == "default targets":
+        assert said == ["ModelPruning('ln_structured', pruning_dim=0) prunes whole rows of layer.mlp_3.weight, the "
+                        "last layer the model runs: its rows are the model's outputs (2 here), and a pruned one gives "
+                        "the same value for every input (a class that can never win). Leave it out: "
+                        "parameters_to_prune without it."]
+    else:
+        assert said == []
+    assert not any(module._forward_hooks for module in model.modules())  # the watch is over

@@ -239,6 +239,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
         self._reset_pending = False
         self._warned_emptied: set[tuple[int, str]] = set()  # tensors a round left without entries, already said
+        self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
         self._hook_handles: list[Any] = []
@@ -371,8 +372,37 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._take_snapshot_once()
         self._warn_if_fit_ends_before_the_schedule(trainer)
         self._say_if_checkpoints_miss_their_scores(trainer)
+        self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
         self._skipped_targets = []
+
+    def _watch_for_the_output_layer(self, pl_module: LightningModule) -> None:
+        """With rows pruned (a structured method on dim 0), note which layer with weights the first training forward
+        runs last: when it is a target, its rows are the model's outputs (see `_warn_if_outputs_are_pruned`)."""
+        self._output_hooks: list[Any] = []
+        if getattr(self._method, "PRUNING_TYPE", None) != "structured" or self._method_kwargs.get("dim") != 0:
+            return
+        self._last_run: Optional[nn.Module] = None
+
+        def ran(module: nn.Module, args: Any, output: Any) -> None:
+            self._last_run = module
+
+        self._output_hooks = [module.register_forward_hook(ran) for module in pl_module.modules()
+                              if next(module.parameters(recurse=False), None) is not None]
+
+    def _warn_if_outputs_are_pruned(self) -> None:
+        for handle in self._output_hooks:
+            handle.remove()
+        self._output_hooks = []
+        last = self._last_run
+        names = [qname for qname, (module, name) in zip(self._qualified_names, self._parameters_to_prune)
+                 if module is last and name == "weight"]
+        if names:
+            rank_zero_warn(
+                f"ModelPruning({self._pruning_method_name!r}, pruning_dim=0) prunes whole rows of {names[0]}, the last "
+                f"layer the model runs: its rows are the model's outputs ({last.weight.shape[0]} here), and a pruned "
+                "one gives the same value for every input (a class that can never win). Leave it out: "
+                "parameters_to_prune without it.")
 
     def _say_if_checkpoints_miss_their_scores(self, trainer: "pl.Trainer") -> None:
         """A monitored ModelCheckpoint that saves when the training epoch ends saves after this callback's round of
@@ -426,6 +456,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._output_hooks:
+            self._warn_if_outputs_are_pruned()
         step = trainer.global_step
         if step == self._last_step:  # gradient accumulation: several batches per optimizer step
             return
@@ -437,6 +469,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        for handle in self._output_hooks:  # a fit that ended before its first batch did
+            handle.remove()
+        self._output_hooks = []
         if _in_spawned_worker(trainer):
             # `ddp_spawn` hands rank 0's weights to the parent process as a state dict loaded with strict=False into
             # the parent's unpruned model, where `<name>_orig`/`<name>_mask` keys would be dropped silently: hand over
