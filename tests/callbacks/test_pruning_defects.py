@@ -759,6 +759,22 @@ def test_a_structured_method_on_biases_is_refused_before_training(tmp_path, cls)
     assert trainer.global_step == 0
 
 
+def test_a_structured_method_on_a_norm_layers_scale_is_refused_naming_it_and_the_fix(tmp_path):
+    """With `parameter_names=["weight"]` a LayerNorm's 1-d scale is still a default target: the message told to pass
+    `parameter_names=["weight"]`, which the user had done."""
+    model = FixedDataModel()
+    model.layer.mlp_2 = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32))
+    pruning = ModelPruning("ln_structured", amount=0.5, pruning_dim=0, pruning_norm=2, parameter_names=["weight"],
+                           use_global_unstructured=False)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[pruning])
+    with pytest.raises(MisconfigurationException) as error:
+        trainer.fit(model)
+    assert trainer.global_step == 0
+    assert "but `LayerNorm.weight` has 1 dimension (1 such target(s): layer.mlp_2.1.weight). Leave the 1-d weights " \
+           "(norm layers' scales) out: pass `parameters_to_prune` naming the layers" in str(error.value)
+    assert "parameter_names" not in str(error.value)
+
+
 @pytest.mark.parametrize("global_scope", [True, False])
 def test_a_round_that_empties_a_weight_says_so_once(tmp_path, global_scope):
     """Global magnitude pruning takes a layer whose weights are all smaller than the others' first; once none are left,

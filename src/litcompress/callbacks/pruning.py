@@ -352,7 +352,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._parameters_to_prune = engine.with_tied_targets(pl_module,
                                                              self.filter_parameters_to_prune(parameters_to_prune))
         self._check_parametrized(pl_module, given)
-        self._validate_against_model()
+        self._validate_against_model(pl_module)
         if stage == "fit":  # rounds run while fitting only; validate/test need no trace
             self._slice_groups = self._even_slices(pl_module)
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
@@ -786,7 +786,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "`parameters_to_prune` without them to silence this."
             )
 
-    def _validate_against_model(self) -> None:
+    def _validate_against_model(self, pl_module: LightningModule) -> None:
         """Checks that need the model: a structured method's targets have slices to prune (torch refuses a 1-d
         tensor only when the first round runs, after training), and `pruning_dim` is within their dimensions."""
         dim = self._method_kwargs.get("dim")
@@ -794,10 +794,18 @@ class ModelPruning(TargetsFoundOnceConfigured):
         for module, name in self._parameters_to_prune:
             ndim = engine.trainable_tensor(module, name).dim()
             if structured and ndim < 2:
+                flat = [q for q, (m, n) in zip(engine.qualified_names(pl_module, self._parameters_to_prune),
+                                                    self._parameters_to_prune)
+                        if engine.trainable_tensor(m, n).dim() < 2]
+                fix = ("Pass `parameter_names=[\"weight\"]` (the default names the biases too) or leave it out of "
+                       "`parameters_to_prune`." if name == "bias" else
+                       "Leave the 1-d weights (norm layers' scales) out: pass `parameters_to_prune` naming the layers "
+                       "whose rows or channels to prune, e.g. `[(m, \"weight\") for m in model.modules() if "
+                       "isinstance(m, (nn.Linear, nn.Conv2d))]`.")
                 raise MisconfigurationException(
                     f"`{self._pruning_method_name}` prunes whole slices of multidimensional tensors, but"
-                    f" `{type(module).__name__}.{name}` has {ndim} dimension. Pass `parameter_names=[\"weight\"]`"
-                    " (the default names the biases too) or leave it out of `parameters_to_prune`."
+                    f" `{type(module).__name__}.{name}` has {ndim} dimension ({len(flat)} such target(s): "
+                    f"{', '.join(flat[:4])}{' ...' if len(flat) > 4 else ''}). {fix}"
                 )
             if dim is not None and not -ndim <= dim < ndim:
                 raise MisconfigurationException(
