@@ -416,3 +416,16 @@ def test_a_datamodule_without_training_data_quantizes_with_calibration_data_give
     result = quantize_lightning(module, config, metric="val_acc", datamodule=ValidationOnly(),
                                 calibration_data=calibration)
     assert result.goal_met, result.table()
+
+
+def test_quantize_on_fit_end_with_the_fits_loaders_calibrates_on_what_the_steps_give_the_model(raw_pixels):
+    """A fit given loaders (no DataModule): QuantizeOnFitEnd calibrated on the training loader's raw batches."""
+    module, data, _ = raw_pixels
+    torch.manual_seed(0)
+    fresh = RawPixelsModule()
+    fresh.load_state_dict(module.state_dict())
+    config = PTQConfig(approach="static", backends=("torch_ao",), max_trials=2, latency_repeats=3)
+    callback = QuantizeOnFitEnd(config, metric="val_acc")
+    _trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback]).fit(
+        fresh, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    assert callback.result.goal_met, callback.result.table()

@@ -437,11 +437,16 @@ class QuantizeOnFitEnd(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         val_dataloaders = None if datamodule is not None else trainer.val_dataloaders
-        calibration = self.calibration_data
+        calibration, example_inputs, input_fn = self.calibration_data, None, self.input_fn
         if calibration is None and datamodule is None:
-            calibration = first_loader(trainer.train_dataloader)
+            # the fit's loaders, read as its steps give the model their batches (a DataModule's: by quantize_lightning)
+            train = first_loader(trainer.train_dataloader)
+            example_inputs, calibration, input_fn = inputs_as_steps_give_them(
+                pl_module, val_dataloaders, train, example_inputs=None, calibration_data=None, input_fn=input_fn,
+                submodule=self.submodule, calibration_batches=self.config.num_calibration_batches)
+            calibration = train if calibration is None else calibration
         self.result = quantize_lightning(
             pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
-            calibration_data=calibration, input_fn=self.input_fn, submodule=self.submodule)
+            calibration_data=calibration, example_inputs=example_inputs, input_fn=input_fn, submodule=self.submodule)
         if self.save_path is not None:
             self.result.save(os.fspath(self.save_path))
