@@ -1,9 +1,11 @@
-"""Check torch.ao's own static int8 kernels against fp32, with torch's own default x86 qconfig mapping.
+"""Check torch.ao's own int8 kernels against fp32, with torch's own default x86 qconfig mapping.
 
-This is why litcompress's `torch_ao` backend keeps transposed convs and PReLU in fp32: on the project's x86 hosts
-(torch 2.13) some of torch's int8 kernels return wrong values. No litcompress code runs here: each case is
-``conv -> ReLU -> op`` (or ``conv -> op``), prepared with ``get_default_qconfig_mapping("x86")``, calibrated on random
-inputs, converted, and compared with the fp32 module:
+This is why litcompress's `torch_ao` backend keeps transposed convs, PReLU and averaging or max-pooling embedding bags
+in fp32: on the project's x86 hosts (torch 2.13) some of torch's int8 kernels return wrong values. No litcompress code
+runs here: each static case is ``conv -> ReLU -> op`` (or ``conv -> op``), prepared with
+``get_default_qconfig_mapping("x86")``, calibrated on random inputs, converted, and compared with the fp32 module;
+each EmbeddingBag case is ``quantize_dynamic`` with ``float_qparams_weight_only_qconfig`` (torch's int8 rows), on
+bags of 2D ids, flat ids with offsets, and (summing) per-sample weights:
 
 * relative error: max |int8 - fp32| / max |fp32| on one batch (int8 rounding stays near 0.01-0.05);
 * steady: whether two calls on the same batch give the same values.
@@ -46,6 +48,19 @@ def check(model: nn.Module, shape: tuple[int, ...], engine: str) -> dict:
     return {"relative_error": round(error, 4), "steady": steady, "bad": error > BAD_ERROR or not steady}
 
 
+def check_bag(mode: str, inputs: tuple, kwargs: dict) -> dict:
+    from torch.ao.quantization import float_qparams_weight_only_qconfig, quantize_dynamic
+
+    model = nn.Sequential(nn.EmbeddingBag(200, 16, mode=mode)).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        int8 = quantize_dynamic(model, {"0": float_qparams_weight_only_qconfig}, dtype=torch.qint8)
+        reference, first, second = model[0](*inputs, **kwargs), int8[0](*inputs, **kwargs), int8[0](*inputs, **kwargs)
+    error = float((first - reference).abs().max() / reference.abs().max())
+    steady = bool(torch.equal(first, second))
+    return {"relative_error": round(error, 4), "steady": steady, "bad": error > BAD_ERROR or not steady}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="x86", help="torch.backends.quantized.engine (x86, fbgemm, onednn)")
@@ -62,12 +77,20 @@ def main(argv: list[str] | None = None) -> None:
     for slopes in (1, 8):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(slopes), nn.Conv2d(8, 4, 1))
         cases.append({"op": f"PReLU({slopes}) between convs", **check(model, (4, 3, 10, 10), args.engine)})
+    ids = torch.randint(0, 200, (8, 6))
+    for mode in ("sum", "mean", "max"):
+        forms = [("ids (8, 6)", (ids,), {}), ("flat ids, offsets", (ids.flatten(), torch.arange(0, 48, 6)), {})]
+        if mode == "sum":
+            forms.append(("ids, per_sample_weights", (ids,), {"per_sample_weights": torch.rand(8, 6)}))
+        for form, inputs, kwargs in forms:
+            cases.append({"op": f"EmbeddingBag(mode={mode!r}) on {form}", **check_bag(mode, inputs, kwargs)})
     for case in cases:
         if case["bad"]:
             print(f"BAD  {case['op']:<40} relative error {case['relative_error']:.2f}  steady {case['steady']}")
     by_kind: dict[str, list[dict]] = {}
     for case in cases:
-        by_kind.setdefault(case["op"].split("(")[0], []).append(case)
+        kind = case["op"].split(" on ")[0] if case["op"].startswith("EmbeddingBag") else case["op"].split("(")[0]
+        by_kind.setdefault(kind, []).append(case)
     for kind, found in by_kind.items():
         print(f"{kind}: {sum(c['bad'] for c in found)} of {len(found)} cases wrong")
     print(json.dumps({"torch": torch.__version__, "engine": args.engine, "cases": cases}))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
+from torch.ao.nn.quantized import EmbeddingBag as QuantizedEmbeddingBag
 
 from litcompress.pruning.shrink import eval_outputs
 
@@ -24,7 +25,8 @@ from ..config import Recipe
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
 from ..tracing import numbers_read_from_constants, taking_only_inputs_, tracer_warnings_that_matter
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
-               _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding, is_quantizable_recurrent)
+               _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding,
+               is_quantizable_embedding_bag, is_quantizable_recurrent)
 
 METADATA_FILE = "litcompress.json"
 OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the script returns its tensors flat
@@ -157,7 +159,8 @@ class TorchAOBackend(Backend):
                 if (isinstance(module, nn.Linear) or is_quantizable_recurrent(module)) and name not in skip}
         # an embedding table is looked up, not multiplied: int8 rows, each with its own float scale and offset
         spec.update({name: float_qparams_weight_only_qconfig for name, module in model.named_modules()
-                     if is_quantizable_embedding(module) and name not in skip})
+                     if (is_quantizable_embedding(module) or is_quantizable_embedding_bag(module))
+                     and name not in skip})
         quantized = quantize_dynamic(model, qconfig_spec=spec, dtype=torch.qint8, inplace=True)
         _look_up_contiguous_indices_(quantized)
         return quantized
@@ -211,6 +214,16 @@ def _keep_prelu_float_(model: nn.Module) -> None:
             module.__class__ = _FloatPReLU
 
 
+class _ContiguousLookupEmbeddingBag(QuantizedEmbeddingBag):
+    """torch.ao's int8 embedding bag, looking its table up with contiguous indices and offsets."""
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None,
+                compressed_indices_mapping: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(indices.contiguous(), None if offsets is None else offsets.contiguous(),
+                               per_sample_weights, compressed_indices_mapping)
+
+
 class _ContiguousLookupEmbedding(QuantizedEmbedding):
     """torch.ao's int8 embedding, looking its table up with the indices made contiguous (see
     `_look_up_contiguous_indices_`)."""
@@ -226,6 +239,8 @@ def _look_up_contiguous_indices_(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is QuantizedEmbedding:
             module.__class__ = _ContiguousLookupEmbedding
+        elif type(module) is QuantizedEmbeddingBag:
+            module.__class__ = _ContiguousLookupEmbeddingBag
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
