@@ -419,6 +419,10 @@ def test_summing_embedding_bags_are_int8_on_torch_ao_and_averaging_ones_stay_fp3
     loaded, _ = load_quantized(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs), quantized(*inputs))
+    # the fallback's ranking reads the bag as a table (weights only: its inputs are ids), not as a Linear
+    scores = layer_sensitivity(model, quantizable_layers(model, "dynamic"), batches, "dynamic")
+    assert sorted(scores) == ["history", "items", "score.0", "score.2"]
+    assert all(20 < score < float("inf") for score in scores.values())
 
 
 def test_a_tied_table_stays_fp32_on_both_sides_when_one_side_falls_back():

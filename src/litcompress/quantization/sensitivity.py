@@ -80,7 +80,7 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
         originals = [w.data.clone() for w in weights]
         for weight, original in zip(weights, originals):
             weight.data = _fake_quant_weight(original, per_channel)
-        if isinstance(module, nn.Embedding):  # weight-only: its input is indices
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):  # weight-only: its input is indices
             quant_input = None
         elif approach == "static":
             lo, hi = ranges[name]
