@@ -444,7 +444,10 @@ class QuantizeOnFitEnd(L.Callback):
             example_inputs, calibration, input_fn = inputs_as_steps_give_them(
                 pl_module, val_dataloaders, train, example_inputs=None, calibration_data=None, input_fn=input_fn,
                 submodule=self.submodule, calibration_batches=self.config.num_calibration_batches)
-            calibration = train if calibration is None else calibration
+            if calibration is None:  # the batches are the model's inputs: read as they are (and not checked again)
+                calibration = train
+                input_fn = input_fn or model_input_fn(
+                    pl_module if self.submodule is None else getattr(pl_module, self.submodule))
         self.result = quantize_lightning(
             pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
             calibration_data=calibration, example_inputs=example_inputs, input_fn=input_fn, submodule=self.submodule)
