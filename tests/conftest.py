@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import settings
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -197,6 +197,22 @@ class TwoValidationSetsClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class RecordEpochStarts(Callback):
+    """At each epoch's first batch (listed after the pruning callback: what training starts from), the trainable
+    weights (``weight_orig`` once pruned), the zeros of the effective ones and how many parameters have optimizer
+    state."""
+
+    def __init__(self) -> None:
+        self.weights, self.optimizer_states, self.zeros = {}, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.zeros[trainer.current_epoch] = sum(int((m.weight == 0).sum()) for m in pl_module.layer)
+            self.weights[trainer.current_epoch] = [
+                getattr(m, "weight_orig", m.weight).detach().clone() for m in pl_module.layer]
+            self.optimizer_states[trainer.current_epoch] = len(trainer.optimizers[0].state)
 
 
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:

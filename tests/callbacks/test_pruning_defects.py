@@ -22,7 +22,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning, load_pruned_state_dict
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
-from tests.conftest import FixedDataModel, ModelWithAttnMask, ThreeLayerModel, make_trainer
+from tests.conftest import (FixedDataModel, ModelWithAttnMask, RecordEpochStarts, ThreeLayerModel,
+                            make_trainer)
 
 
 def both(reason: str):
@@ -129,18 +130,6 @@ def test_buffer_named_mask_is_left_alone(tmp_path, cls):
     ModelWithAttnMask.load_from_checkpoint(ckpt.last_model_path)
 
 
-class RecordFirstBatch(Callback):
-    """The trainable weights of `layer.mlp_1`/`mlp_2` once pruned (``weight_orig``) at each epoch's first batch."""
-
-    def __init__(self):
-        self.weights = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        layers = {n: getattr(pl_module.layer, n) for n in ("mlp_1", "mlp_2")}
-        if batch_idx == 0 and all(hasattr(layer, "weight_orig") for layer in layers.values()):
-            self.weights[trainer.current_epoch] = {n: layer.weight_orig.detach().clone() for n, layer in layers.items()}
-
-
 @both("lottery-ticket reset aliases the snapshot, which then drifts with training")
 def test_lottery_ticket_reset_restores_initial_weights_exactly(tmp_path, cls):
     seed_everything(0)
@@ -149,11 +138,11 @@ def test_lottery_ticket_reset_restores_initial_weights_exactly(tmp_path, cls):
     targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
     callback = cls("l1_unstructured", parameters_to_prune=targets, amount=0.3, make_pruning_permanent=False,
                    use_lottery_ticket_hypothesis=True)
-    seen = RecordFirstBatch()  # listed after the pruning callback: the weights training starts each epoch from
+    seen = RecordEpochStarts()  # listed after the pruning callback: the weights training starts each epoch from
     make_trainer(tmp_path, max_epochs=3, callbacks=[callback, seen]).fit(model)
     for epoch in (1, 2):  # after the rounds at the ends of epochs 0 and 1
         for n in ("mlp_1", "mlp_2"):
-            assert torch.equal(seen.weights[epoch][n], initial[n]), (epoch, n)
+            assert torch.equal(seen.weights[epoch][("mlp_1", "mlp_2").index(n)], initial[n]), (epoch, n)
     callback.apply_lottery_ticket_hypothesis()  # the last round's reset, which no training followed
     for n, module in (("mlp_1", model.layer.mlp_1), ("mlp_2", model.layer.mlp_2)):
         assert torch.equal(module.weight_orig, initial[n]), n

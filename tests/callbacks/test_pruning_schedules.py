@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning
 from litcompress.pruning.schedules import IterativeSchedule, PolynomialDecay
-from tests.conftest import FixedDataModel, ThreeLayerModel, make_trainer
+from tests.conftest import FixedDataModel, RecordEpochStarts, ThreeLayerModel, make_trainer
 
 
 def weight_targets(model):
@@ -109,22 +109,6 @@ class RecordAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             self.values = [m.weight.detach().clone() for m in pl_module.layer]
-
-
-class RecordEpochStarts(Callback):
-    """At each epoch's first batch (listed after the pruning callback: what training starts from), the trainable
-    weights (``weight_orig`` once pruned), the zeros of the effective ones and how many parameters have optimizer
-    state."""
-
-    def __init__(self) -> None:
-        self.weights, self.optimizer_states, self.zeros = {}, {}, {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == 0:
-            self.zeros[trainer.current_epoch] = sum(int((m.weight == 0).sum()) for m in pl_module.layer)
-            self.weights[trainer.current_epoch] = [
-                getattr(m, "weight_orig", m.weight).detach().clone() for m in pl_module.layer]
-            self.optimizer_states[trainer.current_epoch] = len(trainer.optimizers[0].state)
 
 
 @pytest.mark.parametrize("reset_optimizer", [False, True])

@@ -375,13 +375,16 @@ def test_a_module_preparing_its_batches_is_calibrated_on_what_its_model_sees(raw
 
 
 def test_inputs_are_read_through_validation_step_only_when_it_prepares_them(raw_pixels, fitted):
-    from litcompress.quantization.lightning import inputs_as_steps_give_them, step_model_inputs
+    from litcompress.quantization.lightning import StepInputReader, inputs_as_steps_give_them
 
     module, data, raw = raw_pixels
-    seen = step_model_inputs(module, data.train_dataloader(), 3)
+    reader = StepInputReader(module)  # one copy of the module, read on several loaders
+    seen = reader.read(data.train_dataloader(), 3)
     assert len(seen) == 3 and all(len(call) == 1 for call in seen)
     for i, (inputs,) in enumerate(seen):  # exactly what validation_step gave self(...), batch by batch
         assert torch.equal(inputs, RawPixelsModule.prepare(raw[0][64 * i:64 * (i + 1)]))
+    (first,), = reader.read(data.val_dataloader(), 1)
+    assert torch.equal(first, RawPixelsModule.prepare(raw[2][:200]))
     example, calibration, input_fn = inputs_as_steps_give_them(
         module, data.val_dataloader(), data.train_dataloader(), example_inputs=None, calibration_data=None,
         input_fn=None, submodule=None, calibration_batches=5)

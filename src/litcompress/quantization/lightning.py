@@ -214,36 +214,49 @@ class _RecordInputs(nn.Module):
         return self._forward(*args)
 
 
-def step_model_inputs(module: L.LightningModule, loader: Any, batches: int, *,
-                      submodule: str | None = None) -> list[tuple] | None:
-    """The inputs `module`'s ``validation_step`` passes to its model (``self(...)``, or `submodule`) on the first
-    `batches` batches of `loader`, positional as a compressed model takes them; None when the step does not run on
-    those batches or passes anything but tensors.
+class StepInputReader:
+    """Reads the inputs `module`'s ``validation_step`` passes to its model (``self(...)``, or `submodule`), on a copy
+    of `module` made once for every loader read.
 
     A module that prepares its batches in its steps (``x.float() / 255``, a reshape) feeds its model other values than
     the batch holds: those, not the batch, are what calibration must observe and an export must be traced on."""
-    host = detached_copy(module).eval()
-    replaced = host if submodule is None else getattr(host, submodule)
-    forward = type(host).forward.__get__(host) if submodule is None else replaced.forward
-    recorder = _RecordInputs(forward)
-    candidate = KeywordsAsPositional(recorder, signature_or_none(replaced.forward))
-    if submodule is None:
-        object.__setattr__(host, "forward", candidate)
-    else:
-        setattr(host, submodule, candidate)
-    try:
-        # fork_rng: reading a loader draws its seed from torch's generator, and the run's training must not change;
-        # no inference mode: exporters trace the recorded inputs in autograd mode, where inference tensors fail
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-            warnings.simplefilter("ignore")  # Lightning's notes on the loader (workers, batch sizes): not the user's
-            L.Trainer(**QUIET_CPU_TRAINER, limit_val_batches=batches, inference_mode=False).validate(
-                host, dataloaders=loader, verbose=False)
-    except Exception:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
-        return None
-    inputs = recorder.inputs
-    if not inputs or not all(isinstance(a, torch.Tensor) for call in inputs for a in call):
-        return None
-    return inputs
+
+    def __init__(self, module: L.LightningModule, submodule: str | None = None) -> None:
+        self.host = detached_copy(module).eval()
+        replaced = self.host if submodule is None else getattr(self.host, submodule)
+        forward = type(self.host).forward.__get__(self.host) if submodule is None else replaced.forward
+        self.recorder = _RecordInputs(forward)
+        candidate = KeywordsAsPositional(self.recorder, signature_or_none(replaced.forward))
+        if submodule is None:
+            object.__setattr__(self.host, "forward", candidate)
+        else:
+            setattr(self.host, submodule, candidate)
+
+    def read(self, loader: Any, batches: int) -> list[tuple] | None:
+        """The model's inputs on the first `batches` batches of `loader`, positional as a compressed model takes
+        them; None when the step does not run on those batches or passes anything but tensors."""
+        self.recorder.inputs = []
+        try:
+            # fork_rng: reading a loader draws its seed from torch's generator, and the run's training must not
+            # change; no inference mode: exporters trace the recorded inputs in autograd mode, where inference
+            # tensors fail
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+                warnings.simplefilter("ignore")  # Lightning's notes on the loader (workers, batch sizes)
+                L.Trainer(**QUIET_CPU_TRAINER, limit_val_batches=batches, inference_mode=False).validate(
+                    self.host, dataloaders=loader, verbose=False)
+        except Exception:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
+            return None
+        inputs = self.recorder.inputs
+        if not inputs or not all(isinstance(a, torch.Tensor) for call in inputs for a in call):
+            return None
+        return inputs
+
+
+def step_model_inputs(module: L.LightningModule, loader: Any, batches: int, *,
+                      submodule: str | None = None) -> list[tuple] | None:
+    """:meth:`StepInputReader.read` once: the inputs `module`'s ``validation_step`` gives its model on the first
+    `batches` batches of `loader`."""
+    return StepInputReader(module, submodule).read(loader, batches)
 
 
 def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_loader: Any, *,
@@ -265,7 +278,8 @@ def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_
         from_batch = tuple(model_input_fn(module if submodule is None else getattr(module, submodule))(first))
     except Exception:  # noqa: BLE001 - a batch the default mapping cannot read: the steps say what the model takes
         from_batch = None
-    seen = step_model_inputs(module, val_loader, 1, submodule=submodule)
+    reader = StepInputReader(module, submodule)
+    seen = reader.read(val_loader, 1)
     if seen is None or (from_batch is not None and same_inputs(seen[0], from_batch)):
         return example_inputs, calibration_data, input_fn
     step = f"{type(module).__name__}.validation_step"
@@ -274,7 +288,7 @@ def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_
     if example_inputs is None:
         example_inputs = seen[0]
     if calibration_data is None and train_loader is not None:
-        recorded = step_model_inputs(module, first_loader(train_loader), calibration_batches, submodule=submodule)
+        recorded = reader.read(first_loader(train_loader), calibration_batches)
         if recorded is not None:
             return example_inputs, recorded, _as_given
     return example_inputs, calibration_data, input_fn

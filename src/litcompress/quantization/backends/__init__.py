@@ -181,8 +181,8 @@ def is_quantizable_embedding(module: nn.Module) -> bool:
 
 def is_quantizable_embedding_bag(module: nn.Module) -> bool:
     """An ``nn.EmbeddingBag`` that sums its rows (``mode="sum"``, weighted or not) and does not renormalise them:
-    torch.ao's int8 bag computes what it does only then (in ``mean`` and ``max`` mode it is off by 2-4x the output,
-    torch 2.13; ``benchmarks/torch_ao_kernels.py``)."""
+    torch.ao's int8 bag computes what it does only then (in ``mean`` and ``max`` mode it returns the sum, off by 2-5x
+    the output, torch 2.13; ``benchmarks/torch_ao_kernels.py``)."""
     return type(module) is nn.EmbeddingBag and module.mode == "sum" and module.max_norm is None
 
 
