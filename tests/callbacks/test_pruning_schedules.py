@@ -61,6 +61,51 @@ def test_step_schedule_targets_follow_the_cubic_curve(tmp_path):
         assert h["zeros_after"] == round(schedule.target(h["step"]) * total)
 
 
+class TwoOptimizerModel(FixedDataModel):
+    """Manual optimization with one optimizer per half of the network, as a GAN steps its generator and its
+    discriminator: `trainer.global_step` moves by two per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(self(batch[0]).pow(2).mean())
+            optimizer.step()
+
+    def configure_optimizers(self):
+        layers = list(self.layer)
+        return [torch.optim.SGD(layers[0].parameters(), lr=0.01),
+                torch.optim.SGD([p for layer in layers[1:] for p in layer.parameters()], lr=0.01)]
+
+
+def test_a_schedule_under_two_optimizers_runs_the_rounds_whose_steps_a_batch_passes_over(tmp_path, recwarn):
+    """Lightning counts each optimizer's step in `global_step`: the rounds at odd steps, the last one among them, are
+    run after the batch that passed them, with their own targets, and the final sparsity is hit exactly. (Nor is the
+    schedule said to outlast the fit: Lightning's estimate of the fit's steps counts batches then.)"""
+    seed_everything(0)
+    model = TwoOptimizerModel()
+    targets = weight_targets(model)
+    schedule = PolynomialDecay(final_sparsity=0.75, begin=3, end=15, frequency=3)
+    record = RecordAtStep(6)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule, rewind_to_step=5,
+                            use_lottery_ticket_hypothesis=lambda epoch: False, make_pruning_permanent=False)
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[record, callback])  # 12 batches, 24 steps
+    trainer.fit(model)
+    assert trainer.global_step == 24
+    assert not _schedule_warnings(recwarn)
+    assert [(h["step"], h["amount"]) for h in callback._history] == [
+        (4, schedule.target(3)), (6, schedule.target(6)), (10, schedule.target(9)), (12, schedule.target(12)),
+        (16, schedule.target(15))]
+    zeros, total = zeros_and_total(targets)
+    assert zeros == round(0.75 * total)
+    callback.apply_lottery_ticket_hypothesis()  # rewind_to_step=5: the weights after the batch that passed step 5
+    for (module, _), value in zip(targets, record.values):
+        assert torch.equal(module.weight_orig, value)
+
+
 def test_structured_schedule_prunes_whole_rows_to_target(tmp_path):
     model = ThreeLayerModel()
     targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]

@@ -49,6 +49,24 @@ def test_plain_loop_reaches_each_target_exactly(final, frequency, scope):
         assert [pruned_count(m, n) for m, n in targets] == [round(final * s) for s in sizes]
 
 
+@pytest.mark.filterwarnings("ignore:GradualPruner")  # near 99% a global round can empty a layer
+@settings(max_examples=15, deadline=None)
+@given(final=st.floats(0.0, 0.99), frequency=st.integers(1, 5), stride=st.integers(2, 4))
+def test_points_passed_over_get_their_round_with_their_target(final, frequency, stride):
+    """A loop whose step counter moves by several per call (one step per optimizer of a GAN) still runs a round for
+    every stride that passed a pruning point, to that point's target, and ends on the final sparsity."""
+    model, x, y = model_and_data()
+    targets = default_targets(model)
+    schedule = PolynomialDecay(final_sparsity=final, begin=3, end=19, frequency=frequency)
+    pruner = GradualPruner(targets, schedule)
+    for t in range(stride, 25, stride):
+        pruner.step(t)
+    expected = [(t, schedule.target(max(u for u in range(t - stride + 1, t + 1) if schedule.should_prune(u))))
+                for t in range(stride, 25, stride) if any(schedule.should_prune(u) for u in range(t - stride + 1, t + 1))]
+    assert [(h["t"], h["target"]) for h in pruner.history] == expected
+    assert pruner.pruned() == round(final * sum(m.weight.numel() for m, _ in targets))
+
+
 def test_resumed_pruner_continues_like_an_uninterrupted_one():
     schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=30, frequency=4)
     model, x, y = model_and_data()

@@ -118,6 +118,21 @@ def test_reached_by_is_the_target_of_the_last_round_so_far(schedule: SparsitySch
     assert schedule.reached_by(schedule.end) == schedule.target(schedule.end)
 
 
+@settings(max_examples=150, deadline=None)
+@given(schedule=any_schedules(), stride=st.integers(1, 7))
+def test_last_point_is_the_last_round_passed_over(schedule: SparsitySchedule, stride: int) -> None:
+    """Progress that moves by `stride` between looks (a GAN's optimizers) finds every round it passed, once."""
+    points = progress_points(schedule)
+    for after, upto in zip(points, points[1:]):
+        passed = [u for u in range(after + 1, upto + 1) if schedule.should_prune(u)]
+        assert schedule.last_point(after, upto) == (passed[-1] if passed else None)
+    ends = list(range(-1, schedule.end + stride + 1, stride))
+    found = [schedule.last_point(a, b) for a, b in zip(ends, ends[1:])]
+    rounds = [u for u in range(schedule.begin, schedule.end + 1) if schedule.should_prune(u)]
+    assert set(found) - {None} <= set(rounds)
+    assert rounds[-1] in found  # the last round is never missed
+
+
 def test_reached_by_gives_the_readmes_example() -> None:
     """README: a 90% schedule to step 1000 in a 100-step fit leaves 24%."""
     schedule = PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=10)

@@ -103,13 +103,16 @@ class HeadPruning(TargetsFoundOnceConfigured):
         step = trainer.global_step
         if step == self._last_step:  # gradient accumulation: several batches per optimizer step
             return
-        self._last_step = step
+        previous, self._last_step = self._last_step, step
         if self._schedule is None:
             if not self._pruned_once:
                 self._pruned_once = True
                 self._prune(pl_module, float(self.heads))
-        elif self._schedule.unit == "step" and self._schedule.should_prune(step):
-            self._prune(pl_module, float(self._schedule.target(step)))
+        elif self._schedule.unit == "step" and step > previous:
+            # manual optimization moves `global_step` by every optimizer's steps: points passed over get their round
+            point = self._schedule.last_point(previous, step)
+            if point is not None:
+                self._prune(pl_module, float(self._schedule.target(point)))
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         finished = pl_module.current_epoch + 1

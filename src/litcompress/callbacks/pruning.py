@@ -461,11 +461,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
         step = trainer.global_step
         if step == self._last_step:  # gradient accumulation: several batches per optimizer step
             return
-        self._last_step = step
-        if self._rewind_unit == "step" and step == self._rewind_point:
+        # `global_step` counts every optimizer's steps: with manual optimization it can move by more than one per
+        # batch (a GAN's two), so look for the points passed since the last batch, not only at `step`
+        previous, self._last_step = self._last_step, step
+        if self._rewind_unit == "step" and previous < self._rewind_point <= step:
             self._take_snapshot_once()
-        if self._schedule is not None and self._schedule.unit == "step" and self._schedule.should_prune(step):
-            self._run_pruning(pl_module.current_epoch, trainer=trainer)
+        if self._schedule is not None and self._schedule.unit == "step":
+            point = self._schedule.last_point(previous, step) if step > previous else None
+            if point is not None:
+                self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -478,16 +482,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
             # the effective weights instead. (The worker's model is discarded right after.)
             self._hook_handles = engine.register_state_hooks(self._parameters_to_prune, permanent_state_dict=True)
 
-    def _run_pruning(self, current_epoch: int, trainer: Optional["pl.Trainer"] = None) -> None:
+    def _run_pruning(self, current_epoch: int, trainer: Optional["pl.Trainer"] = None,
+                     progress: Optional[int] = None) -> None:
+        """One round; with a schedule, to its target at `progress` (default: where training is)."""
+        if progress is None and self._schedule is not None:
+            progress = self._progress(current_epoch, trainer)
         prune = self._apply_pruning(current_epoch) if callable(self._apply_pruning) else self._apply_pruning
         if not prune:
             if self._schedule is not None and callable(self._apply_pruning):
-                target = self._schedule.target(self._progress(current_epoch, trainer))
-                self._skipped_targets.append((current_epoch, target))
+                self._skipped_targets.append((current_epoch, self._schedule.target(progress)))
             return
         before = self._total_zeros()
         if self._schedule is not None:
-            target = self._schedule.target(self._progress(current_epoch, trainer))
+            target = self._schedule.target(progress)
             self._prune_to_target(target)
             amount: Union[int, float] = target
         else:

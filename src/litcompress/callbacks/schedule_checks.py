@@ -13,8 +13,12 @@ if TYPE_CHECKING:
 
 def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
     """How far the whole fit goes in `unit`: optimizer steps (``max_steps`` or ``max_epochs`` with gradient
-    accumulation, as Lightning estimates them), or epochs (``max_epochs`` when no ``max_steps``); None if unbounded."""
+    accumulation, as Lightning estimates them), or epochs (``max_epochs`` when no ``max_steps``); None if unbounded or
+    unknown: with manual optimization a batch makes as many steps as its `training_step` takes (a GAN's two), and
+    Lightning's estimate counts batches."""
     if unit == "step":
+        if not trainer.lightning_module.automatic_optimization:
+            return None
         length = trainer.estimated_stepping_batches
     else:
         length = trainer.max_epochs if trainer.max_steps == -1 else None

@@ -743,14 +743,18 @@ def compress(
             pruners = [GradualPruner(subset, schedule, method, scope=prune.scope, keep_multiple_of=multiple, **kwargs)
                        for subset, kwargs in target_sets]
             group_rounds: list[int] = []
+            last_step = [-1]
 
             def step(t: int) -> None:  # after every optimizer step: the BatchNorm shifts would grow back
                 for pruner in pruners:
                     pruner.step(t)
-                if schedule.should_prune(t):  # masks change only at the schedule's rounds
-                    if groups and prune_groups_(work, groups, schedule.target(t), prune.norm, multiple):
+                # masks change only at the schedule's rounds (one passed over, as by a GAN's two steps, runs late)
+                point = schedule.last_point(last_step[0], t) if t > last_step[0] else None
+                last_step[0] = max(last_step[0], t)
+                if point is not None:
+                    if groups and prune_groups_(work, groups, schedule.target(point), prune.norm, multiple):
                         group_rounds.append(t)
-                    if pruning.prune_heads_(schedule.target(t)):
+                    if pruning.prune_heads_(schedule.target(point)):
                         group_rounds.append(t)
                     held_at_zero.refresh()
                 held_at_zero.apply_()

@@ -20,7 +20,7 @@ class GradualPruner:
 
     Call :meth:`step` with the progress in the schedule's unit (optimizer steps done, or epochs finished) after
     each optimizer step or epoch; it prunes when due and is a no-op otherwise (also when called twice for the same
-    `t`). :meth:`state_dict` holds what a resumed run needs besides the model's masks::
+    `t`). A pruning point passed over between two calls gets its round, with its target, at the second. :meth:`state_dict` holds what a resumed run needs besides the model's masks::
 
         pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=50))
         for step, batch in enumerate(loader, start=1):
@@ -66,14 +66,23 @@ class GradualPruner:
 
     def due(self, t: int) -> bool:
         """Whether :meth:`step` would prune at `t`."""
-        return t != self.last_t and self.schedule.should_prune(t)
+        return self._point_due(t) is not None
+
+    def _point_due(self, t: int) -> int | None:
+        """The pruning point whose round :meth:`step` runs at `t`: the last one since the previous call (progress may
+        move by more than one between calls), or `t` itself when counting restarted below it."""
+        if t > self.last_t:
+            return self.schedule.last_point(self.last_t, t)
+        return t if t != self.last_t and self.schedule.should_prune(t) else None
 
     def step(self, t: int) -> bool:
-        """Prune to the schedule's target if `t` is a pruning point; returns whether it pruned."""
-        if not self.due(t):
+        """Prune to the schedule's target if a pruning point was reached since the last call (`t` itself, or one
+        passed over); returns whether it pruned."""
+        point = self._point_due(t)
+        if point is None:
             self.last_t = t
             return False
-        self.prune_to(self.schedule.target(t), t)
+        self.prune_to(self.schedule.target(point), t)
         return True
 
     def prune_to(self, target: float, t: int) -> None:

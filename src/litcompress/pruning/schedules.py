@@ -88,6 +88,13 @@ class SparsitySchedule(abc.ABC):
     def should_prune(self, t: int) -> bool:
         """True at the progress values where a pruning round must run."""
 
+    def last_point(self, after: int, upto: int) -> int | None:
+        """The last pruning point in ``(after, upto]``, or None. Progress can move by more than one between two
+        looks: with manual optimization, ``trainer.global_step`` counts every optimizer's steps (a GAN's two per
+        batch), so a point passed over still owes its round, run late with that point's target."""
+        return next((u for u in range(min(upto, self.end), max(after, self.begin - 1), -1) if self.should_prune(u)),
+                    None)
+
     def reached_by(self, t: int) -> float:
         """The target of the last round at or before progress `t`: where a run stopped at `t` is (0 before the
         first round)."""
