@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from logging import INFO
 
 import pytest
 import torch
@@ -91,6 +92,32 @@ def test_resume_restores_masks_and_lottery_snapshot(tmp_path, cls):
     # from the checkpoint
     callback.apply_lottery_ticket_hypothesis()
     assert torch.equal(fresh.layer.mlp_1.weight_orig, theta0)
+
+
+@pytest.mark.parametrize("writer", [
+    lambda: LightningModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=False,
+                                  parameter_names=["weight"]),
+    lambda: ModelPruning("l1_unstructured", amount=0.4, use_global_unstructured=False, parameter_names=["weight"]),
+], ids=["lightnings-callback", "configured-otherwise"])
+def test_a_fit_resumed_from_a_checkpoint_without_this_callbacks_state_keeps_its_zeros_pruned(tmp_path, caplog,
+                                                                                             writer):
+    """A checkpoint of Lightning's callback (permanent pruning: plain weights with zeros), or of this one with
+    another configuration (another state key): the zeros stay pruned and the next round prunes half of the rest,
+    as an uninterrupted run would, rather than the weights training back to dense."""
+    seed_everything(3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[writer(), ckpt]).fit(FixedDataModel())
+    saved = torch.load(tmp_path / "epoch=1-step=8.ckpt", weights_only=False)["state_dict"]
+    fresh = FixedDataModel()
+    callback = ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=False, parameter_names=["weight"])
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    assert "kept pruned (masked), rather than trained back" in caplog.text
+    for name, module in fresh.layer.named_children():
+        zeros = saved[f"layer.{name}.weight"] == 0
+        assert 0 < int(zeros.sum()) < zeros.numel()
+        assert torch.all(module.weight[zeros] == 0), name
+        assert int((module.weight == 0).sum()) == int(zeros.sum()) + round(0.5 * int((~zeros).sum())), name
 
 
 @both("load_from_checkpoint fails on weight_orig/weight_mask keys")

@@ -242,6 +242,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
+        self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
         self._hook_handles: list[Any] = []
 
     # ------------------------------------------------------------------------------------ override points
@@ -366,6 +367,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._keep_the_zeros_of_a_checkpoint_without_state(trainer)
         # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
         # ranks, and a snapshot restored from a checkpoint is already in place. (Lazy layers: once they exist.)
         if self._rewind_point in (None, 0) and self._deferred_stage is None:
@@ -375,6 +377,30 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
         self._skipped_targets = []
+
+    def _keep_the_zeros_of_a_checkpoint_without_state(self, trainer: "pl.Trainer") -> None:
+        """A fit resumed from a checkpoint holding no state of this callback (one of Lightning's ModelPruning, whose
+        permanent pruning saves plain weights with zeros, or of this callback configured otherwise): without masks,
+        the pruned entries would train back to non-zero values and the sparsity reached be lost. The zeros of each
+        target are taken as its mask; a target that is all zeros (a zero-initialised layer) is left to train."""
+        if trainer.ckpt_path is None or self._state_restored:
+            return
+        kept = 0
+        for module, name in engine.distinct_targets(self._parameters_to_prune):
+            if engine.is_pruned(module, name):  # its mask came with the weights (`<name>_mask` keys)
+                continue
+            zeros = getattr(module, name) == 0
+            count = int(zeros.sum())
+            if 0 < count < zeros.numel():
+                engine.set_mask_(module, name, ~zeros)
+                kept += count
+        if kept:
+            snapshot = (" Its lottery-ticket snapshot is of the weights resumed, as the checkpoint holds no initial "
+                        "ones." if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) else "")
+            _info_on_rank_zero(
+                f"`ModelPruning`: this fit resumes from a checkpoint without this callback's state (saved by "
+                f"Lightning's ModelPruning, or by this one configured otherwise), so the {kept:,} zero entries of the "
+                f"pruned tensors are kept pruned (masked), rather than trained back.{snapshot}")
 
     def _watch_for_the_output_layer(self, pl_module: LightningModule) -> None:
         """With rows pruned (a structured method on dim 0), note which layer with weights the first training forward
@@ -723,6 +749,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _restore(self, state: dict[str, Any]) -> None:
         self._pending_state = None
+        self._state_restored = True
         self._rounds = int(state.get("rounds", 0))
         self._last_step = int(state.get("last_step", -1))
         self._epochs_ended = state.get("epochs_ended")  # None from an older checkpoint: nothing is caught up
