@@ -90,6 +90,43 @@ def test_resumed_pruner_continues_like_an_uninterrupted_one():
         assert torch.equal(value, model3.state_dict()[key]), key
 
 
+def test_a_fabric_loop_resumes_with_its_own_save_and_load(tmp_path):
+    """`fabric.save`/`fabric.load` of model, optimizer and pruner, as a Fabric user writes them: the fresh model
+    takes the saved masks, and the resumed run ends bit-identical to the uninterrupted one (Adam's state too)."""
+    from lightning.fabric import Fabric
+
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(31, 32, 16, generator=g), torch.randint(0, 4, (31, 32), generator=g)
+    schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=24, frequency=5)
+
+    def run(last_step, resume_from=None, save_to=None):
+        model, _, _ = model_and_data()
+        fabric = Fabric(accelerator="cpu", devices=1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        pruner = GradualPruner(default_targets(model), schedule)
+        model, optimizer = fabric.setup(model, optimizer)
+        state = {"model": model, "optimizer": optimizer, "pruner": pruner, "step": 0}
+        if resume_from is not None:
+            fabric.load(resume_from, state)
+        for step in range(state["step"] + 1, last_step + 1):
+            optimizer.zero_grad()
+            fabric.backward(nn.functional.cross_entropy(model(xs[step]), ys[step]))
+            optimizer.step()
+            pruner.step(step)
+            state["step"] = step
+        if save_to is not None:
+            fabric.save(save_to, state)
+        return model.module.state_dict(), pruner
+
+    expected, _ = run(30)
+    run(13, save_to=tmp_path / "step13.ckpt")
+    resumed, pruner = run(30, resume_from=tmp_path / "step13.ckpt")
+    assert [h["t"] for h in pruner.history] == [1, 5, 10, 15, 20, 24]  # step 1 runs the round of step 0
+    assert resumed.keys() == expected.keys() and any(k.endswith("_mask") for k in resumed)
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), key
+
+
 def test_bad_arguments():
     model, _, _ = model_and_data()
     with pytest.raises(TypeError, match="SparsitySchedule"):

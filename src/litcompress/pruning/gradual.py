@@ -9,7 +9,7 @@ from typing import Any
 import torch.nn.utils.prune as torch_prune
 
 from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, emptied_message,
-                                        emptied_targets, prune_to_sparsity_, pruned_count)
+                                        emptied_targets, prune_to_sparsity_, pruned_count, register_state_hooks)
 from litcompress.pruning.methods import resolve_method
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
@@ -20,7 +20,11 @@ class GradualPruner:
 
     Call :meth:`step` with the progress in the schedule's unit (optimizer steps done, or epochs finished) after
     each optimizer step or epoch; it prunes when due and is a no-op otherwise (also when called twice for the same
-    `t`). A pruning point passed over between two calls gets its round, with its target, at the second. :meth:`state_dict` holds what a resumed run needs besides the model's masks::
+    `t`). A pruning point passed over between two calls gets its round, with its target, at the second.
+
+    To resume, save ``model.state_dict()`` (it holds the masks) and :meth:`state_dict`; in the new process, build
+    the model and its pruner, then load both as usual (``model.load_state_dict``, ``fabric.load``): the pruner lets
+    its unpruned targets take the saved masks::
 
         pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=50))
         for step, batch in enumerate(loader, start=1):
@@ -60,6 +64,9 @@ class GradualPruner:
             raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning "
                              f"keeps: for structured methods only, got {self.method.__name__}.")
         self.keep_multiple_of = keep_multiple_of
+        # a fresh model then loads a pruned state dict (`<name>_orig`/`<name>_mask` keys) as it is: a resumed loop's
+        # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged
+        self._hook_handles = register_state_hooks(self.targets, permanent_state_dict=False)
         self.last_t = -1
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
