@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +129,23 @@ def test_a_fabric_loop_resumes_with_its_own_save_and_load(tmp_path):
     assert resumed.keys() == expected.keys() and any(k.endswith("_mask") for k in resumed)
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_fabric_ddp_ranks_drawing_otherwise_prune_one_sub_network(tmp_path):
+    """Two Fabric DDP processes seeded otherwise, pruning with a random method: each round's masks are rank 0's on
+    every rank (else each rank trains its own sub-network while DDP averages their gradients)."""
+    script = Path(__file__).with_name("gradual_ddp_script.py")
+    src = str(script.parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert first.keys() == second.keys() and any(key.endswith("_mask") for key in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    pruned = sum(int((first[f"{layer}.weight_mask"] == 0).sum()) for layer in (0, 2))
+    assert pruned == round(0.6 * (16 * 32 + 32 * 4))  # the global target, over both layers
 
 
 def test_bad_arguments():

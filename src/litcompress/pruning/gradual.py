@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.nn.utils.prune as torch_prune
 
+from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, emptied_message,
                                         emptied_targets, prune_to_sparsity_, pruned_count, register_state_hooks)
 from litcompress.pruning.methods import resolve_method
@@ -97,6 +98,8 @@ class GradualPruner:
         before = self.pruned()
         newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
                                    keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
+        # data-parallel ranks (DDP, Fabric) train one sub-network: a random method draws on each rank's generator
+        broadcast_pruning_state_(self.targets)
         self.last_t = t
         self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
         emptied = [(m, n) for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
