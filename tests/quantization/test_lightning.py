@@ -1,5 +1,6 @@
 """Lightning adapter with the real Trainer: candidates judged by the module's own validation metric."""
 
+import logging
 import os
 
 import lightning as L
@@ -372,6 +373,34 @@ def test_a_module_preparing_its_batches_is_calibrated_on_what_its_model_sees(raw
     result = quantize_lightning(module, config, metric="val_acc", datamodule=data)
     assert result.goal_met, result.table()
     assert result.metric >= result.baseline_metric - 0.01
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_trainers_it_builds_itself_keep_lightnings_set_up_lines_out_of_the_users_log(raw_pixels):
+    """Evaluating candidates and reading what the steps give the model are trainers of ours: Lightning's lines when
+    one is built ("GPU available", "`Trainer(limit_val_batches=1)` was configured") would repeat at every stage. A
+    trainer the user builds afterwards logs them as before."""
+    module, data, _ = raw_pixels
+    records = _Records()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addHandler(records)
+    try:
+        config = PTQConfig(approach="static", backends=("torch_ao",), max_trials=1, latency_repeats=3)
+        quantize_lightning(module, config, metric="val_acc", datamodule=data)
+        assert records.messages == []
+        _trainer(limit_val_batches=1)
+        assert any("GPU available" in m for m in records.messages)
+        assert any("was configured" in m for m in records.messages)
+    finally:
+        rank_zero.removeHandler(records)
 
 
 def test_inputs_are_read_through_validation_step_only_when_it_prepares_them(raw_pixels, fitted):

@@ -31,8 +31,21 @@ QUIET_CPU_TRAINER: dict = dict(accelerator="cpu", devices=1, logger=False, enabl
                                enable_progress_bar=False, enable_model_summary=False)
 
 
+def internal_trainer(**overrides: Any) -> L.Trainer:
+    """A :data:`QUIET_CPU_TRAINER` that evaluates candidates or reads a step's inputs: the lines Lightning logs when
+    it is built (the devices, ``limit_val_batches=1`` "was configured") are about no trainer the user made, and would
+    repeat at every stage, so they are left out; its warnings are not."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(max(level, logging.WARNING))
+    try:
+        return L.Trainer(**{**QUIET_CPU_TRAINER, **overrides})
+    finally:
+        rank_zero.setLevel(level)
+
+
 def _evaluation_trainer() -> L.Trainer:
-    return L.Trainer(**QUIET_CPU_TRAINER)
+    return internal_trainer()
 
 
 def _is_loader(value: object) -> bool:
@@ -242,7 +255,7 @@ class StepInputReader:
             # tensors fail
             with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
                 warnings.simplefilter("ignore")  # Lightning's notes on the loader (workers, batch sizes)
-                L.Trainer(**QUIET_CPU_TRAINER, limit_val_batches=batches, inference_mode=False).validate(
+                internal_trainer(limit_val_batches=batches, inference_mode=False).validate(
                     self.host, dataloaders=loader, verbose=False)
         except Exception:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
             return None
