@@ -111,7 +111,8 @@ def test_a_fit_resumed_from_a_checkpoint_without_this_callbacks_state_keeps_its_
     fresh = FixedDataModel()
     callback = ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=False, parameter_names=["weight"])
     with caplog.at_level(INFO):
-        make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(fresh, ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+        make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(fresh,
+                                                                       ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
     assert "kept pruned (masked), rather than trained back" in caplog.text
     for name, module in fresh.layer.named_children():
         zeros = saved[f"layer.{name}.weight"] == 0

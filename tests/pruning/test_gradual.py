@@ -65,8 +65,9 @@ def test_points_passed_over_get_their_round_with_their_target(final, frequency, 
     pruner = GradualPruner(targets, schedule)
     for t in range(stride, 25, stride):
         pruner.step(t)
-    expected = [(t, schedule.target(max(u for u in range(t - stride + 1, t + 1) if schedule.should_prune(u))))
-                for t in range(stride, 25, stride) if any(schedule.should_prune(u) for u in range(t - stride + 1, t + 1))]
+    passed = {t: [u for u in range(t - stride + 1, t + 1) if schedule.should_prune(u)]
+              for t in range(stride, 25, stride)}
+    expected = [(t, schedule.target(points[-1])) for t, points in passed.items() if points]
     assert [(h["t"], h["target"]) for h in pruner.history] == expected
     assert pruner.pruned() == round(final * sum(m.weight.numel() for m, _ in targets))
 
