@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
-from lightning.pytorch import LightningModule, seed_everything
-from lightning.pytorch.callbacks import LambdaCallback
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback
 from torch import nn
 
 from litcompress.callbacks.lottery import find_lottery_ticket
@@ -115,6 +118,69 @@ def test_find_lottery_ticket_with_trainer_and_late_rewinding():
                             trainer_kwargs=dict(max_epochs=1, callbacks=[
                                 LambdaCallback(on_train_batch_end=lambda *_: steps.append(1))]))
     assert steps == []
+
+
+class OneCycleDigitsClassifier(DigitsClassifier):
+    """Sizes its learning-rate schedule from the fit, as Lightning users write it."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1,
+                                                       total_steps=self.trainer.estimated_stepping_batches)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+class WeightsAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step, self.weights = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.weights = pl_module.net[0].weight.detach().clone()
+
+
+def test_late_rewinding_takes_the_weights_of_an_ordinary_fits_kth_step():
+    """`rewind_to_step=k` is the k-th step of the fit `trainer_kwargs` describe, learning-rate warm-up included (a
+    Trainer of k steps would run the module's whole one-cycle schedule in them); a k the fit never reaches fails."""
+    seed_everything(0)
+    module = OneCycleDigitsClassifier()
+    kwargs = dict(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    record = WeightsAtStep(5)
+    Trainer(**kwargs, callbacks=[record]).fit(copy.deepcopy(module), datamodule=DigitsDataModule(batch_size=128))
+    ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1, rate=0.5,
+                                 trainer_kwargs=kwargs, rewind_to_step=5, evaluate_on="validate", control="none")
+    assert torch.equal(ticket.rewound_state["net.0.weight_orig"], record.weights)
+    with pytest.raises(ValueError, match="stopped after 9 optimizer steps, before reaching it"):
+        find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1,
+                            trainer_kwargs={**kwargs, "max_epochs": 1}, rewind_to_step=50, evaluate_on="validate")
+
+
+class CallbackStateAtFitStart(Callback):
+    """Listed after `early_stopping`: its state when each fit starts (keeps no state of its own, so it records
+    across the rounds)."""
+
+    def __init__(self, early_stopping: EarlyStopping) -> None:
+        self.early_stopping, self.seen = early_stopping, []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.seen.append((float(self.early_stopping.best_score), self.early_stopping.wait_count))
+
+
+def test_every_round_starts_the_callbacks_given_from_their_state_before_the_first():
+    """One EarlyStopping instance serves every round's Trainer: carried over, its best score (the dense network's)
+    and patience count stopped the pruned rounds after one or two epochs of ten."""
+    seed_everything(0)
+    early_stopping = EarlyStopping("val_acc", mode="max", patience=2)
+    seen = CallbackStateAtFitStart(early_stopping)
+    find_lottery_ticket(OneCycleDigitsClassifier(), DigitsDataModule(batch_size=128), metric="val_acc", rounds=2,
+                        rate=0.5, evaluate_on="validate", control="final",
+                        trainer_kwargs=dict(max_epochs=3, accelerator="cpu", callbacks=[early_stopping, seen]))
+    assert seen.seen == [(-math.inf, 0)] * 4  # rounds 0-2 and the random re-initialisation control
 
 
 def test_find_lottery_ticket_builds_a_configure_model_module_on_a_copy():

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
 from litcompress.quantization.lightning import detached_copy, logged_metrics, missing_metric_message
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+class _StopAtStep(Callback):
+    """Ends the fit once `step` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
 
 
 def find_lottery_ticket(
@@ -32,21 +45,37 @@ def find_lottery_ticket(
     """Iterative magnitude pruning where every round is ``Trainer(**trainer_kwargs).fit(module, datamodule)``.
 
     `metric` names a value the module logs in ``test_step`` (or ``validation_step`` with
-    ``evaluate_on="validate"``). ``rewind_to_step=k`` first trains k optimizer steps and rewinds there instead of
-    to initialisation. A fresh `Trainer` (and so a fresh optimizer) is built for every round. `module` itself is not
-    modified; see :func:`~litcompress.pruning.imp.iterative_magnitude_pruning` for the other arguments.
+    ``evaluate_on="validate"``). ``rewind_to_step=k`` first trains the first k optimizer steps of such a fit (its
+    learning-rate schedule sized for the whole fit) and rewinds there instead of to initialisation. A fresh
+    `Trainer` (and so a fresh optimizer) is built for every round, and the callbacks of `trainer_kwargs` start every
+    round from the state they had before the first (an ``EarlyStopping``'s best score and patience count). `module`
+    itself is not modified; see :func:`~litcompress.pruning.imp.iterative_magnitude_pruning` for the other
+    arguments.
     """
     if evaluate_on not in ("test", "validate"):
         raise ValueError(f"`evaluate_on` must be 'test' or 'validate', got {evaluate_on!r}.")
     if rewind_to_step is not None and (isinstance(rewind_to_step, bool) or rewind_to_step < 1):
         raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got {rewind_to_step!r}.")
     kwargs = {**_QUIET, **dict(trainer_kwargs or {})}
+    callbacks = kwargs.get("callbacks") or []
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    # Every round is a fresh fit: the callbacks given (one set of instances for every Trainer) start each one from
+    # the state they had before the first, or an EarlyStopping would carry its best score and patience count into
+    # the next round and stop it after an epoch or two. Callbacks that keep no state (recorders) are left alone.
+    initial_states = [copy.deepcopy(callback.state_dict()) for callback in callbacks]
+
+    def fresh_callbacks() -> None:
+        for callback, state in zip(callbacks, initial_states):
+            if state:
+                callback.load_state_dict(copy.deepcopy(state))
+
     if is_overridden("configure_model", module):
         # the Trainer would build the layers after `setup`; the rounds' masks and snapshot need them first (on a
         # copy, with them built: `module` stays as given)
         module = detached_copy(module)
 
     def train(model: LightningModule) -> None:
+        fresh_callbacks()
         Trainer(**kwargs).fit(model, datamodule=datamodule)
 
     step = f"{type(module).__name__}.{'test_step' if evaluate_on == 'test' else 'validation_step'}"
@@ -64,7 +93,17 @@ def find_lottery_ticket(
     evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1)
 
     def train_to_rewind_point(model: LightningModule) -> None:
-        Trainer(**{**kwargs, "max_epochs": -1, "max_steps": rewind_to_step}).fit(model, datamodule=datamodule)
+        # the first k steps of an ordinary fit, stopped there: with `max_steps=k` the Trainer would tell the module
+        # its fit is k steps long, and a schedule sized from it (`OneCycleLR(total_steps=
+        # self.trainer.estimated_stepping_batches)`) would run a whole cycle in those k steps
+        fresh_callbacks()
+        stop = _StopAtStep(rewind_to_step)
+        trainer = Trainer(**{**kwargs, "callbacks": [*callbacks, stop]})
+        trainer.fit(model, datamodule=datamodule)
+        if trainer.global_step < rewind_to_step:
+            raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "
+                             "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "
+                             "(`trainer_kwargs`' max_epochs / max_steps).")
 
     return iterative_magnitude_pruning(
         module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates, parameter_names=parameter_names,
