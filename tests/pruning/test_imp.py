@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback
+from lightning.pytorch.callbacks import EarlyStopping, LambdaCallback, ModelCheckpoint
 from torch import nn
 
 from litcompress.callbacks.lottery import find_lottery_ticket
@@ -161,26 +161,33 @@ def test_late_rewinding_takes_the_weights_of_an_ordinary_fits_kth_step():
 
 
 class CallbackStateAtFitStart(Callback):
-    """Listed after `early_stopping`: its state when each fit starts (keeps no state of its own, so it records
-    across the rounds)."""
+    """Listed after the others: their state when each fit starts (keeps no state of its own, so it records across
+    the rounds)."""
 
-    def __init__(self, early_stopping: EarlyStopping) -> None:
-        self.early_stopping, self.seen = early_stopping, []
+    def __init__(self, early_stopping: EarlyStopping, checkpoint: ModelCheckpoint) -> None:
+        self.early_stopping, self.checkpoint, self.seen = early_stopping, checkpoint, []
 
     def on_fit_start(self, trainer, pl_module):
-        self.seen.append((float(self.early_stopping.best_score), self.early_stopping.wait_count))
+        self.seen.append((float(self.early_stopping.best_score), self.early_stopping.wait_count,
+                          self.checkpoint.best_model_score))
 
 
-def test_every_round_starts_the_callbacks_given_from_their_state_before_the_first():
+def test_every_round_starts_the_callbacks_given_from_their_state_before_the_first(tmp_path, recwarn):
     """One EarlyStopping instance serves every round's Trainer: carried over, its best score (the dense network's)
-    and patience count stopped the pruned rounds after one or two epochs of ten."""
+    and patience count stopped the pruned rounds after one or two epochs of ten. A ModelCheckpoint in its default
+    folder (resolved by the first fit) starts every round without a best score too, and without Lightning's warning
+    that its folder changed."""
     seed_everything(0)
     early_stopping = EarlyStopping("val_acc", mode="max", patience=2)
-    seen = CallbackStateAtFitStart(early_stopping)
+    checkpoint = ModelCheckpoint(monitor="val_acc", mode="max")
+    seen = CallbackStateAtFitStart(early_stopping, checkpoint)
     find_lottery_ticket(OneCycleDigitsClassifier(), DigitsDataModule(batch_size=128), metric="val_acc", rounds=2,
                         rate=0.5, evaluate_on="validate", control="final",
-                        trainer_kwargs=dict(max_epochs=3, accelerator="cpu", callbacks=[early_stopping, seen]))
-    assert seen.seen == [(-math.inf, 0)] * 4  # rounds 0-2 and the random re-initialisation control
+                        trainer_kwargs=dict(max_epochs=3, accelerator="cpu", enable_checkpointing=True,
+                                            default_root_dir=tmp_path, callbacks=[early_stopping, checkpoint, seen]))
+    assert seen.seen == [(-math.inf, 0, None)] * 4  # rounds 0-2 and the random re-initialisation control
+    assert checkpoint.best_model_score is not None  # the last fit's, as after any fit
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
 def test_find_lottery_ticket_builds_a_configure_model_module_on_a_copy():

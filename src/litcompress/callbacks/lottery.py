@@ -67,7 +67,10 @@ def find_lottery_ticket(
     def fresh_callbacks() -> None:
         for callback, state in zip(callbacks, initial_states):
             if state:
-                callback.load_state_dict(copy.deepcopy(state))
+                state = copy.deepcopy(state)
+                if "dirpath" in state:  # a ModelCheckpoint keeps its scores only for its own folder, which the
+                    state["dirpath"] = callback.dirpath  # first fit resolved (None before it)
+                callback.load_state_dict(state)
 
     if is_overridden("configure_model", module):
         # the Trainer would build the layers after `setup`; the rounds' masks and snapshot need them first (on a
