@@ -363,6 +363,19 @@ def test_a_new_callback_on_a_fit_resumed_from_a_dense_checkpoint_catches_up_noth
     assert [h["epoch"] for h in pruning._history] == [3, 4]
 
 
+@pytest.mark.parametrize("rewind", [dict(rewind_to_step=3), dict(rewind_to_epoch=1)])
+def test_a_new_callback_on_a_fit_resumed_past_its_rewind_point_says_the_weights_to_rewind_to_are_unknown(tmp_path,
+                                                                                                      rewind):
+    """Nor does it take the resumed weights for those of step 3 (the steps of the fit's first batch are past it)."""
+    seed_everything(3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt]).fit(FixedDataModel())
+    pruning = ModelPruning("l1_unstructured", amount=0.3, **rewind)
+    with pytest.raises(MisconfigurationException, match="this fit started past its rewind point"):
+        make_trainer(tmp_path, max_epochs=4, callbacks=[pruning]).fit(FixedDataModel(), ckpt_path=ckpt.best_model_path)
+    assert pruning._original_layers is None
+
+
 class StopAtStep(Callback):
     """Stops the fit after `step` optimizer steps, as EarlyStopping or a time limit would."""
 

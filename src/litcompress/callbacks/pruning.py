@@ -243,6 +243,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
         self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
+        self._step_at_batch_start = -1  # `trainer.global_step` when the current training batch began
         self._hook_handles: list[Any] = []
 
     # ------------------------------------------------------------------------------------ override points
@@ -468,6 +469,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
         if self._reset_pending:
             for module, name in engine.distinct_targets(self._parameters_to_prune):
                 if not engine.is_pruned(module, name):  # made permanent when the last fit ended: its zeros are the
@@ -490,8 +492,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # `global_step` counts every optimizer's steps: with manual optimization it can move by more than one per
         # batch (a GAN's two), so look for the points passed since the last batch, not only at `step`
         previous, self._last_step = self._last_step, step
-        if self._rewind_unit == "step" and previous < self._rewind_point <= step:
-            self._take_snapshot_once()
+        if self._rewind_unit == "step" and self._step_at_batch_start < self._rewind_point <= step:
+            self._take_snapshot_once()  # this batch's steps reached k (not a fit resumed past it)
         if self._schedule is not None and self._schedule.unit == "step":
             point = self._schedule.last_point(previous, step) if step > previous else None
             if point is not None:
@@ -538,6 +540,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
         )
         if reset:
             if self._original_layers is None:
+                where = self._last_step if self._rewind_unit == "step" else current_epoch
+                if self._rewind_point not in (None, 0) and trainer is not None and where > self._rewind_point:
+                    raise MisconfigurationException(
+                        f"A lottery-ticket reset was asked for at epoch {current_epoch}, and this fit started past its"
+                        f" rewind point (`rewind_to_{self._rewind_unit}={self._rewind_point}`): it resumed from a"
+                        " checkpoint that holds no snapshot of this callback (saved without it, or by it configured"
+                        " otherwise), so the weights to rewind to are not known. Resume from a checkpoint this"
+                        " callback saved, or rewind to initialisation (no `rewind_to_*`: the weights resumed)."
+                    )
                 if self._rewind_point not in (None, 0):
                     raise MisconfigurationException(
                         f"A lottery-ticket reset was asked for at epoch {current_epoch}, before the rewind point"
