@@ -55,6 +55,42 @@ def test_heads_pruned_along_a_step_schedule_then_shrink_removes_them(tmp_path):
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+class TwoOptimizerTransformer(TransformerClassifier):
+    """Manual optimization, one optimizer for the encoder and one for the rest (as a GAN steps two networks):
+    `trainer.global_step` moves by two per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(heads=4)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        rest = [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
+        return [torch.optim.Adam(self.encoder.parameters(), lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
+
+
+def test_heads_pruned_along_a_step_schedule_whose_steps_batches_pass_over(tmp_path):
+    """The rounds at odd steps run after the batch that passed them, with their own targets: the last one too."""
+    seed_everything(0)
+    model = TwoOptimizerTransformer()
+    heads: dict[int, list[int]] = {}
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            heads[trainer.global_step] = [int(zero_heads(a).sum()) for a in _attentions(pl_module)]
+
+    schedule = PolynomialDecay(final_sparsity=0.75, begin=1, end=9, frequency=4)  # rounds at steps 1, 5 and 9
+    _trainer(tmp_path, 1, [HeadPruning(schedule), Watch()], limit_train_batches=6).fit(model, datamodule=_data())
+    assert [heads[step] for step in (2, 6, 10)] == [[round(4 * schedule.target(point))] * 2 for point in (1, 5, 9)]
+    assert heads[12] == [3, 3]
+
+
 def test_a_fit_shorter_than_the_head_schedule_says_where_it_will_stop(tmp_path):
     seed_everything(0)
     model, data = TransformerClassifier(heads=4), _data()
