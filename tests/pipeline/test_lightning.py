@@ -197,6 +197,27 @@ def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp
     assert report["quantized"].test_metric is not None
 
 
+def test_compress_on_fit_end_can_take_the_best_checkpoints_weights(tmp_path):
+    """`weights="best"`: the input row is the monitored ModelCheckpoint's best score, not the last epoch's."""
+    L.seed_everything(0)
+    module = MLPClassifier(hidden=(32,), lr=1e-2)
+
+    class SpoilTheLastEpoch(L.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+                with torch.no_grad():
+                    pl_module.net[0].weight.add_(torch.randn_like(pl_module.net[0].weight))
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    compressing = CompressOnFitEnd(CompressionConfig(quantize=None, latency_repeats=2), output_dir=tmp_path / "out",
+                                   weights="best")
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[SpoilTheLastEpoch(), checkpoint, compressing],
+              ).fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert compressing.result.report["input"].metric == pytest.approx(float(checkpoint.best_model_score))
+    assert float(module.trainer.callback_metrics["val_acc"]) < float(checkpoint.best_model_score) - 0.05
+
+
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_compress_on_fit_end_needs_validation_data_and_says_so_before_training(tmp_path):
     module = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)

@@ -6,6 +6,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -185,6 +186,58 @@ def test_callback_quantizes_at_fit_end_and_saves(digits, tmp_path, backend):
     assert recipe == callback.result.recipe and recipe.backend == backend
     x = digits[2][:20]
     assert torch.allclose(loaded(x), callback.result.model(x), atol=1e-5)
+
+
+class SpoilTheLastEpoch(L.Callback):
+    """Before the last validation, noise the weights: that epoch scores worst, and the fit ends on it."""
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                for parameter in pl_module.net[0].parameters():
+                    parameter.add_(torch.randn_like(parameter))
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["plain", "pruned-with-masks"])
+def test_quantizing_at_fit_end_the_best_checkpoints_weights(digits, tmp_path, caplog, masks):
+    """`weights="best"` quantizes the weights the monitored ModelCheckpoint kept (its score is the fp32 baseline),
+    from a file written while pruning with masks too; `"last"` (the default) quantizes those the fit ended with and
+    says where the best are."""
+    from litcompress import ModelPruning
+
+    def fit(weights):
+        torch.manual_seed(0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / weights, monitor="val_acc", mode="max",
+                                     save_on_train_epoch_end=False)
+        quantizing = QuantizeOnFitEnd(CONFIG, metric="val_acc", weights=weights)
+        pruning = [ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False,
+                                use_lottery_ticket_hypothesis=False)] if masks else []
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=4, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[*pruning, SpoilTheLastEpoch(), checkpoint, quantizing],
+                  ).fit(DigitsModule(), datamodule=DigitsData(digits))
+        return checkpoint, quantizing.result
+
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        checkpoint, best = fit("best")
+    if masks:
+        saved = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+        assert any(k.endswith("_mask") for k in saved)
+    assert best.baseline_metric == pytest.approx(float(checkpoint.best_model_score))
+    assert f"works on the weights of {checkpoint.best_model_path}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        checkpoint, last = fit("last")
+    assert last.baseline_metric < float(checkpoint.best_model_score) - 0.05
+    assert "works on the weights the fit ended with" in caplog.text and "weights='best'" in caplog.text
+
+
+def test_best_weights_without_a_model_checkpoint_are_refused_before_training(digits):
+    with pytest.raises(ValueError, match=r"weights='bestest'.*use 'last'"):
+        QuantizeOnFitEnd(CONFIG, metric="val_acc", weights="bestest")
+    trainer = _trainer(callbacks=[QuantizeOnFitEnd(CONFIG, metric="val_acc", weights="best")])
+    with pytest.raises(ValueError, match=r"weights='best'\) reads the best file .* this trainer has none"):
+        trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert trainer.global_step == 0
 
 
 def test_quantize_from_checkpoint(fitted, tmp_path):

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from litcompress.quantization.config import check_metric_mode
-from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_fit_for_fit_end_work, detached_copy,
-                                                first_loader, inputs_as_steps_give_them, lightning_eval_fn,
-                                                warn_if_sanity_check_missed, with_metric_mode)
+from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
+                                                check_fit_end_weights, check_fit_for_fit_end_work, detached_copy,
+                                                first_loader, fit_end_module, inputs_as_steps_give_them,
+                                                lightning_eval_fn, warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -233,16 +234,20 @@ class CompressOnFitEnd(L.Callback):
     A ``config.prune`` here prunes the trained module once more, one-shot. The result is in ``self.result``; the
     report files are written to `output_dir` with the model (the plot when matplotlib is installed, unless
     ``plot=False``). The data is the fit's: its DataModule, or the dataloaders ``trainer.fit`` was given (then a
-    `test_metric` needs ``test_dataloaders``).
+    `test_metric` needs ``test_dataloaders``). ``weights="best"`` compresses the weights of the best file of the
+    trainer's ``ModelCheckpoint(monitor=...)`` instead of those the fit ends with (``"last"``).
     """
 
     def __init__(self, config: CompressionConfig, *, metric: str = "val_acc", test_metric: str | None = None,
                  output_dir: str | os.PathLike, submodule: str | None = None, plot: bool | None = None,
-                 mode: Literal["max", "min"] | None = None, test_dataloaders: Any = None) -> None:
+                 mode: Literal["max", "min"] | None = None, test_dataloaders: Any = None,
+                 weights: Literal["last", "best"] = "last") -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"CompressOnFitEnd(config={config!r}): expected a CompressionConfig.")
         if not metric:
             raise ValueError("CompressOnFitEnd(metric=''): name the metric logged in validation_step.")
+        check_fit_end_weights(weights, "CompressOnFitEnd")
+        self.weights = weights
         config = _with_metric_mode(config, metric, mode, "CompressOnFitEnd")  # before training, not after it
         self.config, self.metric, self.test_metric = config, metric, test_metric
         self.output_dir, self.submodule, self.plot = output_dir, submodule, plot
@@ -254,6 +259,7 @@ class CompressOnFitEnd(L.Callback):
             return
         check_fit_for_fit_end_work(trainer, "CompressOnFitEnd", "stage",
                                    "litcompress.compress_lightning (or `litcompress compress --checkpoint`)")
+        check_best_weights_can_be_found(trainer, self.weights, "CompressOnFitEnd")
         if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None:
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
                              "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
@@ -264,6 +270,7 @@ class CompressOnFitEnd(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return  # Ctrl-C ends the run: no compression of a half-trained model
+        pl_module = fit_end_module(trainer, pl_module, self.weights, "CompressOnFitEnd")
         if trainer.datamodule is not None:
             data: dict[str, Any] = {"datamodule": trainer.datamodule}
         elif not trainer.val_dataloaders:

@@ -432,22 +432,73 @@ def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule
                       f"it: {message}", UserWarning, stacklevel=2)
 
 
+def check_fit_end_weights(weights: object, owner: str) -> None:
+    """`weights` names the weights a fit-end callback works on: ``"last"`` or ``"best"``."""
+    if weights not in ("last", "best"):
+        raise ValueError(f"{owner}(weights={weights!r}): use 'last' (the weights the fit ends with) or 'best' (those "
+                         "of the best file of the trainer's ModelCheckpoint).")
+
+
+def check_best_weights_can_be_found(trainer: L.Trainer, weights: str, owner: str) -> None:
+    """At ``setup``: ``weights="best"`` reads the best file of the trainer's ModelCheckpoint, which must exist."""
+    if weights == "best" and trainer.checkpoint_callback is None:
+        raise ValueError(f"{owner}(weights='best') reads the best file of the trainer's ModelCheckpoint, and this "
+                         "trainer has none: add ModelCheckpoint(monitor=...) to its callbacks (and "
+                         "enable_checkpointing=True), or use weights='last'.")
+
+
+def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: str, owner: str) -> L.LightningModule:
+    """The module a fit-end callback works on: `pl_module` as the fit ended (``"last"``), or a copy holding the
+    weights of the best file of the trainer's ModelCheckpoint (``"best"``, as ``trainer.test(ckpt_path="best")`` reads
+    them; a file written while pruning with masks loads too, its pruning made permanent)."""
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    if weights == "last":
+        monitor = getattr(checkpoint, "monitor", None)
+        current = trainer.callback_metrics.get(monitor) if monitor is not None else None  # the last one logged
+        best_score = getattr(checkpoint, "best_model_score", None)
+        if best and current is not None and best_score is not None and float(current) != float(best_score):
+            logger.info(f"{owner} works on the weights the fit ended with ({checkpoint.monitor}={float(current):.6g});"
+                        f" the ModelCheckpoint's best ({float(best_score):.6g}) is in {best}: {owner}(weights='best') "
+                        "works on those.")
+        return pl_module
+    if not best:
+        warnings.warn(f"{owner}(weights='best'): the ModelCheckpoint saved no file in this fit, so the weights the fit "
+                      "ended with are used.", UserWarning, stacklevel=2)
+        return pl_module
+    from litcompress.pruning.engine import load_pruned_state_dict, make_permanent_
+
+    module = detached_copy(pl_module)
+    make_permanent_(module)  # the file holds either format: plain weights, or `<name>_orig`/`<name>_mask` pairs
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]  # this fit's own file
+    load_pruned_state_dict(module, state, keep_masks=False)
+    score = getattr(checkpoint, "best_model_score", None)
+    logger.info(f"{owner} works on the weights of {best}"
+                + (f" ({checkpoint.monitor}={float(score):.6g})." if score is not None else "."))
+    return module
+
+
 class QuantizeOnFitEnd(L.Callback):
     """Quantize the trained module when ``fit`` ends, judged by its validation ``metric``.
 
-    The result is kept in ``self.result`` and, with ``save_path``, written as one artefact.
+    The result is kept in ``self.result`` and, with ``save_path``, written as one artefact. ``weights="best"``
+    quantizes the weights of the best file of the trainer's ``ModelCheckpoint(monitor=...)`` (as
+    ``trainer.test(ckpt_path="best")`` reads them) instead of those the fit ends with (``"last"``).
     """
 
     def __init__(self, config: PTQConfig, metric: str, *, submodule: str | None = None,
                  save_path: str | os.PathLike | None = None, calibration_data: Iterable | None = None,
-                 input_fn: Callable[[object], tuple] | None = None, mode: Literal["max", "min"] | None = None) -> None:
+                 input_fn: Callable[[object], tuple] | None = None, mode: Literal["max", "min"] | None = None,
+                 weights: Literal["last", "best"] = "last") -> None:
         if not isinstance(config, PTQConfig):
             raise TypeError(f"QuantizeOnFitEnd(config={config!r}): expected a PTQConfig.")
         if not metric:
             raise ValueError("QuantizeOnFitEnd(metric=''): name the metric logged in validation_step.")
+        check_fit_end_weights(weights, "QuantizeOnFitEnd")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
         self.config, self.metric, self.submodule = config, metric, submodule
         self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn
+        self.weights = weights
         self.result: QuantizationResult | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -457,11 +508,13 @@ class QuantizeOnFitEnd(L.Callback):
         check_fit_for_fit_end_work(trainer, "QuantizeOnFitEnd", "candidate",
                                    "litcompress.quantization.lightning.quantize_checkpoint (or `litcompress compress "
                                    "--checkpoint --prune none`)")
+        check_best_weights_can_be_found(trainer, self.weights, "QuantizeOnFitEnd")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module = fit_end_module(trainer, pl_module, self.weights, "QuantizeOnFitEnd")
         datamodule = trainer.datamodule
         val_dataloaders = None if datamodule is not None else trainer.val_dataloaders
         calibration, example_inputs, input_fn = self.calibration_data, None, self.input_fn
