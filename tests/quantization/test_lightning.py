@@ -2,6 +2,7 @@
 
 import logging
 import os
+import warnings
 
 import lightning as L
 import pytest
@@ -158,8 +159,6 @@ def test_a_metric_the_sanity_check_did_not_log_is_warned_of_before_training(digi
             if not self.trainer.sanity_checking:
                 super().validation_step(batch, _)
 
-    import warnings
-
     trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[QuantizeOnFitEnd(CONFIG, metric="val_acc")])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -201,8 +200,8 @@ class SpoilTheLastEpoch(L.Callback):
 @pytest.mark.parametrize("masks", [False, True], ids=["plain", "pruned-with-masks"])
 def test_quantizing_at_fit_end_the_best_checkpoints_weights(digits, tmp_path, caplog, masks):
     """`weights="best"` quantizes the weights the monitored ModelCheckpoint kept (its score is the fp32 baseline),
-    from a file written while pruning with masks too; `"last"` (the default) quantizes those the fit ended with and
-    says where the best are."""
+    from a file written while pruning with masks too (and says that file is less sparse than the fit's end);
+    `"last"` (the default) quantizes those the fit ended with and says where the best are."""
     from litcompress import ModelPruning
 
     def fit(weights):
@@ -217,8 +216,11 @@ def test_quantizing_at_fit_end_the_best_checkpoints_weights(digits, tmp_path, ca
                   ).fit(DigitsModule(), datamodule=DigitsData(digits))
         return checkpoint, quantizing.result
 
-    with caplog.at_level(logging.INFO, logger="litcompress"):
+    with caplog.at_level(logging.INFO, logger="litcompress"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         checkpoint, best = fit("best")
+    # pruning went on after the best epoch (a round per epoch): the file is less sparse than the fit's end, and said
+    assert any("saved while pruning still went on" in str(w.message) for w in caught) == masks
     if masks:
         saved = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
         assert any(k.endswith("_mask") for k in saved)

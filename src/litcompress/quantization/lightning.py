@@ -475,7 +475,28 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
     score = getattr(checkpoint, "best_model_score", None)
     logger.info(f"{owner} works on the weights of {best}"
                 + (f" ({checkpoint.monitor}={float(score):.6g})." if score is not None else "."))
+    saved, ended = _zero_weight_fraction(module), _zero_weight_fraction(pl_module)
+    if saved < ended - 1e-3:
+        warnings.warn(f"{owner}(weights='best'): the best file, {best}, holds weights {saved:.1%} zero, fewer than the "
+                      f"{ended:.1%} the fit ended with: it was saved while pruning still went on. Let the "
+                      "ModelCheckpoint save only once pruning is done (e.g. a schedule that ends earlier), or use "
+                      "weights='last'.", UserWarning, stacklevel=2)
     return module
+
+
+def _zero_weight_fraction(module: nn.Module) -> float:
+    """The fraction of zeros among the entries of `module`'s matrices and kernels, as computed (masks applied)."""
+    from litcompress.pruning.engine import effective_tensor, is_pruned
+
+    zeros = total = 0
+    for sub in module.modules():
+        for name, _ in sub.named_parameters(recurse=False):
+            base = name.removesuffix("_orig")  # a pruned tensor's parameter: its values are orig * mask
+            value = effective_tensor(sub, base if base != name and is_pruned(sub, base) else name)
+            if value.dim() > 1:
+                zeros += int((value == 0).sum())
+                total += value.numel()
+    return zeros / total if total else 0.0
 
 
 class QuantizeOnFitEnd(L.Callback):
