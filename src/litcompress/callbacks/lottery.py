@@ -101,7 +101,8 @@ def find_lottery_ticket(
         # self.trainer.estimated_stepping_batches)`) would run a whole cycle in those k steps
         fresh_callbacks()
         stop = _StopAtStep(rewind_to_step)
-        trainer = Trainer(**{**kwargs, "callbacks": [*callbacks, stop]})
+        # (without the fit's minimum epochs or steps, which would keep it from stopping at k)
+        trainer = Trainer(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None, "min_steps": None})
         trainer.fit(model, datamodule=datamodule)
         if trainer.global_step < rewind_to_step:
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "
