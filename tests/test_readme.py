@@ -94,6 +94,9 @@ CHECKS = {
     'size_on_disk = result.save("model.int8")': lambda ns: (
         Path("model.int8").stat().st_size == ns["size_on_disk"] and ns["recipe"] == ns["result"].recipe),
     "result = quantize_checkpoint(": lambda ns: ns["result"].baseline_metric > 0.5,
+    'pruner.load_state_dict(saved["pruner"])': lambda ns: (  # the rounds before the save, then the rest
+        [h["t"] for h in ns["pruner"].history] == [1, 3, 6, 9, 12]
+        and ns["pruner"].pruned() == round(0.8 * (64 * 128 + 128 * 10))),
     "rewind_(targets, ticket)": lambda ns: abs(  # three global rounds of 50%, biases untouched
         ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3,
 }
