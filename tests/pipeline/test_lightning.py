@@ -15,7 +15,7 @@ from litcompress.data import DigitsDataModule
 from litcompress.models import MLPClassifier
 from litcompress.pipeline import CompressionConfig, PruneConfig
 from litcompress.pipeline.lightning import compress_lightning, optimizer_steps
-from litcompress.pruning import is_pruned
+from litcompress.pruning import effective_tensor, is_pruned
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import PTQConfig
 
@@ -195,6 +195,50 @@ def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp
         [32, 32, 10]
     assert {"report.json", "report.md", "report.png", "model.pt"} <= {p.name for p in tmp_path.iterdir()}
     assert report["quantized"].test_metric is not None
+
+
+class TwoOptimizerMLP(MLPClassifier):
+    """Manual optimization with an optimizer per layer group, as a GAN steps its two networks: `global_step` moves
+    by two per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(64, 64), lr=1e-2)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        layers = [m for m in self.net if isinstance(m, nn.Linear)]
+        return [torch.optim.Adam(layers[0].parameters(), lr=1e-2),
+                torch.optim.Adam([p for m in layers[1:] for p in m.parameters()], lr=1e-2)]
+
+
+def test_fine_tuning_under_manual_optimization_follows_the_schedule_over_the_batches(fitted):
+    """The schedule is sized in batches then (a batch makes as many optimizer steps as its training_step takes):
+    the sparsity reaches its target at `end` (60%) of the fine-tuning, not at 30% as two steps per batch made it."""
+    _, data = fitted
+    module = TwoOptimizerMLP()
+    module.load_state_dict(fitted[0].state_dict())
+    reached: list[int] = []
+
+    class FirstBatchAtTarget(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights = [effective_tensor(m, "weight") for m in pl_module.net if isinstance(m, nn.Linear)]
+            if not reached and sum(int((w == 0).sum()) for w in weights) >= 0.5 * sum(w.numel() for w in weights) - 1:
+                reached.append(batch_idx + trainer.current_epoch * len(data.train_dataloader()) + 1)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, quantize=None, export=False,
+                               latency_repeats=2)
+    result = compress_lightning(module, config, datamodule=data, fine_tune_epochs=2,
+                                trainer_kwargs={"callbacks": [FirstBatchAtTarget()]})
+    batches = 2 * len(data.train_dataloader())
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert reached and reached[0] >= 0.55 * batches, (reached, batches)
 
 
 def test_compress_on_fit_end_can_take_the_best_checkpoints_weights(tmp_path):

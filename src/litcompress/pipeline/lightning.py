@@ -29,18 +29,23 @@ from .config import CompressionConfig
 
 class PruneAfterOptimizerSteps(L.Callback):
     """Calls ``step(trainer.global_step)`` after every training batch: the engine prunes when its schedule says so
-    (``GradualPruner.step`` ignores a repeated step, as under gradient accumulation)."""
+    (``GradualPruner.step`` ignores a repeated step, as under gradient accumulation). With manual optimization it
+    counts training batches instead, as :func:`optimizer_steps` does then: `global_step` counts every optimizer's
+    steps (a GAN's two per batch), which no schedule sized before the fit can know."""
 
     def __init__(self, step: Callable[[int], Any]) -> None:
         self.step = step
+        self.batches = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.step(trainer.global_step)
+        self.batches += 1
+        self.step(trainer.global_step if pl_module.automatic_optimization else self.batches)
 
 
 def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, Any]) -> int:
-    """Optimizer steps a ``Trainer(max_epochs=epochs, **trainer_kwargs)`` makes over `train_batches` batches."""
+    """Optimizer steps a ``Trainer(max_epochs=epochs, **trainer_kwargs)`` makes over `train_batches` batches (with
+    manual optimization, where Lightning refuses gradient accumulation: the batches it trains on)."""
     batches = train_batches
     limit = trainer_kwargs.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
