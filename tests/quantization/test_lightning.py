@@ -458,6 +458,30 @@ def test_the_trainers_it_builds_itself_keep_lightnings_set_up_lines_out_of_the_u
         rank_zero.removeHandler(records)
 
 
+class ScaledByTheDataModule(RawPixelsModule):
+    """Its validation step reads the scale from the fit's DataModule, which a step run on its own has not."""
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        x = x.view(-1, 1, 8, 8) / self.trainer.datamodule.max_value - 0.5
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+
+def test_a_step_that_cannot_run_on_its_own_is_said_when_its_inputs_are_read(raw_pixels, caplog):
+    """The batches are then taken as they are (what else), and the line names the error and what to pass."""
+    from litcompress.quantization.lightning import inputs_as_steps_give_them
+
+    module, data, _ = raw_pixels
+    scaled = ScaledByTheDataModule()
+    scaled.load_state_dict(module.state_dict())
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        assert inputs_as_steps_give_them(scaled, data.val_dataloader(), data.train_dataloader(), example_inputs=None,
+                                         calibration_data=None, input_fn=None, submodule=None,
+                                         calibration_batches=2) == (None, None, None)
+    assert "ScaledByTheDataModule.validation_step could not be run on its own" in caplog.text
+    assert "AttributeError" in caplog.text and "pass input_fn=" in caplog.text
+
+
 def test_inputs_are_read_through_validation_step_only_when_it_prepares_them(raw_pixels, fitted):
     from litcompress.quantization.lightning import StepInputReader, inputs_as_steps_give_them
 

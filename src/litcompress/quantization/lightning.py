@@ -235,6 +235,7 @@ class StepInputReader:
     the batch holds: those, not the batch, are what calibration must observe and an export must be traced on."""
 
     def __init__(self, module: L.LightningModule, submodule: str | None = None) -> None:
+        self.error: Exception | None = None  # why the last `read` found nothing, when the step failed
         self.host = detached_copy(module).eval()
         replaced = self.host if submodule is None else getattr(self.host, submodule)
         forward = type(self.host).forward.__get__(self.host) if submodule is None else replaced.forward
@@ -249,6 +250,7 @@ class StepInputReader:
         """The model's inputs on the first `batches` batches of `loader`, positional as a compressed model takes
         them; None when the step does not run on those batches or passes anything but tensors."""
         self.recorder.inputs = []
+        self.error: Exception | None = None
         try:
             # fork_rng: reading a loader draws its seed from torch's generator, and the run's training must not
             # change; no inference mode: exporters trace the recorded inputs in autograd mode, where inference
@@ -257,7 +259,8 @@ class StepInputReader:
                 warnings.simplefilter("ignore")  # Lightning's notes on the loader (workers, batch sizes)
                 internal_trainer(limit_val_batches=batches, inference_mode=False).validate(
                     self.host, dataloaders=loader, verbose=False)
-        except Exception:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
+        except Exception as error:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
+            self.error = error
             return None
         inputs = self.recorder.inputs
         if not inputs or not all(isinstance(a, torch.Tensor) for call in inputs for a in call):
@@ -293,9 +296,14 @@ def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_
         from_batch = None
     reader = StepInputReader(module, submodule)
     seen = reader.read(val_loader, 1)
+    step = f"{type(module).__name__}.validation_step"
+    if seen is None and reader.error is not None:
+        logger.info(f"{step} could not be run on its own to read what it gives the model ({type(reader.error).__name__}"
+                    f": {reader.error}), so the model is traced and calibrated on the batches as they are: if the "
+                    "step prepares them (scales, casts, reshapes), pass input_fn= (or calibration_data= and "
+                    "example_inputs=) with the model's inputs.")
     if seen is None or (from_batch is not None and same_inputs(seen[0], from_batch)):
         return example_inputs, calibration_data, input_fn
-    step = f"{type(module).__name__}.validation_step"
     logger.info(f"{step} gives the model other inputs than its batches hold (it prepares them): the model is traced, "
                 "timed and calibrated on the inputs that step gives it.")
     if example_inputs is None:
