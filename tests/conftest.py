@@ -92,6 +92,25 @@ class FixedDataModel(ThreeLayerModel):
         return torch.optim.Adam(self.parameters(), lr=0.01, weight_decay=0.01)
 
 
+class StepsTwoOptimizers:
+    """Mixin for a LightningModule: manual optimization, each of two optimizers (over `optimizer_groups()`) stepped
+    once per batch on `loss(batch)`, as a GAN steps its generator and its discriminator: `trainer.global_step` moves
+    by two per batch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(self.loss(batch))
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(group, lr=1e-2) for group in self.optimizer_groups()]
+
+
 class ConfiguredDigitsClassifier(LightningModule):
     """A digits classifier that builds its layers in `configure_model` (Lightning's way for large models): a Trainer
     calls it after `setup`; before that the module has no layers."""

@@ -16,6 +16,7 @@ from litcompress.models import MLPClassifier, TransformerClassifier
 from litcompress.pruning import HeadPrunedAttention, is_pruned
 from litcompress.pruning.heads import zero_heads
 from litcompress.pruning.schedules import PolynomialDecay
+from tests.conftest import StepsTwoOptimizers
 
 
 def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
@@ -55,30 +56,22 @@ def test_heads_pruned_along_a_step_schedule_then_shrink_removes_them(tmp_path):
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-class TwoOptimizerTransformer(TransformerClassifier):
-    """Manual optimization, one optimizer for the encoder and one for the rest (as a GAN steps two networks):
-    `trainer.global_step` moves by two per batch."""
+class TwoOptimizerTransformer(StepsTwoOptimizers, TransformerClassifier):
+    """One optimizer for the encoder, one for the rest."""
 
-    def __init__(self) -> None:
-        super().__init__(heads=4)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch):
         x, y = batch
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-            self.manual_backward(nn.functional.cross_entropy(self(x), y))
-            optimizer.step()
+        return nn.functional.cross_entropy(self(x), y)
 
-    def configure_optimizers(self):
+    def optimizer_groups(self):
         rest = [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
-        return [torch.optim.Adam(self.encoder.parameters(), lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
+        return [self.encoder.parameters(), rest]
 
 
 def test_heads_pruned_along_a_step_schedule_whose_steps_batches_pass_over(tmp_path):
     """The rounds at odd steps run after the batch that passed them, with their own targets: the last one too."""
     seed_everything(0)
-    model = TwoOptimizerTransformer()
+    model = TwoOptimizerTransformer(heads=4)
     heads: dict[int, list[int]] = {}
 
     class Watch(Callback):

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning
 from litcompress.pruning.schedules import IterativeSchedule, PolynomialDecay
-from tests.conftest import FixedDataModel, RecordEpochStarts, ThreeLayerModel, make_trainer
+from tests.conftest import FixedDataModel, RecordEpochStarts, StepsTwoOptimizers, ThreeLayerModel, make_trainer
 
 
 def weight_targets(model):
@@ -61,24 +61,13 @@ def test_step_schedule_targets_follow_the_cubic_curve(tmp_path):
         assert h["zeros_after"] == round(schedule.target(h["step"]) * total)
 
 
-class TwoOptimizerModel(FixedDataModel):
-    """Manual optimization with one optimizer per half of the network, as a GAN steps its generator and its
-    discriminator: `trainer.global_step` moves by two per batch."""
+class TwoOptimizerModel(StepsTwoOptimizers, FixedDataModel):
+    def loss(self, batch):
+        return self(batch[0]).pow(2).mean()
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-            self.manual_backward(self(batch[0]).pow(2).mean())
-            optimizer.step()
-
-    def configure_optimizers(self):
+    def optimizer_groups(self):
         layers = list(self.layer)
-        return [torch.optim.SGD(layers[0].parameters(), lr=0.01),
-                torch.optim.SGD([p for layer in layers[1:] for p in layer.parameters()], lr=0.01)]
+        return [layers[0].parameters(), [p for layer in layers[1:] for p in layer.parameters()]]
 
 
 def test_a_schedule_under_two_optimizers_runs_the_rounds_whose_steps_a_batch_passes_over(tmp_path, recwarn):

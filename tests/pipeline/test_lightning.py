@@ -18,6 +18,7 @@ from litcompress.pipeline.lightning import compress_lightning, optimizer_steps
 from litcompress.pruning import effective_tensor, is_pruned
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import PTQConfig
+from tests.conftest import StepsTwoOptimizers
 
 
 def _trainer(devices: int = 1, **kwargs) -> L.Trainer:
@@ -197,32 +198,23 @@ def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp
     assert report["quantized"].test_metric is not None
 
 
-class TwoOptimizerMLP(MLPClassifier):
-    """Manual optimization with an optimizer per layer group, as a GAN steps its two networks: `global_step` moves
-    by two per batch."""
+class TwoOptimizerMLP(StepsTwoOptimizers, MLPClassifier):
+    """One optimizer for the first layer, one for the rest."""
 
-    def __init__(self) -> None:
-        super().__init__(hidden=(64, 64), lr=1e-2)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch):
         x, y = batch
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-            self.manual_backward(nn.functional.cross_entropy(self(x), y))
-            optimizer.step()
+        return nn.functional.cross_entropy(self(x), y)
 
-    def configure_optimizers(self):
+    def optimizer_groups(self):
         layers = [m for m in self.net if isinstance(m, nn.Linear)]
-        return [torch.optim.Adam(layers[0].parameters(), lr=1e-2),
-                torch.optim.Adam([p for m in layers[1:] for p in m.parameters()], lr=1e-2)]
+        return [layers[0].parameters(), [p for m in layers[1:] for p in m.parameters()]]
 
 
 def test_fine_tuning_under_manual_optimization_follows_the_schedule_over_the_batches(fitted):
     """The schedule is sized in batches then (a batch makes as many optimizer steps as its training_step takes):
     the sparsity reaches its target at `end` (60%) of the fine-tuning, not at 30% as two steps per batch made it."""
     _, data = fitted
-    module = TwoOptimizerMLP()
+    module = TwoOptimizerMLP(hidden=(64, 64), lr=1e-2)
     module.load_state_dict(fitted[0].state_dict())
     reached: list[int] = []
 
