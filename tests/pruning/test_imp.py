@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -189,6 +190,27 @@ def test_every_round_starts_the_callbacks_given_from_their_state_before_the_firs
     assert seen.seen == [(-math.inf, 0, None)] * 4  # rounds 0-2 and the random re-initialisation control
     assert checkpoint.best_model_score is not None  # the last fit's, as after any fit
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_the_rounds_trainers_keep_lightnings_set_up_lines_out_of_the_log():
+    """Each round, its evaluation and the control build a Trainer: "GPU available" and the like, once per round."""
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    rank_zero, records = logging.getLogger("lightning.pytorch.utilities.rank_zero"), Records()
+    rank_zero.addHandler(records)
+    try:
+        seed_everything(0)
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                            trainer_kwargs=dict(max_epochs=1, accelerator="cpu"), rewind_to_step=2)
+    finally:
+        rank_zero.removeHandler(records)
+    assert not [m for m in records.messages if "available" in m or "was configured" in m]
 
 
 def test_find_lottery_ticket_builds_a_configure_model_module_on_a_copy():

@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
-from litcompress.quantization.lightning import detached_copy, logged_metrics, missing_metric_message
+from litcompress.quantization.lightning import (detached_copy, logged_metrics, missing_metric_message,
+                                                trainer_built_quietly)
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -79,12 +80,12 @@ def find_lottery_ticket(
 
     def train(model: LightningModule) -> None:
         fresh_callbacks()
-        Trainer(**kwargs).fit(model, datamodule=datamodule)
+        trainer_built_quietly(**kwargs).fit(model, datamodule=datamodule)
 
     step = f"{type(module).__name__}.{'test_step' if evaluate_on == 'test' else 'validation_step'}"
 
     def evaluate(model: LightningModule, **limits: Any) -> float:
-        trainer = Trainer(**{**kwargs, "max_epochs": None, "max_steps": -1, **limits})
+        trainer = trainer_built_quietly(**{**kwargs, "max_epochs": None, "max_steps": -1, **limits})
         run = trainer.test if evaluate_on == "test" else trainer.validate
         results = logged_metrics(run(model, datamodule=datamodule, verbose=False))
         message = missing_metric_message(metric, results, step)
@@ -102,7 +103,8 @@ def find_lottery_ticket(
         fresh_callbacks()
         stop = _StopAtStep(rewind_to_step)
         # (without the fit's minimum epochs or steps, which would keep it from stopping at k)
-        trainer = Trainer(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None, "min_steps": None})
+        trainer = trainer_built_quietly(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None,
+                                           "min_steps": None})
         trainer.fit(model, datamodule=datamodule)
         if trainer.global_step < rewind_to_step:
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "

@@ -32,14 +32,21 @@ QUIET_CPU_TRAINER: dict = dict(accelerator="cpu", devices=1, logger=False, enabl
 
 
 def internal_trainer(**overrides: Any) -> L.Trainer:
-    """A :data:`QUIET_CPU_TRAINER` that evaluates candidates or reads a step's inputs: the lines Lightning logs when
-    it is built (the devices, ``limit_val_batches=1`` "was configured") are about no trainer the user made, and would
-    repeat at every stage, so they are left out; its warnings are not."""
+    """A :data:`QUIET_CPU_TRAINER` that evaluates candidates or reads a step's inputs, built by
+    :func:`trainer_built_quietly`."""
+    return trainer_built_quietly(**{**QUIET_CPU_TRAINER, **overrides})
+
+
+def trainer_built_quietly(**kwargs: Any) -> L.Trainer:
+    """``Trainer(**kwargs)`` for one of the many trainers litcompress builds itself (evaluating candidates, reading a
+    step's inputs, the rounds of a lottery-ticket search): the lines Lightning logs when one is built (the devices,
+    ``limit_val_batches=1`` "was configured") are about no trainer the user made and would repeat at every stage or
+    round, so they are left out; its warnings are not."""
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = rank_zero.level
     rank_zero.setLevel(max(level, logging.WARNING))
     try:
-        return L.Trainer(**{**QUIET_CPU_TRAINER, **overrides})
+        return L.Trainer(**kwargs)
     finally:
         rank_zero.setLevel(level)
 
