@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning
-from litcompress.pruning.schedules import IterativeSchedule, PolynomialDecay
+from litcompress.pruning.schedules import ConstantSparsity, IterativeSchedule, PolynomialDecay
 from tests.conftest import FixedDataModel, RecordEpochStarts, StepsTwoOptimizers, ThreeLayerModel, make_trainer
 
 
@@ -134,6 +134,36 @@ def test_epoch_schedule_runs_iterative_rounds(tmp_path):
     zeros, total = zeros_and_total(targets)
     assert [h["epoch"] for h in callback._history] == [0, 1, 2]
     assert zeros == round((1 - 0.8**3) * total)
+
+
+@pytest.mark.parametrize(("schedule", "final"), [
+    (IterativeSchedule(rate_per_round=0.3, rounds=3, unit="epoch"), 1 - 0.7 ** 3),  # rounds after epochs 1, 2, 3
+    (ConstantSparsity(0.5, begin=1, unit="epoch"), 0.5),  # one round, after the first epoch
+])
+def test_an_epoch_schedule_pruning_at_validation_every_other_epoch_runs_the_rounds_between(tmp_path, schedule,
+                                                                                           final):
+    """Validation ends epochs 2, 4, 6 only: each runs the round of the last point since the one before (to that
+    point's target), where only the points on those epochs ran (the constant one never, the iterative one once)."""
+    model = FixedDataModel()
+    targets = weight_targets(model)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule,
+                            prune_on_train_epoch_end=False, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=6, check_val_every_n_epoch=2, callbacks=callback).fit(model)
+    zeros, total = zeros_and_total(targets)
+    assert zeros == round(final * total)
+    assert [h["epoch"] for h in callback._history] == ([1, 3] if isinstance(schedule, IterativeSchedule) else [1])
+
+
+def test_a_step_schedule_whose_one_round_is_at_step_0_prunes_after_the_first_batch(tmp_path):
+    """No batch ends at step 0: the round of that point runs after the first one (it never ran before)."""
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=ConstantSparsity(0.6, begin=0),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+    assert [h["step"] for h in callback._history] == [1]
+    zeros, total = zeros_and_total(targets)
+    assert zeros == round(0.6 * total)
 
 
 class RecordAtStep(Callback):

@@ -233,6 +233,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # training epochs whose end this callback saw; None until a fit or a checkpoint says (a fresh callback on a
         # fit resumed from a checkpoint written without it has nothing to catch up)
         self._epochs_ended: Optional[int] = None
+        self._epoch_progress = -1  # epochs finished when an epoch-level schedule last looked for its points
         self._warned_fit_too_short = False
         self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._history: list[dict[str, Any]] = []
@@ -640,16 +641,27 @@ class ModelPruning(TargetsFoundOnceConfigured):
         return {(m, name): groups[id(m)] for m, name in self._parameters_to_prune
                 if name == "weight" and groups.get(id(m), 1) > 1}
 
-    def _epoch_schedule_due(self, current_epoch: int) -> bool:
-        """With a schedule, only epoch-level ones prune at epoch boundaries, and only on their grid."""
+    def _epoch_round_due(self, current_epoch: int) -> tuple[bool, Optional[int]]:
+        """Whether the boundary at the end of `current_epoch` prunes, and with a schedule to which point's target.
+
+        Without a schedule, every boundary prunes (Lightning's amounts). With one, only epoch-level schedules prune
+        there, to the last of their points passed since the last boundary looked: rounds that prune at validation
+        see every n-th epoch end (`check_val_every_n_epoch`), and a point between two would never run otherwise."""
         if self._schedule is None:
-            return True
-        return self._schedule.unit == "epoch" and self._schedule.should_prune(current_epoch + 1)
+            return True, None
+        if self._schedule.unit != "epoch":
+            return False, None
+        progress = current_epoch + 1  # epochs finished
+        previous, self._epoch_progress = self._epoch_progress, max(self._epoch_progress, progress)
+        point = self._schedule.last_point(previous, progress) if progress > previous else None
+        return point is not None, point
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        if self._prune_on_train_epoch_end and self._epoch_schedule_due(pl_module.current_epoch):
-            rank_zero_debug("`ModelPruning.on_train_epoch_end`. Applying pruning")
-            self._run_pruning(pl_module.current_epoch, trainer=trainer)
+        if self._prune_on_train_epoch_end:
+            due, point = self._epoch_round_due(pl_module.current_epoch)
+            if due:
+                rank_zero_debug("`ModelPruning.on_train_epoch_end`. Applying pruning")
+                self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
         self._epochs_ended = pl_module.current_epoch + 1
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
@@ -666,24 +678,23 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _catch_up_epoch_end(self, trainer: "pl.Trainer", epoch: int) -> None:
         """The round that the end of `epoch` (skipped by a resumed fit) would have run."""
-        if not self._epoch_schedule_due(epoch):
-            return
         validated = trainer.check_val_every_n_epoch is not None and (epoch + 1) % trainer.check_val_every_n_epoch == 0
-        if self._prune_on_train_epoch_end or validated:
+        if not (self._prune_on_train_epoch_end or validated):
+            return
+        due, point = self._epoch_round_due(epoch)
+        if due:
             log.info(f"`ModelPruning`: this fit resumed after the last batch of epoch {epoch}, whose end Lightning "
                      "skips; its pruning round runs now.")
-            self._run_pruning(epoch, trainer=trainer)
+            self._run_pruning(epoch, trainer=trainer, progress=point)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._validations_this_fit += 1
-        if (
-            not trainer.sanity_checking
-            and not self._prune_on_train_epoch_end
-            and self._epoch_schedule_due(pl_module.current_epoch)
-        ):
-            rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
-            self._run_pruning(pl_module.current_epoch, trainer=trainer)
+        if not trainer.sanity_checking and not self._prune_on_train_epoch_end:
+            due, point = self._epoch_round_due(pl_module.current_epoch)
+            if due:
+                rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
+                self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
@@ -744,6 +755,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             "rounds": self._rounds,
             "last_step": self._last_step,
             "epochs_ended": self._epochs_ended,
+            "epoch_progress": self._epoch_progress,
             "history": list(self._history),
             "parameters": list(self._qualified_names),
             "masks": masks,
@@ -764,6 +776,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._rounds = int(state.get("rounds", 0))
         self._last_step = int(state.get("last_step", -1))
         self._epochs_ended = state.get("epochs_ended")  # None from an older checkpoint: nothing is caught up
+        # an older checkpoint: its rounds ran at the epoch ends it saw
+        self._epoch_progress = int(state.get("epoch_progress", self._epochs_ended if self._epochs_ended else -1))
         self._history = list(state.get("history", []))
         self._reset_pending = bool(state.get("lottery_ticket_reset_pending", False))
         index = {qname: i for i, qname in enumerate(self._qualified_names)}
