@@ -92,6 +92,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         reset_optimizer: clear the optimizers' state (momenta) after each lottery-ticket reset.
         keep_multiple_of: with a structured method and a schedule, round the rows/channels each layer keeps up to a
             multiple of this (e.g. 16): CPU kernels run faster on such counts, depthwise convolutions most.
+        log_sparsity: after each round, send the fraction of the targets' entries pruned to the trainer's loggers as
+            ``pruning/sparsity`` (at the round's ``global_step``), so it is plotted beside the loss (TensorBoard, CSV).
 
     With a structured method on output channels (``pruning_dim=0``) and a schedule, the channels of grouped convs
     (ResNeXt's) and of the layers that grouped convs read are pruned evenly over those groups, the only way
@@ -125,6 +127,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         rewind_to_epoch: Optional[int] = None,
         reset_optimizer: bool = False,
         keep_multiple_of: Optional[int] = None,
+        log_sparsity: bool = True,
     ) -> None:
         self._use_global_unstructured = use_global_unstructured
         self._parameters_to_prune = parameters_to_prune
@@ -213,6 +216,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 " `pruning_fn` and a `SparsitySchedule` amount."
             )
         self._keep_multiple_of = keep_multiple_of
+        if not isinstance(log_sparsity, bool):
+            raise MisconfigurationException(f"`log_sparsity={log_sparsity!r}`: pass True or False.")
+        self._log_sparsity = log_sparsity
         self._slice_groups: dict[tuple[nn.Module, str], int] = {}
         self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule)
         self._reset_optimizer = reset_optimizer
@@ -567,12 +573,22 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._reset_pending = True
         broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset) and trainer is None)
         self._rounds += 1
+        if self._log_sparsity and trainer is not None:
+            self._send_sparsity_to_loggers(trainer)
         self._warn_of_emptied_tensors()
         self._history.append(
             {"round": self._rounds, "epoch": current_epoch, "step": trainer.global_step if trainer else None,
              "amount": amount, "zeros_before": before, "zeros_after": self._total_zeros(),
              "lottery_ticket_reset": bool(reset)}
         )
+
+    def _send_sparsity_to_loggers(self, trainer: "pl.Trainer") -> None:
+        """The targets' pruned fraction, to each logger (they write on rank zero only)."""
+        total = sum(getattr(m, n).numel() for m, n in engine.distinct_targets(self._parameters_to_prune))
+        if not total:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({"pruning/sparsity": self._total_zeros() / total}, step=trainer.global_step)
 
     def _warn_of_emptied_tensors(self) -> None:
         """A round that pruned every entry of a weight has cut the model at that layer (global rounds do this when one
