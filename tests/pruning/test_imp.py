@@ -192,6 +192,30 @@ def test_every_round_starts_the_callbacks_given_from_their_state_before_the_firs
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
+class HoldsALock(Callback):
+    """A callback whose state deepcopy refuses: kept as it is across the rounds, not an error."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock, self.fits = threading.Lock(), 0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fits += 1
+
+    def state_dict(self):
+        return {"lock": self.lock, "fits": self.fits}
+
+
+def test_a_callback_whose_state_cannot_be_copied_is_left_as_it_is():
+    seed_everything(0)
+    holder = HoldsALock()
+    ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                                 control="none", trainer_kwargs=dict(max_epochs=1, accelerator="cpu",
+                                                                     callbacks=[holder]))
+    assert len(ticket.rounds) == 2 and holder.fits == 2
+
+
 def test_the_rounds_trainers_keep_lightnings_set_up_lines_out_of_the_log():
     """Each round, its evaluation and the control build a Trainer: "GPU available" and the like, once per round."""
     class Records(logging.Handler):

@@ -28,6 +28,14 @@ class _StopAtStep(Callback):
             trainer.should_stop = True
 
 
+def _copied_state(callback: Callback) -> dict[str, Any]:
+    """A copy of `callback`'s state, or {} (left as it is across rounds) when that state cannot be copied."""
+    try:
+        return copy.deepcopy(callback.state_dict())
+    except Exception:  # noqa: BLE001 - a user's callback holding something deepcopy refuses (a lock, a file)
+        return {}
+
+
 def find_lottery_ticket(
     module: LightningModule,
     datamodule: LightningDataModule,
@@ -63,7 +71,7 @@ def find_lottery_ticket(
     # Every round is a fresh fit: the callbacks given (one set of instances for every Trainer) start each one from
     # the state they had before the first, or an EarlyStopping would carry its best score and patience count into
     # the next round and stop it after an epoch or two. Callbacks that keep no state (recorders) are left alone.
-    initial_states = [copy.deepcopy(callback.state_dict()) for callback in callbacks]
+    initial_states = [_copied_state(callback) for callback in callbacks]
 
     def fresh_callbacks() -> None:
         for callback, state in zip(callbacks, initial_states):
