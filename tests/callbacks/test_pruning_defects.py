@@ -121,6 +121,30 @@ def test_a_fit_resumed_from_a_checkpoint_without_this_callbacks_state_keeps_its_
         assert int((module.weight == 0).sum()) == int(zeros.sum()) + round(0.5 * int((~zeros).sum())), name
 
 
+class DistilledModel(FixedDataModel):
+    """A student with a frozen teacher beside it, as distillation modules hold one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        self.teacher.requires_grad_(False)
+
+
+def test_default_targets_that_do_not_train_are_named_before_training(tmp_path):
+    """Pruned like the rest (Lightning's defaults), they could never recover: said at setup, with the fix."""
+    model = DistilledModel()
+    callback = ModelPruning("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False)
+    with pytest.warns(UserWarning, match=r"include 4 tensor\(s\) that do not train \(requires_grad=False\): "
+                                         r"teacher.0.weight, teacher.2.weight, teacher.0.bias, teacher.2.bias"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # targets named: nothing said
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec)")
+        targets = [(m, "weight") for m in model.layer]
+        make_trainer(tmp_path, max_epochs=1, callbacks=ModelPruning(
+            "l1_unstructured", amount=0.3, parameters_to_prune=targets, use_lottery_ticket_hypothesis=False)).fit(model)
+
+
 @both("load_from_checkpoint fails on weight_orig/weight_mask keys")
 def test_masked_checkpoint_loads_into_fresh_model(tmp_path, cls):
     seed_everything(0)

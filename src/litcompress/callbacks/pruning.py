@@ -365,6 +365,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if stage == "fit":  # rounds run while fitting only; validate/test need no trace
             self._slice_groups = self._even_slices(pl_module)
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
+        if stage == "fit" and not given:
+            self._warn_of_frozen_defaults()
         self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(
             self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent
@@ -372,6 +374,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
         engine.keep_bypassed_weights_current_(pl_module)  # attention's out_proj: its forward is never called
         if self._pending_state is not None:
             self._restore(self._pending_state)
+
+    def _warn_of_frozen_defaults(self) -> None:
+        """The default targets are every layer's tensors, a frozen teacher's or backbone's too (as in Lightning):
+        a round prunes those, and no training brings them back."""
+        frozen = [qname for qname, (module, name) in zip(self._qualified_names, self._parameters_to_prune)
+                  if not engine.trainable_tensor(module, name).requires_grad]
+        if frozen:
+            rank_zero_warn(
+                f"ModelPruning's default targets include {len(frozen)} tensor(s) that do not train "
+                f"(requires_grad=False): {', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}. Each round "
+                "prunes them too (a frozen teacher or backbone), and no training brings them back. Pass "
+                "`parameters_to_prune` naming the layers to prune: left out, they stay dense; named, they are pruned "
+                "without this warning.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
