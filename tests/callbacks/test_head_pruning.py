@@ -84,6 +84,24 @@ def test_heads_pruned_along_a_step_schedule_whose_steps_batches_pass_over(tmp_pa
     assert heads[12] == [3, 3]
 
 
+def test_each_rounds_head_fraction_goes_to_the_loggers(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=12, frequency=4)  # of 4 heads: 0, 1, 2, 2
+    logger = CSVLogger(tmp_path, name="run")
+    _trainer(tmp_path, 1, [HeadPruning(schedule)], logger=logger, log_every_n_steps=1,
+             limit_train_batches=14).fit(TransformerClassifier(heads=4), datamodule=_data())
+    with open(logger.experiment.metrics_file_path) as file:
+        rows = [row for row in csv.DictReader(file) if row.get("pruning/heads")]
+    assert [(int(row["step"]), float(row["pruning/heads"])) for row in rows] == [(1, 0.0), (4, 0.25), (8, 0.5),
+                                                                                 (12, 0.5)]
+    with pytest.raises(MisconfigurationException, match="log_sparsity=1"):
+        HeadPruning(0.5, log_sparsity=1)
+
+
 def test_a_fit_shorter_than_the_head_schedule_says_where_it_will_stop(tmp_path):
     seed_everything(0)
     model, data = TransformerClassifier(heads=4), _data()

@@ -45,13 +45,15 @@ class HeadPruning(TargetsFoundOnceConfigured):
             ``ModelPruning(make_pruning_permanent=True)`` in the same Trainer makes every mask of the module
             permanent at the end of ``fit``, these too.
         verbose: 1 logs each round's head counts.
+        log_sparsity: after each round, send the fraction of the heads pruned (over all the attentions pruned) to
+            the trainer's loggers as ``pruning/heads``, at the round's ``global_step``.
 
     The callback's state (the masks, the last step or epoch) is saved in checkpoints: a resumed run continues the
     schedule where it stopped. Under DDP the masks are broadcast from rank 0 after every round.
     """
 
     def __init__(self, heads: Union[SparsitySchedule, float], *, exclude: tuple[str, ...] = (),
-                 make_pruning_permanent: bool = True, verbose: int = 0) -> None:
+                 make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
         if isinstance(heads, SparsitySchedule):
             if not 0.0 <= float(heads.final_sparsity) < 1.0:
                 raise MisconfigurationException(f"HeadPruning(heads=...): the schedule's final fraction of heads "
@@ -67,6 +69,9 @@ class HeadPruning(TargetsFoundOnceConfigured):
                                             "expected True or False.")
         if verbose not in (0, 1):
             raise MisconfigurationException(f"HeadPruning(verbose={verbose!r}): expected 0 or 1.")
+        if not isinstance(log_sparsity, bool):
+            raise MisconfigurationException(f"HeadPruning(log_sparsity={log_sparsity!r}): expected True or False.")
+        self._log_sparsity = log_sparsity
         self.heads, self.exclude = heads, tuple(exclude)
         self._make_pruning_permanent, self._verbose = make_pruning_permanent, verbose
         self._schedule = heads if isinstance(heads, SparsitySchedule) else None
@@ -107,19 +112,19 @@ class HeadPruning(TargetsFoundOnceConfigured):
         if self._schedule is None:
             if not self._pruned_once:
                 self._pruned_once = True
-                self._prune(pl_module, float(self.heads))
+                self._prune(trainer, pl_module, float(self.heads))
         elif self._schedule.unit == "step" and step > previous:
             # manual optimization moves `global_step` by every optimizer's steps: points passed over get their round
             point = self._schedule.last_point(previous, step)
             if point is not None:
-                self._prune(pl_module, float(self._schedule.target(point)))
+                self._prune(trainer, pl_module, float(self._schedule.target(point)))
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         finished = pl_module.current_epoch + 1
         if self._schedule is not None and self._schedule.unit == "epoch" and finished != self._last_epoch \
                 and self._schedule.should_prune(finished):
             self._last_epoch = finished
-            self._prune(pl_module, float(self._schedule.target(finished)))
+            self._prune(trainer, pl_module, float(self._schedule.target(finished)))
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # a fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop):
@@ -128,7 +133,7 @@ class HeadPruning(TargetsFoundOnceConfigured):
         if self._schedule is not None and self._schedule.unit == "epoch" and self._restored and finished > 0 \
                 and finished != self._last_epoch and self._schedule.should_prune(finished):
             self._last_epoch = finished
-            self._prune(pl_module, float(self._schedule.target(finished)))
+            self._prune(trainer, pl_module, float(self._schedule.target(finished)))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
@@ -153,9 +158,14 @@ class HeadPruning(TargetsFoundOnceConfigured):
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
-    def _prune(self, pl_module: LightningModule, fraction: float) -> None:
+    def _prune(self, trainer: "pl.Trainer", pl_module: LightningModule, fraction: float) -> None:
         masked = prune_heads_(pl_module, fraction, exclude=self.exclude)
         broadcast_pruning_state_(self._targets)  # head norms agree across ranks; masks made identical regardless
+        attentions = list({id(module): module for module, _ in self._targets}.values())
+        if self._log_sparsity and attentions:
+            pruned = sum(int(zero_heads(a).sum()) for a in attentions) / sum(a.num_heads for a in attentions)
+            for logger in trainer.loggers:  # they write on rank zero only
+                logger.log_metrics({"pruning/heads": pruned}, step=trainer.global_step)
         if self._verbose:
             modules = dict(pl_module.named_modules())
             rank_zero_info(f"`HeadPruning`: {fraction:.1%} of the heads -> " + ", ".join(
