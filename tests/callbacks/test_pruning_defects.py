@@ -145,6 +145,52 @@ def test_default_targets_that_do_not_train_are_named_before_training(tmp_path):
             "l1_unstructured", amount=0.3, parameters_to_prune=targets, use_lottery_ticket_hypothesis=False)).fit(model)
 
 
+class BackboneModel(FixedDataModel):
+    """A backbone that `BackboneFinetuning` unfreezes at epoch 1, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = self.layer[:2]
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+@pytest.mark.parametrize("pruning_first", [False, True])
+@pytest.mark.parametrize("make_pruning_permanent", [True, False])
+def test_a_fit_with_backbone_finetuning_resumes_from_its_checkpoint(tmp_path, pruning_first, make_pruning_permanent):
+    """BackboneFinetuning keeps the optimizer's groups by parameter name (`layer.mlp_3.weight` before pruning began,
+    `..._orig` after): resumed, it failed with a KeyError in its on_fit_start, whichever callback came first. Now
+    the groups come back holding the model's tensors, and the rounds go on to the uninterrupted run's sparsity.
+    (Not to its weights: resumed, BackboneFinetuning leaves the backbone frozen, with or without pruning.)"""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    def fit(epochs, **kwargs):
+        seed_everything(0)
+        model = BackboneModel()
+        pruning = ModelPruning("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False,
+                               parameter_names=["weight"], make_pruning_permanent=make_pruning_permanent)
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+        callbacks = [pruning, finetuning] if pruning_first else [finetuning, pruning]
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        trainer = make_trainer(tmp_path, max_epochs=epochs, callbacks=[*callbacks, checkpoint],
+                               enable_checkpointing=True)
+        trainer.fit(model, **kwargs)
+        return model, trainer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expected, _ = fit(4)
+        resumed, trainer = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt")
+    assert not [w for w in caught if "do not train" in str(w.message)]  # the backbone is frozen only for a while
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2  # the head's, and the backbone's added at epoch 1
+    tensors = {id(p) for p in resumed.parameters()}
+    assert all(id(p) in tensors for group in groups for p in group["params"])
+    zeros = [sum(int((m.weight == 0).sum()) for m in model.layer) for model in (expected, resumed)]
+    assert zeros[0] == zeros[1] > 0  # four global rounds of 30% of what remains
+
+
 @both("load_from_checkpoint fails on weight_orig/weight_mask keys")
 def test_masked_checkpoint_loads_into_fresh_model(tmp_path, cls):
     seed_everything(0)

@@ -35,6 +35,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.callbacks.finetuning import BaseFinetuning
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -251,6 +252,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._pending_state: Optional[dict[str, Any]] = None
         self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
         self._step_at_batch_start = -1  # `trainer.global_step` when the current training batch began
+        self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
         self._hook_handles: list[Any] = []
 
     # ------------------------------------------------------------------------------------ override points
@@ -349,6 +351,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer is not None and self._make_pruning_permanent:
             _refuse_weight_averaging_after(self, trainer.callbacks)
+        self._fit_trainer = trainer if stage == "fit" else None
         super().setup(trainer, pl_module, stage)  # finds the targets now, or once `configure_model` has run
 
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
@@ -377,7 +380,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _warn_of_frozen_defaults(self) -> None:
         """The default targets are every layer's tensors, a frozen teacher's or backbone's too (as in Lightning):
-        a round prunes those, and no training brings them back."""
+        a round prunes those, and no training brings them back. (Not said beside a ``BaseFinetuning`` callback, such
+        as ``BackboneFinetuning``: it freezes the backbone in its own ``setup`` and unfreezes it later.)"""
+        trainer = self._fit_trainer
+        if trainer is not None and any(isinstance(callback, BaseFinetuning) for callback in trainer.callbacks):
+            return
         frozen = [qname for qname, (module, name) in zip(self._qualified_names, self._parameters_to_prune)
                   if not engine.trainable_tensor(module, name).requires_grad]
         if frozen:
@@ -390,6 +397,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._rename_finetuning_parameters()  # a BaseFinetuning listed after this callback: restored since
         self._keep_the_zeros_of_a_checkpoint_without_state(trainer)
         # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
         # ranks, and a snapshot restored from a checkpoint is already in place. (Lazy layers: once they exist.)
@@ -522,6 +530,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        self._fit_trainer = None
         self._remove_hooks()
         for handle in self._output_hooks:  # a fit that ended before its first batch did
             handle.remove()
@@ -800,6 +809,35 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._restore(state_dict)
         else:
             self._pending_state = state_dict
+        self._rename_finetuning_parameters()  # a BaseFinetuning listed before this callback: restored already
+
+    def _rename_finetuning_parameters(self) -> None:
+        """Lightning's ``BaseFinetuning`` (``BackboneFinetuning``) keeps the optimizer's parameter groups by
+        parameter *name*, taken at several epoch starts, and on a resumed fit looks them up in
+        ``named_parameters()`` in its ``on_fit_start``. Pruning renames ``<name>`` to ``<name>_orig`` (the same
+        tensor), so names taken before pruning began, or after it, fail there (``KeyError``). Each restored name
+        that the model no longer has is renamed to the one of the same tensor now. Called once its state is restored
+        (after this callback's own, or when fitting starts, whichever is later)."""
+        trainer = self._fit_trainer
+        if trainer is None:
+            return
+        names = {name for name, _ in trainer.lightning_module.named_parameters()}
+
+        def now(name: str) -> str:
+            if name in names:
+                return name
+            if name + "_orig" in names:
+                return name + "_orig"
+            return name.removesuffix("_orig") if name.removesuffix("_orig") in names else name
+
+        for callback in trainer.callbacks:
+            metadata = getattr(callback, "_internal_optimizer_metadata", None)
+            if not isinstance(callback, BaseFinetuning) or not getattr(callback, "_restarting", False) \
+                    or not isinstance(metadata, dict):
+                continue
+            for groups in metadata.values():
+                for group in groups:
+                    group["params"] = [now(name) for name in group.get("params", [])]
 
     def _restore(self, state: dict[str, Any]) -> None:
         self._pending_state = None
