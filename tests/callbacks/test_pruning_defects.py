@@ -406,6 +406,7 @@ def test_a_tensor_the_layer_was_built_without_fails_at_setup(tmp_path, use_globa
         (dict(use_lottery_ticket_hypothesis=1), "use_lottery_ticket_hypothesis"),
         (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=-1, use_global_unstructured=False), "pruning_norm"),
         (dict(pruning_fn="random_structured", pruning_dim=0.5, use_global_unstructured=False), "pruning_dim"),
+        (dict(log_sparsity="yes"), "log_sparsity='yes'"),
     ],
 )
 def test_other_bad_input_fails_at_construction(kwargs, match):

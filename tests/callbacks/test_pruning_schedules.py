@@ -48,17 +48,29 @@ def test_step_schedule_hits_final_sparsity_exactly(tmp_path_factory, final, scop
     assert all(h["zeros_after"] >= h["zeros_before"] for h in callback._history)
 
 
-def test_step_schedule_targets_follow_the_cubic_curve(tmp_path):
+def test_step_schedule_targets_follow_the_cubic_curve_and_go_to_the_loggers(tmp_path):
+    """Each round's sparsity also lands in the trainer's loggers (`pruning/sparsity` in a CSVLogger's file, at the
+    round's step): the curve beside the loss."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
     model = ThreeLayerModel()
     targets = weight_targets(model)
     schedule = PolynomialDecay(final_sparsity=0.9, begin=2, end=10, frequency=2)
     callback = ModelPruning("random_unstructured", parameters_to_prune=targets, amount=schedule,
                             use_lottery_ticket_hypothesis=False)
-    make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(tmp_path, max_epochs=3, callbacks=callback, logger=logger, log_every_n_steps=1).fit(model)
     _, total = zeros_and_total(targets)
     for h in callback._history:
         assert h["amount"] == schedule.target(h["step"])
         assert h["zeros_after"] == round(schedule.target(h["step"]) * total)
+    with open(logger.experiment.metrics_file_path) as file:
+        logged = [(int(row["step"]), float(row["pruning/sparsity"])) for row in csv.DictReader(file)
+                  if row.get("pruning/sparsity")]
+    assert logged == [(h["step"], h["zeros_after"] / total) for h in callback._history]
+    assert [step for step, _ in logged] == [2, 4, 6, 8, 10]
 
 
 class TwoOptimizerModel(StepsTwoOptimizers, FixedDataModel):
@@ -164,28 +176,6 @@ def test_a_step_schedule_whose_one_round_is_at_step_0_prunes_after_the_first_bat
     assert [h["step"] for h in callback._history] == [1]
     zeros, total = zeros_and_total(targets)
     assert zeros == round(0.6 * total)
-
-
-def test_each_rounds_sparsity_goes_to_the_loggers(tmp_path):
-    """`pruning/sparsity` in a CSVLogger's file, at each round's step: the curve beside the loss."""
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
-    model = ThreeLayerModel()
-    targets = weight_targets(model)
-    schedule = PolynomialDecay(final_sparsity=0.8, begin=2, end=10, frequency=4)
-    callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule,
-                            use_lottery_ticket_hypothesis=False)
-    logger = CSVLogger(tmp_path, name="run")
-    make_trainer(tmp_path, max_epochs=3, callbacks=callback, logger=logger, log_every_n_steps=1).fit(model)
-    with open(logger.experiment.metrics_file_path) as file:
-        rows = [row for row in csv.DictReader(file) if row.get("pruning/sparsity")]
-    _, total = zeros_and_total(targets)
-    assert [(int(row["step"]), float(row["pruning/sparsity"])) for row in rows] == [
-        (step, round(schedule.target(step) * total) / total) for step in (2, 6, 10)]
-    with pytest.raises(MisconfigurationException, match="log_sparsity='yes'"):
-        ModelPruning("l1_unstructured", log_sparsity="yes")
 
 
 class RecordAtStep(Callback):
