@@ -510,17 +510,12 @@ def _on_the_cpu(module: L.LightningModule) -> L.LightningModule:
 
 def _zero_weight_fraction(module: nn.Module) -> float:
     """The fraction of zeros among the entries of `module`'s matrices and kernels, as computed (masks applied)."""
-    from litcompress.pruning.engine import effective_tensor, is_pruned
+    from litcompress.report.sparsity import sparsity_report
 
-    zeros = total = 0
-    for sub in module.modules():
-        for name, _ in sub.named_parameters(recurse=False):
-            base = name.removesuffix("_orig")  # a pruned tensor's parameter: its values are orig * mask
-            value = effective_tensor(sub, base if base != name and is_pruned(sub, base) else name)
-            if value.dim() > 1:
-                zeros += int((value == 0).sum())
-                total += value.numel()
-    return zeros / total if total else 0.0
+    # a pruned tensor's parameter is `<name>_orig`; the report reads `<name>` as orig * mask
+    targets = [(sub, name.removesuffix("_orig")) for sub in module.modules()
+               for name, parameter in sub.named_parameters(recurse=False) if parameter.dim() > 1]
+    return sparsity_report(module, targets).sparsity if targets else 0.0
 
 
 class QuantizeOnFitEnd(L.Callback):
