@@ -20,7 +20,8 @@ from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, detached_copy,
                                                 first_loader, fit_end_module, inputs_as_steps_give_them,
-                                                lightning_eval_fn, warn_if_sanity_check_missed, with_metric_mode)
+                                                lightning_eval_fn, on_the_cpu, warn_if_sanity_check_missed,
+                                                with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -146,7 +147,7 @@ def compress_lightning(
     output_dir: str | os.PathLike | None = None,
     mode: Literal["max", "min"] | None = None,
 ) -> CompressionResult:
-    """Run the pipeline on a copy of `module` (never modified), judged by its own logged metrics.
+    """Run the pipeline on a copy of `module` (never modified; on the CPU), judged by its own logged metrics.
 
     Args:
         module: the trained LightningModule; with ``submodule=None`` its ``validation_step`` must call
@@ -173,6 +174,7 @@ def compress_lightning(
     """
     if not isinstance(module, L.LightningModule):
         raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
+    module = on_the_cpu(module)  # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")
     config = _with_metric_mode(config if config is not None else CompressionConfig(), metric, mode,

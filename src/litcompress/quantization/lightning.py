@@ -368,9 +368,11 @@ def quantize_lightning(
     ``(inputs, target)`` pairs are fed as ``inputs`` (override with ``input_fn``).
     ``mode="min"`` for a lower-is-better metric (``val_loss``), as for Lightning's ``ModelCheckpoint``; a metric
     named like a loss or an error is refused without it (see :func:`~litcompress.quantization.config.
-    criterion_for_metric`).
+    criterion_for_metric`). A module on another device (after a GPU fit) is quantized from a CPU copy, where the
+    int8 kernels run.
     """
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
+    module = on_the_cpu(module)
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
                          "so that candidates can be validated.")
@@ -477,11 +479,11 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
             logger.info(f"{owner} works on the weights the fit ended with ({checkpoint.monitor}={float(current):.6g});"
                         f" the ModelCheckpoint's best ({float(best_score):.6g}) is in {best}: {owner}(weights='best') "
                         "works on those.")
-        return _on_the_cpu(pl_module)
+        return on_the_cpu(pl_module)
     if not best:
         warnings.warn(f"{owner}(weights='best'): the ModelCheckpoint saved no file in this fit, so the weights the fit "
                       "ended with are used.", UserWarning, stacklevel=2)
-        return _on_the_cpu(pl_module)
+        return on_the_cpu(pl_module)
     from litcompress.pruning.engine import load_pruned_state_dict, make_permanent_
 
     module = detached_copy(pl_module).to("cpu")
@@ -500,7 +502,7 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
     return module
 
 
-def _on_the_cpu(module: L.LightningModule) -> L.LightningModule:
+def on_the_cpu(module: L.LightningModule) -> L.LightningModule:
     """`module` when its tensors are on the CPU; else a CPU copy (the user's module stays where it is)."""
     tensors = [*module.parameters(), *module.buffers()]
     if all(t.device.type == "cpu" for t in tensors):
