@@ -597,22 +597,23 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._reset_pending = True
         broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset) and trainer is None)
         self._rounds += 1
+        after = self._total_zeros()
         if self._log_sparsity and trainer is not None:
-            self._send_sparsity_to_loggers(trainer)
+            self._send_sparsity_to_loggers(trainer, after)
         self._warn_of_emptied_tensors()
         self._history.append(
             {"round": self._rounds, "epoch": current_epoch, "step": trainer.global_step if trainer else None,
-             "amount": amount, "zeros_before": before, "zeros_after": self._total_zeros(),
+             "amount": amount, "zeros_before": before, "zeros_after": after,
              "lottery_ticket_reset": bool(reset)}
         )
 
-    def _send_sparsity_to_loggers(self, trainer: "pl.Trainer") -> None:
-        """The targets' pruned fraction, to each logger (they write on rank zero only)."""
+    def _send_sparsity_to_loggers(self, trainer: "pl.Trainer", pruned: int) -> None:
+        """The targets' pruned fraction (`pruned` entries of them), to each logger (they write on rank zero only)."""
         total = sum(getattr(m, n).numel() for m, n in engine.distinct_targets(self._parameters_to_prune))
         if not total:
             return
         for logger in trainer.loggers:
-            logger.log_metrics({"pruning/sparsity": self._total_zeros() / total}, step=trainer.global_step)
+            logger.log_metrics({"pruning/sparsity": pruned / total}, step=trainer.global_step)
 
     def _warn_of_emptied_tensors(self) -> None:
         """A round that pruned every entry of a weight has cut the model at that layer (global rounds do this when one

@@ -467,8 +467,8 @@ def check_best_weights_can_be_found(trainer: L.Trainer, weights: str, owner: str
 def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: str, owner: str) -> L.LightningModule:
     """The module a fit-end callback works on: `pl_module` as the fit ended (``"last"``), or a copy holding the
     weights of the best file of the trainer's ModelCheckpoint (``"best"``, as ``trainer.test(ckpt_path="best")`` reads
-    them; a file written while pruning with masks loads too, its pruning made permanent). On the CPU, where the int8
-    kernels run: after a GPU fit, whose module Lightning moves back only after this hook, a CPU copy."""
+    them; a file written while pruning with masks loads too, its pruning made permanent). Where the fit left it:
+    ``quantize_lightning`` and ``compress_lightning`` take a CPU copy of a module on a GPU."""
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if weights == "last":
@@ -479,14 +479,14 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
             logger.info(f"{owner} works on the weights the fit ended with ({checkpoint.monitor}={float(current):.6g});"
                         f" the ModelCheckpoint's best ({float(best_score):.6g}) is in {best}: {owner}(weights='best') "
                         "works on those.")
-        return on_the_cpu(pl_module)
+        return pl_module
     if not best:
         warnings.warn(f"{owner}(weights='best'): the ModelCheckpoint saved no file in this fit, so the weights the fit "
                       "ended with are used.", UserWarning, stacklevel=2)
-        return on_the_cpu(pl_module)
+        return pl_module
     from litcompress.pruning.engine import load_pruned_state_dict, make_permanent_
 
-    module = detached_copy(pl_module).to("cpu")
+    module = detached_copy(pl_module)
     make_permanent_(module)  # the file holds either format: plain weights, or `<name>_orig`/`<name>_mask` pairs
     state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]  # this fit's own file
     load_pruned_state_dict(module, state, keep_masks=False)
