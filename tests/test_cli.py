@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from litcompress.cli import main
+from litcompress.data import DigitsDataModule
 from litcompress.models import CNNClassifier, MLPClassifier
 from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
 from litcompress.quantization import load_quantized
@@ -314,6 +315,39 @@ def test_a_module_that_prepares_its_batches_is_compressed_on_what_its_model_take
     assert main(["channels", "--model", "tests.test_cli:CenteredPixelsCNN", "--model-args", '{"channels": [8, 16]}',
                  "--sparsity", "0.5", "--latency", "--latency-batch-size", "300"]) == 0
     assert "latency at batch 300" in capsys.readouterr().out
+
+
+class CenteredByTheDataModuleCNN(CNNClassifier):
+    """Its steps centre the pixels on a value the fit's DataModule holds, which a step run on a loader alone lacks."""
+
+    def _evaluate(self, batch, prefix):
+        x, y = batch
+        super()._evaluate(((x - self.trainer.datamodule.pixel_centre) * 4, y), prefix)
+
+
+class CentredDigits(DigitsDataModule):
+    pixel_centre = 0.5
+
+
+def test_channels_latency_says_when_the_step_cannot_run_on_a_loader_alone(capsys, caplog):
+    """The model was timed on the raw batches without a word; the line names the error and what to do."""
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        assert main(["channels", "--model", "tests.test_cli:CenteredByTheDataModuleCNN", "--model-args",
+                     '{"channels": [8, 16]}', "--data", "tests.test_cli:CentredDigits", "--data-args",
+                     '{"flatten": false}', "--sparsity", "0.5", "--latency"]) == 0
+    assert "CenteredByTheDataModuleCNN.validation_step could not be run on its own" in caplog.text
+    assert "pixel_centre" in caplog.text and "prepare the batches in the DataModule" in caplog.text
+    assert "latency at batch" in capsys.readouterr().out
+
+
+def test_channels_on_inputs_the_model_cannot_take_is_a_clear_error(capsys):
+    """A CNN given flattened digits failed with a traceback from inside shrink; compress already said this."""
+    with pytest.raises(SystemExit):
+        main(["channels", "--model", "tests.test_cli:CenteredPixelsCNN", "--model-args", '{"channels": [8, 16]}',
+              "--data-args", '{"flatten": true}', "--sparsity", "0.5", "--latency"])
+    err = capsys.readouterr().err
+    assert "could not be called as model(*inputs) on the first validation batch's inputs" in err
+    assert "conv2d" in err
 
 
 class WeightNormedMLP(MLPClassifier):

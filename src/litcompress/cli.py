@@ -442,7 +442,9 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: An
     if module is not None:
         rows = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         seen = step_model_inputs(module, loader, 1 if batch_size is None else math.ceil(batch_size / rows) + 1,
-                                 submodule=submodule)
+                                 submodule=submodule,
+                                 remedy="let the step run on a loader alone (trainer.validate(model, dataloaders="
+                                        "loader)), or prepare the batches in the DataModule")
         if seen is not None and not same_inputs(seen[0], inputs):
             inputs, later = seen[0], iter(seen[1:])
     if batch_size is None:
@@ -637,6 +639,7 @@ def run_channels(args: argparse.Namespace) -> int:
 
     from litcompress.pipeline.compress import as_pruned
     from litcompress.pruning.shrink import channel_plan
+    from litcompress.quantization.tuner import check_model_runs
 
     _quiet_frameworks()
     try:
@@ -654,6 +657,9 @@ def run_channels(args: argparse.Namespace) -> int:
         inputs = None if data is None else _example_inputs(
             data, args.latency_batch_size, _input_fn(args, model),
             module=host if args.inputs is None else None, submodule=args.submodule)
+        if inputs is not None:  # the plan traces and the preview shrinks on them: a model they do not fit fails now
+            check_model_runs(model, inputs, what="the first validation batch's inputs",
+                             default_input_fn_used=args.inputs is None)
         planned, folded = as_pruned(model)  # compress folds weight_norm before it prunes: plan what it prunes
         try:
             plan = channel_plan(planned, example_inputs=inputs)

@@ -275,11 +275,26 @@ class StepInputReader:
         return inputs
 
 
-def step_model_inputs(module: L.LightningModule, loader: Any, batches: int, *,
-                      submodule: str | None = None) -> list[tuple] | None:
+_INPUT_FN_REMEDY = "pass input_fn= (or calibration_data= and example_inputs=) with the model's inputs"
+
+
+def step_model_inputs(module: L.LightningModule, loader: Any, batches: int, *, submodule: str | None = None,
+                      remedy: str = _INPUT_FN_REMEDY) -> list[tuple] | None:
     """:meth:`StepInputReader.read` once: the inputs `module`'s ``validation_step`` gives its model on the first
-    `batches` batches of `loader`."""
-    return StepInputReader(module, submodule).read(loader, batches)
+    `batches` batches of `loader`. A step that cannot run on its own is said (INFO), with `remedy`."""
+    reader = StepInputReader(module, submodule)
+    seen = reader.read(loader, batches)
+    if seen is None and reader.error is not None:
+        log_unreadable_step(module, reader.error, remedy)
+    return seen
+
+
+def log_unreadable_step(module: L.LightningModule, error: Exception, remedy: str) -> None:
+    """Say that `module`'s ``validation_step`` failed when run on a loader alone, so the batches are used as they
+    are: silently, a step that prepares its batches would have its model calibrated on values it never sees."""
+    logger.info(f"{type(module).__name__}.validation_step could not be run on its own to read what it gives the "
+                f"model ({type(error).__name__}: {error}), so the model is traced and calibrated on the batches as "
+                f"they are: if the step prepares them (scales, casts, reshapes), {remedy}.")
 
 
 def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_loader: Any, *,
@@ -305,10 +320,7 @@ def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_
     seen = reader.read(val_loader, 1)
     step = f"{type(module).__name__}.validation_step"
     if seen is None and reader.error is not None:
-        logger.info(f"{step} could not be run on its own to read what it gives the model ({type(reader.error).__name__}"
-                    f": {reader.error}), so the model is traced and calibrated on the batches as they are: if the "
-                    "step prepares them (scales, casts, reshapes), pass input_fn= (or calibration_data= and "
-                    "example_inputs=) with the model's inputs.")
+        log_unreadable_step(module, reader.error, _INPUT_FN_REMEDY)
     if seen is None or (from_batch is not None and same_inputs(seen[0], from_batch)):
         return example_inputs, calibration_data, input_fn
     logger.info(f"{step} gives the model other inputs than its batches hold (it prepares them): the model is traced, "
