@@ -87,7 +87,7 @@ class LeNetWithTest(LeNet300100):
 
 
 def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float, rewind_to_step: int | None,
-             split: str = "test") -> dict:
+             split: str = "test", retrain_from: str = "start") -> dict:
     """IMP from seed `seed`; every round is evaluated on `split` ("test", or "val" to choose configurations)."""
     seed_everything(seed, verbose=False)
     module = LeNetWithTest(recipe)
@@ -101,7 +101,7 @@ def run_seed(seed: int, recipe: Recipe, rounds: int, scope: str, rate: float, re
         layer_rates={"fc3.weight": rate / 2} if scope == "local" else None,
         trainer_kwargs=dict(max_epochs=recipe.epochs, accelerator="cpu", devices=1, num_sanity_val_steps=0,
                             deterministic=True, **validation),
-        rewind_to_step=rewind_to_step, control="final",
+        rewind_to_step=rewind_to_step, control="final", retrain_from=retrain_from,
     )
     seconds = time.perf_counter() - start
     print(f"\nseed {seed} ({seconds:.0f} s)\n{ticket.table()}", flush=True)
@@ -134,6 +134,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
     parser.add_argument("--rewind-to-step", type=int, default=None,
                         help="late rewinding: train this many steps first and rewind there (dense round 0 too)")
+    parser.add_argument("--retrain-from", choices=["start", "rewind_point"], default="start",
+                        help="start: every round trains --epochs epochs afresh (its LR schedule restarted); "
+                             "rewind_point (with --rewind-to-step k): every round resumes the fit at step k and "
+                             "trains the rest of the --epochs epochs, as Frankle et al. 2020 / OpenLTH")
     defaults = LOTTERY_RECIPE
     parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak LR, cosine-annealed to 0 in every round")
@@ -157,7 +161,9 @@ def main() -> None:
     if not 0 < args.rate < 1:
         parser.error("--rate must be in (0, 1)")
     split = args.split
-    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate, args.rewind_to_step, split)
+    if args.retrain_from == "rewind_point" and args.rewind_to_step is None:
+        parser.error("--retrain-from rewind_point needs --rewind-to-step k")
+    runs = [run_seed(seed, recipe, args.rounds, args.scope, args.rate, args.rewind_to_step, split, args.retrain_from)
             for seed in args.seeds]
     dense = [run["rounds"][0][f"{split}_acc"] for run in runs]
     ticket = [run["rounds"][-1][f"{split}_acc"] for run in runs]
@@ -175,7 +181,8 @@ def main() -> None:
           f"ticket - control: {100 * (statistics.mean(ticket) - statistics.mean(control)):+.2f} pt; "
           f"best mean round: {best_round}")
     print(json.dumps({
-        "recipe": dataclasses.asdict(recipe), "rewind_to_step": args.rewind_to_step, "scope": args.scope,
+        "recipe": dataclasses.asdict(recipe), "rewind_to_step": args.rewind_to_step,
+        "retrain_from": args.retrain_from, "scope": args.scope,
         "rate": args.rate, "epochs_per_round": args.epochs, "rounds": args.rounds, "seeds": args.seeds,
         "remaining": remaining,
         "split": split, f"dense_{split}_acc": dense, f"ticket_{split}_acc": ticket, f"control_{split}_acc": control,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +163,89 @@ def test_late_rewinding_takes_the_weights_of_an_ordinary_fits_kth_step():
     with pytest.raises(ValueError, match="stopped after 9 optimizer steps, before reaching it"):
         find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1,
                             trainer_kwargs={**kwargs, "max_epochs": 1}, rewind_to_step=50, evaluate_on="validate")
+
+
+class FitsSeen(Callback):
+    """Per fit (it keeps no state, so it records across the rounds): the step it starts at, the learning rate and the
+    optimizer's state entries its first step sees, the steps it trains and its final first-layer weights."""
+
+    def __init__(self) -> None:
+        self.fits: list[dict] = []
+        self.learning_rates: list[float] = []  # of every step of every fit
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits.append(dict(start=trainer.global_step, steps=0))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        self.learning_rates.append(optimizer.param_groups[0]["lr"])
+        if self.fits[-1]["steps"] == 0:
+            self.fits[-1].update(lr=self.learning_rates[-1], optimizer_state=len(optimizer.state))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.fits[-1]["steps"] += 1
+
+    def on_fit_end(self, trainer, pl_module):
+        self.fits[-1]["weights"] = pl_module.net[0].weight.detach().clone()
+
+
+def test_retraining_from_the_rewind_point_resumes_every_round_at_step_k():
+    """Frankle et al. (2020) and OpenLTH retrain a round for the T - k steps after k, at k's place in the
+    learning-rate schedule; every round was a whole fresh fit. With the optimizer's state kept and k at the end of an
+    epoch, the dense round is the uninterrupted fit, bit for bit."""
+    seed_everything(0)
+    module = OneCycleDigitsClassifier()  # SGD with OneCycleLR's momentum: the optimizer keeps momenta
+    kwargs = dict(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    reference = FitsSeen()
+    Trainer(**kwargs, callbacks=[reference]).fit(copy.deepcopy(module), datamodule=DigitsDataModule(batch_size=128))
+    assert reference.fits[0]["steps"] == 27  # 9 steps per epoch
+    seen = FitsSeen()
+    ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1, rate=0.5,
+                                 trainer_kwargs={**kwargs, "callbacks": [seen]}, rewind_to_step=9,
+                                 evaluate_on="validate", retrain_from="rewind_point", reset_optimizer=False)
+    rewind, dense, pruned, control = seen.fits
+    assert (rewind["start"], rewind["steps"]) == (0, 9)
+    for fit in (dense, pruned, control):
+        assert (fit["start"], fit["steps"]) == (9, 18)
+        assert fit["lr"] == reference.learning_rates[9] and fit["optimizer_state"] > 0
+    assert torch.equal(dense["weights"], reference.fits[0]["weights"])
+    assert ticket.remaining == pytest.approx(0.5) and not torch.equal(pruned["weights"], dense["weights"])
+    assert (pruned["weights"][ticket.masks["net.0.weight"] == 0] == 0).all()
+
+
+def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_state(recwarn):
+    """By default (OpenLTH) the momenta at k are cleared; a k inside an epoch resumes there without Lightning's
+    mid-epoch warning, which this option asks for, or its "Restoring states" lines about our temporary file, whose
+    folder is gone afterwards."""
+    seed_everything(0)
+    before = set(Path(tempfile.gettempdir()).glob("litcompress-lottery-*"))
+    seen = FitsSeen()
+    ticket = find_lottery_ticket(OneCycleDigitsClassifier(), DigitsDataModule(batch_size=128), metric="val_acc",
+                                 rounds=1, rate=0.5, evaluate_on="validate", control="none",
+                                 trainer_kwargs=dict(max_epochs=2, accelerator="cpu", callbacks=[seen]),
+                                 rewind_to_step=5, retrain_from="rewind_point")
+    assert [(f["start"], f["steps"]) for f in seen.fits] == [(0, 5), (5, 13), (5, 13)]
+    assert [f["optimizer_state"] for f in seen.fits[1:]] == [0, 0]
+    assert seen.fits[1]["lr"] == seen.fits[2]["lr"] == seen.learning_rates[5] > seen.learning_rates[0]
+    assert ticket.rounds[1].metric > 0.5
+    assert not [w for w in recwarn if "before the epoch ended" in str(w.message)]
+    assert set(Path(tempfile.gettempdir()).glob("litcompress-lottery-*")) == before
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(retrain_from="rewind_point"), ValueError, "give rewind_to_step=k"),
+    (dict(retrain_from="k", rewind_to_step=2), ValueError, "must be 'start' or 'rewind_point'"),
+    (dict(reset_optimizer=False, rewind_to_step=2), ValueError, "only `retrain_from='rewind_point'` resumes"),
+    (dict(reset_optimizer="no", rewind_to_step=2, retrain_from="rewind_point"), TypeError, "True or False"),
+])
+def test_retraining_options_that_cannot_apply_fail_before_any_training(arguments, error, message):
+    steps = []
+    with pytest.raises(error, match=re.escape(message)):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="test_acc", rounds=1,
+                            trainer_kwargs=dict(max_epochs=1, callbacks=[
+                                LambdaCallback(on_train_batch_end=lambda *_: steps.append(1))]), **arguments)
+    assert steps == []
 
 
 class CallbackStateAtFitStart(Callback):

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
+import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -17,15 +23,39 @@ _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=Fals
 
 
 class _StopAtStep(Callback):
-    """Ends the fit once `step` optimizer steps are done."""
+    """Ends the fit once `step` optimizer steps are done; with `checkpoint`, saves the fit there first (a mid-epoch
+    checkpoint that Lightning resumes at that very step, as ``ModelCheckpoint(every_n_train_steps=...)``'s)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, checkpoint: Optional[Path] = None) -> None:
+        self.step, self.checkpoint = step, checkpoint
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step >= self.step:
+            if self.checkpoint is not None:
+                trainer.save_checkpoint(self.checkpoint)
             trainer.should_stop = True
+
+
+def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_optimizer: bool) -> Path:
+    """A copy of the rewind point's checkpoint that resumes the fit there with `model`'s weights and masks (the
+    rewound ones), the optimizer's state cleared with `reset_optimizer` (its learning rates kept), and no callback
+    state (the callbacks start every round as they were before the first)."""
+    checkpoint = torch.load(rewind_point, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if reset_optimizer:
+        for state in checkpoint.get("optimizer_states", []):
+            state["state"] = {}
+    checkpoint.pop("callbacks", None)
+    path = rewind_point.with_name("round.ckpt")
+    torch.save(checkpoint, path)
+    return path
+
+
+def _quiet_restore(record: logging.LogRecord) -> bool:
+    """Leaves out Lightning's "Restoring states from the checkpoint path at ..." lines: every round resumes from a
+    temporary file of ours, which would be named twice per round."""
+    return not record.getMessage().startswith(("Restoring states from the checkpoint", "Restored all states from"))
 
 
 def _copied_state(callback: Callback) -> dict[str, Any]:
@@ -50,6 +80,8 @@ def find_lottery_ticket(
     parameter_names: Sequence[str] = ("weight",),
     scope: Literal["local", "global"] = "local",
     control: str = "final",
+    retrain_from: Literal["start", "rewind_point"] = "start",
+    reset_optimizer: bool = True,
 ) -> LotteryTicket:
     """Iterative magnitude pruning where every round is ``Trainer(**trainer_kwargs).fit(module, datamodule)``.
 
@@ -60,11 +92,28 @@ def find_lottery_ticket(
     round from the state they had before the first (an ``EarlyStopping``'s best score and patience count). `module`
     itself is not modified; see :func:`~litcompress.pruning.imp.iterative_magnitude_pruning` for the other
     arguments.
+
+    ``retrain_from="start"`` trains every round (and the random re-initialisation control) as a whole fresh fit.
+    ``retrain_from="rewind_point"`` (with `rewind_to_step`) resumes every round's fit at step k instead, as Frankle
+    et al. (2020) and OpenLTH retrain: the remaining steps only, the learning-rate schedule, epoch and step counters
+    where they were at k, the optimizer's learning rates too, and its state (momenta) cleared unless
+    ``reset_optimizer=False``. A k inside an epoch resumes as Lightning resumes a mid-epoch checkpoint: the rest of
+    that epoch's steps, drawn from the start of the loader (a loader without ``state_dict`` cannot skip ahead).
     """
     if evaluate_on not in ("test", "validate"):
         raise ValueError(f"`evaluate_on` must be 'test' or 'validate', got {evaluate_on!r}.")
     if rewind_to_step is not None and (isinstance(rewind_to_step, bool) or rewind_to_step < 1):
         raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got {rewind_to_step!r}.")
+    if retrain_from not in ("start", "rewind_point"):
+        raise ValueError(f"`retrain_from` must be 'start' or 'rewind_point', got {retrain_from!r}.")
+    if retrain_from == "rewind_point" and rewind_to_step is None:
+        raise ValueError("`retrain_from='rewind_point'` resumes every round at the step `rewind_to_step` names: give "
+                         "rewind_to_step=k (k >= 1), or leave retrain_from='start' to rewind to initialisation.")
+    if not isinstance(reset_optimizer, bool):
+        raise TypeError(f"`reset_optimizer` must be True or False, got {reset_optimizer!r}.")
+    if not reset_optimizer and retrain_from != "rewind_point":
+        raise ValueError("`reset_optimizer=False` keeps the optimizer's state at the rewind point, which only "
+                         "`retrain_from='rewind_point'` resumes; with 'start' every round has a fresh optimizer.")
     kwargs = {**_QUIET, **dict(trainer_kwargs or {})}
     callbacks = kwargs.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
@@ -86,9 +135,24 @@ def find_lottery_ticket(
         # copy, with them built: `module` stays as given)
         module = detached_copy(module)
 
+    rewind_point: Optional[Path] = None  # with retrain_from="rewind_point": the fit saved at k (a temporary file)
+
     def train(model: LightningModule) -> None:
         fresh_callbacks()
-        trainer_built_quietly(**kwargs).fit(model, datamodule=datamodule)
+        trainer = trainer_built_quietly(**kwargs)
+        if rewind_point is None:
+            trainer.fit(model, datamodule=datamodule)
+            return
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        rank_zero.addFilter(_quiet_restore)
+        try:
+            with warnings.catch_warnings():
+                # resuming inside an epoch is what this option asks for (the docstring says how the epoch goes on)
+                warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
+                trainer.fit(model, datamodule=datamodule,
+                            ckpt_path=_resumed_at_rewind_point(rewind_point, model, reset_optimizer))
+        finally:
+            rank_zero.removeFilter(_quiet_restore)
 
     step = f"{type(module).__name__}.{'test_step' if evaluate_on == 'test' else 'validation_step'}"
 
@@ -109,7 +173,7 @@ def find_lottery_ticket(
         # its fit is k steps long, and a schedule sized from it (`OneCycleLR(total_steps=
         # self.trainer.estimated_stepping_batches)`) would run a whole cycle in those k steps
         fresh_callbacks()
-        stop = _StopAtStep(rewind_to_step)
+        stop = _StopAtStep(rewind_to_step, rewind_point)
         # (without the fit's minimum epochs or steps, which would keep it from stopping at k)
         trainer = trainer_built_quietly(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None,
                                            "min_steps": None})
@@ -119,7 +183,14 @@ def find_lottery_ticket(
                              "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "
                              "(`trainer_kwargs`' max_epochs / max_steps).")
 
-    return iterative_magnitude_pruning(
-        module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates, parameter_names=parameter_names,
-        scope=scope, train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
-    )
+    try:
+        if retrain_from == "rewind_point":
+            rewind_point = Path(tempfile.mkdtemp(prefix="litcompress-lottery-")) / "rewind_point.ckpt"
+        return iterative_magnitude_pruning(
+            module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates,
+            parameter_names=parameter_names, scope=scope,
+            train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
+        )
+    finally:
+        if rewind_point is not None:
+            shutil.rmtree(rewind_point.parent, ignore_errors=True)
