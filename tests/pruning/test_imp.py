@@ -248,6 +248,94 @@ def test_retraining_options_that_cannot_apply_fail_before_any_training(arguments
     assert steps == []
 
 
+class CrashAtFit(Callback):
+    """Raises when its `fit`-th fit starts (1-based; no state, so it counts across the rounds): a search killed
+    mid-way. With `fit=None` it only counts."""
+
+    def __init__(self, fit: int | None = None) -> None:
+        self.fit, self.fits = fit, 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits += 1
+        if self.fits == self.fit:
+            raise RuntimeError("killed")
+
+
+def same_tickets(a, b) -> bool:
+    return (a.rounds == b.rounds and a.masks.keys() == b.masks.keys()
+            and all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+            and all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+            and all(torch.equal(v, b.rewound_state[k]) for k, v in a.rewound_state.items()))
+
+
+@pytest.mark.parametrize("retrain, crash_at, fits_after", [
+    (dict(), 3, 3),  # killed in round 2: rounds 2 and 3 and the control are left
+    (dict(rewind_to_step=3, retrain_from="rewind_point"), 3, 4),  # fits: the rewind run, rounds 0, 1 (killed), ...
+])
+def test_a_search_killed_mid_way_resumes_from_its_checkpoint_and_ends_as_the_uninterrupted_one(
+        tmp_path, retrain, crash_at, fits_after):
+    def search(callback: Callback, path=None, rounds=3):
+        seed_everything(0)
+        return find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc",
+                                   rounds=rounds, rate=0.5, checkpoint_path=path, **retrain,
+                                   trainer_kwargs=dict(max_epochs=1, accelerator="cpu", callbacks=[callback]))
+
+    uninterrupted = search(CrashAtFit())
+    path = tmp_path / "search.pt"
+    with pytest.raises(RuntimeError, match="killed"):
+        search(CrashAtFit(crash_at), path)
+    resumed_fits = CrashAtFit()
+    assert same_tickets(search(resumed_fits, path), uninterrupted)
+    assert resumed_fits.fits == fits_after  # the finished rounds were not trained again
+    again = CrashAtFit()
+    assert same_tickets(search(again, path), uninterrupted) and again.fits == 0  # finished: returned at once
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["search.pt", "search.pt.rewind_point.ckpt"] if retrain else ["search.pt"])
+
+
+def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path):
+    """The plain-loop driver, whose training draws from torch's generator (a shuffled order per call): the generators'
+    states are part of the file, so the resumed search matches the uninterrupted one."""
+    splits = load_digits_tensors(seed=0)
+    x, y = splits.train.tensors
+    calls, kill_at = [], []
+
+    def train(model):
+        calls.append(1)
+        if len(calls) in kill_at:
+            raise RuntimeError("killed")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for batch in torch.randperm(len(x)).split(128):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+
+    _, evaluate = plain_train_and_evaluate()
+
+    def search(rounds=2, path=None, rate=0.5):
+        torch.manual_seed(0)
+        return iterative_magnitude_pruning(mlp(), train, evaluate, rounds=rounds, rate=rate, control="every",
+                                           checkpoint_path=path)
+
+    uninterrupted = search(rounds=3)
+    path = tmp_path / "imp.pt"
+    calls.clear()
+    kill_at.append(3)  # round 0, round 1, then round 1's control: killed before round 1 is saved
+    with pytest.raises(RuntimeError, match="killed"):
+        search(path=path)
+    kill_at.clear()
+    with pytest.raises(ValueError, match=r"holds a search with rate=0.5, not 0.25: pass the arguments it was started "
+                                         r"with to resume it, or another path to start afresh"):
+        search(path=path, rate=0.25)
+    assert same_tickets(search(path=path), search(rounds=2))
+    assert same_tickets(search(rounds=3, path=path), uninterrupted)  # two rounds saved, a third one more
+    with pytest.raises(ValueError, match=r"finished round 3, past rounds=2"):
+        search(rounds=2, path=path)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a file iterative_magnitude_pruning wrote"):
+        search(path=tmp_path / "other.pt")
+
+
 class CallbackStateAtFitStart(Callback):
     """Listed after the others: their state when each fit starts (keeps no state of its own, so it records across
     the rounds)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -47,7 +48,7 @@ def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_o
         for state in checkpoint.get("optimizer_states", []):
             state["state"] = {}
     checkpoint.pop("callbacks", None)
-    path = rewind_point.with_name("round.ckpt")
+    path = rewind_point.with_name(rewind_point.name + ".round")
     torch.save(checkpoint, path)
     return path
 
@@ -82,6 +83,7 @@ def find_lottery_ticket(
     control: str = "final",
     retrain_from: Literal["start", "rewind_point"] = "start",
     reset_optimizer: bool = True,
+    checkpoint_path: Optional[str | os.PathLike[str]] = None,
 ) -> LotteryTicket:
     """Iterative magnitude pruning where every round is ``Trainer(**trainer_kwargs).fit(module, datamodule)``.
 
@@ -99,6 +101,10 @@ def find_lottery_ticket(
     where they were at k, the optimizer's learning rates too, and its state (momenta) cleared unless
     ``reset_optimizer=False``. A k inside an epoch resumes as Lightning resumes a mid-epoch checkpoint: the rest of
     that epoch's steps, drawn from the start of the loader (a loader without ``state_dict`` cannot skip ahead).
+
+    With `checkpoint_path`, the search is written there after every round and a second call with the same arguments
+    resumes it after its last finished round (see ``iterative_magnitude_pruning``); with ``retrain_from=
+    "rewind_point"`` the fit saved at step k is kept beside it, as ``<checkpoint_path>.rewind_point.ckpt``.
     """
     if evaluate_on not in ("test", "validate"):
         raise ValueError(f"`evaluate_on` must be 'test' or 'validate', got {evaluate_on!r}.")
@@ -145,14 +151,15 @@ def find_lottery_ticket(
             return
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.addFilter(_quiet_restore)
+        resumed = _resumed_at_rewind_point(rewind_point, model, reset_optimizer)
         try:
             with warnings.catch_warnings():
                 # resuming inside an epoch is what this option asks for (the docstring says how the epoch goes on)
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
-                trainer.fit(model, datamodule=datamodule,
-                            ckpt_path=_resumed_at_rewind_point(rewind_point, model, reset_optimizer))
+                trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
         finally:
             rank_zero.removeFilter(_quiet_restore)
+            resumed.unlink(missing_ok=True)
 
     step = f"{type(module).__name__}.{'test_step' if evaluate_on == 'test' else 'validation_step'}"
 
@@ -183,14 +190,24 @@ def find_lottery_ticket(
                              "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "
                              "(`trainer_kwargs`' max_epochs / max_steps).")
 
+    temporary = None
+    if retrain_from == "rewind_point":
+        if checkpoint_path is None:
+            temporary = Path(tempfile.mkdtemp(prefix="litcompress-lottery-"))
+            rewind_point = temporary / "rewind_point.ckpt"
+        else:  # resuming the search needs it too
+            rewind_point = Path(f"{os.fspath(checkpoint_path)}.rewind_point.ckpt")
+            if Path(checkpoint_path).exists() and not rewind_point.exists():
+                raise FileNotFoundError(f"checkpoint_path={os.fspath(checkpoint_path)!r}: resuming with "
+                                        f"retrain_from='rewind_point' needs the fit saved at step k, {rewind_point}, "
+                                        "which is gone. Pass another checkpoint_path to start afresh.")
     try:
-        if retrain_from == "rewind_point":
-            rewind_point = Path(tempfile.mkdtemp(prefix="litcompress-lottery-")) / "rewind_point.ckpt"
         return iterative_magnitude_pruning(
             module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates,
             parameter_names=parameter_names, scope=scope,
             train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
+            checkpoint_path=checkpoint_path,
         )
     finally:
-        if rewind_point is not None:
-            shutil.rmtree(rewind_point.parent, ignore_errors=True)
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)

@@ -7,9 +7,14 @@ callables, so a plain loop or a Lightning `Trainer` (see :mod:`litcompress.callb
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +33,7 @@ from litcompress.pruning.engine import (
     remaining_count,
     set_mask_,
 )
-from litcompress.pruning.lottery import rewind_, take_snapshot
+from litcompress.pruning.lottery import rewind_, snapshot_tensor, take_snapshot
 
 TrainFn = Callable[[nn.Module], None]
 EvaluateFn = Callable[[nn.Module], float]
@@ -101,6 +106,59 @@ def _random_reinit_control(
     return float(evaluate(control))
 
 
+_STATE_FORMAT = 1
+
+
+def _random_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return states
+    states["numpy"] = numpy.random.get_state()
+    return states
+
+
+def _restore_random_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy
+
+        numpy.random.set_state(states["numpy"])
+
+
+def _save_atomically(state: Mapping[str, Any], path: Path) -> None:
+    """Write `state` to `path` through a temporary file: a search killed while writing keeps its previous file."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(dict(state), partial)
+    os.replace(partial, path)
+
+
+def _load_search(path: Path, settings: Mapping[str, Any], rounds: int) -> dict[str, Any] | None:
+    """The state a search with `settings` saved at `path`, or None when there is none yet; an error when the file
+    holds another search (resuming it with other arguments would mix two searches)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote; pass "
+                         "another path, or remove it to start afresh.")
+    differing = [f"{key}={state['settings'].get(key)!r}, not {value!r}" for key, value in settings.items()
+                 if state["settings"].get(key) != value]
+    if differing:
+        raise ValueError(f"checkpoint_path={str(path)!r} holds a search with {'; '.join(differing)}: pass the "
+                         "arguments it was started with to resume it, or another path to start afresh.")
+    if state["done"] > rounds:
+        raise ValueError(f"checkpoint_path={str(path)!r} holds a search that finished round {state['done']}, "
+                         f"past rounds={rounds}: pass rounds >= {state['done']}.")
+    return state
+
+
 def iterative_magnitude_pruning(
     model: nn.Module,
     train: TrainFn,
@@ -114,6 +172,7 @@ def iterative_magnitude_pruning(
     train_to_rewind_point: TrainFn | None = None,
     control: str = "final",
     control_seed: int = 12345,
+    checkpoint_path: str | os.PathLike[str] | None = None,
 ) -> LotteryTicket:
     """Find a lottery ticket in a copy of `model` (the model passed in is not modified).
 
@@ -131,6 +190,11 @@ def iterative_magnitude_pruning(
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
             round, ``"none"`` skips it.
+        checkpoint_path: a file written after every round (the network with its masks, the rewound weights, the
+            table so far, the random number generators' states). When it exists, the search resumes after its last
+            round instead of starting afresh: a search killed in round r trains again from round r, and, with
+            training that is deterministic, ends as the uninterrupted search would. Resuming asks for the same
+            arguments (rounds may grow: the search goes on); a finished search returns its ticket at once.
 
     Returns:
         the ticket: the trained sparse network, its masks, the rewound weights and a table per round (round 0
@@ -152,17 +216,33 @@ def iterative_magnitude_pruning(
     if layer_rates and scope == "global":
         raise ValueError("`layer_rates` needs `scope='local'`: global pruning ranks all layers together.")
 
-    if train_to_rewind_point is not None:
-        train_to_rewind_point(network)
-    snapshot = take_snapshot(targets)
-
     def state_now() -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
-    rewound: dict[str, Tensor] = {}  # set after the last pruning round (rounds >= 1)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    settings = dict(names=names, parameter_names=list(parameter_names), rate=rate, layer_rates=layer_rates,
+                    scope=scope, control=control, control_seed=control_seed,
+                    rewinds_late=train_to_rewind_point is not None)
+    saved = None if path is None else _load_search(path, settings, rounds)
+    if saved is None:
+        if train_to_rewind_point is not None:
+            train_to_rewind_point(network)
+        snapshot = take_snapshot(targets)
+        rewound: dict[str, Tensor] = {}  # set after the last pruning round (rounds >= 1)
+        table: list[IMPRound] = []
+    else:
+        for name, (module, tensor) in zip(names, targets):
+            if f"{name}_mask" in saved["network"]:
+                set_mask_(module, tensor, saved["network"][f"{name}_mask"])
+        network.load_state_dict(saved["network"])
+        snapshot = take_snapshot(targets)
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                snapshot_tensor(snapshot, i).copy_(saved["snapshot"][name])
+        rewound, table = saved["rewound"], [IMPRound(**row) for row in saved["table"]]
+        _restore_random_states(saved["random"])
 
-    table: list[IMPRound] = []
-    for r in range(rounds + 1):
+    for r in range(len(table), rounds + 1):
         if r > 0:
             if scope == "global":
                 prune_(targets, "l1_unstructured", rate, scope="global")
@@ -178,10 +258,18 @@ def iterative_magnitude_pruning(
             raise ValueError(f"`evaluate` returned NaN in round {r}; it must return a number.")
         run_control = r > 0 and (control == "every" or (control == "final" and r == rounds))
         control_metric = None
-        if run_control or r == rounds:
-            masks = {n: mask_of(m, t).detach().clone() for n, (m, t) in zip(names, targets) if is_pruned(m, t)}
         if run_control:
             assert pristine is not None
-            control_metric = _random_reinit_control(pristine, names, masks, train, evaluate, control_seed + r)
+            control_metric = _random_reinit_control(pristine, names, _masks(names, targets), train,
+                                                    evaluate, control_seed + r)
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
-    return LotteryTicket(model=network, masks=masks, rewound_state=rewound, rounds=table)
+        if path is not None:
+            _save_atomically(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
+                                  snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
+                                  rewound=rewound, table=[dataclasses.asdict(row) for row in table],
+                                  random=_random_states()), path)
+    return LotteryTicket(model=network, masks=_masks(names, targets), rewound_state=rewound, rounds=table)
+
+
+def _masks(names: Sequence[str], targets: Sequence[Target]) -> dict[str, Tensor]:
+    return {n: mask_of(m, t).detach().clone() for n, (m, t) in zip(names, targets) if is_pruned(m, t)}
