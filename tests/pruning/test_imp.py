@@ -291,6 +291,16 @@ def test_a_search_killed_mid_way_resumes_from_its_checkpoint_and_ends_as_the_uni
     assert same_tickets(search(again, path), uninterrupted) and again.fits == 0  # finished: returned at once
     assert sorted(p.name for p in tmp_path.iterdir()) == (
         ["search.pt", "search.pt.rewind_point.ckpt"] if retrain else ["search.pt"])
+    if retrain:  # going on for a fourth round needs the fit saved at k
+        (tmp_path / "search.pt.rewind_point.ckpt").unlink()
+        with pytest.raises(FileNotFoundError, match="search.pt.rewind_point.ckpt, which is gone"):
+            search(CrashAtFit(), path, rounds=4)
+    other = dict(rewind_to_step=4, retrain_from="rewind_point") if not retrain else dict(rewind_to_step=4)
+    with pytest.raises(ValueError, match="holds a search with .*rewind_to_step=" + ("None, not 4" if not retrain
+                                                                                   else "3, not 4")):
+        seed_everything(0)
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=3,
+                            rate=0.5, checkpoint_path=path, **other, trainer_kwargs=dict(max_epochs=1))
 
 
 def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path):

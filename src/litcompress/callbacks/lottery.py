@@ -42,6 +42,9 @@ def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_o
     """A copy of the rewind point's checkpoint that resumes the fit there with `model`'s weights and masks (the
     rewound ones), the optimizer's state cleared with `reset_optimizer` (its learning rates kept), and no callback
     state (the callbacks start every round as they were before the first)."""
+    if not rewind_point.exists():  # a search resumed from its checkpoint_path, without the file kept beside it
+        raise FileNotFoundError(f"retrain_from='rewind_point' resumes every round from the fit saved at step k, "
+                                f"{rewind_point}, which is gone. Pass another checkpoint_path to start afresh.")
     checkpoint = torch.load(rewind_point, map_location="cpu", weights_only=False)
     checkpoint["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if reset_optimizer:
@@ -197,16 +200,14 @@ def find_lottery_ticket(
             rewind_point = temporary / "rewind_point.ckpt"
         else:  # resuming the search needs it too
             rewind_point = Path(f"{os.fspath(checkpoint_path)}.rewind_point.ckpt")
-            if Path(checkpoint_path).exists() and not rewind_point.exists():
-                raise FileNotFoundError(f"checkpoint_path={os.fspath(checkpoint_path)!r}: resuming with "
-                                        f"retrain_from='rewind_point' needs the fit saved at step k, {rewind_point}, "
-                                        "which is gone. Pass another checkpoint_path to start afresh.")
     try:
         return iterative_magnitude_pruning(
             module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates,
             parameter_names=parameter_names, scope=scope,
             train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
             checkpoint_path=checkpoint_path,
+            checkpoint_settings=dict(metric=metric, evaluate_on=evaluate_on, rewind_to_step=rewind_to_step,
+                                     retrain_from=retrain_from, reset_optimizer=reset_optimizer),
         )
     finally:
         if temporary is not None:

@@ -173,6 +173,7 @@ def iterative_magnitude_pruning(
     control: str = "final",
     control_seed: int = 12345,
     checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_settings: Mapping[str, Any] | None = None,
 ) -> LotteryTicket:
     """Find a lottery ticket in a copy of `model` (the model passed in is not modified).
 
@@ -195,6 +196,8 @@ def iterative_magnitude_pruning(
             round instead of starting afresh: a search killed in round r trains again from round r, and, with
             training that is deterministic, ends as the uninterrupted search would. Resuming asks for the same
             arguments (rounds may grow: the search goes on); a finished search returns its ticket at once.
+        checkpoint_settings: more values that must equal the saved ones to resume (what `train` does: its
+            recipe, a rewind step), compared with ``==`` and stored with the search.
 
     Returns:
         the ticket: the trained sparse network, its masks, the rewound weights and a table per round (round 0
@@ -222,7 +225,7 @@ def iterative_magnitude_pruning(
     path = None if checkpoint_path is None else Path(checkpoint_path)
     settings = dict(names=names, parameter_names=list(parameter_names), rate=rate, layer_rates=layer_rates,
                     scope=scope, control=control, control_seed=control_seed,
-                    rewinds_late=train_to_rewind_point is not None)
+                    rewinds_late=train_to_rewind_point is not None, **dict(checkpoint_settings or {}))
     saved = None if path is None else _load_search(path, settings, rounds)
     if saved is None:
         if train_to_rewind_point is not None:
