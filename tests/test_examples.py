@@ -43,6 +43,14 @@ def test_lottery_ticket_digits():
     assert f"ticket: {rows[-1][1]} of the weights remain" in out
 
 
+def test_lottery_ticket_digits_retrained_from_the_rewind_point_and_saved_to_resume(tmp_path):
+    args = ("--rounds", "1", "--epochs", "2", "--rate", "0.5", "--retrain-from", "rewind_point",
+            "--checkpoint", str(tmp_path / "imp.pt"))
+    out = run("lottery_ticket_digits.py", *args)
+    assert (tmp_path / "imp.pt").is_file() and (tmp_path / "imp.pt.rewind_point.ckpt").is_file()
+    assert run("lottery_ticket_digits.py", *args) == out  # the finished search, read back: the same table
+
+
 def test_quantize_lightning(tmp_path):
     out = run("quantize_lightning.py", "--epochs", "2", "--max-trials", "2", "--tolerance", "0.05",
               "--output", str(tmp_path / "model.int8"))
