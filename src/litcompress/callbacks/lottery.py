@@ -99,11 +99,12 @@ def find_lottery_ticket(
     arguments.
 
     ``retrain_from="start"`` trains every round (and the random re-initialisation control) as a whole fresh fit.
-    ``retrain_from="rewind_point"`` (with `rewind_to_step`) resumes every round's fit at step k instead, as Frankle
-    et al. (2020) and OpenLTH retrain: the remaining steps only, the learning-rate schedule, epoch and step counters
-    where they were at k, the optimizer's learning rates too, and its state (momenta) cleared unless
-    ``reset_optimizer=False``. A k inside an epoch resumes as Lightning resumes a mid-epoch checkpoint: the rest of
-    that epoch's steps, drawn from the start of the loader (a loader without ``state_dict`` cannot skip ahead).
+    ``retrain_from="rewind_point"`` (with `rewind_to_step`) resumes every round's fit (the control's too, from its
+    fresh weights) at step k instead, as Frankle et al. (2020) and OpenLTH retrain: the remaining steps only, the
+    learning-rate schedule, epoch and step counters where they were at k, the optimizer's learning rates too, and
+    its state (momenta) cleared unless ``reset_optimizer=False``. A k inside an epoch resumes as Lightning resumes a
+    mid-epoch checkpoint: the rest of that epoch's steps, drawn from the start of the loader (a loader without
+    ``state_dict`` cannot skip ahead).
 
     With `checkpoint_path`, the search is written there after every round and a second call with the same arguments
     resumes it after its last finished round (see ``iterative_magnitude_pruning``); with ``retrain_from=
