@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -265,6 +268,8 @@ def same_tickets(a, b) -> bool:
     return (a.rounds == b.rounds and a.masks.keys() == b.masks.keys()
             and all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
             and all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+            and all(torch.equal(getattr(m, t), getattr(b.model.get_submodule(p), t))  # as the model computes them
+                    for k in a.masks for p, _, t in [k.rpartition(".")] for m in [a.model.get_submodule(p)])
             and all(torch.equal(v, b.rewound_state[k]) for k, v in a.rewound_state.items()))
 
 
@@ -301,6 +306,28 @@ def test_a_search_killed_mid_way_resumes_from_its_checkpoint_and_ends_as_the_uni
         seed_everything(0)
         find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=3,
                             rate=0.5, checkpoint_path=path, **other, trainer_kwargs=dict(max_epochs=1))
+
+
+def test_under_ddp_the_ranks_share_the_rewind_point_and_one_writes_the_search(tmp_path):
+    """Each DDP rank runs the search: the fit saved at k was rank 0's file in rank 0's temporary folder, which the
+    other rank could not find, and every rank wrote the search file at once (one moved the other's away)."""
+    script = Path(__file__).with_name("imp_ddp_script.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[2] / "src"), os.environ.get("PYTHONPATH",
+                                                                                                      "")])}
+    runs = []
+    for _ in range(2):  # the second resumes the finished search
+        done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append([torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt", "rank1.pt", "search.pt",
+                                                          "search.pt.rewind_point.ckpt"]
+    first = runs[0][0]
+    assert first["remaining"] == pytest.approx(0.25) and any(k.endswith("_mask") for k in first["state"])
+    for seen in (runs[0][1], *runs[1]):
+        assert seen["state"].keys() == first["state"].keys() and seen["remaining"] == first["remaining"]
+        assert all(torch.equal(seen["state"][k], v) for k, v in first["state"].items())
+        assert torch.equal(seen["weight"], first["weight"])
 
 
 def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path):

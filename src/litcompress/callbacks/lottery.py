@@ -34,14 +34,17 @@ class _StopAtStep(Callback):
                            batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             if self.checkpoint is not None:
+                # under DDP only rank 0 writes: every rank reads rank 0's file (each made its own temporary folder)
+                self.checkpoint = trainer.strategy.broadcast(self.checkpoint)
                 trainer.save_checkpoint(self.checkpoint)
             trainer.should_stop = True
 
 
-def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_optimizer: bool) -> Path:
+def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_optimizer: bool, rank: int) -> Path:
     """A copy of the rewind point's checkpoint that resumes the fit there with `model`'s weights and masks (the
     rewound ones), the optimizer's state cleared with `reset_optimizer` (its learning rates kept), and no callback
-    state (the callbacks start every round as they were before the first)."""
+    state (the callbacks start every round as they were before the first). One file per DDP rank, which each
+    removes when its fit is done."""
     if not rewind_point.exists():  # a search resumed from its checkpoint_path, without the file kept beside it
         raise FileNotFoundError(f"retrain_from='rewind_point' resumes every round from the fit saved at step k, "
                                 f"{rewind_point}, which is gone. Pass another checkpoint_path to start afresh.")
@@ -51,7 +54,7 @@ def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_o
         for state in checkpoint.get("optimizer_states", []):
             state["state"] = {}
     checkpoint.pop("callbacks", None)
-    path = rewind_point.with_name(rewind_point.name + ".round")
+    path = rewind_point.with_name(f"{rewind_point.name}.round{rank}")
     torch.save(checkpoint, path)
     return path
 
@@ -155,7 +158,7 @@ def find_lottery_ticket(
             return
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.addFilter(_quiet_restore)
-        resumed = _resumed_at_rewind_point(rewind_point, model, reset_optimizer)
+        resumed = _resumed_at_rewind_point(rewind_point, model, reset_optimizer, trainer.global_rank)
         try:
             with warnings.catch_warnings():
                 # resuming inside an epoch is what this option asks for (the docstring says how the epoch goes on)
@@ -180,6 +183,7 @@ def find_lottery_ticket(
     evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1)
 
     def train_to_rewind_point(model: LightningModule) -> None:
+        nonlocal rewind_point
         # the first k steps of an ordinary fit, stopped there: with `max_steps=k` the Trainer would tell the module
         # its fit is k steps long, and a schedule sized from it (`OneCycleLR(total_steps=
         # self.trainer.estimated_stepping_batches)`) would run a whole cycle in those k steps
@@ -189,6 +193,7 @@ def find_lottery_ticket(
         trainer = trainer_built_quietly(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None,
                                            "min_steps": None})
         trainer.fit(model, datamodule=datamodule)
+        rewind_point = stop.checkpoint  # rank 0's, under DDP
         if trainer.global_step < rewind_to_step:
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "
                              "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "

@@ -30,6 +30,7 @@ from litcompress.pruning.engine import (
     mask_of,
     prune_,
     qualified_names,
+    refresh_cached_tensor,
     remaining_count,
     set_mask_,
 )
@@ -130,6 +131,14 @@ def _restore_random_states(states: Mapping[str, Any]) -> None:
         import numpy
 
         numpy.random.set_state(states["numpy"])
+
+
+def _writes_files() -> bool:
+    """False on every rank but the first of a distributed run (DDP: each rank runs the same search), which would
+    otherwise all write one file at once."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
 def _save_atomically(state: Mapping[str, Any], path: Path) -> None:
@@ -238,6 +247,9 @@ def iterative_magnitude_pruning(
             if f"{name}_mask" in saved["network"]:
                 set_mask_(module, tensor, saved["network"][f"{name}_mask"])
         network.load_state_dict(saved["network"])
+        with torch.no_grad():  # `weight` as the loaded orig * mask, as after the round's last forward
+            for module, tensor in targets:
+                refresh_cached_tensor(module, tensor)
         snapshot = take_snapshot(targets)
         with torch.no_grad():
             for i, name in enumerate(names):
@@ -266,7 +278,7 @@ def iterative_magnitude_pruning(
             control_metric = _random_reinit_control(pristine, names, _masks(names, targets), train,
                                                     evaluate, control_seed + r)
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
-        if path is not None:
+        if path is not None and _writes_files():
             _save_atomically(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
                                   snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
                                   rewound=rewound, table=[dataclasses.asdict(row) for row in table],
