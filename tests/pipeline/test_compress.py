@@ -14,7 +14,7 @@ from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE, 
 from litcompress.pruning import is_pruned, make_permanent_, permanent_state_dict, prune_, prune_model_
 from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
-from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized
+from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
 
 FAST = dict(latency_repeats=2, export=False)
@@ -640,6 +640,22 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
         compress(trained, eval_fn=lambda m: float("nan"), example_inputs=x)
     with pytest.raises(TypeError, match="expected a CompressionConfig"):
         compress(trained, PruneConfig(sparsity=0.5), eval_fn=evaluate, example_inputs=x)
+
+
+def test_a_model_off_the_cpu_is_refused_before_any_fine_tuning_when_it_is_to_be_quantized(digits):
+    """int8 models here are CPU models: a GPU model failed in a backend, after the fine-tuning (no GPU here: a model
+    on torch's `meta` device, off the CPU as a GPU's is, takes the same path)."""
+    x = digits[0][:16]
+    off_the_cpu = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).to("meta")
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=r"compress\(model=...\) with config.quantize: the model's tensors are on "
+                                         r"meta.*Pass a CPU copy"):
+        compress(off_the_cpu, CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(), **FAST),
+                 eval_fn=lambda m: 1.0, example_inputs=x, calibration_data=[(x,)],
+                 fine_tune=lambda m, step: steps.append(step), fine_tune_steps=4)
+    assert steps == []
+    with pytest.raises(ValueError, match=r"quantize\(model=...\): the model's tensors are on meta"):
+        quantize(off_the_cpu, PTQConfig(approach="dynamic"), eval_fn=lambda m: 1.0, example_inputs=x)
 
 
 class _TwoInputs(nn.Module):

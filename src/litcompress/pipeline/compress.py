@@ -41,9 +41,9 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_metric, check_model_runs,
-                                            default_input_fn, evaluate_noting_use, model_input_fn, quantize,
-                                            warn_unused_model)
+from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_metric,
+                                            check_model_on_cpu, check_model_runs, default_input_fn,
+                                            evaluate_noting_use, model_input_fn, quantize, warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -664,6 +664,8 @@ def compress(
         raise TypeError(f"compress(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     if test_fn is not None and not callable(test_fn):
         raise TypeError(f"compress(test_fn={test_fn!r}): expected a callable model -> metric, or None.")
+    if config.quantize is not None:  # before any fine-tuning, which would run on that device first
+        check_model_on_cpu(model, "compress(model=...) with config.quantize")
     compiled = compiled_module_names(model)
     if compiled:  # fx, the exporters and the int8 backends need eager modules; a copy, the model given stays compiled
         model = eager_copy(model)

@@ -157,6 +157,18 @@ def check_metric(value: object, where: str) -> float:
     return value
 
 
+def check_model_on_cpu(model: nn.Module, caller: str) -> None:
+    """The int8 backends (torch.ao, ONNX Runtime, PT2E's x86 kernels) build and time CPU models: one whose tensors
+    are elsewhere (a GPU) would fail deep in a backend, or after a pipeline's fine-tuning, with a device error."""
+    devices = sorted({t.device.type for t in (*model.parameters(), *model.buffers())} - {"cpu"})
+    if devices:
+        raise ValueError(f"{caller}: the model's tensors are on {', '.join(devices)}, and int8 quantization here "
+                         "builds models for CPU inference. Pass a CPU copy (copy.deepcopy(model).cpu()), with an "
+                         "eval_fn, example inputs and calibration data on the CPU too; quantize_lightning, "
+                         "compress_lightning and the fit-end callbacks make that copy of a LightningModule "
+                         "themselves.")
+
+
 def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_input_fn_used: bool) -> None:
     """Call `model` once on `inputs` (eval mode, no grad; its modes are restored) and turn a failure into an error
     that names the inputs and, for a batch the default `input_fn` split as ``(inputs, target)``, the remedy.
@@ -361,6 +373,7 @@ def quantize(
         raise TypeError(f"quantize(model=...): expected a torch.nn.Module, got {type(model).__name__}.")
     if not callable(eval_fn):
         raise TypeError(f"quantize(eval_fn={eval_fn!r}): expected a callable model -> metric.")
+    check_model_on_cpu(model, "quantize(model=...)")
     default_input_fn_used = input_fn in (None, default_input_fn)
     input_fn = input_fn or model_input_fn(model)
 
