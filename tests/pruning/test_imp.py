@@ -368,6 +368,11 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
     assert same_tickets(search(rounds=3, path=path), uninterrupted)  # two rounds saved, a third one more
     with pytest.raises(ValueError, match=r"finished round 3, past rounds=2"):
         search(rounds=2, path=path)
+    with pytest.raises(IsADirectoryError, match="is a directory; name a file in it"):
+        search(path=tmp_path)
+    calls.clear()
+    search(path=tmp_path / "new" / "folder" / "imp.pt")  # made, before the first round
+    assert (tmp_path / "new" / "folder" / "imp.pt").is_file()
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a file iterative_magnitude_pruning wrote"):
         search(path=tmp_path / "other.pt")

@@ -232,6 +232,11 @@ def iterative_magnitude_pruning(
         return {k: v.detach().clone() for k, v in network.state_dict().items()}
 
     path = None if checkpoint_path is None else Path(checkpoint_path)
+    if path is not None:  # before any training: a file that cannot be written would fail after the first round
+        if path.is_dir():
+            raise IsADirectoryError(f"checkpoint_path={str(path)!r} is a directory; name a file in it, e.g. "
+                                    f"{str(path / 'imp.pt')!r}.")
+        path.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(names=names, parameter_names=list(parameter_names), rate=rate, layer_rates=layer_rates,
                     scope=scope, control=control, control_seed=control_seed,
                     rewinds_late=train_to_rewind_point is not None, **dict(checkpoint_settings or {}))
