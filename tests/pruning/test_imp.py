@@ -223,11 +223,20 @@ def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_sta
     folder is gone afterwards."""
     seed_everything(0)
     before = set(Path(tempfile.gettempdir()).glob("litcompress-lottery-*"))
-    seen = FitsSeen()
-    ticket = find_lottery_ticket(OneCycleDigitsClassifier(), DigitsDataModule(batch_size=128), metric="val_acc",
-                                 rounds=1, rate=0.5, evaluate_on="validate", control="none",
-                                 trainer_kwargs=dict(max_epochs=2, accelerator="cpu", callbacks=[seen]),
-                                 rewind_to_step=5, retrain_from="rewind_point")
+    seen, lines = FitsSeen(), []
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    rank_zero.addHandler(handler)
+    try:
+        ticket = find_lottery_ticket(OneCycleDigitsClassifier(), DigitsDataModule(batch_size=128), metric="val_acc",
+                                     rounds=1, rate=0.5, evaluate_on="validate", control="none",
+                                     trainer_kwargs=dict(max_epochs=2, accelerator="cpu", callbacks=[seen]),
+                                     rewind_to_step=5, retrain_from="rewind_point")
+    finally:
+        rank_zero.removeHandler(handler)
+    assert any("max_epochs=2" in line for line in lines)  # Lightning's lines about the fits themselves stay
+    assert not [line for line in lines if "Restor" in line]
     assert [(f["start"], f["steps"]) for f in seen.fits] == [(0, 5), (5, 13), (5, 13)]
     assert [f["optimizer_state"] for f in seen.fits[1:]] == [0, 0]
     assert seen.fits[1]["lr"] == seen.fits[2]["lr"] == seen.learning_rates[5] > seen.learning_rates[0]
