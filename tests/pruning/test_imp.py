@@ -339,7 +339,7 @@ def test_under_ddp_the_ranks_share_the_rewind_point_and_one_writes_the_search(tm
         assert torch.equal(seen["weight"], first["weight"])
 
 
-def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path):
+def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path, caplog):
     """The plain-loop driver, whose training draws from torch's generator (a shuffled order per call): the generators'
     states are part of the file, so the resumed search matches the uninterrupted one."""
     splits = load_digits_tensors(seed=0)
@@ -373,7 +373,11 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
     with pytest.raises(ValueError, match=r"holds a search with rate=0.5, not 0.25: pass the arguments it was started "
                                          r"with to resume it, or another path to start afresh"):
         search(path=path, rate=0.25)
-    assert same_tickets(search(path=path), search(rounds=2))
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        assert same_tickets(search(path=path), search(rounds=2))
+    assert f"IMP: resumed from {path} after round 0 of 2\n" in caplog.text  # the progress, round by round:
+    assert re.search(r"IMP round 1/2: 50\.00% of the weights left, metric 0\.\d{4}, random re-init 0\.\d{4}",
+                     caplog.text)
     assert same_tickets(search(rounds=3, path=path), uninterrupted)  # two rounds saved, a third one more
     with pytest.raises(ValueError, match=r"finished round 3, past rounds=2"):
         search(rounds=2, path=path)

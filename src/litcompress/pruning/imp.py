@@ -8,6 +8,7 @@ callables, so a plain loop or a Lightning `Trainer` (see :mod:`litcompress.callb
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -35,6 +36,8 @@ from litcompress.pruning.engine import (
     set_mask_,
 )
 from litcompress.pruning.lottery import rewind_, snapshot_tensor, take_snapshot
+
+log = logging.getLogger(__name__)
 
 TrainFn = Callable[[nn.Module], None]
 EvaluateFn = Callable[[nn.Module], float]
@@ -261,6 +264,8 @@ def iterative_magnitude_pruning(
                 snapshot_tensor(snapshot, i).copy_(saved["snapshot"][name])
         rewound, table = saved["rewound"], [IMPRound(**row) for row in saved["table"]]
         _restore_random_states(saved["random"])
+        log.info(f"IMP: resumed from {path} after round {saved['done']} of {rounds}"
+                 + (" (finished)" if saved["done"] == rounds else ""))
 
     for r in range(len(table), rounds + 1):
         if r > 0:
@@ -283,6 +288,9 @@ def iterative_magnitude_pruning(
             control_metric = _random_reinit_control(pristine, names, _masks(names, targets), train,
                                                     evaluate, control_seed + r)
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
+        control_note = "" if control_metric is None else f", random re-init {control_metric:.4f}"
+        log.info(f"IMP round {r}/{rounds}: {table[-1].remaining:.2%} of the weights left, metric {metric:.4f}"
+                 f"{control_note}")  # a search runs for hours: its progress, round by round
         if path is not None and _writes_files():
             _save_atomically(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
                                   snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
