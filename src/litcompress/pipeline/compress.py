@@ -7,7 +7,6 @@ any, from ``fine_tune(model, step)``, a training loop that calls ``step(t)`` aft
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -15,7 +14,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litcompress._files import written_atomically
 from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy,
                                         keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_targets, with_tied_targets)
@@ -209,18 +209,6 @@ def weight_sparsity(model: nn.Module) -> float | None:
     targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) or is_transposed_linear(m)
                for t in tensor_names(m, "weight")]
     return sparsity_report(model, targets).sparsity if targets else None
-
-
-@contextlib.contextmanager
-def written_atomically(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` that replaces it only when the block succeeds: a file from an earlier run is
-    never lost to a failed or interrupted write."""
-    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class _Stages:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litcompress._files import written_atomically
 from litcompress.pruning.engine import (
     Scope,
     Target,
@@ -142,13 +143,6 @@ def _writes_files() -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
-
-
-def _save_atomically(state: Mapping[str, Any], path: Path) -> None:
-    """Write `state` to `path` through a temporary file: a search killed while writing keeps its previous file."""
-    partial = path.with_name(path.name + ".partial")
-    torch.save(dict(state), partial)
-    os.replace(partial, path)
 
 
 def _load_search(path: Path, settings: Mapping[str, Any], rounds: int) -> dict[str, Any] | None:
@@ -292,10 +286,11 @@ def iterative_magnitude_pruning(
         log.info(f"IMP round {r}/{rounds}: {table[-1].remaining:.2%} of the weights left, metric {metric:.4f}"
                  f"{control_note}")  # a search runs for hours: its progress, round by round
         if path is not None and _writes_files():
-            _save_atomically(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
-                                  snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
-                                  rewound=rewound, table=[dataclasses.asdict(row) for row in table],
-                                  random=_random_states()), path)
+            with written_atomically(path) as partial:  # a search killed while writing keeps its previous file
+                torch.save(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
+                                snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
+                                rewound=rewound, table=[dataclasses.asdict(row) for row in table],
+                                random=_random_states()), partial)
     return LotteryTicket(model=network, masks=_masks(names, targets), rewound_state=rewound, rounds=table)
 
 
