@@ -386,3 +386,23 @@ def test_compress_on_fit_end_warns_at_the_sanity_check_of_a_metric_it_did_not_lo
     with pytest.warns(UserWarning, match=r"CompressOnFitEnd\(metric='val_accuracy'\) reads it when fit ends"):
         with pytest.raises(KeyError, match="val_accuracy"):
             trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule(batch_size=64))
+
+
+@pytest.mark.parametrize("callback", ["quantize", "compress"])
+def test_the_fit_end_callbacks_step_aside_under_fast_dev_run(tmp_path, caplog, callback):
+    """fast_dev_run runs a batch of each loop to find bugs and writes no checkpoint; the callbacks ran their whole
+    search (every candidate judged on the whole validation set) and wrote a model. They now say they are skipped."""
+    import logging
+
+    from litcompress.quantization.lightning import QuantizeOnFitEnd
+
+    fit_end = (QuantizeOnFitEnd(PTQConfig(approach="dynamic"), metric="val_acc", save_path=tmp_path / "model.int8")
+               if callback == "quantize" else
+               CompressOnFitEnd(CompressionConfig(prune=None), metric="val_acc", output_dir=tmp_path / "out"))
+    trainer = L.Trainer(fast_dev_run=True, callbacks=[fit_end], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        trainer.fit(MLPClassifier(hidden=(16,)), datamodule=DigitsDataModule(batch_size=64))
+    assert fit_end.result is None and list(tmp_path.iterdir()) == []
+    assert f"{type(fit_end).__name__}: skipped under fast_dev_run" in caplog.text
+    assert f"Fit without fast_dev_run to {callback} the model" in caplog.text

@@ -20,8 +20,8 @@ from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, detached_copy,
                                                 first_loader, fit_end_module, inputs_as_steps_give_them,
-                                                lightning_eval_fn, on_the_cpu, warn_if_sanity_check_missed,
-                                                with_metric_mode)
+                                                lightning_eval_fn, on_the_cpu, skipped_for_fast_dev_run,
+                                                warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -277,6 +277,8 @@ class CompressOnFitEnd(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return  # Ctrl-C ends the run: no compression of a half-trained model
+        if skipped_for_fast_dev_run(trainer, "CompressOnFitEnd", "compress"):
+            return
         pl_module = fit_end_module(trainer, pl_module, self.weights, "CompressOnFitEnd")
         if trainer.datamodule is not None:
             data: dict[str, Any] = {"datamodule": trainer.datamodule}

@@ -476,6 +476,17 @@ def check_best_weights_can_be_found(trainer: L.Trainer, weights: str, owner: str
                          "enable_checkpointing=True), or use weights='last'.")
 
 
+def skipped_for_fast_dev_run(trainer: L.Trainer, owner: str, verb: str) -> bool:
+    """True, and said, under ``Trainer(fast_dev_run=...)``: it runs a batch of each loop to find bugs and writes no
+    checkpoint or log, and a fit-end search that judges every candidate on the whole validation set, then writes a
+    model, is left out in the same way."""
+    if not trainer.fast_dev_run:
+        return False
+    logger.info(f"{owner}: skipped under fast_dev_run, which runs a batch of each loop to find bugs and writes no "
+                f"checkpoint; its `result` stays None. Fit without fast_dev_run to {verb} the model.")
+    return True
+
+
 def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: str, owner: str) -> L.LightningModule:
     """The module a fit-end callback works on: `pl_module` as the fit ended (``"last"``), or a copy holding the
     weights of the best file of the trainer's ModelCheckpoint (``"best"``, as ``trainer.test(ckpt_path="best")`` reads
@@ -568,6 +579,8 @@ class QuantizeOnFitEnd(L.Callback):
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if skipped_for_fast_dev_run(trainer, "QuantizeOnFitEnd", "quantize"):
+            return
         pl_module = fit_end_module(trainer, pl_module, self.weights, "QuantizeOnFitEnd")
         datamodule = trainer.datamodule
         val_dataloaders = None if datamodule is not None else trainer.val_dataloaders
