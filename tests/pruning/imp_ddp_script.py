@@ -22,4 +22,4 @@ if __name__ == "__main__":
         trainer_kwargs=dict(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp"))
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save({"state": ticket.model.state_dict(), "weight": ticket.model.net[0].weight.detach(),
-                "remaining": ticket.remaining}, out / f"rank{rank}.pt")
+                "remaining": ticket.remaining, "metrics": [r.metric for r in ticket.rounds]}, out / f"rank{rank}.pt")

@@ -319,7 +319,8 @@ def test_a_search_killed_mid_way_resumes_from_its_checkpoint_and_ends_as_the_uni
 
 def test_under_ddp_the_ranks_share_the_rewind_point_and_one_writes_the_search(tmp_path):
     """Each DDP rank runs the search: the fit saved at k was rank 0's file in rank 0's temporary folder, which the
-    other rank could not find, and every rank wrote the search file at once (one moved the other's away)."""
+    other rank could not find, and every rank wrote the search file at once (one moved the other's away). Each rank's
+    table held the metric of its own half of the test set."""
     script = Path(__file__).with_name("imp_ddp_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[2] / "src"), os.environ.get("PYTHONPATH",
                                                                                                       "")])}
@@ -337,6 +338,7 @@ def test_under_ddp_the_ranks_share_the_rewind_point_and_one_writes_the_search(tm
         assert seen["state"].keys() == first["state"].keys() and seen["remaining"] == first["remaining"]
         assert all(torch.equal(seen["state"][k], v) for k, v in first["state"].items())
         assert torch.equal(seen["weight"], first["weight"])
+        assert seen["metrics"] == first["metrics"]  # the mean over the ranks' shards (the step logs no sync_dist)
 
 
 def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path, caplog):

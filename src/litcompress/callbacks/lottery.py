@@ -177,7 +177,13 @@ def find_lottery_ticket(
         message = missing_metric_message(metric, results, step)
         if message:
             raise KeyError(f"metric={message}")
-        return float(results[metric])
+        value = float(results[metric])
+        if trainer.world_size > 1:
+            # each DDP rank evaluated its shard: a step that logs without sync_dist=True reports its own, and rank
+            # 0's table would show half the data (the mean over ranks is what sync_dist=True gives; a no-op then)
+            value = float(trainer.strategy.reduce(torch.tensor(value, device=trainer.strategy.root_device),
+                                                  reduce_op="mean"))
+        return value
 
     # one batch on a copy first: a metric the step does not log fails now, not after the first round's training
     evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1)
