@@ -21,7 +21,7 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import QuantizationResult, model_input_fn, quantize, signature_or_none
+from .tuner import QuantizationResult, devices_off_the_cpu, model_input_fn, quantize, signature_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -527,8 +527,7 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
 
 def on_the_cpu(module: L.LightningModule) -> L.LightningModule:
     """`module` when its tensors are on the CPU; else a CPU copy (the user's module stays where it is)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    if all(t.device.type == "cpu" for t in tensors):
+    if not devices_off_the_cpu(module):
         return module
     return detached_copy(module).to("cpu")
 

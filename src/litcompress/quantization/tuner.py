@@ -157,10 +157,15 @@ def check_metric(value: object, where: str) -> float:
     return value
 
 
+def devices_off_the_cpu(model: nn.Module) -> list[str]:
+    """The device types other than the CPU that `model`'s parameters and buffers are on (none: a CPU model)."""
+    return sorted({t.device.type for t in (*model.parameters(), *model.buffers())} - {"cpu"})
+
+
 def check_model_on_cpu(model: nn.Module, caller: str) -> None:
     """The int8 backends (torch.ao, ONNX Runtime, PT2E's x86 kernels) build and time CPU models: one whose tensors
     are elsewhere (a GPU) would fail deep in a backend, or after a pipeline's fine-tuning, with a device error."""
-    devices = sorted({t.device.type for t in (*model.parameters(), *model.buffers())} - {"cpu"})
+    devices = devices_off_the_cpu(model)
     if devices:
         raise ValueError(f"{caller}: the model's tensors are on {', '.join(devices)}, and int8 quantization here "
                          "builds models for CPU inference. Pass a CPU copy (copy.deepcopy(model).cpu()), with an "
