@@ -169,8 +169,8 @@ def main() -> None:
     ticket = [run["rounds"][-1][f"{split}_acc"] for run in runs]
     control = [run["rounds"][-1][f"control_{split}_acc"] for run in runs]
     remaining = runs[0]["rounds"][-1]["remaining"]
-    best_round = max(range(args.rounds + 1),
-                     key=lambda r: statistics.mean(run["rounds"][r][f"{split}_acc"] for run in runs))
+    round_means = [statistics.mean(run["rounds"][r][f"{split}_acc"] for run in runs) for r in range(args.rounds + 1)]
+    best_round = max(range(args.rounds + 1), key=round_means.__getitem__)
     print(f"\nLeNet-300-100, MNIST, {args.scope} IMP at {args.rate:.0%} per round, {args.epochs} epochs per round,"
           f" {len(runs)} seed(s); {split} accuracy, mean ± std")
     print(f"{'network':42} {'weights left':>12} {f'{split} acc [%]':>14}")
@@ -180,6 +180,9 @@ def main() -> None:
     print(f"ticket - dense: {100 * (statistics.mean(ticket) - statistics.mean(dense)):+.2f} pt; "
           f"ticket - control: {100 * (statistics.mean(ticket) - statistics.mean(control)):+.2f} pt; "
           f"best mean round: {best_round}")
+    print("mean per round (weights left: acc, pt vs dense): " + "; ".join(
+        f"{r} ({runs[0]['rounds'][r]['remaining']:.2%}): {100 * m:.2f}, {100 * (m - round_means[0]):+.2f}"
+        for r, m in enumerate(round_means)))
     print(json.dumps({
         "recipe": dataclasses.asdict(recipe), "rewind_to_step": args.rewind_to_step,
         "retrain_from": args.retrain_from, "scope": args.scope,
