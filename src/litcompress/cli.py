@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model-args", type=_json_object, default={}, help="JSON keyword arguments for the model")
     plan.add_argument("--checkpoint", type=_existing_file, help="build the model from this Lightning checkpoint")
     plan.add_argument("--data", type=_class_spec("data", BUILTIN_DATA), default="digits",
-                      help="sizes the built-in models' inputs and classes ('digits' or 'mnist'); unused otherwise")
+                      help="sizes the built-in models' inputs and classes ('digits' or 'mnist'); a "
+                           "package.module:DataModule of your own gives a batch whose shapes let more layers through "
+                           "(token pooling, recurrent layers' outputs), as compress sees them")
     plan.add_argument("--data-args", type=_json_object, default={}, help="JSON keyword arguments for the data")
     plan.add_argument("--submodule", help="look at this attribute of the model (the part compress would compress)")
     plan.add_argument("--sparsity", type=_fraction,
@@ -543,6 +545,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from torch import nn
 
     from litcompress.pipeline import prune_targets
+    from litcompress.quantization.backends import to_inputs
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization.shapes import resolve_dynamic_dims
     from litcompress.quantization.tuner import check_model_runs
@@ -562,8 +565,6 @@ def run_compress(args: argparse.Namespace) -> int:
             compressed = getattr(model, args.submodule, None)
             if not isinstance(compressed, nn.Module):
                 raise ValueError(f"--submodule {args.submodule}: {type(model).__name__} has no such sub-module.")
-        if config.prune is not None:
-            prune_targets(compressed, config.prune)  # e.g. --exclude naming no module
         if args.quantize == "auto" and config.quantize is not None:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
@@ -572,6 +573,8 @@ def run_compress(args: argparse.Namespace) -> int:
                                          module=model if args.inputs is None else None, submodule=args.submodule)
         check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
                          default_input_fn_used=args.inputs is None)
+        if config.prune is not None:  # e.g. --exclude naming no module; the inputs' ranks, as compress sees them
+            prune_targets(compressed, config.prune, to_inputs(example_inputs))
         if config.quantize is not None and config.quantize.dynamic_dims:
             resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
@@ -644,7 +647,8 @@ def run_channels(args: argparse.Namespace) -> int:
     _quiet_frameworks()
     try:
         data = None
-        if (args.model in BUILTIN_MODELS and args.checkpoint is None) or args.latency:  # sizes a built-in model
+        # data sizes a built-in model; a DataModule of the user's gives a batch whose shapes tell more (below)
+        if (args.model in BUILTIN_MODELS and args.checkpoint is None) or args.latency or args.data not in BUILTIN_DATA:
             data = _datamodule(args)
             data.prepare_data()
             data.setup("fit")

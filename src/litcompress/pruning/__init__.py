@@ -27,6 +27,7 @@ from litcompress.pruning.lottery import rewind_, take_snapshot
 from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
 from litcompress.pruning.narrow import load_shrunk_state_dict, narrow_to_state_dict_
 from litcompress.pruning.parametrizations import fold_parametrizations_
+from litcompress.pruning.recurrent import prune_units_, zero_units
 from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, removable_channels, shrink, shrink_
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "prune_heads_",
     "prune_model_",
     "prune_to_sparsity_",
+    "prune_units_",
     "pruned_targets",
     "remove_zero_heads_",
     "removable_channels",
@@ -69,4 +71,5 @@ __all__ = [
     "shrink_",
     "take_snapshot",
     "with_tied_targets",
+    "zero_units",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from litcompress.pruning.heads import HeadPrunedAttention, decode_kept_heads, disable_nested_tensor_
+from litcompress.pruning.recurrent import RECURRENT_LAYERS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -54,6 +55,10 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
     replaced = tuple(f"{name}." for name in changed)  # a dry run still has torch's attention there
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if isinstance(module, RECURRENT_LAYERS):
+            if _resize_recurrent_(module, state_dict, prefix, name, apply) and name not in changed:
+                changed.append(name)
+            continue
         weight = _tensor(state_dict, prefix + "weight")
         if isinstance(module, _BATCH_NORM) and weight is None:  # no affine parameters: its statistics tell the width
             weight = state_dict.get(prefix + "running_mean")
@@ -150,6 +155,37 @@ def _resize_batch_norm_(module: nn.Module, weight: Tensor, name: str, apply: boo
         if buffer is not None:
             setattr(module, buffer_name, torch.empty(features, dtype=buffer.dtype, device=buffer.device))
     module.num_features = features
+    return True
+
+
+def _resize_recurrent_(module: nn.RNNBase, state_dict: Mapping[str, Any], prefix: str, name: str,
+                       apply: bool) -> bool:
+    """An LSTM/GRU/RNN with the state's hidden units (shrink removes units from every layer alike) and input
+    features (a producer before it lost channels)."""
+    recurrent = _tensor(state_dict, prefix + "weight_hh_l0")
+    inputs = _tensor(state_dict, prefix + "weight_ih_l0")
+    if not (isinstance(recurrent, Tensor) and isinstance(inputs, Tensor) and recurrent.dim() == inputs.dim() == 2):
+        return False
+    hidden, input_size = int(recurrent.shape[1]), int(inputs.shape[1])
+    if (hidden, input_size) == (module.hidden_size, module.input_size) or getattr(module, "proj_size", 0):
+        return False
+    if hidden > module.hidden_size or input_size > module.input_size:
+        raise ValueError(f"{name or 'the model'}: the state dict's layer has {hidden} hidden units and {input_size} "
+                         f"inputs, more than this layer's {module.hidden_size} and {module.input_size}: shrink only "
+                         "removes them, so this is not a shrunk state of this model.")
+    if not apply:
+        return True
+    old_hidden = module.hidden_size
+    for tensor_name in module._flat_weights_names:
+        old = getattr(module, tensor_name)
+        shape = [size // old_hidden * hidden if i == 0 else size for i, size in enumerate(old.shape)]
+        if tensor_name.startswith("weight_hh"):
+            shape[1] = hidden
+        elif tensor_name.startswith("weight_ih"):
+            shape[1] = input_size if tensor_name.startswith("weight_ih_l0") else shape[1] // old_hidden * hidden
+        setattr(module, tensor_name, _like(old, torch.Size(shape)))
+    module.hidden_size, module.input_size = hidden, input_size
+    module._init_flat_weights()
     return True
 
 

@@ -27,7 +27,10 @@ twice, the model's output, or a concatenation whose inputs' widths the graph doe
 chain and keep the producer as it is. The feed-forward blocks of torch's Transformer layers, which fx does not trace
 into, are chains too. Channel spaces that residual additions or gating products (``w2(silu(w1(x)) * w3(x))``) join
 are handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zero wherever the group's readers read
-it (in all terms of a sum, in one factor of a product) leaves all of the group's layers.
+it (in all terms of a sum, in one factor of a product) leaves all of the group's layers. The hidden units of
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` layers that output zero (:mod:`litcompress.pruning.recurrent`) leave the layer and
+the inputs of what reads its output sequence or final states (a Linear, through indexing of time, batch or layer dims
+that example inputs tell, or another recurrent layer); a recurrent layer is a consumer too.
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``, or become so with its bool flags held
 (``return_features=False``: every combination is traced, and a layer loses channels only where all agree); the
@@ -57,6 +60,8 @@ from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_
                                         tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
+from litcompress.pruning.recurrent import (RECURRENT_LAYERS, keep_inputs_, keep_units_, units_why_not,
+                                           zero_units)
 from litcompress.pruning.schedules import kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -1301,6 +1306,15 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     module = modules.get(str(user.target)) if user.op == "call_module" else None
     if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
         return _reuse_reason(str(user.target), modules, subject=str(user.target))
+    if module is not None and type(module) in RECURRENT_LAYERS:  # reads its input's last dim: features
+        if has_computed_tensors(module):
+            return f"its consumer {user.target} is parametrized"
+        if is_conv or branch.flattened or module.input_size != branch.width or user.args[0] is not node:
+            return f"its consumer {_describe(user, modules)} does not take its channels one to one"
+        branch.consumer, branch.consumer_name = module, str(user.target)
+        branch.zeros_only = not module.bias  # a constant folds into bias_ih_l0, when there is one
+        done.append(branch)
+        return None
     if module is not None and _has_channels(module):
         if has_computed_tensors(module):
             return f"its consumer {user.target} is parametrized"
@@ -1358,8 +1372,13 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         branch.flattened = squeezed == 2  # (batch, channels) left: features, as after a flatten
     elif is_conv and not branch.flattened and (indexed := _spatial_index(user, node, producer.weight.dim())):
         branch.flattened = indexed == "all"  # a chomp or crop keeps a conv activation; x[:, :, -1] leaves features
+    elif type(producer) in RECURRENT_LAYERS and _selects_leading_dims(user, node):
+        pass  # a time step, a layer's state, a batch entry: each hidden unit keeps its value (zero, for a dead one)
     elif not is_conv and not branch.flattened and _keeps_features(user, node):
         pass  # tokens pooled or one taken: each feature keeps its constant
+    elif type(producer) in RECURRENT_LAYERS and _rank(node) is None and user.target is operator.getitem:
+        return (f"its output goes to {_describe(user, modules)}, an index whose dims (time, batch or units) shrink "
+                "tells only from the example inputs' shapes: pass example_inputs")
     else:
         return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
     return _walk(user, producer, branch, done, modules, calls) if walk_on else user
@@ -1540,10 +1559,21 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                 + ", ".join([producer_name] * is_grouped(producer)
                             + [b.consumer_name for b in chain.branches if is_grouped(b.consumer)])
                 + ", which must each lose as many")
+    if not all(math.isfinite(float(value[dead].abs().sum())) for value in constants):
+        return "its zero channels output non-finite constants"
+    folded, through = _edit_branches_(chain.branches, constants, dead)
+    _keep_rows_(producer, (~dead).nonzero().flatten())
+    return LayerShrink(producer_name, chain.consumer_names, channels, int((~dead).sum()), int(folded.sum()),
+                       left=int((zero & ~dead).sum()), through=tuple(through))
+
+
+def _edit_branches_(branches: list[_Branch], constants: list[Tensor], dead: Tensor) -> tuple[Tensor, list[str]]:
+    """Remove the `dead` ones of a producer's channels from the per-channel layers on its `branches` and from their
+    consumers, each folding the `constants` its branch delivers; returns which removed channels were folded (non-zero
+    constants) and the layers passed through that lost channels."""
+    channels = dead.numel()
     keep = (~dead).nonzero().flatten()
     remove = dead.nonzero().flatten()
-    if not all(math.isfinite(float(value[remove].abs().sum())) for value in constants):
-        return "its zero channels output non-finite constants"
 
     def kept_in(start: int, total: int) -> Tensor:
         """The channels kept of `total`, among which the producer's are ``[start, start + channels)``."""
@@ -1553,7 +1583,7 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
     folded = torch.zeros_like(dead)
     through: list[str] = []
     edited: set[int] = set()  # ops before a fork are on several branches
-    for branch, value in zip(chain.branches, constants):
+    for branch, value in zip(branches, constants):
         start, total = 0, channels
         for op in branch.ops:
             if isinstance(op, _Concat):
@@ -1574,15 +1604,16 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                 through += op.names
         folded |= dead & (value != 0)
         _fold_and_drop_inputs_(branch, remove + start, value[remove], kept_in(start, total), total)
-    _keep_rows_(producer, keep)
-    return LayerShrink(producer_name, chain.consumer_names, channels, int(keep.numel()), int(folded.sum()),
-                       left=int((zero & ~dead).sum()), through=tuple(through))
+    return folded, through
 
 
 def _fold_and_drop_inputs_(branch: _Branch, remove: Tensor, constants: Tensor, keep: Tensor, channels: int) -> None:
     """Add what the `remove`d ones of the consumer's input `channels` contributed (the `constants` they carry) to
     the consumer's bias, then keep only the inputs that read the `keep` ones."""
     consumer = branch.consumer
+    if type(consumer) in RECURRENT_LAYERS:
+        keep_inputs_(consumer, keep, constants, remove)
+        return
     if bool((constants != 0).any()) and is_grouped(consumer):  # an unpadded one: input channel c, group g's rows
         weight = consumer.weight.detach().double()  # summed in float64, rounded once into the bias (see below)
         per_group, rows = channels // consumer.groups, weight.shape[0] // consumer.groups
@@ -1659,6 +1690,142 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                                                     else _feed_forward_chain(layer_name, layer))
 
 
+def _selects_leading_dims(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` indexes only dims of `node` (of a rank the example inputs gave) before its last, the hidden
+    units of a recurrent layer's output or state, with numbers and slices: ``out[:, -1]``, ``out[-1]``,
+    ``h_n[-1]``. Each unit keeps its values (zero everywhere, for a dead one)."""
+    rank = _rank(node)
+    if rank is None or user.op != "call_function" or user.target is not operator.getitem or user.args[0] is not node:
+        return False
+    index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    return 0 < len(index) < rank and all(
+        (isinstance(i, int) and not isinstance(i, bool))
+        or (isinstance(i, slice) and all(isinstance(b, (int, type(None))) for b in (i.start, i.stop, i.step)))
+        for i in index)
+
+
+@dataclass
+class _RecurrentChain:
+    """A recurrent layer and, for each of its outputs that the graph reads (the output sequence, the last hidden
+    state, an LSTM's last cell state), the branches to its consumers and how many hidden units wide its last dim is
+    (the directions for the output sequence, whose features are ``[forward units, backward units]``; 1 for a
+    state)."""
+
+    rnn: nn.Module
+    outputs: list[tuple[list[_Branch], int]]
+
+    @property
+    def consumer_names(self) -> str:
+        names = [branch.consumer_name for branches, _ in self.outputs for branch in branches]
+        return ", ".join(dict.fromkeys(names))
+
+
+def _is_item(node: fx.Node, source: fx.Node, indices: tuple[int, ...]) -> bool:
+    return (node.op == "call_function" and node.target is operator.getitem and node.args[0] is source
+            and type(node.args[1]) is int and node.args[1] in indices)
+
+
+def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], calls: dict[str, int],
+                     traces: list[_Trace]) -> _RecurrentChain | str:
+    """The chain from the recurrent layer `name`'s call `node` to the consumers of its outputs, or the reason its
+    hidden units cannot be removed."""
+    rnn = modules[name]
+    why = units_why_not(rnn)
+    if why is not None:
+        return why
+    if calls[name] > 1:
+        return _reuse_reason(name, modules)
+    if has_computed_tensors(rnn):
+        return "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
+    if len(node.args) != 1 or node.kwargs:
+        return "it is called with an initial state (hx), from which a zero unit does not stay zero"
+    if any(name in _called_modules(trace.graph) for trace in traces[1:]):
+        return "forward has bool flags, and shrink removes recurrent units only from models without them"
+    directions = 2 if rnn.bidirectional else 1
+    outputs: list[tuple[fx.Node, int]] = []
+    for user in _value_users(node):
+        if not _is_item(user, node, (0, 1)):
+            return f"its (output, state) pair goes to {_describe(user, modules)}, which shrink does not see through"
+        if user.args[1] == 0:
+            outputs.append((user, directions))
+        elif rnn.mode != "LSTM":
+            outputs.append((user, 1))
+        else:
+            for inner in _value_users(user):  # (h_n, c_n)
+                if not _is_item(inner, user, (0, 1)):
+                    return f"its (h_n, c_n) pair goes to {_describe(inner, modules)}, which shrink does not see through"
+                outputs.append((inner, 1))
+    chain = _RecurrentChain(rnn, [])
+    for tensor, width in outputs:
+        if not _value_users(tensor):
+            continue
+        branches: list[_Branch] = []
+        reason = _walk(tensor, rnn, _Branch(width * rnn.hidden_size), branches, modules, calls)
+        if reason is not None:
+            return reason
+        chain.outputs.append((branches, width))
+    return chain if chain.outputs else "its output is not used"
+
+
+def _recurrent_chains(traced: _Traced) -> Iterator[tuple[str, _RecurrentChain | str]]:
+    """Each recurrent layer (nn.LSTM, nn.GRU, nn.RNN) that the graph calls, once, with its chain or the reason its
+    hidden units cannot be removed."""
+    seen: set[str] = set()
+    for node in traced.graph.nodes:
+        name = str(node.target)
+        if node.op == "call_module" and name not in seen and isinstance(traced.modules[name], RECURRENT_LAYERS):
+            seen.add(name)
+            yield name, _recurrent_chain(node, name, traced.modules, traced.calls, traced.traces)
+
+
+def _units_stand_in(dead: Tensor) -> nn.Linear:
+    """A bias-less Linear layer whose zero rows are the `dead` channels: what `_constant_channels` reads of a
+    producer whose dead channels output zero."""
+    stand_in = nn.Linear(1, dead.numel(), bias=False)
+    with torch.no_grad():
+        stand_in.weight.copy_((~dead).to(stand_in.weight.dtype).view(-1, 1))
+    return stand_in
+
+
+def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | None = None) -> LayerShrink | str | None:
+    """Remove the recurrent layer's hidden units that output zero (:func:`zero_units`) and reach every consumer as
+    constants, from the layer, the per-channel layers on its branches and its consumers (which fold the constants
+    their branches make of the zeros, e.g. a sigmoid's 0.5)."""
+    rnn, hidden = chain.rnn, chain.rnn.hidden_size
+    zero = zero_units(rnn)
+    if not bool(zero.any()):
+        return None
+    dead = zero.clone()
+    values: list[list[Tensor]] = []
+    for branches, width in chain.outputs:
+        stand_in = _units_stand_in(zero.repeat(width))
+        values.append([])
+        for branch in branches:
+            constant, value = _constant_channels(stand_in, branch)
+            if branch.zeros_only:
+                constant &= value == 0
+            dead &= constant.cpu().view(width, hidden).all(0)
+            values[-1].append(value)
+    if not bool(dead.any()):
+        return ("its zero units output non-zero constants into the bias-less recurrent layer(s) "
+                f"{chain.consumer_names}, which have no bias to fold them into")
+    keep_a_multiple_(dead, keep_multiple_of)
+    if not bool(dead.any()):
+        return f"keeping a multiple of {keep_multiple_of} units leaves none of its zero units to remove"
+    if bool(dead.all()):
+        dead[0] = False  # keep one unit: a zero-width layer breaks exporters and kernels
+    if not all(math.isfinite(float(value.view(-1, hidden)[:, dead].abs().sum()))
+               for each in values for value in each):
+        return "its zero units output non-finite constants"
+    folded = torch.zeros_like(dead)
+    for (branches, width), constants in zip(chain.outputs, values):
+        on_branches, _ = _edit_branches_(branches, constants, dead.repeat(width))
+        folded |= on_branches.view(width, hidden).any(0)
+    keep_units_(rnn, (~dead).nonzero().flatten())
+    return LayerShrink(name, chain.consumer_names, hidden, int((~dead).sum()), int(folded.sum()),
+                       left=int((zero & ~dead).sum()))
+
+
 def _called_modules(graph: fx.Graph) -> set[str]:
     return {str(node.target) for node in graph.nodes if node.op == "call_module"}
 
@@ -1699,8 +1866,10 @@ class ChannelPlan:
     groups: list  # list[ChannelGroup] (litcompress.pruning.groups imports this module)
     batch_norms: dict[str, dict[str, int]]
     layers: dict[str, str] = field(default_factory=dict)  # each producer described: "Conv2d 16 -> 32"
-    # LSTM/GRU/RNN layers (and cells), described: shrink does not narrow them (their rows are gates)
+    # LSTM/GRU/RNN layers (and cells), described
     recurrent: dict[str, str] = field(default_factory=dict)
+    # for each of them, why shrink cannot remove its hidden units once zero (None: it can)
+    units: dict[str, str | None] = field(default_factory=dict)
     # producers whose channels go in equal numbers from each of that many groups (grouped convs, or their inputs)
     slice_groups: dict[str, int] = field(default_factory=dict)
     # producers whose channels go only when exactly zero, not as constants: a branch reaches a zero-padded conv
@@ -1726,7 +1895,8 @@ class ChannelPlan:
             lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
                          f"{reason if verdict == 'no' else ''}".rstrip())
         for name, kind in self.recurrent.items():
-            lines.append(f"{name:<{width}}  {kind:<24}  {'no':<9}  {RECURRENT_REASON}")
+            reason = self.units.get(name, CELL_REASON)
+            lines.append(f"{name:<{width}}  {kind:<24}  {'no' if reason else 'units':<9}  {reason or ''}".rstrip())
         for i, group in enumerate(self.groups, 1):
             writers = [name if len(starts) == 1 else f"{name} ({len(starts)} chunks)"
                        for name, starts in group.producer_slices().items()]
@@ -1739,6 +1909,7 @@ class ChannelPlan:
             lines.append(f"BatchNorms held at zero for pruned channels while pruning (zero_batch_norm; a group's own "
                          f"are held with it): {', '.join(held)}")
         removable = sum(reason is None or name in group_of for name, reason in self.reasons.items())
+        removable += sum(self.units.get(name, CELL_REASON) is None for name in self.recurrent)
         lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; structured "
                      "pruning with "
                      "PruneConfig(removable_only=True) prunes only those.")
@@ -1780,11 +1951,14 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
                    if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
+        units={**{name: reason if isinstance(reason, str) else None for name, reason in _recurrent_chains(traced)},
+               **{name: _hidden_reason(name, _called_modules(traced.graph), modules) for name, m in modules.items()
+                  if isinstance(m, RECURRENT_LAYERS) and name not in _called_modules(traced.graph)}},
     )
 
 
-RECURRENT_REASON = ("a recurrent layer: shrink does not remove hidden units (its rows are gates); unstructured pruning "
-                    "prunes its weights")
+CELL_REASON = ("a recurrent cell, called once per time step: shrink removes the hidden units of nn.LSTM, nn.GRU and "
+               "nn.RNN layers only; unstructured pruning prunes its weights")
 
 
 def _describe_layer(module: nn.Module) -> str:
@@ -1938,6 +2112,18 @@ def shrink_(
             kept.append((name, outcome))
     kept += [(name, _unreached_reason(name, traces, modules)) for name in modules
              if name in producers - reached and bool(_zero_channels(modules[name]).any())]
+    # Recurrent layers lose the hidden units that output zero (their consumers' inputs were narrowed above, if any).
+    for name, chain in _recurrent_chains(traced):
+        reached.add(name)
+        outcome = chain if isinstance(chain, str) else _shrink_units_(chain, name, keep_multiple_of)
+        if isinstance(outcome, LayerShrink):
+            layers.append(outcome)
+        elif isinstance(outcome, str) and units_why_not(modules[name]) is None and bool(zero_units(
+                modules[name]).any()):
+            kept.append((name, outcome))
+    kept += [(name, _hidden_reason(name, _called_modules(graph), modules)) for name, module in modules.items()
+             if isinstance(module, RECURRENT_LAYERS) and name not in reached and units_why_not(module) is None
+             and bool(zero_units(module).any())]
     # Channel spaces joined by residual additions or gating products lose the channels that are exactly zero
     # wherever they are read.
     grouped = remove_zero_group_channels_(model, groups, keep_multiple_of)

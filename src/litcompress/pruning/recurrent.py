@@ -1,0 +1,174 @@
+"""Hidden units of recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): rank, prune (mask) and remove them.
+
+A recurrent layer's weight matrices stack one block of `hidden_size` rows per gate (LSTM: input, forget, cell and
+output gates; GRU: reset, update and new gates; RNN: one), so a row is no channel: hidden unit j owns row j of every
+gate block, in every layer and direction, and column j of the recurrent weights (and of the next layer's input
+weights). `nn.LSTM` gives all its layers one `hidden_size`, so a unit is removable only as index j of every layer.
+
+Unit j outputs exactly zero at every time step, whatever the input, when its *candidate* rows are zero (the rows
+that feed new values into the state: the LSTM's cell gate g, the GRU's new gate n, the RNN's only gate) and the
+initial state is zero (no ``hx`` passed): the LSTM's cell then stays ``f * 0 + i * tanh(0) = 0`` and its output
+``o * tanh(0) = 0``; the GRU's state ``(1 - z) * tanh(0) + z * 0 = 0``; the RNN's ``tanh(0) = 0``. Its other
+gates' rows and its columns then compute nothing that reaches an output, so :func:`keep_units_` removes all of
+them. Pruning a unit (:func:`prune_units_`) masks all of its rows and biases, in every layer and direction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .engine import effective_tensor, set_mask_
+
+__all__ = ["RECURRENT_LAYERS", "gate_count", "keep_units_", "prunable_recurrent_layers", "prune_units_",
+           "unit_norms", "units_why_not", "zero_units"]
+
+#: The recurrent layers whose hidden units litcompress prunes and removes (their cells are called once per step
+#: from a Python loop, which a trace unrolls: they are left alone).
+RECURRENT_LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def gate_count(rnn: nn.RNNBase) -> int:
+    """The blocks of `hidden_size` rows in each of `rnn`'s weight matrices."""
+    return {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1)
+
+
+def _candidate_gate(rnn: nn.RNNBase) -> int:
+    """The gate block whose rows feed new values into the state (LSTM: g, third of i, f, g, o; GRU: n, third of r,
+    z, n; RNN: its only one)."""
+    return 2 if rnn.mode in ("LSTM", "GRU") else 0
+
+
+def _suffixes(rnn: nn.RNNBase) -> list[str]:
+    """The tensor-name suffix of each layer and direction: ``_l0``, ``_l0_reverse``, ``_l1``, ..."""
+    directions = ("", "_reverse") if rnn.bidirectional else ("",)
+    return [f"_l{layer}{direction}" for layer in range(rnn.num_layers) for direction in directions]
+
+
+def units_why_not(rnn: nn.Module) -> str | None:
+    """Why `rnn`'s hidden units cannot be pruned or removed, or None."""
+    if type(rnn) not in RECURRENT_LAYERS:  # a subclass may have another forward
+        return f"{type(rnn).__name__} is not one of nn.LSTM, nn.GRU, nn.RNN"
+    if getattr(rnn, "proj_size", 0):
+        return "it projects its hidden state (proj_size), which then is not its units"
+    if rnn.hidden_size < 2:
+        return "it has a single hidden unit"
+    return None
+
+
+def unit_norms(rnn: nn.RNNBase, n: float = 2) -> Tensor:
+    """Each hidden unit's importance: the Ln norm of its rows in all gate blocks of every weight matrix, in every
+    layer and direction."""
+    gates, hidden = gate_count(rnn), rnn.hidden_size
+    total = None
+    for suffix in _suffixes(rnn):
+        for kind in ("weight_ih", "weight_hh"):
+            rows = effective_tensor(rnn, kind + suffix).reshape(gates, hidden, -1)
+            part = rows.abs().pow(n).sum(dim=(0, 2))
+            total = part if total is None else total + part
+    assert total is not None
+    return total.pow(1.0 / n)
+
+
+def zero_units(rnn: nn.RNNBase) -> Tensor:
+    """A bool per hidden unit: True when it outputs exactly zero from a zero initial state, whatever the input (its
+    candidate rows and biases are zero in every layer and direction; see the module docstring)."""
+    gates, hidden, gate = gate_count(rnn), rnn.hidden_size, _candidate_gate(rnn)
+    zero = torch.ones(hidden, dtype=torch.bool)
+    with torch.no_grad():
+        for suffix in _suffixes(rnn):
+            for kind in ("weight_ih", "weight_hh"):
+                rows = effective_tensor(rnn, kind + suffix).reshape(gates, hidden, -1)[gate]
+                zero &= (rows == 0).all(dim=1).cpu()
+            if rnn.bias:
+                for kind in ("bias_ih", "bias_hh"):
+                    zero &= (effective_tensor(rnn, kind + suffix).reshape(gates, hidden)[gate] == 0).cpu()
+    return zero
+
+
+def prunable_recurrent_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The names of `model`'s recurrent layers whose units :func:`prune_units_` prunes (outside `exclude`)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, RECURRENT_LAYERS) and name not in exclude and units_why_not(module) is None]
+
+
+def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (), n: float = 2,
+                 names: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Mask the ``round(fraction * hidden_size)`` hidden units with the smallest :func:`unit_norms` in each recurrent
+    layer of `model` (`names`: only those), at least one unit staying: their rows in every gate block of every
+    weight matrix and bias, in every layer and direction, through ``torch.nn.utils.prune`` masks. Units already
+    masked (or zero) stay masked, so growing fractions along a schedule prune a growing set. Returns the masked unit
+    count per layer. Layers named in `exclude`, or whose units cannot be removed (:func:`units_why_not`), are left.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"prune_units_(fraction={fraction!r}): expected a fraction of each recurrent layer's hidden "
+                         "units in [0, 1).")
+    modules = dict(model.named_modules())
+    masked: dict[str, int] = {}
+    for name in prunable_recurrent_layers(model, exclude):
+        if names is not None and name not in names:
+            continue
+        rnn = modules[name]
+        hidden, zero = rnn.hidden_size, zero_units(rnn)
+        count = min(max(int(round(fraction * hidden)), int(zero.sum())), hidden - 1)
+        norms = unit_norms(rnn, n).cpu()
+        norms[zero] = -1.0  # pruned earlier (or dead): first out
+        pruned = torch.argsort(norms, stable=True)[:count]
+        keep_rows = torch.ones(hidden, dtype=torch.bool)
+        keep_rows[pruned] = False
+        keep_rows = keep_rows.repeat(gate_count(rnn))  # the same unit in every gate block
+        for suffix in _suffixes(rnn):
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if not hasattr(rnn, kind + suffix):  # bias=False
+                    continue
+                tensor = effective_tensor(rnn, kind + suffix)
+                mask = keep_rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor)
+                set_mask_(rnn, kind + suffix, mask.to(tensor.dtype).contiguous())
+        masked[name] = count
+    return masked
+
+
+@torch.no_grad()
+def keep_units_(rnn: nn.RNNBase, keep: Tensor) -> None:
+    """Keep only the hidden units `keep` (indices) of `rnn`, in every layer and direction: their rows in every gate
+    block, their columns of the recurrent weights and of the next layer's input weights. Parameters are replaced
+    (``requires_grad`` kept)."""
+    gates, hidden = gate_count(rnn), rnn.hidden_size
+    directions = 2 if rnn.bidirectional else 1
+    keep = keep.to(torch.long).cpu()
+    rows = torch.cat([keep + g * hidden for g in range(gates)])
+    inputs = torch.cat([keep + d * hidden for d in range(directions)])  # a later layer reads every direction
+    for suffix in _suffixes(rnn):
+        layer = int(suffix[2:].split("_")[0])
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            name = kind + suffix
+            old = getattr(rnn, name, None)
+            if old is None:
+                continue
+            new = old.detach()[rows.to(old.device)]
+            if kind == "weight_hh":
+                new = new[:, keep.to(old.device)]
+            elif kind == "weight_ih" and layer > 0:
+                new = new[:, inputs.to(old.device)]
+            setattr(rnn, name, nn.Parameter(new.clone(), old.requires_grad))
+    rnn.hidden_size = int(keep.numel())
+    rnn._init_flat_weights()  # the forward reads _flat_weights, built from the tensors' names
+
+
+@torch.no_grad()
+def keep_inputs_(rnn: nn.RNNBase, keep: Tensor, constants: Tensor | None = None,
+                 removed: Tensor | None = None) -> None:
+    """Keep only the input features `keep` (indices) of `rnn`'s first layer, in each direction; the `removed` ones
+    carried the `constants`, whose contribution goes into ``bias_ih_l0`` (which the caller made sure exists when
+    any constant is not zero)."""
+    for suffix in ("_l0", "_l0_reverse") if rnn.bidirectional else ("_l0",):
+        weight = getattr(rnn, "weight_ih" + suffix)
+        if constants is not None and removed is not None and bool((constants != 0).any()):
+            contribution = weight.detach().double()[:, removed.to(weight.device)] @ constants.double().to(
+                weight.device)
+            bias = getattr(rnn, "bias_ih" + suffix)
+            bias.data = (bias.data.double() + contribution).to(bias.dtype)
+        new = weight.detach()[:, keep.to(torch.long).to(weight.device)]
+        setattr(rnn, "weight_ih" + suffix, nn.Parameter(new.clone(), weight.requires_grad))
+    rnn.input_size = int(keep.numel())
+    rnn._init_flat_weights()

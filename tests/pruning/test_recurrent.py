@@ -1,0 +1,261 @@
+"""Hidden units of LSTM/GRU/RNN layers: pruned by norm, removed exactly by shrink, loaded back, through the pipeline."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from litcompress import shrink
+from litcompress.models import LSTMClassifier
+from litcompress.pruning.engine import pruned_targets
+from litcompress.pruning.narrow import load_shrunk_state_dict
+from litcompress.pruning.recurrent import (gate_count, keep_units_, prune_units_, unit_norms, units_why_not,
+                                           zero_units)
+from litcompress.pruning.shrink import channel_plan
+
+KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+
+
+def _zero_candidate_rows_(rnn: nn.RNNBase, units: list[int]) -> None:
+    """Zero only the rows feeding new values into the state (LSTM g, GRU n, RNN all) of `units`, everywhere."""
+    hidden = rnn.hidden_size
+    gate = 2 if rnn.mode in ("LSTM", "GRU") else 0
+    with torch.no_grad():
+        for name, tensor in rnn.named_parameters():
+            for unit in units:
+                tensor[gate * hidden + unit] = 0
+
+
+class Sequence(nn.Module):
+    """Linear -> recurrent layer -> (its output sequence, last hidden state or LSTM cell state) -> Linear."""
+
+    def __init__(self, kind: str, layers: int, bidirectional: bool, bias: bool, batch_first: bool, read: str,
+                 activation: bool, hidden: int = 8) -> None:
+        super().__init__()
+        self.kind, self.read, self.batch_first, self.activation = kind, read, batch_first, activation
+        self.embed = nn.Linear(5, 6)
+        self.rnn = KINDS[kind](6, hidden, num_layers=layers, bidirectional=bidirectional, bias=bias,
+                               batch_first=batch_first)
+        directions = 2 if bidirectional else 1
+        self.head = nn.Linear(hidden * directions if read == "output" else hidden, 3)
+
+    def forward(self, x):
+        out, state = self.rnn(self.embed(x))
+        h = state[0] if self.kind == "LSTM" else state
+        if self.read == "output":
+            z = out[:, -1] if self.batch_first else out[-1]
+        elif self.read == "cell" and self.kind == "LSTM":
+            z = state[1][-1]
+        else:
+            z = h[-1]
+        return self.head(torch.sigmoid(z) if self.activation else z)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), layers=st.integers(1, 3), bidirectional=st.booleans(),
+       bias=st.booleans(), batch_first=st.booleans(), read=st.sampled_from(["output", "hidden", "cell"]),
+       activation=st.booleans(), dead=st.sets(st.integers(0, 7)), seed=st.integers(0, 2**16))
+def test_shrink_removes_exactly_the_units_that_output_zero_and_keeps_every_output(
+        kind, layers, bidirectional, bias, batch_first, read, activation, dead, seed):
+    torch.manual_seed(seed)
+    model = Sequence(kind, layers, bidirectional, bias, batch_first, read, activation).eval()
+    _zero_candidate_rows_(model.rnn, sorted(dead))
+    assert zero_units(model.rnn).nonzero().flatten().tolist() == sorted(dead)
+    x = torch.randn((4, 7, 5) if batch_first else (7, 4, 5))
+    result = shrink(model, x)
+    removed = min(len(dead), 7)  # one unit always stays
+    assert result.model.rnn.hidden_size == 8 - removed
+    torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)  # the same function, fewer units
+    if removed:
+        (layer,) = [layer for layer in result.report.layers if layer.name == "rnn"]
+        assert (layer.channels_before, layer.channels_after, layer.consumer) == (8, 8 - removed, "head")
+        assert layer.folded == (removed if activation else 0)  # sigmoid(0) = 0.5 went into the head's bias
+        assert result.report.parameters_after < result.report.parameters_before
+    assert model.rnn.hidden_size == 8  # the model given is untouched
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), layers=st.integers(1, 2), bidirectional=st.booleans(),
+       bias=st.booleans(), fraction=st.floats(0, 0.99), seed=st.integers(0, 2**16))
+def test_prune_units_masks_the_weakest_units_in_every_gate_layer_and_direction(kind, layers, bidirectional, bias,
+                                                                                fraction, seed):
+    torch.manual_seed(seed)
+    holder = nn.Sequential(KINDS[kind](4, 10, num_layers=layers, bidirectional=bidirectional, bias=bias))
+    rnn = holder[0]
+    norms = unit_norms(rnn)
+    (count,) = prune_units_(holder, fraction).values()
+    assert count == min(round(fraction * 10), 9)
+    dead = zero_units(rnn)
+    assert int(dead.sum()) == count
+    assert set(dead.nonzero().flatten().tolist()) == set(torch.argsort(norms, stable=True)[:count].tolist())
+    gates = gate_count(rnn)
+    for _, module, name in pruned_targets(holder):  # every row of a pruned unit, in every gate block, is masked
+        rows = getattr(module, name + "_mask").reshape(gates, 10, -1)
+        assert bool((rows[:, dead] == 0).all()) and bool((rows[:, ~dead] == 1).all())
+    x = torch.randn(6, 3, 4)
+    out = holder(x)[0]
+    assert bool((out.view(6, 3, -1, 10)[..., dead] == 0).all())  # pruned units output zero
+
+
+def test_growing_fractions_keep_the_units_pruned_before_and_at_least_one_unit_stays():
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.LSTM(4, 6))
+    prune_units_(holder, 0.34)
+    first = zero_units(holder[0])
+    with torch.no_grad():  # the pruned units' trainable weights grow large: masked units stay masked
+        holder[0].weight_ih_l0_orig.mul_(100)
+    prune_units_(holder, 0.5)
+    second = zero_units(holder[0])
+    assert bool((second & first).eq(first).all()) and int(second.sum()) == 3
+    prune_units_(holder, 0.1)  # a smaller fraction brings none back
+    assert torch.equal(zero_units(holder[0]), second)
+    prune_units_(holder, 0.99)
+    assert int(zero_units(holder[0]).sum()) == 5
+    with pytest.raises(ValueError, match=r"expected a fraction .* in \[0, 1\)"):
+        prune_units_(holder, 1.0)
+
+
+def test_units_that_cannot_be_removed_are_left_and_said_why():
+    assert "proj_size" in units_why_not(nn.LSTM(4, 8, proj_size=2))
+    assert "single hidden unit" in units_why_not(nn.GRU(4, 1))
+    assert "not one of" in units_why_not(nn.LSTMCell(4, 8))
+    holder = nn.Sequential(nn.LSTM(4, 8, proj_size=2))
+    assert prune_units_(holder, 0.5) == {}
+
+
+class _WithState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, h0):
+        return self.head(self.rnn(x, h0)[0][:, -1])
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.rnn(x)[0][:, :, :4])[0][:, -1])
+
+
+class _Returned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class _IntoBiaslessRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.GRU(4, 8, batch_first=True)
+        self.second = nn.RNN(8, 6, batch_first=True, bias=False)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.second(torch.sigmoid(self.first(x)[0]))[0][:, -1])
+
+
+@pytest.mark.parametrize(("model", "inputs", "reason"), [
+    (_WithState(), (torch.randn(2, 5, 4), torch.randn(1, 2, 8)), "initial state"),
+    (_Twice(), (torch.randn(2, 5, 4),), "called more than once"),
+    (_Returned(), (torch.randn(2, 5, 4),), "model's output"),
+    (_IntoBiaslessRNN(), (torch.randn(2, 5, 4),), "bias-less recurrent layer"),
+])
+def test_shrink_keeps_units_where_removing_them_would_change_the_outputs_and_says_why(model, inputs, reason):
+    rnn = model.first if isinstance(model, _IntoBiaslessRNN) else model.rnn
+    _zero_candidate_rows_(rnn, [1, 4])
+    result = shrink(model.eval(), inputs)
+    kept = dict(result.report.kept)
+    name = "first" if isinstance(model, _IntoBiaslessRNN) else "rnn"
+    assert reason in kept[name]
+    assert getattr(result.model, name).hidden_size == 8
+    torch.testing.assert_close(result.model(*inputs), model(*inputs))
+
+
+def test_without_example_inputs_an_indexed_output_is_kept_and_the_reason_says_to_pass_them():
+    model = LSTMClassifier(hidden=16).eval()
+    plan = channel_plan(model)
+    assert "pass example_inputs" in plan.units["lstm"]
+    assert channel_plan(model, example_inputs=torch.randn(2, 1, 8, 8)).units == {"lstm": None}
+    assert "lstm" in channel_plan(model, example_inputs=torch.randn(2, 1, 8, 8)).table()
+
+
+class _Stacked(nn.Module):
+    """Linear -> ReLU -> LSTM -> LSTM (separate modules) -> Linear: units leave the next LSTM's inputs, and a
+    Linear's zero rows (a constant ReLU(bias)) leave the first LSTM's inputs, folded into its input bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 12)
+        self.first = nn.LSTM(12, 10, batch_first=True, bidirectional=True)
+        self.second = nn.GRU(20, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.second(self.first(torch.relu(self.proj(x)))[0])[0][:, -1])
+
+
+def test_recurrent_layers_read_narrowed_inputs_and_fold_the_constants_of_removed_ones():
+    torch.manual_seed(0)
+    model = _Stacked().eval()
+    with torch.no_grad():
+        model.proj.weight[[0, 3, 7]] = 0
+        model.proj.bias[[0, 3, 7]] = torch.tensor([0.5, -1.0, 2.0])  # ReLU: 0.5, 0, 2 as constants
+    _zero_candidate_rows_(model.first, [2, 5, 9])
+    _zero_candidate_rows_(model.second, [0])
+    x = torch.randn(3, 9, 5)
+    result = shrink(model, x)
+    shrunk = result.model
+    assert (shrunk.proj.out_features, shrunk.first.input_size) == (9, 9)
+    assert (shrunk.first.hidden_size, shrunk.second.input_size, shrunk.second.hidden_size) == (7, 14, 5)
+    layers = {layer.name: layer for layer in result.report.layers}
+    assert layers["proj"].folded == 2 and layers["proj"].consumer == "first"
+    torch.testing.assert_close(shrunk(x), model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_shrunk_state_dict_loads_into_the_model_built_at_its_original_widths(layers):
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden=16, layers=layers).eval()
+    prune_units_(model, 0.5)
+    x = torch.randn(4, 1, 8, 8)
+    result = shrink(model, x)
+    assert result.model.lstm.hidden_size == 8
+    fresh = load_shrunk_state_dict(LSTMClassifier(hidden=16, layers=layers), result.model.state_dict()).eval()
+    assert fresh.lstm.hidden_size == 8 and fresh.head.in_features == 8
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="shrink only removes"):
+        load_shrunk_state_dict(LSTMClassifier(hidden=4, layers=layers), result.model.state_dict())
+
+
+def test_keep_multiple_of_keeps_a_multiple_of_units():
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden=16).eval()
+    _zero_candidate_rows_(model.lstm, list(range(7)))
+    result = shrink(model, torch.randn(2, 1, 8, 8), keep_multiple_of=4)
+    assert result.model.lstm.hidden_size == 12  # 9 live units, rounded up to a multiple of 4
+
+
+def test_keep_units_keeps_the_function_of_the_kept_units_in_every_layer_and_direction():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 6, num_layers=2, bidirectional=True)
+    _zero_candidate_rows_(rnn, [1, 2])
+    x = torch.randn(5, 2, 3)
+    out, (h, c) = rnn(x)
+    keep = torch.tensor([0, 3, 4, 5])
+    keep_units_(rnn, keep)
+    small_out, (small_h, small_c) = rnn(x)
+    torch.testing.assert_close(small_out, out[..., torch.cat([keep, keep + 6])])
+    torch.testing.assert_close(small_h, h[..., keep])
+    torch.testing.assert_close(small_c, c[..., keep])
