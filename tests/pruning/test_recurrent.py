@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from litcompress import shrink
+from litcompress import CompressionConfig, PruneConfig, compress, shrink
 from litcompress.models import LSTMClassifier
 from litcompress.pruning.engine import pruned_targets
 from litcompress.pruning.narrow import load_shrunk_state_dict
@@ -259,3 +259,64 @@ def test_keep_units_keeps_the_function_of_the_kept_units_in_every_layer_and_dire
     torch.testing.assert_close(small_out, out[..., torch.cat([keep, keep + 6])])
     torch.testing.assert_close(small_h, h[..., keep])
     torch.testing.assert_close(small_c, c[..., keep])
+
+
+def test_structured_pruning_in_the_pipeline_prunes_lstm_units_along_its_schedule_and_shrink_removes_them():
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden=32).eval()
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(3)]
+
+    masked_units = []
+
+    def fine_tune(m: nn.Module, step) -> None:
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.05)
+        for t in range(1, 13):
+            x, y = batches[t % 3]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            optimizer.step()
+            step(t)
+            masked_units.append(int(zero_units(m.lstm).sum()))
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return (m(batches[0][0]).argmax(1) == batches[0][1]).float().mean().item()
+
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", rounds=4,
+                                                                 schedule="linear"),
+                                               export=False, latency_repeats=2),
+                      eval_fn=accuracy, example_inputs=batches[0][0], fine_tune=fine_tune, fine_tune_steps=12)
+    # gradually along the schedule (linear to 50% at step 7 of 12, a round every 2 steps: 50% x 2/7, 4/7, 6/7, 1 of
+    # the 32 units, rounded), each round on top of the last
+    assert masked_units == [0, 5, 5, 9, 9, 14, 16, 16, 16, 16, 16, 16]
+    pruned = result.stage_models["pruned"]
+    assert int(zero_units(pruned.lstm).sum()) == 16  # half of the units, exactly
+    assert result.sparsity.sparsity == pytest.approx(0.5, abs=1e-6)  # of the LSTM's weight matrices (head excluded)
+    assert result.report["pruned"].description.startswith("ln_structured local to 50.0%")
+    assert "4 rounds during 12 fine-tuning steps" in result.report["pruned"].description
+    shrunk = result.stage_models["shrunk"]
+    assert shrunk.lstm.hidden_size == 16 and shrunk.head.in_features == 16
+    x = batches[1][0]
+    torch.testing.assert_close(shrunk(x), pruned(x), rtol=0, atol=1e-5)
+    assert model.lstm.hidden_size == 32 and pruned_targets(model) == []  # the caller's model is untouched
+
+
+def test_removable_only_leaves_out_a_recurrent_layer_whose_units_shrink_cannot_remove():
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 8)
+            self.rnn = nn.GRU(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            out = self.rnn(self.proj(x))[0]
+            return self.head(out[:, -1]), out  # the sequence is an output too
+
+    notes = []
+    from litcompress.pipeline.compress import _Pruning
+
+    inputs = (torch.randn(2, 5, 4),)
+    pruning = _Pruning.plan(Encoder(), PruneConfig(sparsity=0.5, method="ln_structured"), None, notes.append, inputs)
+    assert pruning.units == []
+    assert any("rnn: it produces the model's output" in note for note in notes)

@@ -31,6 +31,7 @@ from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_grou
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   unfold_state_dict)
+from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
@@ -119,9 +120,9 @@ def _method_name(config: PruneConfig) -> str:
 
 
 def _select_targets(model: nn.Module, config: PruneConfig,
-                    plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str]]:
-    """`prune_targets`, and the layers `removable_only` left out with the reason shrink could not remove their
-    channels (none without a `plan`)."""
+                    plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str], list[str]]:
+    """`prune_targets`, the layers `removable_only` left out with the reason shrink could not remove their
+    channels (none without a `plan`), and the recurrent layers whose hidden units structured pruning prunes."""
     # GPT-2's Conv1D layers (Linear with the weight stored transposed) count as Linear for unstructured pruning;
     # structured pruning would take their input features for channels, and shrink does not narrow them
     transposed_linear = not config.structured and nn.Linear in config.layer_types
@@ -137,6 +138,11 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
                          "those of model.named_modules().")
     layers = [(name, m) for name, m in layers if name not in exclude]
+    # structured pruning of output channels prunes a recurrent layer's hidden units (prune_units_), which shrink removes
+    recurrent = [name for name, m in model.named_modules() if config.structured and config.dim == 0
+                 and isinstance(m, config.layer_types) and isinstance(m, RECURRENT_LAYERS) and name not in exclude]
+    modules = dict(model.named_modules())
+    units = [name for name in recurrent if units_why_not(modules[name]) is None]
     if config.heads and not prunable_attentions(model, exclude):
         raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
                          "be pruned (outside exclude); pass heads=0.")
@@ -159,7 +165,10 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         removable = plan.removable(residual_groups=_groups_residuals(config))
         left_out = {name: removable.get(name, "it is no Linear or Conv") for name, _ in layers
                     if removable.get(name, "") is not None}
-        if len(left_out) == len(layers) and layers:
+        left_out.update({name: reason for name in recurrent
+                         if (reason := plan.units.get(name, units_why_not(modules[name]))) is not None})
+        units = [name for name in units if name not in left_out]
+        if len(left_out) == len(layers) + len(recurrent) and left_out:
             grouped = {name for group in plan.groups for name in group.producers} & set(left_out)
             remedy = (f"PruneConfig(group_residuals=True, zero_batch_norm=True) prunes {', '.join(sorted(grouped))} "
                       "as channel groups, which shrink removes; or pass" if grouped else "Pass")
@@ -170,11 +179,11 @@ def _select_targets(model: nn.Module, config: PruneConfig,
                 "them anyway, or prune unstructured.")
         layers = [(name, m) for name, m in layers if name not in left_out]
     targets = [(m, t) for name, m in layers for p in config.parameter_names for t in tensor_names(m, p)]
-    if not targets:
+    if not targets and not units:
         raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
                          f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
     # tied weights: the other modules holding a pruned tensor (an embedding tied to the output layer) are masked too
-    return with_tied_targets(model, targets), left_out
+    return with_tied_targets(model, targets), left_out, units
 
 
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
@@ -521,13 +530,15 @@ class _Pruning:
     sets: list[tuple[list[Target], dict[str, Any]]]
     held_at_zero: BatchNormZeroer
     heads_masked: int = 0
+    units: list[str] = dataclasses.field(default_factory=list)  # recurrent layers losing hidden units
+    units_masked: int = 0
 
     @classmethod
     def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
              note: Callable[[str], None], example_inputs: tuple | None = None) -> _Pruning:
         # one trace for the targets, the residual groups and the BatchNorms
         plan = _traced_plan(model, example_inputs)
-        targets, left_out = _select_targets(model, prune, plan)
+        targets, left_out, units = _select_targets(model, prune, plan)
         if left_out:
             by_reason: dict[str, list[str]] = {}
             for name, reason in left_out.items():
@@ -543,7 +554,7 @@ class _Pruning:
         held_at_zero = BatchNormZeroer(model, groups + lone_layers + biased,
                                        biases=[True] * len(groups) + [False] * len(lone_layers) + [True] * len(biased))
         return cls(model, prune, keep_multiple_of, targets, groups, _by_output_dim(model, layer_targets, prune, plan),
-                   held_at_zero)
+                   held_at_zero, units=units)
 
     def prune_once_(self, sparsity: float) -> int:
         """Prune every set and group to `sparsity` at once (entries pruned before stay); returns how many entries
@@ -553,8 +564,23 @@ class _Pruning:
                                        keep_multiple_of=multiple, **kwargs) for subset, kwargs in self.sets)
         prune_groups_(self.model, self.groups, sparsity, prune.norm, multiple)
         self.prune_heads_(sparsity)
+        self.prune_units_(sparsity)
         self.held_at_zero.refresh().apply_()
         return newly
+
+    def prune_units_(self, sparsity: float) -> bool:
+        """Prune the recurrent layers' hidden units to `sparsity` of each layer's; True if more are masked."""
+        if not self.units:
+            return False
+        masked = sum(prune_units_(self.model, sparsity, n=self.prune.norm, names=tuple(self.units)).values())
+        grew, self.units_masked = masked > self.units_masked, masked
+        return grew
+
+    @property
+    def unit_targets(self) -> list[Target]:
+        """The weight matrices of the recurrent layers losing hidden units (for the sparsity report)."""
+        modules = dict(self.model.named_modules())
+        return [(modules[name], t) for name in self.units for t in tensor_names(modules[name], "weight")]
 
     def prune_heads_(self, sparsity: float) -> bool:
         """Prune the attention heads due at `sparsity` (``PruneConfig.heads`` in proportion); True if any are."""
@@ -746,6 +772,8 @@ def compress(
                         group_rounds.append(t)
                     if pruning.prune_heads_(schedule.target(point)):
                         group_rounds.append(t)
+                    if pruning.prune_units_(schedule.target(point)):
+                        group_rounds.append(t)
                     held_at_zero.refresh()
                 held_at_zero.apply_()
 
@@ -759,7 +787,7 @@ def compress(
                      f"(step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")
             how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps"
-        result_sparsity = sparsity_report(work, targets)
+        result_sparsity = sparsity_report(work, targets + pruning.unit_targets)
         make_permanent_(work)
         work.eval()
         description = f"{prune.describe()}, {how}" + (

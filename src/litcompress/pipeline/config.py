@@ -18,8 +18,9 @@ from litcompress.quantization.config import PTQConfig
 
 ScheduleShape = Literal["cubic", "linear", "oneshot"]
 SCHEDULE_SHAPES: tuple[str, ...] = ("cubic", "linear", "oneshot")
-# Recurrent layers: their "weight" is every weight matrix (weight_ih_l0, weight_hh_l0, ...); unstructured only (a
-# row of a gate-stacked matrix is no channel that shrink could remove).
+# Recurrent layers: their "weight" is every weight matrix (weight_ih_l0, weight_hh_l0, ...). Unstructured methods prune
+# those; structured ones prune the hidden units of nn.LSTM/GRU/RNN (litcompress.pruning.recurrent), not single rows
+# (a row of a gate-stacked matrix is no channel that shrink could remove), and leave the cells.
 RecurrentLayers = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 # transposed convs too: structured pruning of output channels prunes them along dim 1, where theirs are
 PrunableLayers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -54,7 +55,11 @@ class PruneConfig:
             global for unstructured methods, local for structured ones (which only work locally).
         parameter_names: which tensors of each layer to prune.
         layer_types: the layer classes whose tensors are pruned. The default includes ``nn.LSTM``/``GRU``/``RNN``
-            and their cells, whose ``"weight"`` is each of their weight matrices, for unstructured methods only;
+            and their cells, whose ``"weight"`` is each of their weight matrices, for unstructured methods;
+            structured methods on output channels prune the hidden units of ``nn.LSTM``/``GRU``/``RNN`` layers
+            instead (the same fraction of each layer's units, ranked by the ``norm`` of their rows in every gate,
+            layer and direction: :func:`litcompress.pruning.recurrent.prune_units_`), which ``shrink`` removes,
+            and leave the cells;
             with ``nn.Linear`` among them, unstructured methods prune Hugging Face's ``Conv1D`` layers too (GPT-2's
             Linear layers, their weights stored transposed).
         exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
