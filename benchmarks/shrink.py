@@ -28,7 +28,10 @@ by ``shrink``;
 ``x.mean(-1)`` and a Linear head); ``tcn``, Bai et al.'s temporal conv net for 8x1024 sequences (four residual blocks
 of two dilated causal convs, 128 channels, chomped with ``x[:, :, :-p]``, the last step read); ``conformer``, four
 attention-free Conformer blocks (width 144) on 256x80 frames: feed-forward halves and a convolution module
-(pointwise conv, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv).
+(pointwise conv, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv); ``lstm``, a 2-layer ``nn.LSTM`` of 512 units
+over 100 frames of 80 features, its last output read by a Linear head (Lightning's callback has no unit pruning:
+``--amount`` of the LSTM's hidden units are masked by ``litcompress.pruning.recurrent.prune_units_``, the weakest by
+norm, in both variants, made permanent, and removed by ``shrink``).
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
 squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
@@ -76,6 +79,7 @@ from torch import nn  # noqa: E402
 from litcompress import make_permanent_, shrink  # noqa: E402
 from litcompress.models import GatedTransformerBlock  # noqa: E402
 from litcompress.pruning import prune_heads_, removable_channels, residual_groups  # noqa: E402
+from litcompress.pruning.recurrent import prune_units_  # noqa: E402
 from mnist_sparsity import replace_section  # noqa: E402
 
 
@@ -287,6 +291,8 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         return model.eval(), (8, 1024), 32
     if name == "tcn":
         return TCN().eval(), (8, 1024), 32
+    if name == "lstm":
+        return FrameLSTM().eval(), (100, 80), 16
     if name == "conformer":
         model = Conformer()
         randomise_batch_norms_(model)
@@ -414,11 +420,29 @@ class Conformer(nn.Module):
         return self.head(self.blocks(self.inp(x)).mean(1))
 
 
+class FrameLSTM(nn.Module):
+    """A 2-layer LSTM of 512 units over frames of 80 features (a keyword spotter's shape); its last output goes to
+    a Linear head."""
+
+    def __init__(self, hidden: int = 512) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(80, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
 def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
         keep_multiple_of: int | None = None) -> dict:
     base, _, extra = name.partition("+")
     model, shape, big_batch = build(base)
-    masked = prune_like_lightning(model, amount)
+    if base == "lstm":  # Lightning has no unit pruning: the same units masked in place, what a mask ships
+        masked = model
+        prune_units_(masked, amount)
+        make_permanent_(masked)
+    else:
+        masked = prune_like_lightning(model, amount)
     if extra == "heads":  # Lightning has no head pruning: the same heads masked in place, what a mask ships
         prune_heads_(masked, amount)
         make_permanent_(masked)
@@ -465,7 +489,7 @@ def table(results: list[dict]) -> str:
 
 
 MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
-          "inception", "unet", "signal", "tcn", "conformer")
+          "inception", "unet", "signal", "tcn", "conformer", "lstm")
 
 
 def main(argv: list[str] | None = None) -> None:
