@@ -1,0 +1,208 @@
+"""The base of the callbacks that prune whole structures of a LightningModule while it trains, along a schedule:
+attention heads (:class:`~litcompress.callbacks.HeadPruning`) and recurrent layers' hidden units
+(:class:`~litcompress.callbacks.UnitPruning`). Each round masks, through ``torch.nn.utils.prune``, the weakest
+structures of each layer up to the schedule's fraction; training goes on with the rest, and ``litcompress.shrink``
+(or ``CompressOnFitEnd``) then removes them. The masks and the schedule's position are the callback's state, saved in
+checkpoints; under DDP the masks are broadcast from rank 0 after every round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch.nn.utils.prune as torch_prune
+from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
+from litcompress.callbacks.targets import TargetsFoundOnceConfigured
+from litcompress.pruning import engine
+from litcompress.pruning.distributed import broadcast_pruning_state_
+from litcompress.pruning.schedules import SparsitySchedule
+
+_STATE_VERSION = 1
+
+
+class StructurePruning(TargetsFoundOnceConfigured):
+    """Prune the weakest structures (heads, units) of each layer of some kind while training. Subclasses say which
+    layers (:meth:`_layer_names`), which of their tensors the masks are on (:meth:`_tensor_names`), how a round
+    prunes (:meth:`_prune_layers_`) and how many structures a layer has and has pruned (:meth:`_counts`); the
+    schedule, the hooks, the state and the checks are shared."""
+
+    #: the constructor's argument giving the fraction (its name in messages and in the state key)
+    _ARGUMENT = "amount"
+    #: what the fraction is of, in messages: "of each attention's heads"
+    _WHAT = "of each layer's structures"
+    #: the key the pruned fraction is logged under
+    _LOG_KEY = "pruning/structures"
+
+    def __init__(self, amount: Union[SparsitySchedule, float], *, exclude: tuple[str, ...] = (),
+                 make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
+        call = f"{type(self).__name__}({self._ARGUMENT}"
+        if isinstance(amount, SparsitySchedule):
+            if not 0.0 <= float(amount.final_sparsity) < 1.0:
+                raise MisconfigurationException(f"{call}=...): the schedule's final fraction {self._WHAT} "
+                                                f"{amount.final_sparsity} is not in [0, 1).")
+        elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+                or not 0.0 < amount < 1.0:
+            raise MisconfigurationException(f"{call}={amount!r}): expected a fraction {self._WHAT} in (0, 1), "
+                                            "e.g. 0.5, or a SparsitySchedule of that fraction.")
+        if isinstance(exclude, str) or not all(isinstance(name, str) for name in exclude):
+            raise MisconfigurationException(f"{type(self).__name__}(exclude={exclude!r}): expected a tuple of module "
+                                            "names.")
+        if not isinstance(make_pruning_permanent, bool):
+            raise MisconfigurationException(f"{type(self).__name__}(make_pruning_permanent="
+                                            f"{make_pruning_permanent!r}): expected True or False.")
+        if verbose not in (0, 1):
+            raise MisconfigurationException(f"{type(self).__name__}(verbose={verbose!r}): expected 0 or 1.")
+        if not isinstance(log_sparsity, bool):
+            raise MisconfigurationException(f"{type(self).__name__}(log_sparsity={log_sparsity!r}): expected True "
+                                            "or False.")
+        self._log_sparsity = log_sparsity
+        self.amount, self.exclude = amount, tuple(exclude)
+        self._make_pruning_permanent, self._verbose = make_pruning_permanent, verbose
+        self._schedule = amount if isinstance(amount, SparsitySchedule) else None
+        self._targets: list[tuple[nn.Module, str]] = []
+        self._names: list[str] = []
+        self._hook_handles: list[Any] = []
+        self._last_step, self._last_epoch = -1, -1
+        self._restored = False  # state loaded from a checkpoint (only then can a resumed fit have skipped a round)
+        self._warned_fit_too_short = False
+        self._pruned_once = False
+        self._pending_state: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------------------------------ what to prune
+    def _layer_names(self, pl_module: LightningModule) -> list[str]:
+        """The names of the layers whose structures are pruned (outside `exclude`); raise if there are none."""
+        raise NotImplementedError
+
+    def _tensor_names(self, layer: nn.Module) -> list[str]:
+        """The tensors of `layer` that the masks are on."""
+        raise NotImplementedError
+
+    def _prune_layers_(self, pl_module: LightningModule, fraction: float) -> dict[str, int]:
+        """Mask `fraction` of each layer's structures; the masked count per layer."""
+        raise NotImplementedError
+
+    def _counts(self, layer: nn.Module) -> tuple[int, int]:
+        """(structures pruned, structures) of `layer`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
+        modules = dict(pl_module.named_modules())
+        self._targets = [(modules[name], tensor) for name in self._layer_names(pl_module)
+                         for tensor in self._tensor_names(modules[name])]
+        self._names = engine.qualified_names(pl_module, self._targets)
+        self._remove_hooks()
+        self._hook_handles = engine.register_state_hooks(self._targets,
+                                                         permanent_state_dict=self._make_pruning_permanent)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # gradient accumulation: several batches per optimizer step
+            return
+        previous, self._last_step = self._last_step, step
+        if self._schedule is None:
+            if not self._pruned_once:
+                self._pruned_once = True
+                self._prune(trainer, pl_module, float(self.amount))
+        elif self._schedule.unit == "step" and step > previous:
+            # manual optimization moves `global_step` by every optimizer's steps: points passed over get their round
+            point = self._schedule.last_point(previous, step)
+            if point is not None:
+                self._prune(trainer, pl_module, float(self._schedule.target(point)))
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        finished = pl_module.current_epoch + 1
+        if self._schedule is not None and self._schedule.unit == "epoch" and finished != self._last_epoch \
+                and self._schedule.should_prune(finished):
+            self._last_epoch = finished
+            self._prune(trainer, pl_module, float(self._schedule.target(finished)))
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # a fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop):
+        # its round runs here, before training goes on, where the uninterrupted run made it
+        finished = trainer.current_epoch
+        if self._schedule is not None and self._schedule.unit == "epoch" and self._restored and finished > 0 \
+                and finished != self._last_epoch and self._schedule.should_prune(finished):
+            self._last_epoch = finished
+            self._prune(trainer, pl_module, float(self._schedule.target(finished)))
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
+        message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,
+                                                                              self._WHAT)
+        self._warned_fit_too_short = message is not None
+        if message:
+            rank_zero_warn(message)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self._schedule is not None and not self._warned_fit_too_short:
+            progress = trainer.global_step if self._schedule.unit == "step" else pl_module.current_epoch
+            message = stopped_early_message(self._schedule, progress, self._WHAT)
+            if message:
+                rank_zero_warn(message)
+        if self._make_pruning_permanent:  # its own masks only: another pruning callback decides about its own
+            with engine.parameter_order_preserved(engine.unique_modules(self._targets)):
+                for module, name in self._targets:
+                    if engine.is_pruned(module, name):
+                        torch_prune.remove(module, name)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _prune(self, trainer: "pl.Trainer", pl_module: LightningModule, fraction: float) -> None:
+        masked = self._prune_layers_(pl_module, fraction)
+        broadcast_pruning_state_(self._targets)  # norms agree across ranks; masks made identical regardless
+        layers = list({id(module): module for module, _ in self._targets}.values())
+        if self._log_sparsity and layers:
+            counts = [self._counts(layer) for layer in layers]
+            pruned = sum(done for done, _ in counts) / sum(total for _, total in counts)
+            for logger in trainer.loggers:  # they write on rank zero only
+                logger.log_metrics({self._LOG_KEY: pruned}, step=trainer.global_step)
+        if self._verbose:
+            modules = dict(pl_module.named_modules())
+            rank_zero_info(f"`{type(self).__name__}`: {fraction:.1%} {self._WHAT} -> " + ", ".join(
+                f"{name} {'/'.join(map(str, self._counts(modules[name])))}" for name in masked))
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**{self._ARGUMENT: repr(self.amount)}, exclude=list(self.exclude))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks (CPU booleans) and where the schedule is."""
+        masks = {name: engine.mask_of(module, tensor).detach().to("cpu").bool()
+                 for name, (module, tensor) in zip(self._names, self._targets) if engine.is_pruned(module, tensor)}
+        return {"version": _STATE_VERSION, "masks": masks, "last_step": self._last_step,
+                "last_epoch": self._last_epoch, "pruned_once": self._pruned_once}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; masks are re-created once the model is known (``setup``)."""
+        if self._targets:
+            self._restore(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._pending_state = None
+        index = dict(zip(self._names, self._targets))
+        unknown = sorted(set(state.get("masks", {})) - set(index))
+        if unknown:
+            raise MisconfigurationException(f"The checkpoint's `{type(self).__name__}` state masks {unknown}, which "
+                                            f"this callback does not target ({self._names}).")
+        for name, mask in state.get("masks", {}).items():
+            module, tensor = index[name]
+            engine.set_mask_(module, tensor, mask)
+        self._last_step = int(state.get("last_step", -1))
+        self._last_epoch = int(state.get("last_epoch", -1))
+        self._pruned_once = bool(state.get("pruned_once", False))
+        self._restored = True
