@@ -1,6 +1,6 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning,heads,configured} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """
@@ -15,7 +15,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
 from litcompress import ModelPruning
-from litcompress.callbacks import HeadPruning
+from litcompress.callbacks import HeadPruning, UnitPruning
 
 
 class Model(BoringModel):
@@ -50,6 +50,15 @@ class AttentionModel(Model):
         return self.layer(self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(1))
 
 
+class RecurrentModel(Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 32, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.rnn(x.view(-1, 4, 8))[0][:, -1])  # 4 steps of 8
+
+
 class SaveMasks(Callback):
     """Each rank saves its pruning state when training ends (before the strategy tears the processes down)."""
 
@@ -80,6 +89,9 @@ def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked")
     if impl == "heads":  # litcompress's HeadPruning, once after the first step
         model = AttentionModel()
         callback = HeadPruning(0.5, make_pruning_permanent=permanence == "permanent")
+    elif impl == "units":  # litcompress's UnitPruning, once after the first step
+        model = RecurrentModel()
+        callback = UnitPruning(0.5, make_pruning_permanent=permanence == "permanent")
     else:
         cls = LightningModelPruning if impl == "lightning" else ModelPruning
         model = ConfiguredModel() if impl == "configured" else Model()

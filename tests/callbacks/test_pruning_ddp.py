@@ -65,3 +65,13 @@ def test_ddp_ranks_prune_the_same_heads(tmp_path):
     assert int((weight_mask == 0).all(dim=(0, 2, 3)).sum()) == 2  # half of the 4 heads
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_ddp_ranks_prune_the_same_units(tmp_path):
+    states = _run("units", tmp_path)
+    masks = [k for k in states[0] if k.startswith("rnn.") and k.endswith("_mask")]
+    assert masks == ["rnn.weight_ih_l0_mask", "rnn.weight_hh_l0_mask", "rnn.bias_ih_l0_mask", "rnn.bias_hh_l0_mask"]
+    rows = states[0]["rnn.weight_hh_l0_mask"].view(3, 32, 32)  # (gates, units, inputs)
+    assert int((rows == 0).all(dim=(0, 2)).sum()) == 16  # half of the 32 units, in every gate
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key

@@ -1,0 +1,74 @@
+"""`UnitPruning`: prune the hidden units of a LightningModule's LSTM/GRU/RNN layers while it trains, along a schedule.
+
+A thin adapter over :func:`litcompress.pruning.recurrent.prune_units_`: at each round of its schedule, each
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` of the module loses the weakest of its hidden units (their rows in every gate,
+layer and direction masked through ``torch.nn.utils.prune``), up to the schedule's fraction; training goes on with the
+rest. ``litcompress.shrink`` (or ``CompressOnFitEnd``) then removes the pruned units. Use it beside
+:class:`litcompress.ModelPruning`, which prunes channels or weights: Lightning's ``ln_structured`` on a recurrent
+layer's weight matrices masks single gate rows, which no shrink can remove.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from litcompress.callbacks.structures import StructurePruning
+from litcompress.pruning.recurrent import RECURRENT_LAYERS, prunable_recurrent_layers, prune_units_, zero_units
+from litcompress.pruning.schedules import SparsitySchedule
+
+
+class UnitPruning(StructurePruning):
+    """Prune each recurrent layer's weakest hidden units while training (see the module docstring).
+
+    Args:
+        units: a :class:`~litcompress.pruning.schedules.SparsitySchedule` giving the fraction of each recurrent
+            layer's hidden units pruned as training goes (``unit="step"``: optimizer steps; ``"epoch"``: epochs
+            finished), e.g. ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction
+            in (0, 1), pruned once, when the first optimizer step is done. At least one unit of each layer stays.
+            Units are ranked by the L2 norm of their rows in every gate, layer and direction.
+        exclude: names of recurrent layers (as in ``named_modules()``) that keep their units.
+        make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
+            of the model (checkpoints included) holds the effective weights, which load into the unpruned
+            architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
+            load.
+        verbose: 1 logs each round's unit counts.
+        log_sparsity: after each round, send the fraction of the units pruned (over all the layers pruned) to the
+            trainer's loggers as ``pruning/units``, at the round's ``global_step``.
+
+    The callback's state (the masks, the last step or epoch) is saved in checkpoints: a resumed run continues the
+    schedule where it stopped. Under DDP the masks are broadcast from rank 0 after every round. Layers with
+    ``proj_size``, or of one unit, keep theirs; so do the cells (``nn.LSTMCell``, ...).
+    """
+
+    _ARGUMENT = "units"
+    _WHAT = "of each recurrent layer's hidden units"
+    _LOG_KEY = "pruning/units"
+
+    def __init__(self, units: Union[SparsitySchedule, float], *, exclude: tuple[str, ...] = (),
+                 make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
+        super().__init__(units, exclude=exclude, make_pruning_permanent=make_pruning_permanent, verbose=verbose,
+                         log_sparsity=log_sparsity)
+        self.units = units
+
+    def _layer_names(self, pl_module: LightningModule) -> list[str]:
+        layers = prunable_recurrent_layers(pl_module, self.exclude)
+        if not layers:
+            raise MisconfigurationException(
+                f"UnitPruning: {type(pl_module).__name__} has no nn.LSTM, nn.GRU or nn.RNN whose hidden units can be "
+                f"pruned{f' outside exclude={list(self.exclude)}' if self.exclude else ''} (layers with proj_size "
+                "or a single unit, and the cells, keep theirs).")
+        return layers
+
+    def _tensor_names(self, layer: nn.Module) -> list[str]:
+        return [name for name in layer._flat_weights_names if getattr(layer, name, None) is not None]
+
+    def _prune_layers_(self, pl_module: LightningModule, fraction: float) -> dict[str, int]:
+        return prune_units_(pl_module, fraction, exclude=self.exclude)
+
+    def _counts(self, layer: nn.Module) -> tuple[int, int]:
+        assert isinstance(layer, RECURRENT_LAYERS)
+        return int(zero_units(layer).sum()), layer.hidden_size

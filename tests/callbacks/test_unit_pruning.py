@@ -1,0 +1,121 @@
+"""UnitPruning under the real Trainer: LSTM units pruned along the schedule, removed by shrink, checkpoints, resumes."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from litcompress import load_shrunk_state_dict, shrink
+from litcompress.callbacks import HeadPruning, UnitPruning
+from litcompress.data import DigitsDataModule
+from litcompress.models import LSTMClassifier, MLPClassifier
+from litcompress.pruning import is_pruned
+from litcompress.pruning.recurrent import zero_units
+from litcompress.pruning.schedules import PolynomialDecay
+
+
+def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=2)
+    return Trainer(max_epochs=epochs, callbacks=callbacks, **{**options, **kwargs})
+
+
+def _data() -> DigitsDataModule:
+    return DigitsDataModule(batch_size=64, flatten=False)  # shuffled: a resumed run sees the same epoch orders
+
+
+def test_units_pruned_along_a_step_schedule_then_shrink_removes_them(tmp_path):
+    seed_everything(0)
+    model, data = LSTMClassifier(hidden=32, layers=2), _data()
+    counts: list[int] = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            counts.append(int(zero_units(pl_module.lstm).sum()))
+
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=20, frequency=5)
+    _trainer(tmp_path, 2, [UnitPruning(schedule), Watch()]).fit(model, datamodule=data)
+    # the schedule's fraction of 32 units, rounded, after each round (Watch runs after the pruning callback)
+    assert counts[4] == round(32 * schedule.target(5)) and counts[-1] == 16
+    assert all(a <= b for a, b in zip(counts, counts[1:]))  # units pruned stay pruned
+    assert not any(is_pruned(model.lstm, name) for name in model.lstm._flat_weights_names)  # permanent at fit end
+    x = next(iter(data.test_dataloader()))[0]
+    result = shrink(model.eval(), x)
+    assert result.model.lstm.hidden_size == 16 and result.model.head.in_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)
+    fresh = load_shrunk_state_dict(LSTMClassifier(hidden=32, layers=2), result.model.state_dict()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_each_rounds_unit_fraction_goes_to_the_loggers(tmp_path):
+    seed_everything(0)
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=12, frequency=4)  # of 8 units: 0, 3, 4, 4
+    logger = CSVLogger(tmp_path, name="run")
+    _trainer(tmp_path, 1, [UnitPruning(schedule)], logger=logger, log_every_n_steps=1,
+             limit_train_batches=14).fit(LSTMClassifier(hidden=8), datamodule=_data())
+    with open(logger.experiment.metrics_file_path) as file:
+        rows = [row for row in csv.DictReader(file) if row.get("pruning/units")]
+    assert [(int(row["step"]), float(row["pruning/units"])) for row in rows] == [(1, 0.0), (4, 0.375), (8, 0.5),
+                                                                                 (12, 0.5)]
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"killed at step {self.step}")
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_killed_mid_schedule_then_resumed_ends_with_the_same_units_and_weights(tmp_path, make_pruning_permanent):
+    def run(callbacks, ckpt_path=None):
+        model = LSTMClassifier(hidden=16)
+        pruning = UnitPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=30, frequency=4),
+                              make_pruning_permanent=make_pruning_permanent)
+        trainer = _trainer(tmp_path, 3, [pruning, *callbacks], enable_checkpointing=True)
+        trainer.fit(model, datamodule=_data(), ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(1)
+    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
+    seed_everything(1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="killed at step 25"):
+        run([checkpoint, CrashAtStep(25)])  # epoch 1 of 3 (23 steps each), mid-schedule
+    # what the crash left on disk loads into the unpruned architecture (masks re-created when not permanent)
+    state = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    assert any(k.endswith("weight_hh_l0_mask") for k in state) == (not make_pruning_permanent)
+    resumed = run([], ckpt_path=checkpoint.last_model_path)
+    assert int(zero_units(resumed.lstm).sum()) == 12  # round(0.75 * 16)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_input_is_refused_before_training(tmp_path):
+    for bad in (1.0, 0.0, -0.5, True, "half", float("nan")):
+        with pytest.raises(MisconfigurationException, match="UnitPruning\\(units="):
+            UnitPruning(bad)
+    with pytest.raises(MisconfigurationException, match="exclude"):
+        UnitPruning(0.5, exclude="lstm")
+    with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.LSTM, nn.GRU or nn.RNN"):
+        _trainer(tmp_path, 1, [UnitPruning(0.5)]).fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=64))
+    with pytest.raises(MisconfigurationException, match="outside exclude=\\['lstm'\\]"):
+        _trainer(tmp_path, 1, [UnitPruning(0.5, exclude=("lstm",))]).fit(LSTMClassifier(), datamodule=_data())
+
+
+def test_unit_and_head_pruning_keep_their_own_state_keys():
+    """Both callbacks share their base; a Trainer with both saves two states, each under its own key."""
+    units, heads = UnitPruning(0.5), HeadPruning(0.5)
+    assert units.state_key != heads.state_key
+    assert units.state_key.startswith("UnitPruning") and "units" in units.state_key
+    assert heads.state_key == "HeadPruning{'heads': '0.5', 'exclude': []}"  # as before: old checkpoints still load
