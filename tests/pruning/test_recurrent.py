@@ -320,3 +320,36 @@ def test_removable_only_leaves_out_a_recurrent_layer_whose_units_shrink_cannot_r
     pruning = _Pruning.plan(Encoder(), PruneConfig(sparsity=0.5, method="ln_structured"), None, notes.append, inputs)
     assert pruning.units == []
     assert any("rnn: it produces the model's output" in note for note in notes)
+
+
+class _WithSideFeatures(nn.Module):
+    """The last output of a GRU concatenated after a Linear's features, then a BatchNorm1d and a head: units leave
+    their place in the concatenation, the BatchNorm and the head's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side = nn.Linear(3, 4)
+        self.rnn = nn.GRU(5, 8, batch_first=True)
+        self.norm = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x, extra):
+        features = torch.cat([self.side(extra), self.rnn(x)[0][:, -1]], dim=-1)
+        return self.head(torch.tanh(self.norm(features)))
+
+
+def test_units_leave_their_place_in_a_concatenation_and_the_batch_norm_after_it():
+    torch.manual_seed(0)
+    model = _WithSideFeatures().eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+        model.norm.bias.uniform_(-1, 1)  # a dead unit becomes tanh(BN(0)): a non-zero constant, folded
+    _zero_candidate_rows_(model.rnn, [0, 6])
+    inputs = (torch.randn(4, 7, 5), torch.randn(4, 3))
+    result = shrink(model, inputs)
+    shrunk = result.model
+    assert (shrunk.rnn.hidden_size, shrunk.norm.num_features, shrunk.head.in_features) == (6, 10, 10)
+    (layer,) = [layer for layer in result.report.layers if layer.name == "rnn"]
+    assert layer.folded == 2
+    torch.testing.assert_close(shrunk(*inputs), model(*inputs), rtol=0, atol=1e-5)

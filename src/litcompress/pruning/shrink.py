@@ -1237,13 +1237,16 @@ def _follow(start: fx.Node, producer_name: str, modules: dict[str, nn.Module],
     reason = _walk(start, producer, _Branch(_out_channels(producer)), branches, modules, calls)
     if reason is not None:
         return reason
-    # the same _Concat object on several branches is one concatenation before a fork; two objects of one name are
-    # two branches entering it
+    return _meet_again(branches) or _Chain(producer, branches)
+
+
+def _meet_again(branches: list[_Branch]) -> str | None:
+    """Why the `branches` of one producer cannot be edited one by one: two of them enter one concatenation (its
+    channels would sit twice in one space, from one edit); else None. The same _Concat object on several branches
+    is one concatenation before a fork; two objects of one name are two branches entering it."""
     concats = [op.name for op in _unique(op for branch in branches for op in branch.ops) if isinstance(op, _Concat)]
     twice = next((name for name in concats if concats.count(name) > 1), None)
-    if twice is not None:  # its channels would sit twice in one space, from one edit
-        return f"two of its branches meet again in the concatenation {twice}"
-    return _Chain(producer, branches)
+    return None if twice is None else f"two of its branches meet again in the concatenation {twice}"
 
 
 def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch], modules: dict[str, nn.Module],
@@ -1764,7 +1767,9 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
         if reason is not None:
             return reason
         chain.outputs.append((branches, width))
-    return chain if chain.outputs else "its output is not used"
+    if not chain.outputs:
+        return "its output is not used"
+    return _meet_again([branch for branches, _ in chain.outputs for branch in branches]) or chain
 
 
 def _recurrent_chains(traced: _Traced) -> Iterator[tuple[str, _RecurrentChain | str]]:
