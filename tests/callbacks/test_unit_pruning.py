@@ -119,3 +119,22 @@ def test_unit_and_head_pruning_keep_their_own_state_keys():
     assert units.state_key != heads.state_key
     assert units.state_key.startswith("UnitPruning") and "units" in units.state_key
     assert heads.state_key == "HeadPruning{'heads': '0.5', 'exclude': []}"  # as before: old checkpoints still load
+
+
+def test_model_pruning_says_that_structured_pruning_of_gate_rows_removes_nothing_and_points_to_unit_pruning(tmp_path):
+    import warnings
+
+    from litcompress import ModelPruning
+
+    def fit(method: str, **kwargs) -> list[str]:
+        model = LSTMClassifier(hidden=8)
+        callback = ModelPruning(method, parameters_to_prune=[(model.lstm, "weight_hh_l0")], amount=0.5,
+                                use_global_unstructured=False, verbose=0, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _trainer(tmp_path, 1, [callback], limit_train_batches=2).fit(model, datamodule=_data())
+        return [str(w.message) for w in caught if "gate" in str(w.message)]
+
+    (message,) = fit("ln_structured", pruning_dim=0, pruning_norm=2)
+    assert "lstm.weight_hh_l0" in message and "UnitPruning prunes whole hidden units" in message
+    assert fit("l1_unstructured") == []  # unstructured pruning of the same matrix is what it says

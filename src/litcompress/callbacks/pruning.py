@@ -370,6 +370,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
         if stage == "fit" and not given:
             self._warn_of_frozen_defaults()
+        if stage == "fit":
+            self._warn_of_gate_rows()
         self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(
             self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent
@@ -377,6 +379,21 @@ class ModelPruning(TargetsFoundOnceConfigured):
         engine.keep_bypassed_weights_current_(pl_module)  # attention's out_proj: its forward is never called
         if self._pending_state is not None:
             self._restore(self._pending_state)
+
+    def _warn_of_gate_rows(self) -> None:
+        """A structured method on a recurrent layer's weight matrices masks rows, and a row there is one gate of one
+        hidden unit: the unit keeps computing, and no shrink can remove it (Lightning prunes them alike)."""
+        if getattr(self._method, "PRUNING_TYPE", None) != "structured":
+            return
+        gates = [qname for qname, (module, name) in zip(self._qualified_names, self._parameters_to_prune)
+                 if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and name.startswith("weight")]
+        if gates:
+            rank_zero_warn(
+                f"ModelPruning: a structured method on {', '.join(gates[:4])}{', ...' if len(gates) > 4 else ''}, "
+                "a recurrent layer's gate-stacked matrices, masks single gates of hidden units: the units keep "
+                "computing, and shrink cannot remove them, so the model gets no smaller or faster. "
+                "litcompress.callbacks.UnitPruning prunes whole hidden units (every gate, layer and direction), which "
+                "shrink removes.")
 
     def _warn_of_frozen_defaults(self) -> None:
         """The default targets are every layer's tensors, a frozen teacher's or backbone's too (as in Lightning):
