@@ -612,6 +612,25 @@ def test_the_built_in_lstm_is_pruned_in_its_lstm_and_quantized_with_it(tmp_path)
     assert report["quantized"].size_bytes < 0.4 * report["input"].size_bytes
 
 
+def test_the_built_in_lstm_loses_half_its_hidden_units_to_structured_pruning_and_its_file_loads_back(tmp_path):
+    """Before, ln_structured found nothing to prune in it (its LSTM was left out, its head is the output)."""
+    from litcompress import load_shrunk_state_dict
+    from litcompress.models import LSTMClassifier
+
+    out = tmp_path / "lstm"
+    assert main(["compress", "--model", "lstm", "--train-epochs", "1", "--prune", "ln_structured", "--sparsity",
+                 "0.5", "--prune-epochs", "1", "--quantize", "none", "--latency-repeats", "2", "--no-plot",
+                 "--output-dir", str(out)]) == 0
+    report = CompressionReport.load_json(out / "report.json")
+    assert report["shrunk"].parameters < 0.35 * report["input"].parameters  # 64 -> 32 units: about 0.3x
+    model = load_shrunk_state_dict(LSTMClassifier(), torch.load(out / SHRUNK_STATE_FILE)).eval()
+    assert model.lstm.hidden_size == 32 and model.head.in_features == 32
+    loaded, _ = load_quantized(next(out.glob("model.*")))
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)  # the exported file is that model
+
+
 def test_a_text_model_with_dict_batches_called_by_keyword_is_compressed_end_to_end(tmp_path):
     """Hugging Face style: dict batches, self(input_ids=..., attention_mask=...) in the steps. Before, the CLI
     failed after the dense training (a dict is not the model's inputs), and no ONNX or TorchScript candidate could
