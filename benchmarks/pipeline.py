@@ -17,7 +17,12 @@ stem and two DenseNet-BC blocks of 3 layers, growth 8), structured setting only:
 channels from every concatenation that reads them. ``--model swiglu``: ``litcompress.models.GatedTransformerClassifier``
 (an image's 28 rows as tokens, two LLaMA-style blocks of width 64, 4 heads, SwiGLU feed-forward of 256), structured
 setting only: both variants prune half of each feed-forward block's ``w1`` and ``w3`` rows (Lightning's callback
-each layer on its own, litcompress the two as one group), with dynamic int8 for both.
+each layer on its own, litcompress the two as one group), with dynamic int8 for both. ``--model lstm``:
+``litcompress.models.LSTMClassifier`` (sequential MNIST: an image's 28 rows as 28 steps into a 2-layer ``nn.LSTM`` of
+128 units, its last output into a Linear 128-10), structured setting only: Lightning's callback prunes 50% of the rows
+of each of the LSTM's weight matrices (``ln_structured`` on ``weight_ih_l0``, ``weight_hh_l0``, ...: what it can be
+given; a row is one gate of one unit), litcompress 50% of its hidden units (all their rows), which shrink removes;
+dynamic int8 for both, the peer's ``quantize_dynamic`` covering ``nn.LSTM`` too.
 
 Two settings for the MLP: ``l1_unstructured`` to 90% of all weights (global), and ``ln_structured`` (L2) removing 50%
 of the rows of both hidden layers (the classifier is left whole in both variants); for the CNN and the ResNet,
@@ -29,7 +34,7 @@ the two variants of a setting are timed in one interleaved run (allocator and th
 
 Usage::
 
-    python benchmarks/pipeline.py [--model mlp|cnn|resnet|resnext|mobilenet|densenet|swiglu] [--threads 1]
+    python benchmarks/pipeline.py [--model mlp|cnn|resnet|resnext|mobilenet|densenet|swiglu|lstm] [--threads 1]
                                   [--repeats 15]
                                   [--epochs 3] [--fine-tune-epochs 4] [--write]
 
@@ -66,7 +71,8 @@ from torch import nn  # noqa: E402
 from litcompress import CompressionConfig, PruneConfig, compress_lightning  # noqa: E402
 from litcompress.data import MNISTDataModule  # noqa: E402
 from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier,  # noqa: E402
-                                MLPClassifier, MobileNetClassifier, ResNetClassifier, ResNeXtClassifier)
+                                LSTMClassifier, MLPClassifier, MobileNetClassifier, ResNetClassifier,
+                                ResNeXtClassifier)
 from litcompress.quantization import AccuracyCriterion, PTQConfig  # noqa: E402
 from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import pinned_threads  # noqa: E402
@@ -78,10 +84,10 @@ from shrink import interleaved, stats  # noqa: E402
 SETTINGS = {"mlp": (("l1_unstructured", 0.9), ("ln_structured", 0.5)), "cnn": (("ln_structured", 0.5),),
             "resnet": (("ln_structured", 0.5),), "resnext": (("ln_structured", 0.5),),
             "mobilenet": (("ln_structured", 0.5),), "densenet": (("ln_structured", 0.5),),
-            "swiglu": (("ln_structured", 0.5),)}
+            "swiglu": (("ln_structured", 0.5),), "lstm": (("ln_structured", 0.5),)}
 # litcompress's int8: static for convolutions
 APPROACH = {"mlp": "dynamic", "cnn": "static", "resnet": "static", "resnext": "static", "mobilenet": "static",
-            "densenet": "static", "swiglu": "dynamic"}
+            "densenet": "static", "swiglu": "dynamic", "lstm": "dynamic"}
 BATCHES = (1, 64)
 # per model: the BENCHMARKS.md section, its title's end, and the model in words
 SECTIONS = {
@@ -111,6 +117,11 @@ SECTIONS = {
                "as tokens, a Linear 28-64 embedding, two pre-norm blocks of RMSNorm, 4-head attention and a SwiGLU "
                "feed-forward `w2(silu(w1(x)) * w3(x))` of 256 channels, the mean over tokens, a Linear 64-10; both "
                "variants prune half of each block's `w1` and `w3` rows, Lightning's callback each layer on its own)"),
+    "lstm": ("pipeline_lstm", "on an LSTM (`benchmarks/pipeline.py --model lstm`)",
+             "an LSTM for sequential MNIST (`litcompress.models.LSTMClassifier`: each image's 28 rows as 28 steps into "
+             "a 2-layer `nn.LSTM` of 128 units, its last output into a Linear 128-10; Lightning's callback prunes half "
+             "of the rows of each of the LSTM's weight matrices, single gates of units, litcompress half of its "
+             "hidden units, all their rows, which shrink removes)"),
 }
 
 
@@ -143,10 +154,13 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
     if isinstance(model, GatedTransformerClassifier):  # the layers litcompress prunes (the classifier stays last)
         linears = [m for name, m in model.named_modules() if name.endswith((".w1", ".w3"))] + [model.head]
     structured = method.endswith("_structured")
+    targets = [(m, "weight") for m in (linears[:-1] if structured else linears)]
+    if isinstance(model, LSTMClassifier):  # the LSTM's weight matrices: rows of gates are what the callback can take
+        targets = [(model.lstm, name) for name in model.lstm._flat_weights_names if name.startswith("weight")]
     rounds = max(1, epochs // 2)  # at the end of each epoch of the first half: the second half recovers
     per_round = 1.0 - (1.0 - target) ** (1.0 / rounds)  # each round prunes that fraction of what remains
     callback = LightningModelPruning(
-        method, parameters_to_prune=[(m, "weight") for m in (linears[:-1] if structured else linears)],
+        method, parameters_to_prune=targets,
         amount=lambda epoch: per_round if epoch < rounds else 0.0, use_global_unstructured=not structured,
         pruning_dim=0 if structured else None, pruning_norm=2 if structured else None,
         use_lottery_ticket_hypothesis=False, make_pruning_permanent=True, verbose=0,
@@ -154,7 +168,8 @@ def lightning_docs_variant(dense: L.LightningModule, data: MNISTDataModule, meth
     L.seed_everything(seed, verbose=False)
     trainer(epochs, [callback]).fit(model, datamodule=data)
     torch.backends.quantized.engine = "x86"
-    return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+    layers = {nn.Linear, nn.LSTM} if isinstance(model, LSTMClassifier) else {nn.Linear}
+    return torch.ao.quantization.quantize_dynamic(model.eval(), layers, dtype=torch.qint8)
 
 
 def sizes(model: nn.Module) -> dict[str, int]:
@@ -285,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
               "densenet": lambda: DenseNetClassifier(in_channels=1, image_size=28, stem=16, growth=8, layers=3,
                                                      blocks=2, lr=1e-3),
               "swiglu": lambda: GatedTransformerClassifier(in_channels=1, image_size=28, d_model=64, heads=4,
-                                                           layers=2, feed_forward=256, lr=1e-3)}
+                                                           layers=2, feed_forward=256, lr=1e-3),
+              "lstm": lambda: LSTMClassifier(in_channels=1, image_size=28, hidden=128, layers=2, lr=1e-3)}
     dense = models[args.model]()
     trainer(args.epochs).fit(dense, datamodule=data)
     dense_accuracy = test_accuracy(dense, data)
@@ -311,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             heads = (f" It also prunes {args.prune_heads:.0%} of each attention's heads along the same schedule "
                      "(`PruneConfig(heads=...)`), which shrink removes; Lightning's callback has no head pruning.")
         peer_quantization = "`torch.ao.quantization.quantize_dynamic`" + (
+            " (the Linear and LSTM layers)" if args.model == "lstm" else
             "" if APPROACH[args.model] == "dynamic" else " (the Linear layer: dynamic int8 has no convolutions)")
         setup = "\n".join([
             textwrap.fill(f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {torch.__version__}, "
