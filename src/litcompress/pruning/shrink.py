@@ -1762,6 +1762,8 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
     for tensor, width in outputs:
         if not _value_users(tensor):
             continue
+        if width == 1:  # a state, whose layers' and directions' entries one concatenation may join
+            tensor, width = _joined_states(tensor) or (tensor, width)
         branches: list[_Branch] = []
         reason = _walk(tensor, rnn, _Branch(width * rnn.hidden_size), branches, modules, calls)
         if reason is not None:
@@ -1770,6 +1772,29 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
     if not chain.outputs:
         return "its output is not used"
     return _meet_again([branch for branches, _ in chain.outputs for branch in branches]) or chain
+
+
+def _joined_states(state: fx.Node) -> tuple[fx.Node, int] | None:
+    """Where a recurrent layer's `state` (h_n or c_n: one entry of `hidden_size` units per layer and direction) is
+    read only as entries that one concatenation joins along the units, ``torch.cat((h[-2], h[-1]), dim=1)`` (a
+    bidirectional layer's last forward and backward states): that concatenation, whose channel j is unit
+    ``j % hidden_size``, and how many entries it joins; else None."""
+    selections = _value_users(state)
+    if not selections or not all(_selects_leading_dims(user, state) and len(_value_users(user)) == 1
+                                 for user in selections):
+        return None
+    joins = {_value_users(user)[0] for user in selections}
+    if len(joins) != 1:
+        return None
+    (cat,) = joins
+    if not _is_concatenation(cat):
+        return None
+    parts, dim = _concat_parts(cat)
+    rank = _rank(selections[0])
+    if rank is None or dim not in (-1, rank - 1) or not all(
+            isinstance(part, fx.Node) and part in selections and _rank(part) == rank for part in parts):
+        return None
+    return cat, len(parts)
 
 
 def _recurrent_chains(traced: _Traced) -> Iterator[tuple[str, _RecurrentChain | str]]:
