@@ -545,8 +545,8 @@ def run_compress(args: argparse.Namespace) -> int:
     from torch import nn
 
     from litcompress.pipeline import prune_targets
-    from litcompress.quantization.backends import to_inputs
     from litcompress.pipeline.lightning import compress_lightning
+    from litcompress.quantization.backends import to_inputs
     from litcompress.quantization.shapes import resolve_dynamic_dims
     from litcompress.quantization.tuner import check_model_runs
 

@@ -356,3 +356,16 @@ def test_units_leave_their_place_in_a_concatenation_and_the_batch_norm_after_it(
     (layer,) = [layer for layer in result.report.layers if layer.name == "rnn"]
     assert layer.folded == 2
     torch.testing.assert_close(shrunk(*inputs), model(*inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, float("inf")])
+def test_unit_norms_take_every_row_of_a_unit_in_every_gate_layer_and_direction(n):
+    rnn = nn.GRU(3, 4, num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        for tensor in rnn.parameters():
+            tensor.zero_()
+        rnn.weight_hh_l1_reverse[2 * 4 + 1, 3] = -5.0  # unit 1: its new gate, in the last layer's backward direction
+        rnn.weight_ih_l0[0 * 4 + 2, 0] = 3.0  # unit 2: its reset gate, first layer, forward
+        rnn.weight_ih_l0[1 * 4 + 2, 1] = 4.0  # and its update gate
+    expected = {1: [0, 5, 7, 0], 2: [0, 5, 5, 0], float("inf"): [0, 5, 4, 0]}[n]
+    torch.testing.assert_close(unit_norms(rnn, n), torch.tensor(expected, dtype=torch.float32))

@@ -1,8 +1,8 @@
 """Load the weights of a shrunk model into a model built at its original widths.
 
 `shrink` narrows layers in place: a ``Linear(64, 48)`` becomes ``Linear(64, 31)``, a depthwise conv loses filters
-and groups, a bias folded into a bias-less consumer appears, an ``nn.MultiheadAttention`` with zero heads becomes a
-:class:`~litcompress.pruning.heads.HeadPrunedAttention`. Its ``state_dict`` then no longer fits the model's
+and groups, a bias folded into a bias-less consumer appears, an ``nn.LSTM(16, 64)`` becomes ``nn.LSTM(16, 32)``, an
+``nn.MultiheadAttention`` with zero heads becomes a :class:`~litcompress.pruning.heads.HeadPrunedAttention`. Its ``state_dict`` then no longer fits the model's
 constructor, so ``model.load_state_dict`` (and Lightning's ``load_from_checkpoint``) fail with size mismatches.
 :func:`narrow_to_state_dict_` resizes a freshly built model's layers to the shapes a state dict holds, the way
 `shrink` resized them; :func:`load_shrunk_state_dict` does that and loads the weights.
@@ -36,7 +36,7 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
 def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
     """Resize, in place, the layers of `model` whose tensors in `state_dict` are narrower, as `shrink` resized them:
     Linear layers and convs (grouped, depthwise and transposed ones too, and a bias that folding gave a bias-less
-    layer), BatchNorms and PReLUs; and replace each ``nn.MultiheadAttention`` the state dict holds as a
+    layer), BatchNorms, PReLUs and LSTM/GRU/RNN layers (hidden units and inputs); and replace each ``nn.MultiheadAttention`` the state dict holds as a
     :class:`HeadPrunedAttention` with one. New tensors are left uninitialised for ``load_state_dict`` to fill.
     Returns the names of the modules changed; a layer of another kind whose shapes differ is left to
     ``load_state_dict`` to report. A state written while pruning with masks (``<name>_orig``/``<name>_mask``) is

@@ -60,14 +60,9 @@ def unit_norms(rnn: nn.RNNBase, n: float = 2) -> Tensor:
     """Each hidden unit's importance: the Ln norm of its rows in all gate blocks of every weight matrix, in every
     layer and direction."""
     gates, hidden = gate_count(rnn), rnn.hidden_size
-    total = None
-    for suffix in _suffixes(rnn):
-        for kind in ("weight_ih", "weight_hh"):
-            rows = effective_tensor(rnn, kind + suffix).reshape(gates, hidden, -1)
-            part = rows.abs().pow(n).sum(dim=(0, 2))
-            total = part if total is None else total + part
-    assert total is not None
-    return total.pow(1.0 / n)
+    rows = torch.cat([effective_tensor(rnn, kind + suffix).reshape(gates, hidden, -1).transpose(0, 1).flatten(1)
+                      for suffix in _suffixes(rnn) for kind in ("weight_ih", "weight_hh")], dim=1)
+    return torch.linalg.vector_norm(rows, ord=n, dim=1)  # ord=inf: the largest magnitude, as ln_structured's
 
 
 def zero_units(rnn: nn.RNNBase) -> Tensor:
