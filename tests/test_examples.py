@@ -83,3 +83,9 @@ def test_prune_heads_plain_pytorch():
     pruned, shrunk = (float(v) for v in re.search(r"test accuracy ([\d.]+)% \(pruned\) and ([\d.]+)% \(shrunk\)",
                                                   out).groups())
     assert pruned == shrunk  # removing zero heads changes no prediction
+
+
+def test_prune_lstm_units_lightning(tmp_path):
+    out = run("prune_lstm_units_lightning.py", "--epochs", "2", "--save", str(tmp_path / "lstm.pt"))
+    assert re.search(r"^lstm +head +128 -> 64 ", out, re.M)  # half the units, removed from the LSTM and the head
+    assert "with 64 units" in out and "same outputs: True" in out
