@@ -234,6 +234,21 @@ class RecordEpochStarts(Callback):
             self.optimizer_states[trainer.current_epoch] = len(trainer.optimizers[0].state)
 
 
+class SimulatedCrash(RuntimeError):
+    """What `CrashAtStep` raises: a run killed mid-training."""
+
+
+class CrashAtStep(Callback):
+    """Kills the run (raises `SimulatedCrash`) once the trainer's ``global_step`` reaches `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"killed at step {self.step}")
+
+
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
     kwargs: dict[str, Any] = dict(
         default_root_dir=tmp_path,

@@ -16,7 +16,7 @@ from litcompress.models import MLPClassifier, TransformerClassifier
 from litcompress.pruning import HeadPrunedAttention, is_pruned
 from litcompress.pruning.heads import zero_heads
 from litcompress.pruning.schedules import PolynomialDecay
-from tests.conftest import StepsTwoOptimizers
+from tests.conftest import CrashAtStep, StepsTwoOptimizers
 
 
 def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
@@ -112,15 +112,6 @@ def test_a_fit_shorter_than_the_head_schedule_says_where_it_will_stop(tmp_path):
     steps = trainer.global_step
     (message,) = [str(w.message) for w in record if "schedule" in str(w.message)]
     assert f"runs {steps} optimizer steps: it will stop at {schedule.reached_by(steps):.1%}" in message
-
-
-class CrashAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"killed at step {self.step}")
 
 
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])

@@ -15,7 +15,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning
 from litcompress.pruning.schedules import ConstantSparsity, IterativeSchedule, PolynomialDecay
-from tests.conftest import FixedDataModel, RecordEpochStarts, StepsTwoOptimizers, ThreeLayerModel, make_trainer
+from tests.conftest import (CrashAtStep, FixedDataModel, RecordEpochStarts, SimulatedCrash, StepsTwoOptimizers,
+                            ThreeLayerModel, make_trainer)
 
 
 def weight_targets(model):
@@ -290,19 +291,6 @@ def test_rewind_after_pruning_began_is_refused(tmp_path):
     callback = ModelPruning("l1_unstructured", amount=0.2, rewind_to_epoch=2)
     with pytest.raises(MisconfigurationException, match="before the rewind point"):
         make_trainer(tmp_path, max_epochs=2, callbacks=callback).fit(ThreeLayerModel())
-
-
-class CrashAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise SimulatedCrash(f"killed at step {self.step}")
-
-
-class SimulatedCrash(RuntimeError):
-    pass
 
 
 def test_resumed_on_a_shuffling_bundled_datamodule_ends_like_the_uninterrupted_run(tmp_path):

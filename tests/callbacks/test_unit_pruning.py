@@ -18,6 +18,7 @@ from litcompress.models import LSTMClassifier, MLPClassifier
 from litcompress.pruning import is_pruned
 from litcompress.pruning.recurrent import zero_units
 from litcompress.pruning.schedules import PolynomialDecay
+from tests.conftest import CrashAtStep
 
 
 def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
@@ -65,15 +66,6 @@ def test_each_rounds_unit_fraction_goes_to_the_loggers(tmp_path):
         rows = [row for row in csv.DictReader(file) if row.get("pruning/units")]
     assert [(int(row["step"]), float(row["pruning/units"])) for row in rows] == [(1, 0.0), (4, 0.375), (8, 0.5),
                                                                                  (12, 0.5)]
-
-
-class CrashAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"killed at step {self.step}")
 
 
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])
