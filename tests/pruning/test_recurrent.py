@@ -369,3 +369,17 @@ def test_unit_norms_take_every_row_of_a_unit_in_every_gate_layer_and_direction(n
         rnn.weight_ih_l0[1 * 4 + 2, 1] = 4.0  # and its update gate
     expected = {1: [0, 5, 7, 0], 2: [0, 5, 5, 0], float("inf"): [0, 5, 4, 0]}[n]
     torch.testing.assert_close(unit_norms(rnn, n), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_with_keep_multiple_of_the_pipeline_prunes_units_so_that_a_multiple_stays_and_shrink_removes_all_of_them():
+    torch.manual_seed(0)
+    model = LSTMClassifier(hidden=32).eval()
+    x = torch.randn(8, 1, 8, 8)
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.6, method="ln_structured"),
+                                               keep_multiple_of=8, export=False, latency_repeats=2),
+                      eval_fn=lambda m: float(m(x).sum() * 0 + 1), example_inputs=x)
+    # round(0.6 * 32) = 19 would keep 13; 16 pruned keeps 16, a multiple of 8, and every masked unit goes
+    assert int(zero_units(result.stage_models["pruned"].lstm).sum()) == 16
+    assert result.stage_models["shrunk"].lstm.hidden_size == 16
+    holder = nn.Sequential(nn.GRU(4, 10))
+    assert prune_units_(holder, 0.5, keep_multiple_of=4) == {"0": 2}  # 8 kept, not 5

@@ -572,7 +572,8 @@ class _Pruning:
         """Prune the recurrent layers' hidden units to `sparsity` of each layer's; True if more are masked."""
         if not self.units:
             return False
-        masked = sum(prune_units_(self.model, sparsity, n=self.prune.norm, names=tuple(self.units)).values())
+        masked = sum(prune_units_(self.model, sparsity, n=self.prune.norm, names=tuple(self.units),
+                                  keep_multiple_of=self.keep_multiple_of).values())
         grew, self.units_masked = masked > self.units_masked, masked
         return grew
 

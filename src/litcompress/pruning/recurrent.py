@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import effective_tensor, set_mask_
+from .schedules import rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "keep_units_", "prunable_recurrent_layers", "prune_units_",
            "unit_norms", "units_why_not", "zero_units"]
@@ -88,12 +89,14 @@ def prunable_recurrent_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -
 
 
 def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (), n: float = 2,
-                 names: tuple[str, ...] | None = None) -> dict[str, int]:
+                 names: tuple[str, ...] | None = None, keep_multiple_of: int | None = None) -> dict[str, int]:
     """Mask the ``round(fraction * hidden_size)`` hidden units with the smallest :func:`unit_norms` in each recurrent
     layer of `model` (`names`: only those), at least one unit staying: their rows in every gate block of every
-    weight matrix and bias, in every layer and direction, through ``torch.nn.utils.prune`` masks. Units already
-    masked (or zero) stay masked, so growing fractions along a schedule prune a growing set. Returns the masked unit
-    count per layer. Layers named in `exclude`, or whose units cannot be removed (:func:`units_why_not`), are left.
+    weight matrix and bias, in every layer and direction, through ``torch.nn.utils.prune`` masks. With
+    `keep_multiple_of`, fewer, so that the units kept are a multiple of it (kernels run faster on such widths).
+    Units already masked (or zero) stay masked, so growing fractions along a schedule prune a growing set. Returns
+    the masked unit count per layer. Layers named in `exclude`, or whose units cannot be removed
+    (:func:`units_why_not`), are left.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"prune_units_(fraction={fraction!r}): expected a fraction of each recurrent layer's hidden "
@@ -105,7 +108,7 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
             continue
         rnn = modules[name]
         hidden, zero = rnn.hidden_size, zero_units(rnn)
-        count = min(max(int(round(fraction * hidden)), int(zero.sum())), hidden - 1)
+        count = min(max(rounded_pruned_count(hidden, fraction, keep_multiple_of), int(zero.sum())), hidden - 1)
         norms = unit_norms(rnn, n).cpu()
         norms[zero] = -1.0  # pruned earlier (or dead): first out
         pruned = torch.argsort(norms, stable=True)[:count]
