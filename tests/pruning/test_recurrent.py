@@ -76,6 +76,8 @@ def test_shrink_removes_exactly_the_units_that_output_zero_and_keeps_every_outpu
         (layer,) = [layer for layer in result.report.layers if layer.name == "rnn"]
         assert (layer.channels_before, layer.channels_after, layer.consumer) == (8, 8 - removed, "head")
         assert layer.folded == (removed if activation else 0)  # sigmoid(0) = 0.5 went into the head's bias
+        assert layer.units and result.report.units_removed == removed and "hidden units" in result.report.table()
+        assert result.report.channels_removed == 0  # the embedding Linear lost nothing
         assert result.report.parameters_after < result.report.parameters_before
     assert model.rnn.hidden_size == 8  # the model given is untouched
 
@@ -299,6 +301,7 @@ def test_structured_pruning_in_the_pipeline_prunes_lstm_units_along_its_schedule
     assert "4 rounds during 12 fine-tuning steps" in result.report["pruned"].description
     shrunk = result.stage_models["shrunk"]
     assert shrunk.lstm.hidden_size == 16 and shrunk.head.in_features == 16
+    assert result.report["shrunk"].description.startswith("16 hidden units removed, parameters x")
     x = batches[1][0]
     torch.testing.assert_close(shrunk(x), pruned(x), rtol=0, atol=1e-5)
     assert model.lstm.hidden_size == 32 and pruned_targets(model) == []  # the caller's model is untouched

@@ -820,10 +820,11 @@ def compress(
         else:
             shrink_report = shrunk.report
             details.append(("Shrink", shrink_report.table()))
-            if shrink_report.channels_removed or shrink_report.heads_removed:
+            if shrink_report.channels_removed or shrink_report.heads_removed or shrink_report.units_removed:
                 work = shrunk.model.eval()
                 removed = [f"{count:,} {what} removed" for count, what in (
-                    (shrink_report.channels_removed, "channels"), (shrink_report.heads_removed, "attention heads"))
+                    (shrink_report.channels_removed, "channels"), (shrink_report.units_removed, "hidden units"),
+                    (shrink_report.heads_removed, "attention heads"))
                     if count]
                 description = f"{', '.join(removed)}, parameters x{shrink_report.parameter_ratio:.3f}"
                 if directory is not None:

@@ -136,6 +136,7 @@ class LayerShrink:
     folded: int  # removed channels with a non-zero constant output, added to the consumer's bias
     left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv or a gate)
     through: tuple[str, ...] = ()  # layers between the two that lost the same channels (depthwise, gates' convs)
+    units: bool = False  # a recurrent layer: its "channels" are hidden units
 
     @property
     def removed(self) -> int:
@@ -154,7 +155,13 @@ class ShrinkReport:
 
     @property
     def channels_removed(self) -> int:
-        return sum(layer.removed for layer in self.layers)
+        """Output channels removed from Linear and conv layers."""
+        return sum(layer.removed for layer in self.layers if not layer.units)
+
+    @property
+    def units_removed(self) -> int:
+        """Hidden units removed from LSTM/GRU/RNN layers."""
+        return sum(layer.removed for layer in self.layers if layer.units)
 
     @property
     def heads_removed(self) -> int:
@@ -171,7 +178,8 @@ class ShrinkReport:
         for layer in self.layers:
             lines.append(f"{layer.name:<32} {layer.consumer:<32} "
                          f"{f'{layer.channels_before} -> {layer.channels_after}':>15} {layer.folded:>7} "
-                         f"{layer.left:>5}" + (f"  via {', '.join(layer.through)}" if layer.through else ""))
+                         f"{layer.left:>5}" + (f"  via {', '.join(layer.through)}" if layer.through else "")
+                         + ("  hidden units" if layer.units else ""))
         for head in self.heads:
             heads = f"{head.heads_before} -> {head.heads_after}"
             lines.append(f"{head.name:<32} {'(attention heads)':<32} {heads:>15} {'':>7} {'':>5}  "
@@ -1853,7 +1861,7 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
         folded |= on_branches.view(width, hidden).any(0)
     keep_units_(rnn, (~dead).nonzero().flatten())
     return LayerShrink(name, chain.consumer_names, hidden, int((~dead).sum()), int(folded.sum()),
-                       left=int((zero & ~dead).sum()))
+                       left=int((zero & ~dead).sum()), units=True)
 
 
 def _called_modules(graph: fx.Graph) -> set[str]:
