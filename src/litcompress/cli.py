@@ -701,8 +701,9 @@ def run_channels(args: argparse.Namespace) -> int:
         result, notes = preview
         report = result.report
         heads = f" and {args.prune_heads:.0%} of the attention heads" if args.prune_heads else ""
-        print(f"\nAfter ln_structured pruning of {args.sparsity:.0%} of the channels{heads}, as compress prunes, and "
-              "shrink (a copy pruned in one shot; training changes the weights, not these widths):")
+        units = " (and of recurrent layers' hidden units)" if None in plan.units.values() else ""
+        print(f"\nAfter ln_structured pruning of {args.sparsity:.0%} of the channels{units}{heads}, as compress "
+              "prunes, and shrink (a copy pruned in one shot; training changes the weights, not these widths):")
         print(report.table())
         if timing is not None:
             batch, (before, after) = timing
