@@ -1,6 +1,7 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured} OUT_DIR [ddp|ddp_spawn] [permanent|masked]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured} OUT_DIR [ddp|ddp_spawn]
+       [permanent|masked]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """

@@ -124,11 +124,54 @@ def test_growing_fractions_keep_the_units_pruned_before_and_at_least_one_unit_st
 
 
 def test_units_that_cannot_be_removed_are_left_and_said_why():
-    assert "proj_size" in units_why_not(nn.LSTM(4, 8, proj_size=2))
     assert "single hidden unit" in units_why_not(nn.GRU(4, 1))
     assert "not one of" in units_why_not(nn.LSTMCell(4, 8))
-    holder = nn.Sequential(nn.LSTM(4, 8, proj_size=2))
-    assert prune_units_(holder, 0.5) == {}
+
+    class Custom(nn.LSTM):  # a subclass may compute otherwise
+        pass
+
+    assert "not one of" in units_why_not(Custom(4, 8))
+    assert prune_units_(nn.Sequential(nn.GRU(4, 1), nn.LSTMCell(4, 8), Custom(4, 8)), 0.5) == {}
+
+
+class _Projected(nn.Module):
+    """An LSTM with proj_size (LSTMP, as in speech models): its output and h_n are P projected features; only c_n
+    shows its units."""
+
+    def __init__(self, layers: int, bidirectional: bool, read: str) -> None:
+        super().__init__()
+        self.read = read
+        self.rnn = nn.LSTM(5, 8, num_layers=layers, bidirectional=bidirectional, proj_size=3, batch_first=True)
+        directions = 2 if bidirectional else 1
+        self.head = nn.Linear({"output": 3 * directions, "hidden": 3, "cell": 8, "none": 3}[read], 2)
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(x)
+        if self.read == "none":  # the LSTM's output is the model's: its width is P, which no unit changes
+            return out
+        if self.read == "output":
+            return self.head(out[:, -1])
+        return self.head(h[-1] if self.read == "hidden" else c[-1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.integers(1, 2), bidirectional=st.booleans(),
+       read=st.sampled_from(["output", "hidden", "cell", "none"]), fraction=st.sampled_from([0.25, 0.5, 0.75]),
+       seed=st.integers(0, 2**16))
+def test_a_projected_lstm_loses_its_pruned_units_inside_its_projection(layers, bidirectional, read, fraction, seed):
+    torch.manual_seed(seed)
+    model = _Projected(layers, bidirectional, read).eval()
+    prune_units_(model, fraction)
+    x = torch.randn(3, 6, 5)
+    result = shrink(model, x)
+    kept = 8 - round(fraction * 8)
+    assert result.model.rnn.hidden_size == kept and result.model.rnn.proj_size == 3
+    assert result.model.rnn.weight_hr_l0.shape == (3, kept)
+    if read == "cell":  # c_n's units are read: the head loses their columns
+        assert result.model.head.in_features == kept
+    torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)
+    fresh = load_shrunk_state_dict(_Projected(layers, bidirectional, read), result.model.state_dict()).eval()
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
 
 
 class _WithState(nn.Module):

@@ -40,8 +40,8 @@ class UnitPruning(StructurePruning):
             trainer's loggers as ``pruning/units``, at the round's ``global_step``.
 
     The callback's state (the masks, the last step or epoch) is saved in checkpoints: a resumed run continues the
-    schedule where it stopped. Under DDP the masks are broadcast from rank 0 after every round. Layers with
-    ``proj_size``, or of one unit, keep theirs; so do the cells (``nn.LSTMCell``, ...).
+    schedule where it stopped. Under DDP the masks are broadcast from rank 0 after every round. Layers of one unit
+    keep theirs; so do the cells (``nn.LSTMCell``, ...).
     """
 
     _ARGUMENT = "units"
@@ -59,8 +59,8 @@ class UnitPruning(StructurePruning):
         if not layers:
             raise MisconfigurationException(
                 f"UnitPruning: {type(pl_module).__name__} has no nn.LSTM, nn.GRU or nn.RNN whose hidden units can be "
-                f"pruned{f' outside exclude={list(self.exclude)}' if self.exclude else ''} (layers with proj_size "
-                "or a single unit, and the cells, keep theirs).")
+                f"pruned{f' outside exclude={list(self.exclude)}' if self.exclude else ''} (layers of a single unit, "
+                "and the cells, keep theirs).")
         return layers
 
     def _tensor_names(self, layer: nn.Module) -> list[str]:

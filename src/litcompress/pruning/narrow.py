@@ -2,8 +2,9 @@
 
 `shrink` narrows layers in place: a ``Linear(64, 48)`` becomes ``Linear(64, 31)``, a depthwise conv loses filters
 and groups, a bias folded into a bias-less consumer appears, an ``nn.LSTM(16, 64)`` becomes ``nn.LSTM(16, 32)``, an
-``nn.MultiheadAttention`` with zero heads becomes a :class:`~litcompress.pruning.heads.HeadPrunedAttention`. Its ``state_dict`` then no longer fits the model's
-constructor, so ``model.load_state_dict`` (and Lightning's ``load_from_checkpoint``) fail with size mismatches.
+``nn.MultiheadAttention`` with zero heads becomes a :class:`~litcompress.pruning.heads.HeadPrunedAttention`. Its
+``state_dict`` then no longer fits the model's constructor, so ``model.load_state_dict`` (and Lightning's
+``load_from_checkpoint``) fail with size mismatches.
 :func:`narrow_to_state_dict_` resizes a freshly built model's layers to the shapes a state dict holds, the way
 `shrink` resized them; :func:`load_shrunk_state_dict` does that and loads the weights.
 """
@@ -36,11 +37,11 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
 def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
     """Resize, in place, the layers of `model` whose tensors in `state_dict` are narrower, as `shrink` resized them:
     Linear layers and convs (grouped, depthwise and transposed ones too, and a bias that folding gave a bias-less
-    layer), BatchNorms, PReLUs and LSTM/GRU/RNN layers (hidden units and inputs); and replace each ``nn.MultiheadAttention`` the state dict holds as a
-    :class:`HeadPrunedAttention` with one. New tensors are left uninitialised for ``load_state_dict`` to fill.
-    Returns the names of the modules changed; a layer of another kind whose shapes differ is left to
-    ``load_state_dict`` to report. A state written while pruning with masks (``<name>_orig``/``<name>_mask``) is
-    read alike.
+    layer), BatchNorms, PReLUs and LSTM/GRU/RNN layers (hidden units and inputs); and replace each
+    ``nn.MultiheadAttention`` the state dict holds as a :class:`HeadPrunedAttention` with one. New tensors are left
+    uninitialised for ``load_state_dict`` to fill. Returns the names of the modules changed; a layer of another kind
+    whose shapes differ is left to ``load_state_dict`` to report. A state written while pruning with masks
+    (``<name>_orig``/``<name>_mask``) is read alike.
 
     A training run resumed from a checkpoint of a shrunk model (``trainer.fit(model, ckpt_path=...)``) needs this
     on the fresh model before ``fit``, so that its optimizer is built for the narrow parameters.
@@ -162,12 +163,14 @@ def _resize_recurrent_(module: nn.RNNBase, state_dict: Mapping[str, Any], prefix
                        apply: bool) -> bool:
     """An LSTM/GRU/RNN with the state's hidden units (shrink removes units from every layer alike) and input
     features (a producer before it lost channels)."""
-    recurrent = _tensor(state_dict, prefix + "weight_hh_l0")
+    projected = bool(getattr(module, "proj_size", 0))
+    # the units are the recurrent weights' columns, or the projection's (weight_hr: proj_size x hidden_size)
+    recurrent = _tensor(state_dict, prefix + ("weight_hr_l0" if projected else "weight_hh_l0"))
     inputs = _tensor(state_dict, prefix + "weight_ih_l0")
     if not (isinstance(recurrent, Tensor) and isinstance(inputs, Tensor) and recurrent.dim() == inputs.dim() == 2):
         return False
     hidden, input_size = int(recurrent.shape[1]), int(inputs.shape[1])
-    if (hidden, input_size) == (module.hidden_size, module.input_size) or getattr(module, "proj_size", 0):
+    if (hidden, input_size) == (module.hidden_size, module.input_size):
         return False
     if hidden > module.hidden_size or input_size > module.input_size:
         raise ValueError(f"{name or 'the model'}: the state dict's layer has {hidden} hidden units and {input_size} "
@@ -178,11 +181,16 @@ def _resize_recurrent_(module: nn.RNNBase, state_dict: Mapping[str, Any], prefix
     old_hidden = module.hidden_size
     for tensor_name in module._flat_weights_names:
         old = getattr(module, tensor_name)
-        shape = [size // old_hidden * hidden if i == 0 else size for i, size in enumerate(old.shape)]
-        if tensor_name.startswith("weight_hh"):
-            shape[1] = hidden
-        elif tensor_name.startswith("weight_ih"):
-            shape[1] = input_size if tensor_name.startswith("weight_ih_l0") else shape[1] // old_hidden * hidden
+        if tensor_name.startswith("weight_hr"):  # (proj_size, hidden)
+            shape = [old.shape[0], hidden]
+        else:  # gate blocks of rows; a projected layer's recurrent and later input weights read its projection
+            shape = [size // old_hidden * hidden if i == 0 else size for i, size in enumerate(old.shape)]
+            if tensor_name.startswith("weight_hh") and not projected:
+                shape[1] = hidden
+            elif tensor_name.startswith("weight_ih_l0"):
+                shape[1] = input_size
+            elif tensor_name.startswith("weight_ih") and not projected:
+                shape[1] = shape[1] // old_hidden * hidden
         setattr(module, tensor_name, _like(old, torch.Size(shape)))
     module.hidden_size, module.input_size = hidden, input_size
     module._init_flat_weights()

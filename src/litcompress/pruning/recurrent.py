@@ -11,6 +11,9 @@ initial state is zero (no ``hx`` passed): the LSTM's cell then stays ``f * 0 + i
 ``o * tanh(0) = 0``; the GRU's state ``(1 - z) * tanh(0) + z * 0 = 0``; the RNN's ``tanh(0) = 0``. Its other
 gates' rows and its columns then compute nothing that reaches an output, so :func:`keep_units_` removes all of
 them. Pruning a unit (:func:`prune_units_`) masks all of its rows and biases, in every layer and direction.
+
+An LSTM with ``proj_size`` outputs ``weight_hr @ h``, P projected features instead of its units: its units are then
+internal (the projection's columns), and only its cell state ``c_n`` shows them.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from torch import Tensor, nn
 from .engine import effective_tensor, set_mask_
 from .schedules import rounded_pruned_count
 
-__all__ = ["RECURRENT_LAYERS", "gate_count", "keep_units_", "prunable_recurrent_layers", "prune_units_",
-           "unit_norms", "units_why_not", "zero_units"]
+__all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
+           "prune_units_", "unit_norms", "units_why_not", "zero_units"]
 
 #: The recurrent layers whose hidden units litcompress prunes and removes (their cells are called once per step
 #: from a Python loop, which a trace unrolls: they are left alone).
@@ -46,12 +49,15 @@ def _suffixes(rnn: nn.RNNBase) -> list[str]:
     return [f"_l{layer}{direction}" for layer in range(rnn.num_layers) for direction in directions]
 
 
+def is_projected(rnn: nn.Module) -> bool:
+    """An LSTM with ``proj_size``: its outputs and hidden state are projections of its units."""
+    return bool(getattr(rnn, "proj_size", 0))
+
+
 def units_why_not(rnn: nn.Module) -> str | None:
     """Why `rnn`'s hidden units cannot be pruned or removed, or None."""
     if type(rnn) not in RECURRENT_LAYERS:  # a subclass may have another forward
         return f"{type(rnn).__name__} is not one of nn.LSTM, nn.GRU, nn.RNN"
-    if getattr(rnn, "proj_size", 0):
-        return "it projects its hidden state (proj_size), which then is not its units"
     if rnn.hidden_size < 2:
         return "it has a single hidden unit"
     return None
@@ -114,13 +120,17 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         pruned = torch.argsort(norms, stable=True)[:count]
         keep_rows = torch.ones(hidden, dtype=torch.bool)
         keep_rows[pruned] = False
+        keep_columns = keep_rows.clone()  # a projection's columns: one per unit
         keep_rows = keep_rows.repeat(gate_count(rnn))  # the same unit in every gate block
         for suffix in _suffixes(rnn):
-            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                if not hasattr(rnn, kind + suffix):  # bias=False
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+                if not hasattr(rnn, kind + suffix):  # bias=False, no projection
                     continue
                 tensor = effective_tensor(rnn, kind + suffix)
-                mask = keep_rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor)
+                if kind == "weight_hr":
+                    mask = keep_columns.to(tensor.device).view(1, -1).expand_as(tensor)
+                else:
+                    mask = keep_rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor)
                 set_mask_(rnn, kind + suffix, mask.to(tensor.dtype).contiguous())
         masked[name] = count
     return masked
@@ -129,24 +139,29 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
 @torch.no_grad()
 def keep_units_(rnn: nn.RNNBase, keep: Tensor) -> None:
     """Keep only the hidden units `keep` (indices) of `rnn`, in every layer and direction: their rows in every gate
-    block, their columns of the recurrent weights and of the next layer's input weights. Parameters are replaced
+    block, their columns of the recurrent weights and of the next layer's input weights (of the projection, with
+    ``proj_size``: the recurrent and next layer's weights read its P features). Parameters are replaced
     (``requires_grad`` kept)."""
     gates, hidden = gate_count(rnn), rnn.hidden_size
     directions = 2 if rnn.bidirectional else 1
     keep = keep.to(torch.long).cpu()
     rows = torch.cat([keep + g * hidden for g in range(gates)])
     inputs = torch.cat([keep + d * hidden for d in range(directions)])  # a later layer reads every direction
+    projected = is_projected(rnn)
     for suffix in _suffixes(rnn):
         layer = int(suffix[2:].split("_")[0])
-        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
             name = kind + suffix
             old = getattr(rnn, name, None)
             if old is None:
                 continue
-            new = old.detach()[rows.to(old.device)]
-            if kind == "weight_hh":
+            if kind == "weight_hr":
+                new = old.detach()[:, keep.to(old.device)]
+            else:
+                new = old.detach()[rows.to(old.device)]
+            if kind == "weight_hh" and not projected:
                 new = new[:, keep.to(old.device)]
-            elif kind == "weight_ih" and layer > 0:
+            elif kind == "weight_ih" and layer > 0 and not projected:
                 new = new[:, inputs.to(old.device)]
             setattr(rnn, name, nn.Parameter(new.clone(), old.requires_grad))
     rnn.hidden_size = int(keep.numel())

@@ -60,8 +60,8 @@ from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_
                                         tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
-from litcompress.pruning.recurrent import (RECURRENT_LAYERS, keep_inputs_, keep_units_, units_why_not,
-                                           zero_units)
+from litcompress.pruning.recurrent import (RECURRENT_LAYERS, is_projected, keep_inputs_, keep_units_,
+                                           units_why_not, zero_units)
 from litcompress.pruning.schedules import kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -1753,19 +1753,22 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
     if any(name in _called_modules(trace.graph) for trace in traces[1:]):
         return "forward has bool flags, and shrink removes recurrent units only from models without them"
     directions = 2 if rnn.bidirectional else 1
+    projected = is_projected(rnn)  # its output and h_n are projections: its units show in c_n only
     outputs: list[tuple[fx.Node, int]] = []
     for user in _value_users(node):
         if not _is_item(user, node, (0, 1)):
             return f"its (output, state) pair goes to {_describe(user, modules)}, which shrink does not see through"
         if user.args[1] == 0:
-            outputs.append((user, directions))
+            if not projected:
+                outputs.append((user, directions))
         elif rnn.mode != "LSTM":
             outputs.append((user, 1))
         else:
             for inner in _value_users(user):  # (h_n, c_n)
                 if not _is_item(inner, user, (0, 1)):
                     return f"its (h_n, c_n) pair goes to {_describe(inner, modules)}, which shrink does not see through"
-                outputs.append((inner, 1))
+                if inner.args[1] == 1 or not projected:
+                    outputs.append((inner, 1))
     chain = _RecurrentChain(rnn, [])
     for tensor, width in outputs:
         if not _value_users(tensor):
@@ -1777,7 +1780,7 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
         if reason is not None:
             return reason
         chain.outputs.append((branches, width))
-    if not chain.outputs:
+    if not chain.outputs and not projected:
         return "its output is not used"
     return _meet_again([branch for branches, _ in chain.outputs for branch in branches]) or chain
 
@@ -1860,8 +1863,8 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
         on_branches, _ = _edit_branches_(branches, constants, dead.repeat(width))
         folded |= on_branches.view(width, hidden).any(0)
     keep_units_(rnn, (~dead).nonzero().flatten())
-    return LayerShrink(name, chain.consumer_names, hidden, int((~dead).sum()), int(folded.sum()),
-                       left=int((zero & ~dead).sum()), units=True)
+    return LayerShrink(name, chain.consumer_names or f"{name} (its projection)", hidden, int((~dead).sum()),
+                       int(folded.sum()), left=int((zero & ~dead).sum()), units=True)
 
 
 def _called_modules(graph: fx.Graph) -> set[str]:
