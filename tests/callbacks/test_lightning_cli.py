@@ -86,3 +86,17 @@ def test_head_pruning_compress_and_quantize_on_fit_end_from_yaml(tmp_path):
     [quantize] = [c for c in parsed.trainer.callbacks if isinstance(c, QuantizeOnFitEnd)]
     assert quantize.config.approach == "static" and quantize.config.accuracy.tolerable_loss == 0.02
     assert quantize.config.accuracy.relative is False
+
+
+def test_unit_pruning_from_yaml_parses_with_its_schedule():
+    from litcompress.callbacks import UnitPruning
+
+    config = {"trainer": {"logger": False, "enable_checkpointing": False, "accelerator": "cpu", "callbacks": [
+        {"class_path": "litcompress.callbacks.UnitPruning",
+         "init_args": {"units": {"class_path": "litcompress.pruning.schedules.PolynomialDecay",
+                                 "init_args": {"final_sparsity": 0.5, "begin": 0, "end": 40, "frequency": 10}},
+                       "exclude": ["encoder"]}}]}}
+    parsed = LightningCLI(CliModel, args=["--config", yaml.safe_dump(config)], run=False)
+    [unit_pruning] = [c for c in parsed.trainer.callbacks if isinstance(c, UnitPruning)]
+    assert unit_pruning.units.final_sparsity == 0.5 and unit_pruning.units.frequency == 10
+    assert unit_pruning.exclude == ("encoder",)
