@@ -429,3 +429,25 @@ def test_with_keep_multiple_of_the_pipeline_prunes_units_so_that_a_multiple_stay
     assert result.stage_models["shrunk"].lstm.hidden_size == 16
     holder = nn.Sequential(nn.GRU(4, 10))
     assert prune_units_(holder, 0.5, keep_multiple_of=4) == {"0": 2}  # 8 kept, not 5
+
+
+def test_a_bfloat16_recurrent_model_with_a_batch_norm_after_its_layer_is_shrunk():
+    """The constants of removed units go through the BatchNorm in the model's dtype (before: float32 zeros met a
+    bfloat16 BatchNorm, and shrink raised "mixed dtype")."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.norm, self.head = nn.GRU(4, 8, batch_first=True), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.sigmoid(self.norm(self.rnn(x)[0][:, -1])))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    prune_units_(model, 0.5)
+    model = model.to(torch.bfloat16)
+    x = torch.randn(3, 5, 4, dtype=torch.bfloat16)
+    result = shrink(model, x)  # checks the outputs within bfloat16's rounding
+    assert (result.model.rnn.hidden_size, result.model.norm.num_features) == (4, 4)
+    assert result.model.head.bias.dtype == torch.bfloat16

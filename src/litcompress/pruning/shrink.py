@@ -1819,10 +1819,11 @@ def _recurrent_chains(traced: _Traced) -> Iterator[tuple[str, _RecurrentChain | 
             yield name, _recurrent_chain(node, name, traced.modules, traced.calls, traced.traces)
 
 
-def _units_stand_in(dead: Tensor) -> nn.Linear:
-    """A bias-less Linear layer whose zero rows are the `dead` channels: what `_constant_channels` reads of a
-    producer whose dead channels output zero."""
-    stand_in = nn.Linear(1, dead.numel(), bias=False)
+def _units_stand_in(dead: Tensor, like: Tensor) -> nn.Linear:
+    """A bias-less Linear layer whose zero rows are the `dead` channels, with the dtype and device of `like` (the
+    recurrent layer's weights, which the ops on its branches expect): what `_constant_channels` reads of a producer
+    whose dead channels output zero."""
+    stand_in = nn.Linear(1, dead.numel(), bias=False, dtype=like.dtype, device=like.device)
     with torch.no_grad():
         stand_in.weight.copy_((~dead).to(stand_in.weight.dtype).view(-1, 1))
     return stand_in
@@ -1839,7 +1840,7 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
     dead = zero.clone()
     values: list[list[Tensor]] = []
     for branches, width in chain.outputs:
-        stand_in = _units_stand_in(zero.repeat(width))
+        stand_in = _units_stand_in(zero.repeat(width), rnn.weight_ih_l0)
         values.append([])
         for branch in branches:
             constant, value = _constant_channels(stand_in, branch)
