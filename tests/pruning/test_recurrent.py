@@ -451,3 +451,36 @@ def test_a_bfloat16_recurrent_model_with_a_batch_norm_after_its_layer_is_shrunk(
     result = shrink(model, x)  # checks the outputs within bfloat16's rounding
     assert (result.model.rnn.hidden_size, result.model.norm.num_features) == (4, 4)
     assert result.model.head.bias.dtype == torch.bfloat16
+
+
+def test_a_recurrent_layer_inside_a_module_the_tracer_keeps_whole_keeps_its_units_and_says_where_it_is():
+    from torch import fx
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(4, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.head = Encoder(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    class KeepsEncoders(fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, Encoder) or super().is_leaf_module(module, name)
+
+    model = Model().eval()
+    _zero_candidate_rows_(model.encoder.rnn, [3])
+    x = torch.randn(2, 5, 4)
+    assert "it is inside encoder (Encoder)" in channel_plan(model, tracer=KeepsEncoders, example_inputs=x).units[
+        "encoder.rnn"]
+    result = shrink(model, x, tracer=KeepsEncoders)
+    assert "it is inside encoder (Encoder)" in dict(result.report.kept)["encoder.rnn"]
+    assert shrink(model, x).model.encoder.rnn.hidden_size == 7  # traced into, it loses the unit

@@ -1980,6 +1980,7 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
               for name, chain in _producer_chains(traced.graph, modules, traced.calls, producers)}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     reasons.update({name: _unreached_reason(name, traced.traces, modules) for name in producers - reasons.keys()})
+    called = _called_modules(traced.graph)
     return ChannelPlan(
         reasons={name: reasons[name] for name in modules if name in reasons},
         slice_groups={name: groups for name, chain in chains.items() if isinstance(chain, _Chain)
@@ -1994,8 +1995,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
                    if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
         units={**{name: reason if isinstance(reason, str) else None for name, reason in _recurrent_chains(traced)},
-               **{name: _hidden_reason(name, _called_modules(traced.graph), modules) for name, m in modules.items()
-                  if isinstance(m, RECURRENT_LAYERS) and name not in _called_modules(traced.graph)}},
+               **{name: _hidden_reason(name, called, modules) for name, m in modules.items()
+                  if isinstance(m, RECURRENT_LAYERS) and name not in called}},
     )
 
 
