@@ -130,3 +130,28 @@ def test_model_pruning_says_that_structured_pruning_of_gate_rows_removes_nothing
     (message,) = fit("ln_structured", pruning_dim=0, pruning_norm=2)
     assert "lstm.weight_hh_l0" in message and "UnitPruning prunes whole hidden units" in message
     assert fit("l1_unstructured") == []  # unstructured pruning of the same matrix is what it says
+
+
+def test_beside_model_pruning_on_the_same_matrix_both_pruners_zeros_stay(tmp_path):
+    """ModelPruning prunes weight_hh_l0 at the end of epoch 0; UnitPruning's round comes after. Before, that round
+    replaced the matrix's mask with the units' own: ModelPruning's zeros came back to life."""
+    from litcompress import ModelPruning
+
+    seed_everything(0)
+    model = LSTMClassifier(hidden=16)
+    masks = []
+
+    class AfterFirstEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                masks.append(pl_module.lstm.weight_hh_l0_mask.clone())
+
+    model_pruning = ModelPruning("l1_unstructured", parameters_to_prune=[(model.lstm, "weight_hh_l0")], amount=0.5,
+                                 use_global_unstructured=False, use_lottery_ticket_hypothesis=False, verbose=0)
+    unit_pruning = UnitPruning(PolynomialDecay(final_sparsity=0.25, initial_sparsity=0.25, begin=4, end=5))
+    _trainer(tmp_path, 2, [model_pruning, unit_pruning, AfterFirstEpoch()], limit_train_batches=3).fit(
+        model, datamodule=_data())
+    (first_round,) = masks
+    final = model.lstm.weight_hh_l0 != 0  # both made permanent at the end of fit
+    assert not bool((final & (first_round == 0)).any())  # every zero of ModelPruning's first round is still zero
+    assert int(zero_units(model.lstm).sum()) == 4

@@ -256,3 +256,18 @@ def test_rewriting_every_attention_as_head_pruned_keeps_outputs_and_leaves_what_
     with_bias_kv = nn.MultiheadAttention(8, 2, add_bias_kv=True)
     assert rewrite_attentions_(with_bias_kv) is with_bias_kv  # its extra key/value rows have no counterpart
     assert isinstance(rewrite_attentions_(nn.MultiheadAttention(8, 2)), HeadPrunedAttention)
+
+
+def test_prune_heads_keeps_the_zeros_another_pruner_put_in_the_same_projection():
+    """Before, a round replaced in_proj_weight's mask with the heads' own, undoing another pruner's zeros there."""
+    from litcompress.pruning import prune_
+
+    torch.manual_seed(0)
+    holder = Holder(nn.MultiheadAttention(8, 4))
+    attention = holder.attention
+    prune_([(attention, "in_proj_weight")], "l1_unstructured", 0.5)
+    before = attention.in_proj_weight_mask.clone()
+    prune_heads_(holder, 0.5)
+    after = attention.in_proj_weight_mask
+    assert int(zero_heads(attention).sum()) == 2
+    assert bool((after <= before).all()) and int((after == 0).sum()) > int((before == 0).sum())

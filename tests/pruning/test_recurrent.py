@@ -484,3 +484,20 @@ def test_a_recurrent_layer_inside_a_module_the_tracer_keeps_whole_keeps_its_unit
     result = shrink(model, x, tracer=KeepsEncoders)
     assert "it is inside encoder (Encoder)" in dict(result.report.kept)["encoder.rnn"]
     assert shrink(model, x).model.encoder.rnn.hidden_size == 7  # traced into, it loses the unit
+
+
+def test_prune_units_keeps_the_zeros_another_pruner_put_in_the_same_matrices():
+    """Before, a round replaced each matrix's mask with the units' own: a ModelPruning round on weight_hh_l0 before
+    it was undone (its weights came back)."""
+    from litcompress.pruning import prune_
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.LSTM(4, 8))
+    prune_([(holder[0], "weight_hh_l0")], "l1_unstructured", 0.5)
+    before = holder[0].weight_hh_l0_mask.clone()
+    prune_units_(holder, 0.25)
+    after = holder[0].weight_hh_l0_mask
+    rows = after.reshape(4, 8, 8)
+    dead = zero_units(holder[0])
+    assert int(dead.sum()) == 2 and bool((rows[:, dead] == 0).all())
+    assert torch.equal(after, before * (~dead).repeat(4).float().view(-1, 1))  # both pruners' zeros, nothing back

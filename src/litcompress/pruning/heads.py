@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .engine import effective_tensor, set_mask_
+from .engine import apply_mask_, effective_tensor
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
@@ -227,10 +227,11 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         weight_mask = torch.ones_like(attention.in_proj_weight, dtype=torch.bool)
         for head in pruned:
             weight_mask[_head_rows(attention, head)] = False
-        set_mask_(attention, "in_proj_weight", weight_mask.to(attention.in_proj_weight.dtype))
+        # combined with the tensor's mask: another pruner's zeros in it (ModelPruning on in_proj_weight) stay
+        apply_mask_(attention, "in_proj_weight", weight_mask.to(attention.in_proj_weight.dtype))
         if attention.in_proj_bias is not None:
             bias_mask = weight_mask[:, 0].to(attention.in_proj_bias.dtype)
-            set_mask_(attention, "in_proj_bias", bias_mask)
+            apply_mask_(attention, "in_proj_bias", bias_mask)
         masked[name] = count
     return masked
 

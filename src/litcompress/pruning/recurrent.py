@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .engine import effective_tensor, set_mask_
+from .engine import apply_mask_, effective_tensor
 from .schedules import rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
@@ -131,7 +131,8 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
                     mask = keep_columns.to(tensor.device).view(1, -1).expand_as(tensor)
                 else:
                     mask = keep_rows.to(tensor.device).view(-1, *([1] * (tensor.dim() - 1))).expand_as(tensor)
-                set_mask_(rnn, kind + suffix, mask.to(tensor.dtype).contiguous())
+                # combined with the tensor's mask: another pruner's zeros in it (ModelPruning on weight_hh) stay
+                apply_mask_(rnn, kind + suffix, mask.to(tensor.dtype).contiguous())
         masked[name] = count
     return masked
 
