@@ -155,3 +155,14 @@ def test_beside_model_pruning_on_the_same_matrix_both_pruners_zeros_stay(tmp_pat
     final = model.lstm.weight_hh_l0 != 0  # both made permanent at the end of fit
     assert not bool((final & (first_round == 0)).any())  # every zero of ModelPruning's first round is still zero
     assert int(zero_units(model.lstm).sum()) == 4
+
+
+def test_keep_multiple_of_prunes_fewer_units_so_that_a_multiple_stays(tmp_path):
+    seed_everything(0)
+    model = LSTMClassifier(hidden=20)
+    # 60% of 20 would keep 8; a multiple of 6 keeps 12 (8 pruned)
+    _trainer(tmp_path, 1, [UnitPruning(0.6, keep_multiple_of=6)], limit_train_batches=2).fit(model, datamodule=_data())
+    assert int(zero_units(model.lstm).sum()) == 8
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(MisconfigurationException, match="keep_multiple_of"):
+            UnitPruning(0.5, keep_multiple_of=bad)

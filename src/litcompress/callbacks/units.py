@@ -10,7 +10,7 @@ layer's weight matrices masks single gate rows, which no shrink can remove.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -31,6 +31,8 @@ class UnitPruning(StructurePruning):
             in (0, 1), pruned once, when the first optimizer step is done. At least one unit of each layer stays.
             Units are ranked by the L2 norm of their rows in every gate, layer and direction.
         exclude: names of recurrent layers (as in ``named_modules()``) that keep their units.
+        keep_multiple_of: prune fewer units where needed so that each layer keeps a multiple of this many (e.g. 8 or
+            16): CPU kernels run faster on such widths, and ``shrink`` then removes every pruned unit.
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
@@ -49,10 +51,15 @@ class UnitPruning(StructurePruning):
     _LOG_KEY = "pruning/units"
 
     def __init__(self, units: Union[SparsitySchedule, float], *, exclude: tuple[str, ...] = (),
-                 make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
+                 keep_multiple_of: Optional[int] = None, make_pruning_permanent: bool = True, verbose: int = 0,
+                 log_sparsity: bool = True) -> None:
         super().__init__(units, exclude=exclude, make_pruning_permanent=make_pruning_permanent, verbose=verbose,
                          log_sparsity=log_sparsity)
-        self.units = units
+        if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(
+                keep_multiple_of, int) or keep_multiple_of < 1):
+            raise MisconfigurationException(f"UnitPruning(keep_multiple_of={keep_multiple_of!r}): expected an int >= 1 "
+                                            "or None.")
+        self.units, self.keep_multiple_of = units, keep_multiple_of
 
     def _layer_names(self, pl_module: LightningModule) -> list[str]:
         layers = prunable_recurrent_layers(pl_module, self.exclude)
@@ -67,7 +74,7 @@ class UnitPruning(StructurePruning):
         return [name for name in layer._flat_weights_names if getattr(layer, name, None) is not None]
 
     def _prune_layers_(self, pl_module: LightningModule, fraction: float) -> dict[str, int]:
-        return prune_units_(pl_module, fraction, exclude=self.exclude)
+        return prune_units_(pl_module, fraction, exclude=self.exclude, keep_multiple_of=self.keep_multiple_of)
 
     def _counts(self, layer: nn.Module) -> tuple[int, int]:
         assert isinstance(layer, RECURRENT_LAYERS)
