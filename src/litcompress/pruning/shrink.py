@@ -1404,11 +1404,18 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
     outputs its own bias whatever it reads, so its channel is constant from there on even if the producer's is not.
     After a concatenation the other inputs' channels ride along as zeros (never read: per-channel ops only)."""
     weight = producer.weight.detach()
-    channels = _out_channels(producer)
-    constant = _zero_channels(producer)
     bias = producer.bias
-    value = bias.detach().clone() if bias is not None else weight.new_zeros(channels)
-    x = value.view(1, -1, *([1] * (weight.dim() - 2)))  # [1, C] for Linear, [1, C, 1, ...] for convs
+    value = bias.detach().clone() if bias is not None else weight.new_zeros(_out_channels(producer))
+    return _carried_constants(_zero_channels(producer), value, weight.dim() - 2, branch)
+
+
+@torch.no_grad()
+def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branch: _Branch) -> tuple[Tensor, Tensor]:
+    """Which channels reach the branch's consumer as a constant, and that constant: `constant` marks the channels
+    that leave the producer as the constants `value`, and the branch's per-channel ops map them on (see
+    `_constant_channels`); `spatial_dims` is the producer output's, after the channels."""
+    channels = constant.numel()
+    x = value.view(1, -1, *([1] * spatial_dims))  # [1, C] for Linear, [1, C, 1, ...] for convs
     start = 0
     for op in branch.ops:
         if isinstance(op, _Concat):
@@ -1427,7 +1434,7 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
             zero_filter = _zero_channels(op.conv)
             constant = constant | zero_filter
             x = torch.where(zero_filter, conv_bias, flat * filters.reshape(filters.shape[0], -1).sum(1) + conv_bias)
-            x = x.view(1, -1, *([1] * (weight.dim() - 2)))
+            x = x.view(1, -1, *([1] * spatial_dims))
         elif isinstance(op, _Gate):  # 0 * gate is 0; a non-zero constant times a varying gate is no constant
             constant = constant & (x.reshape(-1) == 0)
         elif isinstance(op, nn.Module):
@@ -1819,16 +1826,6 @@ def _recurrent_chains(traced: _Traced) -> Iterator[tuple[str, _RecurrentChain | 
             yield name, _recurrent_chain(node, name, traced.modules, traced.calls, traced.traces)
 
 
-def _units_stand_in(dead: Tensor, like: Tensor) -> nn.Linear:
-    """A bias-less Linear layer whose zero rows are the `dead` channels, with the dtype and device of `like` (the
-    recurrent layer's weights, which the ops on its branches expect): what `_constant_channels` reads of a producer
-    whose dead channels output zero."""
-    stand_in = nn.Linear(1, dead.numel(), bias=False, dtype=like.dtype, device=like.device)
-    with torch.no_grad():
-        stand_in.weight.copy_((~dead).to(stand_in.weight.dtype).view(-1, 1))
-    return stand_in
-
-
 def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | None = None) -> LayerShrink | str | None:
     """Remove the recurrent layer's hidden units that output zero (:func:`zero_units`) and reach every consumer as
     constants, from the layer, the per-channel layers on its branches and its consumers (which fold the constants
@@ -1840,10 +1837,11 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
     dead = zero.clone()
     values: list[list[Tensor]] = []
     for branches, width in chain.outputs:
-        stand_in = _units_stand_in(zero.repeat(width), rnn.weight_ih_l0)
+        weights = rnn.weight_ih_l0  # zeros in its dtype: the ops on the branches (a BatchNorm) expect it
         values.append([])
         for branch in branches:
-            constant, value = _constant_channels(stand_in, branch)
+            constant, value = _carried_constants(zero.repeat(width).to(weights.device),
+                                                 weights.new_zeros(width * hidden), 0, branch)
             if branch.zeros_only:
                 constant &= value == 0
             dead &= constant.cpu().view(width, hidden).all(0)
