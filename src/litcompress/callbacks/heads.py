@@ -52,7 +52,11 @@ class HeadPruning(StructurePruning):
                  make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
         super().__init__(heads, exclude=exclude, make_pruning_permanent=make_pruning_permanent, verbose=verbose,
                          log_sparsity=log_sparsity)
-        self.heads = heads
+
+    @property
+    def heads(self) -> Union[SparsitySchedule, float]:
+        """The fraction of each attention's heads pruned, or its schedule (as given)."""
+        return self.amount
 
     def _layer_names(self, pl_module: LightningModule) -> list[str]:
         attentions = prunable_attentions(pl_module, self.exclude)

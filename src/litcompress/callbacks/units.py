@@ -59,7 +59,12 @@ class UnitPruning(StructurePruning):
                 keep_multiple_of, int) or keep_multiple_of < 1):
             raise MisconfigurationException(f"UnitPruning(keep_multiple_of={keep_multiple_of!r}): expected an int >= 1 "
                                             "or None.")
-        self.units, self.keep_multiple_of = units, keep_multiple_of
+        self.keep_multiple_of = keep_multiple_of
+
+    @property
+    def units(self) -> Union[SparsitySchedule, float]:
+        """The fraction of each recurrent layer's units pruned, or its schedule (as given)."""
+        return self.amount
 
     def _layer_names(self, pl_module: LightningModule) -> list[str]:
         layers = prunable_recurrent_layers(pl_module, self.exclude)
