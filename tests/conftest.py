@@ -249,6 +249,32 @@ class CrashAtStep(Callback):
             raise SimulatedCrash(f"killed at step {self.step}")
 
 
+def fit_killed_and_resumed(tmp_path: Any, make_model: Any, make_callback: Any, make_data: Any, *, crash_step: int = 25,
+                           epochs: int = 3, seed: int = 1) -> tuple[Any, dict, Any]:
+    """One fit three ways, seeded alike, each with a fresh model, callback and data: uninterrupted; killed at
+    `crash_step` with a checkpoint after every epoch; resumed from that checkpoint. Returns the uninterrupted model,
+    the state dict the crash left on disk and the resumed model."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(callbacks: list, ckpt_path: Any = None) -> Any:
+        model = make_model()
+        trainer = Trainer(max_epochs=epochs, callbacks=[make_callback(), *callbacks], accelerator="cpu", devices=1,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,
+                          default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=make_data(), ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(seed)
+    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
+    seed_everything(seed)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash, match=f"killed at step {crash_step}"):
+        run([checkpoint, CrashAtStep(crash_step)])
+    state = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    return reference, state, run([], ckpt_path=checkpoint.last_model_path)
+
+
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
     kwargs: dict[str, Any] = dict(
         default_root_dir=tmp_path,

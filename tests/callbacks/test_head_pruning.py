@@ -16,7 +16,7 @@ from litcompress.models import MLPClassifier, TransformerClassifier
 from litcompress.pruning import HeadPrunedAttention, is_pruned
 from litcompress.pruning.heads import zero_heads
 from litcompress.pruning.schedules import PolynomialDecay
-from tests.conftest import CrashAtStep, StepsTwoOptimizers
+from tests.conftest import StepsTwoOptimizers, fit_killed_and_resumed
 
 
 def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
@@ -116,24 +116,12 @@ def test_a_fit_shorter_than_the_head_schedule_says_where_it_will_stop(tmp_path):
 
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])
 def test_killed_mid_schedule_then_resumed_ends_with_the_same_heads_and_weights(tmp_path, make_pruning_permanent):
-    def run(callbacks, ckpt_path=None):
-        model = TransformerClassifier(heads=4)
-        pruning = HeadPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=30, frequency=4),
-                              make_pruning_permanent=make_pruning_permanent)
-        trainer = _trainer(tmp_path, 3, [pruning, *callbacks], enable_checkpointing=True)
-        trainer.fit(model, datamodule=_data(), ckpt_path=ckpt_path)
-        return model
-
-    seed_everything(1)
-    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
-    seed_everything(1)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
-    with pytest.raises(RuntimeError, match="killed at step 25"):
-        run([checkpoint, CrashAtStep(25)])  # epoch 1 of 3 (23 steps each), mid-schedule
+    reference, state, resumed = fit_killed_and_resumed(  # killed at step 25: epoch 1 of 3 (23 steps each)
+        tmp_path, lambda: TransformerClassifier(heads=4),
+        lambda: HeadPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=30, frequency=4),
+                            make_pruning_permanent=make_pruning_permanent), _data)
     # what the crash left on disk loads into the unpruned architecture (masks re-created when not permanent)
-    state = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
     assert any(k.endswith("in_proj_weight_mask") for k in state) == (not make_pruning_permanent)
-    resumed = run([], ckpt_path=checkpoint.last_model_path)
     assert [int(zero_heads(a).sum()) for a in _attentions(resumed)] == [3, 3]  # round(0.75 * 4)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

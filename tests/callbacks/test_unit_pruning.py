@@ -7,7 +7,6 @@ import csv
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -18,7 +17,7 @@ from litcompress.models import LSTMClassifier, MLPClassifier
 from litcompress.pruning import is_pruned
 from litcompress.pruning.recurrent import zero_units
 from litcompress.pruning.schedules import PolynomialDecay
-from tests.conftest import CrashAtStep
+from tests.conftest import fit_killed_and_resumed
 
 
 def _trainer(tmp_path, epochs: int, callbacks: list, **kwargs) -> Trainer:
@@ -70,24 +69,12 @@ def test_each_rounds_unit_fraction_goes_to_the_loggers(tmp_path):
 
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])
 def test_killed_mid_schedule_then_resumed_ends_with_the_same_units_and_weights(tmp_path, make_pruning_permanent):
-    def run(callbacks, ckpt_path=None):
-        model = LSTMClassifier(hidden=16)
-        pruning = UnitPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=30, frequency=4),
-                              make_pruning_permanent=make_pruning_permanent)
-        trainer = _trainer(tmp_path, 3, [pruning, *callbacks], enable_checkpointing=True)
-        trainer.fit(model, datamodule=_data(), ckpt_path=ckpt_path)
-        return model
-
-    seed_everything(1)
-    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
-    seed_everything(1)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
-    with pytest.raises(RuntimeError, match="killed at step 25"):
-        run([checkpoint, CrashAtStep(25)])  # epoch 1 of 3 (23 steps each), mid-schedule
+    reference, state, resumed = fit_killed_and_resumed(  # killed at step 25: epoch 1 of 3 (23 steps each)
+        tmp_path, lambda: LSTMClassifier(hidden=16),
+        lambda: UnitPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=30, frequency=4),
+                            make_pruning_permanent=make_pruning_permanent), _data)
     # what the crash left on disk loads into the unpruned architecture (masks re-created when not permanent)
-    state = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
     assert any(k.endswith("weight_hh_l0_mask") for k in state) == (not make_pruning_permanent)
-    resumed = run([], ckpt_path=checkpoint.last_model_path)
     assert int(zero_units(resumed.lstm).sum()) == 12  # round(0.75 * 16)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
