@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from litcompress import CompressionConfig, PruneConfig, compress, shrink
 from litcompress.models import LSTMClassifier
@@ -501,3 +502,105 @@ def test_prune_units_keeps_the_zeros_another_pruner_put_in_the_same_matrices():
     dead = zero_units(holder[0])
     assert int(dead.sum()) == 2 and bool((rows[:, dead] == 0).all())
     assert torch.equal(after, before * (~dead).repeat(4).float().view(-1, 1))  # both pruners' zeros, nothing back
+
+
+class _Packed(nn.Module):
+    """Linear -> ReLU -> pack_padded_sequence -> recurrent layer -> (its padded output per step, or its last hidden
+    state) -> Linear: a tagger or a classifier of sequences of several lengths, as text models write them."""
+
+    def __init__(self, kind: str, layers: int, bidirectional: bool, batch_first: bool, read: str,
+                 enforce_sorted: bool) -> None:
+        super().__init__()
+        self.kind, self.read, self.batch_first, self.enforce_sorted = kind, read, batch_first, enforce_sorted
+        self.embed = nn.Linear(5, 6)
+        self.rnn = KINDS[kind](6, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.head = nn.Linear(16 if bidirectional and read == "output" else 8, 3)
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(torch.relu(self.embed(x)), lengths, batch_first=self.batch_first,
+                                      enforce_sorted=self.enforce_sorted)
+        out, state = self.rnn(packed)
+        if self.read == "output":
+            padded, _ = pad_packed_sequence(out, batch_first=self.batch_first)
+            return self.head(padded)
+        return self.head((state[0] if self.kind == "LSTM" else state)[-1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(sorted(KINDS)), layers=st.integers(1, 2), bidirectional=st.booleans(),
+       batch_first=st.booleans(), read=st.sampled_from(["output", "hidden"]), enforce_sorted=st.booleans(),
+       dead=st.sets(st.integers(0, 7), max_size=7), dead_inputs=st.sets(st.integers(0, 5), max_size=5),
+       lengths=st.lists(st.integers(1, 7), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+def test_shrink_removes_units_and_features_of_a_packed_recurrent_layer_and_keeps_every_output(
+        kind, layers, bidirectional, batch_first, read, enforce_sorted, dead, dead_inputs, lengths, seed):
+    torch.manual_seed(seed)
+    model = _Packed(kind, layers, bidirectional, batch_first, read, enforce_sorted).eval()
+    _zero_candidate_rows_(model.rnn, sorted(dead))
+    with torch.no_grad():
+        model.embed.weight[sorted(dead_inputs)] = 0  # constant ReLU(bias) features: folded into the input bias
+    lengths = torch.tensor(sorted(lengths, reverse=True) if enforce_sorted else lengths)
+    x = torch.randn((len(lengths), 7, 5) if batch_first else (7, len(lengths), 5))
+    result = shrink(model, (x, lengths))
+    shrunk = result.model
+    assert (shrunk.rnn.hidden_size, shrunk.rnn.input_size) == (8 - len(dead), 6 - len(dead_inputs))
+    assert result.report.units_removed == len(dead) and result.report.channels_removed == len(dead_inputs)
+    for size in (len(lengths), 2):  # and a batch of other lengths
+        other = lengths[:size]
+        inputs = (x[:size] if batch_first else x[:, :size], other)
+        torch.testing.assert_close(shrunk(*inputs), model(*inputs), rtol=0, atol=1e-5)
+
+
+class _PaddedWith(nn.Module):
+    def __init__(self, padding_value: float) -> None:
+        super().__init__()
+        self.padding_value = padding_value
+        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, lengths):
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return self.head(pad_packed_sequence(out, batch_first=True, padding_value=self.padding_value)[0])
+
+
+class _PackedData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, lengths):
+        return self.head(self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[0].data)
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    (_PaddedWith(-1.0), "pads its output with -1.0, not with the zeros a removed unit outputs"),
+    (_PackedData(), "which shrink does not see through"),
+])
+def test_a_packed_output_read_in_ways_that_would_change_it_keeps_its_units_and_says_why(model, reason):
+    _zero_candidate_rows_(model.rnn, [1, 4])
+    inputs = (torch.randn(3, 5, 4), torch.tensor([5, 2, 4]))
+    result = shrink(model.eval(), inputs)
+    assert reason in dict(result.report.kept)["rnn"]
+    assert result.model.rnn.hidden_size == 8
+    torch.testing.assert_close(result.model(*inputs), model(*inputs))
+
+
+class _PackedByModulePath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8)
+
+    def forward(self, x, lengths):
+        return self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths))[1][-1]
+
+
+def test_tracing_packed_models_leaves_fx_able_to_trace_and_the_module_path_call_gets_a_hint():
+    from torch import fx
+
+    model = _PaddedWith(0.0).eval()
+    _zero_candidate_rows_(model.rnn, [3])
+    inputs = (torch.randn(3, 5, 4), torch.tensor([5, 2, 4]))
+    for _ in range(2):  # a GraphModule of a packed model's graph once broke every later trace in the process
+        assert shrink(model, inputs).model.rnn.hidden_size == 7
+    fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"_PackedByModulePath.forward calls pack_padded_sequence through its "
+                                         r"module; imported by name, `from torch.nn.utils.rnn import"):
+        channel_plan(_PackedByModulePath(), example_inputs=(torch.randn(5, 3, 4), torch.tensor([5, 2, 1])))

@@ -30,7 +30,8 @@ are handled as groups (:mod:`litcompress.pruning.groups`): a channel exactly zer
 it (in all terms of a sum, in one factor of a product) leaves all of the group's layers. The hidden units of
 ``nn.LSTM``/``nn.GRU``/``nn.RNN`` layers that output zero (:mod:`litcompress.pruning.recurrent`) leave the layer and
 the inputs of what reads its output sequence or final states (a Linear, through indexing of time, batch or layer dims
-that example inputs tell, or another recurrent layer); a recurrent layer is a consumer too.
+that example inputs tell, or another recurrent layer); a recurrent layer is a consumer too, also of a
+``pack_padded_sequence``, and a packed output is followed through ``pad_packed_sequence`` (zero padding).
 
 The model's ``forward`` must be traceable by ``torch.fx.symbolic_trace``, or become so with its bool flags held
 (``return_features=False``: every combination is traced, and a layer loses channels only where all agree); the
@@ -40,11 +41,9 @@ module objects of the model itself are edited (weights replaced by smaller ones)
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
-import io
 import itertools
 import math
 import operator
@@ -347,17 +346,53 @@ def _keeping_narrowed_attention(tracer: type[fx.Tracer]) -> type[fx.Tracer]:
     return Tracer
 
 
+# Packing for recurrent layers: fx cannot trace through them (a PackedSequence is built from the values), so the
+# tracer keeps them as calls (fx's `autowrap_functions`), where forward's module imports them by name.
+_PACKING = (nn.utils.rnn.pack_padded_sequence, nn.utils.rnn.pad_packed_sequence)
+
+
+def _tracer_instance(tracer: type[fx.Tracer]) -> fx.Tracer:
+    """An instance of `tracer` that keeps narrowed attention and the packing functions as calls; a tracer whose
+    constructor takes no `autowrap_functions` is built without them."""
+    cls = _keeping_narrowed_attention(tracer)
+    try:
+        return cls(autowrap_functions=_PACKING)
+    except TypeError:
+        return cls()
+
+
+def _packing_hint(model: nn.Module) -> str:
+    """A hint for a model whose forward calls a packing function through its module (``nn.utils.rnn.
+    pack_padded_sequence(...)``), which fx traces into and fails on: by name it is kept as a call."""
+    for cls in {type(module) for module in model.modules()}:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        for function in _PACKING:
+            if f".{function.__name__}(" in source:
+                return (f" ({cls.__name__}.forward calls {function.__name__} through its module; imported by name, "
+                        f"`from torch.nn.utils.rnn import {function.__name__}`, it is kept as one call)")
+    return ""
+
+
 def trace(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer, flags: dict[str, bool] | None = None
           ) -> tuple[fx.Graph, dict[str, nn.Module], dict[str, int]]:
     """`model`'s ``torch.fx`` graph (with `flags`, forward's parameters of those names held at those values), its
     modules by name and how often the graph calls each; ValueError (with fx's message) when it cannot be traced."""
     try:
-        graph = _keeping_narrowed_attention(tracer)().trace(model, concrete_args=flags or None)
+        graph = _tracer_instance(tracer).trace(model, concrete_args=flags or None)
     except Exception as error:  # fx raises many types
         compiled = compiled_module_names(model)
         hint = (f" (torch.compile'd: {', '.join(repr(n) if n else 'the model' for n in compiled)}; trace the eager "
                 "module, `._orig_mod`, or use shrink()/compress(), which work on an eager copy)") if compiled else ""
-        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}{hint}") from error
+        raise ValueError(f"tracing {type(model).__name__} with torch.fx failed: {error}{hint or _packing_hint(model)}"
+                         ) from error
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _PACKING:
+            # fx would make a GraphModule of this graph register the function by its dotted name in its
+            # process-wide table of wrapped functions, which breaks every later trace: the calls stay plain calls
+            node.meta.pop("is_wrapped", None)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -585,27 +620,35 @@ def _called_once_or_stateless(module: nn.Module, name: str, calls: dict[str, int
                                                                                        *_AVG_POOLING))
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records the shape of each tensor a node computes (``node.meta["shape"]``). fx's ShapeProp
+    cannot: it rebuilds every tuple it finds, and a PackedSequence (a tuple) refuses its tensor metadata."""
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        if isinstance(result, Tensor):
+            node.meta["shape"] = result.shape
+        return result
+
+
 def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | None,
                      flags: dict[str, bool] | None = None) -> None:
-    """Record the shape of each tensor `graph` computes on `example_inputs` (``node.meta["tensor_meta"]``, run in
-    eval mode without gradients, modes restored), which tells a Linear layer's features from its tokens where
-    ranks matter; `flags`: those the graph's trace held. Nothing is recorded without inputs or when the run fails:
-    the walk then assumes no rank."""
+    """Record the shape of each tensor `graph` computes on `example_inputs` (``node.meta["shape"]``, run in eval
+    mode without gradients, modes restored), which tells a Linear layer's features from its tokens where ranks
+    matter; `flags`: those the graph's trace held. Nothing is recorded without inputs or when the run fails: the
+    walk then assumes no rank."""
     if example_inputs is None:
         return
     example_inputs = _flag_inputs(model, example_inputs, flags or {})
     if example_inputs is None:
         return
-    from torch.fx.passes.shape_prop import ShapeProp
-
     modes = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
         runnable = fx.GraphModule(model, copy.deepcopy(graph))  # a copy: a GraphModule takes its graph over
-        # ShapeProp prints the traceback of a failing node before raising: a failed run only means no ranks
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(runnable).propagate(*example_inputs)
-        shapes = {node.name: node.meta.get("tensor_meta") for node in runnable.graph.nodes}
+        with torch.no_grad():
+            _ShapeRecorder(runnable).run(*example_inputs)
+        shapes = {node.name: node.meta.get("shape") for node in runnable.graph.nodes}
     except Exception:  # noqa: BLE001 - the shapes only refine the walk
         return
     finally:
@@ -613,13 +656,19 @@ def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | 
             module.training = training
     for node in graph.nodes:
         if shapes.get(node.name) is not None:
-            node.meta["tensor_meta"] = shapes[node.name]
+            node.meta["shape"] = shapes[node.name]
+
+
+def _shape(node: fx.Node) -> torch.Size | None:
+    """`node`'s tensor's shape on the example inputs, when `annotate_shapes_` recorded it."""
+    shape = node.meta.get("shape")
+    return shape if isinstance(shape, torch.Size) else None
 
 
 def _rank(node: fx.Node) -> int | None:
     """The number of dims of `node`'s tensor on the example inputs, when `annotate_shapes_` recorded it."""
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    return len(shape) if isinstance(shape, torch.Size) else None
+    shape = _shape(node)
+    return None if shape is None else len(shape)
 
 
 def _normalises_channels(bn: nn.Module, after_conv: bool, channels: int, rank: int | None = None) -> bool:
@@ -911,7 +960,7 @@ def _squeezed_rank(user: fx.Node, node: fx.Node) -> int | None:
     otherwise, or when the example inputs gave no shapes."""
     squeeze = (user.op == "call_method" and user.target == "squeeze") or (
         user.op == "call_function" and user.target is torch.squeeze)
-    shapes = [getattr(n.meta.get("tensor_meta"), "shape", None) for n in (node, user)]
+    shapes = [_shape(n) for n in (node, user)]
     if not squeeze or not user.args or user.args[0] is not node or None in shapes:
         return None
     before, after = (tuple(int(d) for d in shape) for shape in shapes)
@@ -1297,6 +1346,30 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
         node = next_node
 
 
+def _through_packing(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module], is_conv: bool) -> fx.Node | str:
+    """Where a branch goes on from `user`, a packing call that reads `node`: ``pack_padded_sequence(node, lengths)``
+    (its PackedSequence holds `node`'s feature vectors, features last, for a recurrent layer), or the padded output
+    ``pad_packed_sequence(node)[0]`` of a recurrent layer that read one, whose padding must be zeros (what a removed
+    unit outputs at every step); the reason it cannot go on."""
+    function = user.target.__name__
+    if is_conv or not user.args or user.args[0] is not node:
+        return f"its output goes to {_describe(user, modules)} other than as the sequence of feature vectors"
+    if user.target is nn.utils.rnn.pack_padded_sequence:
+        return user
+    padding = user.kwargs.get("padding_value", user.args[2] if len(user.args) > 2 else 0.0)
+    if not isinstance(padding, (int, float)) or padding != 0:
+        return f"{function} pads its output with {padding!r}, not with the zeros a removed unit outputs"
+    items = _value_users(user)
+    if not all(_is_item(item, user, (0, 1)) for item in items):
+        other = next(item for item in items if not _is_item(item, user, (0, 1)))
+        return (f"the (output, lengths) pair of {function} goes to {_describe(other, modules)}, which shrink does "
+                "not see through")
+    sequences = [item for item in items if item.args[1] == 0]
+    if len(sequences) != 1:
+        return "its output is not used" if not sequences else f"the output of {function} is read twice"
+    return sequences[0]
+
+
 def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch],
           modules: dict[str, nn.Module], calls: dict[str, int], walk_on: bool = True) -> fx.Node | str | None:
     """Take `branch` from `node` into its user `user`: None when `user` is the branch's consumer (the branch is then
@@ -1311,6 +1384,11 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return concat
         branch.ops.append(concat)
         return _walk(user, producer, branch, done, modules, calls) if walk_on else user
+    if user.op == "call_function" and user.target in _PACKING:
+        through = _through_packing(user, node, modules, is_conv)
+        if isinstance(through, str):
+            return through
+        return _walk(through, producer, branch, done, modules, calls) if walk_on else through
     spatial_ndim = producer.weight.dim() if is_conv and not branch.flattened else None
     if _tensor_args(user, node, modules, spatial_ndim) != [node]:
         return f"its output meets another tensor in {_describe(user, modules)}"
