@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
@@ -907,6 +910,18 @@ def test_an_attentions_shape_checks_do_not_disqualify_its_onnx_file(digits, tmp_
         torch.testing.assert_close(loaded(x_val[:5]), model(x_val[:5]), rtol=1e-4, atol=1e-5)
 
 
+def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Callable[[nn.Module], float]:
+    """An eval_fn: how often a model's classes are `reference`'s on `batches`."""
+    with torch.no_grad():
+        expected = [reference(*batch).argmax(1) for batch in batches]
+
+    def agreement(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.cat([m(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
+
+    return agreement
+
+
 class _Tokens(nn.Module):
     """Token ids -> embeddings -> LSTM -> classes: a model fed sequences of several lengths."""
 
@@ -925,13 +940,7 @@ def test_the_file_of_a_sequence_model_takes_lengths_the_pipeline_never_saw(quant
     torch.manual_seed(0)
     model = _Tokens().eval()
     batches = [(torch.randint(0, 30, (8, n)),) for n in (12, 20, 9)]
-    with torch.no_grad():
-        expected = [model(*b).argmax(1) for b in batches]
-
-    def eval_fn(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float(torch.cat([m(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
-
+    eval_fn = agreeing_with(model, batches)
     quantize = PTQConfig(backends=("torch_ao",), accuracy=AccuracyCriterion(tolerable_loss=1.0), latency_repeats=2,
                          max_trials=1) if quantized else None
     result = compress(model, CompressionConfig(shrink=False, quantize=quantize, latency_repeats=2), eval_fn=eval_fn,
@@ -943,6 +952,44 @@ def test_the_file_of_a_sequence_model_takes_lengths_the_pipeline_never_saw(quant
         tokens = torch.randint(0, 30, (3, n))
         with torch.no_grad():
             torch.testing.assert_close(loaded(tokens), result.model(tokens), rtol=1e-4, atol=1e-4)
+
+
+class _PackedTokens(nn.Module):
+    """Token ids and their lengths -> embeddings -> packed bidirectional LSTM -> last states joined -> classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        self.rnn = nn.LSTM(16, 32, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        h = self.rnn(packed)[1][0]
+        return self.head(torch.cat((h[-2], h[-1]), dim=1))
+
+
+def test_an_lstm_fed_packed_sequences_loses_half_its_units_and_is_written_as_torchscript_when_nothing_else_exports(
+        tmp_path):
+    torch.manual_seed(0)
+    model = _PackedTokens().eval()
+    batches = [(torch.randint(0, 30, (8, 12)), torch.randint(1, 13, (8,))) for _ in range(3)]
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                               latency_repeats=2),
+                      eval_fn=agreeing_with(model, batches), example_inputs=batches[0], output_dir=tmp_path)
+    assert (result.model.rnn.hidden_size, result.model.head.in_features) == (16, 32)
+    assert result.report["shrunk"].description.startswith("16 hidden units removed")
+    messages = result.report.messages
+    assert any(m.startswith("export to onnx: ") for m in messages) and any(m.startswith("export to export: ")
+                                                                           for m in messages)
+    assert result.artifact.name == "model.pt"
+    loaded, recipe = load_quantized(result.artifact)
+    assert recipe is None
+    for size, length in ((3, 12), (5, 20), (1, 4)):  # other batch sizes and lengths than the example's
+        tokens, lengths = torch.randint(0, 30, (size, length)), torch.randint(1, length + 1, (size,))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tokens, lengths), result.stage_models["pruned"](tokens, lengths),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_a_declared_dynamic_dim_the_inputs_lack_fails_before_fine_tuning(digits):

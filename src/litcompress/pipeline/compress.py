@@ -365,21 +365,31 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     `dynamic_dims`: the input dims the file leaves free (per input).
 
     An unquantized model with ``fp32_format="auto"`` is written in every available format and the file that runs
-    fastest here is kept. Files are written under a partial name and moved into place once chosen, so a failure
+    fastest here is kept (TorchScript only when they all fail). Files are written under a partial name and moved into place once chosen, so a failure
     never leaves a half-written file or removes an earlier run's."""
     t0 = time.monotonic()
     formats: list[str | None] = [None] if recipe is not None else list(_fp32_formats(config.fp32_format))
     written: list[_WrittenFile] = []
     failures: list[str] = []
+    labelled = len(formats) > 1 or (recipe is None and config.fp32_format == "auto")  # which format failed how
+
+    def attempt(fp32_format: str | None) -> None:
+        try:
+            written.append(_write_and_read_back(model, recipe, fp32_format, directory, inputs, config.num_threads,
+                                                dynamic_dims))
+        except Exception as error:  # the stages' models and the report stay the caller's
+            label = fp32_format or recipe.backend  # type: ignore[union-attr]
+            logger.info("export (%s) failed", label, exc_info=error)  # the whole error (torch.export's: pages)
+            failures.append(f"{label}: {_first_line(error)}" if labelled else _first_line(error))
+
     try:
         for fp32_format in formats:
-            try:
-                written.append(_write_and_read_back(model, recipe, fp32_format, directory, inputs,
-                                                    config.num_threads, dynamic_dims))
-            except Exception as error:  # the stages' models and the report stay the caller's
-                label = fp32_format or recipe.backend  # type: ignore[union-attr]
-                logger.info("export (%s) failed", label, exc_info=error)  # the whole error (torch.export's: pages)
-                failures.append(f"{label}: {_first_line(error)}" if len(formats) > 1 else _first_line(error))
+            attempt(fp32_format)
+        if not written and recipe is None and config.fp32_format == "auto":
+            # the last resort, when every other format failed: TorchScript is deprecated by torch, but its trace
+            # keeps an LSTM fed packed sequences, which ONNX and torch.export refuse
+            formats.append("torchscript")
+            attempt("torchscript")
         if not written:
             message = f"export failed, no model file written: {'; '.join(failures)}"
             if recipe is None and config.fp32_format != "auto":

@@ -226,7 +226,8 @@ class CompressionConfig:
             directory and measure it as read back from disk.
         fp32_format: the file format of an unquantized final model. ``"auto"``: each of ONNX (when onnx and
             onnxruntime are installed; the file runs in ONNX Runtime) and ``torch.export`` is written, read back and
-            timed, and the faster one is kept (one that fails to export is skipped, and said). Or one format:
+            timed, and the faster one is kept (one that fails to export is skipped, and said; when both fail,
+            TorchScript is written, which keeps an LSTM fed packed sequences). Or one format:
             ``"onnx"`` (``model.onnx``), ``"export"`` (``model.pt2``) or ``"torchscript"`` (``model.pt``,
             deprecated by torch). A quantized model keeps its backend's format.
         latency_repeats: interleaved timed calls per stage for the report (medians reported).
