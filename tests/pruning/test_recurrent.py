@@ -601,6 +601,37 @@ def test_tracing_packed_models_leaves_fx_able_to_trace_and_the_module_path_call_
     for _ in range(2):  # a GraphModule of a packed model's graph once broke every later trace in the process
         assert shrink(model, inputs).model.rnn.hidden_size == 7
     fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-    with pytest.raises(ValueError, match=r"_PackedByModulePath.forward calls pack_padded_sequence through its "
-                                         r"module; imported by name, `from torch.nn.utils.rnn import"):
+    with pytest.raises(ValueError, match=r"_PackedByModulePath.forward calls pack_padded_sequence by its module "
+                                         r"path, which fx traces into: import it by name, `from torch.nn.utils.rnn "
+                                         r"import pack_padded_sequence`"):
         channel_plan(_PackedByModulePath(), example_inputs=(torch.randn(5, 3, 4), torch.tensor([5, 2, 1])))
+
+
+class _SentimentTutorial(nn.Module):
+    """The forward of a well-known sentiment tutorial (packing functions imported by name): the padded output is
+    unpacked and never read, the last forward and backward states are joined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 32, padding_idx=0)
+        self.lstm = nn.LSTM(32, 16, 2, bidirectional=True, dropout=0.5, batch_first=True)
+        self.fc = nn.Linear(32, 2)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, ids, length):
+        embedded = self.dropout(self.embedding(ids))
+        packed_embedded = pack_padded_sequence(embedded, length, batch_first=True, enforce_sorted=False)
+        packed_output, (hidden, cell) = self.lstm(packed_embedded)
+        output, output_length = pad_packed_sequence(packed_output)
+        hidden = self.dropout(torch.cat([hidden[-1], hidden[-2]], dim=-1))
+        return self.fc(hidden)
+
+
+def test_an_unpacked_output_nobody_reads_does_not_keep_the_units():
+    torch.manual_seed(0)
+    model = _SentimentTutorial().eval()
+    assert prune_units_(model, 0.5) == {"lstm": 8}
+    inputs = (torch.randint(1, 100, (4, 10)), torch.tensor([10, 3, 7, 5]))
+    result = shrink(model, inputs)
+    assert (result.model.lstm.hidden_size, result.model.fc.in_features) == (8, 16)
+    torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=1e-5)

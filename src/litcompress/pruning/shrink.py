@@ -371,8 +371,9 @@ def _packing_hint(model: nn.Module) -> str:
             continue
         for function in _PACKING:
             if f".{function.__name__}(" in source:
-                return (f" ({cls.__name__}.forward calls {function.__name__} through its module; imported by name, "
-                        f"`from torch.nn.utils.rnn import {function.__name__}`, it is kept as one call)")
+                return (f" ({cls.__name__}.forward calls {function.__name__} by its module path, which fx traces "
+                        f"into: import it by name, `from torch.nn.utils.rnn import {function.__name__}`, and the "
+                        "trace keeps it as one call)")
     return ""
 
 
@@ -856,8 +857,16 @@ def _reads_shape_only(node: fx.Node) -> bool:
     )
 
 
+def _unread_padding(node: fx.Node) -> bool:
+    """True for ``pad_packed_sequence(...)`` whose results nobody reads (``output, lengths = pad_packed_sequence(
+    packed)`` with neither used after: a trace keeps the call)."""
+    return (node.op == "call_function" and node.target is nn.utils.rnn.pad_packed_sequence
+            and all(user.op == "call_function" and user.target is operator.getitem and not user.users
+                    for user in node.users))
+
+
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    return [user for user in node.users if not _reads_shape_only(user)]
+    return [user for user in node.users if not _reads_shape_only(user) and not _unread_padding(user)]
 
 
 def _expanded_as(node: fx.Node, users: list[fx.Node]) -> list[fx.Node]:
