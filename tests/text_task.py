@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, Dataset
 
 VOCAB, LENGTH = 20, 12
@@ -93,3 +94,20 @@ class BatchClassifier(TextClassifier):
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels = self(batch), batch[self.keys[2]]
         return nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
+
+
+class PackedLSTMClassifier(TextClassifier):
+    """The task read by a bidirectional LSTM over the unmasked tokens only: packed by their lengths (the mask's
+    sums; unmasked tokens come first), the last forward and backward states joined."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        del self.ff
+        self.lstm = nn.LSTM(32, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embedding(input_ids), attention_mask.sum(1).cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        h = self.lstm(packed)[1][0]
+        return self.head(torch.cat((h[-2], h[-1]), dim=1))

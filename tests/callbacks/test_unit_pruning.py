@@ -153,3 +153,23 @@ def test_keep_multiple_of_prunes_fewer_units_so_that_a_multiple_stays(tmp_path):
     for bad in (0, -4, 2.5, True):
         with pytest.raises(MisconfigurationException, match="keep_multiple_of"):
             UnitPruning(0.5, keep_multiple_of=bad)
+
+
+def test_an_lstm_fed_packed_sequences_is_pruned_while_fitting_then_shrunk_and_reloaded(tmp_path):
+    from tests.text_task import PackedLSTMClassifier, TextData
+
+    seed_everything(0)
+    model, data = PackedLSTMClassifier(hidden=16), TextData()
+    _trainer(tmp_path, 2, [UnitPruning(PolynomialDecay(final_sparsity=0.5, begin=0, end=40, frequency=10))]
+             ).fit(model, datamodule=data)
+    assert int(zero_units(model.lstm).sum()) == 8
+    batch = next(iter(data.test_dataloader()))
+    inputs = (batch["input_ids"], batch["attention_mask"])  # lengths 4 to 12
+    result = shrink(model.eval(), inputs)
+    assert result.model.lstm.hidden_size == 8 and result.model.head.in_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=1e-5)
+        fresh = load_shrunk_state_dict(PackedLSTMClassifier(hidden=16), result.model.state_dict()).eval()
+        torch.testing.assert_close(fresh(*inputs), model(*inputs), rtol=0, atol=1e-5)
+        accuracy = (fresh(*inputs).argmax(1) == batch["labels"]).float().mean()
+    assert accuracy > 0.7  # it learned the task with half its units
