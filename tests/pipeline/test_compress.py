@@ -267,7 +267,8 @@ def test_biases_of_pruned_filters_without_a_batch_norm_are_held_at_zero_so_the_f
             assert torch.equal(layer.bias[rows.flatten(1).abs().sum(1) == 0], torch.zeros(4))
         assert said == ["zero_batch_norm: the biases of pruned channels are held at zero in 3 layer(s) without a "
                         "BatchNorm after them (conv1, conv2, up), so their channels output zero and shrink can remove "
-                        "them before a zero-padded conv too."]
+                        "them where only a zero passes too (a zero-padded conv, a product with per-token "
+                        "weights)."]
     else:  # the pruned filters output ReLU(bias) into padded convs: those that are not zero stay
         assert not said and any(width > 4 for width in widths.values())
     with torch.no_grad():
@@ -1284,3 +1285,22 @@ def test_gpt2_conv1d_layers_are_pruned_unstructured_and_counted():
     n = sum(pruned[i].weight.numel() for i in (0, 2, 4))
     assert sum(int((pruned[i].weight == 0).sum()) for i in (0, 2, 4)) == round(0.75 * n)
     assert result.report["pruned"].weight_sparsity == pytest.approx(round(0.75 * n) / n)
+
+
+def test_a_layer_whose_features_are_mean_pooled_over_a_padding_mask_is_pruned_and_removed():
+    """``(ff(x) * mask).sum(1) / mask.sum(1)``: a pruned row's bias is held at zero, so the row outputs zero, which
+    the product with the mask keeps (a non-zero constant it would not), and shrink removes it."""
+    from tests.text_task import TextClassifier, TextData
+
+    torch.manual_seed(0)
+    model = TextClassifier().eval()
+    batch = next(iter(TextData().test_dataloader()))
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                               export=False, latency_repeats=2),
+                      eval_fn=agreeing_with(model, [inputs]), example_inputs=inputs)
+    shrunk = result.stage_models["shrunk"]
+    assert (shrunk.ff[0].out_features, shrunk.ff[2].out_features, shrunk.head.in_features) == (32, 16, 16)
+    assert any("held at zero in 1 layer(s) without a BatchNorm after them (ff.2)" in m for m in result.report.messages)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(*inputs), result.stage_models["pruned"](*inputs), rtol=0, atol=1e-5)

@@ -635,3 +635,37 @@ def test_an_unpacked_output_nobody_reads_does_not_keep_the_units():
     result = shrink(model, inputs)
     assert (result.model.lstm.hidden_size, result.model.fc.in_features) == (8, 16)
     torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=1e-5)
+
+
+class _AttentionPooled(nn.Module):
+    """A bidirectional LSTM's outputs pooled by attention over the time steps (scores from a Linear layer, padding
+    masked), or by a masked mean: the classifier of many text tutorials."""
+
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.pool = pool
+        self.lstm = nn.LSTM(5, 16, batch_first=True, bidirectional=True)
+        self.attn, self.fc = nn.Linear(32, 1), nn.Linear(32, 3)
+
+    def forward(self, x, mask):
+        out, _ = self.lstm(x)
+        weights = torch.softmax(self.attn(out).squeeze(-1).masked_fill(mask == 0, -1e9), dim=1)
+        if self.pool == "sum":
+            return self.fc((weights.unsqueeze(-1) * out).sum(1))
+        if self.pool == "bmm":
+            return self.fc(torch.bmm(weights.unsqueeze(1), out).squeeze(1))
+        keep = mask.unsqueeze(-1).float()
+        return self.fc((out * keep).sum(1) / keep.sum(1))
+
+
+@pytest.mark.parametrize("pool", ["sum", "bmm", "masked mean"])
+def test_units_of_an_lstm_pooled_by_attention_leave_it_and_both_readers(pool):
+    torch.manual_seed(0)
+    model = _AttentionPooled(pool).eval()
+    assert prune_units_(model, 0.5) == {"lstm": 8}
+    inputs = (torch.randn(4, 9, 5), (torch.arange(9) < torch.tensor([[9], [4], [6], [2]])).long())
+    result = shrink(model, inputs)
+    shrunk = result.model
+    assert (shrunk.lstm.hidden_size, shrunk.attn.in_features, shrunk.fc.in_features) == (8, 16, 16)
+    assert result.report.units_removed == 8
+    torch.testing.assert_close(shrunk(*inputs), model(*inputs), rtol=0, atol=1e-5)

@@ -1484,6 +1484,61 @@ def test_a_linear_layer_whose_tokens_are_pooled_loses_its_zero_channels_given_ex
     torch.testing.assert_close(result.model(other_length), model(other_length))
 
 
+class WeightedPooling(nn.Module):
+    """A sequence classifier whose token features are pooled with weights per token: attention pooling (the weights
+    scored from the features themselves, by a Linear layer), a padding mask, a plain sum; and, as a control,
+    weights that vary over the features too."""
+
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.ff, self.score, self.head, self.pool = nn.Linear(8, 16), nn.Linear(16, 1), nn.Linear(16, 3), pool
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.ff(x))
+        weights = torch.softmax(self.score(hidden).squeeze(-1).masked_fill(mask == 0, -1e9), dim=1)
+        if self.pool == "attention":
+            pooled = (weights.unsqueeze(-1) * hidden).sum(1)
+        elif self.pool == "attention bmm":
+            pooled = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
+        elif self.pool == "masked mean":
+            keep = mask.unsqueeze(-1).float()
+            pooled = torch.sum(hidden * keep, dim=1) / keep.sum(1)
+        elif self.pool == "sum":
+            pooled = hidden.sum(dim=-2)
+        else:  # "per feature": weights over the features too, which can turn a zero feature's zeros into others
+            pooled = (hidden * torch.softmax(hidden, dim=-1)).sum(1)
+        return self.head(pooled)
+
+
+@settings(max_examples=30, deadline=None)
+@given(pool=st.sampled_from(["attention", "attention bmm", "masked mean", "sum"]),
+       zero=st.sets(st.integers(0, 15), max_size=15), biased=st.sets(st.integers(0, 15)), seed=st.integers(0, 2**16))
+def test_features_pooled_with_weights_per_token_leave_when_exactly_zero(pool, zero, biased, seed) -> None:
+    torch.manual_seed(seed)
+    model = WeightedPooling(pool).eval()
+    zero_rows_(model.ff, sorted(zero))
+    with torch.no_grad():  # a zero row whose ReLU(bias) is zero outputs zero; another outputs a constant, which a
+        model.ff.bias.copy_(torch.tensor([1.0 if i in biased else -1.0 for i in range(16)]))  # weighting varies
+    mask = (torch.arange(7) < torch.tensor([[7], [3], [5]])).long()
+    x = torch.randn(3, 7, 8)
+    result = shrink(model, (x, mask))
+    removed = len(zero - biased)
+    assert (result.model.ff.out_features, result.model.score.in_features, result.model.head.in_features) == (
+        16 - removed,) * 3
+    torch.testing.assert_close(result.model(x, mask), model(x, mask), rtol=0, atol=1e-5)
+    shorter = (torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.long))  # other lengths
+    torch.testing.assert_close(result.model(*shorter), model(*shorter), rtol=0, atol=1e-5)
+
+
+def test_features_weighted_per_feature_keep_their_channels() -> None:
+    model = WeightedPooling("per feature").eval()
+    zero_rows_(model.ff, [1, 4])
+    with torch.no_grad():
+        model.ff.bias.fill_(-1.0)  # zero features: a softmax over the features still reads them
+    result = shrink(model, (torch.randn(3, 7, 8), torch.ones(3, 7, dtype=torch.long)))
+    assert "ff" in dict(result.report.kept) and result.model.ff.out_features == 16
+
+
 def test_a_reduction_over_a_2d_outputs_features_keeps_its_channels() -> None:
     model = TokenPooling("over the features").eval()
     zero_rows_(model.ff, [1, 4, 9])

@@ -365,8 +365,8 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     `dynamic_dims`: the input dims the file leaves free (per input).
 
     An unquantized model with ``fp32_format="auto"`` is written in every available format and the file that runs
-    fastest here is kept (TorchScript only when they all fail). Files are written under a partial name and moved into place once chosen, so a failure
-    never leaves a half-written file or removes an earlier run's."""
+    fastest here is kept (TorchScript only when they all fail). Files are written under a partial name and moved
+    into place once chosen, so a failure never leaves a half-written file or removes an earlier run's."""
     t0 = time.monotonic()
     formats: list[str | None] = [None] if recipe is not None else list(_fp32_formats(config.fp32_format))
     written: list[_WrittenFile] = []
@@ -499,8 +499,8 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
                        note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
     """Each pruned layer with the BatchNorms between it and its consumer, as a one-layer group whose BatchNorm
     :class:`BatchNormZeroer` holds at zero for pruned channels; and each pruned conv without such a BatchNorm whose
-    channels go only when exactly zero (into a zero-padded conv), with a bias, as a one-layer group whose bias it
-    holds at zero (none if the model cannot be traced)."""
+    channels go only when exactly zero (into a zero-padded conv, through a product with per-token weights), with a
+    bias, as a one-layer group whose bias it holds at zero (none if the model cannot be traced)."""
     if plan is None:
         return [], []
     modules = dict(model.named_modules())
@@ -514,7 +514,8 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
                                        batch_norm_starts=tuple(affine.values())))
         elif layer in plan.zeros_only and isinstance(getattr(modules[layer], "bias", None), Tensor):
             # a pruned filter still outputs its bias: a constant that a zero-padded conv after it (a U-Net's decoder
-            # conv after its transposed conv) does not see as one at the border, so shrink could not remove it
+            # conv after its transposed conv) does not see as one at the border, nor a product with per-token
+            # weights (attention pooling), so shrink could not remove it
             biased.append(ChannelGroup((layer,), (), (), _out_channels(modules[layer])))
     if groups:
         layers = {name for group in groups for name in group.batch_norms}  # one after a concatenation serves several
@@ -523,7 +524,8 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
     if biased:
         note(f"zero_batch_norm: the biases of pruned channels are held at zero in {len(biased)} layer(s) without a "
              f"BatchNorm after them ({', '.join(g.producers[0] for g in biased)}), so their channels output zero and "
-             "shrink can remove them before a zero-padded conv too.")
+             "shrink can remove them where only a zero passes too (a zero-padded conv, a product with per-token "
+             "weights).")
     return groups, biased
 
 

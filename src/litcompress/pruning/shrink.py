@@ -16,9 +16,10 @@ number, dropout, a conv's spatial max/adaptive pooling (average pooling without 
 convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same channels)
 and a flatten from conv to Linear (``x.view(x.size(0), -1)`` too, and, with example inputs, squeezes of pooled 1x1
 maps). With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain also
-passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``), a squeeze, unsqueeze or
-flatten of dims before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over tokens
-as many as the features ends it; a residual stream of Linear features pooled so stays a group. An output with
+passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``; with weights per token, as
+attention pooling or a padding mask weigh them, only zero features pass), a squeeze, unsqueeze or flatten of dims
+before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over tokens as many as the
+features ends it; a residual stream of Linear features pooled so stays a group. An output with
 several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches every branch's
 consumer as a constant, and each consumer folds the constant of its own branch. A concatenation along the channels
 (DenseNet, Inception, U-Net skips) places the producer's channels among the others, whose widths are read from the
@@ -252,7 +253,16 @@ class _Concat:
     total: int
 
 
-_Op = Callable[[Tensor], Tensor] | _BatchNorm | _PReLU | _Depthwise | _Gate | _Concat
+@dataclass(frozen=True)
+class _ZerosOnly:
+    """An op that keeps a zero feature zero but not a non-zero constant constant: a product with weights that vary
+    over tokens but not over the features (attention pooling, ``(softmax(score(h), 1) * h).sum(1)``, a padding
+    mask), a sum over tokens, a matrix product mixing tokens (``torch.bmm(weights, h)``)."""
+
+    name: str
+
+
+_Op = Callable[[Tensor], Tensor] | _BatchNorm | _PReLU | _Depthwise | _Gate | _Concat | _ZerosOnly
 
 
 @dataclass
@@ -1009,6 +1019,42 @@ def _spatial_index(user: fx.Node, node: fx.Node, ndim: int) -> str | None:
 _REDUCTIONS = ("mean", "amax", "amin")  # each maps a constant to itself (a sum would scale it)
 
 
+_PRODUCTS = {operator.mul, torch.mul}
+_QUOTIENTS = {operator.truediv, torch.div}
+_MATRIX_PRODUCTS = {operator.matmul, torch.matmul, torch.bmm}
+
+
+def _keeps_zero_features(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` maps `node`, a (batch, ..., features) output of known rank, to a tensor of the same features
+    last, each zero where it was zero (a non-zero constant need not stay one): a product with, or a quotient by,
+    a tensor of one entry along the features (weights per token, a padding mask, ``x / mask.sum(1)``), a sum over
+    dims before the features, or a matrix product with `node` second (``torch.bmm(weights, h)``: each output
+    feature mixes only that feature over the tokens)."""
+    shape, result = _shape(node), _shape(user)
+    if shape is None or result is None or len(shape) < 2 or result[-1:] != shape[-1:]:
+        return False
+    rank = len(shape)
+    others = [a for a in user.all_input_nodes if a is not node]
+    call = user.target if user.op == "call_function" else None
+    method = user.target if user.op == "call_method" else None
+    if call in _PRODUCTS or method == "mul" or call in _QUOTIENTS or method == "div":
+        if call in _QUOTIENTS or method == "div":
+            if user.args[0] is not node or len(user.args) != 2 or user.kwargs:
+                return False
+        if len(others) != 1 or node not in user.args[:2] or result != shape:
+            return False
+        factor = _shape(others[0])
+        return factor is not None and (len(factor) == 0 or factor[-1] == 1)
+    if call in _MATRIX_PRODUCTS:
+        return len(user.args) == 2 and user.args[1] is node and user.args[0] is not node and not user.kwargs
+    if call is torch.sum or method == "sum":
+        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        return (isinstance(dims, (tuple, list)) and bool(dims) and len(others) == 0
+                and all(isinstance(d, int) and -rank <= d < rank and d % rank != rank - 1 for d in dims))
+    return False
+
+
 def _reduction_dims(node: fx.Node) -> tuple[tuple[int, ...], bool] | None:
     """The dims and keepdim of ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function), each of which
     maps a constant to itself, when written with int dims; else None."""
@@ -1393,6 +1439,9 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             return concat
         branch.ops.append(concat)
         return _walk(user, producer, branch, done, modules, calls) if walk_on else user
+    if not is_conv and _keeps_zero_features(user, node):
+        branch.ops.append(_ZerosOnly(str(getattr(user.target, "__name__", user.target))))  # alike in every trace
+        return _walk(user, producer, branch, done, modules, calls) if walk_on else user
     if user.op == "call_function" and user.target in _PACKING:
         through = _through_packing(user, node, modules, is_conv)
         if isinstance(through, str):
@@ -1522,7 +1571,7 @@ def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branc
             constant = constant | zero_filter
             x = torch.where(zero_filter, conv_bias, flat * filters.reshape(filters.shape[0], -1).sum(1) + conv_bias)
             x = x.view(1, -1, *([1] * spatial_dims))
-        elif isinstance(op, _Gate):  # 0 * gate is 0; a non-zero constant times a varying gate is no constant
+        elif isinstance(op, (_Gate, _ZerosOnly)):  # 0 * gate is 0; a constant times a varying gate is no constant
             constant = constant & (x.reshape(-1) == 0)
         elif isinstance(op, nn.Module):
             was_training = op.training
@@ -2000,7 +2049,7 @@ class ChannelPlan:
     # producers whose channels go in equal numbers from each of that many groups (grouped convs, or their inputs)
     slice_groups: dict[str, int] = field(default_factory=dict)
     # producers whose channels go only when exactly zero, not as constants: a branch reaches a zero-padded conv
-    # (depthwise ones on the way too) or a transposed conv
+    # (depthwise ones on the way too) or a transposed conv, or passes an op that keeps only zeros (_ZerosOnly)
     zeros_only: frozenset = frozenset()
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
@@ -2074,7 +2123,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
         zeros_only=frozenset(name for name, chain in chains.items() if isinstance(chain, _Chain) and any(
-            branch.zeros_only or any(isinstance(op, _Depthwise) and op.zero_padded for op in branch.ops)
+            branch.zeros_only or any((isinstance(op, _Depthwise) and op.zero_padded) or isinstance(op, _ZerosOnly)
+                                     for op in branch.ops)
             for branch in chain.branches)),
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
