@@ -31,7 +31,10 @@ attention-free Conformer blocks (width 144) on 256x80 frames: feed-forward halve
 (pointwise conv, GLU, depthwise conv, BatchNorm, SiLU, pointwise conv); ``lstm``, a 2-layer ``nn.LSTM`` of 512 units
 over 100 frames of 80 features, its last output read by a Linear head (Lightning's callback has no unit pruning:
 ``--amount`` of the LSTM's hidden units are masked by ``litcompress.pruning.recurrent.prune_units_``, the weakest by
-norm, in both variants, made permanent, and removed by ``shrink``).
+norm, in both variants, made permanent, and removed by ``shrink``); ``lstm-text``, a text classifier of 64 tokens
+(20,000-word embedding of 128 dims, sequences packed by their lengths, from 16 to 64, with ``pack_padded_sequence``, a
+2-layer bidirectional LSTM of 256 units, attention pooling over its padded outputs, a Linear head), its units masked
+and removed the same way.
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
 squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
@@ -75,6 +78,7 @@ from lightning.pytorch import LightningModule  # noqa: E402
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 from litcompress import make_permanent_, shrink  # noqa: E402
 from litcompress.models import GatedTransformerBlock  # noqa: E402
@@ -293,6 +297,8 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         return TCN().eval(), (8, 1024), 32
     if name == "lstm":
         return FrameLSTM().eval(), (100, 80), 16
+    if name == "lstm-text":
+        return TextLSTM().eval(), (TextLSTM.LENGTH,), 32
     if name == "conformer":
         model = Conformer()
         randomise_batch_norms_(model)
@@ -329,20 +335,22 @@ def state_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def block_seconds(model: nn.Module, x: torch.Tensor, forwards: int) -> float:
+def block_seconds(model: nn.Module, x: torch.Tensor | tuple, forwards: int) -> float:
+    args = x if isinstance(x, tuple) else (x,)
     with torch.no_grad():
         start = time.perf_counter()
         for _ in range(forwards):
-            model(x)
+            model(*args)
         return (time.perf_counter() - start) / forwards
 
 
-def interleaved(variants: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Per-forward seconds of `repeats` blocks per variant, the variants alternating block by block."""
+def interleaved(variants: dict[str, nn.Module], x: torch.Tensor | tuple, repeats: int) -> dict[str, list[float]]:
+    """Per-forward seconds of `repeats` blocks per variant (on input `x`, or the inputs in the tuple `x`), the
+    variants alternating block by block."""
     with torch.no_grad():
         for model in variants.values():  # warm-up (first-call allocations, oneDNN primitive creation)
             for _ in range(3):
-                model(x)
+                model(*(x if isinstance(x, tuple) else (x,)))
         first = block_seconds(next(iter(variants.values())), x, 1)
     forwards = max(3, min(200, int(0.2 / max(first, 1e-6))))  # ~0.2 s per block
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -433,11 +441,43 @@ class FrameLSTM(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+class TextLSTM(nn.Module):
+    """A text classifier: token ids (a vocabulary of 20,000) embedded in 128 dims, packed by their lengths
+    (``pack_padded_sequence``), a 2-layer bidirectional LSTM of 256 units, its padded outputs pooled by attention
+    (scores from a Linear layer, padding masked) into a Linear head."""
+
+    LENGTH = 64
+
+    def __init__(self, vocabulary: int = 20_000, hidden: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, 128)
+        self.lstm = nn.LSTM(128, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.score, self.head = nn.Linear(2 * hidden, 1), nn.Linear(2 * hidden, 4)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
+        steps = torch.arange(out.size(1)).unsqueeze(0)
+        scores = self.score(out).squeeze(-1).masked_fill(steps >= lengths.unsqueeze(1), float("-inf"))
+        return self.head((torch.softmax(scores, dim=1).unsqueeze(-1) * out).sum(1))
+
+
+def inputs(name: str, batch: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """A model's inputs at `batch`: random features, or for the text model token ids and lengths (the longest one
+    the full length, the others from a quarter of it up)."""
+    if name != "lstm-text":
+        return (torch.randn(batch, *shape),)
+    generator = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(shape[0] // 4, shape[0] + 1, (batch,), generator=generator)
+    lengths[0] = shape[0]
+    return torch.randint(0, 20_000, (batch, shape[0]), generator=generator), lengths
+
+
 def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
         keep_multiple_of: int | None = None) -> dict:
     base, _, extra = name.partition("+")
     model, shape, big_batch = build(base)
-    if base == "lstm":  # Lightning has no unit pruning: the same units masked in place, what a mask ships
+    if base in ("lstm", "lstm-text"):  # Lightning has no unit pruning: the same units masked in place, what a mask ships
         masked = model
         prune_units_(masked, amount)
         make_permanent_(masked)
@@ -446,11 +486,11 @@ def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
     if extra == "heads":  # Lightning has no head pruning: the same heads masked in place, what a mask ships
         prune_heads_(masked, amount)
         make_permanent_(masked)
-    probe = torch.randn(8, *shape)
+    probe = inputs(base, 8, shape)
     result = shrink(masked, probe, keep_multiple_of=keep_multiple_of)
     shrunk = result.model.eval()
     with torch.no_grad():
-        difference = float((masked(probe) - shrunk(probe)).abs().max())
+        difference = float((masked(*probe) - shrunk(*probe)).abs().max())
     log(result.report.table())
     out: dict = {
         "model": name,
@@ -462,7 +502,7 @@ def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
         "latency": {},
     }
     for batch in (1, big_batch):
-        x = torch.randn(batch, *shape)
+        x = inputs(base, batch, shape)
         times = interleaved({"masked": masked, "shrunk": shrunk}, x, repeats)
         out["latency"][batch] = {
             "masked_s": stats(times["masked"]), "shrunk_s": stats(times["shrunk"]),
@@ -489,7 +529,7 @@ def table(results: list[dict]) -> str:
 
 
 MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
-          "inception", "unet", "signal", "tcn", "conformer", "lstm")
+          "inception", "unet", "signal", "tcn", "conformer", "lstm", "lstm-text")
 
 
 def main(argv: list[str] | None = None) -> None:
