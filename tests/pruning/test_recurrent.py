@@ -41,8 +41,8 @@ class Sequence(nn.Module):
         self.rnn = KINDS[kind](6, hidden, num_layers=layers, bidirectional=bidirectional, bias=bias,
                                batch_first=batch_first)
         directions = 2 if bidirectional else 1
-        self.head = nn.Linear(hidden * directions if read == "output" else 2 * hidden if read == "joined" else hidden,
-                              3)
+        self.head = nn.Linear(hidden * directions if read == "output" else 2 * hidden if read.startswith("joined")
+                              else hidden, 3)
 
     def forward(self, x):
         out, state = self.rnn(self.embed(x))
@@ -53,6 +53,8 @@ class Sequence(nn.Module):
             z = state[1][-1]
         elif self.read == "joined":  # a bidirectional layer's last forward and backward states, as tutorials write it
             z = torch.cat((h[0], h[-1]), dim=1)
+        elif self.read == "joined slices":  # the same, as another tutorial writes it
+            z = torch.cat((h[0, :, :], h[-1, ...]), dim=1)
         else:
             z = h[-1]
         return self.head(torch.sigmoid(z) if self.activation else z)
@@ -60,7 +62,8 @@ class Sequence(nn.Module):
 
 @settings(max_examples=60, deadline=None)
 @given(kind=st.sampled_from(sorted(KINDS)), layers=st.integers(1, 3), bidirectional=st.booleans(),
-       bias=st.booleans(), batch_first=st.booleans(), read=st.sampled_from(["output", "hidden", "cell", "joined"]),
+       bias=st.booleans(), batch_first=st.booleans(),
+       read=st.sampled_from(["output", "hidden", "cell", "joined", "joined slices"]),
        activation=st.booleans(), dead=st.sets(st.integers(0, 7)), seed=st.integers(0, 2**16))
 def test_shrink_removes_exactly_the_units_that_output_zero_and_keeps_every_output(
         kind, layers, bidirectional, bias, batch_first, read, activation, dead, seed):

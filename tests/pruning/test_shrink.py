@@ -1463,6 +1463,8 @@ class TokenPooling(nn.Module):
             pooled = torch.amax(hidden, dim=1)
         elif self.pool == "class token":
             pooled = hidden[:, 0]
+        elif self.pool == "class token, all features":
+            pooled = hidden[:, 0, :]
         elif self.pool == "tokens as a batch":  # no pooling: every token classified
             pooled = hidden.unsqueeze(1).flatten(0, 2)
         else:  # "over the features": what the same code does to a 2-d input
@@ -1470,7 +1472,8 @@ class TokenPooling(nn.Module):
         return self.head(pooled)
 
 
-@pytest.mark.parametrize("pool", ["mean", "mean keepdim", "amax", "class token", "tokens as a batch"])
+@pytest.mark.parametrize("pool", ["mean", "mean keepdim", "amax", "class token", "class token, all features",
+                                  "tokens as a batch"])
 def test_a_linear_layer_whose_tokens_are_pooled_loses_its_zero_channels_given_example_inputs(pool) -> None:
     torch.manual_seed(0)
     model = TokenPooling(pool).eval()

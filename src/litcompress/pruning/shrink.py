@@ -692,6 +692,13 @@ def _normalises_channels(bn: nn.Module, after_conv: bool, channels: int, rank: i
     return isinstance(bn, nn.BatchNorm1d) and bn.num_features == channels and rank in (None, 2)
 
 
+def _leading_index(index: object) -> tuple:
+    """An index as a tuple, without a last entry that takes all of the last dim (``h[-1, :, :]`` is ``h[-1, :]``;
+    ``h[-1, ...]`` is ``h[-1]``): what is left indexes leading dims only when it is shorter than the rank."""
+    index = index if isinstance(index, tuple) else (index,)
+    return index[:-1] if index[-1:] in ((slice(None),), (Ellipsis,)) else index
+
+
 def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
     """Whether `user` maps `node`, a Linear layer's (batch, ..., features) output of known rank, to a tensor whose
     last dim is still those features, each a constant where it was one: a mean/amax/amin over token dims (a
@@ -713,7 +720,7 @@ def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
     if rank < 3:
         return False
     if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
-        index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+        index = _leading_index(user.args[1])
         return (0 < len(index) < rank and index[0] == slice(None)
                 and all(isinstance(i, int) or (isinstance(i, slice) and all(
                     isinstance(b, (int, type(None))) for b in (i.start, i.stop, i.step))) for i in index[1:]))
@@ -1851,7 +1858,7 @@ def _selects_leading_dims(user: fx.Node, node: fx.Node) -> bool:
     rank = _rank(node)
     if rank is None or user.op != "call_function" or user.target is not operator.getitem or user.args[0] is not node:
         return False
-    index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    index = _leading_index(user.args[1])
     return 0 < len(index) < rank and all(
         (isinstance(i, int) and not isinstance(i, bool))
         or (isinstance(i, slice) and all(isinstance(b, (int, type(None))) for b in (i.start, i.stop, i.step)))
