@@ -597,7 +597,8 @@ def test_channels_says_that_a_recurrent_layer_loses_hidden_units_and_previews_it
                  "--data", "tests.sequence_task:TokenData", "--sparsity", "0.5"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^rnn +LSTM 16 -> 64 +units$", out, re.M)
-    assert "2 of 3 layers can lose channels" in out
+    assert re.search(r"^embed +Embedding 20 x 16 +dims$", out, re.M)
+    assert "3 of 4 layers can lose channels" in out and "(an embedding's dims: with nn.Embedding among" in out
     assert re.search(r"^rnn +fc +64 -> 32 .* hidden units$", out, re.M)  # the preview: half of its units gone
     assert "50% of the channels (and of recurrent layers' hidden units), as compress prunes" in out
 

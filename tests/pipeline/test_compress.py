@@ -1304,3 +1304,19 @@ def test_a_layer_whose_features_are_mean_pooled_over_a_padding_mask_is_pruned_an
     assert any("held at zero in 1 layer(s) without a BatchNorm after them (ff.2)" in m for m in result.report.messages)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(*inputs), result.stage_models["pruned"](*inputs), rtol=0, atol=1e-5)
+
+
+def test_structured_pruning_of_an_embedding_prunes_its_dims_which_shrink_removes(tmp_path):
+    torch.manual_seed(0)
+    model = _PackedTokens().eval()
+    batches = [(torch.randint(0, 30, (8, 12)), torch.randint(1, 13, (8,))) for _ in range(3)]
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", layer_types=(nn.Embedding, nn.LSTM, nn.Linear))
+    result = compress(model, CompressionConfig(prune=prune, export=False, latency_repeats=2),
+                      eval_fn=agreeing_with(model, batches), example_inputs=batches[0])
+    embedding = result.stage_models["pruned"].embed.weight
+    assert int((embedding == 0).all(0).sum()) == 8 and not bool((embedding == 0).all(1).any())  # dims, not tokens
+    shrunk = result.stage_models["shrunk"]
+    assert (shrunk.embed.embedding_dim, shrunk.rnn.input_size, shrunk.rnn.hidden_size) == (8, 8, 16)
+    with torch.no_grad():
+        for batch in batches:
+            torch.testing.assert_close(shrunk(*batch), result.stage_models["pruned"](*batch), rtol=0, atol=1e-5)

@@ -2117,3 +2117,73 @@ def test_a_concatenation_reads_the_width_of_a_skip_through_per_channel_ops_and_c
     result = shrink(model, x)
     assert (result.model.up.out_channels, result.model.dec.in_channels) == (3, 9)
     torch.testing.assert_close(outputs(result.model, x), outputs(model, x), rtol=1e-5, atol=1e-5)
+
+
+class Embedded(nn.Module):
+    """Token ids -> an embedding -> (an activation, dropout) -> a Linear layer on every token, an LSTM, or a mean
+    over the tokens into a Linear head."""
+
+    def __init__(self, reader: str, activation: bool) -> None:
+        super().__init__()
+        self.reader, self.activation = reader, activation
+        self.embed = nn.Embedding(30, 12, padding_idx=0)
+        self.dropout = nn.Dropout(0.2)
+        self.lstm = nn.LSTM(12, 6, batch_first=True) if reader == "lstm" else None
+        self.head = nn.Linear(6 if reader == "lstm" else 12, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.embed(tokens))
+        if self.activation:
+            x = torch.tanh(x) + 1  # a zero dim becomes the constant 1, folded into the reader's bias
+        if self.reader == "lstm":
+            return self.head(self.lstm(x)[0][:, -1])
+        return self.head(x.mean(1) if self.reader == "mean" else x)
+
+
+@settings(max_examples=30, deadline=None)
+@given(reader=st.sampled_from(["linear", "lstm", "mean"]), activation=st.booleans(),
+       zero=st.sets(st.integers(0, 11), max_size=11), seed=st.integers(0, 2**16))
+def test_an_embeddings_zero_dims_leave_it_and_its_reader(reader, activation, zero, seed) -> None:
+    from litcompress import load_shrunk_state_dict
+
+    torch.manual_seed(seed)
+    model = Embedded(reader, activation).eval()
+    with torch.no_grad():
+        model.embed.weight[:, sorted(zero)] = 0
+    tokens = torch.randint(0, 30, (4, 9))
+    result = shrink(model, tokens)
+    shrunk = result.model
+    assert shrunk.embed.weight.shape == (30, 12 - len(zero)) and shrunk.embed.embedding_dim == 12 - len(zero)
+    read = shrunk.lstm.weight_ih_l0.shape[1] if reader == "lstm" else shrunk.head.in_features
+    assert read == 12 - len(zero) and result.report.channels_removed == len(zero)
+    torch.testing.assert_close(shrunk(tokens), model(tokens), rtol=0, atol=1e-5)
+    fresh = load_shrunk_state_dict(Embedded(reader, activation), shrunk.state_dict()).eval()
+    torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=1e-5)
+
+
+class EmbeddingKept(nn.Module):
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.embed, self.position = nn.Embedding(30, 8), nn.Embedding(9, 8)
+        self.head = nn.Linear(8, 30, bias=False)
+        if case == "tied":
+            self.head.weight = self.embed.weight  # a language model's output layer tied to its input embedding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.case == "positions":
+            x = x + self.position(torch.arange(tokens.size(1)))
+        return x if self.case == "output" else self.head(x)
+
+
+@pytest.mark.parametrize(("case", "reason"), [("positions", "meets another tensor"), ("tied", "tied to head.weight"),
+                                              ("output", "model's output")])
+def test_an_embedding_whose_dims_cannot_go_keeps_them_and_says_why(case, reason) -> None:
+    model = EmbeddingKept(case).eval()
+    with torch.no_grad():
+        model.embed.weight[:, [1, 5]] = 0
+    tokens = torch.randint(0, 30, (2, 9))
+    result = shrink(model, tokens)
+    assert reason in dict(result.report.kept)["embed"] and result.model.embed.embedding_dim == 8
+    torch.testing.assert_close(result.model(tokens), model(tokens))

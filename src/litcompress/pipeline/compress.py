@@ -189,14 +189,15 @@ def _select_targets(model: nn.Module, config: PruneConfig,
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
                    plan: ChannelPlan | None) -> list[tuple[list[Target], dict[str, Any]]]:
     """The targets with the method's keyword arguments, in sets pruned alike: structured pruning of output channels
-    (dim 0) prunes a transposed conv along dim 1, where its output channels are, and the channels of grouped convs
+    (dim 0) prunes a transposed conv along dim 1, where its output channels are (an embedding too: its dims), and the channels of grouped convs
     (and of the layers grouped convs read) evenly over their groups (``slice_groups``), which shrink can then remove.
     Unstructured pruning keeps one set (a global threshold spans all of them); an empty set is left out."""
     kwargs = prune.method_kwargs()
     if not (prune.structured and prune.dim == 0):
         return [(list(targets), kwargs)] if targets else []
-    transposed = [t for t in targets if isinstance(t[0], _TRANSPOSED)]
-    regular = [t for t in targets if not isinstance(t[0], _TRANSPOSED)]
+    # a transposed conv's output channels and an embedding's dims are its weight's columns
+    transposed = [t for t in targets if isinstance(t[0], (*_TRANSPOSED, nn.Embedding))]
+    regular = [t for t in targets if t not in transposed]
     names = {id(m): name for name, m in model.named_modules()}
     even = {t: plan.slice_groups[names[id(t[0])]] for t in regular if plan is not None
             and names.get(id(t[0])) in plan.slice_groups}

@@ -61,7 +61,8 @@ class PruneConfig:
             layer and direction: :func:`litcompress.pruning.recurrent.prune_units_`), which ``shrink`` removes,
             and leave the cells;
             with ``nn.Linear`` among them, unstructured methods prune Hugging Face's ``Conv1D`` layers too (GPT-2's
-            Linear layers, their weights stored transposed).
+            Linear layers, their weights stored transposed); with ``nn.Embedding`` (not in the default), structured
+            methods on output channels prune an embedding's dims (its weight's columns), which ``shrink`` removes.
         exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
             the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
             Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their

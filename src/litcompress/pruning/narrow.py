@@ -37,9 +37,9 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
 def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
     """Resize, in place, the layers of `model` whose tensors in `state_dict` are narrower, as `shrink` resized them:
     Linear layers and convs (grouped, depthwise and transposed ones too, and a bias that folding gave a bias-less
-    layer), BatchNorms, PReLUs and LSTM/GRU/RNN layers (hidden units and inputs); and replace each
-    ``nn.MultiheadAttention`` the state dict holds as a :class:`HeadPrunedAttention` with one. New tensors are left
-    uninitialised for ``load_state_dict`` to fill. Returns the names of the modules changed; a layer of another kind
+    layer), BatchNorms, PReLUs, embeddings (their dims) and LSTM/GRU/RNN layers (hidden units and inputs); and
+    replace each ``nn.MultiheadAttention`` the state dict holds as a :class:`HeadPrunedAttention` with one. New
+    tensors are left uninitialised for ``load_state_dict`` to fill. Returns the names of the modules changed; a layer of another kind
     whose shapes differ is left to ``load_state_dict`` to report. A state written while pruning with masks
     (``<name>_orig``/``<name>_mask``) is read alike.
 
@@ -71,6 +71,15 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
             resized = _resize_conv_(module, weight, name, apply)
         elif isinstance(module, _BATCH_NORM):
             resized = _resize_batch_norm_(module, weight, name, apply)
+        elif isinstance(module, nn.Embedding) and weight.dim() == 2 and weight.shape != module.weight.shape:
+            _check_narrower(name, weight.shape, module.weight.shape)
+            if weight.shape[0] != module.num_embeddings:
+                raise ValueError(f"{name}: the state dict's embedding holds {weight.shape[0]} rows, the layer "
+                                 f"{module.num_embeddings}: shrink only removes an embedding's dims, not its rows.")
+            if apply:
+                module.weight = _like(module.weight, weight.shape)
+                module.embedding_dim = int(weight.shape[1])
+            resized = True
         elif isinstance(module, nn.PReLU) and weight.dim() == 1 and weight.numel() != module.num_parameters:
             _check_narrower(name, weight.shape, module.weight.shape)
             if apply:

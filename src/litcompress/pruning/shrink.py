@@ -8,7 +8,8 @@ through BatchNorm and the activation), so its effect downstream is a constant to
 same function as the masked one in eval mode (exactly up to float rounding), with fewer parameters and FLOPs.
 
 Where the graph does not allow that to be done exactly, the channels stay and the report says why: shrink sees
-through a chain from a producer (Linear, Conv, grouped Conv or transposed Conv) to a consumer (the same; only zero
+through a chain from a producer (Linear, Conv, grouped Conv, transposed Conv, or Embedding: its dims) to a
+consumer (the same but an Embedding; only zero
 channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
 consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
 over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations and arithmetic with a
@@ -743,8 +744,9 @@ def is_grouped(module: nn.Module) -> bool:
 
 
 def _has_channels(module: nn.Module) -> bool:
-    """A layer whose output channels shrink can remove (grouped convs in equal numbers per group)."""
-    return _is_producer(module) or is_grouped(module)
+    """A layer whose output channels shrink can remove (grouped convs in equal numbers per group; an embedding's
+    dims, its weight's columns)."""
+    return _is_producer(module) or is_grouped(module) or isinstance(module, nn.Embedding)
 
 
 def _balance_(dead: Tensor, groups: int, offset: int = 0, total: int | None = None) -> None:
@@ -760,13 +762,15 @@ def _balance_(dead: Tensor, groups: int, offset: int = 0, total: int | None = No
 
 
 def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def _filters(module: nn.Module) -> Tensor:
-    """The weight with output channels first (a transposed conv keeps them in dim 1)."""
+    """The weight with output channels first (a transposed conv keeps them in dim 1, an embedding its dims)."""
     weight = module.weight.detach()
-    return weight.transpose(0, 1) if isinstance(module, _TRANSPOSED) else weight
+    return weight.transpose(0, 1) if isinstance(module, (*_TRANSPOSED, nn.Embedding)) else weight
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -1547,7 +1551,7 @@ def _constant_channels(producer: nn.Module, branch: _Branch) -> tuple[Tensor, Te
     outputs its own bias whatever it reads, so its channel is constant from there on even if the producer's is not.
     After a concatenation the other inputs' channels ride along as zeros (never read: per-channel ops only)."""
     weight = producer.weight.detach()
-    bias = producer.bias
+    bias = getattr(producer, "bias", None)  # an embedding has none: its zero dims output zeros
     value = bias.detach().clone() if bias is not None else weight.new_zeros(_out_channels(producer))
     return _carried_constants(_zero_channels(producer), value, weight.dim() - 2, branch)
 
@@ -1593,9 +1597,13 @@ def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branc
 
 
 def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
+    """Keep the `keep` output channels of `module` (rows; a transposed conv's and an embedding's columns)."""
     weight = module.weight.detach()
-    kept = weight[:, keep] if isinstance(module, _TRANSPOSED) else weight[keep]
+    kept = weight[:, keep] if isinstance(module, (*_TRANSPOSED, nn.Embedding)) else weight[keep]
     module.weight = nn.Parameter(kept.clone(), module.weight.requires_grad)
+    if isinstance(module, nn.Embedding):
+        module.embedding_dim = int(keep.numel())
+        return
     if module.bias is not None:
         module.bias = nn.Parameter(module.bias.detach()[keep].clone(), module.bias.requires_grad)
     if isinstance(module, nn.Linear):
@@ -2074,7 +2082,8 @@ class ChannelPlan:
         width = max([len(name) for name in (*self.reasons, *self.recurrent)] + [5])
         lines = [f"{'layer':<{width}}  {'kind':<24}  {'shrinks':<9}  why not"]
         for name, reason in self.reasons.items():
-            verdict = "yes" if reason is None else f"group {group_of[name]}" if name in group_of else "no"
+            verdict = ("dims" if self.layers.get(name, "").startswith("Embedding ") else "yes") if reason is None \
+                else f"group {group_of[name]}" if name in group_of else "no"
             lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
                          f"{reason if verdict == 'no' else ''}".rstrip())
         for name, kind in self.recurrent.items():
@@ -2093,9 +2102,10 @@ class ChannelPlan:
                          f"are held with it): {', '.join(held)}")
         removable = sum(reason is None or name in group_of for name, reason in self.reasons.items())
         removable += sum(self.units.get(name, CELL_REASON) is None for name in self.recurrent)
+        embeddings = any(kind.startswith("Embedding ") for kind in self.layers.values())
         lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; structured "
-                     "pruning with "
-                     "PruneConfig(removable_only=True) prunes only those.")
+                     "pruning with PruneConfig(removable_only=True) prunes only those"
+                     + (" (an embedding's dims: with nn.Embedding among its layer_types)." if embeddings else "."))
         return "\n".join(lines)
 
 
@@ -2147,6 +2157,8 @@ CELL_REASON = ("a recurrent cell, called once per time step: shrink removes the 
 
 
 def _describe_layer(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return f"Embedding {module.num_embeddings} x {module.embedding_dim}"
     if isinstance(module, nn.Linear):
         return f"Linear {module.in_features} -> {module.out_features}"
     groups = f", {module.groups} groups" if is_grouped(module) else ""
