@@ -189,8 +189,9 @@ def _select_targets(model: nn.Module, config: PruneConfig,
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
                    plan: ChannelPlan | None) -> list[tuple[list[Target], dict[str, Any]]]:
     """The targets with the method's keyword arguments, in sets pruned alike: structured pruning of output channels
-    (dim 0) prunes a transposed conv along dim 1, where its output channels are (an embedding too: its dims), and the channels of grouped convs
-    (and of the layers grouped convs read) evenly over their groups (``slice_groups``), which shrink can then remove.
+    (dim 0) prunes a transposed conv along dim 1, where its output channels are (an embedding too: its dims), and
+    the channels of grouped convs (and of the layers grouped convs read) evenly over their groups
+    (``slice_groups``), which shrink can then remove.
     Unstructured pruning keeps one set (a global threshold spans all of them); an empty set is left out."""
     kwargs = prune.method_kwargs()
     if not (prune.structured and prune.dim == 0):

@@ -39,9 +39,9 @@ def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> li
     Linear layers and convs (grouped, depthwise and transposed ones too, and a bias that folding gave a bias-less
     layer), BatchNorms, PReLUs, embeddings (their dims) and LSTM/GRU/RNN layers (hidden units and inputs); and
     replace each ``nn.MultiheadAttention`` the state dict holds as a :class:`HeadPrunedAttention` with one. New
-    tensors are left uninitialised for ``load_state_dict`` to fill. Returns the names of the modules changed; a layer of another kind
-    whose shapes differ is left to ``load_state_dict`` to report. A state written while pruning with masks
-    (``<name>_orig``/``<name>_mask``) is read alike.
+    tensors are left uninitialised for ``load_state_dict`` to fill. Returns the names of the modules changed; a
+    layer of another kind whose shapes differ is left to ``load_state_dict`` to report. A state written while
+    pruning with masks (``<name>_orig``/``<name>_mask``) is read alike.
 
     A training run resumed from a checkpoint of a shrunk model (``trainer.fit(model, ckpt_path=...)``) needs this
     on the fresh model before ``fit``, so that its optimizer is built for the narrow parameters.
