@@ -2187,3 +2187,31 @@ def test_an_embedding_whose_dims_cannot_go_keeps_them_and_says_why(case, reason)
     result = shrink(model, tokens)
     assert reason in dict(result.report.kept)["embed"] and result.model.embed.embedding_dim == 8
     torch.testing.assert_close(result.model(tokens), model(tokens))
+
+
+class BagOfTokens(nn.Module):
+    """The text classifier of torch's text classification tutorial: a bag of token embeddings (flat token ids and
+    the offsets of each text) into a Linear head."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.embedding, self.fc = nn.EmbeddingBag(40, 16, mode=mode), nn.Linear(16, 4)
+
+    def forward(self, text: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embedding(text, offsets))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_a_bag_of_embeddings_loses_its_zero_dims(mode) -> None:
+    from litcompress import load_shrunk_state_dict
+
+    torch.manual_seed(0)
+    model = BagOfTokens(mode).eval()
+    with torch.no_grad():
+        model.embedding.weight[:, [0, 3, 7, 8]] = 0
+    inputs = (torch.randint(0, 40, (20,)), torch.tensor([0, 4, 4, 11]))  # four texts, one empty
+    result = shrink(model, inputs)
+    assert (result.model.embedding.embedding_dim, result.model.fc.in_features) == (12, 12)
+    torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=1e-6)
+    fresh = load_shrunk_state_dict(BagOfTokens(mode), result.model.state_dict()).eval()
+    torch.testing.assert_close(fresh(*inputs), model(*inputs), rtol=0, atol=1e-6)

@@ -197,7 +197,7 @@ def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConf
     if not (prune.structured and prune.dim == 0):
         return [(list(targets), kwargs)] if targets else []
     # a transposed conv's output channels and an embedding's dims are its weight's columns
-    transposed = [t for t in targets if isinstance(t[0], (*_TRANSPOSED, nn.Embedding))]
+    transposed = [t for t in targets if isinstance(t[0], (*_TRANSPOSED, nn.Embedding, nn.EmbeddingBag))]
     regular = [t for t in targets if t not in transposed]
     names = {id(m): name for name, m in model.named_modules()}
     even = {t: plan.slice_groups[names[id(t[0])]] for t in regular if plan is not None

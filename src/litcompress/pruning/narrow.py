@@ -71,7 +71,8 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
             resized = _resize_conv_(module, weight, name, apply)
         elif isinstance(module, _BATCH_NORM):
             resized = _resize_batch_norm_(module, weight, name, apply)
-        elif isinstance(module, nn.Embedding) and weight.dim() == 2 and weight.shape != module.weight.shape:
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and weight.dim() == 2 \
+                and weight.shape != module.weight.shape:
             _check_narrower(name, weight.shape, module.weight.shape)
             if weight.shape[0] != module.num_embeddings:
                 raise ValueError(f"{name}: the state dict's embedding holds {weight.shape[0]} rows, the layer "

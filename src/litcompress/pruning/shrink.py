@@ -71,6 +71,9 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_LIKE = (*_CONV, *_TRANSPOSED)
 _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Embeddings: their dims (the weight's columns) are output channels; a zero one outputs zeros (a bag's sum, mean or
+# max of zeros too)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _INSTANCE_NORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 # Element-wise (per channel) ops: a constant channel stays a constant channel, whose value we compute by running
 # the op on it.
@@ -746,7 +749,7 @@ def is_grouped(module: nn.Module) -> bool:
 def _has_channels(module: nn.Module) -> bool:
     """A layer whose output channels shrink can remove (grouped convs in equal numbers per group; an embedding's
     dims, its weight's columns)."""
-    return _is_producer(module) or is_grouped(module) or isinstance(module, nn.Embedding)
+    return _is_producer(module) or is_grouped(module) or isinstance(module, _EMBEDDINGS)
 
 
 def _balance_(dead: Tensor, groups: int, offset: int = 0, total: int | None = None) -> None:
@@ -762,7 +765,7 @@ def _balance_(dead: Tensor, groups: int, offset: int = 0, total: int | None = No
 
 
 def _out_channels(module: nn.Module) -> int:
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, _EMBEDDINGS):
         return module.embedding_dim
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
@@ -770,7 +773,7 @@ def _out_channels(module: nn.Module) -> int:
 def _filters(module: nn.Module) -> Tensor:
     """The weight with output channels first (a transposed conv keeps them in dim 1, an embedding its dims)."""
     weight = module.weight.detach()
-    return weight.transpose(0, 1) if isinstance(module, (*_TRANSPOSED, nn.Embedding)) else weight
+    return weight.transpose(0, 1) if isinstance(module, (*_TRANSPOSED, *_EMBEDDINGS)) else weight
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -1599,9 +1602,9 @@ def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branc
 def _keep_rows_(module: nn.Module, keep: Tensor) -> None:
     """Keep the `keep` output channels of `module` (rows; a transposed conv's and an embedding's columns)."""
     weight = module.weight.detach()
-    kept = weight[:, keep] if isinstance(module, (*_TRANSPOSED, nn.Embedding)) else weight[keep]
+    kept = weight[:, keep] if isinstance(module, (*_TRANSPOSED, *_EMBEDDINGS)) else weight[keep]
     module.weight = nn.Parameter(kept.clone(), module.weight.requires_grad)
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, _EMBEDDINGS):
         module.embedding_dim = int(keep.numel())
         return
     if module.bias is not None:
@@ -2082,7 +2085,7 @@ class ChannelPlan:
         width = max([len(name) for name in (*self.reasons, *self.recurrent)] + [5])
         lines = [f"{'layer':<{width}}  {'kind':<24}  {'shrinks':<9}  why not"]
         for name, reason in self.reasons.items():
-            verdict = ("dims" if self.layers.get(name, "").startswith("Embedding ") else "yes") if reason is None \
+            verdict = ("dims" if self.layers.get(name, "").startswith("Embedding") else "yes") if reason is None \
                 else f"group {group_of[name]}" if name in group_of else "no"
             lines.append(f"{name:<{width}}  {self.layers.get(name, ''):<24}  {verdict:<9}  "
                          f"{reason if verdict == 'no' else ''}".rstrip())
@@ -2102,7 +2105,7 @@ class ChannelPlan:
                          f"are held with it): {', '.join(held)}")
         removable = sum(reason is None or name in group_of for name, reason in self.reasons.items())
         removable += sum(self.units.get(name, CELL_REASON) is None for name in self.recurrent)
-        embeddings = any(kind.startswith("Embedding ") for kind in self.layers.values())
+        embeddings = any(kind.startswith("Embedding") for kind in self.layers.values())
         lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; structured "
                      "pruning with PruneConfig(removable_only=True) prunes only those"
                      + (" (an embedding's dims: with nn.Embedding among its layer_types)." if embeddings else "."))
@@ -2157,8 +2160,8 @@ CELL_REASON = ("a recurrent cell, called once per time step: shrink removes the 
 
 
 def _describe_layer(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return f"Embedding {module.num_embeddings} x {module.embedding_dim}"
+    if isinstance(module, _EMBEDDINGS):
+        return f"{type(module).__name__} {module.num_embeddings} x {module.embedding_dim}"
     if isinstance(module, nn.Linear):
         return f"Linear {module.in_features} -> {module.out_features}"
     groups = f", {module.groups} groups" if is_grouped(module) else ""
