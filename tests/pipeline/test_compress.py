@@ -1320,3 +1320,27 @@ def test_structured_pruning_of_an_embedding_prunes_its_dims_which_shrink_removes
     with torch.no_grad():
         for batch in batches:
             torch.testing.assert_close(shrunk(*batch), result.stage_models["pruned"](*batch), rtol=0, atol=1e-5)
+
+
+def test_quantizing_an_lstm_fed_packed_sequences_says_why_trials_fail_without_pages_of_noise(tmp_path, capfd):
+    """torch.ao's int8 LSTM fixes a packed batch's size in its trace (dozens of TracerWarnings) and torch's ONNX
+    exporter fails on the packing after printing the whole graph to stdout: the trials' one-line reasons remain."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _PackedTokens().eval()
+    batches = [(torch.randint(0, 30, (8, 12)), torch.randint(1, 13, (8,))) for _ in range(3)]
+    ptq = PTQConfig(backends=("torch_ao", "onnxruntime"), approach="dynamic",
+                    accuracy=AccuracyCriterion(tolerable_loss=1.0), latency_repeats=2, max_trials=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compress(model, CompressionConfig(quantize=ptq, latency_repeats=2),
+                          eval_fn=agreeing_with(model, batches), example_inputs=batches[0], calibration_data=batches,
+                          output_dir=tmp_path)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    printed = capfd.readouterr()
+    assert "Torch IR graph at exception" not in printed.out + printed.err
+    messages = result.report.messages
+    assert any("torch.jit.trace did not leave free dim 0 of input 0" in m for m in messages)
+    assert any("onnxruntime: torch.onnx.export failed: RuntimeError" in m for m in messages)
+    assert result.artifact is not None and "fp32=['rnn']" in result.report["quantized"].description

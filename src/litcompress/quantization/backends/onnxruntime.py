@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import os
 import re
+import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Callable, Sequence
 
 import numpy as np
@@ -163,7 +166,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     buffer = io.BytesIO()
     try:
         # No warning but a TracerWarning from data-dependent code (the file keeps the path the trace took).
-        with tracer_warnings_that_matter():
+        with tracer_warnings_that_matter(), _native_output_held():
             torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
                               output_names=output_names, opset_version=17, do_constant_folding=fold_constants,
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
@@ -173,6 +176,33 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(model_bytes), example_inputs,
                     dynamic_dims, "torch.onnx.export")
     return model_bytes, structure
+
+
+@contextlib.contextmanager
+def _native_output_held() -> Iterator[None]:
+    """Hold what native code writes to stdout and stderr (file descriptors 1 and 2) in the block, and write it out
+    after the block only if the block succeeds. torch's legacy ONNX exporter prints the whole TorchScript graph to
+    stdout when an export fails (it enables its own log), pages of noise before the error it raises anyway, which
+    says what went wrong."""
+    streams = ((1, sys.stdout), (2, sys.stderr))
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved = []
+        for (fd, stream), held in zip(streams, (out, err)):
+            stream.flush()
+            saved.append(os.dup(fd))
+            os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            for (fd, stream), kept in zip(streams, saved):
+                stream.flush()
+                os.dup2(kept, fd)
+                os.close(kept)
+        for (_, stream), held in zip(streams, (out, err)):
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            if text:
+                stream.write(text)
 
 
 def with_output_structure(model_bytes: bytes, structure: Structure) -> bytes:

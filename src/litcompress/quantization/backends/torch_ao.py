@@ -281,20 +281,26 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs,
         # flag Lightning's own to_torchscript sets makes it answer None.
         if isinstance(getattr(sub, "_jit_is_scripting", None), bool):
             sub._jit_is_scripting = True
-    try:
-        # not those of conditions that only guard an error (the RNNs' checks), nor of the residual adds' constants
-        with tracer_warnings_that_matter(numbers_are_constants=numbers_read_from_constants(module)):
-            # strict=False: a model returning a dict or a list (of a fixed structure) traces as it is
-            scripted = torch.jit.trace(module, example_inputs, check_trace=False, strict=False)
-    except Exception as exc:  # every recipe of this model would fail alike
-        message = str(exc)
-        if "Tracer cannot infer type of" in message:  # the message prints the whole output, tensors and all
-            message = ("TorchScript cannot type the model's output (a dict's values must share one type, e.g. all "
-                       f"tensors): {message.rsplit(':', 1)[-1].strip()}")
-        raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {message}") from exc
-    # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
-    check_free_dims(lambda *inputs: eval_outputs(quantized, inputs), scripted, example_inputs, dynamic_dims,
-                    "torch.jit.trace")
+    # The trace's warnings are held until the file is known to take other sizes: a trace that fixed one fails with
+    # the reason, and its warnings (dozens, from torch.ao's int8 LSTM on a packed sequence) would only repeat it.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            # not those of conditions that only guard an error (the RNNs' checks), nor of the residual adds' constants
+            with tracer_warnings_that_matter(numbers_are_constants=numbers_read_from_constants(module)):
+                # strict=False: a model returning a dict or a list (of a fixed structure) traces as it is
+                scripted = torch.jit.trace(module, example_inputs, check_trace=False, strict=False)
+        except Exception as exc:  # every recipe of this model would fail alike
+            message = str(exc)
+            if "Tracer cannot infer type of" in message:  # the message prints the whole output, tensors and all
+                message = ("TorchScript cannot type the model's output (a dict's values must share one type, e.g. "
+                           f"all tensors): {message.rsplit(':', 1)[-1].strip()}")
+            raise ExportError(f"torch_ao: torch.jit.trace failed: {type(exc).__name__}: {message}") from exc
+        # A trace keeps a size the code turned into a Python number: the file must take the other sizes too.
+        check_free_dims(lambda *inputs: eval_outputs(quantized, inputs), scripted, example_inputs, dynamic_dims,
+                        "torch.jit.trace")
+    for warning in held:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return scripted, structure
 
 
