@@ -97,6 +97,8 @@ CHECKS = {
     'pruner.load_state_dict(saved["pruner"])': lambda ns: (  # the rounds before the save, then the rest
         [h["t"] for h in ns["pruner"].history] == [1, 3, 6, 9, 12]
         and ns["pruner"].pruned() == round(0.8 * (64 * 128 + 128 * 10))),
+    "fresh = load_shrunk_state_dict(TextLSTM()": lambda ns: torch.allclose(  # reloaded: the masked model's outputs
+        ns["fresh"].eval()(ns["tokens"], ns["lengths"]), ns["model"](ns["tokens"], ns["lengths"]), atol=1e-5),
     "rewind_(targets, ticket)": lambda ns: abs(  # three global rounds of 50%, biases untouched
         ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3,
 }
