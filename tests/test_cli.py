@@ -599,6 +599,7 @@ def test_channels_says_that_a_recurrent_layer_loses_hidden_units_and_previews_it
     assert re.search(r"^rnn +LSTM 16 -> 64 +units$", out, re.M)
     assert re.search(r"^embed +Embedding 20 x 16 +dims$", out, re.M)
     assert "3 of 4 layers can lose channels" in out and "(an embedding's dims: with nn.Embedding among" in out
+    assert not re.search(r"^embed +\S+ +16 -> ", out, re.M)  # the preview, as compress prunes: not the embedding
     assert re.search(r"^rnn +fc +64 -> 32 .* hidden units$", out, re.M)  # the preview: half of its units gone
     assert "50% of the channels (and of recurrent layers' hidden units), as compress prunes" in out
 
@@ -701,3 +702,24 @@ def test_a_second_run_into_the_same_directory_names_the_files_it_did_not_write(t
     captured = capsys.readouterr()
     assert "- pruned_state_dict.pt, shrunk_state_dict.pt in the output directory are not from this run" in captured.out
     assert "report.png is an earlier run's plot (this run wrote none)" in captured.err
+
+
+def test_prune_embeddings_prunes_a_text_lstms_embedding_dims_and_shrink_removes_them(tmp_path, capsys):
+    from litcompress import load_shrunk_state_dict
+    from tests.text_task import PackedLSTMClassifier
+
+    assert main(["channels", "--model", "tests.text_task:PackedLSTMClassifier", "--data", "tests.text_task:TextData",
+                 "--sparsity", "0.5", "--prune-embeddings"]) == 0
+    assert re.search(r"^embedding +lstm +32 -> 16 ", capsys.readouterr().out, re.M)  # the preview
+    out = tmp_path / "text"
+    assert main(["compress", "--model", "tests.text_task:PackedLSTMClassifier", "--data", "tests.text_task:TextData",
+                 "--train-epochs", "1", "--prune", "ln_structured", "--sparsity", "0.5", "--prune-embeddings",
+                 "--prune-epochs", "1", "--quantize", "none", "--latency-repeats", "2", "--no-plot",
+                 "--output-dir", str(out)]) == 0
+    report = CompressionReport.load_json(out / "report.json")
+    assert report["shrunk"].description.startswith("16 channels removed, 8 hidden units removed")
+    model = load_shrunk_state_dict(PackedLSTMClassifier(), torch.load(out / SHRUNK_STATE_FILE)).eval()
+    assert (model.embedding.embedding_dim, model.lstm.hidden_size) == (16, 8)
+    with pytest.raises(SystemExit):
+        main(["compress", "--prune", "l1_unstructured", "--prune-embeddings"])
+    assert "--prune-embeddings prunes embeddings' dims with a structured method" in capsys.readouterr().err

@@ -71,6 +71,17 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _embedding_layer_types(prune_embeddings: bool) -> dict[str, Any]:
+    """PruneConfig's layer_types for --prune-embeddings: the default ones and the embeddings (else the default)."""
+    if not prune_embeddings:
+        return {}
+    from torch import nn
+
+    from litcompress.pipeline.config import PrunableLayers
+
+    return {"layer_types": (*PrunableLayers, nn.Embedding, nn.EmbeddingBag)}
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -224,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
                        help="also prune this fraction of each attention's heads (nn.MultiheadAttention), along the "
                             "same schedule; shrink removes them (default: 0, none)")
+    prune.add_argument("--prune-embeddings", action="store_true",
+                       help="structured methods also prune the dims of nn.Embedding/nn.EmbeddingBag layers (their "
+                            "weights' columns), which shrink removes (default: embeddings stay dense)")
     prune.add_argument("--exclude", type=_names,
                        help="comma-separated module names left dense (default: the last layer for structured "
                             "methods)")
@@ -302,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --sparsity: keep channel counts in multiples of this, as compress would")
     plan.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
                       help="with --sparsity: also prune this fraction of each attention's heads, as compress would")
+    plan.add_argument("--prune-embeddings", action="store_true",
+                      help="with --sparsity: also prune the embeddings' dims, as compress --prune-embeddings would")
     plan.add_argument("--latency", action="store_true",
                       help="with --sparsity: also time the model and its shrunk copy on inputs from --data "
                            "(interleaved, threads and allocator pinned, medians), as compress's report would")
@@ -325,8 +341,11 @@ def _configs(args: argparse.Namespace) -> Any:
         raise ValueError("--prune-heads prunes along with --prune: give a --prune method (e.g. ln_structured) or "
                          "drop --prune-heads.")
     if args.prune.lower() != "none":
+        if args.prune_embeddings and args.prune not in ("ln_structured", "random_structured"):
+            raise ValueError(f"--prune-embeddings prunes embeddings' dims with a structured method; --prune "
+                             f"{args.prune} is not one: use --prune ln_structured, or drop --prune-embeddings.")
         prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude,
-                            heads=args.prune_heads)
+                            heads=args.prune_heads, **_embedding_layer_types(args.prune_embeddings))
     quantize = None
     if args.quantize != "none":
         options: dict[str, Any] = {}
@@ -677,8 +696,11 @@ def run_channels(args: argparse.Namespace) -> int:
             from litcompress.pipeline import PruneConfig, preview_shrink
 
             preview = preview_shrink(model, PruneConfig(sparsity=args.sparsity, method="ln_structured",
-                                                        schedule="oneshot", heads=args.prune_heads),
+                                                        schedule="oneshot", heads=args.prune_heads,
+                                                        **_embedding_layer_types(args.prune_embeddings)),
                                      keep_multiple_of=args.keep_multiple_of, example_inputs=inputs)
+        elif args.prune_embeddings:
+            raise ValueError("--prune-embeddings previews with --sparsity: give --sparsity too.")
         elif args.prune_heads or args.latency:
             raise ValueError(f"{'--prune-heads' if args.prune_heads else '--latency'} previews with --sparsity: give "
                              f"--sparsity too{' (0 for heads only)' if args.prune_heads else ''}.")

@@ -2108,7 +2108,8 @@ class ChannelPlan:
         embeddings = any(kind.startswith("Embedding") for kind in self.layers.values())
         lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; structured "
                      "pruning with PruneConfig(removable_only=True) prunes only those"
-                     + (" (an embedding's dims: with nn.Embedding among its layer_types)." if embeddings else "."))
+                     + (" (an embedding's dims: with nn.Embedding among its layer_types, CLI --prune-embeddings)."
+                        if embeddings else "."))
         return "\n".join(lines)
 
 
