@@ -34,7 +34,8 @@ over 100 frames of 80 features, its last output read by a Linear head (Lightning
 norm, in both variants, made permanent, and removed by ``shrink``); ``lstm-text``, a text classifier of 64 tokens
 (20,000-word embedding of 128 dims, sequences packed by their lengths, from 16 to 64, with ``pack_padded_sequence``, a
 2-layer bidirectional LSTM of 256 units, attention pooling over its padded outputs, a Linear head), its units masked
-and removed the same way.
+and removed the same way; ``lstm-text+embeddings``, the same with ``--amount`` of the embedding's dims masked too
+(``torch.nn.utils.prune.ln_structured`` along its weight's columns, L1) and removed.
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
 squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
@@ -79,6 +80,8 @@ from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning  #
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+import torch.nn.utils.prune as torch_prune  # noqa: E402
 
 from litcompress import make_permanent_, shrink  # noqa: E402
 from litcompress.models import GatedTransformerBlock  # noqa: E402
@@ -486,6 +489,9 @@ def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
     if extra == "heads":  # Lightning has no head pruning: the same heads masked in place, what a mask ships
         prune_heads_(masked, amount)
         make_permanent_(masked)
+    if extra == "embeddings":  # the embedding's dims too: torch's ln_structured along its weight's columns
+        torch_prune.ln_structured(masked.embed, "weight", amount=amount, n=1, dim=1)
+        make_permanent_(masked)
     probe = inputs(base, 8, shape)
     result = shrink(masked, probe, keep_multiple_of=keep_multiple_of)
     shrunk = result.model.eval()
@@ -529,7 +535,7 @@ def table(results: list[dict]) -> str:
 
 
 MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
-          "inception", "unet", "signal", "tcn", "conformer", "lstm", "lstm-text")
+          "inception", "unet", "signal", "tcn", "conformer", "lstm", "lstm-text", "lstm-text+embeddings")
 
 
 def main(argv: list[str] | None = None) -> None:
