@@ -275,6 +275,18 @@ def fit_killed_and_resumed(tmp_path: Any, make_model: Any, make_callback: Any, m
     return reference, state, run([], ckpt_path=checkpoint.last_model_path)
 
 
+def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Any:
+    """An eval_fn: how often a model's classes agree with `reference`'s on `batches` (tuples of inputs)."""
+    with torch.no_grad():
+        expected = [reference(*batch).argmax(1) for batch in batches]
+
+    def agreement(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.cat([model(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
+
+    return agreement
+
+
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
     kwargs: dict[str, Any] = dict(
         default_root_dir=tmp_path,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +17,7 @@ from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
+from tests.conftest import agreeing_with
 
 FAST = dict(latency_repeats=2, export=False)
 
@@ -909,18 +908,6 @@ def test_an_attentions_shape_checks_do_not_disqualify_its_onnx_file(digits, tmp_
     loaded = result.stage_models["exported"]
     with torch.no_grad():  # written at batch 8, right at another batch size
         torch.testing.assert_close(loaded(x_val[:5]), model(x_val[:5]), rtol=1e-4, atol=1e-5)
-
-
-def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Callable[[nn.Module], float]:
-    """An eval_fn: how often a model's classes are `reference`'s on `batches`."""
-    with torch.no_grad():
-        expected = [reference(*batch).argmax(1) for batch in batches]
-
-    def agreement(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float(torch.cat([m(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
-
-    return agreement
 
 
 class _Tokens(nn.Module):

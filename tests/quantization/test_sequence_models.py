@@ -20,6 +20,7 @@ from litcompress.quantization.backends import FixedDimError, check_free_dims, qu
 from litcompress.quantization.sensitivity import layer_sensitivity
 from litcompress.report.size import model_size_bytes
 from litcompress.quantization.shapes import fixed_size_hint, normalize_dynamic_dims, resolve_dynamic_dims
+from tests.conftest import agreeing_with
 
 VOCAB = 50
 
@@ -67,15 +68,6 @@ def _batches(lengths, batch_size: int = 16, seed: int = 0) -> list[tuple[torch.T
     return [(torch.randint(0, VOCAB, (batch_size, n), generator=generator),) for n in lengths]
 
 
-def _agreement_with(reference: nn.Module, batches):
-    """The metric: how often a model's class agrees with `reference`'s (fp32) on `batches`."""
-    with torch.no_grad():
-        expected = [reference(*b).argmax(1) for b in batches]
-
-    def eval_fn(model: nn.Module) -> float:
-        with torch.no_grad():
-            return float(torch.cat([model(*b).argmax(1) == e for b, e in zip(batches, expected)]).float().mean())
-    return eval_fn
 
 
 def _lenient(approach: str, backend: str, **kwargs) -> PTQConfig:
@@ -155,7 +147,7 @@ def test_files_take_sequence_lengths_the_search_never_saw(backend, approach, tmp
     torch.manual_seed(0)
     model = TokenBag().eval()
     batches = _batches([20, 12, 20, 31])
-    result = quantize(model, _lenient(approach, backend), eval_fn=_agreement_with(model, batches),
+    result = quantize(model, _lenient(approach, backend), eval_fn=agreeing_with(model, batches),
                       calibration_data=batches)
     assert result.recipe is not None and result.recipe.backend == backend, result.table()
     assert result.dynamic_dims == ((0, 1),)
@@ -166,7 +158,7 @@ def test_a_transformers_files_take_sequence_lengths_the_search_never_saw_on_ever
     torch.manual_seed(0)
     model = TokenEncoder().eval()
     batches = _batches([20, 12, 20, 31])
-    eval_fn = _agreement_with(model, batches)
+    eval_fn = agreeing_with(model, batches)
     # The legacy ONNX exporter traces nn.MultiheadAttention's reshapes with the example's length; onnxruntime
     # exports its attentions as HeadPrunedAttentions of all their heads instead (same outputs), which keep it free.
     for backend in ("pt2e", "torch_ao", "onnxruntime"):
@@ -197,7 +189,7 @@ def test_a_declared_dim_stays_free_although_calibration_was_padded_to_one_length
     model = TokenBag().eval()
     calibration = _batches([20, 20])
     other_lengths = _batches([12, 20], seed=3)
-    eval_fn = _agreement_with(model, other_lengths)
+    eval_fn = agreeing_with(model, other_lengths)
     undeclared = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=eval_fn, calibration_data=calibration)
     assert undeclared.recipe is None
     assert all("PTQConfig(dynamic_dims={0: (1,)})" in t.error for t in undeclared.trials), undeclared.table()
@@ -231,7 +223,7 @@ def _quantized_recurrent(rnn: type[nn.Module], backend: str):
     torch.manual_seed(0)
     model = RecurrentClassifier(rnn).eval()
     batches = _batches([20, 12, 31])
-    return model, batches, quantize(model, _lenient("dynamic", backend), eval_fn=_agreement_with(model, batches),
+    return model, batches, quantize(model, _lenient("dynamic", backend), eval_fn=agreeing_with(model, batches),
                                     calibration_data=batches)
 
 
@@ -248,7 +240,7 @@ def test_an_lstm_with_projections_stays_fp32_and_the_rest_is_quantized():
     torch.manual_seed(0)
     projected = ProjectedLSTM().eval()
     batches = [(torch.randn(4, n, 8),) for n in (6, 9)]
-    result = quantize(projected, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(projected, batches),
+    result = quantize(projected, _lenient("dynamic", "torch_ao"), eval_fn=agreeing_with(projected, batches),
                       calibration_data=batches)
     assert result.recipe is not None, result.table()  # before: the int8 LSTM failed, and so did the backend
     assert type(result.model.rnn) is nn.LSTM and type(result.model.head) is not nn.Linear
@@ -320,7 +312,7 @@ def test_an_embedding_table_is_stored_in_int8_and_its_file_reads_back(backend, t
     torch.manual_seed(0)
     model = TableHeavy().eval()
     batches = _batches([10, 14])  # token ids < VOCAB, a part of the table
-    result = quantize(model, _lenient("dynamic", backend), eval_fn=_agreement_with(model, batches),
+    result = quantize(model, _lenient("dynamic", backend), eval_fn=agreeing_with(model, batches),
                       calibration_data=batches)
     assert result.recipe is not None and not result.recipe.fp32_layers, result.table()
     assert result.size_bytes < 0.4 * result.baseline_size_bytes  # table and output layer both int8
@@ -476,7 +468,7 @@ def test_static_int8_falls_a_conv1d_back_to_fp32_and_keeps_the_signal_length_fre
         weights_int8 = {node.name.split("/")[1]: node.input[1] in dequantized for node in graph.node
                         if node.op_type in ("Conv", "Gemm")}
         assert weights_int8 == expected
-    result = quantize(model, _lenient("static", backend), eval_fn=_agreement_with(model, signals),
+    result = quantize(model, _lenient("static", backend), eval_fn=agreeing_with(model, signals),
                       calibration_data=signals)
     assert result.dynamic_dims == ((0, 2),) and result.recipe is not None, result.table()
     path = tmp_path / "model"
@@ -531,7 +523,7 @@ def test_torch_aos_lstm_on_a_packed_sequence_fixes_the_batch_so_the_search_keeps
         return tokens * (torch.arange(length)[None] < lengths[:, None]), lengths
 
     batches = [batch(16, length, seed) for seed, length in enumerate((12, 20, 9))]
-    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=_agreement_with(model, batches),
+    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=agreeing_with(model, batches),
                       calibration_data=batches, input_fn=tuple)
     # torch.ao's int8 LSTM sizes its initial state from the packed batch as a Python int: its trace (the file) would
     # take batches of 16 only. Before, that file was written and failed on the first other batch.
