@@ -2215,3 +2215,70 @@ def test_a_bag_of_embeddings_loses_its_zero_dims(mode) -> None:
     torch.testing.assert_close(result.model(*inputs), model(*inputs), rtol=0, atol=1e-6)
     fresh = load_shrunk_state_dict(BagOfTokens(mode), result.model.state_dict()).eval()
     torch.testing.assert_close(fresh(*inputs), model(*inputs), rtol=0, atol=1e-6)
+
+
+class TokensAsChannels(nn.Module):
+    """A text CNN: token embeddings, and a Linear layer's features (with a BatchNorm1d over them), moved to dim 1 by
+    a transpose for Conv1d layers, max-pooled over time into a Linear head."""
+
+    def __init__(self, padding: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.conv = nn.Conv1d(16, 8, 3, padding=padding)
+        self.proj, self.bn = nn.Linear(16, 12), nn.BatchNorm1d(12)
+        self.conv2 = nn.Conv1d(12, 8, 3, padding=padding)
+        self.head, self.head2 = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.embed(tokens)
+        a = torch.relu(self.conv(F.dropout(e.permute(0, 2, 1), 0.1, self.training))).amax(-1)
+        b = torch.relu(self.conv2(torch.tanh(self.bn(self.proj(e).transpose(1, 2))))).amax(-1)
+        return self.head(a) + self.head2(b)
+
+
+class ConvThenLSTM(nn.Module):
+    """A CRNN: a Conv1d front end, its channels moved last by a transpose, read by an LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(5, 12, 3, padding=1), nn.BatchNorm1d(12)
+        self.lstm, self.head = nn.LSTM(12, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(torch.relu(self.bn(self.conv(x))).transpose(1, 2))[0][:, -1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(padding=st.sampled_from([0, 1]), dims=st.sets(st.integers(0, 15), max_size=15),
+       rows=st.sets(st.integers(0, 11), max_size=11), held=st.booleans(), seed=st.integers(0, 2**16))
+def test_features_transposed_for_a_conv1d_leave_it_and_their_producer(padding, dims, rows, held, seed) -> None:
+    torch.manual_seed(seed)
+    model = TokensAsChannels(padding).eval()
+    randomise_batch_norm_(model.bn, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.embed.weight[:, sorted(dims)] = 0
+        model.proj.weight[sorted(rows)] = 0
+        if held:  # zero_batch_norm's doing: a pruned row's BatchNorm shift and scale at zero make it zero
+            model.bn.weight[sorted(rows)] = 0
+            model.bn.bias[sorted(rows)] = 0
+    tokens = torch.randint(0, 50, (3, 9))
+    result = shrink(model, tokens)
+    shrunk = result.model
+    assert (shrunk.embed.embedding_dim, shrunk.conv.in_channels, shrunk.proj.in_features) == (16 - len(dims),) * 3
+    # an unpadded conv takes a constant channel's constant into its bias; a padded one only a zero channel
+    removed = len(rows) if padding == 0 or held else 0
+    assert (shrunk.proj.out_features, shrunk.bn.num_features, shrunk.conv2.in_channels) == (12 - removed,) * 3
+    torch.testing.assert_close(shrunk(tokens), model(tokens), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(zero=st.sets(st.integers(0, 11), max_size=11), seed=st.integers(0, 2**16))
+def test_a_conv1ds_channels_moved_last_leave_the_lstm_that_reads_them(zero, seed) -> None:
+    torch.manual_seed(seed)
+    model = ConvThenLSTM().eval()
+    randomise_batch_norm_(model.bn, torch.Generator().manual_seed(seed))
+    zero_rows_(model.conv, sorted(zero))
+    x = torch.randn(3, 5, 10)
+    result = shrink(model, x)
+    assert (result.model.conv.out_channels, result.model.lstm.input_size) == (12 - len(zero),) * 2
+    torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)

@@ -20,7 +20,8 @@ maps). With example inputs, whose ranks tell a Linear layer's features from its 
 passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``; with weights per token, as
 attention pooling or a padding mask weigh them, only zero features pass), a squeeze, unsqueeze or flatten of dims
 before the features (``h.flatten(0, 1)``), and a PReLU on a 2-d input, and a BatchNorm1d over tokens as many as the
-features ends it; a residual stream of Linear features pooled so stays a group. An output with
+features ends it; a swap of the last two dims (``x.transpose(1, 2)``) takes features into a Conv1d, or a Conv1d's
+channels into a Linear layer or an LSTM; a residual stream of Linear features pooled so stays a group. An output with
 several users branches (Inception-style heads, multi-task models): a channel goes only if it reaches every branch's
 consumer as a constant, and each consumer folds the constant of its own branch. A concatenation along the channels
 (DenseNet, Inception, U-Net skips) places the producer's channels among the others, whose widths are read from the
@@ -282,6 +283,8 @@ class _Branch:
     flattened: bool = False
     # only zero constants fold exactly into the consumer: a conv that pads with zeros, or a transposed conv
     zeros_only: bool = False
+    # a Linear layer's (or an embedding's) features moved to dim 1 (``x.transpose(1, 2)``), as a Conv1d reads them
+    transposed: bool = False
 
     @property
     def width(self) -> int:
@@ -312,7 +315,7 @@ class _Branch:
 
     def fork(self) -> _Branch:
         return _Branch(self.producer_channels, self.consumer, self.consumer_name, list(self.ops), self.flattened,
-                       self.zeros_only)
+                       self.zeros_only, self.transposed)
 
 
 @dataclass
@@ -501,7 +504,7 @@ def _op_key(op: object) -> object:
 
 
 def _chain_key(chain: _Chain) -> tuple:
-    return id(chain.producer), tuple((branch.consumer_name, branch.flattened, branch.zeros_only,
+    return id(chain.producer), tuple((branch.consumer_name, branch.flattened, branch.zeros_only, branch.transposed,
                                       tuple(_op_key(op) for op in branch.ops)) for branch in chain.branches)
 
 
@@ -1439,6 +1442,56 @@ def _through_packing(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]
     return sequences[0]
 
 
+def _swaps_last_two_dims(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` swaps the last two dims of `node`, a 3-d tensor by the example inputs' shapes (``x.transpose(1,
+    2)``, ``torch.transpose(x, -1, -2)``, ``x.permute(0, 2, 1)``)."""
+    if _rank(node) != 3 or not user.args or user.args[0] is not node or user.kwargs:
+        return False
+    rest = user.args[1:]
+    if (user.op == "call_method" and user.target == "transpose") or (
+            user.op == "call_function" and user.target is torch.transpose):
+        return len(rest) == 2 and all(type(d) is int for d in rest) and sorted(d % 3 for d in rest) == [1, 2]
+    if user.op == "call_method" and user.target == "permute":
+        dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+        return all(type(d) is int for d in dims) and tuple(d % 3 for d in dims) == (0, 2, 1)
+    return False
+
+
+def _step_transposed(user: fx.Node, node: fx.Node, branch: _Branch, done: list[_Branch], modules: dict[str, nn.Module],
+                     calls: dict[str, int], walk_on: bool, producer: nn.Module) -> fx.Node | str | None:
+    """`_step` for a branch whose features a transpose moved to dim 1: on through element-wise ops, dropout and a
+    BatchNorm1d of its channels, back through another swap, into a Conv1d that reads them (zero channels only, where
+    it pads with zeros)."""
+    module = modules.get(str(user.target)) if user.op == "call_module" else None
+    if module is not None and not _called_once_or_stateless(module, str(user.target), calls):
+        return _reuse_reason(str(user.target), modules, subject=str(user.target))
+    if _swaps_last_two_dims(user, node):
+        branch.transposed = False
+    elif module is not None and type(module) is nn.Conv1d and not is_grouped(module) and not is_depthwise(module):
+        if has_computed_tensors(module):
+            return f"its consumer {user.target} is parametrized"
+        if module.in_channels != branch.width or _tensor_args(user, node, modules) != [node]:
+            return f"its consumer {_describe(user, modules)} does not take its channels one to one"
+        branch.consumer, branch.consumer_name = module, str(user.target)
+        branch.zeros_only = _pads_with_zeros(module)
+        done.append(branch)
+        return None
+    elif isinstance(module, nn.BatchNorm1d) and module.num_features == branch.width:
+        if module.running_mean is None:
+            return f"{user.target} has no running statistics"
+        branch.ops.append(_BatchNorm(module))
+    elif (op := _elementwise_op(user, node, modules)) is not None:
+        branch.ops.append(op)
+    elif (module is not None and isinstance(module, _DROPOUT)) or (
+            user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS):
+        if _tensor_args(user, node, modules) != [node]:
+            return f"its output meets another tensor in {_describe(user, modules)}"
+    else:
+        return (f"its output goes to {_describe(user, modules)} after a transpose (features in dim 1), which shrink "
+                "does not see through")
+    return _walk(user, producer, branch, done, modules, calls) if walk_on else user
+
+
 def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch],
           modules: dict[str, nn.Module], calls: dict[str, int], walk_on: bool = True) -> fx.Node | str | None:
     """Take `branch` from `node` into its user `user`: None when `user` is the branch's consumer (the branch is then
@@ -1447,6 +1500,17 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     is_conv = isinstance(producer, _CONV_LIKE)
     if user.op == "output":
         return "it produces the model's output, whose width is part of the model's interface"
+    if branch.transposed:
+        return _step_transposed(user, node, branch, done, modules, calls, walk_on, producer)
+    if _swaps_last_two_dims(user, node) and not branch.flattened and (
+            not is_conv or (isinstance(producer, nn.Conv1d) and _rank(node) == 3)):
+        # a Linear layer's (batch, tokens, features) as a Conv1d reads them, or a Conv1d's channels last, as
+        # features (a CRNN's conv front end before its LSTM): channel j is still column j of the consumer
+        if is_conv:
+            branch.flattened = True
+        else:
+            branch.transposed = True
+        return _walk(user, producer, branch, done, modules, calls) if walk_on else user
     if _is_concatenation(user):
         concat = _channel_concat(user, node, producer, branch, modules)
         if isinstance(concat, str):
@@ -1470,7 +1534,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     if module is not None and type(module) in RECURRENT_LAYERS:  # reads its input's last dim: features
         if has_computed_tensors(module):
             return f"its consumer {user.target} is parametrized"
-        if is_conv or branch.flattened or module.input_size != branch.width or user.args[0] is not node:
+        if (is_conv and not branch.flattened) or module.input_size != branch.width or user.args[0] is not node:
             return f"its consumer {_describe(user, modules)} does not take its channels one to one"
         branch.consumer, branch.consumer_name = module, str(user.target)
         branch.zeros_only = not module.bias  # a constant folds into bias_ih_l0, when there is one
