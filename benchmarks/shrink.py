@@ -35,7 +35,10 @@ norm, in both variants, made permanent, and removed by ``shrink``); ``lstm-text`
 (20,000-word embedding of 128 dims, sequences packed by their lengths, from 16 to 64, with ``pack_padded_sequence``, a
 2-layer bidirectional LSTM of 256 units, attention pooling over its padded outputs, a Linear head), its units masked
 and removed the same way; ``lstm-text+embeddings``, the same with ``--amount`` of the embedding's dims masked too
-(``torch.nn.utils.prune.ln_structured`` along its weight's columns, L1) and removed.
+(``torch.nn.utils.prune.ln_structured`` along its weight's columns, L1) and removed; ``textcnn``, Kim's CNN for
+sentence classification (the same embedding moved to the channels by ``permute(0, 2, 1)``, three Conv1d of 100
+filters, widths 3-5, max over time, a Linear head), ``--amount`` of the embedding's dims masked the same way and
+removed from it and the three convs' inputs.
 Lightning's callback prunes the layers whose channels ``shrink`` can remove
 (``litcompress.pruning.removable_channels``): every hidden layer of the first two; the expand convs and the gates'
 squeeze convs of the MobileNet; the feed-forward blocks' first layers of the Transformer; ``w1`` and ``w3`` of the
@@ -302,6 +305,8 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
         return FrameLSTM().eval(), (100, 80), 16
     if name == "lstm-text":
         return TextLSTM().eval(), (TextLSTM.LENGTH,), 32
+    if name == "textcnn":
+        return TextCNN().eval(), (TextLSTM.LENGTH,), 32
     if name == "conformer":
         model = Conformer()
         randomise_batch_norms_(model)
@@ -465,9 +470,27 @@ class TextLSTM(nn.Module):
         return self.head((torch.softmax(scores, dim=1).unsqueeze(-1) * out).sum(1))
 
 
+class TextCNN(nn.Module):
+    """Kim's CNN for sentence classification: token ids embedded in 128 dims (a vocabulary of 20,000), moved to the
+    channels by ``permute(0, 2, 1)``, three Conv1d of 100 filters (widths 3, 4, 5), ReLU, max over time, joined, a
+    Linear head."""
+
+    def __init__(self, vocabulary: int = 20_000, dims: int = 128, filters: int = 100) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, dims)
+        self.convs = nn.ModuleList(nn.Conv1d(dims, filters, width) for width in (3, 4, 5))
+        self.head = nn.Linear(3 * filters, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).permute(0, 2, 1)
+        return self.head(torch.cat([torch.relu(conv(x)).amax(-1) for conv in self.convs], dim=1))
+
+
 def inputs(name: str, batch: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """A model's inputs at `batch`: random features, or for the text model token ids and lengths (the longest one
-    the full length, the others from a quarter of it up)."""
+    """A model's inputs at `batch`: random features; for the text models token ids, and for the LSTM their lengths
+    (the longest one the full length, the others from a quarter of it up)."""
+    if name == "textcnn":
+        return (torch.randint(0, 20_000, (batch, shape[0]), generator=torch.Generator().manual_seed(batch)),)
     if name != "lstm-text":
         return (torch.randn(batch, *shape),)
     generator = torch.Generator().manual_seed(batch)
@@ -480,7 +503,13 @@ def run(name: str, amount: float, repeats: int, log: Callable[[str], None],
         keep_multiple_of: int | None = None) -> dict:
     base, _, extra = name.partition("+")
     model, shape, big_batch = build(base)
-    if base in ("lstm", "lstm-text"):  # Lightning has no unit pruning: the same units masked in place, what a mask ships
+    if base == "textcnn":
+        # the embedding's dims, along its weight's columns (Lightning's callback prunes dim 0: the vocabulary)
+        masked = model
+        torch_prune.ln_structured(masked.embed, "weight", amount=amount, n=1, dim=1)
+        make_permanent_(masked)
+    elif base in ("lstm", "lstm-text"):
+        # Lightning has no unit pruning: the same units masked in place, what a mask ships
         masked = model
         prune_units_(masked, amount)
         make_permanent_(masked)
@@ -535,7 +564,7 @@ def table(results: list[dict]) -> str:
 
 
 MODELS = ("cnn", "mlp", "mobilenet", "transformer", "transformer+heads", "swiglu", "swiglu+heads", "densenet",
-          "inception", "unet", "signal", "tcn", "conformer", "lstm", "lstm-text", "lstm-text+embeddings")
+          "inception", "unet", "signal", "tcn", "conformer", "lstm", "lstm-text", "lstm-text+embeddings", "textcnn")
 
 
 def main(argv: list[str] | None = None) -> None:
