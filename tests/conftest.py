@@ -287,6 +287,24 @@ def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Any:
     return agreement
 
 
+def sgd_fine_tune(batches: list[tuple], lr: float, steps: int, after_step: Any = None) -> Any:
+    """A fine_tune for the pipeline (``fine_tune(model, step)``): `steps` SGD steps of cross-entropy over `batches`
+    ((x, y) pairs, cycled from the second), calling the pipeline's ``step(t)`` and then ``after_step(model)``."""
+
+    def fine_tune(model: nn.Module, step: Any) -> None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for t in range(1, steps + 1):
+            x, y = batches[t % len(batches)]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            step(t)
+            if after_step is not None:
+                after_step(model)
+
+    return fine_tune
+
+
 def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
     kwargs: dict[str, Any] = dict(
         default_root_dir=tmp_path,

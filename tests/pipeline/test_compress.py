@@ -17,7 +17,7 @@ from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
-from tests.conftest import agreeing_with
+from tests.conftest import agreeing_with, sgd_fine_tune
 
 FAST = dict(latency_repeats=2, export=False)
 
@@ -1009,15 +1009,7 @@ def test_a_recurrent_model_is_pruned_to_the_exact_sparsity_over_its_lstm_and_hea
     model = _Tokens()
     batches = [(torch.randint(0, 30, (8, n)), torch.randint(0, 3, (8,))) for n in (12, 20, 9)]
 
-    def fine_tune(m: nn.Module, step) -> None:
-        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
-        for t in range(1, 13):
-            x, y = batches[t % 3]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            optimizer.step()
-            step(t)
-
+    fine_tune = sgd_fine_tune(batches, lr=0.1, steps=12)
     result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.7), shrink=False, export=False,
                                                latency_repeats=2),
                       eval_fn=lambda m: 1.0, example_inputs=batches[0][0], fine_tune=fine_tune, fine_tune_steps=12)

@@ -16,6 +16,7 @@ from litcompress.pruning.narrow import load_shrunk_state_dict
 from litcompress.pruning.recurrent import (gate_count, keep_units_, prune_units_, unit_norms, units_why_not,
                                            zero_units)
 from litcompress.pruning.shrink import channel_plan
+from tests.conftest import sgd_fine_tune
 
 KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 
@@ -319,16 +320,8 @@ def test_structured_pruning_in_the_pipeline_prunes_lstm_units_along_its_schedule
     batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(3)]
 
     masked_units = []
-
-    def fine_tune(m: nn.Module, step) -> None:
-        optimizer = torch.optim.SGD(m.parameters(), lr=0.05)
-        for t in range(1, 13):
-            x, y = batches[t % 3]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            optimizer.step()
-            step(t)
-            masked_units.append(int(zero_units(m.lstm).sum()))
+    fine_tune = sgd_fine_tune(batches, lr=0.05, steps=12,
+                              after_step=lambda m: masked_units.append(int(zero_units(m.lstm).sum())))
 
     def accuracy(m: nn.Module) -> float:
         with torch.no_grad():
