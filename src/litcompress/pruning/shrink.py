@@ -1054,29 +1054,25 @@ def _keeps_zero_features(user: fx.Node, node: fx.Node) -> bool:
     others = [a for a in user.all_input_nodes if a is not node]
     call = user.target if user.op == "call_function" else None
     method = user.target if user.op == "call_method" else None
-    if call in _PRODUCTS or method == "mul" or call in _QUOTIENTS or method == "div":
-        if call in _QUOTIENTS or method == "div":
-            if user.args[0] is not node or len(user.args) != 2 or user.kwargs:
-                return False
+    quotient = call in _QUOTIENTS or method == "div"
+    if quotient or call in _PRODUCTS or method == "mul":
+        if quotient and (user.args[0] is not node or len(user.args) != 2 or user.kwargs):
+            return False  # a number divided by the features: a zero becomes no zero
         if len(others) != 1 or node not in user.args[:2] or result != shape:
             return False
         factor = _shape(others[0])
         return factor is not None and (len(factor) == 0 or factor[-1] == 1)
     if call in _MATRIX_PRODUCTS:
         return len(user.args) == 2 and user.args[1] is node and user.args[0] is not node and not user.kwargs
-    if call is torch.sum or method == "sum":
-        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
-        dims = (dims,) if isinstance(dims, int) else dims
-        return (isinstance(dims, (tuple, list)) and bool(dims) and len(others) == 0
-                and all(isinstance(d, int) and -rank <= d < rank and d % rank != rank - 1 for d in dims))
-    return False
+    summed = _reduction_dims(user, ("sum",))
+    return summed is not None and not others and all(-rank <= d < rank and d % rank != rank - 1 for d in summed[0])
 
 
-def _reduction_dims(node: fx.Node) -> tuple[tuple[int, ...], bool] | None:
-    """The dims and keepdim of ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function), each of which
-    maps a constant to itself, when written with int dims; else None."""
-    if not ((node.op == "call_method" and node.target in _REDUCTIONS)
-            or (node.op == "call_function" and node.target in tuple(getattr(torch, r) for r in _REDUCTIONS))):
+def _reduction_dims(node: fx.Node, reductions: tuple[str, ...] = _REDUCTIONS) -> tuple[tuple[int, ...], bool] | None:
+    """The dims and keepdim of ``x.mean(dims)`` / ``amax`` / ``amin`` (method or ``torch.`` function; by default those,
+    each of which maps a constant to itself, else the `reductions` named), when written with int dims; else None."""
+    if not ((node.op == "call_method" and node.target in reductions)
+            or (node.op == "call_function" and node.target in tuple(getattr(torch, r) for r in reductions))):
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
