@@ -1843,6 +1843,34 @@ def test_a_squeeze_of_maps_larger_than_one_keeps_the_channels() -> None:
     zero_rows_(model.conv, [0, 1])
     result = shrink(model, torch.randn(2, 1, 1, 8))
     assert "squeeze, which shrink does not see through" in dict(result.report.kept)["conv"]
+    assert "pass example_inputs" not in dict(result.report.kept)["conv"]  # the shapes were known: no hint
+
+
+class PooledAudio(nn.Module):
+    """A 1-d CNN on waveforms, as audio classifiers write its head: an adaptive pool to one step, then squeeze."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(1, 8, 9, stride=2, padding=4), nn.Conv1d(8, 16, 9, stride=2, padding=4)
+        self.pool, self.fc = nn.AdaptiveMaxPool1d(1), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x))))).squeeze(-1))
+
+
+def test_removable_channels_takes_example_inputs_for_the_chains_that_need_shapes() -> None:
+    """Only the shapes tell that the pool left one step for squeeze(-1) to drop: without inputs removable_channels
+    said conv2 keeps its channels (with no way to give it the inputs); now it says to pass them, and with them it
+    agrees with shrink."""
+    model = PooledAudio().eval()
+    x = torch.randn(3, 1, 64)
+    without = removable_channels(model)["conv2"]
+    assert without is not None and "squeeze" in without and "pass example_inputs" in without
+    assert removable_channels(model, example_inputs=x)["conv2"] is None
+    zero_rows_(model.conv2, [2, 5, 11])
+    result = shrink(model, x)
+    assert (result.model.conv2.out_channels, result.model.fc.in_features) == (13, 13)
+    torch.testing.assert_close(result.model(x), model(x))
 
 
 SE_FORMS = {  # hand-written squeeze-and-excitation layers with Linear layers, as SENet implementations write them

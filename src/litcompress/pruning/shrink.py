@@ -959,6 +959,20 @@ def _tensor_args(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] |
         spatial_ndim is not None and _reads_spatial_size(a, source, modules, spatial_ndim))]
 
 
+# Ops that shrink follows only when it knows which dims they touch (a squeeze after an adaptive pool, a view).
+_DIM_READERS = frozenset({"squeeze", "unsqueeze", "flatten", "view", "reshape", "transpose", "permute", "mean", "sum",
+                          "amax", "max", "select", "getitem"})
+_NO_SHAPES_HINT = (" (without example inputs the dims it touches are unknown: pass example_inputs, which may let it "
+                   "through)")
+
+
+def _reads_dims(node: fx.Node) -> bool:
+    """Whether `node` is an op whose effect on the channels depends on its input's shape (see `_DIM_READERS`)."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    return getattr(node.target, "__name__", str(node.target)) in _DIM_READERS
+
+
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"{node.target} ({type(modules[str(node.target)]).__name__})"
@@ -1601,7 +1615,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         return (f"its output goes to {_describe(user, modules)}, an index whose dims (time, batch or units) shrink "
                 "tells only from the example inputs' shapes: pass example_inputs")
     else:
-        return f"its output goes to {_describe(user, modules)}, which shrink does not see through"
+        return f"its output goes to {_describe(user, modules)}, which shrink does not see through" + (
+            _NO_SHAPES_HINT if _rank(node) is None and _reads_dims(user) else "")
     return _walk(user, producer, branch, done, modules, calls) if walk_on else user
 
 
@@ -2229,8 +2244,8 @@ def _describe_layer(module: nn.Module) -> str:
     return f"{type(module).__name__} {module.in_channels} -> {module.out_channels}{groups}"
 
 
-def removable_channels(model: nn.Module, *, residual_groups: bool = True,
-                       tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, str | None]:
+def removable_channels(model: nn.Module, *, residual_groups: bool = True, tracer: type[fx.Tracer] = fx.Tracer,
+                       example_inputs: Tensor | tuple | None = None) -> dict[str, str | None]:
     """For every producer layer (Linear, Conv, grouped or transposed Conv) of `model`, in module order: None where
     `shrink` can remove its output channels once they are zero (a consumer takes them one to one, it is a
     Transformer layer's ``linear1``, or, with `residual_groups`, it writes into a channel group joined by residual
@@ -2238,8 +2253,10 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True,
     the model cannot be traced.
 
     Structured pruning of the other layers masks channels that stay: it costs accuracy and saves nothing.
+    `example_inputs` (one batch, as ``shrink`` takes it) gives the shapes some chains need: a squeeze after an
+    adaptive pool, a sequence model's token pooling; without them such layers are said not removable.
     """
-    return channel_plan(model, tracer=tracer).removable(residual_groups)
+    return channel_plan(model, tracer=tracer, example_inputs=example_inputs).removable(residual_groups)
 
 
 def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
