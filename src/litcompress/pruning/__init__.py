@@ -29,6 +29,7 @@ from litcompress.pruning.narrow import load_shrunk_state_dict, narrow_to_state_d
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.recurrent import prune_units_, zero_units
 from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, removable_channels, shrink, shrink_
+from litcompress.pruning.sparse import SparseLinear, SparsifyReport, SparsifyResult, sparsify
 
 __all__ = [
     "ChannelGroup",
@@ -39,6 +40,9 @@ __all__ = [
     "PRUNING_METHODS",
     "ShrinkReport",
     "ShrinkResult",
+    "SparseLinear",
+    "SparsifyReport",
+    "SparsifyResult",
     "apply_mask_",
     "broadcast_pruning_state_",
     "default_targets",
@@ -69,6 +73,7 @@ __all__ = [
     "set_mask_",
     "shrink",
     "shrink_",
+    "sparsify",
     "take_snapshot",
     "with_tied_targets",
     "zero_units",

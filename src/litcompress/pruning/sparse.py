@@ -1,0 +1,280 @@
+"""Sparse kernels for unstructured pruning: a Linear layer whose weight is mostly zeros runs as a sparse CSR matrix
+product (torch's CSR kernels: MKL's on x86 CPUs) where that is measured faster on this host, so 90-98% sparse
+layers get faster, not only more compressible. Inference only.
+
+:func:`sparsify` converts a copy of the model, layer by layer, each timed against its dense self on the inputs the
+example batch gives it (interleaved, medians: :func:`litcompress.quantization.latency.measure_latencies`). The result
+traces with ``torch.jit.trace`` (a TorchScript file that loads without litcompress); ONNX and ``torch.export``'s
+files cannot hold sparse tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.parametrizations import fold_parametrizations_
+
+
+def _csr(weight: Tensor) -> Tensor:
+    """`weight` (dense or CSR) as a detached CSR tensor storing its non-zeros only."""
+    weight = weight.detach()
+    if weight.layout == torch.sparse_csr:
+        return weight.to_dense().to_sparse_csr() if bool((weight.values() == 0).any()) else weight
+    with warnings.catch_warnings():  # torch's "CSR support is in beta": nothing the caller can act on
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta")
+        return weight.to_sparse_csr()
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer whose weight is a sparse CSR matrix (a buffer; for inference): ``y = x Wᵀ + b`` computed as
+    ``addmm(b, W, xᵀ)ᵀ``. Takes inputs of any rank ``(..., in_features)``, as ``nn.Linear`` does."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"SparseLinear: expected a 2-d weight (out_features, in_features), got {weight.dim()}-d.")
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.register_buffer("weight", _csr(weight))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def __deepcopy__(self, memo: dict) -> SparseLinear:
+        # torch cannot deep-copy a CSR tensor (it has no storage to copy); `clone` copies it
+        memo[id(self.weight)] = self.weight.clone()
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        # The stored weight is replaced, not copied into: a CSR tensor takes only one of as many non-zeros. A dense
+        # weight (an nn.Linear's, a pruned model's state dict) loads too, converted.
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if key not in state_dict:
+                if strict and getattr(self, name) is not None:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            expected = (self.out_features, self.in_features) if name == "weight" else (self.out_features,)
+            if getattr(self, name) is None:
+                unexpected_keys.append(key)
+            elif tuple(value.shape) != expected:
+                error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(value.shape)}, the "
+                                  f"shape in the current model is {expected}.")
+            else:
+                setattr(self, name, _csr(value) if name == "weight" else value.detach().clone())
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> SparseLinear:
+        """The same layer with its weight (its zeros included, none stored) in CSR form."""
+        return cls(linear.weight, linear.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          dtype=self.weight.dtype, device=self.weight.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @property
+    def density(self) -> float:
+        """The fraction of the weight's entries stored (non-zero)."""
+        return self.weight.values().numel() / max(1, self.out_features * self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).t()
+        out = torch.mm(self.weight, rows) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight,
+                                                                                   rows)
+        return out.t().reshape(x.shape[:-1] + (self.out_features,))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density:.3f}")
+
+
+@dataclass(frozen=True)
+class SparseLayerReport:
+    """One Linear layer's decision: its sparsity, its dense and CSR times on its input (None when not timed), and
+    whether it was converted, else why not."""
+
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    dense_ms: float | None
+    sparse_ms: float | None
+    converted: bool
+    reason: str | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        return None if not self.dense_ms or not self.sparse_ms else self.dense_ms / self.sparse_ms
+
+
+@dataclass(frozen=True)
+class SparsifyReport:
+    """What :func:`sparsify` measured and did: every Linear layer, then the whole model before and after."""
+
+    layers: tuple[SparseLayerReport, ...]
+    dense_ms: float
+    sparse_ms: float
+    max_abs_diff: float
+    num_threads: int
+
+    @property
+    def converted(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers if layer.converted)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.sparse_ms if self.sparse_ms else math.nan
+
+    def table(self) -> str:
+        lines = [f"{'layer':<32} {'shape':>11} {'sparsity':>8} {'dense ms':>9} {'CSR ms':>9} {'speed-up':>8}  kernel"]
+        for layer in self.layers:
+            times = (f"{layer.dense_ms:>9.4f} {layer.sparse_ms:>9.4f} {layer.speedup:>8.2f}"
+                     if layer.dense_ms is not None and layer.sparse_ms is not None else f"{'-':>9} {'-':>9} {'-':>8}")
+            kernel = "CSR" if layer.converted else f"dense ({layer.reason})"
+            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            lines.append(f"{layer.name:<32} {shape:>11} {layer.sparsity:>8.1%} {times}  {kernel}")
+        lines.append(f"model: {self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
+                     f"{len(self.converted)} of {len(self.layers)} Linear layers on CSR kernels, "
+                     f"{self.num_threads} thread(s); outputs differ by at most {self.max_abs_diff:.2g}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SparsifyResult:
+    """The sparsified copy and its report (the model given to :func:`sparsify` is left untouched)."""
+
+    model: nn.Module
+    report: SparsifyReport
+
+
+def _inputs(example_inputs: Tensor | tuple | list) -> tuple:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"sparsify(example_inputs={type(example_inputs).__name__}): expected a tensor or a tuple of "
+                    "them, one batch as the model's forward takes it.")
+
+
+def _first_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: tuple) -> dict[str, Tensor]:
+    """The input each layer's first call receives when `model` runs on `inputs` (layers whose forward is never
+    called, such as an attention's ``out_proj`` whose weight is read directly, are absent)."""
+    seen: dict[str, Tensor] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in seen and args and isinstance(args[0], Tensor):
+                seen[name] = args[0].detach()
+        return record
+
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    """The largest difference between two outputs of the same structure (tensors in tuples, lists or dicts)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((_max_abs_diff(a[k], b[k]) for k in a if k in b), default=0.0)
+    return 0.0
+
+
+def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: float = 0.7,
+             min_speedup: float = 1.1, num_threads: int | None = None, repeats: int = 15) -> SparsifyResult:
+    """A copy of `model` whose sparse ``nn.Linear`` layers run on CSR kernels where that is faster here.
+
+    Args:
+        model: a pruned model (masks from ``torch.nn.utils.prune`` are made permanent on the copy); left untouched.
+        example_inputs: one batch as forward takes it, of the batch size you will run: which kernel is faster
+            depends on it (CSR gains most on large batches and the sparsest layers).
+        min_sparsity: layers with a smaller fraction of zero weights are not timed (CSR kernels lose there).
+        min_speedup: a layer is converted when its CSR product ran at least this many times faster than its
+            dense one on its input (1.1: a clear gain, not noise). 0 converts every layer timed.
+        num_threads: torch threads while timing (None: the current setting), the ones you will run with.
+        repeats: interleaved timed blocks per layer and per model (medians compared).
+
+    Linear layers of other dtypes than float32, and those forward never calls (an ``nn.MultiheadAttention``'s
+    ``out_proj``), stay dense; the report says why for each. Inference only: the CSR weights are buffers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify(model=...): expected an nn.Module, got {type(model).__name__}.")
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity < 1:
+        raise ValueError(f"sparsify(min_sparsity={min_sparsity!r}): expected a fraction in [0, 1), e.g. 0.7.")
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, (int, float)) or not (
+            math.isfinite(min_speedup) and min_speedup >= 0):
+        raise ValueError(f"sparsify(min_speedup={min_speedup!r}): expected a number >= 0 (1.1: 10% faster).")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"sparsify(repeats={repeats!r}): expected an int >= 1.")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"sparsify(num_threads={num_threads!r}): expected an int >= 1 or None.")
+    from litcompress.quantization.latency import measure_latencies  # the timing rules; that package imports this one
+
+    inputs = _inputs(example_inputs)
+    work = deepcopy_model(model)
+    make_permanent_(work)
+    fold_parametrizations_(work)
+    work.eval()
+    with torch.no_grad():
+        reference = work(*inputs)
+    layers = {name: m for name, m in work.named_modules() if isinstance(m, nn.Linear)}
+    first_inputs = _first_inputs(work, layers, inputs)
+    threads = num_threads or torch.get_num_threads()
+    decisions: list[SparseLayerReport] = []
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        shape = (int(weight.shape[0]), int(weight.shape[1]))
+        sparsity = float((weight == 0).sum()) / max(1, weight.numel())
+        x = first_inputs.get(name)
+        reason = (f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity
+                  else "not float32" if weight.dtype != torch.float32 or (x is not None and x.dtype != torch.float32)
+                  else "its forward is not called (its weight is read directly)" if x is None else None)
+        if reason is not None:
+            decisions.append(SparseLayerReport(name, shape, sparsity, None, None, False, reason))
+            continue
+        candidate = SparseLinear.from_dense(layer)
+        dense_t, sparse_t = measure_latencies([layer, candidate], (x,), repeats=repeats, num_threads=num_threads)
+        dense_ms, sparse_ms = 1e3 * dense_t["median"], 1e3 * sparse_t["median"]
+        faster = dense_ms >= min_speedup * sparse_ms
+        decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, faster,
+                                           None if faster else f"CSR not {min_speedup:g}x faster here"))
+        if faster:
+            work.set_submodule(name, candidate)
+    dense_model = deepcopy_model(model)
+    make_permanent_(dense_model)
+    fold_parametrizations_(dense_model)
+    dense_model.eval()
+    with torch.no_grad():
+        output = work(*inputs)
+    whole = measure_latencies([dense_model, work], inputs, repeats=repeats, num_threads=num_threads)
+    report = SparsifyReport(tuple(decisions), 1e3 * whole[0]["median"], 1e3 * whole[1]["median"],
+                            _max_abs_diff(reference, output), threads)
+    return SparsifyResult(work, report)
+
+
+__all__ = ["SparseLayerReport", "SparseLinear", "SparsifyReport", "SparsifyResult", "sparsify"]

@@ -1,0 +1,205 @@
+"""Sparse CSR kernels for pruned Linear layers: the same outputs, the copy converted, the user's model untouched,
+files that load back. Which kernel is faster is measured on the host (benchmarks/sparse.py), never asserted here:
+`min_speedup=0` converts every layer timed."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+from litcompress.pruning import SparseLinear, is_pruned, sparsify
+
+
+def _sparse_linear(out_features: int, in_features: int, sparsity: float, bias: bool, seed: int) -> nn.Linear:
+    generator = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        layer.weight[torch.rand(out_features, in_features, generator=generator) < sparsity] = 0
+        if bias:
+            layer.bias.copy_(torch.randn(out_features, generator=generator))
+    return layer
+
+
+@settings(max_examples=60, deadline=None)
+@given(out_features=st.integers(1, 24), in_features=st.integers(1, 24), sparsity=st.floats(0.0, 1.0),
+       bias=st.booleans(), leading=st.lists(st.integers(1, 4), min_size=0, max_size=2), seed=st.integers(0, 2**16))
+def test_sparse_linear_computes_the_dense_layer(out_features, in_features, sparsity, bias, leading, seed):
+    dense = _sparse_linear(out_features, in_features, sparsity, bias, seed)
+    sparse = SparseLinear.from_dense(dense)
+    x = torch.randn(*leading, in_features, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert sparse.weight.layout == torch.sparse_csr
+    assert sparse.weight.values().numel() == int((dense.weight != 0).sum())  # no zero is stored
+    back = sparse.to_dense()
+    assert torch.equal(back.weight, dense.weight)
+    assert (back.bias is None) == (not bias) and (not bias or torch.equal(back.bias, dense.bias))
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _pruned_mlp(amount: float = 0.9) -> _MLP:
+    model = _MLP()
+    prune.global_unstructured([(model.fc1, "weight"), (model.fc2, "weight")], prune.L1Unstructured, amount=amount)
+    return model
+
+
+def test_sparsify_converts_a_copy_and_leaves_the_pruned_model_as_it_was():
+    model = _pruned_mlp()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 32)
+    result = sparsify(model, x, min_speedup=0, repeats=1)
+    assert isinstance(result.model.fc1, SparseLinear) and isinstance(result.model.fc2, SparseLinear)
+    assert isinstance(result.model.head, nn.Linear)  # dense: below min_sparsity
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.model(torch.randn(3, 32)).shape, torch.Size([3, 5]))
+    report = result.report
+    assert report.converted == ("fc1", "fc2")
+    fc1, fc2, head = report.layers
+    zeros = int((model.fc1.weight == 0).sum()) + int((model.fc2.weight == 0).sum())
+    assert fc1.sparsity * 32 * 64 + fc2.sparsity * 64 * 64 == pytest.approx(zeros)
+    assert zeros == round(0.9 * (32 * 64 + 64 * 64))  # global pruning hit exactly
+    assert head.reason == "sparsity below min_sparsity=0.7" and head.dense_ms is None
+    assert report.max_abs_diff < 1e-5 and report.dense_ms > 0 and report.sparse_ms > 0
+    assert "fc1" in report.table() and "CSR" in report.table()
+    assert is_pruned(model.fc1, "weight") and is_pruned(model.fc2, "weight")  # the user's model: still masked
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_layer_whose_forward_is_not_called_or_not_float32_stays_dense_and_says_why():
+    class WithAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.proj = nn.Linear(16, 16).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, _ = self.attention(x, x, x)
+            return self.proj(y.double())
+
+    model = WithAttention().eval()
+    with torch.no_grad():  # all but a few zeros: sparse enough to be timed
+        model.attention.out_proj.weight[:, 2:] = 0
+        model.proj.weight[:, 1:] = 0
+    x = torch.randn(2, 5, 16)
+    result = sparsify(model, x, min_speedup=0, repeats=1)
+    reasons = {layer.name: layer.reason for layer in result.report.layers}
+    assert reasons == {"attention.out_proj": "its forward is not called (its weight is read directly)",
+                       "proj": "not float32"}
+    assert result.report.converted == ()
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_a_layer_csr_does_not_speed_up_enough_stays_dense():
+    result = sparsify(_pruned_mlp(), torch.randn(4, 32), min_speedup=1e9, repeats=1)
+    assert result.report.converted == ()
+    assert {layer.reason for layer in result.report.layers[:2]} == {"CSR not 1e+09x faster here"}
+
+
+def test_the_sparsified_model_saves_and_loads_as_torchscript_and_as_a_state_dict():
+    model = _pruned_mlp(0.95)
+    x = torch.randn(6, 32)
+    sparse = sparsify(model, x, min_speedup=0, repeats=1).model
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        torch.jit.save(torch.jit.trace(sparse, x), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    other = torch.randn(11, 32)  # another batch size than the trace's
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(other), model(other), rtol=1e-5, atol=1e-5)
+    state = io.BytesIO()
+    torch.save(sparse.state_dict(), state)
+    state.seek(0)
+    fresh = sparsify(_pruned_mlp(0.5), x, min_speedup=0, min_sparsity=0.0, repeats=1).model  # same structure
+    fresh.load_state_dict(torch.load(state))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_state_dict_loads_into_the_sparsified_model_converted():
+    """What the pipeline writes (pruned_state_dict.pt: plain dense weights with their zeros) loads straight into a
+    sparsified model of the same architecture; a wrong shape is said, as nn.Linear says it."""
+    x = torch.randn(4, 32)
+    sparse = sparsify(_pruned_mlp(0.5), x, min_speedup=0, min_sparsity=0.0, repeats=1).model
+    dense = _pruned_mlp(0.9)
+    prune.remove(dense.fc1, "weight")
+    prune.remove(dense.fc2, "weight")
+    sparse.load_state_dict(dense.state_dict())
+    assert sparse.fc2.weight.values().numel() == int((dense.fc2.weight != 0).sum())
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+    wrong = {**dense.state_dict(), "fc1.weight": torch.zeros(64, 31)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for fc1.weight.*\(64, 31\)"):
+        sparse.load_state_dict(wrong)
+    without_bias = {k: v for k, v in dense.state_dict().items() if k != "head.bias"}
+    with pytest.raises(RuntimeError, match="Missing key.*head.bias"):
+        sparse.load_state_dict(without_bias)
+
+
+def test_a_sparse_layer_deep_copies_into_an_independent_one():
+    """torch cannot deep-copy a CSR tensor; the pipeline copies every stage's model."""
+    import copy
+
+    layer = SparseLinear.from_dense(_sparse_linear(6, 5, 0.8, True, 1))
+    twin = copy.deepcopy(layer)
+    assert twin.weight is not layer.weight and torch.equal(twin.weight.to_dense(), layer.weight.to_dense())
+    twin.weight.values().zero_()
+    twin.bias.zero_()
+    assert layer.weight.values().abs().sum() > 0 and layer.bias.abs().sum() > 0
+
+
+def test_a_layer_called_twice_is_converted_once_and_computes_both_calls():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = _sparse_linear(20, 20, 0.9, True, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))
+
+    model = Shared()
+    x = torch.randn(4, 7, 20)
+    result = sparsify(model, x, min_speedup=0, repeats=1)
+    assert result.report.converted == ("fc",)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_sparsity": 1.0}, "min_sparsity=1.0"), ({"min_sparsity": -0.1}, "min_sparsity=-0.1"),
+    ({"min_speedup": -1}, "min_speedup=-1"), ({"min_speedup": float("nan")}, "min_speedup=nan"),
+    ({"repeats": 0}, "repeats=0"), ({"num_threads": 0}, "num_threads=0"),
+])
+def test_bad_arguments_are_refused_before_any_work(kwargs, message):
+    with pytest.raises(ValueError, match=f"sparsify\\({message}\\)"):
+        sparsify(_MLP(), torch.randn(2, 32), **kwargs)
+
+
+def test_inputs_and_models_of_the_wrong_kind_are_refused():
+    with pytest.raises(TypeError, match="expected a tensor or a tuple"):
+        sparsify(_MLP(), {"x": torch.randn(2, 32)})
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        sparsify(F.relu, torch.randn(2, 32))
+    with pytest.raises(ValueError, match="expected a 2-d weight"):
+        SparseLinear(torch.randn(2, 3, 4))
