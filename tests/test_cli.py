@@ -723,3 +723,26 @@ def test_prune_embeddings_prunes_a_text_lstms_embedding_dims_and_shrink_removes_
     with pytest.raises(SystemExit):
         main(["compress", "--prune", "l1_unstructured", "--prune-embeddings"])
     assert "--prune-embeddings prunes embeddings' dims with a structured method" in capsys.readouterr().err
+
+
+def test_sparse_kernels_replace_int8_and_ship_torchscript(tmp_path, capsys):
+    """--sparse-kernels implies --quantize none; which layers run on CSR is measured (the report's table says), so
+    the run is checked for what does not depend on the host's speed."""
+    out = tmp_path / "sparse"
+    assert main(["compress", "--train-epochs", "1", "--prune-epochs", "1", "--sparsity", "0.95", "--sparse-kernels",
+                 "--model-args", '{"hidden": [512, 512]}', "--latency-repeats", "2", "--no-plot",
+                 "--output-dir", str(out)]) == 0
+    report = CompressionReport.load_json(out / "report.json")
+    stages = [row.stage for row in report.stages]
+    assert "quantized" not in stages and "Sparse kernels" in dict(report.details)
+    if "sparse" in stages:  # a layer ran faster on CSR here: the file is TorchScript, read back and measured
+        assert stages[-1] == "sparse" and report.artifact == str(out / "model.pt")
+    else:
+        assert any(m.startswith("sparse kernels: none of the 3 Linear layers") for m in report.messages)
+    for flags, said in ((["--quantize", "static"], "drop --quantize static, or drop --sparse-kernels"),
+                        (["--fp32-format", "onnx"], "onnx files cannot hold sparse tensors")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["compress", "--sparse-kernels", *flags, "--output-dir", str(tmp_path / "refused")])
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

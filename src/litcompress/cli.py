@@ -249,9 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="round the channels each layer keeps, after structured pruning and shrink, up to a "
                              "multiple of this (e.g. 16: CPU kernels, depthwise convs most, run faster on such "
                              "counts; default: exact)")
-    stages.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+    stages.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                         help="int8 post-training quantization approach, or 'none'; 'auto': static when the "
-                             "compressed model has convolutions (dynamic int8 leaves them in fp32), else dynamic")
+                             "compressed model has convolutions (dynamic int8 leaves them in fp32), else dynamic "
+                             "(default: auto; none with --sparse-kernels)")
+    stages.add_argument("--sparse-kernels", action="store_true",
+                        help="instead of int8: run the Linear layers that unstructured pruning left mostly zeros "
+                             "on sparse CSR kernels where that is measured faster here (90%%+ zeros, larger batches "
+                             "gain most); the file is TorchScript (model.pt)")
     stages.add_argument("--backends", type=_backends,
                         help="comma-separated quantization backends to try (default: all of them)")
     stages.add_argument("--tolerance", type=_non_negative_float, default=0.01,
@@ -336,6 +341,11 @@ def _configs(args: argparse.Namespace) -> Any:
     from litcompress.quantization import AccuracyCriterion, PTQConfig
     from litcompress.quantization.config import criterion_for_metric
 
+    if args.quantize is None:
+        args.quantize = "none" if args.sparse_kernels else "auto"
+    elif args.sparse_kernels and args.quantize != "none":
+        raise ValueError(f"--sparse-kernels runs fp32 sparse kernels instead of int8 dense ones: drop --quantize "
+                         f"{args.quantize}, or drop --sparse-kernels (run both and compare the reports).")
     prune = None
     if args.prune.lower() == "none" and args.prune_heads:
         raise ValueError("--prune-heads prunes along with --prune: give a --prune method (e.g. ln_structured) or "
@@ -361,7 +371,8 @@ def _configs(args: argparse.Namespace) -> Any:
         raise ValueError("--dynamic-dims is read by the quantization search: drop it with --quantize none.")
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
                              fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
-                             num_threads=args.threads, keep_multiple_of=args.keep_multiple_of)
+                             num_threads=args.threads, keep_multiple_of=args.keep_multiple_of,
+                             sparse_kernels=args.sparse_kernels)
 
 
 def _built(option: str, cls: Any, kwargs: dict[str, Any]) -> Any:

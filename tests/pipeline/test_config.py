@@ -108,6 +108,13 @@ def test_compression_config_checks_its_fields():
     with pytest.raises(ValueError, match="num_threads=0"):
         CompressionConfig(num_threads=0)
     assert CompressionConfig(quantize=PTQConfig(), num_threads=2).num_threads == 2
+    with pytest.raises(TypeError, match="sparse_kernels='yes'"):
+        CompressionConfig(sparse_kernels="yes")
+    with pytest.raises(ValueError, match="alternatives; give quantize=None"):
+        CompressionConfig(sparse_kernels=True, quantize=PTQConfig())
+    with pytest.raises(ValueError, match="onnx files cannot hold sparse tensors"):
+        CompressionConfig(sparse_kernels=True, fp32_format="onnx")
+    assert CompressionConfig(sparse_kernels=True, fp32_format="torchscript").sparse_kernels
     assert math.isclose(PruneConfig(sparsity=0.25).sparsity, 0.25)
 
 

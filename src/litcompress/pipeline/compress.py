@@ -34,6 +34,7 @@ from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scr
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
 from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
                                         channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
+from litcompress.pruning.sparse import SparseLinear, sparsify
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
                                               taking_inputs_like)
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, is_transposed_linear, to_inputs
@@ -320,10 +321,13 @@ def _first_batches(data: Iterable | None, input_fn: Callable[[object], tuple], l
     return batches
 
 
-def _fp32_formats(requested: str) -> list[str]:
-    """The formats to write an unquantized model in: `requested`, or for "auto" ONNX (if installed) and export."""
+def _fp32_formats(requested: str, model: nn.Module) -> list[str]:
+    """The formats to write an unquantized model in: `requested`, or for "auto" ONNX (if installed) and export
+    (TorchScript alone for a model on sparse kernels, which only it can hold)."""
     if requested != "auto":
         return [requested]
+    if any(isinstance(module, SparseLinear) for module in model.modules()):
+        return ["torchscript"]
     try:
         get_backend("onnxruntime").check_available()
     except BackendUnavailableError:
@@ -370,7 +374,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     fastest here is kept (TorchScript only when they all fail). Files are written under a partial name and moved
     into place once chosen, so a failure never leaves a half-written file or removes an earlier run's."""
     t0 = time.monotonic()
-    formats: list[str | None] = [None] if recipe is not None else list(_fp32_formats(config.fp32_format))
+    formats: list[str | None] = [None] if recipe is not None else list(_fp32_formats(config.fp32_format, model))
     written: list[_WrittenFile] = []
     failures: list[str] = []
     labelled = len(formats) > 1 or (recipe is None and config.fp32_format == "auto")  # which format failed how
@@ -387,7 +391,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     try:
         for fp32_format in formats:
             attempt(fp32_format)
-        if not written and recipe is None and config.fp32_format == "auto":
+        if not written and recipe is None and config.fp32_format == "auto" and "torchscript" not in formats:
             # the last resort, when every other format failed: TorchScript is deprecated by torch, but its trace
             # keeps an LSTM fed packed sequences, which ONNX and torch.export refuse
             formats.append("torchscript")
@@ -854,8 +858,24 @@ def compress(
                 note("shrink: no all-zero channel or attention head to remove" + (
                     f" (kept: {'; '.join(f'{n}: {r}' for n, r in shrink_report.kept)})" if shrink_report.kept else ""))
 
+    fp32_work = work  # int8 and CSR weights are its weights: the later rows count its parameters and zeros
+
+    # ---------------------------------------------------------------------------------------- sparse kernels
+    if config.sparse_kernels:
+        t0 = time.monotonic()
+        sparse = sparsify(work, inputs, num_threads=config.num_threads)
+        details.append(("Sparse kernels", sparse.report.table()))
+        converted, layers = len(sparse.report.converted), len(sparse.report.layers)
+        if converted:
+            work = sparse.model
+            stages.add("sparse", work, f"CSR kernels for {converted} of {layers} Linear layers "
+                       f"({sparse.report.speedup:.2f}x measured)", time.monotonic() - t0, counted=fp32_work)
+        else:
+            note(f"sparse kernels: none of the {layers} Linear layers ran at least 1.1x faster on CSR kernels here "
+                 "(they gain at 90%+ zeros, most on larger batches and layers; the report's 'Sparse kernels' "
+                 "table gives each layer's times).")
+
     # ---------------------------------------------------------------------------------------- quantize
-    fp32_work = work  # int8 weights are its weights: the quantized rows count its parameters and zeros
     if config.quantize is not None:
         t0 = time.monotonic()
         ptq = config.quantize

@@ -233,6 +233,11 @@ class CompressionConfig:
             deprecated by torch). A quantized model keeps its backend's format.
         latency_repeats: interleaved timed calls per stage for the report (medians reported).
         num_threads: torch threads while timing (None: torch's current setting, recorded in the report).
+        sparse_kernels: after shrink, run the Linear layers left mostly zeros by unstructured pruning on sparse CSR
+            kernels where that is measured faster here (:func:`litcompress.pruning.sparsify`: each layer timed on
+            the example batch, dense against CSR), as a ``sparse`` stage. An alternative to int8 (give
+            ``quantize=None``); the file is TorchScript (ONNX and ``torch.export`` files cannot hold sparse
+            tensors).
         keep_multiple_of: the channels each layer (or residual group) keeps, after structured pruning and after
             shrink, are rounded up to a multiple of this (a few fewer are pruned or removed): CPU kernels run faster
             on channel counts that fill their SIMD blocks, depthwise convolutions most (16 on AVX-512, 8 on AVX2;
@@ -247,15 +252,24 @@ class CompressionConfig:
     latency_repeats: int = 30
     num_threads: int | None = None
     keep_multiple_of: int | None = None
+    sparse_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.prune is not None and not isinstance(self.prune, PruneConfig):
             raise TypeError(f"CompressionConfig(prune={self.prune!r}): expected a PruneConfig or None.")
         if self.quantize is not None and not isinstance(self.quantize, PTQConfig):
             raise TypeError(f"CompressionConfig(quantize={self.quantize!r}): expected a PTQConfig or None.")
-        for flag in ("shrink", "export"):
+        for flag in ("shrink", "export", "sparse_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"CompressionConfig({flag}={getattr(self, flag)!r}): expected True or False.")
+        if self.sparse_kernels and self.quantize is not None:
+            raise ValueError("CompressionConfig(sparse_kernels=True, quantize=...): sparse fp32 kernels and int8 "
+                             "dense kernels are alternatives; give quantize=None, or run the pipeline once with each "
+                             "and compare their reports.")
+        if self.sparse_kernels and self.fp32_format in ("onnx", "export"):
+            raise ValueError(f"CompressionConfig(sparse_kernels=True, fp32_format={self.fp32_format!r}): "
+                             f"{self.fp32_format} files cannot hold sparse tensors; use fp32_format='auto' or "
+                             "'torchscript'.")
         if self.fp32_format != "auto" and self.fp32_format not in FP32_FORMATS:
             raise ValueError(f"CompressionConfig(fp32_format={self.fp32_format!r}): use 'auto' or one of "
                              f"{FP32_FORMATS}.")
