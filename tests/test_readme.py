@@ -99,6 +99,9 @@ CHECKS = {
         and ns["pruner"].pruned() == round(0.8 * (64 * 128 + 128 * 10))),
     "fresh = load_shrunk_state_dict(TextLSTM()": lambda ns: torch.allclose(  # reloaded: the masked model's outputs
         ns["fresh"].eval()(ns["tokens"], ns["lengths"]), ns["model"](ns["tokens"], ns["lengths"]), atol=1e-5),
+    "result = sparsify(model, x[:64])": lambda ns: (  # the masked model's outputs; the file written
+        len(ns["result"].report.layers) == 3 and Path("model_sparse.pt").exists()
+        and torch.allclose(ns["result"].model(ns["x"][:5]), ns["model"](ns["x"][:5]), atol=1e-5)),
     "rewind_(targets, ticket)": lambda ns: abs(  # three global rounds of 50%, biases untouched
         ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3,
 }
