@@ -275,6 +275,18 @@ def fit_killed_and_resumed(tmp_path: Any, make_model: Any, make_callback: Any, m
     return reference, state, run([], ckpt_path=checkpoint.last_model_path)
 
 
+class ReluMLP(nn.Module):
+    """``fc1 -> ReLU -> fc2 -> ReLU -> head``, seeded: the sparse-kernel tests' model at the widths they need."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(inputs, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
 def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Any:
     """An eval_fn: how often a model's classes agree with `reference`'s on `batches` (tuples of inputs)."""
     with torch.no_grad():

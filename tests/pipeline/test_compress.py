@@ -17,7 +17,7 @@ from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
-from tests.conftest import agreeing_with, sgd_fine_tune
+from tests.conftest import ReluMLP, agreeing_with, sgd_fine_tune
 
 FAST = dict(latency_repeats=2, export=False)
 
@@ -603,21 +603,10 @@ def test_an_fp32_format_asked_for_is_the_one_written(trained, digits, tmp_path, 
         torch.testing.assert_close(loaded(digits[4]), trained(digits[4]), rtol=1e-5, atol=1e-5)
 
 
-class _WideMLP(nn.Module):
-    """A 2048-wide hidden layer: at 99% zeros its CSR product runs tens of times faster than the dense one on any
-    x86 host (the decision is measured; a margin this wide keeps the test from depending on the machine's load)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2, self.head = nn.Linear(64, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
 def test_sparse_kernels_run_the_sparsest_layers_on_csr_and_ship_them_as_torchscript(tmp_path):
-    model = _WideMLP().eval()
+    # fc2, 2048 x 2048 at 99% zeros: its CSR product runs tens of times faster than the dense one on any x86 host
+    # (the decision is measured; a margin this wide keeps the test from depending on the machine's load)
+    model = ReluMLP(64, 2048, 10).eval()
     x = torch.randn(64, 64)
     with torch.no_grad():
         reference = model(x).argmax(1)

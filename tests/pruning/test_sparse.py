@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from litcompress.pruning import SparseLinear, is_pruned, sparsify
+from tests.conftest import ReluMLP
 
 
 def _sparse_linear(out_features: int, in_features: int, sparsity: float, bias: bool, seed: int) -> nn.Linear:
@@ -45,18 +46,12 @@ def test_sparse_linear_computes_the_dense_layer(out_features, in_features, spars
     assert (back.bias is None) == (not bias) and (not bias or torch.equal(back.bias, dense.bias))
 
 
-class _MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+def _mlp() -> ReluMLP:
+    return ReluMLP(32, 64, 5)
 
 
-def _pruned_mlp(amount: float = 0.9) -> _MLP:
-    model = _MLP()
+def _pruned_mlp(amount: float = 0.9) -> ReluMLP:
+    model = _mlp()
     prune.global_unstructured([(model.fc1, "weight"), (model.fc2, "weight")], prune.L1Unstructured, amount=amount)
     return model
 
@@ -216,12 +211,12 @@ def test_a_layer_called_twice_is_converted_once_and_computes_both_calls():
 ])
 def test_bad_arguments_are_refused_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=f"sparsify\\({message}\\)"):
-        sparsify(_MLP(), torch.randn(2, 32), **kwargs)
+        sparsify(_mlp(), torch.randn(2, 32), **kwargs)
 
 
 def test_inputs_and_models_of_the_wrong_kind_are_refused():
     with pytest.raises(TypeError, match="expected a tensor or a tuple"):
-        sparsify(_MLP(), {"x": torch.randn(2, 32)})
+        sparsify(_mlp(), {"x": torch.randn(2, 32)})
     with pytest.raises(TypeError, match="expected an nn.Module"):
         sparsify(F.relu, torch.randn(2, 32))
     with pytest.raises(ValueError, match="expected a 2-d weight"):
