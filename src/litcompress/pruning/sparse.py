@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -193,6 +193,17 @@ def _first_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: tuple)
     return seen
 
 
+def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
+    """Why `model` no longer computes `reference` on `inputs` (an error, or outputs off by more than float rounding
+    of CSR sums), or None."""
+    try:
+        with torch.no_grad():
+            difference = _max_abs_diff(reference, model(*inputs))
+    except Exception as error:  # noqa: BLE001 - any failure of the converted model keeps the layer dense
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
+    return None if difference <= 1e-4 * max(1.0, _max_abs(reference)) else f"outputs changed by {difference:.3g}"
+
+
 def _max_abs(output: Any) -> float:
     """The largest magnitude in an output (tensors in tuples, lists or dicts)."""
     if isinstance(output, Tensor):
@@ -268,28 +279,22 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         candidate = SparseLinear.from_dense(layer)
         dense_t, sparse_t = measure_latencies([layer, candidate], (x,), repeats=repeats, num_threads=num_threads)
         dense_ms, sparse_ms = 1e3 * dense_t["median"], 1e3 * sparse_t["median"]
-        faster = dense_ms >= min_speedup * sparse_ms
-        decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, faster,
-                                           None if faster else f"CSR not {min_speedup:g}x faster here"))
-        if faster:
+        reason = None if dense_ms >= min_speedup * sparse_ms else f"CSR not {min_speedup:g}x faster here"
+        if reason is None:
             work.set_submodule(name, candidate)
+            # Code that reads this layer's weight outside its forward (a tied module, F.linear, a fused fast path
+            # such as TransformerEncoderLayer's) now gets a CSR tensor: the model's outputs tell, layer by layer.
+            failure = _failure(work, inputs, reference)
+            if failure is not None:
+                work.set_submodule(name, layer)
+                reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
+        decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
     dense_model = deepcopy_model(model)
     make_permanent_(dense_model)
     fold_parametrizations_(dense_model)
     dense_model.eval()
-    # A converted layer whose weight the model also reads outside its forward (tied to another module, passed to
-    # F.linear) hands that code a CSR tensor: the outputs tell. The dense copy is returned then.
-    try:
-        with torch.no_grad():
-            difference = _max_abs_diff(reference, work(*inputs))
-        failure = None if difference <= 1e-4 * max(1.0, _max_abs(reference)) else f"outputs changed by {difference:.3g}"
-    except Exception as error:  # noqa: BLE001 - any failure of the converted model falls back to the dense one
-        difference, failure = math.inf, f"{type(error).__name__}: {error}"
-    if failure is not None and any(layer.converted for layer in decisions):
-        work, difference = dense_model, 0.0
-        decisions = [replace(layer, converted=False, reason=(
-            f"kept dense: with CSR layers the model failed ({failure}); is a weight read outside its layer?"))
-            if layer.converted else layer for layer in decisions]
+    with torch.no_grad():
+        difference = _max_abs_diff(reference, work(*inputs))
     whole = measure_latencies([dense_model, work], inputs, repeats=repeats, num_threads=num_threads)
     report = SparsifyReport(tuple(decisions), 1e3 * whole[0]["median"], 1e3 * whole[1]["median"], difference,
                             threads)
