@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
 from litcompress.pruning.parametrizations import fold_parametrizations_
+from litcompress.pruning.shrink import _scale, max_output_difference
 
 
 def _csr(weight: Tensor) -> Tensor:
@@ -198,29 +199,10 @@ def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
     of CSR sums), or None."""
     try:
         with torch.no_grad():
-            difference = _max_abs_diff(reference, model(*inputs))
+            difference = max_output_difference(reference, model(*inputs))
     except Exception as error:  # noqa: BLE001 - any failure of the converted model keeps the layer dense
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
-    return None if difference <= 1e-4 * max(1.0, _max_abs(reference)) else f"outputs changed by {difference:.3g}"
-
-
-def _max_abs(output: Any) -> float:
-    """The largest magnitude in an output (tensors in tuples, lists or dicts)."""
-    if isinstance(output, Tensor):
-        return float(output.float().abs().max()) if output.numel() else 0.0
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
-    return max((_max_abs(value) for value in values), default=0.0)
-
-
-def _max_abs_diff(a: Any, b: Any) -> float:
-    """The largest difference between two outputs of the same structure (tensors in tuples, lists or dicts)."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return max((_max_abs_diff(a[k], b[k]) for k in a if k in b), default=0.0)
-    return 0.0
+    return None if difference <= 1e-4 * max(1.0, _scale(reference)) else f"outputs changed by {difference:.3g}"
 
 
 def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: float = 0.7,
@@ -237,8 +219,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         num_threads: torch threads while timing (None: the current setting), the ones you will run with.
         repeats: interleaved timed blocks per layer and per model (medians compared).
 
-    Linear layers of other dtypes than float32, and those forward never calls (an ``nn.MultiheadAttention``'s
-    ``out_proj``), stay dense; the report says why for each. Inference only: the CSR weights are buffers.
+    Linear layers of other dtypes than float32, those forward never calls (an ``nn.MultiheadAttention``'s
+    ``out_proj``) and those whose weight other code reads too (each conversion is checked on the example batch: the
+    model must run and give the same outputs) stay dense; the report says why for each. Inference only: the CSR
+    weights are buffers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify(model=...): expected an nn.Module, got {type(model).__name__}.")
@@ -294,7 +278,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     fold_parametrizations_(dense_model)
     dense_model.eval()
     with torch.no_grad():
-        difference = _max_abs_diff(reference, work(*inputs))
+        difference = max_output_difference(reference, work(*inputs))
     whole = measure_latencies([dense_model, work], inputs, repeats=repeats, num_threads=num_threads)
     report = SparsifyReport(tuple(decisions), 1e3 * whole[0]["median"], 1e3 * whole[1]["median"], difference,
                             threads)
