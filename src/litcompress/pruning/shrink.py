@@ -959,18 +959,20 @@ def _tensor_args(node: fx.Node, source: fx.Node, modules: dict[str, nn.Module] |
         spatial_ndim is not None and _reads_spatial_size(a, source, modules, spatial_ndim))]
 
 
-# Ops that shrink follows only when it knows which dims they touch (a squeeze after an adaptive pool, a view).
+# Ops that shrink follows only when it knows the ranks of their inputs: a conv's squeezed maps (which dims are 1),
+# a Linear layer's tokens pooled or picked (which dim holds the features).
+_CONV_DIM_READERS = frozenset({"squeeze"})
 _DIM_READERS = frozenset({"squeeze", "unsqueeze", "flatten", "view", "reshape", "transpose", "permute", "mean", "sum",
                           "amax", "max", "select", "getitem"})
 _NO_SHAPES_HINT = (" (without example inputs the dims it touches are unknown: pass example_inputs, which may let it "
                    "through)")
 
 
-def _reads_dims(node: fx.Node) -> bool:
-    """Whether `node` is an op whose effect on the channels depends on its input's shape (see `_DIM_READERS`)."""
+def _reads_dims(node: fx.Node, after_conv: bool) -> bool:
+    """Whether the walk follows `node` only given the ranks of its input, a conv's output or a Linear layer's."""
     if node.op not in ("call_method", "call_function"):
         return False
-    return getattr(node.target, "__name__", str(node.target)) in _DIM_READERS
+    return getattr(node.target, "__name__", str(node.target)) in (_CONV_DIM_READERS if after_conv else _DIM_READERS)
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -1616,7 +1618,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
                 "tells only from the example inputs' shapes: pass example_inputs")
     else:
         return f"its output goes to {_describe(user, modules)}, which shrink does not see through" + (
-            _NO_SHAPES_HINT if _rank(node) is None and _reads_dims(user) else "")
+            _NO_SHAPES_HINT if _rank(node) is None and _reads_dims(user, is_conv) else "")
     return _walk(user, producer, branch, done, modules, calls) if walk_on else user
 
 
