@@ -216,7 +216,7 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, message):
 
 
 def test_inputs_and_models_of_the_wrong_kind_are_refused():
-    with pytest.raises(TypeError, match="expected a tensor or a tuple"):
+    with pytest.raises(TypeError, match="Expected a tensor or a tuple of tensors as model inputs, got dict"):
         sparsify(_mlp(), {"x": torch.randn(2, 32)})
     with pytest.raises(TypeError, match="expected an nn.Module"):
         sparsify(F.relu, torch.randn(2, 32))

@@ -164,18 +164,9 @@ class SparsifyResult:
     report: SparsifyReport
 
 
-def _inputs(example_inputs: Tensor | tuple | list) -> tuple:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"sparsify(example_inputs={type(example_inputs).__name__}): expected a tensor or a tuple of "
-                    "them, one batch as the model's forward takes it.")
-
-
-def _first_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: tuple) -> dict[str, Tensor]:
-    """The input each layer's first call receives when `model` runs on `inputs` (layers whose forward is never
-    called, such as an attention's ``out_proj`` whose weight is read directly, are absent)."""
+def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: tuple) -> tuple[Any, dict]:
+    """`model`'s outputs on `inputs`, and the input each layer's first call receives meanwhile (layers whose forward is
+    never called, such as an attention's ``out_proj`` whose weight is read directly, are absent)."""
     seen: dict[str, Tensor] = {}
 
     def recorder(name: str):
@@ -187,11 +178,11 @@ def _first_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: tuple)
     handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
     try:
         with torch.no_grad():
-            model(*inputs)
+            outputs = model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return outputs, seen
 
 
 def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
@@ -236,17 +227,17 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                     or num_threads < 1):
         raise ValueError(f"sparsify(num_threads={num_threads!r}): expected an int >= 1 or None.")
-    from litcompress.quantization.latency import measure_latencies  # the timing rules; that package imports this one
+    # the timing rules and the inputs' normalisation; that package imports this one
+    from litcompress.quantization.backends import to_inputs
+    from litcompress.quantization.latency import measure_latencies
 
-    inputs = _inputs(example_inputs)
+    inputs = to_inputs(example_inputs)
     work = deepcopy_model(model)
     make_permanent_(work)
     fold_parametrizations_(work)
     work.eval()
-    with torch.no_grad():
-        reference = work(*inputs)
     layers = {name: m for name, m in work.named_modules() if isinstance(m, nn.Linear)}
-    first_inputs = _first_inputs(work, layers, inputs)
+    reference, first_inputs = _outputs_and_first_inputs(work, layers, inputs)
     threads = num_threads or torch.get_num_threads()
     decisions: list[SparseLayerReport] = []
     for name, layer in layers.items():
