@@ -1,6 +1,8 @@
-"""Train a small MLP on scikit-learn's digits with litcompress.ModelPruning and a cubic sparsity schedule.
+"""Train a small MLP on scikit-learn's digits with litcompress.ModelPruning and a cubic sparsity schedule, then run
+its sparse layers on CSR kernels where that is faster on this machine (litcompress.pruning.sparsify).
 
-Runs in well under a minute on a laptop CPU; no download (the data ships inside scikit-learn).
+Runs in well under a minute on a laptop CPU; no download (the data ships inside scikit-learn). The kernels pay off on
+wider layers and sparser weights: try ``--hidden 1024 --target 0.95``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from litcompress import ModelPruning, sparsity_report
 from litcompress.data import DigitsDataModule
+from litcompress.pruning import sparsify
 from litcompress.pruning.schedules import PolynomialDecay
 
 
@@ -48,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--target", type=float, default=0.9, help="final sparsity of the weights, in [0, 1)")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the two hidden layers")
     args = parser.parse_args()
     if not 0.0 <= args.target < 1.0:
         parser.error(f"--target must be in [0, 1), got {args.target}")
@@ -62,7 +66,7 @@ def main() -> None:
     # the rest of training fine-tunes the sparse network. The target is hit exactly.
     schedule = PolynomialDecay(final_sparsity=args.target, begin=0, end=int(0.6 * steps), frequency=10)
 
-    model = DigitsMLP()
+    model = DigitsMLP(hidden=args.hidden)
     pruning = ModelPruning(
         "l1_unstructured", parameter_names=["weight"], amount=schedule, use_lottery_ticket_hypothesis=False
     )
@@ -74,6 +78,12 @@ def main() -> None:
     print()
     print(report.table())
     print(f"\ntest accuracy {accuracy:.2%} at {report.sparsity:.2%} weight sparsity (target {args.target:.0%})")
+
+    # Inference on sparse kernels: each layer timed dense against CSR on a batch of 256 test images, one thread
+    batch = next(iter(data.test_dataloader()))[0][:256]
+    sparse = sparsify(model.net, batch, num_threads=1)
+    print()
+    print(sparse.report.table())
 
 
 if __name__ == "__main__":
