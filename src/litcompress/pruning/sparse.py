@@ -185,6 +185,14 @@ def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], in
     return outputs, seen
 
 
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with plain weights: pruning masks made permanent, parametrizations folded."""
+    copied = deepcopy_model(model)
+    make_permanent_(copied)
+    fold_parametrizations_(copied)
+    return copied.eval()
+
+
 def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
     """Why `model` no longer computes `reference` on `inputs` (an error, or outputs off by more than float rounding
     of CSR sums), or None."""
@@ -232,10 +240,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     from litcompress.quantization.latency import measure_latencies
 
     inputs = to_inputs(example_inputs)
-    work = deepcopy_model(model)
-    make_permanent_(work)
-    fold_parametrizations_(work)
-    work.eval()
+    work = _plain_copy(model)
     layers = {name: m for name, m in work.named_modules() if isinstance(m, nn.Linear)}
     reference, first_inputs = _outputs_and_first_inputs(work, layers, inputs)
     threads = num_threads or torch.get_num_threads()
@@ -264,10 +269,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
                 work.set_submodule(name, layer)
                 reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
-    dense_model = deepcopy_model(model)
-    make_permanent_(dense_model)
-    fold_parametrizations_(dense_model)
-    dense_model.eval()
+    dense_model = _plain_copy(model)
     with torch.no_grad():
         difference = max_output_difference(reference, work(*inputs))
     whole = measure_latencies([dense_model, work], inputs, repeats=repeats, num_threads=num_threads)
