@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
 
-from litcompress.pruning import SparseLinear, sparsify  # noqa: E402
+from litcompress.pruning import sparsify  # noqa: E402
 from litcompress.quantization.latency import measure_latencies  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def main() -> None:
                 times = measure_latencies([dense, masked, sparse], (x,), repeats=args.repeats,
                                           num_threads=args.threads)
                 ms = [1e3 * t["median"] for t in times]
-                converted = [n for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
+                converted = list(result.report.converted)
                 rows.append({"model": name, "sparsity": target, "batch": batch, "dense_ms": ms[0],
                              "lightning_ms": ms[1], "litcompress_ms": ms[2], "speedup": ms[1] / ms[2],
                              "converted": converted, "max_abs_diff": diff,

@@ -104,6 +104,14 @@ def test_a_layer_whose_forward_is_not_called_or_not_float32_stays_dense_and_says
         torch.testing.assert_close(result.model(x), model(x))
 
 
+def test_without_time_model_the_whole_model_is_not_timed_and_the_table_says_the_rest():
+    result = sparsify(_pruned_mlp(), torch.randn(4, 32), min_speedup=0, repeats=1, time_model=False)
+    report = result.report
+    assert (report.dense_ms, report.sparse_ms, report.speedup) == (None, None, None)
+    assert report.converted == ("fc1", "fc2") and all(layer.dense_ms for layer in report.layers[:2])
+    assert report.table().splitlines()[-1].startswith("model: 2 of 3 Linear layers on CSR kernels, ")
+
+
 def test_a_layer_csr_does_not_speed_up_enough_stays_dense():
     result = sparsify(_pruned_mlp(), torch.randn(4, 32), min_speedup=1e9, repeats=1)
     assert result.report.converted == ()

@@ -126,11 +126,12 @@ class SparseLayerReport:
 
 @dataclass(frozen=True)
 class SparsifyReport:
-    """What :func:`sparsify` measured and did: every Linear layer, then the whole model before and after."""
+    """What :func:`sparsify` measured and did: every Linear layer, then the whole model before and after (its
+    times None when not timed, ``time_model=False``)."""
 
     layers: tuple[SparseLayerReport, ...]
-    dense_ms: float
-    sparse_ms: float
+    dense_ms: float | None
+    sparse_ms: float | None
     max_abs_diff: float
     num_threads: int
 
@@ -139,8 +140,8 @@ class SparsifyReport:
         return tuple(layer.name for layer in self.layers if layer.converted)
 
     @property
-    def speedup(self) -> float:
-        return self.dense_ms / self.sparse_ms if self.sparse_ms else math.nan
+    def speedup(self) -> float | None:
+        return None if not self.dense_ms or not self.sparse_ms else self.dense_ms / self.sparse_ms
 
     def table(self) -> str:
         lines = [f"{'layer':<32} {'shape':>11} {'sparsity':>8} {'dense ms':>9} {'CSR ms':>9} {'speed-up':>8}  kernel"]
@@ -150,8 +151,9 @@ class SparsifyReport:
             kernel = "CSR" if layer.converted else f"dense ({layer.reason})"
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             lines.append(f"{layer.name:<32} {shape:>11} {layer.sparsity:>8.1%} {times}  {kernel}")
-        lines.append(f"model: {self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
-                     f"{len(self.converted)} of {len(self.layers)} Linear layers on CSR kernels, "
+        timed = (f"{self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
+                 if self.dense_ms is not None and self.sparse_ms is not None else "")
+        lines.append(f"model: {timed}{len(self.converted)} of {len(self.layers)} Linear layers on CSR kernels, "
                      f"{self.num_threads} thread(s); outputs differ by at most {self.max_abs_diff:.2g}")
         return "\n".join(lines)
 
@@ -205,7 +207,8 @@ def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
 
 
 def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: float = 0.7,
-             min_speedup: float = 1.1, num_threads: int | None = None, repeats: int = 15) -> SparsifyResult:
+             min_speedup: float = 1.1, num_threads: int | None = None, repeats: int = 15,
+             time_model: bool = True) -> SparsifyResult:
     """A copy of `model` whose sparse ``nn.Linear`` layers run on CSR kernels where that is faster here.
 
     Args:
@@ -217,6 +220,8 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             dense one on its input (1.1: a clear gain, not noise). 0 converts every layer timed.
         num_threads: torch threads while timing (None: the current setting), the ones you will run with.
         repeats: interleaved timed blocks per layer and per model (medians compared).
+        time_model: also time the whole model before and after, for the report (a caller that times the result
+            itself, as the pipeline's report does, passes False).
 
     Linear layers of other dtypes than float32, those forward never calls (an ``nn.MultiheadAttention``'s
     ``out_proj``) and those whose weight other code reads too (each conversion is checked on the example batch: the
@@ -269,12 +274,13 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
                 work.set_submodule(name, layer)
                 reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
-    dense_model = _plain_copy(model)
     with torch.no_grad():
         difference = max_output_difference(reference, work(*inputs))
-    whole = measure_latencies([dense_model, work], inputs, repeats=repeats, num_threads=num_threads)
-    report = SparsifyReport(tuple(decisions), 1e3 * whole[0]["median"], 1e3 * whole[1]["median"], difference,
-                            threads)
+    dense_ms = sparse_ms = None
+    if time_model:
+        whole = measure_latencies([_plain_copy(model), work], inputs, repeats=repeats, num_threads=num_threads)
+        dense_ms, sparse_ms = 1e3 * whole[0]["median"], 1e3 * whole[1]["median"]
+    report = SparsifyReport(tuple(decisions), dense_ms, sparse_ms, difference, threads)
     return SparsifyResult(work, report)
 
 
