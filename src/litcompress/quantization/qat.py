@@ -1,0 +1,282 @@
+"""Quantization-aware training (QAT): train through int8 rounding, then convert to a real int8 model.
+
+Post-training quantization rounds weights and activations the model never saw rounded; where that costs more accuracy
+than the tuner's per-layer fallback can win back, a few epochs of training with the rounding simulated ("fake
+quantization") let the weights adapt to it. The flow is torchao's PT2E QAT, the one torch maintains: ``torch.export``
+the model, ``prepare_qat_pt2e`` with the x86 inductor quantizer (static int8: per-channel weights, per-tensor
+activations), train, ``convert_pt2e``. The int8 model is the PT2E backend's (saved as a ``.pt2`` program by
+:func:`save_quantized`, loaded by :func:`load_quantized`).
+
+Framework-free: :func:`prepare_qat` gives a module any training loop can train; the Lightning callback
+(:class:`litcompress.callbacks.QuantizationAwareTraining`) is a thin adapter over it.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import Recipe
+from .backends import ExportError, Inputs, cpu_has_vnni
+
+#: A weight's share of exact zeros below which it is not held sparse: trained dense weights have none, a pruned one
+#: has its pruned fraction; the floor only keeps the odd zero of a dense weight from being frozen.
+_SPARSE_WEIGHT_FLOOR = 0.01
+_MODE_FLAGS = ("observer_enabled", "fake_quant_enabled")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How a model is prepared for quantization-aware training.
+
+    Args:
+        fp32_layers: qualified names of layers (``"classifier"``, ``"blocks.0.fc"``) that stay in fp32, as the PTQ
+            tuner's per-layer fallback keeps them (see ``QuantizationResult.recipe.fp32_layers``).
+        reduce_range: int8 activations with 7 bits. None: chosen from the CPU, as the PT2E backend does (without
+            VNNI the int8 kernels' 16-bit intermediate sums saturate on 8-bit activations).
+        keep_sparsity: the weights (2-d and more) that hold at least 1% exact zeros when training starts, a pruned
+            model's, keep those zeros: they are reset before every training forward and before conversion, so
+            training does not grow them back and the int8 model is as sparse as the model it came from.
+    """
+
+    fp32_layers: tuple[str, ...] = ()
+    reduce_range: bool | None = None
+    keep_sparsity: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fp32_layers, str) or not all(isinstance(n, str) for n in self.fp32_layers):
+            raise TypeError(f"QATConfig(fp32_layers={self.fp32_layers!r}): give a sequence of qualified layer names, "
+                            "e.g. ('classifier',).")
+        object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))
+        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
+            raise TypeError(f"QATConfig(reduce_range={self.reduce_range!r}): use True, False or None (from the CPU).")
+        if not isinstance(self.keep_sparsity, bool):
+            raise TypeError(f"QATConfig(keep_sparsity={self.keep_sparsity!r}): use True or False.")
+
+    def recipe(self) -> Recipe:
+        """The recipe the converted model is described (and saved) with."""
+        reduce_range = (not cpu_has_vnni()) if self.reduce_range is None else self.reduce_range
+        return Recipe("pt2e", "static", per_channel=True, calibration="minmax", fp32_layers=self.fp32_layers,
+                      reduce_range=reduce_range)
+
+
+def _pruning_reparametrized(model: nn.Module) -> list[str]:
+    """Modules of `model` whose weights are computed from a mask in forward (torch.nn.utils.prune, parametrize)."""
+    from torch.nn.utils import parametrize, prune
+
+    names = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module) or any(
+                isinstance(hook, prune.BasePruningMethod) for hook in module._forward_pre_hooks.values()):
+            names.append(name or type(model).__name__)
+    return names
+
+
+def _check_layer_names(model: nn.Module, names: Sequence[str]) -> None:
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"QATConfig(fp32_layers=...): {unknown} name no layer of {type(model).__name__}; its layers "
+                         f"are e.g. {[n for n in modules if n][:8]}.")
+
+
+class QATModel(nn.Module):
+    """A model's fake-quantized training graph: train it as the model (same parameters, same inputs and outputs),
+    then :meth:`convert` it to int8.
+
+    ``train()``/``eval()`` switch the graph between its training form (batch statistics, dropout, observers on) and
+    its evaluation form on the next call, as torchao's ``move_exported_model_to_train/eval`` do (the exported graph
+    itself refuses those calls); in evaluation form the observers are off too, so evaluating on validation data does
+    not move the ranges the int8 model will use.
+    """
+
+    def __init__(self, model: nn.Module, graph: torch.fx.GraphModule, config: QATConfig,
+                 example_inputs: Inputs) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a sub-module: its parameters are the graph's, counted once
+        self.graph = graph
+        self.config = config
+        self.example_inputs = tuple(example_inputs)
+        self._graph_training = True
+        self._model_keys = frozenset(model.state_dict())
+        params = dict(graph.named_parameters())
+        self._masks: dict[str, torch.Tensor] = {}
+        if config.keep_sparsity:
+            for name, param in params.items():
+                if param.dim() >= 2 and float((param == 0).float().mean()) >= _SPARSE_WEIGHT_FLOOR:
+                    self._masks[name] = param.detach() != 0
+
+    @property
+    def held_sparse(self) -> tuple[str, ...]:
+        """The weights whose zeros training keeps (``keep_sparsity``)."""
+        return tuple(self._masks)
+
+    def train(self, mode: bool = True) -> "QATModel":
+        self.training = mode
+        return self
+
+    def _sync_mode(self) -> None:
+        if self._graph_training == self.training:
+            return
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+        from torchao.quantization.pt2e.fake_quantize import disable_observer, enable_observer
+
+        if self.training:
+            move_exported_model_to_train(self.graph)
+            self.graph.apply(enable_observer)
+        else:
+            move_exported_model_to_eval(self.graph)
+            self.graph.apply(disable_observer)
+        self._graph_training = self.training
+
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Reset the held zeros (``keep_sparsity``) of the weights: after an optimizer step has moved them."""
+        params = dict(self.graph.named_parameters())
+        for name, mask in self._masks.items():
+            params[name].mul_(mask)
+
+    def forward(self, *args: torch.Tensor) -> object:
+        self._sync_mode()
+        if self.training and self._masks:
+            self.apply_masks_()
+        return self.graph(*args)
+
+    def fake_quant_state(self) -> dict[str, torch.Tensor]:
+        """What the graph holds beyond the model's own state: the observers' ranges and the fake quantizers' scales
+        (a checkpoint of the model does not have them; :meth:`load_fake_quant_state` puts them back). The on/off flags
+        are left out: they follow the mode (``train()``/``eval()``), not the training."""
+        return {k: v.detach().clone() for k, v in self.graph.state_dict().items()
+                if k not in self._model_keys and not k.endswith(_MODE_FLAGS)}
+
+    def load_fake_quant_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`fake_quant_state` returned, into a graph prepared from the same model."""
+        expected = set(self.fake_quant_state())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+            raise ValueError(f"QATModel.load_fake_quant_state: the state is not this graph's (missing {missing}, "
+                             f"unexpected {unexpected}): it was saved for another model or QATConfig.")
+        self.graph.load_state_dict(state, strict=False)
+
+    def convert(self) -> "QATResult":
+        """The int8 model: a copy of the graph in evaluation form, the held zeros reset, converted (the QAT model
+        stays trainable). Before any training step the ranges are those of the example inputs."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        from .backends.exported import ExportedInference
+        from .backends.pt2e import _drop_unused_tensors
+
+        self.apply_masks_()
+        graph = copy_module.deepcopy(self.graph)
+        move_exported_model_to_eval(graph)  # idempotent
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            converted = convert_pt2e(graph)
+        _drop_unused_tensors(converted)
+        return QATResult(ExportedInference(converted), self.config.recipe(), self.example_inputs,
+                         held_sparse=self.held_sparse)
+
+
+@dataclass
+class QATResult:
+    """The int8 model :meth:`QATModel.convert` built, the recipe it is saved with and the inputs it was traced on."""
+
+    model: nn.Module
+    recipe: Recipe
+    example_inputs: Inputs
+    held_sparse: tuple[str, ...] = field(default_factory=tuple)
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the int8 model as a ``.pt2`` program (:func:`litcompress.load_quantized` reads it); returns its size in
+        bytes."""
+        from .artifact import save_quantized
+
+        return save_quantized(self.model, self.recipe, path, self.example_inputs)
+
+
+def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config: QATConfig | None = None, *,
+                copy: bool = True) -> QATModel:
+    """`model` ready for quantization-aware training: trace it on `example_inputs` (positional tensors, any batch
+    size: the batch dim stays free) and insert fake quantization where the int8 model will round.
+
+    ``copy=True`` (the default) traces a copy, so `model` is left as it was; the QAT model trains the copy's
+    parameters (``QATModel.model`` holds the copy). ``copy=False`` trains `model`'s own parameters, which an optimizer
+    built on them before keeps updating: what a training loop that switches to QAT part-way needs.
+
+    A model pruned with masks (``torch.nn.utils.prune`` or parametrizations) is refused: make the pruning permanent
+    first (``litcompress.make_permanent_``); ``keep_sparsity`` then keeps its zeros.
+    """
+    config = QATConfig() if config is None else config
+    if not isinstance(config, QATConfig):
+        raise TypeError(f"prepare_qat(config={config!r}): expected a QATConfig.")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise TypeError("prepare_qat(example_inputs=...): give the model's positional inputs as a tuple of tensors.")
+    masked = _pruning_reparametrized(model)
+    if masked:
+        raise ValueError(f"prepare_qat: {masked[:5]} compute their weights from pruning masks in forward, which the "
+                         "int8 conversion cannot fold; make the pruning permanent first (litcompress.make_permanent_"
+                         "(model), or ModelPruning(make_pruning_permanent=True) at the end of its fit): "
+                         "QATConfig(keep_sparsity=True) keeps the zeros.")
+    _check_layer_names(model, config.fp32_layers)
+    if copy:
+        model = copy_module.deepcopy(model)
+    graph = _export_for_training(model, example_inputs)
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    recipe = config.recipe()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True,
+                                                                          reduce_range=recipe.reduce_range))
+    for name in config.fp32_layers:
+        quantizer.set_module_name_qconfig(name, None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*skip annotate.*")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        prepared = prepare_qat_pt2e(graph, quantizer)
+    _observe_(prepared, example_inputs)
+    return QATModel(model, prepared, config, tuple(t.detach().clone() for t in example_inputs))
+
+
+def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
+    """Give every fake quantizer the ranges of `example_inputs`, as calibration would: a model converted (or
+    evaluated) before its first training step is then a PTQ model, not one with empty ranges. Run in evaluation form,
+    so that no batch-norm statistic of the model moves."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    move_exported_model_to_eval(graph)
+    with torch.no_grad():
+        graph(*example_inputs)
+    move_exported_model_to_train(graph)
+
+
+def _export_for_training(model: nn.Module, example_inputs: Inputs) -> torch.fx.GraphModule:
+    """`model`'s graph in training form, the batch dims free, sharing `model`'s parameters and buffers."""
+    from .backends import FixedDimError
+    from .backends.exported import export_inputs, export_program
+
+    was_training = model.training
+    model.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = export_program(model, export_inputs(example_inputs), None)
+    except FixedDimError as exc:
+        raise ExportError(f"prepare_qat: {exc}") from exc
+    except Exception as exc:
+        raise ExportError(f"prepare_qat: torch.export failed on {type(model).__name__}: {type(exc).__name__}: "
+                          f"{exc}. QAT needs a model torch.export can trace (no data-dependent Python control "
+                          "flow on tensors).") from exc
+    finally:
+        model.train(was_training)
+    return program.module()

@@ -1,0 +1,213 @@
+"""Quantization-aware training (torchao PT2E QAT): the framework-free engine, on real kernels and files."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch.nn.utils import prune
+
+from litcompress import make_permanent_
+from litcompress.quantization import ExportError, load_quantized
+from litcompress.quantization.qat import QATConfig, QATModel, prepare_qat
+from tests.conftest import ReluMLP
+
+
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 30, lr: float = 0.05) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def _data(features: int = 16, rows: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, features, generator=generator)
+    return x, (x[:, 0] * 4).long().clamp(max=3)
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+    """The int8 model computes what the fake-quantized one did: equal up to a step or two of the int8 grid (torchao's
+    fused fake quantizer clamps the weights' lowest code to -127, the conversion to -128)."""
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= 0.03 * float(scale.abs().max())
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95
+
+
+def test_prepare_leaves_the_model_alone_and_training_moves_only_the_copy():
+    model = ReluMLP(16, 32, 4)
+    before = copy.deepcopy(model.state_dict())
+    x, y = _data()
+    qat = prepare_qat(model, (x,))
+    _fit(qat, x, y)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(qat.model.fc1.weight, model.fc1.weight)  # the copy was trained
+    assert set(dict(qat.named_parameters())) == {f"graph.{k}" for k in model.state_dict()}  # each parameter once
+
+
+@settings(max_examples=4, deadline=None)
+@given(hidden=st.integers(4, 40), rows=st.integers(1, 9), steps=st.integers(0, 12), seed=st.integers(0, 10_000))
+def test_converted_int8_model_computes_the_trained_fake_quantized_model(hidden, rows, steps, seed):
+    torch.manual_seed(seed)
+    model = ReluMLP(16, hidden, 4)
+    x, y = _data(rows=64, seed=seed)
+    qat = prepare_qat(model, (x[:8],))
+    _fit(qat, x, y, steps=steps)
+    qat.eval()
+    probe = torch.rand(rows, 16)  # another batch size than the trace's
+    with torch.no_grad():
+        fake = qat(probe)
+        result = qat.convert()
+        _agree(result.model(probe), fake, fake)
+        _agree(qat(probe), fake, fake)  # converting leaves the QAT model as it was
+
+
+def test_copy_false_trains_the_models_own_parameters_with_an_optimizer_built_before():
+    model = ReluMLP(16, 32, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built on the plain model, as a Trainer does
+    x, y = _data()
+    qat = prepare_qat(model, (x,), copy=False)
+    assert qat.model is model
+    weight = model.fc1.weight.detach().clone()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(qat(x), y).backward()
+    optimizer.step()
+    assert not torch.equal(model.fc1.weight, weight)
+    assert set(model.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight", "head.bias"}
+
+
+def test_batch_norm_running_statistics_are_the_models_and_eval_uses_them():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x = torch.rand(16, 1, 8, 8) * 3 + 1
+    qat = prepare_qat(model, (x,), copy=False)
+    qat.train()
+    qat(x)
+    assert not torch.allclose(model[1].running_mean, torch.zeros(4))  # the training graph updated the model's stats
+    qat.eval()
+    with torch.no_grad():
+        mean = model[1].running_mean.clone()
+        qat(x * 5)
+    assert torch.equal(model[1].running_mean, mean)  # evaluation form: running statistics, no update
+    with torch.no_grad():
+        _agree(qat.convert().model(x), qat(x), qat(x))
+
+
+def test_evaluation_does_not_move_the_observed_ranges():
+    model = ReluMLP(16, 8, 4)
+    x, y = _data()
+    qat = prepare_qat(model, (x,))
+    qat.train()
+    qat(x)
+    observed = qat.fake_quant_state()
+    qat.eval()
+    with torch.no_grad():
+        qat(x * 100)
+    assert all(torch.equal(observed[k], v) for k, v in qat.fake_quant_state().items())
+    qat.train()
+    qat(x * 100)
+    assert any(not torch.equal(observed[k], v) for k, v in qat.fake_quant_state().items())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_sparsity_holds_a_pruned_models_zeros_exactly(keep):
+    model = ReluMLP(16, 32, 4)
+    prune.l1_unstructured(model.fc2, "weight", amount=0.75)
+    make_permanent_(model)
+    zeros = model.fc2.weight == 0
+    x, y = _data()
+    qat = prepare_qat(model, (x,), QATConfig(keep_sparsity=keep))
+    assert qat.held_sparse == (("fc2.weight",) if keep else ())
+    _fit(qat, x, y)
+    result = qat.convert()
+    trained = qat.model.fc2.weight
+    if keep:
+        assert torch.equal(trained == 0, zeros)  # exactly the pruned entries, none grown back, none added
+        assert result.held_sparse == ("fc2.weight",)
+        int8_weights = [t for n, t in result.model.program.named_buffers() if t.dtype == torch.int8]
+        assert any(float((t == 0).float().mean()) >= 0.75 for t in int8_weights)
+    else:
+        assert float((trained == 0).float().mean()) < 0.5  # training grew most back (dead units' inputs stay 0)
+
+
+def test_fake_quant_state_round_trip_reproduces_the_trained_model():
+    model = ReluMLP(16, 16, 4)
+    x, y = _data()
+    trained = prepare_qat(model, (x,))
+    _fit(trained, x, y, steps=5)
+    fresh = prepare_qat(trained.model, (x,))  # same weights, observers fresh
+    fresh.load_fake_quant_state(trained.fake_quant_state())
+    trained.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))
+    other = prepare_qat(ReluMLP(16, 24, 4), (x,))
+    with pytest.raises(ValueError, match="not this graph's"):
+        other.load_fake_quant_state({"nope": torch.zeros(1)})
+
+
+def test_saved_int8_model_loads_back_and_takes_other_batch_sizes(tmp_path):
+    model = ReluMLP(16, 16, 4)
+    x, y = _data()
+    qat = prepare_qat(model, (x[:4],))
+    _fit(qat, x, y, steps=5)
+    result = qat.convert()
+    size = result.save(tmp_path / "model.pt2")
+    assert size == (tmp_path / "model.pt2").stat().st_size > 0
+    loaded, recipe = load_quantized(tmp_path / "model.pt2")
+    assert recipe == result.recipe and recipe.backend == "pt2e" and recipe.approach == "static"
+    with torch.no_grad():
+        for rows in (1, 7, 64):
+            assert torch.equal(loaded(x[:rows]), result.model(x[:rows]))
+
+
+def test_fp32_layers_stay_unquantized():
+    model = ReluMLP(16, 16, 4)
+    x, _ = _data()
+    converted = prepare_qat(model, (x,), QATConfig(fp32_layers=("head",))).convert().model.program
+    int8_weights = [n for n, t in converted.named_buffers() if t.dtype == torch.int8]
+    assert len(int8_weights) == 2  # fc1 and fc2, not head
+    assert any(t.shape == model.head.weight.shape and t.dtype == torch.float32
+               for t in list(converted.parameters()) + list(converted.buffers()))
+
+
+def test_refusals_are_clear_and_early():
+    model = ReluMLP(16, 16, 4)
+    x, _ = _data()
+    pruned = copy.deepcopy(model)
+    prune.l1_unstructured(pruned.fc1, "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"\['fc1'\] compute their weights from pruning masks.*make_permanent_"):
+        prepare_qat(pruned, (x,))
+    with pytest.raises(ValueError, match=r"\['nope'\] name no layer of ReluMLP"):
+        prepare_qat(model, (x,), QATConfig(fp32_layers=("nope",)))
+    with pytest.raises(TypeError, match="sequence of qualified layer names"):
+        QATConfig(fp32_layers="head")
+    with pytest.raises(TypeError, match="reduce_range"):
+        QATConfig(reduce_range=1)
+    with pytest.raises(TypeError, match="expected a QATConfig"):
+        prepare_qat(model, (x,), {"keep_sparsity": True})
+    with pytest.raises(TypeError, match="tuple of tensors"):
+        prepare_qat(model, ([1.0, 2.0],))
+
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    with pytest.raises(ExportError, match="torch.export failed on DataDependent"):
+        prepare_qat(DataDependent(), (x,))
+
+
+def test_a_single_example_row_still_leaves_the_batch_free():
+    model = ReluMLP(16, 8, 4)
+    x, _ = _data()
+    qat = prepare_qat(model, (x[:1],))
+    assert isinstance(qat, QATModel)
+    with torch.no_grad():
+        assert qat.eval()(x).shape == (64, 4)
