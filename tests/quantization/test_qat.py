@@ -141,6 +141,8 @@ def test_fake_quant_state_round_trip_reproduces_the_trained_model():
     _fit(trained, x, y, steps=5)
     fresh = prepare_qat(trained.model, (x,))  # same weights, observers fresh
     fresh.load_fake_quant_state(trained.fake_quant_state())
+    for key, value in trained.fake_quant_state().items():  # the observers' eps too (not reset to float32's)
+        assert torch.equal(fresh.fake_quant_state()[key], value), key
     trained.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), trained(x))

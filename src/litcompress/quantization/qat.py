@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy as copy_module
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -162,7 +163,10 @@ class QATModel(nn.Module):
             missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
             raise ValueError(f"QATModel.load_fake_quant_state: the state is not this graph's (missing {missing}, "
                              f"unexpected {unexpected}): it was saved for another model or QATConfig.")
-        self.graph.load_state_dict(state, strict=False)
+        # with the modules' versions: an observer reads an unversioned state as an old one and resets its eps
+        versioned = OrderedDict(state)
+        versioned._metadata = getattr(self.graph.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+        self.graph.load_state_dict(versioned, strict=False)
 
     def convert(self) -> "QATResult":
         """The int8 model: a copy of the graph in evaluation form, the held zeros reset, converted (the QAT model

@@ -1,0 +1,207 @@
+"""`QuantizationAwareTraining`: fine-tune a LightningModule through int8 rounding, and get the int8 model at fit end.
+
+Lightning 1.x had a callback of this name (eager ``torch.ao.quantization``, removed in Lightning 2.0); this one is a
+thin adapter over :mod:`litcompress.quantization.qat` (torchao's PT2E QAT, the flow torch maintains).
+
+How it plugs in: from epoch ``start_epoch`` on, the model's ``forward`` (the LightningModule's, or `submodule`'s) runs
+its fake-quantized graph, traced on the first inputs the training step gives it. The graph trains the model's own
+parameters, so the optimizer the Trainer built goes on updating them, and the module's ``state_dict`` keeps its
+architecture's keys: every checkpoint loads into the plain model. The graph's own state (the observers' ranges) is
+the callback's, in the checkpoint's callback state, so ``trainer.fit(ckpt_path=...)`` resumes QAT where it stopped.
+At fit end the original ``forward`` is back (the weights are the QAT-trained ones) and ``result`` holds the int8
+model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+
+from litcompress.quantization.qat import QATConfig, QATModel, QATResult, _pruning_reparametrized, prepare_qat
+
+log = logging.getLogger(__name__)
+
+_OWNER = "QuantizationAwareTraining"
+
+
+class _QATForward:
+    """The instance ``forward`` of the quantized module while QAT runs: prepares the graph on its first call (on the
+    inputs the step gives it), then runs it in the module's train/eval mode."""
+
+    def __init__(self, callback: "QuantizationAwareTraining", module: nn.Module) -> None:
+        self.callback, self.module = callback, module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            raise TypeError(f"{_OWNER}: the model was called with keyword arguments {sorted(kwargs)}; the QAT graph "
+                            "is traced on positional tensors: call it with them (self.net(x), not self.net(x=x)).")
+        qat = self.callback._prepared(self.module, args)
+        qat.train(self.module.training)
+        return qat(*args)
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware training from epoch `start_epoch` to the end of the fit, then conversion to int8.
+
+    Args:
+        submodule: the attribute of the LightningModule that is quantized (``"net"``); None: the LightningModule's
+            own ``forward`` (its steps must call ``self(...)``).
+        start_epoch: the first epoch trained through int8 rounding (0: all of them). QAT is a fine-tuning stage: a
+            few epochs from a trained model are the usual recipe.
+        config: :class:`~litcompress.quantization.qat.QATConfig` (layers kept fp32, ``reduce_range``,
+            ``keep_sparsity``).
+        metric: a metric the validation step logs (``"val_acc"``): the int8 model is evaluated on the validation data
+            at fit end and the value kept in ``metric_value`` (and logged).
+        save_path: where to write the int8 model (a ``.pt2`` program, :func:`litcompress.load_quantized` reads it).
+
+    After ``trainer.fit``: ``result`` (a :class:`~litcompress.quantization.qat.QATResult`: ``result.model`` is the
+    int8 model, ``result.save(path)`` writes it). A model pruned in the same fit is refused (its masks are computed in
+    forward): prune in one fit (``make_pruning_permanent=True``), then run QAT in a second; ``keep_sparsity`` keeps
+    the zeros.
+    """
+
+    def __init__(self, submodule: str | None = None, *, start_epoch: int = 0, config: QATConfig | None = None,
+                 metric: str | None = None, save_path: str | os.PathLike | None = None) -> None:
+        if submodule is not None and (not isinstance(submodule, str) or not submodule):
+            raise TypeError(f"{_OWNER}(submodule={submodule!r}): give the attribute name of the module to quantize "
+                            "(e.g. 'net'), or None for the LightningModule's own forward.")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"{_OWNER}(start_epoch={start_epoch!r}): give the first QAT epoch, an int >= 0.")
+        config = QATConfig() if config is None else config
+        if not isinstance(config, QATConfig):
+            raise TypeError(f"{_OWNER}(config={config!r}): expected a litcompress.quantization.qat.QATConfig.")
+        if metric is not None and (not isinstance(metric, str) or not metric):
+            raise ValueError(f"{_OWNER}(metric={metric!r}): name a metric the validation step logs, e.g. 'val_acc'.")
+        self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
+        self.metric, self.save_path = metric, save_path
+        self.qat: QATModel | None = None
+        self.result: QATResult | None = None
+        self.metric_value: float | None = None
+        self._module: nn.Module | None = None
+        self._pending_state: dict[str, torch.Tensor] | None = None  # from a checkpoint, loaded once prepared
+
+    # ---- set-up: what would fail later fails here -------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise RuntimeError(f"{_OWNER} runs in one process (world size {trainer.world_size} here): each process's "
+                               "observers would see only its own batches and settle on other int8 ranges. Fine-tune "
+                               "with QAT on one device (it is a short stage), or quantize after training with "
+                               "QuantizeOnFitEnd.")
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
+            raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
+                             f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
+        pruning = [type(cb).__name__ for cb in trainer.callbacks if _prunes_in_fit(cb)]
+        if pruning:
+            raise ValueError(f"{_OWNER}: {pruning} prune(s) in the same fit, with masks computed in forward that the "
+                             "int8 conversion cannot fold. Prune in one fit (ModelPruning(make_pruning_permanent="
+                             "True)), then fine-tune with QAT in a second: QATConfig(keep_sparsity=True) keeps the "
+                             "zeros.")
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # here, not in setup: a module that builds its layers in configure_model has them only now
+        self._module = self._quantized_module(pl_module)
+
+    def _quantized_module(self, pl_module: LightningModule) -> nn.Module:
+        if self.submodule is None:
+            return pl_module
+        try:
+            module = pl_module.get_submodule(self.submodule)
+        except AttributeError:
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(f"{_OWNER}(submodule={self.submodule!r}): {type(pl_module).__name__} has no such module; "
+                             f"its modules are {children}.") from None
+        return module
+
+    # ---- the fit ---------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if trainer.current_epoch >= self.start_epoch and not self._installed():
+            module = self._module or self._quantized_module(pl_module)
+            masked = _pruning_reparametrized(module)
+            if masked:
+                raise ValueError(f"{_OWNER}: {masked[:5]} compute their weights from pruning masks in forward, which "
+                                 "the int8 conversion cannot fold; make the pruning permanent first "
+                                 "(litcompress.make_permanent_(model)).")
+            self._module = module
+            module.forward = _QATForward(self, module)  # an instance attribute: shadows the class's forward
+
+    def _installed(self) -> bool:
+        return self._module is not None and isinstance(self._module.__dict__.get("forward"), _QATForward)
+
+    def _prepared(self, module: nn.Module, args: tuple) -> QATModel:
+        if self.qat is None:
+            del module.forward  # trace the module's own forward
+            try:
+                self.qat = prepare_qat(module, args, self.config, copy=False)
+            finally:
+                module.forward = _QATForward(self, module)
+            if self._pending_state is not None:
+                self.qat.load_fake_quant_state(self._pending_state)
+                self._pending_state = None
+            held = f"; zeros of {len(self.qat.held_sparse)} weight(s) held" if self.qat.held_sparse else ""
+            log.info(f"{_OWNER}: {type(module).__name__} trains through int8 rounding from here "
+                     f"({self.config.recipe().describe()}{held}).")
+        return self.qat
+
+    def _restore_forward(self) -> None:
+        if self._installed():
+            del self._module.forward
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._restore_forward()
+        if self.qat is None:
+            rank_zero_warn(f"{_OWNER}: the fit ended before QAT started (start_epoch={self.start_epoch}, "
+                           f"{trainer.current_epoch} epoch(s) run): no int8 model was built.")
+            return
+        if trainer.fast_dev_run:
+            log.info(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.")
+            return
+        self.result = self.qat.convert()  # resets the held zeros in the module's weights too
+        if self.metric is not None:
+            self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
+            log.info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")
+        if self.save_path is not None:
+            size = self.result.save(self.save_path)
+            log.info(f"{_OWNER}: int8 model written to {os.fspath(self.save_path)} ({size / 1024:.1f} KiB).")
+
+    def _evaluate(self, trainer: "pl.Trainer", pl_module: LightningModule, model: nn.Module) -> float:
+        from litcompress.quantization.lightning import lightning_eval_fn
+
+        datamodule = trainer.datamodule
+        loaders = None if datamodule is not None else trainer.val_dataloaders
+        return lightning_eval_fn(pl_module, datamodule, self.metric, dataloaders=loaders,
+                                 submodule=self.submodule)(model)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_forward()  # the user's module is left as it was built
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        self._restore_forward()
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        fake_quant = self.qat.fake_quant_state() if self.qat is not None else self._pending_state
+        return {"start_epoch": self.start_epoch, "fake_quant": fake_quant}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = state_dict.get("fake_quant")
+        self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
+
+
+def _prunes_in_fit(callback: Callback) -> bool:
+    """A pruning callback that keeps masks in forward while the fit runs (Lightning's or litcompress's)."""
+    from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
+
+    from litcompress.callbacks.pruning import ModelPruning
+    from litcompress.callbacks.structures import StructurePruning
+
+    return isinstance(callback, (LightningModelPruning, ModelPruning, StructurePruning))

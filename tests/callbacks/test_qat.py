@@ -1,0 +1,150 @@
+"""`QuantizationAwareTraining` under a real Lightning Trainer: digits, real checkpoints and files."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from litcompress import ModelPruning, load_quantized
+from litcompress.callbacks import QuantizationAwareTraining
+from litcompress.data import DigitsDataModule
+from litcompress.models import MLPClassifier
+from litcompress.quantization.qat import QATConfig
+from tests.conftest import ConfiguredDigitsClassifier, CrashAtStep, SimulatedCrash, fit_killed_and_resumed, make_trainer
+
+
+def _accuracy(model: nn.Module, data: DigitsDataModule) -> float:
+    x, y = data.splits.val.tensors
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_fit_ends_with_an_int8_model_as_accurate_plain_checkpoints_and_the_models_forward(tmp_path, caplog):
+    seed_everything(0)
+    model, data = MLPClassifier(hidden=(32,), lr=1e-2), DigitsDataModule()
+    callback = QuantizationAwareTraining("net", start_epoch=2, metric="val_acc", save_path=tmp_path / "int8.pt2")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        make_trainer(tmp_path, max_epochs=4, limit_train_batches=None, limit_val_batches=None,
+                     enable_checkpointing=True, callbacks=[callback, checkpoints]).fit(model, datamodule=data)
+    assert "Sequential trains through int8 rounding from here (pt2e static per-channel" in caplog.text
+    assert "forward" not in model.net.__dict__  # the model's own forward is back
+    model.eval()
+    fp32, int8 = _accuracy(model, data), _accuracy(callback.result.model, data)
+    assert fp32 > 0.85 and abs(int8 - fp32) <= 0.02  # trained through the rounding: int8 loses (almost) nothing
+    assert callback.metric_value == pytest.approx(int8, abs=1e-6)  # evaluated by the module's own validation_step
+    loaded, recipe = load_quantized(tmp_path / "int8.pt2")
+    assert recipe == callback.result.recipe
+    x = data.splits.val.tensors[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), callback.result.model(x))
+    # a checkpoint written mid-QAT holds the plain architecture's keys, and the observers in the callback's state
+    saved = torch.load(checkpoints.last_model_path, weights_only=False)
+    fresh = MLPClassifier(hidden=(32,))
+    fresh.load_state_dict(saved["state_dict"])  # strict
+    assert any(k.endswith(".scale") for k in saved["callbacks"]["QuantizationAwareTraining"]["fake_quant"])
+
+
+def test_killed_mid_qat_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
+    callbacks = []
+
+    def make_callback():
+        callbacks.append(QuantizationAwareTraining("net", start_epoch=0))
+        return callbacks[-1]
+
+    reference, state, resumed = fit_killed_and_resumed(  # 17 steps an epoch: killed in epoch 1, resumed from epoch 0
+        tmp_path, lambda: MLPClassifier(hidden=(24,), lr=1e-2), make_callback, DigitsDataModule, crash_step=25)
+    MLPClassifier(hidden=(24,)).load_state_dict(state)  # the crash left a loadable plain checkpoint
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    uninterrupted, resumed_callback = callbacks[0], callbacks[2]
+    for key, value in uninterrupted.qat.fake_quant_state().items():
+        assert torch.equal(resumed_callback.qat.fake_quant_state()[key], value), key
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        assert torch.equal(resumed_callback.result.model(x), uninterrupted.result.model(x))
+    assert "forward" not in callbacks[1]._module.__dict__  # the crash restored the model's forward
+
+
+def test_the_lightning_modules_own_forward_and_layers_built_in_configure_model(tmp_path):
+    seed_everything(0)
+    model, callback = ConfiguredDigitsClassifier(hidden=16), QuantizationAwareTraining(start_epoch=1)
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=DigitsDataModule())
+    assert "forward" not in model.__dict__ and callback.result is not None
+    assert set(model.state_dict()) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
+    x = torch.rand(5, 64)
+    with torch.no_grad():
+        assert callback.result.model(x).shape == (5, 10)
+
+
+def test_a_model_pruned_in_a_first_fit_keeps_its_zeros_through_qat(tmp_path):
+    seed_everything(0)
+    model, data = MLPClassifier(hidden=(32,), lr=1e-2), DigitsDataModule()
+    pruning = ModelPruning("l1_unstructured", amount=0.6, make_pruning_permanent=True, verbose=0,
+                           apply_pruning=lambda epoch: epoch == 0)
+    make_trainer(tmp_path, max_epochs=1, callbacks=[pruning]).fit(model, datamodule=data)
+    zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2}
+    assert sum(int(z.sum()) for z in zeros.values()) == round(0.6 * sum(z.numel() for z in zeros.values()))
+    callback = QuantizationAwareTraining("net")
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=data)
+    assert callback.result.held_sparse == ("0.weight", "2.weight")
+    for name, parameter in model.named_parameters():
+        if name in zeros:
+            assert torch.equal(parameter == 0, zeros[name]), name
+
+
+@pytest.mark.parametrize("make_callbacks, error, message", [
+    (lambda: [QuantizationAwareTraining("body")], ValueError,
+     r"submodule='body'\): MLPClassifier has no such module; its modules are \['net'\]"),
+    (lambda: [QuantizationAwareTraining("net", start_epoch=2)], ValueError,
+     r"the fit ends after 2 epoch\(s\), so QAT would never start"),
+    (lambda: [QuantizationAwareTraining("net"), ModelPruning("l1_unstructured", amount=0.5)], ValueError,
+     r"\['ModelPruning'\] prune\(s\) in the same fit.*make_pruning_permanent=True"),
+])
+def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, error, message):
+    model = MLPClassifier(hidden=(16,))
+    weights = model.net[0].weight.detach().clone()
+    with pytest.raises(error, match=message):
+        make_trainer(tmp_path, max_epochs=2, callbacks=make_callbacks()).fit(model, datamodule=DigitsDataModule())
+    assert torch.equal(model.net[0].weight, weights) and "forward" not in model.net.__dict__
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(submodule=""), "give the attribute name"),
+    (dict(start_epoch=-1), "an int >= 0"),
+    (dict(start_epoch=True), "an int >= 0"),
+    (dict(config={"reduce_range": True}), "expected a litcompress.quantization.qat.QATConfig"),
+    (dict(metric=""), "name a metric the validation step logs"),
+])
+def test_constructor_refuses_bad_arguments(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_a_crash_mid_qat_leaves_the_model_and_its_checkpoint_usable(tmp_path):
+    seed_everything(0)
+    model = MLPClassifier(hidden=(16,))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, max_epochs=3, enable_checkpointing=True,
+                           callbacks=[QuantizationAwareTraining("net", config=QATConfig(reduce_range=True)),
+                                      checkpoints, CrashAtStep(6)])
+    with pytest.raises(SimulatedCrash):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert "forward" not in model.net.__dict__
+    MLPClassifier(hidden=(16,)).load_state_dict(torch.load(checkpoints.last_model_path, weights_only=False)[
+        "state_dict"])
+
+
+def test_fast_dev_run_trains_through_the_rounding_but_converts_nothing(tmp_path, caplog):
+    callback = QuantizationAwareTraining("net")
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        Trainer(fast_dev_run=True, callbacks=[callback], logger=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path).fit(MLPClassifier(hidden=(8,)),
+                                                                           datamodule=DigitsDataModule())
+    assert callback.qat is not None and callback.result is None
+    assert "conversion skipped under fast_dev_run" in caplog.text
