@@ -120,6 +120,7 @@ def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, 
     (dict(start_epoch=True), "an int >= 0"),
     (dict(config={"reduce_range": True}), "expected a litcompress.quantization.qat.QATConfig"),
     (dict(metric=""), "name a metric the validation step logs"),
+    (dict(compile="yes"), "use True or False"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):

@@ -61,6 +61,8 @@ class QuantizationAwareTraining(Callback):
         metric: a metric the validation step logs (``"val_acc"``): the int8 model is evaluated on the validation data
             at fit end and the value kept in ``metric_value`` (and logged).
         save_path: where to write the int8 model (a ``.pt2`` program, :func:`litcompress.load_quantized` reads it).
+        compile: convert with ``torch.compile`` (see :meth:`~litcompress.quantization.qat.QATModel.convert`): the
+            int8 model in ``result`` then runs on fused int8 kernels instead of torch's slower reference ops.
 
     After ``trainer.fit``: ``result`` (a :class:`~litcompress.quantization.qat.QATResult`: ``result.model`` is the
     int8 model, ``result.save(path)`` writes it). A model pruned in the same fit is refused (its masks are computed in
@@ -69,7 +71,7 @@ class QuantizationAwareTraining(Callback):
     """
 
     def __init__(self, submodule: str | None = None, *, start_epoch: int = 0, config: QATConfig | None = None,
-                 metric: str | None = None, save_path: str | os.PathLike | None = None) -> None:
+                 metric: str | None = None, save_path: str | os.PathLike | None = None, compile: bool = False) -> None:
         if submodule is not None and (not isinstance(submodule, str) or not submodule):
             raise TypeError(f"{_OWNER}(submodule={submodule!r}): give the attribute name of the module to quantize "
                             "(e.g. 'net'), or None for the LightningModule's own forward.")
@@ -81,7 +83,9 @@ class QuantizationAwareTraining(Callback):
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ValueError(f"{_OWNER}(metric={metric!r}): name a metric the validation step logs, e.g. 'val_acc'.")
         self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
-        self.metric, self.save_path = metric, save_path
+        if not isinstance(compile, bool):
+            raise TypeError(f"{_OWNER}(compile={compile!r}): use True or False.")
+        self.metric, self.save_path, self.compile = metric, save_path, compile
         self.qat: QATModel | None = None
         self.result: QATResult | None = None
         self.metric_value: float | None = None
@@ -165,7 +169,7 @@ class QuantizationAwareTraining(Callback):
         if trainer.fast_dev_run:
             log.info(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.")
             return
-        self.result = self.qat.convert()  # resets the held zeros in the module's weights too
+        self.result = self.qat.convert(compile=self.compile)  # resets the held zeros in the module's weights too
         if self.metric is not None:
             self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
             log.info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")

@@ -168,9 +168,15 @@ class QATModel(nn.Module):
         versioned._metadata = getattr(self.graph.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
         self.graph.load_state_dict(versioned, strict=False)
 
-    def convert(self) -> "QATResult":
+    def convert(self, *, compile: bool = False) -> "QATResult":
         """The int8 model: a copy of the graph in evaluation form, the held zeros reset, converted (the QAT model
-        stays trainable). Before any training step the ranges are those of the example inputs."""
+        stays trainable). Before any training step the ranges are those of the example inputs.
+
+        The converted program runs torch's reference int8 ops (quantize, dequantize, fp32 kernels): correct, slower
+        than fp32. ``compile=True`` runs it through ``torch.compile`` (inductor, freezing), which fuses them into
+        int8 x86 kernels, as the PT2E backend's ``PTQConfig(compile=True)`` does: as fast as torch.ao's int8 here
+        (``benchmarks/qat.py``); it needs a C++ compiler and compiles on this call. Saved files are the same either
+        way."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
         from torchao.quantization.pt2e import move_exported_model_to_eval
 
@@ -184,8 +190,14 @@ class QATModel(nn.Module):
             warnings.simplefilter("ignore", DeprecationWarning)
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
-        return QATResult(ExportedInference(converted), self.config.recipe(), self.example_inputs,
-                         held_sparse=self.held_sparse)
+        if compile:
+            from .backends.pt2e import CompiledInference
+
+            model: nn.Module = CompiledInference(converted)
+            model(*self.example_inputs)  # pay the compile cost here, not in the first call
+        else:
+            model = ExportedInference(converted)
+        return QATResult(model, self.config.recipe(), self.example_inputs, held_sparse=self.held_sparse)
 
 
 @dataclass
