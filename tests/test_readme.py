@@ -102,6 +102,11 @@ CHECKS = {
     "result = sparsify(model, x[:64])": lambda ns: (  # the masked model's outputs; the file written
         len(ns["result"].report.layers) == 3 and Path("model_sparse.pt").exists()
         and torch.allclose(ns["result"].model(ns["x"][:5]), ns["model"](ns["x"][:5]), atol=1e-5)),
+    "qat = QuantizationAwareTraining(": lambda ns: (  # an int8 model, measured and written at fit end
+        ns["qat"].metric_value > 0.5 and Path("model_qat.pt2").exists() and "forward" not in ns["module"].net.__dict__),
+    "qat_model = prepare_qat(model": lambda ns: (  # the untouched model; the int8 one takes any batch size
+        Path("model_qat.pt2").exists() and ns["int8"].model(ns["x"][:5]).shape == (5, 10)
+        and not torch.equal(ns["qat_model"].model[0].weight, ns["model"][0].weight)),
     "rewind_(targets, ticket)": lambda ns: abs(  # three global rounds of 50%, biases untouched
         ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3,
 }
