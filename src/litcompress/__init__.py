@@ -24,6 +24,7 @@ from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
     from litcompress.callbacks.pruning import ModelPruning, load_module_from_checkpoint, load_pruned_checkpoint
+    from litcompress.callbacks.qat import QuantizationAwareTraining
     from litcompress.pipeline import CompressionConfig, CompressionReport, CompressionResult, PruneConfig, compress
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization import (
@@ -48,6 +49,7 @@ if not _logging.getLogger().hasHandlers():
 
 _LAZY = {
     "ModelPruning": "litcompress.callbacks.pruning",
+    "QuantizationAwareTraining": "litcompress.callbacks.qat",
     "load_pruned_checkpoint": "litcompress.callbacks.pruning",
     "load_module_from_checkpoint": "litcompress.callbacks.pruning",
     "compress_lightning": "litcompress.pipeline.lightning",
@@ -80,6 +82,7 @@ __all__ = [
     "PTQConfig",
     "PruneConfig",
     "QuantizationGoalWarning",
+    "QuantizationAwareTraining",
     "QuantizationResult",
     "ShrinkReport",
     "ShrinkResult",
