@@ -149,3 +149,15 @@ def test_fast_dev_run_trains_through_the_rounding_but_converts_nothing(tmp_path,
                                                                            datamodule=DigitsDataModule())
     assert callback.qat is not None and callback.result is None
     assert "conversion skipped under fast_dev_run" in caplog.text
+
+
+def test_a_model_still_pruned_with_masks_is_refused_before_its_first_qat_step(tmp_path):
+    from torch.nn.utils import prune
+
+    model = MLPClassifier(hidden=(16,))
+    prune.l1_unstructured(model.net[0], "weight", amount=0.5)  # masks loaded or applied before this fit
+    with pytest.raises(ValueError, match=r"QuantizationAwareTraining: \['0'\] compute their weights from pruning "
+                                         r"masks.*make_permanent_"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining("net")]).fit(
+            model, datamodule=DigitsDataModule())
+    assert "forward" not in model.net.__dict__

@@ -25,7 +25,14 @@ from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from litcompress.quantization.qat import QATConfig, QATModel, QATResult, _pruning_reparametrized, prepare_qat
+from litcompress.quantization.qat import (
+    QATConfig,
+    QATModel,
+    QATResult,
+    masks_refused_message,
+    modules_pruned_with_masks,
+    prepare_qat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +89,9 @@ class QuantizationAwareTraining(Callback):
             raise TypeError(f"{_OWNER}(config={config!r}): expected a litcompress.quantization.qat.QATConfig.")
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ValueError(f"{_OWNER}(metric={metric!r}): name a metric the validation step logs, e.g. 'val_acc'.")
-        self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
         if not isinstance(compile, bool):
             raise TypeError(f"{_OWNER}(compile={compile!r}): use True or False.")
+        self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
         self.metric, self.save_path, self.compile = metric, save_path, compile
         self.qat: QATModel | None = None
         self.result: QATResult | None = None
@@ -130,11 +137,9 @@ class QuantizationAwareTraining(Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if trainer.current_epoch >= self.start_epoch and not self._installed():
             module = self._module or self._quantized_module(pl_module)
-            masked = _pruning_reparametrized(module)
-            if masked:
-                raise ValueError(f"{_OWNER}: {masked[:5]} compute their weights from pruning masks in forward, which "
-                                 "the int8 conversion cannot fold; make the pruning permanent first "
-                                 "(litcompress.make_permanent_(model)).")
+            masked = modules_pruned_with_masks(module)
+            if masked:  # said before the first QAT step, not by its trace
+                raise ValueError(masks_refused_message(_OWNER, masked))
             self._module = module
             module.forward = _QATForward(self, module)  # an instance attribute: shadows the class's forward
 

@@ -67,7 +67,7 @@ class QATConfig:
                       reduce_range=reduce_range)
 
 
-def _pruning_reparametrized(model: nn.Module) -> list[str]:
+def modules_pruned_with_masks(model: nn.Module) -> list[str]:
     """Modules of `model` whose weights are computed from a mask in forward (torch.nn.utils.prune, parametrize)."""
     from torch.nn.utils import parametrize, prune
 
@@ -77,6 +77,13 @@ def _pruning_reparametrized(model: nn.Module) -> list[str]:
                 isinstance(hook, prune.BasePruningMethod) for hook in module._forward_pre_hooks.values()):
             names.append(name or type(model).__name__)
     return names
+
+
+def masks_refused_message(owner: str, names: Sequence[str]) -> str:
+    return (f"{owner}: {list(names)[:5]} compute their weights from pruning masks in forward, which the int8 "
+            "conversion cannot fold; make the pruning permanent first (litcompress.make_permanent_(model), or "
+            "ModelPruning(make_pruning_permanent=True) at the end of its fit): QATConfig(keep_sparsity=True) keeps "
+            "the zeros.")
 
 
 def _check_layer_names(model: nn.Module, names: Sequence[str]) -> None:
@@ -237,12 +244,9 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise TypeError("prepare_qat(example_inputs=...): give the model's positional inputs as a tuple of tensors.")
-    masked = _pruning_reparametrized(model)
+    masked = modules_pruned_with_masks(model)
     if masked:
-        raise ValueError(f"prepare_qat: {masked[:5]} compute their weights from pruning masks in forward, which the "
-                         "int8 conversion cannot fold; make the pruning permanent first (litcompress.make_permanent_"
-                         "(model), or ModelPruning(make_pruning_permanent=True) at the end of its fit): "
-                         "QATConfig(keep_sparsity=True) keeps the zeros.")
+        raise ValueError(masks_refused_message("prepare_qat", masked))
     _check_layer_names(model, config.fp32_layers)
     if copy:
         model = copy_module.deepcopy(model)
