@@ -109,6 +109,9 @@ def test_an_fp32_model_reloads_in_a_fresh_process_at_any_batch_size(fp32_format,
         loaded, _ = load_quantized(path)
         assert loaded.train() is loaded and loaded.eval() is loaded  # callers (and Lightning) switch modes freely
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+    if fp32_format != "export":  # compile is for torch.export programs; refused before any compiling
+        with pytest.raises(ValueError, match=r"compile applies to torch.export programs \(.pt2\); this file runs "):
+            load_quantized(path, compile=True)
 
 
 @pytest.mark.parametrize("fp32_format", ["export", "onnx"])

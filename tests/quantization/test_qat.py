@@ -216,13 +216,18 @@ def test_a_single_example_row_still_leaves_the_batch_free():
 
 
 @pytest.mark.slow
-def test_compiled_conversion_computes_what_the_reference_program_does():
-    """torch.compile (inductor, a C++ compiler): the fused int8 kernels give the reference ops' outputs."""
+def test_compiled_conversion_computes_what_the_reference_program_does(tmp_path):
+    """torch.compile (inductor, a C++ compiler): the fused int8 kernels give the reference ops' outputs, converted
+    or loaded from the file."""
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
     x = torch.rand(16, 1, 8, 8)
     qat = prepare_qat(model, (x,))
     _fit(qat, x, (x.mean((1, 2, 3)) * 8).long().clamp(max=3), steps=5)
-    reference, compiled = qat.convert().model, qat.convert(compile=True).model
+    result = qat.convert()
+    reference, compiled = result.model, qat.convert(compile=True).model
+    result.save(tmp_path / "model.pt2")
+    loaded, _ = load_quantized(tmp_path / "model.pt2", compile=True)
     with torch.no_grad():
         for rows in (16, 3):
             _agree(compiled(x[:rows]), reference(x[:rows]), reference(x[:rows]))
+            _agree(loaded(x[:rows]), reference(x[:rows]), reference(x[:rows]))

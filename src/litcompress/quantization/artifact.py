@@ -18,6 +18,7 @@ from torch import nn
 
 from .backends import FixedDimError, get_backend
 from .config import Recipe
+from .outputs import RebuiltOutputs
 from .shapes import DynamicDims, normalize_dynamic_dims
 
 FORMAT_VERSION = 1
@@ -93,11 +94,34 @@ def taking_inputs_like(loaded: nn.Module, saved: nn.Module, example_inputs: Sequ
     return loaded if structure is None else NestedInputs(loaded, structure)
 
 
-def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
-    """Load an artefact written by :func:`save_quantized` (or ``QuantizationResult.save``).
+def load_quantized(path: str | os.PathLike, *, compile: bool = False) -> tuple[nn.Module, Recipe | None]:
+    """Load an artefact written by :func:`save_quantized` (or ``QuantizationResult.save``, ``QATResult.save``).
 
     Returns the runnable model and the recipe it was built from (None for an fp32 fallback).
+
+    A ``torch.export`` program (``.pt2``: the pt2e and torchao backends', quantization-aware training's) runs torch's
+    reference int8 ops as loaded, slower than fp32; ``compile=True`` runs it through ``torch.compile`` (inductor,
+    freezing: fused int8 x86 kernels; a C++ compiler, compiled on the first call of each input shape). ONNX and
+    TorchScript files run their runtimes' own kernels and are refused with it.
     """
+    if not isinstance(compile, bool):
+        raise TypeError(f"load_quantized(compile={compile!r}): use True or False.")
+    model, recipe = _load(path)
+    if compile:
+        from .backends.exported import ExportedInference
+        from .backends.pt2e import CompiledInference
+
+        inner = model.model if isinstance(model, RebuiltOutputs) else model
+        if not isinstance(inner, ExportedInference):
+            raise ValueError(f"load_quantized({os.fspath(path)!r}, compile=True): compile applies to torch.export "
+                             f"programs (.pt2); this file runs in {type(inner).__name__}, with its runtime's own "
+                             "kernels: load it without compile.")
+        compiled = CompiledInference(inner.program)
+        model = RebuiltOutputs(compiled, model.structure) if isinstance(model, RebuiltOutputs) else compiled
+    return model, recipe
+
+
+def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_quantized: no file at {path!r}.")
