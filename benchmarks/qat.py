@@ -90,6 +90,7 @@ def _fine_tuned(module: CosineResNet, data: MNISTDataModule, epochs: int, seed: 
                 callbacks: list | None = None) -> CosineResNet:
     seed_everything(seed + 1000)  # the same data order and dropout draws for every arm
     module.lr = 1e-4
+    module.train()  # Lightning keeps a submodule's mode: a copy of an evaluated model would train in eval mode
     _trainer(epochs, callbacks).fit(module, datamodule=data)
     return module.eval()
 
@@ -137,6 +138,24 @@ def latencies(models: dict[str, nn.Module], threads: int, repeats: int) -> dict[
     return {name: s["median"] * 1e3 for name, s in zip(names, stats)}
 
 
+def untrained_int8_models(width: int, calibration: list[tuple]) -> dict[str, nn.Module]:
+    """The latency rows' models with initial weights (speed does not depend on what was learnt), one training step of
+    each QAT so that its ranges are set, for ``--latency-only``."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    from litcompress.quantization.qat import prepare_qat
+
+    torch.manual_seed(0)
+    net = CosineResNet(image_size=28, width=width).net
+    qat = prepare_qat(net, calibration[0])
+    qat.train()(*calibration[1])
+    peer = prepare_qat_fx(copy.deepcopy(net).train(), get_default_qat_qconfig_mapping("x86"), calibration[0])
+    peer(*calibration[1])
+    return {"fp32": net.eval(), "ptq": _ptq(net, calibration), "litcompress qat": qat.convert().model,
+            "torch.ao fx qat": convert_fx(peer.eval())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16])
@@ -146,6 +165,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--train-limit", type=int, default=None, help="train on this many images (a quick check)")
+    parser.add_argument("--skip-latency", action="store_true", help="accuracy only (e.g. widths run in parallel)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="latency only, of untrained models (no training; run on a quiet machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -154,10 +176,23 @@ def main() -> None:
     data = MNISTDataModule(batch_size=128, flatten=False, train_limit=args.train_limit)
     data.setup()
     started, report = time.perf_counter(), {}
+    if args.latency_only:
+        train_x = data.splits.train.tensors[0]
+        calibration = [(train_x[i:i + 128],) for i in range(0, 8 * 128, 128)]
+        for width in args.widths:
+            figures = latencies(untrained_int8_models(width, calibration), args.threads, args.repeats)
+            print(f"width {width}, batch 64, {args.threads} thread(s), median ms: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
+                  + f"; speed-up vs fp32: " + ", ".join(f"{k} {figures['fp32'] / v:.2f}x" for k, v in figures.items()
+                                                        if k != "fp32"))
+            report[width] = figures
+        print(json.dumps({"latency_ms": report, "threads": args.threads, "repeats": args.repeats}))
+        return
     for width in args.widths:
         runs = [run_seed(width, seed, args, data) for seed in args.seeds]
         report[width] = {"accuracy": [r["accuracy"] for r in runs],
-                         "latency_ms": latencies(runs[0]["models"], args.threads, args.repeats)}
+                         "latency_ms": {} if args.skip_latency else latencies(runs[0]["models"], args.threads,
+                                                                              args.repeats)}
     print(f"\nMNIST test accuracy (%), mean ± std over seeds {args.seeds}; {args.epochs} fp32 epochs, "
           f"{args.qat_epochs} more for the fine-tuned and QAT rows; latency: batch 64, {args.threads} thread(s)\n")
     print("| width | model | test acc. | Δ vs fp32 (pt) | val acc. | latency ms (seed 0) |")

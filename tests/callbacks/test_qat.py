@@ -161,3 +161,12 @@ def test_a_model_still_pruned_with_masks_is_refused_before_its_first_qat_step(tm
         make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining("net")]).fit(
             model, datamodule=DigitsDataModule())
     assert "forward" not in model.net.__dict__
+
+
+def test_a_module_left_in_eval_mode_while_training_is_said(tmp_path):
+    model = MLPClassifier(hidden=(8,))
+    model.net.eval()  # e.g. a model evaluated before this fit: Lightning keeps the submodule's mode
+    callback = QuantizationAwareTraining("net")
+    with pytest.warns(UserWarning, match=r"Sequential is in eval mode while training.*Call \.train\(\) on it"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model, datamodule=DigitsDataModule())
+    assert not callback.qat.training  # trained as the user left it, and said

@@ -156,6 +156,12 @@ class QuantizationAwareTraining(Callback):
             if self._pending_state is not None:
                 self.qat.load_fake_quant_state(self._pending_state)
                 self._pending_state = None
+            if not module.training:  # the first call is a training step's
+                rank_zero_warn(f"{_OWNER}: {type(module).__name__} is in eval mode while training (Lightning keeps "
+                               "a submodule's mode, e.g. of a model evaluated before fit), so its QAT graph trains in "
+                               "evaluation form: batch norm on running statistics and the observers off, the int8 "
+                               "ranges those of the first batch. Call .train() on it before fit unless you froze it "
+                               "on purpose.")
             held = f"; zeros of {len(self.qat.held_sparse)} weight(s) held" if self.qat.held_sparse else ""
             log.info(f"{_OWNER}: {type(module).__name__} trains through int8 rounding from here "
                      f"({self.config.recipe().describe()}{held}).")
