@@ -183,7 +183,7 @@ def main() -> None:
             figures = latencies(untrained_int8_models(width, calibration), args.threads, args.repeats)
             print(f"width {width}, batch 64, {args.threads} thread(s), median ms: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
-                  + f"; speed-up vs fp32: " + ", ".join(f"{k} {figures['fp32'] / v:.2f}x" for k, v in figures.items()
+                  + "; speed-up vs fp32: " + ", ".join(f"{k} {figures['fp32'] / v:.2f}x" for k, v in figures.items()
                                                         if k != "fp32"))
             report[width] = figures
         print(json.dumps({"latency_ms": report, "threads": args.threads, "repeats": args.repeats}))
