@@ -181,8 +181,8 @@ class QATModel(nn.Module):
 
         The converted program runs torch's reference int8 ops (quantize, dequantize, fp32 kernels): correct, slower
         than fp32. ``compile=True`` runs it through ``torch.compile`` (inductor, freezing), which fuses them into
-        int8 x86 kernels, as the PT2E backend's ``PTQConfig(compile=True)`` does: as fast as torch.ao's int8 here
-        (``benchmarks/qat.py``); it needs a C++ compiler and compiles on this call. Saved files are the same either
+        int8 x86 kernels, as the PT2E backend's ``PTQConfig(compile=True)`` does (1.9-2.5x faster than fp32 in
+        ``benchmarks/qat.py``); it needs a C++ compiler and compiles on this call. Saved files are the same either
         way."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
         from torchao.quantization.pt2e import move_exported_model_to_eval
