@@ -164,7 +164,7 @@ class QuantizationAwareTraining(Callback):
                                "on purpose.")
             held = f"; zeros of {len(self.qat.held_sparse)} weight(s) held" if self.qat.held_sparse else ""
             log.info(f"{_OWNER}: {type(module).__name__} trains through int8 rounding from here "
-                     f"({self.config.recipe().describe()}{held}).")
+                     f"({self.qat.recipe.describe()}{held}).")
         return self.qat
 
     def _restore_forward(self) -> None:

@@ -104,12 +104,13 @@ class QATModel(nn.Module):
     not move the ranges the int8 model will use.
     """
 
-    def __init__(self, model: nn.Module, graph: torch.fx.GraphModule, config: QATConfig,
+    def __init__(self, model: nn.Module, graph: torch.fx.GraphModule, config: QATConfig, recipe: Recipe,
                  example_inputs: Inputs) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a sub-module: its parameters are the graph's, counted once
         self.graph = graph
         self.config = config
+        self.recipe = recipe  # what the graph was prepared with (reduce_range read from the CPU once, there)
         self.example_inputs = tuple(example_inputs)
         self._graph_training = True
         self._model_keys = frozenset(model.state_dict())
@@ -181,7 +182,7 @@ class QATModel(nn.Module):
 
         The converted program runs torch's reference int8 ops (quantize, dequantize, fp32 kernels): correct, slower
         than fp32. ``compile=True`` runs it through ``torch.compile`` (inductor, freezing), which fuses them into
-        int8 x86 kernels, as the PT2E backend's ``PTQConfig(compile=True)`` does (1.9-2.5x faster than fp32 in
+        int8 x86 kernels, as the PT2E backend's ``PTQConfig(compile=True)`` does (1.8-2.6x faster than fp32 in
         ``benchmarks/qat.py``); it needs a C++ compiler and compiles on this call. Saved files are the same either
         way."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -204,7 +205,7 @@ class QATModel(nn.Module):
             model(*self.example_inputs)  # pay the compile cost here, not in the first call
         else:
             model = ExportedInference(converted)
-        return QATResult(model, self.config.recipe(), self.example_inputs, held_sparse=self.held_sparse)
+        return QATResult(model, self.recipe, self.example_inputs, held_sparse=self.held_sparse)
 
 
 @dataclass
@@ -265,7 +266,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         warnings.simplefilter("ignore", DeprecationWarning)
         prepared = prepare_qat_pt2e(graph, quantizer)
     _observe_(prepared, example_inputs)
-    return QATModel(model, prepared, config, tuple(t.detach().clone() for t in example_inputs))
+    return QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
 
 
 def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
