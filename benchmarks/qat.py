@@ -11,7 +11,7 @@ data order, at 1e-4 cosine-annealed to 0:
 * ``fine-tune + ptq``: the same PTQ after those epochs in fp32 (the control: QAT trains that much longer, and this
   row says what the extra epochs alone are worth);
 * ``litcompress qat``: those epochs with ``litcompress.callbacks.QuantizationAwareTraining`` (torchao PT2E QAT), its
-  int8 model; latency timed compiled (``compile=True``'s inductor kernels);
+  int8 model; latency timed compiled (``compile=True``'s inductor kernels) and as converted (torch's reference ops);
 * ``qat weights + ptq``: the fp32 weights ``litcompress qat`` trained, quantized by the ``ptq`` row's recipe (what
   QAT's weights give a backend that calibrates them again);
 * ``torch.ao fx qat``: those epochs on ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` (x86 QAT qconfig
@@ -130,7 +130,8 @@ def latencies(models: dict[str, nn.Module], threads: int, repeats: int) -> dict[
     x = torch.rand(64, 1, 28, 28)
     timed = dict(models)
     timed["litcompress qat"] = CompiledInference(models["litcompress qat"].program)  # compile=True's kernels
-    names = ["fp32", "ptq", "litcompress qat", "torch.ao fx qat"]
+    timed["litcompress qat, reference ops"] = models["litcompress qat"]  # as converted (compile=False) or loaded
+    names = ["fp32", "ptq", "litcompress qat", "litcompress qat, reference ops", "torch.ao fx qat"]
     for name in names:
         with torch.no_grad():
             timed[name](x)  # compile / warm up outside the timed blocks
