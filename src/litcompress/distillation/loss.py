@@ -1,0 +1,196 @@
+"""Knowledge distillation: train a (pruned, shrunk) student to match a frozen teacher's outputs as well as its labels.
+
+The loss of Hinton et al. (2015), "Distilling the Knowledge in a Neural Network":
+``(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, the KL divergence
+averaged over every position of the outputs (every row of ``(N, C)`` logits, every token of ``(N, L, C)``). The
+``T^2`` keeps the soft term's gradients at the scale of the task loss's whatever the temperature. ``kind="mse"``
+matches raw outputs instead (regression heads, embeddings).
+
+Framework-free: a plain loop calls :meth:`Distiller.loss`; :class:`litcompress.callbacks.KnowledgeDistillation`
+does it inside a Lightning fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from litcompress.pruning.engine import deepcopy_model
+
+DistillationKind = Literal["kl", "mse"]
+DISTILLATION_KINDS: tuple[str, ...] = ("kl", "mse")
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """How the student learns from the teacher.
+
+    Args:
+        temperature: softens both distributions before the KL divergence (``kind="kl"``); higher spreads the
+            teacher's probability over the wrong classes, whose ranking is what the student learns beyond the labels.
+        alpha: the distillation term's weight in ``(1 - alpha) * task_loss + alpha * distillation``; 1 trains on the
+            teacher alone, 0 turns distillation off.
+        kind: ``"kl"`` (logits; Hinton et al.) or ``"mse"`` (outputs matched directly, the temperature unused).
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.5
+    kind: DistillationKind = "kl"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"DistillationConfig(temperature={self.temperature!r}): expected a number > 0, e.g. 4.0 "
+                             "(1 is the plain softmax).")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"DistillationConfig(alpha={self.alpha!r}): expected the distillation term's weight in "
+                             "[0, 1], e.g. 0.5 (loss = (1 - alpha) * task loss + alpha * distillation).")
+        if self.kind not in DISTILLATION_KINDS:
+            raise ValueError(f"DistillationConfig(kind={self.kind!r}): use one of {DISTILLATION_KINDS} ('kl' for "
+                             "logits, 'mse' for other outputs).")
+
+    def describe(self) -> str:
+        if self.kind == "mse":
+            return f"distilled (mse, alpha={self.alpha:g})"
+        return f"distilled (T={self.temperature:g}, alpha={self.alpha:g})"
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                      kind: DistillationKind = "kl") -> torch.Tensor:
+    """The distillation term for one pair of outputs of equal shape (the last dimension: the classes).
+
+    ``kind="kl"``: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over all positions (all
+    dimensions but the last); zero exactly when the two agree up to a constant per position. ``kind="mse"``: the
+    mean squared difference. The teacher's side carries no gradient.
+    """
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"distillation_loss: expected tensors, got {type(student).__name__} and "
+                        f"{type(teacher).__name__}.")
+    if student.shape != teacher.shape:
+        raise ValueError(f"distillation_loss: the student's outputs have shape {tuple(student.shape)} and the "
+                         f"teacher's {tuple(teacher.shape)}; distillation compares them entry by entry, so the two "
+                         "models must answer the same question (same classes, same sequence length).")
+    teacher = teacher.detach().to(student.dtype)
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind != "kl":
+        raise ValueError(f"distillation_loss(kind={kind!r}): use one of {DISTILLATION_KINDS}.")
+    if student.dim() == 0:
+        raise ValueError("distillation_loss: a scalar output has no classes to soften; use kind='mse'.")
+    classes = student.shape[-1]
+    log_p_student = F.log_softmax(student.reshape(-1, classes) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2
+
+
+def default_outputs(outputs: Any) -> torch.Tensor:
+    """The tensor a model's outputs are distilled on: the outputs themselves, a mapping's (or a Hugging Face
+    ``ModelOutput``'s) ``"logits"``, or the first tensor of a tuple/list."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, Sequence) and not isinstance(outputs, str):
+        for item in outputs:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"the model returned {type(outputs).__name__}, which holds no tensor to distill on (a tensor, "
+                    "a mapping with 'logits', or a tuple starting with one); pass outputs_fn=lambda outputs: ... "
+                    "that picks the logits.")
+
+
+class Distiller:
+    """A frozen teacher and the loss that pulls a student towards it.
+
+    The teacher is copied (with ``copy=True``; the caller's model is left as it is), put in eval mode (no dropout;
+    batch norm on its running statistics) and gets no gradients; it follows the inputs to their device. Use::
+
+        distiller = Distiller(dense_model, DistillationConfig(temperature=4.0, alpha=0.5))
+        for x, y in loader:
+            logits = student(x)
+            loss = distiller.loss(F.cross_entropy(logits, y), logits, x)   # runs the teacher on x
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    Args:
+        teacher: the model to learn from (e.g. the model before pruning), called with the student's inputs.
+        config: temperature, weight and kind of the distillation term.
+        copy: distill from a deep copy (True), or from `teacher` itself (its mode and ``requires_grad`` changed).
+        outputs_fn: picks the tensor to distill on from a model's outputs (default :func:`default_outputs`),
+            applied to the student's and the teacher's.
+    """
+
+    def __init__(self, teacher: nn.Module, config: DistillationConfig | None = None, *, copy: bool = True,
+                 outputs_fn: Callable[[Any], torch.Tensor] | None = None) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"Distiller(teacher={teacher!r}): expected an nn.Module.")
+        config = DistillationConfig() if config is None else config
+        if not isinstance(config, DistillationConfig):
+            raise TypeError(f"Distiller(config={config!r}): expected a DistillationConfig.")
+        if outputs_fn is not None and not callable(outputs_fn):
+            raise TypeError(f"Distiller(outputs_fn={outputs_fn!r}): expected a function of the model's outputs.")
+        self.config = config
+        self.outputs_fn = outputs_fn or default_outputs
+        self.teacher = _frozen(teacher, copy)
+
+    @torch.no_grad()
+    def teacher_outputs(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The teacher's outputs on these inputs (in eval mode, without gradients, on the inputs' device)."""
+        device = _device_of(args, kwargs)
+        if device is not None:
+            self.teacher.to(device)
+        self.teacher.eval()
+        return self.outputs_fn(self.teacher(*args, **kwargs))
+
+    def distillation_term(self, student_outputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The distillation term of the student's outputs on the inputs ``*args, **kwargs`` (given to the teacher)."""
+        student = self.outputs_fn(student_outputs)
+        return distillation_loss(student, self.teacher_outputs(*args, **kwargs), self.config.temperature,
+                                 self.config.kind)
+
+    def combine(self, task_loss: torch.Tensor, distillation: torch.Tensor) -> torch.Tensor:
+        """``(1 - alpha) * task_loss + alpha * distillation``."""
+        alpha = self.config.alpha
+        return (1.0 - alpha) * task_loss + alpha * distillation
+
+    def loss(self, task_loss: torch.Tensor, student_outputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The training loss: the task loss and the distillation term of the student's outputs on these inputs."""
+        return self.combine(task_loss, self.distillation_term(student_outputs, *args, **kwargs))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.teacher.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.teacher.load_state_dict(state)
+
+
+def _frozen(teacher: nn.Module, copy_it: bool) -> nn.Module:
+    if copy_it:
+        # the pruning engine's deep copy: a pruned teacher's cached masked weights copy too; a Trainer stays behind
+        memo: dict[int, object] = {}
+        trainer = getattr(teacher, "_trainer", None)
+        if trainer is not None:
+            memo[id(trainer)] = None
+        teacher = deepcopy_model(teacher, memo)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _device_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.device | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+__all__ = ["DISTILLATION_KINDS", "DistillationConfig", "Distiller", "default_outputs", "distillation_loss"]

@@ -1,0 +1,146 @@
+"""The distillation loss and `Distiller`, without Lightning: maths as properties, a plain training loop."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from litcompress.data import DigitsDataModule
+from litcompress.distillation import DistillationConfig, Distiller, default_outputs, distillation_loss
+
+logits = st.tuples(st.integers(1, 6), st.integers(2, 12), st.integers(0, 2**31 - 1), st.floats(0.25, 20.0))
+
+
+def _pair(rows: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, classes, generator=generator, dtype=torch.float64) * 3,
+            torch.randn(rows, classes, generator=generator, dtype=torch.float64) * 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits)
+def test_kl_term_is_nonnegative_and_zero_exactly_for_the_same_distribution(case):
+    rows, classes, seed, temperature = case
+    student, teacher = _pair(rows, classes, seed)
+    assert float(distillation_loss(student, teacher, temperature)) >= -1e-12
+    shifted = teacher + torch.randn(rows, 1, dtype=torch.float64)  # a constant per row: the same softmax
+    assert abs(float(distillation_loss(shifted, teacher, temperature))) < 1e-10
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits)
+def test_kl_gradient_is_temperature_times_the_difference_of_the_softened_distributions(case):
+    rows, classes, seed, temperature = case
+    student, teacher = _pair(rows, classes, seed)
+    student.requires_grad_(True)
+    distillation_loss(student, teacher, temperature).backward()
+    # d/ds of T^2 * KL(p_t || softmax(s / T)), averaged over rows: T * (softmax(s / T) - p_t) / rows
+    expected = temperature * (torch.softmax(student.detach() / temperature, -1)
+                              - torch.softmax(teacher / temperature, -1)) / rows
+    torch.testing.assert_close(student.grad, expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(2, 7), st.integers(0, 2**31 - 1))
+def test_sequence_outputs_average_over_every_position(batch, length, classes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, length, classes, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(batch, length, classes, generator=generator, dtype=torch.float64)
+    flat = distillation_loss(student.reshape(-1, classes), teacher.reshape(-1, classes), 2.0)
+    torch.testing.assert_close(distillation_loss(student, teacher, 2.0), flat)
+
+
+def test_mse_kind_and_the_teacher_side_carries_no_gradient():
+    student = torch.randn(4, 3, requires_grad=True)
+    teacher = torch.randn(4, 3, requires_grad=True)
+    loss = distillation_loss(student, teacher, temperature=7.0, kind="mse")
+    torch.testing.assert_close(loss, F.mse_loss(student, teacher.detach()))
+    distillation_loss(student, teacher, 2.0).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"temperature": 0}, "temperature=0): expected a number > 0"),
+    ({"temperature": float("inf")}, "temperature=inf): expected a number > 0"),
+    ({"alpha": 1.5}, "alpha=1.5): expected the distillation term's weight in [0, 1]"),
+    ({"alpha": True}, "alpha=True)"),
+    ({"kind": "cosine"}, "kind='cosine'): use one of ('kl', 'mse')"),
+])
+def test_bad_configurations_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        DistillationConfig(**kwargs)
+    assert message in str(error.value)
+
+
+def test_mismatched_outputs_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"shape \(4, 10\) and the teacher's \(4, 5\)"):
+        distillation_loss(torch.randn(4, 10), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="a scalar output has no classes"):
+        distillation_loss(torch.tensor(1.0), torch.tensor(2.0))
+
+
+class _ModelOutput(OrderedDict):
+    """Like a Hugging Face ModelOutput: a mapping whose keys are also attributes."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+def test_default_outputs_finds_the_logits():
+    x = torch.randn(2, 3)
+    assert default_outputs(x) is x
+    assert default_outputs({"logits": x, "loss": torch.tensor(0.0)}) is x
+    assert default_outputs(_ModelOutput(loss=torch.tensor(0.0), logits=x)) is x
+    assert default_outputs((x, "aux")) is x
+    with pytest.raises(TypeError, match="pass outputs_fn="):
+        default_outputs({"hidden": [x]})
+
+
+def test_the_teacher_is_a_frozen_copy_and_alpha_weighs_the_two_terms():
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    distiller = Distiller(teacher, DistillationConfig(temperature=3.0, alpha=0.25))
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # the caller's model untouched
+    assert distiller.teacher is not teacher and not distiller.teacher.training
+    x = torch.randn(5, 4)
+    first, second = distiller.teacher_outputs(x), distiller.teacher_outputs(x)
+    assert torch.equal(first, second) and not first.requires_grad  # eval mode: dropout off
+    student = nn.Linear(4, 3)
+    outputs, task = student(x), torch.tensor(0.8)
+    term = distillation_loss(outputs, first, 3.0)
+    torch.testing.assert_close(distiller.loss(task, outputs, x), 0.75 * task + 0.25 * term)
+    only_task = Distiller(teacher, DistillationConfig(alpha=0.0)).loss(task, outputs, x)
+    assert torch.equal(only_task, task)
+
+
+def test_a_plain_loop_with_alpha_one_makes_the_student_agree_with_the_teacher():
+    torch.manual_seed(0)
+    data = DigitsDataModule()
+    data.setup("fit")
+    x, y = data.splits.train.tensors
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        F.cross_entropy(teacher(x), y).backward()
+        optimizer.step()
+    student = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    distiller = Distiller(teacher, DistillationConfig(temperature=2.0, alpha=1.0))
+    x_val = data.splits.val.tensors[0]
+
+    def agreement() -> float:
+        with torch.no_grad():
+            return float((student(x_val).argmax(1) == distiller.teacher_outputs(x_val).argmax(1)).float().mean())
+
+    before = agreement()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(150):  # no label is seen: only the teacher's answers
+        optimizer.zero_grad()
+        distiller.loss(torch.tensor(0.0), student(x), x).backward()
+        optimizer.step()
+    assert before < 0.5 and agreement() > 0.9
