@@ -24,7 +24,9 @@ from litcompress.report.sparsity import SparsityReport, sparsity_report
 
 if TYPE_CHECKING:
     from litcompress.callbacks.pruning import ModelPruning, load_module_from_checkpoint, load_pruned_checkpoint
+    from litcompress.callbacks.distillation import KnowledgeDistillation
     from litcompress.callbacks.qat import QuantizationAwareTraining
+    from litcompress.distillation import DistillationConfig, Distiller
     from litcompress.pipeline import CompressionConfig, CompressionReport, CompressionResult, PruneConfig, compress
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization import (
@@ -50,6 +52,9 @@ if not _logging.getLogger().hasHandlers():
 _LAZY = {
     "ModelPruning": "litcompress.callbacks.pruning",
     "QuantizationAwareTraining": "litcompress.callbacks.qat",
+    "KnowledgeDistillation": "litcompress.callbacks.distillation",
+    "DistillationConfig": "litcompress.distillation",
+    "Distiller": "litcompress.distillation",
     "load_pruned_checkpoint": "litcompress.callbacks.pruning",
     "load_module_from_checkpoint": "litcompress.callbacks.pruning",
     "compress_lightning": "litcompress.pipeline.lightning",
@@ -78,6 +83,9 @@ __all__ = [
     "CompressionConfig",
     "CompressionReport",
     "CompressionResult",
+    "DistillationConfig",
+    "Distiller",
+    "KnowledgeDistillation",
     "ModelPruning",
     "PTQConfig",
     "PruneConfig",

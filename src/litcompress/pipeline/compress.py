@@ -664,6 +664,7 @@ def compress(
     input_fn: Callable[[object], tuple] | None = None,
     metric_name: str = "metric",
     test_metric_name: str | None = None,
+    fine_tune_description: str | None = None,
 ) -> CompressionResult:
     """Compress a copy of `model` stage by stage and measure every stage alike; `model` is not modified.
 
@@ -683,6 +684,8 @@ def compress(
         output_dir: where the pruned state dict, the exported model and the report files are written.
         input_fn: maps a calibration batch to the model's positional inputs.
         metric_name, test_metric_name: column titles in the report.
+        fine_tune_description: what ``fine_tune`` does besides training (e.g. ``"distilled (T=4, alpha=0.5)"``),
+            appended to the pruned stage's description in the report.
     """
     config = config if config is not None else CompressionConfig()
     if not isinstance(config, CompressionConfig):
@@ -805,7 +808,8 @@ def compress(
                 note(f"fine-tuning stopped at step {pruners[0].last_t}, before its schedule ended "
                      f"(step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")
-            how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps"
+            how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps" + (
+                f", {fine_tune_description}" if fine_tune_description else "")
         result_sparsity = sparsity_report(work, targets + pruning.unit_targets)
         make_permanent_(work)
         work.eval()

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, detached_copy,
@@ -146,6 +147,7 @@ def compress_lightning(
     submodule: str | None = None,
     output_dir: str | os.PathLike | None = None,
     mode: Literal["max", "min"] | None = None,
+    distill: DistillationConfig | None = None,
 ) -> CompressionResult:
     """Run the pipeline on a copy of `module` (never modified; on the CPU), judged by its own logged metrics.
 
@@ -171,6 +173,10 @@ def compress_lightning(
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
             ``config.quantize.accuracy``'s direction, and refuses a metric named like a loss or an error under the
             default higher-is-better goal.
+        distill: fine-tune against the input model as a frozen teacher (knowledge distillation,
+            :class:`litcompress.callbacks.KnowledgeDistillation`): the training step's loss becomes
+            ``(1 - alpha) * loss + alpha * distillation`` on the outputs of the model (or `submodule`) it calls.
+            Needs ``fine_tune_epochs``.
     """
     if not isinstance(module, L.LightningModule):
         raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
@@ -182,6 +188,15 @@ def compress_lightning(
     if fine_tune_epochs and config.prune is None:
         raise ValueError("compress_lightning(fine_tune_epochs=...) without config.prune: fine-tuning runs while "
                          "pruning; give CompressionConfig(prune=PruneConfig(...)) or fine_tune_epochs=0.")
+    if distill is not None:
+        if not isinstance(distill, DistillationConfig):
+            raise TypeError(f"compress_lightning(distill={distill!r}): expected a DistillationConfig or None.")
+        if not fine_tune_epochs:
+            raise ValueError("compress_lightning(distill=...) without fine_tune_epochs: distillation happens while "
+                             "the pruned model fine-tunes; give fine_tune_epochs >= 1 (the CLI: --prune-epochs).")
+        if not module.automatic_optimization:
+            raise ValueError(f"compress_lightning(distill=...): {type(module).__name__} uses manual optimization, "
+                             "whose training_step runs backward itself, so no distillation term can join its loss.")
     if submodule is not None and not isinstance(getattr(module, submodule, None), nn.Module):
         raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
     datamodule = _data(datamodule, train_dataloaders, val_dataloaders, test_dataloaders, test_metric,
@@ -215,7 +230,13 @@ def compress_lightning(
             setattr(host, submodule, model)  # the pipeline's working copy, trained in place inside the host
         kwargs = {**QUIET_CPU_TRAINER, **trainer_kwargs}
         kwargs["max_epochs"] = fine_tune_epochs
-        trainer = L.Trainer(callbacks=[*kwargs.pop("callbacks", []), PruneAfterOptimizerSteps(step)], **kwargs)
+        callbacks = [*kwargs.pop("callbacks", []), PruneAfterOptimizerSteps(step)]
+        if distill is not None:  # the teacher: the input model, which `compress` leaves as it is (it prunes a copy)
+            # imported here: litcompress.callbacks imports this module (CompressOnFitEnd)
+            from litcompress.callbacks.distillation import KnowledgeDistillation
+            callbacks.append(KnowledgeDistillation(target, temperature=distill.temperature, alpha=distill.alpha,
+                                                   kind=distill.kind, submodule=submodule))
+        trainer = L.Trainer(callbacks=callbacks, **kwargs)
         trainer.fit(trained, datamodule=datamodule)
 
     steps = optimizer_steps(_train_batches(datamodule.train_dataloader()), fine_tune_epochs, trainer_kwargs)
@@ -227,6 +248,7 @@ def compress_lightning(
         example_inputs=example_inputs, calibration_data=calibration_data, input_fn=input_fn,
         fine_tune=fine_tune if fine_tune_epochs and steps else None, fine_tune_steps=steps or None,
         output_dir=output_dir, metric_name=metric, test_metric_name=test_metric,
+        fine_tune_description=distill.describe() if distill is not None else None,
     )
 
 

@@ -1,0 +1,190 @@
+"""`KnowledgeDistillation`: fine-tune a LightningModule (a pruned one, typically) against a frozen teacher.
+
+A thin adapter over :class:`litcompress.distillation.Distiller`. How it plugs in: during the fit, each call the
+training step makes to the model (``self(x)``, or ``self.<submodule>(x)``) is seen by a forward hook, which runs the
+teacher on the same inputs; the loss the step returns becomes ``(1 - alpha) * loss + alpha * distillation`` (logged
+as ``distill_loss``). The step itself, the optimizer and the module's ``state_dict`` are the user's: nothing is
+registered in the module, and the training step is back as it was when the fit ends (or fails).
+
+The default teacher is the model itself as it is when distillation starts (the dense model, before a pruning
+callback in the same fit prunes it); it is kept in the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)``
+resumes with the same teacher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.core.module import LightningModule
+from torch import nn
+
+from litcompress.distillation.loss import DistillationConfig, DistillationKind, Distiller
+from litcompress.pruning.engine import make_permanent_
+
+log = logging.getLogger(__name__)
+
+_OWNER = "KnowledgeDistillation"
+
+
+class KnowledgeDistillation(Callback):
+    """Distil a teacher into the trained module during ``fit`` (Hinton et al. 2015).
+
+    Args:
+        teacher: the model to learn from, called with the inputs the training step gives the student (copied, left
+            as it is). None (the default): a frozen copy of the module (or `submodule`) as it is at the start of the
+            first fit, e.g. the dense model that a pruning callback in the same fit then prunes.
+        temperature, alpha, kind: the loss (:class:`litcompress.distillation.DistillationConfig`): the training
+            step's loss becomes ``(1 - alpha) * loss + alpha * distillation``.
+        submodule: distil ``getattr(module, submodule)``'s outputs (the calls ``self.<submodule>(...)``) rather than
+            the LightningModule's own (``self(...)``).
+        outputs_fn: picks the tensor to distil on from the model's outputs (default: the outputs, their
+            ``"logits"``, or the first tensor of a tuple).
+        log_name: the name the distillation term is logged under in the training step (None: not logged).
+
+    The training step must call the model through ``__call__`` (``self(x)``, not ``self.forward(x)``) and return
+    its loss (a tensor, or a dict with ``"loss"``); manual optimization is refused (its step runs backward itself).
+    """
+
+    def __init__(self, teacher: nn.Module | None = None, *, temperature: float = 4.0, alpha: float = 0.5,
+                 kind: DistillationKind = "kl", submodule: str | None = None,
+                 outputs_fn: Callable[[Any], torch.Tensor] | None = None,
+                 log_name: str | None = "distill_loss") -> None:
+        self.config = DistillationConfig(temperature=temperature, alpha=alpha, kind=kind)
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"{_OWNER}(teacher={teacher!r}): expected an nn.Module, or None for a frozen copy of the "
+                            "trained model as it is when the fit starts.")
+        if submodule is not None and (not isinstance(submodule, str) or not submodule):
+            raise ValueError(f"{_OWNER}(submodule={submodule!r}): expected the name of an attribute of the "
+                             "LightningModule, e.g. 'net'.")
+        if outputs_fn is not None and not callable(outputs_fn):
+            raise TypeError(f"{_OWNER}(outputs_fn={outputs_fn!r}): expected a function of the model's outputs.")
+        if log_name is not None and (not isinstance(log_name, str) or not log_name):
+            raise ValueError(f"{_OWNER}(log_name={log_name!r}): expected a metric name or None.")
+        self.submodule, self.outputs_fn, self.log_name = submodule, outputs_fn, log_name
+        self.teacher_given = teacher is not None
+        # an explicit teacher is copied now: later changes to the caller's model do not reach it
+        self.distiller: Distiller | None = (
+            Distiller(teacher, self.config, outputs_fn=outputs_fn) if teacher is not None else None)
+        self._restored_teacher: Mapping[str, torch.Tensor] | None = None
+        self._installed: dict[int, Any] = {}  # id(module) -> the step it shadows
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (None until the first fit starts, when it is a copy of the trained model)."""
+        return None if self.distiller is None else self.distiller.teacher
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError(f"{_OWNER}: {type(pl_module).__name__} uses manual optimization, whose training_step "
+                             "runs backward itself, so the distillation term cannot join its loss. Use "
+                             "litcompress.distillation.Distiller in the step: loss = distiller.loss(loss, outputs, x).")
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        student = self._student(pl_module)
+        if self.distiller is None:
+            self.distiller = Distiller(student, self.config, outputs_fn=self.outputs_fn)
+            make_permanent_(self.distiller.teacher)  # frozen: its masks are fixed, and its state's keys plain
+            if self._restored_teacher is not None:
+                self.distiller.load_state_dict(self._restored_teacher)
+        self._restored_teacher = None
+        self._install(pl_module, student)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._uninstall(pl_module)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
+        self._uninstall(pl_module)
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        self._uninstall(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.teacher_given or self.distiller is None:
+            return {}  # a teacher given to the constructor is given again on resume
+        return {"teacher": self.distiller.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        teacher = state_dict.get("teacher")
+        if teacher is None:
+            return
+        if self.distiller is not None:
+            self.distiller.load_state_dict(teacher)
+        else:
+            self._restored_teacher = teacher  # the copy to load it into is made when the fit starts
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def _student(self, pl_module: LightningModule) -> nn.Module:
+        if self.submodule is None:
+            return pl_module
+        student = getattr(pl_module, self.submodule, None)
+        if not isinstance(student, nn.Module):
+            raise ValueError(f"{_OWNER}(submodule={self.submodule!r}): {type(pl_module).__name__} has no such "
+                             "sub-module.")
+        return student
+
+    def _install(self, pl_module: LightningModule, student: nn.Module) -> None:
+        if id(pl_module) in self._installed:
+            return
+        original = pl_module.training_step
+        callback = self
+
+        def training_step(module: LightningModule, *args: Any, **kwargs: Any) -> Any:
+            return callback._distilled_step(module, student, original, args, kwargs)
+
+        # Lightning decides which arguments to pass (batch_idx or not) from the step's signature: keep the original's
+        func = getattr(original, "__func__", None)
+        training_step.__signature__ = inspect.signature(func if func is not None else original)  # type: ignore[attr-defined]
+        training_step.__wrapped__ = original  # type: ignore[attr-defined]
+        # An instance attribute shadows the class's method for this fit; removed when it ends.
+        pl_module.training_step = training_step.__get__(pl_module)  # type: ignore[method-assign]
+        self._installed[id(pl_module)] = pl_module.training_step
+
+    def _uninstall(self, pl_module: LightningModule) -> None:
+        installed = self._installed.pop(id(pl_module), None)
+        if installed is not None and pl_module.__dict__.get("training_step") is installed:
+            del pl_module.__dict__["training_step"]
+
+    def _distilled_step(self, module: LightningModule, student: nn.Module, original: Callable[..., Any],
+                        args: tuple, kwargs: dict) -> Any:
+        distiller = self.distiller
+        assert distiller is not None
+        terms: list[torch.Tensor] = []
+
+        def hook(_: nn.Module, inputs: tuple, keywords: dict, outputs: Any) -> None:
+            if not distiller.outputs_fn(outputs).requires_grad:
+                return  # a call without gradients (under no_grad): nothing to train
+            terms.append(distiller.distillation_term(outputs, *inputs, **keywords))
+
+        handle = student.register_forward_hook(hook, with_kwargs=True)
+        try:
+            output = original(*args, **kwargs)
+        finally:
+            handle.remove()
+        if output is None:
+            return None  # the step skipped this batch
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"{_OWNER}: training_step returned {type(output).__name__}; expected the loss tensor or a "
+                            "dict with 'loss', to which the distillation term is added.")
+        if not terms:
+            called = "self(...)" if self.submodule is None else f"self.{self.submodule}(...)"
+            raise RuntimeError(f"{_OWNER}: the training step never called {called} with gradients on, so there are "
+                               "no outputs to compare with the teacher's. Call the model through __call__ "
+                               f"({called}, not .forward(...)){'' if self.submodule else ', or pass submodule='}.")
+        distillation = torch.stack(terms).mean()
+        if self.log_name is not None:
+            module.log(self.log_name, distillation.detach(), on_step=False, on_epoch=True)
+        combined = distiller.combine(loss, distillation)
+        return {**output, "loss": combined} if isinstance(output, Mapping) else combined
+
+
+__all__ = ["KnowledgeDistillation"]

@@ -1,0 +1,215 @@
+"""`KnowledgeDistillation` under a real Lightning Trainer, and the pipeline's `distill=`: digits, real checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, seed_everything
+from torch import nn
+
+from litcompress import ModelPruning
+from litcompress.callbacks import KnowledgeDistillation
+from litcompress.data import DigitsDataModule
+from litcompress.distillation import DistillationConfig, distillation_loss
+from litcompress.models import MLPClassifier
+from litcompress.pipeline import CompressionConfig, PruneConfig
+from litcompress.pipeline.lightning import compress_lightning
+from tests.conftest import StepsTwoOptimizers, fit_killed_and_resumed, make_trainer
+
+
+class RecordLoss(Callback):
+    """The loss each batch backpropagates, next to what it should be, computed from the batch and the models as they
+    are before that backward: ``(1 - alpha) * cross-entropy + alpha * T^2 KL(teacher || student)``."""
+
+    def __init__(self, distillation: KnowledgeDistillation, student: str | None = None) -> None:
+        self.distillation, self.student = distillation, student
+        self.pairs: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        x, y = self.batch
+        model = pl_module if self.student is None else getattr(pl_module, self.student)
+        config = self.distillation.config
+        with torch.no_grad():
+            outputs = model(x)
+            term = distillation_loss(outputs, self.distillation.teacher(x), config.temperature)
+            expected = (1 - config.alpha) * F.cross_entropy(outputs, y) + config.alpha * term
+        self.pairs.append((float(loss.detach()), float(expected)))
+
+
+def test_the_loss_backpropagated_is_the_weighted_sum_of_the_steps_loss_and_the_distillation_term(tmp_path):
+    seed_everything(0)
+    model, data = MLPClassifier(hidden=(32,), lr=1e-2), DigitsDataModule()
+    make_trainer(tmp_path, max_epochs=2).fit(model, datamodule=data)  # a teacher that knows something
+    distillation = KnowledgeDistillation(temperature=3.0, alpha=0.4)
+    record = RecordLoss(distillation)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[distillation, record])
+    trainer.fit(model, datamodule=data)
+    assert len(record.pairs) == 8
+    for loss, expected in record.pairs:
+        assert loss == pytest.approx(expected, rel=1e-5)
+    assert trainer.callback_metrics["distill_loss"] > 0  # logged by the training step
+    assert "training_step" not in model.__dict__  # the module's own step is back
+
+
+def test_alpha_zero_trains_exactly_as_without_the_callback(tmp_path):
+    def fit(callbacks: list) -> nn.Module:
+        seed_everything(3)
+        model = MLPClassifier(hidden=(24,), lr=1e-2)
+        make_trainer(tmp_path, callbacks=callbacks).fit(model, datamodule=DigitsDataModule())
+        return model
+
+    plain, distilled = fit([]), fit([KnowledgeDistillation(alpha=0.0)])
+    for key, value in plain.state_dict().items():
+        assert torch.equal(distilled.state_dict()[key], value), key
+
+
+def test_the_default_teacher_is_the_model_at_fit_start_and_stays_dense_while_a_pruning_callback_prunes(tmp_path):
+    seed_everything(0)
+    model = MLPClassifier(hidden=(32,), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distillation = KnowledgeDistillation()
+    pruning = ModelPruning("l1_unstructured", amount=0.5, use_lottery_ticket_hypothesis=False, verbose=0)
+    make_trainer(tmp_path, callbacks=[distillation, pruning]).fit(model, datamodule=DigitsDataModule())
+    teacher = distillation.teacher.state_dict()
+    assert set(teacher) == set(before)  # plain keys: its pruning masks (none here) are folded
+    for key, value in before.items():
+        assert torch.equal(teacher[key], value), key  # frozen: no step reached it
+    assert float((model.net[0].weight == 0).float().mean()) > 0.5  # the student was pruned (and trained)
+    assert not any("teacher" in key for key in model.state_dict())  # nothing registered in the module
+    assert set(distillation.state_dict()["teacher"]) == set(before)  # the teacher travels in the checkpoint
+
+
+def test_killed_mid_fit_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
+    callbacks: list[KnowledgeDistillation] = []
+
+    def make_callback() -> KnowledgeDistillation:
+        callbacks.append(KnowledgeDistillation(temperature=2.0, alpha=0.7))
+        return callbacks[-1]
+
+    reference, state, resumed = fit_killed_and_resumed(  # 17 steps an epoch: killed in epoch 1, resumed from epoch 0
+        tmp_path, lambda: MLPClassifier(hidden=(24,), lr=1e-2), make_callback, DigitsDataModule, crash_step=25)
+    MLPClassifier(hidden=(24,)).load_state_dict(state)  # the crash left a checkpoint of the plain architecture
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    uninterrupted, resumed_callback = callbacks[0], callbacks[2]
+    for key, value in uninterrupted.teacher.state_dict().items():  # the teacher came back from the checkpoint
+        assert torch.equal(resumed_callback.teacher.state_dict()[key], value), key
+    assert not torch.equal(resumed_callback.teacher.net[0].weight, resumed.net[0].weight)
+    assert "training_step" not in reference.__dict__ and "training_step" not in resumed.__dict__
+
+
+class _ManualDigits(StepsTwoOptimizers, MLPClassifier):
+    def optimizer_groups(self) -> list[list[nn.Parameter]]:
+        return [list(self.net[0].parameters()), list(self.net[2].parameters())]
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_manual_optimization_is_refused_before_training(tmp_path):
+    model = _ManualDigits(hidden=(16,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="uses manual optimization, whose training_step runs backward itself"):
+        make_trainer(tmp_path, callbacks=[KnowledgeDistillation()]).fit(model, datamodule=DigitsDataModule())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+class _CallsForward(MLPClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.forward(batch[0]), batch[1])  # bypasses __call__ and its hooks
+
+
+def test_a_step_that_bypasses_the_models_call_is_a_clear_error_and_the_step_is_restored(tmp_path):
+    model = _CallsForward(hidden=(16,))
+    with pytest.raises(RuntimeError, match=r"never called self\(\.\.\.\) with gradients on.*or pass submodule="):
+        make_trainer(tmp_path, callbacks=[KnowledgeDistillation()]).fit(model, datamodule=DigitsDataModule())
+    assert "training_step" not in model.__dict__
+
+
+class _DictStepOnNet(LightningModule):
+    """Calls ``self.net`` itself, takes no batch_idx, and returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def training_step(self, batch: Any) -> dict[str, torch.Tensor]:
+        logits = self.net(batch[0])
+        with torch.no_grad():
+            self.net(batch[0])  # a call without gradients is not distilled
+        return {"loss": F.cross_entropy(logits, batch[1]), "logits": logits.detach()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_submodule_a_step_without_batch_idx_and_a_dict_result_and_a_given_teacher(tmp_path):
+    seed_everything(0)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).train()
+    model = _DictStepOnNet()
+    distillation = KnowledgeDistillation(teacher, submodule="net", temperature=2.0, alpha=0.5)
+    record = RecordLoss(distillation, student="net")
+    make_trainer(tmp_path, max_epochs=1, limit_val_batches=0,
+                 callbacks=[distillation, record]).fit(model, datamodule=DigitsDataModule())
+    assert len(record.pairs) == 4
+    for loss, expected in record.pairs:
+        assert loss == pytest.approx(expected, rel=1e-5)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # the caller's teacher untouched
+    assert distillation.state_dict() == {}  # a given teacher is given again on resume, not saved
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match=r"alpha=2\): expected the distillation term's weight in \[0, 1\]"):
+        KnowledgeDistillation(alpha=2)
+    with pytest.raises(TypeError, match="teacher='dense.ckpt'\\): expected an nn.Module"):
+        KnowledgeDistillation("dense.ckpt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="submodule=''"):
+        KnowledgeDistillation(submodule="")
+
+
+def test_an_unknown_submodule_fails_before_the_first_step(tmp_path):
+    model = MLPClassifier(hidden=(16,))
+    before = model.net[0].weight.clone()
+    with pytest.raises(ValueError, match="submodule='body'\\): MLPClassifier has no such sub-module"):
+        make_trainer(tmp_path, callbacks=[KnowledgeDistillation(submodule="body")]).fit(
+            model, datamodule=DigitsDataModule())
+    assert torch.equal(model.net[0].weight, before)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def _pipeline(module: MLPClassifier, distill: DistillationConfig | None):
+    seed_everything(0)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), export=False,
+                               latency_repeats=1)
+    return compress_lightning(module, config, datamodule=DigitsDataModule(), fine_tune_epochs=2, distill=distill,
+                              trainer_kwargs={"limit_train_batches": 5})
+
+
+def test_the_pipeline_distils_from_the_input_model_and_alpha_zero_changes_nothing(tmp_path):
+    seed_everything(0)
+    module = MLPClassifier(hidden=(32, 32), lr=1e-2)
+    make_trainer(tmp_path, max_epochs=3, limit_train_batches=None).fit(module, datamodule=DigitsDataModule())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    plain = _pipeline(module, None)
+    off = _pipeline(module, DistillationConfig(alpha=0.0))
+    on = _pipeline(module, DistillationConfig(temperature=2.0, alpha=0.9))
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())  # the input is never modified
+    assert off.report["pruned"].metric == plain.report["pruned"].metric
+    for key, value in plain.stage_models["pruned"].state_dict().items():
+        assert torch.equal(off.stage_models["pruned"].state_dict()[key], value), key
+    assert on.report["pruned"].description.endswith(", distilled (T=2, alpha=0.9)")
+    assert not plain.report["pruned"].description.endswith(")")
+    assert not torch.equal(on.stage_models["pruned"].state_dict()["net.0.weight"],
+                           plain.stage_models["pruned"].state_dict()["net.0.weight"])
+
+
+def test_the_pipeline_refuses_distillation_without_fine_tuning():
+    with pytest.raises(ValueError, match="distill=...\\) without fine_tune_epochs"):
+        compress_lightning(MLPClassifier(hidden=(8,)), CompressionConfig(prune=PruneConfig(sparsity=0.5)),
+                           datamodule=DigitsDataModule(), distill=DistillationConfig())
