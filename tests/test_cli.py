@@ -183,6 +183,15 @@ def test_structured_resnet_narrows_its_residual_stream(tmp_path):
     assert any(m.startswith("group_residuals: 1 channel group(s)") for m in report.messages)
 
 
+def test_distill_fine_tunes_the_pruned_model_against_the_input_model(tmp_path):
+    assert main(["compress", "--model", "resnet", "--model-args", '{"width": 8, "blocks": 2}', "--prune",
+                 "ln_structured", "--sparsity", "0.5", "--quantize", "none", *QUICK, "--distill",
+                 "--distill-temperature", "2", "--distill-alpha", "0.7", "--output-dir", str(tmp_path)]) == 0
+    report = CompressionReport.load_json(tmp_path / "report.json")
+    assert report["pruned"].description.endswith("fine-tuning steps, distilled (T=2, alpha=0.7)")
+    assert report["shrunk"].parameters < report["input"].parameters
+
+
 @pytest.mark.parametrize("squeeze_excitation", [False, True])
 def test_structured_mobilenet_narrows_its_depthwise_blocks_and_stream(tmp_path, squeeze_excitation):
     model_args = f'{{"width": 8, "blocks": 2, "squeeze_excitation": {str(squeeze_excitation).lower()}}}'
@@ -481,6 +490,12 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
                                "pruned"),
     (["--prune", "none", "--prune-heads", "0.5"], "--prune-heads prunes along with --prune"),
     (["--prune-heads", "1"], "argument --prune-heads: expected a fraction in [0, 1), got 1"),
+    (["--distill-alpha", "0.9"], "--distill-alpha: option(s) of --distill, which is not given"),
+    (["--distill", "--prune", "none"], "--distill trains the pruned model against the input model while it "
+                                       "fine-tunes: it needs a --prune method and --prune-epochs >= 1"),
+    (["--distill", "--prune-epochs", "0"], "it needs a --prune method and --prune-epochs >= 1"),
+    (["--distill", "--distill-alpha", "1.5"], "argument --distill-alpha: expected a number in [0, 1], got 1.5"),
+    (["--distill", "--distill-temperature", "0"], "argument --distill-temperature: expected a number > 0, got 0"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

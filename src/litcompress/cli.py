@@ -50,6 +50,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value == 0:
@@ -238,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--prune-embeddings", action="store_true",
                        help="structured methods also prune the dims of nn.Embedding/nn.EmbeddingBag layers (their "
                             "weights' columns), which shrink removes (default: embeddings stay dense)")
+    prune.add_argument("--distill", action="store_true",
+                       help="fine-tune the pruned model against the input model as a frozen teacher (knowledge "
+                            "distillation: loss = (1 - alpha) * the training step's loss + alpha * T^2 * KL of the "
+                            "softened outputs)")
+    prune.add_argument("--distill-temperature", type=_positive_float, metavar="T",
+                       help="softmax temperature of --distill (default: 4)")
+    prune.add_argument("--distill-alpha", type=_unit_interval, metavar="ALPHA",
+                       help="weight of the distillation term with --distill, in [0, 1] (default: 0.5)")
     prune.add_argument("--exclude", type=_names,
                        help="comma-separated module names left dense (default: the last layer for structured "
                             "methods)")
@@ -373,6 +388,28 @@ def _configs(args: argparse.Namespace) -> Any:
                              fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
                              num_threads=args.threads, keep_multiple_of=args.keep_multiple_of,
                              sparse_kernels=args.sparse_kernels)
+
+
+def _distillation(args: argparse.Namespace, config: Any, model: Any) -> Any:
+    """The --distill configuration, or None (ValueError when the options do not fit together)."""
+    from litcompress.distillation import DistillationConfig
+
+    if not args.distill:
+        given = [o for o, v in (("--distill-temperature", args.distill_temperature),
+                                ("--distill-alpha", args.distill_alpha)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: option(s) of --distill, which is not given; add --distill, "
+                             "or drop them.")
+        return None
+    if config.prune is None or not args.prune_epochs:
+        raise ValueError("--distill trains the pruned model against the input model while it fine-tunes: it needs "
+                         "a --prune method and --prune-epochs >= 1.")
+    if not model.automatic_optimization:
+        raise ValueError(f"--distill: {type(model).__name__} uses manual optimization, whose training_step runs "
+                         "backward itself, so no distillation term can join its loss.")
+    options = {k: v for k, v in (("temperature", args.distill_temperature), ("alpha", args.distill_alpha))
+               if v is not None}
+    return DistillationConfig(**options)
 
 
 def _built(option: str, cls: Any, kwargs: dict[str, Any]) -> Any:
@@ -590,6 +627,7 @@ def run_compress(args: argparse.Namespace) -> int:
         data.prepare_data()
         data.setup("fit")
         model = _model(args, data)
+        distill = _distillation(args, config, model)
         compressed = model
         if args.submodule is not None:
             compressed = getattr(model, args.submodule, None)
@@ -630,7 +668,7 @@ def run_compress(args: argparse.Namespace) -> int:
                                 example_inputs=example_inputs, submodule=args.submodule,
                                 # without --inputs, compress_lightning reads the batches as validation_step does
                                 input_fn=input_fn if args.inputs is not None else None,
-                                output_dir=args.output_dir)
+                                output_dir=args.output_dir, distill=distill)
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")
