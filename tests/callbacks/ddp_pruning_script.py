@@ -1,6 +1,6 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured} OUT_DIR [ddp|ddp_spawn]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured,distill} OUT_DIR [ddp|ddp_spawn]
        [permanent|masked]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
@@ -16,7 +16,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
 from litcompress import ModelPruning
-from litcompress.callbacks import HeadPruning, UnitPruning
+from litcompress.callbacks import HeadPruning, KnowledgeDistillation, UnitPruning
 
 
 class Model(BoringModel):
@@ -70,6 +70,9 @@ class SaveMasks(Callback):
         state = {k: v for k, v in pl_module.state_dict().items() if k.endswith(("_mask", "_orig"))}
         state.update({f"{name}.effective": m.weight.detach().clone() for name, m in pl_module.named_modules()
                       if isinstance(m, nn.Linear)})
+        for callback in trainer.callbacks:
+            if isinstance(callback, KnowledgeDistillation):
+                state.update({f"teacher.{k}": v for k, v in callback.teacher.state_dict().items()})
         torch.save(state, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
@@ -90,6 +93,10 @@ def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked")
     if impl == "heads":  # litcompress's HeadPruning, once after the first step
         model = AttentionModel()
         callback = HeadPruning(0.5, make_pruning_permanent=permanence == "permanent")
+    elif impl == "distill":  # KnowledgeDistillation from the model as the fit starts (alpha: the permanence slot)
+        torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # repeatable runs; the ranks still differ
+        model = Model()
+        callback = KnowledgeDistillation(temperature=2.0, alpha=float(permanence) if permanence != "masked" else 0.5)
     elif impl == "units":  # litcompress's UnitPruning, once after the first step
         model = RecurrentModel()
         callback = UnitPruning(0.5, make_pruning_permanent=permanence == "permanent")

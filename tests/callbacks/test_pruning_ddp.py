@@ -75,3 +75,17 @@ def test_ddp_ranks_prune_the_same_units(tmp_path):
     assert int((rows == 0).all(dim=(0, 2)).sum()) == 16  # half of the 32 units, in every gate
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_ddp_ranks_distil_from_the_same_teacher_and_train_alike(tmp_path):
+    (tmp_path / "distilled").mkdir()
+    (tmp_path / "plain").mkdir()
+    states = _run("distill", tmp_path / "distilled", "ddp", "0.9")
+    plain = _run("distill", tmp_path / "plain", "ddp", "0.0")
+    # the teacher is copied after DDP synced the ranks' differently initialised models: one teacher on every rank
+    assert any(key.startswith("teacher.") for key in states[0])
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    # alpha 0.9 trained other weights than alpha 0 from the same start (the term reached the DDP gradients)
+    assert not torch.equal(states[0]["layer.0.effective"], plain[0]["layer.0.effective"])
+    assert torch.equal(states[0]["teacher.layer.0.weight"], plain[0]["teacher.layer.0.weight"])

@@ -158,11 +158,14 @@ class KnowledgeDistillation(Callback):
         distiller = self.distiller
         assert distiller is not None
         terms: list[torch.Tensor] = []
+        batch_sizes: list[int] = []
 
         def hook(_: nn.Module, inputs: tuple, keywords: dict, outputs: Any) -> None:
-            if not distiller.outputs_fn(outputs).requires_grad:
+            picked = distiller.outputs_fn(outputs)
+            if not picked.requires_grad:
                 return  # a call without gradients (under no_grad): nothing to train
             terms.append(distiller.distillation_term(outputs, *inputs, **keywords))
+            batch_sizes.append(int(picked.shape[0]) if picked.dim() else 1)
 
         handle = student.register_forward_hook(hook, with_kwargs=True)
         try:
@@ -182,7 +185,8 @@ class KnowledgeDistillation(Callback):
                                f"({called}, not .forward(...)){'' if self.submodule else ', or pass submodule='}.")
         distillation = torch.stack(terms).mean()
         if self.log_name is not None:
-            module.log(self.log_name, distillation.detach(), on_step=False, on_epoch=True)
+            # the batch size given: Lightning's guess from the batch warns on dict batches
+            module.log(self.log_name, distillation.detach(), on_step=False, on_epoch=True, batch_size=batch_sizes[0])
         combined = distiller.combine(loss, distillation)
         return {**output, "loss": combined} if isinstance(output, Mapping) else combined
 
