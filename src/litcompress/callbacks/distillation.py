@@ -51,7 +51,7 @@ class KnowledgeDistillation(Callback):
     its loss (a tensor, or a dict with ``"loss"``); manual optimization is refused (its step runs backward itself).
     """
 
-    def __init__(self, teacher: nn.Module | None = None, *, temperature: float = 4.0, alpha: float = 0.5,
+    def __init__(self, teacher: nn.Module | None = None, *, temperature: float = 1.0, alpha: float = 0.5,
                  kind: DistillationKind = "kl", submodule: str | None = None,
                  outputs_fn: Callable[[Any], torch.Tensor] | None = None,
                  log_name: str | None = "distill_loss") -> None:

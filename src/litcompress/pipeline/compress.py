@@ -684,7 +684,7 @@ def compress(
         output_dir: where the pruned state dict, the exported model and the report files are written.
         input_fn: maps a calibration batch to the model's positional inputs.
         metric_name, test_metric_name: column titles in the report.
-        fine_tune_description: what ``fine_tune`` does besides training (e.g. ``"distilled (T=4, alpha=0.5)"``),
+        fine_tune_description: what ``fine_tune`` does besides training (e.g. ``"distilled (T=1, alpha=0.5)"``),
             appended to the pruned stage's description in the report.
     """
     config = config if config is not None else CompressionConfig()
