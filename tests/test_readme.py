@@ -107,6 +107,13 @@ CHECKS = {
     "qat_model = prepare_qat(model": lambda ns: (  # the untouched model; the int8 one takes any batch size
         Path("model_qat.pt2").exists() and ns["int8"].model(ns["x"][:5]).shape == (5, 10)
         and not torch.equal(ns["qat_model"].model[0].weight, ns["model"][0].weight)),
+    "distill = KnowledgeDistillation(": lambda ns: (  # the student pruned, the teacher (the module at fit start) dense
+        float((ns["module"].net[0].weight == 0).float().mean()) >= 0.5 - 1e-3
+        and not bool((ns["distill"].teacher.net[0].weight == 0).any()) and "training_step" not in ns["module"].__dict__
+        and ns["trainer"].callback_metrics["distill_loss"] > 0),
+    "distiller = Distiller(model": lambda ns: (  # the teacher a frozen copy; the caller's model left trainable
+        ns["distiller"].teacher is not ns["model"] and not ns["distiller"].teacher.training
+        and all(p.requires_grad for p in ns["model"].parameters()) and bool(torch.isfinite(ns["loss"]))),
     "rewind_(targets, ticket)": lambda ns: abs(  # three global rounds of 50%, biases untouched
         ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3,
 }
