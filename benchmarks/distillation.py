@@ -118,7 +118,8 @@ def run(model_name: str, method: str, sparsity: float, seed: int, args: argparse
     dense = MODELS[model_name](args.lr, SIDE[args.data])
     L.Trainer(max_epochs=args.epochs, **QUIET_CPU_TRAINER, num_sanity_val_steps=0,
               limit_val_batches=0).fit(dense, datamodule=data)
-    row: dict = {"model": model_name, "method": method, "sparsity": sparsity, "seed": seed, "variants": {}}
+    row: dict = {"data": args.data, "model": model_name, "method": method, "sparsity": sparsity, "seed": seed,
+                 "variants": {}}
     config = CompressionConfig(prune=PruneConfig(sparsity=sparsity, method=method), quantize=None, export=False,
                                latency_repeats=1, num_threads=args.threads)
     for variant in [None, *args.distill]:  # one dense model and data order, every variant
@@ -133,7 +134,7 @@ def run(model_name: str, method: str, sparsity: float, seed: int, args: argparse
                                            "params": final.parameters, "seconds": time.perf_counter() - started}
         row["dense"] = {"val": stages["input"].metric, "test": stages["input"].test_metric,
                         "params": stages["input"].parameters}
-    print(f"{model_name} {method} {sparsity:.0%} seed {seed}: dense {row['dense']['test']:.4f}, "
+    print(f"{args.data} {model_name} {method} {sparsity:.0%} seed {seed}: dense {row['dense']['test']:.4f}, "
           + ", ".join(f"{k} {v['test']:.4f}/{v['val']:.4f} ({v['seconds']:.0f} s)"
                       for k, v in row["variants"].items()), flush=True)
     return row
@@ -147,15 +148,15 @@ def table(rows: list[dict], split: str) -> str:
     """One line per setting and variant: `split` accuracy of the shrunk model, and its difference from the control."""
     lines = [f"| setting | params (dense → shrunk) | dense {split} | variant | {split} acc. (%) "
              "| Δ vs no distillation, mean (per seed) |", "|---|---|---:|---|---:|---|"]
-    for key in dict.fromkeys((r["model"], r["method"], r["sparsity"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["method"], r["sparsity"]) == key]
+    for key in dict.fromkeys((r["data"], r["model"], r["method"], r["sparsity"]) for r in rows):
+        group = [r for r in rows if (r["data"], r["model"], r["method"], r["sparsity"]) == key]
         control = [r["variants"][label(None)][split] for r in group]
         for name in group[0]["variants"]:
             values = [r["variants"][name][split] for r in group]
             diffs = [100 * (v - c) for v, c in zip(values, control)]
             delta = "" if name == label(None) else \
                 f"**{statistics.mean(diffs):+.2f} pt** ({', '.join(f'{d:+.2f}' for d in diffs)})"
-            lines.append(f"| {key[0]} {key[1]} {key[2]:.0%} | {group[0]['dense']['params']:,} → "
+            lines.append(f"| {key[0]} {key[1]} {key[2]} {key[3]:.0%} | {group[0]['dense']['params']:,} → "
                          f"{group[0]['variants'][name]['params']:,} | {_mean_std([r['dense'][split] for r in group])} "
                          f"| {name} | {_mean_std(values)} | {delta} |")
     return "\n".join(lines)
