@@ -252,14 +252,17 @@ class CrashAtStep(Callback):
 def fit_killed_and_resumed(tmp_path: Any, make_model: Any, make_callback: Any, make_data: Any, *, crash_step: int = 25,
                            epochs: int = 3, seed: int = 1) -> tuple[Any, dict, Any]:
     """One fit three ways, seeded alike, each with a fresh model, callback and data: uninterrupted; killed at
-    `crash_step` with a checkpoint after every epoch; resumed from that checkpoint. Returns the uninterrupted model,
+    `crash_step` with a checkpoint after every epoch; resumed from that checkpoint (`make_callback` may return a list
+    of callbacks). Returns the uninterrupted model,
     the state dict the crash left on disk and the resumed model."""
     from lightning.pytorch import seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(callbacks: list, ckpt_path: Any = None) -> Any:
         model = make_model()
-        trainer = Trainer(max_epochs=epochs, callbacks=[make_callback(), *callbacks], accelerator="cpu", devices=1,
+        made = make_callback()  # a callback, or a list of them
+        trainer = Trainer(max_epochs=epochs, callbacks=[*(made if isinstance(made, list) else [made]), *callbacks],
+                          accelerator="cpu", devices=1,
                           logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,
                           default_root_dir=tmp_path)
         trainer.fit(model, datamodule=make_data(), ckpt_path=ckpt_path)

@@ -104,6 +104,26 @@ def test_killed_mid_fit_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
     assert "training_step" not in reference.__dict__ and "training_step" not in resumed.__dict__
 
 
+def test_pruned_and_distilled_in_one_fit_killed_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
+    made: list[list] = []
+
+    def make_callbacks() -> list:
+        made.append([KnowledgeDistillation(alpha=0.5),
+                     ModelPruning("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False, verbose=0)])
+        return made[-1]
+
+    reference, state, resumed = fit_killed_and_resumed(
+        tmp_path, lambda: MLPClassifier(hidden=(24,), lr=1e-2), make_callbacks, DigitsDataModule, crash_step=25)
+    MLPClassifier(hidden=(24,)).load_state_dict(state)  # killed mid-schedule: the plain architecture's keys,
+    assert float((state["net.0.weight"] == 0).float().mean()) > 0.2  # pruned (the masks are the callback's state)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    teacher = made[0][0].teacher.state_dict()
+    assert set(teacher) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}  # dense, plain keys
+    for key, value in teacher.items():
+        assert torch.equal(made[2][0].teacher.state_dict()[key], value), key
+
+
 class _ManualDigits(StepsTwoOptimizers, MLPClassifier):
     def optimizer_groups(self) -> list[list[nn.Parameter]]:
         return [list(self.net[0].parameters()), list(self.net[2].parameters())]
