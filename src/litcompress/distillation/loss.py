@@ -12,6 +12,7 @@ does it inside a Lightning fit.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -149,9 +150,10 @@ class Distiller:
     def teacher_outputs(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The teacher's outputs on these inputs (in eval mode, without gradients, on the inputs' device)."""
         device = _device_of(args, kwargs)
-        if device is not None:
-            self.teacher.to(device)
-        self.teacher.eval()
+        held = next(itertools.chain(self.teacher.parameters(), self.teacher.buffers()), None)
+        if device is not None and held is not None and held.device != device:
+            self.teacher.to(device)  # only when the inputs moved: .to walks every tensor, even to stay
+        self.teacher.eval()  # cheap, and a teacher given with copy=False may have been switched to train mode
         return self.outputs_fn(self.teacher(*args, **kwargs))
 
     def distillation_term(self, student_outputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
