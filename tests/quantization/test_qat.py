@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +235,41 @@ def test_compiled_conversion_computes_what_the_reference_program_does(tmp_path):
         for rows in (16, 3):
             _agree(compiled(x[:rows]), reference(x[:rows]), reference(x[:rows]))
             _agree(loaded(x[:rows]), reference(x[:rows]), reference(x[:rows]))
+
+
+def test_sync_ranges_outside_a_distributed_run_changes_nothing():
+    qat = prepare_qat(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), (torch.randn(5, 6),))
+    before = qat.fake_quant_state()
+    assert qat.sync_ranges_() == 0
+    after = qat.fake_quant_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ddp_ranks_sync_their_ranges_to_those_of_one_process_seeing_every_batch(tmp_path):
+    script = Path(__file__).with_name("qat_ddp_script.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[2]), str(script.parents[2] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    # prepared on their own first batches, the ranks' activation ranges differed; synced, each is the widest
+    prepared = first["gathered"]
+    differing = {k.rsplit(".", 1)[0] for k in prepared[0] if not torch.equal(prepared[0][k], prepared[1][k])}
+    assert differing and first["changed_at_prepare"] == second["changed_at_prepare"] == len(differing)
+    for name in {k.rsplit(".", 1)[0] for k in first["synced"]}:
+        for record in (first, second):
+            synced = record["synced"]
+            lows, highs = (prepared[0][f"{name}.min"], prepared[1][f"{name}.min"]), (prepared[0][f"{name}.max"],
+                                                                                     prepared[1][f"{name}.max"])
+            assert torch.equal(synced[f"{name}.min"], torch.minimum(*lows))
+            assert torch.equal(synced[f"{name}.max"], torch.maximum(*highs))
+            if name not in differing:  # the weights' quantizers: the same on every rank, their scales left bit for bit
+                assert torch.equal(synced[f"{name}.scale"], prepared[record is second][f"{name}.scale"])
+    # after every step the input's range is exactly what one process averaging over the union of the batches holds
+    assert first["union_steps"] == second["union_steps"] == [(True, True)] * 5
+    for key in ("synced", "trained", "weights"):
+        assert first[key].keys() == second[key].keys()
+        for name in first[key]:
+            assert torch.equal(first[key][name], second[key][name]), (key, name)
+    torch.testing.assert_close(first["int8_outputs"], second["int8_outputs"], rtol=0, atol=0)

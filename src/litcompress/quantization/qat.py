@@ -157,6 +157,51 @@ class QATModel(nn.Module):
             self.apply_masks_()
         return self.graph(*args)
 
+    @torch.no_grad()
+    def sync_ranges_(self, group: "torch.distributed.ProcessGroup | None" = None) -> int:
+        """In a distributed run (``torch.distributed`` initialised, more than one process in `group`): give every
+        process the same int8 ranges, each observer's minimum the smallest and its maximum the largest any process
+        holds, and the fake quantizers' scales and zero points that follow from them. Returns how many quantizers
+        had differed between the processes (the same number on each; 0 outside a distributed run).
+
+        Call it after every training step, on every process (the callback does). Each process's observers see only
+        its own batches, so without it they drift apart and every process would convert to another int8 model. The
+        observers keep moving averages, ``m + c (x - m)``, of each batch's extreme: started equal and synced after
+        every step, they hold exactly the averages one process would hold over the union of the batches (that
+        update is monotone in ``x``). Weights are the same on every process under DDP, so their quantizers, like
+        every quantizer that already agreed, are left bit for bit."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+            return 0
+        quantizers = [m for m in self.graph.modules() if _observed_range(m) is not None]
+        if not quantizers:
+            return 0
+        ranges = [_observed_range(m) for m in quantizers]
+        own = torch.cat([torch.cat([-low.reshape(-1), high.reshape(-1)]) for low, high in ranges])
+        widest = own.clone()
+        dist.all_reduce(widest, op=dist.ReduceOp.MAX, group=group)  # max of -min: the min, in the same call
+        moved, start = [], 0
+        for low, high in ranges:
+            end = start + low.numel() + high.numel()
+            moved.append(not torch.equal(widest[start:end], own[start:end]))
+            start = end
+        differed = torch.tensor(moved, dtype=torch.uint8, device=own.device)
+        dist.all_reduce(differed, op=dist.ReduceOp.MAX, group=group)  # moved on any process: recomputed on all
+        start = 0
+        for quantizer, (low, high), flag in zip(quantizers, ranges, differed.tolist()):
+            middle, end = start + low.numel(), start + low.numel() + high.numel()
+            if flag:
+                low.copy_(-widest[start:middle].view_as(low))
+                high.copy_(widest[middle:end].view_as(high))
+                scale, zero_point = quantizer.calculate_qparams()
+                for buffer, value in ((quantizer.scale, scale), (quantizer.zero_point, zero_point)):
+                    if buffer.shape != value.shape:
+                        buffer.resize_(value.shape)
+                    buffer.copy_(value)
+            start = end
+        return int(differed.sum())
+
     def fake_quant_state(self) -> dict[str, torch.Tensor]:
         """What the graph holds beyond the model's own state: the observers' ranges and the fake quantizers' scales
         (a checkpoint of the model does not have them; :meth:`load_fake_quant_state` puts them back). The on/off flags
@@ -267,6 +312,18 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         prepared = prepare_qat_pt2e(graph, quantizer)
     _observe_(prepared, example_inputs)
     return QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
+
+
+def _observed_range(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The running (min, max) of a fake quantizer whose observer tracks one, with the scale and zero point it sets;
+    None for any other module."""
+    observer = getattr(module, "activation_post_process", None)
+    low, high = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+    if not (isinstance(low, torch.Tensor) and isinstance(high, torch.Tensor) and hasattr(module, "calculate_qparams")
+            and isinstance(getattr(module, "scale", None), torch.Tensor)
+            and isinstance(getattr(module, "zero_point", None), torch.Tensor)):
+        return None
+    return low, high
 
 
 def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
