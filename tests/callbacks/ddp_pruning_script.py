@@ -1,7 +1,7 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured,distill} OUT_DIR [ddp|ddp_spawn]
-       [permanent|masked]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured,distill,qat} OUT_DIR
+       [ddp|ddp_spawn] [permanent|masked]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """
@@ -12,11 +12,11 @@ import sys
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
-from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch import nn
 
 from litcompress import ModelPruning
-from litcompress.callbacks import HeadPruning, KnowledgeDistillation, UnitPruning
+from litcompress.callbacks import HeadPruning, KnowledgeDistillation, QuantizationAwareTraining, UnitPruning
 
 
 class Model(BoringModel):
@@ -60,6 +60,39 @@ class RecurrentModel(Model):
         return self.layer(self.rnn(x.view(-1, 4, 8))[0][:, -1])  # 4 steps of 8
 
 
+class ValidatedModel(Model):
+    """Has batch norm, whose statistics each rank gathers from its own batches, and logs a validation metric,
+    averaged over the ranks' shards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(RandomDataset(32, 64), batch_size=4)  # batch norm needs more than one row
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.step(batch)
+        self.log("val_loss", loss, sync_dist=True)
+        return loss
+
+
+class SaveQAT(Callback):
+    """After QAT's fit end (it comes later in the callback list): each rank saves its observers' ranges, its int8
+    model's outputs on one fixed batch and the metric it measured."""
+
+    def __init__(self, out: str, qat: QuantizationAwareTraining) -> None:
+        self.out, self.qat = out, qat
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = {f"fake_quant.{k}": v for k, v in self.qat.qat.fake_quant_state().items()}
+        state.update({f"weight.{k}": v.detach().clone() for k, v in pl_module.state_dict().items()})
+        with torch.no_grad():
+            state["int8_outputs"] = self.qat.result.model(torch.linspace(-2, 2, 4 * 32).view(4, 32))
+        state["metric"] = torch.tensor(self.qat.metric_value)
+        torch.save(state, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
 class SaveMasks(Callback):
     """Each rank saves its pruning state when training ends (before the strategy tears the processes down)."""
 
@@ -97,6 +130,19 @@ def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked")
         torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))  # repeatable runs; the ranks still differ
         model = Model()
         callback = KnowledgeDistillation(temperature=2.0, alpha=float(permanence) if permanence != "masked" else 0.5)
+    elif impl == "qat":  # QuantizationAwareTraining of `layer`, each rank on its own data (seeded otherwise)
+        torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))
+        model = ValidatedModel()
+        save_path = os.path.join(out, "model_qat.pt2") if permanence == "save" else None
+        qat = QuantizationAwareTraining("layer", metric="val_loss", save_path=save_path)
+        trainer = Trainer(
+            accelerator="cpu", strategy=strategy, devices=2, max_epochs=2, limit_train_batches=3, limit_val_batches=2,
+            check_val_every_n_epoch=3, num_sanity_val_steps=0,  # so no validation forward after the last step
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[qat, SaveQAT(out, qat), DestroyProcessGroup()],
+        )
+        trainer.fit(model)
+        return
     elif impl == "units":  # litcompress's UnitPruning, once after the first step
         model = RecurrentModel()
         callback = UnitPruning(0.5, make_pruning_permanent=permanence == "permanent")

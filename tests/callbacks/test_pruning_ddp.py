@@ -1,4 +1,5 @@
-"""Under DDP every rank prunes the same sub-network, whatever each rank's random state."""
+"""Under DDP every rank prunes the same sub-network, whatever each rank's random state; distils from the same teacher;
+and trains QAT through the same int8 ranges."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 
-def _run(impl: str, out: Path, *args: str) -> dict[int, dict[str, torch.Tensor]]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2] / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(SCRIPT), impl, str(out), *args], env=env, capture_output=True,
+def _launch(impl: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    src = str(SCRIPT.parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(SCRIPT), impl, str(out), *args], env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def _run(impl: str, out: Path, *args: str) -> dict[int, dict[str, torch.Tensor]]:
+    done = _launch(impl, out, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return {rank: torch.load(out / f"rank{rank}.pt") for rank in (0, 1)}
 
@@ -89,3 +95,29 @@ def test_ddp_ranks_distil_from_the_same_teacher_and_train_alike(tmp_path):
     # alpha 0.9 trained other weights than alpha 0 from the same start (the term reached the DDP gradients)
     assert not torch.equal(states[0]["layer.0.effective"], plain[0]["layer.0.effective"])
     assert torch.equal(states[0]["teacher.layer.0.weight"], plain[0]["teacher.layer.0.weight"])
+
+
+def test_ddp_ranks_train_qat_through_the_same_ranges_and_convert_alike(tmp_path):
+    # Each rank sees other batches, so each rank's observers would settle on other ranges (and convert to another int8
+    # model) unless the callback syncs them after every step.
+    states = _run("qat", tmp_path, "ddp", "save")
+    ranges = [k for k in states[0] if k.endswith(("min_val", "max_val"))]
+    assert len(ranges) >= 8  # two activation and two weight quantizers' min and max
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    int8 = torch.load(tmp_path / "rank0.pt")["int8_outputs"]
+    assert torch.isfinite(int8).all() and int8.shape == (4, 2)
+    assert float(states[0]["metric"]) > 0  # the validation loss of the int8 model, the mean of the ranks' shards
+    from litcompress import load_quantized
+
+    with torch.no_grad():
+        loaded, recipe = load_quantized(tmp_path / "model_qat.pt2")
+        outputs = loaded(torch.linspace(-2, 2, 4 * 32).view(4, 32))
+    assert recipe.backend == "pt2e"
+    torch.testing.assert_close(outputs, int8)  # rank 0 wrote the model every rank holds
+
+
+def test_ddp_spawn_qat_without_a_save_path_is_refused(tmp_path):
+    done = _launch("qat", tmp_path, "ddp_spawn")
+    assert done.returncode != 0
+    assert "worker processes" in done.stderr and "save_path" in done.stderr, done.stderr[-3000:]

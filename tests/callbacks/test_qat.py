@@ -163,6 +163,30 @@ def test_a_model_still_pruned_with_masks_is_refused_before_its_first_qat_step(tm
     assert "forward" not in model.net.__dict__
 
 
+@pytest.mark.parametrize(
+    ("strategy", "save_path", "message"),
+    [
+        ("model_parallel", None, r"runs on one device or under DDP.*ModelParallelStrategy shards or wraps"),
+        ("ddp_spawn", None, r"worker processes.*Give save_path"),
+        ("ddp_spawn", "int8.pt2", None),  # the workers' rank 0 writes it
+        ("ddp", None, None),  # every process holds the int8 model
+    ],
+)
+def test_multi_process_strategies_are_checked_at_setup(tmp_path, strategy, save_path, message):
+    # The hook is called on the Trainer as built: a fit would launch the processes (the DDP runs are in
+    # tests/callbacks/test_pruning_ddp.py).
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = Trainer(accelerator="cpu", devices=2, logger=False,
+                      strategy=ModelParallelStrategy() if strategy == "model_parallel" else strategy)
+    callback = QuantizationAwareTraining("net", save_path=save_path and tmp_path / save_path)
+    if message is None:
+        callback.setup(trainer, MLPClassifier(hidden=(8,)), "fit")
+    else:
+        with pytest.raises(ValueError, match=message):
+            callback.setup(trainer, MLPClassifier(hidden=(8,)), "fit")
+
+
 def test_a_module_left_in_eval_mode_while_training_is_said(tmp_path):
     model = MLPClassifier(hidden=(8,))
     model.net.eval()  # e.g. a model evaluated before this fit: Lightning keeps the submodule's mode

@@ -72,7 +72,9 @@ class QuantizationAwareTraining(Callback):
             int8 model in ``result`` then runs on fused int8 kernels instead of torch's slower reference ops.
 
     After ``trainer.fit``: ``result`` (a :class:`~litcompress.quantization.qat.QATResult`: ``result.model`` is the
-    int8 model, ``result.save(path)`` writes it). A model pruned in the same fit is refused (its masks are computed in
+    int8 model, ``result.save(path)`` writes it). Under DDP the observers' ranges are synced after every step and
+    every process converts the same model (rank 0 writes ``save_path``; a spawned launcher, ``ddp_spawn``, needs it,
+    since ``result`` stays in the workers). A model pruned in the same fit is refused (its masks are computed in
     forward): prune in one fit (``make_pruning_permanent=True``), then run QAT in a second; ``keep_sparsity`` keeps
     the zeros.
     """
@@ -103,11 +105,16 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            raise RuntimeError(f"{_OWNER} runs in one process (world size {trainer.world_size} here): each process's "
-                               "observers would see only its own batches and settle on other int8 ranges. Fine-tune "
-                               "with QAT on one device (it is a short stage), or quantize after training with "
-                               "QuantizeOnFitEnd.")
+        if trainer.world_size > 1 and not _data_parallel(trainer.strategy):
+            raise ValueError(f"{_OWNER} runs on one device or under DDP (strategy='ddp', 'ddp_spawn', ...); "
+                             f"{type(trainer.strategy).__name__} shards or wraps the parameters, which the QAT graph, "
+                             "traced on the module itself, would not train. Fine-tune with QAT under DDP or on one "
+                             "device (it is a short stage).")
+        if trainer.world_size > 1 and self.save_path is None and _runs_in_workers(trainer):
+            raise ValueError(f"{_OWNER}: under strategy={type(trainer.strategy).__name__} with a spawned or forked "
+                             "launcher the fit runs in worker processes, which build the int8 model; this process's "
+                             "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
+                             "the model there; litcompress.load_quantized reads it), or use strategy='ddp'.")
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
                              f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
@@ -156,6 +163,7 @@ class QuantizationAwareTraining(Callback):
             if self._pending_state is not None:
                 self.qat.load_fake_quant_state(self._pending_state)
                 self._pending_state = None
+            self.qat.sync_ranges_()  # each process observed its own first batch: every step starts from one range
             if not module.training:  # the first call is a training step's
                 rank_zero_warn(f"{_OWNER}: {type(module).__name__} is in eval mode while training (Lightning keeps "
                                "a submodule's mode, e.g. of a model evaluated before fit), so its QAT graph trains in "
@@ -166,6 +174,11 @@ class QuantizationAwareTraining(Callback):
             log.info(f"{_OWNER}: {type(module).__name__} trains through int8 rounding from here "
                      f"({self.qat.recipe.describe()}{held}).")
         return self.qat
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.qat is not None and trainer.world_size > 1:
+            self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
 
     def _restore_forward(self) -> None:
         if self._installed():
@@ -180,11 +193,16 @@ class QuantizationAwareTraining(Callback):
         if trainer.fast_dev_run:
             log.info(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.")
             return
+        if trainer.world_size > 1:
+            # DDP gives every process rank 0's buffers before each forward; after the last one, each process's batch
+            # norm statistics are its own batches'. Every process converts rank 0's model, the one checkpoints hold.
+            for buffer in self._module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         self.result = self.qat.convert(compile=self.compile)  # resets the held zeros in the module's weights too
         if self.metric is not None:
             self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
             log.info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")
-        if self.save_path is not None:
+        if self.save_path is not None and trainer.is_global_zero:
             size = self.result.save(self.save_path)
             log.info(f"{_OWNER}: int8 model written to {os.fspath(self.save_path)} ({size / 1024:.1f} KiB).")
 
@@ -193,8 +211,12 @@ class QuantizationAwareTraining(Callback):
 
         datamodule = trainer.datamodule
         loaders = None if datamodule is not None else trainer.val_dataloaders
-        return lightning_eval_fn(pl_module, datamodule, self.metric, dataloaders=loaders,
-                                 submodule=self.submodule)(model)
+        value = lightning_eval_fn(pl_module, datamodule, self.metric, dataloaders=loaders,
+                                  submodule=self.submodule)(model)
+        if trainer.world_size > 1:  # the fit's loaders give each process its shard: the mean, as sync_dist logs it
+            value = float(trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64, device=pl_module.device),
+                                                reduce_op="mean"))
+        return value
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_forward()  # the user's module is left as it was built
@@ -210,6 +232,21 @@ class QuantizationAwareTraining(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict.get("fake_quant")
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
+
+
+def _data_parallel(strategy: Any) -> bool:
+    """DDP in any of its launchers, where every process holds the whole module (not FSDP, not DeepSpeed's engine)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _runs_in_workers(trainer: "pl.Trainer") -> bool:
+    """Whether the fit runs in processes this one spawned or forked (``ddp_spawn``, ``ddp_notebook``), whose callbacks
+    are copies: what they build stays there."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _prunes_in_fit(callback: Callback) -> bool:
