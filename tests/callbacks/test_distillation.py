@@ -233,3 +233,38 @@ def test_the_pipeline_refuses_distillation_without_fine_tuning():
     with pytest.raises(ValueError, match="distill=...\\) without fine_tune_epochs"):
         compress_lightning(MLPClassifier(hidden=(8,)), CompressionConfig(prune=PruneConfig(sparsity=0.5)),
                            datamodule=DigitsDataModule(), distill=DistillationConfig())
+
+
+def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_path):
+    # The student trains through int8 rounding (QAT's graph as `net`'s forward); the teacher is the fp32 model copied
+    # at fit start, before QAT's forward is installed, so it never rounds.
+    from litcompress.callbacks import QuantizationAwareTraining
+
+    def fit(alpha: float | None) -> tuple[MLPClassifier, QuantizationAwareTraining, KnowledgeDistillation | None]:
+        seed_everything(5)
+        model = MLPClassifier(hidden=(24,), lr=1e-2)
+        qat = QuantizationAwareTraining("net")
+        distillation = None if alpha is None else KnowledgeDistillation(alpha=alpha, temperature=2.0)
+        callbacks = [qat] if distillation is None else [distillation, qat]
+        trainer = make_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
+        trainer.fit(model, datamodule=DigitsDataModule())
+        if distillation is not None:
+            assert float(trainer.callback_metrics["distill_loss"]) > 0
+        return model, qat, distillation
+
+    seed_everything(5)
+    initial = MLPClassifier(hidden=(24,), lr=1e-2).state_dict()
+    alone, alone_qat, _ = fit(None)
+    silent, silent_qat, _ = fit(0.0)
+    distilled, distilled_qat, distillation = fit(0.7)
+    # alpha 0: the very same QAT run (weights and int8 ranges), so the two callbacks do not disturb each other
+    for key, value in alone.state_dict().items():
+        assert torch.equal(silent.state_dict()[key], value), key
+    silent_ranges = silent_qat.qat.fake_quant_state()
+    assert all(torch.equal(silent_ranges[k], v) for k, v in alone_qat.qat.fake_quant_state().items())
+    # alpha 0.7: the term reached the QAT graph's gradients; the teacher is the fp32 model from fit start
+    assert not torch.equal(distilled.net[0].weight, alone.net[0].weight)
+    teacher = distillation.teacher
+    assert "forward" not in teacher.__dict__ and "forward" not in teacher.net.__dict__
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in initial.items())
+    assert distilled_qat.result is not None and "forward" not in distilled.net.__dict__
