@@ -194,3 +194,23 @@ def test_a_module_left_in_eval_mode_while_training_is_said(tmp_path):
     with pytest.warns(UserWarning, match=r"Sequential is in eval mode while training.*Call \.train\(\) on it"):
         make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model, datamodule=DigitsDataModule())
     assert not callback.qat.training  # trained as the user left it, and said
+
+
+class BatchNormMLP(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,))
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def test_a_last_training_batch_of_one_row_stops_the_fit_with_the_statistics_intact(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    seed_everything(0)
+    model = BatchNormMLP()
+    x, y = torch.randn(9, 64), torch.randint(0, 10, (9,))
+    train = DataLoader(TensorDataset(x, y), batch_size=4)  # 4, 4, then 1
+    with pytest.raises(ValueError, match=r"batch norm \['1'\] saw one value per channel"):
+        make_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[QuantizationAwareTraining("net")]).fit(
+            model, train_dataloaders=train)
+    assert torch.isfinite(model.net[1].running_var).all() and int(model.net[1].num_batches_tracked) == 2
+    assert "forward" not in model.net.__dict__  # the model is left as it was built

@@ -273,3 +273,35 @@ def test_ddp_ranks_sync_their_ranges_to_those_of_one_process_seeing_every_batch(
         for name in first[key]:
             assert torch.equal(first[key][name], second[key][name]), (key, name)
     torch.testing.assert_close(first["int8_outputs"], second["int8_outputs"], rtol=0, atol=0)
+
+
+def test_a_training_batch_of_one_row_through_batch_norm_is_refused_and_the_statistics_kept():
+    # The eager model raises on this; the traced graph would write NaN into the model's own running variance.
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    qat = prepare_qat(model, (torch.randn(4, 8),), copy=False)
+    qat(torch.randn(4, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"batch norm \['1'\] saw one value per channel.*drop_last=True"):
+        qat(torch.randn(1, 8))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    qat.eval()
+    assert qat(torch.randn(1, 8)).shape == (1, 2)  # evaluation uses the running statistics: one row is fine
+    # a conv's batch norm has a value per position: one image trains, as in eager mode
+    convs = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    qat = prepare_qat(convs, (torch.randn(4, 1, 8, 8),), copy=False)
+    qat(torch.randn(1, 1, 8, 8))
+    assert torch.isfinite(convs[1].running_var).all() and int(convs[1].num_batches_tracked) == 1
+
+
+def test_batch_norms_count_training_batches_only_as_in_eager_mode():
+    # torchao's evaluation form still adds 1 to num_batches_tracked per call, which checkpoints would carry
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    qat = prepare_qat(model, (torch.randn(4, 8),), copy=False)
+    assert int(model[1].num_batches_tracked) == 0  # calibrating on the example inputs trained nothing
+    for _ in range(3):
+        qat(torch.randn(4, 8))
+    qat.eval()
+    for _ in range(2):
+        qat(torch.randn(4, 8))
+    assert int(model[1].num_batches_tracked) == 3

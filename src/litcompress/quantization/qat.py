@@ -13,12 +13,13 @@ Framework-free: :func:`prepare_qat` gives a module any training loop can train; 
 
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -114,6 +115,9 @@ class QATModel(nn.Module):
         self.example_inputs = tuple(example_inputs)
         self._graph_training = True
         self._model_keys = frozenset(model.state_dict())
+        # the model's batch norms (their statistics are the graph's buffers), named for the single-row check
+        self._batch_norms = {name or type(model).__name__: m for name, m in model.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None}
         params = dict(graph.named_parameters())
         self._masks: dict[str, torch.Tensor] = {}
         if config.keep_sparsity:
@@ -155,7 +159,34 @@ class QATModel(nn.Module):
         self._sync_mode()
         if self.training and self._masks:
             self.apply_masks_()
+        if self.training and self._batch_norms and _one_row(args):
+            return self._forward_guarding_batch_norms(args)
+        if not self.training and self._batch_norms:
+            with _batch_counts_kept(self._batch_norms.values()):  # the eval form still counts batches
+                return self.graph(*args)
         return self.graph(*args)
+
+    def _forward_guarding_batch_norms(self, args: tuple) -> object:
+        """A training batch of one row. The eager model refuses batch norm over one value per channel; the traced
+        graph instead writes NaN into the running variance, the user's own buffer, which the int8 conversion then
+        folds into every weight. Here that is caught and undone, and said."""
+        saved = {name: [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+                 for name, m in self._batch_norms.items()}
+        outputs = self.graph(*args)
+        broken = [name for name, m in self._batch_norms.items()
+                  if bool(torch.isnan(m.running_var).any()) and not bool(torch.isnan(saved[name][1]).any())]
+        if broken:
+            with torch.no_grad():
+                for name, m in self._batch_norms.items():
+                    buffers = [t for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+                    for buffer, value in zip(buffers, saved[name]):
+                        buffer.copy_(value)
+            raise ValueError(f"QAT: batch norm {broken[:5]} saw one value per channel in a training batch of one row "
+                             "(torch's eager model refuses this: 'Expected more than 1 value per channel when "
+                             "training'); its running variance would have become NaN, so it is left as it was. Train "
+                             "on batches of at least 2 rows, e.g. DataLoader(..., drop_last=True) when the last batch "
+                             "can hold a single sample.")
+        return outputs
 
     @torch.no_grad()
     def sync_ranges_(self, group: "torch.distributed.ProcessGroup | None" = None) -> int:
@@ -310,8 +341,30 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         warnings.filterwarnings("ignore", message=".*skip annotate.*")
         warnings.simplefilter("ignore", DeprecationWarning)
         prepared = prepare_qat_pt2e(graph, quantizer)
-    _observe_(prepared, example_inputs)
+    with _batch_counts_kept(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        _observe_(prepared, example_inputs)
     return QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
+
+
+@contextlib.contextmanager
+def _batch_counts_kept(batch_norms: Iterable[nn.Module]) -> Iterator[None]:
+    """Keep the batch norms' ``num_batches_tracked``: torchao's evaluation form of a training graph switches batch
+    norm to its running statistics but still adds 1 per call, so validation would count as training in the model's
+    checkpoints."""
+    counts = [(m.num_batches_tracked, m.num_batches_tracked.clone()) for m in batch_norms
+              if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for count, value in counts:
+                count.copy_(value)
+
+
+def _one_row(args: tuple) -> bool:
+    """Whether the first tensor input has a leading (batch) dim of size 1."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return first is not None and first.dim() >= 1 and first.shape[0] == 1
 
 
 def _observed_range(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
