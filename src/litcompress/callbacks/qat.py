@@ -100,6 +100,7 @@ class QuantizationAwareTraining(Callback):
         self.metric_value: float | None = None
         self._module: nn.Module | None = None
         self._pending_state: dict[str, torch.Tensor] | None = None  # from a checkpoint, loaded once prepared
+        self._distributed = False
 
     # ---- set-up: what would fail later fails here -------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
@@ -126,6 +127,8 @@ class QuantizationAwareTraining(Callback):
                              "zeros.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # the fit's, not torch.distributed's: a process group another fit left initialised is no reason to sync
+        self._distributed = trainer.world_size > 1
         # here, not in setup: a module that builds its layers in configure_model has them only now
         self._module = self._quantized_module(pl_module)
 
@@ -163,7 +166,8 @@ class QuantizationAwareTraining(Callback):
             if self._pending_state is not None:
                 self.qat.load_fake_quant_state(self._pending_state)
                 self._pending_state = None
-            self.qat.sync_ranges_()  # each process observed its own first batch: every step starts from one range
+            if self._distributed:  # each process observed its own first batch: every step starts from one range
+                self.qat.sync_ranges_()
             if not module.training:  # the first call is a training step's
                 rank_zero_warn(f"{_OWNER}: {type(module).__name__} is in eval mode while training (Lightning keeps "
                                "a submodule's mode, e.g. of a model evaluated before fit), so its QAT graph trains in "
@@ -177,7 +181,7 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.qat is not None and trainer.world_size > 1:
+        if self.qat is not None and self._distributed:
             self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
 
     def _restore_forward(self) -> None:
