@@ -121,3 +121,16 @@ def test_ddp_spawn_qat_without_a_save_path_is_refused(tmp_path):
     done = _launch("qat", tmp_path, "ddp_spawn")
     assert done.returncode != 0
     assert "worker processes" in done.stderr and "save_path" in done.stderr, done.stderr[-3000:]
+
+
+def test_one_device_fits_beside_an_initialised_process_group_do_not_wait_for_its_other_ranks(tmp_path):
+    # A process group another fit left initialised (Lightning does not destroy it), e.g. before fine-tuning on rank 0
+    # alone: ModelPruning, UnitPruning and QuantizationAwareTraining sync only the ranks of their own fit.
+    script = SCRIPT.with_name("beside_process_group_script.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert (tmp_path / "done").read_text() == "ok", outputs[0][1][-3000:]
+    assert [process.returncode for process in ranks] == [0, 0], outputs[0][1][-3000:]

@@ -214,21 +214,3 @@ def test_a_last_training_batch_of_one_row_stops_the_fit_with_the_statistics_inta
             model, train_dataloaders=train)
     assert torch.isfinite(model.net[1].running_var).all() and int(model.net[1].num_batches_tracked) == 2
     assert "forward" not in model.net.__dict__  # the model is left as it was built
-
-
-def test_a_one_device_fit_beside_an_initialised_process_group_does_not_sync(tmp_path):
-    # A process group another fit left initialised (Lightning does not destroy it) is no reason for a one-device fit
-    # to wait for peers that are not training.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).with_name("qat_beside_process_group_script.py")
-    src = str(script.parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [process.communicate(timeout=300) for process in ranks]
-    assert [process.returncode for process in ranks] == [0, 0], outputs[0][1][-3000:]
-    assert (tmp_path / "done").read_text() == "ok"

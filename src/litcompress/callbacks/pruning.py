@@ -354,6 +354,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._fit_trainer = trainer if stage == "fit" else None
         super().setup(trainer, pl_module, stage)  # finds the targets now, or once `configure_model` has run
 
+    def _fit_world_size(self) -> int | None:
+        """The processes of the fit this callback prunes in (None outside a fit: a direct call, in a plain loop)."""
+        return None if self._fit_trainer is None else self._fit_trainer.world_size
+
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         """Resolve ``parameters_to_prune`` on the model, register the state-dict hooks, restore a loaded state."""
         given = bool(self._parameters_to_prune)
@@ -526,7 +530,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             if self._reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
-            broadcast_pruning_state_(self._parameters_to_prune, values=True)  # `resample_parameters` draws per rank
+            broadcast_pruning_state_(self._parameters_to_prune, values=True,  # `resample_parameters` draws per rank
+                                     world_size=self._fit_world_size())
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -612,7 +617,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 # (and the epoch's checkpoint, saved after this hook). Nothing trains in between, so the training
                 # is the same either way.
                 self._reset_pending = True
-        broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset) and trainer is None)
+        broadcast_pruning_state_(self._parameters_to_prune, values=bool(reset) and trainer is None,
+                                 world_size=self._fit_world_size())
         self._rounds += 1
         after = self._total_zeros()
         if self._log_sparsity and trainer is not None:

@@ -161,7 +161,9 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def _prune(self, trainer: "pl.Trainer", pl_module: LightningModule, fraction: float) -> None:
         masked = self._prune_layers_(pl_module, fraction)
-        broadcast_pruning_state_(self._targets)  # norms agree across ranks; masks made identical regardless
+        # norms agree across ranks; masks made identical regardless (the fit's ranks only: not a process group
+        # another fit left behind)
+        broadcast_pruning_state_(self._targets, world_size=trainer.world_size)
         layers = list({id(module): module for module, _ in self._targets}.values())
         if self._log_sparsity and layers:
             counts = [self._counts(layer) for layer in layers]

@@ -15,13 +15,18 @@ def distributed_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def broadcast_pruning_state_(targets: Sequence[Target], *, src: int = 0, values: bool = False) -> None:
+def broadcast_pruning_state_(targets: Sequence[Target], *, src: int = 0, values: bool = False,
+                             world_size: int | None = None) -> None:
     """Make every rank's masks (and, with ``values=True``, trainable values) equal to rank `src`'s.
 
     Random pruning methods and ``reset_parameters`` draw from each process's own generator: without this,
     ranks that were not seeded alike would train different sub-networks. A no-op without a process group.
+
+    `world_size`: how many processes prune together, when the caller knows (a Lightning fit's
+    ``trainer.world_size``); 1 skips the broadcast even where a process group is initialised (one another fit left
+    behind, whose other ranks are not pruning and would never answer). None: the default process group's size.
     """
-    if distributed_world_size() == 1:
+    if (distributed_world_size() if world_size is None else world_size) == 1:
         return
     for module, name in targets:
         if is_pruned(module, name):
