@@ -97,10 +97,12 @@ def test_ddp_ranks_distil_from_the_same_teacher_and_train_alike(tmp_path):
     assert torch.equal(states[0]["teacher.layer.0.weight"], plain[0]["teacher.layer.0.weight"])
 
 
-def test_ddp_ranks_train_qat_through_the_same_ranges_and_convert_alike(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_ranks_train_qat_through_the_same_ranges_and_convert_alike(tmp_path, strategy):
     # Each rank sees other batches, so each rank's observers would settle on other ranges (and convert to another int8
-    # model) unless the callback syncs them after every step.
-    states = _run("qat", tmp_path, "ddp", "save")
+    # model) unless the callback syncs them after every step. Spawned, the workers build the int8 model: rank 0's file
+    # is what reaches the parent.
+    states = _run("qat", tmp_path, strategy, "save")
     ranges = [k for k in states[0] if k.endswith(("min_val", "max_val"))]
     assert len(ranges) >= 8  # two activation and two weight quantizers' min and max
     for key in states[0]:
