@@ -8,7 +8,8 @@ activations), train, ``convert_pt2e``. The int8 model is the PT2E backend's (sav
 :func:`save_quantized`, loaded by :func:`load_quantized`).
 
 Framework-free: :func:`prepare_qat` gives a module any training loop can train; the Lightning callback
-(:class:`litcompress.callbacks.QuantizationAwareTraining`) is a thin adapter over it.
+(:class:`litcompress.callbacks.QuantizationAwareTraining`) is a thin adapter over it. A data-parallel loop (DDP,
+Fabric) calls :meth:`QATModel.sync_ranges_` after every step, so that every process converts the same int8 model.
 """
 
 from __future__ import annotations
