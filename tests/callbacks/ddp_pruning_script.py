@@ -1,7 +1,7 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
-Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured,distill,qat} OUT_DIR
-       [ddp|ddp_spawn] [permanent|masked]
+Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured,distill,qat,qat_resume} OUT_DIR
+       [ddp|ddp_spawn] [permanent|masked|save|full|first|resume]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """
@@ -80,16 +80,17 @@ class SaveQAT(Callback):
     """After QAT's fit end (it comes later in the callback list): each rank saves its observers' ranges, its int8
     model's outputs on one fixed batch and the metric it measured."""
 
-    def __init__(self, out: str, qat: QuantizationAwareTraining) -> None:
-        self.out, self.qat = out, qat
+    def __init__(self, out: str, qat: QuantizationAwareTraining, prefix: str = "") -> None:
+        self.out, self.qat, self.prefix = out, qat, prefix
 
     def on_fit_end(self, trainer, pl_module) -> None:
         state = {f"fake_quant.{k}": v for k, v in self.qat.qat.fake_quant_state().items()}
         state.update({f"weight.{k}": v.detach().clone() for k, v in pl_module.state_dict().items()})
         with torch.no_grad():
             state["int8_outputs"] = self.qat.result.model(torch.linspace(-2, 2, 4 * 32).view(4, 32))
-        state["metric"] = torch.tensor(self.qat.metric_value)
-        torch.save(state, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+        if self.qat.metric_value is not None:
+            state["metric"] = torch.tensor(self.qat.metric_value)
+        torch.save(state, os.path.join(self.out, f"{self.prefix}rank{trainer.global_rank}.pt"))
 
 
 class SaveMasks(Callback):
@@ -143,6 +144,20 @@ def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked")
             enable_model_summary=False, callbacks=[qat, SaveQAT(out, qat), DestroyProcessGroup()],
         )
         trainer.fit(model)
+        return
+    elif impl == "qat_resume":  # QAT for 4 epochs ("full"), or 2 ("first") then resumed from last.ckpt ("resume")
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))
+        model, qat = ValidatedModel(), QuantizationAwareTraining("layer")
+        trainer = Trainer(
+            accelerator="cpu", strategy=strategy, devices=2, max_epochs=2 if permanence == "first" else 4,
+            limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[qat, ModelCheckpoint(dirpath=out, save_last=True), DestroyProcessGroup()]
+            + ([] if permanence == "first" else [SaveQAT(out, qat, prefix=permanence)]),
+        )
+        trainer.fit(model, ckpt_path=os.path.join(out, "last.ckpt") if permanence == "resume" else None)
         return
     elif impl == "units":  # litcompress's UnitPruning, once after the first step
         model = RecurrentModel()

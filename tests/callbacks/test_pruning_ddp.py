@@ -120,6 +120,23 @@ def test_ddp_ranks_train_qat_through_the_same_ranges_and_convert_alike(tmp_path,
     torch.testing.assert_close(outputs, int8)  # rank 0 wrote the model every rank holds
 
 
+@pytest.mark.slow
+def test_ddp_qat_stopped_and_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(tmp_path):
+    (tmp_path / "once").mkdir()
+    (tmp_path / "twice").mkdir()
+    runs = [_launch("qat_resume", tmp_path / "once", "ddp", "full"),
+            _launch("qat_resume", tmp_path / "twice", "ddp", "first"),
+            _launch("qat_resume", tmp_path / "twice", "ddp", "resume")]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-3000:]
+    once = torch.load(tmp_path / "once" / "fullrank0.pt")
+    resumed = [torch.load(tmp_path / "twice" / f"resumerank{rank}.pt") for rank in (0, 1)]
+    assert any(k.startswith("fake_quant.") for k in once)
+    for key in once:  # weights, batch-norm statistics, observers' ranges and the int8 model's outputs
+        assert torch.equal(resumed[0][key], once[key]), key
+        assert torch.equal(resumed[1][key], once[key]), key
+
+
 def test_ddp_spawn_qat_without_a_save_path_is_refused(tmp_path):
     done = _launch("qat", tmp_path, "ddp_spawn")
     assert done.returncode != 0
