@@ -184,6 +184,15 @@ class QuantizationAwareTraining(Callback):
         if self.qat is not None and self._distributed:
             self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
 
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self.qat is not None and self._distributed:
+            # DDP gives every process rank 0's buffers before each forward; after the last one, each process's batch
+            # norm statistics are its own batches'. Every process converts rank 0's model, the one checkpoints hold.
+            # Here, not at fit end: the strategy's teardown then has moved the module to the CPU, where an NCCL group
+            # cannot broadcast.
+            for buffer in self._module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def _restore_forward(self) -> None:
         if self._installed():
             del self._module.forward
@@ -197,11 +206,6 @@ class QuantizationAwareTraining(Callback):
         if trainer.fast_dev_run:
             log.info(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.")
             return
-        if trainer.world_size > 1:
-            # DDP gives every process rank 0's buffers before each forward; after the last one, each process's batch
-            # norm statistics are its own batches'. Every process converts rank 0's model, the one checkpoints hold.
-            for buffer in self._module.buffers():
-                torch.distributed.broadcast(buffer, src=0)
         self.result = self.qat.convert(compile=self.compile)  # resets the held zeros in the module's weights too
         if self.metric is not None:
             self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
@@ -218,8 +222,9 @@ class QuantizationAwareTraining(Callback):
         value = lightning_eval_fn(pl_module, datamodule, self.metric, dataloaders=loaders,
                                   submodule=self.submodule)(model)
         if trainer.world_size > 1:  # the fit's loaders give each process its shard: the mean, as sync_dist logs it
-            value = float(trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64, device=pl_module.device),
-                                                reduce_op="mean"))
+            # on the process's own device: the module is on the CPU by now, and NCCL reduces CUDA tensors only
+            value = float(trainer.strategy.reduce(
+                torch.tensor(value, dtype=torch.float64, device=trainer.strategy.root_device), reduce_op="mean"))
         return value
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
