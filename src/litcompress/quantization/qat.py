@@ -199,9 +199,11 @@ class QATModel(nn.Module):
         Call it after every training step, on every process (the callback does). Each process's observers see only
         its own batches, so without it they drift apart and every process would convert to another int8 model. The
         observers keep moving averages, ``m + c (x - m)``, of each batch's extreme: started equal and synced after
-        every step, they hold exactly the averages one process would hold over the union of the batches (that
-        update is monotone in ``x``). Weights are the same on every process under DDP, so their quantizers, like
-        every quantizer that already agreed, are left bit for bit."""
+        every step, they hold exactly the averages of the extremes over all the processes' batches (that update is
+        monotone in ``x``), as one process seeing every batch would: bit for bit for the model's inputs; deeper in,
+        approximately, since within a step each process computes its activations with its own scales.
+        Weights are the same on every process under DDP, so their quantizers, like every quantizer that already
+        agreed, are left bit for bit."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
@@ -213,12 +215,12 @@ class QATModel(nn.Module):
         own = torch.cat([torch.cat([-low.reshape(-1), high.reshape(-1)]) for low, high in ranges])
         widest = own.clone()
         dist.all_reduce(widest, op=dist.ReduceOp.MAX, group=group)  # max of -min: the min, in the same call
-        moved, start = [], 0
-        for low, high in ranges:
-            end = start + low.numel() + high.numel()
-            moved.append(not torch.equal(widest[start:end], own[start:end]))
-            start = end
-        differed = torch.tensor(moved, dtype=torch.uint8, device=own.device)
+        # per quantizer, whether any of its values moved here: one vector (no host sync per quantizer on a GPU)
+        sizes = torch.tensor([low.numel() + high.numel() for low, high in ranges], device=own.device)
+        owner = torch.repeat_interleave(torch.arange(len(ranges), device=own.device), sizes)
+        differed = torch.zeros(len(ranges), dtype=torch.int32, device=own.device)
+        differed.index_add_(0, owner, (widest != own).to(torch.int32))
+        differed.clamp_(max=1)
         dist.all_reduce(differed, op=dist.ReduceOp.MAX, group=group)  # moved on any process: recomputed on all
         start = 0
         for quantizer, (low, high), flag in zip(quantizers, ranges, differed.tolist()):
