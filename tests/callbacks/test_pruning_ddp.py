@@ -14,10 +14,14 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 
+def _env() -> dict[str, str]:
+    """This process's environment, with the checkout's `src` first on the scripts' path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2] / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
 def _launch(impl: str, out: Path, *args: str) -> subprocess.CompletedProcess:
-    src = str(SCRIPT.parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(SCRIPT), impl, str(out), *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, str(SCRIPT), impl, str(out), *args], env=_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -147,10 +151,8 @@ def test_one_device_fits_beside_an_initialised_process_group_do_not_wait_for_its
     # A process group another fit left initialised (Lightning does not destroy it), e.g. before fine-tuning on rank 0
     # alone: ModelPruning, UnitPruning and QuantizationAwareTraining sync only the ranks of their own fit.
     script = SCRIPT.with_name("beside_process_group_script.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[2] / "src"),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outputs = [process.communicate(timeout=300) for process in ranks]
     assert (tmp_path / "done").read_text() == "ok", outputs[0][1][-3000:]
     assert [process.returncode for process in ranks] == [0, 0], outputs[0][1][-3000:]

@@ -117,8 +117,7 @@ class QATModel(nn.Module):
         self._graph_training = True
         self._model_keys = frozenset(model.state_dict())
         # the model's batch norms (their statistics are the graph's buffers), named for the single-row check
-        self._batch_norms = {name or type(model).__name__: m for name, m in model.named_modules()
-                             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None}
+        self._batch_norms = _batch_norms_of(model)
         params = dict(graph.named_parameters())
         self._masks: dict[str, torch.Tensor] = {}
         if config.keep_sparsity:
@@ -171,16 +170,14 @@ class QATModel(nn.Module):
         """A training batch of one row. The eager model refuses batch norm over one value per channel; the traced
         graph instead writes NaN into the running variance, the user's own buffer, which the int8 conversion then
         folds into every weight. Here that is caught and undone, and said."""
-        saved = {name: [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
-                 for name, m in self._batch_norms.items()}
+        saved = {name: [t.clone() for t in _statistics(m)] for name, m in self._batch_norms.items()}
         outputs = self.graph(*args)
         broken = [name for name, m in self._batch_norms.items()
                   if bool(torch.isnan(m.running_var).any()) and not bool(torch.isnan(saved[name][1]).any())]
         if broken:
             with torch.no_grad():
                 for name, m in self._batch_norms.items():
-                    buffers = [t for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
-                    for buffer, value in zip(buffers, saved[name]):
+                    for buffer, value in zip(_statistics(m), saved[name]):
                         buffer.copy_(value)
             raise ValueError(f"QAT: batch norm {broken[:5]} saw one value per channel in a training batch of one row "
                              "(torch's eager model refuses this: 'Expected more than 1 value per channel when "
@@ -208,10 +205,10 @@ class QATModel(nn.Module):
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
             return 0
-        quantizers = [m for m in self.graph.modules() if _observed_range(m) is not None]
-        if not quantizers:
+        found = [(m, found) for m in self.graph.modules() if (found := _observed_range(m)) is not None]
+        if not found:
             return 0
-        ranges = [_observed_range(m) for m in quantizers]
+        quantizers, ranges = zip(*found)
         own = torch.cat([torch.cat([-low.reshape(-1), high.reshape(-1)]) for low, high in ranges])
         widest = own.clone()
         dist.all_reduce(widest, op=dist.ReduceOp.MAX, group=group)  # max of -min: the min, in the same call
@@ -344,9 +341,21 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         warnings.filterwarnings("ignore", message=".*skip annotate.*")
         warnings.simplefilter("ignore", DeprecationWarning)
         prepared = prepare_qat_pt2e(graph, quantizer)
-    with _batch_counts_kept(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+    with _batch_counts_kept(_batch_norms_of(model).values()):
         _observe_(prepared, example_inputs)
     return QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
+
+
+def _batch_norms_of(model: nn.Module) -> dict[str, nn.Module]:
+    """The batch norms of `model` that keep running statistics (in a QAT graph: its buffers), by qualified name."""
+    return {name or type(model).__name__: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None}
+
+
+def _statistics(batch_norm: nn.Module) -> list[torch.Tensor]:
+    """Running mean, running variance and, where kept, the batch count: what a training call moves."""
+    return [t for t in (batch_norm.running_mean, batch_norm.running_var, batch_norm.num_batches_tracked)
+            if t is not None]
 
 
 @contextlib.contextmanager
