@@ -404,7 +404,9 @@ def test_a_tensor_the_layer_was_built_without_fails_at_setup(tmp_path, use_globa
         (dict(parameters_to_prune=[("layer", "weight")]), "list of tuple"),
         (dict(apply_pruning="yes"), "apply_pruning"),
         (dict(use_lottery_ticket_hypothesis=1), "use_lottery_ticket_hypothesis"),
-        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=-1, use_global_unstructured=False), "pruning_norm"),
+        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm="l2", use_global_unstructured=False), "pruning_norm"),
+        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=float("nan"), use_global_unstructured=False),
+         "pruning_norm"),
         (dict(pruning_fn="random_structured", pruning_dim=0.5, use_global_unstructured=False), "pruning_dim"),
         (dict(log_sparsity="yes"), "log_sparsity='yes'"),
     ],
@@ -919,3 +921,51 @@ def test_pruning_the_rows_of_the_output_layer_is_warned_of_before_the_first_roun
     else:
         assert said == []
     assert not any(module._forward_hooks for module in model.modules())  # the watch is over
+
+
+@pytest.mark.parametrize("method", [torch_prune.LnStructured, torch_prune.RandomStructured])
+def test_a_torch_method_class_in_local_mode_gets_pruning_dim_and_norm(tmp_path, method):
+    """Lightning refuses a method class in local mode; ours prunes with it, and with `pruning_dim` as `dim` and
+    `pruning_norm` as `n`: the same masks as the method's name gives (not torch's default dim=-1)."""
+    name = "ln_structured" if method is torch_prune.LnStructured else "random_structured"
+    norm = 2 if method is torch_prune.LnStructured else None
+    masks = []
+    for pruning_fn in (name, method):
+        seed_everything(5)
+        model = ThreeLayerModel()
+        callback = ModelPruning(pruning_fn, amount=0.25, pruning_dim=0, pruning_norm=norm,
+                                use_global_unstructured=False, make_pruning_permanent=False,
+                                use_lottery_ticket_hypothesis=False, parameters_to_prune=[(model.layer.mlp_2, "weight")])
+        make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
+        masks.append(model.layer.mlp_2.weight_mask.clone())
+    assert torch.equal(masks[0], masks[1])
+    assert int((masks[1].sum(dim=1) == 0).sum()) == 8  # rows
+
+
+class NeedsAScale(torch_prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount, scale):
+        self.amount, self.scale = amount, scale
+
+    def compute_mask(self, t, default_mask):
+        return default_mask
+
+
+@pytest.mark.parametrize(("method", "kwargs", "match"), [
+    (torch_prune.LnStructured, dict(pruning_dim=0), r"`LnStructured` needs `n`: pass `pruning_norm=...`"),
+    (NeedsAScale, {}, r"`NeedsAScale` needs `scale`: .* give the others defaults in a subclass"),
+])
+def test_a_method_class_missing_its_arguments_is_refused_at_construction(method, kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        ModelPruning(method, use_global_unstructured=False, **kwargs)
+
+
+def test_a_norm_that_does_not_suit_the_targets_is_refused_before_training(tmp_path):
+    """'nuc' is a matrix norm; a Linear weight's rows leave one dimension to take it over. torch would fail at the
+    first round, after an epoch of training; the check at setup says why first."""
+    trainer = make_trainer(tmp_path, callbacks=ModelPruning("ln_structured", pruning_dim=0, pruning_norm="nuc",
+                                                            use_global_unstructured=False, parameter_names=["weight"]))
+    with pytest.raises(MisconfigurationException, match=r"`pruning_norm='nuc'` does not apply to `Linear.weight`"):
+        trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 0

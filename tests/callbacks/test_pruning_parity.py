@@ -269,3 +269,21 @@ def test_custom_method_in_global_mode(tmp_path, cls):
     make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
     assert torch.all(model.layer.mlp_2.weight.view(-1)[::2] == 0)
     assert torch.all(model.layer.mlp_2.weight.view(-1)[1::2] != 0)
+
+
+@pytest.mark.parametrize("norm", [0, -1, float("-inf"), "fro"])
+def test_ln_structured_ranks_by_every_norm_torch_takes_as_lightning_does(tmp_path, norm):
+    """torch's ln_structured takes any p-norm (0 counts the non-zeros, -inf the smallest magnitude) and 'fro'; both
+    callbacks prune with it, to the same masks."""
+    masks = []
+    for cls in (LightningModelPruning, ModelPruning):
+        seed_everything(3)
+        model = ThreeLayerModel()
+        callback = cls("ln_structured", amount=0.25, pruning_dim=0, pruning_norm=norm, use_global_unstructured=False,
+                       make_pruning_permanent=False, use_lottery_ticket_hypothesis=False,
+                       parameters_to_prune=[(model.layer.mlp_2, "weight")])
+        make_trainer(tmp_path, callbacks=callback, max_epochs=2).fit(model)
+        masks.append(model.layer.mlp_2.weight_mask.clone())
+    assert torch.equal(masks[0], masks[1])
+    assert int((masks[1].sum(dim=1) == 0).sum()) == 8 + 6  # whole rows: 25% of 32, then 25% of the 24 left
+

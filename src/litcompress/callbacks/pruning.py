@@ -48,7 +48,7 @@ from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
-from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method
+from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method, required_kwargs
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -173,9 +173,26 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._method_kwargs = pruning_kwargs
             pruning_fn = self._create_pruning_fn(pruning_fn, **pruning_kwargs)
         elif self._is_pruning_method(pruning_fn):
-            # Lightning refuses custom methods in local mode; the engine applies them like any other.
+            # Lightning refuses custom methods in local mode; the engine applies them like any other, with
+            # `pruning_dim` as `dim` and `pruning_norm` as `n` to a method that takes them (torch's LnStructured).
             self._method = pruning_fn
             self._pruning_method_name = pruning_fn.__name__
+            if pruning_dim is not None:
+                _check_int("pruning_dim", pruning_dim)
+                self._method_kwargs["dim"] = pruning_dim
+            if pruning_norm is not None:
+                _check_norm(pruning_norm)
+                self._method_kwargs["n"] = pruning_norm
+            missing = sorted(required_kwargs(pruning_fn) - set(self._method_kwargs))
+            if missing:
+                given = {"dim": "pruning_dim", "n": "pruning_norm"}
+                raise MisconfigurationException(
+                    f"`{pruning_fn.__name__}` needs {', '.join(f'`{m}`' for m in missing)}: "
+                    + ("; ".join(f"pass `{given[m]}=...`" for m in missing if m in given) or
+                       "ModelPruning passes a method `amount`, and `pruning_dim` as `dim`, `pruning_norm` as `n`: "
+                       "give the others defaults in a subclass")
+                    + "."
+                )
         else:
             raise MisconfigurationException(
                 f"`pruning_fn` is expected to be a str in {list(PRUNING_FUNCTIONS.keys())}"
@@ -965,6 +982,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     f" dimension(s). Choose a dimension in [{-ndim}, {ndim - 1}] or restrict `parameter_names`"
                     " / `parameters_to_prune` to tensors that have it."
                 )
+            norm = self._method_kwargs.get("n")
+            tensor = engine.trainable_tensor(module, name)
+            if norm is not None and dim is not None and not is_lazy(tensor):
+                # torch ranks the slices by this norm over the other dimensions: 'fro' and 'nuc' need matrices
+                others = [d for d in range(ndim) if d != dim % ndim]
+                try:
+                    torch.norm(tensor.detach(), p=norm, dim=others)
+                except (RuntimeError, ValueError) as error:
+                    raise MisconfigurationException(
+                        f"`pruning_norm={norm!r}` does not apply to `{type(module).__name__}.{name}` of shape "
+                        f"{tuple(tensor.shape)}: torch takes it over the {len(others)} dimension(s) besides "
+                        f"`pruning_dim={dim}`, and says: {str(error).rstrip('.')}. Use a number (1, 2, float('inf'), ...)."
+                    ) from None
 
     def _check_amount_fits(self, amount: Union[int, float]) -> None:
         if not isinstance(amount, numbers.Integral):
@@ -1110,12 +1140,15 @@ def _check_int(argument: str, value: Any) -> None:
 
 
 def _check_norm(value: Any) -> None:
-    ok = value == "fro" or (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value) and value > 0
+    # what torch.nn.utils.prune.ln_structured takes: a number (0, -inf and negative ones too) or 'fro' / 'nuc';
+    # whether a target's shape suits a matrix norm is checked at setup, on the model
+    ok = value in ("fro", "nuc") or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     )
     if not ok:
         raise MisconfigurationException(
-            f"`pruning_norm` must be a positive number (1, 2, float('inf')) or 'fro', got {value!r}."
+            f"`pruning_norm` must be a number (1, 2, float('inf'), ...) or 'fro' or 'nuc', as torch's `ln_structured`"
+            f" takes, got {value!r}."
         )
 
 

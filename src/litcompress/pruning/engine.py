@@ -536,7 +536,7 @@ def _pruned_slices(module: nn.Module, name: str, dim: int) -> tuple[int, int]:
 
 
 def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune.BasePruningMethod], sparsity: float,
-                          groups: int, keep_multiple_of: int | None, *, dim: int = -1, n: float = 2,
+                          groups: int, keep_multiple_of: int | None, *, dim: int = -1, n: float | str = 2,
                           **_: Any) -> None:
     """Structured pruning of ``module.<name>`` to `sparsity` of its slices along `dim` in each of `groups` equal
     blocks of slices, so that every block loses as many (a grouped conv's groups, or the input groups of grouped
@@ -546,12 +546,13 @@ def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune
     total = tensor.shape[dim]
     size = total // groups
     mask = mask_of(module, name)
-    slices = (tensor if mask is None else tensor * mask).transpose(0, dim).reshape(total, -1)
     kept = torch.ones(total, dtype=torch.bool, device=tensor.device) if mask is None else \
         mask.transpose(0, dim).reshape(total, -1).count_nonzero(dim=1) > 0
     random = issubclass(method, torch_prune.RandomStructured)
-    scores = torch.rand(total, device=tensor.device) if random else torch.linalg.vector_norm(slices.float(), ord=n,
-                                                                                              dim=1)
+    # ranked as ln_structured ranks them: the norm over every other dimension (so 'fro' and 'nuc' too)
+    others = [d for d in range(tensor.dim()) if d != dim % tensor.dim()]
+    scores = torch.rand(total, device=tensor.device) if random else torch.norm(
+        (tensor if mask is None else tensor * mask).float(), p=n, dim=others)
     target = rounded_pruned_count(size, sparsity, keep_multiple_of)
     drop = torch.zeros(total, dtype=torch.bool, device=tensor.device)
     for block in range(groups):

@@ -71,3 +71,20 @@ def accepted_kwargs(
         apply_names, apply_takes_any = _parameter_names(method.apply)
         names, takes_any = (names | apply_names, takes_any) if apply_takes_any else (apply_names, False)
     return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in names}
+
+
+def required_kwargs(method: type[torch_prune.BasePruningMethod]) -> set[str]:
+    """The arguments `method` cannot do without besides ``amount``: the parameters without a default of its
+    constructor and of its own ``apply`` (``LnStructured`` needs ``n`` and ``dim``)."""
+    functions: list[Any] = [method]
+    if method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:  # type: ignore[attr-defined]
+        functions.append(method.apply)
+    required: set[str] = set()
+    for function in functions:
+        try:
+            params = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        required |= {p.name for p in params
+                     if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return required - {"self", "cls", "module", "name", "amount", "importance_scores"}
