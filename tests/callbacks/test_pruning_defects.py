@@ -923,6 +923,57 @@ def test_pruning_the_rows_of_the_output_layer_is_warned_of_before_the_first_roun
     assert not any(module._forward_hooks for module in model.modules())  # the watch is over
 
 
+def test_two_callbacks_resume_each_from_its_own_state(tmp_path):
+    """Two callbacks in one Trainer (different targets and epochs): a fit resumed from a checkpoint ends bit for bit
+    as the uninterrupted one, so each callback found its own state (rounds, masks, lottery snapshot)."""
+    def callbacks(model):
+        return [ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False,
+                             parameters_to_prune=[(model.layer.mlp_1, "weight")]),
+                ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=False,
+                             parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                             apply_pruning=lambda epoch: epoch >= 2)]
+
+    seed_everything(3)
+    model = FixedDataModel()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[*callbacks(model), ckpt]).fit(model)
+    fresh = FixedDataModel()
+    resumed = callbacks(fresh)
+    make_trainer(tmp_path, max_epochs=4, callbacks=resumed).fit(fresh, ckpt_path=tmp_path / "epoch=2-step=12.ckpt")
+    assert [c._rounds for c in resumed] == [4, 2]
+    expected, actual = _weights(model), _weights(fresh)
+    assert actual.keys() == expected.keys()
+    for key in actual:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_a_state_saved_under_another_key_is_restored_when_it_is_the_only_one(tmp_path):
+    """A lambda `amount` is keyed by where it is written: moved to another line, the resumed callback's key differs
+    from the checkpoint's. The one state nobody claims is restored, and said."""
+    first = ModelPruning("l1_unstructured", amount=lambda epoch: 0.3, use_lottery_ticket_hypothesis=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[first, ckpt]).fit(ThreeLayerModel())
+    moved = ModelPruning("l1_unstructured", amount=lambda epoch: 0.3, use_lottery_ticket_hypothesis=False)
+    assert moved.state_key != first.state_key
+    with pytest.warns(UserWarning, match="only in where a function is written; it is restored"):
+        make_trainer(tmp_path, max_epochs=3, callbacks=[moved]).fit(ThreeLayerModel(),
+                                                                    ckpt_path=tmp_path / "last.ckpt")
+    assert moved._rounds == 3
+
+
+def test_states_under_other_keys_are_not_guessed_between(tmp_path):
+    """Two unclaimed states whose keys differ from the callback's only in where their lambdas are written: which is
+    its own cannot be told, so none is restored, and said."""
+    saved = [ModelPruning("l1_unstructured", amount=lambda epoch: 0.1, use_lottery_ticket_hypothesis=False),
+             ModelPruning("l1_unstructured", amount=lambda epoch: 0.1, use_lottery_ticket_hypothesis=False)]
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[*saved, ckpt]).fit(ThreeLayerModel())
+    other = ModelPruning("l1_unstructured", amount=lambda epoch: 0.1, use_lottery_ticket_hypothesis=False)
+    with pytest.warns(UserWarning, match="cannot be told, so none is restored"):
+        make_trainer(tmp_path, max_epochs=3, callbacks=[other]).fit(ThreeLayerModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert other._rounds == 1
+
+
 @pytest.mark.parametrize("method", [torch_prune.LnStructured, torch_prune.RandomStructured])
 def test_a_torch_method_class_in_local_mode_gets_pruning_dim_and_norm(tmp_path, method):
     """Lightning refuses a method class in local mode; ours prunes with it, and with `pruning_dim` as `dim` and

@@ -287,3 +287,28 @@ def test_ln_structured_ranks_by_every_norm_torch_takes_as_lightning_does(tmp_pat
     assert torch.equal(masks[0], masks[1])
     assert int((masks[1].sum(dim=1) == 0).sum()) == 8 + 6  # whole rows: 25% of 32, then 25% of the 24 left
 
+
+@pytest.mark.parametrize("differ_in", ["targets", "amounts"])
+def test_two_callbacks_in_one_trainer_run_as_lightnings(tmp_path, differ_in):
+    """Lightning's callback keeps no state, so a Trainer may hold several (one per layer group, or per schedule).
+    Ours keep theirs under keys that tell them apart, so the same list runs, with Lightning's result."""
+    zeros = []
+    for cls in (LightningModelPruning, ModelPruning):
+        seed_everything(0)
+        model = ThreeLayerModel()
+        common = dict(use_lottery_ticket_hypothesis=False, use_global_unstructured=False)
+        if differ_in == "targets":
+            callbacks = [cls("l1_unstructured", amount=0.5, parameters_to_prune=[(model.layer.mlp_1, "weight")],
+                             apply_pruning=lambda epoch: epoch % 2 == 0, **common),
+                         cls("l1_unstructured", amount=0.5, parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                             apply_pruning=lambda epoch: epoch % 2 == 1, **common)]
+        else:
+            callbacks = [cls("l1_unstructured", amount=lambda epoch: 0.5 if epoch == 0 else 0.0, **common),
+                         cls("l1_unstructured", amount=lambda epoch: 0.25 if epoch == 1 else 0.0, **common)]
+        make_trainer(tmp_path, callbacks=callbacks, max_epochs=3).fit(model)
+        zeros.append([int((layer.weight == 0).sum()) for layer in model.layer])
+    assert zeros[0] == zeros[1]
+    if differ_in == "targets":  # mlp_1 pruned at epochs 0 and 2, mlp_3 at epoch 1
+        assert zeros[1] == [1024 - 256, 0, 32]
+    else:  # every layer: 50%, then 25% of the rest
+        assert zeros[1] == [512 + 128, 512 + 128, 32 + 8]

@@ -21,11 +21,13 @@ The callback is a thin adapter: the work is done by :mod:`litcompress.pruning`.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -250,6 +252,16 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "The provided `parameters_to_prune` should either be list of tuple"
                 " with 2 elements: (nn.Module, parameter_name_to_prune) or None"
             )
+
+        # What tells this callback from another one in the same Trainer besides the fields every key has (added
+        # only when given, so that the keys of earlier checkpoints stay as they were).
+        self._key_extras: dict[str, str] = {}
+        if parameters_to_prune and _is_param_list(parameters_to_prune):
+            self._key_extras["targets"] = ", ".join(
+                f"{type(module).__name__}{_shape_of(getattr(module, name, None))}.{name}"
+                for module, name in parameters_to_prune)
+        if apply_pruning is not True:
+            self._key_extras["apply_pruning"] = _describe(apply_pruning)
 
         # State kept across checkpoints (see `state_dict`).
         self._rounds = 0
@@ -815,7 +827,36 @@ class ModelPruning(TargetsFoundOnceConfigured):
             scope="global" if self._use_global_unstructured else "local",
             parameter_names=list(self._parameter_names),
             pruning=self._method_kwargs,
+            **self._key_extras,
         )
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A lambda or local function (`amount`, `apply_pruning`) is keyed by where it is written: moved to another
+        line of the script, the resumed callback's key differs from the checkpoint's in that place only. The state
+        saved under such a key is restored when it is the only one and no other callback claims it; with several,
+        none is (which is whose cannot be told), and that is said. A key that differs otherwise is another
+        configuration, whose run starts from the checkpoint's weights (its zeros kept pruned), as before. Lightning
+        calls this before it hands callbacks the states under their own keys."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
+        mine = _without_locations(self.state_key)
+        moved = [k for k in states if isinstance(k, str) and k not in claimed and _without_locations(k) == mine]
+        if len(moved) == 1:
+            rank_zero_warn(
+                f"`{type(self).__name__}`: the checkpoint holds this callback's state under {moved[0]!r}, which "
+                f"differs from its own key {self.state_key!r} only in where a function is written; it is restored."
+            )
+            self.load_state_dict(copy.deepcopy(states[moved[0]]))
+        elif moved:
+            rank_zero_warn(
+                f"`{type(self).__name__}`: the checkpoint holds no state under this callback's key {self.state_key!r}"
+                f" but {len(moved)} that differ from it only in where a function is written "
+                f"({', '.join(map(repr, moved))}): which is this callback's cannot be told, so none is restored. "
+                "Construct the callbacks as in the run that wrote the checkpoint."
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Rounds applied, their history, the current masks and the lottery-ticket snapshot (CPU tensors)."""
@@ -1071,6 +1112,21 @@ def _in_spawned_worker(trainer: Optional["pl.Trainer"]) -> bool:
     return isinstance(launcher, _MultiProcessingLauncher)
 
 
+#: where `_describe` says a lambda or a local function is written: ``@script.py:12``
+_WRITTEN_AT = re.compile(r"@[^:'\"@]+:\d+")
+
+
+def _shape_of(tensor: Any) -> str:
+    """A target's shape for the state key: a lazy layer's has none yet (nor a tensor set to None)."""
+    if not isinstance(tensor, torch.Tensor):
+        return "[]"
+    return "[lazy]" if is_lazy(tensor) else str(list(tensor.shape))
+
+
+def _without_locations(key: str) -> str:
+    return _WRITTEN_AT.sub("", key)
+
+
 def _describe(value: Any) -> str:
     """A stable description of a number, schedule or callable (a repr with no memory address, so that a resumed run
     in a new process finds the state its checkpoint holds under the callback's `state_key`)."""
@@ -1078,7 +1134,11 @@ def _describe(value: Any) -> str:
         arguments = [_describe(a) for a in value.args] + [f"{k}={_describe(v)}" for k, v in value.keywords.items()]
         return f"functools.partial({', '.join([_describe(value.func), *arguments])})"
     if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+        where = ""
+        code = getattr(value, "__code__", None)
+        if code is not None and "<" in value.__qualname__:  # lambdas and local functions share their names
+            where = f"@{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}{where}"
     text = repr(value)
     if " at 0x" in text:  # object's default repr: its class is what stays the same from one process to the next
         return f"{type(value).__module__}.{type(value).__qualname__}"
