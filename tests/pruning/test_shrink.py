@@ -306,6 +306,125 @@ def test_channels_stay_where_removing_them_would_change_the_function(model_class
     assert name in result.report.table() and why in result.report.table()
 
 
+class TwoReaders(nn.Module):
+    """`a`'s output is read by `c` after an in-place op overwrote it (c sees the overwritten values). (``h += 1``
+    fx records as a new tensor ``h + 1``: an alias of the old ``h`` read afterwards is not in its graph, and only
+    example inputs, whose outputs shrink compares, catch that.)"""
+
+    def __init__(self, overwrite: str) -> None:
+        super().__init__()
+        self.overwrite = overwrite
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x)
+        if self.overwrite == "module":
+            y = self.act(h)
+        elif self.overwrite == "functional":
+            y = F.relu(h, inplace=True)
+        elif self.overwrite == "method":
+            y = h.sigmoid_()
+        else:
+            y = torch.relu_(h)
+        return self.b(y), self.c(h)
+
+
+@pytest.mark.parametrize("overwrite", ["module", "functional", "method", "torch_function"])
+def test_a_channel_stays_where_an_in_place_op_overwrites_what_another_branch_reads(overwrite) -> None:
+    """Without example inputs (no check of the outputs), shrink folding a's constants into c as a's own would
+    change c's output: c reads them after the in-place op. The layer keeps its channels, and the report says why."""
+    torch.manual_seed(0)
+    model = TwoReaders(overwrite).eval()
+    with torch.no_grad():
+        model.a.bias.fill_(-0.5)  # relu(-0.5) = 0, sigmoid(-0.5) = 0.38: both differ from -0.5
+    zero_rows_(model.a, [0, 1, 2])
+    x = torch.randn(5, 4)
+    expected = outputs(model, x)
+    result = shrink(model)
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    (name, why), = result.report.kept
+    assert name == "a" and "overwrites its output in place, which another branch reads afterwards" in why
+    assert result.report.parameters_after == result.report.parameters_before
+
+
+def test_an_in_place_activation_with_one_reader_still_lets_channels_go() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2)).eval()
+    zero_rows_(model[0], [0, 1, 2])
+    result = shrunk_alike(model, torch.randn(5, 4))
+    assert [layer.removed for layer in result.report.layers] == [3]
+
+
+class DropoutAfter(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.drop = nn.Linear(4, 6), nn.Linear(6, 2), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.kind == "always":  # Monte Carlo dropout, written in the forward
+            h = F.dropout(h, 0.5, training=True)
+        elif self.kind == "default":  # F.dropout's default is training=True
+            h = F.dropout(h, 0.5)
+        elif self.kind == "as_the_model":
+            h = F.dropout(h, 0.5, training=self.training)
+        else:
+            h = self.drop(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize(("kind", "module_training", "kept"), [
+    ("always", False, True), ("default", False, True), ("module", True, True),
+    ("as_the_model", False, False), ("module", False, False),
+])
+def test_a_dropout_that_stays_random_in_eval_mode_ends_the_chain(kind, module_training, kept) -> None:
+    """A constant channel stays constant through dropout in eval mode only: Monte Carlo dropout (training=True in
+    the forward, or a dropout module left training) would give a folded constant no noise, and change the spread of
+    the outputs."""
+    torch.manual_seed(0)
+    model = DropoutAfter(kind).eval()
+    model.drop.train(module_training)
+    zero_rows_(model.a, [0, 1])
+    result = shrink(model)
+    if kept:
+        (name, why), = result.report.kept
+        assert name == "a" and "drops entries even when the model is evaluated" in why
+    else:
+        assert [layer.removed for layer in result.report.layers] == [2]
+
+
+def test_the_reason_names_a_product_that_keeps_only_a_zero_constant() -> None:
+    """A learnable scalar times the layer's output: zero stays zero, another constant does not stay constant."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.t = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.sigmoid(self.a(x) * self.t))
+
+    model = Scaled().eval()
+    zero_rows_(model.a, [0, 1])
+    (name, why), = shrink(model, torch.randn(3, 8)).report.kept
+    assert name == "a" and why.startswith("its zero channels output non-zero constants into the product(s) or sum(s)")
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ([1.0, float("nan")], [1.0, 2.0], math.inf),  # NaN in one only: max() would have dropped it
+    ([1.0, 2.0], [1.0, float("nan")], math.inf),
+    ([1.0, float("nan")], [1.5, float("nan")], 0.5),  # NaN in both places: no difference there
+    ([float("inf"), 1.0], [float("inf"), 1.0], 0.0),  # inf - inf is NaN, yet equal
+    ([float("inf")], [float("-inf")], math.inf),
+])
+def test_output_differences_count_nan_and_infinities(a, b, expected) -> None:
+    from litcompress.pruning.shrink import max_output_difference
+
+    assert max_output_difference(torch.tensor(a), torch.tensor(b)) == expected
+
+
 def test_only_layers_with_zero_channels_are_reported() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     result = shrink(model)

@@ -896,6 +896,67 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     return [user for user in node.users if not _reads_shape_only(user) and not _unread_padding(user)]
 
 
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift}
+
+
+def _overwrites(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `user` writes its result into `node`'s tensor: an ``inplace=True`` activation (module or function),
+    a method or function whose name ends in ``_`` (``h.relu_()``, ``torch.relu_(h)``), ``h += y``."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_module":
+        return getattr(modules.get(str(user.target)), "inplace", False) is True
+    name = str(user.target) if user.op == "call_method" else getattr(user.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        return True
+    if user.op != "call_function":
+        return False
+    if user.target in _IN_PLACE_OPERATORS or user.kwargs.get("inplace") is True:
+        return True
+    try:  # positionally: F.relu(h, True), F.dropout(h, 0.5, False, True)
+        return inspect.signature(user.target).bind(*user.args, **user.kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):
+        return False
+
+
+def _overwritten_then_read(node: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The user of `node` that overwrites its tensor in place while another of `users` reads it afterwards (that
+    one sees the overwritten values, not `node`'s: a constant channel would reach it changed), else None."""
+    for user in users:
+        if not _overwrites(user, node, modules):
+            continue
+        later, others = user.next, set(users) - {user}
+        while later.op != "root" and others:  # the graph's order is the order forward ran them in
+            if later in others:
+                return user
+            later = later.next
+    return None
+
+
+_DROPS_WHEN_EVALUATED = ("its output goes to {}, which drops entries even when the model is evaluated (training=True, "
+                         "F.dropout's default, or a dropout module left training: Monte Carlo dropout), so a constant "
+                         "channel does not stay constant there")
+
+
+def _drops_when_evaluated(user: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the dropout `user` stays random while the model is in eval mode: a functional one called with
+    ``training=True`` (its default), or a dropout module left in training mode. (In a model in training mode,
+    ``training=self.training`` reads True too, and nothing tells the two apart: shrink's outputs are eval mode's.)"""
+    root = modules.get("")
+    if root is None or root.training:
+        return False
+    if user.op == "call_module":
+        return bool(modules[str(user.target)].training)
+    try:
+        arguments = inspect.signature(user.target).bind(*user.args, **user.kwargs)
+    except (TypeError, ValueError):
+        return False
+    arguments.apply_defaults()
+    return arguments.arguments.get("training") is True and arguments.arguments.get("p") != 0
+
+
 def _expanded_as(node: fx.Node, users: list[fx.Node]) -> list[fx.Node]:
     """The `users` that are ``y.expand_as(node)``: they read only `node`'s shape, which a gate's path may do."""
     return [user for user in users if user.op == "call_method" and user.target == "expand_as"
@@ -1397,6 +1458,11 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
     is_conv = isinstance(producer, _CONV_LIKE)
     while True:
         users = _value_users(node)
+        overwriting = _overwritten_then_read(node, users, modules) if len(users) > 1 else None
+        if overwriting is not None:
+            return (f"{_describe(overwriting, modules)} overwrites its output in place, which another branch reads "
+                    "afterwards (it would see other constants than the branches shrink follows; use inplace=False "
+                    "there)")
         templates = _expanded_as(node, users)  # an SE gate's y.expand_as(node), if any: on the gate's path
         found = None
         if len(users) - len(templates) == 2 and is_conv and not branch.flattened:
@@ -1496,6 +1562,8 @@ def _step_transposed(user: fx.Node, node: fx.Node, branch: _Branch, done: list[_
         branch.ops.append(op)
     elif (module is not None and isinstance(module, _DROPOUT)) or (
             user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS):
+        if _drops_when_evaluated(user, modules):
+            return _DROPS_WHEN_EVALUATED.format(_describe(user, modules))
         if _tensor_args(user, node, modules) != [node]:
             return f"its output meets another tensor in {_describe(user, modules)}"
     else:
@@ -1598,7 +1666,9 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     elif (module is not None and isinstance(module, _DROPOUT)) or (
         user.op == "call_function" and user.target in _DROPOUT_FUNCTIONS
     ):
-        pass  # identity in eval mode
+        if _drops_when_evaluated(user, modules):
+            return _DROPS_WHEN_EVALUATED.format(_describe(user, modules))
+        # else the identity in eval mode
     elif is_conv and not branch.flattened and _pools_constants(user, module):
         pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
     elif is_conv and not branch.flattened and _flatten_start(user, modules) == 1:
@@ -1774,10 +1844,13 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                    if branch.zeros_only and not isinstance(branch.consumer, _TRANSPOSED)]
         transposed = [branch.consumer_name for branch in chain.branches if isinstance(branch.consumer, _TRANSPOSED)]
         gates = [op.names[0] for op in ops if isinstance(op, _Gate)]
+        varying = _unique(op.name for op in ops if isinstance(op, _ZerosOnly))
+        places = (([f"the zero-padded conv(s) {', '.join(padded)}"] if padded else [])
+                  + ([f"the transposed conv(s) {', '.join(transposed)}"] if transposed else [])
+                  + ([f"the gate(s) of {', '.join(gates)}"] if gates else [])
+                  + ([f"the product(s) or sum(s) {', '.join(varying)}"] if varying else []))
         return ("its zero channels output non-zero constants into "
-                + " and ".join(([f"the zero-padded conv(s) {', '.join(padded)}"] if padded else [])
-                               + ([f"the transposed conv(s) {', '.join(transposed)}"] if transposed else [])
-                               + ([f"the gate(s) of {', '.join(gates)}"] if gates else []))
+                + (" and ".join(places) if places else f"ops on the way to {chain.consumer_names}")
                 + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
                 "zero_batch_norm does, makes them zero)")
     # Grouped convs, the producer or a consumer, lose channels in equal numbers per group.
@@ -2297,7 +2370,12 @@ def max_output_difference(a: object, b: object) -> float:
             if x.shape != y.shape:
                 return math.inf
             if x.numel():
-                worst = max(worst, float((x.double() - y.double()).abs().max()))
+                if not torch.equal(x.isnan(), y.isnan()):  # max() would drop a NaN: NaN where the other is not
+                    return math.inf
+                difference = (x.double() - y.double()).abs()
+                # equal infinities (inf - inf is NaN) and NaN in both places differ by nothing
+                difference = difference.masked_fill((x == y) | x.isnan(), 0.0)
+                worst = max(worst, float(difference.max()))
         elif x != y:
             return math.inf
     return worst
@@ -2336,7 +2414,9 @@ def shrink_(
     optimizer after shrinking. With `example_inputs`, the outputs (eval mode) before and after are compared and a
     difference above ``rtol`` times the largest output raises ``ValueError`` (use `shrink`, which works on a copy,
     to keep the model intact in that case); for bfloat16 or float16 outputs the bound is at least ``ROUNDING_EPS``
-    times their dtype's epsilon (folding constants into biases rounds them anew). `tracer` can be a
+    times their dtype's epsilon (folding constants into biases rounds them anew). Give them: what the traced graph
+    cannot show, the check catches (``h += y`` is traced as a new tensor ``h + y``, so a branch that reads ``h``
+    through another name afterwards looks as if it read the old values). `tracer` can be a
     ``torch.fx.Tracer`` subclass that keeps more modules as leaves. With `keep_multiple_of`, each layer keeps a
     multiple of that many channels (a few removable ones stay): a depthwise conv with a count that does not fill its
     SIMD blocks can run slower than before.
@@ -2417,10 +2497,17 @@ def shrink_(
         difference = max_output_difference(reference, eval_outputs(model, example_inputs))
         scale = _scale(reference)
         if not difference <= max(rtol * max(scale, 1.0), _rounding_floor(reference) * scale):
+            shrunk = [layer.name for layer in layers] + [f"{head.name} ({head.removed} heads)" for head in heads]
             raise ValueError(
                 f"the shrunk model's outputs differ from the original's by {difference:.3g} (more than rtol={rtol} "
                 f"of the largest output): its forward probably depends on a layer's width (a hard-coded shape or "
-                f"size() arithmetic). Shrunk layers: {[layer.name for layer in layers]}."
+                f"size() arithmetic). Shrunk: {shrunk}." + (
+                    " Attentions lost heads: one returning its attention weights (need_weights=True, torch's "
+                    "default) averages them over its kept heads only; a TransformerEncoder given a "
+                    "src_key_padding_mask in eval mode takes torch's nested-tensor path only with torch's own "
+                    "attention, which outputs zeros at the padded positions (the narrowed one computes them; the "
+                    "other positions are unchanged). Compare those outputs without them (need_weights=False, the "
+                    "padded positions masked)." if heads else "")
             )
     return report
 
