@@ -271,3 +271,47 @@ def test_prune_heads_keeps_the_zeros_another_pruner_put_in_the_same_projection()
     after = attention.in_proj_weight_mask
     assert int(zero_heads(attention).sum()) == 2
     assert bool((after <= before).all()) and int((after == 0).sum()) > int((before == 0).sum())
+
+
+class CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True, kdim=8, vdim=8)
+
+    def forward(self, query, memory):
+        return self.attention(query, memory, memory, need_weights=False)[0]
+
+
+def test_an_attention_with_its_own_key_and_value_widths_keeps_its_zero_heads_and_says_why():
+    """kdim/vdim: the values have a projection of their own (no in_proj_weight); its zero heads are found there,
+    and stay (the narrowed attention has one projection), with the reason in the report."""
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    inputs = (torch.randn(2, 5, 16), torch.randn(2, 7, 8))
+    assert shrink(model, inputs).report.kept == ()  # no zero head: nothing to say
+    with torch.no_grad():
+        model.attention.v_proj_weight[:4] = 0  # head 0's value rows
+        model.attention.in_proj_bias[32:36] = 0  # and its value bias
+    assert zero_heads(model.attention).tolist() == [True, False, False, False]
+    result = shrink(model, inputs)
+    assert result.report.kept == (("attention", "its zero heads stay: its keys and values have their own widths "
+                                                "(kdim/vdim)"),)
+    assert result.report.heads == ()
+
+
+class AttentionWeightsOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x)  # torch's default need_weights=True: the weights averaged over the heads
+
+
+def test_a_check_that_fails_after_heads_went_names_them_and_the_likely_causes():
+    torch.manual_seed(0)
+    model = AttentionWeightsOut().eval()
+    prune_heads_(model, 0.5)
+    with pytest.raises(ValueError, match=r"Shrunk: \['attention \(2 heads\)'\]\. Attentions lost heads: .*"
+                                         r"need_weights=True"):
+        shrink(model, torch.randn(2, 5, 16))

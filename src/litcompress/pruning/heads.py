@@ -186,8 +186,10 @@ def zero_heads(attention: nn.MultiheadAttention) -> Tensor:
     """A bool per head: True when its value rows and value bias are all zero (it adds nothing to the output)."""
     with torch.no_grad():
         embed, heads, width = attention.embed_dim, attention.num_heads, attention.head_dim
-        values = effective_tensor(attention, "in_proj_weight")[2 * embed:].reshape(heads, width * embed)
-        zero = (values == 0).all(dim=1)
+        # with kdim/vdim the values have a projection of their own, (embed, vdim)
+        values = (effective_tensor(attention, "in_proj_weight")[2 * embed:] if attention._qkv_same_embed_dim
+                  else effective_tensor(attention, "v_proj_weight"))
+        zero = (values.reshape(heads, -1) == 0).all(dim=1)
         if attention.in_proj_bias is not None:
             zero &= (effective_tensor(attention, "in_proj_bias")[2 * embed:].reshape(heads, width) == 0).all(dim=1)
         return zero
