@@ -17,6 +17,26 @@ def test_unknown_backend_names_it_and_lists_known_ones():
         PTQConfig(backends=("torch_ao", "tensorrt"))
 
 
+@pytest.mark.parametrize("name", ["torch_ao", "onnxruntime", "pt2e", "torchao"])
+def test_the_approach_table_is_what_each_backend_does(name):
+    """PTQConfig checks an approach against BACKEND_APPROACHES without importing the backends: it must be theirs."""
+    from litcompress.quantization.backends import BACKEND_APPROACHES, get_backend
+
+    assert BACKEND_APPROACHES[name] == tuple(get_backend(name).approaches)
+
+
+@pytest.mark.parametrize("approach, backends, match", [
+    ("dynamic", ("torchao",), r"none of these backends does dynamic quantization \(torchao: weight_only\); add one "
+                              r"that does: torch_ao, onnxruntime, pt2e"),
+    ("weight_only", ("torch_ao", "onnxruntime"), r"does weight_only quantization .* add one that does: torchao"),
+])
+def test_backends_that_cannot_do_the_approach_are_refused(approach, backends, match):
+    """Accepted, the search built no candidate and returned the fp32 model, after any training before it."""
+    with pytest.raises(ValueError, match=match):
+        PTQConfig(approach=approach, backends=backends)
+    PTQConfig(approach=approach, backends=(*backends, "torchao" if approach == "weight_only" else "pt2e"))
+
+
 def test_backends_given_as_one_string_become_a_tuple():
     assert PTQConfig(backends="onnxruntime").backends == ("onnxruntime",)
 

@@ -138,6 +138,16 @@ BACKEND_REGISTRY: dict[str, str] = {
 }
 
 
+#: The approaches each registered backend does (its class's ``approaches``, here so that a configuration is checked
+#: without importing the backends).
+BACKEND_APPROACHES: dict[str, tuple[str, ...]] = {
+    "torch_ao": ("dynamic", "static"),
+    "onnxruntime": ("dynamic", "static"),
+    "pt2e": ("dynamic", "static"),
+    "torchao": ("weight_only",),
+}
+
+
 def get_backend(name: str) -> Backend:
     """Instantiate the backend registered under ``name``."""
     if name not in BACKEND_REGISTRY:
