@@ -148,3 +148,30 @@ def test_the_pipeline_exports_a_model_of_dict_inputs_and_reads_its_file_back(tmp
         final = result.report.stages[-1]
         assert "read back" in final.description and final.metric > 0.9
         assert result.artifact is not None and result.artifact.exists()
+
+
+def test_a_dict_example_read_by_the_input_fn_given_where_its_keys_are_not_forwards_parameters(tmp_path):
+    """forward(batch) takes the dict itself: example_inputs={"x": ..., ...} (not keyed by forward's parameters) is
+    read by the input_fn given, as the batches are (it was refused with a hint to pass that input_fn), in quantize and
+    in the pipeline alike; a tuple holding the dict is read as before."""
+    torch.manual_seed(0)
+    model = ReadsADict().eval()
+    batches = [batch(seed) for seed in range(4)]
+
+    def agreement(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return float((candidate(batches[0]).argmax(1) == model(batches[0]).argmax(1)).float().mean())
+
+    config = PTQConfig(backends=("onnxruntime",), max_trials=1, latency_repeats=2)
+    outcomes = [quantize(model, config, eval_fn=agreement, calibration_data=batches, example_inputs=example,
+                         input_fn=lambda b: (b,)) for example in (batches[0], (batches[0],))]
+    assert [r.recipe for r in outcomes] == [outcomes[1].recipe] * 2 and outcomes[0].recipe is not None
+    with torch.no_grad():
+        assert torch.equal(outcomes[0].model(batches[1]), outcomes[1].model(batches[1]))
+    result = compress(model, CompressionConfig(prune=None, quantize=config, latency_repeats=2), eval_fn=agreement,
+                      example_inputs=batches[0], calibration_data=batches, input_fn=lambda b: (b,),
+                      output_dir=tmp_path)
+    assert result.report.stages[-1].metric > 0.9
+    with pytest.raises(TypeError, match="pass input_fn="):  # without one, the dict's keys must name the parameters
+        quantize(model, config, eval_fn=agreement, calibration_data=[(b,) for b in batches],
+                 example_inputs=batches[0])

@@ -45,7 +45,8 @@ from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
 from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_metric,
                                             check_model_on_cpu, check_model_runs, default_input_fn,
-                                            evaluate_noting_use, model_input_fn, quantize, warn_unused_model)
+                                            evaluate_noting_use, example_as_inputs, model_input_fn, quantize,
+                                            warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -705,8 +706,7 @@ def compress(
     compiled = compiled_module_names(model)
     if compiled:  # fx, the exporters and the int8 backends need eager modules; a copy, the model given stays compiled
         model = eager_copy(model)
-    inputs = to_inputs(model_input_fn(model)(example_inputs) if isinstance(example_inputs, Mapping)
-                       else example_inputs)  # a dict: by forward's parameter names
+    inputs = example_as_inputs(model, example_inputs, input_fn)  # a dict: by forward's parameter names
     default_input_fn_used = input_fn in (None, default_input_fn)
     input_fn = input_fn or model_input_fn(model)  # a dict batch is read by forward's parameter names
     if fine_tune is not None:

@@ -305,6 +305,21 @@ def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
     return input_fn
 
 
+def example_as_inputs(model: nn.Module, example_inputs: object,
+                      input_fn: Callable[[object], Inputs] | None = None) -> Inputs:
+    """`example_inputs` as `model`'s positional inputs. A dict is read by forward's parameter names; when its keys
+    are not those (a forward that takes the dict itself), by `input_fn`, the function that reads the data's batches,
+    if one is given."""
+    if not isinstance(example_inputs, Mapping):
+        return to_inputs(example_inputs)
+    try:
+        return to_inputs(model_input_fn(model)(example_inputs))
+    except TypeError:
+        if input_fn in (None, default_input_fn):
+            raise
+        return to_inputs(input_fn(example_inputs))
+
+
 class _BackendSearch:
     """Per-backend search: knob variants first, then fp32 fallback of the most sensitive layers."""
 
@@ -396,8 +411,7 @@ def quantize(
             raise ValueError("quantize(example_inputs=None): give example_inputs (a tensor or tuple of "
                              "tensors) or calibration_data, needed for export and latency measurement.")
         example_inputs = calibration[0]
-    example_inputs = to_inputs(model_input_fn(model)(example_inputs) if isinstance(example_inputs, Mapping)
-                               else example_inputs)  # a dict: by forward's parameter names
+    example_inputs = example_as_inputs(model, example_inputs, input_fn)  # a dict: by forward's parameter names
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
     else:
