@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -95,6 +96,37 @@ def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing
     assert not (tmp_path / "r.md").exists()  # refused before writing anything
     assert main(["report", str(out), "--plot", str(tmp_path / "new" / "r.svg")]) == 0  # any format it writes
     assert (tmp_path / "new" / "r.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, capsys, tmp_path):
+    """A JSON list, a report edited by hand, a --markdown that is a directory: one error line each, nothing printed
+    (they were tracebacks, the last after the table)."""
+    _, out = first_run
+    (tmp_path / "list.json").write_text("[]")
+    edited = json.loads((out / "report.json").read_text())
+    edited["stages"][0]["metric"] = "high"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    for extra, message in (([str(tmp_path / "list.json")], r"cannot read .*list\.json as a litcompress report"),
+                           ([str(tmp_path / "edited.json")], r"cannot read .*edited\.json as a litcompress report"),
+                           ([str(out), "--markdown", str(tmp_path)], r"--markdown .* is a directory; give a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", *extra])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and re.search(message, captured.err) and captured.out == ""
+
+
+def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_are_named(first_run, capsys, tmp_path):
+    """The search's log stays in report.md, but how it ended, when that is fp32, is printed; pruning options given
+    with --prune none are named as ignored (and the run goes on)."""
+    _, out = first_run
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--prune", "none", "--sparsity", "0.3",
+                 "--schedule", "linear", "--backends", "torch_ao", "--timeout", "1e-9", "--latency-repeats", "2",
+                 "--output-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "note: --sparsity, --schedule ignored: options of pruning, which --prune none turns off." in captured.err
+    assert "- quantization: timeout_s=1e-09 reached after" in captured.out
+    assert "- quantization: No quantized candidate could be built" in captured.out
+    assert "quantized" not in [s.stage for s in CompressionReport.load_json(tmp_path / "report.json").stages]
 
 
 def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path):
@@ -496,6 +528,18 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--distill", "--prune-epochs", "0"], "it needs a --prune method and --prune-epochs >= 1"),
     (["--distill", "--distill-alpha", "1.5"], "argument --distill-alpha: expected a number in [0, 1], got 1.5"),
     (["--distill", "--distill-temperature", "0"], "argument --distill-temperature: expected a number > 0, got 0"),
+    (["--backends", "torchao"], "--quantize auto with --backends torchao: none of these backends does dynamic int8 "
+                                "quantization; add one that does (torch_ao, onnxruntime, pt2e), or use --quantize "
+                                "weight_only"),
+    (["--quantize", "weight_only", "--backends", "torch_ao"], "none of these backends does weight_only int8 "
+                                                              "quantization; add one that does (torchao)"),
+    (["--checkpoint", "file.txt"], "--checkpoint file.txt: cannot be loaded as a checkpoint of MLPClassifier "
+                                   "(UnpicklingError"),
+    (["--model-args", '{"num_classes": 5}'], "MLPClassifier.validation_step fails on the first batch of --data "
+                                             "(IndexError: Target"),
+    (["--model", "litcompress.models:MLPClassifier", "--model-args", '{"in_features": 64}'],
+     "--data digits gives images (1, 8, 8) to any model but the built-in mlp; a model that takes flat vectors needs "
+     "--data-args '{\"flatten\": true}'"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

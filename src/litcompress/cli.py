@@ -190,6 +190,29 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+#: defaults of `compress` options left None by the parser, so that one given where it does nothing can be named
+_DEFAULTS: dict[str, Any] = {"sparsity": 0.8, "schedule": "cubic", "prune_epochs": 5, "tolerance": 0.01,
+                             "max_trials": 8}
+
+
+def _note_ignored(args: argparse.Namespace) -> None:
+    """Say which options given do nothing in this run (the pruning ones with --prune none, the quantization
+    search's without quantization); a script that switches a stage off by one flag keeps running."""
+    def given(*names: str) -> list[str]:
+        return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+
+    if args.prune.lower() == "none":
+        ignored = given("sparsity", "schedule", "prune_epochs", "exclude", "prune_embeddings")
+        if ignored:
+            _stderr(f"note: {', '.join(ignored)} ignored: options of pruning, which --prune none turns off.")
+    if args.quantize == "none":
+        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup")
+        if ignored:
+            turned_off = "--sparse-kernels" if args.sparse_kernels else "--quantize none"
+            _stderr(f"note: {', '.join(ignored)} ignored: options of the quantization search, which {turned_off} "
+                    "turns off.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="litcompress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,13 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--prune", default="l1_unstructured",
                        help="torch.nn.utils.prune method (l1_unstructured, ln_structured, random_unstructured, "
                             "random_structured) or 'none'")
-    prune.add_argument("--sparsity", type=_fraction, default=0.8,
+    # defaults None, resolved in _configs: one given where it does nothing (--prune none) can be named
+    prune.add_argument("--sparsity", type=_fraction,
                        help="final sparsity: of the weights (unstructured, global) or of each layer's channels "
-                            "(structured)")
-    prune.add_argument("--schedule", choices=("cubic", "linear", "oneshot"), default="cubic",
-                       help="how sparsity grows over the first 60%% of fine-tuning")
-    prune.add_argument("--prune-epochs", type=_int_at_least(0), default=5,
-                       help="fine-tuning epochs while pruning (0: one-shot, no fine-tuning)")
+                            f"(structured) (default: {_DEFAULTS['sparsity']})")
+    prune.add_argument("--schedule", choices=("cubic", "linear", "oneshot"),
+                       help=f"how sparsity grows over the first 60%% of fine-tuning (default: {_DEFAULTS['schedule']})")
+    prune.add_argument("--prune-epochs", type=_int_at_least(0),
+                       help="fine-tuning epochs while pruning (0: one-shot, no fine-tuning) "
+                            f"(default: {_DEFAULTS['prune_epochs']})")
     prune.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
                        help="also prune this fraction of each attention's heads (nn.MultiheadAttention), along the "
                             "same schedule; shrink removes them (default: 0, none)")
@@ -275,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "gain most); the file is TorchScript (model.pt)")
     stages.add_argument("--backends", type=_backends,
                         help="comma-separated quantization backends to try (default: all of them)")
-    stages.add_argument("--tolerance", type=_non_negative_float, default=0.01,
-                        help="tolerated metric loss of quantization, relative to the pruned model's (0.01 = 1%%)")
+    stages.add_argument("--tolerance", type=_non_negative_float,
+                        help="tolerated metric loss of quantization, relative to the pruned model's (0.01 = 1%%) "
+                             f"(default: {_DEFAULTS['tolerance']})")
     stages.add_argument("--absolute", action="store_true", help="--tolerance is absolute, in the metric's unit")
-    stages.add_argument("--max-trials", type=_int_at_least(1), default=8, help="quantization candidates at most")
+    stages.add_argument("--max-trials", type=_int_at_least(1),
+                        help=f"quantization candidates at most (default: {_DEFAULTS['max_trials']})")
     stages.add_argument("--timeout", type=_positive_float,
                         help="seconds for the quantization search (default: no limit)")
     stages.add_argument("--min-speedup", type=_positive_float,
@@ -362,6 +389,10 @@ def _configs(args: argparse.Namespace) -> Any:
     elif args.sparse_kernels and args.quantize != "none":
         raise ValueError(f"--sparse-kernels runs fp32 sparse kernels instead of int8 dense ones: drop --quantize "
                          f"{args.quantize}, or drop --sparse-kernels (run both and compare the reports).")
+    _note_ignored(args)
+    for name, default in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     prune = None
     if args.prune.lower() == "none" and args.prune_heads:
         raise ValueError("--prune-heads prunes along with --prune: give a --prune method (e.g. ln_structured) or "
@@ -376,6 +407,15 @@ def _configs(args: argparse.Namespace) -> Any:
     if args.quantize != "none":
         options: dict[str, Any] = {}
         if args.backends:
+            from litcompress.quantization.backends import BACKEND_APPROACHES
+
+            for approach in ("dynamic", "static") if args.quantize == "auto" else (args.quantize,):
+                if not any(approach in BACKEND_APPROACHES[name] for name in args.backends):
+                    doing = [name for name, approaches in BACKEND_APPROACHES.items() if approach in approaches]
+                    raise ValueError(
+                        f"--quantize {args.quantize} with --backends {','.join(args.backends)}: none of these "
+                        f"backends does {approach} int8 quantization; add one that does ({', '.join(doing)})"
+                        + (", or use --quantize weight_only" if "torchao" in args.backends else "") + ".")
             options["backends"] = args.backends
         accuracy = criterion_for_metric(AccuracyCriterion(tolerable_loss=args.tolerance, relative=not args.absolute),
                                         args.metric, args.mode, "--metric", command_line=True)
@@ -433,8 +473,23 @@ def _datamodule(args: argparse.Namespace) -> Any:
     return _built("--data-args", args.data, args.data_args)
 
 
-def _model(args: argparse.Namespace, data: Any) -> Any:
+def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
+    """`cls` loaded from the --checkpoint file; a file that is no checkpoint of it fails with one line."""
     from litcompress.callbacks.pruning import load_module_from_checkpoint
+
+    try:
+        return load_module_from_checkpoint(cls, path, **kwargs)
+    except (ValueError, TypeError):  # ours: they say what to do
+        raise
+    except Exception as error:  # unpickling errors, torch's state-dict mismatches, a missing key
+        said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        said = said if len(said) <= 300 else said[:297] + "..."
+        raise ValueError(f"--checkpoint {path}: cannot be loaded as a checkpoint of {getattr(cls, '__name__', cls)} "
+                         f"({type(error).__name__}: {said}). Give a checkpoint that "
+                         "Lightning's Trainer saved for this --model (with its --model-args).") from None
+
+
+def _model(args: argparse.Namespace, data: Any) -> Any:
     from litcompress.quantization.lightning import configure_outside_trainer_
     from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, LSTMClassifier,
                                     MLPClassifier, MobileNetClassifier, ResNetClassifier, ResNeXtClassifier,
@@ -445,7 +500,7 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
                "mobilenet": MobileNetClassifier, "transformer": TransformerClassifier,
                "swiglu": GatedTransformerClassifier, "densenet": DenseNetClassifier, "lstm": LSTMClassifier}[args.model]
         if args.checkpoint is not None:
-            return load_module_from_checkpoint(cls, args.checkpoint)
+            return _from_checkpoint(cls, args.checkpoint)
         shape = getattr(data, "input_shape", None)
         if shape is None:
             raise ValueError(f"--model {args.model} needs a DataModule with an `input_shape` attribute "
@@ -461,7 +516,7 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
             kwargs.update(in_channels=shape[0], image_size=shape[1])
         return _built("--model-args", cls, {**kwargs, **args.model_args})
     if args.checkpoint is not None:
-        return load_module_from_checkpoint(args.model, args.checkpoint, **args.model_args)
+        return _from_checkpoint(args.model, args.checkpoint, **args.model_args)
     model = _built("--model-args", args.model, args.model_args)
     # the Trainer would build the layers when fitting; the checks at parse time (what to prune, a forward on the
     # first batch) need them now (this process is the single CPU device the Trainer would use)
@@ -554,6 +609,11 @@ def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None, 
             raise ValueError(f"{option} {str(error.args[0]).removeprefix('metric=')}") from None
         except ValueError as error:  # logged without calling the model
             raise ValueError(f"{option} {name}: {error}") from None
+        except Exception as error:  # the step fails on the data: a model built for other data (classes, sizes)
+            said = " ".join(str(error).split())
+            raise ValueError(f"{type(model).__name__}.{'validation' if stage == 'validate' else 'test'}_step fails "
+                             f"on the first batch of --data ({type(error).__name__}: {said[:300]}): do the model "
+                             "(--model-args: num_classes, sizes) and the data fit together?") from None
 
 
 def _trainer(epochs: int, **overrides: Any) -> Any:
@@ -577,8 +637,10 @@ def _print_report(report: Any) -> None:
     """The table, then the messages (the quantization search log is in report.md: the terminal stays short)."""
     print(report.table())
     for message in report.messages:
-        if message.startswith("quantization: ") and "goal not met" not in message.lower():
-            continue
+        said = message.lower()
+        ended = ("goal not met", "no quantized candidate", "timeout_s=")
+        if message.startswith("quantization: ") and not any(what in said for what in ended):
+            continue  # the search's log; how it ended, when that is not int8 within the goal, is said
         print(f"- {message}")
 
 
@@ -640,8 +702,15 @@ def run_compress(args: argparse.Namespace) -> int:
         input_fn = _input_fn(args, compressed)
         example_inputs = _example_inputs(data, args.latency_batch_size, input_fn,
                                          module=model if args.inputs is None else None, submodule=args.submodule)
-        check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
-                         default_input_fn_used=args.inputs is None)
+        try:
+            check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
+                             default_input_fn_used=args.inputs is None)
+        except (ValueError, TypeError) as error:
+            if args.data not in BUILTIN_DATA or getattr(data, "flatten", True) or "flatten" in args.data_args:
+                raise
+            raise type(error)(f"{error} From the command line: --data {args.data} gives images "
+                              f"{tuple(data.input_shape)} to any model but the built-in mlp; a model that takes "
+                              "flat vectors needs --data-args '{\"flatten\": true}'.") from None
         if config.prune is not None:  # e.g. --exclude naming no module; the inputs' ranks, as compress sees them
             prune_targets(compressed, config.prune, to_inputs(example_inputs))
         if config.quantize is not None and config.quantize.dynamic_dims:
@@ -688,10 +757,17 @@ def run_report(args: argparse.Namespace) -> int:
     path = args.path / "report.json" if args.path.is_dir() else args.path
     try:
         report = CompressionReport.load_json(path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        report.table(), report.markdown()  # a file that is no report (or edited by hand) fails here, not half-way
+    except OSError as error:
         args.subparser.error(f"cannot read {path}: {error}")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        args.subparser.error(f"cannot read {path} as a litcompress report ({type(error).__name__}: {error}); give "
+                             "the report.json that `litcompress compress` wrote.")
     try:  # before anything is printed or written
         if args.markdown:
+            if args.markdown.is_dir():
+                raise ValueError(f"--markdown {args.markdown} is a directory; give a file, e.g. "
+                                 f"{args.markdown / 'report.md'}.")
             _check_writable(args.markdown.parent, "--markdown", args.markdown)
         if args.plot:
             _check_plot_path(args.plot)
