@@ -141,6 +141,9 @@ def test_a_bias_that_folding_created_and_a_masked_state_are_read():
     masked = build()
     narrowed = narrow_to_state_dict_(masked, shrunk.state_dict())
     assert narrowed == ["0", "2"] and masked[0].weight.shape == (6, 6)
+    # and loads, its masks re-created (it was torch's missing/unexpected keys error)
+    reloaded = load_shrunk_state_dict(build(), _through_a_file(shrunk.state_dict()))
+    assert torch.equal(reloaded[0].weight_mask, shrunk[0].weight_mask) and torch.equal(reloaded(x), shrunk(x))
 
 
 def test_a_state_that_shrink_cannot_have_written_is_refused():

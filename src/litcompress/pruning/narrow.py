@@ -28,8 +28,15 @@ _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True) -> nn.Module:
     """Load the ``state_dict`` of a model that :func:`~litcompress.pruning.shrink.shrink` narrowed into `model`, a
     model of the same class built at its original widths: its layers are narrowed in place to the state's shapes
-    first (:func:`narrow_to_state_dict_`). Returns `model`, which then computes what the shrunk model did."""
+    first (:func:`narrow_to_state_dict_`). Returns `model`, which then computes what the shrunk model did. A state
+    written while pruning on with masks (``<name>_orig``/``<name>_mask``, a shrunk model fine-tuned under
+    ``ModelPruning(make_pruning_permanent=False)``) is loaded with its masks re-created
+    (:func:`~litcompress.pruning.engine.load_pruned_state_dict`)."""
     narrow_to_state_dict_(model, state_dict)
+    if any(key.endswith("_orig") and f"{key[:-5]}_mask" in state_dict for key in state_dict):
+        from litcompress.pruning.engine import load_pruned_state_dict
+
+        return load_pruned_state_dict(model, state_dict, strict=strict)
     model.load_state_dict(state_dict, strict=strict)
     return model
 
