@@ -198,8 +198,9 @@ _DEFAULTS: dict[str, Any] = {"sparsity": 0.8, "schedule": "cubic", "prune_epochs
 def _note_ignored(args: argparse.Namespace) -> None:
     """Say which options given do nothing in this run (the pruning ones with --prune none, the quantization
     search's without quantization); a script that switches a stage off by one flag keeps running."""
-    def given(*names: str) -> list[str]:
-        return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) not in (None, False)]
+    def given(*names: str) -> list[str]:  # None: not given; False: a flag not set (0 is given: --prune-epochs 0)
+        return [f"--{name.replace('_', '-')}" for name in names
+                if getattr(args, name) is not None and getattr(args, name) is not False]
 
     if args.prune.lower() == "none":
         ignored = given("sparsity", "schedule", "prune_epochs", "exclude", "prune_embeddings")
@@ -407,11 +408,11 @@ def _configs(args: argparse.Namespace) -> Any:
     if args.quantize != "none":
         options: dict[str, Any] = {}
         if args.backends:
-            from litcompress.quantization.backends import BACKEND_APPROACHES
+            from litcompress.quantization.backends import backends_doing
 
             for approach in ("dynamic", "static") if args.quantize == "auto" else (args.quantize,):
-                if not any(approach in BACKEND_APPROACHES[name] for name in args.backends):
-                    doing = [name for name, approaches in BACKEND_APPROACHES.items() if approach in approaches]
+                doing = backends_doing(approach)
+                if not set(args.backends) & set(doing):  # said as the CLI's options, before PTQConfig would
                     raise ValueError(
                         f"--quantize {args.quantize} with --backends {','.join(args.backends)}: none of these "
                         f"backends does {approach} int8 quantization; add one that does ({', '.join(doing)})"
@@ -757,7 +758,8 @@ def run_report(args: argparse.Namespace) -> int:
     path = args.path / "report.json" if args.path.is_dir() else args.path
     try:
         report = CompressionReport.load_json(path)
-        report.table(), report.markdown()  # a file that is no report (or edited by hand) fails here, not half-way
+        report.table()  # a file that is no report (or one edited by hand) fails here, not half-way through
+        report.markdown()
     except OSError as error:
         args.subparser.error(f"cannot read {path}: {error}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:

@@ -404,7 +404,8 @@ def test_a_tensor_the_layer_was_built_without_fails_at_setup(tmp_path, use_globa
         (dict(parameters_to_prune=[("layer", "weight")]), "list of tuple"),
         (dict(apply_pruning="yes"), "apply_pruning"),
         (dict(use_lottery_ticket_hypothesis=1), "use_lottery_ticket_hypothesis"),
-        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm="l2", use_global_unstructured=False), "pruning_norm"),
+        (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm="l2", use_global_unstructured=False),
+         "pruning_norm"),
         (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=float("nan"), use_global_unstructured=False),
          "pruning_norm"),
         (dict(pruning_fn="random_structured", pruning_dim=0.5, use_global_unstructured=False), "pruning_dim"),
@@ -986,7 +987,8 @@ def test_a_torch_method_class_in_local_mode_gets_pruning_dim_and_norm(tmp_path, 
         model = ThreeLayerModel()
         callback = ModelPruning(pruning_fn, amount=0.25, pruning_dim=0, pruning_norm=norm,
                                 use_global_unstructured=False, make_pruning_permanent=False,
-                                use_lottery_ticket_hypothesis=False, parameters_to_prune=[(model.layer.mlp_2, "weight")])
+                                use_lottery_ticket_hypothesis=False,
+                                parameters_to_prune=[(model.layer.mlp_2, "weight")])
         make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
         masks.append(model.layer.mlp_2.weight_mask.clone())
     assert torch.equal(masks[0], masks[1])

@@ -1202,7 +1202,7 @@ def _check_int(argument: str, value: Any) -> None:
 def _check_norm(value: Any) -> None:
     # what torch.nn.utils.prune.ln_structured takes: a number (0, -inf and negative ones too) or 'fro' / 'nuc';
     # whether a target's shape suits a matrix norm is checked at setup, on the model
-    ok = value in ("fro", "nuc") or (
+    ok = (isinstance(value, str) and value in ("fro", "nuc")) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
     )
     if not ok:

@@ -183,7 +183,7 @@ class PTQConfig:
     dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
-        from .backends import BACKEND_APPROACHES, BACKEND_REGISTRY  # cheap: the backends import lazily
+        from .backends import BACKEND_APPROACHES, BACKEND_REGISTRY, backends_doing  # cheap: backends import lazily
 
         if self.approach not in APPROACHES:
             raise ValueError(
@@ -202,12 +202,11 @@ class PTQConfig:
                 )
         known = [BACKEND_APPROACHES.get(name) for name in self.backends]  # a backend registered elsewhere: unknown
         if None not in known and not any(self.approach in approaches for approaches in known):
-            doing = [name for name, approaches in BACKEND_APPROACHES.items() if self.approach in approaches]
             raise ValueError(
                 f"PTQConfig(approach={self.approach!r}, backends={self.backends!r}): none of these backends does "
                 f"{self.approach} quantization ("
                 + "; ".join(f"{name}: {', '.join(BACKEND_APPROACHES[name])}" for name in self.backends)
-                + f"); add one that does: {', '.join(doing)}."
+                + f"); add one that does: {', '.join(backends_doing(self.approach))}."
             )
         if not isinstance(self.accuracy, AccuracyCriterion):
             raise TypeError(

@@ -148,6 +148,11 @@ BACKEND_APPROACHES: dict[str, tuple[str, ...]] = {
 }
 
 
+def backends_doing(approach: str) -> list[str]:
+    """The registered backends that do `approach` (``"dynamic"``, ``"static"``, ``"weight_only"``)."""
+    return [name for name, approaches in BACKEND_APPROACHES.items() if approach in approaches]
+
+
 def get_backend(name: str) -> Backend:
     """Instantiate the backend registered under ``name``."""
     if name not in BACKEND_REGISTRY:
