@@ -411,7 +411,8 @@ def quantize(
             raise ValueError("quantize(example_inputs=None): give example_inputs (a tensor or tuple of "
                              "tensors) or calibration_data, needed for export and latency measurement.")
         example_inputs = calibration[0]
-    example_inputs = example_as_inputs(model, example_inputs, input_fn)  # a dict: by forward's parameter names
+    # a dict: by forward's parameter names, else by the input_fn given
+    example_inputs = example_as_inputs(model, example_inputs, None if default_input_fn_used else input_fn)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
     else:
