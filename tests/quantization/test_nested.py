@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections import namedtuple
+from collections.abc import Callable
 
 import hypothesis.strategies as st
 import pytest
@@ -132,7 +133,8 @@ def test_a_model_of_dict_inputs_quantizes_on_every_backend_and_saves_a_file_of_i
         torch.testing.assert_close(loaded(*structure.flatten((batches[1],))), result.model(batches[1]))
 
 
-def test_the_pipeline_exports_a_model_of_dict_inputs_and_reads_its_file_back(tmp_path):
+def _model_batches_and_agreement() -> tuple[nn.Module, list[dict], Callable[[nn.Module], float]]:
+    """The model, four batches, and the share of the first batch on which a candidate predicts as the model does."""
     torch.manual_seed(0)
     model = ReadsADict().eval()
     batches = [batch(seed) for seed in range(4)]
@@ -140,6 +142,12 @@ def test_the_pipeline_exports_a_model_of_dict_inputs_and_reads_its_file_back(tmp
     def agreement(candidate: nn.Module) -> float:
         with torch.no_grad():
             return float((candidate(batches[0]).argmax(1) == model(batches[0]).argmax(1)).float().mean())
+
+    return model, batches, agreement
+
+
+def test_the_pipeline_exports_a_model_of_dict_inputs_and_reads_its_file_back(tmp_path):
+    model, batches, agreement = _model_batches_and_agreement()
 
     for quantize_config in (PTQConfig(backends=("onnxruntime",), max_trials=1), None):
         config = CompressionConfig(prune=None, quantize=quantize_config, latency_repeats=2)
@@ -154,13 +162,7 @@ def test_a_dict_example_read_by_the_input_fn_given_where_its_keys_are_not_forwar
     """forward(batch) takes the dict itself: example_inputs={"x": ..., ...} (not keyed by forward's parameters) is
     read by the input_fn given, as the batches are (it was refused with a hint to pass that input_fn), in quantize and
     in the pipeline alike; a tuple holding the dict is read as before."""
-    torch.manual_seed(0)
-    model = ReadsADict().eval()
-    batches = [batch(seed) for seed in range(4)]
-
-    def agreement(candidate: nn.Module) -> float:
-        with torch.no_grad():
-            return float((candidate(batches[0]).argmax(1) == model(batches[0]).argmax(1)).float().mean())
+    model, batches, agreement = _model_batches_and_agreement()
 
     config = PTQConfig(backends=("onnxruntime",), max_trials=1, latency_repeats=2)
     outcomes = [quantize(model, config, eval_fn=agreement, calibration_data=batches, example_inputs=example,
