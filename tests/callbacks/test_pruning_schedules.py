@@ -280,17 +280,81 @@ def test_rewind_after_pruning_began_is_refused(tmp_path):
     schedule = PolynomialDecay(final_sparsity=0.8, begin=10, end=100, frequency=10)
     with pytest.raises(MisconfigurationException, match="not before the first pruning round"):
         ModelPruning("l1_unstructured", amount=schedule, use_lottery_ticket_hypothesis=lambda e: True,
-                     rewind_to_step=20)
+                     rewind_to_step=30)  # the round at step 10 prunes nothing (cubic from 0): the first is at 20
     with pytest.raises(MisconfigurationException, match="either"):
         ModelPruning("l1_unstructured", rewind_to_step=1, rewind_to_epoch=1)
     with pytest.raises(MisconfigurationException, match="int >= 0"):
         ModelPruning("l1_unstructured", rewind_to_epoch=-1)
     with pytest.raises(MisconfigurationException, match="use_lottery_ticket_hypothesis=False"):
         ModelPruning("l1_unstructured", amount=schedule)
-    # Lightning-style amounts prune from the first epoch: the mistake shows at the first reset
-    callback = ModelPruning("l1_unstructured", amount=0.2, rewind_to_epoch=2)
-    with pytest.raises(MisconfigurationException, match="before the rewind point"):
-        make_trainer(tmp_path, max_epochs=2, callbacks=callback).fit(ThreeLayerModel())
+    # Lightning-style amounts prune at the end of every epoch, from the first
+    with pytest.raises(MisconfigurationException, match=r"`rewind_to_epoch=2` is not before the first pruning round "
+                                                         r"\(the end of epoch 0: every epoch end prunes\)"):
+        ModelPruning("l1_unstructured", amount=0.2, rewind_to_epoch=2)
+
+
+@pytest.mark.parametrize(("kwargs", "accepted"), [
+    # a point in epochs is "epochs done": the round at point 2 runs at the end of epoch 1, before epoch 2 starts
+    (dict(amount=IterativeSchedule(rate_per_round=0.5, rounds=2, begin=2), rewind_to_epoch=1), True),
+    (dict(amount=IterativeSchedule(rate_per_round=0.5, rounds=2, begin=2), rewind_to_epoch=2), False),
+    # a point in steps runs in the batch whose step reaches it, after that step's snapshot (the round at step 10
+    # prunes nothing, cubic from 0: the first is at step 20)
+    (dict(amount=PolynomialDecay(final_sparsity=0.8, begin=10, end=100, frequency=10), rewind_to_step=20), True),
+    (dict(amount=PolynomialDecay(final_sparsity=0.8, begin=10, end=100, frequency=10), rewind_to_step=21), False),
+    # point 0 is the snapshot taken when fitting starts, before any round (it was refused: "Rewind to a epoch < 0")
+    (dict(amount=IterativeSchedule(rate_per_round=0.5, rounds=2, begin=0), rewind_to_epoch=0), True),
+    (dict(amount=PolynomialDecay(final_sparsity=0.8, initial_sparsity=0.1, begin=0, end=100, frequency=10),
+          rewind_to_step=0), True),
+    (dict(amount=0.2, rewind_to_epoch=0), True),
+])
+def test_a_rewind_point_is_refused_exactly_when_its_snapshot_would_follow_the_first_round(kwargs, accepted):
+    kwargs = dict(use_lottery_ticket_hypothesis=lambda epoch: True, **kwargs)
+    if accepted:
+        ModelPruning("l1_unstructured", **kwargs)
+    else:
+        with pytest.raises(MisconfigurationException, match="not before the first pruning round"):
+            ModelPruning("l1_unstructured", **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    # rounds at epoch ends, a rewind point in steps: at 4 steps per epoch, step 5 is past the end of epoch 0
+    (dict(amount=0.2, rewind_to_step=5), r"`rewind_to_step=5` is after the first pruning round, at the end of epoch 0 "
+                                         r"\(optimizer step 4 at 4 steps per epoch\)"),
+    (dict(amount=IterativeSchedule(rate_per_round=0.5, rounds=2, begin=2), rewind_to_step=9),
+     r"at the end of epoch 1 \(optimizer step 8"),
+    # rounds at steps, a rewind point in epochs: the start of epoch 2 is step 8, past the first round, at step 6
+    # (the one at step 3 prunes nothing, cubic from 0)
+    (dict(amount=PolynomialDecay(final_sparsity=0.8, begin=3, end=12, frequency=3), rewind_to_epoch=2),
+     r"`rewind_to_epoch=2` \(optimizer step 8 at 4 steps per epoch\) is after the first pruning round, at step 6"),
+])
+def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_training(tmp_path, kwargs, match):
+    """Whether it precedes the first round depends on the steps per epoch: checked when training starts, not at the
+    first reset after training (the fit failed there, one or more epochs in)."""
+    callback = ModelPruning("l1_unstructured", use_lottery_ticket_hypothesis=lambda epoch: True, **kwargs)
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=callback)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 0
+
+
+def test_a_rewind_point_in_steps_at_the_end_of_the_first_pruned_epoch_is_taken_before_its_round(tmp_path):
+    """Step 4 is the last step of epoch 0 (4 per epoch): its snapshot precedes the round at that epoch's end, so the
+    reset after the round puts the surviving weights back to their values at step 4."""
+    model = ThreeLayerModel()
+
+    class AtStep4(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                self.weights = pl_module.layer.mlp_1.weight.detach().clone()
+
+    seen = AtStep4()
+    callback = ModelPruning("l1_unstructured", amount=0.5, rewind_to_step=4, make_pruning_permanent=False,
+                            parameter_names=["weight"])
+    make_trainer(tmp_path, max_epochs=1, callbacks=[seen, callback]).fit(model)
+    callback.apply_lottery_ticket_hypothesis()  # the reset of the fit's last round waits for training to go on
+    kept = model.layer.mlp_1.weight_mask.bool()
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert torch.equal(model.layer.mlp_1.weight_orig[kept], seen.weights[kept])
 
 
 def test_resumed_on_a_shuffling_bundled_datamodule_ends_like_the_uninterrupted_run(tmp_path):
@@ -389,7 +453,8 @@ def test_a_new_callback_on_a_fit_resumed_past_its_rewind_point_says_the_weights_
     seed_everything(3)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[ckpt]).fit(FixedDataModel())
-    pruning = ModelPruning("l1_unstructured", amount=0.3, **rewind)
+    pruning = ModelPruning("l1_unstructured", amount=IterativeSchedule(rate_per_round=0.3, rounds=2, begin=3),
+                           **rewind)  # the round at point 3 (the end of epoch 2) asks for the first reset
     with pytest.raises(MisconfigurationException, match="this fit started past its rewind point"):
         make_trainer(tmp_path, max_epochs=4, callbacks=[pruning]).fit(FixedDataModel(), ckpt_path=ckpt.best_model_path)
     assert pruning._original_layers is None
@@ -550,3 +615,20 @@ class RecordScoredWeights(Callback):
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self.weights[trainer.current_epoch] = pl_module.layer.mlp_1.weight.detach().clone()
+
+
+def test_a_round_that_prunes_nothing_does_not_rewind(tmp_path):
+    """A cubic schedule from 0 has a round at its begin with target 0: it rewound the weights (undoing the training
+    before it) and, before a later rewind point, failed the fit. Now the first reset follows the first round that
+    prunes, to the snapshot at the start of epoch 1 (step 4)."""
+    model = FixedDataModel()
+    starts = RecordEpochStarts()
+    schedule = PolynomialDecay(final_sparsity=0.8, begin=3, end=12, frequency=3)  # rounds at 3 (target 0), 6, 9, 12
+    callback = ModelPruning("l1_unstructured", amount=schedule, rewind_to_epoch=1, make_pruning_permanent=False,
+                            use_lottery_ticket_hypothesis=lambda epoch: True, parameter_names=["weight"])
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback, starts]).fit(model)  # 8 steps: rounds at 3 and 6
+    assert [h["step"] for h in callback._history] == [3, 6]
+    callback.apply_lottery_ticket_hypothesis()  # the reset after the round at step 6
+    kept = model.layer.mlp_1.weight_mask.bool()
+    assert 0 < int(kept.sum()) < kept.numel()
+    assert torch.equal(model.layer.mlp_1.weight_orig[kept], starts.weights[1][0][kept])

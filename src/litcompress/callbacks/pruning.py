@@ -240,7 +240,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
             raise MisconfigurationException(f"`log_sparsity={log_sparsity!r}`: pass True or False.")
         self._log_sparsity = log_sparsity
         self._slice_groups: dict[tuple[nn.Module, str], int] = {}
-        self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule)
+        every_epoch = (self._schedule is None and apply_pruning is True and prune_on_train_epoch_end
+                       and not callable(amount) and bool(amount))  # a round at the end of each epoch from the first
+        self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule,
+                                                              0 if every_epoch else None)
         self._reset_optimizer = reset_optimizer
 
         if verbose not in (0, 1, 2):
@@ -619,7 +622,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._use_lottery_ticket_hypothesis(current_epoch)
             if callable(self._use_lottery_ticket_hypothesis)
             else self._use_lottery_ticket_hypothesis
-        )
+        ) and amount > 0  # a schedule's round at target 0 (its begin, cubic from 0) prunes nothing: nothing to rewind
         if reset:
             if self._original_layers is None:
                 where = self._last_step if self._rewind_unit == "step" else current_epoch
@@ -766,8 +769,40 @@ class ModelPruning(TargetsFoundOnceConfigured):
             for epoch in range(self._epochs_ended, trainer.current_epoch):
                 self._catch_up_epoch_end(trainer, epoch)
         self._epochs_ended = trainer.current_epoch
+        if trainer.global_step == 0 and self._original_layers is None:
+            self._check_rewind_against_the_epochs(trainer)
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
             self._take_snapshot_once()
+
+    def _check_rewind_against_the_epochs(self, trainer: "pl.Trainer") -> None:
+        """A rewind point in steps with rounds at epoch ends, or in epochs with rounds at steps: whether the snapshot
+        precedes the first round depends on the optimizer steps per epoch, known now. One after it fails here, before
+        training, rather than at the first reset."""
+        batches = trainer.num_training_batches
+        if self._rewind_point in (None, 0) or not math.isfinite(batches) \
+                or not trainer.lightning_module.automatic_optimization:  # manual: steps per batch unknown
+            return
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # Lightning steps at an epoch's end too
+        if self._rewind_unit == "step":
+            first = (_first_round(self._schedule) if self._schedule is not None and self._schedule.unit == "epoch"
+                     else 0 if self._schedule is None and self._apply_pruning is True and not callable(self.amount)
+                     and self._prune_on_train_epoch_end else None)
+            last = None if first is None else max(first, 1) * per_epoch  # the round at that epoch's end comes after
+            if last is not None and self._rewind_point > last:
+                raise MisconfigurationException(
+                    f"`rewind_to_step={self._rewind_point}` is after the first pruning round, at the end of epoch "
+                    f"{max(first, 1) - 1} (optimizer step {last} at {per_epoch} steps per epoch): the snapshot would "
+                    f"hold pruned weights. Rewind to step {last} or earlier."
+                )
+        elif self._schedule is not None and self._schedule.unit == "step":
+            step = _first_round(self._schedule)
+            if step is not None and self._rewind_point * per_epoch >= max(step, 1):
+                raise MisconfigurationException(
+                    f"`rewind_to_epoch={self._rewind_point}` (optimizer step {self._rewind_point * per_epoch} at "
+                    f"{per_epoch} steps per epoch) is after the first pruning round, at step {max(step, 1)} of the "
+                    "`amount` schedule: the snapshot would hold pruned weights. Rewind to an earlier epoch, or give "
+                    "`rewind_to_step`."
+                )
 
     def _catch_up_epoch_end(self, trainer: "pl.Trainer", epoch: int) -> None:
         """The round that the end of `epoch` (skipped by a resumed fit) would have run."""
@@ -1162,10 +1197,23 @@ def _check_amount(amount: Any, epoch: Optional[int] = None) -> None:
         raise MisconfigurationException(f"Invalid `amount={amount!r}`{where}: {err}") from None
 
 
+def _first_round(schedule: SparsitySchedule) -> Optional[int]:
+    """The schedule's first point with a round that prunes anything (in its unit), or None."""
+    return next((t for t in range(schedule.begin, schedule.end + 1)
+                 if schedule.should_prune(t) and schedule.target(t) > 0), None)
+
+
 def _check_rewind(
-    step: Optional[int], epoch: Optional[int], schedule: Optional[SparsitySchedule]
+    step: Optional[int], epoch: Optional[int], schedule: Optional[SparsitySchedule], first_epoch_round: Optional[int]
 ) -> tuple[Optional[str], Optional[int]]:
-    """Validate the rewind point; returns ``(unit, point)`` or ``(None, None)`` for "when fitting starts"."""
+    """Validate the rewind point; returns ``(unit, point)`` or ``(None, None)`` for "when fitting starts".
+
+    A schedule's point t in epochs is "t epochs done": its round runs at the end of epoch max(t, 1) - 1, before the
+    start of epoch max(t, 1), whose snapshot would hold pruned weights. Its point t in steps runs in the batch whose
+    optimizer step reaches max(t, 1), after that step's snapshot. Point 0, the snapshot taken when fitting starts,
+    precedes every round. `first_epoch_round` is the first such point without a schedule (0 when every epoch end
+    prunes), if known. Points in the other unit are checked when fitting starts, with the steps per epoch known
+    (``on_train_start``)."""
     if step is not None and epoch is not None:
         raise MisconfigurationException("Pass either `rewind_to_step` or `rewind_to_epoch`, not both.")
     unit, point = ("step", step) if step is not None else ("epoch", epoch) if epoch is not None else (None, None)
@@ -1173,16 +1221,16 @@ def _check_rewind(
         return None, None
     if isinstance(point, bool) or not isinstance(point, numbers.Integral) or point < 0:
         raise MisconfigurationException(f"`rewind_to_{unit}` must be an int >= 0, got {point!r}.")
-    if schedule is not None and schedule.unit == unit:
-        first = next(
-            (t for t in range(schedule.begin, schedule.end + 1) if schedule.should_prune(t) and schedule.target(t) > 0),
-            None,
+    first = (_first_round(schedule) if schedule is not None and schedule.unit == unit
+             else first_epoch_round if schedule is None and unit == "epoch" else None)
+    last = None if first is None else max(first, 1) - 1 if unit == "epoch" else max(first, 1)  # the latest point
+    if last is not None and point > last:
+        where = (f"{unit} {first} of the `amount` schedule" if schedule is not None
+                 else "the end of epoch 0: every epoch end prunes")
+        raise MisconfigurationException(
+            f"`rewind_to_{unit}={point}` is not before the first pruning round ({where}): the snapshot would hold "
+            f"pruned weights. Rewind to {unit} {last} or earlier."
         )
-        if first is not None and point >= first:
-            raise MisconfigurationException(
-                f"`rewind_to_{unit}={point}` is not before the first pruning round ({unit} {first} of the `amount`"
-                f" schedule): the snapshot would hold pruned weights. Rewind to a {unit} < {first}."
-            )
     return unit, int(point)
 
 
