@@ -16,7 +16,7 @@ from litcompress.data import DigitsDataModule
 from litcompress.models import LSTMClassifier, MLPClassifier
 from litcompress.pruning import is_pruned
 from litcompress.pruning.recurrent import zero_units
-from litcompress.pruning.schedules import PolynomialDecay
+from litcompress.pruning.schedules import ConstantSparsity, PolynomialDecay
 from tests.conftest import fit_killed_and_resumed
 
 
@@ -173,3 +173,28 @@ def test_an_lstm_fed_packed_sequences_is_pruned_while_fitting_then_shrunk_and_re
         torch.testing.assert_close(fresh(*inputs), model(*inputs), rtol=0, atol=1e-5)
         accuracy = (fresh(*inputs).argmax(1) == batch["labels"]).float().mean()
     assert accuracy > 0.7  # it learned the task with half its units
+
+
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_a_round_at_the_schedules_start_runs_in_epochs_as_in_steps(tmp_path, unit, callback):
+    """ConstantSparsity(0.5) from point 0: its one round ran with unit="step" and never with unit="epoch" (the end of
+    epoch 0 is point 1, and 0 was never caught up), so the fit ended dense without a word. It runs at the end of the
+    first epoch, as in ModelPruning."""
+    seed_everything(0)
+    if callback is UnitPruning:
+        model, data = LSTMClassifier(hidden=16), _data()
+    else:
+        from litcompress.models import TransformerClassifier
+
+        model, data = TransformerClassifier(d_model=16, heads=4, layers=1), _data()
+    pruning = callback(ConstantSparsity(0.5, unit=unit))
+    _trainer(tmp_path, 2, [pruning], limit_train_batches=3).fit(model, datamodule=data)
+    if callback is UnitPruning:
+        assert int(zero_units(model.lstm).sum()) == 8
+    else:
+        from litcompress.pruning.heads import zero_heads
+
+        attention = next(m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+        assert int(zero_heads(attention).sum()) == 2
+

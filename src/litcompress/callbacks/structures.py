@@ -121,20 +121,23 @@ class StructurePruning(TargetsFoundOnceConfigured):
                 self._prune(trainer, pl_module, float(self._schedule.target(point)))
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        finished = pl_module.current_epoch + 1
-        if self._schedule is not None and self._schedule.unit == "epoch" and finished != self._last_epoch \
-                and self._schedule.should_prune(finished):
-            self._last_epoch = finished
-            self._prune(trainer, pl_module, float(self._schedule.target(finished)))
+        self._prune_epochs_done(trainer, pl_module, pl_module.current_epoch + 1)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # a fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop):
         # its round runs here, before training goes on, where the uninterrupted run made it
-        finished = trainer.current_epoch
-        if self._schedule is not None and self._schedule.unit == "epoch" and self._restored and finished > 0 \
-                and finished != self._last_epoch and self._schedule.should_prune(finished):
-            self._last_epoch = finished
-            self._prune(trainer, pl_module, float(self._schedule.target(finished)))
+        if self._restored and trainer.current_epoch > 0:
+            self._prune_epochs_done(trainer, pl_module, trainer.current_epoch)
+
+    def _prune_epochs_done(self, trainer: "pl.Trainer", pl_module: LightningModule, finished: int) -> None:
+        """The round of an epoch schedule's last point passed since the last look, `finished` epochs done: the
+        point at 0 (a schedule from the start) too, at the end of the first epoch, as ModelPruning runs it."""
+        if self._schedule is None or self._schedule.unit != "epoch" or finished <= self._last_epoch:
+            return
+        point = self._schedule.last_point(self._last_epoch, finished)
+        self._last_epoch = finished
+        if point is not None:
+            self._prune(trainer, pl_module, float(self._schedule.target(point)))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
