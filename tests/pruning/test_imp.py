@@ -504,3 +504,35 @@ def test_imp_and_its_control_train_an_attention():
     assert "attention.out_proj.weight" in ticket.masks  # every Linear's weight, the attention's output too
     assert all(r.metric > 0.5 for r in ticket.rounds) and all(r.control_metric is not None
                                                               for r in ticket.rounds[1:])
+
+
+def test_the_ticket_is_the_whole_network_rewound_with_the_final_mask(tmp_path):
+    """Frankle & Carbin (and OpenLTH) rewind every parameter, biases and normalisation layers too, and prune Linear and
+    conv weights only: the rewound state equals the initial one but for the mask (biases and batch-norm statistics
+    kept their trained values, and the batch norm's scale was pruned). A search file of the earlier format, whose
+    rounds rewound the pruned weights only, is refused rather than resumed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 37), nn.BatchNorm1d(37), nn.ReLU(), nn.Linear(37, 5))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(200, 20), torch.randint(0, 5, (200,))
+
+    def train(network: nn.Module) -> None:
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+        network.train()
+        for _ in range(5):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(network(x), y).backward()
+            optimizer.step()
+
+    ticket = iterative_magnitude_pruning(model, train, lambda network: 0.0, rounds=2, rate=0.2, control="none",
+                                         checkpoint_path=tmp_path / "imp.pt")
+    assert sorted(ticket.masks) == ["0.weight", "3.weight"]
+    for key, value in ticket.rewound_state.items():
+        if not key.endswith("_mask"):
+            assert torch.equal(value, initial[key.removesuffix("_orig")]), key
+    saved = torch.load(tmp_path / "imp.pt", weights_only=False)
+    saved["format"] = 1
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="rewound the pruned weights only"):
+        iterative_magnitude_pruning(model, train, lambda network: 0.0, rounds=3, rate=0.2, control="none",
+                                    checkpoint_path=tmp_path / "old.pt")

@@ -1,7 +1,8 @@
 """Iterative magnitude pruning (IMP) for lottery tickets (Frankle & Carbin 2019; Frankle et al. 2019).
 
-train -> prune p% of each layer's remaining weights by magnitude -> rewind survivors to their values at
-initialisation (or at an early point k) -> retrain, for R rounds. Framework-free: training and evaluation are
+train -> prune p% of each layer's remaining weights by magnitude -> rewind the network to its state at
+initialisation (or at an early point k), the pruned weights' survivors and everything else (biases, normalisation
+layers and their running statistics) alike, as Frankle & Carbin and OpenLTH do -> retrain, for R rounds. Framework-free: training and evaluation are
 callables, so a plain loop or a Lightning `Trainer` (see :mod:`litcompress.callbacks.lottery`) can drive it.
 """
 
@@ -39,6 +40,9 @@ from litcompress.pruning.engine import (
 from litcompress.pruning.lottery import rewind_, snapshot_tensor, take_snapshot
 
 log = logging.getLogger(__name__)
+
+#: layers whose weights IMP never prunes (Frankle & Carbin prune Linear and conv weights)
+_NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 TrainFn = Callable[[nn.Module], None]
 EvaluateFn = Callable[[nn.Module], float]
@@ -111,7 +115,7 @@ def _random_reinit_control(
     return float(evaluate(control))
 
 
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2  # 1: rounds rewound the pruned weights only
 
 
 def _random_states() -> dict[str, Any]:
@@ -151,6 +155,10 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int) -> dict[s
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and state.get("format") == 1:
+        raise ValueError(f"checkpoint_path={str(path)!r} holds a search of an earlier litcompress, whose rounds "
+                         "rewound the pruned weights only (biases and normalisation statistics kept their trained "
+                         "values): its rounds cannot go on as this version's. Remove it to start afresh.")
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote; pass "
                          "another path, or remove it to start afresh.")
@@ -192,7 +200,8 @@ def iterative_magnitude_pruning(
             (``"global"``).
         layer_rates: per-tensor overrides by qualified name, e.g. ``{"net.4.weight": 0.1}`` for the output layer,
             as Frankle & Carbin do (local scope only).
-        parameter_names: which tensors of each module to prune.
+        parameter_names: which tensors of each module to prune (normalisation layers' are left out: their scales
+            and shifts are rewound with the rest of the network, never pruned).
         train_to_rewind_point: trains the copy to the rewind point k before the snapshot (late resetting);
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
@@ -214,7 +223,8 @@ def iterative_magnitude_pruning(
     network = deepcopy_model(model)
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
     pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
-    targets = default_targets(network, parameter_names)
+    targets = [(module, name) for module, name in default_targets(network, parameter_names)
+               if not isinstance(module, _NORMALISATIONS)]
     if not targets:
         raise ValueError(f"nothing to prune: {type(model).__name__} has no {list(parameter_names)} parameter (a "
                          "module that builds its layers later, e.g. in `configure_model`, must have built them).")
@@ -227,6 +237,12 @@ def iterative_magnitude_pruning(
 
     def state_now() -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    pruned_keys = {f"{name}{suffix}" for name in names for suffix in ("", "_orig", "_mask")}
+
+    def the_rest() -> dict[str, Tensor]:
+        """Everything in the network's state but the pruned tensors (and their masks), as it is now."""
+        return {k: v for k, v in state_now().items() if k not in pruned_keys}
 
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None:  # before any training: a file that cannot be written would fail after the first round
@@ -241,7 +257,7 @@ def iterative_magnitude_pruning(
     if saved is None:
         if train_to_rewind_point is not None:
             train_to_rewind_point(network)
-        snapshot = take_snapshot(targets)
+        snapshot, rest = take_snapshot(targets), the_rest()
         rewound: dict[str, Tensor] = {}  # set after the last pruning round (rounds >= 1)
         table: list[IMPRound] = []
     else:
@@ -256,7 +272,7 @@ def iterative_magnitude_pruning(
         with torch.no_grad():
             for i, name in enumerate(names):
                 snapshot_tensor(snapshot, i).copy_(saved["snapshot"][name])
-        rewound, table = saved["rewound"], [IMPRound(**row) for row in saved["table"]]
+        rest, rewound, table = saved["rest"], saved["rewound"], [IMPRound(**row) for row in saved["table"]]
         _restore_random_states(saved["random"])
         log.info(f"IMP: resumed from {path} after round {saved['done']} of {rounds}"
                  + (" (finished)" if saved["done"] == rounds else ""))
@@ -269,6 +285,7 @@ def iterative_magnitude_pruning(
                 for name, target in zip(names, targets):
                     prune_([target], "l1_unstructured", layer_rates.get(name, rate), scope="local")
             rewind_(targets, snapshot)
+            _load_in_place_(network, rest)
             if r == rounds:  # the ticket: the final mask on the rewound weights
                 rewound = state_now()
         train(network)
@@ -289,9 +306,18 @@ def iterative_magnitude_pruning(
             with written_atomically(path) as partial:  # a search killed while writing keeps its previous file
                 torch.save(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
                                 snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
-                                rewound=rewound, table=[dataclasses.asdict(row) for row in table],
+                                rest=rest, rewound=rewound, table=[dataclasses.asdict(row) for row in table],
                                 random=_random_states()), partial)
     return LotteryTicket(model=network, masks=_masks(names, targets), rewound_state=rewound, rounds=table)
+
+
+def _load_in_place_(network: nn.Module, values: Mapping[str, Tensor]) -> None:
+    """Copy `values` into the network's own parameters and buffers of those names (an optimizer built on them, or a
+    Trainer holding them, keeps them)."""
+    own = network.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in values.items():
+            own[key].copy_(value)
 
 
 def _masks(names: Sequence[str], targets: Sequence[Target]) -> dict[str, Tensor]:
