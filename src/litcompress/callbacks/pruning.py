@@ -1069,7 +1069,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     raise MisconfigurationException(
                         f"`pruning_norm={norm!r}` does not apply to `{type(module).__name__}.{name}` of shape "
                         f"{tuple(tensor.shape)}: torch takes it over the {len(others)} dimension(s) besides "
-                        f"`pruning_dim={dim}`, and says: {str(error).rstrip('.')}. Use a number (1, 2, float('inf'), ...)."
+                        f"`pruning_dim={dim}`, and says: {str(error).rstrip('.')}. Use a number (1, 2, "
+                        "float('inf'), ...)."
                     ) from None
 
     def _check_amount_fits(self, amount: Union[int, float]) -> None:

@@ -2,8 +2,9 @@
 
 train -> prune p% of each layer's remaining weights by magnitude -> rewind the network to its state at
 initialisation (or at an early point k), the pruned weights' survivors and everything else (biases, normalisation
-layers and their running statistics) alike, as Frankle & Carbin and OpenLTH do -> retrain, for R rounds. Framework-free: training and evaluation are
-callables, so a plain loop or a Lightning `Trainer` (see :mod:`litcompress.callbacks.lottery`) can drive it.
+layers and their running statistics) alike, as Frankle & Carbin and OpenLTH do -> retrain, for R rounds.
+Framework-free: training and evaluation are callables, so a plain loop or a Lightning `Trainer` (see
+:mod:`litcompress.callbacks.lottery`) can drive it.
 """
 
 from __future__ import annotations
