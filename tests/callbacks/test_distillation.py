@@ -235,16 +235,20 @@ def test_the_pipeline_refuses_distillation_without_fine_tuning():
                            datamodule=DigitsDataModule(), distill=DistillationConfig())
 
 
-def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_path):
-    # The student trains through int8 rounding (QAT's graph as `net`'s forward); the teacher is the fp32 model copied
-    # at fit start, before QAT's forward is installed, so it never rounds.
+@pytest.mark.parametrize(("quantized", "distilled_on"), [("net", None), ("net", "net"), (None, None)])
+def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_path, quantized, distilled_on):
+    # The student trains through int8 rounding (QAT's graph as the module's forward); the teacher is the fp32 model
+    # copied at fit start, before QAT's forward is installed, so it never rounds. On one module (both on `net`, or
+    # both on the LightningModule), QAT traced distillation's forward hook into its graph, which fixed the batch size
+    # and failed when QAT started.
     from litcompress.callbacks import QuantizationAwareTraining
 
     def fit(alpha: float | None) -> tuple[MLPClassifier, QuantizationAwareTraining, KnowledgeDistillation | None]:
         seed_everything(5)
         model = MLPClassifier(hidden=(24,), lr=1e-2)
-        qat = QuantizationAwareTraining("net")
-        distillation = None if alpha is None else KnowledgeDistillation(alpha=alpha, temperature=2.0)
+        qat = QuantizationAwareTraining(quantized)
+        distillation = None if alpha is None else KnowledgeDistillation(alpha=alpha, temperature=2.0,
+                                                                         submodule=distilled_on)
         callbacks = [qat] if distillation is None else [distillation, qat]
         trainer = make_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
         trainer.fit(model, datamodule=DigitsDataModule())
@@ -264,7 +268,10 @@ def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_p
     assert all(torch.equal(silent_ranges[k], v) for k, v in alone_qat.qat.fake_quant_state().items())
     # alpha 0.7: the term reached the QAT graph's gradients; the teacher is the fp32 model from fit start
     assert not torch.equal(distilled.net[0].weight, alone.net[0].weight)
-    teacher = distillation.teacher
-    assert "forward" not in teacher.__dict__ and "forward" not in teacher.net.__dict__
+    teacher = distillation.teacher  # a copy of the distilled module: the LightningModule, or its `net`
+    assert all("forward" not in module.__dict__ for module in teacher.modules())
+    if distilled_on is not None:
+        initial = {k.removeprefix(f"{distilled_on}."): v for k, v in initial.items() if k.startswith(distilled_on)}
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in initial.items())
     assert distilled_qat.result is not None and "forward" not in distilled.net.__dict__
+    assert "forward" not in distilled.__dict__

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -105,12 +105,18 @@ def test_a_model_pruned_in_a_first_fit_keeps_its_zeros_through_qat(tmp_path):
      r"the fit ends after 2 epoch\(s\), so QAT would never start"),
     (lambda: [QuantizationAwareTraining("net"), ModelPruning("l1_unstructured", amount=0.5)], ValueError,
      r"\['ModelPruning'\] prune\(s\) in the same fit.*make_pruning_permanent=True"),
+    # these failed after training: at the first QAT step (an epoch in, with start_epoch=1), or at conversion
+    (lambda: [QuantizationAwareTraining("net", start_epoch=1, config=QATConfig(fp32_layers=("classifier",)))],
+     ValueError, r"\['classifier'\] name no layer of Sequential"),
+    (lambda: [QuantizationAwareTraining("net")], ValueError, r"precision='bf16-mixed'; QAT trains a float32 graph"),
 ])
 def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, error, message):
     model = MLPClassifier(hidden=(16,))
     weights = model.net[0].weight.detach().clone()
+    precision = "bf16-mixed" if "precision" in message else "32-true"
     with pytest.raises(error, match=message):
-        make_trainer(tmp_path, max_epochs=2, callbacks=make_callbacks()).fit(model, datamodule=DigitsDataModule())
+        make_trainer(tmp_path, max_epochs=2, callbacks=make_callbacks(), precision=precision).fit(
+            model, datamodule=DigitsDataModule())
     assert torch.equal(model.net[0].weight, weights) and "forward" not in model.net.__dict__
 
 
@@ -214,3 +220,66 @@ def test_a_last_training_batch_of_one_row_stops_the_fit_with_the_statistics_inta
             model, train_dataloaders=train)
     assert torch.isfinite(model.net[1].running_var).all() and int(model.net[1].num_batches_tracked) == 2
     assert "forward" not in model.net.__dict__  # the model is left as it was built
+
+
+def test_a_callback_used_for_a_second_fit_of_another_module_quantizes_that_one(tmp_path):
+    """Its QAT graph was the first module's: the second module's forward ran it, so that module never trained, and
+    `result` and `metric_value` were the first model's. A save_path in a folder not there yet is made at setup (it
+    failed after the fit)."""
+    callback = QuantizationAwareTraining("net", metric="val_acc", save_path=tmp_path / "new" / "int8.pt2")
+    data = DigitsDataModule()
+    seed_everything(0)
+    first = MLPClassifier(hidden=(16,))
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(first, datamodule=data)
+    seed_everything(1)
+    second = MLPClassifier(hidden=(16,))
+    before = second.net[0].weight.detach().clone()
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(second, datamodule=data)
+    assert not torch.equal(second.net[0].weight, before)  # it trained
+    assert callback.qat.model is second.net
+    loaded, _ = load_quantized(tmp_path / "new" / "int8.pt2")
+    assert callback.metric_value == pytest.approx(_accuracy(loaded, data), abs=1e-9)
+    assert _accuracy(callback.result.model, data) == pytest.approx(callback.metric_value, abs=1e-9)
+
+
+def test_a_batch_norm_frozen_inside_the_quantized_module_is_said(tmp_path):
+    """The QAT graph switches between training and evaluation form as a whole: a batch norm the user keeps in eval
+    mode inside a training module trains with it, which is said."""
+    model = BatchNormMLP()
+    model.net[1].eval()  # frozen, as fine-tuning recipes do, though Lightning sets the module to train before fit
+    callback = QuantizationAwareTraining("net")
+
+    class Freeze(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.net[1].eval()
+
+    with pytest.warns(UserWarning, match=r"1 in eval mode inside Sequential, which trains: .* as a whole"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[Freeze(), callback]).fit(model, datamodule=DigitsDataModule())
+
+
+
+class ReadsX(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.inner(batch["x"])
+
+
+class TakesTheBatch(MLPClassifier):
+    """Its `net` is called with a dict."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        self.net = ReadsX(self.net)
+
+    def forward(self, x):
+        return self.net({"x": x})
+
+
+def test_a_module_called_with_a_container_is_told_what_qat_takes(tmp_path):
+    with pytest.raises(TypeError, match=r"QuantizationAwareTraining: ReadsX was called with \(dict\); the QAT graph "
+                                        r"is traced on positional tensors"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining("net")]).fit(
+            TakesTheBatch(), datamodule=DigitsDataModule())

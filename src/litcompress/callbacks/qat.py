@@ -29,6 +29,7 @@ from litcompress.quantization.qat import (
     QATConfig,
     QATModel,
     QATResult,
+    check_layer_names,
     masks_refused_message,
     modules_pruned_with_masks,
     prepare_qat,
@@ -50,6 +51,12 @@ class _QATForward:
         if kwargs:
             raise TypeError(f"{_OWNER}: the model was called with keyword arguments {sorted(kwargs)}; the QAT graph "
                             "is traced on positional tensors: call it with them (self.net(x), not self.net(x=x)).")
+        if not all(isinstance(arg, torch.Tensor) for arg in args):
+            raise TypeError(f"{_OWNER}: {type(self.module).__name__} was called with "
+                            f"({', '.join(type(arg).__name__ for arg in args)}); the QAT graph is traced on "
+                            "positional tensors: give the model the tensors (self.net(batch['x']), not "
+                            "self.net(batch)), or quantize it after training (QuantizeOnFitEnd, which takes "
+                            "containers).")
         qat = self.callback._prepared(self.module, args)
         qat.train(self.module.training)
         return qat(*args)
@@ -119,6 +126,13 @@ class QuantizationAwareTraining(Callback):
         if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
                              f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
+        if str(trainer.precision) not in ("32-true", "32"):
+            raise ValueError(f"{_OWNER}: precision={trainer.precision!r}; QAT trains a float32 graph of fake-quantized "
+                             "ops and converts it to int8 from float32, which mixed or half precision breaks (in "
+                             "autocast, or in the conversion). Fine-tune with QAT under precision='32-true' (it is a "
+                             "short stage).")
+        if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the fit
+            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
         pruning = [type(cb).__name__ for cb in trainer.callbacks if _prunes_in_fit(cb)]
         if pruning:
             raise ValueError(f"{_OWNER}: {pruning} prune(s) in the same fit, with masks computed in forward that the "
@@ -131,6 +145,10 @@ class QuantizationAwareTraining(Callback):
         self._distributed = trainer.world_size > 1
         # here, not in setup: a module that builds its layers in configure_model has them only now
         self._module = self._quantized_module(pl_module)
+        check_layer_names(self._module, self.config.fp32_layers)  # before any training, not at the first QAT step
+        if self.qat is not None and self.qat.model is not self._module:
+            # the callback reused for the fit of another module: its graph trains the first one's parameters
+            self.qat, self.result, self.metric_value, self._pending_state = None, None, None, None
 
     def _quantized_module(self, pl_module: LightningModule) -> nn.Module:
         if self.submodule is None:
@@ -159,15 +177,27 @@ class QuantizationAwareTraining(Callback):
     def _prepared(self, module: nn.Module, args: tuple) -> QATModel:
         if self.qat is None:
             del module.forward  # trace the module's own forward
+            # without the hooks around it (KnowledgeDistillation's reads the outputs): `module.__call__` still runs
+            # them around the graph, which would otherwise hold them a second time (and their shapes, fixed)
+            hooks = _hooks_of(module)
+            frozen = [name for name, sub in module.named_modules() if name and not sub.training
+                      and isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
             try:
                 self.qat = prepare_qat(module, args, self.config, copy=False)
             finally:
+                _restore_hooks(module, hooks)
                 module.forward = _QATForward(self, module)
             if self._pending_state is not None:
                 self.qat.load_fake_quant_state(self._pending_state)
                 self._pending_state = None
             if self._distributed:  # each process observed its own first batch: every step starts from one range
                 self.qat.sync_ranges_()
+            if module.training and frozen:  # (as they were before the trace, which may set modes)
+                rank_zero_warn(f"{_OWNER}: {', '.join(frozen[:4])}{' ...' if len(frozen) > 4 else ''} in eval mode "
+                               f"inside {type(module).__name__}, which trains: the QAT graph switches between "
+                               "training and evaluation form as a whole, so they train as the rest does (batch norm "
+                               "statistics move, dropout drops). Freeze them another way (momentum=0, p=0), or keep "
+                               "them out of the quantized submodule.")
             if not module.training:  # the first call is a training step's
                 rank_zero_warn(f"{_OWNER}: {type(module).__name__} is in eval mode while training (Lightning keeps "
                                "a submodule's mode, e.g. of a model evaluated before fit), so its QAT graph trains in "
@@ -241,6 +271,26 @@ class QuantizationAwareTraining(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict.get("fake_quant")
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def _hooks_of(module: nn.Module) -> dict[str, dict]:
+    """Take `module`'s own forward (pre-)hooks off it, returned to be put back with `_restore_hooks`."""
+    taken = {}
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name, None)
+        if hooks is not None:
+            taken[name] = dict(hooks)
+            hooks.clear()
+    return taken
+
+
+def _restore_hooks(module: nn.Module, taken: dict[str, dict]) -> None:
+    for name, hooks in taken.items():
+        getattr(module, name).update(hooks)
 
 
 def _data_parallel(strategy: Any) -> bool:

@@ -573,6 +573,8 @@ class QuantizeOnFitEnd(L.Callback):
                                    "litcompress.quantization.lightning.quantize_checkpoint (or `litcompress compress "
                                    "--checkpoint --prune none`)")
         check_best_weights_can_be_found(trainer, self.weights, "QuantizeOnFitEnd")
+        if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the search
+            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")

@@ -88,7 +88,8 @@ def masks_refused_message(owner: str, names: Sequence[str]) -> str:
             "the zeros.")
 
 
-def _check_layer_names(model: nn.Module, names: Sequence[str]) -> None:
+def check_layer_names(model: nn.Module, names: Sequence[str]) -> None:
+    """ValueError naming the `names` (``QATConfig.fp32_layers``) that are no layer of `model`."""
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
@@ -324,7 +325,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     masked = modules_pruned_with_masks(model)
     if masked:
         raise ValueError(masks_refused_message("prepare_qat", masked))
-    _check_layer_names(model, config.fp32_layers)
+    check_layer_names(model, config.fp32_layers)
     if copy:
         model = copy_module.deepcopy(model)
     graph = _export_for_training(model, example_inputs)
