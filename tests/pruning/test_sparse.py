@@ -160,6 +160,23 @@ def test_a_dense_state_dict_loads_into_the_sparsified_model_converted():
         sparse.load_state_dict(without_bias)
 
 
+def test_a_state_dict_still_pruned_with_masks_loads_as_its_effective_weights():
+    """`weight_orig`/`weight_mask` (a model pruned on with masks): loaded as orig * mask. They were neither read nor
+    reported: strict loading named only the missing `weight`, and strict=False kept the old weights without a word.
+    A key the layer has no place for is reported under strict loading, as nn.Linear's loading reports it."""
+    x = torch.randn(4, 32)
+    sparse = sparsify(_pruned_mlp(0.5), x, min_speedup=0, min_sparsity=0.0, repeats=1).model
+    masked = _pruned_mlp(0.9)
+    assert is_pruned(masked.fc1, "weight")
+    for strict in (True, False):
+        result = sparse.load_state_dict(masked.state_dict(), strict=strict)
+        assert not result.missing_keys and not result.unexpected_keys
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), masked(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"fc1.scale\""):
+        sparse.load_state_dict({**masked.state_dict(), "fc1.scale": torch.ones(1)})
+
+
 def test_a_sparse_layer_deep_copies_into_an_independent_one():
     """torch cannot deep-copy a CSR tensor; the pipeline copies every stage's model."""
     import copy

@@ -58,14 +58,22 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         # The stored weight is replaced, not copied into: a CSR tensor takes only one of as many non-zeros. A dense
-        # weight (an nn.Linear's, a pruned model's state dict) loads too, converted.
+        # weight (an nn.Linear's, a pruned model's state dict) loads too, converted; one still pruned with a mask
+        # (`weight_orig`/`weight_mask`) as `orig * mask`.
+        read = set()
         for name in ("weight", "bias"):
             key = prefix + name
-            if key not in state_dict:
+            orig, mask = f"{key}_orig", f"{key}_mask"
+            if key not in state_dict and orig in state_dict and mask in state_dict:
+                value = state_dict[orig].detach() * state_dict[mask].to(state_dict[orig].dtype)
+                read |= {orig, mask}
+            elif key in state_dict:
+                value = state_dict[key]
+                read.add(key)
+            else:
                 if strict and getattr(self, name) is not None:
                     missing_keys.append(key)
                 continue
-            value = state_dict[key]
             expected = (self.out_features, self.in_features) if name == "weight" else (self.out_features,)
             if getattr(self, name) is None:
                 unexpected_keys.append(key)
@@ -74,6 +82,9 @@ class SparseLinear(nn.Module):
                                   f"shape in the current model is {expected}.")
             else:
                 setattr(self, name, _csr(value) if name == "weight" else value.detach().clone())
+        if strict:  # as nn.Module's own loading: keys of this layer it has no place for
+            unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in read
+                                   and "." not in key[len(prefix):])
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> SparseLinear:
