@@ -303,6 +303,50 @@ def test_residual_groups_are_pruned_as_one_and_shrunk(digits, group_residuals):
 
 
 
+@pytest.mark.parametrize("config", [dict(exclude=("stem.0",)), dict(layer_types=(nn.Conv2d,))])
+def test_a_residual_group_partly_among_the_targets_is_left_unpruned_not_masked_in_vain(digits, config):
+    """exclude naming one layer of the stream, or layer_types leaving the Linear head out (the default exclude then
+    took the stream's last conv for the classifier): the stream's other layers were pruned layer by layer, and shrink
+    could remove none of their channels. Now every pruned channel goes (removable_only), and the report says which
+    layers stay whole and why; with the head out of layer_types, the default exclude is the head and the stream is
+    pruned as one."""
+    from tests.pruning.test_groups import ResNet
+
+    prune = PruneConfig(sparsity=0.5, method="ln_structured", **config)
+    result, x_val = compress_on_images(digits, ResNet(), prune, steps=30)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    zero_filters = {name: int((m.weight.flatten(1).abs().sum(1) == 0).sum())
+                    for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    widths = {name: m.out_channels for name, m in shrunk.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(widths[name] == m.out_channels - zero_filters[name]
+               for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d))  # every pruned filter removed
+    said = [m for m in result.report.messages if m.startswith("removable_only:")]
+    if "exclude" in config:
+        assert zero_filters["blocks.0.conv2"] == zero_filters["blocks.1.conv2"] == 0
+        assert zero_filters["blocks.0.conv1"] == zero_filters["blocks.1.conv1"] == 8
+        assert any("blocks.0.conv2, blocks.1.conv2 write into residual groups with stem.0, which is not pruned" in m
+                   for m in said)
+    else:
+        assert set(zero_filters.values()) == {8} and not said
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
+def test_a_test_metric_without_a_name_is_reported_as_test_and_rounding_is_no_change(tmp_path):
+    """test_fn without test_metric_name: the metric was computed for every stage and shown nowhere. And a loss the
+    ONNX file reproduces to the digits the report shows was said to differ from the in-memory model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(16, 64)
+    reference = model(x).detach()
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5), fp32_format="onnx", latency_repeats=2),
+                      eval_fn=lambda m: -float((m(x) - reference).abs().mean()), test_fn=lambda m: 0.123,
+                      example_inputs=x, output_dir=tmp_path)
+    assert result.report.test_metric_name == "test"
+    assert "test" in result.report.table().splitlines()[0] and "0.123" in result.report.markdown()
+    assert not any("the exported file scores" in m for m in result.report.messages)
+
+
 def test_one_shot_structured_pruning_groups_residuals_and_zeroes_batch_norms_too(digits):
     from tests.pruning.test_groups import ResNet
 

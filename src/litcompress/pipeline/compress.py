@@ -51,7 +51,7 @@ from litcompress.report.compression import CompressionReport, Latency, StageMetr
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
 
-from .config import CompressionConfig, PruneConfig, RecurrentLayers, tensor_names
+from .config import CompressionConfig, PrunableLayers, PruneConfig, RecurrentLayers, tensor_names
 
 logger = logging.getLogger("litcompress.pipeline")
 
@@ -133,8 +133,10 @@ def _select_targets(model: nn.Module, config: PruneConfig,
               # depthwise convs follow the layer before them; a recurrent layer's rows are gates, not channels
               and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
     exclude = config.exclude
-    if exclude is None:
-        exclude = (layers[-1][0],) if config.structured and layers else ()
+    if exclude is None:  # the model's last layer (its outputs: a classifier's rows), of whatever type is pruned
+        last = [name for name, m in model.named_modules() if isinstance(m, (*PrunableLayers, *config.layer_types))
+                and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
+        exclude = (last[-1],) if config.structured and last else ()
     unknown = set(exclude) - {name for name, _ in model.named_modules()}
     if unknown:
         raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
@@ -217,8 +219,6 @@ def _groups_residuals(prune: PruneConfig) -> bool:
 def weight_sparsity(model: nn.Module) -> float | None:
     """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too (None when the model has none, e.g.
     ONNX Runtime)."""
-    from .config import PrunableLayers
-
     targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) or is_transposed_linear(m)
                for t in tensor_names(m, "weight")]
     return sparsity_report(model, targets).sparsity if targets else None
@@ -459,7 +459,7 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
         stages.pop()
         row = stages.add(final.stage, loaded, f"{final.description}; {artifact.name} read back",
                          final.seconds + seconds, file=artifact, counted=counted)
-        if row.metric != final.metric:
+        if f"{row.metric:.6g}" != f"{final.metric:.6g}":  # as the report shows them: float rounding is no change
             note(f"the exported file scores {row.metric:.6g}, the in-memory {final.stage} model {final.metric:.6g}.")
     note(f"exported {artifact.name}; read back, its outputs differ from the in-memory model's by at most "
          f"{difference:.3g}.")
@@ -485,12 +485,14 @@ def _names_of(model: nn.Module, targets: Sequence[Target]) -> list[str]:
 
 
 def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneConfig, plan: ChannelPlan | None,
-                     note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[Target]]:
+                     note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[Target], set[str]]:
     """The channel groups joined by residual additions or gating products that structured pruning prunes as one (the
     same channels in every layer writing into the group), when the config asks for it and all those layers are
-    pruning targets; and the targets left to prune layer by layer."""
+    pruning targets; the targets left to prune layer by layer; and, with `removable_only`, the layers of groups
+    only partly among the targets (one excluded), left unpruned: shrink removes a group's channel from all of its
+    layers or from none."""
     if not _groups_residuals(prune) or plan is None:
-        return [], list(targets)
+        return [], list(targets), set()
     names = _names_of(model, targets)
     groups = [g for g in plan.groups if set(g.producers) <= set(names)]
     grouped = {name for g in groups for name in g.producers}
@@ -499,7 +501,15 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
         layers = f"{len(grouped)} layer{'' if len(grouped) == 1 else 's'}"
         note(f"group_residuals: {len(groups)} channel group(s) joined by {joined} ({layers}) "
              "pruned as one, so shrink can remove their channels.")
-    return groups, [t for t, name in zip(targets, names) if name not in grouped]
+    partial = [g for g in plan.groups if set(g.producers) & set(names) and not set(g.producers) <= set(names)]
+    left = {name for g in partial for name in g.producers} & set(names) if prune.removable_only else set()
+    if left:
+        outside = sorted({name for g in partial for name in g.producers} - set(names))
+        note(f"removable_only: {len(left)} layer(s) left unpruned, as shrink could not remove their channels: "
+             f"{', '.join(sorted(left))} write into residual groups with {', '.join(outside)}, which is not pruned "
+             "(exclude, layer_types), and a group loses a channel from all its layers or from none. Prune all of "
+             "them, or PruneConfig(removable_only=False) to mask these anyway.")
+    return groups, [t for t, name in zip(targets, names) if name not in grouped and name not in left], left
 
 
 def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: ChannelPlan | None,
@@ -565,7 +575,15 @@ class _Pruning:
             note(f"removable_only: {len(left_out)} layer(s) left unpruned, as shrink could not remove their channels: "
                  + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
                  + ". PruneConfig(removable_only=False) prunes them too (masks only).")
-        groups, layer_targets = _residual_groups(model, targets, prune, plan, note)
+        groups, layer_targets, left = _residual_groups(model, targets, prune, plan, note)
+        if left:
+            targets = [t for t, name in zip(targets, _names_of(model, targets)) if name not in left]
+            if not targets and not units:
+                raise ValueError(f"PruneConfig(method={_method_name(prune)!r}): shrink can remove the channels of "
+                                 f"none of the layers to prune ({', '.join(sorted(left))}: their residual groups "
+                                 "are only partly pruned), so structured pruning would cost accuracy and save "
+                                 "nothing. Prune every layer of those groups, or removable_only=False to mask them "
+                                 "anyway.")
         # a pruned channel's BatchNorm shift held at zero makes the channel exactly zero, which shrink can remove
         # (and a group's producers' biases: a sum or product of biased Linear layers has no BatchNorm to zero)
         lone_layers, biased = _batch_norm_groups(model, layer_targets, plan, note) if prune.zero_batch_norm \
@@ -684,7 +702,8 @@ def compress(
         test_fn: ``model -> metric`` on held-out test data, for the report only (never used for decisions).
         output_dir: where the pruned state dict, the exported model and the report files are written.
         input_fn: maps a calibration batch to the model's positional inputs.
-        metric_name, test_metric_name: column titles in the report.
+        metric_name, test_metric_name: column titles in the report (`test_metric_name` defaults to ``"test"`` when
+            `test_fn` is given).
         fine_tune_description: what ``fine_tune`` does besides training (e.g. ``"distilled (T=1, alpha=0.5)"``),
             appended to the pruned stage's description in the report.
     """
@@ -919,7 +938,8 @@ def compress(
     if slower:
         note(slower)
     report = CompressionReport(
-        stages=rows, metric_name=metric_name, test_metric_name=test_metric_name if test_fn is not None else None,
+        stages=rows, metric_name=metric_name,
+        test_metric_name=(test_metric_name or "test") if test_fn is not None else None,  # a column, named or not
         batch_size=batch_size(inputs),
         num_threads=config.num_threads or torch.get_num_threads(),
         layer_sparsity=() if result_sparsity is None else result_sparsity.tensors,

@@ -64,7 +64,9 @@ class PruneConfig:
             Linear layers, their weights stored transposed); with ``nn.Embedding`` (not in the default), structured
             methods on output channels prune an embedding's dims (its weight's columns), which ``shrink`` removes.
         exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
-            the last prunable layer (usually the classifier, whose rows are the model's outputs), else none.
+            the last prunable layer (usually the classifier, whose rows are the model's outputs; of any prunable type,
+            so ``layer_types=(nn.Conv2d,)`` leaves a Linear head out without taking the last conv for it), else
+            none.
             Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their
             channels are those of the layer before them, and ``shrink`` removes them with that layer's.
         dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what
@@ -84,7 +86,8 @@ class PruneConfig:
         removable_only: with a structured method on output channels (``dim=0``), prune only the layers whose
             channels ``shrink`` can then remove (``litcompress.pruning.shrink.removable_channels``); the others
             (e.g. the layers writing into a Transformer's LayerNorm'd residual stream, or the attention's output)
-            would lose accuracy and keep their size. The report names the layers left out and why. False prunes
+            would lose accuracy and keep their size; so do the layers of a residual group that is only partly among
+            the targets (one of its layers excluded). The report names the layers left out and why. False prunes
             every target. A model ``torch.fx`` cannot trace (shrink would remove nothing) is refused with the
             trace's error before any training; False masks its channels anyway.
         heads: the fraction of each ``nn.MultiheadAttention``'s heads to prune (those with the smallest norm of
