@@ -240,10 +240,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
             raise MisconfigurationException(f"`log_sparsity={log_sparsity!r}`: pass True or False.")
         self._log_sparsity = log_sparsity
         self._slice_groups: dict[tuple[nn.Module, str], int] = {}
-        every_epoch = (self._schedule is None and apply_pruning is True and prune_on_train_epoch_end
-                       and not callable(amount) and bool(amount))  # a round at the end of each epoch from the first
+        # Lightning-style rounds at the end of every epoch: the first at point 0 (its end), as a schedule counts
+        self._first_epoch_round = 0 if (self._schedule is None and apply_pruning is True and prune_on_train_epoch_end
+                                        and not callable(amount) and bool(amount)) else None
         self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule,
-                                                              0 if every_epoch else None)
+                                                              self._first_epoch_round)
         self._reset_optimizer = reset_optimizer
 
         if verbose not in (0, 1, 2):
@@ -785,8 +786,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # Lightning steps at an epoch's end too
         if self._rewind_unit == "step":
             first = (_first_round(self._schedule) if self._schedule is not None and self._schedule.unit == "epoch"
-                     else 0 if self._schedule is None and self._apply_pruning is True and not callable(self.amount)
-                     and self._prune_on_train_epoch_end else None)
+                     else self._first_epoch_round)
             last = None if first is None else max(first, 1) * per_epoch  # the round at that epoch's end comes after
             if last is not None and self._rewind_point > last:
                 raise MisconfigurationException(
