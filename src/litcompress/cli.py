@@ -404,6 +404,9 @@ def _configs(args: argparse.Namespace) -> Any:
                              f"{args.prune} is not one: use --prune ln_structured, or drop --prune-embeddings.")
         prune = PruneConfig(sparsity=args.sparsity, method=args.prune, schedule=args.schedule, exclude=args.exclude,
                             heads=args.prune_heads, **_embedding_layer_types(args.prune_embeddings))
+    if args.keep_multiple_of is not None and not args.shrink and (prune is None or not prune.structured):
+        _stderr("note: --keep-multiple-of ignored: it rounds the channels structured pruning keeps, and the ones "
+                "shrink keeps, which --no-shrink turns off.")
     quantize = None
     if args.quantize != "none":
         options: dict[str, Any] = {}
@@ -549,10 +552,15 @@ def _input_fn(args: argparse.Namespace, model: Any) -> Any:
     return by_keys
 
 
+_STEP_REMEDY = ("let the step run on a loader alone (trainer.validate(model, dataloaders=loader)), or prepare the "
+                "batches in the DataModule")
+
+
 def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: Any = None,
-                    submodule: str | None = None) -> tuple:
+                    submodule: str | None = None, on_unreadable: Any = None) -> tuple:
     """The first validation batch's inputs, or `batch_size` rows of the validation batches shaped like it. With
-    `module` (no --inputs), the inputs its validation_step gives the model, when it prepares its batches."""
+    `module` (no --inputs), the inputs its validation_step gives the model, when it prepares its batches (a step
+    that cannot run on a loader alone is logged, or its error given to `on_unreadable`)."""
     import math
 
     import torch
@@ -568,9 +576,7 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: An
     if module is not None:
         rows = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         seen = step_model_inputs(module, loader, 1 if batch_size is None else math.ceil(batch_size / rows) + 1,
-                                 submodule=submodule,
-                                 remedy="let the step run on a loader alone (trainer.validate(model, dataloaders="
-                                        "loader)), or prepare the batches in the DataModule")
+                                 submodule=submodule, remedy=_STEP_REMEDY, on_unreadable=on_unreadable)
         if seen is not None and not same_inputs(seen[0], inputs):
             inputs, later = seen[0], iter(seen[1:])
     if batch_size is None:
@@ -678,11 +684,13 @@ def run_compress(args: argparse.Namespace) -> int:
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization.backends import to_inputs
+    from litcompress.quantization.lightning import log_unreadable_step
     from litcompress.quantization.shapes import resolve_dynamic_dims
     from litcompress.quantization.tuner import check_model_runs
 
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)
+    unreadable: list[Exception] = []  # a step that cannot run alone, said once the checks pass (a refusal says why)
     try:  # everything that can be wrong with the arguments fails here, before any training
         if args.output_dir.exists() and not args.output_dir.is_dir():
             raise ValueError(f"--output-dir {args.output_dir} is a file; give a directory.")
@@ -702,7 +710,8 @@ def run_compress(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
         input_fn = _input_fn(args, compressed)
         example_inputs = _example_inputs(data, args.latency_batch_size, input_fn,
-                                         module=model if args.inputs is None else None, submodule=args.submodule)
+                                         module=model if args.inputs is None else None, submodule=args.submodule,
+                                         on_unreadable=unreadable.append)
         try:
             check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
                              default_input_fn_used=args.inputs is None)
@@ -721,6 +730,8 @@ def run_compress(args: argparse.Namespace) -> int:
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(str(error))
+    for error in unreadable:
+        log_unreadable_step(model, error, _STEP_REMEDY)
     train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
 
     if train_epochs:

@@ -69,6 +69,17 @@ def test_tables_have_one_line_per_stage_and_every_column(report):
     assert len(widths) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(report=reports())
+def test_the_markdown_size_legend_names_no_row_the_table_lacks(report):
+    # it once said "the file on disk for `exported`", a row the pipeline adds only when no stage changed the model
+    legend = [line for line in report.markdown().splitlines() if "size: serialized weights" in line]
+    assert len(legend) == (1 if report._conditions() else 0)
+    for line in legend:
+        assert "`exported`" not in line
+        assert ("the last row: the file on disk" in line) == (report.artifact is not None)
+
+
 def _stage(name: str, median: float | None, size: int | None) -> StageMetrics:
     latency = None if median is None else Latency(median / 2, median, median * 2)
     return StageMetrics(stage=name, description=name, metric=0.9, size_bytes=size, latency=latency)

@@ -279,13 +279,18 @@ _INPUT_FN_REMEDY = "pass input_fn= (or calibration_data= and example_inputs=) wi
 
 
 def step_model_inputs(module: L.LightningModule, loader: Any, batches: int, *, submodule: str | None = None,
-                      remedy: str = _INPUT_FN_REMEDY) -> list[tuple] | None:
+                      remedy: str = _INPUT_FN_REMEDY,
+                      on_unreadable: Callable[[Exception], None] | None = None) -> list[tuple] | None:
     """:meth:`StepInputReader.read` once: the inputs `module`'s ``validation_step`` gives its model on the first
-    `batches` batches of `loader`. A step that cannot run on its own is said (INFO), with `remedy`."""
+    `batches` batches of `loader`. A step that cannot run on its own is said (INFO), with `remedy`, or its error is
+    given to `on_unreadable` (a caller that may still refuse the run says it only if the run goes on)."""
     reader = StepInputReader(module, submodule)
     seen = reader.read(loader, batches)
     if seen is None and reader.error is not None:
-        log_unreadable_step(module, reader.error, remedy)
+        if on_unreadable is None:
+            log_unreadable_step(module, reader.error, remedy)
+        else:
+            on_unreadable(reader.error)
     return seen
 
 

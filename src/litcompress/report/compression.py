@@ -172,7 +172,9 @@ class CompressionReport:
         for row in range(len(self.stages)):
             out.append("| " + " | ".join(_cell(cells[row]) for _, cells in columns) + " |")
         if self._conditions():
-            out += ["", self._conditions() + "; size: serialized weights (the file on disk for `exported`)."]
+            # the last row is the exported file read back (an `exported` row only when no stage changed the model)
+            size = "serialized weights" + (" (the last row: the file on disk)" if self.artifact else "")
+            out += ["", f"{self._conditions()}; size: {size}."]
         if self.artifact:
             out += ["", f"Artefact: `{self.artifact}`"]
         if self.layer_sparsity:
