@@ -502,3 +502,80 @@ def test_a_model_that_answers_the_same_inputs_differently_is_named_as_such_not_a
 
     check_free_dims(steady_on_the_example, steady_on_the_example, (x,), None, "torch.jit.trace")  # a variant it
     # does not take checks nothing
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _NestedSequenceModel(nn.Module):
+    """Linear layers nested in a container, on (batch, tokens, features): ONNX renames their transposed weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks, self.head = nn.Sequential(_Block(), _Block()), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_onnxruntime_keeps_nested_fp32_layers_float(approach):
+    # Nested layers' nodes ("/blocks/blocks.1/fc1/MatMul") were not matched: only their bias Adds stayed float, so a
+    # recipe (and the search's trial table) listed fp32 layers that ran int8.
+    torch.manual_seed(0)
+    model, x = _NestedSequenceModel().eval(), torch.randn(8, 6, 16)
+    backend = get_backend("onnxruntime")
+    layers = ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head")
+    recipe = Recipe("onnxruntime", approach, fp32_layers=layers)
+    every_layer_fp32 = backend.quantize(copy.deepcopy(model), recipe, (x[:2],), [(x,)])
+    with torch.no_grad():
+        torch.testing.assert_close(every_layer_fp32(x), model(x), rtol=1e-5, atol=1e-5)
+    # a container's name keeps every layer inside it float, and only those
+    one_block = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(("blocks.1",)), (x[:2],), [(x,)])
+    assert _onnx_int8_layers(one_block) == {"blocks.0.fc1", "blocks.0.fc2", "head"}
+
+
+def _onnx_int8_layers(quantized) -> set[str]:
+    """The torch modules whose matrix products ORT runs in int8 (dynamic integer ops, or static QDQ weights)."""
+    import onnx
+
+    from litcompress.quantization.backends.onnxruntime import _scope_module
+
+    graph = onnx.load_from_string(quantized.model_bytes).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {_scope_module(n.name) for n in graph.node
+            if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+            or (n.op_type in ("MatMul", "Gemm") and all(i in dequantized for i in n.input[:2]))}
+
+
+def test_onnxruntime_fp32_layer_names_match_one_module_not_every_leaf_of_that_name():
+    import onnx
+
+    from litcompress.quantization.backends.onnxruntime import _nodes_of_layers, export_onnx_with_structure
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.fc = Inner(), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.block(x))
+
+    onnx_bytes, _ = export_onnx_with_structure(Outer().eval(), (torch.randn(2, 16),))
+    graph = onnx.load_from_string(onnx_bytes)
+    top, nested = _nodes_of_layers(graph, ["fc"]), _nodes_of_layers(graph, ["block.fc"])
+    assert top and nested and not set(top) & set(nested)  # 'fc' took '/block/fc/Gemm' too

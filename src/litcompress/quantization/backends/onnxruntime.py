@@ -236,15 +236,26 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
+def _scope_module(node_name: str) -> str:
+    """The torch module a node of the legacy exporter was traced in, from its scoped name: "/blocks/blocks.1/fc1/MatMul"
+    is in ``blocks.1.fc1`` (a scope is the child's attribute name, or, for containers' children, its full name)."""
+    qualified = ""
+    for part in node_name.split("/")[1:-1]:
+        qualified = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
+    return qualified
+
+
 def _nodes_of_layers(onnx_model, layers: Sequence[str]) -> list[str]:
-    """ONNX node names that implement the given torch module names."""
+    """ONNX node names that implement the given torch module names (or modules inside them)."""
     wanted = set(layers)
     nodes = []
     for node in onnx_model.graph.node:
+        scope = _scope_module(node.name)
         for layer in wanted:
-            # The legacy exporter keeps parameter names ("fc.weight") and scopes node names ("/fc/Gemm").
+            # Parameter names stay where the weight is used as is ("fc.weight"); a transposed copy for a MatMul is
+            # renamed ("onnx::MatMul_12"), so the node's scope is what names its module.
             if any(i in (f"{layer}.weight", f"{layer}.bias") for i in node.input) \
-                    or f"/{layer}/" in node.name or node.name.split("/")[-2:-1] == [layer]:
+                    or scope == layer or scope.startswith(f"{layer}."):
                 # Dynamic per-channel Gemm is rewritten to "<node>_MatMul" + Add before quantizing.
                 nodes += [node.name, f"{node.name}_MatMul"]
                 break
