@@ -585,3 +585,24 @@ def test_as_linear_layers_computes_the_same_and_keeps_aliases_one_layer():
     Conv1DOfAnotherKind.__name__ = "Conv1D"
     other = nn.Sequential(Conv1DOfAnotherKind(4, 3))
     assert as_linear_layers_(other) == [] and type(other[0]) is Conv1DOfAnotherKind
+
+
+def test_fallback_never_repeats_a_recipe_and_grows_the_fp32_set_until_one_layer_is_left():
+    # When one more fp32 layer did not beat the best trial (ties are common with accuracy), the same recipe was
+    # built again until max_trials ran out, and the layers after it were never tried.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10)).eval()
+    x = torch.randn(512, 32)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=12, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0))  # fp32 is exact: no int8 trial can meet it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationGoalWarning)
+        result = quantize(model, config, eval_fn=accuracy_fn(x, labels), example_inputs=x[:8],
+                          calibration_data=[x[:64]])
+    recipes = [t.recipe for t in result.trials]
+    assert len(recipes) == len(set(recipes)), result.table()
+    assert len(recipes) < config.max_trials  # stopped when no larger fp32 set was left, not by the budget
+    assert max(len(r.fp32_layers) for r in recipes) == 3  # every set up to all layers but one was reached

@@ -347,12 +347,17 @@ class _BackendSearch:
             return None
         base = max(ran, key=score)
         order = ranking(base.recipe.per_channel)
-        k = len(base.recipe.fp32_layers) + 1
-        if k >= len(order):  # all layers in fp32 is no quantization at all
-            self.done = True
-            return None
-        self.fallback_started = True
-        return base.recipe.with_fp32_layers(tuple(order[:k]))
+        tried = {t.recipe for t in self.tried}
+        # one more layer in fp32 than the best so far; when that recipe ran already (it did not beat the best: ties
+        # are common with accuracy), the next larger set, so that no trial repeats one
+        # (all layers in fp32 is no quantization at all)
+        for k in range(len(base.recipe.fp32_layers) + 1, len(order)):
+            recipe = base.recipe.with_fp32_layers(tuple(order[:k]))
+            if recipe not in tried:
+                self.fallback_started = True
+                return recipe
+        self.done = True
+        return None
 
 
 def quantize(
