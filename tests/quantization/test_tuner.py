@@ -606,3 +606,29 @@ def test_fallback_never_repeats_a_recipe_and_grows_the_fp32_set_until_one_layer_
     assert len(recipes) == len(set(recipes)), result.table()
     assert len(recipes) < config.max_trials  # stopped when no larger fp32 set was left, not by the budget
     assert max(len(r.fp32_layers) for r in recipes) == 3  # every set up to all layers but one was reached
+
+
+class _WithTrainingOnlyHead(nn.Module):
+    """The sensitive MLP plus a head its forward never calls (one a training loss reads)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body, self.aux_head = body, nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_layer_forward_never_calls_leaves_the_fallback_to_the_others():
+    # Static sensitivity failed with KeyError on the head (no observed range), and the search went on without any
+    # fp32 fallback: the goal that keeping layer 0 in fp32 meets was missed.
+    body, x, labels = make_sensitive_mlp()
+    model = _WithTrainingOnlyHead(body).eval()
+    scores = layer_sensitivity(model, ["body.0", "body.2", "aux_head"], [(x[:128],)], "static")
+    assert scores["aux_head"] == math.inf and min(scores, key=scores.get) == "body.0"
+    config = PTQConfig(approach="static", backends=("torch_ao",), accuracy=AccuracyCriterion(0.01), **FAST)
+    result = quantize(model, config, eval_fn=accuracy_fn(x, labels),
+                      calibration_data=[(x[i:i + 64],) for i in range(0, 256, 64)])
+    assert result.goal_met and "body.0" in result.recipe.fp32_layers, result.table()
+    assert "aux_head" not in result.recipe.fp32_layers
+    assert not any("layer sensitivity failed" in m for m in result.messages)

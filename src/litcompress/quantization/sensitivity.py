@@ -53,7 +53,8 @@ def _output_vector(output: object) -> torch.Tensor:
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequence[tuple],
                       approach: str = "static", per_channel: bool = True) -> dict[str, float]:
-    """SQNR (dB) of the model output on ``calibration`` with only that layer quantized, per layer."""
+    """SQNR (dB) of the model output on ``calibration`` with only that layer quantized, per layer; inf for a layer
+    the calibration data never reaches (a training-only head: quantizing it changes no output)."""
     model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
     reference = [_output_vector(model(*inputs)) for inputs in calibration]
@@ -75,6 +76,9 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     scores: dict[str, float] = {}
     for name in layers:
         module = modules[name]
+        if approach == "static" and name not in ranges:  # never called: no observed range, and nothing to change
+            scores[name] = float("inf")
+            continue
         # a Linear or conv has `weight`; an LSTM/GRU (or cell) one weight matrix per gate set and layer
         weights = [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight") and p.dim() >= 2]
         originals = [w.data.clone() for w in weights]

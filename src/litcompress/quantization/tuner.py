@@ -530,9 +530,14 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 rankings[per_channel] = []
                 note(f"layer sensitivity failed ({type(exc).__name__}: {exc}); no fp32 fallback this time.")
                 return []
-            rankings[per_channel] = sorted(layers, key=lambda n: scores[n])
+            # a layer whose quantization alone leaves the outputs as they are (one the data never reaches) gains
+            # nothing in fp32: no fallback trial is spent on it
+            rankings[per_channel] = sorted((n for n in layers if math.isfinite(scores[n])), key=lambda n: scores[n])
+            unchanged = [n for n in layers if not math.isfinite(scores[n])]
             note("layer sensitivity (output SQNR dB, most sensitive first): "
-                 + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[per_channel]))
+                 + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[per_channel])
+                 + (f"; outputs unchanged with {', '.join(unchanged)} quantized alone (not called on the calibration "
+                    "data, or no effect): never kept in fp32" if unchanged else ""))
         return rankings[per_channel]
 
     def score(trial: Trial) -> float:
