@@ -209,13 +209,13 @@ class _ReturnsADataclass(_LogitsAndNone):
         return DataclassOutput(self.head(hidden), hidden)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch_ao", "pt2e"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch_ao", "pt2e", "torchao"])
 @pytest.mark.parametrize("returns", ["logits and None", "a dataclass"])
 def test_a_none_or_a_dataclass_output_comes_back_from_the_file(backend, returns, tmp_path):
     """ONNX Runtime failed on both ("output[1] is a NoneType, not a tensor"; "... is a DataclassOutput"), torch_ao's
     TorchScript trace too ("Only tensors, lists, tuples of tensors, or dictionary of tensors"), torch.export on the
-    dataclass ("not a known type"): the file now returns the tensors and the recorded structure rebuilds the
-    output, in memory and from the file."""
+    dataclass ("not a known type", in pt2e and in torchao's export check): the file now returns the tensors and the
+    recorded structure rebuilds the output, in memory and from the file."""
     torch.manual_seed(0)
     model, x = (_LogitsAndNone() if returns == "logits and None" else _ReturnsADataclass()).eval(), torch.randn(64, 32)
 
@@ -224,10 +224,11 @@ def test_a_none_or_a_dataclass_output_comes_back_from_the_file(backend, returns,
 
     with torch.no_grad():
         reference = logits(model(x))
-    result = quantize(model, PTQConfig(approach="static", backends=(backend,), latency_repeats=2, max_trials=1),
+    approach = "weight_only" if backend == "torchao" else "static"
+    result = quantize(model, PTQConfig(approach=approach, backends=(backend,), latency_repeats=2, max_trials=1),
                       eval_fn=lambda m: -float((logits(m(x)) - reference).abs().max()), calibration_data=[x])
     assert result.recipe is not None and result.recipe.backend == backend, [t.error for t in result.trials]
-    path = tmp_path / {"onnxruntime": "model.onnx", "torch_ao": "model.pt", "pt2e": "model.pt2"}[backend]
+    path = tmp_path / {"onnxruntime": "model.onnx", "torch_ao": "model.pt"}.get(backend, "model.pt2")
     result.save(path)
     loaded, _ = load_quantized(path)
     with torch.no_grad():

@@ -49,9 +49,13 @@ class TorchAOWeightOnlyBackend(Backend):
                       filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn not in skip)
         # its file is a torch.export program: a candidate whose export fixes a size that must stay free could not be
         # saved
+        from ..outputs import tensor_leaves_of, untraceable_structure
         from .exported import export_inputs, export_program
 
-        export_program(model, export_inputs(example_inputs), self.dynamic_dims)
+        inputs = export_inputs(example_inputs)
+        # an output torch.export cannot return (a dataclass) is exported flat, as save does
+        structure = untraceable_structure(model, inputs)
+        export_program(model if structure is None else tensor_leaves_of(model, inputs), inputs, self.dynamic_dims)
         return model
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
