@@ -732,7 +732,7 @@ def test_inputs_star_passes_the_whole_batch_to_a_forward_that_takes_it(tmp_path,
                  "--train-epochs", "1", "--output-dir", str(out)]) == 0
     report = CompressionReport.load_json(out / "report.json")
     assert report["quantized"].metric > 0.5 and report.batch_size == 48
-    assert any("takes containers as inputs" in m for m in report.messages)
+    assert any("takes containers or non-tensor values as inputs" in m for m in report.messages)
     loaded, _ = load_quantized(out / "model.onnx")
     ids, mask = torch.randint(0, 20, (3, 12)), torch.ones(3, 12, dtype=torch.long)
     labels = torch.zeros(3, dtype=torch.long)
@@ -825,3 +825,11 @@ def test_keep_multiple_of_is_named_as_ignored_only_where_nothing_rounds(args, ig
     config = _configs(build_parser().parse_args(["compress", *args]))
     assert config.keep_multiple_of == 8
     assert ("--keep-multiple-of ignored" in capsys.readouterr().err) == ignored
+
+
+@pytest.mark.parametrize("command", ["compress", "channels"])
+def test_help_says_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert not re.search(r"\(default: [^)]*\) \(default:", text)

@@ -182,10 +182,10 @@ def _quiet_frameworks() -> None:
 
 # ------------------------------------------------------------------------------------------------ parser
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones: their help says what happens instead."""
+    """Shows defaults, except None ones (their help says what happens instead) and ones the help already says."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or isinstance(action.default, bool):
+        if action.default is None or isinstance(action.default, bool) or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

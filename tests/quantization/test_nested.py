@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from litcompress import CompressionConfig, PTQConfig, compress, load_quantized, quantize
+from litcompress import AccuracyCriterion, CompressionConfig, PTQConfig, compress, load_quantized, quantize
 from litcompress.quantization.nested import InputStructure, NestedInputs, flat_inputs, is_nested
 
 Pair = namedtuple("Pair", ["left", "right"])
@@ -79,7 +79,8 @@ def test_inputs_structured_otherwise_are_refused_with_what_differs():
     changed["side"]["scale"] = 3.0
     with pytest.raises(ValueError, match=r"non-tensor entry 2.0 .* gives 3.0"):
         structure.flatten((changed,))
-    assert is_nested((batch(0),)) and not is_nested((torch.randn(2), None, 3))
+    # a number or None among the positional inputs is held as a constant too (no exporter takes one)
+    assert is_nested((batch(0),)) and is_nested((torch.randn(2), None, 3)) and not is_nested((torch.randn(2),))
     with pytest.raises(ValueError, match="hold no tensor"):
         flat_inputs(ReadsADict(), InputStructure.of(({"scale": 1.0},)))
 
@@ -121,7 +122,7 @@ def test_a_model_of_dict_inputs_quantizes_on_every_backend_and_saves_a_file_of_i
     assert set(built) >= {"torch_ao", "onnxruntime", "pt2e"}, [t.error for t in result.trials]
     scale = max(float(r.abs().max()) for r in references)
     assert all(-t.metric < 0.1 * scale for t in built.values())
-    assert any("takes containers as inputs" in m for m in result.messages)
+    assert any("takes containers or non-tensor values as inputs" in m for m in result.messages)
     assert error(result.model) < 0.1 * scale  # the result takes dicts too
 
     path = tmp_path / ("model" + (".onnx" if result.recipe.backend == "onnxruntime" else ".pt"))
@@ -177,3 +178,40 @@ def test_a_dict_example_read_by_the_input_fn_given_where_its_keys_are_not_forwar
     with pytest.raises(TypeError, match="pass input_fn="):  # without one, the dict's keys must name the parameters
         quantize(model, config, eval_fn=agreement, calibration_data=[(b,) for b in batches],
                  example_inputs=batches[0])
+
+
+class DividedByATemperature(nn.Module):
+    """``forward(x, temperature)``: a Python number among the positional inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, temperature):
+        return self.head(torch.relu(self.fc(x))) / temperature
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_a_positional_number_is_a_constant_of_the_quantized_model_and_its_file(approach, tmp_path):
+    # Every backend failed on it ("'float' object has no attribute 'dim'", a "fixed batch dim"), the fp32 copy
+    # came back, and saving that copy crashed.
+    torch.manual_seed(0)
+    model, x = DividedByATemperature().eval(), torch.randn(64, 8)
+    with torch.no_grad():
+        reference = model(x, 2.0)
+    config = PTQConfig(approach=approach, max_trials=3, latency_repeats=2,
+                       accuracy=AccuracyCriterion(1.0, relative=False))
+    result = quantize(model, config, eval_fn=lambda m: -float((m(x, 2.0) - reference).abs().max()),
+                      calibration_data=[(x, 2.0)], input_fn=lambda b: b)
+    built = {t.recipe.backend for t in result.trials if t.error is None}
+    assert built >= {"torch_ao", "onnxruntime", "pt2e"}, [t.error for t in result.trials]
+    assert any("(2.0) are constants of the quantized model" in m for m in result.messages)
+    with torch.no_grad():
+        assert float((result.model(x, 2.0) - reference).abs().max()) < 0.1 * float(reference.abs().max())
+        with pytest.raises(ValueError, match="non-tensor entry 2.0 of the example inputs"):
+            result.model(x, 3.0)
+    result.save(tmp_path / "model")
+    saved = next(tmp_path.iterdir())
+    loaded, _ = load_quantized(saved)
+    with torch.no_grad():  # the file takes the tensor only
+        torch.testing.assert_close(loaded(x[:5]), result.model(x[:5], 2.0), rtol=1e-4, atol=1e-4)

@@ -186,10 +186,15 @@ def test_a_batch_the_model_cannot_take_fails_before_any_evaluation_naming_input_
     assert all(torch.equal(before[k], v) for k, v in state_snapshot(model).items())  # BatchNorm stats untouched
 
 
-def test_example_inputs_the_model_cannot_take_fail_early(trained_mlp, digits):
+@pytest.mark.parametrize("with_calibration_data", [True, False])
+def test_example_inputs_the_model_cannot_take_fail_early(trained_mlp, digits, with_calibration_data):
+    # without calibration data the check was skipped: the baseline ran, then latency timing failed bare
+    evaluated = []
     with pytest.raises(ValueError, match=r"example_inputs \(inputs: \(1, 10\)"):
-        quantize(trained_mlp, PTQConfig(approach="dynamic", **FAST), eval_fn=lambda m: 1.0,
-                 calibration_data=[digits[2][:4]], example_inputs=torch.zeros(1, 10))
+        quantize(trained_mlp, PTQConfig(approach="dynamic", **FAST), eval_fn=lambda m: evaluated.append(m) or 1.0,
+                 calibration_data=[digits[2][:4]] if with_calibration_data else None,
+                 example_inputs=torch.zeros(1, 10))
+    assert evaluated == []
 
 
 def test_default_input_fn_reads_inputs_and_target_pairs():

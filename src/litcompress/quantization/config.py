@@ -213,18 +213,23 @@ class PTQConfig:
                 f"PTQConfig(accuracy={self.accuracy!r}): expected an AccuracyCriterion, "
                 "e.g. AccuracyCriterion(tolerable_loss=0.01)."
             )
-        if not isinstance(self.max_trials, int) or self.max_trials < 1:
+        def whole(value: object) -> bool:  # an int, not a bool (True is 1 to Python, and a mistake here)
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not whole(self.max_trials) or self.max_trials < 1:
             raise ValueError(f"PTQConfig(max_trials={self.max_trials!r}): expected an int >= 1.")
-        if self.timeout_s is not None and not (self.timeout_s > 0):
-            raise ValueError(f"PTQConfig(timeout_s={self.timeout_s!r}): expected a positive number or None.")
-        if self.num_calibration_batches < 1:
+        if self.timeout_s is not None and (isinstance(self.timeout_s, bool) or not isinstance(
+                self.timeout_s, (int, float)) or not self.timeout_s > 0):
+            raise ValueError(f"PTQConfig(timeout_s={self.timeout_s!r}): expected a positive number of seconds or "
+                             "None.")
+        if not whole(self.num_calibration_batches) or self.num_calibration_batches < 1:
             raise ValueError(
-                f"PTQConfig(num_calibration_batches={self.num_calibration_batches!r}): expected >= 1."
+                f"PTQConfig(num_calibration_batches={self.num_calibration_batches!r}): expected an int >= 1."
             )
-        if self.latency_repeats < 1:
-            raise ValueError(f"PTQConfig(latency_repeats={self.latency_repeats!r}): expected >= 1.")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"PTQConfig(num_threads={self.num_threads!r}): expected >= 1 or None.")
+        if not whole(self.latency_repeats) or self.latency_repeats < 1:
+            raise ValueError(f"PTQConfig(latency_repeats={self.latency_repeats!r}): expected an int >= 1.")
+        if self.num_threads is not None and (not whole(self.num_threads) or self.num_threads < 1):
+            raise ValueError(f"PTQConfig(num_threads={self.num_threads!r}): expected an int >= 1 or None.")
         if self.min_speedup is not None and (isinstance(self.min_speedup, bool) or not isinstance(
                 self.min_speedup, (int, float)) or not 0 < self.min_speedup < float("inf")):
             raise ValueError(f"PTQConfig(min_speedup={self.min_speedup!r}): expected a number > 0 (e.g. 1.0: int8 "

@@ -22,8 +22,10 @@ Inputs = tuple[Any, ...]
 
 
 def is_nested(inputs: Sequence[object]) -> bool:
-    """Whether any positional input is a container (a dict, list or tuple) rather than a tensor or a scalar."""
-    return any(isinstance(x, (Mapping, list, tuple)) for x in inputs)
+    """Whether any positional input is something other than a tensor: a container (a dict, list or tuple), whose
+    tensors exporters take one by one, or a number or None (``forward(x, temperature)``), which they cannot take at
+    all and which the quantized model holds as a constant."""
+    return any(not isinstance(x, torch.Tensor) for x in inputs)
 
 
 def _canonical(value: Any) -> Any:

@@ -418,13 +418,13 @@ def quantize(
         example_inputs = calibration[0]
     # a dict: by forward's parameter names, else by the input_fn given
     example_inputs = example_as_inputs(model, example_inputs, None if default_input_fn_used else input_fn)
-    if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
-        calibration = [example_inputs]
-    else:
+    if calibration:
         check_model_runs(model, calibration[0], what="the first calibration batch",
                          default_input_fn_used=default_input_fn_used)
-    if example_inputs is not calibration[0]:
+    if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
         check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
+    if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
+        calibration = [example_inputs]
     given_inputs, structure = example_inputs, None
     if is_nested(example_inputs):
         # forward(batch) reading batch["x"]: exporters and int8 backends take tensors, so the search quantizes a
@@ -445,10 +445,13 @@ def quantize(
         result = _search(model, config, eval_fn, calibration, example_inputs)
     if structure is not None:
         result.model, result.example_inputs = NestedInputs(result.model, structure), given_inputs
-        message = (f"the model takes containers as inputs: the result takes them too, and a saved file the "
-                   f"{len(structure.tensor_positions)} tensor(s) in them, flattened as torch.utils._pytree."
-                   "tree_flatten orders them (dict entries by sorted key); dynamic_dims indices count those "
-                   "tensors.")
+        constants = ", ".join(repr(value) for _, value in structure.constants)
+        message = (f"the model takes containers or non-tensor values as inputs: the result takes them too, and a "
+                   f"saved file the {len(structure.tensor_positions)} tensor(s) in them, flattened as "
+                   "torch.utils._pytree.tree_flatten orders them (dict entries by sorted key); dynamic_dims indices "
+                   "count those tensors."
+                   + (f" The non-tensor values of example_inputs ({constants}) are constants of the quantized "
+                      "model: a call with others is refused." if constants else ""))
         result.messages.append(message)
         logger.info(message)
     return result
