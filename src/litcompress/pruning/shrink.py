@@ -709,9 +709,10 @@ def _leading_index(index: object) -> tuple:
 def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
     """Whether `user` maps `node`, a Linear layer's (batch, ..., features) output of known rank, to a tensor whose
     last dim is still those features, each a constant where it was one: a mean/amax/amin over token dims (a
-    sequence model's pooling, ``ff(x).mean(1)``), or an index that keeps the batch and the features (``h[:, 0]``,
-    the class token), or a squeeze, unsqueeze or flatten of dims before the features (``flatten(0, 1)``: tokens
-    as a batch). Dim 1 of a 2-d output is the features: no reduction there passes."""
+    sequence model's pooling, ``ff(x).mean(1)``; or over the batch: a constant's mean is that constant), or an index
+    that keeps the batch and the features (``h[:, 0]``, the class token), or a squeeze, unsqueeze or flatten of dims
+    before the features (``flatten(0, 1)``: tokens as a batch). Dim 1 of a 2-d output is the features: no reduction
+    there passes."""
     rank = _rank(node)
     if rank is None or rank < 2:
         return False
@@ -724,6 +725,9 @@ def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
         if user.target == "squeeze":
             return len(dims) == 1 and -rank <= dims[0] < rank and dims[0] % rank < rank - 1
         return len(dims) == 2 and all(-rank <= d < rank for d in dims) and dims[1] % rank < rank - 1
+    reduced = _reduction_dims(user)
+    if reduced is not None:  # over any dims but the features (the batch too: a time-major RNN's out.mean(0))
+        return all(-rank <= d < rank and d % rank != rank - 1 for d in reduced[0])
     if rank < 3:
         return False
     if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
@@ -731,8 +735,7 @@ def _keeps_features(user: fx.Node, node: fx.Node) -> bool:
         return (0 < len(index) < rank and index[0] == slice(None)
                 and all(isinstance(i, int) or (isinstance(i, slice) and all(
                     isinstance(b, (int, type(None))) for b in (i.start, i.stop, i.step))) for i in index[1:]))
-    reduced = _reduction_dims(user)
-    return reduced is not None and all(0 < d % rank < rank - 1 for d in reduced[0])
+    return False
 
 
 def _is_elementwise_module(module: nn.Module) -> bool:
@@ -1362,12 +1365,15 @@ def _concat_parts(node: fx.Node) -> tuple[list[object], object]:
     return list(parts) if isinstance(parts, (list, tuple)) else [parts], dim
 
 
-def _is_channel_dim(dim: object, producer: nn.Module) -> bool:
-    """Whether `dim` is the channel dimension of `producer`'s output: 1 (or its negative) for a conv, -1 for a
-    Linear (whose output may have any number of leading dimensions)."""
+def _is_channel_dim(dim: object, producer: nn.Module, rank: int | None = None) -> bool:
+    """Whether `dim` is the channel dimension of `producer`'s output, of `rank` dims where the example inputs tell:
+    1 (or its negative) for a conv, -1 for a Linear (whose output may have any number of leading dimensions), the
+    last for a recurrent layer's hidden units or an embedding's dims (``dim=1`` joins 2-d states)."""
     if isinstance(producer, _CONV_LIKE):
         return dim in (1, 1 - producer.weight.dim())  # a conv's output has as many dims as its weight
-    return dim == -1
+    if isinstance(producer, nn.Linear):
+        return dim == -1
+    return dim == -1 or (rank is not None and dim == rank - 1)
 
 
 def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object) -> int | None:
@@ -1412,8 +1418,13 @@ def _channel_concat(cat: fx.Node, node: fx.Node, producer: nn.Module, branch: _B
     described = _describe(cat, modules)
     if branch.flattened:
         return f"its flattened output goes to the concatenation {described}"
-    if not _is_channel_dim(dim, producer):
-        along = "dim=-1 for a Linear's features" if isinstance(producer, nn.Linear) else "dim=1"
+    if not _is_channel_dim(dim, producer, _rank(node)):
+        if isinstance(producer, _CONV_LIKE):
+            along = "dim=1"
+        else:  # features last (a recurrent layer's or an embedding's, spelt as its rank, passed above)
+            kind = ("a Linear's features" if isinstance(producer, nn.Linear) else "an embedding's dims"
+                    if isinstance(producer, _EMBEDDINGS) else "a recurrent layer's hidden units")
+            along = f"dim=-1 for {kind}"
         return f"its output is concatenated along dim={dim!r} in {described}, not along its channels ({along})"
     if sum(part is node for part in parts) != 1:
         return f"its output enters the concatenation {described} more than once"
@@ -2065,46 +2076,52 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
         return "forward has bool flags, and shrink removes recurrent units only from models without them"
     directions = 2 if rnn.bidirectional else 1
     projected = is_projected(rnn)  # its output and h_n are projections: its units show in c_n only
-    outputs: list[tuple[fx.Node, int]] = []
+    # the nodes of each output, by its place in the (output, state) pair: fx makes a node per index, so `hidden[0]`
+    # written twice (``torch.cat((hidden[0][-2], hidden[0][-1]), dim=1)``) is two nodes of one h_n
+    outputs: dict[tuple[int, ...], tuple[list[fx.Node], int]] = {}
     for user in _value_users(node):
         if not _is_item(user, node, (0, 1)):
             return f"its (output, state) pair goes to {_describe(user, modules)}, which shrink does not see through"
         if user.args[1] == 0:
             if not projected:
-                outputs.append((user, directions))
+                outputs.setdefault((0,), ([], directions))[0].append(user)
         elif rnn.mode != "LSTM":
-            outputs.append((user, 1))
+            outputs.setdefault((1,), ([], 1))[0].append(user)
         else:
             for inner in _value_users(user):  # (h_n, c_n)
                 if not _is_item(inner, user, (0, 1)):
                     return f"its (h_n, c_n) pair goes to {_describe(inner, modules)}, which shrink does not see through"
                 if inner.args[1] == 1 or not projected:
-                    outputs.append((inner, 1))
+                    outputs.setdefault((1, inner.args[1]), ([], 1))[0].append(inner)
     chain = _RecurrentChain(rnn, [])
-    for tensor, width in outputs:
-        if not _value_users(tensor):
-            continue
-        if width == 1:  # a state, whose layers' and directions' entries one concatenation may join
-            tensor, width = _joined_states(tensor) or (tensor, width)
-        branches: list[_Branch] = []
-        reason = _walk(tensor, rnn, _Branch(width * rnn.hidden_size), branches, modules, calls)
-        if reason is not None:
-            return reason
-        chain.outputs.append((branches, width))
+    for tensors, width in outputs.values():
+        tensors = [tensor for tensor in tensors if _value_users(tensor)]
+        # a state (or a unidirectional output) whose layers' and directions' entries one concatenation may join
+        joined = _joined_states(tensors) if width == 1 and tensors else None
+        if joined is not None:
+            tensors, width = [joined[0]], joined[1]
+        for tensor in tensors:
+            branches: list[_Branch] = []
+            reason = _walk(tensor, rnn, _Branch(width * rnn.hidden_size), branches, modules, calls)
+            if reason is not None:
+                return reason
+            chain.outputs.append((branches, width))
     if not chain.outputs and not projected:
         return "its output is not used"
     return _meet_again([branch for branches, _ in chain.outputs for branch in branches]) or chain
 
 
-def _joined_states(state: fx.Node) -> tuple[fx.Node, int] | None:
-    """Where a recurrent layer's `state` (h_n or c_n: one entry of `hidden_size` units per layer and direction) is
-    read only as entries that one concatenation joins along the units, ``torch.cat((h[-2], h[-1]), dim=1)`` (a
-    bidirectional layer's last forward and backward states): that concatenation, whose channel j is unit
-    ``j % hidden_size``, and how many entries it joins; else None."""
-    selections = _value_users(state)
-    if not selections or not all(_selects_leading_dims(user, state) and len(_value_users(user)) == 1
-                                 for user in selections):
+def _joined_states(states: list[fx.Node]) -> tuple[fx.Node, int] | None:
+    """Where a recurrent layer's state (h_n or c_n: one entry of `hidden_size` units per layer and direction), the
+    `states` nodes each standing for it (``hidden[0]`` written twice is two), is read only as entries that one
+    concatenation joins along the units, ``torch.cat((h[-2], h[-1]), dim=1)`` (a bidirectional layer's last forward
+    and backward states): that concatenation, whose channel j is unit ``j % hidden_size``, and how many entries it
+    joins; else None."""
+    pairs = [(user, state) for state in states for user in _value_users(state)]
+    if not pairs or not all(_selects_leading_dims(user, state) and len(_value_users(user)) == 1
+                            for user, state in pairs):
         return None
+    selections = [user for user, _ in pairs]
     joins = {_value_users(user)[0] for user in selections}
     if len(joins) != 1:
         return None
