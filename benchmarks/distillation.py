@@ -173,7 +173,7 @@ def main() -> None:
                         help="distilled variants, each against the same control (default: 4:0.5)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="the split the table shows")
     parser.add_argument("--data", choices=("mnist", "digits"), default="mnist",
-                        help="real MNIST (batch 128), or scikit-learn's 8x8 digits (batch 32: 1,078 training images)")
+                        help="real MNIST (batch 128), or scikit-learn's 8x8 digits (batch 32: 1,079 training images)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (training included)")
     args = parser.parse_args()
     quiet()

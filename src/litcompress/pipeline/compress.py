@@ -700,7 +700,8 @@ def compress(
             is one-shot.
         fine_tune_steps: how many optimizer steps ``fine_tune`` makes (sets a shaped schedule's length).
         test_fn: ``model -> metric`` on held-out test data, for the report only (never used for decisions).
-        output_dir: where the pruned state dict, the exported model and the report files are written.
+        output_dir: where the pruned (and shrunk) state dicts and the exported model are written; the report files
+            are written by ``result.report.save(output_dir)`` (the CLI and ``CompressOnFitEnd`` do it).
         input_fn: maps a calibration batch to the model's positional inputs.
         metric_name, test_metric_name: column titles in the report (`test_metric_name` defaults to ``"test"`` when
             `test_fn` is given).

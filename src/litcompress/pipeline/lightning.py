@@ -169,7 +169,8 @@ def compress_lightning(
             a dict batch's keys named like forward's parameters; ``lambda batch: (batch,)`` for a forward that
             takes the dict itself).
         submodule: compress ``getattr(module, submodule)`` instead of the whole module.
-        output_dir: where the pruned state dict, the exported model and the report go.
+        output_dir: where the pruned (and shrunk) state dicts and the exported model go; the report files are
+            written by ``result.report.save(output_dir)``.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
             ``config.quantize.accuracy``'s direction, and refuses a metric named like a loss or an error under the
             default higher-is-better goal.

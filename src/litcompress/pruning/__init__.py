@@ -28,7 +28,8 @@ from litcompress.pruning.methods import PRUNING_METHODS, resolve_method
 from litcompress.pruning.narrow import load_shrunk_state_dict, narrow_to_state_dict_
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.recurrent import prune_units_, zero_units
-from litcompress.pruning.shrink import LayerShrink, ShrinkReport, ShrinkResult, removable_channels, shrink, shrink_
+from litcompress.pruning.shrink import (LayerShrink, ShrinkReport, ShrinkResult, channel_plan, removable_channels,
+                                        shrink, shrink_)
 from litcompress.pruning.sparse import SparseLinear, SparsifyReport, SparsifyResult, sparsify
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "SparsifyResult",
     "apply_mask_",
     "broadcast_pruning_state_",
+    "channel_plan",
     "default_targets",
     "distinct_targets",
     "effective_tensor",
