@@ -637,3 +637,32 @@ def test_a_layer_forward_never_calls_leaves_the_fallback_to_the_others():
     assert result.goal_met and "body.0" in result.recipe.fp32_layers, result.table()
     assert "aux_head" not in result.recipe.fp32_layers
     assert not any("layer sensitivity failed" in m for m in result.messages)
+
+
+class _BranchesOnTheBatchSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc(x))
+        if x.shape[0] == 1:  # e.g. a serving shortcut: traced on a batch of several rows, never taken by a file
+            hidden = hidden * 0
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "pt2e"])
+def test_a_forward_that_depends_on_the_batch_size_is_said(backend):
+    # The files and exported candidates silently took the example batch's path at batch 1 too.
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    config = PTQConfig(approach="dynamic", backends=(backend,), max_trials=1, latency_repeats=2,
+                       accuracy=AccuracyCriterion(1.0, relative=False))
+    for model, said in ((_BranchesOnTheBatchSize().eval(), True), (make_sensitive_mlp()[0], False)):
+        inputs = x if said else make_sensitive_mlp()[1][:64]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=inputs[:1],
+                              calibration_data=[inputs])  # the example is one row: the calibration batch is used
+        messages = [m for m in result.messages if "differ when computed alone (batch 1)" in m]
+        assert len(messages) == int(said) and sum(str(w.message) in messages for w in caught) == int(said)

@@ -29,6 +29,7 @@ from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, as
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
 from .nested import InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
+from .outputs import tensor_leaves
 from .sensitivity import layer_sensitivity
 from .shapes import DynamicDims, fixed_size_hint, resolve_dynamic_dims
 
@@ -195,6 +196,37 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                     "input_fn=lambda batch: tuple(batch)).")
         raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
                          f"{type(error).__name__}: {error}.{hint}") from error
+
+
+def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
+    """What differs when `model` (eval mode) computes the first row of `inputs` alone rather than in their batch,
+    or None (the same, or not checkable: inputs other than batch-major tensors of one batch size >= 2).
+
+    A forward that branches on the batch size (``if x.shape[0] == 1``) takes one path when exported or traced on
+    the example batch, and a file, or an int8 candidate, then computes that path for every batch size."""
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        return None
+    size = inputs[0].shape[0]
+    if size < 2 or any(x.shape[0] != size for x in inputs):
+        return None
+    try:
+        whole = tensor_leaves(eval_outputs(model, inputs))
+        alone = tensor_leaves(eval_outputs(model, tuple(x[:1] for x in inputs)))
+    except Exception:  # a model that cannot take one row: the calls at other batch sizes say so
+        return None
+    worst = 0.0
+    for in_batch, by_itself in zip(whole, alone):
+        if in_batch.shape[:1] != (size,) or by_itself.shape != (1, *in_batch.shape[1:]) \
+                or not in_batch.is_floating_point():
+            continue  # not batch-major (a time-major sequence), or a count: nothing to compare row by row
+        scale = max(1.0, float(in_batch.abs().max()))
+        worst = max(worst, float((in_batch[:1].float() - by_itself.float()).abs().max()) / scale)
+    if worst <= 1e-4:  # float rounding of batched kernels
+        return None
+    return (f"the model's outputs for the first input row differ when computed alone (batch 1) and in the batch of "
+            f"{size} (by up to {worst:.3g} of their scale): its forward depends on the batch size or on the other "
+            "rows (e.g. `if x.shape[0] == 1`). Exported and traced candidates and files follow the example "
+            "batch's path at every batch size: check the result at the batch sizes you serve.")
 
 
 def default_input_fn(batch: object) -> Inputs:
@@ -443,6 +475,12 @@ def quantize(
     # thread count as the torch variants they are timed against.
     with pinned_threads(config.num_threads):
         result = _search(model, config, eval_fn, calibration, example_inputs)
+    # on the example batch, or on the first calibration batch where the example is one row
+    depends = batch_dependence(model, example_inputs) or batch_dependence(model, calibration[0])
+    if depends is not None:
+        result.messages.insert(0, depends)
+        logger.info(depends)
+        warnings.warn(depends, UserWarning, stacklevel=2)
     if structure is not None:
         result.model, result.example_inputs = NestedInputs(result.model, structure), given_inputs
         constants = ", ".join(repr(value) for _, value in structure.constants)
