@@ -29,13 +29,16 @@ class HeadPruning(StructurePruning):
             heads pruned as training goes (``unit="step"``: optimizer steps; ``"epoch"``: epochs finished), e.g.
             ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction in (0, 1),
             pruned once, when the first optimizer step is done. At least one head of each attention stays.
-        exclude: names of attentions (as in ``named_modules()``) that keep their heads.
+        exclude: names of attentions (as in ``named_modules()``) that keep their heads; a name of no module of the
+            LightningModule is refused at setup.
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
             load (``trainer.fit(ckpt_path=...)``, :func:`litcompress.load_pruned_state_dict`). A
             ``ModelPruning(make_pruning_permanent=True)`` in the same Trainer makes every mask of the module
-            permanent at the end of ``fit``, these too.
+            permanent at the end of ``fit``, these too. True refuses a ``StochasticWeightAveraging`` /
+            ``EMAWeightAveraging`` listed after this callback (its averages would be written over the pruned
+            weights): list it before.
         verbose: 1 logs each round's head counts.
         log_sparsity: after each round, send the fraction of the heads pruned (over all the attentions pruned) to
             the trainer's loggers as ``pruning/heads``, at the round's ``global_step``.

@@ -1344,9 +1344,10 @@ def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) 
     position = next((i for i, callback in enumerate(callbacks) if callback is pruning), -1)
     after = sorted({type(callback).__name__ for callback in callbacks[position + 1:] if isinstance(callback, kinds)})
     if after:
+        name = type(pruning).__name__  # ModelPruning, UnitPruning, HeadPruning
         raise MisconfigurationException(
-            f"ModelPruning(make_pruning_permanent=True) is listed before {', '.join(after)}: at the end of fit the "
+            f"{name}(make_pruning_permanent=True) is listed before {', '.join(after)}: at the end of fit the "
             "averaging callback writes its averaged parameters over the pruned weights, after the masks were made "
-            f"permanent, and the model would come back unpruned. List ModelPruning after {after[0]} in "
+            f"permanent, and the model would come back unpruned. List {name} after {after[0]} in "
             "Trainer(callbacks=[...]) (the averaged weights are then masked), or pass make_pruning_permanent=False."
         )

@@ -8,16 +8,22 @@ checkpoints; under DDP the masks are broadcast from rank 0 after every round.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
 import math
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch.nn.utils.prune as torch_prune
+from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _refuse_weight_averaging_after,
+                                           _without_locations)
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
@@ -95,6 +101,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
     # ------------------------------------------------------------------------------------------ hooks
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         modules = dict(pl_module.named_modules())
+        self._refuse_unknown_exclusions(pl_module, list(modules))
         self._targets = [(modules[name], tensor) for name in self._layer_names(pl_module)
                          for tensor in self._tensor_names(modules[name])]
         self._names = engine.qualified_names(pl_module, self._targets)
@@ -104,6 +111,23 @@ class StructurePruning(TargetsFoundOnceConfigured):
         if self._pending_state is not None:
             self._restore(self._pending_state)
 
+    def _refuse_unknown_exclusions(self, pl_module: LightningModule, names: list[str]) -> None:
+        """`exclude` is matched by exact module name: a misspelt one would leave the layer it meant to be pruned."""
+        unknown = [name for name in self.exclude if name not in names]
+        if not unknown:
+            return
+        hints = []
+        for name in unknown:
+            close = [known for known in names if known and (known.lower() == name.lower() or name.endswith(f".{known}")
+                                                            or known.endswith(f".{name}"))]
+            close += difflib.get_close_matches(name, [known for known in names if known], n=3)
+            if close:
+                hints.append(f"{name!r}: did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?")
+        raise MisconfigurationException(
+            f"{type(self).__name__}(exclude=...) names no module of {type(pl_module).__name__}: {unknown}"
+            f"{' (' + '; '.join(hints) + ')' if hints else ''}. Names are those of the LightningModule's "
+            "named_modules().")
+
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
@@ -111,7 +135,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
             return
         previous, self._last_step = self._last_step, step
         if self._schedule is None:
-            if not self._pruned_once:
+            # once the first optimizer step is done: with gradient accumulation, the first batches make none
+            if not self._pruned_once and step > 0:
                 self._pruned_once = True
                 self._prune(trainer, pl_module, float(self.amount))
         elif self._schedule.unit == "step" and step > previous:
@@ -139,6 +164,12 @@ class StructurePruning(TargetsFoundOnceConfigured):
         if point is not None:
             self._prune(trainer, pl_module, float(self._schedule.target(point)))
 
+    def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer is not None and self._make_pruning_permanent:
+            # its averages, written over the weights after `on_train_end` made the masks permanent, would be dense
+            _refuse_weight_averaging_after(self, trainer.callbacks)
+        super().setup(trainer, pl_module, stage)
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
         message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,
@@ -161,6 +192,11 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if _in_spawned_worker(trainer) and self._targets:
+            # `ddp_spawn` hands rank 0's weights to the parent process as a state dict loaded with strict=False into
+            # the parent's unpruned model, where `<name>_orig`/`<name>_mask` keys would be dropped silently: hand over
+            # the effective weights instead. (The worker's model is discarded right after.)
+            self._hook_handles = engine.register_state_hooks(self._targets, permanent_state_dict=True)
 
     def _prune(self, trainer: "pl.Trainer", pl_module: LightningModule, fraction: float) -> None:
         masked = self._prune_layers_(pl_module, fraction)
@@ -181,7 +217,30 @@ class StructurePruning(TargetsFoundOnceConfigured):
     # ------------------------------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**{self._ARGUMENT: repr(self.amount)}, exclude=list(self.exclude))
+        return self._generate_state_key(**{self._ARGUMENT: _describe_amount(self.amount)}, exclude=list(self.exclude))
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A lambda or local function in the schedule is keyed by where it is written: moved to another line of the
+        script, the resumed callback's key differs from the checkpoint's in that place only. The state saved under
+        such a key is restored when it is the only one and no other callback claims it; with several, none is, and
+        that is said (as ModelPruning does). Lightning calls this before it hands callbacks their states."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
+        mine = _without_locations(self.state_key)
+        moved = [k for k in states if isinstance(k, str) and k not in claimed and _without_locations(k) == mine]
+        if len(moved) == 1:
+            rank_zero_warn(f"`{type(self).__name__}`: the checkpoint holds this callback's state under {moved[0]!r}, "
+                           f"which differs from its own key {self.state_key!r} only in where a function is written; "
+                           "it is restored.")
+            self.load_state_dict(copy.deepcopy(states[moved[0]]))
+        elif moved:
+            rank_zero_warn(f"`{type(self).__name__}`: the checkpoint holds no state under this callback's key "
+                           f"{self.state_key!r} but {len(moved)} that differ from it only in where a function is "
+                           f"written ({', '.join(map(repr, moved))}): which is this callback's cannot be told, so none "
+                           "is restored. Construct the callbacks as in the run that wrote the checkpoint.")
 
     def state_dict(self) -> dict[str, Any]:
         """The masks (CPU booleans) and where the schedule is."""
@@ -211,3 +270,14 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._last_epoch = int(state.get("last_epoch", -1))
         self._pruned_once = bool(state.get("pruned_once", False))
         self._restored = True
+
+
+def _describe_amount(amount: Union[SparsitySchedule, float]) -> str:
+    """The amount in the state key: its repr (as keys were before, so that older checkpoints still restore), with each
+    function a schedule holds (`CallableSchedule(fn=...)`) described without its memory address, which changes from
+    one process to the next."""
+    if dataclasses.is_dataclass(amount) and not isinstance(amount, type) and " at 0x" in repr(amount):
+        values = ((field.name, getattr(amount, field.name)) for field in dataclasses.fields(amount) if field.repr)
+        return f"{type(amount).__qualname__}(" + ", ".join(
+            f"{name}={_describe(value) if callable(value) else repr(value)}" for name, value in values) + ")"
+    return _describe(amount)

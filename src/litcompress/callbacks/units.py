@@ -30,13 +30,16 @@ class UnitPruning(StructurePruning):
             finished), e.g. ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction
             in (0, 1), pruned once, when the first optimizer step is done. At least one unit of each layer stays.
             Units are ranked by the L2 norm of their rows in every gate, layer and direction.
-        exclude: names of recurrent layers (as in ``named_modules()``) that keep their units.
+        exclude: names of recurrent layers (as in ``named_modules()``) that keep their units; a name of no module of
+            the LightningModule is refused at setup.
         keep_multiple_of: prune fewer units where needed so that each layer keeps a multiple of this many (e.g. 8 or
-            16): CPU kernels run faster on such widths, and ``shrink`` then removes every pruned unit.
+            16), at least this many (a layer of no more keeps all its units): CPU kernels run faster on such widths,
+            and ``shrink`` then removes every pruned unit.
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
-            load.
+            load. True refuses a ``StochasticWeightAveraging``/``EMAWeightAveraging`` listed after this callback
+            (its averages would be written over the pruned weights): list it before.
         verbose: 1 logs each round's unit counts.
         log_sparsity: after each round, send the fraction of the units pruned (over all the layers pruned) to the
             trainer's loggers as ``pruning/units``, at the round's ``global_step``.

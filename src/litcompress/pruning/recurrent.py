@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import apply_mask_, effective_tensor
-from .schedules import rounded_pruned_count
+from .schedules import kept_multiple, rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
            "prune_units_", "unit_norms", "units_why_not", "zero_units"]
@@ -99,7 +99,8 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     """Mask the ``round(fraction * hidden_size)`` hidden units with the smallest :func:`unit_norms` in each recurrent
     layer of `model` (`names`: only those), at least one unit staying: their rows in every gate block of every
     weight matrix and bias, in every layer and direction, through ``torch.nn.utils.prune`` masks. With
-    `keep_multiple_of`, fewer, so that the units kept are a multiple of it (kernels run faster on such widths).
+    `keep_multiple_of`, fewer, so that the units kept are a multiple of it (kernels run faster on such widths): at
+    least `keep_multiple_of` units stay, or the whole layer when it has no more.
     Units already masked (or zero) stay masked, so growing fractions along a schedule prune a growing set. Returns
     the masked unit count per layer. Layers named in `exclude`, or whose units cannot be removed
     (:func:`units_why_not`), are left.
@@ -114,7 +115,10 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
             continue
         rnn = modules[name]
         hidden, zero = rnn.hidden_size, zero_units(rnn)
-        count = min(max(rounded_pruned_count(hidden, fraction, keep_multiple_of), int(zero.sum())), hidden - 1)
+        count = rounded_pruned_count(hidden, fraction, keep_multiple_of)
+        if count >= hidden:  # every unit: the fewest that may stay, a multiple of keep_multiple_of (at most them all)
+            count = hidden - kept_multiple(hidden, 1, keep_multiple_of)
+        count = min(max(count, int(zero.sum())), hidden - 1)
         norms = unit_norms(rnn, n).cpu()
         norms[zero] = -1.0  # pruned earlier (or dead): first out
         pruned = torch.argsort(norms, stable=True)[:count]

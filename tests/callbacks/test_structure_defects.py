@@ -1,0 +1,229 @@
+"""Defects of the structure-pruning callbacks (UnitPruning, HeadPruning and their base) that were fixed: each test
+failed before its fix."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from litcompress.callbacks import HeadPruning, UnitPruning
+from litcompress.models import LSTMClassifier, TransformerClassifier
+from litcompress.pruning import engine
+from litcompress.pruning.heads import zero_heads
+from litcompress.pruning.recurrent import prune_units_, zero_units
+from litcompress.pruning.schedules import CallableSchedule
+
+
+def _trainer(root: Path, epochs: int, callbacks: list, **kwargs) -> Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0)
+    return Trainer(max_epochs=epochs, callbacks=callbacks, **{**options, **kwargs})
+
+
+def _data(samples: int = 64) -> DataLoader:
+    """8x8 one-channel images and 10 classes, in a fixed order (a resumed run sees the batches the first one saw)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(samples, 1, 8, 8, generator=generator)
+    return DataLoader(TensorDataset(images, torch.randint(0, 10, (samples,), generator=generator)), batch_size=16)
+
+
+def _model(callback: type) -> LightningModule:
+    """An LSTM of 8 units (UnitPruning) or an attention of 4 heads (HeadPruning)."""
+    if callback is UnitPruning:
+        return LSTMClassifier(hidden=8, lr=0.01)
+    return TransformerClassifier(d_model=16, heads=4, layers=1, feed_forward=16, lr=0.01)
+
+
+def _pruned(model: LightningModule) -> int:
+    """The structures of `model`'s pruned layer that are zero."""
+    if isinstance(model, LSTMClassifier):
+        return int(zero_units(model.lstm).sum())
+    return int(zero_heads(model.encoder.layers[0].self_attn).sum())
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------------- 1
+@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_weight_averaging_listed_after_permanent_structure_pruning_is_refused_before_training(tmp_path, callback,
+                                                                                             averaging):
+    """Before, the averaging callback wrote its averages over the weights after `on_train_end` had made the masks
+    permanent: the model came back with none of its structures pruned, silently."""
+    seed_everything(0)
+    model = _model(callback)
+    before = _weights(model)
+    average = averaging(swa_lrs=0.01, swa_epoch_start=1) if averaging is StochasticWeightAveraging else averaging()
+    message = f"{callback.__name__}\\(make_pruning_permanent=True\\) is listed before {averaging.__name__}"
+    with pytest.raises(MisconfigurationException, match=message):
+        _trainer(tmp_path, 3, [callback(0.5), average], limit_train_batches=2).fit(model, _data())
+    assert all(torch.equal(value, before[name]) for name, value in _weights(model).items())  # nothing trained
+
+
+@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+@pytest.mark.parametrize(("pruning_first", "permanent"), [(False, True), (True, False)])
+def test_the_orders_of_weight_averaging_and_structure_pruning_that_are_allowed_end_pruned(tmp_path, callback,
+                                                                                          averaging, pruning_first,
+                                                                                          permanent):
+    """The refusal's remedies: the averaging callback listed first, or masks kept (the averages land in
+    `<name>_orig`, still masked)."""
+    seed_everything(0)
+    model = _model(callback)
+    average = averaging(swa_lrs=0.01, swa_epoch_start=1) if averaging is StochasticWeightAveraging else averaging()
+    pruning = callback(0.5, make_pruning_permanent=permanent)
+    callbacks = [pruning, average] if pruning_first else [average, pruning]
+    _trainer(tmp_path, 3, callbacks, limit_train_batches=2).fit(model, _data())
+    assert _pruned(model) == (4 if callback is UnitPruning else 2)
+
+
+# ---------------------------------------------------------------------------------------------------------- 2
+class _SaveRankZeroWeights(Callback):
+    """Saves rank 0's effective weights (masks multiplied in) at the end of training."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank == 0:
+            torch.save({k: v.detach().clone() for k, v in engine.permanent_state_dict(pl_module).items()}, self.path)
+
+
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_ddp_spawn_with_masks_kept_hands_the_pruned_weights_to_the_calling_process(tmp_path, callback):
+    """Lightning loads rank 0's state dict into the parent's (unpruned) model with strict=False: its
+    `<name>_orig`/`<name>_mask` keys were dropped, and the pruned layer kept its initial weights, silently."""
+    seed_everything(0)
+    model = _model(callback)
+    saved = tmp_path / "rank0.pt"
+    _trainer(tmp_path, 1, [callback(0.5, make_pruning_permanent=False), _SaveRankZeroWeights(str(saved))],
+             strategy="ddp_spawn", devices=2, limit_train_batches=2).fit(model, _data())
+    rank_zero, parent = torch.load(saved), model.state_dict()
+    assert parent.keys() == rank_zero.keys()
+    for name, value in rank_zero.items():
+        assert torch.equal(parent[name], value), name
+    assert _pruned(model) == (4 if callback is UnitPruning else 2)
+
+
+# ---------------------------------------------------------------------------------------------------------- 3
+def _fraction(epoch: int) -> float:
+    return 0.25 if epoch <= 1 else 0.5
+
+
+def _elsewhere(function: types.FunctionType) -> types.FunctionType:
+    """The same function at another address, as a new process has it (same module, same qualified name)."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
+    copy.__qualname__, copy.__module__ = function.__qualname__, function.__module__
+    return copy
+
+
+# two lambdas written on two lines: the script edited between the run and its resumption
+_BEFORE = lambda epoch: 0.25 if epoch <= 1 else 0.5  # noqa: E731
+_AFTER = lambda epoch: 0.25 if epoch <= 1 else 0.5  # noqa: E731
+
+
+@pytest.mark.parametrize(("written", "resumed"), [(_fraction, _elsewhere(_fraction)), (_BEFORE, _AFTER)],
+                         ids=["function in a new process", "lambda moved to another line"])
+def test_a_callable_schedule_resumed_in_a_new_process_ends_as_the_uninterrupted_run(tmp_path, written, resumed):
+    """The state key held the function's repr, with its memory address: a run resumed in a new process found no
+    state under its key and restarted the schedule, silently (the pruned units trained unmasked until the next
+    round)."""
+    def fit(fn, root: Path, checkpoint: str | None = None) -> LightningModule:
+        seed_everything(0)
+        model = LSTMClassifier(hidden=8, lr=0.01)
+        callbacks: list = [UnitPruning(CallableSchedule(fn=fn, begin=1, end=2, unit="epoch"))]
+        if checkpoint is None:
+            callbacks.append(ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}"))
+        _trainer(root, 4, callbacks, enable_checkpointing=checkpoint is None).fit(model, _data(), ckpt_path=checkpoint)
+        return model
+
+    uninterrupted = fit(written, tmp_path / "once")
+    if written.__name__ == "<lambda>":
+        with pytest.warns(UserWarning, match="only in where a function is written; it is restored"):
+            resumed_model = fit(resumed, tmp_path / "twice", str(tmp_path / "once" / "epoch=0.ckpt"))
+    else:
+        resumed_model = fit(resumed, tmp_path / "twice", str(tmp_path / "once" / "epoch=0.ckpt"))
+    assert _pruned(uninterrupted) == 4
+    expected = uninterrupted.state_dict()
+    for name, value in resumed_model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_schedule_without_functions_keeps_its_state_key():
+    """Keys are unchanged where the amount's repr held no address: older checkpoints still restore."""
+    assert UnitPruning(0.5).state_key == "UnitPruning{'units': '0.5', 'exclude': []}"
+    schedule = CallableSchedule(fn=_fraction, begin=1, end=2, unit="epoch")
+    assert " at 0x" not in UnitPruning(schedule).state_key
+    assert f"fn={__name__}._fraction, end=2" in UnitPruning(schedule).state_key
+
+
+# ---------------------------------------------------------------------------------------------------------- 4
+@pytest.mark.parametrize(("callback", "exclude", "meant"), [
+    (UnitPruning, "model.lstm", "lstm"),
+    (UnitPruning, "LSTM", "lstm"),
+    (HeadPruning, "encoder.layers.0.attn", "encoder.layers.0.self_attn"),
+])
+def test_exclude_naming_no_module_is_refused_before_training(tmp_path, callback, exclude, meant):
+    """Before, such a name was ignored and the layer meant to be kept was pruned."""
+    seed_everything(0)
+    model = _model(callback)
+    before = _weights(model)
+    with pytest.raises(MisconfigurationException) as refusal:
+        _trainer(tmp_path, 1, [callback(0.5, exclude=(exclude,))], limit_train_batches=2).fit(model, _data())
+    message = str(refusal.value)
+    assert f"names no module of {type(model).__name__}: [{exclude!r}]" in message
+    assert f"did you mean {meant!r}" in message
+    assert all(torch.equal(value, before[name]) for name, value in _weights(model).items())
+
+
+# ---------------------------------------------------------------------------------------------------------- 5
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_a_fixed_fraction_is_pruned_once_the_first_optimizer_step_is_done_with_gradient_accumulation(tmp_path,
+                                                                                                    callback):
+    """With accumulate_grad_batches=3 it was pruned after the first batch, before any step: ranked on the initial
+    weights, and the first step accumulated unmasked and masked batches."""
+    seed_everything(0)
+    model = _model(callback)
+    seen: list[tuple[int, int, int]] = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch_idx, trainer.global_step, _pruned(pl_module)))
+
+    _trainer(tmp_path, 1, [callback(0.5), Watch()], accumulate_grad_batches=3).fit(model, _data(96))
+    half = 4 if callback is UnitPruning else 2
+    assert seen == [(0, 0, 0), (1, 0, 0), (2, 1, half), (3, 1, half), (4, 1, half), (5, 2, half)]
+
+
+# ---------------------------------------------------------------------------------------------------------- 6
+@pytest.mark.parametrize(("hidden", "fraction", "multiple", "kept"), [
+    (8, 0.95, 4, 4),  # every unit by the fraction: k stay, not 1
+    (32, 0.99, 16, 16),
+    (8, 0.95, 16, 8),  # k above the layer's size: the whole layer
+    (8, 0.95, None, 1),  # no k: one stays, as before
+    (32, 0.6, 16, 16),  # a fraction that leaves some: unchanged
+])
+def test_keep_multiple_of_keeps_a_positive_multiple_when_the_fraction_rounds_to_every_unit(hidden, fraction,
+                                                                                         multiple, kept):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(4, hidden))
+    prune_units_(model, fraction, keep_multiple_of=multiple)
+    assert hidden - int(zero_units(model[0]).sum()) == kept
+
+
+def test_unit_pruning_with_keep_multiple_of_keeps_a_multiple_while_training(tmp_path):
+    seed_everything(0)
+    model = LSTMClassifier(hidden=8, lr=0.01)
+    _trainer(tmp_path, 1, [UnitPruning(0.95, keep_multiple_of=4)], limit_train_batches=2).fit(model, _data())
+    assert _pruned(model) == 4
