@@ -257,10 +257,10 @@ class Residual(nn.Module):
 class Concat(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(10, 2)
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(4, 5), nn.Linear(5, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.cat([self.a(x), self.b(x)], dim=1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # two batches' worth of rows: not the features
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=0))
 
 
 class SharedLayer(nn.Module):
@@ -286,7 +286,7 @@ class WithLayerNorm(nn.Module):
     [
         (Residual, "fc1", "meets another tensor in call_function add"),  # one of its two branches
         (Residual, "fc2", "meets another tensor"),
-        (Concat, "a", "along dim=1 in call_function cat, not along its channels (dim=-1 for a Linear's features)"),
+        (Concat, "a", "along dim=0 in call_function cat, not along its channels (dim=-1 for a Linear's features)"),
         (SharedLayer, "shared", "called more than once"),
         (SharedLayer, "inp", "called more than once"),
         (WithLayerNorm, "fc", "LayerNorm"),
@@ -1019,9 +1019,10 @@ class LinearConcat(nn.Module):
         return self.out(torch.cat([x, *parts] if self.with_input else parts, dim=self.dim))
 
 
-def test_linear_features_concatenated_along_the_last_dim_lose_their_zero_rows() -> None:
+@pytest.mark.parametrize("dim", [-1, 1])  # 1: the features of 2-d outputs, as MLPs often write it (was refused)
+def test_linear_features_concatenated_along_the_last_dim_lose_their_zero_rows(dim: int) -> None:
     torch.manual_seed(0)
-    model = LinearConcat(with_input=False)
+    model = LinearConcat(with_input=False, dim=dim)
     zero_rows_(model.a, [1, 3])
     zero_rows_(model.b, [0])
     x = torch.randn(6, 4)

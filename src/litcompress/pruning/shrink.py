@@ -1367,13 +1367,11 @@ def _concat_parts(node: fx.Node) -> tuple[list[object], object]:
 
 def _is_channel_dim(dim: object, producer: nn.Module, rank: int | None = None) -> bool:
     """Whether `dim` is the channel dimension of `producer`'s output, of `rank` dims where the example inputs tell:
-    1 (or its negative) for a conv, -1 for a Linear (whose output may have any number of leading dimensions), the
-    last for a recurrent layer's hidden units or an embedding's dims (``dim=1`` joins 2-d states)."""
+    1 (or its negative) for a conv, the last for a Linear's features (its output may have any number of leading
+    dimensions), a recurrent layer's hidden units or an embedding's dims."""
     if isinstance(producer, _CONV_LIKE):
         return dim in (1, 1 - producer.weight.dim())  # a conv's output has as many dims as its weight
-    if isinstance(producer, nn.Linear):
-        return dim == -1
-    return dim == -1 or (rank is not None and dim == rank - 1)
+    return dim == -1 or (rank is not None and dim == rank - 1)  # features last: ``dim=1`` joins 2-d outputs
 
 
 def _width(node: object, conv: bool, modules: dict[str, nn.Module], dim: object) -> int | None:
