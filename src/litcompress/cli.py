@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--distill-alpha", type=_unit_interval, metavar="ALPHA",
                        help="weight of the distillation term with --distill, in [0, 1] (default: 0.5)")
     prune.add_argument("--exclude", type=_names,
-                       help="comma-separated module names left dense (default: the last layer for structured "
-                            "methods)")
+                       help="comma-separated module names left dense, with the modules inside them (default: the "
+                            "last layer for structured methods)")
 
     stages = run.add_argument_group("shrink, quantize, export")
     stages.add_argument("--no-shrink", dest="shrink", action="store_false",

@@ -29,8 +29,8 @@ class HeadPruning(StructurePruning):
             heads pruned as training goes (``unit="step"``: optimizer steps; ``"epoch"``: epochs finished), e.g.
             ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction in (0, 1),
             pruned once, when the first optimizer step is done. At least one head of each attention stays.
-        exclude: names of attentions (as in ``named_modules()``) that keep their heads; a name of no module of the
-            LightningModule is refused at setup.
+        exclude: names of attentions (as in ``named_modules()``), or of modules holding them, that keep their heads;
+            a name of no module of the LightningModule is refused at setup.
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on

@@ -30,8 +30,8 @@ class UnitPruning(StructurePruning):
             finished), e.g. ``PolynomialDecay(final_sparsity=0.5, begin=0, end=600, frequency=50)``; or a fraction
             in (0, 1), pruned once, when the first optimizer step is done. At least one unit of each layer stays.
             Units are ranked by the L2 norm of their rows in every gate, layer and direction.
-        exclude: names of recurrent layers (as in ``named_modules()``) that keep their units; a name of no module of
-            the LightningModule is refused at setup.
+        exclude: names of recurrent layers (as in ``named_modules()``), or of modules holding them, that keep their
+            units; a name of no module of the LightningModule is refused at setup.
         keep_multiple_of: prune fewer units where needed so that each layer keeps a multiple of this many (e.g. 8 or
             16), at least this many (a layer of no more keeps all its units): CPU kernels run faster on such widths,
             and ``shrink`` then removes every pruned unit.

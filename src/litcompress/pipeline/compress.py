@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._files import written_atomically
-from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy,
+from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy, is_excluded,
                                         keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_targets, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
@@ -141,10 +141,11 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     if unknown:
         raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
                          "those of model.named_modules().")
-    layers = [(name, m) for name, m in layers if name not in exclude]
+    layers = [(name, m) for name, m in layers if not is_excluded(name, exclude)]  # a container: all inside it
     # structured pruning of output channels prunes a recurrent layer's hidden units (prune_units_), which shrink removes
     recurrent = [name for name, m in model.named_modules() if config.structured and config.dim == 0
-                 and isinstance(m, config.layer_types) and isinstance(m, RECURRENT_LAYERS) and name not in exclude]
+                 and isinstance(m, config.layer_types) and isinstance(m, RECURRENT_LAYERS)
+                 and not is_excluded(name, exclude)]
     modules = dict(model.named_modules())
     units = [name for name in recurrent if units_why_not(modules[name]) is None]
     if config.heads and not prunable_attentions(model, exclude):

@@ -63,7 +63,8 @@ class PruneConfig:
             with ``nn.Linear`` among them, unstructured methods prune Hugging Face's ``Conv1D`` layers too (GPT-2's
             Linear layers, their weights stored transposed); with ``nn.Embedding`` (not in the default), structured
             methods on output channels prune an embedding's dims (its weight's columns), which ``shrink`` removes.
-        exclude: names of modules (as in ``model.named_modules()``) left dense. Default: for structured methods
+        exclude: names of modules (as in ``model.named_modules()``) left dense, with every module inside them (a
+            block's name leaves all its layers). Default: for structured methods
             the last prunable layer (usually the classifier, whose rows are the model's outputs; of any prunable type,
             so ``layer_types=(nn.Conv2d,)`` leaves a Linear head out without taking the last conv for it), else
             none.

@@ -48,6 +48,12 @@ def pruning_hook(module: nn.Module, name: str) -> torch_prune.BasePruningMethod 
     return None
 
 
+def is_excluded(name: str, exclude: Iterable[str]) -> bool:
+    """Whether the module called `name` is in `exclude` or inside a module named there (``"encoder"`` leaves every
+    layer of the encoder)."""
+    return any(name == excluded or name.startswith(f"{excluded}.") for excluded in exclude)
+
+
 def is_pruned(module: nn.Module, name: str) -> bool:
     """True when ``module.<name>`` is currently re-parametrised by a pruning method."""
     return pruning_hook(module, name) is not None

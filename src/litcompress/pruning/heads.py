@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .engine import apply_mask_, effective_tensor
+from .engine import apply_mask_, effective_tensor, is_excluded
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
@@ -200,8 +200,10 @@ def _attentions(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
 
 
 def prunable_attentions(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
-    """The names of `model`'s attentions whose heads :func:`prune_heads_` prunes (outside `exclude`)."""
-    return [name for name, attention in _attentions(model) if name not in exclude and _why_not(attention) is None]
+    """The names of `model`'s attentions whose heads :func:`prune_heads_` prunes (outside `exclude`, modules named
+    there and the modules inside them)."""
+    return [name for name, attention in _attentions(model)
+            if not is_excluded(name, exclude) and _why_not(attention) is None]
 
 
 def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .engine import apply_mask_, effective_tensor
+from .engine import apply_mask_, effective_tensor, is_excluded
 from .schedules import kept_multiple, rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
@@ -89,9 +89,11 @@ def zero_units(rnn: nn.RNNBase) -> Tensor:
 
 
 def prunable_recurrent_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
-    """The names of `model`'s recurrent layers whose units :func:`prune_units_` prunes (outside `exclude`)."""
+    """The names of `model`'s recurrent layers whose units :func:`prune_units_` prunes (outside `exclude`, modules
+    named there and the modules inside them)."""
     return [name for name, module in model.named_modules()
-            if isinstance(module, RECURRENT_LAYERS) and name not in exclude and units_why_not(module) is None]
+            if isinstance(module, RECURRENT_LAYERS) and not is_excluded(name, exclude)
+            and units_why_not(module) is None]
 
 
 def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (), n: float = 2,
