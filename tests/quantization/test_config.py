@@ -111,8 +111,18 @@ def test_metric_names_that_read_as_losses_need_a_mode(word, prefix, suffix, uppe
     assert criterion_for_metric(AccuracyCriterion(), name, "max", "x").higher_is_better  # the user's word
 
 
+@pytest.mark.parametrize("name", ["valLoss", "validationLoss", "val_MeanSquaredError", "val_MeanAbsoluteError",
+                                  "val_CrossEntropy", "val_crossentropy", "MSELoss", "val_KLDivergence",
+                                  "test_HammingDistance", "val_bce", "trainLoss_epoch"])
+def test_camel_case_and_torchmetrics_class_names_of_losses_read_as_losses(name):
+    # they passed as higher-is-better: the search then kept candidates that raised the loss
+    assert metric_reads_lower_is_better(name)
+
+
 @pytest.mark.parametrize("name", ["val_acc", "accuracy", "val_f1", "auroc", "val_iou", "map_50", "psnr", "glossary",
-                                  "merit", "cerebral_acc"])
+                                  "merit", "cerebral_acc", "val_MulticlassAccuracy", "val_F1Score", "valAcc",
+                                  "val_BinaryAUROC", "val_JaccardIndex", "val_PeakSignalNoiseRatio", "val_ssim",
+                                  "val_MeanAveragePrecision", "val_R2Score", "val_PearsonCorrCoef", "val_recall"])
 def test_other_metric_names_keep_the_default_direction(name):
     assert not metric_reads_lower_is_better(name)
     assert criterion_for_metric(AccuracyCriterion(), name, None, "f").higher_is_better

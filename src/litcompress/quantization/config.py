@@ -55,15 +55,20 @@ class AccuracyCriterion:
         return a > b if self.higher_is_better else a < b
 
 
-# Name parts of metrics where lower is better (Lightning users log `val_loss`, `val_mse`, `val_wer`, ...).
-_LOWER_IS_BETTER_WORDS = frozenset({"loss", "error", "err", "mse", "mae", "rmse", "nll", "perplexity", "ppl", "wer",
-                                    "cer"})
+# Name parts of metrics where lower is better (Lightning users log `val_loss`, `val_mse`, `val_wer`, ...; torchmetrics'
+# MetricCollection logs class names: `val_MeanSquaredError`, `val_KLDivergence`, `val_HammingDistance`).
+_LOWER_IS_BETTER_WORDS = frozenset({
+    "loss", "error", "err", "mse", "mae", "rmse", "msle", "mape", "smape", "nll", "bce", "ce", "crossentropy", "kl",
+    "kld", "divergence", "distance", "perplexity", "ppl", "wer", "cer", "eer", "fid", "lpips"})
 METRIC_MODES: tuple[str, ...] = ("max", "min")
 
 
 def metric_reads_lower_is_better(name: str) -> bool:
-    """Whether a metric's name says lower is better: a part (split at non-letters) is a loss or an error."""
-    return any(part in _LOWER_IS_BETTER_WORDS for part in re.split(r"[^a-z]+", name.lower()))
+    """Whether a metric's name says lower is better: a part of it (split at non-letters and at camelCase words:
+    ``valLoss``, ``MeanSquaredError``, ``MSELoss``) is a loss, an error or a distance."""
+    parts = [part.lower() for part in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)]
+    joined = {a + b for a, b in zip(parts, parts[1:])}  # "Cross" "Entropy"
+    return any(part in _LOWER_IS_BETTER_WORDS for part in (*parts, *joined))
 
 
 def check_metric_mode(mode: str | None, where: str) -> str | None:
