@@ -540,3 +540,27 @@ def test_quantize_on_fit_end_with_the_fits_loaders_calibrates_on_what_the_steps_
     _trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback]).fit(
         fresh, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
     assert callback.result.goal_met, callback.result.table()
+
+
+def test_the_users_trainer_and_datamodule_are_left_as_they_were(digits, tmp_path):
+    # Candidates ran on the trainer given: it stayed attached to a copy whose forward was the last int8 candidate (a
+    # later trainer.validate() scored that), its loggers got every candidate's metrics, and the DataModule was left
+    # attached to litcompress's own trainer.
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    module, data = DigitsModule(), DigitsData(digits)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=1,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        logger=CSVLogger(tmp_path))
+    trainer.fit(module, datamodule=data)
+    before = trainer.validate(datamodule=data, verbose=False)
+    metrics_file = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    rows = metrics_file.read_text().splitlines()
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, trainer=trainer)
+    assert trainer.lightning_module is module and "forward" not in module.__dict__
+    assert data.trainer is trainer
+    assert metrics_file.read_text().splitlines() == rows  # no candidate's metrics in the user's log
+    assert trainer.validate(datamodule=data, verbose=False) == before
+    # its validation limits were lent: one batch of 200, as the user's trainer validates
+    assert result.baseline_metric == pytest.approx(before[0]["val_acc"])

@@ -210,7 +210,12 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
         else:
             setattr(host, submodule, candidate)
         run = trainer.validate if stage == "validate" else trainer.test
-        logged = logged_metrics(run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False))
+        attached = getattr(datamodule, "trainer", None)  # running attaches the DataModule to this trainer
+        try:
+            logged = logged_metrics(run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False))
+        finally:
+            if datamodule is not None and attached is not trainer:
+                datamodule.trainer = attached  # the user's, after a fit, as they left it
         message = missing_metric_message(metric, logged, step)
         if message:
             raise KeyError(f"metric={message}")
@@ -386,7 +391,9 @@ def quantize_lightning(
     ``mode="min"`` for a lower-is-better metric (``val_loss``), as for Lightning's ``ModelCheckpoint``; a metric
     named like a loss or an error is refused without it (see :func:`~litcompress.quantization.config.
     criterion_for_metric`). A module on another device (after a GPU fit) is quantized from a CPU copy, where the
-    int8 kernels run.
+    int8 kernels run. Candidates are validated by a quiet CPU trainer of litcompress's own; a `trainer` given lends
+    it its validation limits (``limit_val_batches``, ``limit_test_batches``) and is itself left as it was (its
+    module, metrics and loggers: candidates' metrics are not the model's).
     """
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
     module = on_the_cpu(module)
@@ -410,6 +417,9 @@ def quantize_lightning(
         # Tracing/export reads every property; Lightning's `trainer` raises on an unattached module
         # unless this flag (the one Lightning's own to_torchscript sets) is on. Our copy only.
         target._jit_is_scripting = True
+    if trainer is not None:  # run on a trainer of our own: validating on the user's would attach a candidate to it
+        trainer = internal_trainer(limit_val_batches=trainer.limit_val_batches,
+                                   limit_test_batches=trainer.limit_test_batches)
     eval_fn = lightning_eval_fn(module, datamodule, metric, trainer=trainer, submodule=submodule,
                                 dataloaders=val_dataloaders)
     return quantize(target, config, eval_fn=eval_fn, calibration_data=calibration_data,
