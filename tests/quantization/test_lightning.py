@@ -564,3 +564,20 @@ def test_the_users_trainer_and_datamodule_are_left_as_they_were(digits, tmp_path
     assert trainer.validate(datamodule=data, verbose=False) == before
     # its validation limits were lent: one batch of 200, as the user's trainer validates
     assert result.baseline_metric == pytest.approx(before[0]["val_acc"])
+
+
+class LoggedOnStepAndEpoch(DigitsModule):
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_step=True, on_epoch=True)
+
+
+def test_a_metric_logged_on_step_and_epoch_is_read_by_its_name_as_modelcheckpoint_reads_it(digits, tmp_path):
+    # Lightning returns it as val_acc_epoch: QuantizeOnFitEnd(metric="val_acc") failed after the whole fit, saying
+    # val_acc was not logged (ModelCheckpoint(monitor="val_acc") takes it, and the sanity check saw it)
+    torch.manual_seed(0)
+    module, data = LoggedOnStepAndEpoch(), DigitsData(digits)
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    _trainer(1, limit_train_batches=4, callbacks=[callback]).fit(module, datamodule=data)
+    epoch_value = _trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc_epoch"]
+    assert callback.result is not None and callback.result.baseline_metric == pytest.approx(epoch_value)

@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import re
 import warnings
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
@@ -71,11 +72,17 @@ def first_loader(loaders: Any) -> Any:
 
 
 def logged_metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """The metrics ``trainer.validate``/``test`` returned, over all its dataloaders (one dict each)."""
+    """The metrics ``trainer.validate``/``test`` returned, over all its dataloaders (one dict each). A metric logged
+    with ``on_step=True, on_epoch=True`` comes back as ``<name>_epoch``; it is also under ``<name>``, as in
+    ``trainer.callback_metrics`` (what ``ModelCheckpoint(monitor=<name>)`` reads)."""
     logged: dict[str, float] = {}
     for result in results:
         for name, value in result.items():
             logged.setdefault(name, value)
+    for name, value in list(logged.items()):
+        forked = re.fullmatch(r"(.+)_epoch(/dataloader_idx_\d+)?", name)
+        if forked:
+            logged.setdefault(forked.group(1) + (forked.group(2) or ""), value)
     return logged
 
 
