@@ -581,3 +581,15 @@ def test_a_metric_logged_on_step_and_epoch_is_read_by_its_name_as_modelcheckpoin
     _trainer(1, limit_train_batches=4, callbacks=[callback]).fit(module, datamodule=data)
     epoch_value = _trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc_epoch"]
     assert callback.result is not None and callback.result.baseline_metric == pytest.approx(epoch_value)
+
+
+def test_the_fits_val_loader_is_used_when_validation_never_ran(digits):
+    # trainer.val_dataloaders is filled only once the validation loop runs: the callback said "give datamodule or
+    # val_dataloaders" after the fit, to a user who had given them to trainer.fit
+    torch.manual_seed(0)
+    module, data = DigitsModule(), DigitsData(digits)
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    _trainer(1, limit_train_batches=4, num_sanity_val_steps=0, check_val_every_n_epoch=5,
+             callbacks=[callback]).fit(module, data.train_dataloader(), data.val_dataloader())
+    expected = _trainer().validate(module, data.val_dataloader(), verbose=False)[0]["val_acc"]
+    assert callback.result is not None and callback.result.baseline_metric == pytest.approx(expected)

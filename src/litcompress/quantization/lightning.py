@@ -460,6 +460,21 @@ def has_validation_data(trainer: L.Trainer) -> bool:
         return True
 
 
+def fit_val_dataloaders(trainer: L.Trainer) -> Any:
+    """The validation dataloaders of this fit: ``trainer.val_dataloaders``, which Lightning fills once its validation
+    loop has run, else where that loop reads them from (those given to ``fit``, or the module's
+    ``val_dataloader()``): a fit whose validation never ran (no sanity check, ``check_val_every_n_epoch`` beyond
+    its epochs) still has them."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        try:
+            source = trainer.fit_loop.epoch_loop.val_loop._data_source
+            loaders = source.dataloader() if source.is_defined() else None
+        except AttributeError:  # the place moved: as before
+            pass
+    return loaders
+
+
 def check_fit_for_fit_end_work(trainer: L.Trainer, owner: str, judged: str, instead: str) -> None:
     """Refuse, at ``setup``, a fit in which work done when fit ends would fail after all the training: one without
     validation data (its metric judges every `judged`), or one on several processes (every rank would do the work and
@@ -606,7 +621,7 @@ class QuantizeOnFitEnd(L.Callback):
             return
         pl_module = fit_end_module(trainer, pl_module, self.weights, "QuantizeOnFitEnd")
         datamodule = trainer.datamodule
-        val_dataloaders = None if datamodule is not None else trainer.val_dataloaders
+        val_dataloaders = None if datamodule is not None else fit_val_dataloaders(trainer)
         calibration, example_inputs, input_fn = self.calibration_data, None, self.input_fn
         if calibration is None and datamodule is None:
             # the fit's loaders, read as its steps give the model their batches (a DataModule's: by quantize_lightning)
