@@ -593,3 +593,65 @@ def test_the_fits_val_loader_is_used_when_validation_never_ran(digits):
              callbacks=[callback]).fit(module, data.train_dataloader(), data.val_dataloader())
     expected = _trainer().validate(module, data.val_dataloader(), verbose=False)[0]["val_acc"]
     assert callback.result is not None and callback.result.baseline_metric == pytest.approx(expected)
+
+
+class CallsItsModel(L.LightningModule):
+    """No forward of its own: its steps call self.model(...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self.model(batch[0]), batch[1])
+
+    def validation_step(self, batch, _):
+        self.log("val_acc", (self.model(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_submodule_that_is_not_there_or_needed_is_said_before_any_work(digits):
+    # a misspelt submodule failed after the whole fit (a bare AttributeError); a module without forward got
+    # "missing the required forward" and advice to pass input_fn=
+    torch.manual_seed(0)
+    data = DigitsData(digits)
+    for module, submodule, message in ((DigitsModule(), "nett", r"submodule='nett'\): DigitsModule has no such "
+                                        r"sub-module; its sub-modules with parameters: \['net'\]"),
+                                       (CallsItsModel(), None, r"CallsItsModel defines no forward.*submodule='model'")):
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        with pytest.raises(ValueError, match=f"QuantizeOnFitEnd.*{message}"):
+            _trainer(1, limit_train_batches=4, callbacks=[QuantizeOnFitEnd(CONFIG, metric="val_acc",
+                                                                           submodule=submodule)]).fit(module, data)
+        assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # not one step trained
+        with pytest.raises(ValueError, match=f"quantize_lightning.*{message}"):
+            quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, submodule=submodule)
+    result = quantize_lightning(CallsItsModel(), CONFIG, metric="val_acc", datamodule=data, submodule="model")
+    assert result.recipe is not None
+
+
+class WrittenByPrepareData(DigitsData):
+    """Its setup reads a file that prepare_data writes (a download, in real DataModules)."""
+
+    def __init__(self, digits, folder) -> None:
+        super().__init__(digits)
+        self.folder, self.ready = folder, False
+
+    def prepare_data(self):
+        torch.save(self.digits, self.folder / "digits.pt")
+
+    def setup(self, stage):
+        self.digits, self.ready = torch.load(self.folder / "digits.pt"), True
+
+
+def test_quantize_lightning_prepares_a_datamodule_and_validates_on_val_dataloaders_given_beside_it(digits, tmp_path):
+    # setup ran without prepare_data (FileNotFoundError); val_dataloaders beside a DataModule failed in
+    # trainer.validate("You cannot pass both ...")
+    torch.manual_seed(0)
+    module, data = DigitsModule(), WrittenByPrepareData(digits, tmp_path)
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data)
+    assert data.ready and result.recipe is not None
+    few = DataLoader(TensorDataset(digits[2][:100], digits[3][:100]), batch_size=50)
+    beside = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, val_dataloaders=few)
+    assert beside.baseline_metric == pytest.approx(_trainer().validate(module, few, verbose=False)[0]["val_acc"])

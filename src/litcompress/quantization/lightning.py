@@ -377,6 +377,20 @@ def bypassed_model_message(host: nn.Module, submodule: str | None, step: str, me
             f"candidate would score as the original): {fix}.")
 
 
+def check_submodule(module: L.LightningModule, submodule: str | None, where: str) -> None:
+    """`submodule` names a sub-module of `module` (ValueError naming its children otherwise); without one, `module`
+    must have a forward of its own (a step that calls ``self.model(...)`` needs ``submodule="model"``)."""
+    children = [name for name, child in module.named_children() if next(child.parameters(), None) is not None]
+    if submodule is not None:
+        if not isinstance(getattr(module, submodule, None), nn.Module):
+            raise ValueError(f"{where}(submodule={submodule!r}): {type(module).__name__} has no such sub-module; its "
+                             f"sub-modules with parameters: {children}.")
+    elif type(module).forward is L.LightningModule.forward:
+        hint = f"submodule={children[0]!r}" if len(children) == 1 else f"submodule= (one of {children})"
+        raise ValueError(f"{where}: {type(module).__name__} defines no forward, so its steps call a sub-module "
+                         f"(self.model(...)): pass {hint}, the sub-module they call.")
+
+
 def quantize_lightning(
     module: L.LightningModule,
     config: PTQConfig | None = None,
@@ -404,10 +418,13 @@ def quantize_lightning(
     """
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
     module = on_the_cpu(module)
+    check_submodule(module, submodule, "quantize_lightning")
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
                          "so that candidates can be validated.")
     if datamodule is not None and hasattr(datamodule, "setup"):
+        if hasattr(datamodule, "prepare_data"):  # as a Trainer does first: setup may read what it downloads
+            datamodule.prepare_data()
         datamodule.setup("fit")
     val_loader = val_dataloaders if val_dataloaders is not None else datamodule.val_dataloader()
     # a DataModule may have no training data when calibration data is given
@@ -427,8 +444,10 @@ def quantize_lightning(
     if trainer is not None:  # run on a trainer of our own: validating on the user's would attach a candidate to it
         trainer = internal_trainer(limit_val_batches=trainer.limit_val_batches,
                                    limit_test_batches=trainer.limit_test_batches)
-    eval_fn = lightning_eval_fn(module, datamodule, metric, trainer=trainer, submodule=submodule,
-                                dataloaders=val_dataloaders)
+    # val_dataloaders given with a DataModule: they validate (Lightning takes one or the other), the DataModule
+    # calibrates
+    eval_fn = lightning_eval_fn(module, datamodule if val_dataloaders is None else None, metric, trainer=trainer,
+                                submodule=submodule, dataloaders=val_dataloaders)
     return quantize(target, config, eval_fn=eval_fn, calibration_data=calibration_data,
                     example_inputs=example_inputs, input_fn=input_fn)
 
@@ -612,6 +631,10 @@ class QuantizeOnFitEnd(L.Callback):
         check_best_weights_can_be_found(trainer, self.weights, "QuantizeOnFitEnd")
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the search
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not at setup: a module's configure_model (run after setup) may build the sub-module
+        check_submodule(pl_module, self.submodule, "QuantizeOnFitEnd")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")
