@@ -28,3 +28,7 @@ if __name__ == "__main__":
         optimizer.step()
         pruner.step(step)
     torch.save(model.module.state_dict(), out / f"rank{fabric.global_rank}.pt")
+    # torn down before exit: gloo's threads left to the interpreter's exit once aborted the process (SIGABRT,
+    # "terminate called without an active exception") on a loaded machine
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
