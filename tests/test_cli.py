@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -368,6 +369,12 @@ class CenteredByTheDataModuleCNN(CNNClassifier):
         super()._evaluate(((x - self.trainer.datamodule.pixel_centre) * 4, y), prefix)
 
 
+class StepsCallItsNet(MLPClassifier):
+    """No forward of its own (LightningModule's): its steps call self.net(...)."""
+
+    forward = L.LightningModule.forward
+
+
 class CentredDigits(DigitsDataModule):
     pixel_centre = 0.5
 
@@ -539,6 +546,9 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
                                    "(UnpicklingError"),
     (["--model-args", '{"num_classes": 5}'], "MLPClassifier.validation_step fails on the first batch of --data "
                                              "(IndexError: Target"),
+    (["--model", "tests.test_cli:StepsCallItsNet"],
+     "StepsCallItsNet defines no forward, so its steps call a sub-module (self.model(...)): pass --submodule NAME, "
+     "the one they call (one of ['net'])"),
     (["--model", "litcompress.models:MLPClassifier", "--model-args", '{"in_features": 64}'],
      "--data digits gives images (1, 8, 8) to any model but the built-in mlp; a model that takes flat vectors needs "
      "--data-args '{\"flatten\": true}'"),

@@ -705,6 +705,12 @@ def run_compress(args: argparse.Namespace) -> int:
             compressed = getattr(model, args.submodule, None)
             if not isinstance(compressed, nn.Module):
                 raise ValueError(f"--submodule {args.submodule}: {type(model).__name__} has no such sub-module.")
+        elif type(model).forward is L.LightningModule.forward and next(model.parameters(), None) is not None:
+            # its steps call a sub-module: name it (no layers yet: configure_model builds them, checked later)
+            children = [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
+            raise ValueError(f"--model {args.model}: {type(model).__name__} defines no forward, so its steps call a "
+                             f"sub-module (self.model(...)): pass --submodule NAME, the one they call (one of "
+                             f"{children}).")
         if args.quantize == "auto" and config.quantize is not None:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))

@@ -14,15 +14,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
-                                                check_fit_end_weights, check_fit_for_fit_end_work, detached_copy,
-                                                first_loader, fit_end_module, inputs_as_steps_give_them,
-                                                lightning_eval_fn, on_the_cpu, skipped_for_fast_dev_run,
-                                                warn_if_sanity_check_missed, with_metric_mode)
+                                                check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
+                                                detached_copy, first_loader, fit_end_module, fit_val_dataloaders,
+                                                inputs_as_steps_give_them, lightning_eval_fn, on_the_cpu,
+                                                skipped_for_fast_dev_run, warn_if_sanity_check_missed,
+                                                with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -60,12 +62,53 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
     return min(total, max_steps) if max_steps is not None and max_steps > 0 else total
 
 
-def _train_batches(loaders: Any) -> int:
+def _length(loader: Any) -> int | None:
+    """``len(loader)``, or None for a loader without one (a DataLoader over an ``IterableDataset``)."""
+    try:
+        return len(loader)
+    except TypeError:  # DataLoader.__len__ raises it for a dataset without __len__
+        return None
+
+
+def _train_batches(loaders: Any) -> int | None:
     """Batches in one training epoch: with several train dataloaders (a list or dict of them), Lightning's default
-    ("max_size_cycle") runs as many as the longest has."""
-    if first_loader(loaders) is not loaders:
-        return max(len(loader) for loader in (loaders.values() if isinstance(loaders, Mapping) else loaders))
-    return len(loaders)
+    ("max_size_cycle") runs as many as the longest has. None when a loader has no length."""
+    several = first_loader(loaders) is not loaders
+    lengths = [_length(loader) for loader in ((loaders.values() if isinstance(loaders, Mapping) else loaders)
+                                              if several else [loaders])]
+    return None if None in lengths else max(lengths)
+
+
+def _fine_tune_steps(loaders: Any, epochs: int, trainer_kwargs: dict[str, Any]) -> int:
+    """The optimizer steps the pruning schedule is laid over. A training loader without a length (an
+    ``IterableDataset``'s) is sized by an int ``limit_train_batches`` or by ``max_steps``: both bound the run, and a
+    run that ends earlier has the rest of its schedule pruned at once, said in the report."""
+    batches = _train_batches(loaders)
+    if batches is not None:
+        return optimizer_steps(batches, epochs, trainer_kwargs)
+    limit, max_steps = trainer_kwargs.get("limit_train_batches"), trainer_kwargs.get("max_steps", -1)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return optimizer_steps(limit, epochs, trainer_kwargs)
+    if isinstance(max_steps, int) and max_steps > 0:
+        return max_steps
+    raise ValueError("compress_lightning(fine_tune_epochs=...): the training dataloader has no length (an "
+                     "IterableDataset's), so the pruning schedule cannot be laid over the fine-tuning steps: give "
+                     "trainer_kwargs={'max_steps': N} or {'limit_train_batches': N} (an int), or a loader with a "
+                     "length (a map-style Dataset).")
+
+
+def _check_test_metric_source(module: L.LightningModule, datamodule: L.LightningDataModule | None,
+                              test_metric: str | None, where: str) -> None:
+    """A `test_metric` is logged by the module's ``test_step`` on the DataModule's ``test_dataloader``: both must
+    exist (Lightning says so only when the test runs: in CompressOnFitEnd, after the whole fit)."""
+    if test_metric is None:
+        return
+    if not is_overridden("test_step", module):
+        raise ValueError(f"{where}(test_metric={test_metric!r}): {type(module).__name__} has no test_step to log "
+                         "it; define one, or leave test_metric out.")
+    if datamodule is not None and not is_overridden("test_dataloader", datamodule):
+        raise ValueError(f"{where}(test_metric={test_metric!r}): {type(datamodule).__name__} has no "
+                         "test_dataloader to compute it on; define one, or leave test_metric out.")
 
 
 def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
@@ -198,12 +241,14 @@ def compress_lightning(
         if not module.automatic_optimization:
             raise ValueError(f"compress_lightning(distill=...): {type(module).__name__} uses manual optimization, "
                              "whose training_step runs backward itself, so no distillation term can join its loss.")
-    if submodule is not None and not isinstance(getattr(module, submodule, None), nn.Module):
-        raise ValueError(f"compress_lightning(submodule={submodule!r}): the module has no such sub-module.")
+    check_submodule(module, submodule, "compress_lightning")
     datamodule = _data(datamodule, train_dataloaders, val_dataloaders, test_dataloaders, test_metric,
                        "compress_lightning")
+    _check_test_metric_source(module, datamodule, test_metric, "compress_lightning")
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
+    # as a Trainer does before `setup`: a DataModule's setup may read what its prepare_data downloads or writes
+    datamodule.prepare_data()
     datamodule.setup("fit")
     # a module that prepares its batches in its steps: the inputs its validation_step gives the model
     calibration_batches = config.quantize.num_calibration_batches if config.quantize is not None else 16
@@ -240,7 +285,9 @@ def compress_lightning(
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
         trainer.fit(trained, datamodule=datamodule)
 
-    steps = optimizer_steps(_train_batches(datamodule.train_dataloader()), fine_tune_epochs, trainer_kwargs)
+    # counted only to fine-tune: a loader without a length serves every other stage as it is
+    steps = _fine_tune_steps(datamodule.train_dataloader(), fine_tune_epochs, trainer_kwargs) if fine_tune_epochs \
+        else 0
     return compress(
         target, config,
         eval_fn=lightning_eval_fn(module, datamodule, metric, submodule=submodule),
@@ -293,6 +340,12 @@ class CompressOnFitEnd(L.Callback):
         if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None:
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
                              "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
+        _check_test_metric_source(pl_module, trainer.datamodule, self.test_metric, "CompressOnFitEnd")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not in `setup`: the module's own setup and configure_model (called after this callback's setup) may
+        # build the sub-module; still before the sanity check and any training step
+        check_submodule(pl_module, self.submodule, "CompressOnFitEnd")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warn_if_sanity_check_missed(trainer, pl_module, self.metric, "CompressOnFitEnd")
@@ -305,16 +358,31 @@ class CompressOnFitEnd(L.Callback):
         pl_module = fit_end_module(trainer, pl_module, self.weights, "CompressOnFitEnd")
         if trainer.datamodule is not None:
             data: dict[str, Any] = {"datamodule": trainer.datamodule}
-        elif not trainer.val_dataloaders:
-            raise ValueError("CompressOnFitEnd: this fit had no validation dataloader, whose metric judges every "
-                             "stage: pass val_dataloaders to trainer.fit.")
         else:
-            data = {"train_dataloaders": trainer.train_dataloader, "val_dataloaders": trainer.val_dataloaders,
-                    "test_dataloaders": self.test_dataloaders}
+            train, val = _fit_loaders(trainer)
+            if val is None:
+                raise ValueError("CompressOnFitEnd: found no validation dataloader of this fit, whose metric judges "
+                                 "every stage: pass val_dataloaders to trainer.fit.")
+            data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": self.test_dataloaders}
         self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
                                          output_dir=self.output_dir)
         self.result.report.save(self.output_dir, plot=self.plot)
+
+
+def _fit_loaders(trainer: L.Trainer) -> tuple[Any, Any]:
+    """The training and validation dataloaders of a fit given dataloaders (or a module's ``*_dataloader`` hooks).
+    ``trainer.val_dataloaders`` is filled only once the validation loop has run (not with ``num_sanity_val_steps=0``
+    and no validation epoch in the fit): then they are read from where Lightning keeps their source, as its own check
+    for validation data (:func:`~litcompress.quantization.lightning.has_validation_data`) does. ``is None``, never
+    truthiness: that calls ``len`` on a loader, which one over an ``IterableDataset`` has not."""
+    train = trainer.train_dataloader
+    if train is None:
+        try:
+            train = trainer.fit_loop._data_source.dataloader()
+        except AttributeError:  # Lightning moved its source: what the trainer holds
+            pass
+    return train, fit_val_dataloaders(trainer)
 
 
 __all__ = ["CompressOnFitEnd", "LoadersDataModule", "PruneAfterOptimizerSteps", "compress_lightning",

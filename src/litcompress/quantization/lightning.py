@@ -385,7 +385,7 @@ def check_submodule(module: L.LightningModule, submodule: str | None, where: str
         if not isinstance(getattr(module, submodule, None), nn.Module):
             raise ValueError(f"{where}(submodule={submodule!r}): {type(module).__name__} has no such sub-module; its "
                              f"sub-modules with parameters: {children}.")
-    elif type(module).forward is L.LightningModule.forward:
+    elif type(module).forward is L.LightningModule.forward and children:  # (no layers yet: configure_model's)
         hint = f"submodule={children[0]!r}" if len(children) == 1 else f"submodule= (one of {children})"
         raise ValueError(f"{where}: {type(module).__name__} defines no forward, so its steps call a sub-module "
                          f"(self.model(...)): pass {hint}, the sub-module they call.")

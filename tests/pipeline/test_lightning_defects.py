@@ -1,0 +1,241 @@
+"""compress_lightning and CompressOnFitEnd on fits Lightning itself handles: loaders without a length, a fit whose
+validation loop never ran, a DataModule that prepares its data; and arguments refused before any training step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from litcompress.callbacks import CompressOnFitEnd
+from litcompress.pipeline import CompressionConfig, PruneConfig
+from litcompress.pipeline.lightning import compress_lightning
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers", "ignore:.*IterableDataset",
+                                        "ignore:The number of training batches")
+
+CONFIG = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False, latency_repeats=2)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyWithTest(Tiny):
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
+class Stream(IterableDataset):
+    """Map-style data served as a stream: a DataLoader over it has no length."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return (self.data[i] for i in range(len(self.data)))
+
+
+class Batches(L.Callback):
+    def __init__(self) -> None:
+        self.trained = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.trained += 1
+
+
+def _data(n: int = 96, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=generator)
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def _loader(dataset: Any) -> DataLoader:
+    return DataLoader(dataset, batch_size=16)
+
+
+def _trainer(**kwargs: Any) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def _unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(before[name], value) for name, value in module.state_dict().items())
+
+
+class LoadersData(L.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return _loader(_data(96, 0))
+
+    def val_dataloader(self) -> DataLoader:
+        return _loader(_data(48, 1))
+
+
+class LoadersDataWithTest(LoadersData):
+    def test_dataloader(self) -> DataLoader:
+        return _loader(_data(48, 2))
+
+
+def test_loaders_without_a_length_are_counted_only_to_fine_tune(tmp_path: Path) -> None:
+    """DataLoaders over an IterableDataset, which Lightning fits and validates: compress_lightning failed on
+    ``len(loader)`` even with nothing to schedule, CompressOnFitEnd after the whole fit (``not val_dataloaders``)."""
+    L.seed_everything(0)
+    train, val = _loader(Stream(_data(96, 0))), _loader(Stream(_data(48, 1)))
+    module = Tiny()
+    compressing = CompressOnFitEnd(CONFIG, output_dir=tmp_path / "fit_end", plot=False)
+    _trainer(max_epochs=1, callbacks=[compressing]).fit(module, train, val)
+    validated = _trainer().validate(module, val, verbose=False)[0]["val_acc"]
+    assert compressing.result is not None and compressing.result.report["input"].metric == pytest.approx(validated)
+
+    one_shot = compress_lightning(module, CONFIG, train_dataloaders=train, val_dataloaders=val)
+    assert one_shot.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=1e-3)
+    # Fine-tuning needs the schedule's length: refused, saying what sizes it, before any training step.
+    counted = Batches()
+    with pytest.raises(ValueError, match="training dataloader has no length.*max_steps.*limit_train_batches"):
+        compress_lightning(module, CONFIG, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=1,
+                           trainer_kwargs={"callbacks": [counted]})
+    assert counted.trained == 0
+    bounded = compress_lightning(module, CONFIG, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=2,
+                                 trainer_kwargs={"limit_train_batches": 3, "callbacks": [counted]})
+    assert counted.trained == 6 and "during 6 fine-tuning steps" in bounded.report["pruned"].description
+    assert bounded.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=1e-3)
+    by_steps = compress_lightning(module, CONFIG, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=5,
+                                  trainer_kwargs={"max_steps": 4})
+    assert "during 4 fine-tuning steps" in by_steps.report["pruned"].description
+
+
+def test_compress_on_fit_end_reads_the_fits_loaders_when_validation_never_ran(tmp_path: Path) -> None:
+    """No sanity check and no validation epoch in the fit: ``trainer.val_dataloaders`` stays None, and the callback
+    told the user to pass the val_dataloaders they had passed."""
+    L.seed_everything(0)
+    train, val = _loader(_data(96, 0)), _loader(_data(48, 1))
+    module = Tiny()
+    compressing = CompressOnFitEnd(CONFIG, output_dir=tmp_path, plot=False)
+    trainer = _trainer(max_epochs=2, limit_train_batches=3, num_sanity_val_steps=0, check_val_every_n_epoch=3,
+                       callbacks=[compressing])
+    trainer.fit(module, train, val)
+    assert trainer.val_dataloaders is None  # what the callback read before
+    validated = _trainer().validate(module, val, verbose=False)[0]["val_acc"]
+    assert compressing.result is not None and compressing.result.report["input"].metric == pytest.approx(validated)
+
+
+def test_compress_on_fit_end_refuses_a_misspelt_submodule_before_training(tmp_path: Path) -> None:
+    module = Tiny()
+    before = _weights(module)
+    compressing = CompressOnFitEnd(CONFIG, submodule="nett", output_dir=tmp_path, plot=False)
+    trainer = _trainer(max_epochs=1, callbacks=[compressing])
+    with pytest.raises(ValueError, match=r"CompressOnFitEnd\(submodule='nett'\): Tiny has no such sub-module; "
+                                         r"its sub-modules with parameters: \['net'\]"):
+        trainer.fit(module, datamodule=LoadersData())
+    assert trainer.global_step == 0 and _unchanged(module, before) and compressing.result is None
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_compress_on_fit_end_takes_a_submodule_built_in_configure_model(tmp_path: Path) -> None:
+    """The sub-module is checked once the module's setup and configure_model have run, not in the callback's setup
+    (called before them), where a module that builds its layers there has none yet."""
+
+    class Built(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = None
+
+        def configure_model(self) -> None:
+            if self.net is None:
+                self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    L.seed_everything(0)
+    compressing = CompressOnFitEnd(CONFIG, submodule="net", output_dir=tmp_path, plot=False)
+    _trainer(max_epochs=1, limit_train_batches=2, callbacks=[compressing]).fit(Built(), datamodule=LoadersData())
+    assert compressing.result is not None and type(compressing.result.model) is nn.Sequential
+
+
+def test_compress_lightning_prepares_a_datamodules_data_before_its_setup(tmp_path: Path) -> None:
+    """As a Trainer does: prepare_data (a download, files written) once, then setup, which may read those files."""
+    calls: list[str] = []
+
+    class Prepared(L.LightningDataModule):
+        def prepare_data(self) -> None:
+            calls.append("prepare_data")
+            if not (tmp_path / "data.pt").exists():
+                torch.save((_data(96, 0).tensors, _data(48, 1).tensors), tmp_path / "data.pt")
+
+        def setup(self, stage: str) -> None:
+            calls.append("setup")
+            self.train, self.val = (TensorDataset(*t) for t in torch.load(tmp_path / "data.pt"))
+
+        def train_dataloader(self) -> DataLoader:
+            return _loader(self.train)
+
+        def val_dataloader(self) -> DataLoader:
+            return _loader(self.val)
+
+    L.seed_everything(0)
+    result = compress_lightning(Tiny(), CONFIG, datamodule=Prepared())
+    assert calls[:2] == ["prepare_data", "setup"]
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize(("module", "data", "missing"), [
+    (Tiny, LoadersDataWithTest, "Tiny has no test_step to log it"),
+    (TinyWithTest, LoadersData, "LoadersData has no test_dataloader to compute it on"),
+])
+def test_compress_on_fit_end_refuses_a_test_metric_nothing_logs_before_training(tmp_path: Path, module: type,
+                                                                                data: type, missing: str) -> None:
+    L.seed_everything(0)
+    model = module()
+    before = _weights(model)
+    compressing = CompressOnFitEnd(CONFIG, test_metric="test_acc", output_dir=tmp_path, plot=False)
+    trainer = _trainer(max_epochs=1, callbacks=[compressing])
+    with pytest.raises(ValueError, match=rf"CompressOnFitEnd\(test_metric='test_acc'\): {missing}"):
+        trainer.fit(model, datamodule=data())
+    assert trainer.global_step == 0 and _unchanged(model, before) and compressing.result is None
+    # compress_lightning refuses alike, before its first evaluation
+    with pytest.raises(ValueError, match=rf"compress_lightning\(test_metric='test_acc'\): {missing}"):
+        compress_lightning(model, CONFIG, datamodule=data(), test_metric="test_acc")
+
+
+class CallsItsNet(Tiny):
+    """No forward of its own: its steps call self.net(...)."""
+
+    forward = L.LightningModule.forward
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self.net(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
+def test_a_module_without_forward_is_told_to_name_its_submodule(tmp_path: Path) -> None:
+    # it failed with "missing the required forward" and advice to pass input_fn=
+    with pytest.raises(ValueError, match=r"CallsItsNet defines no forward.*submodule='net'"):
+        compress_lightning(CallsItsNet(), CONFIG, train_dataloaders=_loader(_data()),
+                           val_dataloaders=_loader(_data(seed=1)))
+    result = compress_lightning(CallsItsNet(), CONFIG, train_dataloaders=_loader(_data()),
+                                val_dataloaders=_loader(_data(seed=1)), submodule="net")
+    assert "pruned" in result.stage_models
