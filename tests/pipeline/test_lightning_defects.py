@@ -239,3 +239,15 @@ def test_a_module_without_forward_is_told_to_name_its_submodule(tmp_path: Path) 
     result = compress_lightning(CallsItsNet(), CONFIG, train_dataloaders=_loader(_data()),
                                 val_dataloaders=_loader(_data(seed=1)), submodule="net")
     assert "pruned" in result.stage_models
+
+
+def test_compress_on_fit_end_refuses_test_dataloaders_a_datamodule_fit_would_leave_unused(tmp_path: Path) -> None:
+    module = TinyWithTest()
+    before = _weights(module)
+    data = L.LightningDataModule.from_datasets(train_dataset=_data(), val_dataset=_data(seed=1),
+                                               test_dataset=_data(seed=2), batch_size=16)
+    callback = CompressOnFitEnd(CONFIG, metric="val_acc", test_metric="test_acc", output_dir=tmp_path,
+                                test_dataloaders=_loader(_data(seed=3)))
+    with pytest.raises(ValueError, match=r"test_dataloaders=\.\.\.\) in a fit given a DataModule"):
+        _trainer(callbacks=[callback]).fit(module, datamodule=data)
+    assert _unchanged(module, before)

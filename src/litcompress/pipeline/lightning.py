@@ -340,6 +340,10 @@ class CompressOnFitEnd(L.Callback):
         if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None:
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
                              "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
+        if trainer.datamodule is not None and self.test_dataloaders is not None:  # they would be left unused
+            raise ValueError("CompressOnFitEnd(test_dataloaders=...) in a fit given a DataModule: the test metric is "
+                             f"logged on {type(trainer.datamodule).__name__}.test_dataloader(); drop test_dataloaders, "
+                             "or fit on dataloaders.")
         _check_test_metric_source(pl_module, trainer.datamodule, self.test_metric, "CompressOnFitEnd")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
