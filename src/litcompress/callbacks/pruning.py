@@ -873,25 +873,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         none is (which is whose cannot be told), and that is said. A key that differs otherwise is another
         configuration, whose run starts from the checkpoint's weights (its zeros kept pruned), as before. Lightning
         calls this before it hands callbacks the states under their own keys."""
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return
-        claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
-        mine = _without_locations(self.state_key)
-        moved = [k for k in states if isinstance(k, str) and k not in claimed and _without_locations(k) == mine]
-        if len(moved) == 1:
-            rank_zero_warn(
-                f"`{type(self).__name__}`: the checkpoint holds this callback's state under {moved[0]!r}, which "
-                f"differs from its own key {self.state_key!r} only in where a function is written; it is restored."
-            )
-            self.load_state_dict(copy.deepcopy(states[moved[0]]))
-        elif moved:
-            rank_zero_warn(
-                f"`{type(self).__name__}`: the checkpoint holds no state under this callback's key {self.state_key!r}"
-                f" but {len(moved)} that differ from it only in where a function is written "
-                f"({', '.join(map(repr, moved))}): which is this callback's cannot be told, so none is restored. "
-                "Construct the callbacks as in the run that wrote the checkpoint."
-            )
+        restore_state_under_moved_key(self, trainer, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         """Rounds applied, their history, the current masks and the lottery-ticket snapshot (CPU tensors)."""
@@ -1329,6 +1311,31 @@ def _built_without_weights(module_class: type[LightningModule], checkpoint: dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return module_class.load_from_checkpoint(buffer, map_location="cpu", strict=False, **kwargs)
+
+
+def restore_state_under_moved_key(callback: Callback, trainer: "pl.Trainer", checkpoint: dict[str, Any]) -> None:
+    """In `on_load_checkpoint`: when `checkpoint` holds no state under `callback.state_key` but exactly one, claimed by
+    no other callback of `trainer`, under a key that differs from it only in where a function (a lambda) is written,
+    load that one, with a warning; with several such keys, load none and say so."""
+    states = checkpoint.get("callbacks") or {}
+    if callback.state_key in states:
+        return
+    claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
+    mine = _without_locations(callback.state_key)
+    moved = [k for k in states if isinstance(k, str) and k not in claimed and _without_locations(k) == mine]
+    if len(moved) == 1:
+        rank_zero_warn(
+            f"`{type(callback).__name__}`: the checkpoint holds this callback's state under {moved[0]!r}, which "
+            f"differs from its own key {callback.state_key!r} only in where a function is written; it is restored."
+        )
+        callback.load_state_dict(copy.deepcopy(states[moved[0]]))
+    elif moved:
+        rank_zero_warn(
+            f"`{type(callback).__name__}`: the checkpoint holds no state under this callback's key "
+            f"{callback.state_key!r} but {len(moved)} that differ from it only in where a function is written "
+            f"({', '.join(map(repr, moved))}): which is this callback's cannot be told, so none is restored. "
+            "Construct the callbacks as in the run that wrote the checkpoint."
+        )
 
 
 def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) -> None:

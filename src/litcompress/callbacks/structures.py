@@ -8,7 +8,6 @@ checkpoints; under DDP the masks are broadcast from rank 0 after every round.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import math
@@ -16,14 +15,13 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch.nn.utils.prune as torch_prune
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _refuse_weight_averaging_after,
-                                           _without_locations)
+                                           restore_state_under_moved_key)
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
@@ -225,22 +223,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
         script, the resumed callback's key differs from the checkpoint's in that place only. The state saved under
         such a key is restored when it is the only one and no other callback claims it; with several, none is, and
         that is said (as ModelPruning does). Lightning calls this before it hands callbacks their states."""
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return
-        claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
-        mine = _without_locations(self.state_key)
-        moved = [k for k in states if isinstance(k, str) and k not in claimed and _without_locations(k) == mine]
-        if len(moved) == 1:
-            rank_zero_warn(f"`{type(self).__name__}`: the checkpoint holds this callback's state under {moved[0]!r}, "
-                           f"which differs from its own key {self.state_key!r} only in where a function is written; "
-                           "it is restored.")
-            self.load_state_dict(copy.deepcopy(states[moved[0]]))
-        elif moved:
-            rank_zero_warn(f"`{type(self).__name__}`: the checkpoint holds no state under this callback's key "
-                           f"{self.state_key!r} but {len(moved)} that differ from it only in where a function is "
-                           f"written ({', '.join(map(repr, moved))}): which is this callback's cannot be told, so none "
-                           "is restored. Construct the callbacks as in the run that wrote the checkpoint.")
+        restore_state_under_moved_key(self, trainer, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         """The masks (CPU booleans) and where the schedule is."""
