@@ -477,6 +477,25 @@ def test_channels_with_latency_times_the_model_and_its_shrunk_copy(capsys):
     assert "--latency previews with --sparsity: give --sparsity too." in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--keep-multiple-of", "16"], "--keep-multiple-of previews with --sparsity: give --sparsity too."),  # ignored
+    (["--latency-batch-size", "500"], "--latency-batch-size is the batch --latency times"),  # failed on 359 inputs
+])
+def test_channels_options_of_another_option_are_refused_without_it(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["channels", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_channels_prints_the_same_preview_on_every_run(capsys):
+    # the preview's weights were not seeded: its `folded` column changed from run to run
+    outputs = []
+    for _ in range(2):
+        assert main(["channels", "--sparsity", "0.5"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
 def test_channels_times_a_model_that_takes_its_whole_batch_with_inputs_star(capsys):
     """channels had no --inputs: a model reading its dict batch could not be timed ("pass input_fn=", "--inputs x"
     in the error, an option channels refused)."""

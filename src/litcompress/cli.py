@@ -808,8 +808,15 @@ def run_channels(args: argparse.Namespace) -> int:
     from litcompress.pruning.shrink import channel_plan
     from litcompress.quantization.tuner import check_model_runs
 
+    import lightning as L
+
     _quiet_frameworks()
+    L.seed_everything(args.seed, verbose=False)  # the weights the preview prunes: the same table on every run
     try:
+        if args.keep_multiple_of is not None and args.sparsity is None:
+            raise ValueError("--keep-multiple-of previews with --sparsity: give --sparsity too.")
+        if args.latency_batch_size is not None and not args.latency:
+            raise ValueError("--latency-batch-size is the batch --latency times: give --latency too, or drop it.")
         data = None
         # data sizes a built-in model; a DataModule of the user's gives a batch whose shapes tell more (below)
         if (args.model in BUILTIN_MODELS and args.checkpoint is None) or args.latency or args.data not in BUILTIN_DATA:
