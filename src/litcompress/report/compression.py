@@ -29,6 +29,14 @@ class Latency:
     median_ms: float
     max_ms: float
 
+    def __post_init__(self) -> None:
+        # a report.json edited by hand fails when read, not in the plot's error bars after the table was printed
+        values = (self.min_ms, self.median_ms, self.max_ms)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                or not 0 <= self.min_ms <= self.median_ms <= self.max_ms:
+            raise ValueError(f"Latency(min_ms={self.min_ms!r}, median_ms={self.median_ms!r}, max_ms={self.max_ms!r})"
+                             ": expected numbers with 0 <= min <= median <= max.")
+
 
 @dataclass(frozen=True)
 class StageMetrics:
