@@ -107,8 +107,13 @@ def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, caps
     edited = json.loads((out / "report.json").read_text())
     edited["stages"][0]["metric"] = "high"
     (tmp_path / "edited.json").write_text(json.dumps(edited))
+    slower_fastest = json.loads((out / "report.json").read_text())  # its plot's error bars failed after the table
+    slower_fastest["stages"][0]["latency"]["min_ms"] = 2 * slower_fastest["stages"][0]["latency"]["max_ms"]
+    (tmp_path / "latency.json").write_text(json.dumps(slower_fastest))
     for extra, message in (([str(tmp_path / "list.json")], r"cannot read .*list\.json as a litcompress report"),
                            ([str(tmp_path / "edited.json")], r"cannot read .*edited\.json as a litcompress report"),
+                           ([str(tmp_path / "latency.json"), "--plot", str(tmp_path / "p.png")],
+                            r"latency\.json as a litcompress report \(ValueError: Latency\(.*0 <= min <= median"),
                            ([str(out), "--markdown", str(tmp_path)], r"--markdown .* is a directory; give a file")):
         with pytest.raises(SystemExit) as exit_info:
             main(["report", *extra])
@@ -862,3 +867,54 @@ def test_help_says_each_default_once(command, capsys):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
     assert not re.search(r"\(default: [^)]*\) \(default:", text)
+
+
+_USER_DATA = '''
+import torch
+import lightning as L
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class EmptyVal(L.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.rand(8, 64), torch.zeros(8, dtype=torch.long)), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(torch.rand(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=4)
+
+
+class NoVal(L.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.rand(8, 64), torch.zeros(8, dtype=torch.long)), batch_size=4)
+
+
+class SizedNet(L.LightningModule):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, hidden)  # torch refuses a negative size with a RuntimeError
+'''
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "cli_user_data:EmptyVal"], "--data: EmptyVal.val_dataloader() yields no batch"),  # StopIteration
+    (["--data", "cli_user_data:NoVal"], "--data: NoVal.val_dataloader() failed (MisconfigurationException"),
+    (["--model", "cli_broken_module:Model"], "importing 'cli_broken_module' failed: SyntaxError"),
+    (["--model", "cli_raising_module:Model"], "importing 'cli_raising_module' failed: RuntimeError: not today"),
+    (["--model", "cli_user_data:SizedNet", "--model-args", '{"hidden": -1}'],
+     "failed: RuntimeError: Trying to create tensor with negative dimension"),
+    (["--data-args", '{"val_fraction": 0.0002}'], "leave the val split(s) empty"),
+])
+@pytest.mark.parametrize("command", ["compress", "channels"])
+def test_user_code_and_data_that_fail_are_said_in_one_line(command, args, message, tmp_path, monkeypatch, capsys):
+    # each was a traceback (exit 1): only ImportError, TypeError and ValueError were turned into usage errors
+    (tmp_path / "cli_user_data.py").write_text(_USER_DATA)
+    (tmp_path / "cli_broken_module.py").write_text("def f(:\n")
+    (tmp_path / "cli_raising_module.py").write_text("raise RuntimeError('not today')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    user_data = "--data" in args and "--model" not in args
+    model = ["--model", "tests.conftest:ConfiguredDigitsClassifier"] if user_data else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *model, *args] + (["--output-dir", "out"] if command == "compress" else []))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err

@@ -154,6 +154,9 @@ def _class_spec(kind: str, builtins: tuple[str, ...]):
             module = importlib.import_module(module_name)
         except ImportError as error:
             raise argparse.ArgumentTypeError(f"cannot import {module_name!r}: {error}") from None
+        except Exception as error:  # the user's module fails as it is imported (a SyntaxError, its own checks)
+            raise argparse.ArgumentTypeError(f"importing {module_name!r} failed: {type(error).__name__}: "
+                                             f"{error}") from None
         cls = getattr(module, class_name, None)
         import lightning as L
 
@@ -461,10 +464,11 @@ def _built(option: str, cls: Any, kwargs: dict[str, Any]) -> Any:
     """``cls(**kwargs)``; an argument the class refuses fails naming the option and the arguments it was given."""
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # an argument the class (or torch inside it: a negative size) refuses
         shown = json.dumps(kwargs, default=str)
         kind = TypeError if isinstance(error, TypeError) else ValueError  # not type(error): its __init__ may differ
-        raise kind(f"{option}: {cls.__name__}(**{shown}) failed: {error}") from error
+        said = "" if isinstance(error, (TypeError, ValueError)) else f"{type(error).__name__}: "
+        raise kind(f"{option}: {cls.__name__}(**{shown}) failed: {said}{error}") from error
 
 
 def _datamodule(args: argparse.Namespace) -> Any:
@@ -569,9 +573,17 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: An
     from litcompress.quantization.lightning import first_loader, same_inputs, step_model_inputs
     from litcompress.quantization.nested import InputStructure
 
-    loader = first_loader(data.val_dataloader())
+    try:
+        loader = first_loader(data.val_dataloader())
+    except Exception as error:  # Lightning's "`val_dataloader` must be implemented", the user's own failure
+        raise ValueError(f"--data: {type(data).__name__}.val_dataloader() failed ({type(error).__name__}: {error}); "
+                         "compress and channels read the model's inputs from its first batch.") from None
     batches = iter(loader)
-    inputs = to_inputs(input_fn(next(batches)))
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(f"--data: {type(data).__name__}.val_dataloader() yields no batch; compress and channels read "
+                         "the model's inputs from its first batch.")
+    inputs = to_inputs(input_fn(first))
     later = (to_inputs(input_fn(batch)) for batch in batches)
     if module is not None:
         rows = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
