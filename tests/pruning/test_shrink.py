@@ -284,8 +284,10 @@ class WithLayerNorm(nn.Module):
 @pytest.mark.parametrize(
     ("model_class", "zeroed", "reason"),
     [
-        (Residual, "fc1", "meets another tensor in call_function add"),  # one of its two branches
-        (Residual, "fc2", "meets another tensor"),
+        # one of the two writers of a sum: its group's channels are not zero there (the reason once only named the add)
+        (Residual, "fc1", "leave with its group (fc1, fc2, joined by residual additions) only where the group's "
+                          "channel space is exactly zero"),
+        (Residual, "fc2", "leave with its group (fc1, fc2, joined by residual additions)"),
         (Concat, "a", "along dim=0 in call_function cat, not along its channels (dim=-1 for a Linear's features)"),
         (SharedLayer, "shared", "called more than once"),
         (SharedLayer, "inp", "called more than once"),
@@ -2430,3 +2432,29 @@ def test_a_conv1ds_channels_moved_last_leave_the_lstm_that_reads_them(zero, seed
     result = shrink(model, x)
     assert (result.model.conv.out_channels, result.model.lstm.input_size) == (12 - len(zero),) * 2
     torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)
+
+
+class _BiasedGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+def test_a_gated_group_whose_pruned_rows_keep_their_biases_says_why_it_loses_nothing() -> None:
+    # the reason read "its output meets another tensor in call_function mul" (true of every gated block, shrunk or not)
+    torch.manual_seed(0)
+    model = _BiasedGate().eval()
+    with torch.no_grad():  # pruned rows, biases left: each channel a non-zero constant in both factors
+        model.w1.weight[:4] = 0
+        model.w3.weight[:4] = 0
+    result = shrunk_alike(model, torch.randn(5, 8))
+    assert result.report.layers == ()
+    for name, why in result.report.kept:
+        assert name in ("w1", "w3") and "non-zero bias outputs a constant" in why and "gating product" in why
+    with torch.no_grad():
+        model.w1.bias[:4] = 0  # zero in one factor: the product's channels leave from both and from w2
+    assert {layer.name: layer.removed for layer in shrunk_alike(model, torch.randn(5, 8)).report.layers} == {
+        "w1": 4, "w3": 4}

@@ -2349,6 +2349,15 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True, tracer
     return channel_plan(model, tracer=tracer, example_inputs=example_inputs).removable(residual_groups)
 
 
+def _group_kept_reason(group: Any) -> str:
+    """Why a channel group's producer lost nothing: the group removes only what is exactly zero in its space (the
+    chain's own reason, "meets another tensor in add/mul", names the join, not the cause)."""
+    return (f"its channels leave with its group ({', '.join(group.producers)}, joined by {group.describe()}) only "
+            "where the group's channel space is exactly zero (in every writer of a sum, in either factor of a "
+            "product), and none is: prune the group as one, and a pruned row with a non-zero bias outputs a "
+            "constant, which a group does not fold (hold the biases at zero, as the pipeline does)")
+
+
 def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
     """`model`'s outputs on `example_inputs` in eval mode, without gradients. Each module's mode is restored (a
     BatchNorm kept in eval mode inside a training model stays so)."""
@@ -2504,7 +2513,9 @@ def shrink_(
     grouped = remove_zero_group_channels_(model, groups, keep_multiple_of)
     layers += grouped
     handled = {layer.name for layer in grouped}
-    kept = [(name, reason) for name, reason in kept if name not in handled]
+    group_of = {producer: group for group in groups for producer in group.producers}
+    kept = [(name, _group_kept_reason(group_of[name]) if name in group_of and reason.startswith(
+        "its output meets another tensor") else reason) for name, reason in kept if name not in handled]
     # Last: an attention is replaced by another module, and the tracing above saw the original.
     heads, heads_kept = remove_zero_heads_(model)
     report = ShrinkReport(tuple(layers), tuple(kept + heads_kept), before, _count_parameters(model), tuple(heads))
