@@ -144,11 +144,13 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "pruned_state_dict.pt")
     torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
     (tmp_path / "broken.pt2").write_bytes(b"garbage")
+    (tmp_path / "empty.onnx").write_bytes(b"")  # was "an ONNX file but not a litcompress artefact (no metadata)"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")  # torch.jit's, not ours
     for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*load_state_dict"),
                           ("module.pt", "a torch\\.save file"),
                           ("scripted.pt", r"a TorchScript archive without litcompress's metadata; torch\.jit\.load"),
-                          ("broken.pt2", "neither ONNX nor a zip archive")):
+                          ("broken.pt2", "neither ONNX nor a zip archive"),
+                          ("empty.onnx", r"it is empty \(0 bytes\)")):
         with pytest.raises(ValueError, match=rf"'.*{name}' is not a model file litcompress wrote.*{message}"):
             load_quantized(tmp_path / name)
     with pytest.raises(IsADirectoryError, match="give the model file in it"):
@@ -189,3 +191,30 @@ def test_a_lightning_module_is_saved_as_torchscript(tmp_path, digits):
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), expected(x))
     assert module._jit_is_scripting is False  # the user's module is left as it was
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "onnx", "torchscript"])
+def test_a_file_is_replaced_whole_never_written_in_place(tmp_path, fp32_format):
+    # the writers wrote into the user's path itself: a write killed midway left a truncated or empty file where a
+    # loadable one was. Written beside it and renamed over it, the path gets a new file (inode) in one step.
+    from litcompress.quantization import save_quantized
+
+    torch.manual_seed(0)
+    first, second = (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval() for _ in range(2))
+    x, path = torch.randn(3, 4), tmp_path / "model.bin"
+    save_quantized(first, None, path, (x,), fp32_format=fp32_format)
+    inode = path.stat().st_ino
+    size = save_quantized(second, None, path, (x,), fp32_format=fp32_format)
+    assert path.stat().st_ino != inode and size == path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]  # no partial file left
+    loaded, _ = load_quantized(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), second(x))
+
+    class FailsWhenTraced(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(Exception):
+        save_quantized(FailsWhenTraced(), None, path, (x,), fp32_format=fp32_format)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"] and load_quantized(path)[0] is not None

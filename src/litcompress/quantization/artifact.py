@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+
+from litcompress._files import written_atomically
 
 from .backends import FixedDimError, get_backend
 from .config import Recipe
@@ -58,24 +61,31 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     path = os.fspath(path)
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
                            "recipe": None if recipe is None else recipe.to_dict()})
+    # written beside `path` and renamed over it once complete: a file there is never lost to a failed or killed write
+    with written_atomically(Path(path)) as partial:
+        _write(model, recipe, os.fspath(partial), metadata, tuple(example_inputs), fp32_format, dynamic_dims)
+    return os.path.getsize(path)
+
+
+def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, example_inputs: tuple,
+           fp32_format: str, dynamic_dims: DynamicDims | None) -> None:
     if recipe is None and fp32_format == "export":
         from .backends.exported import save_program
 
         try:
-            save_program(model, path, metadata, tuple(example_inputs), dynamic_dims=dynamic_dims)
+            save_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
         except FixedDimError as exc:
             raise FixedDimError(f"save_quantized: {exc}; fp32_format='onnx' or 'torchscript' may keep it free") \
                 from exc
-        return os.path.getsize(path)
+        return
     backend_name = "torch_ao" if recipe is None else recipe.backend
     if recipe is None and fp32_format == "onnx":
         from .backends.onnxruntime import OnnxRuntimeModule, export_onnx
 
         backend_name = "onnxruntime"
         if not isinstance(model, OnnxRuntimeModule):
-            model = OnnxRuntimeModule(export_onnx(model, tuple(example_inputs), dynamic_dims))
-    get_backend(backend_name).save(model, path, metadata, tuple(example_inputs), dynamic_dims=dynamic_dims)
-    return os.path.getsize(path)
+            model = OnnxRuntimeModule(export_onnx(model, example_inputs, dynamic_dims))
+    get_backend(backend_name).save(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
 
 
 def taking_inputs_like(loaded: nn.Module, saved: nn.Module, example_inputs: Sequence[object]) -> nn.Module:
@@ -130,6 +140,8 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
                                 "model.pt or model.pt2).")
     not_ours = (f"load_quantized: {path!r} is not a model file litcompress wrote (save_quantized, "
                 "QuantizationResult.save or `litcompress compress`)")
+    if os.path.getsize(path) == 0:  # ONNX reads an empty file as an empty model: "no metadata" would mislead
+        raise ValueError(f"{not_ours}: it is empty (0 bytes), as a write cut short by another program leaves one.")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
