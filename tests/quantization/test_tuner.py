@@ -666,3 +666,17 @@ def test_a_forward_that_depends_on_the_batch_size_is_said(backend):
                               calibration_data=[inputs])  # the example is one row: the calibration batch is used
         messages = [m for m in result.messages if "differ when computed alone (batch 1)" in m]
         assert len(messages) == int(said) and sum(str(w.message) in messages for w in caught) == int(said)
+
+
+def test_batch_dependence_ignores_nan_in_both_and_rounding():
+    from litcompress.quantization.tuner import batch_dependence
+
+    class AllNaN(nn.Module):
+        def forward(self, x):
+            return x * float("nan")
+
+    x = torch.randn(6, 8)
+    assert batch_dependence(AllNaN(), (x,)) is None  # NaN where the row alone is NaN too: no difference
+    assert batch_dependence(nn.Linear(8, 3), (x,)) is None
+    assert batch_dependence(_BranchesOnTheBatchSize().eval(), (x,)) is not None
+    assert batch_dependence(nn.Linear(8, 3), (x[:1],)) is None  # one row: nothing to compare

@@ -219,8 +219,11 @@ def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
         if in_batch.shape[:1] != (size,) or by_itself.shape != (1, *in_batch.shape[1:]) \
                 or not in_batch.is_floating_point():
             continue  # not batch-major (a time-major sequence), or a count: nothing to compare row by row
-        scale = max(1.0, float(in_batch.abs().max()))
-        worst = max(worst, float((in_batch[:1].float() - by_itself.float()).abs().max()) / scale)
+        a, b = in_batch[:1].float(), by_itself.float()
+        both_nan = torch.isnan(a) & torch.isnan(b)  # NaN in both is no difference
+        scale = max(1.0, float(torch.nan_to_num(in_batch.float(), nan=0.0).abs().max()))
+        difference = torch.where(both_nan, torch.zeros_like(a), (a - b).abs()).nan_to_num(nan=float("inf"))
+        worst = max(worst, float(difference.max()) / scale)
     if worst <= 1e-4:  # float rounding of batched kernels
         return None
     return (f"the model's outputs for the first input row differ when computed alone (batch 1) and in the batch of "
