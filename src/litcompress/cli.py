@@ -691,12 +691,10 @@ def _check_plot_path(path: Path) -> None:
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
-    from torch import nn
-
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization.backends import to_inputs
-    from litcompress.quantization.lightning import log_unreadable_step
+    from litcompress.quantization.lightning import check_submodule, log_unreadable_step
     from litcompress.quantization.shapes import resolve_dynamic_dims
     from litcompress.quantization.tuner import check_model_runs
 
@@ -712,17 +710,8 @@ def run_compress(args: argparse.Namespace) -> int:
         data.setup("fit")
         model = _model(args, data)
         distill = _distillation(args, config, model)
-        compressed = model
-        if args.submodule is not None:
-            compressed = getattr(model, args.submodule, None)
-            if not isinstance(compressed, nn.Module):
-                raise ValueError(f"--submodule {args.submodule}: {type(model).__name__} has no such sub-module.")
-        elif type(model).forward is L.LightningModule.forward and next(model.parameters(), None) is not None:
-            # its steps call a sub-module: name it (no layers yet: configure_model builds them, checked later)
-            children = [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
-            raise ValueError(f"--model {args.model}: {type(model).__name__} defines no forward, so its steps call a "
-                             f"sub-module (self.model(...)): pass --submodule NAME, the one they call (one of "
-                             f"{children}).")
+        check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
+        compressed = model if args.submodule is None else getattr(model, args.submodule)
         if args.quantize == "auto" and config.quantize is not None:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
@@ -814,13 +803,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_channels(args: argparse.Namespace) -> int:
-    from torch import nn
+    import lightning as L
 
     from litcompress.pipeline.compress import as_pruned
     from litcompress.pruning.shrink import channel_plan
+    from litcompress.quantization.lightning import check_submodule
     from litcompress.quantization.tuner import check_model_runs
-
-    import lightning as L
 
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)  # the weights the preview prunes: the same table on every run
@@ -836,10 +824,9 @@ def run_channels(args: argparse.Namespace) -> int:
             data.prepare_data()
             data.setup("fit")
         model = host = _model(args, data)
+        check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
         if args.submodule is not None:
-            model = getattr(model, args.submodule, None)
-            if not isinstance(model, nn.Module):
-                raise ValueError(f"--submodule {args.submodule}: no such sub-module.")
+            model = getattr(model, args.submodule)
         # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
         inputs = None if data is None else _example_inputs(
             data, args.latency_batch_size, _input_fn(args, model),

@@ -377,18 +377,25 @@ def bypassed_model_message(host: nn.Module, submodule: str | None, step: str, me
             f"candidate would score as the original): {fix}.")
 
 
-def check_submodule(module: L.LightningModule, submodule: str | None, where: str) -> None:
+def check_submodule(module: L.LightningModule, submodule: str | None, where: str, *,
+                    command_line: bool = False) -> None:
     """`submodule` names a sub-module of `module` (ValueError naming its children otherwise); without one, `module`
-    must have a forward of its own (a step that calls ``self.model(...)`` needs ``submodule="model"``)."""
+    must have a forward of its own (a step that calls ``self.model(...)`` needs ``submodule="model"``). With
+    `command_line`, `where` is the option that gave the module, and the errors name ``--submodule``."""
     children = [name for name, child in module.named_children() if next(child.parameters(), None) is not None]
     if submodule is not None:
         if not isinstance(getattr(module, submodule, None), nn.Module):
-            raise ValueError(f"{where}(submodule={submodule!r}): {type(module).__name__} has no such sub-module; its "
-                             f"sub-modules with parameters: {children}.")
+            given = f"--submodule {submodule}" if command_line else f"{where}(submodule={submodule!r})"
+            raise ValueError(f"{given}: {type(module).__name__} has no such sub-module; its sub-modules with "
+                             f"parameters: {children}.")
     elif type(module).forward is L.LightningModule.forward and children:  # (no layers yet: configure_model's)
-        hint = f"submodule={children[0]!r}" if len(children) == 1 else f"submodule= (one of {children})"
+        if command_line:
+            hint = f"--submodule NAME, the one they call (one of {children})"
+        else:
+            hint = (f"submodule={children[0]!r}" if len(children) == 1 else f"submodule= (one of {children})") \
+                + ", the sub-module they call"
         raise ValueError(f"{where}: {type(module).__name__} defines no forward, so its steps call a sub-module "
-                         f"(self.model(...)): pass {hint}, the sub-module they call.")
+                         f"(self.model(...)): pass {hint}.")
 
 
 def quantize_lightning(
