@@ -199,13 +199,14 @@ def test_unrelated_mnist_package_gives_install_hint(tmp_path, monkeypatch) -> No
 
 @settings(max_examples=50, deadline=None)
 @given(st.floats(1e-5, 0.99), st.floats(1e-5, 0.99))
-def test_fractions_accepted_give_three_non_empty_disjoint_splits(val_fraction: float, test_fraction: float) -> None:
+def test_fractions_accepted_give_three_non_empty_splits_of_every_sample(val_fraction: float,
+                                                                       test_fraction: float) -> None:
     try:
         splits = load_digits_tensors(val_fraction, test_fraction)
     except ValueError:
         return  # refused, with the reason
     assert all(len(split) > 0 for split in splits)
-    assert sum(len(split) for split in splits) == 1797
+    assert sum(len(split) for split in splits) == 1797  # disjoint: test_digits_splits_are_deterministic_and_disjoint
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
