@@ -668,15 +668,20 @@ def test_a_forward_that_depends_on_the_batch_size_is_said(backend):
         assert len(messages) == int(said) and sum(str(w.message) in messages for w in caught) == int(said)
 
 
-def test_batch_dependence_ignores_nan_in_both_and_rounding():
+def test_batch_dependence_counts_nan_in_one_only_and_ignores_nan_in_both_and_rounding():
     from litcompress.quantization.tuner import batch_dependence
 
     class AllNaN(nn.Module):
         def forward(self, x):
             return x * float("nan")
 
+    class NaNAlone(nn.Module):
+        def forward(self, x):
+            return x * float("nan") if x.shape[0] == 1 else x
+
     x = torch.randn(6, 8)
     assert batch_dependence(AllNaN(), (x,)) is None  # NaN where the row alone is NaN too: no difference
+    assert batch_dependence(NaNAlone(), (x,)) is not None  # NaN in one only is: Python's max() skipped it
     assert batch_dependence(nn.Linear(8, 3), (x,)) is None
     assert batch_dependence(_BranchesOnTheBatchSize().eval(), (x,)) is not None
     assert batch_dependence(nn.Linear(8, 3), (x[:1],)) is None  # one row: nothing to compare
