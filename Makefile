@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= test
 
-.PHONY: demo test test-slow test-all install clean
+.PHONY: demo test test-slow test-all test-gpu install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
+
+# tests/test_cuda.py on a machine with a CUDA GPU (skipped elsewhere); .venv holds the CPU wheel, so this target
+# uses the host's own CUDA build of torch: $(PYTHON) with torch, lightning, scikit-learn and pytest installed.
+test-gpu:
+	PYTHONPATH=src:. $(PYTHON) -m pytest tests/test_cuda.py -q -p no:cacheprovider
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
