@@ -22,7 +22,10 @@ default allocator (``--worker litcompress --allocator pinned|default`` runs one)
 
 Usage::
 
-    python benchmarks/prune_step.py [--repeats 3] [--rounds 3] [--threads 2]
+    python benchmarks/prune_step.py [--repeats 3] [--rounds 3] [--threads 2] [--device cpu|cuda]
+
+With ``--device cuda`` the model and the masks live on the GPU, each round ends with ``torch.cuda.synchronize()``
+and the peaks are of the memory the CUDA allocator handed out (``torch.cuda.max_memory_allocated``).
 
 The last printed line is one JSON object with all figures.
 """
@@ -96,32 +99,46 @@ def make_callback(variant: str, model):
     return callback
 
 
-def run_worker(variant: str, rounds: int, threads: int, save_masks: str | None, pinned: bool = True) -> dict:
+def run_worker(variant: str, rounds: int, threads: int, save_masks: str | None, pinned: bool = True,
+               device: str = "cpu") -> dict:
     if pinned:  # for the times; memory is measured with the default allocator (see the module docstring)
         pin_allocator()
     import torch
 
     torch.set_num_threads(threads)
-    model = build_model()
+    on_gpu = device == "cuda"
+    model = build_model().to(device)
     targets = pruned_weights(model)
     n_params = sum(m.weight.numel() for m, _ in targets)
     model_bytes = sum(m.weight.numel() * m.weight.element_size() for m, _ in targets)
     callback = make_callback(variant, model)
-    base_rss = current_rss_bytes()
+
+    def finished() -> None:  # CUDA kernels run asynchronously: a round is done when the device is
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def peak_bytes() -> int:  # on a GPU, the memory the CUDA allocator handed out (the host's RSS is not it)
+        return torch.cuda.max_memory_allocated() if on_gpu else peak_rss_bytes()
+
+    finished()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = torch.cuda.memory_allocated() if on_gpu else current_rss_bytes()
     seconds: list[float] = []
     peak_after_first = 0
     for _ in range(rounds):
         start = time.perf_counter()
         callback.apply_pruning(AMOUNT)
+        finished()
         seconds.append(time.perf_counter() - start)
         if not peak_after_first:
-            peak_after_first = peak_rss_bytes()
-    peak_all = peak_rss_bytes()
+            peak_after_first = peak_bytes()
+    peak_all = peak_bytes()
     masks = [module.weight_mask for module, _ in targets]
     state_bytes = sum(m.weight_mask.nbytes + m.weight.nbytes for m, _ in targets)  # kept by torch.prune in both
     zeros = [int((mask == 0).sum()) for mask in masks]
     if save_masks:
-        torch.save([mask.bool() for mask in masks], save_masks)
+        torch.save([mask.bool().cpu() for mask in masks], save_masks)
     mib = 2**20
     return {
         "variant": variant,
@@ -140,7 +157,7 @@ def run_worker(variant: str, rounds: int, threads: int, save_masks: str | None, 
 # ----------------------------------------------------------------------------- parent side
 def spawn(variant: str, args: argparse.Namespace, save_masks: str | None, allocator: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--rounds", str(args.rounds)]
-    command += ["--threads", str(args.threads), "--allocator", allocator]
+    command += ["--threads", str(args.threads), "--allocator", allocator, "--device", args.device]
     if save_masks:
         command += ["--save-masks", save_masks]
     env = dict(os.environ)
@@ -168,13 +185,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="processes per variant")
     parser.add_argument("--rounds", type=int, default=3, help="pruning rounds per process")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model lives (cuda: times synchronized, peaks of GPU memory allocated)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--save-masks", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=("pinned", "default"), default="pinned", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.rounds, args.threads, args.save_masks,
-                                    pinned=args.allocator == "pinned")))
+                                    pinned=args.allocator == "pinned", device=args.device)))
         return
     for name in ("repeats", "rounds", "threads"):
         if getattr(args, name) < 1:
@@ -212,14 +231,15 @@ def main() -> None:
     print(
         f"global L1 pruning round, amount {AMOUNT} of kept weights, {args.rounds} rounds/process, "
         f"{args.repeats} processes/variant (interleaved), {results['litcompress'][0]['n_params']:,} weights "
-        f"({model_mib:.0f} MiB), torch threads {args.threads}; pruning state kept by both: {state_mib:.0f} MiB; "
-        "times with the allocator pinned, peaks with the default one (separate processes)"
+        f"({model_mib:.0f} MiB) on {args.device}, torch threads {args.threads}; pruning state kept by both: "
+        f"{state_mib:.0f} MiB; times with the allocator pinned, peaks with the default one (separate processes)"
     )
+    memory_name = "GPU memory" if args.device == "cuda" else "RSS"
     header = f"{'metric':36} {'Lightning min/med/max':>26} {'litcompress min/med/max':>26} {'ours/Lightning':>15}"
     print(header)
     print("-" * len(header))
-    for key, label in zip(keys, ("first round [s]", "later rounds [s]", "peak extra RSS, round 1 [MiB]",
-                                 "peak extra RSS, all rounds [MiB]", "peak beyond pruning state [MiB]")):
+    for key, label in zip(keys, ("first round [s]", "later rounds [s]", f"peak extra {memory_name}, round 1 [MiB]",
+                                 f"peak extra {memory_name}, all rounds [MiB]", "peak beyond pruning state [MiB]")):
         cells = ["/".join(f"{figures[v][key][stat]:.2f}" for stat in ("min", "median", "max")) for v in VARIANTS]
         print(f"{label:36} {cells[0]:>26} {cells[1]:>26} {ratios[key]:>15.3f}")
     print(f"{'peak beyond state / model size':36} {theirs['peak_beyond_state_mib']['median'] / model_mib:>26.2f}"
@@ -227,7 +247,8 @@ def main() -> None:
     print(f"{'final sparsity':36} {theirs['final_sparsity']:>26.6f} {ours['final_sparsity']:>26.6f}")
     print(f"mask entries differing after the last round: {differing} (only ties in |w| at the threshold could differ)")
     print(json.dumps({
-        "amount": AMOUNT, "rounds": args.rounds, "repeats": args.repeats, "threads": args.threads,
+        "amount": AMOUNT, "device": args.device, "rounds": args.rounds, "repeats": args.repeats,
+        "threads": args.threads,
         "n_params": results["litcompress"][0]["n_params"], "model_mib": model_mib, "pruning_state_mib": state_mib,
         "variants": figures, "ratios_litcompress_over_lightning": ratios, "differing_mask_entries": differing,
     }))
