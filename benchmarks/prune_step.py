@@ -198,6 +198,11 @@ def main() -> None:
     for name in ("repeats", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.device == "cuda":
+        import torch  # the parent only spawns and compares: importing torch here times nothing
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: this torch sees no CUDA device (a CPU build, or no GPU here)")
 
     results: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}  # pinned allocator: the times
     memory: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}  # default allocator: the peaks
