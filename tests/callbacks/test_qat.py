@@ -47,7 +47,7 @@ def test_fit_ends_with_an_int8_model_as_accurate_plain_checkpoints_and_the_model
     saved = torch.load(checkpoints.last_model_path, weights_only=False)
     fresh = MLPClassifier(hidden=(32,))
     fresh.load_state_dict(saved["state_dict"])  # strict
-    assert any(k.endswith(".scale") for k in saved["callbacks"]["QuantizationAwareTraining"]["fake_quant"])
+    assert any(k.endswith(".scale") for k in saved["callbacks"][callback.state_key]["fake_quant"])
 
 
 def test_killed_mid_qat_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
@@ -127,6 +127,11 @@ def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, 
     (dict(config={"reduce_range": True}), "expected a litcompress.quantization.qat.QATConfig"),
     (dict(metric=""), "name a metric the validation step logs"),
     (dict(compile="yes"), "use True or False"),
+    # these were found only after the whole fit, when the file was written
+    (dict(save_path=123), "give the path of the file to write"),
+    (dict(save_path=""), "not a folder"),
+    (dict(save_path="."), "not a folder"),
+    (dict(save_path="models/"), "not a folder"),
 ])
 def test_constructor_refuses_bad_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -283,3 +288,167 @@ def test_a_module_called_with_a_container_is_told_what_qat_takes(tmp_path):
                                         r"is traced on positional tensors"):
         make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining("net")]).fit(
             TakesTheBatch(), datamodule=DigitsDataModule())
+
+
+def _pruned_mlp() -> MLPClassifier:
+    from torch.nn.utils import prune
+
+    from litcompress import make_permanent_
+
+    model = MLPClassifier(hidden=(24,), lr=1e-2)
+    for layer in (model.net[0], model.net[2]):
+        prune.l1_unstructured(layer, "weight", amount=0.6)
+    make_permanent_(model)
+    return model
+
+
+class HeldZerosSeen(Callback):
+    """Records, at every validation and checkpoint, how many of the zeros the fit started with are non-zero."""
+
+    def __init__(self) -> None:
+        self.zeros: dict[str, torch.Tensor] | None = None
+        self.regrown: list[int] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.zeros = self.zeros or {n: p == 0 for n, p in pl_module.named_parameters() if p.dim() == 2}
+
+    def _count(self, state):
+        return sum(int((state[n][z] != 0).sum()) for n, z in self.zeros.items())
+
+    def on_validation_start(self, trainer, pl_module):
+        self.regrown.append(self._count(dict(pl_module.named_parameters())))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.regrown.append(self._count(checkpoint["state_dict"]))
+
+
+def test_held_zeros_stay_zero_in_validation_checkpoints_and_a_resumed_fit(tmp_path):
+    """They were reset only before a training forward: each optimizer step grew them back in what validation ran and
+    checkpoints held, and a fit resumed from such a checkpoint held far fewer zeros (its masks recomputed from the
+    regrown weights), converting to another, denser int8 model."""
+    spies, callbacks = [], []
+
+    def make_callbacks():
+        spies.append(HeldZerosSeen())
+        callbacks.append(QuantizationAwareTraining("net", start_epoch=0))
+        return [callbacks[-1], spies[-1]]
+
+    reference, state, resumed = fit_killed_and_resumed(tmp_path, _pruned_mlp, make_callbacks, DigitsDataModule,
+                                                       crash_step=25)
+    zeros = spies[0].zeros
+    assert spies[0].regrown and not any(spies[0].regrown) and not any(spies[1].regrown)
+    assert all(int((state[n][z] != 0).sum()) == 0 for n, z in zeros.items())  # the crash left them held
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert callbacks[2].result.held_sparse == callbacks[0].result.held_sparse == ("0.weight", "2.weight")
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        assert torch.equal(callbacks[2].result.model(x), callbacks[0].result.model(x))
+
+
+def test_an_all_zero_weight_is_an_initialisation_and_trains():
+    from litcompress.quantization.qat import prepare_qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    nn.init.zeros_(model[2].weight)  # a zero-initialised head, as some fine-tuning recipes start
+    qat = prepare_qat(model, (torch.rand(4, 64),))
+    assert qat.held_sparse == ()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(qat(torch.rand(16, 64)), torch.randint(0, 10, (16,))).backward()
+        optimizer.step()
+    assert qat.model[2].weight.abs().sum() > 0  # prepare_qat trains a copy (copy=True)
+
+
+def test_a_misspelt_metric_stops_the_fit_at_its_first_validation(tmp_path):
+    callback = QuantizationAwareTraining("net", metric="val_accuracy")
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[callback])
+    with pytest.raises(KeyError, match=r"'val_accuracy' was not logged by MLPClassifier.validation_step; logged: "):
+        trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+    assert trainer.current_epoch == 0  # not after all three epochs
+
+
+def test_compile_without_a_cpp_compiler_is_refused_at_setup(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    steps = []
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}), \
+            pytest.raises(ValueError, match=r"compile=True\): torch.compile's inductor needs a working C\+\+ compiler"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[
+            QuantizationAwareTraining("net", compile=True, save_path=tmp_path / "int8.pt2"),
+            LambdaCounter(steps)]).fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+    assert steps == []
+
+
+class LambdaCounter(Callback):
+    def __init__(self, steps: list) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, *args):
+        self.steps.append(1)
+
+
+def test_fast_dev_run_before_the_qat_epoch_is_a_quick_check_not_an_error(tmp_path, caplog):
+    callback = QuantizationAwareTraining("net", start_epoch=1)
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        Trainer(fast_dev_run=True, max_epochs=2, callbacks=[callback], logger=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp_path).fit(MLPClassifier(hidden=(8,)),
+                                                                           datamodule=DigitsDataModule())
+    assert callback.qat is None and "QAT starts at epoch 1, which fast_dev_run does not reach" in caplog.text
+
+
+def test_a_max_steps_that_ends_before_the_qat_epoch_is_refused_before_training(tmp_path):
+    steps = []
+    with pytest.raises(ValueError, match=r"start_epoch=1\): the fit stops at max_steps=10, 17 optimizer step\(s\)"):
+        make_trainer(tmp_path, max_epochs=3, max_steps=10, limit_train_batches=None, callbacks=[
+            QuantizationAwareTraining("net", start_epoch=1), LambdaCounter(steps)]).fit(
+                MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+    assert steps == []
+
+
+def test_a_training_step_that_bypasses_the_quantized_forward_is_stopped_at_its_first_batch(tmp_path):
+    """`training_step` calls `self.net(x)`, so with submodule=None the QAT graph was first built at validation, from
+    one batch without training, and converted as if trained, with a warning about eval mode."""
+    from tests.conftest import SubmoduleStepsClassifier
+
+    steps = []
+    with pytest.raises(ValueError, match=r"did not call the LightningModule's own forward \(submodule=None\).*"
+                                         r"modules of SubmoduleStepsClassifier: \['net'\]"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining(), LambdaCounter(steps)]).fit(
+            SubmoduleStepsClassifier(), datamodule=DigitsDataModule())
+    assert len(steps) == 0  # the first batch's end: QAT's check runs before the counter's
+
+
+def test_a_frozen_batch_norm_is_left_frozen_after_the_fit(tmp_path):
+    model = BatchNormMLP()
+
+    class Freeze(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.net[1].eval()
+
+    with pytest.warns(UserWarning, match="in eval mode inside Sequential"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[Freeze(), QuantizationAwareTraining("net")]).fit(
+            model, datamodule=DigitsDataModule())
+    assert not model.net[1].training and model.net[0].training  # each module as the fit left it
+
+
+class TwoParts(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,))
+        self.encoder = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.net = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.net(self.encoder(x))
+
+
+def test_two_callbacks_quantize_two_submodules_in_one_fit_and_resume_each_its_own(tmp_path):
+    first, second = QuantizationAwareTraining("encoder"), QuantizationAwareTraining("net")
+    assert first.state_key != second.state_key  # Lightning refused two stateful callbacks under one key
+    trainer = make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[first, second])
+    trainer.fit(TwoParts(), datamodule=DigitsDataModule())
+    assert first.result is not None and second.result is not None
+    saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert first.state_key in saved["callbacks"] and second.state_key in saved["callbacks"]

@@ -30,6 +30,7 @@ from litcompress.quantization.qat import (
     QATModel,
     QATResult,
     check_layer_names,
+    compile_converted,
     masks_refused_message,
     modules_pruned_with_masks,
     prepare_qat,
@@ -100,6 +101,8 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"{_OWNER}(metric={metric!r}): name a metric the validation step logs, e.g. 'val_acc'.")
         if not isinstance(compile, bool):
             raise TypeError(f"{_OWNER}(compile={compile!r}): use True or False.")
+        if save_path is not None:
+            _check_save_path(save_path)
         self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
         self.metric, self.save_path, self.compile = metric, save_path, compile
         self.qat: QATModel | None = None
@@ -107,6 +110,7 @@ class QuantizationAwareTraining(Callback):
         self.metric_value: float | None = None
         self._module: nn.Module | None = None
         self._pending_state: dict[str, torch.Tensor] | None = None  # from a checkpoint, loaded once prepared
+        self._pending_masks: dict[str, torch.Tensor] | None = None  # likewise: the held zeros' masks
         self._distributed = False
 
     # ---- set-up: what would fail later fails here -------------------------------------------------------------
@@ -123,7 +127,8 @@ class QuantizationAwareTraining(Callback):
                              "launcher the fit runs in worker processes, which build the int8 model; this process's "
                              "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
                              "the model there; litcompress.load_quantized reads it), or use strategy='ddp'.")
-        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
+        # fast_dev_run forces max_epochs=1: a later start_epoch is its run skipping QAT, said at fit end
+        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
                              f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
         if str(trainer.precision) not in ("32-true", "32"):
@@ -131,6 +136,8 @@ class QuantizationAwareTraining(Callback):
                              "ops and converts it to int8 from float32, which mixed or half precision breaks (in "
                              "autocast, or in the conversion). Fine-tune with QAT under precision='32-true' (it is a "
                              "short stage).")
+        if self.compile:
+            _check_cpp_compiler()
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the fit
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
         pruning = [type(cb).__name__ for cb in trainer.callbacks if _prunes_in_fit(cb)]
@@ -162,6 +169,18 @@ class QuantizationAwareTraining(Callback):
         return module
 
     # ---- the fit ---------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch:
+            return
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # an iterable without a length: not known
+            return
+        steps_per_epoch = -(-batches // trainer.accumulate_grad_batches)
+        if steps_per_epoch * self.start_epoch >= trainer.max_steps:
+            raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit stops at max_steps="
+                             f"{trainer.max_steps}, {steps_per_epoch} optimizer step(s) per epoch, before epoch "
+                             f"{self.start_epoch} starts: QAT would never run. Lower start_epoch or raise max_steps.")
+
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if trainer.current_epoch >= self.start_epoch and not self._installed():
             module = self._module or self._quantized_module(pl_module)
@@ -190,6 +209,9 @@ class QuantizationAwareTraining(Callback):
             if self._pending_state is not None:
                 self.qat.load_fake_quant_state(self._pending_state)
                 self._pending_state = None
+            if self._pending_masks is not None:  # the zeros the interrupted fit held, not those its weights have
+                self.qat.load_held_masks(self._pending_masks)
+                self._pending_masks = None
             if self._distributed:  # each process observed its own first batch: every step starts from one range
                 self.qat.sync_ranges_()
             if module.training and frozen:  # (as they were before the trace, which may set modes)
@@ -211,8 +233,30 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._installed() and self.qat is None:  # a QAT batch trained without the QAT graph
+            children = [name for name, _ in pl_module.named_children()]
+            where = "the LightningModule's own forward (submodule=None)" if self.submodule is None else \
+                f"the forward of {self.submodule!r}"
+            raise ValueError(f"{_OWNER}: the training step did not call {where}: it computes its outputs another way "
+                             "(e.g. self.net(x) instead of self(x)), so nothing would train through int8 rounding. "
+                             f"Pass submodule=<the module the steps call> (the modules of {type(pl_module).__name__}:"
+                             f" {children}).")
+        if self.qat is not None:
+            # after the optimizer step: checkpoints and validation see the held zeros, not the step's regrowth
+            self.qat.apply_masks_()
         if self.qat is not None and self._distributed:
             self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        if self.metric is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        from litcompress.quantization.lightning import logged_metrics, missing_metric_message
+
+        # at the fit's first validation, not after its last epoch (the int8 model is judged by it then)
+        message = missing_metric_message(self.metric, logged_metrics([dict(trainer.callback_metrics)]),
+                                          f"{type(pl_module).__name__}.validation_step")
+        if message is not None:
+            raise KeyError(f"{_OWNER}(metric={self.metric!r}): {message}")
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self.qat is not None and self._distributed:
@@ -230,19 +274,25 @@ class QuantizationAwareTraining(Callback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._restore_forward()
         if self.qat is None:
+            if trainer.fast_dev_run:
+                log.info(f"{_OWNER}: QAT starts at epoch {self.start_epoch}, which fast_dev_run does not reach.")
+                return
             rank_zero_warn(f"{_OWNER}: the fit ended before QAT started (start_epoch={self.start_epoch}, "
                            f"{trainer.current_epoch} epoch(s) run): no int8 model was built.")
             return
         if trainer.fast_dev_run:
             log.info(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.")
             return
-        self.result = self.qat.convert(compile=self.compile)  # resets the held zeros in the module's weights too
-        if self.metric is not None:
-            self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
-            log.info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")
+        self.result = self.qat.convert()  # resets the held zeros in the module's weights too
+        # the file first: what follows (compiling, evaluating) can fail without losing the trained int8 model
         if self.save_path is not None and trainer.is_global_zero:
             size = self.result.save(self.save_path)
             log.info(f"{_OWNER}: int8 model written to {os.fspath(self.save_path)} ({size / 1024:.1f} KiB).")
+        if self.compile:  # the same program, on fused int8 kernels (saved files are the same either way)
+            self.result.model = compile_converted(self.result.model.program, self.result.example_inputs)
+        if self.metric is not None:
+            self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
+            log.info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: LightningModule, model: nn.Module) -> float:
         from litcompress.quantization.lightning import lightning_eval_fn
@@ -264,13 +314,57 @@ class QuantizationAwareTraining(Callback):
         self._restore_forward()
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        # one callback per quantized submodule may join a fit; the default's key stays the class name it always was
+        if self.submodule is None:
+            return super().state_key
+        return self._generate_state_key(submodule=self.submodule)
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint written before the key named the submodule: its state under the class name, if no other
+        # callback of this fit claims that key
+        states = checkpoint.get("callbacks") or {}
+        plain = type(self).__qualname__
+        claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
+        if self.state_key not in states and plain in states and plain not in claimed:
+            self.load_state_dict(states[plain])
+
     def state_dict(self) -> dict[str, Any]:
         fake_quant = self.qat.fake_quant_state() if self.qat is not None else self._pending_state
-        return {"start_epoch": self.start_epoch, "fake_quant": fake_quant}
+        held = self.qat.held_masks() if self.qat is not None else self._pending_masks
+        return {"start_epoch": self.start_epoch, "fake_quant": fake_quant, "held_masks": held}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict.get("fake_quant")
+        self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
+
+
+def _check_save_path(save_path: object) -> None:
+    """At construction: a path a file can be written to, not after the fit."""
+    if not isinstance(save_path, (str, os.PathLike)):
+        raise TypeError(f"{_OWNER}(save_path={save_path!r}): give the path of the file to write (str or "
+                        "os.PathLike), e.g. 'out/model.pt2'.")
+    text = os.fspath(save_path)
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise ValueError(f"{_OWNER}(save_path={save_path!r}): give the path of a file to write (e.g. "
+                         "'out/model.pt2'), not a folder.")
+
+
+def _check_cpp_compiler() -> None:
+    """compile=True converts with inductor, which needs a C++ compiler: missing, it would fail after the fit."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch: its compile says so itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # torch._inductor.exc.InvalidCxxCompiler
+        raise ValueError(f"{_OWNER}(compile=True): torch.compile's inductor needs a working C++ compiler, and none "
+                         f"was found ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+                         "). Install one (g++), point the CXX variable at it, or use compile=False (the saved file is "
+                         "the same).") from None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

@@ -44,8 +44,11 @@ class QATConfig:
         reduce_range: int8 activations with 7 bits. None: chosen from the CPU, as the PT2E backend does (without
             VNNI the int8 kernels' 16-bit intermediate sums saturate on 8-bit activations).
         keep_sparsity: the weights (2-d and more) that hold at least 1% exact zeros when training starts, a pruned
-            model's, keep those zeros: they are reset before every training forward and before conversion, so
-            training does not grow them back and the int8 model is as sparse as the model it came from.
+            model's, keep those zeros: they are reset before every training forward and before conversion (and, in
+            the Lightning callback, after every optimizer step, so checkpoints and validation hold them too; a plain
+            loop calls :meth:`QATModel.apply_masks_` after ``optimizer.step()`` for that), so training does not grow
+            them back and the int8 model is as sparse as the model it came from. A weight that is all zeros (a
+            zero-initialised layer, not a pruned one) trains.
     """
 
     fp32_layers: tuple[str, ...] = ()
@@ -123,7 +126,8 @@ class QATModel(nn.Module):
         self._masks: dict[str, torch.Tensor] = {}
         if config.keep_sparsity:
             for name, param in params.items():
-                if param.dim() >= 2 and float((param == 0).float().mean()) >= _SPARSE_WEIGHT_FLOOR:
+                zeros = float((param == 0).float().mean()) if param.dim() >= 2 else 0.0
+                if _SPARSE_WEIGHT_FLOOR <= zeros < 1.0:  # all zeros: an initialisation, which training must move
                     self._masks[name] = param.detach() != 0
 
     @property
@@ -155,6 +159,21 @@ class QATModel(nn.Module):
         params = dict(self.graph.named_parameters())
         for name, mask in self._masks.items():
             params[name].mul_(mask)
+
+    def held_masks(self) -> dict[str, torch.Tensor]:
+        """The keep-masks of the held weights (``keep_sparsity``), for a checkpoint: :meth:`load_held_masks` puts them
+        back, so that a resumed fit holds the zeros it held, not the ones its weights happen to have."""
+        return {name: mask.clone() for name, mask in self._masks.items()}
+
+    def load_held_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Hold the zeros of `masks` (what :meth:`held_masks` returned for a graph prepared from the same model)."""
+        params = dict(self.graph.named_parameters())
+        wrong = [name for name, mask in masks.items() if name not in params or params[name].shape != mask.shape]
+        if wrong:
+            raise ValueError(f"QATModel.load_held_masks: {wrong[:5]} are no weights of this graph (or of another "
+                             "shape): the masks were saved for another model.")
+        self._masks = {name: mask.to(device=params[name].device, dtype=torch.bool) for name, mask in masks.items()}
+        self.apply_masks_()
 
     def forward(self, *args: torch.Tensor) -> object:
         self._sync_mode()
@@ -275,14 +294,17 @@ class QATModel(nn.Module):
             warnings.simplefilter("ignore", DeprecationWarning)
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
-        if compile:
-            from .backends.pt2e import CompiledInference
-
-            model: nn.Module = CompiledInference(converted)
-            model(*self.example_inputs)  # pay the compile cost here, not in the first call
-        else:
-            model = ExportedInference(converted)
+        model = compile_converted(converted, self.example_inputs) if compile else ExportedInference(converted)
         return QATResult(model, self.recipe, self.example_inputs, held_sparse=self.held_sparse)
+
+
+def compile_converted(program: nn.Module, example_inputs: Inputs) -> nn.Module:
+    """A converted int8 program run through ``torch.compile`` (see :meth:`QATModel.convert`), compiled now."""
+    from .backends.pt2e import CompiledInference
+
+    model = CompiledInference(program)
+    model(*example_inputs)  # pay the compile cost here, not in the first call
+    return model
 
 
 @dataclass
@@ -409,7 +431,7 @@ def _export_for_training(model: nn.Module, example_inputs: Inputs) -> torch.fx.G
     from .backends import FixedDimError
     from .backends.exported import export_inputs, export_program
 
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # each its own: a frozen batch norm stays frozen
     model.train()
     try:
         with warnings.catch_warnings():
@@ -422,5 +444,6 @@ def _export_for_training(model: nn.Module, example_inputs: Inputs) -> torch.fx.G
                           f"{exc}. QAT needs a model torch.export can trace (no data-dependent Python control "
                           "flow on tensors).") from exc
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return program.module()
