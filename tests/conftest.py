@@ -15,6 +15,31 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning
+import lightning.pytorch.callbacks as _lightning_callbacks
+from packaging.version import Version
+
+# pyproject allows lightning>=2.5: what only later releases have or fixed is skipped on older ones
+LIGHTNING_VERSION = Version(lightning.__version__)
+# Lightning 2.6 added it; None before
+EMAWeightAveraging = getattr(_lightning_callbacks, "EMAWeightAveraging", None)
+
+
+def weight_averaging_callbacks() -> list:
+    """The weight-averaging callbacks this Lightning has, as parameters (EMAWeightAveraging skipped before 2.6)."""
+    return [_lightning_callbacks.StochasticWeightAveraging,
+            pytest.param(EMAWeightAveraging, id="EMAWeightAveraging",
+                         marks=pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.6"))]
+
+
+def skip_lightnings_callback_before(cls: type, version: str, why: str) -> None:
+    """In a test run against both callbacks: skip Lightning's own ModelPruning when it is older than `version`, which
+    fixed what the test expects of it (`why`)."""
+    from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
+
+    if cls is LightningModelPruning and LIGHTNING_VERSION < Version(version):
+        pytest.skip(f"Lightning {LIGHTNING_VERSION} < {version}: {why}")
+
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 # CI draws the same examples on every run (a red CI is the code's, not the dice's); local runs explore new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)

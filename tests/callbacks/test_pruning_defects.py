@@ -17,14 +17,14 @@ import torch.nn.utils.prune as torch_prune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning, load_pruned_state_dict
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
 from tests.conftest import (FixedDataModel, ModelWithAttnMask, RecordEpochStarts, ThreeLayerModel,
-                            make_trainer)
+                            make_trainer, skip_lightnings_callback_before, weight_averaging_callbacks)
 
 
 def both(reason: str):
@@ -300,6 +300,7 @@ def test_a_second_callback_prunes_on_from_the_masks_a_first_one_left(tmp_path, c
     prunes the same tensors on from their masks. Lightning's finds no targets there (it keeps the names that hold
     an nn.Parameter, and a pruned module's "weight" is a computed tensor): per layer it prunes nothing without a
     word, globally it fails in torch.cat, and its verbose log line divides by zero."""
+    skip_lightnings_callback_before(cls, "2.5.2", "its defect came with 2.5.2's filter of nn.Parameter targets")
     model = ThreeLayerModel()
 
     def callback():
@@ -431,7 +432,7 @@ class HalfOfRows(torch_prune.BasePruningMethod):
 
 
 @both("with a weight-averaging callback in the same fit the model comes back dense, or fit crashes at its end")
-@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("averaging", weight_averaging_callbacks())
 @pytest.mark.parametrize(("names", "pruning_first"), [(("weight",), True), (("weight",), False),
                                                       (("weight", "bias"), True)])
 def test_weight_averaging_ends_with_the_masked_average_or_is_refused(tmp_path, cls, averaging, names, pruning_first):
@@ -486,7 +487,7 @@ def _assert_masked_average(model, average, names=("weight",)) -> None:
     assert zeros == numel - remaining  # and zero where it does not
 
 
-@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("averaging", weight_averaging_callbacks())
 @pytest.mark.parametrize(("names", "pruning_first", "permanent"), [
     (("weight",), True, False),  # the refusal's other remedy: the averages land in weight_orig, still masked
     (("weight", "bias"), False, True),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from litcompress.callbacks import HeadPruning, UnitPruning
 from litcompress.models import LSTMClassifier, TransformerClassifier
 from litcompress.pruning import engine
+from tests.conftest import weight_averaging_callbacks
 from litcompress.pruning.heads import zero_heads
 from litcompress.pruning.recurrent import prune_units_, zero_units
 from litcompress.pruning.schedules import CallableSchedule
@@ -54,7 +55,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------- 1
-@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("averaging", weight_averaging_callbacks())
 @pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
 def test_weight_averaging_listed_after_permanent_structure_pruning_is_refused_before_training(tmp_path, callback,
                                                                                              averaging):
@@ -70,7 +71,7 @@ def test_weight_averaging_listed_after_permanent_structure_pruning_is_refused_be
     assert all(torch.equal(value, before[name]) for name, value in _weights(model).items())  # nothing trained
 
 
-@pytest.mark.parametrize("averaging", [StochasticWeightAveraging, EMAWeightAveraging])
+@pytest.mark.parametrize("averaging", weight_averaging_callbacks())
 @pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
 @pytest.mark.parametrize(("pruning_first", "permanent"), [(False, True), (True, False)])
 def test_the_orders_of_weight_averaging_and_structure_pruning_that_are_allowed_end_pruned(tmp_path, callback,
