@@ -361,10 +361,10 @@ def _check_cpp_compiler() -> None:
     try:
         get_cpp_compiler()
     except Exception as error:  # torch._inductor.exc.InvalidCxxCompiler
+        first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(f"{_OWNER}(compile=True): torch.compile's inductor needs a working C++ compiler, and none "
-                         f"was found ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-                         "). Install one (g++), point the CXX variable at it, or use compile=False (the saved file is "
-                         "the same).") from None
+                         f"was found ({type(error).__name__}: {first_line}). Install one (g++), point the CXX variable "
+                         "at it, or use compile=False (the saved file is the same).") from None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
