@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,9 @@ def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing
     for extra, message in ((["--plot", str(tmp_path / "r.txt")], r"--plot .*r\.txt: matplotlib cannot write \.txt"),
                            (["--markdown", str(tmp_path / "r.md"), "--plot", str(blocker / "r.png")],
                             r"--plot .*a-file/r\.png: cannot write there"),
-                           (["--markdown", str(blocker / "r.md")], r"--markdown .*a-file/r\.md: cannot write there")):
+                           (["--markdown", str(blocker / "r.md")], r"--markdown .*a-file/r\.md: cannot write there"),
+                           # a traceback from matplotlib after the table
+                           (["--plot", str(tmp_path)], r"--plot .* is a directory; give a file")):
         with pytest.raises(SystemExit):
             main(["report", str(out), *extra])
         captured = capsys.readouterr()
@@ -97,6 +100,9 @@ def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing
     assert not (tmp_path / "r.md").exists()  # refused before writing anything
     assert main(["report", str(out), "--plot", str(tmp_path / "new" / "r.svg")]) == 0  # any format it writes
     assert (tmp_path / "new" / "r.svg").read_text().lstrip().startswith("<?xml")
+    capsys.readouterr()
+    assert main(["report", str(out), "--plot", str(tmp_path / "bare")]) == 0  # printed "plot: .../bare"
+    assert f"plot: {tmp_path / 'bare.png'}" in capsys.readouterr().out and (tmp_path / "bare.png").is_file()
 
 
 def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, capsys, tmp_path):
@@ -801,6 +807,13 @@ def test_a_second_run_into_the_same_directory_names_the_files_it_did_not_write(t
     captured = capsys.readouterr()
     assert "- pruned_state_dict.pt, shrunk_state_dict.pt in the output directory are not from this run" in captured.out
     assert "report.png is an earlier run's plot (this run wrote none)" in captured.err
+    assert "dense.ckpt is an earlier run's checkpoint" not in captured.err  # this run trained and wrote it
+    checkpoint = str(tmp_path / "given.ckpt")
+    os.replace(os.path.join(out, "dense.ckpt"), checkpoint)
+    (tmp_path / "out" / "dense.ckpt").write_bytes(b"")  # another run's (it was not even this model's)
+    assert main(["compress", "--checkpoint", checkpoint, "--train-epochs", "0", "--prune", "none", "--no-plot",
+                 "--latency-repeats", "2", *same_file]) == 0
+    assert "dense.ckpt is an earlier run's checkpoint (this run trained nothing)" in capsys.readouterr().err
 
 
 def test_prune_embeddings_prunes_a_text_lstms_embedding_dims_and_shrink_removes_them(tmp_path, capsys):
@@ -893,6 +906,37 @@ class SizedNet(L.LightningModule):
         super().__init__()
         self.fc = torch.nn.Linear(64, hidden)  # torch refuses a negative size with a RuntimeError
 '''
+
+
+def test_a_model_of_a_package_in_the_folder_the_command_runs_in_is_found(tmp_path):
+    """The README's `--model my_pkg.models:Net`, run in the project folder: the console script's sys.path starts
+    with its bin folder, so the package was not found ("No module named 'my_pkg'") unless PYTHONPATH named it."""
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "models.py").write_text(_USER_DATA)
+    script = Path(sys.executable).parent / "litcompress"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(script), "channels", "--model", "my_pkg.models:SizedNet", "--model-args",
+                           '{"hidden": 16}', "--submodule", "fc"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "Linear 64 -> 16" in done.stdout, done.stderr  # imported, built and read
+    done = subprocess.run([str(script), "channels", "--model", "no_such_pkg.models:Net"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "cannot import 'no_such_pkg.models': No module named 'no_such_pkg'" in done.stderr
+
+
+def test_model_args_override_a_built_in_models_checkpoint_hyperparameters(first_run):
+    """They were dropped without a word for a built-in --model (a user class got them)."""
+    from litcompress import cli
+
+    _, out = first_run
+    args = cli.build_parser().parse_args(["compress", "--checkpoint", str(out / "dense.ckpt"),
+                                          "--model-args", '{"lr": 0.5}'])
+    assert cli._model(args, None).hparams.lr == 0.5
+    args = cli.build_parser().parse_args(["compress", "--checkpoint", str(out / "dense.ckpt"),
+                                          "--model-args", '{"hidden": [32]}'])
+    with pytest.raises(ValueError, match=r"tensor of shape \(48, 64\) does not fit in the layer's \(32, 64\)"):
+        cli._model(args, None)  # another architecture: its weights do not fit
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import warnings
@@ -140,6 +141,21 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _import_from_here(module_name: str) -> Any:
+    """`module_name` imported as `python -m` would find it: also from the folder the command runs in (a console
+    script's sys.path starts with its bin folder, so `--model my_pkg.models:Net` run in the project folder found no
+    my_pkg)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        here = os.getcwd()
+        top = module_name.partition(".")[0]
+        if error.name != top or here in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, here)
+        return importlib.import_module(module_name)
+
+
 def _class_spec(kind: str, builtins: tuple[str, ...]):
     """A built-in name, or ``package.module:Class`` naming a Lightning class of `kind`."""
 
@@ -151,7 +167,7 @@ def _class_spec(kind: str, builtins: tuple[str, ...]):
                 f"expected one of {', '.join(builtins)} or 'package.module:Class', got {text!r}")
         module_name, _, class_name = text.partition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_from_here(module_name)
         except ImportError as error:
             raise argparse.ArgumentTypeError(f"cannot import {module_name!r}: {error}") from None
         except Exception as error:  # the user's module fails as it is imported (a SyntaxError, its own checks)
@@ -301,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--sparse-kernels", action="store_true",
                         help="instead of int8: run the Linear layers that unstructured pruning left mostly zeros "
                              "on sparse CSR kernels where that is measured faster here (90%%+ zeros, larger batches "
-                             "gain most); the file is TorchScript (model.pt)")
+                             "gain most); the file is TorchScript (model.pt) when a layer is converted, else "
+                             "the --fp32-format one")
     stages.add_argument("--backends", type=_backends,
                         help="comma-separated quantization backends to try (default: all of them)")
     stages.add_argument("--tolerance", type=_non_negative_float,
@@ -507,8 +524,8 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
         cls = {"mlp": MLPClassifier, "cnn": CNNClassifier, "resnet": ResNetClassifier, "resnext": ResNeXtClassifier,
                "mobilenet": MobileNetClassifier, "transformer": TransformerClassifier,
                "swiglu": GatedTransformerClassifier, "densenet": DenseNetClassifier, "lstm": LSTMClassifier}[args.model]
-        if args.checkpoint is not None:
-            return _from_checkpoint(cls, args.checkpoint)
+        if args.checkpoint is not None:  # --model-args override the checkpoint's hyperparameters (lr, ...)
+            return _from_checkpoint(cls, args.checkpoint, **args.model_args)
         shape = getattr(data, "input_shape", None)
         if shape is None:
             raise ValueError(f"--model {args.model} needs a DataModule with an `input_shape` attribute "
@@ -680,11 +697,16 @@ def _check_plot_path(path: Path) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'litcompress[report]'") from None
+    from litcompress.report.compression import plot_path
+
     formats = Figure().canvas.get_supported_filetypes()
     suffix = path.suffix.lstrip(".").lower()
     if suffix and suffix not in formats:
         raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; use one of "
                          f"{', '.join('.' + f for f in sorted(formats))} (.png by default).")
+    for target in (path, plot_path(path)):  # a folder given, or a folder where the file would go
+        if target.is_dir():
+            raise ValueError(f"--plot {target} is a directory; give a file (e.g. report.png).")
     _check_writable(path.parent, "--plot", path)
 
 
@@ -763,6 +785,10 @@ def run_compress(args: argparse.Namespace) -> int:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")
     if "plot" not in written and (args.output_dir / "report.png").exists():
         _stderr(f"{args.output_dir / 'report.png'} is an earlier run's plot (this run wrote none)")
+    earlier_checkpoint = args.output_dir / "dense.ckpt"
+    if not train_epochs and earlier_checkpoint.exists() and (  # e.g. of another --model, unless it is the input
+            args.checkpoint is None or earlier_checkpoint.resolve() != Path(args.checkpoint).resolve()):
+        _stderr(f"{args.output_dir / 'dense.ckpt'} is an earlier run's checkpoint (this run trained nothing)")
     _print_report(result.report)
     if result.artifact is not None:
         print(f"model: {result.artifact}")

@@ -194,3 +194,21 @@ def test_a_round_that_empties_a_weight_warns_once():
         warnings.simplefilter("error")
         pruner.step(5)  # past the schedule: no round, no second warning
         pruner.prune_to(0.5, 6)  # a round that changes nothing: said already
+
+
+def test_target_names_name_the_emptied_weight_by_its_path_and_the_pipeline_gives_them():
+    """Two Linear layers were both "Linear.weight" in the warning; the pipeline's pruner now names their paths."""
+    from litcompress.pruning.engine import qualified_names
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-4)
+    targets = default_targets(model)
+    pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=1),
+                           target_names=qualified_names(model, targets))
+    with pytest.warns(UserWarning, match=r"every entry of 2\.weight is pruned"):
+        for t in range(5):
+            pruner.step(t)
+    with pytest.raises(ValueError, match="one name per target"):
+        GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=4), target_names=["0.weight"])

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from litcompress._files import written_atomically
 from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy, is_excluded,
                                         keep_bypassed_weights_current_, make_permanent_,
-                                        permanent_state_dict, prune_to_sparsity_, pruned_targets, with_tied_targets)
+                                        permanent_state_dict, prune_to_sparsity_, pruned_targets, qualified_names,
+                                        with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
@@ -799,7 +800,8 @@ def compress(
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
-            pruners = [GradualPruner(subset, schedule, method, scope=prune.scope, keep_multiple_of=multiple, **kwargs)
+            pruners = [GradualPruner(subset, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
+                                     target_names=qualified_names(work, subset), **kwargs)
                        for subset, kwargs in target_sets]
             group_rounds: list[int] = []
             last_step = [-1]
@@ -895,6 +897,11 @@ def compress(
             work = sparse.model
             stages.add("sparse", work, f"CSR kernels for {converted} of {layers} Linear layers",
                        time.monotonic() - t0, counted=fp32_work)
+        elif not any(layer.sparse_ms is not None for layer in sparse.report.layers):
+            # nothing was timed: "none ran faster" would send the reader to a table of dashes
+            reasons = sorted({layer.reason for layer in sparse.report.layers if layer.reason})
+            note(f"sparse kernels: none of the {layers} Linear layers was a candidate ({'; '.join(reasons) or 'none'}"
+                 "), so none was timed: CSR kernels gain at 90%+ zeros; prune to a higher sparsity for them.")
         else:
             note(f"sparse kernels: none of the {layers} Linear layers ran at least 1.1x faster on CSR kernels here "
                  "(they gain at 90%+ zeros, most on larger batches and layers; the report's 'Sparse kernels' "

@@ -47,6 +47,7 @@ class GradualPruner:
         *,
         scope: Scope = "global",
         keep_multiple_of: int | None = None,
+        target_names: Sequence[str] | None = None,
         **method_kwargs: Any,
     ) -> None:
         if not isinstance(schedule, SparsitySchedule):
@@ -57,6 +58,11 @@ class GradualPruner:
         if scope == "global" and getattr(self.method, "PRUNING_TYPE", None) != "unstructured":
             raise ValueError(f"Global pruning needs an unstructured method, got {self.method.__name__}.")
         self.targets = check_targets(targets, "GradualPruner")
+        # what messages call each target: its path in the model (engine.qualified_names) when the caller knows it
+        if target_names is not None and (isinstance(target_names, str) or len(target_names) != len(self.targets)):
+            raise ValueError(f"GradualPruner(target_names=...): give one name per target ({len(self.targets)}), "
+                             "e.g. litcompress.pruning.engine.qualified_names(model, targets).")
+        self._names = {(id(m), n): name for (m, n), name in zip(self.targets, target_names or ())}
         check_prunable(self.targets)
         self.schedule = schedule
         self.scope = scope
@@ -105,7 +111,7 @@ class GradualPruner:
         emptied = [(m, n) for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
         if emptied:
             self._warned.update((id(m), n) for m, n in emptied)
-            names = [f"{type(m).__name__}.{n}" for m, n in emptied]
+            names = [self._names.get((id(m), n), f"{type(m).__name__}.{n}") for m, n in emptied]
             warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", names, self.scope), stacklevel=3)
 
     def pruned(self) -> int:

@@ -254,7 +254,8 @@ class CompressionReport:
 
     # ------------------------------------------------------------------------------------------- plot
     def plot(self, path: str | os.PathLike) -> Path:
-        """A PNG with four panels per stage: metric, latency (median, min-max bars), size, parameters.
+        """A figure with four panels per stage: metric, latency (median, min-max bars), size, parameters; returns the
+        path written. Its format is the suffix's (any matplotlib writes); without one, PNG at ``<path>.png``.
 
         Needs matplotlib (``pip install 'litcompress[report]'``).
         """
@@ -314,12 +315,19 @@ class CompressionReport:
                           ("gzip", kib([s.gzip_bytes for s in self.stages]))], "KiB", "Size")
         bars(axes[1][1], [("all", [s.parameters for s in self.stages]),
                           ("nonzero", [s.nonzero_parameters for s in self.stages])], "count", "Parameters")
-        path = Path(path)
+        path = plot_path(path)
         figure.savefig(path, dpi=100)
         return path
 
     def __str__(self) -> str:
         return self.table()
+
+
+def plot_path(path: str | os.PathLike) -> Path:
+    """The file :meth:`CompressionReport.plot` writes for `path`: a path without a suffix gets ``.png`` (matplotlib
+    appends it anyway, and the path returned must be the file's)."""
+    path = Path(path)
+    return path if path.suffix else path.with_name(path.name + ".png")
 
 
 __all__ = ["CompressionReport", "Latency", "StageMetrics"]
