@@ -275,3 +275,60 @@ def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_p
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in initial.items())
     assert distilled_qat.result is not None and "forward" not in distilled.net.__dict__
     assert "forward" not in distilled.__dict__
+
+
+def test_the_teacher_copy_carries_no_hook_of_the_user_or_of_another_callback(tmp_path):
+    """The copy kept the model's forward hooks: a feature-capturing hook fired on every teacher call too (after the
+    student's, so it held the teacher's activations), as did a pruning callback's check."""
+    seed_everything(0)
+    model = MLPClassifier(hidden=(16,))
+    captured = []
+    model.net[0].register_forward_hook(lambda module, inputs, output: captured.append(output.shape))
+    callback = KnowledgeDistillation()
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+                 callbacks=[callback]).fit(model, datamodule=DigitsDataModule())
+    assert len(captured) == 3  # the student's three training forwards, no teacher call
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in callback.teacher.modules())
+
+
+def test_a_teacher_given_to_the_constructor_stays_the_teacher_on_resume(tmp_path):
+    """The docstring says a given teacher is given again on resume; the checkpoint's (the student's copy at the
+    first fit's start) replaced it."""
+    seed_everything(0)
+    data = DigitsDataModule()
+    model = MLPClassifier(hidden=(16,))
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+                           enable_checkpointing=True, callbacks=[KnowledgeDistillation()])
+    trainer.fit(model, datamodule=data)
+    better = MLPClassifier(hidden=(16,))
+    callback = KnowledgeDistillation(better)
+    make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[callback]).fit(
+        MLPClassifier(hidden=(16,)), datamodule=data, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    for key, value in better.state_dict().items():
+        assert torch.equal(callback.teacher.state_dict()[key], value), key
+
+
+class TwoHeads(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,))
+        self.head = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+
+def test_two_distillation_callbacks_in_one_fit_a_dotted_submodule_and_outputs_fn_that_returns_no_tensor(tmp_path):
+    """Two callbacks shared one state key (Lightning refused the fit); submodule='net.2' was 'no such sub-module';
+    an outputs_fn returning None failed with "'NoneType' object has no attribute 'requires_grad'"."""
+    seed_everything(0)
+    first = KnowledgeDistillation(submodule="net", log_name="distill_net")
+    second = KnowledgeDistillation(submodule="net.2", log_name="distill_last", kind="mse")
+    assert first.state_key != second.state_key != KnowledgeDistillation().state_key
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+                           callbacks=[first, second])
+    trainer.fit(TwoHeads(), datamodule=DigitsDataModule())
+    assert {"distill_net", "distill_last"} <= set(trainer.callback_metrics)
+    with pytest.raises(TypeError, match=r"outputs_fn returned NoneType for the model's Tensor outputs"):
+        make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[
+            KnowledgeDistillation(outputs_fn=lambda outputs: None)]).fit(MLPClassifier(hidden=(8,)),
+                                                                           datamodule=DigitsDataModule())

@@ -144,3 +144,39 @@ def test_a_plain_loop_with_alpha_one_makes_the_student_agree_with_the_teacher():
         distiller.loss(torch.tensor(0.0), student(x), x).backward()
         optimizer.step()
     assert before < 0.5 and agreement() > 0.9
+
+
+def test_a_class_both_models_mask_with_minus_infinity_adds_nothing_and_half_precision_is_computed_in_float32():
+    """F.kl_div gave NaN at -inf logits (0 * (-inf - -inf)), also with alpha=0; in bfloat16 the KL term came out
+    negative for many positions."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    masked_student, masked_teacher = student.clone(), teacher.clone()
+    masked_student[:, 4] = masked_teacher[:, 4] = float("-inf")
+    on_four = distillation_loss(student[:, :4], teacher[:, :4], temperature=2.0)
+    torch.testing.assert_close(distillation_loss(masked_student, masked_teacher, temperature=2.0), on_four)
+    # alpha=0 turns distillation off there too (0 * NaN was NaN); the identity teacher returns its input
+    assert Distiller(nn.Identity(), DistillationConfig(alpha=0.0)).loss(torch.tensor(1.0), masked_student,
+                                                                        masked_teacher) == 1.0
+    student16, teacher16 = torch.randn(200, 10).bfloat16(), torch.randn(200, 10).bfloat16()
+    reference = distillation_loss(student16.double(), teacher16.double())
+    value = distillation_loss(student16, teacher16)
+    assert value.dtype == torch.float32 and value > 0
+    torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    config = DistillationConfig(temperature=np.float32(2.0), alpha=np.float32(0.25))
+    assert config.temperature == 2.0 and type(config.temperature) is float and config.describe().endswith("0.25)")
+
+
+def test_an_explicit_teacher_of_another_dtype_takes_the_inputs_in_its_own():
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3).double()
+    distiller = Distiller(teacher, DistillationConfig())
+    x = torch.randn(5, 4).bfloat16()
+    outputs = distiller.teacher_outputs(x)  # was: "mat1 and mat2 must have the same dtype"
+    assert outputs.dtype == torch.float64
+    torch.testing.assert_close(outputs, teacher(x.double()))

@@ -112,9 +112,22 @@ class KnowledgeDistillation(Callback):
             return {}  # a teacher given to the constructor is given again on resume
         return {"teacher": self.distiller.state_dict()}
 
+    @property
+    def state_key(self) -> str:
+        # several may join one fit (logits and features, two teachers): each under its own key; the default one's
+        # key stays the class name it always was
+        if self.submodule is None and self.log_name == "distill_loss":
+            return super().state_key
+        return self._generate_state_key(submodule=self.submodule, log_name=self.log_name)
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        from litcompress.callbacks.pruning import restore_state_under_class_key
+
+        restore_state_under_class_key(self, trainer, checkpoint)  # written before the key named its arguments
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         teacher = state_dict.get("teacher")
-        if teacher is None:
+        if teacher is None or self.teacher_given:  # a teacher given to the constructor stays the teacher
             return
         if self.distiller is not None:
             self.distiller.load_state_dict(teacher)
@@ -125,10 +138,13 @@ class KnowledgeDistillation(Callback):
     def _student(self, pl_module: LightningModule) -> nn.Module:
         if self.submodule is None:
             return pl_module
-        student = getattr(pl_module, self.submodule, None)
+        try:  # a dotted path ("net.2") too, as QuantizationAwareTraining(submodule=...) takes it
+            student = pl_module.get_submodule(self.submodule)
+        except AttributeError:
+            student = None
         if not isinstance(student, nn.Module):
             raise ValueError(f"{_OWNER}(submodule={self.submodule!r}): {type(pl_module).__name__} has no such "
-                             "sub-module.")
+                             f"sub-module; its modules are {[name for name, _ in pl_module.named_children()]}.")
         return student
 
     def _install(self, pl_module: LightningModule, student: nn.Module) -> None:
@@ -162,6 +178,10 @@ class KnowledgeDistillation(Callback):
 
         def hook(_: nn.Module, inputs: tuple, keywords: dict, outputs: Any) -> None:
             picked = distiller.outputs_fn(outputs)
+            if not isinstance(picked, torch.Tensor):
+                raise TypeError(f"{_OWNER}: outputs_fn returned {type(picked).__name__} for the model's "
+                                f"{type(outputs).__name__} outputs; it must return the tensor to distill on (e.g. "
+                                "lambda outputs: outputs['logits']).")
             if not picked.requires_grad:
                 return  # a call without gradients (under no_grad): nothing to train
             terms.append(distiller.distillation_term(outputs, *inputs, **keywords))

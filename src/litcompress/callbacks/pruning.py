@@ -1338,6 +1338,17 @@ def restore_state_under_moved_key(callback: Callback, trainer: "pl.Trainer", che
         )
 
 
+def restore_state_under_class_key(callback: Callback, trainer: "pl.Trainer", checkpoint: dict[str, Any]) -> None:
+    """In `on_load_checkpoint` of a callback whose `state_key` came to name its arguments: a checkpoint written before
+    holds its state under the class name; load it from there when the callback's own key is missing and no other
+    callback of `trainer` has the class name for its key."""
+    states = checkpoint.get("callbacks") or {}
+    plain = type(callback).__qualname__
+    claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
+    if callback.state_key not in states and plain in states and plain not in claimed:
+        callback.load_state_dict(copy.deepcopy(states[plain]))
+
+
 def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) -> None:
     """Lightning's weight-averaging callbacks keep a copy of the model from their ``setup`` and, at the end of fit,
     copy the averaged parameters over the model's (by position: ModelPruning keeps the parameters' order). Listed

@@ -322,13 +322,9 @@ class QuantizationAwareTraining(Callback):
         return self._generate_state_key(submodule=self.submodule)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # a checkpoint written before the key named the submodule: its state under the class name, if no other
-        # callback of this fit claims that key
-        states = checkpoint.get("callbacks") or {}
-        plain = type(self).__qualname__
-        claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
-        if self.state_key not in states and plain in states and plain not in claimed:
-            self.load_state_dict(states[plain])
+        from litcompress.callbacks.pruning import restore_state_under_class_key
+
+        restore_state_under_class_key(self, trainer, checkpoint)  # written before the key named the submodule
 
     def state_dict(self) -> dict[str, Any]:
         fake_quant = self.qat.fake_quant_state() if self.qat is not None else self._pending_state

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,16 +49,19 @@ class DistillationConfig:
     kind: DistillationKind = "kl"
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
                 or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"DistillationConfig(temperature={self.temperature!r}): expected a number > 0, e.g. 1.0 "
                              "(the plain softmax) or 2.0.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"DistillationConfig(alpha={self.alpha!r}): expected the distillation term's weight in "
                              "[0, 1], e.g. 0.5 (loss = (1 - alpha) * task loss + alpha * distillation).")
         if self.kind not in DISTILLATION_KINDS:
             raise ValueError(f"DistillationConfig(kind={self.kind!r}): use one of {DISTILLATION_KINDS} ('kl' for "
                              "logits, 'mse' for other outputs).")
+        # numpy's and torch's scalars as plain floats (reprs, describe(), checkpoints' hyperparameters)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "alpha", float(self.alpha))
 
     def describe(self) -> str:
         if self.kind == "mse":
@@ -71,7 +75,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
     ``kind="kl"``: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over all positions (all
     dimensions but the last); zero exactly when the two agree up to a constant per position. ``kind="mse"``: the
-    mean squared difference. The teacher's side carries no gradient.
+    mean squared difference. The teacher's side carries no gradient. Computed in float32 at least (in bfloat16 the
+    KL term came out negative for a third of the positions); a class both models give ``-inf`` (a masked class or
+    token) adds nothing, where ``F.kl_div`` gives NaN.
     """
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError(f"distillation_loss: expected tensors, got {type(student).__name__} and "
@@ -80,7 +86,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
         raise ValueError(f"distillation_loss: the student's outputs have shape {tuple(student.shape)} and the "
                          f"teacher's {tuple(teacher.shape)}; distillation compares them entry by entry, so the two "
                          "models must answer the same question (same classes, same sequence length).")
-    teacher = teacher.detach().to(student.dtype)
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    student, teacher = student.to(dtype), teacher.detach().to(dtype)
     if kind == "mse":
         return F.mse_loss(student, teacher)
     if kind != "kl":
@@ -90,7 +97,11 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     classes = student.shape[-1]
     log_p_student = F.log_softmax(student.reshape(-1, classes) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    # KL(teacher || student) per entry, p_t (log p_t - log p_s): 0 where the teacher gives a class no mass at all
+    # (F.kl_div computes 0 * (-inf - -inf) = NaN there)
+    per_entry = torch.where(log_p_teacher == float("-inf"), torch.zeros((), dtype=dtype, device=student.device),
+                            log_p_teacher.exp() * (log_p_teacher - log_p_student))
+    kl = per_entry.sum() / log_p_student.shape[0]  # "batchmean": per position
     return kl * temperature ** 2
 
 
@@ -154,6 +165,12 @@ class Distiller:
         if device is not None and held is not None and held.device != device:
             self.teacher.to(device)  # only when the inputs moved: .to walks every tensor, even to stay
         self.teacher.eval()  # cheap, and a teacher given with copy=False may have been switched to train mode
+        weight = next(self.teacher.parameters(), None)
+        if weight is not None and weight.is_floating_point():
+            # inputs in another float dtype (a bf16-true or 64-true fit, a float64 teacher): in the teacher's, which
+            # keeps its precision (its outputs are compared in float32 at least)
+            args = tuple(_as_dtype(a, weight.dtype) for a in args)
+            kwargs = {k: _as_dtype(v, weight.dtype) for k, v in kwargs.items()}
         return self.outputs_fn(self.teacher(*args, **kwargs))
 
     def distillation_term(self, student_outputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -186,9 +203,32 @@ def _frozen(teacher: nn.Module, copy_it: bool) -> nn.Module:
         if trainer is not None:
             memo[id(trainer)] = None
         teacher = deepcopy_model(teacher, memo)
+        _drop_hooks_(teacher)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def _drop_hooks_(teacher: nn.Module) -> None:
+    """Take off the copy the forward (pre-)hooks it copied from the model: other callbacks' and the user's (a feature
+    capture, a pruning callback's check) would fire on every teacher call, after the student's, and read the
+    teacher's activations as the student's. torch's own reparametrizations (weight_norm, spectral_norm, pruning
+    methods) stay: they compute the weights."""
+    for module in teacher.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks"):
+            hooks = getattr(module, name)
+            for key in [k for k, hook in hooks.items()
+                        if not type(hook).__module__.startswith("torch.nn.utils")]:
+                del hooks[key]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                              "_forward_pre_hooks_with_kwargs"):
+                    getattr(module, extra, {}).pop(key, None)
+
+
+def _as_dtype(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    return value
 
 
 def _device_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.device | None:
