@@ -632,3 +632,14 @@ def test_a_round_that_prunes_nothing_does_not_rewind(tmp_path):
     kept = model.layer.mlp_1.weight_mask.bool()
     assert 0 < int(kept.sum()) < kept.numel()
     assert torch.equal(model.layer.mlp_1.weight_orig[kept], starts.weights[1][0][kept])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reset_optimizer="no"), r"`reset_optimizer='no'`: pass True or False"),  # truthy: it cleared Adam's state
+    (dict(reset_optimizer=None), r"`reset_optimizer=None`: pass True or False"),
+    (dict(use_lottery_ticket_hypothesis=False, rewind_to_step=5), r"`rewind_to_step=5` rewind\(s\) the lottery"),
+    (dict(use_lottery_ticket_hypothesis=False, reset_optimizer=True), r"`reset_optimizer=True` rewind\(s\)"),
+])
+def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_construction(kwargs, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        ModelPruning("l1_unstructured", amount=0.5, **kwargs)

@@ -536,3 +536,82 @@ def test_the_ticket_is_the_whole_network_rewound_with_the_final_mask(tmp_path):
     with pytest.raises(ValueError, match="rewound the pruned weights only"):
         iterative_magnitude_pruning(model, train, lambda network: 0.0, rounds=3, rate=0.2, control="none",
                                     checkpoint_path=tmp_path / "old.pt")
+
+
+def test_a_misspelt_scope_or_parameter_name_is_refused_not_run_as_local_pruning():
+    train, evaluate = plain_train_and_evaluate()
+    for scope in ("Global", "globl", None):
+        with pytest.raises(ValueError, match=r"`scope` must be 'local' or 'global'"):
+            iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, scope=scope)
+        with pytest.raises(ValueError, match=r"`scope` must be 'local' or 'global'"):
+            find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="test_acc", rounds=1, scope=scope)
+    with pytest.raises(TypeError, match=r"`parameter_names` must be a sequence of names"):
+        iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, parameter_names="weight")
+    with pytest.raises(ValueError, match=r"`parameter_names` \['bais'\]: no pruned module of Sequential has such"):
+        iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, parameter_names=("weight", "bais"))
+
+
+def test_the_random_reinit_control_after_every_round_leaves_the_tickets_rounds_as_they_are():
+    """The control's training drew on the global random streams (a shuffling loader does), so control='every'
+    changed the ticket's own later rounds: other masks, other metrics."""
+    splits = load_digits_tensors(seed=0)
+    x, y = splits.train.tensors
+    xt, yt = splits.test.tensors
+
+    def train(model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            for batch in torch.randperm(len(x)).split(256):  # shuffled from the global generator
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                optimizer.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(xt).argmax(1) == yt).float().mean())
+
+    tickets = {}
+    for control in ("none", "every"):
+        torch.manual_seed(0)
+        model = mlp()
+        tickets[control] = iterative_magnitude_pruning(model, train, evaluate, rounds=2, rate=0.5, control=control)
+    assert [r.metric for r in tickets["none"].rounds] == [r.metric for r in tickets["every"].rounds]
+    assert all(r.control_metric is not None for r in tickets["every"].rounds[1:])
+    for key, value in tickets["none"].model.state_dict().items():
+        assert torch.equal(tickets["every"].model.state_dict()[key], value), key
+
+
+def test_a_search_resumed_with_other_trainer_arguments_or_module_is_refused(tmp_path):
+    path = tmp_path / "search.pt"
+
+    def search(rounds, module=None, **trainer_kwargs):
+        seed_everything(0)
+        return find_lottery_ticket(module or DigitsClassifier(), DigitsDataModule(batch_size=256),
+                                   metric="test_acc", rounds=rounds, rate=0.5, checkpoint_path=path,
+                                   trainer_kwargs=dict(max_epochs=1, **trainer_kwargs))
+
+    search(1)
+    with pytest.raises(ValueError, match=r"holds a search with trainer_kwargs=\{'max_epochs': 1\}, not "
+                                         r"\{'max_epochs': 1, 'max_steps': 3\}"):
+        search(2, max_steps=3)  # round 2 would train otherwise than round 1, in one table
+    assert len(search(2).rounds) == 3  # the same arguments go on
+
+
+def test_trainer_arguments_that_cannot_work_fail_before_training_and_a_model_checkpoint_is_taken(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with pytest.raises(ValueError, match=r"trainer_kwargs\['limit_val_batches'\]=0 leaves no batch to evaluate"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="val_acc", rounds=1,
+                            evaluate_on="validate", trainer_kwargs=dict(max_epochs=1, limit_val_batches=0))
+    with pytest.raises(ValueError, match=r"the fit is 4 optimizer steps long, so every round would resume at its end"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                            rewind_to_step=4, retrain_from="rewind_point",
+                            trainer_kwargs=dict(max_epochs=1, max_steps=4))
+    with pytest.raises(ValueError, match=r"`rewind_to_step` must be an int >= 1"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(), metric="test_acc", rounds=1, rewind_to_step=2.5)
+    # "Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint`": the quiet default's
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    seed_everything(0)
+    ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                                 trainer_kwargs=dict(max_epochs=1, callbacks=[checkpoints]))
+    assert len(ticket.rounds) == 2 and list((tmp_path / "ckpt").glob("*.ckpt"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
@@ -73,6 +75,23 @@ def _copied_state(callback: Callback) -> dict[str, Any]:
         return {}
 
 
+def _described(value: Any) -> Any:
+    """`value` as plain data that compares equal across processes: numbers, strings and containers as they are,
+    anything else (a callback, a logger, a profiler) by its class name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _described(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_described(v) for v in value]
+    return type(value).__name__
+
+
+def _described_module(module: LightningModule) -> Any:
+    hparams = dict(getattr(module, "hparams", {}) or {})
+    return {"class": type(module).__qualname__, "hparams": _described(hparams)}
+
+
 def find_lottery_ticket(
     module: LightningModule,
     datamodule: LightningDataModule,
@@ -115,7 +134,8 @@ def find_lottery_ticket(
     """
     if evaluate_on not in ("test", "validate"):
         raise ValueError(f"`evaluate_on` must be 'test' or 'validate', got {evaluate_on!r}.")
-    if rewind_to_step is not None and (isinstance(rewind_to_step, bool) or rewind_to_step < 1):
+    if rewind_to_step is not None and (isinstance(rewind_to_step, bool) or not isinstance(rewind_to_step, int)
+                                       or rewind_to_step < 1):
         raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got {rewind_to_step!r}.")
     if retrain_from not in ("start", "rewind_point"):
         raise ValueError(f"`retrain_from` must be 'start' or 'rewind_point', got {retrain_from!r}.")
@@ -127,9 +147,18 @@ def find_lottery_ticket(
     if not reset_optimizer and retrain_from != "rewind_point":
         raise ValueError("`reset_optimizer=False` keeps the optimizer's state at the rewind point, which only "
                          "`retrain_from='rewind_point'` resumes; with 'start' every round has a fresh optimizer.")
-    kwargs = {**_QUIET, **dict(trainer_kwargs or {})}
+    if scope not in ("local", "global"):
+        raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+    given = dict(trainer_kwargs or {})
+    kwargs = {**_QUIET, **given}
     callbacks = kwargs.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if "enable_checkpointing" not in given and any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        kwargs["enable_checkpointing"] = True  # the user's ModelCheckpoint, not our quiet default, decides
+    stage_limit = "limit_test_batches" if evaluate_on == "test" else "limit_val_batches"
+    if given.get(stage_limit) in (0, 0.0):
+        raise ValueError(f"trainer_kwargs[{stage_limit!r}]=0 leaves no batch to evaluate the rounds on "
+                         f"(evaluate_on={evaluate_on!r}): drop it, or evaluate_on the other stage.")
     # Every round is a fresh fit: the callbacks given (one set of instances for every Trainer) start each one from
     # the state they had before the first, or an EarlyStopping would carry its best score and patience count into
     # the next round and stop it after an epoch or two. Callbacks that keep no state (recorders) are left alone.
@@ -204,6 +233,13 @@ def find_lottery_ticket(
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "
                              "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "
                              "(`trainer_kwargs`' max_epochs / max_steps).")
+        total = trainer.estimated_stepping_batches
+        if retrain_from == "rewind_point" and isinstance(total, (int, float)) and math.isfinite(total) \
+                and rewind_to_step >= total:
+            raise ValueError(f"`rewind_to_step={rewind_to_step}` with retrain_from='rewind_point': the fit is "
+                             f"{int(total)} optimizer steps long, so every round would resume at its end and train "
+                             "nothing (the table would score untrained rewound networks). Rewind to an earlier step, "
+                             "or train longer.")
 
     temporary = None
     if retrain_from == "rewind_point":
@@ -219,7 +255,9 @@ def find_lottery_ticket(
             train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
             checkpoint_path=checkpoint_path,
             checkpoint_settings=dict(metric=metric, evaluate_on=evaluate_on, rewind_to_step=rewind_to_step,
-                                     retrain_from=retrain_from, reset_optimizer=reset_optimizer),
+                                     retrain_from=retrain_from, reset_optimizer=reset_optimizer,
+                                     # a resumed search trained otherwise would mix two searches in one table
+                                     trainer_kwargs=_described(given), module=_described_module(module)),
         )
     finally:
         if temporary is not None:

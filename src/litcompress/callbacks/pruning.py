@@ -245,6 +245,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                         and not callable(amount) and bool(amount)) else None
         self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule,
                                                               self._first_epoch_round)
+        if not isinstance(reset_optimizer, bool):  # "no" was truthy: it cleared the optimizer's state
+            raise MisconfigurationException(f"`reset_optimizer={reset_optimizer!r}`: pass True or False.")
+        if use_lottery_ticket_hypothesis is False and (rewind_to_step is not None or rewind_to_epoch is not None
+                                                       or reset_optimizer):
+            given = [f"{name}={value!r}" for name, value in (("rewind_to_step", rewind_to_step),
+                     ("rewind_to_epoch", rewind_to_epoch), ("reset_optimizer", reset_optimizer)) if value]
+            raise MisconfigurationException(f"`{', '.join(given)}` rewind(s) the lottery ticket's weights, which "
+                                            "`use_lottery_ticket_hypothesis=False` turns off: drop it, or pass "
+                                            "use_lottery_ticket_hypothesis=True (or a callable of the epoch).")
         self._reset_optimizer = reset_optimizer
 
         if verbose not in (0, 1, 2):

@@ -81,7 +81,12 @@ class LotteryTicket:
         return "\n".join(lines)
 
 
-def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str) -> None:
+def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str, scope: object = "local",
+              parameter_names: object = ("weight",)) -> None:
+    if scope not in ("local", "global"):  # anything else ran local pruning without a word
+        raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+    if isinstance(parameter_names, str) or not all(isinstance(n, str) for n in parameter_names):  # type: ignore
+        raise TypeError(f"`parameter_names` must be a sequence of names, e.g. ('weight',), got {parameter_names!r}.")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"`rounds` must be an int >= 1, got {rounds!r}.")
     for name, value in {"rate": rate, **{f"layer_rates[{k!r}]": v for k, v in layer_rates.items()}}.items():
@@ -101,7 +106,20 @@ def _random_reinit_control(
     pristine: nn.Module, names: Sequence[str], masks: Mapping[str, Tensor], train: TrainFn, evaluate: EvaluateFn,
     seed: int,
 ) -> float:
-    """Train the same sparse architecture from freshly drawn weights (the control of Frankle & Carbin)."""
+    """Train the same sparse architecture from freshly drawn weights (the control of Frankle & Carbin). The random
+    streams are left as they were: with control='every' the ticket's rounds (a shuffling loader draws on them) must
+    not depend on whether a control ran before them."""
+    states = _random_states()
+    try:
+        return _trained_control(pristine, names, masks, train, evaluate, seed)
+    finally:
+        _restore_random_states(states)
+
+
+def _trained_control(
+    pristine: nn.Module, names: Sequence[str], masks: Mapping[str, Tensor], train: TrainFn, evaluate: EvaluateFn,
+    seed: int,
+) -> float:
     control = deepcopy_model(pristine)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -163,8 +181,9 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int) -> dict[s
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote; pass "
                          "another path, or remove it to start afresh.")
-    differing = [f"{key}={state['settings'].get(key)!r}, not {value!r}" for key, value in settings.items()
-                 if state["settings"].get(key) != value]
+    # (a setting the file does not hold, one an earlier version did not record, is not compared)
+    differing = [f"{key}={state['settings'][key]!r}, not {value!r}" for key, value in settings.items()
+                 if key in state["settings"] and state["settings"][key] != value]
     if differing:
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search with {'; '.join(differing)}: pass the "
                          "arguments it was started with to resume it, or another path to start afresh.")
@@ -220,7 +239,7 @@ def iterative_magnitude_pruning(
         is the dense network).
     """
     layer_rates = dict(layer_rates or {})
-    _validate(rounds, rate, layer_rates, control)
+    _validate(rounds, rate, layer_rates, control, scope, parameter_names)
     network = deepcopy_model(model)
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
     pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
@@ -230,6 +249,11 @@ def iterative_magnitude_pruning(
         raise ValueError(f"nothing to prune: {type(model).__name__} has no {list(parameter_names)} parameter (a "
                          "module that builds its layers later, e.g. in `configure_model`, must have built them).")
     names = qualified_names(network, targets)
+    found = {name for _, name in targets}
+    missing = [name for name in parameter_names if name not in found]
+    if missing:  # a misspelt name ('bais') pruned nothing of it, silently
+        raise ValueError(f"`parameter_names` {missing}: no pruned module of {type(model).__name__} has such a "
+                         f"tensor; the others found: {sorted(found)}.")
     unknown = set(layer_rates) - set(names)
     if unknown:
         raise ValueError(f"`layer_rates` names {sorted(unknown)}, which are not pruned tensors; choose from {names}.")

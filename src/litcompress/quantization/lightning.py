@@ -95,7 +95,8 @@ def missing_metric_message(metric: str, logged: Mapping[str, float], step: str) 
         return (f"{metric!r} is logged by {step} once per dataloader, and Lightning names each "
                 f"{per_loader}: pass one of these names (the first dataloader's is {per_loader[0]!r}).")
     return f"{metric!r} was not logged by {step}; logged: {sorted(logged)}. Pass the name given to self.log(...) " \
-           f"in {step}."
+           f"in {step} (a value logged with on_epoch=False is not among what validate/test return: log it with " \
+           "on_epoch=True, the default there)."
 
 
 def detached_copy(module: L.LightningModule) -> L.LightningModule:
