@@ -154,7 +154,11 @@ def test_a_class_both_models_mask_with_minus_infinity_adds_nothing_and_half_prec
     masked_student, masked_teacher = student.clone(), teacher.clone()
     masked_student[:, 4] = masked_teacher[:, 4] = float("-inf")
     on_four = distillation_loss(student[:, :4], teacher[:, :4], temperature=2.0)
-    torch.testing.assert_close(distillation_loss(masked_student, masked_teacher, temperature=2.0), on_four)
+    masked_student.requires_grad_(True)
+    value = distillation_loss(masked_student, masked_teacher, temperature=2.0)
+    torch.testing.assert_close(value, on_four)
+    value.backward()
+    assert torch.isfinite(masked_student.grad).all()  # the masked class gets no gradient, not NaN
     # alpha=0 turns distillation off there too (0 * NaN was NaN); the identity teacher returns its input
     assert Distiller(nn.Identity(), DistillationConfig(alpha=0.0)).loss(torch.tensor(1.0), masked_student,
                                                                         masked_teacher) == 1.0
