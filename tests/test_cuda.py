@@ -227,9 +227,8 @@ def test_pruning_under_the_device_precisions_hits_its_sparsity(tmp_path, precisi
     assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
 
 
-def test_quantizing_a_device_model_refuses_it_and_the_lightning_entry_point_takes_a_cpu_copy():
-    from litcompress.quantization import PTQConfig, quantize
-    from litcompress.quantization.lightning import quantize_lightning
+def trained_on_the_device(root) -> tuple:
+    """A digits MLP that logs val_acc, fitted for 2 epochs by a device Trainer (which leaves it on the CPU)."""
     from tests.pruning.test_imp import DigitsClassifier
 
     class Validated(DigitsClassifier):
@@ -238,9 +237,16 @@ def test_quantizing_a_device_model_refuses_it_and_the_lightning_entry_point_take
             self.log("val_acc", (self(x).argmax(1) == y).float().mean())
 
     seed_everything(0)
-    module = Validated()
-    datamodule = DigitsDataModule(batch_size=128)
-    trainer(None, max_epochs=2).fit(module, datamodule=datamodule)
+    module, datamodule = Validated(), DigitsDataModule(batch_size=128)
+    trainer(root, max_epochs=2).fit(module, datamodule=datamodule)
+    return module, datamodule
+
+
+def test_quantizing_a_device_model_refuses_it_and_the_lightning_entry_point_takes_a_cpu_copy():
+    from litcompress.quantization import PTQConfig, quantize
+    from litcompress.quantization.lightning import quantize_lightning
+
+    module, datamodule = trained_on_the_device(None)
     module.to(DEVICE)
     before = copy.deepcopy(module.state_dict())
     if DEVICE != "cpu":
@@ -259,17 +265,8 @@ def test_compress_lightning_fine_tunes_and_distils_on_the_device_then_quantizes_
     from litcompress.pipeline import CompressionConfig, PruneConfig
     from litcompress.pipeline.lightning import compress_lightning
     from litcompress.quantization import PTQConfig
-    from tests.pruning.test_imp import DigitsClassifier
 
-    class Validated(DigitsClassifier):
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    seed_everything(0)
-    module = Validated()
-    datamodule = DigitsDataModule(batch_size=128)
-    trainer(tmp_path, max_epochs=2).fit(module, datamodule=datamodule)
+    module, datamodule = trained_on_the_device(tmp_path)
     config = CompressionConfig(prune=PruneConfig(sparsity=0.7, method="l1_unstructured"),
                                quantize=PTQConfig(approach="dynamic", backends=("torch_ao",)))
     result = compress_lightning(module, config, datamodule=datamodule, metric="val_acc", fine_tune_epochs=2,

@@ -27,16 +27,20 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def plain_train_and_evaluate():
+def plain_train_and_evaluate(shuffled_epochs: int = 0):
+    """A full-batch Adam loop (60 steps); with `shuffled_epochs`, that many epochs of mini-batches of 256 shuffled from
+    the global generator instead (as a shuffling DataLoader draws)."""
     splits = load_digits_tensors(seed=0)
     x, y = splits.train.tensors
     xt, yt = splits.test.tensors
 
     def train(model):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(60):
+        batches = [slice(None)] * 60 if not shuffled_epochs else \
+            [b for _ in range(shuffled_epochs) for b in torch.randperm(len(x)).split(256)]
+        for batch in batches:
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             opt.step()
 
     def evaluate(model):
@@ -554,22 +558,7 @@ def test_a_misspelt_scope_or_parameter_name_is_refused_not_run_as_local_pruning(
 def test_the_random_reinit_control_after_every_round_leaves_the_tickets_rounds_as_they_are():
     """The control's training drew on the global random streams (a shuffling loader does), so control='every'
     changed the ticket's own later rounds: other masks, other metrics."""
-    splits = load_digits_tensors(seed=0)
-    x, y = splits.train.tensors
-    xt, yt = splits.test.tensors
-
-    def train(model):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(3):
-            for batch in torch.randperm(len(x)).split(256):  # shuffled from the global generator
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-                optimizer.step()
-
-    def evaluate(model):
-        with torch.no_grad():
-            return float((model(xt).argmax(1) == yt).float().mean())
-
+    train, evaluate = plain_train_and_evaluate(shuffled_epochs=3)
     tickets = {}
     for control in ("none", "every"):
         torch.manual_seed(0)
