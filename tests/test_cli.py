@@ -113,6 +113,9 @@ def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, caps
     edited = json.loads((out / "report.json").read_text())
     edited["stages"][0]["metric"] = "high"
     (tmp_path / "edited.json").write_text(json.dumps(edited))
+    as_text = json.loads((out / "report.json").read_text())  # printed one message line per character
+    as_text["messages"] = "oops"
+    (tmp_path / "as_text.json").write_text(json.dumps(as_text))
     slower_fastest = json.loads((out / "report.json").read_text())  # its plot's error bars failed after the table
     slower_fastest["stages"][0]["latency"]["min_ms"] = 2 * slower_fastest["stages"][0]["latency"]["max_ms"]
     (tmp_path / "latency.json").write_text(json.dumps(slower_fastest))
@@ -120,11 +123,29 @@ def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, caps
                            ([str(tmp_path / "edited.json")], r"cannot read .*edited\.json as a litcompress report"),
                            ([str(tmp_path / "latency.json"), "--plot", str(tmp_path / "p.png")],
                             r"latency\.json as a litcompress report \(ValueError: Latency\(.*0 <= min <= median"),
-                           ([str(out), "--markdown", str(tmp_path)], r"--markdown .* is a directory; give a file")):
+                           ([str(out), "--markdown", str(tmp_path)], r"--markdown .* is a directory; give a file"),
+                           ([str(tmp_path / "as_text.json")], r"'messages' must be a list, got str")):
         with pytest.raises(SystemExit) as exit_info:
             main(["report", *extra])
         captured = capsys.readouterr()
         assert exit_info.value.code == 2 and re.search(message, captured.err) and captured.out == ""
+
+
+def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, capsys, tmp_path):
+    """A run interrupted after pruning left its pruned_state_dict.pt beside the earlier run's report.json, which
+    `report` printed without a word (its sparsity was the earlier run's)."""
+    import shutil
+
+    _, out = first_run
+    folder = tmp_path / "out"
+    shutil.copytree(out, folder)
+    assert main(["report", str(folder)]) == 0
+    assert "newer than report.json" not in capsys.readouterr().err  # a finished run: the report is written last
+    written = (folder / "report.json").stat().st_mtime
+    os.utime(folder / PRUNED_STATE_FILE, (written + 60, written + 60))
+    assert main(["report", str(folder)]) == 0
+    assert (f"note: {PRUNED_STATE_FILE} in {folder} is newer than report.json, which does not describe it"
+            in capsys.readouterr().err)
 
 
 def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_are_named(first_run, capsys, tmp_path):

@@ -796,6 +796,20 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_outputs_newer_than(report_path: Path) -> None:
+    """Name the output files of the report's folder written after it: a later run into the folder that did not
+    finish (interrupted, failed) left them, and the report does not describe them."""
+    from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
+
+    written = report_path.stat().st_mtime
+    newer = sorted(p.name for p in report_path.parent.iterdir() if p.is_file() and p.stat().st_mtime > written + 1
+                   and (p.name in (PRUNED_STATE_FILE, SHRUNK_STATE_FILE, "dense.ckpt") or p.stem == "model"))
+    if newer:
+        _stderr(f"note: {', '.join(newer)} in {report_path.parent} {'is' if len(newer) == 1 else 'are'} newer than "
+                f"{report_path.name}, which does not describe {'it' if len(newer) == 1 else 'them'} (a later run into "
+                "this folder that did not finish?).")
+
+
 def run_report(args: argparse.Namespace) -> int:
     from litcompress.report.compression import CompressionReport
 
@@ -819,6 +833,8 @@ def run_report(args: argparse.Namespace) -> int:
             _check_plot_path(args.plot)
     except (ValueError, ImportError) as error:
         args.subparser.error(str(error))
+    if args.path.is_dir():
+        _note_outputs_newer_than(path)
     _print_report(report)
     if args.markdown:
         args.markdown.write_text(report.markdown())

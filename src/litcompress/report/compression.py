@@ -206,6 +206,11 @@ class CompressionReport:
         if data.get("format") != REPORT_FORMAT:
             raise ValueError(f"not a litcompress compression report (format {data.get('format')!r}, "
                              f"expected {REPORT_FORMAT}).")
+        for field_name in ("messages", "details", "stages", "layer_sparsity"):  # a string would iterate by character
+            if not isinstance(data.get(field_name), list):
+                raise ValueError(f"'{field_name}' must be a list, got {type(data.get(field_name)).__name__}.")
+        if not all(isinstance(m, str) for m in data["messages"]):
+            raise ValueError("'messages' must be a list of strings.")
         stages = tuple(
             StageMetrics(**{**s, "latency": None if s["latency"] is None else Latency(**s["latency"])})
             for s in data["stages"]
