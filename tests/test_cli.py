@@ -7,6 +7,7 @@ import logging
 import re
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -983,3 +984,21 @@ def test_user_code_and_data_that_fail_are_said_in_one_line(command, args, messag
         main([command, *model, *args] + (["--output-dir", "out"] if command == "compress" else []))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_ctrl_c_during_training_ends_with_a_line_and_the_shells_code(tmp_path):
+    """Lightning turns Ctrl-C in a fit into exit code 1 with its message on a logger the CLI keeps quiet: the run
+    ended without a word."""
+    import signal
+
+    script = Path(sys.executable).parent / "litcompress"
+    process = subprocess.Popen([str(script), "compress", "--train-epochs", "500", "--output-dir", str(tmp_path / "o")],
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in process.stderr:  # send it once the fit runs
+        if line.startswith("training "):
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"interrupted (Ctrl-C); the files already in {tmp_path / 'o'} are whole" in err

@@ -714,7 +714,7 @@ def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
 
     from litcompress.pipeline import prune_targets
-    from litcompress.pipeline.lightning import compress_lightning
+    from litcompress.pipeline.lightning import compress_lightning, fit_interruptible
     from litcompress.quantization.backends import to_inputs
     from litcompress.quantization.lightning import check_submodule, log_unreadable_step
     from litcompress.quantization.shapes import resolve_dynamic_dims
@@ -767,7 +767,7 @@ def run_compress(args: argparse.Namespace) -> int:
         _stderr(f"training {type(model).__name__} for {train_epochs} epochs ...")
         checkpoint = args.output_dir / "dense.ckpt"
         trainer = _trainer(train_epochs)
-        trainer.fit(model, datamodule=data)
+        fit_interruptible(trainer, model, datamodule=data)
         trainer.save_checkpoint(checkpoint)  # the trained dense model survives whatever happens next
         _stderr(f"dense model saved to {checkpoint}")
     if args.quantize == "auto":
@@ -932,7 +932,20 @@ def run_channels(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return {"compress": run_compress, "report": run_report, "channels": run_channels}[args.command](args)
+    run = {"compress": run_compress, "report": run_report, "channels": run_channels}[args.command]
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # (a fit's too: fit_interruptible turns Lightning's exit into it)
+        return _interrupted(args)
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """Ctrl-C: one line and the shells' code, where the run ended with exit code 1 and not a word (Lightning says it
+    on a logger this CLI keeps at WARNING)."""
+    where = getattr(args, "output_dir", None)
+    kept = f"; the files already in {where} are whole (each is written complete or not at all)" if where else ""
+    _stderr(f"interrupted (Ctrl-C){kept}.")
+    return 130  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

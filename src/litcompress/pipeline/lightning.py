@@ -31,6 +31,18 @@ from .compress import CompressionResult, compress
 from .config import CompressionConfig
 
 
+def fit_interruptible(trainer: L.Trainer, model: L.LightningModule, **fit_kwargs: Any) -> None:
+    """``trainer.fit(model, **fit_kwargs)``, where Ctrl-C raises KeyboardInterrupt: Lightning catches it, tears the
+    fit down and calls ``sys.exit(1)``, which a caller cannot tell from a failure (and which ends a CLI run with code
+    1 and no word of why)."""
+    try:
+        trainer.fit(model, **fit_kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
 class PruneAfterOptimizerSteps(L.Callback):
     """Calls ``step(trainer.global_step)`` after every training batch: the engine prunes when its schedule says so
     (``GradualPruner.step`` ignores a repeated step, as under gradient accumulation). With manual optimization it
@@ -283,7 +295,7 @@ def compress_lightning(
             callbacks.append(KnowledgeDistillation(target, temperature=distill.temperature, alpha=distill.alpha,
                                                    kind=distill.kind, submodule=submodule))
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
-        trainer.fit(trained, datamodule=datamodule)
+        fit_interruptible(trainer, trained, datamodule=datamodule)
 
     # counted only to fine-tune: a loader without a length serves every other stage as it is
     steps = _fine_tune_steps(datamodule.train_dataloader(), fine_tune_epochs, trainer_kwargs) if fine_tune_epochs \
