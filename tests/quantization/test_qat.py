@@ -305,3 +305,38 @@ def test_batch_norms_count_training_batches_only_as_in_eager_mode():
     for _ in range(2):
         qat(torch.randn(4, 8))
     assert int(model[1].num_batches_tracked) == 3
+
+
+class MeanOverTime(nn.Module):
+    """(N, T, F) -> (N, 3): a per-step layer, then the mean over the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)).mean(1))
+
+
+def test_a_declared_sequence_dim_stays_free_in_the_graph_the_int8_model_and_its_file(tmp_path):
+    """Batches of another sequence length failed with torch's 'Guard failed: x.size()[1] == 5' (QAT had no
+    dynamic_dims); the undeclared case now says what to declare."""
+    torch.manual_seed(0)
+    model = MeanOverTime()
+    qat = prepare_qat(model, (torch.randn(4, 5, 8),), QATConfig(dynamic_dims={0: 1}))
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    for length in (7, 3):
+        optimizer.zero_grad()
+        qat(torch.randn(4, length, 8)).pow(2).mean().backward()
+        optimizer.step()
+    result = qat.convert()
+    result.save(tmp_path / "int8.pt2")
+    loaded, _ = load_quantized(tmp_path / "int8.pt2")
+    x = torch.randn(2, 11, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x))
+    fixed = prepare_qat(model, (torch.randn(4, 5, 8),))
+    with pytest.raises(ValueError, match=r"free only along dims \[\[0\]\].*QATConfig\(dynamic_dims=\{input_index: dim"):
+        fixed(torch.randn(4, 7, 8))
+    with pytest.raises(ValueError, match="dynamic_dims names dim 3 of input 0"):
+        prepare_qat(model, (torch.randn(4, 5, 8),), QATConfig(dynamic_dims={0: 3}))

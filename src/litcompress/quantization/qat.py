@@ -20,13 +20,14 @@ import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .config import Recipe
 from .backends import ExportError, Inputs, cpu_has_vnni
+from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
 
 #: A weight's share of exact zeros below which it is not held sparse: trained dense weights have none, a pruned one
 #: has its pruned fraction; the floor only keeps the odd zero of a dense weight from being frozen.
@@ -49,11 +50,14 @@ class QATConfig:
             loop calls :meth:`QATModel.apply_masks_` after ``optimizer.step()`` for that), so training does not grow
             them back and the int8 model is as sparse as the model it came from. A weight that is all zeros (a
             zero-initialised layer, not a pruned one) trains.
+        dynamic_dims: input dims that vary between batches besides the batch dim (a sequence length), which the
+            graph and the saved file then leave free: ``{input_index: dim or dims}``, as in ``PTQConfig``.
     """
 
     fp32_layers: tuple[str, ...] = ()
     reduce_range: bool | None = None
     keep_sparsity: bool = True
+    dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.fp32_layers, str) or not all(isinstance(n, str) for n in self.fp32_layers):
@@ -64,6 +68,7 @@ class QATConfig:
             raise TypeError(f"QATConfig(reduce_range={self.reduce_range!r}): use True, False or None (from the CPU).")
         if not isinstance(self.keep_sparsity, bool):
             raise TypeError(f"QATConfig(keep_sparsity={self.keep_sparsity!r}): use True or False.")
+        object.__setattr__(self, "dynamic_dims", normalize_dynamic_dims(self.dynamic_dims, "QATConfig"))
 
     def recipe(self) -> Recipe:
         """The recipe the converted model is described (and saved) with."""
@@ -118,6 +123,7 @@ class QATModel(nn.Module):
         self.config = config
         self.recipe = recipe  # what the graph was prepared with (reduce_range read from the CPU once, there)
         self.example_inputs = tuple(example_inputs)
+        self.dynamic_dims: DynamicDims | None = None  # per input, the free dims (prepare_qat sets them)
         self._graph_training = True
         self._model_keys = frozenset(model.state_dict())
         # the model's batch norms (their statistics are the graph's buffers), named for the single-row check
@@ -181,10 +187,21 @@ class QATModel(nn.Module):
             self.apply_masks_()
         if self.training and self._batch_norms and _one_row(args):
             return self._forward_guarding_batch_norms(args)
-        if not self.training and self._batch_norms:
-            with _batch_counts_kept(self._batch_norms.values()):  # the eval form still counts batches
-                return self.graph(*args)
-        return self.graph(*args)
+        try:
+            if not self.training and self._batch_norms:
+                with _batch_counts_kept(self._batch_norms.values()):  # the eval form still counts batches
+                    return self.graph(*args)
+            return self.graph(*args)
+        except AssertionError as error:  # torch.export's guard on a dim traced fixed: "Guard failed: x.size()[1] == 5"
+            if "Guard failed" not in str(error):
+                raise
+            shapes = [tuple(t.shape) for t in self.example_inputs]
+            free = [list(dims) for dims in self.dynamic_dims or ()]
+            raise ValueError(f"QAT: the graph was traced on inputs of shapes {shapes}, free only along dims {free} "
+                             "(the batch dims and those of QATConfig.dynamic_dims), and these inputs, of shapes "
+                             f"{[tuple(getattr(a, 'shape', ())) for a in args]}, differ in another one ({error}). "
+                             "Declare the dims that vary: QATConfig(dynamic_dims={input_index: dim}), e.g. {0: 1} for "
+                             "a sequence length.") from None
 
     def _forward_guarding_batch_norms(self, args: tuple) -> object:
         """A training batch of one row. The eager model refuses batch norm over one value per channel; the traced
@@ -295,7 +312,8 @@ class QATModel(nn.Module):
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
         model = compile_converted(converted, self.example_inputs) if compile else ExportedInference(converted)
-        return QATResult(model, self.recipe, self.example_inputs, held_sparse=self.held_sparse)
+        return QATResult(model, self.recipe, self.example_inputs, held_sparse=self.held_sparse,
+                         dynamic_dims=self.dynamic_dims)
 
 
 def compile_converted(program: nn.Module, example_inputs: Inputs) -> nn.Module:
@@ -315,13 +333,14 @@ class QATResult:
     recipe: Recipe
     example_inputs: Inputs
     held_sparse: tuple[str, ...] = field(default_factory=tuple)
+    dynamic_dims: DynamicDims | None = None  # per input, the dims the file leaves free (None: the batch dims)
 
     def save(self, path: str | os.PathLike) -> int:
         """Write the int8 model as a ``.pt2`` program (:func:`litcompress.load_quantized` reads it); returns its size in
         bytes."""
         from .artifact import save_quantized
 
-        return save_quantized(self.model, self.recipe, path, self.example_inputs)
+        return save_quantized(self.model, self.recipe, path, self.example_inputs, dynamic_dims=self.dynamic_dims)
 
 
 def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config: QATConfig | None = None, *,
@@ -350,7 +369,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     check_layer_names(model, config.fp32_layers)
     if copy:
         model = copy_module.deepcopy(model)
-    graph = _export_for_training(model, example_inputs)
+    dynamic_dims = resolve_dynamic_dims([example_inputs], config.dynamic_dims)  # the batch dims and the declared
+    graph = _export_for_training(model, example_inputs, dynamic_dims)
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -366,7 +386,9 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         prepared = prepare_qat_pt2e(graph, quantizer)
     with _batch_counts_kept(_batch_norms_of(model).values()):
         _observe_(prepared, example_inputs)
-    return QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
+    qat = QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
+    qat.dynamic_dims = dynamic_dims
+    return qat
 
 
 def _batch_norms_of(model: nn.Module) -> dict[str, nn.Module]:
@@ -426,8 +448,10 @@ def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
     move_exported_model_to_train(graph)
 
 
-def _export_for_training(model: nn.Module, example_inputs: Inputs) -> torch.fx.GraphModule:
-    """`model`'s graph in training form, the batch dims free, sharing `model`'s parameters and buffers."""
+def _export_for_training(model: nn.Module, example_inputs: Inputs,
+                         dynamic_dims: DynamicDims | None = None) -> torch.fx.GraphModule:
+    """`model`'s graph in training form, the batch dims (and `dynamic_dims`) free, sharing `model`'s parameters and
+    buffers."""
     from .backends import FixedDimError
     from .backends.exported import export_inputs, export_program
 
@@ -436,7 +460,7 @@ def _export_for_training(model: nn.Module, example_inputs: Inputs) -> torch.fx.G
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = export_program(model, export_inputs(example_inputs), None)
+            program = export_program(model, export_inputs(example_inputs), dynamic_dims)
     except FixedDimError as exc:
         raise ExportError(f"prepare_qat: {exc}") from exc
     except Exception as exc:
