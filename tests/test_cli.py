@@ -992,8 +992,10 @@ def test_ctrl_c_during_training_ends_with_a_line_and_the_shells_code(tmp_path):
     import signal
 
     script = Path(sys.executable).parent / "litcompress"
+    # a terminal's Ctrl-C: a test run started in the background (nohup, `&`) ignores SIGINT, and so would the CLI
     process = subprocess.Popen([str(script), "compress", "--train-epochs", "500", "--output-dir", str(tmp_path / "o")],
-                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stderr:  # send it once the fit runs
         if line.startswith("training "):
             break

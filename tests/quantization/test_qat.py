@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from torch import nn
 from torch.nn.utils import prune
 
@@ -37,10 +37,11 @@ def _data(features: int = 16, rows: int = 64, seed: int = 0) -> tuple[torch.Tens
 
 def _agree(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
     """The int8 model computes what the fake-quantized one did: equal up to a step or two of the int8 grid (torchao's
-    fused fake quantizer clamps the weights' lowest code to -127, the conversion to -128)."""
+    fused fake quantizer clamps the weights' lowest code to -127, the conversion to -128). No share of equal argmaxes
+    is asked for: a row whose top two logits are closer than the difference flips (hypothesis found 7 rows with one
+    such, margin 0.0015 against a difference of 0.0022), and where the margin is wider the bound implies agreement."""
     assert a.shape == b.shape
     assert float((a - b).abs().max()) <= 0.03 * float(scale.abs().max())
-    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.95
 
 
 def test_prepare_leaves_the_model_alone_and_training_moves_only_the_copy():
@@ -56,6 +57,7 @@ def test_prepare_leaves_the_model_alone_and_training_moves_only_the_copy():
 
 @settings(max_examples=4, deadline=None)
 @given(hidden=st.integers(4, 40), rows=st.integers(1, 9), steps=st.integers(0, 12), seed=st.integers(0, 10_000))
+@example(hidden=24, rows=7, steps=10, seed=1388)  # a near tie in one row: its argmax flips
 def test_converted_int8_model_computes_the_trained_fake_quantized_model(hidden, rows, steps, seed):
     torch.manual_seed(seed)
     model = ReluMLP(16, hidden, 4)
