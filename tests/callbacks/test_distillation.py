@@ -235,7 +235,8 @@ def test_the_pipeline_refuses_distillation_without_fine_tuning():
                            datamodule=DigitsDataModule(), distill=DistillationConfig())
 
 
-@pytest.mark.parametrize(("quantized", "distilled_on"), [("net", None), ("net", "net"), (None, None)])
+@pytest.mark.parametrize(("quantized", "distilled_on"),
+                         [("net", None), pytest.param("net", "net", marks=pytest.mark.slow), (None, None)])
 def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_path, quantized, distilled_on):
     # The student trains through int8 rounding (QAT's graph as the module's forward); the teacher is the fp32 model
     # copied at fit start, before QAT's forward is installed, so it never rounds. On one module (both on `net`, or

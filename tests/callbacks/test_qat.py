@@ -247,9 +247,9 @@ def test_a_callback_used_for_a_second_fit_of_another_module_quantizes_that_one(t
     assert _accuracy(callback.result.model, data) == pytest.approx(callback.metric_value, abs=1e-9)
 
 
-def test_a_batch_norm_frozen_inside_the_quantized_module_is_said(tmp_path):
+def test_a_batch_norm_frozen_inside_the_quantized_module_is_said_and_left_frozen_after_the_fit(tmp_path):
     """The QAT graph switches between training and evaluation form as a whole: a batch norm the user keeps in eval
-    mode inside a training module trains with it, which is said."""
+    mode inside a training module trains with it, which is said; after the fit each module is as the fit left it."""
     model = BatchNormMLP()
     model.net[1].eval()  # frozen, as fine-tuning recipes do, though Lightning sets the module to train before fit
     callback = QuantizationAwareTraining("net")
@@ -260,6 +260,7 @@ def test_a_batch_norm_frozen_inside_the_quantized_module_is_said(tmp_path):
 
     with pytest.warns(UserWarning, match=r"1 in eval mode inside Sequential, which trains: .* as a whole"):
         make_trainer(tmp_path, max_epochs=1, callbacks=[Freeze(), callback]).fit(model, datamodule=DigitsDataModule())
+    assert not model.net[1].training and model.net[0].training  # tracing did not unfreeze it
 
 
 
@@ -419,19 +420,6 @@ def test_a_training_step_that_bypasses_the_quantized_forward_is_stopped_at_its_f
         make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining(), LambdaCounter(steps)]).fit(
             SubmoduleStepsClassifier(), datamodule=DigitsDataModule())
     assert len(steps) == 0  # the first batch's end: QAT's check runs before the counter's
-
-
-def test_a_frozen_batch_norm_is_left_frozen_after_the_fit(tmp_path):
-    model = BatchNormMLP()
-
-    class Freeze(Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            pl_module.net[1].eval()
-
-    with pytest.warns(UserWarning, match="in eval mode inside Sequential"):
-        make_trainer(tmp_path, max_epochs=1, callbacks=[Freeze(), QuantizationAwareTraining("net")]).fit(
-            model, datamodule=DigitsDataModule())
-    assert not model.net[1].training and model.net[0].training  # each module as the fit left it
 
 
 class TwoParts(MLPClassifier):
