@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -23,6 +25,33 @@ from packaging.version import Version
 LIGHTNING_VERSION = Version(lightning.__version__)
 # Lightning 2.6 added it; None before
 EMAWeightAveraging = getattr(_lightning_callbacks, "EMAWeightAveraging", None)
+
+
+@contextlib.contextmanager
+def python_handles_ctrl_c() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) for the duration, as in a terminal (a test run started in the
+    background ignores SIGINT); the handler from before afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class PressCtrlC(Callback):
+    """Sends this process a real SIGINT at the end of the `batch`-th training batch of its `fit`-th fit (1-based;
+    batches counted from the fit's start, also in a fit resumed mid-epoch)."""
+
+    def __init__(self, fit: int = 1, batch: int = 1) -> None:
+        self.fit, self.batch, self.fits, self.batches = fit, batch, 0, 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits, self.batches = self.fits + 1, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+        if self.fits == self.fit and self.batches == self.batch:
+            signal.raise_signal(signal.SIGINT)
 
 
 def weight_averaging_callbacks() -> list:

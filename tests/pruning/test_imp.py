@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from torch import nn
 from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.data import DigitsDataModule, load_digits_tensors
 from litcompress.pruning.imp import iterative_magnitude_pruning
+from tests.conftest import PressCtrlC, python_handles_ctrl_c
 
 
 def mlp() -> nn.Sequential:
@@ -275,6 +277,22 @@ class CrashAtFit(Callback):
         self.fits += 1
         if self.fits == self.fit:
             raise RuntimeError("killed")
+
+
+@pytest.mark.parametrize("retrain", [dict(), dict(rewind_to_step=3, retrain_from="rewind_point")])
+def test_ctrl_c_in_a_rounds_fit_raises_keyboard_interrupt_and_leaves_ctrl_c_working(tmp_path, retrain):
+    """Lightning turned Ctrl-C in a round's fit into sys.exit(1) (a failure, to the caller) and left SIGINT ignored
+    for the rest of the process; the search saved so far resumes."""
+    def search(press: PressCtrlC):
+        return find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                                   rate=0.5, checkpoint_path=tmp_path / "search.pt", **retrain,
+                                   trainer_kwargs=dict(max_epochs=1, accelerator="cpu", callbacks=[press]))
+
+    with python_handles_ctrl_c():
+        with pytest.raises(KeyboardInterrupt):
+            search(PressCtrlC(fit=2))  # round 1's retraining, or round 0's after the run to the rewind point
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [r.round for r in search(PressCtrlC(fit=0)).rounds] == [0, 1]
 
 
 def same_tickets(a, b) -> bool:

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import warnings
 
 import lightning as L
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress.quantization import PTQConfig, load_quantized
 from litcompress.quantization.lightning import QuantizeOnFitEnd, lightning_eval_fn, quantize_checkpoint, quantize_lightning
+from tests.conftest import python_handles_ctrl_c
 
 
 class DigitsModule(L.LightningModule):
@@ -75,6 +77,33 @@ def test_quantize_lightning_judges_by_validation_metric(fitted):
     assert lightning_eval_fn(module, data, "val_acc")(result.model) == pytest.approx(result.metric)
     assert result.baseline_metric == pytest.approx(_trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"])
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before)
+
+
+class CtrlCInTheFourthValidation(DigitsModule):
+    """Sends this process a real SIGINT as its fourth validation starts: after a check on one batch, the baseline's
+    and trial 1's, trial 2's (the search validates copies of the module, hence the count on the class)."""
+
+    validations = 0
+
+    def on_validation_start(self):
+        type(self).validations += 1
+        if type(self).validations == 4:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_during_the_search_keeps_what_it_found_and_leaves_ctrl_c_working(fitted):
+    """Lightning's validate turned Ctrl-C into sys.exit(1): the search ended without what it found, the process with
+    exit code 1, and SIGINT stayed ignored afterwards."""
+    module, data = fitted
+    pressing = CtrlCInTheFourthValidation()
+    pressing.load_state_dict(module.state_dict())
+    with python_handles_ctrl_c():
+        result = quantize_lightning(pressing, CONFIG, metric="val_acc", datamodule=data)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C still stops the process
+    assert CtrlCInTheFourthValidation.validations == 4
+    assert [t.error for t in result.trials] == [None, "interrupted"]
+    assert result.recipe == result.trials[0].recipe and result.goal_met
+    assert any("interrupted during trial 2" in m for m in result.messages)
 
 
 def test_a_loss_is_judged_lower_is_better_with_mode_min_and_refused_without(fitted, tmp_path):

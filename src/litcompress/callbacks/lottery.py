@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
-from litcompress.quantization.lightning import (detached_copy, logged_metrics, missing_metric_message,
+from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, logged_metrics, missing_metric_message,
                                                 trainer_built_quietly)
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -183,13 +183,14 @@ def find_lottery_ticket(
         fresh_callbacks()
         trainer = trainer_built_quietly(**kwargs)
         if rewind_point is None:
-            trainer.fit(model, datamodule=datamodule)
+            with ctrl_c_raises(trainer):
+                trainer.fit(model, datamodule=datamodule)
             return
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.addFilter(_quiet_restore)
         resumed = _resumed_at_rewind_point(rewind_point, model, reset_optimizer, trainer.global_rank)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), ctrl_c_raises(trainer):
                 # resuming inside an epoch is what this option asks for (the docstring says how the epoch goes on)
                 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch")
                 trainer.fit(model, datamodule=datamodule, ckpt_path=resumed)
@@ -202,7 +203,8 @@ def find_lottery_ticket(
     def evaluate(model: LightningModule, **limits: Any) -> float:
         trainer = trainer_built_quietly(**{**kwargs, "max_epochs": None, "max_steps": -1, **limits})
         run = trainer.test if evaluate_on == "test" else trainer.validate
-        results = logged_metrics(run(model, datamodule=datamodule, verbose=False))
+        with ctrl_c_raises(trainer):
+            results = logged_metrics(run(model, datamodule=datamodule, verbose=False))
         message = missing_metric_message(metric, results, step)
         if message:
             raise KeyError(f"metric={message}")
@@ -227,7 +229,8 @@ def find_lottery_ticket(
         # (without the fit's minimum epochs or steps, which would keep it from stopping at k)
         trainer = trainer_built_quietly(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None,
                                            "min_steps": None})
-        trainer.fit(model, datamodule=datamodule)
+        with ctrl_c_raises(trainer):
+            trainer.fit(model, datamodule=datamodule)
         rewind_point = stop.checkpoint  # rank 0's, under DDP
         if trainer.global_step < rewind_to_step:
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "

@@ -21,9 +21,9 @@ from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
-                                                detached_copy, first_loader, fit_end_module, fit_val_dataloaders,
-                                                inputs_as_steps_give_them, lightning_eval_fn, on_the_cpu,
-                                                skipped_for_fast_dev_run, warn_if_sanity_check_missed,
+                                                ctrl_c_raises, detached_copy, first_loader, fit_end_module,
+                                                fit_val_dataloaders, inputs_as_steps_give_them, lightning_eval_fn,
+                                                on_the_cpu, skipped_for_fast_dev_run, warn_if_sanity_check_missed,
                                                 with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
@@ -32,15 +32,9 @@ from .config import CompressionConfig
 
 
 def fit_interruptible(trainer: L.Trainer, model: L.LightningModule, **fit_kwargs: Any) -> None:
-    """``trainer.fit(model, **fit_kwargs)``, where Ctrl-C raises KeyboardInterrupt: Lightning catches it, tears the
-    fit down and calls ``sys.exit(1)``, which a caller cannot tell from a failure (and which ends a CLI run with code
-    1 and no word of why)."""
-    try:
+    """``trainer.fit(model, **fit_kwargs)``, where Ctrl-C raises KeyboardInterrupt (:func:`ctrl_c_raises`)."""
+    with ctrl_c_raises(trainer):
         trainer.fit(model, **fit_kwargs)
-    except SystemExit:
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
 
 
 class PruneAfterOptimizerSteps(L.Callback):

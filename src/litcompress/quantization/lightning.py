@@ -6,13 +6,16 @@ module of the subpackage that imports lightning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
 import os
 import re
+import signal
+import threading
 import warnings
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -50,6 +53,25 @@ def trainer_built_quietly(**kwargs: Any) -> L.Trainer:
         return L.Trainer(**kwargs)
     finally:
         rank_zero.setLevel(level)
+
+
+@contextlib.contextmanager
+def ctrl_c_raises(trainer: L.Trainer) -> Iterator[None]:
+    """Run a ``trainer.fit``/``validate``/``test`` inside so that Ctrl-C raises KeyboardInterrupt, as elsewhere in
+    Python. Lightning catches it, tears the run down and calls ``sys.exit(1)``, which a caller cannot tell from a
+    failure (a quantization search would end without what it found, a CLI run with exit code 1), and leaves SIGINT
+    ignored for the rest of the process (a notebook or REPL would no longer stop on Ctrl-C): the handler from before
+    is put back."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+        raise KeyboardInterrupt from None
 
 
 def _evaluation_trainer() -> L.Trainer:
@@ -220,7 +242,8 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
         run = trainer.validate if stage == "validate" else trainer.test
         attached = getattr(datamodule, "trainer", None)  # running attaches the DataModule to this trainer
         try:
-            logged = logged_metrics(run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False))
+            with ctrl_c_raises(trainer):  # the search keeps what it found (Lightning would exit the process)
+                logged = logged_metrics(run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False))
         finally:
             if datamodule is not None and attached is not trainer:
                 datamodule.trainer = attached  # the user's, after a fit, as they left it
