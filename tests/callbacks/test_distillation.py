@@ -333,3 +333,26 @@ def test_two_distillation_callbacks_in_one_fit_a_dotted_submodule_and_outputs_fn
         make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[
             KnowledgeDistillation(outputs_fn=lambda outputs: None)]).fit(MLPClassifier(hidden=(8,)),
                                                                            datamodule=DigitsDataModule())
+
+
+class _LazyFirstLayer(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,))
+        self.net[0] = nn.LazyLinear(16)
+
+
+class _WeightsBeforeTheFirstStep(Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_a_student_with_lazy_layers_is_copied_once_its_first_forward_gave_them_weights(tmp_path):
+    """The teacher copy at fit start failed in torch (an uninitialized parameter): it is taken in the first step."""
+    seed_everything(0)
+    model, callback, before = _LazyFirstLayer(), KnowledgeDistillation(), _WeightsBeforeTheFirstStep()
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback, before]).fit(model, datamodule=DigitsDataModule())
+    teacher = callback.teacher.state_dict()
+    assert teacher.keys() == before.weights.keys()
+    assert all(torch.equal(teacher[k], before.weights[k]) for k in teacher)  # the model as distillation started
+    assert not torch.equal(model.net[0].weight, teacher["net.0.weight"])  # and the student trained on

@@ -7,7 +7,7 @@ as ``distill_loss``). The step itself, the optimizer and the module's ``state_di
 registered in the module, and the training step is back as it was when the fit ends (or fails).
 
 The default teacher is the model itself as it is when distillation starts (the dense model, before a pruning
-callback in the same fit prunes it); it is kept in the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)``
+callback in the same fit prunes it; a model with lazy layers as the first step's forward made it); it is kept in the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)``
 resumes with the same teacher.
 """
 
@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from litcompress.distillation.loss import DistillationConfig, DistillationKind, Distiller
 from litcompress.pruning.engine import make_permanent_
@@ -90,13 +91,21 @@ class KnowledgeDistillation(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         student = self._student(pl_module)
+        if not any(is_lazy(p) for p in student.parameters()):
+            self._teacher_copied_from(student)
+        # (else its lazy layers have no weights yet: the copy is taken in the first training step, after the
+        # student's forward gave them theirs and before any optimizer step)
+        self._install(pl_module, student)
+
+    def _teacher_copied_from(self, student: nn.Module) -> Distiller:
+        """The distiller, whose teacher is a frozen copy of `student` (or the teacher given or restored) once made."""
         if self.distiller is None:
             self.distiller = Distiller(student, self.config, outputs_fn=self.outputs_fn)
             make_permanent_(self.distiller.teacher)  # frozen: its masks are fixed, and its state's keys plain
             if self._restored_teacher is not None:
                 self.distiller.load_state_dict(self._restored_teacher)
         self._restored_teacher = None
-        self._install(pl_module, student)
+        return self.distiller
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._uninstall(pl_module)
@@ -171,12 +180,11 @@ class KnowledgeDistillation(Callback):
 
     def _distilled_step(self, module: LightningModule, student: nn.Module, original: Callable[..., Any],
                         args: tuple, kwargs: dict) -> Any:
-        distiller = self.distiller
-        assert distiller is not None
         terms: list[torch.Tensor] = []
         batch_sizes: list[int] = []
 
         def hook(_: nn.Module, inputs: tuple, keywords: dict, outputs: Any) -> None:
+            distiller = self._teacher_copied_from(student)
             picked = distiller.outputs_fn(outputs)
             if not isinstance(picked, torch.Tensor):
                 raise TypeError(f"{_OWNER}: outputs_fn returned {type(picked).__name__} for the model's "
@@ -207,7 +215,7 @@ class KnowledgeDistillation(Callback):
         if self.log_name is not None:
             # the batch size given: Lightning's guess from the batch warns on dict batches
             module.log(self.log_name, distillation.detach(), on_step=False, on_epoch=True, batch_size=batch_sizes[0])
-        combined = distiller.combine(loss, distillation)
+        combined = self._teacher_copied_from(student).combine(loss, distillation)
         return {**output, "loss": combined} if isinstance(output, Mapping) else combined
 
 
