@@ -14,8 +14,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
-from litcompress.cli import main
+from litcompress.cli import in_cli_terms, main
 from litcompress.data import DigitsDataModule
 from litcompress.models import CNNClassifier, MLPClassifier
 from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
@@ -559,7 +560,8 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--model-args", "{hidden: 3}"], "expected a JSON object"),
     (["--prune", "l3_unstructured"], "Unknown pruning method 'l3_unstructured'"),
     (["--keep-multiple-of", "0"], "argument --keep-multiple-of: expected an integer >= 1, got 0"),
-    (["--prune", "ln_structured", "--exclude", "net.9"], "names no module of the model: ['net.9']"),
+    (["--prune", "ln_structured", "--exclude", "net.9"], "--exclude names no module of the model: ['net.9'] ('net.9': "
+                                                         "did you mean 'net.4'"),
     (["--model", "cnn", "--data-args", '{"flatten": true}'], "--model cnn takes square images"),
     (["--metric", "val_accuracy"], "--metric 'val_accuracy' was not logged by MLPClassifier.validation_step"),
     (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
@@ -579,7 +581,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--metric", "val_loss"], "--metric val_loss: it reads as a loss or an error (lower is better), but the "
                                "accuracy goal treats higher values as better"),
     (["--mode", "minimum"], "argument --mode: invalid choice: 'minimum'"),
-    (["--prune-heads", "0.5"], "PruneConfig(heads=0.5): the model has no nn.MultiheadAttention whose heads can be "
+    (["--prune-heads", "0.5"], "--prune-heads 0.5: the model has no nn.MultiheadAttention whose heads can be "
                                "pruned"),
     (["--prune", "none", "--prune-heads", "0.5"], "--prune-heads prunes along with --prune"),
     (["--prune-heads", "1"], "argument --prune-heads: expected a fraction in [0, 1), got 1"),
@@ -606,6 +608,7 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
      "--data-args '{\"flatten\": true}'"),
 ])
 def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, monkeypatch, caplog):
+    """Each is said as the options that were given (messages of the engine named its configuration's fields)."""
     monkeypatch.chdir(tmp_path)
     Path("file.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info, caplog.at_level(logging.INFO, logger="litcompress"):
@@ -1004,3 +1007,17 @@ def test_ctrl_c_during_training_ends_with_a_line_and_the_shells_code(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert f"interrupted (Ctrl-C); the files already in {tmp_path / 'o'} are whole" in err
+
+
+@given(field=st.sampled_from(["exclude", "heads", "method", "sparsity", "schedule", "rounds", "scope"]),
+       value=st.one_of(st.just("..."), st.floats(0, 1).map(repr), st.text("abc._", min_size=1).map(repr)))
+def test_configuration_fields_the_cli_sets_are_said_as_its_options_and_others_stay(field, value):
+    message = f"PruneConfig({field}={value}): something is wrong."
+    said = in_cli_terms(message)
+    flag = {"exclude": "--exclude", "heads": "--prune-heads", "method": "--prune", "sparsity": "--sparsity",
+            "schedule": "--schedule"}.get(field)
+    if flag is None:  # no option sets it: as the engine said it
+        assert said == message
+    else:
+        assert "PruneConfig" not in said and said.startswith(flag) and said.endswith("): something is wrong."[1:])
+        assert value == "..." or value.strip("'") in said

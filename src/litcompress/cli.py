@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -758,7 +759,7 @@ def run_compress(args: argparse.Namespace) -> int:
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
-        args.subparser.error(str(error))
+        args.subparser.error(in_cli_terms(str(error)))
     for error in unreadable:
         log_unreadable_step(model, error, _STEP_REMEDY)
     train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
@@ -832,7 +833,7 @@ def run_report(args: argparse.Namespace) -> int:
         if args.plot:
             _check_plot_path(args.plot)
     except (ValueError, ImportError) as error:
-        args.subparser.error(str(error))
+        args.subparser.error(in_cli_terms(str(error)))
     if args.path.is_dir():
         _note_outputs_newer_than(path)
     _print_report(report)
@@ -907,7 +908,7 @@ def run_channels(args: argparse.Namespace) -> int:
                                                                    num_threads=args.threads)]
             timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
-        args.subparser.error(str(error))
+        args.subparser.error(in_cli_terms(str(error)))
     print(plan.table())
     if folded and preview is None:  # the preview's notes say it too
         print(f"- the layers of a copy with {len(folded)} parametrized weight(s) folded into plain ones, as compress "
@@ -927,6 +928,32 @@ def run_channels(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"- {note}")
     return 0
+
+
+# The configuration fields the CLI's options set, as the engine's messages name them: said as the options.
+_OPTIONS = {"PruneConfig": {"exclude": "--exclude", "heads": "--prune-heads", "method": "--prune",
+                            "sparsity": "--sparsity", "schedule": "--schedule"},
+            "PTQConfig": {"approach": "--quantize", "backends": "--backends", "max_trials": "--max-trials",
+                          "timeout_s": "--timeout", "min_speedup": "--min-speedup", "dynamic_dims": "--dynamic-dims",
+                          "num_threads": "--threads"},
+            "CompressionConfig": {"keep_multiple_of": "--keep-multiple-of", "sparse_kernels": "--sparse-kernels",
+                                  "fp32_format": "--fp", "latency_repeats": "--latency-repeats",
+                                  "num_threads": "--threads"}}
+_CONFIG_CALL = re.compile(r"\b(PruneConfig|PTQConfig|CompressionConfig)\((\w+)=('[^']*'|[\w.+-]+|\.\.\.)\)")
+
+
+def in_cli_terms(message: str) -> str:
+    """`message` with ``PruneConfig(exclude=...)``, ``PruneConfig(method='x')`` and the like said as the options
+    that set them (``--exclude``, ``--prune x``); fields no option sets, and values it cannot spell, stay."""
+
+    def option(match: re.Match) -> str:
+        flag = _OPTIONS[match[1]].get(match[2])
+        if flag is None:
+            return match[0]
+        value = match[3]
+        return flag if value in ("...", "True") else f"{flag} {value.strip(chr(39))}"
+
+    return _CONFIG_CALL.sub(option, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

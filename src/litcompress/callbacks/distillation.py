@@ -7,8 +7,8 @@ as ``distill_loss``). The step itself, the optimizer and the module's ``state_di
 registered in the module, and the training step is back as it was when the fit ends (or fails).
 
 The default teacher is the model itself as it is when distillation starts (the dense model, before a pruning
-callback in the same fit prunes it; a model with lazy layers as the first step's forward made it); it is kept in the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)``
-resumes with the same teacher.
+callback in the same fit prunes it; a model with lazy layers as the first step's forward made it); it is kept in
+the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)`` resumes with the same teacher.
 """
 
 from __future__ import annotations

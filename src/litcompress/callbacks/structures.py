@@ -9,7 +9,6 @@ checkpoints; under DDP the masks are broadcast from rank 0 after every round.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any, Optional, Union
 
@@ -114,17 +113,9 @@ class StructurePruning(TargetsFoundOnceConfigured):
         unknown = [name for name in self.exclude if name not in names]
         if not unknown:
             return
-        hints = []
-        for name in unknown:
-            close = [known for known in names if known and (known.lower() == name.lower() or name.endswith(f".{known}")
-                                                            or known.endswith(f".{name}"))]
-            close += difflib.get_close_matches(name, [known for known in names if known], n=3)
-            if close:
-                hints.append(f"{name!r}: did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?")
         raise MisconfigurationException(
             f"{type(self).__name__}(exclude=...) names no module of {type(pl_module).__name__}: {unknown}"
-            f"{' (' + '; '.join(hints) + ')' if hints else ''}. Names are those of the LightningModule's "
-            "named_modules().")
+            f"{engine.close_names(unknown, names)}. Names are those of the LightningModule's named_modules().")
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

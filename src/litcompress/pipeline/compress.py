@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._files import written_atomically
-from litcompress.pruning.engine import (Target, compiled_module_names, deepcopy_model, eager_copy, is_excluded,
-                                        keep_bypassed_weights_current_, make_permanent_,
+from litcompress.pruning.engine import (Target, close_names, compiled_module_names, deepcopy_model, eager_copy,
+                                        is_excluded, keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_targets, qualified_names,
                                         with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
@@ -138,10 +138,14 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         last = [name for name, m in model.named_modules() if isinstance(m, (*PrunableLayers, *config.layer_types))
                 and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
         exclude = (last[-1],) if config.structured and last else ()
-    unknown = set(exclude) - {name for name, _ in model.named_modules()}
+    names = [name for name, _ in model.named_modules()]
+    unknown = sorted(set(exclude) - set(names))
     if unknown:
-        raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {sorted(unknown)}; names are "
-                         "those of model.named_modules().")
+        listed = [name for name, _ in layers]
+        raise ValueError(f"PruneConfig(exclude=...) names no module of the model: {unknown}"
+                         f"{close_names(unknown, names)}; the layers it would prune are "
+                         f"{', '.join(listed[:12])}{' ...' if len(listed) > 12 else ''} (names as "
+                         "model.named_modules() gives them).")
     layers = [(name, m) for name, m in layers if not is_excluded(name, exclude)]  # a container: all inside it
     # structured pruning of output channels prunes a recurrent layer's hidden units (prune_units_), which shrink removes
     recurrent = [name for name, m in model.named_modules() if config.structured and config.dim == 0
@@ -151,7 +155,7 @@ def _select_targets(model: nn.Module, config: PruneConfig,
     units = [name for name in recurrent if units_why_not(modules[name]) is None]
     if config.heads and not prunable_attentions(model, exclude):
         raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
-                         "be pruned (outside exclude); pass heads=0.")
+                         "be pruned (outside those excluded); prune no heads.")
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is None:
         # Without a trace shrink removes nothing, and every layer pruned by channel would only lose accuracy (a

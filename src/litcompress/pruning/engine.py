@@ -17,6 +17,7 @@ Two deliberate differences from calling torch directly:
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import numbers
 import sys
@@ -52,6 +53,19 @@ def is_excluded(name: str, exclude: Iterable[str]) -> bool:
     """Whether the module called `name` is in `exclude` or inside a module named there (``"encoder"`` leaves every
     layer of the encoder)."""
     return any(name == excluded or name.startswith(f"{excluded}.") for excluded in exclude)
+
+
+def close_names(unknown: Iterable[str], names: Iterable[str]) -> str:
+    """A hint for module names not found among `names`: ``" ('encodr': did you mean 'encoder'?)"``, or ``""``."""
+    names = [known for known in names if known]
+    hints = []
+    for name in unknown:
+        close = [known for known in names if known.lower() == name.lower() or name.endswith(f".{known}")
+                 or known.endswith(f".{name}")]
+        close += difflib.get_close_matches(name, names, n=3)
+        if close:
+            hints.append(f"{name!r}: did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def is_pruned(module: nn.Module, name: str) -> bool:
