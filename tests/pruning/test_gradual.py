@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -177,6 +178,48 @@ def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, m
     assert unrounded_kept <= kept_along[-1] < unrounded_kept + multiple
     with pytest.raises(ValueError, match="for structured methods only"):
         GradualPruner([(layer, "weight")], schedule, "l1_unstructured", keep_multiple_of=8)
+
+
+@pytest.mark.parametrize(("method", "kwargs", "error", "message"), [
+    ("ln_structured", dict(n=2), TypeError, "LnStructured needs 'dim': pass dim=0 (output channels)"),
+    ("ln_structured", dict(), TypeError, "needs 'dim', 'n': pass dim=0 (output channels), n=2 (the L2 norm)"),
+    ("ln_structured", dict(dim=5, n=2), ValueError, "dim=5 is not a dimension of every tensor pruned (some have 2)"),
+    ("ln_structured", dict(dim=True, n=2), TypeError, "dim=True: expected an int"),
+    ("ln_structured", dict(dim=0, n="foo"), ValueError, "n='foo': expected a number"),
+    ("ln_structured", dict(dim=0, n=2, scop="global"), TypeError, "takes no 'scop' ('scop': did you mean 'scope'?)"),
+    ("l1_unstructured", dict(dim=0), TypeError, "L1Unstructured takes no 'dim'"),
+    ("ln_structured", dict(dim=0, n=2, keep_multiple_of=0), ValueError, "keep_multiple_of`=0: expected an int >= 1"),
+    ("ln_structured", dict(dim=0, n=2, slice_groups={"net.0": 2}), ValueError, "layer names need target_names="),
+    ("ln_structured", dict(dim=0, n=2, slice_groups={(nn.Linear(2, 2), "weight"): 2}), ValueError,
+     "is not one of the targets"),
+    ("ln_structured", dict(dim=0, n=2, slice_groups={"x": 0}), ValueError, "expected an int >= 1"),
+])
+def test_arguments_the_first_round_would_fail_on_or_drop_are_refused_when_built(method, kwargs, error, message):
+    """They were kept as they came: the round failed at its first pruning point (hours in, with begin=500), or a
+    misspelt `scope` or a `dim` for an unstructured method was dropped (global pruning ran instead of local)."""
+    layer = nn.Linear(6, 8)
+    scope = "local" if method == "ln_structured" else "global"
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=500, end=1000, frequency=100)
+    with pytest.raises(error, match=re.escape(message)):
+        GradualPruner([(layer, "weight")], schedule, method, **{"scope": scope, **kwargs})
+
+
+def test_slice_groups_keyed_by_layer_name_as_channel_plan_gives_them_prune_each_group_alike():
+    """A name key was ignored silently: the grouped conv's channels were pruned unevenly, and shrink removed less."""
+    from litcompress.pruning import channel_plan
+    from litcompress.pruning.engine import qualified_names
+
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    plan = channel_plan(model, example_inputs=torch.rand(1, 4, 6, 6))
+    assert plan.slice_groups == {"0": 4, "2": 4}
+    targets = [(model[0], "weight"), (model[2], "weight")]
+    pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=1), "ln_structured",
+                           scope="local", dim=0, n=2, target_names=qualified_names(model, targets),
+                           slice_groups=plan.slice_groups)
+    pruner.step(1)
+    for module in (model[0], model[2]):
+        zero_rows = (module.weight.detach().flatten(1).abs().sum(1) == 0).view(4, 4)  # (groups, channels per group)
+        assert zero_rows.sum(1).tolist() == [2, 2, 2, 2]
 
 
 def test_a_round_that_empties_a_weight_warns_once():

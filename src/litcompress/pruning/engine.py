@@ -610,10 +610,12 @@ def prune_to_sparsity_(
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
-    if keep_multiple_of is not None and not (structured and isinstance(keep_multiple_of, int)
+    if keep_multiple_of is not None and not structured:
+        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning keeps: "
+                         f"for structured methods only, got method {method_cls.__name__}.")
+    if keep_multiple_of is not None and not (isinstance(keep_multiple_of, int)
                                              and not isinstance(keep_multiple_of, bool) and keep_multiple_of >= 1):
-        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: an int >= 1, for structured methods only (it "
-                         f"rounds the rows/channels kept), got method {method_cls.__name__}.")
+        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16), or None.")
     before = sum(pruned_count(m, n) for m, n in targets)
     if scope == "global":
         total = sum(getattr(m, n).numel() for m, n in targets)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch.nn.utils.prune as torch_prune
@@ -11,7 +11,7 @@ import torch.nn.utils.prune as torch_prune
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, emptied_message,
                                         emptied_targets, prune_to_sparsity_, pruned_count, register_state_hooks)
-from litcompress.pruning.methods import resolve_method
+from litcompress.pruning.methods import check_method_kwargs, resolve_method
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
 
@@ -66,10 +66,21 @@ class GradualPruner:
         check_prunable(self.targets)
         self.schedule = schedule
         self.scope = scope
+        # a misspelt or missing argument would fail (or be dropped) at the first round, maybe hours into training
+        check_method_kwargs(self.method, method_kwargs, "GradualPruner",
+                            ndims={getattr(m, n).dim() for m, n in self.targets},
+                            also=("scope", "keep_multiple_of", "target_names"))
+        if "slice_groups" in method_kwargs:
+            method_kwargs = {**method_kwargs, "slice_groups": self._slice_groups(method_kwargs["slice_groups"],
+                                                                                 target_names)}
         self.method_kwargs = method_kwargs
         if keep_multiple_of is not None and getattr(self.method, "PRUNING_TYPE", None) != "structured":
             raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning "
                              f"keeps: for structured methods only, got {self.method.__name__}.")
+        if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
+                                             or keep_multiple_of < 1):
+            raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16, the "
+                             "SIMD width), or None.")
         self.keep_multiple_of = keep_multiple_of
         # a fresh model then loads a pruned state dict (`<name>_orig`/`<name>_mask` keys) as it is: a resumed loop's
         # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged
@@ -77,6 +88,31 @@ class GradualPruner:
         self.last_t = -1
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
+
+    def _slice_groups(self, given: Any, target_names: Sequence[str] | None) -> dict[Target, int]:
+        """`slice_groups` keyed by target: keys given as layer names (``channel_plan(model).slice_groups``) are the
+        targets of that module, found through `target_names`; a key that is neither is refused (it was ignored, and
+        the grouped layers pruned unevenly)."""
+        if not isinstance(given, Mapping):
+            raise TypeError(f"GradualPruner(slice_groups={given!r}): expected a dict {{target or layer name: groups}}.")
+        paths = [name.rpartition(".")[0] for name in target_names or ()]  # the modules' paths, with target_names
+        keyed: dict[Target, int] = {}
+        for key, groups in given.items():
+            if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+                raise ValueError(f"GradualPruner(slice_groups={{{key!r}: {groups!r}}}): expected an int >= 1.")
+            if isinstance(key, str):
+                matched = [t for t, path in zip(self.targets, paths) if path == key]
+                if not matched:
+                    how = ("no target is a tensor of it" if paths else
+                           "layer names need target_names=qualified_names(model, targets), or key it by target")
+                    raise ValueError(f"GradualPruner(slice_groups=...): {key!r}: {how}.")
+                keyed.update({t: groups for t in matched})
+            elif isinstance(key, tuple) and any(key[0] is m and key[1] == n for m, n in self.targets):
+                keyed[key] = groups
+            else:
+                raise ValueError(f"GradualPruner(slice_groups=...): {key!r} is not one of the targets; key it by "
+                                 "target ((module, 'weight')) or, with target_names, by layer name.")
+        return keyed
 
     def due(self, t: int) -> bool:
         """Whether :meth:`step` would prune at `t`."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch.nn.utils.prune as torch_prune
@@ -88,3 +91,45 @@ def required_kwargs(method: type[torch_prune.BasePruningMethod]) -> set[str]:
         required |= {p.name for p in params
                      if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return required - {"self", "cls", "module", "name", "amount", "importance_scores"}
+
+
+def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,
+                        ndims: Iterable[int] = (), also: Iterable[str] = ()) -> None:
+    """Refuse, before any pruning, arguments `method` would fail on at its first round or would drop silently: a
+    name neither its constructor nor its ``apply`` takes (close matches among those and `also`, the caller's own
+    keywords), a required one missing (``LnStructured``'s ``n`` and ``dim``), a ``dim`` outside every tensor's
+    dimensions (`ndims`), a norm torch's ``ln_structured`` does not know. ``slice_groups`` (for structured methods)
+    is the engine's and checked where its keys are known."""
+    names, takes_any = _parameter_names(method)
+    if method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:  # type: ignore[attr-defined]
+        apply_names, apply_takes_any = _parameter_names(method.apply)
+        names, takes_any = names | apply_names, takes_any or apply_takes_any
+    structured = getattr(method, "PRUNING_TYPE", None) == "structured"
+    known = (names - {"amount", "importance_scores"}) | ({"slice_groups"} if structured else set())
+    unknown = [] if takes_any else [k for k in kwargs if k not in known]
+    if unknown:
+        candidates = sorted(known | set(also))
+        hints = [f"{k!r}: did you mean {' or '.join(map(repr, close))}?" for k in unknown
+                 for close in [difflib.get_close_matches(k, candidates, n=2)] if close]
+        raise TypeError(f"{owner}: {method.__name__} takes no {', '.join(map(repr, unknown))}"
+                        f"{' (' + '; '.join(hints) + ')' if hints else ''}; it takes "
+                        f"{', '.join(sorted(known)) or 'no other arguments'}.")
+    missing = sorted(required_kwargs(method) - set(kwargs))
+    if missing:
+        example = {"dim": "dim=0 (output channels)", "n": "n=2 (the L2 norm)"}
+        raise TypeError(f"{owner}: {method.__name__} needs {', '.join(map(repr, missing))}: pass "
+                        f"{', '.join(example.get(m, f'{m}=...') for m in missing)}.")
+    if "dim" in kwargs:
+        dim = kwargs["dim"]
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"{owner}: dim={dim!r}: expected an int (0: output channels, rows).")
+        short = sorted({n for n in ndims if not -n <= dim < n})
+        if short:
+            raise ValueError(f"{owner}: dim={dim} is not a dimension of every tensor pruned (some have "
+                             f"{' or '.join(map(str, short))}); 0 prunes output channels (rows).")
+    if "n" in kwargs and structured:
+        norm = kwargs["n"]
+        if not ((isinstance(norm, str) and norm in ("fro", "nuc")) or (
+                isinstance(norm, numbers.Real) and not isinstance(norm, bool) and not math.isnan(norm))):
+            raise ValueError(f"{owner}: n={norm!r}: expected a number (1, 2, float('inf'), ...) or 'fro' or 'nuc', "
+                             "as torch's ln_structured takes.")
