@@ -209,7 +209,8 @@ def test_slice_groups_keyed_by_layer_name_as_channel_plan_gives_them_prune_each_
     from litcompress.pruning import channel_plan
     from litcompress.pruning.engine import qualified_names
 
-    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=4), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1))
     plan = channel_plan(model, example_inputs=torch.rand(1, 4, 6, 6))
     assert plan.slice_groups == {"0": 4, "2": 4}
     targets = [(model[0], "weight"), (model[2], "weight")]
