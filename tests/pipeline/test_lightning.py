@@ -153,6 +153,25 @@ def test_a_validation_step_that_never_calls_the_model_fails_before_fine_tuning()
     assert report["pruned"].test_metric != report["input"].test_metric
 
 
+class LogsNegatedLoss(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_neg_loss", -nn.functional.cross_entropy(self(x), y), on_epoch=True)  # higher is better
+
+
+def test_a_metric_read_as_a_loss_with_mode_max_is_judged_higher_is_better_at_fit_end(tmp_path):
+    """mode='max', as the refusal without a mode advises, passed construction; compress_lightning at the fit's end
+    was called without it and refused the metric after the whole training run."""
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(
+        approach="dynamic", backends=("onnxruntime",), max_trials=1, latency_repeats=2), latency_repeats=2,
+        export=False)
+    callback = CompressOnFitEnd(config, metric="val_neg_loss", mode="max", output_dir=tmp_path, plot=False)
+    _trainer(max_epochs=1, limit_train_batches=4, callbacks=[callback]).fit(
+        LogsNegatedLoss(hidden=(16,)), datamodule=DigitsDataModule())
+    baseline = callback.result.report["pruned"].metric
+    assert baseline < 0 and f"goal: metric >= {baseline * 1.01:.6g}" in " ".join(callback.result.report.messages)
+
+
 def test_a_loss_as_the_metric_needs_its_mode_and_then_the_goal_bounds_it_from_above(fitted, tmp_path):
     module, data = fitted
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(

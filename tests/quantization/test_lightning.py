@@ -121,6 +121,21 @@ def test_a_loss_is_judged_lower_is_better_with_mode_min_and_refused_without(fitt
     assert all(t.metric <= result.baseline_metric * 1.01 for t in result.trials if t.meets_goal)
 
 
+class LogsNegatedLoss(DigitsModule):
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val_neg_loss", -nn.functional.cross_entropy(self(x), y), on_epoch=True)  # higher is better
+
+
+def test_a_metric_read_as_a_loss_with_mode_max_is_judged_higher_is_better_at_fit_end(digits):
+    """mode='max', as the refusal without a mode advises, passed construction; the fit end's search dropped it and
+    refused the metric after the whole training run."""
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_neg_loss", mode="max")
+    _trainer(max_epochs=1, callbacks=[callback]).fit(LogsNegatedLoss(), datamodule=DigitsData(digits))
+    baseline = callback.result.baseline_metric
+    assert baseline < 0 and any(m.endswith(f"goal: metric >= {baseline * 1.01:.6g}") for m in callback.result.messages)
+
+
 def test_submodule_is_swapped_in(fitted):
     module, data = fitted
     result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, submodule="net")

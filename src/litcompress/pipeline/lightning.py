@@ -332,7 +332,7 @@ class CompressOnFitEnd(L.Callback):
         check_fit_end_weights(weights, "CompressOnFitEnd")
         self.weights = weights
         config = _with_metric_mode(config, metric, mode, "CompressOnFitEnd")  # before training, not after it
-        self.config, self.metric, self.test_metric = config, metric, test_metric
+        self.config, self.metric, self.test_metric, self.mode = config, metric, test_metric, mode
         self.output_dir, self.submodule, self.plot = output_dir, submodule, plot
         self.test_dataloaders = test_dataloaders
         self.result: CompressionResult | None = None
@@ -376,7 +376,7 @@ class CompressOnFitEnd(L.Callback):
             data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": self.test_dataloaders}
         self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
-                                         output_dir=self.output_dir)
+                                         output_dir=self.output_dir, mode=self.mode)
         self.result.report.save(self.output_dir, plot=self.plot)
 
 

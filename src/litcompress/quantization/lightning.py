@@ -647,7 +647,7 @@ class QuantizeOnFitEnd(L.Callback):
             raise ValueError("QuantizeOnFitEnd(metric=''): name the metric logged in validation_step.")
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
-        self.config, self.metric, self.submodule = config, metric, submodule
+        self.config, self.metric, self.submodule, self.mode = config, metric, submodule, mode
         self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn
         self.weights = weights
         self.result: QuantizationResult | None = None
@@ -689,6 +689,7 @@ class QuantizeOnFitEnd(L.Callback):
                     pl_module if self.submodule is None else getattr(pl_module, self.submodule))
         self.result = quantize_lightning(
             pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
-            calibration_data=calibration, example_inputs=example_inputs, input_fn=input_fn, submodule=self.submodule)
+            calibration_data=calibration, example_inputs=example_inputs, input_fn=input_fn, submodule=self.submodule,
+            mode=self.mode)
         if self.save_path is not None:
             self.result.save(os.fspath(self.save_path))
