@@ -72,6 +72,24 @@ def test_bad_tolerable_loss(loss):
         AccuracyCriterion(tolerable_loss=loss)
 
 
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: AccuracyCriterion(higher_is_better="False"), "AccuracyCriterion(higher_is_better='False'): expected True"),
+    (lambda: AccuracyCriterion(relative="no"), "AccuracyCriterion(relative='no'): expected True or False"),
+    (lambda: AccuracyCriterion(relative=0), "AccuracyCriterion(relative=0): expected True or False"),
+    (lambda: PTQConfig(compile="no"), "PTQConfig(compile='no'): expected True or False"),
+])
+def test_flags_that_are_not_bools_are_refused(build, message):
+    """A string from a YAML file or the environment is truthy: 'False' turned the goal around (the search kept the
+    candidates that raise a loss), 'no' compiled."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        build()
+
+
+def test_a_bool_tolerable_loss_is_refused():
+    with pytest.raises(ValueError, match="tolerable_loss=True"):
+        AccuracyCriterion(tolerable_loss=True)  # was 1.0: any metric met the goal
+
+
 def test_recipe_round_trips_through_dict():
     recipe = Recipe("torch_ao", "static", per_channel=False, calibration="histogram", fp32_layers=("a.b",),
                     reduce_range=True)

@@ -32,8 +32,11 @@ class AccuracyCriterion:
     higher_is_better: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tolerable_loss, (int, float)) or not math.isfinite(self.tolerable_loss) \
-                or self.tolerable_loss < 0:
+        for flag in ("relative", "higher_is_better"):  # 'False' from a YAML file or the environment is truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"AccuracyCriterion({flag}={getattr(self, flag)!r}): expected True or False.")
+        if isinstance(self.tolerable_loss, bool) or not isinstance(self.tolerable_loss, (int, float)) \
+                or not math.isfinite(self.tolerable_loss) or self.tolerable_loss < 0:
             raise ValueError(
                 f"AccuracyCriterion(tolerable_loss={self.tolerable_loss!r}): expected a finite number >= 0, "
                 "e.g. tolerable_loss=0.01 (1 % relative) or relative=False for an absolute amount."
@@ -218,6 +221,9 @@ class PTQConfig:
                 f"PTQConfig(accuracy={self.accuracy!r}): expected an AccuracyCriterion, "
                 "e.g. AccuracyCriterion(tolerable_loss=0.01)."
             )
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"PTQConfig(compile={self.compile!r}): expected True or False.")
+
         def whole(value: object) -> bool:  # an int, not a bool (True is 1 to Python, and a mistake here)
             return isinstance(value, int) and not isinstance(value, bool)
 
