@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -171,6 +172,29 @@ def test_an_fp32_result_is_saved_in_the_format_its_path_names(tmp_path, digits, 
     loaded, recipe = load_quantized(path)
     assert recipe is None
     torch.testing.assert_close(loaded(digits[2]), model(digits[2]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "name", "warned"), [
+    ("torch_ao", "model.onnx", True), ("torch_ao", "model.pt2", True), ("onnxruntime", "model.onnx", False),
+    ("torch_ao", "model.pt", False), ("torch_ao", "model.int8", False), ("pt2e", "model.onnx", True),
+])
+def test_a_path_whose_suffix_names_another_format_than_the_one_written_is_warned_of(tmp_path, digits, backend, name,
+                                                                                    warned):
+    """save('model.onnx') after a search that chose torch_ao wrote TorchScript under the name of an ONNX file,
+    silently: ONNX Runtime then failed on it (the README's QuantizeOnFitEnd example gave such a path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    config = PTQConfig(approach="dynamic", backends=(backend,), latency_repeats=3, max_trials=1)
+    result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
+    assert result.recipe is not None and result.recipe.backend == backend
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result.save(tmp_path / name)
+    said = [str(w.message) for w in caught if "not the one its suffix names" in str(w.message)]
+    assert bool(said) == warned, said
+    loaded, recipe = load_quantized(tmp_path / name)  # read as it is, whatever the name
+    assert recipe == result.recipe
+    torch.testing.assert_close(loaded(digits[2]), result.model(digits[2]))
 
 
 def test_a_lightning_module_is_saved_as_torchscript(tmp_path, digits):

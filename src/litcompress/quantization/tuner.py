@@ -106,10 +106,18 @@ class QuantizationResult:
         built, or none was fast enough for ``min_speedup``) in `fp32_format` (see :func:`save_quantized`); None:
         ONNX for a path ending in ``.onnx``, else a ``torch.export`` program.
         """
-        from .artifact import save_quantized
+        from .artifact import FP32_SUFFIXES, save_quantized
 
         if fp32_format is None:
             fp32_format = "onnx" if os.fspath(path).lower().endswith(".onnx") else "export"
+        suffix = get_backend(self.recipe.backend).artifact_suffix if self.recipe else FP32_SUFFIXES.get(fp32_format)
+        given = os.path.splitext(os.fspath(path))[1].lower()
+        if suffix and given in set(FP32_SUFFIXES.values()) and given != suffix:
+            # e.g. save_path="model.onnx" before the search chose torch_ao: another tool would take it for ONNX
+            which = f"the {self.recipe.backend} backend's" if self.recipe else f"fp32_format={fp32_format!r}'s"
+            warnings.warn(f"{os.fspath(path)} is written in {which} format ({suffix} files), not the one its suffix "
+                          f"names: litcompress.load_quantized reads it; for an ONNX file, give the search "
+                          f"backends=('onnxruntime',).", UserWarning, stacklevel=2)
         return save_quantized(self.model, self.recipe, path, self.example_inputs, fp32_format=fp32_format,
                               dynamic_dims=self.dynamic_dims)
 
