@@ -1024,3 +1024,39 @@ def test_a_norm_that_does_not_suit_the_targets_is_refused_before_training(tmp_pa
     with pytest.raises(MisconfigurationException, match=r"`pruning_norm='nuc'` does not apply to `Linear.weight`"):
         trainer.fit(ThreeLayerModel())
     assert trainer.global_step == 0
+
+
+class _Tested(FixedDataModel):
+    test_step = FixedDataModel.validation_step
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+@pytest.mark.parametrize("evaluate", ["validate", "test", "predict"])
+def test_evaluating_a_checkpoint_leaves_the_model_with_plain_weights_as_the_fit_did(tmp_path, evaluate):
+    """With make_pruning_permanent=True, trainer.test(ckpt_path="best") after the fit put the checkpoint's masks back
+    on the model and left them there: its state dict then held `<name>_orig`/`<name>_mask` and no longer loaded into
+    the unpruned architecture (Lightning's callback leaves plain weights)."""
+    model = _Tested()
+    checkpoint = ModelCheckpoint(tmp_path, monitor="val")
+    trainer = make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, limit_predict_batches=1,
+                           callbacks=[ModelPruning("l1_unstructured", amount=0.5), checkpoint])
+    trainer.fit(model)
+    fitted = _weights(model)
+    run = getattr(trainer, evaluate)
+    run(model, dataloaders=model.val_dataloader(), ckpt_path="best", **({} if evaluate == "predict" else
+                                                                         {"verbose": False}))
+    assert model.state_dict().keys() == fitted.keys()  # plain names, as after the fit
+    _Tested().load_state_dict(model.state_dict())  # into the unpruned architecture
+    best = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+    assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)  # the checkpoint's weights, zeros kept
+    # a separate evaluation, with a fresh callback: the same
+    fresh = _Tested()
+    getattr(make_trainer(tmp_path, limit_predict_batches=1,
+                         callbacks=[ModelPruning("l1_unstructured", amount=0.5)]), evaluate)(
+        fresh, dataloaders=fresh.val_dataloader(), ckpt_path=checkpoint.best_model_path)
+    assert fresh.state_dict().keys() == fitted.keys()
