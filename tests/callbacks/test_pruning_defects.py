@@ -1060,3 +1060,23 @@ def test_evaluating_a_checkpoint_leaves_the_model_with_plain_weights_as_the_fit_
                          callbacks=[ModelPruning("l1_unstructured", amount=0.5)]), evaluate)(
         fresh, dataloaders=fresh.val_dataloader(), ckpt_path=checkpoint.best_model_path)
     assert fresh.state_dict().keys() == fitted.keys()
+
+
+class _PrunesNothing(ModelPruning):
+    def filter_parameters_to_prune(self, parameters_to_prune=()):
+        return []
+
+
+@pytest.mark.parametrize("verbose", [0, 1, 2])
+@pytest.mark.parametrize("use_global_unstructured", [True, False])
+def test_a_filter_that_leaves_no_tensor_is_said_and_the_fit_runs(tmp_path, verbose, use_global_unstructured):
+    """Lightning's callback failed in torch.cat at the first global round, and its verbose line divided by zero."""
+    model = FixedDataModel()
+    before = _weights(model)
+    callback = _PrunesNothing("l1_unstructured", amount=0.5, verbose=verbose,
+                              use_global_unstructured=use_global_unstructured)
+    with pytest.warns(UserWarning, match="ModelPruning: no tensor to prune in FixedDataModel after "
+                                         "filter_parameters_to_prune: nothing is pruned"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model)
+    assert model.state_dict().keys() == before.keys()
+    assert all(int((v == 0).sum()) == 0 for v in model.state_dict().values())  # nothing pruned

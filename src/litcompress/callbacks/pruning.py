@@ -379,7 +379,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         prev_zeros = sum(z for (z, _), o in zip(prev, once) if o)
         log.info(
             f"Applied `{self._pruning_method_name}`. Pruned:"
-            f" {prev_zeros}/{total.numel} ({prev_zeros / total.numel:.2%}) ->"
+            f" {prev_zeros}/{total.numel} ({prev_zeros / total.numel if total.numel else 0.0:.2%}) ->"
             f" {total.zeros}/{total.numel} ({total.sparsity:.2%})"
         )
         if self._verbose == 2:
@@ -415,6 +415,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if stage == "fit":  # rounds run while fitting only; validate/test need no trace
             self._slice_groups = self._even_slices(pl_module)
         self._qualified_names = engine.qualified_names(pl_module, self._parameters_to_prune)
+        if stage == "fit" and not self._parameters_to_prune:
+            # Lightning's callback fails in torch.cat at the first global round, or its log line divides by zero
+            rank_zero_warn(f"ModelPruning: no tensor to prune in {type(pl_module).__name__}"
+                           f"{' after filter_parameters_to_prune' if parameters_to_prune else ''}: nothing is pruned "
+                           "in this fit.")
         if stage == "fit" and not given:
             self._warn_of_frozen_defaults()
         if stage == "fit":
