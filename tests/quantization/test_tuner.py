@@ -147,6 +147,33 @@ def test_static_without_calibration_data_fails_early(trained_mlp, digits):
         quantize(trained_mlp, PTQConfig(approach="static"), eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])
 
 
+def test_a_dataset_as_calibration_data_is_refused_before_any_work(trained_mlp, digits):
+    """Its items are single samples: every backend failed on the batch dim they lack, with a shape error of its own,
+    and the fp32 model came back (QuantizeOnFitEnd: after the training run)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from litcompress.pipeline import CompressionConfig, compress
+    from litcompress.quantization.lightning import QuantizeOnFitEnd
+
+    dataset = TensorDataset(digits[0][:64], digits[1][:64])
+    calls = []
+    message = r"calibration_data=TensorDataset\): a Dataset gives single samples, without a batch dim; give batches: "
+    for refused in (
+            lambda: quantize(trained_mlp, PTQConfig(approach="static"), eval_fn=lambda m: calls.append(m) or 1.0,
+                             calibration_data=dataset),
+            lambda: QuantizeOnFitEnd(PTQConfig(approach="static"), metric="val_acc", calibration_data=dataset),
+            lambda: compress(trained_mlp, CompressionConfig(), eval_fn=lambda m: calls.append(m) or 1.0,
+                             calibration_data=dataset, example_inputs=digits[2][:1])):
+        with pytest.raises(TypeError, match=message + r"DataLoader\(dataset, batch_size=32\)"):
+            refused()
+    assert calls == []  # nothing was evaluated
+    loader = DataLoader(dataset, batch_size=16)  # as the message says: batches calibrate every backend
+    result = quantize(trained_mlp, PTQConfig(approach="static", backends=("onnxruntime",), max_trials=1,
+                                             latency_repeats=2),
+                      eval_fn=accuracy_fn(digits[2], digits[3]), calibration_data=loader)
+    assert result.recipe is not None and result.trials[0].error is None
+
+
 def test_a_dict_batch_names_its_keys_and_input_fn(trained_mlp, digits):
     batches = [{"pixels": digits[2][:8], "label": digits[3][:8]}]
     with pytest.raises(TypeError, match=r"batch of type dict \(keys: \['label', 'pixels'\]\).*input_fn="):

@@ -44,8 +44,8 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_metric,
-                                            check_model_on_cpu, check_model_runs, default_input_fn,
+from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_data,
+                                            check_metric, check_model_on_cpu, check_model_runs, default_input_fn,
                                             evaluate_noting_use, example_as_inputs, model_input_fn, quantize,
                                             warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
@@ -747,6 +747,7 @@ def compress(
     elif config.prune is not None and not isinstance(config.prune.schedule, str):
         raise ValueError("a SparsitySchedule needs fine-tuning to run along: pass fine_tune=..., or use "
                          "PruneConfig(sparsity=..., schedule='oneshot').")
+    check_calibration_data(calibration_data, "compress")
     if config.quantize is not None and config.quantize.approach == "static" and calibration_data is None:
         raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.

@@ -25,7 +25,8 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import QuantizationResult, devices_off_the_cpu, model_input_fn, quantize, signature_or_none
+from .tuner import (QuantizationResult, check_calibration_data, devices_off_the_cpu, model_input_fn, quantize,
+                    signature_or_none)
 
 logger = logging.getLogger(__name__)
 
@@ -646,6 +647,7 @@ class QuantizeOnFitEnd(L.Callback):
         if not metric:
             raise ValueError("QuantizeOnFitEnd(metric=''): name the metric logged in validation_step.")
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
+        check_calibration_data(calibration_data, "QuantizeOnFitEnd")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
         self.config, self.metric, self.submodule, self.mode = config, metric, submodule, mode
         self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn

@@ -122,6 +122,17 @@ class QuantizationResult:
                               dynamic_dims=self.dynamic_dims)
 
 
+def check_calibration_data(calibration_data: object, where: str) -> None:
+    """Refuse a ``Dataset`` given as calibration data: its items are single samples, without the batch dim every
+    backend traces and calibrates with (each candidate failed with its own shape error, and the fp32 model came
+    back)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if isinstance(calibration_data, Dataset) and not isinstance(calibration_data, DataLoader):
+        raise TypeError(f"{where}(calibration_data={type(calibration_data).__name__}): a Dataset gives single samples, "
+                        "without a batch dim; give batches: DataLoader(dataset, batch_size=32).")
+
+
 #: Said (warned, and in the result's messages) when the first evaluation returned without running the model.
 UNUSED_MODEL_MESSAGE = (
     "eval_fn returned its metric without running the model it was given, so every model it judges scores alike: "
@@ -445,6 +456,7 @@ def quantize(
     default_input_fn_used = input_fn in (None, default_input_fn)
     input_fn = input_fn or model_input_fn(model)
 
+    check_calibration_data(calibration_data, "quantize")
     calibration: list[Inputs] = []
     if calibration_data is not None:
         for i, batch in enumerate(calibration_data):
