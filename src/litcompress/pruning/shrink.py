@@ -2560,6 +2560,8 @@ def shrink(
     keep_multiple_of: int | None = None,
 ) -> ShrinkResult:
     """A shrunk deep copy of `model` and its report; `model` itself is not changed (see `shrink_`)."""
+    if not isinstance(model, nn.Module):  # before the copy, which would fail on it with an AttributeError
+        raise TypeError(f"shrink expects an nn.Module, got {type(model).__name__}")
     copied = eager_copy(model)  # fx traces eager modules, not torch.compile'd ones
     report = shrink_(copied, example_inputs, rtol=rtol, tracer=tracer, keep_multiple_of=keep_multiple_of)
     return ShrinkResult(copied, report)
