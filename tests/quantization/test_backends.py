@@ -579,3 +579,22 @@ def test_onnxruntime_fp32_layer_names_match_one_module_not_every_leaf_of_that_na
     graph = onnx.load_from_string(onnx_bytes)
     top, nested = _nodes_of_layers(graph, ["fc"]), _nodes_of_layers(graph, ["block.fc"])
     assert top and nested and not set(top) & set(nested)  # 'fc' took '/block/fc/Gemm' too
+
+
+@pytest.mark.parametrize("backend", ["torch_ao", "onnxruntime", "pt2e"])
+def test_dynamic_int8_leaves_convolutions_fp32_so_every_quantized_layer_can_fall_back(backend):
+    """pt2e's dynamic recipe quantized convolutions too (a global config), which the search's fp32 fallback, knowing
+    dynamic int8 as Linear layers', could never return to fp32: with every layer it knows in fp32 the outputs still
+    differed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    x = torch.randn(32, 1, 8, 8)
+    known = quantizable_layers(model, "dynamic")
+    assert known == ["3"]
+    implementation = get_backend(backend)
+    recipe = implementation.recipes("dynamic")[0]
+    quantized = implementation.quantize(copy.deepcopy(model), recipe, (x,), [(x,)])
+    everything_fp32 = implementation.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(known)), (x,), [(x,)])
+    with torch.no_grad():
+        assert not torch.allclose(quantized(x), model(x), atol=1e-6)  # the Linear layer was quantized
+        torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)

@@ -161,8 +161,14 @@ class PT2EBackend(Backend):
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
         quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
-            is_dynamic=recipe.approach == "dynamic", reduce_range=recipe.reduce_range))
+        config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=recipe.approach == "dynamic",
+                                                                  reduce_range=recipe.reduce_range)
+        if recipe.approach == "dynamic":
+            # Linear layers only, as the other backends' dynamic int8 and as the search's fp32 fallback knows them
+            # (a global config quantized convolutions too, which no fallback could then return to fp32)
+            quantizer.set_module_type_qconfig(nn.Linear, config)
+        else:
+            quantizer.set_global(config)
         for name in recipe.fp32_layers:
             quantizer.set_module_name_qconfig(name, None)
         inputs = export_inputs(example_inputs)
