@@ -228,3 +228,21 @@ def test_unit_pruning_with_keep_multiple_of_keeps_a_multiple_while_training(tmp_
     model = LSTMClassifier(hidden=8, lr=0.01)
     _trainer(tmp_path, 1, [UnitPruning(0.95, keep_multiple_of=4)], limit_train_batches=2).fit(model, _data())
     assert _pruned(model) == 4
+
+
+@pytest.mark.parametrize("evaluate", ["validate", "test"])
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_evaluating_a_checkpoint_leaves_the_model_with_plain_weights_as_the_fit_did(tmp_path, callback, evaluate):
+    """With make_pruning_permanent=True, trainer.test(ckpt_path=...) after the fit put the checkpoint's masks back on
+    the model and left them there: its state dict held `<name>_orig`/`<name>_mask` keys that a freshly built model
+    refuses (as ModelPruning did)."""
+    seed_everything(0)
+    model = _model(callback)
+    checkpoint = ModelCheckpoint(tmp_path, save_last=True)
+    trainer = _trainer(tmp_path, 1, [callback(0.5), checkpoint], enable_checkpointing=True)
+    trainer.fit(model, _data())
+    fitted = _weights(model)
+    getattr(trainer, evaluate)(model, _data(), ckpt_path=checkpoint.last_model_path, verbose=False)
+    assert model.state_dict().keys() == fitted.keys()  # plain names, as after the fit
+    type(model)(**model.hparams).load_state_dict(model.state_dict())  # into a freshly built model
+    assert _pruned(model) > 0  # the checkpoint's pruned weights, zeros kept
