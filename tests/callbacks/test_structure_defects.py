@@ -246,3 +246,32 @@ def test_evaluating_a_checkpoint_leaves_the_model_with_plain_weights_as_the_fit_
     assert model.state_dict().keys() == fitted.keys()  # plain names, as after the fit
     type(model)(**model.hparams).load_state_dict(model.state_dict())  # into a freshly built model
     assert _pruned(model) > 0  # the checkpoint's pruned weights, zeros kept
+
+
+@pytest.mark.parametrize("load", ["load_pruned_checkpoint", "load_module_from_checkpoint"])
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning, "ModelPruning"])
+def test_a_checkpoint_of_effective_weights_loads_with_live_masks_when_asked(tmp_path, callback, load):
+    """keep_masks=True promises live masks; with make_pruning_permanent=True (the default) the masks are in the
+    callbacks' states, which only ModelPruning's were read from, and load_module_from_checkpoint read none: the
+    pruned units, heads and weights grew back in a fit that went on."""
+    from litcompress import ModelPruning
+    from litcompress.callbacks import load_module_from_checkpoint, load_pruned_checkpoint
+
+    seed_everything(0)
+    kind = UnitPruning if callback is UnitPruning else HeadPruning
+    model = _model(kind)
+    pruning = ModelPruning("l1_unstructured", amount=0.5) if callback == "ModelPruning" else callback(0.5)
+    checkpoint = ModelCheckpoint(tmp_path, save_last=True)
+    _trainer(tmp_path, 1, [pruning, checkpoint], enable_checkpointing=True).fit(model, _data())
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)
+    assert not any(key.endswith("_mask") for key in saved["state_dict"])  # effective weights
+    if load == "load_pruned_checkpoint":
+        loaded = load_pruned_checkpoint(type(model)(**model.hparams), checkpoint.last_model_path, keep_masks=True)
+    else:
+        loaded = load_module_from_checkpoint(type(model), checkpoint.last_model_path, keep_masks=True)
+    masked = {f"{path}.{name}": engine.mask_of(module, name) for path, module, name in engine.pruned_targets(loaded)}
+    expected = {name: mask for state in saved["callbacks"].values() for name, mask in state.get("masks", {}).items()}
+    assert masked.keys() == expected.keys() and expected
+    assert all(torch.equal(masked[name].bool(), expected[name]) for name in expected)
+    effective = engine.permanent_state_dict(loaded)
+    assert all(torch.equal(v, effective[k]) for k, v in model.state_dict().items())  # the same weights

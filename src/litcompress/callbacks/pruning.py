@@ -29,7 +29,7 @@ import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional, Union
@@ -1283,12 +1283,20 @@ def load_pruned_checkpoint(
         raise ValueError("Not a Lightning checkpoint (no 'state_dict'); use `load_pruned_state_dict` for a state dict.")
     engine.load_pruned_state_dict(model, checkpoint["state_dict"], strict=strict)
     if keep_masks:
-        for key, state in checkpoint.get("callbacks", {}).items():
-            if key.startswith("ModelPruning") and isinstance(state, dict) and state.get("masks"):
-                engine.restore_masks_(model, state["masks"])
+        _restore_saved_masks_(model, checkpoint)
     else:
         engine.make_permanent_(model)
     return model
+
+
+def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Re-create on `model` the masks the pruning callbacks saved in `checkpoint`'s callback states: ModelPruning's
+    (and a subclass's, under its own name), UnitPruning's and HeadPruning's (they were left out: the pruned units and
+    heads grew back in a fit that went on)."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and isinstance(state.get("masks"), dict) and state["masks"] \
+                and ("rounds" in state or "pruned_once" in state):  # ModelPruning's, or UnitPruning/HeadPruning's
+            engine.restore_masks_(model, state["masks"])
 
 
 def load_module_from_checkpoint(
@@ -1306,7 +1314,11 @@ def load_module_from_checkpoint(
     strict = kwargs.pop("strict", True)  # the loads below that take the weights honour it
     try:
         if not masked:
-            return module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=strict, **kwargs)
+            # effective weights: the masks are in the callbacks' states
+            module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=strict, **kwargs)
+            if keep_masks:
+                _restore_saved_masks_(module, checkpoint)
+            return module
         # Lightning builds the module from its saved hyperparameters; the weights and masks are loaded strictly below
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1319,6 +1331,8 @@ def load_module_from_checkpoint(
             if not narrow_to_state_dict_(module, state):
                 raise
             module.load_state_dict(state, strict=strict)
+            if keep_masks:
+                _restore_saved_masks_(module, checkpoint)
             return module
     narrow_to_state_dict_(module, state)  # a non-strict load skips the `<name>_orig` keys unchecked: narrow here
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=strict)
