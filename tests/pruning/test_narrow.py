@@ -17,7 +17,7 @@ from litcompress import (ModelPruning, load_module_from_checkpoint, load_shrunk_
 from litcompress.data import DigitsDataModule
 from litcompress.models import (CNNClassifier, DenseNetClassifier, GatedTransformerClassifier, MLPClassifier,
                                 MobileNetClassifier, ResNeXtClassifier, TransformerClassifier)
-from litcompress.pruning import HeadPrunedAttention, narrow_to_state_dict_, prune_heads_, removable_channels
+from litcompress.pruning import HeadPrunedAttention, is_pruned, narrow_to_state_dict_, prune_heads_, removable_channels
 
 
 MLP_WITH_16_UNITS = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16)).state_dict()
@@ -195,6 +195,29 @@ def test_the_kept_heads_travel_with_the_state_dict():
     with torch.no_grad():
         expected = shrunk[0].self_attn(x, x, x, attn_mask=mask, need_weights=False)[0]
         assert torch.equal(attention(x, x, x, attn_mask=mask, need_weights=False)[0], expected)
+        assert torch.equal(fresh(x), shrunk(x))
+
+
+def test_a_shrunk_attention_pruned_on_with_masks_loads_with_them():
+    """Its projections' `q_proj.weight_orig`/`_mask` were not read as a HeadPrunedAttention's: torch's attention
+    stayed, and the load failed on missing `in_proj_weight` keys (a shrunk LSTM's masked state loaded)."""
+    torch.manual_seed(0)
+
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), nn.Linear(16, 2))
+
+    model = build().eval()
+    prune_heads_(model, 0.5)
+    x = torch.randn(2, 5, 16)
+    shrunk = shrink(model, example_inputs=(x,)).model.eval()
+    linears = [(m, "weight") for m in shrunk.modules() if isinstance(m, nn.Linear)]
+    prune_(linears, "l1_unstructured", 0.3)  # fine-tuned on under ModelPruning(make_pruning_permanent=False)
+    state = _through_a_file(shrunk.state_dict())
+    assert "0.self_attn.q_proj.weight_orig" in state and "0.self_attn.q_proj.weight" not in state
+    fresh = load_shrunk_state_dict(build(), state).eval()
+    assert isinstance(fresh[0].self_attn, HeadPrunedAttention)
+    assert is_pruned(fresh[0].self_attn.q_proj, "weight")  # its masks re-created
+    with torch.no_grad():
         assert torch.equal(fresh(x), shrunk(x))
 
 

@@ -229,13 +229,16 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
     replaced = []
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        if not isinstance(module, nn.MultiheadAttention) or prefix + "q_proj.weight" not in state_dict:
+        # a state written while pruning on with masks holds `q_proj.weight_orig` (and its mask) instead
+        q_weight = next((prefix + f"q_proj.weight{suffix}" for suffix in ("", "_orig")
+                         if prefix + f"q_proj.weight{suffix}" in state_dict), None)
+        if not isinstance(module, nn.MultiheadAttention) or q_weight is None:
             continue
         if not name:
             raise ValueError("narrow_to_state_dict_: the model itself is an nn.MultiheadAttention that the state "
                              "dict holds as a HeadPrunedAttention; build the model around it (or load the "
                              "HeadPrunedAttention's state into one built with its heads).")
-        inner = int(state_dict[prefix + "q_proj.weight"].shape[0])
+        inner = int(state_dict[q_weight].shape[0])
         head_dim = module.head_dim
         if inner > module.embed_dim or inner % head_dim:
             raise ValueError(f"{name}: the state dict's attention has {inner} inner channels, which are not heads of "
@@ -247,7 +250,8 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
         if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
             original_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
         replacement = HeadPrunedAttention(
-            module.embed_dim, inner // head_dim, head_dim, bias=prefix + "q_proj.bias" in state_dict,
+            module.embed_dim, inner // head_dim, head_dim,
+            bias=prefix + "q_proj.bias" in state_dict or prefix + "q_proj.bias_orig" in state_dict,
             dropout=module.dropout, batch_first=module.batch_first, original_heads=original_heads,
             kept_heads=kept_heads,
         ).to(device=module.out_proj.weight.device, dtype=module.out_proj.weight.dtype)
