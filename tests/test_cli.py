@@ -150,6 +150,22 @@ def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, c
             in capsys.readouterr().err)
 
 
+def test_a_checkpoint_that_the_run_would_overwrite_with_its_trained_model_is_refused_before_training(first_run, capsys,
+                                                                                                   tmp_path):
+    """--checkpoint out/dense.ckpt --output-dir out --train-epochs N (a re-run from a finished run's folder) wrote the
+    newly trained model over the checkpoint given, without a word."""
+    _, out = first_run
+    given = tmp_path / "dense.ckpt"
+    given.write_bytes((out / "dense.ckpt").read_bytes())
+    before = given.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--checkpoint", str(given), "--train-epochs", "1", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert (f"--checkpoint {given} is the file this run writes its trained dense model to ({given}), after "
+            "--train-epochs 1: the checkpoint given would be lost") in capsys.readouterr().err
+    assert given.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dense.ckpt"]
+
+
 def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_are_named(first_run, capsys, tmp_path):
     """The search's log stays in report.md, but how it ended, when that is fp32, is printed; pruning options given
     with --prune none are named as ignored (and the run goes on)."""

@@ -757,6 +757,13 @@ def run_compress(args: argparse.Namespace) -> int:
             resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
+        train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
+        dense = args.output_dir / "dense.ckpt"
+        if train_epochs and args.checkpoint is not None and dense.exists() \
+                and dense.resolve() == Path(args.checkpoint).resolve():
+            raise ValueError(f"--checkpoint {args.checkpoint} is the file this run writes its trained dense model to "
+                             f"({dense}), after --train-epochs {train_epochs}: the checkpoint given would be lost. "
+                             "Copy it elsewhere, or give another --output-dir.")
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(str(error)))
