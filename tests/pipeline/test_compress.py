@@ -1411,3 +1411,29 @@ def test_sparse_kernels_with_no_layer_sparse_enough_say_that_none_was_timed():
     said = [m for m in result.report.messages if m.startswith("sparse kernels:")]
     assert len(said) == 1 and "was a candidate (sparsity below min_sparsity=0.7), so none was timed" in said[0]
     assert "ran at least 1.1x faster" not in said[0]
+
+
+class _HeadDefinedFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(32, 10)  # registered first, run last
+        self.encoder = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def test_structured_pruning_leaves_whole_the_layer_that_writes_the_output_not_the_last_registered():
+    """The default exclude was the last layer registered: a head defined before its body left the body's last layer
+    unpruned (and its channels in the shrunk model) without a word, while the head was left out anyway."""
+    torch.manual_seed(0)
+    model = _HeadDefinedFirst().eval()
+    x = torch.rand(16, 64)
+    config = PruneConfig(method="ln_structured", sparsity=0.5, schedule="oneshot")
+    assert [(module, name) for module, name in prune_targets(model, config, (x,))] == [
+        (model.encoder[0], "weight"), (model.encoder[2], "weight")]
+    result = compress(model, CompressionConfig(prune=config, latency_repeats=2, export=False),
+                      eval_fn=lambda m: 1.0, example_inputs=x)
+    shrunk = result.stage_models["shrunk"]
+    assert shrunk.encoder[0].out_features == 16 and shrunk.encoder[2].out_features == 16
+    assert shrunk.classifier.out_features == 10

@@ -33,8 +33,9 @@ from litcompress.pruning.heads import prunable_attentions, prune_heads_
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
-from litcompress.pruning.shrink import (_TRANSPOSED, ChannelPlan, ShrinkReport, ShrinkResult, _out_channels,
-                                        channel_plan, eval_outputs, is_depthwise, max_output_difference, shrink)
+from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, ChannelPlan, ShrinkReport, ShrinkResult,
+                                        _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
+                                        shrink)
 from litcompress.pruning.sparse import SparseLinear, sparsify
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
                                               taking_inputs_like)
@@ -134,10 +135,14 @@ def _select_targets(model: nn.Module, config: PruneConfig,
               # depthwise convs follow the layer before them; a recurrent layer's rows are gates, not channels
               and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
     exclude = config.exclude
-    if exclude is None:  # the model's last layer (its outputs: a classifier's rows), of whatever type is pruned
+    if exclude is None:  # the layer whose outputs are the model's (a classifier's rows), of whatever type is pruned
+        # the trace says which it is; without one, the last registered (a head defined first in __init__, before
+        # its body, would leave the body's last layer unpruned for it)
+        outputs = [name for name, reason in (plan.reasons.items() if plan is not None else ())
+                   if reason == MODEL_OUTPUT_REASON]
         last = [name for name, m in model.named_modules() if isinstance(m, (*PrunableLayers, *config.layer_types))
                 and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
-        exclude = (last[-1],) if config.structured and last else ()
+        exclude = (tuple(outputs) or tuple(last[-1:])) if config.structured else ()
     names = [name for name, _ in model.named_modules()]
     unknown = sorted(set(exclude) - set(names))
     if unknown:

@@ -64,10 +64,10 @@ class PruneConfig:
             Linear layers, their weights stored transposed); with ``nn.Embedding`` (not in the default), structured
             methods on output channels prune an embedding's dims (its weight's columns), which ``shrink`` removes.
         exclude: names of modules (as in ``model.named_modules()``) left dense, with every module inside them (a
-            block's name leaves all its layers). Default: for structured methods
-            the last prunable layer (usually the classifier, whose rows are the model's outputs; of any prunable type,
-            so ``layer_types=(nn.Conv2d,)`` leaves a Linear head out without taking the last conv for it), else
-            none.
+            block's name leaves all its layers). Default: for structured methods the layer(s) whose outputs are
+            the model's (the classifier, as the trace finds it, wherever ``__init__`` registers it; without a trace
+            the last prunable layer registered, of any prunable type, so ``layer_types=(nn.Conv2d,)`` leaves a
+            Linear head out without taking the last conv for it), else none.
             Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their
             channels are those of the layer before them, and ``shrink`` removes them with that layer's.
         dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what

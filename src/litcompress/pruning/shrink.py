@@ -1581,6 +1581,10 @@ def _step_transposed(user: fx.Node, node: fx.Node, branch: _Branch, done: list[_
     return _walk(user, producer, branch, done, modules, calls) if walk_on else user
 
 
+#: Why a producer's channels stay: the model's output (a classifier's logits) is made of them.
+MODEL_OUTPUT_REASON = "it produces the model's output, whose width is part of the model's interface"
+
+
 def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch],
           modules: dict[str, nn.Module], calls: dict[str, int], walk_on: bool = True) -> fx.Node | str | None:
     """Take `branch` from `node` into its user `user`: None when `user` is the branch's consumer (the branch is then
@@ -1588,7 +1592,7 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     outcome) `user`, to walk on from."""
     is_conv = isinstance(producer, _CONV_LIKE)
     if user.op == "output":
-        return "it produces the model's output, whose width is part of the model's interface"
+        return MODEL_OUTPUT_REASON
     if branch.transposed:
         return _step_transposed(user, node, branch, done, modules, calls, walk_on, producer)
     if _swaps_last_two_dims(user, node) and not branch.flattened and (
