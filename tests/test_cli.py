@@ -180,6 +180,16 @@ def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_ar
     assert "quantized" not in [s.stage for s in CompressionReport.load_json(tmp_path / "report.json").stages]
 
 
+def test_a_file_format_with_no_export_is_named_as_ignored(first_run, tmp_path, capsys):
+    _, out = first_run
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--prune", "none", "--quantize", "none",
+                 "--no-shrink", "--latency-repeats", "2", "--no-export", "--fp32-format", "onnx",
+                 "--output-dir", str(tmp_path)]) == 0
+    assert ("note: --fp32-format onnx ignored: it names the exported file's format, and --no-export writes none."
+            in capsys.readouterr().err)
+    assert not list(tmp_path.glob("model.*"))
+
+
 def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path, capsys):
     _, out = first_run
     assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--prune", "none", "--quantize", "none",
@@ -1037,3 +1047,12 @@ def test_configuration_fields_the_cli_sets_are_said_as_its_options_and_others_st
     else:
         assert "PruneConfig" not in said and said.startswith(flag) and said.endswith("): something is wrong."[1:])
         assert value == "..." or value.strip("'") in said
+
+
+def test_every_option_the_messages_are_translated_to_is_an_option_of_compress():
+    from litcompress.cli import _OPTIONS, build_parser
+
+    parser = build_parser()
+    compress = parser._subparsers._group_actions[0].choices["compress"]
+    options = {flag for action in compress._actions for flag in action.option_strings}
+    assert {flag for fields in _OPTIONS.values() for flag in fields.values()} <= options

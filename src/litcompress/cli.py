@@ -232,6 +232,9 @@ def _note_ignored(args: argparse.Namespace) -> None:
             turned_off = "--sparse-kernels" if args.sparse_kernels else "--quantize none"
             _stderr(f"note: {', '.join(ignored)} ignored: options of the quantization search, which {turned_off} "
                     "turns off.")
+    if not args.export and args.fp32_format != "auto":
+        _stderr(f"note: --fp32-format {args.fp32_format} ignored: it names the exported file's format, and "
+                "--no-export writes none.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -944,7 +947,7 @@ _OPTIONS = {"PruneConfig": {"exclude": "--exclude", "heads": "--prune-heads", "m
                           "timeout_s": "--timeout", "min_speedup": "--min-speedup", "dynamic_dims": "--dynamic-dims",
                           "num_threads": "--threads"},
             "CompressionConfig": {"keep_multiple_of": "--keep-multiple-of", "sparse_kernels": "--sparse-kernels",
-                                  "fp32_format": "--fp", "latency_repeats": "--latency-repeats",
+                                  "fp32_format": "--fp32-format", "latency_repeats": "--latency-repeats",
                                   "num_threads": "--threads"}}
 _CONFIG_CALL = re.compile(r"\b(PruneConfig|PTQConfig|CompressionConfig)\((\w+)=('[^']*'|[\w.+-]+|\.\.\.)\)")
 
