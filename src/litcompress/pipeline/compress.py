@@ -547,8 +547,9 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
             biased.append(ChannelGroup((layer,), (), (), _out_channels(modules[layer])))
     if groups:
         layers = {name for group in groups for name in group.batch_norms}  # one after a concatenation serves several
-        note(f"zero_batch_norm: the BatchNorm scale and shift of pruned channels are held at zero in "
-             f"{len(layers)} BatchNorm layer(s), so shrink can remove those channels.")
+        # said before any round (with an unstructured method, a channel may never be emptied): what will be done
+        note(f"zero_batch_norm: in {len(layers)} BatchNorm layer(s), the scale and shift of each channel pruning "
+             "empties are held at zero, so shrink can remove such channels.")
     if biased:
         note(f"zero_batch_norm: the biases of pruned channels are held at zero in {len(biased)} layer(s) without a "
              f"BatchNorm after them ({', '.join(g.producers[0] for g in biased)}), so their channels output zero and "
