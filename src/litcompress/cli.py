@@ -727,6 +727,7 @@ def run_compress(args: argparse.Namespace) -> int:
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)
     unreadable: list[Exception] = []  # a step that cannot run alone, said once the checks pass (a refusal says why)
+    train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
     try:  # everything that can be wrong with the arguments fails here, before any training
         if args.output_dir.exists() and not args.output_dir.is_dir():
             raise ValueError(f"--output-dir {args.output_dir} is a file; give a directory.")
@@ -760,7 +761,6 @@ def run_compress(args: argparse.Namespace) -> int:
             resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
-        train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
         dense = args.output_dir / "dense.ckpt"
         if train_epochs and args.checkpoint is not None and dense.exists() \
                 and dense.resolve() == Path(args.checkpoint).resolve():
@@ -772,7 +772,6 @@ def run_compress(args: argparse.Namespace) -> int:
         args.subparser.error(in_cli_terms(str(error)))
     for error in unreadable:
         log_unreadable_step(model, error, _STEP_REMEDY)
-    train_epochs = args.train_epochs if args.train_epochs is not None else (0 if args.checkpoint else 10)
 
     if train_epochs:
         _stderr(f"training {type(model).__name__} for {train_epochs} epochs ...")
