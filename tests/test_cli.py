@@ -180,6 +180,22 @@ def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_ar
     assert "quantized" not in [s.stage for s in CompressionReport.load_json(tmp_path / "report.json").stages]
 
 
+def test_model_args_that_contradict_the_checkpoint_are_named_as_the_cause(first_run, tmp_path, capsys):
+    """The refusal spoke of shrunk states ("not a shrunk state of this model"), not of the --model-args given."""
+    _, out = first_run  # saved with hidden [48, 48]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--model-args", '{"hidden": [32, 32]}',
+              "--output-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint {out / 'dense.ckpt'} was saved with hidden=(48, 48); --model-args gives other values" in err
+    assert "Drop those --model-args (the checkpoint's are used)" in err
+    # the same values, as JSON gives them, are no conflict
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--model-args", '{"hidden": [48, 48]}',
+                 "--prune", "none", "--quantize", "none", "--no-shrink", "--no-export", "--latency-repeats", "2",
+                 "--output-dir", str(tmp_path / "same")]) == 0
+
+
 def test_a_file_format_with_no_export_is_named_as_ignored(first_run, tmp_path, capsys):
     _, out = first_run
     assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--prune", "none", "--quantize", "none",

@@ -508,14 +508,38 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
 
     try:
         return load_module_from_checkpoint(cls, path, **kwargs)
-    except (ValueError, TypeError):  # ours: they say what to do
-        raise
-    except Exception as error:  # unpickling errors, torch's state-dict mismatches, a missing key
+    except Exception as error:
         said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         said = said if len(said) <= 300 else said[:297] + "..."
+        conflicts = _conflicting_hyperparameters(path, kwargs)
+        if conflicts:  # the cause, whatever the load said about the weights
+            raise ValueError(f"--checkpoint {path} was saved with {', '.join(conflicts)}; --model-args gives other "
+                             f"values, which build a model its weights do not fit ({type(error).__name__}: {said.rstrip('.')}). "
+                             "Drop those --model-args (the checkpoint's are used), or give that model's checkpoint."
+                             ) from None
+        if isinstance(error, (ValueError, TypeError)):  # ours: they say what to do
+            raise
+        # unpickling errors, torch's state-dict mismatches, a missing key
         raise ValueError(f"--checkpoint {path}: cannot be loaded as a checkpoint of {getattr(cls, '__name__', cls)} "
                          f"({type(error).__name__}: {said}). Give a checkpoint that "
                          "Lightning's Trainer saved for this --model (with its --model-args).") from None
+
+
+def _conflicting_hyperparameters(path: Path, given: dict[str, Any]) -> list[str]:
+    """``name=saved`` for each argument in `given` that the checkpoint's saved hyperparameters hold otherwise."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+    except Exception:  # noqa: BLE001 - unreadable: the load's own error says so
+        return []
+    return [f"{name}={saved[name]!r}" for name, value in given.items()
+            if name in saved and _as_saved(saved[name]) != _as_saved(value)]
+
+
+def _as_saved(value: Any) -> Any:
+    """A hyperparameter compared as saved: a tuple and a JSON list of the same values are one."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _model(args: argparse.Namespace, data: Any) -> Any:
