@@ -514,9 +514,9 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
         conflicts = _conflicting_hyperparameters(path, kwargs)
         if conflicts:  # the cause, whatever the load said about the weights
             raise ValueError(f"--checkpoint {path} was saved with {', '.join(conflicts)}; --model-args gives other "
-                             f"values, which build a model its weights do not fit ({type(error).__name__}: {said.rstrip('.')}). "
-                             "Drop those --model-args (the checkpoint's are used), or give that model's checkpoint."
-                             ) from None
+                             "values, which build a model its weights do not fit "
+                             f"({type(error).__name__}: {said.rstrip('.')}). Drop those --model-args (the "
+                             "checkpoint's are used), or give that model's checkpoint.") from None
         if isinstance(error, (ValueError, TypeError)):  # ours: they say what to do
             raise
         # unpickling errors, torch's state-dict mismatches, a missing key
