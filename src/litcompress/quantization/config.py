@@ -165,7 +165,9 @@ class PTQConfig:
         timeout_s: wall-clock budget for the search; the best model so far is returned.
         num_calibration_batches: batches of calibration data used for static quantization.
         latency_repeats: timed runs per candidate (median is kept).
-        num_threads: threads pinned while measuring latency (None: keep torch's setting).
+        num_threads: threads pinned while measuring latency (None: keep torch's setting); an onnxruntime
+            candidate's session is built with them, and the result's keeps them (``load_quantized`` builds one with
+            torch's setting).
         compile: compile PT2E candidates with ``torch.compile`` (slow first call, fast kernels).
         min_speedup: keep an int8 model only if it runs at least this many times as fast as the fp32 one on this
             host (measured interleaved, at ``example_inputs``' batch size); otherwise the fp32 model is returned
