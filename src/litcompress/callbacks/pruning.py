@@ -292,7 +292,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
         self._qualified_names: list[str] = []
         self._pending_state: Optional[dict[str, Any]] = None
-        self._masks_restored_outside_fit = False  # by an evaluation's ckpt_path: made permanent when it ends
         self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
         self._step_at_batch_start = -1  # `trainer.global_step` when the current training batch began
         self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
@@ -318,6 +317,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def make_pruning_permanent(self, module: nn.Module) -> None:
         """Removes pruning buffers from any pruned modules."""
         engine.make_permanent_(module)
+
+    def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
+        self.make_pruning_permanent(pl_module)
 
     def apply_lottery_ticket_hypothesis(self) -> None:
         r"""Reset the surviving weights to their values when fitting started (step 4 of the lottery ticket
@@ -601,12 +603,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._fit_trainer = None
-        if self._masks_restored_outside_fit:
-            # validate/test/predict(ckpt_path=...) put the checkpoint's masks back on the model: with
-            # make_pruning_permanent=True the model leaves the evaluation as the fit left it, with plain weights
-            # (its state dict loads into the unpruned architecture, as after fit)
-            self._masks_restored_outside_fit = False
-            self.make_pruning_permanent(pl_module)
+        super().teardown(trainer, pl_module, stage)  # masks an evaluation's ckpt_path restored: made permanent
         self._remove_hooks()
         for handle in self._output_hooks:  # a fit that ended before its first batch did
             handle.remove()
@@ -962,8 +959,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _restore(self, state: dict[str, Any]) -> None:
         self._pending_state = None
         self._state_restored = True
-        self._masks_restored_outside_fit = self._make_pruning_permanent and self._fit_trainer is None \
-            and bool(state.get("masks"))
+        self._note_restored_masks(state, self._make_pruning_permanent)
         self._rounds = int(state.get("rounds", 0))
         self._last_step = int(state.get("last_step", -1))
         self._epochs_ended = state.get("epochs_ended")  # None from an older checkpoint: nothing is caught up

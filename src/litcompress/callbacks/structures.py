@@ -77,8 +77,6 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._warned_fit_too_short = False
         self._pruned_once = False
         self._pending_state: Optional[dict[str, Any]] = None
-        self._fitting = False  # between setup and teardown of a fit
-        self._masks_restored_outside_fit = False  # by an evaluation's ckpt_path: made permanent when it ends
 
     # ------------------------------------------------------------------------------------------ what to prune
     def _layer_names(self, pl_module: LightningModule) -> list[str]:
@@ -159,7 +157,6 @@ class StructurePruning(TargetsFoundOnceConfigured):
         if stage == "fit" and trainer is not None and self._make_pruning_permanent:
             # its averages, written over the weights after `on_train_end` made the masks permanent, would be dense
             _refuse_weight_averaging_after(self, trainer.callbacks)
-        self._fitting = stage == "fit"
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
@@ -179,6 +176,9 @@ class StructurePruning(TargetsFoundOnceConfigured):
         if self._make_pruning_permanent:
             self._make_own_masks_permanent()
 
+    def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
+        self._make_own_masks_permanent()
+
     def _make_own_masks_permanent(self) -> None:
         """Its own masks only: another pruning callback decides about its own."""
         with engine.parameter_order_preserved(engine.unique_modules(self._targets)):
@@ -187,12 +187,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
                     torch_prune.remove(module, name)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
-        self._fitting = False
-        if self._masks_restored_outside_fit:
-            # validate/test/predict(ckpt_path=...) put the checkpoint's masks back: with make_pruning_permanent=True
-            # the model leaves the evaluation as the fit left it, its state dict loading into the unpruned model
-            self._masks_restored_outside_fit = False
-            self._make_own_masks_permanent()
+        super().teardown(trainer, pl_module, stage)  # masks an evaluation's ckpt_path restored: made permanent
         self._remove_hooks()
         if _in_spawned_worker(trainer) and self._targets:
             # `ddp_spawn` hands rank 0's weights to the parent process as a state dict loaded with strict=False into
@@ -245,8 +240,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def _restore(self, state: dict[str, Any]) -> None:
         self._pending_state = None
-        self._masks_restored_outside_fit = self._make_pruning_permanent and not self._fitting \
-            and bool(state.get("masks"))
+        self._note_restored_masks(state, self._make_pruning_permanent)
         index = dict(zip(self._names, self._targets))
         unknown = sorted(set(state.get("masks", {})) - set(index))
         if unknown:

@@ -24,11 +24,28 @@ class TargetsFoundOnceConfigured(Callback):
 
     _deferred_stage: Optional[str] = None
     _hook_handles: list[Any]
+    _fitting = False  # between the setup of a fit and the next stage's
+    _masks_restored_outside_fit = False  # by an evaluation's ckpt_path: made permanent when it ends
 
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         raise NotImplementedError
 
+    def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
+        raise NotImplementedError
+
+    def _note_restored_masks(self, state: dict[str, Any], make_pruning_permanent: bool) -> None:
+        """Called as a checkpoint's state puts masks back on the model: outside a fit (``validate``/``test``/
+        ``predict`` with ``ckpt_path``), with ``make_pruning_permanent=True``, they are made permanent when the stage
+        ends, so that the model leaves it as the fit left it, its state dict loading into the unpruned model."""
+        self._masks_restored_outside_fit = make_pruning_permanent and not self._fitting and bool(state.get("masks"))
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        if self._masks_restored_outside_fit:
+            self._masks_restored_outside_fit = False
+            self._make_restored_masks_permanent(pl_module)
+
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
         lazy = bool(engine.lazy_parameter_names(pl_module))
         if trainer is not None and (is_overridden("configure_model", pl_module) or lazy):
             self._deferred_stage = stage
