@@ -587,6 +587,17 @@ def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune
         apply_mask_(module, name, (~drop).to(tensor.dtype).view(shape).expand_as(tensor))
 
 
+def check_keep_multiple_of(keep_multiple_of: object, method: type[torch_prune.BasePruningMethod]) -> None:
+    """ValueError unless `keep_multiple_of` is None, or an int >= 1 with a structured `method`."""
+    if keep_multiple_of is None:
+        return
+    if getattr(method, "PRUNING_TYPE", None) != "structured":
+        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning keeps: "
+                         f"for structured methods only, got method {method.__name__}.")
+    if isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int) or keep_multiple_of < 1:
+        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16), or None.")
+
+
 def prune_to_sparsity_(
     targets: Sequence[Target],
     method: str | type[torch_prune.BasePruningMethod],
@@ -610,12 +621,7 @@ def prune_to_sparsity_(
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
-    if keep_multiple_of is not None and not structured:
-        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning keeps: "
-                         f"for structured methods only, got method {method_cls.__name__}.")
-    if keep_multiple_of is not None and not (isinstance(keep_multiple_of, int)
-                                             and not isinstance(keep_multiple_of, bool) and keep_multiple_of >= 1):
-        raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16), or None.")
+    check_keep_multiple_of(keep_multiple_of, method_cls)
     before = sum(pruned_count(m, n) for m, n in targets)
     if scope == "global":
         total = sum(getattr(m, n).numel() for m, n in targets)

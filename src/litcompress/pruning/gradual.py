@@ -9,8 +9,9 @@ from typing import Any
 import torch.nn.utils.prune as torch_prune
 
 from litcompress.pruning.distributed import broadcast_pruning_state_
-from litcompress.pruning.engine import (Scope, Target, check_targets, distinct_targets, emptied_message,
-                                        emptied_targets, prune_to_sparsity_, pruned_count, register_state_hooks)
+from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
+                                        emptied_message, emptied_targets, prune_to_sparsity_, pruned_count,
+                                        register_state_hooks)
 from litcompress.pruning.methods import check_method_kwargs, resolve_method
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
@@ -74,13 +75,7 @@ class GradualPruner:
             method_kwargs = {**method_kwargs, "slice_groups": self._slice_groups(method_kwargs["slice_groups"],
                                                                                  target_names)}
         self.method_kwargs = method_kwargs
-        if keep_multiple_of is not None and getattr(self.method, "PRUNING_TYPE", None) != "structured":
-            raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning "
-                             f"keeps: for structured methods only, got {self.method.__name__}.")
-        if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
-                                             or keep_multiple_of < 1):
-            raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16, the "
-                             "SIMD width), or None.")
+        check_keep_multiple_of(keep_multiple_of, self.method)  # when built, not at the first round
         self.keep_multiple_of = keep_multiple_of
         # a fresh model then loads a pruned state dict (`<name>_orig`/`<name>_mask` keys) as it is: a resumed loop's
         # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged
