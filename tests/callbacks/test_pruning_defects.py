@@ -1080,3 +1080,38 @@ def test_a_filter_that_leaves_no_tensor_is_said_and_the_fit_runs(tmp_path, verbo
         make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model)
     assert model.state_dict().keys() == before.keys()
     assert all(int((v == 0).sum()) == 0 for v in model.state_dict().values())  # nothing pruned
+
+
+class _LightningPrunesNothing(LightningModelPruning):
+    def filter_parameters_to_prune(self, parameters_to_prune=()):
+        return []
+
+
+@pytest.mark.parametrize(("verbose", "use_global_unstructured", "error"), [
+    (0, True, r"torch.cat\(\): expected a non-empty list"), (1, False, "division by zero")])
+def test_lightnings_callback_fails_where_no_tensor_is_left_to_prune(tmp_path, verbose, use_global_unstructured, error):
+    """What the README says of the peer, beside the fix above: its first round fails."""
+    callback = _LightningPrunesNothing("l1_unstructured", amount=0.5, verbose=verbose,
+                                       use_global_unstructured=use_global_unstructured)
+    with pytest.raises((RuntimeError, ValueError, ZeroDivisionError), match=error):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(FixedDataModel())
+
+
+@pytest.mark.parametrize("cls", [LightningModelPruning, ModelPruning], ids=["lightning", "litcompress"])
+@pytest.mark.parametrize("lottery_ticket", [False, True])
+def test_a_second_fit_with_the_same_callback_goes_on_from_the_zeros_only_with_the_lottery_ticket(tmp_path, cls,
+                                                                                                 lottery_ticket):
+    """As the README says: without the ticket the zeros make_pruning_permanent left train back and the second fit's
+    round starts over (Lightning's does so either way); with it ours goes on (its rounds make the ticket: 50% of
+    what is left)."""
+    model = FixedDataModel()
+    callback = cls("l1_unstructured", amount=0.5, parameter_names=["weight"],
+                   use_lottery_ticket_hypothesis=lottery_ticket)
+    sparsity = []
+    for _ in range(2):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+        weights = [model.layer.mlp_1.weight, model.layer.mlp_2.weight, model.layer.mlp_3.weight]
+        sparsity.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+    assert sparsity[0] == pytest.approx(0.5, abs=0.01)
+    goes_on = lottery_ticket and cls is ModelPruning
+    assert sparsity[1] == pytest.approx(0.75 if goes_on else 0.5, abs=0.01)
