@@ -95,6 +95,7 @@ def test_ctrl_c_during_the_search_keeps_what_it_found_and_leaves_ctrl_c_working(
     """Lightning's validate turned Ctrl-C into sys.exit(1): the search ended without what it found, the process with
     exit code 1, and SIGINT stayed ignored afterwards."""
     module, data = fitted
+    CtrlCInTheFourthValidation.validations = 0  # counted on the class: from zero, also when the test runs again
     pressing = CtrlCInTheFourthValidation()
     pressing.load_state_dict(module.state_dict())
     with python_handles_ctrl_c():
