@@ -247,3 +247,89 @@ def test_inputs_and_models_of_the_wrong_kind_are_refused():
         sparsify(F.relu, torch.randn(2, 32))
     with pytest.raises(ValueError, match="expected a 2-d weight"):
         SparseLinear(torch.randn(2, 3, 4))
+
+
+def test_a_tied_weight_stays_dense_so_the_tie_and_the_file_size_stay():
+    """A CSR copy of a weight an embedding also holds runs and gives the same outputs, so the example batch cannot
+    tell; but the two would no longer share one tensor and the file would hold the matrix twice."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(40, 16)
+            self.head = nn.Linear(16, 40, bias=False)
+            self.head.weight = self.emb.weight
+            self.mid = _sparse_linear(16, 16, 0.9, True, 4)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.emb(tokens))))
+
+    model = TiedLM()
+    with torch.no_grad():  # 90% zeros, as pruning both holders together leaves them
+        model.emb.weight[torch.rand(40, 16, generator=torch.Generator().manual_seed(0)) < 0.9] = 0
+    tokens = torch.randint(0, 40, (3, 5))
+    result = sparsify(model, tokens, min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted == ("mid",)
+    head = next(layer for layer in result.report.layers if layer.name == "head")
+    assert head.reason.startswith("its weight is tied to emb.weight")
+    assert result.model.head.weight is result.model.emb.weight
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(tokens), model(tokens))
+
+
+def test_a_layer_object_used_at_two_places_is_converted_at_both():
+    layer = _sparse_linear(20, 20, 0.9, True, 5)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    x = torch.randn(4, 20)
+    result = sparsify(model, x, min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted == ("0",)
+    assert isinstance(result.model[2], SparseLinear) and result.model[2] is result.model[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_encoder_feed_forward_stays_dense_even_when_the_example_is_unbatched():
+    """The fused path that reads linear1/linear2's weights runs for batched inputs only: an unbatched example batch
+    passes the check, and the model would then fail on the batches it serves."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True, dropout=0.0).eval()
+    for linear in (layer.linear1, layer.linear2):
+        prune.l1_unstructured(linear, "weight", amount=0.9)
+    result = sparsify(layer, torch.randn(6, 16), min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted == ()
+    assert all("fused path" in row.reason for row in result.report.layers if row.name in ("linear1", "linear2"))
+    batch = torch.randn(4, 6, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(batch), layer(batch))
+
+
+def test_a_layer_called_with_the_input_keyword_is_timed_and_converted():
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = _sparse_linear(16, 16, 0.9, True, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=x)
+
+    model = KeywordCall()
+    x = torch.randn(5, 16)
+    result = sparsify(model, x, min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted == ("fc",)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_weight_csr_kernels_cannot_multiply_is_refused_when_built(dtype):
+    with pytest.raises(ValueError, match="float32 or float64"):
+        SparseLinear.from_dense(nn.Linear(4, 3).to(dtype))
+
+
+def test_a_float64_state_dict_keeps_the_layer_float32():
+    layer = SparseLinear.from_dense(_sparse_linear(6, 5, 0.8, True, 7))
+    dense = _sparse_linear(6, 5, 0.5, True, 8).double()
+    layer.load_state_dict(dense.state_dict())
+    assert layer.weight.dtype == layer.bias.dtype == torch.float32
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(layer(x), dense.float()(x))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.engine import deepcopy_model, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import _scale, max_output_difference
 
@@ -42,6 +42,9 @@ class SparseLinear(nn.Module):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear: expected a 2-d weight (out_features, in_features), got {weight.dim()}-d.")
+        if weight.device.type == "cpu" and weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"SparseLinear: torch's CSR products on CPU take float32 or float64 weights, got "
+                             f"{weight.dtype}; keep this layer an nn.Linear (or convert it to float32 first).")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.register_buffer("weight", _csr(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -80,8 +83,9 @@ class SparseLinear(nn.Module):
             elif tuple(value.shape) != expected:
                 error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(value.shape)}, the "
                                   f"shape in the current model is {expected}.")
-            else:
-                setattr(self, name, _csr(value) if name == "weight" else value.detach().clone())
+            else:  # cast to this layer's dtype, as nn.Linear's copy_ does: a float64 file must not change it
+                value = value.detach().to(getattr(self, name).dtype)
+                setattr(self, name, _csr(value) if name == "weight" else value.clone())
         if strict:  # as nn.Module's own loading: keys of this layer it has no place for
             unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in read
                                    and "." not in key[len(prefix):])
@@ -106,7 +110,8 @@ class SparseLinear(nn.Module):
         """The fraction of the weight's entries stored (non-zero)."""
         return self.weight.values().numel() / max(1, self.out_features * self.in_features)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name: `layer(input=x)` keeps working
+        x = input
         rows = x.reshape(-1, self.in_features).t()
         out = torch.mm(self.weight, rows) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight,
                                                                                    rows)
@@ -183,12 +188,13 @@ def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], in
     seen: dict[str, Tensor] = {}
 
     def recorder(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            if name not in seen and args and isinstance(args[0], Tensor):
-                seen[name] = args[0].detach()
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("input")  # `layer(input=x)` is a call too
+            if name not in seen and isinstance(x, Tensor):
+                seen[name] = x.detach()
         return record
 
-    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
     try:
         with torch.no_grad():
             outputs = model(*inputs)
@@ -196,6 +202,28 @@ def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], in
         for handle in handles:
             handle.remove()
     return outputs, seen
+
+
+def _read_outside_forward(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, str]:
+    """Why each of `layers` whose weight other code reads must stay dense, by name. The example batch cannot always
+    tell: a CSR copy of a tied weight runs, but unties it (and stores the matrix twice); torch's
+    ``TransformerEncoderLayer`` reads its feed-forward weights on its fused path only for batched inputs."""
+    reasons: dict[str, str] = {}
+    names = {id(layer): name for name, layer in layers.items()}
+    for holders in tied_parameters(model.named_modules()):
+        for path, module, tensor in holders:
+            if id(module) in names and names[id(module)] not in reasons:
+                other = next(f"{p or 'model'}.{t}" for p, m, t in holders if m is not module)
+                reasons[names[id(module)]] = (f"its {tensor} is tied to {other}: a CSR copy would untie them and "
+                                              "store the matrix twice")
+    for path, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for child in ("linear1", "linear2"):
+                name = f"{path}.{child}" if path else child
+                if name in layers:
+                    reasons.setdefault(name, "torch's TransformerEncoderLayer reads it on its fused path, taken "
+                                             "for batched inputs without grad")
+    return reasons
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
@@ -235,9 +263,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             itself, as the pipeline's report does, passes False).
 
     Linear layers of other dtypes than float32, those forward never calls (an ``nn.MultiheadAttention``'s
-    ``out_proj``) and those whose weight other code reads too (each conversion is checked on the example batch: the
-    model must run and give the same outputs) stay dense; the report says why for each. Inference only: the CSR
-    weights are buffers.
+    ``out_proj``), tied weights, ``nn.TransformerEncoderLayer``'s feed-forward layers (its fused path reads them) and
+    those whose weight other code reads too (each conversion is checked on the example batch: the model must run and
+    give the same outputs) stay dense; the report says why for each. A layer used at several places is converted at
+    all of them. Inference only: the CSR weights are buffers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify(model=...): expected an nn.Module, got {type(model).__name__}.")
@@ -258,6 +287,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     inputs = to_inputs(example_inputs)
     work = _plain_copy(model)
     layers = {name: m for name, m in work.named_modules() if isinstance(m, nn.Linear)}
+    # A layer object used at several places is converted at all of them (named_modules gives its first name only).
+    aliases = {name: [alias for alias, m in work.named_modules(remove_duplicate=False) if m is layer]
+               for name, layer in layers.items()}
+    kept_dense = _read_outside_forward(work, layers)
     reference, first_inputs = _outputs_and_first_inputs(work, layers, inputs)
     threads = num_threads or torch.get_num_threads()
     decisions: list[SparseLayerReport] = []
@@ -266,7 +299,8 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         shape = (int(weight.shape[0]), int(weight.shape[1]))
         sparsity = float((weight == 0).sum()) / max(1, weight.numel())
         x = first_inputs.get(name)
-        reason = (f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity
+        reason = (kept_dense[name] if name in kept_dense
+                  else f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity
                   else "not float32" if weight.dtype != torch.float32 or (x is not None and x.dtype != torch.float32)
                   else "its forward is not called (its weight is read directly)" if x is None else None)
         if reason is not None:
@@ -277,12 +311,14 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         dense_ms, sparse_ms = 1e3 * dense_t["median"], 1e3 * sparse_t["median"]
         reason = None if dense_ms >= min_speedup * sparse_ms else f"CSR not {min_speedup:g}x faster here"
         if reason is None:
-            work.set_submodule(name, candidate)
-            # Code that reads this layer's weight outside its forward (a tied module, F.linear, a fused fast path
-            # such as TransformerEncoderLayer's) now gets a CSR tensor: the model's outputs tell, layer by layer.
+            for alias in aliases[name]:
+                work.set_submodule(alias, candidate)
+            # Code that reads this layer's weight outside its forward (F.linear on it, a fused path) now gets a CSR
+            # tensor: the model's outputs tell, layer by layer.
             failure = _failure(work, inputs, reference)
             if failure is not None:
-                work.set_submodule(name, layer)
+                for alias in aliases[name]:
+                    work.set_submodule(alias, layer)
                 reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
     with torch.no_grad():
