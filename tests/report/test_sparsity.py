@@ -35,3 +35,21 @@ def test_unpruned_model_reports_every_parameter_and_prints_a_table(capsys):
     prune_([(model[0], "weight")], "l1_unstructured", 0.25)
     after = sparsity_report(model)
     assert after["0.weight"].zeros == 4 and after.sparsity == 4 / 16
+
+
+def test_a_sparsified_model_reports_the_zeros_of_its_csr_weights():
+    """sparsify's CSR weights are buffers: the default targets and explicit ones count them as the dense model's."""
+    from torch.nn.utils import prune
+
+    from litcompress.pruning import SparseLinear, sparsify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.9)
+    dense = sparsity_report(model, [(model[0], "weight"), (model[0], "bias"), (model[2], "weight"),
+                                    (model[2], "bias")])
+    sparse_model = sparsify(model, torch.randn(4, 32), min_speedup=0, repeats=1, time_model=False).model
+    assert isinstance(sparse_model[0], SparseLinear)
+    report = sparsity_report(sparse_model)
+    assert [(t.name, t.zeros, t.numel) for t in report.tensors] == [(t.name, t.zeros, t.numel) for t in dense.tensors]
+    assert sparsity_report(sparse_model, [(sparse_model[0], "weight")]).zeros == dense["0.weight"].zeros == 922

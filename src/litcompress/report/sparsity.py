@@ -78,13 +78,28 @@ def tensor_sparsity(module: nn.Module, name: str, label: str | None = None) -> T
     """Zeros of ``module.<name>`` in its effective values (``orig * mask`` when pruned; dequantized when it is a
     quantized tensor subclass)."""
     values = plain_values(effective_tensor(module, name))
+    if values.layout != torch.strided:  # a CSR/COO weight (sparsify's SparseLinear): count its stored values
+        values = values.to_dense() if values.layout == torch.sparse_coo else values
+        stored = values if values.layout == torch.strided else values.values()
+        return TensorSparsity(label or name, values.numel() - int(torch.count_nonzero(stored)), values.numel())
     return TensorSparsity(label or name, values.numel() - int(torch.count_nonzero(values)), values.numel())
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """`module`'s own parameters; a :class:`~litcompress.pruning.SparseLinear`'s weight and bias, which are buffers
+    (it is for inference)."""
+    from litcompress.pruning.sparse import SparseLinear  # the pruning package imports the report's helpers
+
+    if isinstance(module, SparseLinear):
+        return [n for n in ("weight", "bias") if getattr(module, n) is not None]
+    return [n for n, p in module.named_parameters(recurse=False) if p is not None]
 
 
 def sparsity_report(
     model: nn.Module, targets: Sequence[Target] | None = None, *, print_table: bool = False
 ) -> SparsityReport:
-    """Zeros of `targets` (default: every pruned tensor of `model`, else every parameter) in effective values.
+    """Zeros of `targets` (default: every pruned tensor of `model`, else every parameter, and the CSR weights and
+    biases of :class:`~litcompress.pruning.SparseLinear` layers) in effective values.
 
     Effective values are ``orig * mask`` for pruned tensors, so zeros from pruning and exact zeros in the
     weights both count. Names are relative to `model`. A tensor held by several modules (tied weights) is counted
@@ -95,9 +110,7 @@ def sparsity_report(
         targets = check_targets(targets, "sparsity_report")
     if targets is None:
         pruned = [(m, n) for _, m, n in pruned_targets(model)]
-        targets = pruned or [
-            (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if p is not None
-        ]
+        targets = pruned or [(m, n) for m in model.modules() for n in _weight_names(m)]
     targets = distinct_targets(targets)
     names = qualified_names(model, targets)
     report = SparsityReport(tuple(tensor_sparsity(m, n, label) for label, (m, n) in zip(names, targets)))
