@@ -224,3 +224,41 @@ def test_datamodule_arguments_are_checked_at_construction(kwargs: dict, message:
 def test_mnist_train_limit_is_checked_before_the_archive_is_read(train_limit) -> None:
     with pytest.raises(ValueError, match="train_limit=.* must be a positive int"):
         MNISTDataModule(train_limit=train_limit)
+
+
+def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_with_the_weights_of_one_uninterrupted(
+        tmp_path) -> None:
+    """Lightning goes on at the checkpoint's batch index; the epoch's order must go on there too (it started over
+    at the epoch's first batch: the resumed run trained on other batches and ended with other weights)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from litcompress.models import MLPClassifier
+
+    class RecordsBatches(MLPClassifier):
+        def __init__(self) -> None:
+            super().__init__(hidden=(8,))
+            self.seen: dict[tuple[int, int], list[int]] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.seen[(self.current_epoch, batch_idx)] = batch[1].tolist()
+            return super().training_step(batch, batch_idx)
+
+    def fit(model, callbacks=(), ckpt_path=None) -> None:
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+                  default_root_dir=tmp_path).fit(model, datamodule=DigitsDataModule(batch_size=64),
+                                                 ckpt_path=ckpt_path)
+
+    L.seed_everything(0, verbose=False)
+    uninterrupted = RecordsBatches()
+    fit(uninterrupted)
+    L.seed_everything(0, verbose=False)
+    first = RecordsBatches()  # 17 batches an epoch: step 20 is the epoch 1's fourth batch
+    fit(first, [ModelCheckpoint(dirpath=tmp_path, filename="mid", every_n_train_steps=20, save_top_k=-1)])
+    resumed = RecordsBatches()
+    fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    assert min(resumed.seen) == (1, 3) and len(resumed.seen) == 14
+    assert all(resumed.seen[key] == uninterrupted.seen[key] for key in resumed.seen)
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -126,7 +126,7 @@ def find_lottery_ticket(
     learning-rate schedule, epoch and step counters where they were at k, the optimizer's learning rates too, and
     its state (momenta) cleared unless ``reset_optimizer=False``. A k inside an epoch resumes as Lightning resumes a
     mid-epoch checkpoint: the rest of that epoch's steps, drawn from the start of the loader (a loader without
-    ``state_dict`` cannot skip ahead).
+    ``state_dict`` cannot skip ahead; ``litcompress.data``'s DataModules go on at the batch k reached).
 
     With `checkpoint_path`, the search is written there after every round and a second call with the same arguments
     resumes it after its last finished round (see ``iterative_magnitude_pruning``); with ``retrain_from=

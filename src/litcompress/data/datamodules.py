@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -31,10 +31,13 @@ class EpochShuffleSampler(Sampler[int]):
     generator would start over at epoch 0's order). Without ``set_epoch`` (a plain loop), each pass is the next
     epoch. An epoch read only in part (``limit_train_batches``, ``max_steps``) changes no later epoch's order here,
     where a shuffling loader's generator would have drawn less and given other orders from then on.
+
+    ``skip``, when given, is asked at the start of each pass how many of that epoch's first indices to leave out: a
+    run resumed from a mid-epoch checkpoint goes on with the batches the interrupted run had not reached.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, skip: Callable[[], int] | None = None) -> None:
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, skip
         self._generator = torch.Generator().manual_seed(seed)
         self._drawn = -1  # the last epoch whose order `_generator` has produced
         self._order = RandomSampler(range(size), generator=self._generator)
@@ -56,7 +59,7 @@ class EpochShuffleSampler(Sampler[int]):
             torch.empty((), dtype=torch.int64).random_(generator=self._generator)
             indices = list(self._order)
             self._drawn += 1
-        return iter(indices)
+        return iter(indices[self.skip():] if self.skip is not None else indices)
 
 
 def _check_flatten(flatten: object) -> None:
@@ -102,11 +105,23 @@ class _BundledDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(dataset), self.seed, self._samples_done_in_resumed_epoch)
+            if shuffle else None,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _samples_done_in_resumed_epoch(self) -> int:
+        """Samples of the current epoch a fit resumed from a mid-epoch checkpoint has already trained on (Lightning
+        goes on at the checkpoint's batch index, but a sampler would start the epoch over); else 0. Under several
+        processes (a distributed sampler wraps this one) the epoch is read from its start, as Lightning does."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size != 1 or not trainer.training:
+            return 0
+        loop = trainer.fit_loop.epoch_loop
+        done = loop.batch_progress.current.completed
+        return done * self.batch_size if loop.restarting and 0 < done < trainer.num_training_batches else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require_splits().train, shuffle=True)
