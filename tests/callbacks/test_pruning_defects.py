@@ -275,6 +275,33 @@ def test_lottery_ticket_reset_keeps_the_precision_the_trainer_cast_the_model_to(
         assert torch.equal(layer.weight_orig[kept], initial[name][kept]), name  # survivors reset to their start
 
 
+class _HandWrittenLinear(torch.nn.Module):
+    """A layer that draws its weight in __init__ and has no reset_parameters."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(fan_out, fan_in) / fan_in ** 0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t() + self.bias
+
+
+@both("resample_parameters=True on a layer without reset_parameters puts its initial weights back: the ticket")
+def test_resampling_draws_fresh_weights_for_a_layer_without_reset_parameters(tmp_path, cls):
+    seed_everything(0)
+    model = FixedDataModel()
+    model.layer.mlp_1 = _HandWrittenLinear(32, 32)
+    initial = model.layer.mlp_1.weight.detach().clone()
+    callback = cls("l1_unstructured", parameters_to_prune=[(model.layer.mlp_1, "weight")], amount=0.3,
+                   make_pruning_permanent=False, use_lottery_ticket_hypothesis=True, resample_parameters=True)
+    seen = RecordEpochStarts()
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback, seen]).fit(model)
+    resampled = seen.weights[1][0]  # epoch 1 starts from the reset after epoch 0's round
+    assert not torch.equal(resampled, initial)
+    torch.testing.assert_close(resampled.flatten().sort().values, initial.flatten().sort().values)
+
+
 @both("fit -> test -> fit with one callback crashes in deepcopy of non-leaf tensors")
 def test_fit_test_fit_with_one_callback(tmp_path, cls):
     model = ThreeLayerModel()

@@ -622,3 +622,72 @@ def test_trainer_arguments_that_cannot_work_fail_before_training_and_a_model_che
     ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
                                  trainer_kwargs=dict(max_epochs=1, callbacks=[checkpoints]))
     assert len(ticket.rounds) == 2 and list((tmp_path / "ckpt").glob("*.ckpt"))
+
+
+class HandWrittenLinear(nn.Module):
+    """A layer that draws its weights in __init__ and has no reset_parameters."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fan_out, fan_in) / fan_in ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t() + self.bias
+
+
+def test_the_control_draws_fresh_weights_for_a_layer_without_reset_parameters():
+    """The control of a layer reset_parameters cannot redraw started from the ticket's own initial weights, so the
+    'random re-initialisation' column was partly the ticket itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HandWrittenLinear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    train, evaluate = plain_train_and_evaluate()
+    starts = []
+
+    def recording_train(network):
+        starts.append({k: v.detach().clone() for k, v in network.state_dict().items()})
+        train(network)
+
+    iterative_magnitude_pruning(model, recording_train, evaluate, rounds=1, rate=0.5, control="final")
+    ticket_start, control_start = starts[1], starts[2]  # dense fit, round 1 (the ticket), the control
+    for name in ("0.weight", "2.weight"):
+        ticket = ticket_start[f"{name}_orig"][ticket_start[f"{name}_mask"].bool()]
+        control = control_start[f"{name}_orig"][control_start[f"{name}_mask"].bool()]
+        assert not torch.equal(ticket, control)
+    # the hand-written layer's fresh weights come from its own initial values' distribution: a permutation of them
+    torch.testing.assert_close(control_start["0.weight_orig"].flatten().sort().values,
+                               ticket_start["0.weight_orig"].flatten().sort().values)
+
+
+def test_redraw_parameters_resets_layers_that_can_and_shuffles_the_rest():
+    from litcompress.pruning.lottery import redraw_parameters_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(HandWrittenLinear(8, 6), nn.Linear(6, 4))
+    model.scale = nn.Parameter(torch.arange(5.0))  # a parameter the container holds itself
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert redraw_parameters_(model) == ["scale", "0.weight", "0.bias"]
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        if name != "0.bias":  # zeros, shuffled, are zeros
+            assert not torch.equal(after[name], value), name
+    for name in ("scale", "0.weight", "0.bias"):
+        torch.testing.assert_close(after[name].detach().flatten().sort().values, before[name].flatten().sort().values)
+
+
+def test_a_resampling_rewind_of_a_layer_without_reset_parameters_never_gives_back_its_snapshot():
+    """ModelPruning(resample_parameters=True) rewinds through rewind_(resample=True): such a layer got its initial
+    values back (as Lightning's callback does), which is the lottery ticket, not the control."""
+    from torch.nn.utils import prune
+
+    from litcompress.pruning.lottery import rewind_, take_snapshot
+
+    torch.manual_seed(0)
+    layer = HandWrittenLinear(16, 8)
+    targets = [(layer, "weight")]
+    snapshot = take_snapshot(targets)
+    initial = layer.weight.detach().clone()
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    rewind_(targets, snapshot, resample=True)
+    assert not torch.equal(layer.weight_orig, initial)
+    torch.testing.assert_close(layer.weight_orig.detach().flatten().sort().values, initial.flatten().sort().values)

@@ -38,7 +38,7 @@ from litcompress.pruning.engine import (
     remaining_count,
     set_mask_,
 )
-from litcompress.pruning.lottery import rewind_, snapshot_tensor, take_snapshot
+from litcompress.pruning.lottery import redraw_parameters_, rewind_, snapshot_tensor, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def _trained_control(
     control = deepcopy_model(pristine)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for module in control.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
+        redraw_parameters_(control)
     for name in names:
         path, _, tensor = name.rpartition(".")
         set_mask_(control.get_submodule(path), tensor, masks[name])

@@ -79,19 +79,47 @@ def snapshot_tensor(snapshot: Snapshot, index: int) -> Tensor:
     raise KeyError(f"target {index} is not in the snapshot")
 
 
+def shuffled(values: Tensor) -> Tensor:
+    """A random permutation of `values`' entries (torch's global RNG): fresh values from the distribution they were
+    drawn from, where that drew them independently, for a parameter without ``reset_parameters``."""
+    flat = values.detach().flatten()
+    return flat[torch.randperm(flat.numel(), device=flat.device)].view_as(values)
+
+
+def redraw_parameters_(module: nn.Module) -> list[str]:
+    """Fresh values for every parameter of `module` (the random re-initialisation control of the lottery-ticket
+    experiments), in place: ``reset_parameters()`` of each submodule that has one; a parameter no such method covers
+    (a hand-written layer's, one a LightningModule holds itself) is :func:`shuffled`. Returns those parameters'
+    names. Draws on torch's global RNG, as ``reset_parameters`` does."""
+    covered: set[int] = set()
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+            covered.update(id(p) for p in sub._parameters.values() if p is not None)
+    names = []
+    for name, param in module.named_parameters():  # tied parameters once
+        if id(param) not in covered:
+            with torch.no_grad():
+                param.copy_(shuffled(param))
+            names.append(name)
+    return names
+
+
 def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = False) -> None:
     """Copy snapshot values into the trainable tensors of `targets` (``<name>_orig`` when pruned).
 
     Values are copied, never aliased, so the snapshot stays what it was however long training goes on.
-    With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead
-    (the random re-initialisation control of the lottery-ticket experiments).
+    With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead, or, for a
+    module without one, takes a :func:`shuffled` copy of its snapshot values (the random re-initialisation control of
+    the lottery-ticket experiments: never the snapshot's own values).
     """
     if not isinstance(snapshot, Mapping):
         raise TypeError(f"rewind_: expected the snapshot take_snapshot(targets) returned before pruning, got "
                         f"{type(snapshot).__name__}.")
     for layer in snapshot.values():
         source = layer["data"]
-        if resample and callable(getattr(source, "reset_parameters", None)):
+        can_reset = callable(getattr(source, "reset_parameters", None))
+        if resample and can_reset:
             source = copy.deepcopy(source)  # keep the snapshot itself
             source.reset_parameters()
         for i, name in layer["names"]:
@@ -99,6 +127,8 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
             value = getattr(source, name, None)
             if not isinstance(value, Tensor):
                 continue
+            if resample and not can_reset:
+                value = shuffled(value)
             dst = trainable_tensor(module, target_name)
             with torch.no_grad():
                 dst.copy_(value)
