@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -691,3 +692,47 @@ def test_a_resampling_rewind_of_a_layer_without_reset_parameters_never_gives_bac
     rewind_(targets, snapshot, resample=True)
     assert not torch.equal(layer.weight_orig, initial)
     torch.testing.assert_close(layer.weight_orig.detach().flatten().sort().values, initial.flatten().sort().values)
+
+
+class EmbeddingPReLUNet(nn.Module):
+    """An embedding, a frozen layer and a PReLU besides the Linear layers IMP is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(17, 4)
+        self.frozen = nn.Linear(64, 64).requires_grad_(False)
+        self.fc = nn.Linear(64 + 4, 32)
+        self.act = nn.PReLU(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        token = self.emb((x.sum(1) % 17).long())
+        return self.head(self.act(self.fc(torch.cat([self.frozen(x), token], 1))))
+
+
+def test_exclude_leaves_layers_dense_prelu_slopes_are_never_pruned_and_frozen_layers_are_warned_of():
+    torch.manual_seed(0)
+    train, evaluate = plain_train_and_evaluate()
+    with pytest.warns(UserWarning, match=r"\['frozen.weight'\] do not train"):
+        ticket = iterative_magnitude_pruning(EmbeddingPReLUNet(), train, evaluate, rounds=1, rate=0.5,
+                                             control="none", exclude=["emb"])
+    assert sorted(ticket.masks) == ["fc.weight", "frozen.weight", "head.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ticket = iterative_magnitude_pruning(EmbeddingPReLUNet(), train, evaluate, rounds=1, rate=0.5,
+                                             control="none", exclude=["emb.weight", "frozen"])
+    assert sorted(ticket.masks) == ["fc.weight", "head.weight"]
+    assert torch.count_nonzero(ticket.model.act.weight) == 32
+
+
+@pytest.mark.parametrize("exclude, error, message", [
+    (["haed"], ValueError, r"`exclude` names \['haed'\].*did you mean 'head'"),
+    ("head", TypeError, "`exclude` must be a sequence of names"),
+    (["emb", "frozen", "fc", "head"], ValueError, "leaves nothing to prune"),
+])
+def test_a_bad_exclude_is_refused_before_any_training(exclude, error, message):
+    def train(network):
+        raise AssertionError("trained")
+
+    with pytest.raises(error, match=message):
+        iterative_magnitude_pruning(EmbeddingPReLUNet(), train, lambda network: 0.0, rounds=1, exclude=exclude)

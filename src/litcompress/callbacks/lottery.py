@@ -104,6 +104,7 @@ def find_lottery_ticket(
     rewind_to_step: Optional[int] = None,
     evaluate_on: Literal["test", "validate"] = "test",
     parameter_names: Sequence[str] = ("weight",),
+    exclude: Sequence[str] = (),
     scope: Literal["local", "global"] = "local",
     control: str = "final",
     retrain_from: Literal["start", "rewind_point"] = "start",
@@ -254,7 +255,7 @@ def find_lottery_ticket(
     try:
         return iterative_magnitude_pruning(
             module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates,
-            parameter_names=parameter_names, scope=scope,
+            parameter_names=parameter_names, exclude=exclude, scope=scope,
             train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
             checkpoint_path=checkpoint_path,
             checkpoint_settings=dict(metric=metric, evaluate_on=evaluate_on, rewind_to_step=rewind_to_step,

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from litcompress._files import written_atomically
 from litcompress.pruning.engine import (
     Scope,
     Target,
+    close_names,
     deepcopy_model,
     default_targets,
     distinct_targets,
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: layers whose weights IMP never prunes (Frankle & Carbin prune Linear and conv weights)
 _NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+#: nor an activation's parameters (a PReLU slope pruned to 0 turns its channel into a ReLU)
+_NOT_PRUNED = _NORMALISATIONS + (nn.PReLU,)
 
 TrainFn = Callable[[nn.Module], None]
 EvaluateFn = Callable[[nn.Module], float]
@@ -82,7 +86,9 @@ class LotteryTicket:
 
 
 def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str, scope: object = "local",
-              parameter_names: object = ("weight",)) -> None:
+              parameter_names: object = ("weight",), exclude: object = ()) -> None:
+    if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):  # type: ignore
+        raise TypeError(f"`exclude` must be a sequence of names, e.g. ['head.weight'] or ['head'], got {exclude!r}.")
     if scope not in ("local", "global"):  # anything else ran local pruning without a word
         raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
     if isinstance(parameter_names, str) or not all(isinstance(n, str) for n in parameter_names):  # type: ignore
@@ -200,6 +206,7 @@ def iterative_magnitude_pruning(
     rate: float = 0.2,
     layer_rates: Mapping[str, float] | None = None,
     parameter_names: Sequence[str] = ("weight",),
+    exclude: Sequence[str] = (),
     scope: Scope = "local",
     train_to_rewind_point: TrainFn | None = None,
     control: str = "final",
@@ -219,7 +226,9 @@ def iterative_magnitude_pruning(
         layer_rates: per-tensor overrides by qualified name, e.g. ``{"net.4.weight": 0.1}`` for the output layer,
             as Frankle & Carbin do (local scope only).
         parameter_names: which tensors of each module to prune (normalisation layers' are left out: their scales
-            and shifts are rewound with the rest of the network, never pruned).
+            and shifts are rewound with the rest of the network, never pruned; nor are ``nn.PReLU`` slopes).
+        exclude: tensors left dense, by qualified name (``"head.weight"``) or module name (``"head"``): an
+            embedding, a frozen layer (which retraining cannot adapt: such tensors are warned of).
         train_to_rewind_point: trains the copy to the rewind point k before the snapshot (late resetting);
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
@@ -237,12 +246,12 @@ def iterative_magnitude_pruning(
         is the dense network).
     """
     layer_rates = dict(layer_rates or {})
-    _validate(rounds, rate, layer_rates, control, scope, parameter_names)
+    _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude)
     network = deepcopy_model(model)
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
     pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
     targets = [(module, name) for module, name in default_targets(network, parameter_names)
-               if not isinstance(module, _NORMALISATIONS)]
+               if not isinstance(module, _NOT_PRUNED)]
     if not targets:
         raise ValueError(f"nothing to prune: {type(model).__name__} has no {list(parameter_names)} parameter (a "
                          "module that builds its layers later, e.g. in `configure_model`, must have built them).")
@@ -252,6 +261,20 @@ def iterative_magnitude_pruning(
     if missing:  # a misspelt name ('bais') pruned nothing of it, silently
         raise ValueError(f"`parameter_names` {missing}: no pruned module of {type(model).__name__} has such a "
                          f"tensor; the others found: {sorted(found)}.")
+    module_names = [name.rpartition(".")[0] for name in names]
+    unknown = sorted(set(exclude) - set(names) - set(module_names))
+    if unknown:
+        raise ValueError(f"`exclude` names {unknown}, which are neither pruned tensors nor their modules"
+                         f"{close_names(unknown, names + module_names)}; choose from {names}.")
+    kept = [i for i, (name, path) in enumerate(zip(names, module_names)) if name not in exclude and path not in exclude]
+    if not kept:
+        raise ValueError(f"`exclude` {list(exclude)} leaves nothing to prune of {names}.")
+    targets, names = [targets[i] for i in kept], [names[i] for i in kept]
+    frozen = [name for (module, tensor), name in zip(targets, names)
+              if not getattr(module, f"{tensor}_orig", getattr(module, tensor)).requires_grad]
+    if frozen:  # ModelPruning warns of them too
+        warnings.warn(f"iterative_magnitude_pruning: {frozen} do not train (requires_grad=False): pruned, they are "
+                      "never retrained; leave them dense with exclude=[...].", UserWarning, stacklevel=2)
     unknown = set(layer_rates) - set(names)
     if unknown:
         raise ValueError(f"`layer_rates` names {sorted(unknown)}, which are not pruned tensors; choose from {names}.")
