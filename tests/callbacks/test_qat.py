@@ -90,7 +90,8 @@ def test_a_model_pruned_in_a_first_fit_keeps_its_zeros_through_qat(tmp_path):
     make_trainer(tmp_path, max_epochs=1, callbacks=[pruning]).fit(model, datamodule=data)
     zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2}
     assert sum(int(z.sum()) for z in zeros.values()) == round(0.6 * sum(z.numel() for z in zeros.values()))
-    callback = QuantizationAwareTraining("net")
+    # the README's recipe: an fp32 epoch first (its steps grew the zeros back before the QAT graph took its masks)
+    callback = QuantizationAwareTraining("net", start_epoch=1)
     make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=data)
     assert callback.result.held_sparse == ("0.weight", "2.weight")
     for name, parameter in model.named_parameters():
@@ -239,7 +240,8 @@ def test_a_callback_used_for_a_second_fit_of_another_module_quantizes_that_one(t
     seed_everything(1)
     second = MLPClassifier(hidden=(16,))
     before = second.net[0].weight.detach().clone()
-    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(second, datamodule=data)
+    # all of the validation data: the int8 model is judged on what the fit validates on
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback], limit_val_batches=1.0).fit(second, datamodule=data)
     assert not torch.equal(second.net[0].weight, before)  # it trained
     assert callback.qat.model is second.net
     loaded, _ = load_quantized(tmp_path / "new" / "int8.pt2")
@@ -323,15 +325,16 @@ class HeldZerosSeen(Callback):
         self.regrown.append(self._count(checkpoint["state_dict"]))
 
 
-def test_held_zeros_stay_zero_in_validation_checkpoints_and_a_resumed_fit(tmp_path):
+@pytest.mark.parametrize("start_epoch", [0, 1], ids=["killed-in-qat", "killed-in-the-fp32-epoch"])
+def test_held_zeros_stay_zero_in_validation_checkpoints_and_a_resumed_fit(tmp_path, start_epoch):
     """They were reset only before a training forward: each optimizer step grew them back in what validation ran and
     checkpoints held, and a fit resumed from such a checkpoint held far fewer zeros (its masks recomputed from the
-    regrown weights), converting to another, denser int8 model."""
+    regrown weights), converting to another, denser int8 model. Epochs before `start_epoch` hold them too."""
     spies, callbacks = [], []
 
     def make_callbacks():
         spies.append(HeldZerosSeen())
-        callbacks.append(QuantizationAwareTraining("net", start_epoch=0))
+        callbacks.append(QuantizationAwareTraining("net", start_epoch=start_epoch))
         return [callbacks[-1], spies[-1]]
 
     reference, state, resumed = fit_killed_and_resumed(tmp_path, _pruned_mlp, make_callbacks, DigitsDataModule,
@@ -440,3 +443,48 @@ def test_two_callbacks_quantize_two_submodules_in_one_fit_and_resume_each_its_ow
     assert first.result is not None and second.result is not None
     saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
     assert first.state_key in saved["callbacks"] and second.state_key in saved["callbacks"]
+
+
+def test_a_metric_without_validation_data_is_refused_at_setup(tmp_path):
+    """It failed after the whole fit, in Lightning's words, when the int8 model was to be evaluated."""
+    data = DigitsDataModule()
+    data.setup()
+    loader = torch.utils.data.DataLoader(data.splits.train, batch_size=64)
+    with pytest.raises(ValueError, match=r"metric='val_acc'\) evaluates the int8 model on the validation data"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining("net", metric="val_acc")]).fit(
+            MLPClassifier(hidden=(16,)), loader)
+
+
+class Nested(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,))
+        self.net = nn.ModuleDict({"body": self.net})
+
+    def forward(self, x):
+        return self.net["body"](x)
+
+
+def test_the_metric_of_a_dotted_submodule_in_a_fit_whose_validation_never_ran_on_its_limit(tmp_path):
+    """Three ways the int8 evaluation at fit end failed or measured otherwise than the fit: a dotted submodule (an
+    AttributeError after the file was written), validation loaders given to fit but never run
+    (check_val_every_n_epoch beyond the fit: Lightning's 'val_dataloader must be implemented'), and the fit's
+    limit_val_batches, which the evaluation ignored."""
+    data = DigitsDataModule(batch_size=64)
+    data.setup()
+    train = torch.utils.data.DataLoader(data.splits.train, batch_size=64)
+    val = torch.utils.data.DataLoader(data.splits.val, batch_size=64)
+
+    class CountsValidationBatches(Nested):
+        def validation_step(self, batch, batch_idx):
+            self.batches_seen = getattr(self, "batches_seen", 0) + 1
+            super().validation_step(batch, batch_idx)
+
+    callback = QuantizationAwareTraining("net.body", metric="val_acc", save_path=tmp_path / "int8.pt2")
+    model = CountsValidationBatches()
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback], check_val_every_n_epoch=5, limit_val_batches=2,
+                 num_sanity_val_steps=0).fit(model, train, val)
+    assert getattr(model, "batches_seen", 0) == 0 and 0 < callback.metric_value <= 1
+    x, y = data.splits.val.tensors[0][:128], data.splits.val.tensors[1][:128]  # the first 2 batches of 64
+    with torch.no_grad():
+        expected = float((callback.result.model(x).argmax(1) == y).float().mean())
+    assert callback.metric_value == pytest.approx(expected, abs=1e-6)

@@ -191,8 +191,9 @@ def test_refusals_are_clear_and_early():
         prepare_qat(pruned, (x,))
     with pytest.raises(ValueError, match=r"\['nope'\] name no layer of ReluMLP"):
         prepare_qat(model, (x,), QATConfig(fp32_layers=("nope",)))
-    with pytest.raises(TypeError, match="sequence of qualified layer names"):
-        QATConfig(fp32_layers="head")
+    for not_a_sequence in ("head", None, 5):  # None and 5 failed in the check itself ("not iterable")
+        with pytest.raises(TypeError, match="sequence of qualified layer names"):
+            QATConfig(fp32_layers=not_a_sequence)
     with pytest.raises(TypeError, match="reduce_range"):
         QATConfig(reduce_range=1)
     with pytest.raises(TypeError, match="expected a QATConfig"):

@@ -34,6 +34,7 @@ from litcompress.quantization.qat import (
     masks_refused_message,
     modules_pruned_with_masks,
     prepare_qat,
+    sparse_weight_masks,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class QuantizationAwareTraining(Callback):
         self._module: nn.Module | None = None
         self._pending_state: dict[str, torch.Tensor] | None = None  # from a checkpoint, loaded once prepared
         self._pending_masks: dict[str, torch.Tensor] | None = None  # likewise: the held zeros' masks
+        # keep_sparsity with a later start_epoch: the zeros the fit started with, held through the fp32 epochs (they
+        # would grow back before the QAT graph could take its masks), by the module's parameter names
+        self._early_masks: dict[str, torch.Tensor] | None = None
         self._distributed = False
 
     # ---- set-up: what would fail later fails here -------------------------------------------------------------
@@ -140,6 +144,13 @@ class QuantizationAwareTraining(Callback):
             _check_cpp_compiler()
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the fit
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
+        if self.metric is not None:
+            from litcompress.quantization.lightning import has_validation_data
+
+            if not has_validation_data(trainer):  # the int8 model is judged on it after all the training
+                raise ValueError(f"{_OWNER}(metric={self.metric!r}) evaluates the int8 model on the validation data "
+                                 "at fit end, and this fit has none: trainer.fit(model, datamodule=...) with a "
+                                 "val_dataloader, or trainer.fit(model, train_loader, val_loader); or metric=None.")
         pruning = [type(cb).__name__ for cb in trainer.callbacks if _prunes_in_fit(cb)]
         if pruning:
             raise ValueError(f"{_OWNER}: {pruning} prune(s) in the same fit, with masks computed in forward that the "
@@ -156,6 +167,10 @@ class QuantizationAwareTraining(Callback):
         if self.qat is not None and self.qat.model is not self._module:
             # the callback reused for the fit of another module: its graph trains the first one's parameters
             self.qat, self.result, self.metric_value, self._pending_state = None, None, None, None
+            self._early_masks = None
+        if (self.config.keep_sparsity and self.qat is None and self._pending_masks is None
+                and self._early_masks is None and trainer.current_epoch < self.start_epoch):
+            self._early_masks = sparse_weight_masks(self._module)
 
     def _quantized_module(self, pl_module: LightningModule) -> nn.Module:
         if self.submodule is None:
@@ -212,6 +227,12 @@ class QuantizationAwareTraining(Callback):
             if self._pending_masks is not None:  # the zeros the interrupted fit held, not those its weights have
                 self.qat.load_held_masks(self._pending_masks)
                 self._pending_masks = None
+            elif self._early_masks is not None:  # the fit's starting zeros, held so far: the graph's parameters are
+                by_id = {id(p): self._early_masks[name] for name, p in module.named_parameters()  # the module's
+                         if name in self._early_masks}
+                self.qat.load_held_masks({name: by_id[id(p)] for name, p in self.qat.graph.named_parameters()
+                                          if id(p) in by_id})
+            self._early_masks = None
             if self._distributed:  # each process observed its own first batch: every step starts from one range
                 self.qat.sync_ranges_()
             if module.training and frozen:  # (as they were before the trace, which may set modes)
@@ -244,6 +265,11 @@ class QuantizationAwareTraining(Callback):
         if self.qat is not None:
             # after the optimizer step: checkpoints and validation see the held zeros, not the step's regrowth
             self.qat.apply_masks_()
+        elif self._early_masks:
+            with torch.no_grad():
+                for name, param in (self._module or self._quantized_module(pl_module)).named_parameters():
+                    if name in self._early_masks:
+                        param.mul_(self._early_masks[name].to(param.device))
         if self.qat is not None and self._distributed:
             self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
 
@@ -295,11 +321,13 @@ class QuantizationAwareTraining(Callback):
             log.info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: LightningModule, model: nn.Module) -> float:
-        from litcompress.quantization.lightning import lightning_eval_fn
+        from litcompress.quantization.lightning import fit_val_dataloaders, internal_trainer, lightning_eval_fn
 
         datamodule = trainer.datamodule
-        loaders = None if datamodule is not None else trainer.val_dataloaders
-        value = lightning_eval_fn(pl_module, datamodule, self.metric, dataloaders=loaders,
+        # the loaders even when no validation ran in this fit (Lightning fills val_dataloaders only then)
+        loaders = None if datamodule is not None else fit_val_dataloaders(trainer)
+        evaluator = internal_trainer(limit_val_batches=trainer.limit_val_batches)  # the fit's validation limit
+        value = lightning_eval_fn(pl_module, datamodule, self.metric, trainer=evaluator, dataloaders=loaders,
                                   submodule=self.submodule)(model)
         if trainer.world_size > 1:  # the fit's loaders give each process its shard: the mean, as sync_dist logs it
             # on the process's own device: the module is on the CPU by now, and NCCL reduces CUDA tensors only
@@ -329,11 +357,13 @@ class QuantizationAwareTraining(Callback):
     def state_dict(self) -> dict[str, Any]:
         fake_quant = self.qat.fake_quant_state() if self.qat is not None else self._pending_state
         held = self.qat.held_masks() if self.qat is not None else self._pending_masks
-        return {"start_epoch": self.start_epoch, "fake_quant": fake_quant, "held_masks": held}
+        return {"start_epoch": self.start_epoch, "fake_quant": fake_quant, "held_masks": held,
+                "early_masks": self._early_masks if self.qat is None else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = state_dict.get("fake_quant")
         self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
+        self._early_masks = state_dict.get("early_masks")
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
 
 

@@ -222,7 +222,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     return the ``metric`` logged by ``trainer.validate`` (or ``trainer.test`` with ``stage="test"``).
 
     With ``submodule=None`` the candidate replaces the module's ``forward`` (so ``validation_step``
-    must call ``self(...)``); otherwise it replaces ``getattr(module, submodule)``.
+    must call ``self(...)``); otherwise it replaces ``module.get_submodule(submodule)`` (a dotted path too).
     """
     if stage not in ("validate", "test"):
         raise ValueError(f"lightning_eval_fn(stage={stage!r}): use 'validate' or 'test'.")
@@ -230,7 +230,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     host = detached_copy(module).eval()
     trainer = trainer or _evaluation_trainer()
 
-    replaced = host if submodule is None else getattr(host, submodule)
+    replaced = host if submodule is None else host.get_submodule(submodule)
     signature = signature_or_none(replaced.forward)
 
     def evaluate(candidate: nn.Module) -> float:
@@ -239,7 +239,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
             # An instance attribute shadows the class's forward: self(x) now runs the candidate.
             object.__setattr__(host, "forward", candidate)
         else:
-            setattr(host, submodule, candidate)
+            host.set_submodule(submodule, candidate)
         run = trainer.validate if stage == "validate" else trainer.test
         attached = getattr(datamodule, "trainer", None)  # running attaches the DataModule to this trainer
         try:

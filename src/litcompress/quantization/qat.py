@@ -32,6 +32,17 @@ from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
 #: A weight's share of exact zeros below which it is not held sparse: trained dense weights have none, a pruned one
 #: has its pruned fraction; the floor only keeps the odd zero of a dense weight from being frozen.
 _SPARSE_WEIGHT_FLOOR = 0.01
+
+
+def sparse_weight_masks(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The keep-masks (``weight != 0``) of `module`'s weights that ``keep_sparsity`` holds, by parameter name: those
+    of 2 dims or more with at least 1% exact zeros, not all zeros (an initialisation, which training must move)."""
+    masks = {}
+    for name, param in module.named_parameters():
+        zeros = float((param == 0).float().mean()) if param.dim() >= 2 else 0.0
+        if _SPARSE_WEIGHT_FLOOR <= zeros < 1.0:
+            masks[name] = param.detach() != 0
+    return masks
 _MODE_FLAGS = ("observer_enabled", "fake_quant_enabled")
 
 
@@ -60,7 +71,8 @@ class QATConfig:
     dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.fp32_layers, str) or not all(isinstance(n, str) for n in self.fp32_layers):
+        if isinstance(self.fp32_layers, str) or not isinstance(self.fp32_layers, Iterable) or not all(
+                isinstance(n, str) for n in self.fp32_layers):
             raise TypeError(f"QATConfig(fp32_layers={self.fp32_layers!r}): give a sequence of qualified layer names, "
                             "e.g. ('classifier',).")
         object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))
@@ -128,13 +140,7 @@ class QATModel(nn.Module):
         self._model_keys = frozenset(model.state_dict())
         # the model's batch norms (their statistics are the graph's buffers), named for the single-row check
         self._batch_norms = _batch_norms_of(model)
-        params = dict(graph.named_parameters())
-        self._masks: dict[str, torch.Tensor] = {}
-        if config.keep_sparsity:
-            for name, param in params.items():
-                zeros = float((param == 0).float().mean()) if param.dim() >= 2 else 0.0
-                if _SPARSE_WEIGHT_FLOOR <= zeros < 1.0:  # all zeros: an initialisation, which training must move
-                    self._masks[name] = param.detach() != 0
+        self._masks: dict[str, torch.Tensor] = sparse_weight_masks(graph) if config.keep_sparsity else {}
 
     @property
     def held_sparse(self) -> tuple[str, ...]:
