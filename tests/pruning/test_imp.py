@@ -170,7 +170,7 @@ def test_late_rewinding_takes_the_weights_of_an_ordinary_fits_kth_step():
                                  trainer_kwargs={**kwargs, "min_epochs": 2}, rewind_to_step=5, evaluate_on="validate",
                                  control="none")  # (a minimum number of epochs would keep the stop from stopping)
     assert torch.equal(ticket.rewound_state["net.0.weight_orig"], record.weights)
-    with pytest.raises(ValueError, match="stopped after 9 optimizer steps, before reaching it"):
+    with pytest.raises(ValueError, match="the fit is 9 optimizer steps long, so it never reaches it"):
         find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1,
                             trainer_kwargs={**kwargs, "max_epochs": 1}, rewind_to_step=50, evaluate_on="validate")
 
@@ -257,6 +257,9 @@ def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_sta
     (dict(retrain_from="k", rewind_to_step=2), ValueError, "must be 'start' or 'rewind_point'"),
     (dict(reset_optimizer=False, rewind_to_step=2), ValueError, "only `retrain_from='rewind_point'` resumes"),
     (dict(reset_optimizer="no", rewind_to_step=2, retrain_from="rewind_point"), TypeError, "True or False"),
+    # these two were refused after the dense fit to k had trained (17 steps: 1079 samples in batches of 64)
+    (dict(rewind_to_step=1000), ValueError, "the fit is 17 optimizer steps long, so it never reaches it"),
+    (dict(rewind_to_step=17, retrain_from="rewind_point"), ValueError, "every round would resume at its end"),
 ])
 def test_retraining_options_that_cannot_apply_fail_before_any_training(arguments, error, message):
     steps = []
@@ -592,9 +595,9 @@ def test_the_random_reinit_control_after_every_round_leaves_the_tickets_rounds_a
 def test_a_search_resumed_with_other_trainer_arguments_or_module_is_refused(tmp_path):
     path = tmp_path / "search.pt"
 
-    def search(rounds, module=None, **trainer_kwargs):
+    def search(rounds, module=None, batch_size=256, **trainer_kwargs):
         seed_everything(0)
-        return find_lottery_ticket(module or DigitsClassifier(), DigitsDataModule(batch_size=256),
+        return find_lottery_ticket(module or DigitsClassifier(), DigitsDataModule(batch_size=batch_size),
                                    metric="test_acc", rounds=rounds, rate=0.5, checkpoint_path=path,
                                    trainer_kwargs=dict(max_epochs=1, **trainer_kwargs))
 
@@ -602,6 +605,8 @@ def test_a_search_resumed_with_other_trainer_arguments_or_module_is_refused(tmp_
     with pytest.raises(ValueError, match=r"holds a search with trainer_kwargs=\{'max_epochs': 1\}, not "
                                          r"\{'max_epochs': 1, 'max_steps': 3\}"):
         search(2, max_steps=3)  # round 2 would train otherwise than round 1, in one table
+    with pytest.raises(ValueError, match=r"holds a search with datamodule=.*'batch_size': 256.*not .*'batch_size': 16"):
+        search(2, batch_size=16)  # likewise on other data (it went on silently)
     assert len(search(2).rounds) == 3  # the same arguments go on
 
 

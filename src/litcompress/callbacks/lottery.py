@@ -29,8 +29,18 @@ class _StopAtStep(Callback):
     """Ends the fit once `step` optimizer steps are done; with `checkpoint`, saves the fit there first (a mid-epoch
     checkpoint that Lightning resumes at that very step, as ``ModelCheckpoint(every_n_train_steps=...)``'s)."""
 
-    def __init__(self, step: int, checkpoint: Optional[Path] = None) -> None:
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Optional[Path] = None, retrain_from_it: bool = False) -> None:
+        self.step, self.checkpoint, self.retrain_from_it = step, checkpoint, retrain_from_it
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the fit's length is known now: a step it never reaches is refused before its training, not after
+        total = trainer.estimated_stepping_batches
+        if not isinstance(total, (int, float)) or not math.isfinite(total):
+            return
+        if total < self.step:
+            raise ValueError(_unreached_step_message(self.step, int(total)))
+        if self.retrain_from_it and self.step >= total:
+            raise ValueError(_step_at_the_end_message(self.step, int(total)))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -40,6 +50,17 @@ class _StopAtStep(Callback):
                 self.checkpoint = trainer.strategy.broadcast(self.checkpoint)
                 trainer.save_checkpoint(self.checkpoint)
             trainer.should_stop = True
+
+
+def _unreached_step_message(step: int, steps: int) -> str:
+    return (f"`rewind_to_step={step}`: the fit is {steps} optimizer steps long, so it never reaches it. Rewind to "
+            "an earlier step, or train longer (`trainer_kwargs`' max_epochs / max_steps).")
+
+
+def _step_at_the_end_message(step: int, steps: int) -> str:
+    return (f"`rewind_to_step={step}` with retrain_from='rewind_point': the fit is {steps} optimizer steps long, so "
+            "every round would resume at its end and train nothing (the table would score untrained rewound "
+            "networks). Rewind to an earlier step, or train longer.")
 
 
 def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_optimizer: bool, rank: int) -> Path:
@@ -87,7 +108,7 @@ def _described(value: Any) -> Any:
     return type(value).__name__
 
 
-def _described_module(module: LightningModule) -> Any:
+def _described_module(module: LightningModule | LightningDataModule) -> Any:
     hparams = dict(getattr(module, "hparams", {}) or {})
     return {"class": type(module).__qualname__, "hparams": _described(hparams)}
 
@@ -226,24 +247,17 @@ def find_lottery_ticket(
         # its fit is k steps long, and a schedule sized from it (`OneCycleLR(total_steps=
         # self.trainer.estimated_stepping_batches)`) would run a whole cycle in those k steps
         fresh_callbacks()
-        stop = _StopAtStep(rewind_to_step, rewind_point)
+        stop = _StopAtStep(rewind_to_step, rewind_point, retrain_from_it=retrain_from == "rewind_point")
         # (without the fit's minimum epochs or steps, which would keep it from stopping at k)
         trainer = trainer_built_quietly(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None,
                                            "min_steps": None})
         with ctrl_c_raises(trainer):
             trainer.fit(model, datamodule=datamodule)
         rewind_point = stop.checkpoint  # rank 0's, under DDP
-        if trainer.global_step < rewind_to_step:
+        if trainer.global_step < rewind_to_step:  # stopped early (an EarlyStopping, a fit without a known length)
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "
                              "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "
                              "(`trainer_kwargs`' max_epochs / max_steps).")
-        total = trainer.estimated_stepping_batches
-        if retrain_from == "rewind_point" and isinstance(total, (int, float)) and math.isfinite(total) \
-                and rewind_to_step >= total:
-            raise ValueError(f"`rewind_to_step={rewind_to_step}` with retrain_from='rewind_point': the fit is "
-                             f"{int(total)} optimizer steps long, so every round would resume at its end and train "
-                             "nothing (the table would score untrained rewound networks). Rewind to an earlier step, "
-                             "or train longer.")
 
     temporary = None
     if retrain_from == "rewind_point":
@@ -261,7 +275,8 @@ def find_lottery_ticket(
             checkpoint_settings=dict(metric=metric, evaluate_on=evaluate_on, rewind_to_step=rewind_to_step,
                                      retrain_from=retrain_from, reset_optimizer=reset_optimizer,
                                      # a resumed search trained otherwise would mix two searches in one table
-                                     trainer_kwargs=_described(given), module=_described_module(module)),
+                                     trainer_kwargs=_described(given), module=_described_module(module),
+                                     datamodule=_described_module(datamodule)),
         )
     finally:
         if temporary is not None:
