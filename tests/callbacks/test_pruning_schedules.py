@@ -337,6 +337,29 @@ def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_trai
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize(("kwargs", "trainer_kwargs", "match"), [
+    (dict(rewind_to_epoch=1), {}, r"`rewind_to_epoch=1` is after the first pruning round, at the fit's first "
+                                  r"validation \(epoch 0, optimizer step 4;"),
+    (dict(rewind_to_step=5), {}, r"\(epoch 0, optimizer step 4;.*Rewind to step 4 or earlier"),
+    (dict(rewind_to_epoch=2), dict(check_val_every_n_epoch=2), r"\(epoch 1, optimizer step 8;"),
+    (dict(rewind_to_step=3), dict(val_check_interval=2), r"\(epoch 0, optimizer step 2;"),
+    (dict(rewind_to_step=4), {}, None),  # the last step of epoch 0: its snapshot precedes that validation's round
+])
+def test_with_rounds_at_validation_ends_a_rewind_point_past_the_first_fails_before_training(tmp_path, kwargs,
+                                                                                             trainer_kwargs, match):
+    """prune_on_train_epoch_end=False: the first round runs at the first validation, which construction cannot know;
+    such a point failed at the first reset, an epoch or more of training in."""
+    callback = ModelPruning("l1_unstructured", amount=0.2, prune_on_train_epoch_end=False, **kwargs)
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=callback, **trainer_kwargs)
+    if match is None:
+        trainer.fit(ThreeLayerModel())
+        assert callback._history[0]["lottery_ticket_reset"]
+        return
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 0
+
+
 def test_a_rewind_point_in_steps_at_the_end_of_the_first_pruned_epoch_is_taken_before_its_round(tmp_path):
     """Step 4 is the last step of epoch 0 (4 per epoch): its snapshot precedes the round at that epoch's end, so the
     reset after the round puts the surviving weights back to their values at step 4."""

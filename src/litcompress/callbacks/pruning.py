@@ -802,7 +802,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 or not trainer.lightning_module.automatic_optimization:  # manual: steps per batch unknown
             return
         per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # Lightning steps at an epoch's end too
-        if self._rewind_unit == "step":
+        if (self._schedule is None and self._first_epoch_round is None and not self._prune_on_train_epoch_end
+                and self._apply_pruning is True and not callable(self.amount) and bool(self.amount)):
+            self._check_rewind_against_the_first_validation(trainer, batches, per_epoch)
+        elif self._rewind_unit == "step":
             first = (_first_round(self._schedule) if self._schedule is not None and self._schedule.unit == "epoch"
                      else self._first_epoch_round)
             last = None if first is None else max(first, 1) * per_epoch  # the round at that epoch's end comes after
@@ -821,6 +824,28 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     "`amount` schedule: the snapshot would hold pruned weights. Rewind to an earlier epoch, or give "
                     "`rewind_to_step`."
                 )
+
+    def _check_rewind_against_the_first_validation(self, trainer: "pl.Trainer", batches: int, per_epoch: int) -> None:
+        """Lightning-style rounds at validation ends (``prune_on_train_epoch_end=False``): the first runs at the fit's
+        first validation, whose epoch and step the trainer knows now."""
+        from litcompress.quantization.lightning import has_validation_data
+
+        every, interval = trainer.check_val_every_n_epoch, trainer.val_check_batch
+        if not has_validation_data(trainer) or not isinstance(interval, int) or interval < 1:
+            return  # no validation, no rounds (said at fit end)
+        if every is None:  # validation every `interval` batches of the fit, across epochs
+            epoch = (interval - 1) // batches
+            step = epoch * per_epoch + math.ceil((interval - epoch * batches) / trainer.accumulate_grad_batches)
+        else:
+            epoch = every - 1
+            step = epoch * per_epoch + math.ceil(min(interval, batches) / trainer.accumulate_grad_batches)
+        last = epoch if self._rewind_unit == "epoch" else step
+        if self._rewind_point > last:
+            raise MisconfigurationException(
+                f"`rewind_to_{self._rewind_unit}={self._rewind_point}` is after the first pruning round, at the fit's "
+                f"first validation (epoch {epoch}, optimizer step {step}; `prune_on_train_epoch_end=False`): the "
+                f"snapshot would hold pruned weights. Rewind to {self._rewind_unit} {last} or earlier."
+            )
 
     def _catch_up_epoch_end(self, trainer: "pl.Trainer", epoch: int) -> None:
         """The round that the end of `epoch` (skipped by a resumed fit) would have run."""
