@@ -21,6 +21,16 @@ def _check_widths(name: str, widths: Sequence[int]) -> tuple[int, ...]:
     return widths
 
 
+def _check_sizes(**sizes: object) -> None:
+    """Each of `sizes` a positive int (``num_classes`` at least 2): 0 or a negative size built a model that failed
+    inside its first training step, in torch's words."""
+    for name, value in sizes.items():
+        least = 2 if name == "num_classes" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            example = "10" if name == "num_classes" else "1" if name == "in_channels" else "64"
+            raise ValueError(f"{name}={value!r}: expected an int >= {least}, e.g. {name}={example}.")
+
+
 class Classifier(L.LightningModule):
     """Cross-entropy classification of ``self.net``'s logits, trained with Adam."""
 
@@ -28,9 +38,9 @@ class Classifier(L.LightningModule):
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__()
-        if not lr > 0:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:  # "1e-3" failed in `>`
             raise ValueError(f"lr={lr!r}: expected a learning rate > 0, e.g. 1e-3.")
-        if not weight_decay >= 0:
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
             raise ValueError(f"weight_decay={weight_decay!r}: expected a number >= 0.")
         self.lr, self.weight_decay = lr, weight_decay
 
@@ -65,6 +75,7 @@ class MLPClassifier(Classifier):
     def __init__(self, in_features: int = 64, hidden: Sequence[int] = (256, 256), num_classes: int = 10,
                  lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_features=in_features, num_classes=num_classes)
         hidden = _check_widths("hidden", hidden)
         self.save_hyperparameters()
         layers: list[nn.Module] = []
@@ -82,6 +93,7 @@ class CNNClassifier(Classifier):
     def __init__(self, in_channels: int = 1, image_size: int = 8, channels: Sequence[int] = (32, 64),
                  num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         channels = _check_widths("channels", channels)
         side = image_size - 2 * len(channels)
         if side < 2:
@@ -119,8 +131,8 @@ class ResNetClassifier(Classifier):
     def __init__(self, in_channels: int = 1, image_size: int = 8, width: int = 16, blocks: int = 2,
                  num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
-        _check_widths("width", (width,))
-        _check_widths("blocks", (blocks,))
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+        _check_sizes(width=width, blocks=blocks)
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
@@ -161,9 +173,10 @@ class ResNeXtClassifier(Classifier):
                  groups: int = 8, blocks: int = 2, num_classes: int = 10, lr: float = 1e-3,
                  weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         for name, value in (("image_size", image_size), ("channels", channels), ("width", width),
                             ("groups", groups), ("blocks", blocks)):
-            _check_widths(name, (value,))
+            _check_sizes(**{name: value})
         self.save_hyperparameters()
         stride = 2 if image_size >= 16 else 1
         self.net = nn.Sequential(
@@ -212,11 +225,12 @@ class MobileNetClassifier(Classifier):
                  expansion: int = 4, stem_stride: int | None = None, squeeze_excitation: bool = False,
                  num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         if stem_stride is None:
             stem_stride = 2 if image_size >= 16 else 1
         for name, value in (("image_size", image_size), ("width", width), ("blocks", blocks),
                             ("expansion", expansion), ("stem_stride", stem_stride)):
-            _check_widths(name, (value,))
+            _check_sizes(**{name: value})
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(width),
@@ -234,9 +248,10 @@ class TransformerClassifier(Classifier):
     def __init__(self, in_channels: int = 1, image_size: int = 8, d_model: int = 32, heads: int = 2, layers: int = 2,
                  feed_forward: int = 64, num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         for name, value in (("in_channels", in_channels), ("image_size", image_size), ("d_model", d_model),
                             ("heads", heads), ("layers", layers), ("feed_forward", feed_forward)):
-            _check_widths(name, (value,))
+            _check_sizes(**{name: value})
         if d_model % heads:
             raise ValueError(f"d_model={d_model} must be divisible by heads={heads}.")
         self.save_hyperparameters()
@@ -260,9 +275,10 @@ class LSTMClassifier(Classifier):
     def __init__(self, in_channels: int = 1, image_size: int = 8, hidden: int = 64, layers: int = 1,
                  num_classes: int = 10, lr: float = 3e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         for name, value in (("in_channels", in_channels), ("image_size", image_size), ("hidden", hidden),
                             ("layers", layers)):
-            _check_widths(name, (value,))
+            _check_sizes(**{name: value})
         self.save_hyperparameters()
         self.lstm = nn.LSTM(in_channels * image_size, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)
@@ -282,8 +298,7 @@ class GatedFeedForward(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
-        _check_widths("d_model", (d_model,))
-        _check_widths("hidden", (hidden,))
+        _check_sizes(d_model=d_model, hidden=hidden)
         if activation not in _GATE_ACTIVATIONS:
             raise ValueError(f"activation={activation!r}: expected one of {sorted(_GATE_ACTIVATIONS)}.")
         self.activation = activation
@@ -323,9 +338,10 @@ class GatedTransformerClassifier(Classifier):
                  feed_forward: int = 64, activation: str = "silu", num_classes: int = 10, lr: float = 1e-3,
                  weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         for name, value in (("in_channels", in_channels), ("image_size", image_size), ("d_model", d_model),
                             ("heads", heads), ("layers", layers), ("feed_forward", feed_forward)):
-            _check_widths(name, (value,))
+            _check_sizes(**{name: value})
         self.save_hyperparameters()
         self.embed = nn.Linear(in_channels * image_size, d_model)
         self.position = nn.Parameter(torch.zeros(1, image_size, d_model))
@@ -398,11 +414,12 @@ class DenseNetClassifier(Classifier):
                  blocks: int = 2, stem_stride: int | None = None, num_classes: int = 10, lr: float = 1e-3,
                  weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
+        _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         if stem_stride is None:
             stem_stride = 2 if image_size >= 16 else 1
         for name, value in (("in_channels", in_channels), ("image_size", image_size), ("stem", stem),
                             ("growth", growth), ("layers", layers), ("blocks", blocks), ("stem_stride", stem_stride)):
-            _check_widths(name, (value,))
+            _check_sizes(**{name: value})
         side = -(-image_size // stem_stride)  # the stem's output side
         if side < 2 ** (blocks - 1):
             raise ValueError(f"image_size={image_size} is too small for {blocks} blocks after a stride-{stem_stride} "
