@@ -65,6 +65,11 @@ class Classifier(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The logits of a batch's inputs: ``(x, y)`` batches (the DataModules' loaders) or ``x`` alone."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 

