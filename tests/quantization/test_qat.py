@@ -343,3 +343,24 @@ def test_a_declared_sequence_dim_stays_free_in_the_graph_the_int8_model_and_its_
         fixed(torch.randn(4, 7, 8))
     with pytest.raises(ValueError, match="dynamic_dims names dim 3 of input 0"):
         prepare_qat(model, (torch.randn(4, 5, 8),), QATConfig(dynamic_dims={0: 3}))
+
+
+class FixedBatch(nn.Module):
+    """Code that fixes the batch size (view(8, -1)): the export probes a grown batch, which fails here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 36, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).view(8, -1))
+
+
+def test_preparing_a_model_that_fixes_its_batch_size_leaves_its_batch_norm_statistics():
+    """The probe ran the model in training mode on a grown batch: its statistics moved before any training step."""
+    torch.manual_seed(0)
+    model = FixedBatch()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    prepare_qat(model, (torch.randn(8, 1, 8, 8),), copy=False)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name

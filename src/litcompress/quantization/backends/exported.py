@@ -46,13 +46,21 @@ def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims 
 
 
 def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
+    """Whether `module` runs on `inputs`; its buffers as they were either way (a module in training mode probed on a
+    grown batch would move its batch norms' statistics)."""
     if inputs is None:
         return False
+    saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
     try:
         with torch.no_grad():
             module(*inputs)
     except Exception:
         return False
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                if name in saved and buffer.shape == saved[name].shape:
+                    buffer.copy_(saved[name])
     return True
 
 
