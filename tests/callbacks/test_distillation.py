@@ -356,3 +356,41 @@ def test_a_student_with_lazy_layers_is_copied_once_its_first_forward_gave_them_w
     assert teacher.keys() == before.weights.keys()
     assert all(torch.equal(teacher[k], before.weights[k]) for k in teacher)  # the model as distillation started
     assert not torch.equal(model.net[0].weight, teacher["net.0.weight"])  # and the student trained on
+
+
+def test_a_checkpoints_teacher_of_another_module_is_a_clear_error_on_resume(tmp_path):
+    """Resumed with another submodule, the whole module's teacher was loaded into the submodule's: torch's 'Missing
+    key(s) in state_dict' at fit start."""
+    seed_everything(0)
+    data = DigitsDataModule()
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+                           enable_checkpointing=True, callbacks=[KnowledgeDistillation()])
+    trainer.fit(MLPClassifier(hidden=(16,)), datamodule=data)
+    resumed = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0,
+                           callbacks=[KnowledgeDistillation(submodule="net")])
+    with pytest.raises(ValueError, match=r"submodule='net'\): the checkpoint's teacher is of another module"):
+        resumed.fit(MLPClassifier(hidden=(16,)), datamodule=data, ckpt_path=trainer.checkpoint_callback.best_model_path)
+
+
+def test_a_training_step_set_on_the_instance_is_the_modules_again_after_the_fit(tmp_path):
+    import types
+
+    seed_everything(0)
+    model = MLPClassifier(hidden=(16,))
+    calls = []
+
+    def own_step(self, batch, batch_idx):
+        calls.append(batch_idx)
+        return MLPClassifier.training_step(self, batch, batch_idx)
+
+    model.training_step = types.MethodType(own_step, model)
+    own = model.training_step
+    first, second = KnowledgeDistillation(), KnowledgeDistillation(log_name="again")
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0,
+                 callbacks=[first, second]).fit(model, datamodule=DigitsDataModule())
+    assert calls == [0, 1] and model.__dict__["training_step"] == own
+    plain = MLPClassifier(hidden=(16,))
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                 callbacks=[KnowledgeDistillation(), KnowledgeDistillation(log_name="again")]).fit(
+        plain, datamodule=DigitsDataModule())
+    assert "training_step" not in plain.__dict__

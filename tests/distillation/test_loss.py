@@ -184,3 +184,40 @@ def test_an_explicit_teacher_of_another_dtype_takes_the_inputs_in_its_own():
     outputs = distiller.teacher_outputs(x)  # was: "mat1 and mat2 must have the same dtype"
     assert outputs.dtype == torch.float64
     torch.testing.assert_close(outputs, teacher(x.double()))
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf"), True])
+def test_a_temperature_that_is_no_positive_number_is_refused(temperature):
+    """0, nan and inf gave NaN; -1 a plausible positive number computed on negated logits."""
+    with pytest.raises(ValueError, match="expected a finite number > 0"):
+        distillation_loss(torch.randn(4, 5), torch.randn(4, 5), temperature=temperature)
+
+
+def test_the_teacher_of_a_pruned_transformer_computes_what_the_model_computes():
+    """The copy lost the hooks that recompute the pruned weights an attention (and the layer's fast path) reads
+    without calling their modules: the teacher computed with those of the model's last forward, a step old."""
+    from litcompress.pruning import default_targets, keep_bypassed_weights_current_, prune_
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.enc(x).mean(1))
+
+    net = Net()
+    prune_(default_targets(net), "l1_unstructured", 0.5)
+    keep_bypassed_weights_current_(net)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 5, 16), torch.randint(0, 4, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    teacher = Distiller(net)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.teacher_outputs(x), net.eval()(x))

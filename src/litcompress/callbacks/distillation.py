@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _OWNER = "KnowledgeDistillation"
 
 
+_NO_STEP = object()  # a module without an instance-level training_step
+
+
 class KnowledgeDistillation(Callback):
     """Distil a teacher into the trained module during ``fit`` (Hinton et al. 2015).
 
@@ -103,6 +106,12 @@ class KnowledgeDistillation(Callback):
             self.distiller = Distiller(student, self.config, outputs_fn=self.outputs_fn)
             make_permanent_(self.distiller.teacher)  # frozen: its masks are fixed, and its state's keys plain
             if self._restored_teacher is not None:
+                expected, saved = set(self.distiller.teacher.state_dict()), set(self._restored_teacher)
+                if expected != saved:  # a teacher of another module (the checkpoint's callback had another submodule)
+                    raise ValueError(
+                        f"{_OWNER}(submodule={self.submodule!r}): the checkpoint's teacher is of another module "
+                        f"(its tensors {sorted(saved)[:3]}..., this student's {sorted(expected)[:3]}...): resume with "
+                        "the arguments of the fit that wrote it, or start the fit afresh.")
                 self.distiller.load_state_dict(self._restored_teacher)
         self._restored_teacher = None
         return self.distiller
@@ -169,14 +178,26 @@ class KnowledgeDistillation(Callback):
         func = getattr(original, "__func__", None)
         training_step.__signature__ = inspect.signature(func if func is not None else original)  # type: ignore[attr-defined]
         training_step.__wrapped__ = original  # type: ignore[attr-defined]
-        # An instance attribute shadows the class's method for this fit; removed when it ends.
+        # An instance attribute shadows the class's method for this fit; when it ends the attribute is what it was
+        # (the user's own instance-level step, or none): kept on the wrapper, which `_uninstall` unwinds
+        training_step._previous_step = pl_module.__dict__.get("training_step", _NO_STEP)  # type: ignore[attr-defined]
+        training_step._fit_ended = False  # type: ignore[attr-defined]
         pl_module.training_step = training_step.__get__(pl_module)  # type: ignore[method-assign]
         self._installed[id(pl_module)] = pl_module.training_step
 
     def _uninstall(self, pl_module: LightningModule) -> None:
         installed = self._installed.pop(id(pl_module), None)
-        if installed is not None and pl_module.__dict__.get("training_step") is installed:
-            del pl_module.__dict__["training_step"]
+        if installed is None:
+            return
+        installed.__func__._fit_ended = True
+        # unwind every wrapper whose callback is done (two callbacks end in either order), down to the user's step
+        step = pl_module.__dict__.get("training_step", _NO_STEP)
+        while step is not _NO_STEP and getattr(step, "_fit_ended", False):
+            step = step._previous_step
+        if step is _NO_STEP:
+            pl_module.__dict__.pop("training_step", None)
+        else:
+            pl_module.__dict__["training_step"] = step
 
     def _distilled_step(self, module: LightningModule, student: nn.Module, original: Callable[..., Any],
                         args: tuple, kwargs: dict) -> Any:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litcompress.pruning.engine import deepcopy_model
+from litcompress.pruning.engine import _BYPASS_HOOKS, deepcopy_model
 
 DistillationKind = Literal["kl", "mse"]
 DISTILLATION_KINDS: tuple[str, ...] = ("kl", "mse")
@@ -86,6 +86,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
         raise ValueError(f"distillation_loss: the student's outputs have shape {tuple(student.shape)} and the "
                          f"teacher's {tuple(teacher.shape)}; distillation compares them entry by entry, so the two "
                          "models must answer the same question (same classes, same sequence length).")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature > 0):  # 0/nan/inf gave NaN, -1 a plausible number
+        raise ValueError(f"distillation_loss(temperature={temperature!r}): expected a finite number > 0, e.g. 2.")
     dtype = torch.promote_types(student.dtype, torch.float32)
     student, teacher = student.to(dtype), teacher.detach().to(dtype)
     if kind == "mse":
@@ -213,12 +216,14 @@ def _drop_hooks_(teacher: nn.Module) -> None:
     """Take off the copy the forward (pre-)hooks it copied from the model: other callbacks' and the user's (a feature
     capture, a pruning callback's check) would fire on every teacher call, after the student's, and read the
     teacher's activations as the student's. torch's own reparametrizations (weight_norm, spectral_norm, pruning
-    methods) stay: they compute the weights."""
+    methods) stay: they compute the weights; so do litcompress's hooks that recompute the pruned weights an attention
+    or a Transformer layer's fast path reads without calling their modules (else the teacher would compute with those
+    cached at the model's last forward)."""
     for module in teacher.modules():
         for name in ("_forward_hooks", "_forward_pre_hooks"):
             hooks = getattr(module, name)
             for key in [k for k, hook in hooks.items()
-                        if not type(hook).__module__.startswith("torch.nn.utils")]:
+                        if not type(hook).__module__.startswith("torch.nn.utils") and hook not in _BYPASS_HOOKS]:
                 del hooks[key]
                 for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                               "_forward_pre_hooks_with_kwargs"):
