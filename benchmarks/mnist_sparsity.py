@@ -230,7 +230,13 @@ def replace_section(path: Path, name: str, text: str) -> None:
     block = f"{begin}\n{text.strip()}\n{end}"
     if begin in current and end in current:
         head, rest = current.split(begin, 1)
-        updated = head + block + rest.split(end, 1)[1]
+        replaced, tail = rest.split(end, 1)
+        # a section written by hand between the markers (a heading of its own) would be lost without a word
+        headings = [line for line in replaced.splitlines() if line.startswith("## ")]
+        if len(headings) > 1:
+            raise SystemExit(f"{path}: the {name} markers enclose other sections too ({headings[1:]}): move "
+                             f"'{begin}' down to the section's own heading first.")
+        updated = head + block + tail
     else:
         updated = current.rstrip() + ("\n\n" if current.strip() else "") + block + "\n"
     path.write_text(updated)
