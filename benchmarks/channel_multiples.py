@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     text = table(results)
     print(text)
     command = f"python benchmarks/channel_multiples.py --threads {args.threads} --repeats {args.repeats}"
+    if list(args.cases) != list(CASES):  # the command must run what the table shows
+        command += " --cases " + " ".join(args.cases)
     if args.write:
         replace_section(REPO / "BENCHMARKS.md", "channel_multiples", f"""\
 ## Channel counts that fill SIMD blocks (`benchmarks/channel_multiples.py`)
