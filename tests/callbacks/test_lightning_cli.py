@@ -100,3 +100,35 @@ def test_unit_pruning_from_yaml_parses_with_its_schedule():
     [unit_pruning] = [c for c in parsed.trainer.callbacks if isinstance(c, UnitPruning)]
     assert unit_pruning.units.final_sparsity == 0.5 and unit_pruning.units.frequency == 10
     assert unit_pruning.exclude == ("encoder",)
+
+
+class HalfL1(torch.nn.utils.prune.L1Unstructured):
+    """A BasePruningMethod of the user's, named in YAML by its import path."""
+
+    def __init__(self, amount: float) -> None:
+        super().__init__(amount)
+
+
+@pytest.mark.parametrize("norm", [float("inf"), "fro", 1.5])
+def test_structured_pruning_norms_and_a_users_method_class_parse_from_yaml(norm):
+    """`pruning_norm` was typed int (LightningCLI refused inf, 'fro', 1.5, which the constructor takes), and a
+    method class given by import path stayed a string the constructor did not know ("isn't available in PyTorch's
+    built-in functions"); PruneConfig.method likewise."""
+    from litcompress import ModelPruning
+    from litcompress.callbacks import CompressOnFitEnd
+
+    config = {"trainer": {"logger": False, "enable_checkpointing": False, "accelerator": "cpu", "callbacks": [
+        {"class_path": "litcompress.ModelPruning",
+         "init_args": {"pruning_fn": "ln_structured", "pruning_dim": 0, "pruning_norm": norm,
+                       "use_global_unstructured": False, "parameter_names": ["weight"], "amount": 0.25}},
+        {"class_path": "litcompress.ModelPruning",
+         "init_args": {"pruning_fn": f"{__name__}.HalfL1", "parameter_names": ["weight"], "amount": 0.5}},
+        {"class_path": "litcompress.callbacks.CompressOnFitEnd",
+         "init_args": {"output_dir": "out", "config": {"prune": {"sparsity": 0.5, "method": f"{__name__}.HalfL1"}}}},
+    ]}}
+    parsed = LightningCLI(CliModel, args=["--config", yaml.safe_dump(config)], run=False)
+    structured, custom = [c for c in parsed.trainer.callbacks if isinstance(c, ModelPruning)]
+    assert structured._method_kwargs == {"n": norm, "dim": 0}
+    assert custom._pruning_method_name == "HalfL1"
+    [compress] = [c for c in parsed.trainer.callbacks if isinstance(c, CompressOnFitEnd)]
+    assert compress.config.prune.method is HalfL1

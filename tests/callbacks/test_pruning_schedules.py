@@ -666,3 +666,37 @@ def test_a_round_that_prunes_nothing_does_not_rewind(tmp_path):
 def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_construction(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
         ModelPruning("l1_unstructured", amount=0.5, **kwargs)
+
+
+def test_a_schedule_written_with_float_numbers_resumes_from_one_written_with_ints(tmp_path):
+    """LightningCLI hands `power` (typed float) 3.0 where Python code writes 3: the two keys differed, and a run
+    resumed in Python from a CLI checkpoint lost the callback's state without a word (other weights at the end)."""
+    from litcompress.data import DigitsDataModule
+    from litcompress.models import MLPClassifier
+    from tests.conftest import fit_killed_and_resumed
+
+    powers = iter([3, 3.0, 3])  # uninterrupted, killed (as the CLI writes it), resumed (as Python writes it)
+
+    def callback():
+        return ModelPruning("l1_unstructured", parameter_names=["weight"], use_lottery_ticket_hypothesis=True,
+                            amount=PolynomialDecay(final_sparsity=0.8, begin=0, end=3, power=next(powers),
+                                                   unit="epoch"))
+
+    reference, _, resumed = fit_killed_and_resumed(tmp_path, lambda: MLPClassifier(hidden=(16,)), callback,
+                                                   lambda: DigitsDataModule(batch_size=128), crash_step=12)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_state_saved_under_a_key_with_whole_floats_is_restored_without_a_warning(recwarn):
+    """Keys written before whole floats were written as ints ('initial_sparsity=0.0', PolynomialDecay's default)."""
+    from lightning.pytorch import Trainer
+
+    callback = ModelPruning("l1_unstructured", use_lottery_ticket_hypothesis=False,
+                            amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=10))
+    legacy = callback.state_key.replace("initial_sparsity=0,", "initial_sparsity=0.0,")
+    assert legacy != callback.state_key
+    state = {**callback.state_dict(), "rounds": 7, "last_step": 40}
+    callback.on_load_checkpoint(Trainer(callbacks=[callback], logger=False), None, {"callbacks": {legacy: state}})
+    assert callback._pending_state == state  # restored once the model is known (setup)
+    assert not [w for w in recwarn if "ModelPruning" in str(w.message)]

@@ -425,3 +425,11 @@ def test_the_fit_end_callbacks_step_aside_under_fast_dev_run(tmp_path, caplog, c
     assert fit_end.result is None and list(tmp_path.iterdir()) == []
     assert f"{type(fit_end).__name__}: skipped under fast_dev_run" in caplog.text
     assert f"Fit without fast_dev_run to {callback} the model" in caplog.text
+
+
+def test_compress_on_fit_end_refuses_a_sparsity_schedule_at_construction():
+    """It trained the whole fit, then failed at its end with advice (fine_tune=...) this callback cannot take."""
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=4)
+    with pytest.raises(ValueError, match=r"runs along fine-tuning steps.*PruneConfig\(schedule='oneshot'\).*"
+                                         r"ModelPruning\(amount=<the schedule>\)"):
+        CompressOnFitEnd(CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule=schedule)), output_dir="out")

@@ -112,7 +112,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def __init__(
         self,
-        pruning_fn: Union[str, Callable],
+        # the class first: LightningCLI then reads `mymodule.MyMethod` as the class, and torch's names as strings
+        pruning_fn: Union[type[torch.nn.utils.prune.BasePruningMethod], str, Callable],
         parameters_to_prune: _PARAM_LIST = (),
         parameter_names: Optional[list[str]] = None,
         use_global_unstructured: bool = True,
@@ -122,7 +123,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = True,
         resample_parameters: bool = False,
         pruning_dim: Optional[int] = None,
-        pruning_norm: Optional[int] = None,
+        pruning_norm: Optional[Union[int, float, str]] = None,  # torch's ln_structured `n`: inf, 'fro' too
         verbose: int = 0,
         prune_on_train_epoch_end: bool = True,
         *,
@@ -899,14 +900,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
     @property
     def state_key(self) -> str:
         # Unique per configuration, so that several pruning callbacks can share a Trainer and a checkpoint.
-        return self._generate_state_key(
+        return canonical_numbers(self._generate_state_key(
             pruning_fn=self._pruning_method_name,
             amount=_describe(self.amount),
             scope="global" if self._use_global_unstructured else "local",
             parameter_names=list(self._parameter_names),
             pruning=self._method_kwargs,
             **self._key_extras,
-        )
+        ))
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -1186,7 +1187,16 @@ def _shape_of(tensor: Any) -> str:
 
 
 def _without_locations(key: str) -> str:
-    return _WRITTEN_AT.sub("", key)
+    return canonical_numbers(_WRITTEN_AT.sub("", key))
+
+
+_WHOLE_FLOAT = re.compile(r"(?<![\w.])(-?\d+)\.0(?![\w.])")
+
+
+def canonical_numbers(key: str) -> str:
+    """`key` with whole floats written as ints (``power=3.0`` as ``power=3``): LightningCLI hands a parameter typed
+    ``float`` a float, Python code often an int, and the same schedule must find its state under one key."""
+    return _WHOLE_FLOAT.sub(r"\1", key)
 
 
 def _describe(value: Any) -> str:
@@ -1379,6 +1389,12 @@ def restore_state_under_moved_key(callback: Callback, trainer: "pl.Trainer", che
     if callback.state_key in states:
         return
     claimed = {c.state_key for c in trainer.callbacks if isinstance(c, Callback)}
+    # a key written before whole floats were written as ints (or by LightningCLI, which hands float-typed schedule
+    # arguments floats): the same configuration
+    same = [k for k in states if isinstance(k, str) and k not in claimed and canonical_numbers(k) == callback.state_key]
+    if len(same) == 1:
+        callback.load_state_dict(copy.deepcopy(states[same[0]]))
+        return
     mine = _without_locations(callback.state_key)
     moved = [k for k in states if isinstance(k, str) and k not in claimed and _without_locations(k) == mine]
     if len(moved) == 1:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _refuse_weight_averaging_after,
-                                           restore_state_under_moved_key)
+                                           canonical_numbers, restore_state_under_moved_key)
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
@@ -214,7 +214,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
     # ------------------------------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**{self._ARGUMENT: _describe_amount(self.amount)}, exclude=list(self.exclude))
+        return canonical_numbers(self._generate_state_key(**{self._ARGUMENT: _describe_amount(self.amount)},
+                                                          exclude=list(self.exclude)))
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:

@@ -99,7 +99,8 @@ class PruneConfig:
     """
 
     sparsity: float | None = None
-    method: Union[str, type[torch_prune.BasePruningMethod]] = "l1_unstructured"
+    # the class first: LightningCLI then reads `mymodule.MyMethod` as the class, and torch's names as strings
+    method: Union[type[torch_prune.BasePruningMethod], str] = "l1_unstructured"
     schedule: Union[ScheduleShape, SparsitySchedule] = "cubic"
     begin: float = 0.0
     end: float = 0.6

@@ -327,6 +327,11 @@ class CompressOnFitEnd(L.Callback):
                  weights: Literal["last", "best"] = "last") -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"CompressOnFitEnd(config={config!r}): expected a CompressionConfig.")
+        if config.prune is not None and not isinstance(config.prune.schedule, str):  # it failed after the whole fit
+            raise ValueError(f"CompressOnFitEnd: config.prune.schedule={config.prune.schedule!r} runs along "
+                             "fine-tuning steps, and CompressOnFitEnd prunes the trained module once, when the fit "
+                             "ends. Use PruneConfig(schedule='oneshot'), or prune during the fit with "
+                             "litcompress.ModelPruning(amount=<the schedule>) and leave prune=None here.")
         if not metric:
             raise ValueError("CompressOnFitEnd(metric=''): name the metric logged in validation_step.")
         check_fit_end_weights(weights, "CompressOnFitEnd")
