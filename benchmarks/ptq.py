@@ -257,6 +257,13 @@ def print_table(name: str, out: dict) -> None:
         print(f"| {k} | {r['accuracy'] * 100:.2f} | {(r['accuracy'] - base) * 100:+.2f} | {r['latency_b1_ms']:.3f} "
               f"| {r['speedup_b1']:.2f}x | {r['latency_b32_ms']:.3f} | {r['speedup_b32']:.2f}x | {size} "
               f"| {r['seconds']:.1f} | {r['config'] or ''} |")
+    ours = out["rows"]["litcompress tuned"]
+    for peer in ("torch_ao int8", "INC autotune"):  # the deprecated torch.ao path, and INC's deleted tuning API
+        if peer in out["rows"]:
+            theirs = out["rows"][peer]
+            print(f"litcompress tuned vs {peer}: {theirs['latency_b1_ms'] / ours['latency_b1_ms']:.2f}x / "
+                  f"{theirs['latency_b32_ms'] / ours['latency_b32_ms']:.2f}x as fast at batch 1 / 32, "
+                  f"{(ours['accuracy'] - theirs['accuracy']) * 100:+.2f} pt test accuracy")
 
 
 def main() -> None:
