@@ -328,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = summarise(results)
     print()
     print(table(summary, markdown=False))
+    for e in summary:  # ours against the peer at each target, side by side
+        peer = next((p for p in summary if p["row"] == "lightning" and abs(p["target"] - e["target"]) < 1e-9), None)
+        if e["row"] == "litcompress" and peer is not None:
+            print(f"litcompress vs Lightning at {e['target']:.0%}: "
+                  f"{100 * (e['test_acc']['mean'] - peer['test_acc']['mean']):+.2f} pt test accuracy")
     print(f"\nwall time {wall:.0f}s for {len(jobs)} runs")
 
     command = ".venv/bin/python benchmarks/mnist_sparsity.py " + " ".join(map(shlex.quote, argv or sys.argv[1:]))
