@@ -192,6 +192,9 @@ def test_a_path_whose_suffix_names_another_format_than_the_one_written_is_warned
         result.save(tmp_path / name)
     said = [str(w.message) for w in caught if "not the one its suffix names" in str(w.message)]
     assert bool(said) == warned, said
+    if said:  # advice that fits the name given (an ONNX name: ask for ONNX Runtime; else the right suffix)
+        assert ("backends=('onnxruntime',)" in said[0]) == name.endswith(".onnx")
+        assert name.endswith(".onnx") or "name it with .pt" in said[0]
     loaded, recipe = load_quantized(tmp_path / name)  # read as it is, whatever the name
     assert recipe == result.recipe
     torch.testing.assert_close(loaded(digits[2]), result.model(digits[2]))
@@ -242,3 +245,29 @@ def test_a_file_is_replaced_whole_never_written_in_place(tmp_path, fp32_format):
     with pytest.raises(Exception):
         save_quantized(FailsWhenTraced(), None, path, (x,), fp32_format=fp32_format)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"] and load_quantized(path)[0] is not None
+
+
+class _MeanPool(nn.Module):
+    """(batch, length, 4) -> (batch, 3): both dims free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.a(x)).mean(1))
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "onnx", "torchscript"])
+def test_declaring_a_length_leaves_the_batch_free_too(fp32_format, tmp_path):
+    """dynamic_dims={0: 1} fixed the batch to the example's in the export and ONNX files (the docstring says the
+    batch dim of every input stays free)."""
+    torch.manual_seed(0)
+    model = _MeanPool().eval()
+    path = tmp_path / {"export": "m.pt2", "onnx": "m.onnx", "torchscript": "m.pt"}[fp32_format]
+    save_quantized(model, None, path, (torch.randn(16, 10, 4),), fp32_format=fp32_format, dynamic_dims={0: 1})
+    loaded, _ = load_quantized(path)
+    for batch, length in ((16, 3), (7, 10), (1, 5)):
+        x = torch.randn(batch, length, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ from litcompress._files import written_atomically
 from .backends import FixedDimError, get_backend
 from .config import Recipe
 from .outputs import RebuiltOutputs
-from .shapes import DynamicDims, normalize_dynamic_dims
+from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
 
 FORMAT_VERSION = 1
 
@@ -56,6 +56,8 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's result: its file takes float32 inputs
         model, example_inputs = model.model, float32_inputs(tuple(example_inputs))
     dynamic_dims = normalize_dynamic_dims(dynamic_dims, "save_quantized")
+    if dynamic_dims is not None:  # the declared dims, and every input's batch dim (declaring a length fixed the batch)
+        dynamic_dims = resolve_dynamic_dims([tuple(example_inputs)], dynamic_dims)
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     path = os.fspath(path)

@@ -69,13 +69,15 @@ def tensor_leaves(output: object) -> list[torch.Tensor]:
 
 
 def traces_as_it_is(structure: Structure) -> bool:
-    """Whether an output of `structure` is made of tensors, tuples, lists and dicts only, which TorchScript and the
-    ONNX exporter return as they are; a None or a dataclass needs `TensorLeaves` and `rebuild`."""
+    """Whether an output of `structure` is made of plain tensors, tuples, lists and dicts only, which TorchScript and
+    the ONNX exporter return as they are; a None, a dataclass, a named tuple or a Mapping subclass (a Hugging Face
+    ``ModelOutput``) needs `TensorLeaves` and `rebuild` (traced, they came back as plain tuples and dicts, and
+    ``torch.export`` cannot save them)."""
     if structure == TENSOR:
         return True
-    if structure == NONE:
+    if structure == NONE or "class" in structure:
         return False
-    kind = next(k for k in structure if k != "class")
+    kind = next(iter(structure))
     children = [child for _, child in structure[kind]] if kind in ("dict", "dataclass") else structure[kind]
     return kind != "dataclass" and all(traces_as_it_is(child) for child in children)
 

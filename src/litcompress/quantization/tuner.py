@@ -115,9 +115,10 @@ class QuantizationResult:
         if suffix and given in set(FP32_SUFFIXES.values()) and given != suffix:
             # e.g. save_path="model.onnx" before the search chose torch_ao: another tool would take it for ONNX
             which = f"the {self.recipe.backend} backend's" if self.recipe else f"fp32_format={fp32_format!r}'s"
+            advice = ("; for an ONNX file, give the search backends=('onnxruntime',)" if given == ".onnx"
+                      else f"; name it with {suffix}")
             warnings.warn(f"{os.fspath(path)} is written in {which} format ({suffix} files), not the one its suffix "
-                          f"names: litcompress.load_quantized reads it; for an ONNX file, give the search "
-                          f"backends=('onnxruntime',).", UserWarning, stacklevel=2)
+                          f"names: litcompress.load_quantized reads it{advice}.", UserWarning, stacklevel=2)
         return save_quantized(self.model, self.recipe, path, self.example_inputs, fp32_format=fp32_format,
                               dynamic_dims=self.dynamic_dims)
 
