@@ -271,3 +271,14 @@ def test_declaring_a_length_leaves_the_batch_free_too(fp32_format, tmp_path):
         x = torch.randn(batch, length, 4)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_saving_into_a_folder_not_there_yet_makes_it(tmp_path):
+    """It failed after the whole export, with each backend's own error naming an internal '.partial' path."""
+    model = _MeanPool().eval()
+    path = tmp_path / "new" / "deeper" / "m.pt2"
+    save_quantized(model, None, path, (torch.randn(2, 3, 4),))
+    loaded, _ = load_quantized(path)
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)

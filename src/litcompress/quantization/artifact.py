@@ -61,6 +61,8 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     path = os.fspath(path)
+    # a missing folder is made, as the pipeline's report does (it failed after the export, in each backend's words)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
                            "recipe": None if recipe is None else recipe.to_dict()})
     # written beside `path` and renamed over it once complete: a file there is never lost to a failed or killed write
