@@ -179,9 +179,7 @@ class ResNeXtClassifier(Classifier):
                  weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
         _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
-        for name, value in (("image_size", image_size), ("channels", channels), ("width", width),
-                            ("groups", groups), ("blocks", blocks)):
-            _check_sizes(**{name: value})
+        _check_sizes(channels=channels, width=width, groups=groups, blocks=blocks)
         self.save_hyperparameters()
         stride = 2 if image_size >= 16 else 1
         self.net = nn.Sequential(
@@ -233,9 +231,7 @@ class MobileNetClassifier(Classifier):
         _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         if stem_stride is None:
             stem_stride = 2 if image_size >= 16 else 1
-        for name, value in (("image_size", image_size), ("width", width), ("blocks", blocks),
-                            ("expansion", expansion), ("stem_stride", stem_stride)):
-            _check_sizes(**{name: value})
+        _check_sizes(width=width, blocks=blocks, expansion=expansion, stem_stride=stem_stride)
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(width),
@@ -254,9 +250,7 @@ class TransformerClassifier(Classifier):
                  feed_forward: int = 64, num_classes: int = 10, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
         _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
-        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("d_model", d_model),
-                            ("heads", heads), ("layers", layers), ("feed_forward", feed_forward)):
-            _check_sizes(**{name: value})
+        _check_sizes(d_model=d_model, heads=heads, layers=layers, feed_forward=feed_forward)
         if d_model % heads:
             raise ValueError(f"d_model={d_model} must be divisible by heads={heads}.")
         self.save_hyperparameters()
@@ -281,9 +275,7 @@ class LSTMClassifier(Classifier):
                  num_classes: int = 10, lr: float = 3e-3, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
         _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
-        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("hidden", hidden),
-                            ("layers", layers)):
-            _check_sizes(**{name: value})
+        _check_sizes(hidden=hidden, layers=layers)
         self.save_hyperparameters()
         self.lstm = nn.LSTM(in_channels * image_size, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)
@@ -344,9 +336,7 @@ class GatedTransformerClassifier(Classifier):
                  weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
         _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
-        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("d_model", d_model),
-                            ("heads", heads), ("layers", layers), ("feed_forward", feed_forward)):
-            _check_sizes(**{name: value})
+        _check_sizes(d_model=d_model, heads=heads, layers=layers, feed_forward=feed_forward)
         self.save_hyperparameters()
         self.embed = nn.Linear(in_channels * image_size, d_model)
         self.position = nn.Parameter(torch.zeros(1, image_size, d_model))
@@ -422,9 +412,7 @@ class DenseNetClassifier(Classifier):
         _check_sizes(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         if stem_stride is None:
             stem_stride = 2 if image_size >= 16 else 1
-        for name, value in (("in_channels", in_channels), ("image_size", image_size), ("stem", stem),
-                            ("growth", growth), ("layers", layers), ("blocks", blocks), ("stem_stride", stem_stride)):
-            _check_sizes(**{name: value})
+        _check_sizes(stem=stem, growth=growth, layers=layers, blocks=blocks, stem_stride=stem_stride)
         side = -(-image_size // stem_stride)  # the stem's output side
         if side < 2 ** (blocks - 1):
             raise ValueError(f"image_size={image_size} is too small for {blocks} blocks after a stride-{stem_stride} "
