@@ -115,6 +115,7 @@ class QuantizationAwareTraining(Callback):
         # keep_sparsity with a later start_epoch: the zeros the fit started with, held through the fp32 epochs (they
         # would grow back before the QAT graph could take its masks), by the module's parameter names
         self._early_masks: dict[str, torch.Tensor] | None = None
+        self._early_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (parameter, its mask) in this fit
         self._distributed = False
 
     # ---- set-up: what would fail later fails here -------------------------------------------------------------
@@ -159,6 +160,7 @@ class QuantizationAwareTraining(Callback):
                              "zeros.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._early_pairs = None  # this fit's parameters (a resumed fit's module is another object)
         # the fit's, not torch.distributed's: a process group another fit left initialised is no reason to sync
         self._distributed = trainer.world_size > 1
         # here, not in setup: a module that builds its layers in configure_model has them only now
@@ -266,10 +268,13 @@ class QuantizationAwareTraining(Callback):
             # after the optimizer step: checkpoints and validation see the held zeros, not the step's regrowth
             self.qat.apply_masks_()
         elif self._early_masks:
+            if self._early_pairs is None:  # once per fit, not at every step
+                module = self._module or self._quantized_module(pl_module)
+                self._early_pairs = [(param, self._early_masks[name].to(param.device))
+                                     for name, param in module.named_parameters() if name in self._early_masks]
             with torch.no_grad():
-                for name, param in (self._module or self._quantized_module(pl_module)).named_parameters():
-                    if name in self._early_masks:
-                        param.mul_(self._early_masks[name].to(param.device))
+                for param, mask in self._early_pairs:
+                    param.mul_(mask)
         if self.qat is not None and self._distributed:
             self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
 
