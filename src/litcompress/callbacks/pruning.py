@@ -50,7 +50,8 @@ from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
-from litcompress.pruning.methods import PRUNING_FUNCTIONS, PRUNING_METHODS, is_pruning_method, required_kwargs
+from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, is_ln_norm, is_pruning_method,
+                                        required_kwargs)
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -1285,12 +1286,7 @@ def _check_int(argument: str, value: Any) -> None:
 
 
 def _check_norm(value: Any) -> None:
-    # what torch.nn.utils.prune.ln_structured takes: a number (0, -inf and negative ones too) or 'fro' / 'nuc';
-    # whether a target's shape suits a matrix norm is checked at setup, on the model
-    ok = (isinstance(value, str) and value in ("fro", "nuc")) or (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-    )
-    if not ok:
+    if not is_ln_norm(value):  # whether a target's shape suits a matrix norm is checked at setup, on the model
         raise MisconfigurationException(
             f"`pruning_norm` must be a number (1, 2, float('inf'), ...) or 'fro' or 'nuc', as torch's `ln_structured`"
             f" takes, got {value!r}."

@@ -39,6 +39,7 @@ from litcompress.pruning.engine import (
     refresh_cached_tensor,
     remaining_count,
     set_mask_,
+    trainable_tensor,
 )
 from litcompress.pruning.lottery import redraw_parameters_, rewind_, snapshot_tensor, take_snapshot
 
@@ -271,7 +272,7 @@ def iterative_magnitude_pruning(
         raise ValueError(f"`exclude` {list(exclude)} leaves nothing to prune of {names}.")
     targets, names = [targets[i] for i in kept], [names[i] for i in kept]
     frozen = [name for (module, tensor), name in zip(targets, names)
-              if not getattr(module, f"{tensor}_orig", getattr(module, tensor)).requires_grad]
+              if not trainable_tensor(module, tensor).requires_grad]
     if frozen:  # ModelPruning warns of them too
         warnings.warn(f"iterative_magnitude_pruning: {frozen} do not train (requires_grad=False): pruned, they are "
                       "never retrained; leave them dense with exclude=[...].", UserWarning, stacklevel=2)

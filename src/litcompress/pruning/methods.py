@@ -93,6 +93,13 @@ def required_kwargs(method: type[torch_prune.BasePruningMethod]) -> set[str]:
     return required - {"self", "cls", "module", "name", "amount", "importance_scores"}
 
 
+def is_ln_norm(value: object) -> bool:
+    """Whether torch's ``ln_structured`` takes `value` as its norm ``n``: a number (0, -inf and negative ones too) or
+    'fro' / 'nuc' (whether a tensor's shape suits a matrix norm is for the caller to check, on the model)."""
+    return (isinstance(value, str) and value in ("fro", "nuc")) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value))
+
+
 def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,
                         ndims: Iterable[int] = (), also: Iterable[str] = ()) -> None:
     """Refuse, before any pruning, arguments `method` would fail on at its first round or would drop silently: a
@@ -129,7 +136,6 @@ def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Map
                              f"{' or '.join(map(str, short))}); 0 prunes output channels (rows).")
     if "n" in kwargs and structured:
         norm = kwargs["n"]
-        if not ((isinstance(norm, str) and norm in ("fro", "nuc")) or (
-                isinstance(norm, numbers.Real) and not isinstance(norm, bool) and not math.isnan(norm))):
+        if not is_ln_norm(norm):
             raise ValueError(f"{owner}: n={norm!r}: expected a number (1, 2, float('inf'), ...) or 'fro' or 'nuc', "
                              "as torch's ln_structured takes.")

@@ -288,8 +288,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     work = _plain_copy(model)
     layers = {name: m for name, m in work.named_modules() if isinstance(m, nn.Linear)}
     # A layer object used at several places is converted at all of them (named_modules gives its first name only).
-    aliases = {name: [alias for alias, m in work.named_modules(remove_duplicate=False) if m is layer]
-               for name, layer in layers.items()}
+    paths: dict[int, list[str]] = {}
+    for alias, module in work.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(alias)
+    aliases = {name: paths[id(layer)] for name, layer in layers.items()}
     kept_dense = _read_outside_forward(work, layers)
     reference, first_inputs = _outputs_and_first_inputs(work, layers, inputs)
     threads = num_threads or torch.get_num_threads()
