@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from litcompress.callbacks import HeadPruning, UnitPruning
 from litcompress.models import LSTMClassifier, TransformerClassifier
 from litcompress.pruning import engine
+from tests.callbacks.ddp_pruning_script import DestroyProcessGroup
 from tests.conftest import weight_averaging_callbacks
 from litcompress.pruning.heads import zero_heads
 from litcompress.pruning.recurrent import prune_units_, zero_units
@@ -107,8 +108,10 @@ def test_ddp_spawn_with_masks_kept_hands_the_pruned_weights_to_the_calling_proce
     seed_everything(0)
     model = _model(callback)
     saved = tmp_path / "rank0.pt"
-    _trainer(tmp_path, 1, [callback(0.5, make_pruning_permanent=False), _SaveRankZeroWeights(str(saved))],
-             strategy="ddp_spawn", devices=2, limit_train_batches=2).fit(model, _data())
+    # DestroyProcessGroup: gloo torn down on both ranks together (a rank left to exit with it aborted, SIGABRT)
+    _trainer(tmp_path, 1, [callback(0.5, make_pruning_permanent=False), _SaveRankZeroWeights(str(saved)),
+                           DestroyProcessGroup()], strategy="ddp_spawn", devices=2, limit_train_batches=2).fit(
+        model, _data())
     rank_zero, parent = torch.load(saved), model.state_dict()
     assert parent.keys() == rank_zero.keys()
     for name, value in rank_zero.items():
