@@ -16,6 +16,7 @@ from litcompress.pruning import (
     effective_tensor,
     is_pruned,
     make_permanent_,
+    permanent_state_dict,
     prune_,
     prune_to_sparsity_,
     shrink_,
@@ -184,3 +185,28 @@ def test_computed_weights_are_never_taken_for_one_tensor():
     targets = [(layer, "weight") for layer in layers]
     assert distinct_targets(targets) == targets
     assert len(sparsity_report(nn.Sequential(*layers), targets).tensors) == 3
+
+
+class ReusedLayer(nn.Module):
+    """One Linear registered under two names (``self.last = self.first``): state_dict writes it at both."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.first = nn.Linear(WIDTH, WIDTH)
+        self.middle = nn.Linear(WIDTH, WIDTH)
+        self.last = self.first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.middle(self.first(x))))
+
+
+def test_permanent_state_dict_converts_a_layer_under_every_name():
+    model = ReusedLayer(0)
+    prune_(default_targets(model), "l1_unstructured", 0.5)
+    state = permanent_state_dict(model)
+    assert not [key for key in state if key.endswith(("_orig", "_mask"))]
+    fresh = ReusedLayer(1)
+    fresh.load_state_dict(state)  # strict
+    x = torch.randn(3, WIDTH)
+    assert torch.equal(fresh(x), model(x))

@@ -763,8 +763,11 @@ def register_state_hooks(
 def permanent_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` with every pruned tensor as its effective values (loads into an unpruned model)."""
     state = model.state_dict()
-    for path, _, name in pruned_targets(model):
-        _make_entry_permanent(state, f"{path}.{name}" if path else name)
+    # state_dict writes a module under every name it is registered at (``self.b = self.a``): convert each one
+    for path, module in model.named_modules(remove_duplicate=False):
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                _make_entry_permanent(state, f"{path}.{hook._tensor_name}" if path else hook._tensor_name)
     return state
 
 
