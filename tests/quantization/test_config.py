@@ -41,6 +41,17 @@ def test_backends_given_as_one_string_become_a_tuple():
     assert PTQConfig(backends="onnxruntime").backends == ("onnxruntime",)
 
 
+@pytest.mark.parametrize("backends, error, match", [
+    (None, TypeError, r"PTQConfig\(backends=None\): give backend names"),
+    (3, TypeError, r"PTQConfig\(backends=3\): give backend names"),
+    ([["torch_ao"]], TypeError, r"each backend is a name \(str\), got list"),
+    (("torch_ao", "onnxruntime", "torch_ao"), ValueError, r"'torch_ao' given more than once"),
+])
+def test_backends_that_are_not_distinct_names_are_refused(backends, error, match):
+    with pytest.raises(error, match=match):
+        PTQConfig(backends=backends)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"max_trials": 0}, "max_trials"),
     ({"timeout_s": -1}, "timeout_s"),

@@ -365,6 +365,29 @@ def test_nan_from_a_candidate_is_recorded_and_search_goes_on(trained_mlp, digits
     assert result.recipe is None and result.model is not None
 
 
+def test_a_candidate_that_fails_after_meeting_the_goal_does_not_end_its_backends_search(monkeypatch, trained_mlp,
+                                                                                         digits):
+    """Its metric met the goal but its timing failed: it is an error, not a pass, and the backend's next recipe runs."""
+    from litcompress.quantization import tuner
+
+    measure = tuner.measure_latencies
+    calls = []
+
+    def first_candidate_fails(models, *args, **kwargs):  # fault injection into our own timing, backends stay real
+        calls.append(models)
+        if len(calls) == 2:  # the baseline, then trial 1
+            raise RuntimeError("timing failed")
+        return measure(models, *args, **kwargs)
+
+    monkeypatch.setattr(tuner, "measure_latencies", first_candidate_fails)
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
+    first, second = result.trials[:2]
+    assert "timing failed" in first.error and not first.meets_goal
+    assert second.recipe.backend == "torch_ao" and second.error is None and second.meets_goal
+    assert result.goal_met and result.recipe == second.recipe
+
+
 def test_timeout_keeps_what_was_found(trained_mlp, digits):
     config = PTQConfig(approach="dynamic", backends=("torch_ao",), timeout_s=1e-9, latency_repeats=3)
     with pytest.warns(QuantizationGoalWarning):

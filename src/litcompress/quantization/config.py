@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from .shapes import DynamicDims, normalize_dynamic_dims
@@ -201,15 +201,25 @@ class PTQConfig:
             )
         if isinstance(self.backends, str):
             object.__setattr__(self, "backends", (self.backends,))
+        if self.backends is None or not isinstance(self.backends, Iterable):
+            raise TypeError(f"PTQConfig(backends={self.backends!r}): give backend names, e.g. "
+                            f"{tuple(BACKEND_REGISTRY)}.")
         object.__setattr__(self, "backends", tuple(self.backends))
         if not self.backends:
             raise ValueError(f"PTQConfig(backends=()): give at least one of {tuple(BACKEND_REGISTRY)}.")
         for name in self.backends:
+            if not isinstance(name, str):
+                raise TypeError(f"PTQConfig(backends={self.backends!r}): each backend is a name (str), got "
+                                f"{type(name).__name__} {name!r}.")
             if name not in BACKEND_REGISTRY:
                 raise ValueError(
                     f"PTQConfig(backends=...): unknown backend {name!r}; use names from "
                     f"{tuple(BACKEND_REGISTRY)}."
                 )
+        repeated = sorted({name for name in self.backends if self.backends.count(name) > 1})
+        if repeated:  # each would search the same recipes again and spend max_trials on them
+            raise ValueError(f"PTQConfig(backends={self.backends!r}): {', '.join(map(repr, repeated))} given more "
+                             "than once; name each backend once.")
         known = [BACKEND_APPROACHES.get(name) for name in self.backends]  # a backend registered elsewhere: unknown
         if None not in known and not any(self.approach in approaches for approaches in known):
             raise ValueError(

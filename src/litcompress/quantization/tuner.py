@@ -635,11 +635,13 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                     candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
                         trial.metric = check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
-                    trial.meets_goal = criterion.is_met(trial.metric, baseline_metric)
+                    met = criterion.is_met(trial.metric, baseline_metric)
                     trial.latency_s = measure_latencies([candidate], example_inputs, max(3, config.latency_repeats // 2),
                                                         num_threads=config.num_threads)[0]["median"]
                     trial.size_bytes = model_size_bytes(candidate)
                     models[trial.index] = candidate
+                    # only a candidate that was measured and kept meets the goal: a failed one must not end the search
+                    trial.meets_goal = met
                 except ExportError as exc:
                     trial.error = str(exc)
                     retry = tuple(getattr(exc, "fp32_layers", ()))
