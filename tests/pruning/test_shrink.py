@@ -1857,6 +1857,58 @@ def test_the_channel_plan_of_a_forward_with_flags_says_which_path_keeps_each_lay
         "proj": "forward does not call it (as torch.fx traces forward)"}
 
 
+class OptionalLabels(nn.Module):
+    """Hugging Face's pattern: ``labels=None`` returns the logits and the features, given labels the loss. fx traces
+    ``labels is None`` as False (its proxy is not None), so its one trace is the loss path, not inference's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        features = torch.relu(self.body(x))
+        logits = self.head(features)
+        if labels is None:
+            return logits, features
+        return F.cross_entropy(logits, labels)
+
+
+class OptionalMask(nn.Module):
+    """An optional argument that every path takes through the layers the same way: the layers still narrow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.head(torch.relu(self.body(x)))
+        if mask is not None:
+            logits = logits.masked_fill(mask, 0.0)
+        return logits
+
+
+@pytest.mark.parametrize("with_inputs", [False, True])
+def test_an_optional_argument_left_out_is_the_path_shrink_keeps(with_inputs) -> None:
+    torch.manual_seed(0)
+    model = OptionalLabels().eval()
+    zero_rows_(model.body, [0, 3, 5])
+    x, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    result = shrink(model, x if with_inputs else None)
+    assert result.model.body.out_features == 8  # the default path returns its features
+    assert dict(result.report.kept)["body"].endswith("part of the model's interface")
+    for got, want in zip(result.model(x), model(x)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(result.model(x, labels), model(x, labels))
+
+    masked = OptionalMask().eval()
+    zero_rows_(masked.body, [0, 3, 5])
+    mask = torch.rand(4, 3) > 0.5
+    result = shrink(masked, x if with_inputs else None)
+    assert result.model.body.out_features == 5
+    torch.testing.assert_close(result.model(x), masked(x))
+    torch.testing.assert_close(result.model(x, mask), masked(x, mask))
+
+
 class ManyFlags(nn.Module):
     def __init__(self) -> None:
         super().__init__()

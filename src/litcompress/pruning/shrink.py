@@ -433,23 +433,51 @@ class _Trace:
 
     graph: fx.Graph
     calls: dict[str, int]
-    flags: dict[str, bool] = field(default_factory=dict)
-    changed: tuple[str, ...] = ()  # the flags not at forward's defaults
+    flags: dict[str, bool | None] = field(default_factory=dict)
+    changed: tuple[str, ...] = ()  # the flags not at forward's defaults; one not in `flags` was traced as given
 
     def describe(self) -> str:
-        return ", ".join(f"{name}={self.flags[name]}" for name in self.changed)
+        return ", ".join(f"{name}={self.flags[name]}" if name in self.flags else f"{name} given"
+                         for name in self.changed)
 
 
-def _forward_flags(model: nn.Module) -> list[inspect.Parameter]:
-    """The parameters of `model`'s class's forward with a bool default (``return_features=False``); none when the
-    forward has ``*args`` or ``**kwargs`` (fx cannot hold those)."""
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """The parameters of `model`'s class's forward after ``self``; none when it has ``*args`` or ``**kwargs`` (fx
+    cannot hold those) or no signature."""
     try:
         parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]
     except (TypeError, ValueError):
         return []
     if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in parameters):
         return []
-    return [p for p in parameters if isinstance(p.default, bool)]
+    return parameters
+
+
+def _forward_flags(model: nn.Module) -> list[inspect.Parameter]:
+    """The parameters of `model`'s class's forward with a bool default (``return_features=False``)."""
+    return [p for p in _forward_parameters(model) if isinstance(p.default, bool)]
+
+
+def _graph_ops(graph: fx.Graph) -> list[tuple[str, object]]:
+    """What `graph` computes, placeholders and fx's own checks of held arguments aside."""
+    return [(node.op, node.target) for node in graph.nodes
+            if node.op not in ("placeholder", "output") and getattr(node.target, "__name__", "") != "_assert_is_none"]
+
+
+def _with_optional_arguments_left_out(model: nn.Module, tracer: type[fx.Tracer], given: _Trace) -> list[_Trace]:
+    """The traces of a forward that fx traced as it is: with parameters that default to None (``labels=None``),
+    fx traced them as given (``labels is None`` is False for its proxy), so the default path, the one inference
+    calls, comes first, traced with them held at None, where it computes otherwise."""
+    optional = [p.name for p in _forward_parameters(model) if p.default is None]
+    if not optional:
+        return [given]
+    try:
+        graph, _, calls = trace(model, tracer, dict.fromkeys(optional))
+    except ValueError:  # the default path cannot be traced: shrink goes on as before, along the path traced
+        return [given]
+    if _graph_ops(graph) == _graph_ops(given.graph):
+        return [given]
+    return [_Trace(graph, calls, dict.fromkeys(optional)), dataclasses.replace(given, changed=tuple(optional))]
 
 
 def trace_all(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[dict[str, nn.Module], list[_Trace]]:
@@ -459,7 +487,7 @@ def trace_all(model: nn.Module, tracer: type[fx.Tracer] = fx.Tracer) -> tuple[di
     ValueError (with fx's message) when a trace fails."""
     try:
         graph, modules, calls = trace(model, tracer)
-        return modules, [_Trace(graph, calls)]
+        return modules, _with_optional_arguments_left_out(model, tracer, _Trace(graph, calls))
     except ValueError as error:
         flags = _forward_flags(model)
         if not flags or len(flags) > MAX_TRACED_FLAGS:
