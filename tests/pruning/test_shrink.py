@@ -494,7 +494,8 @@ def test_shrunk_model_survives_pickling(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------------------------ errors
 class WidthDependent(nn.Module):
-    """A forward that reads a layer's width: shrinking changes what it computes."""
+    """A forward that reads a layer's width where the graph cannot show it (a module attribute: a constant to fx):
+    shrinking changes what it computes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -502,7 +503,45 @@ class WidthDependent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        return self.fc2(h) / h.size(1)
+        return self.fc2(h) / self.fc2.in_features
+
+
+class FeatureCountRead(nn.Module):
+    """A forward that scales by a Linear layer's feature count, read from its output's shape (as attention scales
+    by ``q.shape[-1] ** -0.5``), after an element-wise op."""
+
+    def __init__(self, read) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.read = nn.Linear(4, 6), nn.Linear(6, 2), read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) * self.read(h) ** -0.5
+
+
+@pytest.mark.parametrize("read, needs_rank", [
+    (lambda h: h.shape[-1], False), (lambda h: h.size(-1), False), (lambda h: h.size()[-1], False),
+    (lambda h: h.shape[1:].numel(), False), (lambda h: h.size(1), True), (lambda h: h.shape[1], True)])
+def test_a_read_of_a_linear_layers_feature_count_keeps_its_width(read, needs_rank) -> None:
+    torch.manual_seed(0)
+    model = FeatureCountRead(read).eval()
+    zero_rows_(model.fc1, [0, 1])
+    x = torch.randn(3, 4)
+    for example_inputs in ((None, x) if not needs_rank else (x,)):
+        result = shrink(model, example_inputs)
+        assert result.model.fc1.out_features == 6
+        assert dict(result.report.kept)["fc1"].startswith("its feature count is read")
+        torch.testing.assert_close(result.model(x), model(x))
+    # the batch size and, on a 3-d output, the tokens are not the features: those reads leave the layer free
+    batch_read = FeatureCountRead(lambda h: h.size(0)).eval()
+    zero_rows_(batch_read.fc1, [0, 1])
+    assert shrink(batch_read, x).model.fc1.out_features == 4
+    tokens_read = FeatureCountRead(lambda h: h.shape[1]).eval()
+    zero_rows_(tokens_read.fc1, [0, 1])
+    tokens = torch.randn(2, 5, 4)
+    result = shrink(tokens_read, tokens)
+    assert result.model.fc1.out_features == 4
+    torch.testing.assert_close(result.model(tokens), tokens_read(tokens))
 
 
 def test_outputs_that_change_are_caught_when_example_inputs_are_given() -> None:
@@ -634,7 +673,7 @@ class TupleOutput(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         h = self.fc1(x)
         logits = self.fc2(torch.relu(h))
-        scale = h.size(1) if self.width_dependent else 1
+        scale = self.fc2.in_features if self.width_dependent else 1  # a constant to fx: only the check sees it
         return {"out": (logits, logits.sum(1) / scale)}
 
 

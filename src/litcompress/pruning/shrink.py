@@ -908,6 +908,35 @@ def _channel_count_read(node: fx.Node, ndim: int, gate_path: set[fx.Node]) -> fx
                  and _takes_channel_count(user, ndim, gate_path)), None)
 
 
+def _feature_count_read(node: fx.Node) -> fx.Node | None:
+    """A read of `node`'s feature count, its last dim (``h.size(-1)``, ``h.shape[-1]``, a slice through the end, the
+    whole shape, or the last dim of the rank the example inputs gave), where `node` holds features (a Linear's or a
+    flattened conv's output): narrowing them would change it. Without a rank a positive index may be the tokens'."""
+    rank = _rank(node)
+
+    def takes_last(index: object) -> bool:
+        if isinstance(index, slice):
+            return index.step is None and (index.stop is None or (rank is not None and isinstance(index.stop, int)
+                                                                   and index.stop >= rank))
+        return isinstance(index, int) and not isinstance(index, bool) and index in (-1, None if rank is None
+                                                                                     else rank - 1)
+
+    for read in node.users:
+        if not _reads_shape_only(read) or read.target == "dim" or (read.op == "call_function"
+                                                                   and read.args[1] == "ndim"):
+            continue
+        dim = (read.args[1] if len(read.args) > 1 else read.kwargs.get("dim")) if read.op == "call_method" else None
+        if dim is not None:
+            if read.users and takes_last(dim):
+                return read
+            continue
+        for item in read.users:
+            is_item = item.op == "call_function" and item.target is operator.getitem
+            if not is_item or (item.users and takes_last(item.args[1])):
+                return read
+    return None
+
+
 def _reads_shape_only(node: fx.Node) -> bool:
     """True for a node that only reads its input's shape (``x.size(...)``, ``x.shape``): it does not use its values."""
     return (node.op == "call_method" and node.target in ("size", "dim")) or (
@@ -1509,6 +1538,10 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
             read = _channel_count_read(node, producer.weight.dim(), found[2] if found else set())
             if read is not None:
                 return f"its channel count is read ({_describe(read, modules)}) where the width would change"
+        else:
+            read = _feature_count_read(node)
+            if read is not None:
+                return f"its feature count is read ({_describe(read, modules)}) where the width would change"
         if found is not None:
             branch.ops.append(found[0])
             node = found[1]  # on from the multiplication
