@@ -169,7 +169,7 @@ def test_a_projected_lstm_loses_its_pruned_units_inside_its_projection(layers, b
     prune_units_(model, fraction)
     x = torch.randn(3, 6, 5)
     result = shrink(model, x)
-    kept = 8 - round(fraction * 8)
+    kept = max(8 - round(fraction * 8), 4)  # torch's LSTM needs more units than proj_size: zero ones make up 4
     assert result.model.rnn.hidden_size == kept and result.model.rnn.proj_size == 3
     assert result.model.rnn.weight_hr_l0.shape == (3, kept)
     if read == "cell":  # c_n's units are read: the head loses their columns
@@ -177,6 +177,38 @@ def test_a_projected_lstm_loses_its_pruned_units_inside_its_projection(layers, b
     torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)
     fresh = load_shrunk_state_dict(_Projected(layers, bidirectional, read), result.model.state_dict()).eval()
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
+
+
+class _ProjectedReadout(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, hidden, proj_size=3, batch_first=True), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("keep_multiple_of", [None, 4])
+def test_a_projected_lstm_keeps_more_units_than_its_projection(keep_multiple_of):
+    """At hidden_size == proj_size torch takes the LSTM for one without a projection and fails in forward (and its
+    constructor refuses hidden_size <= proj_size): shrink keeps zero units to stay above it, or says why it keeps all."""
+    torch.manual_seed(0)
+    model = _ProjectedReadout(6).eval()
+    prune_units_(model, 0.5)
+    x = torch.randn(2, 5, 4)
+    result = shrink(model, x, keep_multiple_of=keep_multiple_of)
+    assert result.model.rnn.hidden_size == 4 and result.model.rnn.proj_size == 3
+    torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-5)
+    nn.LSTM(4, 4, proj_size=3, batch_first=True).load_state_dict(result.model.rnn.state_dict())  # torch's own
+    tight = _ProjectedReadout(4).eval()
+    prune_units_(tight, 0.5)
+    result = shrink(tight, x, keep_multiple_of=keep_multiple_of)
+    assert result.model.rnn.hidden_size == 4
+    assert dict(result.report.kept)["rnn"] == (
+        "an LSTM needs more hidden units than its proj_size (3), which leaves none of its zero units to remove"
+        if keep_multiple_of is None else "keeping a multiple of 4 units leaves none of its zero units to remove")
+    with pytest.raises(ValueError, match="proj_size=3 needs more hidden units than that; 3 were to be kept"):
+        keep_units_(nn.LSTM(4, 6, proj_size=3), torch.arange(3))
 
 
 class _WithState(nn.Module):

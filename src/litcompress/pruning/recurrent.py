@@ -152,6 +152,10 @@ def keep_units_(rnn: nn.RNNBase, keep: Tensor) -> None:
     gates, hidden = gate_count(rnn), rnn.hidden_size
     directions = 2 if rnn.bidirectional else 1
     keep = keep.to(torch.long).cpu()
+    if is_projected(rnn) and keep.numel() <= rnn.proj_size:
+        # torch tells a projection by h's size differing from c's, and its constructor refuses this too
+        raise ValueError(f"an LSTM with proj_size={rnn.proj_size} needs more hidden units than that; "
+                         f"{keep.numel()} were to be kept.")
     rows = torch.cat([keep + g * hidden for g in range(gates)])
     inputs = torch.cat([keep + d * hidden for d in range(directions)])  # a later layer reads every direction
     projected = is_projected(rnn)

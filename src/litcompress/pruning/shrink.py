@@ -2236,6 +2236,14 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
     keep_a_multiple_(dead, keep_multiple_of)
     if not bool(dead.any()):
         return f"keeping a multiple of {keep_multiple_of} units leaves none of its zero units to remove"
+    if is_projected(rnn):  # torch's LSTM needs more units than proj_size: keep zero ones to make up the count
+        least = rnn.proj_size + 1
+        if keep_multiple_of:
+            least = math.ceil(least / keep_multiple_of) * keep_multiple_of
+        dead[dead.nonzero().flatten()[:max(least - int((~dead).sum()), 0)]] = False
+        if not bool(dead.any()):
+            return (f"an LSTM needs more hidden units than its proj_size ({rnn.proj_size}), which leaves none of its "
+                    "zero units to remove")
     if bool(dead.all()):
         dead[0] = False  # keep one unit: a zero-width layer breaks exporters and kernels
     if not all(math.isfinite(float(value.view(-1, hidden)[:, dead].abs().sum()))
