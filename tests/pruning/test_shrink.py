@@ -554,6 +554,58 @@ def test_outputs_that_change_are_caught_when_example_inputs_are_given() -> None:
     assert_same_state(model, before)
 
 
+class WidthFromAnAttribute(nn.Module):
+    """A forward that builds a tensor of a layer's width read from the module (a constant to fx): once shrunk it
+    fails, with torch's error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.ones(self.fc1.out_features).view(2, 3)
+        return self.fc2(torch.relu(self.fc1(x))) * table.sum()
+
+
+def test_a_shrunk_model_that_fails_on_the_example_inputs_is_said_and_the_model_kept() -> None:
+    torch.manual_seed(0)
+    model = WidthFromAnAttribute()
+    zero_rows_(model.fc1, [0, 1])
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=r"the shrunk model fails on the example inputs \(RuntimeError: shape .*\): its forward "
+                                         r"depends on a layer's width in a way the traced graph does not show. "
+                                         r"Shrunk: \['fc1'\]"):
+        shrink(model, torch.randn(3, 4))
+    assert_same_state(model, before)
+
+
+class UnbatchedConv(nn.Module):
+    """A conv called on one (C, H, W) image: dim 1 is its height, not its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def test_an_unbatched_conv_output_keeps_its_channels_given_example_inputs() -> None:
+    torch.manual_seed(0)
+    model = UnbatchedConv().eval()
+    with torch.no_grad():
+        model.conv.weight[:2] = 0
+        model.conv.bias[:2] = 0
+    x = torch.randn(3, 4, 4)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 4
+    assert dict(result.report.kept)["conv"] == ("its output on the example inputs is 3-d, unbatched, where shrink "
+                                                "takes dim 1 for the channels")
+    torch.testing.assert_close(result.model(x), model(x))
+    batched = torch.randn(2, 3, 4, 4)  # the same layers on a batch: the flatten mixes channels and positions
+    assert shrink(nn.Sequential(model.conv, nn.ReLU(), nn.Conv2d(4, 2, 1)), batched).model[0].out_channels == 2
+
+
 class Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1522,6 +1522,9 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
     """Follow `branch` on from `node` to its consumer(s), appending each branch that reaches one to `done`; the
     reason a branch does not, else None."""
     is_conv = isinstance(producer, _CONV_LIKE)
+    if is_conv and not branch.flattened and _rank(node) not in (None, producer.weight.dim()):
+        return (f"its output on the example inputs is {_rank(node)}-d, unbatched, where shrink takes dim 1 for the "
+                "channels")
     while True:
         users = _value_users(node)
         overwriting = _overwritten_then_read(node, users, modules) if len(users) > 1 else None
@@ -2593,10 +2596,17 @@ def shrink_(
     heads, heads_kept = remove_zero_heads_(model)
     report = ShrinkReport(tuple(layers), tuple(kept + heads_kept), before, _count_parameters(model), tuple(heads))
     if example_inputs is not None:
-        difference = max_output_difference(reference, eval_outputs(model, example_inputs))
+        shrunk = [layer.name for layer in layers] + [f"{head.name} ({head.removed} heads)" for head in heads]
+        try:
+            after = eval_outputs(model, example_inputs)
+        except Exception as error:  # a shape shrink misread (a rank the graph does not show): say so, not torch's
+            raise ValueError(
+                f"the shrunk model fails on the example inputs ({type(error).__name__}: {error}): its forward "
+                f"depends on a layer's width in a way the traced graph does not show. Shrunk: {shrunk}."
+            ) from error
+        difference = max_output_difference(reference, after)
         scale = _scale(reference)
         if not difference <= max(rtol * max(scale, 1.0), _rounding_floor(reference) * scale):
-            shrunk = [layer.name for layer in layers] + [f"{head.name} ({head.removed} heads)" for head in heads]
             raise ValueError(
                 f"the shrunk model's outputs differ from the original's by {difference:.3g} (more than rtol={rtol} "
                 f"of the largest output): its forward probably depends on a layer's width (a hard-coded shape or "
