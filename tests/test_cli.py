@@ -941,6 +941,15 @@ def test_keep_multiple_of_is_named_as_ignored_only_where_nothing_rounds(args, ig
     assert ("--keep-multiple-of ignored" in capsys.readouterr().err) == ignored
 
 
+def test_a_method_name_in_any_case_prunes_as_the_lower_case_one():
+    """The residual grouping and --prune-embeddings compare the name: LN_STRUCTURED must not prune ungrouped."""
+    from litcompress.cli import _configs, build_parser
+
+    config = _configs(build_parser().parse_args(["compress", "--prune", "LN_Structured", "--prune-embeddings"]))
+    assert config.prune.method == "ln_structured"
+    assert _configs(build_parser().parse_args(["compress", "--prune", "None"])).prune is None
+
+
 @pytest.mark.parametrize("command", ["compress", "channels"])
 def test_help_says_each_default_once(command, capsys):
     with pytest.raises(SystemExit):

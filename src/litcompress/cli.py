@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
 
     prune = run.add_argument_group("pruning")
-    prune.add_argument("--prune", default="l1_unstructured",
+    prune.add_argument("--prune", default="l1_unstructured", type=str.lower,
                        help="torch.nn.utils.prune method (l1_unstructured, ln_structured, random_unstructured, "
                             "random_structured) or 'none'")
     # defaults None, resolved in _configs: one given where it does nothing (--prune none) can be named

@@ -24,6 +24,7 @@ def test_defaults_pick_the_scope_each_method_supports():
     assert structured.method_kwargs() == {"dim": 0, "n": 2}
     assert PruneConfig(sparsity=0.5, method=torch_prune.RandomUnstructured).scope == "global"
     assert PruneConfig(sparsity=0.5).method_kwargs() == {}
+    assert PruneConfig(sparsity=0.5, method="LN_Structured").method == "ln_structured"  # the pipeline compares it
 
 
 @given(st.one_of(st.floats(allow_nan=True), st.integers(), st.booleans(), st.none(), st.text(max_size=3)))

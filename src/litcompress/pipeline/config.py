@@ -118,6 +118,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
+        if isinstance(self.method, str):  # torch's names, however spelt: the pipeline compares them
+            object.__setattr__(self, "method", self.method.lower())
         if isinstance(self.schedule, SparsitySchedule):
             if self.schedule.unit != "step":
                 raise ValueError(f"PruneConfig(schedule=...): the pipeline counts optimizer steps, got a schedule in "
