@@ -219,6 +219,23 @@ def test_a_checkpoint_is_compressed_without_training_again(first_run, tmp_path, 
     assert [s.stage for s in second.stages] == ["input", "exported"]
 
 
+def test_a_checkpoint_is_scored_on_the_split_it_was_trained_on_whatever_the_seed(first_run, tmp_path, capsys):
+    """--seed also chose the digits split: another one would put the checkpoint's training data in val and test."""
+    _, out = first_run
+    capsys.readouterr()
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--seed", "2", "--prune", "none",
+                 "--quantize", "none", "--no-export", "--latency-repeats", "2", "--output-dir", str(tmp_path)]) == 0
+    assert "note: the digits split is the one --checkpoint was trained on (seed 0)" in capsys.readouterr().err
+    first = CompressionReport.load_json(out / "report.json")["input"]
+    again = CompressionReport.load_json(tmp_path / "report.json")["input"]
+    assert (again.metric, again.test_metric) == (first.metric, first.test_metric)
+    with pytest.raises(SystemExit):
+        main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--data-args", '{"seed": 3, "batch_size": 16}',
+              "--output-dir", str(tmp_path / "refused")])
+    assert ('--data-args {"seed": 3}: --checkpoint ' in capsys.readouterr().err)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_checkpoint_written_while_pruning_with_masks_is_compressed(tmp_path):
     import lightning as L
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -273,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
                              "call self(...)")
     source.add_argument("--inputs", type=_names, metavar="KEY,...", help=INPUTS_HELP)
-    source.add_argument("--seed", type=int, default=0, help="seed for weights, data order and random pruning")
+    source.add_argument("--seed", type=int, default=0, help="seed for weights, data order, random pruning and the built-in data's split "
+                             "(with --checkpoint, the split it was trained on is kept)")
 
     prune = run.add_argument_group("pruning")
     prune.add_argument("--prune", default="l1_unstructured", type=str.lower,
@@ -495,11 +497,41 @@ def _built(option: str, cls: Any, kwargs: dict[str, Any]) -> Any:
 def _datamodule(args: argparse.Namespace) -> Any:
     from litcompress.data import DigitsDataModule, MNISTDataModule
 
-    kwargs = {"seed": args.seed, **args.data_args}
     if args.data in BUILTIN_DATA:
+        cls = DigitsDataModule if args.data == "digits" else MNISTDataModule
+        split = _checkpoint_split(args, cls)
+        other = {name: value for name, value in args.data_args.items() if name in split and value != split[name]}
+        if other:
+            raise ValueError(
+                f"--data-args {json.dumps(other)}: --checkpoint {args.checkpoint} was trained on the {args.data} "
+                f"split of {json.dumps(split)}, and another split would score it on data it trained on. Drop "
+                f"{', '.join(other)} from --data-args (the checkpoint's split is used).")
+        if "seed" in split and "seed" not in args.data_args and split["seed"] != args.seed:
+            _stderr(f"note: the {args.data} split is the one --checkpoint was trained on (seed {split['seed']}), "
+                    f"not --seed {args.seed}'s, which would score it on data it trained on; --seed {args.seed} "
+                    "seeds the rest of the run.")
+        kwargs = {"seed": args.seed, **split, **args.data_args}
         kwargs.setdefault("flatten", args.model == "mlp")
-        return _built("--data-args", DigitsDataModule if args.data == "digits" else MNISTDataModule, kwargs)
+        return _built("--data-args", cls, kwargs)
     return _built("--data-args", args.data, args.data_args)
+
+
+def _checkpoint_split(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The settings of the built-in DataModule `cls` that chose the split --checkpoint was trained on (its seed,
+    fractions, train_limit: what Lightning saved of the fit's DataModule); none without a checkpoint, or for one
+    trained on other data (settings `cls` does not take)."""
+    import torch
+
+    if args.checkpoint is None:
+        return {}
+    try:
+        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get(
+            "datamodule_hyper_parameters") or {}
+    except Exception:  # noqa: BLE001 - unreadable: loading the model says so
+        return {}
+    if not saved or not set(saved) <= set(inspect.signature(cls.__init__).parameters):
+        return {}
+    return {name: value for name, value in saved.items() if name not in ("batch_size", "num_workers", "flatten")}
 
 
 def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
