@@ -691,12 +691,21 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: An
 def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None, submodule: str | None) -> None:
     """One validation (and test) batch, with a copy of the model to compress in the place compress puts its stages:
     a metric the module does not log, or one its step computes without that model, fails now, not after training."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
     from litcompress.quantization.lightning import detached_copy, lightning_eval_fn
 
     candidate = detached_copy(model if submodule is None else getattr(model, submodule)).eval()
     for stage, name, option in (("validate", metric, "--metric"), ("test", test_metric, "--test-metric")):
         if name is None:
             continue
+        step, loader = ("validation_step", "val_dataloader") if stage == "validate" else ("test_step", "test_dataloader")
+        if not is_overridden(step, model):  # else Lightning's MisconfigurationException, taken for a data mismatch
+            raise ValueError(f"{option} {name}: {type(model).__name__} has no {step} to log it; define one"
+                             + (", or leave --test-metric out." if stage == "test" else "."))
+        if not is_overridden(loader, data):
+            raise ValueError(f"{option} {name}: {type(data).__name__} has no {loader} to compute it on; define one"
+                             + (", or leave --test-metric out." if stage == "test" else "."))
         evaluate = lightning_eval_fn(model, data, name, _trainer(1, limit_val_batches=1, limit_test_batches=1),
                                      submodule=submodule, stage=stage)
         try:
