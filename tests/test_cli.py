@@ -83,6 +83,21 @@ def test_report_prints_a_saved_report_and_writes_its_plot_again(first_run, capsy
     assert (tmp_path / "again.md").read_text() == (out / "report.md").read_text()
 
 
+def test_a_search_ended_by_ctrl_c_is_said_in_the_summary(first_run, capsys, tmp_path):
+    """Its best model so far is kept and exported, as a timeout's is: the terminal says so for both, not only
+    report.md."""
+    import dataclasses
+
+    _, out = first_run
+    report = CompressionReport.load_json(out / "report.json")
+    said = ("quantization: interrupted during trial 2; keeping the best model so far.",
+            "quantization: trial 1 (torch_ao dynamic per-channel) failed: RuntimeError: x")
+    dataclasses.replace(report, messages=report.messages + said).save_json(tmp_path / "report.json")
+    assert main(["report", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"- {said[0]}" in printed and said[1] not in printed
+
+
 def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing(first_run, capsys, tmp_path):
     """--plot r.txt and --plot/--markdown in an unwritable place were tracebacks from matplotlib and pathlib, after
     the report was printed and the markdown written."""
