@@ -383,6 +383,9 @@ def test_prune_heads_narrows_each_attention_to_its_kept_heads(tmp_path):
     # (3 x 16 x 32) and its out_proj columns (32 x 16), no biases
     assert report["shrunk"].parameters == report["input"].parameters - 2 * 3 * 32 * 32 - 2 * 4 * 16 * 32
     assert "2 attention heads removed" in report["shrunk"].description
+    # the heads' zeros count in the sparsity column and the per-tensor table (they were left out of both)
+    projections = [t for t in report.layer_sparsity if t.name.endswith("in_proj_weight")]
+    assert len(projections) == 2 and all(t.zeros == t.numel // 2 for t in projections)
 
 
 def test_structured_densenet_narrows_every_concatenation(tmp_path):
@@ -916,7 +919,7 @@ def test_a_second_run_into_the_same_directory_names_the_files_it_did_not_write(t
 
 
 def test_prune_embeddings_prunes_a_text_lstms_embedding_dims_and_shrink_removes_them(tmp_path, capsys):
-    from litcompress import load_shrunk_state_dict
+    from litcompress import load_pruned_state_dict, load_shrunk_state_dict
     from tests.text_task import PackedLSTMClassifier
 
     assert main(["channels", "--model", "tests.text_task:PackedLSTMClassifier", "--data", "tests.text_task:TextData",
@@ -929,6 +932,10 @@ def test_prune_embeddings_prunes_a_text_lstms_embedding_dims_and_shrink_removes_
                  "--output-dir", str(out)]) == 0
     report = CompressionReport.load_json(out / "report.json")
     assert report["shrunk"].description.startswith("16 channels removed, 8 hidden units removed")
+    pruned = load_pruned_state_dict(PackedLSTMClassifier(), torch.load(out / PRUNED_STATE_FILE), keep_masks=False)
+    weights = [p for name, p in pruned.named_parameters() if "weight" in name and p.dim() > 1]  # the embedding's too
+    assert report["pruned"].weight_sparsity == pytest.approx(
+        sum(int((p == 0).sum()) for p in weights) / sum(p.numel() for p in weights))
     model = load_shrunk_state_dict(PackedLSTMClassifier(), torch.load(out / SHRUNK_STATE_FILE)).eval()
     assert (model.embedding.embedding_dim, model.lstm.hidden_size) == (16, 8)
     with pytest.raises(SystemExit):

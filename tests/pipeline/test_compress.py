@@ -64,6 +64,38 @@ def state_of(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+class EmbeddedAttention(nn.Module):
+    """An embedding, an attention and a Linear head: weights the sparsity column must all count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embedding(ids)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_the_sparsity_column_counts_embeddings_and_attention_projections_a_run_prunes():
+    from litcompress.pipeline.compress import weight_sparsity
+
+    model = EmbeddedAttention()
+    with torch.no_grad():
+        model.embedding.weight[:, :4] = 0  # what --prune-embeddings zeroes: dims
+        model.attention.in_proj_weight[:4] = 0  # and --prune-heads: a head's query rows
+        model.head.weight[0] = 0
+    embedding, projections = model.embedding.weight, model.attention.in_proj_weight
+    linear = [model.attention.out_proj.weight, model.head.weight]
+    for embeddings in (False, True):
+        for attentions in (False, True):
+            tensors = linear + [embedding] * embeddings + [projections] * attentions
+            zeros = sum(int((t == 0).sum()) for t in tensors)
+            assert weight_sparsity(model, embeddings=embeddings, attentions=attentions) == pytest.approx(
+                zeros / sum(t.numel() for t in tensors))
+
+
 def test_every_stage_runs_on_a_copy_and_the_last_is_measured_from_its_file(trained, digits, tmp_path):
     before = state_of(trained)
     x_val, y_val = digits[2], digits[3]

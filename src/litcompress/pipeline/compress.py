@@ -227,11 +227,21 @@ def _groups_residuals(prune: PruneConfig) -> bool:
     return prune.group_residuals and prune.zero_batch_norm and prune.method == "ln_structured" and prune.dim == 0
 
 
-def weight_sparsity(model: nn.Module) -> float | None:
-    """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too (None when the model has none, e.g.
-    ONNX Runtime)."""
+#: an attention's input projections, held as its own tensors (out_proj is a Linear)
+_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def weight_sparsity(model: nn.Module, *, embeddings: bool = False, attentions: bool = False) -> float | None:
+    """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too, and with `embeddings` and
+    `attentions` (a run that prunes them) embeddings' and attentions' input projections (None when the model has
+    none, e.g. ONNX Runtime)."""
     targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) or is_transposed_linear(m)
                for t in tensor_names(m, "weight")]
+    if embeddings:
+        targets += [(m, "weight") for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    if attentions:
+        targets += [(m, t) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+                    for t in _ATTENTION_PROJECTIONS if isinstance(getattr(m, t, None), torch.Tensor)]
     return sparsity_report(model, targets).sparsity if targets else None
 
 
@@ -240,8 +250,12 @@ class _Stages:
     model does not log fails before any fine-tuning); the report-only ones, the test metric and latency, once for
     the stages kept, in :meth:`report_rows` (the input's test metric first, in :meth:`test_first`)."""
 
-    def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None) -> None:
+    def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None, prune: PruneConfig | None = None) -> None:
         self.eval_fn, self.test_fn = eval_fn, test_fn
+        # the sparsity column counts the weights the run prunes, in every stage alike
+        self.counted_weights = {"embeddings": prune is not None and any(
+            issubclass(t, (nn.Embedding, nn.EmbeddingBag)) for t in prune.layer_types),
+            "attentions": prune is not None and prune.heads > 0}
         self.model_unused = False  # the first evaluation returned without running the model it was given
         self.models: dict[str, nn.Module] = {}
         self.rows: list[StageMetrics] = []
@@ -272,7 +286,7 @@ class _Stages:
             parameters=sum(p.numel() for p in parameters) if parameters else None,
             nonzero_parameters=(sum(int(torch.count_nonzero(plain_values(p))) for p in parameters)
                                 if parameters else None),
-            weight_sparsity=weight_sparsity(counted), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
+            weight_sparsity=weight_sparsity(counted, **self.counted_weights), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
             seconds=seconds,
         )
         self.models[stage] = model
@@ -782,7 +796,7 @@ def compress(
         names = ", ".join(repr(n) if n else "the model" for n in compiled)
         note(f"torch.compile'd module(s) {names} compressed as the eager modules they compile (compile the result "
              "again to run it compiled).")
-    stages = _Stages(eval_fn, test_fn)
+    stages = _Stages(eval_fn, test_fn, config.prune)
     details: list[tuple[str, str]] = []
     started = time.monotonic()
     stages.add("input", deepcopy_model(model), "the model as given", 0.0)
@@ -844,7 +858,9 @@ def compress(
                      f"the remaining {late:,} entries were pruned at once afterwards.")
             how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps" + (
                 f", {fine_tune_description}" if fine_tune_description else "")
-        result_sparsity = sparsity_report(work, targets + pruning.unit_targets)
+        # every tensor pruned: the heads' input projections too, which no target names
+        result_sparsity = sparsity_report(work, targets + pruning.unit_targets
+                                          + [(m, n) for _, m, n in pruned_targets(work)])
         make_permanent_(work)
         work.eval()
         description = f"{prune.describe()}, {how}" + (

@@ -43,7 +43,8 @@ class StageMetrics:
     """What one stage of the pipeline produced, measured on the same inputs as every other stage.
 
     ``parameters``/``nonzero_parameters``/``weight_sparsity`` are None for runtimes without torch parameters
-    (ONNX Runtime, packed int8 kernels); ``weight_sparsity`` counts zeros in Linear/Conv weights.
+    (ONNX Runtime, packed int8 kernels); ``weight_sparsity`` counts zeros in the weights of Linear/Conv/recurrent
+    layers, embeddings and attentions' input projections.
     """
 
     stage: str
