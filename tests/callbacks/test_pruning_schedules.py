@@ -337,6 +337,22 @@ def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_trai
     assert trainer.global_step == 0
 
 
+def test_a_rewind_point_past_an_epoch_that_max_steps_cuts_short_fails_before_training(tmp_path):
+    """Lightning ends the cut-short epoch (its round runs at max_steps): a snapshot due after that failed at the
+    round's reset, once the whole fit had trained."""
+    callback = ModelPruning("l1_unstructured", amount=0.2, use_lottery_ticket_hypothesis=True, rewind_to_step=3)
+    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=callback)
+    with pytest.raises(MisconfigurationException, match=r"`rewind_to_step=3` is after the first pruning round, at the "
+                                                        r"end of epoch 0 \(optimizer step 2 at 4 steps per epoch, "
+                                                        r"max_steps=2\).*Rewind to step 2 or earlier"):
+        trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 0
+    callback = ModelPruning("l1_unstructured", amount=0.2, use_lottery_ticket_hypothesis=True, rewind_to_step=2)
+    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=callback)
+    trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 2 and callback._history[0]["lottery_ticket_reset"]
+
+
 @pytest.mark.parametrize(("kwargs", "trainer_kwargs", "match"), [
     (dict(rewind_to_epoch=1), {}, r"`rewind_to_epoch=1` is after the first pruning round, at the fit's first "
                                   r"validation \(epoch 0, optimizer step 4;"),

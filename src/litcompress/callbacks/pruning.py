@@ -811,10 +811,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
             first = (_first_round(self._schedule) if self._schedule is not None and self._schedule.unit == "epoch"
                      else self._first_epoch_round)
             last = None if first is None else max(first, 1) * per_epoch  # the round at that epoch's end comes after
+            max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+            if last is not None and max_steps is not None and max_steps < last:
+                # max_steps ends that epoch early, and Lightning runs its end (the round) all the same
+                last = max_steps if max_steps > last - per_epoch else None
             if last is not None and self._rewind_point > last:
                 raise MisconfigurationException(
                     f"`rewind_to_step={self._rewind_point}` is after the first pruning round, at the end of epoch "
-                    f"{max(first, 1) - 1} (optimizer step {last} at {per_epoch} steps per epoch): the snapshot would "
+                    f"{max(first, 1) - 1} (optimizer step {last} at {per_epoch} steps per epoch"
+                    + (f", max_steps={max_steps}" if last == max_steps else "") + "): the snapshot would "
                     f"hold pruned weights. Rewind to step {last} or earlier."
                 )
         elif self._schedule is not None and self._schedule.unit == "step":
