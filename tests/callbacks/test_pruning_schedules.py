@@ -337,6 +337,35 @@ def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_trai
     assert trainer.global_step == 0
 
 
+class SparsityAtValidations(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            weights = [m.weight for m in pl_module.layer]
+            zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+            self.seen.append((trainer.global_step, round(zeros, 2)))
+
+
+@pytest.mark.parametrize("trainer_kwargs", [dict(val_check_interval=0.5),
+                                            dict(val_check_interval=6, check_val_every_n_epoch=None)])
+def test_an_epoch_schedule_pruned_at_validations_inside_an_epoch_waits_for_its_epochs_to_finish(tmp_path,
+                                                                                             trainer_kwargs):
+    """Point t counts finished epochs: its round ran at a validation half-way through epoch t - 1."""
+    seed_everything(0)
+    callback = ModelPruning("l1_unstructured", amount=IterativeSchedule(rate_per_round=0.5, rounds=2),
+                            prune_on_train_epoch_end=False, use_lottery_ticket_hypothesis=True, rewind_to_step=3)
+    seen = SparsityAtValidations()
+    trainer = make_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0, callbacks=[callback, seen],
+                           **trainer_kwargs)
+    trainer.fit(ThreeLayerModel())  # rewind_to_step=3 failed at the first round, at step 2
+    if trainer_kwargs["val_check_interval"] == 0.5:  # validations at steps 2, 4 (end of epoch 0), 6, 8
+        assert seen.seen == [(2, 0.0), (4, 0.5), (6, 0.5), (8, 0.75)]
+    else:  # at step 6 only, in epoch 1: one epoch finished
+        assert seen.seen == [(6, 0.5)]
+
+
 def test_a_rewind_point_past_an_epoch_that_max_steps_cuts_short_fails_before_training(tmp_path):
     """Lightning ends the cut-short epoch (its round runs at max_steps): a snapshot due after that failed at the
     round's reset, once the whole fit had trained."""

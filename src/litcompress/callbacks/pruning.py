@@ -758,8 +758,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         return {(m, name): groups[id(m)] for m, name in self._parameters_to_prune
                 if name == "weight" and groups.get(id(m), 1) > 1}
 
-    def _epoch_round_due(self, current_epoch: int) -> tuple[bool, Optional[int]]:
-        """Whether the boundary at the end of `current_epoch` prunes, and with a schedule to which point's target.
+    def _epoch_round_due(self, current_epoch: int, epoch_finished: bool = True) -> tuple[bool, Optional[int]]:
+        """Whether the boundary at the end of `current_epoch` (or, not `epoch_finished`, a validation inside it)
+        prunes, and with a schedule to which point's target.
 
         Without a schedule, every boundary prunes (Lightning's amounts). With one, only epoch-level schedules prune
         there, to the last of their points passed since the last boundary looked: rounds that prune at validation
@@ -768,7 +769,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             return True, None
         if self._schedule.unit != "epoch":
             return False, None
-        progress = current_epoch + 1  # epochs finished
+        progress = current_epoch + 1 if epoch_finished else current_epoch  # epochs finished
         previous, self._epoch_progress = self._epoch_progress, max(self._epoch_progress, progress)
         point = self._schedule.last_point(previous, progress) if progress > previous else None
         return point is not None, point
@@ -869,7 +870,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if not trainer.sanity_checking:
             self._validations_this_fit += 1
         if not trainer.sanity_checking and not self._prune_on_train_epoch_end:
-            due, point = self._epoch_round_due(pl_module.current_epoch)
+            # a validation inside an epoch (val_check_interval) has not finished it: a schedule's point counts
+            # finished epochs
+            batches = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
+            due, point = self._epoch_round_due(pl_module.current_epoch,
+                                               epoch_finished=getattr(batches, "is_last_batch", True))
             if due:
                 rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
                 self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
