@@ -504,6 +504,38 @@ def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_ends_like_the_uninter
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
+@pytest.mark.parametrize(("trainer_kwargs", "saved_at"), [
+    (dict(val_check_interval=0.5), 2),  # a validation half-way through epoch 0
+    (dict(val_check_interval=0.5), 6),  # and through epoch 1
+    (dict(val_check_interval=4, check_val_every_n_epoch=None), 4),  # every 4 batches of the fit: an epoch's last
+])
+def test_resumed_from_a_checkpoint_of_a_batch_a_validation_followed_ends_like_the_uninterrupted_run(
+        tmp_path, trainer_kwargs, saved_at):
+    """Rounds at validation ends: a checkpoint saved at the batch a validation follows (before it runs) resumes
+    without it (Lightning's loop skips it), and its round never ran: one round short."""
+    class SameBatches(FixedDataModel):  # Lightning's mid-epoch resume starts the loader over: any order alike
+        def __init__(self) -> None:
+            super().__init__()
+            self.data = self.data[:16].repeat(4, 1)
+
+    def callback():
+        return ModelPruning("l1_unstructured", amount=0.2, make_pruning_permanent=False,
+                            prune_on_train_epoch_end=False, use_lottery_ticket_hypothesis=False)
+
+    seed_everything(3)
+    model, uninterrupted = SameBatches(), callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2, save_on_train_epoch_end=False)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, num_sanity_val_steps=0,
+                 callbacks=[uninterrupted, ckpt], **trainer_kwargs).fit(model)
+    resumed_model, resumed = SameBatches(), callback()
+    make_trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0, callbacks=[resumed], **trainer_kwargs).fit(
+        resumed_model, ckpt_path=tmp_path / f"epoch={(saved_at - 1) // 4}-step={saved_at}.ckpt")
+    assert len(resumed._history) == len(uninterrupted._history) == (4 if trainer_kwargs["val_check_interval"] == 0.5
+                                                                     else 2)
+    expected, actual = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 def test_a_new_callback_on_a_fit_resumed_from_a_dense_checkpoint_catches_up_nothing(tmp_path):
     """Fine-tuning with pruning from a checkpoint written without the callback: its rounds start with this fit."""
     seed_everything(3)

@@ -284,6 +284,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # training epochs whose end this callback saw; None until a fit or a checkpoint says (a fresh callback on a
         # fit resumed from a checkpoint written without it has nothing to catch up)
         self._epochs_ended: Optional[int] = None
+        # with rounds at validation ends: the (epoch, at its last batch) of a validation due after the last batch,
+        # not run yet (a checkpoint saved at that batch resumes without it); "unknown" where Lightning could not say
+        self._validation_due: Union[tuple[int, bool], None, str] = None
+        self._validation_due_restored: Union[tuple[int, bool], None, str] = "unknown"
+        self._caught_up_at_step: Optional[int] = None
         self._epoch_progress = -1  # epochs finished when an epoch-level schedule last looked for its points
         self._warned_fit_too_short = False
         self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
@@ -590,6 +595,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
     ) -> None:
         if self._output_hooks:
             self._warn_if_outputs_are_pruned()
+        self._caught_up_at_step = None  # a batch trained since the resume: a validation now is a new one
+        if not self._prune_on_train_epoch_end:  # before a checkpoint this batch end may save (ModelCheckpoint: last)
+            follows = _validation_follows_batch(trainer)
+            self._validation_due = "unknown" if follows is None else (
+                (pl_module.current_epoch, _at_last_batch(trainer)) if follows else None)
         step = trainer.global_step
         if step == self._last_step:  # gradient accumulation: several batches per optimizer step
             return
@@ -787,9 +797,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # epoch without the end hooks (validation, `on_train_epoch_end`) of the one saved, nor the next one's
         # `on_train_epoch_start`: the rounds and the snapshot those would have made are made here, before training
         # goes on, where the uninterrupted run made them.
+        # Lightning skips, too, a validation due after the batch a checkpoint was saved at (inside an epoch, with
+        # val_check_interval): its round, with rounds at validation ends, runs here as well.
+        due, self._validation_due_restored = self._validation_due_restored, "unknown"
         if self._epochs_ended is not None:
             for epoch in range(self._epochs_ended, trainer.current_epoch):
-                self._catch_up_epoch_end(trainer, epoch)
+                self._catch_up_epoch_end(trainer, epoch, None if due == "unknown" else due is not None and due[0] == epoch)
+        if isinstance(due, tuple) and due[0] == trainer.current_epoch and not self._prune_on_train_epoch_end:
+            round_due, point = self._epoch_round_due(due[0], epoch_finished=due[1])
+            if round_due:
+                log.info(f"`ModelPruning`: this fit resumed after a batch of epoch {due[0]} that a validation "
+                         "followed, which Lightning skips; its pruning round runs now.")
+                self._run_pruning(due[0], trainer=trainer, progress=point)
+                self._caught_up_at_step = trainer.global_step
         self._epochs_ended = trainer.current_epoch
         if trainer.global_step == 0 and self._original_layers is None:
             self._check_rewind_against_the_epochs(trainer)
@@ -855,9 +875,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 f"snapshot would hold pruned weights. Rewind to {self._rewind_unit} {last} or earlier."
             )
 
-    def _catch_up_epoch_end(self, trainer: "pl.Trainer", epoch: int) -> None:
-        """The round that the end of `epoch` (skipped by a resumed fit) would have run."""
-        validated = trainer.check_val_every_n_epoch is not None and (epoch + 1) % trainer.check_val_every_n_epoch == 0
+    def _catch_up_epoch_end(self, trainer: "pl.Trainer", epoch: int, validated: Optional[bool] = None) -> None:
+        """The round that the end of `epoch` (skipped by a resumed fit) would have run; `validated`: whether a
+        validation was due at its last batch (None: unknown, from `check_val_every_n_epoch`)."""
+        if validated is None:
+            validated = (trainer.check_val_every_n_epoch is not None
+                         and (epoch + 1) % trainer.check_val_every_n_epoch == 0)
         if not (self._prune_on_train_epoch_end or validated):
             return
         due, point = self._epoch_round_due(epoch)
@@ -865,16 +888,18 @@ class ModelPruning(TargetsFoundOnceConfigured):
             log.info(f"`ModelPruning`: this fit resumed after the last batch of epoch {epoch}, whose end Lightning "
                      "skips; its pruning round runs now.")
             self._run_pruning(epoch, trainer=trainer, progress=point)
+            self._caught_up_at_step = trainer.global_step
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
             self._validations_this_fit += 1
-        if not trainer.sanity_checking and not self._prune_on_train_epoch_end:
+        if not trainer.sanity_checking:
+            self._validation_due = None  # it ran
+        if not trainer.sanity_checking and not self._prune_on_train_epoch_end \
+                and self._caught_up_at_step != trainer.global_step:  # a skipped validation's round ran at resume
             # a validation inside an epoch (val_check_interval) has not finished it: a schedule's point counts
             # finished epochs
-            batches = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
-            due, point = self._epoch_round_due(pl_module.current_epoch,
-                                               epoch_finished=getattr(batches, "is_last_batch", True))
+            due, point = self._epoch_round_due(pl_module.current_epoch, epoch_finished=_at_last_batch(trainer))
             if due:
                 rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
                 self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
@@ -949,6 +974,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             "rounds": self._rounds,
             "last_step": self._last_step,
             "epochs_ended": self._epochs_ended,
+            "validation_due": list(self._validation_due) if isinstance(self._validation_due, tuple)
+            else self._validation_due,
             "epoch_progress": self._epoch_progress,
             "history": list(self._history),
             "parameters": list(self._qualified_names),
@@ -1000,6 +1027,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._rounds = int(state.get("rounds", 0))
         self._last_step = int(state.get("last_step", -1))
         self._epochs_ended = state.get("epochs_ended")  # None from an older checkpoint: nothing is caught up
+        due = state.get("validation_due", "unknown")  # an older checkpoint: from check_val_every_n_epoch, as then
+        self._validation_due_restored = tuple(due) if isinstance(due, list) else due
         # an older checkpoint: its rounds ran at the epoch ends it saw
         self._epoch_progress = int(state.get("epoch_progress", self._epochs_ended if self._epochs_ended else -1))
         self._history = list(state.get("history", []))
@@ -1243,6 +1272,21 @@ def _check_amount(amount: Any, epoch: Optional[int] = None) -> None:
         engine.validate_amount(amount)
     except (TypeError, ValueError) as err:
         raise MisconfigurationException(f"Invalid `amount={amount!r}`{where}: {err}") from None
+
+
+def _validation_follows_batch(trainer: "pl.Trainer") -> Optional[bool]:
+    """Whether Lightning validates after the batch whose end is running (its own rule, which a resumed fit reads to
+    skip that validation); None where this Lightning has no such rule to ask."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _at_last_batch(trainer: "pl.Trainer") -> bool:
+    """Whether the batch whose end is running is its epoch's last."""
+    return bool(getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "is_last_batch", True))
 
 
 def _first_round(schedule: SparsitySchedule) -> Optional[int]:
