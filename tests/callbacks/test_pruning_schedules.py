@@ -536,6 +536,25 @@ def test_resumed_from_a_checkpoint_of_a_batch_a_validation_followed_ends_like_th
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
+def test_resampled_parameters_resume_as_the_uninterrupted_run_drew_them(tmp_path):
+    """resample_parameters drew on torch's global RNG, which Lightning does not checkpoint: a resumed fit drew other
+    values (max difference 1.0) and ended with other weights and masks."""
+    def callback():
+        return ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False, resample_parameters=True)
+
+    seed_everything(3)
+    model, uninterrupted = FixedDataModel(), callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[uninterrupted, ckpt]).fit(model)
+    seed_everything(3)
+    torch.rand(100)  # another global RNG state, as a new process resuming has
+    resumed_model, resumed = FixedDataModel(), callback()
+    make_trainer(tmp_path, max_epochs=4, callbacks=[resumed]).fit(resumed_model,
+                                                                  ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
+    expected, actual = model.state_dict(), resumed_model.state_dict()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 def test_a_new_callback_on_a_fit_resumed_from_a_dense_checkpoint_catches_up_nothing(tmp_path):
     """Fine-tuning with pruning from a checkpoint written without the callback: its rounds start with this fit."""
     seed_everything(3)

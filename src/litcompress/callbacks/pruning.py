@@ -42,7 +42,7 @@ from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
@@ -138,6 +138,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._parameters_to_prune = parameters_to_prune
         self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
         self._resample_parameters = resample_parameters
+        # its own random stream, kept in the state: a resumed fit draws what the uninterrupted one drew (Lightning
+        # restores no global RNG), and the draws leave the training's global RNG alone
+        self._resample_rng_state: Optional[Tensor] = None
         self._prune_on_train_epoch_end = prune_on_train_epoch_end
         self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
@@ -339,7 +342,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
         permanent = [(module, name, getattr(module, name) == 0)
                      for module, name in engine.distinct_targets(self._parameters_to_prune)
                      if not engine.is_pruned(module, name)]
-        rewind_(self._parameters_to_prune, self._original_layers, resample=self._resample_parameters)
+        if self._resample_parameters:
+            if self._resample_rng_state is None:
+                self._resample_rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
+            with torch.random.fork_rng(devices=[]):  # CPU draws (a CUDA layer's draw on CUDA's generator)
+                torch.set_rng_state(self._resample_rng_state)
+                rewind_(self._parameters_to_prune, self._original_layers, resample=True)
+                self._resample_rng_state = torch.get_rng_state()
+        else:
+            rewind_(self._parameters_to_prune, self._original_layers)
         with torch.no_grad():
             for module, name, zeros in permanent:
                 getattr(module, name).masked_fill_(zeros, 0)
@@ -982,6 +993,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             "masks": masks,
             "lottery_ticket_snapshot": snapshot,
             "lottery_ticket_reset_pending": self._reset_pending,
+            "resample_rng_state": self._resample_rng_state,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1033,6 +1045,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._epoch_progress = int(state.get("epoch_progress", self._epochs_ended if self._epochs_ended else -1))
         self._history = list(state.get("history", []))
         self._reset_pending = bool(state.get("lottery_ticket_reset_pending", False))
+        self._resample_rng_state = state.get("resample_rng_state")
         index = {qname: i for i, qname in enumerate(self._qualified_names)}
         unknown = [q for q in state.get("masks", {}) if q not in index]
         if unknown:
