@@ -195,6 +195,25 @@ def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_ar
     assert "quantized" not in [s.stage for s in CompressionReport.load_json(tmp_path / "report.json").stages]
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (["--prune-epochs", "0", "--schedule", "linear"], "note: --schedule ignored: --prune-epochs 0 prunes at once"),
+    (["--quantize", "none", "--mode", "min"], "note: --mode ignored: options of the quantization search"),
+])
+def test_more_options_that_do_nothing_are_named(args, said, capsys):
+    from litcompress.cli import _note_ignored, build_parser
+
+    _note_ignored(build_parser().parse_args(["compress", *args]))
+    assert said in capsys.readouterr().err
+
+
+def test_prune_embeddings_on_a_model_without_one_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--prune", "ln_structured", "--prune-embeddings", "--output-dir", str(tmp_path / "out")])
+    assert ("--prune-embeddings: MLPClassifier has no nn.Embedding (or EmbeddingBag) to prune; drop it."
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_args_that_contradict_the_checkpoint_are_named_as_the_cause(first_run, tmp_path, capsys):
     """The refusal spoke of shrunk states ("not a shrunk state of this model"), not of the --model-args given."""
     _, out = first_run  # saved with hidden [48, 48]

@@ -227,8 +227,11 @@ def _note_ignored(args: argparse.Namespace) -> None:
         ignored = given("sparsity", "schedule", "prune_epochs", "exclude", "prune_embeddings")
         if ignored:
             _stderr(f"note: {', '.join(ignored)} ignored: options of pruning, which --prune none turns off.")
+    elif args.prune_epochs == 0 and args.schedule is not None:
+        _stderr("note: --schedule ignored: --prune-epochs 0 prunes at once (one-shot), without fine-tuning steps to "
+                "lay a schedule over.")
     if args.quantize == "none":
-        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup")
+        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup", "mode")
         if ignored:
             turned_off = "--sparse-kernels" if args.sparse_kernels else "--quantize none"
             _stderr(f"note: {', '.join(ignored)} ignored: options of the quantization search, which {turned_off} "
@@ -781,6 +784,7 @@ def _check_plot_path(path: Path) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
+    from torch import nn
 
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning, fit_interruptible
@@ -820,6 +824,10 @@ def run_compress(args: argparse.Namespace) -> int:
             raise type(error)(f"{error} From the command line: --data {args.data} gives images "
                               f"{tuple(data.input_shape)} to any model but the built-in mlp; a model that takes "
                               "flat vectors needs --data-args '{\"flatten\": true}'.") from None
+        if args.prune_embeddings and config.prune is not None and not any(
+                isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in compressed.modules()):
+            raise ValueError(f"--prune-embeddings: {type(compressed).__name__} has no nn.Embedding (or EmbeddingBag) "
+                             "to prune; drop it.")
         if config.prune is not None:  # e.g. --exclude naming no module; the inputs' ranks, as compress sees them
             prune_targets(compressed, config.prune, to_inputs(example_inputs))
         if config.quantize is not None and config.quantize.dynamic_dims:
