@@ -1157,3 +1157,17 @@ def test_every_option_the_messages_are_translated_to_is_an_option_of_compress():
     compress = parser._subparsers._group_actions[0].choices["compress"]
     options = {flag for action in compress._actions for flag in action.option_strings}
     assert {flag for fields in _OPTIONS.values() for flag in fields.values()} <= options
+
+
+@pytest.mark.parametrize(("message", "said"), [
+    ("CompressionConfig(sparse_kernels=True, fp32_format='onnx'): onnx files cannot hold sparse tensors; use "
+     "fp32_format='auto' or 'torchscript'.",
+     "--sparse-kernels --fp32-format onnx: onnx files cannot hold sparse tensors; use --fp32-format auto or "
+     "'torchscript'."),
+    ("PruneConfig(rounds=3, method='x'): no.", "PruneConfig(rounds=3, method='x'): no."),  # rounds: no option
+    ("nothing to remove. Pass removable_only=False to mask them anyway.",
+     "nothing to remove. Pass removable_only=False to mask them anyway. (removable_only is an option of the Python "
+     "API's PruneConfig; from the command line, prune unstructured: --prune l1_unstructured.)"),
+])
+def test_calls_of_several_fields_and_advice_on_python_options_are_said_for_the_command_line(message, said):
+    assert in_cli_terms(message) == said

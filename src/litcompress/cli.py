@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of int8: run the Linear layers that unstructured pruning left mostly zeros "
                              "on sparse CSR kernels where that is measured faster here (90%%+ zeros, larger batches "
                              "gain most); the file is TorchScript (model.pt) when a layer is converted, else "
-                             "the --fp32-format one")
+                             "the --fp32-format one (auto or torchscript: ONNX and torch.export hold no sparse "
+                             "tensors)")
     stages.add_argument("--backends", type=_backends,
                         help="comma-separated quantization backends to try (default: all of them)")
     stages.add_argument("--tolerance", type=_non_negative_float,
@@ -1021,21 +1022,35 @@ _OPTIONS = {"PruneConfig": {"exclude": "--exclude", "heads": "--prune-heads", "m
             "CompressionConfig": {"keep_multiple_of": "--keep-multiple-of", "sparse_kernels": "--sparse-kernels",
                                   "fp32_format": "--fp32-format", "latency_repeats": "--latency-repeats",
                                   "num_threads": "--threads"}}
-_CONFIG_CALL = re.compile(r"\b(PruneConfig|PTQConfig|CompressionConfig)\((\w+)=('[^']*'|[\w.+-]+|\.\.\.)\)")
+_VALUE = r"'[^']*'|[\w.+-]+|\.\.\."
+_CONFIG_CALL = re.compile(rf"\b(PruneConfig|PTQConfig|CompressionConfig)\(((?:\w+=(?:{_VALUE})(?:, )?)+)\)")
+_ARGUMENT = re.compile(rf"(\w+)=({_VALUE})")
 
 
 def in_cli_terms(message: str) -> str:
-    """`message` with ``PruneConfig(exclude=...)``, ``PruneConfig(method='x')`` and the like said as the options
-    that set them (``--exclude``, ``--prune x``); fields no option sets, and values it cannot spell, stay."""
+    """`message` with ``PruneConfig(exclude=...)``, ``CompressionConfig(sparse_kernels=True, fp32_format='onnx')``
+    and the like said as the options that set them (``--exclude``, ``--sparse-kernels --fp32-format onnx``), and the
+    advice that follows a call in its values (``use fp32_format='auto'``); a call with a field no option sets, and
+    values it cannot spell, stays."""
+    flags: dict[str, str] = {}
 
-    def option(match: re.Match) -> str:
-        flag = _OPTIONS[match[1]].get(match[2])
-        if flag is None:
-            return match[0]
-        value = match[3]
+    def spelt(flag: str, value: str) -> str:
         return flag if value in ("...", "True") else f"{flag} {value.strip(chr(39))}"
 
-    return _CONFIG_CALL.sub(option, message)
+    def option(match: re.Match) -> str:
+        arguments = _ARGUMENT.findall(match[2])
+        if not all(name in _OPTIONS[match[1]] for name, _ in arguments):
+            return match[0]
+        flags.update((name, _OPTIONS[match[1]][name]) for name, _ in arguments)
+        return " ".join(spelt(_OPTIONS[match[1]][name], value) for name, value in arguments)
+
+    message = _CONFIG_CALL.sub(option, message)
+    # a field named in the call, given a quoted value in the advice: fp32_format='auto' -> --fp32-format auto
+    message = re.sub(r"\b(\w+)=('[^']*')", lambda m: spelt(flags[m[1]], m[2]) if m[1] in flags else m[0], message)
+    if "removable_only=False" in message:  # a PruneConfig field only
+        message += (" (removable_only is an option of the Python API's PruneConfig; from the command line, prune "
+                    "unstructured: --prune l1_unstructured.)")
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
