@@ -778,12 +778,19 @@ def test_the_console_script_is_installed_and_answers():
     (["--dynamic-dims", "0:x"], "expected INPUT:DIM pairs such as '0:1'"),
     (["--dynamic-dims", "1:1"], "dynamic_dims names input 1, but the model takes 1 input"),
     (["--dynamic-dims", "0:1", "--quantize", "none"], "--dynamic-dims is read by the quantization search"),
+    (["--dynamic-dims", "0:1,0:0"], "0:0: dim 0 is the batch, which is always left free"),
 ])
 def test_dynamic_dims_that_cannot_apply_fail_before_training(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", *QUICK, "--output-dir", str(tmp_path / "out"), *argv])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_an_empty_output_dir_is_refused_rather_than_taken_for_this_folder(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--output-dir", ""])
+    assert "--output-dir: an empty path; give a directory" in capsys.readouterr().err
 
 
 def test_a_sequence_model_fed_several_lengths_is_pruned_quantized_and_its_file_takes_any_length(tmp_path):

@@ -132,8 +132,17 @@ def _dynamic_dims(text: str) -> dict[int, tuple[int, ...]]:
         if not (colon and index.strip().isdigit() and dim.strip().isdigit()):
             raise argparse.ArgumentTypeError(f"expected INPUT:DIM pairs such as '0:1' (dim 1 of input 0), got "
                                              f"{pair!r}")
+        if int(dim) == 0:  # the files always leave it free
+            raise argparse.ArgumentTypeError(f"{pair.strip()}: dim 0 is the batch, which is always left free; name "
+                                             "other dims (e.g. '0:1', a sequence length)")
         dims.setdefault(int(index), set()).add(int(dim))
     return {index: tuple(sorted(d)) for index, d in dims.items()}
+
+
+def _directory(text: str) -> Path:
+    if not text.strip():  # Path("") is the folder the command runs in
+        raise argparse.ArgumentTypeError("an empty path; give a directory (e.g. out/run1, or . for this folder)")
+    return Path(text)
 
 
 def _existing_file(text: str) -> Path:
@@ -356,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "backend's format")
 
     report = run.add_argument_group("report")
-    report.add_argument("--output-dir", type=Path, default=Path("out/litcompress"),
+    report.add_argument("--output-dir", type=_directory, default=Path("out/litcompress"),
                         help="directory for the model file, the pruned state dict and report.{json,md,png}")
     report.add_argument("--threads", type=_int_at_least(1), default=1, help="torch threads while timing")
     report.add_argument("--latency-repeats", type=_int_at_least(1), default=30,
