@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
                              "call self(...)")
     source.add_argument("--inputs", type=_names, metavar="KEY,...", help=INPUTS_HELP)
-    source.add_argument("--seed", type=int, default=0, help="seed for weights, data order, random pruning and the built-in data's split "
+    source.add_argument("--seed", type=int, default=0,
+                        help="seed for weights, data order, random pruning and the built-in data's split "
                              "(with --checkpoint, the split it was trained on is kept)")
 
     prune = run.add_argument_group("pruning")
@@ -712,7 +713,8 @@ def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None, 
     for stage, name, option in (("validate", metric, "--metric"), ("test", test_metric, "--test-metric")):
         if name is None:
             continue
-        step, loader = ("validation_step", "val_dataloader") if stage == "validate" else ("test_step", "test_dataloader")
+        step, loader = (("validation_step", "val_dataloader") if stage == "validate"
+                        else ("test_step", "test_dataloader"))
         if not is_overridden(step, model):  # else Lightning's MisconfigurationException, taken for a data mismatch
             raise ValueError(f"{option} {name}: {type(model).__name__} has no {step} to log it; define one"
                              + (", or leave --test-metric out." if stage == "test" else "."))

@@ -191,7 +191,8 @@ class _ProjectedReadout(nn.Module):
 @pytest.mark.parametrize("keep_multiple_of", [None, 4])
 def test_a_projected_lstm_keeps_more_units_than_its_projection(keep_multiple_of):
     """At hidden_size == proj_size torch takes the LSTM for one without a projection and fails in forward (and its
-    constructor refuses hidden_size <= proj_size): shrink keeps zero units to stay above it, or says why it keeps all."""
+    constructor refuses hidden_size <= proj_size): shrink keeps zero units to stay above it, or says why it keeps
+    all."""
     torch.manual_seed(0)
     model = _ProjectedReadout(6).eval()
     prune_units_(model, 0.5)

@@ -572,7 +572,8 @@ def test_a_shrunk_model_that_fails_on_the_example_inputs_is_said_and_the_model_k
     model = WidthFromAnAttribute()
     zero_rows_(model.fc1, [0, 1])
     before = state_copy(model)
-    with pytest.raises(ValueError, match=r"the shrunk model fails on the example inputs \(RuntimeError: shape .*\): its forward "
+    with pytest.raises(ValueError, match=r"the shrunk model fails on the example inputs \(RuntimeError: shape .*\): "
+                                         r"its forward "
                                          r"depends on a layer's width in a way the traced graph does not show. "
                                          r"Shrunk: \['fc1'\]"):
         shrink(model, torch.randn(3, 4))

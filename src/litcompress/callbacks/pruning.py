@@ -813,7 +813,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         due, self._validation_due_restored = self._validation_due_restored, "unknown"
         if self._epochs_ended is not None:
             for epoch in range(self._epochs_ended, trainer.current_epoch):
-                self._catch_up_epoch_end(trainer, epoch, None if due == "unknown" else due is not None and due[0] == epoch)
+                validated = None if due == "unknown" else due is not None and due[0] == epoch
+                self._catch_up_epoch_end(trainer, epoch, validated)
         if isinstance(due, tuple) and due[0] == trainer.current_epoch and not self._prune_on_train_epoch_end:
             round_due, point = self._epoch_round_due(due[0], epoch_finished=due[1])
             if round_due:

@@ -286,7 +286,8 @@ class _Stages:
             parameters=sum(p.numel() for p in parameters) if parameters else None,
             nonzero_parameters=(sum(int(torch.count_nonzero(plain_values(p))) for p in parameters)
                                 if parameters else None),
-            weight_sparsity=weight_sparsity(counted, **self.counted_weights), size_bytes=len(data), gzip_bytes=compressed_size_bytes(data),
+            weight_sparsity=weight_sparsity(counted, **self.counted_weights), size_bytes=len(data),
+            gzip_bytes=compressed_size_bytes(data),
             seconds=seconds,
         )
         self.models[stage] = model
