@@ -1047,12 +1047,6 @@ class SizedNet(L.LightningModule):
         super().__init__()
         self.fc = torch.nn.Linear(64, hidden)  # torch refuses a negative size with a RuntimeError
 
-
-from tests.conftest import ConfiguredDigitsClassifier
-
-
-class NoTestStep(ConfiguredDigitsClassifier):
-    test_step = L.LightningModule.test_step  # as a class that never defined one
 '''
 
 
@@ -1114,10 +1108,13 @@ def test_user_code_and_data_that_fail_are_said_in_one_line(command, args, messag
 
 def test_a_test_metric_of_a_model_without_test_step_is_said_as_such(tmp_path, monkeypatch, capsys):
     """It was taken for a model and data that do not fit ("do the model (--model-args...) and the data fit")."""
-    (tmp_path / "cli_user_data.py").write_text(_USER_DATA)
+    (tmp_path / "cli_no_test_step.py").write_text(
+        "import lightning as L\nfrom tests.conftest import ConfiguredDigitsClassifier\n\n\n"
+        "class NoTestStep(ConfiguredDigitsClassifier):\n"
+        "    test_step = L.LightningModule.test_step  # as a class that never defined one\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(SystemExit):
-        main(["compress", "--model", "cli_user_data:NoTestStep", "--test-metric", "test_acc",
+        main(["compress", "--model", "cli_no_test_step:NoTestStep", "--test-metric", "test_acc",
               "--output-dir", str(tmp_path / "out")])
     assert ("--test-metric test_acc: NoTestStep has no test_step to log it; define one, or leave --test-metric out."
             in capsys.readouterr().err)
