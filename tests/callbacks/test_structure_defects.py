@@ -18,7 +18,7 @@ from litcompress.callbacks import HeadPruning, UnitPruning
 from litcompress.models import LSTMClassifier, TransformerClassifier
 from litcompress.pruning import engine
 from tests.callbacks.ddp_pruning_script import DestroyProcessGroup
-from tests.conftest import weight_averaging_callbacks
+from tests.conftest import EMAWeightAveraging, weight_averaging_callbacks
 from litcompress.pruning.heads import zero_heads
 from litcompress.pruning.recurrent import prune_units_, zero_units
 from litcompress.pruning.schedules import CallableSchedule
@@ -87,6 +87,37 @@ def test_the_orders_of_weight_averaging_and_structure_pruning_that_are_allowed_e
     callbacks = [pruning, average] if pruning_first else [average, pruning]
     _trainer(tmp_path, 3, callbacks, limit_train_batches=2).fit(model, _data())
     assert _pruned(model) == (4 if callback is UnitPruning else 2)
+
+
+@pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.6")
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning, "ModelPruning"])
+@pytest.mark.parametrize("permanent", [True, False])
+def test_checkpoints_of_a_fit_with_ema_listed_first_load_pruned(tmp_path, callback, permanent):
+    """EMAWeightAveraging writes its averaged copy, made before any mask, in every checkpoint's state_dict: the file
+    loaded as an unpruned model (0 of 4 units zero), though the callback's state in it held the masks."""
+    from litcompress import ModelPruning
+
+    seed_everything(0)
+    model = _model(UnitPruning if callback == "ModelPruning" else callback)
+    pruning = (ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=permanent, verbose=0)
+               if callback == "ModelPruning" else callback(0.5, make_pruning_permanent=permanent))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    _trainer(tmp_path, 2, [EMAWeightAveraging(), pruning, checkpoints], enable_checkpointing=True,
+             limit_train_batches=4).fit(model, _data())
+    masked = 0
+    for path in sorted(tmp_path.glob("*.ckpt")):
+        checkpoint = torch.load(path, weights_only=True)
+        state = checkpoint["state_dict"]
+        plain = _model(UnitPruning if callback == "ModelPruning" else callback)
+        plain.load_state_dict(state)  # strict: plain keys
+        if callback == "ModelPruning":  # zero wherever the callback's state in the same file masks
+            (saved,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelPruning")]
+            assert all(bool((state[key][~mask] == 0).all()) for key, mask in saved["masks"].items())
+            masked += bool(saved["masks"])
+        else:
+            assert _pruned(plain) == (4 if callback is UnitPruning else 2)
+            masked += 1
+    assert masked  # a checkpoint written after a round
 
 
 # ---------------------------------------------------------------------------------------------------------- 2

@@ -69,6 +69,20 @@ class TargetsFoundOnceConfigured(Callback):
             handle.remove()
         self._hook_handles = []
 
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A weight-averaging callback listed before this one (``EMAWeightAveraging``) wrote its averaged copy in
+        the checkpoint's ``state_dict`` (the live state under ``current_model_state``): that copy was made before any
+        mask and averages the dense values, so the file would load as an unpruned model. The masks go into it."""
+        if "current_model_state" not in checkpoint or not isinstance(checkpoint.get("state_dict"), dict):
+            return
+        state = checkpoint["state_dict"]
+        for path, module, name in engine.pruned_targets(pl_module):
+            key = f"{path}.{name}" if path else name
+            value = state.get(key)
+            if isinstance(value, Tensor) and value.shape == engine.mask_of(module, name).shape:
+                state[key] = value * engine.mask_of(module, name).to(device=value.device, dtype=value.dtype)
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
 
