@@ -120,6 +120,20 @@ def test_checkpoints_of_a_fit_with_ema_listed_first_load_pruned(tmp_path, callba
     assert masked  # a checkpoint written after a round
 
 
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+@pytest.mark.parametrize("amount", [0.5, CallableSchedule(fn=lambda epoch: 0.5 if epoch >= 1 else 0.0, end=1,
+                                                             unit="epoch")])
+def test_one_callback_prunes_each_model_of_a_sweep(tmp_path, callback, amount):
+    """A k-fold or sweep loop with a Trainer per model and one callback: the second model came back unpruned, the
+    first fit's progress (pruned once, the last epoch seen) taken for its own."""
+    pruning = callback(amount)
+    for fold in range(2):
+        seed_everything(fold)
+        model = _model(callback)
+        _trainer(tmp_path / str(fold), 2, [pruning], limit_train_batches=2).fit(model, _data())
+        assert _pruned(model) == (4 if callback is UnitPruning else 2), fold
+
+
 # ---------------------------------------------------------------------------------------------------------- 2
 class _SaveRankZeroWeights(Callback):
     """Saves rank 0's effective weights (masks multiplied in) at the end of training."""

@@ -157,6 +157,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
         if stage == "fit" and trainer is not None and self._make_pruning_permanent:
             # its averages, written over the weights after `on_train_end` made the masks permanent, would be dense
             _refuse_weight_averaging_after(self, trainer.callbacks)
+        if stage == "fit":  # a fit starts the schedule over (a sweep's next model), unless a checkpoint restores it
+            self._last_step, self._last_epoch, self._pruned_once, self._restored = -1, -1, False, False
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
