@@ -84,8 +84,10 @@ def test_bad_input_is_refused_before_training(tmp_path):
     for bad in (1.0, 0.0, -0.5, True, "half", float("nan")):
         with pytest.raises(MisconfigurationException, match="UnitPruning\\(units="):
             UnitPruning(bad)
-    with pytest.raises(MisconfigurationException, match="exclude"):
-        UnitPruning(0.5, exclude="lstm")
+    for bad in ("lstm", 3, [None]):  # a bare TypeError from `all(...)` for 3
+        with pytest.raises(MisconfigurationException, match="exclude"):
+            UnitPruning(0.5, exclude=bad)
+    assert UnitPruning(0.5, exclude=None).exclude == ()  # nothing excluded, as None says elsewhere
     with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.LSTM, nn.GRU or nn.RNN"):
         _trainer(tmp_path, 1, [UnitPruning(0.5)]).fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=64))
     with pytest.raises(MisconfigurationException, match="outside exclude=\\['lstm'\\]"):

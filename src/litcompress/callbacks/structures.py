@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -43,7 +44,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
     #: the key the pruned fraction is logged under
     _LOG_KEY = "pruning/structures"
 
-    def __init__(self, amount: Union[SparsitySchedule, float], *, exclude: tuple[str, ...] = (),
+    def __init__(self, amount: Union[SparsitySchedule, float], *, exclude: Optional[tuple[str, ...]] = (),
                  make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
         call = f"{type(self).__name__}({self._ARGUMENT}"
         if isinstance(amount, SparsitySchedule):
@@ -54,7 +55,9 @@ class StructurePruning(TargetsFoundOnceConfigured):
                 or not 0.0 < amount < 1.0:
             raise MisconfigurationException(f"{call}={amount!r}): expected a fraction {self._WHAT} in (0, 1), "
                                             "e.g. 0.5, or a SparsitySchedule of that fraction.")
-        if isinstance(exclude, str) or not all(isinstance(name, str) for name in exclude):
+        exclude = () if exclude is None else exclude  # None: nothing excluded, as elsewhere
+        if isinstance(exclude, str) or not isinstance(exclude, Iterable) or not all(
+                isinstance(name, str) for name in exclude):
             raise MisconfigurationException(f"{type(self).__name__}(exclude={exclude!r}): expected a tuple of module "
                                             "names.")
         if not isinstance(make_pruning_permanent, bool):
