@@ -134,6 +134,28 @@ def test_one_callback_prunes_each_model_of_a_sweep(tmp_path, callback, amount):
         assert _pruned(model) == (4 if callback is UnitPruning else 2), fold
 
 
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning, "ModelPruning"])
+def test_resuming_a_finished_fit_still_makes_the_masks_permanent(tmp_path, callback):
+    """`fit(ckpt_path="last.ckpt")` once the saved fit reached max_epochs trains nothing, and Lightning skips
+    `on_train_end`: the model kept the masks (make_pruning_permanent=True), and its state dict did not load into the
+    plain architecture."""
+    from litcompress import ModelPruning
+
+    def pruning():
+        return ModelPruning("l1_unstructured", amount=0.3, verbose=0) if callback == "ModelPruning" \
+            else callback(0.5)
+
+    kind = UnitPruning if callback == "ModelPruning" else callback
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, 2, [pruning(), checkpoints], enable_checkpointing=True, limit_train_batches=2).fit(
+        _model(kind), _data())
+    model = _model(kind)
+    _trainer(tmp_path, 2, [pruning()], limit_train_batches=2).fit(model, _data(), ckpt_path=tmp_path / "last.ckpt")
+    assert not [name for name, _ in model.named_buffers() if name.endswith("_mask")]
+    _model(kind).load_state_dict(model.state_dict())  # strict: the plain architecture
+
+
 # ---------------------------------------------------------------------------------------------------------- 2
 class _SaveRankZeroWeights(Callback):
     """Saves rank 0's effective weights (masks multiplied in) at the end of training."""

@@ -916,6 +916,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 rank_zero_debug("`ModelPruning.on_validation_epoch_end`. Applying pruning")
                 self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
 
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
+        if self._make_pruning_permanent and any(engine.is_pruned(m, n) for m, n in self._parameters_to_prune):
+            self.make_pruning_permanent(pl_module)
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
         if not self._prune_on_train_epoch_end and prunes_per_epoch and trainer.current_epoch > 0 \

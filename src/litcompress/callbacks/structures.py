@@ -181,6 +181,11 @@ class StructurePruning(TargetsFoundOnceConfigured):
         if self._make_pruning_permanent:
             self._make_own_masks_permanent()
 
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
+        if self._make_pruning_permanent:
+            self._make_own_masks_permanent()
+
     def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
         self._make_own_masks_permanent()
 
