@@ -3,6 +3,7 @@ failed before its fix."""
 
 from __future__ import annotations
 
+import copy
 import types
 from pathlib import Path
 
@@ -154,6 +155,45 @@ def test_resuming_a_finished_fit_still_makes_the_masks_permanent(tmp_path, callb
     _trainer(tmp_path, 2, [pruning()], limit_train_batches=2).fit(model, _data(), ckpt_path=tmp_path / "last.ckpt")
     assert not [name for name, _ in model.named_buffers() if name.endswith("_mask")]
     _model(kind).load_state_dict(model.state_dict())  # strict: the plain architecture
+
+
+class _ReplacedInSetup(LSTMClassifier):
+    """Swaps its LSTM for another in its own `setup`, which Lightning calls after the callbacks' (Lightning's docs:
+    the hook to build models dynamically)."""
+
+    def setup(self, stage: str) -> None:
+        self.lstm = copy.deepcopy(self.lstm)
+
+
+class _BuiltInSetup(LSTMClassifier):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._built, self.lstm = [self.lstm], None  # a list: not a submodule until setup puts it in place
+
+    def setup(self, stage: str) -> None:
+        if self.lstm is None:
+            self.lstm = self._built[0]
+
+
+@pytest.mark.parametrize("model_class", [_ReplacedInSetup, _BuiltInSetup])
+@pytest.mark.parametrize("callback", [UnitPruning, "ModelPruning"])
+def test_layers_built_or_replaced_in_the_modules_setup_are_the_ones_pruned(tmp_path, model_class, callback):
+    """Targets were found in the callbacks' `setup`: the replaced LSTM was pruned by name, its masks never made
+    permanent (the state dict no longer loaded into the plain model), and one built there was 'no nn.LSTM'."""
+    from litcompress import ModelPruning
+
+    seed_everything(0)
+    model = model_class(hidden=8, lr=0.01)
+    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0) if callback == "ModelPruning" \
+        else callback(0.5)
+    _trainer(tmp_path, 1, [pruning], limit_train_batches=2).fit(model, _data())
+    assert not [name for name, _ in model.named_buffers() if name.endswith("_mask")]
+    if callback == "ModelPruning":
+        assert sum(int((p == 0).sum()) for p in model.parameters()) > 0
+    else:
+        assert _pruned(model) == 4
+    plain = LSTMClassifier(hidden=8, lr=0.01)
+    plain.load_state_dict(model.state_dict())  # strict: the plain architecture
 
 
 # ---------------------------------------------------------------------------------------------------------- 2

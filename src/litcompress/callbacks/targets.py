@@ -17,7 +17,8 @@ from litcompress.pruning import engine
 
 class TargetsFoundOnceConfigured(Callback):
     """Base of the pruning callbacks: calls :meth:`_find_targets` in ``setup``, or at the start of the stage
-    (``on_fit_start``, ``on_validation_start``, ...) when the module overrides ``configure_model``, or after the
+    (``on_fit_start``, ``on_validation_start``, ...) when the module overrides ``configure_model`` or ``setup``
+    (which Lightning calls after the callbacks' ``setup``: layers built or replaced there), or after the
     first forward pass (before the first backward) while it has lazy layers. Meanwhile a checkpoint whose state dict
     holds ``<name>_orig``/``<name>_mask`` pairs still loads into the module (the Trainer restores it between the
     two)."""
@@ -47,7 +48,9 @@ class TargetsFoundOnceConfigured(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"
         lazy = bool(engine.lazy_parameter_names(pl_module))
-        if trainer is not None and (is_overridden("configure_model", pl_module) or lazy):
+        # the module's own `setup` runs after the callbacks': it may build or replace layers, as `configure_model`
+        if trainer is not None and (is_overridden("configure_model", pl_module)
+                                    or is_overridden("setup", pl_module) or lazy):
             self._deferred_stage = stage
             self._remove_hooks()
             self._hook_handles = [pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook())]
