@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+from torch import nn
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -90,6 +91,13 @@ def test_bad_input_is_refused_before_training(tmp_path):
     assert UnitPruning(0.5, exclude=None).exclude == ()  # nothing excluded, as None says elsewhere
     with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.LSTM, nn.GRU or nn.RNN"):
         _trainer(tmp_path, 1, [UnitPruning(0.5)]).fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=64))
+    class MyLSTM(nn.LSTM):  # a subclass may have another forward: its units stay, and the refusal says so
+        pass
+
+    subclassed = LSTMClassifier()
+    subclassed.lstm = MyLSTM(subclassed.lstm.input_size, subclassed.lstm.hidden_size, batch_first=True)
+    with pytest.raises(MisconfigurationException, match="; lstm: MyLSTM is not one of nn.LSTM, nn.GRU, nn.RNN.$"):
+        _trainer(tmp_path, 1, [UnitPruning(0.5)]).fit(subclassed, datamodule=_data())
     with pytest.raises(MisconfigurationException, match="outside exclude=\\['lstm'\\]"):
         _trainer(tmp_path, 1, [UnitPruning(0.5, exclude=("lstm",))]).fit(LSTMClassifier(), datamodule=_data())
 

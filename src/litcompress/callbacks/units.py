@@ -17,7 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from litcompress.callbacks.structures import StructurePruning
-from litcompress.pruning.recurrent import RECURRENT_LAYERS, prunable_recurrent_layers, prune_units_, zero_units
+from litcompress.pruning.recurrent import (RECURRENT_LAYERS, prunable_recurrent_layers, prune_units_, units_why_not,
+                                           zero_units)
 from litcompress.pruning.schedules import SparsitySchedule
 
 
@@ -72,10 +73,13 @@ class UnitPruning(StructurePruning):
     def _layer_names(self, pl_module: LightningModule) -> list[str]:
         layers = prunable_recurrent_layers(pl_module, self.exclude)
         if not layers:
+            # recurrent layers that are there but cannot be pruned: say why (a subclass, a single unit)
+            why = [f"{name}: {units_why_not(module)}" for name, module in pl_module.named_modules()
+                   if isinstance(module, nn.RNNBase) and name not in self.exclude and units_why_not(module)]
             raise MisconfigurationException(
                 f"UnitPruning: {type(pl_module).__name__} has no nn.LSTM, nn.GRU or nn.RNN whose hidden units can be "
                 f"pruned{f' outside exclude={list(self.exclude)}' if self.exclude else ''} (layers of a single unit, "
-                "and the cells, keep theirs).")
+                "and the cells, keep theirs)" + (f"; {'; '.join(why)}." if why else "."))
         return layers
 
     def _tensor_names(self, layer: nn.Module) -> list[str]:
