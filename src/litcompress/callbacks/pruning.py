@@ -918,7 +918,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
-        if self._make_pruning_permanent and any(engine.is_pruned(m, n) for m, n in self._parameters_to_prune):
+        if self._make_pruning_permanent and any(engine.is_pruned(m, n) for m, n in self._parameters_to_prune or ()):
             self.make_pruning_permanent(pl_module)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
