@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -282,3 +283,35 @@ def test_saving_into_a_folder_not_there_yet_makes_it(tmp_path):
     x = torch.randn(2, 3, 4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "torchscript"])
+def test_a_damaged_or_cut_short_file_is_said_to_be_so(fp32_format, tmp_path):
+    """Bytes changed in a .pt2 raised torch's UnicodeDecodeError; a torch.export file cut in half was taken for a
+    torch.save file (the end found was that of a state dict nested in it), with advice about state dicts."""
+    model = _MeanPool().eval()
+    path = tmp_path / f"m{FP32_SUFFIXES[fp32_format]}"
+    save_quantized(model, None, path, (torch.randn(2, 3, 4),), fp32_format=fp32_format)
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:  # change bytes inside the largest member's data
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+    # its data starts after the local header, whose extra field (torch's alignment padding) the listing does not give
+    name_length, extra_length = (int.from_bytes(data[info.header_offset + at:info.header_offset + at + 2], "little")
+                                 for at in (26, 28))
+    start = info.header_offset + 30 + name_length + extra_length
+    damaged = bytearray(data)
+    damaged[start:start + 16] = bytes(b ^ 0xFF for b in damaged[start:start + 16])
+    (tmp_path / "damaged").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"is damaged: its member '.*{re.escape(info.filename.split('/', 1)[1])}' "
+                                         "fails its checksum"):
+        load_quantized(tmp_path / "damaged")
+    for cut in (len(data) // 2, len(data) - 10):
+        (tmp_path / "cut").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="is a zip archive whose end is missing, as a copy or download cut short"):
+            load_quantized(tmp_path / "cut")
+
+
+def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):
+    """It failed at the rename, after the whole export, naming an internal '.partial' file."""
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file path in it"):
+        save_quantized(_MeanPool().eval(), None, tmp_path, (torch.randn(2, 3, 4),))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -61,6 +62,9 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     path = os.fspath(path)
+    if os.path.isdir(path):  # else found only at the rename, after the whole export, naming a `.partial` file
+        raise IsADirectoryError(f"save_quantized: {path!r} is a directory; give a file path in it (e.g. "
+                                f"{os.path.join(path, 'model.pt')!r}).")
     # a missing folder is made, as the pipeline's report does (it failed after the export, in each backend's words)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
@@ -135,6 +139,18 @@ def load_quantized(path: str | os.PathLike, *, compile: bool = False) -> tuple[n
     return model, recipe
 
 
+def _first_damaged_member(archive: zipfile.ZipFile) -> str | None:
+    """The name of the first member of `archive` whose bytes fail their checksum or do not decompress, or None."""
+    for info in archive.infolist():
+        try:
+            with archive.open(info) as member:
+                while member.read(1 << 20):
+                    pass
+        except (zipfile.BadZipFile, zlib.error, EOFError):
+            return info.filename
+    return None
+
+
 def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -146,9 +162,21 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
                 "QuantizationResult.save or `litcompress compress`)")
     if os.path.getsize(path) == 0:  # ONNX reads an empty file as an empty model: "no metadata" would mislead
         raise ValueError(f"{not_ours}: it is empty (0 bytes), as a write cut short by another program leaves one.")
+    with open(path, "rb") as file:
+        starts_as_zip = file.read(4) == b"PK\x03\x04"
+    cut_short = (f"load_quantized: {path!r} is a zip archive whose end is missing, as a copy or download cut short "
+                 "leaves one; save or copy the model file again.")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            # the end found is that of a zip stored inside (torch.export nests torch.save archives): the outer end
+            # was cut off
+            if starts_as_zip and min((info.header_offset for info in archive.infolist()), default=0) > 0:
+                raise ValueError(cut_short)
+            damaged = _first_damaged_member(archive)
+        if damaged is not None:
+            raise ValueError(f"load_quantized: {path!r} is damaged: its member {damaged!r} fails its checksum (bytes "
+                             "changed since it was written); save or copy the model file again.")
         torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in names)
         if torchscript and any(n.endswith("extra/litcompress.json") for n in names):
             from .backends.torch_ao import load_torchscript
@@ -165,6 +193,8 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
             from .backends.exported import load_program
 
             model, metadata = load_program(path)
+    elif starts_as_zip:
+        raise ValueError(cut_short)
     else:
         from .backends.onnxruntime import load_onnx
 
