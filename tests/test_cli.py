@@ -449,6 +449,60 @@ def test_channels_lists_what_structured_pruning_can_narrow_and_why_not(capsys):
     assert "5 of 6 layers can lose channels" in out
 
 
+_CRNN = '''
+import torch
+from torch import nn
+from litcompress.models import Classifier
+
+
+class CRNN(Classifier):
+    """digits' 8 rows read by a conv and a bidirectional LSTM: its units show only on a batch (the output's rank)."""
+
+    def __init__(self, lr=1e-3):
+        super().__init__(lr)
+        self.conv, self.bn = nn.Conv1d(8, 28, 3, padding=1), nn.BatchNorm1d(28)
+        self.lstm, self.head = nn.LSTM(28, 33, batch_first=True, bidirectional=True), nn.Linear(66, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x.reshape(x.shape[0], 8, 8)))).transpose(1, 2)
+        return self.head(self.lstm(h)[0][:, -1])
+
+
+class Tokens(CRNN):
+    """Takes token ids, not digits' images."""
+
+    def __init__(self, lr=1e-3):
+        super().__init__(lr)
+        self.embedding = nn.Embedding(20, 8)
+
+    def forward(self, ids):
+        return super().forward(self.embedding(ids))
+'''
+
+
+def test_channels_plans_a_user_model_on_the_first_batch_of_the_data_as_compress_does(tmp_path, monkeypatch, capsys):
+    """It planned a user's model (or a --checkpoint) without inputs: the LSTM's units stayed ('its output goes to
+    getitem') and --sparsity was refused, where compress, which traces on a batch, shrank them."""
+    (tmp_path / "cli_crnn.py").write_text(_CRNN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["channels", "--model", "cli_crnn:CRNN", "--sparsity", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^lstm +LSTM .* units", out, re.M) and re.search(r"^lstm +head +33 -> 17 ", out, re.M)
+    assert "parameters 18,058 -> 5,216" in out  # what compress --prune ln_structured --sparsity 0.5 shrinks to
+    # a model the data does not fit is planned from its graph, as before, and the plan says so
+    assert main(["channels", "--model", "cli_crnn:Tokens"]) == 0
+    assert "- planned without inputs, from the graph alone: the model does not take the batches of --data digits" in \
+        capsys.readouterr().out
+
+
+def test_channels_previews_exclude_as_compress_prunes_it(capsys):
+    assert main(["channels", "--model", "mlp", "--exclude", "net.0", "--sparsity", "0.5"]) == 0
+    assert "parameters 85,002 -> 50,826" in capsys.readouterr().out  # compress --exclude net.0 shrinks to that
+    with pytest.raises(SystemExit):
+        main(["channels", "--model", "mlp", "--exclude", "net.0"])
+    assert "--exclude previews with --sparsity: give --sparsity too." in capsys.readouterr().err
+
+
 def test_channels_says_why_a_transformers_attention_stays(capsys):
     assert main(["channels", "--model", "transformer"]) == 0
     found = verdicts(capsys.readouterr().out)

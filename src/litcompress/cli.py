@@ -405,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --sparsity: keep channel counts in multiples of this, as compress would")
     plan.add_argument("--prune-heads", type=_fraction, default=0.0, metavar="FRACTION",
                       help="with --sparsity: also prune this fraction of each attention's heads, as compress would")
+    plan.add_argument("--exclude", type=_names, metavar="NAME,...",
+                      help="with --sparsity: modules (and their children) left unpruned, as compress --exclude")
     plan.add_argument("--prune-embeddings", action="store_true",
                       help="with --sparsity: also prune the embeddings' dims, as compress --prune-embeddings would")
     plan.add_argument("--latency", action="store_true",
@@ -941,6 +943,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_channels(args: argparse.Namespace) -> int:
     import lightning as L
+    from torch import nn
 
     from litcompress.pipeline.compress import as_pruned
     from litcompress.pruning.shrink import channel_plan
@@ -954,23 +957,32 @@ def run_channels(args: argparse.Namespace) -> int:
             raise ValueError("--keep-multiple-of previews with --sparsity: give --sparsity too.")
         if args.latency_batch_size is not None and not args.latency:
             raise ValueError("--latency-batch-size is the batch --latency times: give --latency too, or drop it.")
-        data = None
-        # data sizes a built-in model; a DataModule of the user's gives a batch whose shapes tell more (below)
-        if (args.model in BUILTIN_MODELS and args.checkpoint is None) or args.latency or args.data not in BUILTIN_DATA:
-            data = _datamodule(args)
-            data.prepare_data()
-            data.setup("fit")
+        # data sizes a built-in model, and its first batch is what compress traces and shrinks on: a batch's ranks
+        # tell a Linear layer's features from its tokens and let recurrent layers' outputs through
+        data = _datamodule(args)
+        data.prepare_data()
+        data.setup("fit")
         model = host = _model(args, data)
         check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
         if args.submodule is not None:
             model = getattr(model, args.submodule)
-        # with data, a batch's ranks tell a Linear layer's features from its tokens, as compress sees them
-        inputs = None if data is None else _example_inputs(
-            data, args.latency_batch_size, _input_fn(args, model),
-            module=host if args.inputs is None else None, submodule=args.submodule)
-        if inputs is not None:  # the plan traces and the preview shrinks on them: a model they do not fit fails now
+        if args.prune_embeddings and not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
+            raise ValueError(f"--prune-embeddings: {type(model).__name__} has no nn.Embedding (or EmbeddingBag) to "
+                             "prune; drop it.")
+        without_inputs = None
+        try:
+            inputs = _example_inputs(data, args.latency_batch_size, _input_fn(args, model),
+                                     module=host if args.inputs is None else None, submodule=args.submodule)
+            # the plan traces and the preview shrinks on them: a model they do not fit fails now
             check_model_runs(model, inputs, what="the first validation batch's inputs",
                              default_input_fn_used=args.inputs is None)
+        except (ValueError, TypeError) as error:
+            # a model of the user's (or a checkpoint) on the default data it was not made for: planned from its
+            # graph alone, as before; compress needs its --data
+            if (args.model in BUILTIN_MODELS and args.checkpoint is None) or args.data not in BUILTIN_DATA \
+                    or args.latency:
+                raise
+            inputs, without_inputs = None, " ".join(str(error).split())
         planned, folded = as_pruned(model)  # compress folds weight_norm before it prunes: plan what it prunes
         try:
             plan = channel_plan(planned, example_inputs=inputs)
@@ -985,10 +997,12 @@ def run_channels(args: argparse.Namespace) -> int:
 
             preview = preview_shrink(model, PruneConfig(sparsity=args.sparsity, method="ln_structured",
                                                         schedule="oneshot", heads=args.prune_heads,
+                                                        exclude=args.exclude,
                                                         **_embedding_layer_types(args.prune_embeddings)),
                                      keep_multiple_of=args.keep_multiple_of, example_inputs=inputs)
-        elif args.prune_embeddings:
-            raise ValueError("--prune-embeddings previews with --sparsity: give --sparsity too.")
+        elif args.prune_embeddings or args.exclude:
+            option = "--prune-embeddings" if args.prune_embeddings else "--exclude"
+            raise ValueError(f"{option} previews with --sparsity: give --sparsity too.")
         elif args.prune_heads or args.latency:
             raise ValueError(f"{'--prune-heads' if args.prune_heads else '--latency'} previews with --sparsity: give "
                              f"--sparsity too{' (0 for heads only)' if args.prune_heads else ''}.")
@@ -1004,6 +1018,9 @@ def run_channels(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(str(error)))
     print(plan.table())
+    if without_inputs:
+        print(f"- planned without inputs, from the graph alone: the model does not take the batches of --data "
+              f"{args.data} ({without_inputs[:300]}); give the --data compress will use, for the plan it makes.")
     if folded and preview is None:  # the preview's notes say it too
         print(f"- the layers of a copy with {len(folded)} parametrized weight(s) folded into plain ones, as compress "
               f"folds them: {', '.join(folded)}.")
