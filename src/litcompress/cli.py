@@ -798,7 +798,6 @@ def _check_plot_path(path: Path) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     import lightning as L
-    from torch import nn
 
     from litcompress.pipeline import prune_targets
     from litcompress.pipeline.lightning import compress_lightning, fit_interruptible
@@ -838,10 +837,8 @@ def run_compress(args: argparse.Namespace) -> int:
             raise type(error)(f"{error} From the command line: --data {args.data} gives images "
                               f"{tuple(data.input_shape)} to any model but the built-in mlp; a model that takes "
                               "flat vectors needs --data-args '{\"flatten\": true}'.") from None
-        if args.prune_embeddings and config.prune is not None and not any(
-                isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in compressed.modules()):
-            raise ValueError(f"--prune-embeddings: {type(compressed).__name__} has no nn.Embedding (or EmbeddingBag) "
-                             "to prune; drop it.")
+        if config.prune is not None:
+            _check_embeddings_to_prune(args, compressed)
         if config.prune is not None:  # e.g. --exclude naming no module; the inputs' ranks, as compress sees them
             prune_targets(compressed, config.prune, to_inputs(example_inputs))
         if config.quantize is not None and config.quantize.dynamic_dims:
@@ -941,9 +938,17 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_embeddings_to_prune(args: argparse.Namespace, model: Any) -> None:
+    """--prune-embeddings on a model without an embedding would do nothing: refused (compress and channels)."""
+    from torch import nn
+
+    if args.prune_embeddings and not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
+        raise ValueError(f"--prune-embeddings: {type(model).__name__} has no nn.Embedding (or EmbeddingBag) to prune; "
+                         "drop it.")
+
+
 def run_channels(args: argparse.Namespace) -> int:
     import lightning as L
-    from torch import nn
 
     from litcompress.pipeline.compress import as_pruned
     from litcompress.pruning.shrink import channel_plan
@@ -966,9 +971,7 @@ def run_channels(args: argparse.Namespace) -> int:
         check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
         if args.submodule is not None:
             model = getattr(model, args.submodule)
-        if args.prune_embeddings and not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
-            raise ValueError(f"--prune-embeddings: {type(model).__name__} has no nn.Embedding (or EmbeddingBag) to "
-                             "prune; drop it.")
+        _check_embeddings_to_prune(args, model)
         without_inputs = None
         try:
             inputs = _example_inputs(data, args.latency_batch_size, _input_fn(args, model),

@@ -82,9 +82,9 @@ class TargetsFoundOnceConfigured(Callback):
         state = checkpoint["state_dict"]
         for path, module, name in engine.pruned_targets(pl_module):
             key = f"{path}.{name}" if path else name
-            value = state.get(key)
-            if isinstance(value, Tensor) and value.shape == engine.mask_of(module, name).shape:
-                state[key] = value * engine.mask_of(module, name).to(device=value.device, dtype=value.dtype)
+            value, mask = state.get(key), engine.mask_of(module, name)
+            if isinstance(value, Tensor) and value.shape == mask.shape:
+                state[key] = value * mask.to(device=value.device, dtype=value.dtype)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
