@@ -1194,6 +1194,25 @@ def test_ctrl_c_during_training_ends_with_a_line_and_the_shells_code(tmp_path):
     assert f"interrupted (Ctrl-C); the files already in {tmp_path / 'o'} are whole" in err
 
 
+def test_sigterm_during_training_is_said_as_such_with_the_shells_code(tmp_path):
+    """Lightning ends a fit on SIGTERM (a scheduler's, `kill`'s) with SystemExit too: the run was said as Ctrl-C and
+    exited 130, where shells and schedulers expect 143."""
+    import signal
+
+    script = Path(sys.executable).parent / "litcompress"
+    process = subprocess.Popen([str(script), "compress", "--train-epochs", "500", "--output-dir", str(tmp_path / "o")],
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in process.stderr:  # send it once the fit runs
+        if line.startswith("training "):
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert f"terminated (SIGTERM); the files already in {tmp_path / 'o'} are whole" in err
+    assert "Ctrl-C" not in err
+
+
 @given(field=st.sampled_from(["exclude", "heads", "method", "sparsity", "schedule", "rounds", "scope"]),
        value=st.one_of(st.just("..."), st.floats(0, 1).map(repr), st.text("abc._", min_size=1).map(repr)))
 def test_configuration_fields_the_cli_sets_are_said_as_its_options_and_others_stay(field, value):

@@ -1090,17 +1090,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"compress": run_compress, "report": run_report, "channels": run_channels}[args.command]
     try:
         return run(args)
-    except KeyboardInterrupt:  # (a fit's too: fit_interruptible turns Lightning's exit into it)
-        return _interrupted(args)
+    except KeyboardInterrupt as interrupt:  # (a fit's too: fit_interruptible turns Lightning's exit into it)
+        adapter = sys.modules.get("litcompress.quantization.lightning")  # (not imported: no fit raised it)
+        return _interrupted(args, terminated=adapter is not None and isinstance(interrupt, adapter.Terminated))
 
 
-def _interrupted(args: argparse.Namespace) -> int:
-    """Ctrl-C: one line and the shells' code, where the run ended with exit code 1 and not a word (Lightning says it
-    on a logger this CLI keeps at WARNING)."""
+def _interrupted(args: argparse.Namespace, terminated: bool) -> int:
+    """Ctrl-C or SIGTERM: one line and the shells' code, where the run ended with exit code 1 (Ctrl-C) or 0 (SIGTERM
+    in a fit) and not a word (Lightning says it on a logger this CLI keeps at WARNING)."""
     where = getattr(args, "output_dir", None)
     kept = f"; the files already in {where} are whole (each is written complete or not at all)" if where else ""
-    _stderr(f"interrupted (Ctrl-C){kept}.")
-    return 130  # 128 + SIGINT, as shells report it
+    _stderr(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}{kept}.")
+    return 143 if terminated else 130  # 128 + the signal's number, as shells report it
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
 from torch import nn
@@ -56,23 +57,28 @@ def trainer_built_quietly(**kwargs: Any) -> L.Trainer:
         rank_zero.setLevel(level)
 
 
+class Terminated(KeyboardInterrupt):
+    """A run stopped by SIGTERM (a scheduler's or ``kill``'s), told apart from Ctrl-C where the exit code says which
+    (143, not 130). A KeyboardInterrupt otherwise: whatever keeps its results on Ctrl-C keeps them here too."""
+
+
 @contextlib.contextmanager
 def ctrl_c_raises(trainer: L.Trainer) -> Iterator[None]:
     """Run a ``trainer.fit``/``validate``/``test`` inside so that Ctrl-C raises KeyboardInterrupt, as elsewhere in
     Python. Lightning catches it, tears the run down and calls ``sys.exit(1)``, which a caller cannot tell from a
     failure (a quantization search would end without what it found, a CLI run with exit code 1), and leaves SIGINT
     ignored for the rest of the process (a notebook or REPL would no longer stop on Ctrl-C): the handler from before
-    is put back."""
+    is put back. A SIGTERM, which Lightning ends the loops on with ``SystemExit`` too, raises :class:`Terminated`."""
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         yield
-    except SystemExit:
+    except SystemExit as exit_:
         if not trainer.interrupted:
             raise
         if handler is not None:
             signal.signal(signal.SIGINT, handler)
-        raise KeyboardInterrupt from None
+        raise (Terminated if isinstance(exit_, SIGTERMException) else KeyboardInterrupt) from None
 
 
 def _evaluation_trainer() -> L.Trainer:
