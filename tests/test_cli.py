@@ -664,6 +664,7 @@ def test_channels_with_latency_times_the_model_and_its_shrunk_copy(capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--keep-multiple-of", "16"], "--keep-multiple-of previews with --sparsity: give --sparsity too."),  # ignored
     (["--latency-batch-size", "500"], "--latency-batch-size is the batch --latency times"),  # failed on 359 inputs
+    (["--threads", "2"], "--threads are the threads --latency times with: give --latency too"),  # was ignored
 ])
 def test_channels_options_of_another_option_are_refused_without_it(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--latency-batch-size", type=_int_at_least(1),
                       help="with --latency: inputs per timed call (default: the data's batch size)")
     plan.add_argument("--inputs", type=_names, metavar="KEY,...", help=f"with --latency: {INPUTS_HELP}")
-    plan.add_argument("--threads", type=_int_at_least(1), default=1, help="with --latency: torch threads")
+    plan.add_argument("--threads", type=_int_at_least(1), help="with --latency: torch threads (default 1)")
     plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
@@ -962,6 +962,9 @@ def run_channels(args: argparse.Namespace) -> int:
             raise ValueError("--keep-multiple-of previews with --sparsity: give --sparsity too.")
         if args.latency_batch_size is not None and not args.latency:
             raise ValueError("--latency-batch-size is the batch --latency times: give --latency too, or drop it.")
+        if args.threads is not None and not args.latency:
+            raise ValueError("--threads are the threads --latency times with: give --latency too, or drop it.")
+        threads = args.threads or 1
         # data sizes a built-in model, and its first batch is what compress traces and shrinks on: a batch's ranks
         # tell a Linear layer's features from its tokens and let recurrent layers' outputs through
         data = _datamodule(args)
@@ -1016,7 +1019,7 @@ def run_channels(args: argparse.Namespace) -> int:
 
             shrunk = preview[0].model.eval()
             medians = [row["median"] for row in measure_latencies([model.eval(), shrunk], inputs, repeats=15,
-                                                                   num_threads=args.threads)]
+                                                                   num_threads=threads)]
             timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(str(error)))
@@ -1037,7 +1040,7 @@ def run_channels(args: argparse.Namespace) -> int:
         print(report.table())
         if timing is not None:
             batch, (before, after) = timing
-            print(f"latency at batch {batch}, {args.threads} thread(s), median of interleaved runs: "
+            print(f"latency at batch {batch}, {threads} thread(s), median of interleaved runs: "
                   f"{before * 1e3:.4g} ms -> {after * 1e3:.4g} ms ({before / after:.2f}x as fast)")
         for note in notes:
             print(f"- {note}")
