@@ -1043,6 +1043,18 @@ def test_a_method_class_missing_its_arguments_is_refused_at_construction(method,
         ModelPruning(method, use_global_unstructured=False, **kwargs)
 
 
+def test_an_amount_schedule_for_a_method_told_no_amount_is_refused_at_construction():
+    """Its rounds dropped the targets: the method pruned what it decided (half the rows), whatever the schedule
+    asked; now the engine refuses it at the first round, and the callback before training."""
+    from litcompress.pruning.schedules import PolynomialDecay
+
+    with pytest.raises(MisconfigurationException, match=r"`HalfOfRows` takes no `amount`, so an `amount` schedule "
+                                                        r"cannot bring it to its targets"):
+        ModelPruning(HalfOfRows, amount=PolynomialDecay(final_sparsity=0.9, begin=0, end=3, unit="epoch"),
+                     use_global_unstructured=False)
+    ModelPruning(HalfOfRows, amount=0.5, use_global_unstructured=False)  # a float: each round, what it decides
+
+
 def test_a_norm_that_does_not_suit_the_targets_is_refused_before_training(tmp_path):
     """'nuc' is a matrix norm; a Linear weight's rows leave one dimension to take it over. torch would fail at the
     first round, after an epoch of training; the check at setup says why first."""

@@ -437,3 +437,42 @@ def test_eager_copy_unwraps_compiled_modules_at_any_depth_and_leaves_the_model_a
     x = torch.randn(3, 4)
     torch.testing.assert_close(copy(x), model(x))
     assert compiled_module_names(model) == ["", "_orig_mod.0"]
+
+
+def test_prune_to_sparsity_refuses_a_misspelt_scope_and_a_method_told_no_amount():
+    """A misspelt scope pruned each layer on its own (not globally); a method without `amount` stopped where it
+    liked (42% for 90%), both without a word."""
+    from litcompress.pruning.engine import prune_to_sparsity_
+    from tests.pruning.test_gradual import FixedThreshold
+
+    layers = [nn.Linear(4, 6), nn.Linear(6, 2)]
+    targets = [(layer, "weight") for layer in layers]
+    with pytest.raises(ValueError, match="`scope` must be 'local' or 'global', got 'globl'"):
+        prune_to_sparsity_(targets, "l1_unstructured", 0.5, scope="globl")
+    with pytest.raises(TypeError, match="FixedThreshold takes no `amount`"):
+        prune_to_sparsity_(targets, FixedThreshold, 0.9)
+    assert not any(hasattr(layer, "weight_mask") for layer in layers)  # refused before any round
+
+
+@SETTINGS
+@given(rows=st.integers(1, 8), extra=st.integers(1, 4))
+def test_a_structured_count_beyond_the_slices_left_is_refused_in_the_engines_words(rows, extra):
+    """It got past the entry count (rows x columns) and failed in torch ("should be smaller than the number of
+    parameters to prune"); the count is of slices."""
+    layer = nn.Linear(5, rows)
+    with pytest.raises(ValueError, match=rf"`amount={rows + extra}` asks to prune more slices along dim=0 than "
+                                         rf"remain \({rows} in the smallest target\)"):
+        prune_([(layer, "weight")], "ln_structured", rows + extra, scope="local", n=2, dim=0)
+    prune_([(layer, "weight")], "ln_structured", rows, scope="local", n=2, dim=0)  # every row: allowed
+    assert int((layer.weight.detach().abs().sum(1) == 0).sum()) == rows
+
+
+def test_a_round_on_meta_weights_is_refused_in_words():
+    """Local pruning wrote meta masks without a word; global failed in Tensor.item()."""
+    with torch.device("meta"):
+        layer = nn.Linear(4, 6)
+    for scope in ("local", "global"):
+        with pytest.raises(ValueError, match=r"cannot prune Linear.weight: on the meta device, with no values to "
+                                             r"rank; give the model its weights first"):
+            prune_([(layer, "weight")], "l1_unstructured", 0.5, scope=scope)
+    assert not hasattr(layer, "weight_mask")

@@ -193,6 +193,9 @@ def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, m
     ("ln_structured", dict(dim=0, n=2, slice_groups={(nn.Linear(2, 2), "weight"): 2}), ValueError,
      "is not one of the targets"),
     ("ln_structured", dict(dim=0, n=2, slice_groups={"x": 0}), ValueError, "expected an int >= 1"),
+    # equal blocks of 8 // 3 rows left the last rows out of every block: 3 of 8 rows pruned for 50%
+    ("ln_structured", dict(dim=0, n=2, slice_groups={"layer": 3}), ValueError,
+     "3 groups do not divide the 8 slices of Linear.weight along dim=0"),
 ])
 def test_arguments_the_first_round_would_fail_on_or_drop_are_refused_when_built(method, kwargs, error, message):
     """They were kept as they came: the round failed at its first pruning point (hours in, with begin=500), or a
@@ -200,8 +203,48 @@ def test_arguments_the_first_round_would_fail_on_or_drop_are_refused_when_built(
     layer = nn.Linear(6, 8)
     scope = "local" if method == "ln_structured" else "global"
     schedule = PolynomialDecay(final_sparsity=0.5, begin=500, end=1000, frequency=100)
+    if kwargs.get("slice_groups") == {"layer": 3}:
+        kwargs = {**kwargs, "slice_groups": {(layer, "weight"): 3}}
     with pytest.raises(error, match=re.escape(message)):
         GradualPruner([(layer, "weight")], schedule, method, **{"scope": scope, **kwargs})
+
+
+class FixedThreshold(torch.nn.utils.prune.BasePruningMethod):
+    """Prunes what lies below a threshold: told no amount."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, threshold: float = 0.1) -> None:
+        self.threshold = threshold
+
+    def compute_mask(self, t, default_mask):
+        return default_mask * (t.abs() >= self.threshold)
+
+
+def _batch_norm_buffer():
+    return [(nn.BatchNorm1d(4), "running_mean")]
+
+
+def _lazy_weight():
+    return [(nn.LazyLinear(3), "weight")]
+
+
+@pytest.mark.parametrize(("targets", "method", "kwargs", "error", "message"), [
+    # each failed at the first round (torch's error), or ran it without reaching the target
+    (lambda: default_targets(nn.Linear(4, 6), ("weight", "bias")), "ln_structured", dict(n=2, dim=0), ValueError,
+     "LnStructured prunes whole slices (rows, channels) of multidimensional tensors, but Linear.bias has one"),
+    (lambda: default_targets(nn.Linear(4, 6)), FixedThreshold, {}, TypeError,
+     "FixedThreshold takes no `amount`, so it cannot be brought to a target sparsity"),  # reached 42% of 90%
+    (_batch_norm_buffer, "l1_unstructured", {}, ValueError,
+     "cannot prune BatchNorm1d.running_mean (a buffer): torch.nn.utils.prune masks parameters only"),
+    (_lazy_weight, "l1_unstructured", {}, ValueError,
+     "cannot prune LazyLinear.weight: lazy layers' weights, which do not exist until their first call"),
+])
+def test_targets_and_methods_a_schedule_cannot_prune_are_refused_when_built(targets, method, kwargs, error, message):
+    schedule = PolynomialDecay(final_sparsity=0.9, begin=0, end=100, frequency=10)
+    scope = "local" if method == "ln_structured" else "global"
+    with pytest.raises(error, match=re.escape(message)):
+        GradualPruner(targets(), schedule, method, scope=scope, **kwargs)
 
 
 def test_slice_groups_keyed_by_layer_name_as_channel_plan_gives_them_prune_each_group_alike():

@@ -51,7 +51,7 @@ from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, is_ln_norm, is_pruning_method,
-                                        required_kwargs)
+                                        required_kwargs, takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -225,6 +225,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
             )
         if self._schedule is None and not callable(amount):
             _check_amount(amount)
+        if self._schedule is not None and not takes_amount(self._method):
+            raise MisconfigurationException(
+                f"`{self._method.__name__}` takes no `amount`, so an `amount` schedule cannot bring it to its targets"
+                " (they would be ignored): give its __init__ an `amount` parameter, or use a float `amount` (each round"
+                " then prunes what the method decides)."
+            )
         if self._schedule is not None and self._schedule.unit == "step" and use_lottery_ticket_hypothesis is True:
             raise MisconfigurationException(
                 "A step-level `amount` schedule with `use_lottery_ticket_hypothesis=True` would reset the weights"
@@ -1082,14 +1088,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
         """Parametrized weights (``weight_norm``, ``spectral_norm``) cannot be masked by torch's pruning: an
         explicit one fails here, before training; the defaults leave them out, as Lightning's callback does, and
         a warning names them (otherwise the layers of a weight-normed model would stay dense without a word)."""
-        try:
-            check_prunable(self._parameters_to_prune)
-        except ValueError as err:
-            raise MisconfigurationException(f"`parameters_to_prune`: {err}") from None
         never_called = [f"{type(m).__name__}.{n}" for m, n in self._parameters_to_prune if is_lazy(getattr(m, n))]
         if never_called:
             raise MisconfigurationException(f"`parameters_to_prune`: {', '.join(never_called)} belong to lazy layers "
                                             "that the first forward pass did not call: their weights do not exist.")
+        try:
+            check_prunable(self._parameters_to_prune)
+        except ValueError as err:
+            raise MisconfigurationException(f"`parameters_to_prune`: {err}") from None
         if given:
             return
         names = self._parameter_names or self.PARAMETER_NAMES

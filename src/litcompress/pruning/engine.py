@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from litcompress.pruning.methods import accepted_kwargs, resolve_method
+from litcompress.pruning.methods import accepted_kwargs, check_slices_exist, check_takes_amount, resolve_method
 from litcompress.pruning.parametrizations import check_prunable, scripted_targets_message
 from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
@@ -462,7 +462,7 @@ def prune_(
 
 def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod], amount: float | int,
                      scope: Scope, **method_kwargs: Any) -> None:
-    check_prunable(targets)
+    check_prunable(targets, need_values=True)
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     if not fast_path:
         # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
@@ -470,8 +470,17 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         # fast path reads `<name>_orig` and the mask itself).
         for module, name in targets:
             refresh_cached_tensor(module, name)
+    structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
+    if structured and scope == "local":
+        check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
+                           "prune_")
+    dim = method_kwargs.get("dim", -1)
+    if structured and scope == "local" and isinstance(amount, int) and isinstance(dim, int) \
+            and all(-t.dim() <= dim < t.dim() for t in (trainable_tensor(m, n) for m, n in targets)):
+        slices = [total - pruned for pruned, total in (_pruned_slices(m, n, dim) for m, n in targets)]
+        check_count_fits(amount, slices, scope, what=f"slices along dim={dim}")  # torch's says "parameters"
     remaining = [remaining_count(m, n) for m, n in targets] if isinstance(amount, int) or fast_path else []
-    if isinstance(amount, int):
+    if isinstance(amount, int) and not structured:
         check_count_fits(amount, remaining, scope)
     modules = unique_modules(targets)
     with parameter_order_preserved(modules):
@@ -492,12 +501,13 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
 
 
-def check_count_fits(count: int, remaining: Sequence[int], scope: Scope) -> None:
-    """Raise ValueError when pruning `count` entries asks for more than `remaining` (per target) still holds."""
+def check_count_fits(count: int, remaining: Sequence[int], scope: Scope, *, what: str = "entries") -> None:
+    """Raise ValueError when pruning `count` entries (or slices, `what`) asks for more than `remaining` (per target)
+    still holds."""
     available = sum(remaining) if scope == "global" else min(remaining, default=0)
     if count > available:
         raise ValueError(
-            f"`amount={count}` asks to prune more entries than remain "
+            f"`amount={count}` asks to prune more {what} than remain "
             f"({available} {'in total' if scope == 'global' else 'in the smallest target'})."
         )
 
@@ -620,6 +630,11 @@ def prune_to_sparsity_(
     method_cls = resolve_method(method)
     if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
+    if scope not in ("global", "local"):  # a misspelt one pruned per layer
+        raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+    check_takes_amount(method_cls, "prune_to_sparsity_")
+    check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
+                       "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     check_keep_multiple_of(keep_multiple_of, method_cls)
     before = sum(pruned_count(m, n) for m, n in targets)

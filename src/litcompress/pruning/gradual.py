@@ -12,7 +12,8 @@ from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
                                         emptied_message, emptied_targets, prune_to_sparsity_, pruned_count,
                                         register_state_hooks)
-from litcompress.pruning.methods import check_method_kwargs, resolve_method
+from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
+                                         resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule
 
@@ -65,6 +66,10 @@ class GradualPruner:
                              "e.g. litcompress.pruning.engine.qualified_names(model, targets).")
         self._names = {(id(m), n): name for (m, n), name in zip(self.targets, target_names or ())}
         check_prunable(self.targets)
+        check_takes_amount(self.method, "GradualPruner")
+        check_slices_exist(self.method, [(target_names[i] if target_names else f"{type(m).__name__}.{n}",
+                                          getattr(m, n).dim()) for i, (m, n) in enumerate(self.targets)],
+                           "GradualPruner")
         self.schedule = schedule
         self.scope = scope
         # a misspelt or missing argument would fail (or be dropped) at the first round, maybe hours into training
@@ -72,8 +77,8 @@ class GradualPruner:
                             ndims={getattr(m, n).dim() for m, n in self.targets},
                             also=("scope", "keep_multiple_of", "target_names"))
         if "slice_groups" in method_kwargs:
-            method_kwargs = {**method_kwargs, "slice_groups": self._slice_groups(method_kwargs["slice_groups"],
-                                                                                 target_names)}
+            groups = self._slice_groups(method_kwargs["slice_groups"], target_names, method_kwargs.get("dim", -1))
+            method_kwargs = {**method_kwargs, "slice_groups": groups}
         self.method_kwargs = method_kwargs
         check_keep_multiple_of(keep_multiple_of, self.method)  # when built, not at the first round
         self.keep_multiple_of = keep_multiple_of
@@ -84,10 +89,10 @@ class GradualPruner:
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
 
-    def _slice_groups(self, given: Any, target_names: Sequence[str] | None) -> dict[Target, int]:
+    def _slice_groups(self, given: Any, target_names: Sequence[str] | None, dim: Any) -> dict[Target, int]:
         """`slice_groups` keyed by target: keys given as layer names (``channel_plan(model).slice_groups``) are the
         targets of that module, found through `target_names`; a key that is neither is refused (it was ignored, and
-        the grouped layers pruned unevenly)."""
+        the grouped layers pruned unevenly), and so is a count that does not divide a target's slices along `dim`."""
         if not isinstance(given, Mapping):
             raise TypeError(f"GradualPruner(slice_groups={given!r}): expected a dict {{target or layer name: groups}}.")
         paths = [name.rpartition(".")[0] for name in target_names or ()]  # the modules' paths, with target_names
@@ -107,6 +112,13 @@ class GradualPruner:
             else:
                 raise ValueError(f"GradualPruner(slice_groups=...): {key!r} is not one of the targets; key it by "
                                  "target ((module, 'weight')) or, with target_names, by layer name.")
+        for (module, name), groups in keyed.items():
+            shape = getattr(module, name).shape
+            if isinstance(dim, int) and -len(shape) <= dim < len(shape) and shape[dim] % groups:
+                # equal blocks leave the last slices out of every one (or, with more groups than slices, prune none)
+                raise ValueError(f"GradualPruner(slice_groups=...): {groups} groups do not divide the "
+                                 f"{shape[dim]} slices of {type(module).__name__}.{name} along dim={dim}; give a "
+                                 "divisor (channel_plan(model).slice_groups has the model's).")
         return keyed
 
     def due(self, t: int) -> bool:

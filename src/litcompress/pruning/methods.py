@@ -93,6 +93,39 @@ def required_kwargs(method: type[torch_prune.BasePruningMethod]) -> set[str]:
     return required - {"self", "cls", "module", "name", "amount", "importance_scores"}
 
 
+def takes_amount(method: type[torch_prune.BasePruningMethod]) -> bool:
+    """Whether `method` is told how much to prune: its constructor (or its own ``apply``) takes ``amount`` or any
+    keyword. A method without one (a fixed threshold) prunes what it decides, whatever a schedule asks."""
+    names, takes_any = _parameter_names(method)
+    if method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:  # type: ignore[attr-defined]
+        apply_names, apply_takes_any = _parameter_names(method.apply)
+        names, takes_any = names | apply_names, takes_any or apply_takes_any
+    return takes_any or "amount" in names
+
+
+def check_takes_amount(method: type[torch_prune.BasePruningMethod], owner: str) -> None:
+    """TypeError when `method` takes no ``amount``: a schedule's target sparsity would be dropped silently."""
+    if not takes_amount(method):
+        raise TypeError(f"{owner}: {method.__name__} takes no `amount`, so it cannot be brought to a target "
+                        "sparsity (the schedule's targets would be ignored); give its __init__ an `amount` "
+                        "parameter (a fraction or count of the remaining entries, as torch's methods take), or "
+                        "apply it once with torch.nn.utils.prune / litcompress.prune_.")
+
+
+def check_slices_exist(method: type[torch_prune.BasePruningMethod], ndims: Iterable[tuple[str, int]],
+                       owner: str) -> None:
+    """ValueError when a structured `method` is to prune a target without slices, a 1-d tensor (a bias, a norm's
+    scale): torch refuses it only at the first round. `ndims` holds each target's name and dimensions."""
+    if getattr(method, "PRUNING_TYPE", None) != "structured":
+        return
+    flat = list(dict.fromkeys(name for name, ndim in ndims if ndim < 2))
+    if flat:
+        raise ValueError(f"{owner}: {method.__name__} prunes whole slices (rows, channels) of multidimensional "
+                         f"tensors, but {', '.join(flat[:4])}{' ...' if len(flat) > 4 else ''} has one dimension; "
+                         "leave the biases and norm scales out of the targets (default_targets(model) names the "
+                         "weights only).")
+
+
 def is_ln_norm(value: object) -> bool:
     """Whether torch's ``ln_structured`` takes `value` as its norm ``n``: a number (0, -inf and negative ones too) or
     'fro' / 'nuc' (whether a tensor's shape suits a matrix norm is for the caller to check, on the model)."""

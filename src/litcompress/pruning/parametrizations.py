@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -86,8 +87,14 @@ def scripted_targets_message(targets: Iterable[tuple[nn.Module, str]]) -> str | 
             f"torch.nn.utils.prune cannot re-parametrise them; {SCRIPTED_HINT}.")
 
 
-def check_prunable(targets: Iterable[tuple[nn.Module, str]]) -> None:
-    """Raise a `ValueError` naming the targets that are parametrized or TorchScript, with the fix."""
+def _distinct(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def check_prunable(targets: Iterable[tuple[nn.Module, str]], *, need_values: bool = False) -> None:
+    """Raise a `ValueError` naming the targets torch's pruning cannot mask, with the fix: parametrized or TorchScript
+    tensors, buffers and plain tensor attributes (it re-registers a parameter), a lazy layer's weights not created
+    yet; with `need_values` (a round about to rank them), tensors on the meta device too."""
     targets = list(targets)
     message = scripted_targets_message(targets)
     if message:
@@ -97,6 +104,22 @@ def check_prunable(targets: Iterable[tuple[nn.Module, str]]) -> None:
         names = ", ".join(f"{type(m).__name__}.{n} ({describe_parametrization(m, n)})" for m, n in found)
         raise ValueError(f"cannot prune {names}: the tensor is computed by a parametrization, which "
                          f"torch.nn.utils.prune cannot mask; {FOLD_HINT}.")
+    unpruned = [(m, n, m._parameters.get(n)) for m, n in targets if not hasattr(m, n + "_orig")]
+    lazy = _distinct(f"{type(m).__name__}.{n}" for m, n, p in unpruned if isinstance(p, UninitializedParameter))
+    if lazy:
+        raise ValueError(f"cannot prune {', '.join(lazy)}: lazy layers' weights, which do not exist until their first "
+                         "call; run the model once on an example batch before pruning it.")
+    not_parameters = _distinct(f"{type(m).__name__}.{n} ({'a buffer' if n in m._buffers else 'a tensor attribute'})"
+                               for m, n, p in unpruned if not isinstance(p, nn.Parameter))
+    if not_parameters:
+        raise ValueError(f"cannot prune {', '.join(not_parameters)}: torch.nn.utils.prune masks parameters only "
+                         "(it re-registers the tensor as `<name>_orig`); leave it out of the targets.")
+    if need_values:
+        meta = _distinct(f"{type(m).__name__}.{n}" for m, n in targets
+                         if getattr(m, n + "_orig", m._parameters.get(n)).is_meta)
+        if meta:
+            raise ValueError(f"cannot prune {', '.join(meta)}: on the meta device, with no values to rank; give the "
+                             "model its weights first (model.to_empty(device=...) then load_state_dict).")
 
 
 def fold_parametrizations_(model: nn.Module) -> list[str]:
