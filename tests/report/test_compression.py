@@ -132,3 +132,40 @@ def test_save_writes_json_markdown_and_a_png_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (1100, 750)
+
+
+
+@pytest.mark.parametrize("file", ["report.json", "report.md", "report.png"])
+def test_a_save_interrupted_while_writing_keeps_the_report_that_was_there(tmp_path, file):
+    """Each file was opened (emptied) in place: Ctrl-C while it was written left a cut-short report where the CLI
+    says the files already in the folder are whole. The interrupt comes as a real Ctrl-C would: a SIGINT, here when
+    the file (or the temporary file beside it) is open and its first bytes are about to be written."""
+    import signal
+    import sys
+    from pathlib import Path
+
+    before = CompressionReport((_stage("input", 2.0, 4000),), metric_name="val_acc")
+    after = CompressionReport((_stage("input", 1.0, 2000), _stage("pruned", 0.5, 1000)), metric_name="val_acc")
+    before.save(tmp_path)
+    kept = (tmp_path / file).read_bytes()
+    stem, suffix = file.split(".")
+    sent = []
+
+    def ctrl_c_at_first_write(frame, event, function):
+        if event == "c_call" and getattr(function, "__name__", "") == "write" and not sent:
+            name = Path(str(getattr(getattr(function, "__self__", None), "name", ""))).name
+            if name in (file, f"{stem}.partial.{suffix}"):
+                sent.append(name)
+                signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.setprofile(ctrl_c_at_first_write)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            after.save(tmp_path, plot=suffix == "png")
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGINT, previous)
+    assert sent  # the interrupt came while the file was being written
+    assert (tmp_path / file).read_bytes() == kept
+    assert not list(tmp_path.glob("*.partial*"))

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from litcompress._files import written_atomically
 from litcompress.report.sparsity import TensorSparsity
 
 REPORT_FORMAT = 1
@@ -230,7 +231,8 @@ class CompressionReport:
 
     def save_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        with written_atomically(path) as partial:  # an interrupted write keeps the report that was there
+            partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -250,7 +252,8 @@ class CompressionReport:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = {"json": self.save_json(directory / "report.json")}
-        (directory / "report.md").write_text(self.markdown())
+        with written_atomically(directory / "report.md") as partial:
+            partial.write_text(self.markdown())
         written["markdown"] = directory / "report.md"
         if plot is None:
             plot = importlib.util.find_spec("matplotlib") is not None
@@ -322,7 +325,8 @@ class CompressionReport:
         bars(axes[1][1], [("all", [s.parameters for s in self.stages]),
                           ("nonzero", [s.nonzero_parameters for s in self.stages])], "count", "Parameters")
         path = plot_path(path)
-        figure.savefig(path, dpi=100)
+        with written_atomically(path) as partial:  # (same suffix: the same format)
+            figure.savefig(partial, dpi=100)
         return path
 
     def __str__(self) -> str:
