@@ -535,6 +535,22 @@ def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digi
     assert not any(m.startswith("pruned in one shot") for m in mild.messages)
 
 
+@pytest.mark.parametrize("method", ["random_structured", "ln_structured"])
+def test_each_structured_method_prunes_gradually_while_fine_tuning(trained, digits, method):
+    """random_structured was handed ln_structured's norm `n`, which the gradual pruner refuses: every run with
+    fine-tuning failed (one-shot ran)."""
+    def fine_tune(model, step):
+        train(model, digits[0], digits[1], steps=20, step_fn=step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method=method), **FAST)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      fine_tune=fine_tune, fine_tune_steps=20)
+    assert "during 20 fine-tuning steps" in result.report["pruned"].description
+    hidden = [m for m in result.model if isinstance(m, nn.Linear)][:-1]
+    widths = [m.out_features for m in trained if isinstance(m, nn.Linear)][:-1]
+    assert [m.out_features for m in hidden] == [w - round(0.5 * w) for w in widths]  # half of each layer's units
+
+
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):
     def fine_tune(model, step):
         train(model, digits[0], digits[1], steps=5, step_fn=step)

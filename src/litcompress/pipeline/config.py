@@ -11,7 +11,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from litcompress.pruning.methods import resolve_method
+from litcompress.pruning.methods import accepted_kwargs, resolve_method
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
 from litcompress.quantization.config import PTQConfig
@@ -186,8 +186,11 @@ class PruneConfig:
         return getattr(self.pruning_method, "PRUNING_TYPE", None) == "structured"
 
     def method_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for the pruning method (the engine passes each method only those it accepts)."""
-        return {"dim": self.dim, "n": self.norm} if self.structured else {}
+        """Keyword arguments for the pruning method: those of ``dim`` and ``n`` (the norm) it takes
+        (``random_structured`` takes no norm, and the gradual pruner refuses what its method does not take)."""
+        if not self.structured:
+            return {}
+        return accepted_kwargs(self.pruning_method, {"dim": self.dim, "n": self.norm}, via_apply=True)
 
     def step_schedule(self, total_steps: int) -> SparsitySchedule:
         """The schedule over ``total_steps`` fine-tuning steps (``self.schedule`` when it is one already)."""
