@@ -114,6 +114,20 @@ def test_a_submodule_is_compressed_and_fine_tuned_inside_its_host(fitted):
     assert "rounds during 5 fine-tuning steps" in result.report["pruned"].description
 
 
+def test_a_single_callback_in_trainer_kwargs_is_taken_as_trainer_takes_it(fitted):
+    """`Trainer(callbacks=cb)` takes one Callback; the pipeline unpacked it: TypeError after the input's evaluation."""
+    module, data = fitted
+    seen = []
+
+    class CountsBatches(L.Callback):
+        def on_train_batch_end(self, *args):
+            seen.append(1)
+
+    compress_lightning(module, CompressionConfig(prune=PruneConfig(sparsity=0.5)), datamodule=data,
+                       fine_tune_epochs=1, trainer_kwargs={"callbacks": CountsBatches(), "limit_train_batches": 3})
+    assert len(seen) == 3
+
+
 def test_bad_arguments_fail_before_fine_tuning(fitted):
     module, data = fitted
     prune = CompressionConfig(prune=PruneConfig(sparsity=0.5))
@@ -130,6 +144,11 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
     for kwargs in ({"devices": 2}, {"strategy": "ddp"}, {"num_nodes": 2}):
         with pytest.raises(ValueError, match="fine-tunes in this process, on one device"):
             compress_lightning(module, prune, datamodule=data, fine_tune_epochs=1, trainer_kwargs=kwargs)
+    # failed when the fine-tuning Trainer was built, after the input's evaluation (or never, without fine-tuning)
+    for epochs in (1, 0):
+        with pytest.raises(TypeError, match=r"Trainer takes no 'max_step' \('max_step': did you mean 'max_steps'\?\)"):
+            compress_lightning(module, prune, datamodule=data, fine_tune_epochs=epochs,
+                               trainer_kwargs={"max_step": 3})
     # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.
     with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by MLPClassifier.validation_step"):
         compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)

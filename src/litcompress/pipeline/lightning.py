@@ -7,6 +7,8 @@ A thin layer over the framework-free :func:`litcompress.pipeline.compress`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -118,6 +120,15 @@ def _check_test_metric_source(module: L.LightningModule, datamodule: L.Lightning
 
 
 def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse, before any stage runs, arguments the fine-tuning Trainer would fail on (a misspelt one only when it is
+    built, after the input model's evaluation) or that contradict the pipeline's."""
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hints = "; ".join(f"{name!r}: did you mean {match[0]!r}?" for name, match in close.items() if match)
+        raise TypeError(f"compress_lightning(trainer_kwargs=...): Trainer takes no {', '.join(map(repr, unknown))}"
+                        f"{' (' + hints + ')' if hints else ''}.")
     if "max_epochs" in kwargs:
         raise ValueError("compress_lightning(trainer_kwargs={'max_epochs': ...}): give fine_tune_epochs instead; the "
                          "pruning schedule is laid over exactly those epochs.")
@@ -282,7 +293,9 @@ def compress_lightning(
             setattr(host, submodule, model)  # the pipeline's working copy, trained in place inside the host
         kwargs = {**QUIET_CPU_TRAINER, **trainer_kwargs}
         kwargs["max_epochs"] = fine_tune_epochs
-        callbacks = [*kwargs.pop("callbacks", []), PruneAfterOptimizerSteps(step)]
+        given = kwargs.pop("callbacks", None) or []
+        # a single Callback, as Trainer(callbacks=...) takes it
+        callbacks = [*([given] if isinstance(given, L.Callback) else given), PruneAfterOptimizerSteps(step)]
         if distill is not None:  # the teacher: the input model, which `compress` leaves as it is (it prunes a copy)
             # imported here: litcompress.callbacks imports this module (CompressOnFitEnd)
             from litcompress.callbacks.distillation import KnowledgeDistillation
