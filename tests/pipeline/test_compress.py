@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -561,6 +563,38 @@ def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained,
     assert result.report["pruned"].weight_sparsity == pytest.approx(0.75, abs=1e-4)
     assert any("fine-tuning stopped at step 5, before its schedule ended (step 100)" in m
                for m in result.report.messages)
+
+
+def test_a_fine_tuning_loop_that_stops_early_is_said_when_only_recurrent_units_are_pruned():
+    """The note counted the per-layer sets' entries only: with an LSTM's hidden units (or channel groups, or heads)
+    all that was pruned, the rest was pruned afterwards without a word (and with no set, the note failed)."""
+    class LSTMNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 32, batch_first=True)
+            self.head = nn.Linear(32, 2)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 5, 8)
+    y = (x[:, 0, 0] > 0).long()
+
+    def fine_tune(model, step):  # 6 of the 20 steps announced
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        for t in range(1, 7):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            step(t)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), **FAST)
+    result = compress(LSTMNet(), config, eval_fn=accuracy(x, y), example_inputs=x[:8], fine_tune=fine_tune,
+                      fine_tune_steps=20)
+    said = [m for m in result.report.messages if m.startswith("fine-tuning stopped at step 6")]
+    assert len(said) == 1 and re.search(r"the remaining [\d,]+ entries were pruned at once afterwards", said[0])
+    assert result.model.lstm.hidden_size == 16
 
 
 def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_can(digits, tmp_path):

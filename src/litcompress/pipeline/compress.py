@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._files import written_atomically
-from litcompress.pruning.engine import (Target, close_names, compiled_module_names, deepcopy_model, eager_copy,
-                                        is_excluded, keep_bypassed_weights_current_, make_permanent_,
-                                        permanent_state_dict, prune_to_sparsity_, pruned_targets, qualified_names,
-                                        with_tied_targets)
+from litcompress.pruning.engine import (Target, close_names, compiled_module_names, deepcopy_model, distinct_targets,
+                                        eager_copy, is_excluded, keep_bypassed_weights_current_, make_permanent_,
+                                        permanent_state_dict, prune_to_sparsity_, pruned_count, pruned_targets,
+                                        qualified_names, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
@@ -622,15 +622,21 @@ class _Pruning:
 
     def prune_once_(self, sparsity: float) -> int:
         """Prune every set and group to `sparsity` at once (entries pruned before stay); returns how many entries
-        were newly pruned in the sets."""
+        were newly masked: in the sets, the channel groups, the attention heads and the recurrent units."""
         prune, multiple = self.prune, self.keep_multiple_of
-        newly = sum(prune_to_sparsity_(subset, prune.pruning_method, sparsity, scope=prune.scope,
-                                       keep_multiple_of=multiple, **kwargs) for subset, kwargs in self.sets)
+        before = self.masked_entries()
+        for subset, kwargs in self.sets:
+            prune_to_sparsity_(subset, prune.pruning_method, sparsity, scope=prune.scope, keep_multiple_of=multiple,
+                               **kwargs)
         prune_groups_(self.model, self.groups, sparsity, prune.norm, multiple)
         self.prune_heads_(sparsity)
         self.prune_units_(sparsity)
         self.held_at_zero.refresh().apply_()
-        return newly
+        return self.masked_entries() - before
+
+    def masked_entries(self) -> int:
+        """Entries the model's pruning masks zero, each tensor counted once."""
+        return sum(pruned_count(m, n) for m, n in distinct_targets((m, n) for _, m, n in pruned_targets(self.model)))
 
     def prune_units_(self, sparsity: float) -> bool:
         """Prune the recurrent layers' hidden units to `sparsity` of each layer's; True if more are masked."""
@@ -854,7 +860,7 @@ def compress(
                           if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
             late = pruning.prune_once_(schedule.final_sparsity)  # the same for groups stopped early
             if late:
-                note(f"fine-tuning stopped at step {pruners[0].last_t}, before its schedule ended "
+                note(f"fine-tuning stopped at step {last_step[0]}, before its schedule ended "
                      f"(step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")
             how = f"{rounds} rounds during {fine_tune_steps} fine-tuning steps" + (
