@@ -226,6 +226,19 @@ def test_mnist_train_limit_is_checked_before_the_archive_is_read(train_limit) ->
         MNISTDataModule(train_limit=train_limit)
 
 
+def test_numpy_numbers_are_taken_where_python_ones_are() -> None:
+    """np.float32 fractions and np.int64 limits (a config read with numpy, a sweep's grid) were refused by the data
+    modules, while load_mnist_tensors took them and np.float64 passed."""
+    import numpy as np
+
+    digits = DigitsDataModule(val_fraction=np.float32(0.2), test_fraction=np.float32(0.2), seed=np.int64(1))
+    digits.setup("fit")
+    reference = DigitsDataModule(val_fraction=0.2, test_fraction=0.2, seed=1)
+    reference.setup("fit")
+    assert torch.equal(digits.splits.val.tensors[0], reference.splits.val.tensors[0])
+    assert MNISTDataModule(train_limit=np.int64(100)).hparams.train_limit == 100
+
+
 def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_with_the_weights_of_one_uninterrupted(
         tmp_path) -> None:
     """Lightning goes on at the checkpoint's batch index; the epoch's order must go on there too (it started over

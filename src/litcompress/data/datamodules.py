@@ -184,7 +184,7 @@ class MNISTDataModule(_BundledDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
         check_flatten(flatten)
-        if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, int)
+        if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, numbers.Integral)
                                         or train_limit < 1):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "
                              "(all of them)")  # at construction, not after loading the archive at `setup`

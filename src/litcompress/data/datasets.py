@@ -50,7 +50,7 @@ class DatasetSplits(NamedTuple):
 
 
 def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value < 1.0:
         raise ValueError(f"{name}={value!r} must be a float in (0, 1); pass e.g. {name}=0.2")
 
 
