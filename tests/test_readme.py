@@ -116,7 +116,8 @@ CHECKS = {
         ns["distiller"].teacher is not ns["model"] and not ns["distiller"].teacher.training
         and all(p.requires_grad for p in ns["model"].parameters()) and bool(torch.isfinite(ns["loss"]))),
     "rewind_(targets, ticket)": lambda ns: abs(  # three global rounds of 50%, biases untouched
-        ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3,
+        ns["sparsity_report"](ns["model"], ns["targets"]).sparsity - 0.875) < 1e-3
+        and not bool((ns["model"][-1].weight == 0).any()),  # the classifier left whole (with it, it was emptied)
 }
 
 
