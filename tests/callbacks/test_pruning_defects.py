@@ -302,6 +302,22 @@ def test_resampling_draws_fresh_weights_for_a_layer_without_reset_parameters(tmp
     torch.testing.assert_close(resampled.flatten().sort().values, initial.flatten().sort().values)
 
 
+def test_resampling_does_not_redraw_the_initial_weights_of_a_layer_built_under_the_same_seed(tmp_path):
+    """The callback's own stream was seeded with torch.initial_seed(), the seed the model's layers were built under:
+    reset_parameters, called layer by layer in the order they were built, drew the initial weights again, and the
+    random re-initialisation control was the ticket itself."""
+    model = FixedDataModel()
+    seed_everything(0)  # a script's seed, then its model's first layer
+    model.layer.mlp_1 = torch.nn.Linear(32, 32)
+    initial = model.layer.mlp_1.weight.detach().clone()
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=[(model.layer.mlp_1, "weight")], amount=0.3,
+                            make_pruning_permanent=False, use_lottery_ticket_hypothesis=True, resample_parameters=True)
+    seen = RecordEpochStarts()
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback, seen]).fit(model)
+    resampled = seen.weights[1][0]  # epoch 1 starts from the reset after epoch 0's round
+    assert float((resampled == initial).float().mean()) < 0.01
+
+
 @both("fit -> test -> fit with one callback crashes in deepcopy of non-leaf tensors")
 def test_fit_test_fit_with_one_callback(tmp_path, cls):
     model = ThreeLayerModel()

@@ -65,6 +65,10 @@ _MODULE_CONTAINERS = (LightningModule, nn.Sequential, nn.ModuleList, nn.ModuleDi
 _STATE_VERSION = 1
 
 
+#: Mixed into the run's seed for resample_parameters' stream (any constant other than 0 would do).
+_RESAMPLE_SEED_SALT = 0x5EED_0F_7E5A_4D1E
+
+
 class ModelPruning(TargetsFoundOnceConfigured):
     """Prune a model's parameters during training with ``torch.nn.utils.prune``.
 
@@ -350,7 +354,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
                      if not engine.is_pruned(module, name)]
         if self._resample_parameters:
             if self._resample_rng_state is None:
-                self._resample_rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
+                # a stream of its own, resumable (in the state) and seeded by the run's seed, but not with it: the
+                # layers were built under that seed, and reset_parameters would draw their initial weights again
+                seed = torch.initial_seed() ^ _RESAMPLE_SEED_SALT
+                self._resample_rng_state = torch.Generator().manual_seed(seed).get_state()
             with torch.random.fork_rng(devices=[]):  # CPU draws (a CUDA layer's draw on CUDA's generator)
                 torch.set_rng_state(self._resample_rng_state)
                 rewind_(self._parameters_to_prune, self._original_layers, resample=True)
