@@ -1170,3 +1170,17 @@ def test_a_second_fit_with_the_same_callback_goes_on_from_the_zeros_only_with_th
     assert sparsity[0] == pytest.approx(0.5, abs=0.01)
     goes_on = lottery_ticket and cls is ModelPruning
     assert sparsity[1] == pytest.approx(0.75 if goes_on else 0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("take_the_ticket_by_hand", [False, True])
+def test_the_ticket_taken_by_hand_between_fits_keeps_its_zeros_in_the_next_fit(tmp_path, take_the_ticket_by_hand):
+    """The README's `apply_lottery_ticket_hypothesis()` after a fit: the next fit no longer masked the permanent
+    zeros (only a pending reset did), they trained back and its round started over (0.5 instead of 0.75)."""
+    model = FixedDataModel()
+    callback = ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"])
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    if take_the_ticket_by_hand:
+        callback.apply_lottery_ticket_hypothesis()
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    weights = [model.layer.mlp_1.weight, model.layer.mlp_2.weight, model.layer.mlp_3.weight]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(0.75, abs=0.01)

@@ -308,6 +308,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._history: list[dict[str, Any]] = []
         # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
         self._reset_pending = False
+        # the ticket taken by hand after a fit made the masks permanent: the next fit masks its zeros, as it does
+        # before a pending reset (else they would train back)
+        self._ticket_zeros_to_mask = False
         self._warned_emptied: set[tuple[int, str]] = set()  # tensors a round left without entries, already said
         self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
         self._qualified_names: list[str] = []
@@ -367,6 +370,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         with torch.no_grad():
             for module, name, zeros in permanent:
                 getattr(module, name).masked_fill_(zeros, 0)
+        self._ticket_zeros_to_mask = self._ticket_zeros_to_mask or bool(permanent)
         self._reset_pending = False
 
     def _apply_local_pruning(self, amount: Union[int, float]) -> None:
@@ -602,10 +606,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._step_at_batch_start = trainer.global_step
-        if self._reset_pending:
+        if self._reset_pending or self._ticket_zeros_to_mask:
             for module, name in engine.distinct_targets(self._parameters_to_prune):
                 if not engine.is_pruned(module, name):  # made permanent when the last fit ended: its zeros are the
                     engine.set_mask_(module, name, getattr(module, name) != 0)  # mask the reset must keep
+            self._ticket_zeros_to_mask = False
+        if self._reset_pending:
             self.apply_lottery_ticket_hypothesis()
             self._reset_pending = False
             if self._reset_optimizer:
