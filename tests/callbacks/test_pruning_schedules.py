@@ -796,3 +796,20 @@ def test_a_state_saved_under_a_key_with_whole_floats_is_restored_without_a_warni
     callback.on_load_checkpoint(Trainer(callbacks=[callback], logger=False), None, {"callbacks": {legacy: state}})
     assert callback._pending_state == state  # restored once the model is known (setup)
     assert not [w for w in recwarn if "ModelPruning" in str(w.message)]
+
+
+def test_rounds_of_a_held_target_that_prune_nothing_do_not_rewind(tmp_path):
+    """A constant target's later rounds prune nothing; they rewound all the same (the schedule's target, not what was
+    pruned, was tested): every epoch started again from the initial weights, and training never got past one."""
+    seed_everything(0)
+    model = FixedDataModel()
+    initial = model.layer.mlp_1.weight.detach().clone()
+    callback = ModelPruning("l1_unstructured", amount=ConstantSparsity(0.5, begin=1, end=3, unit="epoch"),
+                            parameter_names=["weight"], make_pruning_permanent=False)
+    seen = RecordEpochStarts()
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback, seen]).fit(model)
+    assert [h["lottery_ticket_reset"] for h in callback._history] == [True, False, False]
+    assert [h["zeros_after"] > h["zeros_before"] for h in callback._history] == [True, False, False]
+    kept = model.layer.mlp_1.weight_mask.bool()
+    assert torch.equal(seen.weights[1][0][kept], initial[kept])  # the round that pruned rewound
+    assert not torch.equal(seen.weights[2][0][kept], initial[kept])  # the next trained on from there

@@ -679,11 +679,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._check_amount_fits(amount)
             self.apply_pruning(amount)
 
+        # a schedule's round that prunes nothing (its begin, cubic from 0; a constant target held; an increment that
+        # rounds to no entry) has nothing to rewind, and would undo the training since the last round
+        pruned = self._total_zeros() > before if self._schedule is not None else amount > 0
         reset = (
             self._use_lottery_ticket_hypothesis(current_epoch)
             if callable(self._use_lottery_ticket_hypothesis)
             else self._use_lottery_ticket_hypothesis
-        ) and amount > 0  # a schedule's round at target 0 (its begin, cubic from 0) prunes nothing: nothing to rewind
+        ) and pruned
         if reset:
             if self._original_layers is None:
                 where = self._last_step if self._rewind_unit == "step" else current_epoch
