@@ -730,6 +730,27 @@ def test_exclude_leaves_layers_dense_prelu_slopes_are_never_pruned_and_frozen_la
     assert torch.count_nonzero(ticket.model.act.weight) == 32
 
 
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, lambda d: nn.GroupNorm(2, d)])
+def test_normalisation_scales_are_never_pruned(norm):
+    """RMSNorm (LLaMA-style models) was missing from the list: its scales, all 1 at the start, were ranked with the
+    weights and 75% of them zeroed, silencing their channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), norm(16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+
+    def train(network: nn.Module) -> None:
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(network(x), y).backward()
+            optimizer.step()
+
+    ticket = iterative_magnitude_pruning(model, train, lambda network: 0.0, rounds=2, rate=0.5, control="none",
+                                         scope="local")
+    assert sorted(ticket.masks) == ["0.weight", "3.weight"]
+    assert torch.count_nonzero(ticket.model[1].weight) == 16
+
+
 @pytest.mark.parametrize("exclude, error, message", [
     (["haed"], ValueError, r"`exclude` names \['haed'\].*did you mean 'head'"),
     ("head", TypeError, "`exclude` must be a sequence of names"),

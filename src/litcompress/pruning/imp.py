@@ -46,7 +46,7 @@ from litcompress.pruning.lottery import redraw_parameters_, rewind_, snapshot_te
 log = logging.getLogger(__name__)
 
 #: layers whose weights IMP never prunes (Frankle & Carbin prune Linear and conv weights)
-_NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 #: nor an activation's parameters (a PReLU slope pruned to 0 turns its channel into a ReLU)
 _NOT_PRUNED = _NORMALISATIONS + (nn.PReLU,)
 
