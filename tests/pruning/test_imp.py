@@ -730,6 +730,46 @@ def test_exclude_leaves_layers_dense_prelu_slopes_are_never_pruned_and_frozen_la
     assert torch.count_nonzero(ticket.model.act.weight) == 32
 
 
+class TiedLM(nn.Module):
+    """A language model whose output layer holds its input embedding's matrix (GPT-2's tie)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_tied_weights_get_one_mask_in_every_scope(scope):
+    """The tied matrix is pruned once, under both its holders (per layer, each holder was pruned on its own: two
+    masks on one Parameter, alike only while their rates were; see the refusals below)."""
+    torch.manual_seed(0)
+    ticket = iterative_magnitude_pruning(TiedLM(), lambda network: None, lambda network: 0.0, rounds=2, rate=0.5,
+                                         control="none", scope=scope)
+    model = ticket.model
+    assert torch.equal(model.emb.weight, model.head.weight)
+    if scope == "local":  # 50% of what remains, twice, of the one matrix
+        assert int((model.emb.weight == 0).sum()) == 80 + 40
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(layer_rates={"head.weight": 0.1}, scope="local"),
+     "`layer_rates`: emb.weight and head.weight are the same tensor (tied weights), pruned with one mask"),
+    (dict(exclude=["head"]), "`exclude` leaves head.weight dense, but it is the same tensor as emb.weight (tied"),
+])
+def test_arguments_that_would_split_a_tied_tensor_are_refused_before_any_training(kwargs, message):
+    def train(network):
+        raise AssertionError("trained")
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        iterative_magnitude_pruning(TiedLM(), train, lambda network: 0.0, rounds=1, control="none", **kwargs)
+
+
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, lambda d: nn.GroupNorm(2, d)])
 def test_normalisation_scales_are_never_pruned(norm):
     """RMSNorm (LLaMA-style models) was missing from the list: its scales, all 1 at the start, were ranked with the

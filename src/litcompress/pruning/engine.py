@@ -158,7 +158,7 @@ def check_targets(targets: object, where: str) -> list[Target]:
     return [(module, name) for module, name in pairs]
 
 
-def _tensor_key(module: nn.Module, name: str) -> object:
+def tensor_key(module: nn.Module, name: str) -> object:
     """What identifies the tensor of a target: its Parameter (which tied modules share), else the target itself (a
     parametrized weight is computed afresh at every access, and a freed temporary's id can come back)."""
     tensor = trainable_tensor(module, name)
@@ -172,7 +172,7 @@ def distinct_targets(targets: Iterable[Target]) -> list[Target]:
     seen: set[object] = set()
     distinct = []
     for module, name in targets:
-        key = _tensor_key(module, name)
+        key = tensor_key(module, name)
         if key not in seen:
             seen.add(key)
             distinct.append((module, name))
@@ -204,11 +204,11 @@ def with_tied_targets(model: nn.Module, targets: Sequence[Target]) -> list[Targe
     A tied tensor pruned under one module only would reach the others unmasked: they would train with, and be
     judged on, values that the permanent model no longer has.
     """
-    holders = _tied_holders(model.named_modules())  # keyed like _tensor_key: by the Parameter's id
+    holders = _tied_holders(model.named_modules())  # keyed like tensor_key: by the Parameter's id
     result = list(targets)
     seen = {(id(m), n) for m, n in result}
     for module, name in targets:
-        for _, holder, holder_name in holders.get(_tensor_key(module, name), ()):
+        for _, holder, holder_name in holders.get(tensor_key(module, name), ()):
             if (id(holder), holder_name) not in seen:
                 seen.add((id(holder), holder_name))
                 result.append((holder, holder_name))
@@ -267,7 +267,7 @@ def share_tied_masks_(targets: Sequence[Target]) -> None:
     weights are masked alike under every module that holds them, and a later round's in-place update reaches all."""
     first: dict[object, Target] = {}
     for module, name in targets:
-        key = _tensor_key(module, name)
+        key = tensor_key(module, name)
         if key not in first:
             first[key] = (module, name)
             continue

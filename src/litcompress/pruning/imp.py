@@ -39,6 +39,7 @@ from litcompress.pruning.engine import (
     refresh_cached_tensor,
     remaining_count,
     set_mask_,
+    tensor_key,
     trainable_tensor,
 )
 from litcompress.pruning.lottery import redraw_parameters_, rewind_, snapshot_tensor, take_snapshot
@@ -270,7 +271,15 @@ def iterative_magnitude_pruning(
     kept = [i for i, (name, path) in enumerate(zip(names, module_names)) if name not in exclude and path not in exclude]
     if not kept:
         raise ValueError(f"`exclude` {list(exclude)} leaves nothing to prune of {names}.")
-    targets, names = [targets[i] for i in kept], [names[i] for i in kept]
+    # tied weights (a language model's head holding its embedding's matrix) are one tensor: one mask, or none
+    keys = [tensor_key(m, n) for m, n in targets]
+    half_excluded = [(names[i], names[j]) for i in range(len(names)) if i not in kept
+                     for j in kept if keys[j] == keys[i]]
+    if half_excluded:
+        left, pruned = half_excluded[0]
+        raise ValueError(f"`exclude` leaves {left} dense, but it is the same tensor as {pruned} (tied weights), "
+                         f"which would be pruned: the one matrix cannot be both. Exclude both, or neither.")
+    targets, names, keys = [targets[i] for i in kept], [names[i] for i in kept], [keys[i] for i in kept]
     frozen = [name for (module, tensor), name in zip(targets, names)
               if not trainable_tensor(module, tensor).requires_grad]
     if frozen:  # ModelPruning warns of them too
@@ -281,6 +290,13 @@ def iterative_magnitude_pruning(
         raise ValueError(f"`layer_rates` names {sorted(unknown)}, which are not pruned tensors; choose from {names}.")
     if layer_rates and scope == "global":
         raise ValueError("`layer_rates` needs `scope='local'`: global pruning ranks all layers together.")
+    tied_groups: dict[object, list[int]] = {}  # per tensor, the indices of its targets (several when tied)
+    for i, key in enumerate(keys):
+        tied_groups.setdefault(key, []).append(i)
+    for group in tied_groups.values():
+        if len({layer_rates.get(names[i], rate) for i in group}) > 1:
+            raise ValueError(f"`layer_rates`: {' and '.join(names[i] for i in group)} are the same tensor (tied "
+                             "weights), pruned with one mask: give them one rate.")
 
     def state_now() -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in network.state_dict().items()}
@@ -328,9 +344,10 @@ def iterative_magnitude_pruning(
         if r > 0:
             if scope == "global":
                 prune_(targets, "l1_unstructured", rate, scope="global")
-            else:
-                for name, target in zip(names, targets):
-                    prune_([target], "l1_unstructured", layer_rates.get(name, rate), scope="local")
+            else:  # a tied tensor once, under all its holders
+                for group in tied_groups.values():
+                    prune_([targets[i] for i in group], "l1_unstructured", layer_rates.get(names[group[0]], rate),
+                           scope="local")
             rewind_(targets, snapshot)
             _load_in_place_(network, rest)
             if r == rounds:  # the ticket: the final mask on the rewound weights
