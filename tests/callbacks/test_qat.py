@@ -71,6 +71,36 @@ def test_killed_mid_qat_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
     assert "forward" not in callbacks[1]._module.__dict__  # the crash restored the model's forward
 
 
+@pytest.mark.parametrize("resume_at_step", [4, 8])  # the end of epoch 0 (fp32) and of epoch 1 (QAT)
+def test_a_fit_resumed_from_an_epochs_last_batch_trains_the_next_epoch_through_qat(tmp_path, resume_at_step):
+    """Lightning skips `on_train_epoch_start` of the epoch a checkpoint saved at the previous epoch's last batch
+    resumes into, where the QAT graph was installed: that epoch trained in fp32 and, resumed into the last epoch, the
+    fit ended without an int8 model and with a warning that QAT never started."""
+    data = DigitsDataModule(batch_size=32)
+
+    def fit(callbacks, ckpt_path=None):
+        seed_everything(0)
+        model, callback = MLPClassifier(hidden=(16,), lr=1e-2), QuantizationAwareTraining("net", start_epoch=1)
+        trainer = make_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[callback, *callbacks])
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        except SimulatedCrash:
+            pass
+        return model, callback
+
+    reference, uninterrupted = fit([])
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=4)  # 4 batches an epoch
+    fit([saved, CrashAtStep(resume_at_step + 2)])
+    epoch = resume_at_step // 4 - 1
+    resumed, callback = fit([], ckpt_path=tmp_path / "ckpt" / f"epoch={epoch}-step={resume_at_step}.ckpt")
+    assert callback.result is not None
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        assert torch.equal(callback.result.model(x), uninterrupted.result.model(x))
+
+
 def test_the_lightning_modules_own_forward_and_layers_built_in_configure_model(tmp_path):
     seed_everything(0)
     model, callback = ConfiguredDigitsClassifier(hidden=16), QuantizationAwareTraining(start_epoch=1)

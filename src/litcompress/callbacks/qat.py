@@ -187,6 +187,9 @@ class QuantizationAwareTraining(Callback):
 
     # ---- the fit ---------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # a fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next epoch
+        # without its `on_train_epoch_start`: that epoch would train without the QAT graph
+        self._install_if_due(trainer, pl_module)
         if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch:
             return
         batches = trainer.num_training_batches
@@ -199,6 +202,10 @@ class QuantizationAwareTraining(Callback):
                              f"{self.start_epoch} starts: QAT would never run. Lower start_epoch or raise max_steps.")
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._install_if_due(trainer, pl_module)
+
+    def _install_if_due(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        """From `start_epoch` on, the quantized module's forward is the QAT graph's (traced at its first call)."""
         if trainer.current_epoch >= self.start_epoch and not self._installed():
             module = self._module or self._quantized_module(pl_module)
             masked = modules_pruned_with_masks(module)
