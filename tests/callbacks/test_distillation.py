@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -276,6 +277,36 @@ def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_p
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in initial.items())
     assert distilled_qat.result is not None and "forward" not in distilled.net.__dict__
     assert "forward" not in distilled.__dict__
+
+
+@pytest.mark.parametrize(("quantized", "distilled_on"), [(None, "net"), ("net", "net.0")])
+def test_distilling_a_layer_inside_the_quantized_module_is_refused_before_training(tmp_path, quantized, distilled_on):
+    """The distillation's hook, on a layer inside the module QAT traces, was traced into the QAT graph: after all the
+    fp32 epochs the first QAT step failed on a batch size 'fixed by the model's code (an RNN ...)'."""
+    from litcompress.callbacks import QuantizationAwareTraining
+
+    model = MLPClassifier(hidden=(16,))
+    callbacks = [QuantizationAwareTraining(quantized, start_epoch=1), KnowledgeDistillation(submodule=distilled_on)]
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
+    with pytest.raises(ValueError, match=rf"KnowledgeDistillation\(submodule='{re.escape(distilled_on)}'\) distils a "
+                                         r"layer inside .*, which this callback quantizes as one traced graph"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_a_users_hook_on_a_layer_inside_the_quantized_module_is_warned_of(tmp_path):
+    """It is traced into the QAT graph and fired once, at the trace, never at a QAT step: silently."""
+    from litcompress.callbacks import QuantizationAwareTraining
+
+    model = MLPClassifier(hidden=(16,))
+    calls = []
+    model.net[0].register_forward_hook(lambda module, inputs, output: calls.append(1))
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+                           callbacks=[QuantizationAwareTraining("net")])
+    with pytest.warns(UserWarning, match=r"forward hooks on 0 inside Sequential are traced into its QAT graph: they "
+                                         r"run once, at the trace, not at every step"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert len(calls) == 1  # what the warning says
 
 
 def test_the_teacher_copy_carries_no_hook_of_the_user_or_of_another_callback(tmp_path):

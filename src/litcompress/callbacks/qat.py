@@ -152,6 +152,17 @@ class QuantizationAwareTraining(Callback):
                 raise ValueError(f"{_OWNER}(metric={self.metric!r}) evaluates the int8 model on the validation data "
                                  "at fit end, and this fit has none: trainer.fit(model, datamodule=...) with a "
                                  "val_dataloader, or trainer.fit(model, train_loader, val_loader); or metric=None.")
+        from litcompress.callbacks.distillation import KnowledgeDistillation
+
+        inner = [cb.submodule for cb in trainer.callbacks if isinstance(cb, KnowledgeDistillation) and cb.submodule
+                 is not None and (self.submodule is None or cb.submodule.startswith(self.submodule + "."))]
+        if inner:  # its hook would be traced into the QAT graph: the teacher called once, the batch size fixed
+            quantized = "the LightningModule" if self.submodule is None else repr(self.submodule)
+            raise ValueError(f"{_OWNER}: KnowledgeDistillation(submodule={inner[0]!r}) distils a layer inside "
+                             f"{quantized}, which this callback quantizes as one traced graph: the distillation's "
+                             "hook would be traced into it (the teacher called once, at the trace). Distil "
+                             f"{quantized} itself or a module outside it, or quantize {inner[0]!r} instead "
+                             f"({_OWNER}({inner[0]!r})).")
         pruning = [type(cb).__name__ for cb in trainer.callbacks if _prunes_in_fit(cb)]
         if pruning:
             raise ValueError(f"{_OWNER}: {pruning} prune(s) in the same fit, with masks computed in forward that the "
@@ -223,6 +234,13 @@ class QuantizationAwareTraining(Callback):
             # without the hooks around it (KnowledgeDistillation's reads the outputs): `module.__call__` still runs
             # them around the graph, which would otherwise hold them a second time (and their shapes, fixed)
             hooks = _hooks_of(module)
+            traced_hooks = _hooked_descendants(module)
+            if traced_hooks:
+                rank_zero_warn(f"{_OWNER}: forward hooks on {', '.join(traced_hooks[:4])}"
+                               f"{' ...' if len(traced_hooks) > 4 else ''} inside {type(module).__name__} are traced "
+                               "into its QAT graph: they run once, at the trace, not at every step (a hook that "
+                               "records activations or adds a loss sees no QAT step). Register them on "
+                               f"{type(module).__name__} itself, whose hooks stay outside the graph, or outside it.")
             frozen = [name for name, sub in module.named_modules() if name and not sub.training
                       and isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
             try:
@@ -418,6 +436,21 @@ def _hooks_of(module: nn.Module) -> dict[str, dict]:
             taken[name] = dict(hooks)
             hooks.clear()
     return taken
+
+
+def _hooked_descendants(module: nn.Module) -> list[str]:
+    """The layers inside `module` with forward (pre-)hooks of their own, torch's weight computations aside
+    (``weight_norm``, ``spectral_norm``: traced as they should be)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for name, sub in module.named_modules():
+        hooks = [hook for dict_name in _HOOK_DICTS if dict_name != "_forward_hooks_always_called"
+                 for hook in getattr(sub, dict_name, {}).values()]
+        if name and any(not isinstance(hook, (WeightNorm, SpectralNorm)) for hook in hooks):
+            found.append(name)
+    return found
 
 
 def _restore_hooks(module: nn.Module, taken: dict[str, dict]) -> None:
