@@ -770,6 +770,19 @@ def test_arguments_that_would_split_a_tied_tensor_are_refused_before_any_trainin
         iterative_magnitude_pruning(TiedLM(), train, lambda network: 0.0, rounds=1, control="none", **kwargs)
 
 
+def test_lazy_layers_never_called_are_refused_in_words_before_any_training():
+    """torch's 'Attempted to use an uninitialized parameter in <method 'detach'>' came from the snapshot."""
+    def train(network):
+        raise AssertionError("trained")
+
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(ValueError, match=r"0.weight: lazy layers never called, whose weights do not exist yet"):
+        iterative_magnitude_pruning(model, train, lambda network: 0.0, rounds=1, control="none")
+    model(torch.rand(3, 5))  # called once: searched
+    ticket = iterative_magnitude_pruning(model, lambda network: None, lambda network: 0.0, rounds=1, control="none")
+    assert sorted(ticket.masks) == ["0.weight", "2.weight"]
+
+
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm, nn.BatchNorm1d, lambda d: nn.GroupNorm(2, d)])
 def test_normalisation_scales_are_never_pruned(norm):
     """RMSNorm (LLaMA-style models) was missing from the list: its scales, all 1 at the start, were ranked with the

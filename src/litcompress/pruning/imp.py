@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from litcompress._files import written_atomically
 from litcompress.pruning.engine import (
@@ -258,6 +259,10 @@ def iterative_magnitude_pruning(
         raise ValueError(f"nothing to prune: {type(model).__name__} has no {list(parameter_names)} parameter (a "
                          "module that builds its layers later, e.g. in `configure_model`, must have built them).")
     names = qualified_names(network, targets)
+    lazy = [name for (module, tensor), name in zip(targets, names) if is_lazy(trainable_tensor(module, tensor))]
+    if lazy:  # torch's "uninitialized parameter" error when the snapshot is taken, else
+        raise ValueError(f"{', '.join(lazy)}: lazy layers never called, whose weights do not exist yet (nor the initial "
+                         "values a ticket rewinds to); call the model once on an example batch before the search.")
     found = {name for _, name in targets}
     missing = [name for name in parameter_names if name not in found]
     if missing:  # a misspelt name ('bais') pruned nothing of it, silently
