@@ -388,6 +388,8 @@ def test_a_rewind_point_past_an_epoch_that_max_steps_cuts_short_fails_before_tra
     (dict(rewind_to_step=5), {}, r"\(epoch 0, optimizer step 4;.*Rewind to step 4 or earlier"),
     (dict(rewind_to_epoch=2), dict(check_val_every_n_epoch=2), r"\(epoch 1, optimizer step 8;"),
     (dict(rewind_to_step=3), dict(val_check_interval=2), r"\(epoch 0, optimizer step 2;"),
+    # a validation inside an epoch follows the steps made so far: the accumulated batch steps at its end
+    (dict(rewind_to_step=2), dict(val_check_interval=3, accumulate_grad_batches=2), r"\(epoch 0, optimizer step 1;"),
     (dict(rewind_to_step=4), {}, None),  # the last step of epoch 0: its snapshot precedes that validation's round
 ])
 def test_with_rounds_at_validation_ends_a_rewind_point_past_the_first_fails_before_training(tmp_path, kwargs,

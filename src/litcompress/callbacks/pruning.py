@@ -895,12 +895,17 @@ class ModelPruning(TargetsFoundOnceConfigured):
         every, interval = trainer.check_val_every_n_epoch, trainer.val_check_batch
         if not has_validation_data(trainer) or not isinstance(interval, int) or interval < 1:
             return  # no validation, no rounds (said at fit end)
+
+        def steps_after(batch: int) -> int:  # optimizer steps once `batch` batches of an epoch trained
+            accumulate = trainer.accumulate_grad_batches  # an epoch's end steps on what it accumulated
+            return math.ceil(batch / accumulate) if batch >= batches else batch // accumulate
+
         if every is None:  # validation every `interval` batches of the fit, across epochs
             epoch = (interval - 1) // batches
-            step = epoch * per_epoch + math.ceil((interval - epoch * batches) / trainer.accumulate_grad_batches)
+            step = epoch * per_epoch + steps_after(interval - epoch * batches)
         else:
             epoch = every - 1
-            step = epoch * per_epoch + math.ceil(min(interval, batches) / trainer.accumulate_grad_batches)
+            step = epoch * per_epoch + steps_after(min(interval, batches))
         last = epoch if self._rewind_unit == "epoch" else step
         if self._rewind_point > last:
             raise MisconfigurationException(
