@@ -815,3 +815,30 @@ def test_rounds_of_a_held_target_that_prune_nothing_do_not_rewind(tmp_path):
     kept = model.layer.mlp_1.weight_mask.bool()
     assert torch.equal(seen.weights[1][0][kept], initial[kept])  # the round that pruned rewound
     assert not torch.equal(seen.weights[2][0][kept], initial[kept])  # the next trained on from there
+
+
+def test_with_gradient_accumulation_a_step_schedules_first_round_follows_the_first_optimizer_step(tmp_path):
+    """The first batch ends at global_step 0 without an optimizer step; the round at point 0 ran there, before the
+    snapshot of rewind_to_step=1, which construction had accepted (as without accumulation the round follows step 1):
+    the fit failed at once."""
+    callback = ModelPruning("l1_unstructured", amount=IterativeSchedule(0.2, 3, begin=0, frequency=2, unit="step"),
+                            use_lottery_ticket_hypothesis=lambda epoch: True, rewind_to_step=1,
+                            parameter_names=["weight"])
+    make_trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=callback).fit(ThreeLayerModel())
+    assert [(h["step"], h["lottery_ticket_reset"]) for h in callback._history] == [(1, True), (2, True)]
+
+
+def test_a_reset_inside_an_accumulation_window_drops_the_gradients_of_the_weights_it_undid(tmp_path):
+    """A round at a validation inside an accumulation window: the gradient of the window's earlier batches, computed
+    on the trained weights, went into the first optimizer step of the rewound network."""
+    class GradientsAtResetBatch(Callback):  # listed after the pruning callback: what the batch starts from
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 3:
+                self.grad = pl_module.layer.mlp_1.weight_orig.grad
+
+    seen = GradientsAtResetBatch()
+    callback = ModelPruning("l1_unstructured", amount=0.5, prune_on_train_epoch_end=False, make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=1, val_check_interval=3, accumulate_grad_batches=2,
+                 callbacks=[callback, seen]).fit(ThreeLayerModel())
+    assert callback._history[0]["lottery_ticket_reset"] and callback._history[0]["step"] == 1
+    assert seen.grad is None

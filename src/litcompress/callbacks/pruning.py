@@ -614,6 +614,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._reset_pending:
             self.apply_lottery_ticket_hypothesis()
             self._reset_pending = False
+            for optimizer in trainer.optimizers:  # what a round inside an accumulation window left there was
+                optimizer.zero_grad(set_to_none=True)  # computed on the weights the reset undid
             if self._reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
@@ -631,7 +633,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._validation_due = "unknown" if follows is None else (
                 (pl_module.current_epoch, _at_last_batch(trainer)) if follows else None)
         step = trainer.global_step
-        if step == self._last_step:  # gradient accumulation: several batches per optimizer step
+        # gradient accumulation: several batches per optimizer step; a round follows a step (the first fit's batch
+        # ends at step 0 without one, and a round there would come before the snapshot of `rewind_to_step=1`)
+        if step == self._last_step or step == self._step_at_batch_start:
             return
         # `global_step` counts every optimizer's steps: with manual optimization it can move by more than one per
         # batch (a GAN's two), so look for the points passed since the last batch, not only at `step`

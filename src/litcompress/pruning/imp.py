@@ -261,8 +261,9 @@ def iterative_magnitude_pruning(
     names = qualified_names(network, targets)
     lazy = [name for (module, tensor), name in zip(targets, names) if is_lazy(trainable_tensor(module, tensor))]
     if lazy:  # torch's "uninitialized parameter" error when the snapshot is taken, else
-        raise ValueError(f"{', '.join(lazy)}: lazy layers never called, whose weights do not exist yet (nor the initial "
-                         "values a ticket rewinds to); call the model once on an example batch before the search.")
+        raise ValueError(f"{', '.join(lazy)}: lazy layers never called, whose weights do not exist yet (nor the "
+                         "initial values a ticket rewinds to); call the model once on an example batch before the "
+                         "search.")
     found = {name for _, name in targets}
     missing = [name for name in parameter_names if name not in found]
     if missing:  # a misspelt name ('bais') pruned nothing of it, silently
