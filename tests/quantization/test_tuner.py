@@ -142,6 +142,52 @@ def test_no_candidate_at_all_returns_fp32_copy():
     assert torch.equal(result.model(x), model(x))
 
 
+class _EncoderAndHead(nn.Module):
+    """An encoder layer (whose Linear weights torch.ao's dynamic int8 leaves fp32: they are read, not called) and a
+    head that int8 activations break (one huge feature): the head is both the most sensitive layer and the only one
+    that backend quantizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x).mean(1)
+        return self.fc(torch.cat([h[:, :1] * 1000.0, h[:, 1:]], 1))
+
+
+def test_no_fallback_keeps_every_layer_a_backend_quantizes_in_fp32():
+    """The fallback ranked the layers every backend quantizes, whatever this one does: its first fallback kept the
+    head, torch.ao's only int8 layer, in fp32 and that candidate (the fp32 model) met the goal as 'int8'."""
+    torch.manual_seed(0)
+    model = _EncoderAndHead().eval()
+    with torch.no_grad():
+        model.fc.weight[:, 0] = 1e-4
+    x = torch.randn(16, 6, 16)
+    reference = model(x).detach()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=4, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=1e-7, relative=False))
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(model, config, eval_fn=lambda m: -float((m(x) - reference).pow(2).mean()), example_inputs=x)
+    assert all("fc" not in trial.recipe.fp32_layers for trial in result.trials)
+    assert result.recipe is not None and quantized_layers(result.model, "torch_ao", ["fc"]) == {"fc": True}
+
+
+def test_a_backend_with_no_layer_to_quantize_is_skipped_not_reported_as_int8():
+    """A conv-only model with approach='dynamic' (Linear, recurrent layers, embeddings): the first trial was the fp32
+    model, taken as the int8 result that met the goal."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(8, 3, 8, 8)
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "pt2e"), **FAST)
+    with pytest.warns(QuantizationGoalWarning, match="fp32"):
+        result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=x)
+    assert result.recipe is None and not result.trials and not result.goal_met
+    for backend in ("torch_ao", "pt2e"):
+        assert any(m.startswith(f"backend '{backend}' skipped: it quantizes no layer of this model for approach "
+                                "'dynamic'") for m in result.messages)
+
+
 def test_static_without_calibration_data_fails_early(trained_mlp, digits):
     with pytest.raises(ValueError, match="calibration_data.*static"):
         quantize(trained_mlp, PTQConfig(approach="static"), eval_fn=lambda m: 1.0, example_inputs=digits[2][:1])

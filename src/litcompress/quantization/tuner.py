@@ -378,8 +378,9 @@ def example_as_inputs(model: nn.Module, example_inputs: object,
 class _BackendSearch:
     """Per-backend search: knob variants first, then fp32 fallback of the most sensitive layers."""
 
-    def __init__(self, backend: Backend, approach: str) -> None:
+    def __init__(self, backend: Backend, approach: str, layers: Sequence[str]) -> None:
         self.backend = backend
+        self.layers = set(layers)  # those it makes int8: the only ones a fallback keeps in fp32
         self.pending = list(backend.recipes(approach))
         self.tried: list[Trial] = []
         self.fallback_started = False
@@ -401,7 +402,7 @@ class _BackendSearch:
             self.done = True
             return None
         base = max(ran, key=score)
-        order = ranking(base.recipe.per_channel)
+        order = [name for name in ranking(base.recipe.per_channel) if name in self.layers]
         tried = {t.recipe for t in self.tried}
         # one more layer in fp32 than the best so far; when that recipe ran already (it did not beat the best: ties
         # are common with accuracy), the next larger set, so that no trial repeats one
@@ -413,6 +414,15 @@ class _BackendSearch:
                 return recipe
         self.done = True
         return None
+
+
+def _quantized_kinds(backend: str, approach: str) -> str:
+    """What `backend` makes int8 for `approach`, in words."""
+    if approach == "weight_only" or (backend == "pt2e" and approach == "dynamic"):
+        return "it quantizes nn.Linear layers"
+    if approach == "static":
+        return "it quantizes nn.Linear and convolutions"
+    return "it quantizes nn.Linear, recurrent layers and embeddings"
 
 
 def quantize(
@@ -582,7 +592,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                  f"(supports {backend.approaches}).")
             continue
         backend.configure(config)
-        searches.append(_BackendSearch(backend, config.approach))
+        own_layers = backend.quantizable_layers(fp32, config.approach)
+        if not own_layers:  # its candidate would be the fp32 model, reported as int8
+            note(f"backend {name!r} skipped: it quantizes no layer of this model for approach {config.approach!r} "
+                 f"({_quantized_kinds(name, config.approach)}).")
+            continue
+        searches.append(_BackendSearch(backend, config.approach, own_layers))
 
     layers = quantizable_layers(fp32, config.approach)
     rankings: dict[bool, list[str]] = {}

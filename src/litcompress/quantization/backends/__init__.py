@@ -128,6 +128,11 @@ class Backend:
         """Write one self-contained artefact holding ``metadata`` (JSON text) that leaves `dynamic_dims` free."""
         raise NotImplementedError
 
+    def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
+        """The layers of `model` this backend makes int8 for `approach`: those the search may keep in fp32 (a
+        fallback that keeps all of them is no quantization at all)."""
+        return quantizable_layers(model, approach)
+
 
 # name -> "module:Class"; modules are imported only when a backend is used.
 BACKEND_REGISTRY: dict[str, str] = {

@@ -279,6 +279,13 @@ class OnnxRuntimeBackend(Backend):
     approaches = ("dynamic", "static")
     artifact_suffix = ".onnx"
 
+    def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
+        layers = super().quantizable_layers(model, approach)
+        if approach != "dynamic":
+            return layers
+        gru = {name for name, module in model.named_modules() if isinstance(module, nn.GRU)}  # no int8 GRU op
+        return [name for name in layers if name not in gru]
+
     def check_available(self) -> None:
         try:
             import onnx  # noqa: F401

@@ -120,6 +120,11 @@ class PT2EBackend(Backend):
     artifact_suffix = ".pt2"
     compile = False
 
+    def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
+        if approach == "dynamic":  # Linear layers only (see quantize)
+            return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        return super().quantizable_layers(model, approach)
+
     def check_available(self) -> None:
         try:
             with warnings.catch_warnings():  # torchao's import emits torch.jit deprecation warnings

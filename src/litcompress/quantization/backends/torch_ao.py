@@ -54,6 +54,12 @@ class TorchAOBackend(Backend):
     approaches = ("dynamic", "static")
     artifact_suffix = ".pt"
 
+    def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
+        if approach != "dynamic":
+            return super().quantizable_layers(model, approach)
+        read = _with_tied_layers(model, _reads_weight_tensors(model))  # their weights are read, not called
+        return [name for name in super().quantizable_layers(model, approach) if name not in read]
+
     def check_available(self) -> None:
         try:
             with _quiet_torch_ao():

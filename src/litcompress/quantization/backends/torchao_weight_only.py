@@ -22,6 +22,10 @@ class TorchAOWeightOnlyBackend(Backend):
     approaches = ("weight_only",)
     artifact_suffix = ".pt2"
 
+    def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
+        read = _reads_weight_tensors(model)  # their weights are read, not called
+        return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in read]
+
     def check_available(self) -> None:
         try:
             with warnings.catch_warnings():
