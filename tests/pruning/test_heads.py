@@ -315,3 +315,63 @@ def test_a_check_that_fails_after_heads_went_names_them_and_the_likely_causes():
     with pytest.raises(ValueError, match=r"Shrunk: \['attention \(2 heads\)'\]\. Attentions lost heads: .*"
                                          r"need_weights=True"):
         shrink(model, torch.randn(2, 5, 16))
+
+
+class _SharedAttention(nn.Module):
+    """One attention registered under two names (its weights shared by two blocks, ALBERT-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.block = nn.Module()
+        self.block.attn = self.attn
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(x, x, x, need_weights=False)[0]
+        return self.out(self.block.attn(y, y, y, need_weights=False)[0].mean(1))
+
+
+def test_an_attention_under_two_names_is_replaced_at_both_and_stays_shared():
+    """It was replaced at the first name only: the shrunk model held the narrow copy and the whole torch attention,
+    untied, and grew (1,122 -> 1,674 parameters) while the report said 4 -> 2 heads."""
+    torch.manual_seed(0)
+    model = _SharedAttention().eval()
+    prune_heads_(model, 0.5)
+    x = torch.randn(2, 5, 16)
+    result = shrink(model, x)
+    assert result.model.attn is result.model.block.attn and isinstance(result.model.attn, HeadPrunedAttention)
+    assert result.report.parameters_after < result.report.parameters_before
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_taking_an_encoder_off_torchs_nested_tensor_path_is_said(nested):
+    """With a src_key_padding_mask in eval mode, torch's nested-tensor path outputs zeros at padded positions, which
+    the shrunk encoder (regular path) does not: a readout summing over them changed without a word."""
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+            return self.out(self.enc(x, src_key_padding_mask=padded).sum(1))
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    prune_heads_(model, 0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = shrink(model)
+    said = [str(w.message) for w in caught if "nested-tensor fast path" in str(w.message)]
+    assert len(said) == (1 if nested else 0) and (not said or "TransformerEncoder(s) enc took" in said[0])
+    x, padded = torch.randn(2, 6, 16), torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    with torch.no_grad():
+        before = model.enc(x, src_key_padding_mask=padded)
+        after = result.model.enc(x, src_key_padding_mask=padded)
+    real = ~padded
+    torch.testing.assert_close(after[real], before[real], rtol=1e-4, atol=1e-5)  # the real positions: the same
+    assert bool((before[padded] == 0).all()) == nested  # what the note says the shrunk model no longer does

@@ -14,6 +14,7 @@ layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value widths are 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,28 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(owner) if owner else model), leaf
 
 
+def _replace_everywhere_(model: nn.Module, module: nn.Module, replacement: nn.Module) -> list[nn.Module]:
+    """Put `replacement` under every name `module` has in `model` (a module registered twice stays shared: replaced
+    at one name only, the model held both and grew); returns the parents it was replaced in."""
+    paths = [name for name, sub in model.named_modules(remove_duplicate=False) if sub is module]
+    parents = []
+    for path in paths:
+        parent, leaf = _parent(model, path)
+        setattr(parent, leaf, replacement)
+        parents.append(parent)
+    return parents
+
+
+def _replace_attention_(model: nn.Module, attention: nn.Module, replacement: nn.Module) -> list[str]:
+    """:func:`_replace_everywhere_` for an attention; a TransformerEncoder holding it leaves its nested-tensor path,
+    which reads torch's attention weights directly. Returns the encoders that took that path before."""
+    left = []
+    for parent in _replace_everywhere_(model, attention, replacement):
+        if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+            left += disable_nested_tensor_(model, parent)
+    return left
+
+
 def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[str, str]]]:
     """Replace, in place, each ``nn.MultiheadAttention`` of `model` that has heads adding nothing (:func:`zero_heads`)
     with a :class:`HeadPrunedAttention` of its other heads (at least one); outputs are unchanged. Returns what was
@@ -268,6 +291,7 @@ def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[s
     """
     removed: list[HeadShrink] = []
     kept: list[tuple[str, str]] = []
+    nested: list[str] = []  # encoders that leave torch's nested-tensor path
     for name, attention in _attentions(model):
         zero = zero_heads(attention)
         if not bool(zero.any()):
@@ -277,12 +301,10 @@ def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[s
             kept.append((name, f"its zero heads stay: {reason}"))
             continue
         keep = (~zero).nonzero().flatten().tolist() or [0]  # an attention with no head left keeps one (it adds 0)
-        replacement = _without_heads(attention, keep)
-        parent, leaf = _parent(model, name)
-        setattr(parent, leaf, replacement)
-        if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
-            disable_nested_tensor_(model, parent)
+        nested += _replace_attention_(model, attention, _without_heads(attention, keep))
         removed.append(HeadShrink(name, attention.num_heads, len(keep), attention.head_dim))
+    if nested:
+        warnings.warn(NESTED_TENSOR_NOTE.format(encoders=", ".join(sorted(set(nested)))), UserWarning, stacklevel=3)
     return removed, kept
 
 
@@ -296,10 +318,7 @@ def rewrite_attentions_(model: nn.Module) -> nn.Module:
     for name, attention in _attentions(model):
         if _why_not(attention) is not None:
             continue
-        parent, leaf = _parent(model, name)
-        setattr(parent, leaf, _without_heads(attention, list(range(attention.num_heads))))
-        if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
-            disable_nested_tensor_(model, parent)
+        _replace_attention_(model, attention, _without_heads(attention, list(range(attention.num_heads))))
     return model
 
 
@@ -323,9 +342,22 @@ def _without_heads(attention: nn.MultiheadAttention, keep: list[int]) -> HeadPru
     return module
 
 
-def disable_nested_tensor_(model: nn.Module, layer: nn.Module) -> None:
+#: Said when shrink takes an encoder off torch's nested-tensor path: its outputs at padded positions change.
+NESTED_TENSOR_NOTE = (
+    "shrink: the TransformerEncoder(s) {encoders} took torch's nested-tensor fast path, which in eval mode without "
+    "gradients and with a src_key_padding_mask outputs zeros at the padded positions; with their attentions' heads "
+    "removed they take the regular path, whose outputs there are not zero (those at the real positions are the same). "
+    "A readout over padded positions (a plain sum or mean over the sequence) changes: mask them out, or build the "
+    "encoder with enable_nested_tensor=False, under which the model as given computes the same as the shrunk one.")
+
+
+def disable_nested_tensor_(model: nn.Module, layer: nn.Module) -> list[str]:
     """A TransformerEncoder whose layers' attention was replaced must not take its nested-tensor fast path, which
-    reads torch's attention weights directly."""
-    for module in model.modules():
+    reads torch's attention weights directly. Returns the names of those that could take it before."""
+    names = []
+    for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoder) and any(child is layer for child in module.layers):
+            if module.use_nested_tensor:
+                names.append(name or type(module).__name__)
             module.use_nested_tensor = False
+    return names
