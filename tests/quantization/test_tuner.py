@@ -781,3 +781,12 @@ def test_batch_dependence_counts_nan_in_one_only_and_ignores_nan_in_both_and_rou
     assert batch_dependence(nn.Linear(8, 3), (x,)) is None
     assert batch_dependence(_BranchesOnTheBatchSize().eval(), (x,)) is not None
     assert batch_dependence(nn.Linear(8, 3), (x[:1],)) is None  # one row: nothing to compare
+
+
+def test_a_shared_iterator_of_calibration_batches_loses_none_past_those_read(trained_mlp, digits):
+    """One batch past num_calibration_batches was pulled and dropped: a stream read on afterwards missed it."""
+    x = digits[2]
+    stream = iter([(x[i:i + 16],) for i in range(0, 96, 16)])
+    config = PTQConfig(approach="static", backends=("torch_ao",), num_calibration_batches=2, **FAST)
+    quantize(trained_mlp, config, eval_fn=lambda m: 1.0, calibration_data=stream)
+    assert torch.equal(next(stream)[0], x[32:48])  # the third batch, still there

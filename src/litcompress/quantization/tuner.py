@@ -470,9 +470,8 @@ def quantize(
     check_calibration_data(calibration_data, "quantize")
     calibration: list[Inputs] = []
     if calibration_data is not None:
-        for i, batch in enumerate(calibration_data):
-            if i >= config.num_calibration_batches:
-                break
+        # islice: a shared iterator (a stream) loses no batch past those read
+        for batch in itertools.islice(calibration_data, config.num_calibration_batches):
             calibration.append(tuple(input_fn(batch)))
     if config.approach == "static" and not calibration:
         raise ValueError("quantize(calibration_data=None): approach='static' needs calibration data "
