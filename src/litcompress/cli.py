@@ -1017,8 +1017,14 @@ def run_channels(args: argparse.Namespace) -> int:
             from litcompress.quantization.latency import measure_latencies
             from litcompress.quantization.nested import batch_size
 
+            from litcompress.pruning.engine import deepcopy_model, make_permanent_, pruned_targets
+
             shrunk = preview[0].model.eval()
-            medians = [row["median"] for row in measure_latencies([model.eval(), shrunk], inputs, repeats=15,
+            shipped = model
+            if pruned_targets(model):  # a ModelPruning checkpoint's live masks: timed as it ships, without hooks
+                shipped = deepcopy_model(model)
+                make_permanent_(shipped)
+            medians = [row["median"] for row in measure_latencies([shipped.eval(), shrunk], inputs, repeats=15,
                                                                    num_threads=threads)]
             timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:

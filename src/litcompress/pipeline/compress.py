@@ -290,7 +290,7 @@ class _Stages:
             gzip_bytes=compressed_size_bytes(data),
             seconds=seconds,
         )
-        self.models[stage] = model
+        self.models[stage] = shipped  # timed and tested as it would ship (the masks' hooks cost time, not accuracy)
         self.rows.append(row)
         logger.info("%s: metric=%.6g (%s)", stage, metric, description)
         return row
@@ -888,6 +888,9 @@ def compress(
             note(f"pruned in one shot without fine-tuning, the metric went from {before:.6g} to "
                  f"{pruned_row.metric:.6g}: pass fine_tune= and fine_tune_steps= (the CLI: --prune-epochs) to prune "
                  "gradually while training, which recovers most of it.")
+
+    if config.prune is None and pruned_targets(work):  # a model given with live masks (a ModelPruning checkpoint's)
+        make_permanent_(work)  # the later stages and the file: plain weights, as it ships
 
     # ---------------------------------------------------------------------------------------- shrink
     if config.shrink:
