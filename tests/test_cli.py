@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -513,6 +514,24 @@ def test_channels_says_why_a_transformers_attention_stays(capsys):
 class Untraceable(MLPClassifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) if x.sum() > 0 else -self.net(x)  # control flow on values: fx cannot trace it
+
+
+class ExportsNowhere(MLPClassifier):
+    """Runs eagerly, but its forward leaves torch for numpy: no file format can hold it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net[:2](x.flatten(1))
+        h = torch.from_numpy(np.maximum(h.detach().numpy(), 0)) + 0 * h
+        return self.net[2:](h)
+
+
+def test_a_run_whose_every_export_failed_exits_with_an_error(tmp_path, capsys):
+    """No model file, and exit code 0: make and CI scripts took the run for a success."""
+    code = main(["compress", "--model", "tests.test_cli:ExportsNowhere", "--model-args", '{"hidden": [16]}', *QUICK,
+                 "--prune", "none", "--quantize", "none", "--output-dir", str(tmp_path)])
+    assert code == 1
+    assert "error: no model file was written: every export format failed" in capsys.readouterr().err
+    assert (tmp_path / "report.json").exists() and not list(tmp_path.glob("model.*"))
 
 
 class CenteredPixelsCNN(CNNClassifier):

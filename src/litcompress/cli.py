@@ -887,6 +887,10 @@ def run_compress(args: argparse.Namespace) -> int:
     if result.artifact is not None:
         print(f"model: {result.artifact}")
     print("report: " + ", ".join(str(p) for p in written.values()))
+    if args.export and result.artifact is None:  # a script (make, CI) must not take the run for a success
+        _stderr("error: no model file was written: every export format failed (the notes above say why); try "
+                "another --fp32-format, or --no-export to go without the file.")
+        return 1
     return 0
 
 
