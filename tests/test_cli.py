@@ -851,7 +851,7 @@ def test_the_console_script_is_installed_and_answers():
 @pytest.mark.parametrize("argv,message", [
     (["--dynamic-dims", "0:x"], "expected INPUT:DIM pairs such as '0:1'"),
     (["--dynamic-dims", "1:1"], "dynamic_dims names input 1, but the model takes 1 input"),
-    (["--dynamic-dims", "0:1", "--quantize", "none"], "--dynamic-dims is read by the quantization search"),
+    (["--dynamic-dims", "0:1", "--quantize", "none", "--no-export"], "--no-export writes none: drop one of them"),
     (["--dynamic-dims", "0:1,0:0"], "0:0: dim 0 is the batch, which is always left free"),
 ])
 def test_dynamic_dims_that_cannot_apply_fail_before_training(argv, message, tmp_path, capsys):

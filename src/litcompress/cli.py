@@ -469,12 +469,14 @@ def _configs(args: argparse.Namespace) -> Any:
                              accuracy=accuracy,
                              max_trials=args.max_trials, timeout_s=args.timeout, num_threads=args.threads,
                              min_speedup=args.min_speedup, dynamic_dims=args.dynamic_dims, **options)
-    elif args.dynamic_dims:
-        raise ValueError("--dynamic-dims is read by the quantization search: drop it with --quantize none.")
+    elif args.dynamic_dims and not args.export:
+        raise ValueError("--dynamic-dims are the dims the model file leaves free, and --no-export writes none: drop "
+                         "one of them.")
     return CompressionConfig(prune=prune, shrink=args.shrink, quantize=quantize, export=args.export,
                              fp32_format=args.fp32_format, latency_repeats=args.latency_repeats,
                              num_threads=args.threads, keep_multiple_of=args.keep_multiple_of,
-                             sparse_kernels=args.sparse_kernels)
+                             sparse_kernels=args.sparse_kernels,
+                             dynamic_dims=args.dynamic_dims if quantize is None else None)
 
 
 def _distillation(args: argparse.Namespace, config: Any, model: Any) -> Any:
@@ -841,8 +843,9 @@ def run_compress(args: argparse.Namespace) -> int:
             _check_embeddings_to_prune(args, compressed)
         if config.prune is not None:  # e.g. --exclude naming no module; the inputs' ranks, as compress sees them
             prune_targets(compressed, config.prune, to_inputs(example_inputs))
-        if config.quantize is not None and config.quantize.dynamic_dims:
-            resolve_dynamic_dims([example_inputs], config.quantize.dynamic_dims)  # e.g. no input 1
+        declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
+        if declared:
+            resolve_dynamic_dims([example_inputs], declared)  # e.g. no input 1
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
         dense = args.output_dir / "dense.ckpt"

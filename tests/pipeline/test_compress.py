@@ -618,6 +618,35 @@ def test_a_model_given_with_live_masks_is_timed_and_exported_as_it_ships(trained
         torch.testing.assert_close(loaded(digits[2][:8]), masked(digits[2][:8]))
 
 
+class _TokenMean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(20, 8), nn.Linear(8, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(tokens).mean(1))
+
+
+def test_dims_declared_free_are_left_free_in_an_unquantized_file(tmp_path):
+    """Only the int8 file could leave a sequence length free (the CLI refused --dynamic-dims with --quantize none):
+    the fp32 file of fixed-length batches took that length only."""
+    torch.manual_seed(0)
+    model, tokens = _TokenMean().eval(), torch.randint(0, 20, (4, 6))
+    for declared in (None, {0: 1}):
+        config = CompressionConfig(prune=None, quantize=None, fp32_format="onnx", latency_repeats=2,
+                                   dynamic_dims=declared)
+        result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=tokens, output_dir=tmp_path)
+        loaded, _ = load_quantized(result.artifact)
+        longer = torch.randint(0, 20, (3, 9))
+        if declared is None:
+            with pytest.raises(Exception, match="(?i)dimension|shape|index"):
+                loaded(longer)
+        else:
+            torch.testing.assert_close(loaded(longer), model(longer))
+    with pytest.raises(ValueError, match=r"a quantized one's are PTQConfig\(dynamic_dims=...\)"):
+        CompressionConfig(quantize=PTQConfig(), dynamic_dims={0: 1})
+
+
 def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_can(digits, tmp_path):
     class Branchy(nn.Module):
         def __init__(self):

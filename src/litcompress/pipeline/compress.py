@@ -779,8 +779,8 @@ def compress(
         raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
     check_model_runs(model, inputs, what="example_inputs", default_input_fn_used=False)
-    if config.quantize is not None:  # declared dynamic dims that the inputs do not have fail here, not after training
-        resolve_dynamic_dims([inputs], config.quantize.dynamic_dims)
+    # declared dynamic dims that the inputs do not have fail here, not after training
+    resolve_dynamic_dims([inputs], config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims)
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
         if first is not None:
@@ -970,7 +970,7 @@ def compress(
         recipe = quantization.recipe if quantization is not None else None
         # The dims the quantization search left free; without one, those that vary in the data seen.
         dynamic_dims = quantization.dynamic_dims if quantization is not None else resolve_dynamic_dims(
-            [inputs, *_first_batches(calibration_data, input_fn, 16)])
+            [inputs, *_first_batches(calibration_data, input_fn, 16)], config.dynamic_dims)
         artifact = _export(work, recipe, config, directory, inputs, stages, note, counted=fp32_work,
                            dynamic_dims=dynamic_dims)
     elif config.export:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -15,6 +15,7 @@ from litcompress.pruning.methods import accepted_kwargs, resolve_method
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
 from litcompress.quantization.config import PTQConfig
+from litcompress.quantization.shapes import DynamicDims, normalize_dynamic_dims
 
 ScheduleShape = Literal["cubic", "linear", "oneshot"]
 SCHEDULE_SHAPES: tuple[str, ...] = ("cubic", "linear", "oneshot")
@@ -248,6 +249,9 @@ class CompressionConfig:
             the example batch, dense against CSR), as a ``sparse`` stage. An alternative to int8 (give
             ``quantize=None``); the file is TorchScript (ONNX and ``torch.export`` files cannot hold sparse
             tensors).
+        dynamic_dims: without quantization, the input dims besides the batch dim that the fp32 file leaves free
+            (``{0: 1}``: input 0's dim 1, a sequence length), as ``PTQConfig(dynamic_dims=...)`` does for an int8
+            file; None: those that vary in the batches seen.
         keep_multiple_of: the channels each layer (or residual group) keeps, after structured pruning and after
             shrink, are rounded up to a multiple of this (a few fewer are pruned or removed): CPU kernels run faster
             on channel counts that fill their SIMD blocks, depthwise convolutions most (16 on AVX-512, 8 on AVX2;
@@ -263,8 +267,13 @@ class CompressionConfig:
     num_threads: int | None = None
     keep_multiple_of: int | None = None
     sparse_kernels: bool = False
+    dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dynamic_dims", normalize_dynamic_dims(self.dynamic_dims))
+        if self.dynamic_dims and self.quantize is not None:
+            raise ValueError("CompressionConfig(dynamic_dims=..., quantize=PTQConfig(...)): the dims an unquantized "
+                             "file leaves free; a quantized one's are PTQConfig(dynamic_dims=...): give them there.")
         if self.prune is not None and not isinstance(self.prune, PruneConfig):
             raise TypeError(f"CompressionConfig(prune={self.prune!r}): expected a PruneConfig or None.")
         if self.quantize is not None and not isinstance(self.quantize, PTQConfig):
