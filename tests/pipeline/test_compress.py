@@ -647,6 +647,24 @@ def test_dims_declared_free_are_left_free_in_an_unquantized_file(tmp_path):
         CompressionConfig(quantize=PTQConfig(), dynamic_dims={0: 1})
 
 
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.a(x)
+        return {"logits": self.out(h), "hidden": h}
+
+
+def test_nothing_to_prune_says_which_layers_make_the_outputs_not_an_exclude_never_given():
+    """It said 'outside exclude=['a', 'out']' to a user who gave no exclude."""
+    with pytest.raises(ValueError) as error:
+        prune_targets(_TwoOutputs(), PruneConfig(sparsity=0.5, method="ln_structured"), (torch.randn(2, 8),))
+    assert "besides a, out, which make(s) the model's outputs" in str(error.value)
+    assert "exclude=" not in str(error.value)
+
+
 def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_can(digits, tmp_path):
     class Branchy(nn.Module):
         def __init__(self):

@@ -195,8 +195,12 @@ def _select_targets(model: nn.Module, config: PruneConfig,
         layers = [(name, m) for name, m in layers if name not in left_out]
     targets = [(m, t) for name, m in layers for p in config.parameter_names for t in tensor_names(m, p)]
     if not targets and not units:
+        # exclude given, or the layers making the model's outputs (left out by default: their widths are its interface)
+        outside = f"outside exclude={list(exclude)}" if config.exclude is not None else (
+            f"besides {', '.join(exclude)}, which make(s) the model's outputs (their widths are its interface)"
+            if exclude else "")
         raise ValueError(f"nothing to prune: no {[t.__name__ for t in config.layer_types]} layer with a "
-                         f"{list(config.parameter_names)} tensor outside exclude={list(exclude)}.")
+                         f"{list(config.parameter_names)} tensor{' ' + outside if outside else ''}.")
     # tied weights: the other modules holding a pruned tensor (an embedding tied to the output layer) are masked too
     return with_tied_targets(model, targets), left_out, units
 
