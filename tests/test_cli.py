@@ -728,7 +728,10 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),
     (["--model-args", "{hidden: 3}"], "expected a JSON object"),
-    (["--prune", "l3_unstructured"], "Unknown pruning method 'l3_unstructured'"),
+    (["--prune", "l3_unstructured"], "'l3_unstructured' is not a method: choose one of l1_unstructured, "
+                                     "ln_structured, random_structured, random_unstructured or none"),
+    # a class path: the advice was to pass a BasePruningMethod subclass, which the command line cannot
+    (["--prune", "mypkg.methods:HalfRows"], "a BasePruningMethod subclass of your own is for the Python API"),
     (["--keep-multiple-of", "0"], "argument --keep-multiple-of: expected an integer >= 1, got 0"),
     (["--prune", "ln_structured", "--exclude", "net.9"], "--exclude names no module of the model: ['net.9'] ('net.9': "
                                                          "did you mean 'net.4'"),

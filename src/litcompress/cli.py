@@ -124,6 +124,18 @@ def _backends(text: str) -> tuple[str, ...]:
     return names
 
 
+def _prune_method(text: str) -> str:
+    """``--prune``: a torch.nn.utils.prune method's name (any case) or 'none'."""
+    from litcompress.pruning.methods import PRUNING_METHODS
+
+    name = text.lower()
+    if name != "none" and name not in PRUNING_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a method: choose one of {', '.join(sorted(PRUNING_METHODS))} or none (a "
+            "BasePruningMethod subclass of your own is for the Python API: PruneConfig(method=YourMethod)).")
+    return name
+
+
 def _dynamic_dims(text: str) -> dict[int, tuple[int, ...]]:
     """``--dynamic-dims 0:1,1:1``: input index : dim pairs."""
     dims: dict[int, set[int]] = {}
@@ -291,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(with --checkpoint, the split it was trained on is kept)")
 
     prune = run.add_argument_group("pruning")
-    prune.add_argument("--prune", default="l1_unstructured", type=str.lower,
+    prune.add_argument("--prune", default="l1_unstructured", type=_prune_method,
                        help="torch.nn.utils.prune method (l1_unstructured, ln_structured, random_unstructured, "
                             "random_structured) or 'none'")
     # defaults None, resolved in _configs: one given where it does nothing (--prune none) can be named
