@@ -665,6 +665,21 @@ def test_nothing_to_prune_says_which_layers_make_the_outputs_not_an_exclude_neve
     assert "exclude=" not in str(error.value)
 
 
+def test_a_model_already_sparser_than_asked_is_said_to_be_pruned_no_further(trained, digits):
+    """The pruned row read 'l1_unstructured global to 50.0%' beside a sparsity column of 90% without a word."""
+    sparse = deepcopy_model(trained)
+    prune_model_(sparse, "l1_unstructured", 0.9)
+    make_permanent_(sparse)
+    result = compress(sparse, CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, **FAST),
+                      eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.9, abs=1e-3)
+    said = "the model as given is 90.0% sparse, above the 50.0% asked"
+    assert any(m.startswith(said) for m in result.report.messages)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.95), shrink=False, **FAST)  # more: pruned, nothing said
+    result = compress(sparse, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])
+    assert not any("the model as given" in m for m in result.report.messages)
+
+
 def test_an_untraceable_model_is_reported_unshrunk_and_exported_where_a_format_can(digits, tmp_path):
     class Branchy(nn.Module):
         def __init__(self):

@@ -887,6 +887,11 @@ def compress(
                 torch.save(state, partial)
             written.add(PRUNED_STATE_FILE)
         pruned_row = stages.add("pruned", work, description, time.monotonic() - t0)  # later stages work on copies
+        given = stages.rows[0].weight_sparsity
+        if prune.sparsity is not None and given is not None and given > prune.sparsity + 1e-3 \
+                and pruned_row.weight_sparsity == given:  # (the description says 'to 50%', the column 90%)
+            note(f"the model as given is {given:.1%} sparse, above the {prune.sparsity:.1%} asked: pruning never "
+                 "un-prunes, so it pruned nothing; ask for more to prune further.")
         before = stages.rows[0].metric
         if fine_tune is None and abs(pruned_row.metric - before) > 0.01 * abs(before):
             note(f"pruned in one shot without fine-tuning, the metric went from {before:.6g} to "
