@@ -128,6 +128,26 @@ def test_a_single_callback_in_trainer_kwargs_is_taken_as_trainer_takes_it(fitted
     assert len(seen) == 3
 
 
+def test_a_module_given_in_eval_mode_fine_tunes_in_train_mode_and_is_left_as_it_was():
+    """Lightning's fit keeps every module's mode: a module evaluated before (model.eval()) fine-tuned with its batch
+    norms frozen on their old statistics (a digits ResNet: 40% where 90% was due), silently."""
+    from litcompress.models import CNNClassifier
+
+    L.seed_everything(0)
+    module, data = CNNClassifier(channels=(8,)), DigitsDataModule(batch_size=64, flatten=False)
+    module.eval()
+    modes = []
+
+    class BatchNormMode(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(all(m.training for m in pl_module.modules() if isinstance(m, nn.BatchNorm2d)))
+
+    compress_lightning(module, CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None), datamodule=data,
+                       fine_tune_epochs=1, trainer_kwargs={"callbacks": [BatchNormMode()], "limit_train_batches": 2})
+    assert modes == [True, True]
+    assert not any(m.training for m in module.modules())  # the user's module: as given
+
+
 def test_bad_arguments_fail_before_fine_tuning(fitted):
     module, data = fitted
     prune = CompressionConfig(prune=PruneConfig(sparsity=0.5))

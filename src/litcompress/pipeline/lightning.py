@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +32,8 @@ from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
 from .config import CompressionConfig
+
+logger = logging.getLogger(__name__)
 
 
 def fit_interruptible(trainer: L.Trainer, model: L.LightningModule, **fit_kwargs: Any) -> None:
@@ -291,6 +294,12 @@ def compress_lightning(
         trained = model if submodule is None else host
         if submodule is not None:
             setattr(host, submodule, model)  # the pipeline's working copy, trained in place inside the host
+        if not trained.training:
+            # a module evaluated before (model.eval()): Lightning's fit keeps every module's mode, so its batch norms
+            # would fine-tune on frozen statistics and its dropout stay off (digits ResNet: 40% instead of 90%)
+            logger.info(f"compress_lightning: {type(trained).__name__} was given in eval mode; its fine-tuning copy "
+                        "trains in train mode (put a layer in eval mode inside a training module to freeze it).")
+            trained.train()
         kwargs = {**QUIET_CPU_TRAINER, **trainer_kwargs}
         kwargs["max_epochs"] = fine_tune_epochs
         given = kwargs.pop("callbacks", None) or []
