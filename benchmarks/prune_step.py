@@ -198,6 +198,8 @@ def main() -> None:
     for name in ("repeats", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.rounds < 2:  # the table's "later rounds" need a second round (else NaN, and bad JSON)
+        parser.error("--rounds must be >= 2: the first round is timed apart from the later ones")
     if args.device == "cuda":
         import torch  # the parent only spawns and compares: importing torch here times nothing
 

@@ -80,7 +80,7 @@ def main() -> None:
     print(f"\ntest accuracy {accuracy:.2%} at {report.sparsity:.2%} weight sparsity (target {args.target:.0%})")
 
     # Inference on sparse kernels: each layer timed dense against CSR on a batch of 256 test images, one thread
-    batch = next(iter(data.test_dataloader()))[0][:256]
+    batch = data.splits.test.tensors[0][:256]
     sparse = sparsify(model.net, batch, num_threads=1)
     print()
     print(sparse.report.table())
