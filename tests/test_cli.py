@@ -1197,7 +1197,12 @@ def test_a_test_metric_of_a_model_without_test_step_is_said_as_such(tmp_path, mo
             in capsys.readouterr().err)
 
 
-def test_ctrl_c_during_training_ends_with_a_line_and_the_shells_code(tmp_path):
+@pytest.mark.parametrize(("signal_name", "code", "said"), [
+    ("SIGINT", 130, "interrupted (Ctrl-C)"),
+    # Lightning ends a fit on SIGTERM (a scheduler's, `kill`'s) with SystemExit too: it was said as Ctrl-C, code 130
+    ("SIGTERM", 143, "terminated (SIGTERM)"),
+])
+def test_a_signal_during_training_ends_with_a_line_and_the_shells_code(tmp_path, signal_name, code, said):
     """Lightning turns Ctrl-C in a fit into exit code 1 with its message on a logger the CLI keeps quiet: the run
     ended without a word."""
     import signal
@@ -1211,29 +1216,11 @@ def test_ctrl_c_during_training_ends_with_a_line_and_the_shells_code(tmp_path):
         if line.startswith("training "):
             break
     time.sleep(3)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert f"interrupted (Ctrl-C); the files already in {tmp_path / 'o'} are whole" in err
-
-
-def test_sigterm_during_training_is_said_as_such_with_the_shells_code(tmp_path):
-    """Lightning ends a fit on SIGTERM (a scheduler's, `kill`'s) with SystemExit too: the run was said as Ctrl-C and
-    exited 130, where shells and schedulers expect 143."""
-    import signal
-
-    script = Path(sys.executable).parent / "litcompress"
-    process = subprocess.Popen([str(script), "compress", "--train-epochs", "500", "--output-dir", str(tmp_path / "o")],
-                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    for line in process.stderr:  # send it once the fit runs
-        if line.startswith("training "):
-            break
-    time.sleep(3)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
-    assert f"terminated (SIGTERM); the files already in {tmp_path / 'o'} are whole" in err
-    assert "Ctrl-C" not in err
+    assert process.returncode == code, err
+    assert f"{said}; the files already in {tmp_path / 'o'} are whole" in err
+    assert signal_name == "SIGINT" or "Ctrl-C" not in err
 
 
 @given(field=st.sampled_from(["exclude", "heads", "method", "sparsity", "schedule", "rounds", "scope"]),
