@@ -592,7 +592,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             continue
         backend.configure(config)
         own_layers = backend.quantizable_layers(fp32, config.approach)
-        if not own_layers:  # its candidate would be the fp32 model, reported as int8
+        # (a TorchScript model's layers are script modules, whatever they were: not knowable here, so not skipped)
+        if not own_layers and not isinstance(fp32, torch.jit.ScriptModule):  # its candidate: the fp32 model as int8
             note(f"backend {name!r} skipped: it quantizes no layer of this model for approach {config.approach!r} "
                  f"({_quantized_kinds(name, config.approach)}).")
             continue
