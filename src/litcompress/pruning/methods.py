@@ -61,6 +61,15 @@ def _parameter_names(fn: Any) -> tuple[set[str], bool]:
     return names - {"self", "cls", "module", "name"}, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _names_taken(method: type[torch_prune.BasePruningMethod]) -> tuple[set[str], bool]:
+    """The keyword names `method` takes, its constructor's and its own ``apply``'s, and whether either takes any."""
+    names, takes_any = _parameter_names(method)
+    if method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:  # type: ignore[attr-defined]
+        apply_names, apply_takes_any = _parameter_names(method.apply)
+        names, takes_any = names | apply_names, takes_any or apply_takes_any
+    return names, takes_any
+
+
 def accepted_kwargs(
     method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], *, via_apply: bool = False
 ) -> dict[str, Any]:
@@ -96,10 +105,7 @@ def required_kwargs(method: type[torch_prune.BasePruningMethod]) -> set[str]:
 def takes_amount(method: type[torch_prune.BasePruningMethod]) -> bool:
     """Whether `method` is told how much to prune: its constructor (or its own ``apply``) takes ``amount`` or any
     keyword. A method without one (a fixed threshold) prunes what it decides, whatever a schedule asks."""
-    names, takes_any = _parameter_names(method)
-    if method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:  # type: ignore[attr-defined]
-        apply_names, apply_takes_any = _parameter_names(method.apply)
-        names, takes_any = names | apply_names, takes_any or apply_takes_any
+    names, takes_any = _names_taken(method)
     return takes_any or "amount" in names
 
 
@@ -140,10 +146,7 @@ def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Map
     keywords), a required one missing (``LnStructured``'s ``n`` and ``dim``), a ``dim`` outside every tensor's
     dimensions (`ndims`), a norm torch's ``ln_structured`` does not know. ``slice_groups`` (for structured methods)
     is the engine's and checked where its keys are known."""
-    names, takes_any = _parameter_names(method)
-    if method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:  # type: ignore[attr-defined]
-        apply_names, apply_takes_any = _parameter_names(method.apply)
-        names, takes_any = names | apply_names, takes_any or apply_takes_any
+    names, takes_any = _names_taken(method)
     structured = getattr(method, "PRUNING_TYPE", None) == "structured"
     known = (names - {"amount", "importance_scores"}) | ({"slice_groups"} if structured else set())
     unknown = [] if takes_any else [k for k in kwargs if k not in known]
