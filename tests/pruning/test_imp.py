@@ -815,3 +815,22 @@ def test_a_bad_exclude_is_refused_before_any_training(exclude, error, message):
 
     with pytest.raises(error, match=message):
         iterative_magnitude_pruning(EmbeddingPReLUNet(), train, lambda network: 0.0, rounds=1, exclude=exclude)
+
+
+@pytest.mark.parametrize("norm", [nn.utils.parametrizations.weight_norm, nn.utils.weight_norm,
+                                  nn.utils.parametrizations.spectral_norm])
+def test_parametrized_weights_left_dense_are_warned_of_and_can_be_excluded_in_silence(norm):
+    """A weight-normed layer's weight is computed at every access: the search left it dense without a word while its
+    table's sparsity counted the other layers only (ModelPruning warns of the same)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(norm(nn.Linear(8, 16)), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match=r"leaves out 1 parametrized tensor\(s\).*: 0.weight; they stay dense"):
+        ticket = iterative_magnitude_pruning(model, lambda network: None, lambda network: 0.0, rounds=1,
+                                             rate=0.5, control="none")
+    assert sorted(ticket.masks) == ["2.weight"]
+    assert torch.count_nonzero(ticket.model[0].weight) == 8 * 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for excluded in ("0", "0.weight"):
+            iterative_magnitude_pruning(model, lambda network: None, lambda network: 0.0, rounds=1, control="none",
+                                        exclude=[excluded])

@@ -44,6 +44,7 @@ from litcompress.pruning.engine import (
     trainable_tensor,
 )
 from litcompress.pruning.lottery import redraw_parameters_, rewind_, snapshot_tensor, take_snapshot
+from litcompress.pruning.parametrizations import parametrized_tensors
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +271,20 @@ def iterative_magnitude_pruning(
         raise ValueError(f"`parameter_names` {missing}: no pruned module of {type(model).__name__} has such a "
                          f"tensor; the others found: {sorted(found)}.")
     module_names = [name.rpartition(".")[0] for name in names]
-    unknown = sorted(set(exclude) - set(names) - set(module_names))
+    # weight_norm / spectral_norm weights are computed at every access: torch's pruning cannot mask them
+    computed = [(path, f"{path}.{name}" if path else name) for path, _, name in parametrized_tensors(network)
+                if name in parameter_names]
+    unknown = sorted(set(exclude) - set(names) - set(module_names) - {n for pair in computed for n in pair})
     if unknown:
         raise ValueError(f"`exclude` names {unknown}, which are neither pruned tensors nor their modules"
                          f"{close_names(unknown, names + module_names)}; choose from {names}.")
+    skipped = [name for path, name in computed if name not in exclude and path not in exclude]
+    if skipped:  # ModelPruning warns of them too: the table's sparsity would not count them
+        warnings.warn(f"iterative_magnitude_pruning leaves out {len(skipped)} parametrized tensor(s), which "
+                      f"torch.nn.utils.prune cannot mask: {', '.join(skipped)}; they stay dense. To prune them, call "
+                      "litcompress.pruning.fold_parametrizations_(model) before the search (each becomes a plain "
+                      "layer holding its current weight), or exclude them to silence this.", UserWarning,
+                      stacklevel=2)
     kept = [i for i, (name, path) in enumerate(zip(names, module_names)) if name not in exclude and path not in exclude]
     if not kept:
         raise ValueError(f"`exclude` {list(exclude)} leaves nothing to prune of {names}.")
