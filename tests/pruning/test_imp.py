@@ -435,7 +435,7 @@ def test_every_round_starts_the_callbacks_given_from_their_state_before_the_firs
     """One EarlyStopping instance serves every round's Trainer: carried over, its best score (the dense network's)
     and patience count stopped the pruned rounds after one or two epochs of ten. A ModelCheckpoint in its default
     folder (resolved by the first fit) starts every round without a best score too, and without Lightning's warning
-    that its folder changed."""
+    that its folder changed; the control's fit leaves it out."""
     seed_everything(0)
     early_stopping = EarlyStopping("val_acc", mode="max", patience=2)
     checkpoint = ModelCheckpoint(monitor="val_acc", mode="max")
@@ -444,8 +444,10 @@ def test_every_round_starts_the_callbacks_given_from_their_state_before_the_firs
                         rate=0.5, evaluate_on="validate", control="final",
                         trainer_kwargs=dict(max_epochs=3, accelerator="cpu", enable_checkpointing=True,
                                             default_root_dir=tmp_path, callbacks=[early_stopping, checkpoint, seen]))
-    assert seen.seen == [(-math.inf, 0, None)] * 4  # rounds 0-2 and the random re-initialisation control
-    assert checkpoint.best_model_score is not None  # the last fit's, as after any fit
+    assert seen.seen[:3] == [(-math.inf, 0, None)] * 3  # rounds 0-2
+    # the random re-initialisation control: trained without the ModelCheckpoint, which keeps round 2's best
+    assert seen.seen[3][:2] == (-math.inf, 0) and seen.seen[3][2] is not None
+    assert checkpoint.best_model_score == seen.seen[3][2]
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
 
 
@@ -834,3 +836,93 @@ def test_parametrized_weights_left_dense_are_warned_of_and_can_be_excluded_in_si
         for excluded in ("0", "0.weight"):
             iterative_magnitude_pruning(model, lambda network: None, lambda network: 0.0, rounds=1, control="none",
                                         exclude=[excluded])
+
+
+def _remaining_in(checkpoint: Path) -> float:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    masks = [value for key, value in state.items() if key.endswith("weight_mask")]
+    return round(float(sum(m.sum() for m in masks) / sum(m.numel() for m in masks)), 3) if masks else 1.0
+
+
+def test_a_model_checkpoint_given_saves_every_round_and_not_the_control(tmp_path):
+    """Every round reaches the step the one before last saved at, which ModelCheckpoint remembers outside its state:
+    with one epoch per round only round 0 was saved. The control, trained with the user's callbacks, put its own file
+    under best_model_path."""
+    from litcompress.callbacks.pruning import load_module_from_checkpoint
+
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=2,
+                                 rate=0.5, control="final", trainer_kwargs=dict(max_epochs=1, callbacks=[checkpoints]))
+    assert ticket.rounds[-1].control_metric is not None
+    assert sorted(_remaining_in(path) for path in tmp_path.glob("*.ckpt")) == [0.25, 0.5, 1.0]
+    best = load_module_from_checkpoint(DigitsClassifier, checkpoints.best_model_path)
+    for layer in (0, 2):
+        assert torch.equal(best.net[layer].weight, ticket.model.net[layer].weight)
+
+
+def test_callbacks_that_a_quiet_default_would_refuse_turn_it_off(tmp_path):
+    """Lightning refuses a progress bar beside enable_progress_bar=False and a LearningRateMonitor without a logger:
+    the search's quiet defaults, not set by the user, failed with those."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+
+    seed_everything(0)
+    monitor = LearningRateMonitor()
+    ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                                 control="none", trainer_kwargs=dict(max_epochs=1, default_root_dir=tmp_path,
+                                                                     callbacks=[TQDMProgressBar(), monitor]))
+    assert len(ticket.rounds) == 2 and monitor.lrs["lr-Adam"]
+
+
+@pytest.mark.parametrize("trainer_kwargs", [dict(max_epochs=0), dict(max_steps=0),
+                                            dict(max_epochs=2, limit_train_batches=0)])
+def test_a_search_whose_fits_train_nothing_is_refused_after_the_first_empty_fit(trainer_kwargs):
+    seed_everything(0)
+    with pytest.raises(ValueError, match="trained no optimizer step .*the rounds would prune and score untrained"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=2,
+                            trainer_kwargs=trainer_kwargs)
+
+
+@pytest.mark.parametrize("module, datamodule, message", [
+    (mlp(), DigitsDataModule(), r"`module` must be a LightningModule \(an instance\), got a Sequential"),
+    (DigitsClassifier, DigitsDataModule(), "got the class DigitsClassifier"),
+    (DigitsClassifier(), DigitsDataModule, r"`datamodule` must be .* got the class DigitsDataModule"),
+    (DigitsClassifier(), [torch.zeros(2, 64)], r"`datamodule` must be .* got a list"),
+])
+def test_a_module_or_datamodule_of_the_wrong_kind_is_named_in_the_error(module, datamodule, message):
+    """Lightning's 'Expected a parent' or 'on_exception() missing 1 required positional argument' came instead."""
+    with pytest.raises(TypeError, match=message):
+        find_lottery_ticket(module, datamodule, metric="test_acc", rounds=1)
+
+
+class TwoOptimizers(DigitsClassifier):
+    """Manual optimization stepping two optimizers per batch: two global steps per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        first, second = self.optimizers()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+
+def test_a_rewind_step_past_the_batches_of_a_two_optimizer_fit_is_not_refused():
+    """Its fit makes 2 steps per batch (8 batches: 16 steps); k=12 was refused as beyond 'the fit's 8 steps'."""
+    seed_everything(0)
+    module = TwoOptimizers()
+    kwargs = dict(max_epochs=2, limit_train_batches=4, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    record = WeightsAtStep(12)
+    Trainer(**kwargs, callbacks=[record]).fit(copy.deepcopy(module), datamodule=DigitsDataModule(batch_size=256))
+    ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                                 rewind_to_step=12, control="none", trainer_kwargs=kwargs)
+    assert torch.equal(ticket.rewound_state["net.0.weight_orig"], record.weights)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
@@ -23,6 +23,9 @@ from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, lo
                                                 trainer_built_quietly)
 
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+# a callback given that Lightning refuses beside a quiet default turns that default off (the Trainer's own applies)
+_TURNED_ON_BY = dict(logger=(LearningRateMonitor, DeviceStatsMonitor), enable_checkpointing=ModelCheckpoint,
+                     enable_progress_bar=ProgressBar, enable_model_summary=ModelSummary)
 
 
 class _StopAtStep(Callback):
@@ -37,6 +40,8 @@ class _StopAtStep(Callback):
         total = trainer.estimated_stepping_batches
         if not isinstance(total, (int, float)) or not math.isfinite(total):
             return
+        if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+            return  # its steps are its optimizers' (several per batch, or not): the fit's length in them is unknown
         if total < self.step:
             raise ValueError(_unreached_step_message(self.step, int(total)))
         if self.retrain_from_it and self.step >= total:
@@ -108,6 +113,10 @@ def _described(value: Any) -> Any:
     return type(value).__name__
 
 
+def _a(value: Any) -> str:
+    return f"the class {value.__qualname__}" if isinstance(value, type) else f"a {type(value).__qualname__}"
+
+
 def _described_module(module: LightningModule | LightningDataModule) -> Any:
     hparams = dict(getattr(module, "hparams", {}) or {})
     return {"class": type(module).__qualname__, "hparams": _described(hparams)}
@@ -115,7 +124,7 @@ def _described_module(module: LightningModule | LightningDataModule) -> Any:
 
 def find_lottery_ticket(
     module: LightningModule,
-    datamodule: LightningDataModule,
+    datamodule: Optional[LightningDataModule],
     *,
     metric: str,
     rounds: int,
@@ -153,6 +162,9 @@ def find_lottery_ticket(
     With `checkpoint_path`, the search is written there after every round and a second call with the same arguments
     resumes it after its last finished round (see ``iterative_magnitude_pruning``); with ``retrain_from=
     "rewind_point"`` the fit saved at step k is kept beside it, as ``<checkpoint_path>.rewind_point.ckpt``.
+
+    The random re-initialisation control is trained without the ``ModelCheckpoint`` callbacks of `trainer_kwargs`:
+    their files, and their ``best_model_path``, are the ticket's rounds'.
     """
     if evaluate_on not in ("test", "validate"):
         raise ValueError(f"`evaluate_on` must be 'test' or 'validate', got {evaluate_on!r}.")
@@ -171,12 +183,19 @@ def find_lottery_ticket(
                          "`retrain_from='rewind_point'` resumes; with 'start' every round has a fresh optimizer.")
     if scope not in ("local", "global"):
         raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+    if not isinstance(module, LightningModule):
+        raise TypeError(f"`module` must be a LightningModule (an instance), got {_a(module)}; wrap a plain nn.Module "
+                        "in one, or search it with litcompress.pruning.imp.iterative_magnitude_pruning.")
+    if datamodule is not None and not isinstance(datamodule, LightningDataModule):
+        raise TypeError(f"`datamodule` must be a LightningDataModule (an instance) or None (the module's own "
+                        f"*_dataloader methods), got {_a(datamodule)}.")
     given = dict(trainer_kwargs or {})
-    kwargs = {**_QUIET, **given}
-    callbacks = kwargs.get("callbacks") or []
+    callbacks = given.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    if "enable_checkpointing" not in given and any(isinstance(c, ModelCheckpoint) for c in callbacks):
-        kwargs["enable_checkpointing"] = True  # the user's ModelCheckpoint, not our quiet default, decides
+    # the user's ModelCheckpoint, progress bar or LearningRateMonitor, not our quiet defaults, decide
+    quiet = {key: value for key, value in _QUIET.items()
+             if not any(isinstance(c, _TURNED_ON_BY[key]) for c in callbacks)}
+    kwargs = {**quiet, **given}
     stage_limit = "limit_test_batches" if evaluate_on == "test" else "limit_val_batches"
     if given.get(stage_limit) in (0, 0.0):
         raise ValueError(f"trainer_kwargs[{stage_limit!r}]=0 leaves no batch to evaluate the rounds on "
@@ -186,13 +205,21 @@ def find_lottery_ticket(
     # the next round and stop it after an epoch or two. Callbacks that keep no state (recorders) are left alone.
     initial_states = [_copied_state(callback) for callback in callbacks]
 
-    def fresh_callbacks() -> None:
+    def fresh_callbacks(but_checkpoints: bool = False) -> None:
         for callback, state in zip(callbacks, initial_states):
+            if but_checkpoints and isinstance(callback, ModelCheckpoint):
+                continue
             if state:
                 state = copy.deepcopy(state)
                 if "dirpath" in state:  # a ModelCheckpoint keeps its scores only for its own folder, which the
                     state["dirpath"] = callback.dirpath  # first fit resolved (None before it)
                 callback.load_state_dict(state)
+            if isinstance(callback, ModelCheckpoint):
+                # not in its state: the step it last saved at, which every round reaches again (it would skip
+                # saving there: with one epoch per round, every round after the first went unsaved)
+                for attribute, initial in (("_last_global_step_saved", 0), ("_last_checkpoint_saved", "")):
+                    if hasattr(callback, attribute):
+                        setattr(callback, attribute, initial)
 
     if is_overridden("configure_model", module):
         # the Trainer would build the layers after `setup`; the rounds' masks and snapshot need them first (on a
@@ -201,12 +228,20 @@ def find_lottery_ticket(
 
     rewind_point: Optional[Path] = None  # with retrain_from="rewind_point": the fit saved at k (a temporary file)
 
-    def train(model: LightningModule) -> None:
-        fresh_callbacks()
-        trainer = trainer_built_quietly(**kwargs)
+    def train(model: LightningModule, control: bool = False) -> None:
+        fresh_callbacks(but_checkpoints=control)
+        fit_kwargs = kwargs
+        if control:  # the user's checkpoints are the ticket's rounds' (best_model_path the last round's best)
+            fit_kwargs = {**kwargs, "enable_checkpointing": False,
+                          "callbacks": [c for c in callbacks if not isinstance(c, ModelCheckpoint)]}
+        trainer = trainer_built_quietly(**fit_kwargs)
         if rewind_point is None:
             with ctrl_c_raises(trainer):
                 trainer.fit(model, datamodule=datamodule)
+            if trainer.global_step == 0:
+                raise ValueError(f"trainer_kwargs {_described(given)} trained no optimizer step (max_epochs=0, "
+                                 "max_steps=0 or limit_train_batches=0?): the rounds would prune and score untrained "
+                                 "networks. Let the fit train.")
             return
         rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
         rank_zero.addFilter(_quiet_restore)
@@ -271,6 +306,7 @@ def find_lottery_ticket(
             module, train, evaluate, rounds=rounds, rate=rate, layer_rates=layer_rates,
             parameter_names=parameter_names, exclude=exclude, scope=scope,
             train_to_rewind_point=train_to_rewind_point if rewind_to_step else None, control=control,
+            train_control=lambda model: train(model, control=True),
             checkpoint_path=checkpoint_path,
             checkpoint_settings=dict(metric=metric, evaluate_on=evaluate_on, rewind_to_step=rewind_to_step,
                                      retrain_from=retrain_from, reset_optimizer=reset_optimizer,

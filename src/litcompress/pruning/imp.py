@@ -214,6 +214,7 @@ def iterative_magnitude_pruning(
     scope: Scope = "local",
     train_to_rewind_point: TrainFn | None = None,
     control: str = "final",
+    train_control: TrainFn | None = None,
     control_seed: int = 12345,
     checkpoint_path: str | os.PathLike[str] | None = None,
     checkpoint_settings: Mapping[str, Any] | None = None,
@@ -237,6 +238,7 @@ def iterative_magnitude_pruning(
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
             round, ``"none"`` skips it.
+        train_control: trains the control (default: `train`), e.g. without the checkpoints `train` writes.
         checkpoint_path: a file written after every round (the network with its masks, the rewound weights, the
             table so far, the random number generators' states). When it exists, the search resumes after its last
             round instead of starting afresh: a search killed in round r trains again from round r, and, with
@@ -377,7 +379,7 @@ def iterative_magnitude_pruning(
         control_metric = None
         if run_control:
             assert pristine is not None
-            control_metric = _random_reinit_control(pristine, names, _masks(names, targets), train,
+            control_metric = _random_reinit_control(pristine, names, _masks(names, targets), train_control or train,
                                                     evaluate, control_seed + r)
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
         control_note = "" if control_metric is None else f", random re-init {control_metric:.4f}"
