@@ -378,3 +378,62 @@ def test_a_checkpoint_of_effective_weights_loads_with_live_masks_when_asked(tmp_
     assert all(torch.equal(masked[name].bool(), expected[name]) for name in expected)
     effective = engine.permanent_state_dict(loaded)
     assert all(torch.equal(v, effective[k]) for k, v in model.state_dict().items())  # the same weights
+
+
+class _WithSetup(LSTMClassifier):
+    """Overrides `setup` (building nothing): the callbacks put off finding their targets until the stage starts."""
+
+    def setup(self, stage: str) -> None:
+        self.set_up = stage
+
+
+class _TransformerWithSetup(TransformerClassifier):
+    def setup(self, stage: str) -> None:
+        self.set_up = stage
+
+
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning, "ModelPruning"])
+def test_a_callback_reused_to_resume_another_model_with_deferred_targets_restores_onto_that_model(tmp_path, callback):
+    """The checkpoint's state was restored onto the previous model's layers (still the callback's targets while the
+    new module's were put off): the resumed model was never pruned, and the finished one got masks again."""
+    from litcompress import ModelPruning
+
+    def pruning():
+        return ModelPruning("l1_unstructured", amount=0.5, verbose=0) if callback == "ModelPruning" \
+            else callback(0.5)
+
+    def model():
+        return (_TransformerWithSetup(d_model=16, heads=4, layers=1, feed_forward=16, lr=0.01)
+                if callback is HeadPruning else _WithSetup(hidden=8, lr=0.01))
+
+    reused = pruning()
+    seed_everything(0)
+    first = model()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    _trainer(tmp_path, 2, [reused, checkpoints], enable_checkpointing=True, limit_train_batches=2).fit(first, _data())
+    first_state = _weights(first)
+    resumed = {}
+    for name, instance in (("fresh", pruning()), ("reused", reused)):
+        seed_everything(1)
+        resumed[name] = model()
+        _trainer(tmp_path / name, 2, [instance], limit_train_batches=2).fit(
+            resumed[name], _data(), ckpt_path=tmp_path / "epoch=1-step=3.ckpt")
+    assert _pruned(resumed["fresh"]) > 0 or callback == "ModelPruning"
+    fresh, reused_weights = _weights(resumed["fresh"]), _weights(resumed["reused"])
+    assert fresh.keys() == reused_weights.keys()
+    assert all(torch.equal(fresh[key], reused_weights[key]) for key in fresh)
+    assert first.state_dict().keys() == first_state.keys()  # no masks put back on the finished model
+
+
+def test_one_model_pruning_callback_prunes_each_model_of_a_sweep(tmp_path):
+    """Its default targets were kept as if given: the second model failed with "Some provided `parameters_to_prune`
+    don't exist in the model" (Lightning's callback fails so too)."""
+    from litcompress import ModelPruning
+
+    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0)
+    for fold in range(2):
+        seed_everything(fold)
+        model = LSTMClassifier(hidden=8, lr=0.01)
+        _trainer(tmp_path / str(fold), 1, [pruning], limit_train_batches=2).fit(model, _data())
+        pruned = [getattr(m, name) for m in model.modules() if isinstance(m, nn.Linear) for name in ("weight", "bias")]
+        assert pruned and all(int((t == 0).sum()) == t.numel() // 2 for t in pruned), fold  # (its defaults)

@@ -140,6 +140,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
     ) -> None:
         self._use_global_unstructured = use_global_unstructured
         self._parameters_to_prune = parameters_to_prune
+        # as given: the defaults are found again on each model (one callback for the models of a sweep)
+        self._given_parameters_to_prune = parameters_to_prune
         self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
         self._resample_parameters = resample_parameters
         # its own random stream, kept in the state: a resumed fit draws what the uninterrupted one drew (Lightning
@@ -440,9 +442,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         """Resolve ``parameters_to_prune`` on the model, register the state-dict hooks, restore a loaded state."""
-        given = bool(self._parameters_to_prune)
+        given = bool(self._given_parameters_to_prune)
         parameters_to_prune = self.sanitize_parameters_to_prune(
-            pl_module, self._parameters_to_prune, parameter_names=self._parameter_names
+            pl_module, self._given_parameters_to_prune, parameter_names=self._parameter_names
         )
         # tied weights: every module holding a pruned tensor computes with its mask
         self._parameters_to_prune = engine.with_tied_targets(pl_module,
@@ -1035,7 +1037,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what `state_dict` saved; masks are re-created on the model once it is known (``setup``)."""
-        if self._qualified_names:
+        if self._qualified_names and self._deferred_stage is None:  # (put off: a previous model's targets)
             self._restore(state_dict)
         else:
             self._pending_state = state_dict

@@ -244,7 +244,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what `state_dict` saved; masks are re-created once the model is known (``setup``)."""
-        if self._targets:
+        if self._targets and self._deferred_stage is None:  # (put off: the targets are a previous model's)
             self._restore(state_dict)
         else:
             self._pending_state = state_dict
