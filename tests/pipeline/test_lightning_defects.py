@@ -251,3 +251,26 @@ def test_compress_on_fit_end_refuses_test_dataloaders_a_datamodule_fit_would_lea
     with pytest.raises(ValueError, match=r"test_dataloaders=\.\.\.\) in a fit given a DataModule"):
         _trainer(callbacks=[callback]).fit(module, datamodule=data)
     assert _unchanged(module, before)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
+def test_the_fit_end_callbacks_work_after_a_fit_in_bfloat16_or_float16(tmp_path: Path, precision: str,
+                                                                      dtype: torch.dtype, caplog) -> None:
+    """Lightning's fit cast the batches to the module's dtype; the callbacks' own trainers fed its bfloat16 weights
+    the loaders' float32 batches, and failed once the whole fit was done ("mat1 and mat2 must have the same dtype")."""
+    from litcompress.callbacks import QuantizeOnFitEnd
+    from litcompress.quantization import PTQConfig
+
+    caplog.set_level("INFO", logger="litcompress")
+    for callback in (QuantizeOnFitEnd(PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2),
+                                      metric="val_acc"),
+                     CompressOnFitEnd(CONFIG, output_dir=tmp_path, plot=False)):
+        L.seed_everything(0)
+        module = Tiny()
+        _trainer(max_epochs=1, precision=precision, callbacks=[callback]).fit(module, _loader(_data()),
+                                                                              _loader(_data(48, 1)))
+        assert module.net[0].weight.dtype == dtype  # the user's module as the fit left it
+        assert callback.result is not None
+    float32_input = torch.randn(4, 8)
+    assert torch.isfinite(callback.result.model(float32_input)).all()
+    assert caplog.text.count("weights are evaluated and compressed in a float32 copy") == 2

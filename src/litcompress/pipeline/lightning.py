@@ -25,9 +25,9 @@ from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
                                                 ctrl_c_raises, detached_copy, first_loader, fit_end_module,
-                                                fit_val_dataloaders, inputs_as_steps_give_them, lightning_eval_fn,
-                                                on_the_cpu, skipped_for_fast_dev_run, warn_if_sanity_check_missed,
-                                                with_metric_mode)
+                                                fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
+                                                lightning_eval_fn, on_the_cpu, skipped_for_fast_dev_run,
+                                                warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
 from .compress import CompressionResult, compress
@@ -245,6 +245,7 @@ def compress_lightning(
     if not isinstance(module, L.LightningModule):
         raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
     module = on_the_cpu(module)  # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
+    module = in_float32(module, "compress_lightning")  # a bf16-true fit's: our trainers feed float32 batches
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")
     config = _with_metric_mode(config if config is not None else CompressionConfig(), metric, mode,

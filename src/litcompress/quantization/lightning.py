@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -455,7 +456,7 @@ def quantize_lightning(
     module, metrics and loggers: candidates' metrics are not the model's).
     """
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
-    module = on_the_cpu(module)
+    module = in_float32(on_the_cpu(module), "quantize_lightning")
     check_submodule(module, submodule, "quantize_lightning")
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
@@ -624,6 +625,21 @@ def on_the_cpu(module: L.LightningModule) -> L.LightningModule:
     if not devices_off_the_cpu(module):
         return module
     return detached_copy(module).to("cpu")
+
+
+def in_float32(module: L.LightningModule, where: str) -> L.LightningModule:
+    """`module`, or a float32 copy of it when it holds bfloat16/float16 tensors (a ``precision="bf16-true"`` fit's).
+    Lightning's fit cast the loaders' batches to the module's dtype; litcompress's own trainers (evaluating,
+    fine-tuning) run at 32-bit precision and feed them as the loaders give them, float32, which the int8 kernels
+    take too. The user's module is left as it is."""
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in itertools.chain(module.parameters(), module.buffers())
+                  if t.dtype in (torch.bfloat16, torch.float16)})
+    if not low:
+        return module
+    logger.info(f"{where}: {type(module).__name__}'s {', '.join(low)} weights are evaluated and compressed in a "
+                "float32 copy (Lightning's fit fed them batches it cast; litcompress's trainers feed the loaders' "
+                "float32 batches, and int8 kernels take float32).")
+    return detached_copy(module).float()
 
 
 def _zero_weight_fraction(module: nn.Module) -> float:
