@@ -274,3 +274,62 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_bfloat16_or_float16(tmp_path:
     float32_input = torch.randn(4, 8)
     assert torch.isfinite(callback.result.model(float32_input)).all()
     assert caplog.text.count("weights are evaluated and compressed in a float32 copy") == 2
+
+
+class DictBatches(torch.utils.data.Dataset):
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.data[i]
+        return {"features": x, "label": y}
+
+
+class TakesTheDict(Tiny):
+    """forward(batch) reads batch["features"] (Hugging Face style)."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net(batch["features"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch), batch["label"])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch).argmax(1) == batch["label"]).float().mean())
+
+
+def test_compress_on_fit_end_takes_an_input_fn_for_a_forward_that_takes_the_batch_dict(tmp_path: Path) -> None:
+    """The error after the fit said to pass input_fn=, which CompressOnFitEnd did not take."""
+    L.seed_everything(0)
+    module = TakesTheDict()
+    compressing = CompressOnFitEnd(CONFIG, output_dir=tmp_path, plot=False, input_fn=lambda batch: (batch,))
+    _trainer(max_epochs=1, callbacks=[compressing]).fit(module, _loader(DictBatches(_data())),
+                                                        _loader(DictBatches(_data(48, 1))))
+    batch = {"features": torch.randn(4, 8)}
+    assert compressing.result is not None
+    assert compressing.result.model(batch).shape == (4, 2)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: CompressOnFitEnd(CONFIG, output_dir=None), TypeError, r"output_dir=None\): expected a path"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir=""), ValueError, r"output_dir=''\): name a path"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir="out", test_metric=""), ValueError, r"test_metric=''\): name"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir="out", metric=None), TypeError, "a str such as 'val_acc'"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir="out", input_fn="x"), TypeError, "expected a function of a batch"),
+    ("QuantizeOnFitEnd", ValueError, r"save_path=''\): name a path"),
+    ("QuantizeOnFitEnd calibration", ValueError, r"calibration_data=\[\]\): no batch to calibrate on"),
+    ("QuantizeOnFitEnd metric", TypeError, r"metric=5\): name the metric validation_step logs"),
+])
+def test_fit_end_arguments_that_would_fail_after_the_fit_are_refused_at_construction(make, error, message) -> None:
+    from litcompress.callbacks import QuantizeOnFitEnd
+    from litcompress.quantization import PTQConfig
+
+    quantize = {"QuantizeOnFitEnd": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc", save_path=""),
+                "QuantizeOnFitEnd calibration": lambda: QuantizeOnFitEnd(PTQConfig(approach="static"), "val_acc",
+                                                                         calibration_data=[]),
+                "QuantizeOnFitEnd metric": lambda: QuantizeOnFitEnd(PTQConfig(), 5)}
+    with pytest.raises(error, match=message):
+        (quantize[make] if isinstance(make, str) else make)()

@@ -24,7 +24,8 @@ from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
-                                                ctrl_c_raises, detached_copy, first_loader, fit_end_module,
+                                                check_metric_name, check_output_path, ctrl_c_raises,
+                                                detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
                                                 lightning_eval_fn, on_the_cpu, skipped_for_fast_dev_run,
                                                 warn_if_sanity_check_missed, with_metric_mode)
@@ -341,13 +342,15 @@ class CompressOnFitEnd(L.Callback):
     report files are written to `output_dir` with the model (the plot when matplotlib is installed, unless
     ``plot=False``). The data is the fit's: its DataModule, or the dataloaders ``trainer.fit`` was given (then a
     `test_metric` needs ``test_dataloaders``). ``weights="best"`` compresses the weights of the best file of the
-    trainer's ``ModelCheckpoint(monitor=...)`` instead of those the fit ends with (``"last"``).
+    trainer's ``ModelCheckpoint(monitor=...)`` instead of those the fit ends with (``"last"``). `input_fn` maps a
+    batch to the model's positional inputs, as for :func:`compress_lightning` (``lambda batch: (batch,)`` for a
+    forward that takes the batch's dict itself).
     """
 
     def __init__(self, config: CompressionConfig, *, metric: str = "val_acc", test_metric: str | None = None,
                  output_dir: str | os.PathLike, submodule: str | None = None, plot: bool | None = None,
                  mode: Literal["max", "min"] | None = None, test_dataloaders: Any = None,
-                 weights: Literal["last", "best"] = "last") -> None:
+                 weights: Literal["last", "best"] = "last", input_fn: Callable[[object], tuple] | None = None) -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"CompressOnFitEnd(config={config!r}): expected a CompressionConfig.")
         if config.prune is not None and not isinstance(config.prune.schedule, str):  # it failed after the whole fit
@@ -355,14 +358,19 @@ class CompressOnFitEnd(L.Callback):
                              "fine-tuning steps, and CompressOnFitEnd prunes the trained module once, when the fit "
                              "ends. Use PruneConfig(schedule='oneshot'), or prune during the fit with "
                              "litcompress.ModelPruning(amount=<the schedule>) and leave prune=None here.")
-        if not metric:
-            raise ValueError("CompressOnFitEnd(metric=''): name the metric logged in validation_step.")
+        check_metric_name("metric", metric, "CompressOnFitEnd", "validation_step")
+        if test_metric is not None:
+            check_metric_name("test_metric", test_metric, "CompressOnFitEnd", "test_step")
+        check_output_path("output_dir", output_dir, "CompressOnFitEnd")
+        if input_fn is not None and not callable(input_fn):
+            raise TypeError(f"CompressOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
+                            "the model's positional inputs.")
         check_fit_end_weights(weights, "CompressOnFitEnd")
         self.weights = weights
         config = _with_metric_mode(config, metric, mode, "CompressOnFitEnd")  # before training, not after it
         self.config, self.metric, self.test_metric, self.mode = config, metric, test_metric, mode
         self.output_dir, self.submodule, self.plot = output_dir, submodule, plot
-        self.test_dataloaders = test_dataloaders
+        self.test_dataloaders, self.input_fn = test_dataloaders, input_fn
         self.result: CompressionResult | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -404,7 +412,7 @@ class CompressOnFitEnd(L.Callback):
             data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": self.test_dataloaders}
         self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
-                                         output_dir=self.output_dir, mode=self.mode)
+                                         output_dir=self.output_dir, mode=self.mode, input_fn=self.input_fn)
         self.result.report.save(self.output_dir, plot=self.plot)
 
 

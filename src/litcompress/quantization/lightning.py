@@ -556,6 +556,23 @@ def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule
                       f"it: {message}", UserWarning, stacklevel=2)
 
 
+def check_metric_name(argument: str, metric: object, owner: str, step: str) -> None:
+    """`metric` names a metric that `step` logs: a non-empty string."""
+    if not isinstance(metric, str):
+        raise TypeError(f"{owner}({argument}={metric!r}): name the metric {step} logs, a str such as 'val_acc'.")
+    if not metric:
+        raise ValueError(f"{owner}({argument}=''): name the metric {step} logs.")
+
+
+def check_output_path(argument: str, path: object, owner: str) -> None:
+    """`path` can name a file or folder to write: a non-empty str or os.PathLike (``""`` or ``Path("")`` is the
+    current directory, not a name)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{owner}({argument}={path!r}): expected a path (a str or os.PathLike).")
+    if os.fspath(path) in ("", "."):
+        raise ValueError(f"{owner}({argument}={os.fspath(path)!r}): name a path to write to.")
+
+
 def check_fit_end_weights(weights: object, owner: str) -> None:
     """`weights` names the weights a fit-end callback works on: ``"last"`` or ``"best"``."""
     if weights not in ("last", "best"):
@@ -666,8 +683,9 @@ class QuantizeOnFitEnd(L.Callback):
                  weights: Literal["last", "best"] = "last") -> None:
         if not isinstance(config, PTQConfig):
             raise TypeError(f"QuantizeOnFitEnd(config={config!r}): expected a PTQConfig.")
-        if not metric:
-            raise ValueError("QuantizeOnFitEnd(metric=''): name the metric logged in validation_step.")
+        check_metric_name("metric", metric, "QuantizeOnFitEnd", "validation_step")
+        if save_path is not None:
+            check_output_path("save_path", save_path, "QuantizeOnFitEnd")
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
         check_calibration_data(calibration_data, "QuantizeOnFitEnd")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it

@@ -132,6 +132,9 @@ def check_calibration_data(calibration_data: object, where: str) -> None:
     if isinstance(calibration_data, Dataset) and not isinstance(calibration_data, DataLoader):
         raise TypeError(f"{where}(calibration_data={type(calibration_data).__name__}): a Dataset gives single samples, "
                         "without a batch dim; give batches: DataLoader(dataset, batch_size=32).")
+    if isinstance(calibration_data, (list, tuple)) and not calibration_data:  # taken for "none given" later
+        raise ValueError(f"{where}(calibration_data={calibration_data!r}): no batch to calibrate on; give at least "
+                         "one.")
 
 
 #: Said (warned, and in the result's messages) when the first evaluation returned without running the model.
