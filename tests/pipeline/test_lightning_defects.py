@@ -319,7 +319,7 @@ def test_compress_on_fit_end_takes_an_input_fn_for_a_forward_that_takes_the_batc
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", test_metric=""), ValueError, r"test_metric=''\): name"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", metric=None), TypeError, "a str such as 'val_acc'"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", input_fn="x"), TypeError, "expected a function of a batch"),
-    ("QuantizeOnFitEnd", ValueError, r"save_path=''\): name a path"),
+    ("QuantizeOnFitEnd", ValueError, r"save_path=''\): name a file"),
     ("QuantizeOnFitEnd calibration", ValueError, r"calibration_data=\[\]\): no batch to calibrate on"),
     ("QuantizeOnFitEnd metric", TypeError, r"metric=5\): name the metric validation_step logs"),
 ])

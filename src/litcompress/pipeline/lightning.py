@@ -361,7 +361,7 @@ class CompressOnFitEnd(L.Callback):
         check_metric_name("metric", metric, "CompressOnFitEnd", "validation_step")
         if test_metric is not None:
             check_metric_name("test_metric", test_metric, "CompressOnFitEnd", "test_step")
-        check_output_path("output_dir", output_dir, "CompressOnFitEnd")
+        check_output_path("output_dir", output_dir, "CompressOnFitEnd", file=False)
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"CompressOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
                             "the model's positional inputs.")

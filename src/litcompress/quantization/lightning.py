@@ -564,13 +564,13 @@ def check_metric_name(argument: str, metric: object, owner: str, step: str) -> N
         raise ValueError(f"{owner}({argument}=''): name the metric {step} logs.")
 
 
-def check_output_path(argument: str, path: object, owner: str) -> None:
-    """`path` can name a file or folder to write: a non-empty str or os.PathLike (``""`` or ``Path("")`` is the
-    current directory, not a name)."""
+def check_output_path(argument: str, path: object, owner: str, *, file: bool) -> None:
+    """`path` can name a folder, or with `file` a file, to write: a non-empty str or os.PathLike (a file's not
+    ``"."``, which ``Path("")`` is too)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{owner}({argument}={path!r}): expected a path (a str or os.PathLike).")
-    if os.fspath(path) in ("", "."):
-        raise ValueError(f"{owner}({argument}={os.fspath(path)!r}): name a path to write to.")
+    if os.fspath(path) == "" or (file and os.fspath(path) in (".", "..")):
+        raise ValueError(f"{owner}({argument}={os.fspath(path)!r}): name a {'file' if file else 'path'} to write to.")
 
 
 def check_fit_end_weights(weights: object, owner: str) -> None:
@@ -685,7 +685,7 @@ class QuantizeOnFitEnd(L.Callback):
             raise TypeError(f"QuantizeOnFitEnd(config={config!r}): expected a PTQConfig.")
         check_metric_name("metric", metric, "QuantizeOnFitEnd", "validation_step")
         if save_path is not None:
-            check_output_path("save_path", save_path, "QuantizeOnFitEnd")
+            check_output_path("save_path", save_path, "QuantizeOnFitEnd", file=True)
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
         check_calibration_data(calibration_data, "QuantizeOnFitEnd")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
