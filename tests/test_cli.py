@@ -142,6 +142,9 @@ def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, caps
                            ([str(tmp_path / "latency.json"), "--plot", str(tmp_path / "p.png")],
                             r"latency\.json as a litcompress report \(ValueError: Latency\(.*0 <= min <= median"),
                            ([str(out), "--markdown", str(tmp_path)], r"--markdown .* is a directory; give a file"),
+                           # it wrote the Markdown over the report, which no later `report` could read
+                           ([str(out), "--markdown", str(out / "report.json")],
+                            r"--markdown .*report\.json is the report being read; give another file"),
                            ([str(tmp_path / "as_text.json")], r"'messages' must be a list, got str")):
         with pytest.raises(SystemExit) as exit_info:
             main(["report", *extra])
@@ -161,9 +164,10 @@ def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, c
     assert "newer than report.json" not in capsys.readouterr().err  # a finished run: the report is written last
     written = (folder / "report.json").stat().st_mtime
     os.utime(folder / PRUNED_STATE_FILE, (written + 60, written + 60))
-    assert main(["report", str(folder)]) == 0
-    assert (f"note: {PRUNED_STATE_FILE} in {folder} is newer than report.json, which does not describe it"
-            in capsys.readouterr().err)
+    for given in (folder, folder / "report.json"):  # the file named: the note was left out
+        assert main(["report", str(given)]) == 0
+        assert (f"note: {PRUNED_STATE_FILE} in {folder} is newer than report.json, which does not describe it"
+                in capsys.readouterr().err)
 
 
 def test_a_checkpoint_that_the_run_would_overwrite_with_its_trained_model_is_refused_before_training(first_run, capsys,

@@ -941,13 +941,15 @@ def run_report(args: argparse.Namespace) -> int:
             if args.markdown.is_dir():
                 raise ValueError(f"--markdown {args.markdown} is a directory; give a file, e.g. "
                                  f"{args.markdown / 'report.md'}.")
+            if args.markdown.resolve() == path.resolve():  # the report read would be lost
+                raise ValueError(f"--markdown {args.markdown} is the report being read; give another file, e.g. "
+                                 f"{path.with_suffix('.md')}.")
             _check_writable(args.markdown.parent, "--markdown", args.markdown)
         if args.plot:
             _check_plot_path(args.plot)
     except (ValueError, ImportError) as error:
         args.subparser.error(in_cli_terms(str(error)))
-    if args.path.is_dir():
-        _note_outputs_newer_than(path)
+    _note_outputs_newer_than(path)
     _print_report(report)
     if args.markdown:
         args.markdown.write_text(report.markdown())
