@@ -1575,7 +1575,19 @@ def test_sparse_kernels_with_no_layer_sparse_enough_say_that_none_was_timed():
     result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x)
     said = [m for m in result.report.messages if m.startswith("sparse kernels:")]
     assert len(said) == 1 and "was a candidate (sparsity below min_sparsity=0.7), so none was timed" in said[0]
-    assert "ran at least 1.1x faster" not in said[0]
+    assert "ran at least 1.1x faster" not in said[0] and "prune to a higher sparsity" in said[0]
+
+
+def test_sparse_kernels_refusing_float64_layers_do_not_advise_pruning_more():
+    """Layers 95% zero, kept dense for being float64, were said to need 'a higher sparsity'."""
+    model = ReluMLP(64, 32, 10).double().eval()
+    x = torch.randn(8, 64, dtype=torch.float64)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.95, scope="local"), shrink=False, sparse_kernels=True,
+                               latency_repeats=2, num_threads=1)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x)
+    said = [m for m in result.report.messages if m.startswith("sparse kernels:")]
+    assert len(said) == 1 and "was a candidate (not float32), so none was timed." in said[0]
+    assert "higher sparsity" not in said[0]
 
 
 class _HeadDefinedFirst(nn.Module):

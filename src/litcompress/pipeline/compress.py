@@ -946,8 +946,10 @@ def compress(
         elif not any(layer.sparse_ms is not None for layer in sparse.report.layers):
             # nothing was timed: "none ran faster" would send the reader to a table of dashes
             reasons = sorted({layer.reason for layer in sparse.report.layers if layer.reason})
+            advice = (": CSR kernels gain at 90%+ zeros; prune to a higher sparsity for them"
+                      if any(reason.startswith("sparsity below") for reason in reasons) else "")
             note(f"sparse kernels: none of the {layers} Linear layers was a candidate ({'; '.join(reasons) or 'none'}"
-                 "), so none was timed: CSR kernels gain at 90%+ zeros; prune to a higher sparsity for them.")
+                 f"), so none was timed{advice}.")
         else:
             note(f"sparse kernels: none of the {layers} Linear layers ran at least 1.1x faster on CSR kernels here "
                  "(they gain at 90%+ zeros, most on larger batches and layers; the report's 'Sparse kernels' "
