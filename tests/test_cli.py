@@ -164,8 +164,8 @@ def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, c
     assert "newer than report.json" not in capsys.readouterr().err  # a finished run: the report is written last
     written = (folder / "report.json").stat().st_mtime
     os.utime(folder / PRUNED_STATE_FILE, (written + 60, written + 60))
-    for given in (folder, folder / "report.json"):  # the file named: the note was left out
-        assert main(["report", str(given)]) == 0
+    for named in (folder, folder / "report.json"):  # the file named: the note was left out
+        assert main(["report", str(named)]) == 0
         assert (f"note: {PRUNED_STATE_FILE} in {folder} is newer than report.json, which does not describe it"
                 in capsys.readouterr().err)
 
@@ -1262,3 +1262,26 @@ def test_every_option_the_messages_are_translated_to_is_an_option_of_compress():
 ])
 def test_calls_of_several_fields_and_advice_on_python_options_are_said_for_the_command_line(message, said):
     assert in_cli_terms(message) == said
+
+
+class OneWidthMLP(MLPClassifier):
+    """A user's model whose `hidden` is one int, checked in its constructor."""
+
+    def __init__(self, hidden: int = 32, **kwargs: object) -> None:
+        if not isinstance(hidden, int):
+            raise ValueError(f"hidden={hidden!r}: expected one int")
+        super().__init__(hidden=(hidden,), **kwargs)
+
+
+def test_a_checkpoint_of_another_model_is_said_to_be_one(first_run, capsys, tmp_path):
+    """The model's constructor, handed the other model's saved hyperparameters, failed, and its error came alone
+    ('hidden=[48, 48]: expected one int'): nothing said the checkpoint was the cause."""
+    _, out = first_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--model", "tests.test_cli:OneWidthMLP", "--checkpoint", str(out / "dense.ckpt"),
+              "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert (f"--checkpoint {out / 'dense.ckpt'}: OneWidthMLP cannot be built from the hyperparameters the checkpoint "
+            "saved (" in err)
+    assert "hidden=(48, 48): expected one int. Give a checkpoint that Lightning's Trainer saved for this --model" in err

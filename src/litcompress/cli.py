@@ -579,12 +579,45 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
                              "values, which build a model its weights do not fit "
                              f"({type(error).__name__}: {said.rstrip('.')}). Drop those --model-args (the "
                              "checkpoint's are used), or give that model's checkpoint.") from None
-        if isinstance(error, (ValueError, TypeError)):  # ours: they say what to do
-            raise
+        if isinstance(error, (ValueError, TypeError)):
+            if not _builds_from_its_hyperparameters(cls, path, kwargs):  # another model's checkpoint
+                saved = _saved_hyperparameters(path)
+                raise ValueError(f"--checkpoint {path}: {getattr(cls, '__name__', cls)} cannot be built from the "
+                                 f"hyperparameters the checkpoint saved ({_shown(saved)}): {said.rstrip('.')}. Give a "
+                                 "checkpoint that Lightning's Trainer saved for this --model.") from None
+            raise  # ours, after the model was built: they say what to do
         # unpickling errors, torch's state-dict mismatches, a missing key
         raise ValueError(f"--checkpoint {path}: cannot be loaded as a checkpoint of {getattr(cls, '__name__', cls)} "
                          f"({type(error).__name__}: {said}). Give a checkpoint that "
                          "Lightning's Trainer saved for this --model (with its --model-args).") from None
+
+
+def _builds_from_its_hyperparameters(cls: Any, path: Path, kwargs: dict[str, Any]) -> bool:
+    """Whether `cls` can be built from the checkpoint's saved hyperparameters (and `kwargs`), before any weight."""
+    import torch
+
+    from litcompress.callbacks.pruning import built_without_weights
+
+    try:
+        built_without_weights(cls, torch.load(path, map_location="cpu", weights_only=False), **kwargs)
+    except Exception:  # noqa: BLE001 - any failure to build says the same: not this model's checkpoint
+        return False
+    return True
+
+
+def _saved_hyperparameters(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+    except Exception:  # noqa: BLE001 - unreadable: none to show
+        return {}
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
+def _shown(saved: dict[str, Any]) -> str:
+    text = ", ".join(f"{name}={value!r}" for name, value in saved.items()) or "none"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _conflicting_hyperparameters(path: Path, given: dict[str, Any]) -> list[str]:

@@ -1459,7 +1459,7 @@ def load_module_from_checkpoint(
     except RuntimeError as error:  # size mismatches: the checkpoint of a model `shrink` narrowed?
         if "Error(s) in loading state_dict" not in str(error):
             raise
-        module = _built_without_weights(module_class, checkpoint, **kwargs)
+        module = built_without_weights(module_class, checkpoint, **kwargs)
         if not masked:
             if not narrow_to_state_dict_(module, state):
                 raise
@@ -1471,7 +1471,7 @@ def load_module_from_checkpoint(
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=strict)
 
 
-def _built_without_weights(module_class: type[LightningModule], checkpoint: dict[str, Any], **kwargs: Any
+def built_without_weights(module_class: type[LightningModule], checkpoint: dict[str, Any], **kwargs: Any
                            ) -> LightningModule:
     """The module ``load_from_checkpoint`` builds from the checkpoint's hyperparameters (its hooks run), before any
     weight is loaded into it."""
