@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import (DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ModelSummary,
+                                         ProgressBar)
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
