@@ -851,7 +851,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from litcompress.quantization.backends import to_inputs
     from litcompress.quantization.lightning import check_submodule, log_unreadable_step
     from litcompress.quantization.shapes import resolve_dynamic_dims
-    from litcompress.quantization.tuner import check_model_runs
+    from litcompress.quantization.tuner import check_declared_dims_vary, check_model_runs
 
     _quiet_frameworks()
     L.seed_everything(args.seed, verbose=False)
@@ -891,6 +891,7 @@ def run_compress(args: argparse.Namespace) -> int:
         declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
         if declared:
             resolve_dynamic_dims([example_inputs], declared)  # e.g. no input 1
+            check_declared_dims_vary(compressed, example_inputs, declared, "--dynamic-dims")
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
         dense = args.output_dir / "dense.ckpt"

@@ -1231,6 +1231,39 @@ def test_a_declared_dynamic_dim_the_inputs_lack_fails_before_fine_tuning(digits)
     assert tuned == []
 
 
+class _Pairs(nn.Module):
+    """Reads its sequence in pairs: it takes even lengths only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.shape[0], -1, 2)).mean(1)
+
+
+def test_a_declared_dynamic_dim_the_model_fixes_fails_before_fine_tuning(digits, tmp_path):
+    """A Linear's features declared free: torch.export failed after the fine-tuning, and an ONNX file declared them
+    free and failed at any other size. A dim the model takes at other sizes (even ones only) is accepted."""
+    tuned = []
+    for config in (CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, dynamic_dims={0: 1}),
+                   CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(dynamic_dims={0: 1}))):
+        with pytest.raises(ValueError, match=r"compress: dynamic_dims declares dim 1 of input 0 \(size 64\) free, but "
+                                             r"the model fails on the inputs one shorter there and half as long"):
+            compress(nn.Linear(64, 10), config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:4],
+                     fine_tune=lambda m, step: tuned.append(m), fine_tune_steps=3)
+    assert tuned == []
+    with pytest.raises(ValueError, match=r"quantize\(dynamic_dims=...\) declares dim 1 of input 0"):
+        quantize(nn.Linear(64, 10), PTQConfig(approach="dynamic", dynamic_dims={0: 1}), eval_fn=lambda m: 1.0,
+                 example_inputs=digits[2][:4])
+    pairs, x = _Pairs().eval(), torch.randn(4, 8)
+    result = compress(pairs, CompressionConfig(prune=None, quantize=None, fp32_format="onnx", latency_repeats=2,
+                                               dynamic_dims={0: 1}), eval_fn=lambda m: 1.0, example_inputs=x,
+                      output_dir=tmp_path)
+    loaded, _ = load_quantized(result.artifact)
+    torch.testing.assert_close(loaded(torch.randn(3, 12)).shape, torch.Size([3, 3]))
+
+
 @pytest.mark.parametrize("rnn_kwargs", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 8}])
 def test_unstructured_pruning_covers_every_weight_matrix_of_a_recurrent_layer(rnn_kwargs):
     model = nn.Sequential(nn.LSTM(16, 32, batch_first=True, **rnn_kwargs))

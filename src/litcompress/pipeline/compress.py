@@ -46,9 +46,9 @@ from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
 from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_data,
-                                            check_metric, check_model_on_cpu, check_model_runs, default_input_fn,
-                                            evaluate_noting_use, example_as_inputs, model_input_fn, quantize,
-                                            warn_unused_model)
+                                            check_declared_dims_vary, check_metric, check_model_on_cpu,
+                                            check_model_runs, default_input_fn, evaluate_noting_use,
+                                            example_as_inputs, model_input_fn, quantize, warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -784,7 +784,9 @@ def compress(
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
     check_model_runs(model, inputs, what="example_inputs", default_input_fn_used=False)
     # declared dynamic dims that the inputs do not have fail here, not after training
-    resolve_dynamic_dims([inputs], config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims)
+    declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
+    resolve_dynamic_dims([inputs], declared)
+    check_declared_dims_vary(model, inputs, declared, "compress: dynamic_dims")
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
         if first is not None:

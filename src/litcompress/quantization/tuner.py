@@ -31,7 +31,7 @@ from .latency import measure_latencies, pinned_threads
 from .nested import InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
 from .outputs import tensor_leaves
 from .sensitivity import layer_sensitivity
-from .shapes import DynamicDims, fixed_size_hint, resolve_dynamic_dims
+from .shapes import DynamicDims, describe_fixed, dims_for, fixed_size_hint, resolve_dynamic_dims
 
 logger = logging.getLogger("litcompress.quantization")
 
@@ -219,6 +219,33 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                     "input_fn=lambda batch: tuple(batch)).")
         raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
                          f"{type(error).__name__}: {error}.{hint}") from error
+
+
+def check_declared_dims_vary(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
+    """Refuse declared free dims (beyond the batch) that `model` cannot take at another size: its code fixes them
+    (a Linear's in_features, a reshape), so no file can leave them free (torch.export failed after all the training,
+    and an ONNX or TorchScript file declared them free and failed at any other size). The model is called on the
+    inputs one shorter there and, if that fails, half as long (a patch embedding takes multiples of its patch)."""
+    if not declared:
+        return
+    fixed = [(i, d, int(x.shape[d])) for i, (x, dims) in enumerate(zip(inputs, dims_for(inputs, declared)))
+             if isinstance(x, torch.Tensor) for d in dims if d > 0 and x.shape[d] > 2]
+    if not fixed:
+        return
+    failures = []
+    for length in (lambda size: size - 1, lambda size: size // 2):
+        varied = list(inputs)
+        for i, d, size in fixed:
+            varied[i] = varied[i].narrow(d, 0, length(size))
+        try:
+            eval_outputs(model, tuple(varied))
+            return
+        except Exception as error:  # noqa: BLE001 - any failure: that size is one the model does not take
+            failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    raise ValueError(f"{where} declares {describe_fixed(fixed)} free, but the model fails on the inputs one shorter "
+                     f"there and half as long ({failures[0]}): its code fixes that size (a Linear's in_features, a "
+                     "reshape), so no file can leave it free. Declare only dims the model takes at any size (a "
+                     "sequence length).")
 
 
 def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
@@ -503,6 +530,7 @@ def quantize(
         model = flat_inputs(model, structure)
         nested_eval_fn = eval_fn
         eval_fn = lambda candidate: nested_eval_fn(NestedInputs(candidate, structure))  # noqa: E731
+    check_declared_dims_vary(model, example_inputs, config.dynamic_dims, "quantize(dynamic_dims=...)")
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
