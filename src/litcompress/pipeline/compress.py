@@ -706,6 +706,22 @@ def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:
             "off.")
 
 
+def _slower_shrunk(rows: Sequence[StageMetrics]) -> str | None:
+    """What to say when the shrunk stage ran clearly slower than the stage before it, else None."""
+    stages = [row.stage for row in rows]
+    if "shrunk" not in stages or stages.index("shrunk") == 0:
+        return None
+    before, shrunk = rows[stages.index("shrunk") - 1], rows[stages.index("shrunk")]
+    if before.latency is None or shrunk.latency is None or \
+            not shrunk.latency.median_ms > SLOWER * before.latency.median_ms:
+        return None
+    slow, fast = shrunk.latency.median_ms, before.latency.median_ms
+    return (f"shrink made the model smaller but not faster here: it ran {slow / fast:.2f}x slower than the "
+            f"{before.stage} model ({slow:.4g} vs {fast:.4g} ms). Dense kernels can run slower on widths that are no "
+            "longer multiples of 8 or 16; CompressionConfig(keep_multiple_of=8) (CLI: --keep-multiple-of 8) keeps "
+            "such widths.")
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -993,9 +1009,9 @@ def compress(
 
     # ---------------------------------------------------------------------------------------- report
     rows = stages.report_rows(inputs, config)
-    slower = _slower_int8(rows)
-    if slower:
-        note(slower)
+    for slower in (_slower_shrunk(rows), _slower_int8(rows)):
+        if slower:
+            note(slower)
     report = CompressionReport(
         stages=rows, metric_name=metric_name,
         test_metric_name=(test_metric_name or "test") if test_fn is not None else None,  # a column, named or not
