@@ -530,10 +530,11 @@ def quantize(
         model = flat_inputs(model, structure)
         nested_eval_fn = eval_fn
         eval_fn = lambda candidate: nested_eval_fn(NestedInputs(candidate, structure))  # noqa: E731
-    check_declared_dims_vary(model, example_inputs, config.dynamic_dims, "quantize(dynamic_dims=...)")
+    declared = config.dynamic_dims
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
+    check_declared_dims_vary(model, example_inputs, declared, "quantize(dynamic_dims=...)")
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
