@@ -1184,3 +1184,22 @@ def test_the_ticket_taken_by_hand_between_fits_keeps_its_zeros_in_the_next_fit(t
     make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
     weights = [model.layer.mlp_1.weight, model.layer.mlp_2.weight, model.layer.mlp_3.weight]
     assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) == pytest.approx(0.75, abs=0.01)
+
+
+@both("the first model's layers stay the callback's targets: on the next model of a k-fold loop it fails with "
+      "'Some provided `parameters_to_prune` don't exist in the model'")
+def test_one_callback_prunes_each_model_of_a_sweep(tmp_path, cls):
+    def pruning():
+        return cls("l1_unstructured", amount=0.5, verbose=0, make_pruning_permanent=False)
+
+    def masks_after_a_fit(callback, fold):
+        seed_everything(fold)
+        model = FixedDataModel()
+        make_trainer(tmp_path / str(fold), max_epochs=1, callbacks=[callback]).fit(model)
+        return {name: mask for name, mask in model.named_buffers() if name.endswith("_mask")}
+
+    reused = pruning()
+    for fold in range(2):
+        got, expected = masks_after_a_fit(reused, fold), masks_after_a_fit(pruning(), fold)
+        assert expected and got.keys() == expected.keys(), fold
+        assert all(torch.equal(got[name], expected[name]) for name in expected), fold

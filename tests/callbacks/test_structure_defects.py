@@ -424,16 +424,3 @@ def test_a_callback_reused_to_resume_another_model_with_deferred_targets_restore
     assert all(torch.equal(fresh[key], reused_weights[key]) for key in fresh)
     assert first.state_dict().keys() == first_state.keys()  # no masks put back on the finished model
 
-
-def test_one_model_pruning_callback_prunes_each_model_of_a_sweep(tmp_path):
-    """Its default targets were kept as if given: the second model failed with "Some provided `parameters_to_prune`
-    don't exist in the model" (Lightning's callback fails so too)."""
-    from litcompress import ModelPruning
-
-    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0)
-    for fold in range(2):
-        seed_everything(fold)
-        model = LSTMClassifier(hidden=8, lr=0.01)
-        _trainer(tmp_path / str(fold), 1, [pruning], limit_train_batches=2).fit(model, _data())
-        pruned = [getattr(m, name) for m in model.modules() if isinstance(m, nn.Linear) for name in ("weight", "bias")]
-        assert pruned and all(int((t == 0).sum()) == t.numel() // 2 for t in pruned), fold  # (its defaults)

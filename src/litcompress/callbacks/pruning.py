@@ -144,14 +144,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._given_parameters_to_prune = parameters_to_prune
         self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
         self._resample_parameters = resample_parameters
-        # its own random stream, kept in the state: a resumed fit draws what the uninterrupted one drew (Lightning
-        # restores no global RNG), and the draws leave the training's global RNG alone
-        self._resample_rng_state: Optional[Tensor] = None
         self._prune_on_train_epoch_end = prune_on_train_epoch_end
         self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
         self._method_kwargs: dict[str, Any] = {}
-        self._original_layers: Optional[Snapshot] = None
         self._pruning_method_name: Optional[str] = None
 
         for name in self._parameter_names:
@@ -293,7 +289,20 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if apply_pruning is not True:
             self._key_extras["apply_pruning"] = _describe(apply_pruning)
 
-        # State kept across checkpoints (see `state_dict`).
+        self._forget_the_model()
+        self._warned_fit_too_short = False
+        self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
+        self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
+        self._qualified_names: list[str] = []
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
+        self._step_at_batch_start = -1  # `trainer.global_step` when the current training batch began
+        self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
+        self._hook_handles: list[Any] = []
+
+    def _forget_the_model(self) -> None:
+        """The state kept across fits and checkpoints (see `state_dict`) as a new callback has it: at construction,
+        and when the callback is reused for another model (the next of a k-fold loop or a sweep)."""
         self._rounds = 0
         self._last_step = -1
         # training epochs whose end this callback saw; None until a fit or a checkpoint says (a fresh callback on a
@@ -305,8 +314,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._validation_due_restored: Union[tuple[int, bool], None, str] = "unknown"
         self._caught_up_at_step: Optional[int] = None
         self._epoch_progress = -1  # epochs finished when an epoch-level schedule last looked for its points
-        self._warned_fit_too_short = False
-        self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._history: list[dict[str, Any]] = []
         # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
         self._reset_pending = False
@@ -314,13 +321,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # before a pending reset (else they would train back)
         self._ticket_zeros_to_mask = False
         self._warned_emptied: set[tuple[int, str]] = set()  # tensors a round left without entries, already said
-        self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
-        self._qualified_names: list[str] = []
-        self._pending_state: Optional[dict[str, Any]] = None
-        self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
-        self._step_at_batch_start = -1  # `trainer.global_step` when the current training batch began
-        self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
-        self._hook_handles: list[Any] = []
+        self._original_layers: Optional[Snapshot] = None  # the lottery ticket's snapshot
+        # `resample_parameters`' own random stream, kept in the state: a resumed fit draws what the uninterrupted one
+        # drew (Lightning restores no global RNG), and the draws leave the training's global RNG alone
+        self._resample_rng_state: Optional[Tensor] = None
 
     # ------------------------------------------------------------------------------------ override points
     def filter_parameters_to_prune(self, parameters_to_prune: _PARAM_LIST = ()) -> _PARAM_LIST:
@@ -442,6 +446,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         """Resolve ``parameters_to_prune`` on the model, register the state-dict hooks, restore a loaded state."""
+        modules = {id(module) for module in pl_module.modules()}
+        if self._qualified_names and not any(id(m) in modules for m, _ in self._parameters_to_prune):
+            self._forget_the_model()  # reused for another model: its rounds, history and snapshot were the last one's
         given = bool(self._given_parameters_to_prune)
         parameters_to_prune = self.sanitize_parameters_to_prune(
             pl_module, self._given_parameters_to_prune, parameter_names=self._parameter_names
