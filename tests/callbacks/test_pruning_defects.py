@@ -1203,3 +1203,23 @@ def test_one_callback_prunes_each_model_of_a_sweep(tmp_path, cls):
         got, expected = masks_after_a_fit(reused, fold), masks_after_a_fit(pruning(), fold)
         assert expected and got.keys() == expected.keys(), fold
         assert all(torch.equal(got[name], expected[name]) for name in expected), fold
+
+
+@both("trainer.validate() runs a pruning round with prune_on_train_epoch_end=False: the model evaluated comes back "
+      "pruned, and after a fit made the masks permanent, with weight_orig/weight_mask pairs again")
+def test_validating_outside_a_fit_prunes_nothing(tmp_path, cls):
+    def callback():
+        return cls("l1_unstructured", amount=0.3, prune_on_train_epoch_end=False, use_lottery_ticket_hypothesis=False)
+
+    seed_everything(0)
+    model = FixedDataModel()
+    before = _weights(model)
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[callback()])
+    trainer.validate(model, verbose=False)
+    assert all(torch.equal(value, before[key]) for key, value in _weights(model).items())
+    trainer.fit(model)
+    fitted = _weights(model)
+    assert not any(key.endswith("_mask") for key in fitted)  # make_pruning_permanent=True
+    trainer.validate(model, verbose=False)
+    after = _weights(model)
+    assert after.keys() == fitted.keys() and all(torch.equal(after[key], fitted[key]) for key in fitted)

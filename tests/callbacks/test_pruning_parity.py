@@ -317,3 +317,41 @@ def test_two_callbacks_in_one_trainer_run_as_lightnings(tmp_path, differ_in):
         assert zeros[1] == [1024 - 256, 0, 32]
     else:  # every layer: 50%, then 25% of the rest
         assert zeros[1] == [512 + 128, 512 + 128, 32 + 8]
+
+
+def _with_own_pruning_fn(cls):
+    class FirstEntries(cls):
+        """Overrides `_create_pruning_fn`, as Lightning's callback lets a subclass do: its function prunes."""
+
+        calls = 0
+
+        def _create_pruning_fn(self, pruning_fn, **kwargs):
+            if self._use_global_unstructured:
+                return EveryOtherEntry
+
+            def first_entries(module, name, amount):
+                type(self).calls += 1
+                mask = torch.ones_like(getattr(module, name))
+                mask.view(-1)[: int(amount * mask.numel())] = 0
+                return torch_prune.custom_from_mask(module, name, mask)
+
+            return first_entries
+
+    return FirstEntries
+
+
+@BOTH
+@pytest.mark.parametrize("use_global_unstructured", [False, True])
+def test_a_subclass_creating_its_own_pruning_fn_prunes_with_it(tmp_path, cls, use_global_unstructured):
+    """litcompress pruned with the method named, never calling the subclass's function."""
+    model = ThreeLayerModel()
+    callback = _with_own_pruning_fn(cls)("l1_unstructured", amount=0.5, use_lottery_ticket_hypothesis=False,
+                                         parameters_to_prune=[(model.layer.mlp_2, "weight")],
+                                         use_global_unstructured=use_global_unstructured)
+    make_trainer(tmp_path, callbacks=callback, max_epochs=1).fit(model)
+    weight = model.layer.mlp_2.weight.view(-1)
+    if use_global_unstructured:
+        assert torch.all(weight[::2] == 0) and torch.all(weight[1::2] != 0)
+    else:
+        assert type(callback).calls == 1
+        assert torch.all(weight[: weight.numel() // 2] == 0) and torch.all(weight[weight.numel() // 2:] != 0)

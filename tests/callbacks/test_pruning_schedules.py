@@ -842,3 +842,22 @@ def test_a_reset_inside_an_accumulation_window_drops_the_gradients_of_the_weight
                  callbacks=[callback, seen]).fit(ThreeLayerModel())
     assert callback._history[0]["lottery_ticket_reset"] and callback._history[0]["step"] == 1
     assert seen.grad is None
+
+
+def test_a_reset_before_any_optimizer_step_keeps_the_gradients_of_its_accumulation_window(tmp_path):
+    """No step since the snapshot: the reset changes no value, and the window's gradients are those of the weights
+    training goes on from; they were dropped all the same (the one step then differed from the fit without the
+    lottery ticket)."""
+    def update(lottery_ticket: bool) -> torch.Tensor:
+        seed_everything(0)
+        model = ThreeLayerModel()
+        before = model.layer.mlp_1.weight.detach().clone()
+        callback = ModelPruning("l1_unstructured", amount=0.3, prune_on_train_epoch_end=False,
+                                make_pruning_permanent=False, use_lottery_ticket_hypothesis=lottery_ticket)
+        make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, val_check_interval=1, accumulate_grad_batches=2,
+                     num_sanity_val_steps=0, callbacks=[callback]).fit(model)
+        assert callback._history[0]["step"] == 0
+        return model.layer.mlp_1.weight_orig.detach() - before
+
+    with_reset, without = update(True), update(False)
+    assert with_reset.abs().sum() > 0 and torch.equal(with_reset, without)

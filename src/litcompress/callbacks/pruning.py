@@ -49,7 +49,7 @@ from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
-from litcompress.pruning.lottery import Snapshot, rewind_, snapshot_tensor, take_snapshot
+from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, is_ln_norm, is_pruning_method,
                                         required_kwargs, takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
@@ -148,6 +148,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
         self._method_kwargs: dict[str, Any] = {}
+        # what `_create_pruning_fn` made of a name; a subclass's own (or a `pruning_fn` set later) prunes instead, as
+        # Lightning's callback calls it
+        self._default_pruning_fn: Any = None
         self._pruning_method_name: Optional[str] = None
 
         for name in self._parameter_names:
@@ -156,6 +159,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     f"The provided `parameter_names` name: {name} isn't in {self.PARAMETER_NAMES}"
                 )
 
+        self._given_pruning_fn = pruning_fn
         if isinstance(pruning_fn, str):
             pruning_kwargs: dict[str, Any] = {}
             pruning_fn = pruning_fn.lower()
@@ -181,6 +185,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._method = PRUNING_METHODS[pruning_fn]
             self._method_kwargs = pruning_kwargs
             pruning_fn = self._create_pruning_fn(pruning_fn, **pruning_kwargs)
+            if type(self)._create_pruning_fn is ModelPruning._create_pruning_fn:
+                self._default_pruning_fn = pruning_fn
         elif self._is_pruning_method(pruning_fn):
             # Lightning refuses custom methods in local mode; the engine applies them like any other, with
             # `pruning_dim` as `dim` and `pruning_norm` as `n` to a method that takes them (torch's LnStructured).
@@ -379,11 +385,21 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._ticket_zeros_to_mask = self._ticket_zeros_to_mask or bool(permanent)
         self._reset_pending = False
 
+    def _custom_pruning_fn(self) -> bool:
+        """Whether `pruning_fn` is a subclass's own (from its `_create_pruning_fn`, or set on the instance) rather
+        than the method the constructor resolved."""
+        return isinstance(self._given_pruning_fn, str) and self.pruning_fn is not self._default_pruning_fn
+
     def _apply_local_pruning(self, amount: Union[int, float]) -> None:
+        if self._custom_pruning_fn():
+            for module, name in engine.distinct_targets(self._parameters_to_prune):
+                self.pruning_fn(module, name=name, amount=amount)
+            return
         engine.prune_(self._parameters_to_prune, self._method, amount, scope="local", **self._method_kwargs)
 
     def _apply_global_pruning(self, amount: Union[int, float]) -> None:
-        engine.prune_(self._parameters_to_prune, self._method, amount, scope="global", **self._method_kwargs)
+        method = self.pruning_fn if self._custom_pruning_fn() else self._method
+        engine.prune_(self._parameters_to_prune, method, amount, scope="global", **self._method_kwargs)
 
     @staticmethod
     def _get_pruned_stats(module: nn.Module, name: str) -> tuple[int, int]:
@@ -621,10 +637,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     engine.set_mask_(module, name, getattr(module, name) != 0)  # mask the reset must keep
             self._ticket_zeros_to_mask = False
         if self._reset_pending:
+            changes = self._resample_parameters or not at_snapshot(self._parameters_to_prune, self._original_layers)
             self.apply_lottery_ticket_hypothesis()
             self._reset_pending = False
-            for optimizer in trainer.optimizers:  # what a round inside an accumulation window left there was
-                optimizer.zero_grad(set_to_none=True)  # computed on the weights the reset undid
+            if changes:  # what a round inside an accumulation window left there was computed on the weights the
+                for optimizer in trainer.optimizers:  # reset undid (a reset before any step keeps them)
+                    optimizer.zero_grad(set_to_none=True)
             if self._reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()
@@ -943,11 +961,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._caught_up_at_step = trainer.global_step
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validations_this_fit += 1
-        if not trainer.sanity_checking:
-            self._validation_due = None  # it ran
-        if not trainer.sanity_checking and not self._prune_on_train_epoch_end \
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return  # `trainer.validate()` evaluates: it prunes nothing (Lightning's callback ran a round there)
+        self._validations_this_fit += 1
+        self._validation_due = None  # it ran
+        if not self._prune_on_train_epoch_end \
                 and self._caught_up_at_step != trainer.global_step:  # a skipped validation's round ran at resume
             # a validation inside an epoch (val_check_interval) has not finished it: a schedule's point counts
             # finished epochs

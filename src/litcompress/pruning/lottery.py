@@ -105,6 +105,19 @@ def redraw_parameters_(module: nn.Module) -> list[str]:
     return names
 
 
+def at_snapshot(targets: Sequence[Target], snapshot: Snapshot) -> bool:
+    """Whether the trainable tensors of `targets` hold their snapshot values (no step since it was taken): rewinding
+    them would change nothing."""
+    for layer in snapshot.values():
+        for i, name in layer["names"]:
+            module, target_name = targets[i]
+            value = getattr(layer["data"], name, None)
+            dst = trainable_tensor(module, target_name)
+            if isinstance(value, Tensor) and not torch.equal(dst.detach(), value.to(dst.device, dst.dtype)):
+                return False
+    return True
+
+
 def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = False) -> None:
     """Copy snapshot values into the trainable tensors of `targets` (``<name>_orig`` when pruned).
 
