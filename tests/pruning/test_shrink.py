@@ -2603,3 +2603,157 @@ def test_a_gated_group_whose_pruned_rows_keep_their_biases_says_why_it_loses_not
         model.w1.bias[:4] = 0  # zero in one factor: the product's channels leave from both and from w2
     assert {layer.name: layer.removed for layer in shrunk_alike(model, torch.randn(5, 8)).report.layers} == {
         "w1": 4, "w3": 4}
+
+
+# ------------------------------------------------------------------------------- defects found by a hunt (2026-12-05)
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.ff, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.ff(self.emb(tokens))))
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_a_mask_that_a_tied_holder_does_not_apply_is_refused(with_inputs):
+    """torch's pruning masked the embedding's matrix for the embedding only; making the mask permanent masked the
+    head too, and the check, whose reference was taken after that, passed: outputs changed by 2.8 of 4."""
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    torch_prune.ln_structured(model.emb, "weight", amount=0.5, n=2, dim=1)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    tokens = torch.randint(0, 20, (2, 5))
+    with pytest.raises(ValueError, match=r"emb.weight is pruned .* the same tensor is head.weight, which computes "
+                                         r"with it unmasked \(tied weights\)"):
+        shrink(model, tokens if with_inputs else None)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # shrink copies
+    torch_prune.ln_structured(model.head, "weight", amount=0.5, n=2, dim=1)  # each holder masked: shrinks
+    shrink(model, tokens)
+
+
+class _ReadsItsWeight(nn.Module):
+    """Returns an L1 term of its first layer beside the logits, and may scale by a hooked layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        return logits, self.fc1.weight.abs().mean() + self.head.bias.sum()
+
+
+def test_layers_whose_tensors_the_forward_reads_or_that_have_hooks_keep_their_channels():
+    """fx records `self.fc1.weight` as a get_attr node and calls a hooked layer without its hooks: narrowed, the
+    penalty doubled and the hook's offset vanished from the removed channels, silently without example inputs."""
+    torch.manual_seed(0)
+    model = _ReadsItsWeight().eval()
+    model.fc2.register_forward_hook(lambda module, inputs, output: output + 0.5)
+    for layer in (model.fc1, model.fc2):
+        torch_prune.ln_structured(layer, "weight", amount=0.5, n=2, dim=0)
+    result = shrink(model)
+    kept = dict(result.report.kept)
+    assert "the forward reads its tensor fc1.weight itself" in kept["fc1"]
+    assert "it has forward hooks" in kept["fc2"]
+    assert result.report.parameters_after == result.report.parameters_before
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for got, expected in zip(result.model(x), model(x)):
+            torch.testing.assert_close(got, expected)
+
+
+class _MaskedLogits(nn.Module):
+    """Scales by its width read as an attribute (which the check must catch) and masks a class with `fill`."""
+
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.fc1, self.head, self.fill = nn.Linear(8, 32), nn.Linear(32, 5), fill
+        self.register_buffer("allowed", torch.tensor([True, True, True, True, False]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x)) * self.fc1.out_features ** -0.5
+        return self.head(h).masked_fill(~self.allowed, self.fill)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9, float("nan")])
+def test_the_output_check_is_not_disarmed_by_infinite_nan_or_sentinel_outputs(fill):
+    """The tolerance was relative to the largest output: -inf or -1e9 masking a class made it infinite or huge (a
+    width-dependent forward passed), and a NaN made it NaN (every shrink was refused)."""
+    torch.manual_seed(0)
+    model = _MaskedLogits(fill).eval()
+    torch_prune.ln_structured(model.fc1, "weight", amount=0.5, n=2, dim=0)
+    with pytest.raises(ValueError, match="outputs differ from the original's"):
+        shrink(model, torch.randn(4, 8))
+
+    class Padded(nn.Module):  # the same fill, and nothing that depends on the width
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.head = nn.Linear(8, 32), nn.Linear(32, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.head(F.relu(self.fc1(x)))
+            return torch.cat([out, torch.full_like(out[:, :1], fill)], 1)
+
+    padded = Padded().eval()
+    torch_prune.ln_structured(padded.fc1, "weight", amount=0.5, n=2, dim=0)
+    assert shrink(padded, torch.randn(4, 8)).report.parameters_after < shrink(padded).report.parameters_before
+
+
+def test_monte_carlo_dropout_passes_the_output_check():
+    """The two checked calls drew different dropout masks: every shrink of such a model was refused."""
+    class MCDropout(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.fc1(x))
+            return self.head(F.dropout(F.relu(self.fc2(h)), 0.2, training=True))
+
+    torch.manual_seed(0)
+    model = MCDropout().eval()
+    for layer in (model.fc1, model.fc2):
+        torch_prune.ln_structured(layer, "weight", amount=0.5, n=2, dim=0)
+    result = shrink(model, torch.randn(4, 8))
+    assert [layer.name for layer in result.report.layers] == ["fc1"] and "dropout" in dict(result.report.kept)["fc2"]
+
+
+def test_a_shrunk_state_reloads_into_a_fresh_model_with_a_shared_attention_or_lazy_layers():
+    """load_shrunk_state_dict replaced a shared attention under its first name only (missing and unexpected keys),
+    and read the shape of a lazy layer's uninitialized weight."""
+    from litcompress import load_shrunk_state_dict
+    from litcompress.pruning import prune_heads_
+
+    class SharedBlocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.blocks, self.head = nn.ModuleList([attention, attention]), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for attention in self.blocks:
+                x = x + attention(x, x, x, need_weights=False)[0]
+            return self.head(x.mean(1))
+
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.head = nn.LazyLinear(8), nn.LazyLinear(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    shared, x = SharedBlocks().eval(), torch.randn(2, 5, 16)
+    prune_heads_(shared, 0.5)
+    lazy, y = Lazy(), torch.randn(2, 3)
+    lazy(y)
+    torch_prune.ln_structured(lazy.fc1, "weight", amount=0.5, n=2, dim=0)
+    for model, built, inputs in ((shared, SharedBlocks, x), (lazy.eval(), Lazy, y)):
+        shrunk = shrink(model, inputs).model
+        fresh = load_shrunk_state_dict(built(), shrunk.state_dict()).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(inputs), shrunk(inputs))
+    assert fresh.fc1.weight.shape == (4, 3)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from litcompress.pruning.heads import HeadPrunedAttention, decode_kept_heads, disable_nested_tensor_
 from litcompress.pruning.recurrent import RECURRENT_LAYERS
@@ -71,6 +72,8 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
         if isinstance(module, _BATCH_NORM) and weight is None:  # no affine parameters: its statistics tell the width
             weight = state_dict.get(prefix + "running_mean")
         if not isinstance(weight, Tensor) or isinstance(module, HeadPrunedAttention) or prefix.startswith(replaced):
+            continue
+        if is_lazy(getattr(module, "weight", None)):  # never called: torch's loading gives it the state's shapes
             continue
         if isinstance(module, nn.Linear):
             resized = _resize_linear_(module, weight, name, apply)
@@ -227,8 +230,17 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
     """Put a :class:`HeadPrunedAttention` where `state_dict` holds one (its projections and heads) and `model` has
     torch's attention (without `apply`, only name them)."""
     replaced = []
-    for name, module in list(model.named_modules()):
+    made: dict[int, nn.Module] = {}  # an attention shared under several names: one replacement, put at each
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         prefix = f"{name}." if name else ""
+        if apply and id(module) in made:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, leaf, made[id(module)])
+            if isinstance(parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+                disable_nested_tensor_(model, parent)
+            replaced.append(name)
+            continue
         # a state written while pruning on with masks holds `q_proj.weight_orig` (and its mask) instead
         q_weight = next((prefix + f"q_proj.weight{suffix}" for suffix in ("", "_orig")
                          if prefix + f"q_proj.weight{suffix}" in state_dict), None)
@@ -256,6 +268,7 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
             kept_heads=kept_heads,
         ).to(device=module.out_proj.weight.device, dtype=module.out_proj.weight.dtype)
         replacement.train(module.training)
+        made[id(module)] = replacement
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, leaf, replacement)

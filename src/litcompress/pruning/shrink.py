@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_parameter_names, make_permanent_,
-                                        tied_parameters)
+from litcompress.pruning.engine import (compiled_module_names, eager_copy, is_pruned, lazy_parameter_names,
+                                        make_permanent_, pruned_targets, tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.recurrent import (RECURRENT_LAYERS, is_projected, keep_inputs_, keep_units_,
@@ -2068,6 +2068,11 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
     chain to its consumer or the reason there is none; then the feed-forward blocks of torch's Transformer layers.
     Lazy: a chain is read when it is reached, after the edits of the chains before it."""
     seen: set[str] = set()
+    # tensors the forward reads itself (`self.fc1.weight.abs().mean()`): narrowed, they would read otherwise
+    read: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            read.setdefault(str(node.target).rpartition(".")[0], str(node.target))
     for node in graph.nodes:
         name = str(node.target)
         if node.op != "call_module" or name in seen:
@@ -2079,14 +2084,30 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
                 yield name, _reuse_reason(name, modules)
             elif has_computed_tensors(module):
                 yield name, "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
+            elif name in read:
+                yield name, f"the forward reads its tensor {read[name]} itself, which narrowing would change"
+            elif _user_hooks(module):
+                yield name, "it has forward hooks, which the traced graph does not show (they may change its output)"
             else:
-                yield name, _follow(node, name, modules, calls)
+                chain = _follow(node, name, modules, calls)
+                consumers = [] if isinstance(chain, str) else [b.consumer_name for b in chain.branches
+                                                                if b.consumer_name in read]
+                yield name, (f"the forward reads its consumer's tensor {read[consumers[0]]} itself, which narrowing "
+                             "would change" if consumers else chain)
         elif type(module) in _TRANSFORMER_LEAVES:
             for sub_name, layer in module.named_modules():
                 if type(layer) in _TRANSFORMER_LAYERS:
                     layer_name = f"{name}.{sub_name}" if sub_name else name
                     yield f"{layer_name}.linear1", ("it is called more than once" if calls[name] > 1
                                                     else _feed_forward_chain(layer_name, layer))
+
+
+def _user_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks (pre or post) other than the pruning engine's own."""
+    from litcompress.pruning.engine import _BYPASS_HOOKS
+
+    pre = [hook for hook in module._forward_pre_hooks.values() if hook not in _BYPASS_HOOKS]
+    return bool(pre or module._forward_hooks)
 
 
 def _selects_leading_dims(user: fx.Node, node: fx.Node) -> bool:
@@ -2482,15 +2503,58 @@ def max_output_difference(a: object, b: object) -> float:
 
 
 def _scale(output: object) -> float:
-    """Largest absolute value among the output's tensors."""
-    return max((float(x.double().abs().max()) for x in _leaves(output) if isinstance(x, Tensor) and x.numel()),
-               default=0.0)
+    """Largest finite absolute value among the output's tensors (an -inf of masked logits sets no scale)."""
+    return max((float(x.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) for x in _leaves(output)
+                if isinstance(x, Tensor) and x.numel()), default=0.0)
+
+
+def _scale_where_they_differ(reference: object, other: object) -> float:
+    """Largest finite absolute value of `reference` where `other` differs from it: entries equal in both (a
+    sentinel such as -1e9 filling masked logits) set no scale, which would let any difference elsewhere pass."""
+    worst = 0.0
+    for x, y in zip(_leaves(reference), _leaves(other)):
+        if isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.numel():
+            differs = (x != y) & x.isfinite()
+            if bool(differs.any()):
+                worst = max(worst, float(x.double().abs()[differs].max()))
+    return worst
 
 
 # Folding a removed channel's constant into the next bias changes where the sums round: in bfloat16 or float16 by
 # about one unit of the last place of the output (measured: at most 1.1 eps on 7-layer MLPs). The check allows this
 # many, so a half-precision model is not refused for its own rounding.
 ROUNDING_EPS = 8
+
+
+def _refuse_masks_a_tied_holder_does_not_apply(model: nn.Module) -> None:
+    """A mask on a tensor that another module holds as its plain parameter (tied weights pruned through one holder,
+    as ``torch.nn.utils.prune`` does): that module computes unmasked, and making the mask permanent, which the shrink
+    starts with, would change its outputs without a word."""
+    holders = [(path, module, name, parameter) for path, module in model.named_modules(remove_duplicate=False)
+               for name, parameter in module._parameters.items() if parameter is not None]
+    for path, module, name in pruned_targets(model):
+        orig = module._parameters.get(f"{name}_orig")
+        for other_path, other, other_name, parameter in holders:
+            masked_there = other_name.endswith("_orig") and is_pruned(other, other_name.removesuffix("_orig"))
+            if parameter is orig and not masked_there:
+                pruned = f"{path}.{name}" if path else name
+                holder = f"{other_path}.{other_name}" if other_path else other_name
+                raise ValueError(f"shrink: {pruned} is pruned (it has a mask), but the same tensor is {holder}, "
+                                 f"which computes with it unmasked (tied weights): making the mask permanent would "
+                                 f"change {other_path or 'the model'}'s outputs. Prune every holder of a tied tensor "
+                                 "with the same mask (litcompress.pruning.with_tied_targets(model, targets) lists them "
+                                 "for prune_; ModelPruning does it), or none.")
+
+
+def _outputs_drawing_alike(model: nn.Module, example_inputs: object) -> object:
+    """``eval_outputs`` with the random streams seeded alike at every call, the caller's left as they were: a dropout
+    left on in eval mode (Monte Carlo dropout, which keeps its layer's channels) draws the same masks before and
+    after the shrink, so that the check compares what the shrink changed."""
+    cuda = sorted({t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers())
+                   if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        return eval_outputs(model, example_inputs)
 
 
 def _rounding_floor(output: object) -> float:
@@ -2538,8 +2602,9 @@ def shrink_(
                              "once first).")
         eval_outputs(model, example_inputs)
     before = _count_parameters(model)
+    _refuse_masks_a_tied_holder_does_not_apply(model)
     make_permanent_(model)
-    reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
+    reference = _outputs_drawing_alike(model, example_inputs) if example_inputs is not None else None
     # Groups and flag disagreements are decided before any edit: a depthwise conv left with one channel looks like an
     # ungrouped conv. The chain edits below change no residual space's width (a space's producers end no chain).
     # With flags, forward's paths in all their combinations: a layer loses channels only where every path agrees.
@@ -2598,19 +2663,19 @@ def shrink_(
     if example_inputs is not None:
         shrunk = [layer.name for layer in layers] + [f"{head.name} ({head.removed} heads)" for head in heads]
         try:
-            after = eval_outputs(model, example_inputs)
+            after = _outputs_drawing_alike(model, example_inputs)
         except Exception as error:  # a shape shrink misread (a rank the graph does not show): say so, not torch's
             raise ValueError(
                 f"the shrunk model fails on the example inputs ({type(error).__name__}: {error}): its forward "
                 f"depends on a layer's width in a way the traced graph does not show. Shrunk: {shrunk}."
             ) from error
         difference = max_output_difference(reference, after)
-        scale = _scale(reference)
+        scale = _scale_where_they_differ(reference, after)
         if not difference <= max(rtol * max(scale, 1.0), _rounding_floor(reference) * scale):
             raise ValueError(
                 f"the shrunk model's outputs differ from the original's by {difference:.3g} (more than rtol={rtol} "
-                f"of the largest output): its forward probably depends on a layer's width (a hard-coded shape or "
-                f"size() arithmetic). Shrunk: {shrunk}." + (
+                f"of the largest output it changed): its forward probably depends on a layer's width (a hard-coded "
+                f"shape, size() arithmetic, a width read as an attribute, a forward hook). Shrunk: {shrunk}." + (
                     " Attentions lost heads: one returning its attention weights (need_weights=True, torch's "
                     "default) averages them over its kept heads only; a TransformerEncoder given a "
                     "src_key_padding_mask in eval mode takes torch's nested-tensor path only with torch's own "
