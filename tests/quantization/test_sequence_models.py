@@ -539,3 +539,64 @@ def test_torch_aos_lstm_on_a_packed_sequence_fixes_the_batch_so_the_search_keeps
         inputs = batch(size, length, seed=100 + size)
         with torch.no_grad():
             torch.testing.assert_close(loaded(*inputs), result.model(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_the_fp32_fallback_keeps_the_layers_a_retry_put_in_fp32():
+    """The fallback took the first k layers of the sensitivity ranking as if the best recipe's fp32 layers were its
+    prefix: the LSTM a retry had to keep in fp32 was dropped (the trial failed again, a fallback size was skipped),
+    and the backend's next recipe failed as its first had."""
+    torch.manual_seed(0)
+    model = PackedClassifier().eval()
+
+    def batch(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(2, 11, (size,), generator=generator)
+        return torch.randint(1, VOCAB, (size, 10), generator=generator), lengths
+
+    batches = [batch(16, seed) for seed in range(3)]
+    with torch.no_grad():
+        reference = [model(*b) for b in batches]
+
+    def distance(candidate: nn.Module) -> float:  # lower is better; the goal (0) cannot be met: every fallback runs
+        with torch.no_grad():
+            return sum(float((candidate(*b) - r).abs().mean()) for b, r in zip(batches, reference))
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2, num_threads=1, max_trials=8,
+                       accuracy=AccuracyCriterion(0.0, higher_is_better=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, config, eval_fn=distance, calibration_data=batches, input_fn=tuple)
+    failed = [t for t in result.trials if t.error]
+    assert len(failed) == 1 and failed[0].index == 1  # only the first, which found that the LSTM fixes the batch
+    assert all("rnn" in t.recipe.fp32_layers for t in result.trials[1:]), result.table()
+    sets = [t.recipe for t in result.trials]
+    assert len(set(sets)) == len(sets)  # no trial repeats another
+
+
+def test_saving_an_onnx_runtime_result_with_dims_its_search_fixed_is_refused(tmp_path):
+    """save_quantized(dynamic_dims=...) wrote the search's file as it was: it failed at any other length."""
+    from litcompress.quantization import save_quantized
+
+    class TokenMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(VOCAB, 16), nn.Linear(16, 4)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embed(tokens)).mean(1)
+
+    torch.manual_seed(0)
+    model = TokenMean().eval()
+    batches = [torch.randint(0, VOCAB, (8, 12)) for _ in range(2)]  # padded to one length: the file fixes it
+    result = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=lambda m: 1.0, calibration_data=batches)
+    with pytest.raises(ValueError, match=r"exported during the search with dim 1 of input 0 \(size 12\) fixed"):
+        save_quantized(result.model, result.recipe, tmp_path / "m.onnx", result.example_inputs,
+                       dynamic_dims={0: (1,)})
+    assert not (tmp_path / "m.onnx").exists()
+    save_quantized(result.model, result.recipe, tmp_path / "m.onnx", result.example_inputs)  # its own dims: written
+    declared = quantize(model, _lenient("dynamic", "onnxruntime", dynamic_dims={0: (1,)}), eval_fn=lambda m: 1.0,
+                        calibration_data=batches)
+    save_quantized(declared.model, declared.recipe, tmp_path / "d.onnx", declared.example_inputs,
+                   dynamic_dims={0: (1,)})
+    loaded, _ = load_quantized(tmp_path / "d.onnx")
+    assert loaded(torch.randint(0, VOCAB, (3, 7))).shape == (3, 4)

@@ -790,3 +790,34 @@ def test_a_shared_iterator_of_calibration_batches_loses_none_past_those_read(tra
     config = PTQConfig(approach="static", backends=("torch_ao",), num_calibration_batches=2, **FAST)
     quantize(trained_mlp, config, eval_fn=lambda m: 1.0, calibration_data=stream)
     assert torch.equal(next(stream)[0], x[32:48])  # the third batch, still there
+
+
+def test_a_tensor_given_as_calibration_data_is_refused_as_rows_not_batches():
+    """Iterated, a tensor gives single samples: every candidate failed with its own shape error (or torch_ao
+    calibrated on 16 single rows) and the fp32 model came back."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.randn(512, 64)
+    with pytest.raises(TypeError, match=r"calibration_data=<a tensor of shape \(512, 64\)>\): iterating a tensor "
+                                        r"gives its rows"):
+        quantize(model, PTQConfig(approach="static"), eval_fn=lambda m: 1.0, calibration_data=x)
+
+
+def test_timeout_s_counts_the_search_not_the_baseline_and_runs_one_trial_at_least():
+    """A 2 s validation under timeout_s=1.5 ran no trial: the timer had started before the fp32 baseline, and the
+    result said no candidate 'could be built'."""
+    import time
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.randn(64, 64)
+
+    def slow(candidate):
+        time.sleep(0.6)
+        return float((candidate(x).argmax(1) == model(x).argmax(1)).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), timeout_s=0.5,
+                                           latency_repeats=2, accuracy=AccuracyCriterion(tolerable_loss=1.0)),
+                          eval_fn=slow, example_inputs=x[:8])
+    assert len(result.trials) == 1 and result.recipe is not None
+    assert any("timeout_s=0.5 reached after 1 trials" in m for m in result.messages)

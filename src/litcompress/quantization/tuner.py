@@ -132,6 +132,10 @@ def check_calibration_data(calibration_data: object, where: str) -> None:
     if isinstance(calibration_data, Dataset) and not isinstance(calibration_data, DataLoader):
         raise TypeError(f"{where}(calibration_data={type(calibration_data).__name__}): a Dataset gives single samples, "
                         "without a batch dim; give batches: DataLoader(dataset, batch_size=32).")
+    if isinstance(calibration_data, torch.Tensor):  # iterated, it gives its rows: single samples, as a Dataset
+        raise TypeError(f"{where}(calibration_data=<a tensor of shape {tuple(calibration_data.shape)}>): iterating a "
+                        "tensor gives its rows, single samples without the batch dim; give batches: "
+                        "list(tensor.split(32)) or a DataLoader.")
     if isinstance(calibration_data, (list, tuple)) and not calibration_data:  # taken for "none given" later
         raise ValueError(f"{where}(calibration_data={calibration_data!r}): no batch to calibrate on; give at least "
                          "one.")
@@ -437,8 +441,12 @@ class _BackendSearch:
         # one more layer in fp32 than the best so far; when that recipe ran already (it did not beat the best: ties
         # are common with accuracy), the next larger set, so that no trial repeats one
         # (all layers in fp32 is no quantization at all)
-        for k in range(len(base.recipe.fp32_layers) + 1, len(order)):
-            recipe = base.recipe.with_fp32_layers(tuple(order[:k]))
+        # The base's own fp32 layers stay: some were put there by a retry (an int8 layer that fixed a size), not by
+        # the ranking, and dropped they failed again.
+        fixed = tuple(base.recipe.fp32_layers)
+        rest = [name for name in order if name not in fixed]
+        for j in range(1, len(rest)):
+            recipe = base.recipe.with_fp32_layers(fixed + tuple(rest[:j]))
             if recipe not in tried:
                 self.fallback_started = True
                 return recipe
@@ -562,7 +570,6 @@ def quantize(
 
 def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],
             example_inputs: Inputs) -> QuantizationResult:
-    started = time.monotonic()
     messages: list[str] = []
 
     def note(message: str) -> None:
@@ -609,6 +616,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     baseline_latency = measure_latencies([fp32], example_inputs, config.latency_repeats,
                                          num_threads=config.num_threads)[0]["median"]
     baseline_size = model_size_bytes(fp32)
+    started = time.monotonic()  # timeout_s is the search's: the baseline's evaluation and timing are not counted
 
     searches: list[_BackendSearch] = []
     for name in config.backends:
@@ -667,7 +675,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             for search in searches:
                 if len(trials) >= config.max_trials:
                     break
-                if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
+                if config.timeout_s is not None and trials and time.monotonic() - started > config.timeout_s:
                     timed_out = True
                     break
                 # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster.
@@ -694,6 +702,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                     retry = tuple(getattr(exc, "fp32_layers", ()))
                     if retry:  # the int8 version of these layers fixed a size: once more with them in fp32
                         search.pending.insert(0, recipe.with_fp32_layers(recipe.fp32_layers + retry))
+                        # and so in this backend's recipes to come, which would fail alike
+                        search.pending[1:] = [r.with_fp32_layers(r.fp32_layers + tuple(
+                            name for name in retry if name not in r.fp32_layers)) for r in search.pending[1:]]
                         note(f"trial {trial.index}: {exc}; trying backend {search.backend.name!r} again with "
                              f"{list(retry)} in fp32.")
                     else:

@@ -11,7 +11,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -352,9 +352,29 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(quantized, OnnxRuntimeModule):
             raise TypeError("onnxruntime backend can only save OnnxRuntimeModule results.")
         proto = onnx.load_from_string(quantized.model_bytes)
+        fixed = _fixed_declared_dims(proto, dynamic_dims)
+        if fixed:  # the search's file is written as it is: it cannot free a dim its export fixed
+            raise ValueError(f"save_quantized(dynamic_dims=...): this ONNX Runtime result was exported during the "
+                             f"search with {', '.join(fixed)} fixed, so its file cannot leave them free. Quantize "
+                             "again with PTQConfig(dynamic_dims=...) naming them (result.save() keeps the search's "
+                             "free dims).")
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, metadata
         onnx.save(proto, path)
+
+
+def _fixed_declared_dims(proto: Any, dynamic_dims: Any) -> list[str]:
+    """The dims `dynamic_dims` declares free (the batch dims aside) that the graph's inputs fix, in words."""
+    fixed = []
+    for graph_input in proto.graph.input:
+        match = _OUR_INPUT_NAME.fullmatch(graph_input.name)
+        if match is None or dynamic_dims is None or int(match.group(1)) >= len(dynamic_dims):
+            continue
+        index, dims = int(match.group(1)), graph_input.type.tensor_type.shape.dim
+        for d in dynamic_dims[index]:
+            if 0 < d < len(dims) and dims[d].HasField("dim_value"):
+                fixed.append(f"dim {d} of input {index} (size {dims[d].dim_value})")
+    return fixed
 
 
 def load_onnx(path: str) -> tuple[nn.Module, dict]:
