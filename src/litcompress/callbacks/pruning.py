@@ -1497,7 +1497,7 @@ def load_module_from_checkpoint(
 
 
 def built_without_weights(module_class: type[LightningModule], checkpoint: dict[str, Any], **kwargs: Any
-                           ) -> LightningModule:
+                          ) -> LightningModule:
     """The module ``load_from_checkpoint`` builds from the checkpoint's hyperparameters (its hooks run), before any
     weight is loaded into it."""
     buffer = io.BytesIO()
