@@ -675,7 +675,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             for search in searches:
                 if len(trials) >= config.max_trials:
                     break
-                if config.timeout_s is not None and trials and time.monotonic() - started > config.timeout_s:
+                if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
                     timed_out = True
                     break
                 # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster.
