@@ -140,13 +140,17 @@ def test_a_model_pruned_in_a_first_fit_keeps_its_zeros_through_qat(tmp_path):
     (lambda: [QuantizationAwareTraining("net", start_epoch=1, config=QATConfig(fp32_layers=("classifier",)))],
      ValueError, r"\['classifier'\] name no layer of Sequential"),
     (lambda: [QuantizationAwareTraining("net")], ValueError, r"precision='bf16-mixed'; QAT trains a float32 graph"),
+    # a KeyError naming the metric, as if the step did not log it, after all the training
+    (lambda: [QuantizationAwareTraining("net", metric="val_acc")], ValueError,
+     r"evaluates the int8 model on the fit's validation data at fit end, which limit_val_batches=0 leaves out"),
 ])
 def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, error, message):
     model = MLPClassifier(hidden=(16,))
     weights = model.net[0].weight.detach().clone()
     precision = "bf16-mixed" if "precision" in message else "32-true"
+    limits = dict(limit_val_batches=0) if "limit_val_batches" in message else {}
     with pytest.raises(error, match=message):
-        make_trainer(tmp_path, max_epochs=2, callbacks=make_callbacks(), precision=precision).fit(
+        make_trainer(tmp_path, max_epochs=2, callbacks=make_callbacks(), precision=precision, **limits).fit(
             model, datamodule=DigitsDataModule())
     assert torch.equal(model.net[0].weight, weights) and "forward" not in model.net.__dict__
 
@@ -518,3 +522,20 @@ def test_the_metric_of_a_dotted_submodule_in_a_fit_whose_validation_never_ran_on
     with torch.no_grad():
         expected = float((callback.result.model(x).argmax(1) == y).float().mean())
     assert callback.metric_value == pytest.approx(expected, abs=1e-6)
+
+
+class SkipsItsFirstBatch(MLPClassifier):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:  # a batch filtered out: Lightning skips it
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_first_qat_batch_that_the_step_skips_is_not_taken_for_a_forward_never_called(tmp_path):
+    """The step returned None for the first QAT batch (the model not called): the fit failed, saying the step
+    computed its outputs another way and to pass the submodule it had passed."""
+    seed_everything(0)
+    callback = QuantizationAwareTraining("net")
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[callback]).fit(
+        SkipsItsFirstBatch(hidden=(16,)), datamodule=DigitsDataModule())
+    assert callback.result is not None

@@ -221,3 +221,14 @@ def test_the_teacher_of_a_pruned_transformer_computes_what_the_model_computes():
     teacher = Distiller(net)
     with torch.no_grad():
         torch.testing.assert_close(teacher.teacher_outputs(x), net.eval()(x))
+
+
+@pytest.mark.parametrize("shape, message", [((32, 1), r"hold one logit per row, which a softmax cannot soften"),
+                                            ((32,), r"hold one value per sample")])
+def test_kl_on_outputs_without_classes_is_refused(shape, message):
+    """One logit per row: the softmax is 1 whatever the logit, and the term was 0 (alpha=1 trained nothing); a 1-d
+    output: the softmax ran over the batch's samples."""
+    student, teacher = torch.randn(*shape), 100 * torch.randn(*shape)
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(student, teacher)
+    assert distillation_loss(student, teacher, kind="mse") > 0

@@ -145,6 +145,9 @@ class QuantizationAwareTraining(Callback):
             _check_cpp_compiler()
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the fit
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
+        if self.metric is not None and trainer.limit_val_batches == 0:  # the int8 model is judged on the fit's limit
+            raise ValueError(f"{_OWNER}(metric={self.metric!r}) evaluates the int8 model on the fit's validation data "
+                             "at fit end, which limit_val_batches=0 leaves out: drop that limit, or metric=None.")
         if self.metric is not None:
             from litcompress.quantization.lightning import has_validation_data
 
@@ -281,7 +284,10 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._installed() and self.qat is None:  # a QAT batch trained without the QAT graph
+        # a QAT batch trained without the QAT graph (a step that returned None skipped its batch, which Lightning
+        # hands on as {} or None: it may have run nothing)
+        skipped = outputs is None or (isinstance(outputs, dict) and not outputs)
+        if self._installed() and self.qat is None and not skipped:
             children = [name for name, _ in pl_module.named_children()]
             where = "the LightningModule's own forward (submodule=None)" if self.submodule is None else \
                 f"the forward of {self.submodule!r}"

@@ -97,7 +97,14 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
         raise ValueError(f"distillation_loss(kind={kind!r}): use one of {DISTILLATION_KINDS}.")
     if student.dim() == 0:
         raise ValueError("distillation_loss: a scalar output has no classes to soften; use kind='mse'.")
+    if student.dim() == 1:  # a softmax over it would take the batch's samples for classes
+        raise ValueError(f"distillation_loss(kind='kl'): outputs of shape {tuple(student.shape)} hold one value per "
+                         "sample (a regression, or one binary logit), not class logits; use kind='mse'.")
     classes = student.shape[-1]
+    if classes == 1:  # a softmax over one class is 1 whatever the logit: the term would be 0, silently
+        raise ValueError(f"distillation_loss(kind='kl'): outputs of shape {tuple(student.shape)} hold one logit per "
+                         "row, which a softmax cannot soften (the term is always 0); use kind='mse', or give two "
+                         "logits per row.")
     log_p_student = F.log_softmax(student.reshape(-1, classes) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=-1)
     # KL(teacher || student) per entry, p_t (log p_t - log p_s): 0 where the teacher gives a class no mass at all
