@@ -364,3 +364,30 @@ def test_preparing_a_model_that_fixes_its_batch_size_leaves_its_batch_norm_stati
     prepare_qat(model, (torch.randn(8, 1, 8, 8),), copy=False)
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, before[name]), name
+
+
+def test_observers_frozen_while_training_stay_frozen_after_an_evaluation():
+    """Freezing the int8 ranges for the last epochs (late QAT) was undone by the first validation: going back to
+    training turned every observer on."""
+    from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+    torch.manual_seed(0)
+    qat = prepare_qat(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (torch.randn(8, 16),))
+    qat.train()
+    qat(torch.randn(8, 16))
+    qat.graph.apply(disable_observer)
+    frozen = qat.fake_quant_state()
+    qat.eval()
+    qat(torch.randn(8, 16))
+    qat.train()
+    qat(5 * torch.randn(8, 16))
+    assert all(torch.equal(value, frozen[key]) for key, value in qat.fake_quant_state().items())
+    fresh = prepare_qat(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (torch.randn(8, 16),))
+    fresh.train()
+    fresh(torch.randn(8, 16))
+    before = fresh.fake_quant_state()
+    fresh.eval()
+    fresh(torch.randn(8, 16))
+    fresh.train()
+    fresh(5 * torch.randn(8, 16))  # not frozen: its observers are on again after the evaluation
+    assert any(not torch.equal(value, before[key]) for key, value in fresh.fake_quant_state().items())

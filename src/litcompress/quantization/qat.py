@@ -137,6 +137,7 @@ class QATModel(nn.Module):
         self.example_inputs = tuple(example_inputs)
         self.dynamic_dims: DynamicDims | None = None  # per input, the free dims (prepare_qat sets them)
         self._graph_training = True
+        self._observers_on_before_eval: dict[str, bool] = {}  # per fake quantizer, when the graph last left training
         self._model_keys = frozenset(model.state_dict())
         # the model's batch norms (their statistics are the graph's buffers), named for the single-row check
         self._batch_norms = _batch_norms_of(model)
@@ -160,7 +161,14 @@ class QATModel(nn.Module):
         if self.training:
             move_exported_model_to_train(self.graph)
             self.graph.apply(enable_observer)
+            # but those frozen before the evaluation stay frozen (a late-QAT freeze of the int8 ranges)
+            for name, module in self.graph.named_modules():
+                if name in self._observers_on_before_eval and not self._observers_on_before_eval[name]:
+                    module.apply(disable_observer)
         else:
+            self._observers_on_before_eval = {name: bool(module.observer_enabled[0])
+                                              for name, module in self.graph.named_modules()
+                                              if isinstance(getattr(module, "observer_enabled", None), torch.Tensor)}
             move_exported_model_to_eval(self.graph)
             self.graph.apply(disable_observer)
         self._graph_training = self.training
