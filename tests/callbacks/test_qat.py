@@ -539,3 +539,26 @@ def test_a_first_qat_batch_that_the_step_skips_is_not_taken_for_a_forward_never_
     make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[callback]).fit(
         SkipsItsFirstBatch(hidden=(16,)), datamodule=DigitsDataModule())
     assert callback.result is not None
+
+
+class ValidatesItsNetDirectly(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+
+def test_a_validation_that_bypasses_the_quantized_forward_is_refused_at_its_first_qat_validation(tmp_path):
+    """Its val_acc was the fp32 model's all through QAT (the README says validation measures the fake-quantized
+    model), and the fit failed only at its end, in the tuner's words."""
+    seed_everything(0)
+    trainer = make_trainer(tmp_path, max_epochs=3, limit_train_batches=2,
+                           callbacks=[QuantizationAwareTraining(metric="val_acc")])
+    with pytest.raises(ValueError, match=r"validation_step did not call the LightningModule's own forward \(self\(x\)\)"
+                                         r", which QAT replaced"):
+        trainer.fit(ValidatesItsNetDirectly(hidden=(16,)), datamodule=DigitsDataModule())
+    assert trainer.current_epoch == 0
+    seed_everything(0)  # the steps calling the module QAT replaced: validated through it
+    callback = QuantizationAwareTraining("net", metric="val_acc")
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(
+        ValidatesItsNetDirectly(hidden=(16,)), datamodule=DigitsDataModule())
+    assert callback.metric_value is not None

@@ -61,6 +61,8 @@ class _QATForward:
                             "containers).")
         qat = self.callback._prepared(self.module, args)
         qat.train(self.module.training)
+        if not self.module.training:
+            self.callback._validated_through_qat = True
         return qat(*args)
 
 
@@ -109,6 +111,7 @@ class QuantizationAwareTraining(Callback):
         self.qat: QATModel | None = None
         self.result: QATResult | None = None
         self.metric_value: float | None = None
+        self._validated_through_qat = False  # in the current validation, the QAT graph ran
         self._module: nn.Module | None = None
         self._pending_state: dict[str, torch.Tensor] | None = None  # from a checkpoint, loaded once prepared
         self._pending_masks: dict[str, torch.Tensor] | None = None  # likewise: the held zeros' masks
@@ -309,10 +312,23 @@ class QuantizationAwareTraining(Callback):
         if self.qat is not None and self._distributed:
             self.qat.sync_ranges_()  # DDP syncs the weights; the observers' ranges are the graph's, synced here
 
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._validated_through_qat = False
+
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self.metric is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         from litcompress.quantization.lightning import logged_metrics, missing_metric_message
+
+        if self._installed() and not self._validated_through_qat:
+            # its metric is then the fp32 model's during QAT, and the int8 model would score alike at fit end
+            where = "the LightningModule's own forward (self(x))" if self.submodule is None else \
+                f"the forward of {self.submodule!r}"
+            raise ValueError(f"{_OWNER}(metric={self.metric!r}): {type(pl_module).__name__}.validation_step did "
+                             f"not call {where}, which QAT replaced, so the {self.metric!r} it logs is not the "
+                             "fake-quantized model's, and the int8 model could not be judged by it at fit end. Let "
+                             "the validation step call the module the training step trains through, or pass "
+                             "submodule=<the module both call>.")
 
         # at the fit's first validation, not after its last epoch (the int8 model is judged by it then)
         message = missing_metric_message(self.metric, logged_metrics([dict(trainer.callback_metrics)]),
