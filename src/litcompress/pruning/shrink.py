@@ -2530,13 +2530,16 @@ def _refuse_masks_a_tied_holder_does_not_apply(model: nn.Module) -> None:
     """A mask on a tensor that another module holds as its plain parameter (tied weights pruned through one holder,
     as ``torch.nn.utils.prune`` does): that module computes unmasked, and making the mask permanent, which the shrink
     starts with, would change its outputs without a word."""
-    holders = [(path, module, name, parameter) for path, module in model.named_modules(remove_duplicate=False)
-               for name, parameter in module._parameters.items() if parameter is not None]
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for other_path, other in model.named_modules(remove_duplicate=False):
+        for other_name, parameter in other._parameters.items():
+            if parameter is not None:
+                holders.setdefault(id(parameter), []).append((other_path, other, other_name))
     for path, module, name in pruned_targets(model):
         orig = module._parameters.get(f"{name}_orig")
-        for other_path, other, other_name, parameter in holders:
+        for other_path, other, other_name in holders.get(id(orig), []) if orig is not None else []:
             masked_there = other_name.endswith("_orig") and is_pruned(other, other_name.removesuffix("_orig"))
-            if parameter is orig and not masked_there:
+            if not masked_there:
                 pruned = f"{path}.{name}" if path else name
                 holder = f"{other_path}.{other_name}" if other_path else other_name
                 raise ValueError(f"shrink: {pruned} is pruned (it has a mask), but the same tensor is {holder}, "
