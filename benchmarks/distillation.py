@@ -176,6 +176,9 @@ def main() -> None:
                         help="real MNIST (batch 128), or scikit-learn's 8x8 digits (batch 32: 1,079 training images)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (training included)")
     args = parser.parse_args()
+    for name in ("epochs", "fine_tune_epochs", "threads"):  # --epochs 0 distilled an untrained teacher, in bold
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     quiet()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -308,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if any(not 0.0 < t < 1.0 for t in args.targets):
         parser.error(f"--targets must be in (0, 1), got {args.targets}")
+    for name in ("epochs", "jobs", "batch_size", "frequency"):  # each failed inside a worker, after the data loaded
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.begin < args.end <= 1.0:
+        parser.error(f"--begin and --end are fractions of the training steps with 0 <= begin < end <= 1, got "
+                     f"{args.begin} and {args.end}")
     knobs = dict(optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay)
     seeds, recipe = args.seeds, Recipe(epochs=args.epochs, **knobs)
     if args.quick:

@@ -279,6 +279,14 @@ def main() -> None:
     parser.add_argument("--lstm-hidden", type=int, default=256)
     parser.add_argument("--cache-dir", default=os.path.join("out", "ptq_cache"))
     args = parser.parse_args()
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = sorted(set(models) - {"mlp", "cnn", "lstm"})
+    if unknown or not models:  # a misspelt name ran nothing and exited 0
+        parser.error(f"--models: unknown {unknown or 'none given'}; choose from mlp, cnn, lstm (comma-separated)")
+    args.models = models
+    for name in ("threads", "mlp_hidden", "lstm_hidden", "repeats_b1", "repeats_b32", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -170,6 +170,13 @@ def main() -> None:
     parser.add_argument("--latency-only", action="store_true",
                         help="latency only, of untrained models (no training; run on a quiet machine)")
     args = parser.parse_args()
+    for name in ("epochs", "qat_epochs", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train_limit is not None and args.train_limit < 1:
+        parser.error(f"--train-limit must be >= 1, got {args.train_limit}")
+    if not args.seeds or any(w < 1 for w in args.widths):
+        parser.error("--seeds needs one seed at least, and --widths positive widths")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -196,7 +203,7 @@ def main() -> None:
                                                                               args.repeats)}
     print(f"\nMNIST test accuracy (%), mean ± std over seeds {args.seeds}; {args.epochs} fp32 epochs, "
           f"{args.qat_epochs} more for the fine-tuned and QAT rows; latency: batch 64, {args.threads} thread(s)\n")
-    print("| width | model | test acc. | Δ vs fp32 (pt) | val acc. | latency ms (seed 0) |")
+    print(f"| width | model | test acc. | Δ vs fp32 (pt) | val acc. | latency ms (seed {args.seeds[0]}) |")
     print("|---:|---|---:|---:|---:|---:|")
     for width, figures in report.items():
         fp32 = [a["fp32"]["test"] * 100 for a in figures["accuracy"]]

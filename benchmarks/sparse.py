@@ -89,6 +89,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1 or any(b < 1 for b in args.batches):
+        parser.error("--threads, --repeats and --batches must be >= 1")
+    if any(not 0.0 < t < 1.0 for t in args.targets):
+        parser.error(f"--targets must be in (0, 1), got {args.targets}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     started = time.monotonic()

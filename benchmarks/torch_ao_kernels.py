@@ -69,7 +69,9 @@ def check_bag(mode: str, inputs: tuple, kwargs: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", default="x86", help="torch.backends.quantized.engine (x86, fbgemm, onednn)")
+    parser.add_argument("--engine", default="x86", choices=[e for e in torch.backends.quantized.supported_engines
+                                                            if e != "none"],
+                        help="torch.backends.quantized.engine (x86, fbgemm, onednn: those this torch supports)")
     args = parser.parse_args(argv)
     torch.backends.quantized.engine = args.engine
     torch.manual_seed(0)

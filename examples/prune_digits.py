@@ -57,6 +57,8 @@ def main() -> None:
         parser.error(f"--target must be in [0, 1), got {args.target}")
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2, got {args.epochs}")
+    if args.hidden < 1:
+        parser.error(f"--hidden must be >= 1, got {args.hidden}")
 
     seed_everything(0)
     data = DigitsDataModule(batch_size=64)

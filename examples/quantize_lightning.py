@@ -28,6 +28,10 @@ def main() -> None:
     parser.add_argument("--max-trials", type=int, default=6)
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "digits_cnn.int8")
     args = parser.parse_args()
+    if args.epochs < 1 or args.max_trials < 1:  # --epochs 0 quantized an untrained CNN
+        parser.error("--epochs and --max-trials must be >= 1")
+    if not 0.0 <= args.tolerance < 1.0:
+        parser.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
 
     seed_everything(0, verbose=False)
     data = DigitsDataModule(batch_size=64, flatten=False)  # 1x8x8 images for the CNN

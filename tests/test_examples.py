@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from litcompress.report.compression import CompressionReport
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -92,3 +94,24 @@ def test_prune_lstm_units_lightning(tmp_path):
     out = run("prune_lstm_units_lightning.py", "--epochs", "2", "--save", str(tmp_path / "lstm.pt"))
     assert re.search(r"^lstm +head +128 -> 64 ", out, re.M)  # half the units, removed from the LSTM and the head
     assert "with 64 units" in out and "same outputs: True" in out
+
+
+@pytest.mark.parametrize("script, args, message", [
+    # ran nothing and exited 0 (the names were tested as substrings of the option's text)
+    ("benchmarks/ptq.py", ["--models", "MLP,cnn"], "--models: unknown ['MLP']; choose from mlp, cnn, lstm"),
+    # distilled an untrained teacher and printed its "gain" in bold
+    ("benchmarks/distillation.py", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    # failed inside a worker, after the data had loaded
+    ("benchmarks/mnist_sparsity.py", ["--quick", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    ("benchmarks/mnist_sparsity.py", ["--begin", "0.9", "--end", "0.1"], "0 <= begin < end <= 1, got 0.9 and 0.1"),
+    ("benchmarks/qat.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
+    ("benchmarks/sparse.py", ["--targets", "1.5"], "--targets must be in (0, 1), got [1.5]"),
+    ("benchmarks/torch_ao_kernels.py", ["--engine", "bogus"], "argument --engine: invalid choice: 'bogus'"),
+    # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
+    ("examples/quantize_lightning.py", ["--epochs", "0"], "--epochs and --max-trials must be >= 1"),
+    ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
+])
+def test_scripts_refuse_bad_arguments_at_parse(script, args, message):
+    done = subprocess.run([sys.executable, str(EXAMPLES.parent / script), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
