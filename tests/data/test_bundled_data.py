@@ -318,3 +318,13 @@ def test_trainer_predict_gives_the_test_splits_logits_in_order(tmp_path) -> None
     x = data.splits.test.tensors[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(batches), model(x))
+
+
+def test_digits_without_scikit_learn_say_what_to_install(monkeypatch):
+    """A bare ModuleNotFoundError, where MNIST's says which package to install."""
+    from litcompress.data import load_digits_tensors
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'litcompress\[data\]'"):
+        load_digits_tensors()

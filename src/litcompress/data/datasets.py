@@ -101,7 +101,11 @@ def load_digits_tensors(
     check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)
     check_flatten(flatten)
     seed = check_seed(seed)
-    from sklearn.datasets import load_digits  # optional dependency: only needed here
+    try:
+        from sklearn.datasets import load_digits  # optional dependency: only needed here
+    except ImportError as error:  # as MNIST's: say what to install
+        raise ImportError("the digits data ships with scikit-learn: pip install 'litcompress[data]' (or "
+                          "scikit-learn)") from error
 
     digits = load_digits()
     # Pixel values are integers 0..16.
