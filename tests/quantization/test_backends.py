@@ -598,3 +598,26 @@ def test_dynamic_int8_leaves_convolutions_fp32_so_every_quantized_layer_can_fall
     with torch.no_grad():
         assert not torch.allclose(quantized(x), model(x), atol=1e-6)  # the Linear layer was quantized
         torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_onnx_runtime_model_refuses_inputs_beyond_those_of_its_example(tmp_path):
+    """A flag passed explicitly (model(x, True)) was dropped: the file returned the default's output structure, where
+    the fp32 model returned a tuple (pt2e refuses such a call, torch_ao honours it). The file read back refuses it too;
+    an input the graph never reads but the example held still goes in."""
+    from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize
+
+    torch.manual_seed(0)
+    model = OptionalMask().eval()
+    x, mask = torch.randn(64, 8), torch.ones(64, 16)
+    backend = get_backend("onnxruntime")
+    quantized = backend.quantize(copy.deepcopy(model), backend.recipes("dynamic")[0], (x[:4],), [(x[:16],)])
+    with pytest.raises(TypeError, match=r"takes 1 positional input\(s\), those of its example, and was given 2"):
+        quantized(x, mask)
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("onnxruntime",), latency_repeats=2,
+                                       accuracy=AccuracyCriterion(tolerable_loss=1.0)), eval_fn=lambda m: 1.0,
+                      example_inputs=(x[:4],))
+    result.save(tmp_path / "m.onnx")
+    loaded, _ = load_quantized(tmp_path / "m.onnx")
+    assert loaded(x).shape == model(x).shape
+    with pytest.raises(TypeError, match="and was given 2"):
+        loaded(x, mask)

@@ -31,6 +31,7 @@ from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_
 METADATA_KEY = "litcompress"
 #: the JSON structure of the model's output (see `..outputs`), when it is not a single tensor
 OUTPUTS_KEY = "litcompress.outputs"
+INPUTS_KEY = "litcompress.inputs"  # how many positional inputs the model took (the graph may read fewer)
 
 
 def _session_options(num_threads: int | None = None):
@@ -73,11 +74,17 @@ class OnnxRuntimeModule(nn.Module):
         self.session = ort.InferenceSession(self.model_bytes, _session_options(self.num_threads),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        structure = self.session.get_modelmeta().custom_metadata_map.get(OUTPUTS_KEY)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        structure = metadata.get(OUTPUTS_KEY)
         self.output_structure = json.loads(structure) if structure else None
+        self.input_count = int(metadata[INPUTS_KEY]) if INPUTS_KEY in metadata else None  # older files: unknown
 
     def forward(self, *inputs: torch.Tensor) -> object:
         """The model's output: a tensor, or the tuples, lists and dicts of tensors the exported model returned."""
+        if self.input_count is not None and len(inputs) > self.input_count:
+            raise TypeError(f"this ONNX model takes {self.input_count} positional input(s), those of its example, "
+                            f"and was given {len(inputs)}: the others (a flag, say) are fixed at their defaults in the "
+                            "file, and would be dropped.")
         feed = input_feed(self.input_names, inputs)
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
         if self.output_structure is not None:
@@ -172,7 +179,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
     except Exception as exc:
         raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    model_bytes = with_output_structure(buffer.getvalue(), structure)
+    model_bytes = with_output_structure(buffer.getvalue(), structure, inputs=len(example_inputs))
     check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(model_bytes), example_inputs,
                     dynamic_dims, "torch.onnx.export")
     return model_bytes, structure
@@ -205,18 +212,23 @@ def _native_output_held() -> Iterator[None]:
                 stream.write(text)
 
 
-def with_output_structure(model_bytes: bytes, structure: Structure) -> bytes:
-    """`model_bytes` with `structure` in its metadata (unchanged for a single tensor, which needs none)."""
+def with_output_structure(model_bytes: bytes, structure: Structure, *, inputs: int | None = None) -> bytes:
+    """`model_bytes` with `structure` in its metadata (none for a single tensor, which needs none), and with `inputs`,
+    the number of positional inputs the model took."""
     import onnx
 
-    if structure == TENSOR:
+    if structure == TENSOR and inputs is None:
         return model_bytes
     proto = onnx.load_from_string(model_bytes)
-    kept = [p for p in proto.metadata_props if p.key != OUTPUTS_KEY]
+    kept = [p for p in proto.metadata_props if p.key not in (OUTPUTS_KEY, INPUTS_KEY)]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = OUTPUTS_KEY, json.dumps(structure)
+    if structure != TENSOR:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = OUTPUTS_KEY, json.dumps(structure)
+    if inputs is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = INPUTS_KEY, str(inputs)
     return proto.SerializeToString()
 
 
@@ -343,7 +355,7 @@ class OnnxRuntimeBackend(Backend):
             else:
                 raise ValueError(f"onnxruntime backend does not support approach {recipe.approach!r}.")
             with open(dst, "rb") as f:
-                return OnnxRuntimeModule(with_output_structure(f.read(), structure))
+                return OnnxRuntimeModule(with_output_structure(f.read(), structure, inputs=len(example_inputs)))
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
