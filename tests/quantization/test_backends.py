@@ -602,8 +602,8 @@ def test_dynamic_int8_leaves_convolutions_fp32_so_every_quantized_layer_can_fall
 
 def test_an_onnx_runtime_model_refuses_inputs_beyond_those_of_its_example(tmp_path):
     """A flag passed explicitly (model(x, True)) was dropped: the file returned the default's output structure, where
-    the fp32 model returned a tuple (pt2e refuses such a call, torch_ao honours it). The file read back refuses it too;
-    an input the graph never reads but the example held still goes in."""
+    the fp32 model returned a tuple (pt2e refuses such a call, torch_ao honours it). The file read back refuses it
+    too."""
     from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize
 
     torch.manual_seed(0)
