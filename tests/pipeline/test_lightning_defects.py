@@ -315,11 +315,11 @@ def test_compress_on_fit_end_takes_an_input_fn_for_a_forward_that_takes_the_batc
 
 @pytest.mark.parametrize("make, error, message", [
     (lambda: CompressOnFitEnd(CONFIG, output_dir=None), TypeError, r"output_dir=None\): expected a path"),
-    (lambda: CompressOnFitEnd(CONFIG, output_dir=""), ValueError, r"output_dir=''\): name a path"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir=""), ValueError, r"output_dir=''\): name a folder"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", test_metric=""), ValueError, r"test_metric=''\): name"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", metric=None), TypeError, "a str such as 'val_acc'"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", input_fn="x"), TypeError, "expected a function of a batch"),
-    ("QuantizeOnFitEnd", ValueError, r"save_path=''\): name a file"),
+    ("QuantizeOnFitEnd", ValueError, r"save_path=''\): give the path of a file to write .* not a folder"),
     ("QuantizeOnFitEnd calibration", ValueError, r"calibration_data=\[\]\): no batch to calibrate on"),
     ("QuantizeOnFitEnd metric", TypeError, r"metric=5\): name the metric validation_step logs"),
 ])

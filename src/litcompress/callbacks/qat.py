@@ -25,6 +25,7 @@ from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from litcompress.quantization.lightning import check_save_path
 from litcompress.quantization.qat import (
     QATConfig,
     QATModel,
@@ -105,7 +106,7 @@ class QuantizationAwareTraining(Callback):
         if not isinstance(compile, bool):
             raise TypeError(f"{_OWNER}(compile={compile!r}): use True or False.")
         if save_path is not None:
-            _check_save_path(save_path)
+            check_save_path(save_path, _OWNER)
         self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
         self.metric, self.save_path, self.compile = metric, save_path, compile
         self.qat: QATModel | None = None
@@ -417,17 +418,6 @@ class QuantizationAwareTraining(Callback):
         self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
         self._early_masks = state_dict.get("early_masks")
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
-
-
-def _check_save_path(save_path: object) -> None:
-    """At construction: a path a file can be written to, not after the fit."""
-    if not isinstance(save_path, (str, os.PathLike)):
-        raise TypeError(f"{_OWNER}(save_path={save_path!r}): give the path of the file to write (str or "
-                        "os.PathLike), e.g. 'out/model.pt2'.")
-    text = os.fspath(save_path)
-    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
-        raise ValueError(f"{_OWNER}(save_path={save_path!r}): give the path of a file to write (e.g. "
-                         "'out/model.pt2'), not a folder.")
 
 
 def _check_cpp_compiler() -> None:

@@ -24,7 +24,7 @@ from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
-                                                check_metric_name, check_output_path, ctrl_c_raises,
+                                                check_metric_name, check_output_dir, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
                                                 lightning_eval_fn, on_the_cpu, skipped_for_fast_dev_run,
@@ -361,7 +361,7 @@ class CompressOnFitEnd(L.Callback):
         check_metric_name("metric", metric, "CompressOnFitEnd", "validation_step")
         if test_metric is not None:
             check_metric_name("test_metric", test_metric, "CompressOnFitEnd", "test_step")
-        check_output_path("output_dir", output_dir, "CompressOnFitEnd", file=False)
+        check_output_dir(output_dir, "CompressOnFitEnd")
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"CompressOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
                             "the model's positional inputs.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import itertools
 import logging
 import os
 import re
@@ -27,8 +26,8 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import (QuantizationResult, check_calibration_data, devices_off_the_cpu, model_input_fn, quantize,
-                    signature_or_none)
+from .tuner import (QuantizationResult, check_calibration_data, devices_off_the_cpu, model_input_fn,
+                    non_float32_dtypes, quantize, signature_or_none)
 
 logger = logging.getLogger(__name__)
 
@@ -564,13 +563,23 @@ def check_metric_name(argument: str, metric: object, owner: str, step: str) -> N
         raise ValueError(f"{owner}({argument}=''): name the metric {step} logs.")
 
 
-def check_output_path(argument: str, path: object, owner: str, *, file: bool) -> None:
-    """`path` can name a folder, or with `file` a file, to write: a non-empty str or os.PathLike (a file's not
-    ``"."``, which ``Path("")`` is too)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{owner}({argument}={path!r}): expected a path (a str or os.PathLike).")
-    if os.fspath(path) == "" or (file and os.fspath(path) in (".", "..")):
-        raise ValueError(f"{owner}({argument}={os.fspath(path)!r}): name a {'file' if file else 'path'} to write to.")
+def check_output_dir(output_dir: object, owner: str) -> None:
+    """At construction: `output_dir` names a folder to write to, a non-empty str or os.PathLike."""
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"{owner}(output_dir={output_dir!r}): expected a path (a str or os.PathLike).")
+    if os.fspath(output_dir) == "":
+        raise ValueError(f"{owner}(output_dir=''): name a folder to write to.")
+
+
+def check_save_path(save_path: object, owner: str) -> None:
+    """At construction: a path a file can be written to, not after the fit."""
+    if not isinstance(save_path, (str, os.PathLike)):
+        raise TypeError(f"{owner}(save_path={save_path!r}): give the path of the file to write (str or "
+                        "os.PathLike), e.g. 'out/model.pt2'.")
+    text = os.fspath(save_path)
+    if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise ValueError(f"{owner}(save_path={save_path!r}): give the path of a file to write (e.g. "
+                         "'out/model.pt2'), not a folder.")
 
 
 def check_fit_end_weights(weights: object, owner: str) -> None:
@@ -649,8 +658,7 @@ def in_float32(module: L.LightningModule, where: str) -> L.LightningModule:
     Lightning's fit cast the loaders' batches to the module's dtype; litcompress's own trainers (evaluating,
     fine-tuning) run at 32-bit precision and feed them as the loaders give them, float32, which the int8 kernels
     take too. The user's module is left as it is."""
-    low = sorted({str(t.dtype).removeprefix("torch.") for t in itertools.chain(module.parameters(), module.buffers())
-                  if t.dtype in (torch.bfloat16, torch.float16)})
+    low = sorted(str(dtype).removeprefix("torch.") for dtype in non_float32_dtypes(module) if dtype != torch.float64)
     if not low:
         return module
     logger.info(f"{where}: {type(module).__name__}'s {', '.join(low)} weights are evaluated and compressed in a "
@@ -685,7 +693,7 @@ class QuantizeOnFitEnd(L.Callback):
             raise TypeError(f"QuantizeOnFitEnd(config={config!r}): expected a PTQConfig.")
         check_metric_name("metric", metric, "QuantizeOnFitEnd", "validation_step")
         if save_path is not None:
-            check_output_path("save_path", save_path, "QuantizeOnFitEnd", file=True)
+            check_save_path(save_path, "QuantizeOnFitEnd")
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
         check_calibration_data(calibration_data, "QuantizeOnFitEnd")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
