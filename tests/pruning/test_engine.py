@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -476,3 +478,74 @@ def test_a_round_on_meta_weights_is_refused_in_words():
                                              r"rank; give the model its weights first"):
             prune_([(layer, "weight")], "l1_unstructured", 0.5, scope=scope)
     assert not hasattr(layer, "weight_mask")
+
+
+def _channels_last_conv() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
+
+
+def _transposed_linear() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 6))
+    for layer in model:
+        layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())  # same values, strides swapped
+    return model
+
+
+@pytest.mark.parametrize("build", [_channels_last_conv, _transposed_linear])
+@pytest.mark.parametrize(("method", "scope", "kwargs"), [
+    ("l1_unstructured", "global", {}), ("l1_unstructured", "local", {}), ("random_unstructured", "global", {}),
+    ("random_unstructured", "local", {}), ("ln_structured", "local", dict(n=2, dim=0)),
+])
+def test_channels_last_and_transposed_weights_get_the_masks_of_their_contiguous_copies(build, method, scope, kwargs):
+    """Every path but global L1 failed at the first round ("view size is not compatible with input tensor's size
+    and stride"), leaving the parameters reordered; the layout is the user's and stays."""
+    model, reference = build(), build()
+    for layer in reference:
+        layer.weight = nn.Parameter(layer.weight.detach().contiguous())
+    for _ in range(2):  # a first round on the layout, then one on its masks
+        for pruned in (model, reference):
+            torch.manual_seed(1)  # the random methods draw alike
+            prune_(default_targets(pruned), method, 0.4, scope=scope, **kwargs)
+    for layer, contiguous in zip(model, reference):
+        assert not layer.weight_orig.is_contiguous()  # not moved to another layout
+        assert torch.equal(layer.weight_mask, contiguous.weight_mask)
+        assert torch.equal(layer.weight, contiguous.weight)
+        assert [name for name, _ in layer.named_parameters()] == ["weight_orig", "bias"]
+
+
+class FailingMethod(torch_prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t, default_mask):
+        raise RuntimeError("no mask today")
+
+
+def test_a_round_that_fails_keeps_the_parameter_order():
+    """torch undoing a failed re-parametrisation registers the weight again, after the bias: the order the README
+    promises was lost (an optimizer built from `parameters()` afterwards took them in another order)."""
+    layer = nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match="no mask today"):
+        prune_([(layer, "weight")], FailingMethod, 0.5, scope="local")
+    assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"] and not is_pruned(layer, "weight")
+
+
+def test_global_importance_scores_rank_the_entries():
+    """They were passed as the method's own arguments, which no constructor takes, and dropped: the weights' own
+    magnitudes were ranked."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    reference = copy.deepcopy(model)
+    scores = {id(layer): torch.randn(layer.weight.shape).t().contiguous().t() for layer in model}  # non-contiguous
+    prune_(default_targets(model), "l1_unstructured", 0.5,
+           importance_scores={(layer, "weight"): scores[id(layer)] for layer in model})
+    torch_prune.global_unstructured(
+        default_targets(reference), torch_prune.L1Unstructured, amount=0.5,
+        importance_scores={(ref, "weight"): scores[id(layer)].contiguous() for layer, ref in zip(model, reference)})
+    for layer, ref in zip(model, reference):
+        assert torch.equal(layer.weight_mask, ref.weight_mask)
+    with pytest.raises(TypeError, match=re.escape("expected a dict {(module, name): tensor}")):
+        prune_(default_targets(model), "l1_unstructured", 0.5, importance_scores=torch.ones(3))

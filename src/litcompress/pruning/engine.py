@@ -221,7 +221,13 @@ def parameter_order_preserved(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Keep each module's parameter order across (un)pruning: ``x_orig`` takes the slot of ``x`` and back."""
     modules = list(modules)
     before = [list(m._parameters) for m in modules]
-    yield
+    try:
+        yield
+    finally:  # torch undoing a failed re-parametrisation appends the parameter last
+        _restore_parameter_order(modules, before)
+
+
+def _restore_parameter_order(modules: Sequence[nn.Module], before: Sequence[Sequence[str]]) -> None:
     for module, order in zip(modules, before):
         params = module._parameters
         slot = {key: i for i, key in enumerate(order)}
@@ -484,6 +490,8 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         check_count_fits(amount, remaining, scope)
     modules = unique_modules(targets)
     with parameter_order_preserved(modules):
+        if not fast_path:
+            _flattenable_masks_(targets)
         if scope == "global":
             if getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
                 raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
@@ -491,14 +499,44 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                 count = amount if isinstance(amount, int) else round(amount * sum(remaining))
                 _global_magnitude_prune_(targets, count)
                 return
-            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})
-            torch_prune.global_unstructured(list(targets), pruning_method=method_cls, **kwargs)
+            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})  # the method's own
+            torch_prune.global_unstructured(list(targets), pruning_method=method_cls,
+                                            importance_scores=_flattenable_scores(targets, method_kwargs), **kwargs)
         elif scope == "local":
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs}, via_apply=True)
+            if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
+                kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
                 method_cls.apply(module, name, **kwargs)
         else:
             raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+
+
+def _flattenable_masks_(targets: Sequence[Target]) -> None:
+    """Give each channels_last or transposed target a contiguous mask. torch's methods flatten the tensor they
+    rank with ``.view(-1)``, which fails on such a layout the first time; once masked, they rank the kept entries
+    (``t[mask == 1]``) instead. ``global_unstructured`` flattens the masks too."""
+    for module, name in targets:
+        if not is_pruned(module, name):
+            if trainable_tensor(module, name).is_contiguous():
+                continue
+            _reparametrise_(module, name)
+        mask = getattr(module, name + "_mask")
+        if not mask.is_contiguous():  # the Identity hook holds no mask: the buffer is the only one
+            module._buffers[name + "_mask"] = mask.contiguous()
+
+
+def _flattenable_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any]) -> dict[Target, Tensor]:
+    """What ``global_unstructured`` ranks, keyed by target: the caller's ``importance_scores`` (no method's
+    constructor takes them: passed as the method's, they were dropped), else the masked tensor; contiguous, as torch
+    flattens each with ``.view(-1)``."""
+    given = method_kwargs.get("importance_scores")
+    given = {} if given is None else given
+    if not isinstance(given, Mapping):
+        raise TypeError("prune_(scope='global', importance_scores=...): expected a dict {(module, name): tensor} "
+                        f"as torch's global_unstructured takes, got {type(given).__name__}.")
+    return {(module, name): given.get((module, name), getattr(module, name)).contiguous()
+            for module, name in targets}
 
 
 def check_count_fits(count: int, remaining: Sequence[int], scope: Scope, *, what: str = "entries") -> None:
