@@ -299,3 +299,35 @@ def test_target_names_name_the_emptied_weight_by_its_path_and_the_pipeline_gives
             pruner.step(t)
     with pytest.raises(ValueError, match="one name per target"):
         GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=4), target_names=["0.weight"])
+
+
+@pytest.mark.parametrize("norm", ["fro", "nuc"])
+def test_a_matrix_norm_over_a_convs_three_other_dimensions_is_refused_when_built(norm):
+    """It was accepted, and the first round failed inside torch ("linalg.matrix_norm: dim must be a 2-tuple"), into
+    training; ModelPruning refused it at setup."""
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=4)
+    with pytest.raises(ValueError, match=re.escape(f"GradualPruner(n={norm!r}): torch takes the norm over the 3 "
+                                                   "dimension(s) of Conv2d.weight (8, 2, 3, 3) besides dim=0")):
+        GradualPruner([(nn.Conv2d(2, 8, 3), "weight")], schedule, "ln_structured", scope="local", dim=0, n=norm)
+    layer = nn.Conv1d(2, 8, 3)  # two dimensions besides dim=0: the norm applies, and the rounds run
+    pruner = GradualPruner([(layer, "weight")], schedule, "ln_structured", scope="local", dim=0, n=norm)
+    for t in range(5):
+        pruner.step(t)
+    assert int((layer.weight_mask.sum(dim=(1, 2)) == 0).sum()) == 4  # half the output channels
+
+
+def test_progress_must_be_a_whole_count_and_numpy_integers_are_kept_as_ints():
+    """`step(1.0)` failed inside `range()` ("'float' object cannot be interpreted as an integer")."""
+    import numpy as np
+
+    layer = nn.Linear(6, 8)
+    pruner = GradualPruner([(layer, "weight")], PolynomialDecay(final_sparsity=0.5, begin=0, end=4), "l1_unstructured")
+    with pytest.raises(ValueError, match=re.escape("t=1.0 must be an int step or epoch count (got float)")):
+        pruner.step(1.0)
+    with pytest.raises(ValueError, match=re.escape("t=1.0 must be an int step or epoch count")):
+        pruner.due(1.0)
+    for t in np.arange(5):
+        pruner.step(t)
+    assert pruned_count(layer, "weight") == 24
+    state = pruner.state_dict()
+    assert type(state["last_t"]) is int and all(type(row["t"]) is int for row in state["history"])

@@ -303,3 +303,21 @@ def test_rounded_counts_keep_a_multiple_and_never_prune_more_or_go_back(n_total,
     assert counts == sorted(counts)  # a rising schedule never has to un-prune
     assert [rounded_pruned_count(n_total, t, None) for t in targets] == [round(t * n_total) for t in targets]
 
+
+
+def test_numpy_numbers_are_real_numbers_and_kept_as_python_ones() -> None:
+    """numpy's float32 and int64 were refused ("must be a float in [0, 1)"), though the docs ask for real numbers
+    and `prune_(amount=np.float32(0.5))` takes them."""
+    import numpy as np
+
+    schedule = PolynomialDecay(final_sparsity=np.float32(0.75), begin=np.int64(0), end=np.int64(10),
+                               frequency=np.int64(2), power=np.float64(3))
+    assert [type(v) for v in (schedule.final_sparsity, schedule.begin, schedule.end, schedule.frequency)] == \
+        [float, int, int, int]
+    assert schedule.target(10) == float(np.float32(0.75))
+    assert ConstantSparsity(sparsity=np.float64(0.5), begin=np.int32(3)).target(3) == 0.5
+    assert IterativeSchedule(rate_per_round=np.float32(0.5), rounds=np.int64(2)).final_sparsity == 0.75
+    returned = CallableSchedule(fn=lambda t: np.float32(0.3), end=4)
+    assert returned.target(2) == float(np.float32(0.3)) and type(returned.target(2)) is float
+    with pytest.raises(ValueError, match="must be a float in"):
+        PolynomialDecay(final_sparsity=np.bool_(True), begin=0, end=4)

@@ -51,7 +51,7 @@ from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, is_ln_norm, is_pruning_method,
-                                        required_kwargs, takes_amount)
+                                        norm_refusal, required_kwargs, takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -1206,16 +1206,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
             tensor = engine.trainable_tensor(module, name)
             if norm is not None and dim is not None and not is_lazy(tensor):
                 # torch ranks the slices by this norm over the other dimensions: 'fro' and 'nuc' need matrices
-                others = [d for d in range(ndim) if d != dim % ndim]
-                try:
-                    torch.norm(tensor.detach(), p=norm, dim=others)
-                except (RuntimeError, ValueError) as error:
+                refusal = norm_refusal(tensor, norm, dim)
+                if refusal is not None:
                     raise MisconfigurationException(
                         f"`pruning_norm={norm!r}` does not apply to `{type(module).__name__}.{name}` of shape "
-                        f"{tuple(tensor.shape)}: torch takes it over the {len(others)} dimension(s) besides "
-                        f"`pruning_dim={dim}`, and says: {str(error).rstrip('.')}. Use a number (1, 2, "
-                        "float('inf'), ...)."
-                    ) from None
+                        f"{tuple(tensor.shape)}: torch takes it over the {ndim - 1} dimension(s) besides "
+                        f"`pruning_dim={dim}`, and says: {refusal}. Use a number (1, 2, float('inf'), ...)."
+                    )
 
     def _check_amount_fits(self, amount: Union[int, float]) -> None:
         if not isinstance(amount, numbers.Integral):

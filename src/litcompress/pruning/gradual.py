@@ -13,9 +13,9 @@ from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, c
                                         emptied_message, emptied_targets, prune_to_sparsity_, pruned_count,
                                         register_state_hooks)
 from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
-                                         resolve_method)
+                                         norm_refusal, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
-from litcompress.pruning.schedules import SparsitySchedule
+from litcompress.pruning.schedules import SparsitySchedule, check_progress
 
 
 class GradualPruner:
@@ -76,6 +76,7 @@ class GradualPruner:
         check_method_kwargs(self.method, method_kwargs, "GradualPruner",
                             ndims={getattr(m, n).dim() for m, n in self.targets},
                             also=("scope", "keep_multiple_of", "target_names"))
+        self._check_norm_fits(method_kwargs, target_names)
         if "slice_groups" in method_kwargs:
             groups = self._slice_groups(method_kwargs["slice_groups"], target_names, method_kwargs.get("dim", -1))
             method_kwargs = {**method_kwargs, "slice_groups": groups}
@@ -88,6 +89,23 @@ class GradualPruner:
         self.last_t = -1
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
+
+    def _check_norm_fits(self, method_kwargs: dict[str, Any], target_names: Sequence[str] | None) -> None:
+        """ValueError when torch cannot take the norm ``n`` over a target's dimensions besides ``dim`` ('fro' and
+        'nuc' need two of them): it would fail at the first round, into training."""
+        norm, dim = method_kwargs.get("n"), method_kwargs.get("dim")
+        if norm is None or not isinstance(dim, int) or isinstance(dim, bool):
+            return
+        for i, (module, name) in enumerate(self.targets):
+            tensor = getattr(module, name)
+            if not -tensor.dim() <= dim < tensor.dim():
+                continue  # check_method_kwargs refused a dim no target has; others are for torch to refuse
+            refusal = norm_refusal(tensor, norm, dim)
+            if refusal is not None:
+                label = target_names[i] if target_names else f"{type(module).__name__}.{name}"
+                raise ValueError(f"GradualPruner(n={norm!r}): torch takes the norm over the {tensor.dim() - 1} "
+                                 f"dimension(s) of {label} {tuple(tensor.shape)} besides dim={dim}, and says: "
+                                 f"{refusal}. Use a number (1, 2, float('inf'), ...).")
 
     def _slice_groups(self, given: Any, target_names: Sequence[str] | None, dim: Any) -> dict[Target, int]:
         """`slice_groups` keyed by target: keys given as layer names (``channel_plan(model).slice_groups``) are the
@@ -128,6 +146,8 @@ class GradualPruner:
     def _point_due(self, t: int) -> int | None:
         """The pruning point whose round :meth:`step` runs at `t`: the last one since the previous call (progress may
         move by more than one between calls), or `t` itself when counting restarted below it."""
+        check_progress(t)  # a float `t` failed inside range() with Python's words
+        t = int(t)  # numpy's int64 too: `last_t` and `history` go into checkpoints
         if t > self.last_t:
             return self.schedule.last_point(self.last_t, t)
         return t if t != self.last_t and self.schedule.should_prune(t) else None
@@ -136,6 +156,7 @@ class GradualPruner:
         """Prune to the schedule's target if a pruning point was reached since the last call (`t` itself, or one
         passed over); returns whether it pruned."""
         point = self._point_due(t)
+        t = int(t)
         if point is None:
             self.last_t = t
             return False

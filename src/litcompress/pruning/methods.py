@@ -9,7 +9,9 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 import torch.nn.utils.prune as torch_prune
+from torch import Tensor
 
 #: Pruning functions of `torch.nn.utils.prune` that can be selected by name.
 PRUNING_FUNCTIONS = {
@@ -137,6 +139,17 @@ def is_ln_norm(value: object) -> bool:
     'fro' / 'nuc' (whether a tensor's shape suits a matrix norm is for the caller to check, on the model)."""
     return (isinstance(value, str) and value in ("fro", "nuc")) or (
         isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value))
+
+
+def norm_refusal(tensor: Tensor, norm: object, dim: int) -> str | None:
+    """torch's words when it cannot rank `tensor`'s slices along `dim` by the norm `norm` over the other
+    dimensions ('fro' and 'nuc' need exactly two of them), else None. Checked on the model, before any round."""
+    others = [d for d in range(tensor.dim()) if d != dim % tensor.dim()]
+    try:
+        torch.norm(tensor.detach(), p=norm, dim=others)
+    except (RuntimeError, ValueError) as error:
+        return str(error).rstrip(".")
+    return None
 
 
 def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,

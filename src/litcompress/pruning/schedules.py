@@ -10,7 +10,9 @@ so the final sparsity is hit exactly.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,7 +36,7 @@ _UNITS = ("step", "epoch")
 
 # ----------------------------------------------------------------------------- validation
 def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}={value!r} must be an int (got {type(value).__name__}); pass a whole number >= {minimum}")
     if value < minimum:
         raise ValueError(f"{name}={value!r} must be >= {minimum}; pass a whole number >= {minimum}")
@@ -42,7 +44,7 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
 
 def _check_fraction(name: str, value: object, *, allow_one: bool = False) -> None:
     upper = "1]" if allow_one else "1)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(
             f"{name}={value!r} must be a float in [0, {upper} (got {type(value).__name__}); pass e.g. {name}=0.5"
         )
@@ -51,13 +53,24 @@ def _check_fraction(name: str, value: object, *, allow_one: bool = False) -> Non
         raise ValueError(f"{name}={value!r} is outside [0, {upper}; pass a sparsity fraction such as {name}=0.9")
 
 
+def _as_python_numbers(schedule: object) -> None:
+    """Turn the numeric fields of a (frozen) schedule given as other real numbers (numpy's ``float32(0.9)``,
+    ``int64(100)``) into Python's ``float``/``int``, so that the checks and the arithmetic see one kind."""
+    for spec in dataclasses.fields(schedule):  # type: ignore[arg-type]
+        value = getattr(schedule, spec.name)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+            number = int(value) if isinstance(value, numbers.Integral) else float(value)
+            object.__setattr__(schedule, spec.name, number)
+
+
 def _check_unit(unit: object) -> None:
     if unit not in _UNITS:
         raise ValueError(f"unit={unit!r} is not supported; pass unit='step' or unit='epoch'")
 
 
-def _check_progress(t: object) -> None:
-    if isinstance(t, bool) or not isinstance(t, int):
+def check_progress(t: object) -> None:
+    """ValueError unless `t` is a whole step or epoch count."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
         raise ValueError(f"t={t!r} must be an int step or epoch count (got {type(t).__name__})")
 
 
@@ -122,6 +135,7 @@ class PolynomialDecay(SparsitySchedule):
     unit: Unit = "step"
 
     def __post_init__(self) -> None:
+        _as_python_numbers(self)
         _check_fraction("final_sparsity", self.final_sparsity)
         _check_fraction("initial_sparsity", self.initial_sparsity)
         if self.initial_sparsity > self.final_sparsity:
@@ -143,7 +157,7 @@ class PolynomialDecay(SparsitySchedule):
         _check_unit(self.unit)
 
     def target(self, t: int) -> float:
-        _check_progress(t)
+        check_progress(t)
         if t <= self.begin:
             return float(self.initial_sparsity)
         if t >= self.end:
@@ -154,7 +168,7 @@ class PolynomialDecay(SparsitySchedule):
         return float(min(self.final_sparsity, max(self.initial_sparsity, value)))
 
     def should_prune(self, t: int) -> bool:
-        _check_progress(t)
+        check_progress(t)
         return _on_grid(t, self.begin, self.end, self.frequency)
 
 
@@ -188,6 +202,7 @@ class ConstantSparsity(SparsitySchedule):
     unit: Unit = "step"
 
     def __post_init__(self) -> None:
+        _as_python_numbers(self)
         _check_fraction("sparsity", self.sparsity)
         _check_int("begin", self.begin, minimum=0)
         if self.end is None:
@@ -206,11 +221,11 @@ class ConstantSparsity(SparsitySchedule):
         return float(self.sparsity)
 
     def target(self, t: int) -> float:
-        _check_progress(t)
+        check_progress(t)
         return float(self.sparsity) if t >= self.begin else 0.0
 
     def should_prune(self, t: int) -> bool:
-        _check_progress(t)
+        check_progress(t)
         return _on_grid(t, self.begin, self.end, self.frequency)
 
 
@@ -232,6 +247,7 @@ class IterativeSchedule(SparsitySchedule):
     unit: Unit = "epoch"
 
     def __post_init__(self) -> None:
+        _as_python_numbers(self)
         _check_fraction("rate_per_round", self.rate_per_round)
         _check_int("rounds", self.rounds, minimum=1)
         _check_int("begin", self.begin, minimum=0)
@@ -255,14 +271,14 @@ class IterativeSchedule(SparsitySchedule):
         return 1.0 - (1.0 - self.rate_per_round) ** rounds_done
 
     def target(self, t: int) -> float:
-        _check_progress(t)
+        check_progress(t)
         if t < self.begin:
             return 0.0
         rounds_done = min(self.rounds, (t - self.begin) // self.frequency + 1)
         return self._sparsity_after(rounds_done)
 
     def should_prune(self, t: int) -> bool:
-        _check_progress(t)
+        check_progress(t)
         return _on_grid(t, self.begin, self.end, self.frequency)
 
 
@@ -283,6 +299,7 @@ class CallableSchedule(SparsitySchedule):
     unit: Unit = "step"
 
     def __post_init__(self) -> None:
+        _as_python_numbers(self)
         if not callable(self.fn):
             raise ValueError(f"fn={self.fn!r} is not callable; pass a function t -> target sparsity")
         _check_int("begin", self.begin, minimum=0)
@@ -299,16 +316,16 @@ class CallableSchedule(SparsitySchedule):
         return self.target(self.end)
 
     def target(self, t: int) -> float:
-        _check_progress(t)
+        check_progress(t)
         value = self.fn(t)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
             raise ValueError(
                 f"schedule callable {self.fn!r} returned {value!r} at t={t}; it must return a float in [0, 1)"
             )
         return float(value)
 
     def should_prune(self, t: int) -> bool:
-        _check_progress(t)
+        check_progress(t)
         return _on_grid(t, self.begin, self.end, self.frequency)
 
 
