@@ -124,11 +124,12 @@ def describe_fixed(fixed: Sequence[tuple[int, int, int]]) -> str:
 
 
 def onnx_dynamic_axes(names: Sequence[str], inputs: Sequence[object], dynamic_dims: DynamicDims | None) -> dict:
-    """The legacy ONNX exporter's ``dynamic_axes``: a shared "batch" axis, and one named axis per other free dim."""
+    """The legacy ONNX exporter's ``dynamic_axes``: one named axis per free dim, each input its own batch axis (a
+    name shared by two inputs tells ONNX Runtime their sizes are equal: a query batch and a key batch are not)."""
     axes = {}
     for name, dims in zip(names, dims_for(inputs, dynamic_dims)):
         if dims:
-            axes[name] = {d: "batch" if d == 0 else f"{name}_dim{d}" for d in dims}
+            axes[name] = {d: f"{name}_batch" if d == 0 else f"{name}_dim{d}" for d in dims}
     return axes
 
 

@@ -21,7 +21,6 @@ from litcompress.pruning.engine import tied_parameters
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
-from ..nested import batch_size
 from ..outputs import (TENSOR, Structure, output_structure, rebuild, tensor_leaves, tensor_leaves_of,
                        traces_as_it_is)
 from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
@@ -167,9 +166,9 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     if not traces_as_it_is(structure):  # a None or a dataclass: the graph returns the tensors, rebuilt when read
         model = tensor_leaves_of(model, example_inputs)
     output_names = ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
-    batch = batch_size(example_inputs)
-    output_axes = {name: {0: "batch"} for name, leaf in zip(output_names, leaves)
-                   if leaf.dim() and int(leaf.shape[0]) == batch}
+    batches = {int(leaf.shape[0]) for leaf in tensor_leaves(tuple(example_inputs)) if leaf.dim()}
+    output_axes = {name: {0: f"{name}_batch"} for name, leaf in zip(output_names, leaves)
+                   if leaf.dim() and int(leaf.shape[0]) in batches}
     buffer = io.BytesIO()
     try:
         # No warning but a TracerWarning from data-dependent code (the file keeps the path the trace took).
