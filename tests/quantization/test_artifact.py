@@ -315,3 +315,52 @@ def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):
     """It failed at the rename, after the whole export, naming an internal '.partial' file."""
     with pytest.raises(IsADirectoryError, match="is a directory; give a file path in it"):
         save_quantized(_MeanPool().eval(), None, tmp_path, (torch.randn(2, 3, 4),))
+
+
+class _TwoBatches(nn.Module):
+    """Queries and keys of their own batch sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries, self.keys = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, queries, keys):
+        return self.queries(queries), self.keys(keys)
+
+
+@pytest.mark.parametrize("approach", ["static", "dynamic"])
+def test_onnx_files_leave_each_inputs_batch_free_on_its_own(approach, tmp_path):
+    """Every input's dim 0 was named "batch": ONNX Runtime took the batches as equal, and the static file failed
+    on 4 queries and 2 keys ("Shape mismatch attempting to re-use buffer"), in memory and loaded."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = _TwoBatches().eval()
+    example = (torch.randn(4, 8), torch.randn(6, 8))
+    config = PTQConfig(approach=approach, backends=("onnxruntime",), max_trials=1, latency_repeats=2, num_threads=1)
+    result = quantize(model, config, eval_fn=lambda m: 0.0, calibration_data=[example] * 2, example_inputs=example)
+    path = tmp_path / "two.onnx"
+    result.save(path)
+    axes = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(path).graph.input]
+    assert axes[0][0] != axes[1][0] and all(isinstance(a[0], str) and a[1] == 8 for a in axes)
+    loaded, _ = load_quantized(path)
+    queries, keys = example[0], example[1][:2]  # within the calibrated ranges
+    with torch.no_grad():
+        expected = model(queries, keys)
+        for quantized in (result.model, loaded):
+            got = quantized(queries, keys)
+            assert [t.shape for t in got] == [t.shape for t in expected]
+            assert all(torch.allclose(g, e, atol=0.1) for g, e in zip(got, expected))
+
+
+def test_saving_touches_no_file_but_its_own(tmp_path):
+    """The temporary file had a fixed name beside the target: a user's `model.partial.pt` was overwritten, then
+    deleted. The saved file has the permissions of any new file (not a private temporary file's)."""
+    own = tmp_path / "model.partial.pt"
+    own.write_bytes(b"the user's")
+    save_quantized(nn.Linear(3, 2).eval(), None, tmp_path / "model.pt", (torch.randn(2, 3),))
+    assert own.read_bytes() == b"the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.partial.pt", "model.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o666 & ~umask
