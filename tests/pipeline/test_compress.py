@@ -14,7 +14,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
 from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE, SLOWER, _slower_int8, _slower_shrunk
-from litcompress.pruning import SparseLinear, is_pruned, make_permanent_, permanent_state_dict, prune_, prune_model_
+from litcompress.pruning import (SparseLinear, is_pruned, make_permanent_, permanent_state_dict, prune_, prune_model_,
+                                 removable_channels)
 from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
@@ -1665,3 +1666,22 @@ def test_structured_pruning_leaves_whole_the_layer_that_writes_the_output_not_th
     shrunk = result.stage_models["shrunk"]
     assert shrunk.encoder[0].out_features == 16 and shrunk.encoder[2].out_features == 16
     assert shrunk.classifier.out_features == 10
+
+
+def test_a_model_given_with_live_structured_masks_is_pruned_further_and_shrunk_as_its_permanent_twin():
+    """The masks' forward pre-hooks were taken for the user's hooks ("it has forward hooks, which the traced graph
+    does not show"): structured pruning refused every layer of a ModelPruning(make_pruning_permanent=False) model."""
+    x = torch.randn(64, 16)
+    torch.manual_seed(0)
+    masked = mlp(16, 32, 32, 4).eval()
+    prune_([(masked[0], "weight"), (masked[2], "weight")], "ln_structured", 0.25, scope="local", n=2, dim=0)
+    twin = deepcopy_model(masked)
+    make_permanent_(twin)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), **FAST)
+    assert removable_channels(masked) == removable_channels(twin)
+    results = [compress(model, config, eval_fn=lambda m: float(m(x).abs().mean()), example_inputs=x[:8])
+               for model in (masked, twin)]
+    assert [[s.parameters for s in r.report.stages] for r in results] == [[1732, 1732, 612]] * 2
+    with torch.no_grad():
+        assert torch.equal(results[0].model(x), results[1].model(x))
+    assert pruned_targets(masked)  # the user's model keeps its masks
