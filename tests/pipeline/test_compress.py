@@ -889,6 +889,9 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
     with pytest.raises(ValueError, match="fine_tune_steps=None"):
         compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5)), eval_fn=evaluate, example_inputs=x,
                  fine_tune=lambda m, s: None)
+    with pytest.raises(ValueError, match=re.escape("compress(fine_tune_steps=100) without fine_tune")):  # was ignored
+        compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5)), eval_fn=evaluate, example_inputs=x,
+                 fine_tune_steps=100)
     with pytest.raises(ValueError, match="static quantization needs calibration"):
         compress(trained, CompressionConfig(quantize=PTQConfig(approach="static")), eval_fn=evaluate,
                  example_inputs=x)

@@ -791,6 +791,9 @@ def compress(
         if isinstance(fine_tune_steps, bool) or not isinstance(fine_tune_steps, int) or fine_tune_steps < 1:
             raise ValueError(f"compress(fine_tune_steps={fine_tune_steps!r}): with fine_tune, give the number of "
                              "optimizer steps it makes (an int >= 1), so that the schedule can span them.")
+    elif fine_tune_steps is not None:  # it was ignored: everything pruned at once, with no word
+        raise ValueError(f"compress(fine_tune_steps={fine_tune_steps!r}) without fine_tune: nothing would make those "
+                         "steps; pass fine_tune(model, step) too, to prune gradually while training.")
     elif config.prune is not None and not isinstance(config.prune.schedule, str):
         raise ValueError("a SparsitySchedule needs fine-tuning to run along: pass fine_tune=..., or use "
                          "PruneConfig(sparsity=..., schedule='oneshot').")
