@@ -124,3 +124,42 @@ def test_the_pipeline_engine_does_not_import_lightning():
             "print('lightning' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert done.stdout.strip() == "False"
+
+
+def test_replace_derives_the_scope_and_the_schedules_sparsity_again():
+    """`dataclasses.replace` passed the scope and sparsity __post_init__ had derived on as if given: a structured
+    method was refused ("global pruning ... needs an unstructured method"), an unstructured one stayed local
+    without a word, and a new schedule disagreed with the old one's sparsity."""
+    import dataclasses
+
+    unstructured = PruneConfig(sparsity=0.5)
+    structured = dataclasses.replace(unstructured, method="ln_structured")
+    assert structured.scope == "local" and structured == PruneConfig(sparsity=0.5, method="ln_structured")
+    assert dataclasses.replace(structured, method="l1_unstructured").scope == "global"
+    assert dataclasses.replace(PruneConfig(sparsity=0.5, scope="local"), method="ln_structured").scope == "local"
+    with pytest.raises(ValueError, match="needs an unstructured method"):  # a scope given stays given
+        dataclasses.replace(PruneConfig(sparsity=0.5, scope="global"), method="ln_structured")
+    scheduled = PruneConfig(schedule=PolynomialDecay(final_sparsity=0.5, begin=0, end=10))
+    assert dataclasses.replace(scheduled, schedule=PolynomialDecay(final_sparsity=0.8, begin=0, end=10)).sparsity == 0.8
+    assert dataclasses.replace(scheduled, schedule="linear").sparsity == 0.5  # a shape: the sparsity is kept
+    with pytest.raises(ValueError, match="disagrees with the schedule's final sparsity 0.8"):
+        dataclasses.replace(scheduled, sparsity=0.5, schedule=PolynomialDecay(final_sparsity=0.8, begin=0, end=10))
+    assert repr(structured.scope) == "'local'" and f"{scheduled.sparsity}" == "0.5"
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """numpy's float32 0.5 was "not a fraction in [0, 1)", an int64 not "an int >= 1", and a float64 was kept as
+    numpy's (into checkpoints and JSON)."""
+    import numpy as np
+
+    from litcompress.quantization import AccuracyCriterion
+
+    prune = PruneConfig(sparsity=np.float32(0.5), rounds=np.int64(5), begin=np.float64(0.1))
+    assert (prune.sparsity, prune.rounds) == (0.5, 5) and type(prune.begin) is float and type(prune.rounds) is int
+    assert type(PruneConfig(sparsity=np.float64(0.5)).sparsity) is float
+    assert CompressionConfig(num_threads=np.int64(1), latency_repeats=np.int32(3)).latency_repeats == 3
+    quantize = PTQConfig(max_trials=np.int64(3), timeout_s=np.float32(2.5))
+    assert (type(quantize.max_trials), quantize.timeout_s) == (int, 2.5)
+    assert AccuracyCriterion(tolerable_loss=np.float32(0.25)).tolerable_loss == 0.25
+    with pytest.raises(TypeError, match="expected True or False"):
+        PruneConfig(sparsity=0.5, zero_batch_norm=np.bool_(True))  # not a number: numpy's bool is still refused

@@ -11,6 +11,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
+from litcompress._numbers import python_numbers_
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
@@ -26,6 +27,21 @@ RecurrentLayers = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 # transposed convs too: structured pruning of output channels prunes them along dim 1, where theirs are
 PrunableLayers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, *RecurrentLayers)
+
+
+class _DerivedScope(str):
+    """A scope :class:`PruneConfig` chose from its method (none was given). ``dataclasses.replace`` passes it on as
+    if given: marked, it is chosen again for the new method (a structured config replaced by an unstructured one
+    stayed local)."""
+
+    __slots__ = ()
+
+
+class _DerivedSparsity(float):
+    """A sparsity :class:`PruneConfig` took from its schedule: taken again from a new schedule given to
+    ``dataclasses.replace`` (the old one's disagreed with it)."""
+
+    __slots__ = ()
 
 
 def tensor_names(module: nn.Module, name: str) -> list[str]:
@@ -118,6 +134,13 @@ class PruneConfig:
     heads: float = 0.0
 
     def __post_init__(self) -> None:
+        # values this method derived last time (dataclasses.replace passes every field on) are derived again
+        if isinstance(self.scope, _DerivedScope):
+            object.__setattr__(self, "scope", None)
+        if isinstance(self.sparsity, _DerivedSparsity):
+            object.__setattr__(self, "sparsity", None if isinstance(self.schedule, SparsitySchedule)
+                               else float(self.sparsity))
+        python_numbers_(self)
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
         if isinstance(self.method, str):  # torch's names, however spelt: the pipeline compares them
             object.__setattr__(self, "method", self.method.lower())
@@ -129,7 +152,7 @@ class PruneConfig:
             if self.sparsity is not None and not math.isclose(self.sparsity, final):
                 raise ValueError(f"PruneConfig(sparsity={self.sparsity!r}) disagrees with the schedule's final "
                                  f"sparsity {final}; give one of them.")
-            object.__setattr__(self, "sparsity", final)
+            object.__setattr__(self, "sparsity", _DerivedSparsity(final))
         elif self.schedule not in SCHEDULE_SHAPES:
             raise ValueError(f"PruneConfig(schedule={self.schedule!r}): use one of {SCHEDULE_SHAPES} or a "
                              "SparsitySchedule.")
@@ -149,7 +172,7 @@ class PruneConfig:
             raise ValueError(f"PruneConfig(rounds={self.rounds!r}): expected an int >= 1.")
         structured = getattr(method, "PRUNING_TYPE", None) == "structured"
         if self.scope is None:
-            object.__setattr__(self, "scope", "local" if structured else "global")
+            object.__setattr__(self, "scope", _DerivedScope("local" if structured else "global"))
         if self.scope not in ("global", "local"):
             raise ValueError(f"PruneConfig(scope={self.scope!r}): use 'global' or 'local'.")
         if self.scope == "global" and getattr(method, "PRUNING_TYPE", None) != "unstructured":
@@ -270,6 +293,7 @@ class CompressionConfig:
     dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
+        python_numbers_(self)
         object.__setattr__(self, "dynamic_dims", normalize_dynamic_dims(self.dynamic_dims))
         if self.dynamic_dims and self.quantize is not None:
             raise ValueError("CompressionConfig(dynamic_dims=..., quantize=PTQConfig(...)): the dims an unquantized "

@@ -10,12 +10,13 @@ so the final sparsity is hit exactly.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from litcompress._numbers import python_numbers_
 
 __all__ = [
     "ConstantSparsity",
@@ -51,16 +52,6 @@ def _check_fraction(name: str, value: object, *, allow_one: bool = False) -> Non
     in_range = 0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0
     if not in_range:  # also catches NaN
         raise ValueError(f"{name}={value!r} is outside [0, {upper}; pass a sparsity fraction such as {name}=0.9")
-
-
-def _as_python_numbers(schedule: object) -> None:
-    """Turn the numeric fields of a (frozen) schedule given as other real numbers (numpy's ``float32(0.9)``,
-    ``int64(100)``) into Python's ``float``/``int``, so that the checks and the arithmetic see one kind."""
-    for spec in dataclasses.fields(schedule):  # type: ignore[arg-type]
-        value = getattr(schedule, spec.name)
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-            number = int(value) if isinstance(value, numbers.Integral) else float(value)
-            object.__setattr__(schedule, spec.name, number)
 
 
 def _check_unit(unit: object) -> None:
@@ -135,7 +126,7 @@ class PolynomialDecay(SparsitySchedule):
     unit: Unit = "step"
 
     def __post_init__(self) -> None:
-        _as_python_numbers(self)
+        python_numbers_(self)
         _check_fraction("final_sparsity", self.final_sparsity)
         _check_fraction("initial_sparsity", self.initial_sparsity)
         if self.initial_sparsity > self.final_sparsity:
@@ -202,7 +193,7 @@ class ConstantSparsity(SparsitySchedule):
     unit: Unit = "step"
 
     def __post_init__(self) -> None:
-        _as_python_numbers(self)
+        python_numbers_(self)
         _check_fraction("sparsity", self.sparsity)
         _check_int("begin", self.begin, minimum=0)
         if self.end is None:
@@ -247,7 +238,7 @@ class IterativeSchedule(SparsitySchedule):
     unit: Unit = "epoch"
 
     def __post_init__(self) -> None:
-        _as_python_numbers(self)
+        python_numbers_(self)
         _check_fraction("rate_per_round", self.rate_per_round)
         _check_int("rounds", self.rounds, minimum=1)
         _check_int("begin", self.begin, minimum=0)
@@ -299,7 +290,7 @@ class CallableSchedule(SparsitySchedule):
     unit: Unit = "step"
 
     def __post_init__(self) -> None:
-        _as_python_numbers(self)
+        python_numbers_(self)
         if not callable(self.fn):
             raise ValueError(f"fn={self.fn!r} is not callable; pass a function t -> target sparsity")
         _check_int("begin", self.begin, minimum=0)

@@ -1,0 +1,18 @@
+"""Configuration numbers given as other real numbers (numpy's ``float32(0.9)``, ``int64(100)``: what a sweep over
+``np.linspace`` or a value read from an array gives) taken as the Python numbers they stand for."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+
+def python_numbers_(config: object) -> None:
+    """Turn the real-number fields of a (frozen) dataclass that are not Python's own ``int``/``float`` (numpy's
+    ``float64``, a ``float`` subclass, too) into them, in place, so that its checks (``isinstance(x, int)``) and what
+    it saves (checkpoints, JSON) see one kind. Booleans (numpy's too, which are not numbers) stay as they are: the
+    checks refuse them where a number is due."""
+    for spec in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, spec.name)
+        if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):  # numpy's float64 is a float
+            object.__setattr__(config, spec.name, int(value) if isinstance(value, numbers.Integral) else float(value))
