@@ -158,3 +158,31 @@ def test_other_metric_names_keep_the_default_direction(name):
     assert not criterion_for_metric(AccuracyCriterion(), name, "min", "f").higher_is_better
     with pytest.raises(ValueError, match="mode='lowest'.*'max'.*'min'"):
         criterion_for_metric(AccuracyCriterion(), name, "lowest", "f")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    (dict(backend="no_such_backend"), ValueError, "Recipe(backend='no_such_backend'): unknown backend"),
+    (dict(backend=3), ValueError, "Recipe(backend=3): unknown backend"),
+    (dict(backend="onnxruntime", approach="weight_only"), ValueError,
+     "Recipe(backend='onnxruntime', approach='weight_only'): onnxruntime does dynamic, static quantization"),
+    (dict(per_channel="no"), TypeError, "Recipe(per_channel='no'): expected True or False"),
+    (dict(reduce_range="no"), TypeError, "Recipe(reduce_range='no'): expected True or False"),
+    (dict(fp32_layers=("fc1", 2)), TypeError, "Recipe(fp32_layers=('fc1', 2)): expected module names (str)"),
+])
+def test_recipes_refuse_what_no_backend_could_build(kwargs, error, message):
+    """All were accepted, to fail (or be read as true) when a backend built the model from them."""
+    with pytest.raises(error, match=re.escape(message)):
+        Recipe(**{"backend": "torch_ao", "approach": "dynamic", **kwargs})
+
+
+def test_one_fp32_layer_named_alone_is_one_layer():
+    """`tuple('fc1')` made the layers 'f', 'c' and '1': fc1 was quantized."""
+    assert Recipe("torch_ao", "dynamic", fp32_layers="fc1").fp32_layers == ("fc1",)
+
+
+@pytest.mark.parametrize("backends", [{"torch_ao", "onnxruntime"}, frozenset({"torch_ao"}), {"torch_ao": 1}])
+def test_backends_without_an_order_are_refused(backends):
+    """They are tried in the order given: a set's changed with the hash seed, and with it which candidates
+    max_trials reached."""
+    with pytest.raises(TypeError, match="give the names in the order to try them"):
+        PTQConfig(backends=backends)

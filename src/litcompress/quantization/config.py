@@ -6,7 +6,10 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Literal
+
+from litcompress._numbers import python_numbers_
 
 from .shapes import DynamicDims, normalize_dynamic_dims
 
@@ -32,6 +35,7 @@ class AccuracyCriterion:
     higher_is_better: bool = True
 
     def __post_init__(self) -> None:
+        python_numbers_(self)
         for flag in ("relative", "higher_is_better"):  # 'False' from a YAML file or the environment is truthy
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"AccuracyCriterion({flag}={getattr(self, flag)!r}): expected True or False.")
@@ -113,14 +117,31 @@ class Recipe:
     reduce_range: bool = False
 
     def __post_init__(self) -> None:
+        from .backends import BACKEND_APPROACHES, BACKEND_REGISTRY  # cheap: backends import lazily
+
+        if not isinstance(self.backend, str) or self.backend not in BACKEND_REGISTRY:
+            raise ValueError(f"Recipe(backend={self.backend!r}): unknown backend; use one of "
+                             f"{tuple(BACKEND_REGISTRY)}.")
         if self.approach not in APPROACHES:
             raise ValueError(f"Recipe(approach={self.approach!r}): unknown approach; use one of {APPROACHES}.")
+        approaches = BACKEND_APPROACHES.get(self.backend)  # None: a backend registered elsewhere
+        if approaches is not None and self.approach not in approaches:
+            raise ValueError(f"Recipe(backend={self.backend!r}, approach={self.approach!r}): {self.backend} does "
+                             f"{', '.join(approaches)} quantization.")
         if self.calibration not in CALIBRATION_METHODS:
             raise ValueError(
                 f"Recipe(calibration={self.calibration!r}): unknown calibration method; use one of "
                 f"{CALIBRATION_METHODS}."
             )
-        object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))
+        for flag in ("per_channel", "reduce_range"):  # 'False' from a file is truthy
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"Recipe({flag}={getattr(self, flag)!r}): expected True or False.")
+        # one name alone is one layer (tuple('fc1') was the layers 'f', 'c' and '1', and fc1 was quantized)
+        layers = (self.fp32_layers,) if isinstance(self.fp32_layers, str) else self.fp32_layers
+        if not isinstance(layers, Iterable) or not all(isinstance(name, str) for name in layers):
+            raise TypeError(f"Recipe(fp32_layers={self.fp32_layers!r}): expected module names (str), as in "
+                            "model.named_modules().")
+        object.__setattr__(self, "fp32_layers", tuple(layers))
 
     def with_fp32_layers(self, layers: tuple[str, ...]) -> "Recipe":
         return replace(self, fp32_layers=tuple(layers))
@@ -195,6 +216,7 @@ class PTQConfig:
     def __post_init__(self) -> None:
         from .backends import BACKEND_APPROACHES, BACKEND_REGISTRY, backends_doing  # cheap: backends import lazily
 
+        python_numbers_(self)
         if self.approach not in APPROACHES:
             raise ValueError(
                 f"PTQConfig(approach={self.approach!r}): unknown approach; use one of {APPROACHES}."
@@ -204,6 +226,9 @@ class PTQConfig:
         if self.backends is None or not isinstance(self.backends, Iterable):
             raise TypeError(f"PTQConfig(backends={self.backends!r}): give backend names, e.g. "
                             f"{tuple(BACKEND_REGISTRY)}.")
+        if isinstance(self.backends, (AbstractSet, Mapping)):  # tried in order: a set's changes from run to run
+            raise TypeError(f"PTQConfig(backends={self.backends!r}): give the names in the order to try them, as a "
+                            f"tuple or list, e.g. {tuple(BACKEND_REGISTRY)}.")
         object.__setattr__(self, "backends", tuple(self.backends))
         if not self.backends:
             raise ValueError(f"PTQConfig(backends=()): give at least one of {tuple(BACKEND_REGISTRY)}.")
