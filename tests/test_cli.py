@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from litcompress.cli import in_cli_terms, main
+from litcompress.cli import _datamodule, build_parser, in_cli_terms, main
 from litcompress.data import DigitsDataModule
 from litcompress.models import CNNClassifier, MLPClassifier
 from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
@@ -268,6 +268,10 @@ def test_a_checkpoint_is_scored_on_the_split_it_was_trained_on_whatever_the_seed
     first = CompressionReport.load_json(out / "report.json")["input"]
     again = CompressionReport.load_json(tmp_path / "report.json")["input"]
     assert (again.metric, again.test_metric) == (first.metric, first.test_metric)
+    # --seed orders the training data still (the split's seed set the order too: fine-tuning ignored --seed)
+    datamodule = _datamodule(build_parser().parse_args(["compress", "--checkpoint", str(out / "dense.ckpt"),
+                                                        "--seed", "2"]))
+    assert (datamodule.seed, datamodule.shuffle_seed) == (0, 2)
     with pytest.raises(SystemExit):
         main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--data-args", '{"seed": 3, "batch_size": 16}',
               "--output-dir", str(tmp_path / "refused")])

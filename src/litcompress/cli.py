@@ -536,11 +536,13 @@ def _datamodule(args: argparse.Namespace) -> Any:
                 f"--data-args {json.dumps(other)}: --checkpoint {args.checkpoint} was trained on the {args.data} "
                 f"split of {json.dumps(split)}, and another split would score it on data it trained on. Drop "
                 f"{', '.join(other)} from --data-args (the checkpoint's split is used).")
+        order = {}
         if "seed" in split and "seed" not in args.data_args and split["seed"] != args.seed:
             _stderr(f"note: the {args.data} split is the one --checkpoint was trained on (seed {split['seed']}), "
                     f"not --seed {args.seed}'s, which would score it on data it trained on; --seed {args.seed} "
-                    "seeds the rest of the run.")
-        kwargs = {"seed": args.seed, **split, **args.data_args}
+                    "seeds the rest of the run (the training order too).")
+            order = {"shuffle_seed": args.seed}  # the split's seed had set the order as well: --seed did nothing
+        kwargs = {"seed": args.seed, **split, **order, **args.data_args}
         kwargs.setdefault("flatten", args.model == "mlp")
         return _built("--data-args", cls, kwargs)
     return _built("--data-args", args.data, args.data_args)
@@ -561,7 +563,8 @@ def _checkpoint_split(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         return {}
     if not saved or not set(saved) <= set(inspect.signature(cls.__init__).parameters):
         return {}
-    return {name: value for name, value in saved.items() if name not in ("batch_size", "num_workers", "flatten")}
+    return {name: value for name, value in saved.items()
+            if name not in ("batch_size", "num_workers", "flatten", "shuffle_seed")}
 
 
 def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:

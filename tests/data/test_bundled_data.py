@@ -118,6 +118,24 @@ def test_digits_train_loader_order_depends_only_on_seed() -> None:
     assert not torch.equal(first_labels(0), first_labels(1))
 
 
+def test_shuffle_seed_orders_the_training_split_of_seed_otherwise() -> None:
+    """The split's seed set the order too: the CLI's --seed with a --checkpoint (whose split is kept) changed
+    nothing, though its help says it seeds the data order."""
+    def split_and_order(**kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        datamodule = DigitsDataModule(batch_size=2000, **kwargs)
+        datamodule.setup("fit")
+        x, _ = next(iter(datamodule.train_dataloader()))
+        return datamodule.splits.train.tensors[0], x
+
+    split, order = split_and_order(seed=0)
+    same_split, other_order = split_and_order(seed=0, shuffle_seed=5)
+    assert torch.equal(split, same_split) and not torch.equal(order, other_order)
+    assert torch.equal(order, split_and_order(seed=0, shuffle_seed=0)[1])  # None: the order of `seed`, as before
+    assert torch.equal(other_order.sort(dim=0).values, order.sort(dim=0).values)  # the same rows
+    with pytest.raises(ValueError, match="seed"):
+        DigitsDataModule(shuffle_seed="5")
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), size=st.integers(1, 300), epochs=st.integers(1, 5))
 def test_epoch_sampler_replays_a_seeded_shuffling_loader_and_jumps_to_any_epoch(seed, size, epochs) -> None:

