@@ -1688,3 +1688,18 @@ def test_a_model_given_with_live_structured_masks_is_pruned_further_and_shrunk_a
     with torch.no_grad():
         assert torch.equal(results[0].model(x), results[1].model(x))
     assert pruned_targets(masked)  # the user's model keeps its masks
+
+
+def test_the_export_touches_no_file_but_its_own(tmp_path):
+    """The candidates were written as `model.partial.onnx` / `model.partial.pt2` and deleted after timing: a user's
+    files of those names were overwritten, then deleted, on every run."""
+    mine = {"model.partial.onnx": b"mine", "model.partial.pt2": b"mine too"}
+    for name, content in mine.items():
+        (tmp_path / name).write_bytes(content)
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    result = compress(mlp(8, 16, 4).eval(), CompressionConfig(latency_repeats=2), eval_fn=lambda m: 0.0,
+                      example_inputs=x[:4], output_dir=tmp_path)
+    assert result.artifact is not None and result.artifact.parent == tmp_path
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in mine} == mine
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name and p.name not in mine]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._files import written_atomically
+from litcompress._files import partial_path, written_atomically
 from litcompress.pruning.engine import (Target, close_names, compiled_module_names, deepcopy_model, distinct_targets,
                                         eager_copy, is_excluded, keep_bypassed_weights_current_, make_permanent_,
                                         permanent_state_dict, prune_to_sparsity_, pruned_count, pruned_targets,
@@ -368,10 +368,10 @@ def _fp32_formats(requested: str, model: nn.Module) -> list[str]:
 
 def _write_and_read_back(model: nn.Module, recipe: Recipe | None, fp32_format: str | None, directory: Path,
                          inputs: tuple, num_threads: int | None, dynamic_dims: DynamicDims | None) -> _WrittenFile:
-    """Save `model` beside its final name (``model.partial<suffix>``) and load it back; the partial file is removed
-    if either step fails. `fp32_format` is None for a quantized model (its backend's format)."""
+    """Save `model` beside its final name (under a unique name: :func:`partial_path`) and load it back; the partial
+    file is removed if either step fails. `fp32_format` is None for a quantized model (its backend's format)."""
     suffix = get_backend(recipe.backend).artifact_suffix if recipe else FP32_SUFFIXES[fp32_format]
-    partial = directory / f"model.partial{suffix}"
+    partial = partial_path(directory / f"model{suffix}")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
