@@ -71,6 +71,34 @@ def test_compress_trains_compresses_and_writes_every_file(first_run, capsys):
     assert model(torch.rand(3, 64)).shape == (3, 10)
 
 
+def test_a_ctrl_c_while_report_writes_its_markdown_keeps_the_file_that_was_there(first_run, tmp_path):
+    """--markdown FILE was opened (emptied) in place: a Ctrl-C while it was written left it cut short. The SIGINT
+    comes as a real one would, when the file (or the temporary file beside it) is about to get its first bytes."""
+    import signal
+
+    _, out = first_run
+    markdown = tmp_path / "notes.md"
+    markdown.write_text("the user's notes\n")
+    sent = []
+
+    def ctrl_c_at_first_write(frame, event, function):
+        if event == "c_call" and getattr(function, "__name__", "") == "write" and not sent:
+            name = Path(str(getattr(getattr(function, "__self__", None), "name", ""))).name
+            if name.startswith("notes."):
+                sent.append(name)
+                signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.setprofile(ctrl_c_at_first_write)
+    try:
+        code = main(["report", str(out), "--markdown", str(markdown)])
+    finally:
+        sys.setprofile(None)
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130 and sent and markdown.read_text() == "the user's notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md"]
+
+
 def test_report_prints_a_saved_report_and_writes_its_plot_again(first_run, capsys, tmp_path):
     _, out = first_run
     assert main(["report", str(out), "--plot", str(tmp_path / "again.png"),
