@@ -815,6 +815,32 @@ def test_global_pruning_of_a_tied_tensor_hits_its_target_on_distinct_weights(tmp
     assert _unique_weight_sparsity(model) == pytest.approx(round(0.9 * unique) / unique, abs=1e-9)
 
 
+class SharedLayerModel(FixedDataModel):
+    """One Linear registered under two names (`a` and `b`), called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = self.b = torch.nn.Linear(4, 4)
+        self.c = torch.nn.Linear(4, 2)
+        self.data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x))))
+
+
+@both("a target listed twice (one module under two names) counts twice in the log line's total")
+def test_a_module_listed_under_two_names_counts_once_in_the_log_line(tmp_path, cls, caplog):
+    seed_everything(0)
+    model = SharedLayerModel()
+    callback = cls("l1_unstructured", amount=0.3, verbose=1,
+                   parameters_to_prune=[(model.a, "weight"), (model.b, "weight"), (model.c, "weight")])
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    distinct, zeros = 16 + 8, round(0.3 * (16 + 8))
+    assert int((model.a.weight == 0).sum() + (model.c.weight == 0).sum()) == zeros
+    assert f"Pruned: 0/{distinct} (0.00%) -> {zeros}/{distinct} ({zeros / distinct:.2%})" in caplog.text
+
+
 @both("a tied tensor pruned under one module reaches the other unmasked while training")
 def test_the_embedding_computes_with_the_mask_of_its_tied_output_layer(tmp_path, cls):
     seen = []

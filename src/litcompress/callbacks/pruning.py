@@ -430,9 +430,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _log_sparsity_stats(
         self, prev: list[tuple[int, int]], curr: list[tuple[int, int]], amount: Union[int, float] = 0
     ) -> None:
-        # a tied tensor counts once in the total
+        # a tied tensor counts once in the total, and so does a target listed twice (a module registered under two
+        # names): each is counted where it first appears
         distinct = {(id(m), n) for m, n in engine.distinct_targets(self._parameters_to_prune)}
-        once = [(id(m), n) in distinct for m, n in self._parameters_to_prune]
+        once = []
+        for module, name in self._parameters_to_prune:
+            once.append((id(module), name) in distinct)
+            distinct.discard((id(module), name))
         total = TensorSparsity("total", sum(z for (z, _), o in zip(curr, once) if o),
                                sum(n for (_, n), o in zip(curr, once) if o))
         prev_zeros = sum(z for (z, _), o in zip(prev, once) if o)
