@@ -132,3 +132,20 @@ def test_structured_pruning_norms_and_a_users_method_class_parse_from_yaml(norm)
     assert custom._pruning_method_name == "HalfL1"
     [compress] = [c for c in parsed.trainer.callbacks if isinstance(c, CompressOnFitEnd)]
     assert compress.config.prune.method is HalfL1
+
+
+def first_output(outputs):  # no return annotation, as most users write it
+    return outputs[0]
+
+
+def test_a_plain_function_picks_the_distilled_outputs_from_yaml():
+    """`outputs_fn` was typed to return a Tensor: jsonargparse refused any function not annotated `-> Tensor`
+    ("Expected ... to be a function that returns <class 'Tensor'>"), which Python accepted."""
+    from litcompress.callbacks import KnowledgeDistillation
+
+    config = {"trainer": {"logger": False, "enable_checkpointing": False, "accelerator": "cpu", "callbacks": [
+        {"class_path": "litcompress.callbacks.KnowledgeDistillation",
+         "init_args": {"outputs_fn": f"{__name__}.first_output", "temperature": 2.0}}]}}
+    parsed = LightningCLI(CliModel, args=["--config", yaml.safe_dump(config)], run=False)
+    [distillation] = [c for c in parsed.trainer.callbacks if isinstance(c, KnowledgeDistillation)]
+    assert distillation.outputs_fn is first_output and distillation.config.temperature == 2.0

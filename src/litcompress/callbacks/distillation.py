@@ -57,7 +57,8 @@ class KnowledgeDistillation(Callback):
 
     def __init__(self, teacher: nn.Module | None = None, *, temperature: float = 1.0, alpha: float = 0.5,
                  kind: DistillationKind = "kl", submodule: str | None = None,
-                 outputs_fn: Callable[[Any], torch.Tensor] | None = None,
+                 # returns a Tensor; not typed so: LightningCLI then refuses a function not annotated `-> Tensor`
+                 outputs_fn: Callable[[Any], Any] | None = None,
                  log_name: str | None = "distill_loss") -> None:
         self.config = DistillationConfig(temperature=temperature, alpha=alpha, kind=kind)
         if teacher is not None and not isinstance(teacher, nn.Module):
