@@ -257,6 +257,22 @@ def test_numpy_numbers_are_taken_where_python_ones_are() -> None:
     assert MNISTDataModule(train_limit=np.int64(100)).hparams.train_limit == 100
 
 
+def test_numpy_numbers_are_saved_as_python_ones_so_checkpoints_load(tmp_path) -> None:
+    """They were saved as given: every checkpoint of a fit with such a data module failed to load (Trainer.fit's
+    ckpt_path, load_from_checkpoint: "Weights only load failed"), numpy's float64 too."""
+    import numpy as np
+
+    modules = [DigitsDataModule(batch_size=np.int64(32), val_fraction=np.float64(0.2), test_fraction=np.float32(0.2),
+                                seed=np.int64(3), num_workers=np.int32(0), shuffle_seed=np.int64(4)),
+               MNISTDataModule(batch_size=np.int64(32), seed=np.uint8(3), train_limit=np.int64(100))]
+    for datamodule in modules:
+        saved = dict(datamodule.hparams)
+        assert all(type(v) in (int, float, bool, type(None)) for v in saved.values()), saved
+        torch.save({"datamodule_hyper_parameters": saved}, tmp_path / "hparams.ckpt")
+        assert torch.load(tmp_path / "hparams.ckpt", weights_only=True)["datamodule_hyper_parameters"] == saved
+    assert DigitsDataModule(shuffle_seed=None).hparams.shuffle_seed is None  # None stays None: `seed`'s order
+
+
 def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_with_the_weights_of_one_uninterrupted(
         tmp_path) -> None:
     """Lightning goes on at the checkpoint's batch index; the epoch's order must go on there too (it started over

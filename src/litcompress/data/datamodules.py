@@ -87,6 +87,11 @@ class _BundledDataModule(L.LightningDataModule):
     def _load(self) -> DatasetSplits:
         raise NotImplementedError
 
+    def _python_numbers(self, shuffle_seed: int | None) -> tuple[int, int, int, int | None]:
+        """``batch_size, seed, num_workers, shuffle_seed`` as checked (Python ints; `shuffle_seed` None if given so),
+        for a subclass to rebind its arguments to before ``save_hyperparameters()`` reads them."""
+        return self.batch_size, self.seed, self.num_workers, None if shuffle_seed is None else self.shuffle_seed
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = self._load()
@@ -156,12 +161,15 @@ class DigitsDataModule(_BundledDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle_seed=shuffle_seed)
         check_flatten(flatten)
+        check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)  # at construction, not at `setup`
+        # saved as Python's numbers (numpy's made every checkpoint of the fit unloadable: weights_only refuses them)
+        batch_size, seed, num_workers, shuffle_seed = self._python_numbers(shuffle_seed)
+        val_fraction, test_fraction = float(val_fraction), float(test_fraction)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.flatten = flatten
         self.input_shape: tuple[int, ...] = (DIGITS_NUM_FEATURES,) if flatten else DIGITS_IMAGE_SHAPE
-        check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)  # at construction, not at `setup`
 
     def _load(self) -> DatasetSplits:
         return load_digits_tensors(self.val_fraction, self.test_fraction, self.seed, self.flatten)
@@ -192,6 +200,8 @@ class MNISTDataModule(_BundledDataModule):
                                         or train_limit < 1):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "
                              "(all of them)")  # at construction, not after loading the archive at `setup`
+        batch_size, seed, num_workers, shuffle_seed = self._python_numbers(shuffle_seed)  # as Digits' (see there)
+        train_limit = None if train_limit is None else int(train_limit)
         self.save_hyperparameters()
         self.flatten = flatten
         self.train_limit = train_limit
