@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -68,8 +71,26 @@ def test_logits_have_one_column_per_class_and_checkpoints_rebuild_the_model(mode
     (lambda: CNNClassifier(in_channels=0), "in_channels=0"),
     (lambda: ResNetClassifier(image_size=-5), "image_size=-5"),
     (lambda: LSTMClassifier(num_classes=2.5), "num_classes=2.5"),
-    (lambda: MLPClassifier(lr="1e-3"), "lr='1e-3': expected a learning rate > 0"),
+    (lambda: MLPClassifier(lr="1e-3"), "lr='1e-3': expected a finite learning rate > 0"),
+    # trained NaNs from the first step
+    (lambda: MLPClassifier(lr=float("inf")), "lr=inf: expected a finite learning rate > 0"),
+    (lambda: MLPClassifier(weight_decay=float("inf")), "weight_decay=inf: expected a finite number >= 0"),
+    # numpy's float64 (a float) trained, and then no checkpoint of the fit loaded (weights_only refuses numpy's
+    # numbers); its float32 and int64 were refused in words that their values met
+    (lambda: MLPClassifier(lr=np.float64(0.01)), re.escape("lr=np.float64(0.01): expected a finite learning rate > 0, "
+                                                           "e.g. 1e-3 (numpy.float64: pass float(...)")),
+    (lambda: MLPClassifier(hidden=(np.int64(12),)), re.escape("(numpy.int64: pass int(...)")),
+    (lambda: ResNetClassifier(blocks=np.int64(2)), re.escape("blocks=np.int64(2): expected an int >= 1, e.g. blocks=2 "
+                                                             "(numpy.int64: pass int(...)")),
 ])
 def test_bad_sizes_fail_at_construction(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_flags_and_choices_of_other_types_are_refused_in_words():
+    """`squeeze_excitation="no"` (truthy) built the gates; a list of activations failed as unhashable."""
+    with pytest.raises(TypeError, match="squeeze_excitation='no': expected True or False"):
+        MobileNetClassifier(squeeze_excitation="no")
+    with pytest.raises(ValueError, match=re.escape("activation=['silu']: expected one of")):
+        GatedTransformerClassifier(activation=["silu"])

@@ -5,6 +5,8 @@ judge any stage's model with them).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,12 +15,26 @@ import torch
 from torch import nn
 
 
+def _not_python_number(value: object) -> str:
+    """A hint for a numpy number (numpy's float64 is even a float): the model keeps its arguments as
+    hyperparameters, and a checkpoint holding numpy's numbers does not load (torch's ``weights_only`` refuses them)."""
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+        cast = "int" if isinstance(value, numbers.Integral) else "float"
+        return f" ({type(value).__module__}.{type(value).__name__}: pass {cast}(...), which checkpoints can hold)"
+    return ""
+
+
 def _check_widths(name: str, widths: Sequence[int]) -> tuple[int, ...]:
     given = widths
     widths = tuple(widths) if isinstance(widths, Sequence) and not isinstance(widths, str) else ()
-    if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ValueError(f"{name}={given!r}: expected one or more positive ints, e.g. (256, 256).")
+    if not widths or not all(type(w) is int and w > 0 for w in widths):
+        hint = next((_not_python_number(w) for w in widths if _not_python_number(w)), "")
+        raise ValueError(f"{name}={given!r}: expected one or more positive ints, e.g. (256, 256){hint}.")
     return widths
+
+
+_SIZE_EXAMPLES = {"num_classes": "10", "in_channels": "1", "image_size": "8", "blocks": "2", "layers": "2",
+                  "heads": "4", "groups": "8", "expansion": "4", "stem_stride": "2"}
 
 
 def _check_sizes(**sizes: object) -> None:
@@ -26,9 +42,14 @@ def _check_sizes(**sizes: object) -> None:
     inside its first training step, in torch's words."""
     for name, value in sizes.items():
         least = 2 if name == "num_classes" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            example = "10" if name == "num_classes" else "1" if name == "in_channels" else "64"
-            raise ValueError(f"{name}={value!r}: expected an int >= {least}, e.g. {name}={example}.")
+        if type(value) is not int or value < least:
+            raise ValueError(f"{name}={value!r}: expected an int >= {least}, e.g. {name}="
+                             f"{_SIZE_EXAMPLES.get(name, '64')}{_not_python_number(value)}.")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):  # "no" is truthy
+        raise TypeError(f"{name}={value!r}: expected True or False.")
 
 
 class Classifier(L.LightningModule):
@@ -38,10 +59,12 @@ class Classifier(L.LightningModule):
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__()
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:  # "1e-3" failed in `>`
-            raise ValueError(f"lr={lr!r}: expected a learning rate > 0, e.g. 1e-3.")
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-            raise ValueError(f"weight_decay={weight_decay!r}: expected a number >= 0.")
+        # "1e-3" failed in `>`; inf trained NaNs
+        if type(lr) not in (int, float) or not 0 < lr < math.inf:
+            raise ValueError(f"lr={lr!r}: expected a finite learning rate > 0, e.g. 1e-3{_not_python_number(lr)}.")
+        if type(weight_decay) not in (int, float) or not 0 <= weight_decay < math.inf:
+            raise ValueError(f"weight_decay={weight_decay!r}: expected a finite number >= 0"
+                             f"{_not_python_number(weight_decay)}.")
         self.lr, self.weight_decay = lr, weight_decay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,6 +255,7 @@ class MobileNetClassifier(Classifier):
         if stem_stride is None:
             stem_stride = 2 if image_size >= 16 else 1
         _check_sizes(width=width, blocks=blocks, expansion=expansion, stem_stride=stem_stride)
+        _check_flag("squeeze_excitation", squeeze_excitation)
         self.save_hyperparameters()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(width),
@@ -296,7 +320,7 @@ class GatedFeedForward(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str = "silu") -> None:
         super().__init__()
         _check_sizes(d_model=d_model, hidden=hidden)
-        if activation not in _GATE_ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in _GATE_ACTIVATIONS:  # a list was unhashable
             raise ValueError(f"activation={activation!r}: expected one of {sorted(_GATE_ACTIVATIONS)}.")
         self.activation = activation
         self.w1 = nn.Linear(d_model, hidden, bias=False)  # the gate
