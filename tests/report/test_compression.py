@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -53,6 +54,44 @@ def test_json_round_trip_gives_the_same_report(report, tmp_path_factory):
 
 @settings(max_examples=60, deadline=None)
 @given(report=reports())
+def test_from_dict_reads_what_to_dict_gives(report):
+    """It wanted lists: to_dict's tuples (before any JSON) were refused ("'messages' must be a list")."""
+    assert CompressionReport.from_dict(report.to_dict()) == report
+
+
+_lines = st.lists(st.sampled_from(["# a heading", "```", "````x", "- item", "text", "", "  indented"]), max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=st.lists(_lines.map("\n".join), min_size=1, max_size=3), detail=_lines.map("\n".join))
+def test_markdown_keeps_each_message_one_item_and_each_detail_inside_its_block(messages, detail):
+    """An error's lines in a message left its list item (a '# ...' line became a heading), and a detail holding
+    a ``` line closed its code block early."""
+    report = CompressionReport((_stage("input", 1.0, 10),), details=(("Trials", detail),), messages=tuple(messages))
+    text = report.markdown()
+    block = text[text.index("## Trials"):text.index("## Messages")].strip().splitlines()
+    fence = block[2]
+    assert set(fence) == {"`"} and block[-1] == fence and "\n".join(block[3:-1]) == detail
+    assert not any(line.startswith(fence) for line in block[3:-1])  # nothing inside ends the block
+    listed = text[text.index("## Messages"):].splitlines()[2:]
+    assert listed == [f"- {' '.join(m.split())}" for m in messages]
+
+
+def test_latencies_and_metrics_that_no_run_gives_are_refused():
+    """An infinite latency passed (the table printed '1.0000-inf', the plot dropped its error bar) and a metric
+    given as text loaded, to fail in the table's format."""
+    with pytest.raises(ValueError, match="expected finite numbers"):
+        Latency(1.0, 2.0, float("inf"))
+    with pytest.raises(ValueError, match=re.escape("StageMetrics(metric='0.9', parameters=1.5)")):
+        StageMetrics("input", "dense", metric="0.9", parameters=1.5)
+    data = CompressionReport((_stage("input", 1.0, 10),)).to_dict()
+    data["stages"][0]["size_bytes"] = "10"
+    with pytest.raises(ValueError, match=re.escape("StageMetrics(size_bytes='10')")):
+        CompressionReport.from_dict(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(report=reports())
 def test_tables_have_one_line_per_stage_and_every_column(report):
     table = report.table().splitlines()
     header = table[0].split()
@@ -61,7 +100,8 @@ def test_tables_have_one_line_per_stage_and_every_column(report):
     rows = table[2:2 + len(report.stages)]
     assert [r.split()[0] for r in rows] == [s.stage for s in report.stages]
     markdown = report.markdown()
-    stage_lines = [line for line in markdown.splitlines() if line.startswith("| ") and "|---" not in line]
+    # (not the separator lines: a description holding '|---' is a stage row still)
+    stage_lines = [line for line in markdown.splitlines() if line.startswith("| ") and set(line) - set("|-: ")]
     # header + one per stage (+ the per-tensor sparsity table's header and rows)
     assert len(stage_lines) == 1 + len(report.stages) + (1 + len(report.layer_sparsity) if report.layer_sparsity else 0)
     # A '|' inside a cell is escaped, so every stage row has as many cells as the header.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import numbers
+import re
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,10 +35,10 @@ class Latency:
     def __post_init__(self) -> None:
         # a report.json edited by hand fails when read, not in the plot's error bars after the table was printed
         values = (self.min_ms, self.median_ms, self.max_ms)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
                 or not 0 <= self.min_ms <= self.median_ms <= self.max_ms:
             raise ValueError(f"Latency(min_ms={self.min_ms!r}, median_ms={self.median_ms!r}, max_ms={self.max_ms!r})"
-                             ": expected numbers with 0 <= min <= median <= max.")
+                             ": expected finite numbers with 0 <= min <= median <= max.")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,22 @@ class StageMetrics:
     gzip_bytes: int | None = None
     latency: Latency | None = None
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        # a report.json edited by hand ("metric": "0.9") fails when read, not in the table after a partial print
+        wrong = [f"{name}={getattr(self, name)!r}" for name in ("stage", "description")
+                 if not isinstance(getattr(self, name), str)]
+        wrong += [f"{name}={value!r}" for name in ("metric", "test_metric", "weight_sparsity", "seconds")
+                  if (value := getattr(self, name)) is not None
+                  and (isinstance(value, bool) or not isinstance(value, numbers.Real))]
+        wrong += [f"{name}={value!r}" for name in ("parameters", "nonzero_parameters", "size_bytes", "gzip_bytes")
+                  if (value := getattr(self, name)) is not None
+                  and (isinstance(value, bool) or not isinstance(value, numbers.Integral))]
+        if self.latency is not None and not isinstance(self.latency, Latency):
+            wrong.append(f"latency={self.latency!r}")
+        if wrong:
+            raise ValueError(f"StageMetrics({', '.join(wrong)}): stage and description are text, the metrics, "
+                             "sparsity and seconds numbers, the counts ints, latency a Latency (or None).")
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -192,9 +210,10 @@ class CompressionReport:
                     "|---|---:|---:|---:|"]
             out += [f"| {_cell(t.name)} | {t.zeros:,} | {t.numel:,} | {t.sparsity:.2%} |" for t in self.layer_sparsity]
         for title, text in self.details:
-            out += ["", f"## {title}", "", "```", text, "```"]
-        if self.messages:
-            out += ["", "## Messages", ""] + [f"- {m}" for m in self.messages]
+            fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))  # outlasts text's
+            out += ["", f"## {_cell(title)}", "", fence, text, fence]
+        if self.messages:  # one line each: a message holding an error's lines stays one list item
+            out += ["", "## Messages", ""] + [f"- {' '.join(m.split())}" for m in self.messages]
         return "\n".join(out) + "\n"
 
     # ------------------------------------------------------------------------------------------- storage
@@ -209,7 +228,7 @@ class CompressionReport:
             raise ValueError(f"not a litcompress compression report (format {data.get('format')!r}, "
                              f"expected {REPORT_FORMAT}).")
         for field_name in ("messages", "details", "stages", "layer_sparsity"):  # a string would iterate by character
-            if not isinstance(data.get(field_name), list):
+            if not isinstance(data.get(field_name), (list, tuple)):  # tuples: to_dict's own, before any JSON
                 raise ValueError(f"'{field_name}' must be a list, got {type(data.get(field_name)).__name__}.")
         if not all(isinstance(m, str) for m in data["messages"]):
             raise ValueError("'messages' must be a list of strings.")
