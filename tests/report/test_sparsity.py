@@ -53,3 +53,41 @@ def test_a_sparsified_model_reports_the_zeros_of_its_csr_weights():
     report = sparsity_report(sparse_model)
     assert [(t.name, t.zeros, t.numel) for t in report.tensors] == [(t.name, t.zeros, t.numel) for t in dense.tensors]
     assert sparsity_report(sparse_model, [(sparse_model[0], "weight")]).zeros == dense["0.weight"].zeros == 922
+
+
+def test_a_module_registered_twice_goes_by_its_first_name_as_torch_names_it():
+    """It went by its last name (`b.weight`), which `named_parameters()` never gives: `report["a.weight"]` failed."""
+    model = nn.Module()
+    model.a = model.b = nn.Linear(4, 4)
+    report = sparsity_report(model)
+    assert [t.name for t in report.tensors] == [name for name, _ in model.named_parameters()] == ["a.weight", "a.bias"]
+
+
+def test_int8_weights_it_cannot_read_are_said_not_counted_as_dense():
+    """A quantized model's report said 0% sparse (over no tensor, or over the float biases) without a word."""
+    import warnings
+
+    import pytest
+
+    model = nn.Sequential(nn.Linear(16, 16)).eval()
+    with torch.no_grad():
+        model[0].weight[:8] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of torch.ao
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.warns(UserWarning, match="sparsity_report counts float tensors only: 0 hold int8 weights"):
+        sparsity_report(quantized)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float model, or targets given: nothing to say
+        assert sparsity_report(model).sparsity == 0.5 * 256 / (256 + 16)
+        sparsity_report(quantized, targets=[])
+
+
+def test_a_masked_model_is_sized_by_the_weights_it_computes_with():
+    """Its live masks' `weight_orig` and `weight_mask` were sized: nearly twice the model."""
+    from litcompress.report.size import model_size_bytes
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    dense = model_size_bytes(model)
+    prune_([(model[0], "weight")], "l1_unstructured", 0.5)
+    assert abs(model_size_bytes(model) - dense) < 0.01 * dense

@@ -857,8 +857,11 @@ def load_pruned_state_dict(
 
 
 def qualified_names(model: nn.Module, targets: Sequence[Target]) -> list[str]:
-    """``"path.to.module.tensor"`` for each target, relative to `model`."""
-    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    """``"path.to.module.tensor"`` for each target, relative to `model`; a module registered under several names
+    goes by its first, as in ``model.named_parameters()``."""
+    paths: dict[int, str] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), path)
     names = []
     for module, name in targets:
         if id(module) not in paths:

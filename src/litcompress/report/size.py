@@ -12,14 +12,17 @@ from torch import nn
 
 def serialized_weights(model: nn.Module) -> bytes:
     """What a model's weights take when saved: the ONNX bytes of an ONNX Runtime model, else ``torch.save``
-    of its state dict (zeros from pruning still take their 4 bytes)."""
+    of its state dict (zeros from pruning still take their 4 bytes), of the weights it computes with where torch's
+    pruning masks are live (not ``<name>_orig`` and ``<name>_mask``: twice as much)."""
+    from litcompress.pruning.engine import permanent_state_dict, pruned_targets  # (pruning imports the report)
+
     model_bytes = getattr(model, "model_bytes", None)
     if isinstance(model_bytes, bytes):
         return model_bytes
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.save(model.state_dict(), buffer)
+        torch.save(permanent_state_dict(model) if pruned_targets(model) else model.state_dict(), buffer)
     return buffer.getvalue()
 
 

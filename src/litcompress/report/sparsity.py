@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,16 @@ def _weight_names(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p is not None]
 
 
+def _int8_weights(model: nn.Module) -> list[str]:
+    """Where `model` keeps weights as int8: torch.ao's quantized layers (packed, not parameters) and the int8
+    tensors of an exported int8 program (PT2E's constants, as buffers)."""
+    found = [path or type(module).__name__ for path, module in model.named_modules()
+             if type(module).__module__.startswith("torch.ao.nn.quantized")
+             and callable(getattr(module, "weight", None))]
+    return found + [name for name, buffer in model.named_buffers()
+                    if buffer.dtype in (torch.int8, torch.uint8) or buffer.is_quantized]
+
+
 def sparsity_report(
     model: nn.Module, targets: Sequence[Target] | None = None, *, print_table: bool = False
 ) -> SparsityReport:
@@ -111,6 +122,11 @@ def sparsity_report(
     if targets is None:
         pruned = [(m, n) for _, m, n in pruned_targets(model)]
         targets = pruned or [(m, n) for m in model.modules() for n in _weight_names(m)]
+        unread = _int8_weights(model)
+        if unread:  # its sparsity would be that of the float tensors left (the biases), 0% as often as not
+            warnings.warn(f"sparsity_report counts float tensors only: {', '.join(unread[:4])}"
+                          f"{' ...' if len(unread) > 4 else ''} hold int8 weights it does not read; report the model "
+                          "before quantization.", stacklevel=2)
     targets = distinct_targets(targets)
     names = qualified_names(model, targets)
     report = SparsityReport(tuple(tensor_sparsity(m, n, label) for label, (m, n) in zip(names, targets)))
