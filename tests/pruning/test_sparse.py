@@ -333,3 +333,90 @@ def test_a_float64_state_dict_keeps_the_layer_float32():
     assert layer.weight.dtype == layer.bias.dtype == torch.float32
     x = torch.randn(2, 5)
     torch.testing.assert_close(layer(x), dense.float()(x))
+
+
+@settings(max_examples=20, deadline=None)
+@given(traced_leading=st.lists(st.integers(1, 3), max_size=2), leading=st.lists(st.integers(1, 3), max_size=3),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_traced_sparse_layer_takes_inputs_of_any_rank_as_a_traced_linear(traced_leading, leading, bias, seed):
+    """The trace recorded `x.shape[:-1]` with its length: a layer traced on (8, 16) failed on (2, 5, 16) and (16,)
+    ("shape '[2, 32]' is invalid"), where a traced nn.Linear runs; the pipeline saves model.pt traced."""
+    dense = _sparse_linear(6, 5, 0.8, bias, seed)
+    example = torch.randn(*traced_leading, 5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "CSR support is in beta" and trace warnings
+        traced = torch.jit.trace(SparseLinear.from_dense(dense), example)
+        x = torch.randn(*leading, 5, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(traced(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_under_cpu_autocast_a_sparse_layer_runs_in_float32_and_half_weights_are_refused_in_words():
+    """bf16-mixed evaluation (Lightning's trainer.test/predict run under CPU autocast) failed inside torch
+    ('"addmm_out_sparse_csr_impl_mkl" not implemented for BFloat16'), where the dense model runs; so did `.half()`."""
+    dense = _sparse_linear(6, 5, 0.8, True, 0)
+    sparse = SparseLinear.from_dense(dense)
+    x = torch.randn(4, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse(x)
+        sparse(x.bfloat16())  # a bfloat16 input, as an autocast layer before it gives
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out, dense(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="CSR products on CPU take float32 or float64 weights, got torch.float16"):
+        sparse.half()(x.half())
+
+
+class LoRALinear(nn.Linear):
+    """A Linear with a low-rank term of its own forward adds (zero until B trains, as LoRA initialises it)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 2) -> None:
+        super().__init__(in_features, out_features)
+        self.A = nn.Parameter(torch.randn(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.A.t() @ self.B.t()
+
+
+def test_layers_a_csr_copy_would_not_run_as_they_are_stay_dense_and_masked_outputs_do_not_loosen_the_check():
+    """A LoRA-style subclass lost its own forward (and A, B) once converted: the check on the example batch let it
+    through when B was zero, or when outputs held finfo.min at masked positions (the tolerance scaled with it).
+    A layer's forward hooks were dropped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_sparse_linear(16, 16, 0.9, True, 1), nn.ReLU(), LoRALinear(16, 4))
+    with torch.no_grad():
+        model[2].weight[torch.rand(4, 16) < 0.9] = 0
+    seen = []
+    model[0].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    result = sparsify(model, torch.randn(8, 16), min_speedup=0, repeats=1)
+    reasons = {layer.name: layer.reason for layer in result.report.layers}
+    assert reasons == {"0": "it has forward hooks, which a CSR copy would not run",
+                       "2": "LoRALinear has its own forward, which a CSR copy would not run"}
+
+    class Masked(nn.Module):  # the fill equal in both outputs: it must not set the tolerance
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = _sparse_linear(4, 16, 0.9, True, 2)
+
+        def forward(self, x):
+            return self.fc(x).masked_fill(torch.tensor([True, False, False, False]), torch.finfo(x.dtype).min)
+
+    from litcompress.pruning.sparse import _failure
+
+    masked, x = Masked().eval(), torch.randn(8, 16)
+    with torch.no_grad():
+        reference = masked(x)
+        masked.fc.bias += 0.5  # a change the CSR copy would have made
+    assert _failure(masked, (x,), reference) == "outputs changed by 0.5"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_sparse_layer_scripts_to_the_dense_layers_outputs(bias):
+    """TorchScript compiles its product only (no autocast, no tracing there): the eager checks stay out of it."""
+    dense = _sparse_linear(6, 5, 0.8, bias, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(SparseLinear.from_dense(dense))
+    x = torch.randn(2, 3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), dense(x), rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from litcompress.pruning.engine import deepcopy_model, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import fold_parametrizations_
-from litcompress.pruning.shrink import _scale, max_output_difference
+from litcompress.pruning.shrink import _scale_where_they_differ, max_output_difference
 
 
 def _csr(weight: Tensor) -> Tensor:
@@ -111,11 +111,34 @@ class SparseLinear(nn.Module):
         return self.weight.values().numel() / max(1, self.out_features * self.in_features)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name: `layer(input=x)` keeps working
-        x = input
-        rows = x.reshape(-1, self.in_features).t()
-        out = torch.mm(self.weight, rows) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), self.weight,
-                                                                                   rows)
+        if torch.jit.is_scripting():  # TorchScript compiles the product alone (it has no autocast or tracing)
+            return self._product(input).t().reshape(input.shape[:-1] + (self.out_features,))
+        return self._forward_eager(input)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        # (each check here costs a fraction of a microsecond: a batch-1 product takes tens of them)
+        dtype = self.weight.dtype
+        if dtype is not torch.float32 and dtype is not torch.float64 and self.weight.device.type == "cpu":
+            raise RuntimeError(f"SparseLinear: torch's CSR products on CPU take float32 or float64 weights, got "
+                               f"{dtype} (the model was converted after sparsify: .half(), .to(...)); convert it "
+                               "back with .float().")
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast would run the CSR product in bfloat16/float16, which torch's CPU kernels lack: it runs in the
+            # weight's dtype, on the input cast to it (no context entered otherwise: this is the fast path)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward_eager(x.to(self.weight.dtype))
+        out = self._product(x)
+        if torch.jit.is_tracing():  # the trace would fix the rank with x.shape[:-1]: take the shape from a tensor
+            return out.t().reshape_as(nn.functional.pad(x.narrow(-1, 0, 0), (0, self.out_features)))
         return out.t().reshape(x.shape[:-1] + (self.out_features,))
+
+    def _product(self, x: Tensor) -> Tensor:
+        """``W x_rowsᵀ (+ b)``: (out_features, rows), the rows of `x` being its leading dims flattened."""
+        rows = x.reshape(-1, self.in_features).t()
+        if self.bias is None:
+            return torch.mm(self.weight, rows)
+        return torch.addmm(self.bias.unsqueeze(1), self.weight, rows)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -216,6 +239,13 @@ def _read_outside_forward(model: nn.Module, layers: dict[str, nn.Linear]) -> dic
                 other = next(f"{p or 'model'}.{t}" for p, m, t in holders if m is not module)
                 reasons[names[id(module)]] = (f"its {tensor} is tied to {other}: a CSR copy would untie them and "
                                               "store the matrix twice")
+    for name, layer in layers.items():
+        # what the CSR copy would not run (the check on the example batch passes where a hook logs, or where the
+        # extra term is zero there: a LoRA adapter before training)
+        if type(layer).forward is not nn.Linear.forward:
+            reasons.setdefault(name, f"{type(layer).__name__} has its own forward, which a CSR copy would not run")
+        elif layer._forward_hooks or layer._forward_pre_hooks:
+            reasons.setdefault(name, "it has forward hooks, which a CSR copy would not run")
     for path, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer):
             for child in ("linear1", "linear2"):
@@ -239,10 +269,14 @@ def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
     of CSR sums), or None."""
     try:
         with torch.no_grad():
-            difference = max_output_difference(reference, model(*inputs))
+            outputs = model(*inputs)
+        difference = max_output_difference(reference, outputs)
     except Exception as error:  # noqa: BLE001 - any failure of the converted model keeps the layer dense
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
-    return None if difference <= 1e-4 * max(1.0, _scale(reference)) else f"outputs changed by {difference:.3g}"
+    # relative to the largest output that changed: a -1e9 or finfo.min filling masked entries (equal in both)
+    # made the tolerance as large, and any change passed
+    scale = _scale_where_they_differ(reference, outputs)
+    return None if difference <= 1e-4 * max(1.0, scale) else f"outputs changed by {difference:.3g}"
 
 
 def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: float = 0.7,
@@ -263,7 +297,8 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             itself, as the pipeline's report does, passes False).
 
     Linear layers of other dtypes than float32, those forward never calls (an ``nn.MultiheadAttention``'s
-    ``out_proj``), tied weights, ``nn.TransformerEncoderLayer``'s feed-forward layers (its fused path reads them) and
+    ``out_proj``), tied weights, ``nn.TransformerEncoderLayer``'s feed-forward layers (its fused path reads them),
+    subclasses with a forward of their own (a LoRA adapter's), layers with forward hooks and
     those whose weight other code reads too (each conversion is checked on the example batch: the model must run and
     give the same outputs) stay dense; the report says why for each. A layer used at several places is converted at
     all of them. Inference only: the CSR weights are buffers.
