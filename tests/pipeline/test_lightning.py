@@ -3,6 +3,8 @@ own logged metrics."""
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -72,6 +74,11 @@ def test_fine_tunes_while_pruning_and_reports_the_modules_own_metrics(fitted, tm
     (7, 2, {"limit_train_batches": 0.5}),
     (7, 2, {"accumulate_grad_batches": 3}),
     (7, 5, {"max_steps": 9}),
+    # counted as all the batches: the schedule was laid over 34 steps where 4 ran
+    (7, 2, {"overfit_batches": 2}),
+    (7, 2, {"overfit_batches": 0.5}),
+    (7, 3, {"fast_dev_run": True}),
+    (7, 3, {"fast_dev_run": 2}),
 ])
 def test_optimizer_steps_match_what_the_trainer_does(batches, epochs, kwargs):
     model = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)
@@ -169,9 +176,36 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
         with pytest.raises(TypeError, match=r"Trainer takes no 'max_step' \('max_step': did you mean 'max_steps'\?\)"):
             compress_lightning(module, prune, datamodule=data, fine_tune_epochs=epochs,
                                trainer_kwargs={"max_step": 3})
+    # failed after the input's evaluation, or (a true half precision) after the whole fine-tuning: the fit converted
+    # the pipeline's copy, which every stage evaluates in float32
+    for kwargs, message in [({"precision": "bogus"}, "the fine-tuning Trainer cannot be built with them: "
+                                                     "ValueError: Precision 'bogus'"),
+                            ({"precision": "bf16-true"}, "the fit would convert the pipeline's copy to bf16"),
+                            ({"precision": 64}, "the fit would convert the pipeline's copy to 64")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            compress_lightning(module, prune, datamodule=data, fine_tune_epochs=1, trainer_kwargs=kwargs)
     # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.
     with pytest.raises(KeyError, match="metric='val_accuracy' was not logged by MLPClassifier.validation_step"):
         compress_lightning(module, prune, datamodule=data, metric="val_accuracy", fine_tune_epochs=50)
+
+
+def test_a_checkpoint_callback_given_is_kept_and_the_datamodule_stays_attached_to_the_users_trainer(tmp_path):
+    """A ModelCheckpoint (or LearningRateMonitor) in trainer_kwargs failed against the pipeline's quiet defaults
+    (enable_checkpointing=False, logger=False), after the input's evaluation; after fine-tuning, the user's
+    DataModule was left attached to litcompress's Trainer (and, through it, to the pipeline's model copy)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=256)
+    module = MLPClassifier(hidden=(16,))
+    users = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    users.fit(module, datamodule=data)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    compress_lightning(module, CompressionConfig(prune=PruneConfig(sparsity=0.5), latency_repeats=2, export=False),
+                       datamodule=data, fine_tune_epochs=1,
+                       trainer_kwargs={"callbacks": [checkpoints], "limit_train_batches": 2})
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    assert data.trainer is users
 
 
 def test_a_validation_step_that_never_calls_the_model_fails_before_fine_tuning():

@@ -15,18 +15,15 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import (DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ModelSummary,
-                                         ProgressBar)
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
 from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, logged_metrics, missing_metric_message,
-                                                trainer_built_quietly)
+                                                quiet_unless_asked, trainer_built_quietly)
 
+# a callback given that Lightning refuses beside a quiet default turns that default off (quiet_unless_asked)
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-# a callback given that Lightning refuses beside a quiet default turns that default off (the Trainer's own applies)
-_TURNED_ON_BY = dict(logger=(LearningRateMonitor, DeviceStatsMonitor), enable_checkpointing=ModelCheckpoint,
-                     enable_progress_bar=ProgressBar, enable_model_summary=ModelSummary)
 
 
 class _StopAtStep(Callback):
@@ -194,9 +191,7 @@ def find_lottery_ticket(
     callbacks = given.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
     # the user's ModelCheckpoint, progress bar or LearningRateMonitor, not our quiet defaults, decide
-    quiet = {key: value for key, value in _QUIET.items()
-             if not any(isinstance(c, _TURNED_ON_BY[key]) for c in callbacks)}
-    kwargs = {**quiet, **given}
+    kwargs = {**quiet_unless_asked(_QUIET, callbacks), **given}
     stage_limit = "limit_test_batches" if evaluate_on == "test" else "limit_val_batches"
     if given.get(stage_limit) in (0, 0.0):
         raise ValueError(f"trainer_kwargs[{stage_limit!r}]=0 leaves no batch to evaluate the rounds on "

@@ -27,7 +27,8 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_we
                                                 check_metric_name, check_output_dir, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
-                                                lightning_eval_fn, on_the_cpu, skipped_for_fast_dev_run,
+                                                lightning_eval_fn, on_the_cpu, quiet_unless_asked,
+                                                skipped_for_fast_dev_run, trainer_built_quietly,
                                                 warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import model_input_fn
 
@@ -64,6 +65,12 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
     manual optimization, where Lightning refuses gradient accumulation: the batches it trains on)."""
     batches = train_batches
     limit = trainer_kwargs.get("limit_train_batches")
+    overfit = trainer_kwargs.get("overfit_batches", 0)  # Lightning trains on that many batches (or that fraction)
+    if overfit and not isinstance(overfit, bool):
+        limit = overfit
+    fast_dev_run = trainer_kwargs.get("fast_dev_run", False)  # True: one batch; n: n batches; one epoch either way
+    if fast_dev_run:
+        limit, epochs = 1 if fast_dev_run is True else int(fast_dev_run), 1
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)
     elif isinstance(limit, float):
@@ -142,6 +149,34 @@ def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
         raise ValueError("compress_lightning fine-tunes in this process, on one device (its pruning rounds and the "
                          "evaluations of every stage run here). For multi-device training, prune with "
                          "litcompress.ModelPruning during fit (it keeps ranks in sync) and compress the checkpoint.")
+
+
+def _fine_tuning_trainer_kwargs(trainer_kwargs: dict[str, Any], epochs: int) -> tuple[dict[str, Any], list]:
+    """The fine-tuning Trainer's arguments but its callbacks, and the callbacks given (one alone, as Trainer takes
+    it, in a list): litcompress's quiet CPU defaults less those a given callback asks to keep (a ModelCheckpoint,
+    a LearningRateMonitor), then `trainer_kwargs`."""
+    given = trainer_kwargs.get("callbacks") or []
+    given = [given] if isinstance(given, L.Callback) else list(given)
+    kwargs = {**quiet_unless_asked(QUIET_CPU_TRAINER, given), **trainer_kwargs, "max_epochs": epochs}
+    kwargs.pop("callbacks", None)
+    return kwargs, given
+
+
+def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list) -> None:
+    """Build the fine-tuning Trainer once before any stage: a value it refuses (`precision="bogus"`) or a callback
+    it refuses beside an argument came only after the input model's evaluation. A true half or double precision is
+    refused: the fit would convert the pipeline's copy, which every stage evaluates in float32."""
+    try:
+        trainer = trainer_built_quietly(callbacks=callbacks, **kwargs)
+    except Exception as error:  # noqa: BLE001 - Lightning's own words, before any work
+        raise ValueError(f"compress_lightning(trainer_kwargs=...): the fine-tuning Trainer cannot be built with them: "
+                         f"{type(error).__name__}: {error}") from error
+    precision = str(trainer.precision)
+    if precision.endswith("-true") and precision != "32-true":
+        raise ValueError(f"compress_lightning(trainer_kwargs={{'precision': {kwargs.get('precision')!r}}}): the "
+                         f"fit would convert the pipeline's copy to {precision.removesuffix('-true')}, and every "
+                         "stage evaluates, exports and quantizes it in float32; fine-tune in 32-bit or mixed "
+                         "precision ('bf16-mixed').")
 
 
 def _with_metric_mode(config: CompressionConfig, metric: str, mode: str | None, where: str) -> CompressionConfig:
@@ -269,6 +304,8 @@ def compress_lightning(
     _check_test_metric_source(module, datamodule, test_metric, "compress_lightning")
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
+    if fine_tune_epochs:
+        _check_fine_tuning_trainer(*_fine_tuning_trainer_kwargs(trainer_kwargs, fine_tune_epochs))
     # as a Trainer does before `setup`: a DataModule's setup may read what its prepare_data downloads or writes
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -302,18 +339,19 @@ def compress_lightning(
             logger.info(f"compress_lightning: {type(trained).__name__} was given in eval mode; its fine-tuning copy "
                         "trains in train mode (put a layer in eval mode inside a training module to freeze it).")
             trained.train()
-        kwargs = {**QUIET_CPU_TRAINER, **trainer_kwargs}
-        kwargs["max_epochs"] = fine_tune_epochs
-        given = kwargs.pop("callbacks", None) or []
-        # a single Callback, as Trainer(callbacks=...) takes it
-        callbacks = [*([given] if isinstance(given, L.Callback) else given), PruneAfterOptimizerSteps(step)]
+        kwargs, given = _fine_tuning_trainer_kwargs(trainer_kwargs, fine_tune_epochs)
+        callbacks = [*given, PruneAfterOptimizerSteps(step)]
         if distill is not None:  # the teacher: the input model, which `compress` leaves as it is (it prunes a copy)
             # imported here: litcompress.callbacks imports this module (CompressOnFitEnd)
             from litcompress.callbacks.distillation import KnowledgeDistillation
             callbacks.append(KnowledgeDistillation(target, temperature=distill.temperature, alpha=distill.alpha,
                                                    kind=distill.kind, submodule=submodule))
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
-        fit_interruptible(trainer, trained, datamodule=datamodule)
+        attached = datamodule.trainer
+        try:
+            fit_interruptible(trainer, trained, datamodule=datamodule)
+        finally:  # the user's DataModule stays attached to their trainer, not to this one (and its model copy)
+            datamodule.trainer = attached
 
     # counted only to fine-tune: a loader without a length serves every other stage as it is
     steps = _fine_tune_steps(datamodule.train_dataloader(), fine_tune_epochs, trainer_kwargs) if fine_tune_epochs \

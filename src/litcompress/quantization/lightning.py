@@ -43,6 +43,20 @@ def internal_trainer(**overrides: Any) -> L.Trainer:
     return trainer_built_quietly(**{**QUIET_CPU_TRAINER, **overrides})
 
 
+def quiet_unless_asked(quiet: dict[str, Any], callbacks: Any) -> dict[str, Any]:
+    """`quiet` (Trainer defaults turning a logger, checkpoints, the progress bar or the model summary off) less those
+    a given callback needs: a ModelCheckpoint asks for checkpointing, a LearningRateMonitor for a logger (Lightning
+    refuses them beside the quiet defaults, which are ours, not the user's)."""
+    from lightning.pytorch.callbacks import (DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ModelSummary,
+                                             ProgressBar)
+
+    turned_on_by = dict(logger=(LearningRateMonitor, DeviceStatsMonitor), enable_checkpointing=ModelCheckpoint,
+                        enable_progress_bar=ProgressBar, enable_model_summary=ModelSummary)
+    callbacks = [callbacks] if isinstance(callbacks, L.Callback) else list(callbacks or [])
+    return {key: value for key, value in quiet.items()
+            if key not in turned_on_by or not any(isinstance(c, turned_on_by[key]) for c in callbacks)}
+
+
 def trainer_built_quietly(**kwargs: Any) -> L.Trainer:
     """``Trainer(**kwargs)`` for one of the many trainers litcompress builds itself (evaluating candidates, reading a
     step's inputs, the rounds of a lottery-ticket search): the lines Lightning logs when one is built (the devices,
