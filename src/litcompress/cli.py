@@ -761,7 +761,7 @@ def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None, 
 
     from litcompress.quantization.lightning import detached_copy, lightning_eval_fn
 
-    candidate = detached_copy(model if submodule is None else getattr(model, submodule)).eval()
+    candidate = detached_copy(model if submodule is None else model.get_submodule(submodule)).eval()
     for stage, name, option in (("validate", metric, "--metric"), ("test", test_metric, "--test-metric")):
         if name is None:
             continue
@@ -870,7 +870,7 @@ def run_compress(args: argparse.Namespace) -> int:
         model = _model(args, data)
         distill = _distillation(args, config, model)
         check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
-        compressed = model if args.submodule is None else getattr(model, args.submodule)
+        compressed = model if args.submodule is None else model.get_submodule(args.submodule)
         if args.quantize == "auto" and config.quantize is not None:
             approach = auto_approach(compressed)
             config = dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, approach=approach))
@@ -1034,7 +1034,7 @@ def run_channels(args: argparse.Namespace) -> int:
         model = host = _model(args, data)
         check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
         if args.submodule is not None:
-            model = getattr(model, args.submodule)
+            model = model.get_submodule(args.submodule)
         _check_embeddings_to_prune(args, model)
         without_inputs = None
         try:

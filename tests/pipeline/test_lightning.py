@@ -135,6 +135,33 @@ def test_a_single_callback_in_trainer_kwargs_is_taken_as_trainer_takes_it(fitted
     assert len(seen) == 3
 
 
+class WrappedMLP(MLPClassifier):
+    """Its steps call `self(x)`, which calls a model two attributes down: `self.wrap.net`."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(32,))
+        wrap, wrap.net = nn.Module(), self.net
+        del self.net
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap.net(x)
+
+
+def test_a_submodule_named_by_a_dotted_path_is_fine_tuned_and_shrunk_inside_its_host():
+    """'wrap.net' was refused ("has no such sub-module"), and the fine-tuning set the copy as an attribute named
+    'wrap.net' (getattr/setattr), not the sub-module."""
+    L.seed_everything(0)
+    data, module = DigitsDataModule(batch_size=256), WrappedMLP()
+    _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1).fit(module, datamodule=data)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), latency_repeats=2,
+                               export=False)
+    result = compress_lightning(module, config, datamodule=data, fine_tune_epochs=1, submodule="wrap.net",
+                                trainer_kwargs={"limit_train_batches": 2})
+    assert [m.out_features for m in result.model if isinstance(m, nn.Linear)] == [16, 10]
+    assert [m.out_features for m in module.wrap.net if isinstance(m, nn.Linear)] == [32, 10]  # the user's as it was
+
+
 def test_a_module_given_in_eval_mode_fine_tunes_in_train_mode_and_is_left_as_it_was():
     """Lightning's fit keeps every module's mode: a module evaluated before (model.eval()) fine-tuned with its batch
     norms frozen on their old statistics (a digits ResNet: 40% where 90% was due), silently."""

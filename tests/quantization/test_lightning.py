@@ -144,6 +144,58 @@ def test_submodule_is_swapped_in(fitted):
     assert not any(isinstance(m, L.LightningModule) for m in result.model.modules())
 
 
+class WrappedNet(DigitsModule):
+    """Its steps call a model two attributes down: `self.wrap.net`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        wrap, wrap.net = nn.Module(), self.net
+        del self.net
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap.net(x)
+
+
+def test_a_submodule_named_by_a_dotted_path_is_swapped_in(digits):
+    """'wrap.net' was refused ("has no such sub-module; its sub-modules with parameters: ['wrap']"), though the
+    evaluation replaces a dotted path, and 'wrap' has no forward to quantize."""
+    torch.manual_seed(0)
+    module, data = WrappedNet(), DigitsData(digits)
+    _trainer(max_epochs=1).fit(module, datamodule=data)
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, submodule="wrap.net")
+    assert result.recipe is not None and isinstance(module.wrap.net[0], nn.Linear)  # the user's stays float
+    x, y = digits[2], digits[3]
+    with torch.no_grad():
+        assert result.metric == pytest.approx(float((result.model(x).argmax(1) == y).float().mean()), abs=1e-6)
+    with pytest.raises(ValueError, match=r"submodule='wrap.nett'\): WrappedNet has no such sub-module"):
+        quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, submodule="wrap.nett")
+
+
+class NoHyperparameters(DigitsModule):
+    """A module whose width is an argument it does not save."""
+
+    def __init__(self, width: int) -> None:
+        L.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def test_a_checkpoint_of_a_module_with_unsaved_arguments_is_quantized_with_init_kwargs(digits, tmp_path):
+    """There was no way to give them: the load failed ("missing 1 required positional argument: 'width'")."""
+    torch.manual_seed(0)
+    module, data = NoHyperparameters(8), DigitsData(digits)
+    trainer = _trainer(max_epochs=1)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    result = quantize_checkpoint(NoHyperparameters, tmp_path / "m.ckpt", CONFIG, init_kwargs={"width": 8},
+                                 metric="val_acc", datamodule=data)
+    x, y = digits[2], digits[3]
+    with torch.no_grad():
+        assert result.baseline_metric == pytest.approx(float((module(x).argmax(1) == y).float().mean()), abs=1e-6)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'width'"):
+        quantize_checkpoint(NoHyperparameters, tmp_path / "m.ckpt", CONFIG, metric="val_acc", datamodule=data)
+
+
 def test_a_validation_step_that_never_calls_the_model_is_refused_before_any_candidate(digits):
     """Its metric would be the original's for every candidate (each replaces ``forward``, which the step skips): the
     baseline evaluation refuses it and names the sub-module the step calls, with which the search then runs."""

@@ -267,7 +267,7 @@ def compress_lightning(
             ``((x, mask), y)``, of ``(x, mask)`` and ``(x, mask, y)`` for a forward of two inputs, and the values of
             a dict batch's keys named like forward's parameters; ``lambda batch: (batch,)`` for a forward that
             takes the dict itself).
-        submodule: compress ``getattr(module, submodule)`` instead of the whole module.
+        submodule: compress ``module.get_submodule(submodule)`` (a dotted path too) instead of the whole module.
         output_dir: where the pruned (and shrunk) state dicts and the exported model go; the report files are
             written by ``result.report.save(output_dir)``.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
@@ -316,7 +316,7 @@ def compress_lightning(
         calibration_data=calibration_data, input_fn=input_fn, submodule=submodule,
         calibration_batches=calibration_batches)
     # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
-    input_fn = input_fn or model_input_fn(module if submodule is None else getattr(module, submodule))
+    input_fn = input_fn or model_input_fn(module if submodule is None else module.get_submodule(submodule))
     if example_inputs is None:
         example_inputs = input_fn(next(iter(first_loader(datamodule.val_dataloader()))))
     if calibration_data is None:
@@ -327,12 +327,12 @@ def compress_lightning(
         # Tracing/export reads every property; an unattached module's `trainer` raises unless this flag (the one
         # Lightning's own to_torchscript sets) is on. Our copy only.
         host._jit_is_scripting = True
-    target = host if submodule is None else getattr(host, submodule)
+    target = host if submodule is None else host.get_submodule(submodule)
 
     def fine_tune(model: nn.Module, step: Callable[[int], Any]) -> None:
         trained = model if submodule is None else host
         if submodule is not None:
-            setattr(host, submodule, model)  # the pipeline's working copy, trained in place inside the host
+            host.set_submodule(submodule, model)  # the pipeline's working copy, trained in place inside the host
         if not trained.training:
             # a module evaluated before (model.eval()): Lightning's fit keeps every module's mode, so its batch norms
             # would fine-tune on frozen statistics and its dropout stay off (digits ResNet: 40% instead of 90%)

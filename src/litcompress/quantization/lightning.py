@@ -301,14 +301,14 @@ class StepInputReader:
     def __init__(self, module: L.LightningModule, submodule: str | None = None) -> None:
         self.error: Exception | None = None  # why the last `read` found nothing, when the step failed
         self.host = detached_copy(module).eval()
-        replaced = self.host if submodule is None else getattr(self.host, submodule)
+        replaced = self.host if submodule is None else self.host.get_submodule(submodule)
         forward = type(self.host).forward.__get__(self.host) if submodule is None else replaced.forward
         self.recorder = _RecordInputs(forward)
         candidate = KeywordsAsPositional(self.recorder, signature_or_none(replaced.forward))
         if submodule is None:
             object.__setattr__(self.host, "forward", candidate)
         else:
-            setattr(self.host, submodule, candidate)
+            self.host.set_submodule(submodule, candidate)
 
     def read(self, loader: Any, batches: int) -> list[tuple] | None:
         """The model's inputs on the first `batches` batches of `loader`, positional as a compressed model takes
@@ -375,7 +375,7 @@ def inputs_as_steps_give_them(module: L.LightningModule, val_loader: Any, train_
     try:
         with torch.random.fork_rng(devices=[]):
             first = next(iter(val_loader))
-        from_batch = tuple(model_input_fn(module if submodule is None else getattr(module, submodule))(first))
+        from_batch = tuple(model_input_fn(module if submodule is None else module.get_submodule(submodule))(first))
     except Exception:  # noqa: BLE001 - a batch the default mapping cannot read: the steps say what the model takes
         from_batch = None
     reader = StepInputReader(module, submodule)
@@ -422,14 +422,23 @@ def bypassed_model_message(host: nn.Module, submodule: str | None, step: str, me
             f"candidate would score as the original): {fix}.")
 
 
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    """Whether `path` (``"net"``, or dotted: ``"backbone.encoder"``) names a sub-module of `module`."""
+    try:
+        return path != "" and isinstance(module.get_submodule(path), nn.Module)
+    except AttributeError:
+        return False
+
+
 def check_submodule(module: L.LightningModule, submodule: str | None, where: str, *,
                     command_line: bool = False) -> None:
-    """`submodule` names a sub-module of `module` (ValueError naming its children otherwise); without one, `module`
-    must have a forward of its own (a step that calls ``self.model(...)`` needs ``submodule="model"``). With
-    `command_line`, `where` is the option that gave the module, and the errors name ``--submodule``."""
+    """`submodule` names a sub-module of `module`, by a dotted path too (ValueError naming its children otherwise);
+    without one, `module` must have a forward of its own (a step that calls ``self.model(...)`` needs
+    ``submodule="model"``). With `command_line`, `where` is the option that gave the module, and the errors name
+    ``--submodule``."""
     children = [name for name, child in module.named_children() if next(child.parameters(), None) is not None]
     if submodule is not None:
-        if not isinstance(getattr(module, submodule, None), nn.Module):
+        if not isinstance(submodule, str) or not _has_submodule(module, submodule):
             given = f"--submodule {submodule}" if command_line else f"{where}(submodule={submodule!r})"
             raise ValueError(f"{given}: {type(module).__name__} has no such sub-module; its sub-modules with "
                              f"parameters: {children}.")
@@ -487,7 +496,7 @@ def quantize_lightning(
     if calibration_data is None and train_loader is not None:
         calibration_data = first_loader(train_loader)
     if submodule:
-        target = getattr(module, submodule)
+        target = module.get_submodule(submodule)
     else:
         target = detached_copy(module)
         # Tracing/export reads every property; Lightning's `trainer` raises on an unattached module
@@ -513,12 +522,21 @@ def with_metric_mode(config: PTQConfig | None, metric: str, mode: str | None, wh
 
 
 def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: str | os.PathLike,
-                        config: PTQConfig | None = None, **kwargs) -> QuantizationResult:
-    """Load ``module_class`` from a Lightning checkpoint and run :func:`quantize_lightning` on it."""
+                        config: PTQConfig | None = None, *, init_kwargs: Mapping[str, Any] | None = None,
+                        **kwargs: Any) -> QuantizationResult:
+    """Load ``module_class`` from a Lightning checkpoint and run :func:`quantize_lightning` on it (`kwargs`).
+
+    `init_kwargs` go to ``module_class.__init__``, as ``load_from_checkpoint(path, **init_kwargs)`` passes them:
+    arguments the checkpoint did not save (a module without ``save_hyperparameters()``), or values overriding
+    those it saved."""
     from litcompress.callbacks.pruning import load_module_from_checkpoint
 
+    if init_kwargs is not None and not isinstance(init_kwargs, Mapping):
+        raise TypeError(f"quantize_checkpoint(init_kwargs={init_kwargs!r}): expected a dict of "
+                        f"{module_class.__name__}.__init__ arguments.")
     # a checkpoint written while pruning with masks loads too; int8 takes the pruned weights, zeros and all
-    module = load_module_from_checkpoint(module_class, os.fspath(checkpoint_path), keep_masks=False)
+    module = load_module_from_checkpoint(module_class, os.fspath(checkpoint_path), keep_masks=False,
+                                         **dict(init_kwargs or {}))
     return quantize_lightning(module, config, **kwargs)
 
 
@@ -750,7 +768,7 @@ class QuantizeOnFitEnd(L.Callback):
             if calibration is None:  # the batches are the model's inputs: read as they are (and not checked again)
                 calibration = train
                 input_fn = input_fn or model_input_fn(
-                    pl_module if self.submodule is None else getattr(pl_module, self.submodule))
+                    pl_module if self.submodule is None else pl_module.get_submodule(self.submodule))
         self.result = quantize_lightning(
             pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
             calibration_data=calibration, example_inputs=example_inputs, input_fn=input_fn, submodule=self.submodule,
