@@ -750,6 +750,51 @@ def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp
     assert torch_prune.is_pruned(live) == masked_keys and not torch_prune.is_pruned(inference)
 
 
+class LoadsLeniently(ThreeLayerModel):
+    """Opts out of strict loading, as Lightning documents (a layer its checkpoints leave out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False
+
+
+class LoadsStrictly(ThreeLayerModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = True
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_load_module_from_checkpoint_takes_map_location_and_the_modules_strict_loading(tmp_path,
+                                                                                      make_pruning_permanent):
+    """As `load_from_checkpoint` does: `map_location=` failed ("got multiple values for keyword argument"), a
+    module's `strict_loading=False` was overridden (a checkpoint without one layer's weights was refused) and one's
+    explicit `strict_loading=True` refused every masked checkpoint (our own strict=False conflicted with it)."""
+    from litcompress import load_module_from_checkpoint
+
+    seed_everything(0)
+    model = ThreeLayerModel()
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[
+        ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent)])
+    trainer.fit(model)
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for loaded in (load_module_from_checkpoint(ThreeLayerModel, path, map_location="cpu"),
+                       load_module_from_checkpoint(LoadsStrictly, path)):
+            assert torch.equal(loaded(x), expected)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("layer.mlp_3")}
+    torch.save(checkpoint, tmp_path / "partial.ckpt")
+    lenient = load_module_from_checkpoint(LoadsLeniently, tmp_path / "partial.ckpt")
+    with torch.no_grad():
+        assert torch.equal(lenient.layer.mlp_1.weight, model.layer.mlp_1.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_module_from_checkpoint(ThreeLayerModel, tmp_path / "partial.ckpt")
+
+
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""

@@ -1467,21 +1467,23 @@ def load_module_from_checkpoint(
     Lightning's callback too), which ``load_from_checkpoint`` refuses, and one of a module whose layers
     :func:`~litcompress.pruning.shrink.shrink` narrowed (its layers are narrowed alike,
     :func:`~litcompress.pruning.narrow.narrow_to_state_dict_`). `keep_masks`: as in :func:`load_pruned_checkpoint`."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    map_location = kwargs.pop("map_location", "cpu")  # Lightning's argument, passed on (it was given twice)
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     masked = any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state)
-    strict = kwargs.pop("strict", True)  # the loads below that take the weights honour it
+    strict = kwargs.pop("strict", None)  # None: the module's `strict_loading`, as Lightning's loader reads it
     try:
         if not masked:
             # effective weights: the masks are in the callbacks' states
-            module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=strict, **kwargs)
+            module = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
+                                                       **kwargs)
             if keep_masks:
                 _restore_saved_masks_(module, checkpoint)
             return module
-        # Lightning builds the module from its saved hyperparameters; the weights and masks are loaded strictly below
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", strict=False, **kwargs)
+        # Lightning builds the module and loads its effective weights (`orig * mask`) as it would a permanent
+        # checkpoint's, `strict` and the module's `strict_loading` as they are; the masks go on below
+        module = module_class.load_from_checkpoint(_with_effective_weights(checkpoint), map_location=map_location,
+                                                   strict=strict, **kwargs)
     except RuntimeError as error:  # size mismatches: the checkpoint of a model `shrink` narrowed?
         if "Error(s) in loading state_dict" not in str(error):
             raise
@@ -1489,12 +1491,34 @@ def load_module_from_checkpoint(
         if not masked:
             if not narrow_to_state_dict_(module, state):
                 raise
-            module.load_state_dict(state, strict=strict)
+            module.load_state_dict(state, strict=_strictness(module, strict))
             if keep_masks:
                 _restore_saved_masks_(module, checkpoint)
             return module
     narrow_to_state_dict_(module, state)  # a non-strict load skips the `<name>_orig` keys unchecked: narrow here
-    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=strict)
+    return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=_strictness(module, strict))
+
+
+def _strictness(module: nn.Module, strict: Optional[bool]) -> bool:
+    """`strict` as given, else the module's ``strict_loading`` (True unless it sets it), as Lightning reads them."""
+    return strict if strict is not None else bool(getattr(module, "strict_loading", True))
+
+
+def _with_effective_weights(checkpoint: dict[str, Any]) -> io.BytesIO:
+    """`checkpoint`, written to memory with each ``<name>_orig``/``<name>_mask`` pair of its state dict as the one
+    weight ``<name>`` they compute (``orig * mask``), for ``load_from_checkpoint`` to read as a permanent one."""
+    state = checkpoint["state_dict"]
+    effective: dict[str, Any] = {}
+    for key, value in state.items():
+        if key.endswith("_orig") and key[: -len("_orig")] + "_mask" in state:
+            base = key[: -len("_orig")]
+            effective[base] = value * state[base + "_mask"].to(value.dtype)
+        elif not (key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state):
+            effective[key] = value
+    buffer = io.BytesIO()
+    torch.save({**checkpoint, "state_dict": effective}, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def built_without_weights(module_class: type[LightningModule], checkpoint: dict[str, Any], **kwargs: Any
