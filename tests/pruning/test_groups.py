@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import warnings
 
 import hypothesis.strategies as st
@@ -1010,3 +1011,18 @@ def test_a_weight_normed_layer_keeps_its_group_whole_until_folded(weight_norm):
     shrunk = shrink(model, x).model
     assert (shrunk.c2.out_channels, shrunk.inp.out_channels, shrunk.fc.in_features) == (8, 8, 8)
     torch.testing.assert_close(shrunk(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, 1.5, -0.5, float("nan")])
+def test_channel_groups_refuse_a_sparsity_outside_zero_one(sparsity):
+    """1.5 returned 24 channels 'newly pruned' of 16, 1.0 zeroed the whole residual stream, -0.5 pruned nothing and
+    NaN failed inside round()."""
+    from litcompress.models import ResNetClassifier
+    from litcompress.pruning.engine import pruned_targets
+
+    model = ResNetClassifier(width=16, blocks=1)
+    groups = list(channel_plan(model).groups)
+    assert groups
+    with pytest.raises(ValueError, match=re.escape(f"prune_groups_(sparsity={sparsity!r}): expected a fraction")):
+        prune_groups_(model, groups, sparsity)
+    assert not pruned_targets(model)

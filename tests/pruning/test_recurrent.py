@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from litcompress import CompressionConfig, PruneConfig, compress, shrink
 from litcompress.models import LSTMClassifier
 from litcompress.pruning.engine import pruned_targets
+from litcompress.pruning.heads import prune_heads_
 from litcompress.pruning.narrow import load_shrunk_state_dict
 from litcompress.pruning.recurrent import (gate_count, keep_units_, prune_units_, unit_norms, units_why_not,
                                            zero_units)
@@ -698,3 +701,45 @@ def test_units_of_an_lstm_pooled_by_attention_leave_it_and_both_readers(pool):
     assert (shrunk.lstm.hidden_size, shrunk.attn.in_features, shrunk.fc.in_features) == (8, 16, 16)
     assert result.report.units_removed == 8
     torch.testing.assert_close(shrunk(*inputs), model(*inputs), rtol=0, atol=1e-5)
+
+
+class _TwoEncodersAndAnAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.LSTM(4, 16, batch_first=True)
+        self.encoder2 = nn.GRU(16, 16, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    # a string was iterated by character: it excluded nothing, or matched substrings ('encoder' in 'encoder2')
+    (lambda m: prune_units_(m, 0.5, exclude="encoder"), TypeError, "prune_units_(exclude='encoder'): expected module "
+                                                                    "names (a tuple of str"),
+    (lambda m: prune_units_(m, 0.5, names="encoder2"), TypeError, "prune_units_(names='encoder2'): expected module"),
+    (lambda m: prune_heads_(m, 0.5, exclude="attn"), TypeError, "prune_heads_(exclude='attn'): expected module"),
+    # an unknown name pruned nothing, or excluded nothing, without a word
+    (lambda m: prune_units_(m, 0.5, names=("lstm",)), ValueError, "['lstm'] name(s) no module of the model"),
+    (lambda m: prune_heads_(m, 0.5, exclude=("atn",)), ValueError, "('atn': did you mean 'attn'?)"),
+    (lambda m: prune_units_(m, 0.5, names=("head",)), ValueError, "['head'] are no nn.LSTM/GRU/RNN"),
+    # failed inside slicing, or were taken
+    (lambda m: prune_units_(m, 0.5, keep_multiple_of=2.5), ValueError, "`keep_multiple_of`=2.5: expected an int >= 1"),
+    (lambda m: prune_units_(m, 0.5, keep_multiple_of=-4), ValueError, "`keep_multiple_of`=-4: expected an int >= 1"),
+    (lambda m: prune_units_(m, 1.0), ValueError, "prune_units_(fraction=1.0): expected a fraction of each recurrent"),
+])
+def test_structured_engine_arguments_are_refused_in_words(call, error, message):
+    model = _TwoEncodersAndAnAttention()
+    with pytest.raises(error, match=re.escape(message)):
+        call(model)
+    assert not pruned_targets(model)  # refused before any mask
+
+
+def test_numpy_fractions_are_fractions():
+    """np.float32(0.5) was "expected a fraction ... in [0, 1)"."""
+    import numpy as np
+
+    model = _TwoEncodersAndAnAttention()
+    assert prune_units_(model, np.float32(0.5)) == {"encoder": 8, "encoder2": 8}
+    assert prune_heads_(model, np.float64(0.5)) == {"attn": 2}
+    assert prune_units_(model, 0.5, names=("encoder2",)) == {"encoder2": 8}  # its own name only, not 'encoder'
+

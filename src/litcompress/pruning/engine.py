@@ -68,6 +68,29 @@ def close_names(unknown: Iterable[str], names: Iterable[str]) -> str:
     return f" ({'; '.join(hints)})" if hints else ""
 
 
+def check_fraction(value: object, owner: str, argument: str, what: str) -> float:
+    """`value` as a float in [0, 1) (numpy's and Python's real numbers), else ValueError naming ``owner(argument=
+    ...)`` and `what` it is a fraction of."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:  # NaN too
+        raise ValueError(f"{owner}({argument}={value!r}): expected a fraction of {what} in [0, 1).")
+    return float(value)
+
+
+def check_module_names(model: nn.Module, names: object, owner: str, argument: str) -> tuple[str, ...]:
+    """`names` (module paths of `model`, as ``named_modules()`` gives them) as a tuple; ValueError for one that
+    names no module (it would be ignored) or a lone string (iterated by character, it named nothing)."""
+    if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{owner}({argument}={names!r}): expected module names (a tuple of str, e.g. "
+                        "('encoder',)).")
+    names = tuple(names)
+    known = {path for path, _ in model.named_modules() if path}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{owner}({argument}={names!r}): {unknown} name(s) no module of the model"
+                         f"{close_names(unknown, known)}.")
+    return names
+
+
 def is_pruned(module: nn.Module, name: str) -> bool:
     """True when ``module.<name>`` is currently re-parametrised by a pruning method."""
     return pruning_hook(module, name) is not None

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
 from torch import Tensor, fx, nn
 
-from litcompress.pruning.engine import apply_mask_, effective_tensor, trainable_tensor
+from litcompress.pruning.engine import (apply_mask_, check_fraction, check_keep_multiple_of, effective_tensor,
+                                        trainable_tensor)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.schedules import rounded_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
@@ -469,6 +471,9 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
     the smallest sum over producers of the norm of their rows (channels pruned before rank lowest and stay); with
     `keep_multiple_of`, the channels kept are rounded up to a multiple of it. Returns how many channels were newly
     pruned, over all groups."""
+    # 1.5 returned more channels than the groups hold, 1.0 zeroed whole residual streams
+    sparsity = check_fraction(sparsity, "prune_groups_", "sparsity", "each group's channels")
+    check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
     modules = dict(model.named_modules())
     newly = 0
     for group in groups:

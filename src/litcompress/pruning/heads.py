@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .engine import apply_mask_, effective_tensor, is_excluded
+from .engine import apply_mask_, check_fraction, check_module_names, effective_tensor, is_excluded
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
@@ -215,9 +215,8 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     head count per attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module
     docstring), are left.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ValueError(f"prune_heads_(fraction={fraction!r}): expected a fraction of each attention's heads in "
-                         "[0, 1).")
+    fraction = check_fraction(fraction, "prune_heads_", "fraction", "each attention's heads")
+    exclude = check_module_names(model, exclude, "prune_heads_", "exclude")  # a string excluded nothing
     masked: dict[str, int] = {}
     modules = dict(model.named_modules())
     for name in prunable_attentions(model, exclude):

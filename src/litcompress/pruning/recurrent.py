@@ -19,9 +19,11 @@ internal (the projection's columns), and only its cell state ``c_n`` shows them.
 from __future__ import annotations
 
 import torch
+import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
 
-from .engine import apply_mask_, effective_tensor, is_excluded
+from .engine import (apply_mask_, check_fraction, check_keep_multiple_of, check_module_names, effective_tensor,
+                     is_excluded)
 from .schedules import kept_multiple, rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
@@ -107,9 +109,15 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     the masked unit count per layer. Layers named in `exclude`, or whose units cannot be removed
     (:func:`units_why_not`), are left.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ValueError(f"prune_units_(fraction={fraction!r}): expected a fraction of each recurrent layer's hidden "
-                         "units in [0, 1).")
+    fraction = check_fraction(fraction, "prune_units_", "fraction", "each recurrent layer's hidden units")
+    exclude = check_module_names(model, exclude, "prune_units_", "exclude")  # a string excluded nothing
+    if names is not None:  # a string matched substrings, an unknown name nothing, without a word
+        names = check_module_names(model, names, "prune_units_", "names")
+        modules = dict(model.named_modules())
+        not_recurrent = [name for name in names if not isinstance(modules[name], RECURRENT_LAYERS)]
+        if not_recurrent:
+            raise ValueError(f"prune_units_(names={names!r}): {not_recurrent} are no nn.LSTM/GRU/RNN.")
+    check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
     modules = dict(model.named_modules())
     masked: dict[str, int] = {}
     for name in prunable_recurrent_layers(model, exclude):
