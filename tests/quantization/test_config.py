@@ -161,8 +161,8 @@ def test_other_metric_names_keep_the_default_direction(name):
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
-    (dict(backend="no_such_backend"), ValueError, "Recipe(backend='no_such_backend'): unknown backend"),
-    (dict(backend=3), ValueError, "Recipe(backend=3): unknown backend"),
+    (dict(backend=3), ValueError, "Recipe(backend=3): expected a backend's name"),
+    (dict(backend=""), ValueError, "Recipe(backend=''): expected a backend's name"),
     (dict(backend="onnxruntime", approach="weight_only"), ValueError,
      "Recipe(backend='onnxruntime', approach='weight_only'): onnxruntime does dynamic, static quantization"),
     (dict(per_channel="no"), TypeError, "Recipe(per_channel='no'): expected True or False"),
@@ -175,12 +175,24 @@ def test_recipes_refuse_what_no_backend_could_build(kwargs, error, message):
         Recipe(**{"backend": "torch_ao", "approach": "dynamic", **kwargs})
 
 
-def test_one_fp32_layer_named_alone_is_one_layer():
-    """`tuple('fc1')` made the layers 'f', 'c' and '1': fc1 was quantized."""
+def test_one_fp32_layer_named_alone_is_one_layer_and_a_generator_is_read_once():
+    """`tuple('fc1')` made the layers 'f', 'c' and '1': fc1 was quantized. A generator is read once (checked
+    first, it was used up: no fp32 layer)."""
     assert Recipe("torch_ao", "dynamic", fp32_layers="fc1").fp32_layers == ("fc1",)
+    assert Recipe("torch_ao", "dynamic", fp32_layers=(n for n in ("fc1", "fc2"))).fp32_layers == ("fc1", "fc2")
 
 
-@pytest.mark.parametrize("backends", [{"torch_ao", "onnxruntime"}, frozenset({"torch_ao"}), {"torch_ao": 1}])
+def test_a_recipe_of_a_backend_registered_elsewhere_is_a_recipe():
+    """Its files load without the backend registered (load_quantized reads the recipe beside them)."""
+    recipe = Recipe.from_dict(Recipe("mybackend", "dynamic").to_dict())
+    assert recipe.backend == "mybackend"
+
+
+def test_a_dicts_keys_keep_their_order_as_backends():
+    assert PTQConfig(backends={"onnxruntime": 1, "torch_ao": 2}.keys()).backends == ("onnxruntime", "torch_ao")
+
+
+@pytest.mark.parametrize("backends", [{"torch_ao", "onnxruntime"}, frozenset({"torch_ao"})])
 def test_backends_without_an_order_are_refused(backends):
     """They are tried in the order given: a set's changed with the hash seed, and with it which candidates
     max_trials reached."""

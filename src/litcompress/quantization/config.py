@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import KeysView
 from collections.abc import Set as AbstractSet
 from typing import Literal
 
@@ -119,9 +120,11 @@ class Recipe:
     def __post_init__(self) -> None:
         from .backends import BACKEND_APPROACHES, BACKEND_REGISTRY  # cheap: backends import lazily
 
-        if not isinstance(self.backend, str) or self.backend not in BACKEND_REGISTRY:
-            raise ValueError(f"Recipe(backend={self.backend!r}): unknown backend; use one of "
-                             f"{tuple(BACKEND_REGISTRY)}.")
+        # any name (a file a backend of the user's wrote loads without it registered); the search and get_backend
+        # refuse one they do not know
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"Recipe(backend={self.backend!r}): expected a backend's name, one of "
+                             f"{tuple(BACKEND_REGISTRY)} or one registered in BACKEND_REGISTRY.")
         if self.approach not in APPROACHES:
             raise ValueError(f"Recipe(approach={self.approach!r}): unknown approach; use one of {APPROACHES}.")
         approaches = BACKEND_APPROACHES.get(self.backend)  # None: a backend registered elsewhere
@@ -138,10 +141,14 @@ class Recipe:
                 raise TypeError(f"Recipe({flag}={getattr(self, flag)!r}): expected True or False.")
         # one name alone is one layer (tuple('fc1') was the layers 'f', 'c' and '1', and fc1 was quantized)
         layers = (self.fp32_layers,) if isinstance(self.fp32_layers, str) else self.fp32_layers
-        if not isinstance(layers, Iterable) or not all(isinstance(name, str) for name in layers):
+        if not isinstance(layers, Iterable):
             raise TypeError(f"Recipe(fp32_layers={self.fp32_layers!r}): expected module names (str), as in "
                             "model.named_modules().")
-        object.__setattr__(self, "fp32_layers", tuple(layers))
+        layers = tuple(layers)  # once: a generator checked first would be used up
+        if not all(isinstance(name, str) for name in layers):
+            raise TypeError(f"Recipe(fp32_layers={layers!r}): expected module names (str), as in "
+                            "model.named_modules().")
+        object.__setattr__(self, "fp32_layers", layers)
 
     def with_fp32_layers(self, layers: tuple[str, ...]) -> "Recipe":
         return replace(self, fp32_layers=tuple(layers))
@@ -226,7 +233,8 @@ class PTQConfig:
         if self.backends is None or not isinstance(self.backends, Iterable):
             raise TypeError(f"PTQConfig(backends={self.backends!r}): give backend names, e.g. "
                             f"{tuple(BACKEND_REGISTRY)}.")
-        if isinstance(self.backends, (AbstractSet, Mapping)):  # tried in order: a set's changes from run to run
+        if isinstance(self.backends, AbstractSet) and not isinstance(self.backends, KeysView):
+            # tried in order: a set's changes from run to run (a dict's keys keep theirs)
             raise TypeError(f"PTQConfig(backends={self.backends!r}): give the names in the order to try them, as a "
                             f"tuple or list, e.g. {tuple(BACKEND_REGISTRY)}.")
         object.__setattr__(self, "backends", tuple(self.backends))
