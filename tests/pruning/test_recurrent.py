@@ -742,4 +742,6 @@ def test_numpy_fractions_are_fractions():
     assert prune_units_(model, np.float32(0.5)) == {"encoder": 8, "encoder2": 8}
     assert prune_heads_(model, np.float64(0.5)) == {"attn": 2}
     assert prune_units_(model, 0.5, names=("encoder2",)) == {"encoder2": 8}  # its own name only, not 'encoder'
+    fresh = _TwoEncodersAndAnAttention()  # a generator is read once (checked first, it was used up: nothing excluded)
+    assert prune_units_(fresh, 0.5, exclude=(name for name in ["encoder"])) == {"encoder2": 8}
 

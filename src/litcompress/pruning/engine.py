@@ -79,10 +79,11 @@ def check_fraction(value: object, owner: str, argument: str, what: str) -> float
 def check_module_names(model: nn.Module, names: object, owner: str, argument: str) -> tuple[str, ...]:
     """`names` (module paths of `model`, as ``named_modules()`` gives them) as a tuple; ValueError for one that
     names no module (it would be ignored) or a lone string (iterated by character, it named nothing)."""
-    if isinstance(names, str) or not isinstance(names, Iterable) or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, str) and isinstance(names, Iterable):
+        names = tuple(names)  # once: a generator checked first would be used up
+    if isinstance(names, str) or not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"{owner}({argument}={names!r}): expected module names (a tuple of str, e.g. "
                         "('encoder',)).")
-    names = tuple(names)
     known = {path for path, _ in model.named_modules() if path}
     unknown = [name for name in names if name not in known]
     if unknown:
