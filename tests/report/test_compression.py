@@ -74,7 +74,9 @@ def test_markdown_keeps_each_message_one_item_and_each_detail_inside_its_block(m
     assert set(fence) == {"`"} and block[-1] == fence and "\n".join(block[3:-1]) == detail
     assert not any(line.startswith(fence) for line in block[3:-1])  # nothing inside ends the block
     listed = text[text.index("## Messages"):].splitlines()[2:]
-    assert listed == [f"- {' '.join(m.split())}" for m in messages]
+    assert [line.replace("\\", "") for line in listed] == [f"- {' '.join(m.split())}" for m in messages]
+    # and no line of a message starts a heading, a quote or a list inside its item ('# a heading', '- item')
+    assert not any(re.match(r"- ([#>*+-]|\d+[.)])", line) for line in listed)
 
 
 def test_latencies_and_metrics_that_no_run_gives_are_refused():

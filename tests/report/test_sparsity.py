@@ -81,6 +81,8 @@ def test_int8_weights_it_cannot_read_are_said_not_counted_as_dense():
         warnings.simplefilter("error")  # a float model, or targets given: nothing to say
         assert sparsity_report(model).sparsity == 0.5 * 256 / (256 + 16)
         sparsity_report(quantized, targets=[])
+        model.register_buffer("lookup", torch.zeros(4, 4, dtype=torch.uint8))  # a table, no int8 weight
+        sparsity_report(model)
 
 
 def test_a_masked_model_is_sized_by_the_weights_it_computes_with():

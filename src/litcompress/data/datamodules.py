@@ -80,7 +80,7 @@ class _BundledDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.seed = check_seed(seed)  # a str failed only at `setup`
         # the training order's own seed: another order on the same split (the CLI's --seed with a --checkpoint)
-        self.shuffle_seed = self.seed if shuffle_seed is None else check_seed(shuffle_seed)
+        self.shuffle_seed = self.seed if shuffle_seed is None else check_seed(shuffle_seed, "shuffle_seed")
         self.num_workers = int(num_workers)
         self.splits: DatasetSplits | None = None
 

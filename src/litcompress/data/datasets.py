@@ -79,11 +79,11 @@ def check_flatten(flatten: object) -> None:
         raise ValueError(f"flatten={flatten!r} must be True (vectors) or False (images)")
 
 
-def check_seed(seed: object) -> int:
-    """`seed` as an int in torch.Generator.manual_seed's range (a numpy integer too); a str failed only when the
-    splits were drawn, and one a subset never drew was ignored."""
+def check_seed(seed: object, name: str = "seed") -> int:
+    """`seed` (the argument `name`) as an int in torch.Generator.manual_seed's range (a numpy integer too); a str
+    failed only when the splits were drawn, and one a subset never drew was ignored."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= int(seed) < 2**64:
-        raise ValueError(f"seed={seed!r} must be an int (a torch generator seed); pass e.g. seed=0")
+        raise ValueError(f"{name}={seed!r} must be an int (a torch generator seed); pass e.g. {name}=0")
     return int(seed)
 
 

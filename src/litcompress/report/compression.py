@@ -88,6 +88,13 @@ def _cell(text: str) -> str:
     return " ".join(text.replace("|", "\\|").split()) or " "
 
 
+def _plain_line(text: str) -> str:
+    """`text` on one line that Markdown reads as text: a leading '#', '>', list marker or '1.' escaped (it made a
+    heading or a nested list inside the list item)."""
+    line = re.sub(r"^([#>*+-])", r"\\\1", " ".join(text.split()))
+    return re.sub(r"^(\d+)([.)])", r"\1\\\2", line)  # "1\." is no list item
+
+
 def _compact(value: float | int | None) -> str:
     """A short label: 85002 -> '85k', 1234567 -> '1.23M', 75.2 -> '75.2'."""
     if value is None:
@@ -213,7 +220,7 @@ class CompressionReport:
             fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))  # outlasts text's
             out += ["", f"## {_cell(title)}", "", fence, text, fence]
         if self.messages:  # one line each: a message holding an error's lines stays one list item
-            out += ["", "## Messages", ""] + [f"- {' '.join(m.split())}" for m in self.messages]
+            out += ["", "## Messages", ""] + [f"- {_plain_line(m)}" for m in self.messages]
         return "\n".join(out) + "\n"
 
     # ------------------------------------------------------------------------------------------- storage

@@ -102,8 +102,8 @@ def _int8_weights(model: nn.Module) -> list[str]:
     found = [path or type(module).__name__ for path, module in model.named_modules()
              if type(module).__module__.startswith("torch.ao.nn.quantized")
              and callable(getattr(module, "weight", None))]
-    return found + [name for name, buffer in model.named_buffers()
-                    if buffer.dtype in (torch.int8, torch.uint8) or buffer.is_quantized]
+    return found + [name for name, buffer in model.named_buffers()  # (a uint8 lookup table or mask is no weight)
+                    if (buffer.dtype == torch.int8 and buffer.dim() >= 2) or buffer.is_quantized]
 
 
 def sparsity_report(
