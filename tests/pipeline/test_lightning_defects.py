@@ -126,6 +126,10 @@ def test_loaders_without_a_length_are_counted_only_to_fine_tune(tmp_path: Path) 
     by_steps = compress_lightning(module, CONFIG, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=5,
                                   trainer_kwargs={"max_steps": 4})
     assert "during 4 fine-tuning steps" in by_steps.report["pruned"].description
+    # overfit_batches and fast_dev_run bound the run too (they were refused as unbounded)
+    overfit = compress_lightning(module, CONFIG, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=2,
+                                 trainer_kwargs={"overfit_batches": 2})
+    assert "during 4 fine-tuning steps" in overfit.report["pruned"].description
 
 
 def test_compress_on_fit_end_reads_the_fits_loaders_when_validation_never_ran(tmp_path: Path) -> None:

@@ -1515,8 +1515,8 @@ def _with_effective_weights(checkpoint: dict[str, Any]) -> io.BytesIO:
             effective[base] = value * state[base + "_mask"].to(value.dtype)
         elif not (key.endswith("_mask") and key[: -len("_mask")] + "_orig" in state):
             effective[key] = value
-    buffer = io.BytesIO()
-    torch.save({**checkpoint, "state_dict": effective}, buffer)
+    buffer = io.BytesIO()  # without the optimizers' states (often the largest part): building needs none of them
+    torch.save({**checkpoint, "state_dict": effective, "optimizer_states": [], "lr_schedulers": []}, buffer)
     buffer.seek(0)
     return buffer
 

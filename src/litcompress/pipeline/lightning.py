@@ -106,6 +106,9 @@ def _fine_tune_steps(loaders: Any, epochs: int, trainer_kwargs: dict[str, Any]) 
     if batches is not None:
         return optimizer_steps(batches, epochs, trainer_kwargs)
     limit, max_steps = trainer_kwargs.get("limit_train_batches"), trainer_kwargs.get("max_steps", -1)
+    overfit, fast_dev_run = trainer_kwargs.get("overfit_batches", 0), trainer_kwargs.get("fast_dev_run", False)
+    if fast_dev_run or (isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0):
+        limit = 1 if fast_dev_run is True else int(fast_dev_run) if fast_dev_run else overfit  # they bound it too
     if isinstance(limit, int) and not isinstance(limit, bool):
         return optimizer_steps(limit, epochs, trainer_kwargs)
     if isinstance(max_steps, int) and max_steps > 0:
