@@ -719,6 +719,18 @@ def test_load_pruned_checkpoint_file_into_fresh_model(tmp_path, cls, make_prunin
     assert torch_prune.is_pruned(live) == (not make_pruning_permanent or cls is ModelPruning)
 
 
+def _pruned_checkpoint(tmp_path, cls, make_pruning_permanent: bool, epochs: int):
+    """A ThreeLayerModel fitted `epochs` under `cls` at 50% L1, and the checkpoint its trainer saves then."""
+    seed_everything(0)
+    model = ThreeLayerModel()
+    trainer = make_trainer(tmp_path, max_epochs=epochs, callbacks=[
+        cls("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent)])
+    trainer.fit(model)
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    return model, path
+
+
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])
 @pytest.mark.parametrize("cls", [LightningModelPruning, ModelPruning], ids=["lightning", "litcompress"])
 def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp_path, cls, make_pruning_permanent):
@@ -726,13 +738,7 @@ def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp
     (its saved hyperparameters) and loads them."""
     from litcompress import load_module_from_checkpoint
 
-    seed_everything(0)
-    model = ThreeLayerModel()
-    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[
-        cls("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent)])
-    trainer.fit(model)
-    path = tmp_path / "pruned.ckpt"
-    trainer.save_checkpoint(path)
+    model, path = _pruned_checkpoint(tmp_path, cls, make_pruning_permanent, epochs=2)
     masked_keys = any(k.endswith("_mask") for k in torch.load(path, weights_only=False)["state_dict"])
     assert masked_keys == (not make_pruning_permanent)
     if masked_keys:
@@ -772,13 +778,7 @@ def test_load_module_from_checkpoint_takes_map_location_and_the_modules_strict_l
     explicit `strict_loading=True` refused every masked checkpoint (our own strict=False conflicted with it)."""
     from litcompress import load_module_from_checkpoint
 
-    seed_everything(0)
-    model = ThreeLayerModel()
-    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[
-        ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent)])
-    trainer.fit(model)
-    path = tmp_path / "pruned.ckpt"
-    trainer.save_checkpoint(path)
+    model, path = _pruned_checkpoint(tmp_path, ModelPruning, make_pruning_permanent, epochs=1)
     x = torch.randn(3, 32)
     with torch.no_grad():
         expected = model(x)
