@@ -391,3 +391,63 @@ def test_observers_frozen_while_training_stay_frozen_after_an_evaluation():
     fresh.train()
     fresh(5 * torch.randn(8, 16))  # not frozen: its observers are on again after the evaluation
     assert any(not torch.equal(value, before[key]) for key, value in fresh.fake_quant_state().items())
+
+
+def _graph_arguments(qat: QATModel, name: str) -> list:
+    """The values of the argument `name` of the QAT graph's dropout or batch-norm nodes, in order."""
+    values = []
+    for node in qat.graph.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        names = [a.name for a in schema.arguments] if schema is not None else []
+        if name in names:
+            index = names.index(name)
+            values.append(node.args[index] if index < len(node.args) else node.kwargs.get(name))
+    return values
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_dropout_trains_at_the_models_rate_through_every_switch(rate):
+    """torchao's train/eval switch writes its pattern's p=0.5 into every dropout (prepare_qat makes one): a model
+    trained with 0.0 or 0.1 dropped half its activations, and a run resumed from a checkpoint drew otherwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.Dropout(rate), nn.Linear(512, 4))
+    x = torch.randn(32, 64)
+    qat = prepare_qat(model, (x,))
+    for mode in (True, False, True):  # train, evaluate, train again: each a switch of the graph's form
+        qat.train(mode)
+        qat(x)
+        assert _graph_arguments(qat, "p") == [rate]
+    if rate == 0.0:  # no activation dropped: training outputs are the evaluation outputs
+        qat.train()
+        with torch.no_grad():
+            trained = qat(x)
+        qat.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(trained, qat(x))
+
+
+def test_batch_norm_keeps_its_momentum_and_epsilon_in_training_and_in_the_int8_model():
+    """The conv-bn fusion and the train/eval switch wrote torch's defaults (momentum 0.1, eps 1e-5): one step moved
+    the running mean ten times as far as eager, and the int8 model of a batch norm with eps=0.1 was off by 1.2 of 3.5
+    (convert folds conv-bn pairs with 1e-5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, eps=0.1, momentum=0.01), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        model[1].running_var.fill_(0.05)  # small variances: where eps matters
+    x = torch.randn(16, 2, 8, 8) * 2 + 3
+    eager = copy.deepcopy(model).eval()
+    qat = prepare_qat(model, (x,))
+    assert _graph_arguments(qat, "momentum") == [0.01] and _graph_arguments(qat, "eps") == [0.1]
+    with torch.no_grad():
+        reference = eager(x)
+        int8 = qat.convert().model(x)
+    assert float((int8 - reference).abs().max()) < 0.03 * float(reference.abs().max())
+    start = qat.model[1].running_mean.clone()
+    eager.train()
+    qat.train()
+    with torch.no_grad():
+        eager(x)
+        qat(x)
+    torch.testing.assert_close(qat.model[1].running_mean - start, eager[1].running_mean - start, rtol=0.02, atol=1e-4)
+    assert _graph_arguments(qat, "eps") == [0.1]  # the int8 copy's eps moved into its own running variance only

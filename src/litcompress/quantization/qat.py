@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import functools
 import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -155,11 +156,10 @@ class QATModel(nn.Module):
     def _sync_mode(self) -> None:
         if self._graph_training == self.training:
             return
-        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
         from torchao.quantization.pt2e.fake_quantize import disable_observer, enable_observer
 
         if self.training:
-            move_exported_model_to_train(self.graph)
+            switched_(self.graph, training=True)
             self.graph.apply(enable_observer)
             # but those frozen before the evaluation stay frozen (a late-QAT freeze of the int8 ranges)
             for name, module in self.graph.named_modules():
@@ -169,7 +169,7 @@ class QATModel(nn.Module):
             self._observers_on_before_eval = {name: bool(module.observer_enabled[0])
                                               for name, module in self.graph.named_modules()
                                               if isinstance(getattr(module, "observer_enabled", None), torch.Tensor)}
-            move_exported_model_to_eval(self.graph)
+            switched_(self.graph, training=False)
             self.graph.apply(disable_observer)
         self._graph_training = self.training
 
@@ -313,14 +313,14 @@ class QATModel(nn.Module):
         ``benchmarks/qat.py``); it needs a C++ compiler and compiles on this call. Saved files are the same either
         way."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-        from torchao.quantization.pt2e import move_exported_model_to_eval
 
         from .backends.exported import ExportedInference
         from .backends.pt2e import _drop_unused_tensors
 
         self.apply_masks_()
         graph = copy_module.deepcopy(self.graph)
-        move_exported_model_to_eval(graph)  # idempotent
+        switched_(graph, training=False)  # idempotent
+        _eps_into_running_var_(graph)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             converted = convert_pt2e(graph)
@@ -397,7 +397,9 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*skip annotate.*")
         warnings.simplefilter("ignore", DeprecationWarning)
+        kept = _kept_arguments(graph)
         prepared = prepare_qat_pt2e(graph, quantizer)
+        restore_kept_arguments_(prepared, kept)  # its conv-bn fusion writes eps=1e-5, momentum=0.1
     with _batch_counts_kept(_batch_norms_of(model).values()):
         _observe_(prepared, example_inputs)
     qat = QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
@@ -450,16 +452,108 @@ def _observed_range(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
     return low, high
 
 
+_KEPT_ARGUMENTS = ("p", "momentum", "eps")  # dropout's rate, batch norm's momentum and epsilon
+
+
+def _kept_arguments(graph: torch.fx.GraphModule) -> list[tuple[str, dict[str, Any]]]:
+    """For each dropout and batch-norm node of `graph`, in order: its kind and the values of its arguments among
+    :data:`_KEPT_ARGUMENTS`."""
+    found = []
+    for node in graph.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        names = [argument.name for argument in schema.arguments]
+        kept = {name: _argument(node, names, name) for name in _KEPT_ARGUMENTS if name in names}
+        if kept:
+            found.append(("dropout" if "p" in kept else "batch_norm", kept))
+    return found
+
+
+def _kept_nodes(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes :func:`_kept_arguments` reads, in the same order."""
+    return [node for node in graph.graph.nodes if node.op == "call_function"
+            and any(a.name in _KEPT_ARGUMENTS for a in getattr(getattr(node.target, "_schema", None), "arguments", ()))]
+
+
+def _argument(node: torch.fx.Node, names: list[str], name: str) -> Any:
+    index = names.index(name)
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name)
+
+
+def switched_(graph: torch.fx.GraphModule, training: bool) -> None:
+    """torchao's ``move_exported_model_to_train/eval`` on `graph`, keeping each dropout's rate and each batch norm's
+    momentum and epsilon: its patterns write back torch's defaults (every dropout then trained at p=0.5, a batch norm
+    of eps=1e-3 folded with 1e-5 into the int8 weights)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    before = _kept_arguments(graph)
+    (move_exported_model_to_train if training else move_exported_model_to_eval)(graph)
+    restore_kept_arguments_(graph, before)
+
+
+def restore_kept_arguments_(graph: torch.fx.GraphModule, before: list[tuple[str, dict[str, Any]]]) -> None:
+    """Give `graph`'s dropout and batch-norm nodes, in order, the arguments :func:`_kept_arguments` read `before` a
+    torchao rewrite (its train/eval switch; ``prepare_qat_pt2e``'s conv-bn fusion) wrote torch's defaults in."""
+    after = _kept_nodes(graph)
+    if [kind for kind, _ in before] != [kind for kind, _ in _kept_arguments(graph)]:
+        raise RuntimeError("QAT: torchao's rewrite changed the graph's dropout and batch-norm nodes in a way "
+                           "litcompress does not know; their rates and epsilons cannot be kept.")
+    for node, (_, kept) in zip(after, before):
+        _set_arguments(node, kept)
+    graph.recompile()
+
+
+def _set_arguments(node: torch.fx.Node, values: dict[str, Any]) -> None:
+    """Set `node`'s arguments named in `values`; a batch norm's ``eps`` also where the conv-bn fusion scales the
+    weights by ``1 / sqrt(running_var + eps)`` with a literal eps of its own."""
+    names = [argument.name for argument in node.target._schema.arguments]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in values.items():
+        index = names.index(name)
+        if index < len(args):
+            args[index] = value
+        else:
+            kwargs[name] = value
+    node.args, node.kwargs = tuple(args), kwargs
+    if "eps" in values and "running_var" in names:
+        running_var = _argument(node, names, "running_var")
+        for user in list(getattr(running_var, "users", ())):  # (setting args re-registers the user)
+            if user.target is torch.ops.aten.add.Tensor and len(user.args) == 2 and user.args[0] is running_var \
+                    and isinstance(user.args[1], float):
+                user.args = (running_var, values["eps"])
+
+
+# the batch-norm epsilon of torchao's QAT conv-bn patterns: convert_pt2e folds every batch norm with it
+_PATTERN_EPS = 1e-5
+
+
+@torch.no_grad()
+def _eps_into_running_var_(graph: torch.fx.GraphModule) -> None:
+    """On a copy in evaluation form, about to be converted: each batch norm's own epsilon moved into its running
+    variance (``var + eps == (var + eps - 1e-5) + 1e-5``), since ``convert_pt2e`` folds conv-bn pairs with the
+    patterns' 1e-5 (a batch norm of eps=0.1 gave int8 outputs off by 1.2 of 3.5)."""
+    for node in graph.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        names = [argument.name for argument in schema.arguments] if schema is not None else []
+        if "eps" not in names or "running_var" not in names:
+            continue
+        eps, running_var = _argument(node, names, "eps"), _argument(node, names, "running_var")
+        if not isinstance(eps, float) or eps == _PATTERN_EPS or getattr(running_var, "op", None) != "get_attr":
+            continue
+        functools.reduce(getattr, running_var.target.split("."), graph).add_(eps - _PATTERN_EPS)
+        _set_arguments(node, {"eps": _PATTERN_EPS})
+    graph.recompile()
+
+
 def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
     """Give every fake quantizer the ranges of `example_inputs`, as calibration would: a model converted (or
     evaluated) before its first training step is then a PTQ model, not one with empty ranges. Run in evaluation form,
     so that no batch-norm statistic of the model moves."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
-    move_exported_model_to_eval(graph)
+    switched_(graph, training=False)
     with torch.no_grad():
         graph(*example_inputs)
-    move_exported_model_to_train(graph)
+    switched_(graph, training=True)
 
 
 def _export_for_training(model: nn.Module, example_inputs: Inputs,
