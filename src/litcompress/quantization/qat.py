@@ -455,25 +455,21 @@ def _observed_range(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
 _KEPT_ARGUMENTS = ("p", "momentum", "eps")  # dropout's rate, batch norm's momentum and epsilon
 
 
-def _kept_arguments(graph: torch.fx.GraphModule) -> list[tuple[str, dict[str, Any]]]:
-    """For each dropout and batch-norm node of `graph`, in order: its kind and the values of its arguments among
-    :data:`_KEPT_ARGUMENTS`."""
-    found = []
-    for node in graph.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        names = [argument.name for argument in schema.arguments]
-        kept = {name: _argument(node, names, name) for name in _KEPT_ARGUMENTS if name in names}
-        if kept:
-            found.append(("dropout" if "p" in kept else "batch_norm", kept))
-    return found
-
-
 def _kept_nodes(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The nodes :func:`_kept_arguments` reads, in the same order."""
+    """`graph`'s dropout and batch-norm nodes (aten's ops of those names), in order."""
     return [node for node in graph.graph.nodes if node.op == "call_function"
-            and any(a.name in _KEPT_ARGUMENTS for a in getattr(getattr(node.target, "_schema", None), "arguments", ()))]
+            and any(kind in getattr(getattr(node.target, "_schema", None), "name", "")
+                    for kind in ("dropout", "batch_norm"))]
+
+
+def _kept_arguments(graph: torch.fx.GraphModule) -> list[tuple[str, dict[str, Any]]]:
+    """For each of :func:`_kept_nodes`: its kind and the values of its arguments among :data:`_KEPT_ARGUMENTS`."""
+    found = []
+    for node in _kept_nodes(graph):
+        names = [argument.name for argument in node.target._schema.arguments]
+        kept = {name: _argument(node, names, name) for name in _KEPT_ARGUMENTS if name in names}
+        found.append(("dropout" if "dropout" in node.target._schema.name else "batch_norm", kept))
+    return found
 
 
 def _argument(node: torch.fx.Node, names: list[str], name: str) -> Any:
@@ -495,13 +491,18 @@ def switched_(graph: torch.fx.GraphModule, training: bool) -> None:
 def restore_kept_arguments_(graph: torch.fx.GraphModule, before: list[tuple[str, dict[str, Any]]]) -> None:
     """Give `graph`'s dropout and batch-norm nodes, in order, the arguments :func:`_kept_arguments` read `before` a
     torchao rewrite (its train/eval switch; ``prepare_qat_pt2e``'s conv-bn fusion) wrote torch's defaults in."""
-    after = _kept_nodes(graph)
-    if [kind for kind, _ in before] != [kind for kind, _ in _kept_arguments(graph)]:
-        raise RuntimeError("QAT: torchao's rewrite changed the graph's dropout and batch-norm nodes in a way "
-                           "litcompress does not know; their rates and epsilons cannot be kept.")
-    for node, (_, kept) in zip(after, before):
+    now = _kept_arguments(graph)
+    if [kind for kind, _ in before] != [kind for kind, _ in now]:
+        warnings.warn("QAT: torchao's rewrite changed the graph's dropout and batch-norm nodes in a way litcompress "
+                      "does not know, so they keep torchao's defaults (dropout p=0.5, batch-norm momentum 0.1 and "
+                      "eps 1e-5): give the model's dropouts and batch norms those values, or report this.",
+                      stacklevel=3)
+        return
+    changed = [(node, kept) for node, (_, kept), (_, there) in zip(_kept_nodes(graph), before, now) if kept != there]
+    for node, kept in changed:
         _set_arguments(node, kept)
-    graph.recompile()
+    if changed:  # (a recompile at every train/eval switch costs time on a large graph)
+        graph.recompile()
 
 
 def _set_arguments(node: torch.fx.Node, values: dict[str, Any]) -> None:
@@ -533,9 +534,8 @@ def _eps_into_running_var_(graph: torch.fx.GraphModule) -> None:
     """On a copy in evaluation form, about to be converted: each batch norm's own epsilon moved into its running
     variance (``var + eps == (var + eps - 1e-5) + 1e-5``), since ``convert_pt2e`` folds conv-bn pairs with the
     patterns' 1e-5 (a batch norm of eps=0.1 gave int8 outputs off by 1.2 of 3.5)."""
-    for node in graph.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        names = [argument.name for argument in schema.arguments] if schema is not None else []
+    for node in _kept_nodes(graph):
+        names = [argument.name for argument in node.target._schema.arguments]
         if "eps" not in names or "running_var" not in names:
             continue
         eps, running_var = _argument(node, names, "eps"), _argument(node, names, "running_var")
