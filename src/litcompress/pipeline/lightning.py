@@ -64,13 +64,9 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
     """Optimizer steps a ``Trainer(max_epochs=epochs, **trainer_kwargs)`` makes over `train_batches` batches (with
     manual optimization, where Lightning refuses gradient accumulation: the batches it trains on)."""
     batches = train_batches
-    limit = trainer_kwargs.get("limit_train_batches")
-    overfit = trainer_kwargs.get("overfit_batches", 0)  # Lightning trains on that many batches (or that fraction)
-    if overfit and not isinstance(overfit, bool):
-        limit = overfit
-    fast_dev_run = trainer_kwargs.get("fast_dev_run", False)  # True: one batch; n: n batches; one epoch either way
-    if fast_dev_run:
-        limit, epochs = 1 if fast_dev_run is True else int(fast_dev_run), 1
+    limit = _train_batch_limit(trainer_kwargs)
+    if trainer_kwargs.get("fast_dev_run", False):  # one epoch, whatever max_epochs says
+        epochs = 1
     if isinstance(limit, int) and not isinstance(limit, bool):
         batches = min(batches, limit)
     elif isinstance(limit, float):
@@ -79,6 +75,17 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
     total = per_epoch * epochs
     max_steps = trainer_kwargs.get("max_steps", -1)
     return min(total, max_steps) if max_steps is not None and max_steps > 0 else total
+
+
+def _train_batch_limit(trainer_kwargs: dict[str, Any]) -> int | float | None:
+    """The training batches per epoch a Trainer with `trainer_kwargs` takes at most: ``limit_train_batches``, which
+    ``overfit_batches`` (that many batches, or that fraction) and ``fast_dev_run`` (True: one; n: n) override."""
+    fast_dev_run, overfit = trainer_kwargs.get("fast_dev_run", False), trainer_kwargs.get("overfit_batches", 0)
+    if fast_dev_run:
+        return 1 if fast_dev_run is True else int(fast_dev_run)
+    if overfit and not isinstance(overfit, bool):
+        return overfit
+    return trainer_kwargs.get("limit_train_batches")
 
 
 def _length(loader: Any) -> int | None:
@@ -105,10 +112,7 @@ def _fine_tune_steps(loaders: Any, epochs: int, trainer_kwargs: dict[str, Any]) 
     batches = _train_batches(loaders)
     if batches is not None:
         return optimizer_steps(batches, epochs, trainer_kwargs)
-    limit, max_steps = trainer_kwargs.get("limit_train_batches"), trainer_kwargs.get("max_steps", -1)
-    overfit, fast_dev_run = trainer_kwargs.get("overfit_batches", 0), trainer_kwargs.get("fast_dev_run", False)
-    if fast_dev_run or (isinstance(overfit, int) and not isinstance(overfit, bool) and overfit > 0):
-        limit = 1 if fast_dev_run is True else int(fast_dev_run) if fast_dev_run else overfit  # they bound it too
+    limit, max_steps = _train_batch_limit(trainer_kwargs), trainer_kwargs.get("max_steps", -1)
     if isinstance(limit, int) and not isinstance(limit, bool):
         return optimizer_steps(limit, epochs, trainer_kwargs)
     if isinstance(max_steps, int) and max_steps > 0:

@@ -111,14 +111,13 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     """
     fraction = check_fraction(fraction, "prune_units_", "fraction", "each recurrent layer's hidden units")
     exclude = check_module_names(model, exclude, "prune_units_", "exclude")  # a string excluded nothing
+    modules = dict(model.named_modules())
     if names is not None:  # a string matched substrings, an unknown name nothing, without a word
         names = check_module_names(model, names, "prune_units_", "names")
-        modules = dict(model.named_modules())
         not_recurrent = [name for name in names if not isinstance(modules[name], RECURRENT_LAYERS)]
         if not_recurrent:
             raise ValueError(f"prune_units_(names={names!r}): {not_recurrent} are no nn.LSTM/GRU/RNN.")
     check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
-    modules = dict(model.named_modules())
     masked: dict[str, int] = {}
     for name in prunable_recurrent_layers(model, exclude):
         if names is not None and name not in names:

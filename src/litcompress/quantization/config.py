@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from collections.abc import Iterable, Mapping, Sequence
-from collections.abc import KeysView
+from collections.abc import Iterable, KeysView, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Literal
 
