@@ -121,6 +121,35 @@ def test_a_fit_resumed_from_a_checkpoint_without_this_callbacks_state_keeps_its_
         assert int((module.weight == 0).sum()) == int(zeros.sum()) + round(0.5 * int((~zeros).sum())), name
 
 
+@both("its pruning made permanent, a checkpoint saved when the fit ended resumes with the zeros trained back")
+@pytest.mark.parametrize("saved_by", ["save_checkpoint", "ModelCheckpoint(save_last=True)"])
+def test_a_fit_resumed_from_a_checkpoint_saved_when_the_fit_ended_goes_on_as_an_uninterrupted_one(tmp_path, cls,
+                                                                                                  saved_by):
+    """`make_pruning_permanent=True` leaves plain weights when the fit ends; a checkpoint saved then (by the user, or
+    by a ModelCheckpoint, which saves in `on_train_end` after the pruning callback) holds the callback's rounds, and
+    its masks must come with them: the resumed fit ends as one that never stopped."""
+    def run(max_epochs, ckpt_path=None, callbacks=()):
+        seed_everything(3)
+        model = FixedDataModel()
+        callback = cls("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False)
+        trainer = make_trainer(tmp_path, max_epochs=max_epochs, callbacks=[callback, *callbacks],
+                               enable_checkpointing=bool(callbacks))
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model, trainer
+
+    if saved_by == "save_checkpoint":
+        _, trainer = run(2)
+        trainer.save_checkpoint(tmp_path / "final.ckpt")
+    else:
+        run(2, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True)])
+        (tmp_path / "last.ckpt").rename(tmp_path / "final.ckpt")
+    resumed, _ = run(3, ckpt_path=tmp_path / "final.ckpt")
+    uninterrupted, _ = run(3)
+    for (name, value), expected in zip(resumed.state_dict().items(), uninterrupted.state_dict().values()):
+        assert torch.equal(value == 0, expected == 0), name
+        torch.testing.assert_close(value, expected, msg=name)
+
+
 class DistilledModel(FixedDataModel):
     """A student with a frozen teacher beside it, as distillation modules hold one."""
 
@@ -753,7 +782,9 @@ def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp
     with torch.no_grad():
         assert torch.equal(live(x), expected) and torch.equal(inference(x), expected)
         assert torch.equal(lenient(x), expected)
-    assert torch_prune.is_pruned(live) == masked_keys and not torch_prune.is_pruned(inference)
+    # ours saves the masks of weights made permanent in its state too (a fit resumed from it keeps them)
+    assert torch_prune.is_pruned(live) == (masked_keys or cls is ModelPruning)
+    assert not torch_prune.is_pruned(inference)
 
 
 class LoadsLeniently(ThreeLayerModel):

@@ -1042,6 +1042,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
             for qname, (m, n) in zip(self._qualified_names, targets)
             if engine.is_pruned(m, n)
         }
+        if self._rounds:  # made permanent when the fit ended (a checkpoint saved then): its zeros are its mask, or
+            for qname, (m, n) in zip(self._qualified_names, targets):  # a fit resumed from it trains them back
+                if qname not in masks and getattr(m, n) is not None:
+                    masks[qname] = (getattr(m, n) != 0).detach().to("cpu")
         snapshot = None
         if self._original_layers is not None and targets:
             snapshot = {
