@@ -214,6 +214,23 @@ def test_a_checkpoint_that_the_run_would_overwrite_with_its_trained_model_is_ref
     assert given.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dense.ckpt"]
 
 
+@pytest.mark.parametrize("name", [PRUNED_STATE_FILE, "model.pt", "report.json"])
+def test_a_checkpoint_named_as_a_file_the_run_writes_into_its_output_dir_is_refused(first_run, capsys, tmp_path,
+                                                                                  name):
+    """--checkpoint out/model.pt --output-dir out: the exported model (or the state dict, the report) replaced the
+    checkpoint given, without a word; only dense.ckpt was guarded."""
+    _, out = first_run
+    given = tmp_path / name
+    given.write_bytes((out / "dense.ckpt").read_bytes())
+    before = given.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--checkpoint", str(given), "--prune-epochs", "0", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert (f"--checkpoint {given} is {given}, a file this run writes into --output-dir: the checkpoint given would be "
+            "lost") in capsys.readouterr().err
+    assert given.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_are_named(first_run, capsys, tmp_path):
     """The search's log stays in report.md, but how it ended, when that is fp32, is printed; pruning options given
     with --prune none are named as ignored (and the run goes on)."""
@@ -247,15 +264,18 @@ def test_prune_embeddings_on_a_model_without_one_is_refused_before_training(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_model_args_that_contradict_the_checkpoint_are_named_as_the_cause(first_run, tmp_path, capsys):
-    """The refusal spoke of shrunk states ("not a shrunk state of this model"), not of the --model-args given."""
+@pytest.mark.parametrize("hidden", ["[32, 32]", "[64, 64]"], ids=["narrower", "wider"])
+def test_model_args_that_contradict_the_checkpoint_are_named_as_the_cause(first_run, tmp_path, capsys, hidden):
+    """The refusal spoke of shrunk states ("not a shrunk state of this model"), not of the --model-args given; wider
+    layers than the checkpoint's were taken for a shrunk checkpoint and narrowed back to its widths without a word."""
     _, out = first_run  # saved with hidden [48, 48]
     with pytest.raises(SystemExit) as exit_info:
-        main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--model-args", '{"hidden": [32, 32]}',
+        main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--model-args", f'{{"hidden": {hidden}}}',
               "--output-dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"--checkpoint {out / 'dense.ckpt'} was saved with hidden=(48, 48); --model-args gives other values" in err
+    assert "net.0.weight would be built with another shape" in err and not (tmp_path / "o").exists()
     assert "Drop those --model-args (the checkpoint's are used)" in err
     # the same values, as JSON gives them, are no conflict
     assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--model-args", '{"hidden": [48, 48]}',
@@ -810,7 +830,8 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--model-args", '{"num_classes": 5}'], "MLPClassifier.validation_step fails on the first batch of --data "
                                              "(IndexError: Target"),
     (["--model", "tests.test_cli:StepsCallItsNet"],
-     "StepsCallItsNet defines no forward, so its steps call a sub-module (self.model(...)): pass --submodule NAME, "
+     "--model tests.test_cli:StepsCallItsNet: StepsCallItsNet defines no forward, so its steps call a sub-module "
+     "(self.model(...)): pass --submodule NAME, "
      "the one they call (one of ['net'])"),
     (["--model", "litcompress.models:MLPClassifier", "--model-args", '{"in_features": 64}'],
      "--data digits gives images (1, 8, 8) to any model but the built-in mlp; a model that takes flat vectors needs "
@@ -1194,7 +1215,8 @@ def test_model_args_override_a_built_in_models_checkpoint_hyperparameters(first_
     assert cli._model(args, None).hparams.lr == 0.5
     args = cli.build_parser().parse_args(["compress", "--checkpoint", str(out / "dense.ckpt"),
                                           "--model-args", '{"hidden": [32]}'])
-    with pytest.raises(ValueError, match=r"tensor of shape \(48, 64\) does not fit in the layer's \(32, 64\)"):
+    with pytest.raises(ValueError, match=r"saved with hidden=\(48, 48\); --model-args gives other values, .* "
+                                         r"\(net.0.weight would be built with another shape\)"):
         cli._model(args, None)  # another architecture: its weights do not fit
 
 

@@ -208,6 +208,11 @@ def _class_spec(kind: str, builtins: tuple[str, ...]):
     return parse
 
 
+def _as_given(spec: str | type) -> str:
+    """A --model/--data value as the command line gave it: a built-in name, or ``package.module:Class``."""
+    return spec if isinstance(spec, str) else f"{spec.__module__}:{spec.__qualname__}"
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -571,17 +576,22 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
     """`cls` loaded from the --checkpoint file; a file that is no checkpoint of it fails with one line."""
     from litcompress.callbacks.pruning import load_module_from_checkpoint
 
+    def conflict_error(conflicts: list[str], why: str) -> ValueError:
+        return ValueError(f"--checkpoint {path} was saved with {', '.join(conflicts)}; --model-args gives other "
+                          f"values, which build a model its weights do not fit ({why}). Drop those --model-args (the "
+                          "checkpoint's are used), or give that model's checkpoint.")
+
+    conflicts = _conflicting_hyperparameters(path, kwargs)
+    changed = _shapes_changed_by(cls, path, kwargs) if conflicts else []
+    if changed:  # a wider model loads too (narrowed to the weights, as a shrunk checkpoint): not what was asked for
+        raise conflict_error(conflicts, f"{changed[0]} would be built with another shape")
     try:
         return load_module_from_checkpoint(cls, path, **kwargs)
     except Exception as error:
         said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         said = said if len(said) <= 300 else said[:297] + "..."
-        conflicts = _conflicting_hyperparameters(path, kwargs)
         if conflicts:  # the cause, whatever the load said about the weights
-            raise ValueError(f"--checkpoint {path} was saved with {', '.join(conflicts)}; --model-args gives other "
-                             "values, which build a model its weights do not fit "
-                             f"({type(error).__name__}: {said.rstrip('.')}). Drop those --model-args (the "
-                             "checkpoint's are used), or give that model's checkpoint.") from None
+            raise conflict_error(conflicts, f"{type(error).__name__}: {said.rstrip('.')}") from None
         if isinstance(error, (ValueError, TypeError)):
             if not _builds_from_its_hyperparameters(cls, path, kwargs):  # another model's checkpoint
                 saved = _saved_hyperparameters(path)
@@ -593,6 +603,22 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
         raise ValueError(f"--checkpoint {path}: cannot be loaded as a checkpoint of {getattr(cls, '__name__', cls)} "
                          f"({type(error).__name__}: {said}). Give a checkpoint that "
                          "Lightning's Trainer saved for this --model (with its --model-args).") from None
+
+
+def _shapes_changed_by(cls: Any, path: Path, kwargs: dict[str, Any]) -> list[str]:
+    """The tensors whose shapes `kwargs` change from those of the model the checkpoint's own hyperparameters build
+    (none when either cannot be built: the load says why)."""
+    import torch
+
+    from litcompress.callbacks.pruning import built_without_weights
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        shapes = [{name: tuple(value.shape) for name, value in built_without_weights(cls, checkpoint, **given)
+                   .state_dict().items()} for given in ({}, kwargs)]
+    except Exception:  # noqa: BLE001 - the load that follows fails with its own words
+        return []
+    return [name for name in shapes[1] if shapes[0].get(name, shapes[1][name]) != shapes[1][name]]
 
 
 def _builds_from_its_hyperparameters(cls: Any, path: Path, kwargs: dict[str, Any]) -> bool:
@@ -869,7 +895,7 @@ def run_compress(args: argparse.Namespace) -> int:
         data.setup("fit")
         model = _model(args, data)
         distill = _distillation(args, config, model)
-        check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
+        check_submodule(model, args.submodule, f"--model {_as_given(args.model)}", command_line=True)
         compressed = model if args.submodule is None else model.get_submodule(args.submodule)
         if args.quantize == "auto" and config.quantize is not None:
             approach = auto_approach(compressed)
@@ -903,6 +929,7 @@ def run_compress(args: argparse.Namespace) -> int:
             raise ValueError(f"--checkpoint {args.checkpoint} is the file this run writes its trained dense model to "
                              f"({dense}), after --train-epochs {train_epochs}: the checkpoint given would be lost. "
                              "Copy it elsewhere, or give another --output-dir.")
+        _check_checkpoint_is_no_output(args)
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(str(error)))
@@ -944,6 +971,22 @@ def run_compress(args: argparse.Namespace) -> int:
                 "another --fp32-format, or --no-export to go without the file.")
         return 1
     return 0
+
+
+def _check_checkpoint_is_no_output(args: argparse.Namespace) -> None:
+    """A --checkpoint in --output-dir under the name of a file the run writes there (model.pt, report.json, ...)
+    would be replaced by it: refused before anything is written."""
+    from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
+
+    if args.checkpoint is None or not Path(args.checkpoint).exists():
+        return
+    given = Path(args.checkpoint).resolve()
+    outputs = (PRUNED_STATE_FILE, SHRUNK_STATE_FILE, "model.onnx", "model.pt", "model.pt2", "report.json",
+               "report.md", "report.png")
+    clash = next((args.output_dir / name for name in outputs if (args.output_dir / name).resolve() == given), None)
+    if clash is not None:
+        raise ValueError(f"--checkpoint {args.checkpoint} is {clash}, a file this run writes into --output-dir: the "
+                         "checkpoint given would be lost. Copy it elsewhere, or give another --output-dir.")
 
 
 def _note_outputs_newer_than(report_path: Path) -> None:
@@ -1032,7 +1075,7 @@ def run_channels(args: argparse.Namespace) -> int:
         data.prepare_data()
         data.setup("fit")
         model = host = _model(args, data)
-        check_submodule(model, args.submodule, f"--model {args.model}", command_line=True)
+        check_submodule(model, args.submodule, f"--model {_as_given(args.model)}", command_line=True)
         if args.submodule is not None:
             model = model.get_submodule(args.submodule)
         _check_embeddings_to_prune(args, model)
@@ -1093,7 +1136,8 @@ def run_channels(args: argparse.Namespace) -> int:
     print(plan.table())
     if without_inputs:
         print(f"- planned without inputs, from the graph alone: the model does not take the batches of --data "
-              f"{args.data} ({without_inputs[:300]}); give the --data compress will use, for the plan it makes.")
+              f"{_as_given(args.data)} ({without_inputs[:300]}); give the --data compress will use, for the "
+              "plan it makes.")
     if folded and preview is None:  # the preview's notes say it too
         print(f"- the layers of a copy with {len(folded)} parametrized weight(s) folded into plain ones, as compress "
               f"folds them: {', '.join(folded)}.")
