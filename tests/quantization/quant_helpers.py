@@ -12,7 +12,8 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
         import onnx
 
         proto = onnx.load_from_string(model.model_bytes)
-        int8 = {init.name for init in proto.graph.initializer if init.data_type == onnx.TensorProto.INT8}
+        int8 = {init.name for init in proto.graph.initializer  # (an embedding table's Gather: uint8)
+                if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
         # ORT names a quantized weight "<layer>.weight_quantized"; a dynamic MatMul may keep a transposed copy.
         return {name: any(i.startswith(f"{name}.weight") for i in int8) for name in layers}
     if backend == "torch_ao":
@@ -23,7 +24,7 @@ def quantized_layers(model: nn.Module, backend: str, layers: list[str]) -> dict[
             if isinstance(module, nn.Sequential):  # an fp32 layer fused with its ReLU (LinearReLU, ConvReLU2d)
                 module = module[0]
             weight = module.weight() if callable(getattr(module, "weight", None)) else module.weight
-            result[name] = weight.dtype == torch.qint8
+            result[name] = weight.dtype in (torch.qint8, torch.quint8)  # (an embedding table: quint8)
         return result
     if backend == "torchao":  # weight-only: the Linear weight becomes a torchao int8 tensor subclass
         modules = dict(model.named_modules())

@@ -621,3 +621,45 @@ def test_an_onnx_runtime_model_refuses_inputs_beyond_those_of_its_example(tmp_pa
     assert loaded(x).shape == model(x).shape
     with pytest.raises(TypeError, match="and was given 2"):
         loaded(x, mask)
+
+
+class _SummedBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(100, 16, mode="sum")
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.bag(x))
+
+
+_LAYER_KINDS = {
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 8, 3), nn.Conv1d(8, 4, 3)), lambda: torch.randn(8, 4, 16),
+               "static"),
+    "conv1d-relu": (lambda: nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 3), nn.ReLU()),
+                    lambda: torch.randn(8, 4, 16), "static"),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(4, 8, 3), nn.ReLU(), nn.Conv3d(8, 4, 3)),
+               lambda: torch.randn(8, 4, 6, 6, 6), "static"),
+    "embedding-bag": (_SummedBag, lambda: torch.randint(0, 100, (8, 5)), "dynamic"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_LAYER_KINDS))
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(backend_name, kind):
+    """pt2e named Conv3d layers (which X86InductorQuantizer leaves fp32) and ONNX Runtime an EmbeddingBag (a Loop of
+    Gathers its dynamic quantizer does not reach) as quantizable: a model of them came back fp32 under an int8 recipe,
+    and a fallback "kept" them in fp32 to no effect. pt2e quantized a Conv1d followed by a ReLU without naming it,
+    so that no fallback could return it to fp32. Each named layer is int8; all of them in fp32 is the fp32 model."""
+    build, inputs, approach = _LAYER_KINDS[kind]
+    torch.manual_seed(0)
+    model, x = build().eval(), inputs()
+    backend = get_backend(backend_name)
+    layers = backend.quantizable_layers(model, approach)
+    recipe = backend.recipes(approach)[0]
+    if layers:
+        quantized = backend.quantize(copy.deepcopy(model), recipe, (x,), [(x,)])
+        assert all(quantized_layers(quantized, backend_name, layers).values())
+    everything_fp32 = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(layers)), (x,), [(x,)])
+    with torch.no_grad():
+        torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)

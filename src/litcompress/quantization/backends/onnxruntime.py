@@ -294,8 +294,9 @@ class OnnxRuntimeBackend(Backend):
         layers = super().quantizable_layers(model, approach)
         if approach != "dynamic":
             return layers
-        gru = {name for name, module in model.named_modules() if isinstance(module, nn.GRU)}  # no int8 GRU op
-        return [name for name in layers if name not in gru]
+        # no int8 GRU op; a bag exports as a Loop of Gathers, which the dynamic quantizer does not reach
+        float_kept = {name for name, module in model.named_modules() if isinstance(module, (nn.GRU, nn.EmbeddingBag))}
+        return [name for name in layers if name not in float_kept]
 
     def check_available(self) -> None:
         try:

@@ -121,9 +121,9 @@ class PT2EBackend(Backend):
     compile = False
 
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
-        if approach == "dynamic":  # Linear layers only (see quantize)
-            return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-        return super().quantizable_layers(model, approach)
+        # dynamic: Linear layers only; static: and Conv2d (see quantize)
+        types = (nn.Linear,) if approach == "dynamic" else (nn.Linear, nn.Conv2d)
+        return [name for name, module in model.named_modules() if isinstance(module, types)]
 
     def check_available(self) -> None:
         try:
@@ -174,6 +174,9 @@ class PT2EBackend(Backend):
             quantizer.set_module_type_qconfig(nn.Linear, config)
         else:
             quantizer.set_global(config)
+            # X86InductorQuantizer leaves a Conv1d fp32 unless a ReLU follows it (a Conv3d always): no Conv1d is
+            # quantized, so that every int8 layer is one the search knows (and can return to fp32)
+            quantizer.set_function_type_qconfig(torch.nn.functional.conv1d, None)
         for name in recipe.fp32_layers:
             quantizer.set_module_name_qconfig(name, None)
         inputs = export_inputs(example_inputs)
