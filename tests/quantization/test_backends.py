@@ -310,6 +310,23 @@ def test_sqnr_is_scale_invariant_and_falls_with_noise(scale, noise):
     assert large < small
 
 
+@given(masked=st.lists(st.booleans(), min_size=8, max_size=8), noise=st.floats(1e-4, 1e-1))
+def test_sqnr_of_outputs_with_equal_infinities_is_that_of_their_finite_entries(masked, noise):
+    """Masked logits (-inf in both outputs) made the noise NaN (-inf - -inf), every layer's sensitivity NaN, and the
+    search took the layers for ones quantization leaves unchanged: no fp32 fallback ran."""
+    torch.manual_seed(0)
+    reference, perturbation = torch.randn(50, 8), torch.randn(50, 8)
+    approximation = reference + noise * perturbation
+    where = torch.tensor(masked).expand(50, 8)
+    expected = sqnr_db(reference[~where], approximation[~where]) if not all(masked) else float("inf")
+    masked_reference = reference.masked_fill(where, float("-inf"))
+    got = sqnr_db(masked_reference, approximation.masked_fill(where, float("-inf")))
+    assert got == expected or abs(got - expected) < 1e-3 * max(1.0, abs(expected))
+    assert sqnr_db(masked_reference, masked_reference) == float("inf")
+    if any(masked):  # an infinity in one output only is infinite noise: the most sensitive
+        assert sqnr_db(masked_reference, approximation) == float("-inf")
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_rms_norm_exports_to_onnx_with_the_same_outputs(affine):
     # the legacy exporter has no aten::rms_norm at any opset: the copy it exports writes RMSNorm in plain ops

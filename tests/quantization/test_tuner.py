@@ -781,6 +781,45 @@ def test_batch_dependence_counts_nan_in_one_only_and_ignores_nan_in_both_and_rou
     assert batch_dependence(nn.Linear(8, 3), (x,)) is None
     assert batch_dependence(_BranchesOnTheBatchSize().eval(), (x,)) is not None
     assert batch_dependence(nn.Linear(8, 3), (x[:1],)) is None  # one row: nothing to compare
+    assert batch_dependence(_MaskedLogits().eval(), (x,)) is None  # -inf in both: was "by up to inf of their scale"
+
+
+class _MaskedLogits(nn.Module):
+    """Logits with classes 7-9 masked out (-inf), as a constrained decoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        allowed = torch.arange(10) < 7
+        return self.net(x).masked_fill(~allowed, float("-inf"))
+
+
+def test_layers_of_a_model_with_masked_logits_are_ranked_and_fall_back():
+    """Every layer's sensitivity was NaN, taken for "outputs unchanged ... never kept in fp32": the search ended
+    after the knob variants without a fallback trial, the goal (no loss) missed."""
+    torch.manual_seed(0)
+    model = _MaskedLogits().eval()
+    x = torch.randn(128, 8)
+    calibration = [(x[i:i + 32],) for i in range(0, 128, 32)]
+    scores = layer_sensitivity(model, ["net.0", "net.2", "net.4"], calibration, "dynamic")
+    assert all(math.isfinite(score) for score in scores.values()), scores
+    with torch.no_grad():
+        reference = model(x)
+    allowed = torch.isfinite(reference)
+
+    def minus_error(candidate):
+        with torch.no_grad():
+            return -float((candidate(x) - reference)[allowed].abs().mean())
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=6, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, config, eval_fn=minus_error, calibration_data=[c[0] for c in calibration])
+    assert any(trial.recipe.fp32_layers for trial in result.trials), result.table()
+    assert not any("depends on the batch size" in message for message in result.messages)
 
 
 def test_a_shared_iterator_of_calibration_batches_loses_none_past_those_read(trained_mlp, digits):

@@ -18,11 +18,18 @@ from .outputs import tensor_leaves
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (higher is better, inf when equal)."""
-    noise = (reference.float() - approximation.float()).pow(2).mean()
-    signal = reference.float().pow(2).mean()
+    """Signal-to-quantization-noise ratio in dB (higher is better, inf when equal).
+
+    Entries equal in both count as no noise, equal infinities (masked logits) and NaNs in both included; an
+    infinite or NaN entry in one only is infinite noise (-inf dB). The signal is that of the finite entries."""
+    reference, approximation = reference.float(), approximation.float()
+    same = (reference == approximation) | (torch.isnan(reference) & torch.isnan(approximation))
+    noise = torch.where(same, 0.0, reference - approximation).pow(2).mean()
+    signal = torch.where(torch.isfinite(reference), reference, 0.0).pow(2).mean()
     if noise == 0:
         return float("inf")
+    if not torch.isfinite(noise):
+        return float("-inf")
     return float(10 * torch.log10(signal / noise))
 
 

@@ -274,9 +274,10 @@ def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
                 or not in_batch.is_floating_point():
             continue  # not batch-major (a time-major sequence), or a count: nothing to compare row by row
         a, b = in_batch[:1].float(), by_itself.float()
-        both_nan = torch.isnan(a) & torch.isnan(b)  # NaN in both is no difference
-        scale = max(1.0, float(torch.nan_to_num(in_batch.float(), nan=0.0).abs().max()))
-        difference = torch.where(both_nan, torch.zeros_like(a), (a - b).abs()).nan_to_num(nan=float("inf"))
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))  # equal infinities (masked logits) or NaN in both
+        finite = in_batch.float()[torch.isfinite(in_batch)]
+        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 0.0)
+        difference = torch.where(same, torch.zeros_like(a), (a - b).abs()).nan_to_num(nan=float("inf"))
         worst = max(worst, float(difference.max()) / scale)
     if worst <= 1e-4:  # float rounding of batched kernels
         return None
@@ -652,8 +653,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 return []
             # a layer whose quantization alone leaves the outputs as they are (one the data never reaches) gains
             # nothing in fp32: no fallback trial is spent on it
-            rankings[per_channel] = sorted((n for n in layers if math.isfinite(scores[n])), key=lambda n: scores[n])
-            unchanged = [n for n in layers if not math.isfinite(scores[n])]
+            rankings[per_channel] = sorted((n for n in layers if scores[n] != math.inf), key=lambda n: scores[n])
+            unchanged = [n for n in layers if scores[n] == math.inf]
             note("layer sensitivity (output SQNR dB, most sensitive first): "
                  + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[per_channel])
                  + (f"; outputs unchanged with {', '.join(unchanged)} quantized alone (not called on the calibration "
