@@ -926,3 +926,53 @@ def test_a_rewind_step_past_the_batches_of_a_two_optimizer_fit_is_not_refused():
     ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
                                  rewind_to_step=12, control="none", trainer_kwargs=kwargs)
     assert torch.equal(ticket.rewound_state["net.0.weight_orig"], record.weights)
+
+
+def test_a_global_search_that_empties_a_layer_says_so_once():
+    """scope='global' pruned every weight of a layer whose magnitudes were all below the others' without a word (as
+    ModelPruning and GradualPruner warn): the ticket no longer depended on its input along that path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)
+    with pytest.warns(UserWarning, match=r"iterative_magnitude_pruning \(round \d\): every entry of 2.weight is "
+                                         r"pruned.*scope='local'") as caught:
+        ticket = iterative_magnitude_pruning(model, lambda net: None, lambda net: 0.0, rounds=3, rate=0.5,
+                                             scope="global", control="none")
+    assert int(ticket.masks["2.weight"].sum()) == 0
+    assert sum("every entry of" in str(w.message) for w in caught) == 1  # once, not at every later round
+
+
+def test_the_control_redraws_layers_pruned_before_the_search_and_keeps_frozen_ones():
+    """A layer the model already had a mask on kept its initial values in the control (Linear.reset_parameters()
+    wrote the masked copy, not weight_orig): the control was partly the ticket itself. A frozen layer
+    (requires_grad=False: a pretrained backbone, excluded) was redrawn, random features that never train, where
+    every round of the ticket keeps it as given."""
+    from torch.nn.utils import prune
+
+    from litcompress.pruning.lottery import redraw_parameters_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    prune.l1_unstructured(model[2], "weight", amount=0.3)  # pruned before the search (a one-shot start)
+    model[0].requires_grad_(False)  # pretrained and frozen
+    given = {k: v.detach().clone() for k, v in model.named_parameters()}
+    started = {}
+
+    def train_control(control):
+        started.update({k: v.detach().clone() for k, v in control.named_parameters()})
+
+    ticket = iterative_magnitude_pruning(model, lambda net: None, lambda net: 0.0, rounds=1, rate=0.5,
+                                         exclude=["0"], train_control=train_control)
+    assert not torch.equal(started["2.weight_orig"], given["2.weight_orig"])  # redrawn, pre-pruned as it is
+    assert not torch.equal(started["4.weight_orig"], given["4.weight"])
+    for name in ("0.weight", "0.bias"):
+        assert torch.equal(started[name], given[name]), name  # frozen: as given
+    assert torch.equal(ticket.model[0].weight, given["0.weight"])
+
+    layer = nn.Linear(8, 8)  # the helper on its own: the trainable values redrawn, the masked copy recomputed
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    before, mask = layer.weight_orig.detach().clone(), layer.weight_mask.clone()
+    assert redraw_parameters_(layer) == []
+    assert not torch.equal(layer.weight_orig, before)
+    assert torch.equal(layer.weight, layer.weight_orig * mask) and torch.equal(layer.weight_mask, mask)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+from torch.nn.utils.prune import BasePruningMethod
 
 from litcompress._files import written_atomically
 from litcompress.pruning.engine import (
@@ -32,6 +33,8 @@ from litcompress.pruning.engine import (
     deepcopy_model,
     default_targets,
     distinct_targets,
+    emptied_message,
+    emptied_targets,
     is_pruned,
     keep_bypassed_weights_current_,
     mask_of,
@@ -131,9 +134,20 @@ def _trained_control(
     seed: int,
 ) -> float:
     control = deepcopy_model(pristine)
+    # what does not train (a frozen pretrained backbone) stays as given, as in every round of the ticket: the control
+    # varies the initial values of what the search trains, not fixed features
+    frozen = {name: param.detach().clone() for name, param in control.named_parameters() if not param.requires_grad}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         redraw_parameters_(control)
+    with torch.no_grad():
+        for name, param in control.named_parameters():
+            if name in frozen:
+                param.copy_(frozen[name])
+    for module in control.modules():  # a frozen tensor pruned before the search: its masked copy of the values kept
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, BasePruningMethod):
+                refresh_cached_tensor(module, hook._tensor_name)
     for name in names:
         path, _, tensor = name.rpartition(".")
         set_mask_(control.get_submodule(path), tensor, masks[name])
@@ -237,7 +251,7 @@ def iterative_magnitude_pruning(
         train_to_rewind_point: trains the copy to the rewind point k before the snapshot (late resetting);
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
-            round, ``"none"`` skips it.
+            round, ``"none"`` skips it. Frozen parameters (``requires_grad=False``) keep their values in it.
         train_control: trains the control (default: `train`), e.g. without the checkpoints `train` writes.
         checkpoint_path: a file written after every round (the network with its masks, the rewound weights, the
             table so far, the random number generators' states). When it exists, the search resumes after its last
@@ -359,6 +373,7 @@ def iterative_magnitude_pruning(
         log.info(f"IMP: resumed from {path} after round {saved['done']} of {rounds}"
                  + (" (finished)" if saved["done"] == rounds else ""))
 
+    warned_empty: set[str] = set()
     for r in range(len(table), rounds + 1):
         if r > 0:
             if scope == "global":
@@ -367,6 +382,14 @@ def iterative_magnitude_pruning(
                 for group in tied_groups.values():
                     prune_([targets[i] for i in group], "l1_unstructured", layer_rates.get(names[group[0]], rate),
                            scope="local")
+            empty = {(id(module), tensor) for module, tensor in emptied_targets(targets)}
+            emptied = [name for name, (module, tensor) in zip(names, targets)
+                       if (id(module), tensor) in empty and name not in warned_empty]
+            if emptied:  # as ModelPruning and GradualPruner say it
+                warned_empty.update(emptied)
+                warnings.warn(emptied_message(f"iterative_magnitude_pruning (round {r})", emptied, scope,
+                                              per_layer="scope='local'", targets="the search (exclude=[...])"),
+                              UserWarning, stacklevel=2)
             rewind_(targets, snapshot)
             _load_in_place_(network, rest)
             if r == rounds:  # the ticket: the final mask on the rewound weights

@@ -94,7 +94,7 @@ def redraw_parameters_(module: nn.Module) -> list[str]:
     covered: set[int] = set()
     for sub in module.modules():
         if callable(getattr(sub, "reset_parameters", None)):
-            sub.reset_parameters()
+            _reset_parameters_of_pruned(sub)
             covered.update(id(p) for p in sub._parameters.values() if p is not None)
     names = []
     for name, param in module.named_parameters():  # tied parameters once
@@ -103,6 +103,23 @@ def redraw_parameters_(module: nn.Module) -> list[str]:
                 param.copy_(shuffled(param))
             names.append(name)
     return names
+
+
+def _reset_parameters_of_pruned(module: nn.Module) -> None:
+    """``module.reset_parameters()``, which on a pruned module writes ``module.<name>``: the masked copy that pruning
+    recomputes, not the ``<name>_orig`` that trains. Each pruned ``<name>`` is the trainable tensor while it runs."""
+    pruned = [hook._tensor_name for hook in module._forward_pre_hooks.values() if isinstance(hook, BasePruningMethod)]
+    cached = {name: vars(module).pop(name, None) for name in pruned}
+    try:
+        for name in pruned:  # (set in the instance's dict: Module.__setattr__ would register a parameter)
+            vars(module)[name] = module._parameters[name + "_orig"]
+        module.reset_parameters()
+    finally:
+        for name in pruned:
+            vars(module).pop(name, None)
+            if cached[name] is not None:
+                vars(module)[name] = cached[name]
+            refresh_cached_tensor(module, name)
 
 
 def at_snapshot(targets: Sequence[Target], snapshot: Snapshot) -> bool:
