@@ -1133,7 +1133,8 @@ def run_channels(args: argparse.Namespace) -> int:
             timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(str(error)))
-    print(plan.table())
+    print(plan.table(pruned_by="litcompress compress --prune ln_structured (or random_structured)",
+                     embeddings_by="with --prune-embeddings"))
     if without_inputs:
         print(f"- planned without inputs, from the graph alone: the model does not take the batches of --data "
               f"{_as_given(args.data)} ({without_inputs[:300]}); give the --data compress will use, for the "

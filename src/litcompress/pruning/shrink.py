@@ -2340,10 +2340,12 @@ class ChannelPlan:
         grouped = {name for group in self.groups for name in group.producers} if residual_groups else set()
         return {name: None if name in grouped else reason for name, reason in self.reasons.items()}
 
-    def table(self) -> str:
+    def table(self, pruned_by: str = "structured pruning with PruneConfig(removable_only=True)",
+              embeddings_by: str = "with nn.Embedding among its layer_types, CLI --prune-embeddings") -> str:
         """A plain-text table: per producer, whether `shrink` can remove its pruned output channels (on its own, or
         with its residual group when the group is pruned as one) and why not; then the groups and the BatchNorms
-        that zero_batch_norm holds at zero."""
+        that zero_batch_norm holds at zero. `pruned_by`, `embeddings_by`: what prunes only those layers, and an
+        embedding's dims, in the caller's terms."""
         group_of = {name: i for i, group in enumerate(self.groups, 1)
                     for name in (*group.producers, *group.gate_excites)}  # a gate's excite loses them too
         width = max([len(name) for name in (*self.reasons, *self.recurrent)] + [5])
@@ -2370,10 +2372,8 @@ class ChannelPlan:
         removable = sum(reason is None or name in group_of for name, reason in self.reasons.items())
         removable += sum(self.units.get(name, CELL_REASON) is None for name in self.recurrent)
         embeddings = any(kind.startswith("Embedding") for kind in self.layers.values())
-        lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; structured "
-                     "pruning with PruneConfig(removable_only=True) prunes only those"
-                     + (" (an embedding's dims: with nn.Embedding among its layer_types, CLI --prune-embeddings)."
-                        if embeddings else "."))
+        lines.append(f"{removable} of {len(self.reasons) + len(self.recurrent)} layers can lose channels; {pruned_by} "
+                     "prunes only those" + (f" (an embedding's dims: {embeddings_by})." if embeddings else "."))
         return "\n".join(lines)
 
 
