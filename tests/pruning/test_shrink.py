@@ -2757,3 +2757,45 @@ def test_a_shrunk_state_reloads_into_a_fresh_model_with_a_shared_attention_or_la
         with torch.no_grad():
             torch.testing.assert_close(fresh(inputs), shrunk(inputs))
     assert fresh.fc1.weight.shape == (4, 3)
+
+
+class _DepthwiseFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(4, 4, 3, groups=4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.dw(x)))
+
+
+class _GroupedUpsampling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
+        self.c2 = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.up(F.relu(self.c1(x)))))
+
+
+@pytest.mark.parametrize(("build", "name", "dim", "shape", "reason"), [
+    (_DepthwiseFirst, "dw", 0, (2, 4, 6, 6), "a depthwise conv (its channel j reads input channel j only)"),
+    (_GroupedUpsampling, "up", 1, (2, 3, 4, 4), "a grouped transposed conv: shrink removes no channels of it"),
+])
+def test_zero_channels_of_a_conv_no_chain_reaches_are_said_to_stay(build, name, dim, shape, reason) -> None:
+    """ln_structured prunes every conv (Lightning's ModelPruning does), depthwise and transposed ones included: a
+    depthwise conv with no layer before it, or a grouped transposed one, kept its zero channels and the report named
+    neither (nothing in `layers`, nothing in `kept`)."""
+    torch.manual_seed(0)
+    model = build().eval()
+    torch_prune.ln_structured(getattr(model, name), "weight", amount=0.5, n=2, dim=dim)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = model(x)
+    result = shrink(model, (x,))
+    assert [(kept, why.split(":")[0] in reason) for kept, why in result.report.kept] == [(name, True)]
+    assert reason in dict(result.report.kept)[name]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected)

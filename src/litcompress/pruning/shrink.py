@@ -816,6 +816,16 @@ def is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels)
 
 
+def _unremoved_conv_reason(module: nn.Module) -> str:
+    """Why a conv that no producer chain reached keeps its all-zero output channels."""
+    if is_depthwise(module):
+        return ("a depthwise conv (its channel j reads input channel j only): its channels go only with those of the "
+                "layer that writes its input, and no such layer lost them")
+    if isinstance(module, _TRANSPOSED) and module.groups > 1:
+        return "a grouped transposed conv: shrink removes no channels of it"
+    return "shrink removes no output channels of it here (no layer reading them that it can narrow)"
+
+
 def _zero_channels(module: nn.Module) -> Tensor:
     """Boolean per output channel: True where all of the channel's weights are zero."""
     weight = _filters(module)
@@ -2662,6 +2672,13 @@ def shrink_(
     group_of = {producer: group for group in groups for producer in group.producers}
     kept = [(name, _group_kept_reason(group_of[name]) if name in group_of and reason.startswith(
         "its output meets another tensor") else reason) for name, reason in kept if name not in handled]
+    # A conv none of the passes above reached (a depthwise one that no narrowed layer writes into, a grouped transposed
+    # one) keeps its zero output channels: said, rather than left out of the report.
+    said = {name for name, _ in kept} | {n for layer in layers for n in (layer.name, *layer.through)}
+    kept += [(name, _unremoved_conv_reason(module)) for name, module in modules.items()
+             if isinstance(module, _CONV_LIKE) and name not in said and isinstance(getattr(module, "weight", None),
+                                                                                  Tensor)
+             and bool(_zero_channels(module).any())]
     # Last: an attention is replaced by another module, and the tracing above saw the original.
     heads, heads_kept = remove_zero_heads_(model)
     report = ShrinkReport(tuple(layers), tuple(kept + heads_kept), before, _count_parameters(model), tuple(heads))
