@@ -73,14 +73,17 @@ def test_points_passed_over_get_their_round_with_their_target(final, frequency, 
     assert pruner.pruned() == round(final * sum(m.weight.numel() for m, _ in targets))
 
 
-def test_resumed_pruner_continues_like_an_uninterrupted_one():
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
+def test_resumed_pruner_continues_like_an_uninterrupted_one(method):
+    """With a random method, the resumed process's global generator (seed 1) drew other masks: each round draws from
+    a stream of the pruner's own, its seed in the state."""
     schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=30, frequency=4)
     model, x, y = model_and_data()
-    reference = GradualPruner(default_targets(model), schedule)
+    reference = GradualPruner(default_targets(model), schedule, method)
     train(model, x, y, reference, steps=40)
 
     model2, x, y = model_and_data()
-    first = GradualPruner(default_targets(model2), schedule)
+    first = GradualPruner(default_targets(model2), schedule, method)
     train(model2, x, y, first, steps=17)
     state = {k: v.clone() for k, v in model2.state_dict().items()}, first.state_dict()
     # a new process: fresh model and pruner, restored from the saved state
@@ -88,7 +91,7 @@ def test_resumed_pruner_continues_like_an_uninterrupted_one():
 
     model3, _, _ = model_and_data(seed=1)  # other initial weights: all must come from the saved state
     load_pruned_state_dict(model3, state[0])
-    resumed = GradualPruner(default_targets(model3), schedule)
+    resumed = GradualPruner(default_targets(model3), schedule, method)
     resumed.load_state_dict(state[1])
     train(model3, x, y, resumed, steps=23, start=18)
     # optimizer state is not part of this plain loop (plain SGD), so weights match exactly

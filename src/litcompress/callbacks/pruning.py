@@ -67,6 +67,7 @@ _STATE_VERSION = 1
 
 #: Mixed into the run's seed for resample_parameters' stream (any constant other than 0 would do).
 _RESAMPLE_SEED_SALT = 0x5EED_0F_7E5A_4D1E
+_SCHEDULE_SEED_SALT = 0x3C6E_F372_FE94_F82B
 
 
 class ModelPruning(TargetsFoundOnceConfigured):
@@ -331,6 +332,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # `resample_parameters`' own random stream, kept in the state: a resumed fit draws what the uninterrupted one
         # drew (Lightning restores no global RNG), and the draws leave the training's global RNG alone
         self._resample_rng_state: Optional[Tensor] = None
+        self._schedule_seed: Optional[int] = None
 
     # ------------------------------------------------------------------------------------ override points
     def filter_parameters_to_prune(self, parameters_to_prune: _PARAM_LIST = ()) -> _PARAM_LIST:
@@ -704,7 +706,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         before = self._total_zeros()
         if self._schedule is not None:
             target = self._schedule.target(progress)
-            self._prune_to_target(target)
+            self._prune_to_target(target, progress)
             amount: Union[int, float] = target
         else:
             amount = self.amount(current_epoch) if callable(self.amount) else self.amount
@@ -803,10 +805,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
             return trainer.global_step if trainer is not None else self._last_step
         return current_epoch + 1
 
-    def _prune_to_target(self, target: float) -> None:
-        """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope)."""
+    def _prune_to_target(self, target: float, progress: int) -> None:
+        """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope). A
+        random method draws from the round's own stream (`round_seed`, its base in the state): a resumed fit draws
+        the masks the uninterrupted one did."""
         even = {"slice_groups": self._slice_groups} if self._slice_groups else {}
-        with self._logging_sparsity(target):
+        if self._schedule_seed is None:  # seeded by the run's seed, not with it
+            self._schedule_seed = torch.initial_seed() ^ _SCHEDULE_SEED_SALT
+        with self._logging_sparsity(target), engine.drawing_from(engine.round_seed(self._schedule_seed, progress),
+                                                                 self._parameters_to_prune):
             engine.prune_to_sparsity_(
                 self._parameters_to_prune, self._method, target,
                 scope="global" if self._use_global_unstructured else "local", keep_multiple_of=self._keep_multiple_of,
@@ -1066,6 +1073,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             "lottery_ticket_snapshot": snapshot,
             "lottery_ticket_reset_pending": self._reset_pending,
             "resample_rng_state": self._resample_rng_state,
+            "schedule_seed": self._schedule_seed,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1118,6 +1126,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._history = list(state.get("history", []))
         self._reset_pending = bool(state.get("lottery_ticket_reset_pending", False))
         self._resample_rng_state = state.get("resample_rng_state")
+        self._schedule_seed = state.get("schedule_seed")
         index = {qname: i for i, qname in enumerate(self._qualified_names)}
         unknown = [q for q in state.get("masks", {}) if q not in index]
         if unknown:

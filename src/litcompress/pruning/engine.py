@@ -670,6 +670,30 @@ def check_keep_multiple_of(keep_multiple_of: object, method: type[torch_prune.Ba
         raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16), or None.")
 
 
+_ROUND_SEED_SALT = 0x9E37_79B9_7F4A_7C15
+
+
+def round_seed(base: int, point: int) -> int:
+    """The seed of a scheduled round's random draws: from the run's `base` seed and the round's schedule point, so
+    that a resumed run (its base restored) draws every later round's masks as the uninterrupted run did."""
+    return (int(base) ^ (int(point) * _ROUND_SEED_SALT)) % (1 << 63)
+
+
+@contextmanager
+def drawing_from(seed: int, targets: Sequence[Target]) -> Iterator[None]:
+    """Random draws inside the block (a random pruning method's: ``random_unstructured``) come from generators seeded
+    with `seed`, on the CPU and on each CUDA device of `targets`; the global ones are left as they were (the run's
+    own randomness, e.g. dropout, draws as if no round had run)."""
+    cuda = sorted({tensor.device.index or 0 for tensor in (getattr(m, n) for m, n in targets)
+                   if tensor.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def prune_to_sparsity_(
     targets: Sequence[Target],
     method: str | type[torch_prune.BasePruningMethod],

@@ -6,16 +6,19 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn.utils.prune as torch_prune
 
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
-                                        emptied_message, emptied_targets, prune_to_sparsity_, pruned_count,
-                                        register_state_hooks)
+                                        drawing_from, emptied_message, emptied_targets, prune_to_sparsity_,
+                                        pruned_count, register_state_hooks, round_seed)
 from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
                                          norm_refusal, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule, check_progress
+
+_SEED_SALT = 0x6A09_E667_F3BC_C908
 
 
 class GradualPruner:
@@ -87,6 +90,9 @@ class GradualPruner:
         # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged
         self._hook_handles = register_state_hooks(self.targets, permanent_state_dict=False)
         self.last_t = -1
+        # a random method's rounds draw from a stream of their own (round_seed): saved, a resumed loop draws the masks
+        # the uninterrupted one did; seeded by the run's seed, not with it
+        self.seed = torch.initial_seed() ^ _SEED_SALT
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
 
@@ -166,8 +172,9 @@ class GradualPruner:
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
         before = self.pruned()
-        newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
-                                   keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
+        with drawing_from(round_seed(self.seed, t), self.targets):
+            newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
+                                       keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         # data-parallel ranks (DDP, Fabric) train one sub-network: a random method draws on each rank's generator
         broadcast_pruning_state_(self.targets)
         self.last_t = t
@@ -183,8 +190,9 @@ class GradualPruner:
         return sum(pruned_count(m, n) for m, n in distinct_targets(self.targets))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_t": self.last_t, "history": list(self.history)}
+        return {"last_t": self.last_t, "history": list(self.history), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_t = int(state["last_t"])
         self.history = list(state["history"])
+        self.seed = int(state.get("seed", self.seed))  # (an older state: this run's)
