@@ -81,6 +81,26 @@ def test_killed_mid_schedule_then_resumed_ends_with_the_same_units_and_weights(t
         assert torch.equal(a, b), name
 
 
+def test_a_fit_resumed_from_a_checkpoint_saved_when_the_fit_ended_goes_on_as_an_uninterrupted_one(tmp_path):
+    """make_pruning_permanent=True (the default) removed the masks when the fit ended: a checkpoint saved then held
+    none in the callback's state, and a fit resumed from it trained the pruned units back before pruning again."""
+    def run(epochs, ckpt_path=None):
+        seed_everything(0)
+        model = LSTMClassifier(hidden=16)
+        trainer = _trainer(tmp_path, epochs, [UnitPruning(PolynomialDecay(final_sparsity=0.75, begin=3, end=40,
+                                                                          frequency=4))])
+        trainer.fit(model, datamodule=_data(), ckpt_path=ckpt_path)
+        return model, trainer
+
+    _, first = run(1)  # 23 steps: mid-schedule
+    first.save_checkpoint(tmp_path / "first.ckpt")
+    resumed, _ = run(2, ckpt_path=tmp_path / "first.ckpt")
+    uninterrupted, _ = run(2)
+    assert int(zero_units(resumed.lstm).sum()) == 12  # round(0.75 * 16)
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_bad_input_is_refused_before_training(tmp_path):
     for bad in (1.0, 0.0, -0.5, True, "half", float("nan")):
         with pytest.raises(MisconfigurationException, match="UnitPruning\\(units="):

@@ -79,6 +79,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._restored = False  # state loaded from a checkpoint (only then can a resumed fit have skipped a round)
         self._warned_fit_too_short = False
         self._pruned_once = False
+        self._made_permanent = False  # this fit's masks, by `make_pruning_permanent` (their zeros go in the state)
         self._pending_state: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------------ what to prune
@@ -162,6 +163,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
             _refuse_weight_averaging_after(self, trainer.callbacks)
         if stage == "fit":  # a fit starts the schedule over (a sweep's next model), unless a checkpoint restores it
             self._last_step, self._last_epoch, self._pruned_once, self._restored = -1, -1, False, False
+            self._made_permanent = False
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
@@ -195,6 +197,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
             for module, name in self._targets:
                 if engine.is_pruned(module, name):
                     torch_prune.remove(module, name)
+                    self._made_permanent = True
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)  # masks an evaluation's ckpt_path restored: made permanent
@@ -239,6 +242,10 @@ class StructurePruning(TargetsFoundOnceConfigured):
         """The masks (CPU booleans) and where the schedule is."""
         masks = {name: engine.mask_of(module, tensor).detach().to("cpu").bool()
                  for name, (module, tensor) in zip(self._names, self._targets) if engine.is_pruned(module, tensor)}
+        if self._made_permanent:  # when the fit ended (a checkpoint saved then): its zeros are its masks, or a fit
+            for name, (module, tensor) in zip(self._names, self._targets):  # resumed from it trains them back
+                if name not in masks and getattr(module, tensor) is not None:
+                    masks[name] = (getattr(module, tensor) != 0).detach().to("cpu")
         return {"version": _STATE_VERSION, "masks": masks, "last_step": self._last_step,
                 "last_epoch": self._last_epoch, "pruned_once": self._pruned_once}
 
