@@ -957,10 +957,15 @@ def compress(
     # ---------------------------------------------------------------------------------------- sparse kernels
     if config.sparse_kernels:
         t0 = time.monotonic()
-        sparse = sparsify(work, inputs, num_threads=config.num_threads, time_model=False)  # the report times it
+        # the whole model timed too: CSR layers that make it slower are put back dense
+        sparse = sparsify(work, inputs, num_threads=config.num_threads)
         details.append(("Sparse kernels", sparse.report.table()))
         converted, layers = len(sparse.report.converted), len(sparse.report.layers)
-        if converted:
+        if sparse.report.reverted:
+            note(f"sparse kernels: the model ran slower with its CSR layers ({sparse.report.dense_ms:.4g} ms dense, "
+                 f"{sparse.report.sparse_ms:.4g} ms on CSR), though each was faster alone: all kept dense (the "
+                 "report's 'Sparse kernels' table gives the times).")
+        elif converted:
             work = sparse.model
             stages.add("sparse", work, f"CSR kernels for {converted} of {layers} Linear layers",
                        time.monotonic() - t0, counted=fp32_work)

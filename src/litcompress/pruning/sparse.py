@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -173,6 +173,7 @@ class SparsifyReport:
     sparse_ms: float | None
     max_abs_diff: float
     num_threads: int
+    reverted: bool = False  # the layers' CSR kernels made the whole model slower: all were put back dense
 
     @property
     def converted(self) -> tuple[str, ...]:
@@ -192,6 +193,9 @@ class SparsifyReport:
             lines.append(f"{layer.name:<32} {shape:>11} {layer.sparsity:>8.1%} {times}  {kernel}")
         timed = (f"{self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
                  if self.dense_ms is not None and self.sparse_ms is not None else "")
+        if self.reverted:
+            timed = (f"{self.dense_ms:.4g} ms dense, {self.sparse_ms:.4g} ms with the layers above on CSR "
+                     f"({self.speedup:.2f}x): all put back dense, ")
         lines.append(f"model: {timed}{len(self.converted)} of {len(self.layers)} Linear layers on CSR kernels, "
                      f"{self.num_threads} thread(s); outputs differ by at most {self.max_abs_diff:.2g}")
         return "\n".join(lines)
@@ -293,8 +297,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             dense one on its input (1.1: a clear gain, not noise). 0 converts every layer timed.
         num_threads: torch threads while timing (None: the current setting), the ones you will run with.
         repeats: interleaved timed blocks per layer and per model (medians compared).
-        time_model: also time the whole model before and after, for the report (a caller that times the result
-            itself, as the pipeline's report does, passes False).
+        time_model: also time the whole model before and after: when it runs slower with its CSR layers (a
+            speed-up below ``min(1, min_speedup)``: each layer was timed alone, and its kernels can still lose in the
+            model), they are all put back dense, and the report says so. False: neither (a caller that times the
+            result itself).
 
     Linear layers of other dtypes than float32, those forward never calls (an ``nn.MultiheadAttention``'s
     ``out_proj``), tied weights, ``nn.TransformerEncoderLayer``'s feed-forward layers (its fused path reads them),
@@ -358,13 +364,24 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
                     work.set_submodule(alias, layer)
                 reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
-    with torch.no_grad():
-        difference = max_output_difference(reference, work(*inputs))
     dense_ms = sparse_ms = None
+    reverted = False
     if time_model:
         whole = measure_latencies([_plain_copy(model), work], inputs, repeats=repeats, num_threads=num_threads)
         dense_ms, sparse_ms = 1e3 * whole[0]["median"], 1e3 * whole[1]["median"]
-    report = SparsifyReport(tuple(decisions), dense_ms, sparse_ms, difference, threads)
+        # each layer was timed alone, on its own input: in the model, its kernels can still lose (a small batch's
+        # per-call overhead, a busy host); the whole model decides
+        converted = [layer for layer in decisions if layer.converted]
+        if converted and dense_ms < min(1.0, min_speedup) * sparse_ms:
+            for layer in converted:
+                for alias in aliases[layer.name]:
+                    work.set_submodule(alias, layers[layer.name])
+            decisions = [replace(layer, converted=False, reason="kept dense: the whole model ran slower "
+                                             "with its CSR layers") if layer.converted else layer for layer in decisions]
+            reverted = True
+    with torch.no_grad():
+        difference = max_output_difference(reference, work(*inputs))
+    report = SparsifyReport(tuple(decisions), dense_ms, sparse_ms, difference, threads, reverted)
     return SparsifyResult(work, report)
 
 
