@@ -89,11 +89,16 @@ def quiet() -> None:
 def setting(text: str) -> tuple[str, str, float]:
     """``model:sparsity`` (structured) or ``model:sparsity:unstructured``."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in MODELS:
-        raise argparse.ArgumentTypeError(f"expected model:sparsity[:unstructured] with a model of {sorted(MODELS)}, "
-                                         f"got {text!r}")
-    method = "l1_unstructured" if len(parts) == 3 and parts[2] == "unstructured" else "ln_structured"
-    return parts[0], method, float(parts[1])
+    expected = f"expected model:sparsity[:unstructured] with a model of {sorted(MODELS)} and a sparsity in [0, 1)"
+    if len(parts) not in (2, 3) or parts[0] not in MODELS or len(parts) == 3 and parts[2] != "unstructured":
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")  # a misspelt 'unstructured' ran structured
+    try:
+        sparsity = float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not 0.0 <= sparsity < 1.0:  # refused after the dense training, else
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+    return parts[0], "l1_unstructured" if len(parts) == 3 else "ln_structured", sparsity
 
 
 def distill_variant(text: str) -> tuple[float, float]:

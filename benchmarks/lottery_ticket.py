@@ -148,8 +148,8 @@ def main() -> None:
                              "configuration, 'test' to report the chosen one")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 3 rounds, 5k images")
     args = parser.parse_args()
-    if args.epochs < 1 or args.rounds < 1:
-        parser.error("--epochs and --rounds must be >= 1")
+    if min(args.epochs, args.rounds, args.threads, args.batch_size) < 1:
+        parser.error("--epochs, --rounds, --threads and --batch-size must be >= 1")
     if args.quick:
         args.seeds, args.epochs, args.rounds = args.seeds[:1], 1, 3
     torch.set_num_threads(args.threads)

@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--threads, --repeats, --epochs and --fine-tune-epochs must be >= 1")
     if not 0.0 <= args.prune_heads < 1.0:
         parser.error("--prune-heads must be in [0, 1)")
+    if args.prune_heads and args.model != "swiglu":  # refused after the dense training and the Lightning run, else
+        parser.error(f"--prune-heads: --model {args.model} has no attention; of the models here, swiglu has")
     quiet()
     load_at_start = os.getloadavg()[0]  # other jobs on the host skew the timings: said, not assumed away
     started = time.perf_counter()

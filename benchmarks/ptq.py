@@ -277,7 +277,9 @@ def main() -> None:
     parser.add_argument("--no-inc", action="store_true")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn, lstm")
     parser.add_argument("--lstm-hidden", type=int, default=256)
-    parser.add_argument("--cache-dir", default=os.path.join("out", "ptq_cache"))
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "out", "ptq_cache"), help="the trained models, reused by later runs (default: the repository's "
+        "out/ptq_cache, which git ignores)")
     args = parser.parse_args()
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(models) - {"mlp", "cnn", "lstm"})

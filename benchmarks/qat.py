@@ -216,6 +216,9 @@ def main() -> None:
             print(f"| {width} | {name} | {statistics.mean(test):.2f} ± {std:.2f} | "
                   f"{'' if name == 'fp32' else f'{delta:+.2f}'} | {statistics.mean(val):.2f} | "
                   f"{'' if latency is None else f'{latency:.2f}'} |")
+        reference_ops = figures["latency_ms"].get("litcompress qat, reference ops")
+        if reference_ops is not None:  # the QAT row's model as converted (compile=False): its latency only
+            print(f"| {width} | litcompress qat, reference ops | | | | {reference_ops:.2f} |")
     print(f"\nWall time {(time.perf_counter() - started) / 60:.1f} min; "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.")
     print(json.dumps({"widths": {str(w): {"accuracy": f["accuracy"], "latency_ms": f["latency_ms"]}

@@ -109,6 +109,13 @@ def test_prune_lstm_units_lightning(tmp_path):
     ("benchmarks/qat.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
     ("benchmarks/sparse.py", ["--targets", "1.5"], "--targets must be in (0, 1), got [1.5]"),
     ("benchmarks/torch_ao_kernels.py", ["--engine", "bogus"], "argument --engine: invalid choice: 'bogus'"),
+    # failed after minutes of training (a model without attention; a sparsity out of range); a misspelt
+    # 'unstructured' ran structured pruning
+    ("benchmarks/pipeline.py", ["--prune-heads", "0.5"], "--prune-heads: --model mlp has no attention"),
+    ("benchmarks/distillation.py", ["--settings", "mlp:1.5"], "a sparsity in [0, 1), got 'mlp:1.5'"),
+    ("benchmarks/distillation.py", ["--settings", "mlp:0.9:unstrctured"], "got 'mlp:0.9:unstrctured'"),
+    # tracebacks (set_num_threads, a ZeroDivisionError)
+    ("benchmarks/lottery_ticket.py", ["--batch-size", "0"], "--threads and --batch-size must be >= 1"),
     # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
     ("examples/quantize_lightning.py", ["--epochs", "0"], "--epochs and --max-trials must be >= 1"),
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
