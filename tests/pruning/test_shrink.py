@@ -2799,3 +2799,18 @@ def test_zero_channels_of_a_conv_no_chain_reaches_are_said_to_stay(build, name, 
     assert reason in dict(result.report.kept)[name]
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), expected)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * 2.0
+
+
+def test_a_layer_subclass_with_its_own_forward_is_said_to_be_traced_into_not_uncalled() -> None:
+    """Its channels stayed with "forward does not call it", though forward calls it: fx traces into its forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledLinear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch_prune.ln_structured(model[0], "weight", amount=0.5, n=2, dim=0)
+    reason = dict(shrink(model, (torch.randn(3, 6),)).report.kept)["0"]
+    assert reason.startswith("_ScaledLinear subclasses Linear with a forward of its own, which torch.fx traces into")
+    assert "pass a tracer that keeps _ScaledLinear as a leaf module" in reason

@@ -2310,6 +2310,13 @@ def _unreached_reason(name: str, traces: list[_Trace], modules: dict[str, nn.Mod
 def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -> str:
     """Why a producer that no graph node calls (`called`: the names graph nodes call) keeps its channels."""
     leaf = max((t for t in called if name.startswith(t + ".")), key=len, default=None)
+    module = modules.get(name)
+    base = next((cls for cls in type(module).__mro__[1:] if cls.__module__.startswith("torch.nn.")), None)
+    if leaf is None and base is not None and not type(module).__module__.startswith("torch.") \
+            and type(module).forward is not base.forward:
+        return (f"{type(module).__name__} subclasses {base.__name__} with a forward of its own, which torch.fx traces "
+                "into (it keeps only torch's own layers whole): if that forward is a plain "
+                f"{base.__name__}'s on its weights, pass a tracer that keeps {type(module).__name__} as a leaf module")
     if leaf is None:
         return "forward does not call it (as torch.fx traces forward)"
     kind = type(modules[leaf]).__name__
