@@ -186,6 +186,29 @@ def test_an_explicit_teacher_of_another_dtype_takes_the_inputs_in_its_own():
     torch.testing.assert_close(outputs, teacher(x.double()))
 
 
+class _TakesABatchDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return self.fc(batch["x"]) + self.fc(batch["pair"][1])
+
+
+def test_a_teacher_of_another_dtype_takes_inputs_inside_a_dict_or_tuple_in_its_own():
+    """Only tensors passed as they are were cast: a forward of a batch dict failed in torch's words ("mat1 and mat2
+    must have the same dtype, but got Float and BFloat16")."""
+    torch.manual_seed(0)
+    teacher = _TakesABatchDict().to(torch.bfloat16)
+    distiller = Distiller(teacher, DistillationConfig())
+    batch = {"x": torch.randn(5, 4), "pair": (torch.arange(5), torch.randn(5, 4)), "ids": torch.arange(5)}
+    outputs = distiller.teacher_outputs(batch)
+    assert outputs.dtype == torch.bfloat16
+    expected = teacher({"x": batch["x"].bfloat16(), "pair": (batch["pair"][0], batch["pair"][1].bfloat16())})
+    torch.testing.assert_close(outputs, expected)
+    assert batch["x"].dtype == torch.float32  # the caller's batch is not changed
+
+
 @pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), float("inf"), True])
 def test_a_temperature_that_is_no_positive_number_is_refused(temperature):
     """0, nan and inf gave NaN; -1 a plausible positive number computed on negated logits."""

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree  # (torch.export's tree utilities: dicts, tuples, lists)
 
 from litcompress.pruning.engine import _BYPASS_HOOKS, deepcopy_model
 
@@ -188,8 +189,8 @@ class Distiller:
         if weight is not None and weight.is_floating_point():
             # inputs in another float dtype (a bf16-true or 64-true fit, a float64 teacher): in the teacher's, which
             # keeps its precision (its outputs are compared in float32 at least)
-            args = tuple(_as_dtype(a, weight.dtype) for a in args)
-            kwargs = {k: _as_dtype(v, weight.dtype) for k, v in kwargs.items()}
+            # (inside the dicts, tuples and lists a model takes too: a forward of a batch dict)
+            args, kwargs = pytree.tree_map(lambda value: _as_dtype(value, weight.dtype), (args, kwargs))
         return self.outputs_fn(self.teacher(*args, **kwargs))
 
     def distillation_term(self, student_outputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -253,10 +254,9 @@ def _as_dtype(value: Any, dtype: torch.dtype) -> Any:
 
 
 def _device_of(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.device | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return None
+    """The device of the first tensor among the inputs, inside dicts, tuples and lists too."""
+    return next((value.device for value in pytree.tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)),
+                None)
 
 
 __all__ = ["DISTILLATION_KINDS", "DistillationConfig", "Distiller", "default_outputs", "distillation_loss"]
