@@ -21,6 +21,7 @@ from litcompress.pruning import (
     make_permanent_,
     permanent_state_dict,
     prune_,
+    prune_model_,
     rewind_,
     take_snapshot,
 )
@@ -549,3 +550,118 @@ def test_global_importance_scores_rank_the_entries():
         assert torch.equal(layer.weight_mask, ref.weight_mask)
     with pytest.raises(TypeError, match=re.escape("expected a dict {(module, name): tensor}")):
         prune_(default_targets(model), "l1_unstructured", 0.5, importance_scores=torch.ones(3))
+
+
+def test_a_global_round_on_a_diverged_model_names_the_nan_tensor_and_leaves_the_model_as_it_was():
+    """Every target got its mask (all ones) before the NaN was found, by index ("scores[1] contains NaN"): the
+    model's state dict no longer loaded into its architecture, and which layer had diverged went unsaid."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    parameters = [id(p) for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"prune_: Linear.weight holds NaN \(training diverged\?\), which magnitude "
+                                         r"pruning cannot rank; nothing was pruned"):
+        prune_model_(model, amount=0.5)
+    assert list(model.state_dict()) == list(state) and [id(p) for p in model.parameters()] == parameters
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k != "2.weight")  # (NaN != NaN)
+    assert torch.equal(model[2].weight.nan_to_num(), state["2.weight"].nan_to_num())
+
+
+class _RootWeight(nn.Module):
+    """A model holding a parameter at its root, as a low-rank or a tied head does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(x @ self.weight)
+
+
+def test_a_fabric_wrapped_model_is_pruned_and_saved_as_the_model_it_wraps():
+    """Fabric's wrapper hands its module's attributes through: default_targets took `_FabricModule.weight` for a
+    tensor of its own (prune_model_ then failed: "has no tensor 'weight'"), and permanent_state_dict, matching keys
+    by module path (`_forward_module.0`), returned the masked pairs, which no unpruned model loads."""
+    from lightning.fabric import Fabric
+
+    from litcompress.report.size import model_size_bytes
+
+    torch.manual_seed(0)
+    fabric = Fabric(accelerator="cpu", devices=1)
+    wrapped = fabric.setup(_RootWeight())
+    prune_model_(wrapped, amount=0.5)
+    assert is_pruned(wrapped.module, "weight") and is_pruned(wrapped.module.head, "weight")
+    plain = permanent_state_dict(wrapped)
+    assert sorted(plain) == ["head.bias", "head.weight", "weight"]
+    fresh = _RootWeight()
+    fresh.load_state_dict(plain)  # strict
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), wrapped(x))
+    assert model_size_bytes(wrapped) == model_size_bytes(wrapped.module)
+
+
+def test_prune_model_refuses_names_that_prune_nothing_and_says_what_it_leaves_dense():
+    """parameter_names='weight' was iterated by character and a misspelt name pruned nothing, both without a word;
+    a weight_norm layer (torch's pruning cannot mask it) was left dense silently."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(TypeError, match=r"parameter_names='weight'\): expected a list of tensor names"):
+        prune_model_(model, parameter_names="weight")
+    with pytest.raises(ValueError, match=r"no module of Sequential has a \['wieght'\] tensor it can prune; its "
+                                         r"tensors are named \['bias', 'weight'\]"):
+        prune_model_(model, parameter_names=("wieght",))
+    assert not is_pruned(model[0], "weight")
+    model[0] = nn.utils.weight_norm(model[0])
+    with pytest.warns(UserWarning, match=r"prune_model_ leaves out 1 parametrized tensor\(s\), which "
+                                         r"torch.nn.utils.prune cannot mask: 0.weight"):
+        targets = prune_model_(model, amount=0.5)
+    assert [(type(m).__name__, n) for m, n in targets] == [("Linear", "weight")] and is_pruned(model[2], "weight")
+
+
+@pytest.mark.parametrize(("method", "kwargs", "message"), [
+    ("l1_unstructured", {"importance_score": None}, r"L1Unstructured takes no 'importance_score': did you mean "
+                                                     r"'importance_scores'\?"),
+    ("ln_structured", {"n": 2, "dimm": 0}, r"LnStructured takes no 'dimm': did you mean 'dim'\?"),
+])
+def test_prune_refuses_a_misspelt_method_argument(method, kwargs, message):
+    """It was dropped without a word (plain magnitude pruning ran instead of the importance scores given), or
+    failed inside torch ("apply() missing 1 required positional argument: 'dim'"). Arguments of other methods
+    still pass (one call serves several: see test_later_rounds_rank_the_weights_as_they_are_now)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(TypeError, match=message):
+        prune_([(model[0], "weight")], method, 0.5, scope="local", **kwargs)
+    assert not is_pruned(model[0], "weight")
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.head = nn.Linear(8, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+def test_tied_weights_stay_one_tensor_in_the_permanent_state_and_one_mask_after_a_reload():
+    """permanent_state_dict multiplied orig * mask per key: a file saved from it held the tied matrix twice (and
+    model_size_bytes counted it twice); load_pruned_state_dict gave each holder its own mask, so a later round
+    naming the embedding no longer reached the head (300 zeros against 200)."""
+    from litcompress.report.size import model_size_bytes
+
+    torch.manual_seed(0)
+    model = _TiedLM()
+    dense_bytes = model_size_bytes(model)
+    prune_model_(model, amount=0.5)
+    plain = permanent_state_dict(model)
+    assert plain["emb.weight"] is plain["head.weight"]
+    assert model_size_bytes(model) <= dense_bytes
+    reloaded = load_pruned_state_dict(_TiedLM(), model.state_dict())
+    assert reloaded.emb.weight_mask is reloaded.head.weight_mask
+    prune_([(reloaded.emb, "weight")], "l1_unstructured", 0.5)
+    reloaded(torch.arange(10))
+    assert torch.equal(reloaded.head.weight, reloaded.emb.weight) and int((reloaded.head.weight == 0).sum()) == 300

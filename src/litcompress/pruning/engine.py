@@ -21,6 +21,7 @@ import difflib
 import math
 import numbers
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from litcompress.pruning.methods import accepted_kwargs, check_slices_exist, check_takes_amount, resolve_method
-from litcompress.pruning.parametrizations import check_prunable, scripted_targets_message
+from litcompress.pruning.methods import (accepted_kwargs, check_near_misses, check_slices_exist, check_takes_amount,
+                                         resolve_method)
+from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors, scripted_targets_message
 from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
 
@@ -478,12 +480,14 @@ def prune_(
     """Prune `targets` in place by `amount` of their *remaining* entries, as torch does.
 
     ``scope="global"`` ranks all targets together (unstructured methods only); ``"local"`` prunes each target
-    by `amount` on its own. `method_kwargs` (``dim``, ``n``, ...) go to methods that accept them. A tensor held by
+    by `amount` on its own. `method_kwargs` (``dim``, ``n``, ...) go to methods that accept them (one call can serve
+    several methods); a near miss of one the method takes (``importance_score``) is refused. A tensor held by
     several targets (tied weights) is pruned once and masked alike under each.
     """
     targets = check_targets(targets, "prune_")
     method_cls = resolve_method(method)
     amount = validate_amount(amount)
+    check_near_misses(method_cls, method_kwargs, "prune_")
     if not targets:
         return
     _prune_distinct_(distinct_targets(targets), method_cls, amount, scope, **method_kwargs)
@@ -582,12 +586,27 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
     do not stack pruning methods on the module.
     """
     previous = [mask_of(m, n) for m, n in targets]
+    with torch.no_grad():
+        scores = [trainable_tensor(m, n).detach() for m, n in targets]
+        # before any mask is made: the model is left as it was (NaN cannot be ranked; smallest_k_masks refuses it too,
+        # by index)
+        diverged = [f"{type(m).__name__}.{n}" for (m, n), score in zip(targets, scores)
+                    if score.is_floating_point() and bool(torch.isnan(score).any())]
+        if diverged:
+            raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
+                             "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
     # Every target gets its mask buffer first (all ones where new), and the new masks are written straight into
     # the buffers: no second set of masks is ever held.
     buffers = [mask if mask is not None else _reparametrise_(m, n) for mask, (m, n) in zip(previous, targets)]
-    with torch.no_grad():
-        scores = [trainable_tensor(m, n).detach() for m, n in targets]
-        smallest_k_masks(scores, previous, count, magnitude=True, out=buffers)
+    try:
+        with torch.no_grad():
+            scores = [trainable_tensor(m, n).detach() for m, n in targets]
+            smallest_k_masks(scores, previous, count, magnitude=True, out=buffers)
+    except BaseException:  # (a Ctrl-C too) the masks this call added come off again: the model is as it was
+        for mask, (module, name) in zip(previous, targets):
+            if mask is None and is_pruned(module, name):
+                torch_prune.remove(module, name)
+        raise
     for module, name in targets:
         refresh_cached_tensor(module, name)
 
@@ -759,9 +778,27 @@ def prune_model_(
     scope: Scope = "global",
     **method_kwargs: Any,
 ) -> list[Target]:
-    """Prune every `parameter_names` tensor of the leaf modules of `model`; returns the targets pruned."""
+    """Prune every `parameter_names` tensor of the leaf modules of `model`; returns the targets pruned.
+
+    A name no module has is refused (a misspelt one pruned nothing); tensors computed by a parametrization
+    (``weight_norm``), which torch's pruning cannot mask, are left out with a warning."""
     check_module(model, "prune_model_")
+    if isinstance(parameter_names, str) or not all(isinstance(name, str) for name in parameter_names):
+        raise TypeError(f"prune_model_(parameter_names={parameter_names!r}): expected a list of tensor names, e.g. "
+                        "['weight'].")
     targets = default_targets(model, parameter_names)
+    computed = [f"{path}.{name}" if path else name for path, _, name in parametrized_tensors(model)
+                if name in parameter_names]
+    missing = [name for name in parameter_names if name not in {n for _, n in targets}]
+    if missing:
+        found = sorted({name for module in model.modules() for name, p in module._parameters.items() if p is not None})
+        only = f" (only parametrized ones: {', '.join(computed)})" if computed else ""
+        raise ValueError(f"prune_model_(parameter_names=...): no module of {type(model).__name__} has a {missing} "
+                         f"tensor it can prune{only}; its tensors are named {found}.")
+    if computed:
+        warnings.warn(f"prune_model_ leaves out {len(computed)} parametrized tensor(s), which torch.nn.utils.prune "
+                      f"cannot mask: {', '.join(computed)}; they stay dense. litcompress.pruning.fold_parametrizations_"
+                      "(model) first makes each a plain tensor holding its current value.", UserWarning, stacklevel=2)
     prune_(targets, method, amount, scope=scope, **method_kwargs)
     keep_bypassed_weights_current_(model)
     return targets
@@ -773,18 +810,33 @@ def default_targets(model: nn.Module, parameter_names: Sequence[str] = ("weight"
         (module, name)
         for name in parameter_names
         for module in model.modules()
-        if isinstance(getattr(module, name, None), nn.Parameter) or is_pruned(module, name)
+        # its own parameter: a wrapper (Fabric's, torch.compile's) hands its inner module's attributes through
+        if _holds_parameter(module, name) or is_pruned(module, name)
     ]
 
 
+def _holds_parameter(module: nn.Module, name: str) -> bool:
+    """Whether `name` is a parameter registered on `module` itself (a TorchScript module's too)."""
+    return name in module._parameters and isinstance(module._parameters[name], nn.Parameter)
+
+
 # --------------------------------------------------------------------------------------------- state dicts
-def _make_entry_permanent(state_dict: dict[str, Any], key: str) -> None:
-    """Replace ``<key>_orig`` and ``<key>_mask`` in `state_dict` by ``<key>`` = ``orig * mask`` (no autograd)."""
+def _make_entry_permanent(state_dict: dict[str, Any], key: str, products: dict[tuple, Tensor] | None = None) -> None:
+    """Replace ``<key>_orig`` and ``<key>_mask`` in `state_dict` by ``<key>`` = ``orig * mask`` (no autograd).
+    `products`: those made so far, by their sources' storage: tied weights (one tensor under several keys) get one
+    product, so that a saved file holds it once, as it held the tensor."""
     orig_key, mask_key = key + "_orig", key + "_mask"
     if orig_key in state_dict and mask_key in state_dict:
         orig, mask = state_dict.pop(orig_key), state_dict.pop(mask_key)
+        source = tuple((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                       for t in (orig, mask))
+        if products is not None and source in products:
+            state_dict[key] = products[source]
+            return
         with torch.no_grad():
             state_dict[key] = orig.detach() * mask.to(dtype=orig.dtype)
+        if products is not None:
+            products[source] = state_dict[key]
 
 
 class PermanentStateDictHook:
@@ -795,13 +847,14 @@ class PermanentStateDictHook:
     A plain class rather than a closure so that models stay picklable (``ddp_spawn``).
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], products: dict[tuple, Tensor] | None = None) -> None:
         self.names = tuple(names)
+        self.products = products  # shared by the hooks of one `permanent_state_dict` call (tied weights)
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for name in self.names:
             if is_pruned(module, name):
-                _make_entry_permanent(state_dict, prefix + name)
+                _make_entry_permanent(state_dict, prefix + name, self.products)
 
 
 class PrunedStateLoadHook:
@@ -862,14 +915,23 @@ def register_state_hooks(
 
 
 def permanent_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model.state_dict()`` with every pruned tensor as its effective values (loads into an unpruned model)."""
-    state = model.state_dict()
-    # state_dict writes a module under every name it is registered at (``self.b = self.a``): convert each one
-    for path, module in model.named_modules(remove_duplicate=False):
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                _make_entry_permanent(state, f"{path}.{hook._tensor_name}" if path else hook._tensor_name)
-    return state
+    """``model.state_dict()`` with every pruned tensor as its effective values (loads into an unpruned model); tied
+    weights stay one tensor."""
+    # Each pruned module converts its own entries as state_dict writes them, under the prefix state_dict gives it: a
+    # wrapper's state dict (Fabric's, torch.compile's) drops its own module path, and a module registered under
+    # several names is written under each.
+    products: dict[tuple, Tensor] = {}
+    handles = []
+    try:
+        for module in model.modules():
+            names = [hook._tensor_name for hook in module._forward_pre_hooks.values()
+                     if isinstance(hook, torch_prune.BasePruningMethod)]
+            if names:
+                handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names, products)))
+        return model.state_dict()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> list[Target]:
@@ -895,6 +957,8 @@ def load_pruned_state_dict(
     state = dict(state_dict)
     MaskedStateLoadHook()(model, state, "")
     model.load_state_dict(state, strict=strict)
+    # tied weights: one mask buffer under every holder, as pruning left them (a later round updates them all)
+    share_tied_masks_([(module, name) for _, module, name in pruned_targets(model)])
     for _, module, name in pruned_targets(model):  # the cached orig * mask was computed before the load
         refresh_cached_tensor(module, name)
     if keep_masks:

@@ -152,6 +152,21 @@ def norm_refusal(tensor: Tensor, norm: object, dim: int) -> str | None:
     return None
 
 
+def check_near_misses(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str) -> None:
+    """Refuse a keyword `method` does not take that is a near miss of one it does (``importance_score``, ``dimm``):
+    the engine passes a method only the arguments it takes (one call can serve several methods), so the misspelt
+    one would be dropped without a word, or the one it stands for found missing inside torch."""
+    names, takes_any = _names_taken(method)
+    if takes_any:
+        return
+    known = (names - {"amount"}) | {"importance_scores"}
+    for key in kwargs:
+        close = [] if key in known else difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.75)
+        if close:
+            raise TypeError(f"{owner}: {method.__name__} takes no {key!r}: did you mean "
+                            f"{' or '.join(map(repr, close))}? (It takes {', '.join(sorted(known))}.)")
+
+
 def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,
                         ndims: Iterable[int] = (), also: Iterable[str] = ()) -> None:
     """Refuse, before any pruning, arguments `method` would fail on at its first round or would drop silently: a
