@@ -1325,3 +1325,12 @@ def test_validating_outside_a_fit_prunes_nothing(tmp_path, cls):
     trainer.validate(model, verbose=False)
     after = _weights(model)
     assert after.keys() == fitted.keys() and all(torch.equal(after[key], fitted[key]) for key in fitted)
+
+
+def test_a_lottery_ticket_reset_asked_of_a_callback_that_ran_no_fit_here_says_why():
+    """A bare AssertionError: as after a ddp_spawn fit, whose workers' callbacks are copies (the reset-waits line
+    the workers print told the user to call this on the callback)."""
+    callback = ModelPruning("l1_unstructured", amount=0.5)
+    with pytest.raises(RuntimeError, match=r"holds no snapshot of initial weights: it has run no fit in this process "
+                                           r"with the lottery ticket on. Under strategy='ddp_spawn'"):
+        callback.apply_lottery_ticket_hypothesis()

@@ -976,3 +976,26 @@ def test_the_control_redraws_layers_pruned_before_the_search_and_keeps_frozen_on
     assert redraw_parameters_(layer) == []
     assert not torch.equal(layer.weight_orig, before)
     assert torch.equal(layer.weight, layer.weight_orig * mask) and torch.equal(layer.weight_mask, mask)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_each_round_is_said_by_rank_zero_only(monkeypatch, caplog, rank):
+    """Under DDP every rank runs the same search: each progress line was printed once per rank."""
+    monkeypatch.setenv("RANK", rank)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        iterative_magnitude_pruning(mlp(), lambda net: None, lambda net: 0.5, rounds=2, control="none")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("IMP round")]
+    assert len(said) == (3 if rank == "0" else 0)
+
+
+def test_find_lottery_ticket_refuses_spawned_launchers_before_any_fit(tmp_path):
+    """Each round's fit ran in worker processes: the search failed after the first with a wrong explanation ("trained
+    no optimizer step": the parent's trainer never steps), and the pruned module could not be sent to them."""
+    with pytest.raises(ValueError, match=r"run each fit in spawned or forked worker processes \(ddp_spawn, ddp_fork, "
+                                         r"ddp_notebook\), whose rounds this process cannot follow; use "
+                                         r"strategy='ddp'"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=64), rounds=1, metric="val_acc",
+                            trainer_kwargs=dict(accelerator="cpu", devices=1, strategy="ddp_spawn", max_epochs=1,
+                                                default_root_dir=tmp_path))
+    assert not any(tmp_path.iterdir())

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from litcompress.callbacks.pruning import _in_spawned_worker
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
 from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, logged_metrics, missing_metric_message,
                                                 quiet_unless_asked, trainer_built_quietly)
@@ -196,6 +197,12 @@ def find_lottery_ticket(
     if given.get(stage_limit) in (0, 0.0):
         raise ValueError(f"trainer_kwargs[{stage_limit!r}]=0 leaves no batch to evaluate the rounds on "
                          f"(evaluate_on={evaluate_on!r}): drop it, or evaluate_on the other stage.")
+    if _in_spawned_worker(trainer_built_quietly(**kwargs)):
+        # the rounds' fits would run in worker processes: the parent's module never learns what they trained
+        # (global_step stays 0), and the pruned module (its weight a product, no leaf) cannot be sent to them
+        raise ValueError(f"find_lottery_ticket: trainer_kwargs {_described(given)} run each fit in spawned or forked "
+                         "worker processes (ddp_spawn, ddp_fork, ddp_notebook), whose rounds this process cannot "
+                         "follow; use strategy='ddp' (every rank runs the search, rank 0 writes its files).")
     # Every round is a fresh fit: the callbacks given (one set of instances for every Trainer) start each one from
     # the state they had before the first, or an EarlyStopping would carry its best score and patience count into
     # the next round and stop it after an epoch or two. Callbacks that keep no state (recorders) are left alone.

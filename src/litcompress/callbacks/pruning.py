@@ -365,7 +365,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         The values are copied: the snapshot never changes, however many rounds follow. A tensor whose pruning was
         made permanent (after a fit) keeps its zeros.
         """
-        assert self._original_layers is not None
+        if self._original_layers is None:  # (a bare assert said nothing)
+            raise RuntimeError("ModelPruning.apply_lottery_ticket_hypothesis(): this callback holds no snapshot of "
+                               "initial weights: it has run no fit in this process with the lottery ticket on. Under "
+                               "strategy='ddp_spawn' (or ddp_fork, ddp_notebook) the fit runs in worker processes, "
+                               "whose callbacks are copies; use strategy='ddp' to keep the callback's state here.")
         permanent = [(module, name, getattr(module, name) == 0)
                      for module, name in engine.distinct_targets(self._parameters_to_prune)
                      if not engine.is_pruned(module, name)]
@@ -882,8 +886,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if isinstance(due, tuple) and due[0] == trainer.current_epoch and not self._prune_on_train_epoch_end:
             round_due, point = self._epoch_round_due(due[0], epoch_finished=due[1])
             if round_due:
-                log.info(f"`ModelPruning`: this fit resumed after a batch of epoch {due[0]} that a validation "
-                         "followed, which Lightning skips; its pruning round runs now.")
+                _info_on_rank_zero(f"`ModelPruning`: this fit resumed after a batch of epoch {due[0]} that a "
+                                   "validation followed, which Lightning skips; its pruning round runs now.")
                 self._run_pruning(due[0], trainer=trainer, progress=point)
                 self._caught_up_at_step = trainer.global_step
         self._epochs_ended = trainer.current_epoch
@@ -966,8 +970,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             return
         due, point = self._epoch_round_due(epoch)
         if due:
-            log.info(f"`ModelPruning`: this fit resumed after the last batch of epoch {epoch}, whose end Lightning "
-                     "skips; its pruning round runs now.")
+            _info_on_rank_zero(f"`ModelPruning`: this fit resumed after the last batch of epoch {epoch}, whose end "
+                               "Lightning skips; its pruning round runs now.")
             self._run_pruning(epoch, trainer=trainer, progress=point)
             self._caught_up_at_step = trainer.global_step
 
@@ -1008,8 +1012,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._reset_pending:
             _info_on_rank_zero("`ModelPruning`: the last round's lottery-ticket reset waits for training to go on (a "
                                "next fit, or one resumed from a checkpoint), so the model keeps its trained weights, "
-                               "pruned. `apply_lottery_ticket_hypothesis()` on the callback resets them now (the "
-                               "ticket).")
+                               "pruned. " + ("(This fit ran in spawned worker processes: the callback of the process "
+                                             "that started it holds none of this state.)"
+                                             if _in_spawned_worker(trainer) else
+                                             "`apply_lottery_ticket_hypothesis()` on the callback resets them now "
+                                             "(the ticket)."))
         if self._make_pruning_permanent:
             rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
             self.make_pruning_permanent(pl_module)

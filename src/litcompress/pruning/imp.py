@@ -184,7 +184,7 @@ def _restore_random_states(states: Mapping[str, Any]) -> None:
 
 def _writes_files() -> bool:
     """False on every rank but the first of a distributed run (DDP: each rank runs the same search), which would
-    otherwise all write one file at once."""
+    otherwise all write one file at once (and say each line of progress once per rank)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
@@ -370,8 +370,9 @@ def iterative_magnitude_pruning(
                 snapshot_tensor(snapshot, i).copy_(saved["snapshot"][name])
         rest, rewound, table = saved["rest"], saved["rewound"], [IMPRound(**row) for row in saved["table"]]
         _restore_random_states(saved["random"])
-        log.info(f"IMP: resumed from {path} after round {saved['done']} of {rounds}"
-                 + (" (finished)" if saved["done"] == rounds else ""))
+        if _writes_files():  # (rank 0 only: each rank runs the same search)
+            log.info(f"IMP: resumed from {path} after round {saved['done']} of {rounds}"
+                     + (" (finished)" if saved["done"] == rounds else ""))
 
     warned_empty: set[str] = set()
     for r in range(len(table), rounds + 1):
@@ -406,8 +407,9 @@ def iterative_magnitude_pruning(
                                                     evaluate, control_seed + r)
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
         control_note = "" if control_metric is None else f", random re-init {control_metric:.4f}"
-        log.info(f"IMP round {r}/{rounds}: {table[-1].remaining:.2%} of the weights left, metric {metric:.4f}"
-                 f"{control_note}")  # a search runs for hours: its progress, round by round
+        if _writes_files():  # a search runs for hours: its progress, round by round (rank 0's)
+            log.info(f"IMP round {r}/{rounds}: {table[-1].remaining:.2%} of the weights left, metric {metric:.4f}"
+                     f"{control_note}")
         if path is not None and _writes_files():
             with written_atomically(path) as partial:  # a search killed while writing keeps its previous file
                 torch.save(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),

@@ -376,8 +376,9 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             for layer in converted:
                 for alias in aliases[layer.name]:
                     work.set_submodule(alias, layers[layer.name])
-            decisions = [replace(layer, converted=False, reason="kept dense: the whole model ran slower "
-                                             "with its CSR layers") if layer.converted else layer for layer in decisions]
+            slower = "kept dense: the whole model ran slower with its CSR layers"
+            decisions = [replace(layer, converted=False, reason=slower) if layer.converted else layer
+                         for layer in decisions]
             reverted = True
     with torch.no_grad():
         difference = max_output_difference(reference, work(*inputs))
