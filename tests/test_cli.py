@@ -198,36 +198,25 @@ def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, c
                 in capsys.readouterr().err)
 
 
-def test_a_checkpoint_that_the_run_would_overwrite_with_its_trained_model_is_refused_before_training(first_run, capsys,
-                                                                                                   tmp_path):
+@pytest.mark.parametrize(("name", "args", "said"), [
+    ("dense.ckpt", ["--train-epochs", "1"], "is the file this run writes its trained dense model to ({given}), after "
+                                            "--train-epochs 1: the checkpoint given would be lost"),
+    *((name, ["--prune-epochs", "0"], "is {given}, a file this run writes into --output-dir: the checkpoint given "
+                                      "would be lost") for name in (PRUNED_STATE_FILE, "model.pt", "report.json")),
+])
+def test_a_checkpoint_the_run_would_overwrite_is_refused_before_anything_is_written(first_run, capsys, tmp_path,
+                                                                                   name, args, said):
     """--checkpoint out/dense.ckpt --output-dir out --train-epochs N (a re-run from a finished run's folder) wrote the
-    newly trained model over the checkpoint given, without a word."""
-    _, out = first_run
-    given = tmp_path / "dense.ckpt"
-    given.write_bytes((out / "dense.ckpt").read_bytes())
-    before = given.read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compress", "--checkpoint", str(given), "--train-epochs", "1", "--output-dir", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert (f"--checkpoint {given} is the file this run writes its trained dense model to ({given}), after "
-            "--train-epochs 1: the checkpoint given would be lost") in capsys.readouterr().err
-    assert given.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dense.ckpt"]
-
-
-@pytest.mark.parametrize("name", [PRUNED_STATE_FILE, "model.pt", "report.json"])
-def test_a_checkpoint_named_as_a_file_the_run_writes_into_its_output_dir_is_refused(first_run, capsys, tmp_path,
-                                                                                  name):
-    """--checkpoint out/model.pt --output-dir out: the exported model (or the state dict, the report) replaced the
-    checkpoint given, without a word; only dense.ckpt was guarded."""
+    newly trained model over the checkpoint given, without a word; so did the exported model (model.pt), the state
+    dict or the report over a checkpoint of their names, where only dense.ckpt was guarded."""
     _, out = first_run
     given = tmp_path / name
     given.write_bytes((out / "dense.ckpt").read_bytes())
     before = given.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        main(["compress", "--checkpoint", str(given), "--prune-epochs", "0", "--output-dir", str(tmp_path)])
+        main(["compress", "--checkpoint", str(given), *args, "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert (f"--checkpoint {given} is {given}, a file this run writes into --output-dir: the checkpoint given would be "
-            "lost") in capsys.readouterr().err
+    assert f"--checkpoint {given} {said.format(given=given)}" in capsys.readouterr().err
     assert given.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 

@@ -634,34 +634,3 @@ def test_prune_refuses_a_misspelt_method_argument(method, kwargs, message):
     with pytest.raises(TypeError, match=message):
         prune_([(model[0], "weight")], method, 0.5, scope="local", **kwargs)
     assert not is_pruned(model[0], "weight")
-
-
-class _TiedLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 8)
-        self.head = nn.Linear(8, 50, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(self.emb(x))
-
-
-def test_tied_weights_stay_one_tensor_in_the_permanent_state_and_one_mask_after_a_reload():
-    """permanent_state_dict multiplied orig * mask per key: a file saved from it held the tied matrix twice (and
-    model_size_bytes counted it twice); load_pruned_state_dict gave each holder its own mask, so a later round
-    naming the embedding no longer reached the head (300 zeros against 200)."""
-    from litcompress.report.size import model_size_bytes
-
-    torch.manual_seed(0)
-    model = _TiedLM()
-    dense_bytes = model_size_bytes(model)
-    prune_model_(model, amount=0.5)
-    plain = permanent_state_dict(model)
-    assert plain["emb.weight"] is plain["head.weight"]
-    assert model_size_bytes(model) <= dense_bytes
-    reloaded = load_pruned_state_dict(_TiedLM(), model.state_dict())
-    assert reloaded.emb.weight_mask is reloaded.head.weight_mask
-    prune_([(reloaded.emb, "weight")], "l1_unstructured", 0.5)
-    reloaded(torch.arange(10))
-    assert torch.equal(reloaded.head.weight, reloaded.emb.weight) and int((reloaded.head.weight == 0).sum()) == 300
