@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.prune as torch_prune
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -233,3 +234,11 @@ def test_tied_weights_stay_one_tensor_in_the_permanent_state_and_one_mask_after_
     zeros = int((reloaded.embedding.weight == 0).sum())
     assert torch.equal(reloaded.head.weight, reloaded.embedding.weight)
     assert int((reloaded.head.weight == 0).sum()) == zeros
+    # holders torch's own pruning masked apart keep their own masks (sharing the first's changed the outputs)
+    apart = TiedLM()
+    torch_prune.random_unstructured(apart.embedding, "weight", 0.5)
+    torch_prune.l1_unstructured(apart.head, "weight", 0.2)
+    loaded = load_pruned_state_dict(TiedLM(), apart.state_dict())
+    for holder in ("embedding", "head"):
+        assert torch.equal(getattr(loaded, holder).weight_mask, getattr(apart, holder).weight_mask), holder
+    torch.testing.assert_close(loaded(ids()), apart(ids()))

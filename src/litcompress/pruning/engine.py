@@ -957,8 +957,14 @@ def load_pruned_state_dict(
     state = dict(state_dict)
     MaskedStateLoadHook()(model, state, "")
     model.load_state_dict(state, strict=strict)
-    # tied weights: one mask buffer under every holder, as pruning left them (a later round updates them all)
-    share_tied_masks_([(module, name) for _, module, name in pruned_targets(model)])
+    # tied weights masked alike: one mask buffer under every holder, as the engine leaves them (a later round
+    # updates them all); holders that torch's own pruning masked apart keep their own masks
+    holders: dict[object, list[Target]] = {}
+    for _, module, name in pruned_targets(model):
+        holders.setdefault(tensor_key(module, name), []).append((module, name))
+    share_tied_masks_([target for group in holders.values() if len(group) > 1
+                       and all(torch.equal(mask_of(*group[0]), mask_of(*other)) for other in group[1:])
+                       for target in group])
     for _, module, name in pruned_targets(model):  # the cached orig * mask was computed before the load
         refresh_cached_tensor(module, name)
     if keep_masks:
