@@ -17,7 +17,7 @@ from torch import nn
 
 from litcompress.pruning import GradualPruner, default_targets
 from litcompress.pruning.engine import pruned_count
-from litcompress.pruning.schedules import PolynomialDecay
+from litcompress.pruning.schedules import ConstantSparsity, PolynomialDecay
 
 
 def model_and_data(seed: int = 0):
@@ -334,3 +334,15 @@ def test_progress_must_be_a_whole_count_and_numpy_integers_are_kept_as_ints():
     assert pruned_count(layer, "weight") == 24
     state = pruner.state_dict()
     assert type(state["last_t"]) is int and all(type(row["t"]) is int for row in state["history"])
+
+
+def test_two_pruners_with_a_random_method_draw_other_masks_for_same_shaped_layers():
+    """Each round's stream was seeded by the run's seed and the schedule point only: two pruners (a schedule per group
+    of layers) drew the very same mask for two layers of one shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    schedule = ConstantSparsity(sparsity=0.5, begin=0, end=10, frequency=1)
+    for layer in (model[0], model[2]):
+        GradualPruner([(layer, "weight")], schedule, "random_unstructured", scope="local").step(0)
+    assert not torch.equal(model[0].weight_mask, model[2].weight_mask)
+    assert int(model[0].weight_mask.sum()) == int(model[2].weight_mask.sum()) == 512

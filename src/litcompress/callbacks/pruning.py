@@ -814,8 +814,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         random method draws from the round's own stream (`round_seed`, its base in the state): a resumed fit draws
         the masks the uninterrupted one did."""
         even = {"slice_groups": self._slice_groups} if self._slice_groups else {}
-        if self._schedule_seed is None:  # seeded by the run's seed, not with it
-            self._schedule_seed = torch.initial_seed() ^ _SCHEDULE_SEED_SALT
+        if self._schedule_seed is None:  # seeded by the run's seed, not with it (and the targets': see targets_digest)
+            self._schedule_seed = torch.initial_seed() ^ _SCHEDULE_SEED_SALT ^ engine.targets_digest(
+                self._parameters_to_prune, self._qualified_names)
         with self._logging_sparsity(target), engine.drawing_from(engine.round_seed(self._schedule_seed, progress),
                                                                  self._parameters_to_prune):
             engine.prune_to_sparsity_(

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 import numbers
 import sys
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -696,6 +698,17 @@ def round_seed(base: int, point: int) -> int:
     """The seed of a scheduled round's random draws: from the run's `base` seed and the round's schedule point, so
     that a resumed run (its base restored) draws every later round's masks as the uninterrupted run did."""
     return (int(base) ^ (int(point) * _ROUND_SEED_SALT)) % (1 << 63)
+
+
+def targets_digest(targets: Sequence[Target], names: Sequence[str] = ()) -> int:
+    """A number that tells apart pruners of different targets in one run (mixed into their round seeds, so that two
+    pruners with a random method do not draw the same masks on same-shaped layers): their names, shapes and first
+    values, which a run with the same seed reproduces."""
+    with torch.no_grad():
+        described = [(str(name), tuple(getattr(m, n).shape),
+                      float(trainable_tensor(m, n).detach().flatten()[:16].double().abs().sum()))
+                     for (m, n), name in itertools.zip_longest(targets, names, fillvalue="")]
+    return zlib.crc32(repr(described).encode())
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import torch.nn.utils.prune as torch_prune
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
                                         drawing_from, emptied_message, emptied_targets, prune_to_sparsity_,
-                                        pruned_count, register_state_hooks, round_seed)
+                                        pruned_count, register_state_hooks, round_seed, targets_digest)
 from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
                                          norm_refusal, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
@@ -92,7 +92,7 @@ class GradualPruner:
         self.last_t = -1
         # a random method's rounds draw from a stream of their own (round_seed): saved, a resumed loop draws the masks
         # the uninterrupted one did; seeded by the run's seed, not with it
-        self.seed = torch.initial_seed() ^ _SEED_SALT
+        self.seed = torch.initial_seed() ^ _SEED_SALT ^ targets_digest(self.targets, target_names or ())
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
 
