@@ -999,3 +999,26 @@ def test_find_lottery_ticket_refuses_spawned_launchers_before_any_fit(tmp_path):
                             trainer_kwargs=dict(accelerator="cpu", devices=1, strategy="ddp_spawn", max_epochs=1,
                                                 default_root_dir=tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_the_control_keeps_a_frozen_batch_norms_running_statistics():
+    """Its frozen parameters were kept, but BatchNorm.reset_parameters() also resets the running statistics, which
+    nothing restored: a frozen backbone in eval mode gave the control other features than every round of the
+    ticket."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
+    with torch.no_grad():
+        backbone[1].running_mean.fill_(5.0)
+        backbone[1].running_var.fill_(9.0)
+        backbone[1].weight.fill_(2.0)
+    backbone.requires_grad_(False)
+    model = nn.Sequential(backbone, nn.ReLU(), nn.Linear(16, 4))
+    seen = []
+
+    def evaluate(net):
+        norm = net[0][1]
+        seen.append((float(norm.running_mean[0]), float(norm.running_var[0]), float(norm.weight[0])))
+        return 0.0
+
+    iterative_magnitude_pruning(model, lambda net: None, evaluate, rounds=1, exclude=["0.0"], control="final")
+    assert seen == [(5.0, 9.0, 2.0)] * 3  # round 0, round 1, the control
