@@ -1195,7 +1195,7 @@ def test_a_model_of_a_package_in_the_folder_the_command_runs_in_is_found(tmp_pat
     assert done.returncode == 2 and "cannot import 'no_such_pkg.models': No module named 'no_such_pkg'" in done.stderr
 
 
-def test_model_args_override_a_built_in_models_checkpoint_hyperparameters(first_run):
+def test_model_args_override_a_built_in_models_checkpoint_hyperparameters(first_run, tmp_path):
     """They were dropped without a word for a built-in --model (a user class got them)."""
     from litcompress import cli
 
@@ -1208,6 +1208,17 @@ def test_model_args_override_a_built_in_models_checkpoint_hyperparameters(first_
     with pytest.raises(ValueError, match=r"saved with hidden=\(48, 48\); --model-args gives other values, .* "
                                          r"\(net.0.weight would be built with another shape\)"):
         cli._model(args, None)  # another architecture: its weights do not fit
+    # a shrunk checkpoint (its hyperparameters the widths before shrink): --model-args giving the widths its weights
+    # have are no conflict (refused, saying that the weights do not fit, after 8c44484)
+    import torch
+
+    saved = torch.load(out / "dense.ckpt", weights_only=False)
+    saved["hyper_parameters"]["hidden"] = (64, 64)
+    torch.save(saved, tmp_path / "shrunk.ckpt")
+    args = cli.build_parser().parse_args(["compress", "--checkpoint", str(tmp_path / "shrunk.ckpt"),
+                                          "--model-args", '{"hidden": [48, 48]}'])
+    assert [layer.out_features for layer in cli._model(args, None).net if isinstance(layer, torch.nn.Linear)] == [
+        48, 48, 10]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -606,19 +606,23 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
 
 
 def _shapes_changed_by(cls: Any, path: Path, kwargs: dict[str, Any]) -> list[str]:
-    """The tensors whose shapes `kwargs` change from those of the model the checkpoint's own hyperparameters build
-    (none when either cannot be built: the load says why)."""
+    """The tensors `kwargs` build with another shape than both the model the checkpoint's own hyperparameters build
+    and the checkpoint's weights (a shrunk checkpoint's narrower weights, which such arguments may describe, fit);
+    none when a model cannot be built (the load says why)."""
     import torch
 
     from litcompress.callbacks.pruning import built_without_weights
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        shapes = [{name: tuple(value.shape) for name, value in built_without_weights(cls, checkpoint, **given)
-                   .state_dict().items()} for given in ({}, kwargs)]
+        saved, given = ({name: tuple(value.shape) for name, value in built_without_weights(cls, checkpoint, **args)
+                         .state_dict().items()} for args in ({}, kwargs))
     except Exception:  # noqa: BLE001 - the load that follows fails with its own words
         return []
-    return [name for name in shapes[1] if shapes[0].get(name, shapes[1][name]) != shapes[1][name]]
+    stored = {key.removesuffix("_orig"): tuple(value.shape) for key, value in (checkpoint.get("state_dict") or {})
+              .items() if isinstance(value, torch.Tensor) and not key.endswith("_mask")}
+    return [name for name, shape in given.items()
+            if shape != saved.get(name, shape) and shape != stored.get(name, saved.get(name))]
 
 
 def _builds_from_its_hyperparameters(cls: Any, path: Path, kwargs: dict[str, Any]) -> bool:
