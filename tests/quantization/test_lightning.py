@@ -752,3 +752,16 @@ def test_quantize_lightning_prepares_a_datamodule_and_validates_on_val_dataloade
     few = DataLoader(TensorDataset(digits[2][:100], digits[3][:100]), batch_size=50)
     beside = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data, val_dataloaders=few)
     assert beside.baseline_metric == pytest.approx(_trainer().validate(module, few, verbose=False)[0]["val_acc"])
+
+
+def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_their_first_batch(fitted):
+    """Without a DataModule there is no training data: the search stopped with quantize()'s "give example_inputs",
+    a function the caller never called, though the first validation batch shows what the model takes. Static int8
+    still needs calibration data, which the validation data (what the candidates are judged on) must not be."""
+    module, data = fitted
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1, latency_repeats=2)
+    result = quantize_lightning(module, config, metric="val_acc", val_dataloaders=data.val_dataloader())
+    assert result.recipe is not None and result.recipe.backend == "torch_ao"
+    static = PTQConfig(approach="static", backends=("torch_ao",), max_trials=1, latency_repeats=2)
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_lightning(module, static, metric="val_acc", val_dataloaders=data.val_dataloader())
