@@ -582,6 +582,23 @@ def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained,
     assert result.report["pruned"].weight_sparsity == pytest.approx(0.75, abs=1e-4)
     assert any("fine-tuning stopped at step 5, before its schedule ended (step 100)" in m
                for m in result.report.messages)
+    # the row says the steps made (it said the 100 declared), and that the rest came at once
+    assert "during 5 fine-tuning steps, the rest of the sparsity at once after them" in (
+        result.report["pruned"].description)
+
+
+def test_a_fine_tuning_loop_that_runs_past_its_declared_steps_is_said(trained, digits):
+    """The row said "during 20 fine-tuning steps" for a loop that made 60, and nothing said that the schedule, laid
+    over the 20 declared, had ended a third of the way in."""
+    def fine_tune(model, step):
+        train(model, digits[0], digits[1], steps=60, step_fn=step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear"), **FAST)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      fine_tune=fine_tune, fine_tune_steps=20)
+    assert "during 60 fine-tuning steps" in result.report["pruned"].description
+    assert any(m.startswith("fine-tuning made 60 optimizer steps, past fine_tune_steps=20: the schedule, laid over "
+                            "20 steps, ended at step") for m in result.report.messages)
 
 
 def test_a_fine_tuning_loop_that_stops_early_is_said_when_only_recurrent_units_are_pruned():
