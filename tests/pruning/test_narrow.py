@@ -272,3 +272,34 @@ def test_a_checkpoint_written_while_pruning_a_shrunk_module_with_masks_loads(tmp
     make_permanent_(shrunk)
     with torch.no_grad():
         assert torch.equal(loaded(x), shrunk.eval()(x))
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "parametrizations.weight_norm"])
+def test_a_weight_norm_layer_to_narrow_names_the_fold_that_lets_it_load(parametrize):
+    """torch's "attribute 'weight' already exists" (a KeyError from inside the resize): the pipeline writes
+    shrunk_state_dict.pt with plain weights, which a fresh weight-normed model takes once folded."""
+    from litcompress import shrink
+    from litcompress.pruning import fold_parametrizations_
+
+    def build():
+        torch.manual_seed(0)
+        first = nn.Linear(16, 12)
+        first = nn.utils.weight_norm(first) if parametrize == "weight_norm" else \
+            nn.utils.parametrizations.weight_norm(first)
+        return nn.Sequential(first, nn.ReLU(), nn.Linear(12, 4))
+
+    model = build()
+    fold_parametrizations_(model)
+    with torch.no_grad():
+        model[0].weight[:5] = 0
+        model[0].bias[:5] = 0
+    x = torch.randn(3, 16)
+    result = shrink(model, (x,))
+    state = result.model.state_dict()
+    fresh = build()
+    with pytest.raises(ValueError, match=r"^0: its weight is computed by a parametrization .* call "
+                                         r"litcompress.pruning.fold_parametrizations_\(model\) on the fresh model"):
+        load_shrunk_state_dict(fresh, state)
+    fold_parametrizations_(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(load_shrunk_state_dict(fresh, state)(x), result.model(x))

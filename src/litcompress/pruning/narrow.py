@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from litcompress.pruning.heads import HeadPrunedAttention, decode_kept_heads, disable_nested_tensor_
+from litcompress.pruning.parametrizations import parametrized_tensors
 from litcompress.pruning.recurrent import RECURRENT_LAYERS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -101,6 +102,12 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
             continue
         if isinstance(module, (nn.Linear, *_CONV, *_TRANSPOSED)):
             resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"), apply)
+        computed = [tensor for _, _, tensor in parametrized_tensors(module)]
+        if resized and computed:  # its weight is computed (weight_norm): there is no plain tensor to narrow
+            raise ValueError(f"{name or type(module).__name__}: its {', '.join(computed)} is computed by a "
+                             "parametrization (weight_norm, spectral_norm), which cannot be narrowed to the state's "
+                             "shapes; the state holds plain weights: call litcompress.pruning.fold_parametrizations_"
+                             "(model) on the fresh model first, then load.")
         if resized and name not in changed:
             changed.append(name)
     return changed
