@@ -346,3 +346,17 @@ def test_two_pruners_with_a_random_method_draw_other_masks_for_same_shaped_layer
         GradualPruner([(layer, "weight")], schedule, "random_unstructured", scope="local").step(0)
     assert not torch.equal(model[0].weight_mask, model[2].weight_mask)
     assert int(model[0].weight_mask.sum()) == int(model[2].weight_mask.sum()) == 512
+
+
+def test_a_pruner_built_on_a_meta_device_model_prunes_once_its_weights_are_loaded():
+    """Building it read the targets' first values for its random stream's seed: 'Tensor.item() cannot be called on
+    meta tensors' (a model built on the meta device, loaded later, as large models are)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    pruner = GradualPruner([(model[0], "weight"), (model[2], "weight")],
+                           PolynomialDecay(final_sparsity=0.5, begin=0, end=10, frequency=2))
+    model.to_empty(device="cpu")
+    model.load_state_dict(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict())
+    pruner.step(10)
+    assert pruner.pruned() == 10  # half of 12 + 8
+

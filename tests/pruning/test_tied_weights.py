@@ -242,3 +242,16 @@ def test_tied_weights_stay_one_tensor_in_the_permanent_state_and_one_mask_after_
     for holder in ("embedding", "head"):
         assert torch.equal(getattr(loaded, holder).weight_mask, getattr(apart, holder).weight_mask), holder
     torch.testing.assert_close(loaded(ids()), apart(ids()))
+    # three holders, two masked alike (the engine's) and one apart: the two still share one mask after a load
+    three = TiedLM()
+    three.extra = nn.Linear(WIDTH, VOCAB, bias=False)
+    three.extra.weight = three.embedding.weight
+    prune_(with_tied_targets(three, [(three.embedding, "weight")])[:2], "l1_unstructured", 0.5)
+    torch_prune.random_unstructured(three.extra, "weight", 0.3)
+    fresh = TiedLM()
+    fresh.extra = nn.Linear(WIDTH, VOCAB, bias=False)
+    fresh.extra.weight = fresh.embedding.weight
+    loaded = load_pruned_state_dict(fresh, three.state_dict())
+    shared = [getattr(loaded, holder).weight_mask for holder in ("embedding", "head", "extra")]
+    assert shared[0] is shared[1] and shared[2] is not shared[0]
+    assert torch.equal(shared[2], three.extra.weight_mask)

@@ -704,9 +704,11 @@ def targets_digest(targets: Sequence[Target], names: Sequence[str] = ()) -> int:
     """A number that tells apart pruners of different targets in one run (mixed into their round seeds, so that two
     pruners with a random method do not draw the same masks on same-shaped layers): their names, shapes and first
     values, which a run with the same seed reproduces."""
+    def first_values(tensor: Tensor) -> float:  # none yet on the meta device (a model built there, loaded later)
+        return 0.0 if tensor.is_meta else float(tensor.detach().flatten()[:16].double().abs().sum())
+
     with torch.no_grad():
-        described = [(str(name), tuple(getattr(m, n).shape),
-                      float(trainable_tensor(m, n).detach().flatten()[:16].double().abs().sum()))
+        described = [(str(name), tuple(getattr(m, n).shape), first_values(trainable_tensor(m, n)))
                      for (m, n), name in itertools.zip_longest(targets, names, fillvalue="")]
     return zlib.crc32(repr(described).encode())
 
@@ -972,12 +974,18 @@ def load_pruned_state_dict(
     model.load_state_dict(state, strict=strict)
     # tied weights masked alike: one mask buffer under every holder, as the engine leaves them (a later round
     # updates them all); holders that torch's own pruning masked apart keep their own masks
-    holders: dict[object, list[Target]] = {}
+    holders: dict[object, list[list[Target]]] = {}  # per tensor, its holders in sets of equal masks
     for _, module, name in pruned_targets(model):
-        holders.setdefault(tensor_key(module, name), []).append((module, name))
-    share_tied_masks_([target for group in holders.values() if len(group) > 1
-                       and all(torch.equal(mask_of(*group[0]), mask_of(*other)) for other in group[1:])
-                       for target in group])
+        sets = holders.setdefault(tensor_key(module, name), [])
+        alike = next((held for held in sets if torch.equal(mask_of(*held[0]), mask_of(module, name))), None)
+        if alike is None:
+            sets.append([(module, name)])
+        else:
+            alike.append((module, name))
+    for sets in holders.values():
+        for held in sets:
+            if len(held) > 1:
+                share_tied_masks_(held)
     for _, module, name in pruned_targets(model):  # the cached orig * mask was computed before the load
         refresh_cached_tensor(module, name)
     if keep_masks:
