@@ -1001,24 +1001,27 @@ def test_find_lottery_ticket_refuses_spawned_launchers_before_any_fit(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_the_control_keeps_a_frozen_batch_norms_running_statistics():
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_control_keeps_a_frozen_batch_norms_running_statistics(affine):
     """Its frozen parameters were kept, but BatchNorm.reset_parameters() also resets the running statistics, which
     nothing restored: a frozen backbone in eval mode gave the control other features than every round of the
-    ticket."""
+    ticket (a BatchNorm without parameters too)."""
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
+    backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, affine=affine))
     with torch.no_grad():
         backbone[1].running_mean.fill_(5.0)
         backbone[1].running_var.fill_(9.0)
-        backbone[1].weight.fill_(2.0)
+        if affine:
+            backbone[1].weight.fill_(2.0)
     backbone.requires_grad_(False)
     model = nn.Sequential(backbone, nn.ReLU(), nn.Linear(16, 4))
     seen = []
 
     def evaluate(net):
         norm = net[0][1]
-        seen.append((float(norm.running_mean[0]), float(norm.running_var[0]), float(norm.weight[0])))
+        seen.append((float(norm.running_mean[0]), float(norm.running_var[0]),
+                     float(norm.weight[0]) if affine else None))
         return 0.0
 
     iterative_magnitude_pruning(model, lambda net: None, evaluate, rounds=1, exclude=["0.0"], control="final")
-    assert seen == [(5.0, 9.0, 2.0)] * 3  # round 0, round 1, the control
+    assert seen == [(5.0, 9.0, 2.0 if affine else None)] * 3  # round 0, round 1, the control

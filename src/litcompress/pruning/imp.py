@@ -137,11 +137,9 @@ def _trained_control(
     # what does not train (a frozen pretrained backbone) stays as given, as in every round of the ticket: the control
     # varies the initial values of what the search trains, not fixed features
     frozen = {name: param.detach().clone() for name, param in control.named_parameters() if not param.requires_grad}
-    # and the buffers of a module whose parameters are all frozen (a BatchNorm's running statistics, which its
-    # reset_parameters() resets too)
-    frozen_modules = [module for module in control.modules() if any(True for _ in module.parameters(recurse=False))
-                      and not any(p.requires_grad for p in module.parameters(recurse=False))]
-    buffers = [{k: b.clone() for k, b in module._buffers.items() if b is not None} for module in frozen_modules]
+    # and every buffer (a BatchNorm's running statistics, which its reset_parameters() resets too), as each round of
+    # the ticket rewinds them to the values given
+    buffers = [(buffer, buffer.clone()) for buffer in control.buffers()]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         redraw_parameters_(control)
@@ -149,9 +147,8 @@ def _trained_control(
         for name, param in control.named_parameters():
             if name in frozen:
                 param.copy_(frozen[name])
-        for module, kept in zip(frozen_modules, buffers):
-            for key, value in kept.items():
-                module._buffers[key].copy_(value)
+        for buffer, value in buffers:
+            buffer.copy_(value)
     for module in control.modules():  # a frozen tensor pruned before the search: its masked copy of the values kept
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, BasePruningMethod):
@@ -260,7 +257,7 @@ def iterative_magnitude_pruning(
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
             round, ``"none"`` skips it. Frozen parameters (``requires_grad=False``) keep their values in it, and so do
-            the buffers of modules whose parameters are all frozen (a frozen BatchNorm's running statistics).
+            the buffers (running statistics), as every round of the ticket rewinds them to the values given.
         train_control: trains the control (default: `train`), e.g. without the checkpoints `train` writes.
         checkpoint_path: a file written after every round (the network with its masks, the rewound weights, the
             table so far, the random number generators' states). When it exists, the search resumes after its last
