@@ -599,6 +599,18 @@ def test_a_fine_tuning_loop_that_runs_past_its_declared_steps_is_said(trained, d
     assert "during 60 fine-tuning steps" in result.report["pruned"].description
     assert any(m.startswith("fine-tuning made 60 optimizer steps, past fine_tune_steps=20: the schedule, laid over "
                             "20 steps, ended at step") for m in result.report.messages)
+    # a schedule of the user's is laid by its own steps: nothing to say
+    own = CompressionConfig(prune=PruneConfig(schedule=PolynomialDecay(final_sparsity=0.5, begin=0, end=60,
+                                                                        frequency=10)), **FAST)
+    result = compress(trained, own, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      fine_tune=fine_tune, fine_tune_steps=20)
+    assert "during 60 fine-tuning steps" in result.report["pruned"].description
+    assert not any("past fine_tune_steps" in m for m in result.report.messages)
+    # a loop that never calls step(t): said as such (it was "0 rounds during 0 fine-tuning steps")
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      fine_tune=lambda model, step: None, fine_tune_steps=20)
+    assert "during fine-tuning that never called step(t) for a step t >= 1, the rest of the sparsity at once" in (
+        result.report["pruned"].description)
 
 
 def test_a_fine_tuning_loop_that_stops_early_is_said_when_only_recurrent_units_are_pruned():

@@ -888,12 +888,14 @@ def compress(
                 note(f"fine-tuning stopped at step {last_step[0]}, before its schedule ended "
                      f"(step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")
-            if last_step[0] > fine_tune_steps:  # the schedule was laid over the steps declared
+            # the schedule was laid over the steps declared (a schedule of the user's, by its own steps)
+            if last_step[0] > fine_tune_steps and isinstance(prune.schedule, str):
                 note(f"fine-tuning made {last_step[0]} optimizer steps, past fine_tune_steps={fine_tune_steps}: the "
                      f"schedule, laid over {fine_tune_steps} steps, ended at step {schedule.end} and the steps after "
                      "it only fine-tuned; give fine_tune_steps the number of steps the loop makes.")
             # the steps made (the loop's own count may differ from fine_tune_steps, as the notes say)
-            how = f"{rounds} rounds during {max(last_step[0], 0)} fine-tuning steps" + (
+            how = (f"{rounds} rounds during {last_step[0]} fine-tuning steps" if last_step[0] > 0 else
+                   "during fine-tuning that never called step(t) for a step t >= 1") + (
                 ", the rest of the sparsity at once after them" if late else "") + (
                 f", {fine_tune_description}" if fine_tune_description else "")
         # every tensor pruned: the heads' input projections too, which no target names
