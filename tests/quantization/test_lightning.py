@@ -765,3 +765,10 @@ def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_t
     static = PTQConfig(approach="static", backends=("torch_ao",), max_trials=1, latency_repeats=2)
     with pytest.raises(ValueError, match="calibration"):
         quantize_lightning(module, static, metric="val_acc", val_dataloaders=data.val_dataloader())
+
+    class ValidationOnly(L.LightningDataModule):  # its train_dataloader is Lightning's, which raises
+        def val_dataloader(self):
+            return data.val_dataloader()
+
+    result = quantize_lightning(module, config, metric="val_acc", datamodule=ValidationOnly())
+    assert result.recipe is not None
