@@ -274,19 +274,21 @@ def test_a_checkpoint_written_while_pruning_a_shrunk_module_with_masks_loads(tmp
         assert torch.equal(loaded(x), shrunk.eval()(x))
 
 
+@pytest.mark.parametrize("normed", [0, 4], ids=["narrowed", "kept"])
 @pytest.mark.parametrize("parametrize", ["weight_norm", "parametrizations.weight_norm"])
-def test_a_weight_norm_layer_to_narrow_names_the_fold_that_lets_it_load(parametrize):
-    """torch's "attribute 'weight' already exists" (a KeyError from inside the resize): the pipeline writes
-    shrunk_state_dict.pt with plain weights, which a fresh weight-normed model takes once folded."""
+def test_a_weight_norm_layer_names_the_fold_that_lets_the_state_load(parametrize, normed):
+    """torch's "attribute 'weight' already exists" (a KeyError from inside the resize), or, for a weight-normed layer
+    that keeps its shape, its missing and unexpected keys: the pipeline writes shrunk_state_dict.pt with plain
+    weights, which a fresh weight-normed model takes once folded."""
     from litcompress import shrink
     from litcompress.pruning import fold_parametrizations_
 
     def build():
         torch.manual_seed(0)
-        first = nn.Linear(16, 12)
-        first = nn.utils.weight_norm(first) if parametrize == "weight_norm" else \
-            nn.utils.parametrizations.weight_norm(first)
-        return nn.Sequential(first, nn.ReLU(), nn.Linear(12, 4))
+        layers = [nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)]
+        norm = nn.utils.weight_norm if parametrize == "weight_norm" else nn.utils.parametrizations.weight_norm
+        layers[normed] = norm(layers[normed])
+        return nn.Sequential(*layers)
 
     model = build()
     fold_parametrizations_(model)
@@ -297,7 +299,7 @@ def test_a_weight_norm_layer_to_narrow_names_the_fold_that_lets_it_load(parametr
     result = shrink(model, (x,))
     state = result.model.state_dict()
     fresh = build()
-    with pytest.raises(ValueError, match=r"^0: its weight is computed by a parametrization .* call "
+    with pytest.raises(ValueError, match=rf"^{normed}: its weight is computed by a parametrization .* call "
                                          r"litcompress.pruning.fold_parametrizations_\(model\) on the fresh model"):
         load_shrunk_state_dict(fresh, state)
     fold_parametrizations_(fresh)

@@ -69,6 +69,12 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
             if _resize_recurrent_(module, state_dict, prefix, name, apply) and name not in changed:
                 changed.append(name)
             continue
+        computed = [tensor for _, _, tensor in parametrized_tensors(module) if tensor == "weight"]
+        if computed and isinstance(state_dict.get(prefix + "weight"), Tensor):
+            # the state holds the plain weight a folded layer has (the pipeline's shrunk_state_dict.pt)
+            raise ValueError(f"{name or type(module).__name__}: its weight is computed by a parametrization "
+                             "(weight_norm, spectral_norm), where the state holds a plain weight: call "
+                             "litcompress.pruning.fold_parametrizations_(model) on the fresh model first, then load.")
         weight = _tensor(state_dict, prefix + "weight")
         if isinstance(module, _BATCH_NORM) and weight is None:  # no affine parameters: its statistics tell the width
             weight = state_dict.get(prefix + "running_mean")
@@ -102,12 +108,6 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
             continue
         if isinstance(module, (nn.Linear, *_CONV, *_TRANSPOSED)):
             resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"), apply)
-        computed = [tensor for _, _, tensor in parametrized_tensors(module)]
-        if resized and computed:  # its weight is computed (weight_norm): there is no plain tensor to narrow
-            raise ValueError(f"{name or type(module).__name__}: its {', '.join(computed)} is computed by a "
-                             "parametrization (weight_norm, spectral_norm), which cannot be narrowed to the state's "
-                             "shapes; the state holds plain weights: call litcompress.pruning.fold_parametrizations_"
-                             "(model) on the fresh model first, then load.")
         if resized and name not in changed:
             changed.append(name)
     return changed
