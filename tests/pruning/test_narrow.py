@@ -305,3 +305,38 @@ def test_a_weight_norm_layer_names_the_fold_that_lets_the_state_load(parametrize
     fold_parametrizations_(fresh)
     with torch.no_grad():
         torch.testing.assert_close(load_shrunk_state_dict(fresh, state)(x), result.model(x))
+
+
+def test_states_a_parametrized_layer_reads_itself_load_and_a_plain_one_of_any_tensor_is_refused_unchanged():
+    """The fold hint refused an old-format spectral_norm state (weight, weight_orig, weight_u: torch's own hook reads
+    it), and looked at `weight` only: a parametrized bias failed inside the resize, the weight already narrowed.
+    After the hinted fold, a spectral_norm layer took the plain state (torch left its load hook behind)."""
+    from litcompress.pruning import fold_parametrizations_
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 5)), nn.ReLU(), nn.Linear(5, 2))
+
+    model = build().train()
+    model(torch.randn(4, 6))
+    legacy = {k: v for k, v in model.state_dict().items() if k != "0.weight_v"}
+    legacy["0.weight"] = model[0].weight.detach().clone()
+    load_shrunk_state_dict(build(), legacy)  # the parametrization's own keys are there: torch reads them
+
+    class Doubled(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    fresh = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    torch.nn.utils.parametrize.register_parametrization(fresh[0], "bias", Doubled())
+    narrow = {"0.weight": torch.zeros(8, 16), "0.bias": torch.zeros(8), "2.weight": torch.zeros(4, 8),
+              "2.bias": torch.zeros(4)}
+    with pytest.raises(ValueError, match=r"^0: its bias is computed by a parametrization"):
+        load_shrunk_state_dict(fresh, narrow)
+    assert fresh[0].weight.shape == (12, 16)  # nothing changed
+    folded = build()
+    fold_parametrizations_(folded)
+    plain = {k: v for k, v in nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).state_dict().items()}
+    load_shrunk_state_dict(folded, plain)
+    assert torch.equal(folded[0].weight, plain["0.weight"])
+

@@ -69,12 +69,17 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
             if _resize_recurrent_(module, state_dict, prefix, name, apply) and name not in changed:
                 changed.append(name)
             continue
-        computed = [tensor for _, _, tensor in parametrized_tensors(module) if tensor == "weight"]
-        if computed and isinstance(state_dict.get(prefix + "weight"), Tensor):
-            # the state holds the plain weight a folded layer has (the pipeline's shrunk_state_dict.pt)
-            raise ValueError(f"{name or type(module).__name__}: its weight is computed by a parametrization "
-                             "(weight_norm, spectral_norm), where the state holds a plain weight: call "
-                             "litcompress.pruning.fold_parametrizations_(model) on the fresh model first, then load.")
+        # a tensor the fresh layer computes (weight_norm, spectral_norm) that the state holds as a plain one, without
+        # the parametrization's own keys (those of a folded layer: the pipeline's shrunk_state_dict.pt)
+        plain = [tensor for path, _, tensor in parametrized_tensors(module) if path == ""
+                 and isinstance(state_dict.get(prefix + tensor), Tensor)
+                 and not any(key.startswith((f"{prefix}{tensor}_", f"{prefix}parametrizations.{tensor}."))
+                             for key in state_dict)]
+        if plain:
+            raise ValueError(f"{name or type(module).__name__}: its {', '.join(plain)} is computed by a "
+                             "parametrization (weight_norm, spectral_norm), where the state holds a plain tensor: "
+                             "call litcompress.pruning.fold_parametrizations_(model) on the fresh model first, then "
+                             "load.")
         weight = _tensor(state_dict, prefix + "weight")
         if isinstance(module, _BATCH_NORM) and weight is None:  # no affine parameters: its statistics tell the width
             weight = state_dict.get(prefix + "running_mean")

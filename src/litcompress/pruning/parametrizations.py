@@ -122,6 +122,20 @@ def check_prunable(targets: Iterable[tuple[nn.Module, str]], *, need_values: boo
                              "model its weights first (model.to_empty(device=...) then load_state_dict).")
 
 
+def _drop_spectral_norm_load_hooks_(module: nn.Module, name: str) -> None:
+    """torch's ``remove_spectral_norm`` leaves its state-dict load hook behind (registered wrapped, so its own
+    ``isinstance`` check misses it): a plain state would then be read as a spectral norm's, and fail for the keys it
+    lacks (``weight_orig``, ``weight_u``)."""
+    from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
+
+    hooks = module._load_state_dict_pre_hooks
+    for key in [k for k, h in hooks.items()
+                if isinstance(getattr(h, "hook", h), SpectralNormLoadStateDictPreHook)
+                and getattr(getattr(h, "hook", h), "fn", None) is not None
+                and getattr(getattr(h, "hook", h).fn, "name", name) == name]:
+        del hooks[key]
+
+
 def fold_parametrizations_(model: nn.Module) -> list[str]:
     """Replace every parametrized tensor of `model` by a plain parameter holding its current value, in place.
 
@@ -140,6 +154,7 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
                     remove = torch.nn.utils.remove_weight_norm if isinstance(hook, WeightNorm) else \
                         torch.nn.utils.remove_spectral_norm
                     remove(module, name)
+                _drop_spectral_norm_load_hooks_(module, name)
             else:
                 # torch deletes the tensor's property from the module's class, which a deep copy shares with the
                 # module it was copied from: folding a copy would break the original. Give it a class of its own.
