@@ -359,4 +359,15 @@ def test_a_pruner_built_on_a_meta_device_model_prunes_once_its_weights_are_loade
     model.load_state_dict(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).state_dict())
     pruner.step(10)
     assert pruner.pruned() == 10  # half of 12 + 8
+    # two pruners with a random method built there: their streams are seeded from the loaded values, apart
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    pruners = [GradualPruner([(layer, "weight")], ConstantSparsity(sparsity=0.5, begin=0, end=10, frequency=1),
+                             "random_unstructured", scope="local") for layer in (model[0], model[2])]
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.load_state_dict(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).state_dict())
+    for each in pruners:
+        each.step(0)
+    assert not torch.equal(model[0].weight_mask, model[2].weight_mask)
 

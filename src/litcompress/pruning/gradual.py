@@ -92,9 +92,14 @@ class GradualPruner:
         self.last_t = -1
         # a random method's rounds draw from a stream of their own (round_seed): saved, a resumed loop draws the masks
         # the uninterrupted one did; seeded by the run's seed, not with it
-        self.seed = torch.initial_seed() ^ _SEED_SALT ^ targets_digest(self.targets, target_names or ())
+        self._target_names = tuple(target_names or ())
+        # (put off to the first round when a target has no values yet: a model built on the meta device)
+        self.seed: int | None = None if any(getattr(m, n).is_meta for m, n in self.targets) else self._new_seed()
         self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
+
+    def _new_seed(self) -> int:
+        return torch.initial_seed() ^ _SEED_SALT ^ targets_digest(self.targets, self._target_names)
 
     def _check_norm_fits(self, method_kwargs: dict[str, Any], target_names: Sequence[str] | None) -> None:
         """ValueError when torch cannot take the norm ``n`` over a target's dimensions besides ``dim`` ('fro' and
@@ -172,6 +177,8 @@ class GradualPruner:
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
         before = self.pruned()
+        if self.seed is None:
+            self.seed = self._new_seed()
         with drawing_from(round_seed(self.seed, t), self.targets):
             newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
                                        keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
@@ -195,4 +202,5 @@ class GradualPruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_t = int(state["last_t"])
         self.history = list(state["history"])
-        self.seed = int(state.get("seed", self.seed))  # (an older state: this run's)
+        seed = state.get("seed", self.seed)  # (an older state: this run's)
+        self.seed = None if seed is None else int(seed)
