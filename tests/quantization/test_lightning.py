@@ -772,3 +772,18 @@ def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_t
 
     result = quantize_lightning(module, config, metric="val_acc", datamodule=ValidationOnly())
     assert result.recipe is not None
+
+    class Loaders:  # an object with loaders, no LightningDataModule (is_overridden failed on it); validated on
+        # the loaders given beside it
+        def setup(self, stage):
+            pass
+
+        def train_dataloader(self):
+            return data.train_dataloader()
+
+        def val_dataloader(self):
+            return data.val_dataloader()
+
+    result = quantize_lightning(module, static, metric="val_acc", datamodule=Loaders(),
+                                val_dataloaders=data.val_dataloader())
+    assert result.recipe is not None and result.recipe.approach == "static"

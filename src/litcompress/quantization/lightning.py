@@ -489,8 +489,8 @@ def quantize_lightning(
         datamodule.setup("fit")
     val_loader = val_dataloaders if val_dataloaders is not None else datamodule.val_dataloader()
     # a DataModule may have no training data when calibration data is given (or none at all: only validation data)
-    train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None \
-        and is_overridden("train_dataloader", datamodule) else None
+    train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None and (
+        not isinstance(datamodule, L.LightningDataModule) or is_overridden("train_dataloader", datamodule)) else None
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
         module, val_loader, train_loader, example_inputs=example_inputs, calibration_data=calibration_data,
         input_fn=input_fn, submodule=submodule, calibration_batches=config.num_calibration_batches)
