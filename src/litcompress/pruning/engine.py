@@ -601,8 +601,7 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
     # the buffers: no second set of masks is ever held.
     buffers = [mask if mask is not None else _reparametrise_(m, n) for mask, (m, n) in zip(previous, targets)]
     try:
-        with torch.no_grad():
-            scores = [trainable_tensor(m, n).detach() for m, n in targets]
+        with torch.no_grad():  # (the scores above: the trainable tensors, which masking leaves where they are)
             smallest_k_masks(scores, previous, count, magnitude=True, out=buffers)
     except BaseException:  # (a Ctrl-C too) the masks this call added come off again: the model is as it was
         for mask, (module, name) in zip(previous, targets):

@@ -497,8 +497,9 @@ def quantize_lightning(
     if calibration_data is None and train_loader is not None:
         calibration_data = first_loader(train_loader)
     if example_inputs is None and calibration_data is None and val_loader is not None:
-        # val_dataloaders alone (no training data): the first validation batch is the example (export, latency);
-        # never calibration, which would fit the ranges to the data the candidates are judged on
+        # validation data alone (val_dataloaders, or a DataModule without training data): the first validation
+        # batch is the example (export, latency); never calibration, which would fit the ranges to the data the
+        # candidates are judged on
         batch = next(iter(first_loader(val_loader)))
         host = module.get_submodule(submodule) if submodule else module
         example_inputs = tuple((input_fn or model_input_fn(host))(batch))
