@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
-from litcompress.callbacks.targets import TargetsFoundOnceConfigured
+from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
@@ -1052,15 +1052,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def state_dict(self) -> dict[str, Any]:
         """Rounds applied, their history, the current masks and the lottery-ticket snapshot (CPU tensors)."""
         targets = self._parameters_to_prune if self._qualified_names else []
-        masks = {
-            qname: engine.mask_of(m, n).detach().to("cpu", torch.bool)
-            for qname, (m, n) in zip(self._qualified_names, targets)
-            if engine.is_pruned(m, n)
-        }
-        if self._rounds:  # made permanent when the fit ended (a checkpoint saved then): its zeros are its mask, or
-            for qname, (m, n) in zip(self._qualified_names, targets):  # a fit resumed from it trains them back
-                if qname not in masks and getattr(m, n) is not None:
-                    masks[qname] = (getattr(m, n) != 0).detach().to("cpu")
+        # (rounds ran: a target without a mask had it made permanent when the fit ended)
+        masks = masks_to_save(self._qualified_names, targets, made_permanent=bool(self._rounds))
         snapshot = None
         if self._original_layers is not None and targets:
             snapshot = {

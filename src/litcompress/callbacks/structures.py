@@ -23,7 +23,7 @@ from torch import nn
 from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _refuse_weight_averaging_after,
                                            canonical_numbers, restore_state_under_moved_key)
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
-from litcompress.callbacks.targets import TargetsFoundOnceConfigured
+from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.schedules import SparsitySchedule
@@ -240,12 +240,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def state_dict(self) -> dict[str, Any]:
         """The masks (CPU booleans) and where the schedule is."""
-        masks = {name: engine.mask_of(module, tensor).detach().to("cpu").bool()
-                 for name, (module, tensor) in zip(self._names, self._targets) if engine.is_pruned(module, tensor)}
-        if self._made_permanent:  # when the fit ended (a checkpoint saved then): its zeros are its masks, or a fit
-            for name, (module, tensor) in zip(self._names, self._targets):  # resumed from it trains them back
-                if name not in masks and getattr(module, tensor) is not None:
-                    masks[name] = (getattr(module, tensor) != 0).detach().to("cpu")
+        masks = masks_to_save(self._names, self._targets, made_permanent=self._made_permanent)
         return {"version": _STATE_VERSION, "masks": masks, "last_step": self._last_step,
                 "last_epoch": self._last_epoch, "pruned_once": self._pruned_once}
 

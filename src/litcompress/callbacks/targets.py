@@ -10,9 +10,23 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
+import torch
 from torch import Tensor
 
 from litcompress.pruning import engine
+
+
+def masks_to_save(names: list[str], targets: list[tuple[Any, str]], *, made_permanent: bool) -> dict[str, Tensor]:
+    """A pruning callback's masks for its state, by qualified name (CPU booleans). With `made_permanent` (the fit
+    made its masks permanent when it ended), a target without a mask gets its zeros as one: a checkpoint saved then
+    holds them, or a fit resumed from it would train them back."""
+    masks = {name: engine.mask_of(module, tensor).detach().to("cpu", torch.bool)
+             for name, (module, tensor) in zip(names, targets) if engine.is_pruned(module, tensor)}
+    if made_permanent:
+        for name, (module, tensor) in zip(names, targets):
+            if name not in masks and getattr(module, tensor) is not None:
+                masks[name] = (getattr(module, tensor) != 0).detach().to("cpu")
+    return masks
 
 
 class TargetsFoundOnceConfigured(Callback):
