@@ -93,3 +93,17 @@ def test_a_masked_model_is_sized_by_the_weights_it_computes_with():
     dense = model_size_bytes(model)
     prune_([(model[0], "weight")], "l1_unstructured", 0.5)
     assert abs(model_size_bytes(model) - dense) < 0.01 * dense
+
+
+def test_a_fabric_wrapped_model_names_its_tensors_as_its_state_dict_does():
+    """Fabric's wrapper reaches its module through `_forward_module`: the report named `_forward_module.0.weight`,
+    a name its state dict (`0.weight`) and the user's model do not have."""
+    from lightning.fabric import Fabric
+
+    torch.manual_seed(0)
+    wrapped = Fabric(accelerator="cpu", devices=1).setup(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)))
+    dense_names = [t.name for t in sparsity_report(wrapped).tensors]
+    assert dense_names == list(wrapped.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    prune_([(wrapped.module[0], "weight")], "l1_unstructured", 12)
+    report = sparsity_report(wrapped)
+    assert [t.name for t in report.tensors] == ["0.weight"] and report["0.weight"].zeros == 12

@@ -106,6 +106,17 @@ def _int8_weights(model: nn.Module) -> list[str]:
                     if (buffer.dtype == torch.int8 and buffer.dim() >= 2) or buffer.is_quantized]
 
 
+def _naming_root(model: nn.Module, targets: Sequence[Target]) -> nn.Module:
+    """The module whose paths `model`'s state dict uses: Fabric's wrapper writes the module it wraps (its own paths
+    run through ``_forward_module.``)."""
+    inner = getattr(model, "_original_module", None)
+    if isinstance(inner, nn.Module) and inner is not model:
+        inside = {id(m) for m in inner.modules()}
+        if all(id(m) in inside for m, _ in targets):
+            return inner
+    return model
+
+
 def sparsity_report(
     model: nn.Module, targets: Sequence[Target] | None = None, *, print_table: bool = False
 ) -> SparsityReport:
@@ -113,7 +124,8 @@ def sparsity_report(
     biases of :class:`~litcompress.pruning.SparseLinear` layers) in effective values.
 
     Effective values are ``orig * mask`` for pruned tensors, so zeros from pruning and exact zeros in the
-    weights both count. Names are relative to `model`. A tensor held by several modules (tied weights) is counted
+    weights both count. Names are relative to `model`, as in its state dict (a Fabric-wrapped model's are those of
+    the module it wraps). A tensor held by several modules (tied weights) is counted
     once, under its first name.
     """
     check_module(model, "sparsity_report")
@@ -128,7 +140,7 @@ def sparsity_report(
                           f"{' ...' if len(unread) > 4 else ''} hold int8 weights it does not read; report the model "
                           "before quantization.", stacklevel=2)
     targets = distinct_targets(targets)
-    names = qualified_names(model, targets)
+    names = qualified_names(_naming_root(model, targets), targets)
     report = SparsityReport(tuple(tensor_sparsity(m, n, label) for label, (m, n) in zip(names, targets)))
     if print_table:
         print(report.table())
