@@ -25,6 +25,7 @@ from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from litcompress.callbacks.pruning import _in_spawned_worker
 from litcompress.quantization.lightning import check_save_path
 from litcompress.quantization.qat import (
     QATConfig,
@@ -131,7 +132,7 @@ class QuantizationAwareTraining(Callback):
                              f"{type(trainer.strategy).__name__} shards or wraps the parameters, which the QAT graph, "
                              "traced on the module itself, would not train. Fine-tune with QAT under DDP or on one "
                              "device (it is a short stage).")
-        if trainer.world_size > 1 and self.save_path is None and _runs_in_workers(trainer):
+        if trainer.world_size > 1 and self.save_path is None and _in_spawned_worker(trainer):
             raise ValueError(f"{_OWNER}: under strategy={type(trainer.strategy).__name__} with a spawned or forked "
                              "launcher the fit runs in worker processes, which build the int8 model; this process's "
                              "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
@@ -475,14 +476,6 @@ def _data_parallel(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DDPStrategy
 
     return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
-
-
-def _runs_in_workers(trainer: "pl.Trainer") -> bool:
-    """Whether the fit runs in processes this one spawned or forked (``ddp_spawn``, ``ddp_notebook``), whose callbacks
-    are copies: what they build stays there."""
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _prunes_in_fit(callback: Callback) -> bool:
