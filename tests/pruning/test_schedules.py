@@ -105,6 +105,21 @@ def test_should_prune_at_begin_and_end_and_only_on_the_grid(schedule: SparsitySc
         assert schedule.should_prune(t) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(begin=st.integers(0, 1_000), span=st.integers(1, 3_000), rounds=st.integers(1, 400),
+       shape=st.sampled_from([PolynomialDecay, CubicSchedule, LinearSchedule]))
+def test_rounds_are_that_many_points_spread_evenly_up_to_end(begin: int, span: int, rounds: int, shape) -> None:
+    """`rounds` gives exactly that many rounds after `begin` (every step when the span is shorter), with gaps that
+    differ by at most one step; an integer `frequency` of ceil(span / rounds) gave 11 rounds for 20 over 21 steps."""
+    schedule = shape(final_sparsity=0.8, begin=begin, end=begin + span, rounds=rounds)
+    points = [t for t in range(max(0, begin - 2), begin + span + 3) if schedule.should_prune(t)]
+    assert points[0] == begin and points[-1] == begin + span
+    assert len(points) - 1 == min(rounds, span)
+    gaps = {b - a for a, b in zip(points, points[1:])}
+    assert max(gaps) - min(gaps) <= 1
+    assert schedule.last_point(begin, begin + span) == begin + span and schedule.reached_by(begin + span) == 0.8
+
+
 @settings(max_examples=150, deadline=None)
 @given(schedule=any_schedules())
 def test_reached_by_is_the_target_of_the_last_round_so_far(schedule: SparsitySchedule) -> None:
@@ -217,6 +232,10 @@ def test_schedules_are_frozen() -> None:
         (lambda: PolynomialDecay(final_sparsity=math.nan, begin=0, end=3), r"final_sparsity=nan"),
         (lambda: PolynomialDecay(initial_sparsity=0.6, final_sparsity=0.5, begin=0, end=3), r"initial_sparsity=0.6 .*above"),
         (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, frequency=0), r"frequency=0 must be >= 1"),
+        (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, rounds=0), r"rounds=0 must be >= 1"),
+        (lambda: CubicSchedule(final_sparsity=0.5, begin=0, end=3, rounds=2.0), r"rounds=2.0 must be an int"),
+        (lambda: LinearSchedule(final_sparsity=0.5, begin=0, end=9, rounds=3, frequency=3),
+         r"frequency=3 and rounds=3 both place the rounds; pass one of them"),
         (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=0), r"power=0 must be a number > 0"),
         (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=-2.0), r"power=-2.0"),
         (lambda: PolynomialDecay(final_sparsity=0.5, begin=0, end=3, power=math.inf), r"power=inf must be finite"),

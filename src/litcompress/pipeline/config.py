@@ -67,7 +67,8 @@ class PruneConfig:
             (everything before fine-tuning), or a :class:`SparsitySchedule` in optimizer steps. Without
             fine-tuning every shape prunes at once.
         begin, end: fractions of the fine-tuning steps where a shaped schedule starts and reaches ``sparsity``.
-        rounds: pruning rounds along a shaped schedule (evenly spaced; the last at ``end``).
+        rounds: pruning rounds along a shaped schedule (evenly spaced; the last at ``end``; one per step when the
+            span has fewer steps).
         scope: ``"global"`` ranks all tensors together, ``"local"`` prunes each tensor to ``sparsity``; default
             global for unstructured methods, local for structured ones (which only work locally).
         parameter_names: which tensors of each layer to prune.
@@ -225,9 +226,8 @@ class PruneConfig:
             return PolynomialDecay(final_sparsity=self.sparsity, initial_sparsity=self.sparsity, begin=0, end=1)
         begin = min(round(self.begin * total_steps), total_steps - 1)
         end = max(round(self.end * total_steps), begin + 1)
-        frequency = max(1, math.ceil((end - begin) / self.rounds))
         shape = PolynomialDecay if self.schedule == "cubic" else LinearSchedule
-        return shape(final_sparsity=self.sparsity, begin=begin, end=end, frequency=frequency)
+        return shape(final_sparsity=self.sparsity, begin=begin, end=end, rounds=self.rounds)
 
     def describe(self) -> str:
         method = self.method if isinstance(self.method, str) else self.pruning_method.__name__

@@ -113,8 +113,10 @@ class PolynomialDecay(SparsitySchedule):
     ``s_t = s_f + (s_i - s_f) * (1 - (t - begin) / (end - begin)) ** power`` for begin <= t <= end.
 
     Before ``begin`` the target is ``initial_sparsity`` but no round runs; after ``end`` it is
-    ``final_sparsity``. Rounds run at ``begin``, every ``frequency`` after it, and at ``end``.
-    ``target(begin) == initial_sparsity`` and ``target(end) == final_sparsity`` exactly.
+    ``final_sparsity``. Rounds run at ``begin``, every ``frequency`` after it, and at ``end``; or, with
+    ``rounds`` instead of ``frequency``, at ``begin`` and ``rounds`` points spread evenly over ``(begin, end]``
+    (gaps differ by at most one; every step when the span is shorter). ``target(begin) == initial_sparsity`` and
+    ``target(end) == final_sparsity`` exactly.
     """
 
     final_sparsity: float
@@ -122,6 +124,7 @@ class PolynomialDecay(SparsitySchedule):
     end: int
     initial_sparsity: float = 0.0
     frequency: int = 1
+    rounds: int | None = None
     power: float = 3
     unit: Unit = "step"
 
@@ -141,6 +144,11 @@ class PolynomialDecay(SparsitySchedule):
                 f"schedule ends before it starts: end={self.end!r} <= begin={self.begin!r}; pass end > begin"
             )
         _check_int("frequency", self.frequency, minimum=1)
+        if self.rounds is not None:
+            _check_int("rounds", self.rounds, minimum=1)
+            if self.frequency != 1:
+                raise ValueError(f"frequency={self.frequency!r} and rounds={self.rounds!r} both place the rounds; "
+                                 "pass one of them")
         if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
             raise ValueError(f"power={self.power!r} must be a number > 0; pass e.g. power=3 (cubic) or power=1 (linear)")
         if math.isinf(self.power):
@@ -160,7 +168,15 @@ class PolynomialDecay(SparsitySchedule):
 
     def should_prune(self, t: int) -> bool:
         check_progress(t)
-        return _on_grid(t, self.begin, self.end, self.frequency)
+        if self.rounds is None:
+            return _on_grid(t, self.begin, self.end, self.frequency)
+        if not self.begin <= t <= self.end:
+            return False
+        # the points are begin + ceil(k * span / rounds), k = 0..rounds: t is one when the first k whose point is at
+        # or after it (k * span / rounds > offset - 1) lands on it
+        offset, span = t - self.begin, self.end - self.begin
+        first_k = (offset - 1) * self.rounds // span + 1
+        return offset == 0 or -(-first_k * span // self.rounds) == offset
 
 
 @dataclass(frozen=True, kw_only=True)
