@@ -277,6 +277,8 @@ def test_a_schedule_without_functions_keeps_its_state_key():
     (UnitPruning, "model.lstm", "lstm"),
     (UnitPruning, "LSTM", "lstm"),
     (HeadPruning, "encoder.layers.0.attn", "encoder.layers.0.self_attn"),
+    (UnitPruning, "", None),  # the root's name: it passed setup, then the first round failed mid-fit
+    (HeadPruning, "", None),
 ])
 def test_exclude_naming_no_module_is_refused_before_training(tmp_path, callback, exclude, meant):
     """Before, such a name was ignored and the layer meant to be kept was pruned."""
@@ -287,7 +289,7 @@ def test_exclude_naming_no_module_is_refused_before_training(tmp_path, callback,
         _trainer(tmp_path, 1, [callback(0.5, exclude=(exclude,))], limit_train_batches=2).fit(model, _data())
     message = str(refusal.value)
     assert f"names no module of {type(model).__name__}: [{exclude!r}]" in message
-    assert f"did you mean {meant!r}" in message
+    assert meant is None or f"did you mean {meant!r}" in message
     assert all(torch.equal(value, before[name]) for name, value in _weights(model).items())
 
 

@@ -114,7 +114,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def _refuse_unknown_exclusions(self, pl_module: LightningModule, names: list[str]) -> None:
         """`exclude` is matched by exact module name: a misspelt one would leave the layer it meant to be pruned."""
-        unknown = [name for name in self.exclude if name not in names]
+        unknown = [name for name in self.exclude if not name or name not in names]  # ("": the root, no layer)
         if not unknown:
             return
         raise MisconfigurationException(
