@@ -691,6 +691,41 @@ def test_a_residual_stream_shifted_by_a_number_is_no_group():
     assert residual_groups(ShiftedResidualNet()) == []
 
 
+class ClampedResidualNet(nn.Module):
+    """A residual stream read through a hardtanh: inside its bounds 0 stays 0, outside them a zero channel becomes a
+    constant the head reads."""
+
+    def __init__(self, clamp: nn.Module | None, bounds: tuple[float, float]) -> None:
+        super().__init__()
+        self.stem, self.f1, self.f2 = nn.Linear(8, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+        self.clamp, self.bounds = clamp, bounds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.f2(torch.relu(self.f1(h)))
+        return self.head(self.clamp(h) if self.clamp is not None else F.hardtanh(h, *self.bounds))
+
+
+@pytest.mark.parametrize("as_module", [True, False])
+@pytest.mark.parametrize(("bounds", "grouped"), [((-1.0, 1.0), True), ((0.0, 6.0), True), ((0.1, 2.0), False),
+                                                 ((-2.0, -0.1), False)])
+def test_a_hardtanh_whose_bounds_leave_out_zero_ends_the_group(as_module, bounds, grouped):
+    """`Hardtanh(0.1, 2.0)` was taken to keep zeros: the group was pruned and shrunk, and the head lost the constant
+    0.1 its removed inputs gave (outputs 0.05 off, silently without example inputs)."""
+    torch.manual_seed(0)
+    model = ClampedResidualNet(nn.Hardtanh(*bounds) if as_module else None, bounds).eval()
+    groups = residual_groups(model)
+    assert bool(groups) == grouped
+    prune_groups_(model, groups, 0.5)
+    zero_group_batch_norms_(model, groups)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(shrink(model).model(x), expected)
+    assert (shrink(model).model.head.in_features < 16) == grouped
+
+
 class ContiguousResidualNet(ScaledResidualNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x).contiguous()

@@ -152,8 +152,23 @@ def _scales_by_a_number(node: fx.Node) -> bool:
     return op is not None and op.target in _SCALING and op.rest[0] != 0
 
 
+def _clamps_zero_away(node: fx.Node, module: nn.Module | None) -> bool:
+    """A hardtanh whose bounds leave out 0 (``Hardtanh(0.1, 2.0)`` maps 0 to 0.1): its zero channels are constants."""
+    if isinstance(module, nn.Hardtanh):
+        bounds = (module.min_val, module.max_val)
+    elif module is None and node.op == "call_function" and node.target is F.hardtanh:
+        given = dict(zip(("min_val", "max_val"), node.args[1:3])) | {
+            k: v for k, v in node.kwargs.items() if k in ("min_val", "max_val")}
+        bounds = (given.get("min_val", -1.0), given.get("max_val", 1.0))
+    else:
+        return False
+    return not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] <= 0 <= bounds[1]
+
+
 def _passes_through(node: fx.Node, module: nn.Module | None, is_conv: bool) -> bool:
     """A per-channel op that keeps an exactly-zero channel exactly zero."""
+    if _clamps_zero_away(node, module):
+        return False
     if module is not None:
         return isinstance(module, (*_ZERO_PRESERVING_MODULES, *_DROPOUT)) or (
             is_conv and isinstance(module, (*_POOLING, *_AVG_POOLING)))  # pooling zeros gives zeros, padded or not
