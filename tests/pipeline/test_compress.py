@@ -572,6 +572,24 @@ def test_each_structured_method_prunes_gradually_while_fine_tuning(trained, digi
     assert [m.out_features for m in hidden] == [w - round(0.5 * w) for w in widths]  # half of each layer's units
 
 
+@pytest.mark.parametrize("fine_tuned", [False, True])
+def test_a_dim_the_layers_lack_is_refused_before_pruning_with_or_without_fine_tuning(trained, digits, fine_tuned):
+    """Without fine-tuning, PruneConfig(dim=2) on Linear layers failed inside the engine with a bare IndexError
+    ("tuple index out of range"); with it, GradualPruner refused it in its own name."""
+    steps: list[int] = []
+
+    def fine_tune(model, step):
+        steps.append(0)
+        train(model, digits[0], digits[1], steps=4, step_fn=step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", dim=2), **FAST)
+    with pytest.raises(ValueError, match=r"^PruneConfig: dim=2 is not a dimension of every tensor pruned \(some "
+                                         r"have 2\); 0 prunes output channels"):
+        compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                 **({"fine_tune": fine_tune, "fine_tune_steps": 4} if fine_tuned else {}))
+    assert steps == []
+
+
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):
     def fine_tune(model, step):
         train(model, digits[0], digits[1], steps=5, step_fn=step)

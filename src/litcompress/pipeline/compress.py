@@ -30,6 +30,7 @@ from litcompress.pruning.engine import (Target, close_names, compiled_module_nam
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
+from litcompress.pruning.methods import check_method_kwargs
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
@@ -621,8 +622,11 @@ class _Pruning:
             else ([], [])
         held_at_zero = BatchNormZeroer(model, groups + lone_layers + biased,
                                        biases=[True] * len(groups) + [False] * len(lone_layers) + [True] * len(biased))
-        return cls(model, prune, keep_multiple_of, targets, groups, _by_output_dim(model, layer_targets, prune, plan),
-                   held_at_zero, units=units)
+        sets = _by_output_dim(model, layer_targets, prune, plan)
+        for subset, kwargs in sets:  # the one-shot path has no GradualPruner to refuse a dim before pruning
+            check_method_kwargs(prune.pruning_method, kwargs, "PruneConfig",
+                                ndims={getattr(m, n).dim() for m, n in subset})
+        return cls(model, prune, keep_multiple_of, targets, groups, sets, held_at_zero, units=units)
 
     def prune_once_(self, sparsity: float) -> int:
         """Prune every set and group to `sparsity` at once (entries pruned before stay); returns how many entries
