@@ -50,6 +50,22 @@ def test_fit_ends_with_an_int8_model_as_accurate_plain_checkpoints_and_the_model
     assert any(k.endswith(".scale") for k in saved["callbacks"][callback.state_key]["fake_quant"])
 
 
+class _ForwardAtFitEnd(Callback):
+    def on_fit_end(self, trainer, pl_module):
+        self.forward = pl_module.net.__dict__.get("forward")
+
+
+def test_callbacks_listed_before_it_see_the_models_own_forward_at_fit_end(tmp_path):
+    """The forward was restored in this callback's own on_fit_end only: a QuantizeOnFitEnd listed before it quantized
+    the fake-quant graph (every backend failed; it returned an fp32 copy)."""
+    seed_everything(0)
+    before = _ForwardAtFitEnd()
+    callback = QuantizationAwareTraining("net")
+    make_trainer(tmp_path, max_epochs=1, callbacks=[before, callback]).fit(MLPClassifier(hidden=(16,)),
+                                                                           datamodule=DigitsDataModule())
+    assert before.forward is None and callback.result is not None
+
+
 def test_killed_mid_qat_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
     callbacks = []
 
@@ -143,6 +159,12 @@ def test_a_model_pruned_in_a_first_fit_keeps_its_zeros_through_qat(tmp_path):
     # a KeyError naming the metric, as if the step did not log it, after all the training
     (lambda: [QuantizationAwareTraining("net", metric="val_acc")], ValueError,
      r"evaluates the int8 model on the fit's validation data at fit end, which limit_val_batches=0 leaves out"),
+    # nested: the inner callback's forward was traced into the outer graph, which failed at the first QAT step with
+    # an export error blaming the model's control flow
+    (lambda: [QuantizationAwareTraining(), QuantizationAwareTraining("net", start_epoch=1)], ValueError,
+     r"two callbacks quantize None and 'net', one inside the other"),
+    (lambda: [QuantizationAwareTraining("net.0", start_epoch=1), QuantizationAwareTraining("net")], ValueError,
+     r"two callbacks quantize 'net.0' and 'net', one inside the other"),
 ])
 def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, error, message):
     model = MLPClassifier(hidden=(16,))

@@ -171,6 +171,13 @@ class QuantizationAwareTraining(Callback):
                              "hook would be traced into it (the teacher called once, at the trace). Distil "
                              f"{quantized} itself or a module outside it, or quantize {inner[0]!r} instead "
                              f"({_OWNER}({inner[0]!r})).")
+        nested = [cb.submodule for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining)
+                  and cb is not self and _nested(cb.submodule, self.submodule)]
+        if nested:  # the inner one's forward would be traced into the outer graph, which then fails to export
+            raise ValueError(f"{_OWNER}: two callbacks quantize {self.submodule!r} and {nested[0]!r}, one inside "
+                             "the other (None: the LightningModule); each traces its module into one graph. Quantize "
+                             "the outer module once (QATConfig(fp32_layers=...) keeps layers in fp32), or modules "
+                             "side by side.")
         pruning = [type(cb).__name__ for cb in trainer.callbacks if _prunes_in_fit(cb)]
         if pruning:
             raise ValueError(f"{_OWNER}: {pruning} prune(s) in the same fit, with masks computed in forward that the "
@@ -346,6 +353,9 @@ class QuantizationAwareTraining(Callback):
             # cannot broadcast.
             for buffer in self._module.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+        # training is over: every callback's on_fit_end (a QuantizeOnFitEnd listed first, an export) sees the model's
+        # own forward, whatever the order of the callbacks
+        self._restore_forward()
 
     def _restore_forward(self) -> None:
         if self._installed():
@@ -476,6 +486,13 @@ def _data_parallel(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DDPStrategy
 
     return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _nested(first: str | None, second: str | None) -> bool:
+    """Whether one of two submodule names (None: the LightningModule) is the other or inside it."""
+    if first is None or second is None:
+        return True
+    return first == second or first.startswith(second + ".") or second.startswith(first + ".")
 
 
 def _prunes_in_fit(callback: Callback) -> bool:
