@@ -178,6 +178,8 @@ def test_fp32_layers_stay_unquantized():
     converted = prepare_qat(model, (x,), QATConfig(fp32_layers=("head",))).convert().model.program
     int8_weights = [n for n, t in converted.named_buffers() if t.dtype == torch.int8]
     assert len(int8_weights) == 2  # fc1 and fc2, not head
+    # a generator: checked first, it was used up and every layer quantized
+    assert QATConfig(fp32_layers=(name for name in ["head"])).fp32_layers == ("head",)
     assert any(t.shape == model.head.weight.shape and t.dtype == torch.float32
                for t in list(converted.parameters()) + list(converted.buffers()))
 
@@ -194,6 +196,8 @@ def test_refusals_are_clear_and_early():
     for not_a_sequence in ("head", None, 5):  # None and 5 failed in the check itself ("not iterable")
         with pytest.raises(TypeError, match="sequence of qualified layer names"):
             QATConfig(fp32_layers=not_a_sequence)
+    with pytest.raises(ValueError, match=r"fp32_layers=\('',\)\): '' names the whole model"):
+        QATConfig(fp32_layers=("",))  # it passed, and the "int8" model had no quantized layer
     with pytest.raises(TypeError, match="reduce_range"):
         QATConfig(reduce_range=1)
     with pytest.raises(TypeError, match="expected a QATConfig"):

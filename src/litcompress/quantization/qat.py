@@ -72,11 +72,15 @@ class QATConfig:
     dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.fp32_layers, str) or not isinstance(self.fp32_layers, Iterable) or not all(
-                isinstance(n, str) for n in self.fp32_layers):
-            raise TypeError(f"QATConfig(fp32_layers={self.fp32_layers!r}): give a sequence of qualified layer names, "
+        given = self.fp32_layers
+        layers = None if isinstance(given, str) or not isinstance(given, Iterable) else tuple(given)  # (once: a
+        if layers is None or not all(isinstance(n, str) for n in layers):  # generator checked first is used up)
+            raise TypeError(f"QATConfig(fp32_layers={given!r}): give a sequence of qualified layer names, "
                             "e.g. ('classifier',).")
-        object.__setattr__(self, "fp32_layers", tuple(self.fp32_layers))
+        if "" in layers:  # the root's name in named_modules(): every layer would stay fp32, and nothing train as int8
+            raise ValueError(f"QATConfig(fp32_layers={layers!r}): '' names the whole model, which would leave "
+                             "nothing to quantize; name the layers to keep in fp32, e.g. ('classifier',).")
+        object.__setattr__(self, "fp32_layers", layers)
         if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
             raise TypeError(f"QATConfig(reduce_range={self.reduce_range!r}): use True, False or None (from the CPU).")
         if not isinstance(self.keep_sparsity, bool):
