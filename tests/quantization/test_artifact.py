@@ -151,7 +151,7 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*load_state_dict"),
                           ("module.pt", "a torch\\.save file"),
                           ("scripted.pt", r"a TorchScript archive without litcompress's metadata; torch\.jit\.load"),
-                          ("broken.pt2", "neither ONNX nor a zip archive"),
+                          ("broken.pt2", "reads neither as ONNX nor as a zip archive"),
                           ("empty.onnx", r"it is empty \(0 bytes\)")):
         with pytest.raises(ValueError, match=rf"'.*{name}' is not a model file litcompress wrote.*{message}"):
             load_quantized(tmp_path / name)
@@ -315,6 +315,65 @@ def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):
     """It failed at the rename, after the whole export, naming an internal '.partial' file."""
     with pytest.raises(IsADirectoryError, match="is a directory; give a file path in it"):
         save_quantized(_MeanPool().eval(), None, tmp_path, (torch.randn(2, 3, 4),))
+    # a folder not there yet: the export ran, wrote a file named like the folder, then raised NotADirectoryError
+    with pytest.raises(ValueError, match=r"'.*exported/' names a folder; give a file path"):
+        save_quantized(_MeanPool().eval(), None, f"{tmp_path}/exported/", (torch.randn(2, 3, 4),))
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "onnx"])
+def test_one_tensor_as_example_inputs_is_the_one_input(fp32_format, tmp_path):
+    """quantize() takes one tensor for one input; here it was read as a sequence of rows: a batch of 4 failed as four
+    inputs, a batch of 1 wrote a file that took unbatched inputs only."""
+    model = nn.Sequential(nn.Linear(64, 10)).eval()
+    for rows in (1, 4):
+        path = tmp_path / f"m{rows}{FP32_SUFFIXES[fp32_format]}"
+        save_quantized(model, None, path, torch.randn(rows, 64), fp32_format=fp32_format)
+        loaded, _ = load_quantized(path)
+        x = torch.randn(5, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_cut_short_or_changed_onnx_file_is_said_to_be_so(tmp_path):
+    """A cut ONNX file was "not a model file litcompress wrote ... neither ONNX nor a zip archive"; a byte changed in
+    its metadata leaked a bare UnicodeDecodeError."""
+    path = tmp_path / "m.onnx"
+    save_quantized(nn.Sequential(nn.Linear(8, 4)).eval(), None, path, (torch.randn(2, 8),), fp32_format="onnx")
+    data = path.read_bytes()
+    at = data.index(b'"litcompress_format"') + 2  # inside the metadata's JSON
+    changed = data[:at] + b"\xcf" + data[at + 1:]
+    for name, content in (("cut.onnx", data[:-1]), ("changed.onnx", changed)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=r"or one cut short or changed since it was written: it reads neither as "
+                                             r"ONNX nor as a zip archive.*save or copy it again"):
+            load_quantized(tmp_path / name)
+
+
+@pytest.mark.parametrize(("backend", "approach"), [("torch_ao", "dynamic"), ("torchao", "weight_only"),
+                                                   ("pt2e", "dynamic"), ("onnxruntime", "dynamic"), (None, None)])
+def test_a_loaded_file_saves_again_with_the_same_outputs(backend, approach, tmp_path):
+    """A loaded torch_ao file lost its forward in the copy made for tracing; a loaded torchao (or fp32 .pt2) program
+    was exported again through its wrapper, which torch.export refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(6, 16)
+    suffix = {"torch_ao": ".pt", "onnxruntime": ".onnx"}.get(backend, ".pt2")
+    first, second = tmp_path / f"first{suffix}", tmp_path / f"again{suffix}"
+    if backend is None:
+        save_quantized(model, None, first, (x,))
+    else:
+        config = PTQConfig(approach=approach, backends=(backend,), max_trials=1, latency_repeats=2,
+                           accuracy=AccuracyCriterion(tolerable_loss=1.0))
+        result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=(x,))
+        assert result.recipe is not None and result.recipe.backend == backend
+        result.save(first)
+    loaded, recipe = load_quantized(first)
+    save_quantized(loaded, recipe, second, (x,))
+    again, recipe_again = load_quantized(second)
+    assert recipe_again == recipe
+    with torch.no_grad():
+        assert torch.equal(again(x[:3]), loaded(x[:3]))
 
 
 class _TwoBatches(nn.Module):

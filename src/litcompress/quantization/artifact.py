@@ -34,7 +34,7 @@ FP32_SUFFIXES: dict[str, str] = {"export": ".pt2", "torchscript": ".pt", "onnx":
 
 
 def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathLike,
-                   example_inputs: Sequence[torch.Tensor], *, fp32_format: str = "export",
+                   example_inputs: torch.Tensor | Sequence[torch.Tensor], *, fp32_format: str = "export",
                    dynamic_dims: DynamicDims | Mapping[int, int | Sequence[int]] | None = None) -> int:
     """Write ``model`` (built from ``recipe``) to ``path``; return the file size in bytes.
 
@@ -49,6 +49,12 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
     from .tuner import FloatInputs, float32_inputs
 
+    path = os.fspath(path)
+    if not path or path.endswith(("/", os.sep)):  # else the export ran and wrote a file named like the folder
+        raise ValueError(f"save_quantized: {path!r} names a folder; give a file path (e.g. "
+                         f"{os.path.join(path or '.', 'model.pt')!r}).")
+    if isinstance(example_inputs, torch.Tensor):  # one input, as quantize() takes it (a tensor is a sequence of rows)
+        example_inputs = (example_inputs,)
     if isinstance(model, NestedInputs):  # a result for a model of container inputs: its file takes their tensors
         model, example_inputs = model.model, model.structure.flatten(tuple(example_inputs), "example_inputs")
     elif is_nested(example_inputs):  # the same for a float model of container inputs
@@ -61,7 +67,6 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
         dynamic_dims = resolve_dynamic_dims([tuple(example_inputs)], dynamic_dims)
     if fp32_format not in FP32_FORMATS:
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
-    path = os.fspath(path)
     if os.path.isdir(path):  # else found only at the rename, after the whole export, naming a `.partial` file
         raise IsADirectoryError(f"save_quantized: {path!r} is a directory; give a file path in it (e.g. "
                                 f"{os.path.join(path, 'model.pt')!r}).")
@@ -78,10 +83,11 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
 def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, example_inputs: tuple,
            fp32_format: str, dynamic_dims: DynamicDims | None) -> None:
     if recipe is None and fp32_format == "export":
-        from .backends.exported import save_program
+        from .backends.exported import save_loaded_program, save_program
 
         try:
-            save_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
+            if not save_loaded_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims):
+                save_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
         except FixedDimError as exc:
             raise FixedDimError(f"save_quantized: {exc}; fp32_format='onnx' or 'torchscript' may keep it free") \
                 from exc
@@ -198,12 +204,16 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     else:
         from .backends.onnxruntime import load_onnx
 
+        unreadable = (f"{not_ours}, or one cut short or changed since it was written: it reads neither as ONNX nor "
+                      "as a zip archive (TorchScript, torch.export); if it is a model.onnx litcompress wrote, save "
+                      "or copy it again")
         try:
             model, metadata = load_onnx(path)
+        except UnicodeDecodeError as error:  # a changed byte in the metadata (a ValueError too, but not ours)
+            raise ValueError(f"{unreadable} ({type(error).__name__}: {error}).") from error
         except ValueError:
             raise
-        except Exception as error:  # protobuf's DecodeError and the like: not ONNX at all
-            raise ValueError(f"{not_ours}: it is neither ONNX nor a zip archive (TorchScript, torch.export) "
-                             f"({type(error).__name__}: {error}).") from error
+        except Exception as error:  # protobuf's DecodeError, ONNX Runtime's graph checks: not (intact) ONNX
+            raise ValueError(f"{unreadable} ({type(error).__name__}: {error}).") from error
     recipe = metadata.get("recipe")
     return model, None if recipe is None else Recipe.from_dict(recipe)

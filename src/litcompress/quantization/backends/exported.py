@@ -88,6 +88,20 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     torch.export.save(program, os.fspath(path), extra_files=extra)
 
 
+def save_loaded_program(module: nn.Module, path: str | os.PathLike, metadata: str, example_inputs: Inputs, *,
+                        dynamic_dims: DynamicDims | None = None) -> bool:
+    """Save `module` again if it is what :func:`load_program` returns (its graph, already an eval-mode export, with
+    the output structure it is rebuilt to); False, saving nothing, for any other module."""
+    structure = None
+    if isinstance(module, RebuiltOutputs) and isinstance(module.model, ExportedInference):
+        structure, module = module.structure, module.model
+    if not isinstance(module, ExportedInference):
+        return False
+    save_program(module.program, path, metadata, example_inputs, eval_mode=False, dynamic_dims=dynamic_dims,
+                 outputs=structure)
+    return True
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The litcompress metadata of a ``.pt2`` archive, read without loading its program (whose operators may need a
     library imported first)."""

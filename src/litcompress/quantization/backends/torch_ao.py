@@ -199,7 +199,12 @@ class TorchAOBackend(Backend):
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
         with _quiet_torch_ao(), torch.no_grad():
-            scripted, structure = _trace_checked(quantized, example_inputs, dynamic_dims)
+            inner = quantized.model if isinstance(quantized, RebuiltOutputs) else quantized
+            if isinstance(inner, torch.jit.ScriptModule):  # a file loaded again: a copy of it loses its forward
+                scripted = inner
+                structure = quantized.structure if isinstance(quantized, RebuiltOutputs) else None
+            else:
+                scripted, structure = _trace_checked(quantized, example_inputs, dynamic_dims)
             extra = {METADATA_FILE: metadata}
             if structure is not None:
                 extra[OUTPUTS_FILE] = json.dumps(structure)

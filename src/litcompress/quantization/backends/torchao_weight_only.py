@@ -64,6 +64,7 @@ class TorchAOWeightOnlyBackend(Backend):
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
-        from .exported import save_program
+        from .exported import save_loaded_program, save_program
 
-        save_program(quantized, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
+        if not save_loaded_program(quantized, path, metadata, example_inputs, dynamic_dims=dynamic_dims):
+            save_program(quantized, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
