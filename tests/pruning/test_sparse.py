@@ -5,6 +5,7 @@ files that load back. Which kernel is faster is measured on the host (benchmarks
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import pytest
@@ -449,3 +450,50 @@ def test_csr_layers_that_make_the_whole_model_slower_are_put_back_dense(monkeypa
         torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
     forced = sparsify(model, x, repeats=1, min_speedup=0)  # "converts every layer timed": the whole model too
     assert forced.report.converted == ("fc1", "fc2") and not forced.report.reverted
+
+
+def test_a_sparse_layer_refuses_inputs_and_biases_that_do_not_fit_in_words():
+    """An input of the wrong width was re-chunked to in_features (an empty batch ran; others failed reshaping the
+    output); a (1,) bias was broadcast to every output, and a bias of another dtype failed at the first call."""
+    weight = torch.randn(5, 8)
+    layer = SparseLinear(weight, torch.randn(5))
+    for shape in ((4, 6), (0, 6), (16,), (2, 4, 12)):
+        with pytest.raises(RuntimeError, match=re.escape(f"the input has {shape[-1]} features (shape {shape}); this "
+                                                         "layer takes 8")):
+            layer(torch.randn(shape))
+    for bias in (torch.randn(1), torch.randn(3), torch.randn(5, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"expected a bias of shape \(5,\) and dtype torch.float32"):
+            SparseLinear(weight, bias)
+
+
+def test_a_training_forward_through_a_sparse_layer_is_warned_of_once():
+    """Its weight is a buffer: layers stayed frozen in a fine-tuning loop without a word."""
+    layer = SparseLinear(torch.randn(5, 8))
+    assert not layer.training  # built for inference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 8))
+        with torch.no_grad():
+            layer.train()(torch.randn(2, 8))
+    with pytest.warns(UserWarning, match=r"SparseLinear is for inference: .* buffers, which no optimizer trains"):
+        layer(torch.randn(2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 8))  # once per layer
+
+
+def test_a_sparsified_state_dict_turned_dense_loads_into_the_dense_model():
+    """A CSR weight does not load into an nn.Linear (torch: "copy_sparse_compressed_ expected sparse compressed
+    tensor layout"): the dense model, or a run of sparsify that kept that layer dense."""
+    from litcompress.pruning import dense_state_dict
+
+    model = _pruned_mlp(0.95)
+    x = torch.randn(6, 32)
+    sparse = sparsify(model, x, min_speedup=0, repeats=1)
+    assert sparse.report.converted
+    state = dense_state_dict(sparse.model.state_dict())
+    assert all(value.layout == torch.strided for value in state.values())
+    dense = _mlp()
+    dense.load_state_dict(state)  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), sparse.model(x), rtol=1e-5, atol=1e-5)

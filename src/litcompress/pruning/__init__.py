@@ -30,7 +30,7 @@ from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.recurrent import prune_units_, zero_units
 from litcompress.pruning.shrink import (LayerShrink, ShrinkReport, ShrinkResult, channel_plan, removable_channels,
                                         shrink, shrink_)
-from litcompress.pruning.sparse import SparseLinear, SparsifyReport, SparsifyResult, sparsify
+from litcompress.pruning.sparse import SparseLinear, SparsifyReport, SparsifyResult, dense_state_dict, sparsify
 
 __all__ = [
     "ChannelGroup",
@@ -48,6 +48,7 @@ __all__ = [
     "broadcast_pruning_state_",
     "channel_plan",
     "default_targets",
+    "dense_state_dict",
     "distinct_targets",
     "effective_tensor",
     "fold_parametrizations_",

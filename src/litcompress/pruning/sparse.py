@@ -36,7 +36,8 @@ def _csr(weight: Tensor) -> Tensor:
 
 class SparseLinear(nn.Module):
     """A Linear layer whose weight is a sparse CSR matrix (a buffer; for inference): ``y = x Wᵀ + b`` computed as
-    ``addmm(b, W, xᵀ)ᵀ``. Takes inputs of any rank ``(..., in_features)``, as ``nn.Linear`` does."""
+    ``addmm(b, W, xᵀ)ᵀ``. Takes inputs of any rank ``(..., in_features)``, as ``nn.Linear`` does. Built in eval
+    mode; a forward in training mode with grad enabled warns (once) that nothing in it trains."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -46,8 +47,15 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear: torch's CSR products on CPU take float32 or float64 weights, got "
                              f"{weight.dtype}; keep this layer an nn.Linear (or convert it to float32 first).")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        if bias is not None and (tuple(bias.shape) != (self.out_features,) or bias.dtype != weight.dtype):
+            # (a (1,) bias was broadcast to every output, silently; others failed at the first call)
+            raise ValueError(f"SparseLinear: expected a bias of shape ({self.out_features},) and dtype {weight.dtype} "
+                             f"(the weight's), got {tuple(bias.shape)} {bias.dtype}.")
         self.register_buffer("weight", _csr(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.training = False  # built for inference (a training forward is warned of)
+
+    _said_frozen = False  # (a class default: layers pickled before it existed load too)
 
     def __deepcopy__(self, memo: dict) -> SparseLinear:
         # torch cannot deep-copy a CSR tensor (it has no storage to copy); `clone` copies it
@@ -123,6 +131,14 @@ class SparseLinear(nn.Module):
             raise RuntimeError(f"SparseLinear: torch's CSR products on CPU take float32 or float64 weights, got "
                                f"{dtype} (the model was converted after sparsify: .half(), .to(...)); convert it "
                                "back with .float().")
+        if x.shape[-1] != self.in_features:  # the rows would be re-chunked to in_features and the product run
+            raise RuntimeError(f"SparseLinear: the input has {x.shape[-1]} features (shape {tuple(x.shape)}); this "
+                               f"layer takes {self.in_features}.")
+        if self.training and torch.is_grad_enabled() and not self._said_frozen:
+            self._said_frozen = True  # once per layer
+            warnings.warn("SparseLinear is for inference: its CSR weight and bias are buffers, which no optimizer "
+                          "trains. Train the dense model (SparseLinear.to_dense() gives an nn.Linear back), or call "
+                          "model.eval() for inference.", stacklevel=3)
         if torch.is_autocast_enabled(x.device.type):
             # autocast would run the CSR product in bfloat16/float16, which torch's CPU kernels lack: it runs in the
             # weight's dtype, on the input cast to it (no context entered otherwise: this is the fast path)
@@ -207,6 +223,14 @@ class SparsifyResult:
 
     model: nn.Module
     report: SparsifyReport
+
+
+def dense_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` (a sparsified model's) with every CSR weight as a dense tensor: what ``nn.Linear`` layers load
+    (the dense model it came from, or a run of :func:`sparsify` that left other layers dense). ``SparseLinear``
+    layers load either form."""
+    return {key: value.to_dense() if isinstance(value, Tensor) and value.layout == torch.sparse_csr else value
+            for key, value in state_dict.items()}
 
 
 def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], inputs: tuple) -> tuple[Any, dict]:
@@ -386,4 +410,4 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     return SparsifyResult(work, report)
 
 
-__all__ = ["SparseLayerReport", "SparseLinear", "SparsifyReport", "SparsifyResult", "sparsify"]
+__all__ = ["SparseLayerReport", "SparseLinear", "SparsifyReport", "SparsifyResult", "dense_state_dict", "sparsify"]
