@@ -14,6 +14,7 @@ from logging import INFO
 import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import seed_everything
@@ -824,6 +825,35 @@ def test_load_module_from_checkpoint_takes_map_location_and_the_modules_strict_l
         assert torch.equal(lenient.layer.mlp_1.weight, model.layer.mlp_1.weight)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_module_from_checkpoint(ThreeLayerModel, tmp_path / "partial.ckpt")
+
+
+class NewHead(ThreeLayerModel):
+    """The pruned body under a new task's head: the checkpoint's `mlp_3` is not there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.layer.mlp_3
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.layer(x))
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [False, True])
+def test_a_pruned_body_loads_under_a_new_head_with_strict_false(tmp_path, make_pruning_permanent):
+    """Lightning's load_from_checkpoint(strict=False) skips the old head; our loaders re-created every saved mask
+    whatever `strict` said, and failed ("NewHead has no attribute `mlp_3`")."""
+    from litcompress import load_module_from_checkpoint, load_pruned_checkpoint
+
+    model, path = _pruned_checkpoint(tmp_path, ModelPruning, make_pruning_permanent, epochs=1)
+    for loaded in (load_module_from_checkpoint(NewHead, path, strict=False),
+                   load_pruned_checkpoint(NewHead(), path, strict=False)):
+        for name in ("mlp_1", "mlp_2"):
+            assert torch_prune.is_pruned(getattr(loaded.layer, name))
+            assert torch.equal(getattr(loaded.layer, name).weight, getattr(model.layer, name).weight)
+        assert not torch_prune.is_pruned(loaded.head)
+    with pytest.raises((ValueError, RuntimeError), match=r"'layer.mlp_3.weight'|Unexpected key.*mlp_3"):
+        load_pruned_checkpoint(NewHead(), path)  # strict: said, naming what does not fit
 
 
 class AttentionModel(FixedDataModel):

@@ -634,3 +634,19 @@ def test_prune_refuses_a_misspelt_method_argument(method, kwargs, message):
     with pytest.raises(TypeError, match=message):
         prune_([(model[0], "weight")], method, 0.5, scope="local", **kwargs)
     assert not is_pruned(model[0], "weight")
+
+
+def test_restore_masks_names_a_mask_the_model_has_no_place_for_or_skips_it_when_not_strict():
+    from litcompress.pruning import restore_masks_
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    masks = {"0.weight": torch.ones(3, 4), "2.weight": torch.zeros(2, 3), "4.weight": torch.ones(2, 3)}
+    with pytest.raises(ValueError, match=r"a saved pruning mask is for '4.weight' of shape \(2, 3\), and Sequential "
+                                         r"has no such tensor.*strict=False"):
+        restore_masks_(model, masks)
+    assert not is_pruned(model[0], "weight")  # checked before any mask was set
+    with pytest.raises(ValueError, match=r"for '2.weight' of shape \(2, 5\), and Sequential has one of shape \(2, 3\)"):
+        restore_masks_(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), {"2.weight": torch.ones(2, 5)})
+    touched = restore_masks_(model, masks, strict=False)
+    assert [(type(m).__name__, n) for m, n in touched] == [("Linear", "weight")] * 2
+    assert is_pruned(model[2], "weight") and int(model[2].weight.count_nonzero()) == 0

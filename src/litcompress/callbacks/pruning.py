@@ -1456,20 +1456,20 @@ def load_pruned_checkpoint(
         raise ValueError("Not a Lightning checkpoint (no 'state_dict'); use `load_pruned_state_dict` for a state dict.")
     engine.load_pruned_state_dict(model, checkpoint["state_dict"], strict=strict)
     if keep_masks:
-        _restore_saved_masks_(model, checkpoint)
+        _restore_saved_masks_(model, checkpoint, strict=strict)
     else:
         engine.make_permanent_(model)
     return model
 
 
-def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any], *, strict: bool) -> None:
     """Re-create on `model` the masks the pruning callbacks saved in `checkpoint`'s callback states: ModelPruning's
     (and a subclass's, under its own name), UnitPruning's and HeadPruning's (they were left out: the pruned units and
-    heads grew back in a fit that went on)."""
+    heads grew back in a fit that went on). Not `strict`: masks of tensors `model` lacks are skipped."""
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and isinstance(state.get("masks"), dict) and state["masks"] \
                 and ("rounds" in state or "pruned_once" in state):  # ModelPruning's, or UnitPruning/HeadPruning's
-            engine.restore_masks_(model, state["masks"])
+            engine.restore_masks_(model, state["masks"], strict=strict)
 
 
 def load_module_from_checkpoint(
@@ -1492,7 +1492,7 @@ def load_module_from_checkpoint(
             module = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
                                                        **kwargs)
             if keep_masks:
-                _restore_saved_masks_(module, checkpoint)
+                _restore_saved_masks_(module, checkpoint, strict=_strictness(module, strict))
             return module
         # Lightning builds the module and loads its effective weights (`orig * mask`) as it would a permanent
         # checkpoint's, `strict` and the module's `strict_loading` as they are; the masks go on below
@@ -1507,7 +1507,7 @@ def load_module_from_checkpoint(
                 raise
             module.load_state_dict(state, strict=_strictness(module, strict))
             if keep_masks:
-                _restore_saved_masks_(module, checkpoint)
+                _restore_saved_masks_(module, checkpoint, strict=_strictness(module, strict))
             return module
     narrow_to_state_dict_(module, state)  # a non-strict load skips the `<name>_orig` keys unchecked: narrow here
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=_strictness(module, strict))

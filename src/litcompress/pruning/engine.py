@@ -948,12 +948,28 @@ def permanent_state_dict(model: nn.Module) -> dict[str, Tensor]:
             handle.remove()
 
 
-def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> list[Target]:
-    """Re-create masks on `model` from ``{"path.to.module.tensor": mask}``; returns the targets touched."""
-    touched = []
+def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor], *, strict: bool = True) -> list[Target]:
+    """Re-create masks on `model` from ``{"path.to.module.tensor": mask}``; returns the targets touched. A mask for a
+    tensor `model` lacks (or holds in another shape) raises a ValueError naming it, or with ``strict=False`` is
+    skipped, as a non-strict state-dict load skips its weights (a pruned backbone under a new head)."""
+    fitting = []  # every mask checked before any is set: a refusal leaves the model as it was
     for qualified_name, mask in masks.items():
         path, _, name = qualified_name.rpartition(".")
-        module = model.get_submodule(path)
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            module = None
+        tensor = getattr(module, name, None) if module is not None else None
+        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(mask.shape):
+            if not strict:
+                continue
+            held = "no such tensor" if not isinstance(tensor, Tensor) else f"one of shape {tuple(tensor.shape)}"
+            raise ValueError(f"a saved pruning mask is for {qualified_name!r} of shape {tuple(mask.shape)}, and "
+                             f"{type(model).__name__} has {held}: load into the architecture that was pruned, or "
+                             "with strict=False to skip the masks of tensors it lacks.")
+        fitting.append((module, name, mask))
+    touched = []
+    for module, name, mask in fitting:
         set_mask_(module, name, mask)
         touched.append((module, name))
     keep_bypassed_weights_current_(model)
