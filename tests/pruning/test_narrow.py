@@ -274,6 +274,21 @@ def test_a_checkpoint_written_while_pruning_a_shrunk_module_with_masks_loads(tmp
         assert torch.equal(loaded(x), shrunk.eval()(x))
 
 
+def test_a_width_given_to_the_loader_is_not_narrowed_away(tmp_path):
+    """load_module_from_checkpoint(MLPClassifier, path, hidden=(64,)) took the checkpoint's 32-wide weights for a
+    shrunk model's and narrowed the module back to them, silently (hparams said 64); Lightning's loader refuses."""
+    L.seed_everything(0)
+    trainer = _quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.fit(MLPClassifier(hidden=(32,)), datamodule=DigitsDataModule(batch_size=64))
+    path = tmp_path / "plain.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(RuntimeError, match=r"size mismatch(.|\n)*hidden=\(64,\) given here differ from the "
+                                           r"checkpoint's hyperparameters"):
+        load_module_from_checkpoint(MLPClassifier, path, hidden=(64,))
+    same = load_module_from_checkpoint(MLPClassifier, path, hidden=(32,))  # the saved value: no override
+    assert same.net[0].out_features == 32
+
+
 @pytest.mark.parametrize("normed", [0, 4], ids=["narrowed", "kept"])
 @pytest.mark.parametrize("parametrize", ["weight_norm", "parametrizations.weight_norm"])
 def test_a_weight_norm_layer_names_the_fold_that_lets_the_state_load(parametrize, normed):

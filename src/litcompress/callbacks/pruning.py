@@ -1501,6 +1501,12 @@ def load_module_from_checkpoint(
     except RuntimeError as error:  # size mismatches: the checkpoint of a model `shrink` narrowed?
         if "Error(s) in loading state_dict" not in str(error):
             raise
+        changed = _hyperparameters_changed_by(checkpoint, kwargs)
+        if changed:  # the sizes asked for here, not a shrunk model's: narrowing would drop them silently
+            raise RuntimeError(f"{error}\n(load_module_from_checkpoint: {', '.join(changed)} given here differ from "
+                               "the checkpoint's hyperparameters, and its weights do not fit the module they build; "
+                               "a shrunk model's checkpoint is narrowed only as its own hyperparameters build it.)"
+                               ) from error
         module = built_without_weights(module_class, checkpoint, **kwargs)
         if not masked:
             if not narrow_to_state_dict_(module, state):
@@ -1511,6 +1517,21 @@ def load_module_from_checkpoint(
             return module
     narrow_to_state_dict_(module, state)  # a non-strict load skips the `<name>_orig` keys unchecked: narrow here
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=_strictness(module, strict))
+
+
+def _hyperparameters_changed_by(checkpoint: Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[str]:
+    """``name=value`` for each of `kwargs` that overrides a hyperparameter saved in `checkpoint` with another value."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    changed = []
+    for name, value in kwargs.items():
+        if name in saved:
+            try:
+                same = bool(saved[name] == value)
+            except Exception:  # noqa: BLE001 - values that do not compare (tensors of other shapes): not the same
+                same = False
+            if not same:
+                changed.append(f"{name}={value!r}")
+    return changed
 
 
 def _strictness(module: nn.Module, strict: Optional[bool]) -> bool:
