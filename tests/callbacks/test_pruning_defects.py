@@ -122,6 +122,27 @@ def test_a_fit_resumed_from_a_checkpoint_without_this_callbacks_state_keeps_its_
         assert int((module.weight == 0).sum()) == int(zeros.sum()) + round(0.5 * int((~zeros).sum())), name
 
 
+def test_a_masked_checkpoint_resumed_with_fewer_parameter_names_keeps_the_others_masks(tmp_path, caplog):
+    """The biases' `bias_orig`/`bias_mask` pairs had no load hook once biases were no target: the resume failed with
+    the state dict's "Missing key(s) ... Unexpected key(s)"."""
+    seed_everything(3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[
+        ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False,
+                     parameter_names=["weight", "bias"]), ckpt]).fit(FixedDataModel())
+    saved = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
+    fresh = FixedDataModel()
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, max_epochs=3, callbacks=[
+            ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False, parameter_names=["weight"])
+        ]).fit(fresh, ckpt_path=ckpt.last_model_path)
+    assert "masks 2 tensor(s) this callback does not prune (layer.mlp_1.bias, layer.mlp_3.bias)" in caplog.text
+    for name in ("mlp_1", "mlp_3"):  # (mlp_2 has no bias)
+        module = getattr(fresh.layer, name)
+        assert torch_prune.is_pruned(module) and torch.equal(module.bias_mask, saved[f"layer.{name}.bias_mask"])
+        assert torch.all(module.bias[saved[f"layer.{name}.bias_mask"] == 0] == 0)
+
+
 @both("its pruning made permanent, a checkpoint saved when the fit ended resumes with the zeros trained back")
 @pytest.mark.parametrize("saved_by", ["save_checkpoint", "ModelCheckpoint(save_last=True)"])
 def test_a_fit_resumed_from_a_checkpoint_saved_when_the_fit_ended_goes_on_as_an_uninterrupted_one(tmp_path, cls,

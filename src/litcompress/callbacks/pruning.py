@@ -500,6 +500,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._hook_handles = engine.register_state_hooks(
             self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent
         )
+        # a checkpoint's masked pairs of tensors that are no target now (resumed with other parameter_names) load
+        # masked too, as `_keep_the_zeros_of_a_checkpoint_without_state` then says, rather than failing the load
+        self._hook_handles.append(pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook()))
         engine.keep_bypassed_weights_current_(pl_module)  # attention's out_proj: its forward is never called
         if self._pending_state is not None:
             self._restore(self._pending_state)
@@ -566,6 +569,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
             if 0 < count < zeros.numel():
                 engine.set_mask_(module, name, ~zeros)
                 kept += count
+        targets = {(id(module), name) for module, name in self._parameters_to_prune}
+        others = [f"{path}.{name}" if path else name for path, module, name in
+                  engine.pruned_targets(trainer.lightning_module) if (id(module), name) not in targets]
+        if others:
+            _info_on_rank_zero(
+                f"`ModelPruning`: this fit resumes from a checkpoint that masks {len(others)} tensor(s) this callback "
+                f"does not prune ({', '.join(others[:6])}{' ...' if len(others) > 6 else ''}): their masks are kept "
+                "as they are, so their pruned entries stay zero.")
         if kept:
             snapshot = (" Its lottery-ticket snapshot is of the weights resumed, as the checkpoint holds no initial "
                         "ones." if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) else "")
