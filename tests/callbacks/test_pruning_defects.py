@@ -143,6 +143,22 @@ def test_a_masked_checkpoint_resumed_with_fewer_parameter_names_keeps_the_others
         assert torch.all(module.bias[saved[f"layer.{name}.bias_mask"] == 0] == 0)
 
 
+def test_a_masked_checkpoint_resumed_by_a_callback_configured_otherwise_says_whose_weights_the_ticket_takes(
+        tmp_path, caplog):
+    """Its masks come with the weights, so no zero needed masking and nothing was said: the lottery ticket quietly
+    reset to the weights resumed, the initial ones being in the other configuration's state."""
+    seed_everything(3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[
+        ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False), ckpt]).fit(FixedDataModel())
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, max_epochs=3, callbacks=[
+            ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=False)
+        ]).fit(FixedDataModel(), ckpt_path=ckpt.last_model_path)
+    assert ("resumes from a checkpoint without this callback's state (saved by Lightning's ModelPruning, or by this "
+            "one configured otherwise). Its lottery-ticket snapshot is of the weights resumed") in caplog.text
+
+
 @both("its pruning made permanent, a checkpoint saved when the fit ended resumes with the zeros trained back")
 @pytest.mark.parametrize("saved_by", ["save_checkpoint", "ModelCheckpoint(save_last=True)"])
 def test_a_fit_resumed_from_a_checkpoint_saved_when_the_fit_ended_goes_on_as_an_uninterrupted_one(tmp_path, cls,

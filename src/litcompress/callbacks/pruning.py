@@ -577,13 +577,17 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 f"`ModelPruning`: this fit resumes from a checkpoint that masks {len(others)} tensor(s) this callback "
                 f"does not prune ({', '.join(others[:6])}{' ...' if len(others) > 6 else ''}): their masks are kept "
                 "as they are, so their pruned entries stay zero.")
-        if kept:
-            snapshot = (" Its lottery-ticket snapshot is of the weights resumed, as the checkpoint holds no initial "
-                        "ones." if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) else "")
+        # the initial weights are in this callback's state: without it (a masked checkpoint's zeros came with their
+        # masks, so `kept` is 0) the ticket would quietly reset to the weights resumed
+        snapshot = (" Its lottery-ticket snapshot is of the weights resumed: the initial weights are kept in this "
+                    "callback's state, which the checkpoint does not hold under its key."
+                    if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) else "")
+        if kept or snapshot:
+            zeros = (f", so the {kept:,} zero entries of the pruned tensors are kept pruned (masked), rather than "
+                     "trained back." if kept else ".")
             _info_on_rank_zero(
                 f"`ModelPruning`: this fit resumes from a checkpoint without this callback's state (saved by "
-                f"Lightning's ModelPruning, or by this one configured otherwise), so the {kept:,} zero entries of the "
-                f"pruned tensors are kept pruned (masked), rather than trained back.{snapshot}")
+                f"Lightning's ModelPruning, or by this one configured otherwise){zeros}{snapshot}")
 
     def _watch_for_the_output_layer(self, pl_module: LightningModule) -> None:
         """With rows pruned (a structured method on dim 0), note which layer with weights the first training forward
