@@ -650,3 +650,70 @@ def test_restore_masks_names_a_mask_the_model_has_no_place_for_or_skips_it_when_
     touched = restore_masks_(model, masks, strict=False)
     assert [(type(m).__name__, n) for m, n in touched] == [("Linear", "weight")] * 2
     assert is_pruned(model[2], "weight") and int(model[2].weight.count_nonzero()) == 0
+
+
+class _SmallestScores(torch_prune.BasePruningMethod):
+    """A custom unstructured method on torch's own `apply` (which takes `importance_scores`)."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount, **options):  # extra options, as **kwargs
+        self.amount, self.options = amount, options
+
+    def compute_mask(self, t, default_mask):
+        k = torch_prune._compute_nparams_toprune(self.amount, t.numel())
+        mask = default_mask.clone()
+        if k:
+            mask.view(-1)[torch.topk(t.reshape(-1), k, largest=False).indices] = 0
+        return mask
+
+
+def test_importance_scores_reach_a_custom_method_locally_and_globally():
+    """Locally they were dropped (the constructor does not take them, torch's apply does): ranked by the weights,
+    silently; globally a constructor taking **kwargs got them twice ("multiple values for keyword argument")."""
+    scores = torch.arange(30.0).reshape(5, 6)  # the first 15 entries least important
+    torch.manual_seed(0)
+    local = nn.Linear(6, 5)
+    prune_([(local, "weight")], _SmallestScores, 0.5, scope="local", importance_scores=scores)
+    assert local.weight_mask.reshape(-1).tolist() == [0.0] * 15 + [1.0] * 15
+    pair = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    prune_([(pair[0], "weight"), (pair[1], "weight")], _SmallestScores, 10,
+           importance_scores={(pair[0], "weight"): scores, (pair[1], "weight"): torch.full((4, 5), 1e3)})
+    assert pair[0].weight_mask.reshape(-1).tolist() == [0.0] * 10 + [1.0] * 20 and bool(pair[1].weight_mask.all())
+
+
+def test_global_importance_scores_keyed_by_a_tied_holder_count_and_a_key_naming_no_target_is_refused():
+    """Scores keyed by a tied matrix's second holder (the round keeps its first) were ignored, as was a misspelt
+    key; the dict given to a local round failed with "'dict' object has no attribute 'shape'"."""
+    emb, mid = nn.Embedding(6, 4), nn.Linear(4, 4)
+    head = nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    targets = [(emb, "weight"), (mid, "weight"), (head, "weight")]
+    prune_(targets, "l1_unstructured", 10, importance_scores={(head, "weight"): torch.full((6, 4), 100.0)})
+    assert bool(emb.weight_mask.all()) and int((mid.weight_mask == 0).sum()) == 10
+    with pytest.raises(ValueError, match=r"the key \(Linear, 'weights'\) names no target of this round"):
+        prune_([(nn.Linear(4, 4), "weight")], "l1_unstructured", 3, importance_scores={(mid, "weights"): None})
+    with pytest.raises(TypeError, match=r"scope='local'.*one tensor of scores.*is for scope='global'"):
+        prune_([(mid, "weight")], "l1_unstructured", 0.5, scope="local",
+               importance_scores={(mid, "weight"): torch.ones(4, 4)})
+
+
+def test_a_global_round_interrupted_while_writing_masks_leaves_the_weights_it_masked_anew_as_they_were(monkeypatch):
+    """The undo removed the new masks with torch's `remove`, which multiplies the mask in: the part of the round
+    already written into a new mask became permanent zeros."""
+    from litcompress.pruning import threshold
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)  # all below the other layer's: the round empties it first
+        model[1].weight.fill_(0.5)
+    before = [layer.weight.detach().clone() for layer in model]
+
+    def interrupted(*args, **kwargs):  # a Ctrl-C while the ties of the second tensor are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threshold, "_prune_first_ties", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune_([(model[0], "weight"), (model[1], "weight")], "l1_unstructured", 20)
+    assert not any(is_pruned(layer, "weight") for layer in model)
+    assert all(torch.equal(layer.weight, weight) for layer, weight in zip(model, before))

@@ -529,10 +529,18 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                 count = amount if isinstance(amount, int) else round(amount * sum(remaining))
                 _global_magnitude_prune_(targets, count)
                 return
-            kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs})  # the method's own
-            torch_prune.global_unstructured(list(targets), pruning_method=method_cls,
-                                            importance_scores=_flattenable_scores(targets, method_kwargs), **kwargs)
+            # the method's own (not the scores, which global_unstructured takes itself: a constructor with **kwargs
+            # had them twice)
+            kwargs = accepted_kwargs(method_cls, {"amount": amount, **{k: v for k, v in method_kwargs.items()
+                                                                        if k != "importance_scores"}})
+            scores = _flattenable_scores(targets, method_kwargs)
+            torch_prune.global_unstructured(list(targets), pruning_method=method_cls, importance_scores=scores,
+                                            **kwargs)
         elif scope == "local":
+            if isinstance(method_kwargs.get("importance_scores"), Mapping):
+                raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
+                                "scores, of the targets' shape (each target is ranked on its own); the dict "
+                                "{(module, name): tensor} is for scope='global'.")
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs}, via_apply=True)
             if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
                 kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
@@ -559,13 +567,26 @@ def _flattenable_masks_(targets: Sequence[Target]) -> None:
 def _flattenable_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any]) -> dict[Target, Tensor]:
     """What ``global_unstructured`` ranks, keyed by target: the caller's ``importance_scores`` (no method's
     constructor takes them: passed as the method's, they were dropped), else the masked tensor; contiguous, as torch
-    flattens each with ``.view(-1)``."""
-    given = method_kwargs.get("importance_scores")
-    given = {} if given is None else given
-    if not isinstance(given, Mapping):
+    flattens each with ``.view(-1)``. A score keyed by any holder of a tied tensor is that tensor's (the round keeps
+    its first holder only); a key naming no target's tensor is refused (it was ignored)."""
+    scores = method_kwargs.get("importance_scores")
+    scores = {} if scores is None else scores
+    if not isinstance(scores, Mapping):
         raise TypeError("prune_(scope='global', importance_scores=...): expected a dict {(module, name): tensor} "
-                        f"as torch's global_unstructured takes, got {type(given).__name__}.")
-    return {(module, name): given.get((module, name), getattr(module, name)).contiguous()
+                        f"as torch's global_unstructured takes, got {type(scores).__name__}.")
+    holders = {tensor_key(m, n): (m, n) for m, n in targets}
+    by_target: dict[Target, Tensor] = {}
+    for key, value in scores.items():
+        module, name = key if isinstance(key, tuple) and len(key) == 2 else (None, None)
+        target = None
+        if isinstance(module, nn.Module) and isinstance(name, str) and _holds_tensor(module, name):
+            target = holders.get(tensor_key(module, name))
+        if target is None:
+            described = f"({type(module).__name__}, {name!r})" if isinstance(module, nn.Module) else repr(key)
+            raise ValueError(f"prune_(importance_scores=...): the key {described} names no target of this round; "
+                             "key each tensor of scores by a (module, name) pair among the targets.")
+        by_target[target] = value
+    return {(module, name): by_target.get((module, name), getattr(module, name)).contiguous()
             for module, name in targets}
 
 
@@ -603,9 +624,12 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
     try:
         with torch.no_grad():  # (the scores above: the trainable tensors, which masking leaves where they are)
             smallest_k_masks(scores, previous, count, magnitude=True, out=buffers)
-    except BaseException:  # (a Ctrl-C too) the masks this call added come off again: the model is as it was
-        for mask, (module, name) in zip(previous, targets):
+    except BaseException:  # (a Ctrl-C too) the masks this call added come off again, their weights as they were;
+        # masks the targets had before may hold part of the round (pruned more, never less: no second copy is kept)
+        for mask, buffer, (module, name) in zip(previous, buffers, targets):
             if mask is None and is_pruned(module, name):
+                with torch.no_grad():
+                    buffer.fill_(1)  # what may be written into it already must not be multiplied in by `remove`
                 torch_prune.remove(module, name)
         raise
     for module, name in targets:
