@@ -325,3 +325,25 @@ def test_prune_targets_selects_on_a_folded_copy_as_compress_does_and_names_the_m
     targets = prune_targets(model, PruneConfig(sparsity=0.5, method="ln_structured"))   # refused as parametrized
     assert [(module, name) for module, name in targets] == [(model.conv1, "weight"), (model.conv2, "weight")]
     assert "weight_g" in dict(model.conv1.named_parameters())   # the model itself is not folded
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_weight_normed_model_unfolds_within_its_own_rounding(dtype):
+    """The round trip through g and v was held to float32's tolerance (rtol 1e-5): every half-precision layer was
+    said not to give its weight back, and the pipeline saved plain weights the user's weight-normed model refuses."""
+    import torch.nn.utils.parametrizations as parametrizations
+    from litcompress.pruning import permanent_state_dict, prune_model_
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype)
+    parametrizations.weight_norm(reference[0])
+    parametrizations.weight_norm(reference[2])
+    work = deepcopy_model(reference)
+    folded = fold_parametrizations_(work)
+    prune_model_(work, "l1_unstructured", 0.5)
+    state, failed = unfold_state_dict(reference, permanent_state_dict(work), folded)
+    assert failed == []
+    fresh = deepcopy_model(reference)
+    fresh.load_state_dict(state)  # strict: the g/v keys of the weight-normed model
+    for index in (0, 2):
+        assert torch.equal(fresh[index].weight == 0, work[index].weight == 0)
