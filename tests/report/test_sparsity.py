@@ -107,3 +107,27 @@ def test_a_fabric_wrapped_model_names_its_tensors_as_its_state_dict_does():
     prune_([(wrapped.module[0], "weight")], "l1_unstructured", 12)
     report = sparsity_report(wrapped)
     assert [t.name for t in report.tensors] == ["0.weight"] and report["0.weight"].zeros == 12
+
+
+def test_tied_weights_of_a_loaded_torchscript_model_count_once(tmp_path):
+    """torch.jit.load gives parameters as plain tensors, so the tie (one tensor, two holders) went unseen and the
+    embedding was counted twice: the pipeline's read-back TorchScript stage reported 38.8% where the model had 47.4%."""
+
+    class TiedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(10, 8), nn.Linear(8, 8, bias=False)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.mid(self.emb(x)))
+
+    model = TiedHead()
+    with torch.no_grad():
+        model.emb.weight[:5] = 0  # 40 of its 80 entries
+    torch.jit.save(torch.jit.script(model), tmp_path / "tied.pt")
+    loaded = torch.jit.load(tmp_path / "tied.pt")
+    eager, read_back = sparsity_report(model), sparsity_report(loaded)
+    assert [t.name for t in read_back.tensors] == [t.name for t in eager.tensors] == ["emb.weight", "mid.weight"]
+    assert (read_back.zeros, read_back.numel) == (eager.zeros, eager.numel) == (40, 144)

@@ -187,10 +187,12 @@ def check_targets(targets: object, where: str) -> list[Target]:
 
 
 def tensor_key(module: nn.Module, name: str) -> object:
-    """What identifies the tensor of a target: its Parameter (which tied modules share), else the target itself (a
+    """What identifies the tensor of a target: its Parameter (which tied modules share), or a TorchScript module's
+    tensor (stored, never computed; a loaded one's parameters are plain tensors), else the target itself (a
     parametrized weight is computed afresh at every access, and a freed temporary's id can come back)."""
     tensor = trainable_tensor(module, name)
-    return id(tensor) if isinstance(tensor, nn.Parameter) else (id(module), name)
+    stored = isinstance(tensor, nn.Parameter) or isinstance(module, torch.jit.ScriptModule)
+    return id(tensor) if stored else (id(module), name)
 
 
 def distinct_targets(targets: Iterable[Target]) -> list[Target]:
