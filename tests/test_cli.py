@@ -135,8 +135,9 @@ def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing
     blocker.write_text("")
     for extra, message in ((["--plot", str(tmp_path / "r.txt")], r"--plot .*r\.txt: matplotlib cannot write \.txt"),
                            (["--markdown", str(tmp_path / "r.md"), "--plot", str(blocker / "r.png")],
-                            r"--plot .*a-file/r\.png: cannot write there"),
-                           (["--markdown", str(blocker / "r.md")], r"--markdown .*a-file/r\.md: cannot write there"),
+                            r"--plot .*a-file/r\.png: .*a-file is a file, not a directory"),  # was "File exists"
+                           (["--markdown", str(blocker / "r.md")],
+                            r"--markdown .*a-file/r\.md: .*a-file is a file, not a directory"),
                            # a traceback from matplotlib after the table
                            (["--plot", str(tmp_path)], r"--plot .* is a directory; give a file")):
         with pytest.raises(SystemExit):
@@ -772,6 +773,9 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--model", "vgg"], "expected one of mlp, cnn, resnet, resnext, mobilenet, transformer, swiglu, densenet, lstm or "
                          "'package.module:Class'"),
     (["--model", "os.path:join"], "'os.path:join' is not a LightningModule subclass"),
+    # a misspelt class was said to be no LightningModule subclass
+    (["--model", "litcompress.models:MLPClassifer"], "'litcompress.models' has no 'MLPClassifer'; did you mean "
+                                                     "'MLPClassifier'"),
     (["--data", "no_such_module:Data"], "cannot import 'no_such_module'"),
     (["--model-args", "{hidden: 3}"], "expected a JSON object"),
     (["--prune", "l3_unstructured"], "'l3_unstructured' is not a method: choose one of l1_unstructured, "
@@ -787,7 +791,8 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
     (["--min-speedup", "0"], "argument --min-speedup: expected a number > 0, got 0"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
-    (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: cannot write there"),  # found before training
+    (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: file.txt is a file, not a directory"),  # found
+    # before training
     (["--model-args", '{"hidden": 3}'], "hidden=3: expected one or more positive ints"),
     (["--model-args", '{"hidden": [8], "widht": 3}'],
      '--model-args: MLPClassifier(**{"num_classes": 10, "in_features": 64, "hidden": [8], "widht": 3}) failed: '

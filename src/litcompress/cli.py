@@ -197,6 +197,12 @@ def _class_spec(kind: str, builtins: tuple[str, ...]):
             raise argparse.ArgumentTypeError(f"importing {module_name!r} failed: {type(error).__name__}: "
                                              f"{error}") from None
         cls = getattr(module, class_name, None)
+        if cls is None:  # (else said to be no LightningModule: the name was not found at all)
+            import difflib
+
+            close = difflib.get_close_matches(class_name, [n for n in dir(module) if not n.startswith("_")], n=2)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise argparse.ArgumentTypeError(f"{module_name!r} has no {class_name!r}{hint}")
         import lightning as L
 
         base = L.LightningModule if kind == "model" else L.LightningDataModule
@@ -849,6 +855,9 @@ def _print_report(report: Any) -> None:
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
     """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
     any training rather than after it. `option` and `given` (the path given, default `directory`) name it."""
+    blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # (mkdir says "File exists" when it is the directory itself)
+        raise ValueError(f"{option} {given or directory}: {blocking} is a file, not a directory.")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
