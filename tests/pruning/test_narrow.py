@@ -355,3 +355,43 @@ def test_states_a_parametrized_layer_reads_itself_load_and_a_plain_one_of_any_te
     load_shrunk_state_dict(folded, plain)
     assert torch.equal(folded[0].weight, plain["0.weight"])
 
+
+
+class _AttentionThenLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.rnn, self.head = nn.LSTM(16, 12, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        attended, _ = self.att(x, x, x, need_weights=False)
+        out, _ = self.rnn(attended)
+        return self.head(out[:, -1])
+
+
+def test_a_model_narrowed_by_a_first_load_narrows_again_to_a_narrower_state_or_refuses_a_wider_one_unchanged():
+    """A second load_shrunk_state_dict into a model already holding a HeadPrunedAttention resized its projections
+    (plain Linear layers) and the LSTM but kept its head count: the load failed ("the state keeps heads [2], but
+    this module has 2 head(s)") and left a model whose forward failed."""
+    from litcompress.pruning.recurrent import prune_units_
+
+    x = torch.randn(2, 5, 16)
+    states = []
+    for fraction in (0.5, 0.75):
+        model = _AttentionThenLSTM().eval()
+        prune_heads_(model, fraction)
+        prune_units_(model, fraction)
+        shrunk = shrink(model, (x,)).model.eval()
+        with torch.no_grad():
+            states.append((shrunk.state_dict(), shrunk(x)))
+    fresh = _AttentionThenLSTM().eval()
+    for state, expected in states:  # half the heads, then a quarter
+        load_shrunk_state_dict(fresh, state)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), expected)
+    assert fresh.att.num_heads == 1
+    with pytest.raises(ValueError, match=r"att: the state dict's attention has 8 inner channels.*not a shrunk state"):
+        load_shrunk_state_dict(fresh, states[0][0])  # wider than the model now is
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), states[1][1])  # refused before anything changed

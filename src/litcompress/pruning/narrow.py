@@ -256,7 +256,9 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
         # a state written while pruning on with masks holds `q_proj.weight_orig` (and its mask) instead
         q_weight = next((prefix + f"q_proj.weight{suffix}" for suffix in ("", "_orig")
                          if prefix + f"q_proj.weight{suffix}" in state_dict), None)
-        if not isinstance(module, nn.MultiheadAttention) or q_weight is None:
+        # torch's attention, or one a first load (or shrink) made a HeadPrunedAttention, which a narrower state
+        # narrows again (its projections resized alone, it kept its head count: it failed at the first forward)
+        if not isinstance(module, (nn.MultiheadAttention, HeadPrunedAttention)) or q_weight is None:
             continue
         if not name:
             raise ValueError("narrow_to_state_dict_: the model itself is an nn.MultiheadAttention that the state "
@@ -264,13 +266,15 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
                              "HeadPrunedAttention's state into one built with its heads).")
         inner = int(state_dict[q_weight].shape[0])
         head_dim = module.head_dim
-        if inner > module.embed_dim or inner % head_dim:
+        if isinstance(module, HeadPrunedAttention) and inner == module.num_heads * head_dim:
+            continue  # as narrow already: its kept heads load with its state
+        if inner > module.num_heads * head_dim or inner % head_dim:
             raise ValueError(f"{name}: the state dict's attention has {inner} inner channels, which are not heads of "
                              f"{head_dim} of this attention's {module.num_heads}: not a shrunk state of this model.")
         if not apply:
             replaced.append(name)
             continue
-        original_heads, kept_heads = module.num_heads, None
+        original_heads, kept_heads = getattr(module, "original_heads", module.num_heads), None
         if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
             original_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
         replacement = HeadPrunedAttention(
