@@ -893,6 +893,27 @@ def test_a_pruned_body_loads_under_a_new_head_with_strict_false(tmp_path, make_p
         load_pruned_checkpoint(NewHead(), path)  # strict: said, naming what does not fit
 
 
+def test_a_weights_only_checkpoint_loaded_with_keep_masks_says_no_masks_came_with_it(tmp_path):
+    """save_weights_only=True writes no callback states, so keep_masks=True gave a model without masks, silently: its
+    zeros trained back in a fit that went on."""
+    from litcompress import load_module_from_checkpoint, load_pruned_checkpoint
+
+    model, _ = _pruned_checkpoint(tmp_path, ModelPruning, True, epochs=1)
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    assert "callbacks" not in torch.load(tmp_path / "weights.ckpt", weights_only=False)
+    with pytest.warns(UserWarning, match=r"holds no callback states \(saved with save_weights_only=True\?\), so no "
+                                         r"pruning masks came with it"):
+        loaded = load_pruned_checkpoint(ThreeLayerModel(), tmp_path / "weights.ckpt")
+    assert torch.equal(loaded.layer.mlp_1.weight, model.layer.mlp_1.weight)
+    with pytest.warns(UserWarning, match="no pruning masks came with it"):
+        load_module_from_checkpoint(ThreeLayerModel, tmp_path / "weights.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_pruned_checkpoint(ThreeLayerModel(), tmp_path / "weights.ckpt", keep_masks=False)  # nothing asked
+
+
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""

@@ -1462,8 +1462,8 @@ def load_pruned_checkpoint(
 
     Works with both formats: ``<name>_orig``/``<name>_mask`` keys (``make_pruning_permanent=False``, also
     Lightning's own callback) and effective weights plus this callback's saved masks. With ``keep_masks=True`` the
-    model ends with live masks (to continue pruning or training sparse); with ``False`` it is permanent, ready for
-    inference or export.
+    model ends with live masks (to continue pruning or training sparse; a weights-only checkpoint holds none, which
+    is warned of); with ``False`` it is permanent, ready for inference or export.
     """
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -1481,6 +1481,12 @@ def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any], *, st
     """Re-create on `model` the masks the pruning callbacks saved in `checkpoint`'s callback states: ModelPruning's
     (and a subclass's, under its own name), UnitPruning's and HeadPruning's (they were left out: the pruned units and
     heads grew back in a fit that went on). Not `strict`: masks of tensors `model` lacks are skipped."""
+    if "callbacks" not in checkpoint and not engine.pruned_targets(model):
+        warnings.warn("load_pruned_checkpoint(keep_masks=True): the checkpoint holds no callback states (saved with "
+                      "save_weights_only=True?), so no pruning masks came with it: the zeros are in the weights, but "
+                      "nothing keeps them at zero if training goes on. Mask them to keep them: "
+                      "litcompress.pruning.set_mask_(module, 'weight', module.weight != 0) for each pruned tensor.",
+                      stacklevel=3)
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and isinstance(state.get("masks"), dict) and state["masks"] \
                 and ("rounds" in state or "pruned_once" in state):  # ModelPruning's, or UnitPruning/HeadPruning's
