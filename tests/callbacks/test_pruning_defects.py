@@ -912,6 +912,10 @@ def test_a_weights_only_checkpoint_loaded_with_keep_masks_says_no_masks_came_wit
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_pruned_checkpoint(ThreeLayerModel(), tmp_path / "weights.ckpt", keep_masks=False)  # nothing asked
+        dense = ThreeLayerModel()  # a weights-only checkpoint of a model never pruned: no zeros to keep
+        trainer.strategy.connect(dense)
+        trainer.save_checkpoint(tmp_path / "dense.ckpt", weights_only=True)
+        load_module_from_checkpoint(ThreeLayerModel, tmp_path / "dense.ckpt")
 
 
 class AttentionModel(FixedDataModel):

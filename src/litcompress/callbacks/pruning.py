@@ -1481,7 +1481,9 @@ def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any], *, st
     """Re-create on `model` the masks the pruning callbacks saved in `checkpoint`'s callback states: ModelPruning's
     (and a subclass's, under its own name), UnitPruning's and HeadPruning's (they were left out: the pruned units and
     heads grew back in a fit that went on). Not `strict`: masks of tensors `model` lacks are skipped."""
-    if "callbacks" not in checkpoint and not engine.pruned_targets(model):
+    pruned_looking = any(p.dim() >= 2 and p.numel() and float((p == 0).float().mean()) >= 0.01
+                         for p in model.parameters())  # (a model never pruned has nothing to keep)
+    if "callbacks" not in checkpoint and not engine.pruned_targets(model) and pruned_looking:
         warnings.warn("load_pruned_checkpoint(keep_masks=True): the checkpoint holds no callback states (saved with "
                       "save_weights_only=True?), so no pruning masks came with it: the zeros are in the weights, but "
                       "nothing keeps them at zero if training goes on. Mask them to keep them: "
