@@ -612,23 +612,17 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
 
 
 def _shapes_changed_by(cls: Any, path: Path, kwargs: dict[str, Any]) -> list[str]:
-    """The tensors `kwargs` build with another shape than both the model the checkpoint's own hyperparameters build
-    and the checkpoint's weights (a shrunk checkpoint's narrower weights, which such arguments may describe, fit);
-    none when a model cannot be built (the load says why)."""
+    """:func:`~litcompress.callbacks.pruning.shapes_changed_by` for the checkpoint at `path` (none when it cannot be
+    read: the load says why)."""
     import torch
 
-    from litcompress.callbacks.pruning import built_without_weights
+    from litcompress.callbacks.pruning import shapes_changed_by
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved, given = ({name: tuple(value.shape) for name, value in built_without_weights(cls, checkpoint, **args)
-                         .state_dict().items()} for args in ({}, kwargs))
     except Exception:  # noqa: BLE001 - the load that follows fails with its own words
         return []
-    stored = {key.removesuffix("_orig"): tuple(value.shape) for key, value in (checkpoint.get("state_dict") or {})
-              .items() if isinstance(value, torch.Tensor) and not key.endswith("_mask")}
-    return [name for name, shape in given.items()
-            if shape != saved.get(name, shape) and shape != stored.get(name, saved.get(name))]
+    return shapes_changed_by(cls, checkpoint, kwargs) if isinstance(checkpoint, dict) else []
 
 
 def _builds_from_its_hyperparameters(cls: Any, path: Path, kwargs: dict[str, Any]) -> bool:

@@ -269,9 +269,12 @@ def test_a_checkpoint_written_while_pruning_a_shrunk_module_with_masks_loads(tmp
     trainer.save_checkpoint(path)
     assert any(key.endswith("weight_mask") for key in torch.load(path, weights_only=False)["state_dict"])
     loaded = load_module_from_checkpoint(MLPClassifier, path, keep_masks=False).eval()
+    # a hyperparameter given over the saved ones that builds no other shape: still narrowed
+    relearning = load_module_from_checkpoint(MLPClassifier, path, keep_masks=False, lr=0.5).eval()
+    assert relearning.hparams.lr == 0.5
     make_permanent_(shrunk)
     with torch.no_grad():
-        assert torch.equal(loaded(x), shrunk.eval()(x))
+        assert torch.equal(loaded(x), shrunk.eval()(x)) and torch.equal(relearning(x), loaded(x))
 
 
 def test_a_width_given_to_the_loader_is_not_narrowed_away(tmp_path):
@@ -282,8 +285,8 @@ def test_a_width_given_to_the_loader_is_not_narrowed_away(tmp_path):
     trainer.fit(MLPClassifier(hidden=(32,)), datamodule=DigitsDataModule(batch_size=64))
     path = tmp_path / "plain.ckpt"
     trainer.save_checkpoint(path)
-    with pytest.raises(RuntimeError, match=r"size mismatch(.|\n)*hidden=\(64,\) given here differ from the "
-                                           r"checkpoint's hyperparameters"):
+    with pytest.raises(RuntimeError, match=r"size mismatch(.|\n)*hidden=\(64,\) given here build net.0.weight "
+                                           r"with another shape than the checkpoint's hyperparameters and weights"):
         load_module_from_checkpoint(MLPClassifier, path, hidden=(64,))
     same = load_module_from_checkpoint(MLPClassifier, path, hidden=(32,))  # the saved value: no override
     assert same.net[0].out_features == 32

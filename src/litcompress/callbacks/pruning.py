@@ -1524,12 +1524,12 @@ def load_module_from_checkpoint(
     except RuntimeError as error:  # size mismatches: the checkpoint of a model `shrink` narrowed?
         if "Error(s) in loading state_dict" not in str(error):
             raise
-        changed = _hyperparameters_changed_by(checkpoint, kwargs)
+        changed = shapes_changed_by(module_class, checkpoint, kwargs)
         if changed:  # the sizes asked for here, not a shrunk model's: narrowing would drop them silently
-            raise RuntimeError(f"{error}\n(load_module_from_checkpoint: {', '.join(changed)} given here differ from "
-                               "the checkpoint's hyperparameters, and its weights do not fit the module they build; "
-                               "a shrunk model's checkpoint is narrowed only as its own hyperparameters build it.)"
-                               ) from error
+            given = ", ".join(f"{name}={value!r}" for name, value in kwargs.items())
+            raise RuntimeError(f"{error}\n(load_module_from_checkpoint: {given} given here build {changed[0]} with "
+                               "another shape than the checkpoint's hyperparameters and weights; a shrunk model's "
+                               "checkpoint is narrowed only as its own hyperparameters build it.)") from error
         module = built_without_weights(module_class, checkpoint, **kwargs)
         if not masked:
             if not narrow_to_state_dict_(module, state):
@@ -1542,19 +1542,23 @@ def load_module_from_checkpoint(
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=_strictness(module, strict))
 
 
-def _hyperparameters_changed_by(checkpoint: Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[str]:
-    """``name=value`` for each of `kwargs` that overrides a hyperparameter saved in `checkpoint` with another value."""
-    saved = checkpoint.get("hyper_parameters") or {}
-    changed = []
-    for name, value in kwargs.items():
-        if name in saved:
-            try:
-                same = bool(saved[name] == value)
-            except Exception:  # noqa: BLE001 - values that do not compare (tensors of other shapes): not the same
-                same = False
-            if not same:
-                changed.append(f"{name}={value!r}")
-    return changed
+def shapes_changed_by(module_class: type[LightningModule], checkpoint: Mapping[str, Any], kwargs: Mapping[str, Any]
+                      ) -> list[str]:
+    """The tensors `kwargs` (hyperparameters given over the checkpoint's) build with another shape than both the
+    module the checkpoint's own hyperparameters build and the checkpoint's weights (a shrunk checkpoint's narrower
+    weights, which such arguments may describe, fit); none when a module cannot be built (the load says why)."""
+    if not kwargs:
+        return []
+    try:
+        saved, given = ({name: tuple(value.shape) for name, value in
+                         built_without_weights(module_class, dict(checkpoint), **args).state_dict().items()}
+                        for args in ({}, kwargs))
+    except Exception:  # noqa: BLE001 - the load that follows fails with its own words
+        return []
+    stored = {key.removesuffix("_orig"): tuple(value.shape) for key, value in (checkpoint.get("state_dict") or {})
+              .items() if isinstance(value, torch.Tensor) and not key.endswith("_mask")}
+    return [name for name, shape in given.items()
+            if shape != saved.get(name, shape) and shape != stored.get(name, saved.get(name))]
 
 
 def _strictness(module: nn.Module, strict: Optional[bool]) -> bool:
