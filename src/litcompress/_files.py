@@ -13,7 +13,20 @@ def partial_path(path: Path) -> Path:
     """A name beside `path` for writing it first: unique (a fixed one overwrote, then deleted, a user's file of that
     name) and ending in `path`'s suffix (writers choose the format by it). Nothing is created: the writer makes the
     file, with the permissions of any new file (``tempfile.mkstemp`` would make it private to the user)."""
-    return path.with_name(f"{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")
+    tail = f".{uuid.uuid4().hex[:12]}.partial{path.suffix}"
+    # the name's stem shortened where the whole would pass the file system's limit on a name (255 bytes on most):
+    # a legal name of ~240 characters failed, naming this file
+    room = _name_max(path.parent) - len(tail.encode())
+    stem = path.stem.encode()[:max(room, 1)].decode(errors="ignore") or "m"
+    return path.with_name(stem + tail)
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (in bytes) `directory`'s file system takes; 255 where it cannot be asked."""
+    try:
+        return os.pathconf(directory if directory.exists() else ".", "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
 
 
 @contextlib.contextmanager

@@ -423,3 +423,13 @@ def test_saving_touches_no_file_but_its_own(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_long_legal_file_name_is_written(tmp_path):
+    """The file is written under a temporary name beside it, 21 characters longer: a legal 244-character name
+    failed with an OSError naming that temporary file."""
+    path = tmp_path / ("m" * 240 + ".pt2")
+    save_quantized(nn.Sequential(nn.Linear(4, 2)).eval(), None, path, (torch.randn(2, 4),))
+    assert os.listdir(tmp_path) == [path.name]
+    loaded, _ = load_quantized(path)
+    assert loaded(torch.randn(3, 4)).shape == (3, 2)
