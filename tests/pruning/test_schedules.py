@@ -340,3 +340,16 @@ def test_numpy_numbers_are_real_numbers_and_kept_as_python_ones() -> None:
     assert returned.target(2) == float(np.float32(0.3)) and type(returned.target(2)) is float
     with pytest.raises(ValueError, match="must be a float in"):
         PolynomialDecay(final_sparsity=np.bool_(True), begin=0, end=4)
+
+
+def test_the_repr_shows_rounds_only_when_given_as_the_state_keys_of_older_checkpoints_hold_it() -> None:
+    """The repr is part of the pruning callbacks' state keys: with `rounds=None` in it, a checkpoint written before
+    `rounds` existed no longer restored a callback scheduled by PolynomialDecay (it started its rounds afresh)."""
+    before = ("PolynomialDecay(final_sparsity=0.8, begin=0, end=16, initial_sparsity=0, frequency=2, power=3, "
+              "unit='step')")
+    assert repr(PolynomialDecay(final_sparsity=0.8, begin=0, end=16, initial_sparsity=0, frequency=2)) == before
+    assert repr(CubicSchedule(final_sparsity=0.5, begin=1, end=9)) == (
+        "CubicSchedule(final_sparsity=0.5, begin=1, end=9, initial_sparsity=0.0, frequency=1, power=3, unit='step')")
+    assert repr(LinearSchedule(final_sparsity=0.5, begin=1, end=9, rounds=4)) == (
+        "LinearSchedule(final_sparsity=0.5, begin=1, end=9, initial_sparsity=0.0, frequency=1, rounds=4, power=1, "
+        "unit='step')")

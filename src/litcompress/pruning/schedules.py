@@ -13,7 +13,7 @@ import abc
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from litcompress._numbers import python_numbers_
@@ -155,6 +155,12 @@ class PolynomialDecay(SparsitySchedule):
             raise ValueError(f"power={self.power!r} must be finite; pass e.g. power=3")
         _check_unit(self.unit)
 
+    def __repr__(self) -> str:
+        # `rounds` shown only when given: the repr is part of the pruning callbacks' state keys, which checkpoints
+        # written before it existed hold their states under
+        shown = [f for f in fields(self) if f.repr and not (f.name == "rounds" and self.rounds is None)]
+        return f"{type(self).__qualname__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown)})"
+
     def target(self, t: int) -> float:
         check_progress(t)
         if t <= self.begin:
@@ -179,14 +185,14 @@ class PolynomialDecay(SparsitySchedule):
         return offset == 0 or -(-first_k * span // self.rounds) == offset
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)  # (PolynomialDecay's repr)
 class CubicSchedule(PolynomialDecay):
     """:class:`PolynomialDecay` with the cubic exponent (``power=3``) of Zhu & Gupta fixed."""
 
     power: float = field(default=3, init=False)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, repr=False)  # (PolynomialDecay's repr)
 class LinearSchedule(PolynomialDecay):
     """Sparsity grows linearly from ``initial_sparsity`` at ``begin`` to ``final_sparsity`` at ``end``."""
 
