@@ -127,6 +127,15 @@ def test_a_search_ended_by_ctrl_c_is_said_in_the_summary(first_run, capsys, tmp_
     assert f"- {said[0]}" in printed and said[1] not in printed
 
 
+def test_an_output_directory_whose_path_cannot_be_looked_at_is_refused_in_words(tmp_path):
+    """Looking for a file in the way raised the OSError of a path it cannot stat (a parent the user may not read, a
+    name too long): a traceback after the model and data were loaded, instead of "cannot write there"."""
+    from litcompress.cli import _check_writable
+
+    with pytest.raises(ValueError, match=r"--output-dir .*: cannot write there \(File name too long\)"):
+        _check_writable(tmp_path / ("d" * 300) / "out")
+
+
 def test_report_refuses_a_plot_format_or_a_place_it_cannot_write_before_printing(first_run, capsys, tmp_path):
     """--plot r.txt and --plot/--markdown in an unwritable place were tracebacks from matplotlib and pathlib, after
     the report was printed and the markdown written."""

@@ -849,8 +849,11 @@ def _print_report(report: Any) -> None:
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
     """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
     any training rather than after it. `option` and `given` (the path given, default `directory`) name it."""
-    blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:  # (mkdir says "File exists" when it is the directory itself)
+    try:  # (mkdir says "File exists" when the directory itself is a file)
+        blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    except OSError:  # a parent the user may not read: mkdir below says so
+        blocking = None
+    if blocking is not None:
         raise ValueError(f"{option} {given or directory}: {blocking} is a file, not a directory.")
     try:
         directory.mkdir(parents=True, exist_ok=True)
