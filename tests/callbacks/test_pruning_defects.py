@@ -159,6 +159,19 @@ def test_a_masked_checkpoint_resumed_by_a_callback_configured_otherwise_says_who
             "one configured otherwise). Its lottery-ticket snapshot is of the weights resumed") in caplog.text
 
 
+def test_a_fine_tune_resumed_from_a_checkpoint_never_pruned_says_nothing_of_a_checkpoint_without_its_state(
+        tmp_path, caplog):
+    """A dense pre-training checkpoint was said to be one "saved by Lightning's ModelPruning, or by this one
+    configured otherwise"; its weights are rightly the ticket's snapshot."""
+    seed_everything(3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(FixedDataModel())
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[ModelPruning("l1_unstructured", amount=0.3)]).fit(
+            FixedDataModel(), ckpt_path=ckpt.last_model_path)
+    assert "without this callback's state" not in caplog.text
+
+
 @both("its pruning made permanent, a checkpoint saved when the fit ended resumes with the zeros trained back")
 @pytest.mark.parametrize("saved_by", ["save_checkpoint", "ModelCheckpoint(save_last=True)"])
 def test_a_fit_resumed_from_a_checkpoint_saved_when_the_fit_ended_goes_on_as_an_uninterrupted_one(tmp_path, cls,

@@ -579,9 +579,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "as they are, so their pruned entries stay zero.")
         # the initial weights are in this callback's state: without it (a masked checkpoint's zeros came with their
         # masks, so `kept` is 0) the ticket would quietly reset to the weights resumed
+        pruned_before = kept or any(True for _ in engine.pruned_targets(trainer.lightning_module))
         snapshot = (" Its lottery-ticket snapshot is of the weights resumed: the initial weights are kept in this "
                     "callback's state, which the checkpoint does not hold under its key."
-                    if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) else "")
+                    if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) and pruned_before
+                    else "")  # (a checkpoint never pruned: a fine-tune's start, which the snapshot rightly is)
         if kept or snapshot:
             zeros = (f", so the {kept:,} zero entries of the pruned tensors are kept pruned (masked), rather than "
                      "trained back." if kept else ".")
