@@ -44,7 +44,8 @@ def main() -> None:
     print(result.table())
     for message in result.messages:
         print("-", message)
-    print(f"chosen: {result.recipe.describe() if result.recipe else 'fp32 (see the messages above)'}; "
+    goal = "within the tolerance" if result.goal_met else "goal NOT met (see the messages above)"
+    print(f"chosen: {result.recipe.describe() if result.recipe else 'fp32 (see the messages above)'}, {goal}; "
           f"val_acc {result.metric:.4f} vs fp32 {result.baseline_metric:.4f}, "
           f"{result.speedup:.2f}x faster, {result.size_bytes / result.baseline_size_bytes:.2f}x the size")
 

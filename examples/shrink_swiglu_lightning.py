@@ -57,8 +57,10 @@ def main() -> None:
     for name, m in model.named_modules():
         if name.endswith(".feed_forward"):
             zero_w1, zero_w3 = ((layer.weight == 0).all(1) for layer in (m.w1, m.w3))
+            # removed as the shrunk model has it: shrink keeps one channel of a block whose every channel is zero
+            removed = m.w1.out_features - result.model.get_submodule(name).w1.out_features
             print(f"{name}: {int(zero_w1.sum())} zero rows in w1, {int(zero_w3.sum())} in w3, "
-                  f"{int((zero_w1 | zero_w3).sum())} channels removed")
+                  f"{removed} channels removed")
     print(f"test accuracy {accuracy:.2%}; largest output difference after shrinking {difference:.2e}")
 
     # Shipping the narrow weights: their state dict no longer fits the constructor's widths, so a fresh model is

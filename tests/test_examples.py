@@ -63,7 +63,8 @@ def test_quantize_lightning(tmp_path):
               "--output", str(tmp_path / "model.int8"))
     assert "reloaded, same predictions: True" in out
     assert (tmp_path / "model.int8").exists()
-    assert "chosen: " in out and "fp32 (no candidate met the goal)" not in out
+    # (the fallback's words, "goal NOT met", were never checked: the test looked for a line the script never prints)
+    assert "chosen: " in out and ", within the tolerance; " in out and "goal NOT met" not in out
 
 
 def test_shrink_swiglu_lightning(tmp_path):
