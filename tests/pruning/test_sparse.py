@@ -497,3 +497,23 @@ def test_a_sparsified_state_dict_turned_dense_loads_into_the_dense_model():
     dense.load_state_dict(state)  # strict
     with torch.no_grad():
         torch.testing.assert_close(dense(x), sparse.model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparsified_lightning_module_traces_as_the_docstring_says():
+    """Tracing reads every property, and an unattached LightningModule's `trainer` raises: the result of sparsify on
+    any built-in classifier failed torch.jit.trace ("MLPClassifier is not attached to a `Trainer`")."""
+    from litcompress.models import MLPClassifier
+
+    torch.manual_seed(0)
+    model = MLPClassifier(hidden=(64,)).eval()
+    prune.l1_unstructured(model.net[0], "weight", amount=0.95)
+    x = torch.rand(8, 64)
+    result = sparsify(model, x, min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        traced = torch.jit.trace(result.model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+        model.trainer  # the user's module is left as it was

@@ -289,6 +289,11 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     copied = deepcopy_model(model)
     make_permanent_(copied)
     fold_parametrizations_(copied)
+    for module in copied.modules():
+        # a LightningModule's `trainer` raises when unattached, and tracing reads every property: the flag Lightning's
+        # own to_torchscript sets makes it answer None (our copy only; the result traces as the docstring says)
+        if isinstance(getattr(module, "_jit_is_scripting", None), bool):
+            module._jit_is_scripting = True
     return copied.eval()
 
 
