@@ -584,3 +584,18 @@ def test_a_validation_that_bypasses_the_quantized_forward_is_refused_at_its_firs
     make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[callback]).fit(
         ValidatesItsNetDirectly(hidden=(16,)), datamodule=DigitsDataModule())
     assert callback.metric_value is not None
+
+
+def test_validating_from_a_checkpoint_after_the_fit_keeps_the_fits_qat_graph(tmp_path):
+    """validate(ckpt_path=...) restored the callback's state as for a resumed fit, which dropped `qat` (the trained
+    graph) to None; it loads the weights only."""
+    seed_everything(0)
+    callback, data = QuantizationAwareTraining("net"), DigitsDataModule()
+    trainer = make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+                           callbacks=[callback, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    model = MLPClassifier(hidden=(16,))
+    trainer.fit(model, datamodule=data)
+    graph = callback.qat
+    assert graph is not None
+    trainer.validate(model, datamodule=data, ckpt_path="last")
+    assert callback.qat is graph and callback.result is not None

@@ -416,6 +416,9 @@ class QuantizationAwareTraining(Callback):
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         from litcompress.callbacks.pruning import restore_state_under_class_key
 
+        # validate/test/predict(ckpt_path=...) load the weights only: the QAT state is a fit's (taken, it dropped the
+        # graph a finished fit left in `qat`)
+        self._state_for_a_fit = trainer.state.fn == "fit"
         restore_state_under_class_key(self, trainer, checkpoint)  # written before the key named the submodule
 
     def state_dict(self) -> dict[str, Any]:
@@ -425,6 +428,9 @@ class QuantizationAwareTraining(Callback):
                 "early_masks": self._early_masks if self.qat is None else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not getattr(self, "_state_for_a_fit", True):
+            self._state_for_a_fit = True
+            return
         self._pending_state = state_dict.get("fake_quant")
         self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
         self._early_masks = state_dict.get("early_masks")
