@@ -363,6 +363,11 @@ def compress_lightning(
     # counted only to fine-tune: a loader without a length serves every other stage as it is
     steps = _fine_tune_steps(datamodule.train_dataloader(), fine_tune_epochs, trainer_kwargs) if fine_tune_epochs \
         else 0
+    if fine_tune_epochs and not steps and config.prune is not None:  # (it pruned in one shot, saying to fine-tune)
+        raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs}): the fine-tuning would make no "
+                         "optimizer step: the training dataloader gives no batch (fewer samples than a batch with "
+                         "drop_last=True?), or trainer_kwargs' limit_train_batches leaves none of its batches. Give "
+                         "it batches, or fine_tune_epochs=0 to prune in one shot.")
     return compress(
         target, config,
         eval_fn=lightning_eval_fn(module, datamodule, metric, submodule=submodule),
