@@ -337,3 +337,34 @@ def test_fit_end_arguments_that_would_fail_after_the_fit_are_refused_at_construc
                 "QuantizeOnFitEnd metric": lambda: QuantizeOnFitEnd(PTQConfig(), 5)}
     with pytest.raises(error, match=message):
         (quantize[make] if isinstance(make, str) else make)()
+
+
+def test_fine_tuning_that_would_make_no_step_is_refused_before_any_stage() -> None:
+    """A limit_train_batches fraction that leaves no batch (Lightning refuses it too), or a loader that gives none
+    (drop_last with fewer samples than a batch): fine_tune_epochs was dropped silently, and the one-shot pruning's
+    note said to pass fine-tuning."""
+    counted = Batches()
+    train, val = _loader(_data(96, 0)), _loader(_data(48, 1))
+    empty = DataLoader(_data(8, 0), batch_size=16, drop_last=True)
+    for loader, kwargs in ((train, {"limit_train_batches": 0.01}), (empty, {})):
+        with pytest.raises(ValueError, match=r"fine_tune_epochs=2\): the fine-tuning would make no optimizer step"):
+            compress_lightning(Tiny(), CONFIG, train_dataloaders=loader, val_dataloaders=val, fine_tune_epochs=2,
+                               trainer_kwargs={"callbacks": [counted], **kwargs})
+    assert counted.trained == 0
+
+
+class LogsWithoutLogger(Tiny):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean(), logger=False, prog_bar=True)
+
+
+def test_a_metric_logged_without_the_logger_is_read_as_model_checkpoint_reads_it() -> None:
+    """self.log(..., logger=False) is left out of what validate returns, but in callback_metrics: it was refused as
+    "not logged by validation_step; logged: []"."""
+    L.seed_everything(0)
+    module = LogsWithoutLogger()
+    val = _loader(_data(48, 1))
+    result = compress_lightning(module, CONFIG, train_dataloaders=_loader(_data(96, 0)), val_dataloaders=val)
+    trainer = _trainer()
+    trainer.validate(module, val, verbose=False)
+    assert result.report["input"].metric == pytest.approx(float(trainer.callback_metrics["val_acc"]))

@@ -265,6 +265,10 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
         try:
             with ctrl_c_raises(trainer):  # the search keeps what it found (Lightning would exit the process)
                 logged = logged_metrics(run(host, datamodule=datamodule, dataloaders=dataloaders, verbose=False))
+            if metric not in logged and metric in trainer.callback_metrics:
+                # logged with logger=False: validate/test return it not, and callback_metrics (what
+                # ModelCheckpoint(monitor=...) reads) holds it
+                logged[metric] = float(trainer.callback_metrics[metric])
         finally:
             if datamodule is not None and attached is not trainer:
                 datamodule.trainer = attached  # the user's, after a fit, as they left it
