@@ -931,6 +931,35 @@ def test_a_weights_only_checkpoint_loaded_with_keep_masks_says_no_masks_came_wit
         load_module_from_checkpoint(ThreeLayerModel, tmp_path / "dense.ckpt")
 
 
+class SetsUp(FixedDataModel):
+    """Overrides `setup` (datasets are often built there): its targets are found when a stage starts."""
+
+    def setup(self, stage: str) -> None:
+        self.ready = True
+
+
+@pytest.mark.parametrize("make_pruning_permanent", [True, False])
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluating_a_checkpoint_of_a_module_with_its_own_setup_then_fitting_on(tmp_path, stage,
+                                                                                make_pruning_permanent):
+    """The checkpoint's masks were put back in the stage's first hook, inside inference mode: permanent pruning then
+    failed in teardown ("Inference tensors cannot be saved for backward"). Kept masks (not permanent) must train on
+    in the next fit too."""
+    def callback():
+        return ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=make_pruning_permanent,
+                            use_lottery_ticket_hypothesis=False)
+
+    seed_everything(0)
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback()]).fit(model := SetsUp())
+    path = tmp_path / "pruned.ckpt"
+    model.trainer.save_checkpoint(path)
+    fresh = SetsUp()
+    getattr(make_trainer(tmp_path, max_epochs=2, callbacks=[callback()]), stage)(fresh, ckpt_path=path)
+    assert torch_prune.is_pruned(fresh) == (not make_pruning_permanent)
+    assert torch.equal(fresh.layer.mlp_1.weight, model.layer.mlp_1.weight)
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback()]).fit(fresh)  # training goes on from there
+
+
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""

@@ -78,7 +78,10 @@ class TargetsFoundOnceConfigured(Callback):
             return False
         stage, self._deferred_stage = self._deferred_stage, None
         self._remove_hooks()
-        self._find_targets(pl_module, stage)
+        # evaluation hooks run in inference mode: masks a checkpoint's state puts back must be ordinary tensors, or
+        # making them permanent when the stage ends fails ("Inference tensors cannot be saved for backward")
+        with torch.inference_mode(False):
+            self._find_targets(pl_module, stage)
         return True
 
     def _remove_hooks(self) -> None:
