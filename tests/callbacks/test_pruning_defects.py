@@ -960,6 +960,29 @@ def test_evaluating_a_checkpoint_of_a_module_with_its_own_setup_then_fitting_on(
     make_trainer(tmp_path, max_epochs=1, callbacks=[callback()]).fit(fresh)  # training goes on from there
 
 
+@pytest.mark.parametrize(("cadence", "short"), [({"check_val_every_n_epoch": 2}, True),
+                                               ({"val_check_interval": 5, "check_val_every_n_epoch": None}, True),
+                                               ({}, False)])
+def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said(tmp_path, cadence, short):
+    """With no validation after its last point, the schedule stopped at 51% of 65.7% without a word (the fit trained
+    as many epochs as the schedule spans, so no "ended early" was said)."""
+    from litcompress.pruning.schedules import IterativeSchedule
+
+    seed_everything(0)
+    schedule = IterativeSchedule(rate_per_round=0.3, rounds=3, unit="epoch")
+    callback = ModelPruning("l1_unstructured", amount=schedule, prune_on_train_epoch_end=False,
+                            parameter_names=["weight"], use_lottery_ticket_hypothesis=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=3, limit_val_batches=1, callbacks=[callback], **cadence).fit(
+            FixedDataModel())
+    messages = [str(w.message) for w in said if "prunes when a validation ends" in str(w.message)]
+    assert len(messages) == short
+    if short:
+        assert "the last one of this fit came after epoch 2, before the schedule's end (epoch 3)" in messages[0]
+        assert f"of the {schedule.final_sparsity:.1%} sparsity asked for" in messages[0]
+
+
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""

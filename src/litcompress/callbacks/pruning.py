@@ -1026,6 +1026,16 @@ class ModelPruning(TargetsFoundOnceConfigured):
             message = stopped_early_message(self._schedule, progress, "sparsity")
             if message and not self._warned_fit_too_short:  # said when fitting started
                 rank_zero_warn(message)
+            looked = self._epoch_progress  # epochs finished at the last validation that looked for rounds
+            if not message and not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
+                    and self._validations_this_fit and 0 <= looked < self._schedule.end \
+                    and self._schedule.reached_by(looked) < self._schedule.final_sparsity:
+                rank_zero_warn(
+                    f"ModelPruning(prune_on_train_epoch_end=False) prunes when a validation ends, and the last one of "
+                    f"this fit came after epoch {looked}, before the schedule's end (epoch {self._schedule.end}): "
+                    f"the model is at {self._schedule.reached_by(looked):.1%} of the "
+                    f"{self._schedule.final_sparsity:.1%} sparsity asked for. Validate after the last epoch "
+                    "(check_val_every_n_epoch, val_check_interval), or pass prune_on_train_epoch_end=True.")
             self._warn_if_rounds_were_skipped()
         if self._reset_pending:
             _info_on_rank_zero("`ModelPruning`: the last round's lottery-ticket reset waits for training to go on (a "
