@@ -368,3 +368,33 @@ def test_a_metric_logged_without_the_logger_is_read_as_model_checkpoint_reads_it
     trainer = _trainer()
     trainer.validate(module, val, verbose=False)
     assert result.report["input"].metric == pytest.approx(float(trainer.callback_metrics["val_acc"]))
+
+
+class TwoOptimizerSteps(Tiny):
+    """Manual optimization stepping two optimizers per batch (a GAN's generator and discriminator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+
+
+def test_max_steps_bounding_a_manually_optimized_fine_tune_is_warned_of() -> None:
+    """max_steps counts both optimizers' steps, the schedule batches: the fit stopped at half the batches the schedule
+    was laid over, and the rest was pruned at once after it, said only in the report."""
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, rounds=4), quantize=None, export=False,
+                               latency_repeats=2)
+    with pytest.warns(UserWarning, match=r"manual optimization, so the pruning schedule counts training batches, "
+                                         r"while max_steps=10 bounds every optimizer's steps"):
+        result = compress_lightning(TwoOptimizerSteps(), config, train_dataloaders=_loader(_data(192, 0)),
+                                    val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1,
+                                    trainer_kwargs={"max_steps": 10})
+    assert "during 5 fine-tuning steps" in result.report["pruned"].description  # half the 10 batches laid over

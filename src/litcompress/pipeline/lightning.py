@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -313,6 +314,13 @@ def compress_lightning(
     _check_trainer_kwargs(trainer_kwargs)
     if fine_tune_epochs:
         _check_fine_tuning_trainer(*_fine_tuning_trainer_kwargs(trainer_kwargs, fine_tune_epochs))
+    max_steps = trainer_kwargs.get("max_steps")
+    if fine_tune_epochs and not module.automatic_optimization and isinstance(max_steps, int) and max_steps > 0:
+        warnings.warn(f"compress_lightning: {type(module).__name__} uses manual optimization, so the pruning schedule "
+                      f"counts training batches, while max_steps={max_steps} bounds every optimizer's steps "
+                      "(trainer.global_step): with several optimizer steps per batch (a GAN's two) the fine-tuning "
+                      "stops before the schedule ends, and the rest is pruned at once after it. Bound it with "
+                      "limit_train_batches instead.", stacklevel=2)
     # as a Trainer does before `setup`: a DataModule's setup may read what its prepare_data downloads or writes
     datamodule.prepare_data()
     datamodule.setup("fit")
