@@ -18,6 +18,7 @@ from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import seed_everything
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -981,6 +982,46 @@ def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said(tmp_
     if short:
         assert "the last one of this fit came after epoch 2, before the schedule's end (epoch 3)" in messages[0]
         assert f"of the {schedule.final_sparsity:.1%} sparsity asked for" in messages[0]
+
+
+class CharModel(BoringModel):
+    """A vocabulary with a padding row: zeros by design, never pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(40, 16, padding_idx=0), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            torch.randint(0, 40, (32, 6), generator=generator), torch.randint(0, 2, (32,), generator=generator)),
+            batch_size=8)
+
+
+def test_an_embeddings_padding_row_is_no_sign_of_pruning(tmp_path, caplog):
+    """Its zeros (2.5% of the table) were taken for pruning's: a weights-only checkpoint of the dense model was warned
+    to have lost its masks, and a pruning fine-tune resumed from a dense checkpoint said it was saved by a pruning
+    callback."""
+    from litcompress import load_module_from_checkpoint
+
+    seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, limit_val_batches=0, callbacks=[ckpt])
+    trainer.fit(CharModel())
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_module_from_checkpoint(CharModel, tmp_path / "weights.ckpt")
+    with caplog.at_level(INFO):
+        make_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[
+            ModelPruning("l1_unstructured", amount=0.3)]).fit(CharModel(), ckpt_path=ckpt.last_model_path)
+    assert "without this callback's state" not in caplog.text
 
 
 class AttentionModel(FixedDataModel):

@@ -560,6 +560,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         target are taken as its mask; a target that is all zeros (a zero-initialised layer) is left to train."""
         if trainer.ckpt_path is None or self._state_restored:
             return
+        # whether it was pruned: masks came with its weights, or zeros as pruning leaves them (not an embedding's
+        # padding row): the message names a pruning callback only then
+        pruned_before = bool(engine.pruned_targets(trainer.lightning_module)) or any(
+            engine.holds_pruning_zeros(module, name) for module, name in self._parameters_to_prune)
         kept = 0
         for module, name in engine.distinct_targets(self._parameters_to_prune):
             if engine.is_pruned(module, name):  # its mask came with the weights (`<name>_mask` keys)
@@ -579,12 +583,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "as they are, so their pruned entries stay zero.")
         # the initial weights are in this callback's state: without it (a masked checkpoint's zeros came with their
         # masks, so `kept` is 0) the ticket would quietly reset to the weights resumed
-        pruned_before = kept or any(True for _ in engine.pruned_targets(trainer.lightning_module))
         snapshot = (" Its lottery-ticket snapshot is of the weights resumed: the initial weights are kept in this "
                     "callback's state, which the checkpoint does not hold under its key."
                     if self._use_lottery_ticket_hypothesis and self._rewind_point in (None, 0) and pruned_before
                     else "")  # (a checkpoint never pruned: a fine-tune's start, which the snapshot rightly is)
-        if kept or snapshot:
+        if pruned_before and (kept or snapshot):
             zeros = (f", so the {kept:,} zero entries of the pruned tensors are kept pruned (masked), rather than "
                      "trained back." if kept else ".")
             _info_on_rank_zero(
@@ -1483,20 +1486,21 @@ def load_pruned_checkpoint(
         raise ValueError("Not a Lightning checkpoint (no 'state_dict'); use `load_pruned_state_dict` for a state dict.")
     engine.load_pruned_state_dict(model, checkpoint["state_dict"], strict=strict)
     if keep_masks:
-        _restore_saved_masks_(model, checkpoint, strict=strict)
+        _restore_saved_masks_(model, checkpoint, strict=strict, owner="load_pruned_checkpoint")
     else:
         engine.make_permanent_(model)
     return model
 
 
-def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any], *, strict: bool) -> None:
+def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any], *, strict: bool, owner: str) -> None:
     """Re-create on `model` the masks the pruning callbacks saved in `checkpoint`'s callback states: ModelPruning's
     (and a subclass's, under its own name), UnitPruning's and HeadPruning's (they were left out: the pruned units and
-    heads grew back in a fit that went on). Not `strict`: masks of tensors `model` lacks are skipped."""
-    pruned_looking = any(p.dim() >= 2 and p.numel() and float((p == 0).float().mean()) >= 0.01
-                         for p in model.parameters())  # (a model never pruned has nothing to keep)
-    if "callbacks" not in checkpoint and not engine.pruned_targets(model) and pruned_looking:
-        warnings.warn("load_pruned_checkpoint(keep_masks=True): the checkpoint holds no callback states (saved with "
+    heads grew back in a fit that went on). Not `strict`: masks of tensors `model` lacks are skipped. A weights-only
+    checkpoint of a pruned model (its zeros, no states) is warned of, naming `owner`, the loader called."""
+    if "callbacks" not in checkpoint and not engine.pruned_targets(model) and any(
+            engine.holds_pruning_zeros(module, name) for module in model.modules()
+            for name, _ in module.named_parameters(recurse=False)):  # (a model never pruned has nothing to keep)
+        warnings.warn(f"{owner}(keep_masks=True): the checkpoint holds no callback states (saved with "
                       "save_weights_only=True?), so no pruning masks came with it: the zeros are in the weights, but "
                       "nothing keeps them at zero if training goes on. Mask them to keep them: "
                       "litcompress.pruning.set_mask_(module, 'weight', module.weight != 0) for each pruned tensor.",
@@ -1527,7 +1531,8 @@ def load_module_from_checkpoint(
             module = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
                                                        **kwargs)
             if keep_masks:
-                _restore_saved_masks_(module, checkpoint, strict=_strictness(module, strict))
+                _restore_saved_masks_(module, checkpoint, strict=_strictness(module, strict),
+                                      owner="load_module_from_checkpoint")
             return module
         # Lightning builds the module and loads its effective weights (`orig * mask`) as it would a permanent
         # checkpoint's, `strict` and the module's `strict_loading` as they are; the masks go on below
@@ -1548,7 +1553,8 @@ def load_module_from_checkpoint(
                 raise
             module.load_state_dict(state, strict=_strictness(module, strict))
             if keep_masks:
-                _restore_saved_masks_(module, checkpoint, strict=_strictness(module, strict))
+                _restore_saved_masks_(module, checkpoint, strict=_strictness(module, strict),
+                                      owner="load_module_from_checkpoint")
             return module
     narrow_to_state_dict_(module, state)  # a non-strict load skips the `<name>_orig` keys unchecked: narrow here
     return load_pruned_checkpoint(module, checkpoint, keep_masks=keep_masks, strict=_strictness(module, strict))

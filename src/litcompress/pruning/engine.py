@@ -638,6 +638,23 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
         refresh_cached_tensor(module, name)
 
 
+def holds_pruning_zeros(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` (2-d or more) holds exact zeros as pruning leaves them: at least 1% of its entries,
+    not all of them (a zero-initialised tensor), an embedding's ``padding_idx`` row (zeros by design) left out."""
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, Tensor) or tensor.dim() < 2 or not tensor.numel() or not tensor.is_floating_point():
+        return False
+    with torch.no_grad():
+        zeros = int(tensor.numel() - torch.count_nonzero(tensor))
+        if zeros == tensor.numel():
+            return False
+        padding = getattr(module, "padding_idx", None) if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) \
+            else None
+        if name == "weight" and isinstance(padding, int):
+            zeros -= int(tensor.shape[1] - torch.count_nonzero(tensor[padding]))
+    return zeros >= 0.01 * tensor.numel()
+
+
 def emptied_targets(targets: Iterable[Target]) -> list[Target]:
     """The targets, biases aside, whose masks prune every entry: nothing flows through their modules any more."""
     return [(module, name) for module, name in distinct_targets(targets)
