@@ -13,7 +13,9 @@ def partial_path(path: Path) -> Path:
     """A name beside `path` for writing it first: unique (a fixed one overwrote, then deleted, a user's file of that
     name) and ending in `path`'s suffix (writers choose the format by it). Nothing is created: the writer makes the
     file, with the permissions of any new file (``tempfile.mkstemp`` would make it private to the user)."""
-    tail = f".{uuid.uuid4().hex[:12]}.partial{path.suffix}"
+    # (writers choose the format by a short suffix: a long "suffix" is part of the name, and may be dropped)
+    suffix = path.suffix if len(path.suffix.encode()) <= 16 else ""
+    tail = f".{uuid.uuid4().hex[:12]}.partial{suffix}"
     # the name's stem shortened where the whole would pass the file system's limit on a name (255 bytes on most):
     # a legal name of ~240 characters failed, naming this file
     room = _name_max(path.parent) - len(tail.encode())

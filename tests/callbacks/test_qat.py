@@ -599,3 +599,19 @@ def test_validating_from_a_checkpoint_after_the_fit_keeps_the_fits_qat_graph(tmp
     assert graph is not None
     trainer.validate(model, datamodule=data, ckpt_path="last")
     assert callback.qat is graph and callback.result is not None
+
+
+def test_a_state_loaded_after_validating_a_checkpoint_without_one_is_taken(tmp_path):
+    """Lightning calls load_state_dict only when the checkpoint holds the callback's key: the flag an evaluation's
+    checkpoint set stayed, and swallowed the next load_state_dict."""
+    seed_everything(0)
+    trainer = make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "plain", save_last=True)])
+    model, data = MLPClassifier(hidden=(16,)), DigitsDataModule()
+    trainer.fit(model, datamodule=data)  # no QAT: its checkpoint holds no such state
+    callback = QuantizationAwareTraining("net")
+    make_trainer(tmp_path, callbacks=[callback]).validate(model, datamodule=data,
+                                                           ckpt_path=tmp_path / "plain" / "last.ckpt")
+    state = {"start_epoch": 0, "fake_quant": {"x": torch.ones(1)}, "held_masks": None, "early_masks": None}
+    callback.load_state_dict(state)
+    assert callback.state_dict()["fake_quant"] == {"x": torch.ones(1)}

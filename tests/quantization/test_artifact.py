@@ -433,3 +433,10 @@ def test_a_long_legal_file_name_is_written(tmp_path):
     assert os.listdir(tmp_path) == [path.name]
     loaded, _ = load_quantized(path)
     assert loaded(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_a_legal_name_whose_suffix_is_most_of_it_is_written(tmp_path):
+    """The temporary name kept the whole suffix ('.2024_06_01_xxx...', 248 bytes) and overran the limit."""
+    path = tmp_path / ("run.2024_06_01_" + "x" * 236)
+    save_quantized(nn.Sequential(nn.Linear(4, 2)).eval(), None, path, (torch.randn(2, 4),), fp32_format="torchscript")
+    assert os.listdir(tmp_path) == [path.name]

@@ -404,6 +404,7 @@ class QuantizationAwareTraining(Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._restore_forward()
+        self._loading_for = None  # (set by an evaluation's checkpoint: a later load_state_dict is for a fit)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     @property
@@ -417,8 +418,8 @@ class QuantizationAwareTraining(Callback):
         from litcompress.callbacks.pruning import restore_state_under_class_key
 
         # validate/test/predict(ckpt_path=...) load the weights only: the QAT state is a fit's (taken, it dropped the
-        # graph a finished fit left in `qat`)
-        self._state_for_a_fit = trainer.state.fn == "fit"
+        # graph a finished fit left in `qat`); Lightning calls load_state_dict only when the checkpoint holds the key
+        self._loading_for = trainer.state.fn
         restore_state_under_class_key(self, trainer, checkpoint)  # written before the key named the submodule
 
     def state_dict(self) -> dict[str, Any]:
@@ -428,8 +429,7 @@ class QuantizationAwareTraining(Callback):
                 "early_masks": self._early_masks if self.qat is None else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not getattr(self, "_state_for_a_fit", True):
-            self._state_for_a_fit = True
+        if getattr(self, "_loading_for", None) not in (None, "fit"):  # an evaluation's checkpoint: the weights only
             return
         self._pending_state = state_dict.get("fake_quant")
         self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
