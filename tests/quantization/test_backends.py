@@ -558,7 +558,7 @@ def test_onnxruntime_keeps_nested_fp32_layers_float(approach):
     assert _onnx_int8_layers(one_block) == {"blocks.0.fc1", "blocks.0.fc2", "head"}
 
 
-def _onnx_int8_layers(quantized) -> set[str]:
+def _onnx_int8_layers(quantized, module_names=None) -> set[str]:
     """The torch modules whose matrix products ORT runs in int8 (dynamic integer ops, or static QDQ weights)."""
     import onnx
 
@@ -566,9 +566,46 @@ def _onnx_int8_layers(quantized) -> set[str]:
 
     graph = onnx.load_from_string(quantized.model_bytes).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {_scope_module(n.name) for n in graph.node
+    return {_scope_module(n.name, module_names) for n in graph.node
             if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
             or (n.op_type in ("MatMul", "Gemm") and all(i in dequantized for i in n.input[:2]))}
+
+
+class _MLPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.heads = nn.ModuleDict({"cls": nn.Linear(16, 16)})
+
+    def forward(self, x):
+        return self.heads["cls"](x + self.mlp(x))
+
+
+class _BlocksNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks, self.head = nn.ModuleList([_MLPBlock()]), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks[0](x).mean(1))
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_onnxruntime_keeps_layers_of_containers_inside_blocks_fp32(approach):
+    """The exporter names a container's child relative to the module above the container ("mlp.0" in blocks.0.mlp.0)
+    and a ModuleDict's child by its key ("cls"): those layers, MatMuls over (batch, tokens, features), stayed int8
+    under a recipe naming them fp32, and the search's fallback trials changed nothing."""
+    torch.manual_seed(0)
+    model = _BlocksNet().eval()
+    x = torch.randn(8, 10, 16)
+    names = [n for n, _ in model.named_modules()]
+    backend = get_backend("onnxruntime")
+    recipe = next(r for r in backend.recipes(approach))
+    every = backend.quantize(copy.deepcopy(model), recipe, (x[:2],), [(x,)])
+    assert {"blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.0.heads.cls"} <= _onnx_int8_layers(every, names)
+    kept = ("blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.0.heads.cls")
+    fallback = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(kept), (x[:2],), [(x,)])
+    assert not set(kept) & _onnx_int8_layers(fallback, names)
 
 
 def test_onnxruntime_fp32_layer_names_match_one_module_not_every_leaf_of_that_name():

@@ -247,21 +247,31 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
-def _scope_module(node_name: str) -> str:
+def _scope_module(node_name: str, module_names: Sequence[str] | None = None) -> str:
     """The torch module a node of the legacy exporter was traced in, from its scoped name: "/blocks/blocks.1/fc1/MatMul"
-    is in ``blocks.1.fc1`` (a scope is the child's attribute name, or, for containers' children, its full name)."""
+    is in ``blocks.1.fc1``. A scope is a child's attribute name or a container's child's name relative to the module
+    above the container ("mlp.0" in ``blocks.0.mlp.0``), and a ModuleDict's child goes by its key alone ("cls" in
+    ``blocks.0.heads.cls``): with `module_names` (the model's) each scope is resolved to the nearest module under the
+    one before whose name ends with it; without, the scopes are joined."""
     qualified = ""
     for part in node_name.split("/")[1:-1]:
-        qualified = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
+        joined = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
+        if module_names is not None:
+            prefix = f"{qualified}." if qualified else ""
+            found = [n for n in module_names if n.startswith(prefix) and n != qualified
+                     and (n == part or n.endswith(f".{part}"))]
+            joined = min(found, key=lambda n: n.count(".")) if found else joined
+        qualified = joined
     return qualified
 
 
-def _nodes_of_layers(onnx_model, layers: Sequence[str]) -> list[str]:
-    """ONNX node names that implement the given torch module names (or modules inside them)."""
+def _nodes_of_layers(onnx_model, layers: Sequence[str], module_names: Sequence[str] | None = None) -> list[str]:
+    """ONNX node names that implement the given torch module names (or modules inside them); `module_names` (the
+    model's) resolve the nodes' scopes (:func:`_scope_module`)."""
     wanted = set(layers)
     nodes = []
     for node in onnx_model.graph.node:
-        scope = _scope_module(node.name)
+        scope = _scope_module(node.name, module_names)
         for layer in wanted:
             # Parameter names stay where the weight is used as is ("fc.weight"); a transposed copy for a MatMul is
             # renamed ("onnx::MatMul_12"), so the node's scope is what names its module.
@@ -334,7 +344,7 @@ class OnnxRuntimeBackend(Backend):
                 quant_pre_process(src, pre, skip_symbolic_shape=True)
             except Exception:
                 pre = src
-            exclude = _nodes_of_layers(onnx.load(pre), recipe.fp32_layers)
+            exclude = _nodes_of_layers(onnx.load(pre), recipe.fp32_layers, [n for n, _ in model.named_modules()])
             if recipe.approach == "dynamic":
                 # Gather: an embedding table (ORT quantizes a Gather whose table is a weight, not one of activations)
                 quantize_dynamic(pre, dst, op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Gather"],
