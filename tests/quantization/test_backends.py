@@ -717,3 +717,21 @@ def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(bac
     everything_fp32 = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(layers)), (x,), [(x,)])
     with torch.no_grad():
         torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_ao_static_offers_no_layer_inside_a_module_fx_calls_as_one():
+    """FX calls torch.nn's TransformerEncoderLayer as one op, so static int8 never reaches its Linear layers: the
+    search offered them as fp32 fallbacks, trials that built the same model under a recipe naming them fp32."""
+    class Encoded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 16)
+            self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.proj(x)).mean(1))
+
+    model = Encoded().eval()
+    assert get_backend("torch_ao").quantizable_layers(model, "static") == ["proj", "head"]
+    assert {"enc.linear1", "enc.linear2"} <= set(get_backend("pt2e").quantizable_layers(model, "static"))  # traced in

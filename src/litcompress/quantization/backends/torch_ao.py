@@ -46,6 +46,17 @@ def _quiet_torch_ao() -> Iterator[None]:
 # torch.ao's dynamic int8 Linear has a `weight()` method instead of a tensor, so the Linears of modules that read
 # their weight tensors directly stay fp32 (pytorch/pytorch#109987).
 
+def _inside_fx_leaves(model: nn.Module) -> set[str]:
+    """The layers inside a torch.nn module that FX traces as one call (``nn.TransformerEncoderLayer``,
+    ``nn.MultiheadAttention``): static FX quantization never reaches them, so naming them fp32 changes nothing."""
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    inside: set[str] = set()
+    for name, module in model.named_modules():
+        if name and type(module).__module__.startswith("torch.nn") and not isinstance(module, containers):
+            inside |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
+    return inside
+
+
 class TorchAOBackend(Backend):
     """Static int8 via FX graph mode (convolutions + Linear), dynamic int8 via ``quantize_dynamic`` (Linear, LSTM, GRU
     and the recurrent cells; embedding tables as int8 rows)."""
@@ -55,8 +66,9 @@ class TorchAOBackend(Backend):
     artifact_suffix = ".pt"
 
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
-        if approach != "dynamic":
-            return super().quantizable_layers(model, approach)
+        if approach != "dynamic":  # FX calls torch.nn's modules as one op: the layers inside them stay float
+            inside = _inside_fx_leaves(model)
+            return [name for name in super().quantizable_layers(model, approach) if name not in inside]
         read = _with_tied_layers(model, _reads_weight_tensors(model))  # their weights are read, not called
         return [name for name in super().quantizable_layers(model, approach) if name not in read]
 
