@@ -764,10 +764,23 @@ def test_a_round_that_prunes_nothing_does_not_rewind(tmp_path):
     (dict(reset_optimizer=None), r"`reset_optimizer=None`: pass True or False"),
     (dict(use_lottery_ticket_hypothesis=False, rewind_to_step=5), r"`rewind_to_step=5` rewind\(s\) the lottery"),
     (dict(use_lottery_ticket_hypothesis=False, reset_optimizer=True), r"`reset_optimizer=True` rewind\(s\)"),
+    # a point 0 was refused, then left out of the message: "`` rewind(s) ..."
+    (dict(use_lottery_ticket_hypothesis=False, rewind_to_step=0), r"`rewind_to_step=0` rewind\(s\)"),
+    (dict(use_lottery_ticket_hypothesis=False, rewind_to_epoch=0, reset_optimizer=True),
+     r"`rewind_to_epoch=0, reset_optimizer=True` rewind\(s\)"),
+    # truthy: every reset drew fresh weights, the run quietly the random re-initialisation control
+    (dict(resample_parameters="no"), r"`resample_parameters='no'`: pass True or False"),
 ])
 def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_construction(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
         ModelPruning("l1_unstructured", amount=0.5, **kwargs)
+
+
+def test_resampling_without_the_lottery_ticket_is_said_to_do_nothing():
+    """Lightning accepts it (kept, for drop-in use), silently."""
+    with pytest.warns(UserWarning, match=r"resample_parameters=True\) re-draws the weights of the lottery ticket's "
+                                         r"resets, which use_lottery_ticket_hypothesis=False turns off"):
+        ModelPruning("l1_unstructured", amount=0.5, resample_parameters=True, use_lottery_ticket_hypothesis=False)
 
 
 def test_a_schedule_written_with_float_numbers_resumes_from_one_written_with_ints(tmp_path):

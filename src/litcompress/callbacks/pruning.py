@@ -267,10 +267,16 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                                               self._first_epoch_round)
         if not isinstance(reset_optimizer, bool):  # "no" was truthy: it cleared the optimizer's state
             raise MisconfigurationException(f"`reset_optimizer={reset_optimizer!r}`: pass True or False.")
+        if not isinstance(resample_parameters, bool):  # "no" was truthy: every reset drew fresh weights
+            raise MisconfigurationException(f"`resample_parameters={resample_parameters!r}`: pass True or False.")
+        if use_lottery_ticket_hypothesis is False and resample_parameters:  # (Lightning's: accepted, with a word)
+            rank_zero_warn("ModelPruning(resample_parameters=True) re-draws the weights of the lottery ticket's "
+                           "resets, which use_lottery_ticket_hypothesis=False turns off: it does nothing here.")
         if use_lottery_ticket_hypothesis is False and (rewind_to_step is not None or rewind_to_epoch is not None
                                                        or reset_optimizer):
             given = [f"{name}={value!r}" for name, value in (("rewind_to_step", rewind_to_step),
-                     ("rewind_to_epoch", rewind_to_epoch), ("reset_optimizer", reset_optimizer)) if value]
+                     ("rewind_to_epoch", rewind_to_epoch), ("reset_optimizer", reset_optimizer))
+                     if (value is not None if name.startswith("rewind") else value)]
             raise MisconfigurationException(f"`{', '.join(given)}` rewind(s) the lottery ticket's weights, which "
                                             "`use_lottery_ticket_hypothesis=False` turns off: drop it, or pass "
                                             "use_lottery_ticket_hypothesis=True (or a callable of the epoch).")
