@@ -1024,6 +1024,33 @@ def test_an_embeddings_padding_row_is_no_sign_of_pruning(tmp_path, caplog):
     assert "without this callback's state" not in caplog.text
 
 
+class RecurrentModel(BoringModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(32, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.unsqueeze(1))[0][:, -1])
+
+
+def test_default_targets_that_leave_a_recurrent_layer_dense_say_so(tmp_path):
+    """As Lightning's, the defaults are the layers' `weight`/`bias` parameters, which an LSTM's matrices are not:
+    only the head was pruned, and the logged sparsity (of the head alone) read as the model's."""
+    with pytest.warns(UserWarning, match=r"ModelPruning's default targets \(as Lightning's\): 1 recurrent layer\(s\) "
+                                         r"stay dense \(lstm\).*\(lstm: weight_ih_l0, weight_hh_l0\).*"
+                                         r"parameters_to_prune"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(
+            RecurrentModel())
+    model = RecurrentModel()
+    named = [(model.lstm, "weight_ih_l0"), (model.lstm, "weight_hh_l0"), (model.head, "weight")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
+        make_trainer(tmp_path, max_epochs=1, callbacks=[
+            ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=named)]).fit(model)
+    assert int((model.lstm.weight_ih_l0 == 0).sum()) > 0  # pruned, then made permanent
+
+
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -717,3 +718,20 @@ def test_a_global_round_interrupted_while_writing_masks_leaves_the_weights_it_ma
         prune_([(model[0], "weight"), (model[1], "weight")], "l1_unstructured", 20)
     assert not any(is_pruned(layer, "weight") for layer in model)
     assert all(torch.equal(layer.weight, weight) for layer, weight in zip(model, before))
+
+
+def test_prune_model_says_which_recurrent_layers_its_weight_name_leaves_dense():
+    """An LSTM's matrices are weight_ih_l0, ...: prune_model_ pruned the Linear layers only, without a word."""
+    model = nn.ModuleDict({"lstm": nn.LSTM(4, 8, num_layers=2), "cell": nn.GRUCell(4, 8), "head": nn.Linear(8, 3)})
+    with pytest.warns(UserWarning, match=r"prune_model_: 2 recurrent layer\(s\) stay dense \(lstm, cell\): their "
+                                         r"weight matrices are not named 'weight' \(lstm: weight_ih_l0, weight_hh_l0, "
+                                         r"weight_ih_l1, weight_hh_l1\)"):
+        targets = prune_model_(model, amount=0.5)
+    assert targets == [(model["head"], "weight")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = prune_model_(model, amount=0.5, parameter_names=["weight", "weight_ih_l0", "weight_hh_l0",
+                                                                  "weight_ih_l1", "weight_hh_l1", "weight_ih",
+                                                                  "weight_hh"])
+    assert {name for module, name in named if module is model["lstm"]} == {"weight_ih_l0", "weight_hh_l0",
+                                                                           "weight_ih_l1", "weight_hh_l1"}

@@ -500,6 +500,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                            "in this fit.")
         if stage == "fit" and not given:
             self._warn_of_frozen_defaults()
+            self._warn_of_recurrent_defaults(pl_module)
         if stage == "fit":
             self._warn_of_gate_rows()
         self._remove_hooks()
@@ -544,6 +545,17 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "prunes them too (a frozen teacher or backbone), and no training brings them back. Pass "
                 "`parameters_to_prune` naming the layers to prune: left out, they stay dense; named, they are pruned "
                 "without this warning.")
+
+    def _warn_of_recurrent_defaults(self, pl_module: LightningModule) -> None:
+        """The default targets are the layers' `weight`/`bias` parameters (as in Lightning), which a recurrent
+        layer's matrices (``weight_ih_l0``, ...) are not: they stay dense, and the logged sparsity leaves them out."""
+        left_out = engine.recurrent_layers_left_out(pl_module, self._parameters_to_prune) \
+            if "weight" in self._parameter_names else []
+        if left_out:
+            rank_zero_warn(engine.recurrent_left_out_message(
+                "ModelPruning's default targets (as Lightning's)", left_out, pl_module,
+                "the sparsity it logs leaves them out. Name them in `parameters_to_prune` to prune them, e.g. "
+                "[(model.lstm, 'weight_ih_l0'), (model.lstm, 'weight_hh_l0'), (model.fc, 'weight')]."))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

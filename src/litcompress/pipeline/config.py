@@ -12,6 +12,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 from litcompress._numbers import python_numbers_
+from litcompress.pruning.engine import recurrent_weight_names
 from litcompress.pruning.methods import accepted_kwargs, resolve_method
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
@@ -48,8 +49,7 @@ def tensor_names(module: nn.Module, name: str) -> list[str]:
     """The tensors `name` stands for in `module`: for an RNN/LSTM/GRU (or cell), ``"weight"`` is each of its weight
     matrices; otherwise `name` itself when the module has such a tensor."""
     if name == "weight" and isinstance(module, RecurrentLayers):
-        names = getattr(module, "_flat_weights_names", None) or ["weight_ih", "weight_hh"]
-        return [n for n in names if n.startswith("weight") and isinstance(getattr(module, n, None), torch.Tensor)]
+        return recurrent_weight_names(module)
     return [name] if isinstance(getattr(module, name, None), torch.Tensor) else []
 
 

@@ -852,6 +852,11 @@ def prune_model_(
         only = f" (only parametrized ones: {', '.join(computed)})" if computed else ""
         raise ValueError(f"prune_model_(parameter_names=...): no module of {type(model).__name__} has a {missing} "
                          f"tensor it can prune{only}; its tensors are named {found}.")
+    left_out = recurrent_layers_left_out(model, targets) if "weight" in parameter_names else []
+    if left_out:
+        warnings.warn(recurrent_left_out_message(
+            "prune_model_", left_out, model, "name them in parameter_names (e.g. parameter_names=['weight', "
+            "'weight_ih_l0', 'weight_hh_l0']) to prune them too."), UserWarning, stacklevel=2)
     if computed:
         warnings.warn(f"prune_model_ leaves out {len(computed)} parametrized tensor(s), which torch.nn.utils.prune "
                       f"cannot mask: {', '.join(computed)}; they stay dense. litcompress.pruning.fold_parametrizations_"
@@ -859,6 +864,32 @@ def prune_model_(
     prune_(targets, method, amount, scope=scope, **method_kwargs)
     keep_bypassed_weights_current_(model)
     return targets
+
+
+#: Recurrent layers and cells, whose weight matrices are ``weight_ih_l0``, ``weight_hh_l0``, ... (a cell's
+#: ``weight_ih``, ``weight_hh``): none is named "weight".
+RECURRENT_WEIGHTED = (nn.RNNBase, nn.RNNCellBase)
+
+
+def recurrent_weight_names(module: nn.Module) -> list[str]:
+    """The weight matrices of a recurrent layer or cell, by name, in torch's order."""
+    names = getattr(module, "_flat_weights_names", None) or ["weight_ih", "weight_hh"]
+    return [n for n in names if n.startswith("weight") and isinstance(getattr(module, n, None), Tensor)]
+
+
+def recurrent_layers_left_out(model: nn.Module, targets: Sequence[Target]) -> list[str]:
+    """The names of `model`'s recurrent layers and cells none of whose tensors is among `targets`."""
+    targeted = {id(module) for module, _ in targets}
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if isinstance(module, RECURRENT_WEIGHTED) and id(module) not in targeted]
+
+
+def recurrent_left_out_message(who: str, left_out: Sequence[str], model: nn.Module, remedy: str) -> str:
+    """Why `left_out` (recurrent layers) stay dense under `who`'s default targets, and `remedy`."""
+    first = model if left_out[0] == type(model).__name__ else model.get_submodule(left_out[0])
+    return (f"{who}: {len(left_out)} recurrent layer(s) stay dense ({', '.join(left_out[:5])}"
+            f"{' ...' if len(left_out) > 5 else ''}): their weight matrices are not named 'weight' "
+            f"({left_out[0]}: {', '.join(recurrent_weight_names(first))}); {remedy}")
 
 
 def default_targets(model: nn.Module, parameter_names: Sequence[str] = ("weight",)) -> list[Target]:
