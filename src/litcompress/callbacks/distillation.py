@@ -236,7 +236,9 @@ class KnowledgeDistillation(Callback):
         distillation = torch.stack(terms).mean()
         if self.log_name is not None:
             # the batch size given: Lightning's guess from the batch warns on dict batches
-            module.log(self.log_name, distillation.detach(), on_step=False, on_epoch=True, batch_size=batch_sizes[0])
+            # (synced: an epoch's value over every process's batches, as Lightning recommends under DDP)
+            module.log(self.log_name, distillation.detach(), on_step=False, on_epoch=True, batch_size=batch_sizes[0],
+                       sync_dist=True)
         combined = self._teacher_copied_from(student).combine(loss, distillation)
         return {**output, "loss": combined} if isinstance(output, Mapping) else combined
 
