@@ -1562,3 +1562,17 @@ def test_a_lottery_ticket_reset_asked_of_a_callback_that_ran_no_fit_here_says_wh
     with pytest.raises(RuntimeError, match=r"holds no snapshot of initial weights: it has run no fit in this process "
                                            r"with the lottery ticket on. Under strategy='ddp_spawn'"):
         callback.apply_lottery_ticket_hypothesis()
+
+
+def test_a_target_no_round_pruned_gets_no_mask_in_a_state_saved_after_rounds():
+    """After any round every unmasked target was saved with its zeros as a mask, all ones for a layer no round
+    pruned (an output layer a structured round leaves whole): a resumed fit re-parametrised it, and its checkpoints'
+    keys (weight_orig/weight_mask) differed from the uninterrupted run's (weight)."""
+    from litcompress.callbacks.targets import masks_to_save
+
+    dense, pruned = nn.Linear(4, 2), nn.Linear(4, 3)
+    with torch.no_grad():
+        pruned.weight[0] = 0
+    masks = masks_to_save(["dense.weight", "pruned.weight"], [(dense, "weight"), (pruned, "weight")],
+                          made_permanent=True)
+    assert list(masks) == ["pruned.weight"] and not bool(masks["pruned.weight"][0].any())

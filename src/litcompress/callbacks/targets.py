@@ -25,7 +25,9 @@ def masks_to_save(names: list[str], targets: list[tuple[Any, str]], *, made_perm
     if made_permanent:
         for name, (module, tensor) in zip(names, targets):
             if name not in masks and getattr(module, tensor) is not None:
-                masks[name] = (getattr(module, tensor) != 0).detach().to("cpu")
+                kept = (getattr(module, tensor) != 0).detach().to("cpu")
+                if not bool(kept.all()):  # (a target no round pruned: no mask, as in the uninterrupted run)
+                    masks[name] = kept
     return masks
 
 
