@@ -734,4 +734,7 @@ def test_torch_ao_static_offers_no_layer_inside_a_module_fx_calls_as_one():
 
     model = Encoded().eval()
     assert get_backend("torch_ao").quantizable_layers(model, "static") == ["proj", "head"]
+    model.body = nn.Module()  # a bare holder, never called: FX reaches its layers one by one
+    model.body.fc = nn.Linear(16, 16)
+    assert get_backend("torch_ao").quantizable_layers(model, "static") == ["proj", "head", "body.fc"]
     assert {"enc.linear1", "enc.linear2"} <= set(get_backend("pt2e").quantizable_layers(model, "static"))  # traced in

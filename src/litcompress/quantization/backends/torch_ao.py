@@ -52,7 +52,9 @@ def _inside_fx_leaves(model: nn.Module) -> set[str]:
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     inside: set[str] = set()
     for name, module in model.named_modules():
-        if name and type(module).__module__.startswith("torch.nn") and not isinstance(module, containers):
+        # (a bare nn.Module() holding layers has no forward: never called, its layers are called one by one)
+        if name and type(module).__module__.startswith("torch.nn") and not isinstance(module, containers) \
+                and type(module).forward is not nn.Module.forward:
             inside |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
     return inside
 
