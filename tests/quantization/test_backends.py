@@ -608,6 +608,32 @@ def test_onnxruntime_keeps_layers_of_containers_inside_blocks_fp32(approach):
     assert not set(kept) & _onnx_int8_layers(fallback, names)
 
 
+class _TwoDictsBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads, self.aux = nn.ModuleDict({"cls": nn.Linear(16, 16)}), nn.ModuleDict({"cls": nn.Linear(16, 16)})
+
+    def forward(self, x):
+        return self.heads["cls"](self.aux["cls"](x))
+
+
+def test_onnxruntime_an_fp32_layer_whose_scope_name_two_modules_share_keeps_its_nodes_fp32():
+    """Two ModuleDicts with a "cls" each export as scopes "cls" and "cls_1": "cls" went to the first such module
+    whatever was called, "cls_1" to none, so naming one layer fp32 left its MatMul int8 (and kept another's)."""
+    import onnx
+
+    from litcompress.quantization.backends.onnxruntime import _nodes_of_layers, export_onnx_with_structure
+
+    model = nn.Sequential(_TwoDictsBlock()).eval()
+    onnx_bytes, _ = export_onnx_with_structure(model, (torch.randn(2, 5, 16),))  # (3-d: MatMul, named by scope)
+    graph = onnx.load_from_string(onnx_bytes)
+    names = [n for n, _ in model.named_modules()]
+    products = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
+    assert len(products) == 2
+    for layer in ("0.heads.cls", "0.aux.cls"):
+        assert products <= set(_nodes_of_layers(graph, [layer], names))  # the one named among them, on the safe side
+
+
 def test_onnxruntime_fp32_layer_names_match_one_module_not_every_leaf_of_that_name():
     import onnx
 

@@ -249,34 +249,58 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
 
 def _scope_module(node_name: str, module_names: Sequence[str] | None = None) -> str:
     """The torch module a node of the legacy exporter was traced in, from its scoped name: "/blocks/blocks.1/fc1/MatMul"
-    is in ``blocks.1.fc1``. A scope is a child's attribute name or a container's child's name relative to the module
-    above the container ("mlp.0" in ``blocks.0.mlp.0``), and a ModuleDict's child goes by its key alone ("cls" in
-    ``blocks.0.heads.cls``): with `module_names` (the model's) each scope is resolved to the nearest module under the
-    one before whose name ends with it; without, the scopes are joined."""
-    qualified = ""
+    is in ``blocks.1.fc1`` (the first of :func:`_scope_candidates` with `module_names`; without, the scopes joined)."""
+    if module_names is None:
+        qualified = ""
+        for part in node_name.split("/")[1:-1]:
+            qualified = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
+        return qualified
+    return min(_scope_candidates(node_name, module_names))
+
+
+def _scope_candidates(node_name: str, module_names: Sequence[str]) -> set[str]:
+    """The modules of `module_names` a node of the legacy exporter may have been traced in. A scope is a child's
+    attribute name or a container's child's name relative to the module above the container ("mlp.0" in
+    ``blocks.0.mlp.0``); a ModuleDict's child goes by its key alone ("cls" in ``blocks.0.heads.cls``), and a second
+    scope of one name gets a suffix ("cls_1"). Each resolves to the nearest modules under the one before whose names
+    end with it: two at one depth (two ModuleDicts with a "cls") are both kept, as the name cannot tell them apart."""
+    frontier = {""}
     for part in node_name.split("/")[1:-1]:
-        joined = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
-        if module_names is not None:
-            prefix = f"{qualified}." if qualified else ""
-            found = [n for n in module_names if n.startswith(prefix) and n != qualified
-                     and (n == part or n.endswith(f".{part}"))]
-            joined = min(found, key=lambda n: n.count(".")) if found else joined
-        qualified = joined
-    return qualified
+        resolved: set[str] = set()
+        for qualified in frontier:
+            found = _nearest_named(qualified, part, module_names)
+            deduplicated = re.fullmatch(r"(.+)_\d+", part)
+            if not found and deduplicated:
+                found = _nearest_named(qualified, deduplicated.group(1), module_names)
+            joined = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
+            resolved |= set(found) if found else {joined}
+        frontier = resolved
+    return frontier
+
+
+def _nearest_named(qualified: str, part: str, module_names: Sequence[str]) -> list[str]:
+    """The modules under `qualified` whose names are `part` or end with ``.part``, the least deep ones."""
+    prefix = f"{qualified}." if qualified else ""
+    found = [n for n in module_names
+             if n.startswith(prefix) and n != qualified and (n == part or n.endswith(f".{part}"))]
+    depth = min((n.count(".") for n in found), default=0)
+    return [n for n in found if n.count(".") == depth]
 
 
 def _nodes_of_layers(onnx_model, layers: Sequence[str], module_names: Sequence[str] | None = None) -> list[str]:
     """ONNX node names that implement the given torch module names (or modules inside them); `module_names` (the
-    model's) resolve the nodes' scopes (:func:`_scope_module`)."""
+    model's) resolve the nodes' scopes (:func:`_scope_candidates`: a node that may be in a named layer is kept fp32
+    with it, the safe side)."""
     wanted = set(layers)
     nodes = []
     for node in onnx_model.graph.node:
-        scope = _scope_module(node.name, module_names)
+        scopes = _scope_candidates(node.name, module_names) if module_names is not None \
+            else {_scope_module(node.name)}
         for layer in wanted:
             # Parameter names stay where the weight is used as is ("fc.weight"); a transposed copy for a MatMul is
             # renamed ("onnx::MatMul_12"), so the node's scope is what names its module.
             if any(i in (f"{layer}.weight", f"{layer}.bias") for i in node.input) \
-                    or scope == layer or scope.startswith(f"{layer}."):
+                    or any(scope == layer or scope.startswith(f"{layer}.") for scope in scopes):
                 # Dynamic per-channel Gemm is rewritten to "<node>_MatMul" + Add before quantizing.
                 nodes += [node.name, f"{node.name}_MatMul"]
                 break
