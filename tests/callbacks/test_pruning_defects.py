@@ -1037,7 +1037,7 @@ def test_default_targets_that_leave_a_recurrent_layer_dense_say_so(tmp_path):
     """As Lightning's, the defaults are the layers' `weight`/`bias` parameters, which an LSTM's matrices are not:
     only the head was pruned, and the logged sparsity (of the head alone) read as the model's."""
     with pytest.warns(UserWarning, match=r"ModelPruning's default targets \(as Lightning's\): 1 recurrent layer\(s\) "
-                                         r"stay dense \(lstm\).*\(lstm: weight_ih_l0, weight_hh_l0\).*"
+                                         r"keep weight matrices dense \(lstm\).*\(lstm: weight_ih_l0, weight_hh_l0\).*"
                                          r"parameters_to_prune"):
         make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(
             RecurrentModel())

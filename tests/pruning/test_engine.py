@@ -721,17 +721,19 @@ def test_a_global_round_interrupted_while_writing_masks_leaves_the_weights_it_ma
 
 
 def test_prune_model_says_which_recurrent_layers_its_weight_name_leaves_dense():
-    """An LSTM's matrices are weight_ih_l0, ...: prune_model_ pruned the Linear layers only, without a word."""
+    """An LSTM's matrices are weight_ih_l0, ...: prune_model_ pruned the Linear layers only, without a word; the names
+    it suggests prune them all (a cell's are weight_ih, weight_hh; a second layer's weight_ih_l1, ...)."""
     model = nn.ModuleDict({"lstm": nn.LSTM(4, 8, num_layers=2), "cell": nn.GRUCell(4, 8), "head": nn.Linear(8, 3)})
-    with pytest.warns(UserWarning, match=r"prune_model_: 2 recurrent layer\(s\) stay dense \(lstm, cell\): their "
-                                         r"weight matrices are not named 'weight' \(lstm: weight_ih_l0, weight_hh_l0, "
-                                         r"weight_ih_l1, weight_hh_l1\)"):
+    with pytest.warns(UserWarning, match=r"prune_model_: 2 recurrent layer\(s\) keep weight matrices dense \(lstm, "
+                                         r"cell\): those are not named 'weight' \(lstm: weight_ih_l0, weight_hh_l0, "
+                                         r"weight_ih_l1, weight_hh_l1\)") as said:
         targets = prune_model_(model, amount=0.5)
     assert targets == [(model["head"], "weight")]
+    suggested = re.search(r"parameter_names=(\[.*\])\.", str(said[0].message)).group(1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        named = prune_model_(model, amount=0.5, parameter_names=["weight", "weight_ih_l0", "weight_hh_l0",
-                                                                  "weight_ih_l1", "weight_hh_l1", "weight_ih",
-                                                                  "weight_hh"])
-    assert {name for module, name in named if module is model["lstm"]} == {"weight_ih_l0", "weight_hh_l0",
-                                                                           "weight_ih_l1", "weight_hh_l1"}
+        named = prune_model_(model, amount=0.5, parameter_names=eval(suggested))  # the names it said
+    assert {(type(m).__name__, n) for m, n in named} >= {("LSTM", "weight_hh_l1"), ("GRUCell", "weight_ih")}
+    partly = nn.ModuleDict({"lstm": nn.LSTM(4, 8, num_layers=2), "head": nn.Linear(8, 3)})
+    with pytest.warns(UserWarning, match=r"\(lstm: weight_ih_l1, weight_hh_l1\)"):  # layer 1 left: said too
+        prune_model_(partly, amount=0.5, parameter_names=["weight", "weight_ih_l0", "weight_hh_l0"])

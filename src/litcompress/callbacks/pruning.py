@@ -550,12 +550,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
         """The default targets are the layers' `weight`/`bias` parameters (as in Lightning), which a recurrent
         layer's matrices (``weight_ih_l0``, ...) are not: they stay dense, and the logged sparsity leaves them out."""
         left_out = engine.recurrent_layers_left_out(pl_module, self._parameters_to_prune) \
-            if "weight" in self._parameter_names else []
+            if "weight" in self._parameter_names else {}
         if left_out:
+            first, names = next(iter(left_out.items()))
+            example = ", ".join(f"(model.{first}, {name!r})" for name in names)
             rank_zero_warn(engine.recurrent_left_out_message(
-                "ModelPruning's default targets (as Lightning's)", left_out, pl_module,
-                "the sparsity it logs leaves them out. Name them in `parameters_to_prune` to prune them, e.g. "
-                "[(model.lstm, 'weight_ih_l0'), (model.lstm, 'weight_hh_l0'), (model.fc, 'weight')]."))
+                "ModelPruning's default targets (as Lightning's)", left_out,
+                f"the sparsity it logs leaves them out. Name them in `parameters_to_prune` (with the layers to prune "
+                f"beside them) to prune them, e.g. [{example}, ...]."))
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)

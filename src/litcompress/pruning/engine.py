@@ -852,11 +852,12 @@ def prune_model_(
         only = f" (only parametrized ones: {', '.join(computed)})" if computed else ""
         raise ValueError(f"prune_model_(parameter_names=...): no module of {type(model).__name__} has a {missing} "
                          f"tensor it can prune{only}; its tensors are named {found}.")
-    left_out = recurrent_layers_left_out(model, targets) if "weight" in parameter_names else []
+    left_out = recurrent_layers_left_out(model, targets) if "weight" in parameter_names else {}
     if left_out:
+        missing = list(dict.fromkeys(name for names in left_out.values() for name in names))
         warnings.warn(recurrent_left_out_message(
-            "prune_model_", left_out, model, "name them in parameter_names (e.g. parameter_names=['weight', "
-            "'weight_ih_l0', 'weight_hh_l0']) to prune them too."), UserWarning, stacklevel=2)
+            "prune_model_", left_out, f"name them in parameter_names to prune them too: parameter_names="
+            f"{[*parameter_names, *missing]!r}."), UserWarning, stacklevel=2)
     if computed:
         warnings.warn(f"prune_model_ leaves out {len(computed)} parametrized tensor(s), which torch.nn.utils.prune "
                       f"cannot mask: {', '.join(computed)}; they stay dense. litcompress.pruning.fold_parametrizations_"
@@ -877,19 +878,25 @@ def recurrent_weight_names(module: nn.Module) -> list[str]:
     return [n for n in names if n.startswith("weight") and isinstance(getattr(module, n, None), Tensor)]
 
 
-def recurrent_layers_left_out(model: nn.Module, targets: Sequence[Target]) -> list[str]:
-    """The names of `model`'s recurrent layers and cells none of whose tensors is among `targets`."""
-    targeted = {id(module) for module, _ in targets}
-    return [name or type(model).__name__ for name, module in model.named_modules()
-            if isinstance(module, RECURRENT_WEIGHTED) and id(module) not in targeted]
+def recurrent_layers_left_out(model: nn.Module, targets: Sequence[Target]) -> dict[str, list[str]]:
+    """`model`'s recurrent layers and cells with weight matrices not among `targets`: ``{name: those matrices}``."""
+    targeted = {(id(module), name) for module, name in targets}
+    left_out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, RECURRENT_WEIGHTED):
+            missing = [n for n in recurrent_weight_names(module) if (id(module), n) not in targeted]
+            if missing:
+                left_out[path or type(model).__name__] = missing
+    return left_out
 
 
-def recurrent_left_out_message(who: str, left_out: Sequence[str], model: nn.Module, remedy: str) -> str:
-    """Why `left_out` (recurrent layers) stay dense under `who`'s default targets, and `remedy`."""
-    first = model if left_out[0] == type(model).__name__ else model.get_submodule(left_out[0])
-    return (f"{who}: {len(left_out)} recurrent layer(s) stay dense ({', '.join(left_out[:5])}"
-            f"{' ...' if len(left_out) > 5 else ''}): their weight matrices are not named 'weight' "
-            f"({left_out[0]}: {', '.join(recurrent_weight_names(first))}); {remedy}")
+def recurrent_left_out_message(who: str, left_out: Mapping[str, Sequence[str]], remedy: str) -> str:
+    """Why the recurrent layers `left_out` keep weight matrices dense under `who`'s targets, and `remedy`."""
+    names = list(left_out)
+    first = names[0]
+    return (f"{who}: {len(names)} recurrent layer(s) keep weight matrices dense ({', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}): those are not named 'weight' ({first}: "
+            f"{', '.join(left_out[first])}); {remedy}")
 
 
 def default_targets(model: nn.Module, parameter_names: Sequence[str] = ("weight",)) -> list[Target]:
