@@ -776,6 +776,13 @@ def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_con
         ModelPruning("l1_unstructured", amount=0.5, **kwargs)
 
 
+def test_flags_read_as_numpy_bools_are_taken():
+    import numpy as np
+
+    callback = ModelPruning("l1_unstructured", amount=0.5, resample_parameters=np.True_, reset_optimizer=np.False_)
+    assert callback._resample_parameters is True and callback._reset_optimizer is False
+
+
 def test_resampling_without_the_lottery_ticket_is_said_to_do_nothing():
     """Lightning accepts it (kept, for drop-in use), silently."""
     with pytest.warns(UserWarning, match=r"resample_parameters=True\) re-draws the weights of the lottery ticket's "

@@ -144,7 +144,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # as given: the defaults are found again on each model (one callback for the models of a sweep)
         self._given_parameters_to_prune = parameters_to_prune
         self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
-        self._resample_parameters = resample_parameters
         self._prune_on_train_epoch_end = prune_on_train_epoch_end
         self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
@@ -265,10 +264,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                         and not callable(amount) and bool(amount)) else None
         self._rewind_unit, self._rewind_point = _check_rewind(rewind_to_step, rewind_to_epoch, self._schedule,
                                                               self._first_epoch_round)
-        if not isinstance(reset_optimizer, bool):  # "no" was truthy: it cleared the optimizer's state
+        if not _is_bool(reset_optimizer):  # "no" was truthy: it cleared the optimizer's state
             raise MisconfigurationException(f"`reset_optimizer={reset_optimizer!r}`: pass True or False.")
-        if not isinstance(resample_parameters, bool):  # "no" was truthy: every reset drew fresh weights
+        if not _is_bool(resample_parameters):  # "no" was truthy: every reset drew fresh weights
             raise MisconfigurationException(f"`resample_parameters={resample_parameters!r}`: pass True or False.")
+        reset_optimizer, resample_parameters = bool(reset_optimizer), bool(resample_parameters)
+        self._resample_parameters = resample_parameters
         if use_lottery_ticket_hypothesis is False and resample_parameters:  # (Lightning's: accepted, with a word)
             rank_zero_warn("ModelPruning(resample_parameters=True) re-draws the weights of the lottery ticket's "
                            "resets, which use_lottery_ticket_hypothesis=False turns off: it does nothing here.")
@@ -1474,6 +1475,11 @@ def _check_flag(argument: str, value: Any) -> Any:
             f"`{argument}` must be a bool or a callable `epoch -> bool`, got {value!r}."
         )
     return value
+
+
+def _is_bool(value: Any) -> bool:
+    """A bool, or numpy's (a flag read from a config or an array)."""
+    return isinstance(value, bool) or (type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy")
 
 
 def _check_int(argument: str, value: Any) -> None:
