@@ -26,24 +26,25 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from litcompress.pruning.engine import holds_pruning_zeros
+
 from .config import Recipe
 from .backends import ExportError, Inputs, cpu_has_vnni
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
 
-#: A weight's share of exact zeros below which it is not held sparse: trained dense weights have none, a pruned one
-#: has its pruned fraction; the floor only keeps the odd zero of a dense weight from being frozen.
-_SPARSE_WEIGHT_FLOOR = 0.01
-
-
 def sparse_weight_masks(module: nn.Module) -> dict[str, torch.Tensor]:
     """The keep-masks (``weight != 0``) of `module`'s weights that ``keep_sparsity`` holds, by parameter name: those
-    of 2 dims or more with at least 1% exact zeros, not all zeros (an initialisation, which training must move)."""
-    masks = {}
-    for name, param in module.named_parameters():
-        zeros = float((param == 0).float().mean()) if param.dim() >= 2 else 0.0
-        if _SPARSE_WEIGHT_FLOOR <= zeros < 1.0:
-            masks[name] = param.detach() != 0
+    holding zeros as pruning leaves them (:func:`~litcompress.pruning.engine.holds_pruning_zeros`: 2 dims or more,
+    at least 1% exact zeros, not all zeros, an initialisation which training must move)."""
+    masks, seen = {}, set()
+    for path, owner in module.named_modules():
+        for name, param in owner.named_parameters(recurse=False):
+            if id(param) not in seen and holds_pruning_zeros(owner, name):  # (a tied weight under its first name)
+                masks[f"{path}.{name}" if path else name] = param.detach() != 0
+            seen.add(id(param))
     return masks
+
+
 _MODE_FLAGS = ("observer_enabled", "fake_quant_enabled")
 
 
