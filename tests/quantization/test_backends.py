@@ -555,10 +555,11 @@ def test_onnxruntime_keeps_nested_fp32_layers_float(approach):
         torch.testing.assert_close(every_layer_fp32(x), model(x), rtol=1e-5, atol=1e-5)
     # a container's name keeps every layer inside it float, and only those
     one_block = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(("blocks.1",)), (x[:2],), [(x,)])
-    assert _onnx_int8_layers(one_block) == {"blocks.0.fc1", "blocks.0.fc2", "head"}
+    assert _onnx_int8_layers(one_block, [n for n, _ in model.named_modules()]) == {"blocks.0.fc1", "blocks.0.fc2",
+                                                                                  "head"}
 
 
-def _onnx_int8_layers(quantized, module_names=None) -> set[str]:
+def _onnx_int8_layers(quantized, module_names) -> set[str]:
     """The torch modules whose matrix products ORT runs in int8 (dynamic integer ops, or static QDQ weights)."""
     import onnx
 
@@ -655,9 +656,11 @@ def test_onnxruntime_fp32_layer_names_match_one_module_not_every_leaf_of_that_na
         def forward(self, x):
             return self.fc(self.block(x))
 
-    onnx_bytes, _ = export_onnx_with_structure(Outer().eval(), (torch.randn(2, 16),))
+    model = Outer().eval()
+    onnx_bytes, _ = export_onnx_with_structure(model, (torch.randn(2, 16),))
     graph = onnx.load_from_string(onnx_bytes)
-    top, nested = _nodes_of_layers(graph, ["fc"]), _nodes_of_layers(graph, ["block.fc"])
+    names = [n for n, _ in model.named_modules()]
+    top, nested = _nodes_of_layers(graph, ["fc"], names), _nodes_of_layers(graph, ["block.fc"], names)
     assert top and nested and not set(top) & set(nested)  # 'fc' took '/block/fc/Gemm' too
 
 

@@ -247,14 +247,9 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
-def _scope_module(node_name: str, module_names: Sequence[str] | None = None) -> str:
-    """The torch module a node of the legacy exporter was traced in, from its scoped name: "/blocks/blocks.1/fc1/MatMul"
-    is in ``blocks.1.fc1`` (the first of :func:`_scope_candidates` with `module_names`; without, the scopes joined)."""
-    if module_names is None:
-        qualified = ""
-        for part in node_name.split("/")[1:-1]:
-            qualified = part if not qualified or part.startswith(f"{qualified}.") else f"{qualified}.{part}"
-        return qualified
+def _scope_module(node_name: str, module_names: Sequence[str]) -> str:
+    """The torch module a node of the legacy exporter was traced in ("/blocks/blocks.1/fc1/MatMul" is in
+    ``blocks.1.fc1``): the first of :func:`_scope_candidates`."""
     return min(_scope_candidates(node_name, module_names))
 
 
@@ -287,15 +282,14 @@ def _nearest_named(qualified: str, part: str, module_names: Sequence[str]) -> li
     return [n for n in found if n.count(".") == depth]
 
 
-def _nodes_of_layers(onnx_model, layers: Sequence[str], module_names: Sequence[str] | None = None) -> list[str]:
+def _nodes_of_layers(onnx_model, layers: Sequence[str], module_names: Sequence[str]) -> list[str]:
     """ONNX node names that implement the given torch module names (or modules inside them); `module_names` (the
     model's) resolve the nodes' scopes (:func:`_scope_candidates`: a node that may be in a named layer is kept fp32
     with it, the safe side)."""
     wanted = set(layers)
     nodes = []
     for node in onnx_model.graph.node:
-        scopes = _scope_candidates(node.name, module_names) if module_names is not None \
-            else {_scope_module(node.name)}
+        scopes = _scope_candidates(node.name, module_names)
         for layer in wanted:
             # Parameter names stay where the weight is used as is ("fc.weight"); a transposed copy for a MatMul is
             # renamed ("onnx::MatMul_12"), so the node's scope is what names its module.
