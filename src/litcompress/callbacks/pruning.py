@@ -1346,8 +1346,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
 
 @rank_zero_only
-def _info_on_rank_zero(message: str) -> None:
-    log.info(message)
+def _info_on_rank_zero(message: str, logger: logging.Logger = log) -> None:
+    """An INFO line, once under DDP (every process runs the callbacks), on `logger` (this module's by default)."""
+    logger.info(message)
 
 
 def _in_spawned_worker(trainer: Optional["pl.Trainer"]) -> bool:

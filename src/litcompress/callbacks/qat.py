@@ -22,10 +22,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from litcompress.callbacks.pruning import _in_spawned_worker
+from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
 from litcompress.quantization.lightning import check_save_path
 from litcompress.quantization.qat import (
     QATConfig,
@@ -40,12 +40,6 @@ from litcompress.quantization.qat import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@rank_zero_only
-def _info(message: str) -> None:
-    """An INFO line, once under DDP (every process runs the callback)."""
-    log.info(message)
 
 
 _OWNER = "QuantizationAwareTraining"
@@ -297,8 +291,8 @@ class QuantizationAwareTraining(Callback):
                                "ranges those of the first batch. Call .train() on it before fit unless you froze it "
                                "on purpose.")
             held = f"; zeros of {len(self.qat.held_sparse)} weight(s) held" if self.qat.held_sparse else ""
-            _info(f"{_OWNER}: {type(module).__name__} trains through int8 rounding from here "
-                     f"({self.qat.recipe.describe()}{held}).")
+            _info_on_rank_zero(f"{_OWNER}: {type(module).__name__} trains through int8 rounding from here "
+                               f"({self.qat.recipe.describe()}{held}).", log)
         return self.qat
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
@@ -372,24 +366,26 @@ class QuantizationAwareTraining(Callback):
         self._restore_forward()
         if self.qat is None:
             if trainer.fast_dev_run:
-                _info(f"{_OWNER}: QAT starts at epoch {self.start_epoch}, which fast_dev_run does not reach.")
+                _info_on_rank_zero(f"{_OWNER}: QAT starts at epoch {self.start_epoch}, which fast_dev_run does not "
+                                   "reach.", log)
                 return
             rank_zero_warn(f"{_OWNER}: the fit ended before QAT started (start_epoch={self.start_epoch}, "
                            f"{trainer.current_epoch} epoch(s) run): no int8 model was built.")
             return
         if trainer.fast_dev_run:
-            _info(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.")
+            _info_on_rank_zero(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.", log)
             return
         self.result = self.qat.convert()  # resets the held zeros in the module's weights too
         # the file first: what follows (compiling, evaluating) can fail without losing the trained int8 model
         if self.save_path is not None and trainer.is_global_zero:
             size = self.result.save(self.save_path)
-            _info(f"{_OWNER}: int8 model written to {os.fspath(self.save_path)} ({size / 1024:.1f} KiB).")
+            _info_on_rank_zero(f"{_OWNER}: int8 model written to {os.fspath(self.save_path)} "
+                               f"({size / 1024:.1f} KiB).", log)
         if self.compile:  # the same program, on fused int8 kernels (saved files are the same either way)
             self.result.model = compile_converted(self.result.model.program, self.result.example_inputs)
         if self.metric is not None:
             self.metric_value = self._evaluate(trainer, pl_module, self.result.model)
-            _info(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.")
+            _info_on_rank_zero(f"{_OWNER}: the int8 model's {self.metric} is {self.metric_value:.6g}.", log)
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: LightningModule, model: nn.Module) -> float:
         from litcompress.quantization.lightning import fit_val_dataloaders, internal_trainer, lightning_eval_fn
