@@ -563,11 +563,11 @@ def _onnx_int8_layers(quantized, module_names) -> set[str]:
     """The torch modules whose matrix products ORT runs in int8 (dynamic integer ops, or static QDQ weights)."""
     import onnx
 
-    from litcompress.quantization.backends.onnxruntime import _scope_module
+    from litcompress.quantization.backends.onnxruntime import _scope_candidates
 
     graph = onnx.load_from_string(quantized.model_bytes).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {_scope_module(n.name, module_names) for n in graph.node
+    return {min(_scope_candidates(n.name, module_names)) for n in graph.node
             if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
             or (n.op_type in ("MatMul", "Gemm") and all(i in dequantized for i in n.input[:2]))}
 

@@ -247,12 +247,6 @@ def _quiet_session(model_bytes: bytes) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
-def _scope_module(node_name: str, module_names: Sequence[str]) -> str:
-    """The torch module a node of the legacy exporter was traced in ("/blocks/blocks.1/fc1/MatMul" is in
-    ``blocks.1.fc1``): the first of :func:`_scope_candidates`."""
-    return min(_scope_candidates(node_name, module_names))
-
-
 def _scope_candidates(node_name: str, module_names: Sequence[str]) -> set[str]:
     """The modules of `module_names` a node of the legacy exporter may have been traced in. A scope is a child's
     attribute name or a container's child's name relative to the module above the container ("mlp.0" in
