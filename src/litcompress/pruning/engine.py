@@ -1018,11 +1018,11 @@ def permanent_state_dict(model: nn.Module) -> dict[str, Tensor]:
     products: dict[tuple, Tensor] = {}
     handles = []
     try:
-        for module in model.modules():
-            names = [hook._tensor_name for hook in module._forward_pre_hooks.values()
-                     if isinstance(hook, torch_prune.BasePruningMethod)]
-            if names:
-                handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names, products)))
+        names_by_module: dict[nn.Module, list[str]] = {}
+        for _, module, name in pruned_targets(model):
+            names_by_module.setdefault(module, []).append(name)
+        for module, names in names_by_module.items():
+            handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names, products)))
         return model.state_dict()
     finally:
         for handle in handles:
