@@ -1341,6 +1341,14 @@ def test_unstructured_pruning_covers_every_weight_matrix_of_a_recurrent_layer(rn
     assert [n for _, n in prune_targets(model, PruneConfig(sparsity=0.5))] == expected
     cell = nn.Sequential(nn.GRUCell(4, 4), nn.Linear(4, 2))
     assert [n for _, n in prune_targets(cell, PruneConfig(sparsity=0.5))] == ["weight_ih", "weight_hh", "weight"]
+    # "bias" stands for the recurrent biases as "weight" does for the matrices (a Linear's bias was pruned, these not)
+    with_bias = PruneConfig(sparsity=0.5, parameter_names=("weight", "bias"))
+    assert [n for _, n in prune_targets(model, with_bias)] == expected + [
+        n for n, _ in lstm.named_parameters() if n.startswith("bias")]
+    assert [n for _, n in prune_targets(cell, with_bias)] == ["weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                              "weight", "bias"]
+    no_bias = nn.Sequential(nn.GRU(4, 4, bias=False))
+    assert [n for _, n in prune_targets(no_bias, with_bias)] == ["weight_ih_l0", "weight_hh_l0"]
     # structured pruning would cut gate rows, no channel shrink can remove: a recurrent layer is left out
     with_head = nn.Sequential(nn.GRU(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
     assert [type(m) for m, _ in prune_targets(with_head, PruneConfig(sparsity=0.5, method="ln_structured",

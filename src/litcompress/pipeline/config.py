@@ -47,9 +47,9 @@ class _DerivedSparsity(float):
 
 def tensor_names(module: nn.Module, name: str) -> list[str]:
     """The tensors `name` stands for in `module`: for an RNN/LSTM/GRU (or cell), ``"weight"`` is each of its weight
-    matrices; otherwise `name` itself when the module has such a tensor."""
-    if name == "weight" and isinstance(module, RecurrentLayers):
-        return recurrent_weight_names(module)
+    matrices and ``"bias"`` each of its bias vectors; otherwise `name` itself when the module has such a tensor."""
+    if name in ("weight", "bias") and isinstance(module, RecurrentLayers):
+        return recurrent_weight_names(module, name)
     return [name] if isinstance(getattr(module, name, None), torch.Tensor) else []
 
 
@@ -73,7 +73,8 @@ class PruneConfig:
             global for unstructured methods, local for structured ones (which only work locally).
         parameter_names: which tensors of each layer to prune.
         layer_types: the layer classes whose tensors are pruned. The default includes ``nn.LSTM``/``GRU``/``RNN``
-            and their cells, whose ``"weight"`` is each of their weight matrices, for unstructured methods;
+            and their cells, whose ``"weight"`` is each of their weight matrices (``"bias"`` each of their bias
+            vectors), for unstructured methods;
             structured methods on output channels prune the hidden units of ``nn.LSTM``/``GRU``/``RNN`` layers
             instead (the same fraction of each layer's units, ranked by the ``norm`` of their rows in every gate,
             layer and direction: :func:`litcompress.pruning.recurrent.prune_units_`), which ``shrink`` removes,

@@ -872,10 +872,11 @@ def prune_model_(
 RECURRENT_WEIGHTED = (nn.RNNBase, nn.RNNCellBase)
 
 
-def recurrent_weight_names(module: nn.Module) -> list[str]:
-    """The weight matrices of a recurrent layer or cell, by name, in torch's order."""
-    names = getattr(module, "_flat_weights_names", None) or ["weight_ih", "weight_hh"]
-    return [n for n in names if n.startswith("weight") and isinstance(getattr(module, n, None), Tensor)]
+def recurrent_weight_names(module: nn.Module, kind: str = "weight") -> list[str]:
+    """The weight matrices (`kind` ``"bias"``: the bias vectors) of a recurrent layer or cell, by name, in torch's
+    order."""
+    names = getattr(module, "_flat_weights_names", None) or [f"{kind}_ih", f"{kind}_hh"]
+    return [n for n in names if n.startswith(kind) and isinstance(getattr(module, n, None), Tensor)]
 
 
 def recurrent_layers_left_out(model: nn.Module, targets: Sequence[Target]) -> dict[str, list[str]]:
