@@ -963,10 +963,43 @@ def test_evaluating_a_checkpoint_of_a_module_with_its_own_setup_then_fitting_on(
 
 @pytest.mark.parametrize(("cadence", "short"), [({"check_val_every_n_epoch": 2}, True),
                                                ({"val_check_interval": 5, "check_val_every_n_epoch": None}, True),
-                                               ({}, False)])
-def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said(tmp_path, cadence, short):
+                                               ({"val_check_interval": 3}, True),  # inside each epoch, not at its end
+                                               ({"val_check_interval": 0.5}, False), ({}, False)])
+def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said_when_training_starts(tmp_path, cadence,
+                                                                                                 short):
     """With no validation after its last point, the schedule stopped at 51% of 65.7% without a word (the fit trained
-    as many epochs as the schedule spans, so no "ended early" was said)."""
+    as many epochs as the schedule spans, so no "ended early" was said); then it was said only when the fit ended,
+    though the validation cadence and the batches, known before the first batch, tell it."""
+    from litcompress.pruning.schedules import IterativeSchedule
+
+    seed_everything(0)
+    schedule = IterativeSchedule(rate_per_round=0.3, rounds=3, unit="epoch")
+    callback = ModelPruning("l1_unstructured", amount=schedule, prune_on_train_epoch_end=False,
+                            parameter_names=["weight"], use_lottery_ticket_hypothesis=False)
+
+    class SaidBeforeTraining(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0 and batch_idx == 0:
+                self.messages = [str(w.message) for w in said if "prunes when a validation ends" in str(w.message)]
+
+    watcher = SaidBeforeTraining()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=3, limit_val_batches=1, callbacks=[callback, watcher], **cadence).fit(
+            model := FixedDataModel())
+    messages = [str(w.message) for w in said if "prunes when a validation ends" in str(w.message)]
+    assert len(messages) == short and watcher.messages == messages  # once, before the first batch
+    if short:
+        assert "this fit's last one comes after epoch 2, before the schedule's end (epoch 3)" in messages[0]
+        assert (f"the model will stop at {schedule.reached_by(2):.1%} of the {schedule.final_sparsity:.1%} sparsity "
+                "asked for") in messages[0]
+    weights = [m.weight for m in model.layer]
+    reached = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert reached == pytest.approx(schedule.reached_by(2 if short else 3), abs=1e-3)  # as foretold
+
+
+def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said_at_the_end_where_unforeseen(tmp_path):
+    """max_steps ends the fit where the cadence cannot foretell the last validation: said when the fit ends."""
     from litcompress.pruning.schedules import IterativeSchedule
 
     seed_everything(0)
@@ -975,13 +1008,11 @@ def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said(tmp_
                             parameter_names=["weight"], use_lottery_ticket_hypothesis=False)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        make_trainer(tmp_path, max_epochs=3, limit_val_batches=1, callbacks=[callback], **cadence).fit(
-            FixedDataModel())
+        make_trainer(tmp_path, max_epochs=-1, max_steps=12, limit_val_batches=1, check_val_every_n_epoch=2,
+                     callbacks=[callback]).fit(FixedDataModel())
     messages = [str(w.message) for w in said if "prunes when a validation ends" in str(w.message)]
-    assert len(messages) == short
-    if short:
-        assert "the last one of this fit came after epoch 2, before the schedule's end (epoch 3)" in messages[0]
-        assert f"of the {schedule.final_sparsity:.1%} sparsity asked for" in messages[0]
+    assert len(messages) == 1
+    assert "the last one of this fit came after epoch 2, before the schedule's end (epoch 3)" in messages[0]
 
 
 class CharModel(BoringModel):

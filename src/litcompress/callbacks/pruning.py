@@ -45,7 +45,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_onl
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
+from litcompress.callbacks.schedule_checks import (epochs_finished_at_the_last_validation, fit_too_short_message,
+                                                   stopped_early_message, validations_end_before_message)
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
@@ -305,6 +306,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
         self._forget_the_model()
         self._warned_fit_too_short = False
+        self._warned_validations_end_before = False
         self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
         self._qualified_names: list[str] = []
@@ -933,10 +935,26 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._run_pruning(due[0], trainer=trainer, progress=point)
                 self._caught_up_at_step = trainer.global_step
         self._epochs_ended = trainer.current_epoch
+        self._warn_if_validations_end_before_the_schedule(trainer)
         if trainer.global_step == 0 and self._original_layers is None:
             self._check_rewind_against_the_epochs(trainer)
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
             self._take_snapshot_once()
+
+    def _warn_if_validations_end_before_the_schedule(self, trainer: "pl.Trainer") -> None:
+        """Rounds at validation ends: an epoch schedule whose end the fit's last validation comes before stops short
+        (said now, where the training batches, and so the validation cadence's last point, are known)."""
+        self._warned_validations_end_before = False
+        if self._prune_on_train_epoch_end or self._schedule is None or self._schedule.unit != "epoch" \
+                or self._warned_fit_too_short:
+            return
+        from litcompress.quantization.lightning import has_validation_data
+
+        progress = epochs_finished_at_the_last_validation(trainer) if has_validation_data(trainer) else None
+        message = None if progress is None else validations_end_before_message(self._schedule, progress, ended=False)
+        if message:
+            self._warned_validations_end_before = True
+            rank_zero_warn(message)
 
     def _check_rewind_against_the_epochs(self, trainer: "pl.Trainer") -> None:
         """A rewind point in steps with rounds at epoch ends, or in epochs with rounds at steps: whether the snapshot
@@ -1052,14 +1070,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 rank_zero_warn(message)
             looked = self._epoch_progress  # epochs finished at the last validation that looked for rounds
             if not message and not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
-                    and self._validations_this_fit and 0 <= looked < self._schedule.end \
-                    and self._schedule.reached_by(looked) < self._schedule.final_sparsity:
-                rank_zero_warn(
-                    f"ModelPruning(prune_on_train_epoch_end=False) prunes when a validation ends, and the last one of "
-                    f"this fit came after epoch {looked}, before the schedule's end (epoch {self._schedule.end}): "
-                    f"the model is at {self._schedule.reached_by(looked):.1%} of the "
-                    f"{self._schedule.final_sparsity:.1%} sparsity asked for. Validate after the last epoch "
-                    "(check_val_every_n_epoch, val_check_interval), or pass prune_on_train_epoch_end=True.")
+                    and self._validations_this_fit and looked >= 0 and not self._warned_validations_end_before:
+                message = validations_end_before_message(self._schedule, looked, ended=True)
+                if message:
+                    rank_zero_warn(message)
             self._warn_if_rounds_were_skipped()
         if self._reset_pending:
             _info_on_rank_zero("`ModelPruning`: the last round's lottery-ticket reset waits for training to go on (a "

@@ -47,3 +47,35 @@ def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str) 
     return (f"Fitting ended at {schedule.unit} {progress}, before the schedule's end ({schedule.unit} "
             f"{schedule.end}): the model is at {schedule.reached_by(progress):.1%} of the "
             f"{schedule.final_sparsity:.1%} {what} asked for. Resume the fit from its checkpoint to go on with it.")
+
+
+def epochs_finished_at_the_last_validation(trainer: "pl.Trainer") -> int | None:
+    """How many epochs have finished when this fit's last validation ends, from ``max_epochs`` and the validation
+    cadence (``check_val_every_n_epoch``, ``val_check_interval``), once the training batches are known; None where
+    that is unknown (``max_steps``, no validation, batches unknown)."""
+    batches, interval = trainer.num_training_batches, trainer.val_check_batch
+    every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    if trainer.max_steps not in (-1, None) or epochs is None or epochs < 0 or trainer.limit_val_batches == 0 \
+            or not isinstance(interval, int) or interval < 1 or not math.isfinite(batches) or batches < 1:
+        return None
+    if every is None:  # every `interval` batches of the fit, across epochs
+        return (epochs * int(batches) // interval * interval) // int(batches)
+    validating = epochs // every * every  # the last epoch that validates, counted from 1
+    if validating == 0:
+        return None
+    # its last batch validates only where `interval` divides the epoch's batches: else the last one comes inside it
+    return validating if int(batches) % interval == 0 else validating - 1
+
+
+def validations_end_before_message(schedule: SparsitySchedule, progress: int, ended: bool) -> str | None:
+    """What to say when rounds run at validation ends and the last validation (`progress` epochs finished; `ended`:
+    it ran, else it will) comes before the epoch schedule's end; else None."""
+    if progress >= schedule.end or schedule.reached_by(progress) >= schedule.final_sparsity:
+        return None
+    last, stop = (("the last one of this fit came", "the model is at") if ended else
+                  ("this fit's last one comes", "the model will stop at"))
+    return (f"ModelPruning(prune_on_train_epoch_end=False) prunes when a validation ends, and {last} after epoch "
+            f"{progress}, before the schedule's end (epoch {schedule.end}): {stop} "
+            f"{schedule.reached_by(progress):.1%} of the {schedule.final_sparsity:.1%} sparsity asked for. Validate "
+            "after the last epoch (check_val_every_n_epoch, val_check_interval), or pass "
+            "prune_on_train_epoch_end=True.")
