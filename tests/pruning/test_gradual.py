@@ -371,3 +371,37 @@ def test_a_pruner_built_on_a_meta_device_model_prunes_once_its_weights_are_loade
         each.step(0)
     assert not torch.equal(model[0].weight_mask, model[2].weight_mask)
 
+
+
+@pytest.mark.parametrize("how", ["pruner", "load_pruned_state_dict"])
+def test_a_loaded_masked_state_is_what_the_pruned_tensor_reads_before_any_forward(how):
+    """The masks were re-created before the values were copied, and ``.weight`` (``orig * mask``) stayed the fresh
+    initialisation under the loaded mask until the next forward: a regulariser or a functional call read it."""
+    from litcompress.pruning.engine import load_pruned_state_dict
+
+    def build() -> tuple[nn.Sequential, GradualPruner]:
+        net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        return net, GradualPruner(default_targets(net), ConstantSparsity(0.5))
+
+    torch.manual_seed(0)
+    net, pruner = build()
+    pruner.step(0)
+    state = net.state_dict()
+    torch.manual_seed(1)
+    if how == "pruner":
+        fresh, fresh_pruner = build()
+        fresh.load_state_dict(state)
+        fresh_pruner.load_state_dict(pruner.state_dict())
+    else:
+        fresh = load_pruned_state_dict(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), state)
+    for index in (0, 2):
+        torch.testing.assert_close(fresh[index].weight, state[f"{index}.weight_orig"] * state[f"{index}.weight_mask"],
+                                   rtol=0, atol=0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(nn.functional.linear(x, fresh[0].weight, fresh[0].bias), fresh[0](x))
+    if how != "pruner":
+        return
+    # loaded again over trained values (the pruner's load hooks): the cached tensor follows them too
+    trained = {k: (v + 1 if k.endswith("_orig") else v) for k, v in state.items()}
+    fresh.load_state_dict(trained)
+    torch.testing.assert_close(fresh[0].weight, trained["0.weight_orig"] * trained["0.weight_mask"], rtol=0, atol=0)

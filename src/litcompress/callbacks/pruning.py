@@ -513,6 +513,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # a checkpoint's masked pairs of tensors that are no target now (resumed with other parameter_names) load
         # masked too, as `_keep_the_zeros_of_a_checkpoint_without_state` then says, rather than failing the load
         self._hook_handles.append(pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook()))
+        self._hook_handles.append(pl_module.register_load_state_dict_post_hook(engine.RefreshAfterLoadHook()))
         engine.keep_bypassed_weights_current_(pl_module)  # attention's out_proj: its forward is never called
         if self._pending_state is not None:
             self._restore(self._pending_state)

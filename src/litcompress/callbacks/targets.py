@@ -69,7 +69,8 @@ class TargetsFoundOnceConfigured(Callback):
                                     or is_overridden("setup", pl_module) or lazy):
             self._deferred_stage = stage
             self._remove_hooks()
-            self._hook_handles = [pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook())]
+            self._hook_handles = [pl_module.register_load_state_dict_pre_hook(engine.MaskedStateLoadHook()),
+                                  pl_module.register_load_state_dict_post_hook(engine.RefreshAfterLoadHook())]
             return
         self._find_targets(pl_module, stage)
 

@@ -975,6 +975,22 @@ class PrunedStateLoadHook:
                 state_dict[mask_key] = getattr(module, name + "_mask").detach().clone()
 
 
+class RefreshAfterLoadHook:
+    """Load-state-dict post-hook: each pruned tensor's cached ``<name>`` (``orig * mask``) recomputed from the values
+    just loaded; it read the ones before the load until the next forward (a regulariser, a functional call, a copy
+    of ``.weight`` saw the fresh initialisation under the loaded mask). `names`: the module's own tensors; None:
+    every pruned tensor under it (for a whole model's hook)."""
+
+    def __init__(self, names: Sequence[str] | None = None) -> None:
+        self.names = None if names is None else tuple(names)
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        pairs = ([(module, name) for name in self.names] if self.names is not None
+                 else [(owner, name) for _, owner, name in pruned_targets(module)])
+        for owner, name in pairs:
+            refresh_cached_tensor(owner, name)
+
+
 class MaskedStateLoadHook:
     """Load-state-dict pre-hook for a whole model whose pruning targets are not known yet (a LightningModule that
     builds its layers in ``configure_model``): each ``<path>.<name>_orig`` + ``<path>.<name>_mask`` pair of the
@@ -1005,6 +1021,7 @@ def register_state_hooks(
     for module in unique_modules(targets):
         names = names_by_module[id(module)]
         handles.append(module.register_load_state_dict_pre_hook(PrunedStateLoadHook(names)))
+        handles.append(module.register_load_state_dict_post_hook(RefreshAfterLoadHook(names)))
         if permanent_state_dict:
             handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names)))
     return handles
@@ -1069,6 +1086,7 @@ def load_pruned_state_dict(
     state = dict(state_dict)
     MaskedStateLoadHook()(model, state, "")
     model.load_state_dict(state, strict=strict)
+    RefreshAfterLoadHook()(model, None)  # the masks re-created here have no hook of their own
     # tied weights masked alike: one mask buffer under every holder, as the engine leaves them (a later round
     # updates them all); holders that torch's own pruning masked apart keep their own masks
     holders: dict[object, list[list[Target]]] = {}  # per tensor, its holders in sets of equal masks
