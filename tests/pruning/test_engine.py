@@ -637,6 +637,29 @@ def test_prune_refuses_a_misspelt_method_argument(method, kwargs, message):
     assert not is_pruned(model[0], "weight")
 
 
+@pytest.mark.parametrize("prune", ["prune_", "prune_to_sparsity_"])
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({}, TypeError, r"LnStructured needs 'dim', 'n': pass dim=0"),
+    ({"n": 2, "dim": 5}, ValueError, r"dim=5 is not a dimension of every tensor pruned \(some have 2\)"),
+])
+def test_the_engines_functions_refuse_missing_or_impossible_structured_arguments_before_pruning(prune, kwargs, error,
+                                                                                                message):
+    """They failed inside torch, with its words ("apply() missing 2 required positional arguments", "tuple index out
+    of range"), where GradualPruner and the callbacks said what to pass."""
+    from litcompress.pruning import prune_to_sparsity_
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    targets = [(model[0], "weight"), (model[2], "weight")]
+    function = prune_ if prune == "prune_" else prune_to_sparsity_
+    with pytest.raises(error, match=f"{prune}: {message}"):
+        function(targets, "ln_structured", 0.5, scope="local", **kwargs)
+    assert not is_pruned(model[0], "weight") and not is_pruned(model[2], "weight")
+    # another method's arguments still pass (one call serves several), its `dim` unchecked for this method
+    prune_(targets, "l1_unstructured", 0.25, dim=5, n=2)
+    with pytest.raises(ValueError, match=r"`sparsity` must be a number in \[0, 1\], got '0.5'"):
+        prune_to_sparsity_(targets, "l1_unstructured", "0.5")  # type: ignore[arg-type]
+
+
 def test_restore_masks_names_a_mask_the_model_has_no_place_for_or_skips_it_when_not_strict():
     from litcompress.pruning import restore_masks_
 

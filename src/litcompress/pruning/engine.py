@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from litcompress.pruning.methods import (accepted_kwargs, check_near_misses, check_slices_exist, check_takes_amount,
-                                         resolve_method)
+from litcompress.pruning.methods import (accepted_kwargs, check_method_kwargs, check_near_misses, check_slices_exist,
+                                         check_takes_amount, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors, scripted_targets_message
 from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
@@ -494,6 +494,9 @@ def prune_(
     check_near_misses(method_cls, method_kwargs, "prune_")
     if not targets:
         return
+    # a missing `n`/`dim`, or a `dim` no tensor has, failed inside torch with its words
+    check_method_kwargs(method_cls, method_kwargs, "prune_", ndims={trainable_tensor(m, n).dim() for m, n in targets},
+                        others_ok=True)
     _prune_distinct_(distinct_targets(targets), method_cls, amount, scope, **method_kwargs)
     share_tied_masks_(targets)
 
@@ -790,11 +793,14 @@ def prune_to_sparsity_(
     given = check_targets(targets, "prune_to_sparsity_")
     targets = distinct_targets(given)
     method_cls = resolve_method(method)
-    if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity!r}.")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"`sparsity` must be a number in [0, 1], got {sparsity!r}.")
     if scope not in ("global", "local"):  # a misspelt one pruned per layer
         raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
     check_takes_amount(method_cls, "prune_to_sparsity_")
+    check_near_misses(method_cls, method_kwargs, "prune_to_sparsity_")
+    check_method_kwargs(method_cls, method_kwargs, "prune_to_sparsity_", ndims={getattr(m, n).dim() for m, n in targets},
+                        others_ok=True)
     check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"

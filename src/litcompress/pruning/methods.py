@@ -170,15 +170,18 @@ def check_near_misses(method: type[torch_prune.BasePruningMethod], kwargs: Mappi
 
 
 def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,
-                        ndims: Iterable[int] = (), also: Iterable[str] = ()) -> None:
+                        ndims: Iterable[int] = (), also: Iterable[str] = (), others_ok: bool = False) -> None:
     """Refuse, before any pruning, arguments `method` would fail on at its first round or would drop silently: a
     name neither its constructor nor its ``apply`` takes (close matches among those and `also`, the caller's own
-    keywords), a required one missing (``LnStructured``'s ``n`` and ``dim``), a ``dim`` outside every tensor's
-    dimensions (`ndims`), a norm torch's ``ln_structured`` does not know. ``slice_groups`` (for structured methods)
-    is the engine's and checked where its keys are known."""
+    keywords; `others_ok`: names for other methods pass, as the engine's functions drop them), a required one
+    missing (``LnStructured``'s ``n`` and ``dim``), a ``dim`` outside every tensor's dimensions (`ndims`), a norm
+    torch's ``ln_structured`` does not know. ``slice_groups`` (for structured methods) is the engine's and checked
+    where its keys are known."""
     names, takes_any = _names_taken(method)
     structured = getattr(method, "PRUNING_TYPE", None) == "structured"
     known = (names - {"amount", "importance_scores"}) | ({"slice_groups"} if structured else set())
+    if others_ok and not takes_any:
+        kwargs = {k: v for k, v in kwargs.items() if k in known}  # another method's `dim` is not this one's
     unknown = [] if takes_any else [k for k in kwargs if k not in known]
     if unknown:
         candidates = sorted(known | set(also))
