@@ -405,3 +405,10 @@ def test_a_loaded_masked_state_is_what_the_pruned_tensor_reads_before_any_forwar
     trained = {k: (v + 1 if k.endswith("_orig") else v) for k, v in state.items()}
     fresh.load_state_dict(trained)
     torch.testing.assert_close(fresh[0].weight, trained["0.weight_orig"] * trained["0.weight_mask"], rtol=0, atol=0)
+
+
+def test_a_pruner_without_targets_is_refused_when_made():
+    """default_targets of an LSTM is empty: the pruner stepped through its schedule, its history saying 90%, and
+    pruned nothing."""
+    with pytest.raises(ValueError, match=r"GradualPruner: no targets to prune.*weight_ih_l0"):
+        GradualPruner(default_targets(nn.LSTM(4, 8)), PolynomialDecay(final_sparsity=0.9, begin=0, end=5))

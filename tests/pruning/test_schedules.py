@@ -211,9 +211,14 @@ def test_callable_schedule_validates_results_at_call_time() -> None:
     assert schedule.final_sparsity == 0.9
     assert [t for t in range(25) if schedule.should_prune(t)] == [0, 5, 10, 15, 20]
     for bad in (1.0, -0.1, math.nan, "0.5", True):
-        broken = CallableSchedule(fn=lambda t, bad=bad: bad, end=3)
+        broken = CallableSchedule(fn=lambda t, bad=bad: 0.1 if t == 3 else bad, end=3)
         with pytest.raises(ValueError, match=r"returned .* at t=2.*\[0, 1\)"):
             broken.target(2)
+        # the final sparsity is checked when the schedule is made: a run failed at its last round, after training
+        with pytest.raises(ValueError, match=r"returned .* at t=3.*\[0, 1\)"):
+            CallableSchedule(fn=lambda t, bad=bad: bad, end=3)
+    with pytest.raises(ValueError, match=r"returned 1.0 at t=100"):
+        CallableSchedule(fn=lambda t: min(1.0, t / 100), end=100, frequency=10)
 
 
 def test_schedules_are_frozen() -> None:

@@ -63,6 +63,10 @@ class GradualPruner:
         if scope == "global" and getattr(self.method, "PRUNING_TYPE", None) != "unstructured":
             raise ValueError(f"Global pruning needs an unstructured method, got {self.method.__name__}.")
         self.targets = check_targets(targets, "GradualPruner")
+        if not self.targets:  # it would step through its schedule, saying it reached it, with nothing pruned
+            raise ValueError("GradualPruner: no targets to prune. default_targets(model) lists the tensors named "
+                             "'weight' (parameter_names=...): a recurrent layer's are weight_ih_l0, weight_hh_l0, "
+                             "..., an attention's in_proj_weight; give those as (module, name) pairs.")
         # what messages call each target: its path in the model (engine.qualified_names) when the caller knows it
         if target_names is not None and (isinstance(target_names, str) or len(target_names) != len(self.targets)):
             raise ValueError(f"GradualPruner(target_names=...): give one name per target ({len(self.targets)}), "

@@ -299,7 +299,7 @@ class IterativeSchedule(SparsitySchedule):
 @dataclass(frozen=True, kw_only=True)
 class CallableSchedule(SparsitySchedule):
     """Wraps a user callable ``fn(t) -> target sparsity``; each result is validated when called
-    (a real number in [0, 1)).
+    (a real number in [0, 1)), ``fn(end)`` already at construction (else a run would fail at its last round).
 
     Rounds run at ``begin``, every ``frequency`` after it, and at ``end``; ``final_sparsity`` is
     ``fn(end)``. A decreasing ``fn`` never un-prunes: the engine prunes 0 entries then.
@@ -323,6 +323,7 @@ class CallableSchedule(SparsitySchedule):
             )
         _check_int("frequency", self.frequency, minimum=1)
         _check_unit(self.unit)
+        self.target(self.end)  # the final sparsity: a value outside [0, 1) fails here, not after training
 
     @property
     def final_sparsity(self) -> float:  # type: ignore[override]
