@@ -659,6 +659,14 @@ def test_channels_on_inputs_the_model_cannot_take_is_a_clear_error(capsys):
     assert "conv2d" in err
 
 
+def test_channels_refuses_a_seed_lightning_cannot_take_when_parsing(capsys):
+    """It failed with a traceback from seed_everything ("numpy accepts from 0 to 4294967295")."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["channels", "--seed", "5000000000"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: expected an integer in [0, 4294967295], got 5000000000" in capsys.readouterr().err
+
+
 class WeightNormedMLP(MLPClassifier):
     """An MLP whose hidden layers are weight-normed (torch.nn.utils.parametrizations.weight_norm)."""
 
@@ -798,7 +806,10 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--metric", "val_accuracy"], "--metric 'val_accuracy' was not logged by MLPClassifier.validation_step"),
     (["--latency-batch-size", "100000"], "more than the 359 validation inputs"),
     (["--tolerance", "-0.1"], "expected a finite number >= 0"),
-    (["--min-speedup", "0"], "argument --min-speedup: expected a number > 0, got 0"),
+    (["--min-speedup", "0"], "argument --min-speedup: expected a finite number > 0, got 0"),
+    (["--timeout", "-1"], "argument --timeout: expected a finite number > 0, got -1"),  # was ">= 0", 0 refused too
+    (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], got -1"),  # was a traceback
+    (["--seed", "5000000000"], "argument --seed: expected an integer in [0, 4294967295], got 5000000000"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
     (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: file.txt is a file, not a directory"),  # found
     # before training
@@ -823,7 +834,8 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
                                        "fine-tunes: it needs a --prune method and --prune-epochs >= 1"),
     (["--distill", "--prune-epochs", "0"], "it needs a --prune method and --prune-epochs >= 1"),
     (["--distill", "--distill-alpha", "1.5"], "argument --distill-alpha: expected a number in [0, 1], got 1.5"),
-    (["--distill", "--distill-temperature", "0"], "argument --distill-temperature: expected a number > 0, got 0"),
+    (["--distill", "--distill-temperature", "0"], "argument --distill-temperature: expected a finite number > 0, "
+                                                  "got 0"),
     (["--backends", "torchao"], "--quantize auto with --backends torchao: none of these backends does dynamic int8 "
                                 "quantization; add one that does (torch_ao, onnxruntime, pt2e), or use --quantize "
                                 "weight_only"),

@@ -61,9 +61,23 @@ def _unit_interval(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):  # -1 was "expected a finite number >= 0", and 0 then refused
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed as Lightning's `seed_everything` takes it (numpy's range); out of it, it failed with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 4294967295], got {text!r}") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 4294967295], got {value}")
     return value
 
 
@@ -309,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
                              "call self(...)")
     source.add_argument("--inputs", type=_names, metavar="KEY,...", help=INPUTS_HELP)
-    source.add_argument("--seed", type=int, default=0,
+    source.add_argument("--seed", type=_seed, default=0,
                         help="seed for weights, data order, random pruning and the built-in data's split "
                              "(with --checkpoint, the split it was trained on is kept)")
 
@@ -439,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --latency: inputs per timed call (default: the data's batch size)")
     plan.add_argument("--inputs", type=_names, metavar="KEY,...", help=f"with --latency: {INPUTS_HELP}")
     plan.add_argument("--threads", type=_int_at_least(1), help="with --latency: torch threads (default 1)")
-    plan.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    plan.add_argument("--seed", type=_seed, default=0, help=argparse.SUPPRESS)
     return parser
 
 
