@@ -109,7 +109,10 @@ def test_report_prints_a_saved_report_and_writes_its_plot_again(first_run, capsy
     assert any(m.startswith("exported ") for m in report.messages)
     assert all(f"- {m}" in printed for m in report.messages if not m.startswith("quantization: "))
     assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "again.md").read_text() == (out / "report.md").read_text()
+    again, first = (tmp_path / "again.md").read_text(), (out / "report.md").read_text()
+    named = re.search(r"Artefact: `(.*)`", again).group(1)  # from the folder of the file that names it
+    assert (tmp_path / named).resolve() == (out / "model.pt").resolve()
+    assert again.replace(named, "model.pt") == first
 
 
 def test_a_search_ended_by_ctrl_c_is_said_in_the_summary(first_run, capsys, tmp_path):

@@ -1056,11 +1056,7 @@ def run_report(args: argparse.Namespace) -> int:
     _note_outputs_newer_than(path)
     _print_report(report)
     if args.markdown:
-        from litcompress._files import written_atomically
-
-        with written_atomically(args.markdown) as partial:  # a Ctrl-C while writing keeps the file that was there
-            partial.write_text(report.markdown())
-        print(f"markdown: {args.markdown}")
+        print(f"markdown: {report.save_markdown(args.markdown)}")
     if args.plot:
         print(f"plot: {report.plot(args.plot)}")
     return 0

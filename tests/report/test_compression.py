@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import struct
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -47,9 +51,36 @@ def reports(draw):
 @settings(max_examples=60, deadline=None)
 @given(report=reports())
 def test_json_round_trip_gives_the_same_report(report, tmp_path_factory):
+    """The same report, its artifact named from the working directory then (a relative path) and now (absolute)."""
     path = tmp_path_factory.mktemp("r") / "report.json"
     report.save_json(path)
-    assert CompressionReport.load_json(path) == report
+    loaded = CompressionReport.load_json(path)
+    assert replace(loaded, artifact=report.artifact) == report
+    assert loaded.artifact == (None if report.artifact is None else os.path.abspath(report.artifact))
+
+
+def test_a_saved_report_names_its_artifact_from_its_own_folder(tmp_path, monkeypatch):
+    """report.json and report.md named the model file from the directory the pipeline ran in ("run1/model.pt2"): read
+    from anywhere else, the path named nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "model.pt2").write_bytes(b"weights")
+    report = CompressionReport((_stage("input", 1.0, 10),), artifact="run1/model.pt2")
+    report.save("run1", plot=False)
+    assert json.loads((tmp_path / "run1" / "report.json").read_text())["artifact"] == "model.pt2"
+    assert "Artefact: `model.pt2`" in (tmp_path / "run1" / "report.md").read_text()
+    assert report.artifact == "run1/model.pt2"  # the report in memory is left as it was
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = CompressionReport.load_json(tmp_path / "run1" / "report.json")
+    assert Path(loaded.artifact).read_bytes() == b"weights"
+    # a report written before names it as it was written
+    older = json.loads((tmp_path / "run1" / "report.json").read_text())
+    del older["artifact_relative_to"]
+    older["artifact"] = "run1/model.pt2"
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert CompressionReport.load_json(tmp_path / "older.json").artifact == "run1/model.pt2"
 
 
 @settings(max_examples=60, deadline=None)

@@ -14,7 +14,7 @@ import numbers
 import re
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -255,20 +255,44 @@ class CompressionReport:
             artifact=data["artifact"],
         )
 
+    def _naming_the_artifact_from(self, directory: Path) -> CompressionReport:
+        """This report with its artifact's path relative to `directory`, where the report's files go (beside the
+        artifact, as the pipeline writes them): a path relative to the run's working directory named no file once
+        the report was read from anywhere else."""
+        if self.artifact is None:
+            return self
+        return replace(self, artifact=os.path.relpath(os.path.abspath(self.artifact), os.path.abspath(directory)))
+
     def save_json(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON to `path`; its artifact is named relative to the file's folder
+        (:meth:`load_json` resolves it from there)."""
         path = Path(path)
+        data = self._naming_the_artifact_from(path.parent).to_dict()
+        if data["artifact"] is not None:
+            data["artifact_relative_to"] = "report"
         with written_atomically(path) as partial:  # an interrupted write keeps the report that was there
-            partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            partial.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    def save_markdown(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`markdown` to `path`, naming the artifact relative to the file's folder."""
+        path = Path(path)
+        with written_atomically(path) as partial:  # a Ctrl-C while writing keeps the file that was there
+            partial.write_text(self._naming_the_artifact_from(path.parent).markdown())
         return path
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> CompressionReport:
+        """Read a report :meth:`save_json` wrote; its artifact's path is resolved from the file's folder (absolute)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not a JSON file ({error}).") from error
-        return cls.from_dict(data)
+        report = cls.from_dict(data)
+        if isinstance(data, dict) and data.get("artifact_relative_to") == "report" and report.artifact is not None:
+            report = replace(report, artifact=os.path.abspath(path.parent / report.artifact))  # older: as written
+        return report
 
     def save(self, directory: str | os.PathLike, *, plot: bool | None = None) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``report.png`` into `directory`; returns what was written.
@@ -277,10 +301,8 @@ class CompressionReport:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        written = {"json": self.save_json(directory / "report.json")}
-        with written_atomically(directory / "report.md") as partial:
-            partial.write_text(self.markdown())
-        written["markdown"] = directory / "report.md"
+        written = {"json": self.save_json(directory / "report.json"),
+                   "markdown": self.save_markdown(directory / "report.md")}
         if plot is None:
             plot = importlib.util.find_spec("matplotlib") is not None
         if plot:
