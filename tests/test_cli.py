@@ -242,8 +242,10 @@ def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_ar
                  "--output-dir", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "note: --sparsity, --schedule ignored: options of pruning, which --prune none turns off." in captured.err
-    assert "- quantization: timeout_s=1e-09 reached after" in captured.out
-    assert "- quantization: No quantized candidate could be built" in captured.out
+    # no trial ran, so none failed: it said "No quantized candidate could be built"
+    assert "- quantization: timeout_s=1e-09 reached before the first trial." in captured.out
+    assert ("- quantization: No quantized candidate was tried (timeout_s reached before the first trial): returning "
+            "an fp32 copy of the model.") in captured.out
     assert "quantized" not in [s.stage for s in CompressionReport.load_json(tmp_path / "report.json").stages]
 
 

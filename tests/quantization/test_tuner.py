@@ -860,3 +860,16 @@ def test_timeout_s_counts_the_search_not_the_baseline():
                           eval_fn=slow, example_inputs=x[:8])
     assert len(result.trials) == 1 and result.recipe is not None
     assert any("timeout_s=0.5 reached after 1 trials" in m for m in result.messages)
+
+
+def test_a_search_timed_out_before_its_first_trial_says_no_candidate_was_tried():
+    """It said "No quantized candidate could be built (see result.messages/trials)" where no trial had run."""
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    x = torch.randn(4, 8)
+    with pytest.warns(QuantizationGoalWarning, match=r"No quantized candidate was tried \(timeout_s reached before "
+                                                     r"the first trial\): returning an fp32 copy"):
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), timeout_s=1e-9,
+                                           latency_repeats=2), eval_fn=lambda m: float(m(x).sum() * 0 + 1),
+                          example_inputs=x)
+    assert result.trials == [] and result.recipe is None
+    assert "timeout_s=1e-09 reached before the first trial." in result.messages

@@ -729,7 +729,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             trials[-1].error = "interrupted"
         note(f"interrupted during trial {len(trials)}; keeping the best model so far.")
     if timed_out:
-        note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far.")
+        note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far."
+             if trials else f"timeout_s={config.timeout_s} reached before the first trial.")
     elif not interrupted and len(trials) >= config.max_trials and not any(t.meets_goal for t in trials):
         note(f"max_trials={config.max_trials} reached without meeting the goal.")
 
@@ -782,6 +783,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                            f"{' fast enough for min_speedup' if len(fast) < len(ran) else ''}, trial {chosen.index} "
                            f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
                            f"{baseline_metric:.6g}. Raise max_trials/timeout_s or the tolerable loss.")
+            elif not trials:  # nothing failed: the search ended before its first trial
+                why = ("timeout_s reached before the first trial" if timed_out else
+                       "interrupted before the first trial" if interrupted else "no recipe to try")
+                warning = f"No quantized candidate was tried ({why}): returning an fp32 copy of the model."
             else:
                 warning = ("No quantized candidate could be built (see result.messages/trials): returning "
                            "an fp32 copy of the model.")
