@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import re
 import warnings
 
 import hypothesis.strategies as st
@@ -2814,3 +2815,45 @@ def test_a_layer_subclass_with_its_own_forward_is_said_to_be_traced_into_not_unc
     reason = dict(shrink(model, (torch.randn(3, 6),)).report.kept)["0"]
     assert reason.startswith("_ScaledLinear subclasses Linear with a forward of its own, which torch.fx traces into")
     assert "pass a tracer that keeps _ScaledLinear as a leaf module" in reason
+
+
+class _ConcatIntoGroupedConv(nn.Module):
+    """Two branches concatenated and read by a grouped conv (ShuffleNet/CSP-like)."""
+
+    def __init__(self, widths: tuple[int, int], groups: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, widths[0], 1), nn.Conv2d(3, widths[1], 1)
+        self.g = nn.Conv2d(sum(widths), 6, 1, groups=groups)
+        self.o = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        return self.o(F.relu(self.g(joined)))
+
+
+@pytest.mark.parametrize(("widths", "groups", "removable"), [((6, 6), 2, (False, False)), ((4, 8), 2, (False, True)),
+                                                             ((6, 6), 3, (False, False)), ((8, 8), 2, (False, False)),
+                                                             ((6, 6), 1, (True, True))])
+def test_a_branch_reaching_only_some_groups_of_a_grouped_conv_behind_a_concatenation_is_not_removable(widths, groups,
+                                                                                                    removable):
+    """The plan called both branches removable: the pipeline (removable_only) pruned them, and shrink, which takes as
+    many channels from each of the conv's groups, removed none (accuracy lost, nothing saved)."""
+    from litcompress.pruning.engine import set_mask_
+
+    torch.manual_seed(0)
+    model, x = _ConcatIntoGroupedConv(widths, groups).eval(), torch.randn(4, 3, 5, 5)
+    reasons = removable_channels(model, example_inputs=x)
+    assert tuple(reasons[name] is None for name in "ab") == removable
+    for name, can in zip("ab", removable):
+        if not can:
+            assert re.search(rf"grouped conv g, in \d of its {groups} groups: shrink removes as many channels from each "
+                             "group, and the others lose none", reasons[name])
+    # what the plan says is what shrink does: half of each branch's channels zeroed, those it calls removable go
+    for name, width in zip("ab", widths):
+        kept = (torch.arange(width) >= width // 2).float()
+        set_mask_(getattr(model, name), "weight", kept.view(-1, 1, 1, 1).expand(width, 3, 1, 1).clone())
+        set_mask_(getattr(model, name), "bias", kept)
+    expected = model(x)
+    result = shrink(model, example_inputs=x)
+    torch.testing.assert_close(result.model(x), expected)
+    assert tuple(getattr(result.model, name).out_channels < width for name, width in zip("ab", widths)) == removable

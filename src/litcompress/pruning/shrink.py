@@ -2403,6 +2403,25 @@ def _slice_groups(chain: _Chain) -> int:
     return math.lcm(*groups) if groups else 1
 
 
+def _groups_out_of_reach(chain: _Chain) -> str | None:
+    """Why the producer's channels can never go where a concatenation puts them among a grouped conv's inputs and
+    they reach only some of its groups: shrink removes as many from each group, and a group they miss loses none
+    (pruned, they would stay, at a cost in accuracy); else None."""
+    width = _out_channels(chain.producer)
+    for branch in chain.branches:
+        concat = next((op for op in reversed(branch.ops) if isinstance(op, _Concat)), None)
+        if concat is None or not is_grouped(branch.consumer):
+            continue
+        groups = branch.consumer.groups
+        size = branch.consumer.in_channels // groups
+        reached = {(concat.start + j) // size for j in range(width)}
+        if len(reached) < groups:
+            return (f"a concatenation puts its channels among the inputs of the grouped conv {branch.consumer_name}, "
+                    f"in {len(reached)} of its {groups} groups: shrink removes as many channels from each group, and "
+                    "the others lose none, so none of these can go")
+    return None
+
+
 def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
                  example_inputs: Tensor | tuple | None = None) -> ChannelPlan:
     """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced. With `example_inputs`, the ranks
@@ -2414,6 +2433,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
     names = {id(module): name for name, module in modules.items()}
     chains = {name: traced.disagreements.get(name, chain)
               for name, chain in _producer_chains(traced.graph, modules, traced.calls, producers)}
+    chains = {name: (_groups_out_of_reach(chain) or chain) if isinstance(chain, _Chain) else chain
+              for name, chain in chains.items()}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     reasons.update({name: _unreached_reason(name, traced.traces, modules) for name in producers - reasons.keys()})
     called = _called_modules(traced.graph)
