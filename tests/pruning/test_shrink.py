@@ -2857,3 +2857,34 @@ def test_a_branch_reaching_only_some_groups_of_a_grouped_conv_behind_a_concatena
     result = shrink(model, example_inputs=x)
     torch.testing.assert_close(result.model(x), expected)
     assert tuple(getattr(result.model, name).out_channels < width for name, width in zip("ab", widths)) == removable
+
+
+def test_evenly_zeroed_groups_held_back_by_constants_are_said_to_be_so():
+    """Filters zeroed two per group, some of them outputting non-zero constants into a zero-padded conv: the reason
+    said only "not spread evenly over the groups", which they were; what to mend is the constants."""
+
+    class GroupedThenPadded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g, self.c = nn.Conv2d(12, 12, 1, groups=3), nn.Conv2d(12, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(F.relu(self.g(x)))
+
+    torch.manual_seed(0)
+    model = GroupedThenPadded().eval()
+    with torch.no_grad():
+        model.g.weight[[0, 1, 4, 5, 8, 9]] = 0  # two per group
+        model.g.bias[[0, 1, 5]] = 1.0  # ReLU keeps these constants: group 0 has no zero channel left
+        model.g.bias[[4, 8, 9]] = -1.0
+    x = torch.randn(2, 12, 5, 5)
+    expected = model(x)
+    result = shrink(model, x)
+    torch.testing.assert_close(result.model(x), expected)
+    assert dict(result.report.kept)["g"] == (
+        "its zero channels output non-zero constants into the zero-padded conv(s) c, where they are not constant (a "
+        "BatchNorm held at zero for them, as the pipeline's zero_batch_norm does, makes them zero); those left are not "
+        "spread evenly over the groups of the grouped conv(s) g, which must each lose as many")
+    with torch.no_grad():
+        model.g.bias[[0, 1, 5]] = -1.0  # all six zero: two per group go
+    assert shrink(model, x).model.g.out_channels == 6

@@ -1923,9 +1923,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         dead &= constant
         constants.append(value)
     ops = _unique(op for branch in chain.branches for op in branch.ops)
-    if not bool(dead.any()):
-        if not bool(zero.any()):
-            return None
+
+    def constants_reason() -> str:
         padded = [op.name for op in ops if isinstance(op, _Depthwise) and op.zero_padded]
         padded += [branch.consumer_name for branch in chain.branches
                    if branch.zeros_only and not isinstance(branch.consumer, _TRANSPOSED)]
@@ -1940,6 +1939,10 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                 + (" and ".join(places) if places else f"ops on the way to {chain.consumer_names}")
                 + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
                 "zero_batch_norm does, makes them zero)")
+
+    if not bool(dead.any()):
+        return constants_reason() if bool(zero.any()) else None
+    held_back = bool((zero & ~dead).any())  # zero channels whose constants cannot go where they are read
     # Grouped convs, the producer or a consumer, lose channels in equal numbers per group.
     balances = [(producer.groups, 0, None)] if is_grouped(producer) else []
     for branch in chain.branches:
@@ -1964,10 +1967,13 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
     if multiple_left_none and not bool(dead.any()):
         return f"keeping a multiple of {keep_multiple_of} channels leaves none of its zero channels to remove"
     if balances and not bool(dead.any()):
-        return ("its zero channels are not spread evenly over the groups of the grouped conv(s) "
-                + ", ".join([producer_name] * is_grouped(producer)
-                            + [b.consumer_name for b in chain.branches if is_grouped(b.consumer)])
-                + ", which must each lose as many")
+        uneven = ("not spread evenly over the groups of the grouped conv(s) "
+                  + ", ".join([producer_name] * is_grouped(producer)
+                              + [b.consumer_name for b in chain.branches if is_grouped(b.consumer)])
+                  + ", which must each lose as many")
+        # evenly pruned, they can end uneven once those held back are left: the cause to mend is those
+        return (f"{constants_reason()}; those left are {uneven}" if held_back
+                else f"its zero channels are {uneven}")
     if not all(math.isfinite(float(value[dead].abs().sum())) for value in constants):
         return "its zero channels output non-finite constants"
     folded, through = _edit_branches_(chain.branches, constants, dead)
