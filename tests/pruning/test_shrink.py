@@ -2846,8 +2846,8 @@ def test_a_branch_reaching_only_some_groups_of_a_grouped_conv_behind_a_concatena
     assert tuple(reasons[name] is None for name in "ab") == removable
     for name, can in zip("ab", removable):
         if not can:
-            assert re.search(rf"grouped conv g, in \d of its {groups} groups: shrink removes as many channels from each "
-                             "group, and the others lose none", reasons[name])
+            assert re.search(rf"grouped conv g, in \d of its {groups} groups: shrink removes as many channels from "
+                             "each group, and the others lose none", reasons[name])
     # what the plan says is what shrink does: half of each branch's channels zeroed, those it calls removable go
     for name, width in zip("ab", widths):
         kept = (torch.arange(width) >= width // 2).float()
