@@ -1112,6 +1112,24 @@ def test_pruning_an_attention_trains_and_evaluates_with_current_weights(tmp_path
     assert torch.equal(out_proj.weight, out_proj.weight_orig * out_proj.weight_mask)
 
 
+def test_default_targets_that_leave_an_attention_projection_dense_say_so_and_prune_it_when_named(tmp_path):
+    """nn.MultiheadAttention's input projection is in_proj_weight, which the defaults (as Lightning's) leave out:
+    the largest matrix of the layer stayed dense without a word, the logged sparsity not counting it."""
+    with pytest.warns(UserWarning, match=r"ModelPruning's default targets \(as Lightning's\): 1 attention layer\(s\) "
+                                         r"keep weight matrices dense \(layer.self_attn\).*\(layer.self_attn: "
+                                         r"in_proj_weight\).*\(model.layer.self_attn, 'in_proj_weight'\)"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(
+            AttentionModel())
+    model = AttentionModel()
+    named = [(model.layer.self_attn, "in_proj_weight"), (model.head, "weight")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
+        make_trainer(tmp_path, max_epochs=1, callbacks=[
+            ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=named)]).fit(model)
+    assert int((model.layer.self_attn.in_proj_weight == 0).sum()) > 0  # pruned, then made permanent
+
+
 class TiedLanguageModel(FixedDataModel):
     """An output layer holding its input embedding's matrix (GPT-2's wte / lm_head): one tensor, two modules."""
 

@@ -760,3 +760,22 @@ def test_prune_model_says_which_recurrent_layers_its_weight_name_leaves_dense():
     partly = nn.ModuleDict({"lstm": nn.LSTM(4, 8, num_layers=2), "head": nn.Linear(8, 3)})
     with pytest.warns(UserWarning, match=r"\(lstm: weight_ih_l1, weight_hh_l1\)"):  # layer 1 left: said too
         prune_model_(partly, amount=0.5, parameter_names=["weight", "weight_ih_l0", "weight_hh_l0"])
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_prune_model_says_which_attention_projections_its_weight_name_leaves_dense(kdim):
+    """An attention's input projections are in_proj_weight (or q/k/v_proj_weight): left dense without a word, the
+    largest matrices of a transformer layer."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32) if kdim is None else nn.ModuleDict(
+        {"attn": nn.MultiheadAttention(16, 2, kdim=kdim, vdim=kdim), "head": nn.Linear(16, 2)})
+    path = "self_attn" if kdim is None else "attn"
+    matrices = ["in_proj_weight"] if kdim is None else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    with pytest.warns(UserWarning, match=rf"prune_model_: 1 attention layer\(s\) keep weight matrices dense "
+                                         rf"\({path}\): those are not named 'weight' \({path}: "
+                                         rf"{', '.join(matrices)}\)") as said:
+        prune_model_(layer, amount=0.5)
+    suggested = re.search(r"parameter_names=(\[.*\])\.", str(said[0].message)).group(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = prune_model_(layer, amount=0.5, parameter_names=eval(suggested))
+    assert {n for _, n in named} >= set(matrices)

@@ -838,6 +838,37 @@ def test_parametrized_weights_left_dense_are_warned_of_and_can_be_excluded_in_si
                                         exclude=[excluded])
 
 
+def test_recurrent_and_attention_matrices_left_dense_are_warned_of_and_prune_when_named():
+    """An LSTM's weight_ih_l0, ... and an attention's in_proj_weight are not named 'weight': the search left them
+    dense without a word, and its table said 12.5% remained of a network almost wholly dense."""
+
+    class Sequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.attn = nn.LSTM(4, 8, batch_first=True), nn.MultiheadAttention(8, 2)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lstm(x)[0]
+            return self.head(self.attn(h, h, h, need_weights=False)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Sequence()
+    with pytest.warns(UserWarning, match=r"iterative_magnitude_pruning: 2 recurrent and attention layer\(s\) keep "
+                                         r"weight matrices dense \(lstm, attn\).*the table's sparsity leaves them "
+                                         r"out") as said:
+        iterative_magnitude_pruning(model, lambda network: None, lambda network: 0.0, rounds=1, rate=0.5,
+                                    control="none")
+    suggested = eval(re.search(r"parameter_names=(\[.*\])\.", str(said[0].message)).group(1))
+    assert suggested == ["weight", "weight_ih_l0", "weight_hh_l0", "in_proj_weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ticket = iterative_magnitude_pruning(model, lambda network: None, lambda network: 0.0, rounds=1, rate=0.5,
+                                             control="none", parameter_names=suggested)
+    assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "attn.in_proj_weight"} <= set(ticket.masks)
+    assert ticket.rounds[-1].remaining == pytest.approx(0.5, abs=0.01)
+
+
 def _remaining_in(checkpoint: Path) -> float:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     masks = [value for key, value in state.items() if key.endswith("weight_mask")]

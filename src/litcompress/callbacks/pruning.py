@@ -552,14 +552,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _warn_of_recurrent_defaults(self, pl_module: LightningModule) -> None:
         """The default targets are the layers' `weight`/`bias` parameters (as in Lightning), which a recurrent
-        layer's matrices (``weight_ih_l0``, ...) are not: they stay dense, and the logged sparsity leaves them out."""
-        left_out = engine.recurrent_layers_left_out(pl_module, self._parameters_to_prune) \
+        layer's matrices (``weight_ih_l0``, ...) and an attention's ``in_proj_weight`` are not: they stay dense, and
+        the logged sparsity leaves them out."""
+        left_out = engine.matrices_left_out(pl_module, self._parameters_to_prune) \
             if "weight" in self._parameter_names else {}
         if left_out:
             first, names = next(iter(left_out.items()))
             example = ", ".join(f"(model.{first}, {name!r})" for name in names)
-            rank_zero_warn(engine.recurrent_left_out_message(
-                "ModelPruning's default targets (as Lightning's)", left_out,
+            rank_zero_warn(engine.left_out_message(
+                "ModelPruning's default targets (as Lightning's)", pl_module, left_out,
                 f"the sparsity it logs leaves them out. Name them in `parameters_to_prune` (with the layers to prune "
                 f"beside them) to prune them, e.g. [{example}, ...]."))
 

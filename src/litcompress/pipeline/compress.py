@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._files import partial_path, written_atomically
-from litcompress.pruning.engine import (Target, close_names, compiled_module_names, deepcopy_model, distinct_targets,
-                                        eager_copy, is_excluded, keep_bypassed_weights_current_, make_permanent_,
-                                        permanent_state_dict, prune_to_sparsity_, pruned_count, pruned_targets,
-                                        qualified_names, with_tied_targets)
+from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, close_names, compiled_module_names,
+                                        deepcopy_model, distinct_targets, eager_copy, is_excluded,
+                                        keep_bypassed_weights_current_, make_permanent_, permanent_state_dict,
+                                        prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
+                                        with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import prunable_attentions, prune_heads_
@@ -233,9 +234,6 @@ def _groups_residuals(prune: PruneConfig) -> bool:
 
 
 #: an attention's input projections, held as its own tensors (out_proj is a Linear)
-_ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
 def weight_sparsity(model: nn.Module, *, embeddings: bool = False, attentions: bool = False) -> float | None:
     """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too, and with `embeddings` and
     `attentions` (a run that prunes them) embeddings' and attentions' input projections (None when the model has
@@ -246,7 +244,7 @@ def weight_sparsity(model: nn.Module, *, embeddings: bool = False, attentions: b
         targets += [(m, "weight") for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     if attentions:
         targets += [(m, t) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
-                    for t in _ATTENTION_PROJECTIONS if isinstance(getattr(m, t, None), torch.Tensor)]
+                    for t in ATTENTION_PROJECTIONS if isinstance(getattr(m, t, None), torch.Tensor)]
     return sparsity_report(model, targets).sparsity if targets else None
 
 

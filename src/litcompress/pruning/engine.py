@@ -799,8 +799,8 @@ def prune_to_sparsity_(
         raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
     check_takes_amount(method_cls, "prune_to_sparsity_")
     check_near_misses(method_cls, method_kwargs, "prune_to_sparsity_")
-    check_method_kwargs(method_cls, method_kwargs, "prune_to_sparsity_", ndims={getattr(m, n).dim() for m, n in targets},
-                        others_ok=True)
+    check_method_kwargs(method_cls, method_kwargs, "prune_to_sparsity_",
+                        ndims={getattr(m, n).dim() for m, n in targets}, others_ok=True)
     check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
@@ -858,11 +858,11 @@ def prune_model_(
         only = f" (only parametrized ones: {', '.join(computed)})" if computed else ""
         raise ValueError(f"prune_model_(parameter_names=...): no module of {type(model).__name__} has a {missing} "
                          f"tensor it can prune{only}; its tensors are named {found}.")
-    left_out = recurrent_layers_left_out(model, targets) if "weight" in parameter_names else {}
+    left_out = matrices_left_out(model, targets) if "weight" in parameter_names else {}
     if left_out:
         missing = list(dict.fromkeys(name for names in left_out.values() for name in names))
-        warnings.warn(recurrent_left_out_message(
-            "prune_model_", left_out, f"name them in parameter_names to prune them too: parameter_names="
+        warnings.warn(left_out_message(
+            "prune_model_", model, left_out, f"name them in parameter_names to prune them too: parameter_names="
             f"{[*parameter_names, *missing]!r}."), UserWarning, stacklevel=2)
     if computed:
         warnings.warn(f"prune_model_ leaves out {len(computed)} parametrized tensor(s), which torch.nn.utils.prune "
@@ -885,23 +885,37 @@ def recurrent_weight_names(module: nn.Module, kind: str = "weight") -> list[str]
     return [n for n in names if n.startswith(kind) and isinstance(getattr(module, n, None), Tensor)]
 
 
-def recurrent_layers_left_out(model: nn.Module, targets: Sequence[Target]) -> dict[str, list[str]]:
-    """`model`'s recurrent layers and cells with weight matrices not among `targets`: ``{name: those matrices}``."""
+#: An attention's input projections: one packed matrix, or three where query, key and value widths differ.
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def matrices_left_out(model: nn.Module, targets: Sequence[Target]) -> dict[str, list[str]]:
+    """`model`'s recurrent layers and cells, and ``nn.MultiheadAttention`` layers, with weight matrices not among
+    `targets` (none of them is named "weight", which default targets take): ``{name: those matrices}``."""
     targeted = {(id(module), name) for module, name in targets}
     left_out = {}
     for path, module in model.named_modules():
         if isinstance(module, RECURRENT_WEIGHTED):
-            missing = [n for n in recurrent_weight_names(module) if (id(module), n) not in targeted]
-            if missing:
-                left_out[path or type(model).__name__] = missing
+            matrices = recurrent_weight_names(module)
+        elif isinstance(module, nn.MultiheadAttention):
+            matrices = [n for n in ATTENTION_PROJECTIONS if isinstance(getattr(module, n, None), Tensor)]
+        else:
+            continue
+        missing = [n for n in matrices if (id(module), n) not in targeted]
+        if missing:
+            left_out[path or type(model).__name__] = missing
     return left_out
 
 
-def recurrent_left_out_message(who: str, left_out: Mapping[str, Sequence[str]], remedy: str) -> str:
-    """Why the recurrent layers `left_out` keep weight matrices dense under `who`'s targets, and `remedy`."""
+def left_out_message(who: str, model: nn.Module, left_out: Mapping[str, Sequence[str]], remedy: str) -> str:
+    """Why the layers `left_out` (:func:`matrices_left_out`) keep weight matrices dense under `who`'s targets, and
+    `remedy`."""
     names = list(left_out)
     first = names[0]
-    return (f"{who}: {len(names)} recurrent layer(s) keep weight matrices dense ({', '.join(names[:5])}"
+    modules = dict(model.named_modules())
+    kinds = [kind for kind, types in (("recurrent", RECURRENT_WEIGHTED), ("attention", nn.MultiheadAttention))
+             if any(isinstance(modules.get(name, model), types) for name in names)]
+    return (f"{who}: {len(names)} {' and '.join(kinds)} layer(s) keep weight matrices dense ({', '.join(names[:5])}"
             f"{' ...' if len(names) > 5 else ''}): those are not named 'weight' ({first}: "
             f"{', '.join(left_out[first])}); {remedy}")
 

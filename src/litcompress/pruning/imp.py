@@ -37,7 +37,9 @@ from litcompress.pruning.engine import (
     emptied_targets,
     is_pruned,
     keep_bypassed_weights_current_,
+    left_out_message,
     mask_of,
+    matrices_left_out,
     prune_,
     qualified_names,
     refresh_cached_tensor,
@@ -319,6 +321,13 @@ def iterative_magnitude_pruning(
         raise ValueError(f"`exclude` leaves {left} dense, but it is the same tensor as {pruned} (tied weights), "
                          f"which would be pruned: the one matrix cannot be both. Exclude both, or neither.")
     targets, names, keys = [targets[i] for i in kept], [names[i] for i in kept], [keys[i] for i in kept]
+    left_out = matrices_left_out(network, targets) if "weight" in parameter_names else {}
+    if left_out:  # the table's "remaining" counts the pruned tensors only: a 12.5% ticket could be nearly dense
+        missing = list(dict.fromkeys(name for matrices in left_out.values() for name in matrices))
+        warnings.warn(left_out_message(
+            "iterative_magnitude_pruning", network, left_out, "the table's sparsity leaves them out. Name them in "
+            f"parameter_names to prune them too: parameter_names={[*parameter_names, *missing]!r}."),
+            UserWarning, stacklevel=2)
     frozen = [name for (module, tensor), name in zip(targets, names)
               if not trainable_tensor(module, tensor).requires_grad]
     if frozen:  # ModelPruning warns of them too
