@@ -135,6 +135,64 @@ def test_a_single_callback_in_trainer_kwargs_is_taken_as_trainer_takes_it(fitted
     assert len(seen) == 3
 
 
+class BackboneHead(L.LightningModule):
+    """A sub-module to compress (`backbone`) and layers outside it, a batch norm among them, that its optimizer
+    covers too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Sequential(nn.BatchNorm1d(32), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_only_the_submodule_fine_tunes_the_layers_outside_it_stay_as_the_result_is_judged_with_them():
+    """The user's optimizer trained the head outside `submodule` too, and the pipeline dropped it: the result (the
+    sub-module) is judged inside the module given, with its head as it was."""
+    L.seed_everything(0)
+    data, module = DigitsDataModule(batch_size=64), BackboneHead()
+    _trainer(max_epochs=1, limit_train_batches=5).fit(module, datamodule=data)
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    seen = {}
+
+    class SeesTheHost(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("modes", []).append((pl_module.head.training, pl_module.head[0].training,
+                                                 pl_module.backbone.training, pl_module.training))
+
+        def on_train_end(self, trainer, pl_module):
+            seen["head"] = {k: v.clone() for k, v in pl_module.head.state_dict().items()}
+            seen["backbone"] = pl_module.backbone
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), quantize=None, export=False,
+                               latency_repeats=2)
+    result = compress_lightning(module, config, datamodule=data, fine_tune_epochs=1, submodule="backbone",
+                                trainer_kwargs={"callbacks": [SeesTheHost()], "limit_train_batches": 3})
+    assert seen["modes"] == [(False, False, True, True)] * 3
+    assert all(torch.equal(value, head_before[key]) for key, value in seen["head"].items())  # running stats too
+    assert not torch.equal(effective_tensor(seen["backbone"][0], "weight"), module.backbone[0].weight)  # it trained
+    assert all(p.requires_grad for p in module.parameters())
+    # the reported metric is the result's inside the module given
+    host = BackboneHead()
+    host.load_state_dict(module.state_dict())
+    host.backbone = result.stage_models["pruned"]
+    validated = _trainer().validate(host, datamodule=data, verbose=False)[0]["val_acc"]
+    assert result.report["pruned"].metric == pytest.approx(validated)
+
+
 class WrappedMLP(MLPClassifier):
     """Its steps call `self(x)`, which calls a model two attributes down: `self.wrap.net`."""
 

@@ -61,6 +61,33 @@ class PruneAfterOptimizerSteps(L.Callback):
         self.step(trainer.global_step if pl_module.automatic_optimization else self.batches)
 
 
+class KeepOutsideFixed(L.Callback):
+    """Fine-tuning a sub-module inside its host: the host's layers outside it stay as the pipeline evaluates them
+    (the user's), their parameters frozen and their modules in eval mode (a batch norm's statistics too). Trained,
+    they would be dropped: only the sub-module is compressed and returned, and judged inside the original host."""
+
+    def __init__(self, host: nn.Module, submodule: str) -> None:
+        inside = host.get_submodule(submodule)
+        within = {id(p) for p in inside.parameters()}  # a tensor tied into the sub-module trains with it
+        self.parameters = [p for p in host.parameters() if id(p) not in within and p.requires_grad]
+        ancestors = {".".join(submodule.split(".")[:i]) for i in range(len(submodule.split(".")))}
+        below = {id(m) for m in inside.modules()}
+        self.modules = [m for name, m in host.named_modules() if name not in ancestors and id(m) not in below]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for parameter in self.parameters:  # before configure_optimizers: one that filters on requires_grad skips them
+            parameter.requires_grad_(False)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        for module in self.modules:  # Lightning puts the module in train mode at every epoch: after it
+            module.training = False
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for parameter in self.parameters:
+            parameter.requires_grad_(True)
+
+
 def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, Any]) -> int:
     """Optimizer steps a ``Trainer(max_epochs=epochs, **trainer_kwargs)`` makes over `train_batches` batches (with
     manual optimization, where Lightning refuses gradient accumulation: the batches it trains on)."""
@@ -276,6 +303,8 @@ def compress_lightning(
             a dict batch's keys named like forward's parameters; ``lambda batch: (batch,)`` for a forward that
             takes the dict itself).
         submodule: compress ``module.get_submodule(submodule)`` (a dotted path too) instead of the whole module.
+            It alone fine-tunes: the layers outside it stay as they are (frozen, in eval mode), as the result is
+            judged inside the module given.
         output_dir: where the pruned (and shrunk) state dicts and the exported model go; the report files are
             written by ``result.report.save(output_dir)``.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
@@ -355,7 +384,9 @@ def compress_lightning(
                         "trains in train mode (put a layer in eval mode inside a training module to freeze it).")
             trained.train()
         kwargs, given = _fine_tuning_trainer_kwargs(trainer_kwargs, fine_tune_epochs)
-        callbacks = [*given, PruneAfterOptimizerSteps(step)]
+        # (first: the user's callbacks see the layers outside the sub-module as they train, fixed)
+        callbacks = [*([KeepOutsideFixed(host, submodule)] if submodule is not None else []), *given,
+                     PruneAfterOptimizerSteps(step)]
         if distill is not None:  # the teacher: the input model, which `compress` leaves as it is (it prunes a copy)
             # imported here: litcompress.callbacks imports this module (CompressOnFitEnd)
             from litcompress.callbacks.distillation import KnowledgeDistillation
