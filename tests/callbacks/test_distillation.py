@@ -236,6 +236,56 @@ def test_the_pipeline_refuses_distillation_without_fine_tuning():
                            datamodule=DigitsDataModule(), distill=DistillationConfig())
 
 
+class FeaturesThenLogits(MLPClassifier):
+    """Returns (features, logits): a tuple's first tensor is not what distillation should read."""
+
+    def forward(self, x):
+        features = self.net[:-1](x)
+        return features, self.net[-1](features)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x)[1], y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x)[1].argmax(1) == y).float().mean())
+
+
+class DictOfOutputs(FeaturesThenLogits):
+    def forward(self, x):
+        return {"out": self.net(x)}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x)["out"], y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x)["out"].argmax(1) == y).float().mean())
+
+
+def test_the_pipeline_takes_an_outputs_fn_and_checks_the_outputs_before_any_stage():
+    """A model returning a dict failed at the first fine-tuning batch, after the input's evaluation, saying to pass an
+    outputs_fn that compress_lightning did not take; a (features, logits) model distilled its features silently."""
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False, latency_repeats=1)
+    with pytest.raises(ValueError, match=r"compress_lightning\(distill=...\): on example_inputs, the model returned "
+                                         r"dict, which holds no tensor to distill on.*pass outputs_fn="):
+        compress_lightning(DictOfOutputs(hidden=(8,)), config, datamodule=DigitsDataModule(), fine_tune_epochs=1,
+                           distill=DistillationConfig())
+    with pytest.raises(ValueError, match=r"outputs_fn returned int for the model's outputs"):
+        compress_lightning(DictOfOutputs(hidden=(8,)), config, datamodule=DigitsDataModule(), fine_tune_epochs=1,
+                           distill=DistillationConfig(), outputs_fn=lambda outputs: 3)
+    with pytest.raises(ValueError, match=r"outputs_fn=.*it picks the logits that distillation reads"):
+        compress_lightning(DictOfOutputs(hidden=(8,)), config, datamodule=DigitsDataModule(), fine_tune_epochs=1,
+                           outputs_fn=lambda outputs: outputs["out"])
+    seed_everything(0)
+    result = compress_lightning(FeaturesThenLogits(hidden=(16,)), config, datamodule=DigitsDataModule(),
+                                fine_tune_epochs=1, distill=DistillationConfig(), outputs_fn=lambda outputs: outputs[1],
+                                trainer_kwargs={"limit_train_batches": 3})
+    assert result.report["pruned"].description.endswith(", distilled (T=1, alpha=0.5)")
+
+
 @pytest.mark.parametrize(("quantized", "distilled_on"),
                          [("net", None), pytest.param("net", "net", marks=pytest.mark.slow), (None, None)])
 def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_path, quantized, distilled_on):

@@ -31,7 +31,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_we
                                                 lightning_eval_fn, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 warn_if_sanity_check_missed, with_metric_mode)
-from litcompress.quantization.tuner import model_input_fn
+from litcompress.quantization.tuner import example_as_inputs, model_input_fn
 
 from .compress import CompressionResult, compress
 from .config import CompressionConfig
@@ -282,6 +282,7 @@ def compress_lightning(
     output_dir: str | os.PathLike | None = None,
     mode: Literal["max", "min"] | None = None,
     distill: DistillationConfig | None = None,
+    outputs_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> CompressionResult:
     """Run the pipeline on a copy of `module` (never modified; on the CPU), judged by its own logged metrics.
 
@@ -313,7 +314,10 @@ def compress_lightning(
         distill: fine-tune against the input model as a frozen teacher (knowledge distillation,
             :class:`litcompress.callbacks.KnowledgeDistillation`): the training step's loss becomes
             ``(1 - alpha) * loss + alpha * distillation`` on the outputs of the model (or `submodule`) it calls.
-            Needs ``fine_tune_epochs``.
+            Needs ``fine_tune_epochs``. The outputs are checked on `example_inputs` before any stage.
+        outputs_fn: with `distill`, picks the logits from the model's outputs (default: the outputs, a mapping's
+            ``"logits"``, or a tuple's first tensor; a model returning ``(features, logits)`` needs
+            ``lambda outputs: outputs[1]``).
     """
     if not isinstance(module, L.LightningModule):
         raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
@@ -335,6 +339,10 @@ def compress_lightning(
         if not module.automatic_optimization:
             raise ValueError(f"compress_lightning(distill=...): {type(module).__name__} uses manual optimization, "
                              "whose training_step runs backward itself, so no distillation term can join its loss.")
+    if outputs_fn is not None and (distill is None or not callable(outputs_fn)):
+        raise ValueError(f"compress_lightning(outputs_fn={outputs_fn!r}): " + (
+            "it picks the logits that distillation reads; give it with distill=DistillationConfig(...)."
+            if distill is None else "expected a function of the model's outputs, e.g. lambda outputs: outputs[1]."))
     check_submodule(module, submodule, "compress_lightning")
     datamodule = _data(datamodule, train_dataloaders, val_dataloaders, test_dataloaders, test_metric,
                        "compress_lightning")
@@ -372,6 +380,8 @@ def compress_lightning(
         # Lightning's own to_torchscript sets) is on. Our copy only.
         host._jit_is_scripting = True
     target = host if submodule is None else host.get_submodule(submodule)
+    if distill is not None:
+        _check_distillable(target, example_inputs, input_fn, outputs_fn, distill)
 
     def fine_tune(model: nn.Module, step: Callable[[int], Any]) -> None:
         trained = model if submodule is None else host
@@ -391,7 +401,7 @@ def compress_lightning(
             # imported here: litcompress.callbacks imports this module (CompressOnFitEnd)
             from litcompress.callbacks.distillation import KnowledgeDistillation
             callbacks.append(KnowledgeDistillation(target, temperature=distill.temperature, alpha=distill.alpha,
-                                                   kind=distill.kind, submodule=submodule))
+                                                   kind=distill.kind, submodule=submodule, outputs_fn=outputs_fn))
         trainer = L.Trainer(callbacks=callbacks, **kwargs)
         attached = datamodule.trainer
         try:
@@ -417,6 +427,32 @@ def compress_lightning(
         output_dir=output_dir, metric_name=metric, test_metric_name=test_metric,
         fine_tune_description=distill.describe() if distill is not None else None,
     )
+
+
+def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable[[object], tuple] | None,
+                       outputs_fn: Callable[[Any], torch.Tensor] | None, distill: DistillationConfig) -> None:
+    """The tensor distillation reads, found in the model's outputs for `example_inputs` before any stage: outputs
+    without one, or with one logit per row under ``kind="kl"``, failed at the first fine-tuning batch, after the
+    input model's evaluation. (A model that fails on them is left to the pipeline's own check, which says so.)"""
+    from litcompress.distillation.loss import default_outputs, distillation_loss
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(*example_as_inputs(model, example_inputs, input_fn))
+    except Exception:
+        return
+    finally:
+        model.train(training)
+    try:
+        picked = (outputs_fn or default_outputs)(outputs)
+        if not isinstance(picked, torch.Tensor):
+            raise TypeError(f"outputs_fn returned {type(picked).__name__} for the model's outputs, not the tensor of "
+                            "logits to distill on.")
+        distillation_loss(picked.float(), picked.float(), distill.temperature, distill.kind)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"compress_lightning(distill=...): on example_inputs, {error}") from error
 
 
 class CompressOnFitEnd(L.Callback):
