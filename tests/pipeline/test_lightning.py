@@ -7,6 +7,7 @@ import re
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -79,6 +80,9 @@ def test_fine_tunes_while_pruning_and_reports_the_modules_own_metrics(fitted, tm
     (7, 2, {"overfit_batches": 0.5}),
     (7, 3, {"fast_dev_run": True}),
     (7, 3, {"fast_dev_run": 2}),
+    # accumulation per epoch from a callback: one step per batch was counted (a schedule over 21 steps where 8 ran)
+    (7, 3, {"callbacks": [GradientAccumulationScheduler({0: 4, 2: 2})]}),
+    (7, 2, {"callbacks": GradientAccumulationScheduler({1: 3})}),
 ])
 def test_optimizer_steps_match_what_the_trainer_does(batches, epochs, kwargs):
     model = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
@@ -99,10 +100,20 @@ def optimizer_steps(train_batches: int, epochs: int, trainer_kwargs: dict[str, A
         batches = min(batches, limit)
     elif isinstance(limit, float):
         batches = int(batches * limit)
-    per_epoch = math.ceil(batches / int(trainer_kwargs.get("accumulate_grad_batches", 1)))
-    total = per_epoch * epochs
+    scheduler = _accumulation_scheduler(trainer_kwargs)
+    if scheduler is not None:  # accumulation per epoch (it counted one step per batch: a schedule twice as long)
+        total = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(epoch)) for epoch in range(epochs))
+    else:
+        total = math.ceil(batches / int(trainer_kwargs.get("accumulate_grad_batches", 1))) * epochs
     max_steps = trainer_kwargs.get("max_steps", -1)
     return min(total, max_steps) if max_steps is not None and max_steps > 0 else total
+
+
+def _accumulation_scheduler(trainer_kwargs: dict[str, Any]) -> GradientAccumulationScheduler | None:
+    """The ``GradientAccumulationScheduler`` among `trainer_kwargs`' callbacks (Lightning takes one at most)."""
+    callbacks = trainer_kwargs.get("callbacks") or []
+    callbacks = [callbacks] if isinstance(callbacks, L.Callback) else callbacks
+    return next((c for c in callbacks if isinstance(c, GradientAccumulationScheduler)), None)
 
 
 def _train_batch_limit(trainer_kwargs: dict[str, Any]) -> int | float | None:
