@@ -488,6 +488,9 @@ def test_dataloaders_given_to_fit_or_to_compress_lightning_serve_as_a_datamodule
         compress_lightning(module, config, val_dataloaders=val)
     with pytest.raises(ValueError, match="test_metric='test_acc'. without test_dataloaders="):
         compress_lightning(module, config, train_dataloaders=train, val_dataloaders=val, test_metric="test_acc")
+    # a test loader without its metric: the report had no test column, without a word
+    with pytest.raises(ValueError, match=r"test_dataloaders=...\) without test_metric=: name the metric its test_step"):
+        compress_lightning(module, config, train_dataloaders=train, val_dataloaders=val, test_dataloaders=test)
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")

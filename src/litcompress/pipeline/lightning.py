@@ -271,6 +271,9 @@ def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: 
     if test_metric is not None and test is None:
         raise ValueError(f"{where}(test_metric={test_metric!r}) without test_dataloaders=: give the loader whose "
                          "test_step logs it.")
+    if test is not None and test_metric is None:  # the report would have no test column, without a word
+        raise ValueError(f"{where}(test_dataloaders=...) without test_metric=: name the metric its test_step logs "
+                         "(e.g. test_metric='test_acc'), or leave the test loader out.")
     return LoadersDataModule(train, val, test)
 
 
