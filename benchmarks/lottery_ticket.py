@@ -133,7 +133,8 @@ def main() -> None:
                              " global: one magnitude ranking over all layers")
     parser.add_argument("--rate", type=float, default=0.2, help="fraction of the remaining weights pruned per round")
     parser.add_argument("--rewind-to-step", type=int, default=None,
-                        help="late rewinding: train this many steps first and rewind there (dense round 0 too)")
+                        help="late rewinding: train this many steps first and rewind there (dense round 0 too); "
+                             "0 rewinds to initialisation, as without it")
     parser.add_argument("--retrain-from", choices=["start", "rewind_point"], default="start",
                         help="start: every round trains --epochs epochs afresh (its LR schedule restarted); "
                              "rewind_point (with --rewind-to-step k): every round resumes the fit at step k and "
@@ -150,6 +151,9 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.epochs, args.rounds, args.threads, args.batch_size) < 1:
         parser.error("--epochs, --rounds, --threads and --batch-size must be >= 1")
+    if args.rewind_to_step is not None and args.rewind_to_step < 0:
+        parser.error(f"--rewind-to-step must be >= 0 (0: initialisation), got {args.rewind_to_step}")
+    args.rewind_to_step = args.rewind_to_step or None  # 0: initialisation, which the library names None
     if args.quick:
         args.seeds, args.epochs, args.rounds = args.seeds[:1], 1, 3
     torch.set_num_threads(args.threads)

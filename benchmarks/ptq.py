@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from litcompress.quantization import AccuracyCriterion, PTQConfig, get_backend, quantize, save_quantized  # noqa: E402
-from litcompress.quantization.backends import cpu_has_vnni  # noqa: E402
+from litcompress.quantization.backends import BACKEND_REGISTRY, cpu_has_vnni  # noqa: E402
 from litcompress.quantization.latency import measure_latencies  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -289,6 +289,9 @@ def main() -> None:
     for name in ("threads", "mlp_hidden", "lstm_hidden", "repeats_b1", "repeats_b32", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    unknown = sorted(set(args.tune_backends.split(",")) - set(BACKEND_REGISTRY))
+    if unknown:  # a misspelt backend failed after the training and every backend's quantization
+        parser.error(f"--tune-backends: unknown {unknown}; choose from {', '.join(BACKEND_REGISTRY)} (comma-separated)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

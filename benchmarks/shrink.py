@@ -581,6 +581,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
+    if args.keep_multiple_of is not None and args.keep_multiple_of < 1:
+        parser.error(f"--keep-multiple-of must be >= 1, got {args.keep_multiple_of}")
     results = [run(name, args.amount, args.repeats, print, args.keep_multiple_of) for name in args.models]
     text = table(results)
     print(text)

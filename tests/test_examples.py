@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from litcompress.report.compression import CompressionReport
 
@@ -117,6 +118,12 @@ def test_prune_lstm_units_lightning(tmp_path):
     ("benchmarks/distillation.py", ["--settings", "mlp:0.9:unstrctured"], "got 'mlp:0.9:unstrctured'"),
     # tracebacks (set_num_threads, a ZeroDivisionError)
     ("benchmarks/lottery_ticket.py", ["--batch-size", "0"], "--threads and --batch-size must be >= 1"),
+    # failed after the training and every backend's quantization; tracebacks (one said to "pass None")
+    ("benchmarks/ptq.py", ["--tune-backends", "torch_ao,nope"], "--tune-backends: unknown ['nope']; choose from"),
+    ("benchmarks/lottery_ticket.py", ["--rewind-to-step", "-1"], "--rewind-to-step must be >= 0 (0: initialisation)"),
+    ("benchmarks/shrink.py", ["--keep-multiple-of", "0"], "--keep-multiple-of must be >= 1, got 0"),
+    pytest.param("benchmarks/profile_prune_round.py", ["--device", "cuda"], "this torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
     ("examples/quantize_lightning.py", ["--epochs", "0"], "--epochs and --max-trials must be >= 1"),
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
