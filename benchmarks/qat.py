@@ -166,9 +166,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--train-limit", type=int, default=None, help="train on this many images (a quick check)")
-    parser.add_argument("--skip-latency", action="store_true", help="accuracy only (e.g. widths run in parallel)")
-    parser.add_argument("--latency-only", action="store_true",
-                        help="latency only, of untrained models (no training; run on a quiet machine)")
+    which = parser.add_mutually_exclusive_group()  # both: it ran latency only, without a word
+    which.add_argument("--skip-latency", action="store_true", help="accuracy only (e.g. widths run in parallel)")
+    which.add_argument("--latency-only", action="store_true",
+                       help="latency only, of untrained models (no training; run on a quiet machine)")
     args = parser.parse_args()
     for name in ("epochs", "qat_epochs", "threads", "repeats"):
         if getattr(args, name) < 1:

@@ -122,6 +122,7 @@ def test_prune_lstm_units_lightning(tmp_path):
     ("benchmarks/ptq.py", ["--tune-backends", "torch_ao,nope"], "--tune-backends: unknown ['nope']; choose from"),
     ("benchmarks/lottery_ticket.py", ["--rewind-to-step", "-1"], "--rewind-to-step must be >= 0 (0: initialisation)"),
     ("benchmarks/shrink.py", ["--keep-multiple-of", "0"], "--keep-multiple-of must be >= 1, got 0"),
+    ("benchmarks/qat.py", ["--skip-latency", "--latency-only"], "not allowed with argument --skip-latency"),
     pytest.param("benchmarks/profile_prune_round.py", ["--device", "cuda"], "this torch sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
     # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
