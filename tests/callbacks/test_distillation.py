@@ -286,6 +286,29 @@ def test_the_pipeline_takes_an_outputs_fn_and_checks_the_outputs_before_any_stag
     assert result.report["pruned"].description.endswith(", distilled (T=1, alpha=0.5)")
 
 
+def test_the_pipelines_check_of_the_outputs_keeps_a_layer_held_in_eval_mode_so():
+    """The check put the model back with model.train(), every layer in train mode: a batch norm the user held in eval
+    mode (to freeze its statistics) fine-tuned them under distillation only."""
+    class HeldNorm(FeaturesThenLogits):
+        def __init__(self) -> None:
+            super().__init__(hidden=(16,))
+            self.net[0] = nn.Sequential(self.net[0], nn.BatchNorm1d(16))
+
+    modes = []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(pl_module.net[0][1].training)
+
+    module = HeldNorm()
+    module.net[0][1].eval()
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False, latency_repeats=1)
+    compress_lightning(module, config, datamodule=DigitsDataModule(), fine_tune_epochs=1, distill=DistillationConfig(),
+                       outputs_fn=lambda outputs: outputs[1],
+                       trainer_kwargs={"callbacks": [Watch()], "limit_train_batches": 2})
+    assert modes == [False, False]
+
+
 @pytest.mark.parametrize(("quantized", "distilled_on"),
                          [("net", None), pytest.param("net", "net", marks=pytest.mark.slow), (None, None)])
 def test_distillation_composes_with_quantization_aware_training_in_one_fit(tmp_path, quantized, distilled_on):

@@ -450,7 +450,7 @@ def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable
     input model's evaluation. (A model that fails on them is left to the pipeline's own check, which says so.)"""
     from litcompress.distillation.loss import default_outputs, distillation_loss
 
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # a layer held in eval mode stays so
     model.eval()
     try:
         with torch.no_grad():
@@ -458,7 +458,8 @@ def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable
     except Exception:
         return
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
     try:
         picked = (outputs_fn or default_outputs)(outputs)
         if not isinstance(picked, torch.Tensor):
