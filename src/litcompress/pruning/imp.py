@@ -320,10 +320,15 @@ def iterative_magnitude_pruning(
         left, pruned = half_excluded[0]
         raise ValueError(f"`exclude` leaves {left} dense, but it is the same tensor as {pruned} (tied weights), "
                          f"which would be pruned: the one matrix cannot be both. Exclude both, or neither.")
+    every_target = targets
     targets, names, keys = [targets[i] for i in kept], [names[i] for i in kept], [keys[i] for i in kept]
-    left_out = matrices_left_out(network, targets) if "weight" in parameter_names else {}
+    # (the targets before `exclude`: a layer excluded is dense as asked)
+    left_out = {path: kept_dense for path, matrices in matrices_left_out(network, every_target).items()
+                if path not in exclude and (kept_dense := [n for n in matrices if f"{path}.{n}" not in exclude])
+                } if "weight" in parameter_names else {}
     if left_out:  # the table's "remaining" counts the pruned tensors only: a 12.5% ticket could be nearly dense
-        missing = list(dict.fromkeys(name for matrices in left_out.values() for name in matrices))
+        missing = list(dict.fromkeys(name for matrices in left_out.values() for name in matrices
+                                     if name not in parameter_names))
         warnings.warn(left_out_message(
             "iterative_magnitude_pruning", network, left_out, "the table's sparsity leaves them out. Name them in "
             f"parameter_names to prune them too: parameter_names={[*parameter_names, *missing]!r}."),
