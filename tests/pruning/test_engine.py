@@ -779,3 +779,19 @@ def test_prune_model_says_which_attention_projections_its_weight_name_leaves_den
         warnings.simplefilter("error")
         named = prune_model_(layer, amount=0.5, parameter_names=eval(suggested))
     assert {n for _, n in named} >= set(matrices)
+
+
+def test_a_pruned_state_loaded_under_inference_mode_trains_afterwards():
+    """The masks load_pruned_state_dict made under inference mode (a model loaded for evaluation) were inference
+    tensors: the next training forward failed ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    prune_model_(model, amount=0.5)
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with torch.inference_mode():
+        load_pruned_state_dict(fresh, model.state_dict())
+        torch.testing.assert_close(fresh(x), model(x))
+    assert not fresh[0].weight_mask.is_inference()
+    fresh(x).sum().backward()
+    assert fresh[0].weight_orig.grad is not None

@@ -1104,7 +1104,10 @@ def load_pruned_state_dict(
     ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference.
     """
     state = dict(state_dict)
-    MaskedStateLoadHook()(model, state, "")
+    # under inference mode (a model loaded for evaluation), masks made there were inference tensors: a later
+    # training forward failed ("Inference tensors cannot be saved for backward")
+    with torch.inference_mode(False):
+        MaskedStateLoadHook()(model, state, "")
     model.load_state_dict(state, strict=strict)
     RefreshAfterLoadHook()(model, None)  # the masks re-created here have no hook of their own
     # tied weights masked alike: one mask buffer under every holder, as the engine leaves them (a later round
