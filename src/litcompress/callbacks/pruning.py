@@ -672,6 +672,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._warned_fit_too_short = True
                 rank_zero_warn(message)
 
+    def _masked_targets(self) -> list[tuple[nn.Module, str]]:
+        return list(self._parameters_to_prune or [])
+
+    def _keeps_masks(self) -> bool:
+        return not self._make_pruning_permanent
+
     def _find_targets_if_deferred(self, pl_module: LightningModule, *, forward_done: bool = False) -> bool:
         found = super()._find_targets_if_deferred(pl_module, forward_done=forward_done)
         fitting = pl_module._trainer is not None and pl_module.trainer.state.fn == TrainerFn.FITTING

@@ -100,6 +100,12 @@ class StructurePruning(TargetsFoundOnceConfigured):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ hooks
+    def _masked_targets(self) -> list[tuple[nn.Module, str]]:
+        return list(self._targets)
+
+    def _keeps_masks(self) -> bool:
+        return not self._make_pruning_permanent
+
     def _find_targets(self, pl_module: LightningModule, stage: str) -> None:
         modules = dict(pl_module.named_modules())
         self._refuse_unknown_exclusions(pl_module, list(modules))

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from litcompress.pruning import engine
 
@@ -92,14 +92,34 @@ class TargetsFoundOnceConfigured(Callback):
             handle.remove()
         self._hook_handles = []
 
+    def _masked_targets(self) -> list[tuple[nn.Module, str]]:
+        """The tensors this callback prunes (none before its targets are found)."""
+        raise NotImplementedError
+
+    def _keeps_masks(self) -> bool:
+        """Whether checkpoints hold this callback's masks (``make_pruning_permanent=False``)."""
+        raise NotImplementedError
+
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """A weight-averaging callback listed before this one (``EMAWeightAveraging``) wrote its averaged copy in
-        the checkpoint's ``state_dict`` (the live state under ``current_model_state``): that copy was made before any
-        mask and averages the dense values, so the file would load as an unpruned model. The masks go into it."""
-        if "current_model_state" not in checkpoint or not isinstance(checkpoint.get("state_dict"), dict):
+        if not isinstance(checkpoint.get("state_dict"), dict):
             return
         state = checkpoint["state_dict"]
+        if not self._keeps_masks():
+            # Tensors pruned outside this callback (before the fit, by torch's functions, or by a callback of an
+            # earlier fit) kept their masked pairs, and the file did not load into the unpruned model, where
+            # Lightning's callback makes every pair permanent. Those another callback keeps masked stay so.
+            kept = {(id(m), n) for callback in trainer.callbacks if isinstance(callback, TargetsFoundOnceConfigured)
+                    and callback._keeps_masks() for m, n in callback._masked_targets()}
+            products: dict[tuple, Tensor] = {}
+            for path, module, name in engine.pruned_targets(pl_module):
+                if (id(module), name) not in kept:
+                    engine.make_entry_permanent(state, f"{path}.{name}" if path else name, products)
+        if "current_model_state" not in checkpoint:
+            return
+        # A weight-averaging callback listed before this one (``EMAWeightAveraging``) wrote its averaged copy in the
+        # checkpoint's ``state_dict`` (the live state under ``current_model_state``): that copy was made before any
+        # mask and averages the dense values, so the file would load as an unpruned model. The masks go into it.
         for path, module, name in engine.pruned_targets(pl_module):
             key = f"{path}.{name}" if path else name
             value, mask = state.get(key), engine.mask_of(module, name)

@@ -937,7 +937,7 @@ def _holds_parameter(module: nn.Module, name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- state dicts
-def _make_entry_permanent(state_dict: dict[str, Any], key: str, products: dict[tuple, Tensor] | None = None) -> None:
+def make_entry_permanent(state_dict: dict[str, Any], key: str, products: dict[tuple, Tensor] | None = None) -> None:
     """Replace ``<key>_orig`` and ``<key>_mask`` in `state_dict` by ``<key>`` = ``orig * mask`` (no autograd).
     `products`: those made so far, by their sources' storage: tied weights (one tensor under several keys) get one
     product, so that a saved file holds it once, as it held the tensor."""
@@ -970,7 +970,7 @@ class PermanentStateDictHook:
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for name in self.names:
             if is_pruned(module, name):
-                _make_entry_permanent(state_dict, prefix + name, self.products)
+                make_entry_permanent(state_dict, prefix + name, self.products)
 
 
 class PrunedStateLoadHook:
@@ -1014,9 +1014,16 @@ class RefreshAfterLoadHook:
 class MaskedStateLoadHook:
     """Load-state-dict pre-hook for a whole model whose pruning targets are not known yet (a LightningModule that
     builds its layers in ``configure_model``): each ``<path>.<name>_orig`` + ``<path>.<name>_mask`` pair of the
-    incoming state dict re-creates its mask on the unpruned module first, so the pair loads."""
+    incoming state dict re-creates its mask on the unpruned module first, so the pair loads; and a permanent
+    ``<name>`` for a tensor pruned now (outside any callback's targets: a checkpoint makes those permanent too) goes
+    to its ``<name>_orig``, the live mask kept."""
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for path, owner, name in pruned_targets(module):
+            key = prefix + (f"{path}.{name}" if path else name)
+            if key in state_dict and key + "_orig" not in state_dict:
+                state_dict[key + "_orig"] = state_dict.pop(key)
+                state_dict[key + "_mask"] = getattr(owner, name + "_mask").detach().clone()
         for key in [k for k in state_dict if k.startswith(prefix) and k.endswith("_mask")]:
             base = key[len(prefix): -len("_mask")]
             if prefix + base + "_orig" not in state_dict:
