@@ -781,6 +781,12 @@ def test_flags_read_as_numpy_bools_are_taken():
 
     callback = ModelPruning("l1_unstructured", amount=0.5, resample_parameters=np.True_, reset_optimizer=np.False_)
     assert callback._resample_parameters is True and callback._reset_optimizer is False
+    # as Lightning's callback takes them (they were refused: "must be a bool or a callable")
+    callback = ModelPruning("l1_unstructured", amount=0.5, apply_pruning=np.True_,
+                            use_lottery_ticket_hypothesis=np.False_)
+    assert callback._apply_pruning is True and callback._use_lottery_ticket_hypothesis is False
+    plain = ModelPruning("l1_unstructured", amount=0.5, use_lottery_ticket_hypothesis=False)
+    assert callback.state_key == plain.state_key
 
 
 def test_resampling_without_the_lottery_ticket_is_said_to_do_nothing():

@@ -225,7 +225,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self.pruning_fn = pruning_fn
         self._apply_pruning = _check_flag("apply_pruning", apply_pruning)
         self._make_pruning_permanent = make_pruning_permanent
-        _check_flag("use_lottery_ticket_hypothesis", use_lottery_ticket_hypothesis)
+        self._use_lottery_ticket_hypothesis = _check_flag("use_lottery_ticket_hypothesis",
+                                                          use_lottery_ticket_hypothesis)
 
         self._schedule = amount if isinstance(amount, SparsitySchedule) else None
         if self._schedule is None and not (isinstance(amount, (int, float)) or callable(amount)):
@@ -301,8 +302,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._key_extras["targets"] = ", ".join(
                 f"{type(module).__name__}{_shape_of(getattr(module, name, None))}.{name}"
                 for module, name in parameters_to_prune)
-        if apply_pruning is not True:
-            self._key_extras["apply_pruning"] = _describe(apply_pruning)
+        if self._apply_pruning is not True:
+            self._key_extras["apply_pruning"] = _describe(self._apply_pruning)
 
         self._forget_the_model()
         self._warned_fit_too_short = False
@@ -1493,7 +1494,9 @@ def _check_rewind(
 
 
 def _check_flag(argument: str, value: Any) -> Any:
-    if not (isinstance(value, bool) or callable(value)):
+    if _is_bool(value):  # numpy's too, as Lightning takes it: a Python bool (`is True` tests read it)
+        return bool(value)
+    if not callable(value):
         raise MisconfigurationException(
             f"`{argument}` must be a bool or a callable `epoch -> bool`, got {value!r}."
         )
