@@ -873,3 +873,35 @@ def test_a_search_timed_out_before_its_first_trial_says_no_candidate_was_tried()
                           example_inputs=x)
     assert result.trials == [] and result.recipe is None
     assert "timeout_s=1e-09 reached before the first trial." in result.messages
+
+
+def test_an_embedding_table_onnxruntime_quantizes_with_one_scale_is_ranked_so_and_kept_fp32_by_the_fallback():
+    """ONNX Runtime quantizes a table with one scale; the ranking measured it with one per row, so a table with one
+    outlier row looked the least sensitive layer and was never kept fp32 (the goal was missed, trials left)."""
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc1, self.fc2 = nn.Embedding(100, 16), nn.Linear(16, 32), nn.Linear(32, 5)
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(1))))
+
+    torch.manual_seed(0)
+    model = Bag().eval()
+    with torch.no_grad():
+        model.emb.weight[99] = 500.0  # a row never looked up, far larger than the rest
+    ids = torch.randint(0, 99, (256, 6))
+    with torch.no_grad():
+        labels = model(ids).argmax(1)
+
+    def accuracy(candidate):
+        with torch.no_grad():
+            return float((candidate(ids).argmax(1) == labels).float().mean())
+
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("onnxruntime",), max_trials=6, latency_repeats=2,
+                                       accuracy=AccuracyCriterion(tolerable_loss=0.02)),
+                      eval_fn=accuracy, calibration_data=[ids[:64]])
+    assert result.goal_met and result.recipe.fp32_layers == ("emb",)
+    ranked = next(m for m in result.messages if m.startswith("layer sensitivity"))
+    assert "embedding tables with one scale each): emb=" in ranked  # the most sensitive, first

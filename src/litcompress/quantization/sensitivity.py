@@ -59,9 +59,12 @@ def _output_vector(output: object) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequence[tuple],
-                      approach: str = "static", per_channel: bool = True) -> dict[str, float]:
+                      approach: str = "static", per_channel: bool = True,
+                      table_scale_per_row: bool = True) -> dict[str, float]:
     """SQNR (dB) of the model output on ``calibration`` with only that layer quantized, per layer; inf for a layer
-    the calibration data never reaches (a training-only head: quantizing it changes no output)."""
+    the calibration data never reaches (a training-only head: quantizing it changes no output). An embedding table's
+    weights get a scale per row (torch's int8 tables), or with ``table_scale_per_row=False`` one for the table
+    (ONNX Runtime's)."""
     model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
     reference = [_output_vector(model(*inputs)) for inputs in calibration]
@@ -89,9 +92,10 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
         # a Linear or conv has `weight`; an LSTM/GRU (or cell) one weight matrix per gate set and layer
         weights = [p for n, p in module.named_parameters(recurse=False) if n.startswith("weight") and p.dim() >= 2]
         originals = [w.data.clone() for w in weights]
+        table = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
         for weight, original in zip(weights, originals):
-            weight.data = _fake_quant_weight(original, per_channel)
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):  # weight-only: its input is indices
+            weight.data = _fake_quant_weight(original, table_scale_per_row if table else per_channel)
+        if table:  # weight-only: its input is indices
             quant_input = None
         elif approach == "static":
             lo, hi = ranges[name]

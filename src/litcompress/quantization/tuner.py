@@ -426,7 +426,7 @@ class _BackendSearch:
         if trial.meets_goal:
             self.done = True
 
-    def next_recipe(self, ranking: Callable[[bool], list[str]], score: Callable[[Trial], float],
+    def next_recipe(self, ranking: Callable[[bool, bool], list[str]], score: Callable[[Trial], float],
                     allow_fallback: bool) -> Recipe | None:
         if self.done:
             return None
@@ -437,7 +437,8 @@ class _BackendSearch:
             self.done = True
             return None
         base = max(ran, key=score)
-        order = [name for name in ranking(base.recipe.per_channel) if name in self.layers]
+        order = [name for name in ranking(base.recipe.per_channel, self.backend.table_scale_per_row)
+                 if name in self.layers]
         tried = {t.recipe for t in self.tried}
         # one more layer in fp32 than the best so far; when that recipe ran already (it did not beat the best: ties
         # are common with accuracy), the next larger set, so that no trial repeats one
@@ -641,25 +642,31 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         searches.append(_BackendSearch(backend, config.approach, own_layers))
 
     layers = quantizable_layers(fp32, config.approach)
-    rankings: dict[bool, list[str]] = {}
+    rankings: dict[tuple[bool, bool], list[str]] = {}
+    modules = dict(fp32.named_modules())
+    has_tables = any(isinstance(modules.get(name), (nn.Embedding, nn.EmbeddingBag)) for name in layers)
 
-    def ranking(per_channel: bool) -> list[str]:
-        if per_channel not in rankings:
+    def ranking(per_channel: bool, table_scale_per_row: bool = True) -> list[str]:
+        # (a backend's one scale per embedding table ranks the table as it quantizes it: per row, a table with one
+        # outlier row looked harmless and was never kept in fp32)
+        key = (per_channel, table_scale_per_row or not has_tables)
+        if key not in rankings:
             try:
-                scores = layer_sensitivity(fp32, layers, calibration, config.approach, per_channel)
+                scores = layer_sensitivity(fp32, layers, calibration, config.approach, per_channel, key[1])
             except Exception as exc:  # no ranking means no fallback, not a lost search
-                rankings[per_channel] = []
+                rankings[key] = []
                 note(f"layer sensitivity failed ({type(exc).__name__}: {exc}); no fp32 fallback this time.")
                 return []
             # a layer whose quantization alone leaves the outputs as they are (one the data never reaches) gains
             # nothing in fp32: no fallback trial is spent on it
-            rankings[per_channel] = sorted((n for n in layers if scores[n] != math.inf), key=lambda n: scores[n])
+            rankings[key] = sorted((n for n in layers if scores[n] != math.inf), key=lambda n: scores[n])
             unchanged = [n for n in layers if scores[n] == math.inf]
-            note("layer sensitivity (output SQNR dB, most sensitive first): "
-                 + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[per_channel])
+            note("layer sensitivity (output SQNR dB, most sensitive first"
+                 + ("" if key[1] else ", embedding tables with one scale each") + "): "
+                 + ", ".join(f"{n}={scores[n]:.1f}" for n in rankings[key])
                  + (f"; outputs unchanged with {', '.join(unchanged)} quantized alone (not called on the calibration "
                     "data, or no effect): never kept in fp32" if unchanged else ""))
-        return rankings[per_channel]
+        return rankings[key]
 
     def score(trial: Trial) -> float:
         if trial.metric is None:

@@ -104,6 +104,9 @@ class Backend:
     name: str = ""
     approaches: tuple[str, ...] = ()
     artifact_suffix: str = ".pt"
+    #: an embedding table quantized with a scale per row (torch's); False: one scale for the table, which the
+    #: sensitivity ranking must measure so (a table with one outlier row loses every other row's precision)
+    table_scale_per_row: bool = True
     #: per input, the dims an exported candidate leaves free (None: the batch dims); set by :meth:`configure`
     dynamic_dims: "DynamicDims | None" = None
 

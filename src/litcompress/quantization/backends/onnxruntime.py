@@ -310,6 +310,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     approaches = ("dynamic", "static")
+    table_scale_per_row = False  # its Gather quantization: one scale per table, per_channel or not
     artifact_suffix = ".onnx"
 
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
