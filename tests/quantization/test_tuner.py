@@ -905,3 +905,93 @@ def test_an_embedding_table_onnxruntime_quantizes_with_one_scale_is_ranked_so_an
     assert result.goal_met and result.recipe.fp32_layers == ("emb",)
     ranked = next(m for m in result.messages if m.startswith("layer sensitivity"))
     assert "embedding tables with one scale each): emb=" in ranked  # the most sensitive, first
+
+
+def test_a_relative_tolerance_of_a_zero_fp32_metric_is_said_to_allow_nothing():
+    """A fidelity loss (the candidate's error against the fp32 outputs) is 0 for fp32: the relative goal was
+    "metric <= 0", every candidate failed, and the warning said to raise the tolerable loss, which cannot help."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        reference = model(x)
+
+    def error(candidate):
+        with torch.no_grad():
+            return float((candidate(x) - reference).pow(2).mean())
+
+    criterion = AccuracyCriterion(tolerable_loss=0.5, higher_is_better=False)
+    with pytest.warns(QuantizationGoalWarning) as said:
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=2,
+                                           latency_repeats=2, accuracy=criterion), eval_fn=error, example_inputs=x)
+    messages = [str(w.message) for w in said]
+    assert any("the fp32 metric is 0, so a tolerance relative to it allows no change at all; "
+               "AccuracyCriterion(relative=False)" in m for m in messages)
+    assert not any("Raise max_trials/timeout_s or the tolerable loss" in m for m in messages)
+    absolute = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=2, latency_repeats=2,
+                                         accuracy=AccuracyCriterion(tolerable_loss=0.5, relative=False,
+                                                                    higher_is_better=False)),
+                        eval_fn=error, example_inputs=x)
+    assert absolute.goal_met and absolute.recipe is not None and not result.goal_met
+
+
+def _outlier_mlp() -> nn.Module:
+    """An MLP whose second layer reads a dead unit with a huge weight: int8 per-tensor scales ruin it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -1.0
+        model[2].weight.mul_(0.3)
+        model[2].weight[:, 0] = 50.0
+    return model.eval()
+
+
+def test_no_other_backend_adds_an_fp32_fallback_once_a_candidate_meets_the_goal():
+    """The README says so; a candidate that met the goal earlier in the same round still let the next backend run
+    its fallback."""
+    model, x = _outlier_mlp(), torch.randn(256, 32)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+
+    def agreement(candidate):
+        with torch.no_grad():
+            return float((candidate(x).argmax(1) == labels).float().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), max_trials=10,
+                                           latency_repeats=2, accuracy=AccuracyCriterion(0.02)),
+                          eval_fn=agreement, calibration_data=[x[:64]])
+    met = [t.index for t in result.trials if t.meets_goal]
+    assert met, [(t.recipe.describe(), t.metric) for t in result.trials]
+    later_fallbacks = [t for t in result.trials if t.index > met[0] and t.recipe.fp32_layers]
+    assert later_fallbacks == [], [t.recipe.describe() for t in result.trials]
+
+
+def test_of_candidates_missing_the_goal_alike_the_fastest_is_returned():
+    """Equal metrics (common with accuracy) were settled by trial order: the slower candidate, tried first."""
+    model, x = _outlier_mlp(), torch.randn(256, 32)
+
+    def metric(candidate):  # 1 for the fp32 model, 0.5 for every int8 one
+        candidate(x)
+        plain = all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in candidate.modules())
+        return 1.0 if plain else 0.5
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), max_trials=2,
+                                           latency_repeats=2, accuracy=AccuracyCriterion(0.01)),
+                          eval_fn=metric, example_inputs=x)
+    ran = [t for t in result.trials if t.metric is not None]
+    assert len(ran) == 2 and ran[0].metric == ran[1].metric == 0.5 and not result.goal_met
+    fastest = min(ran, key=lambda t: t.latency_s)
+    assert result.recipe == fastest.recipe
+
+
+def test_static_quantization_with_calibration_data_that_gives_no_batch_says_so():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    empty = DataLoader(TensorDataset(torch.randn(0, 8)), batch_size=4)
+    with pytest.raises(ValueError, match=r"quantize\(calibration_data=...\) gave no batch \(an empty loader"):
+        quantize(nn.Sequential(nn.Linear(8, 2)).eval(), PTQConfig(approach="static", backends=("torch_ao",)),
+                 eval_fn=lambda m: 1.0, calibration_data=empty, example_inputs=torch.randn(2, 8))

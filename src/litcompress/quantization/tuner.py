@@ -514,7 +514,9 @@ def quantize(
         for batch in itertools.islice(calibration_data, config.num_calibration_batches):
             calibration.append(tuple(input_fn(batch)))
     if config.approach == "static" and not calibration:
-        raise ValueError("quantize(calibration_data=None): approach='static' needs calibration data "
+        given = "gave no batch (an empty loader, or an iterator already used up)" if calibration_data is not None \
+            else "is None"
+        raise ValueError(f"quantize(calibration_data=...) {given}: approach='static' needs calibration data "
                          "(a DataLoader or list of input batches) to observe activation ranges.")
     if example_inputs is None:
         if not calibration:
@@ -615,6 +617,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     threshold = criterion.threshold(baseline_metric)
     note(f"fp32 baseline metric {baseline_metric:.6g}; goal: metric "
          f"{'>=' if criterion.higher_is_better else '<='} {threshold:.6g}")
+    no_margin = criterion.relative and criterion.tolerable_loss > 0 and baseline_metric == 0
+    if no_margin:  # a fidelity loss (the candidate against the fp32 outputs) is 0 for fp32: every int8 model fails
+        zero = ("the fp32 metric is 0, so a tolerance relative to it allows no change at all; "
+                "AccuracyCriterion(relative=False) makes tolerable_loss an absolute amount.")
+        note(zero)
+        warnings.warn(f"quantize: {zero}", QuantizationGoalWarning, stacklevel=3)
     baseline_latency = measure_latencies([fp32], example_inputs, config.latency_repeats,
                                          num_threads=config.num_threads)[0]["median"]
     baseline_size = model_size_bytes(fp32)
@@ -678,7 +686,6 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     timed_out = interrupted = False
     try:
         while len(trials) < config.max_trials:
-            goal_met_somewhere = any(t.meets_goal for t in trials)
             progressed = False
             for search in searches:
                 if len(trials) >= config.max_trials:
@@ -686,7 +693,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 if config.timeout_s is not None and time.monotonic() - started > config.timeout_s:
                     timed_out = True
                     break
-                # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster.
+                # Once a candidate meets the goal, fp32 fallbacks elsewhere are unlikely to be faster (one that met
+                # it earlier in this round counts: the next backend's fallback ran all the same)
+                goal_met_somewhere = any(t.meets_goal for t in trials)
                 recipe = search.next_recipe(ranking, score, allow_fallback=not goal_met_somewhere)
                 if recipe is None:
                     continue
@@ -783,13 +792,16 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             chosen, goal_met = None, True
         else:
             goal_met = False
-            chosen = max(fast, key=score) if fast else None
+            # the most accurate; of equal metrics (common with accuracy), the fastest, not the first tried
+            chosen = max(fast, key=lambda t: (score(t), -t.latency_s)) if fast else None
             if chosen is not None:
                 warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
                            f"{threshold:.6g}): returning the most accurate candidate"
                            f"{' fast enough for min_speedup' if len(fast) < len(ran) else ''}, trial {chosen.index} "
                            f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
-                           f"{baseline_metric:.6g}. Raise max_trials/timeout_s or the tolerable loss.")
+                           f"{baseline_metric:.6g}. "
+                           + ("Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
+                              "Raise max_trials/timeout_s or the tolerable loss."))
             elif not trials:  # nothing failed: the search ended before its first trial
                 why = ("timeout_s reached before the first trial" if timed_out else
                        "interrupted before the first trial" if interrupted else "no recipe to try")
