@@ -24,6 +24,11 @@ def test_sensitivity_ranks_the_broken_layer_first():
         scores = layer_sensitivity(model, ["0", "2", "4"], [(x[:128],), (x[128:256],)], approach)
         assert min(scores, key=scores.get) == "0"
         assert scores["0"] < scores["2"] - 10 and scores["0"] < scores["4"] - 10
+    # batches given as tensors, as quantize's calibration_data takes them (their rows were unpacked as inputs)
+    assert layer_sensitivity(model, ["0", "2", "4"], [x[:128], x[128:256]], "dynamic") == \
+        layer_sensitivity(model, ["0", "2", "4"], [(x[:128],), (x[128:256],)], "dynamic")
+    with pytest.raises(ValueError, match=r"layer_sensitivity\(layers=...\): Sequential has no module named '9'"):
+        layer_sensitivity(model, ["0", "9"], [x[:128]])
 
 
 @pytest.mark.parametrize("backend, approach", [("torch_ao", "dynamic"), ("torch_ao", "static"),

@@ -58,7 +58,7 @@ def _output_vector(output: object) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequence[tuple],
+def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequence[tuple | torch.Tensor],
                       approach: str = "static", per_channel: bool = True,
                       table_scale_per_row: bool = True) -> dict[str, float]:
     """SQNR (dB) of the model output on ``calibration`` with only that layer quantized, per layer; inf for a layer
@@ -67,6 +67,12 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     (ONNX Runtime's)."""
     model = copy.deepcopy(model).eval()
     modules = dict(model.named_modules())
+    unknown = [name for name in layers if name not in modules]
+    if unknown:  # a bare KeyError otherwise
+        raise ValueError(f"layer_sensitivity(layers=...): {type(model).__name__} has no module named "
+                         f"{', '.join(map(repr, unknown))}; its modules: {[n for n in modules if n][:20]}.")
+    # a batch that is one tensor is one input (unpacked, its rows were taken for as many inputs)
+    calibration = [(inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs) for inputs in calibration]
     reference = [_output_vector(model(*inputs)) for inputs in calibration]
 
     ranges: dict[str, list[float]] = {}
