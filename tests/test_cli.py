@@ -814,6 +814,10 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--min-speedup", "0"], "argument --min-speedup: expected a finite number > 0, got 0"),
     (["--timeout", "-1"], "argument --timeout: expected a finite number > 0, got -1"),  # was ">= 0", 0 refused too
     (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], got -1"),  # was a traceback
+    # the advice was to flatten the data (or an input_fn=), for a model that takes images
+    (["--model", "transformer", "--model-args", '{"image_size": 6, "d_model": 8, "heads": 2, "layers": 1}'],
+     "--model transformer was built for images (1, 6, 6) (in_channels, image_size), and --data digits gives (1, 8, 8): "
+     "give the data it was built for, or --model-args '{\"in_channels\": 1, \"image_size\": 8}'."),
     (["--seed", "5000000000"], "argument --seed: expected an integer in [0, 4294967295], got 5000000000"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
     (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: file.txt is a file, not a directory"),  # found

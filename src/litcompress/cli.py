@@ -932,6 +932,16 @@ def run_compress(args: argparse.Namespace) -> int:
             check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
                              default_input_fn_used=args.inputs is None)
         except (ValueError, TypeError) as error:
+            built_for = _image_shape_built_for(args, model)
+            if args.data in BUILTIN_DATA and built_for is not None and built_for != tuple(data.input_shape):
+                # (the advice to flatten, for models of one's own, is wrong for these: they take images)
+                raise type(error)(
+                    f"--model {args.model} was built for images {built_for} ("
+                    + ("the checkpoint's" if args.checkpoint is not None else "in_channels, image_size")
+                    + f"), and --data {args.data} gives {tuple(data.input_shape)}: give the data it was built for, or "
+                    + ("train a new model (no --checkpoint) for this data." if args.checkpoint is not None else
+                       f"--model-args '{{\"in_channels\": {data.input_shape[0]}, \"image_size\": "
+                       f"{data.input_shape[-1]}}}'.")) from None
             if args.data not in BUILTIN_DATA or getattr(data, "flatten", True) or "flatten" in args.data_args:
                 raise
             raise type(error)(f"{error} From the command line: --data {args.data} gives images "
@@ -1060,6 +1070,16 @@ def run_report(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {report.plot(args.plot)}")
     return 0
+
+
+def _image_shape_built_for(args: argparse.Namespace, model: Any) -> tuple[int, int, int] | None:
+    """The image shape (C, H, W) a built-in image model was built for (its hyperparameters); None for the mlp and
+    models of one's own."""
+    if args.model not in BUILTIN_MODELS or args.model == "mlp":
+        return None
+    hparams = getattr(model, "hparams", {})
+    channels, side = hparams.get("in_channels"), hparams.get("image_size")
+    return (channels, side, side) if isinstance(channels, int) and isinstance(side, int) else None
 
 
 def _check_embeddings_to_prune(args: argparse.Namespace, model: Any) -> None:
