@@ -539,6 +539,16 @@ def test_a_shrunk_model_clearly_slower_than_the_stage_before_is_said(before, rat
         assert said.startswith(f"shrink made the model smaller but not faster here: it ran {ratio:.2f}x slower than "
                                f"the {stage} model")
         assert "--keep-multiple-of 8" in said
+        # widths already multiples of 8 (as --keep-multiple-of 8 leaves them): that advice would change nothing
+        from litcompress.pruning.shrink import LayerShrink, ShrinkReport
+
+        def report(*after: int) -> ShrinkReport:
+            return ShrinkReport(tuple(LayerShrink(f"l{i}", "next", 32, width, 0) for i, width in enumerate(after)),
+                                (), 100, 50)
+
+        kept = _slower_shrunk(rows, report(16, 24))
+        assert "Its widths are multiples of 8" in kept and "--keep-multiple-of" not in kept
+        assert "(l1); CompressionConfig(keep_multiple_of=8)" in _slower_shrunk(rows, report(16, 20))
     elif ratio <= SLOWER * (1 - 1e-9):
         assert said is None
     assert _slower_shrunk([row("input", 1.0), row("pruned", 5.0)]) is None  # not shrunk

@@ -708,8 +708,9 @@ def _slower_int8(rows: Sequence[StageMetrics]) -> str | None:
             "off.")
 
 
-def _slower_shrunk(rows: Sequence[StageMetrics]) -> str | None:
-    """What to say when the shrunk stage ran clearly slower than the stage before it, else None."""
+def _slower_shrunk(rows: Sequence[StageMetrics], report: ShrinkReport | None = None) -> str | None:
+    """What to say when the shrunk stage ran clearly slower than the stage before it, else None; the advice to keep
+    widths that are multiples of 8 only where some width shrink left is not one (it changed nothing else)."""
     stages = [row.stage for row in rows]
     if "shrunk" not in stages or stages.index("shrunk") == 0:
         return None
@@ -718,10 +719,14 @@ def _slower_shrunk(rows: Sequence[StageMetrics]) -> str | None:
             not shrunk.latency.median_ms > SLOWER * before.latency.median_ms:
         return None
     slow, fast = shrunk.latency.median_ms, before.latency.median_ms
-    return (f"shrink made the model smaller but not faster here: it ran {slow / fast:.2f}x slower than the "
-            f"{before.stage} model ({slow:.4g} vs {fast:.4g} ms). Dense kernels can run slower on widths that are no "
-            "longer multiples of 8 or 16; CompressionConfig(keep_multiple_of=8) (CLI: --keep-multiple-of 8) keeps "
-            "such widths.")
+    said = (f"shrink made the model smaller but not faster here: it ran {slow / fast:.2f}x slower than the "
+            f"{before.stage} model ({slow:.4g} vs {fast:.4g} ms).")
+    odd = None if report is None else [layer.name for layer in report.layers if layer.channels_after % 8]
+    if odd is not None and not odd:
+        return said + " Its widths are multiples of 8: at this size the narrower layers do not pay off on this host."
+    return (said + " Dense kernels can run slower on widths that are no longer multiples of 8 or 16"
+            + (f" ({', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''})" if odd else "")
+            + "; CompressionConfig(keep_multiple_of=8) (CLI: --keep-multiple-of 8) keeps such widths.")
 
 
 def compress(
@@ -1027,7 +1032,7 @@ def compress(
 
     # ---------------------------------------------------------------------------------------- report
     rows = stages.report_rows(inputs, config)
-    for slower in (_slower_shrunk(rows), _slower_int8(rows)):
+    for slower in (_slower_shrunk(rows, shrink_report), _slower_int8(rows)):
         if slower:
             note(slower)
     report = CompressionReport(
