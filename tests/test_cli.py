@@ -443,6 +443,8 @@ def test_structured_transformer_narrows_its_feed_forward_blocks_only(tmp_path):
     assert report["shrunk"].parameters == report["input"].parameters - 2 * (32 * 33 + 32 * 32)
     (said,) = [m for m in report.messages if m.startswith("removable_only:")]
     assert said.startswith("removable_only: 5 layer(s) left unpruned") and "encoder.layers.1.linear2" in said
+    assert said.endswith("(masks only; no CLI option: it prunes only what shrink removes, or unstructured, --prune "
+                         "l1_unstructured).")  # the advice named the Python API only
 
 
 def test_structured_swiglu_transformer_narrows_its_gated_feed_forward_blocks(tmp_path):

@@ -604,7 +604,8 @@ class _Pruning:
                 by_reason.setdefault(reason, []).append(name)
             note(f"removable_only: {len(left_out)} layer(s) left unpruned, as shrink could not remove their channels: "
                  + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
-                 + ". PruneConfig(removable_only=False) prunes them too (masks only).")
+                 + ". PruneConfig(removable_only=False) prunes them too (masks only; no CLI option: it prunes only "
+                   "what shrink removes, or unstructured, --prune l1_unstructured).")
         groups, layer_targets, left = _residual_groups(model, targets, prune, plan, note)
         if left:
             targets = [t for t, name in zip(targets, _names_of(model, targets)) if name not in left]
