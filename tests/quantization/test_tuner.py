@@ -1000,3 +1000,15 @@ def test_static_quantization_with_calibration_data_that_gives_no_batch_says_so()
     with pytest.raises(ValueError, match=r"quantize\(calibration_data=...\) gave no batch \(an empty loader"):
         quantize(nn.Sequential(nn.Linear(8, 2)).eval(), PTQConfig(approach="static", backends=("torch_ao",)),
                  eval_fn=lambda m: 1.0, calibration_data=empty, example_inputs=torch.randn(2, 8))
+
+
+def test_convolutions_a_dynamic_search_leaves_in_fp32_are_said():
+    """--quantize weight_only/dynamic on a conv model: only its head was int8 (the file 4x the input's size for a
+    DenseNet), without a word."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(8, 1, 8, 8)
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1, latency_repeats=2,
+                                       accuracy=AccuracyCriterion(tolerable_loss=1.0)),
+                      eval_fn=lambda m: float(m(x).sum() * 0 + 1), example_inputs=x)
+    assert ("approach='dynamic' leaves the 1 convolution(s) in fp32 (0): approach='static' quantizes them (CLI: "
+            "--quantize static).") in result.messages

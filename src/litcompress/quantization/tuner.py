@@ -650,6 +650,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         searches.append(_BackendSearch(backend, config.approach, own_layers))
 
     layers = quantizable_layers(fp32, config.approach)
+    if config.approach != "static":  # the file can end larger than the input's, its convolutions fp32, unsaid
+        convs = [name for name, module in fp32.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if convs:
+            note(f"approach={config.approach!r} leaves the {len(convs)} convolution(s) in fp32 ({', '.join(convs[:5])}"
+                 f"{' ...' if len(convs) > 5 else ''}): approach='static' quantizes them (CLI: --quantize static).")
     rankings: dict[tuple[bool, bool], list[str]] = {}
     modules = dict(fp32.named_modules())
     has_tables = any(isinstance(modules.get(name), (nn.Embedding, nn.EmbeddingBag)) for name in layers)
