@@ -564,6 +564,13 @@ def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digi
     mild = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.05), **FAST), **run).report
     assert abs(mild["pruned"].metric - mild["input"].metric) <= 0.01 * mild["input"].metric
     assert not any(m.startswith("pruned in one shot") for m in mild.messages)
+    # one shot follows no schedule: the description named the cubic one all the same
+    assert harsh["pruned"].description.startswith("l1_unstructured global to 97.0%, one-shot, no fine-tuning")
+    # a metric that improved (here: judged as a loss, so a lower accuracy is "better") needs no remedy
+    as_loss = PTQConfig(backends=("torch_ao",), max_trials=1, accuracy=AccuracyCriterion(higher_is_better=False))
+    improved = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.97), quantize=as_loss, **FAST),
+                        **run).report
+    assert not any(m.startswith("pruned in one shot") for m in improved.messages)
 
 
 @pytest.mark.parametrize("method", ["random_structured", "ln_structured"])

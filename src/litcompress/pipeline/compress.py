@@ -911,7 +911,7 @@ def compress(
                                           + [(m, n) for _, m, n in pruned_targets(work)])
         make_permanent_(work)
         work.eval()
-        description = f"{prune.describe()}, {how}" + (
+        description = f"{prune.describe(scheduled=fine_tune is not None)}, {how}" + (
             f", channels kept in multiples of {multiple}" if multiple else "")
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
@@ -930,7 +930,11 @@ def compress(
             note(f"the model as given is {given:.1%} sparse, above the {prune.sparsity:.1%} asked: pruning never "
                  "un-prunes, so it pruned nothing; ask for more to prune further.")
         before = stages.rows[0].metric
-        if fine_tune is None and abs(pruned_row.metric - before) > 0.01 * abs(before):
+        # (a metric that improved needs no remedy; its direction is known from the quantization goal, if any)
+        higher = None if config.quantize is None else config.quantize.accuracy.higher_is_better
+        change = pruned_row.metric - before
+        lost = abs(change) if higher is None else (-change if higher else change)
+        if fine_tune is None and lost > 0.01 * abs(before):
             note(f"pruned in one shot without fine-tuning, the metric went from {before:.6g} to "
                  f"{pruned_row.metric:.6g}: pass fine_tune= and fine_tune_steps= (the CLI: --prune-epochs) to prune "
                  "gradually while training, which recovers most of it.")

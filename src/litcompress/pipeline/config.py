@@ -230,11 +230,12 @@ class PruneConfig:
         shape = PolynomialDecay if self.schedule == "cubic" else LinearSchedule
         return shape(final_sparsity=self.sparsity, begin=begin, end=end, rounds=self.rounds)
 
-    def describe(self) -> str:
+    def describe(self, scheduled: bool = True) -> str:
+        """Method, scope and sparsity, and with `scheduled` the schedule's shape (a one-shot run follows none)."""
         method = self.method if isinstance(self.method, str) else self.pruning_method.__name__
         shape = type(self.schedule).__name__ if isinstance(self.schedule, SparsitySchedule) else self.schedule
         heads = f" and {self.heads:.0%} of the attention heads" if self.heads else ""
-        return f"{method} {self.scope} to {self.sparsity:.1%}{heads} ({shape})"
+        return f"{method} {self.scope} to {self.sparsity:.1%}{heads}" + (f" ({shape})" if scheduled else "")
 
     def heads_at(self, sparsity: float) -> float:
         """The fraction of heads pruned when the schedule is at `sparsity`: ``heads`` in proportion (all of it at
