@@ -23,7 +23,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +33,23 @@ QUANTIZE_CHOICES = ("auto", "dynamic", "static", "weight_only", "none")
 
 
 # ------------------------------------------------------------------------------------------------ argument types
-def _fraction(text: str) -> float:
+def _checked(text: str, parse: Callable[[str], Any], ok: Callable[[Any], bool], unparsed: str, out_of_range: str):
+    """`text` parsed, else "expected `unparsed`"; in range (`ok`), else "expected `out_of_range`"."""
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"expected {unparsed}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {out_of_range}, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _checked(text, float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "a fraction in [0, 1)")
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+    return _checked(text, float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "a finite number >= 0")
 
 
 def _unit_interval(text: str) -> float:
@@ -61,35 +60,19 @@ def _unit_interval(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):  # -1 was "expected a finite number >= 0", and 0 then refused
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+    # (-1 was "expected a finite number >= 0", and 0 then refused)
+    return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a number > 0", "a finite number > 0")
 
 
 def _seed(text: str) -> int:
     """A seed as Lightning's `seed_everything` takes it (numpy's range); out of it, it failed with a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 4294967295], got {text!r}") from None
-    if not 0 <= value <= 2**32 - 1:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 4294967295], got {value}")
-    return value
+    return _checked(text, int, lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 4294967295]",
+                    "an integer in [0, 4294967295]")
 
 
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
+        return _checked(text, int, lambda v: v >= minimum, f"an integer >= {minimum}", f"an integer >= {minimum}")
 
     parse.__name__ = f"int>={minimum}"
     return parse
