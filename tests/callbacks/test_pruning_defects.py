@@ -1064,24 +1064,6 @@ class RecurrentModel(BoringModel):
         return self.head(self.lstm(x.unsqueeze(1))[0][:, -1])
 
 
-def test_default_targets_that_leave_a_recurrent_layer_dense_say_so(tmp_path):
-    """As Lightning's, the defaults are the layers' `weight`/`bias` parameters, which an LSTM's matrices are not:
-    only the head was pruned, and the logged sparsity (of the head alone) read as the model's."""
-    with pytest.warns(UserWarning, match=r"ModelPruning's default targets \(as Lightning's\): 1 recurrent layer\(s\) "
-                                         r"keep weight matrices dense \(lstm\).*\(lstm: weight_ih_l0, weight_hh_l0\).*"
-                                         r"parameters_to_prune"):
-        make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(
-            RecurrentModel())
-    model = RecurrentModel()
-    named = [(model.lstm, "weight_ih_l0"), (model.lstm, "weight_hh_l0"), (model.head, "weight")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
-        make_trainer(tmp_path, max_epochs=1, callbacks=[
-            ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=named)]).fit(model)
-    assert int((model.lstm.weight_ih_l0 == 0).sum()) > 0  # pruned, then made permanent
-
-
 class AttentionModel(FixedDataModel):
     """A Transformer encoder layer: nn.MultiheadAttention reads its out_proj's weight without calling out_proj, and
     the layer's inference fast path reads every weight without calling its modules."""
@@ -1112,22 +1094,28 @@ def test_pruning_an_attention_trains_and_evaluates_with_current_weights(tmp_path
     assert torch.equal(out_proj.weight, out_proj.weight_orig * out_proj.weight_mask)
 
 
-def test_default_targets_that_leave_an_attention_projection_dense_say_so_and_prune_it_when_named(tmp_path):
-    """nn.MultiheadAttention's input projection is in_proj_weight, which the defaults (as Lightning's) leave out:
-    the largest matrix of the layer stayed dense without a word, the logged sparsity not counting it."""
-    with pytest.warns(UserWarning, match=r"ModelPruning's default targets \(as Lightning's\): 1 attention layer\(s\) "
-                                         r"keep weight matrices dense \(layer.self_attn\).*\(layer.self_attn: "
-                                         r"in_proj_weight\).*\(model.layer.self_attn, 'in_proj_weight'\)"):
-        make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(
-            AttentionModel())
-    model = AttentionModel()
-    named = [(model.layer.self_attn, "in_proj_weight"), (model.head, "weight")]
+@pytest.mark.parametrize(("build", "said", "matrices"), [
+    (RecurrentModel, r"1 recurrent layer\(s\) keep weight matrices dense \(lstm\).*\(lstm: weight_ih_l0, "
+                     r"weight_hh_l0\).*\(model.lstm, 'weight_ih_l0'\)",
+     lambda model: [(model.lstm, "weight_ih_l0"), (model.lstm, "weight_hh_l0")]),
+    (AttentionModel, r"1 attention layer\(s\) keep weight matrices dense \(layer.self_attn\).*\(layer.self_attn: "
+                     r"in_proj_weight\).*\(model.layer.self_attn, 'in_proj_weight'\)",
+     lambda model: [(model.layer.self_attn, "in_proj_weight")]),
+])
+def test_default_targets_that_leave_weight_matrices_dense_say_so_and_prune_them_when_named(tmp_path, build, said,
+                                                                                            matrices):
+    """As Lightning's, the defaults are the layers' `weight`/`bias` parameters, which an LSTM's matrices and an
+    attention's input projection (the layer's largest) are not: the others alone were pruned, without a word, and the
+    logged sparsity (of those) read as the model's."""
+    with pytest.warns(UserWarning, match=r"ModelPruning's default targets \(as Lightning's\): " + said):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5)]).fit(build())
+    model = build()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec).*")
-        make_trainer(tmp_path, max_epochs=1, callbacks=[
-            ModelPruning("l1_unstructured", amount=0.5, parameters_to_prune=named)]).fit(model)
-    assert int((model.layer.self_attn.in_proj_weight == 0).sum()) > 0  # pruned, then made permanent
+        make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning(
+            "l1_unstructured", amount=0.5, parameters_to_prune=[*matrices(model), (model.head, "weight")])]).fit(model)
+    assert all(int((getattr(module, name) == 0).sum()) > 0 for module, name in matrices(model))  # pruned, permanent
 
 
 class TiedLanguageModel(FixedDataModel):
