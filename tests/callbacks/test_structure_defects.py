@@ -426,3 +426,48 @@ def test_a_callback_reused_to_resume_another_model_with_deferred_targets_restore
     assert all(torch.equal(fresh[key], reused_weights[key]) for key in fresh)
     assert first.state_dict().keys() == first_state.keys()  # no masks put back on the finished model
 
+
+
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_structures_kept_masked_beside_a_permanent_model_pruning_survive_its_fit_end_and_resume(tmp_path, callback):
+    """ModelPruning (make_pruning_permanent=True) made every mask of the module permanent when the fit ended, the
+    structure callback's kept ones too: its checkpoint then held no masks, and a fit resumed from it trained the
+    pruned units (heads) back (4 zero units uninterrupted, 0 resumed)."""
+    from litcompress import ModelPruning
+    from litcompress.pruning.schedules import PolynomialDecay
+
+    def fit(epochs: int, ckpt_path: str | None = None, save: Path | None = None) -> LightningModule:
+        seed_everything(0)
+        model = _model(callback)
+        structures = callback(PolynomialDecay(final_sparsity=0.5, begin=0, end=8, frequency=4),
+                              make_pruning_permanent=False)
+        weights = ModelPruning("l1_unstructured", amount=0.3, parameters_to_prune=[(model.head, "weight")],
+                               use_lottery_ticket_hypothesis=False, verbose=0)
+        trainer = _trainer(tmp_path, epochs, [weights, structures])
+        trainer.fit(model, _data(), ckpt_path=ckpt_path)
+        assert engine.pruned_targets(model)  # the structures' masks, kept
+        if save is not None:
+            trainer.save_checkpoint(save)
+        return model
+
+    fit(2, save=tmp_path / "end.ckpt")
+    resumed, uninterrupted = fit(3, ckpt_path=str(tmp_path / "end.ckpt")), fit(3)
+    assert _pruned(resumed) == _pruned(uninterrupted) == (4 if callback is UnitPruning else 2)
+    expected = uninterrupted.state_dict()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_structure_callback_making_its_masks_permanent_leaves_a_tensor_model_pruning_keeps_masked(tmp_path):
+    """A tensor both prune holds one combined mask: UnitPruning (make_pruning_permanent=True) removed it, the mask
+    ModelPruning(make_pruning_permanent=False) keeps with it."""
+    from litcompress import ModelPruning
+
+    seed_everything(0)
+    model = LSTMClassifier(hidden=8, lr=0.01)
+    weights = ModelPruning("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False, verbose=0,
+                           parameters_to_prune=[(model.lstm, "weight_hh_l0"), (model.head, "weight")],
+                           use_global_unstructured=False, make_pruning_permanent=False)
+    _trainer(tmp_path, 2, [weights, UnitPruning(0.25)]).fit(model, _data())
+    assert engine.is_pruned(model.lstm, "weight_hh_l0") and engine.is_pruned(model.head, "weight")
+    assert "lstm.weight_hh_l0_mask" in model.state_dict()

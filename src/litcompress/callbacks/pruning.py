@@ -362,8 +362,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         return partial(pruning_fn, **kwargs)
 
     def make_pruning_permanent(self, module: nn.Module) -> None:
-        """Removes pruning buffers from any pruned modules."""
-        engine.make_permanent_(module)
+        """Removes pruning buffers from any pruned modules (in a fit, but the masks another pruning callback keeps:
+        a ``UnitPruning(make_pruning_permanent=False)``'s were lost, and its resumed fit trained the units back)."""
+        trainer = self._fit_trainer or getattr(module, "_trainer", None)  # (an evaluation's ckpt_path: its trainer)
+        engine.make_permanent_(module, keep=self._masks_others_keep(trainer))
 
     def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
         self.make_pruning_permanent(pl_module)

@@ -187,21 +187,23 @@ class StructurePruning(TargetsFoundOnceConfigured):
             if message:
                 rank_zero_warn(message)
         if self._make_pruning_permanent:
-            self._make_own_masks_permanent()
+            self._make_own_masks_permanent(trainer)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
         if self._make_pruning_permanent:
-            self._make_own_masks_permanent()
+            self._make_own_masks_permanent(trainer)
 
     def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
-        self._make_own_masks_permanent()
+        self._make_own_masks_permanent(pl_module._trainer)
 
-    def _make_own_masks_permanent(self) -> None:
-        """Its own masks only: another pruning callback decides about its own."""
+    def _make_own_masks_permanent(self, trainer: Optional["pl.Trainer"] = None) -> None:
+        """Its own masks only: another pruning callback decides about its own (a tensor both prune holds one
+        combined mask, which stays where the other keeps its masks)."""
+        kept = {(id(m), n) for m, n in self._masks_others_keep(trainer)}
         with engine.parameter_order_preserved(engine.unique_modules(self._targets)):
             for module, name in self._targets:
-                if engine.is_pruned(module, name):
+                if engine.is_pruned(module, name) and (id(module), name) not in kept:
                     torch_prune.remove(module, name)
                     self._made_permanent = True
 

@@ -100,6 +100,15 @@ class TargetsFoundOnceConfigured(Callback):
         """Whether checkpoints hold this callback's masks (``make_pruning_permanent=False``)."""
         raise NotImplementedError
 
+    def _masks_others_keep(self, trainer: Optional["pl.Trainer"]) -> list[tuple[nn.Module, str]]:
+        """The tensors the other pruning callbacks of `trainer` keep masked (``make_pruning_permanent=False``):
+        making this callback's masks permanent leaves theirs, even on a tensor both prune."""
+        if trainer is None:
+            return []
+        return [(m, n) for callback in trainer.callbacks if callback is not self
+                and isinstance(callback, TargetsFoundOnceConfigured) and callback._keeps_masks()
+                for m, n in callback._masked_targets()]
+
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if not isinstance(checkpoint.get("state_dict"), dict):
@@ -109,8 +118,7 @@ class TargetsFoundOnceConfigured(Callback):
             # Tensors pruned outside this callback (before the fit, by torch's functions, or by a callback of an
             # earlier fit) kept their masked pairs, and the file did not load into the unpruned model, where
             # Lightning's callback makes every pair permanent. Those another callback keeps masked stay so.
-            kept = {(id(m), n) for callback in trainer.callbacks if isinstance(callback, TargetsFoundOnceConfigured)
-                    and callback._keeps_masks() for m, n in callback._masked_targets()}
+            kept = {(id(m), n) for m, n in self._masks_others_keep(trainer)}
             products: dict[tuple, Tensor] = {}
             for path, module, name in engine.pruned_targets(pl_module):
                 if (id(module), name) not in kept:

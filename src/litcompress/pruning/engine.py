@@ -426,23 +426,28 @@ def eager_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-def make_permanent_(model: nn.Module) -> int:
-    """Remove every pruning re-parametrisation in `model`, keeping the zeros; returns how many were removed.
+def make_permanent_(model: nn.Module, keep: Iterable[Target] = ()) -> int:
+    """Remove every pruning re-parametrisation in `model` but those of `keep`, keeping the zeros; returns how many
+    were removed.
 
     Parameter objects are kept (their values become ``orig * mask``), so optimizers stay valid.
     """
     check_module(model, "make_permanent_")
+    kept = {(id(module), name) for module, name in keep}
     removed = 0
     for module in model.modules():
         for key in [k for k, h in module._forward_pre_hooks.items() if h in _BYPASS_HOOKS]:
             del module._forward_pre_hooks[key]  # nothing left to recompute
-        keys = [k for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]
+        keys = [k for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)
+                and (id(module), h._tensor_name) not in kept]
         if not keys:
             continue
         with parameter_order_preserved([module]):
             for key in keys:
                 module._forward_pre_hooks.pop(key).remove(module)
                 removed += 1
+    if kept and pruned_targets(model):  # an attention's kept out_proj mask: still read without a call
+        keep_bypassed_weights_current_(model)
     return removed
 
 
