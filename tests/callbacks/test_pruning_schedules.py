@@ -787,6 +787,9 @@ def test_flags_read_as_numpy_bools_are_taken():
     assert callback._apply_pruning is True and callback._use_lottery_ticket_hypothesis is False
     plain = ModelPruning("l1_unstructured", amount=0.5, use_lottery_ticket_hypothesis=False)
     assert callback.state_key == plain.state_key
+    # and checked as the bools are (the `is False` tests skipped them: a rewind that did nothing passed)
+    with pytest.raises(MisconfigurationException, match=r"`reset_optimizer=True` rewind\(s\)"):
+        ModelPruning("l1_unstructured", amount=0.5, use_lottery_ticket_hypothesis=np.False_, reset_optimizer=True)
 
 
 def test_resampling_without_the_lottery_ticket_is_said_to_do_nothing():

@@ -795,3 +795,11 @@ def test_a_pruned_state_loaded_under_inference_mode_trains_afterwards():
     assert not fresh[0].weight_mask.is_inference()
     fresh(x).sum().backward()
     assert fresh[0].weight_orig.grad is not None
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.inference_mode():  # made permanent there: the weights were inference tensors
+        load_pruned_state_dict(plain, model.state_dict(), keep_masks=False)
+    assert not plain[0].weight.is_inference()
+    plain(x).sum().backward()
+    with torch.inference_mode():  # a model built under inference mode loads there as before
+        built_there = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        torch.testing.assert_close(load_pruned_state_dict(built_there, model.state_dict())(x), model(x))

@@ -227,6 +227,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._make_pruning_permanent = make_pruning_permanent
         self._use_lottery_ticket_hypothesis = _check_flag("use_lottery_ticket_hypothesis",
                                                           use_lottery_ticket_hypothesis)
+        # as Python bools from here on: the checks below test `is True` / `is False` (a numpy bool skipped them)
+        apply_pruning, use_lottery_ticket_hypothesis = self._apply_pruning, self._use_lottery_ticket_hypothesis
 
         self._schedule = amount if isinstance(amount, SparsitySchedule) else None
         if self._schedule is None and not (isinstance(amount, (int, float)) or callable(amount)):

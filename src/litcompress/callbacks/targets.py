@@ -111,23 +111,14 @@ class TargetsFoundOnceConfigured(Callback):
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if not isinstance(checkpoint.get("state_dict"), dict):
+        """A weight-averaging callback listed before this one (``EMAWeightAveraging``) wrote its averaged copy in
+        the checkpoint's ``state_dict`` (the live state under ``current_model_state``): that copy was made before any
+        mask and averages the dense values, so the file would load as an unpruned model. The masks go into it.
+        (Tensors pruned outside the pruning callbacks keep their masked pairs: a model that prunes itself in
+        ``__init__`` loads them back.)"""
+        if "current_model_state" not in checkpoint or not isinstance(checkpoint.get("state_dict"), dict):
             return
         state = checkpoint["state_dict"]
-        if not self._keeps_masks():
-            # Tensors pruned outside this callback (before the fit, by torch's functions, or by a callback of an
-            # earlier fit) kept their masked pairs, and the file did not load into the unpruned model, where
-            # Lightning's callback makes every pair permanent. Those another callback keeps masked stay so.
-            kept = {(id(m), n) for m, n in self._masks_others_keep(trainer)}
-            products: dict[tuple, Tensor] = {}
-            for path, module, name in engine.pruned_targets(pl_module):
-                if (id(module), name) not in kept:
-                    engine.make_entry_permanent(state, f"{path}.{name}" if path else name, products)
-        if "current_model_state" not in checkpoint:
-            return
-        # A weight-averaging callback listed before this one (``EMAWeightAveraging``) wrote its averaged copy in the
-        # checkpoint's ``state_dict`` (the live state under ``current_model_state``): that copy was made before any
-        # mask and averages the dense values, so the file would load as an unpruned model. The masks go into it.
         for path, module, name in engine.pruned_targets(pl_module):
             key = f"{path}.{name}" if path else name
             value, mask = state.get(key), engine.mask_of(module, name)

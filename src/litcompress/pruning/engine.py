@@ -16,6 +16,7 @@ Two deliberate differences from calling torch directly:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import itertools
@@ -942,7 +943,7 @@ def _holds_parameter(module: nn.Module, name: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- state dicts
-def make_entry_permanent(state_dict: dict[str, Any], key: str, products: dict[tuple, Tensor] | None = None) -> None:
+def _make_entry_permanent(state_dict: dict[str, Any], key: str, products: dict[tuple, Tensor] | None = None) -> None:
     """Replace ``<key>_orig`` and ``<key>_mask`` in `state_dict` by ``<key>`` = ``orig * mask`` (no autograd).
     `products`: those made so far, by their sources' storage: tied weights (one tensor under several keys) get one
     product, so that a saved file holds it once, as it held the tensor."""
@@ -975,7 +976,7 @@ class PermanentStateDictHook:
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for name in self.names:
             if is_pruned(module, name):
-                make_entry_permanent(state_dict, prefix + name, self.products)
+                _make_entry_permanent(state_dict, prefix + name, self.products)
 
 
 class PrunedStateLoadHook:
@@ -1020,8 +1021,8 @@ class MaskedStateLoadHook:
     """Load-state-dict pre-hook for a whole model whose pruning targets are not known yet (a LightningModule that
     builds its layers in ``configure_model``): each ``<path>.<name>_orig`` + ``<path>.<name>_mask`` pair of the
     incoming state dict re-creates its mask on the unpruned module first, so the pair loads; and a permanent
-    ``<name>`` for a tensor pruned now (outside any callback's targets: a checkpoint makes those permanent too) goes
-    to its ``<name>_orig``, the live mask kept."""
+    ``<name>`` for a tensor pruned now (outside any callback's targets: Lightning's callback saves every tensor
+    permanent) goes to its ``<name>_orig``, the live mask kept."""
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for path, owner, name in pruned_targets(module):
@@ -1115,13 +1116,17 @@ def load_pruned_state_dict(
     Masks are re-created for every such pair before loading, so ``strict`` loading works. With
     ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference.
     """
-    state = dict(state_dict)
-    # under inference mode (a model loaded for evaluation), masks made there were inference tensors: a later
-    # training forward failed ("Inference tensors cannot be saved for backward")
-    with torch.inference_mode(False):
-        MaskedStateLoadHook()(model, state, "")
+    # Under inference mode (a model loaded for evaluation), the masks and products made there were inference
+    # tensors: a later training forward failed ("Inference tensors cannot be saved for backward"). (A model built
+    # under inference mode holds inference tensors itself, which only inference mode may write.)
+    built_for_inference = any(p.is_inference() for p in model.parameters())
+    with contextlib.nullcontext() if built_for_inference else torch.inference_mode(False):
+        return _load_pruned_state_dict(model, dict(state_dict), strict, keep_masks)
+
+
+def _load_pruned_state_dict(model: nn.Module, state: dict[str, Any], strict: bool, keep_masks: bool) -> nn.Module:
+    MaskedStateLoadHook()(model, state, "")
     model.load_state_dict(state, strict=strict)
-    RefreshAfterLoadHook()(model, None)  # the masks re-created here have no hook of their own
     # tied weights masked alike: one mask buffer under every holder, as the engine leaves them (a later round
     # updates them all); holders that torch's own pruning masked apart keep their own masks
     holders: dict[object, list[list[Target]]] = {}  # per tensor, its holders in sets of equal masks
