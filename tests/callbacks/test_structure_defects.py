@@ -471,3 +471,29 @@ def test_a_structure_callback_making_its_masks_permanent_leaves_a_tensor_model_p
     _trainer(tmp_path, 2, [weights, UnitPruning(0.25)]).fit(model, _data())
     assert engine.is_pruned(model.lstm, "weight_hh_l0") and engine.is_pruned(model.head, "weight")
     assert "lstm.weight_hh_l0_mask" in model.state_dict()
+
+
+def test_model_prunings_make_pruning_permanent_called_by_hand_after_a_fit_removes_every_mask(tmp_path):
+    """As Lightning's: an export step after the fit. Sparing the masks other callbacks keep is for its own hooks in the
+    fit (by hand, the finished fit's trainer, still on the module, spared UnitPruning's: the state dict did not load
+    into the plain model)."""
+    from litcompress import ModelPruning
+
+    seed_everything(0)
+    model = LSTMClassifier(hidden=8, lr=0.01)
+    weights = ModelPruning("l1_unstructured", amount=0.3, use_lottery_ticket_hypothesis=False, verbose=0,
+                           parameters_to_prune=[(model.head, "weight")], make_pruning_permanent=False)
+    _trainer(tmp_path, 2, [weights, UnitPruning(0.5, make_pruning_permanent=False)]).fit(model, _data())
+    assert engine.is_pruned(model.lstm, "weight_ih_l0")
+    weights.make_pruning_permanent(model)
+    assert engine.pruned_targets(model) == []
+    LSTMClassifier(hidden=8).load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+def test_flags_read_as_numpy_bools_are_taken_as_model_pruning_takes_them(callback):
+    import numpy as np
+
+    made = callback(0.5, make_pruning_permanent=np.False_, log_sparsity=np.True_)
+    assert made._make_pruning_permanent is False and made._log_sparsity is True
+    assert made.state_key == callback(0.5, make_pruning_permanent=False).state_key

@@ -317,6 +317,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._state_restored = False  # from a checkpoint: else a resumed fit keeps the checkpoint's zeros as masks
         self._step_at_batch_start = -1  # `trainer.global_step` when the current training batch began
         self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
+        self._sparing_masks_of: Optional["pl.Trainer"] = None  # see `_sparing_others`
         self._hook_handles: list[Any] = []
 
     def _forget_the_model(self) -> None:
@@ -364,13 +365,24 @@ class ModelPruning(TargetsFoundOnceConfigured):
         return partial(pruning_fn, **kwargs)
 
     def make_pruning_permanent(self, module: nn.Module) -> None:
-        """Removes pruning buffers from any pruned modules (in a fit, but the masks another pruning callback keeps:
-        a ``UnitPruning(make_pruning_permanent=False)``'s were lost, and its resumed fit trained the units back)."""
-        trainer = self._fit_trainer or getattr(module, "_trainer", None)  # (an evaluation's ckpt_path: its trainer)
-        engine.make_permanent_(module, keep=self._masks_others_keep(trainer))
+        """Removes pruning buffers from any pruned modules (when this callback's hooks call it, those another pruning
+        callback of the trainer keeps: a ``UnitPruning(make_pruning_permanent=False)``'s were lost at fit end, and
+        its resumed fit trained the units back)."""
+        engine.make_permanent_(module, keep=self._masks_others_keep(self._sparing_masks_of))
+
+    @contextmanager
+    def _sparing_others(self, trainer: Optional["pl.Trainer"]) -> Iterator[None]:
+        """Within, :meth:`make_pruning_permanent` (a subclass may override it, as Lightning's) leaves the masks the
+        other pruning callbacks of `trainer` keep; called by hand, it removes every mask, as Lightning's does."""
+        self._sparing_masks_of = trainer
+        try:
+            yield
+        finally:
+            self._sparing_masks_of = None
 
     def _make_restored_masks_permanent(self, pl_module: LightningModule) -> None:
-        self.make_pruning_permanent(pl_module)
+        with self._sparing_others(pl_module._trainer):
+            self.make_pruning_permanent(pl_module)
 
     def apply_lottery_ticket_hypothesis(self) -> None:
         r"""Reset the surviving weights to their values when fitting started (step 4 of the lottery ticket
@@ -1065,7 +1077,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
         if self._make_pruning_permanent and any(engine.is_pruned(m, n) for m, n in self._parameters_to_prune or ()):
-            self.make_pruning_permanent(pl_module)
+            with self._sparing_others(trainer):
+                self.make_pruning_permanent(pl_module)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
@@ -1098,7 +1111,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                              "(the ticket)."))
         if self._make_pruning_permanent:
             rank_zero_debug("`ModelPruning.on_train_end`. Pruning is made permanent for this checkpoint")
-            self.make_pruning_permanent(pl_module)
+            with self._sparing_others(trainer):
+                self.make_pruning_permanent(pl_module)
         else:  # `module.<name>` is the tensor of the last forward, from before the last optimizer step
             with torch.no_grad():  # a tensor without autograd history, as after an evaluation: the model deep-copies
                 for module, name in self._parameters_to_prune:

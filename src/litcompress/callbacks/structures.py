@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _refuse_weight_averaging_after,
+from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _is_bool, _refuse_weight_averaging_after,
                                            canonical_numbers, restore_state_under_moved_key)
 from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
@@ -60,14 +60,15 @@ class StructurePruning(TargetsFoundOnceConfigured):
                 isinstance(name, str) for name in exclude):
             raise MisconfigurationException(f"{type(self).__name__}(exclude={exclude!r}): expected a tuple of module "
                                             "names.")
-        if not isinstance(make_pruning_permanent, bool):
+        if not _is_bool(make_pruning_permanent):  # numpy's too, as ModelPruning takes them
             raise MisconfigurationException(f"{type(self).__name__}(make_pruning_permanent="
                                             f"{make_pruning_permanent!r}): expected True or False.")
         if verbose not in (0, 1):
             raise MisconfigurationException(f"{type(self).__name__}(verbose={verbose!r}): expected 0 or 1.")
-        if not isinstance(log_sparsity, bool):
+        if not _is_bool(log_sparsity):
             raise MisconfigurationException(f"{type(self).__name__}(log_sparsity={log_sparsity!r}): expected True "
                                             "or False.")
+        make_pruning_permanent, log_sparsity = bool(make_pruning_permanent), bool(log_sparsity)
         self._log_sparsity = log_sparsity
         self.amount, self.exclude = amount, tuple(exclude)
         self._make_pruning_permanent, self._verbose = make_pruning_permanent, verbose
