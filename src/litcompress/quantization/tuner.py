@@ -653,8 +653,20 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     if config.approach != "static":  # the file can end larger than the input's, its convolutions fp32, unsaid
         convs = [name for name, module in fp32.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         if convs:
-            note(f"approach={config.approach!r} leaves the {len(convs)} convolution(s) in fp32 ({', '.join(convs[:5])}"
-                 f"{' ...' if len(convs) > 5 else ''}): approach='static' quantizes them (CLI: --quantize static).")
+            static = {}  # backend -> the convolutions its static int8 takes (pt2e: Conv2d only)
+            for name in config.backends:
+                try:
+                    backend = get_backend(name)
+                    if "static" in backend.approaches:
+                        static[name] = set(backend.quantizable_layers(fp32, "static")) & set(convs)
+                except Exception:  # (an unavailable backend: said above)
+                    continue
+            best = max(static, key=lambda name: len(static[name]), default=None)
+            if best is not None and static[best]:
+                note(f"approach={config.approach!r} leaves the {len(convs)} convolution(s) in fp32 "
+                     f"({', '.join(convs[:5])}{' ...' if len(convs) > 5 else ''}): approach='static' quantizes "
+                     f"{'them' if static[best] == set(convs) else f'{len(static[best])} of them'} ({best}; CLI: "
+                     "--quantize static).")
     rankings: dict[tuple[bool, bool], list[str]] = {}
     modules = dict(fp32.named_modules())
     has_tables = any(isinstance(modules.get(name), (nn.Embedding, nn.EmbeddingBag)) for name in layers)
