@@ -1775,3 +1775,29 @@ def test_the_export_touches_no_file_but_its_own(tmp_path):
     assert result.artifact is not None and result.artifact.parent == tmp_path
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in mine} == mine
     assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name and p.name not in mine]
+
+
+def test_a_model_on_csr_kernels_that_cannot_be_written_is_found_before_its_stage_is_kept():
+    """A layer under two names (a shortcut attribute) or a dict output mixing types fails torch.jit.trace once on
+    CSR kernels, and TorchScript is the one format that holds them: the sparse stage was kept, and no file at all
+    was written. The pipeline now tries the write first and keeps the model dense where it fails."""
+    from litcompress.pipeline.compress import _sparse_file_failure
+    from litcompress.pruning.sparse import SparseLinear
+
+    class Net(nn.Module):
+        def __init__(self, alias: bool) -> None:
+            super().__init__()
+            self.body = nn.Sequential(SparseLinear(weight, torch.zeros(8)), nn.ReLU())
+            self.head = nn.Linear(8, 2)
+            if alias:
+                self.shortcut = self.body[0]
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16) * (torch.rand(8, 16) > 0.9)
+    x = torch.randn(4, 16)
+    assert _sparse_file_failure(Net(alias=False), (x,)) is None
+    said = _sparse_file_failure(Net(alias=True), (x,))
+    assert said is not None and said.startswith("ExportError: torch_ao: torch.jit.trace failed")

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -391,6 +392,19 @@ def _traced_data_dependent_code(caught: warnings.WarningMessage) -> bool:
 
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def _sparse_file_failure(model: nn.Module, inputs: tuple) -> str | None:
+    """Why `model`, on CSR kernels, cannot be written as TorchScript (the one format that holds them), tried in a
+    temporary folder; None when it can."""
+    with tempfile.TemporaryDirectory(prefix="litcompress_sparse_") as folder:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the export proper says what its trace says)
+                save_quantized(model, None, os.path.join(folder, "model.pt"), inputs, fp32_format="torchscript")
+        except Exception as error:
+            return _first_line(error)
+    return None
 
 
 def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, directory: Path, inputs: tuple,
@@ -985,6 +999,11 @@ def compress(
             note(f"sparse kernels: the model ran slower with its CSR layers ({sparse.report.dense_ms:.4g} ms dense, "
                  f"{sparse.report.sparse_ms:.4g} ms on CSR), though each was faster alone: all kept dense (the "
                  "report's 'Sparse kernels' table gives the times).")
+        elif converted and (failure := _sparse_file_failure(sparse.model, inputs) if config.export
+                            and directory is not None else None):
+            # no file at all was written (a dict output mixing types, a layer under two names)
+            note(f"sparse kernels: the model on CSR kernels cannot be written as TorchScript, the one format that "
+                 f"holds them ({failure}): all kept dense.")
         elif converted:
             work = sparse.model
             stages.add("sparse", work, f"CSR kernels for {converted} of {layers} Linear layers",
