@@ -1019,3 +1019,25 @@ def test_convolutions_a_dynamic_search_leaves_in_fp32_are_said():
                                       compile=False, accuracy=AccuracyCriterion(tolerable_loss=1.0)),
                       eval_fn=lambda m: float(m(x).sum() * 0 + 1), example_inputs=x)
     assert not any("convolution(s) in fp32" in m for m in result.messages)
+
+
+def test_a_free_length_declared_for_a_packed_sequence_model_is_taken():
+    """The check shortened the padded sequences but not the lengths beside them, so the model failed on its own
+    probe (a length longer than the sequence) and the declaration was refused as a size the model's code fixes."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from litcompress.quantization.tuner import check_declared_dims_vary
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x, lengths):
+            _, (hidden, _) = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            return self.fc(hidden[-1])
+
+    inputs = (torch.randn(4, 10, 8), torch.tensor([10, 7, 3, 9]))
+    check_declared_dims_vary(Packed().eval(), inputs, {0: (1,)}, "compress: dynamic_dims")
+    with pytest.raises(ValueError, match=r"declares dim 2 of input 0 \(size 8\) free, but the model fails"):
+        check_declared_dims_vary(Packed().eval(), inputs, {0: (2,)}, "compress: dynamic_dims")  # features: fixed

@@ -237,10 +237,16 @@ def check_declared_dims_vary(model: nn.Module, inputs: Inputs, declared: Dynamic
     if not fixed:
         return
     failures = []
+    shortened = {i for i, _, _ in fixed}
     for length in (lambda size: size - 1, lambda size: size // 2):
         varied = list(inputs)
         for i, d, size in fixed:
             varied[i] = varied[i].narrow(d, 0, length(size))
+        shortest = min(length(size) for _, _, size in fixed)
+        for j, x in enumerate(varied):  # lengths beside the padded sequences (packed ones): as long at most
+            if j not in shortened and isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() \
+                    and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+                varied[j] = x.clamp(max=shortest)
         try:
             eval_outputs(model, tuple(varied))
             return
