@@ -320,6 +320,11 @@ def test_compress_on_fit_end_takes_an_input_fn_for_a_forward_that_takes_the_batc
 @pytest.mark.parametrize("make, error, message", [
     (lambda: CompressOnFitEnd(CONFIG, output_dir=None), TypeError, r"output_dir=None\): expected a path"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir=""), ValueError, r"output_dir=''\): name a folder"),
+    # a file there or above: refused after the whole fit
+    (lambda: CompressOnFitEnd(CONFIG, output_dir=__file__), ValueError, r"is a file, not a folder"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir=Path(__file__) / "out"), ValueError, r"is a file, not a folder"),
+    ("QuantizeOnFitEnd input_fn", TypeError, r"input_fn=\(1,\)\): expected a function of a batch"),
+    ("QuantizeOnFitEnd calibration int", TypeError, r"calibration_data=16\): expected batches"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", test_metric=""), ValueError, r"test_metric=''\): name"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", metric=None), TypeError, "a str such as 'val_acc'"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", input_fn="x"), TypeError, "expected a function of a batch"),
@@ -332,6 +337,9 @@ def test_fit_end_arguments_that_would_fail_after_the_fit_are_refused_at_construc
     from litcompress.quantization import PTQConfig
 
     quantize = {"QuantizeOnFitEnd": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc", save_path=""),
+                "QuantizeOnFitEnd input_fn": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc", input_fn=(1,)),
+                "QuantizeOnFitEnd calibration int": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc",
+                                                                             calibration_data=16),
                 "QuantizeOnFitEnd calibration": lambda: QuantizeOnFitEnd(PTQConfig(approach="static"), "val_acc",
                                                                          calibration_data=[]),
                 "QuantizeOnFitEnd metric": lambda: QuantizeOnFitEnd(PTQConfig(), 5)}

@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
@@ -613,6 +614,14 @@ def check_output_dir(output_dir: object, owner: str) -> None:
         raise TypeError(f"{owner}(output_dir={output_dir!r}): expected a path (a str or os.PathLike).")
     if os.fspath(output_dir) == "":
         raise ValueError(f"{owner}(output_dir=''): name a folder to write to.")
+    path = Path(os.fspath(output_dir))
+    try:  # a file there (or above it) failed only at fit end, after all the training
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    except OSError:  # a parent that cannot be read: the write says so
+        blocking = None
+    if blocking is not None:
+        raise ValueError(f"{owner}(output_dir={os.fspath(output_dir)!r}): {blocking} is a file, not a folder; give "
+                         "a folder to write to.")
 
 
 def check_save_path(save_path: object, owner: str) -> None:
@@ -740,6 +749,9 @@ class QuantizeOnFitEnd(L.Callback):
             check_save_path(save_path, "QuantizeOnFitEnd")
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
         check_calibration_data(calibration_data, "QuantizeOnFitEnd")
+        if input_fn is not None and not callable(input_fn):  # a bare TypeError after the whole fit
+            raise TypeError(f"QuantizeOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
+                            "the model's positional inputs.")
         config = with_metric_mode(config, metric, mode, "QuantizeOnFitEnd")  # before training, not after it
         self.config, self.metric, self.submodule, self.mode = config, metric, submodule, mode
         self.save_path, self.calibration_data, self.input_fn = save_path, calibration_data, input_fn

@@ -136,6 +136,9 @@ def check_calibration_data(calibration_data: object, where: str) -> None:
         raise TypeError(f"{where}(calibration_data=<a tensor of shape {tuple(calibration_data.shape)}>): iterating a "
                         "tensor gives its rows, single samples without the batch dim; give batches: "
                         "list(tensor.split(32)) or a DataLoader.")
+    if calibration_data is not None and not isinstance(calibration_data, Iterable):  # a bare TypeError, later
+        raise TypeError(f"{where}(calibration_data={calibration_data!r}): expected batches (a DataLoader or a list "
+                        "of input batches).")
     if isinstance(calibration_data, (list, tuple)) and not calibration_data:  # taken for "none given" later
         raise ValueError(f"{where}(calibration_data={calibration_data!r}): no batch to calibrate on; give at least "
                          "one.")
