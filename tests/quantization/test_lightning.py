@@ -107,6 +107,29 @@ def test_ctrl_c_during_the_search_keeps_what_it_found_and_leaves_ctrl_c_working(
     assert any("interrupted during trial 2" in m for m in result.messages)
 
 
+class CtrlCInTheFirstValidation(CtrlCInTheFourthValidation):
+    """The first: where the inputs the validation step gives the model are read."""
+
+    def on_validation_start(self):
+        type(self).validations += 1
+        if type(self).validations == 1:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_while_the_steps_inputs_are_read_raises_keyboard_interrupt(fitted):
+    """That validation ran without the Ctrl-C handling of the others: Lightning exited (SystemExit(1)), where
+    KeyboardInterrupt is raised elsewhere (the CLI's exit code 130 and its "interrupted" line)."""
+    module, data = fitted
+    CtrlCInTheFirstValidation.validations = 0
+    pressing = CtrlCInTheFirstValidation()
+    pressing.load_state_dict(module.state_dict())
+    with python_handles_ctrl_c():
+        with pytest.raises(KeyboardInterrupt):
+            quantize_lightning(pressing, CONFIG, metric="val_acc", datamodule=data)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C still stops the process
+    assert CtrlCInTheFirstValidation.validations == 1
+
+
 def test_a_loss_is_judged_lower_is_better_with_mode_min_and_refused_without(fitted, tmp_path):
     module, data = fitted
     with pytest.raises(ValueError, match=r"quantize_lightning\(metric='val_loss'\).*mode='min'"):

@@ -326,8 +326,9 @@ class StepInputReader:
             # tensors fail
             with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
                 warnings.simplefilter("ignore")  # Lightning's notes on the loader (workers, batch sizes)
-                internal_trainer(limit_val_batches=batches, inference_mode=False).validate(
-                    self.host, dataloaders=loader, verbose=False)
+                trainer = internal_trainer(limit_val_batches=batches, inference_mode=False)
+                with ctrl_c_raises(trainer):  # Ctrl-C here: KeyboardInterrupt, as elsewhere (Lightning exited)
+                    trainer.validate(self.host, dataloaders=loader, verbose=False)
         except Exception as error:  # noqa: BLE001 - a step written for other batches: the batches are read as they are
             self.error = error
             return None
