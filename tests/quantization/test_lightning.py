@@ -810,3 +810,15 @@ def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_t
     result = quantize_lightning(module, static, metric="val_acc", datamodule=Loaders(),
                                 val_dataloaders=data.val_dataloader())
     assert result.recipe is not None and result.recipe.approach == "static"
+
+
+def test_quantize_on_fit_end_judges_on_the_fits_validation_limits(digits):
+    """The candidates were judged on the whole validation set where the fit validated on limit_val_batches: the
+    baseline did not match the score the fit logged for the same weights (and the search ran longer than asked)."""
+    torch.manual_seed(0)
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    trainer = _trainer(max_epochs=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[callback])
+    trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert callback.result.baseline_metric == pytest.approx(float(trainer.callback_metrics["val_acc"]))
+    whole = _trainer().validate(trainer.lightning_module, datamodule=DigitsData(digits), verbose=False)[0]["val_acc"]
+    assert whole != pytest.approx(callback.result.baseline_metric)  # (else the test tells nothing)

@@ -797,6 +797,6 @@ class QuantizeOnFitEnd(L.Callback):
         self.result = quantize_lightning(
             pl_module, self.config, metric=self.metric, datamodule=datamodule, val_dataloaders=val_dataloaders,
             calibration_data=calibration, example_inputs=example_inputs, input_fn=input_fn, submodule=self.submodule,
-            mode=self.mode)
+            mode=self.mode, trainer=trainer)  # the fit's validation limits: the metric its checkpoints scored
         if self.save_path is not None:
             self.result.save(os.fspath(self.save_path))
