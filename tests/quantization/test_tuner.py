@@ -1041,3 +1041,34 @@ def test_a_free_length_declared_for_a_packed_sequence_model_is_taken():
     check_declared_dims_vary(Packed().eval(), inputs, {0: (1,)}, "compress: dynamic_dims")
     with pytest.raises(ValueError, match=r"declares dim 2 of input 0 \(size 8\) free, but the model fails"):
         check_declared_dims_vary(Packed().eval(), inputs, {0: (2,)}, "compress: dynamic_dims")  # features: fixed
+
+
+def test_a_chosen_backend_that_leaves_layers_fp32_others_quantize_is_said():
+    """pt2e's dynamic int8 takes the Linears, not an LSTM: chosen by speed, its file kept the LSTM fp32 under an int8
+    name (larger than the other candidates', the README's "it is int8" untrue), without a word."""
+
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    model, x = Reader().eval(), torch.randn(8, 5, 8)
+
+    def metric(candidate):  # torch_ao's candidates (their modules torch.ao's) miss the goal: pt2e's is chosen
+        candidate(x)
+        return 0.0 if any(type(m).__module__.startswith("torch.ao.nn") for m in candidate.modules()) else 1.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("pt2e", "torch_ao"), max_trials=4,
+                                           latency_repeats=2, compile=False,
+                                           accuracy=AccuracyCriterion(tolerable_loss=0.01)),
+                          eval_fn=metric, example_inputs=x)
+    assert result.recipe.backend == "pt2e"
+    chosen = next(t.index for t in result.trials if t.recipe == result.recipe)
+    assert [m for m in result.messages if "does not quantize" in m] == [
+        f"trial {chosen}'s backend (pt2e) does not quantize lstm, which torch_ao does: they stay fp32 in it (the "
+        "fastest candidate meeting the goal all the same); PTQConfig(backends=...) without it quantizes them."]

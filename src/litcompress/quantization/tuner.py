@@ -803,6 +803,17 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         else:
             note(f"chose trial {chosen.index} ({chosen.recipe.describe()}): fastest of {len(passing)} "
                  "candidates meeting the goal.")
+            # its backend may take fewer layers than others do (pt2e's dynamic int8: the Linears, not an LSTM): the
+            # file then keeps those fp32, under an int8 name
+            own = next((search.layers for search in searches if search.backend.name == chosen.recipe.backend), set())
+            others = {name: search.backend.name for search in searches if search.backend.name != chosen.recipe.backend
+                      for name in search.layers}
+            left = [name for name in layers if name in others and name not in own]
+            if left:
+                note(f"trial {chosen.index}'s backend ({chosen.recipe.backend}) does not quantize "
+                     f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}, which {others[left[0]]} does: they "
+                     "stay fp32 in it (the fastest candidate meeting the goal all the same); "
+                     "PTQConfig(backends=...) without it quantizes them.")
         if chosen is not None and chosen.latency_s > baseline_latency:
             weights = ""
             if chosen.size_bytes is not None and chosen.size_bytes < baseline_size:
