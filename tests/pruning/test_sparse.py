@@ -517,3 +517,13 @@ def test_a_sparsified_lightning_module_traces_as_the_docstring_says():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
         model.trainer  # the user's module is left as it was
+
+
+def test_a_model_with_no_layer_converted_is_not_timed_as_if_sparsify_had_changed_it():
+    """Two equal models were timed, and the report printed their ratio (host noise: 2.57x, 3.52x) as the model's
+    speed-up on CSR kernels, with 0 of 3 layers converted."""
+    model = _pruned_mlp()
+    result = sparsify(model, torch.randn(8, 32), min_speedup=1e9, repeats=1)  # no layer gains that much
+    report = result.report
+    assert report.converted == () and (report.dense_ms, report.sparse_ms, report.speedup) == (None, None, None)
+    assert "model: 0 of 3 Linear layers on CSR kernels" in report.table()

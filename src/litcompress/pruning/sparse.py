@@ -182,7 +182,7 @@ class SparseLayerReport:
 @dataclass(frozen=True)
 class SparsifyReport:
     """What :func:`sparsify` measured and did: every Linear layer, then the whole model before and after (its
-    times None when not timed, ``time_model=False``)."""
+    times None when not timed: ``time_model=False``, or no layer converted, the model unchanged)."""
 
     layers: tuple[SparseLayerReport, ...]
     dense_ms: float | None
@@ -326,10 +326,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             dense one on its input (1.1: a clear gain, not noise). 0 converts every layer timed.
         num_threads: torch threads while timing (None: the current setting), the ones you will run with.
         repeats: interleaved timed blocks per layer and per model (medians compared).
-        time_model: also time the whole model before and after: when it runs slower with its CSR layers (a
-            speed-up below ``min(1, min_speedup)``: each layer was timed alone, and its kernels can still lose in the
-            model), they are all put back dense, and the report says so. False: neither (a caller that times the
-            result itself).
+        time_model: also time the whole model before and after (where a layer was converted): when it runs slower
+            with its CSR layers (a speed-up below ``min(1, min_speedup)``: each layer was timed alone, and its
+            kernels can still lose in the model), they are all put back dense, and the report says so. False:
+            neither (a caller that times the result itself).
 
     Linear layers of other dtypes than float32, those forward never calls (an ``nn.MultiheadAttention``'s
     ``out_proj``), tied weights, ``nn.TransformerEncoderLayer``'s feed-forward layers (its fused path reads them),
@@ -395,7 +395,8 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
     dense_ms = sparse_ms = None
     reverted = False
-    if time_model:
+    if time_model and any(layer.converted for layer in decisions):  # (nothing converted: two equal models, whose
+        # ratio was the host's noise, printed as a gain of sparsify)
         whole = measure_latencies([_plain_copy(model), work], inputs, repeats=repeats, num_threads=num_threads)
         dense_ms, sparse_ms = 1e3 * whole[0]["median"], 1e3 * whole[1]["median"]
         # each layer was timed alone, on its own input: in the model, its kernels can still lose (a small batch's
