@@ -440,3 +440,16 @@ def test_a_legal_name_whose_suffix_is_most_of_it_is_written(tmp_path):
     path = tmp_path / ("run.2024_06_01_" + "x" * 236)
     save_quantized(nn.Sequential(nn.Linear(4, 2)).eval(), None, path, (torch.randn(2, 4),), fp32_format="torchscript")
     assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_torch_export_file_of_any_name_saves_and_loads_without_torchs_complaint(tmp_path, caplog):
+    """The README's `result.save("model.int8")`: torch logged "Expect archive file to be a file ending in .pt2" and
+    "Unable to load package" (the file loaded all the same)."""
+    import logging
+
+    model, x = nn.Sequential(nn.Linear(4, 3)).eval(), torch.randn(2, 4)
+    with caplog.at_level(logging.WARNING):
+        save_quantized(model, None, tmp_path / "model.int8", x, fp32_format="export")
+        loaded, recipe = load_quantized(tmp_path / "model.int8")
+    assert recipe is None and torch.allclose(loaded(x), model(x))
+    assert not [r for r in caplog.records if ".pt2" in r.getMessage()]

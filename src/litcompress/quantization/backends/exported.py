@@ -85,7 +85,8 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     extra = {METADATA_FILE: metadata}
     if outputs is not None:
         extra[OUTPUTS_FILE] = json.dumps(outputs)
-    torch.export.save(program, os.fspath(path), extra_files=extra)
+    with open(path, "wb") as file:  # a file object: torch warns of a path whose name does not end in .pt2
+        torch.export.save(program, file, extra_files=extra)
 
 
 def save_loaded_program(module: nn.Module, path: str | os.PathLike, metadata: str, example_inputs: Inputs, *,
@@ -139,7 +140,8 @@ def load_program(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
         PT2EBackend().check_available()  # imports torchao, registering the ops its int8 programs call
     extra = {OUTPUTS_FILE: ""}
-    module: nn.Module = ExportedInference(torch.export.load(os.fspath(path), extra_files=extra).module())
+    with open(path, "rb") as file:  # (as saved: any file name, a `model.int8` too, without torch's warning)
+        module: nn.Module = ExportedInference(torch.export.load(file, extra_files=extra).module())
     if extra[OUTPUTS_FILE]:
         module = RebuiltOutputs(module, json.loads(extra[OUTPUTS_FILE]))
     return module, metadata
