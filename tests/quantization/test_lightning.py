@@ -822,3 +822,7 @@ def test_quantize_on_fit_end_judges_on_the_fits_validation_limits(digits):
     assert callback.result.baseline_metric == pytest.approx(float(trainer.callback_metrics["val_acc"]))
     whole = _trainer().validate(trainer.lightning_module, datamodule=DigitsData(digits), verbose=False)[0]["val_acc"]
     assert whole != pytest.approx(callback.result.baseline_metric)  # (else the test tells nothing)
+    # a fit that skipped validation (limit 0) lends no limit: the whole set judges, as before (it judged on nothing)
+    skipped = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    _trainer(max_epochs=1, limit_val_batches=0, callbacks=[skipped]).fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert skipped.result is not None and skipped.result.baseline_metric > 0

@@ -1039,6 +1039,19 @@ def test_a_free_length_declared_for_a_packed_sequence_model_is_taken():
 
     inputs = (torch.randn(4, 10, 8), torch.tensor([10, 7, 3, 9]))
     check_declared_dims_vary(Packed().eval(), inputs, {0: (1,)}, "compress: dynamic_dims")
+
+    class BesideAnother(nn.Module):  # a second sequence, shortened to another length: the lengths go with the first
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.other = nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 8)
+
+        def forward(self, x, other, lengths):
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out = torch.nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0]
+            return (out + x).mean(1) + self.other(other).mean(1)
+
+    check_declared_dims_vary(BesideAnother().eval(), (torch.randn(3, 20, 8), torch.randn(3, 6, 8),
+                                                      torch.tensor([20, 15, 9])), {0: (1,), 1: (1,)}, "quantize")
     with pytest.raises(ValueError, match=r"declares dim 2 of input 0 \(size 8\) free, but the model fails"):
         check_declared_dims_vary(Packed().eval(), inputs, {0: (2,)}, "compress: dynamic_dims")  # features: fixed
 

@@ -517,8 +517,9 @@ def quantize_lightning(
         # unless this flag (the one Lightning's own to_torchscript sets) is on. Our copy only.
         target._jit_is_scripting = True
     if trainer is not None:  # run on a trainer of our own: validating on the user's would attach a candidate to it
-        trainer = internal_trainer(limit_val_batches=trainer.limit_val_batches,
-                                   limit_test_batches=trainer.limit_test_batches)
+        # (a limit of 0, a fit that skipped validation, would judge on nothing: the whole set then)
+        trainer = internal_trainer(limit_val_batches=trainer.limit_val_batches or 1.0,
+                                   limit_test_batches=trainer.limit_test_batches or 1.0)
     # val_dataloaders given with a DataModule: they validate (Lightning takes one or the other), the DataModule
     # calibrates
     eval_fn = lightning_eval_fn(module, datamodule if val_dataloaders is None else None, metric, trainer=trainer,

@@ -241,20 +241,24 @@ def check_declared_dims_vary(model: nn.Module, inputs: Inputs, declared: Dynamic
         return
     failures = []
     shortened = {i for i, _, _ in fixed}
+    lengths_beside = [j for j, x in enumerate(inputs) if j not in shortened and isinstance(x, torch.Tensor)
+                      and x.dim() == 1 and x.numel() and not x.is_floating_point() and not x.is_complex()
+                      and x.dtype != torch.bool]  # a packed sequence's lengths: as long as its sequences at most
     for length in (lambda size: size - 1, lambda size: size // 2):
         varied = list(inputs)
         for i, d, size in fixed:
             varied[i] = varied[i].narrow(d, 0, length(size))
-        shortest = min(length(size) for _, _, size in fixed)
-        for j, x in enumerate(varied):  # lengths beside the padded sequences (packed ones): as long at most
-            if j not in shortened and isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() \
-                    and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
-                varied[j] = x.clamp(max=shortest)
-        try:
-            eval_outputs(model, tuple(varied))
-            return
-        except Exception as error:  # noqa: BLE001 - any failure: that size is one the model does not take
-            failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        # with two sequences shortened to other lengths, which the lengths go with is unknown: each is tried
+        bounds = sorted({length(size) for _, _, size in fixed}) if lengths_beside else [None]
+        for bound in bounds:
+            for j in lengths_beside:
+                varied[j] = inputs[j].clamp(max=bound)
+            try:
+                eval_outputs(model, tuple(varied))
+                return
+            except Exception as error:  # noqa: BLE001 - any failure: that size is one the model does not take
+                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        failures.append(failure)
     raise ValueError(f"{where} declares {describe_fixed(fixed)} free, but the model fails on the inputs one shorter "
                      f"there and half as long ({failures[0]}): its code fixes that size (a Linear's in_features, a "
                      "reshape), so no file can leave it free. Declare only dims the model takes at any size (a "
