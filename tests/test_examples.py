@@ -36,7 +36,7 @@ def test_prune_digits():
     out = run("prune_digits.py", "--epochs", "2", "--target", "0.5")
     assert "at 50.00% weight sparsity (target 50%)" in out
     # sparsify's table: every layer listed; at 50% none is sparse enough to be timed
-    assert re.search(r"^model: .* 0 of 3 Linear layers on CSR kernels, 1 thread", out, re.M)
+    assert re.search(r"^model: 0 of 3 Linear layers on CSR kernels, 1 thread", out, re.M)  # none converted: not timed
     assert out.count("dense (sparsity below min_sparsity=0.7)") == 3
 
 
