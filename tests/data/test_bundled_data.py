@@ -259,12 +259,19 @@ def test_numpy_numbers_are_taken_where_python_ones_are() -> None:
 
 def test_numpy_numbers_are_saved_as_python_ones_so_checkpoints_load(tmp_path) -> None:
     """They were saved as given: every checkpoint of a fit with such a data module failed to load (Trainer.fit's
-    ckpt_path, load_from_checkpoint: "Weights only load failed"), numpy's float64 too."""
+    ckpt_path, load_from_checkpoint: "Weights only load failed"), numpy's float64 too; a subclass's too (Lightning
+    collects the `**kwargs` it passes on from its own frame, as given)."""
     import numpy as np
+
+    class Scaled(DigitsDataModule):
+        def __init__(self, scale: float = 1.0, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.scale = scale
 
     modules = [DigitsDataModule(batch_size=np.int64(32), val_fraction=np.float64(0.2), test_fraction=np.float32(0.2),
                                 seed=np.int64(3), num_workers=np.int32(0), shuffle_seed=np.int64(4)),
-               MNISTDataModule(batch_size=np.int64(32), seed=np.uint8(3), train_limit=np.int64(100))]
+               MNISTDataModule(batch_size=np.int64(32), seed=np.uint8(3), train_limit=np.int64(100)),
+               Scaled(scale=np.float64(0.5), batch_size=np.array([32, 64])[0], seed=np.arange(3)[1])]
     for datamodule in modules:
         saved = dict(datamodule.hparams)
         assert all(type(v) in (int, float, bool, type(None)) for v in saved.values()), saved
@@ -273,10 +280,13 @@ def test_numpy_numbers_are_saved_as_python_ones_so_checkpoints_load(tmp_path) ->
     assert DigitsDataModule(shuffle_seed=None).hparams.shuffle_seed is None  # None stays None: `seed`'s order
 
 
+@pytest.mark.parametrize("written_at", ["a training step", "a validation's end"])
 def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_with_the_weights_of_one_uninterrupted(
-        tmp_path) -> None:
+        tmp_path, written_at: str) -> None:
     """Lightning goes on at the checkpoint's batch index; the epoch's order must go on there too (it started over
-    at the epoch's first batch: the resumed run trained on other batches and ended with other weights)."""
+    at the epoch's first batch: the resumed run trained on other batches and ended with other weights). A checkpoint
+    written at a mid-epoch validation's end (`val_check_interval`) too: there the epoch loop's restart flag is
+    cleared before the first batch is fetched."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -291,21 +301,26 @@ def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_wit
             self.seen[(self.current_epoch, batch_idx)] = batch[1].tolist()
             return super().training_step(batch, batch_idx)
 
+    at_validation = written_at == "a validation's end"
+
     def fit(model, callbacks=(), ckpt_path=None) -> None:
         L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-                  default_root_dir=tmp_path).fit(model, datamodule=DigitsDataModule(batch_size=64),
-                                                 ckpt_path=ckpt_path)
+                  default_root_dir=tmp_path, val_check_interval=4 if at_validation else None,
+                  limit_val_batches=2, num_sanity_val_steps=0).fit(
+                      model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
 
     L.seed_everything(0, verbose=False)
     uninterrupted = RecordsBatches()
     fit(uninterrupted)
     L.seed_everything(0, verbose=False)
-    first = RecordsBatches()  # 17 batches an epoch: step 20 is the epoch 1's fourth batch
-    fit(first, [ModelCheckpoint(dirpath=tmp_path, filename="mid", every_n_train_steps=20, save_top_k=-1)])
+    first = RecordsBatches()  # 17 batches an epoch: step 20 is epoch 1's 3rd batch, 21 its 4th (a validation's end)
+    step = 21 if at_validation else 20
+    fit(first, [ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1,
+                                every_n_train_steps=None if at_validation else step)])
     resumed = RecordsBatches()
-    fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
-    assert min(resumed.seen) == (1, 3) and len(resumed.seen) == 14
+    fit(resumed, ckpt_path=tmp_path / f"step={step}.ckpt")
+    assert min(resumed.seen) == (1, step - 17) and len(resumed.seen) == 34 - step
     assert all(resumed.seen[key] == uninterrupted.seen[key] for key in resumed.seen)
     for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
         assert torch.equal(a, b)

@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Callable, Iterator
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
@@ -87,10 +88,13 @@ class _BundledDataModule(L.LightningDataModule):
     def _load(self) -> DatasetSplits:
         raise NotImplementedError
 
-    def _python_numbers(self, shuffle_seed: int | None) -> tuple[int, int, int, int | None]:
-        """``batch_size, seed, num_workers, shuffle_seed`` as checked (Python ints; `shuffle_seed` None if given so),
-        for a subclass to rebind its arguments to before ``save_hyperparameters()`` reads them."""
-        return self.batch_size, self.seed, self.num_workers, None if shuffle_seed is None else self.shuffle_seed
+    def _save_python_hyperparameters(self) -> None:
+        """After ``save_hyperparameters()``: numpy numbers among them saved as Python's (weights-only loading refuses
+        numpy's: every checkpoint of the fit was unloadable); a subclass's ``**kwargs`` too, which Lightning collects
+        from the subclass's frame as they were passed."""
+        for key, value in list(self.hparams.items()):
+            if isinstance(value, np.generic):
+                self.hparams[key] = value.item()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
@@ -124,7 +128,10 @@ class _BundledDataModule(L.LightningDataModule):
             return 0
         loop = trainer.fit_loop.epoch_loop
         done = loop.batch_progress.current.completed
-        return done * self.batch_size if loop.restarting and 0 < done < trainer.num_training_batches else 0
+        # the fit loop's flag: the epoch loop's is cleared before the first fetch when the checkpoint was written at
+        # a validation's end (Lightning's first iteration then only skips the validation already run)
+        resuming = loop.restarting or trainer.fit_loop.restarting
+        return done * self.batch_size if resuming and 0 < done < trainer.num_training_batches else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require_splits().train, shuffle=True)
@@ -162,12 +169,10 @@ class DigitsDataModule(_BundledDataModule):
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle_seed=shuffle_seed)
         check_flatten(flatten)
         check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)  # at construction, not at `setup`
-        # saved as Python's numbers (numpy's made every checkpoint of the fit unloadable: weights_only refuses them)
-        batch_size, seed, num_workers, shuffle_seed = self._python_numbers(shuffle_seed)
-        val_fraction, test_fraction = float(val_fraction), float(test_fraction)
         self.save_hyperparameters()
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
+        self._save_python_hyperparameters()
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
         self.flatten = flatten
         self.input_shape: tuple[int, ...] = (DIGITS_NUM_FEATURES,) if flatten else DIGITS_IMAGE_SHAPE
 
@@ -200,11 +205,10 @@ class MNISTDataModule(_BundledDataModule):
                                         or train_limit < 1):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "
                              "(all of them)")  # at construction, not after loading the archive at `setup`
-        batch_size, seed, num_workers, shuffle_seed = self._python_numbers(shuffle_seed)  # as Digits' (see there)
-        train_limit = None if train_limit is None else int(train_limit)
         self.save_hyperparameters()
+        self._save_python_hyperparameters()
         self.flatten = flatten
-        self.train_limit = train_limit
+        self.train_limit = None if train_limit is None else int(train_limit)
         self.input_shape: tuple[int, ...] = (MNIST_NUM_FEATURES,) if flatten else MNIST_IMAGE_SHAPE
 
     def prepare_data(self) -> None:
