@@ -35,6 +35,8 @@ def _name_max(directory: Path) -> int:
 def written_atomically(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (:func:`partial_path`) that replaces it only when the block succeeds: a file
     from an earlier run is never lost to a failed or interrupted write."""
+    if not path.parent.is_dir():  # else the error named the partial file, a name the user never gave
+        raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist (create it first)")
     partial = partial_path(path)
     try:
         yield partial

@@ -123,6 +123,37 @@ def test_latencies_and_metrics_that_no_run_gives_are_refused():
         CompressionReport.from_dict(data)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_metric_that_is_no_finite_number_is_refused_so_report_json_stays_json(value: float, tmp_path) -> None:
+    """NaN and infinities passed: report.json held bare `NaN`/`Infinity` (JSON readers refuse them) and the plot
+    dropped the stage."""
+    for name in ("metric", "test_metric", "weight_sparsity", "seconds"):
+        with pytest.raises(ValueError, match=re.escape(f"StageMetrics({name}={value!r}): ") + ".*must be finite"):
+            StageMetrics("input", "dense", **{name: value})
+    data = CompressionReport((_stage("input", 1.0, 10),)).to_dict()
+    data["stages"][0]["metric"] = value
+    (tmp_path / "report.json").write_text(json.dumps(data))  # (Python's json writes and reads NaN and Infinity)
+    with pytest.raises(ValueError, match="must be finite"):
+        CompressionReport.load_json(tmp_path / "report.json")
+
+
+def test_a_zero_baseline_latency_gives_no_speedup_ratio() -> None:
+    """It gave 0.00 (and '0.00x' on the plot): no ratio of a zero latency exists, as of a zero stage latency."""
+    report = CompressionReport((replace(_stage("input", 1.0, 10), latency=Latency(0.0, 0.0, 0.0)),
+                                replace(_stage("pruned", 1.0, 5), latency=Latency(0.1, 0.2, 0.3))))
+    assert report.speedup("pruned") is None
+    assert "0.00" not in report.table().splitlines()[3]
+
+
+@pytest.mark.parametrize("writer", ["save_json", "save_markdown"])
+def test_a_report_file_in_a_missing_folder_is_refused_naming_that_file(writer: str, tmp_path) -> None:
+    """The error named a '.partial' file the user never asked for."""
+    path = tmp_path / "no such folder" / "report.out"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"cannot write {path}: its folder")):
+        getattr(CompressionReport((_stage("input", 1.0, 10),)), writer)(path)
+    assert not path.parent.exists()
+
+
 @settings(max_examples=60, deadline=None)
 @given(report=reports())
 def test_tables_have_one_line_per_stage_and_every_column(report):

@@ -77,6 +77,12 @@ class StageMetrics:
         if wrong:
             raise ValueError(f"StageMetrics({', '.join(wrong)}): stage and description are text, the metrics, "
                              "sparsity and seconds numbers, the counts ints, latency a Latency (or None).")
+        # as Latency's: a NaN or infinity made report.json that JSON readers refuse (and a plot without the stage)
+        wrong = [f"{name}={value!r}" for name in ("metric", "test_metric", "weight_sparsity", "seconds")
+                 if (value := getattr(self, name)) is not None and not math.isfinite(value)]
+        if wrong:
+            raise ValueError(f"StageMetrics({', '.join(wrong)}): the metrics, sparsity and seconds must be finite "
+                             "(None where there is none).")
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -144,7 +150,7 @@ class CompressionReport:
     def speedup(self, stage: str) -> float | None:
         """Baseline median latency / this stage's (both measured interleaved in one run)."""
         base, this = self.baseline.latency, self[stage].latency
-        if base is None or this is None or this.median_ms <= 0:
+        if base is None or this is None or this.median_ms <= 0 or base.median_ms <= 0:  # no ratio of a 0
             return None
         return base.median_ms / this.median_ms
 
