@@ -1,5 +1,6 @@
 """Run by tests/callbacks/test_pruning_ddp.py: a process group of two is initialised (as one a DDP fit leaves
-behind), then rank 0 alone runs one-device fits with litcompress's callbacks while rank 1 only waits. No callback may
+behind), then rank 0 alone runs one-device fits with litcompress's callbacks, a GradualPruner(world_size=1) and the
+pipeline while rank 1 only waits. No callback may
 sync with a peer that is not training: rank 0 would block in a collective (here: fail after the group's 20 s
 timeout). Rank 0 writes OUT/done: "ok", or the first fit that failed.
 
@@ -39,6 +40,33 @@ if __name__ == "__main__":
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback]).fit(model, datamodule=data)
                 status = "ok"
+            # the framework-free pruner told it prunes alone, and the pipeline (which fine-tunes in this process)
+            import torch
+            from torch import nn
+
+            from litcompress.pipeline import CompressionConfig, PruneConfig, compress
+            from litcompress.pruning import GradualPruner, default_targets
+            from litcompress.pruning.schedules import PolynomialDecay
+
+            status = "GradualPruner(world_size=1) failed"
+            model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+            pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=4,
+                                                                           frequency=2), "random_unstructured",
+                                   world_size=1)
+            for step in range(1, 5):
+                pruner.step(step)
+            status = "compress with fine-tuning failed"
+            x = torch.randn(32, 8)
+
+            def fine_tune(model, step):
+                for t in range(1, 5):
+                    step(t)
+
+            compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False,
+                                              latency_repeats=2),
+                     eval_fn=lambda m: float(m(x).argmax(1).float().mean()), example_inputs=x[:4],
+                     fine_tune=fine_tune, fine_tune_steps=4)
+            status = "ok"
         finally:
             (out / "done").write_text(status)  # rank 1 stops waiting either way
     else:

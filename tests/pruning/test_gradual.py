@@ -160,6 +160,10 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unstructured"):
         GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=5), "ln_structured",
                       n=1, dim=0)
+    for world_size in (0, 1.0, True, "1"):  # how many processes prune together (1: alone beside a process group)
+        with pytest.raises(ValueError, match=re.escape(f"GradualPruner(world_size={world_size!r}): give how many")):
+            GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=5),
+                          world_size=world_size)
 
 
 @settings(max_examples=25, deadline=None)

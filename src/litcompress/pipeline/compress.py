@@ -879,8 +879,9 @@ def compress(
         else:
             assert fine_tune_steps is not None
             schedule = prune.step_schedule(fine_tune_steps)
+            # world_size=1: the pipeline prunes in this process (rank 0 of a finished DDP fit: a broadcast would hang)
             pruners = [GradualPruner(subset, schedule, method, scope=prune.scope, keep_multiple_of=multiple,
-                                     target_names=qualified_names(work, subset), **kwargs)
+                                     target_names=qualified_names(work, subset), world_size=1, **kwargs)
                        for subset, kwargs in target_sets]
             group_rounds: list[int] = []
             last_step = [-1]

@@ -42,6 +42,10 @@ class GradualPruner:
     their sub-modules' weights without calling them (an attention's ``out_proj``). With tied weights (an output
     layer holding its input embedding's matrix), pass ``with_tied_targets(model, targets)``, so that every module
     holding a pruned tensor computes with its mask.
+
+    Under data parallelism (DDP, Fabric) each round's masks are rank 0's on every rank. ``world_size``: how many
+    processes prune together; None takes the default process group's size, 1 prunes alone (a process left with
+    another run's group whose other ranks are not pruning: a broadcast to them would wait for ever).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class GradualPruner:
         scope: Scope = "global",
         keep_multiple_of: int | None = None,
         target_names: Sequence[str] | None = None,
+        world_size: int | None = None,
         **method_kwargs: Any,
     ) -> None:
         if not isinstance(schedule, SparsitySchedule):
@@ -82,7 +87,12 @@ class GradualPruner:
         # a misspelt or missing argument would fail (or be dropped) at the first round, maybe hours into training
         check_method_kwargs(self.method, method_kwargs, "GradualPruner",
                             ndims={getattr(m, n).dim() for m, n in self.targets},
-                            also=("scope", "keep_multiple_of", "target_names"))
+                            also=("scope", "keep_multiple_of", "target_names", "world_size"))
+        if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
+                                       or world_size < 1):
+            raise ValueError(f"GradualPruner(world_size={world_size!r}): give how many processes prune together (an "
+                             "int >= 1: 1 prunes alone), or None for the default process group's size.")
+        self.world_size = world_size
         self._check_norm_fits(method_kwargs, target_names)
         if "slice_groups" in method_kwargs:
             groups = self._slice_groups(method_kwargs["slice_groups"], target_names, method_kwargs.get("dim", -1))
@@ -187,7 +197,7 @@ class GradualPruner:
             newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
                                        keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         # data-parallel ranks (DDP, Fabric) train one sub-network: a random method draws on each rank's generator
-        broadcast_pruning_state_(self.targets)
+        broadcast_pruning_state_(self.targets, world_size=self.world_size)
         self.last_t = t
         self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
         emptied = [(m, n) for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
