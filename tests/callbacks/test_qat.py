@@ -219,16 +219,20 @@ def test_fast_dev_run_trains_through_the_rounding_but_converts_nothing(tmp_path,
     assert "conversion skipped under fast_dev_run" in caplog.text
 
 
-def test_a_model_still_pruned_with_masks_is_refused_before_its_first_qat_step(tmp_path):
+@pytest.mark.parametrize("start_epoch", [0, 2])
+def test_a_model_still_pruned_with_masks_is_refused_before_training(tmp_path, start_epoch):
+    """With fp32 epochs first, it was refused only when QAT started, after them."""
     from torch.nn.utils import prune
 
     model = MLPClassifier(hidden=(16,))
     prune.l1_unstructured(model.net[0], "weight", amount=0.5)  # masks loaded or applied before this fit
+    steps = []
     with pytest.raises(ValueError, match=r"QuantizationAwareTraining: \['0'\] compute their weights from pruning "
                                          r"masks.*make_permanent_"):
-        make_trainer(tmp_path, max_epochs=1, callbacks=[QuantizationAwareTraining("net")]).fit(
+        make_trainer(tmp_path, max_epochs=3, callbacks=[QuantizationAwareTraining("net", start_epoch=start_epoch),
+                                                        LambdaCounter(steps)]).fit(
             model, datamodule=DigitsDataModule())
-    assert "forward" not in model.net.__dict__
+    assert "forward" not in model.net.__dict__ and steps == []
 
 
 @pytest.mark.parametrize(
@@ -466,6 +470,37 @@ def test_a_max_steps_that_ends_before_the_qat_epoch_is_refused_before_training(t
             QuantizationAwareTraining("net", start_epoch=1), LambdaCounter(steps)]).fit(
                 MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
     assert steps == []
+
+
+def test_a_gradient_accumulation_schedule_sizes_the_epochs_before_qat(tmp_path):
+    """Its factor is set as each epoch starts: the check read 1 and refused a fit that reaches QAT (4 batches an
+    epoch, 2 optimizer steps each at factor 2: epoch 1 starts at step 2 of max_steps=3)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    callback = QuantizationAwareTraining("net", start_epoch=1)
+    make_trainer(tmp_path, max_epochs=3, max_steps=3, callbacks=[
+        callback, GradientAccumulationScheduler({0: 2})]).fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+    assert callback.result is not None
+    with pytest.raises(ValueError, match=r"the fit stops at max_steps=2, 2 optimizer step\(s\) per epoch"):
+        make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=[
+            QuantizationAwareTraining("net", start_epoch=1), GradientAccumulationScheduler({0: 2})]).fit(
+                MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
+
+
+def test_a_fit_resumed_from_its_final_checkpoint_says_so(tmp_path):
+    """An auto-resuming job run again after its fit ended: the warning said QAT never started."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path=None):
+        callback = QuantizationAwareTraining("net", start_epoch=1)
+        make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[
+            callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(
+                MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
+        return callback
+
+    assert fit().result is not None
+    with pytest.warns(UserWarning, match=r"resumed from a checkpoint written at its end \(epoch 2 of max_epochs=2\)"):
+        assert fit(tmp_path / "last.ckpt").result is None
 
 
 def test_a_training_step_that_bypasses_the_quantized_forward_is_stopped_at_its_first_batch(tmp_path):

@@ -184,6 +184,29 @@ def test_fp32_layers_stay_unquantized():
                for t in list(converted.parameters()) + list(converted.buffers()))
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_weight_and_spectral_norm_parametrizations_train_and_convert(norm):
+    """torch's parametrized norms were refused as pruning masks (make_permanent_, which the message said, left
+    them): they are weight computations, traced into the graph and folded at conversion."""
+    from torch.ao.pruning.sparsifier.utils import FakeSparsity
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = ReluMLP(16, 16, 4)
+    getattr(nn.utils.parametrizations, norm)(model.fc1)
+    x, _ = _data()
+    qat_model = prepare_qat(model, (x,))
+    qat_model.eval()
+    with torch.no_grad():
+        fake_quant = qat_model(x)
+        int8 = qat_model.convert().model(x)
+    torch.testing.assert_close(int8, fake_quant, atol=0.05, rtol=0)
+    masked = ReluMLP(16, 16, 4)  # a mask parametrization (torch.ao.pruning's) is still refused
+    parametrize.register_parametrization(masked.fc1, "weight", FakeSparsity(torch.ones_like(masked.fc1.weight)))
+    with pytest.raises(ValueError, match=r"\['fc1'\] compute their weights from pruning masks"):
+        prepare_qat(masked, (x,))
+
+
 def test_refusals_are_clear_and_early():
     model = ReluMLP(16, 16, 4)
     x, _ = _data()

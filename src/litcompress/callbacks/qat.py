@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -193,6 +194,9 @@ class QuantizationAwareTraining(Callback):
         # here, not in setup: a module that builds its layers in configure_model has them only now
         self._module = self._quantized_module(pl_module)
         check_layer_names(self._module, self.config.fp32_layers)  # before any training, not at the first QAT step
+        masked = modules_pruned_with_masks(self._module)
+        if masked:  # here, not after the fp32 epochs (pruning callbacks, which would remove masks, are refused)
+            raise ValueError(masks_refused_message(_OWNER, masked))
         if self.qat is not None and self.qat.model is not self._module:
             # the callback reused for the fit of another module: its graph trains the first one's parameters
             self.qat, self.result, self.metric_value, self._pending_state = None, None, None, None
@@ -222,10 +226,16 @@ class QuantizationAwareTraining(Callback):
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:  # an iterable without a length: not known
             return
-        steps_per_epoch = -(-batches // trainer.accumulate_grad_batches)
-        if steps_per_epoch * self.start_epoch >= trainer.max_steps:
+        # a GradientAccumulationScheduler sets trainer.accumulate_grad_batches only as each epoch starts
+        scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+        per_epoch = [-(-batches // (trainer.accumulate_grad_batches if scheduler is None
+                                    else scheduler.get_accumulate_grad_batches(epoch)))
+                     for epoch in range(self.start_epoch)]
+        if sum(per_epoch) >= trainer.max_steps:
+            each = (f"{per_epoch[0]} optimizer step(s) per epoch" if len(set(per_epoch)) == 1
+                    else f"{sum(per_epoch)} optimizer steps in the epochs before")
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit stops at max_steps="
-                             f"{trainer.max_steps}, {steps_per_epoch} optimizer step(s) per epoch, before epoch "
+                             f"{trainer.max_steps}, {each}, before epoch "
                              f"{self.start_epoch} starts: QAT would never run. Lower start_epoch or raise max_steps.")
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
@@ -368,6 +378,12 @@ class QuantizationAwareTraining(Callback):
             if trainer.fast_dev_run:
                 _info_on_rank_zero(f"{_OWNER}: QAT starts at epoch {self.start_epoch}, which fast_dev_run does not "
                                    "reach.", log)
+                return
+            if self._pending_state is not None:  # QAT ranges from the checkpoint, and no step to trace a graph on
+                rank_zero_warn(f"{_OWNER}: the fit was resumed from a checkpoint written at its end (epoch "
+                               f"{trainer.current_epoch} of max_epochs={trainer.max_epochs}): nothing was left to "
+                               "train, so no QAT graph was traced and no int8 model built. Raise max_epochs to train "
+                               "on, or resume from an earlier checkpoint.")
                 return
             rank_zero_warn(f"{_OWNER}: the fit ended before QAT started (start_epoch={self.start_epoch}, "
                            f"{trainer.current_epoch} epoch(s) run): no int8 model was built.")

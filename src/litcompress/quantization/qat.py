@@ -96,12 +96,17 @@ class QATConfig:
 
 
 def modules_pruned_with_masks(model: nn.Module) -> list[str]:
-    """Modules of `model` whose weights are computed from a mask in forward (torch.nn.utils.prune, parametrize)."""
+    """Modules of `model` whose weights are computed from a mask in forward (torch.nn.utils.prune's hooks, or a
+    parametrization holding a mask: torch.ao.pruning's FakeSparsity). Other parametrizations (weight_norm,
+    spectral_norm) are traced into the QAT graph and folded at conversion like any weight computation."""
     from torch.nn.utils import parametrize, prune
 
     names = []
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module) or any(
+        masked_parametrization = parametrize.is_parametrized(module) and any(
+            "mask" in buffer for parametrizations in module.parametrizations.values()
+            for parametrization in parametrizations for buffer, _ in parametrization.named_buffers())
+        if masked_parametrization or any(
                 isinstance(hook, prune.BasePruningMethod) for hook in module._forward_pre_hooks.values()):
             names.append(name or type(model).__name__)
     return names
