@@ -491,16 +491,21 @@ def test_a_fit_resumed_from_its_final_checkpoint_says_so(tmp_path):
     """An auto-resuming job run again after its fit ended: the warning said QAT never started."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def fit(ckpt_path=None):
+    def fit(ckpt_path=None, max_steps=-1):
         callback = QuantizationAwareTraining("net", start_epoch=1)
-        make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[
+        make_trainer(tmp_path, max_epochs=2, max_steps=max_steps, enable_checkpointing=True, callbacks=[
             callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(
                 MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
         return callback
 
     assert fit().result is not None
-    with pytest.warns(UserWarning, match=r"resumed from a checkpoint written at its end \(epoch 2 of max_epochs=2\)"):
+    with pytest.warns(UserWarning, match=r"resumed from a checkpoint written at its end \(epoch 2 of max_epochs=2\)"
+                                         r".*Raise max_epochs"):
         assert fit(tmp_path / "last.ckpt").result is None
+    (tmp_path / "last.ckpt").unlink()
+    assert fit(max_steps=6).result is not None  # 4 batches an epoch: max_steps ends the fit in epoch 1
+    with pytest.warns(UserWarning, match=r"written at its end \(step 6 of max_steps=6\).*Raise max_steps"):
+        assert fit(tmp_path / "last.ckpt", max_steps=6).result is None
 
 
 def test_a_training_step_that_bypasses_the_quantized_forward_is_stopped_at_its_first_batch(tmp_path):

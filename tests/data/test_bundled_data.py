@@ -268,16 +268,25 @@ def test_numpy_numbers_are_saved_as_python_ones_so_checkpoints_load(tmp_path) ->
             super().__init__(**kwargs)
             self.scale = scale
 
+    class SavesItsOwn(DigitsDataModule):  # the usual Lightning pattern: its own save_hyperparameters() call
+        def __init__(self, batch_size: int = 64, scale: float = 1.0, sizes: tuple = (), table: dict | None = None):
+            super().__init__(batch_size=batch_size)
+            self.save_hyperparameters()
+
     modules = [DigitsDataModule(batch_size=np.int64(32), val_fraction=np.float64(0.2), test_fraction=np.float32(0.2),
                                 seed=np.int64(3), num_workers=np.int32(0), shuffle_seed=np.int64(4)),
                MNISTDataModule(batch_size=np.int64(32), seed=np.uint8(3), train_limit=np.int64(100)),
-               Scaled(scale=np.float64(0.5), batch_size=np.array([32, 64])[0], seed=np.arange(3)[1])]
+               Scaled(scale=np.float64(0.5), batch_size=np.array([32, 64])[0], seed=np.arange(3)[1]),
+               SavesItsOwn(batch_size=np.int64(32), scale=np.float64(0.5), sizes=(np.int64(3), [np.arange(2)]),
+                           table={"a": np.float32(1.5)})]
     for datamodule in modules:
         saved = dict(datamodule.hparams)
-        assert all(type(v) in (int, float, bool, type(None)) for v in saved.values()), saved
+        assert all(type(v) in (int, float, bool, type(None), tuple, dict) for v in saved.values()), saved
         torch.save({"datamodule_hyper_parameters": saved}, tmp_path / "hparams.ckpt")
         assert torch.load(tmp_path / "hparams.ckpt", weights_only=True)["datamodule_hyper_parameters"] == saved
     assert DigitsDataModule(shuffle_seed=None).hparams.shuffle_seed is None  # None stays None: `seed`'s order
+    own = {"batch_size": 32, "scale": 0.5, "sizes": (3, [[0, 1]]), "table": {"a": 1.5}}
+    assert {key: modules[-1].hparams[key] for key in own} == own
 
 
 @pytest.mark.parametrize("written_at", ["a training step", "a validation's end"])

@@ -164,6 +164,8 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match=re.escape(f"GradualPruner(world_size={world_size!r}): give how many")):
             GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=5),
                           world_size=world_size)
+    with pytest.raises(ValueError, match=r"world_size=2\): no process group is initialised; the masks are broadcast"):
+        GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=5), world_size=2)
 
 
 @settings(max_examples=25, deadline=None)

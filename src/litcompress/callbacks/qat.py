@@ -380,10 +380,13 @@ class QuantizationAwareTraining(Callback):
                                    "reach.", log)
                 return
             if self._pending_state is not None:  # QAT ranges from the checkpoint, and no step to trace a graph on
-                rank_zero_warn(f"{_OWNER}: the fit was resumed from a checkpoint written at its end (epoch "
-                               f"{trainer.current_epoch} of max_epochs={trainer.max_epochs}): nothing was left to "
-                               "train, so no QAT graph was traced and no int8 model built. Raise max_epochs to train "
-                               "on, or resume from an earlier checkpoint.")
+                by_steps = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+                limit = (f"step {trainer.global_step} of max_steps={trainer.max_steps}" if by_steps
+                         else f"epoch {trainer.current_epoch} of max_epochs={trainer.max_epochs}")
+                rank_zero_warn(f"{_OWNER}: the fit was resumed from a checkpoint written at its end ({limit}): "
+                               "nothing was left to train, so no QAT graph was traced and no int8 model built. Raise "
+                               f"{'max_steps' if by_steps else 'max_epochs'} to train on, or resume from an earlier "
+                               "checkpoint.")
                 return
             rank_zero_warn(f"{_OWNER}: the fit ended before QAT started (start_epoch={self.start_epoch}, "
                            f"{trainer.current_epoch} epoch(s) run): no int8 model was built.")

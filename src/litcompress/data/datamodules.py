@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -66,6 +69,17 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(indices[self.skip():] if self.skip is not None else indices)
 
 
+def _python_values(value: Any) -> Any:
+    """`value` with numpy numbers and arrays (also inside lists, tuples and dicts) as Python's."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if type(value) in (list, tuple):  # (a namedtuple or other sequence type is left as it is)
+        return type(value)(_python_values(v) for v in value)
+    if type(value) is dict:
+        return {k: _python_values(v) for k, v in value.items()}
+    return value
+
+
 class _BundledDataModule(L.LightningDataModule):
     """Shared loader plumbing: splits are built in ``setup`` and reused across stages."""
 
@@ -88,13 +102,17 @@ class _BundledDataModule(L.LightningDataModule):
     def _load(self) -> DatasetSplits:
         raise NotImplementedError
 
-    def _save_python_hyperparameters(self) -> None:
-        """After ``save_hyperparameters()``: numpy numbers among them saved as Python's (weights-only loading refuses
-        numpy's: every checkpoint of the fit was unloadable); a subclass's ``**kwargs`` too, which Lightning collects
-        from the subclass's frame as they were passed."""
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
+                             frame: types.FrameType | None = None, logger: bool = True) -> None:
+        """Lightning's, with numpy numbers and arrays among them saved as Python's (weights-only loading refuses
+        numpy's: every checkpoint of the fit was unloadable), whoever calls it: these modules' ``__init__`` or a
+        subclass's own (Lightning collects its arguments again, as given)."""
+        if frame is None:  # the caller's, as Lightning reads it when called directly
+            current = inspect.currentframe()
+            frame = current.f_back if current is not None else None
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
         for key, value in list(self.hparams.items()):
-            if isinstance(value, np.generic):
-                self.hparams[key] = value.item()
+            self.hparams[key] = _python_values(value)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
@@ -170,7 +188,6 @@ class DigitsDataModule(_BundledDataModule):
         check_flatten(flatten)
         check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)  # at construction, not at `setup`
         self.save_hyperparameters()
-        self._save_python_hyperparameters()
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.flatten = flatten
@@ -206,7 +223,6 @@ class MNISTDataModule(_BundledDataModule):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "
                              "(all of them)")  # at construction, not after loading the archive at `setup`
         self.save_hyperparameters()
-        self._save_python_hyperparameters()
         self.flatten = flatten
         self.train_limit = None if train_limit is None else int(train_limit)
         self.input_shape: tuple[int, ...] = (MNIST_NUM_FEATURES,) if flatten else MNIST_IMAGE_SHAPE

@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.utils.prune as torch_prune
 
-from litcompress.pruning.distributed import broadcast_pruning_state_
+from litcompress.pruning.distributed import broadcast_pruning_state_, distributed_world_size
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
                                         drawing_from, emptied_message, emptied_targets, prune_to_sparsity_,
                                         pruned_count, register_state_hooks, round_seed, targets_digest)
@@ -93,6 +94,7 @@ class GradualPruner:
             raise ValueError(f"GradualPruner(world_size={world_size!r}): give how many processes prune together (an "
                              "int >= 1: 1 prunes alone), or None for the default process group's size.")
         self.world_size = world_size
+        self._check_world_size()
         self._check_norm_fits(method_kwargs, target_names)
         if "slice_groups" in method_kwargs:
             groups = self._slice_groups(method_kwargs["slice_groups"], target_names, method_kwargs.get("dim", -1))
@@ -114,6 +116,17 @@ class GradualPruner:
 
     def _new_seed(self) -> int:
         return torch.initial_seed() ^ _SEED_SALT ^ targets_digest(self.targets, self._target_names)
+
+    def _check_world_size(self) -> None:
+        """ValueError when the processes said to prune together are not the default process group's (the broadcast
+        failed in torch's words at the first round without one, and would wait for ranks that never prune)."""
+        if self.world_size is None or self.world_size == 1:
+            return
+        ranks = distributed_world_size() if dist.is_available() and dist.is_initialized() else None
+        if ranks != self.world_size:
+            found = "no process group is initialised" if ranks is None else f"the process group has {ranks} ranks"
+            raise ValueError(f"GradualPruner(world_size={self.world_size}): {found}; the masks are broadcast over "
+                             "the default process group, so give its size (None reads it), or 1 to prune alone.")
 
     def _check_norm_fits(self, method_kwargs: dict[str, Any], target_names: Sequence[str] | None) -> None:
         """ValueError when torch cannot take the norm ``n`` over a target's dimensions besides ``dim`` ('fro' and
@@ -197,6 +210,7 @@ class GradualPruner:
             newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
                                        keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         # data-parallel ranks (DDP, Fabric) train one sub-network: a random method draws on each rank's generator
+        self._check_world_size()  # (the group may have changed since)
         broadcast_pruning_state_(self.targets, world_size=self.world_size)
         self.last_t = t
         self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
