@@ -1801,3 +1801,49 @@ def test_a_model_on_csr_kernels_that_cannot_be_written_is_found_before_its_stage
     assert _sparse_file_failure(Net(alias=False), (x,)) is None
     said = _sparse_file_failure(Net(alias=True), (x,))
     assert said is not None and said.startswith("ExportError: torch_ao: torch.jit.trace failed")
+
+
+class TimeMajorEncoder(nn.Module):
+    """torch's default layout: (length, batch, features), or batch-first inputs transposed inside."""
+
+    def __init__(self, transposes: bool = False) -> None:
+        super().__init__()
+        self.transposes = transposes
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 1,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposes:
+            x = x.transpose(0, 1)
+        return self.head(self.enc(x).mean(0))
+
+
+@pytest.mark.parametrize("transposes, dynamic_dims, warned", [(False, None, True), (True, None, False),
+                                                               (False, {0: 1}, False)])
+def test_a_time_major_input_is_said_to_need_its_batch_dim_declared(tmp_path, transposes, dynamic_dims, warned):
+    """Dim 0 is left free as the batch: a (length, batch, features) input's file took no other batch size, and its
+    read-back check (one more row along dim 0) passed. Only an input whose dim 1 reaches a time-major layer as its
+    batch is named (not one the model transposes), and declaring dim 1 frees it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = TimeMajorEncoder(transposes).eval()
+    x = torch.randn(*((4, 6, 16) if transposes else (6, 4, 16)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compress(model, CompressionConfig(dynamic_dims=dynamic_dims, latency_repeats=2),
+                          eval_fn=lambda m: 0.0, example_inputs=(x,), output_dir=tmp_path)
+    said = [str(w.message) for w in caught if "time-major" in str(w.message)]
+    assert said == ([r"compress: input 0 (shape (6, 4, 16)) reaches enc.layers.0.self_attn time-major "
+                     r"(batch_first=False: its dim 1 is the batch), but the files leave dim 0 free as the batch, so "
+                     r"they would take no other batch size; declare dynamic_dims={0: 1} (CLI: --dynamic-dims 0:1)."]
+                    if warned else [])
+    loaded, _ = load_quantized(result.artifact)
+    other = torch.randn(*((2, 6, 16) if transposes else (6, 2, 16)))
+    if warned:
+        with pytest.raises(Exception, match=r"shape\[1\] to be equal to 4"):  # (the torch.export file's guard)
+            loaded(other)
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(other), model(other), atol=1e-5, rtol=1e-5)

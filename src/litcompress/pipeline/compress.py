@@ -51,7 +51,8 @@ from litcompress.quantization.tracing import guards_an_error as _guards_an_error
 from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_data,
                                             check_declared_dims_vary, check_metric, check_model_on_cpu,
                                             check_model_runs, default_input_fn, evaluate_noting_use,
-                                            example_as_inputs, model_input_fn, quantize, warn_unused_model)
+                                            example_as_inputs, model_input_fn, quantize, warn_time_major_inputs,
+                                            warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -828,6 +829,8 @@ def compress(
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
     check_declared_dims_vary(model, inputs, declared, "compress: dynamic_dims")
+    if config.export:
+        warn_time_major_inputs(model, inputs, declared, "compress")
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
         if first is not None:

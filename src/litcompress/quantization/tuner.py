@@ -228,6 +228,46 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                          f"{type(error).__name__}: {error}.{hint}") from error
 
 
+
+
+def warn_time_major_inputs(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
+    """Warn when an input reaches a time-major layer (``batch_first=False``: torch's default for attentions,
+    Transformer layers and RNNs) with its dim 1 as that layer's batch, and dim 1 is not declared free: the files
+    leave dim 0 free as the batch, which is then the sequence length, and take no other batch size (their check
+    grew dim 0 and passed). An input whose dim 1 is not the layer's (a model that transposes) is not named."""
+    candidates = {i: x for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dim() >= 3
+                  and x.shape[0] != x.shape[1] and 1 not in dims_for(inputs, declared)[i]}
+    # (torch's Transformer layers hold attentions, and keep no batch_first of their own)
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and module.batch_first is False]
+    if not candidates or not layers:
+        return
+    seen: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = args[0] if args else kwargs.get("query", kwargs.get("input"))
+            if isinstance(first, torch.Tensor) and first.dim() == 3:
+                seen.setdefault(name, int(first.shape[1]))
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name), with_kwargs=True) for name, module in layers]
+    try:
+        eval_outputs(model, tuple(inputs))
+    except Exception:  # noqa: BLE001 - the other checks say why a model does not run
+        return
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, x in candidates.items():
+        names = [name or type(model).__name__ for name, batch in seen.items() if batch == x.shape[1]]
+        if names:
+            warnings.warn(f"{where}: input {i} (shape {tuple(x.shape)}) reaches {', '.join(names[:3])}"
+                          f"{' ...' if len(names) > 3 else ''} time-major (batch_first=False: its dim 1 is the "
+                          f"batch), but the files leave dim 0 free as the batch, so they would take no other batch "
+                          f"size; declare dynamic_dims={{{i}: 1}} (CLI: --dynamic-dims {i}:1).", stacklevel=3)
+
+
 def check_declared_dims_vary(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
     """Refuse declared free dims (beyond the batch) that `model` cannot take at another size: its code fixes them
     (a Linear's in_features, a reshape), so no file can leave them free (torch.export failed after all the training,
@@ -560,6 +600,7 @@ def quantize(
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
     check_declared_dims_vary(model, example_inputs, declared, "quantize(dynamic_dims=...)")
+    warn_time_major_inputs(model, example_inputs, config.dynamic_dims, "quantize")
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
