@@ -846,6 +846,42 @@ def test_a_tensor_given_as_calibration_data_is_refused_as_rows_not_batches():
         quantize(model, PTQConfig(approach="static"), eval_fn=lambda m: 1.0, calibration_data=x)
 
 
+def test_calibration_data_that_is_one_batch_or_holds_a_batch_the_model_cannot_take_is_refused_before_any_work():
+    """One (inputs, labels) pair was iterated tensor by tensor and a dict by its keys; a later batch of another width
+    was never run before the search: every candidate failed and the fp32 model came back (the width taken for a
+    dim that varies, a 'fixed dim' error on top)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x, y = torch.randn(24, 16), torch.randint(0, 4, (24,))
+    calls = []
+
+    def eval_fn(m):
+        calls.append(m)
+        return 1.0
+
+    for data, error, message in [
+            ((x, y), TypeError, r"calibration_data=\(inputs of shape \(24, 16\), labels of shape \(24,\)\)\): that is "
+                                r"one \(inputs, targets\) batch"),
+            ({"x": x}, TypeError, r"calibration_data=<a dict with keys \['x'\]>\): a dict is one batch"),
+            ([x[:8], torch.randn(8, 15)], ValueError, r"could not be called as model\(\*inputs\) on calibration "
+                                                      r"batch 1 \(inputs: \(8, 15\) torch.float32\)")]:
+        with pytest.raises(error, match=message):
+            quantize(model, PTQConfig(approach="static"), eval_fn=eval_fn, calibration_data=data)
+    assert calls == []  # not even the baseline
+
+
+def test_an_eval_fn_may_return_a_numpy_array_of_one_number():
+    """A 0-d or one-element array was refused, though a tensor of one number is taken."""
+    import numpy as np
+
+    from litcompress.quantization.tuner import check_metric
+
+    assert check_metric(np.array(0.5), "x") == 0.5 and check_metric(np.array([0.25]), "x") == 0.25
+    with pytest.raises(ValueError, match="must return one finite number"):
+        check_metric(np.array([0.5, 0.5]), "x")
+    with pytest.raises(ValueError, match="must return a finite number"):
+        check_metric(np.array(float("nan")), "x")
+
+
 def test_timeout_s_counts_the_search_not_the_baseline():
     """A 2 s validation under timeout_s=1.5 ran no trial: the timer had started before the fp32 baseline, and the
     result said no candidate 'could be built'."""

@@ -136,6 +136,18 @@ def check_calibration_data(calibration_data: object, where: str) -> None:
         raise TypeError(f"{where}(calibration_data=<a tensor of shape {tuple(calibration_data.shape)}>): iterating a "
                         "tensor gives its rows, single samples without the batch dim; give batches: "
                         "list(tensor.split(32)) or a DataLoader.")
+    if isinstance(calibration_data, Mapping):  # iterated, it gives its keys: strings the error called batches
+        raise TypeError(f"{where}(calibration_data=<a {type(calibration_data).__name__} with keys "
+                        f"{list(calibration_data)[:4]}>): a dict is one batch; give batches: [batch, ...] or a "
+                        "DataLoader.")
+    if (isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2
+            and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in calibration_data)
+            and calibration_data[1].dim() == 1 and not calibration_data[1].is_floating_point()
+            and len(calibration_data[1]) == len(calibration_data[0]) and calibration_data[0].dim() > 1):
+        # iterated, it gives the inputs, then the labels as a second batch of inputs (every candidate failed)
+        raise TypeError(f"{where}(calibration_data=(inputs of shape {tuple(calibration_data[0].shape)}, labels of "
+                        f"shape {tuple(calibration_data[1].shape)})): that is one (inputs, targets) batch, iterated "
+                        "tensor by tensor; give batches: [(inputs, targets)] or a DataLoader.")
     if calibration_data is not None and not isinstance(calibration_data, Iterable):  # a bare TypeError, later
         raise TypeError(f"{where}(calibration_data={calibration_data!r}): expected batches (a DataLoader or a list "
                         "of input batches).")
@@ -178,6 +190,8 @@ def evaluate_noting_use(eval_fn: Callable[[nn.Module], object], model: nn.Module
 
 def check_metric(value: object, where: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif type(value).__name__ == "ndarray" and getattr(value, "size", None) == 1:  # numpy's, as a tensor's
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"eval_fn returned {value!r} ({type(value).__name__}) for {where}; "
@@ -226,8 +240,6 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                     "input_fn=lambda batch: tuple(batch)).")
         raise ValueError(f"The model could not be called as model(*inputs) on {what} (inputs: {shapes}): "
                          f"{type(error).__name__}: {error}.{hint}") from error
-
-
 
 
 def warn_time_major_inputs(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
@@ -578,8 +590,10 @@ def quantize(
         example_inputs = calibration[0]
     # a dict: by forward's parameter names, else by the input_fn given
     example_inputs = example_as_inputs(model, example_inputs, None if default_input_fn_used else input_fn)
-    if calibration:
-        check_model_runs(model, calibration[0], what="the first calibration batch",
+    # every batch (a later one the model cannot take failed every candidate, and the fp32 model came back): one
+    # forward each, as one calibration pass
+    for i, batch in enumerate(calibration):
+        check_model_runs(model, batch, what="the first calibration batch" if i == 0 else f"calibration batch {i}",
                          default_input_fn_used=default_input_fn_used)
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
         check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
