@@ -453,3 +453,22 @@ def test_a_torch_export_file_of_any_name_saves_and_loads_without_torchs_complain
         loaded, recipe = load_quantized(tmp_path / "model.int8")
     assert recipe is None and torch.allclose(loaded(x), model(x))
     assert not [r for r in caplog.records if ".pt2" in r.getMessage()]
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "torchscript"])
+def test_an_fp32_onnx_file_read_back_is_refused_in_another_format_and_resaves_as_onnx(fp32_format, tmp_path):
+    """torch.export failed in torch's words ('dynamic_shapes has 2' for a model of one input) and TorchScript said
+    a dim was fixed: both trace torch code, and the model runs an ONNX Runtime session."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 8)
+    save_quantized(model, None, tmp_path / "m.onnx", (x,), fp32_format="onnx")
+    loaded, recipe = load_quantized(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=re.escape(f"save_quantized(fp32_format={fp32_format!r}): this fp32 model "
+                                                   "runs in ONNX Runtime")):
+        save_quantized(loaded, recipe, tmp_path / "again.pt2", (x,), fp32_format=fp32_format)
+    assert not (tmp_path / "again.pt2").exists()
+    save_quantized(loaded, recipe, tmp_path / "again.onnx", (x,), fp32_format="onnx")
+    again, _ = load_quantized(tmp_path / "again.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=1e-6, rtol=1e-5)
