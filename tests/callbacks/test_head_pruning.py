@@ -171,6 +171,31 @@ def test_bad_input_is_refused_before_training(tmp_path):
         _trainer(tmp_path, 1, [HeadPruning(0.5)]).fit(model, datamodule=DigitsDataModule(batch_size=64))
 
 
+class WithAWideAttention(TransformerClassifier):
+    def __init__(self) -> None:
+        super().__init__(heads=2, layers=1)
+        self.wide = nn.MultiheadAttention(32, 8, batch_first=True)  # (not called: its heads are pruned all the same)
+
+
+def test_a_fraction_that_rounds_to_no_head_is_refused_or_said(tmp_path):
+    """0.2 of 2 heads rounds to 0: nothing was pruned, without a word (the report claimed 20% of the heads)."""
+    import numpy as np
+
+    with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.2\): 0.2 of each attention's heads "
+                                                        r"rounds to none in encoder.layers.0.self_attn \(2\), "
+                                                        r"encoder.layers.1.self_attn \(2\); a fraction above 0.25 "
+                                                        r"prunes one of the smallest. Nothing would be pruned."):
+        _trainer(tmp_path, 1, [HeadPruning(0.2)]).fit(TransformerClassifier(heads=2), datamodule=_data())
+    schedule = PolynomialDecay(final_sparsity=0.2, begin=0, end=2, unit="epoch")
+    with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.2 at its end\)"):
+        _trainer(tmp_path, 2, [HeadPruning(schedule)]).fit(TransformerClassifier(heads=2), datamodule=_data())
+    model, callback = WithAWideAttention(), HeadPruning(np.float32(0.2))  # numpy's numbers are taken
+    with pytest.warns(UserWarning, match=r"rounds to none in encoder.layers.0.self_attn \(2\); .* Those keep all "
+                                         r"theirs."):
+        _trainer(tmp_path, 1, [callback], limit_train_batches=2).fit(model, datamodule=_data())
+    assert int(zero_heads(model.wide).sum()) == 2 and int(zero_heads(_attentions(model.encoder)[0]).sum()) == 0
+
+
 class ConfiguredTransformer(TransformerClassifier):
     """Its encoder is built in `configure_model`, which the Trainer calls after every callback's `setup`."""
 

@@ -1847,3 +1847,18 @@ def test_a_time_major_input_is_said_to_need_its_batch_dim_declared(tmp_path, tra
     else:
         with torch.no_grad():
             torch.testing.assert_close(loaded(other), model(other), atol=1e-5, rtol=1e-5)
+
+
+def test_a_heads_fraction_that_rounds_to_no_head_is_refused_before_any_stage(digits):
+    """0.2 of 2 heads rounds to 0: no head was pruned, and the stage and report said '20% of the attention heads'."""
+    from litcompress.models import TransformerClassifier
+
+    model = TransformerClassifier(d_model=16, heads=2, layers=2, feed_forward=32).eval()
+    calls = []
+    with pytest.raises(ValueError, match=r"PruneConfig\(heads=0.2\): 0.2 of each attention's heads rounds to none in "
+                                         r"encoder.layers.0.self_attn \(2\), encoder.layers.1.self_attn \(2\); a "
+                                         r"fraction above 0.25 prunes one of the smallest. No head would be pruned."):
+        compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.0, method="ln_structured", heads=0.2),
+                                          quantize=None, export=False),
+                 eval_fn=lambda m: calls.append(m) or 0.0, example_inputs=digits[2][:4].view(-1, 1, 8, 8))
+    assert calls == []

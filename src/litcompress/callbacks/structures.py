@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
@@ -51,8 +52,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
             if not 0.0 <= float(amount.final_sparsity) < 1.0:
                 raise MisconfigurationException(f"{call}=...): the schedule's final fraction {self._WHAT} "
                                                 f"{amount.final_sparsity} is not in [0, 1).")
-        elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
-                or not 0.0 < amount < 1.0:
+        elif isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not math.isfinite(amount) \
+                or not 0.0 < amount < 1.0:  # (numpy's numbers too)
             raise MisconfigurationException(f"{call}={amount!r}): expected a fraction {self._WHAT} in (0, 1), "
                                             "e.g. 0.5, or a SparsitySchedule of that fraction.")
         exclude = () if exclude is None else exclude  # None: nothing excluded, as elsewhere
@@ -70,7 +71,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
                                             "or False.")
         make_pruning_permanent, log_sparsity = bool(make_pruning_permanent), bool(log_sparsity)
         self._log_sparsity = log_sparsity
-        self.amount, self.exclude = amount, tuple(exclude)
+        self.amount = amount if isinstance(amount, SparsitySchedule) else float(amount)
+        self.exclude = tuple(exclude)
         self._make_pruning_permanent, self._verbose = make_pruning_permanent, verbose
         self._schedule = amount if isinstance(amount, SparsitySchedule) else None
         self._targets: list[tuple[nn.Module, str]] = []
@@ -175,11 +177,33 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
+        self._check_final_counts(pl_module)
         message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,
                                                                               self._WHAT)
         self._warned_fit_too_short = message is not None
         if message:
             rank_zero_warn(message)
+
+    def _check_final_counts(self, pl_module: LightningModule) -> None:
+        """Each layer prunes ``round(fraction * structures)`` of its structures: a fraction that rounds to none in
+        every layer pruned nothing, without a word (0.2 of 2 heads), and is refused; in some layers, said."""
+        final = float(self._schedule.final_sparsity if self._schedule is not None else self.amount)
+        if final <= 0:
+            return
+        modules = dict(pl_module.named_modules())
+        sizes = {name: self._counts(modules[name])[1] for name in dict.fromkeys(self._layer_names(pl_module))}
+        none = {name: size for name, size in sizes.items() if int(round(final * size)) == 0}
+        if not none:
+            return
+        listed = ", ".join(f"{name or type(pl_module).__name__} ({size})" for name, size in list(none.items())[:4])
+        listed += " ..." if len(none) > 4 else ""
+        smallest = min(none.values())
+        message = (f"{type(self).__name__}({self._ARGUMENT}={final:g}{' at its end' if self._schedule else ''}): "
+                   f"{final:g} {self._WHAT} rounds to none in {listed}; a fraction above {0.5 / smallest:.3g} "
+                   "prunes one of the smallest.")
+        if len(none) == len(sizes):
+            raise MisconfigurationException(message + " Nothing would be pruned.")
+        rank_zero_warn(message + " Those keep all theirs.")
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._schedule is not None and not self._warned_fit_too_short:

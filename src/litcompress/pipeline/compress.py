@@ -127,6 +127,29 @@ def _method_name(config: PruneConfig) -> str:
     return config.method if isinstance(config.method, str) else config.method.__name__
 
 
+def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...], *, warn: bool = True) -> None:
+    """Refuse a ``heads`` fraction with no attention to prune or that rounds to no head in every attention (each
+    prunes ``round(heads * num_heads)``: 0.2 of 2 heads pruned none, and the report said 20%); say it in some."""
+    if not config.heads:
+        return
+    attentions = prunable_attentions(model, exclude)
+    if not attentions:
+        raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
+                         "be pruned (outside those excluded); prune no heads.")
+    modules = dict(model.named_modules())
+    none = {name: modules[name].num_heads for name in attentions
+            if int(round(config.heads * modules[name].num_heads)) == 0}
+    if none:
+        listed = ", ".join(f"{name} ({heads})" for name, heads in list(none.items())[:4])
+        message = (f"PruneConfig(heads={config.heads:g}): {config.heads:g} of each attention's heads rounds to "
+                   f"none in {listed}{' ...' if len(none) > 4 else ''}; a fraction above "
+                   f"{0.5 / min(none.values()):.3g} prunes one of the smallest.")
+        if len(none) == len(attentions):
+            raise ValueError(message + " No head would be pruned.")
+        if warn:
+            warnings.warn(message + " Those keep all theirs.", UserWarning, stacklevel=4)
+
+
 def _select_targets(model: nn.Module, config: PruneConfig,
                     plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str], list[str]]:
     """`prune_targets`, the layers `removable_only` left out with the reason shrink could not remove their
@@ -162,9 +185,7 @@ def _select_targets(model: nn.Module, config: PruneConfig,
                  and not is_excluded(name, exclude)]
     modules = dict(model.named_modules())
     units = [name for name in recurrent if units_why_not(modules[name]) is None]
-    if config.heads and not prunable_attentions(model, exclude):
-        raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
-                         "be pruned (outside those excluded); prune no heads.")
+    _check_heads(model, config, exclude, warn=False)  # (compress said it before its first stage)
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is None:
         # Without a trace shrink removes nothing, and every layer pruned by channel would only lose accuracy (a
@@ -826,6 +847,8 @@ def compress(
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
     check_model_runs(model, inputs, what="example_inputs", default_input_fn_used=False)
     # declared dynamic dims that the inputs do not have fail here, not after training
+    if config.prune is not None:  # (its other target checks need the traced plan, made after the first evaluation)
+        _check_heads(model, config.prune, tuple(config.prune.exclude or ()))
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
     check_declared_dims_vary(model, inputs, declared, "compress: dynamic_dims")
