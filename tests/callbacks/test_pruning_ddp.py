@@ -54,7 +54,7 @@ def test_ddp_ranks_share_masks_and_reset_weights(tmp_path, impl):
         pytest.param("lightning", "masked", marks=[pytest.mark.slow, pytest.mark.xfail(
             strict=True, reason="the parent's model silently keeps its initial weights (masked keys dropped)")]),
         ("litcompress", "masked"),
-        ("litcompress", "permanent"),
+        pytest.param("litcompress", "permanent", marks=pytest.mark.slow),  # 20 s: the default run keeps "masked"
     ],
 )
 def test_ddp_spawn_pickles_the_callback_and_returns_the_pruned_model(tmp_path, impl, permanence):
@@ -152,6 +152,7 @@ def test_ddp_qat_stopped_and_resumed_from_its_checkpoint_ends_as_an_uninterrupte
         assert torch.equal(resumed[1][key], once[key]), key
 
 
+@pytest.mark.slow  # 18 s of spawned workers for one refusal (make test-slow)
 def test_ddp_spawn_qat_without_a_save_path_is_refused(tmp_path):
     done = _launch("qat", tmp_path, "ddp_spawn")
     assert done.returncode != 0

@@ -320,8 +320,10 @@ def test_a_batch_norm_frozen_inside_the_quantized_module_is_said_and_left_frozen
         def on_train_epoch_start(self, trainer, pl_module):
             pl_module.net[1].eval()
 
+    # (fast_dev_run: the trace is what is checked; converting a batch norm's graph takes torchao ~20 s)
     with pytest.warns(UserWarning, match=r"1 in eval mode inside Sequential, which trains: .* as a whole"):
-        make_trainer(tmp_path, max_epochs=1, callbacks=[Freeze(), callback]).fit(model, datamodule=DigitsDataModule())
+        make_trainer(tmp_path, fast_dev_run=True, callbacks=[Freeze(), callback]).fit(
+            model, datamodule=DigitsDataModule())
     assert not model.net[1].training and model.net[0].training  # tracing did not unfreeze it
 
 

@@ -201,7 +201,7 @@ class _SaveRankZeroWeights(Callback):
             torch.save({k: v.detach().clone() for k, v in engine.permanent_state_dict(pl_module).items()}, self.path)
 
 
-@pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])
+@pytest.mark.parametrize("callback", [UnitPruning, pytest.param(HeadPruning, marks=pytest.mark.slow)])  # (12 s each)
 def test_ddp_spawn_with_masks_kept_hands_the_pruned_weights_to_the_calling_process(tmp_path, callback):
     """Lightning loads rank 0's state dict into the parent's (unpruned) model with strict=False: its
     `<name>_orig`/`<name>_mask` keys were dropped, and the pruned layer kept its initial weights, silently."""
