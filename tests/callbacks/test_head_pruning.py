@@ -182,18 +182,23 @@ def test_a_fraction_that_rounds_to_no_head_is_refused_or_said(tmp_path):
     import numpy as np
 
     with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.2\): 0.2 of each attention's heads "
-                                                        r"rounds to none in encoder.layers.0.self_attn \(2\), "
-                                                        r"encoder.layers.1.self_attn \(2\); a fraction above 0.25 "
-                                                        r"prunes one of the smallest. Nothing would be pruned."):
+                                                        r"prunes none in encoder.layers.0.self_attn \(2\), "
+                                                        r"encoder.layers.1.self_attn \(2\); 0.251 or more prunes "
+                                                        r"one in each. Nothing would be pruned."):
         _trainer(tmp_path, 1, [HeadPruning(0.2)]).fit(TransformerClassifier(heads=2), datamodule=_data())
     schedule = PolynomialDecay(final_sparsity=0.2, begin=0, end=2, unit="epoch")
     with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.2 at its end\)"):
         _trainer(tmp_path, 2, [HeadPruning(schedule)]).fit(TransformerClassifier(heads=2), datamodule=_data())
     model, callback = WithAWideAttention(), HeadPruning(np.float32(0.2))  # numpy's numbers are taken
-    with pytest.warns(UserWarning, match=r"rounds to none in encoder.layers.0.self_attn \(2\); .* Those keep all "
+    with pytest.warns(UserWarning, match=r"prunes none in encoder.layers.0.self_attn \(2\); .* Those keep all "
                                          r"theirs."):
         _trainer(tmp_path, 1, [callback], limit_train_batches=2).fit(model, datamodule=_data())
     assert int(zero_heads(model.wide).sum()) == 2 and int(zero_heads(_attentions(model.encoder)[0]).sum()) == 0
+    # one head: always kept, at any fraction (0.6 passed, pruning nothing)
+    with pytest.raises(MisconfigurationException, match=r"prunes none in encoder.layers.0.self_attn \(1\), "
+                                                        r"encoder.layers.1.self_attn \(1\); no fraction below 1 "
+                                                        r"prunes any in .* \(each keeps at least one\)"):
+        _trainer(tmp_path, 1, [HeadPruning(0.6)]).fit(TransformerClassifier(heads=1), datamodule=_data())
 
 
 class ConfiguredTransformer(TransformerClassifier):

@@ -120,6 +120,16 @@ def test_bad_input_is_refused_before_training(tmp_path):
         _trainer(tmp_path, 1, [UnitPruning(0.5)]).fit(subclassed, datamodule=_data())
     with pytest.raises(MisconfigurationException, match="outside exclude=\\['lstm'\\]"):
         _trainer(tmp_path, 1, [UnitPruning(0.5, exclude=("lstm",))]).fit(LSTMClassifier(), datamodule=_data())
+    # a fraction that prunes no unit: it pruned nothing, without a word (8 of 16 units with keep_multiple_of=8)
+    with pytest.raises(MisconfigurationException, match=r"UnitPruning\(units=0.3\): 0.3 of each recurrent layer's "
+                                                        r"hidden units prunes none in lstm \(16\); 0.469 or more "
+                                                        r"prunes one in each. Nothing would be pruned."):
+        _trainer(tmp_path, 1, [UnitPruning(0.3, keep_multiple_of=8)]).fit(LSTMClassifier(hidden=16),
+                                                                          datamodule=_data())
+    with pytest.raises(MisconfigurationException, match=r"no fraction below 1 prunes any in lstm \(each keeps at "
+                                                        r"least one, a multiple of keep_multiple_of=16\)"):
+        _trainer(tmp_path, 1, [UnitPruning(0.45, keep_multiple_of=16)]).fit(LSTMClassifier(hidden=16),
+                                                                            datamodule=_data())
 
 
 def test_unit_and_head_pruning_keep_their_own_state_keys():

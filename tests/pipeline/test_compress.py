@@ -1819,12 +1819,13 @@ class TimeMajorEncoder(nn.Module):
         return self.head(self.enc(x).mean(0))
 
 
-@pytest.mark.parametrize("transposes, dynamic_dims, warned", [(False, None, True), (True, None, False),
-                                                               (False, {0: 1}, False)])
-def test_a_time_major_input_is_said_to_need_its_batch_dim_declared(tmp_path, transposes, dynamic_dims, warned):
+@pytest.mark.parametrize("transposes, dynamic_dims, batches, warned", [
+    (False, None, 1, True), (True, None, 1, False), (False, {0: 1}, 1, False), (False, None, 2, False)])
+def test_a_time_major_input_is_said_to_need_its_batch_dim_declared(tmp_path, transposes, dynamic_dims, batches,
+                                                                    warned):
     """Dim 0 is left free as the batch: a (length, batch, features) input's file took no other batch size, and its
     read-back check (one more row along dim 0) passed. Only an input whose dim 1 reaches a time-major layer as its
-    batch is named (not one the model transposes), and declaring dim 1 frees it."""
+    batch is named (not one the model transposes), and declaring dim 1 frees it, as data whose dim 1 varies does."""
     import warnings
 
     torch.manual_seed(0)
@@ -1833,11 +1834,13 @@ def test_a_time_major_input_is_said_to_need_its_batch_dim_declared(tmp_path, tra
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = compress(model, CompressionConfig(dynamic_dims=dynamic_dims, latency_repeats=2),
-                          eval_fn=lambda m: 0.0, example_inputs=(x,), output_dir=tmp_path)
+                          eval_fn=lambda m: 0.0, example_inputs=(x,), output_dir=tmp_path,
+                          calibration_data=[x, x[:, :3]][:batches])
     said = [str(w.message) for w in caught if "time-major" in str(w.message)]
     assert said == ([r"compress: input 0 (shape (6, 4, 16)) reaches enc.layers.0.self_attn time-major "
                      r"(batch_first=False: its dim 1 is the batch), but the files leave dim 0 free as the batch, so "
-                     r"they would take no other batch size; declare dynamic_dims={0: 1} (CLI: --dynamic-dims 0:1)."]
+                     r"an ONNX or torch.export file would take no other batch size; declare dynamic_dims={0: 1} "
+                     r"(CLI: --dynamic-dims 0:1)."]
                     if warned else [])
     loaded, _ = load_quantized(result.artifact)
     other = torch.randn(*((2, 6, 16) if transposes else (6, 2, 16)))
@@ -1855,9 +1858,9 @@ def test_a_heads_fraction_that_rounds_to_no_head_is_refused_before_any_stage(dig
 
     model = TransformerClassifier(d_model=16, heads=2, layers=2, feed_forward=32).eval()
     calls = []
-    with pytest.raises(ValueError, match=r"PruneConfig\(heads=0.2\): 0.2 of each attention's heads rounds to none in "
-                                         r"encoder.layers.0.self_attn \(2\), encoder.layers.1.self_attn \(2\); a "
-                                         r"fraction above 0.25 prunes one of the smallest. No head would be pruned."):
+    with pytest.raises(ValueError, match=r"PruneConfig\(heads=0.2\): 0.2 of each attention's heads prunes none in "
+                                         r"encoder.layers.0.self_attn \(2\), encoder.layers.1.self_attn \(2\); "
+                                         r"0.251 or more prunes one in each. No head would be pruned."):
         compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.0, method="ln_structured", heads=0.2),
                                           quantize=None, export=False),
                  eval_fn=lambda m: calls.append(m) or 0.0, example_inputs=digits[2][:4].view(-1, 1, 8, 8))

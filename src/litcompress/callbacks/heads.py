@@ -17,7 +17,7 @@ from torch import nn
 
 from litcompress.callbacks.structures import StructurePruning
 from litcompress.pruning import engine
-from litcompress.pruning.heads import prunable_attentions, prune_heads_, zero_heads
+from litcompress.pruning.heads import heads_to_prune, prunable_attentions, prune_heads_, zero_heads
 from litcompress.pruning.schedules import SparsitySchedule
 
 
@@ -82,3 +82,6 @@ class HeadPruning(StructurePruning):
 
     def _counts(self, layer: nn.Module) -> tuple[int, int]:
         return int(zero_heads(layer).sum()), layer.num_heads
+
+    def _pruned_count(self, size: int, fraction: float) -> int:
+        return heads_to_prune(size, fraction)

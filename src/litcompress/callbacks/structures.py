@@ -27,6 +27,7 @@ from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
+from litcompress.pruning.heads import none_pruned_message
 from litcompress.pruning.schedules import SparsitySchedule
 
 _STATE_VERSION = 1
@@ -185,25 +186,28 @@ class StructurePruning(TargetsFoundOnceConfigured):
             rank_zero_warn(message)
 
     def _check_final_counts(self, pl_module: LightningModule) -> None:
-        """Each layer prunes ``round(fraction * structures)`` of its structures: a fraction that rounds to none in
-        every layer pruned nothing, without a word (0.2 of 2 heads), and is refused; in some layers, said."""
+        """A fraction that prunes none of a layer's structures (0.2 of 2 heads rounds to 0; a layer keeps one, and
+        a multiple of `keep_multiple_of`) pruned nothing without a word: refused when so in every layer, said when
+        in some."""
         final = float(self._schedule.final_sparsity if self._schedule is not None else self.amount)
         if final <= 0:
             return
         modules = dict(pl_module.named_modules())
         sizes = {name: self._counts(modules[name])[1] for name in dict.fromkeys(self._layer_names(pl_module))}
-        none = {name: size for name, size in sizes.items() if int(round(final * size)) == 0}
+        none = {name or type(pl_module).__name__: size for name, size in sizes.items()
+                if self._pruned_count(size, final) == 0}
         if not none:
             return
-        listed = ", ".join(f"{name or type(pl_module).__name__} ({size})" for name, size in list(none.items())[:4])
-        listed += " ..." if len(none) > 4 else ""
-        smallest = min(none.values())
-        message = (f"{type(self).__name__}({self._ARGUMENT}={final:g}{' at its end' if self._schedule else ''}): "
-                   f"{final:g} {self._WHAT} rounds to none in {listed}; a fraction above {0.5 / smallest:.3g} "
-                   "prunes one of the smallest.")
+        message = none_pruned_message(f"{type(self).__name__}({self._ARGUMENT}={final:g}"
+                                      f"{' at its end' if self._schedule else ''})", final, self._WHAT, none,
+                                      self._pruned_count, getattr(self, "keep_multiple_of", None))
         if len(none) == len(sizes):
             raise MisconfigurationException(message + " Nothing would be pruned.")
         rank_zero_warn(message + " Those keep all theirs.")
+
+    def _pruned_count(self, size: int, fraction: float) -> int:
+        """How many of a layer's `size` structures a round at `fraction` prunes."""
+        raise NotImplementedError
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._schedule is not None and not self._warned_fit_too_short:

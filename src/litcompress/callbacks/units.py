@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from litcompress.callbacks.structures import StructurePruning
-from litcompress.pruning.recurrent import (RECURRENT_LAYERS, prunable_recurrent_layers, prune_units_, units_why_not,
-                                           zero_units)
+from litcompress.pruning.recurrent import (RECURRENT_LAYERS, prunable_recurrent_layers, prune_units_, units_to_prune,
+                                           units_why_not, zero_units)
 from litcompress.pruning.schedules import SparsitySchedule
 
 
@@ -91,3 +91,6 @@ class UnitPruning(StructurePruning):
     def _counts(self, layer: nn.Module) -> tuple[int, int]:
         assert isinstance(layer, RECURRENT_LAYERS)
         return int(zero_units(layer).sum()), layer.hidden_size
+
+    def _pruned_count(self, size: int, fraction: float) -> int:
+        return units_to_prune(size, fraction, self.keep_multiple_of)

@@ -31,7 +31,7 @@ from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, close_nam
                                         with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
-from litcompress.pruning.heads import prunable_attentions, prune_heads_
+from litcompress.pruning.heads import heads_to_prune, none_pruned_message, prunable_attentions, prune_heads_
 from litcompress.pruning.methods import check_method_kwargs
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   unfold_state_dict)
@@ -138,12 +138,10 @@ def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...]
                          "be pruned (outside those excluded); prune no heads.")
     modules = dict(model.named_modules())
     none = {name: modules[name].num_heads for name in attentions
-            if int(round(config.heads * modules[name].num_heads)) == 0}
+            if heads_to_prune(modules[name].num_heads, config.heads) == 0}
     if none:
-        listed = ", ".join(f"{name} ({heads})" for name, heads in list(none.items())[:4])
-        message = (f"PruneConfig(heads={config.heads:g}): {config.heads:g} of each attention's heads rounds to "
-                   f"none in {listed}{' ...' if len(none) > 4 else ''}; a fraction above "
-                   f"{0.5 / min(none.values()):.3g} prunes one of the smallest.")
+        message = none_pruned_message(f"PruneConfig(heads={config.heads:g})", config.heads,
+                                      "of each attention's heads", none, heads_to_prune)
         if len(none) == len(attentions):
             raise ValueError(message + " No head would be pruned.")
         if warn:
@@ -381,6 +379,8 @@ def _fp32_formats(requested: str, model: nn.Module) -> list[str]:
         return [requested]
     if any(isinstance(module, SparseLinear) for module in model.modules()):
         return ["torchscript"]
+    if any(type(module).__name__ == "OnnxRuntimeModule" for module in model.modules()):
+        return ["onnx"]  # a model read from an ONNX file: only ONNX holds its session (save_quantized says so)
     try:
         get_backend("onnxruntime").check_available()
     except BackendUnavailableError:
@@ -852,8 +852,10 @@ def compress(
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
     check_declared_dims_vary(model, inputs, declared, "compress: dynamic_dims")
-    if config.export:
-        warn_time_major_inputs(model, inputs, declared, "compress")
+    if config.export and output_dir is not None and config.quantize is None:  # (quantize says it for its files)
+        # the dims the export leaves free: the declared ones and those that vary in the data (as at the export)
+        warn_time_major_inputs(model, inputs, resolve_dynamic_dims(
+            [inputs, *_first_batches(calibration_data, input_fn, 16)], declared), "compress")
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
         if first is not None:

@@ -15,6 +15,7 @@ layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value widths are 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -207,6 +208,32 @@ def prunable_attentions(model: nn.Module, exclude: tuple[str, ...] = ()) -> list
             if not is_excluded(name, exclude) and _why_not(attention) is None]
 
 
+def heads_to_prune(heads: int, fraction: float) -> int:
+    """How many of an attention's `heads` a round at `fraction` masks (before those already zero): the rounded
+    count, never every head."""
+    return min(int(round(fraction * heads)), heads - 1)
+
+
+def smallest_fraction_pruning_one(size: int, count: Callable[[int, float], int]) -> float | None:
+    """The smallest fraction (in steps of 0.001) for which ``count(size, fraction)`` prunes one; None if none below
+    1 does (a layer of one head or unit, a `keep_multiple_of` of its size)."""
+    return next((i / 1000 for i in range(1, 1000) if count(size, i / 1000) > 0), None)
+
+
+def none_pruned_message(owner: str, final: float, what: str, none: dict[str, int],
+                        count: Callable[[int, float], int], keep_multiple_of: int | None = None) -> str:
+    """Says that `final` prunes none of `what` in the layers `none` ({name: size}), and what would."""
+    listed = ", ".join(f"{name} ({size})" for name, size in list(none.items())[:4]) + (" ..." if len(none) > 4 else "")
+    never = [name for name, size in none.items() if smallest_fraction_pruning_one(size, count) is None]
+    if never:
+        kept = f", a multiple of keep_multiple_of={keep_multiple_of}" if keep_multiple_of else ""
+        advice = f"no fraction below 1 prunes any in {', '.join(never[:4])} (each keeps at least one{kept})"
+    else:
+        advice = (f"{max(smallest_fraction_pruning_one(size, count) for size in none.values()):.3g} or more prunes "
+                  "one in each")
+    return f"{owner}: {final:g} {what} prunes none in {listed}; {advice}."
+
+
 def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
     """Mask the ``round(fraction * num_heads)`` heads with the smallest :func:`attention_head_norms` in each
     ``nn.MultiheadAttention`` of `model` (at least one head stays): their query, key and value rows and biases,
@@ -223,7 +250,7 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         attention = modules[name]
         heads, zero = attention.num_heads, zero_heads(attention)
         # never fewer than are zero already: a smaller fraction does not bring masked heads back
-        count = min(max(int(round(fraction * heads)), int(zero.sum())), heads - 1)
+        count = max(heads_to_prune(heads, fraction), int(zero.sum()))
         norms = attention_head_norms(attention)
         norms[zero] = -1.0  # pruned earlier (or dead): first out
         order = torch.argsort(norms, stable=True)

@@ -98,6 +98,15 @@ def prunable_recurrent_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -
             and units_why_not(module) is None]
 
 
+def units_to_prune(hidden: int, fraction: float, keep_multiple_of: int | None = None) -> int:
+    """How many of a layer's `hidden` units a round at `fraction` masks (before those already zero): the rounded
+    count, leaving a multiple of `keep_multiple_of`, and never every unit."""
+    count = rounded_pruned_count(hidden, fraction, keep_multiple_of)
+    if count >= hidden:  # every unit: the fewest that may stay, a multiple of keep_multiple_of (at most them all)
+        count = hidden - kept_multiple(hidden, 1, keep_multiple_of)
+    return min(count, hidden - 1)
+
+
 def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (), n: float = 2,
                  names: tuple[str, ...] | None = None, keep_multiple_of: int | None = None) -> dict[str, int]:
     """Mask the ``round(fraction * hidden_size)`` hidden units with the smallest :func:`unit_norms` in each recurrent
@@ -124,10 +133,7 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
             continue
         rnn = modules[name]
         hidden, zero = rnn.hidden_size, zero_units(rnn)
-        count = rounded_pruned_count(hidden, fraction, keep_multiple_of)
-        if count >= hidden:  # every unit: the fewest that may stay, a multiple of keep_multiple_of (at most them all)
-            count = hidden - kept_multiple(hidden, 1, keep_multiple_of)
-        count = min(max(count, int(zero.sum())), hidden - 1)
+        count = min(max(units_to_prune(hidden, fraction, keep_multiple_of), int(zero.sum())), hidden - 1)
         norms = unit_norms(rnn, n).cpu()
         norms[zero] = -1.0  # pruned earlier (or dead): first out
         pruned = torch.argsort(norms, stable=True)[:count]

@@ -276,8 +276,9 @@ def warn_time_major_inputs(model: nn.Module, inputs: Inputs, declared: DynamicDi
         if names:
             warnings.warn(f"{where}: input {i} (shape {tuple(x.shape)}) reaches {', '.join(names[:3])}"
                           f"{' ...' if len(names) > 3 else ''} time-major (batch_first=False: its dim 1 is the "
-                          f"batch), but the files leave dim 0 free as the batch, so they would take no other batch "
-                          f"size; declare dynamic_dims={{{i}: 1}} (CLI: --dynamic-dims {i}:1).", stacklevel=3)
+                          f"batch), but the files leave dim 0 free as the batch, so an ONNX or torch.export file "
+                          f"would take no other batch size; declare dynamic_dims={{{i}: 1}} (CLI: --dynamic-dims "
+                          f"{i}:1).", stacklevel=3)
 
 
 def check_declared_dims_vary(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
