@@ -863,7 +863,9 @@ def test_calibration_data_that_is_one_batch_or_holds_a_batch_the_model_cannot_ta
                                 r"one \(inputs, targets\) batch"),
             ({"x": x}, TypeError, r"calibration_data=<a dict with keys \['x'\]>\): a dict is one batch"),
             ([x[:8], torch.randn(8, 15)], ValueError, r"could not be called as model\(\*inputs\) on calibration "
-                                                      r"batch 1 \(inputs: \(8, 15\) torch.float32\)")]:
+                                                      r"batch 1 \(inputs: \(8, 15\) torch.float32\)"),
+            ((x, y[:, None].float()), ValueError, r"calibration batch 1 .* for one \(inputs, targets\) batch, give "
+                                                  r"\[\(inputs, targets\)\]")]:
         with pytest.raises(error, match=message):
             quantize(model, PTQConfig(approach="static"), eval_fn=eval_fn, calibration_data=data)
     assert calls == []  # not even the baseline

@@ -594,8 +594,14 @@ def quantize(
     # every batch (a later one the model cannot take failed every candidate, and the fp32 model came back): one
     # forward each, as one calibration pass
     for i, batch in enumerate(calibration):
-        check_model_runs(model, batch, what="the first calibration batch" if i == 0 else f"calibration batch {i}",
-                         default_input_fn_used=default_input_fn_used)
+        try:
+            check_model_runs(model, batch, what="the first calibration batch" if i == 0 else f"calibration batch {i}",
+                             default_input_fn_used=default_input_fn_used)
+        except ValueError as error:
+            if i == 1 and isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2:
+                raise ValueError(f"{error} calibration_data is read batch by batch: for one (inputs, targets) batch, "
+                                 "give [(inputs, targets)].") from error
+            raise
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
         check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
