@@ -11,7 +11,8 @@ around a multiple of 16, in eval mode under ``torch.no_grad()``:
 * ``linear``: Linear 512 -> c -> 512, batch 64.
 
 Benchmarking rules from ../shared/README.md: glibc's allocator thresholds pinned, ``torch.set_num_threads`` pinned,
-the widths of a case interleaved (order reversed every other repeat), ``--repeats`` blocks of ~0.2 s each, medians.
+the widths of a case interleaved (order reversed every other repeat), ``--repeats`` blocks of as many calls as
+~0.2 s of the case's first width takes (at most 500), medians.
 The ratio column is each width's median latency over the case's first (widest, a multiple of 16) width's, against
 its share of the channels: a ratio above the channel share means the width costs more than its size.
 
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
 
 {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, torch {torch.__version__}, {args.threads} thread(s),
 {'with' if cpu_has_vnni() else 'without'} AVX-VNNI/AVX512-VNNI, {(time.perf_counter() - started) / 60:.1f} min; the
-widths of a case interleaved, {args.repeats} blocks of ~0.2 s each, medians. Each case's first width is the reference
+widths of a case interleaved, {args.repeats} blocks of equal call counts (~0.2 s of the first width's calls, at most
+500), medians. Each case's first width is the reference
 (a multiple of 16); "latency / widest" above "channels / widest" means a width costs more than its size.
 
 {text}

@@ -30,7 +30,8 @@ of the rows of both hidden layers (the classifier is left whole in both variants
 int8 for litcompress (its convolutions are int8 too; the peer's ``quantize_dynamic`` covers Linear layers only, as a
 Lightning user's one-liner does). Compared: test accuracy, file size, latency at batch 1 and 64. The dense model and
 the two variants of a setting are timed in one interleaved run (allocator and threads pinned; ``shrink.interleaved``:
-``--repeats`` blocks of ~0.2 s of calls per model, taken in turns; the median block's time per call, and the min-max).
+``--repeats`` blocks per model of equal call counts (~0.2 s of the dense model's calls, at most 200), taken in
+turns; the median block's time per call, and the min-max).
 
 Usage::
 
@@ -215,11 +216,13 @@ def run_setting(dense: L.LightningModule, data: MNISTDataModule, method: str, ta
     ours_accuracy = final.test_metric
     latency = {}
     x_all = data.splits.test.tensors[0]
+    was_training = dense.training  # the next setting's peer is fitted from `dense`: it must find it as it was
     for batch in BATCHES:
         with pinned_threads(args.threads):  # training keeps every core; timing is pinned
             times = interleaved({"dense": dense.eval(), "lightning_docs": peer, "litcompress": ours}, x_all[:batch],
                                 args.repeats)
         latency[batch] = {name: {k: v * 1e3 for k, v in stats(t).items()} for name, t in times.items()}
+    dense.train(was_training)
     return {
         "method": method, "target": target,
         "dense": {"test_acc": dense_accuracy, **sizes(dense)},
@@ -361,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
 {setup}
 
 Latency: {args.threads} thread(s), allocator pinned, the three models of a setting interleaved, {args.repeats} blocks
-of ~0.2 s each per model, the median block's time per call (min-max).
+per model of equal call counts (~0.2 s of the dense model's calls, at most 200), the median block's time per call
+(min-max).
 
 {text}
 

@@ -223,7 +223,8 @@ def bench_model(name, model, approach, data, args, tmp):
     lat = {}
     for batch, repeats in ((1, args.repeats_b1), (32, args.repeats_b32)):
         inputs = (xte[:batch].clone(),)
-        # min_block_s=0: one call per sample, the method BENCHMARKS.md describes (these models run >= 0.4 ms)
+        # min_block_s=0: one call per sample, the method BENCHMARKS.md describes (the fp32 models run >= 0.4 ms a
+        # call; the int8 CNN at batch 1 runs 0.15-0.26 ms, where single calls are noisier: its medians over rounds)
         rounds = [measure_latencies([variants[k][0] for k in labels], inputs, repeats, warmup=5,
                                     num_threads=args.threads, min_block_s=0) for _ in range(args.rounds)]
         lat[batch] = {k: [r[i]["median"] for r in rounds] for i, k in enumerate(labels)}

@@ -360,7 +360,7 @@ def interleaved(variants: dict[str, nn.Module], x: torch.Tensor | tuple, repeats
             for _ in range(3):
                 model(*(x if isinstance(x, tuple) else (x,)))
         first = block_seconds(next(iter(variants.values())), x, 1)
-    forwards = max(3, min(200, int(0.2 / max(first, 1e-6))))  # ~0.2 s per block
+    forwards = max(3, min(200, int(0.2 / max(first, 1e-6))))  # ~0.2 s of the first variant's calls, every block alike
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, model in variants.items():
@@ -595,7 +595,8 @@ def main(argv: list[str] | None = None) -> None:
         replace_section(REPO / "BENCHMARKS.md", "shrink", f"""## Structured pruning: masked (Lightning) vs shrunk (litcompress) (`benchmarks/shrink.py`)
 
 Command: `{command}` ({datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, torch {torch.__version__},
-{args.threads} thread(s), allocator pinned, variants interleaved, {args.repeats} blocks of ~0.2 s each).
+{args.threads} thread(s), allocator pinned, variants interleaved, {args.repeats} blocks of equal call counts: ~0.2 s of
+the first variant's calls, at most 200).
 Lightning's `ModelPruning("ln_structured", pruning_dim=0, pruning_norm=1, amount={args.amount})` prunes, once, the
 layers whose channels `shrink` can remove (`litcompress.pruning.removable_channels`: every hidden layer of the CNN
 and the MLP, the expand and squeeze convs of the MobileNet, the Transformer's feed-forward `linear1`s, the SwiGLU
