@@ -326,6 +326,12 @@ def test_a_rewind_point_is_refused_exactly_when_its_snapshot_would_follow_the_fi
     # (the one at step 3 prunes nothing, cubic from 0)
     (dict(amount=PolynomialDecay(final_sparsity=0.8, begin=3, end=12, frequency=3), rewind_to_epoch=2),
      r"`rewind_to_epoch=2` \(optimizer step 8 at 4 steps per epoch\) is after the first pruning round, at step 6"),
+    # Lightning's callables: their first round was found at its reset, after the epochs before it had trained
+    (dict(amount=lambda epoch: 0.3, rewind_to_epoch=2),
+     r"`rewind_to_epoch=2` is after the first pruning round that resets, at the end of epoch 0 \(as `amount`"),
+    (dict(amount=0.3, apply_pruning=lambda epoch: epoch >= 1, rewind_to_step=9),
+     r"`rewind_to_step=9` is after the first pruning round that resets, at the end of epoch 1 \(as "
+     r"`amount`/`apply_pruning` give it; optimizer step 8 at 4 steps per epoch\).*Rewind to step 8 or earlier"),
 ])
 def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_training(tmp_path, kwargs, match):
     """Whether it precedes the first round depends on the steps per epoch: checked when training starts, not at the
@@ -335,6 +341,14 @@ def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_trai
     with pytest.raises(MisconfigurationException, match=match):
         trainer.fit(ThreeLayerModel())
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("rewind", [dict(rewind_to_step=8), dict(rewind_to_epoch=1)])
+def test_a_rewind_point_up_to_the_first_round_callables_give_is_taken(tmp_path, rewind):
+    """The boundary of the check above: the first round at the end of epoch 1 (step 8) may rewind there."""
+    callback = ModelPruning("l1_unstructured", amount=lambda epoch: 0.3, apply_pruning=lambda epoch: epoch >= 1,
+                            use_lottery_ticket_hypothesis=True, **rewind)
+    make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(ThreeLayerModel())
 
 
 class SparsityAtValidations(Callback):

@@ -990,7 +990,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 or not trainer.lightning_module.automatic_optimization:  # manual: steps per batch unknown
             return
         per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # Lightning steps at an epoch's end too
-        if (self._schedule is None and self._first_epoch_round is None and not self._prune_on_train_epoch_end
+        if (self._schedule is None and self._first_epoch_round is None and self._prune_on_train_epoch_end
+                and (callable(self.amount) or callable(self._apply_pruning))):
+            self._check_rewind_against_the_callables(per_epoch)
+        elif (self._schedule is None and self._first_epoch_round is None and not self._prune_on_train_epoch_end
                 and self._apply_pruning is True and not callable(self.amount) and bool(self.amount)):
             self._check_rewind_against_the_first_validation(trainer, batches, per_epoch)
         elif self._rewind_unit == "step":
@@ -1017,6 +1020,28 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     "`amount` schedule: the snapshot would hold pruned weights. Rewind to an earlier epoch, or give "
                     "`rewind_to_step`."
                 )
+
+    def _check_rewind_against_the_callables(self, per_epoch: int) -> None:
+        """A callable `amount` or `apply_pruning` says which epoch ends prune: called, as Lightning calls them at
+        each epoch's end, for the epochs up to the rewind point's, the first round that resets is found before
+        training (it was found at that reset, after the epochs before it had trained)."""
+        point = self._rewind_point
+        until = point if self._rewind_unit == "epoch" else -(-point // per_epoch)
+        for epoch in range(until + 1):
+            prunes = self._apply_pruning(epoch) if callable(self._apply_pruning) else self._apply_pruning
+            amount = self.amount(epoch) if callable(self.amount) else self.amount
+            resets = (self._use_lottery_ticket_hypothesis(epoch) if callable(self._use_lottery_ticket_hypothesis)
+                      else self._use_lottery_ticket_hypothesis)
+            if prunes and amount and resets:
+                last = epoch if self._rewind_unit == "epoch" else (epoch + 1) * per_epoch
+                if point > last:
+                    raise MisconfigurationException(
+                        f"`rewind_to_{self._rewind_unit}={point}` is after the first pruning round that resets, at "
+                        f"the end of epoch {epoch} (as `amount`/`apply_pruning` give it"
+                        + (f"; optimizer step {last} at {per_epoch} steps per epoch" if self._rewind_unit == "step"
+                           else "") + "): the snapshot would hold pruned weights. Rewind to "
+                        f"{self._rewind_unit} {last} or earlier.")
+                return
 
     def _check_rewind_against_the_first_validation(self, trainer: "pl.Trainer", batches: int, per_epoch: int) -> None:
         """Lightning-style rounds at validation ends (``prune_on_train_epoch_end=False``): the first runs at the fit's

@@ -258,8 +258,10 @@ def iterative_magnitude_pruning(
         train_to_rewind_point: trains the copy to the rewind point k before the snapshot (late resetting);
             None rewinds to initialisation.
         control: ``"final"`` trains a random re-initialisation with the final mask, ``"every"`` after every
-            round, ``"none"`` skips it. Frozen parameters (``requires_grad=False``) keep their values in it, and so do
-            the buffers (running statistics), as every round of the ticket rewinds them to the values given.
+            round, ``"none"`` skips it. Frozen parameters (``requires_grad=False``) keep their values in it, and
+            the buffers (running statistics) start from the values given: those the ticket's rounds rewind to when
+            rewinding to initialisation (with `train_to_rewind_point`, the ticket's rounds start from the buffers at
+            step k, the control from the initial ones).
         train_control: trains the control (default: `train`), e.g. without the checkpoints `train` writes.
         checkpoint_path: a file written after every round (the network with its masks, the rewound weights, the
             table so far, the random number generators' states). When it exists, the search resumes after its last
