@@ -194,10 +194,18 @@ def test_a_fraction_that_rounds_to_no_head_is_refused_or_said(tmp_path):
                                          r"theirs."):
         _trainer(tmp_path, 1, [callback], limit_train_batches=2).fit(model, datamodule=_data())
     assert int(zero_heads(model.wide).sum()) == 2 and int(zero_heads(_attentions(model.encoder)[0]).sum()) == 0
+    # a 1-head attention beside a 2-head one: what prunes the other, and what to exclude
+    from litcompress.pruning.heads import heads_to_prune, none_pruned_message
+
+    assert none_pruned_message("HeadPruning(heads=0.2)", 0.2, "of each attention's heads",
+                               {"attn.0": 1, "attn.1": 2}, heads_to_prune) == (
+        "HeadPruning(heads=0.2): 0.2 of each attention's heads prunes none in attn.0 (1), attn.1 (2); 0.251 or more "
+        "prunes one in each of the others; no fraction below 1 prunes any in attn.0 (each keeps at least one: "
+        "`exclude` them).")
     # one head: always kept, at any fraction (0.6 passed, pruning nothing)
     with pytest.raises(MisconfigurationException, match=r"prunes none in encoder.layers.0.self_attn \(1\), "
                                                         r"encoder.layers.1.self_attn \(1\); no fraction below 1 "
-                                                        r"prunes any in .* \(each keeps at least one\)"):
+                                                        r"prunes any in .* \(each keeps at least one: `exclude` them\)"):
         _trainer(tmp_path, 1, [HeadPruning(0.6)]).fit(TransformerClassifier(heads=1), datamodule=_data())
 
 

@@ -345,10 +345,26 @@ def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_trai
 
 @pytest.mark.parametrize("rewind", [dict(rewind_to_step=8), dict(rewind_to_epoch=1)])
 def test_a_rewind_point_up_to_the_first_round_callables_give_is_taken(tmp_path, rewind):
-    """The boundary of the check above: the first round at the end of epoch 1 (step 8) may rewind there."""
-    callback = ModelPruning("l1_unstructured", amount=lambda epoch: 0.3, apply_pruning=lambda epoch: epoch >= 1,
-                            use_lottery_ticket_hypothesis=True, **rewind)
+    """The boundary of the check above: the first round at the end of epoch 1 (step 8) may rewind there. The
+    callables are called as Lightning calls them: `amount` only where `apply_pruning` prunes (one that knows only
+    its pruning epochs failed with a KeyError), the lottery flag only where `amount` prunes."""
+    amounts = {1: 0.3, 2: 0.5}
+    callback = ModelPruning("l1_unstructured", amount=lambda epoch: amounts[epoch],
+                            apply_pruning=lambda epoch: epoch in amounts,
+                            use_lottery_ticket_hypothesis=lambda epoch: {1: True, 2: False}[epoch], **rewind)
     make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(ThreeLayerModel())
+
+
+def test_a_rewind_step_past_a_first_round_that_max_steps_brings_forward_fails_before_training(tmp_path):
+    """max_steps=2 ends epoch 0 at step 2, and Lightning runs its end (the round) all the same."""
+    callback = ModelPruning("l1_unstructured", amount=lambda epoch: 0.3, use_lottery_ticket_hypothesis=True,
+                            rewind_to_step=3)
+    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=callback)
+    with pytest.raises(MisconfigurationException, match=r"`rewind_to_step=3` is after the first pruning round that "
+                                                        r"resets, at the end of epoch 0 .*optimizer step 2 at 4 steps "
+                                                        r"per epoch, max_steps=2\)"):
+        trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 0
 
 
 class SparsityAtValidations(Callback):

@@ -1865,3 +1865,24 @@ def test_a_heads_fraction_that_rounds_to_no_head_is_refused_before_any_stage(dig
                                           quantize=None, export=False),
                  eval_fn=lambda m: calls.append(m) or 0.0, example_inputs=digits[2][:4].view(-1, 1, 8, 8))
     assert calls == []
+
+
+def test_a_calibration_batch_the_model_cannot_take_fails_before_fine_tuning():
+    """Only the first batch was run before the stages: a later one failed the search after all the fine-tuning. Two
+    real batches get no hint to pass one (inputs, targets) batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    steps = []
+
+    def fine_tune(m, step):
+        steps.append(1)
+        step(1)
+
+    for data, hint in [([(x, y), (torch.randn(4, 7), y[:4])], False), ((x, torch.randn(16, 1)), True)]:
+        with pytest.raises(ValueError, match=r"calibration batch 1 ") as error:
+            compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(approach="static"),
+                                              export=False), eval_fn=lambda m: 0.0, example_inputs=x[:4],
+                     calibration_data=data, fine_tune=fine_tune, fine_tune_steps=1)
+        assert ("give [(inputs, targets)]" in str(error.value)) == hint
+    assert steps == []

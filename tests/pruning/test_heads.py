@@ -101,6 +101,11 @@ def test_prune_heads_masks_the_weakest_heads_of_each_attention_and_keeps_what_it
     assert prune_heads_(model, 0.25, exclude=("excluded",)) == {"a": 4, "b": 2}  # a smaller fraction unmasks none
     assert zero_heads(model["a"]).nonzero().flatten().tolist() == [1, 3, 5, 7]
     assert prune_heads_(model, 0.99) == {"a": 7, "b": 2, "excluded": 3}  # one head always stays
+    dead = nn.MultiheadAttention(16, 4)  # every head zero already (a review: all four were masked)
+    with torch.no_grad():
+        dead.in_proj_weight.zero_()
+        dead.in_proj_bias.zero_()
+    assert prune_heads_(nn.ModuleDict({"dead": dead}), 0.5) == {"dead": 3}
     with pytest.raises(ValueError, match=r"prune_heads_\(fraction=1.0\).*\[0, 1\)"):
         prune_heads_(model, 1.0)
 

@@ -464,10 +464,15 @@ def test_an_fp32_onnx_file_read_back_is_refused_in_another_format_and_resaves_as
     x = torch.randn(3, 8)
     save_quantized(model, None, tmp_path / "m.onnx", (x,), fp32_format="onnx")
     loaded, recipe = load_quantized(tmp_path / "m.onnx")
-    for model_of_it in (loaded, nn.Sequential(loaded, nn.Softmax(-1))):  # (inside another: torch's bare error)
-        with pytest.raises(ValueError, match=re.escape(f"save_quantized(fp32_format={fp32_format!r}): this fp32 "
-                                                       "model runs (a part) in ONNX Runtime")):
-            save_quantized(model_of_it, recipe, tmp_path / "again.pt2", (x,), fp32_format=fp32_format)
+    with pytest.raises(ValueError, match=re.escape(f"save_quantized(fp32_format={fp32_format!r}): this fp32 model "
+                                                   "runs in ONNX Runtime (read from an .onnx file), which only an "
+                                                   "ONNX file holds; save it with fp32_format='onnx'.")):
+        save_quantized(loaded, recipe, tmp_path / "again.pt2", (x,), fp32_format=fp32_format)
+    nested = nn.Sequential(loaded, nn.Softmax(-1))  # inside another: torch's bare error; ONNX wrote none of its ops
+    for format_ in (fp32_format, "onnx"):
+        with pytest.raises(ValueError, match=r"runs an ONNX Runtime session inside it \(0\), which no file format "
+                                             r"holds; save the torch model that file was exported from"):
+            save_quantized(nested, recipe, tmp_path / "again.pt2", (x,), fp32_format=format_)
     assert not (tmp_path / "again.pt2").exists()
     save_quantized(loaded, recipe, tmp_path / "again.onnx", (x,), fp32_format="onnx")
     again, _ = load_quantized(tmp_path / "again.onnx")
@@ -480,3 +485,9 @@ def test_an_fp32_onnx_file_read_back_is_refused_in_another_format_and_resaves_as
                           output_dir=tmp_path / "run")
         assert result.artifact.name == "model.onnx"
         assert not any("ValueError" in m for m in result.report.messages), result.report.messages
+        # inside another module: shrink's trace is refused by the session (it crashed the process), no file written
+        result = compress(nested, CompressionConfig(latency_repeats=2), eval_fn=lambda m: 0.0, example_inputs=(x,),
+                          output_dir=tmp_path / "nested")
+        assert result.artifact is None
+        assert any(m.startswith("shrink skipped") and "runs an ONNX Runtime session on tensors" in m
+                   for m in result.report.messages), result.report.messages

@@ -992,7 +992,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # Lightning steps at an epoch's end too
         if (self._schedule is None and self._first_epoch_round is None and self._prune_on_train_epoch_end
                 and (callable(self.amount) or callable(self._apply_pruning))):
-            self._check_rewind_against_the_callables(per_epoch)
+            self._check_rewind_against_the_callables(trainer, per_epoch)
         elif (self._schedule is None and self._first_epoch_round is None and not self._prune_on_train_epoch_end
                 and self._apply_pruning is True and not callable(self.amount) and bool(self.amount)):
             self._check_rewind_against_the_first_validation(trainer, batches, per_epoch)
@@ -1021,27 +1021,40 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     "`rewind_to_step`."
                 )
 
-    def _check_rewind_against_the_callables(self, per_epoch: int) -> None:
-        """A callable `amount` or `apply_pruning` says which epoch ends prune: called, as Lightning calls them at
-        each epoch's end, for the epochs up to the rewind point's, the first round that resets is found before
-        training (it was found at that reset, after the epochs before it had trained)."""
-        point = self._rewind_point
-        until = point if self._rewind_unit == "epoch" else -(-point // per_epoch)
-        for epoch in range(until + 1):
-            prunes = self._apply_pruning(epoch) if callable(self._apply_pruning) else self._apply_pruning
-            amount = self.amount(epoch) if callable(self.amount) else self.amount
-            resets = (self._use_lottery_ticket_hypothesis(epoch) if callable(self._use_lottery_ticket_hypothesis)
-                      else self._use_lottery_ticket_hypothesis)
-            if prunes and amount and resets:
-                last = epoch if self._rewind_unit == "epoch" else (epoch + 1) * per_epoch
-                if point > last:
-                    raise MisconfigurationException(
-                        f"`rewind_to_{self._rewind_unit}={point}` is after the first pruning round that resets, at "
-                        f"the end of epoch {epoch} (as `amount`/`apply_pruning` give it"
-                        + (f"; optimizer step {last} at {per_epoch} steps per epoch" if self._rewind_unit == "step"
-                           else "") + "): the snapshot would hold pruned weights. Rewind to "
-                        f"{self._rewind_unit} {last} or earlier.")
+    def _check_rewind_against_the_callables(self, trainer: "pl.Trainer", per_epoch: int) -> None:
+        """A callable `amount` or `apply_pruning` says which epoch ends prune: called as Lightning calls them at each
+        epoch's end (`amount` only where `apply_pruning` says to prune, the lottery flag only where `amount` prunes),
+        for the epochs that end before the rewind point, the first round that resets is found before training (it
+        was found at that reset, after the epochs before it had trained)."""
+        point, unit = self._rewind_point, self._rewind_unit
+        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        epochs = point if unit == "epoch" else -(-point // per_epoch)  # those that start before the point
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            epochs = min(epochs, trainer.max_epochs)
+
+        def value(flag: Any, epoch: int) -> Any:
+            return flag(epoch) if callable(flag) else flag
+
+        for epoch in range(epochs):
+            try:
+                resets = (value(self._apply_pruning, epoch) and value(self.amount, epoch)
+                          and value(self._use_lottery_ticket_hypothesis, epoch))
+            except Exception:  # noqa: BLE001 - a callable for epochs it does not expect: the reset checks it
                 return
+            if not resets:
+                continue
+            last = epoch if unit == "epoch" else (epoch + 1) * per_epoch
+            if unit == "step" and max_steps is not None and max_steps < last:
+                # max_steps ends that epoch early, and Lightning runs its end (the round) all the same
+                last = max_steps if max_steps > last - per_epoch else point
+            if point > last:
+                raise MisconfigurationException(
+                    f"`rewind_to_{unit}={point}` is after the first pruning round that resets, at the end of epoch "
+                    f"{epoch} (as `amount`/`apply_pruning` give it"
+                    + (f"; optimizer step {last} at {per_epoch} steps per epoch" if unit == "step" else "")
+                    + (f", max_steps={max_steps}" if unit == "step" and last == max_steps else "")
+                    + f"): the snapshot would hold pruned weights. Rewind to {unit} {last} or earlier.")
+            return
 
     def _check_rewind_against_the_first_validation(self, trainer: "pl.Trainer", batches: int, per_epoch: int) -> None:
         """Lightning-style rounds at validation ends (``prune_on_train_epoch_end=False``): the first runs at the fit's

@@ -48,9 +48,9 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_data,
-                                            check_declared_dims_vary, check_metric, check_model_on_cpu,
-                                            check_model_runs, default_input_fn, evaluate_noting_use,
+from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_batches,
+                                            check_calibration_data, check_declared_dims_vary, check_metric,
+                                            check_model_on_cpu, check_model_runs, default_input_fn, evaluate_noting_use,
                                             example_as_inputs, model_input_fn, quantize, warn_time_major_inputs,
                                             warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
@@ -857,10 +857,11 @@ def compress(
         warn_time_major_inputs(model, inputs, resolve_dynamic_dims(
             [inputs, *_first_batches(calibration_data, input_fn, 16)], declared), "compress")
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
-        first = next(iter(calibration_data), None)  # a re-iterable (a DataLoader, a list): reading one costs nothing
-        if first is not None:
-            check_model_runs(model, tuple(input_fn(first)), what="the first calibration batch",
-                             default_input_fn_used=default_input_fn_used)
+        # a re-iterable: reading costs nothing but the batches read; a list's every batch the search reads (one
+        # that fails was found after the fine-tuning), a loader's first (reading more costs a pass over the data)
+        count = config.quantize.num_calibration_batches if isinstance(calibration_data, (list, tuple)) else 1
+        batches = [tuple(input_fn(batch)) for batch in itertools.islice(calibration_data, count)]
+        check_calibration_batches(model, batches, calibration_data, default_input_fn_used)
     directory = Path(output_dir) if output_dir is not None else None
     written: set[str] = set()  # the model and state files this run writes into `directory`
     if directory is not None:

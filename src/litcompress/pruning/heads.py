@@ -225,13 +225,16 @@ def none_pruned_message(owner: str, final: float, what: str, none: dict[str, int
     """Says that `final` prunes none of `what` in the layers `none` ({name: size}), and what would."""
     listed = ", ".join(f"{name} ({size})" for name, size in list(none.items())[:4]) + (" ..." if len(none) > 4 else "")
     never = [name for name, size in none.items() if smallest_fraction_pruning_one(size, count) is None]
+    could = [smallest_fraction_pruning_one(size, count) for name, size in none.items() if name not in never]
+    advice = []
+    if could:
+        advice.append(f"{max(could):.3g} or more prunes one in each"
+                      + (" of the others" if never else ""))
     if never:
         kept = f", a multiple of keep_multiple_of={keep_multiple_of}" if keep_multiple_of else ""
-        advice = f"no fraction below 1 prunes any in {', '.join(never[:4])} (each keeps at least one{kept})"
-    else:
-        advice = (f"{max(smallest_fraction_pruning_one(size, count) for size in none.values()):.3g} or more prunes "
-                  "one in each")
-    return f"{owner}: {final:g} {what} prunes none in {listed}; {advice}."
+        advice.append(f"no fraction below 1 prunes any in {', '.join(never[:4])} (each keeps at least one{kept}: "
+                      "`exclude` them)")
+    return f"{owner}: {final:g} {what} prunes none in {listed}; {'; '.join(advice)}."
 
 
 def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
@@ -250,7 +253,7 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         attention = modules[name]
         heads, zero = attention.num_heads, zero_heads(attention)
         # never fewer than are zero already: a smaller fraction does not bring masked heads back
-        count = max(heads_to_prune(heads, fraction), int(zero.sum()))
+        count = min(max(heads_to_prune(heads, fraction), int(zero.sum())), heads - 1)  # one head always stays
         norms = attention_head_norms(attention)
         norms[zero] = -1.0  # pruned earlier (or dead): first out
         order = torch.argsort(norms, stable=True)

@@ -69,10 +69,15 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
         raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): use one of {FP32_FORMATS}.")
     from .backends.onnxruntime import OnnxRuntimeModule
 
-    if recipe is None and fp32_format != "onnx" and any(isinstance(m, OnnxRuntimeModule) for m in model.modules()):
-        # (torch.export and TorchScript trace torch code: torch's own error, or a false "fixed dim" one)
-        raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): this fp32 model runs (a part) in ONNX Runtime "
-                         "(read from an .onnx file), which only an ONNX file holds; save it with fp32_format='onnx'.")
+    sessions = [name for name, m in model.named_modules() if isinstance(m, OnnxRuntimeModule)]
+    if recipe is None and sessions and (sessions != [""] or fp32_format != "onnx"):
+        # (torch.export and TorchScript trace torch code: torch's own error, or a false "fixed dim" one; the ONNX
+        # exporter traces through a session inside another module and writes none of its ops)
+        raise ValueError(f"save_quantized(fp32_format={fp32_format!r}): this fp32 model runs "
+                         + ("in ONNX Runtime (read from an .onnx file), which only an ONNX file holds; save it with "
+                            "fp32_format='onnx'." if sessions == [""] else
+                            f"an ONNX Runtime session inside it ({', '.join(sessions[:3])}), which no file format "
+                            "holds; save the torch model that file was exported from."))
     if os.path.isdir(path):  # else found only at the rename, after the whole export, naming a `.partial` file
         raise IsADirectoryError(f"save_quantized: {path!r} is a directory; give a file path in it (e.g. "
                                 f"{os.path.join(path, 'model.pt')!r}).")

@@ -242,6 +242,22 @@ def check_model_runs(model: nn.Module, inputs: Inputs, *, what: str, default_inp
                          f"{type(error).__name__}: {error}.{hint}") from error
 
 
+def check_calibration_batches(model: nn.Module, batches: Sequence[Inputs], calibration_data: object,
+                              default_input_fn_used: bool) -> None:
+    """:func:`check_model_runs` on each of `batches` (the model's inputs of `calibration_data`'s first batches): a
+    later one the model cannot take failed every candidate, and the fp32 model came back. One forward each."""
+    for i, batch in enumerate(batches):
+        try:
+            check_model_runs(model, batch, what="the first calibration batch" if i == 0 else f"calibration batch {i}",
+                             default_input_fn_used=default_input_fn_used)
+        except ValueError as error:
+            if (i == 1 and isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2
+                    and isinstance(calibration_data[0], torch.Tensor)):  # (x, y): two tensors, not two batches
+                raise ValueError(f"{error} calibration_data is read batch by batch: for one (inputs, targets) batch, "
+                                 "give [(inputs, targets)].") from error
+            raise
+
+
 def warn_time_major_inputs(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
     """Warn when an input reaches a time-major layer (``batch_first=False``: torch's default for attentions,
     Transformer layers and RNNs) with its dim 1 as that layer's batch, and dim 1 is not declared free: the files
@@ -593,15 +609,7 @@ def quantize(
     example_inputs = example_as_inputs(model, example_inputs, None if default_input_fn_used else input_fn)
     # every batch (a later one the model cannot take failed every candidate, and the fp32 model came back): one
     # forward each, as one calibration pass
-    for i, batch in enumerate(calibration):
-        try:
-            check_model_runs(model, batch, what="the first calibration batch" if i == 0 else f"calibration batch {i}",
-                             default_input_fn_used=default_input_fn_used)
-        except ValueError as error:
-            if i == 1 and isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2:
-                raise ValueError(f"{error} calibration_data is read batch by batch: for one (inputs, targets) batch, "
-                                 "give [(inputs, targets)].") from error
-            raise
+    check_calibration_batches(model, calibration, calibration_data, default_input_fn_used)
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
         check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs

@@ -84,6 +84,9 @@ class OnnxRuntimeModule(nn.Module):
             raise TypeError(f"this ONNX model takes {self.input_count} positional input(s), those of its example, "
                             f"and was given {len(inputs)}: the others (a flag, say) are fixed at their defaults in the "
                             "file, and would be dropped.")
+        if not all(isinstance(x, torch.Tensor) for x in inputs):  # a torch.fx proxy: the session crashed the process
+            raise TypeError(f"this ONNX model runs an ONNX Runtime session on tensors, and was given "
+                            f"{[type(x).__name__ for x in inputs]}: it cannot be traced (torch.fx, shrink).")
         feed = input_feed(self.input_names, inputs)
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
         if self.output_structure is not None:
