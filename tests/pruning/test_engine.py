@@ -405,9 +405,10 @@ def test_a_masked_state_dict_loads_into_a_fresh_attention_model_that_computes_an
        seed=st.integers(0, 1000))
 def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, per_group, targets, random, seed):
     """A grouped conv (or a layer grouped convs read) can only lose channels evenly over its groups: each block of
-    rows loses round(target * rows per block), the rows pruned before stay pruned, the smallest norms go first."""
+    rows loses round(target * rows per block), the rows pruned before stay pruned, the smallest norms go first; every
+    block keeps one (a layer with every row pruned outputs a constant)."""
     from litcompress.pruning.engine import mask_of, prune_to_sparsity_
-    from litcompress.pruning.schedules import rounded_pruned_count
+    from litcompress.pruning.schedules import structured_pruned_count
 
     torch.manual_seed(seed)
     conv = nn.Conv2d(4, groups * per_group, 3, groups=groups if 4 % groups == 0 else 1)
@@ -419,7 +420,8 @@ def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, p
         mask = mask_of(conv, "weight")
         rows_pruned = (mask.flatten(1) == 0).all(dim=1) if mask is not None else torch.zeros_like(pruned_before)
         per_block = rows_pruned.view(groups, per_group).sum(dim=1)
-        assert per_block.tolist() == [rounded_pruned_count(per_group, sparsity)] * groups
+        assert per_block.tolist() == [structured_pruned_count(per_group, sparsity)] * groups
+        assert per_block.max() < per_group
         assert (rows_pruned | ~pruned_before).all()  # rows pruned before stay pruned
         pruned_before = rows_pruned
     if not random and mask is not None:  # within each block, the pruned rows have the smallest norms
@@ -803,3 +805,18 @@ def test_a_pruned_state_loaded_under_inference_mode_trains_afterwards():
     with torch.inference_mode():  # a model built under inference mode loads there as before
         built_there = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         torch.testing.assert_close(load_pruned_state_dict(built_there, model.state_dict())(x), model(x))
+
+
+@given(rows=st.integers(1, 12), sparsity=st.floats(0.0, 0.999), multiple=st.sampled_from([None, 2, 4]))
+@settings(max_examples=40, deadline=None)
+def test_structured_rounds_never_prune_every_row_of_a_layer(rows, sparsity, multiple):
+    """0.75 of 2 units rounded to both and 0.96 of 10 rows to all ten: the layer's output was a constant (the model
+    lost its input there), and shrink removed nothing. One row (a multiple of keep_multiple_of) stays."""
+    from litcompress.pruning.engine import prune_to_sparsity_
+
+    layer = nn.Linear(3, rows)
+    prune_to_sparsity_([(layer, "weight")], "ln_structured", sparsity, scope="local", dim=0, n=1,
+                       keep_multiple_of=multiple)
+    kept = int((layer.weight != 0).any(dim=1).sum())
+    assert kept >= (1 if multiple is None else min(rows, multiple))
+    assert kept == rows - min(round(sparsity * rows), rows - 1) or multiple is not None

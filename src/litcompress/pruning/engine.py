@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from litcompress.pruning.methods import (accepted_kwargs, check_method_kwargs, check_near_misses, check_slices_exist,
                                          check_takes_amount, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors, scripted_targets_message
-from litcompress.pruning.schedules import count_to_prune, rounded_pruned_count
+from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
 from litcompress.pruning.threshold import smallest_k_masks
 
 Target = tuple[nn.Module, str]
@@ -717,7 +717,7 @@ def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune
     others = [d for d in range(tensor.dim()) if d != dim % tensor.dim()]
     scores = torch.rand(total, device=tensor.device) if random else torch.norm(
         (tensor if mask is None else tensor * mask).float(), p=n, dim=others)
-    target = rounded_pruned_count(size, sparsity, keep_multiple_of)
+    target = structured_pruned_count(size, sparsity, keep_multiple_of)
     drop = torch.zeros(total, dtype=torch.bool, device=tensor.device)
     for block in range(groups):
         rows = torch.arange(block * size, (block + 1) * size, device=tensor.device)
@@ -793,7 +793,8 @@ def prune_to_sparsity_(
     Never un-prunes: a target already sparser stays as it is. ``scope="global"`` counts all targets together;
     ``"local"`` brings each target to `sparsity` on its own. Structured methods (local only) count slices along
     ``dim``: the fraction of pruned rows/channels reaches `sparsity`, or with `keep_multiple_of` the slices kept are
-    rounded up to a multiple of it (:func:`~litcompress.pruning.schedules.rounded_pruned_count`). A tensor held by
+    rounded up to a multiple of it, and one (a multiple) always stays
+    (:func:`~litcompress.pruning.schedules.structured_pruned_count`). A tensor held by
     several targets (tied weights) counts once and is masked alike under each.
     """
     given = check_targets(targets, "prune_to_sparsity_")
@@ -826,7 +827,7 @@ def prune_to_sparsity_(
                 _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
                 continue
             pruned, total = _pruned_slices(*target, dim)
-            count = max(0, rounded_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+            count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
             if count:
                 prune_([target], method_cls, count, scope="local", **method_kwargs)
     else:

@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 from litcompress.pruning.engine import (apply_mask_, check_fraction, check_keep_multiple_of, effective_tensor,
                                         trainable_tensor)
 from litcompress.pruning.parametrizations import has_computed_tensors
-from litcompress.pruning.schedules import rounded_pruned_count
+from litcompress.pruning.schedules import structured_pruned_count
 from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _BATCH_NORM, _DROPOUT,
                                         _DROPOUT_FUNCTIONS, _POOLING, _POOLING_FUNCTIONS, _TRANSPOSED,
                                         _VALUE_KEEPING_METHODS, LayerShrink, _called_once_or_stateless,
@@ -496,7 +496,7 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
         weights = {p: effective_tensor(modules[p], "weight") for p in slices}
         importance = sum(torch.linalg.vector_norm(_rows(weights[p])[start:start + group.channels], ord=norm, dim=1)
                          for p, starts in slices.items() for start in starts)
-        count = rounded_pruned_count(group.channels, sparsity, keep_multiple_of)
+        count = structured_pruned_count(group.channels, sparsity, keep_multiple_of)
         if count <= 0:
             continue
         before = int((importance == 0).sum())

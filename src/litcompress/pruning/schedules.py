@@ -367,6 +367,14 @@ def rounded_pruned_count(n_total: int, target: float, keep_multiple_of: int | No
     return n_total - kept_multiple(n_total, n_total - round(target * n_total), keep_multiple_of)
 
 
+def structured_pruned_count(n_total: int, target: float, keep_multiple_of: int | None = None) -> int:
+    """:func:`rounded_pruned_count` of a layer's rows/channels, leaving at least one (a multiple of
+    `keep_multiple_of`): a layer with every channel pruned outputs a constant (0.75 of 2 rounds to both), which
+    costs the model its input there and lets shrink remove nothing."""
+    return min(rounded_pruned_count(n_total, target, keep_multiple_of),
+               n_total - kept_multiple(n_total, 1, keep_multiple_of))
+
+
 def count_to_prune(n_total: int, n_pruned: int, target: float) -> int:
     """Exact number of further entries to prune so that ``n_pruned`` becomes
     ``round(target * n_total)``; 0 when already at or above it (never negative)."""
