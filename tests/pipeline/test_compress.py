@@ -1886,3 +1886,51 @@ def test_a_calibration_batch_the_model_cannot_take_fails_before_fine_tuning():
                      calibration_data=data, fine_tune=fine_tune, fine_tune_steps=1)
         assert ("give [(inputs, targets)]" in str(error.value)) == hint
     assert steps == []
+
+
+class SigmoidBeforePaddedConv(nn.Module):
+    """c1's zero channels become sigmoid(0) = 0.5 before a zero-padded conv: no held bias or BatchNorm zeroes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.c2, self.head = nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c2(torch.sigmoid(self.bn(self.c1(x)))).mean((2, 3)))
+
+
+class BiasedConvIntoAGate(nn.Module):
+    """c1 (a bias, no BatchNorm) feeds a squeeze-excitation gate: its pruned channels' biases must be held at zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.red, self.exp = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 3, 1), nn.Conv2d(3, 6, 1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.silu(self.c1(x))
+        y = y * torch.sigmoid(self.exp(nn.functional.relu(self.red(nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class, c1_pruned", [(SigmoidBeforePaddedConv, False), (BiasedConvIntoAGate, True)])
+def test_structured_pruning_prunes_a_layer_only_where_shrink_removes_what_it_pruned(model_class, c1_pruned):
+    """Found by a shrink fuzzer: both c1 were pruned and kept whole by shrink (accuracy lost, nothing saved), with
+    advice to hold a BatchNorm at zero that the pipeline had already held (and that cannot zero a sigmoid's 0.5)."""
+    from litcompress.pruning import channel_plan
+
+    torch.manual_seed(0)
+    model, x = model_class().eval(), torch.randn(16, 3, 6, 6)
+    reason = channel_plan(model, example_inputs=(x,)).removable()["c1"]
+    assert (reason is None) == c1_pruned
+    if not c1_pruned:
+        assert "maps 0 to a non-zero constant, into c2" in reason
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
+                                               quantize=None, export=False, latency_repeats=2),
+                      eval_fn=lambda m: 0.0, example_inputs=x)
+    pruned_rows = int((result.stage_models["pruned"].c1.weight.flatten(1).abs().sum(1) == 0).sum())
+    assert pruned_rows == (3 if c1_pruned else 0)
+    assert result.model.c1.out_channels == 6 - pruned_rows if c1_pruned else result.model.c1.out_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), result.stage_models["pruned"](x), rtol=1e-5, atol=1e-6)

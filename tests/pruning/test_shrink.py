@@ -975,9 +975,13 @@ def test_a_channel_leaves_a_branching_output_when_every_branch_reads_it_as_a_con
 
 
 def test_the_batch_norms_of_every_branch_are_planned_with_their_producer() -> None:
-    model = Fork("tanh", 1, 1, True)
+    model = Fork("tanh", 1, 0, True)
     assert removable_channels(model)["stem"] is None
     assert following_batch_norms(model) == {"stem": ["bn", "bn_b"]}
+    # a zero-padded depthwise conv after the sigmoid: its pruned channels read sigmoid(0) = 0.5, padded with zeros
+    # (not constant at the borders), whatever BatchNorm is held at zero: not removable (it was planned so)
+    assert "pass sigmoid, which maps 0 to a non-zero constant, into conv_b" in removable_channels(
+        Fork("tanh", 1, 1, True))["stem"]
 
 
 # ------------------------------------------------------------------------------------------------ concatenations

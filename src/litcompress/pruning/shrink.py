@@ -2428,6 +2428,33 @@ def _groups_out_of_reach(chain: _Chain) -> str | None:
     return None
 
 
+def _zeros_made_constants(chain: _Chain) -> str | None:
+    """Why not removable, for a branch whose zero channels must stay exactly zero (a zero-padded conv, a gate or a
+    transposed conv reads them) but pass an element-wise op that maps 0 elsewhere (a sigmoid: 0.5): no bias or
+    BatchNorm held at zero makes them zero there, so pruning them costs accuracy and shrink removes none."""
+    for branch in chain.branches:
+        # the ops before the last place that needs exact zeros (the consumer itself, or a padded depthwise conv, a
+        # gate on the way): after it, a constant folds into the consumer
+        needs = [i for i, op in enumerate(branch.ops)
+                 if (isinstance(op, _Depthwise) and op.zero_padded) or isinstance(op, (_ZerosOnly, _Gate))]
+        upto = len(branch.ops) if branch.zeros_only else max(needs, default=-1)
+        for op in branch.ops[:max(upto, 0)]:
+            if isinstance(op, (_BatchNorm, _PReLU, _Depthwise, _Gate, _Concat, _ZerosOnly)):
+                continue
+            try:
+                with torch.no_grad():
+                    moved = bool(torch.as_tensor(op(torch.zeros(1, branch.width))).ne(0).any())
+            except Exception:  # noqa: BLE001 - not element-wise on a (1, C) tensor: not judged here
+                continue
+            if moved:
+                name = getattr(op, "target", None) or type(op).__name__
+                return (f"its zero channels pass {getattr(name, '__name__', name)}, which maps 0 to a non-zero "
+                        f"constant, into {branch.consumer_name or 'a layer'} that must see exact zeros (a zero-padded "
+                        "or transposed conv, a gate): no bias or BatchNorm held at zero makes them zero, so none of "
+                        "them can go")
+    return None
+
+
 def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
                  example_inputs: Tensor | tuple | None = None) -> ChannelPlan:
     """`model`'s :class:`ChannelPlan`; ValueError if the model cannot be traced. With `example_inputs`, the ranks
@@ -2441,6 +2468,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
               for name, chain in _producer_chains(traced.graph, modules, traced.calls, producers)}
     chains = {name: (_groups_out_of_reach(chain) or chain) if isinstance(chain, _Chain) else chain
               for name, chain in chains.items()}
+    chains = {name: (_zeros_made_constants(chain) or chain) if isinstance(chain, _Chain) else chain
+              for name, chain in chains.items()}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     reasons.update({name: _unreached_reason(name, traced.traces, modules) for name in producers - reasons.keys()})
     called = _called_modules(traced.graph)
@@ -2451,9 +2480,10 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
         groups=traced.groups,
         batch_norms={name: {names[id(bn)]: start for bn, start in chain.batch_norms.items()}
                      for name, chain in chains.items() if isinstance(chain, _Chain) and chain.batch_norms},
+        # (a gate too: its zero channels must be zero where the gate's excitation reads them)
         zeros_only=frozenset(name for name, chain in chains.items() if isinstance(chain, _Chain) and any(
-            branch.zeros_only or any((isinstance(op, _Depthwise) and op.zero_padded) or isinstance(op, _ZerosOnly)
-                                     for op in branch.ops)
+            branch.zeros_only or any((isinstance(op, _Depthwise) and op.zero_padded)
+                                     or isinstance(op, (_ZerosOnly, _Gate)) for op in branch.ops)
             for branch in chain.branches)),
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
