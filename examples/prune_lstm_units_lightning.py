@@ -12,6 +12,7 @@ on a laptop CPU on scikit-learn's digits (an 8x8 image read row by row; no downl
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--units", type=float, default=0.5, help="fraction of the LSTM's hidden units pruned")
     parser.add_argument("--save", default="", help="save the shrunk weights here, then reload them into a fresh model")
     args = parser.parse_args()
+    if args.save and os.path.isdir(args.save):  # (torch.save failed there after all the training)
+        parser.error(f"--save {args.save} is a directory; give a file path, e.g. {os.path.join(args.save, 'model.pt')}")
     if not 0.0 < args.units < 1.0:
         parser.error(f"--units must be in (0, 1), got {args.units}")
     if args.epochs < 1:

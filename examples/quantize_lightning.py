@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--max-trials", type=int, default=6)
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "digits_cnn.int8")
     args = parser.parse_args()
+    if args.output.is_dir():  # (refused by save_quantized after the training and the search)
+        parser.error(f"--output {args.output} is a directory; give a file path, e.g. {args.output / 'model.int8'}")
     if args.epochs < 1 or args.max_trials < 1:  # --epochs 0 quantized an untrained CNN
         parser.error("--epochs and --max-trials must be >= 1")
     if not 0.0 <= args.tolerance < 1.0:

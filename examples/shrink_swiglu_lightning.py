@@ -11,6 +11,7 @@ a minute on a laptop CPU on scikit-learn's digits (no download).
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--amount", type=float, default=0.5, help="fraction of w1's and of w3's rows pruned")
     parser.add_argument("--save", default="", help="save the shrunk weights here, then reload them into a fresh model")
     args = parser.parse_args()
+    if args.save and os.path.isdir(args.save):  # (torch.save failed there after all the training)
+        parser.error(f"--save {args.save} is a directory; give a file path, e.g. {os.path.join(args.save, 'model.pt')}")
     if not 0.0 < args.amount < 1.0:
         parser.error(f"--amount must be in (0, 1), got {args.amount}")
     if args.epochs < 1:

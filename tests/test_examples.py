@@ -128,6 +128,10 @@ def test_prune_lstm_units_lightning(tmp_path):
     # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
     ("examples/quantize_lightning.py", ["--epochs", "0"], "--epochs and --max-trials must be >= 1"),
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
+    # failed after the training, in torch.save's or compress's words
+    ("examples/prune_lstm_units_lightning.py", ["--save", "."], "--save . is a directory; give a file path"),
+    ("examples/compress_plain_pytorch.py", ["--output-dir", str(EXAMPLES.parent / "pyproject.toml")],
+     "pyproject.toml is a file; give a directory"),
 ])
 def test_scripts_refuse_bad_arguments_at_parse(script, args, message):
     # Its own process group: were a refusal to regress, the script would start training workers that a timeout
