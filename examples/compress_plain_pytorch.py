@@ -52,8 +52,11 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=5, help="fine-tuning epochs while pruning")
     parser.add_argument("--output-dir", default="out/plain_pytorch")
     args = parser.parse_args()
-    if os.path.isfile(args.output_dir):  # (refused by compress after the dense training)
-        parser.error(f"--output-dir {args.output_dir} is a file; give a directory")
+    existing = os.path.abspath(args.output_dir)  # (refused by compress after the dense training)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--output-dir {args.output_dir}: {existing} is a file; give a directory")
     if args.epochs < 1 or args.fine_tune_epochs < 1:
         parser.error("--epochs and --fine-tune-epochs must be >= 1")
 

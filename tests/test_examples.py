@@ -130,7 +130,7 @@ def test_prune_lstm_units_lightning(tmp_path):
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
     # failed after the training, in torch.save's or compress's words
     ("examples/prune_lstm_units_lightning.py", ["--save", "."], "--save . is a directory; give a file path"),
-    ("examples/compress_plain_pytorch.py", ["--output-dir", str(EXAMPLES.parent / "pyproject.toml")],
+    ("examples/compress_plain_pytorch.py", ["--output-dir", str(EXAMPLES.parent / "pyproject.toml" / "run")],
      "pyproject.toml is a file; give a directory"),
 ])
 def test_scripts_refuse_bad_arguments_at_parse(script, args, message):

@@ -205,7 +205,8 @@ def test_a_fraction_that_rounds_to_no_head_is_refused_or_said(tmp_path):
     # one head: always kept, at any fraction (0.6 passed, pruning nothing)
     with pytest.raises(MisconfigurationException, match=r"prunes none in encoder.layers.0.self_attn \(1\), "
                                                         r"encoder.layers.1.self_attn \(1\); no fraction below 1 "
-                                                        r"prunes any in .* \(each keeps at least one: `exclude` them\)"):
+                                                        r"prunes any in .* \(each keeps at least one: `exclude` "
+                                                        r"them\)"):
         _trainer(tmp_path, 1, [HeadPruning(0.6)]).fit(TransformerClassifier(heads=1), datamodule=_data())
 
 

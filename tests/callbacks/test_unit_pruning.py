@@ -127,7 +127,8 @@ def test_bad_input_is_refused_before_training(tmp_path):
         _trainer(tmp_path, 1, [UnitPruning(0.3, keep_multiple_of=8)]).fit(LSTMClassifier(hidden=16),
                                                                           datamodule=_data())
     with pytest.raises(MisconfigurationException, match=r"no fraction below 1 prunes any in lstm \(each keeps at "
-                                                        r"least one, a multiple of keep_multiple_of=16: `exclude` them\)"):
+                                                        r"least one, a multiple of keep_multiple_of=16: `exclude` "
+                                                        r"them\)"):
         _trainer(tmp_path, 1, [UnitPruning(0.45, keep_multiple_of=16)]).fit(LSTMClassifier(hidden=16),
                                                                             datamodule=_data())
 

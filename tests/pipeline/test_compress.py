@@ -179,9 +179,9 @@ def test_sparsity_is_hit_exactly_and_shrinking_keeps_the_outputs(case):
     result = compress(model, config, eval_fn=lambda m: float(m(x).sum()), example_inputs=x)
     pruned = result.stage_models["pruned"]
     linears = [m for m in pruned if isinstance(m, nn.Linear)]
-    if structured:  # each hidden layer loses exactly round(s * rows) rows; the output layer none
+    if structured:  # each hidden layer loses exactly round(s * rows) rows, one always kept; the output layer none
         assert [int((m.weight.abs().sum(1) == 0).sum()) for m in linears] == \
-               [round(sparsity * m.out_features) for m in linears[:-1]] + [0]
+               [min(round(sparsity * m.out_features), m.out_features - 1) for m in linears[:-1]] + [0]
     else:  # globally, exactly round(s * n) of all the weights
         n = sum(m.weight.numel() for m in linears)
         assert sum(int((m.weight == 0).sum()) for m in linears) == round(sparsity * n)
@@ -1914,7 +1914,38 @@ class BiasedConvIntoAGate(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("model_class, c1_pruned", [(SigmoidBeforePaddedConv, False), (BiasedConvIntoAGate, True)])
+class ShiftedSigmoidBeforePaddedConv(SigmoidBeforePaddedConv):
+    """2 * sigmoid(x) - 1 maps 0 to 0: followed through the ops, the pruned channels stay zero (a review: each op
+    judged alone refused it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c2(2 * torch.sigmoid(self.bn(self.c1(x))) - 1).mean((2, 3)))
+
+
+class SoftplusBeforeAHeldBatchNorm(SigmoidBeforePaddedConv):
+    """softplus(0) != 0 comes before the BatchNorm, which the pipeline holds at zero for the pruned channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c2(self.bn(nn.functional.softplus(self.c1(x)))).mean((2, 3)))
+
+
+class BiasedDepthwiseBeforeAGate(nn.Module):
+    """A pruned channel of c1 leaves the padded depthwise conv as its bias, a constant the gate does not keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.dw = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.red, self.exp, self.head = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(nn.functional.silu(self.c1(x)))
+        y = y * torch.sigmoid(self.exp(nn.functional.relu(self.red(nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class, c1_pruned", [
+    (SigmoidBeforePaddedConv, False), (BiasedConvIntoAGate, True), (ShiftedSigmoidBeforePaddedConv, True),
+    (SoftplusBeforeAHeldBatchNorm, True), (BiasedDepthwiseBeforeAGate, False)])
 def test_structured_pruning_prunes_a_layer_only_where_shrink_removes_what_it_pruned(model_class, c1_pruned):
     """Found by a shrink fuzzer: both c1 were pruned and kept whole by shrink (accuracy lost, nothing saved), with
     advice to hold a BatchNorm at zero that the pipeline had already held (and that cannot zero a sigmoid's 0.5)."""
@@ -1923,14 +1954,15 @@ def test_structured_pruning_prunes_a_layer_only_where_shrink_removes_what_it_pru
     torch.manual_seed(0)
     model, x = model_class().eval(), torch.randn(16, 3, 6, 6)
     reason = channel_plan(model, example_inputs=(x,)).removable()["c1"]
-    assert (reason is None) == c1_pruned
+    assert (reason is None) == c1_pruned, reason
     if not c1_pruned:
-        assert "maps 0 to a non-zero constant, into c2" in reason
+        assert "as a non-zero constant (" in reason
     result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"),
                                                quantize=None, export=False, latency_repeats=2),
                       eval_fn=lambda m: 0.0, example_inputs=x)
     pruned_rows = int((result.stage_models["pruned"].c1.weight.flatten(1).abs().sum(1) == 0).sum())
-    assert pruned_rows == (3 if c1_pruned else 0)
-    assert result.model.c1.out_channels == 6 - pruned_rows if c1_pruned else result.model.c1.out_channels == 8
+    width = result.stage_models["pruned"].c1.out_channels
+    assert pruned_rows == (width // 2 if c1_pruned else 0)
+    assert result.model.c1.out_channels == width - pruned_rows
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), result.stage_models["pruned"](x), rtol=1e-5, atol=1e-6)

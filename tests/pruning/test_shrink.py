@@ -980,8 +980,8 @@ def test_the_batch_norms_of_every_branch_are_planned_with_their_producer() -> No
     assert following_batch_norms(model) == {"stem": ["bn", "bn_b"]}
     # a zero-padded depthwise conv after the sigmoid: its pruned channels read sigmoid(0) = 0.5, padded with zeros
     # (not constant at the borders), whatever BatchNorm is held at zero: not removable (it was planned so)
-    assert "pass sigmoid, which maps 0 to a non-zero constant, into conv_b" in removable_channels(
-        Fork("tanh", 1, 1, True))["stem"]
+    assert "reach the zero-padded depthwise conv dw as a non-zero constant (sigmoid makes them one)" in \
+        removable_channels(Fork("tanh", 1, 1, True))["stem"]
 
 
 # ------------------------------------------------------------------------------------------------ concatenations

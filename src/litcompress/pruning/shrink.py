@@ -2429,29 +2429,43 @@ def _groups_out_of_reach(chain: _Chain) -> str | None:
 
 
 def _zeros_made_constants(chain: _Chain) -> str | None:
-    """Why not removable, for a branch whose zero channels must stay exactly zero (a zero-padded conv, a gate or a
-    transposed conv reads them) but pass an element-wise op that maps 0 elsewhere (a sigmoid: 0.5): no bias or
-    BatchNorm held at zero makes them zero there, so pruning them costs accuracy and shrink removes none."""
+    """Why not removable, for a branch whose pruned channels reach a place that needs exact zeros (a zero-padded or
+    transposed conv, a gate, a zero-padded depthwise conv) as a non-zero constant: the value of a pruned channel is
+    followed through the branch's ops (a BatchNorm held at zero, as the pipeline holds it, gives 0 again; a
+    depthwise conv's bias a constant; an element-wise op its value there, e.g. sigmoid(0) = 0.5). No bias or
+    BatchNorm held at zero makes such channels zero, so pruning them costs accuracy and shrink removes none."""
+    def reason(where: str, made_by: str) -> str:
+        return (f"its zero channels reach {where} as a non-zero constant ({made_by} makes them one), where only "
+                "exact zeros can go: no bias or BatchNorm held at zero makes them zero, so none of them can go")
+
     for branch in chain.branches:
-        # the ops before the last place that needs exact zeros (the consumer itself, or a padded depthwise conv, a
-        # gate on the way): after it, a constant folds into the consumer
-        needs = [i for i, op in enumerate(branch.ops)
-                 if (isinstance(op, _Depthwise) and op.zero_padded) or isinstance(op, (_ZerosOnly, _Gate))]
-        upto = len(branch.ops) if branch.zeros_only else max(needs, default=-1)
-        for op in branch.ops[:max(upto, 0)]:
-            if isinstance(op, (_BatchNorm, _PReLU, _Depthwise, _Gate, _Concat, _ZerosOnly)):
-                continue
-            try:
-                with torch.no_grad():
-                    moved = bool(torch.as_tensor(op(torch.zeros(1, branch.width))).ne(0).any())
-            except Exception:  # noqa: BLE001 - not element-wise on a (1, C) tensor: not judged here
-                continue
-            if moved:
-                name = getattr(op, "target", None) or type(op).__name__
-                return (f"its zero channels pass {getattr(name, '__name__', name)}, which maps 0 to a non-zero "
-                        f"constant, into {branch.consumer_name or 'a layer'} that must see exact zeros (a zero-padded "
-                        "or transposed conv, a gate): no bias or BatchNorm held at zero makes them zero, so none of "
-                        "them can go")
+        value, made_by = 0.0, ""
+        for op in branch.ops:
+            if isinstance(op, _BatchNorm):  # held at zero for the pruned channels (zero_batch_norm)
+                value = 0.0
+            elif isinstance(op, _Depthwise):
+                if op.zero_padded and value != 0:
+                    return reason(f"the zero-padded depthwise conv {op.name}", made_by)
+                if getattr(op.conv, "bias", None) is not None:  # a zero input channel comes out as its bias
+                    value, made_by = 1.0, f"the bias of {op.name}"
+            elif isinstance(op, (_Gate, _ZerosOnly)):
+                if value != 0:
+                    return reason("a gate" if isinstance(op, _Gate) else op.name, made_by)
+            elif isinstance(op, (_Concat, _PReLU)):
+                continue  # (a PReLU keeps a zero zero, and a constant a non-zero constant)
+            else:
+                try:
+                    with torch.no_grad():
+                        new = float(torch.as_tensor(op(torch.full((1, 1), value))).reshape(-1)[0])
+                except Exception:  # noqa: BLE001 - not element-wise: not followed here
+                    break
+                if value == 0 and new != 0:
+                    name = getattr(op, "target", None) or type(op).__name__
+                    made_by = str(getattr(name, "__name__", name))
+                value = new
+        else:
+            if branch.zeros_only and value != 0:
+                return reason(branch.consumer_name or "its consumer", made_by)
     return None
 
 
