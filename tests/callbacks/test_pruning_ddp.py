@@ -38,7 +38,8 @@ def _run(impl: str, out: Path, *args: str) -> dict[int, dict[str, torch.Tensor]]
         pytest.param("lightning", marks=[pytest.mark.slow,
                                          pytest.mark.xfail(strict=True, reason="each rank draws its own random mask")]),
         "litcompress",
-        "configured",  # a module whose layers `configure_model` builds: its targets are found after DDP wraps it
+        # a module whose layers `configure_model` builds: its targets are found after DDP wraps it (make test-slow)
+        pytest.param("configured", marks=pytest.mark.slow),
     ],
 )
 def test_ddp_ranks_share_masks_and_reset_weights(tmp_path, impl):
@@ -53,7 +54,8 @@ def test_ddp_ranks_share_masks_and_reset_weights(tmp_path, impl):
     [
         pytest.param("lightning", "masked", marks=[pytest.mark.slow, pytest.mark.xfail(
             strict=True, reason="the parent's model silently keeps its initial weights (masked keys dropped)")]),
-        ("litcompress", "masked"),
+        # masks kept under spawn: the default run checks it with UnitPruning (test_structure_defects.py)
+        pytest.param("litcompress", "masked", marks=pytest.mark.slow),
         ("litcompress", "permanent"),  # (every callback's default)
     ],
 )
@@ -79,6 +81,7 @@ def test_ddp_ranks_prune_the_same_heads(tmp_path):
         assert torch.equal(states[0][key], states[1][key]), key
 
 
+@pytest.mark.slow  # StructurePruning's broadcast: the default run checks it with HeadPruning
 def test_ddp_ranks_prune_the_same_units(tmp_path):
     states = _run("units", tmp_path)
     masks = [k for k in states[0] if k.startswith("rnn.") and k.endswith("_mask")]

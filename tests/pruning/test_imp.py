@@ -343,6 +343,7 @@ def test_a_search_killed_mid_way_resumes_from_its_checkpoint_and_ends_as_the_uni
                             rate=0.5, checkpoint_path=path, **other, trainer_kwargs=dict(max_epochs=1))
 
 
+@pytest.mark.slow  # two processes, ~17 s (make test-slow); ranks' masks under DDP: tests/callbacks/test_pruning_ddp.py
 def test_under_ddp_the_ranks_share_the_rewind_point_and_one_writes_the_search(tmp_path):
     """Each DDP rank runs the search: the fit saved at k was rank 0's file in rank 0's temporary folder, which the
     other rank could not find, and every rank wrote the search file at once (one moved the other's away). Each rank's
