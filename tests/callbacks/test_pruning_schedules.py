@@ -355,18 +355,6 @@ def test_a_rewind_point_up_to_the_first_round_callables_give_is_taken(tmp_path, 
     make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(ThreeLayerModel())
 
 
-def test_a_rewind_step_past_a_first_round_that_max_steps_brings_forward_fails_before_training(tmp_path):
-    """max_steps=2 ends epoch 0 at step 2, and Lightning runs its end (the round) all the same."""
-    callback = ModelPruning("l1_unstructured", amount=lambda epoch: 0.3, use_lottery_ticket_hypothesis=True,
-                            rewind_to_step=3)
-    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=callback)
-    with pytest.raises(MisconfigurationException, match=r"`rewind_to_step=3` is after the first pruning round that "
-                                                        r"resets, at the end of epoch 0 .*optimizer step 2 at 4 steps "
-                                                        r"per epoch, max_steps=2\)"):
-        trainer.fit(ThreeLayerModel())
-    assert trainer.global_step == 0
-
-
 class SparsityAtValidations(Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, float]] = []
@@ -396,17 +384,21 @@ def test_an_epoch_schedule_pruned_at_validations_inside_an_epoch_waits_for_its_e
         assert seen.seen == [(6, 0.5)]
 
 
-def test_a_rewind_point_past_an_epoch_that_max_steps_cuts_short_fails_before_training(tmp_path):
+@pytest.mark.parametrize("amount, first_round", [
+    (0.2, "the first pruning round"),
+    # a callable amount: its first round was found at its reset (the callables' check had no max_steps at first)
+    (lambda epoch: 0.2, "the first pruning round that resets")])
+def test_a_rewind_point_past_an_epoch_that_max_steps_cuts_short_fails_before_training(tmp_path, amount, first_round):
     """Lightning ends the cut-short epoch (its round runs at max_steps): a snapshot due after that failed at the
     round's reset, once the whole fit had trained."""
-    callback = ModelPruning("l1_unstructured", amount=0.2, use_lottery_ticket_hypothesis=True, rewind_to_step=3)
+    callback = ModelPruning("l1_unstructured", amount=amount, use_lottery_ticket_hypothesis=True, rewind_to_step=3)
     trainer = make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=callback)
-    with pytest.raises(MisconfigurationException, match=r"`rewind_to_step=3` is after the first pruning round, at the "
-                                                        r"end of epoch 0 \(optimizer step 2 at 4 steps per epoch, "
+    with pytest.raises(MisconfigurationException, match=rf"`rewind_to_step=3` is after {first_round}, at the end of "
+                                                        r"epoch 0 .*optimizer step 2 at 4 steps per epoch, "
                                                         r"max_steps=2\).*Rewind to step 2 or earlier"):
         trainer.fit(ThreeLayerModel())
     assert trainer.global_step == 0
-    callback = ModelPruning("l1_unstructured", amount=0.2, use_lottery_ticket_hypothesis=True, rewind_to_step=2)
+    callback = ModelPruning("l1_unstructured", amount=amount, use_lottery_ticket_hypothesis=True, rewind_to_step=2)
     trainer = make_trainer(tmp_path, max_epochs=3, max_steps=2, callbacks=callback)
     trainer.fit(ThreeLayerModel())
     assert trainer.global_step == 2 and callback._history[0]["lottery_ticket_reset"]
