@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -100,7 +101,22 @@ def test_prune_lstm_units_lightning(tmp_path):
     assert "with 64 units" in out and "same outputs: True" in out
 
 
-@pytest.mark.parametrize("script, args, message", [
+# Each script's refusal runs in one shared process (importing torch and lightning once, not per case: ~5 s each),
+# through runpy as `python script.py ARGS` would; each case's exit code and stderr come back as one JSON line.
+_PARSE_CHILD = r"""
+import contextlib, io, json, runpy, sys
+for script, args in json.loads(sys.argv[1]):
+    stderr, code = io.StringIO(), None
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code
+    print(json.dumps([script, args, code, stderr.getvalue()]), flush=True)
+"""
+
+PARSE_REFUSALS = [
     # ran nothing and exited 0 (the names were tested as substrings of the option's text)
     ("benchmarks/ptq.py", ["--models", "MLP,cnn"], "--models: unknown ['MLP']; choose from mlp, cnn, lstm"),
     # distilled an untrained teacher and printed its "gain" in bold
@@ -123,8 +139,7 @@ def test_prune_lstm_units_lightning(tmp_path):
     ("benchmarks/lottery_ticket.py", ["--rewind-to-step", "-1"], "--rewind-to-step must be >= 0 (0: initialisation)"),
     ("benchmarks/shrink.py", ["--keep-multiple-of", "0"], "--keep-multiple-of must be >= 1, got 0"),
     ("benchmarks/qat.py", ["--skip-latency", "--latency-only"], "not allowed with argument --skip-latency"),
-    pytest.param("benchmarks/profile_prune_round.py", ["--device", "cuda"], "this torch sees no CUDA device",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")),
+    ("benchmarks/profile_prune_round.py", ["--device", "cuda"], "this torch sees no CUDA device"),  # without CUDA
     # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
     ("examples/quantize_lightning.py", ["--epochs", "0"], "--epochs and --max-trials must be >= 1"),
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
@@ -132,17 +147,38 @@ def test_prune_lstm_units_lightning(tmp_path):
     ("examples/prune_lstm_units_lightning.py", ["--save", "."], "--save . is a directory; give a file path"),
     ("examples/compress_plain_pytorch.py", ["--output-dir", str(EXAMPLES.parent / "pyproject.toml" / "run")],
      "pyproject.toml is a file; give a directory"),
-])
-def test_scripts_refuse_bad_arguments_at_parse(script, args, message):
+]
+
+
+@pytest.fixture(scope="module")
+def parse_results() -> dict[tuple[str, tuple[str, ...]], tuple[int | None, str]]:
+    cases = [[str(EXAMPLES.parent / script), args] for script, args, _ in PARSE_REFUSALS
+             if not (torch.cuda.is_available() and "--device" in args)]
     # Its own process group: were a refusal to regress, the script would start training workers that a timeout
-    # killing the script alone leaves running (mnist_sparsity.py's did, for 25 minutes, beside a CI run).
-    with subprocess.Popen([sys.executable, str(EXAMPLES.parent / script), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as script_run:
+    # killing the process alone leaves running (mnist_sparsity.py's did, for 25 minutes, beside a CI run).
+    with subprocess.Popen([sys.executable, "-c", _PARSE_CHILD, json.dumps(cases)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as child:
         try:
-            _, stderr = script_run.communicate(timeout=120)
+            stdout, _ = child.communicate(timeout=240)
+        except subprocess.TimeoutExpired:  # a case ran on: those before it still answered
+            stdout = ""
         finally:
             try:
-                os.killpg(script_run.pid, signal.SIGKILL)
+                os.killpg(child.pid, signal.SIGKILL)
             except ProcessLookupError:  # the group is gone: nothing was left running
                 pass
-    assert script_run.returncode == 2 and message in stderr, stderr[-2000:]
+    results = {}
+    for line in stdout.splitlines():
+        if line.startswith("["):
+            script, args, code, stderr = json.loads(line)
+            results[Path(script).relative_to(EXAMPLES.parent).as_posix(), tuple(args)] = code, stderr
+    return results
+
+
+@pytest.mark.parametrize("script, args, message", PARSE_REFUSALS)
+def test_scripts_refuse_bad_arguments_at_parse(parse_results, script, args, message):
+    if torch.cuda.is_available() and "--device" in args:
+        pytest.skip("a CUDA device is here")
+    assert (script, tuple(args)) in parse_results, "no answer: this or an earlier case ran past its parse"
+    code, stderr = parse_results[script, tuple(args)]
+    assert code == 2 and message in stderr, stderr[-2000:]
