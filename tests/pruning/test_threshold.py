@@ -193,6 +193,22 @@ def test_non_int_k_raises() -> None:
         smallest_k_masks([torch.arange(6.0)], [None], 2.0)  # type: ignore[arg-type]
 
 
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=16), max_size=12),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+def test_holds_nan_is_isnan_any_whatever_the_infinities_and_overflows(values, dtype) -> None:
+    # the sum screen: infinities of both signs sum to NaN, large float16 values overflow to inf
+    tensor = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert threshold.holds_nan(tensor) == bool(torch.isnan(tensor).any())
+
+
+def test_float_masks_keep_what_is_not_zero_negative_zero_and_nan_as_before() -> None:
+    # a mask converted to bool: -0.0 is pruned, NaN (as `!= 0` said) and any other value kept
+    mask = torch.tensor([1.0, 0.0, -0.0, 0.5, math.nan, -2.0])
+    new = smallest_k_masks([torch.arange(6.0)], [mask], 1)[0]
+    assert new.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+
+
 def test_nan_scores_are_rejected() -> None:
     with pytest.raises(ValueError, match="NaN"):
         smallest_k_masks([torch.ones(3), torch.tensor([1.0, math.nan])], [None, None], 1)

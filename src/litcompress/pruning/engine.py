@@ -39,7 +39,7 @@ from litcompress.pruning.methods import (accepted_kwargs, check_method_kwargs, c
                                          check_takes_amount, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors, scripted_targets_message
 from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
-from litcompress.pruning.threshold import smallest_k_masks
+from litcompress.pruning.threshold import holds_nan, smallest_k_masks
 
 Target = tuple[nn.Module, str]
 Scope = Literal["local", "global"]
@@ -625,7 +625,7 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
         # before any mask is made: the model is left as it was (NaN cannot be ranked; smallest_k_masks refuses it too,
         # by index)
         diverged = [f"{type(m).__name__}.{n}" for (m, n), score in zip(targets, scores)
-                    if score.is_floating_point() and bool(torch.isnan(score).any())]
+                    if holds_nan(score)]
         if diverged:
             raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
                              "diverged?), which magnitude pruning cannot rank; nothing was pruned.")

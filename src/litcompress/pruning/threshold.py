@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["kth_smallest", "smallest_k_masks"]
+__all__ = ["holds_nan", "kth_smallest", "smallest_k_masks"]
 
 # Gather the candidates once the bracket holds at most this many kept entries.
 _GATHER_LIMIT = 1 << 20
@@ -34,6 +34,15 @@ _MAX_REFINEMENTS = 6
 _TIE_CHUNK = 1 << 20
 # Fixed seed: the sample only guides the search, but runs must be reproducible.
 _SAMPLE_SEED = 0x5EED
+
+
+def holds_nan(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds a NaN. A NaN anywhere makes the sum NaN, so one reduction (no tensor-sized
+    temporary) clears the common case; only a NaN sum (a NaN, or infinities of both signs) is looked at entry by
+    entry."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    return bool(torch.isnan(tensor.sum())) and bool(torch.isnan(tensor).any())
 
 
 class _Bound:
@@ -92,7 +101,7 @@ class _Inputs:
                     f"masks[{index}] has shape {tuple(mask.shape)} but scores[{index}] has "
                     f"shape {tuple(score.shape)}; they must match"
                 )
-            if score.is_floating_point() and bool(torch.isnan(score).any()):
+            if holds_nan(score):
                 raise ValueError(f"scores[{index}] contains NaN; scores must be comparable numbers")
             if mask is None:
                 self._kept.append(None)
@@ -100,7 +109,7 @@ class _Inputs:
                 self.kept_counts.append(score.numel())
             else:
                 flat = mask.reshape(-1)
-                kept = (flat if flat.dtype == torch.bool else flat != 0).to(score.device)
+                kept = flat.to(score.device, torch.bool)  # nonzero -> True, as `!= 0` (half the time)
                 self._kept.append(kept)
                 self._owns_kept.append(kept is not flat)
                 self.kept_counts.append(int(torch.count_nonzero(kept)))
