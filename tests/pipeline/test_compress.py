@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -227,6 +228,12 @@ def test_fine_tuning_runs_the_schedule_in_the_training_loop(trained, digits):
     assert [t for t, _ in seen] == list(range(1, 81)) and previous == round(0.9 * n) / n
     # t=10 is the schedule's start (target 0); 20..60 prune.
     assert "5 rounds during 80 fine-tuning steps" in result.report["pruned"].description
+    # the pruned model loads weights as a plain model does: its pruners' hooks went with them (they masked its zeros)
+    pruned = result.stage_models["pruned"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned.load_state_dict(pruned.state_dict())
+    assert not pruned_targets(pruned) and not any(m._load_state_dict_post_hooks for m in pruned.modules())
     # Fine-tuning recovered a usable model: far above the same sparsity reached in one shot (0.25; 0.78-0.8 after
     # fine-tuning, by the host's float kernels).
     one_shot = deepcopy_model(trained)

@@ -99,6 +99,66 @@ def test_resumed_pruner_continues_like_an_uninterrupted_one(method):
         assert torch.equal(value, model3.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("pruner_loaded", ["before the model", "after the model"])
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
+def test_a_pruner_resumed_from_weights_saved_without_masks_keeps_their_zeros_pruned(method, pruner_loaded):
+    """Weights saved permanent (`permanent_state_dict`: no masks) loaded unmasked: the zeros trained back between
+    rounds, and the resumed run ended at 0% sparsity where the uninterrupted one was at 70%."""
+    from litcompress.pruning import permanent_state_dict
+
+    schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=30, frequency=6)
+    model, x, y = model_and_data()
+    reference = GradualPruner(default_targets(model), schedule, method)
+    train(model, x, y, reference, steps=40)
+
+    model2, x, y = model_and_data()
+    first = GradualPruner(default_targets(model2), schedule, method)
+    train(model2, x, y, first, steps=13)  # the last round was at step 12: steps follow before the next one (18)
+    weights, state = permanent_state_dict(model2), first.state_dict()
+    assert not any(key.endswith("_mask") for key in weights)
+
+    model3, _, _ = model_and_data(seed=1)
+    resumed = GradualPruner(default_targets(model3), schedule, method)
+    with pytest.warns(UserWarning, match=r"GradualPruner: [\d,]+ zero entries of tensors it pruned had no mask "
+                                         r"\(weights loaded from a state dict without masks\); they are kept pruned"):
+        if pruner_loaded == "before the model":
+            resumed.load_state_dict(state)
+            model3.load_state_dict(weights)
+        else:
+            model3.load_state_dict(weights)
+            resumed.load_state_dict(state)
+    assert resumed.pruned() == first.pruned() > 0
+    train(model3, x, y, resumed, steps=27, start=14)
+    # the model computes with the same weights and masks as the uninterrupted one (only `orig` differs: zeros where
+    # the saved file had no values)
+    expected, got = permanent_state_dict(model), permanent_state_dict(model3)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert resumed.pruned() == reference.pruned() == round(0.8 * 640)
+
+
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
+def test_rounds_after_make_permanent_count_the_zeros_it_left_as_pruned(method):
+    """A random method drew its new mask over the whole tensor, the zeros of earlier rounds too: 88% sparsity for a
+    target of 80%, and the history started again from 0 pruned."""
+    from litcompress import make_permanent_
+
+    model, x, y = model_and_data()
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.8, begin=0, end=8), method,
+                           scope="local")
+    for t in range(5):
+        pruner.step(t)
+    before = pruner.pruned()
+    make_permanent_(model)
+    with pytest.warns(UserWarning, match=r"had no mask \(made permanent\); they are kept pruned"):
+        pruner.step(5)
+    assert pruner.history[-1]["pruned_before"] == before
+    for t in range(6, 9):
+        pruner.step(t)
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in default_targets(model))
+    assert zeros == pruner.pruned() == round(0.8 * 640)
+
+
 def test_a_fabric_loop_resumes_with_its_own_save_and_load(tmp_path):
     """`fabric.save`/`fabric.load` of model, optimizer and pruner, as a Fabric user writes them: the fresh model
     takes the saved masks, and the resumed run ends bit-identical to the uninterrupted one (Adam's state too)."""

@@ -902,6 +902,7 @@ def compress(
         keep_bypassed_weights_current_(work)  # an attention's pruned out_proj is read, never called
         method, targets, groups, target_sets = prune.pruning_method, pruning.targets, pruning.groups, pruning.sets
         held_at_zero = pruning.held_at_zero
+        pruners: list[GradualPruner] = []
         if fine_tune is None:
             pruning.prune_once_(float(prune.sparsity))
             how = "one-shot, no fine-tuning"
@@ -954,6 +955,8 @@ def compress(
         result_sparsity = sparsity_report(work, targets + pruning.unit_targets
                                           + [(m, n) for _, m, n in pruned_targets(work)])
         make_permanent_(work)
+        for pruner in pruners:  # the pruned model loads state dicts as a plain one (its zeros are not re-masked)
+            pruner.remove_hooks()
         work.eval()
         description = f"{prune.describe(scheduled=fine_tune is not None)}, {how}" + (
             f", channels kept in multiples of {multiple}" if multiple else "")

@@ -12,14 +12,58 @@ import torch.nn.utils.prune as torch_prune
 
 from litcompress.pruning.distributed import broadcast_pruning_state_, distributed_world_size
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
-                                        drawing_from, emptied_message, emptied_targets, prune_to_sparsity_,
-                                        pruned_count, register_state_hooks, round_seed, targets_digest)
+                                        drawing_from, emptied_message, emptied_targets, is_pruned,
+                                        prune_to_sparsity_, pruned_count, register_state_hooks, round_seed,
+                                        set_mask_, share_tied_masks_, targets_digest, unique_modules)
 from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
                                          norm_refusal, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule, check_progress
 
 _SEED_SALT = 0x6A09_E667_F3BC_C908
+
+
+def _has_pruned(history: Sequence[Mapping[str, Any]]) -> bool:
+    return bool(history) and history[-1]["pruned_after"] > 0
+
+
+def _mask_zeros_of_unmasked_(targets: Sequence[Target]) -> int:
+    """Give each target without a mask whose tensor holds zeros (not only zeros: a zero-initialised tensor) the mask
+    of its non-zero entries; returns how many entries that masks."""
+    masked = 0
+    for module, name in distinct_targets(targets):
+        tensor = getattr(module, name)
+        if is_pruned(module, name) or tensor.is_meta:
+            continue
+        with torch.no_grad():
+            zeros = tensor == 0
+        count = int(zeros.sum())
+        if 0 < count < zeros.numel():
+            set_mask_(module, name, ~zeros)
+            masked += count
+    return masked
+
+
+def _said_kept(count: int, how: str) -> str:
+    return (f"GradualPruner: {count:,} zero entries of tensors it pruned had no mask ({how}); they are kept pruned "
+            "(masked) rather than trained back, so the sparsity reached is kept. Save `model.state_dict()`, which "
+            "holds the masks, to resume.")
+
+
+class _ZerosStayPrunedHook:
+    """Load-state-dict post-hook of a target's module: once its pruner has pruned (`history`, the pruner's own list),
+    a target loaded without a mask (weights saved permanent: `permanent_state_dict`) keeps its zeros masked. A plain
+    object, so the model still pickles and deep-copies."""
+
+    def __init__(self, names: Sequence[str], history: list[dict[str, Any]]) -> None:
+        self.names = tuple(names)
+        self.history = history
+
+    def __call__(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
+        if _has_pruned(self.history):
+            masked = _mask_zeros_of_unmasked_([(module, name) for name in self.names])
+            if masked:
+                warnings.warn(_said_kept(masked, "weights loaded from a state dict without masks"), stacklevel=2)
 
 
 class GradualPruner:
@@ -30,8 +74,10 @@ class GradualPruner:
     `t`). A pruning point passed over between two calls gets its round, with its target, at the second.
 
     To resume, save ``model.state_dict()`` (it holds the masks) and :meth:`state_dict`; in the new process, build
-    the model and its pruner, then load both as usual (``model.load_state_dict``, ``fabric.load``): the pruner lets
-    its unpruned targets take the saved masks::
+    the model and its pruner, then load both as usual (``model.load_state_dict``, ``fabric.load``), in either order:
+    the pruner lets its unpruned targets take the saved masks. Weights saved without masks (``permanent_state_dict``)
+    keep their zeros masked once the pruner's state says it pruned, as do targets whose masks
+    :func:`~litcompress.pruning.make_permanent_` removed when the next round comes::
 
         pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=50))
         for step, batch in enumerate(loader, start=1):
@@ -105,13 +151,18 @@ class GradualPruner:
         # a fresh model then loads a pruned state dict (`<name>_orig`/`<name>_mask` keys) as it is: a resumed loop's
         # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged
         self._hook_handles = register_state_hooks(self.targets, permanent_state_dict=False)
+        self.history: list[dict[str, Any]] = []  # (one list for the pruner's life: the hooks below read it)
+        # ... and a permanent state dict (no masks) loaded after this pruner's state keeps its zeros pruned
+        for module in unique_modules(self.targets):
+            names = [name for m, name in self.targets if m is module]
+            self._hook_handles.append(
+                module.register_load_state_dict_post_hook(_ZerosStayPrunedHook(names, self.history)))
         self.last_t = -1
         # a random method's rounds draw from a stream of their own (round_seed): saved, a resumed loop draws the masks
         # the uninterrupted one did; seeded by the run's seed, not with it
         self._target_names = tuple(target_names or ())
         # (put off to the first round when a target has no values yet: a model built on the meta device)
         self.seed: int | None = None if any(getattr(m, n).is_meta for m, n in self.targets) else self._new_seed()
-        self.history: list[dict[str, Any]] = []
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
 
     def _new_seed(self) -> int:
@@ -203,6 +254,9 @@ class GradualPruner:
 
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
+        # what it pruned before and lost its masks since (make_permanent_) stays pruned: counted as kept, a random
+        # method would draw those zeros again and prune past the target
+        self._keep_zeros_of_unmasked_targets_("made permanent")
         before = self.pruned()
         if self.seed is None:
             self.seed = self._new_seed()
@@ -220,6 +274,20 @@ class GradualPruner:
             names = [self._names.get((id(m), n), f"{type(m).__name__}.{n}") for m, n in emptied]
             warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", names, self.scope), stacklevel=3)
 
+    def _keep_zeros_of_unmasked_targets_(self, how: str) -> None:
+        if _has_pruned(self.history):
+            masked = _mask_zeros_of_unmasked_(self.targets)
+            if masked:
+                share_tied_masks_(self.targets)
+                warnings.warn(_said_kept(masked, how), stacklevel=3)
+
+    def remove_hooks(self) -> None:
+        """Take this pruner's load-state-dict hooks off the model's modules (when handing the model on: it then loads
+        state dicts as a plain model does)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
     def pruned(self) -> int:
         """Entries masked out across the targets."""
         return sum(pruned_count(m, n) for m, n in distinct_targets(self.targets))
@@ -229,6 +297,8 @@ class GradualPruner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_t = int(state["last_t"])
-        self.history = list(state["history"])
+        self.history[:] = state["history"]  # in place: the load hooks hold this list
+        # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
+        self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks")
         seed = state.get("seed", self.seed)  # (an older state: this run's)
         self.seed = None if seed is None else int(seed)
