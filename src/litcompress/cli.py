@@ -726,6 +726,13 @@ def _input_fn(args: argparse.Namespace, model: Any) -> Any:
     return by_keys
 
 
+def _said(error: Exception) -> str:
+    """An error's message: a KeyError's own text, not the repr of it that ``str`` gives (quotes and escapes)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        return error.args[0]
+    return str(error)
+
+
 _STEP_REMEDY = ("let the step run on a loader alone (trainer.validate(model, dataloaders=loader)), or prepare the "
                 "batches in the DataModule")
 
@@ -753,14 +760,37 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: An
     if first is None:
         raise ValueError(f"--data: {type(data).__name__}.val_dataloader() yields no batch; compress and channels read "
                          "the model's inputs from its first batch.")
-    inputs = to_inputs(input_fn(first))
+    inputs: tuple | None = None
+    try:
+        inputs = to_inputs(input_fn(first))
+    except (KeyError, TypeError, ValueError) as error:
+        # the default reader's refusal (a dict batch whose keys are not forward's parameters, as a submodule's often
+        # are not) stands only when the module's validation_step does not give the model its inputs either
+        if module is None:
+            raise
+        unread = error
     later = (to_inputs(input_fn(batch)) for batch in batches)
     if module is not None:
-        rows = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
-        seen = step_model_inputs(module, loader, 1 if batch_size is None else math.ceil(batch_size / rows) + 1,
-                                 submodule=submodule, remedy=_STEP_REMEDY, on_unreadable=on_unreadable)
-        if seen is not None and not same_inputs(seen[0], inputs):
+
+        def step_inputs(batches_needed: int) -> list | None:
+            return step_model_inputs(module, loader, batches_needed, submodule=submodule, remedy=_STEP_REMEDY,
+                                     on_unreadable=on_unreadable)
+
+        def batches_needed(known: tuple) -> int:
+            """How many batches of `known`'s rows `batch_size` rows take (one more: a shorter last one is skipped)."""
+            rows = known[0].shape[0] if isinstance(known[0], torch.Tensor) and known[0].dim() else 1
+            return 1 if batch_size is None else math.ceil(batch_size / rows) + 1
+
+        if inputs is not None:
+            seen = step_inputs(batches_needed(inputs))
+        else:  # the step's own first inputs tell how many rows a batch gives
+            seen = step_inputs(1)
+            if seen is not None and batches_needed(seen[0]) > 1:
+                seen = step_inputs(batches_needed(seen[0]))
+        if seen is not None and (inputs is None or not same_inputs(seen[0], inputs)):
             inputs, later = seen[0], iter(seen[1:])
+    if inputs is None:
+        raise unread
     if batch_size is None:
         return inputs
     # the tensors of the inputs (in dicts too: --inputs '*'), concatenated batch by batch
@@ -950,7 +980,7 @@ def run_compress(args: argparse.Namespace) -> int:
         _check_checkpoint_is_no_output(args)
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
     except (ValueError, TypeError, ImportError, KeyError) as error:
-        args.subparser.error(in_cli_terms(str(error)))
+        args.subparser.error(in_cli_terms(_said(error)))
     for error in unreadable:
         log_unreadable_step(model, error, _STEP_REMEDY)
 
@@ -1156,7 +1186,7 @@ def run_channels(args: argparse.Namespace) -> int:
                                                                    num_threads=threads)]
             timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
-        args.subparser.error(in_cli_terms(str(error)))
+        args.subparser.error(in_cli_terms(_said(error)))
     print(plan.table(pruned_by="litcompress compress --prune ln_structured (or random_structured)",
                      embeddings_by="with --prune-embeddings"))
     if without_inputs:
