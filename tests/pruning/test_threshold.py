@@ -102,12 +102,13 @@ def test_prunes_exactly_k_smallest_kept_entries(problem, tiny_limits: bool) -> N
         assert pruned.max() <= kept.min()
 
 
-@settings(max_examples=150, deadline=None)
-@given(problem=pruning_problems(), tiny_limits=st.booleans())
-def test_matches_stable_sort_reference_including_tie_order(problem, tiny_limits: bool) -> None:
+@settings(max_examples=200, deadline=None)
+@given(problem=pruning_problems(), limits=st.sampled_from([None, (3, 4), (100, 400)]))
+def test_matches_stable_sort_reference_including_tie_order(problem, limits: tuple[int, int] | None) -> None:
+    # (3, 4): refinements that count, then gather; (100, 400): a problem over 100 entries, sampled whole, is
+    # bracketed tightly enough that the counting pass gathers the k-th value's neighbours at once
     scores, masks, k = problem
-    limits = small_search_limits(3, 4) if tiny_limits else contextlib.nullcontext()
-    with limits:
+    with small_search_limits(*limits) if limits else contextlib.nullcontext():
         new_masks = smallest_k_masks(scores, masks, k)
     for ours, expected in zip(new_masks, reference_masks(scores, masks, k)):
         assert torch.equal(ours != 0, expected)
@@ -138,6 +139,25 @@ def test_refinement_path_on_larger_continuous_data(seed: int) -> None:
     with small_search_limits(500, 200):
         ours = smallest_k_masks(scores, masks, k)
     for mine, expected in zip(ours, reference_masks(scores, masks, k)):
+        assert torch.equal(mine != 0, expected)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(0, 700), min_size=1, max_size=4),
+       distinct=st.sampled_from([None, 1, 3, 40]), k_fraction=st.floats(0, 1), masked=st.booleans())
+def test_a_counting_pass_that_gathers_the_kth_values_neighbours_prunes_as_the_reference(
+        seed: int, sizes: list[int], distinct: int | None, k_fraction: float, masked: bool) -> None:
+    # Hundreds of entries, sampled whole (sample size 400) against a gather limit of 100: the first pass both counts
+    # and gathers the bracket, and answers from it when the k-th value is inside; runs of equal values overflow the
+    # gather and take the counting path.
+    generator = torch.Generator().manual_seed(seed)
+    scores = [torch.randn(n, generator=generator) if distinct is None
+              else torch.randint(-distinct, distinct + 1, (n,), generator=generator).float() for n in sizes]
+    masks = [torch.rand(n, generator=generator) > 0.3 if masked else None for n in sizes]
+    k = round(k_fraction * sum(n if m is None else int(m.sum()) for n, m in zip(sizes, masks)))
+    with small_search_limits(100, 400):
+        ours = smallest_k_masks(scores, masks, k, magnitude=True)
+    for mine, expected in zip(ours, reference_masks([s.abs() for s in scores], masks, k)):
         assert torch.equal(mine != 0, expected)
 
 

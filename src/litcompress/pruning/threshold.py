@@ -239,10 +239,27 @@ def _find_threshold(inputs: _Inputs, k: int) -> _Threshold:
         at_most_high = _Bound(pivot_high, inclusive=True)
         less_than_low: list[int] = []
         not_above_high: list[int] = []
+        # The pass that counts also gathers [pivot_low, pivot_high] (the sample says it almost surely holds the k-th
+        # value, and few entries): when it does, no second pass over the scores is needed. Past the gather limit
+        # (long runs of equal scores) it only counts.
+        gathered: list[Tensor] | None = []
+        gathered_count = 0
         for index in range(n_tensors):
             values, kept = inputs.score(index), inputs.kept(index)
             less_than_low.append(_count(values, kept, None, strictly_below_low))
-            not_above_high.append(_count(values, kept, None, at_most_high))
+            if gathered is None:
+                not_above_high.append(_count(values, kept, None, at_most_high))
+                continue
+            inside = _select(values, kept, _Bound(pivot_low, inclusive=True), at_most_high)
+            chosen = values if inside is None else values[inside]
+            not_above_high.append(less_than_low[-1] + chosen.numel())
+            gathered_count += chosen.numel()
+            if gathered_count > _GATHER_LIMIT:
+                gathered = None
+            else:
+                gathered.append(_candidates(chosen))
+        if gathered is not None and sum(less_than_low) < k <= sum(not_above_high):
+            return _threshold_among(gathered, less_than_low, k, inputs.dtype)
         if k <= sum(less_than_low):
             upper = strictly_below_low
             in_bracket = sum(less_than_low) - sum(below)
@@ -281,15 +298,22 @@ def _find_threshold(inputs: _Inputs, k: int) -> _Threshold:
     for index in range(n_tensors):
         values, kept = inputs.score(index), inputs.kept(index)
         selected = _select(values, kept, lower, upper)
-        # The candidates are few: widen to a dtype kthvalue supports everywhere (exact for all inputs).
-        chosen = values if selected is None else values[selected]
-        # copy=True: `values` may be the reused |scores| buffer.
-        candidates.append(
-            chosen.to("cpu", torch.float64 if chosen.is_floating_point() else torch.int64, copy=True)
-        )
+        candidates.append(_candidates(values if selected is None else values[selected]))
+    return _threshold_among(candidates, below, k, inputs.dtype)
+
+
+def _candidates(chosen: Tensor) -> Tensor:
+    """The scores gathered from one tensor, on the CPU in a dtype kthvalue supports everywhere (exact for all
+    inputs: they are few), copied (`chosen` may be the reused |scores| buffer)."""
+    return chosen.to("cpu", torch.float64 if chosen.is_floating_point() else torch.int64, copy=True)
+
+
+def _threshold_among(candidates: list[Tensor], below: list[int], k: int, dtype: torch.dtype) -> _Threshold:
+    """The threshold when the k-th smallest kept score is among `candidates` (per tensor, the kept scores of a value
+    interval) and `below[i]` kept scores of tensor i lie below that interval; its value in `dtype`, the scores'."""
     value, _ = torch.kthvalue(torch.cat(candidates), k - sum(below))
     return _Threshold(
-        value.to(inputs.dtype),
+        value.to(dtype),
         [count + int((c < value).sum()) for count, c in zip(below, candidates)],
         [int((c == value).sum()) for c in candidates],
     )
