@@ -541,6 +541,27 @@ def test_torch_aos_lstm_on_a_packed_sequence_fixes_the_batch_so_the_search_keeps
             torch.testing.assert_close(loaded(*inputs), result.model(*inputs), rtol=1e-4, atol=1e-4)
 
 
+def test_an_fp32_packed_sequence_model_that_export_and_onnx_refuse_is_said_so_and_written_as_torchscript(tmp_path):
+    """QuantizationResult.save's default fp32 format is torch.export: on a model packing its sequences it failed
+    with torch's internal TypeError ("zeros(): argument 'size' ... FakeTensor") and no word of the format that works."""
+    from litcompress.quantization import ExportError, save_quantized
+
+    torch.manual_seed(0)
+    model = PackedClassifier().eval()
+    inputs = (torch.randint(1, VOCAB, (4, 7)), torch.tensor([7, 3, 5, 2]))
+    for fp32_format in ("export", "onnx"):
+        with pytest.raises(ExportError, match=rf"save_quantized\(fp32_format='{fp32_format}'\): .*another "
+                                              r"fp32_format may write it: 'torchscript'") as refused:
+            save_quantized(model, None, tmp_path / f"model.{fp32_format}", inputs, fp32_format=fp32_format)
+        assert refused.value.__cause__ is not None  # the exporter's own error, kept
+        assert not list(tmp_path.iterdir())  # nothing written, not even a partial file
+    save_quantized(model, None, tmp_path / "model.pt", inputs, fp32_format="torchscript")
+    loaded, recipe = load_quantized(tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), model(*inputs))
+    assert recipe is None
+
+
 def test_the_fp32_fallback_keeps_the_layers_a_retry_put_in_fp32():
     """The fallback took the first k layers of the sensitivity ranking as if the best recipe's fp32 layers were its
     prefix: the LSTM a retry had to keep in fp32 was dropped (the trial failed again, a fallback size was skipped),

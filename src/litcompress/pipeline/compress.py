@@ -40,8 +40,8 @@ from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, Channe
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
                                         shrink)
 from litcompress.pruning.sparse import SparseLinear, sparsify
-from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, load_quantized, save_quantized,
-                                              taking_inputs_like)
+from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, Fp32FormatError, load_quantized,
+                                              save_quantized, taking_inputs_like)
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, is_transposed_linear, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
@@ -413,6 +413,8 @@ def _traced_data_dependent_code(caught: warnings.WarningMessage) -> bool:
 
 
 def _first_line(error: BaseException) -> str:
+    if isinstance(error, Fp32FormatError) and error.__cause__ is not None:  # the exporter's words: the format is named
+        error = error.__cause__  # in the note, and the formats left are tried next
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 

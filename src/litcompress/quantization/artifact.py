@@ -20,7 +20,7 @@ from torch import nn
 
 from litcompress._files import written_atomically
 
-from .backends import FixedDimError, get_backend
+from .backends import ExportError, FixedDimError, get_backend
 from .config import Recipe
 from .outputs import RebuiltOutputs
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
@@ -91,6 +91,20 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     return os.path.getsize(path)
 
 
+class Fp32FormatError(ExportError):
+    """An fp32 model that one file format cannot hold (its exporter's error is the cause); another format may."""
+
+
+_OTHER_FP32_FORMATS = ("another fp32_format may write it: 'torchscript' traces what the other two refuse (a "
+                       "forward that packs sequences with pack_padded_sequence, for one), as the pipeline's 'auto' "
+                       "tries each in turn.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else "no message"
+
+
 def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, example_inputs: tuple,
            fp32_format: str, dynamic_dims: DynamicDims | None) -> None:
     if recipe is None and fp32_format == "export":
@@ -102,6 +116,9 @@ def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, ex
         except FixedDimError as exc:
             raise FixedDimError(f"save_quantized: {exc}; fp32_format='onnx' or 'torchscript' may keep it free") \
                 from exc
+        except (RuntimeError, TypeError, ValueError, AssertionError) as exc:  # torch.export's own words, and no advice
+            raise Fp32FormatError(f"save_quantized(fp32_format='export'): torch.export failed on this fp32 model "
+                                  f"({type(exc).__name__}: {_first_line(exc)}); {_OTHER_FP32_FORMATS}") from exc
         return
     backend_name = "torch_ao" if recipe is None else recipe.backend
     if recipe is None and fp32_format == "onnx":
@@ -109,7 +126,12 @@ def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, ex
 
         backend_name = "onnxruntime"
         if not isinstance(model, OnnxRuntimeModule):
-            model = OnnxRuntimeModule(export_onnx(model, example_inputs, dynamic_dims))
+            try:
+                model = OnnxRuntimeModule(export_onnx(model, example_inputs, dynamic_dims))
+            except FixedDimError:
+                raise
+            except ExportError as exc:
+                raise Fp32FormatError(f"save_quantized(fp32_format='onnx'): {exc}; {_OTHER_FP32_FORMATS}") from exc
     get_backend(backend_name).save(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
 
 
