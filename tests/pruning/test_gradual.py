@@ -119,16 +119,22 @@ def test_a_pruner_resumed_from_weights_saved_without_masks_keeps_their_zeros_pru
 
     model3, _, _ = model_and_data(seed=1)
     resumed = GradualPruner(default_targets(model3), schedule, method)
-    with pytest.warns(UserWarning, match=r"GradualPruner: [\d,]+ zero entries of tensors it pruned had no mask "
-                                         r"\(weights loaded from a state dict without masks\); they are kept pruned"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         if pruner_loaded == "before the model":
             resumed.load_state_dict(state)
-            model3.load_state_dict(weights)
+            model3.load_state_dict(weights)  # masked by the load hooks, said at the next step (once for the load)
         else:
             model3.load_state_dict(weights)
             resumed.load_state_dict(state)
-    assert resumed.pruned() == first.pruned() > 0
-    train(model3, x, y, resumed, steps=27, start=14)
+        assert resumed.pruned() == first.pruned() > 0
+        train(model3, x, y, resumed, steps=1, start=14)
+    said = [str(w.message) for w in caught if "GradualPruner" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"GradualPruner: {first.pruned():,} zero entries of the tensors it "
+                                                 "prunes had no mask (weights loaded from a state dict without "
+                                                 "masks); they are kept pruned"), said
+    assert all(w.filename == __file__ for w in caught if "GradualPruner" in str(w.message))  # the user's call
+    train(model3, x, y, resumed, steps=26, start=15)
     # the model computes with the same weights and masks as the uninterrupted one (only `orig` differs: zeros where
     # the saved file had no values)
     expected, got = permanent_state_dict(model), permanent_state_dict(model3)
@@ -150,13 +156,106 @@ def test_rounds_after_make_permanent_count_the_zeros_it_left_as_pruned(method):
         pruner.step(t)
     before = pruner.pruned()
     make_permanent_(model)
-    with pytest.warns(UserWarning, match=r"had no mask \(made permanent\); they are kept pruned"):
+    with pytest.warns(UserWarning, match=r"had no mask \(made permanent\); they are kept pruned") as caught:
         pruner.step(5)
+    assert [w.filename for w in caught] == [__file__]
     assert pruner.history[-1]["pruned_before"] == before
     for t in range(6, 9):
         pruner.step(t)
     zeros = sum(int((m.weight == 0).sum()) for m, _ in default_targets(model))
     assert zeros == pruner.pruned() == round(0.8 * 640)
+
+
+@pytest.mark.parametrize("method", ["ln_structured", "random_structured"])
+def test_a_structured_pruner_after_make_permanent_masks_whole_zero_channels_only(method):
+    """Every zero was masked one by one: the zeros inside kept channels too, which left holes in the structured masks
+    and pruned past the target."""
+    from litcompress import make_permanent_
+    from litcompress.pruning.engine import mask_of
+
+    def run(permanent_between: bool) -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        with torch.no_grad():
+            model[2].weight[:, :, 0, 0] = 0  # zeros of its own in every channel
+        kwargs = {"n": 2} if method == "ln_structured" else {}
+        pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.75, begin=0, end=2,
+                                                                        frequency=1), method, scope="local", dim=0,
+                               **kwargs)
+        pruner.step(0)
+        pruner.step(1)
+        if permanent_between:
+            make_permanent_(model)
+            with pytest.warns(UserWarning, match="made permanent"):
+                pruner.step(2)
+        else:
+            pruner.step(2)
+        return [mask_of(m, "weight") for m, _ in default_targets(model)], pruner.pruned()
+
+    (masks, pruned), (reference, reference_pruned) = run(True), run(False)
+    assert pruned == reference_pruned == 6 * 27 + 6 * 72  # 6 of 8 channels of each
+    assert all(torch.equal(a, b) for a, b in zip(masks, reference))
+
+
+def test_a_copy_of_a_pruned_model_loads_weights_as_a_plain_model():
+    """The load hook travelled with a deep copy or a pickled model: a state dict loaded into the copy had its zeros
+    masked, by a pruner that does not manage the copy (removed, or gone)."""
+    import io
+
+    from litcompress.pruning.engine import deepcopy_model
+
+    model, x, y = model_and_data()
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=1))
+    train(model, x, y, pruner, steps=5)
+    dense = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        dense[0].weight[0, :8] = 0
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [deepcopy_model(model), torch.load(buffer, weights_only=False)]
+    for copied in copies:
+        from litcompress import make_permanent_
+
+        make_permanent_(copied)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            copied.load_state_dict(dense.state_dict())
+            pruner.step(6)  # (nothing for the pruner to say of the copies)
+        assert set(copied.state_dict()) == set(dense.state_dict())  # no masks
+
+
+def test_tied_weights_loaded_after_the_pruners_state_are_counted_once_and_share_their_mask():
+    from litcompress.pruning import permanent_state_dict, with_tied_targets
+    from litcompress.pruning.engine import mask_of
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding, self.mid, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embedding.weight
+
+    def build() -> tuple[Tied, GradualPruner]:
+        torch.manual_seed(0)
+        model = Tied()
+        targets = with_tied_targets(model, [(model.embedding, "weight"), (model.mid, "weight")])
+        return model, GradualPruner(targets, PolynomialDecay(final_sparsity=0.8, begin=0, end=4, frequency=1),
+                                    scope="local")
+
+    model, pruner = build()
+    for t in range(3):
+        pruner.step(t)
+    weights, state = permanent_state_dict(model), pruner.state_dict()
+    model2, pruner2 = build()
+    pruner2.load_state_dict(state)
+    model2.load_state_dict(weights)
+    assert pruner2.pruned() == pruner.pruned()
+    with pytest.warns(UserWarning, match=rf"GradualPruner: {pruner.pruned():,} zero entries") as caught:
+        pruner2.step(3)
+    assert len([w for w in caught if "GradualPruner" in str(w.message)]) == 1  # one load, one warning
+    assert mask_of(model2.embedding, "weight") is mask_of(model2.head, "weight")
+    pruner.step(3)
+    assert torch.equal(mask_of(model2.embedding, "weight"), mask_of(model.embedding, "weight"))
 
 
 def test_a_fabric_loop_resumes_with_its_own_save_and_load(tmp_path):

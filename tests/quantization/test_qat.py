@@ -440,23 +440,18 @@ def test_dropout_trains_at_the_models_rate_through_every_switch(rate):
 def test_batch_norm_keeps_the_models_statistics_momentum_and_epsilon_in_training_and_in_the_int8_model():
     """The conv-bn fusion and the train/eval switch wrote torch's defaults (momentum 0.1, eps 1e-5): one step moved
     the running mean ten times as far as eager, and the int8 model of a batch norm with eps=0.1 was off by 1.2 of 3.5
-    (convert folds conv-bn pairs with 1e-5). The running statistics are the model's own, updated by training only.
-    (One model and one convert for all of it: each convert of a model with a batch norm takes ~15 s in torchao.)"""
+    (convert folds conv-bn pairs with 1e-5). The running statistics are the model's own, updated by training only,
+    and the int8 model converted after training computes the trained fake-quantized one. (One model and one convert
+    for all of it: each convert of a model with a batch norm takes ~15 s in torchao.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, eps=0.1, momentum=0.01), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 6 * 6, 3))
     with torch.no_grad():
         model[1].running_var.fill_(0.05)  # small variances: where eps matters
     x = torch.randn(16, 2, 8, 8) * 2 + 3
-    eager = copy.deepcopy(model).eval()
+    eager = copy.deepcopy(model)
     qat = prepare_qat(model, (x,), copy=False)
     assert _graph_arguments(qat, "momentum") == [0.01] and _graph_arguments(qat, "eps") == [0.1]
-    qat.eval()
-    with torch.no_grad():
-        reference, fake = eager(x), qat(x)
-        int8 = qat.convert().model(x)
-    assert float((int8 - reference).abs().max()) < 0.03 * float(reference.abs().max())
-    _agree(int8, fake, fake)
     start = model[1].running_mean.clone()
     eager.train()
     qat.train()
@@ -466,9 +461,15 @@ def test_batch_norm_keeps_the_models_statistics_momentum_and_epsilon_in_training
     # the training graph updated the model's own statistics, as far as eager's momentum moves them
     assert not torch.equal(model[1].running_mean, start)
     torch.testing.assert_close(model[1].running_mean - start, eager[1].running_mean - start, rtol=0.02, atol=1e-4)
+    eager.eval()
     qat.eval()
     with torch.no_grad():
         mean = model[1].running_mean.clone()
+        reference = eager(x)
         qat(x * 5)
-    assert torch.equal(model[1].running_mean, mean)  # evaluation form: running statistics, no update
+        assert torch.equal(model[1].running_mean, mean)  # evaluation form: running statistics, no update
+        fake = qat(x)
+        int8 = qat.convert().model(x)  # after training: the statistics trained, eps still where it matters
+    assert float((int8 - reference).abs().max()) < 0.03 * float(reference.abs().max())
+    _agree(int8, fake, fake)
     assert _graph_arguments(qat, "eps") == [0.1]  # the int8 copy's eps moved into its own running variance only

@@ -14,7 +14,8 @@ from litcompress.pruning.distributed import broadcast_pruning_state_, distribute
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
                                         drawing_from, emptied_message, emptied_targets, is_pruned,
                                         prune_to_sparsity_, pruned_count, register_state_hooks, round_seed,
-                                        set_mask_, share_tied_masks_, targets_digest, unique_modules)
+                                        set_mask_, share_tied_masks_, targets_digest, tensor_key,
+                                        unique_modules)
 from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
                                          norm_refusal, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
@@ -27,43 +28,64 @@ def _has_pruned(history: Sequence[Mapping[str, Any]]) -> bool:
     return bool(history) and history[-1]["pruned_after"] > 0
 
 
-def _mask_zeros_of_unmasked_(targets: Sequence[Target]) -> int:
+def _mask_zeros_of_unmasked_(targets: Sequence[Target], dim: int | None) -> dict[object, int]:
     """Give each target without a mask whose tensor holds zeros (not only zeros: a zero-initialised tensor) the mask
-    of its non-zero entries; returns how many entries that masks."""
-    masked = 0
+    of its non-zero entries, or with a structured method's `dim`, of its slices along `dim` that are not all zero
+    (a zero inside a kept channel stays a weight); returns the entries masked, by tensor (tied weights once)."""
+    masked: dict[object, int] = {}
     for module, name in distinct_targets(targets):
         tensor = getattr(module, name)
         if is_pruned(module, name) or tensor.is_meta:
             continue
         with torch.no_grad():
             zeros = tensor == 0
+            others = [] if dim is None else [d for d in range(tensor.dim()) if d != dim % max(tensor.dim(), 1)]
+            if others:
+                zeros = zeros.all(dim=others, keepdim=True).expand_as(tensor).clone()
         count = int(zeros.sum())
         if 0 < count < zeros.numel():
+            key = tensor_key(module, name)
             set_mask_(module, name, ~zeros)
-            masked += count
+            masked[key] = count
     return masked
 
 
 def _said_kept(count: int, how: str) -> str:
-    return (f"GradualPruner: {count:,} zero entries of tensors it pruned had no mask ({how}); they are kept pruned "
-            "(masked) rather than trained back, so the sparsity reached is kept. Save `model.state_dict()`, which "
-            "holds the masks, to resume.")
+    return (f"GradualPruner: {count:,} zero entries of the tensors it prunes had no mask ({how}); they are kept "
+            "pruned (masked) rather than trained back, so the sparsity reached is kept. Save `model.state_dict()`, "
+            "which holds the masks, to resume.")
+
+
+class _LoadedZeros:
+    """What a pruner shares with its load hooks: its history (whether it pruned), the structured method's dim, and
+    the entries the hooks masked since the pruner last said so, by tensor."""
+
+    def __init__(self, history: list[dict[str, Any]], dim: int | None) -> None:
+        self.history = history
+        self.dim = dim
+        self.masked: dict[object, int] = {}
 
 
 class _ZerosStayPrunedHook:
-    """Load-state-dict post-hook of a target's module: once its pruner has pruned (`history`, the pruner's own list),
-    a target loaded without a mask (weights saved permanent: `permanent_state_dict`) keeps its zeros masked. A plain
-    object, so the model still pickles and deep-copies."""
+    """Load-state-dict post-hook of a target's module: once its pruner has pruned, a target loaded without a mask
+    (weights saved permanent: `permanent_state_dict`) keeps its zeros masked, before any training step moves them;
+    the pruner says so at its next step. A copy of the model (deepcopy, pickle) gets an inert hook: no pruner
+    manages it."""
 
-    def __init__(self, names: Sequence[str], history: list[dict[str, Any]]) -> None:
+    def __init__(self, names: Sequence[str], shared: _LoadedZeros | None) -> None:
         self.names = tuple(names)
-        self.history = history
+        self.shared = shared
 
     def __call__(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
-        if _has_pruned(self.history):
-            masked = _mask_zeros_of_unmasked_([(module, name) for name in self.names])
-            if masked:
-                warnings.warn(_said_kept(masked, "weights loaded from a state dict without masks"), stacklevel=2)
+        shared = self.shared
+        if shared is not None and _has_pruned(shared.history):
+            shared.masked.update(_mask_zeros_of_unmasked_([(module, name) for name in self.names], shared.dim))
+
+    def __deepcopy__(self, memo: dict) -> _ZerosStayPrunedHook:
+        return _ZerosStayPrunedHook(self.names, None)
+
+    def __reduce__(self) -> tuple:
+        return _ZerosStayPrunedHook, (self.names, None)
 
 
 class GradualPruner:
@@ -153,10 +175,12 @@ class GradualPruner:
         self._hook_handles = register_state_hooks(self.targets, permanent_state_dict=False)
         self.history: list[dict[str, Any]] = []  # (one list for the pruner's life: the hooks below read it)
         # ... and a permanent state dict (no masks) loaded after this pruner's state keeps its zeros pruned
+        structured = getattr(self.method, "PRUNING_TYPE", None) == "structured"
+        self._loaded_zeros = _LoadedZeros(self.history, method_kwargs.get("dim", -1) if structured else None)
         for module in unique_modules(self.targets):
             names = [name for m, name in self.targets if m is module]
             self._hook_handles.append(
-                module.register_load_state_dict_post_hook(_ZerosStayPrunedHook(names, self.history)))
+                module.register_load_state_dict_post_hook(_ZerosStayPrunedHook(names, self._loaded_zeros)))
         self.last_t = -1
         # a random method's rounds draw from a stream of their own (round_seed): saved, a resumed loop draws the masks
         # the uninterrupted one did; seeded by the run's seed, not with it
@@ -246,17 +270,22 @@ class GradualPruner:
         passed over); returns whether it pruned."""
         point = self._point_due(t)
         t = int(t)
+        self._say_loaded_zeros(stacklevel=3)
         if point is None:
             self.last_t = t
             return False
-        self.prune_to(self.schedule.target(point), t)
+        self._prune_to(self.schedule.target(point), t, stacklevel=3)
         return True
 
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
+        self._prune_to(target, t, stacklevel=3)
+
+    def _prune_to(self, target: float, t: int, stacklevel: int) -> None:
+        """`prune_to`; `stacklevel`: where the user's call is, counted from this frame (1), for the warnings."""
         # what it pruned before and lost its masks since (make_permanent_) stays pruned: counted as kept, a random
         # method would draw those zeros again and prune past the target
-        self._keep_zeros_of_unmasked_targets_("made permanent")
+        self._keep_zeros_of_unmasked_targets_("made permanent", stacklevel=stacklevel + 1)
         before = self.pruned()
         if self.seed is None:
             self.seed = self._new_seed()
@@ -272,14 +301,26 @@ class GradualPruner:
         if emptied:
             self._warned.update((id(m), n) for m, n in emptied)
             names = [self._names.get((id(m), n), f"{type(m).__name__}.{n}") for m, n in emptied]
-            warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", names, self.scope), stacklevel=3)
+            warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", names, self.scope),
+                          stacklevel=stacklevel)
 
-    def _keep_zeros_of_unmasked_targets_(self, how: str) -> None:
+    def _say_loaded_zeros(self, stacklevel: int) -> None:
+        """Say what the load hooks masked when the model's weights loaded after this pruner's state (once, for the
+        whole load), and share tied weights' masks again (each holder's hook masked its own)."""
+        loaded = self._loaded_zeros
+        if loaded.masked:
+            masked, loaded.masked = sum(loaded.masked.values()), {}
+            share_tied_masks_(self.targets)
+            warnings.warn(_said_kept(masked, "weights loaded from a state dict without masks"), stacklevel=stacklevel)
+
+    def _keep_zeros_of_unmasked_targets_(self, how: str, stacklevel: int) -> None:
+        """Mask the zeros of targets that lost their masks, and say what was masked (by the load hooks too)."""
+        self._say_loaded_zeros(stacklevel + 1)
         if _has_pruned(self.history):
-            masked = _mask_zeros_of_unmasked_(self.targets)
+            masked = sum(_mask_zeros_of_unmasked_(self.targets, self._loaded_zeros.dim).values())
             if masked:
                 share_tied_masks_(self.targets)
-                warnings.warn(_said_kept(masked, how), stacklevel=3)
+                warnings.warn(_said_kept(masked, how), stacklevel=stacklevel)
 
     def remove_hooks(self) -> None:
         """Take this pruner's load-state-dict hooks off the model's modules (when handing the model on: it then loads
@@ -299,6 +340,6 @@ class GradualPruner:
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
-        self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks")
+        self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks", stacklevel=3)
         seed = state.get("seed", self.seed)  # (an older state: this run's)
         self.seed = None if seed is None else int(seed)
