@@ -541,6 +541,50 @@ def test_interrupt_keeps_what_was_found(trained_mlp, digits):
     assert any("interrupted" in m for m in result.messages)
 
 
+@pytest.mark.parametrize("when", ["timing trial 2", "the final timing"])
+def test_an_interrupt_while_timing_keeps_what_was_found_and_says_where(monkeypatch, trained_mlp, digits, when):
+    """A Ctrl-C in the final interleaved timing raised out of quantize (the candidates that met the goal were lost);
+    one while a scored trial was timed left it as 'missed the goal' with no reason."""
+    from litcompress.quantization import tuner
+
+    measure = tuner.measure_latencies
+    calls = []
+
+    def interrupted(models, *args, **kwargs):  # a Ctrl-C at a chosen moment of our own timing; backends stay real
+        calls.append(len(models))
+        if (when == "timing trial 2" and len(calls) == 3) or (when == "the final timing" and len(models) > 1):
+            raise KeyboardInterrupt
+        return measure(models, *args, **kwargs)
+
+    monkeypatch.setattr(tuner, "measure_latencies", interrupted)
+    config = PTQConfig(approach="dynamic", backends=("torch_ao", "onnxruntime"), **FAST)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
+    assert result.goal_met and result.recipe is not None and result.latency_s is not None
+    if when == "timing trial 2":
+        assert [t.error for t in result.trials] == [None, "interrupted"] and result.recipe == result.trials[0].recipe
+        assert result.trials[1].metric is not None and not result.trials[1].meets_goal  # scored, never timed
+        assert "interrupted" in result.table()
+    else:
+        assert any("interrupted during the final interleaved timing; using per-trial timings" in m
+                   for m in result.messages)
+
+
+def test_an_interrupt_in_the_first_trial_is_said_as_such(trained_mlp, digits):
+    calls = []
+
+    def interrupt_at_trial_1(model):
+        calls.append(model)
+        if len(calls) == 2:  # the baseline, then Ctrl-C during trial 1
+            raise KeyboardInterrupt
+        return accuracy_fn(digits[2], digits[3])(model)
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
+    with pytest.warns(QuantizationGoalWarning, match=r"The search was interrupted during trial 1, before any "
+                                                     r"quantized candidate was finished: returning an fp32 copy"):
+        result = quantize(trained_mlp, config, eval_fn=interrupt_at_trial_1, example_inputs=digits[2][:1])
+    assert result.recipe is None and result.model is not trained_mlp and result.trials[0].error == "interrupted"
+
+
 def test_threads_are_pinned_for_the_whole_search(trained_mlp, digits):
     before = torch.get_num_threads()
     config = PTQConfig(approach="dynamic", backends=("onnxruntime",), num_threads=2, **FAST)

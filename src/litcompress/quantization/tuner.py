@@ -841,8 +841,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 break
     except KeyboardInterrupt:  # Ctrl-C ends the search, not what it found
         interrupted = True
-        if trials and trials[-1].metric is None and trials[-1].error is None:
-            trials[-1].error = "interrupted"
+        last = trials[-1] if trials else None
+        if last is not None and last.index not in models and last.error is None:  # (also once scored, while timed)
+            last.error = "interrupted"
+            last.meets_goal = False
+            last.seconds = time.monotonic() - t0
+            search.record(last)
         note(f"interrupted during trial {len(trials)}; keeping the best model so far.")
     if timed_out:
         note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far."
@@ -869,6 +873,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 trial.latency_s = m["median"]
         except Exception as exc:  # keep the per-trial timings rather than lose the search
             note(f"final interleaved timing failed ({type(exc).__name__}: {exc}); using per-trial timings.")
+        except KeyboardInterrupt:  # Ctrl-C here too ends the timing, not the search's result
+            interrupted = True
+            note("interrupted during the final interleaved timing; using per-trial timings.")
         chosen = min(passing, key=lambda t: t.latency_s)
         goal_met = True  # by the int8 model chosen, or by the fp32 one kept
         if not fast_enough(chosen):
@@ -917,6 +924,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 why = ("timeout_s reached before the first trial" if timed_out else
                        "interrupted before the first trial" if interrupted else "no recipe to try")
                 warning = f"No quantized candidate was tried ({why}): returning an fp32 copy of the model."
+            elif interrupted:  # (the trials before it failed, as result.trials says)
+                warning = (f"The search was interrupted during trial {len(trials)}, before any quantized candidate "
+                           "was finished: returning an fp32 copy of the model.")
             else:
                 warning = ("No quantized candidate could be built (see result.messages/trials): returning "
                            "an fp32 copy of the model.")
