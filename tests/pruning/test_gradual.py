@@ -197,6 +197,30 @@ def test_a_structured_pruner_after_make_permanent_masks_whole_zero_channels_only
     assert all(torch.equal(a, b) for a, b in zip(masks, reference))
 
 
+@pytest.mark.parametrize(("multiple", "named"), [(None, ["2.weight (1 slice)"]),
+                                                 (16, ["0.weight (16 slices)", "2.weight (1 slice)"])])
+def test_a_structured_pruner_says_when_made_which_targets_it_never_prunes(multiple, named):
+    """A one-row output layer, or a layer no smaller multiple of keep_multiple_of fits, kept every row in every round
+    without a word (head and unit pruning say it; this did not)."""
+    from litcompress.pruning.engine import qualified_names
+
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    targets = default_targets(model)
+    with pytest.warns(UserWarning, match=r"at the final sparsity 50\.0%, LnStructured prunes no slice along dim 0 of "
+                                         + re.escape(", ".join(named)) + r": a layer keeps at least one slice"):
+        pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=2), "ln_structured",
+                               scope="local", n=2, dim=0, keep_multiple_of=multiple,
+                               target_names=qualified_names(model, targets))
+    for t in range(3):
+        pruner.step(t)
+    assert pruned_count(model[2], "weight") == 0  # as said
+    assert pruned_count(model[0], "weight") == (0 if multiple else 8 * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer prunes: nothing to say
+        GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=2), "ln_structured", scope="local",
+                      n=2, dim=1)
+
+
 def test_a_copy_of_a_pruned_model_loads_weights_as_a_plain_model():
     """The load hook travelled with a deep copy or a pickled model: a state dict loaded into the copy had its zeros
     masked, by a pruner that does not manage the copy (removed, or gone)."""

@@ -19,7 +19,7 @@ from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, c
 from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
                                          norm_refusal, resolve_method)
 from litcompress.pruning.parametrizations import check_prunable
-from litcompress.pruning.schedules import SparsitySchedule, check_progress
+from litcompress.pruning.schedules import SparsitySchedule, check_progress, structured_pruned_count
 
 _SEED_SALT = 0x6A09_E667_F3BC_C908
 
@@ -170,6 +170,7 @@ class GradualPruner:
         self.method_kwargs = method_kwargs
         check_keep_multiple_of(keep_multiple_of, self.method)  # when built, not at the first round
         self.keep_multiple_of = keep_multiple_of
+        self._warn_of_targets_never_pruned()
         # a fresh model then loads a pruned state dict (`<name>_orig`/`<name>_mask` keys) as it is: a resumed loop's
         # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged
         self._hook_handles = register_state_hooks(self.targets, permanent_state_dict=False)
@@ -188,6 +189,29 @@ class GradualPruner:
         # (put off to the first round when a target has no values yet: a model built on the meta device)
         self.seed: int | None = None if any(getattr(m, n).is_meta for m, n in self.targets) else self._new_seed()
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
+
+    def _warn_of_targets_never_pruned(self) -> None:
+        """A structured method prunes whole slices: a target with too few for the final sparsity (a one-row layer;
+        no smaller multiple of keep_multiple_of) is never pruned, which the rounds would not say."""
+        if getattr(self.method, "PRUNING_TYPE", None) != "structured":
+            return
+        final = float(self.schedule.final_sparsity)
+        dim = self.method_kwargs.get("dim", -1)
+        groups = self.method_kwargs.get("slice_groups") or {}
+        never = []
+        for module, name in distinct_targets(self.targets):
+            total = getattr(module, name).shape[dim]
+            if groups.get((module, name), 1) == 1 and total and final > 0 \
+                    and structured_pruned_count(total, final, self.keep_multiple_of) == 0:
+                label = self._names.get((id(module), name), f"{type(module).__name__}.{name}")
+                never.append(f"{label} ({total} slice{'s' if total > 1 else ''})")
+        if never:
+            multiple = f", and slices in multiples of {self.keep_multiple_of}" if self.keep_multiple_of else ""
+            warnings.warn(f"GradualPruner: at the final sparsity {final:.1%}, {self.method.__name__} prunes no slice "
+                          f"along dim {dim} of {', '.join(never[:6])}{' ...' if len(never) > 6 else ''}: a layer "
+                          f"keeps at least one slice{multiple}, so they stay dense. Leave them out of the targets, or "
+                          "raise the final sparsity" + (" or lower keep_multiple_of." if multiple else "."),
+                          stacklevel=3)
 
     def _new_seed(self) -> int:
         return torch.initial_seed() ^ _SEED_SALT ^ targets_digest(self.targets, self._target_names)
