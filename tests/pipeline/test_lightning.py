@@ -461,6 +461,34 @@ def test_compress_on_fit_end_needs_validation_data_and_says_so_before_training(t
     assert trainer.global_step == 0
     with pytest.raises(TypeError, match="expected a CompressionConfig"):
         CompressOnFitEnd(PTQConfig(), output_dir=tmp_path)
+    # a test loader without its metric: compress_lightning refused it after the whole fit
+    with pytest.raises(ValueError, match=r"test_dataloaders=...\) without test_metric=: name the metric"):
+        CompressOnFitEnd(CompressionConfig(), output_dir=tmp_path, test_dataloaders=loader)
+
+
+def test_compress_on_fit_end_reads_the_test_metric_on_the_modules_own_test_dataloader(tmp_path):
+    """A module with its own *_dataloader hooks, fitted alone: its test_metric was refused ('pass
+    test_dataloaders=...') though its test_dataloader() logs it."""
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+
+    class WithItsData(MLPClassifier):
+        def train_dataloader(self):
+            return data.train_dataloader()
+
+        def val_dataloader(self):
+            return data.val_dataloader()
+
+        def test_dataloader(self):
+            return data.test_dataloader()
+
+    L.seed_everything(0)
+    module = WithItsData(hidden=(16,), lr=1e-2)
+    compressing = CompressOnFitEnd(CompressionConfig(quantize=None, export=False, latency_repeats=2),
+                                   test_metric="test_acc", output_dir=tmp_path, plot=False)
+    _trainer(max_epochs=1, callbacks=[compressing]).fit(module)
+    tested = _trainer().test(module, verbose=False)[0]["test_acc"]
+    assert compressing.result.report["input"].test_metric == pytest.approx(tested)
 
 
 def test_dataloaders_given_to_fit_or_to_compress_lightning_serve_as_a_datamodule(tmp_path):

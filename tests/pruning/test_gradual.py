@@ -249,6 +249,35 @@ def test_a_copy_of_a_pruned_model_loads_weights_as_a_plain_model():
         assert set(copied.state_dict()) == set(dense.state_dict())  # no masks
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_model_copied_with_its_pruner_keeps_the_zeros_of_weights_it_loads(how):
+    """Copied together, the copy's hooks act for the copied pruner (they had been made inert with every copy)."""
+    import copy
+    import io
+
+    from litcompress import make_permanent_
+    from litcompress.pruning import permanent_state_dict
+
+    model, x, y = model_and_data()
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=1),
+                           "random_unstructured")
+    train(model, x, y, pruner, steps=2)
+    weights = permanent_state_dict(model)
+    make_permanent_(model)
+    if how == "deepcopy":
+        pair = copy.deepcopy({"model": model, "pruner": pruner})
+    else:
+        buffer = io.BytesIO()
+        torch.save({"model": model, "pruner": pruner}, buffer)
+        buffer.seek(0)
+        pair = torch.load(buffer, weights_only=False)
+    pair["model"].load_state_dict(weights)
+    assert pair["pruner"].pruned() == pruner.history[-1]["pruned_after"] > 0  # masked at the load, before training
+    with pytest.warns(UserWarning, match="weights loaded from a state dict without masks"):
+        train(pair["model"], x, y, pair["pruner"], steps=1, start=3)
+    assert pruner.pruned() == 0  # the original, made permanent, was left alone
+
+
 def test_tied_weights_loaded_after_the_pruners_state_are_counted_once_and_share_their_mask():
     from litcompress.pruning import permanent_state_dict, with_tied_targets
     from litcompress.pruning.engine import mask_of

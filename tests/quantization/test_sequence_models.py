@@ -555,6 +555,10 @@ def test_an_fp32_packed_sequence_model_that_export_and_onnx_refuse_is_said_so_an
             save_quantized(model, None, tmp_path / f"model.{fp32_format}", inputs, fp32_format=fp32_format)
         assert refused.value.__cause__ is not None  # the exporter's own error, kept
         assert not list(tmp_path.iterdir())  # nothing written, not even a partial file
+        # inputs the model does not take are the caller's error, in the model's words, with no advice on formats
+        with pytest.raises(TypeError, match="positional arguments but 4 were given"):
+            save_quantized(model, None, tmp_path / f"model.{fp32_format}", (*inputs, inputs[1]),
+                           fp32_format=fp32_format)
     save_quantized(model, None, tmp_path / "model.pt", inputs, fp32_format="torchscript")
     loaded, recipe = load_quantized(tmp_path / "model.pt")
     with torch.no_grad():

@@ -481,7 +481,7 @@ class CompressOnFitEnd(L.Callback):
     A ``config.prune`` here prunes the trained module once more, one-shot. The result is in ``self.result``; the
     report files are written to `output_dir` with the model (the plot when matplotlib is installed, unless
     ``plot=False``). The data is the fit's: its DataModule, or the dataloaders ``trainer.fit`` was given (then a
-    `test_metric` needs ``test_dataloaders``). ``weights="best"`` compresses the weights of the best file of the
+    `test_metric` needs ``test_dataloaders``, or the module's own ``test_dataloader()``). ``weights="best"`` compresses the weights of the best file of the
     trainer's ``ModelCheckpoint(monitor=...)`` instead of those the fit ends with (``"last"``). `input_fn` maps a
     batch to the model's positional inputs, as for :func:`compress_lightning` (``lambda batch: (batch,)`` for a
     forward that takes the batch's dict itself).
@@ -501,6 +501,9 @@ class CompressOnFitEnd(L.Callback):
         check_metric_name("metric", metric, "CompressOnFitEnd", "validation_step")
         if test_metric is not None:
             check_metric_name("test_metric", test_metric, "CompressOnFitEnd", "test_step")
+        elif test_dataloaders is not None:  # compress_lightning refused it after the whole fit
+            raise ValueError("CompressOnFitEnd(test_dataloaders=...) without test_metric=: name the metric its "
+                             "test_step logs (e.g. test_metric='test_acc'), or leave the test loader out.")
         check_output_dir(output_dir, "CompressOnFitEnd")
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"CompressOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
@@ -519,9 +522,11 @@ class CompressOnFitEnd(L.Callback):
         check_fit_for_fit_end_work(trainer, "CompressOnFitEnd", "stage",
                                    "litcompress.compress_lightning (or `litcompress compress --checkpoint`)")
         check_best_weights_can_be_found(trainer, self.weights, "CompressOnFitEnd")
-        if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None:
+        if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None \
+                and not is_overridden("test_dataloader", pl_module):
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
-                             "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it.")
+                             "pass CompressOnFitEnd(test_dataloaders=...) too, the loader whose test_step logs it (or "
+                             f"give {type(pl_module).__name__} a test_dataloader()).")
         if trainer.datamodule is not None and self.test_dataloaders is not None:  # they would be left unused
             raise ValueError("CompressOnFitEnd(test_dataloaders=...) in a fit given a DataModule: the test metric is "
                              f"logged on {type(trainer.datamodule).__name__}.test_dataloader(); drop test_dataloaders, "
@@ -549,7 +554,10 @@ class CompressOnFitEnd(L.Callback):
             if val is None:
                 raise ValueError("CompressOnFitEnd: found no validation dataloader of this fit, whose metric judges "
                                  "every stage: pass val_dataloaders to trainer.fit.")
-            data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": self.test_dataloaders}
+            test = self.test_dataloaders
+            if test is None and self.test_metric is not None:  # the module's own hook (setup checked there is one)
+                test = pl_module.test_dataloader()
+            data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": test}
         self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
                                          output_dir=self.output_dir, mode=self.mode, input_fn=self.input_fn)

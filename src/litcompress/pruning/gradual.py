@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,20 +59,25 @@ def _said_kept(count: int, how: str) -> str:
 
 
 class _LoadedZeros:
-    """What a pruner shares with its load hooks: its history (whether it pruned), the structured method's dim, and
-    the entries the hooks masked since the pruner last said so, by tensor."""
+    """What a pruner shares with its load hooks: its history (whether it pruned), the structured method's dim, the
+    entries the hooks masked since the pruner last said so (by tensor), and the pruner (a weak reference: a hook acts
+    only for the pruner that manages its module)."""
 
     def __init__(self, history: list[dict[str, Any]], dim: int | None) -> None:
         self.history = history
         self.dim = dim
         self.masked: dict[object, int] = {}
+        self.pruner: weakref.ReferenceType[GradualPruner] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled: the pruner, pickled with it, sets its reference again
+        return {**self.__dict__, "pruner": None}
 
 
 class _ZerosStayPrunedHook:
     """Load-state-dict post-hook of a target's module: once its pruner has pruned, a target loaded without a mask
     (weights saved permanent: `permanent_state_dict`) keeps its zeros masked, before any training step moves them;
-    the pruner says so at its next step. A copy of the model (deepcopy, pickle) gets an inert hook: no pruner
-    manages it."""
+    the pruner says so at its next step. A copy of the model (deepcopy, pickle) made without its pruner gets a hook
+    that does nothing: no pruner manages that copy."""
 
     def __init__(self, names: Sequence[str], shared: _LoadedZeros | None) -> None:
         self.names = tuple(names)
@@ -78,14 +85,11 @@ class _ZerosStayPrunedHook:
 
     def __call__(self, module: torch.nn.Module, incompatible_keys: Any) -> None:
         shared = self.shared
-        if shared is not None and _has_pruned(shared.history):
+        pruner = shared.pruner() if shared is not None and shared.pruner is not None else None
+        if pruner is None or pruner._loaded_zeros is not shared or not any(m is module for m, _ in pruner.targets):
+            return
+        if _has_pruned(shared.history):
             shared.masked.update(_mask_zeros_of_unmasked_([(module, name) for name in self.names], shared.dim))
-
-    def __deepcopy__(self, memo: dict) -> _ZerosStayPrunedHook:
-        return _ZerosStayPrunedHook(self.names, None)
-
-    def __reduce__(self) -> tuple:
-        return _ZerosStayPrunedHook, (self.names, None)
 
 
 class GradualPruner:
@@ -178,6 +182,7 @@ class GradualPruner:
         # ... and a permanent state dict (no masks) loaded after this pruner's state keeps its zeros pruned
         structured = getattr(self.method, "PRUNING_TYPE", None) == "structured"
         self._loaded_zeros = _LoadedZeros(self.history, method_kwargs.get("dim", -1) if structured else None)
+        self._loaded_zeros.pruner = weakref.ref(self)
         for module in unique_modules(self.targets):
             names = [name for m, name in self.targets if m is module]
             self._hook_handles.append(
@@ -189,6 +194,20 @@ class GradualPruner:
         # (put off to the first round when a target has no values yet: a model built on the meta device)
         self.seed: int | None = None if any(getattr(m, n).is_meta for m, n in self.targets) else self._new_seed()
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
+
+    def __deepcopy__(self, memo: dict) -> GradualPruner:
+        """A copy (of the model and its pruner together: the copies' hooks act for the copied pruner). Its hook
+        handles are left behind: they would remove the original model's hooks."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = [] if key == "_hook_handles" else copy.deepcopy(value, memo)
+        new._loaded_zeros.pruner = weakref.ref(new)
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loaded_zeros.pruner = weakref.ref(self)
 
     def _warn_of_targets_never_pruned(self) -> None:
         """A structured method prunes whole slices: a target with too few for the final sparsity (a one-row layer;

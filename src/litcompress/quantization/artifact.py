@@ -105,18 +105,32 @@ def _first_line(error: BaseException) -> str:
     return text[0][:300] if text else "no message"
 
 
+def _raised_in_torch_export(error: BaseException) -> bool:
+    """Whether `error` came from inside ``torch.export.export`` (its tracer), not from the model run eagerly before."""
+    import traceback
+
+    marks = [os.sep + os.path.join("torch", part) + os.sep for part in ("export", "_export", "_dynamo")]
+    return any(any(mark in frame.filename for mark in marks) for frame in traceback.extract_tb(error.__traceback__))
+
+
 def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, example_inputs: tuple,
            fp32_format: str, dynamic_dims: DynamicDims | None) -> None:
     if recipe is None and fp32_format == "export":
+        from litcompress.pruning.shrink import eval_outputs
+
         from .backends.exported import save_loaded_program, save_program
 
+        eval_outputs(model, example_inputs)  # inputs the model does not take fail here, in the model's own words
         try:
             if not save_loaded_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims):
                 save_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
         except FixedDimError as exc:
             raise FixedDimError(f"save_quantized: {exc}; fp32_format='onnx' or 'torchscript' may keep it free") \
                 from exc
-        except (RuntimeError, TypeError, ValueError, AssertionError) as exc:  # torch.export's own words, and no advice
+        except Exception as exc:
+            if not _raised_in_torch_export(exc):  # the model failing on its inputs, a copy failing: as they are
+                raise
+            # torch.export's own words, and no advice
             raise Fp32FormatError(f"save_quantized(fp32_format='export'): torch.export failed on this fp32 model "
                                   f"({type(exc).__name__}: {_first_line(exc)}); {_OTHER_FP32_FORMATS}") from exc
         return
