@@ -481,8 +481,9 @@ class CompressOnFitEnd(L.Callback):
     A ``config.prune`` here prunes the trained module once more, one-shot. The result is in ``self.result``; the
     report files are written to `output_dir` with the model (the plot when matplotlib is installed, unless
     ``plot=False``). The data is the fit's: its DataModule, or the dataloaders ``trainer.fit`` was given (then a
-    `test_metric` needs ``test_dataloaders``, or the module's own ``test_dataloader()``). ``weights="best"`` compresses the weights of the best file of the
-    trainer's ``ModelCheckpoint(monitor=...)`` instead of those the fit ends with (``"last"``). `input_fn` maps a
+    `test_metric` needs ``test_dataloaders``, or the module's own ``test_dataloader()``). ``weights="best"``
+    compresses the weights of the best file of the trainer's ``ModelCheckpoint(monitor=...)`` instead of those the
+    fit ends with (``"last"``). `input_fn` maps a
     batch to the model's positional inputs, as for :func:`compress_lightning` (``lambda batch: (batch,)`` for a
     forward that takes the batch's dict itself).
     """
