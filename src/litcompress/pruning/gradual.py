@@ -207,6 +207,8 @@ class GradualPruner:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_loaded_zeros" not in state:  # pickled by an earlier version: no load hooks to serve
+            self._loaded_zeros = _LoadedZeros(self.history, None)
         self._loaded_zeros.pruner = weakref.ref(self)
 
     def _warn_of_targets_never_pruned(self) -> None:
