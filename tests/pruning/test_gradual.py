@@ -36,6 +36,18 @@ def train(model, x, y, pruner, steps, start=1):
         pruner.step(step)
 
 
+def uninterrupted_and_stopped(schedule, method, stop: int):
+    """The same seeded loop run for 40 steps, and stopped after `stop` (as a run killed there): each model and its
+    pruner, and the data."""
+    model, x, y = model_and_data()
+    reference = GradualPruner(default_targets(model), schedule, method)
+    train(model, x, y, reference, steps=40)
+    stopped, x, y = model_and_data()
+    first = GradualPruner(default_targets(stopped), schedule, method)
+    train(stopped, x, y, first, steps=stop)
+    return (model, reference), (stopped, first), (x, y)
+
+
 @settings(max_examples=15, deadline=None)
 @given(final=st.floats(0.0, 0.99), frequency=st.integers(1, 5), scope=st.sampled_from(["global", "local"]))
 def test_plain_loop_reaches_each_target_exactly(final, frequency, scope):
@@ -78,13 +90,7 @@ def test_resumed_pruner_continues_like_an_uninterrupted_one(method):
     """With a random method, the resumed process's global generator (seed 1) drew other masks: each round draws from
     a stream of the pruner's own, its seed in the state."""
     schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=30, frequency=4)
-    model, x, y = model_and_data()
-    reference = GradualPruner(default_targets(model), schedule, method)
-    train(model, x, y, reference, steps=40)
-
-    model2, x, y = model_and_data()
-    first = GradualPruner(default_targets(model2), schedule, method)
-    train(model2, x, y, first, steps=17)
+    (model, _), (model2, first), (x, y) = uninterrupted_and_stopped(schedule, method, stop=17)
     state = {k: v.clone() for k, v in model2.state_dict().items()}, first.state_dict()
     # a new process: fresh model and pruner, restored from the saved state
     from litcompress.pruning import load_pruned_state_dict
@@ -107,13 +113,8 @@ def test_a_pruner_resumed_from_weights_saved_without_masks_keeps_their_zeros_pru
     from litcompress.pruning import permanent_state_dict
 
     schedule = PolynomialDecay(final_sparsity=0.8, begin=0, end=30, frequency=6)
-    model, x, y = model_and_data()
-    reference = GradualPruner(default_targets(model), schedule, method)
-    train(model, x, y, reference, steps=40)
-
-    model2, x, y = model_and_data()
-    first = GradualPruner(default_targets(model2), schedule, method)
-    train(model2, x, y, first, steps=13)  # the last round was at step 12: steps follow before the next one (18)
+    # the last round was at step 12: steps follow before the next one (18)
+    (model, reference), (model2, first), (x, y) = uninterrupted_and_stopped(schedule, method, stop=13)
     weights, state = permanent_state_dict(model2), first.state_dict()
     assert not any(key.endswith("_mask") for key in weights)
 
