@@ -868,7 +868,7 @@ def _print_report(report: Any) -> None:
     for message in report.messages:
         said = message.lower()
         ended = ("goal not met", "no quantized candidate", "timeout_s=", "interrupted during trial",
-                 "does not quantize")  # (the file keeps layers fp32 under an int8 name)
+                 "interrupted after trial", "does not quantize")  # (the file keeps layers fp32 under an int8 name)
         if message.startswith("quantization: ") and not any(what in said for what in ended):
             continue  # the search's log; how it ended, when that is not int8 within the goal, is said
         print(f"- {message}")

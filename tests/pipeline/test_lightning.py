@@ -473,6 +473,10 @@ def test_compress_on_fit_end_reads_the_test_metric_on_the_modules_own_test_datal
     data.setup("fit")
 
     class WithItsData(MLPClassifier):
+        def setup(self, stage):  # the test loader is built for the test stage only, as Lightning calls it
+            if stage == "test":
+                self.test_loader = data.test_dataloader()
+
         def train_dataloader(self):
             return data.train_dataloader()
 
@@ -480,7 +484,7 @@ def test_compress_on_fit_end_reads_the_test_metric_on_the_modules_own_test_datal
             return data.val_dataloader()
 
         def test_dataloader(self):
-            return data.test_dataloader()
+            return self.test_loader
 
     L.seed_everything(0)
     module = WithItsData(hidden=(16,), lr=1e-2)

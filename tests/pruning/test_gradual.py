@@ -220,6 +220,11 @@ def test_a_structured_pruner_says_when_made_which_targets_it_never_prunes(multip
         warnings.simplefilter("error")  # every layer prunes: nothing to say
         GradualPruner(targets, PolynomialDecay(final_sparsity=0.5, begin=0, end=2), "ln_structured", scope="local",
                       n=2, dim=1)
+    # pruned evenly over its groups: 4 blocks of 1 output channel each prune none at 50% (grouped targets went unsaid)
+    depthwise = nn.Conv2d(4, 4, 3, groups=4)
+    with pytest.warns(UserWarning, match=r"prunes no slice along dim 0 of Conv2d.weight \(4 slices\)"):
+        GradualPruner([(depthwise, "weight")], PolynomialDecay(final_sparsity=0.5, begin=0, end=2), "ln_structured",
+                      scope="local", n=2, dim=0, slice_groups={(depthwise, "weight"): 4})
 
 
 def test_a_copy_of_a_pruned_model_loads_weights_as_a_plain_model():
@@ -277,6 +282,12 @@ def test_a_model_copied_with_its_pruner_keeps_the_zeros_of_weights_it_loads(how)
     with pytest.warns(UserWarning, match="weights loaded from a state dict without masks"):
         train(pair["model"], x, y, pair["pruner"], steps=1, start=3)
     assert pruner.pruned() == 0  # the original, made permanent, was left alone
+    # the copy's pruner names its targets as the original does, and takes its own hooks off its own model
+    assert pair["pruner"]._names == {(id(m), n): name for (m, n), name in
+                                     zip(pair["pruner"].targets, pruner._target_names)}
+    pair["pruner"].remove_hooks()
+    assert not any(m._load_state_dict_post_hooks for m in pair["model"].modules())
+    assert all(m._load_state_dict_post_hooks for m, _ in pruner.targets)
 
 
 def test_tied_weights_loaded_after_the_pruners_state_are_counted_once_and_share_their_mask():

@@ -566,6 +566,21 @@ def test_an_fp32_packed_sequence_model_that_export_and_onnx_refuse_is_said_so_an
     assert recipe is None
 
 
+def test_only_errors_raised_while_torch_export_traces_are_taken_for_its_refusal():
+    """torch.export.save lives beside the tracer (torch/export): an archive that could not be written (a full disk)
+    was said to be 'torch.export failed on this fp32 model', with advice to use another format. (A writer that fails
+    mid-archive makes torch abort the process when it is collected: the failure here is one before any write.)"""
+    from litcompress.quantization.artifact import _raised_in_torch_export
+
+    program = torch.export.export(nn.Linear(3, 2), (torch.randn(2, 3),))
+    with pytest.raises(RuntimeError, match="does not exist") as written:
+        torch.export.save(program, "/nonexistent-litcompress-dir/model.pt2")
+    assert not _raised_in_torch_export(written.value)
+    with pytest.raises(Exception) as traced:
+        torch.export.export(PackedClassifier().eval(), (torch.randint(1, VOCAB, (4, 7)), torch.tensor([7, 3, 5, 2])))
+    assert _raised_in_torch_export(traced.value)
+
+
 def test_the_fp32_fallback_keeps_the_layers_a_retry_put_in_fp32():
     """The fallback took the first k layers of the sensitivity ranking as if the best recipe's fp32 layers were its
     prefix: the LSTM a retry had to keep in fp32 was dropped (the trial failed again, a fallback size was skipped),

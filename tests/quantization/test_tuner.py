@@ -563,10 +563,29 @@ def test_an_interrupt_while_timing_keeps_what_was_found_and_says_where(monkeypat
     if when == "timing trial 2":
         assert [t.error for t in result.trials] == [None, "interrupted"] and result.recipe == result.trials[0].recipe
         assert result.trials[1].metric is not None and not result.trials[1].meets_goal  # scored, never timed
-        assert "interrupted" in result.table()
+        assert "interrupted" in result.table() and "interrupted during trial 2; keeping the best model so far." in \
+            result.messages
     else:
         assert any("interrupted during the final interleaved timing; using per-trial timings" in m
                    for m in result.messages)
+
+
+def test_an_interrupt_between_trials_names_the_last_finished_one_and_the_warning_says_so(monkeypatch):
+    """Ctrl-C while the next (fallback) trial was chosen, from the layers' sensitivity: it was said to come 'during'
+    the finished trial, and the warning advised raising max_trials."""
+    from litcompress.quantization import tuner
+
+    def interrupted(*args, **kwargs):  # a Ctrl-C while our own ranking runs; the backends stay real
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuner, "layer_sensitivity", interrupted)
+    model, x, labels = make_sensitive_mlp()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=4, latency_repeats=3)
+    with pytest.warns(QuantizationGoalWarning, match=r"returning the most accurate finished candidate, trial \d .*"
+                                                     r"The search was interrupted before it ended\."):
+        result = quantize(model, config, eval_fn=accuracy_fn(x, labels), example_inputs=x[:1])
+    assert len(result.trials) == 2 and all(t.error is None for t in result.trials)
+    assert "interrupted after trial 2; keeping the best model so far." in result.messages
 
 
 def test_an_interrupt_in_the_first_trial_is_said_as_such(trained_mlp, digits):

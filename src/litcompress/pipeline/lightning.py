@@ -557,6 +557,7 @@ class CompressOnFitEnd(L.Callback):
                                  "every stage: pass val_dataloaders to trainer.fit.")
             test = self.test_dataloaders
             if test is None and self.test_metric is not None:  # the module's own hook (setup checked there is one)
+                pl_module.setup("test")  # as trainer.test calls it first: the hook may read what it builds
                 test = pl_module.test_dataloader()
             data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": test}
         self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,

@@ -196,20 +196,27 @@ class GradualPruner:
         self._warned: set[tuple[int, str]] = set()  # emptied tensors already warned of
 
     def __deepcopy__(self, memo: dict) -> GradualPruner:
-        """A copy (of the model and its pruner together: the copies' hooks act for the copied pruner). Its hook
-        handles are left behind: they would remove the original model's hooks."""
+        """A copy (of the model and its pruner together: the copies' hooks act for the copied pruner, and its handles
+        remove the copies' hooks)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = [] if key == "_hook_handles" else copy.deepcopy(value, memo)
-        new._loaded_zeros.pruner = weakref.ref(new)
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._renew_references(dict(zip((id(m) for m, _ in self.targets), (id(m) for m, _ in new.targets))))
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if "_loaded_zeros" not in state:  # pickled by an earlier version: no load hooks to serve
             self._loaded_zeros = _LoadedZeros(self.history, None)
+        self._renew_references({})
+
+    def _renew_references(self, new_ids: dict[int, int]) -> None:
+        """After a copy: the shared state's reference to this pruner, and what is keyed by module id (the targets'
+        names; the emptied tensors already said, carried over by `new_ids`: old id -> new)."""
         self._loaded_zeros.pruner = weakref.ref(self)
+        self._names = {(id(m), n): name for (m, n), name in zip(self.targets, self._target_names)}
+        self._warned = {(new_ids[key], n) for key, n in self._warned if key in new_ids}
 
     def _warn_of_targets_never_pruned(self) -> None:
         """A structured method prunes whole slices: a target with too few for the final sparsity (a one-row layer;
@@ -222,8 +229,8 @@ class GradualPruner:
         never = []
         for module, name in distinct_targets(self.targets):
             total = getattr(module, name).shape[dim]
-            if groups.get((module, name), 1) == 1 and total and final > 0 \
-                    and structured_pruned_count(total, final, self.keep_multiple_of) == 0:
+            size = total // groups.get((module, name), 1)  # slices are pruned evenly over blocks of this many
+            if total and final > 0 and structured_pruned_count(size, final, self.keep_multiple_of) == 0:
                 label = self._names.get((id(module), name), f"{type(module).__name__}.{name}")
                 never.append(f"{label} ({total} slice{'s' if total > 1 else ''})")
         if never:

@@ -106,10 +106,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _raised_in_torch_export(error: BaseException) -> bool:
-    """Whether `error` came from inside ``torch.export.export`` (its tracer), not from the model run eagerly before."""
+    """Whether `error` came from inside ``torch.export.export``'s tracing (not from the model run eagerly before it,
+    nor from writing the archive: ``torch.export.save`` lives beside the tracer, in ``torch/export``)."""
     import traceback
 
-    marks = [os.sep + os.path.join("torch", part) + os.sep for part in ("export", "_export", "_dynamo")]
+    marks = [os.sep + os.path.join("torch", "export", "_trace.py"), os.sep + os.path.join("torch", "_dynamo") + os.sep]
     return any(any(mark in frame.filename for mark in marks) for frame in traceback.extract_tb(error.__traceback__))
 
 

@@ -847,7 +847,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             last.meets_goal = False
             last.seconds = time.monotonic() - t0
             search.record(last)
-        note(f"interrupted during trial {len(trials)}; keeping the best model so far.")
+            note(f"interrupted during trial {last.index}; keeping the best model so far.")
+        else:  # between two trials (choosing the next one: a sensitivity ranking)
+            note(f"interrupted after trial {len(trials)}; keeping the best model so far.")
     if timed_out:
         note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far."
              if trials else f"timeout_s={config.timeout_s} reached before the first trial.")
@@ -914,11 +916,13 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             chosen = max(fast, key=lambda t: (score(t), -t.latency_s)) if fast else None
             if chosen is not None:
                 warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
-                           f"{threshold:.6g}): returning the most accurate candidate"
+                           f"{threshold:.6g}): returning the most accurate "
+                           f"{'finished ' if interrupted else ''}candidate"
                            f"{' fast enough for min_speedup' if len(fast) < len(ran) else ''}, trial {chosen.index} "
                            f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
                            f"{baseline_metric:.6g}. "
-                           + ("Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
+                           + ("The search was interrupted before it ended." if interrupted else
+                              "Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
                               "Raise max_trials/timeout_s or the tolerable loss."))
             elif not trials:  # nothing failed: the search ended before its first trial
                 why = ("timeout_s reached before the first trial" if timed_out else
