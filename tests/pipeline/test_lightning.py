@@ -518,6 +518,10 @@ def test_dataloaders_given_to_fit_or_to_compress_lightning_serve_as_a_datamodule
         compress_lightning(module, config, datamodule=data, val_dataloaders=val)
     with pytest.raises(ValueError, match="give datamodule=, or train_dataloaders="):
         compress_lightning(module, config, val_dataloaders=val)
+    (tmp_path / "a_file").write_text("")  # an output folder under a file: said as such (it was 'Not a directory')
+    with pytest.raises(ValueError, match=r"compress_lightning\(output_dir=.*a_file is a file, not a folder"):
+        compress_lightning(module, config, train_dataloaders=train, val_dataloaders=val,
+                           output_dir=tmp_path / "a_file" / "out")
     with pytest.raises(ValueError, match="test_metric='test_acc'. without test_dataloaders="):
         compress_lightning(module, config, train_dataloaders=train, val_dataloaders=val, test_metric="test_acc")
     # a test loader without its metric: the report had no test column, without a word

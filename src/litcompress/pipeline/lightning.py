@@ -358,6 +358,8 @@ def compress_lightning(
             "it picks the logits that distillation reads; give it with distill=DistillationConfig(...)."
             if distill is None else "expected a function of the model's outputs, e.g. lambda outputs: outputs[1]."))
     check_submodule(module, submodule, "compress_lightning")
+    if output_dir is not None:  # a file there failed with torch's or the OS's words ("Not a directory")
+        check_output_dir(output_dir, "compress_lightning")
     datamodule = _data(datamodule, train_dataloaders, val_dataloaders, test_dataloaders, test_metric,
                        "compress_lightning")
     _check_test_metric_source(module, datamodule, test_metric, "compress_lightning")
