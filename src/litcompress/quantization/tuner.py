@@ -784,6 +784,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     trials: list[Trial] = []
     models: dict[int, nn.Module] = {}
     timed_out = interrupted = False
+    where = ""  # where a Ctrl-C ended the search: "during trial 3", "after trial 2"
     try:
         while len(trials) < config.max_trials:
             progressed = False
@@ -847,9 +848,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             last.meets_goal = False
             last.seconds = time.monotonic() - t0
             search.record(last)
-            note(f"interrupted during trial {last.index}; keeping the best model so far.")
+            where = f"during trial {last.index}"
         else:  # between two trials (choosing the next one: a sensitivity ranking)
-            note(f"interrupted after trial {len(trials)}; keeping the best model so far.")
+            where = f"after trial {len(trials)}"
+        note(f"interrupted {where}; keeping the best model so far.")
     if timed_out:
         note(f"timeout_s={config.timeout_s} reached after {len(trials)} trials; keeping the best model so far."
              if trials else f"timeout_s={config.timeout_s} reached before the first trial.")
@@ -929,8 +931,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                        "interrupted before the first trial" if interrupted else "no recipe to try")
                 warning = f"No quantized candidate was tried ({why}): returning an fp32 copy of the model."
             elif interrupted:  # (the trials before it failed, as result.trials says)
-                warning = (f"The search was interrupted during trial {len(trials)}, before any quantized candidate "
-                           "was finished: returning an fp32 copy of the model.")
+                warning = (f"The search was interrupted {where}, before any quantized candidate was finished: "
+                           "returning an fp32 copy of the model.")
             else:
                 warning = ("No quantized candidate could be built (see result.messages/trials): returning "
                            "an fp32 copy of the model.")
