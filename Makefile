@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= test
+# Test workers (pytest-xdist): one per CPU this process may run on, at most 4 (each worker imports torch and
+# Lightning, and the DDP tests start two ranks of their own). TEST_JOBS=0 runs the suite in this process.
+TEST_JOBS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
 
 .PHONY: demo test test-slow test-all test-gpu install clean
 
@@ -25,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/litcompress compress --output-dir out/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_JOBS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
