@@ -12,6 +12,7 @@ from torch import nn
 
 from litcompress import CompressionConfig, PruneConfig, compress, make_permanent_, shrink
 from litcompress.models import GatedTransformerClassifier, TransformerClassifier
+from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.heads import (HeadPrunedAttention, attention_head_norms, prune_heads_, remove_zero_heads_,
                                        rewrite_attentions_, zero_heads)
 from litcompress.quantization import load_quantized
@@ -129,6 +130,36 @@ def test_a_later_round_ranks_heads_by_their_weights_as_they_are_now():
     prune_heads_(attention, 0.5)
     pruned = zero_heads(attention).nonzero().flatten().tolist()
     assert len(pruned) == 2 and set(first) < set(pruned) and weakest not in pruned
+
+
+class _SelfAttentionThenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x)[0])
+
+
+@pytest.mark.parametrize("rewrite", [remove_zero_heads_, rewrite_attentions_], ids=["remove", "rewrite"])
+def test_heads_removed_after_an_optimizer_step_compute_with_the_trained_weights(rewrite):
+    """An optimizer step after the last forward leaves the masked attention's ``in_proj_weight`` and
+    ``out_proj.weight`` one step old; the replacement is built from ``orig * mask``, what the next forward uses."""
+    torch.manual_seed(0)
+    model = _SelfAttentionThenLinear()
+    x = torch.randn(2, 5, 16)
+    prune_heads_(model, 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = deepcopy_model(model)(x)  # a forward of the masked model computes with orig * mask
+        rewrite(model)
+        got = model(x)
+    assert isinstance(model.attention, HeadPrunedAttention)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_transformer_encoder_on_its_fast_paths_computes_the_same_without_its_pruned_heads():

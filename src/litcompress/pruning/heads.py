@@ -353,8 +353,10 @@ def rewrite_attentions_(model: nn.Module) -> nn.Module:
 
 def _without_heads(attention: nn.MultiheadAttention, keep: list[int]) -> HeadPrunedAttention:
     embed, width = attention.embed_dim, attention.head_dim
-    weight = attention.in_proj_weight.detach()
-    bias = attention.in_proj_bias.detach() if attention.in_proj_bias is not None else None
+    # Through the masks: a masked attention's weights are refreshed only by its next forward, so after an optimizer
+    # step they are one step old.
+    weight = effective_tensor(attention, "in_proj_weight").detach()
+    bias = effective_tensor(attention, "in_proj_bias").detach() if attention.in_proj_bias is not None else None
     module = HeadPrunedAttention(embed, len(keep), width, bias=bias is not None, dropout=attention.dropout,
                                  batch_first=attention.batch_first, original_heads=attention.num_heads,
                                  kept_heads=tuple(keep)).to(device=weight.device, dtype=weight.dtype)
@@ -364,9 +366,9 @@ def _without_heads(attention: nn.MultiheadAttention, keep: list[int]) -> HeadPru
             projection.weight.copy_(weight[part * embed:(part + 1) * embed][columns])
             if bias is not None:
                 projection.bias.copy_(bias[part * embed:(part + 1) * embed][columns])
-        module.out_proj.weight.copy_(attention.out_proj.weight.detach()[:, columns])
+        module.out_proj.weight.copy_(effective_tensor(attention.out_proj, "weight").detach()[:, columns])
         if bias is not None:
-            module.out_proj.bias.copy_(attention.out_proj.bias.detach())
+            module.out_proj.bias.copy_(effective_tensor(attention.out_proj, "bias").detach())
     module.train(attention.training)
     return module
 
