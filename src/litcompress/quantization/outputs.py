@@ -68,31 +68,41 @@ def tensor_leaves(output: object) -> list[torch.Tensor]:
     return []
 
 
-def traces_as_it_is(structure: Structure) -> bool:
-    """Whether an output of `structure` is made of plain tensors, tuples, lists and dicts only, which TorchScript and
-    the ONNX exporter return as they are; a None, a dataclass, a named tuple or a Mapping subclass (a Hugging Face
-    ``ModelOutput``) needs `TensorLeaves` and `rebuild` (traced, they came back as plain tuples and dicts, and
-    ``torch.export`` cannot save them)."""
+def traces_as_it_is(structure: Structure, torchscript: bool = False) -> bool:
+    """Whether an output of `structure` is made of plain tensors, tuples, lists and dicts with str keys only, which
+    TorchScript and the ONNX exporter return as they are; a None, a dataclass, a named tuple, a Mapping subclass (a
+    Hugging Face ``ModelOutput``) or a dict with an int key needs `TensorLeaves` and `rebuild` (traced, they came back
+    as plain tuples and dicts, TorchScript takes str keys only, the ONNX exporter makes an int key an output, and
+    ``torch.export`` cannot save a dataclass). With `torchscript`, also a dict whose values are not all tensors:
+    TorchScript types a dict by one value type."""
     if structure == TENSOR:
         return True
     if structure == NONE or "class" in structure:
         return False
     kind = next(iter(structure))
-    children = [child for _, child in structure[kind]] if kind in ("dict", "dataclass") else structure[kind]
-    return kind != "dataclass" and all(traces_as_it_is(child) for child in children)
+    if kind == "dataclass":
+        return False
+    if kind == "dict":
+        if not all(isinstance(key, str) for key, _ in structure[kind]):
+            return False
+        if torchscript and any(child != TENSOR for _, child in structure[kind]):
+            return False
+    children = [child for _, child in structure[kind]] if kind == "dict" else structure[kind]
+    return all(traces_as_it_is(child, torchscript) for child in children)
 
 
-def untraceable_structure(model: nn.Module, example_inputs: Sequence[object]) -> Structure | None:
+def untraceable_structure(model: nn.Module, example_inputs: Sequence[object],
+                          torchscript: bool = False) -> Structure | None:
     """The structure of `model`'s output on `example_inputs` (run in eval mode) when an exporter cannot return it as
-    it is (a None, a dataclass: export ``TensorLeaves(model)`` and rebuild), else None (also when a leaf is of a
-    kind no file returns: the export says so)."""
+    it is (a None, a dataclass: export ``TensorLeaves(model)`` and rebuild; see :func:`traces_as_it_is`), else None
+    (also when a leaf is of a kind no file returns: the export says so)."""
     from litcompress.pruning.shrink import eval_outputs
 
     try:
         structure = output_structure(eval_outputs(model, tuple(example_inputs)))
     except TypeError:
         return None
-    return None if traces_as_it_is(structure) else structure
+    return None if traces_as_it_is(structure, torchscript) else structure
 
 
 class TensorLeaves(nn.Module):

@@ -298,7 +298,7 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs,
     the tensors, and :func:`load_torchscript` rebuilds it); :class:`FixedDimError` when the trace fixed a dim that
     must stay free."""
     module = copy.deepcopy(quantized).eval()
-    structure = untraceable_structure(module, example_inputs)
+    structure = untraceable_structure(module, example_inputs, torchscript=True)
     if structure is not None:
         module = tensor_leaves_of(module, example_inputs)
     for sub in module.modules():
