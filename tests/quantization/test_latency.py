@@ -52,3 +52,32 @@ def test_rotation_puts_every_model_first_equally_often_and_threads_are_restored(
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError, match="measure_latencies"):
         measure_latencies([lambda x: x], (torch.zeros(1),), **kwargs)
+
+
+class StallsOnce(Recorder):
+    """A fast model whose `stall_at`-th call (counted from 1) stalls, as one call on a busy host can."""
+
+    def __init__(self, log: list[str], stall_at: int) -> None:
+        super().__init__("stalls", log)
+        self.stall_at = stall_at
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.sleep_s = 20e-3 if len(self.log) + 1 == self.stall_at else 0.0
+        return super().__call__(x)
+
+
+@pytest.mark.parametrize("stall_at", [1, 2, 3, 4])
+def test_one_stalled_call_before_the_samples_does_not_make_every_block_one_call(stall_at):
+    """The block was sized from the one call after the warm-up: had it stalled, a model of microseconds was timed
+    one call per sample, the timer's noise the blocks are there to avoid."""
+    log: list[str] = []
+    measure_latencies([StallsOnce(log, stall_at)], (torch.zeros(1),), repeats=4, warmup=3, min_block_s=2e-3)
+    per_sample = (len(log) - 4) / 4  # after 3 warm-up calls and one more
+    assert per_sample > 10  # a no-op takes well under 2e-3 / 10 s
+
+
+def test_a_tensor_is_the_one_argument_of_each_call():
+    shapes: list[tuple[int, ...]] = []
+    measure_latencies([lambda x: shapes.append(tuple(x.shape))], torch.zeros(3, 16), repeats=2, warmup=1,
+                      min_block_s=0)
+    assert set(shapes) == {(3, 16)}

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -273,3 +275,84 @@ def test_a_save_interrupted_while_writing_keeps_the_report_that_was_there(tmp_pa
     assert sent  # the interrupt came while the file was being written
     assert (tmp_path / file).read_bytes() == kept
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def _valid_report_dict() -> dict:
+    report = CompressionReport((_stage("input", 2.0, 4000), _stage("pruned", 1.5, 4000)), metric_name="val_acc",
+                               batch_size=8, num_threads=1, layer_sparsity=(TensorSparsity("0.weight", 3, 4),),
+                               details=(("Shrink", "table"),), messages=("a note",), artifact="model.pt")
+    return json.loads(json.dumps(report.to_dict()))
+
+
+def _set(data: dict, path: tuple, value: object) -> dict:
+    *parents, last = path
+    target = data
+    for key in parents:
+        target = target[key]
+    if value is _DELETE:
+        del target[last]
+    else:
+        target[last] = value
+    return data
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(("path", "value", "named"), [
+    ((), None, "a JSON object expected, got NoneType"),
+    ((), [1, 2], "a JSON object expected, got list"),
+    (("num_threads",), _DELETE, "no 'num_threads'"),
+    (("stages", 0, "new_field"), 1, r"stages\[0\]: unknown field\(s\) \['new_field'\]"),
+    (("stages", 0, "stage"), _DELETE, r"stages\[0\]: missing field\(s\) \['stage'\]"),
+    (("stages", 1), "input", r"stages\[1\]: a JSON object expected, got str"),
+    (("stages", 0, "latency"), [1, 2, 3], r"latency: a JSON object expected, got list"),
+    (("layer_sparsity", 0, "zeros"), "3", r"layer_sparsity\[0\]="),
+    (("layer_sparsity", 0, "zeros"), 5, r"layer_sparsity\[0\]="),  # more zeros than entries
+    (("details", 0), "ab", r"details\[0\]='ab'"),
+    (("batch_size",), "8", "batch_size='8'"),
+    (("metric_name",), None, "metric_name=None"),
+    (("artifact",), 5, "artifact=5"),
+])
+def test_a_file_that_is_not_a_report_of_this_version_is_refused_naming_what_is_wrong(path, value, named, tmp_path):
+    """Each of these loaded as an AttributeError, KeyError or TypeError of the reader's, or loaded and failed later
+    (in the table, on the artifact's path)."""
+    data = value if path == () else _set(_valid_report_dict(), path, value)
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=named):
+        CompressionReport.load_json(tmp_path / "report.json")
+
+
+def test_numpy_numbers_are_kept_as_python_numbers_so_the_report_writes_as_json(tmp_path):
+    np = pytest.importorskip("numpy")
+    stage = StageMetrics("input", "the model", metric=np.float32(0.5), parameters=np.int64(5),
+                         size_bytes=np.int32(7), seconds=np.float64(1.5))
+    assert (type(stage.metric), type(stage.parameters), type(stage.size_bytes), type(stage.seconds)) == (
+        float, int, int, float)
+    report = CompressionReport((stage,))
+    assert CompressionReport.load_json(report.save_json(tmp_path / "report.json")) == report
+
+
+def test_a_plot_required_without_matplotlib_is_refused_before_any_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    report = CompressionReport((_stage("input", 2.0, 4000),))
+    with pytest.raises(ImportError, match="matplotlib"):
+        report.save(tmp_path / "out", plot=True)
+    assert not (tmp_path / "out").exists()
+    assert set(report.save(tmp_path / "out")) == {"json", "markdown"}  # plot=None: skipped
+
+
+def test_the_report_files_are_utf8_whatever_the_locale(tmp_path):
+    """Under a C locale without Python's UTF-8 mode, report.md was written in ASCII: a message with a non-ASCII
+    character failed after report.json was written."""
+    # (escapes: under that locale a non-ASCII command line arrives as surrogates)
+    script = ("import sys; from litcompress.report.compression import CompressionReport, StageMetrics; "
+              "r = CompressionReport((StageMetrics('input', 'mod\\u00e8le \\u2713'),), messages=('\\u2018q\\u2019',)); "
+              "r.save(sys.argv[1], plot=False); print(CompressionReport.load_json(sys.argv[1] + '/report.json') == r)")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii:backslashreplace"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "modèle ✓" in (tmp_path / "report.md").read_text(encoding="utf-8")

@@ -49,28 +49,33 @@ def pinned_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def measure_latencies(models: Sequence[Callable], inputs: tuple, repeats: int = 20, warmup: int = 3,
+def measure_latencies(models: Sequence[Callable], inputs: tuple | torch.Tensor, repeats: int = 20, warmup: int = 3,
                       num_threads: int | None = None, min_block_s: float = 2e-3) -> list[dict[str, float]]:
-    """Interleaved latency of each model on ``inputs``: min/median/max seconds per call.
+    """Interleaved latency of each model on ``inputs`` (the positional arguments of a call; a tensor is the one
+    argument): min/median/max seconds per call.
 
     Each of the `repeats` samples of a model is one block of back-to-back calls lasting at least `min_block_s`
     (one call for slow models), divided by the number of calls: a single call of a model that runs in 0.1 ms is
-    mostly timer and cache noise. The order of the models rotates from one repeat to the next, so none is always
-    measured right after the same neighbour.
+    mostly timer and cache noise. The block is sized from the fastest of the warm-up calls after the first and one
+    more call, so one stalled call does not make every block one call. The order of the models rotates from one
+    repeat to the next, so none is always measured right after the same neighbour.
     """
     if repeats < 1 or warmup < 0 or min_block_s < 0:
         raise ValueError(f"measure_latencies: repeats >= 1, warmup >= 0 and min_block_s >= 0 "
                          f"(got {repeats}, {warmup}, {min_block_s}).")
+    if isinstance(inputs, torch.Tensor):  # iterated, its rows were the arguments
+        inputs = (inputs,)
     pin_allocator()
     samples: list[list[float]] = [[] for _ in models]
     with pinned_threads(num_threads), torch.inference_mode():
         calls = []
         for model in models:
-            for _ in range(warmup):
+            timings = []
+            for _ in range(warmup + 1):
+                start = time.perf_counter()
                 model(*inputs)
-            start = time.perf_counter()
-            model(*inputs)
-            one_call = time.perf_counter() - start
+                timings.append(time.perf_counter() - start)
+            one_call = min(timings[1:] or timings)  # the first call may set up (allocations, kernels' caches)
             calls.append(max(1, math.ceil(min_block_s / max(one_call, 1e-9))) if min_block_s else 1)
         for r in range(repeats):
             for k in range(len(models)):

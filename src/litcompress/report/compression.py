@@ -14,7 +14,7 @@ import numbers
 import re
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +77,38 @@ class StageMetrics:
         if wrong:
             raise ValueError(f"StageMetrics({', '.join(wrong)}): stage and description are text, the metrics, "
                              "sparsity and seconds numbers, the counts ints, latency a Latency (or None).")
+        # plain float and int (a numpy scalar passed the checks above, and report.json could not be written)
+        for name in ("metric", "test_metric", "weight_sparsity", "seconds"):
+            if (value := getattr(self, name)) is not None and type(value) is not float:
+                object.__setattr__(self, name, float(value))
+        for name in ("parameters", "nonzero_parameters", "size_bytes", "gzip_bytes"):
+            if (value := getattr(self, name)) is not None and type(value) is not int:
+                object.__setattr__(self, name, int(value))
         # as Latency's: a NaN or infinity made report.json that JSON readers refuse (and a plot without the stage)
         wrong = [f"{name}={value!r}" for name in ("metric", "test_metric", "weight_sparsity", "seconds")
                  if (value := getattr(self, name)) is not None and not math.isfinite(value)]
         if wrong:
             raise ValueError(f"StageMetrics({', '.join(wrong)}): the metrics, sparsity and seconds must be finite "
                              "(None where there is none).")
+
+
+def _latency(value: object) -> Latency | None:
+    return None if value is None else _record(Latency, "latency", value)
+
+
+def _record(cls: type, where: str, data: object, **read: Any) -> Any:
+    """``cls(**data)`` of a report.json entry, with `read` converting some of its fields; a ValueError naming `where`
+    for an entry that is not an object or has fields `cls` does not."""
+    if not isinstance(data, dict):
+        raise ValueError(f"report {where}: a JSON object expected, got {type(data).__name__}.")
+    names = {f.name for f in fields(cls)}
+    unknown, missing = sorted(set(data) - names), sorted(f.name for f in fields(cls) if f.name not in data
+                                                         and f.default is MISSING)
+    if unknown or missing:
+        raise ValueError(f"report {where}: " + "; ".join(
+            part for part in (unknown and f"unknown field(s) {unknown} (written by another version?)",
+                              missing and f"missing field(s) {missing}") if part) + ".")
+    return cls(**{name: read[name](value) if name in read else value for name, value in data.items()})
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -128,6 +154,23 @@ class CompressionReport:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("CompressionReport needs at least one stage (the input model).")
+        wrong = [f"stages[{i}]={stage!r}" for i, stage in enumerate(self.stages) if not isinstance(stage, StageMetrics)]
+        wrong += [f"{name}={value!r}" for name, value, allowed in (
+            ("metric_name", self.metric_name, (str,)), ("test_metric_name", self.test_metric_name, (str, type(None))),
+            ("artifact", self.artifact, (str, type(None))),
+            ("batch_size", self.batch_size, (int, type(None))), ("num_threads", self.num_threads, (int, type(None))))
+            if isinstance(value, bool) or not isinstance(value, allowed)]
+        wrong += [f"layer_sparsity[{i}]={t!r}" for i, t in enumerate(self.layer_sparsity)
+                  if not (isinstance(t, TensorSparsity) and isinstance(t.name, str)
+                          and all(type(n) is int and n >= 0 for n in (t.zeros, t.numel)) and t.zeros <= t.numel)]
+        wrong += [f"details[{i}]={d!r}" for i, d in enumerate(self.details)
+                  if not (isinstance(d, tuple) and len(d) == 2 and all(isinstance(part, str) for part in d))]
+        wrong += [f"messages[{i}]={m!r}" for i, m in enumerate(self.messages) if not isinstance(m, str)]
+        if wrong:
+            raise ValueError(f"CompressionReport({', '.join(wrong)}): stages are StageMetrics, metric_name text "
+                             "(test_metric_name and artifact text or None), batch_size and num_threads ints (or "
+                             "None), layer_sparsity TensorSparsity(name, zeros <= numel), details (title, text) "
+                             "pairs, messages text.")
         names = [s.stage for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
@@ -237,6 +280,10 @@ class CompressionReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """The report :meth:`to_dict` gave; a ValueError that names what is wrong for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a litcompress compression report: a JSON object expected, got "
+                             f"{type(data).__name__}.")
         if data.get("format") != REPORT_FORMAT:
             raise ValueError(f"not a litcompress compression report (format {data.get('format')!r}, "
                              f"expected {REPORT_FORMAT}).")
@@ -245,18 +292,20 @@ class CompressionReport:
                 raise ValueError(f"'{field_name}' must be a list, got {type(data.get(field_name)).__name__}.")
         if not all(isinstance(m, str) for m in data["messages"]):
             raise ValueError("'messages' must be a list of strings.")
-        stages = tuple(
-            StageMetrics(**{**s, "latency": None if s["latency"] is None else Latency(**s["latency"])})
-            for s in data["stages"]
-        )
+        missing = [name for name in ("metric_name", "test_metric_name", "batch_size", "num_threads", "artifact")
+                   if name not in data]
+        if missing:
+            raise ValueError(f"not a complete litcompress compression report: no {', '.join(map(repr, missing))}.")
+        stages = tuple(_record(StageMetrics, f"stages[{i}]", s, latency=_latency) for i, s in enumerate(data["stages"]))
         return cls(
             stages=stages,
             metric_name=data["metric_name"],
             test_metric_name=data["test_metric_name"],
             batch_size=data["batch_size"],
             num_threads=data["num_threads"],
-            layer_sparsity=tuple(TensorSparsity(**t) for t in data["layer_sparsity"]),
-            details=tuple((title, text) for title, text in data["details"]),
+            layer_sparsity=tuple(_record(TensorSparsity, f"layer_sparsity[{i}]", t)
+                                 for i, t in enumerate(data["layer_sparsity"])),
+            details=tuple(tuple(d) if isinstance(d, list) else d for d in data["details"]),
             messages=tuple(data["messages"]),
             artifact=data["artifact"],
         )
@@ -277,14 +326,14 @@ class CompressionReport:
         if data["artifact"] is not None:
             data["artifact_relative_to"] = "report"
         with written_atomically(path) as partial:  # an interrupted write keeps the report that was there
-            partial.write_text(json.dumps(data, indent=2) + "\n")
+            partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
 
     def save_markdown(self, path: str | os.PathLike) -> Path:
         """Write :meth:`markdown` to `path`, naming the artifact relative to the file's folder."""
         path = Path(path)
         with written_atomically(path) as partial:  # a Ctrl-C while writing keeps the file that was there
-            partial.write_text(self._naming_the_artifact_from(path.parent).markdown())
+            partial.write_text(self._naming_the_artifact_from(path.parent).markdown(), encoding="utf-8")
         return path
 
     @classmethod
@@ -292,7 +341,7 @@ class CompressionReport:
         """Read a report :meth:`save_json` wrote; its artifact's path is resolved from the file's folder (absolute)."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not a JSON file ({error}).") from error
         report = cls.from_dict(data)
@@ -306,11 +355,15 @@ class CompressionReport:
         ``plot=None`` plots when matplotlib is installed, ``True`` requires it, ``False`` skips the plot.
         """
         directory = Path(directory)
+        has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+        if plot and not has_matplotlib:  # before anything is written: the files of one save go together
+            raise ImportError("plotting the report needs matplotlib: pip install 'litcompress[report]' (or "
+                              "plot=False)")
         directory.mkdir(parents=True, exist_ok=True)
         written = {"json": self.save_json(directory / "report.json"),
                    "markdown": self.save_markdown(directory / "report.md")}
         if plot is None:
-            plot = importlib.util.find_spec("matplotlib") is not None
+            plot = has_matplotlib
         if plot:
             written["plot"] = self.plot(directory / "report.png")
         return written
