@@ -984,7 +984,10 @@ def test_a_sequence_model_fed_several_lengths_is_pruned_quantized_and_its_file_t
                  "--latency-batch-size", "64", "--no-plot", "--output-dir", str(out)]) == 0
     report = CompressionReport.load_json(out / "report.json")
     assert report["pruned"].weight_sparsity == pytest.approx(0.6, abs=1e-3)  # the LSTM's matrices included
-    assert report["quantized"].size_bytes < 0.4 * report["input"].size_bytes  # the LSTM is int8 too
+    # The LSTM is int8 too: it holds 82% of the weights, so with it in fp32 any file is larger than the input's
+    # weights. Which recipe wins goes by latency: TorchScript files (torch_ao) carry ~50 KiB of code, ONNX ones little
+    # (the bound was 0.4, which only the onnxruntime file met, and a loaded host sometimes chose torch_ao).
+    assert report["quantized"].size_bytes < 0.8 * report["input"].size_bytes
     assert report.batch_size == 64  # two batches of the first's length
     (artifact,) = [p for p in out.glob("model.*")]
     model, recipe = load_quantized(artifact)

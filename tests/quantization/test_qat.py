@@ -404,6 +404,35 @@ def test_observers_frozen_while_training_stay_frozen_after_an_evaluation():
     assert any(not torch.equal(value, before[key]) for key, value in fresh.fake_quant_state().items())
 
 
+@pytest.mark.parametrize("when", ["after-train", "before-train"])
+def test_observers_frozen_after_an_evaluation_stay_frozen_in_training(when):
+    """A freeze made between an evaluation and the next training step (``train(); apply(disable_observer)``, or
+    before ``train()``, as a callback's ``on_train_epoch_start`` does) acted on the evaluation form, whose observers
+    were all off, and the switch back to training turned them on again."""
+    from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+    torch.manual_seed(0)
+    qat = prepare_qat(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (torch.randn(8, 16),))
+    qat.train()
+    qat(torch.randn(8, 16))
+    qat.eval()
+    qat(torch.randn(8, 16))
+    if when == "before-train":
+        qat.graph.apply(disable_observer)
+        qat.train()
+    else:
+        qat.train()
+        qat.graph.apply(disable_observer)
+    frozen = qat.fake_quant_state()
+    qat(5 * torch.randn(8, 16))
+    assert all(torch.equal(value, frozen[key]) for key, value in qat.fake_quant_state().items())
+    qat.eval()
+    qat(5 * torch.randn(8, 16))  # an evaluation moves no range, and leaves the freeze as it was
+    qat.train()
+    qat(5 * torch.randn(8, 16))
+    assert all(torch.equal(value, frozen[key]) for key, value in qat.fake_quant_state().items())
+
+
 def _graph_arguments(qat: QATModel, name: str) -> list:
     """The values of the argument `name` of the QAT graph's dropout or batch-norm nodes, in order."""
     values = []

@@ -148,7 +148,11 @@ class QATModel(nn.Module):
         self.example_inputs = tuple(example_inputs)
         self.dynamic_dims: DynamicDims | None = None  # per input, the free dims (prepare_qat sets them)
         self._graph_training = True
-        self._observers_on_before_eval: dict[str, bool] = {}  # per fake quantizer, when the graph last left training
+        # The observers' on/off flags are the user's (a late-QAT freeze of the int8 ranges) in either form: an
+        # evaluation turns them off for its own forward only, so a freeze made between an evaluation and the next
+        # training step is not undone by the switch back.
+        self._fake_quantizers = [module for module in graph.modules()
+                                 if isinstance(getattr(module, "observer_enabled", None), torch.Tensor)]
         self._model_keys = frozenset(model.state_dict())
         # the model's batch norms (their statistics are the graph's buffers), named for the single-row check
         self._batch_norms = _batch_norms_of(model)
@@ -166,21 +170,7 @@ class QATModel(nn.Module):
     def _sync_mode(self) -> None:
         if self._graph_training == self.training:
             return
-        from torchao.quantization.pt2e.fake_quantize import disable_observer, enable_observer
-
-        if self.training:
-            switched_(self.graph, training=True)
-            self.graph.apply(enable_observer)
-            # but those frozen before the evaluation stay frozen (a late-QAT freeze of the int8 ranges)
-            for name, module in self.graph.named_modules():
-                if name in self._observers_on_before_eval and not self._observers_on_before_eval[name]:
-                    module.apply(disable_observer)
-        else:
-            self._observers_on_before_eval = {name: bool(module.observer_enabled[0])
-                                              for name, module in self.graph.named_modules()
-                                              if isinstance(getattr(module, "observer_enabled", None), torch.Tensor)}
-            switched_(self.graph, training=False)
-            self.graph.apply(disable_observer)
+        switched_(self.graph, training=self.training)
         self._graph_training = self.training
 
     @torch.no_grad()
@@ -212,9 +202,9 @@ class QATModel(nn.Module):
         if self.training and self._batch_norms and _one_row(args):
             return self._forward_guarding_batch_norms(args)
         try:
-            if not self.training and self._batch_norms:
-                with _batch_counts_kept(self._batch_norms.values()):  # the eval form still counts batches
-                    return self.graph(*args)
+            if not self.training:
+                with _observers_off(self._fake_quantizers), _batch_counts_kept(self._batch_norms.values()):
+                    return self.graph(*args)  # (the eval form still counts batch norms' batches)
             return self.graph(*args)
         except AssertionError as error:  # torch.export's guard on a dim traced fixed: "Guard failed: x.size()[1] == 5"
             if "Guard failed" not in str(error):
@@ -485,6 +475,19 @@ def _kept_arguments(graph: torch.fx.GraphModule) -> list[tuple[str, dict[str, An
 def _argument(node: torch.fx.Node, names: list[str], name: str) -> Any:
     index = names.index(name)
     return node.args[index] if index < len(node.args) else node.kwargs.get(name)
+
+
+@contextlib.contextmanager
+def _observers_off(fake_quantizers: list[nn.Module]) -> Iterator[None]:
+    """The observers of `fake_quantizers` off for the duration, then each as it was."""
+    were_on = [bool(module.observer_enabled[0]) for module in fake_quantizers]
+    for module in fake_quantizers:
+        module.observer_enabled[0] = 0
+    try:
+        yield
+    finally:
+        for module, on in zip(fake_quantizers, were_on):
+            module.observer_enabled[0] = int(on)
 
 
 def switched_(graph: torch.fx.GraphModule, training: bool) -> None:
