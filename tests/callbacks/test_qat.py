@@ -134,12 +134,14 @@ def test_a_model_pruned_in_a_first_fit_keeps_its_zeros_through_qat(tmp_path):
     pruning = ModelPruning("l1_unstructured", amount=0.6, make_pruning_permanent=True, verbose=0,
                            apply_pruning=lambda epoch: epoch == 0)
     make_trainer(tmp_path, max_epochs=1, callbacks=[pruning]).fit(model, datamodule=data)
-    zeros = {n: p == 0 for n, p in model.named_parameters() if p.dim() == 2}
-    assert sum(int(z.sum()) for z in zeros.values()) == round(0.6 * sum(z.numel() for z in zeros.values()))
+    zeros = {n: p == 0 for n, p in model.named_parameters()}  # the biases too: ModelPruning's default targets
+    weights = [z for n, z in zeros.items() if n.endswith("weight")]
+    assert sum(int(z.sum()) for z in weights) == round(0.6 * sum(z.numel() for z in weights))
+    assert all(int(z.sum()) > 0 for n, z in zeros.items() if n.endswith("bias"))
     # the README's recipe: an fp32 epoch first (its steps grew the zeros back before the QAT graph took its masks)
     callback = QuantizationAwareTraining("net", start_epoch=1)
     make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, datamodule=data)
-    assert callback.result.held_sparse == ("0.weight", "2.weight")
+    assert callback.result.held_sparse == ("0.weight", "0.bias", "2.weight", "2.bias")  # (the biases grew back)
     for name, parameter in model.named_parameters():
         if name in zeros:
             assert torch.equal(parameter == 0, zeros[name]), name
@@ -434,6 +436,21 @@ def test_a_misspelt_metric_stops_the_fit_at_its_first_validation(tmp_path):
     with pytest.raises(KeyError, match=r"'val_accuracy' was not logged by MLPClassifier.validation_step; logged: "):
         trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
     assert trainer.current_epoch == 0  # not after all three epochs
+
+
+class _StopsAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("stopped before the first training step")
+
+
+def test_a_misspelt_metric_is_said_after_the_sanity_check_when_no_validation_comes_before_fit_end(tmp_path):
+    """Validating every 5 epochs in a 2-epoch fit, the misspelt name was met only after all the training."""
+    callback = QuantizationAwareTraining("net", metric="val_accuracy")
+    trainer = make_trainer(tmp_path, max_epochs=2, check_val_every_n_epoch=5, callbacks=[callback, _StopsAtTrainStart()])
+    with pytest.warns(UserWarning, match=r"QuantizationAwareTraining\(metric='val_accuracy'\) reads it when fit ends, "
+                      r"but the sanity-check batches did not log it: 'val_accuracy' was not logged"), \
+            pytest.raises(RuntimeError, match="stopped before the first training step"):
+        trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
 
 
 def test_compile_without_a_cpp_compiler_is_refused_at_setup(tmp_path):

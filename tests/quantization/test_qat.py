@@ -209,6 +209,8 @@ def test_refusals_are_clear_and_early():
         QATConfig(reduce_range=1)
     with pytest.raises(TypeError, match="expected a QATConfig"):
         prepare_qat(model, (x,), {"keep_sparsity": True})
+    with pytest.raises(TypeError, match=r"parameters are torch.float64; QAT trains a float32 graph"):
+        prepare_qat(nn.Linear(4, 2).double(), (torch.randn(2, 4, dtype=torch.float64),))
     with pytest.raises(TypeError, match="tuple of tensors"):
         prepare_qat(model, ([1.0, 2.0],))
 

@@ -335,6 +335,13 @@ class QuantizationAwareTraining(Callback):
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._validated_through_qat = False
 
+    def on_sanity_check_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # a misspelt metric is otherwise met at the first validation, which may come only after the fit's last epoch
+        if self.metric is not None:
+            from litcompress.quantization.lightning import warn_if_sanity_check_missed
+
+            warn_if_sanity_check_missed(trainer, pl_module, self.metric, _OWNER)
+
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self.metric is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return

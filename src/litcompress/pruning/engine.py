@@ -647,11 +647,13 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
         refresh_cached_tensor(module, name)
 
 
-def holds_pruning_zeros(module: nn.Module, name: str) -> bool:
-    """Whether ``module.<name>`` (2-d or more) holds exact zeros as pruning leaves them: at least 1% of its entries,
-    not all of them (a zero-initialised tensor), an embedding's ``padding_idx`` row (zeros by design) left out."""
+def holds_pruning_zeros(module: nn.Module, name: str, *, vectors: bool = False) -> bool:
+    """Whether ``module.<name>`` (2-d or more; with `vectors` 1-d too: a bias, a norm's scale and shift) holds exact
+    zeros as pruning leaves them: at least 1% of its entries, not all of them (a zero-initialised tensor), an
+    embedding's ``padding_idx`` row (zeros by design) left out."""
     tensor = getattr(module, name, None)
-    if not isinstance(tensor, Tensor) or tensor.dim() < 2 or not tensor.numel() or not tensor.is_floating_point():
+    if not isinstance(tensor, Tensor) or tensor.dim() < (1 if vectors else 2) or not tensor.numel() \
+            or not tensor.is_floating_point():
         return False
     with torch.no_grad():
         zeros = int(tensor.numel() - torch.count_nonzero(tensor))

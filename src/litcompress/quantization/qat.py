@@ -33,13 +33,14 @@ from .backends import ExportError, Inputs, cpu_has_vnni
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
 
 def sparse_weight_masks(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The keep-masks (``weight != 0``) of `module`'s weights that ``keep_sparsity`` holds, by parameter name: those
-    holding zeros as pruning leaves them (:func:`~litcompress.pruning.engine.holds_pruning_zeros`: 2 dims or more,
-    at least 1% exact zeros, not all zeros, an initialisation which training must move)."""
+    """The keep-masks (``weight != 0``) of `module`'s parameters that ``keep_sparsity`` holds, by parameter name:
+    those holding zeros as pruning leaves them (:func:`~litcompress.pruning.engine.holds_pruning_zeros`: at least 1%
+    exact zeros, not all zeros, an initialisation which training must move), biases too (``ModelPruning``'s default
+    targets)."""
     masks, seen = {}, set()
     for path, owner in module.named_modules():
         for name, param in owner.named_parameters(recurse=False):
-            if id(param) not in seen and holds_pruning_zeros(owner, name):  # (a tied weight under its first name)
+            if id(param) not in seen and holds_pruning_zeros(owner, name, vectors=True):  # (tied: its first name)
                 masks[f"{path}.{name}" if path else name] = param.detach() != 0
             seen.add(id(param))
     return masks
@@ -57,7 +58,7 @@ class QATConfig:
             tuner's per-layer fallback keeps them (see ``QuantizationResult.recipe.fp32_layers``).
         reduce_range: int8 activations with 7 bits. None: chosen from the CPU, as the PT2E backend does (without
             VNNI the int8 kernels' 16-bit intermediate sums saturate on 8-bit activations).
-        keep_sparsity: the weights (2-d and more) that hold at least 1% exact zeros when training starts, a pruned
+        keep_sparsity: the weights and biases that hold at least 1% exact zeros when training starts, a pruned
             model's, keep those zeros: they are reset before every training forward and before conversion (and, in
             the Lightning callback, after every optimizer step, so checkpoints and validation hold them too; a plain
             loop calls :meth:`QATModel.apply_masks_` after ``optimizer.step()`` for that), so training does not grow
@@ -380,6 +381,11 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     masked = modules_pruned_with_masks(model)
     if masked:
         raise ValueError(masks_refused_message("prepare_qat", masked))
+    # (inputs are not checked: a model may cast them itself)
+    other = sorted({str(t.dtype) for t in model.parameters() if t.is_floating_point() and t.dtype != torch.float32})
+    if other:  # torchao's fake quantizers compute in float32: torch's dtype error came from inside the trace
+        raise TypeError(f"prepare_qat: the model's parameters are {', '.join(other)}; QAT trains a float32 graph: "
+                        "pass model.float() (and float32 inputs).")
     check_layer_names(model, config.fp32_layers)
     if copy:
         model = copy_module.deepcopy(model)
