@@ -446,7 +446,8 @@ class _StopsAtTrainStart(Callback):
 def test_a_misspelt_metric_is_said_after_the_sanity_check_when_no_validation_comes_before_fit_end(tmp_path):
     """Validating every 5 epochs in a 2-epoch fit, the misspelt name was met only after all the training."""
     callback = QuantizationAwareTraining("net", metric="val_accuracy")
-    trainer = make_trainer(tmp_path, max_epochs=2, check_val_every_n_epoch=5, callbacks=[callback, _StopsAtTrainStart()])
+    trainer = make_trainer(tmp_path, max_epochs=2, check_val_every_n_epoch=5,
+                           callbacks=[callback, _StopsAtTrainStart()])
     with pytest.warns(UserWarning, match=r"QuantizationAwareTraining\(metric='val_accuracy'\) reads it when fit ends, "
                       r"but the sanity-check batches did not log it: 'val_accuracy' was not logged"), \
             pytest.raises(RuntimeError, match="stopped before the first training step"):
