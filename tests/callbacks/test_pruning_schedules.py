@@ -629,6 +629,11 @@ def _schedule_warnings(record) -> list[str]:
      dict(max_epochs=4, accumulate_grad_batches=2), None),  # 8 optimizer steps
     (IterativeSchedule(rate_per_round=0.3, rounds=5, unit="epoch"), dict(max_epochs=2), None),
     (PolynomialDecay(final_sparsity=0.9, begin=0, end=10, frequency=2), dict(max_epochs=3), 5),  # stopped early
+    # an epoch schedule in a fit that max_steps ends in its 2nd epoch (4 steps an epoch): it was said only at the end
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=3, frequency=1, unit="epoch"), dict(max_steps=6, max_epochs=9),
+     None),
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=8, frequency=1, unit="epoch"),
+     dict(max_steps=12, max_epochs=9, accumulate_grad_batches=2), None),  # 2 steps an epoch: 6 epochs
 ])
 def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path, schedule, trainer_kwargs, stop_at):
     """Before, a 90% schedule longer than the fit ended at, say, 24% without a word."""
@@ -648,6 +653,22 @@ def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path,
     assert abs(stated - reached) <= 0.001  # the sparsity said is the one reached (to rounding)
     assert f"{schedule.final_sparsity:.1%}" in message
     assert ("Fitting ended" in message) == (stop_at is not None)
+    assert ("Resume the fit from its checkpoint" in message) == (stop_at is not None)  # a resume goes on there only
+
+
+def test_a_fit_that_ran_to_its_own_limit_is_not_told_to_resume(tmp_path):
+    """Under manual optimization the steps are unknown when fitting starts, so the short schedule is said at the end;
+    it advised a resume from the checkpoint, which, the fit having run to its max_epochs, trains nothing."""
+    model = TwoOptimizerModel()  # two optimizer steps a batch: 8 an epoch
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=weight_targets(model),
+                            amount=PolynomialDecay(final_sparsity=0.9, begin=0, end=40, frequency=2),
+                            use_lottery_ticket_hypothesis=False)
+    with pytest.warns(UserWarning) as record:
+        make_trainer(tmp_path, callbacks=callback, max_epochs=2).fit(model)
+    (message,) = _schedule_warnings(record)
+    assert "Fitting ended at step 16, before the schedule's end (step 40)" in message
+    assert "The fit ran to its max_epochs=2, so a resume trains no further: raise it, or give the schedule an " \
+           "`end` within the fit." in message and "Resume" not in message
 
 
 def test_a_schedule_within_the_fit_warns_nothing(tmp_path, recwarn):

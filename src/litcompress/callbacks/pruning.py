@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from litcompress.callbacks.schedule_checks import (epochs_finished_at_the_last_validation, fit_too_short_message,
-                                                   stopped_early_message, validations_end_before_message)
+                                                   limit_reached, stopped_early_message,
+                                                   validations_end_before_message)
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
@@ -1129,7 +1130,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                            "the end of each training epoch.")
         if self._schedule is not None:
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
-            message = stopped_early_message(self._schedule, progress, "sparsity")
+            message = stopped_early_message(self._schedule, progress, "sparsity", limit_reached(trainer))
             if message and not self._warned_fit_too_short:  # said when fitting started
                 rank_zero_warn(message)
             looked = self._epoch_progress  # epochs finished at the last validation that looked for rounds

@@ -20,11 +20,32 @@ def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
         if not trainer.lightning_module.automatic_optimization:
             return None
         length = trainer.estimated_stepping_batches
-    else:
-        length = trainer.max_epochs if trainer.max_steps == -1 else None
+    elif trainer.max_steps in (-1, None):
+        length = trainer.max_epochs
+    elif not trainer.lightning_module.automatic_optimization:
+        return None
+    else:  # the epochs that `max_steps` starts (a last one cut short ends too, and its round runs)
+        trainer.estimated_stepping_batches  # (sets the training data up: its batches are known after this)
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or batches < 1:
+            return None
+        per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
+        length = math.ceil(trainer.max_steps / per_epoch)
+        if trainer.max_epochs not in (-1, None):
+            length = min(length, trainer.max_epochs)
     if length is None or not math.isfinite(length) or length < 0:
         return None
     return int(length)
+
+
+def limit_reached(trainer: "pl.Trainer") -> str | None:
+    """The trainer's own limit this fit ran to (``max_steps``, ``max_epochs``), None when something else stopped it
+    (EarlyStopping, a time limit)."""
+    if trainer.max_steps not in (-1, None) and trainer.global_step >= trainer.max_steps:
+        return f"max_steps={trainer.max_steps}"
+    if trainer.max_epochs not in (-1, None) and trainer.current_epoch >= trainer.max_epochs:
+        return f"max_epochs={trainer.max_epochs}"
+    return None
 
 
 def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", what: str) -> str | None:
@@ -39,14 +60,18 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
             f"`end` within the fit, or train longer ({setting}).")
 
 
-def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str) -> str | None:
-    """What to say when fitting ended at `progress`, before `schedule` did (EarlyStopping, a time limit); else
-    None."""
+def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str,
+                          limit: str | None = None) -> str | None:
+    """What to say when fitting ended at `progress`, before `schedule` did; else None. `limit`: the trainer's own
+    limit the fit ran to (:func:`limit_reached`), which a resume does not go past; None: something else stopped it
+    (EarlyStopping, a time limit), and a resume goes on."""
     if progress >= schedule.end:
         return None
+    advice = (f"The fit ran to its {limit}, so a resume trains no further: raise it, or give the schedule an `end` "
+              "within the fit." if limit else "Resume the fit from its checkpoint to go on with it.")
     return (f"Fitting ended at {schedule.unit} {progress}, before the schedule's end ({schedule.unit} "
             f"{schedule.end}): the model is at {schedule.reached_by(progress):.1%} of the "
-            f"{schedule.final_sparsity:.1%} {what} asked for. Resume the fit from its checkpoint to go on with it.")
+            f"{schedule.final_sparsity:.1%} {what} asked for. {advice}")
 
 
 def epochs_finished_at_the_last_validation(trainer: "pl.Trainer") -> int | None:

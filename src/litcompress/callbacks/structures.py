@@ -23,7 +23,7 @@ from torch import nn
 
 from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _is_bool, _refuse_weight_averaging_after,
                                            canonical_numbers, restore_state_under_moved_key)
-from litcompress.callbacks.schedule_checks import fit_too_short_message, stopped_early_message
+from litcompress.callbacks.schedule_checks import fit_too_short_message, limit_reached, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
@@ -212,7 +212,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._schedule is not None and not self._warned_fit_too_short:
             progress = trainer.global_step if self._schedule.unit == "step" else pl_module.current_epoch
-            message = stopped_early_message(self._schedule, progress, self._WHAT)
+            message = stopped_early_message(self._schedule, progress, self._WHAT, limit_reached(trainer))
             if message:
                 rank_zero_warn(message)
         if self._make_pruning_permanent:
