@@ -977,6 +977,11 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
         compress(trained, eval_fn=lambda m: float("nan"), example_inputs=x)
     with pytest.raises(TypeError, match="expected a CompressionConfig"):
         compress(trained, PruneConfig(sparsity=0.5), eval_fn=evaluate, example_inputs=x)
+    # the report refused these after every stage had run
+    with pytest.raises(TypeError, match=r"compress\(metric_name=None\): the report's title of eval_fn's column"):
+        compress(trained, eval_fn=evaluate, example_inputs=x, metric_name=None)
+    with pytest.raises(TypeError, match=r"compress\(test_metric_name=5\)"):
+        compress(trained, eval_fn=evaluate, example_inputs=x, test_fn=evaluate, test_metric_name=5)
 
 
 def test_a_model_off_the_cpu_is_refused_before_any_fine_tuning_when_it_is_to_be_quantized(digits):

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from litcompress.quantization import PTQConfig, load_quantized, quantize, save_quantized
+from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize, save_quantized
 from litcompress.quantization.outputs import output_structure, rebuild, tensor_leaves
 from litcompress.quantization.sensitivity import layer_sensitivity
 
@@ -282,3 +282,54 @@ def same_structure(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return type(b) is dict and list(a) == list(b) and all(same_structure(a[k], b[k]) for k in a)
     return type(a) is type(b) and len(a) == len(b) and all(same_structure(x, y) for x, y in zip(a, b))
+
+
+_SHAPES = {  # outputs TorchScript cannot return as they are (a list or dict of several types, an empty container)
+    "list-mixed": lambda a, b: [a, {"p": b}],
+    "tuple-of-lists": lambda a, b: (a, [b, (a, b)]),
+    "list-of-lists": lambda a, b: [[a], b],
+    "list-of-dicts": lambda a, b: [{"p": a, "q": b}, {"p": b}],
+    "empty-dict": lambda a, b: (a, {}),
+    "empty-list": lambda a, b: (a, [], b),
+}
+
+
+class _Shaped(nn.Module):
+    def __init__(self, shape: str) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(32, 16), nn.Linear(16, 4)
+        self.shape = shape
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        return _SHAPES[self.shape](self.head(features), features)
+
+
+@pytest.mark.parametrize("fp32_format", ["torchscript", "onnx", "export"])
+@pytest.mark.parametrize("shape", list(_SHAPES))
+def test_an_fp32_file_returns_containers_of_several_types_and_empty_ones(shape, fp32_format, tmp_path):
+    torch.manual_seed(0)
+    model, x = _Shaped(shape).eval(), torch.randn(64, 32)
+    path = tmp_path / {"torchscript": "model.pt", "onnx": "model.onnx", "export": "model.pt2"}[fp32_format]
+    save_quantized(model, None, path, x[:32], fp32_format=fp32_format)
+    loaded, _ = load_quantized(path)
+    with torch.no_grad():
+        expected, got = model(x[:7]), loaded(x[:7])
+    assert same_structure(got, expected)
+    for leaf, reference in zip(tensor_leaves(got), tensor_leaves(expected), strict=True):
+        torch.testing.assert_close(leaf, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_ao_quantizes_a_model_returning_a_list_of_dicts():
+    torch.manual_seed(0)
+    model, x = _Shaped("list-of-dicts").eval(), torch.randn(64, 32)
+    labels = model(x)[0]["p"].argmax(1)
+
+    def accuracy(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return (candidate(x)[0]["p"].argmax(1) == labels).float().mean().item()
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2, max_trials=1,
+                                       accuracy=AccuracyCriterion(0.2, relative=False)),
+                      eval_fn=accuracy, example_inputs=x[:32])
+    (trial,) = result.trials
+    assert trial.error is None and result.recipe is not None

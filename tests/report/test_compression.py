@@ -313,6 +313,7 @@ _DELETE = object()
     (("batch_size",), "8", "batch_size='8'"),
     (("metric_name",), None, "metric_name=None"),
     (("artifact",), 5, "artifact=5"),
+    (("stages", 0, "metric"), 10**400, r"must be finite"),  # no float holds it: it raised OverflowError
 ])
 def test_a_file_that_is_not_a_report_of_this_version_is_refused_naming_what_is_wrong(path, value, named, tmp_path):
     """Each of these loaded as an AttributeError, KeyError or TypeError of the reader's, or loaded and failed later

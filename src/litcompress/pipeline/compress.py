@@ -820,6 +820,12 @@ def compress(
         raise TypeError(f"compress(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     if test_fn is not None and not callable(test_fn):
         raise TypeError(f"compress(test_fn={test_fn!r}): expected a callable model -> metric, or None.")
+    # (the report refused them, after every stage had run)
+    if not isinstance(metric_name, str):
+        raise TypeError(f"compress(metric_name={metric_name!r}): the report's title of eval_fn's column, a str.")
+    if test_metric_name is not None and not isinstance(test_metric_name, str):
+        raise TypeError(f"compress(test_metric_name={test_metric_name!r}): the report's title of test_fn's column, "
+                        "a str or None.")
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
         check_model_on_cpu(model, "compress(model=...) with config.quantize")
     compiled = compiled_module_names(model)

@@ -73,21 +73,20 @@ def traces_as_it_is(structure: Structure, torchscript: bool = False) -> bool:
     TorchScript and the ONNX exporter return as they are; a None, a dataclass, a named tuple, a Mapping subclass (a
     Hugging Face ``ModelOutput``) or a dict with an int key needs `TensorLeaves` and `rebuild` (traced, they came back
     as plain tuples and dicts, TorchScript takes str keys only, the ONNX exporter makes an int key an output, and
-    ``torch.export`` cannot save a dataclass). With `torchscript`, also a dict whose values are not all tensors:
-    TorchScript types a dict by one value type."""
+    ``torch.export`` cannot save a dataclass), as does an empty container. With `torchscript`, also a dict or a list
+    whose items are not all tensors: TorchScript types a dict's values and a list's items by one type."""
     if structure == TENSOR:
         return True
     if structure == NONE or "class" in structure:
         return False
     kind = next(iter(structure))
-    if kind == "dataclass":
+    if kind == "dataclass" or not structure[kind]:  # (an empty container: the exporters refuse it, or fail)
         return False
-    if kind == "dict":
-        if not all(isinstance(key, str) for key, _ in structure[kind]):
-            return False
-        if torchscript and any(child != TENSOR for _, child in structure[kind]):
-            return False
+    if kind == "dict" and not all(isinstance(key, str) for key, _ in structure[kind]):
+        return False
     children = [child for _, child in structure[kind]] if kind == "dict" else structure[kind]
+    if torchscript and kind in ("dict", "list") and any(child != TENSOR for child in children):
+        return False  # TorchScript types a dict's values and a list's items by one type
     return all(traces_as_it_is(child, torchscript) for child in children)
 
 

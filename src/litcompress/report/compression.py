@@ -77,19 +77,27 @@ class StageMetrics:
         if wrong:
             raise ValueError(f"StageMetrics({', '.join(wrong)}): stage and description are text, the metrics, "
                              "sparsity and seconds numbers, the counts ints, latency a Latency (or None).")
-        # plain float and int (a numpy scalar passed the checks above, and report.json could not be written)
+        # as Latency's: a NaN or infinity made report.json that JSON readers refuse (and a plot without the stage)
+        wrong = [f"{name}={value!r}" for name in ("metric", "test_metric", "weight_sparsity", "seconds")
+                 if (value := getattr(self, name)) is not None and not _finite(value)]
+        if wrong:
+            raise ValueError(f"StageMetrics({', '.join(wrong)}): the metrics, sparsity and seconds must be finite "
+                             "(None where there is none).")
+        # plain float and int (a numpy scalar passed the checks above too, and report.json could not be written)
         for name in ("metric", "test_metric", "weight_sparsity", "seconds"):
             if (value := getattr(self, name)) is not None and type(value) is not float:
                 object.__setattr__(self, name, float(value))
         for name in ("parameters", "nonzero_parameters", "size_bytes", "gzip_bytes"):
             if (value := getattr(self, name)) is not None and type(value) is not int:
                 object.__setattr__(self, name, int(value))
-        # as Latency's: a NaN or infinity made report.json that JSON readers refuse (and a plot without the stage)
-        wrong = [f"{name}={value!r}" for name in ("metric", "test_metric", "weight_sparsity", "seconds")
-                 if (value := getattr(self, name)) is not None and not math.isfinite(value)]
-        if wrong:
-            raise ValueError(f"StageMetrics({', '.join(wrong)}): the metrics, sparsity and seconds must be finite "
-                             "(None where there is none).")
+
+
+def _finite(value: numbers.Real) -> bool:
+    """A finite number that a float holds (an int beyond 1e308 raised OverflowError in math.isfinite)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _latency(value: object) -> Latency | None:
