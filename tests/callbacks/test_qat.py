@@ -454,6 +454,17 @@ def test_a_misspelt_metric_is_said_after_the_sanity_check_when_no_validation_com
         trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
 
 
+def test_a_float64_model_is_refused_when_fitting_starts_not_after_the_fp32_epochs(tmp_path):
+    model = MLPClassifier(hidden=(8,))
+    model.net.double()
+    callback = QuantizationAwareTraining("net", start_epoch=1)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    with pytest.raises(TypeError, match=r"QuantizationAwareTraining: the model's trainable parameters are "
+                                        r"torch.float64; QAT trains a float32 graph"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
 def test_compile_without_a_cpp_compiler_is_refused_at_setup(tmp_path):
     import torch._inductor.config as inductor_config
 

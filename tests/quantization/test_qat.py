@@ -16,7 +16,7 @@ from torch.nn.utils import prune
 
 from litcompress import make_permanent_
 from litcompress.quantization import ExportError, load_quantized
-from litcompress.quantization.qat import QATConfig, QATModel, prepare_qat
+from litcompress.quantization.qat import QATConfig, QATModel, prepare_qat, sparse_weight_masks
 from tests.conftest import ReluMLP
 
 
@@ -209,7 +209,7 @@ def test_refusals_are_clear_and_early():
         QATConfig(reduce_range=1)
     with pytest.raises(TypeError, match="expected a QATConfig"):
         prepare_qat(model, (x,), {"keep_sparsity": True})
-    with pytest.raises(TypeError, match=r"parameters are torch.float64; QAT trains a float32 graph"):
+    with pytest.raises(TypeError, match=r"trainable parameters are torch.float64; QAT trains a float32 graph"):
         prepare_qat(nn.Linear(4, 2).double(), (torch.randn(2, 4, dtype=torch.float64),))
     with pytest.raises(TypeError, match="tuple of tensors"):
         prepare_qat(model, ([1.0, 2.0],))
@@ -433,6 +433,60 @@ def test_observers_frozen_after_an_evaluation_stay_frozen_in_training(when):
     qat.train()
     qat(5 * torch.randn(8, 16))
     assert all(torch.equal(value, frozen[key]) for key, value in qat.fake_quant_state().items())
+
+
+def test_a_freeze_of_the_observers_is_part_of_the_state_a_resumed_graph_loads():
+    """A resumed fit builds a fresh graph, its observers on: the freeze of the run it resumes was lost (the flags
+    were left out of the state as following the mode), and its ranges moved on where the uninterrupted run's did not.
+    A state saved without the flags still loads."""
+    from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), torch.randn(8, 16)
+    qat = prepare_qat(model, (x,))
+    qat(x)
+    qat.graph.apply(disable_observer)
+    state = qat.fake_quant_state()
+    resumed = prepare_qat(model, (x,))
+    resumed.load_fake_quant_state(state)
+    resumed(5 * x)
+    assert all(torch.equal(value, state[key]) for key, value in resumed.fake_quant_state().items())
+    older = {key: value for key, value in state.items() if not key.endswith(("observer_enabled", "fake_quant_enabled"))}
+    fresh = prepare_qat(model, (x,))
+    fresh.load_fake_quant_state(older)
+    assert all(torch.equal(value, older[key]) for key, value in fresh.fake_quant_state().items() if key in older)
+
+
+def test_zeros_of_biases_are_held_only_in_layers_whose_weights_were_pruned():
+    """Any 1-d zeros were held: a bias partly zero at initialisation (an LSTM's beside its forget gate's ones) stayed
+    zero through QAT in a model never pruned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias[:8] = 0  # a partly zero initialisation, never pruned
+        model[2].weight[:, :8] = 0  # pruned: its weight and its bias
+        model[2].bias[:2] = 0
+    assert set(sparse_weight_masks(model)) == {"2.weight", "2.bias"}
+    lstm = nn.LSTM(4, 8)
+    with torch.no_grad():
+        lstm.bias_ih_l0.zero_()
+        lstm.bias_ih_l0[8:16] = 1.0
+    assert sparse_weight_masks(lstm) == {}
+
+
+def test_a_frozen_half_precision_parameter_the_model_casts_is_not_refused():
+    class CastsItsTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+            self.scale = nn.Parameter(torch.ones(16, dtype=torch.float16), requires_grad=False)
+
+        def forward(self, x):
+            return self.fc(x * self.scale.float())
+
+    x = torch.randn(8, 16)
+    qat = prepare_qat(CastsItsTable(), (x,))
+    assert qat(x).shape == (8, 4)
 
 
 def _graph_arguments(qat: QATModel, name: str) -> list:

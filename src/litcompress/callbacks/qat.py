@@ -32,6 +32,7 @@ from litcompress.quantization.qat import (
     QATConfig,
     QATModel,
     QATResult,
+    check_float32_parameters,
     check_layer_names,
     compile_converted,
     masks_refused_message,
@@ -194,6 +195,7 @@ class QuantizationAwareTraining(Callback):
         # here, not in setup: a module that builds its layers in configure_model has them only now
         self._module = self._quantized_module(pl_module)
         check_layer_names(self._module, self.config.fp32_layers)  # before any training, not at the first QAT step
+        check_float32_parameters(self._module, _OWNER)
         masked = modules_pruned_with_masks(self._module)
         if masked:  # here, not after the fp32 epochs (pruning callbacks, which would remove masks, are refused)
             raise ValueError(masks_refused_message(_OWNER, masked))

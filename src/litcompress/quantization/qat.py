@@ -34,16 +34,32 @@ from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
 
 def sparse_weight_masks(module: nn.Module) -> dict[str, torch.Tensor]:
     """The keep-masks (``weight != 0``) of `module`'s parameters that ``keep_sparsity`` holds, by parameter name:
-    those holding zeros as pruning leaves them (:func:`~litcompress.pruning.engine.holds_pruning_zeros`: at least 1%
-    exact zeros, not all zeros, an initialisation which training must move), biases too (``ModelPruning``'s default
-    targets)."""
+    those of 2 dims or more holding zeros as pruning leaves them (:func:`~litcompress.pruning.engine.
+    holds_pruning_zeros`: at least 1% exact zeros, not all zeros, an initialisation which training must move), and
+    the 1-d ones (biases: ``ModelPruning``'s default targets) holding such zeros in a layer whose weights are held:
+    a bias partly zero at initialisation (an LSTM's beside its forget gate's ones) in a layer never pruned trains."""
     masks, seen = {}, set()
     for path, owner in module.named_modules():
-        for name, param in owner.named_parameters(recurse=False):
-            if id(param) not in seen and holds_pruning_zeros(owner, name, vectors=True):  # (tied: its first name)
+        own = [(name, param) for name, param in owner.named_parameters(recurse=False) if id(param) not in seen]
+        held = {name for name, param in own if param.dim() >= 2 and holds_pruning_zeros(owner, name)}
+        if held:
+            held |= {name for name, param in own if param.dim() == 1 and holds_pruning_zeros(owner, name, vectors=True)}
+        for name, param in own:  # (a tied weight under its first name)
+            if name in held:
                 masks[f"{path}.{name}" if path else name] = param.detach() != 0
-            seen.add(id(param))
+        seen.update(id(param) for _, param in own)
     return masks
+
+
+def check_float32_parameters(model: nn.Module, owner: str) -> None:
+    """Refuse trainable parameters of a floating dtype other than float32, in words (torch's dtype error came from
+    inside the trace): torchao's fake quantizers compute in float32. A frozen half-precision parameter, or a buffer,
+    that the model casts itself is left alone."""
+    other = sorted({str(p.dtype) for p in model.parameters()
+                    if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32})
+    if other:
+        raise TypeError(f"{owner}: the model's trainable parameters are {', '.join(other)}; QAT trains a float32 graph: "
+                        "pass model.float() (and float32 inputs).")
 
 
 _MODE_FLAGS = ("observer_enabled", "fake_quant_enabled")
@@ -286,15 +302,18 @@ class QATModel(nn.Module):
         return int(differed.sum())
 
     def fake_quant_state(self) -> dict[str, torch.Tensor]:
-        """What the graph holds beyond the model's own state: the observers' ranges and the fake quantizers' scales
-        (a checkpoint of the model does not have them; :meth:`load_fake_quant_state` puts them back). The on/off flags
-        are left out: they follow the mode (``train()``/``eval()``), not the training."""
-        return {k: v.detach().clone() for k, v in self.graph.state_dict().items()
-                if k not in self._model_keys and not k.endswith(_MODE_FLAGS)}
+        """What the graph holds beyond the model's own state: the observers' ranges and the fake quantizers' scales,
+        and their on/off flags (a late-QAT freeze of the ranges is training state: an evaluation turns the observers
+        off for its own forward only); a checkpoint of the model does not have them, :meth:`load_fake_quant_state`
+        puts them back."""
+        return {k: v.detach().clone() for k, v in self.graph.state_dict().items() if k not in self._model_keys}
 
     def load_fake_quant_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`fake_quant_state` returned, into a graph prepared from the same model."""
+        """Load what :meth:`fake_quant_state` returned, into a graph prepared from the same model (a state saved
+        before the flags were part of it loads, the flags left as they are)."""
         expected = set(self.fake_quant_state())
+        if not any(k.endswith(_MODE_FLAGS) for k in state):
+            expected = {k for k in expected if not k.endswith(_MODE_FLAGS)}
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
             raise ValueError(f"QATModel.load_fake_quant_state: the state is not this graph's (missing {missing}, "
@@ -381,11 +400,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     masked = modules_pruned_with_masks(model)
     if masked:
         raise ValueError(masks_refused_message("prepare_qat", masked))
-    # (inputs are not checked: a model may cast them itself)
-    other = sorted({str(t.dtype) for t in model.parameters() if t.is_floating_point() and t.dtype != torch.float32})
-    if other:  # torchao's fake quantizers compute in float32: torch's dtype error came from inside the trace
-        raise TypeError(f"prepare_qat: the model's parameters are {', '.join(other)}; QAT trains a float32 graph: "
-                        "pass model.float() (and float32 inputs).")
+    check_float32_parameters(model, "prepare_qat")  # (inputs are not checked: a model may cast them itself)
     check_layer_names(model, config.fp32_layers)
     if copy:
         model = copy_module.deepcopy(model)
