@@ -982,6 +982,8 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
         compress(trained, eval_fn=evaluate, example_inputs=x, metric_name=None)
     with pytest.raises(TypeError, match=r"compress\(test_metric_name=5\)"):
         compress(trained, eval_fn=evaluate, example_inputs=x, test_fn=evaluate, test_metric_name=5)
+    with pytest.raises(ValueError, match=r"compress\(output_dir=''\): name a folder"):  # it wrote into the cwd
+        compress(trained, eval_fn=evaluate, example_inputs=x, output_dir="")
 
 
 def test_a_model_off_the_cpu_is_refused_before_any_fine_tuning_when_it_is_to_be_quantized(digits):

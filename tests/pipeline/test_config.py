@@ -44,6 +44,8 @@ def test_sparsity_outside_zero_one_is_refused(value):
         ({"schedule": "exponential"}, "schedule='exponential'"),
         ({"begin": 0.7, "end": 0.6}, "0 <= begin < end <= 1"),
         ({"end": 1.5}, "0 <= begin < end <= 1"),
+        ({"end": True}, "0 <= begin < end <= 1"),  # a bool was taken for 1.0 (and begin=False for 0.0)
+        ({"begin": False}, "0 <= begin < end <= 1"),
         ({"rounds": 0}, "rounds=0"),
         ({"scope": "everywhere"}, "scope='everywhere'"),
         ({"method": "ln_structured", "scope": "global"}, "needs an unstructured method"),

@@ -166,7 +166,7 @@ class PruneConfig:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"PruneConfig(sparsity={self.sparsity!r}): expected a fraction in [0, 1), e.g. 0.9.")
-        if not (isinstance(self.begin, (int, float)) and isinstance(self.end, (int, float))
+        if not (all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (self.begin, self.end))
                 and 0.0 <= self.begin < self.end <= 1.0):
             raise ValueError(f"PruneConfig(begin={self.begin!r}, end={self.end!r}): expected fractions of the "
                              "fine-tuning steps with 0 <= begin < end <= 1, e.g. begin=0.0, end=0.6.")
