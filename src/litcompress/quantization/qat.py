@@ -58,8 +58,8 @@ def check_float32_parameters(model: nn.Module, owner: str) -> None:
     other = sorted({str(p.dtype) for p in model.parameters()
                     if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32})
     if other:
-        raise TypeError(f"{owner}: the model's trainable parameters are {', '.join(other)}; QAT trains a float32 graph: "
-                        "pass model.float() (and float32 inputs).")
+        raise TypeError(f"{owner}: the model's trainable parameters are {', '.join(other)}; QAT trains a float32 "
+                        "graph: pass model.float() (and float32 inputs).")
 
 
 _MODE_FLAGS = ("observer_enabled", "fake_quant_enabled")
