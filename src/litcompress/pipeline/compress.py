@@ -823,11 +823,11 @@ def compress(
     # (the report refused them, after every stage had run)
     if not isinstance(metric_name, str):
         raise TypeError(f"compress(metric_name={metric_name!r}): the report's title of eval_fn's column, a str.")
-    if output_dir is not None and os.fspath(output_dir) == "":  # Path("") is the working directory
-        raise ValueError("compress(output_dir=''): name a folder to write to (or None to write nothing).")
     if test_metric_name is not None and not isinstance(test_metric_name, str):
         raise TypeError(f"compress(test_metric_name={test_metric_name!r}): the report's title of test_fn's column, "
                         "a str or None.")
+    if output_dir is not None and os.fspath(output_dir) == "":  # Path("") is the working directory
+        raise ValueError("compress(output_dir=''): name a folder to write to (or None to write nothing).")
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
         check_model_on_cpu(model, "compress(model=...) with config.quantize")
     compiled = compiled_module_names(model)
