@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import Callback, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning
@@ -634,6 +635,9 @@ def _schedule_warnings(record) -> list[str]:
      None),
     (PolynomialDecay(final_sparsity=0.9, begin=0, end=8, frequency=1, unit="epoch"),
      dict(max_steps=12, max_epochs=9, accumulate_grad_batches=2), None),  # 2 steps an epoch: 6 epochs
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=3, frequency=1, unit="epoch"), dict(max_steps=6), None),
+    (PolynomialDecay(final_sparsity=0.9, begin=0, end=3, frequency=1, unit="epoch"),
+     dict(max_steps=6, callbacks_too=[GradientAccumulationScheduler({0: 2, 1: 1})]), None),  # 2 + 4 steps
 ])
 def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path, schedule, trainer_kwargs, stop_at):
     """Before, a 90% schedule longer than the fit ended at, say, 24% without a word."""
@@ -641,11 +645,14 @@ def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path,
     targets = weight_targets(model)
     callback = ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule,
                             use_lottery_ticket_hypothesis=False)
-    callbacks = [callback] + ([StopAtStep(stop_at)] if stop_at else [])
+    trainer_kwargs = dict(trainer_kwargs)
+    callbacks = [callback] + ([StopAtStep(stop_at)] if stop_at else []) + trainer_kwargs.pop("callbacks_too", [])
     with pytest.warns(UserWarning) as record:
         trainer = make_trainer(tmp_path, callbacks=callbacks, **trainer_kwargs)
         trainer.fit(model)
     (message,) = _schedule_warnings(record)  # said once: when fitting starts, or, unforeseen, when it ends
+    if schedule.unit == "epoch" and "max_steps" in trainer_kwargs and not stop_at:  # the limit to raise is named
+        assert "train longer (max_steps)" in message
     zeros, total = zeros_and_total(targets)
     reached = zeros / total
     assert reached < schedule.final_sparsity
@@ -654,6 +661,18 @@ def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path,
     assert f"{schedule.final_sparsity:.1%}" in message
     assert ("Fitting ended" in message) == (stop_at is not None)
     assert ("Resume the fit from its checkpoint" in message) == (stop_at is not None)  # a resume goes on there only
+
+
+def test_an_epoch_schedule_that_max_steps_lets_end_warns_nothing_with_accumulation_scheduled(tmp_path, recwarn):
+    """The accumulation a GradientAccumulationScheduler sets as each epoch starts was read as 1 when fitting started:
+    the fit's epochs were under-counted and a schedule that ends within it was said to stop short."""
+    model = ThreeLayerModel()
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=weight_targets(model),
+                            amount=PolynomialDecay(final_sparsity=0.8, begin=0, end=2, frequency=1, unit="epoch"),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, callbacks=[callback, GradientAccumulationScheduler({0: 2})], max_steps=4,
+                 max_epochs=5).fit(model)  # 2 steps an epoch: the round at the end of epoch 2 runs
+    assert _schedule_warnings(recwarn) == []
 
 
 def test_a_fit_that_ran_to_its_own_limit_is_not_told_to_resume(tmp_path):
@@ -937,3 +956,23 @@ def test_a_reset_before_any_optimizer_step_keeps_the_gradients_of_its_accumulati
 
     with_reset, without = update(True), update(False)
     assert with_reset.abs().sum() > 0 and torch.equal(with_reset, without)
+
+
+def test_a_fit_its_max_time_ended_is_not_told_to_resume(tmp_path):
+    """A resumed fit keeps counting the Timer's time from where it was (Lightning checkpoints it): it trains no
+    further with the same max_time."""
+    model = ThreeLayerModel()
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=weight_targets(model),
+                            amount=PolynomialDecay(final_sparsity=0.9, begin=0, end=40, frequency=2),
+                            use_lottery_ticket_hypothesis=False)
+    class SlowFirstBatch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                time.sleep(1.1)  # past max_time: the Timer stops the fit at its next check
+
+    with pytest.warns(UserWarning) as record:
+        make_trainer(tmp_path, callbacks=[callback, SlowFirstBatch()], max_epochs=20, max_time={"seconds": 1}).fit(
+            model)
+    (message,) = _schedule_warnings(record)
+    assert "before the schedule's end (step 40)" in message
+    assert "The fit ran to its max_time, so a resume trains no further" in message

@@ -473,6 +473,18 @@ def test_zeros_of_biases_are_held_only_in_layers_whose_weights_were_pruned():
         lstm.bias_ih_l0[8:16] = 1.0
     assert sparse_weight_masks(lstm) == {}
 
+    class TiedHead(nn.Module):  # the head's weight is the embedding's, counted under the embedding's name
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, 20)
+            self.head.weight = self.emb.weight
+
+    tied = TiedHead()
+    with torch.no_grad():
+        tied.emb.weight[:, :4] = 0
+        tied.head.bias[:5] = 0
+    assert set(sparse_weight_masks(tied)) == {"emb.weight", "head.bias"}
+
 
 def test_a_frozen_half_precision_parameter_the_model_casts_is_not_refused():
     class CastsItsTable(nn.Module):

@@ -24,27 +24,56 @@ def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
         length = trainer.max_epochs
     elif not trainer.lightning_module.automatic_optimization:
         return None
-    else:  # the epochs that `max_steps` starts (a last one cut short ends too, and its round runs)
-        trainer.estimated_stepping_batches  # (sets the training data up: its batches are known after this)
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches) or batches < 1:
-            return None
-        per_epoch = math.ceil(int(batches) / trainer.accumulate_grad_batches)
-        length = math.ceil(trainer.max_steps / per_epoch)
-        if trainer.max_epochs not in (-1, None):
-            length = min(length, trainer.max_epochs)
+    else:
+        length = _epochs_max_steps_starts(trainer)
     if length is None or not math.isfinite(length) or length < 0:
         return None
     return int(length)
 
 
+def _epochs_max_steps_starts(trainer: "pl.Trainer") -> int | None:
+    """The epochs a fit bounded by ``max_steps`` starts (a last one cut short ends too, and its round runs), at most
+    ``max_epochs``; None where the batches of an epoch are unknown."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    if not math.isfinite(trainer.num_training_batches):
+        # (Lightning's estimate of the steps, which sets the data up, answers max_steps without it when max_epochs
+        # is -1, as it is when only max_steps was given)
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches < 1:
+        return None
+    # a GradientAccumulationScheduler sets trainer.accumulate_grad_batches only as each epoch starts
+    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+    last_change = max(scheduler.scheduling, default=0) if scheduler is not None else 0
+    epochs_cap = trainer.max_epochs if trainer.max_epochs not in (-1, None) else math.inf
+    steps, epoch = 0, 0
+    while steps < trainer.max_steps and epoch < epochs_cap and epoch <= last_change:
+        factor = scheduler.get_accumulate_grad_batches(epoch) if scheduler is not None \
+            else trainer.accumulate_grad_batches
+        steps += math.ceil(int(batches) / factor)
+        epoch += 1
+    if steps < trainer.max_steps and epoch < epochs_cap:  # the same steps in every epoch from here
+        factor = scheduler.get_accumulate_grad_batches(epoch) if scheduler is not None \
+            else trainer.accumulate_grad_batches
+        epoch += math.ceil((trainer.max_steps - steps) / math.ceil(int(batches) / factor))
+    return int(min(epoch, epochs_cap))
+
+
 def limit_reached(trainer: "pl.Trainer") -> str | None:
-    """The trainer's own limit this fit ran to (``max_steps``, ``max_epochs``), None when something else stopped it
-    (EarlyStopping, a time limit)."""
+    """The trainer's own limit this fit ran to (``max_steps``, ``max_epochs``, a ``Timer``'s ``max_time``, which a
+    resume keeps counting from where it was), None when something else stopped it (EarlyStopping)."""
+    from lightning.pytorch.callbacks import Timer
+
     if trainer.max_steps not in (-1, None) and trainer.global_step >= trainer.max_steps:
         return f"max_steps={trainer.max_steps}"
     if trainer.max_epochs not in (-1, None) and trainer.current_epoch >= trainer.max_epochs:
         return f"max_epochs={trainer.max_epochs}"
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer):
+            remaining = callback.time_remaining()
+            if remaining is not None and remaining <= 0:
+                return "max_time"
     return None
 
 
@@ -54,7 +83,14 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
     if length is None or length >= schedule.end:
         return None
     step = schedule.unit == "step"
-    unit, setting = ("optimizer steps", "max_steps / max_epochs") if step else ("epochs", "max_epochs")
+    if step:
+        unit, setting = "optimizer steps", "max_steps / max_epochs"
+    elif trainer.max_steps in (-1, None):
+        unit, setting = "epochs", "max_epochs"
+    else:  # max_steps ends it, or both do
+        unit = "epochs"
+        setting = "max_steps / max_epochs" if trainer.max_epochs not in (-1, None) and length == trainer.max_epochs \
+            else "max_steps"
     return (f"The schedule prunes until {schedule.unit} {schedule.end} (to {schedule.final_sparsity:.1%} {what}), but "
             f"this fit runs {length} {unit}: it will stop at {schedule.reached_by(length):.1%}. Give the schedule an "
             f"`end` within the fit, or train longer ({setting}).")

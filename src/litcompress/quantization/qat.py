@@ -40,12 +40,12 @@ def sparse_weight_masks(module: nn.Module) -> dict[str, torch.Tensor]:
     a bias partly zero at initialisation (an LSTM's beside its forget gate's ones) in a layer never pruned trains."""
     masks, seen = {}, set()
     for path, owner in module.named_modules():
-        own = [(name, param) for name, param in owner.named_parameters(recurse=False) if id(param) not in seen]
+        own = list(owner.named_parameters(recurse=False))  # a tied weight held under another name counts here too
         held = {name for name, param in own if param.dim() >= 2 and holds_pruning_zeros(owner, name)}
         if held:
             held |= {name for name, param in own if param.dim() == 1 and holds_pruning_zeros(owner, name, vectors=True)}
-        for name, param in own:  # (a tied weight under its first name)
-            if name in held:
+        for name, param in own:
+            if name in held and id(param) not in seen:  # (a tied weight's mask under its first name)
                 masks[f"{path}.{name}" if path else name] = param.detach() != 0
         seen.update(id(param) for _, param in own)
     return masks
