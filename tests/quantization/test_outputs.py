@@ -279,6 +279,10 @@ def same_structure(a: object, b: object) -> bool:
     """Same containers, keys and tensor shapes (the leaves' values are compared apart)."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape
+    if a is None:
+        return b is None
+    if isinstance(a, DataclassOutput):
+        return type(b) is DataclassOutput and same_structure(a.logits, b.logits) and same_structure(a.hidden, b.hidden)
     if isinstance(a, dict):
         return type(b) is dict and list(a) == list(b) and all(same_structure(a[k], b[k]) for k in a)
     return type(a) is type(b) and len(a) == len(b) and all(same_structure(x, y) for x, y in zip(a, b))
@@ -333,3 +337,44 @@ def test_torch_ao_quantizes_a_model_returning_a_list_of_dicts():
                       eval_fn=accuracy, example_inputs=x[:32])
     (trial,) = result.trials
     assert trial.error is None and result.recipe is not None
+
+
+class _Returns(nn.Module):
+    """Returns `structure` rebuilt from leaves computed from its input (x, 2x, 3x, ...)."""
+
+    def __init__(self, structure, leaves: int) -> None:
+        super().__init__()
+        self.structure, self.leaves = structure, leaves
+
+    def forward(self, x):
+        return rebuild(self.structure, [x * (i + 1) for i in range(self.leaves)])
+
+
+# containers of tensors only (a None or a dataclass anywhere sends the whole output through its tensors already)
+plain_outputs = st.recursive(
+    tensors,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.lists(children, max_size=3).map(tuple),
+                               st.dictionaries(st.one_of(st.text(min_size=1, max_size=5), st.integers(0, 9)),
+                                               children, max_size=3)),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(output=st.one_of(plain_outputs, outputs), fp32_format=st.sampled_from(["torchscript", "onnx"]))
+def test_a_file_returns_any_output_structure(output, fp32_format, tmp_path_factory):
+    """Whatever the nesting (tuples, lists and dicts of several types, int keys, empty containers, None, a
+    dataclass), the file returns the model's output as it is, or rebuilt from its tensors."""
+    leaves = len(tensor_leaves(output))
+    if not leaves:
+        return  # a file returns tensors; an output without any is no model's
+    model = _Returns(json.loads(json.dumps(output_structure(output))), leaves)
+    x = torch.randn(4, 3)
+    path = tmp_path_factory.mktemp("out") / ("model.pt" if fp32_format == "torchscript" else "model.onnx")
+    save_quantized(model, None, path, x, fp32_format=fp32_format)
+    loaded, _ = load_quantized(path)
+    y = torch.randn(6, 3)
+    expected, got = model(y), loaded(y)
+    assert same_structure(got, expected)
+    for leaf, reference in zip(tensor_leaves(got), tensor_leaves(expected), strict=True):
+        torch.testing.assert_close(leaf, reference)
