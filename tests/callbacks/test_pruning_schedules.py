@@ -976,3 +976,32 @@ def test_a_fit_its_max_time_ended_is_not_told_to_resume(tmp_path):
     (message,) = _schedule_warnings(record)
     assert "before the schedule's end (step 40)" in message
     assert "The fit ran to its max_time, so a resume trains no further" in message
+
+
+class RecordsItsLoaders(FixedDataModel):
+    """Records the epoch each of its training dataloaders was built for (a curriculum chooses its data by it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built_for: list[int] = []
+
+    def train_dataloader(self):
+        self.built_for.append(self.trainer.current_epoch)
+        return super().train_dataloader()
+
+
+@pytest.mark.parametrize("schedule", [PolynomialDecay(final_sparsity=0.8, begin=0, end=3, frequency=1, unit="epoch"),
+                                      PolynomialDecay(final_sparsity=0.8, begin=0, end=12, frequency=2)])
+def test_a_resumed_fit_builds_its_training_data_for_the_epoch_it_resumes_at(tmp_path, schedule):
+    """The fit's length was read when fitting started, which set the training data up before Lightning restored the
+    loops: the resumed fit's dataloader was built as for epoch 0, and a saved dataloader state was dropped."""
+    model = RecordsItsLoaders()
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True,
+                 callbacks=[ModelPruning("l1_unstructured", amount=schedule, use_lottery_ticket_hypothesis=False),
+                            ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(model)
+    resumed, without = RecordsItsLoaders(), RecordsItsLoaders()
+    make_trainer(tmp_path, max_epochs=4, max_steps=14,
+                 callbacks=[ModelPruning("l1_unstructured", amount=schedule, use_lottery_ticket_hypothesis=False)]).fit(
+        resumed, ckpt_path=tmp_path / "last.ckpt")
+    make_trainer(tmp_path, max_epochs=4, max_steps=14).fit(without, ckpt_path=tmp_path / "last.ckpt")
+    assert model.built_for == [0] and without.built_for == resumed.built_for != [0]  # as without the callback

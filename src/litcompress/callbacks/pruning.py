@@ -590,7 +590,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         # ranks, and a snapshot restored from a checkpoint is already in place. (Lazy layers: once they exist.)
         if self._rewind_point in (None, 0) and self._deferred_stage is None:
             self._take_snapshot_once()
-        self._warn_if_fit_ends_before_the_schedule(trainer)
+        self._warned_fit_too_short = False  # (said in on_train_start, if so)
         self._say_if_checkpoints_miss_their_scores(trainer)
         self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
@@ -683,6 +683,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     "scored, when validation ends.")
 
     def _warn_if_fit_ends_before_the_schedule(self, trainer: "pl.Trainer") -> None:
+        """In `on_train_start`, not before: the fit's length needs its training data, which set up earlier would be
+        a resumed fit's without its restored state (Lightning restores the loops after `on_fit_start`): its
+        dataloader would start over and be built as for epoch 0."""
         self._warned_fit_too_short = False
         if self._schedule is not None:
             message = fit_too_short_message(self._schedule, trainer, "sparsity")
@@ -961,6 +964,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._run_pruning(due[0], trainer=trainer, progress=point)
                 self._caught_up_at_step = trainer.global_step
         self._epochs_ended = trainer.current_epoch
+        self._warn_if_fit_ends_before_the_schedule(trainer)
         self._warn_if_validations_end_before_the_schedule(trainer)
         if trainer.global_step == 0 and self._original_layers is None:
             self._check_rewind_against_the_epochs(trainer)

@@ -36,11 +36,7 @@ def _epochs_max_steps_starts(trainer: "pl.Trainer") -> int | None:
     ``max_epochs``; None where the batches of an epoch are unknown."""
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
-    if not math.isfinite(trainer.num_training_batches):
-        # (Lightning's estimate of the steps, which sets the data up, answers max_steps without it when max_epochs
-        # is -1, as it is when only max_steps was given)
-        trainer.fit_loop.setup_data()
-    batches = trainer.num_training_batches
+    batches = trainer.num_training_batches  # (read in on_train_start: the training data are set up then)
     if not math.isfinite(batches) or batches < 1:
         return None
     # a GradientAccumulationScheduler sets trainer.accumulate_grad_batches only as each epoch starts

@@ -152,6 +152,12 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._prune_epochs_done(trainer, pl_module, pl_module.current_epoch + 1)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # here, not in on_fit_start: the fit's length needs its training data, which set up before Lightning restores
+        # the loops would be a resumed fit's without its restored state (built as for epoch 0, from its start)
+        message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer, self._WHAT)
+        self._warned_fit_too_short = message is not None
+        if message:
+            rank_zero_warn(message)
         # a fit resumed from a checkpoint saved at an epoch's last batch skips that epoch's end (Lightning's loop):
         # its round runs here, before training goes on, where the uninterrupted run made it
         if self._restored and trainer.current_epoch > 0:
@@ -179,11 +185,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # finds the targets of a module built in `configure_model`
         self._check_final_counts(pl_module)
-        message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer,
-                                                                              self._WHAT)
-        self._warned_fit_too_short = message is not None
-        if message:
-            rank_zero_warn(message)
+        self._warned_fit_too_short = False  # (said in on_train_start, if so)
 
     def _check_final_counts(self, pl_module: LightningModule) -> None:
         """A fraction that prunes none of a layer's structures (0.2 of 2 heads rounds to 0; a layer keeps one, and
