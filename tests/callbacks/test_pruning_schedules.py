@@ -638,6 +638,9 @@ def _schedule_warnings(record) -> list[str]:
     (PolynomialDecay(final_sparsity=0.9, begin=0, end=3, frequency=1, unit="epoch"), dict(max_steps=6), None),
     (PolynomialDecay(final_sparsity=0.9, begin=0, end=3, frequency=1, unit="epoch"),
      dict(max_steps=6, callbacks_too=[GradientAccumulationScheduler({0: 2, 1: 1})]), None),  # 2 + 4 steps
+    # a step schedule: 4 + 2 + 2 steps, where Lightning's estimate counted 12 (and the sparsity said was too high)
+    (PolynomialDecay(final_sparsity=0.8, begin=0, end=20, frequency=2),
+     dict(max_epochs=3, callbacks_too=[GradientAccumulationScheduler({1: 2})]), None),
 ])
 def test_a_fit_shorter_than_its_schedule_says_where_sparsity_will_stop(tmp_path, schedule, trainer_kwargs, stop_at):
     """Before, a 90% schedule longer than the fit ended at, say, 24% without a word."""

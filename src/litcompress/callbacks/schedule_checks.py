@@ -19,7 +19,9 @@ def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
     if unit == "step":
         if not trainer.lightning_module.automatic_optimization:
             return None
-        length = trainer.estimated_stepping_batches
+        length = _steps_with_scheduled_accumulation(trainer)
+        if length is None:
+            length = trainer.estimated_stepping_batches
     elif trainer.max_steps in (-1, None):
         length = trainer.max_epochs
     elif not trainer.lightning_module.automatic_optimization:
@@ -29,6 +31,21 @@ def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
     if length is None or not math.isfinite(length) or length < 0:
         return None
     return int(length)
+
+
+def _steps_with_scheduled_accumulation(trainer: "pl.Trainer") -> int | None:
+    """The optimizer steps of a fit whose GradientAccumulationScheduler sets the accumulation as each epoch starts
+    (Lightning's estimate reads the factor of the fit's start, 1, for every epoch); None without one, or where the
+    fit is unbounded in epochs or its batches unknown."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+    batches = trainer.num_training_batches
+    if scheduler is None or trainer.max_epochs in (-1, None) or not math.isfinite(batches) or batches < 1:
+        return None
+    steps = sum(math.ceil(int(batches) / scheduler.get_accumulate_grad_batches(epoch))
+                for epoch in range(trainer.max_epochs))
+    return steps if trainer.max_steps in (-1, None) else min(steps, trainer.max_steps)
 
 
 def _epochs_max_steps_starts(trainer: "pl.Trainer") -> int | None:
