@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from litcompress.pruning.schedules import SparsitySchedule
 
@@ -33,43 +33,41 @@ def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
     return int(length)
 
 
-def _steps_with_scheduled_accumulation(trainer: "pl.Trainer") -> int | None:
-    """The optimizer steps of a fit whose GradientAccumulationScheduler sets the accumulation as each epoch starts
-    (Lightning's estimate reads the factor of the fit's start, 1, for every epoch); None without one, or where the
-    fit is unbounded in epochs or its batches unknown."""
+def _accumulation_schedule(trainer: "pl.Trainer") -> tuple[Callable[[int], int], int] | None:
+    """Each epoch's gradient accumulation and the last epoch it changes at, when a GradientAccumulationScheduler sets
+    ``trainer.accumulate_grad_batches`` as each epoch starts (read when the fit starts, it is 1); else None."""
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
     scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
-    batches = trainer.num_training_batches
-    if scheduler is None or trainer.max_epochs in (-1, None) or not math.isfinite(batches) or batches < 1:
+    return None if scheduler is None else (scheduler.get_accumulate_grad_batches, max(scheduler.scheduling, default=0))
+
+
+def _steps_with_scheduled_accumulation(trainer: "pl.Trainer") -> int | None:
+    """The optimizer steps of a fit with a GradientAccumulationScheduler (Lightning's estimate counts every epoch at
+    the factor of the fit's start); None without one, or where the fit is unbounded in epochs or its batches
+    unknown."""
+    scheduled, batches = _accumulation_schedule(trainer), trainer.num_training_batches
+    if scheduled is None or trainer.max_epochs in (-1, None) or not math.isfinite(batches) or batches < 1:
         return None
-    steps = sum(math.ceil(int(batches) / scheduler.get_accumulate_grad_batches(epoch))
-                for epoch in range(trainer.max_epochs))
+    factor, _ = scheduled
+    steps = sum(math.ceil(int(batches) / factor(epoch)) for epoch in range(trainer.max_epochs))
     return steps if trainer.max_steps in (-1, None) else min(steps, trainer.max_steps)
 
 
 def _epochs_max_steps_starts(trainer: "pl.Trainer") -> int | None:
     """The epochs a fit bounded by ``max_steps`` starts (a last one cut short ends too, and its round runs), at most
     ``max_epochs``; None where the batches of an epoch are unknown."""
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
-
     batches = trainer.num_training_batches  # (read in on_train_start: the training data are set up then)
     if not math.isfinite(batches) or batches < 1:
         return None
-    # a GradientAccumulationScheduler sets trainer.accumulate_grad_batches only as each epoch starts
-    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
-    last_change = max(scheduler.scheduling, default=0) if scheduler is not None else 0
+    factor, last_change = _accumulation_schedule(trainer) or ((lambda epoch: trainer.accumulate_grad_batches), 0)
     epochs_cap = trainer.max_epochs if trainer.max_epochs not in (-1, None) else math.inf
     steps, epoch = 0, 0
     while steps < trainer.max_steps and epoch < epochs_cap and epoch <= last_change:
-        factor = scheduler.get_accumulate_grad_batches(epoch) if scheduler is not None \
-            else trainer.accumulate_grad_batches
-        steps += math.ceil(int(batches) / factor)
+        steps += math.ceil(int(batches) / factor(epoch))
         epoch += 1
     if steps < trainer.max_steps and epoch < epochs_cap:  # the same steps in every epoch from here
-        factor = scheduler.get_accumulate_grad_batches(epoch) if scheduler is not None \
-            else trainer.accumulate_grad_batches
-        epoch += math.ceil((trainer.max_steps - steps) / math.ceil(int(batches) / factor))
+        epoch += math.ceil((trainer.max_steps - steps) / math.ceil(int(batches) / factor(epoch)))
     return int(min(epoch, epochs_cap))
 
 
