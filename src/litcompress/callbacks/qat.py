@@ -20,13 +20,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
+from litcompress.callbacks.schedule_checks import steps_in_epoch
 from litcompress.quantization.lightning import check_save_path
 from litcompress.quantization.qat import (
     QATConfig,
@@ -225,14 +225,10 @@ class QuantizationAwareTraining(Callback):
         self._install_if_due(trainer, pl_module)
         if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch:
             return
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) or batches <= 0:  # an iterable without a length: not known
+        counted = steps_in_epoch(trainer)  # (a GradientAccumulationScheduler's factors counted)
+        if counted is None:  # an iterable without a length: not known
             return
-        # a GradientAccumulationScheduler sets trainer.accumulate_grad_batches only as each epoch starts
-        scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
-        per_epoch = [-(-batches // (trainer.accumulate_grad_batches if scheduler is None
-                                    else scheduler.get_accumulate_grad_batches(epoch)))
-                     for epoch in range(self.start_epoch)]
+        per_epoch = [counted[0](epoch) for epoch in range(self.start_epoch)]
         if sum(per_epoch) >= trainer.max_steps:
             each = (f"{per_epoch[0]} optimizer step(s) per epoch" if len(set(per_epoch)) == 1
                     else f"{sum(per_epoch)} optimizer steps in the epochs before")

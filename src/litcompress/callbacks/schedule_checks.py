@@ -33,41 +33,51 @@ def fit_length(trainer: "pl.Trainer", unit: str) -> int | None:
     return int(length)
 
 
-def _accumulation_schedule(trainer: "pl.Trainer") -> tuple[Callable[[int], int], int] | None:
-    """Each epoch's gradient accumulation and the last epoch it changes at, when a GradientAccumulationScheduler sets
-    ``trainer.accumulate_grad_batches`` as each epoch starts (read when the fit starts, it is 1); else None."""
+def steps_in_epoch(trainer: "pl.Trainer") -> tuple[Callable[[int], int], int] | None:
+    """The optimizer steps of each epoch (automatic optimization) and the last epoch their number changes at, a
+    GradientAccumulationScheduler's factors counted: it sets ``trainer.accumulate_grad_batches`` only as each epoch
+    starts, so read when the fit starts the factor is 1. None where an epoch's batches are unknown (read it in
+    ``on_train_start``: the training data are set up then)."""
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches < 1:
+        return None
     scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
-    return None if scheduler is None else (scheduler.get_accumulate_grad_batches, max(scheduler.scheduling, default=0))
+    if scheduler is None:
+        return (lambda epoch: math.ceil(int(batches) / trainer.accumulate_grad_batches)), 0
+    return ((lambda epoch: math.ceil(int(batches) / scheduler.get_accumulate_grad_batches(epoch))),
+            max(scheduler.scheduling, default=0))
 
 
 def _steps_with_scheduled_accumulation(trainer: "pl.Trainer") -> int | None:
     """The optimizer steps of a fit with a GradientAccumulationScheduler (Lightning's estimate counts every epoch at
     the factor of the fit's start); None without one, or where the fit is unbounded in epochs or its batches
     unknown."""
-    scheduled, batches = _accumulation_schedule(trainer), trainer.num_training_batches
-    if scheduled is None or trainer.max_epochs in (-1, None) or not math.isfinite(batches) or batches < 1:
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    counted = steps_in_epoch(trainer)
+    if counted is None or trainer.max_epochs in (-1, None) \
+            or not any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
         return None
-    factor, _ = scheduled
-    steps = sum(math.ceil(int(batches) / factor(epoch)) for epoch in range(trainer.max_epochs))
+    steps = sum(counted[0](epoch) for epoch in range(trainer.max_epochs))
     return steps if trainer.max_steps in (-1, None) else min(steps, trainer.max_steps)
 
 
 def _epochs_max_steps_starts(trainer: "pl.Trainer") -> int | None:
     """The epochs a fit bounded by ``max_steps`` starts (a last one cut short ends too, and its round runs), at most
     ``max_epochs``; None where the batches of an epoch are unknown."""
-    batches = trainer.num_training_batches  # (read in on_train_start: the training data are set up then)
-    if not math.isfinite(batches) or batches < 1:
+    counted = steps_in_epoch(trainer)
+    if counted is None:
         return None
-    factor, last_change = _accumulation_schedule(trainer) or ((lambda epoch: trainer.accumulate_grad_batches), 0)
+    steps_of, last_change = counted
     epochs_cap = trainer.max_epochs if trainer.max_epochs not in (-1, None) else math.inf
     steps, epoch = 0, 0
     while steps < trainer.max_steps and epoch < epochs_cap and epoch <= last_change:
-        steps += math.ceil(int(batches) / factor(epoch))
+        steps += steps_of(epoch)
         epoch += 1
     if steps < trainer.max_steps and epoch < epochs_cap:  # the same steps in every epoch from here
-        epoch += math.ceil((trainer.max_steps - steps) / math.ceil(int(batches) / factor(epoch)))
+        epoch += math.ceil((trainer.max_steps - steps) / steps_of(epoch))
     return int(min(epoch, epochs_cap))
 
 
