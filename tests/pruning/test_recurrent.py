@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import hypothesis.strategies as st
@@ -448,6 +449,18 @@ def test_unit_norms_take_every_row_of_a_unit_in_every_gate_layer_and_direction(n
         rnn.weight_ih_l0[1 * 4 + 2, 1] = 4.0  # and its update gate
     expected = {1: [0, 5, 7, 0], 2: [0, 5, 5, 0], float("inf"): [0, 5, 4, 0]}[n]
     torch.testing.assert_close(unit_norms(rnn, n), torch.tensor(expected, dtype=torch.float32))
+
+
+def test_prune_units_takes_fro_as_the_l2_norm_of_the_rows_and_refuses_other_norms_by_name():
+    torch.manual_seed(0)
+    model = nn.LSTM(5, 12, num_layers=2, bidirectional=True)
+    by_fro, by_l2 = copy.deepcopy(model), copy.deepcopy(model)
+    assert prune_units_(by_fro, 0.5, n="fro") == prune_units_(by_l2, 0.5, n=2) == {"": 6}
+    for (name, mask), (_, expected) in zip(by_fro.named_buffers(), by_l2.named_buffers()):
+        assert torch.equal(mask, expected), name
+    for norm in ("nuc", None, True, float("nan")):  # torch's TypeError about `ord`, or NaN norms, before
+        with pytest.raises(ValueError, match=r"prune_units_: n=.*: expected a number .* or 'fro'"):
+            prune_units_(copy.deepcopy(model), 0.5, n=norm)
 
 
 def test_with_keep_multiple_of_the_pipeline_prunes_units_so_that_a_multiple_stays_and_shrink_removes_all_of_them():

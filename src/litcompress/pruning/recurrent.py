@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .engine import (apply_mask_, check_fraction, check_keep_multiple_of, check_module_names, effective_tensor,
                      is_excluded)
+from .methods import is_ln_norm
 from .schedules import kept_multiple, rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
@@ -107,13 +108,14 @@ def units_to_prune(hidden: int, fraction: float, keep_multiple_of: int | None = 
     return min(count, hidden - 1)
 
 
-def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (), n: float = 2,
+def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (), n: float | str = 2,
                  names: tuple[str, ...] | None = None, keep_multiple_of: int | None = None) -> dict[str, int]:
     """Mask the ``round(fraction * hidden_size)`` hidden units with the smallest :func:`unit_norms` in each recurrent
     layer of `model` (`names`: only those), at least one unit staying: their rows in every gate block of every
     weight matrix and bias, in every layer and direction, through ``torch.nn.utils.prune`` masks. With
     `keep_multiple_of`, fewer, so that the units kept are a multiple of it (kernels run faster on such widths): at
     least `keep_multiple_of` units stay, or the whole layer when it has no more.
+    `n`: the norm order (a number, or 'fro', which for a unit's flattened rows is the L2 norm).
     Units already masked (or zero) stay masked, so growing fractions along a schedule prune a growing set. Returns
     the masked unit count per layer. Layers named in `exclude`, or whose units cannot be removed
     (:func:`units_why_not`), are left.
@@ -127,6 +129,11 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         if not_recurrent:
             raise ValueError(f"prune_units_(names={names!r}): {not_recurrent} are no nn.LSTM/GRU/RNN.")
     check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
+    if n == "fro":  # a unit's rows flattened: their Frobenius norm is the L2 norm
+        n = 2
+    if not is_ln_norm(n) or isinstance(n, str):  # 'nuc' ranks matrices; a unit is one vector of rows
+        raise ValueError(f"prune_units_: n={n!r}: expected a number (1, 2, float('inf'), ...) or 'fro': the norm "
+                         "of each unit's rows in every gate, layer and direction.")
     masked: dict[str, int] = {}
     for name in prunable_recurrent_layers(model, exclude):
         if names is not None and name not in names:
