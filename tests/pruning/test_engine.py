@@ -445,6 +445,23 @@ def test_eager_copy_unwraps_compiled_modules_at_any_depth_and_leaves_the_model_a
     assert compiled_module_names(model) == ["", "_orig_mod.0"]
 
 
+def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and_the_original_stays_compiled():
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    from litcompress.models import MLPClassifier
+    from litcompress.pruning.engine import deepcopy_model, eager_copy
+
+    module = from_compiled(torch.compile(MLPClassifier(hidden=(8,)), backend="eager"))  # what Trainer.fit does
+    x = torch.randn(3, 64)
+    for copied in (deepcopy_model(module), eager_copy(module)):
+        with torch.no_grad():
+            for parameter in copied.parameters():
+                parameter.zero_()
+        assert torch.equal(copied(x), torch.zeros(3, 10))  # was the original's forward: its weights
+        assert "forward" not in vars(copied) and not hasattr(copied, "_compiler_ctx")
+    assert "forward" in vars(module) and module._compiler_ctx["compiler"] == "dynamo"
+
+
 def test_prune_to_sparsity_refuses_a_misspelt_scope_and_a_method_told_no_amount():
     """A misspelt scope pruned each layer on its own (not globally); a method without `amount` stopped where it
     liked (42% for 90%), both without a word."""

@@ -389,14 +389,35 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
 
     Their cached ``<name>`` (``orig * mask``) is a non-leaf tensor, which ``copy.deepcopy`` refuses; it is seeded
     in the memo as a detached clone (the pruning hook recomputes it at the copy's next forward anyway). `memo`:
-    objects to map as given (e.g. ``{id(trainer): None}`` leaves an attached Trainer behind).
+    objects to map as given (e.g. ``{id(trainer): None}`` leaves an attached Trainer behind). A LightningModule
+    that Lightning compiled in place (a fit of ``torch.compile(module)``) is copied as its eager module.
     """
     memo = dict(memo or {})
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    for module in copied.modules():
+        _drop_lightning_compile_(module)
+    return copied
+
+
+# What Lightning's fit of a ``torch.compile``'d LightningModule (``from_compiled``) replaces on the module itself
+_LIGHTNING_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def _drop_lightning_compile_(copied: nn.Module) -> None:
+    """Make a copy of a LightningModule that Lightning compiled in place run its own (eager) methods.
+
+    Lightning's fit of ``torch.compile(module)`` sets instance attributes (``module.forward = compiled(module.forward)``)
+    that wrap the module's bound methods: a deep copy keeps those functions, so the copy's forward would run the
+    original module (its weights, its masks) and a teacher copied from it would be the student itself.
+    """
+    if isinstance(vars(copied).get("_compiler_ctx"), dict):
+        for name in _LIGHTNING_COMPILED_METHODS:
+            vars(copied).pop(name, None)
+        del copied._compiler_ctx
 
 
 def _is_compiled(module: nn.Module) -> bool:
