@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from litcompress.distillation import DistillationConfig, distillation_loss
 from litcompress.models import MLPClassifier
 from litcompress.pipeline import CompressionConfig, PruneConfig
 from litcompress.pipeline.lightning import compress_lightning
+from litcompress.pruning.engine import deepcopy_model
 from tests.conftest import StepsTwoOptimizers, fit_killed_and_resumed, make_trainer
 
 
@@ -84,6 +86,49 @@ def test_the_default_teacher_is_the_model_at_fit_start_and_stays_dense_while_a_p
     assert float((model.net[0].weight == 0).float().mean()) > 0.5  # the student was pruned (and trained)
     assert not any("teacher" in key for key in model.state_dict())  # nothing registered in the module
     assert set(distillation.state_dict()["teacher"]) == set(before)  # the teacher travels in the checkpoint
+
+
+def test_the_default_teacher_of_a_module_compiled_as_lightning_documents_is_the_model_at_fit_start(tmp_path):
+    # trainer.fit(torch.compile(module)): Lightning sets module.forward = compiled(module.forward), a closure over the
+    # module's own bound forward, which a deep copy keeps: the teacher was the student (distillation term 0)
+    seed_everything(0)
+    model = MLPClassifier(hidden=(32,), lr=1e-1)
+    at_fit_start = deepcopy_model(model)
+    distillation = KnowledgeDistillation()
+    make_trainer(tmp_path, max_epochs=2, callbacks=[distillation]).fit(torch.compile(model, backend="eager"),
+                                                                        datamodule=DigitsDataModule())
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(distillation.teacher(x), at_fit_start(x), rtol=0, atol=0)
+        assert (distillation.teacher(x) - model(x)).abs().max() > 1e-2  # the student trained away from it
+
+
+class _ForwardReadsTheTrainer(MLPClassifier):
+    def forward(self, x):
+        return super().forward(x) * (1.0 if self.trainer.training else 1.0)
+
+
+class _HoldsALock(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("model, error, message", [
+    (_ForwardReadsTheTrainer(hidden=(8,)), RuntimeError,
+     r"the teacher's forward failed \(RuntimeError: .* is not attached to a `Trainer`.*\)\. The teacher is a frozen "
+     r"copy .* not attached to the Trainer .* Pass teacher="),
+    (_HoldsALock(), TypeError,
+     r"the default teacher is a deep copy of _HoldsALock .* copying it failed \(TypeError: cannot pickle "
+     r"'_thread.lock' object\)\. Make the model copyable, or pass teacher="),
+])
+def test_a_model_the_default_teacher_cannot_copy_or_run_is_a_clear_error(tmp_path, model, error, message):
+    """Lightning's words on the copy (naming a module that looks attached) or deepcopy's, without the teacher."""
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                           callbacks=[KnowledgeDistillation()])
+    with pytest.raises(error, match=message):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert "training_step" not in vars(model)  # the module's own step is back
 
 
 def test_killed_mid_fit_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):

@@ -13,6 +13,7 @@ the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)`` resumes with 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from lightning.pytorch.core.module import LightningModule
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from litcompress.distillation.loss import DistillationConfig, DistillationKind, Distiller
+from litcompress.distillation.loss import DistillationConfig, DistillationKind, Distiller, distillation_loss
 from litcompress.pruning.engine import make_permanent_
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class KnowledgeDistillation(Callback):
 
     Args:
         teacher: the model to learn from, called with the inputs the training step gives the student (copied, left
-            as it is). None (the default): a frozen copy of the module (or `submodule`) as it is at the start of the
-            first fit, e.g. the dense model that a pruning callback in the same fit then prunes.
+            as it is; the copy without its forward hooks, see :class:`~litcompress.distillation.Distiller`). None
+            (the default): a frozen copy of the module (or `submodule`) as it is at the start of the first fit, e.g.
+            the dense model that a pruning callback in the same fit then prunes. That copy is not attached to the
+            Trainer: a forward that reads ``self.trainer`` fails there (pass `teacher` or `submodule`).
         temperature, alpha, kind: the loss (:class:`litcompress.distillation.DistillationConfig`): the training
             step's loss becomes ``(1 - alpha) * loss + alpha * distillation``.
         submodule: distil ``getattr(module, submodule)``'s outputs (the calls ``self.<submodule>(...)``) rather than
@@ -104,7 +107,14 @@ class KnowledgeDistillation(Callback):
     def _teacher_copied_from(self, student: nn.Module) -> Distiller:
         """The distiller, whose teacher is a frozen copy of `student` (or the teacher given or restored) once made."""
         if self.distiller is None:
-            self.distiller = Distiller(student, self.config, outputs_fn=self.outputs_fn)
+            try:
+                self.distiller = Distiller(student, self.config, outputs_fn=self.outputs_fn)
+            except (TypeError, copy.Error, RuntimeError) as error:  # deepcopy's: a lock, an open file, a generator
+                raise TypeError(
+                    f"{_OWNER}: the default teacher is a deep copy of {type(student).__name__} made when the fit "
+                    f"starts, and copying it failed ({type(error).__name__}: {error}). Make the model copyable, or "
+                    "pass teacher= (the model to learn from) or submodule= (the part of the module to copy)."
+                ) from error
             make_permanent_(self.distiller.teacher)  # frozen: its masks are fixed, and its state's keys plain
             if self._restored_teacher is not None:
                 expected, saved = set(self.distiller.teacher.state_dict()), set(self._restored_teacher)
@@ -170,6 +180,12 @@ class KnowledgeDistillation(Callback):
         if id(pl_module) in self._installed:
             return
         original = pl_module.training_step
+        compiled = vars(pl_module).get("_compiler_ctx")
+        if isinstance(compiled, dict) and not hasattr(getattr(original, "__func__", None), "_fit_ended"):
+            # a fit of torch.compile(module): Lightning compiled the step in place. Wrapping the compiled step fails
+            # (its self.log reads this wrapper's signature inside the graph); the eager step calls the compiled
+            # forward all the same
+            original = compiled.get("original_training_step", original)
         callback = self
 
         def training_step(module: LightningModule, *args: Any, **kwargs: Any) -> Any:
@@ -214,7 +230,20 @@ class KnowledgeDistillation(Callback):
                                 "lambda outputs: outputs['logits']).")
             if not picked.requires_grad:
                 return  # a call without gradients (under no_grad): nothing to train
-            terms.append(distiller.distillation_term(outputs, *inputs, **keywords))
+            try:
+                teacher_outputs = distiller.teacher_outputs(*inputs, **keywords)
+            except Exception as error:
+                if self.teacher_given:
+                    raise
+                # the user's forward, run on the copy: its error would name a module that looks like the student
+                raise RuntimeError(
+                    f"{_OWNER}: the teacher's forward failed ({type(error).__name__}: {error}). The teacher is a "
+                    "frozen copy of the model made when the fit started: in eval mode and not attached to the "
+                    "Trainer (its forward cannot read self.trainer, and self.current_epoch is 0 there). Pass "
+                    "teacher= (the model to learn from) or submodule= (a part whose forward needs neither)."
+                ) from error
+            terms.append(distillation_loss(picked, teacher_outputs, distiller.config.temperature,
+                                           distiller.config.kind))
             batch_sizes.append(int(picked.shape[0]) if picked.dim() else 1)
 
         handle = student.register_forward_hook(hook, with_kwargs=True)

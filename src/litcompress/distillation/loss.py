@@ -148,7 +148,11 @@ class Distiller:
     """A frozen teacher and the loss that pulls a student towards it.
 
     The teacher is copied (with ``copy=True``; the caller's model is left as it is), put in eval mode (no dropout;
-    batch norm on its running statistics) and gets no gradients; it follows the inputs to their device. Use::
+    batch norm on its running statistics) and gets no gradients; it follows the inputs to their device. The copy
+    keeps no forward (pre-)hooks but torch's reparametrizations (weight_norm, pruning masks): the model's feature
+    captures and other callbacks' checks would fire on every teacher call. A hook that computes (scales the
+    inputs, replaces the outputs) is therefore not part of the copy: put that in ``forward``, or pass ``copy=False``.
+    Use::
 
         distiller = Distiller(dense_model, DistillationConfig(temperature=1.0, alpha=0.5))
         for x, y in loader:
