@@ -458,7 +458,7 @@ def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and
             for parameter in copied.parameters():
                 parameter.zero_()
         assert torch.equal(copied(x), torch.zeros(3, 10))  # was the original's forward: its weights
-        assert "forward" not in vars(copied) and not hasattr(copied, "_compiler_ctx")
+        assert "forward" not in vars(copied) and copied._compiler_ctx is None  # Lightning reads it: there, None
     assert "forward" in vars(module) and module._compiler_ctx["compiler"] == "dynamo"
 
 

@@ -79,6 +79,22 @@ def test_quantize_lightning_judges_by_validation_metric(fitted):
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before)
 
 
+def test_a_module_fitted_compiled_and_a_compiled_wrapper_are_quantized_as_their_eager_module(digits):
+    """A copy of a module Lightning compiled in place ran the original's forward, then failed in Lightning (its
+    compile state deleted); a torch.compile wrapper was said never to call self(...) and to need a submodule."""
+    torch.manual_seed(0)
+    module, data = DigitsModule(), DigitsData(digits)
+    _trainer(max_epochs=1).fit(torch.compile(module, backend="eager"), datamodule=data)  # compiles `module` in place
+    baseline = _trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"]
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1, latency_repeats=1)
+    for given in (module, torch.compile(module, backend="eager")):
+        result = quantize_lightning(given, config, metric="val_acc", datamodule=data)
+        assert result.baseline_metric == pytest.approx(baseline)
+        assert lightning_eval_fn(module, data, "val_acc")(result.model) == pytest.approx(result.metric)
+        assert not any(type(layer) is nn.Linear for layer in result.model.modules())  # int8, not the fp32 model
+    assert module._compiler_ctx is not None  # the user's module keeps Lightning's compiled methods
+
+
 class CtrlCInTheFourthValidation(DigitsModule):
     """Sends this process a real SIGINT as its fourth validation starts: after a check on one batch, the baseline's
     and trial 1's, trial 2's (the search validates copies of the module, hence the count on the class)."""

@@ -29,7 +29,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_we
                                                 check_metric_name, check_output_dir, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
-                                                lightning_eval_fn, on_the_cpu, quiet_unless_asked,
+                                                lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 warn_if_sanity_check_missed, with_metric_mode)
 from litcompress.quantization.tuner import example_as_inputs, model_input_fn
@@ -333,9 +333,7 @@ def compress_lightning(
             ``"logits"``, or a tuple's first tensor; a model returning ``(features, logits)`` needs
             ``lambda outputs: outputs[1]``).
     """
-    if not isinstance(module, L.LightningModule):
-        raise TypeError(f"compress_lightning(module=...): expected a LightningModule, got {type(module).__name__}.")
-    module = on_the_cpu(module)  # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
+    module = on_the_cpu(lightning_module(module, "compress_lightning"))  # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
     module = in_float32(module, "compress_lightning")  # a bf16-true fit's: our trainers feed float32 batches
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")

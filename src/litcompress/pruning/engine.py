@@ -417,10 +417,10 @@ def _drop_lightning_compile_(copied: nn.Module) -> None:
     if isinstance(vars(copied).get("_compiler_ctx"), dict):
         for name in _LIGHTNING_COMPILED_METHODS:
             vars(copied).pop(name, None)
-        del copied._compiler_ctx
+        copied._compiler_ctx = None  # as a LightningModule starts: Lightning reads it at every fit and validate
 
 
-def _is_compiled(module: nn.Module) -> bool:
+def is_compiled(module: nn.Module) -> bool:
     """Whether `module` is a ``torch.compile``'d wrapper (an ``OptimizedModule``). torch.compile imports
     torch._dynamo; until something has, nothing is compiled, and importing it here (1.5 s) is spared."""
     dynamo = sys.modules.get("torch._dynamo")
@@ -430,19 +430,19 @@ def _is_compiled(module: nn.Module) -> bool:
 
 def compiled_module_names(model: nn.Module) -> list[str]:
     """The names of `model`'s ``torch.compile``'d modules (``""`` for `model` itself), outermost first."""
-    return [name for name, module in model.named_modules() if _is_compiled(module)]
+    return [name for name, module in model.named_modules() if is_compiled(module)]
 
 
 def eager_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` in which every ``torch.compile``'d module, `model` itself included, is the eager
     module it compiles: what tracing, exporting and quantizing need (compile the result again if you like)."""
     copied = deepcopy_model(model)
-    while _is_compiled(copied):
+    while is_compiled(copied):
         copied = copied._orig_mod
     for parent in list(copied.modules()):
         for child_name, child in list(parent.named_children()):
-            if _is_compiled(child):
-                while _is_compiled(child):
+            if is_compiled(child):
+                while is_compiled(child):
                     child = child._orig_mod
                 setattr(parent, child_name, child)
     return copied

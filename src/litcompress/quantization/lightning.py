@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import deepcopy_model
+from litcompress.pruning.engine import deepcopy_model, is_compiled
 
 from .config import PTQConfig, criterion_for_metric
 from .tuner import (QuantizationResult, check_calibration_data, devices_off_the_cpu, model_input_fn,
@@ -484,7 +484,7 @@ def quantize_lightning(
     module, metrics and loggers: candidates' metrics are not the model's).
     """
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
-    module = in_float32(on_the_cpu(module), "quantize_lightning")
+    module = in_float32(on_the_cpu(lightning_module(module, "quantize_lightning")), "quantize_lightning")
     check_submodule(module, submodule, "quantize_lightning")
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
@@ -699,6 +699,16 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
                       "ModelCheckpoint save only once pruning is done (e.g. a schedule that ends earlier), or use "
                       "weights='last'.", UserWarning, stacklevel=2)
     return module
+
+
+def lightning_module(module: object, where: str) -> L.LightningModule:
+    """`module`, or the LightningModule a ``torch.compile`` wrapper compiles (the work is done on eager copies)."""
+    inner = module
+    while isinstance(inner, nn.Module) and is_compiled(inner):
+        inner = inner._orig_mod
+    if not isinstance(inner, L.LightningModule):
+        raise TypeError(f"{where}(module=...): expected a LightningModule, got {type(module).__name__}.")
+    return inner
 
 
 def on_the_cpu(module: L.LightningModule) -> L.LightningModule:
