@@ -465,6 +465,28 @@ def test_a_float64_model_is_refused_when_fitting_starts_not_after_the_fp32_epoch
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize("compiled, submodule, message", [
+    ("module", None, r"this fit is of torch.compile\(MLPClassifier\), whose compiled training step cannot run"),
+    ("module", "net", r"this fit is of torch.compile\(MLPClassifier\)"),
+    ("net", "net", r"'net' is torch.compile'd; QAT exports the eager forward .* Fit with the eager module"),
+    ("net", None, r"'net' is torch.compile'd"),
+])
+def test_a_compiled_fit_or_module_is_refused_before_training_and_left_as_given(tmp_path, compiled, submodule, message):
+    """The whole module compiled: dynamo's assertion at the first QAT step; a compiled `net`: torch.export's error
+    on the OptimizedModule, whose own forward QAT then deleted (the module unusable after the fit)."""
+    model = MLPClassifier(hidden=(8,))
+    if compiled == "net":
+        model.net = torch.compile(model.net, backend="eager")
+    x = torch.randn(4, 64)
+    expected = model(x)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[QuantizationAwareTraining(submodule, start_epoch=0)])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(torch.compile(model, backend="eager") if compiled == "module" else model,
+                    datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # its forward (and the compiled net's) still run
+
+
 def test_compile_without_a_cpp_compiler_is_refused_at_setup(tmp_path):
     import torch._inductor.config as inductor_config
 

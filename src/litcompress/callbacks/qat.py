@@ -27,6 +27,7 @@ from torch import nn
 
 from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
 from litcompress.callbacks.schedule_checks import steps_in_epoch
+from litcompress.pruning.engine import compiled_module_names
 from litcompress.quantization.lightning import check_save_path
 from litcompress.quantization.qat import (
     QATConfig,
@@ -194,6 +195,7 @@ class QuantizationAwareTraining(Callback):
         self._distributed = trainer.world_size > 1
         # here, not in setup: a module that builds its layers in configure_model has them only now
         self._module = self._quantized_module(pl_module)
+        _check_not_compiled(pl_module, self._module, self.submodule)
         check_layer_names(self._module, self.config.fp32_layers)  # before any training, not at the first QAT step
         check_float32_parameters(self._module, _OWNER)
         masked = modules_pruned_with_masks(self._module)
@@ -519,6 +521,26 @@ def _data_parallel(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DDPStrategy
 
     return isinstance(strategy, DDPStrategy) and "DeepSpeed" not in type(strategy).__name__
+
+
+def _check_not_compiled(pl_module: LightningModule, module: nn.Module, submodule: str | None) -> None:
+    """ValueError for a ``torch.compile``'d fit or module: QAT exports the module's eager forward and runs the graph
+    of fake-quantized ops in its place, which dynamo cannot trace around (a fit of ``torch.compile(module)`` runs
+    the training step compiled) and an ``OptimizedModule`` has no eager forward to replace."""
+    if isinstance(vars(pl_module).get("_compiler_ctx"), dict):
+        raise ValueError(f"{_OWNER}: this fit is of torch.compile({type(pl_module).__name__}), whose compiled "
+                         "training step cannot run the QAT graph that replaces the quantized module's forward (it "
+                         "is exported and swapped in during the fit). Fit the module itself; compile the int8 model "
+                         f"afterwards ({_OWNER}(compile=True) does).")
+    compiled = compiled_module_names(module)
+    if compiled:
+        prefix = "" if submodule is None else submodule + "."
+        names = ", ".join(repr((prefix + name).rstrip(".")) if prefix + name else "the LightningModule"
+                          for name in compiled)
+        raise ValueError(f"{_OWNER}: {names} {'is' if len(compiled) == 1 else 'are'} torch.compile'd; QAT exports "
+                         "the eager forward and replaces it with a graph of fake-quantized ops. Fit with the eager "
+                         "module (its ._orig_mod), and compile the int8 model afterwards "
+                         f"({_OWNER}(compile=True) does).")
 
 
 def _nested(first: str | None, second: str | None) -> bool:
