@@ -368,6 +368,26 @@ def test_under_ddp_the_ranks_share_the_rewind_point_and_one_writes_the_search(tm
         assert seen["metrics"] == first["metrics"]  # the mean over the ranks' shards (the step logs no sync_dist)
 
 
+@pytest.mark.slow  # two processes (make test-slow)
+def test_under_ddp_ranks_seeded_apart_rewind_to_rank_0s_initial_weights_and_keep_their_own_module(tmp_path):
+    """Every round trains from rank 0's weights (DDP broadcasts them as a fit starts), but each rank's ticket rewound
+    to its own initial weights: rank 1's `rewound_state` was a network no round trained."""
+    script = Path(__file__).with_name("imp_ddp_script.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parents[2] / "src"), os.environ.get("PYTHONPATH",
+                                                                                                      "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "seeded-per-rank"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"seeded{rank}.pt") for rank in (0, 1)]
+    assert not torch.equal(ranks[0]["given"]["net.0.weight"], ranks[1]["given"]["net.0.weight"])  # seeded apart
+    for key, value in ranks[0]["rewound"].items():
+        assert torch.equal(ranks[1]["rewound"][key], value), key
+    mask = ranks[0]["rewound"]["net.0.weight_mask"].bool()
+    assert torch.equal(ranks[0]["rewound"]["net.0.weight_orig"][mask], ranks[0]["given"]["net.0.weight"][mask])
+    for seen in ranks:  # each rank's own module is left as it was given
+        assert all(torch.equal(seen["given_after"][key], value) for key, value in seen["given"].items())
+
+
 def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path, caplog):
     """The plain-loop driver, whose training draws from torch's generator (a shuffled order per call): the generators'
     states are part of the file, so the resumed search matches the uninterrupted one."""

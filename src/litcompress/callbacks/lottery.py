@@ -260,8 +260,11 @@ def find_lottery_ticket(
 
     step = f"{type(module).__name__}.{'test_step' if evaluate_on == 'test' else 'validation_step'}"
 
+    evaluated_by: list[Trainer] = []  # the last evaluation's trainer
+
     def evaluate(model: LightningModule, **limits: Any) -> float:
         trainer = trainer_built_quietly(**{**kwargs, "max_epochs": None, "max_steps": -1, **limits})
+        evaluated_by[:] = [trainer]
         run = trainer.test if evaluate_on == "test" else trainer.validate
         with ctrl_c_raises(trainer):
             results = logged_metrics(run(model, datamodule=datamodule, verbose=False))
@@ -278,6 +281,13 @@ def find_lottery_ticket(
 
     # one batch on a copy first: a metric the step does not log fails now, not after the first round's training
     evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1)
+    if evaluated_by[0].world_size > 1:
+        # each DDP rank built its own initial weights (ranks seeded alike or not), and every round trains from rank
+        # 0's (DDP broadcasts them as each fit starts): the weights the ticket rewinds to are rank 0's on every rank,
+        # on a copy (the module each rank was given stays as it was)
+        module = detached_copy(module)
+        module.load_state_dict(evaluated_by[0].strategy.broadcast(
+            {key: value.detach().cpu() for key, value in module.state_dict().items()}))
 
     def train_to_rewind_point(model: LightningModule) -> None:
         nonlocal rewind_point
