@@ -848,6 +848,8 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--metric", "val_loss"], "--metric val_loss: it reads as a loss or an error (lower is better), but the "
                                "accuracy goal treats higher values as better"),
     (["--mode", "minimum"], "argument --mode: invalid choice: 'minimum'"),
+    (["--test-metric", ""], "argument --test-metric: expected the name of a metric the model logs"),  # was test_acc
+    (["--metric", " "], "argument --metric: expected the name of a metric the model logs"),
     (["--prune-heads", "0.5"], "--prune-heads 0.5: the model has no nn.MultiheadAttention whose heads can be "
                                "pruned"),
     (["--prune", "none", "--prune-heads", "0.5"], "--prune-heads prunes along with --prune"),
@@ -949,7 +951,7 @@ def test_the_console_script_is_installed_and_answers():
 
 @pytest.mark.parametrize("argv,message", [
     (["--dynamic-dims", "0:x"], "expected INPUT:DIM pairs such as '0:1'"),
-    (["--dynamic-dims", "1:1"], "dynamic_dims names input 1, but the model takes 1 input"),
+    (["--dynamic-dims", "1:1"], "error: --dynamic-dims names input 1, but the model takes 1 input"),
     (["--dynamic-dims", "0:1", "--quantize", "none", "--no-export"], "--no-export writes none: drop one of them"),
     (["--dynamic-dims", "0:1,0:0"], "0:0: dim 0 is the batch, which is always left free"),
     # the MLP's 64 features: torch.export failed after the training, an ONNX file declared them free and failed

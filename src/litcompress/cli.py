@@ -111,6 +111,12 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _metric_name(text: str) -> str:
+    if not text.strip():  # '' for --test-metric fell back to the default test_acc
+        raise argparse.ArgumentTypeError("expected the name of a metric the model logs, e.g. val_acc")
+    return text
+
+
 def _backends(text: str) -> tuple[str, ...]:
     from litcompress.quantization.backends import BACKEND_REGISTRY
 
@@ -296,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON keyword arguments for the DataModule, e.g. '{\"batch_size\": 128}'")
     source.add_argument("--train-epochs", type=_int_at_least(0),
                         help="epochs of dense training before compressing (default: 10, or 0 with --checkpoint)")
-    source.add_argument("--metric", default="val_acc", help="metric logged by validation_step")
+    source.add_argument("--metric", type=_metric_name, default="val_acc", help="metric logged by validation_step")
     source.add_argument("--mode", choices=("max", "min"),
                         help="whether a higher (max, the default) or lower (min: a loss) --metric is better, as for "
                              "Lightning's ModelCheckpoint; required for a metric named like a loss or an error")
-    source.add_argument("--test-metric",
+    source.add_argument("--test-metric", type=_metric_name,
                         help="metric logged by test_step, reported only (default: test_acc for built-in models)")
     source.add_argument("--submodule",
                         help="compress this attribute of the model (e.g. 'net') when its validation_step does not "
@@ -967,7 +973,10 @@ def run_compress(args: argparse.Namespace) -> int:
             prune_targets(compressed, config.prune, to_inputs(example_inputs))
         declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
         if declared:
-            resolve_dynamic_dims([example_inputs], declared)  # e.g. no input 1
+            try:
+                resolve_dynamic_dims([example_inputs], declared)  # e.g. no input 1
+            except ValueError as error:  # said in the API's words
+                raise ValueError(re.sub(r"\bdynamic_dims\b", "--dynamic-dims", str(error))) from None
             check_declared_dims_vary(compressed, example_inputs, declared, "--dynamic-dims")
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
