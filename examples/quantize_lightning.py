@@ -30,6 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.output.is_dir():  # (refused by save_quantized after the training and the search)
         parser.error(f"--output {args.output} is a directory; give a file path, e.g. {args.output / 'model.int8'}")
+    folder = args.output.absolute().parent
+    while not folder.exists():  # the folder save_quantized will make, or the part of it that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        parser.error(f"--output {args.output}: {folder} is a file, not a folder")
     if args.epochs < 1 or args.max_trials < 1:  # --epochs 0 quantized an untrained CNN
         parser.error("--epochs and --max-trials must be >= 1")
     if not 0.0 <= args.tolerance < 1.0:

@@ -145,6 +145,8 @@ PARSE_REFUSALS = [
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
     # failed after the training, in torch.save's or compress's words
     ("examples/prune_lstm_units_lightning.py", ["--save", "."], "--save . is a directory; give a file path"),
+    ("examples/quantize_lightning.py", ["--output", str(EXAMPLES.parent / "pyproject.toml" / "x.int8")],
+     "pyproject.toml is a file, not a folder"),
     ("examples/compress_plain_pytorch.py", ["--output-dir", str(EXAMPLES.parent / "pyproject.toml" / "run")],
      "pyproject.toml is a file; give a directory"),
 ]

@@ -23,6 +23,16 @@ def partial_path(path: Path) -> Path:
     return path.with_name(stem + tail)
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """`folder` or the first of its parents that exists as something other than a folder (a file where a folder
+    is to be made: ``mkdir`` says only "File exists" or "Not a directory"); None when there is none, or when a
+    parent cannot be read (the write then says so)."""
+    try:
+        return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    except OSError:
+        return None
+
+
 def _name_max(directory: Path) -> int:
     """The longest file name (in bytes) `directory`'s file system takes; 255 where it cannot be asked."""
     try:

@@ -883,10 +883,9 @@ def _print_report(report: Any) -> None:
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
     """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
     any training rather than after it. `option` and `given` (the path given, default `directory`) name it."""
-    try:  # (mkdir says "File exists" when the directory itself is a file)
-        blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
-    except OSError:  # a parent the user may not read: mkdir below says so
-        blocking = None
+    from litcompress._files import file_in_the_way
+
+    blocking = file_in_the_way(directory)
     if blocking is not None:
         raise ValueError(f"{option} {given or directory}: {blocking} is a file, not a directory.")
     try:

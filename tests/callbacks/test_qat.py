@@ -191,6 +191,7 @@ def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, 
     (dict(save_path=""), "not a folder"),
     (dict(save_path="."), "not a folder"),
     (dict(save_path="models/"), "not a folder"),
+    (dict(save_path=f"{__file__}/model.pt2"), r"test_qat.py is a file, not a folder"),  # mkdir's words at setup
 ])
 def test_constructor_refuses_bad_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):

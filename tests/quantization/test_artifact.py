@@ -319,6 +319,10 @@ def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):
     with pytest.raises(ValueError, match=r"'.*exported/' names a folder; give a file path"):
         save_quantized(_MeanPool().eval(), None, f"{tmp_path}/exported/", (torch.randn(2, 3, 4),))
     assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / "a_file").write_text("kept")  # mkdir's bare "File exists" before
+    with pytest.raises(NotADirectoryError, match=r"a_file/sub/model.pt': .*a_file is a file, not a folder"):
+        save_quantized(_MeanPool().eval(), None, tmp_path / "a_file" / "sub" / "model.pt", (torch.randn(2, 3, 4),))
+    assert (tmp_path / "a_file").read_text() == "kept"
 
 
 @pytest.mark.parametrize("fp32_format", ["export", "onnx"])

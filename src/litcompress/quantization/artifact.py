@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from litcompress._files import written_atomically
+from litcompress._files import file_in_the_way, written_atomically
 
 from .backends import ExportError, FixedDimError, get_backend
 from .config import Recipe
@@ -81,6 +81,9 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     if os.path.isdir(path):  # else found only at the rename, after the whole export, naming a `.partial` file
         raise IsADirectoryError(f"save_quantized: {path!r} is a directory; give a file path in it (e.g. "
                                 f"{os.path.join(path, 'model.pt')!r}).")
+    blocking = file_in_the_way(Path(path).parent)
+    if blocking is not None:  # mkdir's "File exists"
+        raise NotADirectoryError(f"save_quantized: {os.fspath(path)!r}: {blocking} is a file, not a folder.")
     # a missing folder is made, as the pipeline's report does (it failed after the export, in each backend's words)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
