@@ -64,6 +64,8 @@ def test_override_points_exist():
         (dict(pruning_fn="l1_unstructured", verbose=3), r"must be any of \(0, 1, 2\)"),
         (dict(pruning_fn="ln_structured", pruning_dim=0), "requesting `ln_structured` pruning, the `pruning_norm`"),
         (dict(pruning_fn="ln_structured", pruning_dim=0, pruning_norm=1), "is supported with `use_global_unstructured=True`"),
+        # (litcompress asked for pruning_dim and pruning_norm first, and then refused them)
+        (dict(pruning_fn=torch_prune.LnStructured), "is supported with `use_global_unstructured=True`"),
         (dict(pruning_fn="l1_unstructured", amount="half"), "`amount` should be provided"),
     ],
 )

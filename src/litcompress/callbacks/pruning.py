@@ -200,6 +200,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             if pruning_norm is not None:
                 _check_norm(pruning_norm)
                 self._method_kwargs["n"] = pruning_norm
+            if use_global_unstructured:  # before the arguments it misses: none would make it run (Lightning's order)
+                _check_unstructured_in_global(pruning_fn, self._method)
             missing = sorted(required_kwargs(pruning_fn) - set(self._method_kwargs))
             if missing:
                 given = {"dim": "pruning_dim", "n": "pruning_norm"}
@@ -217,11 +219,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 " HINT: if passing a `BasePruningMethod`, pass the class, not an instance"
             )
 
-        if use_global_unstructured and self._method.PRUNING_TYPE != "unstructured":  # type: ignore[attr-defined]
-            raise MisconfigurationException(
-                'Only the "unstructured" PRUNING_TYPE is supported with `use_global_unstructured=True`.'
-                f" Found method {pruning_fn} of type {self._method.PRUNING_TYPE}. "  # type: ignore[attr-defined]
-            )
+        if use_global_unstructured:
+            _check_unstructured_in_global(pruning_fn, self._method)
 
         self.pruning_fn = pruning_fn
         self._apply_pruning = _check_flag("apply_pruning", apply_pruning)
@@ -1562,6 +1561,15 @@ def _check_flag(argument: str, value: Any) -> Any:
             f"`{argument}` must be a bool or a callable `epoch -> bool`, got {value!r}."
         )
     return value
+
+
+def _check_unstructured_in_global(pruning_fn: Any, method: Any) -> None:
+    """Lightning's refusal of a structured method under ``use_global_unstructured=True``, in its words."""
+    if method.PRUNING_TYPE != "unstructured":
+        raise MisconfigurationException(
+            'Only the "unstructured" PRUNING_TYPE is supported with `use_global_unstructured=True`.'
+            f" Found method {pruning_fn} of type {method.PRUNING_TYPE}. "
+        )
 
 
 def _is_bool(value: Any) -> bool:
