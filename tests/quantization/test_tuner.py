@@ -1,5 +1,6 @@
 """The search: fallback of sensitive layers, never-None contract, bad input, budget."""
 
+import copy
 import math
 import warnings
 
@@ -11,6 +12,7 @@ from conftest import accuracy_fn, make_sensitive_mlp
 from litcompress.quantization import (AccuracyCriterion, PTQConfig, QuantizationGoalWarning, layer_sensitivity,
                                       quantize)
 from litcompress.quantization.backends import BACKEND_REGISTRY, BackendUnavailableError, Backend
+from litcompress.quantization.backends.torch_ao import TorchAOBackend
 from litcompress.quantization.tuner import UNUSED_MODEL_MESSAGE
 from quant_helpers import quantized_layers, state_snapshot
 from tests.conftest import Conv1D
@@ -470,6 +472,34 @@ def test_unavailable_backend_is_reported_and_skipped(monkeypatch, trained_mlp, d
     result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
     assert result.goal_met and result.recipe.backend == "torch_ao"
     assert any("install the 'nothing' package" in m for m in result.messages)
+
+
+class RecordingTorchAO(TorchAOBackend):
+    """torch.ao's backend, recording what the search times for each candidate."""
+
+    timed: list[tuple[nn.Module, nn.Module]] = []
+
+    def timed_form(self, quantized, example_inputs):
+        form = super().timed_form(quantized, example_inputs)
+        type(self).timed.append((quantized, form))
+        return form
+
+
+def test_torch_ao_candidates_are_timed_as_their_files_run_them(monkeypatch, trained_mlp, digits):
+    """Their eager int8 modules run each op from Python (2-3x slower than the trace the file holds): the search said
+    the int8 model was slower than fp32, min_speedup kept fp32, while the file shipped ran 2x faster."""
+    monkeypatch.setitem(BACKEND_REGISTRY, "torch_ao", f"{__name__}:RecordingTorchAO")
+    RecordingTorchAO.timed = []
+    x = digits[2][:64]
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=2, latency_repeats=3)
+    result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=x)
+    assert len(RecordingTorchAO.timed) == len([t for t in result.trials if t.error is None]) >= 1
+    for candidate, form in RecordingTorchAO.timed:
+        assert isinstance(form, torch.jit.ScriptModule)  # the trace, as torch.jit.save writes it
+        torch.testing.assert_close(form(x), candidate(x), rtol=0, atol=0)
+    backend = RecordingTorchAO()
+    candidate = backend.quantize(copy.deepcopy(trained_mlp), result.recipe, (x,), [])
+    assert backend.timed_form(candidate, (x,)) is backend.timed_form(candidate, (x,))  # traced once, in quantize
 
 
 def test_backend_without_the_approach_is_skipped_with_message(trained_mlp, digits):

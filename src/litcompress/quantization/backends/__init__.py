@@ -131,6 +131,11 @@ class Backend:
         """Write one self-contained artefact holding ``metadata`` (JSON text) that leaves `dynamic_dims` free."""
         raise NotImplementedError
 
+    def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
+        """The module whose speed is `quantized`'s: what its file runs once loaded (the search times this). Default:
+        `quantized` itself."""
+        return quantized
+
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
         """The layers of `model` this backend makes int8 for `approach`: those the search may keep in fp32 (a
         fallback that keeps all of them is no quantization at all)."""
