@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from litcompress.models import MLPClassifier
 from litcompress.pruning import (
     apply_mask_,
     default_targets,
@@ -445,20 +446,35 @@ def test_eager_copy_unwraps_compiled_modules_at_any_depth_and_leaves_the_model_a
     assert compiled_module_names(model) == ["", "_orig_mod.0"]
 
 
-def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and_the_original_stays_compiled():
+class _ForwardSetOnTheInstance(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        self.forward = self.forward_doubled  # a variant chosen at construction
+
+    def forward_doubled(self, x):
+        return 2 * self.net(x)
+
+
+@pytest.mark.parametrize("module_type", [MLPClassifier, _ForwardSetOnTheInstance])
+def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and_the_original_stays_compiled(
+        module_type):
     from lightning.pytorch.utilities.compile import from_compiled
 
-    from litcompress.models import MLPClassifier
-    from litcompress.pruning.engine import deepcopy_model, eager_copy
+    from litcompress.pruning.engine import eager_copy
 
-    module = from_compiled(torch.compile(MLPClassifier(hidden=(8,)), backend="eager"))  # what Trainer.fit does
+    torch.manual_seed(0)
+    module = module_type() if module_type is _ForwardSetOnTheInstance else module_type(hidden=(8,))
     x = torch.randn(3, 64)
+    expected = module(x)
+    from_compiled(torch.compile(module, backend="eager"))  # what Trainer.fit(torch.compile(module)) does
     for copied in (deepcopy_model(module), eager_copy(module)):
+        torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)  # its own forward (the class's fell back)
         with torch.no_grad():
             for parameter in copied.parameters():
                 parameter.zero_()
         assert torch.equal(copied(x), torch.zeros(3, 10))  # was the original's forward: its weights
-        assert "forward" not in vars(copied) and copied._compiler_ctx is None  # Lightning reads it: there, None
+        assert copied._compiler_ctx is None  # as a fresh LightningModule's: Lightning reads it
+        assert ("forward" in vars(copied)) == (module_type is _ForwardSetOnTheInstance)
     assert "forward" in vars(module) and module._compiler_ctx["compiler"] == "dynamo"
 
 

@@ -414,9 +414,17 @@ def _drop_lightning_compile_(copied: nn.Module) -> None:
     that wrap the module's bound methods: a deep copy keeps those functions, so the copy's forward would run the
     original module (its weights, its masks) and a teacher copied from it would be the student itself.
     """
-    if isinstance(vars(copied).get("_compiler_ctx"), dict):
+    context = vars(copied).get("_compiler_ctx")
+    if isinstance(context, dict):
         for name in _LIGHTNING_COMPILED_METHODS:
-            vars(copied).pop(name, None)
+            # what the module's method was before Lightning wrapped it (the copy bound to the copy): the class's,
+            # or one the module set on itself (self.forward = self.forward_doubled), which the copy keeps
+            original = context.get(f"original_{name}")
+            if getattr(original, "__self__", None) is copied and \
+                    getattr(original, "__func__", None) is not getattr(type(copied), name, None):
+                vars(copied)[name] = original
+            else:
+                vars(copied).pop(name, None)
         copied._compiler_ctx = None  # as a LightningModule starts: Lightning reads it at every fit and validate
 
 
