@@ -53,6 +53,34 @@ def plain_train_and_evaluate(shuffled_epochs: int = 0):
     return train, evaluate
 
 
+class _KeepsAFormatVersion(nn.Sequential):
+    """torch's get_extra_state may be any picklable object: here a dict in the state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.format = 2
+
+    def get_extra_state(self):
+        return {"format": self.format}
+
+    def set_extra_state(self, state) -> None:
+        self.format = state["format"]
+
+
+def test_a_module_with_an_extra_state_is_searched_saved_and_resumed(tmp_path):
+    """Each round's state copied every value with .detach(): AttributeError on the extra state's dict."""
+    torch.manual_seed(0)
+    train, evaluate = plain_train_and_evaluate()
+    path = tmp_path / "imp.pt"
+    ticket = iterative_magnitude_pruning(_KeepsAFormatVersion(), train, evaluate, rounds=1, rate=0.5,
+                                         checkpoint_path=path)
+    assert ticket.rewound_state["_extra_state"] == {"format": 2} and ticket.model.format == 2
+    again = iterative_magnitude_pruning(_KeepsAFormatVersion(), train, evaluate, rounds=2, rate=0.5,
+                                        checkpoint_path=path)  # resumed after round 1, one more round
+    assert [r.round for r in again.rounds] == [0, 1, 2] and again.rounds[1] == ticket.rounds[1]
+    assert again.rewound_state["_extra_state"] == {"format": 2}
+
+
 def test_imp_rounds_masks_rewinding_and_control():
     torch.manual_seed(0)
     model = mlp()

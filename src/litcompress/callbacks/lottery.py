@@ -287,7 +287,8 @@ def find_lottery_ticket(
         # on a copy (the module each rank was given stays as it was)
         module = detached_copy(module)
         module.load_state_dict(evaluated_by[0].strategy.broadcast(
-            {key: value.detach().cpu() for key, value in module.state_dict().items()}))
+            {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+             for key, value in module.state_dict().items()}))
 
     def train_to_rewind_point(model: LightningModule) -> None:
         nonlocal rewind_point

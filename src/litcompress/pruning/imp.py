@@ -9,6 +9,7 @@ Framework-free: training and evaluation are callables, so a plain loop or a Ligh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -354,7 +355,9 @@ def iterative_magnitude_pruning(
                              "weights), pruned with one mask: give them one rate.")
 
     def state_now() -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in network.state_dict().items()}
+        # (a module's get_extra_state may be any object: a format version, a vocabulary)
+        return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                for k, v in network.state_dict().items()}
 
     pruned_keys = {f"{name}{suffix}" for name in names for suffix in ("", "_orig", "_mask")}
 
@@ -447,7 +450,11 @@ def _load_in_place_(network: nn.Module, values: Mapping[str, Tensor]) -> None:
     own = network.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, value in values.items():
-            own[key].copy_(value)
+            if isinstance(value, Tensor):
+                own[key].copy_(value)
+    extra = {key: value for key, value in values.items() if not isinstance(value, Tensor)}
+    if extra:  # a module's extra state: its set_extra_state takes it
+        network.load_state_dict(extra, strict=False)
 
 
 def _masks(names: Sequence[str], targets: Sequence[Target]) -> dict[str, Tensor]:
