@@ -22,6 +22,7 @@ from torch import nn
 
 from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.data import DigitsDataModule, load_digits_tensors
+from litcompress.models import MLPClassifier
 from litcompress.pruning.imp import iterative_magnitude_pruning
 from tests.conftest import PressCtrlC, python_handles_ctrl_c
 
@@ -79,6 +80,23 @@ def test_a_module_with_an_extra_state_is_searched_saved_and_resumed(tmp_path):
                                         checkpoint_path=path)  # resumed after round 1, one more round
     assert [r.round for r in again.rounds] == [0, 1, 2] and again.rounds[1] == ticket.rounds[1]
     assert again.rewound_state["_extra_state"] == {"format": 2}
+
+
+class _ClassifierKeepingAFormatVersion(MLPClassifier):
+    def get_extra_state(self):
+        return {"format": 2}
+
+    def set_extra_state(self, state) -> None:
+        self.format = state["format"]
+
+
+def test_a_lightning_search_retraining_from_the_rewind_point_takes_a_module_with_an_extra_state():
+    """The rewind point's checkpoint was rebuilt with .detach() on every value of the module's state."""
+    kwargs = dict(max_epochs=1, limit_train_batches=4, limit_test_batches=2, accelerator="cpu", devices=1)
+    ticket = find_lottery_ticket(_ClassifierKeepingAFormatVersion(hidden=(16,)), DigitsDataModule(batch_size=64),
+                                 metric="test_acc", rounds=1, rate=0.5, control="none", rewind_to_step=2,
+                                 retrain_from="rewind_point", trainer_kwargs=kwargs)
+    assert ticket.remaining == pytest.approx(0.5, abs=0.01) and ticket.rewound_state["_extra_state"] == {"format": 2}
 
 
 def test_imp_rounds_masks_rewinding_and_control():

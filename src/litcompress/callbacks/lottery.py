@@ -76,7 +76,8 @@ def _resumed_at_rewind_point(rewind_point: Path, model: LightningModule, reset_o
         raise FileNotFoundError(f"retrain_from='rewind_point' resumes every round from the fit saved at step k, "
                                 f"{rewind_point}, which is gone. Pass another checkpoint_path to start afresh.")
     checkpoint = torch.load(rewind_point, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    checkpoint["state_dict"] = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v  # (extra state)
+                                for k, v in model.state_dict().items()}
     if reset_optimizer:
         for state in checkpoint.get("optimizer_states", []):
             state["state"] = {}
