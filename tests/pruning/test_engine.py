@@ -186,6 +186,24 @@ def test_snapshot_of_a_pruned_module_holds_trainable_values():
     assert torch.equal(copy.weight, layer.weight_orig)
 
 
+def test_rewind_refuses_targets_other_than_the_snapshots_and_rewinds_a_copy_of_the_network_by_place():
+    """A shorter list raised IndexError; another tensor at a place (another shape) torch's copy_ error."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 4), nn.Linear(4, 3)]
+    targets = [(layer, "weight") for layer in layers]
+    snapshot = take_snapshot(targets)
+    with pytest.raises(ValueError, match=r"rewind_: the snapshot holds 2 targets, and 1 were given"):
+        rewind_(targets[:1], snapshot)
+    with pytest.raises(ValueError, match=r"rewind_: target 0 is Linear.weight \(3, 4\), but the snapshot took its "
+                                         r"weight \(4, 4\) there"):
+        rewind_(targets[::-1], snapshot)
+    with pytest.raises(ValueError, match=r"target 1 is Linear.bias"):
+        rewind_([targets[0], (layers[1], "bias")], snapshot)
+    copies = [nn.Linear(4, 4), nn.Linear(4, 3)]  # another network of the same architecture: rewound by place
+    rewind_([(layer, "weight") for layer in copies], snapshot)
+    assert all(torch.equal(copied.weight, layer.weight) for copied, layer in zip(copies, layers))
+
+
 def test_prune_rejects_bad_arguments_with_clear_errors():
     layer = nn.Linear(3, 3)
     with pytest.raises(ValueError, match="amount"):

@@ -642,3 +642,25 @@ def test_a_pruner_without_targets_is_refused_when_made():
     pruned nothing."""
     with pytest.raises(ValueError, match=r"GradualPruner: no targets to prune.*weight_ih_l0"):
         GradualPruner(default_targets(nn.LSTM(4, 8)), PolynomialDecay(final_sparsity=0.9, begin=0, end=5))
+
+
+def test_prune_to_takes_t_as_step_does_and_its_state_loads_weights_only():
+    """A float `t` was kept and failed at the next step inside range(); numpy's t and target went into the state,
+    which torch.load (weights_only, its default) then refused to read."""
+    import io
+
+    import numpy as np
+
+    model, _, _ = model_and_data()
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=1))
+    with pytest.raises(ValueError, match=r"t=4.0 must be an int step or epoch count"):
+        pruner.prune_to(0.5, 4.0)
+    assert pruner.history == []
+    pruner.prune_to(np.float64(0.25), np.int64(3))
+    assert pruner.step(4) and pruner.last_t == 4
+    buffer = io.BytesIO()
+    torch.save(pruner.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)  # weights_only
+    assert [(type(r["t"]), type(r["target"])) for r in state["history"]] == [(int, float)] * 2
+    assert state["history"][0]["t"] == 3 and state["history"][0]["target"] == 0.25

@@ -331,7 +331,8 @@ class GradualPruner:
 
     def prune_to(self, target: float, t: int) -> None:
         """One round: bring the targets to `target` sparsity (each of them with ``scope="local"``)."""
-        self._prune_to(target, t, stacklevel=3)
+        check_progress(t)  # as step checks it: a float `t` failed at the next step, inside range()
+        self._prune_to(target, int(t), stacklevel=3)
 
     def _prune_to(self, target: float, t: int, stacklevel: int) -> None:
         """`prune_to`; `stacklevel`: where the user's call is, counted from this frame (1), for the warnings."""
@@ -348,7 +349,9 @@ class GradualPruner:
         self._check_world_size()  # (the group may have changed since)
         broadcast_pruning_state_(self.targets, world_size=self.world_size)
         self.last_t = t
-        self.history.append({"t": t, "target": target, "pruned_before": before, "pruned_after": before + newly})
+        # Python numbers (numpy's are not): the state goes into checkpoints, which torch.load reads weights_only
+        self.history.append({"t": int(t), "target": float(target), "pruned_before": int(before),
+                             "pruned_after": int(before + newly)})
         emptied = [(m, n) for m, n in emptied_targets(self.targets) if (id(m), n) not in self._warned]
         if emptied:
             self._warned.update((id(m), n) for m, n in emptied)

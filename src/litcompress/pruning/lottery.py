@@ -122,13 +122,31 @@ def _reset_parameters_of_pruned(module: nn.Module) -> None:
             refresh_cached_tensor(module, name)
 
 
+def _snapshot_target(targets: Sequence[Target], snapshot: Snapshot, index: int, name: str, value: object,
+                     owner: str) -> Target:
+    """The target the snapshot's entry `index` was taken from: the one at that place in `targets`, which must be the
+    list given to :func:`take_snapshot` (or one of the same architecture: another copy of the network), in its order."""
+    count = sum(len(layer["names"]) for layer in snapshot.values())
+    if len(targets) != count:
+        raise ValueError(f"{owner}: the snapshot holds {count} targets, and {len(targets)} were given: pass the "
+                         "targets given to take_snapshot, in their order.")
+    module, target_name = targets[index]
+    tensor = trainable_tensor(module, target_name)
+    if target_name != name or (isinstance(value, Tensor) and value.shape != tensor.shape):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else "?"
+        raise ValueError(f"{owner}: target {index} is {type(module).__name__}.{target_name} "
+                         f"{tuple(tensor.shape)}, but the snapshot took its {name} {shape} there: pass the targets "
+                         "given to take_snapshot, in their order.")
+    return module, target_name
+
+
 def at_snapshot(targets: Sequence[Target], snapshot: Snapshot) -> bool:
     """Whether the trainable tensors of `targets` hold their snapshot values (no step since it was taken): rewinding
     them would change nothing."""
     for layer in snapshot.values():
         for i, name in layer["names"]:
-            module, target_name = targets[i]
             value = getattr(layer["data"], name, None)
+            module, target_name = _snapshot_target(targets, snapshot, i, name, value, "at_snapshot")
             dst = trainable_tensor(module, target_name)
             if isinstance(value, Tensor) and not torch.equal(dst.detach(), value.to(dst.device, dst.dtype)):
                 return False
@@ -136,7 +154,9 @@ def at_snapshot(targets: Sequence[Target], snapshot: Snapshot) -> bool:
 
 
 def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = False) -> None:
-    """Copy snapshot values into the trainable tensors of `targets` (``<name>_orig`` when pruned).
+    """Copy snapshot values into the trainable tensors of `targets` (``<name>_orig`` when pruned): the targets given
+    to :func:`take_snapshot`, in their order (entries are matched by place; a list of another length, or whose names
+    or shapes differ there, is refused).
 
     Values are copied, never aliased, so the snapshot stays what it was however long training goes on.
     With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead, or, for a
@@ -153,8 +173,8 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
             source = copy.deepcopy(source)  # keep the snapshot itself
             source.reset_parameters()
         for i, name in layer["names"]:
-            module, target_name = targets[i]
             value = getattr(source, name, None)
+            module, target_name = _snapshot_target(targets, snapshot, i, name, value, "rewind_")
             if not isinstance(value, Tensor):
                 continue
             if resample and not can_reset:
