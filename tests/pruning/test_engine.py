@@ -474,8 +474,9 @@ class _ForwardSetOnTheInstance(MLPClassifier):
 
 
 @pytest.mark.parametrize("module_type", [MLPClassifier, _ForwardSetOnTheInstance])
+@pytest.mark.parametrize("fits", [1, 2])  # each fit, validate or test of torch.compile(module) compiles it again
 def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and_the_original_stays_compiled(
-        module_type):
+        module_type, fits):
     from lightning.pytorch.utilities.compile import from_compiled
 
     from litcompress.pruning.engine import eager_copy
@@ -484,7 +485,8 @@ def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and
     module = module_type() if module_type is _ForwardSetOnTheInstance else module_type(hidden=(8,))
     x = torch.randn(3, 64)
     expected = module(x)
-    from_compiled(torch.compile(module, backend="eager"))  # what Trainer.fit(torch.compile(module)) does
+    for _ in range(fits):
+        from_compiled(torch.compile(module, backend="eager"))  # what Trainer.fit(torch.compile(module)) does
     for copied in (deepcopy_model(module), eager_copy(module)):
         torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)  # its own forward (the class's fell back)
         with torch.no_grad():

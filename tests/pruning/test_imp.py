@@ -54,32 +54,44 @@ def plain_train_and_evaluate(shuffled_epochs: int = 0):
     return train, evaluate
 
 
-class _KeepsAFormatVersion(nn.Sequential):
-    """torch's get_extra_state may be any picklable object: here a dict in the state_dict."""
+class _CountsItsTraining(nn.Sequential):
+    """torch's get_extra_state may be any picklable object (a dict) or a tensor: here a count training advances."""
 
-    def __init__(self) -> None:
+    def __init__(self, as_tensor: bool) -> None:
         super().__init__(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-        self.format = 2
+        self.trained, self.as_tensor = 0, as_tensor
 
     def get_extra_state(self):
-        return {"format": self.format}
+        return torch.tensor(self.trained) if self.as_tensor else {"trained": self.trained}
 
     def set_extra_state(self, state) -> None:
-        self.format = state["format"]
+        self.trained = int(state) if self.as_tensor else state["trained"]
 
 
-def test_a_module_with_an_extra_state_is_searched_saved_and_resumed(tmp_path):
-    """Each round's state copied every value with .detach(): AttributeError on the extra state's dict."""
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_module_with_an_extra_state_is_rewound_saved_and_resumed(tmp_path, as_tensor):
+    """Each round's state copy called .detach() on a dict (AttributeError); a tensor extra state was copied into the
+    temporary tensor get_extra_state returned, so it was never rewound (each round started where the last ended)."""
     torch.manual_seed(0)
-    train, evaluate = plain_train_and_evaluate()
+    train_weights, evaluate = plain_train_and_evaluate()
+    seen = []
+
+    def train(model):
+        seen.append(model.trained)
+        model.trained += 1
+        train_weights(model)
+
     path = tmp_path / "imp.pt"
-    ticket = iterative_magnitude_pruning(_KeepsAFormatVersion(), train, evaluate, rounds=1, rate=0.5,
-                                         checkpoint_path=path)
-    assert ticket.rewound_state["_extra_state"] == {"format": 2} and ticket.model.format == 2
-    again = iterative_magnitude_pruning(_KeepsAFormatVersion(), train, evaluate, rounds=2, rate=0.5,
-                                        checkpoint_path=path)  # resumed after round 1, one more round
+    ticket = iterative_magnitude_pruning(_CountsItsTraining(as_tensor), train, evaluate, rounds=1, rate=0.5,
+                                         checkpoint_path=path, control="none")
+    again = iterative_magnitude_pruning(_CountsItsTraining(as_tensor), train, evaluate, rounds=2, rate=0.5,
+                                        checkpoint_path=path, control="none")  # resumed after round 1
+    assert seen == [0, 0, 0]  # every round from the rewound state: rounds 0, 1, then 2 after the resume
     assert [r.round for r in again.rounds] == [0, 1, 2] and again.rounds[1] == ticket.rounds[1]
-    assert again.rewound_state["_extra_state"] == {"format": 2}
+    for found in (ticket, again):
+        rewound = found.rewound_state["_extra_state"]
+        assert (int(rewound) == 0) if as_tensor else rewound == {"trained": 0}
+        assert found.model.trained == 1  # the ticket trained once from it
 
 
 class _ClassifierKeepingAFormatVersion(MLPClassifier):

@@ -23,6 +23,7 @@ import itertools
 import math
 import numbers
 import sys
+import types
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -420,9 +421,11 @@ def _drop_lightning_compile_(copied: nn.Module) -> None:
             # what the module's method was before Lightning wrapped it (the copy bound to the copy): the class's,
             # or one the module set on itself (self.forward = self.forward_doubled), which the copy keeps
             original = context.get(f"original_{name}")
-            if getattr(original, "__self__", None) is copied and \
-                    getattr(original, "__func__", None) is not getattr(type(copied), name, None):
-                vars(copied)[name] = original
+            while callable(getattr(original, "_torchdynamo_orig_callable", None)):  # compiled by two fits: unwrapped
+                original = original._torchdynamo_orig_callable
+            function = getattr(original, "__func__", None)
+            if function is not None and function is not getattr(type(copied), name, None):
+                vars(copied)[name] = types.MethodType(function, copied)
             else:
                 vars(copied).pop(name, None)
         copied._compiler_ctx = None  # as a LightningModule starts: Lightning reads it at every fit and validate

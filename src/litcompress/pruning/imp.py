@@ -448,12 +448,15 @@ def _load_in_place_(network: nn.Module, values: Mapping[str, Tensor]) -> None:
     """Copy `values` into the network's own parameters and buffers of those names (an optimizer built on them, or a
     Trainer holding them, keeps them)."""
     own = network.state_dict(keep_vars=True)
+    held = {id(tensor) for tensor in (*network.parameters(), *network.buffers())}
+    extra = {}  # a module's extra state (get_extra_state's object, a tensor too): its set_extra_state takes it
     with torch.no_grad():
         for key, value in values.items():
-            if isinstance(value, Tensor):
+            if isinstance(own[key], Tensor) and id(own[key]) in held:
                 own[key].copy_(value)
-    extra = {key: value for key, value in values.items() if not isinstance(value, Tensor)}
-    if extra:  # a module's extra state: its set_extra_state takes it
+            else:
+                extra[key] = value
+    if extra:
         network.load_state_dict(extra, strict=False)
 
 
