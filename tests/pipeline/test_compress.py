@@ -969,6 +969,8 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
     (tmp_path / "file").write_text("mine")
     with pytest.raises(NotADirectoryError, match="is a file"):
         compress(trained, eval_fn=evaluate, example_inputs=x, output_dir=tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match=r"output_dir=.*file/out'\): .*file is a file; give a directory"):
+        compress(trained, eval_fn=evaluate, example_inputs=x, output_dir=tmp_path / "file" / "out")  # mkdir's words
     assert (tmp_path / "file").read_text() == "mine"
     with pytest.raises(ValueError, match="names no module of the model: \\['fc9'\\]"):
         compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5, exclude=("fc9",))), eval_fn=evaluate,
@@ -1980,3 +1982,27 @@ def test_structured_pruning_prunes_a_layer_only_where_shrink_removes_what_it_pru
     assert result.model.c1.out_channels == width - pruned_rows
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), result.stage_models["pruned"](x), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_tensors_among_the_targets_are_said_and_exclude_leaves_them_dense(digits):
+    """They were pruned with the rest, without a word, and no fine-tuning brought them back (ModelPruning and the IMP
+    driver say it)."""
+    x, y = digits[0][:256], digits[1][:256]
+    torch.manual_seed(0)
+    model = mlp(64, 32, 32, 10)
+    model[0].requires_grad_(False)  # a frozen first layer (a backbone)
+    fine_tune = sgd_fine_tune([(x, y)], lr=0.1, steps=4)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False, latency_repeats=3)
+    with pytest.warns(UserWarning, match=r"compress: 1 of the tensors to prune do not train \(requires_grad=False\): "
+                                         r"0.weight\. .* PruneConfig\(exclude=\[...\]\) leaves them dense"):
+        result = compress(model, config, eval_fn=accuracy(x, y), example_inputs=x[:8], fine_tune=fine_tune,
+                          fine_tune_steps=4)
+    assert any("do not train (requires_grad=False): 0.weight" in m for m in result.report.messages)
+    assert float((result.stage_models["pruned"][0].weight == 0).float().mean()) > 0.1  # pruned, as said
+    excluded = CompressionConfig(prune=PruneConfig(sparsity=0.5, exclude=("0",)), quantize=None, export=False,
+                                 latency_repeats=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compress: .* do not train")
+        result = compress(model, excluded, eval_fn=accuracy(x, y), example_inputs=x[:8], fine_tune=fine_tune,
+                          fine_tune_steps=4)
+    assert not (result.stage_models["pruned"][0].weight == 0).any()

@@ -490,6 +490,8 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
         search(rounds=2, path=path)
     with pytest.raises(IsADirectoryError, match="is a directory; name a file in it"):
         search(path=tmp_path)
+    with pytest.raises(NotADirectoryError, match=r"imp.pt/sub/imp.pt': .*imp.pt is a file, not a folder"):
+        search(path=path / "sub" / "imp.pt")  # mkdir's "Not a directory"
     calls.clear()
     search(path=tmp_path / "new" / "folder" / "imp.pt")  # made, before the first round
     assert (tmp_path / "new" / "folder" / "imp.pt").is_file()

@@ -2821,6 +2821,36 @@ def test_a_layer_subclass_with_its_own_forward_is_said_to_be_traced_into_not_unc
     assert "pass a tracer that keeps _ScaledLinear as a leaf module" in reason
 
 
+class _VersionedLinear(nn.Linear):
+    """Linear's forward, and a format version in its checkpoints."""
+
+    def get_extra_state(self):
+        return {"version": 2}
+
+    def set_extra_state(self, state) -> None:
+        self.version = state["version"]
+
+
+def test_a_layer_subclass_with_the_layers_forward_is_said_to_be_traced_into_and_a_leaf_tracer_shrinks_it() -> None:
+    """Said "forward does not call it": fx traces into any layer outside torch.nn, whatever its forward."""
+
+    class KeepsVersionedLinear(torch.fx.Tracer):
+        def is_leaf_module(self, module, qualified_name):
+            return isinstance(module, _VersionedLinear) or super().is_leaf_module(module, qualified_name)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_VersionedLinear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch_prune.ln_structured(model[0], "weight", amount=0.5, n=2, dim=0)
+    x = torch.randn(3, 6)
+    reason = dict(shrink(model, (x,)).report.kept)["0"]
+    assert reason == ("_VersionedLinear subclasses Linear (with its forward), which torch.fx traces into (it keeps "
+                      "only torch's own layers whole): pass a tracer that keeps _VersionedLinear as a leaf module")
+    result = shrink(model, (x,), tracer=KeepsVersionedLinear)  # what the reason advises
+    assert result.model[0].out_features == 4 and result.model[0].get_extra_state() == {"version": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x))
+
+
 class _ConcatIntoGroupedConv(nn.Module):
     """Two branches concatenated and read by a grouped conv (ShuffleNet/CSP-like)."""
 

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._files import partial_path, written_atomically
+from litcompress._files import file_in_the_way, partial_path, written_atomically
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, close_names, compiled_module_names,
                                         deepcopy_model, distinct_targets, eager_copy, is_excluded,
                                         keep_bypassed_weights_current_, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
-                                        with_tied_targets)
+                                        trainable_tensor, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
 from litcompress.pruning.heads import heads_to_prune, none_pruned_message, prunable_attentions, prune_heads_
@@ -636,6 +636,15 @@ class _Pruning:
         # one trace for the targets, the residual groups and the BatchNorms
         plan = _traced_plan(model, example_inputs)
         targets, left_out, units = _select_targets(model, prune, plan)
+        frozen = [f"{name}.{tensor}" for name, (module, tensor) in zip(_names_of(model, targets), targets)
+                  if not trainable_tensor(module, tensor).requires_grad]
+        if frozen:  # as ModelPruning and the IMP driver say it
+            message = (f"{len(frozen)} of the tensors to prune do not train (requires_grad=False): "
+                       f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}. They are pruned with the rest "
+                       "(a frozen backbone or embedding), and no fine-tuning brings them back; "
+                       "PruneConfig(exclude=[...]) leaves them dense.")
+            note(message)
+            warnings.warn(f"compress: {message}", UserWarning, stacklevel=2)
         if left_out:
             by_reason: dict[str, list[str]] = {}
             for name, reason in left_out.items():
@@ -875,8 +884,10 @@ def compress(
     directory = Path(output_dir) if output_dir is not None else None
     written: set[str] = set()  # the model and state files this run writes into `directory`
     if directory is not None:
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"compress(output_dir={str(directory)!r}) is a file; give a directory.")
+        blocking = file_in_the_way(directory)
+        if blocking is not None:  # (mkdir's "Not a directory" for one of its parents)
+            raise NotADirectoryError(f"compress(output_dir={str(directory)!r}): {blocking} is a file; give a "
+                                     "directory.")
         directory.mkdir(parents=True, exist_ok=True)
 
     messages: list[str] = []

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.prune import BasePruningMethod
 
-from litcompress._files import written_atomically
+from litcompress._files import file_in_the_way, written_atomically
 from litcompress.pruning.engine import (
     Scope,
     Target,
@@ -370,6 +370,9 @@ def iterative_magnitude_pruning(
         if path.is_dir():
             raise IsADirectoryError(f"checkpoint_path={str(path)!r} is a directory; name a file in it, e.g. "
                                     f"{str(path / 'imp.pt')!r}.")
+        blocking = file_in_the_way(path.parent)
+        if blocking is not None:  # (mkdir's "Not a directory")
+            raise NotADirectoryError(f"checkpoint_path={str(path)!r}: {blocking} is a file, not a folder.")
         path.parent.mkdir(parents=True, exist_ok=True)
     settings = dict(names=names, parameter_names=list(parameter_names), rate=rate, layer_rates=layer_rates,
                     scope=scope, control=control, control_seed=control_seed,
