@@ -333,7 +333,8 @@ def compress_lightning(
             ``"logits"``, or a tuple's first tensor; a model returning ``(features, logits)`` needs
             ``lambda outputs: outputs[1]``).
     """
-    module = on_the_cpu(lightning_module(module, "compress_lightning"))  # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
+    # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
+    module = on_the_cpu(lightning_module(module, "compress_lightning"))
     module = in_float32(module, "compress_lightning")  # a bf16-true fit's: our trainers feed float32 batches
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")

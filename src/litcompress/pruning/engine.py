@@ -411,9 +411,10 @@ _LIGHTNING_COMPILED_METHODS = ("forward", "training_step", "validation_step", "t
 def _drop_lightning_compile_(copied: nn.Module) -> None:
     """Make a copy of a LightningModule that Lightning compiled in place run its own (eager) methods.
 
-    Lightning's fit of ``torch.compile(module)`` sets instance attributes (``module.forward = compiled(module.forward)``)
-    that wrap the module's bound methods: a deep copy keeps those functions, so the copy's forward would run the
-    original module (its weights, its masks) and a teacher copied from it would be the student itself.
+    Lightning's fit of ``torch.compile(module)`` sets instance attributes
+    (``module.forward = compiled(module.forward)``) that wrap the module's bound methods: a deep copy keeps those
+    functions, so the copy's forward would run the original module (its weights, its masks), and a teacher copied
+    from it would be the student itself. The copy runs its class's methods, or those the module set on itself.
     """
     context = vars(copied).get("_compiler_ctx")
     if isinstance(context, dict):

@@ -2319,10 +2319,10 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
     module = modules.get(name)
     base = next((cls for cls in type(module).__mro__[1:] if cls.__module__.startswith("torch.nn.")), None)
     if leaf is None and base is not None and not type(module).__module__.startswith("torch."):
-        if type(module).forward is base.forward:  # (state added: get_extra_state, a buffer) fx traces into it all the same
-            return (f"{type(module).__name__} subclasses {base.__name__} (with its forward), which torch.fx traces into "
-                    f"(it keeps only torch's own layers whole): pass a tracer that keeps {type(module).__name__} as a "
-                    "leaf module")
+        if type(module).forward is base.forward:  # (state added: get_extra_state, a buffer) fx traces into it too
+            return (f"{type(module).__name__} subclasses {base.__name__} (with its forward), which torch.fx traces "
+                    f"into (it keeps only torch's own layers whole): pass a tracer that keeps {type(module).__name__} "
+                    "as a leaf module")
         return (f"{type(module).__name__} subclasses {base.__name__} with a forward of its own, which torch.fx traces "
                 "into (it keeps only torch's own layers whole): if that forward is a plain "
                 f"{base.__name__}'s on its weights, pass a tracer that keeps {type(module).__name__} as a leaf module")
