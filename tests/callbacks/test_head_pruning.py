@@ -160,12 +160,41 @@ def test_beside_model_pruning_the_channels_and_heads_both_leave(tmp_path):
     assert report.heads_removed == 4 and report.channels_removed == 2 * 32  # half of each linear1's 64 rows
 
 
+@pytest.mark.parametrize("heads_permanent", [False, True])
+def test_a_tensor_both_callbacks_prune_stays_masked_in_checkpoints_and_a_resumed_fit_ends_alike(tmp_path,
+                                                                                                 heads_permanent):
+    """The callback with make_pruning_permanent=True wrote the tensor both prune as its effective values, though the
+    other keeps it masked: a resumed fit lost the values under the mask (zeros in in_proj_weight_orig)."""
+    def run(callbacks, ckpt_path=None):
+        model = TransformerClassifier(heads=4)
+        in_projections = [(a, "in_proj_weight") for a in _attentions(model)]
+        pruning = [HeadPruning(PolynomialDecay(final_sparsity=0.5, begin=0, end=30, frequency=4),
+                               make_pruning_permanent=heads_permanent),
+                   ModelPruning("l1_unstructured", parameters_to_prune=in_projections, verbose=0,
+                                amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=33, frequency=6),
+                                make_pruning_permanent=not heads_permanent, use_lottery_ticket_hypothesis=False)]
+        _trainer(tmp_path, 2, [*pruning, *callbacks], enable_checkpointing=True).fit(model, datamodule=_data(),
+                                                                                     ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(1)
+    reference = run([ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)])
+    state = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["state_dict"]
+    assert "encoder.layers.0.self_attn.in_proj_weight_orig" in state  # the pair the masked pruner needs
+    resumed = run([], ckpt_path=tmp_path / "epoch=0-step=10.ckpt")
+    assert reference.state_dict().keys() == resumed.state_dict().keys()
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_bad_input_is_refused_before_training(tmp_path):
     for bad in (1.0, 0.0, -0.5, True, "half", float("nan")):
         with pytest.raises(MisconfigurationException, match="HeadPruning\\(heads="):
             HeadPruning(bad)
     with pytest.raises(MisconfigurationException, match="exclude"):
         HeadPruning(0.5, exclude="encoder")
+    # a generator was used up by the check, and kept empty: nothing excluded
+    assert HeadPruning(0.5, exclude=(name for name in ["encoder.layers.0"])).exclude == ("encoder.layers.0",)
     model = MLPClassifier()
     with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.MultiheadAttention"):
         _trainer(tmp_path, 1, [HeadPruning(0.5)]).fit(model, datamodule=DigitsDataModule(batch_size=64))

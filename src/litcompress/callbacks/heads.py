@@ -34,9 +34,9 @@ class HeadPruning(StructurePruning):
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
-            load (``trainer.fit(ckpt_path=...)``, :func:`litcompress.load_pruned_state_dict`). A
-            ``ModelPruning(make_pruning_permanent=True)`` in the same Trainer makes every mask of the module
-            permanent at the end of ``fit``, these too. True refuses a ``StochasticWeightAveraging`` /
+            load (``trainer.fit(ckpt_path=...)``, :func:`litcompress.load_pruned_state_dict`); so another pruning
+            callback's ``make_pruning_permanent=True`` leaves these masks, in its checkpoints and at fit end, on a
+            tensor both prune too. True refuses a ``StochasticWeightAveraging`` /
             ``EMAWeightAveraging`` listed after this callback (its averages would be written over the pruned
             weights): list it before.
         verbose: 1 logs each round's head counts.

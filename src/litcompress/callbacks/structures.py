@@ -58,6 +58,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
             raise MisconfigurationException(f"{call}={amount!r}): expected a fraction {self._WHAT} in (0, 1), "
                                             "e.g. 0.5, or a SparsitySchedule of that fraction.")
         exclude = () if exclude is None else exclude  # None: nothing excluded, as elsewhere
+        if isinstance(exclude, Iterable) and not isinstance(exclude, str):
+            exclude = tuple(exclude)  # once: a generator checked here was empty when kept (nothing excluded)
         if isinstance(exclude, str) or not isinstance(exclude, Iterable) or not all(
                 isinstance(name, str) for name in exclude):
             raise MisconfigurationException(f"{type(self).__name__}(exclude={exclude!r}): expected a tuple of module "

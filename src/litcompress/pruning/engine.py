@@ -1005,14 +1005,26 @@ class PermanentStateDictHook:
     A plain class rather than a closure so that models stay picklable (``ddp_spawn``).
     """
 
-    def __init__(self, names: Sequence[str], products: dict[tuple, Tensor] | None = None) -> None:
+    def __init__(self, names: Sequence[str], products: dict[tuple, Tensor] | None = None, *,
+                 leave_kept_masks: bool = False) -> None:
         self.names = tuple(names)
         self.products = products  # shared by the hooks of one `permanent_state_dict` call (tied weights)
+        # a callback's: a tensor another pruner keeps masked (its load hook says so) stays an _orig/_mask pair, which
+        # a resumed fit needs (the values under the mask); `permanent_state_dict` writes every tensor permanent
+        self.leave_kept_masks = leave_kept_masks
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        kept = _names_kept_masked(module) if getattr(self, "leave_kept_masks", False) else set()
         for name in self.names:
-            if is_pruned(module, name):
+            if is_pruned(module, name) and name not in kept:
                 _make_entry_permanent(state_dict, prefix + name, self.products)
+
+
+def _names_kept_masked(module: nn.Module) -> set[str]:
+    """The tensors of `module` that a pruner registered with masked checkpoints (``make_pruning_permanent=False``)."""
+    hooks = (getattr(wrapped, "hook", wrapped) for wrapped in module._load_state_dict_pre_hooks.values())
+    return {name for hook in hooks if isinstance(hook, PrunedStateLoadHook) and getattr(hook, "keeps_masks", False)
+            for name in hook.names}
 
 
 class PrunedStateLoadHook:
@@ -1022,8 +1034,9 @@ class PrunedStateLoadHook:
     * a permanent ``<name>`` into a pruned module: the values go to ``<name>_orig``, the live mask stays.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], *, keeps_masks: bool = False) -> None:
         self.names = tuple(names)
+        self.keeps_masks = keeps_masks  # its pruner writes masked checkpoints (see PermanentStateDictHook)
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name in self.names:
@@ -1089,10 +1102,11 @@ def register_state_hooks(
     handles = []
     for module in unique_modules(targets):
         names = names_by_module[id(module)]
-        handles.append(module.register_load_state_dict_pre_hook(PrunedStateLoadHook(names)))
+        handles.append(module.register_load_state_dict_pre_hook(
+            PrunedStateLoadHook(names, keeps_masks=not permanent_state_dict)))
         handles.append(module.register_load_state_dict_post_hook(RefreshAfterLoadHook(names)))
-        if permanent_state_dict:
-            handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names)))
+        if permanent_state_dict:  # (but for the tensors another pruner keeps masked)
+            handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names, leave_kept_masks=True)))
     return handles
 
 
