@@ -328,6 +328,8 @@ def test_compress_on_fit_end_takes_an_input_fn_for_a_forward_that_takes_the_batc
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", test_metric=""), ValueError, r"test_metric=''\): name"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", metric=None), TypeError, "a str such as 'val_acc'"),
     (lambda: CompressOnFitEnd(CONFIG, output_dir="out", input_fn="x"), TypeError, "expected a function of a batch"),
+    # 'False' was truthy: the plot was written
+    (lambda: CompressOnFitEnd(CONFIG, output_dir="out", plot="False"), TypeError, r"plot='False'\): expected True"),
     ("QuantizeOnFitEnd", ValueError, r"save_path=''\): give the path of a file to write .* not a folder"),
     ("QuantizeOnFitEnd calibration", ValueError, r"calibration_data=\[\]\): no batch to calibrate on"),
     ("QuantizeOnFitEnd metric", TypeError, r"metric=5\): name the metric validation_step logs"),

@@ -511,6 +511,9 @@ class CompressOnFitEnd(L.Callback):
             raise TypeError(f"CompressOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
                             "the model's positional inputs.")
         check_fit_end_weights(weights, "CompressOnFitEnd")
+        if plot is not None and not isinstance(plot, bool):  # 'False' was truthy: the plot was written
+            raise TypeError(f"CompressOnFitEnd(plot={plot!r}): expected True, False or None (the plot when "
+                            "matplotlib is installed).")
         self.weights = weights
         config = _with_metric_mode(config, metric, mode, "CompressOnFitEnd")  # before training, not after it
         self.config, self.metric, self.test_metric, self.mode = config, metric, test_metric, mode
@@ -521,6 +524,7 @@ class CompressOnFitEnd(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.result = None  # this fit's, once it ends: a fit skipped or stopped left the last one's
         check_fit_for_fit_end_work(trainer, "CompressOnFitEnd", "stage",
                                    "litcompress.compress_lightning (or `litcompress compress --checkpoint`)")
         check_best_weights_can_be_found(trainer, self.weights, "CompressOnFitEnd")

@@ -775,6 +775,7 @@ class QuantizeOnFitEnd(L.Callback):
         """What would fail after training fails before it."""
         if stage != "fit":
             return
+        self.result = None  # this fit's, once it ends: a fit skipped or stopped left the last one's
         check_fit_for_fit_end_work(trainer, "QuantizeOnFitEnd", "candidate",
                                    "litcompress.quantization.lightning.quantize_checkpoint (or `litcompress compress "
                                    "--checkpoint --prune none`)")
