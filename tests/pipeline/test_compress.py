@@ -2006,3 +2006,7 @@ def test_frozen_tensors_among_the_targets_are_said_and_exclude_leaves_them_dense
         result = compress(model, excluded, eval_fn=accuracy(x, y), example_inputs=x[:8], fine_tune=fine_tune,
                           fine_tune_steps=4)
     assert not (result.stage_models["pruned"][0].weight == 0).any()
+    with warnings.catch_warnings():  # one-shot (a model frozen for deployment): every tensor is pruned alike
+        warnings.filterwarnings("error", message="compress: .* do not train")
+        result = compress(model, config, eval_fn=accuracy(x, y), example_inputs=x[:8])
+    assert not any("do not train" in m for m in result.report.messages)

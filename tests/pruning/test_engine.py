@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import re
 import warnings
@@ -199,6 +200,8 @@ def test_rewind_refuses_targets_other_than_the_snapshots_and_rewinds_a_copy_of_t
         rewind_(targets[::-1], snapshot)
     with pytest.raises(ValueError, match=r"target 1 is Linear.bias"):
         rewind_([targets[0], (layers[1], "bias")], snapshot)
+    with pytest.raises(ValueError, match=r"target 0 is ReLU.weight \(none\), but the snapshot took its weight"):
+        rewind_([(nn.ReLU(), "weight"), targets[1]], snapshot)  # (AttributeError)
     copies = [nn.Linear(4, 4), nn.Linear(4, 3)]  # another network of the same architecture: rewound by place
     rewind_([(layer, "weight") for layer in copies], snapshot)
     assert all(torch.equal(copied.weight, layer.weight) for copied, layer in zip(copies, layers))
@@ -473,7 +476,23 @@ class _ForwardSetOnTheInstance(MLPClassifier):
         return 2 * self.net(x)
 
 
-@pytest.mark.parametrize("module_type", [MLPClassifier, _ForwardSetOnTheInstance])
+class _ForwardIsAPartial(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        self.forward = functools.partial(self.scaled, 3.0)
+
+    def scaled(self, factor, x):
+        return factor * self.net(x)
+
+
+class _ForwardIsAnotherModules(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        self.forward = self.net.forward  # the network's, as a wrapper that only holds it would
+
+
+@pytest.mark.parametrize("module_type", [MLPClassifier, _ForwardSetOnTheInstance, _ForwardIsAPartial,
+                                         _ForwardIsAnotherModules])
 @pytest.mark.parametrize("fits", [1, 2])  # each fit, validate or test of torch.compile(module) compiles it again
 def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and_the_original_stays_compiled(
         module_type, fits):
@@ -482,7 +501,7 @@ def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and
     from litcompress.pruning.engine import eager_copy
 
     torch.manual_seed(0)
-    module = module_type() if module_type is _ForwardSetOnTheInstance else module_type(hidden=(8,))
+    module = module_type(hidden=(8,)) if module_type is MLPClassifier else module_type()
     x = torch.randn(3, 64)
     expected = module(x)
     for _ in range(fits):
@@ -494,7 +513,7 @@ def test_a_copy_of_a_module_lightning_compiled_in_place_runs_its_own_weights_and
                 parameter.zero_()
         assert torch.equal(copied(x), torch.zeros(3, 10))  # was the original's forward: its weights
         assert copied._compiler_ctx is None  # as a fresh LightningModule's: Lightning reads it
-        assert ("forward" in vars(copied)) == (module_type is _ForwardSetOnTheInstance)
+        assert ("forward" in vars(copied)) == (module_type is not MLPClassifier)
     assert "forward" in vars(module) and module._compiler_ctx["compiler"] == "dynamo"
 
 

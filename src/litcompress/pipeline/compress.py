@@ -632,13 +632,14 @@ class _Pruning:
 
     @classmethod
     def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
-             note: Callable[[str], None], example_inputs: tuple | None = None) -> _Pruning:
+             note: Callable[[str], None], example_inputs: tuple | None = None, *,
+             fine_tuned: bool = False) -> _Pruning:
         # one trace for the targets, the residual groups and the BatchNorms
         plan = _traced_plan(model, example_inputs)
         targets, left_out, units = _select_targets(model, prune, plan)
         frozen = [f"{name}.{tensor}" for name, (module, tensor) in zip(_names_of(model, targets), targets)
                   if not trainable_tensor(module, tensor).requires_grad]
-        if frozen:  # as ModelPruning and the IMP driver say it
+        if frozen and fine_tuned:  # as ModelPruning and the IMP driver say it (one-shot, every tensor is alike)
             message = (f"{len(frozen)} of the tensors to prune do not train (requires_grad=False): "
                        f"{', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}. They are pruned with the rest "
                        "(a frozen backbone or embedding), and no fine-tuning brings them back; "
@@ -919,7 +920,7 @@ def compress(
         prune = config.prune
         t0 = time.monotonic()
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
-        pruning = _Pruning.plan(work, prune, multiple, note, inputs)
+        pruning = _Pruning.plan(work, prune, multiple, note, inputs, fine_tuned=fine_tune is not None)
         keep_bypassed_weights_current_(work)  # an attention's pruned out_proj is read, never called
         method, targets, groups, target_sets = prune.pruning_method, pruning.targets, pruning.groups, pruning.sets
         held_at_zero = pruning.held_at_zero

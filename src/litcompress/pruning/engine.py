@@ -22,8 +22,8 @@ import difflib
 import itertools
 import math
 import numbers
+import os
 import sys
-import types
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -400,7 +400,7 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
                 memo[id(value)] = value.detach().clone()
     copied = copy.deepcopy(model, memo)
     for module in copied.modules():
-        _drop_lightning_compile_(module)
+        _drop_lightning_compile_(module, memo)
     return copied
 
 
@@ -408,7 +408,20 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
 _LIGHTNING_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
-def _drop_lightning_compile_(copied: nn.Module) -> None:
+def _dynamo_wrapped(function: object) -> object | None:
+    """What a ``torch.compile`` wrapper of a callable wraps (its own inner wrapper's, for a partial or another
+    object's method), or None for anything else (a user's own decorated function keeps its decorator)."""
+    inner = getattr(function, "_torchdynamo_orig_callable", None)
+    if callable(inner):
+        return inner
+    code = getattr(function, "__code__", None)  # (functools.wraps gave it the wrapped one's __module__)
+    if code is not None and os.path.join("torch", "_dynamo", "") in code.co_filename and callable(
+            getattr(function, "__wrapped__", None)):
+        return function.__wrapped__
+    return None
+
+
+def _drop_lightning_compile_(copied: nn.Module, memo: dict[int, object]) -> None:
     """Make a copy of a LightningModule that Lightning compiled in place run its own (eager) methods.
 
     Lightning's fit of ``torch.compile(module)`` sets instance attributes
@@ -421,14 +434,19 @@ def _drop_lightning_compile_(copied: nn.Module) -> None:
         for name in _LIGHTNING_COMPILED_METHODS:
             # what the module's method was before Lightning wrapped it (the copy bound to the copy): the class's,
             # or one the module set on itself (self.forward = self.forward_doubled), which the copy keeps
+            # (the context was deep-copied with the module: a bound method, a partial are the copy's own)
             original = context.get(f"original_{name}")
-            while callable(getattr(original, "_torchdynamo_orig_callable", None)):  # compiled by two fits: unwrapped
-                original = original._torchdynamo_orig_callable
-            function = getattr(original, "__func__", None)
-            if function is not None and function is not getattr(type(copied), name, None):
-                vars(copied)[name] = types.MethodType(function, copied)
-            else:
+            if _dynamo_wrapped(original) is not None:
+                # compiled by two fits: the first one's wrapper, a closure over the original module's callable
+                while _dynamo_wrapped(original) is not None:
+                    original = _dynamo_wrapped(original)
+                original = copy.deepcopy(original, memo)  # through the copy's memo: the copy's own
+            class_method = getattr(original, "__self__", None) is copied and \
+                getattr(original, "__func__", None) is getattr(type(copied), name, None)
+            if original is None or class_method:
                 vars(copied).pop(name, None)
+            else:
+                vars(copied)[name] = original
         copied._compiler_ctx = None  # as a LightningModule starts: Lightning reads it at every fit and validate
 
 

@@ -131,12 +131,18 @@ def _snapshot_target(targets: Sequence[Target], snapshot: Snapshot, index: int, 
         raise ValueError(f"{owner}: the snapshot holds {count} targets, and {len(targets)} were given: pass the "
                          "targets given to take_snapshot, in their order.")
     module, target_name = targets[index]
-    tensor = trainable_tensor(module, target_name)
-    if target_name != name or (isinstance(value, Tensor) and value.shape != tensor.shape):
-        shape = tuple(value.shape) if isinstance(value, Tensor) else "?"
-        raise ValueError(f"{owner}: target {index} is {type(module).__name__}.{target_name} "
-                         f"{tuple(tensor.shape)}, but the snapshot took its {name} {shape} there: pass the targets "
-                         "given to take_snapshot, in their order.")
+    try:
+        tensor = trainable_tensor(module, target_name) if target_name == name else None
+    except AttributeError:  # a module without that tensor
+        tensor = None
+    if not isinstance(tensor, Tensor) or (isinstance(value, Tensor) and value.shape != tensor.shape):
+        def shape(of: object) -> str:
+            return str(tuple(of.shape)) if isinstance(of, Tensor) else "(none)"
+
+        held = getattr(module, target_name, None)
+        raise ValueError(f"{owner}: target {index} is {type(module).__name__}.{target_name} {shape(held)}, but the "
+                         f"snapshot took its {name} {shape(value)} there: pass the targets given to take_snapshot, in "
+                         "their order.")
     return module, target_name
 
 
