@@ -187,6 +187,28 @@ def test_a_tensor_both_callbacks_prune_stays_masked_in_checkpoints_and_a_resumed
         assert torch.equal(a, b), name
 
 
+class _FailsAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("failed at train start")
+
+
+def test_after_a_failed_fit_of_a_pruner_keeping_masks_a_permanent_pruners_checkpoints_load_into_the_plain_model(
+        tmp_path):
+    """A failed fit has no teardown: its pruner's hooks stayed, still saying the tensors are kept masked, and the
+    next fit's ModelPruning(make_pruning_permanent=True) wrote _orig/_mask pairs (a notebook's second run)."""
+    seed_everything(0)
+    model = MLPClassifier(hidden=(16,))
+    with pytest.raises(RuntimeError, match="failed at train start"):
+        _trainer(tmp_path, 1, [ModelPruning("l1_unstructured", amount=0.5, verbose=0, make_pruning_permanent=False),
+                               _FailsAtTrainStart()]).fit(model, datamodule=DigitsDataModule(batch_size=64))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "second", every_n_train_steps=2, save_top_k=-1)
+    _trainer(tmp_path, 2, [ModelPruning("l1_unstructured", amount=0.5, verbose=0), checkpoints],
+             enable_checkpointing=True, limit_train_batches=2).fit(model, datamodule=DigitsDataModule(batch_size=64))
+    state = torch.load(tmp_path / "second" / "epoch=1-step=4.ckpt", weights_only=False)["state_dict"]  # pruned once
+    assert not any(key.endswith(("_orig", "_mask")) for key in state)
+    MLPClassifier(hidden=(16,)).load_state_dict(state)  # strictly, into the unpruned architecture
+
+
 def test_bad_input_is_refused_before_training(tmp_path):
     for bad in (1.0, 0.0, -0.5, True, "half", float("nan")):
         with pytest.raises(MisconfigurationException, match="HeadPruning\\(heads="):

@@ -238,6 +238,9 @@ def test_save_writes_json_markdown_and_a_png_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (1100, 750)
+    with pytest.raises(TypeError, match=r"save\(plot='False'\): expected True, False or None"):
+        report.save(tmp_path / "again", plot="False")  # truthy: the plot was written
+    assert not (tmp_path / "again").exists()
 
 
 

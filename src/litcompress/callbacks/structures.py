@@ -57,12 +57,12 @@ class StructurePruning(TargetsFoundOnceConfigured):
                 or not 0.0 < amount < 1.0:  # (numpy's numbers too)
             raise MisconfigurationException(f"{call}={amount!r}): expected a fraction {self._WHAT} in (0, 1), "
                                             "e.g. 0.5, or a SparsitySchedule of that fraction.")
-        exclude = () if exclude is None else exclude  # None: nothing excluded, as elsewhere
-        if isinstance(exclude, Iterable) and not isinstance(exclude, str):
+        given, exclude = exclude, () if exclude is None else exclude  # None: nothing excluded, as elsewhere
+        if isinstance(exclude, Iterable) and not isinstance(exclude, (str, bytes)):
             exclude = tuple(exclude)  # once: a generator checked here was empty when kept (nothing excluded)
-        if isinstance(exclude, str) or not isinstance(exclude, Iterable) or not all(
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable) or not all(
                 isinstance(name, str) for name in exclude):
-            raise MisconfigurationException(f"{type(self).__name__}(exclude={exclude!r}): expected a tuple of module "
+            raise MisconfigurationException(f"{type(self).__name__}(exclude={given!r}): expected a tuple of module "
                                             "names.")
         if not _is_bool(make_pruning_permanent):  # numpy's too, as ModelPruning takes them
             raise MisconfigurationException(f"{type(self).__name__}(make_pruning_permanent="

@@ -87,6 +87,12 @@ class TargetsFoundOnceConfigured(Callback):
             self._find_targets(pl_module, stage)
         return True
 
+    def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
+        """A failed fit gets no ``teardown``, which removes this callback's hooks: its targets stop being kept masked
+        (another fit's ``make_pruning_permanent=True`` would write them as pairs that load only into a pruned
+        model). The hooks stay, so its checkpoints still load."""
+        engine.stop_keeping_masks_(self._masked_targets())
+
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
             handle.remove()

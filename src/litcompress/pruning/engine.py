@@ -1038,6 +1038,16 @@ class PermanentStateDictHook:
                 _make_entry_permanent(state_dict, prefix + name, self.products)
 
 
+def stop_keeping_masks_(targets: Sequence[Target]) -> None:
+    """Let permanent checkpoints write `targets` again: their pruner, registered with masked checkpoints, is done (a
+    fit that failed gets no teardown to remove its hooks, and a later fit's permanent pruner would leave them)."""
+    for module, name in targets:
+        for wrapped in module._load_state_dict_pre_hooks.values():
+            hook = getattr(wrapped, "hook", wrapped)
+            if isinstance(hook, PrunedStateLoadHook) and name in hook.names:
+                hook.keeps_masks = False
+
+
 def _names_kept_masked(module: nn.Module) -> set[str]:
     """The tensors of `module` that a pruner registered with masked checkpoints (``make_pruning_permanent=False``)."""
     hooks = (getattr(wrapped, "hook", wrapped) for wrapped in module._load_state_dict_pre_hooks.values())

@@ -362,6 +362,8 @@ class CompressionReport:
 
         ``plot=None`` plots when matplotlib is installed, ``True`` requires it, ``False`` skips the plot.
         """
+        if plot is not None and not isinstance(plot, bool):  # 'False' was truthy: the plot was written
+            raise TypeError(f"CompressionReport.save(plot={plot!r}): expected True, False or None.")
         directory = Path(directory)
         has_matplotlib = importlib.util.find_spec("matplotlib") is not None
         if plot and not has_matplotlib:  # before anything is written: the files of one save go together
