@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -185,6 +185,19 @@ def test_a_tensor_both_callbacks_prune_stays_masked_in_checkpoints_and_a_resumed
     assert reference.state_dict().keys() == resumed.state_dict().keys()
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="failed at step 10"):  # Lightning's checkpoint of a failed fit, too
+        run([_FailsAtStep(10), OnExceptionCheckpoint(dirpath=tmp_path / "failed")])
+    state = torch.load(tmp_path / "failed" / "on_exception.ckpt", weights_only=False)["state_dict"]
+    assert "encoder.layers.0.self_attn.in_proj_weight_orig" in state
+
+
+class _FailsAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"failed at step {self.step}")
 
 
 class _FailsAtTrainStart(Callback):

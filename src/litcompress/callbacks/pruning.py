@@ -319,6 +319,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
         self._sparing_masks_of: Optional["pl.Trainer"] = None  # see `_sparing_others`
         self._hook_handles: list[Any] = []
+        self._left_masked: set[tuple[int, str]] = set()  # what other pruners of the fit keep masked (on_fit_start)
 
     def _forget_the_model(self) -> None:
         """The state kept across fits and checkpoints (see `state_dict`) as a new callback has it: at construction,
@@ -525,7 +526,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._warn_of_gate_rows()
         self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(
-            self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent
+            self._parameters_to_prune, permanent_state_dict=self._make_pruning_permanent, left_masked=self._left_masked
         )
         # a checkpoint's masked pairs of tensors that are no target now (resumed with other parameter_names) load
         # masked too, as `_keep_the_zeros_of_a_checkpoint_without_state` then says, rather than failing the load

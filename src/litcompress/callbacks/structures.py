@@ -81,6 +81,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._targets: list[tuple[nn.Module, str]] = []
         self._names: list[str] = []
         self._hook_handles: list[Any] = []
+        self._left_masked: set[tuple[int, str]] = set()  # what other pruners of the fit keep masked (on_fit_start)
         self._last_step, self._last_epoch = -1, -1
         self._restored = False  # state loaded from a checkpoint (only then can a resumed fit have skipped a round)
         self._warned_fit_too_short = False
@@ -120,7 +121,8 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._names = engine.qualified_names(pl_module, self._targets)
         self._remove_hooks()
         self._hook_handles = engine.register_state_hooks(self._targets,
-                                                         permanent_state_dict=self._make_pruning_permanent)
+                                                         permanent_state_dict=self._make_pruning_permanent,
+                                                         left_masked=self._left_masked)
         if self._pending_state is not None:
             self._restore(self._pending_state)
 

@@ -41,6 +41,7 @@ class TargetsFoundOnceConfigured(Callback):
 
     _deferred_stage: Optional[str] = None
     _hook_handles: list[Any]
+    _left_masked: set[tuple[int, str]]
     _fitting = False  # between the setup of a fit and the next stage's
     _masks_restored_outside_fit = False  # by an evaluation's ckpt_path: made permanent when it ends
 
@@ -87,12 +88,6 @@ class TargetsFoundOnceConfigured(Callback):
             self._find_targets(pl_module, stage)
         return True
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
-        """A failed fit gets no ``teardown``, which removes this callback's hooks: its targets stop being kept masked
-        (another fit's ``make_pruning_permanent=True`` would write them as pairs that load only into a pruned
-        model). The hooks stay, so its checkpoints still load."""
-        engine.stop_keeping_masks_(self._masked_targets())
-
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
             handle.remove()
@@ -133,6 +128,10 @@ class TargetsFoundOnceConfigured(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
+        # this fit's other pruners that keep masks (their targets found in their setup): a tensor both prune stays
+        # masked in this callback's permanent checkpoints (a later fit's or a failed one's callbacks count not)
+        self._left_masked.clear()
+        self._left_masked.update((id(module), name) for module, name in self._masks_others_keep(trainer))
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)

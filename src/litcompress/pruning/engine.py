@@ -1024,35 +1024,18 @@ class PermanentStateDictHook:
     """
 
     def __init__(self, names: Sequence[str], products: dict[tuple, Tensor] | None = None, *,
-                 leave_kept_masks: bool = False) -> None:
+                 left_masked: set[tuple[int, str]] | None = None) -> None:
         self.names = tuple(names)
         self.products = products  # shared by the hooks of one `permanent_state_dict` call (tied weights)
-        # a callback's: a tensor another pruner keeps masked (its load hook says so) stays an _orig/_mask pair, which
-        # a resumed fit needs (the values under the mask); `permanent_state_dict` writes every tensor permanent
-        self.leave_kept_masks = leave_kept_masks
+        # a callback's: (id(module), name) of the tensors another pruner of its fit keeps masked, which stay
+        # _orig/_mask pairs (a resumed fit needs the values under the mask); the callback fills it as its fit starts
+        self.left_masked = left_masked
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        kept = _names_kept_masked(module) if getattr(self, "leave_kept_masks", False) else set()
+        left = getattr(self, "left_masked", None) or ()
         for name in self.names:
-            if is_pruned(module, name) and name not in kept:
+            if is_pruned(module, name) and (id(module), name) not in left:
                 _make_entry_permanent(state_dict, prefix + name, self.products)
-
-
-def stop_keeping_masks_(targets: Sequence[Target]) -> None:
-    """Let permanent checkpoints write `targets` again: their pruner, registered with masked checkpoints, is done (a
-    fit that failed gets no teardown to remove its hooks, and a later fit's permanent pruner would leave them)."""
-    for module, name in targets:
-        for wrapped in module._load_state_dict_pre_hooks.values():
-            hook = getattr(wrapped, "hook", wrapped)
-            if isinstance(hook, PrunedStateLoadHook) and name in hook.names:
-                hook.keeps_masks = False
-
-
-def _names_kept_masked(module: nn.Module) -> set[str]:
-    """The tensors of `module` that a pruner registered with masked checkpoints (``make_pruning_permanent=False``)."""
-    hooks = (getattr(wrapped, "hook", wrapped) for wrapped in module._load_state_dict_pre_hooks.values())
-    return {name for hook in hooks if isinstance(hook, PrunedStateLoadHook) and getattr(hook, "keeps_masks", False)
-            for name in hook.names}
 
 
 class PrunedStateLoadHook:
@@ -1062,9 +1045,8 @@ class PrunedStateLoadHook:
     * a permanent ``<name>`` into a pruned module: the values go to ``<name>_orig``, the live mask stays.
     """
 
-    def __init__(self, names: Sequence[str], *, keeps_masks: bool = False) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
-        self.keeps_masks = keeps_masks  # its pruner writes masked checkpoints (see PermanentStateDictHook)
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name in self.names:
@@ -1121,20 +1103,21 @@ class MaskedStateLoadHook:
 
 
 def register_state_hooks(
-    targets: Sequence[Target], *, permanent_state_dict: bool
+    targets: Sequence[Target], *, permanent_state_dict: bool, left_masked: set[tuple[int, str]] | None = None
 ) -> list[torch.utils.hooks.RemovableHandle]:
-    """Register the load hook (and, if asked, the permanent-state-dict hook) on each module of `targets`."""
+    """Register the load hook (and, if asked, the permanent-state-dict hook) on each module of `targets`.
+    `left_masked`: ``(id(module), name)`` of tensors the permanent hook leaves masked (the caller keeps it current)."""
     names_by_module: dict[int, list[str]] = {}
     for module, name in targets:
         names_by_module.setdefault(id(module), []).append(name)
     handles = []
     for module in unique_modules(targets):
         names = names_by_module[id(module)]
-        handles.append(module.register_load_state_dict_pre_hook(
-            PrunedStateLoadHook(names, keeps_masks=not permanent_state_dict)))
+        handles.append(module.register_load_state_dict_pre_hook(PrunedStateLoadHook(names)))
         handles.append(module.register_load_state_dict_post_hook(RefreshAfterLoadHook(names)))
-        if permanent_state_dict:  # (but for the tensors another pruner keeps masked)
-            handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names, leave_kept_masks=True)))
+        if permanent_state_dict:
+            handles.append(module.register_state_dict_post_hook(PermanentStateDictHook(names,
+                                                                                       left_masked=left_masked)))
     return handles
 
 
