@@ -160,19 +160,26 @@ def test_beside_model_pruning_the_channels_and_heads_both_leave(tmp_path):
     assert report.heads_removed == 4 and report.channels_removed == 2 * 32  # half of each linear1's 64 rows
 
 
-@pytest.mark.parametrize("heads_permanent", [False, True])
-def test_a_tensor_both_callbacks_prune_stays_masked_in_checkpoints_and_a_resumed_fit_ends_alike(tmp_path,
-                                                                                                 heads_permanent):
+class _WithItsOwnSetup(TransformerClassifier):
+    def setup(self, stage: str) -> None:  # each pruning callback then finds its targets in its own on_fit_start
+        pass
+
+
+@pytest.mark.parametrize("heads_permanent, model_pruning_first, module_type", [
+    (False, False, TransformerClassifier), (True, False, TransformerClassifier), (False, True, _WithItsOwnSetup)])
+def test_a_tensor_both_callbacks_prune_stays_masked_in_checkpoints_and_a_resumed_fit_ends_alike(
+        tmp_path, heads_permanent, model_pruning_first, module_type):
     """The callback with make_pruning_permanent=True wrote the tensor both prune as its effective values, though the
     other keeps it masked: a resumed fit lost the values under the mask (zeros in in_proj_weight_orig)."""
     def run(callbacks, ckpt_path=None):
-        model = TransformerClassifier(heads=4)
+        model = module_type(heads=4)
         in_projections = [(a, "in_proj_weight") for a in _attentions(model)]
         pruning = [HeadPruning(PolynomialDecay(final_sparsity=0.5, begin=0, end=30, frequency=4),
                                make_pruning_permanent=heads_permanent),
                    ModelPruning("l1_unstructured", parameters_to_prune=in_projections, verbose=0,
                                 amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=33, frequency=6),
                                 make_pruning_permanent=not heads_permanent, use_lottery_ticket_hypothesis=False)]
+        pruning = pruning[::-1] if model_pruning_first else pruning
         _trainer(tmp_path, 2, [*pruning, *callbacks], enable_checkpointing=True).fit(model, datamodule=_data(),
                                                                                      ckpt_path=ckpt_path)
         return model

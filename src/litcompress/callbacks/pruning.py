@@ -734,6 +734,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._leave_masked_what_others_keep(trainer)  # (targets found late: at a first backward) before a checkpoint
         if self._output_hooks:
             self._warn_if_outputs_are_pruned()
         self._caught_up_at_step = None  # a batch trained since the resume: a validation now is a new one
@@ -945,6 +946,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._epochs_ended = pl_module.current_epoch + 1
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._leave_masked_what_others_keep(trainer)  # every callback's targets are found by now (on_fit_start)
         # A fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next
         # epoch without the end hooks (validation, `on_train_epoch_end`) of the one saved, nor the next one's
         # `on_train_epoch_start`: the rounds and the snapshot those would have made are made here, before training

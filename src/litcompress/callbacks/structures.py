@@ -137,6 +137,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._leave_masked_what_others_keep(trainer)  # (targets found late: at a first backward) before a checkpoint
         step = trainer.global_step
         if step == self._last_step:  # gradient accumulation: several batches per optimizer step
             return
@@ -156,6 +157,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._prune_epochs_done(trainer, pl_module, pl_module.current_epoch + 1)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._leave_masked_what_others_keep(trainer)  # every callback's targets are found by now (on_fit_start)
         # here, not in on_fit_start: the fit's length needs its training data, which set up before Lightning restores
         # the loops would be a resumed fit's without its restored state (built as for epoch 0, from its start)
         message = None if self._schedule is None else fit_too_short_message(self._schedule, trainer, self._WHAT)

@@ -127,18 +127,26 @@ class TargetsFoundOnceConfigured(Callback):
             if isinstance(value, Tensor) and value.shape == mask.shape:
                 state[key] = value * mask.to(device=value.device, dtype=value.dtype)
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        self._find_targets_if_deferred(pl_module)
-        # this fit's other pruners that keep masks (their targets found in their setup): a tensor both prune stays
-        # masked in this callback's permanent checkpoints (a later fit's or a failed one's callbacks count not)
+    def _leave_masked_what_others_keep(self, trainer: Optional["pl.Trainer"]) -> None:
+        """This stage's other pruners that keep masks: a tensor both prune stays masked in this callback's permanent
+        checkpoints (another stage's or a failed fit's pruners count not). Taken again as the stage goes on: each
+        callback finds a module's targets in its own hook when `setup`/`configure_model` or lazy layers put it off."""
+        if self._keeps_masks():
+            return
         self._left_masked.clear()
         self._left_masked.update((id(module), name) for module, name in self._masks_others_keep(trainer))
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._find_targets_if_deferred(pl_module)
+        self._leave_masked_what_others_keep(trainer)
+
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
+        self._leave_masked_what_others_keep(trainer)
 
     def on_test_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
+        self._leave_masked_what_others_keep(trainer)
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
