@@ -319,7 +319,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._fit_trainer: Optional["pl.Trainer"] = None  # from `setup` to `teardown` of a fit
         self._sparing_masks_of: Optional["pl.Trainer"] = None  # see `_sparing_others`
         self._hook_handles: list[Any] = []
-        self._left_masked: set[tuple[int, str]] = set()  # what other pruners of the fit keep masked (on_fit_start)
+        self._left_masked: set[tuple[int, str]] = set()  # the tensors other pruners keep masked
 
     def _forget_the_model(self) -> None:
         """The state kept across fits and checkpoints (see `state_dict`) as a new callback has it: at construction,

@@ -81,7 +81,7 @@ class StructurePruning(TargetsFoundOnceConfigured):
         self._targets: list[tuple[nn.Module, str]] = []
         self._names: list[str] = []
         self._hook_handles: list[Any] = []
-        self._left_masked: set[tuple[int, str]] = set()  # what other pruners of the fit keep masked (on_fit_start)
+        self._left_masked: set[tuple[int, str]] = set()  # the tensors other pruners keep masked
         self._last_step, self._last_epoch = -1, -1
         self._restored = False  # state loaded from a checkpoint (only then can a resumed fit have skipped a round)
         self._warned_fit_too_short = False

@@ -64,7 +64,7 @@ class TargetsFoundOnceConfigured(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"
-        self._left_masked.clear()  # an earlier fit's (its modules' ids); this fit's is taken when it starts
+        self._left_masked.clear()  # an earlier stage's (its modules' ids); this one's is taken as it goes on
         lazy = bool(engine.lazy_parameter_names(pl_module))
         # the module's own `setup` runs after the callbacks': it may build or replace layers, as `configure_model`
         if trainer is not None and (is_overridden("configure_model", pl_module)

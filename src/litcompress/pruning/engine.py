@@ -1027,8 +1027,8 @@ class PermanentStateDictHook:
                  left_masked: set[tuple[int, str]] | None = None) -> None:
         self.names = tuple(names)
         self.products = products  # shared by the hooks of one `permanent_state_dict` call (tied weights)
-        # a callback's: (id(module), name) of the tensors another pruner of its fit keeps masked, which stay
-        # _orig/_mask pairs (a resumed fit needs the values under the mask); the callback fills it as its fit starts
+        # a callback's: (id(module), name) of the tensors another pruner of its stage keeps masked, which stay
+        # _orig/_mask pairs (a resumed fit needs the values under the mask); the callback keeps it current
         self.left_masked = left_masked
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
