@@ -56,6 +56,41 @@ def test_folding_a_copy_keeps_the_original_and_its_outputs():
     assert fold_parametrizations_(copy) == []
 
 
+NORMS = {"weight_norm": weight_norm, "spectral_norm": spectral_norm,
+         "weight_norm hook": torch.nn.utils.weight_norm, "spectral_norm hook": torch.nn.utils.spectral_norm}
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_folded_weight_keeps_its_originals_frozen_or_trainable_state(norm, frozen):
+    """torch made a parametrization's frozen originals a buffer (which torch's pruning refuses: compress failed on
+    a frozen weight-normed model) and the older norms' a parameter that requires grad (fine-tuning trained it)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(NORMS[norm](nn.Linear(6, 8)), nn.ReLU(), nn.Linear(8, 2)).eval()
+    model.requires_grad_(not frozen)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = model(x)
+    fold_parametrizations_(model)
+    assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.requires_grad is not frozen
+    assert dict(model.named_buffers()) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_compress_prunes_a_frozen_weight_normed_model(tmp_path):
+    model, x = conv_net(), torch.randn(32, 4, 30)
+    model.requires_grad_(False)  # a feature extractor frozen for serving
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, latency_repeats=2, export=False)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x[:8], output_dir=tmp_path)
+    pruned = result.stage_models["pruned"]
+    weights = [m.weight for m in pruned.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
+    assert not any(w.requires_grad for w in pruned.parameters())  # still frozen
+
+
 def test_folding_spectral_norm_in_training_mode_runs_no_power_iteration():
     torch.manual_seed(0)
     model = nn.Sequential(spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2)).train()

@@ -148,6 +148,8 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     for path, module, name in parametrized_tensors(model):
         described = describe_parametrization(module, name)
         hook = _norm_hook(module, name)
+        originals = _original_tensors(module, name, hook)
+        trainable = any(t.requires_grad for t in originals)
         with _in_eval_mode(module):
             if hook is not None:  # torch's removal computes the weight and makes it a parameter
                 with torch.no_grad():
@@ -161,10 +163,27 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
                 cls = type(module)
                 module.__class__ = type(cls.__name__, cls.__bases__,
                                         {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-                # Not under no_grad: torch keeps a tensor that requires no grad as a buffer, not a parameter.
+                # Not under no_grad: torch keeps a tensor that requires grad as a parameter
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        # A frozen layer stays a frozen parameter: torch makes a parametrization's frozen originals a buffer (which
+        # torch.nn.utils.prune refuses) and the older norms' a parameter that requires grad (trained by fine-tuning)
+        if originals and all(isinstance(t, nn.Parameter) for t in originals):
+            value = module._buffers.pop(name) if name in module._buffers else module._parameters[name]
+            if not isinstance(value, nn.Parameter) or value.requires_grad != trainable:
+                module.register_parameter(name, nn.Parameter(value.detach(), requires_grad=trainable))
         folded.append(f"{path + '.' if path else ''}{name} ({described})")
     return folded
+
+
+def _original_tensors(module: nn.Module, name: str, hook: WeightNorm | SpectralNorm | None) -> list[Tensor]:
+    """The tensors ``module.<name>`` is computed from (weight norm's g and v, spectral norm's ``<name>_orig``)."""
+    if hook is not None:
+        names = [f"{name}_g", f"{name}_v"] if isinstance(hook, WeightNorm) else [f"{name}_orig"]
+        return [getattr(module, n) for n in names]
+    originals = module.parametrizations[name]
+    if hasattr(originals, "original"):
+        return [originals.original]
+    return [getattr(originals, f"original{i}") for i in range(originals.ntensors)]
 
 
 @contextlib.contextmanager
