@@ -333,12 +333,17 @@ def test_compress_on_fit_end_takes_an_input_fn_for_a_forward_that_takes_the_batc
     ("QuantizeOnFitEnd", ValueError, r"save_path=''\): give the path of a file to write .* not a folder"),
     ("QuantizeOnFitEnd calibration", ValueError, r"calibration_data=\[\]\): no batch to calibrate on"),
     ("QuantizeOnFitEnd metric", TypeError, r"metric=5\): name the metric validation_step logs"),
+    # were refused only when fitting started
+    (lambda: CompressOnFitEnd(CONFIG, output_dir="out", submodule=3), TypeError, r"submodule=3\): expected the name"),
+    (lambda: CompressOnFitEnd(CONFIG, output_dir="out", submodule=""), TypeError, r"submodule=''\): expected the"),
+    ("QuantizeOnFitEnd submodule", TypeError, r"QuantizeOnFitEnd\(submodule=\['net'\]\): expected the name"),
 ])
 def test_fit_end_arguments_that_would_fail_after_the_fit_are_refused_at_construction(make, error, message) -> None:
     from litcompress.callbacks import QuantizeOnFitEnd
     from litcompress.quantization import PTQConfig
 
     quantize = {"QuantizeOnFitEnd": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc", save_path=""),
+                "QuantizeOnFitEnd submodule": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc", submodule=["net"]),
                 "QuantizeOnFitEnd input_fn": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc", input_fn=(1,)),
                 "QuantizeOnFitEnd calibration int": lambda: QuantizeOnFitEnd(PTQConfig(), "val_acc",
                                                                              calibration_data=16),

@@ -26,6 +26,7 @@ from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
                                                 check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
+                                                check_submodule_name,
                                                 check_metric_name, check_output_dir, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
@@ -507,6 +508,7 @@ class CompressOnFitEnd(L.Callback):
             raise ValueError("CompressOnFitEnd(test_dataloaders=...) without test_metric=: name the metric its "
                              "test_step logs (e.g. test_metric='test_acc'), or leave the test loader out.")
         check_output_dir(output_dir, "CompressOnFitEnd")
+        check_submodule_name(submodule, "CompressOnFitEnd")
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"CompressOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
                             "the model's positional inputs.")

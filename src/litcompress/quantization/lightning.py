@@ -437,6 +437,14 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
         return False
 
 
+def check_submodule_name(submodule: object, where: str) -> None:
+    """At construction: `submodule` is None or a non-empty (dotted) attribute path; whether the module has it is
+    checked when fitting starts, by `check_submodule`."""
+    if submodule is not None and (not isinstance(submodule, str) or not submodule):
+        raise TypeError(f"{where}(submodule={submodule!r}): expected the name of a sub-module of the LightningModule "
+                        "(a dotted path such as 'net' or 'backbone.head'), or None for the whole module.")
+
+
 def check_submodule(module: L.LightningModule, submodule: str | None, where: str, *,
                     command_line: bool = False) -> None:
     """`submodule` names a sub-module of `module`, by a dotted path too (ValueError naming its children otherwise);
@@ -762,6 +770,7 @@ class QuantizeOnFitEnd(L.Callback):
             check_save_path(save_path, "QuantizeOnFitEnd")
         check_fit_end_weights(weights, "QuantizeOnFitEnd")
         check_calibration_data(calibration_data, "QuantizeOnFitEnd")
+        check_submodule_name(submodule, "QuantizeOnFitEnd")
         if input_fn is not None and not callable(input_fn):  # a bare TypeError after the whole fit
             raise TypeError(f"QuantizeOnFitEnd(input_fn={input_fn!r}): expected a function of a batch that returns "
                             "the model's positional inputs.")
