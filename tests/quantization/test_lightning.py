@@ -370,6 +370,22 @@ def test_quantizing_at_fit_end_the_best_checkpoints_weights(digits, tmp_path, ca
     assert "works on the weights the fit ended with" in caplog.text and "weights='best'" in caplog.text
 
 
+def test_the_last_weights_line_names_the_best_file_after_an_epoch_without_validation(digits, tmp_path, caplog):
+    """The last epoch trains without validating: the last logged score is the best file's, of earlier weights. The
+    line comparing them was missing (the scores were equal), or named that score as the fit's end's."""
+    torch.manual_seed(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc", mode="max")
+    quantizing = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, check_val_every_n_epoch=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint, quantizing])
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert float(trainer.callback_metrics["val_acc"]) == float(checkpoint.best_model_score)  # the one validation's, the second epoch's
+    line = next(r.getMessage() for r in caplog.records if "works on the weights the fit ended with" in r.getMessage())
+    assert f"(val_acc={float(checkpoint.best_model_score):.6g}) is in {checkpoint.best_model_path}" in line
+    assert line.count("val_acc=") == 1  # no score claimed for the weights the fit ended with
+
+
 def test_best_weights_without_a_model_checkpoint_are_refused_before_training(digits):
     with pytest.raises(ValueError, match=r"weights='bestest'.*use 'last'"):
         QuantizeOnFitEnd(CONFIG, metric="val_acc", weights="bestest")

@@ -680,13 +680,13 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if weights == "last":
-        monitor = getattr(checkpoint, "monitor", None)
-        current = trainer.callback_metrics.get(monitor) if monitor is not None else None  # the last one logged
         best_score = getattr(checkpoint, "best_model_score", None)
-        if best and current is not None and best_score is not None and float(current) != float(best_score):
-            logger.info(f"{owner} works on the weights the fit ended with ({checkpoint.monitor}={float(current):.6g});"
-                        f" the ModelCheckpoint's best ({float(best_score):.6g}) is in {best}: {owner}(weights='best') "
-                        "works on those.")
+        # Not compared with the last logged score: it may be of earlier weights (an epoch without validation,
+        # pruning after it), and a log line naming it would give these weights a score they do not have
+        if best and best_score is not None:
+            logger.info(f"{owner} works on the weights the fit ended with; the ModelCheckpoint's best "
+                        f"({checkpoint.monitor}={float(best_score):.6g}) is in {best}: {owner}(weights='best') works "
+                        "on those.")
         return pl_module
     if not best:
         warnings.warn(f"{owner}(weights='best'): the ModelCheckpoint saved no file in this fit, so the weights the fit "
