@@ -1666,6 +1666,25 @@ def test_a_batch_norm_over_a_linear_layers_tokens_keeps_its_channels(residual) -
     assert shrink(flat, torch.randn(3, 8)).model[0].out_features == 10
 
 
+def test_a_batch_norm_after_a_linear_layer_is_trusted_only_where_example_inputs_show_a_2d_input() -> None:
+    """As many tokens as features: without example inputs the BatchNorm1d over the tokens was narrowed, and the
+    shrunk model failed at its first call (running_mean should contain 16 elements not 10)."""
+    model = TokenBatchNorm(tokens=16).eval()
+    randomise_batch_norm_(model.norm, torch.Generator().manual_seed(0))
+    zero_rows_(model.a, list(range(6)))
+    x = torch.randn(3, 16, 8)
+    result = shrink(model)
+    assert result.report.layers == ()
+    assert "features only for a 2-d input, which shrink knows given example inputs" in dict(result.report.kept)["a"]
+    torch.testing.assert_close(result.model(x), model(x))
+    assert shrink(model, x).report.layers == ()  # the inputs show the tokens
+    flat = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    randomise_batch_norm_(flat[1], torch.Generator().manual_seed(1))
+    zero_rows_(flat[0], list(range(6)))
+    assert shrink(flat).model[0].out_features == 16  # a rank shrink cannot know
+    assert shrink(flat, torch.randn(3, 8)).model[0].out_features == 10
+
+
 class TokenPooling(nn.Module):
     """A sequence classifier: a feed-forward layer on every token, its features pooled over the tokens, a head."""
 

@@ -12,7 +12,7 @@ through a chain from a producer (Linear, Conv, grouped Conv, transposed Conv, or
 consumer (the same but an Embedding; only zero
 channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
 consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
-over BatchNorm (after a Linear layer: a BatchNorm1d of its width), element-wise activations and arithmetic with a
+over BatchNorm (after a Linear layer, given example inputs: a BatchNorm1d of its width on a 2-d input), element-wise activations and arithmetic with a
 number, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise
 convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same channels)
 and a flatten from conv to Linear (``x.view(x.size(0), -1)`` too, and, with example inputs, squeezes of pooled 1x1
@@ -720,11 +720,11 @@ def _rank(node: fx.Node) -> int | None:
 def _normalises_channels(bn: nn.Module, after_conv: bool, channels: int, rank: int | None = None) -> bool:
     """Whether BatchNorm `bn` normalises its input's `channels` channels. BatchNorm normalises dim 1: a conv's
     channels, but a Linear layer's features only for a 2-d input (on (batch, tokens, features) a BatchNorm1d
-    normalises the tokens). The `rank` of its input tells (shrink with example inputs); without it only a width
-    that differs gives the tokens away."""
+    normalises the tokens). The `rank` of its input tells (shrink with example inputs); without it a Linear layer's
+    BatchNorm1d is not trusted (as many tokens as features would be narrowed, and fail at the first call)."""
     if after_conv:
         return bn.num_features == channels
-    return isinstance(bn, nn.BatchNorm1d) and bn.num_features == channels and rank in (None, 2)
+    return isinstance(bn, nn.BatchNorm1d) and bn.num_features == channels and rank == 2
 
 
 def _leading_index(index: object) -> tuple:
@@ -1734,6 +1734,9 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
             if module.num_features == branch.width and _rank(node):
                 return (f"its output goes to {_describe(user, modules)}, which normalises dim 1 of its "
                         f"{_rank(node)}-d output (the tokens), not its features")
+            if isinstance(module, nn.BatchNorm1d) and module.num_features == branch.width:
+                return (f"its output goes to {_describe(user, modules)}, which normalises dim 1: a Linear layer's "
+                        "features only for a 2-d input, which shrink knows given example inputs")
             return (f"its output goes to {_describe(user, modules)}, which normalises {module.num_features} entries "
                     f"of dim 1, not its {branch.width} channels")
         if module.running_mean is None:
