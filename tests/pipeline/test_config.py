@@ -17,6 +17,14 @@ from litcompress.pruning.schedules import IterativeSchedule, LinearSchedule, Pol
 from litcompress.quantization import PTQConfig
 
 
+class ThresholdAndAmount(torch_prune.L1Unstructured):
+    """A method with an argument no PruneConfig field gives."""
+
+    def __init__(self, amount: float, threshold: float) -> None:
+        super().__init__(amount)
+        self.threshold = threshold
+
+
 def test_defaults_pick_the_scope_each_method_supports():
     assert PruneConfig(sparsity=0.5).scope == "global"
     structured = PruneConfig(sparsity=0.5, method="ln_structured")
@@ -58,6 +66,10 @@ def test_sparsity_outside_zero_one_is_refused(value):
         ({"norm": 0}, "norm=0"),
         ({"zero_batch_norm": "yes"}, "zero_batch_norm='yes'"),
         ({"group_residuals": 1}, "group_residuals=1"),
+        # what the method alone decides: refused after compress evaluated the model
+        ({"method": torch_prune.Identity}, "Identity takes no `amount`"),
+        ({"method": torch_prune.CustomFromMask, "scope": "local"}, "CustomFromMask takes no `amount`"),
+        ({"method": ThresholdAndAmount}, r"ThresholdAndAmount\): it needs 'threshold', which PruneConfig cannot pass"),
     ],
 )
 def test_bad_prune_config_fails_at_construction(kwargs, match):

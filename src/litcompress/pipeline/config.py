@@ -13,7 +13,7 @@ from torch import nn
 
 from litcompress._numbers import python_numbers_
 from litcompress.pruning.engine import recurrent_weight_names
-from litcompress.pruning.methods import accepted_kwargs, resolve_method
+from litcompress.pruning.methods import accepted_kwargs, check_takes_amount, required_kwargs, resolve_method
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
 from litcompress.quantization.config import PTQConfig
@@ -202,6 +202,14 @@ class PruneConfig:
         if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) or not 0.0 <= self.heads < 1.0:
             raise ValueError(f"PruneConfig(heads={self.heads!r}): expected the fraction of each attention's heads "
                              "to prune, in [0, 1), e.g. 0.5.")
+        # what the method class alone decides, refused here rather than after compress evaluated the model
+        check_takes_amount(method, "PruneConfig")
+        missing = sorted(required_kwargs(method) - set(self.method_kwargs()))
+        if missing:
+            raise TypeError(f"PruneConfig(method={method.__name__}): it needs {', '.join(map(repr, missing))}, which "
+                            "PruneConfig cannot pass (it gives a structured method `dim` and `n`, from dim= and "
+                            "norm=); give those parameters defaults in a subclass, or prune with "
+                            "litcompress.prune_ and compress with prune=None.")
 
     @property
     def pruning_method(self) -> type[torch_prune.BasePruningMethod]:
