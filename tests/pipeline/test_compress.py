@@ -614,6 +614,20 @@ def test_a_dim_the_layers_lack_is_refused_before_pruning_with_or_without_fine_tu
     assert steps == []
 
 
+def test_a_numpy_step_count_is_taken_as_an_int(trained, digits):
+    """fine_tune_steps=np.int64(10) was refused as "give ... an int >= 1", where every config takes numpy's ints."""
+    import numpy as np
+
+    def fine_tune(model, step):
+        train(model, digits[0], digits[1], steps=10, step_fn=step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear", end=1.0), **FAST)
+    result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8],
+                      fine_tune=fine_tune, fine_tune_steps=np.int64(10))
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=1e-4)
+    assert "during 10 fine-tuning steps" in result.report["pruned"].description
+
+
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):
     def fine_tune(model, step):
         train(model, digits[0], digits[1], steps=5, step_fn=step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -852,9 +853,11 @@ def compress(
         if config.prune is None:
             raise ValueError("compress(fine_tune=...) without config.prune: fine-tuning runs while pruning; "
                              "give CompressionConfig(prune=PruneConfig(...)).")
-        if isinstance(fine_tune_steps, bool) or not isinstance(fine_tune_steps, int) or fine_tune_steps < 1:
+        if isinstance(fine_tune_steps, bool) or not isinstance(fine_tune_steps, numbers.Integral) \
+                or fine_tune_steps < 1:
             raise ValueError(f"compress(fine_tune_steps={fine_tune_steps!r}): with fine_tune, give the number of "
                              "optimizer steps it makes (an int >= 1), so that the schedule can span them.")
+        fine_tune_steps = int(fine_tune_steps)  # numpy's: the schedule and the report hold Python numbers
     elif fine_tune_steps is not None:  # it was ignored: everything pruned at once, with no word
         raise ValueError(f"compress(fine_tune_steps={fine_tune_steps!r}) without fine_tune: nothing would make those "
                          "steps; pass fine_tune(model, step) too, to prune gradually while training.")
