@@ -8,8 +8,8 @@ The lowest SQNR marks the layer that loses most when quantized.
 
 from __future__ import annotations
 
-import copy
-from typing import Sequence
+import inspect
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -49,6 +49,34 @@ def _fake_quant_activation(x: torch.Tensor, lo: float, hi: float) -> torch.Tenso
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
 
+def _first_input_name(module: nn.Module) -> str | None:
+    """The name of the first parameter of `module`'s forward (``input`` for torch's layers)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return parameters[0].name if parameters and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) else None
+
+
+def _first_input(args: tuple, kwargs: dict[str, Any], name: str | None) -> Any:
+    """A layer call's input: its first positional argument, or the keyword naming it (``fc(input=x)``)."""
+    if args:
+        return args[0]
+    return kwargs.get(name) if name is not None else None
+
+
+def _replacing_first_input(fn: Callable[[Any], Any], name: str | None) -> Callable:
+    """A forward pre-hook (``with_kwargs=True``) that replaces the layer's input by ``fn(input)``."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        if name is not None and name in kwargs:
+            return args, {**kwargs, name: fn(kwargs[name])}
+        return args, kwargs
+    return hook
+
+
 def _output_vector(output: object) -> torch.Tensor:
     """Every tensor of a model output (tuples, lists and dicts of them) as one float vector."""
     leaves = tensor_leaves(output)
@@ -65,7 +93,14 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     the calibration data never reaches (a training-only head: quantizing it changes no output). An embedding table's
     weights get a scale per row (torch's int8 tables), or with ``table_scale_per_row=False`` one for the table
     (ONNX Runtime's)."""
-    model = copy.deepcopy(model).eval()
+    from litcompress.pruning.engine import deepcopy_model, make_permanent_
+    from litcompress.pruning.parametrizations import fold_parametrizations_
+
+    # the weights the layers compute with, as plain parameters: a pruned layer's (its mask applied) and a
+    # parametrized one's (weight_norm's g and v are not `weight`: only its input was quantized, scored inf)
+    model = deepcopy_model(model).eval()
+    make_permanent_(model)
+    fold_parametrizations_(model)
     modules = dict(model.named_modules())
     unknown = [name for name in layers if name not in modules]
     if unknown:  # a bare KeyError otherwise
@@ -78,12 +113,14 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     ranges: dict[str, list[float]] = {}
     if approach == "static":  # observed activation ranges, like a min-max observer
         def observe(name: str):
-            def hook(module, args):
-                x = args[0]
+            first = _first_input_name(modules[name])
+
+            def hook(module, args, kwargs):
+                x = _first_input(args, kwargs, first)
                 lo, hi = ranges.setdefault(name, [float("inf"), float("-inf")])
                 ranges[name] = [min(lo, float(x.min())), max(hi, float(x.max()))]
             return hook
-        handles = [modules[name].register_forward_pre_hook(observe(name)) for name in layers]
+        handles = [modules[name].register_forward_pre_hook(observe(name), with_kwargs=True) for name in layers]
         for inputs in calibration:
             model(*inputs)
         for handle in handles:
@@ -101,17 +138,18 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
         table = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
         for weight, original in zip(weights, originals):
             weight.data = _fake_quant_weight(original, table_scale_per_row if table else per_channel)
+        first = _first_input_name(module)
         if table:  # weight-only: its input is indices
             quant_input = None
         elif approach == "static":
             lo, hi = ranges[name]
-            quant_input = lambda m, args, lo=lo, hi=hi: (_fake_quant_activation(args[0], lo, hi), *args[1:])
+            quant_input = _replacing_first_input(lambda x, lo=lo, hi=hi: _fake_quant_activation(x, lo, hi), first)
         elif approach == "dynamic":
-            quant_input = lambda m, args: args if not isinstance(args[0], torch.Tensor) else (  # a PackedSequence
-                _fake_quant_activation(args[0], float(args[0].min()), float(args[0].max())), *args[1:])
+            quant_input = _replacing_first_input(lambda x: x if not isinstance(x, torch.Tensor) else (  # packed
+                _fake_quant_activation(x, float(x.min()), float(x.max()))), first)
         else:  # weight_only: activations stay float
             quant_input = None
-        handle = module.register_forward_pre_hook(quant_input) if quant_input else None
+        handle = module.register_forward_pre_hook(quant_input, with_kwargs=True) if quant_input else None
         try:
             outputs = [_output_vector(model(*inputs)) for inputs in calibration]
         finally:
