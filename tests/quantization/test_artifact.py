@@ -157,6 +157,12 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
             load_quantized(tmp_path / name)
     with pytest.raises(IsADirectoryError, match="give the model file in it"):
         load_quantized(tmp_path)
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as archive:  # was "a torch.export archive"
+        archive.writestr("a.txt", "hello")
+    with pytest.raises(ValueError, match=r"notes.zip' is not a model file .*a zip archive of another kind"):
+        load_quantized(tmp_path / "notes.zip")
+    with pytest.raises(TypeError, match=r"example_inputs=\{'x'\}\): give the model's positional inputs as a tuple"):
+        save_quantized(nn.Linear(2, 2), None, tmp_path / "m.pt2", {"x": torch.zeros(1, 2)})  # "hold no tensor"
 
 
 @pytest.mark.parametrize("name, kind", [("kept.onnx", "onnx"), ("kept.pt2", "program"), ("kept.bin", "program")])
@@ -309,6 +315,35 @@ def test_a_damaged_or_cut_short_file_is_said_to_be_so(fp32_format, tmp_path):
         (tmp_path / "cut").write_bytes(data[:cut])
         with pytest.raises(ValueError, match="is a zip archive whose end is missing, as a copy or download cut short"):
             load_quantized(tmp_path / "cut")
+
+
+@pytest.mark.parametrize("fp32_format", ["export", "torchscript"])
+def test_a_byte_changed_in_an_archives_records_is_said_too(fp32_format, tmp_path):
+    """A byte changed in a member's name (its local header) raised UnicodeDecodeError from the checksum pass; one in
+    the directory records at the end, torch's own reader errors ("PytorchStreamReader failed reading zip
+    archive", "an error when deserializing"). Every such file loads as it was, or is said to be damaged."""
+    model, x = _MeanPool().eval(), torch.randn(2, 3, 4)
+    path = tmp_path / f"m{FP32_SUFFIXES[fp32_format]}"
+    save_quantized(model, None, path, (x,), fp32_format=fp32_format)
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        names = [info.header_offset + 30 + k for info in archive.infolist() for k in (0, 3)]  # name bytes
+    tail = list(range(len(data) - 60, len(data), 3))  # the end-of-archive record and the directory's last entry
+    outcomes = set()
+    for at in names + tail:
+        changed = bytearray(data)
+        changed[at] ^= 0xFF
+        (tmp_path / "changed").write_bytes(bytes(changed))
+        try:
+            loaded, _ = load_quantized(tmp_path / "changed")
+        except ValueError as error:
+            assert re.search(r"is damaged|whose end is missing|torch cannot read|not a model file", str(error)), error
+            outcomes.add("said")
+            continue
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+        outcomes.add("loaded")
+    assert "said" in outcomes
 
 
 def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):

@@ -8,19 +8,20 @@ stored inside the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from litcompress._files import file_in_the_way, written_atomically
 
-from .backends import ExportError, FixedDimError, get_backend
+from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend
 from .config import Recipe
 from .outputs import RebuiltOutputs
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
@@ -55,6 +56,10 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
                          f"{os.path.join(path or '.', 'model.pt')!r}).")
     if isinstance(example_inputs, torch.Tensor):  # one input, as quantize() takes it (a tensor is a sequence of rows)
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):  # iterated, its keys were taken for inputs: "the inputs hold no tensor"
+        raise TypeError(f"save_quantized(example_inputs={{{', '.join(map(repr, example_inputs))}}}): give the "
+                        "model's positional inputs as a tuple: (batch,) for a forward that takes the dict itself, or "
+                        "the tensors in the order of forward's parameters.")
     if isinstance(model, NestedInputs):  # a result for a model of container inputs: its file takes their tensors
         model, example_inputs = model.model, model.structure.flatten(tuple(example_inputs), "example_inputs")
     elif is_nested(example_inputs):  # the same for a float model of container inputs
@@ -196,16 +201,34 @@ def load_quantized(path: str | os.PathLike, *, compile: bool = False) -> tuple[n
     return model, recipe
 
 
-def _first_damaged_member(archive: zipfile.ZipFile) -> str | None:
-    """The name of the first member of `archive` whose bytes fail their checksum or do not decompress, or None."""
+def _first_damaged_member(archive: zipfile.ZipFile) -> tuple[str, str] | None:
+    """The name of the first member of `archive` that does not read back, with what is wrong, or None."""
     for info in archive.infolist():
         try:
             with archive.open(info) as member:
                 while member.read(1 << 20):
                     pass
         except (zipfile.BadZipFile, zlib.error, EOFError):
-            return info.filename
+            return info.filename, "fails its checksum"
+        # a changed byte in the member's records: a name that no longer decodes, an unknown compression method, an
+        # offset outside the file
+        except (UnicodeDecodeError, NotImplementedError, OSError) as error:
+            return info.filename, f"does not read ({type(error).__name__}: {error})"
     return None
+
+
+@contextlib.contextmanager
+def _read_by_torch(path: str) -> Iterator[None]:
+    """torch's own reading errors of an archive whose checksums pass (a changed byte in its directory records, a
+    program torch cannot deserialize) as load_quantized's."""
+    try:
+        yield
+    except BackendUnavailableError:  # (torchao missing for a pt2e file: said in its own words)
+        raise
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"load_quantized: torch cannot read {path!r} ({first}): the file was changed since it was "
+                         "written, or written by another torch version; save or copy the model file again.") from error
 
 
 def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
@@ -223,8 +246,20 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
         starts_as_zip = file.read(4) == b"PK\x03\x04"
     cut_short = (f"load_quantized: {path!r} is a zip archive whose end is missing, as a copy or download cut short "
                  "leaves one; save or copy the model file again.")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
+    def directory_damaged(error: Exception) -> str:
+        return f"load_quantized: {path!r} is damaged: its zip directory does not read ({error}); save or copy the " \
+            "model file again."
+
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as error:  # an end record found, with values changed ("span multiple disks")
+        raise ValueError(directory_damaged(error)) from error
+    if is_zip:
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, UnicodeDecodeError) as error:  # an end record found, its directory unreadable
+            raise ValueError(directory_damaged(error)) from error
+        with archive:
             names = archive.namelist()
             # the end found is that of a zip stored inside (torch.export nests torch.save archives): the outer end
             # was cut off
@@ -232,13 +267,15 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
                 raise ValueError(cut_short)
             damaged = _first_damaged_member(archive)
         if damaged is not None:
-            raise ValueError(f"load_quantized: {path!r} is damaged: its member {damaged!r} fails its checksum (bytes "
+            raise ValueError(f"load_quantized: {path!r} is damaged: its member {damaged[0]!r} {damaged[1]} (bytes "
                              "changed since it was written); save or copy the model file again.")
         torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+        exported = any(n.endswith("/archive_format") for n in names)
         if torchscript and any(n.endswith("extra/litcompress.json") for n in names):
             from .backends.torch_ao import load_torchscript
 
-            model, metadata = load_torchscript(path)
+            with _read_by_torch(path):
+                model, metadata = load_torchscript(path)
         elif torchscript:
             raise ValueError(f"{not_ours}: it is a TorchScript archive without litcompress's metadata; "
                              "torch.jit.load(path) runs it.")
@@ -246,10 +283,13 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
             # torch.save's archive (a state dict, a pickled module): no program to run
             raise ValueError(f"{not_ours}: it is a torch.save file (a state dict or a pickled object). A pruned "
                              "state dict loads into your model with model.load_state_dict(torch.load(path)).")
+        elif not exported:
+            raise ValueError(f"{not_ours}: it is a zip archive of another kind (neither TorchScript nor torch.export).")
         else:
             from .backends.exported import load_program
 
-            model, metadata = load_program(path)
+            with _read_by_torch(path):
+                model, metadata = load_program(path)
     elif starts_as_zip:
         raise ValueError(cut_short)
     else:
