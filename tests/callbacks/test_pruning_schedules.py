@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import time
+import warnings
 
 import pytest
 import torch
@@ -531,6 +532,14 @@ def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_ends_like_the_uninter
     assert [h["epoch"] for h in resumed._history] == [h["epoch"] for h in uninterrupted._history] == [1, 2, 3]
     expected, actual = model.state_dict(), resumed_model.state_dict()
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    # from the fit's last batch: only the caught-up round runs, and no validation; it said "nothing was pruned"
+    last, again = FixedDataModel(), callback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=4, callbacks=[again]).fit(last, ckpt_path=tmp_path / "epoch=3-step=16.ckpt")
+    assert [h["epoch"] for h in again._history] == [1, 2, 3]  # the checkpoint's rounds, then epoch 3's here
+    assert not any("nothing was pruned" in str(w.message) for w in caught)
+    assert all(torch.equal(last.state_dict()[key], expected[key]) for key in expected)
 
 
 @pytest.mark.parametrize(("trainer_kwargs", "saved_at"), [
