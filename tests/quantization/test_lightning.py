@@ -380,7 +380,8 @@ def test_the_last_weights_line_names_the_best_file_after_an_epoch_without_valida
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint, quantizing])
     with caplog.at_level(logging.INFO, logger="litcompress"):
         trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
-    assert float(trainer.callback_metrics["val_acc"]) == float(checkpoint.best_model_score)  # the one validation's, the second epoch's
+    # the second epoch's, the one validation's
+    assert float(trainer.callback_metrics["val_acc"]) == float(checkpoint.best_model_score)
     line = next(r.getMessage() for r in caplog.records if "works on the weights the fit ended with" in r.getMessage())
     assert f"(val_acc={float(checkpoint.best_model_score):.6g}) is in {checkpoint.best_model_path}" in line
     assert line.count("val_acc=") == 1  # no score claimed for the weights the fit ended with

@@ -12,9 +12,10 @@ through a chain from a producer (Linear, Conv, grouped Conv, transposed Conv, or
 consumer (the same but an Embedding; only zero
 channels leave a transposed conv's inputs, where a constant does not stay constant; a grouped conv, as producer or
 consumer, loses as many channels from each of its groups, and keeps the zero channels that would unbalance them)
-over BatchNorm (after a Linear layer, given example inputs: a BatchNorm1d of its width on a 2-d input), element-wise activations and arithmetic with a
-number, dropout, a conv's spatial max/adaptive pooling (average pooling without padding) and upsampling, depthwise
-convolutions (a MobileNet block's middle layer: its channel j reads only channel j, so it loses the same channels)
+over BatchNorm (after a Linear layer, given example inputs: a BatchNorm1d of its width on a 2-d input),
+element-wise activations and arithmetic with a number, dropout, a conv's spatial max/adaptive pooling (average
+pooling without padding) and upsampling, depthwise convolutions (a MobileNet block's middle layer: its channel j
+reads only channel j, so it loses the same channels)
 and a flatten from conv to Linear (``x.view(x.size(0), -1)`` too, and, with example inputs, squeezes of pooled 1x1
 maps). With example inputs, whose ranks tell a Linear layer's features from its tokens, a Linear layer's chain also
 passes a pooling over tokens (``ff(x).mean(1)``, ``amax``, the class token ``h[:, 0]``; with weights per token, as
