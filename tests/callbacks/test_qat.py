@@ -312,6 +312,35 @@ def test_a_callback_used_for_a_second_fit_of_another_module_quantizes_that_one(t
     assert _accuracy(callback.result.model, data) == pytest.approx(callback.metric_value, abs=1e-9)
 
 
+class _StopsAfterTheFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize("first_pruned", [True, False], ids=["pruned-then-dense", "dense-then-pruned"])
+def test_a_fit_that_ended_before_qat_leaves_no_zeros_to_the_next_fit_of_another_module(tmp_path, first_pruned):
+    """keep_sparsity's zeros were taken when the first fit started and kept when it ended before its QAT graph: the
+    next fit's module got the first one's zeros (a dense model lost half its weights), or kept a stale empty set
+    (a pruned model's zeros grew back)."""
+    callback = QuantizationAwareTraining("net", start_epoch=1)
+    seed_everything(0)
+    first = _pruned_mlp() if first_pruned else MLPClassifier(hidden=(24,), lr=1e-2)
+    with pytest.warns(UserWarning, match="the fit ended before QAT started"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[callback, _StopsAfterTheFirstEpoch()]).fit(
+            first, datamodule=DigitsDataModule())
+    seed_everything(1)
+    second = MLPClassifier(hidden=(24,), lr=1e-2) if first_pruned else _pruned_mlp()
+    zeros = {name: p.detach() == 0 for name, p in second.named_parameters()}
+    make_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[callback]).fit(
+        second, datamodule=DigitsDataModule())
+    assert callback.result is not None
+    for name, p in second.named_parameters():
+        if first_pruned:  # trained dense: no zero forced on it
+            assert int((p == 0).sum()) == 0, name
+        elif zeros[name].float().mean() >= 0.01:  # its own zeros held (the tensors keep_sparsity holds)
+            assert bool((p.detach()[zeros[name]] == 0).all()), name
+
+
 def test_a_batch_norm_frozen_inside_the_quantized_module_is_said_and_left_frozen_after_the_fit(tmp_path):
     """The QAT graph switches between training and evaluation form as a whole: a batch norm the user keeps in eval
     mode inside a training module trains with it, which is said; after the fit each module is as the fit left it."""

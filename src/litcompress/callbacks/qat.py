@@ -131,6 +131,10 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # what an earlier fit took or loaded and left unused (it ended before its graph was traced): this fit's is
+        # taken at its start, or loaded from its checkpoint after this hook. Kept, another module got the first
+        # one's zeros, or its own zeros were not held.
+        self._pending_state = self._pending_masks = self._early_masks = self._early_pairs = None
         if trainer.world_size > 1 and not _data_parallel(trainer.strategy):
             raise ValueError(f"{_OWNER} runs on one device or under DDP (strategy='ddp', 'ddp_spawn', ...); "
                              f"{type(trainer.strategy).__name__} shards or wraps the parameters, which the QAT graph, "
