@@ -48,6 +48,27 @@ def randomised(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
+class LinearResidual(nn.Module):
+    """A residual stream of Linear features with a BatchNorm1d on its branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.bn, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.bn(self.fc(h)))
+
+
+def test_a_linear_residual_stream_through_a_batch_norm_is_a_group_given_inputs_of_rank_two():
+    """Without inputs the BatchNorm1d may normalise tokens (dim 1 of a 3-d input): the stream is not a group; the
+    inputs tell, which residual_groups could not be given."""
+    model = LinearResidual().eval()
+    assert residual_groups(model) == []
+    groups = residual_groups(model, example_inputs=torch.randn(3, 8))
+    assert [(g.producers, g.batch_norms) for g in groups] == [(("inp", "fc"), ("bn",))]
+
+
 def test_the_residual_stream_is_one_group_with_its_readers():
     groups = residual_groups(ResNet())
     assert groups == [ChannelGroup(

@@ -1683,6 +1683,10 @@ def test_a_batch_norm_after_a_linear_layer_is_trusted_only_where_example_inputs_
     zero_rows_(flat[0], list(range(6)))
     assert shrink(flat).model[0].out_features == 16  # a rank shrink cannot know
     assert shrink(flat, torch.randn(3, 8)).model[0].out_features == 10
+    # the planning functions take the inputs too (they lost such BatchNorms, with no way to tell them the rank)
+    assert following_batch_norms(flat) == {} and following_batch_norms(flat, example_inputs=torch.randn(3, 8)) == \
+        {"0": ["1"]}
+    assert removable_channels(flat, example_inputs=torch.randn(3, 8))["0"] is None
 
 
 class TokenPooling(nn.Module):

@@ -203,7 +203,8 @@ def _channel_chunks(node: fx.Node, producer: nn.Module) -> int | None:
     return chunks
 
 
-def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> list[ChannelGroup]:
+def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
+                    example_inputs: Tensor | tuple | None = None) -> list[ChannelGroup]:
     """The channel spaces of `model` that residual additions or gating products (the element-wise product of two
     layers' outputs of one width) join, and that can lose channels as a whole.
 
@@ -213,9 +214,13 @@ def residual_groups(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) ->
     concatenation, a product with a tensor from elsewhere (a learned scale), a normalisation over channels. An
     element-wise op that does not keep zeros (the sigmoid of a GLU, ``a * sigmoid(b)``) leaves channels never known to
     be zero: through a product with a factor that keeps them, the space stays; a space read only through such ops is
-    left out. ValueError if the model cannot be traced.
+    left out. ValueError if the model cannot be traced. With `example_inputs`, whose ranks tell a Linear layer's
+    features from its tokens, a space of Linear features goes through a BatchNorm1d on a 2-d input too, as in
+    ``shrink(model, example_inputs)``.
     """
-    return _traced(model, tracer, None).groups
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return _traced(model, tracer, example_inputs).groups
 
 
 def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict[str, int]) -> list[ChannelGroup]:

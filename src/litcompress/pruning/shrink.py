@@ -2793,7 +2793,8 @@ def shrink_(
     return report
 
 
-def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer) -> dict[str, list[str]]:
+def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
+                          example_inputs: Tensor | tuple | None = None) -> dict[str, list[str]]:
     """For each producer (Linear, Conv, grouped or transposed Conv) whose channels `shrink` can remove, the names of the
     BatchNorms on its way to its consumers; producers without one are left out. ValueError if the model cannot be
     traced.
@@ -2801,9 +2802,11 @@ def following_batch_norms(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Trac
     Zeroing a BatchNorm's scale and shift for the channels whose filters are pruned makes those channels exactly
     zero (not a constant), which `shrink` removes even before a zero-padded convolution. After a concatenation the
     producer's channel j is the BatchNorm's channel ``start + j``: ``channel_plan(model).batch_norms`` gives each
-    BatchNorm's `start`.
+    BatchNorm's `start`. A Linear layer's BatchNorm1d counts where `example_inputs` show it a 2-d input (on
+    (batch, tokens, features) it normalises the tokens), as in ``shrink(model, example_inputs)``.
     """
-    return {name: list(places) for name, places in channel_plan(model, tracer=tracer).batch_norms.items()}
+    plan = channel_plan(model, tracer=tracer, example_inputs=example_inputs)
+    return {name: list(places) for name, places in plan.batch_norms.items()}
 
 
 def shrink(
