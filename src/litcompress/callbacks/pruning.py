@@ -149,7 +149,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._use_lottery_ticket_hypothesis = use_lottery_ticket_hypothesis
         self._prune_on_train_epoch_end = prune_on_train_epoch_end
         self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
-        self._rounds_caught_up = 0  # rounds of a resumed fit standing in for ends Lightning skipped
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
         self._method_kwargs: dict[str, Any] = {}
         # what `_create_pruning_fn` made of a name; a subclass's own (or a `pruning_fn` set later) prunes instead, as
@@ -596,7 +595,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._say_if_checkpoints_miss_their_scores(trainer)
         self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
-        self._rounds_caught_up = 0
+        self._caught_up_at_step = None  # (an earlier fit's)
         self._skipped_targets = []
 
     def _keep_the_zeros_of_a_checkpoint_without_state(self, trainer: "pl.Trainer") -> None:
@@ -968,7 +967,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                    "validation followed, which Lightning skips; its pruning round runs now.")
                 self._run_pruning(due[0], trainer=trainer, progress=point)
                 self._caught_up_at_step = trainer.global_step
-                self._rounds_caught_up += 1
         self._epochs_ended = trainer.current_epoch
         self._warn_if_fit_ends_before_the_schedule(trainer)
         self._warn_if_validations_end_before_the_schedule(trainer)
@@ -1108,7 +1106,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                "Lightning skips; its pruning round runs now.")
             self._run_pruning(epoch, trainer=trainer, progress=point)
             self._caught_up_at_step = trainer.global_step
-            self._rounds_caught_up += 1
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -1133,7 +1130,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
         if not self._prune_on_train_epoch_end and prunes_per_epoch and trainer.current_epoch > 0 \
-                and not self._validations_this_fit and not self._rounds_caught_up:
+                and not self._validations_this_fit and self._caught_up_at_step is None:
+            # (a resumed fit's caught-up round with no batch trained after it: a round ran, and none was missed)
             # Lightning's callback prunes nothing then, without a word
             rank_zero_warn("ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and "
                            "no validation ran in this fit (limit_val_batches=0, no validation_step or no "
