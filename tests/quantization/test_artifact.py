@@ -337,13 +337,46 @@ def test_a_byte_changed_in_an_archives_records_is_said_too(fp32_format, tmp_path
         try:
             loaded, _ = load_quantized(tmp_path / "changed")
         except ValueError as error:
-            assert re.search(r"is damaged|whose end is missing|torch cannot read|not a model file", str(error)), error
+            assert re.search(r"is damaged|whose end is missing|torch.export cannot read|not a model file", str(error)), error
             outcomes.add("said")
             continue
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
         outcomes.add("loaded")
     assert "said" in outcomes
+
+
+def test_a_program_calling_an_operator_not_registered_is_not_said_to_be_damaged(tmp_path):
+    """An intact .pt2 whose program calls a custom op that the loading process has not registered (torchvision.ops
+    without `import torchvision`) was said to be damaged: "save or copy the model file again"."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {SRC!r})
+from torch import nn
+from litcompress.quantization import load_quantized, save_quantized
+if sys.argv[1] == "save":
+    @torch.library.custom_op("litcompress_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+    @twice.register_fake
+    def _(x):
+        return torch.empty_like(x)
+    class Twice(nn.Module):
+        def forward(self, x):
+            return torch.ops.litcompress_test.twice(x)
+    save_quantized(Twice().eval(), None, sys.argv[2], (torch.randn(2, 3),))
+else:
+    try:
+        load_quantized(sys.argv[2])
+    except ValueError as error:
+        print(error)
+"""
+    path = str(tmp_path / "custom.pt2")
+    for step in ("save", "load"):
+        run = subprocess.run([sys.executable, "-c", script, step, path], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    assert "an operator it calls that this process has not registered" in run.stdout
+    assert "is damaged" not in run.stdout
 
 
 def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 
 from litcompress._files import file_in_the_way, written_atomically
 
-from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend
+from .backends import ExportError, FixedDimError, get_backend
 from .config import Recipe
 from .outputs import RebuiltOutputs
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
@@ -219,16 +219,23 @@ def _first_damaged_member(archive: zipfile.ZipFile) -> tuple[str, str] | None:
 
 @contextlib.contextmanager
 def _read_by_torch(path: str) -> Iterator[None]:
-    """torch's own reading errors of an archive whose checksums pass (a changed byte in its directory records, a
-    program torch cannot deserialize) as load_quantized's."""
+    """torch's reading errors of an archive whose checksums pass in load_quantized's words: its zip reader's (a
+    changed byte in the directory records) and torch.export's deserializer's, whose cause torch logs before it.
+    Other errors (torchao missing for a pt2e file) keep their own."""
     try:
         yield
-    except BackendUnavailableError:  # (torchao missing for a pt2e file: said in its own words)
-        raise
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"load_quantized: torch cannot read {path!r} ({first}): the file was changed since it was "
-                         "written, or written by another torch version; save or copy the model file again.") from error
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        if "PytorchStreamReader" in text:
+            raise ValueError(f"load_quantized: {path!r} is damaged: torch's zip reader fails on it ({first}); save "
+                             "or copy the model file again.") from error
+        if "deserializ" in text:
+            raise ValueError(f"load_quantized: torch.export cannot read the program in {path!r} ({first}; torch's "
+                             "warning above names the cause): an operator it calls that this process has not "
+                             "registered (import the library that defines it before loading), a file written by "
+                             "another torch version, or bytes changed since it was written.") from error
+        raise
 
 
 def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
