@@ -81,11 +81,11 @@ def test_a_module_with_an_extra_state_is_rewound_saved_and_resumed(tmp_path, as_
         model.trained += 1
         train_weights(model)
 
-    path = tmp_path / "imp.pt"
-    ticket = iterative_magnitude_pruning(_CountsItsTraining(as_tensor), train, evaluate, rounds=1, rate=0.5,
-                                         checkpoint_path=path, control="none")
-    again = iterative_magnitude_pruning(_CountsItsTraining(as_tensor), train, evaluate, rounds=2, rate=0.5,
-                                        checkpoint_path=path, control="none")  # resumed after round 1
+    path, model = tmp_path / "imp.pt", _CountsItsTraining(as_tensor)  # (the search works on copies of it)
+    ticket = iterative_magnitude_pruning(model, train, evaluate, rounds=1, rate=0.5, checkpoint_path=path,
+                                         control="none")
+    again = iterative_magnitude_pruning(model, train, evaluate, rounds=2, rate=0.5, checkpoint_path=path,
+                                        control="none")  # resumed after round 1
     assert seen == [0, 0, 0]  # every round from the rewound state: rounds 0, 1, then 2 after the resume
     assert [r.round for r in again.rounds] == [0, 1, 2] and again.rounds[1] == ticket.rounds[1]
     for found in (ticket, again):
@@ -346,6 +346,7 @@ def test_ctrl_c_in_a_rounds_fit_raises_keyboard_interrupt_and_leaves_ctrl_c_work
     """Lightning turned Ctrl-C in a round's fit into sys.exit(1) (a failure, to the caller) and left SIGINT ignored
     for the rest of the process; the search saved so far resumes."""
     def search(press: PressCtrlC):
+        seed_everything(0)  # the same network: a search resumes only from the one it started from
         return find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
                                    rate=0.5, checkpoint_path=tmp_path / "search.pt", **retrain,
                                    trainer_kwargs=dict(max_epochs=1, accelerator="cpu", callbacks=[press]))
@@ -465,10 +466,10 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
 
     _, evaluate = plain_train_and_evaluate()
 
-    def search(rounds=2, path=None, rate=0.5):
-        torch.manual_seed(0)
+    def search(rounds=2, path=None, rate=0.5, seed=0, control_seed=12345):
+        torch.manual_seed(seed)
         return iterative_magnitude_pruning(mlp(), train, evaluate, rounds=rounds, rate=rate, control="every",
-                                           checkpoint_path=path)
+                                           checkpoint_path=path, control_seed=control_seed)
 
     uninterrupted = search(rounds=3)
     path = tmp_path / "imp.pt"
@@ -480,6 +481,14 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
     with pytest.raises(ValueError, match=r"holds a search with rate=0.5, not 0.25: pass the arguments it was started "
                                          r"with to resume it, or another path to start afresh"):
         search(path=path, rate=0.25)
+    # another network: its rounds went on from the first one's masks and weights, without a word
+    with pytest.raises(ValueError, match=r"holds a search that started from another network \(other initial "):
+        search(path=path, seed=1)
+    # refused after every round's training (the control's seed is read last), and saved with the search
+    calls.clear()
+    with pytest.raises(TypeError, match=r"`control_seed` must be an int, got 'a'"):
+        search(path=tmp_path / "never.pt", control_seed="a")
+    assert not (tmp_path / "never.pt").exists() and not calls
     with caplog.at_level(logging.INFO, logger="litcompress"):
         assert same_tickets(search(path=path), search(rounds=2))
     assert f"IMP: resumed from {path} after round 0 of 2\n" in caplog.text  # the progress, round by round:
@@ -498,6 +507,9 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a file iterative_magnitude_pruning wrote"):
         search(path=tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("not a torch file")  # torch.load's bare UnpicklingError
+    with pytest.raises(ValueError, match=r"is not a file iterative_magnitude_pruning wrote \(torch.load: "):
+        search(path=tmp_path / "text.pt")
 
 
 class CallbackStateAtFitStart(Callback):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
+import numbers
 import os
 import random
 import warnings
@@ -96,7 +98,7 @@ class LotteryTicket:
 
 
 def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str, scope: object = "local",
-              parameter_names: object = ("weight",), exclude: object = ()) -> None:
+              parameter_names: object = ("weight",), exclude: object = (), control_seed: object = 0) -> None:
     if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):  # type: ignore
         raise TypeError(f"`exclude` must be a sequence of names, e.g. ['head.weight'] or ['head'], got {exclude!r}.")
     if scope not in ("local", "global"):  # anything else ran local pruning without a word
@@ -110,6 +112,10 @@ def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], contro
             raise ValueError(f"`{name}` must be a fraction in (0, 1) of the remaining weights, got {value!r}.")
     if control not in ("none", "final", "every"):
         raise ValueError(f"`control` must be 'none', 'final' or 'every', got {control!r}.")
+    # (the control's round seeds it with control_seed + round, after the ticket's training: saved as given, a bad one
+    # failed there and every resume with it)
+    if isinstance(control_seed, bool) or not isinstance(control_seed, numbers.Integral):
+        raise TypeError(f"`control_seed` must be an int, got {control_seed!r}.")
 
 
 def _remaining_fraction(targets: Sequence[Target]) -> float:
@@ -198,12 +204,29 @@ def _writes_files() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
-def _load_search(path: Path, settings: Mapping[str, Any], rounds: int) -> dict[str, Any] | None:
-    """The state a search with `settings` saved at `path`, or None when there is none yet; an error when the file
-    holds another search (resuming it with other arguments would mix two searches)."""
+def _fingerprint(model: nn.Module) -> str:
+    """A digest of `model`'s state (names, shapes, dtypes, values): the network a search starts from."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        if isinstance(value, Tensor) and not value.is_meta:
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _load_search(path: Path, settings: Mapping[str, Any], rounds: int,
+                 initial: str | None = None) -> dict[str, Any] | None:
+    """The state a search with `settings`, from a network of digest `initial`, saved at `path`, or None when there is
+    none yet; an error when the file holds another search (resuming it with other arguments, or another network,
+    would mix two searches)."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - any file that torch.load cannot read (a bare UnpicklingError)
+        raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote (torch.load: "
+                         f"{type(error).__name__}: {error}); pass another path, or remove it to start afresh.") from error
     if isinstance(state, dict) and state.get("format") == 1:
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search of an earlier litcompress, whose rounds "
                          "rewound the pruned weights only (biases and normalisation statistics kept their trained "
@@ -217,6 +240,11 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int) -> dict[s
     if differing:
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search with {'; '.join(differing)}: pass the "
                          "arguments it was started with to resume it, or another path to start afresh.")
+    saved_initial = state.get("initial")  # (files of earlier versions do not hold it)
+    if initial is not None and saved_initial is not None and saved_initial != initial:
+        raise ValueError(f"checkpoint_path={str(path)!r} holds a search that started from another network (other "
+                         "initial weights, or other layer shapes): pass the model it started from, built with the "
+                         "same seed, to resume it, or another path to start afresh.")
     if state["done"] > rounds:
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search that finished round {state['done']}, "
                          f"past rounds={rounds}: pass rounds >= {state['done']}.")
@@ -268,7 +296,8 @@ def iterative_magnitude_pruning(
             table so far, the random number generators' states). When it exists, the search resumes after its last
             round instead of starting afresh: a search killed in round r trains again from round r, and, with
             training that is deterministic, ends as the uninterrupted search would. Resuming asks for the same
-            arguments (rounds may grow: the search goes on); a finished search returns its ticket at once.
+            arguments and a `model` of the same initial weights (rounds may grow: the search goes on); a finished
+            search returns its ticket at once.
         checkpoint_settings: more values that must equal the saved ones to resume (what `train` does: its
             recipe, a rewind step), compared with ``==`` and stored with the search.
 
@@ -277,7 +306,8 @@ def iterative_magnitude_pruning(
         is the dense network).
     """
     layer_rates = dict(layer_rates or {})
-    _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude)
+    _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude, control_seed)
+    control_seed = int(control_seed)  # (numpy's: the saved settings hold Python numbers)
     network = deepcopy_model(model)
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
     pristine = deepcopy_model(model) if control != "none" else None  # the control's architecture, untrained
@@ -377,7 +407,9 @@ def iterative_magnitude_pruning(
     settings = dict(names=names, parameter_names=list(parameter_names), rate=rate, layer_rates=layer_rates,
                     scope=scope, control=control, control_seed=control_seed,
                     rewinds_late=train_to_rewind_point is not None, **dict(checkpoint_settings or {}))
-    saved = None if path is None else _load_search(path, settings, rounds)
+    # the network as given (rank 0's, which writes the file: under DDP another rank's may differ until synced)
+    initial = _fingerprint(model) if path is not None and _writes_files() else None
+    saved = None if path is None else _load_search(path, settings, rounds, initial)
     if saved is None:
         if train_to_rewind_point is not None:
             train_to_rewind_point(network)
@@ -440,8 +472,8 @@ def iterative_magnitude_pruning(
                      f"{control_note}")
         if path is not None and _writes_files():
             with written_atomically(path) as partial:  # a search killed while writing keeps its previous file
-                torch.save(dict(format=_STATE_FORMAT, settings=settings, done=r, network=state_now(),
-                                snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
+                torch.save(dict(format=_STATE_FORMAT, settings=settings, initial=initial, done=r,
+                                network=state_now(), snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
                                 rest=rest, rewound=rewound, table=[dataclasses.asdict(row) for row in table],
                                 random=_random_states()), partial)
     return LotteryTicket(model=network, masks=_masks(names, targets), rewound_state=rewound, rounds=table)
