@@ -226,7 +226,8 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int,
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - any file that torch.load cannot read (a bare UnpicklingError)
         raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote (torch.load: "
-                         f"{type(error).__name__}: {error}); pass another path, or remove it to start afresh.") from error
+                         f"{type(error).__name__}: {error}); pass another path, or remove it to start "
+                         "afresh.") from error
     if isinstance(state, dict) and state.get("format") == 1:
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search of an earlier litcompress, whose rounds "
                          "rewound the pruned weights only (biases and normalisation statistics kept their trained "
@@ -473,7 +474,8 @@ def iterative_magnitude_pruning(
         if path is not None and _writes_files():
             with written_atomically(path) as partial:  # a search killed while writing keeps its previous file
                 torch.save(dict(format=_STATE_FORMAT, settings=settings, initial=initial, done=r,
-                                network=state_now(), snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
+                                network=state_now(),
+                                snapshot={name: snapshot_tensor(snapshot, i) for i, name in enumerate(names)},
                                 rest=rest, rewound=rewound, table=[dataclasses.asdict(row) for row in table],
                                 random=_random_states()), partial)
     return LotteryTicket(model=network, masks=_masks(names, targets), rewound_state=rewound, rounds=table)
