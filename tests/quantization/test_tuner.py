@@ -33,6 +33,34 @@ def test_sensitivity_ranks_the_broken_layer_first():
         layer_sensitivity(model, ["0", "9"], [x[:128]])
 
 
+@pytest.mark.parametrize("min_speedup", [None, 1000.0], ids=["int8 chosen", "fp32 kept"])
+def test_an_eval_fn_that_ends_in_training_mode_leaves_the_models_it_scores_in_theirs(min_speedup):
+    """A validation loop's eval_fn ends with model.train(): the fp32 copy was then timed with dropout on (2x slower,
+    the speed-up overstated by as much) and returned in training mode, as was a torch.ao candidate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16)
+    modes_seen = []
+
+    def evaluate(candidate):
+        modes_seen.append(candidate.training)
+        candidate.eval()
+        with torch.no_grad():
+            value = -float((candidate(x) - model(x)).abs().mean())
+        candidate.train()
+        return value
+
+    config = PTQConfig(backends=("torch_ao",), latency_repeats=3, max_trials=2,
+                       **({} if min_speedup is None else {"min_speedup": min_speedup}))
+    result = quantize(model, config, eval_fn=evaluate, example_inputs=x[:1], calibration_data=[x])
+    assert (result.recipe is None) == (min_speedup is not None)
+    assert not any(modes_seen)  # each scored in eval mode, the fp32 copy's second call too
+    assert not any(m.training for m in result.model.modules() if isinstance(m, nn.Dropout))
+    with torch.no_grad():
+        assert torch.equal(result.model(x), result.model(x))  # dropout off
+    assert not model.training
+
+
 class CalledByKeyword(nn.Module):
     """The same layers as `make_sensitive_mlp`'s, the last called as ``fc(input=h)``."""
 

@@ -167,8 +167,21 @@ def warn_unused_model() -> None:
     warnings.warn(UNUSED_MODEL_MESSAGE, UserWarning, stacklevel=3)
 
 
+def call_keeping_modes(eval_fn: Callable[[nn.Module], object], model: nn.Module) -> object:
+    """``eval_fn(model)``, with every module of `model` put back in the mode it had: an eval_fn that ends with
+    ``model.train()``, as a training loop's validation does, left the model it scored timed (dropout on, 2x slower
+    than the int8 candidates) and returned in training mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        return eval_fn(model)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def evaluate_noting_use(eval_fn: Callable[[nn.Module], object], model: nn.Module) -> tuple[object, bool]:
-    """``eval_fn(model)``, and whether it ran `model` (the forward of any of its modules)."""
+    """``eval_fn(model)`` (its modes kept, see `call_keeping_modes`), and whether it ran `model` (the forward of any of
+    its modules)."""
     calls = 0
 
     def count(*_: object) -> None:
@@ -182,7 +195,7 @@ def evaluate_noting_use(eval_fn: Callable[[nn.Module], object], model: nn.Module
     except RuntimeError:  # a module that takes no hooks: not counted, not said
         calls = 1
     try:
-        return eval_fn(model), calls > 0
+        return call_keeping_modes(eval_fn, model), calls > 0
     finally:
         for handle in handles:
             handle.remove()
@@ -808,7 +821,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 try:
                     candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
-                        trial.metric = check_metric(eval_fn(candidate), f"trial {trial.index} ({recipe.describe()})")
+                        trial.metric = check_metric(call_keeping_modes(eval_fn, candidate),
+                                                    f"trial {trial.index} ({recipe.describe()})")
                     met = criterion.is_met(trial.metric, baseline_metric)
                     # timed as its file runs (torch.ao's: a trace, 2-3x faster than its eager int8 modules)
                     timed[trial.index] = search.backend.timed_form(candidate, example_inputs)
