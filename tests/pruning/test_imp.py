@@ -447,6 +447,33 @@ def test_under_ddp_ranks_seeded_apart_rewind_to_rank_0s_initial_weights_and_keep
         assert all(torch.equal(seen["given_after"][key], value) for key, value in seen["given"].items())
 
 
+class _SparseAdjacency(nn.Module):
+    """A graph network keeping its adjacency as a sparse buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        edges = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0]])
+        self.register_buffer("adjacency", torch.sparse_coo_tensor(edges, torch.ones(4), (4, 4)).coalesce())
+        self.fc = nn.Linear(5, 8)
+        self.register_buffer("scale", torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8))
+
+
+def test_the_network_a_search_starts_from_is_told_by_its_values_in_any_layout():
+    """The digest that a resumed search compares failed on a sparse buffer ("unsupported memory format")."""
+    from litcompress.pruning.imp import _fingerprint
+
+    torch.manual_seed(0)
+    model = _SparseAdjacency()
+    assert _fingerprint(model) == _fingerprint(copy.deepcopy(model))
+    changed = copy.deepcopy(model)
+    changed.adjacency = torch.sparse_coo_tensor(torch.tensor([[0], [1]]), torch.ones(1) * 2, (4, 4)).coalesce()
+    assert _fingerprint(changed) != _fingerprint(model)
+    with torch.no_grad():
+        changed = copy.deepcopy(model)
+        changed.fc.weight[0, 0] += 1e-6
+    assert _fingerprint(changed) != _fingerprint(model)
+
+
 def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path, caplog):
     """The plain-loop driver, whose training draws from torch's generator (a shuffled order per call): the generators'
     states are part of the file, so the resumed search matches the uninterrupted one."""

@@ -210,8 +210,13 @@ def _fingerprint(model: nn.Module) -> str:
     for name, value in model.state_dict().items():
         digest.update(name.encode())
         if isinstance(value, Tensor) and not value.is_meta:
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(f"{value.dtype}{value.layout}{tuple(value.shape)}".encode())
+            value = value.detach().cpu()
+            if value.layout != torch.strided:  # (a graph network's sparse adjacency buffer)
+                value = value.to_dense()
+            if value.is_quantized:
+                value = value.int_repr()
+            digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
