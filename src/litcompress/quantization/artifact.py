@@ -21,7 +21,7 @@ from torch import nn
 
 from litcompress._files import file_in_the_way, written_atomically
 
-from .backends import ExportError, FixedDimError, get_backend
+from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend
 from .config import Recipe
 from .outputs import RebuiltOutputs
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
@@ -212,30 +212,31 @@ def _first_damaged_member(archive: zipfile.ZipFile) -> tuple[str, str] | None:
             return info.filename, "fails its checksum"
         # a changed byte in the member's records: a name that no longer decodes, an unknown compression method, an
         # offset outside the file
-        except (UnicodeDecodeError, NotImplementedError, OSError) as error:
+        except (ValueError, NotImplementedError, OverflowError, OSError) as error:
             return info.filename, f"does not read ({type(error).__name__}: {error})"
     return None
 
 
 @contextlib.contextmanager
 def _read_by_torch(path: str) -> Iterator[None]:
-    """torch's reading errors of an archive whose checksums pass in load_quantized's words: its zip reader's (a
-    changed byte in the directory records) and torch.export's deserializer's, whose cause torch logs before it.
-    Other errors (torchao missing for a pt2e file) keep their own."""
+    """torch's reading errors of an archive whose checksums pass, in load_quantized's words: its zip reader's (a
+    changed byte in the directory records) and its deserializers' (TorchScript's pickle records, torch.export's
+    program, whose cause torch logs before it). Other errors (torchao missing for a pt2e file) keep their own."""
     try:
         yield
-    except RuntimeError as error:
+    except BackendUnavailableError:
+        raise
+    # (torch.export's reader asserts the archive's format; a changed byte in a record it decodes or parses)
+    except (RuntimeError, AssertionError, UnicodeDecodeError, json.JSONDecodeError) as error:
         text = str(error).strip()
         first = text.splitlines()[0] if text else type(error).__name__
         if "PytorchStreamReader" in text:
             raise ValueError(f"load_quantized: {path!r} is damaged: torch's zip reader fails on it ({first}); save "
                              "or copy the model file again.") from error
-        if "deserializ" in text:
-            raise ValueError(f"load_quantized: torch.export cannot read the program in {path!r} ({first}; torch's "
-                             "warning above names the cause): an operator it calls that this process has not "
-                             "registered (import the library that defines it before loading), a file written by "
-                             "another torch version, or bytes changed since it was written.") from error
-        raise
+        raise ValueError(f"load_quantized: torch cannot read the model in {path!r} ({first}): bytes changed since it "
+                         "was written (save or copy the file again), a file written by another torch version, or an "
+                         "operator the model calls that this process has not registered (import the library that "
+                         "defines it before loading; torch's warning above names it, if it logged one).") from error
 
 
 def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
@@ -264,7 +265,8 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     if is_zip:
         try:
             archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, UnicodeDecodeError) as error:  # an end record found, its directory unreadable
+        # an end record found, its directory unreadable (a changed byte: a name, a version, an offset)
+        except (zipfile.BadZipFile, ValueError, NotImplementedError, OverflowError, OSError) as error:
             raise ValueError(directory_damaged(error)) from error
         with archive:
             names = archive.namelist()
