@@ -407,7 +407,7 @@ def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, m
         kept_along.append(rows - zero_rows)
         assert kept_along[-1] % multiple == 0 or kept_along[-1] == rows
     assert kept_along == sorted(kept_along, reverse=True)  # never un-pruned
-    unrounded_kept = rows - round(final * rows)
+    unrounded_kept = max(rows - round(final * rows), 1)  # at least one channel stays (a multiple: 4 of 4 rows)
     assert unrounded_kept <= kept_along[-1] < unrounded_kept + multiple
     with pytest.raises(ValueError, match="for structured methods only"):
         GradualPruner([(layer, "weight")], schedule, "l1_unstructured", keep_multiple_of=8)
