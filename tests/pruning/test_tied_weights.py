@@ -255,3 +255,30 @@ def test_tied_weights_stay_one_tensor_in_the_permanent_state_and_one_mask_after_
     shared = [getattr(loaded, holder).weight_mask for holder in ("embedding", "head", "extra")]
     assert shared[0] is shared[1] and shared[2] is not shared[0]
     assert torch.equal(shared[2], three.extra.weight_mask)
+
+
+@SETTINGS
+@given(first=st.floats(0.05, 0.9), then=st.floats(0.05, 0.9), to_sparsity=st.booleans(), method=st.sampled_from(
+    ["l1_unstructured", "random_unstructured"]), scope=st.sampled_from(["global", "local"]))
+def test_a_round_over_both_holders_goes_on_from_the_mask_one_of_them_got_alone(first, then, to_sparsity, method,
+                                                                               scope):
+    """torch's pruning of the embedding alone left the output layer (listed first by the next round) unmasked: the
+    round ranked as if nothing was pruned, then gave the embedding the output layer's new mask (pruned entries came
+    back; a prune_ round by a fraction of the remaining ended below the sparsity it had)."""
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    torch_prune.l1_unstructured(embedding, "weight", amount=first)
+    before = mask_of(embedding, "weight").clone()
+    pruned_before = int((before == 0).sum())
+    targets = [(head, "weight"), (embedding, "weight")]
+    if to_sparsity:
+        total = max(pruned_before, round(then * 40))
+        prune_to_sparsity_(targets, method, then, scope=scope)
+    else:
+        total = pruned_before + round(then * (40 - pruned_before))
+        prune_(targets, method, then, scope=scope)
+    after = mask_of(embedding, "weight")
+    assert after is mask_of(head, "weight")  # one mask under both holders
+    assert int((after == 0).sum()) == total
+    assert not bool(((before == 0) & (after != 0)).any())  # nothing pruned before came back

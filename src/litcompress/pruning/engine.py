@@ -197,18 +197,24 @@ def tensor_key(module: nn.Module, name: str) -> object:
     return id(tensor) if stored else (id(module), name)
 
 
-def distinct_targets(targets: Iterable[Target]) -> list[Target]:
-    """`targets` with each tensor once, under its first target. Tied weights (one Parameter held by several modules,
-    as a language model's output layer holds its input embedding's matrix) are one tensor: counting them once keeps
-    the sparsity exact and the global ranking fair."""
-    seen: set[object] = set()
-    distinct = []
+def _holder_of_each_tensor(targets: Iterable[Target]) -> dict[object, Target]:
+    """By :func:`tensor_key`, in order of first appearance, the target each tensor is pruned under: the first one
+    that carries a mask (torch's own pruning of one holder of a tied weight leaves the others unmasked), else the
+    first one."""
+    holders: dict[object, Target] = {}
     for module, name in targets:
         key = tensor_key(module, name)
-        if key not in seen:
-            seen.add(key)
-            distinct.append((module, name))
-    return distinct
+        if key not in holders or (not is_pruned(*holders[key]) and is_pruned(module, name)):
+            holders[key] = (module, name)
+    return holders
+
+
+def distinct_targets(targets: Iterable[Target]) -> list[Target]:
+    """`targets` with each tensor once, under its first target (its first masked one, when another holder was
+    pruned on its own). Tied weights (one Parameter held by several modules, as a language model's output layer holds
+    its input embedding's matrix) are one tensor: counting them once keeps the sparsity exact and the global ranking
+    fair, and a round goes on from the mask a holder already has."""
+    return list(_holder_of_each_tensor(targets).values())
 
 
 def _tied_holders(named_modules: Iterable[tuple[str, nn.Module]]) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -301,13 +307,13 @@ def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -
 
 
 def share_tied_masks_(targets: Sequence[Target]) -> None:
-    """Give each later target of a tensor the mask buffer of its first target (:func:`distinct_targets`): tied
-    weights are masked alike under every module that holds them, and a later round's in-place update reaches all."""
-    first: dict[object, Target] = {}
+    """Give each other target of a tensor the mask buffer of the target it is pruned under (:func:`distinct_targets`):
+    tied weights are masked alike under every module that holds them, and a later round's in-place update reaches
+    all."""
+    first = _holder_of_each_tensor(targets)
     for module, name in targets:
         key = tensor_key(module, name)
-        if key not in first:
-            first[key] = (module, name)
+        if first[key] == (module, name):
             continue
         mask = mask_of(*first[key])
         if mask is None:
