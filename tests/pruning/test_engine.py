@@ -627,9 +627,13 @@ def test_global_importance_scores_rank_the_entries():
         prune_(default_targets(model), "l1_unstructured", 0.5, importance_scores=torch.ones(3))
 
 
-def test_a_global_round_on_a_diverged_model_names_the_nan_tensor_and_leaves_the_model_as_it_was():
+@pytest.mark.parametrize("how", [dict(), dict(scope="local"), dict(importance_scores=None),
+                                 dict(method="ln_structured", scope="local", n=2, dim=0)],
+                         ids=["global", "local", "scores None", "ln_structured"])
+def test_a_magnitude_round_on_a_diverged_model_names_the_nan_tensor_and_leaves_the_model_as_it_was(how):
     """Every target got its mask (all ones) before the NaN was found, by index ("scores[1] contains NaN"): the
-    model's state dict no longer loaded into its architecture, and which layer had diverged went unsaid."""
+    model's state dict no longer loaded into its architecture, and which layer had diverged went unsaid. Off the
+    global L1 path (per layer, structured, importance_scores=None) torch ranked NaN as the largest value: kept."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     with torch.no_grad():
@@ -638,10 +642,22 @@ def test_a_global_round_on_a_diverged_model_names_the_nan_tensor_and_leaves_the_
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"prune_: Linear.weight holds NaN \(training diverged\?\), which magnitude "
                                          r"pruning cannot rank; nothing was pruned"):
-        prune_model_(model, amount=0.5)
+        prune_model_(model, amount=0.5, **how)
     assert list(model.state_dict()) == list(state) and [id(p) for p in model.parameters()] == parameters
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k != "2.weight")  # (NaN != NaN)
     assert torch.equal(model[2].weight.nan_to_num(), state["2.weight"].nan_to_num())
+
+
+def test_a_refused_scope_or_method_leaves_a_channels_last_target_as_it_was():
+    """The arguments were checked after channels_last targets were re-parametrised (an identity mask): a refused call
+    changed the model's state dict keys."""
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    for method, kwargs, error in (("ln_structured", dict(scope="global", n=2, dim=0), ValueError),
+                                  ("l1_unstructured", dict(scope="Global"), ValueError),
+                                  ("l1_unstructured", dict(scope="local", importance_scores={}), TypeError)):
+        with pytest.raises(error):
+            prune_([(conv, "weight")], method, 0.5, **kwargs)
+        assert sorted(conv.state_dict()) == ["bias", "weight"] and not is_pruned(conv, "weight")
 
 
 class _RootWeight(nn.Module):

@@ -567,6 +567,23 @@ def prune_(
 def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod], amount: float | int,
                      scope: Scope, **method_kwargs: Any) -> None:
     check_prunable(targets, need_values=True)
+    # what the arguments decide, before any target is touched (a channels_last one is re-parametrised below)
+    if scope not in ("global", "local"):
+        raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+    if scope == "global" and getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
+        raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
+    if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
+        raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
+                        "scores, of the targets' shape (each target is ranked on its own); the dict "
+                        "{(module, name): tensor} is for scope='global'.")
+    if method_kwargs.get("importance_scores") is None \
+            and issubclass(method_cls, (torch_prune.L1Unstructured, torch_prune.LnStructured)):
+        # torch's ranking takes NaN for the largest value: kept, on every path but the fast one, which refused it
+        with torch.no_grad():
+            diverged = [f"{type(m).__name__}.{n}" for m, n in targets if holds_nan(trainable_tensor(m, n).detach())]
+        if diverged:
+            raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
+                             "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     if not fast_path:
         # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
@@ -591,8 +608,6 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         if not fast_path:
             _flattenable_masks_(targets)
         if scope == "global":
-            if getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
-                raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
             if fast_path:
                 count = amount if isinstance(amount, int) else round(amount * sum(remaining))
                 _global_magnitude_prune_(targets, count)
@@ -604,18 +619,12 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             scores = _flattenable_scores(targets, method_kwargs)
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, importance_scores=scores,
                                             **kwargs)
-        elif scope == "local":
-            if isinstance(method_kwargs.get("importance_scores"), Mapping):
-                raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
-                                "scores, of the targets' shape (each target is ranked on its own); the dict "
-                                "{(module, name): tensor} is for scope='global'.")
+        else:
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs}, via_apply=True)
             if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
                 kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
                 method_cls.apply(module, name, **kwargs)
-        else:
-            raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
 
 
 def _flattenable_masks_(targets: Sequence[Target]) -> None:
