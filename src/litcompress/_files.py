@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,18 @@ def file_in_the_way(folder: Path) -> Path | None:
         return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     except OSError:
         return None
+
+
+def cannot_write(directory: Path) -> str | None:
+    """Make `directory` (and its parents) and write a temporary file in it: None when that works, else why not (an
+    output folder that cannot be written then fails before any training, not at the first file written after it)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _name_max(directory: Path) -> int:

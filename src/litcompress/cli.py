@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -883,17 +882,14 @@ def _print_report(report: Any) -> None:
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
     """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
     any training rather than after it. `option` and `given` (the path given, default `directory`) name it."""
-    from litcompress._files import file_in_the_way
+    from litcompress._files import cannot_write, file_in_the_way
 
     blocking = file_in_the_way(directory)
     if blocking is not None:
         raise ValueError(f"{option} {given or directory}: {blocking} is a file, not a directory.")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise ValueError(f"{option} {given or directory}: cannot write there ({error.strerror or error}).") from None
+    why = cannot_write(directory)
+    if why is not None:
+        raise ValueError(f"{option} {given or directory}: cannot write there ({why}).")
 
 
 def _check_plot_path(path: Path) -> None:

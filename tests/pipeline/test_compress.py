@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -626,6 +627,22 @@ def test_a_numpy_step_count_is_taken_as_an_int(trained, digits):
                       fine_tune=fine_tune, fine_tune_steps=np.int64(10))
     assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=1e-4)
     assert "during 10 fine-tuning steps" in result.report["pruned"].description
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="a folder that cannot be written to, even by root")
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_stage(trained, digits):
+    """It failed at the first file, after all the fine-tuning, in torch's words naming no file ("open file failed
+    with strerror: No such file or directory")."""
+    calls = []
+
+    def fine_tune(model, step):
+        calls.append(step)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), **FAST)
+    with pytest.raises(ValueError, match=r"compress\(output_dir='/proc/self'\): cannot write there"):
+        compress(trained, config, eval_fn=lambda m: calls.append("eval") or 1.0, example_inputs=digits[2][:8],
+                 fine_tune=fine_tune, fine_tune_steps=10, output_dir="/proc/self")
+    assert calls == []
 
 
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):

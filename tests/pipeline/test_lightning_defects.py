@@ -3,6 +3,7 @@ validation loop never ran, a DataModule that prepares its data; and arguments re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,15 @@ def test_fit_end_arguments_that_would_fail_after_the_fit_are_refused_at_construc
                 "QuantizeOnFitEnd metric": lambda: QuantizeOnFitEnd(PTQConfig(), 5)}
     with pytest.raises(error, match=message):
         (quantize[make] if isinstance(make, str) else make)()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="a folder that cannot be written to, even by root")
+def test_a_fit_end_output_dir_that_cannot_be_written_is_refused_before_training(tmp_path) -> None:
+    """The fit ran, then the report's write failed at fit end (FileNotFoundError naming a '.partial.json')."""
+    trainer = _trainer(max_epochs=1, callbacks=[CompressOnFitEnd(CONFIG, output_dir="/proc/self")])
+    with pytest.raises(ValueError, match=r"CompressOnFitEnd\(output_dir='/proc/self'\): cannot write there"):
+        trainer.fit(Tiny(), _loader(_data(48, 0)), _loader(_data(16, 1)))
+    assert trainer.global_step == 0
 
 
 def test_fine_tuning_that_would_make_no_step_is_refused_before_any_stage() -> None:

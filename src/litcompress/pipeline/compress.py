@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._files import file_in_the_way, partial_path, written_atomically
+from litcompress._files import cannot_write, file_in_the_way, partial_path, written_atomically
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, close_names, compiled_module_names,
                                         deepcopy_model, distinct_targets, eager_copy, is_excluded,
                                         keep_bypassed_weights_current_, make_permanent_, permanent_state_dict,
@@ -892,7 +892,9 @@ def compress(
         if blocking is not None:  # (mkdir's "Not a directory" for one of its parents)
             raise NotADirectoryError(f"compress(output_dir={str(directory)!r}): {blocking} is a file; give a "
                                      "directory.")
-        directory.mkdir(parents=True, exist_ok=True)
+        why = cannot_write(directory)  # before any stage: it failed at the first file, after all the fine-tuning
+        if why is not None:
+            raise ValueError(f"compress(output_dir={str(directory)!r}): cannot write there ({why}).")
 
     messages: list[str] = []
 

@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +23,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from litcompress._files import cannot_write
 from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
@@ -530,6 +532,11 @@ class CompressOnFitEnd(L.Callback):
         check_fit_for_fit_end_work(trainer, "CompressOnFitEnd", "stage",
                                    "litcompress.compress_lightning (or `litcompress compress --checkpoint`)")
         check_best_weights_can_be_found(trainer, self.weights, "CompressOnFitEnd")
+        if trainer.is_global_zero:  # (rank 0 writes the files) a folder that cannot be written failed after the fit
+            why = cannot_write(Path(os.fspath(self.output_dir)))
+            if why is not None:
+                raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): cannot write there "
+                                 f"({why}).")
         if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None \
                 and not is_overridden("test_dataloader", pl_module):
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
