@@ -645,6 +645,32 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_stage(traine
     assert calls == []
 
 
+class CompilesItsBody(nn.Module):
+    """Compiles a block in __init__, as some models do: its state dict's keys hold `_orig_mod.`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.compile(nn.Sequential(nn.Linear(64, 32), nn.ReLU()))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_the_pruned_state_loads_into_an_architecture_with_a_compiled_part(digits, tmp_path):
+    """The file's keys were the eager copy's (body.0.weight): it did not load into the model's own class."""
+    torch.manual_seed(0)
+    model = CompilesItsBody()
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="oneshot"), shrink=False, export=False,
+                               latency_repeats=2)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:8], output_dir=tmp_path)
+    fresh = CompilesItsBody()
+    fresh.load_state_dict(torch.load(tmp_path / "pruned_state_dict.pt"))  # strict: every key matched
+    pruned = result.stage_models["pruned"]
+    assert torch.equal(fresh.body._orig_mod[0].weight, pruned.body[0].weight)
+    assert torch.equal(fresh.head.weight, pruned.head.weight) and bool((fresh.head.weight == 0).any())
+
+
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):
     def fine_tune(model, step):
         train(model, digits[0], digits[1], steps=5, step_fn=step)

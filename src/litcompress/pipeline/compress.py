@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from litcompress._files import cannot_write, file_in_the_way, partial_path, written_atomically
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, close_names, compiled_module_names,
-                                        deepcopy_model, distinct_targets, eager_copy, is_excluded,
+                                        deepcopy_model, distinct_targets, eager_copy, is_compiled, is_excluded,
                                         keep_bypassed_weights_current_, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
                                         trainable_tensor, with_tied_targets)
@@ -719,6 +719,29 @@ class _Pruning:
         return grew
 
 
+def _compiled_prefixes(model: nn.Module) -> list[tuple[str, str]]:
+    """For each ``torch.compile``'d sub-module of `model` (`model` itself unwrapped: its eager class is what the
+    user builds), the key prefix of its tensors in the eager copy compress works on and in `model`'s state dict
+    (``body.`` and ``body._orig_mod.``), longest first."""
+    while is_compiled(model):
+        model = model._orig_mod
+    prefixes = [(".".join(p for p in name.split(".") if p != "_orig_mod") + ".", name + "._orig_mod.")
+                for name in compiled_module_names(model) if name]
+    return sorted(prefixes, key=lambda pair: len(pair[0]), reverse=True)
+
+
+def _with_compiled_prefixes(state: dict[str, Any], prefixes: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """`state`, of the eager copy, with the keys of the model as given (a module built with a compiled part
+    loads it: ``body._orig_mod.0.weight``, not ``body.0.weight``)."""
+    if not prefixes:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        eager, given = next(((e, g) for e, g in prefixes if key.startswith(e)), ("", ""))
+        renamed[given + key[len(eager):] if eager else key] = value
+    return renamed
+
+
 def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: int | None = None,
                    example_inputs: torch.Tensor | tuple | None = None) -> tuple[ShrinkResult, list[str]]:
     """What structured pruning to ``prune.sparsity`` and shrink do to `model`'s size, without data or training: a
@@ -842,6 +865,7 @@ def compress(
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
         check_model_on_cpu(model, "compress(model=...) with config.quantize")
     compiled = compiled_module_names(model)
+    compiled_prefixes = _compiled_prefixes(model)  # (before the eager copy) the keys of the architecture as given
     if compiled:  # fx, the exporters and the int8 backends need eager modules; a copy, the model given stays compiled
         model = eager_copy(model)
     inputs = example_as_inputs(model, example_inputs, input_fn)  # a dict: by forward's parameter names
@@ -990,6 +1014,7 @@ def compress(
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
             state, kept_folded = unfold_state_dict(model, permanent_state_dict(work), folded)
+            state = _with_compiled_prefixes(state, compiled_prefixes)
             if kept_folded:
                 note(f"{PRUNED_STATE_FILE} holds plain weights for {', '.join(kept_folded)}: their parametrization "
                      "does not give a weight back from its value; load it after "
