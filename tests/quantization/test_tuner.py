@@ -61,6 +61,23 @@ def test_an_eval_fn_that_ends_in_training_mode_leaves_the_models_it_scores_in_th
     assert not model.training
 
 
+def test_a_nan_on_every_variant_still_falls_back_to_the_layer_that_causes_it():
+    """A metric that is NaN while the first layer is int8 (a loss overflowing there): every knob variant failed,
+    the search ended without the per-layer fallback that fixes it, and said no candidate could be built."""
+    torch.manual_seed(0)
+    model, x, _ = make_sensitive_mlp()
+
+    def evaluate(candidate):
+        with torch.no_grad():
+            out = candidate(x[:64])
+        return float("nan") if type(candidate[0]) is not nn.Linear else -float((out - model(x[:64])).abs().mean())
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3, max_trials=6)
+    result = quantize(model, config, eval_fn=evaluate, example_inputs=x[:1])
+    assert result.recipe is not None and "0" in result.recipe.fp32_layers
+    assert [t.error is not None for t in result.trials][:2] == [True, True]
+
+
 class CalledByKeyword(nn.Module):
     """The same layers as `make_sensitive_mlp`'s, the last called as ``fc(input=h)``."""
 
@@ -478,9 +495,11 @@ def test_nan_from_a_candidate_is_recorded_and_search_goes_on(trained_mlp, digits
             return 1.0 if torch.equal(model(x_test), reference) else float("nan")
 
     config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
-    with pytest.warns(QuantizationGoalWarning):
+    with pytest.warns(QuantizationGoalWarning, match="No quantized candidate could be scored: eval_fn failed on "
+                                                      "every one built, or gave NaN"):
         result = quantize(trained_mlp, config, eval_fn=nan_unless_exact, example_inputs=x_test[:1])
-    assert len(result.trials) == 2  # both knob variants tried; no metric, so no fallback
+    # both knob variants, then the fallback from the first (a layer in fp32 may be what scores), never all of them
+    assert [t.recipe.fp32_layers != () for t in result.trials] == [False, False, True]
     assert all("nan" in t.error for t in result.trials)
     assert result.recipe is None and result.model is not None
 

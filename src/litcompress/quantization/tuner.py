@@ -513,6 +513,7 @@ class _BackendSearch:
         self.layers = set(layers)  # those it makes int8: the only ones a fallback keeps in fp32
         self.pending = list(backend.recipes(approach))
         self.tried: list[Trial] = []
+        self.unscored: list[Trial] = []  # built, but eval_fn failed on them (or gave NaN)
         self.fallback_started = False
         self.done = False
 
@@ -528,10 +529,12 @@ class _BackendSearch:
         if self.pending:
             return self.pending.pop(0)
         ran = [t for t in self.tried if t.metric is not None]
-        if not allow_fallback or not ran:
+        # every variant built but none scored (a NaN loss while a layer is int8): the fallback goes on from the
+        # first, since a layer kept in fp32 may be what scores
+        if not allow_fallback or not (ran or self.unscored):
             self.done = True
             return None
-        base = max(ran, key=score)
+        base = max(ran, key=score) if ran else self.unscored[0]
         order = [name for name in ranking(base.recipe.per_channel, self.backend.table_scale_per_row)
                  if name in self.layers]
         tried = {t.recipe for t in self.tried}
@@ -818,6 +821,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 trial = Trial(index=len(trials) + 1, recipe=recipe)
                 trials.append(trial)
                 t0 = time.monotonic()
+                candidate = None
                 try:
                     candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
@@ -847,6 +851,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                         search.done = True  # every recipe of this backend needs the same export
                         note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
                 except Exception as exc:  # one broken candidate must not end a long search
+                    if candidate is not None and trial.metric is None:
+                        search.unscored.append(trial)
                     trial.error = f"{type(exc).__name__}: {exc}"
                     hint = fixed_size_hint(trial.error)
                     if hint:
@@ -951,6 +957,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             elif interrupted:  # (the trials before it failed, as result.trials says)
                 warning = (f"The search was interrupted {where}, before any quantized candidate was finished: "
                            "returning an fp32 copy of the model.")
+            elif any(search.unscored for search in searches):
+                warning = ("No quantized candidate could be scored: eval_fn failed on every one built, or gave "
+                           "NaN (see result.messages/trials): returning an fp32 copy of the model.")
             else:
                 warning = ("No quantized candidate could be built (see result.messages/trials): returning "
                            "an fp32 copy of the model.")
