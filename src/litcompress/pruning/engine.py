@@ -576,15 +576,15 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
                         "scores, of the targets' shape (each target is ranked on its own); the dict "
                         "{(module, name): tensor} is for scope='global'.")
-    if method_kwargs.get("importance_scores") is None \
+    fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
+    if not fast_path and method_kwargs.get("importance_scores") is None \
             and issubclass(method_cls, (torch_prune.L1Unstructured, torch_prune.LnStructured)):
-        # torch's ranking takes NaN for the largest value: kept, on every path but the fast one, which refused it
+        # torch's ranking takes NaN for the largest value: kept (the fast path refuses it as it ranks)
         with torch.no_grad():
             diverged = [f"{type(m).__name__}.{n}" for m, n in targets if holds_nan(trainable_tensor(m, n).detach())]
         if diverged:
             raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
                              "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
-    fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     if not fast_path:
         # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
         # an optimizer step it still holds the weights from before that step. Rank orig * mask as it is now (the
