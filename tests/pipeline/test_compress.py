@@ -669,6 +669,47 @@ def test_the_pruned_state_loads_into_an_architecture_with_a_compiled_part(digits
     pruned = result.stage_models["pruned"]
     assert torch.equal(fresh.body._orig_mod[0].weight, pruned.body[0].weight)
     assert torch.equal(fresh.head.weight, pruned.head.weight) and bool((fresh.head.weight == 0).any())
+    # the narrow weights too
+    from litcompress.pruning import load_shrunk_state_dict
+
+    structured = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", schedule="oneshot"),
+                                   export=False, latency_repeats=2)
+    result = compress(model, structured, eval_fn=lambda m: 1.0, example_inputs=digits[2][:8],
+                      output_dir=tmp_path / "shrunk")
+    narrow = load_shrunk_state_dict(CompilesItsBody(), torch.load(tmp_path / "shrunk" / "shrunk_state_dict.pt"))
+    assert narrow.body._orig_mod[0].out_features == result.stage_models["shrunk"].body[0].out_features < 32
+
+
+class _Dropping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_every_stage_is_scored_tested_and_timed_in_eval_mode_whatever_eval_fn_leaves(digits):
+    """An eval_fn ending in model.train(), as a validation loop does: the stages after the first were tested and
+    timed with dropout on, and the result came back in training mode."""
+    x = digits[2][:64]
+    seen = []
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        return 1.0
+
+    def test(model):
+        seen.append(model.training)
+        return 1.0
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="oneshot"), export=False, latency_repeats=2)
+    result = compress(_Dropping().eval(), config, eval_fn=evaluate, test_fn=test, example_inputs=x[:8])
+    assert len(seen) >= 2 and not any(seen)
+    assert not result.model.training
 
 
 def test_a_fine_tuning_loop_that_stops_early_still_reaches_the_sparsity(trained, digits):

@@ -51,7 +51,8 @@ from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
 from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_batches,
                                             check_calibration_data, check_declared_dims_vary, check_metric,
-                                            check_model_on_cpu, check_model_runs, default_input_fn, evaluate_noting_use,
+                                            call_keeping_modes, check_model_on_cpu, check_model_runs, default_input_fn,
+                                            evaluate_noting_use,
                                             example_as_inputs, model_input_fn, quantize, warn_time_major_inputs,
                                             warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
@@ -292,8 +293,8 @@ class _Stages:
         model.eval()
         if metric is None:
             with torch.no_grad():
-                if self.rows:
-                    value = self.eval_fn(model)
+                if self.rows:  # (eval mode kept: an eval_fn ending in model.train() left the stage timed so)
+                    value = call_keeping_modes(self.eval_fn, model)
                 else:  # the first evaluation tells whether eval_fn runs the model it is given at all
                     value, ran = evaluate_noting_use(self.eval_fn, model)
                     self.model_unused = not ran
@@ -322,7 +323,7 @@ class _Stages:
 
     def _test(self, stage: str, model: nn.Module) -> float:
         with torch.no_grad():
-            return check_metric(self.test_fn(model), f"stage {stage!r} (test)")
+            return check_metric(call_keeping_modes(self.test_fn, model), f"stage {stage!r} (test)")
 
     def test_first(self) -> None:
         """The first stage's test metric now: a test step that cannot judge a model fails before any work."""
@@ -1061,7 +1062,7 @@ def compress(
                 if directory is not None:
                     # the narrow fp32 weights: litcompress.load_shrunk_state_dict(Model(...), state) loads them
                     with written_atomically(directory / SHRUNK_STATE_FILE) as partial:
-                        torch.save(work.state_dict(), partial)
+                        torch.save(_with_compiled_prefixes(work.state_dict(), compiled_prefixes), partial)
                     written.add(SHRUNK_STATE_FILE)
                     if folded:
                         note(f"{SHRUNK_STATE_FILE} holds plain weights for the parametrized {', '.join(folded)}: "
