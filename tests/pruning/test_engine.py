@@ -648,6 +648,28 @@ def test_a_magnitude_round_on_a_diverged_model_names_the_nan_tensor_and_leaves_t
     assert torch.equal(model[2].weight.nan_to_num(), state["2.weight"].nan_to_num())
 
 
+def test_a_nan_already_pruned_or_a_method_of_ones_own_is_let_be_in_a_round_per_layer():
+    """The refusal of NaN scanned the pruned entries too, and took a subclass of torch's method (which may rank NaN
+    itself) for torch's: rounds that ran before were refused."""
+    class NanLast(torch_prune.L1Unstructured):
+        def compute_mask(self, t, default_mask):
+            return super().compute_mask(torch.nan_to_num(t, nan=0.0), default_mask)
+
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    torch_prune.l1_unstructured(layer, "weight", amount=0.5)
+    with torch.no_grad():
+        row, column = (layer.weight_mask == 0).nonzero()[0]
+        layer.weight_orig[row, column] = float("nan")
+    prune_([(layer, "weight")], "l1_unstructured", 0.5, scope="local")
+    assert int((layer.weight_mask == 0).sum()) == 48 and layer.weight_mask[row, column] == 0
+    fresh = nn.Linear(8, 8)
+    with torch.no_grad():
+        fresh.weight[0, 0] = float("nan")
+    prune_([(fresh, "weight")], NanLast, 0.5, scope="local")
+    assert int((fresh.weight_mask == 0).sum()) == 32 and fresh.weight_mask[0, 0] == 0
+
+
 def test_a_refused_scope_or_method_leaves_a_channels_last_target_as_it_was():
     """The arguments were checked after channels_last targets were re-parametrised (an identity mask): a refused call
     changed the model's state dict keys."""

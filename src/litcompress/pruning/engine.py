@@ -324,6 +324,22 @@ def share_tied_masks_(targets: Sequence[Target]) -> None:
         refresh_cached_tensor(module, name)  # also when the buffer was shared already and updated in place
 
 
+def merge_tied_masks_(targets: Sequence[Target]) -> None:
+    """Holders of one tensor pruned apart (torch's pruning of each on its own: two mask buffers) are masked by both
+    masks, under one buffer: a round goes on from every entry either pruned, never bringing one back."""
+    holders = _holder_of_each_tensor(targets)
+    merged = False
+    with torch.no_grad():
+        for module, name in targets:
+            first = holders[tensor_key(module, name)]
+            mask, kept = mask_of(module, name), mask_of(*first)
+            if mask is not None and kept is not None and mask is not kept:
+                kept.mul_(mask.to(kept.dtype))
+                merged = True
+    if merged:
+        share_tied_masks_(targets)
+
+
 def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
     """Prune ``module.<name>`` with an explicit mask (1 keeps, 0 prunes), combined with any existing mask."""
     _write_mask_(module, name, mask, combine=True)
@@ -560,6 +576,7 @@ def prune_(
     # a missing `n`/`dim`, or a `dim` no tensor has, failed inside torch with its words
     check_method_kwargs(method_cls, method_kwargs, "prune_", ndims={trainable_tensor(m, n).dim() for m, n in targets},
                         others_ok=True)
+    merge_tied_masks_(targets)
     _prune_distinct_(distinct_targets(targets), method_cls, amount, scope, **method_kwargs)
     share_tied_masks_(targets)
 
@@ -578,10 +595,11 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                         "{(module, name): tensor} is for scope='global'.")
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     if not fast_path and method_kwargs.get("importance_scores") is None \
-            and issubclass(method_cls, (torch_prune.L1Unstructured, torch_prune.LnStructured)):
-        # torch's ranking takes NaN for the largest value: kept (the fast path refuses it as it ranks)
+            and method_cls in (torch_prune.L1Unstructured, torch_prune.LnStructured):
+        # torch's ranking takes NaN for the largest value: kept (the fast path refuses it as it ranks). The entries
+        # still kept only (a NaN pruned earlier stays pruned), and torch's own methods (a subclass may handle it)
         with torch.no_grad():
-            diverged = [f"{type(m).__name__}.{n}" for m, n in targets if holds_nan(trainable_tensor(m, n).detach())]
+            diverged = [f"{type(m).__name__}.{n}" for m, n in targets if _kept_values_hold_nan(m, n)]
         if diverged:
             raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
                              "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
@@ -625,6 +643,14 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                 kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
                 method_cls.apply(module, name, **kwargs)
+
+
+def _kept_values_hold_nan(module: nn.Module, name: str) -> bool:
+    """Whether an entry of ``module.<name>`` that no mask prunes holds NaN."""
+    values, mask = trainable_tensor(module, name).detach(), mask_of(module, name)
+    if not holds_nan(values):
+        return False
+    return mask is None or bool((torch.isnan(values) & (mask != 0)).any())
 
 
 def _flattenable_masks_(targets: Sequence[Target]) -> None:
@@ -880,6 +906,7 @@ def prune_to_sparsity_(
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     check_keep_multiple_of(keep_multiple_of, method_cls)
+    merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
     before = sum(pruned_count(m, n) for m, n in targets)
     if scope == "global":
         total = sum(getattr(m, n).numel() for m, n in targets)
