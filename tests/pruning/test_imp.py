@@ -472,6 +472,10 @@ def test_the_network_a_search_starts_from_is_told_by_its_values_in_any_layout():
         changed = copy.deepcopy(model)
         changed.fc.weight[0, 0] += 1e-6
     assert _fingerprint(changed) != _fingerprint(model)
+    changed = copy.deepcopy(model)  # the same integers, another scale
+    changed.scale = torch.quantize_per_tensor(torch.ones(3) * 5, 0.5, 0, torch.quint8)
+    assert torch.equal(changed.scale.int_repr(), model.scale.int_repr())
+    assert _fingerprint(changed) != _fingerprint(model)
 
 
 def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_more_rounds(tmp_path, caplog):

@@ -259,17 +259,21 @@ def test_tied_weights_stay_one_tensor_in_the_permanent_state_and_one_mask_after_
 
 @SETTINGS
 @given(first=st.floats(0.05, 0.9), then=st.floats(0.05, 0.9), to_sparsity=st.booleans(), method=st.sampled_from(
-    ["l1_unstructured", "random_unstructured"]), scope=st.sampled_from(["global", "local"]))
+    ["l1_unstructured", "random_unstructured"]), scope=st.sampled_from(["global", "local"]), both=st.booleans())
 def test_a_round_over_both_holders_goes_on_from_the_mask_one_of_them_got_alone(first, then, to_sparsity, method,
-                                                                               scope):
+                                                                               scope, both):
     """torch's pruning of the embedding alone left the output layer (listed first by the next round) unmasked: the
     round ranked as if nothing was pruned, then gave the embedding the output layer's new mask (pruned entries came
-    back; a prune_ round by a fraction of the remaining ended below the sparsity it had)."""
+    back; a prune_ round by a fraction of the remaining ended below the sparsity it had). With both holders pruned
+    apart (two masks), the first one's replaced the other's."""
     torch.manual_seed(0)
     embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
     head.weight = embedding.weight
     torch_prune.l1_unstructured(embedding, "weight", amount=first)
     before = mask_of(embedding, "weight").clone()
+    if both:
+        torch_prune.random_unstructured(head, "weight", amount=0.3)
+        before = before * mask_of(head, "weight")
     pruned_before = int((before == 0).sum())
     targets = [(head, "weight"), (embedding, "weight")]
     if to_sparsity:
@@ -282,3 +286,23 @@ def test_a_round_over_both_holders_goes_on_from_the_mask_one_of_them_got_alone(f
     assert after is mask_of(head, "weight")  # one mask under both holders
     assert int((after == 0).sum()) == total
     assert not bool(((before == 0) & (after != 0)).any())  # nothing pruned before came back
+
+
+@pytest.mark.parametrize("use_global_unstructured", [True, False])
+def test_model_pruning_logs_the_zeros_a_tied_tensor_had_before_the_round(caplog, use_global_unstructured):
+    """The output layer (listed first) was unmasked before the round, the embedding after it: the line read
+    'Pruned: 0/40 (0.00%)' for the 12 zeros torch's pruning of the embedding had left."""
+    import logging
+
+    from litcompress import ModelPruning
+
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    torch_prune.l1_unstructured(embedding, "weight", amount=0.3)
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=[(head, "weight"), (embedding, "weight")],
+                            use_global_unstructured=use_global_unstructured, amount=0.5, verbose=1)
+    callback._parameters_to_prune = [(head, "weight"), (embedding, "weight")]  # as setup finds them
+    with caplog.at_level(logging.INFO):
+        callback.apply_pruning(0.5)
+    assert "Pruned: 12/40 (30.00%) -> 26/40 (65.00%)" in caplog.text

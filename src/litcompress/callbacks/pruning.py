@@ -465,15 +465,20 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self, prev: list[tuple[int, int]], curr: list[tuple[int, int]], amount: Union[int, float] = 0
     ) -> None:
         # a tied tensor counts once in the total, and so does a target listed twice (a module registered under two
-        # names): each is counted where it first appears
-        distinct = {(id(m), n) for m, n in engine.distinct_targets(self._parameters_to_prune)}
-        once = []
-        for module, name in self._parameters_to_prune:
-            once.append((id(module), name) in distinct)
-            distinct.discard((id(module), name))
-        total = TensorSparsity("total", sum(z for (z, _), o in zip(curr, once) if o),
-                               sum(n for (_, n), o in zip(curr, once) if o))
-        prev_zeros = sum(z for (z, _), o in zip(prev, once) if o)
+        # names), with the zeros of its most pruned holder (before a round, torch's pruning of one holder alone left
+        # the other unmasked)
+        keys = [engine.tensor_key(m, n) for m, n in self._parameters_to_prune]
+
+        def once_per_tensor(stats: list[tuple[int, int]]) -> list[tuple[int, int]]:
+            most: dict[object, tuple[int, int]] = {}
+            for key, (zeros, numel) in zip(keys, stats):
+                if key not in most or zeros > most[key][0]:
+                    most[key] = (zeros, numel)
+            return list(most.values())
+
+        counted = once_per_tensor(curr)
+        total = TensorSparsity("total", sum(z for z, _ in counted), sum(n for _, n in counted))
+        prev_zeros = sum(z for z, _ in once_per_tensor(prev))
         log.info(
             f"Applied `{self._pruning_method_name}`. Pruned:"
             f" {prev_zeros}/{total.numel} ({prev_zeros / total.numel if total.numel else 0.0:.2%}) ->"

@@ -214,7 +214,8 @@ def _fingerprint(model: nn.Module) -> str:
             value = value.detach().cpu()
             if value.layout != torch.strided:  # (a graph network's sparse adjacency buffer)
                 value = value.to_dense()
-            if value.is_quantized:
+            if value.is_quantized:  # its integers and what they stand for (scales, zero points)
+                digest.update(value.dequantize().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
                 value = value.int_repr()
             digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
