@@ -385,6 +385,19 @@ else:
     assert "is damaged" not in run.stdout
 
 
+def test_torchs_own_words_about_the_host_are_not_taken_for_damage():
+    """A file written on a GPU, read where CUDA is missing, was said to be changed or of another torch version."""
+    from litcompress.quantization.artifact import _read_by_torch
+
+    cuda = ("Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False. If you are "
+            "running on a CPU-only machine, please use torch.load with map_location=torch.device('cpu').")
+    with pytest.raises(RuntimeError, match="CUDA device"), _read_by_torch("m.pt2"):
+        raise RuntimeError(cuda)
+    with pytest.raises(ValueError, match=r"torch cannot read the model in 'm.pt'.*Expected PROTO opcode"), \
+            _read_by_torch("m.pt"):
+        raise RuntimeError("Expected PROTO opcode at the start of pickle archive, found 224")
+
+
 def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):
     """It failed at the rename, after the whole export, naming an internal '.partial' file."""
     with pytest.raises(IsADirectoryError, match="is a directory; give a file path in it"):
