@@ -532,7 +532,8 @@ class CompressOnFitEnd(L.Callback):
         check_fit_for_fit_end_work(trainer, "CompressOnFitEnd", "stage",
                                    "litcompress.compress_lightning (or `litcompress compress --checkpoint`)")
         check_best_weights_can_be_found(trainer, self.weights, "CompressOnFitEnd")
-        if trainer.is_global_zero:  # (rank 0 writes the files) a folder that cannot be written failed after the fit
+        # (rank 0 writes the files; fast_dev_run none) a folder that cannot be written failed after the whole fit
+        if trainer.is_global_zero and not trainer.fast_dev_run:
             why = cannot_write(Path(os.fspath(self.output_dir)))
             if why is not None:
                 raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): cannot write there "
