@@ -183,7 +183,8 @@ def compare_masks(path_a: str, path_b: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="processes per variant")
-    parser.add_argument("--rounds", type=int, default=3, help="pruning rounds per process")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="pruning rounds per process (>= 2: the first round is timed apart from the later ones)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model lives (cuda: times synchronized, peaks of GPU memory allocated)")
@@ -195,11 +196,11 @@ def main() -> None:
         print(json.dumps(run_worker(args.worker, args.rounds, args.threads, args.save_masks,
                                     pinned=args.allocator == "pinned", device=args.device)))
         return
-    for name in ("repeats", "rounds", "threads"):
+    if args.rounds < 2:  # (before the >= 1 checks: 0 was told ">= 1")  # the table's "later rounds" need a second round (else NaN, and bad JSON)
+        parser.error("--rounds must be >= 2: the first round is timed apart from the later ones")
+    for name in ("repeats", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.rounds < 2:  # the table's "later rounds" need a second round (else NaN, and bad JSON)
-        parser.error("--rounds must be >= 2: the first round is timed apart from the later ones")
     if args.device == "cuda":
         import torch  # the parent only spawns and compares: importing torch here times nothing
 

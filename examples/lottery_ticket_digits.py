@@ -32,6 +32,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="save the search here after every round, and resume it from here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # at parse, as the other examples do (not a traceback from the search, or after a fit of 0 epochs)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if not 0 < args.rate < 1:
+        parser.error("--rate must be a fraction in (0, 1) of the remaining weights")
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    if args.rewind_to_step < 0:
+        parser.error("--rewind-to-step must be >= 0 (0 rewinds to initialisation)")
 
     seed_everything(args.seed, verbose=False)
     module = MLPClassifier(hidden=(128, 128), lr=3e-3)

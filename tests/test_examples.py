@@ -143,6 +143,10 @@ PARSE_REFUSALS = [
     # quantized an untrained CNN; built a 0-wide MLP (both exited 0)
     ("examples/quantize_lightning.py", ["--epochs", "0"], "--epochs and --max-trials must be >= 1"),
     ("examples/prune_digits.py", ["--hidden", "0"], "--hidden must be >= 1, got 0"),
+    # a traceback from the search; --epochs 0 ran a fit first, then blamed --rewind-to-step
+    ("examples/lottery_ticket_digits.py", ["--rate", "1.0"], "--rate must be a fraction in (0, 1)"),
+    ("examples/lottery_ticket_digits.py", ["--epochs", "0"], "--epochs must be >= 1"),
+    ("benchmarks/prune_step.py", ["--rounds", "0"], "--rounds must be >= 2"),  # said ">= 1"
     # failed after the training, in torch.save's or compress's words
     ("examples/prune_lstm_units_lightning.py", ["--save", "."], "--save . is a directory; give a file path"),
     ("examples/quantize_lightning.py", ["--output", str(EXAMPLES.parent / "pyproject.toml" / "x.int8")],
