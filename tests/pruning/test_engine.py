@@ -668,6 +668,9 @@ def test_a_nan_already_pruned_or_a_method_of_ones_own_is_let_be_in_a_round_per_l
         fresh.weight[0, 0] = float("nan")
     prune_([(fresh, "weight")], NanLast, 0.5, scope="local")
     assert int((fresh.weight_mask == 0).sum()) == 32 and fresh.weight_mask[0, 0] == 0
+    # structured, a row's norm over orig * mask is NaN for a NaN under a zero too: the row would rank largest
+    with pytest.raises(ValueError, match="holds NaN"):
+        prune_([(layer, "weight")], "ln_structured", 4, scope="local", n=1, dim=0)
 
 
 def test_a_refused_scope_or_method_leaves_a_channels_last_target_as_it_was():

@@ -306,3 +306,28 @@ def test_model_pruning_logs_the_zeros_a_tied_tensor_had_before_the_round(caplog,
     with caplog.at_level(logging.INFO):
         callback.apply_pruning(0.5)
     assert "Pruned: 12/40 (30.00%) -> 26/40 (65.00%)" in caplog.text
+
+
+def test_a_refused_round_leaves_the_masks_of_holders_pruned_apart_as_they_were():
+    """Their masks were merged before the round's checks: a refused call ('nothing was pruned') left them merged."""
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    torch_prune.l1_unstructured(embedding, "weight", amount=0.3)
+    torch_prune.random_unstructured(head, "weight", amount=0.3)
+    masks = {"embedding": embedding.weight_mask.clone(), "head": head.weight_mask.clone()}
+    x = torch.randn(3, 4)
+    out = head(x)
+    targets = [(head, "weight"), (embedding, "weight")]
+    for call in (lambda: prune_(targets, "l1_unstructured", 0.5, scope="bogus"),
+                 lambda: prune_(targets, "l1_unstructured", 1000, scope="global")):
+        with pytest.raises(ValueError):
+            call()
+        assert torch.equal(embedding.weight_mask, masks["embedding"]) and torch.equal(head.weight_mask, masks["head"])
+        assert torch.equal(head(x), out)
+    with torch.no_grad():  # a NaN in an entry both keep: refused inside the round, after the merge
+        kept = ((masks["embedding"] * masks["head"]) != 0).nonzero()[0]
+        embedding.weight_orig[kept[0], kept[1]] = float("nan")
+    with pytest.raises(ValueError, match="holds NaN"):
+        prune_to_sparsity_(targets, "l1_unstructured", 0.6, scope="local")
+    assert torch.equal(embedding.weight_mask, masks["embedding"]) and torch.equal(head.weight_mask, masks["head"])

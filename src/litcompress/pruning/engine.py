@@ -26,7 +26,7 @@ import os
 import sys
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -324,20 +324,33 @@ def share_tied_masks_(targets: Sequence[Target]) -> None:
         refresh_cached_tensor(module, name)  # also when the buffer was shared already and updated in place
 
 
-def merge_tied_masks_(targets: Sequence[Target]) -> None:
+def merge_tied_masks_(targets: Sequence[Target]) -> Callable[[], None]:
     """Holders of one tensor pruned apart (torch's pruning of each on its own: two mask buffers) are masked by both
-    masks, under one buffer: a round goes on from every entry either pruned, never bringing one back."""
+    masks, under one buffer: a round goes on from every entry either pruned, never bringing one back. Returns what
+    undoes it (a round refused after it leaves the model as it was)."""
     holders = _holder_of_each_tensor(targets)
-    merged = False
+    changed: dict[int, tuple[Tensor, Tensor]] = {}  # the merged buffers, with their values before
+    buffers = [(module, name, mask_of(module, name)) for module, name in targets]
     with torch.no_grad():
         for module, name in targets:
             first = holders[tensor_key(module, name)]
             mask, kept = mask_of(module, name), mask_of(*first)
             if mask is not None and kept is not None and mask is not kept:
+                changed.setdefault(id(kept), (kept, kept.clone()))
                 kept.mul_(mask.to(kept.dtype))
-                merged = True
-    if merged:
-        share_tied_masks_(targets)
+    if not changed:
+        return lambda: None
+    share_tied_masks_(targets)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for kept, before in changed.values():
+                kept.copy_(before)
+        for module, name, mask in buffers:
+            if mask is not None:
+                module._buffers[name + "_mask"] = mask
+                refresh_cached_tensor(module, name)
+    return undo
 
 
 def apply_mask_(module: nn.Module, name: str, mask: Tensor) -> None:
@@ -576,8 +589,12 @@ def prune_(
     # a missing `n`/`dim`, or a `dim` no tensor has, failed inside torch with its words
     check_method_kwargs(method_cls, method_kwargs, "prune_", ndims={trainable_tensor(m, n).dim() for m, n in targets},
                         others_ok=True)
-    merge_tied_masks_(targets)
-    _prune_distinct_(distinct_targets(targets), method_cls, amount, scope, **method_kwargs)
+    undo_merge = merge_tied_masks_(targets)
+    try:
+        _prune_distinct_(distinct_targets(targets), method_cls, amount, scope, **method_kwargs)
+    except BaseException:  # a refused round (a Ctrl-C too) leaves the masks as they were
+        undo_merge()
+        raise
     share_tied_masks_(targets)
 
 
@@ -596,10 +613,13 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
     if not fast_path and method_kwargs.get("importance_scores") is None \
             and method_cls in (torch_prune.L1Unstructured, torch_prune.LnStructured):
-        # torch's ranking takes NaN for the largest value: kept (the fast path refuses it as it ranks). The entries
-        # still kept only (a NaN pruned earlier stays pruned), and torch's own methods (a subclass may handle it)
+        # torch's ranking takes NaN for the largest value: kept (the fast path refuses it as it ranks); torch's own
+        # methods only (a subclass may handle it). Unstructured, the entries still kept only (a NaN pruned earlier
+        # stays pruned); structured, any (a slice's norm over orig * mask is NaN for a NaN under a zero too)
+        structured = method_cls is torch_prune.LnStructured
         with torch.no_grad():
-            diverged = [f"{type(m).__name__}.{n}" for m, n in targets if _kept_values_hold_nan(m, n)]
+            diverged = [f"{type(m).__name__}.{n}" for m, n in targets
+                        if (holds_nan(trainable_tensor(m, n).detach()) if structured else _kept_values_hold_nan(m, n))]
         if diverged:
             raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
                              "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
@@ -906,30 +926,34 @@ def prune_to_sparsity_(
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     check_keep_multiple_of(keep_multiple_of, method_cls)
-    merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
-    before = sum(pruned_count(m, n) for m, n in targets)
-    if scope == "global":
-        total = sum(getattr(m, n).numel() for m, n in targets)
-        count = count_to_prune(total, before, sparsity)
-        if count:
-            prune_(targets, method_cls, count, scope="global", **method_kwargs)
-    elif structured:
-        dim = method_kwargs.get("dim", -1)
-        slice_groups = method_kwargs.pop("slice_groups", None) or {}
-        for target in targets:
-            groups = slice_groups.get(target, 1)
-            if groups > 1:
-                _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
-                continue
-            pruned, total = _pruned_slices(*target, dim)
-            count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+    undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
+    try:
+        before = sum(pruned_count(m, n) for m, n in targets)
+        if scope == "global":
+            total = sum(getattr(m, n).numel() for m, n in targets)
+            count = count_to_prune(total, before, sparsity)
             if count:
-                prune_([target], method_cls, count, scope="local", **method_kwargs)
-    else:
-        for module, name in targets:
-            count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
-            if count:
-                prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
+                prune_(targets, method_cls, count, scope="global", **method_kwargs)
+        elif structured:
+            dim = method_kwargs.get("dim", -1)
+            slice_groups = method_kwargs.pop("slice_groups", None) or {}
+            for target in targets:
+                groups = slice_groups.get(target, 1)
+                if groups > 1:
+                    _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
+                    continue
+                pruned, total = _pruned_slices(*target, dim)
+                count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+                if count:
+                    prune_([target], method_cls, count, scope="local", **method_kwargs)
+        else:
+            for module, name in targets:
+                count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
+                if count:
+                    prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
+    except BaseException:  # a refused round leaves the masks as they were
+        undo_merge()
+        raise
     share_tied_masks_(given)
     return sum(pruned_count(m, n) for m, n in targets) - before
 
