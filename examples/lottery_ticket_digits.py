@@ -41,6 +41,8 @@ def main() -> None:
         parser.error("--epochs must be >= 1")
     if args.rewind_to_step < 0:
         parser.error("--rewind-to-step must be >= 0 (0 rewinds to initialisation)")
+    if args.retrain_from == "rewind_point" and not args.rewind_to_step:
+        parser.error("--retrain-from rewind_point needs --rewind-to-step > 0")
 
     seed_everything(args.seed, verbose=False)
     module = MLPClassifier(hidden=(128, 128), lr=3e-3)

@@ -146,6 +146,8 @@ PARSE_REFUSALS = [
     # a traceback from the search; --epochs 0 ran a fit first, then blamed --rewind-to-step
     ("examples/lottery_ticket_digits.py", ["--rate", "1.0"], "--rate must be a fraction in (0, 1)"),
     ("examples/lottery_ticket_digits.py", ["--epochs", "0"], "--epochs must be >= 1"),
+    ("examples/lottery_ticket_digits.py", ["--retrain-from", "rewind_point", "--rewind-to-step", "0"],
+     "--retrain-from rewind_point needs --rewind-to-step > 0"),
     ("benchmarks/prune_step.py", ["--rounds", "0"], "--rounds must be >= 2"),  # said ">= 1"
     # failed after the training, in torch.save's or compress's words
     ("examples/prune_lstm_units_lightning.py", ["--save", "."], "--save . is a directory; give a file path"),

@@ -396,6 +396,9 @@ def test_torchs_own_words_about_the_host_are_not_taken_for_damage():
     with pytest.raises(ValueError, match=r"torch cannot read the model in 'm.pt'.*Expected PROTO opcode"), \
             _read_by_torch("m.pt"):
         raise RuntimeError("Expected PROTO opcode at the start of pickle archive, found 224")
+    with pytest.raises(ValueError, match=r"Unknown builtin op: mylib::twice.*an operator the model calls that this "
+                                         "process has not registered"), _read_by_torch("m.pt"):
+        raise RuntimeError("Unknown builtin op: mylib::twice.\nCould not find any similar ops to mylib::twice.")
 
 
 def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):

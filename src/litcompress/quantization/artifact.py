@@ -235,7 +235,8 @@ def _read_by_torch(path: str) -> Iterator[None]:
                              "or copy the model file again.") from error
         # a reader's error, not one of torch's own about the host (a CUDA file on a CPU-only machine says so itself)
         if isinstance(error, RuntimeError) and ("CUDA" in text or "device" in text or not any(
-                reader in text for reader in ("deserializ", "PROTO opcode", "pickle", "archive", "record"))):
+                reader in text for reader in ("deserializ", "PROTO opcode", "pickle", "archive", "record",
+                                              "Unknown builtin op"))):
             raise
         raise ValueError(f"load_quantized: torch cannot read the model in {path!r} ({first}): bytes changed since it "
                          "was written (save or copy the file again), a file written by another torch version, or an "

@@ -513,7 +513,7 @@ class _BackendSearch:
         self.layers = set(layers)  # those it makes int8: the only ones a fallback keeps in fp32
         self.pending = list(backend.recipes(approach))
         self.tried: list[Trial] = []
-        self.unscored: list[Trial] = []  # built, but eval_fn failed on them (or gave NaN)
+        self.unscored: list[Trial] = []  # built, and eval_fn gave NaN (or a non-number) on them
         self.fallback_started = False
         self.done = False
 
@@ -529,8 +529,8 @@ class _BackendSearch:
         if self.pending:
             return self.pending.pop(0)
         ran = [t for t in self.tried if t.metric is not None]
-        # every variant built but none scored (a NaN loss while a layer is int8): the fallback goes on from the
-        # first, since a layer kept in fp32 may be what scores
+        # every variant built but scored NaN (a loss overflowing while a layer is int8): the fallback goes on from
+        # the first, since a layer kept in fp32 may be what scores
         if not allow_fallback or not (ran or self.unscored):
             self.done = True
             return None
@@ -821,12 +821,13 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 trial = Trial(index=len(trials) + 1, recipe=recipe)
                 trials.append(trial)
                 t0 = time.monotonic()
-                candidate = None
+                returned = False  # eval_fn returned (a NaN or non-number then fails check_metric)
                 try:
                     candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
-                        trial.metric = check_metric(call_keeping_modes(eval_fn, candidate),
-                                                    f"trial {trial.index} ({recipe.describe()})")
+                        value = call_keeping_modes(eval_fn, candidate)
+                    returned = True
+                    trial.metric = check_metric(value, f"trial {trial.index} ({recipe.describe()})")
                     met = criterion.is_met(trial.metric, baseline_metric)
                     # timed as its file runs (torch.ao's: a trace, 2-3x faster than its eager int8 modules)
                     timed[trial.index] = search.backend.timed_form(candidate, example_inputs)
@@ -851,7 +852,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                         search.done = True  # every recipe of this backend needs the same export
                         note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
                 except Exception as exc:  # one broken candidate must not end a long search
-                    if candidate is not None and trial.metric is None:
+                    if returned and trial.metric is None:  # (an eval_fn that raises is no reason to fall back)
                         search.unscored.append(trial)
                     trial.error = f"{type(exc).__name__}: {exc}"
                     hint = fixed_size_hint(trial.error)
@@ -958,11 +959,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 warning = (f"The search was interrupted {where}, before any quantized candidate was finished: "
                            "returning an fp32 copy of the model.")
             elif any(search.unscored for search in searches):
-                warning = ("No quantized candidate could be scored: eval_fn failed on every one built, or gave "
-                           "NaN (see result.messages/trials): returning an fp32 copy of the model.")
+                warning = ("No quantized candidate could be scored: eval_fn gave NaN (or a non-number) on every one "
+                           "it ran (see result.messages/trials): returning an fp32 copy of the model.")
             else:
-                warning = ("No quantized candidate could be built (see result.messages/trials): returning "
-                           "an fp32 copy of the model.")
+                warning = ("No quantized candidate could be built and scored (see result.messages/trials: the "
+                           "backend's error, or eval_fn's): returning an fp32 copy of the model.")
             note(warning)
             warnings.warn(warning, QuantizationGoalWarning, stacklevel=3)  # the caller of quantize()
 
