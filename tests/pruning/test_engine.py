@@ -671,6 +671,16 @@ def test_a_nan_already_pruned_or_a_method_of_ones_own_is_let_be_in_a_round_per_l
     # structured, a row's norm over orig * mask is NaN for a NaN under a zero too: the row would rank largest
     with pytest.raises(ValueError, match="holds NaN"):
         prune_([(layer, "weight")], "ln_structured", 4, scope="local", n=1, dim=0)
+    # and on the path that prunes a grouped conv's slices evenly, which ranks norms itself
+    from litcompress.pruning import prune_to_sparsity_
+
+    conv = nn.Conv2d(4, 8, 1)
+    with torch.no_grad():
+        conv.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="holds NaN"):
+        prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=2, dim=0,
+                           slice_groups={(conv, "weight"): 2})
+    assert not is_pruned(conv, "weight")
 
 
 def test_a_refused_scope_or_method_leaves_a_channels_last_target_as_it_was():

@@ -330,7 +330,7 @@ def merge_tied_masks_(targets: Sequence[Target]) -> Callable[[], None]:
     undoes it (a round refused after it leaves the model as it was)."""
     holders = _holder_of_each_tensor(targets)
     changed: dict[int, tuple[Tensor, Tensor]] = {}  # the merged buffers, with their values before
-    buffers = [(module, name, mask_of(module, name)) for module, name in targets]
+    replaced: list[tuple[nn.Module, str, Tensor]] = []  # the holders whose own buffer the merge replaces
     with torch.no_grad():
         for module, name in targets:
             first = holders[tensor_key(module, name)]
@@ -338,6 +338,7 @@ def merge_tied_masks_(targets: Sequence[Target]) -> Callable[[], None]:
             if mask is not None and kept is not None and mask is not kept:
                 changed.setdefault(id(kept), (kept, kept.clone()))
                 kept.mul_(mask.to(kept.dtype))
+                replaced.append((module, name, mask))
     if not changed:
         return lambda: None
     share_tied_masks_(targets)
@@ -346,9 +347,10 @@ def merge_tied_masks_(targets: Sequence[Target]) -> Callable[[], None]:
         with torch.no_grad():
             for kept, before in changed.values():
                 kept.copy_(before)
-        for module, name, mask in buffers:
-            if mask is not None:
-                module._buffers[name + "_mask"] = mask
+        for module, name, mask in replaced:
+            module._buffers[name + "_mask"] = mask
+        for module, name in targets:
+            if is_pruned(module, name):
                 refresh_cached_tensor(module, name)
     return undo
 
@@ -611,18 +613,8 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                         "scores, of the targets' shape (each target is ranked on its own); the dict "
                         "{(module, name): tensor} is for scope='global'.")
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
-    if not fast_path and method_kwargs.get("importance_scores") is None \
-            and method_cls in (torch_prune.L1Unstructured, torch_prune.LnStructured):
-        # torch's ranking takes NaN for the largest value: kept (the fast path refuses it as it ranks); torch's own
-        # methods only (a subclass may handle it). Unstructured, the entries still kept only (a NaN pruned earlier
-        # stays pruned); structured, any (a slice's norm over orig * mask is NaN for a NaN under a zero too)
-        structured = method_cls is torch_prune.LnStructured
-        with torch.no_grad():
-            diverged = [f"{type(m).__name__}.{n}" for m, n in targets
-                        if (holds_nan(trainable_tensor(m, n).detach()) if structured else _kept_values_hold_nan(m, n))]
-        if diverged:
-            raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
-                             "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
+    if not fast_path:  # (the fast path refuses NaN as it ranks)
+        _check_rankable(targets, method_cls, method_kwargs)
     if not fast_path:
         # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
         # an optimizer step it still holds the weights from before that step. Rank orig * mask as it is now (the
@@ -663,6 +655,23 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                 kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
                 method_cls.apply(module, name, **kwargs)
+
+
+def _check_rankable(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod],
+                    method_kwargs: Mapping[str, Any]) -> None:
+    """ValueError naming the targets holding NaN where torch's magnitude methods would rank it (as the largest value:
+    kept). torch's own methods only (a subclass may handle it); unstructured, the entries still kept only (a NaN
+    pruned earlier stays pruned); structured, any (a slice's norm over orig * mask is NaN for a NaN under a zero)."""
+    if method_kwargs.get("importance_scores") is not None \
+            or method_cls not in (torch_prune.L1Unstructured, torch_prune.LnStructured):
+        return
+    structured = method_cls is torch_prune.LnStructured
+    with torch.no_grad():
+        diverged = [f"{type(m).__name__}.{n}" for m, n in targets
+                    if (holds_nan(trainable_tensor(m, n).detach()) if structured else _kept_values_hold_nan(m, n))]
+    if diverged:
+        raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
+                         "diverged?), which magnitude pruning cannot rank; nothing was pruned.")
 
 
 def _kept_values_hold_nan(module: nn.Module, name: str) -> bool:
@@ -926,34 +935,32 @@ def prune_to_sparsity_(
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     check_keep_multiple_of(keep_multiple_of, method_cls)
-    undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
-    try:
-        before = sum(pruned_count(m, n) for m, n in targets)
-        if scope == "global":
-            total = sum(getattr(m, n).numel() for m, n in targets)
-            count = count_to_prune(total, before, sparsity)
+    # every target's NaN refused before anything changes (the slice-groups path ranks by norms of its own)
+    _check_rankable(targets, method_cls, method_kwargs)
+    merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
+    before = sum(pruned_count(m, n) for m, n in targets)
+    if scope == "global":
+        total = sum(getattr(m, n).numel() for m, n in targets)
+        count = count_to_prune(total, before, sparsity)
+        if count:
+            prune_(targets, method_cls, count, scope="global", **method_kwargs)
+    elif structured:
+        dim = method_kwargs.get("dim", -1)
+        slice_groups = method_kwargs.pop("slice_groups", None) or {}
+        for target in targets:
+            groups = slice_groups.get(target, 1)
+            if groups > 1:
+                _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
+                continue
+            pruned, total = _pruned_slices(*target, dim)
+            count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
             if count:
-                prune_(targets, method_cls, count, scope="global", **method_kwargs)
-        elif structured:
-            dim = method_kwargs.get("dim", -1)
-            slice_groups = method_kwargs.pop("slice_groups", None) or {}
-            for target in targets:
-                groups = slice_groups.get(target, 1)
-                if groups > 1:
-                    _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
-                    continue
-                pruned, total = _pruned_slices(*target, dim)
-                count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
-                if count:
-                    prune_([target], method_cls, count, scope="local", **method_kwargs)
-        else:
-            for module, name in targets:
-                count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
-                if count:
-                    prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
-    except BaseException:  # a refused round leaves the masks as they were
-        undo_merge()
-        raise
+                prune_([target], method_cls, count, scope="local", **method_kwargs)
+    else:
+        for module, name in targets:
+            count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
+            if count:
+                prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
     share_tied_masks_(given)
     return sum(pruned_count(m, n) for m, n in targets) - before
 
