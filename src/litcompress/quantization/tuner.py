@@ -505,6 +505,13 @@ def example_as_inputs(model: nn.Module, example_inputs: object,
         return to_inputs(input_fn(example_inputs))
 
 
+def _is_nan(value: object) -> bool:
+    """Whether `value` is a NaN number (a float, or a one-element tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and bool(torch.isnan(value).all())
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value)
+
+
 class _BackendSearch:
     """Per-backend search: knob variants first, then fp32 fallback of the most sensitive layers."""
 
@@ -513,7 +520,7 @@ class _BackendSearch:
         self.layers = set(layers)  # those it makes int8: the only ones a fallback keeps in fp32
         self.pending = list(backend.recipes(approach))
         self.tried: list[Trial] = []
-        self.unscored: list[Trial] = []  # built, and eval_fn gave NaN (or a non-number) on them
+        self.unscored: list[Trial] = []  # built, and eval_fn gave NaN on them
         self.fallback_started = False
         self.done = False
 
@@ -821,12 +828,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 trial = Trial(index=len(trials) + 1, recipe=recipe)
                 trials.append(trial)
                 t0 = time.monotonic()
-                returned = False  # eval_fn returned (a NaN or non-number then fails check_metric)
+                returned_nan = False  # eval_fn returned NaN (check_metric then fails), which fp32 layers may fix
                 try:
                     candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
                         value = call_keeping_modes(eval_fn, candidate)
-                    returned = True
+                    returned_nan = _is_nan(value)
                     trial.metric = check_metric(value, f"trial {trial.index} ({recipe.describe()})")
                     met = criterion.is_met(trial.metric, baseline_metric)
                     # timed as its file runs (torch.ao's: a trace, 2-3x faster than its eager int8 modules)
@@ -852,7 +859,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                         search.done = True  # every recipe of this backend needs the same export
                         note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
                 except Exception as exc:  # one broken candidate must not end a long search
-                    if returned and trial.metric is None:  # (an eval_fn that raises is no reason to fall back)
+                    if returned_nan and trial.metric is None:  # (a raise or a non-number is eval_fn's, not int8's)
                         search.unscored.append(trial)
                     trial.error = f"{type(exc).__name__}: {exc}"
                     hint = fixed_size_hint(trial.error)
@@ -959,8 +966,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 warning = (f"The search was interrupted {where}, before any quantized candidate was finished: "
                            "returning an fp32 copy of the model.")
             elif any(search.unscored for search in searches):
-                warning = ("No quantized candidate could be scored: eval_fn gave NaN (or a non-number) on every one "
-                           "it ran (see result.messages/trials): returning an fp32 copy of the model.")
+                warning = ("No quantized candidate could be scored: eval_fn gave NaN on every one it ran (see "
+                           "result.messages/trials): returning an fp32 copy of the model.")
             else:
                 warning = ("No quantized candidate could be built and scored (see result.messages/trials: the "
                            "backend's error, or eval_fn's): returning an fp32 copy of the model.")
