@@ -49,10 +49,10 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, check_calibration_batches,
-                                            check_calibration_data, check_declared_dims_vary, check_metric,
-                                            call_keeping_modes, check_model_on_cpu, check_model_runs, default_input_fn,
-                                            evaluate_noting_use,
+from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, call_keeping_modes,
+                                            check_calibration_batches, check_calibration_data,
+                                            check_declared_dims_vary, check_metric, check_model_on_cpu,
+                                            check_model_runs, default_input_fn, evaluate_noting_use,
                                             example_as_inputs, model_input_fn, quantize, warn_time_major_inputs,
                                             warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics

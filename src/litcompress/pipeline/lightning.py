@@ -27,9 +27,9 @@ from litcompress._files import cannot_write
 from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
-                                                check_fit_end_weights, check_fit_for_fit_end_work, check_submodule,
-                                                check_submodule_name,
-                                                check_metric_name, check_output_dir, ctrl_c_raises,
+                                                check_fit_end_weights, check_fit_for_fit_end_work,
+                                                check_metric_name, check_output_dir, check_submodule,
+                                                check_submodule_name, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,

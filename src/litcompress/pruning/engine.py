@@ -613,9 +613,8 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                         "scores, of the targets' shape (each target is ranked on its own); the dict "
                         "{(module, name): tensor} is for scope='global'.")
     fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
-    if not fast_path:  # (the fast path refuses NaN as it ranks)
-        _check_rankable(targets, method_cls, method_kwargs)
     if not fast_path:
+        _check_rankable(targets, method_cls, method_kwargs)  # (the fast path refuses NaN as it ranks)
         # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
         # an optimizer step it still holds the weights from before that step. Rank orig * mask as it is now (the
         # fast path reads `<name>_orig` and the mask itself).

@@ -259,6 +259,7 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
         starts_as_zip = file.read(4) == b"PK\x03\x04"
     cut_short = (f"load_quantized: {path!r} is a zip archive whose end is missing, as a copy or download cut short "
                  "leaves one; save or copy the model file again.")
+
     def directory_damaged(error: Exception) -> str:
         return f"load_quantized: {path!r} is damaged: its zip directory does not read ({error}); save or copy the " \
             "model file again."
