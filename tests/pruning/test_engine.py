@@ -681,6 +681,13 @@ def test_a_nan_already_pruned_or_a_method_of_ones_own_is_let_be_in_a_round_per_l
         prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=2, dim=0,
                            slice_groups={(conv, "weight"): 2})
     assert not is_pruned(conv, "weight")
+    # a layer done already, with a NaN in a row it pruned, does not stop the round of the others (it is not ranked)
+    done, other = nn.Linear(4, 8), nn.Linear(8, 8)
+    prune_to_sparsity_([(done, "weight")], "ln_structured", 0.25, scope="local", n=2, dim=0)
+    with torch.no_grad():
+        done.weight_orig[int((done.weight_mask.sum(1) == 0).nonzero()[0]), 0] = float("nan")
+    assert prune_to_sparsity_([(done, "weight"), (other, "weight")], "ln_structured", 0.25, scope="local", n=2,
+                              dim=0) == 16
 
 
 def test_a_refused_scope_or_method_leaves_a_channels_last_target_as_it_was():

@@ -504,6 +504,20 @@ def test_nan_from_a_candidate_is_recorded_and_search_goes_on(trained_mlp, digits
     assert result.recipe is None and result.model is not None
 
 
+def test_a_nan_is_told_in_every_form_the_metric_check_takes():
+    import numpy as np
+
+    from litcompress.quantization.tuner import _is_nan, check_metric
+
+    nan = float("nan")
+    for value in (nan, np.float64(nan), np.array([nan]), np.array(nan), torch.tensor(nan), torch.tensor([nan])):
+        assert _is_nan(value), value
+        with pytest.raises(ValueError, match="returned nan"):
+            check_metric(value, "t")
+    for value in (1.0, float("inf"), True, "nan", None, np.array([1.0]), torch.tensor([1.0, nan])):
+        assert not _is_nan(value), value
+
+
 def test_an_eval_fn_that_raises_on_every_candidate_uses_no_fallback(trained_mlp, digits):
     """A bug in eval_fn (it raises past the baseline, or returns a string) is no reason to keep layers in fp32: the
     fallback ran trial after trial failing alike, up to max_trials."""

@@ -845,6 +845,9 @@ def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune
         rows = torch.arange(block * size, (block + 1) * size, device=tensor.device)
         candidates = rows[kept[rows]]
         count = max(0, target - (size - int(candidates.numel())))
+        if count and not random and bool(torch.isnan(scores[candidates]).any()):  # (argsort ranks NaN largest)
+            raise ValueError(f"prune_: {type(module).__name__}.{name} holds NaN (training diverged?), which "
+                             "magnitude pruning cannot rank; nothing was pruned.")
         if count:
             drop[candidates[scores[candidates].argsort(stable=True)[:count]]] = True
     if bool(drop.any()):
@@ -934,32 +937,39 @@ def prune_to_sparsity_(
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     check_keep_multiple_of(keep_multiple_of, method_cls)
-    # every target's NaN refused before anything changes (the slice-groups path ranks by norms of its own)
-    _check_rankable(targets, method_cls, method_kwargs)
-    merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
-    before = sum(pruned_count(m, n) for m, n in targets)
-    if scope == "global":
-        total = sum(getattr(m, n).numel() for m, n in targets)
-        count = count_to_prune(total, before, sparsity)
-        if count:
-            prune_(targets, method_cls, count, scope="global", **method_kwargs)
-    elif structured:
-        dim = method_kwargs.get("dim", -1)
-        slice_groups = method_kwargs.pop("slice_groups", None) or {}
-        for target in targets:
-            groups = slice_groups.get(target, 1)
-            if groups > 1:
-                _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
-                continue
-            pruned, total = _pruned_slices(*target, dim)
-            count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+    undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
+    pruned_some = False  # a refusal after a target was pruned keeps what was done; before any, nothing changes
+    try:
+        before = sum(pruned_count(m, n) for m, n in targets)
+        if scope == "global":
+            total = sum(getattr(m, n).numel() for m, n in targets)
+            count = count_to_prune(total, before, sparsity)
             if count:
-                prune_([target], method_cls, count, scope="local", **method_kwargs)
-    else:
-        for module, name in targets:
-            count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
-            if count:
-                prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
+                prune_(targets, method_cls, count, scope="global", **method_kwargs)
+        elif structured:
+            dim = method_kwargs.get("dim", -1)
+            slice_groups = method_kwargs.pop("slice_groups", None) or {}
+            for target in targets:
+                groups = slice_groups.get(target, 1)
+                if groups > 1:
+                    _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
+                    pruned_some = True
+                    continue
+                pruned, total = _pruned_slices(*target, dim)
+                count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+                if count:
+                    prune_([target], method_cls, count, scope="local", **method_kwargs)
+                    pruned_some = True
+        else:
+            for module, name in targets:
+                count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
+                if count:
+                    prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
+                    pruned_some = True
+    except BaseException:
+        if not pruned_some:
+            undo_merge()
+        raise
     share_tied_masks_(given)
     return sum(pruned_count(m, n) for m, n in targets) - before
 

@@ -506,9 +506,11 @@ def example_as_inputs(model: nn.Module, example_inputs: object,
 
 
 def _is_nan(value: object) -> bool:
-    """Whether `value` is a NaN number (a float, or a one-element tensor)."""
+    """Whether `value` is a NaN number (a float, or a one-element tensor or array, as check_metric takes them)."""
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and bool(torch.isnan(value).all())
+    if getattr(value, "size", None) == 1 and callable(getattr(value, "item", None)):  # numpy's
+        value = value.item()
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value)
 
 
