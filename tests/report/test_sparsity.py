@@ -85,6 +85,32 @@ def test_int8_weights_it_cannot_read_are_said_not_counted_as_dense():
         sparsity_report(model)
 
 
+def test_a_model_whose_weights_torch_does_not_hold_is_said_to_give_an_empty_report():
+    """An ONNX Runtime session or a TorchScript int8 program of a 50%-sparse layer was reported 0.00% sparse,
+    without a word."""
+    import io
+    import warnings
+
+    import pytest
+
+    from litcompress.quantization.backends.onnxruntime import OnnxRuntimeModule
+
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :8] = 0
+    exported = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 16),), exported, dynamo=False)
+        scripted = torch.jit.script(torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8))
+    for held_elsewhere in (OnnxRuntimeModule(exported.getvalue()), scripted):
+        with pytest.warns(UserWarning, match=r"found no torch tensor in .*: its weights are held outside torch"):
+            assert sparsity_report(held_elsewhere).tensors == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a module that simply has no weights: nothing to say
+        sparsity_report(nn.Sequential(nn.ReLU()))
+
+
 def test_a_masked_model_is_sized_by_the_weights_it_computes_with():
     """Its live masks' `weight_orig` and `weight_mask` were sized: nearly twice the model."""
     from litcompress.report.size import model_size_bytes

@@ -45,9 +45,10 @@ class Latency:
 class StageMetrics:
     """What one stage of the pipeline produced, measured on the same inputs as every other stage.
 
-    ``parameters``/``nonzero_parameters``/``weight_sparsity`` are None for runtimes without torch parameters
-    (ONNX Runtime, packed int8 kernels); ``weight_sparsity`` counts zeros in the weights of Linear/Conv/recurrent
-    layers, embeddings and attentions' input projections.
+    ``parameters``/``nonzero_parameters``/``weight_sparsity`` are None where nothing gave them; the pipeline's
+    quantized and exported rows (ONNX Runtime, packed int8 kernels, which hold no torch parameters) count the fp32
+    model they were made from (int8 rounding may add a few zeros); ``weight_sparsity`` counts zeros in the weights of
+    Linear/Conv/recurrent layers, embeddings and attentions' input projections.
     """
 
     stage: str

@@ -106,6 +106,13 @@ def _int8_weights(model: nn.Module) -> list[str]:
                     if (buffer.dtype == torch.int8 and buffer.dim() >= 2) or buffer.is_quantized]
 
 
+def _is_plain_container(model: nn.Module) -> bool:
+    """Whether `model` and its modules are plain torch modules that simply hold no weights (a ReLU, an empty
+    Sequential): nothing to say about an empty report then."""
+    return not isinstance(model, torch.jit.ScriptModule) and all(
+        type(m).__module__.startswith("torch.nn") for m in model.modules())
+
+
 def _naming_root(model: nn.Module, targets: Sequence[Target]) -> nn.Module:
     """The module whose paths `model`'s state dict uses: Fabric's wrapper writes the module it wraps (its own paths
     run through ``_forward_module.``)."""
@@ -139,6 +146,10 @@ def sparsity_report(
             warnings.warn(f"sparsity_report counts float tensors only: {', '.join(unread[:4])}"
                           f"{' ...' if len(unread) > 4 else ''} hold int8 weights it does not read; report the model "
                           "before quantization.", stacklevel=2)
+        elif not targets and not _is_plain_container(model):  # ("0.00%" said of a 50%-sparse ONNX Runtime model)
+            warnings.warn(f"sparsity_report found no torch tensor in {type(model).__name__}: its weights are held "
+                          "outside torch's parameters (an ONNX Runtime session, a TorchScript program), so the "
+                          "report is empty; report the model it was made from.", stacklevel=2)
     targets = distinct_targets(targets)
     names = qualified_names(_naming_root(model, targets), targets)
     report = SparsityReport(tuple(tensor_sparsity(m, n, label) for label, (m, n) in zip(names, targets)))
