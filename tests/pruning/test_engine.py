@@ -688,6 +688,15 @@ def test_a_nan_already_pruned_or_a_method_of_ones_own_is_let_be_in_a_round_per_l
         done.weight_orig[int((done.weight_mask.sum(1) == 0).nonzero()[0]), 0] = float("nan")
     assert prune_to_sparsity_([(done, "weight"), (other, "weight")], "ln_structured", 0.25, scope="local", n=2,
                               dim=0) == 16
+    # a NaN in a later target is refused before the earlier ones are pruned ("nothing was pruned" was said of a
+    # call that had pruned the first target)
+    first, diverged = nn.Linear(4, 4), nn.Linear(4, 4)
+    with torch.no_grad():
+        diverged.weight[0, 0] = float("nan")
+    for method in ("l1_unstructured", "ln_structured"):
+        with pytest.raises(ValueError, match="nothing was pruned"):
+            prune_to_sparsity_([(first, "weight"), (diverged, "weight")], method, 0.5, scope="local", n=2, dim=0)
+        assert not is_pruned(first, "weight") and not is_pruned(diverged, "weight")
 
 
 def test_a_refused_scope_or_method_leaves_a_channels_last_target_as_it_was():

@@ -821,13 +821,14 @@ def _pruned_slices(module: nn.Module, name: str, dim: int) -> tuple[int, int]:
     return int((kept_per_slice == 0).sum()), total
 
 
-def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune.BasePruningMethod], sparsity: float,
-                          groups: int, keep_multiple_of: int | None, *, dim: int = -1, n: float | str = 2,
-                          **_: Any) -> None:
-    """Structured pruning of ``module.<name>`` to `sparsity` of its slices along `dim` in each of `groups` equal
-    blocks of slices, so that every block loses as many (a grouped conv's groups, or the input groups of grouped
-    convs reading the channels: only an even loss can be removed). The slices pruned are the kept ones of smallest
-    L`n` norm per block, or random ones for a random method; slices pruned before stay pruned."""
+def _slices_to_drop(module: nn.Module, name: str, method: type[torch_prune.BasePruningMethod], sparsity: float,
+                    groups: int, keep_multiple_of: int | None, *, dim: int = -1, n: float | str = 2,
+                    **_: Any) -> Tensor | None:
+    """The slices of ``module.<name>`` along `dim` that structured pruning to `sparsity` in each of `groups` equal
+    blocks of slices prunes, so that every block loses as many (a grouped conv's groups, or the input groups of
+    grouped convs reading the channels: only an even loss can be removed): the kept ones of smallest L`n` norm per
+    block, or random ones for a random method; slices pruned before stay pruned. None when there is none; nothing
+    is changed (a NaN among the slices ranked is refused here)."""
     tensor = trainable_tensor(module, name).detach()
     total = tensor.shape[dim]
     size = total // groups
@@ -850,10 +851,15 @@ def _prune_slices_evenly_(module: nn.Module, name: str, method: type[torch_prune
                              "magnitude pruning cannot rank; nothing was pruned.")
         if count:
             drop[candidates[scores[candidates].argsort(stable=True)[:count]]] = True
-    if bool(drop.any()):
-        shape = [1] * tensor.dim()
-        shape[dim] = total
-        apply_mask_(module, name, (~drop).to(tensor.dtype).view(shape).expand_as(tensor))
+    return drop if bool(drop.any()) else None
+
+
+def _drop_slices_(module: nn.Module, name: str, drop: Tensor, dim: int = -1) -> None:
+    """Prune the slices of ``module.<name>`` along `dim` that `drop` marks (:func:`_slices_to_drop`)."""
+    tensor = trainable_tensor(module, name)
+    shape = [1] * tensor.dim()
+    shape[dim] = tensor.shape[dim]
+    apply_mask_(module, name, (~drop).to(tensor.dtype).view(shape).expand_as(tensor))
 
 
 def check_keep_multiple_of(keep_multiple_of: object, method: type[torch_prune.BasePruningMethod]) -> None:
@@ -938,39 +944,41 @@ def prune_to_sparsity_(
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     check_keep_multiple_of(keep_multiple_of, method_cls)
     undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
-    pruned_some = False  # a refusal after a target was pruned keeps what was done; before any, nothing changes
     try:
         before = sum(pruned_count(m, n) for m, n in targets)
+        # every round planned, and what it ranks checked (NaN), before any target changes
+        rounds: list[Callable[[], None]] = []
         if scope == "global":
-            total = sum(getattr(m, n).numel() for m, n in targets)
-            count = count_to_prune(total, before, sparsity)
-            if count:
-                prune_(targets, method_cls, count, scope="global", **method_kwargs)
-        elif structured:
+            count = count_to_prune(sum(getattr(m, n).numel() for m, n in targets), before, sparsity)
+            if count:  # (one call: it checks before it changes anything)
+                rounds.append(lambda: prune_(targets, method_cls, count, scope="global", **method_kwargs))
+        else:
             dim = method_kwargs.get("dim", -1)
-            slice_groups = method_kwargs.pop("slice_groups", None) or {}
+            slice_groups = (method_kwargs.pop("slice_groups", None) or {}) if structured else {}
             for target in targets:
                 groups = slice_groups.get(target, 1)
                 if groups > 1:
-                    _prune_slices_evenly_(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
-                    pruned_some = True
+                    drop = _slices_to_drop(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
+                    if drop is not None:
+                        rounds.append(lambda target=target, drop=drop: _drop_slices_(*target, drop, dim))
                     continue
-                pruned, total = _pruned_slices(*target, dim)
-                count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+                if structured:
+                    pruned, total = _pruned_slices(*target, dim)
+                    count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+                else:
+                    count = count_to_prune(getattr(*target).numel(), pruned_count(*target), sparsity)
                 if count:
-                    prune_([target], method_cls, count, scope="local", **method_kwargs)
-                    pruned_some = True
-        else:
-            for module, name in targets:
-                count = count_to_prune(getattr(module, name).numel(), pruned_count(module, name), sparsity)
-                if count:
-                    prune_([(module, name)], method_cls, count, scope="local", **method_kwargs)
-                    pruned_some = True
-    except BaseException:
-        if not pruned_some:
-            undo_merge()
+                    _check_rankable([target], method_cls, method_kwargs)
+                    rounds.append(lambda target=target, count=count: prune_([target], method_cls, count,
+                                                                            scope="local", **method_kwargs))
+    except BaseException:  # refused before any change: the masks as they were
+        undo_merge()
         raise
-    share_tied_masks_(given)
+    try:
+        for prune_round in rounds:
+            prune_round()
+    finally:  # (after a failure mid-way too: every holder of a tied tensor masked alike)
+        share_tied_masks_(given)
     return sum(pruned_count(m, n) for m, n in targets) - before
 
 
