@@ -106,9 +106,14 @@ def test_a_model_whose_weights_torch_does_not_hold_is_said_to_give_an_empty_repo
     for held_elsewhere in (OnnxRuntimeModule(exported.getvalue()), scripted):
         with pytest.warns(UserWarning, match=r"found no torch tensor in .*: its weights are held outside torch"):
             assert sparsity_report(held_elsewhere).tensors == ()
+    class Doubles(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a module that simply has no weights: nothing to say
         sparsity_report(nn.Sequential(nn.ReLU()))
+        sparsity_report(nn.Sequential(Doubles(), nn.ReLU()))
 
 
 def test_a_masked_model_is_sized_by_the_weights_it_computes_with():

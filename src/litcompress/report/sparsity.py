@@ -106,11 +106,12 @@ def _int8_weights(model: nn.Module) -> list[str]:
                     if (buffer.dtype == torch.int8 and buffer.dim() >= 2) or buffer.is_quantized]
 
 
-def _is_plain_container(model: nn.Module) -> bool:
-    """Whether `model` and its modules are plain torch modules that simply hold no weights (a ReLU, an empty
-    Sequential): nothing to say about an empty report then."""
-    return not isinstance(model, torch.jit.ScriptModule) and all(
-        type(m).__module__.startswith("torch.nn") for m in model.modules())
+def _holds_weights_elsewhere(model: nn.Module) -> bool:
+    """Whether `model` runs weights torch does not hold as tensors of its modules: a TorchScript program's, an ONNX
+    Runtime session's (a module that simply has none, a ReLU or a user's parameter-free layer, is no such model)."""
+    from litcompress.quantization.backends.onnxruntime import OnnxRuntimeModule  # (it imports the report's helpers)
+
+    return any(isinstance(m, (torch.jit.ScriptModule, OnnxRuntimeModule)) for m in model.modules())
 
 
 def _naming_root(model: nn.Module, targets: Sequence[Target]) -> nn.Module:
@@ -146,7 +147,7 @@ def sparsity_report(
             warnings.warn(f"sparsity_report counts float tensors only: {', '.join(unread[:4])}"
                           f"{' ...' if len(unread) > 4 else ''} hold int8 weights it does not read; report the model "
                           "before quantization.", stacklevel=2)
-        elif not targets and not _is_plain_container(model):  # ("0.00%" said of a 50%-sparse ONNX Runtime model)
+        elif not targets and _holds_weights_elsewhere(model):  # ("0.00%" said of a 50%-sparse ONNX Runtime model)
             warnings.warn(f"sparsity_report found no torch tensor in {type(model).__name__}: its weights are held "
                           "outside torch's parameters (an ONNX Runtime session, a TorchScript program), so the "
                           "report is empty; report the model it was made from.", stacklevel=2)
