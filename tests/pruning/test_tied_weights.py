@@ -328,6 +328,7 @@ def test_a_refused_round_leaves_the_masks_of_holders_pruned_apart_as_they_were()
     with torch.no_grad():  # a NaN in an entry both keep: refused inside the round, after the merge
         kept = ((masks["embedding"] * masks["head"]) != 0).nonzero()[0]
         embedding.weight_orig[kept[0], kept[1]] = float("nan")
-    with pytest.raises(ValueError, match="holds NaN"):
-        prune_to_sparsity_(targets, "l1_unstructured", 0.6, scope="local")
-    assert torch.equal(embedding.weight_mask, masks["embedding"]) and torch.equal(head.weight_mask, masks["head"])
+    for scope in ("local", "global"):
+        with pytest.raises(ValueError, match="holds NaN"):
+            prune_to_sparsity_(targets, "l1_unstructured", 0.6, scope=scope)
+        assert torch.equal(embedding.weight_mask, masks["embedding"]) and torch.equal(head.weight_mask, masks["head"])

@@ -950,8 +950,8 @@ def prune_to_sparsity_(
         rounds: list[Callable[[], None]] = []
         if scope == "global":
             count = count_to_prune(sum(getattr(m, n).numel() for m, n in targets), before, sparsity)
-            if count:  # (one call: it checks before it changes anything)
-                rounds.append(lambda: prune_(targets, method_cls, count, scope="global", **method_kwargs))
+            if count:  # one call, refused before it changes anything: here, where a refusal undoes the merge
+                prune_(targets, method_cls, count, scope="global", **method_kwargs)
         else:
             dim = method_kwargs.get("dim", -1)
             slice_groups = (method_kwargs.pop("slice_groups", None) or {}) if structured else {}
