@@ -527,3 +527,31 @@ def test_a_model_with_no_layer_converted_is_not_timed_as_if_sparsify_had_changed
     report = result.report
     assert report.converted == () and (report.dense_ms, report.sparse_ms, report.speedup) == (None, None, None)
     assert "model: 0 of 3 Linear layers on CSR kernels" in report.table()
+
+
+@pytest.mark.parametrize(("whole_model_ms", "kept"), [(None, True), ((1.0, 1.6), False)])
+def test_a_pruned_bare_linear_layer_is_sparsified_as_the_model_itself(monkeypatch, whole_model_ms, kept):
+    """A model that is one pruned ``nn.Linear``: its alias is "", which ``set_submodule`` refuses (a ValueError from
+    torch whenever CSR won the timing, so the same call worked or failed by host). The copy is the converted layer,
+    or the dense one where the whole model ran slower (timings given there: the decision is under test)."""
+    if whole_model_ms is not None:
+        from litcompress.quantization import latency
+
+        calls: list[int] = []
+
+        def timed(models, inputs, **kwargs):  # the layer alone first (CSR twice as fast), then the whole model
+            calls.append(1)
+            times = (2.0, 1.0) if len(calls) == 1 else whole_model_ms
+            return [{"min": t / 1e3, "median": t / 1e3, "max": t / 1e3} for t in times]
+
+        monkeypatch.setattr(latency, "measure_latencies", timed)
+    layer = nn.Linear(64, 32)
+    prune.l1_unstructured(layer, "weight", amount=0.95)
+    x = torch.randn(16, 64)
+    result = sparsify(layer, x, repeats=1, min_speedup=0 if whole_model_ms is None else 1.1)
+    assert isinstance(result.model, SparseLinear) == kept and isinstance(result.model, nn.Module)
+    assert result.report.converted == (("",) if kept else ()) and result.report.reverted == (not kept)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert result.report.table().splitlines()[1].startswith("(the model) ")
+    assert is_pruned(layer, "weight")  # the user's layer: still masked, not the converted copy

@@ -206,7 +206,7 @@ class SparsifyReport:
                      if layer.dense_ms is not None and layer.sparse_ms is not None else f"{'-':>9} {'-':>9} {'-':>8}")
             kernel = "CSR" if layer.converted else f"dense ({layer.reason})"
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            lines.append(f"{layer.name:<32} {shape:>11} {layer.sparsity:>8.1%} {times}  {kernel}")
+            lines.append(f"{layer.name or '(the model)':<32} {shape:>11} {layer.sparsity:>8.1%} {times}  {kernel}")
         timed = (f"{self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
                  if self.dense_ms is not None and self.sparse_ms is not None else "")
         if self.reverted:
@@ -297,6 +297,15 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     return copied.eval()
 
 
+def _placed(root: nn.Module, alias: str, module: nn.Module) -> nn.Module:
+    """`root` with `module` at `alias`; `module` itself for the root's alias "" (a bare pruned ``nn.Linear``), which
+    ``set_submodule`` refuses."""
+    if not alias:
+        return module
+    root.set_submodule(alias, module)
+    return root
+
+
 def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
     """Why `model` no longer computes `reference` on `inputs` (an error, or outputs off by more than float rounding
     of CSR sums), or None."""
@@ -384,13 +393,13 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         reason = None if dense_ms >= min_speedup * sparse_ms else f"CSR not {min_speedup:g}x faster here"
         if reason is None:
             for alias in aliases[name]:
-                work.set_submodule(alias, candidate)
+                work = _placed(work, alias, candidate)
             # Code that reads this layer's weight outside its forward (F.linear on it, a fused path) now gets a CSR
             # tensor: the model's outputs tell, layer by layer.
             failure = _failure(work, inputs, reference)
             if failure is not None:
                 for alias in aliases[name]:
-                    work.set_submodule(alias, layer)
+                    work = _placed(work, alias, layer)
                 reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
     dense_ms = sparse_ms = None
@@ -405,7 +414,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         if converted and dense_ms < min(1.0, min_speedup) * sparse_ms:
             for layer in converted:
                 for alias in aliases[layer.name]:
-                    work.set_submodule(alias, layers[layer.name])
+                    work = _placed(work, alias, layers[layer.name])
             slower = "kept dense: the whole model ran slower with its CSR layers"
             decisions = [replace(layer, converted=False, reason=slower) if layer.converted else layer
                          for layer in decisions]
