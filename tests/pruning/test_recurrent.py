@@ -351,6 +351,49 @@ def test_keep_units_keeps_the_function_of_the_kept_units_in_every_layer_and_dire
     torch.testing.assert_close(small_c, c[..., keep])
 
 
+def test_keep_units_takes_zero_units_bool_mask_as_the_units_to_keep_and_refuses_what_it_cannot_keep():
+    """``keep_units_(rnn, ~zero_units(rnn))`` took True/False as the indices 1 and 0: a layer of the same size built
+    from two repeated units, silently; a layer still under its pruning masks was edited under them and failed at its
+    next forward, in torch's words."""
+    from litcompress import make_permanent_
+    from litcompress.pruning.recurrent import keep_inputs_
+
+    torch.manual_seed(0)
+    rnn = nn.GRU(5, 8, num_layers=2, bidirectional=True)
+    masked = copy.deepcopy(rnn)
+    prune_units_(rnn, 0.5)
+    prune_units_(masked, 0.5)
+    make_permanent_(rnn)
+    x = torch.randn(4, 2, 5)
+    out, h = rnn(x)
+    kept = ~zero_units(rnn)
+    assert int(kept.sum()) == 4
+    keep_units_(rnn, kept)
+    index = kept.nonzero().flatten()
+    small_out, small_h = rnn(x)
+    assert rnn.hidden_size == 4
+    torch.testing.assert_close(small_out, out[..., torch.cat([index, index + 8])])
+    torch.testing.assert_close(small_h, h[..., index])
+    with pytest.raises(ValueError, match="pruning masks or parametrizations; make them permanent first"):
+        keep_units_(masked, kept)
+    assert masked.hidden_size == 8 and masked(x)[0].shape == out.shape  # refused before any change
+    with pytest.raises(ValueError, match=r"a bool mask must have one entry per hidden unit \(4\), got 8"):
+        keep_units_(rnn, kept)
+    for bad in (torch.tensor([0, 0]), torch.tensor([4]), torch.tensor([-1]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"expected distinct hidden unit indices in \[0, 4\)"):
+            keep_units_(rnn, bad)
+    with pytest.raises(TypeError, match="expected integer indices or a bool mask, got torch.float32"):
+        keep_units_(rnn, torch.tensor([0.0, 1.0]))
+    assert rnn.hidden_size == 4 and rnn(x)[0].shape == small_out.shape
+    inputs = torch.tensor([True, False, True, True, False])
+    silent = x.clone()
+    silent[..., ~inputs] = 0  # the dropped features carry nothing: the narrowed layer computes the same
+    wide_out = rnn(silent)[0]
+    keep_inputs_(rnn, inputs)
+    assert rnn.input_size == 3
+    torch.testing.assert_close(rnn(silent[..., inputs])[0], wide_out)
+
+
 def test_structured_pruning_in_the_pipeline_prunes_lstm_units_along_its_schedule_and_shrink_removes_them():
     torch.manual_seed(0)
     model = LSTMClassifier(hidden=32).eval()

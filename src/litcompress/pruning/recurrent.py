@@ -23,7 +23,7 @@ import torch.nn.utils.prune as torch_prune
 from torch import Tensor, nn
 
 from .engine import (apply_mask_, check_fraction, check_keep_multiple_of, check_module_names, effective_tensor,
-                     is_excluded)
+                     is_excluded, pruned_targets)
 from .methods import is_ln_norm
 from .schedules import kept_multiple, rounded_pruned_count
 
@@ -163,15 +163,41 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     return masked
 
 
+def _kept_indices(rnn: nn.RNNBase, keep: Tensor, size: int, what: str, caller: str) -> Tensor:
+    """`keep` as indices into `size` items: integer indices as given, or a bool mask of `size` entries (the
+    ``~zero_units(rnn)`` a caller naturally passes: its True/False were taken as the indices 1 and 0, and a layer of
+    repeated units built, silently). Refuses a layer still computing its weights from pruning masks or
+    parametrizations (the new parameters went under the old hooks, and its next forward failed in torch)."""
+    if pruned_targets(rnn) or torch.nn.utils.parametrize.is_parametrized(rnn):
+        raise ValueError(f"{caller}: the layer still computes its weights from pruning masks or parametrizations; "
+                         "make them permanent first (litcompress.make_permanent_(model)).")
+    if not isinstance(keep, Tensor) or keep.dim() != 1:
+        given = f"a tensor of shape {list(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+        raise TypeError(f"{caller}(keep=...): expected a 1-d tensor of {what} indices or a bool mask of {size}, "
+                        f"got {given}.")
+    if keep.dtype == torch.bool:
+        if keep.numel() != size:
+            raise ValueError(f"{caller}(keep=...): a bool mask must have one entry per {what} ({size}), got "
+                             f"{keep.numel()}.")
+        keep = keep.nonzero().flatten()
+    elif keep.is_floating_point() or keep.is_complex():
+        raise TypeError(f"{caller}(keep=...): expected integer indices or a bool mask, got {keep.dtype}.")
+    keep = keep.to(torch.long).cpu()
+    if keep.numel() == 0 or int(keep.min()) < 0 or int(keep.max()) >= size or keep.unique().numel() != keep.numel():
+        raise ValueError(f"{caller}(keep=...): expected distinct {what} indices in [0, {size}), at least one; got "
+                         f"{keep.tolist()[:10]}.")
+    return keep
+
+
 @torch.no_grad()
 def keep_units_(rnn: nn.RNNBase, keep: Tensor) -> None:
-    """Keep only the hidden units `keep` (indices) of `rnn`, in every layer and direction: their rows in every gate
-    block, their columns of the recurrent weights and of the next layer's input weights (of the projection, with
-    ``proj_size``: the recurrent and next layer's weights read its P features). Parameters are replaced
-    (``requires_grad`` kept)."""
+    """Keep only the hidden units `keep` (distinct indices, or a bool mask of ``hidden_size``) of `rnn`, in every
+    layer and direction: their rows in every gate block, their columns of the recurrent weights and of the next
+    layer's input weights (of the projection, with ``proj_size``: the recurrent and next layer's weights read its P
+    features). Parameters are replaced (``requires_grad`` kept); pruning masks must be made permanent first."""
     gates, hidden = gate_count(rnn), rnn.hidden_size
     directions = 2 if rnn.bidirectional else 1
-    keep = keep.to(torch.long).cpu()
+    keep = _kept_indices(rnn, keep, hidden, "hidden unit", "keep_units_")
     if is_projected(rnn) and keep.numel() <= rnn.proj_size:
         # torch tells a projection by h's size differing from c's, and its constructor refuses this too
         raise ValueError(f"an LSTM with proj_size={rnn.proj_size} needs more hidden units than that; "
@@ -202,9 +228,10 @@ def keep_units_(rnn: nn.RNNBase, keep: Tensor) -> None:
 @torch.no_grad()
 def keep_inputs_(rnn: nn.RNNBase, keep: Tensor, constants: Tensor | None = None,
                  removed: Tensor | None = None) -> None:
-    """Keep only the input features `keep` (indices) of `rnn`'s first layer, in each direction; the `removed` ones
-    carried the `constants`, whose contribution goes into ``bias_ih_l0`` (which the caller made sure exists when
-    any constant is not zero)."""
+    """Keep only the input features `keep` (distinct indices, or a bool mask of ``input_size``) of `rnn`'s first
+    layer, in each direction; the `removed` ones carried the `constants`, whose contribution goes into
+    ``bias_ih_l0`` (which the caller made sure exists when any constant is not zero)."""
+    keep = _kept_indices(rnn, keep, rnn.input_size, "input feature", "keep_inputs_")
     for suffix in ("_l0", "_l0_reverse") if rnn.bidirectional else ("_l0",):
         weight = getattr(rnn, "weight_ih" + suffix)
         if constants is not None and removed is not None and bool((constants != 0).any()):
