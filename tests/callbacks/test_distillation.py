@@ -72,6 +72,32 @@ def test_alpha_zero_trains_exactly_as_without_the_callback(tmp_path):
         assert torch.equal(distilled.state_dict()[key], value), key
 
 
+class _ScalesItsInputInPlace(MLPClassifier):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x /= 16.0  # digits' pixels are 0-16: scaled in place, as some users' forwards do
+        return self.net(x)
+
+
+def test_the_teacher_sees_the_inputs_the_student_got_when_the_students_forward_changes_them_in_place(tmp_path):
+    """The teacher ran after the student's forward, on the same tensors: it saw them scaled twice (a default teacher,
+    the student itself at the first step, was compared on other inputs: a non-zero term), and its own in-place
+    division changed a tensor the student's graph had saved, so backward failed, even at alpha=0."""
+    def fit(callbacks: list, **overrides: Any) -> tuple[nn.Module, Any]:
+        seed_everything(3)
+        model = _ScalesItsInputInPlace(hidden=(24,), lr=1e-2)
+        trainer = make_trainer(tmp_path, callbacks=callbacks, **overrides)
+        trainer.fit(model, datamodule=DigitsDataModule())
+        return model, trainer
+
+    plain, _ = fit([])
+    distilled, _ = fit([KnowledgeDistillation(alpha=0.0)])
+    for key, value in plain.state_dict().items():
+        assert torch.equal(distilled.state_dict()[key], value), key
+    _, trainer = fit([KnowledgeDistillation(alpha=1.0)], max_epochs=1, limit_train_batches=1)
+    # one step: the teacher is the student at fit start, on the same inputs, so the two outputs are equal
+    assert float(trainer.callback_metrics["distill_loss"]) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_the_default_teacher_is_the_model_at_fit_start_and_stays_dense_while_a_pruning_callback_prunes(tmp_path):
     seed_everything(0)
     model = MLPClassifier(hidden=(32,), lr=1e-2)

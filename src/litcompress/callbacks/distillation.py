@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.utils import _pytree as pytree
 
 from litcompress.distillation.loss import DistillationConfig, DistillationKind, Distiller, distillation_loss
 from litcompress.pruning.engine import make_permanent_
@@ -220,8 +221,20 @@ class KnowledgeDistillation(Callback):
                         args: tuple, kwargs: dict) -> Any:
         terms: list[torch.Tensor] = []
         batch_sizes: list[int] = []
+        # The inputs as the student's forward got them, copied before it runs: a forward that scales its input in
+        # place (x /= 255) gave the teacher inputs scaled twice, and the teacher's own in-place op changed a tensor
+        # the student's graph had saved (backward failed, at alpha=0 too). One entry per call, nested calls too.
+        given_inputs: list[tuple[tuple, dict] | None] = []
+
+        def copy_inputs(_: nn.Module, inputs: tuple, keywords: dict) -> None:
+            given_inputs.append(None if not torch.is_grad_enabled() else pytree.tree_map(
+                lambda value: value.detach().clone() if isinstance(value, torch.Tensor) else value,
+                (inputs, keywords)))
 
         def hook(_: nn.Module, inputs: tuple, keywords: dict, outputs: Any) -> None:
+            copied = given_inputs.pop()
+            if copied is not None:
+                inputs, keywords = copied
             distiller = self._teacher_copied_from(student)
             picked = distiller.outputs_fn(outputs)
             if not isinstance(picked, torch.Tensor):
@@ -246,11 +259,14 @@ class KnowledgeDistillation(Callback):
                                            distiller.config.kind))
             batch_sizes.append(int(picked.shape[0]) if picked.dim() else 1)
 
-        handle = student.register_forward_hook(hook, with_kwargs=True)
+        # (the copy runs after the pre-hooks registered before it: the inputs forward itself is given)
+        handles = (student.register_forward_pre_hook(copy_inputs, with_kwargs=True),
+                   student.register_forward_hook(hook, with_kwargs=True))
         try:
             output = original(*args, **kwargs)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if output is None:
             return None  # the step skipped this batch
         loss = output.get("loss") if isinstance(output, Mapping) else output
