@@ -832,6 +832,9 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--model", "transformer", "--model-args", '{"image_size": 6, "d_model": 8, "heads": 2, "layers": 1}'],
      "--model transformer was built for images (1, 6, 6) (in_channels, image_size), and --data digits gives (1, 8, 8): "
      "give the data it was built for, or --model-args '{\"in_channels\": 1, \"image_size\": 8}'."),
+    # the advice was the Python API's input_fn=, which no option sets
+    (["--model-args", '{"in_features": 32}'], "--model mlp was built for 32 input features (in_features), and --data "
+     "digits gives (64,): give the data it was built for, or --model-args '{\"in_features\": 64}'."),
     (["--seed", "5000000000"], "argument --seed: expected an integer in [0, 4294967295], got 5000000000"),
     (["--output-dir", "file.txt"], "--output-dir file.txt is a file"),
     (["--output-dir", "file.txt/out"], "--output-dir file.txt/out: file.txt is a file, not a directory"),  # found

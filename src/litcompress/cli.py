@@ -947,16 +947,20 @@ def run_compress(args: argparse.Namespace) -> int:
             check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
                              default_input_fn_used=args.inputs is None)
         except (ValueError, TypeError) as error:
-            built_for = _image_shape_built_for(args, model)
+            built_for = _input_shape_built_for(args, model)
             if args.data in BUILTIN_DATA and built_for is not None and built_for != tuple(data.input_shape):
-                # (the advice to flatten, for models of one's own, is wrong for these: they take images)
+                # (the advice to flatten or to pass input_fn=, for models of one's own, is wrong for these)
+                sizes = (f"images {built_for} (" + ("the checkpoint's" if args.checkpoint is not None
+                                                      else "in_channels, image_size") + ")") if len(built_for) == 3 \
+                    else (f"{built_for[0]} input features (" + ("the checkpoint's" if args.checkpoint is not None
+                                                                 else "in_features") + ")")
+                hyperparameters = (f'{{"in_channels": {data.input_shape[0]}, "image_size": {data.input_shape[-1]}}}'
+                                   if len(built_for) == 3 else f'{{"in_features": {data.input_shape[0]}}}')
                 raise type(error)(
-                    f"--model {args.model} was built for images {built_for} ("
-                    + ("the checkpoint's" if args.checkpoint is not None else "in_channels, image_size")
-                    + f"), and --data {args.data} gives {tuple(data.input_shape)}: give the data it was built for, or "
+                    f"--model {args.model} was built for {sizes}, and --data {args.data} gives "
+                    f"{tuple(data.input_shape)}: give the data it was built for, or "
                     + ("train a new model (no --checkpoint) for this data." if args.checkpoint is not None else
-                       f"--model-args '{{\"in_channels\": {data.input_shape[0]}, \"image_size\": "
-                       f"{data.input_shape[-1]}}}'.")) from None
+                       f"--model-args '{hyperparameters}'.")) from None
             if args.data not in BUILTIN_DATA or getattr(data, "flatten", True) or "flatten" in args.data_args:
                 raise
             raise type(error)(f"{error} From the command line: --data {args.data} gives images "
@@ -1090,12 +1094,16 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_shape_built_for(args: argparse.Namespace, model: Any) -> tuple[int, int, int] | None:
-    """The image shape (C, H, W) a built-in image model was built for (its hyperparameters); None for the mlp and
-    models of one's own."""
-    if args.model not in BUILTIN_MODELS or args.model == "mlp":
+def _input_shape_built_for(args: argparse.Namespace, model: Any) -> tuple[int, ...] | None:
+    """The input shape a built-in model was built for (its hyperparameters): (C, H, W) for the image models,
+    (in_features,) for the mlp given flat data; None for models of one's own (and the mlp given images: the advice to
+    flatten them stands)."""
+    if args.model not in BUILTIN_MODELS:
         return None
     hparams = getattr(model, "hparams", {})
+    if args.model == "mlp":
+        features = hparams.get("in_features")
+        return (features,) if isinstance(features, int) and args.data_args.get("flatten", True) else None
     channels, side = hparams.get("in_channels"), hparams.get("image_size")
     return (channels, side, side) if isinstance(channels, int) and isinstance(side, int) else None
 
