@@ -947,20 +947,9 @@ def run_compress(args: argparse.Namespace) -> int:
             check_model_runs(compressed, example_inputs, what="the first validation batch's inputs",
                              default_input_fn_used=args.inputs is None)
         except (ValueError, TypeError) as error:
-            built_for = _input_shape_built_for(args, model)
-            if args.data in BUILTIN_DATA and built_for is not None and built_for != tuple(data.input_shape):
-                # (the advice to flatten or to pass input_fn=, for models of one's own, is wrong for these)
-                sizes = (f"images {built_for} (" + ("the checkpoint's" if args.checkpoint is not None
-                                                      else "in_channels, image_size") + ")") if len(built_for) == 3 \
-                    else (f"{built_for[0]} input features (" + ("the checkpoint's" if args.checkpoint is not None
-                                                                 else "in_features") + ")")
-                hyperparameters = (f'{{"in_channels": {data.input_shape[0]}, "image_size": {data.input_shape[-1]}}}'
-                                   if len(built_for) == 3 else f'{{"in_features": {data.input_shape[0]}}}')
-                raise type(error)(
-                    f"--model {args.model} was built for {sizes}, and --data {args.data} gives "
-                    f"{tuple(data.input_shape)}: give the data it was built for, or "
-                    + ("train a new model (no --checkpoint) for this data." if args.checkpoint is not None else
-                       f"--model-args '{hyperparameters}'.")) from None
+            other_data = _built_for_other_data(args, model, data)
+            if other_data is not None:  # (the advice to flatten or to pass input_fn=, for models of one's own, is
+                raise type(error)(other_data) from None  # wrong for the built-in ones)
             if args.data not in BUILTIN_DATA or getattr(data, "flatten", True) or "flatten" in args.data_args:
                 raise
             raise type(error)(f"{error} From the command line: --data {args.data} gives images "
@@ -1096,16 +1085,44 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _input_shape_built_for(args: argparse.Namespace, model: Any) -> tuple[int, ...] | None:
     """The input shape a built-in model was built for (its hyperparameters): (C, H, W) for the image models,
-    (in_features,) for the mlp given flat data; None for models of one's own (and the mlp given images: the advice to
-    flatten them stands)."""
+    (in_features,) for the mlp; None for models of one's own."""
     if args.model not in BUILTIN_MODELS:
         return None
     hparams = getattr(model, "hparams", {})
     if args.model == "mlp":
         features = hparams.get("in_features")
-        return (features,) if isinstance(features, int) and args.data_args.get("flatten", True) else None
+        return (features,) if isinstance(features, int) else None
     channels, side = hparams.get("in_channels"), hparams.get("image_size")
     return (channels, side, side) if isinstance(channels, int) and isinstance(side, int) else None
+
+
+def _built_for_other_data(args: argparse.Namespace, model: Any, data: Any) -> str | None:
+    """Why a built-in model fails on the data: it was built for other input sizes (a checkpoint trained on other
+    data, --model-args), with the command-line remedy; None where the sizes match or are unknown."""
+    built_for = _input_shape_built_for(args, model)
+    try:
+        given = tuple(int(size) for size in data.input_shape)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if built_for is None or built_for == given:
+        return None
+    whose = "the checkpoint's" if args.checkpoint is not None else None
+    if len(built_for) == 1 and len(given) != 1:
+        remedy = ("drop '\"flatten\": false' from --data-args" if args.data in BUILTIN_DATA
+                  else "give it data of flat vectors")
+        return (f"--model mlp takes flat inputs ({built_for[0]} features), and --data {_as_given(args.data)} gives "
+                f"images {given}: {remedy}.")
+    if len(built_for) == 1:
+        sizes, hyperparameters = (f"{built_for[0]} input features ({whose or 'in_features'})",
+                                  f'{{"in_features": {given[0]}}}')
+    else:
+        sizes = f"images {built_for} ({whose or 'in_channels, image_size'})"
+        hyperparameters = (f'{{"in_channels": {given[0]}, "image_size": {given[-1]}}}'
+                           if len(given) == 3 and given[1] == given[2] else None)
+    remedy = ("train a new model (no --checkpoint) for this data" if whose is not None
+              else f"--model-args '{hyperparameters}'" if hyperparameters is not None else "")
+    return (f"--model {args.model} was built for {sizes}, and --data {_as_given(args.data)} gives {given}: give the "
+            f"data it was built for{', or ' + remedy if remedy else ''}.")
 
 
 def _check_embeddings_to_prune(args: argparse.Namespace, model: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from typing import Any
@@ -78,13 +79,33 @@ class _ScalesItsInputInPlace(MLPClassifier):
         return self.net(x)
 
 
-def test_the_teacher_sees_the_inputs_the_student_got_when_the_students_forward_changes_them_in_place(tmp_path):
+@dataclasses.dataclass
+class _Images:
+    pixels: torch.Tensor
+
+
+class _ScalesItsDataclassInPlace(MLPClassifier):
+    """Trains on a dataclass of inputs (Lightning moves those between devices too)."""
+
+    def forward(self, x: torch.Tensor | _Images) -> torch.Tensor:
+        if not isinstance(x, _Images):  # validation
+            return self.net(x / 16.0)
+        x.pixels /= 16.0
+        return self.net(x.pixels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(_Images(batch[0])), batch[1])
+
+
+@pytest.mark.parametrize("model_class", [_ScalesItsInputInPlace, _ScalesItsDataclassInPlace])
+def test_the_teacher_sees_the_inputs_the_student_got_when_the_students_forward_changes_them_in_place(
+        tmp_path, model_class):
     """The teacher ran after the student's forward, on the same tensors: it saw them scaled twice (a default teacher,
     the student itself at the first step, was compared on other inputs: a non-zero term), and its own in-place
     division changed a tensor the student's graph had saved, so backward failed, even at alpha=0."""
     def fit(callbacks: list, **overrides: Any) -> tuple[nn.Module, Any]:
         seed_everything(3)
-        model = _ScalesItsInputInPlace(hidden=(24,), lr=1e-2)
+        model = model_class(hidden=(24,), lr=1e-2)
         trainer = make_trainer(tmp_path, callbacks=callbacks, **overrides)
         trainer.fit(model, datamodule=DigitsDataModule())
         return model, trainer

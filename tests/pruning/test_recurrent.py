@@ -374,9 +374,15 @@ def test_keep_units_takes_zero_units_bool_mask_as_the_units_to_keep_and_refuses_
     assert rnn.hidden_size == 4
     torch.testing.assert_close(small_out, out[..., torch.cat([index, index + 8])])
     torch.testing.assert_close(small_h, h[..., index])
-    with pytest.raises(ValueError, match="pruning masks or parametrizations; make them permanent first"):
+    with pytest.raises(ValueError, match="from pruning masks; make them permanent first"):
         keep_units_(masked, kept)
     assert masked.hidden_size == 8 and masked(x)[0].shape == out.shape  # refused before any change
+    normed = torch.nn.utils.weight_norm(nn.LSTM(5, 6), "weight_hh_l0")  # torch's hook form, and a parametrization
+    parametrized = torch.nn.utils.parametrizations.weight_norm(nn.GRU(5, 6), "weight_hh_l0")
+    for layer in (normed, parametrized):
+        with pytest.raises(ValueError, match="fold them into plain weights first .*fold_parametrizations_"):
+            keep_units_(layer, torch.tensor([0, 1]))
+        assert layer.hidden_size == 6 and layer(x)[0].shape == (4, 2, 6)
     with pytest.raises(ValueError, match=r"a bool mask must have one entry per hidden unit \(4\), got 8"):
         keep_units_(rnn, kept)
     for bad in (torch.tensor([0, 0]), torch.tensor([4]), torch.tensor([-1]), torch.tensor([], dtype=torch.long)):

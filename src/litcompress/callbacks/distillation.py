@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from torch import nn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
@@ -227,9 +228,7 @@ class KnowledgeDistillation(Callback):
         given_inputs: list[tuple[tuple, dict] | None] = []
 
         def copy_inputs(_: nn.Module, inputs: tuple, keywords: dict) -> None:
-            given_inputs.append(None if not torch.is_grad_enabled() else pytree.tree_map(
-                lambda value: value.detach().clone() if isinstance(value, torch.Tensor) else value,
-                (inputs, keywords)))
+            given_inputs.append(_tensors_copied((inputs, keywords)) if torch.is_grad_enabled() else None)
 
         def hook(_: nn.Module, inputs: tuple, keywords: dict, outputs: Any) -> None:
             copied = given_inputs.pop()
@@ -286,6 +285,19 @@ class KnowledgeDistillation(Callback):
                        sync_dist=True)
         combined = self._teacher_copied_from(student).combine(loss, distillation)
         return {**output, "loss": combined} if isinstance(output, Mapping) else combined
+
+
+def _tensors_copied(inputs: Any) -> Any:
+    """`inputs` with every tensor inside them copied (detached): in tuples, lists, dicts, namedtuples and dataclasses,
+    the containers Lightning moves a batch through. A container neither it nor torch's pytree can rebuild (a frozen
+    dataclass, a mapping whose constructor takes no dict) is given as it is, as are objects of other classes."""
+    def copied(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().clone()
+
+    try:
+        return apply_to_collection(inputs, torch.Tensor, copied, allow_frozen=True)
+    except Exception:  # noqa: BLE001 - a batch class of the user's own: the step ran without any copy before
+        return pytree.tree_map_only(torch.Tensor, copied, inputs)
 
 
 __all__ = ["KnowledgeDistillation"]

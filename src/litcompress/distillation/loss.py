@@ -77,9 +77,10 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     ``kind="kl"``: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over all positions (all
     dimensions but the last); zero exactly when the two agree up to a constant per position. ``kind="mse"``: the
     mean squared difference. The teacher's side carries no gradient. Computed in float32 at least (in bfloat16 the
-    KL term came out negative for a third of the positions); a class both models give ``-inf`` (a masked class, or a
-    vocabulary token a mask rules out) adds nothing, where ``F.kl_div`` gives NaN. A position whose every logit is
-    ``-inf`` has no distribution to compare (the term is NaN): leave padded positions out of the outputs given.
+    KL term came out negative for a third of the positions). With ``kind="kl"``, a class both models give ``-inf`` (a
+    masked class, or a vocabulary token a mask rules out) adds nothing, where ``F.kl_div`` gives NaN; a position whose
+    every logit is ``-inf`` has no distribution to compare (the term is NaN): leave padded positions out of the
+    outputs given. ``kind="mse"`` gives NaN for any ``-inf``.
     """
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError(f"distillation_loss: expected tensors, got {type(student).__name__} and "

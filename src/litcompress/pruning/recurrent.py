@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .engine import (apply_mask_, check_fraction, check_keep_multiple_of, check_module_names, effective_tensor,
                      is_excluded, pruned_targets)
 from .methods import is_ln_norm
+from .parametrizations import has_computed_tensors
 from .schedules import kept_multiple, rounded_pruned_count
 
 __all__ = ["RECURRENT_LAYERS", "gate_count", "is_projected", "keep_units_", "prunable_recurrent_layers",
@@ -166,11 +167,14 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
 def _kept_indices(rnn: nn.RNNBase, keep: Tensor, size: int, what: str, caller: str) -> Tensor:
     """`keep` as indices into `size` items: integer indices as given, or a bool mask of `size` entries (the
     ``~zero_units(rnn)`` a caller naturally passes: its True/False were taken as the indices 1 and 0, and a layer of
-    repeated units built, silently). Refuses a layer still computing its weights from pruning masks or
-    parametrizations (the new parameters went under the old hooks, and its next forward failed in torch)."""
-    if pruned_targets(rnn) or torch.nn.utils.parametrize.is_parametrized(rnn):
-        raise ValueError(f"{caller}: the layer still computes its weights from pruning masks or parametrizations; "
-                         "make them permanent first (litcompress.make_permanent_(model)).")
+    repeated units built, silently). Refuses a layer still computing its weights from pruning masks, parametrizations
+    or weight/spectral norm hooks (the new parameters went under the old hooks, and its next forward failed)."""
+    if pruned_targets(rnn):
+        raise ValueError(f"{caller}: the layer still computes its weights from pruning masks; make them permanent "
+                         "first (litcompress.make_permanent_(model)).")
+    if has_computed_tensors(rnn):
+        raise ValueError(f"{caller}: the layer computes its weights from a parametrization or a weight/spectral norm "
+                         "hook; fold them into plain weights first (litcompress.pruning.fold_parametrizations_).")
     if not isinstance(keep, Tensor) or keep.dim() != 1:
         given = f"a tensor of shape {list(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
         raise TypeError(f"{caller}(keep=...): expected a 1-d tensor of {what} indices or a bool mask of {size}, "
