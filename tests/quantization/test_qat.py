@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -570,3 +571,42 @@ def test_batch_norm_keeps_the_models_statistics_momentum_and_epsilon_in_training
     assert float((int8 - reference).abs().max()) < 0.03 * float(reference.abs().max())
     _agree(int8, fake, fake)
     assert _graph_arguments(qat, "eps") == [0.1]  # the int8 copy's eps moved into its own running variance only
+
+
+def _conv_bn_net(**batch_norm: object) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, **batch_norm), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+@pytest.mark.parametrize(("fp32_layers", "batch_norm", "message"), [
+    (("0",), {}, r"keeps the convolutions \['0'\] in fp32, which torchao's QAT cannot do for a convolution a batch "
+                 r"norm follows .* fold their batch norms into them first"),
+    ((), {"affine": False}, r"\['1'\] are batch norms without an affine weight, running statistics or a momentum"),
+    ((), {"track_running_stats": False}, r"\['1'\] are batch norms without .*track_running_stats=False"),
+])
+def test_what_torchaos_conv_batch_norm_fusion_cannot_take_is_refused_naming_the_layers(fp32_layers, batch_norm,
+                                                                                       message):
+    """torchao's own errors named no layer: an IndexError for a PTQ recipe's fp32 convolution (which PTQ keeps
+    fine), a missing tensor for a batch norm without an affine weight or running statistics."""
+    model = _conv_bn_net(**batch_norm)
+    x = torch.randn(8, 2, 8, 8)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ExportError, match=message):
+        prepare_qat(model, (x,), QATConfig(fp32_layers=fp32_layers))
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert isinstance(prepare_qat(_conv_bn_net(), (x,), QATConfig(fp32_layers=("4",))), QATModel)  # no conv kept
+
+
+def test_a_batch_norm_or_dropout_frozen_inside_a_training_model_is_warned_of_from_the_plain_api():
+    """The QAT graph trains them with the rest (its statistics moved after one training call); the Lightning
+    callback said so, prepare_qat said nothing."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 3))
+    model[1].eval()
+    model[2].eval()
+    with pytest.warns(UserWarning, match=r"prepare_qat: 1, 2 in eval mode inside Sequential, which trains: .* as a "
+                                         r"whole, so they train as the rest does"):
+        prepare_qat(model, (torch.randn(4, 6),))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*in eval mode inside")
+        prepare_qat(model.eval(), (torch.randn(4, 6),))  # nothing is frozen apart from the rest
+        prepare_qat(model.train(), (torch.randn(4, 6),))

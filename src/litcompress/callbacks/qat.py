@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,6 +37,8 @@ from litcompress.quantization.qat import (
     check_float32_parameters,
     check_layer_names,
     compile_converted,
+    frozen_inside,
+    frozen_inside_message,
     masks_refused_message,
     modules_pruned_with_masks,
     prepare_qat,
@@ -271,10 +274,11 @@ class QuantizationAwareTraining(Callback):
                                "into its QAT graph: they run once, at the trace, not at every step (a hook that "
                                "records activations or adds a loss sees no QAT step). Register them on "
                                f"{type(module).__name__} itself, whose hooks stay outside the graph, or outside it.")
-            frozen = [name for name, sub in module.named_modules() if name and not sub.training
-                      and isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
+            frozen = frozen_inside(module)
             try:
-                self.qat = prepare_qat(module, args, self.config, copy=False)
+                with warnings.catch_warnings():  # said below, once (on rank 0) and in the callback's words
+                    warnings.filterwarnings("ignore", message=r"prepare_qat: .* in eval mode inside ")
+                    self.qat = prepare_qat(module, args, self.config, copy=False)
             finally:
                 _restore_hooks(module, hooks)
                 module.forward = _QATForward(self, module)
@@ -293,11 +297,8 @@ class QuantizationAwareTraining(Callback):
             if self._distributed:  # each process observed its own first batch: every step starts from one range
                 self.qat.sync_ranges_()
             if module.training and frozen:  # (as they were before the trace, which may set modes)
-                rank_zero_warn(f"{_OWNER}: {', '.join(frozen[:4])}{' ...' if len(frozen) > 4 else ''} in eval mode "
-                               f"inside {type(module).__name__}, which trains: the QAT graph switches between "
-                               "training and evaluation form as a whole, so they train as the rest does (batch norm "
-                               "statistics move, dropout drops). Freeze them another way (momentum=0, p=0), or keep "
-                               "them out of the quantized submodule.")
+                rank_zero_warn(frozen_inside_message(_OWNER, module, frozen).replace("quantized model",
+                                                                                        "quantized submodule"))
             if not module.training:  # the first call is a training step's
                 rank_zero_warn(f"{_OWNER}: {type(module).__name__} is in eval mode while training (Lightning keeps "
                                "a submodule's mode, e.g. of a model evaluated before fit), so its QAT graph trains in "

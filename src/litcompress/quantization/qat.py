@@ -402,10 +402,12 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         raise ValueError(masks_refused_message("prepare_qat", masked))
     check_float32_parameters(model, "prepare_qat")  # (inputs are not checked: a model may cast them itself)
     check_layer_names(model, config.fp32_layers)
+    frozen = frozen_inside(model)
+    if model.training and frozen:  # (the Lightning callback says it in its own words)
+        warnings.warn(frozen_inside_message("prepare_qat", model, frozen), UserWarning, stacklevel=2)
     if copy:
         model = copy_module.deepcopy(model)
     dynamic_dims = resolve_dynamic_dims([example_inputs], config.dynamic_dims)  # the batch dims and the declared
-    graph = _export_for_training(model, example_inputs, dynamic_dims)
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -415,17 +417,61 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
                                                                           reduce_range=recipe.reduce_range))
     for name in config.fp32_layers:
         quantizer.set_module_name_qconfig(name, None)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*skip annotate.*")
-        warnings.simplefilter("ignore", DeprecationWarning)
-        kept = _kept_arguments(graph)
-        prepared = prepare_qat_pt2e(graph, quantizer)
-        restore_kept_arguments_(prepared, kept)  # its conv-bn fusion writes eps=1e-5, momentum=0.1
-    with _batch_counts_kept(_batch_norms_of(model).values()):
-        _observe_(prepared, example_inputs)
+    try:
+        graph = _export_for_training(model, example_inputs, dynamic_dims)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*skip annotate.*")
+            warnings.simplefilter("ignore", DeprecationWarning)
+            kept = _kept_arguments(graph)
+            prepared = prepare_qat_pt2e(graph, quantizer)
+            restore_kept_arguments_(prepared, kept)  # its conv-bn fusion writes eps=1e-5, momentum=0.1
+        with _batch_counts_kept(_batch_norms_of(model).values()):
+            _observe_(prepared, example_inputs)
+    except Exception as error:
+        cause = _batch_norm_cause(model, config)
+        if cause is None:
+            raise
+        raise ExportError(f"prepare_qat: {cause} ({type(error).__name__} in torchao: "
+                          f"{(str(error).strip().splitlines() or [''])[0][:160]})") from error
     qat = QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
     qat.dynamic_dims = dynamic_dims
     return qat
+
+
+def frozen_inside(model: nn.Module) -> list[str]:
+    """The batch norms and dropouts of `model` (not itself) in eval mode: a QAT graph switches between its training
+    and evaluation form as a whole, so they would train with the rest."""
+    return [name for name, sub in model.named_modules() if name and not sub.training
+            and isinstance(sub, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
+
+
+def frozen_inside_message(owner: str, model: nn.Module, frozen: Sequence[str]) -> str:
+    return (f"{owner}: {', '.join(frozen[:4])}{' ...' if len(frozen) > 4 else ''} in eval mode inside "
+            f"{type(model).__name__}, which trains: the QAT graph switches between training and evaluation form as a "
+            "whole, so they train as the rest does (batch norm statistics move, dropout drops). Freeze them another "
+            "way (momentum=0, p=0), or keep them out of the quantized model.")
+
+
+def _batch_norm_cause(model: nn.Module, config: QATConfig) -> str | None:
+    """What torchao's QAT conv-batch-norm fusion cannot take in `model`, where that explains a failure to build the
+    graph (its own errors were an IndexError or a missing tensor, naming no layer); None otherwise."""
+    batch_norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not batch_norms:
+        return None
+    partial = [name for name, m in batch_norms.items()
+               if m.weight is None or m.running_var is None or m.momentum is None]
+    if partial:
+        return (f"{partial[:4]} are batch norms without an affine weight, running statistics or a momentum "
+                "(affine=False, track_running_stats=False or momentum=None), which torchao's QAT conv-batch-norm "
+                "fusion needs; build them with the defaults, or keep them out of the quantized model.")
+    convolutions = [f"{name}.{sub}" if sub else name for name in config.fp32_layers
+                    for sub, m in model.get_submodule(name).named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if convolutions:
+        return (f"QATConfig(fp32_layers=...) keeps the convolutions {convolutions[:4]} in fp32, which torchao's QAT "
+                "cannot do for a convolution a batch norm follows (its conv-batch-norm fusion expects it quantized); "
+                "leave such convolutions to int8, or fold their batch norms into them first "
+                "(torch.nn.utils.fusion.fuse_conv_bn_eval, on a model in eval mode).")
+    return None
 
 
 def _batch_norms_of(model: nn.Module) -> dict[str, nn.Module]:
