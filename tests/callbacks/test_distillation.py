@@ -590,3 +590,38 @@ def test_a_training_step_set_on_the_instance_is_the_modules_again_after_the_fit(
                  callbacks=[KnowledgeDistillation(), KnowledgeDistillation(log_name="again")]).fit(
         plain, datamodule=DigitsDataModule())
     assert "training_step" not in plain.__dict__
+
+
+class _Registered:
+    """A batch class registered with torch's pytree (as libraries register theirs)."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.pixels = pixels
+
+
+torch.utils._pytree.register_pytree_node(_Registered, lambda batch: ([batch.pixels], None),
+                                         lambda children, _: _Registered(children[0]))
+
+
+class _Tagged(tuple):
+    """A tuple subclass carrying state its constructor sets: rebuilt from a list, it would lose it."""
+
+    def __new__(cls, items: Any, tag: str = "default") -> "_Tagged":
+        made = super().__new__(cls, items)
+        made.tag = tag
+        return made
+
+
+def test_the_teachers_copy_of_the_inputs_reaches_tensors_in_pytree_classes_and_dataclasses_and_keeps_other_objects():
+    """Lightning's apply_to_collection alone left classes registered with torch's pytree uncopied (the teacher saw
+    them changed in place) and rebuilt a tuple subclass without its state; torch's pytree alone left dataclasses."""
+    from litcompress.callbacks.distillation import _tensors_copied
+
+    x = torch.randn(3, 4)
+    tagged = _Tagged((x,), tag="mine")
+    (registered, images, kept, plain), keywords = _tensors_copied(
+        ((_Registered(x), _Images(x), tagged, [x]), {"mask": x}))
+    for copied in (registered.pixels, images.pixels, plain[0], keywords["mask"]):
+        assert torch.equal(copied, x) and copied.data_ptr() != x.data_ptr()
+    assert isinstance(registered, _Registered) and isinstance(images, _Images)
+    assert kept is tagged and kept.tag == "mine"  # an object it cannot rebuild faithfully: given as it is

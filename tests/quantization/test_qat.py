@@ -581,7 +581,7 @@ def _conv_bn_net(**batch_norm: object) -> nn.Sequential:
 @pytest.mark.parametrize(("fp32_layers", "batch_norm", "message"), [
     (("0",), {}, r"keeps the convolutions \['0'\] in fp32, which torchao's QAT cannot do for a convolution a batch "
                  r"norm follows .* fold their batch norms into them first"),
-    ((), {"affine": False}, r"\['1'\] are batch norms without an affine weight, running statistics or a momentum"),
+    ((), {"affine": False}, r"\['1'\] are batch norms without an affine weight or running statistics \(affine=False"),
     ((), {"track_running_stats": False}, r"\['1'\] are batch norms without .*track_running_stats=False"),
 ])
 def test_what_torchaos_conv_batch_norm_fusion_cannot_take_is_refused_naming_the_layers(fp32_layers, batch_norm,
@@ -610,3 +610,20 @@ def test_a_batch_norm_or_dropout_frozen_inside_a_training_model_is_warned_of_fro
         warnings.filterwarnings("error", message=".*in eval mode inside")
         prepare_qat(model.eval(), (torch.randn(4, 6),))  # nothing is frozen apart from the rest
         prepare_qat(model.train(), (torch.randn(4, 6),))
+
+
+def test_a_failure_to_trace_is_not_blamed_on_a_batch_norm_and_a_cumulative_one_is_named_where_it_is_the_cause():
+    """The batch-norm causes are for torchao's QAT graph of a model that traced: a wrong input width was said to be
+    a batch norm without affine weight (torch.export's own error cut short); momentum=None is what torch.export
+    cannot trace (a data-dependent count), which it said as a control-flow problem."""
+    plain = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3))
+    with pytest.raises(ExportError, match=r"torch.export failed on Sequential: RuntimeError: a and b must have same "
+                                          r"reduction dim") as refused:
+        prepare_qat(plain, (torch.randn(4, 7),))
+    assert "batch norms without" not in str(refused.value)
+    assert isinstance(prepare_qat(plain, (torch.randn(4, 6),)), QATModel)  # it takes a BN without affine there
+    with pytest.raises(ExportError, match=r"Batch norms with momentum=None \(\['1'\]\) average over a count "
+                                          r"torch.export cannot trace; give them a momentum"):
+        prepare_qat(_conv_bn_net(momentum=None), (torch.randn(8, 2, 8, 8),))
+    convolution = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    assert isinstance(prepare_qat(convolution, (torch.randn(8, 2, 8, 8),), QATConfig(fp32_layers=("0",))), QATModel)

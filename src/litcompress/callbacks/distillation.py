@@ -14,6 +14,7 @@ the callback's checkpoint state, so ``trainer.fit(ckpt_path=...)`` resumes with 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -288,16 +289,24 @@ class KnowledgeDistillation(Callback):
 
 
 def _tensors_copied(inputs: Any) -> Any:
-    """`inputs` with every tensor inside them copied (detached): in tuples, lists, dicts, namedtuples and dataclasses,
-    the containers Lightning moves a batch through. A container neither it nor torch's pytree can rebuild (a frozen
-    dataclass, a mapping whose constructor takes no dict) is given as it is, as are objects of other classes."""
+    """`inputs` with every tensor inside them copied (detached): through the containers torch's pytree knows (tuples,
+    lists, dicts, namedtuples, classes registered with it), and into dataclasses (which Lightning moves a batch
+    through), rebuilt by Lightning's ``apply_to_collection``. Other objects (a frozen dataclass among them) are given
+    as they are."""
     def copied(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().clone()
 
-    try:
-        return apply_to_collection(inputs, torch.Tensor, copied, allow_frozen=True)
-    except Exception:  # noqa: BLE001 - a batch class of the user's own: the step ran without any copy before
-        return pytree.tree_map_only(torch.Tensor, copied, inputs)
+    def leaf_copied(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return copied(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            try:
+                return apply_to_collection(value, torch.Tensor, copied, allow_frozen=True)
+            except Exception:  # noqa: BLE001 - a dataclass it cannot rebuild: as it is, as before the copy
+                return value
+        return value
+
+    return pytree.tree_map(leaf_copied, inputs)
 
 
 __all__ = ["KnowledgeDistillation"]

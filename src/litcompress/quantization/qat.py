@@ -419,6 +419,15 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         quantizer.set_module_name_qconfig(name, None)
     try:
         graph = _export_for_training(model, example_inputs, dynamic_dims)
+    except ExportError as error:
+        cumulative = [name for name, m in model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+        if cumulative and "data-dependent" in f"{type(error.__cause__).__name__} {error.__cause__}".lower().replace(
+                "ondatadependent", "-data-dependent"):  # torch's words: GuardOnDataDependentSymNode, "data-dependent"
+            raise ExportError(f"{error} Batch norms with momentum=None ({cumulative[:4]}) average over a count "
+                              "torch.export cannot trace; give them a momentum (e.g. 0.1).") from error.__cause__
+        raise
+    try:  # (the model traced: what fails from here is torchao's QAT graph)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*skip annotate.*")
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -453,17 +462,17 @@ def frozen_inside_message(owner: str, model: nn.Module, frozen: Sequence[str]) -
 
 
 def _batch_norm_cause(model: nn.Module, config: QATConfig) -> str | None:
-    """What torchao's QAT conv-batch-norm fusion cannot take in `model`, where that explains a failure to build the
-    graph (its own errors were an IndexError or a missing tensor, naming no layer); None otherwise."""
+    """What torchao's QAT conv-batch-norm fusion cannot take in `model`, where that explains a failure of torchao's
+    QAT graph on a model that traced (its own errors were an IndexError or a missing tensor, naming no layer); None
+    otherwise."""
     batch_norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not batch_norms:
         return None
-    partial = [name for name, m in batch_norms.items()
-               if m.weight is None or m.running_var is None or m.momentum is None]
+    partial = [name for name, m in batch_norms.items() if m.weight is None or m.running_var is None]
     if partial:
-        return (f"{partial[:4]} are batch norms without an affine weight, running statistics or a momentum "
-                "(affine=False, track_running_stats=False or momentum=None), which torchao's QAT conv-batch-norm "
-                "fusion needs; build them with the defaults, or keep them out of the quantized model.")
+        return (f"{partial[:4]} are batch norms without an affine weight or running statistics (affine=False or "
+                "track_running_stats=False), which torchao's QAT conv-batch-norm fusion needs; build them with the "
+                "defaults, or keep them out of the quantized model.")
     convolutions = [f"{name}.{sub}" if sub else name for name in config.fp32_layers
                     for sub, m in model.get_submodule(name).named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
     if convolutions:
