@@ -496,12 +496,25 @@ def test_callable_amount_checked_when_called(tmp_path):
         make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
 
 
-def test_count_larger_than_remaining_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("global_", [False, True])
+def test_count_larger_than_remaining_is_a_clear_error_before_any_training(tmp_path, global_):
+    """A constant count no target can give up was refused at the first round, after an epoch of training."""
     model = ThreeLayerModel()
-    callback = ModelPruning("l1_unstructured", amount=100, parameters_to_prune=[(model.layer.mlp_3, "weight")],
-                            use_global_unstructured=False)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    callback = ModelPruning("l1_unstructured", amount=100000, parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                            use_global_unstructured=global_)
+
+    class NoTraining(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            raise AssertionError("trained before the refusal")
+
     with pytest.raises(MisconfigurationException, match="more entries than remain"):
-        make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback, NoTraining()]).fit(model)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    fits = ModelPruning("l1_unstructured", amount=3, parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                        use_global_unstructured=global_)
+    make_trainer(tmp_path, max_epochs=1, callbacks=fits).fit(model)  # a count that fits: pruned at the epoch's end
+    assert int((model.layer.mlp_3.weight == 0).sum()) == 3
 
 
 def test_structured_dim_out_of_range_fails_at_setup(tmp_path):

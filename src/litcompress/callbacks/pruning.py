@@ -525,6 +525,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
             rank_zero_warn(f"ModelPruning: no tensor to prune in {type(pl_module).__name__}"
                            f"{' after filter_parameters_to_prune' if parameters_to_prune else ''}: nothing is pruned "
                            "in this fit.")
+        if (stage == "fit" and self._schedule is None and isinstance(self.amount, numbers.Integral)
+                and self.amount > 0 and self._apply_pruning is not False and not any(
+                    is_lazy(engine.trainable_tensor(m, n)) for m, n in self._parameters_to_prune)):
+            self._check_amount_fits(self.amount)  # a count no target can give up failed after the first epoch
         if stage == "fit" and not given:
             self._warn_of_frozen_defaults()
             self._warn_of_recurrent_defaults(pl_module)
