@@ -10,6 +10,7 @@ import copy
 import math
 import warnings
 from logging import INFO
+from typing import Any
 
 import pytest
 import torch

@@ -177,6 +177,32 @@ def test_rewind_restores_snapshot_and_never_aliases_it(widths, seed, rounds):
             assert all(p.data_ptr() != q.data_ptr() for q in model.parameters())
 
 
+@SETTINGS
+@given(widths=st.lists(st.integers(2, 24), min_size=3, max_size=4), seed=st.integers(0, 99), resample=st.booleans())
+def test_rewind_after_make_permanent_rewinds_the_survivors_and_keeps_the_pruned_zeros(widths, seed, resample):
+    """With its masks made permanent, a pruned target came back dense from the snapshot (the ticket's sparsity lost,
+    silently); a target never pruned is rewound whole. (Half of each pruned tensor: never all of it, which would
+    read as a zero-initialised tensor.)"""
+    model = mlp(widths, seed)
+    targets = default_targets(model)
+    snapshot = take_snapshot(targets)
+    initial = [getattr(m, n).detach().clone() for m, n in targets]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # "training"
+    prune_(targets[:-1], "l1_unstructured", 0.5, scope="local")
+    make_permanent_(model)
+    zeros = [getattr(m, n) == 0 for m, n in targets]
+    rewind_(targets, snapshot, resample=resample)
+    for (module, name), value, zero in zip(targets[:-1], initial, zeros):
+        tensor = getattr(module, name)
+        assert torch.equal(tensor == 0, zero) and int(zero.sum()) == round(0.5 * zero.numel())
+        if not resample:
+            assert torch.equal(tensor[~zero], value[~zero])
+    if not resample:
+        assert torch.equal(getattr(*targets[-1]), initial[-1])  # never pruned: all of it rewound
+
+
 def test_snapshot_of_a_pruned_module_holds_trainable_values():
     layer = nn.Linear(5, 5)
     prune_([(layer, "weight")], "l1_unstructured", 0.6)

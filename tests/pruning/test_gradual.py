@@ -664,3 +664,15 @@ def test_prune_to_takes_t_as_step_does_and_its_state_loads_weights_only():
     state = torch.load(buffer)  # weights_only
     assert [(type(r["t"]), type(r["target"])) for r in state["history"]] == [(int, float)] * 2
     assert state["history"][0]["t"] == 3 and state["history"][0]["target"] == 0.25
+
+
+def test_a_state_without_its_keys_is_refused_before_the_pruner_changes():
+    """`load_state_dict({"last_t": 7})` set last_t, then raised KeyError 'history': a half-loaded pruner."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.5, begin=0, end=4,
+                                                                  frequency=2))
+    pruner.step(2)
+    state = pruner.state_dict()
+    with pytest.raises(ValueError, match="the state has no history; give the dict GradualPruner.state_dict"):
+        pruner.load_state_dict({"last_t": 7})
+    assert pruner.state_dict() == state

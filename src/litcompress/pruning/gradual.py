@@ -197,7 +197,8 @@ class GradualPruner:
 
     def __deepcopy__(self, memo: dict) -> GradualPruner:
         """A copy (of the model and its pruner together: the copies' hooks act for the copied pruner, and its handles
-        remove the copies' hooks)."""
+        remove the copies' hooks). torch refuses to deep-copy a model whose masked weights a round or a forward has
+        computed (no graph leaves): pickle the two together instead (``torch.save``), as a checkpoint does."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -392,6 +393,10 @@ class GradualPruner:
         return {"last_t": self.last_t, "history": list(self.history), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = [key for key in ("last_t", "history") if not isinstance(state, Mapping) or key not in state]
+        if missing:  # (checked before any change: a KeyError left the pruner half-loaded)
+            raise ValueError(f"GradualPruner.load_state_dict: the state has no {' or '.join(missing)}; give the dict "
+                             "GradualPruner.state_dict() returned.")
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned

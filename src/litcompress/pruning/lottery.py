@@ -13,6 +13,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from litcompress.pruning.engine import (
     Target,
     check_targets,
+    holds_pruning_zeros,
+    is_pruned,
     parameter_order_preserved,
     refresh_cached_tensor,
     trainable_tensor,
@@ -164,7 +166,9 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
     to :func:`take_snapshot`, in their order (entries are matched by place; a list of another length, or whose names
     or shapes differ there, is refused).
 
-    Values are copied, never aliased, so the snapshot stays what it was however long training goes on.
+    Values are copied, never aliased, so the snapshot stays what it was however long training goes on. A target
+    whose mask was made permanent (``make_permanent_``: no mask, its pruned entries exact zeros) keeps its zeros: only
+    its survivors are rewound.
     With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead, or, for a
     module without one, takes a :func:`shuffled` copy of its snapshot values (the random re-initialisation control of
     the lottery-ticket experiments: never the snapshot's own values).
@@ -186,6 +190,12 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
             if resample and not can_reset:
                 value = shuffled(value)
             dst = trainable_tensor(module, target_name)
+            # a target pruned, then made permanent (its mask gone, its zeros left): survivors back, the zeros kept
+            # (they came back dense, the ticket's sparsity lost, silently)
+            zeros = (dst == 0 if not is_pruned(module, target_name) and holds_pruning_zeros(module, target_name)
+                     else None)
             with torch.no_grad():
                 dst.copy_(value)
+                if zeros is not None:
+                    dst.masked_fill_(zeros, 0)
             refresh_cached_tensor(module, target_name)
