@@ -985,3 +985,98 @@ def test_structured_rounds_never_prune_every_row_of_a_layer(rows, sparsity, mult
     kept = int((layer.weight != 0).any(dim=1).sum())
     assert kept >= (1 if multiple is None else min(rows, multiple))
     assert kept == rows - min(round(sparsity * rows), rows - 1) or multiple is not None
+
+
+class _RowsOnly(torch_prune.BasePruningMethod):
+    """Structured, always along rows, and no `dim` to say so."""
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: float | int) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        kept = default_mask.flatten(1).any(1)
+        count = self.amount if isinstance(self.amount, int) else round(self.amount * int(kept.sum()))
+        norms = (t * default_mask).abs().flatten(1).sum(1).masked_fill(~kept, float("inf"))
+        mask = default_mask.clone()
+        mask[torch.argsort(norms, stable=True)[:count]] = 0
+        return mask
+
+
+class _RowsAlongItsDim(_RowsOnly):
+    """The same, with a `dim` whose default says which slices it prunes."""
+
+    def __init__(self, amount: float | int, dim: int = 0) -> None:
+        super().__init__(amount)
+        self.dim = dim
+
+
+class _AtMostATenth(torch_prune.BasePruningMethod):
+    """Unstructured, but masks |w| <= 0.1 whatever `amount` asks."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float | int) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask * (t.abs() > 0.1)
+
+
+def test_a_structured_method_of_ones_own_is_counted_along_its_own_dim_or_refused_without_one():
+    """Its slices were counted along the last dim whichever it pruned: 25% of a 16-column weight read as 4 rows,
+    of 8 (of 4: the layer emptied), silently; one without `dim` cannot be counted, and is refused when built."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from litcompress import ModelPruning
+    from litcompress.pruning import GradualPruner
+    from litcompress.pruning.engine import prune_to_sparsity_
+    from litcompress.pruning.schedules import PolynomialDecay
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    for sparsity, rows in ((0.25, 2), (0.5, 4)):
+        prune_to_sparsity_([(layer, "weight")], _RowsAlongItsDim, sparsity, scope="local")
+        assert int((layer.weight_mask.sum(1) == 0).sum()) == rows and int((layer.weight_mask == 0).sum()) == rows * 16
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=2)
+    message = "_RowsOnly is structured .* takes no `dim`, so the slices it prunes cannot be counted"
+    with pytest.raises(TypeError, match=message):
+        prune_to_sparsity_([(nn.Linear(16, 8), "weight")], _RowsOnly, 0.25, scope="local")
+    with pytest.raises(TypeError, match=message):
+        GradualPruner([(nn.Linear(16, 8), "weight")], schedule, method=_RowsOnly, scope="local")
+    with pytest.raises(MisconfigurationException, match=message):
+        ModelPruning(_RowsOnly, amount=schedule, use_global_unstructured=False)
+    ModelPruning(_RowsOnly, amount=0.5, use_global_unstructured=False)  # a fixed amount: the method's own count
+
+
+def test_a_method_that_prunes_another_number_than_its_amount_is_said_to_miss_the_target():
+    """A threshold method of one's own ignores `amount`: the exact target was missed, silently (and recorded as
+    reached by the schedules)."""
+    from litcompress.pruning.engine import prune_to_sparsity_
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    with pytest.warns(UserWarning, match=r"_AtMostATenth did not prune the `amount` it was given, so the target "
+                                         r"sparsity 80.00% was not reached exactly \(Linear.weight: \d+ entries "
+                                         r"pruned, 102 asked\)"):
+        prune_to_sparsity_([(layer, "weight")], _AtMostATenth, 0.8, scope="local")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_to_sparsity_([(nn.Linear(16, 8), "weight")], "l1_unstructured", 0.8, scope="local")
+        prune_to_sparsity_([(nn.Linear(16, 8), "weight")], _RowsAlongItsDim, 0.5, scope="local")
+
+
+@pytest.mark.parametrize("call", ["prune_", "prune_to_sparsity_"])
+def test_a_norm_that_does_not_apply_to_a_later_target_is_refused_before_the_first_is_pruned(call):
+    """'nuc' needs two dims besides `dim`: torch failed on the Linear after the Conv1d was pruned (half a round)."""
+    from litcompress.pruning.engine import prune_to_sparsity_
+
+    conv, linear = nn.Conv1d(4, 6, 3), nn.Linear(8, 6)
+    function = prune_ if call == "prune_" else prune_to_sparsity_
+    with pytest.raises(ValueError, match=r"n='nuc' does not apply to Linear.weight of shape \(6, 8\): torch takes it "
+                                         r"over the 1 dimension\(s\) besides dim=0"):
+        function([(conv, "weight"), (linear, "weight")], "ln_structured", 0.5, scope="local", n="nuc", dim=0)
+    assert not is_pruned(conv, "weight") and not is_pruned(linear, "weight")
+    function([(conv, "weight")], "ln_structured", 0.5, scope="local", n="nuc", dim=0)  # two dims besides dim 0
+    assert int((conv.weight_mask.flatten(1).sum(1) == 0).sum()) == 3

@@ -52,8 +52,8 @@ from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_s
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
-from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, is_ln_norm, is_pruning_method,
-                                        norm_refusal, required_kwargs, takes_amount)
+from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, check_countable_slices, is_ln_norm,
+                                        is_pruning_method, norm_refusal, required_kwargs, takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -244,6 +244,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 " (they would be ignored): give its __init__ an `amount` parameter, or use a float `amount` (each round"
                 " then prunes what the method decides)."
             )
+        if self._schedule is not None and not use_global_unstructured:
+            try:  # a target reached by counting the slices along the method's `dim`
+                check_countable_slices(self._method, self._method_kwargs, "ModelPruning")
+            except TypeError as error:
+                raise MisconfigurationException(str(error)) from None
         if self._schedule is not None and self._schedule.unit == "step" and use_lottery_ticket_hypothesis is True:
             raise MisconfigurationException(
                 "A step-level `amount` schedule with `use_lottery_ticket_hypothesis=True` would reset the weights"

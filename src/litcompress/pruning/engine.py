@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from litcompress.pruning.methods import (accepted_kwargs, check_method_kwargs, check_near_misses, check_slices_exist,
-                                         check_takes_amount, resolve_method)
+from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check_countable_slices, check_method_kwargs,
+                                         check_near_misses, check_slices_exist, check_takes_amount, norm_refusal,
+                                         resolve_method, structured_dim)
 from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors, scripted_targets_message
 from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
 from litcompress.pruning.threshold import holds_nan, smallest_k_masks
@@ -600,6 +601,22 @@ def prune_(
     share_tied_masks_(targets)
 
 
+def check_norms_apply(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod],
+                      method_kwargs: Mapping[str, Any], owner: str) -> None:
+    """Refuse, naming the tensor, a structured method's norm ``n`` that torch cannot take over a target's dimensions
+    besides ``dim`` ('fro' and 'nuc' need two of them): torch's error came mid-call, with earlier targets pruned."""
+    norm, dim = method_kwargs.get("n"), method_kwargs.get("dim")
+    if not isinstance(norm, str) or not isinstance(dim, int):  # (a number applies over any dimensions)
+        return
+    for module, name in targets:
+        tensor = trainable_tensor(module, name)
+        refusal = None if tensor.is_meta or not -tensor.dim() <= dim < tensor.dim() else norm_refusal(tensor, norm, dim)
+        if refusal is not None:
+            raise ValueError(f"{owner}: n={norm!r} does not apply to {type(module).__name__}.{name} of shape "
+                             f"{tuple(tensor.shape)}: torch takes it over the {tensor.dim() - 1} dimension(s) besides "
+                             f"dim={dim}, and says: {refusal}. Use a number (1, 2, float('inf'), ...).")
+
+
 def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod], amount: float | int,
                      scope: Scope, **method_kwargs: Any) -> None:
     check_prunable(targets, need_values=True)
@@ -612,7 +629,8 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
                         "scores, of the targets' shape (each target is ranked on its own); the dict "
                         "{(module, name): tensor} is for scope='global'.")
-    fast_path = scope == "global" and method_cls is torch_prune.L1Unstructured and "importance_scores" not in method_kwargs
+    fast_path = (scope == "global" and method_cls is torch_prune.L1Unstructured
+                 and "importance_scores" not in method_kwargs)
     if not fast_path:
         _check_rankable(targets, method_cls, method_kwargs)  # (the fast path refuses NaN as it ranks)
         # torch's methods rank `module.<name>`, which the pruning hook computed at the module's last forward: after
@@ -624,7 +642,9 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
     if structured and scope == "local":
         check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
                            "prune_")
-    dim = method_kwargs.get("dim", -1)
+    if structured and scope == "local":
+        check_norms_apply(targets, method_cls, method_kwargs, "prune_")
+    dim = structured_dim(method_cls, method_kwargs) if structured else None
     if structured and scope == "local" and isinstance(amount, int) and isinstance(dim, int) \
             and all(-t.dim() <= dim < t.dim() for t in (trainable_tensor(m, n) for m, n in targets)):
         slices = [total - pruned for pruned, total in (_pruned_slices(m, n, dim) for m, n in targets)]
@@ -942,18 +962,28 @@ def prune_to_sparsity_(
     check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
+    if scope == "local":
+        check_countable_slices(method_cls, method_kwargs, "prune_to_sparsity_")
+        if structured:
+            check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
     check_keep_multiple_of(keep_multiple_of, method_cls)
     undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
+    # what each round should leave, checked after it for a method of one's own: one that prunes another number than
+    # its `amount` (a threshold, a fixed pattern) missed the target, which the caller recorded as reached
+    expected: list[tuple[str, Callable[[], int], int, str]] = []
     try:
         before = sum(pruned_count(m, n) for m, n in targets)
         # every round planned, and what it ranks checked (NaN), before any target changes
         rounds: list[Callable[[], None]] = []
         if scope == "global":
             count = count_to_prune(sum(getattr(m, n).numel() for m, n in targets), before, sparsity)
+            expected.append(("the targets together", lambda: sum(pruned_count(m, n) for m, n in targets),
+                             before + count, "entries"))
             if count:  # one call, refused before it changes anything: here, where a refusal undoes the merge
                 prune_(targets, method_cls, count, scope="global", **method_kwargs)
         else:
-            dim = method_kwargs.get("dim", -1)
+            # the dim the method prunes along (its own default where none is given), as its slices are counted
+            dim = structured_dim(method_cls, method_kwargs) if structured else method_kwargs.get("dim", -1)
             slice_groups = (method_kwargs.pop("slice_groups", None) or {}) if structured else {}
             for target in targets:
                 groups = slice_groups.get(target, 1)
@@ -962,11 +992,16 @@ def prune_to_sparsity_(
                     if drop is not None:
                         rounds.append(lambda target=target, drop=drop: _drop_slices_(*target, drop, dim))
                     continue
+                label = f"{type(target[0]).__name__}.{target[1]}"
                 if structured:
                     pruned, total = _pruned_slices(*target, dim)
                     count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
+                    expected.append((label, lambda target=target: _pruned_slices(*target, dim)[0], pruned + count,
+                                     f"slices along dim={dim}"))
                 else:
-                    count = count_to_prune(getattr(*target).numel(), pruned_count(*target), sparsity)
+                    pruned = pruned_count(*target)
+                    count = count_to_prune(getattr(*target).numel(), pruned, sparsity)
+                    expected.append((label, lambda target=target: pruned_count(*target), pruned + count, "entries"))
                 if count:
                     _check_rankable([target], method_cls, method_kwargs)
                     rounds.append(lambda target=target, count=count: prune_([target], method_cls, count,
@@ -979,6 +1014,14 @@ def prune_to_sparsity_(
             prune_round()
     finally:  # (after a failure mid-way too: every holder of a tied tensor masked alike)
         share_tied_masks_(given)
+    if method_cls not in PRUNING_METHODS.values():  # (torch's own prune exactly what they are asked)
+        missed = [f"{label}: {got} {unit} pruned, {want} asked" for label, count_now, want, unit in expected
+                  for got in [count_now()] if got != want]
+        if missed:
+            warnings.warn(f"prune_to_sparsity_: {method_cls.__name__} did not prune the `amount` it was given, so the "
+                          f"target sparsity {float(sparsity):.2%} was not reached exactly ({'; '.join(missed[:4])}"
+                          f"{'; ...' if len(missed) > 4 else ''}): its compute_mask must prune `amount` entries (or "
+                          "slices) of those still kept.", UserWarning, stacklevel=2)
     return sum(pruned_count(m, n) for m, n in targets) - before
 
 

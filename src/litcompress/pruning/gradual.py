@@ -18,8 +18,8 @@ from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, c
                                         prune_to_sparsity_, pruned_count, register_state_hooks, round_seed,
                                         set_mask_, share_tied_masks_, targets_digest, tensor_key,
                                         unique_modules)
-from litcompress.pruning.methods import (check_method_kwargs, check_slices_exist, check_takes_amount,
-                                         norm_refusal, resolve_method)
+from litcompress.pruning.methods import (check_countable_slices, check_method_kwargs, check_slices_exist,
+                                         check_takes_amount, norm_refusal, resolve_method, structured_dim)
 from litcompress.pruning.parametrizations import check_prunable
 from litcompress.pruning.schedules import SparsitySchedule, check_progress, structured_pruned_count
 
@@ -161,6 +161,8 @@ class GradualPruner:
         check_method_kwargs(self.method, method_kwargs, "GradualPruner",
                             ndims={getattr(m, n).dim() for m, n in self.targets},
                             also=("scope", "keep_multiple_of", "target_names", "world_size"))
+        if scope == "local":
+            check_countable_slices(self.method, method_kwargs, "GradualPruner")
         if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)
                                        or world_size < 1):
             raise ValueError(f"GradualPruner(world_size={world_size!r}): give how many processes prune together (an "
@@ -169,7 +171,8 @@ class GradualPruner:
         self._check_world_size()
         self._check_norm_fits(method_kwargs, target_names)
         if "slice_groups" in method_kwargs:
-            groups = self._slice_groups(method_kwargs["slice_groups"], target_names, method_kwargs.get("dim", -1))
+            groups = self._slice_groups(method_kwargs["slice_groups"], target_names,
+                                        structured_dim(self.method, method_kwargs))
             method_kwargs = {**method_kwargs, "slice_groups": groups}
         self.method_kwargs = method_kwargs
         check_keep_multiple_of(keep_multiple_of, self.method)  # when built, not at the first round
@@ -181,7 +184,8 @@ class GradualPruner:
         self.history: list[dict[str, Any]] = []  # (one list for the pruner's life: the hooks below read it)
         # ... and a permanent state dict (no masks) loaded after this pruner's state keeps its zeros pruned
         structured = getattr(self.method, "PRUNING_TYPE", None) == "structured"
-        self._loaded_zeros = _LoadedZeros(self.history, method_kwargs.get("dim", -1) if structured else None)
+        self._loaded_zeros = _LoadedZeros(self.history, structured_dim(self.method, method_kwargs) if structured
+                                          else None)
         self._loaded_zeros.pruner = weakref.ref(self)
         for module in unique_modules(self.targets):
             names = [name for m, name in self.targets if m is module]
@@ -225,7 +229,7 @@ class GradualPruner:
         if getattr(self.method, "PRUNING_TYPE", None) != "structured":
             return
         final = float(self.schedule.final_sparsity)
-        dim = self.method_kwargs.get("dim", -1)
+        dim = structured_dim(self.method, self.method_kwargs)
         groups = self.method_kwargs.get("slice_groups") or {}
         never = []
         for module, name in distinct_targets(self.targets):

@@ -169,6 +169,33 @@ def check_near_misses(method: type[torch_prune.BasePruningMethod], kwargs: Mappi
                             f"{' or '.join(map(repr, close))}? (It takes {', '.join(sorted(known))}.)")
 
 
+def structured_dim(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any]) -> int | None:
+    """The dimension whose slices a structured `method` prunes, given the keyword arguments it will be built with:
+    their ``dim`` where it takes one, else the default of its constructor's ``dim``; None for a method that takes
+    no ``dim`` (which slices it prunes is its own affair)."""
+    names, takes_any = _names_taken(method)
+    if "dim" in kwargs and kwargs["dim"] is not None and ("dim" in names or takes_any):
+        return kwargs["dim"]
+    try:
+        parameter = inspect.signature(method.__init__).parameters.get("dim")
+    except (TypeError, ValueError):
+        return None
+    default = None if parameter is None else parameter.default
+    return default if isinstance(default, numbers.Integral) and not isinstance(default, bool) else None
+
+
+def check_countable_slices(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any],
+                           owner: str) -> None:
+    """Refuse a structured `method` whose slices cannot be counted, where a sparsity target is reached by counting
+    them (schedules, ``prune_to_sparsity_``): one without a ``dim`` (they were counted along the last dimension
+    whichever it pruned, and its targets missed, or emptied, silently)."""
+    if getattr(method, "PRUNING_TYPE", None) == "structured" and structured_dim(method, kwargs) is None:
+        raise TypeError(f"{owner}: {method.__name__} is structured (PRUNING_TYPE = 'structured') but takes no `dim`, "
+                        "so the slices it prunes cannot be counted to reach a sparsity target: give its __init__ a "
+                        "`dim` parameter (the dimension whose slices it prunes, e.g. dim=0 for rows), or prune with "
+                        "a fixed `amount` instead of a target.")
+
+
 def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,
                         ndims: Iterable[int] = (), also: Iterable[str] = (), others_ok: bool = False) -> None:
     """Refuse, before any pruning, arguments `method` would fail on at its first round or would drop silently: a
