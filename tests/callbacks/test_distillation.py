@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import UserDict
 import threading
 from typing import Any
 
@@ -618,10 +619,35 @@ def test_the_teachers_copy_of_the_inputs_reaches_tensors_in_pytree_classes_and_d
     from litcompress.callbacks.distillation import _tensors_copied
 
     x = torch.randn(3, 4)
-    tagged = _Tagged((x,), tag="mine")
-    (registered, images, kept, plain), keywords = _tensors_copied(
-        ((_Registered(x), _Images(x), tagged, [x]), {"mask": x}))
-    for copied in (registered.pixels, images.pixels, plain[0], keywords["mask"]):
+    given = (_Registered(x), _Images(x), _Tagged((x,), tag="mine"), [x], _Pixels(pixels=x), UserDict(pixels=x),
+             _Rows([x]))
+    (registered, images, tagged, plain, pixels, user_dict, rows), keywords = _tensors_copied((given, {"mask": x}))
+    for copied in (registered.pixels, images.pixels, tagged[0], plain[0], pixels["pixels"], user_dict["pixels"],
+                   rows[0], keywords["mask"]):
         assert torch.equal(copied, x) and copied.data_ptr() != x.data_ptr()
-    assert isinstance(registered, _Registered) and isinstance(images, _Images)
-    assert kept is tagged and kept.tag == "mine"  # an object it cannot rebuild faithfully: given as it is
+    assert [type(value) for value in (registered, images, tagged, plain, pixels, user_dict, rows)] == [
+        type(value) for value in given]
+    assert tagged.tag == "mine"  # state its constructor set, kept
+    frozen = _tensors_copied((_FrozenImages(x),))[0]
+    assert isinstance(frozen, _FrozenImages) and torch.equal(frozen.pixels, x)
+    assert frozen.pixels.data_ptr() != x.data_ptr()
+    opaque = _Opaque(x)
+    assert _tensors_copied((opaque,))[0] is opaque  # an object of no container kind: given as it is
+
+
+class _Opaque:
+    def __init__(self, pixels: torch.Tensor) -> None:
+        self.pixels = pixels
+
+
+class _Pixels(dict):
+    pass
+
+
+class _Rows(list):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrozenImages:
+    pixels: torch.Tensor

@@ -516,6 +516,28 @@ def test_count_larger_than_remaining_is_a_clear_error_before_any_training(tmp_pa
                         use_global_unstructured=global_)
     make_trainer(tmp_path, max_epochs=1, callbacks=fits).fit(model)  # a count that fits: pruned at the epoch's end
     assert int((model.layer.mlp_3.weight == 0).sum()) == 3
+    if not global_:  # a structured count is of slices: 3 rows of a 2-row weight
+        structured = ThreeLayerModel()
+        rows = ModelPruning("ln_structured", amount=3, pruning_dim=0, pruning_norm=1, use_global_unstructured=False,
+                            parameters_to_prune=[(structured.layer.mlp_3, "weight")])
+        with pytest.raises(MisconfigurationException, match=r"more slices along dim=0 than remain \(2 in"):
+            make_trainer(tmp_path, max_epochs=1, callbacks=[rows, NoTraining()]).fit(structured)
+
+
+def test_a_resumed_fit_whose_checkpoint_leaves_room_for_the_count_is_not_refused_by_the_model_in_memory(tmp_path):
+    """The check at setup read the masks of the model in memory (pruned to the end of the first fit), not the
+    checkpoint's, which Lightning loads after setup: a valid resume was refused."""
+    model = ThreeLayerModel()
+
+    def callback() -> ModelPruning:  # 20 of 64 entries a round: three rounds leave 4
+        return ModelPruning("l1_unstructured", amount=20, parameters_to_prune=[(model.layer.mlp_3, "weight")],
+                            use_global_unstructured=False, make_pruning_permanent=False)
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    make_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[callback(), checkpoints]).fit(model)
+    assert int((model.layer.mlp_3.weight_mask == 0).sum()) == 60
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback()]).fit(model, ckpt_path=tmp_path / "epoch=0-step=4.ckpt")
+    assert int((model.layer.mlp_3.weight_mask == 0).sum()) == 60  # the checkpoint's 20, and two rounds more
 
 
 def test_structured_dim_out_of_range_fails_at_setup(tmp_path):

@@ -203,6 +203,22 @@ def test_rewind_after_make_permanent_rewinds_the_survivors_and_keeps_the_pruned_
         assert torch.equal(getattr(*targets[-1]), initial[-1])  # never pruned: all of it rewound
 
 
+@pytest.mark.parametrize("resample", [False, True])
+def test_rewind_after_make_permanent_keeps_the_zeros_of_biases_of_a_single_entry_and_of_a_whole_tensor(resample):
+    """The first rule (a tensor of 2 dims or more with at least 1% zeros, not all) rewound these back dense."""
+    torch.manual_seed(0)
+    few, whole = nn.Linear(20, 10), nn.Linear(4, 3)
+    targets = [(few, "weight"), (few, "bias"), (whole, "weight")]
+    snapshot = take_snapshot(targets)
+    prune_([(few, "weight")], "l1_unstructured", 1, scope="local")
+    prune_([(few, "bias")], "l1_unstructured", 0.5, scope="local")
+    prune_([(whole, "weight")], "l1_unstructured", 1.0, scope="local")
+    make_permanent_(few)
+    make_permanent_(whole)
+    rewind_(targets, snapshot, resample=resample)
+    assert [int((getattr(m, n) == 0).sum()) for m, n in targets] == [1, 5, 12]
+
+
 def test_snapshot_of_a_pruned_module_holds_trainable_values():
     layer = nn.Linear(5, 5)
     prune_([(layer, "weight")], "l1_unstructured", 0.6)

@@ -675,4 +675,7 @@ def test_a_state_without_its_keys_is_refused_before_the_pruner_changes():
     state = pruner.state_dict()
     with pytest.raises(ValueError, match="the state has no history; give the dict GradualPruner.state_dict"):
         pruner.load_state_dict({"last_t": 7})
+    for bad in ({"last_t": 7, "history": None}, {"last_t": 7, "history": [], "seed": "x"}):
+        with pytest.raises(ValueError, match="expected an int 'last_t', a list 'history' and an int"):
+            pruner.load_state_dict(bad)
     assert pruner.state_dict() == state

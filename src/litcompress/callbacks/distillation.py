@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -290,21 +290,30 @@ class KnowledgeDistillation(Callback):
 
 def _tensors_copied(inputs: Any) -> Any:
     """`inputs` with every tensor inside them copied (detached): through the containers torch's pytree knows (tuples,
-    lists, dicts, namedtuples, classes registered with it), and into dataclasses (which Lightning moves a batch
-    through), rebuilt by Lightning's ``apply_to_collection``. Other objects (a frozen dataclass among them) are given
-    as they are."""
+    lists, dicts, namedtuples, classes registered with it), dataclasses (rebuilt with ``dataclasses.replace``, frozen
+    ones too), and the other mappings and sequences Lightning moves a batch through (dict and list subclasses,
+    ``UserDict``), rebuilt by Lightning's ``apply_to_collection`` (a sequence's instance attributes kept). An object it
+    cannot rebuild, or of another kind, is given as it is."""
     def copied(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().clone()
 
     def leaf_copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return copied(value)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            try:
-                return apply_to_collection(value, torch.Tensor, copied, allow_frozen=True)
-            except Exception:  # noqa: BLE001 - a dataclass it cannot rebuild: as it is, as before the copy
+        try:
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                return dataclasses.replace(value, **{field.name: _tensors_copied(getattr(value, field.name))
+                                                     for field in dataclasses.fields(value) if field.init})
+            if not isinstance(value, (Mapping, Sequence)) or isinstance(value, (str, bytes)):
                 return value
-        return value
+            rebuilt = apply_to_collection(value, torch.Tensor, copied)
+            if isinstance(value, Sequence) and type(rebuilt) is type(value) and hasattr(value, "__dict__"):
+                # (a sequence is rebuilt from its items alone: a `tag` its constructor set is copied over; a
+                # mapping's attributes may hold its items, as UserDict's `data`)
+                rebuilt.__dict__.update(vars(value))
+        except Exception:  # noqa: BLE001 - a container it cannot rebuild: as it is, as before the copy
+            return value
+        return rebuilt if type(rebuilt) is type(value) else value
 
     return pytree.tree_map(leaf_copied, inputs)
 

@@ -53,7 +53,8 @@ from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, check_countable_slices, is_ln_norm,
-                                        is_pruning_method, norm_refusal, required_kwargs, takes_amount)
+                                        is_pruning_method, norm_refusal, required_kwargs, structured_dim,
+                                        takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -530,10 +531,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
             rank_zero_warn(f"ModelPruning: no tensor to prune in {type(pl_module).__name__}"
                            f"{' after filter_parameters_to_prune' if parameters_to_prune else ''}: nothing is pruned "
                            "in this fit.")
-        if (stage == "fit" and self._schedule is None and isinstance(self.amount, numbers.Integral)
-                and self.amount > 0 and self._apply_pruning is not False and not any(
-                    is_lazy(engine.trainable_tensor(m, n)) for m, n in self._parameters_to_prune)):
-            self._check_amount_fits(self.amount)  # a count no target can give up failed after the first epoch
         if stage == "fit" and not given:
             self._warn_of_frozen_defaults()
             self._warn_of_recurrent_defaults(pl_module)
@@ -606,6 +603,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._rewind_point in (None, 0) and self._deferred_stage is None:
             self._take_snapshot_once()
         self._warned_fit_too_short = False  # (said in on_train_start, if so)
+        # a count no target can give up failed after the first epoch; (a resumed fit's masks come from its
+        # checkpoint, which some strategies load after this hook: checked at its round)
+        if (trainer.ckpt_path is None and self._schedule is None and isinstance(self.amount, numbers.Integral)
+                and self.amount > 0 and self._apply_pruning is not False and self._parameters_to_prune and not any(
+                    is_lazy(engine.trainable_tensor(m, n)) for m, n in self._parameters_to_prune)):
+            self._check_amount_fits(self.amount)
         self._say_if_checkpoints_miss_their_scores(trainer)
         self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
@@ -1389,9 +1392,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _check_amount_fits(self, amount: Union[int, float]) -> None:
         if not isinstance(amount, numbers.Integral):
             return
-        remaining = [engine.remaining_count(m, n) for m, n in engine.distinct_targets(self._parameters_to_prune)]
+        targets = engine.distinct_targets(self._parameters_to_prune)
+        dim = (structured_dim(self._method, self._method_kwargs)
+               if getattr(self._method, "PRUNING_TYPE", None) == "structured" else None)
+        if dim is not None:  # a structured method's count is of slices (the round's own check)
+            if not all(-engine.trainable_tensor(m, n).dim() <= dim < engine.trainable_tensor(m, n).dim()
+                       for m, n in targets):
+                return  # (refused at setup in its own words)
+            remaining, what = [engine.remaining_slices(m, n, dim) for m, n in targets], f"slices along dim={dim}"
+        else:
+            remaining, what = [engine.remaining_count(m, n) for m, n in targets], "entries"
         try:
-            engine.check_count_fits(int(amount), remaining, "global" if self._use_global_unstructured else "local")
+            engine.check_count_fits(int(amount), remaining, "global" if self._use_global_unstructured else "local",
+                                    what=what)
         except ValueError as err:
             raise MisconfigurationException(f"{err} Use a smaller count or a fraction.") from None
 

@@ -830,6 +830,12 @@ def pruned_count(module: nn.Module, name: str) -> int:
     return getattr(module, name).numel() - remaining_count(module, name)
 
 
+def remaining_slices(module: nn.Module, name: str, dim: int) -> int:
+    """How many slices of ``module.<name>`` along `dim` still hold a kept entry."""
+    pruned, total = _pruned_slices(module, name, dim)
+    return total - pruned
+
+
 def _pruned_slices(module: nn.Module, name: str, dim: int) -> tuple[int, int]:
     """``(pruned, total)`` slices of ``module.<name>`` along `dim` (a slice is pruned when all of it is masked)."""
     tensor = trainable_tensor(module, name)

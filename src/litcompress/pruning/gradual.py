@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -397,13 +398,19 @@ class GradualPruner:
         return {"last_t": self.last_t, "history": list(self.history), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # every value checked before any change (a KeyError or a bad value left the pruner half-loaded)
         missing = [key for key in ("last_t", "history") if not isinstance(state, Mapping) or key not in state]
-        if missing:  # (checked before any change: a KeyError left the pruner half-loaded)
-            raise ValueError(f"GradualPruner.load_state_dict: the state has no {' or '.join(missing)}; give the dict "
-                             "GradualPruner.state_dict() returned.")
+        seed = state.get("seed", self.seed) if isinstance(state, Mapping) else None  # (an older state: this run's)
+        bad = missing or not isinstance(state["last_t"], numbers.Integral) or isinstance(state["last_t"], bool) \
+            or not isinstance(state["history"], list) \
+            or not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)))
+        if bad:
+            raise ValueError("GradualPruner.load_state_dict: "
+                             + (f"the state has no {' or '.join(missing)}" if missing else
+                                "expected an int 'last_t', a list 'history' and an int (or None) 'seed'")
+                             + "; give the dict GradualPruner.state_dict() returned.")
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
         self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks", stacklevel=3)
-        seed = state.get("seed", self.seed)  # (an older state: this run's)
         self.seed = None if seed is None else int(seed)

@@ -13,7 +13,6 @@ from torch.nn.utils.prune import BasePruningMethod
 from litcompress.pruning.engine import (
     Target,
     check_targets,
-    holds_pruning_zeros,
     is_pruned,
     parameter_order_preserved,
     refresh_cached_tensor,
@@ -167,8 +166,8 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
     or shapes differ there, is refused).
 
     Values are copied, never aliased, so the snapshot stays what it was however long training goes on. A target
-    whose mask was made permanent (``make_permanent_``: no mask, its pruned entries exact zeros) keeps its zeros: only
-    its survivors are rewound.
+    without a mask keeps its exact zeros (a mask made permanent by ``make_permanent_`` leaves its pruned entries so):
+    only its other entries are rewound.
     With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead, or, for a
     module without one, takes a :func:`shuffled` copy of its snapshot values (the random re-initialisation control of
     the lottery-ticket experiments: never the snapshot's own values).
@@ -191,9 +190,9 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
                 value = shuffled(value)
             dst = trainable_tensor(module, target_name)
             # a target pruned, then made permanent (its mask gone, its zeros left): survivors back, the zeros kept
-            # (they came back dense, the ticket's sparsity lost, silently)
-            zeros = (dst == 0 if not is_pruned(module, target_name) and holds_pruning_zeros(module, target_name)
-                     else None)
+            # (they came back dense, the ticket's sparsity lost, silently), as ModelPruning's reset keeps them; a
+            # trained weight holds no exact zero it did not get from pruning
+            zeros = None if is_pruned(module, target_name) else dst.detach() == 0
             with torch.no_grad():
                 dst.copy_(value)
                 if zeros is not None:

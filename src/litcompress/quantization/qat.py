@@ -18,6 +18,7 @@ import contextlib
 import copy as copy_module
 import functools
 import os
+import traceback
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -422,8 +423,13 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     except ExportError as error:
         cumulative = [name for name, m in model.named_modules()
                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
-        if cumulative and "data-dependent" in f"{type(error.__cause__).__name__} {error.__cause__}".lower().replace(
-                "ondatadependent", "-data-dependent"):  # torch's words: GuardOnDataDependentSymNode, "data-dependent"
+        # the guard on the count a cumulative average divides by: a data-dependent value, raised in batch norm's
+        # forward (another module's data-dependent branch is not theirs to answer for)
+        cause = error.__cause__
+        in_batch_norm = cause is not None and any(
+            frame.filename.endswith(os.path.join("modules", "batchnorm.py"))
+            for frame in traceback.extract_tb(cause.__traceback__))
+        if cumulative and in_batch_norm and "data-dependent" in str(cause):
             raise ExportError(f"{error} Batch norms with momentum=None ({cumulative[:4]}) average over a count "
                               "torch.export cannot trace; give them a momentum (e.g. 0.1).") from error.__cause__
         raise
