@@ -396,6 +396,32 @@ def test_best_weights_without_a_model_checkpoint_are_refused_before_training(dig
     assert trainer.global_step == 0
 
 
+def test_best_weights_are_the_monitored_checkpoints_even_written_through_fsspec_and_never_an_unmonitored_ones(
+        digits, tmp_path, caplog):
+    """The first ModelCheckpoint was read whatever it monitored: a periodic one listed first (or the Trainer's
+    default) gave its latest file as "best", silently; a best file under an fsspec URL (memory://, s3://) failed
+    in torch.load after the whole fit, though Lightning's own ckpt_path='best' reads it."""
+    default = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[QuantizeOnFitEnd(CONFIG, metric="val_acc", weights="best")])
+    with pytest.raises(ValueError, match=r"this trainer has none that monitors a metric \(without a monitor it saves "
+                                         r"the latest weights"):
+        default.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert default.global_step == 0
+    torch.manual_seed(0)
+    periodic = ModelCheckpoint(dirpath=tmp_path / "periodic")
+    monitored = ModelCheckpoint(dirpath=f"memory://{tmp_path.name}/best", monitor="val_acc", mode="max",
+                                save_on_train_epoch_end=False)
+    quantizing = QuantizeOnFitEnd(CONFIG, metric="val_acc", weights="best")
+    with caplog.at_level(logging.INFO, logger="litcompress"):
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=4, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[SpoilTheLastEpoch(), periodic, monitored, quantizing],
+                  ).fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert monitored.best_model_path.startswith("memory://")
+    assert f"works on the weights of {monitored.best_model_path}" in caplog.text
+    assert quantizing.result.baseline_metric == pytest.approx(float(monitored.best_model_score))
+
+
 def test_quantize_from_checkpoint(fitted, tmp_path):
     module, data = fitted
     trainer = _trainer(max_epochs=0)

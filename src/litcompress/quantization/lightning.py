@@ -653,11 +653,24 @@ def check_fit_end_weights(weights: object, owner: str) -> None:
                          "of the best file of the trainer's ModelCheckpoint).")
 
 
+def best_checkpoint(trainer: L.Trainer) -> Any:
+    """The ModelCheckpoint whose best file ``weights="best"`` reads: the trainer's first one where it monitors a
+    metric, else the first that does (one without a monitor saves the latest weights, not the best: a periodic one
+    listed first was read, silently), else None."""
+    monitored = [callback for callback in trainer.checkpoint_callbacks if getattr(callback, "monitor", None)]
+    first = trainer.checkpoint_callback
+    return first if first in monitored else (monitored[0] if monitored else None)
+
+
 def check_best_weights_can_be_found(trainer: L.Trainer, weights: str, owner: str) -> None:
-    """At ``setup``: ``weights="best"`` reads the best file of the trainer's ModelCheckpoint, which must exist."""
-    if weights == "best" and trainer.checkpoint_callback is None:
+    """At ``setup``: ``weights="best"`` reads the best file of a ModelCheckpoint that monitors a metric, which must
+    exist (the default one, without a monitor, saves the latest weights)."""
+    if weights == "best" and best_checkpoint(trainer) is None:
+        found = ("has none" if trainer.checkpoint_callback is None else
+                 "has none that monitors a metric (without a monitor it saves the latest weights, which "
+                 "weights='last' works on)")
         raise ValueError(f"{owner}(weights='best') reads the best file of the trainer's ModelCheckpoint, and this "
-                         "trainer has none: add ModelCheckpoint(monitor=...) to its callbacks (and "
+                         f"trainer {found}: add ModelCheckpoint(monitor=...) to its callbacks (and "
                          "enable_checkpointing=True), or use weights='last'.")
 
 
@@ -677,7 +690,7 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
     weights of the best file of the trainer's ModelCheckpoint (``"best"``, as ``trainer.test(ckpt_path="best")`` reads
     them; a file written while pruning with masks loads too, its pruning made permanent). Where the fit left it:
     ``quantize_lightning`` and ``compress_lightning`` take a CPU copy of a module on a GPU."""
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = best_checkpoint(trainer)
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     if weights == "last":
         best_score = getattr(checkpoint, "best_model_score", None)
@@ -696,7 +709,10 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
 
     module = detached_copy(pl_module)
     make_permanent_(module)  # the file holds either format: plain weights, or `<name>_orig`/`<name>_mask` pairs
-    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]  # this fit's own file
+    import fsspec  # (Lightning's own dependency: a ModelCheckpoint may write to s3://, gs://, memory://)
+
+    with fsspec.open(best, "rb") as file:
+        state = torch.load(file, map_location="cpu", weights_only=False)["state_dict"]  # this fit's own file
     load_pruned_state_dict(module, state, keep_masks=False)
     score = getattr(checkpoint, "best_model_score", None)
     logger.info(f"{owner} works on the weights of {best}"
