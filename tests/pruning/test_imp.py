@@ -856,6 +856,23 @@ def test_exclude_leaves_layers_dense_prelu_slopes_are_never_pruned_and_frozen_la
     assert torch.count_nonzero(ticket.model.act.weight) == 32
 
 
+def test_the_searchs_warnings_are_said_by_the_first_rank_only(monkeypatch):
+    """Each rank of a DDP run runs the same search: its progress lines and files were the first rank's only, but
+    its warnings (here, a frozen layer's) came once per rank. (Another rank, as the environment names it.)"""
+    torch.manual_seed(0)
+    train, evaluate = plain_train_and_evaluate()
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*do not train")
+        iterative_magnitude_pruning(EmbeddingPReLUNet(), train, evaluate, rounds=1, rate=0.5, control="none",
+                                    exclude=["emb"])
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(UserWarning, match=r"\['frozen.weight'\] do not train") as said:
+        iterative_magnitude_pruning(EmbeddingPReLUNet(), train, evaluate, rounds=1, rate=0.5, control="none",
+                                    exclude=["emb"])
+    assert said[0].filename == __file__  # pointing at the caller's line, as before
+
+
 class TiedLM(nn.Module):
     """A language model whose output layer holds its input embedding's matrix (GPT-2's tie)."""
 

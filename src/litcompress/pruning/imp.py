@@ -204,6 +204,12 @@ def _writes_files() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
+def _warn_on_first_rank(message: str) -> None:
+    """A warning of the search's set-up or rounds, said once in a distributed run (each rank runs the same search)."""
+    if _writes_files():
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def _fingerprint(model: nn.Module) -> str:
     """A digest of `model`'s state (names, shapes, dtypes, values): the network a search starts from."""
     digest = hashlib.sha256()
@@ -344,11 +350,10 @@ def iterative_magnitude_pruning(
                          f"{close_names(unknown, names + module_names)}; choose from {names}.")
     skipped = [name for path, name in computed if name not in exclude and path not in exclude]
     if skipped:  # ModelPruning warns of them too: the table's sparsity would not count them
-        warnings.warn(f"iterative_magnitude_pruning leaves out {len(skipped)} parametrized tensor(s), which "
+        _warn_on_first_rank(f"iterative_magnitude_pruning leaves out {len(skipped)} parametrized tensor(s), which "
                       f"torch.nn.utils.prune cannot mask: {', '.join(skipped)}; they stay dense. To prune them, call "
                       "litcompress.pruning.fold_parametrizations_(model) before the search (each becomes a plain "
-                      "layer holding its current weight), or exclude them to silence this.", UserWarning,
-                      stacklevel=2)
+                      "layer holding its current weight), or exclude them to silence this.")
     kept = [i for i, (name, path) in enumerate(zip(names, module_names)) if name not in exclude and path not in exclude]
     if not kept:
         raise ValueError(f"`exclude` {list(exclude)} leaves nothing to prune of {names}.")
@@ -369,15 +374,14 @@ def iterative_magnitude_pruning(
     if left_out:  # the table's "remaining" counts the pruned tensors only: a 12.5% ticket could be nearly dense
         missing = list(dict.fromkeys(name for matrices in left_out.values() for name in matrices
                                      if name not in parameter_names))
-        warnings.warn(left_out_message(
+        _warn_on_first_rank(left_out_message(
             "iterative_magnitude_pruning", network, left_out, "the table's sparsity leaves them out. Name them in "
-            f"parameter_names to prune them too: parameter_names={[*parameter_names, *missing]!r}."),
-            UserWarning, stacklevel=2)
+            f"parameter_names to prune them too: parameter_names={[*parameter_names, *missing]!r}."))
     frozen = [name for (module, tensor), name in zip(targets, names)
               if not trainable_tensor(module, tensor).requires_grad]
     if frozen:  # ModelPruning warns of them too
-        warnings.warn(f"iterative_magnitude_pruning: {frozen} do not train (requires_grad=False): pruned, they are "
-                      "never retrained; leave them dense with exclude=[...].", UserWarning, stacklevel=2)
+        _warn_on_first_rank(f"iterative_magnitude_pruning: {frozen} do not train (requires_grad=False): pruned, they "
+                            "are never retrained; leave them dense with exclude=[...].")
     unknown = set(layer_rates) - set(names)
     if unknown:
         raise ValueError(f"`layer_rates` names {sorted(unknown)}, which are not pruned tensors; choose from {names}.")
@@ -455,9 +459,8 @@ def iterative_magnitude_pruning(
                        if (id(module), tensor) in empty and name not in warned_empty]
             if emptied:  # as ModelPruning and GradualPruner say it
                 warned_empty.update(emptied)
-                warnings.warn(emptied_message(f"iterative_magnitude_pruning (round {r})", emptied, scope,
-                                              per_layer="scope='local'", targets="the search (exclude=[...])"),
-                              UserWarning, stacklevel=2)
+                _warn_on_first_rank(emptied_message(f"iterative_magnitude_pruning (round {r})", emptied, scope,
+                                                    per_layer="scope='local'", targets="the search (exclude=[...])"))
             rewind_(targets, snapshot)
             _load_in_place_(network, rest)
             if r == rounds:  # the ticket: the final mask on the rewound weights
