@@ -633,6 +633,27 @@ def test_the_teachers_copy_of_the_inputs_reaches_tensors_in_pytree_classes_and_d
     assert frozen.pixels.data_ptr() != x.data_ptr()
     opaque = _Opaque(x)
     assert _tensors_copied((opaque,))[0] is opaque  # an object of no container kind: given as it is
+    # rebuilt through __init__ (dataclasses.replace), these were scaled twice, or lost a field set after it
+    scaled, masked, nested = _tensors_copied((_Scaled(x.clone()), _Masked(x), _Pixels(inner=_FrozenImages(x))))
+    assert torch.equal(scaled.pixels, x / 255) and torch.equal(masked.mask, x > 0)
+    assert torch.equal(nested["inner"].pixels, x) and nested["inner"].pixels.data_ptr() != x.data_ptr()
+
+
+@dataclasses.dataclass
+class _Scaled:
+    pixels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.pixels = self.pixels / 255
+
+
+@dataclasses.dataclass
+class _Masked:
+    pixels: torch.Tensor
+    mask: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mask = self.pixels > 0
 
 
 class _Opaque:

@@ -7,6 +7,7 @@ import functools
 import pickle
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -1045,7 +1046,7 @@ def test_a_structured_method_of_ones_own_is_counted_along_its_own_dim_or_refused
     of 8 (of 4: the layer emptied), silently; one without `dim` cannot be counted, and is refused when built."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from litcompress import ModelPruning
+    from litcompress import ModelPruning, PruneConfig
     from litcompress.pruning import GradualPruner
     from litcompress.pruning.engine import prune_to_sparsity_
     from litcompress.pruning.schedules import PolynomialDecay
@@ -1056,7 +1057,7 @@ def test_a_structured_method_of_ones_own_is_counted_along_its_own_dim_or_refused
         prune_to_sparsity_([(layer, "weight")], _RowsAlongItsDim, sparsity, scope="local")
         assert int((layer.weight_mask.sum(1) == 0).sum()) == rows and int((layer.weight_mask == 0).sum()) == rows * 16
     schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=2)
-    message = "_RowsOnly is structured .* takes no `dim`, so the slices it prunes cannot be counted"
+    message = "_RowsOnly is structured .* has no `dim`: the slices it prunes cannot be counted"
     with pytest.raises(TypeError, match=message):
         prune_to_sparsity_([(nn.Linear(16, 8), "weight")], _RowsOnly, 0.25, scope="local")
     with pytest.raises(TypeError, match=message):
@@ -1064,6 +1065,30 @@ def test_a_structured_method_of_ones_own_is_counted_along_its_own_dim_or_refused
     with pytest.raises(MisconfigurationException, match=message):
         ModelPruning(_RowsOnly, amount=schedule, use_global_unstructured=False)
     ModelPruning(_RowsOnly, amount=0.5, use_global_unstructured=False)  # a fixed amount: the method's own count
+    with pytest.raises(TypeError, match=message):
+        PruneConfig(method=_RowsOnly, sparsity=0.5)
+
+    class ForwardsItsDim(torch_prune.RandomStructured):  # a `dim` through **kwargs, -1 by torch's default
+        def __init__(self, amount: float, **kwargs: Any) -> None:
+            super().__init__(amount, **kwargs)
+
+    columns = nn.Linear(8, 4)
+    prune_to_sparsity_([(columns, "weight")], ForwardsItsDim, 0.5, scope="local")
+    assert int((columns.weight_mask.sum(0) == 0).sum()) == 4
+
+
+def test_a_grouped_structured_round_ranks_the_slices_its_method_masks():
+    """With slice_groups, the slices were ranked along the last dim while the method's own dim (0) was masked: the
+    rows at the places of the weakest columns went."""
+    from litcompress.pruning.engine import prune_to_sparsity_
+
+    layer = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 9.0).view(8, 1).expand(8, 8).clone())  # row r has norm 8 * (r + 1)
+        layer.weight[:, [2, 3, 6, 7]] *= 0.01  # the weakest columns elsewhere
+    prune_to_sparsity_([(layer, "weight")], _RowsAlongItsDim, 0.5, scope="local",
+                       slice_groups={(layer, "weight"): 2})
+    assert (layer.weight_mask.sum(1) == 0).nonzero().flatten().tolist() == [0, 1, 4, 5]  # the weakest 2 of each half
 
 
 def test_a_method_that_prunes_another_number_than_its_amount_is_said_to_miss_the_target():

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -289,31 +289,36 @@ class KnowledgeDistillation(Callback):
 
 
 def _tensors_copied(inputs: Any) -> Any:
-    """`inputs` with every tensor inside them copied (detached): through the containers torch's pytree knows (tuples,
-    lists, dicts, namedtuples, classes registered with it), dataclasses (rebuilt with ``dataclasses.replace``, frozen
-    ones too), and the other mappings and sequences Lightning moves a batch through (dict and list subclasses,
-    ``UserDict``), rebuilt by Lightning's ``apply_to_collection`` (a sequence's instance attributes kept). An object it
-    cannot rebuild, or of another kind, is given as it is."""
-    def copied(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().clone()
-
+    """`inputs` with every tensor inside them copied (detached), the containers as they are otherwise: through those
+    torch's pytree knows (tuples, lists, dicts, namedtuples, classes registered with it); into dataclasses (every
+    field, frozen ones and ``init=False`` ones too, without running ``__init__`` or ``__post_init__`` again), mutable
+    mappings and sequences (dict and list subclasses, ``UserDict``: a shallow copy whose items are replaced) and tuple
+    subclasses (rebuilt from their items by Lightning's ``apply_to_collection``, their attributes kept). An object it
+    cannot copy, or of another kind, is given as it is."""
     def leaf_copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return copied(value)
+            return value.detach().clone()
         try:
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                return dataclasses.replace(value, **{field.name: _tensors_copied(getattr(value, field.name))
-                                                     for field in dataclasses.fields(value) if field.init})
-            if not isinstance(value, (Mapping, Sequence)) or isinstance(value, (str, bytes)):
-                return value
-            rebuilt = apply_to_collection(value, torch.Tensor, copied)
-            if isinstance(value, Sequence) and type(rebuilt) is type(value) and hasattr(value, "__dict__"):
-                # (a sequence is rebuilt from its items alone: a `tag` its constructor set is copied over; a
-                # mapping's attributes may hold its items, as UserDict's `data`)
-                rebuilt.__dict__.update(vars(value))
-        except Exception:  # noqa: BLE001 - a container it cannot rebuild: as it is, as before the copy
+                new = copy.copy(value)
+                for field in dataclasses.fields(value):
+                    if hasattr(value, field.name):
+                        object.__setattr__(new, field.name, _tensors_copied(getattr(value, field.name)))
+                return new
+            if isinstance(value, (MutableMapping, MutableSequence)):
+                new = copy.copy(value)
+                for key in (value.keys() if isinstance(value, MutableMapping) else range(len(value))):
+                    new[key] = _tensors_copied(value[key])
+                return new
+            if isinstance(value, tuple):
+                new = apply_to_collection(value, torch.Tensor, lambda tensor: tensor.detach().clone(),
+                                          allow_frozen=True)
+                if type(new) is type(value) and hasattr(value, "__dict__"):  # (a `tag` its constructor set)
+                    new.__dict__.update(vars(value))
+                return new if type(new) is type(value) else value
+        except Exception:  # noqa: BLE001 - a container it cannot copy: as it is, as before the copy
             return value
-        return rebuilt if type(rebuilt) is type(value) else value
+        return value
 
     return pytree.tree_map(leaf_copied, inputs)
 

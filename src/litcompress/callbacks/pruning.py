@@ -660,7 +660,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         """With rows pruned (a structured method on dim 0), note which layer with weights the first training forward
         runs last: when it is a target, its rows are the model's outputs (see `_warn_if_outputs_are_pruned`)."""
         self._output_hooks: list[Any] = []
-        if getattr(self._method, "PRUNING_TYPE", None) != "structured" or self._method_kwargs.get("dim") != 0:
+        if getattr(self._method, "PRUNING_TYPE", None) != "structured" or self._pruned_dim() != 0:
             return
         self._last_run: Optional[nn.Module] = None
 
@@ -920,7 +920,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _even_slices(self, pl_module: LightningModule) -> dict[tuple[nn.Module, str], int]:
         """For a schedule's structured rounds on output channels: the weight targets whose channels go evenly over
         groups (see the class docstring), with how many."""
-        if self._schedule is None or self._method.PRUNING_TYPE != "structured" or self._method_kwargs.get("dim") != 0:
+        if self._schedule is None or self._method.PRUNING_TYPE != "structured" or self._pruned_dim() != 0:
             return {}
         from litcompress.pruning.shrink import channel_plan, is_grouped
 
@@ -1350,10 +1350,16 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 "`parameters_to_prune` without them to silence this."
             )
 
+    def _pruned_dim(self) -> Optional[int]:
+        """The dim a structured method prunes slices along: `pruning_dim`, or a method's own default."""
+        if getattr(self._method, "PRUNING_TYPE", None) != "structured":
+            return self._method_kwargs.get("dim")
+        return structured_dim(self._method, self._method_kwargs)
+
     def _validate_against_model(self, pl_module: LightningModule) -> None:
         """Checks that need the model: a structured method's targets have slices to prune (torch refuses a 1-d
         tensor only when the first round runs, after training), and `pruning_dim` is within their dimensions."""
-        dim = self._method_kwargs.get("dim")
+        dim = self._pruned_dim()
         structured = getattr(self._method, "PRUNING_TYPE", None) == "structured"
         for module, name in self._parameters_to_prune:
             ndim = engine.trainable_tensor(module, name).dim()

@@ -13,7 +13,8 @@ from torch import nn
 
 from litcompress._numbers import python_numbers_
 from litcompress.pruning.engine import recurrent_weight_names
-from litcompress.pruning.methods import accepted_kwargs, check_takes_amount, required_kwargs, resolve_method
+from litcompress.pruning.methods import (accepted_kwargs, check_countable_slices, check_takes_amount, required_kwargs,
+                                         resolve_method)
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
 from litcompress.quantization.config import PTQConfig
@@ -204,6 +205,7 @@ class PruneConfig:
                              "to prune, in [0, 1), e.g. 0.5.")
         # what the method class alone decides, refused here rather than after compress evaluated the model
         check_takes_amount(method, "PruneConfig")
+        check_countable_slices(method, self.method_kwargs(), "PruneConfig")
         missing = sorted(required_kwargs(method) - set(self.method_kwargs()))
         if missing:
             raise TypeError(f"PruneConfig(method={method.__name__}): it needs {', '.join(map(repr, missing))}, which "

@@ -994,7 +994,8 @@ def prune_to_sparsity_(
             for target in targets:
                 groups = slice_groups.get(target, 1)
                 if groups > 1:
-                    drop = _slices_to_drop(*target, method_cls, sparsity, groups, keep_multiple_of, **method_kwargs)
+                    drop = _slices_to_drop(*target, method_cls, sparsity, groups, keep_multiple_of,
+                                           **{**method_kwargs, "dim": dim})  # (ranked along the dim it masks)
                     if drop is not None:
                         rounds.append(lambda target=target, drop=drop: _drop_slices_(*target, drop, dim))
                     continue

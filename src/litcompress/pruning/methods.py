@@ -171,29 +171,40 @@ def check_near_misses(method: type[torch_prune.BasePruningMethod], kwargs: Mappi
 
 def structured_dim(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any]) -> int | None:
     """The dimension whose slices a structured `method` prunes, given the keyword arguments it will be built with:
-    their ``dim`` where it takes one, else the default of its constructor's ``dim``; None for a method that takes
-    no ``dim`` (which slices it prunes is its own affair)."""
-    names, takes_any = _names_taken(method)
-    if "dim" in kwargs and kwargs["dim"] is not None and ("dim" in names or takes_any):
-        return kwargs["dim"]
+    the ``dim`` an instance built with them holds (what torch's pruning container reads), else the default of the
+    ``dim`` its constructor (or, through ``**kwargs``, a base class's) takes; None for a method without one."""
+    given = accepted_kwargs(method, {k: v for k, v in kwargs.items() if k not in ("importance_scores", "slice_groups")})
     try:
-        parameter = inspect.signature(method.__init__).parameters.get("dim")
-    except (TypeError, ValueError):
-        return None
-    default = None if parameter is None else parameter.default
-    return default if isinstance(default, numbers.Integral) and not isinstance(default, bool) else None
+        dim = getattr(method(amount=0.5, **given), "dim", None)
+    except Exception:  # noqa: BLE001 - an argument it needs is missing here: read its signature instead
+        dim = None
+    if dim is None:
+        for klass in method.__mro__:
+            init = vars(klass).get("__init__")
+            if init is None:
+                continue
+            try:
+                parameters = inspect.signature(init).parameters
+            except (TypeError, ValueError):
+                break
+            if "dim" in parameters:
+                dim = given.get("dim", parameters["dim"].default)
+                break
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                break  # (no `dim` reaches a base class's constructor)
+    return dim if isinstance(dim, numbers.Integral) and not isinstance(dim, bool) else None
 
 
 def check_countable_slices(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any],
                            owner: str) -> None:
-    """Refuse a structured `method` whose slices cannot be counted, where a sparsity target is reached by counting
-    them (schedules, ``prune_to_sparsity_``): one without a ``dim`` (they were counted along the last dimension
-    whichever it pruned, and its targets missed, or emptied, silently)."""
+    """Refuse a structured `method` without a ``dim`` where a sparsity target is reached by counting its slices
+    (schedules, ``prune_to_sparsity_``): they were counted along the last dimension whichever it pruned, and its
+    targets missed, or emptied, silently."""
     if getattr(method, "PRUNING_TYPE", None) == "structured" and structured_dim(method, kwargs) is None:
-        raise TypeError(f"{owner}: {method.__name__} is structured (PRUNING_TYPE = 'structured') but takes no `dim`, "
-                        "so the slices it prunes cannot be counted to reach a sparsity target: give its __init__ a "
-                        "`dim` parameter (the dimension whose slices it prunes, e.g. dim=0 for rows), or prune with "
-                        "a fixed `amount` instead of a target.")
+        raise TypeError(f"{owner}: {method.__name__} is structured (PRUNING_TYPE = 'structured') but has no `dim`: "
+                        "the slices it prunes cannot be counted to reach a sparsity target (and torch's second round "
+                        "on a tensor fails without it); give its __init__ a `dim` parameter stored as `self.dim` (the "
+                        "dimension whose slices it prunes, e.g. dim=0 for rows).")
 
 
 def check_method_kwargs(method: type[torch_prune.BasePruningMethod], kwargs: Mapping[str, Any], owner: str, *,
