@@ -627,3 +627,16 @@ def test_a_failure_to_trace_is_not_blamed_on_a_batch_norm_and_a_cumulative_one_i
         prepare_qat(_conv_bn_net(momentum=None), (torch.randn(8, 2, 8, 8),))
     convolution = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     assert isinstance(prepare_qat(convolution, (torch.randn(8, 2, 8, 8),), QATConfig(fp32_layers=("0",))), QATModel)
+
+
+def test_a_model_fabric_set_up_is_refused_naming_the_module_to_prepare():
+    """torch.export failed on Fabric's wrapper with a dynamic-shapes mismatch, and the advice was about data-dependent
+    control flow; the module it wraps prepares."""
+    from lightning.fabric import Fabric
+
+    model = ReluMLP(16, 8, 3)
+    wrapped = Fabric(accelerator="cpu", devices=1).setup_module(model)
+    with pytest.raises(TypeError, match=r"_FabricModule wraps ReluMLP \(Lightning Fabric's fabric.setup\): prepare "
+                                        r"the module it wraps \(`.module`\)"):
+        prepare_qat(wrapped, (torch.randn(4, 16),))
+    assert isinstance(prepare_qat(wrapped.module, (torch.randn(4, 16),)), QATModel)

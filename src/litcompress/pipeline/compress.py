@@ -865,6 +865,11 @@ def compress(
         raise ValueError("compress(output_dir=''): name a folder to write to (or None to write nothing).")
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
         check_model_on_cpu(model, "compress(model=...) with config.quantize")
+    wrapped = getattr(model, "_original_module", None)
+    if isinstance(wrapped, nn.Module) and wrapped is not model:
+        # Lightning Fabric's wrapper (fabric.setup): its forward casts precision around this module's, and fx, shrink
+        # and the exporters failed on it (shrink skipped, the pt2e backend refused); the module it wraps is compressed
+        model = wrapped
     compiled = compiled_module_names(model)
     compiled_prefixes = _compiled_prefixes(model)  # (before the eager copy) the keys of the architecture as given
     if compiled:  # fx, the exporters and the int8 backends need eager modules; a copy, the model given stays compiled

@@ -398,6 +398,11 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise TypeError("prepare_qat(example_inputs=...): give the model's positional inputs as a tuple of tensors.")
+    wrapped = getattr(model, "_original_module", None)
+    if isinstance(wrapped, nn.Module) and wrapped is not model:  # (torch.export failed on its forward(*args, **kw))
+        raise TypeError(f"prepare_qat: {type(model).__name__} wraps {type(wrapped).__name__} (Lightning Fabric's "
+                        "fabric.setup): prepare the module it wraps (`.module`), then set up the QAT model with "
+                        "Fabric (fabric.setup(qat, optimizer)).")
     masked = modules_pruned_with_masks(model)
     if masked:
         raise ValueError(masks_refused_message("prepare_qat", masked))
