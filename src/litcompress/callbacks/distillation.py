@@ -24,8 +24,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
-from torch import nn
 from lightning_utilities.core.apply_func import apply_to_collection
+from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
