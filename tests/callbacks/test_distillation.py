@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import UserDict
+from collections.abc import MutableMapping
 import threading
 from typing import Any
 
@@ -637,6 +638,37 @@ def test_the_teachers_copy_of_the_inputs_reaches_tensors_in_pytree_classes_and_d
     scaled, masked, nested = _tensors_copied((_Scaled(x.clone()), _Masked(x), _Pixels(inner=_FrozenImages(x))))
     assert torch.equal(scaled.pixels, x / 255) and torch.equal(masked.mask, x > 0)
     assert torch.equal(nested["inner"].pixels, x) and nested["inner"].pixels.data_ptr() != x.data_ptr()
+    # a container of one's own whose copy.copy shares its inner dict: the copies were written into the student's
+    # batch (a detached clone in place of a tensor of the graph, silently cutting its gradients)
+    activation = torch.randn(3, requires_grad=True) * 2
+    store = _Store({"h": activation})
+    copied = _tensors_copied((store,))[0]
+    assert store["h"] is activation and copied is not store and copied["h"] is not activation
+
+
+class _Store(MutableMapping):
+    def __init__(self, items: dict) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._items[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __copy__(self) -> "_Store":  # shares its storage, as a shallow copy of a wrapper may
+        new = _Store.__new__(_Store)
+        new._items = self._items
+        return new
 
 
 @dataclasses.dataclass

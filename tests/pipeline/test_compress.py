@@ -2128,3 +2128,8 @@ def test_a_model_fabric_set_up_is_compressed_as_the_module_it_wraps(digits):
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x_val), result.stage_models["pruned"](x_val), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    # at bf16-true the wrapper casts the inputs to the module's bfloat16: kept, the model runs as the user's does
+    half = Fabric(accelerator="cpu", devices=1, precision="bf16-true").setup_module(ReluMLP(64, 32, 10))
+    result = compress(half, CompressionConfig(prune=None, quantize=None, shrink=False, **FAST),
+                      eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8])
+    assert result.report.stages[0].metric > 0

@@ -17,7 +17,8 @@ import copy
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
+from collections import UserDict, UserList
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -291,10 +292,10 @@ class KnowledgeDistillation(Callback):
 def _tensors_copied(inputs: Any) -> Any:
     """`inputs` with every tensor inside them copied (detached), the containers as they are otherwise: through those
     torch's pytree knows (tuples, lists, dicts, namedtuples, classes registered with it); into dataclasses (every
-    field, frozen ones and ``init=False`` ones too, without running ``__init__`` or ``__post_init__`` again), mutable
-    mappings and sequences (dict and list subclasses, ``UserDict``: a shallow copy whose items are replaced) and tuple
-    subclasses (rebuilt from their items by Lightning's ``apply_to_collection``, their attributes kept). An object it
-    cannot copy, or of another kind, is given as it is."""
+    field, frozen ones and ``init=False`` ones too, without running ``__init__`` or ``__post_init__`` again), dict and
+    list subclasses and ``UserDict``/``UserList`` (a shallow copy whose items are replaced), and other mappings and
+    sequences (rebuilt from their items by Lightning's ``apply_to_collection``, a sequence's attributes kept). An
+    object it cannot copy, or of another kind, is given as it is: the student's own batch is never written to."""
     def leaf_copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value.detach().clone()
@@ -305,17 +306,19 @@ def _tensors_copied(inputs: Any) -> Any:
                     if hasattr(value, field.name):
                         object.__setattr__(new, field.name, _tensors_copied(getattr(value, field.name)))
                 return new
-            if isinstance(value, (MutableMapping, MutableSequence)):
+            if isinstance(value, (dict, list, UserDict, UserList)):
+                # (their copy holds items of its own; a custom container's may share its inner storage, and writing
+                # the copies into it changed the student's own batch)
                 new = copy.copy(value)
-                for key in (value.keys() if isinstance(value, MutableMapping) else range(len(value))):
+                for key in (value.keys() if isinstance(value, (dict, UserDict)) else range(len(value))):
                     new[key] = _tensors_copied(value[key])
                 return new
-            if isinstance(value, tuple):
+            if isinstance(value, (Mapping, Sequence)) and not isinstance(value, (str, bytes)):
                 new = apply_to_collection(value, torch.Tensor, lambda tensor: tensor.detach().clone(),
-                                          allow_frozen=True)
-                if type(new) is type(value) and hasattr(value, "__dict__"):  # (a `tag` its constructor set)
-                    new.__dict__.update(vars(value))
-                return new if type(new) is type(value) else value
+                                          allow_frozen=True)  # (rebuilt from its items: a new object)
+                if isinstance(value, Sequence) and type(new) is type(value) and hasattr(value, "__dict__"):
+                    new.__dict__.update(vars(value))  # (a `tag` its constructor set)
+                return new if type(new) is type(value) and new is not value else value
         except Exception:  # noqa: BLE001 - a container it cannot copy: as it is, as before the copy
             return value
         return value

@@ -866,9 +866,11 @@ def compress(
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
         check_model_on_cpu(model, "compress(model=...) with config.quantize")
     wrapped = getattr(model, "_original_module", None)
-    if isinstance(wrapped, nn.Module) and wrapped is not model:
-        # Lightning Fabric's wrapper (fabric.setup): its forward casts precision around this module's, and fx, shrink
-        # and the exporters failed on it (shrink skipped, the pt2e backend refused); the module it wraps is compressed
+    precision = getattr(getattr(model, "_strategy", None), "precision", None)
+    if isinstance(wrapped, nn.Module) and wrapped is not model and type(precision).__name__ == "Precision":
+        # Lightning Fabric's wrapper (fabric.setup), at 32-bit precision: fx, shrink and the exporters failed on it
+        # (shrink skipped, the pt2e backend refused), and its forward only calls the module it wraps, which is
+        # compressed. (At other precisions its forward casts the inputs, or runs under autocast: kept.)
         model = wrapped
     compiled = compiled_module_names(model)
     compiled_prefixes = _compiled_prefixes(model)  # (before the eager copy) the keys of the architecture as given
