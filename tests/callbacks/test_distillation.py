@@ -644,6 +644,21 @@ def test_the_teachers_copy_of_the_inputs_reaches_tensors_in_pytree_classes_and_d
     store = _Store({"h": activation})
     copied = _tensors_copied((store,))[0]
     assert store["h"] is activation and copied is not store and copied["h"] is not activation
+    for own in (_SelfCopyDict(h=activation), _SelfCopyList([activation])):  # a __copy__ returning itself
+        copied = _tensors_copied((own,))[0]
+        key = "h" if isinstance(own, dict) else 0
+        assert own[key] is activation and type(copied) is type(own) and copied[key] is not activation
+        assert torch.equal(copied[key], activation.detach())
+
+
+class _SelfCopyDict(dict):
+    def __copy__(self) -> "_SelfCopyDict":
+        return self
+
+
+class _SelfCopyList(list):
+    def __copy__(self) -> "_SelfCopyList":
+        return self
 
 
 class _Store(MutableMapping):

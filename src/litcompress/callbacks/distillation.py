@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import inspect
 import logging
-from collections import UserDict, UserList
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -293,8 +292,8 @@ def _tensors_copied(inputs: Any) -> Any:
     """`inputs` with every tensor inside them copied (detached), the containers as they are otherwise: through those
     torch's pytree knows (tuples, lists, dicts, namedtuples, classes registered with it); into dataclasses (every
     field, frozen ones and ``init=False`` ones too, without running ``__init__`` or ``__post_init__`` again), dict and
-    list subclasses and ``UserDict``/``UserList`` (a shallow copy whose items are replaced), and other mappings and
-    sequences (rebuilt from their items by Lightning's ``apply_to_collection``, a sequence's attributes kept). An
+    list subclasses (new objects filled through the built-in types' methods) and other mappings and sequences
+    (``UserDict``: rebuilt from their items by Lightning's ``apply_to_collection``, a sequence's attributes kept). An
     object it cannot copy, or of another kind, is given as it is: the student's own batch is never written to."""
     def leaf_copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -302,16 +301,22 @@ def _tensors_copied(inputs: Any) -> Any:
         try:
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 new = copy.copy(value)
+                if new is value:  # (a __copy__ returning itself: the copies would go into the student's batch)
+                    return value
                 for field in dataclasses.fields(value):
                     if hasattr(value, field.name):
                         object.__setattr__(new, field.name, _tensors_copied(getattr(value, field.name)))
                 return new
-            if isinstance(value, (dict, list, UserDict, UserList)):
-                # (their copy holds items of its own; a custom container's may share its inner storage, and writing
-                # the copies into it changed the student's own batch)
-                new = copy.copy(value)
-                for key in (value.keys() if isinstance(value, (dict, UserDict)) else range(len(value))):
-                    new[key] = _tensors_copied(value[key])
+            if isinstance(value, (dict, list)):
+                # a new object filled through the built-in type's own methods (a custom __copy__ or storage of its
+                # own could share the student's batch, which the copies then went into), its attributes kept
+                new = type(value).__new__(type(value))
+                if hasattr(value, "__dict__"):
+                    new.__dict__.update(vars(value))
+                if isinstance(value, dict):
+                    dict.update(new, {key: _tensors_copied(item) for key, item in dict.items(value)})
+                else:
+                    list.extend(new, [_tensors_copied(item) for item in list.__iter__(value)])
                 return new
             if isinstance(value, (Mapping, Sequence)) and not isinstance(value, (str, bytes)):
                 new = apply_to_collection(value, torch.Tensor, lambda tensor: tensor.detach().clone(),

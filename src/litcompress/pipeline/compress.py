@@ -866,11 +866,12 @@ def compress(
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
         check_model_on_cpu(model, "compress(model=...) with config.quantize")
     wrapped = getattr(model, "_original_module", None)
-    precision = getattr(getattr(model, "_strategy", None), "precision", None)
-    if isinstance(wrapped, nn.Module) and wrapped is not model and type(precision).__name__ == "Precision":
-        # Lightning Fabric's wrapper (fabric.setup), at 32-bit precision: fx, shrink and the exporters failed on it
-        # (shrink skipped, the pt2e backend refused), and its forward only calls the module it wraps, which is
-        # compressed. (At other precisions its forward casts the inputs, or runs under autocast: kept.)
+    if isinstance(wrapped, nn.Module) and wrapped is not model and all(
+            p.dtype == torch.float32 for p in wrapped.parameters() if p.is_floating_point()):
+        # Lightning Fabric's wrapper (fabric.setup) of a float32 module (32-true, or a mixed precision's autocast):
+        # fx, shrink and the exporters failed on it (shrink skipped, the pt2e backend refused); the module it wraps
+        # is compressed, in float32 as the int8 and CPU stages run. (One in bf16 or float64, whose inputs the
+        # wrapper casts, is kept.)
         model = wrapped
     compiled = compiled_module_names(model)
     compiled_prefixes = _compiled_prefixes(model)  # (before the eager copy) the keys of the architecture as given
