@@ -1399,8 +1399,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if not isinstance(amount, numbers.Integral):
             return
         targets = engine.distinct_targets(self._parameters_to_prune)
-        dim = (structured_dim(self._method, self._method_kwargs)
-               if getattr(self._method, "PRUNING_TYPE", None) == "structured" else None)
+        structured = getattr(self._method, "PRUNING_TYPE", None) == "structured"
+        dim = self._pruned_dim() if structured else None
         if dim is not None:  # a structured method's count is of slices (the round's own check)
             if not all(-engine.trainable_tensor(m, n).dim() <= dim < engine.trainable_tensor(m, n).dim()
                        for m, n in targets):
