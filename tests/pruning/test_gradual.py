@@ -566,6 +566,20 @@ def test_progress_must_be_a_whole_count_and_numpy_integers_are_kept_as_ints():
     assert type(state["last_t"]) is int and all(type(row["t"]) is int for row in state["history"])
 
 
+@pytest.mark.parametrize("call", ["step", "due", "prune_to", "target", "should_prune"])
+def test_a_negative_progress_is_refused_before_anything_is_pruned(call):
+    """`step(-5)` was taken as a point before `begin` (the initial sparsity) and kept as `last_t`."""
+    layer = nn.Linear(6, 8)
+    schedule = PolynomialDecay(initial_sparsity=0.25, final_sparsity=0.5, begin=0, end=4)
+    pruner = GradualPruner([(layer, "weight")], schedule, "l1_unstructured")
+    calls = {"step": lambda: pruner.step(-5), "due": lambda: pruner.due(-5),
+             "prune_to": lambda: pruner.prune_to(0.5, -5), "target": lambda: schedule.target(-5),
+             "should_prune": lambda: schedule.should_prune(-5)}
+    with pytest.raises(ValueError, match=re.escape("t=-5 must be a step or epoch count >= 0")):
+        calls[call]()
+    assert pruner.last_t == -1 and not pruner.history and not hasattr(layer, "weight_mask")
+
+
 def test_two_pruners_with_a_random_method_draw_other_masks_for_same_shaped_layers():
     """Each round's stream was seeded by the run's seed and the schedule point only: two pruners (a schedule per group
     of layers) drew the very same mask for two layers of one shape."""

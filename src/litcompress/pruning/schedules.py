@@ -60,9 +60,11 @@ def _check_unit(unit: object) -> None:
 
 
 def check_progress(t: object) -> None:
-    """ValueError unless `t` is a whole step or epoch count."""
+    """ValueError unless `t` is a whole step or epoch count (an int >= 0)."""
     if isinstance(t, bool) or not isinstance(t, numbers.Integral):
         raise ValueError(f"t={t!r} must be an int step or epoch count (got {type(t).__name__})")
+    if t < 0:  # a negative count read as "before begin": a schedule with begin=0 gave its initial sparsity
+        raise ValueError(f"t={t!r} must be a step or epoch count >= 0")
 
 
 def _on_grid(t: int, begin: int, end: int, frequency: int) -> bool:
