@@ -2133,3 +2133,34 @@ def test_a_model_fabric_set_up_is_compressed_as_the_module_it_wraps(digits):
     result = compress(half, CompressionConfig(prune=None, quantize=None, shrink=False, **FAST),
                       eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:8])
     assert result.report.stages[0].metric > 0
+
+
+class CountingMLP(nn.Module):
+    """A forward that writes state of its own (a call counter in a buffer, as a cache or an online statistic is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.out(torch.relu(self.hidden(x)))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_checks_before_the_stages_run_a_copy_so_a_forward_that_writes_state_leaves_the_model_as_it_was(
+        digits, tmp_path, quantized):
+    """The checks of the example inputs, the declared dims and the calibration batches ran the model passed: its
+    counter moved (1 to 5 calls), against "the model you pass is never modified"."""
+    model = CountingMLP().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_val, y_val = digits[2], digits[3]
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), latency_repeats=2,
+                               num_threads=1, quantize=PTQConfig(approach="static", backends=("torch_ao",),
+                                                                 max_trials=1) if quantized else None)
+    result = compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:32],
+                      calibration_data=[(x_val[i:i + 32],) for i in range(0, 128, 32)], output_dir=tmp_path)
+    assert int(model.calls) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert int(result.stage_models["input"].calls) > 0  # (the stages' copies ran)

@@ -1339,3 +1339,27 @@ def test_a_chosen_backend_that_leaves_layers_fp32_others_quantize_is_said():
     assert [m for m in result.messages if "does not quantize" in m] == [
         f"trial {chosen}'s backend (pt2e) does not quantize lstm, which torch_ao does: they stay fp32 in it (the "
         "fastest candidate meeting the goal all the same); PTQConfig(backends=...) without it quantizes them."]
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_the_checks_before_the_search_run_a_copy_so_a_forward_that_writes_state_leaves_the_model_as_it_was(
+        approach):
+    """The calibration batches, the example inputs and the batch-size dependence were checked on the model passed:
+    a forward writing a buffer (a counter, a cache) changed it, against "the model you pass in is never modified"."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.out(torch.relu(self.hidden(x)))
+
+    torch.manual_seed(0)
+    model, x = Counting().eval(), torch.randn(64, 8)
+    result = quantize(model, PTQConfig(approach=approach, backends=("torch_ao",), max_trials=1),
+                      eval_fn=lambda m: -float((m(x) - model.out(torch.relu(model.hidden(x)))).abs().mean()),
+                      calibration_data=[(x[i:i + 16],) for i in range(0, 64, 16)], example_inputs=x[:16])
+    assert int(model.calls) == 0 and result.model is not model

@@ -900,24 +900,28 @@ def compress(
     check_calibration_data(calibration_data, "compress")
     if config.quantize is not None and config.quantize.approach == "static" and calibration_data is None:
         raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
+    # The checks below run forward: on a copy, so that one that writes state of its own (a counter, a cache) leaves
+    # the model passed as it was (they ran on it); eager, as the stages compress it (nothing compiles for a check)
+    probe = eager_copy(model)
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
-    check_model_runs(model, inputs, what="example_inputs", default_input_fn_used=False)
+    check_model_runs(probe, inputs, what="example_inputs", default_input_fn_used=False)
     # declared dynamic dims that the inputs do not have fail here, not after training
     if config.prune is not None:  # (its other target checks need the traced plan, made after the first evaluation)
         _check_heads(model, config.prune, tuple(config.prune.exclude or ()))
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
-    check_declared_dims_vary(model, inputs, declared, "compress: dynamic_dims")
+    check_declared_dims_vary(probe, inputs, declared, "compress: dynamic_dims")
     if config.export and output_dir is not None and config.quantize is None:  # (quantize says it for its files)
         # the dims the export leaves free: the declared ones and those that vary in the data (as at the export)
-        warn_time_major_inputs(model, inputs, resolve_dynamic_dims(
+        warn_time_major_inputs(probe, inputs, resolve_dynamic_dims(
             [inputs, *_first_batches(calibration_data, input_fn, 16)], declared), "compress")
     if config.quantize is not None and calibration_data is not None and iter(calibration_data) is not calibration_data:
         # a re-iterable: reading costs nothing but the batches read; a list's every batch the search reads (one
         # that fails was found after the fine-tuning), a loader's first (reading more costs a pass over the data)
         count = config.quantize.num_calibration_batches if isinstance(calibration_data, (list, tuple)) else 1
         batches = [tuple(input_fn(batch)) for batch in itertools.islice(calibration_data, count)]
-        check_calibration_batches(model, batches, calibration_data, default_input_fn_used)
+        check_calibration_batches(probe, batches, calibration_data, default_input_fn_used)
+    del probe
     directory = Path(output_dir) if output_dir is not None else None
     written: set[str] = set()  # the model and state files this run writes into `directory`
     if directory is not None:

@@ -632,11 +632,14 @@ def quantize(
         example_inputs = calibration[0]
     # a dict: by forward's parameter names, else by the input_fn given
     example_inputs = example_as_inputs(model, example_inputs, None if default_input_fn_used else input_fn)
+    # The checks below run forward: on a copy, so that one that writes state of its own (a counter, a cache) leaves
+    # the model passed as it was (they ran on it); eager, as the search quantizes it (nothing compiles for a check)
+    probe = eager_copy(model)
     # every batch (a later one the model cannot take failed every candidate, and the fp32 model came back): one
     # forward each, as one calibration pass
-    check_calibration_batches(model, calibration, calibration_data, default_input_fn_used)
+    check_calibration_batches(probe, calibration, calibration_data, default_input_fn_used)
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
-        check_model_runs(model, example_inputs, what="example_inputs", default_input_fn_used=False)
+        check_model_runs(probe, example_inputs, what="example_inputs", default_input_fn_used=False)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
     given_inputs, structure = example_inputs, None
@@ -646,22 +649,24 @@ def quantize(
         structure = InputStructure.of(example_inputs)
         calibration = [structure.flatten(batch, f"calibration batch {i}") for i, batch in enumerate(calibration)]
         example_inputs = structure.flatten(example_inputs, "example_inputs")
-        model = flat_inputs(model, structure)
+        model, probe = flat_inputs(model, structure), flat_inputs(probe, structure)
         nested_eval_fn = eval_fn
         eval_fn = lambda candidate: nested_eval_fn(NestedInputs(candidate, structure))  # noqa: E731
     declared = config.dynamic_dims
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
                                                                            config.dynamic_dims))
-    check_declared_dims_vary(model, example_inputs, declared, "quantize(dynamic_dims=...)")
-    warn_time_major_inputs(model, example_inputs, config.dynamic_dims, "quantize")
+    check_declared_dims_vary(probe, example_inputs, declared, "quantize(dynamic_dims=...)")
+    warn_time_major_inputs(probe, example_inputs, config.dynamic_dims, "quantize")
+
+    # on the example batch, or on the first calibration batch where the example is one row
+    depends = batch_dependence(probe, example_inputs) or batch_dependence(probe, calibration[0])
+    del probe  # (not held through the search)
 
     # Pinned for the whole search, so that ORT sessions created by candidates get the same
     # thread count as the torch variants they are timed against.
     with pinned_threads(config.num_threads):
         result = _search(model, config, eval_fn, calibration, example_inputs)
-    # on the example batch, or on the first calibration batch where the example is one row
-    depends = batch_dependence(model, example_inputs) or batch_dependence(model, calibration[0])
     if depends is not None:
         result.messages.insert(0, depends)
         logger.info(depends)
