@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -131,6 +132,18 @@ def test_compression_config_checks_its_fields():
     with pytest.raises(ValueError, match="onnx files cannot hold sparse tensors"):
         CompressionConfig(sparse_kernels=True, fp32_format="onnx")
     assert CompressionConfig(sparse_kernels=True, fp32_format="torchscript").sparse_kernels
+
+
+@pytest.mark.parametrize("method", ["ln_structured", "random_structured", torch_prune.LnStructured])
+def test_sparse_kernels_after_structured_pruning_and_shrink_are_refused_and_without_shrink_taken(method):
+    """Shrink removes what a structured method zeroes: the whole fine-tuning ran to say no layer was sparse enough."""
+    name = method if isinstance(method, str) else method.__name__
+    structured = PruneConfig(sparsity=0.5, method=method, scope="local")
+    with pytest.raises(ValueError, match=re.escape(f"CompressionConfig(sparse_kernels=True) with PruneConfig("
+                                                   f"method={name!r}): shrink removes the slices")):
+        CompressionConfig(prune=structured, sparse_kernels=True)
+    assert CompressionConfig(prune=structured, sparse_kernels=True, shrink=False).sparse_kernels  # zero rows on CSR
+    assert CompressionConfig(prune=PruneConfig(sparsity=0.9), sparse_kernels=True).sparse_kernels
     assert math.isclose(PruneConfig(sparsity=0.25).sparsity, 0.25)
 
 

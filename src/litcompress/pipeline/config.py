@@ -321,6 +321,13 @@ class CompressionConfig:
             raise ValueError("CompressionConfig(sparse_kernels=True, quantize=...): sparse fp32 kernels and int8 "
                              "dense kernels are alternatives; give quantize=None, or run the pipeline once with each "
                              "and compare their reports.")
+        if self.sparse_kernels and self.shrink and self.prune is not None and self.prune.structured:
+            # it ran the whole fine-tuning to say, after shrink, that no layer was sparse enough to time
+            method = self.prune.method if isinstance(self.prune.method, str) else self.prune.method.__name__
+            raise ValueError(f"CompressionConfig(sparse_kernels=True) with PruneConfig(method={method!r}): shrink "
+                             "removes the slices a structured method zeroes, so no layer is left sparse for the "
+                             "sparse kernels; prune unstructured (method='l1_unstructured') for them, or keep "
+                             "the smaller dense layers without sparse kernels.")
         if self.sparse_kernels and self.fp32_format in ("onnx", "export"):
             raise ValueError(f"CompressionConfig(sparse_kernels=True, fp32_format={self.fp32_format!r}): "
                              f"{self.fp32_format} files cannot hold sparse tensors; use fp32_format='auto' or "
