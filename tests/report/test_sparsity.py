@@ -7,6 +7,7 @@ from torch import nn
 
 from litcompress.pruning import apply_mask_, prune_
 from litcompress.report import sparsity_report
+from litcompress.report.sparsity import percent
 
 
 @settings(max_examples=30, deadline=None)
@@ -35,6 +36,28 @@ def test_unpruned_model_reports_every_parameter_and_prints_a_table(capsys):
     prune_([(model[0], "weight")], "l1_unstructured", 0.25)
     after = sparsity_report(model)
     assert after["0.weight"].zeros == 4 and after.sparsity == 4 / 16
+
+
+@settings(max_examples=300, deadline=None)
+@given(fraction=st.floats(0, 1), decimals=st.integers(0, 3))
+def test_a_percentage_reads_full_or_none_only_when_it_is(fraction, decimals):
+    """A layer with 4 of 100,000 weights left was printed as 100.00% sparse: every weight gone."""
+    text = percent(fraction, decimals)
+    assert (float(text.lstrip("<>").rstrip("%")) == 100) == (fraction == 1 and text[0] != ">")
+    assert (float(text.lstrip("<>").rstrip("%")) == 0) == (fraction == 0 and text[0] != "<")
+    if text[0] not in "<>":
+        assert text == f"{fraction:.{decimals}%}"  # otherwise as Python rounds it
+
+
+def test_a_layer_with_a_few_weights_left_is_not_printed_as_fully_sparse():
+    model = nn.Sequential(nn.Linear(500, 200, bias=False), nn.Linear(200, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, :4] = 1.0  # 4 of 100,000 left: 99.996%
+        model[1].weight[0, 0] = 0.0  # 1 of 400 zero: 0.25%, shown as it rounds
+    table = sparsity_report(model).table()
+    assert " >99.99%" in table, table
+    assert "100.00%" not in table and "0.25%" in table
 
 
 def test_a_sparsified_model_reports_the_zeros_of_its_csr_weights():

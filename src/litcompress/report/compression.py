@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from litcompress._files import written_atomically
-from litcompress.report.sparsity import TensorSparsity
+from litcompress.report.sparsity import TensorSparsity, percent
 
 REPORT_FORMAT = 1
 
@@ -220,7 +220,7 @@ class CompressionReport:
         columns += [
             ("params", [_fmt(s.parameters, ",d") for s in stages]),
             ("nonzero", [_fmt(s.nonzero_parameters, ",d") for s in stages]),
-            ("sparsity", [_fmt(s.weight_sparsity, ".1%") for s in stages]),
+            ("sparsity", ["-" if s.weight_sparsity is None else percent(s.weight_sparsity, 1) for s in stages]),
             ("size KiB", [_fmt(None if s.size_bytes is None else s.size_bytes / 1024, ".1f") for s in stages]),
             ("gzip KiB", [_fmt(None if s.gzip_bytes is None else s.gzip_bytes / 1024, ".1f") for s in stages]),
             ("size x", [_fmt(self.size_ratio(s.stage), ".3f") for s in stages]),
@@ -273,7 +273,8 @@ class CompressionReport:
         if self.layer_sparsity:
             out += ["", "## Sparsity per tensor after pruning", "", "| tensor | zeros | numel | sparsity |",
                     "|---|---:|---:|---:|"]
-            out += [f"| {_cell(t.name)} | {t.zeros:,} | {t.numel:,} | {t.sparsity:.2%} |" for t in self.layer_sparsity]
+            out += [f"| {_cell(t.name)} | {t.zeros:,} | {t.numel:,} | {percent(t.sparsity, 2)} |"
+                    for t in self.layer_sparsity]
         for title, text in self.details:
             fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))  # outlasts text's
             out += ["", f"## {_cell(title)}", "", fence, text, fence]

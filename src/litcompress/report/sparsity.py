@@ -13,6 +13,16 @@ from litcompress.pruning.engine import (Target, check_module, check_targets, dis
                                         pruned_targets, qualified_names)
 
 
+def percent(fraction: float, decimals: int) -> str:
+    """`fraction` as a percentage that reads 100% or 0% only when it is exactly that: a layer with a few weights left
+    (0.99996) printed as 100.0%, which says every weight is gone."""
+    text = f"{fraction:.{decimals}%}"
+    if 0 < fraction < 1 and text in (f"{1:.{decimals}%}", f"{0:.{decimals}%}"):
+        step = 10.0 ** -(decimals + 2)  # the smallest step shown
+        return f">{1 - step:.{decimals}%}" if fraction > 0.5 else f"<{step:.{decimals}%}"
+    return text
+
+
 @dataclass(frozen=True)
 class TensorSparsity:
     """Zeros in one tensor."""
@@ -52,8 +62,8 @@ class SparsityReport:
 
     def table(self) -> str:
         """A plain-text table: one row per tensor, then the total."""
-        rows = [(t.name, f"{t.zeros}", f"{t.numel}", f"{t.sparsity:.2%}") for t in self.tensors]
-        rows.append(("total", f"{self.zeros}", f"{self.numel}", f"{self.sparsity:.2%}"))
+        rows = [(t.name, f"{t.zeros}", f"{t.numel}", percent(t.sparsity, 2)) for t in self.tensors]
+        rows.append(("total", f"{self.zeros}", f"{self.numel}", percent(self.sparsity, 2)))
         header = ("tensor", "zeros", "numel", "sparsity")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
