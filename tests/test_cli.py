@@ -244,9 +244,11 @@ def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_ar
     captured = capsys.readouterr()
     assert "note: --sparsity, --schedule ignored: options of pruning, which --prune none turns off." in captured.err
     # no trial ran, so none failed: it said "No quantized candidate could be built"
-    assert "- quantization: timeout_s=1e-09 reached before the first trial." in captured.out
-    assert ("- quantization: No quantized candidate was tried (timeout_s reached before the first trial): returning "
+    # said as the option that set it (it named the Python API's timeout_s), the file keeping the API's words
+    assert "- quantization: --timeout 1e-09 reached before the first trial." in captured.out
+    assert ("- quantization: No quantized candidate was tried (--timeout reached before the first trial): returning "
             "an fp32 copy of the model.") in captured.out
+    assert "timeout_s" not in captured.out and "timeout_s=1e-09 reached" in (tmp_path / "report.md").read_text()
     assert "quantized" not in [s.stage for s in CompressionReport.load_json(tmp_path / "report.json").stages]
 
 
@@ -1205,7 +1207,10 @@ def test_sparse_kernels_replace_int8_and_ship_torchscript(tmp_path, capsys):
         assert any(m.startswith(("sparse kernels: none of the 3 Linear layers",
                                  "sparse kernels: the model ran slower with its CSR layers")) for m in report.messages)
     for flags, said in ((["--quantize", "static"], "drop --quantize static, or drop --sparse-kernels"),
-                        (["--fp32-format", "onnx"], "onnx files cannot hold sparse tensors")):
+                        (["--fp32-format", "onnx"], "onnx files cannot hold sparse tensors"),
+                        (["--prune", "ln_structured"], "--sparse-kernels with --prune ln_structured: shrink removes "
+                         "the slices a structured method zeroes, so no layer is left sparse for the sparse kernels; "
+                         "prune unstructured (--prune l1_unstructured) for them")):
         capsys.readouterr()
         with pytest.raises(SystemExit):
             main(["compress", "--sparse-kernels", *flags, "--output-dir", str(tmp_path / "refused")])

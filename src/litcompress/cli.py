@@ -876,7 +876,17 @@ def _print_report(report: Any) -> None:
                  "interrupted after trial", "does not quantize")  # (the file keeps layers fp32 under an int8 name)
         if message.startswith("quantization: ") and not any(what in said for what in ended):
             continue  # the search's log; how it ended, when that is not int8 within the goal, is said
-        print(f"- {message}")
+        print(f"- {_search_limits_as_options(message)}")
+
+
+def _search_limits_as_options(message: str) -> str:
+    """The search's limits said as the options that set them: ``timeout_s=5 reached`` -> ``--timeout 5 reached``,
+    ``Raise max_trials/timeout_s`` -> ``Raise --max-trials/--timeout`` (the report's file keeps the API's words)."""
+    for name in ("timeout_s", "max_trials", "min_speedup"):
+        flag = _OPTIONS["PTQConfig"][name]
+        message = re.sub(rf"\b{name}=", f"{flag} ", message)
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return message.replace("the tolerable loss", "the tolerable loss (--tolerance)")
 
 
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
