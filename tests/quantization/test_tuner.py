@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -1363,3 +1364,28 @@ def test_the_checks_before_the_search_run_a_copy_so_a_forward_that_writes_state_
                       eval_fn=lambda m: -float((m(x) - model.out(torch.relu(model.hidden(x)))).abs().mean()),
                       calibration_data=[(x[i:i + 16],) for i in range(0, 64, 16)], example_inputs=x[:16])
     assert int(model.calls) == 0 and result.model is not model
+
+
+def test_a_relative_tolerance_of_one_or_more_on_a_positive_metric_is_said_to_accept_anything():
+    """`tolerable_loss=5` meant as 5 %: the goal was "accuracy >= -3.9", met by a model that gets nothing right, and
+    the search chose the fastest candidate without a word. A negative metric (-mse) takes such a tolerance as it is."""
+    model, x, y = make_sensitive_mlp()  # its first layer breaks under int8: the int8 accuracy falls far
+    loose = AccuracyCriterion(tolerable_loss=5)
+    with pytest.warns(QuantizationGoalWarning, match=re.escape(
+            "a relative tolerance of 5 is 500% of the fp32 metric, so any metric >= -4 meets the goal, a model that "
+            "gets nothing right included; for 5 % give 0.05.")):
+        result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1,
+                                           latency_repeats=2, accuracy=loose), eval_fn=accuracy_fn(x, y),
+                          example_inputs=x[:64])
+    assert result.baseline_metric == 1.0 and any(m.startswith("a relative tolerance of 5 is") for m in result.messages)
+
+    def negative_error(candidate):
+        with torch.no_grad():
+            return -float((candidate(x) - model(x)).pow(2).mean()) - 1.0
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        scored = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1,
+                                           latency_repeats=2, accuracy=loose), eval_fn=negative_error,
+                          example_inputs=x[:64])
+    assert not any("relative tolerance of" in m for m in [*scored.messages, *(str(w.message) for w in said)])
