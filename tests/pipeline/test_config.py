@@ -63,6 +63,8 @@ def test_sparsity_outside_zero_one_is_refused(value):
         ({"method": "ln_structured", "parameter_names": ("weight", "bias")}, "a bias has one dimension"),
         ({"layer_types": (nn.Linear, int)}, "nn.Module classes"),
         ({"exclude": (3,)}, "non-empty strings"),
+        ({"exclude": 3}, r"PruneConfig\(exclude=3\): expected a name or a list of names"),  # was tuple()'s words
+        ({"parameter_names": None}, r"PruneConfig\(parameter_names=None\): expected a name or a list of names"),
         ({"dim": 0.5}, "dim=0.5"),
         ({"norm": 0}, "norm=0"),
         ({"zero_batch_norm": "yes"}, "zero_batch_norm='yes'"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -255,7 +255,9 @@ class PruneConfig:
 
 
 def _names(argument: str, value: object) -> tuple[str, ...]:
-    names = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+    if not isinstance(value, (str, Iterable)):  # exclude=3 failed in tuple() with "'int' object is not iterable"
+        raise TypeError(f"PruneConfig({argument}={value!r}): expected a name or a list of names (non-empty strings).")
+    names = (value,) if isinstance(value, str) else tuple(value)
     if not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"PruneConfig({argument}={value!r}): expected names (non-empty strings).")
     return names
