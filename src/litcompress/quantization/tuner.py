@@ -736,9 +736,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 "AccuracyCriterion(relative=False) makes tolerable_loss an absolute amount.")
         note(zero)
         warnings.warn(f"quantize: {zero}", QuantizationGoalWarning, stacklevel=3)
-    if criterion.relative and criterion.higher_is_better and criterion.tolerable_loss >= 1 and baseline_metric > 0:
-        # 5 meant as 5 %: the fastest int8 model was chosen however wrong (a metric < 0 only fails; and not refused
-        # when made, since a negative metric, -mse, takes such a tolerance as "up to 6x the error")
+    if criterion.relative and criterion.higher_is_better and criterion.tolerable_loss > 1 and baseline_metric > 0:
+        # 5 meant as 5 %: the fastest int8 model was chosen however wrong. Above 1 only: 1 (100 %) already accepts
+        # any metric >= 0, which some mean; and not refused when made: a negative metric (-mse) takes 5 as "up to
+        # 6x the error"
         loose = (f"a relative tolerance of {criterion.tolerable_loss:g} is {criterion.tolerable_loss:.0%} of the fp32 "
                  f"metric, so any metric >= {threshold:.6g} meets the goal, a model that gets nothing right included; "
                  f"for {criterion.tolerable_loss:g} % give {criterion.tolerable_loss / 100:g}.")
