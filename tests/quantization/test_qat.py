@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -357,6 +358,13 @@ def test_a_declared_sequence_dim_stays_free_in_the_graph_the_int8_model_and_its_
         fixed(torch.randn(4, 7, 8))
     with pytest.raises(ValueError, match="dynamic_dims names dim 3 of input 0"):
         prepare_qat(model, (torch.randn(4, 5, 8),), QATConfig(dynamic_dims={0: 3}))
+    # the int8 model of an undeclared length: said as the graph's were (torch's "Guard failed" AssertionError)
+    converted = fixed.convert().model
+    with pytest.raises(ValueError, match=re.escape(
+            "inputs of shapes [(4, 7, 8)] (Guard failed: x.size()[1] == 5): the exported model fixed dim 1 of input "
+            "0 to the example's size, and a batch had another; if that size varies (a sequence length), declare it: "
+            "QATConfig(dynamic_dims={0: (1,)}).")):
+        converted(torch.randn(4, 7, 8))
 
 
 class FixedBatch(nn.Module):

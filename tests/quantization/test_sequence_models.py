@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -136,6 +137,28 @@ def test_the_hint_for_a_fixed_size_names_the_input_and_the_dim():
     assert fixed_size_hint("Got invalid dimensions for input: input_0 for the following indices\n index: 0 Got: 3 "
                            "Expected: 4") is None  # the batch dim is always free: not this problem
     assert fixed_size_hint("some other error") is None
+
+
+def test_an_int8_program_given_a_length_it_fixed_says_what_to_declare(tmp_path):
+    """torch.export's raw error ("Expected input at *args[0].shape[1] to be equal to 20", "Guard failed: ...") came
+    out of the PT2E int8 model and out of its file read back, its advice (re-export with Dim.DYNAMIC) torch's."""
+    if reason := backend_missing("pt2e"):
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = TokenBag().eval()
+    batches = _batches([20, 20])  # one length: the file fixes it
+    result = quantize(model, _lenient("dynamic", "pt2e"), eval_fn=agreeing_with(model, batches),
+                      calibration_data=batches)
+    assert result.recipe is not None and result.recipe.backend == "pt2e" and result.dynamic_dims == ((0,),)
+    result.save(tmp_path / "int8.pt2")
+    loaded, _ = load_quantized(tmp_path / "int8.pt2")
+    said = re.escape("inputs of shapes [(3, 7)] (") + ".*" + re.escape(
+        "): the exported model fixed dim 1 of input 0 to the example's size, and a batch had another; if that size "
+        "varies (a sequence length), declare it: PTQConfig(dynamic_dims={0: (1,)}) (CLI: --dynamic-dims 0:1).")
+    for int8 in (result.model, loaded):
+        with pytest.raises(ValueError, match=said):
+            int8(torch.randint(0, VOCAB, (3, 7)))
+        assert int8(torch.randint(0, VOCAB, (5, 20))).shape == (5, 5)  # the batch stays free
 
 
 # ----------------------------------------------------------------------------- every backend, varying lengths

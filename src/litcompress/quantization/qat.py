@@ -346,7 +346,8 @@ class QATModel(nn.Module):
             warnings.simplefilter("ignore", DeprecationWarning)
             converted = convert_pt2e(graph)
         _drop_unused_tensors(converted)
-        model = compile_converted(converted, self.example_inputs) if compile else ExportedInference(converted)
+        model = (compile_converted(converted, self.example_inputs) if compile
+                 else ExportedInference(converted, dims_declared_in="QATConfig"))
         return QATResult(model, self.recipe, self.example_inputs, held_sparse=self.held_sparse,
                          dynamic_dims=self.dynamic_dims)
 

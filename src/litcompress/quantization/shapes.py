@@ -165,9 +165,9 @@ _FIXED_SIZE_ERRORS = (re.compile(r"Got invalid dimensions for input: (\S+) for t
                       re.compile(r"Guard failed: (\w+)\.size\(\)\[(\d+)\] == (\d+)"))
 
 
-def fixed_size_hint(error: str) -> str | None:
+def fixed_size_hint(error: str, config: str = "PTQConfig") -> str | None:
     """For an error raised because an exported model got another input size than it was exported with, what to
-    do about it; None for other errors."""
+    do about it (`config`: the configuration whose ``dynamic_dims`` declare it); None for other errors."""
     for pattern in _FIXED_SIZE_ERRORS:
         match = pattern.search(error)
         if match:
@@ -178,6 +178,6 @@ def fixed_size_hint(error: str) -> str | None:
             what = f"input {index}" if index is not None else f"input {which!r}"
             key = index if index is not None else "INPUT_INDEX"
             return (f"the exported model fixed dim {dim} of {what} to the example's size, and a batch had another; "
-                    f"if that size varies (a sequence length), declare it: PTQConfig(dynamic_dims={{{key}: ({dim},)}}) "
-                    f"(CLI: --dynamic-dims {key}:{dim})")
+                    f"if that size varies (a sequence length), declare it: {config}(dynamic_dims={{{key}: ({dim},)}})"
+                    + (f" (CLI: --dynamic-dims {key}:{dim})" if config == "PTQConfig" else ""))
     return None

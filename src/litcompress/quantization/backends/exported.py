@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
 import zipfile
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
-from ..shapes import DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, grown_along_batch
+from ..shapes import (DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, fixed_size_hint,
+                      grown_along_batch)
 from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
@@ -120,12 +122,26 @@ class ExportedInference(nn.Module):
     on a parent module. The graph was exported in eval mode and stays so: here those calls only set the flag.
     """
 
-    def __init__(self, program: nn.Module) -> None:
+    def __init__(self, program: nn.Module, dims_declared_in: str = "PTQConfig") -> None:
         super().__init__()
         self.program = program
+        self.dims_declared_in = dims_declared_in  # where an input size it refuses is said to be declared
 
     def forward(self, *args: torch.Tensor) -> object:
-        return self.program(*args)
+        try:
+            return self.program(*args)
+        except (AssertionError, RuntimeError) as error:  # torch.export's guard: "Guard failed: x.size()[1] == 5"
+            said = str(error)
+            graph = getattr(self.program, "graph", None)
+            names = [node.name for node in graph.nodes if node.op == "placeholder"] if graph is not None else []
+            guarded = re.search(r"Guard failed: (\w+)\.size\(\)", said)
+            if guarded and guarded[1] in names:  # the guard names forward's argument: the hint gives its index
+                said = said.replace(guarded[0], f"Guard failed: input_{names.index(guarded[1])}.size()", 1)
+            hint = fixed_size_hint(said, self.dims_declared_in)
+            if hint is None:
+                raise
+            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+            raise ValueError(f"inputs of shapes {shapes} ({error}): {hint}.") from None
 
     def train(self, mode: bool = True) -> ExportedInference:
         self.training = mode
