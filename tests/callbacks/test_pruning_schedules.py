@@ -345,6 +345,40 @@ def test_a_rewind_point_in_the_other_unit_past_the_first_round_fails_before_trai
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize(("scheduling", "kwargs", "match"), [
+    # 2 steps per epoch from the start: step 3 is past the end of epoch 0 (read as 4 steps, it was taken, and the
+    # fit failed at the first reset, an epoch in)
+    ({0: 2}, dict(amount=0.2, rewind_to_step=3), r"`rewind_to_step=3` is after the first pruning round, at the end "
+                                                  r"of epoch 0 \(optimizer step 2 at 2 steps per epoch\)"),
+    # 4 steps in epoch 0, 2 in epoch 1: the first round, at the end of epoch 1, is step 6 (read as 8)
+    ({0: 1, 1: 2}, dict(amount=0.3, apply_pruning=lambda epoch: epoch >= 1, rewind_to_step=7),
+     r"at the end of epoch 1 \(as `amount`/`apply_pruning` give it; optimizer step 6 at 4, 2 steps in epochs 0-1 "
+     r"\(GradientAccumulationScheduler\), 2 per epoch after\).*Rewind to step 6 or earlier"),
+    ({0: 1, 1: 2}, dict(amount=IterativeSchedule(rate_per_round=0.5, rounds=2, begin=2), rewind_to_step=7),
+     r"at the end of epoch 1 \(optimizer step 6 at 4, 2 steps in epochs 0-1"),
+])
+def test_a_rewind_point_is_checked_with_the_steps_a_gradient_accumulation_scheduler_gives(tmp_path, scheduling,
+                                                                                           kwargs, match):
+    """The scheduler sets `trainer.accumulate_grad_batches` only as each epoch starts: read when the fit starts, the
+    factor was 1, so a point past the first round was taken (and failed after training) and one before it refused."""
+    callback = ModelPruning("l1_unstructured", use_lottery_ticket_hypothesis=lambda epoch: True, **kwargs)
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[callback, GradientAccumulationScheduler(scheduling)])
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 0
+
+
+def test_a_rewind_epoch_before_the_first_step_round_under_a_gradient_accumulation_scheduler_is_taken(tmp_path):
+    """Epoch 1 starts at step 2 when every step accumulates 2 batches, before the first round at step 3: it was
+    refused as "optimizer step 4 at 4 steps per epoch"."""
+    schedule = PolynomialDecay(final_sparsity=0.8, initial_sparsity=0.1, begin=3, end=6, frequency=3)
+    callback = ModelPruning("l1_unstructured", amount=schedule, rewind_to_epoch=1,
+                            use_lottery_ticket_hypothesis=lambda epoch: epoch >= 1)
+    trainer = make_trainer(tmp_path, max_epochs=4, callbacks=[callback, GradientAccumulationScheduler({0: 2})])
+    trainer.fit(ThreeLayerModel())
+    assert trainer.global_step == 8 and [row["step"] for row in callback._history] == [3, 6]
+
+
 @pytest.mark.parametrize("rewind", [dict(rewind_to_step=8), dict(rewind_to_epoch=1)])
 def test_a_rewind_point_up_to_the_first_round_callables_give_is_taken(tmp_path, rewind):
     """The boundary of the check above: the first round at the end of epoch 1 (step 8) may rewind there. The

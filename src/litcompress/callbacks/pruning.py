@@ -45,9 +45,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_onl
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from litcompress.callbacks.schedule_checks import (epochs_finished_at_the_last_validation, fit_too_short_message,
-                                                   limit_reached, stopped_early_message,
-                                                   validations_end_before_message)
+from litcompress.callbacks.schedule_checks import (EpochSteps, epochs_finished_at_the_last_validation,
+                                                   fit_too_short_message, limit_reached, steps_in_epoch,
+                                                   stopped_early_message, validations_end_before_message)
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
@@ -1009,52 +1009,52 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def _check_rewind_against_the_epochs(self, trainer: "pl.Trainer") -> None:
         """A rewind point in steps with rounds at epoch ends, or in epochs with rounds at steps: whether the snapshot
-        precedes the first round depends on the optimizer steps per epoch, known now. One after it fails here, before
-        training, rather than at the first reset."""
-        batches = trainer.num_training_batches
-        if self._rewind_point in (None, 0) or not math.isfinite(batches) \
+        precedes the first round depends on the optimizer steps per epoch, known now (a GradientAccumulationScheduler's
+        factors counted: it sets ``trainer.accumulate_grad_batches`` only as each epoch starts). One after it fails
+        here, before training, rather than at the first reset."""
+        if self._rewind_point in (None, 0) or steps_in_epoch(trainer) is None \
                 or not trainer.lightning_module.automatic_optimization:  # manual: steps per batch unknown
             return
-        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)  # Lightning steps at an epoch's end too
+        steps = EpochSteps(trainer)  # Lightning steps at an epoch's end too
         if (self._schedule is None and self._first_epoch_round is None and self._prune_on_train_epoch_end
                 and (callable(self.amount) or callable(self._apply_pruning))):
-            self._check_rewind_against_the_callables(trainer, per_epoch)
+            self._check_rewind_against_the_callables(trainer, steps)
         elif (self._schedule is None and self._first_epoch_round is None and not self._prune_on_train_epoch_end
                 and self._apply_pruning is True and not callable(self.amount) and bool(self.amount)):
-            self._check_rewind_against_the_first_validation(trainer, batches, per_epoch)
+            self._check_rewind_against_the_first_validation(trainer, steps)
         elif self._rewind_unit == "step":
             first = (_first_round(self._schedule) if self._schedule is not None and self._schedule.unit == "epoch"
                      else self._first_epoch_round)
-            last = None if first is None else max(first, 1) * per_epoch  # the round at that epoch's end comes after
+            last = None if first is None else steps.before(max(first, 1))  # the round at that epoch's end comes after
             max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
             if last is not None and max_steps is not None and max_steps < last:
                 # max_steps ends that epoch early, and Lightning runs its end (the round) all the same
-                last = max_steps if max_steps > last - per_epoch else None
+                last = max_steps if max_steps > steps.before(max(first, 1) - 1) else None
             if last is not None and self._rewind_point > last:
                 raise MisconfigurationException(
                     f"`rewind_to_step={self._rewind_point}` is after the first pruning round, at the end of epoch "
-                    f"{max(first, 1) - 1} (optimizer step {last} at {per_epoch} steps per epoch"
+                    f"{max(first, 1) - 1} (optimizer step {last} at {steps.said()}"
                     + (f", max_steps={max_steps}" if last == max_steps else "") + "): the snapshot would "
                     f"hold pruned weights. Rewind to step {last} or earlier."
                 )
         elif self._schedule is not None and self._schedule.unit == "step":
             step = _first_round(self._schedule)
-            if step is not None and self._rewind_point * per_epoch >= max(step, 1):
+            if step is not None and steps.before(self._rewind_point) >= max(step, 1):
                 raise MisconfigurationException(
-                    f"`rewind_to_epoch={self._rewind_point}` (optimizer step {self._rewind_point * per_epoch} at "
-                    f"{per_epoch} steps per epoch) is after the first pruning round, at step {max(step, 1)} of the "
+                    f"`rewind_to_epoch={self._rewind_point}` (optimizer step {steps.before(self._rewind_point)} at "
+                    f"{steps.said()}) is after the first pruning round, at step {max(step, 1)} of the "
                     "`amount` schedule: the snapshot would hold pruned weights. Rewind to an earlier epoch, or give "
                     "`rewind_to_step`."
                 )
 
-    def _check_rewind_against_the_callables(self, trainer: "pl.Trainer", per_epoch: int) -> None:
+    def _check_rewind_against_the_callables(self, trainer: "pl.Trainer", steps: EpochSteps) -> None:
         """A callable `amount` or `apply_pruning` says which epoch ends prune: called as Lightning calls them at each
         epoch's end (`amount` only where `apply_pruning` says to prune, the lottery flag only where `amount` prunes),
         for the epochs that end before the rewind point, the first round that resets is found before training (it
         was found at that reset, after the epochs before it had trained)."""
         point, unit = self._rewind_point, self._rewind_unit
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
-        epochs = point if unit == "epoch" else -(-point // per_epoch)  # those that start before the point
+        epochs = point if unit == "epoch" else steps.epochs_starting_before(point)
         if trainer.max_epochs is not None and trainer.max_epochs >= 0:
             epochs = min(epochs, trainer.max_epochs)
 
@@ -1069,38 +1069,40 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 return
             if not resets:
                 continue
-            last = epoch if unit == "epoch" else (epoch + 1) * per_epoch
+            last = epoch if unit == "epoch" else steps.before(epoch + 1)
             if unit == "step" and max_steps is not None and max_steps < last:
                 # max_steps ends that epoch early, and Lightning runs its end (the round) all the same
-                last = max_steps if max_steps > last - per_epoch else point
+                last = max_steps if max_steps > steps.before(epoch) else point
             if point > last:
                 raise MisconfigurationException(
                     f"`rewind_to_{unit}={point}` is after the first pruning round that resets, at the end of epoch "
                     f"{epoch} (as `amount`/`apply_pruning` give it"
-                    + (f"; optimizer step {last} at {per_epoch} steps per epoch" if unit == "step" else "")
+                    + (f"; optimizer step {last} at {steps.said()}" if unit == "step" else "")
                     + (f", max_steps={max_steps}" if unit == "step" and last == max_steps else "")
                     + f"): the snapshot would hold pruned weights. Rewind to {unit} {last} or earlier.")
             return
 
-    def _check_rewind_against_the_first_validation(self, trainer: "pl.Trainer", batches: int, per_epoch: int) -> None:
+    def _check_rewind_against_the_first_validation(self, trainer: "pl.Trainer", steps: EpochSteps) -> None:
         """Lightning-style rounds at validation ends (``prune_on_train_epoch_end=False``): the first runs at the fit's
         first validation, whose epoch and step the trainer knows now."""
         from litcompress.quantization.lightning import has_validation_data
 
+        batches = int(trainer.num_training_batches)
         every, interval = trainer.check_val_every_n_epoch, trainer.val_check_batch
         if not has_validation_data(trainer) or not isinstance(interval, int) or interval < 1:
             return  # no validation, no rounds (said at fit end)
 
-        def steps_after(batch: int) -> int:  # optimizer steps once `batch` batches of an epoch trained
-            accumulate = trainer.accumulate_grad_batches  # an epoch's end steps on what it accumulated
-            return math.ceil(batch / accumulate) if batch >= batches else batch // accumulate
+        def steps_after(epoch: int, batch: int) -> int:  # optimizer steps once `batch` batches of `epoch` trained
+            if batch >= batches:  # an epoch's end steps on what it accumulated
+                return steps.of(epoch)
+            return batch // steps.factor(epoch)
 
         if every is None:  # validation every `interval` batches of the fit, across epochs
             epoch = (interval - 1) // batches
-            step = epoch * per_epoch + steps_after(interval - epoch * batches)
+            step = steps.before(epoch) + steps_after(epoch, interval - epoch * batches)
         else:
             epoch = every - 1
-            step = epoch * per_epoch + steps_after(min(interval, batches))
+            step = steps.before(epoch) + steps_after(epoch, min(interval, batches))
         last = epoch if self._rewind_unit == "epoch" else step
         if self._rewind_point > last:
             raise MisconfigurationException(

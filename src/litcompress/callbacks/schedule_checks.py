@@ -50,6 +50,45 @@ def steps_in_epoch(trainer: "pl.Trainer") -> tuple[Callable[[int], int], int] | 
             max(scheduler.scheduling, default=0))
 
 
+class EpochSteps:
+    """Optimizer steps counted by epoch, from :func:`steps_in_epoch`: those of an epoch, those before one, and the
+    epochs that start before a step (a GradientAccumulationScheduler's factors change them until it settles)."""
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+        counted = steps_in_epoch(trainer)
+        if counted is None:
+            raise ValueError("EpochSteps: the batches of an epoch are unknown")  # (callers check steps_in_epoch)
+        self.of, self._settled = counted  # steps of epoch e; the epoch from which every epoch has the same
+        self.varies = self._settled > 0
+        scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+        fixed = trainer.accumulate_grad_batches
+        self.factor: Callable[[int], int] = (  # the batches each optimizer step of epoch e accumulates
+            scheduler.get_accumulate_grad_batches if scheduler is not None else lambda epoch: fixed)
+
+    def before(self, epoch: int) -> int:
+        """The optimizer steps of the epochs before `epoch` (at the end of epoch ``epoch - 1``)."""
+        head = min(epoch, self._settled)
+        return sum(self.of(e) for e in range(head)) + max(0, epoch - head) * self.of(self._settled)
+
+    def epochs_starting_before(self, step: int) -> int:
+        """How many epochs start before optimizer step `step` (those whose first step is below it)."""
+        epoch = 0
+        while epoch < self._settled and self.before(epoch) < step:
+            epoch += 1
+        if self.before(epoch) >= step:
+            return epoch
+        return epoch + math.ceil((step - self.before(epoch)) / self.of(self._settled))
+
+    def said(self) -> str:
+        """The steps per epoch, as a message gives them."""
+        if not self.varies:
+            return f"{self.of(0)} steps per epoch"
+        return (f"{', '.join(str(self.of(e)) for e in range(self._settled + 1))} steps in epochs 0-{self._settled} "
+                f"(GradientAccumulationScheduler), {self.of(self._settled)} per epoch after")
+
+
 def _steps_with_scheduled_accumulation(trainer: "pl.Trainer") -> int | None:
     """The optimizer steps of a fit with a GradientAccumulationScheduler (Lightning's estimate counts every epoch at
     the factor of the fit's start); None without one, or where the fit is unbounded in epochs or its batches
