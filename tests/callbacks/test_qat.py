@@ -570,6 +570,31 @@ def test_a_gradient_accumulation_schedule_sizes_the_epochs_before_qat(tmp_path):
                 MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
 
 
+class StepsEverySecondBatch(MLPClassifier):
+    """Manual optimization that accumulates two batches per optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        if batch_idx % 2:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_a_manually_optimized_fit_is_not_sized_by_its_batches_before_qat(tmp_path):
+    """A batch made one optimizer step in the check: a fit of 2 steps per epoch (4 batches, each second one
+    stepping) was refused at max_steps=3, though epoch 1 starts at step 2 and trains with QAT."""
+    callback = QuantizationAwareTraining("net", start_epoch=1)
+    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=3, callbacks=[callback])
+    trainer.fit(StepsEverySecondBatch(), datamodule=DigitsDataModule())
+    assert trainer.global_step == 3 and callback.result is not None
+
+
 def test_a_fit_resumed_from_its_final_checkpoint_says_so(tmp_path):
     """An auto-resuming job run again after its fit ended: the warning said QAT never started."""
     from lightning.pytorch.callbacks import ModelCheckpoint

@@ -232,7 +232,8 @@ class QuantizationAwareTraining(Callback):
         # a fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next epoch
         # without its `on_train_epoch_start`: that epoch would train without the QAT graph
         self._install_if_due(trainer, pl_module)
-        if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch:
+        if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch \
+                or not pl_module.automatic_optimization:  # manual: a batch makes as many steps as it takes (0, 2...)
             return
         counted = steps_in_epoch(trainer)  # (a GradientAccumulationScheduler's factors counted)
         if counted is None:  # an iterable without a length: not known
