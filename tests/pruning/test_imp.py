@@ -24,7 +24,7 @@ from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.data import DigitsDataModule, load_digits_tensors
 from litcompress.models import MLPClassifier
 from litcompress.pruning.imp import iterative_magnitude_pruning
-from tests.conftest import PressCtrlC, python_handles_ctrl_c
+from tests.conftest import PressCtrlC, StepsTwoOptimizers, python_handles_ctrl_c
 
 
 def mlp() -> nn.Sequential:
@@ -231,6 +231,36 @@ def test_late_rewinding_takes_the_weights_of_an_ordinary_fits_kth_step():
     with pytest.raises(ValueError, match="the fit is 9 optimizer steps long, so it never reaches it"):
         find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="val_acc", rounds=1,
                             trainer_kwargs={**kwargs, "max_epochs": 1}, rewind_to_step=50, evaluate_on="validate")
+
+
+class TwoOptimizerDigitsClassifier(StepsTwoOptimizers, DigitsClassifier):
+    """Two optimizers stepped per batch (a GAN's way): global_step moves by two per batch."""
+
+    def loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def optimizer_groups(self):
+        return [list(self.net[0].parameters()), [p for layer in self.net[1:] for p in layer.parameters()]]
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_a_rewind_step_a_batch_of_two_optimizer_steps_passes_is_said_and_taken_at_that_batch(k):
+    """Step 3 is inside the second batch (steps 3 and 4): the rounds rewound to step 4 without a word."""
+    seed_everything(0)
+    module = TwoOptimizerDigitsClassifier()
+    kwargs = dict(max_epochs=1, limit_train_batches=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    record = WeightsAtStep(4)
+    Trainer(**kwargs, callbacks=[record]).fit(copy.deepcopy(module), datamodule=DigitsDataModule(batch_size=128))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="test_acc", rounds=1,
+                                     rate=0.5, trainer_kwargs=kwargs, rewind_to_step=k, control="none")
+    passed = [str(w.message) for w in said if "the batch that reached it" in str(w.message)]
+    assert passed == ([f"`rewind_to_step=3`: the batch that reached it took the fit to optimizer step 4 (each of its "
+                       "batches steps several optimizers), so every round rewinds to step 4."] if k == 3 else [])
+    assert torch.equal(ticket.rewound_state["net.0.weight_orig"], record.weights)
 
 
 class FitsSeen(Callback):

@@ -308,6 +308,12 @@ def find_lottery_ticket(
             raise ValueError(f"`rewind_to_step={rewind_to_step}`: the training stopped after {trainer.global_step} "
                              "optimizer steps, before reaching it. Rewind to an earlier step, or train longer "
                              "(`trainer_kwargs`' max_epochs / max_steps).")
+        if trainer.global_step > rewind_to_step and trainer.is_global_zero:
+            # a batch that steps two optimizers (a GAN's, manual optimization) passes an odd k: the snapshot is
+            # the first batch end at or after it (it rewound to step k + 1 without a word)
+            warnings.warn(f"`rewind_to_step={rewind_to_step}`: the batch that reached it took the fit to optimizer "
+                          f"step {trainer.global_step} (each of its batches steps several optimizers), so every "
+                          f"round rewinds to step {trainer.global_step}.", UserWarning, stacklevel=2)
 
     temporary = None
     if retrain_from == "rewind_point":
