@@ -258,7 +258,7 @@ def test_a_rewind_step_a_batch_of_two_optimizer_steps_passes_is_said_and_taken_a
         ticket = find_lottery_ticket(module, DigitsDataModule(batch_size=128), metric="test_acc", rounds=1,
                                      rate=0.5, trainer_kwargs=kwargs, rewind_to_step=k, control="none")
     passed = [str(w.message) for w in said if "the batch that reached it" in str(w.message)]
-    assert passed == ([f"`rewind_to_step=3`: the batch that reached it took the fit to optimizer step 4 (each of its "
+    assert passed == (["`rewind_to_step=3`: the batch that reached it took the fit to optimizer step 4 (each of its "
                        "batches steps several optimizers), so every round rewinds to step 4."] if k == 3 else [])
     assert torch.equal(ticket.rewound_state["net.0.weight_orig"], record.weights)
 
