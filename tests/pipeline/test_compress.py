@@ -2164,3 +2164,17 @@ def test_the_checks_before_the_stages_run_a_copy_so_a_forward_that_writes_state_
     assert int(model.calls) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert int(result.stage_models["input"].calls) > 0  # (the stages' copies ran)
+
+
+def test_lazy_layers_never_called_are_refused_before_each_copy_draws_weights_of_its_own(digits, tmp_path):
+    """Every stage's copy created its own random weights at its first call: the pruned row compared another network
+    than the input row (a metric change with 0.01% pruned)."""
+    x_val, y_val = digits[2], digits[3]
+    model = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 10))
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, **FAST)
+    with pytest.raises(ValueError, match=re.escape("compress: 0.weight, 0.bias belong to lazy layers never called")):
+        compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:32])
+    assert isinstance(model[0], nn.LazyLinear)  # as given
+    model(x_val[:1])  # the remedy said
+    result = compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:32])
+    assert torch.equal(result.stage_models["input"][0].weight, model[0].weight)

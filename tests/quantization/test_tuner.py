@@ -1393,3 +1393,17 @@ def test_a_relative_tolerance_of_one_or_more_on_a_positive_metric_is_said_to_acc
                                          accuracy=AccuracyCriterion(tolerable_loss=1.0)), eval_fn=accuracy_fn(x, y),
                         example_inputs=x[:64])
     assert not any("relative tolerance of" in m for m in anything.messages)  # 100 %: "any metric >= 0", as meant
+    with pytest.warns(QuantizationGoalWarning, match=re.escape("a relative tolerance of 1.004 is 100.4% of the fp32")):
+        quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1, latency_repeats=2,
+                                  accuracy=AccuracyCriterion(tolerable_loss=1.004)), eval_fn=accuracy_fn(x, y),
+                 example_inputs=x[:64])  # (it said "100%", the one tolerance it is not said for)
+
+
+def test_lazy_layers_never_called_are_refused_rather_than_quantized_as_another_network():
+    """The search's copy created weights of its own: the int8 result was of a network the model never became."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(32, 8)
+    with pytest.raises(ValueError, match=re.escape("quantize: 0.weight, 0.bias belong to lazy layers never called")):
+        quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1),
+                 eval_fn=lambda m: 1.0, example_inputs=x)
+    assert isinstance(model[0], nn.LazyLinear)

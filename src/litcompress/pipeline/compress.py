@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from litcompress._files import cannot_write, file_in_the_way, partial_path, written_atomically
-from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, close_names, compiled_module_names,
-                                        deepcopy_model, distinct_targets, eager_copy, is_compiled, is_excluded,
+from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
+                                        compiled_module_names, deepcopy_model, distinct_targets, eager_copy,
+                                        is_compiled, is_excluded,
                                         keep_bypassed_weights_current_, make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
                                         trainable_tensor, with_tied_targets)
@@ -902,6 +903,7 @@ def compress(
         raise ValueError("compress(calibration_data=None): static quantization needs calibration batches.")
     # The checks below run forward: on a copy, so that one that writes state of its own (a counter, a cache) leaves
     # the model passed as it was (they ran on it); eager, as the stages compress it (nothing compiles for a check)
+    check_lazy_layers_called(model, "compress")  # (they were created in the model itself, by the checks)
     probe = eager_copy(model)
     # Quantization reads the calibration batches only after fine-tuning: a batch the model cannot take fails here.
     check_model_runs(probe, inputs, what="example_inputs", default_input_fn_used=False)

@@ -151,6 +151,16 @@ def lazy_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, parameter in model.named_parameters() if is_lazy(parameter)]
 
 
+def check_lazy_layers_called(model: nn.Module, where: str) -> None:
+    """ValueError if `model` has lazy layers never called: each copy made of it would create weights of its own at
+    its first call (random ones), so the stages or candidates compared would be different networks."""
+    lazy = lazy_parameter_names(model)
+    if lazy:
+        raise ValueError(f"{where}: {', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''} belong to lazy layers "
+                         "never called, whose weights do not exist yet (each copy would draw its own): call the model "
+                         "once first (model(*example_inputs)), then pass it.")
+
+
 def check_module(model: object, where: str) -> None:
     """TypeError unless `model` is an ``nn.Module``, naming the entry point `where` it was given to."""
     if not isinstance(model, nn.Module):
@@ -973,6 +983,8 @@ def prune_to_sparsity_(
         if structured:
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
     check_keep_multiple_of(keep_multiple_of, method_cls)
+    if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):
+        _warn_of_unmasked_zeros(targets, method_cls)
     undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)
     # what each round should leave, checked after it for a method of one's own: one that prunes another number than
     # its `amount` (a threshold, a fixed pattern) missed the target, which the caller recorded as reached
@@ -1030,6 +1042,26 @@ def prune_to_sparsity_(
                           f"{'; ...' if len(missed) > 4 else ''}): its compute_mask must prune `amount` entries (or "
                           "slices) of those still kept.", UserWarning, stacklevel=2)
     return sum(pruned_count(m, n) for m, n in targets) - before
+
+
+def _warn_of_unmasked_zeros(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod]) -> None:
+    """Zeros of targets without a mask count as weights kept (a zero-initialised entry is one): a random method may
+    draw them again, and the targets end sparser than asked (81.5% for 60% after `make_permanent_` at 50%). Which
+    zeros were pruned is not known here: said, with the remedy (GradualPruner keeps those it pruned itself)."""
+    zeros = 0
+    for module, name in targets:
+        if is_pruned(module, name):
+            continue
+        tensor = getattr(module, name)
+        if tensor.is_meta:
+            continue
+        count = int((tensor == 0).sum())
+        zeros += count if count < tensor.numel() else 0  # (a tensor of zeros only: initialised so, not pruned)
+    if zeros:
+        warnings.warn(f"prune_to_sparsity_: {zeros:,} entries of targets without a pruning mask are exactly zero "
+                      f"(pruned, then made permanent?); {method_cls.__name__} counts them as kept and may draw them "
+                      "again, so the targets can end sparser than asked. To keep them pruned, mask them first: "
+                      "apply_mask_(module, name, getattr(module, name) != 0).", UserWarning, stacklevel=3)
 
 
 def prune_model_(

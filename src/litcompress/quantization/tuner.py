@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import compiled_module_names, eager_copy, make_permanent_
+from litcompress.pruning.engine import (check_lazy_layers_called, compiled_module_names, eager_copy,
+                                        make_permanent_)
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import eval_outputs
 from litcompress.report.size import model_size_bytes
@@ -634,6 +635,7 @@ def quantize(
     example_inputs = example_as_inputs(model, example_inputs, None if default_input_fn_used else input_fn)
     # The checks below run forward: on a copy, so that one that writes state of its own (a counter, a cache) leaves
     # the model passed as it was (they ran on it); eager, as the search quantizes it (nothing compiles for a check)
+    check_lazy_layers_called(model, "quantize")  # (they were created in the model itself, by the checks)
     probe = eager_copy(model)
     # every batch (a later one the model cannot take failed every candidate, and the fp32 model came back): one
     # forward each, as one calibration pass
@@ -740,9 +742,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         # 5 meant as 5 %: the fastest int8 model was chosen however wrong. Above 1 only: 1 (100 %) already accepts
         # any metric >= 0, which some mean; and not refused when made: a negative metric (-mse) takes 5 as "up to
         # 6x the error"
-        loose = (f"a relative tolerance of {criterion.tolerable_loss:g} is {criterion.tolerable_loss:.0%} of the fp32 "
-                 f"metric, so any metric >= {threshold:.6g} meets the goal, a model that gets nothing right included; "
-                 f"for {criterion.tolerable_loss:g} % give {criterion.tolerable_loss / 100:g}.")
+        tolerance = criterion.tolerable_loss
+        loose = (f"a relative tolerance of {tolerance:g} is {tolerance * 100:g}% of the fp32 metric, so any metric >= "
+                 f"{threshold:.6g} meets the goal, a model that gets nothing right included; for {tolerance:g} % give "
+                 f"{tolerance / 100:g}.")
         note(loose)
         warnings.warn(f"quantize: {loose}", QuantizationGoalWarning, stacklevel=3)
     baseline_latency = measure_latencies([fp32], example_inputs, config.latency_repeats,
