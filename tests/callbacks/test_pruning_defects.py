@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from logging import INFO
 from typing import Any
@@ -20,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import seed_everything
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, LambdaCallback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -452,11 +453,23 @@ def test_a_second_callback_prunes_on_from_the_masks_a_first_one_left(tmp_path, c
 
 @both("prune_on_train_epoch_end=False without any validation prunes nothing, without a word")
 def test_pruning_at_validation_end_warns_when_no_validation_ran(tmp_path, cls):
+    """Said when training starts (it was said when training ended, every epoch trained unpruned), and once."""
     model = ThreeLayerModel()
     callback = cls("l1_unstructured", amount=0.3, prune_on_train_epoch_end=False, verbose=0)
-    with pytest.warns(UserWarning, match=r"no validation ran in this fit .* prune_on_train_epoch_end=True"):
-        make_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=callback).fit(model)
+    said_before_training: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first_batch = LambdaCallback(on_train_start=lambda *_: said_before_training.append(len(
+            [w for w in caught if "prune_on_train_epoch_end=True" in str(w.message)])))
+        make_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[callback, first_batch]).fit(model)
+    said = [str(w.message) for w in caught if "prune_on_train_epoch_end=True" in str(w.message)]
+    assert said_before_training == [1] and len(said) == 1
+    assert re.search(r"this fit runs none \(limit_val_batches=0, .*\), so it will prune nothing\. Pass "
+                     r"prune_on_train_epoch_end=True", said[0])
     assert all(int((m.weight == 0).sum()) == 0 for m in model.layer)  # as Lightning's: nothing pruned
+    with pytest.warns(UserWarning, match="this fit runs none"):  # (a float 0 validates nothing too)
+        make_trainer(tmp_path, max_epochs=1, limit_val_batches=0.0, callbacks=cls(
+            "l1_unstructured", amount=0.3, prune_on_train_epoch_end=False, verbose=0)).fit(ThreeLayerModel())
     with warnings.catch_warnings(record=True) as caught:  # with validation: rounds, and no such warning
         warnings.simplefilter("always")
         callback = cls("l1_unstructured", amount=0.3, prune_on_train_epoch_end=False, verbose=0)

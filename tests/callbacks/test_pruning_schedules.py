@@ -574,8 +574,8 @@ def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_ends_like_the_uninter
     assert [h["epoch"] for h in again._history] == [1, 2, 3]  # the checkpoint's rounds, then epoch 3's here
     assert not any("nothing was pruned" in str(w.message) for w in caught)
     assert all(torch.equal(last.state_dict()[key], expected[key]) for key in expected)
-    if validation:  # a caught-up round, then epochs without validation: their rounds never ran, which is said
-        with pytest.warns(UserWarning, match="no validation ran in this fit"):
+    if validation:  # a caught-up round, then epochs without validation: their rounds never run, which is said
+        with pytest.warns(UserWarning, match="this fit runs none"):
             make_trainer(tmp_path, max_epochs=4, limit_val_batches=0, callbacks=[callback()]).fit(
                 FixedDataModel(), ckpt_path=tmp_path / "epoch=1-step=8.ckpt")
 

@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks.finetuning import BaseFinetuning
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
@@ -71,6 +72,12 @@ _STATE_VERSION = 1
 #: Mixed into the run's seed for resample_parameters' stream (any constant other than 0 would do).
 _RESAMPLE_SEED_SALT = 0x5EED_0F_7E5A_4D1E
 _SCHEDULE_SEED_SALT = 0x3C6E_F372_FE94_F82B
+
+
+_NO_VALIDATION_MESSAGE = (
+    "ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and {runs} "
+    "(limit_val_batches=0, no validation_step or no val_dataloader), so {pruned}. Pass prune_on_train_epoch_end=True "
+    "to prune at the end of each training epoch.")
 
 
 class ModelPruning(TargetsFoundOnceConfigured):
@@ -317,6 +324,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._forget_the_model()
         self._warned_fit_too_short = False
         self._warned_validations_end_before = False
+        self._warned_no_validation = False
         self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
         self._qualified_names: list[str] = []
@@ -987,10 +995,25 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._epochs_ended = trainer.current_epoch
         self._warn_if_fit_ends_before_the_schedule(trainer)
         self._warn_if_validations_end_before_the_schedule(trainer)
+        self._warn_if_no_validation_runs(trainer, pl_module)
         if trainer.global_step == 0 and self._original_layers is None:
             self._check_rewind_against_the_epochs(trainer)
         if self._rewind_unit == "epoch" and trainer.current_epoch == self._rewind_point:
             self._take_snapshot_once()
+
+    def _warn_if_no_validation_runs(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        """Rounds at validation ends in a fit that validates nothing: said as it starts (it was said when training
+        ended, after every epoch had trained unpruned)."""
+        from litcompress.quantization.lightning import has_validation_data
+
+        self._warned_no_validation = False
+        if self._prune_on_train_epoch_end or (self._schedule is not None and self._schedule.unit != "epoch"):
+            return
+        limit = trainer.limit_val_batches
+        if has_validation_data(trainer) and is_overridden("validation_step", pl_module) and limit not in (0, 0.0):
+            return
+        self._warned_no_validation = True
+        rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="this fit runs none", pruned="it will prune nothing"))
 
     def _warn_if_validations_end_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         """Rounds at validation ends: an epoch schedule whose end the fit's last validation comes before stops short
@@ -1149,13 +1172,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
         if not self._prune_on_train_epoch_end and prunes_per_epoch and trainer.current_epoch > 0 \
-                and not self._validations_this_fit and self._caught_up_at_step is None:
+                and not self._validations_this_fit and self._caught_up_at_step is None \
+                and not self._warned_no_validation:  # (said when training started)
             # (a resumed fit's caught-up round with no batch trained after it: a round ran, and none was missed)
             # Lightning's callback prunes nothing then, without a word
-            rank_zero_warn("ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and "
-                           "no validation ran in this fit (limit_val_batches=0, no validation_step or no "
-                           "val_dataloader), so nothing was pruned. Pass prune_on_train_epoch_end=True to prune at "
-                           "the end of each training epoch.")
+            rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit",
+                                                         pruned="nothing was pruned"))
         if self._schedule is not None:
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
             message = stopped_early_message(self._schedule, progress, "sparsity", limit_reached(trainer))
