@@ -165,9 +165,10 @@ _FIXED_SIZE_ERRORS = (re.compile(r"Got invalid dimensions for input: (\S+) for t
                       re.compile(r"Guard failed: (\w+)\.size\(\)\[(\d+)\] == (\d+)"))
 
 
-def fixed_size_hint(error: str, config: str = "PTQConfig") -> str | None:
+def fixed_size_hint(error: str, config: str | None = "PTQConfig") -> str | None:
     """For an error raised because an exported model got another input size than it was exported with, what to
-    do about it (`config`: the configuration whose ``dynamic_dims`` declare it); None for other errors."""
+    do about it (`config`: the configuration whose ``dynamic_dims`` declare it; None, a file read back: any of those
+    that write one); None for other errors."""
     for pattern in _FIXED_SIZE_ERRORS:
         match = pattern.search(error)
         if match:
@@ -177,7 +178,10 @@ def fixed_size_hint(error: str, config: str = "PTQConfig") -> str | None:
             index = which if which.isdigit() else which[len("input_"):] if re.fullmatch(r"input_\d+", which) else None
             what = f"input {index}" if index is not None else f"input {which!r}"
             key = index if index is not None else "INPUT_INDEX"
+            declared = f"dynamic_dims={{{key}: ({dim},)}}"
+            where = (f"{config}({declared})" if config is not None else
+                     f"{declared} of PTQConfig, QATConfig or CompressionConfig, where the file was written")
             return (f"the exported model fixed dim {dim} of {what} to the example's size, and a batch had another; "
-                    f"if that size varies (a sequence length), declare it: {config}(dynamic_dims={{{key}: ({dim},)}})"
-                    + (f" (CLI: --dynamic-dims {key}:{dim})" if config == "PTQConfig" else ""))
+                    f"if that size varies (a sequence length), declare it: {where}"
+                    + (f" (CLI: --dynamic-dims {key}:{dim})" if config in ("PTQConfig", None) else ""))
     return None

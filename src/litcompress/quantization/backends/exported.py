@@ -122,10 +122,11 @@ class ExportedInference(nn.Module):
     on a parent module. The graph was exported in eval mode and stays so: here those calls only set the flag.
     """
 
-    def __init__(self, program: nn.Module, dims_declared_in: str = "PTQConfig") -> None:
+    def __init__(self, program: nn.Module, dims_declared_in: str | None = "PTQConfig") -> None:
         super().__init__()
         self.program = program
-        self.dims_declared_in = dims_declared_in  # where an input size it refuses is said to be declared
+        self.dims_declared_in = dims_declared_in  # where an input size it refuses is said to be declared (None: a
+        # file read back, which PTQ, QAT or the pipeline may have written)
 
     def forward(self, *args: torch.Tensor) -> object:
         try:
@@ -157,7 +158,7 @@ def load_program(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         PT2EBackend().check_available()  # imports torchao, registering the ops its int8 programs call
     extra = {OUTPUTS_FILE: ""}
     with open(path, "rb") as file:  # (as saved: any file name, a `model.int8` too, without torch's warning)
-        module: nn.Module = ExportedInference(torch.export.load(file, extra_files=extra).module())
+        module: nn.Module = ExportedInference(torch.export.load(file, extra_files=extra).module(), None)
     if extra[OUTPUTS_FILE]:
         module = RebuiltOutputs(module, json.loads(extra[OUTPUTS_FILE]))
     return module, metadata
