@@ -23,7 +23,7 @@ from torch import nn
 from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.data import DigitsDataModule, load_digits_tensors
 from litcompress.models import MLPClassifier
-from litcompress.pruning.imp import iterative_magnitude_pruning
+from litcompress.pruning.imp import IMPRound, LotteryTicket, iterative_magnitude_pruning
 from tests.conftest import PressCtrlC, StepsTwoOptimizers, python_handles_ctrl_c
 
 
@@ -1231,3 +1231,11 @@ def test_the_control_keeps_a_frozen_batch_norms_running_statistics(affine):
 
     iterative_magnitude_pruning(model, lambda net: None, evaluate, rounds=1, exclude=["0.0"], control="final")
     assert seen == [(5.0, 9.0, 2.0 if affine else None)] * 3  # round 0, round 1, the control
+
+
+def test_the_table_never_says_none_left_of_a_ticket_that_has_weights():
+    """A ticket with 4 of 100,000 weights left read "0.00%" remaining (every weight gone)."""
+    ticket = LotteryTicket(model=nn.Linear(2, 2), masks={}, rewound_state={},
+                           rounds=[IMPRound(0, 1.0, 0.9), IMPRound(12, 0.00004, 0.1, 0.1), IMPRound(13, 0.0, 0.1)])
+    rows = ticket.table().splitlines()[1:]
+    assert [row.split()[1] for row in rows] == ["100.00%", "<0.01%", "0.00%"]

@@ -53,6 +53,7 @@ from litcompress.pruning.engine import (
 )
 from litcompress.pruning.lottery import redraw_parameters_, rewind_, snapshot_tensor, take_snapshot
 from litcompress.pruning.parametrizations import parametrized_tensors
+from litcompress.report.sparsity import percent
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class LotteryTicket:
         lines = ["round  remaining  metric  random re-init"]
         for r in self.rounds:
             control = "" if r.control_metric is None else f"{r.control_metric:.4f}"
-            lines.append(f"{r.round:>5}  {r.remaining:>8.2%}  {r.metric:.4f}  {control:>14}")
+            lines.append(f"{r.round:>5}  {percent(r.remaining, 2):>8}  {r.metric:.4f}  {control:>14}")
         return "\n".join(lines)
 
 
@@ -478,8 +479,8 @@ def iterative_magnitude_pruning(
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
         control_note = "" if control_metric is None else f", random re-init {control_metric:.4f}"
         if _writes_files():  # a search runs for hours: its progress, round by round (rank 0's)
-            log.info(f"IMP round {r}/{rounds}: {table[-1].remaining:.2%} of the weights left, metric {metric:.4f}"
-                     f"{control_note}")
+            log.info(f"IMP round {r}/{rounds}: {percent(table[-1].remaining, 2)} of the weights left, metric "
+                     f"{metric:.4f}{control_note}")
         if path is not None and _writes_files():
             with written_atomically(path) as partial:  # a search killed while writing keeps its previous file
                 torch.save(dict(format=_STATE_FORMAT, settings=settings, initial=initial, done=r,
