@@ -142,7 +142,7 @@ def test_half_precision_models_shrink_within_their_own_rounding(case, dtype) -> 
 
     model, hidden, dead = case
     model = model.to(dtype)
-    x = torch.randn(16, 6, dtype=dtype)
+    x = torch.randn(16, 6, dtype=dtype, generator=torch.Generator().manual_seed(0))  # (not the suite's stream)
     expected = outputs(model, x).double()
     result = shrink(model, x)  # raises if the difference is beyond the check's bound
     difference, scale = float((outputs(result.model, x).double() - expected).abs().max()), float(expected.abs().max())
@@ -150,6 +150,27 @@ def test_half_precision_models_shrink_within_their_own_rounding(case, dtype) -> 
     for index, rows in zip(hidden, dead):
         assert result.model[index].out_features == max(model[index].out_features - len(rows), 1)
         assert result.model[index].weight.dtype == dtype
+
+
+def test_a_small_half_precision_output_moved_by_the_rounding_of_larger_ones_is_not_refused() -> None:
+    """Folding the dead rows' constants moved an output entry of 0.0096 by 0.000114 (float16 rounds by the eps of
+    sums of about 0.2, the outputs' largest): the bound scaled with the changed entry only, and refused the model as
+    width-dependent. Seed 177 of many drawn so (1 in ~500)."""
+    torch.manual_seed(177)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.GELU(), nn.Linear(12, 3), nn.BatchNorm1d(3),
+                          nn.SiLU(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+        model[3].weight[[0, 1, 2]] = 0
+        model[6].weight[1] = 0
+    model = model.eval().half()
+    x = torch.randn(16, 6).half()
+    result = shrink(model, x)
+    assert result.model[6].out_features == 3 and result.model[3].out_features == 1
+    difference = float((outputs(result.model, x).double() - outputs(model, x).double()).abs().max())
+    assert 1e-4 < difference <= 8 * torch.finfo(torch.float16).eps * float(outputs(model, x).abs().max())
 
 
 def test_the_output_check_still_catches_a_width_dependent_half_precision_model() -> None:
@@ -2569,6 +2590,27 @@ class ConvThenLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(torch.relu(self.bn(self.conv(x))).transpose(1, 2))[0][:, -1])
+
+
+class PermutedConvThenLSTM(ConvThenLSTM):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(torch.relu(self.bn(self.conv(x))).permute(0, 2, 1))[0][:, -1])
+
+
+@pytest.mark.parametrize("swap", ["transpose", "permute"])
+def test_a_conv1d_whose_channels_are_swapped_last_is_told_to_give_example_inputs_without_them(swap) -> None:
+    """Without example inputs the swap's dims are unknown, so the conv is kept, as for a Linear layer's; its reason
+    said "does not see through" without the hint that example inputs let it through (they do)."""
+    torch.manual_seed(0)
+    model = (ConvThenLSTM() if swap == "transpose" else PermutedConvThenLSTM()).eval()
+    zero_rows_(model.conv, [0, 1, 2])
+    reason = dict(shrink(model).report.kept)["conv"]
+    assert f"call_method {swap}, which shrink does not see through (without example inputs the dims it touches are " \
+           "unknown: pass example_inputs, which may let it through)" in reason
+    x = torch.randn(2, 5, 9)
+    given = shrink(model, x)
+    assert given.model.conv.out_channels == 9 and "conv" not in dict(given.report.kept)
+    torch.testing.assert_close(given.model(x), model(x))
 
 
 @settings(max_examples=30, deadline=None)
