@@ -648,3 +648,22 @@ def test_a_model_fabric_set_up_is_refused_naming_the_module_to_prepare():
                                         r"the module it wraps \(`.module`\)"):
         prepare_qat(wrapped, (torch.randn(4, 16),))
     assert isinstance(prepare_qat(wrapped.module, (torch.randn(4, 16),)), QATModel)
+
+
+@pytest.mark.parametrize("how", ["autocast", "bf16 weights", "bf16 inputs"])
+def test_a_qat_graph_run_in_another_precision_says_which_and_what_to_do(how):
+    """Under autocast (Fabric's bf16-mixed) or after a half-precision cast (bf16-true), torchao's fake quantizer
+    failed with "expected scalar type Float but found BFloat16", naming neither the cause nor the remedy."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    qat = prepare_qat(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), (x,))
+    if how == "bf16 weights":
+        qat.to(torch.bfloat16)
+    cause = {"autocast": "its forward runs under autocast to bfloat16 (a mixed precision)",
+             "bf16 weights": "its weights are bfloat16", "bf16 inputs": "its inputs are bfloat16"}[how]
+    with pytest.raises(TypeError, match=re.escape(f"QAT: {cause}") + ".*" + re.escape(
+            "Train the QAT model in float32: without autocast (Fabric/Trainer precision='32-true')")):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+            qat(x.bfloat16() if how != "autocast" else x)
+    if how != "bf16 weights":
+        assert qat(x).shape == (4, 3)  # the same graph in float32: unchanged

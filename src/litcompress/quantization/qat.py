@@ -146,6 +146,21 @@ def check_layer_names(model: nn.Module, names: Sequence[str]) -> None:
                          f"are e.g. {[n for n in modules if n][:8]}.")
 
 
+def _not_float32_cause(graph: nn.Module, args: tuple) -> str | None:
+    """What runs a QAT graph in another precision than float32: autocast, its weights, or its inputs (None: none)."""
+    casting = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    if casting:
+        dtype = torch.get_autocast_dtype(casting[0])
+        return f"its forward runs under autocast to {str(dtype).removeprefix('torch.')} (a mixed precision)"
+    weights = sorted({str(p.dtype).removeprefix("torch.") for p in graph.parameters()
+                      if p.is_floating_point() and p.dtype != torch.float32})
+    if weights:
+        return f"its weights are {', '.join(weights)} (a half-precision cast of the prepared model)"
+    inputs = sorted({str(a.dtype).removeprefix("torch.") for a in args
+                     if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float32})
+    return f"its inputs are {', '.join(inputs)}" if inputs else None
+
+
 class QATModel(nn.Module):
     """A model's fake-quantized training graph: train it as the model (same parameters, same inputs and outputs),
     then :meth:`convert` it to int8.
@@ -224,6 +239,13 @@ class QATModel(nn.Module):
                 with _observers_off(self._fake_quantizers), _batch_counts_kept(self._batch_norms.values()):
                     return self.graph(*args)  # (the eval form still counts batch norms' batches)
             return self.graph(*args)
+        except RuntimeError as error:  # torchao's fake quantizers compute in float32: "expected scalar type Float"
+            cause = _not_float32_cause(self.graph, args) if "expected scalar type" in str(error) else None
+            if cause is None:
+                raise
+            raise TypeError(f"QAT: {cause}; the graph's fake quantizers compute in float32 ({error}). Train the QAT "
+                            "model in float32: without autocast (Fabric/Trainer precision='32-true'), with float32 "
+                            "weights and inputs.") from None
         except AssertionError as error:  # torch.export's guard on a dim traced fixed: "Guard failed: x.size()[1] == 5"
             if "Guard failed" not in str(error):
                 raise
