@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from litcompress.pruning import GradualPruner, default_targets
+from litcompress.pruning import GradualPruner, default_targets, shrink_
 from litcompress.pruning.engine import pruned_count
 from litcompress.pruning.schedules import ConstantSparsity, PolynomialDecay
 
@@ -693,3 +693,21 @@ def test_a_state_without_its_keys_is_refused_before_the_pruner_changes():
         with pytest.raises(ValueError, match="expected an int 'last_t', a list 'history' and an int"):
             pruner.load_state_dict(bad)
     assert pruner.state_dict() == state
+
+
+def test_a_target_narrowed_between_rounds_is_refused_rather_than_pruned_as_if_whole():
+    """After shrink_ removed half the rows, the next round pruned the narrower layer to the target: 75% of the
+    original rows gone for 50%, without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    schedule = PolynomialDecay(final_sparsity=0.5, begin=0, end=4, frequency=2)
+    pruner = GradualPruner([(model[0], "weight")], schedule, "ln_structured", scope="local", dim=0, n=1,
+                           target_names=["0.weight"])
+    pruner.step(0), pruner.step(2)
+    assert int((model[0].weight == 0).all(dim=1).sum()) > 0
+    shrink_(model, torch.randn(2, 6))
+    narrowed = model[0].out_features
+    with pytest.raises(ValueError, match=re.escape(f"GradualPruner: targets changed shape since its first round "
+                                                   f"(0.weight [8, 6] -> [{narrowed}, 6])")):
+        pruner.step(4)
+    assert model[0].out_features == narrowed and int((model[0].weight == 0).all(dim=1).sum()) == 0

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.utils.prune as torch_prune
+from torch.nn.parameter import is_lazy
 
 from litcompress.pruning.distributed import broadcast_pruning_state_, distributed_world_size
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
@@ -119,7 +120,9 @@ class GradualPruner:
 
     Under data parallelism (DDP, Fabric) each round's masks are rank 0's on every rank. ``world_size``: how many
     processes prune together; None takes the default process group's size, 1 prunes alone (a process left with
-    another run's group whose other ranks are not pruning: a broadcast to them would wait for ever).
+    another run's group whose other ranks are not pruning: a broadcast to them would wait for ever). The targets keep
+    their shapes from round to round (a round after ``shrink_`` narrowed one is refused): shrink once the schedule
+    ends.
     """
 
     def __init__(
@@ -342,6 +345,7 @@ class GradualPruner:
 
     def _prune_to(self, target: float, t: int, stacklevel: int) -> None:
         """`prune_to`; `stacklevel`: where the user's call is, counted from this frame (1), for the warnings."""
+        self._check_shapes_kept()
         # what it pruned before and lost its masks since (make_permanent_) stays pruned: counted as kept, a random
         # method would draw those zeros again and prune past the target
         self._keep_zeros_of_unmasked_targets_("made permanent", stacklevel=stacklevel + 1)
@@ -364,6 +368,24 @@ class GradualPruner:
             names = [self._names.get((id(m), n), f"{type(m).__name__}.{n}") for m, n in emptied]
             warnings.warn(emptied_message(f"GradualPruner (target {target:.1%})", names, self.scope),
                           stacklevel=stacklevel)
+
+    def _check_shapes_kept(self) -> None:
+        """The targets' shapes are those of the first round (recorded then: a lazy layer has none before): a layer
+        narrowed since (``shrink_``) would be pruned to the target as if it were whole, its rows removed counted as
+        none (75% of the original rows gone for a 50% target)."""
+        shapes = [None if is_lazy(getattr(m, n)) else tuple(getattr(m, n).shape) for m, n in self.targets]
+        first = getattr(self, "_target_shapes", None)  # (absent from pickles of earlier versions)
+        if first is None or not self.history:
+            self._target_shapes = shapes
+            return
+        changed = [f"{self._names.get((id(m), n), f'{type(m).__name__}.{n}')} {list(was)} -> {list(now)}"
+                   for (m, n), was, now in zip(self.targets, first, shapes) if was is not None and was != now]
+        if changed:
+            raise ValueError(f"GradualPruner: targets changed shape since its first round ({'; '.join(changed[:3])}"
+                             f"{'; ...' if len(changed) > 3 else ''}), e.g. narrowed by shrink_: their sparsity no "
+                             "longer counts what was removed. Shrink after the schedule ends, or prune the narrowed "
+                             "model with a new GradualPruner.")
+        self._target_shapes = [was if was is not None else now for was, now in zip(first, shapes)]
 
     def _say_loaded_zeros(self, stacklevel: int) -> None:
         """Say what the load hooks masked when the model's weights loaded after this pruner's state (once, for the
