@@ -2666,9 +2666,11 @@ def _rounding_floor(output: object) -> float:
 
 
 def _half_precision_magnitude(output: object) -> float:
-    """The largest magnitude among `output`'s bfloat16/float16 tensors (0 without one)."""
-    return max((float(x.detach().abs().max()) for x in _leaves(output) if isinstance(x, Tensor)
-                and x.dtype in (torch.float16, torch.bfloat16) and x.numel()), default=0.0)
+    """The largest finite magnitude among `output`'s bfloat16/float16 tensors (0 without one: an overflow to inf
+    would lift the check's bound to inf)."""
+    finite = [x.detach()[x.isfinite()] for x in _leaves(output)
+              if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16)]
+    return max((float(x.abs().max()) for x in finite if x.numel()), default=0.0)
 
 
 def shrink_(
