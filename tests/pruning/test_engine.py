@@ -18,6 +18,7 @@ from torch import nn
 
 from litcompress.models import MLPClassifier
 from litcompress.pruning import (
+    GradualPruner,
     apply_mask_,
     default_targets,
     is_pruned,
@@ -32,6 +33,7 @@ from litcompress.pruning import (
 )
 from litcompress.pruning.engine import (PermanentStateDictHook, deepcopy_model, keep_bypassed_weights_current_,
                                         register_state_hooks, remaining_count)
+from litcompress.pruning.schedules import ConstantSparsity
 from litcompress.report import sparsity_report
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -1137,8 +1139,18 @@ def test_a_random_method_on_zeros_made_permanent_is_said_to_overshoot_and_maskin
     make_permanent_(model)
     with pytest.warns(UserWarning, match=re.escape(
             "prune_to_sparsity_: 130 entries of targets without a pruning mask are exactly zero (pruned, then made "
-            "permanent?); ") if not kwargs else "entries of targets without a pruning mask are exactly zero"):
+            "permanent?); ") if not kwargs else "entries of targets without a pruning mask are exactly zero") as said:
         prune_to_sparsity_(targets, method, 0.6, scope="local", **kwargs)
+    assert [w.filename for w in said if "exactly zero" in str(w.message)] == [__file__]  # the user's call
+    make_permanent_(model)
+    pruner = GradualPruner(targets, ConstantSparsity(0.8), method, scope="local", **kwargs)
+    with pytest.warns(UserWarning, match="entries of targets without a pruning mask are exactly zero") as said:
+        pruner.step(0)  # through the pruner: said at this call, not inside litcompress
+    assert {w.filename for w in said if "exactly zero" in str(w.message)} == {__file__}
+    embedding = nn.Embedding(10, 4, padding_idx=0)  # its padding row is zero by design: not said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_to_sparsity_([(embedding, "weight")], method, 0.5, **({"dim": 0} if kwargs else {}), scope="local")
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     targets = [(model[0], "weight"), (model[2], "weight")]
     with torch.no_grad():

@@ -1055,13 +1055,29 @@ def _warn_of_unmasked_zeros(targets: Sequence[Target], method_cls: type[torch_pr
         tensor = getattr(module, name)
         if tensor.is_meta:
             continue
-        count = int((tensor == 0).sum())
+        with torch.no_grad():
+            zero = tensor == 0
+            padding = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
+            if padding is not None and name == "weight":  # a padding row is zero by design, not pruned
+                zero[padding] = False
+        count = int(zero.sum())
         zeros += count if count < tensor.numel() else 0  # (a tensor of zeros only: initialised so, not pruned)
     if zeros:
         warnings.warn(f"prune_to_sparsity_: {zeros:,} entries of targets without a pruning mask are exactly zero "
                       f"(pruned, then made permanent?); {method_cls.__name__} counts them as kept and may draw them "
                       "again, so the targets can end sparser than asked. To keep them pruned, mask them first: "
-                      "apply_mask_(module, name, getattr(module, name) != 0).", UserWarning, stacklevel=3)
+                      "apply_mask_(module, name, getattr(module, name) != 0).", UserWarning,
+                      stacklevel=_stacklevel_outside_litcompress())
+
+
+def _stacklevel_outside_litcompress() -> int:
+    """The `stacklevel` that makes a warning point at the first frame outside this package, for the caller of the
+    function that warns (the user's call, through GradualPruner, ModelPruning or compress)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1  # the function that warns, where warnings.warn's stacklevel=1 points
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def prune_model_(
