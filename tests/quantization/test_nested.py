@@ -215,3 +215,38 @@ def test_a_positional_number_is_a_constant_of_the_quantized_model_and_its_file(a
     loaded, _ = load_quantized(saved)
     with torch.no_grad():  # the file takes the tensor only
         torch.testing.assert_close(loaded(x[:5]), result.model(x[:5], 2.0), rtol=1e-4, atol=1e-4)
+
+
+class ReadsADictWithASensitiveHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h = nn.Linear(8, 32), nn.Linear(32, 3)
+        with torch.no_grad():
+            self.h.weight[0, 0] = 40.0  # int8 breaks it: the search keeps it fp32
+
+    def forward(self, batch):
+        return self.h(torch.relu(self.a(batch["x"]))) * batch["scale"]
+
+
+def test_a_model_of_container_inputs_has_its_layers_named_as_it_names_them():
+    """The search ran on a wrapper holding the model as `model`: the recipe said fp32=['model.h'] and the
+    sensitivity line 'model.h=35.1', names the user's model (and QATConfig(fp32_layers=...) given them) lacks."""
+    torch.manual_seed(0)
+    model = ReadsADictWithASensitiveHead()
+    x, scale = torch.randn(128, 8), torch.rand(128, 1) + 0.5
+    batches = [{"x": x[i:i + 32], "scale": scale[i:i + 32]} for i in range(0, 128, 32)]
+    with torch.no_grad():
+        reference = [model(batch) for batch in batches]
+
+    def error(candidate):
+        with torch.no_grad():
+            return sum(float((candidate(b) - r).pow(2).mean()) for b, r in zip(batches, reference))
+
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=4, latency_repeats=2,
+                                       accuracy=AccuracyCriterion(1e-9, relative=False, higher_is_better=False)),
+                      eval_fn=error, calibration_data=[(b,) for b in batches], input_fn=lambda b: b)
+    names = {name for name, _ in model.named_modules() if name}
+    assert result.recipe is not None and result.recipe.fp32_layers == ("h",)
+    assert all(set(t.recipe.fp32_layers) <= names for t in result.trials)
+    ranked = next(m for m in result.messages if m.startswith("layer sensitivity"))
+    assert "h=" in ranked and "model." not in ranked

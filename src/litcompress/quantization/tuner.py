@@ -10,6 +10,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -674,6 +675,7 @@ def quantize(
         logger.info(depends)
         warnings.warn(depends, UserWarning, stacklevel=2)
     if structure is not None:
+        _name_layers_as_the_model_does_(result, model.model)
         result.model, result.example_inputs = NestedInputs(result.model, structure), given_inputs
         constants = ", ".join(repr(value) for _, value in structure.constants)
         message = (f"the model takes containers or non-tensor values as inputs: the result takes them too, and a "
@@ -685,6 +687,26 @@ def quantize(
         result.messages.append(message)
         logger.info(message)
     return result
+
+
+def _name_layers_as_the_model_does_(result: QuantizationResult, inner: nn.Module) -> None:
+    """The search of a model of container inputs ran on a wrapper (``FlatInputs``) holding it as ``model``: its
+    layers went by ``model.<name>`` in the recipes and the messages, which the model's own names (a
+    ``QATConfig(fp32_layers=...)`` taken from the recipe) did not match. Said by the model's names here."""
+    names = {name for name, _ in inner.named_modules() if name}
+
+    def renamed(recipe: Recipe | None) -> Recipe | None:
+        if recipe is None:
+            return None
+        return recipe.with_fp32_layers(tuple(n.removeprefix("model.") if n.removeprefix("model.") in names else n
+                                             for n in recipe.fp32_layers))
+
+    result.recipe = renamed(result.recipe)
+    for trial in result.trials:
+        trial.recipe = renamed(trial.recipe)
+    prefixed = re.compile(r"(?<![\w.])model\.([\w.]+)")
+    result.messages = [prefixed.sub(lambda m: m[1] if m[1] in names else m[0], message)
+                       for message in result.messages]
 
 
 def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],
