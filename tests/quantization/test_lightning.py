@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from litcompress.pipeline import CompressionConfig
+from litcompress.pipeline.lightning import compress_lightning
 from litcompress.quantization import PTQConfig, load_quantized
 from litcompress.quantization.lightning import QuantizeOnFitEnd, lightning_eval_fn, quantize_checkpoint, quantize_lightning
 from tests.conftest import python_handles_ctrl_c
@@ -301,6 +303,93 @@ def test_a_metric_the_sanity_check_did_not_log_is_warned_of_before_training(digi
         warnings.simplefilter("always")
         trainer.fit(LogsOutsideTheSanityCheck(), datamodule=DigitsData(digits))
     assert not [w for w in caught if "sanity-check" in str(w.message)]
+
+
+def test_a_metric_not_logged_is_warned_of_at_the_first_validation_where_no_sanity_check_ran(digits):
+    """With num_sanity_val_steps=0 nothing was said until the KeyError at fit end, after the whole fit."""
+    warned_at: list[int] = []
+
+    class Watch(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            warned_at.append(len([w for w in caught if "reads it when fit ends" in str(w.message)]))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(max_epochs=2, limit_train_batches=2, num_sanity_val_steps=0,
+                           callbacks=[QuantizeOnFitEnd(CONFIG, metric="val_accuracy"), Watch()])
+        with pytest.raises(KeyError, match="val_accuracy"):
+            trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    said = [str(w.message) for w in caught if "reads it when fit ends" in str(w.message)]
+    assert warned_at == [1, 1] and len(said) == 1  # at the first validation, once
+    assert said[0].startswith("QuantizeOnFitEnd(metric='val_accuracy') reads it when fit ends, but the fit's first "
+                              "validation did not log it: ")
+
+
+class LogsThroughItsLogger(DigitsModule):
+    """A validation step that writes to its logger (as self.logger.experiment.add_image(...) does)."""
+
+    def validation_step(self, batch, batch_idx):
+        self.logger.log_hyperparams({"seen": batch_idx})
+        super().validation_step(batch, batch_idx)
+
+
+def test_a_step_writing_to_its_logger_is_judged_on_the_internal_trainer(digits, tmp_path):
+    """litcompress's own trainers had no logger: `self.logger` was None and the fit-end quantization failed in an
+    AttributeError after the whole fit."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=CSVLogger(tmp_path),
+              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+              callbacks=[callback]).fit(LogsThroughItsLogger(), datamodule=DigitsData(digits))
+    assert callback.result is not None and callback.result.baseline_metric > 0
+
+
+class ValidationBuiltForValidate(DigitsData):
+    """Validation data built by setup('validate') only; 'fit' sets the fit's own validation slice."""
+
+    def __init__(self, digits, fit_validates: bool = True) -> None:
+        super().__init__(digits)
+        self.fit_validates = fit_validates
+
+    def setup(self, stage):
+        if stage == "fit" and self.fit_validates:
+            self.val = (self.digits[2][:64], self.digits[3][:64])
+        elif stage == "validate":
+            self.val = (self.digits[2][64:], self.digits[3][64:])
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(*self.val), batch_size=64)
+
+
+def test_a_datamodule_building_its_validation_set_for_validate_works_and_the_fit_end_judges_on_the_fits(digits):
+    """quantize_lightning read val_dataloader() after setup('fit') only (an AttributeError for a DataModule that
+    builds it in setup('validate')); QuantizeOnFitEnd judged each candidate on setup('validate')'s set, not on the
+    one whose score the fit logged (README: "its baseline is the score the fit logged")."""
+    torch.manual_seed(0)
+    module = DigitsModule()
+    data = DigitsData(digits)
+    _trainer(max_epochs=1, limit_train_batches=2).fit(module, datamodule=data)
+    only_for_validate = ValidationBuiltForValidate(digits, fit_validates=False)
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=only_for_validate)
+    expected = _trainer().validate(module, datamodule=only_for_validate, verbose=False)[0]["val_acc"]
+    assert result.baseline_metric == pytest.approx(expected)
+    compressed = compress_lightning(module, CompressionConfig(shrink=False, export=False, latency_repeats=2),
+                                    datamodule=ValidationBuiltForValidate(digits, fit_validates=False))
+    assert compressed.report.stages[0].metric == pytest.approx(expected)
+
+    logged = {}
+
+    class Logged(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                logged["val_acc"] = float(trainer.callback_metrics["val_acc"])
+
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc")
+    _trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, callbacks=[callback, Logged()]).fit(
+        DigitsModule(), datamodule=ValidationBuiltForValidate(digits))
+    assert callback.result.baseline_metric == pytest.approx(logged["val_acc"])
 
 
 def test_unknown_metric_names_the_logged_ones(fitted):

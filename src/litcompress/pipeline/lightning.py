@@ -26,15 +26,16 @@ from torch import nn
 from litcompress._files import cannot_write
 from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
-from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, check_best_weights_can_be_found,
-                                                check_fit_end_weights, check_fit_for_fit_end_work,
+from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricCheckedEarly,
+                                                check_best_weights_can_be_found, check_fit_end_weights,
+                                                check_fit_for_fit_end_work,
                                                 check_metric_name, check_output_dir, check_submodule,
                                                 check_submodule_name, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
-                                                warn_if_sanity_check_missed, with_metric_mode)
+                                                with_metric_mode)
 from litcompress.quantization.tuner import example_as_inputs, model_input_fn
 
 from .compress import CompressionResult, compress
@@ -379,6 +380,7 @@ def compress_lightning(
     # as a Trainer does before `setup`: a DataModule's setup may read what its prepare_data downloads or writes
     datamodule.prepare_data()
     datamodule.setup("fit")
+    datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
     # a module that prepares its batches in its steps: the inputs its validation_step gives the model
     calibration_batches = config.quantize.num_calibration_batches if config.quantize is not None else 16
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
@@ -474,7 +476,7 @@ def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable
         raise ValueError(f"compress_lightning(distill=...): on example_inputs, {error}") from error
 
 
-class CompressOnFitEnd(L.Callback):
+class CompressOnFitEnd(MetricCheckedEarly):
     """Run the pipeline on the trained module when ``fit`` ends (shrink -> quantize -> export, with the report).
 
     Pair it with a pruning callback (``litcompress.ModelPruning`` with a schedule) to prune while training::
@@ -549,13 +551,13 @@ class CompressOnFitEnd(L.Callback):
                              "or fit on dataloaders.")
         _check_test_metric_source(pl_module, trainer.datamodule, self.test_metric, "CompressOnFitEnd")
 
+    _OWNER = "CompressOnFitEnd"
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         # here, not in `setup`: the module's own setup and configure_model (called after this callback's setup) may
         # build the sub-module; still before the sanity check and any training step
         check_submodule(pl_module, self.submodule, "CompressOnFitEnd")
-
-    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        warn_if_sanity_check_missed(trainer, pl_module, self.metric, "CompressOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:

@@ -41,8 +41,12 @@ QUIET_CPU_TRAINER: dict = dict(accelerator="cpu", devices=1, logger=False, enabl
 
 def internal_trainer(**overrides: Any) -> L.Trainer:
     """A :data:`QUIET_CPU_TRAINER` that evaluates candidates or reads a step's inputs, built by
-    :func:`trainer_built_quietly`."""
-    return trainer_built_quietly(**{**QUIET_CPU_TRAINER, **overrides})
+    :func:`trainer_built_quietly`. Its logger takes and drops whatever it is given (Lightning's ``DummyLogger``), so
+    that a step calling ``self.logger`` (``self.logger.experiment.add_image(...)``) runs as in the user's fit: with
+    none, it failed in an AttributeError at the first evaluation, after a whole fit for the fit-end callbacks."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    return trainer_built_quietly(**{**QUIET_CPU_TRAINER, "logger": DummyLogger(), **overrides})
 
 
 def quiet_unless_asked(quiet: dict[str, Any], callbacks: Any) -> dict[str, Any]:
@@ -502,6 +506,8 @@ def quantize_lightning(
         if hasattr(datamodule, "prepare_data"):  # as a Trainer does first: setup may read what it downloads
             datamodule.prepare_data()
         datamodule.setup("fit")
+        if val_dataloaders is None:  # as trainer.validate, which judges the candidates, sets it up: a DataModule
+            datamodule.setup("validate")  # may build its validation set only there (its loader failed)
     val_loader = val_dataloaders if val_dataloaders is not None else datamodule.val_dataloader()
     # a DataModule may have no training data when calibration data is given (or none at all: only validation data)
     train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None and (
@@ -600,15 +606,39 @@ def check_fit_for_fit_end_work(trainer: L.Trainer, owner: str, judged: str, inst
                          "checkpoint.")
 
 
-def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule, metric: str, owner: str) -> None:
-    """After the validation sanity check that starts a fit: warn, before the first training step, when its batches
-    logged metrics but not `metric`, which is read at fit end (a misspelt name fails there). A warning, not an
-    error: a module may log its metrics only outside the sanity check (``if self.trainer.sanity_checking``)."""
+def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule, metric: str, owner: str,
+                                which: str = "the sanity-check batches") -> bool:
+    """After the validation sanity check that starts a fit (or, `which`, the fit's first validation, where it had
+    none): warn, before the next training step, when its batches logged metrics but not `metric`, which is read at
+    fit end (a misspelt name fails there). A warning, not an error: a module may log its metrics only outside the
+    sanity check (``if self.trainer.sanity_checking``). Returns whether the metrics could be checked (some logged)."""
     logged = dict(trainer.callback_metrics)  # only the names are read
     message = missing_metric_message(metric, logged, f"{type(pl_module).__name__}.validation_step") if logged else None
     if message:
-        warnings.warn(f"{owner}(metric={metric!r}) reads it when fit ends, but the sanity-check batches did not log "
-                      f"it: {message}", UserWarning, stacklevel=2)
+        warnings.warn(f"{owner}(metric={metric!r}) reads it when fit ends, but {which} did not log it: {message}",
+                      UserWarning, stacklevel=2)
+    return bool(logged)
+
+
+class MetricCheckedEarly(L.Callback):
+    """For a callback that reads ``self.metric`` when fit ends: a metric its validation step does not log is said
+    after the sanity check, or, where none ran (``num_sanity_val_steps=0``, or its batches logged nothing), after
+    the fit's first validation; it was said only at fit end, after the whole fit."""
+
+    metric: str
+    _OWNER = ""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._metric_checked = False
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._metric_checked = warn_if_sanity_check_missed(trainer, pl_module, self.metric, self._OWNER)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or getattr(self, "_metric_checked", True):
+            return
+        self._metric_checked = warn_if_sanity_check_missed(trainer, pl_module, self.metric, self._OWNER,
+                                                           which="the fit's first validation")
 
 
 def check_metric_name(argument: str, metric: object, owner: str, step: str) -> None:
@@ -767,7 +797,7 @@ def _zero_weight_fraction(module: nn.Module) -> float:
     return sparsity_report(module, targets).sparsity if targets else 0.0
 
 
-class QuantizeOnFitEnd(L.Callback):
+class QuantizeOnFitEnd(MetricCheckedEarly):
     """Quantize the trained module when ``fit`` ends, judged by its validation ``metric``.
 
     The result is kept in ``self.result`` and, with ``save_path``, written as one artefact. ``weights="best"``
@@ -808,19 +838,21 @@ class QuantizeOnFitEnd(L.Callback):
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the search
             os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
 
+    _OWNER = "QuantizeOnFitEnd"
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         # here, not at setup: a module's configure_model (run after setup) may build the sub-module
         check_submodule(pl_module, self.submodule, "QuantizeOnFitEnd")
-
-    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        warn_if_sanity_check_missed(trainer, pl_module, self.metric, "QuantizeOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if skipped_for_fast_dev_run(trainer, "QuantizeOnFitEnd", "quantize"):
             return
         pl_module = fit_end_module(trainer, pl_module, self.weights, "QuantizeOnFitEnd")
         datamodule = trainer.datamodule
-        val_dataloaders = None if datamodule is not None else fit_val_dataloaders(trainer)
+        # the fit's validation loaders judge, a DataModule's too: the score the fit logged is the baseline (each
+        # candidate's trainer.validate(datamodule=...) set it up for "validate" anew, which may build another set)
+        val_dataloaders = fit_val_dataloaders(trainer)
         calibration, example_inputs, input_fn = self.calibration_data, None, self.input_fn
         if calibration is None and datamodule is None:
             # the fit's loaders, read as its steps give the model their batches (a DataModule's: by quantize_lightning)
