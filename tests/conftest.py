@@ -344,6 +344,20 @@ class ReluMLP(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class CountsItsCalls(nn.Module):
+    """``hidden -> ReLU -> out`` whose forward writes state of its own: a call counter in a buffer, as a cache or an
+    online statistic does."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(inputs, hidden), nn.Linear(hidden, outputs)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.out(torch.relu(self.hidden(x)))
+
+
 def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Any:
     """An eval_fn: how often a model's classes agree with `reference`'s on `batches` (tuples of inputs)."""
     with torch.no_grad():

@@ -22,7 +22,7 @@ from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
-from tests.conftest import ReluMLP, agreeing_with, sgd_fine_tune
+from tests.conftest import CountsItsCalls, ReluMLP, agreeing_with, sgd_fine_tune
 
 FAST = dict(latency_repeats=2, export=False)
 
@@ -2135,25 +2135,12 @@ def test_a_model_fabric_set_up_is_compressed_as_the_module_it_wraps(digits):
     assert result.report.stages[0].metric > 0
 
 
-class CountingMLP(nn.Module):
-    """A forward that writes state of its own (a call counter in a buffer, as a cache or an online statistic is)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden, self.out = nn.Linear(64, 32), nn.Linear(32, 10)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.out(torch.relu(self.hidden(x)))
-
-
 @pytest.mark.parametrize("quantized", [False, True])
 def test_the_checks_before_the_stages_run_a_copy_so_a_forward_that_writes_state_leaves_the_model_as_it_was(
         digits, tmp_path, quantized):
     """The checks of the example inputs, the declared dims and the calibration batches ran the model passed: its
     counter moved (1 to 5 calls), against "the model you pass is never modified"."""
-    model = CountingMLP().eval()
+    model = CountsItsCalls(64, 32, 10).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x_val, y_val = digits[2], digits[3]
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), latency_repeats=2,

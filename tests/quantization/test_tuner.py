@@ -16,7 +16,7 @@ from litcompress.quantization.backends import BACKEND_REGISTRY, BackendUnavailab
 from litcompress.quantization.backends.torch_ao import TorchAOBackend
 from litcompress.quantization.tuner import UNUSED_MODEL_MESSAGE
 from quant_helpers import quantized_layers, state_snapshot
-from tests.conftest import Conv1D
+from tests.conftest import Conv1D, CountsItsCalls
 
 FAST = dict(latency_repeats=3, max_trials=6)
 
@@ -1347,19 +1347,8 @@ def test_the_checks_before_the_search_run_a_copy_so_a_forward_that_writes_state_
         approach):
     """The calibration batches, the example inputs and the batch-size dependence were checked on the model passed:
     a forward writing a buffer (a counter, a cache) changed it, against "the model you pass in is never modified"."""
-
-    class Counting(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hidden, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
-            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return self.out(torch.relu(self.hidden(x)))
-
     torch.manual_seed(0)
-    model, x = Counting().eval(), torch.randn(64, 8)
+    model, x = CountsItsCalls(8, 16, 3).eval(), torch.randn(64, 8)
     result = quantize(model, PTQConfig(approach=approach, backends=("torch_ao",), max_trials=1),
                       eval_fn=lambda m: -float((m(x) - model.out(torch.relu(model.hidden(x)))).abs().mean()),
                       calibration_data=[(x[i:i + 16],) for i in range(0, 64, 16)], example_inputs=x[:16])
