@@ -435,6 +435,26 @@ def test_compress_on_fit_end_can_take_the_best_checkpoints_weights(tmp_path):
     assert float(module.trainer.callback_metrics["val_acc"]) < float(checkpoint.best_model_score) - 0.05
 
 
+def test_compress_on_fit_end_scores_the_input_as_the_fit_logged_it_with_its_validation_limits(tmp_path):
+    """The fit validated on 2 batches, the input row on every batch: the two scores printed together disagreed
+    (QuantizeOnFitEnd lent the fit's limits already)."""
+    torch.manual_seed(0)
+    logged = {}
+
+    class Logged(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                logged["val_acc"] = float(trainer.callback_metrics["val_acc"])
+
+    compressing = CompressOnFitEnd(CompressionConfig(quantize=None, latency_repeats=2), output_dir=tmp_path)
+    fit = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=2,
+                    logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    callbacks=[Logged(), compressing])
+    fit.fit(MLPClassifier(hidden=(16,)), datamodule=DigitsDataModule(batch_size=64))
+    assert compressing.result.report["input"].metric == pytest.approx(logged["val_acc"])
+    assert fit.limit_val_batches == 2  # lent, left as it was
+
+
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_compress_on_fit_end_needs_validation_data_and_says_so_before_training(tmp_path):
     module = MLPClassifier(in_features=4, hidden=(4,), num_classes=2)

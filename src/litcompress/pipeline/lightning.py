@@ -33,6 +33,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 check_submodule_name, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
+                                                internal_trainer,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 with_metric_mode)
@@ -301,6 +302,7 @@ def compress_lightning(
     mode: Literal["max", "min"] | None = None,
     distill: DistillationConfig | None = None,
     outputs_fn: Callable[[Any], torch.Tensor] | None = None,
+    trainer: L.Trainer | None = None,
 ) -> CompressionResult:
     """Run the pipeline on a copy of `module` (never modified; on the CPU), judged by its own logged metrics.
 
@@ -336,6 +338,9 @@ def compress_lightning(
         outputs_fn: with `distill`, picks the logits from the model's outputs (default: the outputs, a mapping's
             ``"logits"``, or a tuple's first tensor; a model returning ``(features, logits)`` needs
             ``lambda outputs: outputs[1]``).
+        trainer: lends its validation and test limits (``limit_val_batches``, ``limit_test_batches``) to the stages'
+            evaluations, which run on a trainer of litcompress's own, as ``quantize_lightning``'s does; it is left
+            as it was (``CompressOnFitEnd`` lends the fit's: the input row scores what the fit logged).
     """
     # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
     module = on_the_cpu(lightning_module(module, "compress_lightning"))
@@ -422,10 +427,10 @@ def compress_lightning(
             from litcompress.callbacks.distillation import KnowledgeDistillation
             callbacks.append(KnowledgeDistillation(target, temperature=distill.temperature, alpha=distill.alpha,
                                                    kind=distill.kind, submodule=submodule, outputs_fn=outputs_fn))
-        trainer = L.Trainer(callbacks=callbacks, **kwargs)
+        fitting = L.Trainer(callbacks=callbacks, **kwargs)  # (not the `trainer` given, which lends its limits)
         attached = datamodule.trainer
         try:
-            fit_interruptible(trainer, trained, datamodule=datamodule)
+            fit_interruptible(fitting, trained, datamodule=datamodule)
         finally:  # the user's DataModule stays attached to their trainer, not to this one (and its model copy)
             datamodule.trainer = attached
 
@@ -437,10 +442,13 @@ def compress_lightning(
                          "optimizer step: the training dataloader gives no batch (fewer samples than a batch with "
                          "drop_last=True?), or trainer_kwargs' limit_train_batches leaves none of its batches. Give "
                          "it batches, or fine_tune_epochs=0 to prune in one shot.")
+    # (a limit of 0, a fit that skipped validation, would judge on nothing: the whole set then)
+    evaluator = None if trainer is None else internal_trainer(limit_val_batches=trainer.limit_val_batches or 1.0,
+                                                              limit_test_batches=trainer.limit_test_batches or 1.0)
     return compress(
         target, config,
-        eval_fn=lightning_eval_fn(module, datamodule, metric, submodule=submodule),
-        test_fn=None if test_metric is None else lightning_eval_fn(module, datamodule, test_metric,
+        eval_fn=lightning_eval_fn(module, datamodule, metric, trainer=evaluator, submodule=submodule),
+        test_fn=None if test_metric is None else lightning_eval_fn(module, datamodule, test_metric, trainer=evaluator,
                                                                    submodule=submodule, stage="test"),
         example_inputs=example_inputs, calibration_data=calibration_data, input_fn=input_fn,
         fine_tune=fine_tune if fine_tune_epochs and steps else None, fine_tune_steps=steps or None,
@@ -579,7 +587,8 @@ class CompressOnFitEnd(MetricCheckedEarly):
             data = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": test}
         self.result = compress_lightning(pl_module, self.config, **data, metric=self.metric,
                                          test_metric=self.test_metric, submodule=self.submodule,
-                                         output_dir=self.output_dir, mode=self.mode, input_fn=self.input_fn)
+                                         output_dir=self.output_dir, mode=self.mode, input_fn=self.input_fn,
+                                         trainer=trainer)  # the fit's validation limits: the score it logged
         self.result.report.save(self.output_dir, plot=self.plot)
 
 
