@@ -1147,10 +1147,12 @@ def test_a_random_method_on_zeros_made_permanent_is_said_to_overshoot_and_maskin
     with pytest.warns(UserWarning, match="entries of targets without a pruning mask are exactly zero") as said:
         pruner.step(0)  # through the pruner: said at this call, not inside litcompress
     assert {w.filename for w in said if "exactly zero" in str(w.message)} == {__file__}
-    embedding = nn.Embedding(10, 4, padding_idx=0)  # its padding row is zero by design: not said
+    embedding, zeros = nn.Embedding(10, 4, padding_idx=0), nn.Embedding(10, 4, padding_idx=0)
+    nn.init.zeros_(zeros.weight)  # its padding row is zero by design, and a tensor of zeros only initialised so
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        prune_to_sparsity_([(embedding, "weight")], method, 0.5, **({"dim": 0} if kwargs else {}), scope="local")
+        for table in (embedding, zeros):
+            prune_to_sparsity_([(table, "weight")], method, 0.5, **({"dim": 0} if kwargs else {}), scope="local")
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3))
     targets = [(model[0], "weight"), (model[2], "weight")]
     with torch.no_grad():

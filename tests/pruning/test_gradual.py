@@ -690,7 +690,7 @@ def test_a_state_without_its_keys_is_refused_before_the_pruner_changes():
     with pytest.raises(ValueError, match="the state has no history; give the dict GradualPruner.state_dict"):
         pruner.load_state_dict({"last_t": 7})
     for bad in ({"last_t": 7, "history": None}, {"last_t": 7, "history": [], "seed": "x"}):
-        with pytest.raises(ValueError, match="expected an int 'last_t', a list 'history' and an int"):
+        with pytest.raises(ValueError, match="expected an int 'last_t', a list 'history', an int"):
             pruner.load_state_dict(bad)
     assert pruner.state_dict() == state
 
@@ -707,7 +707,15 @@ def test_a_target_narrowed_between_rounds_is_refused_rather_than_pruned_as_if_wh
     assert int((model[0].weight == 0).all(dim=1).sum()) > 0
     shrink_(model, torch.randn(2, 6))
     narrowed = model[0].out_features
-    with pytest.raises(ValueError, match=re.escape(f"GradualPruner: targets changed shape since its first round "
-                                                   f"(0.weight [8, 6] -> [{narrowed}, 6])")):
+    said = re.escape(f"GradualPruner: targets changed shape since its first round (0.weight [8, 6] -> [{narrowed}, 6])")
+    with pytest.raises(ValueError, match=said):
         pruner.step(4)
     assert model[0].out_features == narrowed and int((model[0].weight == 0).all(dim=1).sum()) == 0
+    # a pruner restored from the state saved before the shrink knows the first round's shapes too
+    restored = GradualPruner([(model[0], "weight")], schedule, "ln_structured", scope="local", dim=0, n=1,
+                             target_names=["0.weight"])
+    restored.load_state_dict(pruner.state_dict())
+    with pytest.raises(ValueError, match=said):
+        restored.step(4)
+    with pytest.raises(ValueError, match="one shape \\(or None\\) per target \\(1\\) in 'target_shapes'"):
+        restored.load_state_dict({**pruner.state_dict(), "target_shapes": [[8, 6], [3]]})

@@ -346,6 +346,52 @@ def test_a_step_writing_to_its_logger_is_judged_on_the_internal_trainer(digits, 
     assert callback.result is not None and callback.result.baseline_metric > 0
 
 
+class WritesIntoItsLogDir(DigitsModule):
+    """Saves its hyperparameters (as a DataModule with another value of one does) and writes files into log_dir."""
+
+    def __init__(self, batch_size: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def on_validation_epoch_end(self):
+        os.makedirs(os.path.join(self.trainer.log_dir, "samples"), exist_ok=True)
+
+
+class SavesABatchSize(DigitsData):
+    def __init__(self, digits, batch_size: int = 16) -> None:
+        super().__init__(digits)
+        self.save_hyperparameters(ignore=["digits"])
+
+
+def test_the_internal_logger_changes_nothing_a_fit_without_one_does(digits, tmp_path, monkeypatch):
+    """With a logger, trainer.log_dir was its save_dir (None: a step writing files there failed) and Lightning merged
+    the module's and the DataModule's saved hyperparameters, refusing a key with two values: the user's fit without a
+    logger did neither."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    module, data = WritesIntoItsLogDir(), SavesABatchSize(digits)
+    expected = _trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"]
+    result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=SavesABatchSize(digits))
+    assert result.baseline_metric == pytest.approx(expected) and (tmp_path / "samples").is_dir()
+
+
+def test_a_metric_only_training_logs_is_not_taken_for_the_validations(digits):
+    """At the first validation the callback metrics hold the training step's too: a metric only it logs passed the
+    check, and the fit failed at its end."""
+
+    class LogsAccInTraining(DigitsModule):
+        def training_step(self, batch, batch_idx):
+            self.log("acc", 0.5)
+            return super().training_step(batch, batch_idx)
+
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0,
+                       callbacks=[QuantizeOnFitEnd(CONFIG, metric="acc")])
+    with pytest.warns(UserWarning, match=r"QuantizeOnFitEnd\(metric='acc'\) reads it when fit ends, but the fit's "
+                                         r"first validation did not log it: .*logged: \['val_acc', 'val_loss'\]"):
+        with pytest.raises(KeyError, match="'acc' was not logged"):
+            trainer.fit(LogsAccInTraining(), datamodule=DigitsData(digits))
+
+
 class ValidationBuiltForValidate(DigitsData):
     """Validation data built by setup('validate') only; 'fit' sets the fit's own validation slice."""
 

@@ -233,6 +233,7 @@ def test_a_model_of_container_inputs_has_its_layers_named_as_it_names_them():
     sensitivity line 'model.h=35.1', names the user's model (and QATConfig(fp32_layers=...) given them) lacks."""
     torch.manual_seed(0)
     model = ReadsADictWithASensitiveHead()
+    torch.nn.utils.parametrizations.weight_norm(model.a)  # folded in the copy quantized: said by its tensor's name
     x, scale = torch.randn(128, 8), torch.rand(128, 1) + 0.5
     batches = [{"x": x[i:i + 32], "scale": scale[i:i + 32]} for i in range(0, 128, 32)]
     with torch.no_grad():
@@ -250,3 +251,5 @@ def test_a_model_of_container_inputs_has_its_layers_named_as_it_names_them():
     assert all(set(t.recipe.fp32_layers) <= names for t in result.trials)
     ranked = next(m for m in result.messages if m.startswith("layer sensitivity"))
     assert "h=" in ranked and "model." not in ranked
+    folded = next(m for m in result.messages if m.startswith("folded"))
+    assert folded.endswith(": a.weight (_WeightNorm).")

@@ -667,3 +667,17 @@ def test_a_qat_graph_run_in_another_precision_says_which_and_what_to_do(how):
             qat(x.bfloat16() if how != "autocast" else x)
     if how != "bf16 weights":
         assert qat(x).shape == (4, 3)  # the same graph in float32: unchanged
+
+
+@pytest.mark.parametrize("path", ["eval", "one-row batch norm"])
+def test_a_qat_graph_given_half_inputs_says_so_in_eval_and_on_one_row(path):
+    """The eval form's matmul said "mat1 and mat2 must have the same dtype", and a training batch of one row, which
+    takes its own path around the batch norms, torchao's raw dtype error."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    qat = prepare_qat(nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)), (x,))
+    qat.train(path != "eval")
+    rows = x[:1] if path == "one-row batch norm" else x
+    with pytest.raises(TypeError, match=re.escape("QAT: its inputs are bfloat16; the graph's fake quantizers compute "
+                                                  "in float32")):
+        qat(rows.bfloat16())

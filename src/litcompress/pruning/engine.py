@@ -1057,11 +1057,12 @@ def _warn_of_unmasked_zeros(targets: Sequence[Target], method_cls: type[torch_pr
             continue
         with torch.no_grad():
             zero = tensor == 0
+            if bool(zero.all()):  # a tensor of zeros only: initialised so, not pruned
+                continue
             padding = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
             if padding is not None and name == "weight":  # a padding row is zero by design, not pruned
                 zero[padding] = False
-        count = int(zero.sum())
-        zeros += count if count < tensor.numel() else 0  # (a tensor of zeros only: initialised so, not pruned)
+        zeros += int(zero.sum())
     if zeros:
         warnings.warn(f"prune_to_sparsity_: {zeros:,} entries of targets without a pruning mask are exactly zero "
                       f"(pruned, then made permanent?); {method_cls.__name__} counts them as kept and may draw them "

@@ -417,22 +417,30 @@ class GradualPruner:
         return sum(pruned_count(m, n) for m, n in distinct_targets(self.targets))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_t": self.last_t, "history": list(self.history), "seed": self.seed}
+        shapes = getattr(self, "_target_shapes", None)  # the first round's (a pruner restored after shrink_ checks)
+        return {"last_t": self.last_t, "history": list(self.history), "seed": self.seed,
+                "target_shapes": None if shapes is None else [None if s is None else list(s) for s in shapes]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # every value checked before any change (a KeyError or a bad value left the pruner half-loaded)
         missing = [key for key in ("last_t", "history") if not isinstance(state, Mapping) or key not in state]
         seed = state.get("seed", self.seed) if isinstance(state, Mapping) else None  # (an older state: this run's)
+        shapes = state.get("target_shapes") if isinstance(state, Mapping) else None  # (an older state: none)
         bad = missing or not isinstance(state["last_t"], numbers.Integral) or isinstance(state["last_t"], bool) \
             or not isinstance(state["history"], list) \
-            or not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)))
+            or not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))) \
+            or not (shapes is None or (isinstance(shapes, list) and len(shapes) == len(self.targets) and all(
+                s is None or (isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s)) for s in shapes)))
         if bad:
             raise ValueError("GradualPruner.load_state_dict: "
                              + (f"the state has no {' or '.join(missing)}" if missing else
-                                "expected an int 'last_t', a list 'history' and an int (or None) 'seed'")
+                                "expected an int 'last_t', a list 'history', an int (or None) 'seed' and one shape "
+                                f"(or None) per target ({len(self.targets)}) in 'target_shapes'")
                              + "; give the dict GradualPruner.state_dict() returned.")
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
         self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks", stacklevel=3)
         self.seed = None if seed is None else int(seed)
+        if shapes is not None:
+            self._target_shapes = [None if s is None else tuple(s) for s in shapes]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import lightning as L
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
@@ -41,12 +42,34 @@ QUIET_CPU_TRAINER: dict = dict(accelerator="cpu", devices=1, logger=False, enabl
 
 def internal_trainer(**overrides: Any) -> L.Trainer:
     """A :data:`QUIET_CPU_TRAINER` that evaluates candidates or reads a step's inputs, built by
-    :func:`trainer_built_quietly`. Its logger takes and drops whatever it is given (Lightning's ``DummyLogger``), so
-    that a step calling ``self.logger`` (``self.logger.experiment.add_image(...)``) runs as in the user's fit: with
-    none, it failed in an AttributeError at the first evaluation, after a whole fit for the fit-end callbacks."""
-    from lightning.pytorch.loggers.logger import DummyLogger
+    :func:`trainer_built_quietly`. Its logger takes and drops whatever it is given, so that a step calling
+    ``self.logger`` (``self.logger.experiment.add_image(...)``) runs as in the user's fit: with none, it failed in an
+    AttributeError at the first evaluation, after a whole fit for the fit-end callbacks. (The modules it validates
+    are copies that log no hyperparameters: see :func:`evaluation_copy`.)"""
+    root = overrides.get("default_root_dir") or os.getcwd()
+    return trainer_built_quietly(**{**QUIET_CPU_TRAINER, "logger": _DiscardingLogger(root), **overrides})
 
-    return trainer_built_quietly(**{**QUIET_CPU_TRAINER, "logger": DummyLogger(), **overrides})
+
+class _DiscardingLogger(DummyLogger):
+    """Lightning's ``DummyLogger`` (any call taken and dropped) with the ``save_dir`` a Trainer without a logger gives
+    as ``trainer.log_dir`` (its ``default_root_dir``): a step writing files there found None."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__()
+        self._save_dir = save_dir
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+
+def evaluation_copy(module: L.LightningModule) -> L.LightningModule:
+    """:func:`detached_copy` in eval mode for an internal trainer to validate: it logs no hyperparameters (with a
+    logger, Lightning merges a module's and a DataModule's saved ones and refuses different values for one key, which
+    the user's fit without a logger never did)."""
+    copy = detached_copy(module).eval()
+    copy._log_hyperparams = False  # (our copy's; the user's module keeps its own)
+    return copy
 
 
 def quiet_unless_asked(quiet: dict[str, Any], callbacks: Any) -> dict[str, Any]:
@@ -253,7 +276,7 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
     if stage not in ("validate", "test"):
         raise ValueError(f"lightning_eval_fn(stage={stage!r}): use 'validate' or 'test'.")
     step = f"{type(module).__name__}.{'validation_step' if stage == 'validate' else 'test_step'}"
-    host = detached_copy(module).eval()
+    host = evaluation_copy(module)
     trainer = trainer or _evaluation_trainer()
 
     replaced = host if submodule is None else host.get_submodule(submodule)
@@ -310,7 +333,7 @@ class StepInputReader:
 
     def __init__(self, module: L.LightningModule, submodule: str | None = None) -> None:
         self.error: Exception | None = None  # why the last `read` found nothing, when the step failed
-        self.host = detached_copy(module).eval()
+        self.host = evaluation_copy(module)
         replaced = self.host if submodule is None else self.host.get_submodule(submodule)
         forward = type(self.host).forward.__get__(self.host) if submodule is None else replaced.forward
         self.recorder = _RecordInputs(forward)
@@ -607,12 +630,13 @@ def check_fit_for_fit_end_work(trainer: L.Trainer, owner: str, judged: str, inst
 
 
 def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule, metric: str, owner: str,
-                                which: str = "the sanity-check batches") -> bool:
+                                which: str = "the sanity-check batches", logged: dict | None = None) -> bool:
     """After the validation sanity check that starts a fit (or, `which`, the fit's first validation, where it had
-    none): warn, before the next training step, when its batches logged metrics but not `metric`, which is read at
-    fit end (a misspelt name fails there). A warning, not an error: a module may log its metrics only outside the
-    sanity check (``if self.trainer.sanity_checking``). Returns whether the metrics could be checked (some logged)."""
-    logged = dict(trainer.callback_metrics)  # only the names are read
+    none, `logged` its metrics): warn, before the next training step, when its batches logged metrics but not
+    `metric`, which is read at fit end (a misspelt name fails there). A warning, not an error: a module may log its
+    metrics only outside the sanity check (``if self.trainer.sanity_checking``). Returns whether the metrics could be
+    checked (some logged)."""
+    logged = dict(trainer.callback_metrics) if logged is None else logged  # only the names are read
     message = missing_metric_message(metric, logged, f"{type(pl_module).__name__}.validation_step") if logged else None
     if message:
         warnings.warn(f"{owner}(metric={metric!r}) reads it when fit ends, but {which} did not log it: {message}",
@@ -634,11 +658,18 @@ class MetricCheckedEarly(L.Callback):
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metric_checked = warn_if_sanity_check_missed(trainer, pl_module, self.metric, self._OWNER)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the metrics training logged: a name only training_step logs is not the validation's
+        self._metrics_before = dict(trainer.callback_metrics)  # (the objects: a value logged anew is another)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or getattr(self, "_metric_checked", True):
             return
+        before = getattr(self, "_metrics_before", {})
+        logged = {name: value for name, value in trainer.callback_metrics.items() if before.get(name) is not value}
+        self._metrics_before = {}
         self._metric_checked = warn_if_sanity_check_missed(trainer, pl_module, self.metric, self._OWNER,
-                                                           which="the fit's first validation")
+                                                           which="the fit's first validation", logged=logged)
 
 
 def check_metric_name(argument: str, metric: object, owner: str, step: str) -> None:

@@ -232,15 +232,16 @@ class QATModel(nn.Module):
         self._sync_mode()
         if self.training and self._masks:
             self.apply_masks_()
-        if self.training and self._batch_norms and _one_row(args):
-            return self._forward_guarding_batch_norms(args)
         try:
+            if self.training and self._batch_norms and _one_row(args):
+                return self._forward_guarding_batch_norms(args)
             if not self.training:
                 with _observers_off(self._fake_quantizers), _batch_counts_kept(self._batch_norms.values()):
                     return self.graph(*args)  # (the eval form still counts batch norms' batches)
             return self.graph(*args)
         except RuntimeError as error:  # torchao's fake quantizers compute in float32: "expected scalar type Float"
-            cause = _not_float32_cause(self.graph, args) if "expected scalar type" in str(error) else None
+            dtypes = ("expected scalar type", "must have the same dtype")  # (the eval form's matmul says the latter)
+            cause = _not_float32_cause(self.graph, args) if any(said in str(error) for said in dtypes) else None
             if cause is None:
                 raise
             raise TypeError(f"QAT: {cause}; the graph's fake quantizers compute in float32 ({error}). Train the QAT "

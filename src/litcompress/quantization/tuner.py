@@ -705,8 +705,11 @@ def _name_layers_as_the_model_does_(result: QuantizationResult, inner: nn.Module
     for trial in result.trials:
         trial.recipe = renamed(trial.recipe)
     prefixed = re.compile(r"(?<![\w.])model\.([\w.]+)")
-    result.messages = [prefixed.sub(lambda m: m[1] if m[1] in names else m[0], message)
-                       for message in result.messages]
+
+    def ours(name: str) -> bool:  # a module's name, or a tensor's (`a.weight`: of module `a`)
+        return name in names or name.rpartition(".")[0] in names or "." not in name and hasattr(inner, name)
+
+    result.messages = [prefixed.sub(lambda m: m[1] if ours(m[1]) else m[0], message) for message in result.messages]
 
 
 def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],
