@@ -717,5 +717,9 @@ def test_a_target_narrowed_between_rounds_is_refused_rather_than_pruned_as_if_wh
     restored.load_state_dict(pruner.state_dict())
     with pytest.raises(ValueError, match=said):
         restored.step(4)
-    with pytest.raises(ValueError, match="one shape \\(or None\\) per target \\(1\\) in 'target_shapes'"):
-        restored.load_state_dict({**pruner.state_dict(), "target_shapes": [[8, 6], [3]]})
+    with pytest.raises(ValueError, match="a list of shapes \\(or None\\) in 'target_shapes'"):
+        restored.load_state_dict({**pruner.state_dict(), "target_shapes": [[8.5, 6]]})
+    # the state of a pruner over other targets loads as before (its shapes are not these targets')
+    other = GradualPruner([(model[0], "weight")], schedule, "ln_structured", scope="local", dim=0, n=1)
+    other.load_state_dict({**pruner.state_dict(), "target_shapes": [[8, 6], [3, 8]]})
+    assert other.last_t == pruner.last_t

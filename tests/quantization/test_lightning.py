@@ -355,6 +355,9 @@ class WritesIntoItsLogDir(DigitsModule):
 
     def on_validation_epoch_end(self):
         os.makedirs(os.path.join(self.trainer.log_dir, "samples"), exist_ok=True)
+        if self.logger is not None:  # (a fit with a CSV or TensorBoard logger: its folder)
+            os.makedirs(os.path.join(self.logger.log_dir, "logged"), exist_ok=True)
+            os.makedirs(os.path.join(self.logger.root_dir, "rooted"), exist_ok=True)
 
 
 class SavesABatchSize(DigitsData):
@@ -373,6 +376,7 @@ def test_the_internal_logger_changes_nothing_a_fit_without_one_does(digits, tmp_
     expected = _trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"]
     result = quantize_lightning(module, CONFIG, metric="val_acc", datamodule=SavesABatchSize(digits))
     assert result.baseline_metric == pytest.approx(expected) and (tmp_path / "samples").is_dir()
+    assert (tmp_path / "logged").is_dir() and (tmp_path / "rooted").is_dir()
 
 
 def test_a_metric_only_training_logs_is_not_taken_for_the_validations(digits):

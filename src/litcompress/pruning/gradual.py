@@ -429,18 +429,18 @@ class GradualPruner:
         bad = missing or not isinstance(state["last_t"], numbers.Integral) or isinstance(state["last_t"], bool) \
             or not isinstance(state["history"], list) \
             or not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))) \
-            or not (shapes is None or (isinstance(shapes, list) and len(shapes) == len(self.targets) and all(
+            or not (shapes is None or (isinstance(shapes, list) and all(
                 s is None or (isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s)) for s in shapes)))
         if bad:
             raise ValueError("GradualPruner.load_state_dict: "
                              + (f"the state has no {' or '.join(missing)}" if missing else
-                                "expected an int 'last_t', a list 'history', an int (or None) 'seed' and one shape "
-                                f"(or None) per target ({len(self.targets)}) in 'target_shapes'")
+                                "expected an int 'last_t', a list 'history', an int (or None) 'seed' and a list of "
+                                "shapes (or None) in 'target_shapes'")
                              + "; give the dict GradualPruner.state_dict() returned.")
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
         self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks", stacklevel=3)
         self.seed = None if seed is None else int(seed)
-        if shapes is not None:
+        if shapes is not None and len(shapes) == len(self.targets):  # (a state of other targets: not theirs)
             self._target_shapes = [None if s is None else tuple(s) for s in shapes]

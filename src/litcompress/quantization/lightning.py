@@ -51,8 +51,9 @@ def internal_trainer(**overrides: Any) -> L.Trainer:
 
 
 class _DiscardingLogger(DummyLogger):
-    """Lightning's ``DummyLogger`` (any call taken and dropped) with the ``save_dir`` a Trainer without a logger gives
-    as ``trainer.log_dir`` (its ``default_root_dir``): a step writing files there found None."""
+    """Lightning's ``DummyLogger`` (any call taken and dropped) whose ``save_dir``, ``root_dir`` and ``log_dir`` are
+    the folder a Trainer without a logger gives as ``trainer.log_dir`` (its ``default_root_dir``): a step writing files
+    into one of them found None."""
 
     def __init__(self, save_dir: str) -> None:
         super().__init__()
@@ -60,6 +61,14 @@ class _DiscardingLogger(DummyLogger):
 
     @property
     def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:  # (the base class's: None; a step writing into self.logger.log_dir failed)
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str:
         return self._save_dir
 
 
