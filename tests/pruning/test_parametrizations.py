@@ -382,3 +382,38 @@ def test_a_half_precision_weight_normed_model_unfolds_within_its_own_rounding(dt
     fresh.load_state_dict(state)  # strict: the g/v keys of the weight-normed model
     for index in (0, 2):
         assert torch.equal(fresh[index].weight == 0, work[index].weight == 0)
+
+
+class RecurrentHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("norm", [weight_norm, spectral_norm])
+def test_a_parametrized_recurrent_layer_run_with_grad_on_is_copied_and_compressed(norm):
+    """The LSTM keeps its computed weights (with their graph) in `_flat_weights`: deepcopy_model refused the model
+    after one forward with grad on, and compress with it ("Only Tensors created explicitly by the user...")."""
+    torch.manual_seed(0)
+    model, x = RecurrentHead(), torch.randn(2, 5, 3)
+    norm(model.rnn, "weight_hh_l0")
+    model(x)  # trained or evaluated once, grad on
+    copied = deepcopy_model(model)
+    torch.testing.assert_close(copied(x), model(x))
+    result = compress(model.eval(), CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, export=False,
+                                                      latency_repeats=2), eval_fn=lambda m: 0.0, example_inputs=x)
+    assert result.report.stages[-1].stage == "pruned"
+
+
+def test_folding_leaves_every_module_in_its_own_mode():
+    """The fold ran the model in eval mode and then called train(True): a batch norm frozen in eval mode inside the
+    training model came back training, its statistics then moving in the fine-tuning."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.2))
+    spectral_norm(model[0])
+    model.train()
+    model[1].eval()
+    fold_parametrizations_(model)
+    assert [m.training for m in model] == [True, False, True] and model.training

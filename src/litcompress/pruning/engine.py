@@ -444,8 +444,10 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
     memo = dict(memo or {})
     for module in model.modules():
         for value in vars(module).values():
-            if isinstance(value, Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
+            # (a recurrent layer keeps its parametrized weights, computed with grad on, in its `_flat_weights` list)
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, Tensor) and not item.is_leaf:
+                    memo[id(item)] = item.detach().clone()
     copied = copy.deepcopy(model, memo)
     for module in copied.modules():
         _drop_lightning_compile_(module, memo)

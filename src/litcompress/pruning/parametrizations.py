@@ -188,13 +188,16 @@ def _original_tensors(module: nn.Module, name: str, hook: WeightNorm | SpectralN
 
 @contextlib.contextmanager
 def _in_eval_mode(module: nn.Module) -> Iterator[None]:
-    """`module` in eval mode within the block (``spectral_norm`` runs a power iteration in training mode)."""
-    training = module.training
+    """`module` in eval mode within the block (``spectral_norm`` runs a power iteration in training mode), each of its
+    modules given back its own mode after it (``train(mode)`` set every child to the parent's: a batch norm frozen
+    in eval mode inside a training model came back training)."""
+    modes = [(each, each.training) for each in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(training)
+        for each, training in modes:
+            each.training = training
 
 
 def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
