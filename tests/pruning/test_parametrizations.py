@@ -408,12 +408,24 @@ def test_a_parametrized_recurrent_layer_run_with_grad_on_is_copied_and_compresse
     assert result.report.stages[-1].stage == "pruned"
 
 
+class ScaledBlock(nn.Module):
+    """A weight of its own (parametrized on the block) beside child modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.bn, self.drop = nn.BatchNorm1d(4), nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.bn(x @ self.weight))
+
+
 def test_folding_leaves_every_module_in_its_own_mode():
-    """The fold ran the model in eval mode and then called train(True): a batch norm frozen in eval mode inside the
-    training model came back training, its statistics then moving in the fine-tuning."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.2))
-    spectral_norm(model[0])
+    """The fold ran the parametrized module in eval mode and then called its train(True): a batch norm frozen in
+    eval mode inside it came back training, its statistics then moving in the fine-tuning."""
+    model = ScaledBlock()
+    weight_norm(model)
     model.train()
-    model[1].eval()
+    model.bn.eval()
     fold_parametrizations_(model)
-    assert [m.training for m in model] == [True, False, True] and model.training
+    assert (model.training, model.bn.training, model.drop.training) == (True, False, True)
