@@ -711,15 +711,18 @@ def test_a_target_narrowed_between_rounds_is_refused_rather_than_pruned_as_if_wh
     with pytest.raises(ValueError, match=said):
         pruner.step(4)
     assert model[0].out_features == narrowed and int((model[0].weight == 0).all(dim=1).sum()) == 0
-    # a pruner restored from the state saved before the shrink knows the first round's shapes too
+    # a pruner built over the narrowed model refuses the state saved before the shrink, before loading anything
     restored = GradualPruner([(model[0], "weight")], schedule, "ln_structured", scope="local", dim=0, n=1,
                              target_names=["0.weight"])
-    restored.load_state_dict(pruner.state_dict())
-    with pytest.raises(ValueError, match=said):
-        restored.step(4)
+    with pytest.raises(ValueError, match=re.escape(f"the state's targets had other shapes at its first round "
+                                                   f"(0.weight [8, 6] -> [{narrowed}, 6]): it is another pruner's, or "
+                                                   "these targets were narrowed since (shrink_)")):
+        restored.load_state_dict(pruner.state_dict())
+    assert restored.last_t == -1 and not restored.history
     with pytest.raises(ValueError, match="a list of shapes \\(or None\\) in 'target_shapes'"):
         restored.load_state_dict({**pruner.state_dict(), "target_shapes": [[8.5, 6]]})
-    # the state of a pruner over other targets loads as before (its shapes are not these targets')
-    other = GradualPruner([(model[0], "weight")], schedule, "ln_structured", scope="local", dim=0, n=1)
-    other.load_state_dict({**pruner.state_dict(), "target_shapes": [[8, 6], [3, 8]]})
-    assert other.last_t == pruner.last_t
+    with pytest.raises(ValueError, match=re.escape("the state is of a pruner over 2 targets, and this one has 1")):
+        restored.load_state_dict({**pruner.state_dict(), "target_shapes": [[8, 6], [3, 8]]})
+    older = {key: value for key, value in pruner.state_dict().items() if key != "target_shapes"}
+    restored.load_state_dict(older)  # a state saved before the shapes were: loaded as it was
+    assert restored.last_t == pruner.last_t

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from litcompress.pruning import SparseLinear, is_pruned, sparsify
+from litcompress.report.size import model_size_bytes
 from tests.conftest import ReluMLP
 
 
@@ -555,3 +556,22 @@ def test_a_pruned_bare_linear_layer_is_sparsified_as_the_model_itself(monkeypatc
         torch.testing.assert_close(result.model(x), layer(x), rtol=1e-5, atol=1e-5)
     assert result.report.table().splitlines()[1].startswith("(the model) ")
     assert is_pruned(layer, "weight")  # the user's layer: still masked, not the converted copy
+
+
+def test_a_csr_weight_stores_its_non_zeros_only_in_memory_and_in_files():
+    """torch's to_sparse_csr gives column indices viewing half of a storage twice their size, which torch.save and
+    torch.jit.save wrote whole: the sparse layer's file and reported size were ~59% over its non-zeros."""
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 256)
+    with torch.no_grad():
+        dense.weight[torch.rand_like(dense.weight) < 0.95] = 0.0
+    csr = SparseLinear.from_dense(dense)
+    for layer in (csr, SparseLinear(csr.weight, csr.bias)):  # from a dense weight, and from a CSR one
+        weight = layer.weight
+        nnz = weight.values().numel()
+        storages = [weight.crow_indices(), weight.col_indices(), weight.values()]
+        assert [t.untyped_storage().nbytes() for t in storages] == [t.numel() * t.element_size() for t in storages]
+        saved = io.BytesIO()
+        torch.save(layer.state_dict(), saved)
+        assert len(saved.getvalue()) < nnz * (8 + 4) + 257 * 8 + 256 * 4 + 4096  # the arrays, and a pickle's room
+        assert model_size_bytes(layer) == len(saved.getvalue())

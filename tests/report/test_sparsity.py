@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -7,6 +9,7 @@ from torch import nn
 
 from litcompress.pruning import apply_mask_, prune_
 from litcompress.report import sparsity_report
+from litcompress.report.size import model_size_bytes
 from litcompress.report.sparsity import percent
 
 
@@ -185,3 +188,14 @@ def test_tied_weights_of_a_loaded_torchscript_model_count_once(tmp_path):
     eager, read_back = sparsity_report(model), sparsity_report(loaded)
     assert [t.name for t in read_back.tensors] == [t.name for t in eager.tensors] == ["emb.weight", "mid.weight"]
     assert (read_back.zeros, read_back.numel) == (eager.zeros, eager.numel) == (40, 144)
+
+
+def test_a_torchscript_int8_model_is_sized_as_its_file():
+    """Its int8 layers' packed weights are in no state dict: an 81 KB file was sized 1.5 KB."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    int8 = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    scripted = torch.jit.trace(int8, torch.randn(2, 256))
+    saved = io.BytesIO()
+    torch.jit.save(scripted, saved)
+    assert model_size_bytes(scripted) == len(saved.getvalue()) > 256 * 256  # the int8 weights, one byte each

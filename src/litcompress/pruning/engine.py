@@ -433,6 +433,17 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
         setattr(module, name, hook.apply_mask(module))
 
 
+def _tensors_held(values: Iterable[object], depth: int = 4) -> Iterator[Tensor]:
+    """The tensors among `values` and inside their lists, tuples and dicts (`depth` levels down)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif depth and isinstance(value, (list, tuple)):
+            yield from _tensors_held(value, depth - 1)
+        elif depth and isinstance(value, dict):
+            yield from _tensors_held(value.values(), depth - 1)
+
+
 def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
     """``copy.deepcopy(model)`` that also works on pruned modules after a forward pass.
 
@@ -443,11 +454,11 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
     """
     memo = dict(memo or {})
     for module in model.modules():
-        for value in vars(module).values():
-            # (a recurrent layer keeps its parametrized weights, computed with grad on, in its `_flat_weights` list)
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(item, Tensor) and not item.is_leaf:
-                    memo[id(item)] = item.detach().clone()
+        # (a recurrent layer keeps its parametrized weights, computed with grad on, in its `_flat_weights` list; a
+        # LightningModule its steps' outputs, in lists of tuples or dicts)
+        for item in _tensors_held(vars(module).values()):
+            if not item.is_leaf:
+                memo[id(item)] = item.detach().clone()
     copied = copy.deepcopy(model, memo)
     for module in copied.modules():
         _drop_lightning_compile_(module, memo)

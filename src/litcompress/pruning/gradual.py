@@ -437,10 +437,30 @@ class GradualPruner:
                                 "expected an int 'last_t', a list 'history', an int (or None) 'seed' and a list of "
                                 "shapes (or None) in 'target_shapes'")
                              + "; give the dict GradualPruner.state_dict() returned.")
+        self._check_state_of_these_targets(shapes)
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
         self._keep_zeros_of_unmasked_targets_("weights loaded from a state dict without masks", stacklevel=3)
         self.seed = None if seed is None else int(seed)
-        if shapes is not None and len(shapes) == len(self.targets):  # (a state of other targets: not theirs)
+        if shapes is not None:
             self._target_shapes = [None if s is None else tuple(s) for s in shapes]
+
+    def _check_state_of_these_targets(self, shapes: list | None) -> None:
+        """A state's first-round shapes (None: an older state, or lazy targets) against these targets': another
+        pruner's state, or one of targets narrowed since (``shrink_``), is refused before anything is loaded (it was
+        taken, and the next round failed blaming a shrink)."""
+        if shapes is None:
+            return
+        if len(shapes) != len(self.targets):
+            raise ValueError(f"GradualPruner.load_state_dict: the state is of a pruner over {len(shapes)} targets, and "
+                             f"this one has {len(self.targets)}: load the state a pruner over these targets saved.")
+        now = [None if is_lazy(getattr(m, n)) else list(getattr(m, n).shape) for m, n in self.targets]
+        differ = [f"{self._names.get((id(m), n), f'{type(m).__name__}.{n}')} {list(was)} -> {got}"
+                  for (m, n), was, got in zip(self.targets, shapes, now)
+                  if was is not None and got is not None and list(was) != got]
+        if differ:
+            raise ValueError(f"GradualPruner.load_state_dict: the state's targets had other shapes at its first round "
+                             f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): it is another pruner's, "
+                             "or these targets were narrowed since (shrink_). Load the state of a pruner over these "
+                             "targets, or prune a narrowed model with a new GradualPruner.")

@@ -25,13 +25,16 @@ from litcompress.pruning.shrink import _scale_where_they_differ, max_output_diff
 
 
 def _csr(weight: Tensor) -> Tensor:
-    """`weight` (dense or CSR) as a detached CSR tensor storing its non-zeros only."""
+    """`weight` (dense or CSR) as a detached CSR tensor storing its non-zeros only. Cloned: torch's to_sparse_csr
+    gives column indices that view the second half of a storage twice their size (the COO row indices before them),
+    which torch.save and torch.jit.save write whole (a sparse file 59% larger than its non-zeros need)."""
     weight = weight.detach()
-    if weight.layout == torch.sparse_csr:
-        return weight.to_dense().to_sparse_csr() if bool((weight.values() == 0).any()) else weight
+    if weight.layout == torch.sparse_csr and not bool((weight.values() == 0).any()):
+        return weight.clone()
     with warnings.catch_warnings():  # torch's "CSR support is in beta": nothing the caller can act on
         warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta")
-        return weight.to_sparse_csr()
+        dense = weight.to_dense() if weight.layout == torch.sparse_csr else weight
+        return dense.to_sparse_csr().clone()
 
 
 class SparseLinear(nn.Module):

@@ -2,7 +2,8 @@
 
 - glibc's allocator is pinned (no mmap/trim churn between runs), once per process;
 - torch's thread count is pinned while measuring;
-- variants are interleaved (A, B, A, B, ...) so that host noise hits all of them alike;
+- variants are interleaved, their order rotating from round to round (AB, BA, AB, ...), so that host noise and
+  the position in a round hit all of them alike;
 - each sample is a block of calls long enough to time (not one sub-millisecond call);
 - medians are reported.
 """
