@@ -2165,3 +2165,103 @@ def test_lazy_layers_never_called_are_refused_before_each_copy_draws_weights_of_
     model(x_val[:1])  # the remedy said
     result = compress(model, config, eval_fn=accuracy(x_val, y_val), example_inputs=x_val[:32])
     assert torch.equal(result.stage_models["input"][0].weight, model[0].weight)
+
+
+def _fine_tune_loop(batches, steps, each_step=None):
+    """A plain loop: SGD over `batches`, `step(t)` after each optimizer step, then `each_step(model, t, step)`."""
+
+    def fine_tune(model, step):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for t in range(1, steps + 1):
+            x, y = batches[t % len(batches)]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            step(t)
+            if each_step is not None:
+                each_step(model, t, step)
+
+    return fine_tune
+
+
+def _digits_batches(digits, count=4):
+    return [(digits[0][i * 64:(i + 1) * 64], digits[1][i * 64:(i + 1) * 64]) for i in range(count)]
+
+
+def test_a_layer_fine_tune_replaces_is_said_at_the_next_step_not_after_the_fine_tuning(digits):
+    """The rounds pruned the detached layer, the new one never, and the report failed after all the steps with "is
+    not a submodule of the model"."""
+    replaced = []
+
+    def replace(model, t, step):
+        if t == 3:
+            model[2] = nn.Linear(32, 32)
+            replaced.append(t)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear"), shrink=False, **FAST)
+    with pytest.raises(ValueError, match=re.escape("compress: fine_tune replaced the pruned layer(s) ['2']")):
+        compress(mlp(64, 32, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+                 fine_tune=_fine_tune_loop(_digits_batches(digits), 10, replace), fine_tune_steps=10)
+    assert replaced == [3]
+
+
+def test_a_fine_tune_returning_another_model_is_refused(digits):
+    """It trained a copy and returned it: the kept weights were the input's, and the report said it fine-tuned."""
+
+    def on_a_copy(model, step):
+        trained = deepcopy_model(model)
+        _fine_tune_loop(_digits_batches(digits), 4)(trained, step)
+        return trained
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, **FAST)
+    with pytest.raises(TypeError, match="fine_tune returned another model than the one it was given"):
+        compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32], fine_tune=on_a_copy,
+                 fine_tune_steps=4)
+
+
+def test_rounds_called_in_inference_mode_leave_training_working(digits):
+    """step(t) in a loop's evaluation under torch.inference_mode made inference-tensor masks: the next training
+    forward failed ("Inference tensors cannot be saved for backward")."""
+
+    def fine_tune(model, step):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for t, (x, y) in enumerate(_digits_batches(digits) * 2, start=1):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            with torch.inference_mode():  # (an evaluation at the end of each "epoch", where the loop steps)
+                step(t)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear"), shrink=False, **FAST)
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32], fine_tune=fine_tune,
+                      fine_tune_steps=8)
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_masks_lost_after_the_schedule_ended_and_a_count_restarted_are_said_as_what_they_are(digits):
+    """A loop that restored its best weights (a state dict without masks) was said to have stopped before the
+    schedule ended (at step 10, for an end at step 5); one whose count restarted each epoch, nothing."""
+    saved = {}
+
+    def restore_best(model, t, step):
+        if t == 2:
+            saved.update({k: v.clone() for k, v in model.state_dict().items()})
+        if t == 10:
+            for module in model:
+                if hasattr(module, "weight_orig"):
+                    torch.nn.utils.prune.remove(module, "weight")
+            model.load_state_dict({k.replace("_orig", ""): v for k, v in saved.items() if not k.endswith("_mask")})
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear", end=0.5), shrink=False, **FAST)
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+                      fine_tune=_fine_tune_loop(_digits_batches(digits), 10, restore_best), fine_tune_steps=10)
+    assert any(m.startswith("fine-tuning reached its schedule's end (step 5), but") for m in result.report.messages)
+
+    def per_epoch(model, step):
+        for _ in range(3):
+            _fine_tune_loop(_digits_batches(digits), 5)(model, step)  # t = 1..5 in every epoch
+
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32], fine_tune=per_epoch,
+                      fine_tune_steps=15)
+    assert any(m.startswith("fine_tune called step(1) after step(5): t counts the loop's optimizer steps")
+               for m in result.report.messages)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import functools
 import pickle
 import re
@@ -1167,3 +1169,24 @@ def test_a_random_method_on_zeros_made_permanent_is_said_to_overshoot_and_maskin
         assert int((model[0].weight == 0).all(dim=1).sum()) == 12  # 60% of 20 rows
     else:
         assert [int((m.weight == 0).sum()) for m, _ in targets] == [120, 36]  # round(0.6 * 200), round(0.6 * 60)
+
+
+def test_deepcopy_model_copies_a_module_holding_step_outputs_with_their_graphs():
+    """A module keeping its steps' outputs (a LightningModule's `self.outputs.append({"loss": loss})`, a deque of
+    recent losses, a dataclass) after a forward with grad on: torch's deepcopy refused their non-leaf tensors."""
+
+    @dataclasses.dataclass
+    class StepOutput:
+        loss: torch.Tensor
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    prune_([(model[0], "weight")], "l1_unstructured", 0.5)
+    loss = model(torch.randn(2, 4)).sum()
+    model.outputs = [{"loss": loss}, (loss,)]
+    model.recent = collections.deque([loss], maxlen=4)
+    model.last = StepOutput(loss)
+    model.deep = [[[[[[loss]]]]]]
+    copied = deepcopy_model(model)
+    assert torch.equal(copied.outputs[0]["loss"], loss.detach()) and not copied.outputs[0]["loss"].requires_grad
+    assert copied.recent[0] is copied.outputs[1][0] is copied.last.loss  # one tensor, one copy
+    assert torch.equal(copied[0].weight_mask, model[0].weight_mask)

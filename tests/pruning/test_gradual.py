@@ -726,3 +726,15 @@ def test_a_target_narrowed_between_rounds_is_refused_rather_than_pruned_as_if_wh
     older = {key: value for key, value in pruner.state_dict().items() if key != "target_shapes"}
     restored.load_state_dict(older)  # a state saved before the shapes were: loaded as it was
     assert restored.last_t == pruner.last_t
+
+
+def test_a_round_called_in_inference_mode_makes_masks_training_can_use():
+    """Masks made under torch.inference_mode are inference tensors: the next training forward failed ("Inference
+    tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 8)
+    pruner = GradualPruner([(layer, "weight")], PolynomialDecay(final_sparsity=0.5, begin=0, end=2), "l1_unstructured")
+    with torch.inference_mode():
+        pruner.step(1)
+    layer(torch.randn(3, 6)).sum().backward()
+    assert pruned_count(layer, "weight") > 0 and layer.weight_orig.grad is not None

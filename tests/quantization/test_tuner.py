@@ -1396,3 +1396,16 @@ def test_lazy_layers_never_called_are_refused_rather_than_quantized_as_another_n
         quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1),
                  eval_fn=lambda m: 1.0, example_inputs=x)
     assert isinstance(model[0], nn.LazyLinear)
+
+
+def test_torch_ao_skips_a_torchscript_model_rather_than_choosing_it_unquantized():
+    """Its eager quantization swaps nn.Linear modules, which a scripted model has none of: the 'int8' candidate was
+    the fp32 model, chosen as int8 (sizes and outputs equal)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval())
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(scripted, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1,
+                                              latency_repeats=2), eval_fn=lambda m: 1.0, example_inputs=x)
+    assert result.recipe is None and not result.trials
+    assert any(m.startswith("backend 'torch_ao' skipped: it quantizes eager modules") for m in result.messages)

@@ -981,8 +981,26 @@ def compress(
                        for subset, kwargs in target_sets]
             group_rounds: list[int] = []
             last_step = [-1]
+            went_back: list[tuple[int, int]] = []  # (t, the last t seen): a loop restarting its count
+            target_names = qualified_names(work, targets)
+
+            def check_targets_in_model() -> None:
+                layers = {id(module) for module in work.modules()}
+                gone = sorted({name.rpartition(".")[0] or name for (module, _), name in zip(targets, target_names)
+                               if id(module) not in layers})  # (the layers' names: qualified_names gives tensors')
+                if gone:  # (the rounds pruned a detached layer, and the report failed after all the fine-tuning)
+                    raise ValueError(f"compress: fine_tune replaced the pruned layer(s) {gone[:3]} in the model: the "
+                                     "pruning rounds hold the layers it was given; train them in place (replace a "
+                                     "layer before compress, not during fine_tune).")
 
             def step(t: int) -> None:  # after every optimizer step: the BatchNorm shifts would grow back
+                check_targets_in_model()
+                if t < last_step[0] and not went_back:
+                    went_back.append((t, last_step[0]))
+                with torch.inference_mode(False):  # called in a loop's evaluation: masks made there broke training
+                    prune_round(t)
+
+            def prune_round(t: int) -> None:
                 for pruner in pruners:
                     pruner.step(t)
                 # masks change only at the schedule's rounds (one passed over, as by a GAN's two steps, runs late)
@@ -999,11 +1017,25 @@ def compress(
                 held_at_zero.apply_()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
-            fine_tune(work, step)
+            returned = fine_tune(work, step)
+            if isinstance(returned, nn.Module) and returned is not work:
+                # the model it trained was another (a copy): its weights would be lost, and the report say fine-tuned
+                raise TypeError("compress: fine_tune returned another model than the one it was given; it trains the "
+                                "model it is passed in place (and calls step(t) after each optimizer step), and its "
+                                "return value is not read.")
+            check_targets_in_model()
+            if went_back:
+                note(f"fine_tune called step({went_back[0][0]}) after step({went_back[0][1]}): t counts the loop's "
+                     "optimizer steps from its start, not from each epoch's; the schedule's rounds then came late, or "
+                     "not at all.")
             rounds = len({h["t"] for pruner in pruners for h in pruner.history
                           if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
             late = pruning.prune_once_(schedule.final_sparsity)  # the same for groups stopped early
-            if late:
+            if late and last_step[0] >= schedule.end:
+                note(f"fine-tuning reached its schedule's end (step {schedule.end}), but {late:,} entries were "
+                     "unpruned when it returned (a state dict loaded without their masks: restored weights?); they "
+                     "were pruned again at once afterwards.")
+            elif late:
                 note(f"fine-tuning stopped at step {last_step[0]}, before its schedule ended "
                      f"(step {schedule.end}); "
                      f"the remaining {late:,} entries were pruned at once afterwards.")

@@ -16,8 +16,10 @@ Two deliberate differences from calling torch directly:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import dataclasses
 import difflib
 import itertools
 import math
@@ -433,15 +435,20 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
         setattr(module, name, hook.apply_mask(module))
 
 
-def _tensors_held(values: Iterable[object], depth: int = 4) -> Iterator[Tensor]:
-    """The tensors among `values` and inside their lists, tuples and dicts (`depth` levels down)."""
+def _tensors_held(values: Iterable[object], depth: int = 8) -> Iterator[Tensor]:
+    """The tensors among `values` and inside their lists, tuples, deques, sets, dicts and dataclasses (`depth` levels
+    down)."""
     for value in values:
         if isinstance(value, Tensor):
             yield value
-        elif depth and isinstance(value, (list, tuple)):
+        elif not depth:
+            continue
+        elif isinstance(value, (list, tuple, collections.deque, set, frozenset)):
             yield from _tensors_held(value, depth - 1)
-        elif depth and isinstance(value, dict):
+        elif isinstance(value, Mapping):
             yield from _tensors_held(value.values(), depth - 1)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _tensors_held((getattr(value, f.name, None) for f in dataclasses.fields(value)), depth - 1)
 
 
 def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:

@@ -345,6 +345,10 @@ class GradualPruner:
 
     def _prune_to(self, target: float, t: int, stacklevel: int) -> None:
         """`prune_to`; `stacklevel`: where the user's call is, counted from this frame (1), for the warnings."""
+        with torch.inference_mode(False):  # a round called in a loop's evaluation made inference-tensor masks, and
+            self._prune_to_in_normal_mode(target, t, stacklevel + 1)  # the next training forward failed on them
+
+    def _prune_to_in_normal_mode(self, target: float, t: int, stacklevel: int) -> None:
         self._check_shapes_kept()
         # what it pruned before and lost its masks since (make_permanent_) stays pruned: counted as kept, a random
         # method would draw those zeros again and prune past the target

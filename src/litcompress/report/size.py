@@ -31,7 +31,8 @@ def serialized_weights(model: nn.Module) -> bytes:
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    """Serialized size of a model's weights (ONNX bytes for ORT models)."""
+    """Serialized size of a model's weights (ONNX bytes for ORT models; a TorchScript model's file, its code
+    included)."""
     return len(serialized_weights(model))
 
 
