@@ -1712,7 +1712,8 @@ def test_a_model_with_a_flag_is_pruned_shrunk_and_quantized_keeping_the_layers_t
                                quantize=PTQConfig(approach="static", backends=("torch_ao", "onnxruntime"),
                                                   max_trials=2, accuracy=AccuracyCriterion(tolerable_loss=0.05)),
                                latency_repeats=2)
-    result = compress(model, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+    result = compress(model, config, eval_fn=accuracy(digits[2], digits[3]),
+                      example_inputs=digits[2][:32],
                       calibration_data=[(digits[0][:128], None)], output_dir=tmp_path)
     # `b` writes the features forward returns with return_features=True: only `a` is pruned and narrowed
     pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
@@ -2215,8 +2216,8 @@ def test_a_fine_tune_returning_another_model_is_refused(digits):
 
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, **FAST)
     with pytest.raises(TypeError, match="fine_tune returned another model than the one it was given"):
-        compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32], fine_tune=on_a_copy,
-                 fine_tune_steps=4)
+        compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+                 fine_tune=on_a_copy, fine_tune_steps=4)
 
 
 def test_rounds_called_in_inference_mode_leave_training_working(digits):
@@ -2233,8 +2234,8 @@ def test_rounds_called_in_inference_mode_leave_training_working(digits):
                 step(t)
 
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear"), shrink=False, **FAST)
-    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32], fine_tune=fine_tune,
-                      fine_tune_steps=8)
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]),
+                      example_inputs=digits[2][:32], fine_tune=fine_tune, fine_tune_steps=8)
     assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=0.01)
 
 
@@ -2253,7 +2254,8 @@ def test_masks_lost_after_the_schedule_ended_and_a_count_restarted_are_said_as_w
             model.load_state_dict({k.replace("_orig", ""): v for k, v in saved.items() if not k.endswith("_mask")})
 
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear", end=0.5), shrink=False, **FAST)
-    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]),
+                      example_inputs=digits[2][:32],
                       fine_tune=_fine_tune_loop(_digits_batches(digits), 10, restore_best), fine_tune_steps=10)
     assert any(m.startswith("fine-tuning reached its schedule's end (step 5), but") for m in result.report.messages)
 
@@ -2261,7 +2263,7 @@ def test_masks_lost_after_the_schedule_ended_and_a_count_restarted_are_said_as_w
         for _ in range(3):
             _fine_tune_loop(_digits_batches(digits), 5)(model, step)  # t = 1..5 in every epoch
 
-    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32], fine_tune=per_epoch,
-                      fine_tune_steps=15)
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]),
+                      example_inputs=digits[2][:32], fine_tune=per_epoch, fine_tune_steps=15)
     assert any(m.startswith("fine_tune called step(1) after step(5): t counts the loop's optimizer steps")
                for m in result.report.messages)
