@@ -2215,9 +2215,49 @@ def test_a_fine_tune_returning_another_model_is_refused(digits):
         return trained
 
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, **FAST)
-    with pytest.raises(TypeError, match="fine_tune returned another model than the one it was given"):
+    with pytest.raises(TypeError, match="fine_tune returned a model that does not hold the one it was given"):
         compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
                  fine_tune=on_a_copy, fine_tune_steps=4)
+
+
+def test_a_fine_tune_returning_a_wrapper_of_its_model_is_taken(digits):
+    """Fabric's `model, opt = fabric.setup(model, opt); ...; return model` returns a wrapper holding the model it
+    trained in place: it was refused (after the whole fine-tuning) as another model."""
+
+    class Holder(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)
+
+    def through_a_wrapper(model, step):
+        wrapper = Holder(model)
+        _fine_tune_loop(_digits_batches(digits), 4)(wrapper, step)
+        return wrapper
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), shrink=False, **FAST)
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+                      fine_tune=through_a_wrapper, fine_tune_steps=4)
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_masks_a_loop_made_permanent_are_not_said_to_have_been_unpruned(digits):
+    """prune.remove at the loop's end keeps the zeros: 800 entries were said unpruned and pruned again."""
+
+    def made_permanent(model, t, step):
+        if t == 10:
+            for module in model:
+                if hasattr(module, "weight_orig"):
+                    torch.nn.utils.prune.remove(module, "weight")
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="linear", end=0.5), shrink=False, **FAST)
+    result = compress(mlp(64, 32, 10), config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:32],
+                      fine_tune=_fine_tune_loop(_digits_batches(digits), 10, made_permanent), fine_tune_steps=10)
+    assert not any("pruned again" in m or "pruned at once afterwards" in m for m in result.report.messages)
+    assert "at once after them" not in result.report["pruned"].description
+    assert result.report["pruned"].weight_sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_rounds_called_in_inference_mode_leave_training_working(digits):

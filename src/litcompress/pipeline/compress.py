@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from litcompress._files import cannot_write, file_in_the_way, partial_path, written_atomically
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
                                         compiled_module_names, deepcopy_model, distinct_targets, eager_copy,
-                                        is_compiled, is_excluded,
-                                        keep_bypassed_weights_current_, make_permanent_, permanent_state_dict,
+                                        effective_tensor, is_compiled, is_excluded, keep_bypassed_weights_current_,
+                                        make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
                                         trainable_tensor, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
@@ -804,6 +804,12 @@ def _slower_shrunk(rows: Sequence[StageMetrics], report: ShrinkReport | None = N
             + "; CompressionConfig(keep_multiple_of=8) (CLI: --keep-multiple-of 8) keeps such widths.")
 
 
+def _zeros_in(targets: Sequence[Target]) -> int:
+    """The zeros of the tensors `targets` compute with (their masks applied)."""
+    with torch.no_grad():
+        return sum(int((effective_tensor(module, name) == 0).sum()) for module, name in targets)
+
+
 def compress(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -1018,11 +1024,12 @@ def compress(
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
             returned = fine_tune(work, step)
-            if isinstance(returned, nn.Module) and returned is not work:
+            if isinstance(returned, nn.Module) and not any(module is work for module in returned.modules()):
                 # the model it trained was another (a copy): its weights would be lost, and the report say fine-tuned
-                raise TypeError("compress: fine_tune returned another model than the one it was given; it trains the "
-                                "model it is passed in place (and calls step(t) after each optimizer step), and its "
-                                "return value is not read.")
+                # (a wrapper of the model, Fabric's or torch.compile's, holds it: trained in place)
+                raise TypeError("compress: fine_tune returned a model that does not hold the one it was given (a "
+                                "copy?); compress keeps the model it passes to fine_tune, which must train it in place "
+                                "(and call step(t) after each optimizer step).")
             check_targets_in_model()
             if went_back:
                 note(f"fine_tune called step({went_back[0][0]}) after step({went_back[0][1]}): t counts the loop's "
@@ -1030,7 +1037,10 @@ def compress(
                      "not at all.")
             rounds = len({h["t"] for pruner in pruners for h in pruner.history
                           if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
+            zeros_before = _zeros_in(targets)
             late = pruning.prune_once_(schedule.final_sparsity)  # the same for groups stopped early
+            # (masks made permanent by the loop, zeros kept, are masked again here: counted by `late`, not unpruned)
+            late = min(late, _zeros_in(targets) - zeros_before) if late else late
             if late and last_step[0] >= schedule.end:
                 note(f"fine-tuning reached its schedule's end (step {schedule.end}), but {late:,} entries were "
                      "unpruned when it returned (a state dict loaded without their masks: restored weights?); they "

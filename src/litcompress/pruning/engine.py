@@ -435,20 +435,26 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
         setattr(module, name, hook.apply_mask(module))
 
 
-def _tensors_held(values: Iterable[object], depth: int = 8) -> Iterator[Tensor]:
+def _tensors_held(values: Iterable[object], depth: int = 8, seen: set[int] | None = None) -> Iterator[Tensor]:
     """The tensors among `values` and inside their lists, tuples, deques, sets, dicts and dataclasses (`depth` levels
-    down)."""
+    down), each container read once (a graph of nodes referring to each other was walked once per path)."""
+    seen = set() if seen is None else seen
     for value in values:
         if isinstance(value, Tensor):
             yield value
-        elif not depth:
             continue
-        elif isinstance(value, (list, tuple, collections.deque, set, frozenset)):
-            yield from _tensors_held(value, depth - 1)
+        if not depth or id(value) in seen:
+            continue
+        if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
+            seen.add(id(value))
+            yield from _tensors_held(value, depth - 1, seen)
         elif isinstance(value, Mapping):
-            yield from _tensors_held(value.values(), depth - 1)
+            seen.add(id(value))
+            yield from _tensors_held(value.values(), depth - 1, seen)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            yield from _tensors_held((getattr(value, f.name, None) for f in dataclasses.fields(value)), depth - 1)
+            seen.add(id(value))
+            yield from _tensors_held((getattr(value, f.name, None) for f in dataclasses.fields(value)), depth - 1,
+                                     seen)
 
 
 def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> nn.Module:
