@@ -435,24 +435,25 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
         setattr(module, name, hook.apply_mask(module))
 
 
-def _tensors_held(values: Iterable[object], depth: int = 8, seen: set[int] | None = None) -> Iterator[Tensor]:
+def _tensors_held(values: Iterable[object], depth: int = 8, seen: dict[int, int] | None = None) -> Iterator[Tensor]:
     """The tensors among `values` and inside their lists, tuples, deques, sets, dicts and dataclasses (`depth` levels
-    down), each container read once (a graph of nodes referring to each other was walked once per path)."""
-    seen = set() if seen is None else seen
+    down), each container read again only where more levels are left below it than when it was read (a graph of
+    nodes referring to each other was walked once per path)."""
+    seen = {} if seen is None else seen  # container id -> the levels left below it when it was read
     for value in values:
         if isinstance(value, Tensor):
             yield value
             continue
-        if not depth or id(value) in seen:
+        if not depth or seen.get(id(value), -1) >= depth:
             continue
         if isinstance(value, (list, tuple, collections.deque, set, frozenset)):
-            seen.add(id(value))
+            seen[id(value)] = depth
             yield from _tensors_held(value, depth - 1, seen)
         elif isinstance(value, Mapping):
-            seen.add(id(value))
+            seen[id(value)] = depth
             yield from _tensors_held(value.values(), depth - 1, seen)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            seen.add(id(value))
+            seen[id(value)] = depth
             yield from _tensors_held((getattr(value, f.name, None) for f in dataclasses.fields(value)), depth - 1,
                                      seen)
 
