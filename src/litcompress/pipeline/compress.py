@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from litcompress._files import cannot_write, file_in_the_way, partial_path, written_atomically
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
                                         compiled_module_names, deepcopy_model, distinct_targets, eager_copy,
-                                        effective_tensor, is_compiled, is_excluded, keep_bypassed_weights_current_,
+                                        effective_tensor, is_compiled, is_excluded, is_pruned,
+                                        keep_bypassed_weights_current_,
                                         make_permanent_, permanent_state_dict,
                                         prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
                                         trainable_tensor, with_tied_targets)
@@ -804,10 +805,21 @@ def _slower_shrunk(rows: Sequence[StageMetrics], report: ShrinkReport | None = N
             + "; CompressionConfig(keep_multiple_of=8) (CLI: --keep-multiple-of 8) keeps such widths.")
 
 
-def _zeros_in(targets: Sequence[Target]) -> int:
-    """The zeros of the tensors `targets` compute with (their masks applied)."""
+def _zeros_in(model: nn.Module) -> int:
+    """The zeros of every parameter `model` computes with (masks applied; a tensor shared by several modules once):
+    the targets, and the recurrent units, attention heads and groups pruned beside them."""
+    counted: set[int] = set()
+    zeros = 0
     with torch.no_grad():
-        return sum(int((effective_tensor(module, name) == 0).sum()) for module, name in targets)
+        for module in model.modules():
+            for name, parameter in module._parameters.items():
+                if parameter is None or id(parameter) in counted:
+                    continue
+                counted.add(id(parameter))
+                pruned = name.endswith("_orig") and is_pruned(module, name.removesuffix("_orig"))
+                tensor = effective_tensor(module, name.removesuffix("_orig")) if pruned else parameter
+                zeros += int((tensor == 0).sum())
+    return zeros
 
 
 def compress(
@@ -1037,10 +1049,10 @@ def compress(
                      "not at all.")
             rounds = len({h["t"] for pruner in pruners for h in pruner.history
                           if h["pruned_after"] > h["pruned_before"]} | set(group_rounds))
-            zeros_before = _zeros_in(targets)
+            zeros_before = _zeros_in(work)
             late = pruning.prune_once_(schedule.final_sparsity)  # the same for groups stopped early
             # (masks made permanent by the loop, zeros kept, are masked again here: counted by `late`, not unpruned)
-            late = min(late, _zeros_in(targets) - zeros_before) if late else late
+            late = min(late, _zeros_in(work) - zeros_before) if late else late
             if late and last_step[0] >= schedule.end:
                 note(f"fine-tuning reached its schedule's end (step {schedule.end}), but {late:,} entries were "
                      "unpruned when it returned (a state dict loaded without their masks: restored weights?); they "
