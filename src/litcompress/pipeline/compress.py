@@ -28,9 +28,9 @@ from litcompress._files import cannot_write, file_in_the_way, partial_path, writ
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
                                         compiled_module_names, deepcopy_model, distinct_targets, eager_copy,
                                         effective_tensor, is_compiled, is_excluded, is_pruned,
-                                        keep_bypassed_weights_current_,
-                                        make_permanent_, permanent_state_dict,
-                                        prune_to_sparsity_, pruned_count, pruned_targets, qualified_names,
+                                        keep_bypassed_weights_current_, make_permanent_, outside_inference_mode,
+                                        permanent_state_dict, prune_to_sparsity_, pruned_count, pruned_targets,
+                                        qualified_names,
                                         trainable_tensor, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
@@ -1015,7 +1015,7 @@ def compress(
                 check_targets_in_model()
                 if t < last_step[0] and not went_back:
                     went_back.append((t, last_step[0]))
-                with torch.inference_mode(False):  # called in a loop's evaluation: masks made there broke training
+                with outside_inference_mode():  # called in a loop's evaluation: masks made there broke training
                     prune_round(t)
 
             def prune_round(t: int) -> None:

@@ -435,6 +435,18 @@ def refresh_cached_tensor(module: nn.Module, name: str) -> None:
         setattr(module, name, hook.apply_mask(module))
 
 
+@contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Within the block, tensors made are normal ones, without gradients, where the caller runs in
+    ``torch.inference_mode`` (masks made there are inference tensors, which the next training forward cannot save
+    for backward); elsewhere the block runs as it is (grad mode untouched)."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _tensors_held(values: Iterable[object], depth: int = 8, seen: dict[int, int] | None = None) -> Iterator[Tensor]:
     """The tensors among `values` and inside their lists, tuples, deques, sets, dicts and dataclasses (`depth` levels
     down), each container read again only where more levels are left below it than when it was read (a graph of

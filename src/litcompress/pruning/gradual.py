@@ -17,7 +17,8 @@ from torch.nn.parameter import is_lazy
 from litcompress.pruning.distributed import broadcast_pruning_state_, distributed_world_size
 from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
                                         drawing_from, emptied_message, emptied_targets, is_pruned,
-                                        prune_to_sparsity_, pruned_count, register_state_hooks, round_seed,
+                                        outside_inference_mode, prune_to_sparsity_, pruned_count,
+                                        register_state_hooks, round_seed,
                                         set_mask_, share_tied_masks_, targets_digest, tensor_key,
                                         unique_modules)
 from litcompress.pruning.methods import (check_countable_slices, check_method_kwargs, check_slices_exist,
@@ -345,7 +346,7 @@ class GradualPruner:
 
     def _prune_to(self, target: float, t: int, stacklevel: int) -> None:
         """`prune_to`; `stacklevel`: where the user's call is, counted from this frame (1), for the warnings."""
-        with torch.inference_mode(False):  # a round called in a loop's evaluation made inference-tensor masks, and
+        with outside_inference_mode():  # a round called in a loop's evaluation made inference-tensor masks, and
             self._prune_to_in_normal_mode(target, t, stacklevel + 1)  # the next training forward failed on them
 
     def _prune_to_in_normal_mode(self, target: float, t: int, stacklevel: int) -> None:
