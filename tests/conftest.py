@@ -370,9 +370,10 @@ def agreeing_with(reference: nn.Module, batches: list[tuple]) -> Any:
     return agreement
 
 
-def sgd_fine_tune(batches: list[tuple], lr: float, steps: int, after_step: Any = None) -> Any:
+def sgd_fine_tune(batches: list[tuple], lr: float, steps: int, after_step: Any = None, each_step: Any = None) -> Any:
     """A fine_tune for the pipeline (``fine_tune(model, step)``): `steps` SGD steps of cross-entropy over `batches`
-    ((x, y) pairs, cycled from the second), calling the pipeline's ``step(t)`` and then ``after_step(model)``."""
+    ((x, y) pairs, cycled from the second), calling the pipeline's ``step(t)`` and then ``after_step(model)`` and
+    ``each_step(model, t)``."""
 
     def fine_tune(model: nn.Module, step: Any) -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -384,6 +385,8 @@ def sgd_fine_tune(batches: list[tuple], lr: float, steps: int, after_step: Any =
             step(t)
             if after_step is not None:
                 after_step(model)
+            if each_step is not None:
+                each_step(model, t)
 
     return fine_tune
 

@@ -2169,20 +2169,8 @@ def test_lazy_layers_never_called_are_refused_before_each_copy_draws_weights_of_
 
 
 def _fine_tune_loop(batches, steps, each_step=None):
-    """A plain loop: SGD over `batches`, `step(t)` after each optimizer step, then `each_step(model, t, step)`."""
-
-    def fine_tune(model, step):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        for t in range(1, steps + 1):
-            x, y = batches[t % len(batches)]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            step(t)
-            if each_step is not None:
-                each_step(model, t, step)
-
-    return fine_tune
+    """A plain loop: SGD over `batches`, `step(t)` after each optimizer step, then `each_step(model, t)`."""
+    return sgd_fine_tune(batches, 0.05, steps, each_step=each_step)
 
 
 def _digits_batches(digits, count=4):
@@ -2194,7 +2182,7 @@ def test_a_layer_fine_tune_replaces_is_said_at_the_next_step_not_after_the_fine_
     not a submodule of the model"."""
     replaced = []
 
-    def replace(model, t, step):
+    def replace(model, t):
         if t == 3:
             model[2] = nn.Linear(32, 32)
             replaced.append(t)
@@ -2246,7 +2234,7 @@ def test_a_fine_tune_returning_a_wrapper_of_its_model_is_taken(digits):
 def test_masks_a_loop_made_permanent_are_not_said_to_have_been_unpruned(digits):
     """prune.remove at the loop's end keeps the zeros: 800 entries were said unpruned and pruned again."""
 
-    def made_permanent(model, t, step):
+    def made_permanent(model, t):
         if t == 10:
             for module in model:
                 if hasattr(module, "weight_orig"):
@@ -2284,7 +2272,7 @@ def test_masks_lost_after_the_schedule_ended_and_a_count_restarted_are_said_as_w
     schedule ended (at step 10, for an end at step 5); one whose count restarted each epoch, nothing."""
     saved = {}
 
-    def restore_best(model, t, step):
+    def restore_best(model, t):
         if t == 2:
             saved.update({k: v.clone() for k, v in model.state_dict().items()})
         if t == 10:
