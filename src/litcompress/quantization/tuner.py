@@ -792,9 +792,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             continue
         backend.configure(config)
         own_layers = backend.quantizable_layers(fp32, config.approach)
-        if name == "torch_ao" and isinstance(fp32, torch.jit.ScriptModule):
-            # its eager quantization swaps nn.Linear/Conv modules, which a TorchScript model has none of: its
-            # candidate was the fp32 model, chosen as int8
+        if isinstance(fp32, torch.jit.ScriptModule) and not backend.takes_torchscript:
+            # its candidate was the fp32 model, chosen as int8
             note(f"backend {name!r} skipped: it quantizes eager modules, and a TorchScript model's layers are script "
                  "modules it cannot swap; quantize the eager model this one was scripted from.")
             continue

@@ -107,6 +107,9 @@ class Backend:
     #: an embedding table quantized with a scale per row (torch's); False: one scale for the table, which the
     #: sensitivity ranking must measure so (a table with one outlier row loses every other row's precision)
     table_scale_per_row: bool = True
+    #: whether it quantizes a TorchScript model; False: it swaps eager modules, which a scripted model has none of
+    #: (its candidate would be the fp32 model under an int8 name), so the search skips it for one
+    takes_torchscript: bool = True
     #: per input, the dims an exported candidate leaves free (None: the batch dims); set by :meth:`configure`
     dynamic_dims: "DynamicDims | None" = None
 

@@ -67,6 +67,7 @@ class TorchAOBackend(Backend):
     name = "torch_ao"
     approaches = ("dynamic", "static")
     artifact_suffix = ".pt"
+    takes_torchscript = False  # (quantize_dynamic and FX swap nn.Linear/Conv modules)
 
     def __init__(self) -> None:
         # each candidate's checked trace, what its file holds: timed in its place (see timed_form)
