@@ -514,7 +514,7 @@ def test_a_model_that_answers_the_same_inputs_differently_is_named_as_such_not_a
         check_free_dims(model, lambda inputs: model(inputs)[:5], (x,), None, "torch.jit.trace")
     check_free_dims(model, model, (x,), None, "torch.jit.trace")
 
-    def steady_on_the_example(inputs):  # an int8 EmbeddingBag on offsets grown by a repeated row (no longer ascending)
+    def steady_on_the_example(inputs):  # a model whose inputs' rows must differ: a repeated one is no input it takes
         return model(inputs) + (torch.rand(1) if len(inputs) != len(x) else 0)
 
     check_free_dims(steady_on_the_example, steady_on_the_example, (x,), None, "torch.jit.trace")  # a variant it

@@ -20,7 +20,8 @@ from litcompress.quantization import (AccuracyCriterion, PTQConfig, Recipe, get_
 from litcompress.quantization.backends import FixedDimError, check_free_dims, quantizable_layers
 from litcompress.quantization.sensitivity import layer_sensitivity
 from litcompress.report.size import model_size_bytes
-from litcompress.quantization.shapes import fixed_size_hint, normalize_dynamic_dims, resolve_dynamic_dims
+from litcompress.quantization.shapes import (fixed_size_hint, grown_along_batch, normalize_dynamic_dims,
+                                             resolve_dynamic_dims)
 from tests.conftest import agreeing_with
 
 VOCAB = 50
@@ -442,6 +443,24 @@ def test_summing_embedding_bags_are_int8_on_torch_ao_and_averaging_ones_stay_fp3
     scores = layer_sensitivity(model, quantizable_layers(model, "dynamic"), batches, "dynamic")
     assert sorted(scores) == ["history", "items", "score.0", "score.2"]
     assert all(20 < score < float("inf") for score in scores.values())
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=12), st.integers(0, 1000))
+def test_the_batch_grown_to_check_a_file_keeps_bag_offsets_an_input_the_bag_takes(bag_lengths, seed):
+    """The check that a file leaves the batch free runs it on the example one row longer: a repeated first offset (0)
+    made the offsets descend, on which torch's bags read out of bounds (the int8 one's outputs changed from run to
+    run: a file refused at random, 1 CI run in ~50)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(bag_lengths)
+    ids = torch.randint(0, 20, (int(lengths.sum()),), generator=generator)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    grown_ids, grown_offsets = grown_along_batch((ids, offsets), None)
+    assert len(grown_offsets) == len(offsets) + 1 and len(grown_ids) == len(ids) + (len(ids) > 0)
+    assert bool((grown_offsets.diff() >= 0).all()) and int(grown_offsets[-1]) <= len(grown_ids)
+    bag = nn.EmbeddingBag(20, 3, mode="sum")
+    with torch.no_grad():
+        grown = bag(grown_ids, grown_offsets)
+        torch.testing.assert_close(grown[:-2], bag(ids, offsets)[:-1])  # the bags before the last are the example's
 
 
 def test_a_tied_table_stays_fp32_on_both_sides_when_one_side_falls_back():
