@@ -71,7 +71,7 @@ def skip_lightnings_callback_before(cls: type, version: str, why: str) -> None:
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 # CI draws the same examples on every run (a red CI is the code's, not the dice's); local runs explore new ones.
-settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)  # (no timing: 2 loaded cores)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")

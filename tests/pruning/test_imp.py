@@ -312,12 +312,19 @@ def test_retraining_from_the_rewind_point_resumes_every_round_at_step_k():
     assert (pruned["weights"][ticket.masks["net.0.weight"] == 0] == 0).all()
 
 
-def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_state(recwarn):
+def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_state(recwarn, monkeypatch, tmp_path):
     """By default (OpenLTH) the momenta at k are cleared; a k inside an epoch resumes there without Lightning's
     mid-epoch warning, which this option asks for, or its "Restoring states" lines about our temporary file, whose
     folder is gone afterwards."""
     seed_everything(0)
-    before = set(Path(tempfile.gettempdir()).glob("litcompress-lottery-*"))
+    # this test's own temporary folder: another xdist worker's lottery search makes and removes one in the system's
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folders_during_fits = []
+
+    class FoldersSeen(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            folders_during_fits.append(len(list(tmp_path.glob("litcompress-lottery-*"))))
+
     seen, lines = FitsSeen(), []
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     handler = logging.Handler()
@@ -326,7 +333,8 @@ def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_sta
     try:
         ticket = find_lottery_ticket(OneCycleDigitsClassifier(), DigitsDataModule(batch_size=128), metric="val_acc",
                                      rounds=1, rate=0.5, evaluate_on="validate", control="none",
-                                     trainer_kwargs=dict(max_epochs=2, accelerator="cpu", callbacks=[seen]),
+                                     trainer_kwargs=dict(max_epochs=2, accelerator="cpu",
+                                                         callbacks=[seen, FoldersSeen()]),
                                      rewind_to_step=5, retrain_from="rewind_point")
     finally:
         rank_zero.removeHandler(handler)
@@ -337,7 +345,7 @@ def test_retraining_from_a_rewind_point_inside_an_epoch_clears_the_optimizer_sta
     assert seen.fits[1]["lr"] == seen.fits[2]["lr"] == seen.learning_rates[5] > seen.learning_rates[0]
     assert ticket.rounds[1].metric > 0.5
     assert not [w for w in recwarn if "before the epoch ended" in str(w.message)]
-    assert set(Path(tempfile.gettempdir()).glob("litcompress-lottery-*")) == before
+    assert folders_during_fits[1:] == [1, 1] and not list(tmp_path.glob("litcompress-lottery-*"))  # made, removed
 
 
 @pytest.mark.parametrize("arguments, error, message", [
