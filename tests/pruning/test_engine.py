@@ -31,6 +31,7 @@ from litcompress.pruning import (
     prune_model_,
     prune_to_sparsity_,
     rewind_,
+    shrink,
     take_snapshot,
 )
 from litcompress.pruning.engine import (PermanentStateDictHook, deepcopy_model, keep_bypassed_weights_current_,
@@ -1226,3 +1227,33 @@ def test_deepcopy_model_reads_each_container_once():
     inner = [[loss]]
     deep = [[[[[[[inner]]]]]]]  # inner at level 8: its tensor out of reach from here
     assert list(_tensors_held([deep, inner])) == [loss]
+
+
+class _DecoderWithModuleActivation(nn.Module):
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, activation=activation, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x, x))
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.Sigmoid(), nn.SiLU()], ids=lambda a: type(a).__name__)
+def test_copies_of_a_decoder_layer_with_a_module_activation_compute_what_it_computes(activation):
+    """torch's `TransformerDecoderLayer.__setstate__` (run by deepcopy) sets `F.relu` in the copy's own dict over a
+    module activation: shrink's copy, a distillation teacher and every quantization candidate computed a ReLU
+    (outputs 0.04-0.23 off)."""
+    from litcompress.distillation import Distiller
+
+    torch.manual_seed(0)
+    model = _DecoderWithModuleActivation(activation).eval()
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        expected = model(x)
+        copied = deepcopy_model(model)
+        assert copied.layer.activation is not model.layer.activation and "activation" not in vars(copied.layer)
+        torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(shrink(model, (x,)).model(x), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(Distiller(model).teacher(x), expected, rtol=0, atol=0)
+    assert type(model.layer.activation) is type(activation) and "activation" not in vars(model.layer)

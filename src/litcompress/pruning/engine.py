@@ -486,9 +486,28 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
             if not item.is_leaf:
                 memo[id(item)] = item.detach().clone()
     copied = copy.deepcopy(model, memo)
+    drop_shadowing_attributes_(model, memo)
     for module in copied.modules():
         _drop_lightning_compile_(module, memo)
     return copied
+
+
+def drop_shadowing_attributes_(model: nn.Module, memo: dict[int, object]) -> None:
+    """Remove from each copy (found through the `memo` of ``copy.deepcopy(model, memo)``) an attribute its original
+    does not have that hides a submodule, parameter or buffer of the same name.
+
+    torch's ``__setstate__`` of some modules adds one: ``nn.TransformerDecoderLayer`` looks for ``activation`` in the
+    instance dict, where a module activation (``activation=nn.GELU()``) is not, and sets ``F.relu`` there, which then
+    shadows the module: every deep copy (and unpickled model) of such a layer computes a ReLU.
+    """
+    for original in model.modules():
+        copied = memo.get(id(original))
+        if not isinstance(copied, nn.Module) or copied is original:
+            continue
+        had = vars(original)
+        held = (copied._modules, copied._parameters, copied._buffers)
+        for name in [name for name in vars(copied) if name not in had and any(name in names for names in held)]:
+            del copied.__dict__[name]
 
 
 # What Lightning's fit of a ``torch.compile``'d LightningModule (``from_compiled``) replaces on the module itself

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import holds_pruning_zeros
+from litcompress.pruning.engine import deepcopy_model, holds_pruning_zeros
 
 from .config import Recipe
 from .backends import ExportError, Inputs, cpu_has_vnni
@@ -436,7 +436,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     if model.training and frozen:  # (the Lightning callback says it in its own words)
         warnings.warn(frozen_inside_message("prepare_qat", model, frozen), UserWarning, stacklevel=2)
     if copy:
-        model = copy_module.deepcopy(model)
+        model = deepcopy_model(model)
     dynamic_dims = resolve_dynamic_dims([example_inputs], config.dynamic_dims)  # the batch dims and the declared
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import itertools
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import (check_lazy_layers_called, compiled_module_names, eager_copy,
+from litcompress.pruning.engine import (check_lazy_layers_called, compiled_module_names, deepcopy_model, eager_copy,
                                         make_permanent_)
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import eval_outputs
@@ -879,7 +878,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 t0 = time.monotonic()
                 returned_nan = False  # eval_fn returned NaN (check_metric then fails), which fp32 layers may fix
                 try:
-                    candidate = search.backend.quantize(copy.deepcopy(fp32), recipe, example_inputs, calibration)
+                    candidate = search.backend.quantize(deepcopy_model(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
                         value = call_keeping_modes(eval_fn, candidate)
                     returned_nan = _is_nan(value)

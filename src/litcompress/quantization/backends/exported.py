@@ -6,7 +6,6 @@ TorchScript (``torch.jit.trace``/``save``) is deprecated in torch 2.13; an expor
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -15,6 +14,8 @@ import zipfile
 
 import torch
 from torch import nn
+
+from litcompress.pruning.engine import deepcopy_model
 
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
 from ..shapes import (DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, fixed_size_hint,
@@ -76,7 +77,7 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     `eval_mode=False` exports the module in the mode it is in: a graph that was itself exported refuses ``eval()``.
     """
     inputs = export_inputs(example_inputs)
-    module = copy.deepcopy(module)
+    module = deepcopy_model(module)
     if eval_mode:
         module.eval()
         outputs = outputs or untraceable_structure(module, inputs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import os
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from litcompress.pruning.engine import tied_parameters
+from litcompress.pruning.engine import deepcopy_model, tied_parameters
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
@@ -157,7 +156,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     weight as an initializer of its own)."""
     original = model  # the file is compared with it (the exporter may modify the copy it is given)
     # forward's other parameters (flags) keep their defaults: the exporter would pass keyword-only ones by position
-    model = taking_only_inputs_(copy.deepcopy(model).eval(), len(example_inputs))
+    model = taking_only_inputs_(deepcopy_model(model).eval(), len(example_inputs))
     model = _exportable_(model, free_lengths=shrunk_along_free_dims(example_inputs, dynamic_dims) is not None)
     names = [f"input_{i}" for i in range(len(example_inputs))]
     reference = eval_outputs(original, example_inputs)

@@ -8,7 +8,6 @@ breaks this backend only. Its deprecation warnings are silenced locally.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import warnings
 import weakref
@@ -20,6 +19,7 @@ from torch import nn
 from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized import EmbeddingBag as QuantizedEmbeddingBag
 
+from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.shrink import eval_outputs
 
 from ..config import Recipe
@@ -313,7 +313,7 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs,
     the structure of its output when TorchScript cannot return it as it is (a None, a dataclass: the script returns
     the tensors, and :func:`load_torchscript` rebuilds it); :class:`FixedDimError` when the trace fixed a dim that
     must stay free."""
-    module = copy.deepcopy(quantized).eval()
+    module = deepcopy_model(quantized).eval()
     structure = untraceable_structure(module, example_inputs, torchscript=True)
     if structure is not None:
         module = tensor_leaves_of(module, example_inputs)
