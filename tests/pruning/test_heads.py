@@ -411,3 +411,39 @@ def test_taking_an_encoder_off_torchs_nested_tensor_path_is_said(nested):
     real = ~padded
     torch.testing.assert_close(after[real], before[real], rtol=1e-4, atol=1e-5)  # the real positions: the same
     assert bool((before[padded] == 0).all()) == nested  # what the note says the shrunk model no longer does
+
+
+def test_head_pruned_attention_returns_the_weights_it_attended_with_after_dropout_as_torch_does():
+    """In training with dropout it returned the weights before dropout (rows summing to 1), torch those after."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True).train()
+    rewritten = rewrite_attentions_(deepcopy_model(attention))
+    query, key = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    for average in (False, True):
+        torch.manual_seed(1)
+        expected = attention(query, key, key, average_attn_weights=average)
+        torch.manual_seed(1)
+        got = rewritten(query, key, key, average_attn_weights=average)
+        torch.testing.assert_close(got, expected)  # (the same draws: one dropout over the same weights)
+
+
+def test_head_pruned_attention_refuses_is_causal_without_a_mask_as_torch_does():
+    """It honoured is_causal without a mask, but ignored it beside a key padding mask; torch refuses both."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    rewritten = rewrite_attentions_(deepcopy_model(attention))
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, -2:] = True
+    for module in (attention, rewritten):
+        for padding_mask in (None, padding):
+            with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+                module(x, x, x, key_padding_mask=padding_mask, is_causal=True, need_weights=False)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        for padding_mask in (None, padding):
+            for need_weights in (False, True):
+                kwargs = dict(key_padding_mask=padding_mask, attn_mask=causal, is_causal=True,
+                              need_weights=need_weights)
+                torch.testing.assert_close(rewritten(x, x, x, **kwargs), attention(x, x, x, **kwargs), rtol=1e-5,
+                                           atol=1e-5)

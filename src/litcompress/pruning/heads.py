@@ -97,6 +97,9 @@ class HeadPrunedAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if is_causal and attn_mask is None:  # torch's refusal: is_causal is a hint about the mask, not one
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                               "method `generate_square_subsequent_mask` to create this mask.")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -121,16 +124,15 @@ class HeadPrunedAttention(nn.Module):
         if key_padding_mask is not None:
             padding = _additive_mask(key_padding_mask, q.dtype).reshape(batch, 1, 1, source)
             mask = padding if mask is None else mask + padding
-        if mask is None and is_causal:
-            mask = torch.full((target, source), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         dropout = self.dropout if self.training else 0.0
 
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / self.head_dim ** 0.5)
             if mask is not None:
                 scores = scores + mask
-            weights = scores.softmax(dim=-1)
-            attended = F.dropout(weights, dropout, training=self.training) @ v
+            # the weights returned are those attended with, after dropout (as torch's)
+            weights = F.dropout(scores.softmax(dim=-1), dropout, training=self.training)
+            attended = weights @ v
         else:
             weights = None
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
