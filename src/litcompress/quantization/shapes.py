@@ -147,14 +147,17 @@ def shrunk_along_free_dims(inputs: Sequence[object], dynamic_dims: DynamicDims |
 
 
 def grown_along_batch(inputs: Sequence[object], dynamic_dims: DynamicDims | None) -> tuple | None:
-    """`inputs` with their last row repeated once more along the batch dim (a batch one larger, of inputs the model
-    takes), to check that an exported file takes other batch sizes; None when no input has a batch dim. The last row,
-    not the first: an EmbeddingBag's offsets must not descend, and a repeated first offset (0) made the last bags'
-    bounds cross, which torch reads out of bounds (outputs that changed from run to run, or an error)."""
+    """`inputs` with their first row put once more before it along the batch dim (a batch one larger, of inputs the
+    model takes), to check that an exported file takes other batch sizes; None when no input has a batch dim.
+
+    Before, not after: sorted rows stay sorted either way (an EmbeddingBag's offsets, which a first offset (0)
+    appended made descend: torch read out of bounds, outputs changing from run to run; lengths sorted for packing),
+    and every row moves, so a file that kept a row's position as a number (``x[int(x.shape[0]) - 1]``, the last
+    row) reads another one (an appended copy of the last row would have been read as the last row)."""
     grown, changed = [], False
     for tensor, dims in zip(inputs, dims_for(inputs, dynamic_dims)):
         if isinstance(tensor, torch.Tensor) and 0 in dims and tensor.shape[0] > 0:
-            tensor, changed = torch.cat([tensor, tensor[-1:]]), True
+            tensor, changed = torch.cat([tensor[:1], tensor]), True
         grown.append(tensor)
     return tuple(grown) if changed else None
 
