@@ -1257,3 +1257,37 @@ def test_copies_of_a_decoder_layer_with_a_module_activation_compute_what_it_comp
         torch.testing.assert_close(shrink(model, (x,)).model(x), expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(Distiller(model).teacher(x), expected, rtol=0, atol=0)
     assert type(model.layer.activation) is type(activation) and "activation" not in vars(model.layer)
+
+
+def test_a_copy_of_a_decoder_layer_kept_outside_the_module_tree_computes_what_it_computes():
+    """A frozen backbone kept out of `parameters()` (set with `object.__setattr__`) and one in a plain list are
+    copied too: they were left with torch's `F.relu` over their activation."""
+
+    class FrozenBackbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            object.__setattr__(self, "backbone", _DecoderWithModuleActivation(nn.GELU()))
+            self.also = [_DecoderWithModuleActivation(nn.Sigmoid())]
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x) + self.also[0](x))
+
+    torch.manual_seed(0)
+    model = FrozenBackbone().eval()
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        copied = deepcopy_model(model)
+        assert copied.backbone is not model.backbone and copied.also[0] is not model.also[0]
+        torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
+
+
+def test_a_copy_keeps_what_its_original_computes_when_the_original_itself_was_read_back_with_the_shadow():
+    """A layer unpickled (torch.load of a whole model) already holds torch's `F.relu` over its activation: the copy
+    computes what the original does, not what it was first built to."""
+    torch.manual_seed(0)
+    model = pickle.loads(pickle.dumps(_DecoderWithModuleActivation(nn.GELU()).eval()))
+    assert "activation" in vars(model.layer)  # (torch's __setstate__)
+    x = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(deepcopy_model(model)(x), model(x), rtol=0, atol=0)

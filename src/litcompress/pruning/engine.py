@@ -500,7 +500,11 @@ def drop_shadowing_attributes_(model: nn.Module, memo: dict[int, object]) -> Non
     instance dict, where a module activation (``activation=nn.GELU()``) is not, and sets ``F.relu`` there, which then
     shadows the module: every deep copy (and unpickled model) of such a layer computes a ReLU.
     """
-    for original in model.modules():
+    # every module copied, those outside the module tree too (a frozen backbone kept out of `parameters()` with
+    # `object.__setattr__`, a list of modules): deepcopy keeps each original it copied in the memo, under its own id
+    kept_alive = memo.get(id(memo), [])
+    for original in {id(module): module for module in [*model.modules(), *kept_alive]
+                     if isinstance(module, nn.Module)}.values():
         copied = memo.get(id(original))
         if not isinstance(copied, nn.Module) or copied is original:
             continue
