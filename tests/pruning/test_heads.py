@@ -427,18 +427,29 @@ def test_head_pruned_attention_returns_the_weights_it_attended_with_after_dropou
         torch.testing.assert_close(got, expected)  # (the same draws: one dropout over the same weights)
 
 
-def test_head_pruned_attention_refuses_is_causal_without_a_mask_as_torch_does():
-    """It honoured is_causal without a mask, but ignored it beside a key padding mask; torch refuses both."""
+def test_head_pruned_attention_takes_is_causal_without_a_mask_where_torch_does():
+    """It honoured is_causal without a mask, but ignored it beside a key padding mask. torch refuses both, except on
+    its fused inference path (self-attention, eval, no grad, batch first), which ignores the hint."""
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(16, 4, batch_first=True).eval()
     rewritten = rewrite_attentions_(deepcopy_model(attention))
-    x = torch.randn(2, 5, 16)
+    x, other = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     padding = torch.zeros(2, 5, dtype=torch.bool)
     padding[1, -2:] = True
     for module in (attention, rewritten):
         for padding_mask in (None, padding):
             with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
                 module(x, x, x, key_padding_mask=padding_mask, is_causal=True, need_weights=False)
+            with torch.no_grad(), pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal"):
+                module(x, other, other, key_padding_mask=padding_mask, is_causal=True)  # (not self-attention)
+    with torch.no_grad():
+        for padding_mask in (None, padding):
+            for need_weights in (False, True):
+                kwargs = dict(key_padding_mask=padding_mask, need_weights=need_weights)
+                expected = attention(x, x, x, **kwargs)
+                torch.testing.assert_close(attention(x, x, x, is_causal=True, **kwargs), expected)  # (ignored)
+                torch.testing.assert_close(rewritten(x, x, x, is_causal=True, **kwargs), expected, rtol=1e-5,
+                                           atol=1e-5)
     causal = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         for padding_mask in (None, padding):

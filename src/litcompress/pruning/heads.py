@@ -94,12 +94,20 @@ class HeadPrunedAttention(nn.Module):
             mask = mask[:, list(self.kept_heads)]
         return mask
 
+    def _on_torchs_fast_path(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        """Whether torch's attention, as it was, would run a call on its fused inference path (which does not read
+        ``is_causal``): batched self-attention in eval mode without grad, batch first, an even head count."""
+        return (not self.training and not torch.is_grad_enabled() and self.batch_first and query.dim() == 3
+                and query is key and key is value and self.original_heads % 2 == 0)
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        if is_causal and attn_mask is None:  # torch's refusal: is_causal is a hint about the mask, not one
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
-                               "method `generate_square_subsequent_mask` to create this mask.")
+        if is_causal and attn_mask is None:  # is_causal is a hint about the mask, not one: as torch's attention,
+            # ignored where torch's fused inference path would take the call, refused (in torch's words) elsewhere
+            if not self._on_torchs_fast_path(query, key, value):
+                raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                                   "module method `generate_square_subsequent_mask` to create this mask.")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
