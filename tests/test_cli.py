@@ -1442,3 +1442,37 @@ def test_a_checkpoint_of_another_model_is_said_to_be_one(first_run, capsys, tmp_
     assert (f"--checkpoint {out / 'dense.ckpt'}: OneWidthMLP cannot be built from the hyperparameters the checkpoint "
             "saved (" in err)
     assert "hidden=(48, 48): expected one int. Give a checkpoint that Lightning's Trainer saved for this --model" in err
+
+
+def test_a_mnist_checkpoint_takes_other_training_images_but_keeps_its_held_out_sets(tmp_path, capsys):
+    """MNIST's validation and test sets are as shipped (its seed and train_limit choose training images only): a
+    --checkpoint run refused another train_limit, saying it would score the model on data it trained on."""
+    checkpoint = tmp_path / "dense.ckpt"
+    torch.save({"datamodule_hyper_parameters": dict(batch_size=64, seed=0, num_workers=0, flatten=False,
+                                                    train_limit=512, shuffle_seed=None)}, checkpoint)
+
+    def datamodule(*options: str):
+        return _datamodule(build_parser().parse_args(["compress", "--model", "cnn", "--data", "mnist",
+                                                      "--checkpoint", str(checkpoint), *options]))
+
+    capsys.readouterr()
+    more = datamodule("--data-args", '{"train_limit": 1024}')
+    assert (more.train_limit, more.seed, more.shuffle_seed) == (1024, 0, 0)
+    same = datamodule("--seed", "2")  # the checkpoint's training images, in --seed's order
+    assert (same.train_limit, same.seed, same.shuffle_seed) == (512, 0, 2)
+    said = capsys.readouterr().err
+    assert "training images are those --checkpoint was trained on (seed 0, train_limit 512)" in said
+    assert "score it on data it trained on" not in said
+    other = datamodule("--seed", "2", "--data-args", '{"seed": 2}')
+    assert (other.train_limit, other.seed) == (512, 2)
+
+
+def test_search_limits_are_said_as_options_but_a_call_written_out_is_left_as_written():
+    from litcompress.cli import _search_limits_as_options
+
+    assert _search_limits_as_options("timeout_s=5 reached. Raise max_trials/timeout_s") == (
+        "--timeout 5 reached. Raise --max-trials/--timeout")
+    said = ("int8 does not pay off: PTQConfig(min_speedup=1.0) (CLI: --min-speedup 1) keeps fp32; min_speedup=1.0 "
+            "was not given")
+    assert _search_limits_as_options(said) == ("int8 does not pay off: PTQConfig(min_speedup=1.0) (CLI: "
+                                               "--min-speedup 1) keeps fp32; --min-speedup 1.0 was not given")

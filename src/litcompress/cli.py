@@ -542,18 +542,25 @@ def _datamodule(args: argparse.Namespace) -> Any:
 
     if args.data in BUILTIN_DATA:
         cls = DigitsDataModule if args.data == "digits" else MNISTDataModule
-        split = _checkpoint_split(args, cls)
-        other = {name: value for name, value in args.data_args.items() if name in split and value != split[name]}
+        split = _checkpoint_split(args, cls)  # the checkpoint's data, unless --data-args says otherwise
+        held_out = {name: split[name] for name in cls.held_out_settings if name in split}
+        other = {name: value for name, value in args.data_args.items() if name in held_out and value != held_out[name]}
         if other:
             raise ValueError(
                 f"--data-args {json.dumps(other)}: --checkpoint {args.checkpoint} was trained on the {args.data} "
-                f"split of {json.dumps(split)}, and another split would score it on data it trained on. Drop "
+                f"split of {json.dumps(held_out)}, and another split would score it on data it trained on. Drop "
                 f"{', '.join(other)} from --data-args (the checkpoint's split is used).")
         order = {}
         if "seed" in split and "seed" not in args.data_args and split["seed"] != args.seed:
-            _stderr(f"note: the {args.data} split is the one --checkpoint was trained on (seed {split['seed']}), "
-                    f"not --seed {args.seed}'s, which would score it on data it trained on; --seed {args.seed} "
-                    "seeds the rest of the run (the training order too).")
+            if "seed" in held_out:
+                _stderr(f"note: the {args.data} split is the one --checkpoint was trained on (seed "
+                        f"{split['seed']}), not --seed {args.seed}'s, which would score it on data it trained on; "
+                        f"--seed {args.seed} seeds the rest of the run (the training order too).")
+            elif split.get("train_limit") is not None and "train_limit" not in args.data_args:
+                _stderr(f"note: the {args.data} training images are those --checkpoint was trained on (seed "
+                        f"{split['seed']}, train_limit {split['train_limit']}); --data-args '{{\"seed\": "
+                        f"{args.seed}}}' takes others. --seed {args.seed} seeds the rest of the run (the training "
+                        "order too).")
             order = {"shuffle_seed": args.seed}  # the split's seed had set the order as well: --seed did nothing
         kwargs = {"seed": args.seed, **split, **order, **args.data_args}
         kwargs.setdefault("flatten", args.model == "mlp")
@@ -562,9 +569,9 @@ def _datamodule(args: argparse.Namespace) -> Any:
 
 
 def _checkpoint_split(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The settings of the built-in DataModule `cls` that chose the split --checkpoint was trained on (its seed,
+    """The settings of the built-in DataModule `cls` that chose the data --checkpoint was trained on (its seed,
     fractions, train_limit: what Lightning saved of the fit's DataModule); none without a checkpoint, or for one
-    trained on other data (settings `cls` does not take)."""
+    trained on other data (settings `cls` does not take). Those in ``cls.held_out_settings`` may not change."""
     import torch
 
     if args.checkpoint is None:
@@ -881,12 +888,15 @@ def _print_report(report: Any) -> None:
 
 def _search_limits_as_options(message: str) -> str:
     """The search's limits said as the options that set them: ``timeout_s=5 reached`` -> ``--timeout 5 reached``,
-    ``Raise max_trials/timeout_s`` -> ``Raise --max-trials/--timeout`` (the report's file keeps the API's words)."""
-    for name in ("timeout_s", "max_trials", "min_speedup"):
-        flag = _OPTIONS["PTQConfig"][name]
-        message = re.sub(rf"\b{name}=", f"{flag} ", message)
-        message = re.sub(rf"\b{name}\b", flag, message)
-    return message.replace("the tolerable loss", "the tolerable loss (--tolerance)")
+    ``Raise max_trials/timeout_s`` -> ``Raise --max-trials/--timeout`` (the report's file keeps the API's words). A
+    call written out (``PTQConfig(min_speedup=1.0)``, said beside its CLI form) is left as it is."""
+    parts = re.split(r"(\w+\([^()]*\))", message)  # odd parts: the calls
+    for i in range(0, len(parts), 2):
+        for name in ("timeout_s", "max_trials", "min_speedup"):
+            flag = _OPTIONS["PTQConfig"][name]
+            parts[i] = re.sub(rf"\b{name}=", f"{flag} ", parts[i])
+            parts[i] = re.sub(rf"\b{name}\b", flag, parts[i])
+    return "".join(parts).replace("the tolerable loss", "the tolerable loss (--tolerance)")
 
 
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:

@@ -84,6 +84,9 @@ class _BundledDataModule(L.LightningDataModule):
     """Shared loader plumbing: splits are built in ``setup`` and reused across stages."""
 
     num_classes = 10
+    #: the settings that choose which examples are held out for validation and test: a model trained with other
+    #: values would be scored on examples it trained on
+    held_out_settings: tuple[str, ...] = ()
 
     def __init__(self, batch_size: int, seed: int, num_workers: int, shuffle_seed: int | None = None) -> None:
         super().__init__()
@@ -173,6 +176,7 @@ class DigitsDataModule(_BundledDataModule):
     """
 
     num_features = DIGITS_NUM_FEATURES
+    held_out_settings = ("seed", "val_fraction", "test_fraction")
 
     def __init__(
         self,
@@ -206,6 +210,7 @@ class MNISTDataModule(_BundledDataModule):
     """
 
     num_features = MNIST_NUM_FEATURES
+    held_out_settings = ()  # validation and test sets as shipped: seed and train_limit choose training images only
 
     def __init__(
         self,
