@@ -1082,3 +1082,33 @@ def test_channel_groups_refuse_a_sparsity_outside_zero_one(sparsity):
     with pytest.raises(ValueError, match=re.escape(f"prune_groups_(sparsity={sparsity!r}): expected a fraction")):
         prune_groups_(model, groups, sparsity)
     assert not pruned_targets(model)
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(h + self.b(F.relu(h)))
+
+
+@pytest.mark.parametrize("zero, multiple, width", [(16, 8, 8), (16, None, 1), (12, 8, 8), (3, None, 13), (3, 8, 16)])
+def test_a_residual_group_keeps_a_multiple_of_its_channels_and_says_when_that_kept_its_zeros(zero, multiple, width):
+    """A group whose channels were all zero kept one (not 8) with keep_multiple_of=8: the one kept was unmarked after
+    the multiple was rounded. Where the multiple left nothing to remove, the report sent the user to zero biases
+    that were zero."""
+    torch.manual_seed(0)
+    model = _ResidualMLP()
+    with torch.no_grad():
+        for layer in (model.a, model.b):
+            layer.weight[:zero] = 0
+            layer.bias[:zero] = 0
+    x = torch.randn(5, 4)
+    result = shrink(model, (x,), keep_multiple_of=multiple)
+    assert (result.model.a.out_features, result.model.b.out_features, result.model.c.in_features) == (width,) * 3
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-6, atol=1e-6)
+    kept = dict(result.report.kept)
+    if width == 16:
+        assert kept["a"].startswith(f"keeping a multiple of {multiple} channels leaves none of its group's {zero} zero")

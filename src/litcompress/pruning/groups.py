@@ -629,7 +629,7 @@ def _zero_by_rule(modules: dict[str, nn.Module], rule: ZeroRule, known: dict[Zer
     return known[rule]
 
 
-def _exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:
+def exactly_zero_channels(modules: dict[str, nn.Module], group: ChannelGroup) -> Tensor:
     """True for the channels that are zero wherever the consumers read the space (with `zero_when`: a product's
     channel is zero when one factor's is; without: zero rows and biases in every producer, and every BatchNorm maps
     zero to zero)."""
@@ -652,12 +652,12 @@ def remove_zero_group_channels_(model: nn.Module, groups: list[ChannelGroup],
     modules = dict(model.named_modules())
     done = []
     for group in groups:
-        dead = _exactly_zero_channels(modules, group)
-        keep_a_multiple_(dead, keep_multiple_of)
-        if not bool(dead.any()):
-            continue
+        dead = exactly_zero_channels(modules, group)
         if bool(dead.all()):
             dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
+        keep_a_multiple_(dead, keep_multiple_of)  # (after: the one channel kept above counts towards the multiple)
+        if not bool(dead.any()):
+            continue
         keep = (~dead).nonzero().flatten()
         slices = group.producer_slices()
         for name, starts in slices.items():  # a chunked layer keeps the channel in each of its parts

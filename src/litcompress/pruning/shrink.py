@@ -2553,9 +2553,14 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True, tracer
     return channel_plan(model, tracer=tracer, example_inputs=example_inputs).removable(residual_groups)
 
 
-def _group_kept_reason(group: Any) -> str:
+def _group_kept_reason(group: Any, keep_multiple_of: int | None, zero_channels: Tensor) -> str:
     """Why a channel group's producer lost nothing: the group removes only what is exactly zero in its space (the
-    chain's own reason, "meets another tensor in add/mul", names the join, not the cause)."""
+    chain's own reason, "meets another tensor in add/mul", names the join, not the cause), or keep_multiple_of kept
+    the channels that are (`zero_channels`: those of its space)."""
+    if keep_multiple_of is not None and bool(zero_channels.any()):
+        return (f"keeping a multiple of {keep_multiple_of} channels leaves none of its group's "
+                f"{int(zero_channels.sum())} zero channels to remove ({', '.join(group.producers)}, joined by "
+                f"{group.describe()})")
     return (f"its channels leave with its group ({', '.join(group.producers)}, joined by {group.describe()}) only "
             "where the group's channel space is exactly zero (in every writer of a sum, in either factor of a "
             "product), and none is: prune the group as one, and a pruned row with a non-zero bias outputs a "
@@ -2728,7 +2733,7 @@ def shrink_(
     modules, traces, producers, groups = traced.modules, traced.traces, traced.producers, traced.groups
     graph, calls, disagreements = traced.graph, traced.calls, traced.disagreements
 
-    from litcompress.pruning.groups import remove_zero_group_channels_
+    from litcompress.pruning.groups import exactly_zero_channels, remove_zero_group_channels_
 
     layers: list[LayerShrink] = []
     kept: list[tuple[str, str]] = []
@@ -2765,8 +2770,9 @@ def shrink_(
     layers += grouped
     handled = {layer.name for layer in grouped}
     group_of = {producer: group for group in groups for producer in group.producers}
-    kept = [(name, _group_kept_reason(group_of[name]) if name in group_of and reason.startswith(
-        "its output meets another tensor") else reason) for name, reason in kept if name not in handled]
+    kept = [(name, _group_kept_reason(group_of[name], keep_multiple_of, exactly_zero_channels(modules, group_of[name]))
+             if name in group_of and reason.startswith("its output meets another tensor") else reason)
+            for name, reason in kept if name not in handled]
     # A conv none of the passes above reached (a depthwise one that no narrowed layer writes into, a grouped transposed
     # one) keeps its zero output channels: said, rather than left out of the report.
     said = {name for name, _ in kept} | {n for layer in layers for n in (layer.name, *layer.through)}
