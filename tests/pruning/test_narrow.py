@@ -4,6 +4,7 @@ the shrunk model does (state dicts round-tripped through files, `weights_only=Tr
 from __future__ import annotations
 
 import io
+import re
 
 import lightning as L
 import pytest
@@ -398,3 +399,18 @@ def test_a_model_narrowed_by_a_first_load_narrows_again_to_a_narrower_state_or_r
         load_shrunk_state_dict(fresh, states[0][0])  # wider than the model now is
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), states[1][1])  # refused before anything changed
+
+
+@pytest.mark.parametrize("layer, bias_shape", [(nn.Linear(4, 16), (20,)), (nn.Linear(4, 3), (5,)),
+                                               (nn.Linear(4, 3), (3, 1)), (nn.Conv2d(3, 16, 3), (2,)),
+                                               (nn.ConvTranspose2d(6, 8, 3, groups=2), (6,))])
+def test_a_bias_that_is_not_one_value_per_output_is_refused_and_the_model_left_as_it_was(layer, bias_shape):
+    """The layer took a bias of any shape (a Linear(4, 16) with 20 values), and failed at its first forward."""
+    model = nn.Sequential(layer)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    state["0.bias"] = torch.zeros(bias_shape)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"0: the state dict's bias has shape {re.escape(str(bias_shape))}.*one "
+                                         "value per output"):
+        load_shrunk_state_dict(model, state)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())

@@ -112,7 +112,7 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
         else:
             continue
         if isinstance(module, (nn.Linear, *_CONV, *_TRANSPOSED)):
-            resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"), apply)
+            resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"), weight, name, apply)
         if resized and name not in changed:
             changed.append(name)
     return changed
@@ -229,9 +229,17 @@ def _resize_recurrent_(module: nn.RNNBase, state_dict: Mapping[str, Any], prefix
     return True
 
 
-def _resize_bias_(module: nn.Module, bias: Any, apply: bool) -> bool:
-    """A bias of the state's length; one created where folding gave a bias-less layer a bias."""
-    if not isinstance(bias, Tensor) or (module.bias is not None and module.bias.shape == bias.shape):
+def _resize_bias_(module: nn.Module, bias: Any, weight: Tensor, name: str, apply: bool) -> bool:
+    """A bias of the state's length; one created where folding gave a bias-less layer a bias. A bias that is not
+    one value per output of the state's weight is refused (the layer took any, and failed at its first forward)."""
+    if not isinstance(bias, Tensor):
+        return False
+    outputs = int(weight.shape[1]) * module.groups if isinstance(module, _TRANSPOSED) else int(weight.shape[0])
+    if tuple(bias.shape) != (outputs,):
+        raise ValueError(f"{name or type(module).__name__}: the state dict's bias has shape {tuple(bias.shape)}, and "
+                         f"its weight of shape {tuple(weight.shape)} gives the layer {outputs} outputs: a bias holds "
+                         "one value per output, so this is not a state of this model.")
+    if module.bias is not None and module.bias.shape == bias.shape:
         return False
     if apply:
         module.bias = _like(module.bias, bias.shape, reference=module.weight)
