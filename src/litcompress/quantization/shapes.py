@@ -146,9 +146,10 @@ def shrunk_along_free_dims(inputs: Sequence[object], dynamic_dims: DynamicDims |
     return tuple(cut) if changed else None
 
 
-def grown_along_batch(inputs: Sequence[object], dynamic_dims: DynamicDims | None) -> tuple | None:
-    """`inputs` with their first row put once more before it along the batch dim (a batch one larger, of inputs the
-    model takes), to check that an exported file takes other batch sizes; None when no input has a batch dim.
+def grown_along_batch(inputs: Sequence[object], dynamic_dims: DynamicDims | None, rows: int = 1) -> tuple | None:
+    """`inputs` with their first row put `rows` times more before it along the batch dim (a batch that much larger,
+    of inputs the model takes), to check that an exported file takes other batch sizes; None when no input has a
+    batch dim.
 
     Before, not after: sorted rows stay sorted either way (an EmbeddingBag's offsets, which a first offset (0)
     appended made descend: torch read out of bounds, outputs changing from run to run; lengths sorted for packing),
@@ -157,7 +158,7 @@ def grown_along_batch(inputs: Sequence[object], dynamic_dims: DynamicDims | None
     grown, changed = [], False
     for tensor, dims in zip(inputs, dims_for(inputs, dynamic_dims)):
         if isinstance(tensor, torch.Tensor) and 0 in dims and tensor.shape[0] > 0:
-            tensor, changed = torch.cat([tensor[:1], tensor]), True
+            tensor, changed = torch.cat([tensor[:1].expand(rows, *tensor.shape[1:]), tensor]), True
         grown.append(tensor)
     return tuple(grown) if changed else None
 
