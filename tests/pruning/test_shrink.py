@@ -144,9 +144,16 @@ def test_half_precision_models_shrink_within_their_own_rounding(case, dtype) -> 
     model = model.to(dtype)
     x = torch.randn(16, 6, dtype=dtype, generator=torch.Generator().manual_seed(0))  # (not the suite's stream)
     expected = outputs(model, x).double()
-    result = shrink(model, x)  # raises if the difference is beyond the check's bound
+    rtol = 1e-4
+    try:
+        result = shrink(model, x)  # raises if the difference is beyond the check's bound
+    except ValueError as error:  # the refusal of a small output moved by rounding alone, said with its remedy (1 in
+        # ~500 models: the next test), which a local run's new draws meet now and then
+        assert "can move by their rounding alone: if the difference is that small, pass a larger rtol" in str(error)
+        rtol = 1e-3
+        result = shrink(model, x, rtol=rtol)
     difference, scale = float((outputs(result.model, x).double() - expected).abs().max()), float(expected.abs().max())
-    assert difference <= max(1e-4 * max(scale, 1.0), ROUNDING_EPS * torch.finfo(dtype).eps * scale)
+    assert difference <= max(rtol * max(scale, 1.0), ROUNDING_EPS * torch.finfo(dtype).eps * scale)
     for index, rows in zip(hidden, dead):
         assert result.model[index].out_features == max(model[index].out_features - len(rows), 1)
         assert result.model[index].weight.dtype == dtype
