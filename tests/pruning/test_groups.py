@@ -1112,3 +1112,47 @@ def test_a_residual_group_keeps_a_multiple_of_its_channels_and_says_when_that_ke
     kept = dict(result.report.kept)
     if width == 16:
         assert kept["a"].startswith(f"keeping a multiple of {multiple} channels leaves none of its group's {zero} zero")
+
+
+class _ChunkedSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(4, 32), nn.Linear(16, 3)
+
+    def forward(self, x):
+        u, v = self.a(x).chunk(2, -1)
+        return self.c(u + v)
+
+
+class _OneChannelResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 1), nn.Linear(1, 1), nn.Linear(1, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(h + self.b(F.relu(h)))
+
+
+@pytest.mark.parametrize("multiple", [None, 1, 8])
+def test_the_reason_a_group_kept_its_zero_channels_is_the_one_that_kept_them(multiple):
+    """A chunked producer whose zeros keep_multiple_of kept was said not to be seen through (it is, when the multiple
+    allows); a one-channel group that is zero was said to hold no zero channel, or kept by a multiple of 1."""
+    torch.manual_seed(0)
+    chunked, one = _ChunkedSum(), _OneChannelResidual()
+    with torch.no_grad():
+        chunked.a.weight[[0, 1, 2, 16, 17, 18]] = 0
+        chunked.a.bias[[0, 1, 2, 16, 17, 18]] = 0
+        for layer in (one.a, one.b):
+            layer.weight.zero_(), layer.bias.zero_()
+    x = torch.randn(5, 4)
+    result = shrink(chunked, (x,), keep_multiple_of=multiple)
+    torch.testing.assert_close(result.model(x), chunked(x), rtol=1e-6, atol=1e-6)
+    if multiple == 8:
+        assert result.model.a.out_features == 32 and dict(result.report.kept)["a"].startswith(
+            "keeping a multiple of 8 channels leaves none of its group's 3 zero channels to remove (a, joined by ")
+    else:
+        assert result.model.a.out_features == 26 and "a" not in dict(result.report.kept)
+    result = shrink(one, (x,), keep_multiple_of=multiple)
+    assert result.model.a.out_features == 1
+    assert dict(result.report.kept)["a"].startswith("its one channel is zero, and a layer keeps one channel at least")

@@ -2553,15 +2553,28 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True, tracer
     return channel_plan(model, tracer=tracer, example_inputs=example_inputs).removable(residual_groups)
 
 
+def _group_decides(chain_reason: str) -> bool:
+    """Whether a producer's chain reason is only where its channels meet the rest of their group (a sum, a product,
+    the parts of a chunk), which the group reads through: the group's own reason says why it kept them."""
+    return chain_reason.startswith("its output meets another tensor") or (
+        chain_reason.startswith("its output goes to") and any(f" {op}," in chain_reason or f" {op} " in chain_reason
+                                                              for op in ("chunk", "split")))
+
+
 def _group_kept_reason(group: Any, keep_multiple_of: int | None, zero_channels: Tensor) -> str:
     """Why a channel group's producer lost nothing: the group removes only what is exactly zero in its space (the
-    chain's own reason, "meets another tensor in add/mul", names the join, not the cause), or keep_multiple_of kept
-    the channels that are (`zero_channels`: those of its space)."""
-    if keep_multiple_of is not None and bool(zero_channels.any()):
-        return (f"keeping a multiple of {keep_multiple_of} channels leaves none of its group's "
-                f"{int(zero_channels.sum())} zero channels to remove ({', '.join(group.producers)}, joined by "
-                f"{group.describe()})")
-    return (f"its channels leave with its group ({', '.join(group.producers)}, joined by {group.describe()}) only "
+    chain's own reason, "meets another tensor in add/mul", names the join, not the cause); keep_multiple_of kept
+    the channels that are (`zero_channels`: those of its space), or the one channel every layer keeps."""
+    joined = f"{', '.join(dict.fromkeys(group.producers))}, joined by {group.describe()}"  # (a chunk's: one layer)
+    zeros = int(zero_channels.sum())
+    if zeros:
+        if zeros == zero_channels.numel() == 1:
+            return (f"its one channel is zero, and a layer keeps one channel at least (zero-width layers break "
+                    f"exporters and some kernels) ({joined})")
+        if keep_multiple_of is not None and keep_multiple_of > 1:
+            return (f"keeping a multiple of {keep_multiple_of} channels leaves none of its group's {zeros} zero "
+                    f"channels to remove ({joined})")
+    return (f"its channels leave with its group ({joined}) only "
             "where the group's channel space is exactly zero (in every writer of a sum, in either factor of a "
             "product), and none is: prune the group as one, and a pruned row with a non-zero bias outputs a "
             "constant, which a group does not fold (hold the biases at zero, as the pipeline does)")
@@ -2771,7 +2784,7 @@ def shrink_(
     handled = {layer.name for layer in grouped}
     group_of = {producer: group for group in groups for producer in group.producers}
     kept = [(name, _group_kept_reason(group_of[name], keep_multiple_of, exactly_zero_channels(modules, group_of[name]))
-             if name in group_of and reason.startswith("its output meets another tensor") else reason)
+             if name in group_of and _group_decides(reason) else reason)
             for name, reason in kept if name not in handled]
     # A conv none of the passes above reached (a depthwise one that no narrowed layer writes into, a grouped transposed
     # one) keeps its zero output channels: said, rather than left out of the report.
