@@ -578,17 +578,26 @@ class SegmentMeans(nn.Module):
         return (sums[bounds[1:]] - sums[bounds[:-1]]) / (bounds[1:] - bounds[:-1]).unsqueeze(1)
 
 
-def test_a_batch_grown_into_an_input_the_model_answers_with_nan_checks_nothing():
+def test_a_batch_grown_into_an_input_the_model_answers_with_nan_or_inf_is_compared_where_it_is_finite():
     """The grown bounds start with an empty segment (0/0: NaN), and the comparison's tolerance, read from the largest
-    output, was NaN: torch.allclose raised on every candidate (all backends failed in a raw RuntimeError)."""
+    output, was NaN: torch.allclose raised on every candidate (all backends failed in a raw RuntimeError). NaN
+    compares equal to NaN; a file that fixed the batch is still told by the entries that are finite."""
     torch.manual_seed(0)
     model, example = SegmentMeans().eval(), (torch.randn(7, 6), torch.tensor([0, 3, 5, 7]))
     traced = torch.jit.trace(model, example)
     check_free_dims(model, traced, example, None, "torch.jit.trace")
-    always_nan = lambda x, bounds: model(x, bounds) * float("nan")  # noqa: E731  NaN on the example too: compared
-    check_free_dims(always_nan, always_nan, example, None, "itself")
-    with pytest.raises(FixedDimError):
-        check_free_dims(always_nan, lambda x, bounds: always_nan(x, bounds)[:3], example, None, "torch.jit.trace")
+
+    def over_the_previous_row(x):  # inf where a row equals the one before: on a batch grown by a repeated row
+        return x / (x - x.roll(1, 0)).norm(dim=1, keepdim=True)
+
+    x = torch.randn(4, 4)
+    check_free_dims(over_the_previous_row, over_the_previous_row, (x,), None, "itself")
+
+    def fixed_batch(x):  # right at the example's batch alone
+        return over_the_previous_row(x) if x.shape[0] == 4 else torch.zeros_like(x)
+
+    with pytest.raises(FixedDimError, match="one more row along the batch"):
+        check_free_dims(over_the_previous_row, fixed_batch, (x,), None, "torch.jit.trace")
 
 
 class PackedClassifier(nn.Module):
