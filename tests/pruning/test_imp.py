@@ -579,6 +579,17 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
     (tmp_path / "text.pt").write_text("not a torch file")  # torch.load's bare UnpicklingError
     with pytest.raises(ValueError, match=r"is not a file iterative_magnitude_pruning wrote \(torch.load: "):
         search(path=tmp_path / "text.pt")
+    # a file edited or cut short: a bare KeyError or TypeError, or (rows lost) rounds pruned again on the last one
+    finished = torch.load(path, weights_only=False)
+    for damaged, said in [({**finished, "table": finished["table"][:2]}, r"its table holds 2 row\(s\) for rounds 0 "
+                                                                         r"to 3"),
+                          ({k: v for k, v in finished.items() if k != "network"}, "no 'network'"),
+                          ({**finished, "done": "2"}, "its 'done' is of type str, not int")]:
+        torch.save(damaged, tmp_path / "damaged.pt")
+        calls.clear()
+        with pytest.raises(ValueError, match=rf"is not a file iterative_magnitude_pruning wrote as it is \({said}\)"):
+            search(rounds=3, path=tmp_path / "damaged.pt")
+        assert not calls
 
 
 class CallbackStateAtFitStart(Callback):

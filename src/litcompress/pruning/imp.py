@@ -248,6 +248,10 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int,
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote; pass "
                          "another path, or remove it to start afresh.")
+    damage = _damage(state)
+    if damage is not None:
+        raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote as it is "
+                         f"({damage}): pass another path, or remove it to start afresh.")
     # (a setting the file does not hold, one an earlier version did not record, is not compared)
     differing = [f"{key}={state['settings'][key]!r}, not {value!r}" for key, value in settings.items()
                  if key in state["settings"] and state["settings"][key] != value]
@@ -263,6 +267,24 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int,
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search that finished round {state['done']}, "
                          f"past rounds={rounds}: pass rounds >= {state['done']}.")
     return state
+
+
+_STATE_KEYS = {"settings": dict, "done": int, "network": dict, "snapshot": dict, "rest": dict, "rewound": dict,
+               "table": list, "random": dict}
+
+
+def _damage(state: dict) -> str | None:
+    """What a search's file lacks or holds amiss (edited, or cut short by another program), or None."""
+    for key, kind in _STATE_KEYS.items():
+        if key not in state:
+            return f"no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"its {key!r} is of type {type(state[key]).__name__}, not {kind.__name__}"
+    if state["done"] < 0 or len(state["table"]) != state["done"] + 1:  # a row per round, the dense one (0) first
+        return f"its table holds {len(state['table'])} row(s) for rounds 0 to {state['done']}"
+    if not all(isinstance(row, dict) for row in state["table"]):
+        return "its table holds rows that are not dicts"
+    return None
 
 
 def iterative_magnitude_pruning(
