@@ -32,13 +32,15 @@ def latencies(draw):
 @st.composite
 def reports(draw):
     stage_names = draw(st.lists(_names, min_size=1, max_size=5, unique=True))
+    counts = [(parameters, None if parameters is None or draw(st.booleans()) else draw(st.integers(0, parameters)))
+              for parameters in (draw(_maybe_count) for _ in stage_names)]  # (no more non-zero than parameters)
     stages = tuple(
         StageMetrics(stage=name, description=draw(st.text(max_size=30)), metric=draw(_maybe_float),
-                     test_metric=draw(_maybe_float), parameters=draw(_maybe_count),
-                     nonzero_parameters=draw(_maybe_count), weight_sparsity=draw(_maybe_float),
+                     test_metric=draw(_maybe_float), parameters=parameters,
+                     nonzero_parameters=nonzero, weight_sparsity=draw(_maybe_float),
                      size_bytes=draw(_maybe_count), gzip_bytes=draw(_maybe_count),
                      latency=draw(st.none() | latencies()), seconds=draw(st.floats(0, 1e4)))
-        for name in stage_names
+        for name, (parameters, nonzero) in zip(stage_names, counts)
     )
     layers = tuple(TensorSparsity(draw(_names), zeros, zeros + draw(st.integers(0, 100)))
                    for zeros in draw(st.lists(st.integers(0, 100), max_size=3)))
@@ -281,7 +283,8 @@ def test_a_save_interrupted_while_writing_keeps_the_report_that_was_there(tmp_pa
 
 
 def _valid_report_dict() -> dict:
-    report = CompressionReport((_stage("input", 2.0, 4000), _stage("pruned", 1.5, 4000)), metric_name="val_acc",
+    report = CompressionReport((replace(_stage("input", 2.0, 4000), parameters=4000, nonzero_parameters=4000),
+                                _stage("pruned", 1.5, 4000)), metric_name="val_acc",
                                batch_size=8, num_threads=1, layer_sparsity=(TensorSparsity("0.weight", 3, 4),),
                                details=(("Shrink", "table"),), messages=("a note",), artifact="model.pt")
     return json.loads(json.dumps(report.to_dict()))
@@ -317,6 +320,13 @@ _DELETE = object()
     (("metric_name",), None, "metric_name=None"),
     (("artifact",), 5, "artifact=5"),
     (("stages", 0, "metric"), 10**400, r"must be finite"),  # no float holds it: it raised OverflowError
+    # values no run gives, printed as they were (a sparsity of 170.0%, a size of -5)
+    (("stages", 1, "weight_sparsity"), 1.7, r"StageMetrics\(weight_sparsity=1.7\): .*a fraction in \[0, 1\]"),
+    (("stages", 1, "size_bytes"), -5, r"StageMetrics\(size_bytes=-5\): counts, sizes and seconds are >= 0"),
+    (("stages", 1, "seconds"), -3.0, r"StageMetrics\(seconds=-3.0\)"),
+    (("stages", 0, "nonzero_parameters"), 10**6, r"nonzero_parameters=1000000 > parameters=4000"),
+    (("batch_size",), 0, r"batch_size=0 \(< 1\)"),
+    (("num_threads",), -1, r"num_threads=-1 \(< 1\)"),
 ])
 def test_a_file_that_is_not_a_report_of_this_version_is_refused_naming_what_is_wrong(path, value, named, tmp_path):
     """Each of these loaded as an AttributeError, KeyError or TypeError of the reader's, or loaded and failed later

@@ -84,6 +84,16 @@ class StageMetrics:
         if wrong:
             raise ValueError(f"StageMetrics({', '.join(wrong)}): the metrics, sparsity and seconds must be finite "
                              "(None where there is none).")
+        # (a report.json edited into values no run gives: a sparsity of 170% printed as it was)
+        counted = ("parameters", "nonzero_parameters", "size_bytes", "gzip_bytes", "seconds")
+        wrong = [f"{name}={value!r}" for name in counted if (value := getattr(self, name)) is not None and value < 0]
+        if self.weight_sparsity is not None and not 0 <= self.weight_sparsity <= 1:
+            wrong.append(f"weight_sparsity={self.weight_sparsity!r}")
+        if None not in (self.parameters, self.nonzero_parameters) and self.nonzero_parameters > self.parameters:
+            wrong.append(f"nonzero_parameters={self.nonzero_parameters!r} > parameters={self.parameters!r}")
+        if wrong:
+            raise ValueError(f"StageMetrics({', '.join(wrong)}): counts, sizes and seconds are >= 0, the weight "
+                             "sparsity a fraction in [0, 1], and no more parameters non-zero than there are.")
         # plain float and int (a numpy scalar passed the checks above too, and report.json could not be written)
         for name in ("metric", "test_metric", "weight_sparsity", "seconds"):
             if (value := getattr(self, name)) is not None and type(value) is not float:
@@ -175,10 +185,13 @@ class CompressionReport:
         wrong += [f"details[{i}]={d!r}" for i, d in enumerate(self.details)
                   if not (isinstance(d, tuple) and len(d) == 2 and all(isinstance(part, str) for part in d))]
         wrong += [f"messages[{i}]={m!r}" for i, m in enumerate(self.messages) if not isinstance(m, str)]
+        wrong += [f"{name}={value!r} (< 1)" for name, value in (("batch_size", self.batch_size),
+                                                              ("num_threads", self.num_threads))
+                  if type(value) is int and value < 1]
         if wrong:
             raise ValueError(f"CompressionReport({', '.join(wrong)}): stages are StageMetrics, metric_name text "
-                             "(test_metric_name and artifact text or None), batch_size and num_threads ints (or "
-                             "None), layer_sparsity TensorSparsity(name, zeros <= numel), details (title, text) "
+                             "(test_metric_name and artifact text or None), batch_size and num_threads ints >= 1 "
+                             "(or None), layer_sparsity TensorSparsity(name, zeros <= numel), details (title, text) "
                              "pairs, messages text.")
         names = [s.stage for s in self.stages]
         if len(set(names)) != len(names):
