@@ -1115,11 +1115,13 @@ def test_a_residual_group_keeps_a_multiple_of_its_channels_and_says_when_that_ke
 
 
 class _ChunkedSum(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, glu: bool = False) -> None:
         super().__init__()
-        self.a, self.c = nn.Linear(4, 32), nn.Linear(16, 3)
+        self.a, self.c, self.glu = nn.Linear(4, 32), nn.Linear(16, 3), glu
 
     def forward(self, x):
+        if self.glu:
+            return self.c(F.glu(self.a(x), -1))
         u, v = self.a(x).chunk(2, -1)
         return self.c(u + v)
 
@@ -1134,12 +1136,14 @@ class _OneChannelResidual(nn.Module):
         return self.c(h + self.b(F.relu(h)))
 
 
+@pytest.mark.parametrize("glu", [False, True], ids=["chunk", "glu"])
 @pytest.mark.parametrize("multiple", [None, 1, 8])
-def test_the_reason_a_group_kept_its_zero_channels_is_the_one_that_kept_them(multiple):
-    """A chunked producer whose zeros keep_multiple_of kept was said not to be seen through (it is, when the multiple
-    allows); a one-channel group that is zero was said to hold no zero channel, or kept by a multiple of 1."""
+def test_the_reason_a_group_kept_its_zero_channels_is_the_one_that_kept_them(multiple, glu):
+    """A chunked producer (or a GLU's) whose zeros keep_multiple_of kept was said not to be seen through (it is, when
+    the multiple allows); a one-channel group that is zero was said to hold no zero channel, or kept by a multiple of
+    1."""
     torch.manual_seed(0)
-    chunked, one = _ChunkedSum(), _OneChannelResidual()
+    chunked, one = _ChunkedSum(glu), _OneChannelResidual()
     with torch.no_grad():
         chunked.a.weight[[0, 1, 2, 16, 17, 18]] = 0
         chunked.a.bias[[0, 1, 2, 16, 17, 18]] = 0

@@ -599,6 +599,16 @@ def test_a_batch_grown_into_an_input_the_model_answers_with_nan_or_inf_is_compar
     with pytest.raises(FixedDimError, match="one more row along the batch"):
         check_free_dims(over_the_previous_row, fixed_batch, (x,), None, "torch.jit.trace")
 
+    def spectrum(x):  # a complex output, whose imaginary parts were cast away in the comparison
+        return torch.complex(x, x.sum(0, keepdim=True).expand_as(x))
+
+    def spectrum_fixed(x):
+        return spectrum(x) if x.shape[0] == 4 else torch.complex(x, torch.zeros_like(x))
+
+    check_free_dims(spectrum, spectrum, (x,), None, "itself")
+    with pytest.raises(FixedDimError, match="one more row along the batch"):
+        check_free_dims(spectrum, spectrum_fixed, (x,), None, "torch.jit.trace")
+
 
 class PackedClassifier(nn.Module):
     """Padded token ids and their lengths, packed for the LSTM (the usual way to feed it varying lengths)."""

@@ -2555,10 +2555,11 @@ def removable_channels(model: nn.Module, *, residual_groups: bool = True, tracer
 
 def _group_decides(chain_reason: str) -> bool:
     """Whether a producer's chain reason is only where its channels meet the rest of their group (a sum, a product,
-    the parts of a chunk), which the group reads through: the group's own reason says why it kept them."""
+    the parts of a chunk, a GLU's halves), which the group reads through: the group's own reason says why it kept
+    them."""
     return chain_reason.startswith("its output meets another tensor") or (
         chain_reason.startswith("its output goes to") and any(f" {op}," in chain_reason or f" {op} " in chain_reason
-                                                              for op in ("chunk", "split")))
+                                                              for op in ("chunk", "split", "glu")))
 
 
 def _group_kept_reason(group: Any, keep_multiple_of: int | None, zero_channels: Tensor) -> str:

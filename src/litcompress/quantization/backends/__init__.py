@@ -43,11 +43,14 @@ class FixedDimError(ExportError):
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Equal shapes and values within 0.1% of the largest finite one (NaN where NaN is expected)."""
-    if got.shape != expected.shape:
+    """Equal shapes and values within 0.1% of the largest finite one (NaN where NaN is expected; complex values
+    compared part by part)."""
+    if got.shape != expected.shape or got.is_complex() != expected.is_complex():
         return False
     if not expected.numel():
         return True
+    if expected.is_complex():
+        got, expected = torch.view_as_real(got.resolve_conj()), torch.view_as_real(expected.resolve_conj())
     got, expected = got.float(), expected.float()
     finite = expected[expected.isfinite()]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
