@@ -1085,9 +1085,9 @@ def test_channel_groups_refuse_a_sparsity_outside_zero_one(sparsity):
 
 
 class _ResidualMLP(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.a, self.b, self.c = nn.Linear(4, width), nn.Linear(width, width), nn.Linear(width, 3)
 
     def forward(self, x):
         h = self.a(x)
@@ -1126,16 +1126,6 @@ class _ChunkedSum(nn.Module):
         return self.c(u + v)
 
 
-class _OneChannelResidual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 1), nn.Linear(1, 1), nn.Linear(1, 3)
-
-    def forward(self, x):
-        h = self.a(x)
-        return self.c(h + self.b(F.relu(h)))
-
-
 @pytest.mark.parametrize("glu", [False, True], ids=["chunk", "glu"])
 @pytest.mark.parametrize("multiple", [None, 1, 8])
 def test_the_reason_a_group_kept_its_zero_channels_is_the_one_that_kept_them(multiple, glu):
@@ -1143,7 +1133,7 @@ def test_the_reason_a_group_kept_its_zero_channels_is_the_one_that_kept_them(mul
     the multiple allows); a one-channel group that is zero was said to hold no zero channel, or kept by a multiple of
     1."""
     torch.manual_seed(0)
-    chunked, one = _ChunkedSum(glu), _OneChannelResidual()
+    chunked, one = _ChunkedSum(glu), _ResidualMLP(width=1)
     with torch.no_grad():
         chunked.a.weight[[0, 1, 2, 16, 17, 18]] = 0
         chunked.a.bias[[0, 1, 2, 16, 17, 18]] = 0
