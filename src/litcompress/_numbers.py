@@ -16,3 +16,11 @@ def python_numbers_(config: object) -> None:
         value = getattr(config, spec.name)
         if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):  # numpy's float64 is a float
             object.__setattr__(config, spec.name, int(value) if isinstance(value, numbers.Integral) else float(value))
+
+
+def as_python_number(value: object) -> object:
+    """`value` as Python's ``int``/``float`` where it is another real number (numpy's ``int64(3)``, ``float32(0.5)``);
+    anything else (booleans, numpy's too, strings, callables) as it is, for the caller's checks to judge."""
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value

@@ -882,6 +882,12 @@ def test_a_round_that_prunes_nothing_does_not_rewind(tmp_path):
      r"`rewind_to_epoch=0, reset_optimizer=True` rewind\(s\)"),
     # truthy: every reset drew fresh weights, the run quietly the random re-initialisation control
     (dict(resample_parameters="no"), r"`resample_parameters='no'`: pass True or False"),
+    # truthy too: global pruning, masks made permanent, rounds at epoch ends, whatever was meant
+    (dict(use_global_unstructured="False"), r"`use_global_unstructured='False'`: pass True or False"),
+    (dict(make_pruning_permanent="False"), r"`make_pruning_permanent='False'`: pass True or False"),
+    (dict(prune_on_train_epoch_end="no"), r"`prune_on_train_epoch_end='no'`: pass True or False"),
+    # walked letter by letter: "The provided `parameter_names` name: w isn't in ..."
+    (dict(parameter_names="weight"), r"`parameter_names='weight'`: pass a list of names, e.g. \['weight'\]"),
 ])
 def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_construction(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
@@ -890,6 +896,14 @@ def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_con
 
 def test_flags_read_as_numpy_bools_are_taken():
     import numpy as np
+
+    callback = ModelPruning("l1_unstructured", amount=0.5, use_global_unstructured=np.False_,
+                            make_pruning_permanent=np.True_, prune_on_train_epoch_end=np.True_)
+    assert (callback._use_global_unstructured, callback._make_pruning_permanent,
+            callback._prune_on_train_epoch_end) == (False, True, True)
+    for amount, taken in ((np.float32(0.5), 0.5), (np.int64(3), 3)):  # (refused: "should be ... an int, a float")
+        got = ModelPruning("l1_unstructured", amount=amount).amount
+        assert got == taken and type(got) is type(taken)
 
     callback = ModelPruning("l1_unstructured", amount=0.5, resample_parameters=np.True_, reset_optimizer=np.False_)
     assert callback._resample_parameters is True and callback._reset_optimizer is False

@@ -198,6 +198,13 @@ def test_constructor_refuses_bad_arguments(kwargs, message):
         QuantizationAwareTraining(**kwargs)
 
 
+def test_a_numpy_start_epoch_is_taken_as_the_int_it_is():
+    import numpy as np
+
+    callback = QuantizationAwareTraining(start_epoch=np.int64(1))  # (refused: "give the first QAT epoch, an int")
+    assert callback.start_epoch == 1 and type(callback.start_epoch) is int
+
+
 def test_a_crash_mid_qat_leaves_the_model_and_its_checkpoint_usable(tmp_path):
     seed_everything(0)
     model = MLPClassifier(hidden=(16,))

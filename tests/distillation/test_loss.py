@@ -216,6 +216,14 @@ def test_a_temperature_that_is_no_positive_number_is_refused(temperature):
         distillation_loss(torch.randn(4, 5), torch.randn(4, 5), temperature=temperature)
 
 
+def test_a_copy_flag_that_is_no_bool_is_refused():
+    """copy="no" was truthy: the teacher was copied, where the caller asked for its own model."""
+    teacher = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"Distiller\(copy='no'\): use True or False"):
+        Distiller(teacher, copy="no")
+    assert Distiller(teacher, copy=False).teacher is teacher
+
+
 def test_the_teacher_of_a_pruned_transformer_computes_what_the_model_computes():
     """The copy lost the hooks that recompute the pruned weights an attention (and the layer's fast path) reads
     without calling their modules: the teacher computed with those of the model's last forward, a step old."""

@@ -833,6 +833,8 @@ def test_dims_declared_free_are_left_free_in_an_unquantized_file(tmp_path):
             torch.testing.assert_close(loaded(longer), model(longer))
     with pytest.raises(ValueError, match=r"a quantized one's are PTQConfig\(dynamic_dims=...\)"):
         CompressionConfig(quantize=PTQConfig(), dynamic_dims={0: 1})
+    with pytest.raises(TypeError, match=r"^CompressionConfig\(dynamic_dims='x'\): expected a dict"):  # (PTQConfig's)
+        CompressionConfig(dynamic_dims="x")
 
 
 class _TwoOutputs(nn.Module):

@@ -153,6 +153,20 @@ def test_imp_rejects_bad_arguments():
         iterative_magnitude_pruning(mlp(), train, lambda m: float("nan"), rounds=1)
 
 
+def test_numpy_rounds_and_rates_are_taken_as_the_numbers_they_are(tmp_path):
+    """A sweep's np.int64(1) rounds and np.float32 rates were refused ("must be an int >= 1, got np.int64(1)")."""
+    import numpy as np
+
+    train, evaluate = plain_train_and_evaluate()
+    torch.manual_seed(0)
+    ticket = iterative_magnitude_pruning(mlp(), lambda model: None, evaluate, rounds=np.int64(1),
+                                         rate=np.float32(0.5), layer_rates={"2.weight": np.float64(0.25)},
+                                         checkpoint_path=tmp_path / "imp.pt")
+    assert len(ticket.rounds) == 2 and int((ticket.masks["2.weight"] == 0).sum()) == 160  # 0.25 of 640
+    settings = torch.load(tmp_path / "imp.pt", weights_only=False)["settings"]
+    assert type(settings["rate"]) is float and type(settings["layer_rates"]["2.weight"]) is float
+
+
 class DigitsClassifier(LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -3041,3 +3041,16 @@ def test_evenly_zeroed_groups_held_back_by_constants_are_said_to_be_so():
     with torch.no_grad():
         model.g.bias[[0, 1, 5]] = -1.0  # all six zero: two per group go
     assert shrink(model, x).model.g.out_channels == 6
+
+
+def test_a_numpy_keep_multiple_of_is_taken_as_the_int_it_is():
+    """np.int64(8), read from a sweep's array, was refused: "keep_multiple_of must be an int >= 1 or None"."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].weight[:10] = 0
+        model[0].bias[:10] = 0
+    x = torch.randn(5, 4)
+    assert shrink(model, (x,), keep_multiple_of=np.int64(4)).model[0].out_features == 8  # 6 kept, rounded up

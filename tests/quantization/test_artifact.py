@@ -585,3 +585,14 @@ def test_an_fp32_onnx_file_read_back_is_refused_in_another_format_and_resaves_as
         assert result.artifact is None
         assert any(m.startswith("shrink skipped") and "runs an ONNX Runtime session on tensors" in m
                    for m in result.report.messages), result.report.messages
+
+
+def test_save_quantized_refuses_a_recipe_that_is_no_recipe_and_missing_example_inputs(tmp_path):
+    """A recipe given as its backend's name failed in the writer ('str' object has no attribute 'to_dict'), and no
+    example inputs in the input reader ('NoneType' object is not iterable)."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"save_quantized\(recipe='torch_ao'\): give the Recipe the model was built"):
+        save_quantized(model, "torch_ao", tmp_path / "model.pt", torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"save_quantized\(example_inputs=None\): give the model's inputs"):
+        save_quantized(model, None, tmp_path / "model.pt2", None)
+    assert not list(tmp_path.iterdir())

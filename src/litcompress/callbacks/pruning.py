@@ -46,6 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_onl
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from litcompress._numbers import as_python_number
 from litcompress.callbacks.schedule_checks import (EpochSteps, epochs_finished_at_the_last_validation,
                                                    fit_too_short_message, limit_reached, steps_in_epoch,
                                                    stopped_early_message, validations_end_before_message)
@@ -150,6 +151,18 @@ class ModelPruning(TargetsFoundOnceConfigured):
         keep_multiple_of: Optional[int] = None,
         log_sparsity: bool = True,
     ) -> None:
+        # on/off flags as their siblings': a string ("False") was truthy (global pruning, permanent masks)
+        for flag, value in (("use_global_unstructured", use_global_unstructured),
+                            ("make_pruning_permanent", make_pruning_permanent),
+                            ("prune_on_train_epoch_end", prune_on_train_epoch_end)):
+            if not _is_bool(value):
+                raise MisconfigurationException(f"`{flag}={value!r}`: pass True or False.")
+        use_global_unstructured, make_pruning_permanent, prune_on_train_epoch_end = (
+            bool(use_global_unstructured), bool(make_pruning_permanent), bool(prune_on_train_epoch_end))
+        if isinstance(parameter_names, str):  # (walked letter by letter: "name: w isn't in ...")
+            raise MisconfigurationException(f"`parameter_names={parameter_names!r}`: pass a list of names, e.g. "
+                                            f"[{parameter_names!r}].")
+        amount = as_python_number(amount)  # numpy's float32(0.5), int64(3): refused as no number
         self._use_global_unstructured = use_global_unstructured
         self._parameters_to_prune = parameters_to_prune
         # as given: the defaults are found again on each model (one callback for the models of a sweep)

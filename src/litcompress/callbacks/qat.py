@@ -26,6 +26,7 @@ from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from litcompress._numbers import as_python_number
 from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
 from litcompress.callbacks.schedule_checks import steps_in_epoch
 from litcompress.pruning.engine import compiled_module_names
@@ -104,6 +105,7 @@ class QuantizationAwareTraining(Callback):
         if submodule is not None and (not isinstance(submodule, str) or not submodule):
             raise TypeError(f"{_OWNER}(submodule={submodule!r}): give the attribute name of the module to quantize "
                             "(e.g. 'net'), or None for the LightningModule's own forward.")
+        start_epoch = as_python_number(start_epoch)  # (numpy's int64(1) was refused)
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"{_OWNER}(start_epoch={start_epoch!r}): give the first QAT epoch, an int >= 0.")
         config = QATConfig() if config is None else config

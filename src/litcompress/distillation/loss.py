@@ -179,6 +179,8 @@ class Distiller:
             raise TypeError(f"Distiller(config={config!r}): expected a DistillationConfig.")
         if outputs_fn is not None and not callable(outputs_fn):
             raise TypeError(f"Distiller(outputs_fn={outputs_fn!r}): expected a function of the model's outputs.")
+        if not isinstance(copy, bool):  # ("no" was truthy: the teacher was copied)
+            raise TypeError(f"Distiller(copy={copy!r}): use True or False.")
         self.config = config
         self.outputs_fn = outputs_fn or default_outputs
         self.teacher = _frozen(teacher, copy)

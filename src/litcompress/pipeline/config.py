@@ -308,7 +308,7 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         python_numbers_(self)
-        object.__setattr__(self, "dynamic_dims", normalize_dynamic_dims(self.dynamic_dims))
+        object.__setattr__(self, "dynamic_dims", normalize_dynamic_dims(self.dynamic_dims, "CompressionConfig"))
         if self.dynamic_dims and self.quantize is not None:
             raise ValueError("CompressionConfig(dynamic_dims=..., quantize=PTQConfig(...)): the dims an unquantized "
                              "file leaves free; a quantized one's are PTQConfig(dynamic_dims=...): give them there.")

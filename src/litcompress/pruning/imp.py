@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.prune import BasePruningMethod
 
+from litcompress._numbers import as_python_number
 from litcompress._files import file_in_the_way, written_atomically
 from litcompress.pruning.engine import (
     Scope,
@@ -341,7 +342,9 @@ def iterative_magnitude_pruning(
         the ticket: the trained sparse network, its masks, the rewound weights and a table per round (round 0
         is the dense network).
     """
-    layer_rates = dict(layer_rates or {})
+    # numpy's int64(3), float32(0.2) as Python's (refused; the saved settings hold Python numbers)
+    rounds, rate = as_python_number(rounds), as_python_number(rate)
+    layer_rates = {name: as_python_number(value) for name, value in (layer_rates or {}).items()}
     _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude, control_seed)
     control_seed = int(control_seed)  # (numpy's: the saved settings hold Python numbers)
     network = deepcopy_model(model)

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from litcompress._numbers import as_python_number
 from litcompress.pruning.engine import (compiled_module_names, eager_copy, is_pruned, lazy_parameter_names,
                                         make_permanent_, pruned_targets, tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
@@ -2720,6 +2721,7 @@ def shrink_(
         example_inputs = (example_inputs,)
     if not (isinstance(rtol, (int, float)) and rtol >= 0):
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+    keep_multiple_of = as_python_number(keep_multiple_of)  # (numpy's int64(8) was refused)
     if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
                                          or keep_multiple_of < 1):
         raise ValueError(f"keep_multiple_of must be an int >= 1 or None, got {keep_multiple_of!r}")

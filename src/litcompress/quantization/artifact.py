@@ -50,6 +50,12 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
     from .tuner import FloatInputs, float32_inputs
 
+    if recipe is not None and not isinstance(recipe, Recipe):  # (failed in the writer: 'str' has no 'to_dict')
+        raise TypeError(f"save_quantized(recipe={recipe!r}): give the Recipe the model was built from "
+                        "(QuantizationResult.recipe), or None for an fp32 model.")
+    if example_inputs is None:
+        raise TypeError("save_quantized(example_inputs=None): give the model's inputs for one batch (a tensor, or a "
+                        "tuple of them): the file is traced or exported on them.")
     path = os.fspath(path)
     if not path or path.endswith(("/", os.sep)):  # else the export ran and wrote a file named like the folder
         raise ValueError(f"save_quantized: {path!r} names a folder; give a file path (e.g. "
