@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,6 +110,11 @@ def test_bad_input_is_refused_before_training(tmp_path):
         with pytest.raises(MisconfigurationException, match="exclude"):
             UnitPruning(0.5, exclude=bad)
     assert UnitPruning(0.5, exclude=None).exclude == ()  # nothing excluded, as None says elsewhere
+    for bad in (0, 1.5, True):
+        with pytest.raises(MisconfigurationException, match="keep_multiple_of"):
+            UnitPruning(0.5, keep_multiple_of=bad)
+    taken = UnitPruning(0.5, keep_multiple_of=np.int64(8)).keep_multiple_of  # (refused: numpy's ints are no int)
+    assert taken == 8 and type(taken) is int
     with pytest.raises(MisconfigurationException, match="MLPClassifier has no nn.LSTM, nn.GRU or nn.RNN"):
         _trainer(tmp_path, 1, [UnitPruning(0.5)]).fit(MLPClassifier(), datamodule=DigitsDataModule(batch_size=64))
     class MyLSTM(nn.LSTM):  # a subclass may have another forward: its units stay, and the refusal says so
