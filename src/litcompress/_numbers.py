@@ -15,12 +15,20 @@ def python_numbers_(config: object) -> None:
     for spec in dataclasses.fields(config):  # type: ignore[arg-type]
         value = getattr(config, spec.name)
         if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):  # numpy's float64 is a float
-            object.__setattr__(config, spec.name, int(value) if isinstance(value, numbers.Integral) else float(value))
+            object.__setattr__(config, spec.name, as_python_number(value))
 
 
 def as_python_number(value: object) -> object:
-    """`value` as Python's ``int``/``float`` where it is another real number (numpy's ``int64(3)``, ``float32(0.5)``);
-    anything else (booleans, numpy's too, strings, callables) as it is, for the caller's checks to judge."""
-    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
-        return int(value) if isinstance(value, numbers.Integral) else float(value)
-    return value
+    """`value` as Python's ``int``/``float`` where it is another real number (numpy's ``int64(3)``, ``float32(0.2)``:
+    0.2, the number it prints as, not float32's 0.20000000298..., which a resume given 0.2 would not match); anything
+    else (booleans, numpy's too, strings, callables) as it is, for the caller's checks to judge."""
+    if not isinstance(value, numbers.Real) or type(value) in (bool, int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    exact = float(value)
+    try:
+        printed = float(str(value))
+    except ValueError:  # (a Fraction prints as 1/3)
+        return exact
+    return printed if type(value)(printed) == value else exact

@@ -901,9 +901,24 @@ def test_flags_read_as_numpy_bools_are_taken():
                             make_pruning_permanent=np.True_, prune_on_train_epoch_end=np.True_)
     assert (callback._use_global_unstructured, callback._make_pruning_permanent,
             callback._prune_on_train_epoch_end) == (False, True, True)
-    for amount, taken in ((np.float32(0.5), 0.5), (np.int64(3), 3)):  # (refused: "should be ... an int, a float")
-        got = ModelPruning("l1_unstructured", amount=amount).amount
+    for amount, taken in ((np.float32(0.5), 0.5), (np.int64(3), 3), (np.float32(0.3), 0.3)):  # (refused: "should
+        got = ModelPruning("l1_unstructured", amount=amount).amount  # be ... an int, a float"), as the number printed
         assert got == taken and type(got) is type(taken)
+    # numpy's float64, a float, is kept as given (Lightning's key of its state names it: older checkpoints hold it)
+    assert "'amount': 'np.float64(0.5)'" in ModelPruning("l1_unstructured", amount=np.float64(0.5)).state_key
+
+
+def test_a_callable_amount_returning_numpy_numbers_writes_checkpoints_that_load_weights_only(tmp_path):
+    """The round's amount, saved in the state's history as the callable returned it, was a numpy scalar: the
+    checkpoint refused torch.load(weights_only=True), so a resumed fit with Lightning's defaults failed to load it."""
+    import numpy as np
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callback = ModelPruning("l1_unstructured", amount=lambda epoch: np.float32(0.3), make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[callback, checkpoint]).fit(
+        FixedDataModel())
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][callback.state_key]
+    assert [round_["amount"] for round_ in state["history"]] == [0.3, 0.3]
 
     callback = ModelPruning("l1_unstructured", amount=0.5, resample_parameters=np.True_, reset_optimizer=np.False_)
     assert callback._resample_parameters is True and callback._reset_optimizer is False

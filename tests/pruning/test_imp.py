@@ -160,11 +160,18 @@ def test_numpy_rounds_and_rates_are_taken_as_the_numbers_they_are(tmp_path):
     train, evaluate = plain_train_and_evaluate()
     torch.manual_seed(0)
     ticket = iterative_magnitude_pruning(mlp(), lambda model: None, evaluate, rounds=np.int64(1),
-                                         rate=np.float32(0.5), layer_rates={"2.weight": np.float64(0.25)},
+                                         rate=np.float32(0.2), layer_rates={"2.weight": np.float32(0.25)},
                                          checkpoint_path=tmp_path / "imp.pt")
     assert len(ticket.rounds) == 2 and int((ticket.masks["2.weight"] == 0).sum()) == 160  # 0.25 of 640
     settings = torch.load(tmp_path / "imp.pt", weights_only=False)["settings"]
+    assert (settings["rate"], settings["layer_rates"]["2.weight"]) == (0.2, 0.25)  # as printed, not 0.2000000029...
     assert type(settings["rate"]) is float and type(settings["layer_rates"]["2.weight"]) is float
+    torch.manual_seed(0)  # the same search given Python's numbers resumes it (it was refused: "rate=0.2000000029")
+    evaluated = []
+    again = iterative_magnitude_pruning(mlp(), lambda model: None, lambda model: evaluated.append(1) or 0.5,
+                                        rounds=1, rate=0.2, layer_rates={"2.weight": 0.25},
+                                        checkpoint_path=tmp_path / "imp.pt")
+    assert not evaluated and torch.equal(again.masks["2.weight"], ticket.masks["2.weight"])
 
 
 class DigitsClassifier(LightningModule):

@@ -162,7 +162,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if isinstance(parameter_names, str):  # (walked letter by letter: "name: w isn't in ...")
             raise MisconfigurationException(f"`parameter_names={parameter_names!r}`: pass a list of names, e.g. "
                                             f"[{parameter_names!r}].")
-        amount = as_python_number(amount)  # numpy's float32(0.5), int64(3): refused as no number
+        if not isinstance(amount, (int, float)):  # numpy's float32(0.5), int64(3): refused as no number (its float64,
+            amount = as_python_number(amount)     # a float, is kept as given: it names the state in checkpoints)
         self._use_global_unstructured = use_global_unstructured
         self._parameters_to_prune = parameters_to_prune
         # as given: the defaults are found again on each model (one callback for the models of a sweep)
@@ -826,7 +827,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._prune_to_target(target, progress)
             amount: Union[int, float] = target
         else:
-            amount = self.amount(current_epoch) if callable(self.amount) else self.amount
+            # (a numpy number a callable returns, saved in the history, made the checkpoint refuse weights-only loading)
+            amount = as_python_number(self.amount(current_epoch)) if callable(self.amount) else self.amount
             if not amount:
                 return
             _check_amount(amount, epoch=current_epoch)
