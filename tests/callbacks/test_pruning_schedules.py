@@ -908,17 +908,23 @@ def test_flags_read_as_numpy_bools_are_taken():
     assert "'amount': 'np.float64(0.5)'" in ModelPruning("l1_unstructured", amount=np.float64(0.5)).state_key
 
 
-def test_a_callable_amount_returning_numpy_numbers_writes_checkpoints_that_load_weights_only(tmp_path):
-    """The round's amount, saved in the state's history as the callable returned it, was a numpy scalar: the
-    checkpoint refused torch.load(weights_only=True), so a resumed fit with Lightning's defaults failed to load it."""
+@pytest.mark.parametrize("numpy_amount", ["callable_float32", "float64"])
+def test_a_numpy_amount_writes_checkpoints_that_load_weights_only(numpy_amount, tmp_path):
+    """The round's amount, saved in the state's history as the callable returned it (or as a float64 was given), was a
+    numpy scalar: the checkpoint refused torch.load(weights_only=True), so a resumed fit with Lightning's defaults
+    failed to load it."""
     import numpy as np
 
+    amount = (lambda epoch: np.float32(0.3)) if numpy_amount == "callable_float32" else np.float64(0.3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    callback = ModelPruning("l1_unstructured", amount=lambda epoch: np.float32(0.3), make_pruning_permanent=False)
+    callback = ModelPruning("l1_unstructured", amount=amount, make_pruning_permanent=False)
     make_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[callback, checkpoint]).fit(
         FixedDataModel())
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"][callback.state_key]
     assert [round_["amount"] for round_ in state["history"]] == [0.3, 0.3]
+    resumed = ModelPruning("l1_unstructured", amount=amount, make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(FixedDataModel(), ckpt_path=tmp_path / "last.ckpt")
+    assert len(resumed._history) == 3  # the state found again, one round more
 
     callback = ModelPruning("l1_unstructured", amount=0.5, resample_parameters=np.True_, reset_optimizer=np.False_)
     assert callback._resample_parameters is True and callback._reset_optimizer is False

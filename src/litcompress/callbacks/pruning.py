@@ -827,8 +827,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._prune_to_target(target, progress)
             amount: Union[int, float] = target
         else:
-            # (a numpy number a callable returns, saved in the history, made the checkpoint refuse weights-only loading)
-            amount = as_python_number(self.amount(current_epoch)) if callable(self.amount) else self.amount
+            # (a numpy number, a callable's or a float64 given, saved in the history, made the checkpoint refuse
+            # weights-only loading)
+            amount = as_python_number(self.amount(current_epoch) if callable(self.amount) else self.amount)
             if not amount:
                 return
             _check_amount(amount, epoch=current_epoch)
