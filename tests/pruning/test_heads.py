@@ -450,6 +450,14 @@ def test_head_pruned_attention_takes_is_causal_without_a_mask_where_torch_does()
                 torch.testing.assert_close(attention(x, x, x, is_causal=True, **kwargs), expected)  # (ignored)
                 torch.testing.assert_close(rewritten(x, x, x, is_causal=True, **kwargs), expected, rtol=1e-5,
                                            atol=1e-5)
+        for module in (attention, rewritten):  # a float padding mask keeps torch off that path: refused
+            with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+                module(x, x, x, key_padding_mask=padding.float(), is_causal=True)
+    # grad on, but nothing requires it (a frozen model): torch's fused path too
+    for module in (attention, rewritten):
+        module.requires_grad_(False)
+    torch.testing.assert_close(rewritten(x, x, x, is_causal=True)[0], attention(x, x, x)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(x, x, x, is_causal=True)[0], attention(x, x, x)[0])
     causal = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         for padding_mask in (None, padding):

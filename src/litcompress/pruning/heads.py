@@ -94,18 +94,26 @@ class HeadPrunedAttention(nn.Module):
             mask = mask[:, list(self.kept_heads)]
         return mask
 
-    def _on_torchs_fast_path(self, query: Tensor, key: Tensor, value: Tensor) -> bool:
-        """Whether torch's attention, as it was, would run a call on its fused inference path (which does not read
-        ``is_causal``): batched self-attention in eval mode without grad, batch first, an even head count."""
-        return (not self.training and not torch.is_grad_enabled() and self.batch_first and query.dim() == 3
-                and query is key and key is value and self.original_heads % 2 == 0)
+    def _on_torchs_fast_path(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None) -> bool:
+        """Whether torch's attention, as it was, would run a call without an attn_mask on its fused inference path
+        (which does not read ``is_causal``), by the conditions of torch's ``MultiheadAttention.forward``: batched
+        self-attention in eval mode, batch first, an even head count, no float padding mask, no autocast, and no
+        gradient asked for (grad off, or nothing that requires it)."""
+        if (key_padding_mask is not None and key_padding_mask.is_floating_point()) or \
+                not torch.backends.mha.get_fastpath_enabled():
+            return False
+        if query.dim() != 3 or query is not key or key is not value or query.dtype != self.q_proj.weight.dtype:
+            return False
+        if self.training or self.original_heads % 2 or not self.batch_first or torch.is_autocast_enabled():
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, *self.parameters())))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         if is_causal and attn_mask is None:  # is_causal is a hint about the mask, not one: as torch's attention,
             # ignored where torch's fused inference path would take the call, refused (in torch's words) elsewhere
-            if not self._on_torchs_fast_path(query, key, value):
+            if not self._on_torchs_fast_path(query, key, value, key_padding_mask):
                 raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                    "module method `generate_square_subsequent_mask` to create this mask.")
         unbatched = query.dim() == 2

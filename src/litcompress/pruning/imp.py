@@ -344,7 +344,7 @@ def iterative_magnitude_pruning(
     """
     # numpy's int64(3), float32(0.2) as Python's (refused; the saved settings hold Python numbers)
     rounds, rate = as_python_number(rounds), as_python_number(rate)
-    layer_rates = {name: as_python_number(value) for name, value in (layer_rates or {}).items()}
+    layer_rates = {name: as_python_number(value) for name, value in dict(layer_rates or {}).items()}
     _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude, control_seed)
     control_seed = int(control_seed)  # (numpy's: the saved settings hold Python numbers)
     network = deepcopy_model(model)
