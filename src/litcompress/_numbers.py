@@ -32,3 +32,11 @@ def as_python_number(value: object) -> object:
     except ValueError:  # (a Fraction prints as 1/3)
         return exact
     return printed if type(value)(printed) == value else exact
+
+
+def exact_python_number(value: object) -> object:
+    """A real number as Python's ``int``/``float`` of exactly its value (numpy's ``float32(0.3)`` as
+    0.30000001192...: a value used as it was, saved where weights-only loading reads it); anything else as it is."""
+    if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value

@@ -453,6 +453,10 @@ def test_head_pruned_attention_takes_is_causal_without_a_mask_where_torch_does()
         for module in (attention, rewritten):  # a float padding mask keeps torch off that path: refused
             with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
                 module(x, x, x, key_padding_mask=padding.float(), is_causal=True)
+    without_bias = nn.MultiheadAttention(16, 4, batch_first=True, bias=False).eval()  # (torch's fused call needs them)
+    for module in (without_bias, rewrite_attentions_(deepcopy_model(without_bias))):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+            module(x, x, x, is_causal=True)
     # grad on, but nothing requires it (a frozen model): torch's fused path too
     for module in (attention, rewritten):
         module.requires_grad_(False)

@@ -149,6 +149,9 @@ def test_imp_rejects_bad_arguments():
         iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, rate=1.0)
     with pytest.raises(ValueError, match="not pruned tensors"):
         iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, layer_rates={"9.weight": 0.1})
+    for bad in ("2.weight", [("2.weight", 0.1)], 0.25, False):  # dict()'s own words, or (False, []) taken as none
+        with pytest.raises(TypeError, match=r"`layer_rates` must be a mapping \{name: rate\}"):
+            iterative_magnitude_pruning(mlp(), train, evaluate, rounds=1, layer_rates=bad)
     with pytest.raises(ValueError, match="NaN"):
         iterative_magnitude_pruning(mlp(), train, lambda m: float("nan"), rounds=1)
 

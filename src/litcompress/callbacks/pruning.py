@@ -46,7 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_onl
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from litcompress._numbers import as_python_number
+from litcompress._numbers import as_python_number, exact_python_number
 from litcompress.callbacks.schedule_checks import (EpochSteps, epochs_finished_at_the_last_validation,
                                                    fit_too_short_message, limit_reached, steps_in_epoch,
                                                    stopped_early_message, validations_end_before_message)
@@ -827,9 +827,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._prune_to_target(target, progress)
             amount: Union[int, float] = target
         else:
-            # (a numpy number, a callable's or a float64 given, saved in the history, made the checkpoint refuse
-            # weights-only loading)
-            amount = as_python_number(self.amount(current_epoch) if callable(self.amount) else self.amount)
+            # as given (a callable's numpy float32 counts in float32, as Lightning's callback does); its history entry
+            # holds the same number as Python's (a numpy scalar made the checkpoint refuse weights-only loading)
+            amount = self.amount(current_epoch) if callable(self.amount) else self.amount
             if not amount:
                 return
             _check_amount(amount, epoch=current_epoch)
@@ -879,7 +879,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._warn_of_emptied_tensors()
         self._history.append(
             {"round": self._rounds, "epoch": current_epoch, "step": trainer.global_step if trainer else None,
-             "amount": amount, "zeros_before": before, "zeros_after": after,
+             "amount": exact_python_number(amount), "zeros_before": before, "zeros_after": after,
              "lottery_ticket_reset": bool(reset)}
         )
 

@@ -104,6 +104,8 @@ class HeadPrunedAttention(nn.Module):
             return False
         if query.dim() != 3 or query is not key or key is not value or query.dtype != self.q_proj.weight.dtype:
             return False
+        if self.q_proj.bias is None:  # (torch's fused call needs the projections' biases)
+            return False
         if self.training or self.original_heads % 2 or not self.batch_first or torch.is_autocast_enabled():
             return False
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, *self.parameters())))

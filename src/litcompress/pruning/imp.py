@@ -342,9 +342,12 @@ def iterative_magnitude_pruning(
         the ticket: the trained sparse network, its masks, the rewound weights and a table per round (round 0
         is the dense network).
     """
+    if layer_rates is not None and not isinstance(layer_rates, Mapping):  # (dict()'s own words, or taken as none)
+        raise TypeError(f"`layer_rates` must be a mapping {{name: rate}}, e.g. {{'net.4.weight': 0.1}}, got "
+                        f"{layer_rates!r}.")
     # numpy's int64(3), float32(0.2) as Python's (refused; the saved settings hold Python numbers)
     rounds, rate = as_python_number(rounds), as_python_number(rate)
-    layer_rates = {name: as_python_number(value) for name, value in dict(layer_rates or {}).items()}
+    layer_rates = {name: as_python_number(value) for name, value in (layer_rates or {}).items()}
     _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude, control_seed)
     control_seed = int(control_seed)  # (numpy's: the saved settings hold Python numbers)
     network = deepcopy_model(model)
