@@ -1291,3 +1291,23 @@ def test_a_copy_keeps_what_its_original_computes_when_the_original_itself_was_re
     x = torch.randn(4, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(deepcopy_model(model)(x), model(x), rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.sampled_from([0.1, 0.3, 0.55, 0.7, 0.9]),
+       st.sampled_from(["local", "global"]))
+def test_a_numpy_float32_fraction_prunes_the_count_torchs_own_pruning_does(rows, columns, fraction, scope):
+    """Taken as a float64, a float32 fraction counted one weight more or less than torch's functions (and so than
+    Lightning's callback) at a .5 boundary: 15 weights x float32(0.3) pruned 5, torch 4 (60 of 1210 such layers)."""
+    import numpy as np
+
+    torch.manual_seed(rows * 100 + columns)
+    theirs = nn.Linear(columns, rows)
+    ours = copy.deepcopy(theirs)
+    amount = np.float32(fraction)
+    if scope == "local":
+        torch_prune.l1_unstructured(theirs, "weight", amount=amount)
+    else:
+        torch_prune.global_unstructured([(theirs, "weight")], torch_prune.L1Unstructured, amount=amount)
+    prune_([(ours, "weight")], "l1_unstructured", amount, scope=scope)
+    assert int((ours.weight == 0).sum()) == int((theirs.weight == 0).sum())

@@ -615,7 +615,9 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = ()) -> int:
 
 # ------------------------------------------------------------------------------------------------- pruning
 def validate_amount(amount: Any, *, argument: str = "amount") -> float | int:
-    """Check a pruning amount: a float fraction in [0, 1] or an int count >= 0 (bools and NaN refused)."""
+    """Check a pruning amount: a float fraction in [0, 1] or an int count >= 0 (bools and NaN refused). A fraction is
+    returned as a float, or as given where it is another real number (numpy's float32 counts in float32, as torch's
+    own pruning functions count it: one weight more or less than float64 at a .5 boundary)."""
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
         raise TypeError(
             f"`{argument}` must be a float in [0, 1] (a fraction) or an int >= 0 (a count), "
@@ -625,13 +627,13 @@ def validate_amount(amount: Any, *, argument: str = "amount") -> float | int:
         if amount < 0:
             raise ValueError(f"`{argument}` as a count must be >= 0, got {amount}.")
         return int(amount)
-    amount = float(amount)
-    if math.isnan(amount) or not 0.0 <= amount <= 1.0:
+    fraction = float(amount)
+    if math.isnan(fraction) or not 0.0 <= fraction <= 1.0:
         raise ValueError(
-            f"`{argument}` as a fraction must be in [0, 1], got {amount}. "
+            f"`{argument}` as a fraction must be in [0, 1], got {fraction}. "
             "Pass an int for a number of weights to prune."
         )
-    return amount
+    return fraction if isinstance(amount, float) else amount
 
 
 def remaining_count(module: nn.Module, name: str) -> int:
