@@ -22,11 +22,9 @@ def as_python_number(value: object) -> object:
     """`value` as Python's ``int``/``float`` where it is another real number (numpy's ``int64(3)``, ``float32(0.2)``:
     0.2, the number it prints as, not float32's 0.20000000298..., which a resume given 0.2 would not match); anything
     else (booleans, numpy's too, strings, callables) as it is, for the caller's checks to judge."""
-    if not isinstance(value, numbers.Real) or type(value) in (bool, int, float):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    exact = float(value)
+    exact = exact_python_number(value)
+    if exact is value or not isinstance(exact, float):  # (not another real number, or an integer)
+        return exact
     try:
         printed = float(str(value))
     except ValueError:  # (a Fraction prints as 1/3)
