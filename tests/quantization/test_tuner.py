@@ -62,16 +62,18 @@ def test_an_eval_fn_that_ends_in_training_mode_leaves_the_models_it_scores_in_th
     assert not model.training
 
 
-def test_a_nan_on_every_variant_still_falls_back_to_the_layer_that_causes_it():
+@pytest.mark.parametrize("overflow", [float("nan"), float("inf"), -float("inf")])
+def test_a_nan_on_every_variant_still_falls_back_to_the_layer_that_causes_it(overflow):
     """A metric that is NaN while the first layer is int8 (a loss overflowing there): every knob variant failed,
-    the search ended without the per-layer fallback that fixes it, and said no candidate could be built."""
+    the search ended without the per-layer fallback that fixes it, and said no candidate could be built. An
+    overflowing perplexity or loss is inf as often as NaN: the search ended so on inf after the NaN case was fixed."""
     torch.manual_seed(0)
     model, x, _ = make_sensitive_mlp()
 
     def evaluate(candidate):
         with torch.no_grad():
             out = candidate(x[:64])
-        return float("nan") if type(candidate[0]) is not nn.Linear else -float((out - model(x[:64])).abs().mean())
+        return overflow if type(candidate[0]) is not nn.Linear else -float((out - model(x[:64])).abs().mean())
 
     config = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3, max_trials=6)
     result = quantize(model, config, eval_fn=evaluate, example_inputs=x[:1])
@@ -496,8 +498,8 @@ def test_nan_from_a_candidate_is_recorded_and_search_goes_on(trained_mlp, digits
             return 1.0 if torch.equal(model(x_test), reference) else float("nan")
 
     config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
-    with pytest.warns(QuantizationGoalWarning, match=r"No quantized candidate could be scored: eval_fn gave NaN on "
-                                                      "every one it ran"):
+    with pytest.warns(QuantizationGoalWarning, match=r"No quantized candidate could be scored: eval_fn gave NaN or inf "
+                                                      "on every one it ran"):
         result = quantize(trained_mlp, config, eval_fn=nan_unless_exact, example_inputs=x_test[:1])
     # both knob variants, then the fallback from the first (a layer in fp32 may be what scores), never all of them
     assert [t.recipe.fp32_layers != () for t in result.trials] == [False, False, True]
@@ -505,18 +507,19 @@ def test_nan_from_a_candidate_is_recorded_and_search_goes_on(trained_mlp, digits
     assert result.recipe is None and result.model is not None
 
 
-def test_a_nan_is_told_in_every_form_the_metric_check_takes():
+@pytest.mark.parametrize("overflow", [float("nan"), float("inf"), -float("inf")])
+def test_a_nan_or_infinity_is_told_in_every_form_the_metric_check_takes(overflow):
     import numpy as np
 
-    from litcompress.quantization.tuner import _is_nan, check_metric
+    from litcompress.quantization.tuner import _is_not_finite, check_metric
 
-    nan = float("nan")
-    for value in (nan, np.float64(nan), np.array([nan]), np.array(nan), torch.tensor(nan), torch.tensor([nan])):
-        assert _is_nan(value), value
-        with pytest.raises(ValueError, match="returned nan"):
+    for value in (overflow, np.float64(overflow), np.float32(overflow), np.array([overflow]), np.array(overflow),
+                  torch.tensor(overflow), torch.tensor([overflow])):
+        assert _is_not_finite(value), value
+        with pytest.raises(ValueError, match=f"returned {overflow}"):
             check_metric(value, "t")
-    for value in (1.0, float("inf"), True, "nan", None, np.array([1.0]), torch.tensor([1.0, nan])):
-        assert not _is_nan(value), value
+    for value in (1.0, True, "nan", "inf", None, np.array([1.0]), torch.tensor([1.0, overflow])):
+        assert not _is_not_finite(value), value
 
 
 def test_an_eval_fn_that_raises_on_every_candidate_uses_no_fallback(trained_mlp, digits):

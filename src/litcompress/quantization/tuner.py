@@ -506,13 +506,14 @@ def example_as_inputs(model: nn.Module, example_inputs: object,
         return to_inputs(input_fn(example_inputs))
 
 
-def _is_nan(value: object) -> bool:
-    """Whether `value` is a NaN number (a float, or a one-element tensor or array, as check_metric takes them)."""
+def _is_not_finite(value: object) -> bool:
+    """Whether `value` is a NaN or infinite number (a float, or a one-element tensor or array, as check_metric takes
+    them): what an overflowing loss gives (a perplexity of inf as often as NaN)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and bool(torch.isnan(value).all())
+        return value.numel() == 1 and not bool(torch.isfinite(value).all())
     if getattr(value, "size", None) == 1 and callable(getattr(value, "item", None)):  # numpy's
         value = value.item()
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value)
 
 
 class _BackendSearch:
@@ -523,7 +524,7 @@ class _BackendSearch:
         self.layers = set(layers)  # those it makes int8: the only ones a fallback keeps in fp32
         self.pending = list(backend.recipes(approach))
         self.tried: list[Trial] = []
-        self.unscored: list[Trial] = []  # built, and eval_fn gave NaN on them
+        self.unscored: list[Trial] = []  # built, and eval_fn gave NaN or inf on them
         self.fallback_started = False
         self.done = False
 
@@ -539,8 +540,8 @@ class _BackendSearch:
         if self.pending:
             return self.pending.pop(0)
         ran = [t for t in self.tried if t.metric is not None]
-        # every variant built but scored NaN (a loss overflowing while a layer is int8): the fallback goes on from
-        # the first, since a layer kept in fp32 may be what scores
+        # every variant built but scored NaN or inf (a loss overflowing while a layer is int8): the fallback goes on
+        # from the first, since a layer kept in fp32 may be what scores
         if not allow_fallback or not (ran or self.unscored):
             self.done = True
             return None
@@ -876,12 +877,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 trial = Trial(index=len(trials) + 1, recipe=recipe)
                 trials.append(trial)
                 t0 = time.monotonic()
-                returned_nan = False  # eval_fn returned NaN (check_metric then fails), which fp32 layers may fix
+                not_finite = False  # eval_fn returned NaN or inf (check_metric then fails), which fp32 layers may fix
                 try:
                     candidate = search.backend.quantize(deepcopy_model(fp32), recipe, example_inputs, calibration)
                     with torch.no_grad():
                         value = call_keeping_modes(eval_fn, candidate)
-                    returned_nan = _is_nan(value)
+                    not_finite = _is_not_finite(value)
                     trial.metric = check_metric(value, f"trial {trial.index} ({recipe.describe()})")
                     met = criterion.is_met(trial.metric, baseline_metric)
                     # timed as its file runs (torch.ao's: a trace, 2-3x faster than its eager int8 modules)
@@ -907,7 +908,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                         search.done = True  # every recipe of this backend needs the same export
                         note(f"trial {trial.index}: {exc}; going on without backend {search.backend.name!r}.")
                 except Exception as exc:  # one broken candidate must not end a long search
-                    if returned_nan and trial.metric is None:  # (a raise or a non-number is eval_fn's, not int8's)
+                    if not_finite and trial.metric is None:  # (a raise or a non-number is eval_fn's, not int8's)
                         search.unscored.append(trial)
                     trial.error = f"{type(exc).__name__}: {exc}"
                     hint = fixed_size_hint(trial.error)
@@ -1014,7 +1015,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 warning = (f"The search was interrupted {where}, before any quantized candidate was finished: "
                            "returning an fp32 copy of the model.")
             elif any(search.unscored for search in searches):
-                warning = ("No quantized candidate could be scored: eval_fn gave NaN on every one it ran (see "
+                warning = ("No quantized candidate could be scored: eval_fn gave NaN or inf on every one it ran (see "
                            "result.messages/trials): returning an fp32 copy of the model.")
             else:
                 warning = ("No quantized candidate could be built and scored (see result.messages/trials: the "
