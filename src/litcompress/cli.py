@@ -265,7 +265,7 @@ def _note_ignored(args: argparse.Namespace) -> None:
         _stderr("note: --schedule ignored: --prune-epochs 0 prunes at once (one-shot), without fine-tuning steps to "
                 "lay a schedule over.")
     if args.quantize == "none":
-        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup", "mode")
+        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup")
         if ignored:
             turned_off = "--sparse-kernels" if args.sparse_kernels else "--quantize none"
             _stderr(f"note: {', '.join(ignored)} ignored: options of the quantization search, which {turned_off} "
@@ -1017,7 +1017,7 @@ def run_compress(args: argparse.Namespace) -> int:
                                 example_inputs=example_inputs, submodule=args.submodule,
                                 # without --inputs, compress_lightning reads the batches as validation_step does
                                 input_fn=input_fn if args.inputs is not None else None,
-                                output_dir=args.output_dir, distill=distill)
+                                output_dir=args.output_dir, distill=distill, mode=args.mode)
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")

@@ -579,6 +579,28 @@ def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digi
     improved = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.97), quantize=as_loss, **FAST),
                         **run).report
     assert not any(m.startswith("pruned in one shot") for m in improved.messages)
+    # without a quantize stage the direction is given as higher_is_better (compress_lightning's and the CLI's mode):
+    # a loss that fell was said to need recovering
+    one_shot = CompressionConfig(prune=PruneConfig(sparsity=0.97), **FAST)
+    as_loss_only = compress(trained, one_shot, **run, higher_is_better=False).report
+    assert not any(m.startswith("pruned in one shot") for m in as_loss_only.messages)
+    as_accuracy = compress(trained, one_shot, **run, higher_is_better=True).report
+    assert sum(m.startswith("pruned in one shot") for m in as_accuracy.messages) == 1
+
+
+@pytest.mark.parametrize(("given", "error"), [
+    ("max", r"compress\(higher_is_better='max'\): expected True, False \(a loss\) or None"),
+    (1, r"compress\(higher_is_better=1\): expected True"),
+    (True, r"compress\(higher_is_better=True\) against config.quantize.accuracy's higher_is_better=False"),
+])
+def test_a_metric_direction_that_is_no_bool_or_contradicts_the_quantization_goal_is_refused_before_any_stage(
+        given, error, trained, digits):
+    as_loss = PTQConfig(backends=("torch_ao",), max_trials=1, accuracy=AccuracyCriterion(higher_is_better=False))
+    evaluated = []
+    with pytest.raises((TypeError, ValueError), match=error):
+        compress(trained, CompressionConfig(quantize=as_loss, **FAST), eval_fn=lambda m: evaluated.append(m) or 1.0,
+                 example_inputs=digits[2][:8], higher_is_better=given)
+    assert evaluated == []
 
 
 @pytest.mark.parametrize("method", ["random_structured", "ln_structured"])

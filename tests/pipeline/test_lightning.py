@@ -357,6 +357,21 @@ def test_a_loss_as_the_metric_needs_its_mode_and_then_the_goal_bounds_it_from_ab
     assert [s.stage for s in unquantized.report.stages] == ["input", "pruned"]
 
 
+def test_mode_without_a_quantize_stage_decides_whether_one_shot_pruning_lost_the_metric(fitted):
+    """mode was checked and dropped without a quantize stage: a loss that fell after pruning was said to be lost,
+    with the advice to fine-tune to recover it."""
+    module, data = fitted
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.97), latency_repeats=2, export=False)
+    said, changes = {}, {}
+    for mode in ("min", "max"):
+        report = compress_lightning(module, config, datamodule=data, metric="val_loss", mode=mode).report
+        changes[mode] = report["pruned"].metric - report["input"].metric
+        said[mode] = any(m.startswith("pruned in one shot") for m in report.messages)
+    assert changes["min"] == changes["max"] and abs(changes["min"]) > 0.01 * abs(report["input"].metric)
+    worse = "min" if changes["min"] > 0 else "max"  # the loss rose: a loss under min, a gain under max
+    assert said == {worse: True, ("max" if worse == "min" else "min"): False}
+
+
 def test_compress_on_fit_end_shrinks_and_quantizes_what_model_pruning_pruned(tmp_path):
     L.seed_everything(0)
     data = DigitsDataModule(batch_size=64)

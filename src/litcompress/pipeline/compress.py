@@ -837,6 +837,7 @@ def compress(
     metric_name: str = "metric",
     test_metric_name: str | None = None,
     fine_tune_description: str | None = None,
+    higher_is_better: bool | None = None,
 ) -> CompressionResult:
     """Compress a copy of `model` stage by stage and measure every stage alike; `model` is not modified.
 
@@ -860,6 +861,9 @@ def compress(
             `test_fn` is given).
         fine_tune_description: what ``fine_tune`` does besides training (e.g. ``"distilled (T=1, alpha=0.5)"``),
             appended to the pruned stage's description in the report.
+        higher_is_better: which way `eval_fn`'s metric improves (False: a loss), for the notes on what a stage cost;
+            None: as ``config.quantize.accuracy`` says, or, without a quantize stage, unknown (a change either way
+            is then noted). Given beside ``config.quantize``, it must agree with its accuracy criterion.
     """
     config = config if config is not None else CompressionConfig()
     if not isinstance(config, CompressionConfig):
@@ -880,6 +884,15 @@ def compress(
     if test_metric_name is not None and not isinstance(test_metric_name, str):
         raise TypeError(f"compress(test_metric_name={test_metric_name!r}): the report's title of test_fn's column, "
                         "a str or None.")
+    if higher_is_better is not None and not isinstance(higher_is_better, bool):
+        raise TypeError(f"compress(higher_is_better={higher_is_better!r}): expected True, False (a loss) or None.")
+    if config.quantize is not None:
+        if higher_is_better is None:
+            higher_is_better = config.quantize.accuracy.higher_is_better
+        elif higher_is_better != config.quantize.accuracy.higher_is_better:
+            raise ValueError(f"compress(higher_is_better={higher_is_better}) against config.quantize.accuracy's "
+                             f"higher_is_better={config.quantize.accuracy.higher_is_better}: the metric improves one "
+                             "way; make them agree (or leave higher_is_better=None).")
     if output_dir is not None and os.fspath(output_dir) == "":  # Path("") is the working directory
         raise ValueError("compress(output_dir=''): name a folder to write to (or None to write nothing).")
     if config.quantize is not None:  # before any fine-tuning, which would run on that device first
@@ -1098,10 +1111,9 @@ def compress(
             note(f"the model as given is {given:.1%} sparse, above the {prune.sparsity:.1%} asked: pruning never "
                  "un-prunes, so it pruned nothing; ask for more to prune further.")
         before = stages.rows[0].metric
-        # (a metric that improved needs no remedy; its direction is known from the quantization goal, if any)
-        higher = None if config.quantize is None else config.quantize.accuracy.higher_is_better
+        # (a metric that improved needs no remedy; its direction is known when given, or from the quantization goal)
         change = pruned_row.metric - before
-        lost = abs(change) if higher is None else (-change if higher else change)
+        lost = abs(change) if higher_is_better is None else (-change if higher_is_better else change)
         if fine_tune is None and lost > 0.01 * abs(before):
             note(f"pruned in one shot without fine-tuning, the metric went from {before:.6g} to "
                  f"{pruned_row.metric:.6g}: pass fine_tune= and fine_tune_steps= (the CLI: --prune-epochs) to prune "

@@ -231,7 +231,8 @@ def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list) -> None:
 
 
 def _with_metric_mode(config: CompressionConfig, metric: str, mode: str | None, where: str) -> CompressionConfig:
-    """The metric's direction matters to the quantization search only (the other stages report it)."""
+    """`config` with its quantization goal judging `metric` the way `mode` says (without a quantize stage, `mode`
+    only tells the notes which way the metric improves: :func:`compress`'s ``higher_is_better``)."""
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"{where}(config={config!r}): expected a CompressionConfig.")
     if config.quantize is None:
@@ -330,7 +331,8 @@ def compress_lightning(
             written by ``result.report.save(output_dir)``.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
             ``config.quantize.accuracy``'s direction, and refuses a metric named like a loss or an error under the
-            default higher-is-better goal.
+            default higher-is-better goal. Without a quantize stage it tells the report's notes which way is better
+            (a loss that fell after pruning is not noted as lost).
         distill: fine-tune against the input model as a frozen teacher (knowledge distillation,
             :class:`litcompress.callbacks.KnowledgeDistillation`): the training step's loss becomes
             ``(1 - alpha) * loss + alpha * distillation`` on the outputs of the model (or `submodule`) it calls.
@@ -454,6 +456,7 @@ def compress_lightning(
         fine_tune=fine_tune if fine_tune_epochs and steps else None, fine_tune_steps=steps or None,
         output_dir=output_dir, metric_name=metric, test_metric_name=test_metric,
         fine_tune_description=distill.describe() if distill is not None else None,
+        higher_is_better=None if mode is None else mode == "max",
     )
 
 
