@@ -194,6 +194,33 @@ def test_report_refuses_a_file_that_is_no_report_before_printing(first_run, caps
         assert exit_info.value.code == 2 and re.search(message, captured.err) and captured.out == ""
 
 
+def test_report_refuses_a_markdown_path_that_would_replace_a_model_or_checkpoint(first_run, capsys, tmp_path):
+    """`report --markdown out/model.pt` (a slip of the shell's completion) replaced the run's model file with Markdown,
+    which load_quantized then refused; so with the pruned state dict, the dense checkpoint and any binary file."""
+    import hashlib
+
+    _, out = first_run
+    weights = tmp_path / "my_weights.bin"
+    torch.save({"w": torch.arange(10)}, weights)
+    for target, said in ((out / "model.pt", "the model file this report describes"),
+                         (out / PRUNED_STATE_FILE, "a file of the run this report describes"),
+                         (out / "dense.ckpt", "a file of the run this report describes"),
+                         (weights, "a file that is not text (a model, a checkpoint or an image?)")):
+        before = hashlib.sha256(target.read_bytes()).hexdigest()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", str(out), "--markdown", str(target)])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and captured.out == ""
+        assert f"--markdown {target} is {said}, which the Markdown would replace" in captured.err
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == before
+    # a text file is the user's to replace: the run's own report.md, or notes
+    notes = tmp_path / "notes.md"
+    notes.write_text("the user's notes, ünïcode\n" * 5000, encoding="utf-8")  # longer than the part read
+    for target in (out / "report.md", notes):
+        assert main(["report", str(out), "--markdown", str(target)]) == 0
+        assert target.read_text(encoding="utf-8").startswith("# Compression report")
+
+
 def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, capsys, tmp_path):
     """A run interrupted after pruning left its pruned_state_dict.pt beside the earlier run's report.json, which
     `report` printed without a word (its sparsity was the earlier run's)."""

@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path", type=Path, help="report.json, or the directory holding it")
     show.add_argument("--plot", type=Path, help="write the plot to this file (PNG, or a format matplotlib writes, "
                                                 "by its suffix: .svg, .pdf, ...)")
-    show.add_argument("--markdown", type=Path, help="write the Markdown report to this file")
+    show.add_argument("--markdown", type=Path,
+                      help="write the Markdown report to this file (a text file there is replaced; the run's model, "
+                           "state dicts or checkpoint, or any file that is not text, is refused)")
 
     plan = commands.add_parser(
         "channels", formatter_class=_DefaultsHelp,
@@ -1068,6 +1070,33 @@ def _note_outputs_newer_than(report_path: Path) -> None:
                 "this folder that did not finish?).")
 
 
+def _file_markdown_must_not_replace(markdown: Path, report_path: Path, artifact: str | None) -> str | None:
+    """What `markdown` is, when it is a file that Markdown must not replace (else None): the report's model file, a
+    file of the run beside the report, or any file that is not text (a model, a checkpoint, an image). A text file
+    the user names (an earlier Markdown, notes) is theirs to replace, as a shell's ``>`` would."""
+    from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
+
+    if not markdown.is_file():
+        return None
+    target = markdown.resolve()
+    if artifact is not None and target == (report_path.parent / artifact).resolve():
+        return "the model file this report describes"
+    if target.parent == report_path.parent.resolve() and (
+            target.name in (PRUNED_STATE_FILE, SHRUNK_STATE_FILE, "dense.ckpt", "report.json", "report.png")):
+        return "a file of the run this report describes"
+    try:
+        with open(target, "rb") as file:
+            head = file.read(1 << 16)
+    except OSError:
+        return None  # (not readable: the write says why, if it fails too)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:  # a cut in the middle of a character at the end is still text
+        if error.start < len(head) - 3 or len(head) < 1 << 16:
+            return "a file that is not text (a model, a checkpoint or an image?)"
+    return "a file that is not text (a model, a checkpoint or an image?)" if b"\0" in head else None
+
+
 def run_report(args: argparse.Namespace) -> int:
     from litcompress.report.compression import CompressionReport
 
@@ -1089,6 +1118,10 @@ def run_report(args: argparse.Namespace) -> int:
             if args.markdown.resolve() == path.resolve():  # the report read would be lost
                 raise ValueError(f"--markdown {args.markdown} is the report being read; give another file, e.g. "
                                  f"{path.with_suffix('.md')}.")
+            kept = _file_markdown_must_not_replace(args.markdown, path, report.artifact)
+            if kept is not None:  # (a slip of the shell's completion: the run's model was replaced by Markdown)
+                raise ValueError(f"--markdown {args.markdown} is {kept}, which the Markdown would replace; give "
+                                 f"another file, e.g. {path.with_suffix('.md')}.")
             _check_writable(args.markdown.parent, "--markdown", args.markdown)
         if args.plot:
             _check_plot_path(args.plot)
