@@ -412,3 +412,25 @@ def make_trainer(tmp_path: Any, **overrides: Any) -> Trainer:
 def _few_threads() -> None:
     """One intra-op thread: the test models are tiny, and on a 2-core host thread hand-offs made them ~10x slower."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path: Any) -> Iterator[Any]:
+    """A folder this process cannot create files in: one with its write permission taken away, or, where that does
+    not stop this process (root), /sys/kernel (sysfs, read-only to everyone); the test is skipped without either."""
+    from pathlib import Path
+
+    from litcompress._files import cannot_write
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if cannot_write(locked) is not None:
+            yield locked
+        elif Path("/sys/kernel").is_dir() and cannot_write(Path("/sys/kernel")) is not None:
+            yield Path("/sys/kernel")
+        else:
+            pytest.skip("no folder this process cannot write to")
+    finally:
+        locked.chmod(0o700)

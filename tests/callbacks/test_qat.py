@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -196,6 +197,16 @@ def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, 
 def test_constructor_refuses_bad_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         QuantizationAwareTraining(**kwargs)
+
+
+def test_a_save_path_in_a_folder_that_cannot_be_written_is_refused_at_setup(tmp_path, unwritable_folder):
+    """It failed after the whole fit, in torch's words naming no file."""
+    save_path = unwritable_folder / "model.pt2"
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2,
+                           callbacks=[QuantizationAwareTraining("net", save_path=save_path)])
+    with pytest.raises(ValueError, match=re.escape(f"QuantizationAwareTraining(save_path='{save_path}'): cannot write ")):
+        trainer.fit(MLPClassifier(hidden=(16,)), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
 
 
 def test_a_numpy_start_epoch_is_taken_as_the_int_it_is():

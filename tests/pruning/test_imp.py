@@ -616,6 +616,16 @@ def test_a_saved_search_resumes_only_with_its_own_arguments_and_may_go_on_for_mo
         assert not calls
 
 
+def test_a_checkpoint_path_in_a_folder_that_cannot_be_written_is_refused_before_the_first_training(
+        unwritable_folder):
+    """Only a folder or a file in the way was checked: round 0 trained, then torch's writer failed naming no file."""
+    trained = []
+    path = unwritable_folder / "imp.pt"
+    with pytest.raises(PermissionError, match=re.escape(f"checkpoint_path='{path}': cannot write there (")):
+        iterative_magnitude_pruning(mlp(), trained.append, lambda model: 1.0, rounds=2, checkpoint_path=path)
+    assert trained == [] and not path.exists()
+
+
 class CallbackStateAtFitStart(Callback):
     """Listed after the others: their state when each fit starts (keeps no state of its own, so it records across
     the rounds)."""

@@ -415,6 +415,16 @@ def test_saving_to_a_directory_is_refused_before_the_export(tmp_path):
     assert (tmp_path / "a_file").read_text() == "kept"
 
 
+def test_saving_into_a_folder_that_cannot_be_written_is_refused_before_the_export_naming_the_path(
+        unwritable_folder):
+    """torch's writer failed after the export, naming no file ("open file failed with strerror: Permission
+    denied")."""
+    path = unwritable_folder / "model.pt"
+    with pytest.raises(PermissionError, match=re.escape(f"save_quantized: cannot write '{path}' (")):
+        save_quantized(_MeanPool().eval(), None, path, (torch.randn(2, 3, 4),))
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("fp32_format", ["export", "onnx"])
 def test_one_tensor_as_example_inputs_is_the_one_input(fp32_format, tmp_path):
     """quantize() takes one tensor for one input; here it was read as a sequence of rows: a batch of 4 failed as four

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import signal
 import warnings
 
@@ -274,6 +275,17 @@ def test_quantize_on_fit_end_refuses_before_training_what_would_fail_after_it(di
     with pytest.raises(Exception, match="QuantizeOnFitEnd runs in a single process.*quantize_checkpoint"):
         trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_save_path_in_a_folder_that_cannot_be_written_is_refused_at_setup(digits, unwritable_folder):
+    """Only a file in the way was checked: the fit and the whole search ran, then torch's writer failed naming no
+    file ("open file failed with strerror: Permission denied")."""
+    save_path = unwritable_folder / "sub" / "int8.pt"
+    callback = QuantizeOnFitEnd(CONFIG, metric="val_acc", save_path=save_path)
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    with pytest.raises(ValueError, match=re.escape(f"QuantizeOnFitEnd(save_path='{save_path}'): cannot write there (")):
+        trainer.fit(DigitsModule(), datamodule=DigitsData(digits))
+    assert trainer.global_step == 0 and callback.result is None
 
 
 def test_a_metric_the_sanity_check_did_not_log_is_warned_of_before_training(digits):

@@ -30,7 +30,7 @@ from litcompress._numbers import as_python_number
 from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
 from litcompress.callbacks.schedule_checks import steps_in_epoch
 from litcompress.pruning.engine import compiled_module_names
-from litcompress.quantization.lightning import check_save_path
+from litcompress.quantization.lightning import check_save_path, make_save_path_folder
 from litcompress.quantization.qat import (
     QATConfig,
     QATModel,
@@ -162,7 +162,7 @@ class QuantizationAwareTraining(Callback):
         if self.compile:
             _check_cpp_compiler()
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the fit
-            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
+            make_save_path_folder(self.save_path, _OWNER)
         if self.metric is not None and trainer.limit_val_batches == 0:  # the int8 model is judged on the fit's limit
             raise ValueError(f"{_OWNER}(metric={self.metric!r}) evaluates the int8 model on the fit's validation data "
                              "at fit end, which limit_val_batches=0 leaves out: drop that limit, or metric=None.")

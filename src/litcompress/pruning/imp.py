@@ -29,7 +29,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils.prune import BasePruningMethod
 
 from litcompress._numbers import as_python_number
-from litcompress._files import file_in_the_way, written_atomically
+from litcompress._files import cannot_write, file_in_the_way, written_atomically
 from litcompress.pruning.engine import (
     Scope,
     Target,
@@ -443,7 +443,10 @@ def iterative_magnitude_pruning(
         blocking = file_in_the_way(path.parent)
         if blocking is not None:  # (mkdir's "Not a directory")
             raise NotADirectoryError(f"checkpoint_path={str(path)!r}: {blocking} is a file, not a folder.")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        why = cannot_write(path.parent)  # (made if missing; one that cannot be written failed after round 0)
+        if why is not None:
+            raise PermissionError(f"checkpoint_path={str(path)!r}: cannot write there ({why}); give a path in a "
+                                  "folder this process can write to.")
     settings = dict(names=names, parameter_names=list(parameter_names), rate=rate, layer_rates=layer_rates,
                     scope=scope, control=control, control_seed=control_seed,
                     rewinds_late=train_to_rewind_point is not None, **dict(checkpoint_settings or {}))

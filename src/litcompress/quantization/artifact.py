@@ -19,7 +19,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from litcompress._files import file_in_the_way, written_atomically
+from litcompress._files import cannot_write, file_in_the_way, written_atomically
 
 from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend
 from .config import Recipe
@@ -95,8 +95,11 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     blocking = file_in_the_way(Path(path).parent)
     if blocking is not None:  # mkdir's "File exists"
         raise NotADirectoryError(f"save_quantized: {os.fspath(path)!r}: {blocking} is a file, not a folder.")
-    # a missing folder is made, as the pipeline's report does (it failed after the export, in each backend's words)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # a missing folder is made, as the pipeline's report does (it failed after the export, in each backend's words);
+    # one that cannot be written fails here, naming the path (torch's writer failed after the export, naming no file)
+    why = cannot_write(Path(path).parent)
+    if why is not None:
+        raise PermissionError(f"save_quantized: cannot write {os.fspath(path)!r} ({why}).")
     metadata = json.dumps({"litcompress_format": FORMAT_VERSION,
                            "recipe": None if recipe is None else recipe.to_dict()})
     # written beside `path` and renamed over it once complete: a file there is never lost to a failed or killed write

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
 from torch import nn
 
-from litcompress._files import file_in_the_way
+from litcompress._files import cannot_write, file_in_the_way
 from litcompress.pruning.engine import deepcopy_model, is_compiled
 
 from .config import PTQConfig, criterion_for_metric
@@ -716,6 +716,15 @@ def check_save_path(save_path: object, owner: str) -> None:
                          "folder.")
 
 
+def make_save_path_folder(save_path: str | os.PathLike, owner: str) -> None:
+    """At setup: make `save_path`'s folder and write a temporary file in it, so that a folder that cannot be written
+    fails before the fit (it failed after the fit and the search, in torch's words naming no file)."""
+    why = cannot_write(Path(os.path.abspath(os.fspath(save_path))).parent)
+    if why is not None:
+        raise ValueError(f"{owner}(save_path={os.fspath(save_path)!r}): cannot write there ({why}); give a path in a "
+                         "folder this process can write to.")
+
+
 def check_fit_end_weights(weights: object, owner: str) -> None:
     """`weights` names the weights a fit-end callback works on: ``"last"`` or ``"best"``."""
     if weights not in ("last", "best"):
@@ -876,7 +885,7 @@ class QuantizeOnFitEnd(MetricCheckedEarly):
                                    "--checkpoint --prune none`)")
         check_best_weights_can_be_found(trainer, self.weights, "QuantizeOnFitEnd")
         if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the search
-            os.makedirs(os.path.dirname(os.path.abspath(os.fspath(self.save_path))), exist_ok=True)
+            make_save_path_folder(self.save_path, "QuantizeOnFitEnd")
 
     _OWNER = "QuantizeOnFitEnd"
 
