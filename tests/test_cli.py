@@ -290,13 +290,30 @@ def test_more_options_that_do_nothing_are_named(args, said, capsys):
     assert said in capsys.readouterr().err
 
 
-def test_mode_without_quantization_is_not_said_to_be_ignored(capsys):
-    """--mode also tells the report's notes which way the metric improves (a loss that fell after pruning is no
-    loss): it was said to be ignored with --quantize none, and was."""
+@pytest.mark.parametrize(("args", "ignored"), [
+    (["--prune-epochs", "0"], False),  # one-shot pruning: the note on what it cost reads the direction
+    ([], True),  # pruning while fine-tuning (5 epochs by default): no such note
+    (["--prune", "none"], True),
+])
+def test_mode_without_quantization_is_said_to_be_ignored_only_where_it_does_nothing(args, ignored, capsys):
+    """--mode also tells the note on what one-shot pruning cost which way the metric improves (a loss that fell is
+    no loss): it was said to be ignored with --quantize none, and was."""
     from litcompress.cli import _note_ignored, build_parser
 
-    _note_ignored(build_parser().parse_args(["compress", "--quantize", "none", "--mode", "min"]))
-    assert "ignored" not in capsys.readouterr().err
+    _note_ignored(build_parser().parse_args(["compress", "--quantize", "none", "--mode", "min", *args]))
+    assert ("note: --mode ignored" in capsys.readouterr().err) == ignored
+
+
+@pytest.mark.parametrize(("args", "mode"), [([], "max"), (["--mode", "min"], "min"), (["--mode", "max"], "max"),
+                                            (["--metric", "val_loss"], None), (["--metric", "val_wer"], None),
+                                            (["--metric", "val_loss", "--mode", "max"], "max")])
+def test_the_metric_direction_the_pipeline_is_given_is_the_default_help_names_unless_the_metric_reads_as_a_loss(
+        args, mode):
+    """Without --mode the pipeline was told no direction (None), so with --quantize none an accuracy that rose after
+    one-shot pruning was noted as lost; --help names max the default."""
+    from litcompress.cli import _metric_mode, build_parser
+
+    assert _metric_mode(build_parser().parse_args(["compress", *args])) == mode
 
 
 def test_prune_embeddings_on_a_model_without_one_is_refused_before_training(tmp_path, capsys):

@@ -250,6 +250,16 @@ _DEFAULTS: dict[str, Any] = {"sparsity": 0.8, "schedule": "cubic", "prune_epochs
                              "max_trials": 8}
 
 
+def _metric_mode(args: argparse.Namespace) -> str | None:
+    """--mode, or its default as --help says it (max), except for a metric named like a loss or an error: its
+    direction is then unknown (the quantization search refuses it without --mode)."""
+    from litcompress.quantization.config import metric_reads_lower_is_better
+
+    if args.mode is not None or metric_reads_lower_is_better(args.metric):
+        return args.mode
+    return "max"
+
+
 def _note_ignored(args: argparse.Namespace) -> None:
     """Say which options given do nothing in this run (the pruning ones with --prune none, the quantization
     search's without quantization); a script that switches a stage off by one flag keeps running."""
@@ -265,7 +275,10 @@ def _note_ignored(args: argparse.Namespace) -> None:
         _stderr("note: --schedule ignored: --prune-epochs 0 prunes at once (one-shot), without fine-tuning steps to "
                 "lay a schedule over.")
     if args.quantize == "none":
-        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup")
+        # --mode also tells the note on what one-shot pruning cost which way the metric improves: else it does nothing
+        one_shot = args.prune.lower() != "none" and args.prune_epochs == 0
+        ignored = given("backends", "tolerance", "absolute", "max_trials", "timeout", "min_speedup",
+                        *(() if one_shot else ("mode",)))
         if ignored:
             turned_off = "--sparse-kernels" if args.sparse_kernels else "--quantize none"
             _stderr(f"note: {', '.join(ignored)} ignored: options of the quantization search, which {turned_off} "
@@ -1019,7 +1032,7 @@ def run_compress(args: argparse.Namespace) -> int:
                                 example_inputs=example_inputs, submodule=args.submodule,
                                 # without --inputs, compress_lightning reads the batches as validation_step does
                                 input_fn=input_fn if args.inputs is not None else None,
-                                output_dir=args.output_dir, distill=distill, mode=args.mode)
+                                output_dir=args.output_dir, distill=distill, mode=_metric_mode(args))
     written = result.report.save(args.output_dir, plot=None if args.plot else False)
     if args.plot and "plot" not in written:
         _stderr("no report.png: plotting needs matplotlib (pip install 'litcompress[report]')")

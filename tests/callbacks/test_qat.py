@@ -204,7 +204,8 @@ def test_a_save_path_in_a_folder_that_cannot_be_written_is_refused_at_setup(tmp_
     save_path = unwritable_folder / "model.pt2"
     trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2,
                            callbacks=[QuantizationAwareTraining("net", save_path=save_path)])
-    with pytest.raises(ValueError, match=re.escape(f"QuantizationAwareTraining(save_path='{save_path}'): cannot write ")):
+    said = f"QuantizationAwareTraining(save_path='{save_path}'): cannot write "
+    with pytest.raises(ValueError, match=re.escape(said)):
         trainer.fit(MLPClassifier(hidden=(16,)), datamodule=DigitsDataModule())
     assert trainer.global_step == 0
 

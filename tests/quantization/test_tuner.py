@@ -522,6 +522,27 @@ def test_a_nan_or_infinity_is_told_in_every_form_the_metric_check_takes(overflow
         assert not _is_not_finite(value), value
 
 
+def test_the_warning_says_how_many_candidates_scored_nan_or_inf_when_the_others_failed(trained_mlp, digits):
+    """It said eval_fn gave NaN or inf on every candidate when one did and eval_fn raised on the rest."""
+    calls = []
+
+    def inf_then_raises(model):
+        calls.append(1)
+        if len(calls) == 1:
+            return 1.0
+        if len(calls) == 2:
+            return float("inf")
+        raise RuntimeError("the metric broke")
+
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
+    with pytest.warns(QuantizationGoalWarning, match=r"No quantized candidate could be scored: eval_fn gave NaN or "
+                                                      r"inf on 1 of the (\d+) it ran, the others failed") as caught:
+        result = quantize(trained_mlp, config, eval_fn=inf_then_raises, example_inputs=digits[2][:1])
+    ran = int(re.search(r"on 1 of the (\d+)", str(caught[-1].message)).group(1))
+    assert ran == len(result.trials) > 1 and "inf" in result.trials[0].error
+    assert all("the metric broke" in t.error for t in result.trials[1:])
+
+
 def test_an_eval_fn_that_raises_on_every_candidate_uses_no_fallback(trained_mlp, digits):
     """A bug in eval_fn (it raises past the baseline, or returns a string) is no reason to keep layers in fp32: the
     fallback ran trial after trial failing alike, up to max_trials."""

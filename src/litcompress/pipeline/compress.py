@@ -844,8 +844,8 @@ def compress(
     Args:
         model: the trained fp32 model.
         config: which stages run and how (:class:`CompressionConfig`); default: shrink and export only.
-        eval_fn: ``model -> metric`` (higher is better unless ``config.quantize.accuracy`` says otherwise), on
-            validation data: it judges quantization candidates and fills the report's metric column.
+        eval_fn: ``model -> metric`` (which way is better: `higher_is_better`), on validation data: it judges
+            quantization candidates and fills the report's metric column.
         example_inputs: one batch of inputs, used to trace (shrink, export) and to time every stage (a tensor, a
             tuple, or a dict keyed by forward's parameter names).
         calibration_data: batches for static quantization and layer sensitivity (see ``quantize``).

@@ -1015,8 +1015,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 warning = (f"The search was interrupted {where}, before any quantized candidate was finished: "
                            "returning an fp32 copy of the model.")
             elif any(search.unscored for search in searches):
-                warning = ("No quantized candidate could be scored: eval_fn gave NaN or inf on every one it ran (see "
-                           "result.messages/trials): returning an fp32 copy of the model.")
+                unscored = sum(len(search.unscored) for search in searches)
+                said = ("eval_fn gave NaN or inf on every one it ran" if unscored == len(trials) else
+                        f"eval_fn gave NaN or inf on {unscored} of the {len(trials)} it ran, the others failed")
+                warning = (f"No quantized candidate could be scored: {said} (see result.messages/trials): returning "
+                           "an fp32 copy of the model.")
             else:
                 warning = ("No quantized candidate could be built and scored (see result.messages/trials: the "
                            "backend's error, or eval_fn's): returning an fp32 copy of the model.")
