@@ -205,7 +205,7 @@ def test_report_refuses_a_markdown_path_that_would_replace_a_model_or_checkpoint
     for target, said in ((out / "model.pt", "the model file this report describes"),
                          (out / PRUNED_STATE_FILE, "a file of the run this report describes"),
                          (out / "dense.ckpt", "a file of the run this report describes"),
-                         (weights, "a file that is not text (a model, a checkpoint or an image?)")):
+                         (weights, "a file that is not UTF-8 text (a model, a checkpoint or an image?)")):
         before = hashlib.sha256(target.read_bytes()).hexdigest()
         with pytest.raises(SystemExit) as exit_info:
             main(["report", str(out), "--markdown", str(target)])
@@ -219,6 +219,47 @@ def test_report_refuses_a_markdown_path_that_would_replace_a_model_or_checkpoint
     for target in (out / "report.md", notes):
         assert main(["report", str(out), "--markdown", str(target)]) == 0
         assert target.read_text(encoding="utf-8").startswith("# Compression report")
+
+
+def test_a_markdown_path_that_cannot_be_read_is_not_taken_for_text(first_run, tmp_path):
+    """A file this process cannot read was let be replaced (the write renames a new file over it, which the file's own
+    permissions never stop): a copy of a model, mode 000, became Markdown."""
+    from litcompress.cli import _file_markdown_must_not_replace
+
+    _, out = first_run
+    unreadable = tmp_path / "model_copy.pt"
+    unreadable.write_bytes((out / "model.pt").read_bytes())
+    unreadable.chmod(0o000)
+    def readable(path: Path) -> bool:
+        try:
+            with open(path, "rb"):
+                return True
+        except OSError:
+            return False
+
+    try:
+        if readable(unreadable):  # root reads it all the same: a write-only sysfs attribute then
+            candidates = sorted(Path("/sys/bus").glob("*/drivers_probe")) if Path("/sys/bus").is_dir() else []
+            unreadable = next((path for path in candidates if path.is_file() and not readable(path)), None)
+            if unreadable is None:
+                pytest.skip("no file this process cannot read")
+        said = _file_markdown_must_not_replace(unreadable, out / "report.json", None)
+        assert said is not None and said.startswith("a file this process cannot read (")
+        assert said.endswith(") to see that it is text")
+    finally:
+        (tmp_path / "model_copy.pt").chmod(0o600)
+
+
+def test_report_refuses_the_same_file_for_markdown_and_plot(first_run, capsys, tmp_path):
+    """The plot, written second, replaced the Markdown without a word."""
+    _, out = first_run
+    for markdown, plot in ((tmp_path / "r.svg", tmp_path / "r.svg"), (tmp_path / "r.png", tmp_path / "r")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", str(out), "--markdown", str(markdown), "--plot", str(plot)])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and captured.out == ""
+        assert f"--markdown {markdown} and --plot {plot} name the same file; give two." in captured.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, capsys, tmp_path):

@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "by its suffix: .svg, .pdf, ...)")
     show.add_argument("--markdown", type=Path,
                       help="write the Markdown report to this file (a text file there is replaced; the run's model, "
-                           "state dicts or checkpoint, or any file that is not text, is refused)")
+                           "state dicts or checkpoint, or any file that is not UTF-8 text, is refused)")
 
     plan = commands.add_parser(
         "channels", formatter_class=_DefaultsHelp,
@@ -1085,8 +1085,9 @@ def _note_outputs_newer_than(report_path: Path) -> None:
 
 def _file_markdown_must_not_replace(markdown: Path, report_path: Path, artifact: str | None) -> str | None:
     """What `markdown` is, when it is a file that Markdown must not replace (else None): the report's model file, a
-    file of the run beside the report, or any file that is not text (a model, a checkpoint, an image). A text file
-    the user names (an earlier Markdown, notes) is theirs to replace, as a shell's ``>`` would."""
+    file of the run beside the report, or any file that is not UTF-8 text (a model, a checkpoint, an image) or
+    cannot be read to tell. A text file the user names (an earlier Markdown, notes) is theirs to replace, as a
+    shell's ``>`` would."""
     from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
 
     if not markdown.is_file():
@@ -1100,14 +1101,15 @@ def _file_markdown_must_not_replace(markdown: Path, report_path: Path, artifact:
     try:
         with open(target, "rb") as file:
             head = file.read(1 << 16)
-    except OSError:
-        return None  # (not readable: the write says why, if it fails too)
+    except OSError as error:  # (the write renames a new file over it: the file's own permissions never stop it)
+        return f"a file this process cannot read ({error.strerror or error}) to see that it is text"
+    binary = "a file that is not UTF-8 text (a model, a checkpoint or an image?)"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as error:  # a cut in the middle of a character at the end is still text
         if error.start < len(head) - 3 or len(head) < 1 << 16:
-            return "a file that is not text (a model, a checkpoint or an image?)"
-    return "a file that is not text (a model, a checkpoint or an image?)" if b"\0" in head else None
+            return binary
+    return binary if b"\0" in head else None
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -1138,6 +1140,10 @@ def run_report(args: argparse.Namespace) -> int:
             _check_writable(args.markdown.parent, "--markdown", args.markdown)
         if args.plot:
             _check_plot_path(args.plot)
+            from litcompress.report.compression import plot_path
+
+            if args.markdown and plot_path(args.plot).resolve() == args.markdown.resolve():  # the plot replaced it
+                raise ValueError(f"--markdown {args.markdown} and --plot {args.plot} name the same file; give two.")
     except (ValueError, ImportError) as error:
         args.subparser.error(in_cli_terms(str(error)))
     _note_outputs_newer_than(path)

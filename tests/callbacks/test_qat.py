@@ -232,13 +232,14 @@ def test_a_crash_mid_qat_leaves_the_model_and_its_checkpoint_usable(tmp_path):
 
 
 def test_fast_dev_run_trains_through_the_rounding_but_converts_nothing(tmp_path, caplog):
-    callback = QuantizationAwareTraining("net")
+    callback = QuantizationAwareTraining("net", save_path=tmp_path / "int8" / "model.pt2")
     with caplog.at_level(logging.INFO, logger="litcompress"):
         Trainer(fast_dev_run=True, callbacks=[callback], logger=False, enable_progress_bar=False,
                 enable_model_summary=False, default_root_dir=tmp_path).fit(MLPClassifier(hidden=(8,)),
                                                                            datamodule=DigitsDataModule())
     assert callback.qat is not None and callback.result is None
     assert "conversion skipped under fast_dev_run" in caplog.text
+    assert not (tmp_path / "int8").exists()  # no file, and no folder for it (it was made empty)
 
 
 @pytest.mark.parametrize("start_epoch", [0, 2])

@@ -536,7 +536,7 @@ def test_the_warning_says_how_many_candidates_scored_nan_or_inf_when_the_others_
 
     config = PTQConfig(approach="dynamic", backends=("torch_ao",), **FAST)
     with pytest.warns(QuantizationGoalWarning, match=r"No quantized candidate could be scored: eval_fn gave NaN or "
-                                                      r"inf on 1 of the (\d+) it ran, the others failed") as caught:
+                                                      r"inf on 1 of the (\d+) tried, the others failed") as caught:
         result = quantize(trained_mlp, config, eval_fn=inf_then_raises, example_inputs=digits[2][:1])
     ran = int(re.search(r"on 1 of the (\d+)", str(caught[-1].message)).group(1))
     assert ran == len(result.trials) > 1 and "inf" in result.trials[0].error

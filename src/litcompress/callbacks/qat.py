@@ -161,7 +161,9 @@ class QuantizationAwareTraining(Callback):
                              "short stage).")
         if self.compile:
             _check_cpp_compiler()
-        if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the fit
+        # a folder that cannot be written fails here, not after the fit (fast_dev_run skips the conversion and the
+        # file: no folder for it either)
+        if self.save_path is not None and trainer.is_global_zero and not trainer.fast_dev_run:
             make_save_path_folder(self.save_path, _OWNER)
         if self.metric is not None and trainer.limit_val_batches == 0:  # the int8 model is judged on the fit's limit
             raise ValueError(f"{_OWNER}(metric={self.metric!r}) evaluates the int8 model on the fit's validation data "

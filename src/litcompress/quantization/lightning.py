@@ -884,7 +884,9 @@ class QuantizeOnFitEnd(MetricCheckedEarly):
                                    "litcompress.quantization.lightning.quantize_checkpoint (or `litcompress compress "
                                    "--checkpoint --prune none`)")
         check_best_weights_can_be_found(trainer, self.weights, "QuantizeOnFitEnd")
-        if self.save_path is not None and trainer.is_global_zero:  # a missing folder fails here, not after the search
+        # a folder that cannot be written fails here, not after the search (fast_dev_run skips the work and the file:
+        # no folder for it either, as CompressOnFitEnd makes none)
+        if self.save_path is not None and trainer.is_global_zero and not trainer.fast_dev_run:
             make_save_path_folder(self.save_path, "QuantizeOnFitEnd")
 
     _OWNER = "QuantizeOnFitEnd"

@@ -1017,7 +1017,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             elif any(search.unscored for search in searches):
                 unscored = sum(len(search.unscored) for search in searches)
                 said = ("eval_fn gave NaN or inf on every one it ran" if unscored == len(trials) else
-                        f"eval_fn gave NaN or inf on {unscored} of the {len(trials)} it ran, the others failed")
+                        f"eval_fn gave NaN or inf on {unscored} of the {len(trials)} tried, the others failed")
                 warning = (f"No quantized candidate could be scored: {said} (see result.messages/trials): returning "
                            "an fp32 copy of the model.")
             else:
