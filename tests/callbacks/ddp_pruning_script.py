@@ -1,7 +1,7 @@
 """Run by test_pruning_ddp.py: two-process DDP on CPU with random pruning; each rank saves its masks.
 
 Usage: python ddp_pruning_script.py {litcompress,lightning,heads,units,configured,distill,qat,qat_resume} OUT_DIR
-       [ddp|ddp_spawn] [permanent|masked|save|full|first|resume]
+       [ddp|ddp_spawn] [permanent|masked|ticket|save|full|first|resume]
 Lightning's `ddp` launcher re-runs this script for rank 1; `ddp_spawn` pickles the callback into two new processes
 and loads rank 0's weights back into this process's model.
 """
@@ -109,6 +109,19 @@ class SaveMasks(Callback):
         torch.save(state, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
+class TicketAfterTraining(Callback):
+    """Listed after ModelPruning: when training ends, each rank takes the lottery ticket by hand (as the callback's
+    end-of-fit message advises, with no broadcast after it) and saves its weights."""
+
+    def __init__(self, out: str, pruning: ModelPruning) -> None:
+        self.out, self.pruning = out, pruning
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.pruning.apply_lottery_ticket_hypothesis()
+        torch.save({k: v.clone() for k, v in pl_module.state_dict().items() if k.endswith(("_mask", "_orig"))},
+                   os.path.join(self.out, f"ticket_rank{trainer.global_rank}.pt"))
+
+
 class DestroyProcessGroup(Callback):
     """Shut gloo down on every rank together once training is over.
 
@@ -172,10 +185,11 @@ def main(impl: str, out: str, strategy: str = "ddp", permanence: str = "masked")
             use_lottery_ticket_hypothesis=True,
             resample_parameters=True,
         )
+    ticket = [TicketAfterTraining(out, callback)] if permanence == "ticket" else []
     trainer = Trainer(
         accelerator="cpu", strategy=strategy, devices=2, max_epochs=3, limit_train_batches=3, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[SaveMasks(out), callback, DestroyProcessGroup()],
+        callbacks=[SaveMasks(out), callback, *ticket, DestroyProcessGroup()],
     )
     trainer.fit(model)
     if strategy == "ddp_spawn":  # this process got rank 0's weights back

@@ -49,6 +49,19 @@ def test_ddp_ranks_share_masks_and_reset_weights(tmp_path, impl):
         assert torch.equal(states[0][key], states[1][key]), key
 
 
+def test_a_ticket_taken_by_hand_after_a_ddp_fit_with_resampling_is_the_same_on_every_rank(tmp_path):
+    """resample_parameters drew from a stream each rank seeded from its own seed: the fit's broadcast after every
+    reset hid it, but apply_lottery_ticket_hypothesis() called after the fit gave each rank other weights."""
+    states = _run("litcompress", tmp_path, "ddp", "ticket")
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])  # the fit's, as before
+    tickets = {rank: torch.load(tmp_path / f"ticket_rank{rank}.pt") for rank in (0, 1)}
+    assert tickets[0].keys() == tickets[1].keys() and any(k.endswith("_orig") for k in tickets[0])
+    for key in tickets[0]:
+        assert torch.equal(tickets[0][key], tickets[1][key]), key
+    trained = {k: v for k, v in states[0].items() if k.endswith("_orig")}
+    assert any(not torch.equal(trained[k], tickets[0][k]) for k in trained)  # the ticket was drawn anew
+
+
 @pytest.mark.parametrize(
     ("impl", "permanence"),
     [

@@ -75,6 +75,13 @@ _RESAMPLE_SEED_SALT = 0x5EED_0F_7E5A_4D1E
 _SCHEDULE_SEED_SALT = 0x3C6E_F372_FE94_F82B
 
 
+def _resample_stream_start() -> Tensor:
+    """The state `resample_parameters` draws from first: a stream of its own, resumable (in the callback's state) and
+    seeded by the run's seed, but not with it (the layers were built under that seed, and reset_parameters would
+    draw their initial weights again)."""
+    return torch.Generator().manual_seed(torch.initial_seed() ^ _RESAMPLE_SEED_SALT).get_state()
+
+
 _NO_VALIDATION_MESSAGE = (
     "ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and {runs} "
     "(limit_val_batches=0, no validation_step or no val_dataloader), so {pruned}. Pass prune_on_train_epoch_end=True "
@@ -431,10 +438,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                      if not engine.is_pruned(module, name)]
         if self._resample_parameters:
             if self._resample_rng_state is None:
-                # a stream of its own, resumable (in the state) and seeded by the run's seed, but not with it: the
-                # layers were built under that seed, and reset_parameters would draw their initial weights again
-                seed = torch.initial_seed() ^ _RESAMPLE_SEED_SALT
-                self._resample_rng_state = torch.Generator().manual_seed(seed).get_state()
+                self._resample_rng_state = _resample_stream_start()
             with torch.random.fork_rng(devices=[]):  # CPU draws (a CUDA layer's draw on CUDA's generator)
                 torch.set_rng_state(self._resample_rng_state)
                 rewind_(self._parameters_to_prune, self._original_layers, resample=True)
@@ -618,6 +622,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self._resample_parameters and self._resample_rng_state is None and trainer.world_size > 1:
+            # rank 0's stream on every rank: ranks not seeded alike drew other weights, which the fit's broadcast
+            # after each reset hid, but a ticket taken by hand after the fit (apply_lottery_ticket_hypothesis, as
+            # the end-of-fit message advises) differed from rank to rank
+            states = [_resample_stream_start()]
+            torch.distributed.broadcast_object_list(states, src=0)
+            self._resample_rng_state = states[0]
         self._rename_finetuning_parameters()  # a BaseFinetuning listed after this callback: restored since
         self._keep_the_zeros_of_a_checkpoint_without_state(trainer)
         # Snapshot here rather than in `setup`: the strategy has now synchronised the initial weights across
