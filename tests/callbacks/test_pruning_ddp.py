@@ -105,6 +105,21 @@ def test_ddp_ranks_prune_the_same_units(tmp_path):
         assert torch.equal(states[0][key], states[1][key]), key
 
 
+def test_a_default_teacher_under_a_spawned_launcher_is_said_to_stay_in_the_workers(tmp_path):
+    """Under ddp_spawn the callback's teacher is taken in the workers and never reaches the caller's callback, so a
+    second fit with it distilled from the fine-tuned model, the README saying "the model at the start of the first
+    fit" and nothing saying otherwise."""
+    done = _launch("distill", tmp_path, "ddp_spawn", "0.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = "KnowledgeDistillation: under a spawned launcher (DDPStrategy) the fit runs in worker processes"
+    assert done.stderr.count(said) == 1  # rank 0's
+    assert "pass teacher= to keep one teacher across fits" in done.stderr.lower()
+    states = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)}
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    plain = _launch("distill", tmp_path, "ddp", "0.5")  # the caller's callback keeps its teacher: nothing to say
+    assert plain.returncode == 0 and "under a spawned launcher" not in plain.stderr
+
+
 def test_ddp_ranks_distil_from_the_same_teacher_and_train_alike(tmp_path):
     (tmp_path / "distilled").mkdir()
     (tmp_path / "plain").mkdir()

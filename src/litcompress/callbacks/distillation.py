@@ -100,6 +100,15 @@ class KnowledgeDistillation(Callback):
                              "litcompress.distillation.Distiller in the step: loss = distiller.loss(loss, outputs, x).")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
+
+        if not self.teacher_given and self.distiller is None and _in_spawned_worker(trainer):
+            # the launcher pickled this callback into the workers: the teacher they copy never reaches the caller's
+            _info_on_rank_zero(
+                f"{_OWNER}: under a spawned launcher ({type(trainer.strategy).__name__}) the fit runs in worker "
+                "processes, whose callbacks are copies: the default teacher, a copy of the model as this fit starts, "
+                "stays there, and a later fit with this callback distils from the model as that fit starts. Pass "
+                "teacher= to keep one teacher across fits, or use strategy='ddp'.", log)
         student = self._student(pl_module)
         if not any(is_lazy(p) for p in student.parameters()):
             self._teacher_copied_from(student)
