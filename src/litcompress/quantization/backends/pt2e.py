@@ -82,6 +82,13 @@ def _fold_standalone_batch_norms_(graph_module: torch.fx.GraphModule) -> int:
         for new in (scaled, shifted):
             new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
         node.replace_all_uses_with(shifted)
+        # the quantizer's annotations name their inputs by node (an observer may sit between): convert_pt2e looks a
+        # dynamic Linear's qparams up by the batch norm's node, and failed without it ("No chose qparams node")
+        for other in graph.nodes:
+            qspecs = getattr(other.meta.get("quantization_annotation"), "input_qspec_map", None)
+            if qspecs and node in qspecs:
+                other.meta["quantization_annotation"].input_qspec_map = {
+                    shifted if key is node else key: spec for key, spec in qspecs.items()}
         graph.erase_node(node)
         folded += 1
     if folded:
