@@ -218,6 +218,58 @@ def test_pt2e_int8_of_a_pre_activation_model_tracks_fp32_and_round_trips(tmp_pat
         torch.testing.assert_close(loaded(x), quantized(x))
 
 
+class _ScaledByAnInput(nn.Module):
+    """Divides by an input of one element that is no batch: ``torch.tensor([2.0])`` beside a batch of rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x, temperature):
+        return self.a(x) / temperature
+
+
+@pytest.mark.parametrize(("backend_name", "approach"), [("pt2e", "dynamic"), ("pt2e", "static"),
+                                                         ("torchao", "weight_only")])
+def test_an_input_of_one_element_beside_a_batch_is_no_batch_to_double_for_the_export(backend_name, approach,
+                                                                                      tmp_path):
+    """It was doubled as a batch of 1 would be (to keep the batch free in the export), so the model met a
+    temperature of two elements: every pt2e and torchao candidate failed (and so did saving the fp32 model)."""
+    from litcompress.quantization import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    model = _ScaledByAnInput().eval()
+    batches = [(torch.randn(8, 16), torch.tensor([2.0])) for _ in range(3)]
+    backend = get_backend(backend_name)
+    recipe = backend.recipes(approach)[0]
+    quantized = backend.quantize(copy.deepcopy(model), recipe, batches[0], batches)
+    x = torch.randn(5, 16)  # another batch size
+    with torch.no_grad():
+        assert sqnr_db(model(x, batches[0][1]), quantized(x, batches[0][1])) > 20.0
+        save_quantized(quantized, recipe, tmp_path / "model.pt2", batches[0])
+        loaded, _ = load_quantized(tmp_path / "model.pt2")
+        torch.testing.assert_close(loaded(x, batches[0][1]), quantized(x, batches[0][1]))
+        save_quantized(model, None, tmp_path / "fp32.pt2", batches[0])
+        fp32, _ = load_quantized(tmp_path / "fp32.pt2")
+        torch.testing.assert_close(fp32(x, batches[0][1]), model(x, batches[0][1]))
+
+
+def test_a_batch_of_one_shared_by_every_input_is_still_doubled_to_keep_the_batch_free(tmp_path):
+    from litcompress.quantization import load_quantized, save_quantized
+    from litcompress.quantization.backends.exported import export_inputs
+
+    model = _ScaledByAnInput().eval()
+    one = (torch.randn(1, 16), torch.ones(1, 1))
+    assert [t.shape[0] for t in export_inputs(one, model)] == [2, 2]
+    save_quantized(model, None, tmp_path / "fp32.pt2", one)
+    loaded, _ = load_quantized(tmp_path / "fp32.pt2")
+    x, temperature = torch.randn(6, 16), torch.rand(6, 1) + 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, temperature), model(x, temperature))
+    # a model that cannot take them doubled gets them as given (export then keeps the size its code needs)
+    assert export_inputs((torch.randn(1, 16), torch.tensor([2.0, 3.0, 4.0, 5.0])), model)[0].shape[0] == 1
+
+
 def test_torchao_weight_only_close_to_fp32_and_honours_fp32_layers(trained_mlp, digits):
     x = digits[2]
     backend = get_backend("torchao")

@@ -26,10 +26,16 @@ METADATA_FILE = "litcompress.json"
 OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the program returns its tensors flat
 
 
-def export_inputs(example_inputs: Inputs) -> Inputs:
-    """Example inputs fit to export: a batch of 1 becomes 2 (torch.export specialises a size-1 dimension, a batch of
-    2 keeps it dynamic)."""
-    return tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in example_inputs)
+def export_inputs(example_inputs: Inputs, module: nn.Module | None = None) -> Inputs:
+    """Example inputs fit to export: a batch of 1 shared by every input becomes 2 (torch.export specialises a size-1
+    dimension, a batch of 2 keeps it dynamic). A size-1 input beside a larger batch is no batch (a scale,
+    ``torch.tensor([2.0])``, that the model broadcasts): it is left, as are all the inputs when `module`, if given,
+    does not run on them doubled (export_program then keeps the size the model's code needs)."""
+    batched = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not batched or any(t.shape[0] != 1 for t in batched):
+        return tuple(example_inputs)
+    doubled = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example_inputs)
+    return tuple(example_inputs) if module is not None and not _takes(module, doubled) else doubled
 
 
 def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
@@ -76,10 +82,11 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
 
     `eval_mode=False` exports the module in the mode it is in: a graph that was itself exported refuses ``eval()``.
     """
-    inputs = export_inputs(example_inputs)
     module = deepcopy_model(module)
     if eval_mode:
         module.eval()
+    inputs = export_inputs(example_inputs, module)
+    if eval_mode:
         outputs = outputs or untraceable_structure(module, inputs)
     if outputs is not None:
         module = tensor_leaves_of(module, inputs)

@@ -186,7 +186,7 @@ class PT2EBackend(Backend):
             quantizer.set_function_type_qconfig(torch.nn.functional.conv1d, None)
         for name in recipe.fp32_layers:
             quantizer.set_module_name_qconfig(name, None)
-        inputs = export_inputs(example_inputs)
+        inputs = export_inputs(example_inputs, model.eval())
         structure = untraceable_structure(model, inputs)  # a dataclass output: exported flat, rebuilt below
         if structure is not None:
             model = tensor_leaves_of(model, inputs)

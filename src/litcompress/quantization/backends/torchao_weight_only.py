@@ -56,7 +56,7 @@ class TorchAOWeightOnlyBackend(Backend):
         from ..outputs import tensor_leaves_of, untraceable_structure
         from .exported import export_inputs, export_program
 
-        inputs = export_inputs(example_inputs)
+        inputs = export_inputs(example_inputs, model)
         # an output torch.export cannot return (a dataclass) is exported flat, as save does
         structure = untraceable_structure(model, inputs)
         export_program(model if structure is None else tensor_leaves_of(model, inputs), inputs, self.dynamic_dims)
