@@ -719,3 +719,29 @@ class _Rows(list):
 @dataclasses.dataclass(frozen=True)
 class _FrozenImages:
     pixels: torch.Tensor
+
+
+def test_the_spawned_launcher_line_is_said_for_a_teacher_copied_in_the_workers_only(caplog):
+    """A resumed fit's teacher is the checkpoint's (restored into the callback the workers get), which the line said
+    was a copy of the model as the fit starts. The trainer is a real one whose strategy spawns workers; its hook is
+    called here, as a worker calls it."""
+    import logging
+
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(accelerator="cpu", devices=1, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False)
+    said = "KnowledgeDistillation: under a spawned launcher (DDPStrategy) the fit runs in worker processes"
+    saved = KnowledgeDistillation()
+    saved.on_fit_start(trainer, MLPClassifier(hidden=(8,)))
+    resumed = KnowledgeDistillation()
+    resumed.load_state_dict(saved.state_dict())
+    given = KnowledgeDistillation(MLPClassifier(hidden=(8,)))
+    for callback, expected in ((KnowledgeDistillation(), 1), (resumed, 0), (given, 0)):
+        caplog.clear()
+        module = MLPClassifier(hidden=(8,))
+        with caplog.at_level(logging.INFO, logger="litcompress"):
+            callback.on_fit_start(trainer, module)
+        callback.teardown(trainer, module, "fit")
+        assert caplog.text.count(said) == expected
+        assert "training_step" not in vars(module)  # (the step it shadowed is the module's own again)

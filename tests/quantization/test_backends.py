@@ -266,8 +266,45 @@ def test_a_batch_of_one_shared_by_every_input_is_still_doubled_to_keep_the_batch
     x, temperature = torch.randn(6, 16), torch.rand(6, 1) + 1
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, temperature), model(x, temperature))
-    # a model that cannot take them doubled gets them as given (export then keeps the size its code needs)
-    assert export_inputs((torch.randn(1, 16), torch.tensor([2.0, 3.0, 4.0, 5.0])), model)[0].shape[0] == 1
+    # a one-element input that is no batch beside a batch of 1: the batch is doubled, the temperature left, and the
+    # file takes other batch sizes (both were left at 1, and the file was silently fixed to a batch of 1)
+    example = (torch.randn(1, 16), torch.tensor([2.0]))
+    assert [t.shape[0] for t in export_inputs(example, model)] == [2, 1]
+    save_quantized(model, None, tmp_path / "temperature.pt2", example)
+    loaded, _ = load_quantized(tmp_path / "temperature.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, example[1]), model(x, example[1]))
+
+
+class _Keys(nn.Module):
+    """Scores a batch against a fixed table of keys: an input whose first dim is no batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x, keys):
+        return self.a(x) @ keys.T
+
+
+@pytest.mark.parametrize(("backend_name", "approach"), [("pt2e", "dynamic"), ("torchao", "weight_only")])
+def test_a_batch_of_one_beside_a_table_of_another_size_is_doubled_and_stays_free(backend_name, approach, tmp_path):
+    """Doubling a batch of 1 was given up as soon as another input had another first dim (a table of 5 keys): the
+    export fixed the batch at 1 and every export-based candidate failed."""
+    from litcompress.quantization import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    model = _Keys().eval()
+    example = (torch.randn(1, 16), torch.randn(5, 16))
+    backend = get_backend(backend_name)
+    recipe = backend.recipes(approach)[0]
+    quantized = backend.quantize(copy.deepcopy(model), recipe, example, [example])
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert sqnr_db(model(x, example[1]), quantized(x, example[1])) > 20.0
+        save_quantized(model, None, tmp_path / "fp32.pt2", example)
+        fp32, _ = load_quantized(tmp_path / "fp32.pt2")
+        torch.testing.assert_close(fp32(x, example[1]), model(x, example[1]))
 
 
 def test_torchao_weight_only_close_to_fp32_and_honours_fp32_layers(trained_mlp, digits):

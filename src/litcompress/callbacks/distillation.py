@@ -102,7 +102,8 @@ class KnowledgeDistillation(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
 
-        if not self.teacher_given and self.distiller is None and _in_spawned_worker(trainer):
+        if not self.teacher_given and self.distiller is None and self._restored_teacher is None \
+                and _in_spawned_worker(trainer):  # (a resumed fit's teacher is the checkpoint's)
             # the launcher pickled this callback into the workers: the teacher they copy never reaches the caller's
             _info_on_rank_zero(
                 f"{_OWNER}: under a spawned launcher ({type(trainer.strategy).__name__}) the fit runs in worker "

@@ -27,15 +27,23 @@ OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the prog
 
 
 def export_inputs(example_inputs: Inputs, module: nn.Module | None = None) -> Inputs:
-    """Example inputs fit to export: a batch of 1 shared by every input becomes 2 (torch.export specialises a size-1
-    dimension, a batch of 2 keeps it dynamic). A size-1 input beside a larger batch is no batch (a scale,
-    ``torch.tensor([2.0])``, that the model broadcasts): it is left, as are all the inputs when `module`, if given,
-    does not run on them doubled (export_program then keeps the size the model's code needs)."""
-    batched = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if not batched or any(t.shape[0] != 1 for t in batched):
-        return tuple(example_inputs)
-    doubled = tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in example_inputs)
-    return tuple(example_inputs) if module is not None and not _takes(module, doubled) else doubled
+    """Example inputs fit to export: an input whose first dim is 1 gets 2 rows (torch.export specialises a size-1
+    dimension, a batch of 2 keeps it dynamic). Given `module`, only those it runs on doubled: a one-element input
+    that is no batch (a temperature, ``torch.tensor([2.0])``, that the model broadcasts) stays as it is, and the
+    batch beside it is doubled all the same (export_program then keeps the size the model's code needs)."""
+    ones = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1]
+
+    def doubled(indices: set[int]) -> Inputs:
+        return tuple(torch.cat([t, t]) if i in indices else t for i, t in enumerate(example_inputs))
+
+    every = doubled(set(ones))
+    if not ones or module is None or _takes(module, every):
+        return every
+    kept: set[int] = set()  # one at a time, in order: those the model still runs on doubled
+    for i in ones:
+        if _takes(module, doubled(kept | {i})):
+            kept.add(i)
+    return doubled(kept)
 
 
 def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
