@@ -119,6 +119,68 @@ def test_pt2e_compiled_matches_eager_converted(which, trained_cnn, digits):
         assert sqnr_db(eager(x[:32]), compiled(x[:32])) > 25.0
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return {"logits": y, "pair": (y * 2, y.argmax(1))}
+
+
+def test_a_compiled_candidate_returns_tensors_of_every_output_as_the_eager_one_does_and_is_sized_once():
+    """Only a bare tensor output was brought out of inference mode: a dict's tensors refused in-place ops and
+    autograd ("Inplace update to inference tensor outside InferenceMode"); and the state dict held every tensor twice
+    (the program, and the compiled wrapper's copy of it), which the search's sizes counted."""
+    from litcompress.report.size import model_size_bytes
+
+    torch.manual_seed(0)
+    model, x = _TwoHeads().eval(), torch.randn(8, 16)
+    backend = get_backend("pt2e")
+    recipe = backend.recipes("dynamic")[0]
+    eager = backend.quantize(copy.deepcopy(model), recipe, (x,), [(x,)])
+    backend.compile = True
+    try:
+        compiled = backend.quantize(copy.deepcopy(model), recipe, (x,), [(x,)])
+    finally:
+        backend.compile = False
+    out, reference = compiled(x), eager(x)
+    leaves = [out["logits"], *out["pair"]]
+    assert not any(t.is_inference() for t in leaves)
+    torch.testing.assert_close(out["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out["pair"][1], reference["pair"][1])
+    out["logits"].add_(1)  # in place, and through autograd
+    weight = torch.ones(4, requires_grad=True)
+    (out["pair"][0] * weight).sum().backward()
+    assert weight.grad is not None
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+    assert model_size_bytes(compiled) == model_size_bytes(eager)
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(trained_mlp, digits, tmp_path):
+    """A pt2e search with PTQConfig(compile=True) calibrated and exported each candidate, then failed it in
+    inductor's words (the search going on without pt2e); load_quantized(compile=True) failed at the first call."""
+    import torch._inductor.config as inductor_config
+
+    from litcompress.quantization import PTQConfig, load_quantized, quantize, save_quantized
+
+    save_quantized(trained_mlp, None, tmp_path / "fp32.pt2", (digits[2][:2],))
+    evaluated = []
+    refusal = r"compile=True\): torch.compile's inductor needs a working C\+\+ compiler"
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        with pytest.raises(ValueError, match=r"PTQConfig\(" + refusal):
+            quantize(trained_mlp, PTQConfig(backends=("pt2e", "torch_ao"), compile=True, max_trials=2),
+                     eval_fn=lambda m: evaluated.append(m) or 1.0, example_inputs=digits[2][:2])
+        with pytest.raises(ValueError, match=r"load_quantized\('.*fp32.pt2', " + refusal):
+            load_quantized(tmp_path / "fp32.pt2", compile=True)
+        # without pt2e among the backends nothing compiles: no compiler needed
+        result = quantize(trained_mlp, PTQConfig(backends=("torch_ao",), compile=True, max_trials=1,
+                                                 latency_repeats=2), eval_fn=lambda m: 1.0,
+                          example_inputs=digits[2][:2])
+    assert evaluated == [] and result.recipe is not None
+
+
 class _PreActivation(nn.Module):
     """Batch norms prepare_pt2e cannot fold into a producer: after an addition (pre-activation ResNet) and after a
     concatenation (DenseNet-BC)."""

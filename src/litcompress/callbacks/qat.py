@@ -30,6 +30,7 @@ from litcompress._numbers import as_python_number
 from litcompress.callbacks.pruning import _in_spawned_worker, _info_on_rank_zero
 from litcompress.callbacks.schedule_checks import steps_in_epoch
 from litcompress.pruning.engine import compiled_module_names
+from litcompress.quantization.backends.pt2e import check_cpp_compiler
 from litcompress.quantization.lightning import check_save_path, make_save_path_folder
 from litcompress.quantization.qat import (
     QATConfig,
@@ -160,7 +161,7 @@ class QuantizationAwareTraining(Callback):
                              "autocast, or in the conversion). Fine-tune with QAT under precision='32-true' (it is a "
                              "short stage).")
         if self.compile:
-            _check_cpp_compiler()
+            check_cpp_compiler(f"{_OWNER}(compile=True)")  # compile=True converts with inductor: else after the fit
         # a folder that cannot be written fails here, not after the fit (fast_dev_run skips the conversion and the
         # file: no folder for it either)
         if self.save_path is not None and trainer.is_global_zero and not trainer.fast_dev_run:
@@ -474,21 +475,6 @@ class QuantizationAwareTraining(Callback):
         self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
         self._early_masks = state_dict.get("early_masks")
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
-
-
-def _check_cpp_compiler() -> None:
-    """compile=True converts with inductor, which needs a C++ compiler: missing, it would fail after the fit."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch: its compile says so itself
-        return
-    try:
-        get_cpp_compiler()
-    except Exception as error:  # torch._inductor.exc.InvalidCxxCompiler
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"{_OWNER}(compile=True): torch.compile's inductor needs a working C++ compiler, and none "
-                         f"was found ({type(error).__name__}: {first_line}). Install one (g++), point the CXX variable "
-                         "at it, or use compile=False (the saved file is the same).") from None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

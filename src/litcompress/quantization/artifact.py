@@ -190,21 +190,23 @@ def load_quantized(path: str | os.PathLike, *, compile: bool = False) -> tuple[n
 
     A ``torch.export`` program (``.pt2``: the pt2e and torchao backends', quantization-aware training's) runs torch's
     reference int8 ops as loaded, slower than fp32; ``compile=True`` runs it through ``torch.compile`` (inductor,
-    freezing: fused int8 x86 kernels; a C++ compiler, compiled on the first call of each input shape). ONNX and
-    TorchScript files run their runtimes' own kernels and are refused with it.
+    freezing: fused int8 x86 kernels; a C++ compiler, compiled on the first call of each input shape, up to torch's
+    recompile limit, 8 shapes by default, beyond which the reference ops run). ONNX and TorchScript files run their
+    runtimes' own kernels and are refused with it.
     """
     if not isinstance(compile, bool):
         raise TypeError(f"load_quantized(compile={compile!r}): use True or False.")
     model, recipe = _load(path)
     if compile:
         from .backends.exported import ExportedInference
-        from .backends.pt2e import CompiledInference
+        from .backends.pt2e import CompiledInference, check_cpp_compiler
 
         inner = model.model if isinstance(model, RebuiltOutputs) else model
         if not isinstance(inner, ExportedInference):
             raise ValueError(f"load_quantized({os.fspath(path)!r}, compile=True): compile applies to torch.export "
                              f"programs (.pt2); this file runs in {type(inner).__name__}, with its runtime's own "
                              "kernels: load it without compile.")
+        check_cpp_compiler(f"load_quantized({os.fspath(path)!r}, compile=True)")  # (else at the first call)
         compiled = CompiledInference(inner.program)
         model = RebuiltOutputs(compiled, model.structure) if isinstance(model, RebuiltOutputs) else compiled
     return model, recipe

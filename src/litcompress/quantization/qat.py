@@ -359,8 +359,10 @@ class QATModel(nn.Module):
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         from .backends.exported import ExportedInference
-        from .backends.pt2e import _drop_unused_tensors
+        from .backends.pt2e import _drop_unused_tensors, check_cpp_compiler
 
+        if compile:
+            check_cpp_compiler("QATModel.convert(compile=True)")  # (inductor's own error, after the conversion)
         self.apply_masks_()
         graph = copy_module.deepcopy(self.graph)
         switched_(graph, training=False)  # idempotent

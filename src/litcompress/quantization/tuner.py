@@ -613,6 +613,10 @@ def quantize(
     if not callable(eval_fn):
         raise TypeError(f"quantize(eval_fn={eval_fn!r}): expected a callable model -> metric.")
     check_model_on_cpu(model, "quantize(model=...)")
+    if config.compile and "pt2e" in config.backends:  # (each pt2e candidate failed in inductor's words, after its
+        from .backends.pt2e import check_cpp_compiler  # calibration, and the search went on without it)
+
+        check_cpp_compiler("PTQConfig(compile=True)")
     default_input_fn_used = input_fn in (None, default_input_fn)
     input_fn = input_fn or model_input_fn(model)
 

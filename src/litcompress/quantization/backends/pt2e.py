@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..config import Recipe
 from ..outputs import RebuiltOutputs, tensor_leaves_of, untraceable_structure
@@ -97,6 +98,22 @@ def _fold_standalone_batch_norms_(graph_module: torch.fx.GraphModule) -> int:
     return folded
 
 
+def check_cpp_compiler(where: str) -> None:
+    """``torch.compile``'s inductor needs a C++ compiler: missing, it failed at the first compiled call (after a fit,
+    a calibration, or in each candidate of a search), in inductor's words. `where`: the call that asked for it."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch: its compile says so itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # torch._inductor.exc.InvalidCxxCompiler
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{where}: torch.compile's inductor needs a working C++ compiler, and none was found "
+                         f"({type(error).__name__}: {first_line}). Install one (g++), point the CXX variable at it, "
+                         "or use compile=False (the saved file is the same).") from None
+
+
 class CompiledInference(ExportedInference):
     """A converted PT2E graph run through ``torch.compile`` with inductor's freezing.
 
@@ -104,19 +121,25 @@ class CompiledInference(ExportedInference):
     ``torch._inductor.config.patch`` around each call (recompiles for new shapes need it too) and
     the call runs in inference mode: on torch 2.13 the weight-prepack ops have no fake kernel, so
     compiling under plain ``no_grad`` (or with ``options={"freezing": True}``) fails.
+
+    Shapes are static: each new input shape compiles anew, up to torch's recompile limit
+    (``torch._dynamo.config.recompile_limit``, 8 by default); shapes beyond it run the graph's reference int8 ops,
+    as uncompiled. Feed it fixed shapes (pad a last, smaller batch).
     """
 
     def __init__(self, program: nn.Module) -> None:
         super().__init__(program)
-        # Static shapes: inductor's int8 conv lowering asserts wrong strides with a symbolic batch.
-        self._compiled = torch.compile(program, dynamic=False)
+        # Static shapes: inductor's int8 conv lowering asserts wrong strides with a symbolic batch. Not a registered
+        # sub-module: it wraps `program`, whose tensors the state dict (and the size reported) then held twice.
+        object.__setattr__(self, "_compiled", torch.compile(program, dynamic=False))
 
     def forward(self, *inputs: torch.Tensor):
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True), torch.inference_mode():
             output = self._compiled(*inputs)
-        return output.clone() if isinstance(output, torch.Tensor) else output  # leave inference mode
+        # out of inference mode, every tensor of the outputs (a dict's too): in-place ops and autograd refused them
+        return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, output)
 
 
 class PT2EBackend(Backend):
