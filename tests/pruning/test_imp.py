@@ -1292,3 +1292,97 @@ def test_the_table_never_says_none_left_of_a_ticket_that_has_weights():
                            rounds=[IMPRound(0, 1.0, 0.9), IMPRound(12, 0.00004, 0.1, 0.1), IMPRound(13, 0.0, 0.1)])
     rows = ticket.table().splitlines()[1:]
     assert [row.split()[1] for row in rows] == ["100.00%", "<0.01%", "0.00%"]
+
+
+class _KeepsAnAverage(nn.Module):
+    """A non-persistent buffer that training moves (not in the state dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("average", torch.zeros(8), persistent=False)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.training:
+            with torch.no_grad():
+                self.average.mul_(0.5).add_(h.mean(0))
+        return self.out(h + self.average)
+
+
+def test_every_round_starts_its_non_persistent_buffers_from_the_rewind_point_as_the_control_does():
+    """A round rewound what the state dict holds: a non-persistent buffer went on from the last round's trained
+    values, while the control started it from the values given."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    starts = []
+
+    def train(model):
+        starts.append(model.average.clone())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    iterative_magnitude_pruning(_KeepsAnAverage(), train, lambda model: 0.5, rounds=2, rate=0.2, control="final")
+    assert len(starts) == 4  # rounds 0, 1, 2 and the control
+    assert all(torch.equal(start, torch.zeros(8)) for start in starts)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_round_r_leaves_the_rounded_share_of_the_weights_r_rounds_leave_also_in_small_layers(scope):
+    """Each round pruned `rate` of what was left, rounded on its own: an 8-weight layer kept 2 after 8 rounds of 0.2
+    (1.34 asked), a 4-weight one stopped losing weights after round 4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 17))
+    sizes = [8, 4, 34]
+    ticket = iterative_magnitude_pruning(model, lambda m: None, lambda m: 0.5, rounds=8, rate=0.2, control="none",
+                                         layer_rates={"4.weight": 0.1} if scope == "local" else None, scope=scope)
+    kept = [int(ticket.masks[f"{i}.weight"].sum()) for i in (0, 2, 4)]
+    if scope == "local":
+        assert kept == [round(0.8 ** 8 * 8), round(0.8 ** 8 * 4), round(0.9 ** 8 * 34)]
+    else:
+        assert sum(kept) == round(0.8 ** 8 * sum(sizes))
+        assert [row.remaining for row in ticket.rounds] == [round(0.8 ** r * 46) / 46 for r in range(9)]
+
+
+def test_a_control_metric_that_is_nan_or_no_number_is_refused_in_words():
+    calls = []
+
+    def nan_for_the_control(model):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else 0.5  # rounds 0 and 1, then the control
+
+    with pytest.raises(ValueError, match=r"`evaluate` returned NaN for the random re-initialisation control of round "
+                                         r"1; it must return a number"):
+        iterative_magnitude_pruning(mlp(), lambda m: None, nan_for_the_control, rounds=1, control="final")
+    with pytest.raises(TypeError, match=r"`evaluate` returned NoneType in round 0; it must return a number"):
+        iterative_magnitude_pruning(mlp(), lambda m: None, lambda m: None, rounds=1, control="none")
+    assert iterative_magnitude_pruning(mlp(), lambda m: None, lambda m: torch.tensor(0.25), rounds=1,
+                                       control="final").rounds[1].control_metric == 0.25
+
+
+def test_the_control_draws_a_tied_tensor_as_its_first_holder_does():
+    """An output layer tied to the embedding redrew the shared tensor with the Linear's initialiser (std ~0.14)
+    after the embedding's N(0, 1): the control started ~7x smaller than the network it is compared with."""
+    from litcompress.pruning.lottery import redraw_parameters_
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(400, 16), nn.Linear(16, 400)
+            self.head.weight = self.emb.weight
+
+    torch.manual_seed(0)
+    model = Tied()
+    bias = model.head.bias.detach().clone()
+    torch.manual_seed(1)
+    redraw_parameters_(model)
+    assert model.head.weight is model.emb.weight
+    torch.manual_seed(1)
+    alone = nn.Embedding(400, 16)  # the same draw, by the embedding's own reset_parameters
+    torch.manual_seed(1)
+    alone.reset_parameters()
+    assert torch.equal(model.emb.weight, alone.weight)
+    assert not torch.equal(model.head.bias, bias)  # the head's own tensors are drawn all the same

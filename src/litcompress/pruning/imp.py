@@ -44,7 +44,7 @@ from litcompress.pruning.engine import (
     left_out_message,
     mask_of,
     matrices_left_out,
-    prune_,
+    prune_to_sparsity_,
     qualified_names,
     refresh_cached_tensor,
     remaining_count,
@@ -129,7 +129,7 @@ def _remaining_fraction(targets: Sequence[Target]) -> float:
 def _random_reinit_control(
     pristine: nn.Module, names: Sequence[str], masks: Mapping[str, Tensor], train: TrainFn, evaluate: EvaluateFn,
     seed: int,
-) -> float:
+) -> object:
     """Train the same sparse architecture from freshly drawn weights (the control of Frankle & Carbin). The random
     streams are left as they were: with control='every' the ticket's rounds (a shuffling loader draws on them) must
     not depend on whether a control ran before them."""
@@ -143,7 +143,7 @@ def _random_reinit_control(
 def _trained_control(
     pristine: nn.Module, names: Sequence[str], masks: Mapping[str, Tensor], train: TrainFn, evaluate: EvaluateFn,
     seed: int,
-) -> float:
+) -> object:
     control = deepcopy_model(pristine)
     # what does not train (a frozen pretrained backbone) stays as given, as in every round of the ticket: the control
     # varies the initial values of what the search trains, not fixed features
@@ -169,7 +169,7 @@ def _trained_control(
         set_mask_(control.get_submodule(path), tensor, masks[name])
     keep_bypassed_weights_current_(control)
     train(control)
-    return float(evaluate(control))
+    return evaluate(control)
 
 
 _STATE_FORMAT = 2  # 1: rounds rewound the pruned weights only
@@ -312,7 +312,9 @@ def iterative_magnitude_pruning(
         model: the network at initialisation.
         train: trains a model in place (a fresh optimizer each call, as IMP prescribes).
         evaluate: returns the metric to report (higher or lower is better: it is only reported).
-        rounds: pruning rounds; after r rounds a layer keeps ``(1 - rate) ** r`` of its weights.
+        rounds: pruning rounds; after r rounds a layer keeps ``round((1 - rate) ** r * n)`` of its n weights (all
+            the pruned weights together under ``scope="global"``): each round prunes to that count, not `rate` of
+            what is left rounded on its own, which drifted from it.
         rate: fraction of each layer's remaining weights pruned per round (``scope="local"``), or of all of them
             (``"global"``).
         layer_rates: per-tensor overrides by qualified name, e.g. ``{"net.4.weight": 0.1}`` for the output layer,
@@ -432,8 +434,13 @@ def iterative_magnitude_pruning(
     pruned_keys = {f"{name}{suffix}" for name in names for suffix in ("", "_orig", "_mask")}
 
     def the_rest() -> dict[str, Tensor]:
-        """Everything in the network's state but the pruned tensors (and their masks), as it is now."""
-        return {k: v for k, v in state_now().items() if k not in pruned_keys}
+        """Everything in the network's state but the pruned tensors (and their masks), as it is now: its
+        non-persistent buffers too, which a state dict leaves out (each round went on from the last one's trained
+        values, where the control starts from those given)."""
+        rest = {k: v for k, v in state_now().items() if k not in pruned_keys}
+        rest.update({name: buffer.detach().clone() for name, buffer in network.named_buffers()
+                     if name not in rest and name not in pruned_keys})
+        return rest
 
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None:  # before any training: a file that cannot be written would fail after the first round
@@ -480,12 +487,14 @@ def iterative_magnitude_pruning(
     warned_empty: set[str] = set()
     for r in range(len(table), rounds + 1):
         if r > 0:
+            # to what r rounds leave, (1 - rate) ** r of the weights (pruning `rate` of those left, each round
+            # rounded on its own, drifted from it, and a small layer stopped losing weights without a word)
             if scope == "global":
-                prune_(targets, "l1_unstructured", rate, scope="global")
+                prune_to_sparsity_(targets, "l1_unstructured", 1.0 - (1.0 - rate) ** r, scope="global")
             else:  # a tied tensor once, under all its holders
                 for group in tied_groups.values():
-                    prune_([targets[i] for i in group], "l1_unstructured", layer_rates.get(names[group[0]], rate),
-                           scope="local")
+                    kept = (1.0 - layer_rates.get(names[group[0]], rate)) ** r
+                    prune_to_sparsity_([targets[i] for i in group], "l1_unstructured", 1.0 - kept, scope="local")
             empty = {(id(module), tensor) for module, tensor in emptied_targets(targets)}
             emptied = [name for name, (module, tensor) in zip(names, targets)
                        if (id(module), tensor) in empty and name not in warned_empty]
@@ -498,15 +507,15 @@ def iterative_magnitude_pruning(
             if r == rounds:  # the ticket: the final mask on the rewound weights
                 rewound = state_now()
         train(network)
-        metric = float(evaluate(network))
-        if math.isnan(metric):
-            raise ValueError(f"`evaluate` returned NaN in round {r}; it must return a number.")
+        metric = _metric(evaluate(network), f"in round {r}")
         run_control = r > 0 and (control == "every" or (control == "final" and r == rounds))
         control_metric = None
         if run_control:
             assert pristine is not None
-            control_metric = _random_reinit_control(pristine, names, _masks(names, targets), train_control or train,
-                                                    evaluate, control_seed + r)
+            control_metric = _metric(
+                _random_reinit_control(pristine, names, _masks(names, targets), train_control or train, evaluate,
+                                       control_seed + r),
+                f"for the random re-initialisation control of round {r}")
         table.append(IMPRound(r, _remaining_fraction(targets), metric, control_metric))
         control_note = "" if control_metric is None else f", random re-init {control_metric:.4f}"
         if _writes_files():  # a search runs for hours: its progress, round by round (rank 0's)
@@ -522,10 +531,25 @@ def iterative_magnitude_pruning(
     return LotteryTicket(model=network, masks=_masks(names, targets), rewound_state=rewound, rounds=table)
 
 
+def _metric(value: object, where: str) -> float:
+    """`evaluate`'s answer as a float: a number (or a one-element tensor or array); else refused in words, as NaN is
+    (float() of None, or of a tensor of several values, said it in torch's or Python's words)."""
+    try:
+        metric = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"`evaluate` returned {type(value).__name__} {where}; it must return a number (e.g. the "
+                        "accuracy as a float).") from None
+    if math.isnan(metric):
+        raise ValueError(f"`evaluate` returned NaN {where}; it must return a number.")
+    return metric
+
+
 def _load_in_place_(network: nn.Module, values: Mapping[str, Tensor]) -> None:
     """Copy `values` into the network's own parameters and buffers of those names (an optimizer built on them, or a
     Trainer holding them, keeps them)."""
     own = network.state_dict(keep_vars=True)
+    for name, buffer in network.named_buffers():  # non-persistent ones too (in a round's rewind point)
+        own.setdefault(name, buffer)
     held = {id(tensor) for tensor in (*network.parameters(), *network.buffers())}
     extra = {}  # a module's extra state (get_extra_state's object, a tensor too): its set_extra_state takes it
     with torch.no_grad():
