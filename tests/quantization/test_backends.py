@@ -156,6 +156,10 @@ def test_a_compiled_candidate_returns_tensors_of_every_output_as_the_eager_one_d
     assert weight.grad is not None
     assert set(compiled.state_dict()) == set(eager.state_dict())
     assert model_size_bytes(compiled) == model_size_bytes(eager)
+    # a copy is compiled too (deepcopy gave back the plain graph the compiled wrapper wraps: the copy ran uncompiled)
+    copied = copy.deepcopy(compiled)
+    assert type(copied._compiled).__name__ == "OptimizedModule" and copied._compiled._orig_mod is copied.program
+    torch.testing.assert_close(copied(x)["logits"], reference["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_compile_without_a_cpp_compiler_is_refused_before_any_work(trained_mlp, digits, tmp_path):
@@ -283,9 +287,9 @@ def test_pt2e_int8_of_a_pre_activation_model_tracks_fp32_and_round_trips(tmp_pat
 class _ScaledByAnInput(nn.Module):
     """Divides by an input of one element that is no batch: ``torch.tensor([2.0])`` beside a batch of rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, features: int = 4) -> None:
         super().__init__()
-        self.a = nn.Linear(16, 4)
+        self.a = nn.Linear(16, features)
 
     def forward(self, x, temperature):
         return self.a(x) / temperature
@@ -293,14 +297,17 @@ class _ScaledByAnInput(nn.Module):
 
 @pytest.mark.parametrize(("backend_name", "approach"), [("pt2e", "dynamic"), ("pt2e", "static"),
                                                          ("torchao", "weight_only")])
+@pytest.mark.parametrize("features", [4, 2])
 def test_an_input_of_one_element_beside_a_batch_is_no_batch_to_double_for_the_export(backend_name, approach,
-                                                                                      tmp_path):
+                                                                                      features, tmp_path):
     """It was doubled as a batch of 1 would be (to keep the batch free in the export), so the model met a
-    temperature of two elements: every pt2e and torchao candidate failed (and so did saving the fp32 model)."""
+    temperature of two elements: every pt2e and torchao candidate failed (and so did saving the fp32 model). With 2
+    output features the doubled temperature broadcast by chance: the file took a temperature of 2 elements only, and
+    refused the inputs it was saved with."""
     from litcompress.quantization import load_quantized, save_quantized
 
     torch.manual_seed(0)
-    model = _ScaledByAnInput().eval()
+    model = _ScaledByAnInput(features).eval()
     batches = [(torch.randn(8, 16), torch.tensor([2.0])) for _ in range(3)]
     backend = get_backend(backend_name)
     recipe = backend.recipes(approach)[0]
@@ -313,7 +320,9 @@ def test_an_input_of_one_element_beside_a_batch_is_no_batch_to_double_for_the_ex
         torch.testing.assert_close(loaded(x, batches[0][1]), quantized(x, batches[0][1]))
         save_quantized(model, None, tmp_path / "fp32.pt2", batches[0])
         fp32, _ = load_quantized(tmp_path / "fp32.pt2")
-        torch.testing.assert_close(fp32(x, batches[0][1]), model(x, batches[0][1]))
+        for inputs in ((x, batches[0][1]), batches[0]):  # another batch size, and the inputs it was saved with
+            torch.testing.assert_close(fp32(*inputs), model(*inputs))
+            torch.testing.assert_close(loaded(*inputs), quantized(*inputs))
 
 
 def test_a_batch_of_one_shared_by_every_input_is_still_doubled_to_keep_the_batch_free(tmp_path):

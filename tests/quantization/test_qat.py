@@ -681,3 +681,23 @@ def test_a_qat_graph_given_half_inputs_says_so_in_eval_and_on_one_row(path):
     with pytest.raises(TypeError, match=re.escape("QAT: its inputs are bfloat16; the graph's fake quantizers compute "
                                                   "in float32")):
         qat(rows.bfloat16())
+
+
+class _Tempered(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, features)
+
+    def forward(self, x, temperature):
+        return self.a(x) / temperature
+
+
+@pytest.mark.parametrize("features", [16, 2])
+def test_prepare_qat_takes_a_one_element_input_beside_a_batch(features):
+    """The one-element temperature beside a batch of 4 was doubled for the export as a batch of 1 would be: the
+    export failed (or, where it broadcast by chance, fixed its size at 2), the error blaming the model's tracing."""
+    temperature = torch.tensor([2.0])
+    qat = prepare_qat(_Tempered(features), (torch.randn(4, 16), temperature))
+    with torch.no_grad():
+        for rows in (4, 7):
+            assert qat.eval()(torch.randn(rows, 16), temperature).shape == (rows, features)

@@ -687,14 +687,14 @@ def _export_for_training(model: nn.Module, example_inputs: Inputs,
     """`model`'s graph in training form, the batch dims (and `dynamic_dims`) free, sharing `model`'s parameters and
     buffers."""
     from .backends import FixedDimError
-    from .backends.exported import export_inputs, export_program
+    from .backends.exported import export_program
 
     modes = {module: module.training for module in model.modules()}  # each its own: a frozen batch norm stays frozen
     model.train()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = export_program(model, export_inputs(example_inputs), dynamic_dims)
+            program = export_program(model, example_inputs, dynamic_dims)
     except FixedDimError as exc:
         raise ExportError(f"prepare_qat: {exc}") from exc
     except Exception as exc:

@@ -18,8 +18,8 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
-from ..shapes import (DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, fixed_size_hint,
-                      grown_along_batch)
+from ..shapes import (DynamicDims, describe_fixed, dims_for, export_dynamic_shapes, export_specialised_dims,
+                      fixed_size_hint, grown_along_batch)
 from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
@@ -28,38 +28,62 @@ OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the prog
 
 def export_inputs(example_inputs: Inputs, module: nn.Module | None = None) -> Inputs:
     """Example inputs fit to export: an input whose first dim is 1 gets 2 rows (torch.export specialises a size-1
-    dimension, a batch of 2 keeps it dynamic). Given `module`, only those it runs on doubled: a one-element input
-    that is no batch (a temperature, ``torch.tensor([2.0])``, that the model broadcasts) stays as it is, and the
-    batch beside it is doubled all the same (export_program then keeps the size the model's code needs)."""
+    dimension, a batch of 2 keeps it dynamic). Given `module`, only those it runs on doubled, one at a time (a
+    one-element input that is no batch, a temperature ``torch.tensor([2.0])`` the model broadcasts, stays as it is,
+    and a batch of 1 beside it is doubled all the same); without it, only a batch of 1 every input shares."""
     ones = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1]
 
     def doubled(indices: set[int]) -> Inputs:
         return tuple(torch.cat([t, t]) if i in indices else t for i, t in enumerate(example_inputs))
 
+    if module is None:
+        batched = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0]
+        return doubled(set(ones)) if len(ones) == len(batched) else tuple(example_inputs)
     every = doubled(set(ones))
-    if not ones or module is None or _takes(module, every):
+    if not ones or _takes(module, every):
         return every
-    kept: set[int] = set()  # one at a time, in order: those the model still runs on doubled
+    kept: set[int] = set()
     for i in ones:
         if _takes(module, doubled(kept | {i})):
             kept.add(i)
     return doubled(kept)
 
 
-def export_program(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
-    """``torch.export`` `module` on `inputs` leaving `dynamic_dims` free (None: the batch dims); raises
-    :class:`FixedDimError` when the model's code fixes one of them (the batch only if `module` takes another)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(module, inputs, dynamic_shapes=export_dynamic_shapes(inputs, dynamic_dims))
+def export_program(module: nn.Module, example_inputs: Inputs,
+                   dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
+    """``torch.export`` `module` on `example_inputs` (a first dim of 1 doubled: :func:`export_inputs`) leaving
+    `dynamic_dims` free (None: the batch dims); raises :class:`FixedDimError` when the model's code fixes one of them
+    (the batch only if `module` takes another).
+
+    A program exported on doubled inputs must take the inputs given: one that does not (an input that only
+    broadcast by chance when doubled, a temperature of 2 elements beside 2 features, had its size fixed at 2) is
+    exported again on them as given."""
+    inputs = export_inputs(example_inputs, module)
+    program = _exported(module, inputs, dynamic_dims)
+    if any(a is not b for a, b in zip(inputs, example_inputs)) and not _takes(program.module(), example_inputs):
+        inputs, program = tuple(example_inputs), _exported(module, tuple(example_inputs), dynamic_dims)
     fixed = export_specialised_dims(program, inputs, dynamic_dims)
-    if any(d == 0 for _, d, _ in fixed) and not _takes(module, grown_along_batch(inputs, dynamic_dims)):
-        fixed = [f for f in fixed if f[1] != 0]  # the model's own code needs the example's batch size
+    if any(d == 0 for _, d, _ in fixed):
+        # inputs whose first dim the model's code fixes are no batch (a temperature, a table of keys) when it runs
+        # with the others' batch grown beside them as they are; none is when it needs the example's batch size
+        kept = {i for i, d, _ in fixed if d == 0}
+        others = tuple(tuple(d for d in dims if i not in kept or d != 0)
+                       for i, dims in enumerate(dims_for(inputs, dynamic_dims)))
+        others_grown = grown_along_batch(inputs, others)
+        if (others_grown is not None and _takes(module, others_grown)) \
+                or not _takes(module, grown_along_batch(inputs, dynamic_dims)):
+            fixed = [f for f in fixed if f[1] != 0]
     if fixed:
         raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (the batch, a dim "
                             "that varies in the data or one declared in dynamic_dims): the model's code fixes it "
                             "there (an RNN unrolls over its sequence length, for one)")
     return program
+
+
+def _exported(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, inputs, dynamic_shapes=export_dynamic_shapes(inputs, dynamic_dims))
 
 
 def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
@@ -68,8 +92,8 @@ def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
     if inputs is None:
         return False
     saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
-    try:
-        with torch.no_grad():
+    try:  # (a probe in training mode draws dropout masks: the random streams are left as they were)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             module(*inputs)
     except Exception:
         return False
@@ -91,10 +115,9 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     `eval_mode=False` exports the module in the mode it is in: a graph that was itself exported refuses ``eval()``.
     """
     module = deepcopy_model(module)
+    inputs = tuple(example_inputs)
     if eval_mode:
         module.eval()
-    inputs = export_inputs(example_inputs, module)
-    if eval_mode:
         outputs = outputs or untraceable_structure(module, inputs)
     if outputs is not None:
         module = tensor_leaves_of(module, inputs)

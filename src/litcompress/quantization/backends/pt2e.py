@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..config import Recipe
 from ..outputs import RebuiltOutputs, tensor_leaves_of, untraceable_structure
 from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
-from .exported import ExportedInference, FixedDimError, export_inputs, export_program, save_program
+from .exported import ExportedInference, FixedDimError, export_program, save_program
 
 
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
@@ -133,6 +133,17 @@ class CompiledInference(ExportedInference):
         # sub-module: it wraps `program`, whose tensors the state dict (and the size reported) then held twice.
         object.__setattr__(self, "_compiled", torch.compile(program, dynamic=False))
 
+    def __getstate__(self) -> dict:
+        # a copy compiles its own program: deepcopy of the compiled wrapper gave back the plain graph it wraps (the
+        # copy ran uncompiled, as slow as the reference ops)
+        state = dict(super().__getstate__())
+        state.pop("_compiled", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        object.__setattr__(self, "_compiled", torch.compile(self.program, dynamic=False))
+
     def forward(self, *inputs: torch.Tensor):
         import torch._inductor.config as inductor_config
 
@@ -209,7 +220,7 @@ class PT2EBackend(Backend):
             quantizer.set_function_type_qconfig(torch.nn.functional.conv1d, None)
         for name in recipe.fp32_layers:
             quantizer.set_module_name_qconfig(name, None)
-        inputs = export_inputs(example_inputs, model.eval())
+        inputs = tuple(example_inputs)  # (export_program doubles a batch of 1 itself)
         structure = untraceable_structure(model, inputs)  # a dataclass output: exported flat, rebuilt below
         if structure is not None:
             model = tensor_leaves_of(model, inputs)

@@ -54,9 +54,9 @@ class TorchAOWeightOnlyBackend(Backend):
         # its file is a torch.export program: a candidate whose export fixes a size that must stay free could not be
         # saved
         from ..outputs import tensor_leaves_of, untraceable_structure
-        from .exported import export_inputs, export_program
+        from .exported import export_program
 
-        inputs = export_inputs(example_inputs, model)
+        inputs = tuple(example_inputs)
         # an output torch.export cannot return (a dataclass) is exported flat, as save does
         structure = untraceable_structure(model, inputs)
         export_program(model if structure is None else tensor_leaves_of(model, inputs), inputs, self.dynamic_dims)
