@@ -347,6 +347,42 @@ def test_a_batch_of_one_shared_by_every_input_is_still_doubled_to_keep_the_batch
         torch.testing.assert_close(loaded(x, example[1]), model(x, example[1]))
 
 
+@pytest.mark.parametrize("features", [4, 2])
+def test_a_batch_of_one_beside_a_temperature_is_doubled_alone_whatever_broadcasts(features, tmp_path):
+    """With 2 output features the temperature broadcast when doubled too: the program then refused the inputs given,
+    and was exported again on them all as given, the batch fixed at 1 (refused, the message blaming an RNN)."""
+    from litcompress.quantization import load_quantized, save_quantized
+
+    model = _ScaledByAnInput(features).eval()
+    example = (torch.randn(1, 16), torch.tensor([2.0]))
+    save_quantized(model, None, tmp_path / "fp32.pt2", example)
+    loaded, _ = load_quantized(tmp_path / "fp32.pt2")
+    with torch.no_grad():
+        for inputs in (example, (torch.randn(5, 16), example[1])):
+            torch.testing.assert_close(loaded(*inputs), model(*inputs))
+
+
+class _UnrollsItsRows(nn.Module):
+    """Runs a layer on each row of `x` in a Python loop: the export fixes x's rows, which the eager model does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return torch.stack([self.lin(row) for row in x]).sum(0) + self.lin(y).mean(0)
+
+
+def test_a_batch_the_export_fixes_beside_one_it_keeps_free_of_the_same_size_is_still_refused(tmp_path):
+    """A first dim fixed at another size than the free batch is a side input's; one fixed at the batch's own size is
+    a batch the model's code unrolls, whose file would refuse other batch sizes the eager model takes."""
+    from litcompress.quantization import save_quantized
+    from litcompress.quantization.backends import FixedDimError
+
+    with pytest.raises(FixedDimError, match=r"fixed dim 0 of input 0 \(size 3\)"):
+        save_quantized(_UnrollsItsRows().eval(), None, tmp_path / "fp32.pt2", (torch.randn(3, 4), torch.randn(3, 4)))
+
+
 class _Keys(nn.Module):
     """Scores a batch against a fixed table of keys: an input whose first dim is no batch."""
 

@@ -172,7 +172,8 @@ def _trained_control(
     return evaluate(control)
 
 
-_STATE_FORMAT = 2  # 1: rounds rewound the pruned weights only
+_STATE_FORMAT = 3  # 1: rounds rewound the pruned weights only; 2: not the non-persistent buffers, pruned `rate` of
+#                     what was left each round
 
 
 def _random_states() -> dict[str, Any]:
@@ -242,10 +243,12 @@ def _load_search(path: Path, settings: Mapping[str, Any], rounds: int,
         raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote (torch.load: "
                          f"{type(error).__name__}: {error}); pass another path, or remove it to start "
                          "afresh.") from error
-    if isinstance(state, dict) and state.get("format") == 1:
+    if isinstance(state, dict) and state.get("format") in (1, 2):
+        what = ("rewound the pruned weights only (biases and normalisation statistics kept their trained values)"
+                if state["format"] == 1 else "did not rewind non-persistent buffers and pruned `rate` of the weights "
+                "left, each round rounded on its own")
         raise ValueError(f"checkpoint_path={str(path)!r} holds a search of an earlier litcompress, whose rounds "
-                         "rewound the pruned weights only (biases and normalisation statistics kept their trained "
-                         "values): its rounds cannot go on as this version's. Remove it to start afresh.")
+                         f"{what}: its rounds cannot go on as this version's. Remove it to start afresh.")
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"checkpoint_path={str(path)!r} is not a file iterative_magnitude_pruning wrote; pass "
                          "another path, or remove it to start afresh.")
@@ -312,9 +315,9 @@ def iterative_magnitude_pruning(
         model: the network at initialisation.
         train: trains a model in place (a fresh optimizer each call, as IMP prescribes).
         evaluate: returns the metric to report (higher or lower is better: it is only reported).
-        rounds: pruning rounds; after r rounds a layer keeps ``round((1 - rate) ** r * n)`` of its n weights (all
-            the pruned weights together under ``scope="global"``): each round prunes to that count, not `rate` of
-            what is left rounded on its own, which drifted from it.
+        rounds: pruning rounds; round r prunes a layer to the sparsity ``1 - (1 - rate) ** r``, that share of its
+            n weights rounded (all the pruned weights together under ``scope="global"``), so that about
+            ``(1 - rate) ** r`` are left: not `rate` of what is left, each round rounded on its own, which drifted.
         rate: fraction of each layer's remaining weights pruned per round (``scope="local"``), or of all of them
             (``"global"``).
         layer_rates: per-tensor overrides by qualified name, e.g. ``{"net.4.weight": 0.1}`` for the output layer,
@@ -548,16 +551,22 @@ def _load_in_place_(network: nn.Module, values: Mapping[str, Tensor]) -> None:
     """Copy `values` into the network's own parameters and buffers of those names (an optimizer built on them, or a
     Trainer holding them, keeps them)."""
     own = network.state_dict(keep_vars=True)
-    for name, buffer in network.named_buffers():  # non-persistent ones too (in a round's rewind point)
-        own.setdefault(name, buffer)
+    unsaved = {}  # non-persistent buffers (in a round's rewind point), which no optimizer holds
+    for name, buffer in network.named_buffers():
+        if name not in own:
+            unsaved[name] = own[name] = buffer
     held = {id(tensor) for tensor in (*network.parameters(), *network.buffers())}
     extra = {}  # a module's extra state (get_extra_state's object, a tensor too): its set_extra_state takes it
     with torch.no_grad():
         for key, value in values.items():
-            if isinstance(own[key], Tensor) and id(own[key]) in held:
+            if key in unsaved and unsaved[key].shape != value.shape:  # a cache forward regrew: set as it was
+                path, _, leaf = key.rpartition(".")
+                network.get_submodule(path)._buffers[leaf] = value.clone()
+            elif key in unsaved or (key in own and isinstance(own[key], Tensor) and id(own[key]) in held):
                 own[key].copy_(value)
-            else:
+            elif key in own:
                 extra[key] = value
+            # (else a non-persistent buffer the network no longer has, renamed since a resumed file: nothing to do)
     if extra:
         network.load_state_dict(extra, strict=False)
 

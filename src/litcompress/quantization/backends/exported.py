@@ -57,21 +57,25 @@ def export_program(module: nn.Module, example_inputs: Inputs,
 
     A program exported on doubled inputs must take the inputs given: one that does not (an input that only
     broadcast by chance when doubled, a temperature of 2 elements beside 2 features, had its size fixed at 2) is
-    exported again on them as given."""
+    exported again with the last doubled input as given, until it does."""
     inputs = export_inputs(example_inputs, module)
     program = _exported(module, inputs, dynamic_dims)
-    if any(a is not b for a, b in zip(inputs, example_inputs)) and not _takes(program.module(), example_inputs):
-        inputs, program = tuple(example_inputs), _exported(module, tuple(example_inputs), dynamic_dims)
+    doubled = [i for i, (a, b) in enumerate(zip(inputs, example_inputs)) if a is not b]
+    while doubled and not _takes(program.module(), example_inputs):
+        doubled.pop()  # the last one doubled given back as it is, until the program takes the inputs given
+        inputs = tuple(torch.cat([t, t]) if i in doubled else t for i, t in enumerate(example_inputs))
+        program = _exported(module, inputs, dynamic_dims)
     fixed = export_specialised_dims(program, inputs, dynamic_dims)
     if any(d == 0 for _, d, _ in fixed):
-        # inputs whose first dim the model's code fixes are no batch (a temperature, a table of keys) when it runs
-        # with the others' batch grown beside them as they are; none is when it needs the example's batch size
-        kept = {i for i, d, _ in fixed if d == 0}
-        others = tuple(tuple(d for d in dims if i not in kept or d != 0)
-                       for i, dims in enumerate(dims_for(inputs, dynamic_dims)))
-        others_grown = grown_along_batch(inputs, others)
-        if (others_grown is not None and _takes(module, others_grown)) \
-                or not _takes(module, grown_along_batch(inputs, dynamic_dims)):
+        # an input whose first dim export fixed at another size than the batch it kept free is no batch (a
+        # temperature of 1 beside a batch of 8, a table of 5 keys beside one of 2); all are free when the model's
+        # code needs the example's batch size (it fails on a grown batch)
+        dims = dims_for(inputs, dynamic_dims)
+        fixed_first = {i for i, d, _ in fixed if d == 0}
+        batches = {int(t.shape[0]) for i, t in enumerate(inputs)
+                   if i not in fixed_first and isinstance(t, torch.Tensor) and 0 in dims[i] and t.dim() > 0}
+        fixed = [f for f in fixed if f[1] != 0 or not batches or f[2] in batches]
+        if any(d == 0 for _, d, _ in fixed) and not _takes(module, grown_along_batch(inputs, dynamic_dims)):
             fixed = [f for f in fixed if f[1] != 0]
     if fixed:
         raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (the batch, a dim "
