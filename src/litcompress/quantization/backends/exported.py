@@ -18,27 +18,24 @@ from torch import nn
 from litcompress.pruning.engine import deepcopy_model
 
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
-from ..shapes import (DynamicDims, describe_fixed, dims_for, export_dynamic_shapes, export_specialised_dims,
-                      fixed_size_hint, grown_along_batch)
+from ..shapes import (DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, fixed_size_hint,
+                      grown_along_batch)
 from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
 OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the program returns its tensors flat
 
 
-def export_inputs(example_inputs: Inputs, module: nn.Module | None = None) -> Inputs:
+def export_inputs(example_inputs: Inputs, module: nn.Module) -> Inputs:
     """Example inputs fit to export: an input whose first dim is 1 gets 2 rows (torch.export specialises a size-1
-    dimension, a batch of 2 keeps it dynamic). Given `module`, only those it runs on doubled, one at a time (a
-    one-element input that is no batch, a temperature ``torch.tensor([2.0])`` the model broadcasts, stays as it is,
-    and a batch of 1 beside it is doubled all the same); without it, only a batch of 1 every input shares."""
+    dimension, a batch of 2 keeps it dynamic), where `module` runs on it doubled, one at a time (a one-element input
+    that is no batch, a temperature ``torch.tensor([2.0])`` the model broadcasts, stays as it is, and a batch of 1
+    beside it is doubled all the same)."""
     ones = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1]
 
     def doubled(indices: set[int]) -> Inputs:
         return tuple(torch.cat([t, t]) if i in indices else t for i, t in enumerate(example_inputs))
 
-    if module is None:
-        batched = [t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > 0]
-        return doubled(set(ones)) if len(ones) == len(batched) else tuple(example_inputs)
     every = doubled(set(ones))
     if not ones or _takes(module, every):
         return every
@@ -57,26 +54,14 @@ def export_program(module: nn.Module, example_inputs: Inputs,
 
     A program exported on doubled inputs must take the inputs given: one that does not (an input that only
     broadcast by chance when doubled, a temperature of 2 elements beside 2 features, had its size fixed at 2) is
-    exported again with the last doubled input as given, until it does."""
+    exported again on them as given, where the check below refuses what it cannot tell apart from a fixed batch."""
     inputs = export_inputs(example_inputs, module)
     program = _exported(module, inputs, dynamic_dims)
-    doubled = [i for i, (a, b) in enumerate(zip(inputs, example_inputs)) if a is not b]
-    while doubled and not _takes(program.module(), example_inputs):
-        doubled.pop()  # the last one doubled given back as it is, until the program takes the inputs given
-        inputs = tuple(torch.cat([t, t]) if i in doubled else t for i, t in enumerate(example_inputs))
-        program = _exported(module, inputs, dynamic_dims)
+    if any(a is not b for a, b in zip(inputs, example_inputs)) and not _takes(program.module(), example_inputs):
+        inputs, program = tuple(example_inputs), _exported(module, tuple(example_inputs), dynamic_dims)
     fixed = export_specialised_dims(program, inputs, dynamic_dims)
-    if any(d == 0 for _, d, _ in fixed):
-        # an input whose first dim export fixed at another size than the batch it kept free is no batch (a
-        # temperature of 1 beside a batch of 8, a table of 5 keys beside one of 2); all are free when the model's
-        # code needs the example's batch size (it fails on a grown batch)
-        dims = dims_for(inputs, dynamic_dims)
-        fixed_first = {i for i, d, _ in fixed if d == 0}
-        batches = {int(t.shape[0]) for i, t in enumerate(inputs)
-                   if i not in fixed_first and isinstance(t, torch.Tensor) and 0 in dims[i] and t.dim() > 0}
-        fixed = [f for f in fixed if f[1] != 0 or not batches or f[2] in batches]
-        if any(d == 0 for _, d, _ in fixed) and not _takes(module, grown_along_batch(inputs, dynamic_dims)):
-            fixed = [f for f in fixed if f[1] != 0]
+    if any(d == 0 for _, d, _ in fixed) and not _takes(module, grown_along_batch(inputs, dynamic_dims)):
+        fixed = [f for f in fixed if f[1] != 0]  # the model's own code needs the example's batch size
     if fixed:
         raise FixedDimError(f"torch.export fixed {describe_fixed(fixed)}, which must stay free (the batch, a dim "
                             "that varies in the data or one declared in dynamic_dims): the model's code fixes it "
