@@ -150,6 +150,8 @@ class CompiledInference(ExportedInference):
         with inductor_config.patch(freezing=True), torch.inference_mode():
             output = self._compiled(*inputs)
         # out of inference mode, every tensor of the outputs (a dict's too): in-place ops and autograd refused them
+        if isinstance(output, torch.Tensor):  # (the common case, timed: no tree walk)
+            return output.clone()
         return pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, output)
 
 
