@@ -1541,6 +1541,17 @@ def test_zero_channels_that_fx_cannot_see_are_reported_with_the_reason() -> None
         "unused": "forward does not call it (as torch.fx traces forward)",
     }
 
+    # an attention shrink narrowed already can lose no more heads (prune_heads_ prunes nn.MultiheadAttention's):
+    # the reason points to the attention it came from, not to prune_heads_ on this one
+    from litcompress.pruning.heads import HeadPrunedAttention, prune_heads_
+    prune_heads_(model, 0.5)
+    narrowed = shrink(model, x).model
+    assert isinstance(narrowed.attention, HeadPrunedAttention) and prune_heads_(narrowed, 0.5) == {}
+    zero_rows_(narrowed.attention.v_proj, [0])
+    reason = dict(shrink(narrowed, x).report.kept)["attention.v_proj"]
+    assert reason.startswith("it is inside attention (HeadPrunedAttention: an attention shrink already narrowed")
+    assert "nn.MultiheadAttention it came from" in reason and "before shrinking" in reason
+
     seq2seq = Seq2Seq("relu", True, False)
     zero_rows_(seq2seq.transformer.encoder.layers[0].linear2, [0])
     (name, reason), = shrink(seq2seq, (torch.randn(2, 5, 3), torch.randn(2, 4, 3))).report.kept

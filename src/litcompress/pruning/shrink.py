@@ -2344,7 +2344,11 @@ def _hidden_reason(name: str, called: set[str], modules: dict[str, nn.Module]) -
     if leaf is None:
         return "forward does not call it (as torch.fx traces forward)"
     kind = type(modules[leaf]).__name__
-    if isinstance(modules[leaf], nn.MultiheadAttention | HeadPrunedAttention):
+    if isinstance(modules[leaf], HeadPrunedAttention):  # prune_heads_ prunes nn.MultiheadAttention's heads only
+        return (f"it is inside {leaf} ({kind}: an attention shrink already narrowed to its kept heads), whose "
+                "channels are its heads' and the stream's: prune heads of the nn.MultiheadAttention it came from "
+                "(prune_heads_ or PruneConfig(heads=...)) before shrinking")
+    if isinstance(modules[leaf], nn.MultiheadAttention):
         return (f"it is inside {leaf} ({kind}), whose output channels are the stream's: the attention "
                 "loses whole heads instead (pruned with prune_heads_ or PruneConfig(heads=...))")
     if type(modules[leaf]) in _TRANSFORMER_LEAVES:
