@@ -370,3 +370,20 @@ def test_the_report_files_are_utf8_whatever_the_locale(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
     assert "modèle ✓" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.one_of(st.integers(-10**16, 10**16),
+                       st.floats(-1e16, 1e16, allow_nan=False).filter(lambda v: v == 0 or abs(v) >= 1e-3),
+                       st.sampled_from([999.6, 999_600, 999_999, 999_500_000, 999.5e9, 85002, 1_234_567])))
+def test_plot_labels_are_short_numbers_within_half_a_percent_of_the_value(value) -> None:
+    """999,600 was labelled '1e+03k' (the scale chosen before the rounding to 3 digits). (Below 0.001, '1e-05' is
+    the short form.)"""
+    from litcompress.report.compression import _compact
+
+    label = _compact(value)
+    assert "e" not in label and len(label) <= 8, label
+    number, suffix = re.fullmatch(r"(-?[\d.]+)([kMGT]?)", label).groups()
+    scale = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[suffix]
+    assert abs(float(number) * scale - value) <= 0.005 * abs(value) + 1e-12
+    assert suffix == "" or 1 <= abs(float(number)) < 1000 or suffix == "T"

@@ -150,10 +150,13 @@ def _compact(value: float | int | None) -> str:
     """A short label: 85002 -> '85k', 1234567 -> '1.23M', 75.2 -> '75.2'."""
     if value is None:
         return ""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
+    # the scale of the value as rounded to 3 digits: 999,600 is '1M', not '1e+03k'
+    rounded = float(f"{value:.3g}")
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(rounded) >= scale:
+            scaled = rounded / scale
+            return f"{scaled:.3g}{suffix}" if abs(scaled) < 1000 else f"{scaled:.0f}{suffix}"  # (no '1e+03T')
+    return f"{rounded:.3g}"
 
 
 @dataclass(frozen=True)
