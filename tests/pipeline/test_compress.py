@@ -22,6 +22,7 @@ from litcompress.pruning.engine import deepcopy_model, pruned_targets
 from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
+from litcompress.report.size import serialized_weights
 from tests.conftest import CountsItsCalls, ReluMLP, agreeing_with, sgd_fine_tune
 
 FAST = dict(latency_repeats=2, export=False)
@@ -826,6 +827,38 @@ def test_a_model_given_with_live_masks_is_timed_and_exported_as_it_ships(trained
     assert names and not any(name.endswith(("_orig", "_mask")) for name in names)
     with torch.no_grad():
         torch.testing.assert_close(loaded(digits[2][:8]), masked(digits[2][:8]))
+
+
+class _MaskWeight(nn.Module):
+    """A masking parametrization, as torch.ao.pruning's sparsifiers register."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def test_a_model_given_with_a_masking_parametrization_is_counted_and_sized_by_the_weights_it_computes_with():
+    """The input row counted a parametrized weight's `original` (no zero in it: 4,810 parameters, 4,810 nonzero
+    beside a 42% sparsity) and sized its mask buffer too (the pruned row's size ratio credited pruning with it)."""
+    from torch.nn.utils import parametrize
+
+    from litcompress.pruning import fold_parametrizations_
+
+    torch.manual_seed(0)
+    model = mlp(64, 64, 10)
+    parametrize.register_parametrization(model[0], "weight", _MaskWeight((torch.rand(64, 64) > 0.5).float()))
+    zeros = int((model[0].weight == 0).sum())
+    plain = deepcopy_model(model)
+    fold_parametrizations_(plain)  # (torch's removal on a deep copy deletes the original's property as well)
+    config = CompressionConfig(prune=None, shrink=False, quantize=None, export=False, latency_repeats=2)
+    row = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=torch.randn(8, 64)).report.stages[0]
+    assert row.parameters == sum(p.numel() for p in plain.parameters())
+    assert row.nonzero_parameters == row.parameters - zeros and row.weight_sparsity == zeros / (64 * 64 + 64 * 10)
+    assert row.size_bytes == len(serialized_weights(plain))
+    assert parametrize.is_parametrized(model[0], "weight")  # the user's model as it was
 
 
 class _TokenMean(nn.Module):

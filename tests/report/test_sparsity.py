@@ -199,3 +199,51 @@ def test_a_torchscript_int8_model_is_sized_as_its_file():
     saved = io.BytesIO()
     torch.jit.save(scripted, saved)
     assert model_size_bytes(scripted) == len(saved.getvalue()) > 256 * 256  # the int8 weights, one byte each
+
+
+class _Mask(nn.Module):
+    """A masking parametrization, as torch.ao.pruning's sparsifiers register."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), old_style=st.booleans())
+def test_parametrized_weights_count_as_the_values_the_model_computes_with(seed, old_style):
+    from torch.ao.pruning import WeightNormSparsifier
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4), nn.Linear(4, 3))
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()  # torch's own sparsifier: a FakeSparsity parametrization masks half the weight
+    parametrize.register_parametrization(model[2], "weight", _Mask((torch.rand(4, 16) > 0.5).float()))
+    if old_style:
+        torch.nn.utils.weight_norm(model[3])
+        torch.nn.utils.spectral_norm(model[4])
+    else:
+        weight_norm(model[3])
+        spectral_norm(model[4])
+    with torch.no_grad():  # a row of zeros in the weight norm computes: its g is 0
+        (model[3].weight_g if old_style else model[3].parametrizations.weight.original0)[1] = 0.0
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sparsity_report(model)
+    # one entry per weight the model computes with, none for the originals (g and v, `original`) or the masks
+    assert [t.name for t in report.tensors] == [f"{i}.{n}" for i in (0, 2, 3, 4) for n in ("weight", "bias")]
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 8))  # (the older hooks compute the weight attribute at a forward)
+        for i in (0, 2, 3, 4):
+            assert (report[f"{i}.weight"].zeros, report[f"{i}.weight"].numel) == \
+                (int((model[i].weight == 0).sum()), model[i].weight.numel())
+    assert report["0.weight"].zeros == 64 and report["3.weight"].zeros >= 4
+    # reading the report ran no power iteration of spectral norm (a training model's u and v stay as they were)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model[0].training is False and sparsity_report(model.train()).zeros == report.zeros

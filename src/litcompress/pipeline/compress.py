@@ -303,8 +303,12 @@ class _Stages:
             metric = check_metric(value, f"stage {stage!r}")
         counted = model if counted is None else counted
         shipped = model
-        if pruned_targets(model):  # a model given with live masks: sized and counted as it would ship
+        # a model given with live masks or parametrizations (weight_norm, a torch.ao.pruning sparsifier's mask):
+        # sized and counted as it would ship, its weights plain (counting a parametrization's originals said
+        # "0 zeros" of a masked weight, and its mask buffer went into the size)
+        if pruned_targets(model) or parametrized_tensors(model):
             shipped = deepcopy_model(model)
+            fold_parametrizations_(shipped)
             make_permanent_(shipped)
             counted = shipped if counted is model else counted
         data = file.read_bytes() if file is not None else serialized_weights(shipped)

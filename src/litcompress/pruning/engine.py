@@ -41,7 +41,8 @@ from torch.nn.utils import parametrize
 from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check_countable_slices, check_method_kwargs,
                                          check_near_misses, check_slices_exist, check_takes_amount, norm_refusal,
                                          resolve_method, structured_dim)
-from litcompress.pruning.parametrizations import check_prunable, parametrized_tensors, scripted_targets_message
+from litcompress.pruning.parametrizations import (check_prunable, is_computed, parametrized_tensors,
+                                                  scripted_targets_message)
 from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
 from litcompress.pruning.threshold import holds_nan, smallest_k_masks
 
@@ -205,6 +206,8 @@ def tensor_key(module: nn.Module, name: str) -> object:
     """What identifies the tensor of a target: its Parameter (which tied modules share), or a TorchScript module's
     tensor (stored, never computed; a loaded one's parameters are plain tensors), else the target itself (a
     parametrized weight is computed afresh at every access, and a freed temporary's id can come back)."""
+    if is_computed(module, name):  # (not computed here: a training spectral norm would run a power iteration)
+        return (id(module), name)
     tensor = trainable_tensor(module, name)
     stored = isinstance(tensor, nn.Parameter) or isinstance(module, torch.jit.ScriptModule)
     return id(tensor) if stored else (id(module), name)

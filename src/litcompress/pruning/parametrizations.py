@@ -175,6 +175,26 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     return folded
 
 
+def computed_value(module: nn.Module, name: str) -> Tensor:
+    """The value a computed ``module.<name>`` has now, without autograd history; read in eval mode (``spectral_norm``
+    would run a power iteration in training mode) and, for the older norm hooks, computed from their originals (the
+    attribute holds the last forward's value)."""
+    hook = _norm_hook(module, name)
+    with torch.no_grad(), _in_eval_mode(module):
+        if hook is None:
+            return getattr(module, name).detach()
+        if isinstance(hook, WeightNorm):
+            return hook.compute_weight(module).detach()
+        return hook.compute_weight(module, do_power_iteration=False).detach()
+
+
+def original_tensor_ids(model: nn.Module) -> set[int]:
+    """The ids of the tensors `model`'s computed tensors are made of (weight norm's g and v, a parametrization's
+    ``original``): stored values, not the ones the model computes with."""
+    return {id(t) for _, module, name in parametrized_tensors(model)
+            for t in _original_tensors(module, name, _norm_hook(module, name))}
+
+
 def _original_tensors(module: nn.Module, name: str, hook: WeightNorm | SpectralNorm | None) -> list[Tensor]:
     """The tensors ``module.<name>`` is computed from (weight norm's g and v, spectral norm's ``<name>_orig``)."""
     if hook is not None:

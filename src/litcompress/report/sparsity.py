@@ -11,6 +11,8 @@ from torch import nn
 
 from litcompress.pruning.engine import (Target, check_module, check_targets, distinct_targets, effective_tensor,
                                         pruned_targets, qualified_names)
+from litcompress.pruning.parametrizations import (computed_value, is_computed, original_tensor_ids,
+                                                  parametrized_tensors)
 
 
 def percent(fraction: float, decimals: int) -> str:
@@ -88,7 +90,7 @@ def plain_values(tensor: torch.Tensor) -> torch.Tensor:
 def tensor_sparsity(module: nn.Module, name: str, label: str | None = None) -> TensorSparsity:
     """Zeros of ``module.<name>`` in its effective values (``orig * mask`` when pruned; dequantized when it is a
     quantized tensor subclass)."""
-    values = plain_values(effective_tensor(module, name))
+    values = plain_values(computed_value(module, name) if is_computed(module, name) else effective_tensor(module, name))
     if values.layout != torch.strided:  # a CSR/COO weight (sparsify's SparseLinear): count its stored values
         values = values.to_dense() if values.layout == torch.sparse_coo else values
         stored = values if values.layout == torch.strided else values.values()
@@ -96,14 +98,16 @@ def tensor_sparsity(module: nn.Module, name: str, label: str | None = None) -> T
     return TensorSparsity(label or name, values.numel() - int(torch.count_nonzero(values)), values.numel())
 
 
-def _weight_names(module: nn.Module) -> list[str]:
-    """`module`'s own parameters; a :class:`~litcompress.pruning.SparseLinear`'s weight and bias, which are buffers
-    (it is for inference)."""
+def _weight_names(module: nn.Module, originals: set[int]) -> list[str]:
+    """`module`'s own parameters, its computed tensors (``weight_norm``, a masking parametrization) in place of the
+    tensors they are computed from (`originals`: their ids); a :class:`~litcompress.pruning.SparseLinear`'s weight
+    and bias, which are buffers (it is for inference)."""
     from litcompress.pruning.sparse import SparseLinear  # the pruning package imports the report's helpers
 
     if isinstance(module, SparseLinear):
         return [n for n in ("weight", "bias") if getattr(module, n) is not None]
-    return [n for n, p in module.named_parameters(recurse=False) if p is not None]
+    computed = [n for _, m, n in parametrized_tensors(module) if m is module]
+    return computed + [n for n, p in module.named_parameters(recurse=False) if p is not None and id(p) not in originals]
 
 
 def _int8_weights(model: nn.Module) -> list[str]:
@@ -142,7 +146,8 @@ def sparsity_report(
     biases of :class:`~litcompress.pruning.SparseLinear` layers) in effective values.
 
     Effective values are ``orig * mask`` for pruned tensors, so zeros from pruning and exact zeros in the
-    weights both count. Names are relative to `model`, as in its state dict (a Fabric-wrapped model's are those of
+    weights both count; a parametrized tensor (``weight_norm``, a ``torch.ao.pruning`` sparsifier's mask) counts as
+    the tensor it computes, in place of its originals. Names are relative to `model`, as in its state dict (a Fabric-wrapped model's are those of
     the module it wraps). A tensor held by several modules (tied weights) is counted
     once, under its first name.
     """
@@ -151,7 +156,8 @@ def sparsity_report(
         targets = check_targets(targets, "sparsity_report")
     if targets is None:
         pruned = [(m, n) for _, m, n in pruned_targets(model)]
-        targets = pruned or [(m, n) for m in model.modules() for n in _weight_names(m)]
+        originals = original_tensor_ids(model)
+        targets = pruned or [(m, n) for m in model.modules() for n in _weight_names(m, originals)]
         unread = _int8_weights(model)
         if unread:  # its sparsity would be that of the float tensors left (the biases), 0% as often as not
             warnings.warn(f"sparsity_report counts float tensors only: {', '.join(unread[:4])}"
