@@ -859,6 +859,28 @@ def test_channels_options_of_another_option_are_refused_without_it(args, message
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--exclude", "net.0"], ["--prune-embeddings"], ["--prune-heads", "0.5"],
+                                    ["--latency"]])
+def test_channels_options_of_sparsity_are_refused_before_the_data_is_built(option, capsys):
+    """They were refused after the data and model were built (here: data arguments that fail)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["channels", *option, "--data-args", '{"batch_size": 0}'])
+    assert exit_info.value.code == 2
+    assert f"{option[0]} previews with --sparsity: give --sparsity too" in capsys.readouterr().err
+
+
+def test_channels_refusals_name_its_options_and_compress_for_the_others(capsys):
+    """An error of the preview named '--prune ln_structured' and advised '--prune l1_unstructured', options channels
+    does not have."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["channels", "--sparsity", "0.5", "--exclude", "net.0,net.2"])
+    error = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2
+    assert "error: --sparsity 0.5 (as compress --prune ln_structured): shrink can remove the channels of none" in error
+    assert re.findall(r"\S+ --prune \w+", error) == ["compress --prune ln_structured",
+                                                       "compress --prune l1_unstructured"]
+
+
 def test_channels_prints_the_same_preview_on_every_run(capsys):
     # the preview's weights were not seeded: its `folded` column changed from run to run
     outputs = []

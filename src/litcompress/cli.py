@@ -1206,6 +1206,16 @@ def _check_embeddings_to_prune(args: argparse.Namespace, model: Any) -> None:
                          "drop it.")
 
 
+def _in_channels_terms(message: str, sparsity: float | None) -> str:
+    """compress's words (its --prune option, its other pruning modes) as the channels command, which has neither,
+    reads them: its --sparsity previews compress --prune ln_structured."""
+    if sparsity is not None:
+        message = re.sub(r"^--prune ln_structured:", f"--sparsity {sparsity:g} (as compress --prune ln_structured):",
+                         message)
+    return re.sub(r"(?<!compress )--prune (l1_unstructured|ln_structured|random_structured)", r"compress --prune \1",
+                  message)
+
+
 def run_channels(args: argparse.Namespace) -> int:
     import lightning as L
 
@@ -1219,6 +1229,12 @@ def run_channels(args: argparse.Namespace) -> int:
     try:
         if args.keep_multiple_of is not None and args.sparsity is None:
             raise ValueError("--keep-multiple-of previews with --sparsity: give --sparsity too.")
+        if args.sparsity is None and (args.prune_embeddings or args.exclude):  # before the data and model are built
+            option = "--prune-embeddings" if args.prune_embeddings else "--exclude"
+            raise ValueError(f"{option} previews with --sparsity: give --sparsity too.")
+        if args.sparsity is None and (args.prune_heads or args.latency):
+            raise ValueError(f"{'--prune-heads' if args.prune_heads else '--latency'} previews with --sparsity: give "
+                             f"--sparsity too{' (0 for heads only)' if args.prune_heads else ''}.")
         if args.latency_batch_size is not None and not args.latency:
             raise ValueError("--latency-batch-size is the batch --latency times: give --latency too, or drop it.")
         if args.threads is not None and not args.latency:
@@ -1265,12 +1281,6 @@ def run_channels(args: argparse.Namespace) -> int:
                                                         exclude=args.exclude,
                                                         **_embedding_layer_types(args.prune_embeddings)),
                                      keep_multiple_of=args.keep_multiple_of, example_inputs=inputs)
-        elif args.prune_embeddings or args.exclude:
-            option = "--prune-embeddings" if args.prune_embeddings else "--exclude"
-            raise ValueError(f"{option} previews with --sparsity: give --sparsity too.")
-        elif args.prune_heads or args.latency:
-            raise ValueError(f"{'--prune-heads' if args.prune_heads else '--latency'} previews with --sparsity: give "
-                             f"--sparsity too{' (0 for heads only)' if args.prune_heads else ''}.")
         timing = None
         if args.latency:
             from litcompress.quantization.latency import measure_latencies
@@ -1287,7 +1297,7 @@ def run_channels(args: argparse.Namespace) -> int:
                                                                    num_threads=threads)]
             timing = (batch_size(inputs), medians)
     except (ValueError, TypeError, ImportError, KeyError) as error:
-        args.subparser.error(in_cli_terms(_said(error)))
+        args.subparser.error(_in_channels_terms(in_cli_terms(_said(error)), args.sparsity))
     print(plan.table(pruned_by="litcompress compress --prune ln_structured (or random_structured)",
                      embeddings_by="with --prune-embeddings"))
     if without_inputs:
