@@ -1101,6 +1101,15 @@ def test_the_console_script_is_installed_and_answers():
     assert done.returncode == 2 and "cannot read" in done.stderr
 
 
+def test_python_dash_m_litcompress_is_the_command():
+    """Where the script is not on PATH (a venv not activated), ``python -m litcompress`` runs it (it had no
+    __main__)."""
+    done = subprocess.run([sys.executable, "-m", "litcompress", "compress", "--sparsity", "2"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "usage: litcompress compress" in done.stderr
+    assert "expected a fraction in [0, 1), got 2" in done.stderr
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--dynamic-dims", "0:x"], "expected INPUT:DIM pairs such as '0:1'"),
     (["--dynamic-dims", "1:1"], "error: --dynamic-dims names input 1, but the model takes 1 input"),
