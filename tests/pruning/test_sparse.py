@@ -500,6 +500,25 @@ def test_a_sparsified_state_dict_turned_dense_loads_into_the_dense_model():
         torch.testing.assert_close(dense(x), sparse.model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_the_library_loaders_load_a_sparsified_state_dict_into_the_dense_model():
+    """load_shrunk_state_dict / load_pruned_state_dict failed on CSR weights in torch's words (equal shapes, a
+    layout error) where dense_state_dict's conversion was all they needed."""
+    from litcompress.pruning.engine import load_pruned_state_dict
+    from litcompress.pruning.narrow import load_shrunk_state_dict
+
+    model = _pruned_mlp(0.95)
+    x = torch.randn(6, 32)
+    sparse = sparsify(model, x, min_speedup=0, repeats=1)
+    state = sparse.model.state_dict()
+    assert any(value.layout == torch.sparse_csr for value in state.values())
+    for load in (load_shrunk_state_dict, load_pruned_state_dict):
+        dense = load(_mlp(), state)
+        assert all(p.layout == torch.strided for p in dense.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(dense(x), sparse.model(x), rtol=1e-5, atol=1e-5)
+    assert any(value.layout == torch.sparse_csr for value in state.values())  # the caller's state as it was
+
+
 def test_a_sparsified_lightning_module_traces_as_the_docstring_says():
     """Tracing reads every property, and an unattached LightningModule's `trainer` raises: the result of sparsify on
     any built-in classifier failed torch.jit.trace ("MLPClassifier is not attached to a `Trainer`")."""

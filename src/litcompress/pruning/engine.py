@@ -1425,20 +1425,28 @@ def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor], *, strict: boo
     return touched
 
 
+def strided_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """`state_dict` with its sparse-layout tensors (a sparsified model's CSR weights) dense: torch's loading into a
+    plain layer failed on them in words that name no layout ("expected sparse compressed tensor layout")."""
+    return {key: value.to_dense() if isinstance(value, Tensor) and value.layout != torch.strided else value
+            for key, value in state_dict.items()}
+
+
 def load_pruned_state_dict(
     model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True, keep_masks: bool = True
 ) -> nn.Module:
     """Load a state dict that holds ``<name>_orig``/``<name>_mask`` pairs into a fresh, unpruned `model`.
 
     Masks are re-created for every such pair before loading, so ``strict`` loading works. With
-    ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference.
+    ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference. Sparse
+    (CSR) weights, a :func:`~litcompress.pruning.sparsify`'d model's, are loaded as the dense tensors they stand for.
     """
     # Under inference mode (a model loaded for evaluation), the masks and products made there were inference
     # tensors: a later training forward failed ("Inference tensors cannot be saved for backward"). (A model built
     # under inference mode holds inference tensors itself, which only inference mode may write.)
     built_for_inference = any(p.is_inference() for p in model.parameters())
     with contextlib.nullcontext() if built_for_inference else torch.inference_mode(False):
-        return _load_pruned_state_dict(model, dict(state_dict), strict, keep_masks)
+        return _load_pruned_state_dict(model, strided_state_dict(state_dict), strict, keep_masks)
 
 
 def _load_pruned_state_dict(model: nn.Module, state: dict[str, Any], strict: bool, keep_masks: bool) -> nn.Module:

@@ -33,7 +33,11 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
     first (:func:`narrow_to_state_dict_`). Returns `model`, which then computes what the shrunk model did. A state
     written while pruning on with masks (``<name>_orig``/``<name>_mask``, a shrunk model fine-tuned under
     ``ModelPruning(make_pruning_permanent=False)``) is loaded with its masks re-created
-    (:func:`~litcompress.pruning.engine.load_pruned_state_dict`)."""
+    (:func:`~litcompress.pruning.engine.load_pruned_state_dict`); sparse (CSR) weights, a
+    :func:`~litcompress.pruning.sparsify`'d model's, as the dense tensors they stand for."""
+    from litcompress.pruning.engine import strided_state_dict
+
+    state_dict = strided_state_dict(state_dict)
     narrow_to_state_dict_(model, state_dict)
     if any(key.endswith("_orig") and f"{key[:-5]}_mask" in state_dict for key in state_dict):
         from litcompress.pruning.engine import load_pruned_state_dict
