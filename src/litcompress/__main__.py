@@ -1,4 +1,5 @@
-"""``python -m litcompress ...``: the ``litcompress`` command, where its script is not on PATH (a venv not activated)."""
+"""``python -m litcompress ...``: the ``litcompress`` command, where its script is not on PATH (a venv not
+activated)."""
 
 import sys
 

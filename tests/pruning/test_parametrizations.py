@@ -20,7 +20,8 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 from torch.utils.data import DataLoader, TensorDataset
 
 from litcompress import CompressionConfig, ModelPruning, PruneConfig, compress
-from litcompress.pruning import GradualPruner, apply_mask_, fold_parametrizations_, make_permanent_, prune_
+from litcompress.pruning import (GradualPruner, apply_mask_, fold_parametrizations_, make_permanent_, prune_,
+                                 prune_to_sparsity_)
 from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.parametrizations import unfold_state_dict
 from litcompress.pruning.schedules import ConstantSparsity
@@ -102,6 +103,60 @@ def test_folding_spectral_norm_in_training_mode_runs_no_power_iteration():
     assert copy.training and copy[0].training  # modes given back
     assert torch.equal(copy[0].weight, eval_weight)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("call", [
+    lambda targets: prune_(targets, "l1_unstructured", 0.5),
+    lambda targets: prune_to_sparsity_(targets, "l1_unstructured", 0.5),
+])
+def test_a_refused_parametrized_weight_is_left_unread_by_the_refusal(call):
+    """The refusal came after the weight's shape was read, which ran a training spectral norm's power iteration."""
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(8, 8))).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fold_parametrizations_"):
+        call([(model[0], "weight")])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _MaskWeight(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+class _TiedLanguageModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(tokens))
+
+
+def test_folding_a_parametrization_on_one_holder_of_a_tied_weight_leaves_the_other_holder_as_it_was():
+    """torch's fold wrote the masked value into the shared matrix: the embedding then computed with it too (the
+    pipeline's input row scored another model in its test than in its metric)."""
+    torch.manual_seed(0)
+    model = _TiedLanguageModel()
+    parametrize.register_parametrization(model.out, "weight", _MaskWeight((torch.rand(10, 4) > 0.5).float()))
+    tokens = torch.arange(10).reshape(2, 5)
+    folded = deepcopy_model(model)
+    fold_parametrizations_(folded)
+    assert not parametrize.is_parametrized(folded.out)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(tokens), model(tokens), rtol=0, atol=0)
+        assert torch.equal(folded.emb.weight, model.out.parametrizations.weight.original)
+        assert torch.equal(folded.out.weight, model.out.weight)
+    config = CompressionConfig(prune=None, shrink=False, quantize=None, export=False, latency_repeats=2)
+    score = lambda m: float(m(tokens).sum())  # noqa: E731
+    result = compress(model, config, eval_fn=score, test_fn=score, example_inputs=tokens)
+    (row,) = result.report.stages
+    assert row.metric == row.test_metric == score(model)
 
 
 @pytest.mark.parametrize("call", [

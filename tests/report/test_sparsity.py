@@ -224,6 +224,8 @@ def test_parametrized_weights_count_as_the_values_the_model_computes_with(seed, 
     sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
     sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
     sparsifier.step()  # torch's own sparsifier: a FakeSparsity parametrization masks half the weight
+    assert [(t.name, t.zeros) for t in sparsity_report(model).tensors] == [("0.weight", 64)]  # the pruned tensors
+    sparsifier.squash_mask()  # (folds the mask: a plain weight, half zeros)
     parametrize.register_parametrization(model[2], "weight", _Mask((torch.rand(4, 16) > 0.5).float()))
     if old_style:
         torch.nn.utils.weight_norm(model[3])
@@ -246,4 +248,37 @@ def test_parametrized_weights_count_as_the_values_the_model_computes_with(seed, 
     assert report["0.weight"].zeros == 64 and report["3.weight"].zeros >= 4
     # reading the report ran no power iteration of spectral norm (a training model's u and v stay as they were)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert model[0].training is False and sparsity_report(model.train()).zeros == report.zeros
+    model.train()[4].eval()  # a module in its own mode inside a training model keeps it
+    modes = [m.training for m in model.modules()]
+    assert sparsity_report(model).zeros == report.zeros
+    assert [m.training for m in model.modules()] == modes and not model[4].training
+
+
+def test_tied_sparsifier_and_torch_masks_and_parametrized_buffers_each_count_as_they_compute():
+    """A parametrization on one holder of a tied weight hid the other holder (its matrix was taken for the
+    parametrization's original); a torch.ao.pruning mask beside torch.nn.utils.prune masks was left out (only the
+    latter were 'pruned'); a parametrized buffer (a running mean) was counted as a weight."""
+    from torch.ao.pruning import WeightNormSparsifier
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    tied = nn.ModuleDict({"emb": nn.Embedding(10, 4), "out": nn.Linear(4, 10, bias=False)})
+    tied["out"].weight = tied["emb"].weight
+    parametrize.register_parametrization(tied["out"], "weight", _Mask((torch.rand(10, 4) > 0.5).float()))
+    report = sparsity_report(tied)
+    assert [(t.name, t.zeros) for t in report.tensors] == [("emb.weight", 0), ("out.weight",
+                                                                              int((tied["out"].weight == 0).sum()))]
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4), nn.Linear(4, 2))
+    sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    prune_([(model[2], "weight")], "l1_unstructured", 0.25)
+    assert [(t.name, t.zeros) for t in sparsity_report(model).tensors] == [("0.weight", 64), ("2.weight", 16)]
+    parametrize.register_parametrization(model[1], "running_mean", _Abs())
+    assert "1.running_mean" not in [t.name for t in sparsity_report(nn.Sequential(model[1])).tensors]
+
+
+class _Abs(nn.Module):
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.abs()

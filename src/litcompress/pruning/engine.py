@@ -661,6 +661,7 @@ def prune_(
     several targets (tied weights) is pruned once and masked alike under each.
     """
     targets = check_targets(targets, "prune_")
+    check_prunable(targets)  # before any tensor is read: a training spectral norm's read runs a power iteration
     method_cls = resolve_method(method)
     amount = validate_amount(amount)
     check_near_misses(method_cls, method_kwargs, "prune_")
@@ -1032,6 +1033,7 @@ def prune_to_sparsity_(
     several targets (tied weights) counts once and is masked alike under each.
     """
     given = check_targets(targets, "prune_to_sparsity_")
+    check_prunable(given)  # before any tensor is read: a training spectral norm's read runs a power iteration
     targets = distinct_targets(given)
     method_cls = resolve_method(method)
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:

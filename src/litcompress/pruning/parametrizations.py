@@ -8,6 +8,7 @@ plain parameter first, as inference does anyway (``remove_weight_norm`` before s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -145,6 +146,10 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     ``["net.2.weight (_WeightNorm)"]``; an empty list when there was none.
     """
     folded = []
+    # how many modules hold each parameter: a parametrization on one holder of a tied weight (an output layer
+    # sharing its embedding's matrix) is folded into a parameter of its own, or torch's fold writes the computed
+    # value into the shared tensor, and the other holder computes with it too
+    holders = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     for path, module, name in parametrized_tensors(model):
         described = describe_parametrization(module, name)
         hook = _norm_hook(module, name)
@@ -163,8 +168,14 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
                 cls = type(module)
                 module.__class__ = type(cls.__name__, cls.__bases__,
                                         {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-                # Not under no_grad: torch keeps a tensor that requires grad as a parameter
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                if len(originals) == 1 and holders[id(originals[0])] > 1:
+                    with torch.no_grad():
+                        value = getattr(module, name).detach().clone()
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)  # the tied one back
+                    module.register_parameter(name, nn.Parameter(value, requires_grad=trainable))
+                else:
+                    # Not under no_grad: torch keeps a tensor that requires grad as a parameter
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         # A frozen layer stays a frozen parameter: torch makes a parametrization's frozen originals a buffer (which
         # torch.nn.utils.prune refuses) and the older norms' a parameter that requires grad (trained by fine-tuning)
         if originals and all(isinstance(t, nn.Parameter) for t in originals):
@@ -188,11 +199,29 @@ def computed_value(module: nn.Module, name: str) -> Tensor:
         return hook.compute_weight(module, do_power_iteration=False).detach()
 
 
-def original_tensor_ids(model: nn.Module) -> set[int]:
-    """The ids of the tensors `model`'s computed tensors are made of (weight norm's g and v, a parametrization's
-    ``original``): stored values, not the ones the model computes with."""
-    return {id(t) for _, module, name in parametrized_tensors(model)
-            for t in _original_tensors(module, name, _norm_hook(module, name))}
+def computed_weights(module: nn.Module) -> tuple[list[str], set[str]]:
+    """`module`'s own tensors computed from parameters (a parametrization's, whose ``original`` is a parameter, or an
+    older norm hook's; a parametrized buffer is no weight), and the names of its own parameters the older hooks
+    compute them from (``weight_g``/``weight_v``, ``weight_orig``): stored values, not those it computes with. A
+    parametrization's originals are held by its ``ParametrizationList``, not by `module`."""
+    computed: list[str] = []
+    sources: set[str] = set()
+    if parametrize.is_parametrized(module):
+        computed += [name for name in module.parametrizations
+                     if all(isinstance(t, nn.Parameter) for t in _original_tensors(module, name, None))]
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            computed.append(hook.name)
+            sources.update([f"{hook.name}_g", f"{hook.name}_v"] if isinstance(hook, WeightNorm)
+                           else [f"{hook.name}_orig"])
+    return computed, sources
+
+
+def is_sparsifier_mask(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is masked by a ``torch.ao.pruning`` sparsifier (its ``FakeSparsity``
+    parametrization): pruned, as ``torch.nn.utils.prune``'s masks are."""
+    return parametrize.is_parametrized(module, name) and any(
+        type(p).__module__.startswith("torch.ao.pruning") for p in module.parametrizations[name])
 
 
 def _original_tensors(module: nn.Module, name: str, hook: WeightNorm | SpectralNorm | None) -> list[Tensor]:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from litcompress.pruning.engine import (Target, check_module, check_targets, distinct_targets, effective_tensor,
                                         pruned_targets, qualified_names)
-from litcompress.pruning.parametrizations import (computed_value, is_computed, original_tensor_ids,
-                                                  parametrized_tensors)
+from litcompress.pruning.parametrizations import computed_value, computed_weights, is_computed, is_sparsifier_mask
 
 
 def percent(fraction: float, decimals: int) -> str:
@@ -98,16 +98,19 @@ def tensor_sparsity(module: nn.Module, name: str, label: str | None = None) -> T
     return TensorSparsity(label or name, values.numel() - int(torch.count_nonzero(values)), values.numel())
 
 
-def _weight_names(module: nn.Module, originals: set[int]) -> list[str]:
-    """`module`'s own parameters, its computed tensors (``weight_norm``, a masking parametrization) in place of the
-    tensors they are computed from (`originals`: their ids); a :class:`~litcompress.pruning.SparseLinear`'s weight
-    and bias, which are buffers (it is for inference)."""
+def _weight_names(module: nn.Module) -> list[str]:
+    """`module`'s own parameters, its computed weights (``weight_norm``, a masking parametrization) in place of the
+    parameters they are computed from; a :class:`~litcompress.pruning.SparseLinear`'s weight and bias, which are
+    buffers (it is for inference)."""
     from litcompress.pruning.sparse import SparseLinear  # the pruning package imports the report's helpers
 
     if isinstance(module, SparseLinear):
         return [n for n in ("weight", "bias") if getattr(module, n) is not None]
-    computed = [n for _, m, n in parametrized_tensors(module) if m is module]
-    return computed + [n for n, p in module.named_parameters(recurse=False) if p is not None and id(p) not in originals]
+    if isinstance(module, parametrize.ParametrizationList):  # its originals: stored, not the values computed with
+        return []
+    computed, sources = computed_weights(module)
+    names = [n for n, p in module.named_parameters(recurse=False) if p is not None and n not in sources]
+    return sorted(computed + names, key=lambda n: n != "weight")  # (a parametrized weight moves out of the dict)
 
 
 def _int8_weights(model: nn.Module) -> list[str]:
@@ -142,22 +145,27 @@ def _naming_root(model: nn.Module, targets: Sequence[Target]) -> nn.Module:
 def sparsity_report(
     model: nn.Module, targets: Sequence[Target] | None = None, *, print_table: bool = False
 ) -> SparsityReport:
-    """Zeros of `targets` (default: every pruned tensor of `model`, else every parameter, and the CSR weights and
-    biases of :class:`~litcompress.pruning.SparseLinear` layers) in effective values.
+    """Zeros of `targets` (default: every pruned tensor of `model`, masked by ``torch.nn.utils.prune`` or a
+    ``torch.ao.pruning`` sparsifier, else every parameter, and the CSR weights and biases of
+    :class:`~litcompress.pruning.SparseLinear` layers) in effective values.
 
     Effective values are ``orig * mask`` for pruned tensors, so zeros from pruning and exact zeros in the
     weights both count; a parametrized tensor (``weight_norm``, a ``torch.ao.pruning`` sparsifier's mask) counts as
-    the tensor it computes, in place of its originals. Names are relative to `model`, as in its state dict (a Fabric-wrapped model's are those of
-    the module it wraps). A tensor held by several modules (tied weights) is counted
-    once, under its first name.
+    the tensor it computes, in place of its originals. Names are relative to `model`, as in its state dict (a
+    Fabric-wrapped model's are those of the module it wraps). A tensor held by several modules (tied weights) is
+    counted once, under its first name.
     """
     check_module(model, "sparsity_report")
     if targets is not None:
         targets = check_targets(targets, "sparsity_report")
     if targets is None:
-        pruned = [(m, n) for _, m, n in pruned_targets(model)]
-        originals = original_tensor_ids(model)
-        targets = pruned or [(m, n) for m in model.modules() for n in _weight_names(m, originals)]
+        masked: dict[int, list[str]] = {}
+        for _, m, n in pruned_targets(model):
+            masked.setdefault(id(m), []).append(n)
+        # torch.nn.utils.prune's masks and torch.ao.pruning sparsifiers' alike, in module order
+        pruned = [(m, n) for m in model.modules()
+                  for n in masked.get(id(m), []) + [n for n in computed_weights(m)[0] if is_sparsifier_mask(m, n)]]
+        targets = pruned or [(m, n) for m in model.modules() for n in _weight_names(m)]
         unread = _int8_weights(model)
         if unread:  # its sparsity would be that of the float tensors left (the biases), 0% as often as not
             warnings.warn(f"sparsity_report counts float tensors only: {', '.join(unread[:4])}"
