@@ -689,10 +689,16 @@ def test_a_state_without_its_keys_is_refused_before_the_pruner_changes():
     state = pruner.state_dict()
     with pytest.raises(ValueError, match="the state has no history; give the dict GradualPruner.state_dict"):
         pruner.load_state_dict({"last_t": 7})
-    for bad in ({"last_t": 7, "history": None}, {"last_t": 7, "history": [], "seed": "x"}):
-        with pytest.raises(ValueError, match="expected an int 'last_t', a list 'history', an int"):
+    # (a history of malformed rounds was taken, and every later step failed with a KeyError 'pruned_after')
+    for bad in ({"last_t": 7, "history": None}, {"last_t": 7, "history": [], "seed": "x"},
+                {"last_t": 7, "history": [{"t": 1, "target": 0.2}]}, {"last_t": 7, "history": [1, 2]},
+                {"last_t": 7, "history": [{**state["history"][0], "pruned_after": "3"}]}):
+        with pytest.raises(ValueError, match="expected an int 'last_t', a list 'history' of rounds .*, an int"):
             pruner.load_state_dict(bad)
     assert pruner.state_dict() == state
+    pruner.load_state_dict(state)  # its own state: taken
+    pruner.step(4)
+    assert pruner.history[-1]["t"] == 4
 
 
 def test_a_target_narrowed_between_rounds_is_refused_rather_than_pruned_as_if_whole():

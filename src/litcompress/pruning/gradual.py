@@ -29,6 +29,13 @@ from litcompress.pruning.schedules import SparsitySchedule, check_progress, stru
 _SEED_SALT = 0x6A09_E667_F3BC_C908
 
 
+def _is_round(entry: object) -> bool:
+    """Whether `entry` is a round as :meth:`GradualPruner.step` records it (a state's history holds only these)."""
+    return isinstance(entry, Mapping) and all(
+        isinstance(entry.get(key), numbers.Integral) and not isinstance(entry.get(key), bool)
+        for key in ("t", "pruned_before", "pruned_after")) and isinstance(entry.get("target"), numbers.Real)
+
+
 def _has_pruned(history: Sequence[Mapping[str, Any]]) -> bool:
     return bool(history) and history[-1]["pruned_after"] > 0
 
@@ -432,15 +439,16 @@ class GradualPruner:
         seed = state.get("seed", self.seed) if isinstance(state, Mapping) else None  # (an older state: this run's)
         shapes = state.get("target_shapes") if isinstance(state, Mapping) else None  # (an older state: none)
         bad = missing or not isinstance(state["last_t"], numbers.Integral) or isinstance(state["last_t"], bool) \
-            or not isinstance(state["history"], list) \
+            or not isinstance(state["history"], list) or not all(_is_round(entry) for entry in state["history"]) \
             or not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))) \
             or not (shapes is None or (isinstance(shapes, list) and all(
                 s is None or (isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s)) for s in shapes)))
         if bad:
             raise ValueError("GradualPruner.load_state_dict: "
                              + (f"the state has no {' or '.join(missing)}" if missing else
-                                "expected an int 'last_t', a list 'history', an int (or None) 'seed' and a list of "
-                                "shapes (or None) in 'target_shapes'")
+                                "expected an int 'last_t', a list 'history' of rounds (dicts of 't', 'target', "
+                                "'pruned_before' and 'pruned_after'), an int (or None) 'seed' and a list of shapes "
+                                "(or None) in 'target_shapes'")
                              + "; give the dict GradualPruner.state_dict() returned.")
         self._check_state_of_these_targets(shapes)
         self.last_t = int(state["last_t"])
