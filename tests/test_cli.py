@@ -879,6 +879,10 @@ def test_channels_refusals_name_its_options_and_compress_for_the_others(capsys):
     assert "error: --sparsity 0.5 (as compress --prune ln_structured): shrink can remove the channels of none" in error
     assert re.findall(r"\S+ --prune \w+", error) == ["compress --prune ln_structured",
                                                        "compress --prune l1_unstructured"]
+    assert main(["channels", "--sparsity", "0.99", "--exclude", "net.0"]) == 0  # its notes too
+    out = capsys.readouterr().out
+    assert "removable_only: 1 layer(s) left unpruned" in out
+    assert {re.sub(r"^\S+/", "", m) for m in re.findall(r"\S+ --prune", out)} == {"compress --prune"}
 
 
 def test_channels_prints_the_same_preview_on_every_run(capsys):

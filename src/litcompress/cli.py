@@ -1320,7 +1320,7 @@ def run_channels(args: argparse.Namespace) -> int:
             print(f"latency at batch {batch}, {threads} thread(s), median of interleaved runs: "
                   f"{before * 1e3:.4g} ms -> {after * 1e3:.4g} ms ({before / after:.2f}x as fast)")
         for note in notes:
-            print(f"- {note}")
+            print(f"- {_in_channels_terms(note, None)}")
     return 0
 
 

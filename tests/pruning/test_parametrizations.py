@@ -488,3 +488,48 @@ def test_folding_leaves_every_module_in_its_own_mode():
     model.bn.eval()
     fold_parametrizations_(model)
     assert (model.training, model.bn.training, model.drop.training) == (True, False, True)
+
+
+class _Doubled(nn.Module):
+    """An invertible parametrization: the weight is twice its original."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / 2
+
+
+def test_a_pruned_tied_weight_with_a_parametrization_on_one_holder_is_saved_in_the_layout_that_keeps_it(tmp_path):
+    """The pruned state was written through the shared original, then the other holder's key overwrote it at the
+    load: the file loaded into the user's model without a word and computed another model."""
+    torch.manual_seed(0)
+    model = _TiedLanguageModel()
+    parametrize.register_parametrization(model.out, "weight", _Doubled())
+    tokens = torch.arange(10).reshape(2, 5)
+    score = lambda m: float(m(tokens).abs().sum())  # noqa: E731
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="l1_unstructured", schedule="oneshot",
+                                                 layer_types=(nn.Linear, nn.Embedding)),
+                               shrink=False, quantize=None, export=False, latency_repeats=2)
+    result = compress(model, config, eval_fn=score, example_inputs=tokens, output_dir=tmp_path)
+    state = torch.load(tmp_path / "pruned_state_dict.pt", weights_only=True)
+    assert sorted(state) == ["emb.weight", "out.weight"]  # the folded layout, as the note says
+    assert any("load it after litcompress.pruning.fold_parametrizations_(model)" in m
+               for m in result.report.messages)
+    fresh = _TiedLanguageModel()
+    parametrize.register_parametrization(fresh.out, "weight", _Doubled())
+    fold_parametrizations_(fresh)
+    fresh.load_state_dict(state)
+    assert score(fresh) == result.report.stages[-1].metric
+
+
+def test_folding_a_submodule_leaves_a_weight_it_shares_with_the_rest_of_the_model_as_it_was():
+    """Ties were counted inside the module folded only: folding the head wrote its masked value into the embedding."""
+    torch.manual_seed(0)
+    model = _TiedLanguageModel()
+    parametrize.register_parametrization(model.out, "weight", _MaskWeight((torch.rand(10, 4) > 0.5).float()))
+    tokens = torch.arange(10).reshape(2, 5)
+    embedding, before = model.emb.weight.detach().clone(), model(tokens).detach()
+    fold_parametrizations_(model.out)
+    assert torch.equal(model.emb.weight, embedding)
+    torch.testing.assert_close(model(tokens), before, rtol=0, atol=0)

@@ -519,6 +519,35 @@ def test_the_library_loaders_load_a_sparsified_state_dict_into_the_dense_model()
     assert any(value.layout == torch.sparse_csr for value in state.values())  # the caller's state as it was
 
 
+class _GraphLayer(nn.Module):
+    """A graph convolution whose adjacency is a sparse COO buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("adj", torch.sparse_coo_tensor(torch.tensor([[0, 1, 2], [1, 2, 0]]), torch.ones(3),
+                                                            (3, 3)).coalesce())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(self.adj, self.lin(x))
+
+
+def test_a_sparse_tensor_the_model_holds_sparse_is_loaded_sparse():
+    """The loaders' densifying of CSR weights (above) made every sparse entry dense: a model's own sparse buffer
+    then failed to load ("copy_() between dense and sparse Tensors")."""
+    from litcompress.pruning.engine import load_pruned_state_dict
+    from litcompress.pruning.narrow import load_shrunk_state_dict
+
+    torch.manual_seed(0)
+    source = _GraphLayer()
+    prune.l1_unstructured(source.lin, "weight", 0.5)
+    x = torch.randn(3, 4)
+    for load in (load_shrunk_state_dict, load_pruned_state_dict):
+        loaded = load(_GraphLayer(), source.state_dict())
+        assert loaded.adj.layout == torch.sparse_coo
+        torch.testing.assert_close(loaded(x), source(x))
+
+
 def test_a_sparsified_lightning_module_traces_as_the_docstring_says():
     """Tracing reads every property, and an unattached LightningModule's `trainer` raises: the result of sparsify on
     any built-in classifier failed torch.jit.trace ("MLPClassifier is not attached to a `Trainer`")."""

@@ -1427,10 +1427,14 @@ def restore_masks_(model: nn.Module, masks: Mapping[str, Tensor], *, strict: boo
     return touched
 
 
-def strided_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """`state_dict` with its sparse-layout tensors (a sparsified model's CSR weights) dense: torch's loading into a
-    plain layer failed on them in words that name no layout ("expected sparse compressed tensor layout")."""
-    return {key: value.to_dense() if isinstance(value, Tensor) and value.layout != torch.strided else value
+def strided_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """`state_dict` with its sparse-layout tensors (a sparsified model's CSR weights) dense where `model` holds a
+    dense tensor (or none: a pruned weight's ``_orig``): torch's loading into a plain layer failed on them in words
+    that name no layout ("expected sparse compressed tensor layout"). A sparse tensor `model` holds sparse too (a
+    graph's adjacency buffer) stays sparse."""
+    held = {key: value.layout for key, value in model.state_dict().items() if isinstance(value, Tensor)}
+    return {key: value.to_dense() if isinstance(value, Tensor) and value.layout != torch.strided
+            and held.get(key, torch.strided) == torch.strided else value
             for key, value in state_dict.items()}
 
 
@@ -1448,7 +1452,7 @@ def load_pruned_state_dict(
     # under inference mode holds inference tensors itself, which only inference mode may write.)
     built_for_inference = any(p.is_inference() for p in model.parameters())
     with contextlib.nullcontext() if built_for_inference else torch.inference_mode(False):
-        return _load_pruned_state_dict(model, strided_state_dict(state_dict), strict, keep_masks)
+        return _load_pruned_state_dict(model, strided_state_dict(state_dict, model), strict, keep_masks)
 
 
 def _load_pruned_state_dict(model: nn.Module, state: dict[str, Any], strict: bool, keep_masks: bool) -> nn.Module:

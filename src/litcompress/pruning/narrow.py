@@ -37,7 +37,7 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
     :func:`~litcompress.pruning.sparsify`'d model's, as the dense tensors they stand for."""
     from litcompress.pruning.engine import strided_state_dict
 
-    state_dict = strided_state_dict(state_dict)
+    state_dict = strided_state_dict(state_dict, model)
     narrow_to_state_dict_(model, state_dict)
     if any(key.endswith("_orig") and f"{key[:-5]}_mask" in state_dict for key in state_dict):
         from litcompress.pruning.engine import load_pruned_state_dict

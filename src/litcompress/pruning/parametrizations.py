@@ -146,10 +146,6 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     ``["net.2.weight (_WeightNorm)"]``; an empty list when there was none.
     """
     folded = []
-    # how many modules hold each parameter: a parametrization on one holder of a tied weight (an output layer
-    # sharing its embedding's matrix) is folded into a parameter of its own, or torch's fold writes the computed
-    # value into the shared tensor, and the other holder computes with it too
-    holders = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     for path, module, name in parametrized_tensors(model):
         described = describe_parametrization(module, name)
         hook = _norm_hook(module, name)
@@ -168,11 +164,17 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
                 cls = type(module)
                 module.__class__ = type(cls.__name__, cls.__bases__,
                                         {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-                if len(originals) == 1 and holders[id(originals[0])] > 1:
+                if len(originals) == 1:
+                    # The value in a tensor of its own: torch's fold writes it into the original, which another
+                    # module may hold too (an output layer tied to its embedding, inside `model` or not), and that
+                    # one would then compute with it as well.
                     with torch.no_grad():
                         value = getattr(module, name).detach().clone()
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)  # the tied one back
-                    module.register_parameter(name, nn.Parameter(value, requires_grad=trainable))
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                    if isinstance(originals[0], nn.Parameter):
+                        module.register_parameter(name, nn.Parameter(value, requires_grad=trainable))
+                    else:  # a buffer stays a buffer
+                        module._buffers[name] = value
                 else:
                     # Not under no_grad: torch keeps a tensor that requires grad as a parameter
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
@@ -272,11 +274,17 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     plain = dict(state)
     failed = []
     folded_modules = set()
+    # tensors several modules hold: a parametrization on one holder of a tied weight cannot give its pruned value
+    # back through the shared original (the other holder's own key overwrites it at the load), so it is kept folded
+    holders = collections.Counter(id(p) for m in target.modules() for p in m._parameters.values() if p is not None)
     with torch.no_grad():
         for entry in folded:
             qualified = entry.split(" ", 1)[0]
             path, _, name = qualified.rpartition(".")
             module = target.get_submodule(path)
+            if any(holders[id(t)] > 1 for t in _original_tensors(module, name, _norm_hook(module, name))):
+                failed.append(entry)
+                continue
             value = plain.pop(qualified).detach()
             for alias in aliases[id(module)]:
                 plain.pop(f"{alias + '.' if alias else ''}{name}", None)
