@@ -514,8 +514,8 @@ def test_a_pruned_tied_weight_with_a_parametrization_on_one_holder_is_saved_in_t
     result = compress(model, config, eval_fn=score, example_inputs=tokens, output_dir=tmp_path)
     state = torch.load(tmp_path / "pruned_state_dict.pt", weights_only=True)
     assert sorted(state) == ["emb.weight", "out.weight"]  # the folded layout, as the note says
-    assert any("load it after litcompress.pruning.fold_parametrizations_(model)" in m
-               for m in result.report.messages)
+    assert any("out.weight (_Doubled) shares its original with another layer's weight, which the fold unties: load "
+               "it after litcompress.pruning.fold_parametrizations_(model)" in m for m in result.report.messages)
     fresh = _TiedLanguageModel()
     parametrize.register_parametrization(fresh.out, "weight", _Doubled())
     fold_parametrizations_(fresh)
@@ -523,13 +523,25 @@ def test_a_pruned_tied_weight_with_a_parametrization_on_one_holder_is_saved_in_t
     assert score(fresh) == result.report.stages[-1].metric
 
 
-def test_folding_a_submodule_leaves_a_weight_it_shares_with_the_rest_of_the_model_as_it_was():
-    """Ties were counted inside the module folded only: folding the head wrote its masked value into the embedding."""
+@pytest.mark.parametrize("norm", ["orthogonal", "spectral_norm"])
+def test_an_untied_one_tensor_parametrization_folds_into_its_own_parameter_which_an_optimizer_goes_on_training(norm):
+    """Folding into a new tensor (as for a tied weight) left an optimizer built before the fold training a tensor
+    the model no longer used; and a clone made under inference mode made the weight unloadable outside it."""
     torch.manual_seed(0)
-    model = _TiedLanguageModel()
-    parametrize.register_parametrization(model.out, "weight", _MaskWeight((torch.rand(10, 4) > 0.5).float()))
-    tokens = torch.arange(10).reshape(2, 5)
-    embedding, before = model.emb.weight.detach().clone(), model(tokens).detach()
-    fold_parametrizations_(model.out)
-    assert torch.equal(model.emb.weight, embedding)
-    torch.testing.assert_close(model(tokens), before, rtol=0, atol=0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    getattr(torch.nn.utils.parametrizations, norm)(model[0])
+    original = model[0].parametrizations.weight.original
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fold_parametrizations_(model)
+    assert model[0].weight is original
+    before = model[0].weight.detach().clone()
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, before)
+
+    tied = _TiedLanguageModel()
+    parametrize.register_parametrization(tied.out, "weight", _MaskWeight((torch.rand(10, 4) > 0.5).float()))
+    with torch.inference_mode():
+        fold_parametrizations_(tied)
+    tied.load_state_dict({key: torch.zeros_like(value) for key, value in tied.state_dict().items()})
+    assert not tied.out.weight.is_inference() and not tied.out.weight.any()

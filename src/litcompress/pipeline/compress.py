@@ -37,7 +37,7 @@ from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_grou
 from litcompress.pruning.heads import heads_to_prune, none_pruned_message, prunable_attentions, prune_heads_
 from litcompress.pruning.methods import check_method_kwargs
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
-                                                  unfold_state_dict)
+                                                  tied_folded_tensors, unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
 from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, ChannelPlan, ShrinkReport, ShrinkResult,
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
@@ -1102,9 +1102,13 @@ def compress(
             state, kept_folded = unfold_state_dict(model, permanent_state_dict(work), folded)
             state = _with_compiled_prefixes(state, compiled_prefixes)
             if kept_folded:
-                note(f"{PRUNED_STATE_FILE} holds plain weights for {', '.join(kept_folded)}: their parametrization "
-                     "does not give a weight back from its value; load it after "
-                     "litcompress.pruning.fold_parametrizations_(model).")
+                tied = tied_folded_tensors(model, kept_folded)
+                untied = [entry for entry in kept_folded if entry not in tied]
+                why = ([f"the parametrization of {', '.join(untied)} does not give a weight back from its value"]
+                       if untied else []) + ([f"{', '.join(tied)} shares its original with another layer's weight, "
+                                              "which the fold unties"] if tied else [])
+                note(f"{PRUNED_STATE_FILE} holds the plain weights of the folded model ({', '.join(folded)}), as "
+                     f"{'; '.join(why)}: load it after litcompress.pruning.fold_parametrizations_(model).")
             with written_atomically(directory / PRUNED_STATE_FILE) as partial:
                 torch.save(state, partial)
             written.add(PRUNED_STATE_FILE)

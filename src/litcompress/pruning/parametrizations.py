@@ -141,11 +141,16 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     """Replace every parametrized tensor of `model` by a plain parameter holding its current value, in place.
 
     The value is read in eval mode (``spectral_norm`` would run a power iteration in training mode); it stays a
-    parameter when it required grad. Modules deep-copied from one another can be folded independently. Returns
+    parameter when it required grad. A one-tensor parametrization (``orthogonal``, ``spectral_norm``, a mask) is
+    folded into its original, as torch folds it: the same Parameter, which an optimizer built before goes on
+    training (weight norm's two become a new one). A parametrized holder of a weight tied to another module of
+    `model` gets a tensor of its own instead, so the other computes as before: fold the whole model, not a
+    submodule, when the tie crosses it. Modules deep-copied from one another can be folded independently. Returns
     the folded tensors' qualified names with their parametrizations, e.g.
     ``["net.2.weight (_WeightNorm)"]``; an empty list when there was none.
     """
     folded = []
+    holders = _holder_counts(model)
     for path, module, name in parametrized_tensors(model):
         described = describe_parametrization(module, name)
         hook = _norm_hook(module, name)
@@ -164,11 +169,13 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
                 cls = type(module)
                 module.__class__ = type(cls.__name__, cls.__bases__,
                                         {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
-                if len(originals) == 1:
+                if len(originals) == 1 and holders[id(originals[0])] > 1:
                     # The value in a tensor of its own: torch's fold writes it into the original, which another
-                    # module may hold too (an output layer tied to its embedding, inside `model` or not), and that
-                    # one would then compute with it as well.
-                    with torch.no_grad():
+                    # module holds too (an output layer tied to its embedding), and that one would then compute
+                    # with it as well. (Untied, torch's fold keeps the Parameter: an optimizer built on it trains on.)
+                    from litcompress.pruning.engine import outside_inference_mode
+
+                    with outside_inference_mode(), torch.no_grad():
                         value = getattr(module, name).detach().clone()
                     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
                     if isinstance(originals[0], nn.Parameter):
@@ -274,15 +281,15 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
     plain = dict(state)
     failed = []
     folded_modules = set()
-    # tensors several modules hold: a parametrization on one holder of a tied weight cannot give its pruned value
-    # back through the shared original (the other holder's own key overwrites it at the load), so it is kept folded
-    holders = collections.Counter(id(p) for m in target.modules() for p in m._parameters.values() if p is not None)
+    # a parametrization on one holder of a tied weight cannot give its pruned value back through the shared original
+    # (the other holder's own key overwrites it at the load), so it is kept folded
+    tied = set(tied_folded_tensors(target, folded))
     with torch.no_grad():
         for entry in folded:
             qualified = entry.split(" ", 1)[0]
             path, _, name = qualified.rpartition(".")
             module = target.get_submodule(path)
-            if any(holders[id(t)] > 1 for t in _original_tensors(module, name, _norm_hook(module, name))):
+            if entry in tied:
                 failed.append(entry)
                 continue
             value = plain.pop(qualified).detach()
@@ -324,6 +331,24 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
         raise RuntimeError(f"unfolding the pruned state dict: unexpected keys {unexpected}, missing "
                            f"{sorted(set(missing) - originals)}")
     return target.state_dict(), []
+
+
+def _holder_counts(model: nn.Module) -> collections.Counter[int]:
+    """How many of `model`'s modules hold each parameter, by id (tied weights: more than one)."""
+    return collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+
+
+def tied_folded_tensors(model: nn.Module, folded: Sequence[str]) -> list[str]:
+    """The entries of `folded` (:func:`fold_parametrizations_`'s names, of a copy of `model`) whose original is a
+    weight another module of `model` holds too: the fold gives them a tensor of their own."""
+    holders = _holder_counts(model)
+    tied = []
+    for entry in folded:
+        path, _, name = entry.split(" ", 1)[0].rpartition(".")
+        module = model.get_submodule(path)
+        if any(holders[id(t)] > 1 for t in _original_tensors(module, name, _norm_hook(module, name))):
+            tied.append(entry)
+    return tied
 
 
 def _weight_norm_parts(value: Tensor, dim: int) -> tuple[Tensor, Tensor]:
