@@ -545,3 +545,40 @@ def test_an_untied_one_tensor_parametrization_folds_into_its_own_parameter_which
         fold_parametrizations_(tied)
     tied.load_state_dict({key: torch.zeros_like(value) for key, value in tied.state_dict().items()})
     assert not tied.out.weight.is_inference() and not tied.out.weight.any()
+
+
+class _ScaledBy(nn.Module):
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.table
+
+
+def test_a_parametrized_buffer_another_module_shares_is_left_to_that_module_by_the_fold():
+    """Only parameters counted as tied: the fold wrote the masked table into the buffer the other module shares."""
+    torch.manual_seed(0)
+    table = torch.randn(4)
+    model = nn.Sequential(_ScaledBy(table), _ScaledBy(table))
+    parametrize.register_parametrization(model[0], "table", _MaskWeight(torch.tensor([1.0, 0.0, 1.0, 0.0])))
+    x, shared = torch.randn(1, 4), table.clone()
+    before = model(x)
+    fold_parametrizations_(model)
+    assert torch.equal(model[1].table, shared) and "table" in model[0]._buffers
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "old_weight_norm", "old_spectral_norm"])
+def test_a_weight_norm_folded_under_inference_mode_loads_and_trains_outside_it(norm):
+    """torch's removal ran in the caller's inference mode: the new weight was an inference tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    {"weight_norm": weight_norm, "old_weight_norm": torch.nn.utils.weight_norm,
+     "old_spectral_norm": torch.nn.utils.spectral_norm}[norm](model[2])
+    with torch.inference_mode():
+        fold_parametrizations_(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.randn(4, 8)).sum().backward()
+    assert model[2].weight.grad is not None
+    model.load_state_dict({key: torch.zeros_like(value) for key, value in model.state_dict().items()})

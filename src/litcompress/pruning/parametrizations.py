@@ -149,6 +149,12 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
     the folded tensors' qualified names with their parametrizations, e.g.
     ``["net.2.weight (_WeightNorm)"]``; an empty list when there was none.
     """
+    # (under the caller's inference mode, the tensors made would be inference tensors: unloadable, untrainable)
+    with torch.inference_mode(False):
+        return _fold_parametrizations_(model)
+
+
+def _fold_parametrizations_(model: nn.Module) -> list[str]:
     folded = []
     holders = _holder_counts(model)
     for path, module, name in parametrized_tensors(model):
@@ -173,9 +179,7 @@ def fold_parametrizations_(model: nn.Module) -> list[str]:
                     # The value in a tensor of its own: torch's fold writes it into the original, which another
                     # module holds too (an output layer tied to its embedding), and that one would then compute
                     # with it as well. (Untied, torch's fold keeps the Parameter: an optimizer built on it trains on.)
-                    from litcompress.pruning.engine import outside_inference_mode
-
-                    with outside_inference_mode(), torch.no_grad():
+                    with torch.no_grad():
                         value = getattr(module, name).detach().clone()
                     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
                     if isinstance(originals[0], nn.Parameter):
@@ -334,8 +338,10 @@ def unfold_state_dict(reference: nn.Module, state: Mapping[str, Tensor],
 
 
 def _holder_counts(model: nn.Module) -> collections.Counter[int]:
-    """How many of `model`'s modules hold each parameter, by id (tied weights: more than one)."""
-    return collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    """How many of `model`'s modules hold each parameter or buffer, by id (tied weights, a shared table: more than
+    one)."""
+    return collections.Counter(id(t) for m in model.modules() for t in [*m._parameters.values(), *m._buffers.values()]
+                               if t is not None)
 
 
 def tied_folded_tensors(model: nn.Module, folded: Sequence[str]) -> list[str]:
