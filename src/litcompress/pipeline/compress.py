@@ -1104,9 +1104,10 @@ def compress(
             if kept_folded:
                 tied = tied_folded_tensors(model, kept_folded)
                 untied = [entry for entry in kept_folded if entry not in tied]
+                shares = "shares its original" if len(tied) == 1 else "share their originals"
                 why = ([f"the parametrization of {', '.join(untied)} does not give a weight back from its value"]
-                       if untied else []) + ([f"{', '.join(tied)} shares its original with another layer's weight, "
-                                              "which the fold unties"] if tied else [])
+                       if untied else []) + ([f"{', '.join(tied)} {shares} with another layer's weight, which the "
+                                              "fold unties"] if tied else [])
                 note(f"{PRUNED_STATE_FILE} holds the plain weights of the folded model ({', '.join(folded)}), as "
                      f"{'; '.join(why)}: load it after litcompress.pruning.fold_parametrizations_(model).")
             with written_atomically(directory / PRUNED_STATE_FILE) as partial:
