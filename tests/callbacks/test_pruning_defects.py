@@ -27,8 +27,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning, load_pruned_state_dict
 from litcompress.pruning.engine import deepcopy_model, make_permanent_
-from tests.conftest import (FixedDataModel, ModelWithAttnMask, RecordEpochStarts, ThreeLayerModel,
-                            make_trainer, skip_lightnings_callback_before, weight_averaging_callbacks)
+from tests.conftest import (EMAWeightAveraging, FixedDataModel, ModelWithAttnMask, RecordEpochStarts,
+                            ThreeLayerModel, make_trainer, skip_lightnings_callback_before, weight_averaging_callbacks)
 
 
 def both(reason: str):
@@ -630,6 +630,32 @@ def test_weight_averaging_ends_with_the_masked_average_or_is_refused(tmp_path, c
         assert all(torch.equal(value, before[key]) for key, value in _weights(model).items())  # nothing trained
         return
     _assert_masked_average(model, average, names)
+
+
+class _NormalizedModel(ThreeLayerModel):
+    """ThreeLayerModel with a BatchNorm after its first layer: buffers after a pruned layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer.mlp_2 = nn.Sequential(nn.BatchNorm1d(32), nn.Linear(32, 32, bias=False))
+
+
+@pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.6")
+@pytest.mark.parametrize(("use_buffers", "model_class"), [(False, ThreeLayerModel), (True, _NormalizedModel)])
+def test_exponential_averaging_that_would_pair_masks_with_buffers_is_refused_before_training(
+        tmp_path, use_buffers, model_class):
+    """EMAWeightAveraging pairs its copy's parameters and buffers with the model's by position: with use_buffers=False
+    (its buffers copied one for one) or a buffer after the first pruned layer, the first step after the first round
+    failed ("zip() argument 2 is longer", "The size of tensor a (32) must match ...")."""
+    seed_everything(0)
+    model = model_class()
+    before = _weights(model)
+    callback = ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"], verbose=0)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[EMAWeightAveraging(use_buffers=use_buffers), callback])
+    with pytest.raises(MisconfigurationException, match=rf"^ModelPruning beside EMAWeightAveraging\(use_buffers="
+                                                        rf"{use_buffers}\): .* StochasticWeightAveraging"):
+        trainer.fit(model)
+    assert trainer.global_step == 0 and all(torch.equal(v, before[k]) for k, v in _weights(model).items())
 
 
 def _averaging(kind):

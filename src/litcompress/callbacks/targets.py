@@ -9,6 +9,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
 from torch import Tensor, nn
@@ -139,6 +140,8 @@ class TargetsFoundOnceConfigured(Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
         self._leave_masked_what_others_keep(trainer)
+        if self._deferred_stage is None:  # (lazy layers: their targets come with the first forward)
+            _refuse_averaging_that_pairs_masks(self, trainer, pl_module)
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._find_targets_if_deferred(pl_module)
@@ -165,3 +168,42 @@ class TargetsFoundOnceConfigured(Callback):
     def on_predict_batch_end(self, trainer: "pl.Trainer", pl_module: LightningModule, *args: Any,
                              **kwargs: Any) -> None:
         self._find_targets_if_deferred(pl_module)
+
+
+def _refuse_averaging_that_pairs_masks(pruning: TargetsFoundOnceConfigured, trainer: "pl.Trainer",
+                                       pl_module: LightningModule) -> None:
+    """Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``) pair their averaged copy's parameters and
+    buffers with the model's by position (torch's ``AveragedModel``), and the copy, made at their ``setup``, has none
+    of the masks a pruning round adds to the model's buffers. With ``use_buffers=False`` the buffers are copied over
+    one for one, which fails at the first step after the first round; with ``use_buffers=True`` a mask put before a
+    buffer (a BatchNorm's running mean after the first pruned layer) pairs it with that buffer: the same failure
+    ("The size of tensor a ..."), or a buffer averaged with a mask. Refused before training.
+    (``StochasticWeightAveraging`` averages parameters only, whose order pruning keeps.)"""
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    kind = getattr(lightning_callbacks, "WeightAveraging", None)
+    averaging = [c for c in trainer.callbacks if kind is not None and isinstance(c, kind)]
+    masked = {id(module) for module, _ in pruning._masked_targets()}
+    if not averaging or not masked:
+        return
+    named = list(pl_module.named_modules())
+    first = next((i for i, (_, module) in enumerate(named) if id(module) in masked), None)
+    if first is None:
+        return
+    later = [f"{path + '.' if path else ''}{name}" for path, module in named[first + 1:]
+             for name, buffer in module._buffers.items() if buffer is not None and not name.endswith("_mask")]
+    owner = type(pruning).__name__
+    for callback in averaging:
+        use_buffers = getattr(callback, "_use_buffers", True)
+        if use_buffers and not later:
+            continue
+        why = ("copies the model's buffers into its copy one for one, and the masks are buffers the copy lacks"
+               if not use_buffers else
+               f"averages buffers too, and the mask of {named[first][0] or 'the model'} comes before "
+               f"{', '.join(later[:3])}{' ...' if len(later) > 3 else ''}, which would be paired with masks")
+        raise MisconfigurationException(
+            f"{owner} beside {type(callback).__name__}(use_buffers={use_buffers}): the averaging callback pairs its "
+            "averaged copy's parameters and buffers with the model's by position, and its copy, made at setup, has "
+            f"none of the masks {owner} adds as buffers; it {why}, so the first training step after the first "
+            "pruning round would fail. StochasticWeightAveraging (parameters only) works beside it; or average the "
+            "pruned model in a fit of its own, after this one.")
