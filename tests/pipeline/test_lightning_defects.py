@@ -281,6 +281,35 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_bfloat16_or_float16(tmp_path:
     assert caplog.text.count("weights are evaluated and compressed in a float32 copy") == 2
 
 
+def test_the_fit_end_callbacks_work_after_a_fit_in_float64_and_leave_float64_data_in_float64(tmp_path: Path,
+                                                                                            caplog) -> None:
+    """A 64-true fit cast the loaders' float32 batches; the callbacks' trainers fed them as they came to the float64
+    weights and failed once the whole fit was done ("Float and Double", blamed on input_fn). A float64 module fed
+    float64 batches (its data's own dtype) is compressed as it is."""
+    from litcompress.callbacks import QuantizeOnFitEnd
+    from litcompress.quantization import PTQConfig
+    from litcompress.quantization.lightning import quantize_lightning
+
+    caplog.set_level("INFO", logger="litcompress")
+    for callback in (QuantizeOnFitEnd(PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2),
+                                      metric="val_acc"),
+                     CompressOnFitEnd(CONFIG, output_dir=tmp_path, plot=False)):
+        L.seed_everything(0)
+        module = Tiny()
+        _trainer(max_epochs=1, precision="64-true", callbacks=[callback]).fit(module, _loader(_data()),
+                                                                              _loader(_data(48, 1)))
+        assert module.net[0].weight.dtype == torch.float64  # the user's module as the fit left it
+        assert callback.result is not None
+    assert caplog.text.count("float64 weights are evaluated and compressed in a float32 copy") == 2
+    caplog.clear()
+    x, y = _data(48, 1).tensors
+    doubles = _loader(TensorDataset(x.double(), y))
+    result = quantize_lightning(Tiny().double(), PTQConfig(approach="dynamic", backends=("torch_ao",),
+                                                           latency_repeats=2), val_dataloaders=doubles,
+                                metric="val_acc", calibration_data=[x[:8].double()])
+    assert result.baseline_metric is not None and "evaluated and compressed in a float32 copy" not in caplog.text
+
+
 class DictBatches(torch.utils.data.Dataset):
     def __init__(self, data: TensorDataset) -> None:
         self.data = data

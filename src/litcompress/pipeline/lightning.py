@@ -32,7 +32,8 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 check_metric_name, check_output_dir, check_submodule,
                                                 check_submodule_name, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
-                                                fit_val_dataloaders, in_float32, inputs_as_steps_give_them,
+                                                fit_val_dataloaders, float32_for_float32_batches, in_float32,
+                                                inputs_as_steps_give_them,
                                                 internal_trainer,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
@@ -400,6 +401,8 @@ def compress_lightning(
         example_inputs = input_fn(next(iter(first_loader(datamodule.val_dataloader()))))
     if calibration_data is None:
         calibration_data = first_loader(datamodule.train_dataloader())
+    # a 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32 copy
+    module = float32_for_float32_batches(module, example_inputs, "compress_lightning")
 
     host = detached_copy(module)
     if submodule is None:

@@ -556,6 +556,9 @@ def quantize_lightning(
         batch = next(iter(first_loader(val_loader)))
         host = module.get_submodule(submodule) if submodule else module
         example_inputs = tuple((input_fn or model_input_fn(host))(batch))
+    # a 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy
+    module = float32_for_float32_batches(module, example_inputs if example_inputs is not None else
+                                         next(iter(first_loader(val_loader))), "quantize_lightning")
     if submodule:
         target = module.get_submodule(submodule)
     else:
@@ -833,6 +836,23 @@ def in_float32(module: L.LightningModule, where: str) -> L.LightningModule:
     logger.info(f"{where}: {type(module).__name__}'s {', '.join(low)} weights are evaluated and compressed in a "
                 "float32 copy (Lightning's fit fed them batches it cast; litcompress's trainers feed the loaders' "
                 "float32 batches, and int8 kernels take float32).")
+    return detached_copy(module).float()
+
+
+def float32_for_float32_batches(module: L.LightningModule, batch: Any, where: str) -> L.LightningModule:
+    """`module`, or a float32 copy of a float64 module whose loaders give float32 batches (a ``precision="64-true"``
+    fit's: Lightning cast the batches, which litcompress's trainers feed as they come, so every evaluation failed on
+    "Float and Double" after the fit). A float64 module fed float64 batches (its data's own dtype) is left as it
+    is: the int8 candidates cast their inputs to float32 themselves. The user's module is left as it is."""
+    if torch.float64 not in non_float32_dtypes(module):
+        return module
+    floats = [t for t in torch.utils._pytree.tree_leaves(batch)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats or any(t.dtype == torch.float64 for t in floats):
+        return module
+    logger.info(f"{where}: {type(module).__name__}'s float64 weights are evaluated and compressed in a float32 copy "
+                "(the loaders give float32 batches, which Lightning's 64-true fit cast; litcompress's trainers feed "
+                "them as they come).")
     return detached_copy(module).float()
 
 
