@@ -441,6 +441,21 @@ class TwoOptimizerSteps(Tiny):
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
 
 
+@pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
+def test_options_lightning_refuses_under_manual_optimization_are_refused_before_any_stage(kwargs) -> None:
+    """Lightning refuses them when the fine-tuning fit starts, after the input stage's evaluation."""
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False, latency_repeats=2)
+    module = TwoOptimizerSteps()
+    module.validation_step = lambda batch, batch_idx: pytest.fail("the input stage ran")  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=rf"^compress_lightning\(trainer_kwargs={{'{next(iter(kwargs))}': .* "
+                                         r"TwoOptimizerSteps uses manual optimization"):
+        compress_lightning(module, config, train_dataloaders=_loader(_data(192, 0)),
+                           val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1, trainer_kwargs=kwargs)
+    compress_lightning(TwoOptimizerSteps(), config, train_dataloaders=_loader(_data(192, 0)),  # gradient_clip_val=0
+                       val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1,
+                       trainer_kwargs={"gradient_clip_val": 0, "accumulate_grad_batches": 1})
+
+
 def test_max_steps_bounding_a_manually_optimized_fine_tune_is_warned_of() -> None:
     """max_steps counts both optimizers' steps, the schedule batches: the fit stopped at half the batches the schedule
     was laid over, and the rest was pruned at once after it, said only in the report."""

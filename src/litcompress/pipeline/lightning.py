@@ -214,10 +214,11 @@ def _fine_tuning_trainer_kwargs(trainer_kwargs: dict[str, Any], epochs: int) -> 
     return kwargs, given
 
 
-def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list) -> None:
+def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list, module: L.LightningModule) -> None:
     """Build the fine-tuning Trainer once before any stage: a value it refuses (`precision="bogus"`) or a callback
     it refuses beside an argument came only after the input model's evaluation. A true half or double precision is
-    refused: the fit would convert the pipeline's copy, which every stage evaluates in float32."""
+    refused: the fit would convert the pipeline's copy, which every stage evaluates in float32. So are the options
+    Lightning refuses under `module`'s manual optimization, which it says only when the fit starts."""
     try:
         trainer = trainer_built_quietly(callbacks=callbacks, **kwargs)
     except Exception as error:  # noqa: BLE001 - Lightning's own words, before any work
@@ -229,6 +230,16 @@ def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list) -> None:
                          f"fit would convert the pipeline's copy to {precision.removesuffix('-true')}, and every "
                          "stage evaluates, exports and quantizes it in float32; fine-tune in 32-bit or mixed "
                          "precision ('bf16-mixed').")
+    if not module.automatic_optimization:
+        refused = ([f"'accumulate_grad_batches': {kwargs['accumulate_grad_batches']!r}"]
+                   if kwargs.get("accumulate_grad_batches", 1) != 1 else [])
+        refused += ([f"'gradient_clip_val': {kwargs['gradient_clip_val']!r}"]
+                    if kwargs.get("gradient_clip_val") not in (None, 0) else [])
+        if refused:
+            raise ValueError(f"compress_lightning(trainer_kwargs={{{', '.join(refused)}, ...}}): "
+                             f"{type(module).__name__} uses manual optimization, for which Lightning refuses automatic "
+                             "gradient accumulation and clipping (its training_step steps the optimizers itself); drop "
+                             "them, or accumulate and clip in training_step.")
 
 
 def _with_metric_mode(config: CompressionConfig, metric: str, mode: str | None, where: str) -> CompressionConfig:
@@ -377,7 +388,7 @@ def compress_lightning(
     trainer_kwargs = dict(trainer_kwargs or {})
     _check_trainer_kwargs(trainer_kwargs)
     if fine_tune_epochs:
-        _check_fine_tuning_trainer(*_fine_tuning_trainer_kwargs(trainer_kwargs, fine_tune_epochs))
+        _check_fine_tuning_trainer(*_fine_tuning_trainer_kwargs(trainer_kwargs, fine_tune_epochs), module)
     max_steps = trainer_kwargs.get("max_steps")
     if fine_tune_epochs and not module.automatic_optimization and isinstance(max_steps, int) and max_steps > 0:
         warnings.warn(f"compress_lightning: {type(module).__name__} uses manual optimization, so the pruning schedule "
