@@ -1082,7 +1082,9 @@ def compress(
             if last_step[0] > fine_tune_steps and isinstance(prune.schedule, str):
                 note(f"fine-tuning made {last_step[0]} optimizer steps, past fine_tune_steps={fine_tune_steps}: the "
                      f"schedule, laid over {fine_tune_steps} steps, ended at step {schedule.end} and the steps after "
-                     "it only fine-tuned; give fine_tune_steps the number of steps the loop makes.")
+                     "it only fine-tuned; give fine_tune_steps the number of steps the loop makes "
+                     "(compress_lightning counts them from its training loader and epochs: a callback of "
+                     "trainer_kwargs that adds steps, such as StochasticWeightAveraging, goes past them).")
             # the steps made (the loop's own count may differ from fine_tune_steps, as the notes say)
             how = (f"{rounds} rounds during {last_step[0]} fine-tuning steps" if last_step[0] > 0 else
                    "during fine-tuning that never called step(t) for a step t >= 1") + (
