@@ -658,6 +658,39 @@ def test_exponential_averaging_that_would_pair_masks_with_buffers_is_refused_bef
     assert trainer.global_step == 0 and all(torch.equal(v, before[k]) for k, v in _weights(model).items())
 
 
+class _CausalMaskModel(ThreeLayerModel):
+    """ThreeLayerModel with a buffer named like a pruning mask (``causal_mask``) after its first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer.mlp_2.register_buffer("causal_mask", torch.ones(5, 5))
+
+
+@pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.6")
+def test_exponential_averaging_of_a_model_already_masked_or_with_a_buffer_named_mask_is_refused(tmp_path):
+    """A second fit of a masked model: the copy made at setup held the masks, which were averaged into fractions
+    (0.992, 0.996) and copied back, leaving the model less pruned without a word; a user buffer named `causal_mask`
+    was taken for a pruning mask, and the fit failed in torch. With use_buffers=False, a second fit whose targets are
+    all masked already keeps its buffers paired, and runs."""
+    seed_everything(0)
+    model = ThreeLayerModel()
+    make_trainer(tmp_path, max_epochs=1, callbacks=[ModelPruning("l1_unstructured", amount=0.5, verbose=0,
+                                                                 make_pruning_permanent=False)]).fit(model)
+    assert torch_prune.is_pruned(model)
+    again = ModelPruning("l1_unstructured", amount=0.5, verbose=0, make_pruning_permanent=False)
+    with pytest.raises(MisconfigurationException, match=r"its copy holds the masks \(layer\.mlp_1\.bias_mask"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[EMAWeightAveraging(), again]).fit(model)
+    again = ModelPruning("l1_unstructured", amount=0.5, verbose=0, make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=2, callbacks=[EMAWeightAveraging(use_buffers=False), again]).fit(model)
+    masks = [buffer for name, buffer in model.named_buffers() if name.endswith("_mask")]
+    assert masks and all(bool(((mask == 0) | (mask == 1)).all()) for mask in masks)
+
+    with pytest.raises(MisconfigurationException, match=r"the mask of layer\.mlp_1 comes before "
+                                                        r"layer\.mlp_2\.causal_mask"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[EMAWeightAveraging(), ModelPruning(
+            "l1_unstructured", amount=0.5, parameter_names=["weight"], verbose=0)]).fit(_CausalMaskModel())
+
+
 def _averaging(kind):
     """A weight-averaging callback that averages from the second of three epochs on."""
     return kind(swa_lrs=0.01, swa_epoch_start=1) if kind is StochasticWeightAveraging else kind()

@@ -173,37 +173,52 @@ class TargetsFoundOnceConfigured(Callback):
 def _refuse_averaging_that_pairs_masks(pruning: TargetsFoundOnceConfigured, trainer: "pl.Trainer",
                                        pl_module: LightningModule) -> None:
     """Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``) pair their averaged copy's parameters and
-    buffers with the model's by position (torch's ``AveragedModel``), and the copy, made at their ``setup``, has none
-    of the masks a pruning round adds to the model's buffers. With ``use_buffers=False`` the buffers are copied over
-    one for one, which fails at the first step after the first round; with ``use_buffers=True`` a mask put before a
-    buffer (a BatchNorm's running mean after the first pruned layer) pairs it with that buffer: the same failure
-    ("The size of tensor a ..."), or a buffer averaged with a mask. Refused before training.
-    (``StochasticWeightAveraging`` averages parameters only, whose order pruning keeps.)"""
+    buffers with the model's by position (torch's ``AveragedModel``); the copy is made at their ``setup``, and the
+    masks a pruning round adds are buffers of the model. Refused before training, where that pairing goes wrong:
+    with ``use_buffers=False`` (buffers copied one for one: it fails at the first step after a round adds a mask the
+    copy lacks); with ``use_buffers=True``, a copy holding masks (a second fit of a masked model: they would be
+    averaged into fractions and copied back) or a buffer after the first pruned layer (a BatchNorm's running mean,
+    then paired with a mask: "The size of tensor a ..."). (``StochasticWeightAveraging`` averages parameters only,
+    whose order pruning keeps.)"""
     from lightning.pytorch import callbacks as lightning_callbacks
 
     kind = getattr(lightning_callbacks, "WeightAveraging", None)
     averaging = [c for c in trainer.callbacks if kind is not None and isinstance(c, kind)]
-    masked = {id(module) for module, _ in pruning._masked_targets()}
-    if not averaging or not masked:
+    targets = pruning._masked_targets()
+    if not averaging or not targets:
         return
-    named = list(pl_module.named_modules())
-    first = next((i for i, (_, module) in enumerate(named) if id(module) in masked), None)
+    order = {id(module): i for i, (_, module) in enumerate(pl_module.named_modules())}
+    first = min((order[id(module)] for module, _ in targets if id(module) in order), default=None)
     if first is None:
         return
-    later = [f"{path + '.' if path else ''}{name}" for path, module in named[first + 1:]
-             for name, buffer in module._buffers.items() if buffer is not None and not name.endswith("_mask")]
+    first_name = list(dict(pl_module.named_modules()))[first] or "the model"
+    all_masked = all(engine.is_pruned(module, name) for module, name in targets)
     owner = type(pruning).__name__
     for callback in averaging:
         use_buffers = getattr(callback, "_use_buffers", True)
-        if use_buffers and not later:
-            continue
-        why = ("copies the model's buffers into its copy one for one, and the masks are buffers the copy lacks"
-               if not use_buffers else
-               f"averages buffers too, and the mask of {named[first][0] or 'the model'} comes before "
-               f"{', '.join(later[:3])}{' ...' if len(later) > 3 else ''}, which would be paired with masks")
+        average = getattr(callback, "_average_model", None)
+        copy = getattr(average, "module", average)  # the model as it was at the averaging callback's setup
+        copy = copy if isinstance(copy, nn.Module) else pl_module
+        copy_order = {name: i for i, (name, _) in enumerate(copy.named_modules())}
+        copy_masks = {f"{path + '.' if path else ''}{name}_mask" for path, _, name in engine.pruned_targets(copy)}
+        copy_buffers = [name for name, _ in copy.named_buffers()]
+        if not use_buffers:
+            if all_masked and copy_buffers == [name for name, _ in pl_module.named_buffers()]:
+                continue  # every target masked in both already: the buffers stay paired one for one
+            why = ("copies the model's buffers into its copy one for one, and the masks this fit adds are buffers "
+                   "the copy lacks")
+        elif copy_masks:
+            why = (f"averages buffers too, and its copy holds the masks ({sorted(copy_masks)[0]}, ...): they would "
+                   "be averaged into fractions and copied back over the model's")
+        else:
+            later = [f"{path + '.' if path else ''}{name}" for path, module in copy.named_modules()
+                     if copy_order[path] > first for name, buffer in module._buffers.items() if buffer is not None]
+            if not later:
+                continue  # the masks come after every buffer of the copy: they are left out of the pairing
+            why = (f"averages buffers too, and the mask of {first_name} comes before {', '.join(later[:3])}"
+                   f"{' ...' if len(later) > 3 else ''}, which would be paired with masks")
         raise MisconfigurationException(
             f"{owner} beside {type(callback).__name__}(use_buffers={use_buffers}): the averaging callback pairs its "
-            "averaged copy's parameters and buffers with the model's by position, and its copy, made at setup, has "
-            f"none of the masks {owner} adds as buffers; it {why}, so the first training step after the first "
-            "pruning round would fail. StochasticWeightAveraging (parameters only) works beside it; or average the "
-            "pruned model in a fit of its own, after this one.")
+            "averaged copy's parameters and buffers with the model's by position, its copy made at setup; it "
+            f"{why}, so the fit would fail or come back wrong. StochasticWeightAveraging (parameters only) works "
+            "beside it; or average the pruned model in a fit of its own, after this one.")
