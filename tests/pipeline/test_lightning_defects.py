@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 import pytest
 import torch
 from torch import nn
@@ -281,6 +282,21 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_bfloat16_or_float16(tmp_path:
     assert caplog.text.count("weights are evaluated and compressed in a float32 copy") == 2
 
 
+class FlattensInItsSteps(Tiny):
+    """Its steps give the model ``x.flatten(1)`` of (N, 2, 4) batches."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0].flatten(1)), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch[0].flatten(1)).argmax(1) == batch[1]).float().mean())
+
+
+def _pairs(n: int, seed: int = 0) -> TensorDataset:
+    x, y = _data(n, seed).tensors
+    return TensorDataset(x.reshape(n, 2, 4), y)
+
+
 def test_the_fit_end_callbacks_work_after_a_fit_in_float64_and_leave_float64_data_in_float64(tmp_path: Path,
                                                                                             caplog) -> None:
     """A 64-true fit cast the loaders' float32 batches; the callbacks' trainers fed them as they came to the float64
@@ -294,13 +310,16 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_float64_and_leave_float64_dat
     for callback in (QuantizeOnFitEnd(PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2),
                                       metric="val_acc"),
                      CompressOnFitEnd(CONFIG, output_dir=tmp_path, plot=False)):
-        L.seed_everything(0)
-        module = Tiny()
-        _trainer(max_epochs=1, precision="64-true", callbacks=[callback]).fit(module, _loader(_data()),
-                                                                              _loader(_data(48, 1)))
-        assert module.net[0].weight.dtype == torch.float64  # the user's module as the fit left it
-        assert callback.result is not None
-    assert caplog.text.count("float64 weights are evaluated and compressed in a float32 copy") == 2
+        for module_class in (Tiny, FlattensInItsSteps):  # (one whose steps give the model its inputs: run on a copy)
+            L.seed_everything(0)
+            module = module_class()
+            _trainer(max_epochs=1, precision="64-true", callbacks=[callback]).fit(
+                module, _loader(_data(n=96) if module_class is Tiny else _pairs(96)),
+                _loader(_data(48, 1) if module_class is Tiny else _pairs(48, 1)))
+            assert module.net[0].weight.dtype == torch.float64  # the user's module as the fit left it
+            assert callback.result is not None
+    assert caplog.text.count("float64 weights are evaluated and compressed in a float32 copy") == 4
+    assert "could not be run on its own" not in caplog.text
     caplog.clear()
     x, y = _data(48, 1).tensors
     doubles = _loader(TensorDataset(x.double(), y))
@@ -441,9 +460,11 @@ class TwoOptimizerSteps(Tiny):
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
 
 
-@pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0}])
+@pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0},
+                                    {"callbacks": [GradientAccumulationScheduler({0: 2})]}])
 def test_options_lightning_refuses_under_manual_optimization_are_refused_before_any_stage(kwargs) -> None:
-    """Lightning refuses them when the fine-tuning fit starts, after the input stage's evaluation."""
+    """Lightning refuses them when the fine-tuning fit starts, after the input stage's evaluation. (A clipping
+    value it does not act on, 0 or below, is taken, as it takes it.)"""
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, export=False, latency_repeats=2)
     module = TwoOptimizerSteps()
     module.validation_step = lambda batch, batch_idx: pytest.fail("the input stage ran")  # type: ignore[method-assign]
@@ -451,9 +472,9 @@ def test_options_lightning_refuses_under_manual_optimization_are_refused_before_
                                          r"TwoOptimizerSteps uses manual optimization"):
         compress_lightning(module, config, train_dataloaders=_loader(_data(192, 0)),
                            val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1, trainer_kwargs=kwargs)
-    compress_lightning(TwoOptimizerSteps(), config, train_dataloaders=_loader(_data(192, 0)),  # gradient_clip_val=0
+    compress_lightning(TwoOptimizerSteps(), config, train_dataloaders=_loader(_data(192, 0)),
                        val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1,
-                       trainer_kwargs={"gradient_clip_val": 0, "accumulate_grad_batches": 1})
+                       trainer_kwargs={"gradient_clip_val": -1.0, "accumulate_grad_batches": 1})
 
 
 def test_max_steps_bounding_a_manually_optimized_fine_tune_is_warned_of() -> None:

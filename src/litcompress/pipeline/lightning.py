@@ -233,8 +233,10 @@ def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list, module: 
     if not module.automatic_optimization:
         refused = ([f"'accumulate_grad_batches': {kwargs['accumulate_grad_batches']!r}"]
                    if kwargs.get("accumulate_grad_batches", 1) != 1 else [])
-        refused += ([f"'gradient_clip_val': {kwargs['gradient_clip_val']!r}"]
-                    if kwargs.get("gradient_clip_val") not in (None, 0) else [])
+        clip = kwargs.get("gradient_clip_val")
+        refused += [f"'gradient_clip_val': {clip!r}"] if clip is not None and clip > 0 else []  # (Lightning's test)
+        refused += [f"'callbacks': [{type(c).__name__}(...)]" for c in callbacks
+                    if isinstance(c, GradientAccumulationScheduler)]
         if refused:
             raise ValueError(f"compress_lightning(trainer_kwargs={{{', '.join(refused)}, ...}}): "
                              f"{type(module).__name__} uses manual optimization, for which Lightning refuses automatic "
@@ -400,6 +402,10 @@ def compress_lightning(
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
+    # a 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32 copy (before
+    # its steps are run on a batch to find the model's inputs)
+    module = float32_for_float32_batches(module, next(iter(first_loader(datamodule.val_dataloader()))),
+                                         "compress_lightning")
     # a module that prepares its batches in its steps: the inputs its validation_step gives the model
     calibration_batches = config.quantize.num_calibration_batches if config.quantize is not None else 16
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
@@ -412,8 +418,6 @@ def compress_lightning(
         example_inputs = input_fn(next(iter(first_loader(datamodule.val_dataloader()))))
     if calibration_data is None:
         calibration_data = first_loader(datamodule.train_dataloader())
-    # a 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32 copy
-    module = float32_for_float32_batches(module, example_inputs, "compress_lightning")
 
     host = detached_copy(module)
     if submodule is None:

@@ -544,6 +544,9 @@ def quantize_lightning(
     # a DataModule may have no training data when calibration data is given (or none at all: only validation data)
     train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None and (
         not isinstance(datamodule, L.LightningDataModule) or is_overridden("train_dataloader", datamodule)) else None
+    # a 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy (before its steps are
+    # run on a batch to find the model's inputs)
+    module = float32_for_float32_batches(module, next(iter(first_loader(val_loader))), "quantize_lightning")
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
         module, val_loader, train_loader, example_inputs=example_inputs, calibration_data=calibration_data,
         input_fn=input_fn, submodule=submodule, calibration_batches=config.num_calibration_batches)
@@ -556,9 +559,6 @@ def quantize_lightning(
         batch = next(iter(first_loader(val_loader)))
         host = module.get_submodule(submodule) if submodule else module
         example_inputs = tuple((input_fn or model_input_fn(host))(batch))
-    # a 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy
-    module = float32_for_float32_batches(module, example_inputs if example_inputs is not None else
-                                         next(iter(first_loader(val_loader))), "quantize_lightning")
     if submodule:
         target = module.get_submodule(submodule)
     else:
@@ -926,6 +926,11 @@ class QuantizeOnFitEnd(MetricCheckedEarly):
         val_dataloaders = fit_val_dataloaders(trainer)
         calibration, example_inputs, input_fn = self.calibration_data, None, self.input_fn
         if calibration is None and datamodule is None:
+            # (a 64-true fit's module beside float32 batches: its steps are run on a float32 copy, as quantize_lightning
+            # runs them)
+            if val_dataloaders is not None:
+                pl_module = float32_for_float32_batches(pl_module, next(iter(first_loader(val_dataloaders))),
+                                                        "QuantizeOnFitEnd")
             # the fit's loaders, read as its steps give the model their batches (a DataModule's: by quantize_lightning)
             train = first_loader(trainer.train_dataloader)
             example_inputs, calibration, input_fn = inputs_as_steps_give_them(
