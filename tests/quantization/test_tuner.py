@@ -412,7 +412,13 @@ def test_model_input_fn_reads_a_flat_batch_by_forwards_arity():
     assert _identical(both([x, mask, label]), (x, mask))  # a TensorDataset's (x, mask, y)
     assert _identical(both((x, mask, label, label)), (x, mask, label, label))  # no layout it knows: as given
     optional = model_input_fn(_OptionalMask())  # forward(x, mask=None): requires one, takes two
-    assert _identical(optional((x, label)), (x,))  # a pair, as for any one-input model
+    # a pair, as for any one-input model; that an (x, mask) pair would lose its mask is said, once
+    with pytest.warns(UserWarning, match=r"read as \(inputs, target\): _OptionalMask\(x\) is called without "
+                                         r"its optional `mask`.*input_fn=lambda batch: tuple\(batch\)"):
+        assert _identical(optional((x, label)), (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _identical(optional((x, label)), (x,))
     assert _identical(optional((x, mask, label)), (x, mask))
     one = model_input_fn(nn.Linear(8, 3))
     assert _identical(one((x, label)), (x,)) and _identical(one((x, mask, label)), (x, mask, label))

@@ -467,6 +467,9 @@ def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
     (``(x, mask)``), all but the last when forward takes exactly one fewer (``(x, mask, y)``, a TensorDataset's)."""
     names = forward_parameters(model)
     required, most = _positional_arity(model)
+    parameters = _positional_parameters(model) or []
+    optional = parameters[1].name if required == 1 and most >= 2 and len(parameters) >= 2 else None
+    said = []
 
     def input_fn(batch: object) -> Inputs:
         if isinstance(batch, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in batch):
@@ -474,6 +477,13 @@ def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
                 return tuple(batch)  # (x, mask) for forward(x, mask): not an (inputs, target) pair
             if len(batch) == most + 1 >= 3:
                 return tuple(batch[:-1])  # (x, mask, y) for forward(x, mask): the target is left out
+            if len(batch) == 2 and optional is not None and not said:
+                # (x, y) batches are the common case; an (x, mask) one loses its mask here, so it is said once
+                said.append(True)
+                warnings.warn(f"batches of two tensors are read as (inputs, target): {type(model).__name__}"
+                              f"(x) is called without its optional `{optional}`. If the second tensor is that "
+                              f"input (an (x, {optional}) batch), pass input_fn=lambda batch: tuple(batch).",
+                              UserWarning, stacklevel=2)
         if not isinstance(batch, Mapping):
             return default_input_fn(batch)
         taken = list(itertools.takewhile(lambda name: name in batch, names))
