@@ -211,9 +211,25 @@ class TorchAOBackend(Backend):
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
             raise ExportError(f"torch_ao static: torch.fx could not trace the model or place its observers: "
                               f"{type(exc).__name__}: {exc}") from exc
-        for inputs in calibration:
-            prepared(*inputs)
-        return convert_fx(prepared)
+        # an input that is no float tensor (a bool mask, ids) read by an int8 op gets an observer, which fails on it
+        # at every knob variant alike: said once, naming it, and the backend left (not each variant a failed trial)
+        other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})"
+                 for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        try:
+            for inputs in calibration:
+                prepared(*inputs)
+            converted = convert_fx(prepared)
+            if other:  # (a min-max observer takes bool values; the converted model's quantize op fails on them)
+                with torch.no_grad():
+                    converted(*example_inputs)
+            return converted
+        except (RuntimeError, NotImplementedError) as exc:
+            if not other:
+                raise
+            raise ExportError(f"torch_ao static: an int8 op reads {', '.join(other)}, which is not float (a mask or "
+                              f"ids used in arithmetic), and torch.ao's observers take float tensors only "
+                              f"({type(exc).__name__}: {exc}); the onnxruntime backend's static int8, or dynamic "
+                              "int8, quantizes such a model") from exc
 
     def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
         """The TorchScript trace its file holds: torch's eager int8 modules run each op from Python, 2-3x slower than
