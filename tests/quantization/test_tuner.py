@@ -399,6 +399,15 @@ class _OptionalMask(nn.Module):
         return self.a(x) if mask is None else self.a(x) * mask
 
 
+class _VarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 3)
+
+    def forward(self, x, *rest):
+        return self.a(x)
+
+
 def _identical(got: tuple, expected: tuple) -> bool:
     return len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
 
@@ -412,13 +421,19 @@ def test_model_input_fn_reads_a_flat_batch_by_forwards_arity():
     assert _identical(both([x, mask, label]), (x, mask))  # a TensorDataset's (x, mask, y)
     assert _identical(both((x, mask, label, label)), (x, mask, label, label))  # no layout it knows: as given
     optional = model_input_fn(_OptionalMask())  # forward(x, mask=None): requires one, takes two
-    # a pair, as for any one-input model; that an (x, mask) pair would lose its mask is said, once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (said only where asked: a plain quantize/compress call's raw batches)
+        assert _identical(optional((x, label)), (x,))  # a pair, as for any one-input model
+    # that an (x, mask) pair would lose its mask is said, once
+    optional = model_input_fn(_OptionalMask(), say_optional_left_out=True)
     with pytest.warns(UserWarning, match=r"read as \(inputs, target\): _OptionalMask\(x\) is called without "
-                                         r"its optional `mask`.*input_fn=lambda batch: tuple\(batch\)"):
+                                         r"its optional `mask`. If the second tensor is `mask`, pass input_fn=lambda "
+                                         r"batch: tuple\(batch\); input_fn=lambda batch: \(batch\[0\],\) reads"):
         assert _identical(optional((x, label)), (x,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _identical(optional((x, label)), (x,))
+        assert _identical(model_input_fn(_VarArgs(), say_optional_left_out=True)((x, label)), (x,))  # *args: none
     assert _identical(optional((x, mask, label)), (x, mask))
     one = model_input_fn(nn.Linear(8, 3))
     assert _identical(one((x, label)), (x,)) and _identical(one((x, mask, label)), (x, mask, label))

@@ -915,7 +915,8 @@ def compress(
         model = eager_copy(model)
     inputs = example_as_inputs(model, example_inputs, input_fn)  # a dict: by forward's parameter names
     default_input_fn_used = input_fn in (None, default_input_fn)
-    input_fn = input_fn or model_input_fn(model)  # a dict batch is read by forward's parameter names
+    # a dict batch is read by forward's parameter names (an optional input left out of a pair: said)
+    input_fn = input_fn or model_input_fn(model, say_optional_left_out=True)
     if fine_tune is not None:
         if not callable(fine_tune):
             raise TypeError(f"compress(fine_tune={fine_tune!r}): expected fine_tune(model, step) or None.")

@@ -574,8 +574,9 @@ def quantize_lightning(
     # calibrates
     eval_fn = lightning_eval_fn(module, datamodule if val_dataloaders is None else None, metric, trainer=trainer,
                                 submodule=submodule, dataloaders=val_dataloaders)
+    # (read as the steps give the model its batches: quantize's own reading of raw batches is not needed)
     return quantize(target, config, eval_fn=eval_fn, calibration_data=calibration_data,
-                    example_inputs=example_inputs, input_fn=input_fn)
+                    example_inputs=example_inputs, input_fn=input_fn or model_input_fn(target))
 
 
 def with_metric_mode(config: PTQConfig | None, metric: str, mode: str | None, where: str) -> PTQConfig:

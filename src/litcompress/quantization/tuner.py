@@ -459,16 +459,20 @@ def _positional_arity(model: nn.Module) -> tuple[int, float]:
     return required, math.inf if len(named) < len(parameters) else len(named)
 
 
-def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
+def model_input_fn(model: nn.Module, *, say_optional_left_out: bool = False) -> Callable[[object], Inputs]:
     """`default_input_fn` for `model`, which also reads a dict batch (``{"input_ids": ..., "attention_mask": ...,
     "labels": ...}``, as Hugging Face datasets give): the values of the keys named like ``forward``'s leading
     parameters, in their order (``labels`` and other keys forward does not take are left out). A flat batch of
     tensors is read by ``forward``'s arity: all of it when forward requires two or more inputs and takes that many
-    (``(x, mask)``), all but the last when forward takes exactly one fewer (``(x, mask, y)``, a TensorDataset's)."""
+    (``(x, mask)``), all but the last when forward takes exactly one fewer (``(x, mask, y)``, a TensorDataset's).
+    With `say_optional_left_out` (the raw batches of a plain `quantize`/`compress` call, no steps to read them), a pair
+    read as (inputs, target) for a forward whose second input is optional (``forward(x, mask=None)``) is said once
+    in a warning: an ``(x, mask)`` pair loses its mask."""
     names = forward_parameters(model)
     required, most = _positional_arity(model)
     parameters = _positional_parameters(model) or []
-    optional = parameters[1].name if required == 1 and most >= 2 and len(parameters) >= 2 else None
+    optional = parameters[1].name if say_optional_left_out and required == 1 and len(parameters) >= 2 \
+        and parameters[1].kind is not inspect.Parameter.VAR_POSITIONAL else None
     said = []
 
     def input_fn(batch: object) -> Inputs:
@@ -481,9 +485,9 @@ def model_input_fn(model: nn.Module) -> Callable[[object], Inputs]:
                 # (x, y) batches are the common case; an (x, mask) one loses its mask here, so it is said once
                 said.append(True)
                 warnings.warn(f"batches of two tensors are read as (inputs, target): {type(model).__name__}"
-                              f"(x) is called without its optional `{optional}`. If the second tensor is that "
-                              f"input (an (x, {optional}) batch), pass input_fn=lambda batch: tuple(batch).",
-                              UserWarning, stacklevel=2)
+                              f"({parameters[0].name}) is called without its optional `{optional}`. If the second "
+                              f"tensor is `{optional}`, pass input_fn=lambda batch: tuple(batch); input_fn=lambda "
+                              "batch: (batch[0],) reads them as now, without this warning.", UserWarning, stacklevel=2)
         if not isinstance(batch, Mapping):
             return default_input_fn(batch)
         taken = list(itertools.takewhile(lambda name: name in batch, names))
@@ -628,7 +632,7 @@ def quantize(
 
         check_cpp_compiler("PTQConfig(compile=True)")
     default_input_fn_used = input_fn in (None, default_input_fn)
-    input_fn = input_fn or model_input_fn(model)
+    input_fn = input_fn or model_input_fn(model, say_optional_left_out=True)
 
     check_calibration_data(calibration_data, "quantize")
     calibration: list[Inputs] = []

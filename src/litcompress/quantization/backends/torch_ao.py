@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 import weakref
 from typing import Iterator, Sequence
@@ -58,6 +59,11 @@ def _inside_fx_leaves(model: nn.Module) -> set[str]:
                 and type(module).forward is not nn.Module.forward:
             inside |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
     return inside
+
+
+#: torch's names of the non-float dtypes in its error messages (``ScalarType`` names)
+_TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+                     torch.int32: "Int", torch.int64: "Long"}
 
 
 class TorchAOBackend(Backend):
@@ -213,8 +219,11 @@ class TorchAOBackend(Backend):
                               f"{type(exc).__name__}: {exc}") from exc
         # an input that is no float tensor (a bool mask, ids) read by an int8 op gets an observer, which fails on it
         # at every knob variant alike: said once, naming it, and the backend left (not each variant a failed trial)
-        other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})"
-                 for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        nonfloat = [(i, t) for i, t in enumerate(example_inputs)
+                    if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})" for i, t in nonfloat]
+        # torch's own names of those dtypes, as its errors give them ("got Bool", "not implemented for 'Long'")
+        named = {_TORCH_TYPE_NAMES.get(t.dtype) for _, t in nonfloat} - {None}
         try:
             for inputs in calibration:
                 prepared(*inputs)
@@ -224,7 +233,7 @@ class TorchAOBackend(Backend):
                     converted(*example_inputs)
             return converted
         except (RuntimeError, NotImplementedError) as exc:
-            if not other:
+            if not any(re.search(rf"\b{name}\b", str(exc)) for name in named):  # another failure: as it is
                 raise
             raise ExportError(f"torch_ao static: an int8 op reads {', '.join(other)}, which is not float (a mask or "
                               f"ids used in arithmetic), and torch.ao's observers take float tensors only "
