@@ -292,6 +292,16 @@ class FlattensInItsSteps(Tiny):
         self.log("val_acc", (self(batch[0].flatten(1)).argmax(1) == batch[1]).float().mean())
 
 
+class Regressor(Tiny):
+    """Logs the mean squared error of its first output against the targets (float64 from numpy, say)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.mse_loss(self(batch[0])[:, 0], batch[1].to(self.net[0].weight.dtype))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0])[:, 0].double(), batch[1].double()))
+
+
 def _pairs(n: int, seed: int = 0) -> TensorDataset:
     x, y = _data(n, seed).tensors
     return TensorDataset(x.reshape(n, 2, 4), y)
@@ -320,6 +330,14 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_float64_and_leave_float64_dat
             assert callback.result is not None
     assert caplog.text.count("float64 weights are evaluated and compressed in a float32 copy") == 4
     assert "could not be run on its own" not in caplog.text
+    # decided on the model's inputs: float64 targets beside float32 inputs (a regression's, from numpy) too
+    L.seed_everything(0)
+    module, (x, y) = Regressor(), _data(96).tensors
+    targets = _loader(TensorDataset(x, y.double()))
+    _trainer(max_epochs=1, precision="64-true").fit(module, targets, targets)
+    result = compress_lightning(module, CONFIG, metric="val_loss", mode="min", train_dataloaders=targets,
+                                val_dataloaders=targets)
+    assert result.report.stages[0].metric > 0 and module.net[0].weight.dtype == torch.float64
     caplog.clear()
     x, y = _data(48, 1).tensors
     doubles = _loader(TensorDataset(x.double(), y))

@@ -404,8 +404,8 @@ def compress_lightning(
     datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
     # a 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32 copy (before
     # its steps are run on a batch to find the model's inputs)
-    module = float32_for_float32_batches(module, next(iter(first_loader(datamodule.val_dataloader()))),
-                                         "compress_lightning")
+    module = float32_for_float32_batches(module, datamodule.val_dataloader(), input_fn, "compress_lightning",
+                                         submodule)
     # a module that prepares its batches in its steps: the inputs its validation_step gives the model
     calibration_batches = config.quantize.num_calibration_batches if config.quantize is not None else 16
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(

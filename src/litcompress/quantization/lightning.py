@@ -546,7 +546,7 @@ def quantize_lightning(
         not isinstance(datamodule, L.LightningDataModule) or is_overridden("train_dataloader", datamodule)) else None
     # a 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy (before its steps are
     # run on a batch to find the model's inputs)
-    module = float32_for_float32_batches(module, next(iter(first_loader(val_loader))), "quantize_lightning")
+    module = float32_for_float32_batches(module, val_loader, input_fn, "quantize_lightning", submodule)
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
         module, val_loader, train_loader, example_inputs=example_inputs, calibration_data=calibration_data,
         input_fn=input_fn, submodule=submodule, calibration_batches=config.num_calibration_batches)
@@ -840,14 +840,25 @@ def in_float32(module: L.LightningModule, where: str) -> L.LightningModule:
     return detached_copy(module).float()
 
 
-def float32_for_float32_batches(module: L.LightningModule, batch: Any, where: str) -> L.LightningModule:
-    """`module`, or a float32 copy of a float64 module whose loaders give float32 batches (a ``precision="64-true"``
-    fit's: Lightning cast the batches, which litcompress's trainers feed as they come, so every evaluation failed on
-    "Float and Double" after the fit). A float64 module fed float64 batches (its data's own dtype) is left as it
-    is: the int8 candidates cast their inputs to float32 themselves. The user's module is left as it is."""
-    if torch.float64 not in non_float32_dtypes(module):
+def float32_for_float32_batches(module: L.LightningModule, loader: Any, input_fn: Callable[[Any], Any] | None,
+                                where: str, submodule: str | None = None) -> L.LightningModule:
+    """`module`, or a float32 copy of a float64 module whose model inputs, read from `loader`'s first batch (by
+    `input_fn`, else as batches are read by default), are float32 (a ``precision="64-true"`` fit's: Lightning cast the
+    batches, which litcompress's trainers feed as they come, so every evaluation failed on "Float and Double" after
+    the fit). A float64 module fed float64 inputs (its data's own dtype) is left as it is: the int8 candidates cast
+    their inputs to float32 themselves. The user's module is left as it is; a loader is read only for a float64
+    module."""
+    if torch.float64 not in non_float32_dtypes(module) or loader is None:
         return module
-    floats = [t for t in torch.utils._pytree.tree_leaves(batch)
+    batch = next(iter(first_loader(loader)), None)
+    if batch is None:  # (no batch to judge by: said where the loader is used)
+        return module
+    host = module.get_submodule(submodule) if submodule else module
+    try:
+        inputs = (input_fn or model_input_fn(host))(batch)  # the model's inputs, not a float64 target beside them
+    except Exception:  # noqa: BLE001 - a batch only the steps can read: its tensors as they are
+        inputs = batch
+    floats = [t for t in torch.utils._pytree.tree_leaves(inputs)
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not floats or any(t.dtype == torch.float64 for t in floats):
         return module
@@ -929,9 +940,8 @@ class QuantizeOnFitEnd(MetricCheckedEarly):
         if calibration is None and datamodule is None:
             # (a 64-true fit's module beside float32 batches: its steps are run on a float32 copy, as quantize_lightning
             # runs them)
-            if val_dataloaders is not None:
-                pl_module = float32_for_float32_batches(pl_module, next(iter(first_loader(val_dataloaders))),
-                                                        "QuantizeOnFitEnd")
+            pl_module = float32_for_float32_batches(pl_module, val_dataloaders, input_fn, "QuantizeOnFitEnd",
+                                                    self.submodule)
             # the fit's loaders, read as its steps give the model their batches (a DataModule's: by quantize_lightning)
             train = first_loader(trainer.train_dataloader)
             example_inputs, calibration, input_fn = inputs_as_steps_give_them(
