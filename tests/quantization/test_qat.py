@@ -701,3 +701,28 @@ def test_prepare_qat_takes_a_one_element_input_beside_a_batch(features):
     with torch.no_grad():
         for rows in (4, 7):
             assert qat.eval()(torch.randn(rows, 16), temperature).shape == (rows, features)
+
+
+class _SharedReLU(nn.Module):
+    """One nn.ReLU object after two conv-batch-norm pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(x)))
+        return self.fc(self.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_a_layer_called_at_two_places_is_named_with_the_fix():
+    """torchao's QAT annotation failed with "Input partition has more than one output node", naming no layer."""
+    torch.manual_seed(0)
+    model = _SharedReLU()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ExportError, match=r"^prepare_qat: \['relu'\] are each called more than once in forward .* "
+                                          r"give each call its own instance"):
+        prepare_qat(model, (torch.randn(4, 1, 8, 8),))
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # statistics too

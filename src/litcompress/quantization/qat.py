@@ -22,7 +22,7 @@ import traceback
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -474,7 +474,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         with _batch_counts_kept(_batch_norms_of(model).values()):
             _observe_(prepared, example_inputs)
     except Exception as error:
-        cause = _batch_norm_cause(model, config)
+        cause = _batch_norm_cause(model, config) or _reused_modules_cause(model, example_inputs)
         if cause is None:
             raise
         raise ExportError(f"prepare_qat: {cause} ({type(error).__name__} in torchao: "
@@ -518,6 +518,35 @@ def _batch_norm_cause(model: nn.Module, config: QATConfig) -> str | None:
                 "leave such convolutions to int8, or fold their batch norms into them first "
                 "(torch.nn.utils.fusion.fuse_conv_bn_eval, on a model in eval mode).")
     return None
+
+
+def _reused_modules_cause(model: nn.Module, example_inputs: tuple) -> str | None:
+    """Layers one forward calls more than once (one ``nn.ReLU`` after two conv-batch-norm pairs), which torchao's QAT
+    annotation cannot take ("Input partition has more than one output node", naming no layer); None when there is
+    none. Counted on a copy in eval mode (the user's batch norms keep their statistics)."""
+    from litcompress.pruning.engine import deepcopy_model
+
+    copy = deepcopy_model(model).eval()
+    calls: dict[str, int] = {}
+    def counted(name: str) -> Callable[..., None]:
+        return lambda module, args: calls.__setitem__(name, calls.get(name, 0) + 1)
+
+    handles = [module.register_forward_pre_hook(counted(name))
+               for name, module in copy.named_modules() if name and not list(module.children())]
+    try:
+        with torch.no_grad():
+            copy(*example_inputs)
+    except Exception:  # noqa: BLE001 - no answer here: torchao's error stands
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    reused = [name for name, count in calls.items() if count > 1]
+    if not reused:
+        return None
+    return (f"{reused[:4]} are each called more than once in forward (one module object at several places), which "
+            "torchao's QAT annotation cannot quantize as one layer; give each call its own instance (e.g. "
+            "self.relu1 = nn.ReLU(), self.relu2 = nn.ReLU()).")
 
 
 def _batch_norms_of(model: nn.Module) -> dict[str, nn.Module]:
