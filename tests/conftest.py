@@ -38,6 +38,18 @@ def python_handles_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+
+class TimesBuffer(nn.Module):
+    """Multiplies its input by its buffer `mask`: a masking parametrization (as torch.ao.pruning's sparsifiers
+    register), or a layer that scales by a table."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
 class PressCtrlC(Callback):
     """Sends this process a real SIGINT at the end of the `batch`-th training batch of its `fit`-th fit (1-based;
     batches counted from the fit's start, also in a fit resumed mid-epoch)."""

@@ -23,7 +23,7 @@ from litcompress.pruning.schedules import PolynomialDecay
 from litcompress.quantization import AccuracyCriterion, PTQConfig, QuantizationGoalWarning, load_quantized, quantize
 from litcompress.report.compression import Latency, StageMetrics
 from litcompress.report.size import serialized_weights
-from tests.conftest import CountsItsCalls, ReluMLP, agreeing_with, sgd_fine_tune
+from tests.conftest import CountsItsCalls, ReluMLP, TimesBuffer, agreeing_with, sgd_fine_tune
 
 FAST = dict(latency_repeats=2, export=False)
 
@@ -829,17 +829,6 @@ def test_a_model_given_with_live_masks_is_timed_and_exported_as_it_ships(trained
         torch.testing.assert_close(loaded(digits[2][:8]), masked(digits[2][:8]))
 
 
-class _MaskWeight(nn.Module):
-    """A masking parametrization, as torch.ao.pruning's sparsifiers register."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
-
-
 def test_a_model_given_with_a_masking_parametrization_is_counted_and_sized_by_the_weights_it_computes_with():
     """The input row counted a parametrized weight's `original` (no zero in it: 4,810 parameters, 4,810 nonzero
     beside a 42% sparsity) and sized its mask buffer too (the pruned row's size ratio credited pruning with it)."""
@@ -849,7 +838,7 @@ def test_a_model_given_with_a_masking_parametrization_is_counted_and_sized_by_th
 
     torch.manual_seed(0)
     model = mlp(64, 64, 10)
-    parametrize.register_parametrization(model[0], "weight", _MaskWeight((torch.rand(64, 64) > 0.5).float()))
+    parametrize.register_parametrization(model[0], "weight", TimesBuffer((torch.rand(64, 64) > 0.5).float()))
     zeros = int((model[0].weight == 0).sum())
     plain = deepcopy_model(model)
     fold_parametrizations_(plain)  # (torch's removal on a deep copy deletes the original's property as well)

@@ -26,6 +26,7 @@ from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.parametrizations import unfold_state_dict
 from litcompress.pruning.schedules import ConstantSparsity
 from litcompress.quantization import PTQConfig, quantize
+from tests.conftest import TimesBuffer
 from tests.quantization.quant_helpers import quantized_layers
 
 
@@ -119,15 +120,6 @@ def test_a_refused_parametrized_weight_is_left_unread_by_the_refusal(call):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-class _MaskWeight(nn.Module):
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
-
-
 class _TiedLanguageModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -143,7 +135,7 @@ def test_folding_a_parametrization_on_one_holder_of_a_tied_weight_leaves_the_oth
     pipeline's input row scored another model in its test than in its metric)."""
     torch.manual_seed(0)
     model = _TiedLanguageModel()
-    parametrize.register_parametrization(model.out, "weight", _MaskWeight((torch.rand(10, 4) > 0.5).float()))
+    parametrize.register_parametrization(model.out, "weight", TimesBuffer((torch.rand(10, 4) > 0.5).float()))
     tokens = torch.arange(10).reshape(2, 5)
     folded = deepcopy_model(model)
     fold_parametrizations_(folded)
@@ -540,32 +532,23 @@ def test_an_untied_one_tensor_parametrization_folds_into_its_own_parameter_which
     assert not torch.equal(model[0].weight, before)
 
     tied = _TiedLanguageModel()
-    parametrize.register_parametrization(tied.out, "weight", _MaskWeight((torch.rand(10, 4) > 0.5).float()))
+    parametrize.register_parametrization(tied.out, "weight", TimesBuffer((torch.rand(10, 4) > 0.5).float()))
     with torch.inference_mode():
         fold_parametrizations_(tied)
     tied.load_state_dict({key: torch.zeros_like(value) for key, value in tied.state_dict().items()})
     assert not tied.out.weight.is_inference() and not tied.out.weight.any()
 
 
-class _ScaledBy(nn.Module):
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("table", table)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.table
-
-
 def test_a_parametrized_buffer_another_module_shares_is_left_to_that_module_by_the_fold():
     """Only parameters counted as tied: the fold wrote the masked table into the buffer the other module shares."""
     torch.manual_seed(0)
     table = torch.randn(4)
-    model = nn.Sequential(_ScaledBy(table), _ScaledBy(table))
-    parametrize.register_parametrization(model[0], "table", _MaskWeight(torch.tensor([1.0, 0.0, 1.0, 0.0])))
+    model = nn.Sequential(TimesBuffer(table), TimesBuffer(table))  # (scaling by one shared table)
+    parametrize.register_parametrization(model[0], "mask", TimesBuffer(torch.tensor([1.0, 0.0, 1.0, 0.0])))
     x, shared = torch.randn(1, 4), table.clone()
     before = model(x)
     fold_parametrizations_(model)
-    assert torch.equal(model[1].table, shared) and "table" in model[0]._buffers
+    assert torch.equal(model[1].mask, shared) and "mask" in model[0]._buffers
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 

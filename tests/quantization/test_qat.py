@@ -722,7 +722,19 @@ def test_a_layer_called_at_two_places_is_named_with_the_fix():
     torch.manual_seed(0)
     model = _SharedReLU()
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    with pytest.raises(ExportError, match=r"^prepare_qat: \['relu'\] are each called more than once in forward .* "
+    with pytest.raises(ExportError, match=r"^prepare_qat: \['relu'\] is called at several places in forward .* "
                                           r"give each call its own instance"):
         prepare_qat(model, (torch.randn(4, 1, 8, 8),))
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # statistics too
+
+
+def test_layers_torchao_takes_at_several_places_are_not_blamed():
+    """A Linear in a loop (tied weights, which torchao's QAT takes) was named beside, or instead of, the shared
+    activation, with advice that would untie it."""
+    from litcompress.quantization.qat import _reused_modules_cause
+
+    loop = nn.Sequential(nn.Linear(4, 4))
+    looped = type("Looped", (nn.Module,), {"forward": lambda self, x: loop(loop(x))})()
+    looped.add_module("loop", loop)
+    assert _reused_modules_cause(looped, (torch.randn(2, 4),)) is None
+    assert _reused_modules_cause(_SharedReLU(), (torch.randn(4, 1, 8, 8),)).startswith("['relu'] is called")

@@ -11,6 +11,7 @@ from litcompress.pruning import apply_mask_, prune_
 from litcompress.report import sparsity_report
 from litcompress.report.size import model_size_bytes
 from litcompress.report.sparsity import percent
+from tests.conftest import TimesBuffer
 
 
 @settings(max_examples=30, deadline=None)
@@ -201,17 +202,6 @@ def test_a_torchscript_int8_model_is_sized_as_its_file():
     assert model_size_bytes(scripted) == len(saved.getvalue()) > 256 * 256  # the int8 weights, one byte each
 
 
-class _Mask(nn.Module):
-    """A masking parametrization, as torch.ao.pruning's sparsifiers register."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
-
-
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 1000), old_style=st.booleans())
 def test_parametrized_weights_count_as_the_values_the_model_computes_with(seed, old_style):
@@ -226,7 +216,7 @@ def test_parametrized_weights_count_as_the_values_the_model_computes_with(seed, 
     sparsifier.step()  # torch's own sparsifier: a FakeSparsity parametrization masks half the weight
     assert [(t.name, t.zeros) for t in sparsity_report(model).tensors] == [("0.weight", 64)]  # the pruned tensors
     sparsifier.squash_mask()  # (folds the mask: a plain weight, half zeros)
-    parametrize.register_parametrization(model[2], "weight", _Mask((torch.rand(4, 16) > 0.5).float()))
+    parametrize.register_parametrization(model[2], "weight", TimesBuffer((torch.rand(4, 16) > 0.5).float()))
     if old_style:
         torch.nn.utils.weight_norm(model[3])
         torch.nn.utils.spectral_norm(model[4])
@@ -264,7 +254,7 @@ def test_tied_sparsifier_and_torch_masks_and_parametrized_buffers_each_count_as_
     torch.manual_seed(0)
     tied = nn.ModuleDict({"emb": nn.Embedding(10, 4), "out": nn.Linear(4, 10, bias=False)})
     tied["out"].weight = tied["emb"].weight
-    parametrize.register_parametrization(tied["out"], "weight", _Mask((torch.rand(10, 4) > 0.5).float()))
+    parametrize.register_parametrization(tied["out"], "weight", TimesBuffer((torch.rand(10, 4) > 0.5).float()))
     report = sparsity_report(tied)
     assert [(t.name, t.zeros) for t in report.tensors] == [("emb.weight", 0), ("out.weight",
                                                                               int((tied["out"].weight == 0).sum()))]

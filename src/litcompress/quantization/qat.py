@@ -474,7 +474,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         with _batch_counts_kept(_batch_norms_of(model).values()):
             _observe_(prepared, example_inputs)
     except Exception as error:
-        cause = _batch_norm_cause(model, config) or _reused_modules_cause(model, example_inputs)
+        cause = _batch_norm_cause(model, config) or (
+            _reused_modules_cause(model, example_inputs) if "more than one output node" in str(error) else None)
         if cause is None:
             raise
         raise ExportError(f"prepare_qat: {cause} ({type(error).__name__} in torchao: "
@@ -520,10 +521,15 @@ def _batch_norm_cause(model: nn.Module, config: QATConfig) -> str | None:
     return None
 
 
+#: activations torchao's QAT quantizer fuses into a conv/linear(-batch-norm) pattern
+_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+
+
 def _reused_modules_cause(model: nn.Module, example_inputs: tuple) -> str | None:
-    """Layers one forward calls more than once (one ``nn.ReLU`` after two conv-batch-norm pairs), which torchao's QAT
-    annotation cannot take ("Input partition has more than one output node", naming no layer); None when there is
-    none. Counted on a copy in eval mode (the user's batch norms keep their statistics)."""
+    """Activations one forward calls more than once (one ``nn.ReLU`` after two conv-batch-norm pairs), which
+    torchao's QAT annotation of conv/linear-batch-norm-activation patterns cannot take ("Input partition has more than
+    one output node", naming no layer); None when there is none (a Linear or an embedding called in a loop, tied
+    weights, it takes). Counted on a copy in eval mode (the user's batch norms keep their statistics)."""
     from litcompress.pruning.engine import deepcopy_model
 
     copy = deepcopy_model(model).eval()
@@ -532,7 +538,7 @@ def _reused_modules_cause(model: nn.Module, example_inputs: tuple) -> str | None
         return lambda module, args: calls.__setitem__(name, calls.get(name, 0) + 1)
 
     handles = [module.register_forward_pre_hook(counted(name))
-               for name, module in copy.named_modules() if name and not list(module.children())]
+               for name, module in copy.named_modules() if name and isinstance(module, _FUSED_ACTIVATIONS)]
     try:
         with torch.no_grad():
             copy(*example_inputs)
@@ -544,9 +550,9 @@ def _reused_modules_cause(model: nn.Module, example_inputs: tuple) -> str | None
     reused = [name for name, count in calls.items() if count > 1]
     if not reused:
         return None
-    return (f"{reused[:4]} are each called more than once in forward (one module object at several places), which "
-            "torchao's QAT annotation cannot quantize as one layer; give each call its own instance (e.g. "
-            "self.relu1 = nn.ReLU(), self.relu2 = nn.ReLU()).")
+    return (f"{reused[:4]} {'is' if len(reused) == 1 else 'are each'} called at several places in forward (one "
+            "activation object after several layers), which torchao's QAT annotation cannot quantize as one; give "
+            "each call its own instance (e.g. self.relu1 = nn.ReLU(), self.relu2 = nn.ReLU()).")
 
 
 def _batch_norms_of(model: nn.Module) -> dict[str, nn.Module]:
