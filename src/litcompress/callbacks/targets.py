@@ -187,11 +187,12 @@ def _refuse_averaging_that_pairs_masks(pruning: TargetsFoundOnceConfigured, trai
     targets = pruning._masked_targets()
     if not averaging or not targets:
         return
-    order = {id(module): i for i, (_, module) in enumerate(pl_module.named_modules())}
+    named = list(pl_module.named_modules())
+    order = {id(module): i for i, (_, module) in enumerate(named)}
     first = min((order[id(module)] for module, _ in targets if id(module) in order), default=None)
     if first is None:
         return
-    first_name = list(dict(pl_module.named_modules()))[first] or "the model"
+    first_name = named[first][0] or "the model"
     all_masked = all(engine.is_pruned(module, name) for module, name in targets)
     owner = type(pruning).__name__
     for callback in averaging:
