@@ -516,7 +516,7 @@ def test_a_pruned_tied_weight_with_a_parametrization_on_one_holder_is_saved_in_t
 
 
 @pytest.mark.parametrize("norm", ["orthogonal", "spectral_norm"])
-def test_an_untied_one_tensor_parametrization_folds_into_its_own_parameter_which_an_optimizer_goes_on_training(norm):
+def test_an_untied_one_tensor_parametrization_folds_in_place_so_an_optimizer_built_before_goes_on_training(norm):
     """Folding into a new tensor (as for a tied weight) left an optimizer built before the fold training a tensor
     the model no longer used; and a clone made under inference mode made the weight unloadable outside it."""
     torch.manual_seed(0)
