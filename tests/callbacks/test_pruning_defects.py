@@ -401,6 +401,34 @@ def test_resampling_does_not_redraw_the_initial_weights_of_a_layer_built_under_t
     assert float((resampled == initial).float().mean()) < 0.01
 
 
+class _TiedLM(FixedDataModel):
+    """An embedding whose matrix the output layer shares (weight tying, as language models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def training_step(self, batch, batch_idx):  # (the three-layer net is not used)
+        tokens = batch[0].flatten().abs().mul(7).long() % 50
+        return nn.functional.cross_entropy(self.head(self.emb(tokens)), tokens)
+
+
+def test_resampling_draws_a_tied_tensor_from_its_first_holders_distribution(tmp_path):
+    """Each holder's copy was reset in turn, so the tied head's Linear initialiser (|w| <= 1/sqrt(16)) wrote over the
+    embedding's N(0, 1) draw: a control about 7x smaller than the network it stands for."""
+    seed_everything(0)
+    model = _TiedLM()
+    callback = ModelPruning("l1_unstructured", parameters_to_prune=[(model.emb, "weight"), (model.head, "weight")],
+                            amount=0.2, make_pruning_permanent=False, use_lottery_ticket_hypothesis=True,
+                            resample_parameters=True)
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    callback.apply_lottery_ticket_hypothesis()
+    drawn = model.emb.weight_orig.detach()
+    assert model.head.weight_orig is model.emb.weight_orig
+    assert float(drawn.abs().max()) > 1.0 and 0.8 < float(drawn.std()) < 1.2  # N(0, 1), not U(-0.25, 0.25)
+
+
 @both("fit -> test -> fit with one callback crashes in deepcopy of non-leaf tensors")
 def test_fit_test_fit_with_one_callback(tmp_path, cls):
     model = ThreeLayerModel()

@@ -1392,6 +1392,28 @@ def test_the_control_draws_a_tied_tensor_as_its_first_holder_does():
     assert not torch.equal(model.head.bias, bias)  # the head's own tensors are drawn all the same
 
 
+def test_a_resampling_rewind_draws_a_tied_tensor_as_its_first_holder_does():
+    """ModelPruning(resample_parameters=True) rewinds through rewind_(resample=True), which reset each holder's copy
+    in turn: the tied head's Linear initialiser (bound 1/sqrt(16)) wrote over the embedding's N(0, 1) draw."""
+    from torch.nn.utils import prune
+
+    from litcompress.pruning.lottery import rewind_, take_snapshot
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
+    head.weight = emb.weight
+    targets = [(emb, "weight"), (head, "weight")]
+    snapshot = take_snapshot(targets)
+    prune.l1_unstructured(emb, "weight", amount=0.5)
+    torch.manual_seed(1)
+    rewind_(targets, snapshot, resample=True)
+    torch.manual_seed(1)
+    alone = nn.Embedding(50, 16)
+    torch.manual_seed(1)
+    alone.reset_parameters()  # the same draw, by the embedding's own reset_parameters
+    assert torch.equal(emb.weight_orig.detach(), alone.weight.detach())
+
+
 class _GrowsItsCache(nn.Module):
     """A non-persistent cache (rotary-style) that forward registers anew, larger, for a longer input."""
 

@@ -177,11 +177,13 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
     only its other entries are rewound.
     With ``resample=True`` each module copy draws fresh values with its ``reset_parameters()`` instead, or, for a
     module without one, takes a :func:`shuffled` copy of its snapshot values (the random re-initialisation control of
-    the lottery-ticket experiments: never the snapshot's own values).
+    the lottery-ticket experiments: never the snapshot's own values). A tensor several targets hold (an output layer
+    tied to its embedding) is drawn once, by the first of them in `targets`' order.
     """
     if not isinstance(snapshot, Mapping):
         raise TypeError(f"rewind_: expected the snapshot take_snapshot(targets) returned before pruning, got "
                         f"{type(snapshot).__name__}.")
+    drawn: set[int] = set()  # tensors resampled already: a tied one is drawn by its first holder among `targets`
     for layer in snapshot.values():
         source = layer["data"]
         can_reset = callable(getattr(source, "reset_parameters", None))
@@ -196,6 +198,12 @@ def rewind_(targets: Sequence[Target], snapshot: Snapshot, *, resample: bool = F
             if resample and not can_reset:
                 value = shuffled(value)
             dst = trainable_tensor(module, target_name)
+            if resample:
+                # a later holder's initialiser would overwrite the first's draw (a Linear's, about 7x smaller than
+                # the N(0, 1) of the embedding it is tied to), as redraw_parameters_ avoids too
+                if id(dst) in drawn:
+                    continue
+                drawn.add(id(dst))
             # a target pruned, then made permanent (its mask gone, its zeros left): survivors back, the zeros kept
             # (they came back dense, the ticket's sparsity lost, silently), as ModelPruning's reset keeps them; a
             # trained weight holds no exact zero it did not get from pruning
