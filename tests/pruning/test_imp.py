@@ -24,7 +24,7 @@ from litcompress.callbacks.lottery import find_lottery_ticket
 from litcompress.data import DigitsDataModule, load_digits_tensors
 from litcompress.models import MLPClassifier
 from litcompress.pruning.imp import IMPRound, LotteryTicket, iterative_magnitude_pruning
-from tests.conftest import PressCtrlC, StepsTwoOptimizers, python_handles_ctrl_c
+from tests.conftest import PressCtrlC, StepsTwoOptimizers, python_handles_ctrl_c, weight_averaging_callbacks
 
 
 def mlp() -> nn.Sequential:
@@ -1257,6 +1257,21 @@ def test_find_lottery_ticket_refuses_spawned_launchers_before_any_fit(tmp_path):
         find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=64), rounds=1, metric="val_acc",
                             trainer_kwargs=dict(accelerator="cpu", devices=1, strategy="ddp_spawn", max_epochs=1,
                                                 default_root_dir=tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("averaging", weight_averaging_callbacks())
+def test_find_lottery_ticket_refuses_weight_averaging_before_any_fit(tmp_path, averaging):
+    """EMAWeightAveraging copies the module at each fit's setup: round 1's, pruned (no leaf weight), failed in
+    torch's deepcopy message after a whole dense round; StochasticWeightAveraging failed before any fit, with "Expected
+    state_dict to be dict-like" (its state restored after the first evaluation had set it up)."""
+    callback = averaging(swa_lrs=0.05) if averaging.__name__ == "StochasticWeightAveraging" else averaging()
+    fits = LambdaCallback(on_fit_start=lambda *_: pytest.fail("a fit started"))
+    with pytest.raises(ValueError, match=rf"find_lottery_ticket: {averaging.__name__} in trainer_kwargs' callbacks "
+                                         r"copies the module at every fit's start.*fitting the returned ticket"):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=64), rounds=1, metric="val_acc",
+                            trainer_kwargs=dict(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path,
+                                                callbacks=[fits, callback]))
     assert not any(tmp_path.iterdir())
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from litcompress.callbacks.pruning import _in_spawned_worker
+from litcompress.callbacks.pruning import _in_spawned_worker, _weight_averaging_callbacks
 from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
 from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, logged_metrics, missing_metric_message,
                                                 quiet_unless_asked, trainer_built_quietly)
@@ -147,7 +147,9 @@ def find_lottery_ticket(
     ``evaluate_on="validate"``). ``rewind_to_step=k`` first trains the first k optimizer steps of such a fit (its
     learning-rate schedule sized for the whole fit) and rewinds there instead of to initialisation. A fresh
     `Trainer` (and so a fresh optimizer) is built for every round, and the callbacks of `trainer_kwargs` start every
-    round from the state they had before the first (an ``EarlyStopping``'s best score and patience count). `module`
+    round from the state they had before the first (an ``EarlyStopping``'s best score and patience count); a
+    weight-averaging callback is refused (it copies the module at every fit's start, which a pruned one cannot be).
+    `module`
     itself is not modified; see :func:`~litcompress.pruning.imp.iterative_magnitude_pruning` for the other
     arguments.
 
@@ -204,6 +206,14 @@ def find_lottery_ticket(
         raise ValueError(f"find_lottery_ticket: trainer_kwargs {_described(given)} run each fit in spawned or forked "
                          "worker processes (ddp_spawn, ddp_fork, ddp_notebook), whose rounds this process cannot "
                          "follow; use strategy='ddp' (every rank runs the search, rank 0 writes its files).")
+    averaging = _weight_averaging_callbacks(callbacks)
+    if averaging:
+        # their setup copies the module each fit, which from round 1 on is pruned (a weight computed from weight_orig
+        # and weight_mask: no leaf, so deepcopy refuses it), after a whole dense round; SWA failed before any fit
+        raise ValueError(f"find_lottery_ticket: {', '.join(averaging)} in trainer_kwargs' callbacks copies the module "
+                         "at every fit's start, which from the first pruning round on holds masked weights that "
+                         "torch cannot copy; drop it from the search, and average the ticket's weights by fitting "
+                         "the returned ticket with it.")
     # Every round is a fresh fit: the callbacks given (one set of instances for every Trainer) start each one from
     # the state they had before the first, or an EarlyStopping would carry its best score and patience count into
     # the next round and stop it after an epoch or two. Callbacks that keep no state (recorders) are left alone.

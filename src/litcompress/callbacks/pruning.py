@@ -1866,18 +1866,24 @@ def restore_state_under_class_key(callback: Callback, trainer: "pl.Trainer", che
         callback.load_state_dict(copy.deepcopy(states[plain]))
 
 
+def _weight_averaging_callbacks(callbacks: Sequence[Any]) -> list[str]:
+    """The class names of Lightning's weight-averaging callbacks (StochasticWeightAveraging, EMAWeightAveraging and
+    other WeightAveraging subclasses) among `callbacks`."""
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    kinds = tuple(getattr(lightning_callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                  if hasattr(lightning_callbacks, name))
+    return sorted({type(callback).__name__ for callback in callbacks if isinstance(callback, kinds)})
+
+
 def _refuse_weight_averaging_after(pruning: Callback, callbacks: Sequence[Any]) -> None:
     """Lightning's weight-averaging callbacks keep a copy of the model from their ``setup`` and, at the end of fit,
     copy the averaged parameters over the model's (by position: ModelPruning keeps the parameters' order). Listed
     after a ModelPruning that makes pruning permanent, they do so after the masks are multiplied in: the model comes
     back dense, which Lightning's ModelPruning lets happen silently. Listed before it, the averaged weights are
     masked as they should be."""
-    from lightning.pytorch import callbacks as lightning_callbacks
-
-    kinds = tuple(getattr(lightning_callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
-                  if hasattr(lightning_callbacks, name))
     position = next((i for i, callback in enumerate(callbacks) if callback is pruning), -1)
-    after = sorted({type(callback).__name__ for callback in callbacks[position + 1:] if isinstance(callback, kinds)})
+    after = _weight_averaging_callbacks(callbacks[position + 1:])
     if after:
         name = type(pruning).__name__  # ModelPruning, UnitPruning, HeadPruning
         raise MisconfigurationException(
