@@ -211,9 +211,11 @@ class TorchAOBackend(Backend):
         # an attention narrowed by shrink branches on its inputs' shapes, as torch's (which fx keeps whole) does
         custom = PrepareCustomConfig().set_non_traceable_module_classes([HeadPrunedAttention])
         _keep_prelu_float_(model)
+        model = taking_only_inputs_(model, len(example_inputs))
         try:
-            prepared = prepare_fx(taking_only_inputs_(model, len(example_inputs)), mapping, example_inputs,
-                                  prepare_custom_config=custom)
+            if recipe.fp32_layers:
+                _keep_fp32_around_(mapping, recipe.fp32_layers, model, example_inputs, custom)
+            prepared = prepare_fx(model, mapping, example_inputs, prepare_custom_config=custom)
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
             raise ExportError(f"torch_ao static: torch.fx could not trace the model or place its observers: "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -228,6 +230,8 @@ class TorchAOBackend(Backend):
             for inputs in calibration:
                 prepared(*inputs)
             converted = convert_fx(prepared)
+            if recipe.fp32_layers:
+                _drop_quantize_round_trips_(converted)
             if other:  # (a min-max observer takes bool values; the converted model's quantize op fails on them)
                 with torch.no_grad():
                     converted(*example_inputs)
@@ -264,6 +268,127 @@ class TorchAOBackend(Backend):
             if structure is not None:
                 extra[OUTPUTS_FILE] = json.dumps(structure)
             torch.jit.save(scripted, path, _extra_files=extra)
+
+
+def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, example_inputs: Inputs,
+                       custom) -> None:
+    """Extend `mapping` (layers named in `fp32_layers` already off) so that the ops around those layers compute in
+    fp32 too: a functional op or a module holding no Linear or convolution (``torch.relu``, ``+``, ``torch.cat``,
+    ``nn.ReLU``, ``nn.LayerNorm``) whose
+    inputs all come from fp32 layers (or from such ops, or the model's inputs), and one whose inputs are the model's
+    and whose every user is such a layer or op. With the layers' qconfigs alone, the global qconfig still quantized
+    them: a residual block with both Linears in fp32 kept its input, its ReLU and its add int8, 0.028 from the fp32
+    outputs against 0.034 with both in int8, and the fallback could not reach an accuracy goal it promised to.
+
+    torch.ao assigns a qconfig to a functional op by its place among the calls of that function in the module whose
+    forward calls it, so the graph is traced as ``prepare_fx`` traces it (on a copy) to find those places. Tensor
+    methods (``x.transpose(1, 2)``, ``x.mean(1)``) have no such place in torch.ao: they keep the global qconfig, and
+    :func:`_drop_quantize_round_trips_` takes out the int8 round trips they leave between fp32 ops."""
+    from torch.ao.quantization.observer import ObserverBase
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    with _quiet_torch_ao():
+        dry = prepare_fx(deepcopy_model(model), mapping, example_inputs, prepare_custom_config=custom)
+    attributes = dry.meta["_observed_graph_module_attrs"]
+    scope, qconfigs = attributes.node_name_to_scope, attributes.node_name_to_qconfig
+
+    def observer(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(dry.get_submodule(node.target), ObserverBase)
+
+    def source(node: torch.fx.Node) -> torch.fx.Node:  # through the observers the dry run put in
+        while observer(node):
+            node = node.args[0]
+        return node
+
+    def inside(path: str) -> bool:
+        return any(path == name or path.startswith(name + ".") for name in fp32_layers)
+
+    weighted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    weighted_functions = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+    ops = [node for node in dry.graph.nodes if node.op in ("call_function", "call_module", "call_method")
+           and not observer(node)]
+    # where torch.ao will look each op up: (module path, function or module type, index among those calls)
+    places: dict[torch.fx.Node, tuple[str, object, int]] = {}
+    counts: dict[tuple[str, object], int] = {}
+    for node in ops:
+        if node.op == "call_method":
+            continue
+        path, module_type = scope[node.name]
+        key = (path, node.target) if node.op == "call_function" else (path.rpartition(".")[0], module_type)
+        places[node] = (*key, counts.get(key, 0))
+        counts[key] = counts.get(key, 0) + 1
+
+    def may_turn(node: torch.fx.Node) -> bool:  # an op the fallback may take out of int8 (not a layer of its own)
+        if node.op == "call_function":
+            return node.target not in weighted_functions and not inside(scope[node.name][0])
+        if node.op == "call_module":
+            module = dry.get_submodule(node.target)
+            return not inside(node.target) and not any(isinstance(m, weighted) for m in module.modules())
+        return False
+
+    from_layer = {node for node in ops if node.op != "call_method" and inside(places[node][0] if node.op ==
+                  "call_function" else node.target)}
+    float_ops = {node for node in ops if node.op != "call_method" and qconfigs.get(node.name) is None} | from_layer
+    turned: set[torch.fx.Node] = set()
+
+    def kind(node: torch.fx.Node) -> str:  # of a value: "layer" (fp32, from a named layer), "fp32", "input", "int8"
+        node = source(node)
+        if node.op in ("placeholder", "get_attr"):
+            return "input"
+        if node in turned or node in from_layer:
+            return "layer"
+        if node.op == "call_method":  # a method follows its tensor (a view of an fp32 value is fp32)
+            return kind(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else "input"
+        return "fp32" if node in float_ops else "int8"
+
+    changed = True
+    while changed:
+        changed = False
+        for node in ops:
+            if node in turned or node in float_ops or not may_turn(node):
+                continue
+            inputs = [kind(n) for n in node.all_input_nodes]
+            if "int8" in inputs:
+                continue
+            users = [user for user in node.users if not observer(user)] + [
+                u for user in node.users if observer(user) for u in user.users]
+            if "layer" in inputs or (users and all(u.op != "output" and kind(u) == "layer" for u in users)):
+                turned.add(node)
+                changed = True
+    for node in turned:
+        mapping.set_module_name_object_type_order(*places[node], None)
+
+
+#: Tensor methods that compute the same on an fp32 tensor as on an int8 one (its dequantized values), but for rounding
+_SHAPE_METHODS = frozenset({"view", "reshape", "transpose", "permute", "flatten", "contiguous", "squeeze", "unsqueeze",
+                            "mean", "relu", "expand", "repeat", "t", "narrow"})
+
+
+def _drop_quantize_round_trips_(converted: torch.fx.GraphModule) -> None:
+    """Remove from a converted graph each ``quantize_per_tensor(v)`` followed only by tensor methods
+    (:data:`_SHAPE_METHODS`) and a ``dequantize()``: those methods then read fp32 `v` itself. torch.ao quantizes a
+    tensor method's input whatever computes it (a method has no per-call qconfig), so the fp32 values between two
+    layers kept in fp32 went through int8 at each ``transpose``/``mean`` with nothing int8 to compute."""
+    graph = converted.graph
+    changed = False
+    for quantize in [n for n in graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]:
+        for node in list(quantize.users):
+            chain: list[torch.fx.Node] = []  # methods, each the one user of the one before
+            while (node.op == "call_method" and node.target in _SHAPE_METHODS
+                   and node.args[0] is (chain[-1] if chain else quantize) and len(node.users) == 1):
+                chain.append(node)
+                node = next(iter(node.users))
+            end = chain[-1] if chain else quantize
+            if not (node.op == "call_method" and node.target == "dequantize" and node.args[0] is end):
+                continue  # an int8 op reads it
+            if chain:
+                chain[0].replace_input_with(quantize, quantize.args[0])
+            node.replace_all_uses_with(end if chain else quantize.args[0])
+            graph.erase_node(node)
+            changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        converted.recompile()
 
 
 class _FloatPReLU(nn.PReLU):
