@@ -3023,6 +3023,32 @@ def test_a_branch_reaching_only_some_groups_of_a_grouped_conv_behind_a_concatena
     assert tuple(getattr(result.model, name).out_channels < width for name, width in zip("ab", widths)) == removable
 
 
+@pytest.mark.parametrize(("multiplier", "producer_groups"), [(1, 1), (2, 1), (1, 8)])
+def test_channels_that_go_one_to_a_group_are_not_removable(multiplier, producer_groups):
+    """A layer read by a depthwise conv with a channel multiplier (Conv2d(8, 16, 3, groups=8): one input channel per
+    group) was called removable: the pipeline's plan chose it, its per-group count left it every channel at any
+    sparsity, and nothing said so. A grouped layer with one output channel per group is the same. A depthwise conv
+    without a multiplier passes the channels on, and they go."""
+    class IntoDepthwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(8 * producer_groups, 8, 1, groups=producer_groups)
+            self.dw = nn.Conv2d(8, 8 * multiplier, 3, padding=1, groups=8)
+            self.c = nn.Conv2d(8 * multiplier, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(F.relu(self.dw(F.relu(self.a(x)))))
+
+    model, x = IntoDepthwise().eval(), torch.randn(2, 8 * producer_groups, 5, 5)
+    reason = removable_channels(model, example_inputs=x)["a"]
+    if multiplier == 1 and producer_groups == 1:
+        assert reason is None
+        return
+    by = "its own 8 groups" if producer_groups > 1 else "the 8 groups of the grouped conv dw"
+    assert reason == (f"its 8 channels go one to a group ({by}): shrink removes as many channels from each group and "
+                      "keeps one in each, so none of them can go")
+
+
 def test_evenly_zeroed_groups_held_back_by_constants_are_said_to_be_so():
     """Filters zeroed two per group, some of them outputting non-zero constants into a zero-padded conv: the reason
     said only "not spread evenly over the groups", which they were; what to mend is the constants."""

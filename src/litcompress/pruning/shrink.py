@@ -2431,6 +2431,20 @@ def _slice_groups(chain: _Chain) -> int:
     return math.lcm(*groups) if groups else 1
 
 
+def _one_channel_per_group(chain: _Chain) -> str | None:
+    """Why none of the producer's channels can go when the groups they must be removed in (:func:`_slice_groups`)
+    hold one channel each (a depthwise conv with a channel multiplier, ``Conv2d(8, 16, 3, groups=8)``, reading them):
+    shrink removes as many from each group and keeps one in each; else None."""
+    groups, width = _slice_groups(chain), _out_channels(chain.producer)
+    if groups <= 1 or width > groups:
+        return None
+    by = ([f"its own {chain.producer.groups} groups"] if is_grouped(chain.producer) else []) + [
+        f"the {branch.consumer.groups} groups of the grouped conv {branch.consumer_name}" for branch in chain.branches
+        if is_grouped(branch.consumer) and not any(isinstance(op, _Concat) for op in branch.ops)]
+    return (f"its {width} channels go one to a group ({' and '.join(by)}): shrink removes as many channels from each "
+            "group and keeps one in each, so none of them can go")
+
+
 def _groups_out_of_reach(chain: _Chain) -> str | None:
     """Why the producer's channels can never go where a concatenation puts them among a grouped conv's inputs and
     they reach only some of its groups: shrink removes as many from each group, and a group they miss loses none
@@ -2502,8 +2516,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
     names = {id(module): name for name, module in modules.items()}
     chains = {name: traced.disagreements.get(name, chain)
               for name, chain in _producer_chains(traced.graph, modules, traced.calls, producers)}
-    chains = {name: (_groups_out_of_reach(chain) or chain) if isinstance(chain, _Chain) else chain
-              for name, chain in chains.items()}
+    chains = {name: (_groups_out_of_reach(chain) or _one_channel_per_group(chain) or chain)
+              if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     chains = {name: (_zeros_made_constants(chain) or chain) if isinstance(chain, _Chain) else chain
               for name, chain in chains.items()}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
