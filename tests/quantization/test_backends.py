@@ -942,7 +942,7 @@ class _MethodsBlock(nn.Module):
 
     def forward(self, h):
         pooled = self.conv(h).transpose(1, 2).mean(1)
-        return self.head(torch.relu(self.fc(pooled)) + pooled)
+        return self.head(torch.relu(self.fc(pooled)) + pooled.sigmoid())
 
 
 class _CatNorm(nn.Module):
@@ -957,7 +957,36 @@ class _CatNorm(nn.Module):
         return self.out(self.act(self.norm(torch.cat([self.left(x), self.right(x)], 1))))
 
 
+class _ReluReadTwice(nn.Module):
+    """An op on the input read by a layer and by the add that reads that layer: each can run fp32 only with the
+    other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.relu(x)
+        return self.a(h) + h
+
+
+class _AttentionBlock(nn.Module):
+    """A residual add reading an nn.MultiheadAttention, which torch.ao's static int8 leaves fp32 (its output is no
+    int8 value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attention, self.head = nn.Linear(4, 16), nn.MultiheadAttention(16, 2, batch_first=True), \
+            nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
 _LAYER_KINDS = {
+    "relu-read-twice": (_ReluReadTwice, lambda: torch.randn(32, 16), "static"),
     "residual": (_Residual, lambda: torch.randn(32, 16), "static"),
     "methods": (_MethodsBlock, lambda: torch.randn(8, 16, 6), "static"),
     "cat-norm": (_CatNorm, lambda: torch.randn(32, 8), "static"),
@@ -978,8 +1007,8 @@ def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(bac
     Gathers its dynamic quantizer does not reach) as quantizable: a model of them came back fp32 under an int8 recipe,
     and a fallback "kept" them in fp32 to no effect. pt2e quantized a Conv1d followed by a ReLU without naming it,
     so that no fallback could return it to fp32. torch.ao's static int8 kept the ops between layers it was told to
-    keep fp32 (a ReLU, a residual add, a transpose) int8: a residual block with both Linears in fp32 was 0.028 from
-    the fp32 outputs. Each named layer is int8, with every other in fp32 too; all of them in fp32 is the fp32
+    keep fp32 (a ReLU, a residual add, a transpose, a sigmoid) int8: a residual block with both Linears in fp32 was
+    0.028 from the fp32 outputs. Each named layer is int8, with every other in fp32 too; all of them in fp32 is the fp32
     model."""
     build, inputs, approach = _LAYER_KINDS[kind]
     torch.manual_seed(0)
@@ -995,6 +1024,23 @@ def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(bac
             alone = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(others), (x,), [(x,)])
             assert quantized_layers(alone, backend_name, layers) == {name: name == layer for name in layers}
     everything_fp32 = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(layers)), (x,), [(x,)])
+    with torch.no_grad():
+        torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_ao_static_keeps_a_residual_add_fp32_beside_an_attention_it_leaves_fp32():
+    """torch.ao's static int8 has no kernel for nn.MultiheadAttention: its output is fp32, and the residual add reading
+    it and an fp32 layer's output is fp32 too when every layer is (it was read as int8, and every block's add stayed
+    quantized: 0.012 from the fp32 outputs)."""
+    torch.manual_seed(0)
+    model, x = _AttentionBlock().eval(), torch.randn(8, 5, 4)
+    backend = get_backend("torch_ao")
+    layers = backend.quantizable_layers(model, "static")
+    assert layers == ["embed", "head"]
+    recipe = backend.recipes("static")[0]
+    everything_fp32 = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(layers)), (x,), [(x,)])
+    head_alone = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(("embed",)), (x,), [(x,)])
+    assert quantized_layers(head_alone, "torch_ao", layers) == {"embed": False, "head": True}
     with torch.no_grad():
         torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
 

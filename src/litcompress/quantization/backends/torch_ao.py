@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import re
 import warnings
 import weakref
@@ -274,21 +275,21 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
                        custom) -> None:
     """Extend `mapping` (layers named in `fp32_layers` already off) so that the ops around those layers compute in
     fp32 too: a functional op or a module holding no Linear or convolution (``torch.relu``, ``+``, ``torch.cat``,
-    ``nn.ReLU``, ``nn.LayerNorm``) whose
-    inputs all come from fp32 layers (or from such ops, or the model's inputs), and one whose inputs are the model's
-    and whose every user is such a layer or op. With the layers' qconfigs alone, the global qconfig still quantized
-    them: a residual block with both Linears in fp32 kept its input, its ReLU and its add int8, 0.028 from the fp32
-    outputs against 0.034 with both in int8, and the fallback could not reach an accuracy goal it promised to.
+    ``nn.ReLU``, ``nn.LayerNorm``) that reads no int8 value and either reads an fp32 layer's output (or such an op's)
+    or passes its values only to such layers and ops. With the layers' qconfigs alone, the global qconfig still
+    quantized them: a residual block with both Linears in fp32 kept its input, its ReLU and its add int8, 0.028 from
+    the fp32 outputs against 0.034 with both in int8, and the fallback could not reach an accuracy goal it promised to.
 
     torch.ao assigns a qconfig to a functional op by its place among the calls of that function in the module whose
     forward calls it, so the graph is traced as ``prepare_fx`` traces it (on a copy) to find those places. Tensor
-    methods (``x.transpose(1, 2)``, ``x.mean(1)``) have no such place in torch.ao: they keep the global qconfig, and
+    methods (``x.transpose(1, 2)``, ``x.sigmoid()``) have no such place in torch.ao: they keep the global qconfig, and
     :func:`_drop_quantize_round_trips_` takes out the int8 round trips they leave between fp32 ops."""
     from torch.ao.quantization.observer import ObserverBase
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     with _quiet_torch_ao():
         dry = prepare_fx(deepcopy_model(model), mapping, example_inputs, prepare_custom_config=custom)
+        passes_on, quantizes = _torch_ao_op_kinds()
     attributes = dry.meta["_observed_graph_module_attrs"]
     scope, qconfigs = attributes.node_name_to_scope, attributes.node_name_to_qconfig
 
@@ -303,8 +304,9 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
     def inside(path: str) -> bool:
         return any(path == name or path.startswith(name + ".") for name in fp32_layers)
 
-    weighted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    weighted_functions = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+    def op_of(node: torch.fx.Node) -> object:  # what torch.ao's backend config knows the op by
+        return type(dry.get_submodule(node.target)) if node.op == "call_module" else node.target
+
     ops = [node for node in dry.graph.nodes if node.op in ("call_function", "call_module", "call_method")
            and not observer(node)]
     # where torch.ao will look each op up: (module path, function or module type, index among those calls)
@@ -318,73 +320,109 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
         places[node] = (*key, counts.get(key, 0))
         counts[key] = counts.get(key, 0) + 1
 
-    def may_turn(node: torch.fx.Node) -> bool:  # an op the fallback may take out of int8 (not a layer of its own)
+    layer_outputs = {node for node in ops if node.op == "call_module" and inside(node.target)
+                     or node.op == "call_function" and inside(places[node][0])}
+    weighted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    # the ops the fallback may take out of int8: neither a layer of its own nor one already fp32
+    def may_turn(node: torch.fx.Node) -> bool:
+        if node in layer_outputs or qconfigs.get(node.name) is None:
+            return False
         if node.op == "call_function":
-            return node.target not in weighted_functions and not inside(scope[node.name][0])
-        if node.op == "call_module":
-            module = dry.get_submodule(node.target)
-            return not inside(node.target) and not any(isinstance(m, weighted) for m in module.modules())
-        return False
+            return node.target not in (F.linear, F.conv1d, F.conv2d, F.conv3d)
+        return node.op == "call_module" and not any(isinstance(m, weighted)
+                                                    for m in dry.get_submodule(node.target).modules())
 
-    from_layer = {node for node in ops if node.op != "call_method" and inside(places[node][0] if node.op ==
-                  "call_function" else node.target)}
-    float_ops = {node for node in ops if node.op != "call_method" and qconfigs.get(node.name) is None} | from_layer
-    turned: set[torch.fx.Node] = set()
+    turned = {node for node in ops if may_turn(node)}
 
-    def kind(node: torch.fx.Node) -> str:  # of a value: "layer" (fp32, from a named layer), "fp32", "input", "int8"
-        node = source(node)
-        if node.op in ("placeholder", "get_attr"):
-            return "input"
-        if node in turned or node in from_layer:
-            return "layer"
-        if node.op == "call_method":  # a method follows its tensor (a view of an fp32 value is fp32)
-            return kind(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else "input"
-        return "fp32" if node in float_ops else "int8"
+    def users_of(node: torch.fx.Node) -> list[torch.fx.Node]:
+        return [u for user in node.users for u in (user.users if observer(user) else [user])]
 
-    changed = True
-    while changed:
-        changed = False
-        for node in ops:
-            if node in turned or node in float_ops or not may_turn(node):
-                continue
-            inputs = [kind(n) for n in node.all_input_nodes]
-            if "int8" in inputs:
-                continue
-            users = [user for user in node.users if not observer(user)] + [
-                u for user in node.users if observer(user) for u in user.users]
-            if "layer" in inputs or (users and all(u.op != "output" and kind(u) == "layer" for u in users)):
-                turned.add(node)
-                changed = True
+    # the largest set of ops that can run fp32 together (an op read by a layer and by an add that reads that layer
+    # too: each qualifies only once the other does): all candidates first, dropping those that do not qualify
+    while True:
+        kind: dict[torch.fx.Node, str] = {}  # of each op's output: "layer" (fp32 layers' values), "fp32", "int8"
+        for node in ops:  # (in graph order: inputs first)
+            inputs = {"input" if n.op in ("placeholder", "get_attr") else kind.get(n, "fp32")
+                      for n in map(source, node.all_input_nodes)}
+            op = op_of(node)
+            if node in turned or node in layer_outputs:
+                kind[node] = "layer"
+            elif op in ("size", "shape") or op is getattr:  # numbers, not tensors
+                kind[node] = "input"
+            elif op in passes_on:  # (a view, a ReLU, a pooling, cat: int8 where what they read is)
+                kind[node] = next((k for k in ("int8", "layer", "fp32") if k in inputs), "input")
+            elif node.op != "call_method" and qconfigs.get(node.name) is not None and op in quantizes:
+                kind[node] = "int8"
+            else:  # an op torch.ao has no int8 kernel for (an nn.MultiheadAttention) computes fp32
+                kind[node] = "fp32"
+        dropped = set()
+        for node in turned:
+            inputs = [kind.get(source(n), "input") for n in node.all_input_nodes]
+            users = users_of(node)
+            if "int8" in inputs or not ("layer" in inputs or users and all(
+                    u in turned or u in layer_outputs for u in users)):
+                dropped.add(node)
+        if not dropped:
+            break
+        turned -= dropped
     for node in turned:
         mapping.set_module_name_object_type_order(*places[node], None)
 
 
-#: Tensor methods that compute the same on an fp32 tensor as on an int8 one (its dequantized values), but for rounding
-_SHAPE_METHODS = frozenset({"view", "reshape", "transpose", "permute", "flatten", "contiguous", "squeeze", "unsqueeze",
-                            "mean", "relu", "expand", "repeat", "t", "narrow"})
+def _torch_ao_op_kinds() -> tuple[frozenset, frozenset]:
+    """The ops of torch.ao's native backend config (what ``prepare_fx`` uses): those whose int8 output shares its
+    input's scale (views, ReLU, pooling, cat: int8 exactly where their input is), and the others it has int8 kernels
+    for. An op in neither computes fp32 whatever its qconfig."""
+    import torch.ao.quantization.backend_config.utils  # noqa: F401 - (get_native_backend_config needs it loaded)
+    from torch.ao.quantization.backend_config import ObservationType, get_native_backend_config
+
+    passes_on, quantizes = set(), set()
+    for config in get_native_backend_config().configs:
+        if config.pattern is None or isinstance(config.pattern, tuple):
+            continue
+        shares = config.observation_type == ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT
+        (passes_on if shares else quantizes).add(config.pattern)
+    return frozenset(passes_on), frozenset(quantizes)
 
 
 def _drop_quantize_round_trips_(converted: torch.fx.GraphModule) -> None:
-    """Remove from a converted graph each ``quantize_per_tensor(v)`` followed only by tensor methods
-    (:data:`_SHAPE_METHODS`) and a ``dequantize()``: those methods then read fp32 `v` itself. torch.ao quantizes a
-    tensor method's input whatever computes it (a method has no per-call qconfig), so the fp32 values between two
-    layers kept in fp32 went through int8 at each ``transpose``/``mean`` with nothing int8 to compute."""
+    """Remove from a converted graph each ``quantize_per_tensor(v)`` read only by tensor methods that end in
+    ``dequantize()`` (per value read from it: a ``mean`` read by a ``dequantize`` and by a ``sigmoid`` then
+    dequantized): those methods then read fp32 `v` itself. torch.ao quantizes a tensor method's input whatever
+    computes it (a method has no per-call qconfig), so the fp32 values between two layers kept in fp32 went through
+    int8 at each ``transpose``/``sigmoid`` with nothing int8 to compute. The methods are the model's own calls, made on
+    fp32 tensors in the model; in-place ones (which would then write into `v`) and those reading another tensor are
+    left as they are."""
     graph = converted.graph
+
+    def numbers(node: torch.fx.Node) -> bool:  # a size read off a tensor, or a number taken from one
+        if node.op == "call_method":
+            return node.target in ("size", "dim")
+        if node.op == "call_function" and node.target is getattr:
+            return node.args[1] in ("shape", "ndim")
+        return (node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], torch.fx.Node) and numbers(node.args[0]))
+
+    def ends_fp32(node: torch.fx.Node, parent: torch.fx.Node) -> bool:  # read only by methods ending in dequantize
+        if node.op != "call_method" or node.args[0] is not parent:
+            return False
+        if node.target == "dequantize":
+            return True
+        return (not node.target.endswith("_") and bool(node.users)
+                and all(n is parent or numbers(n) for n in node.all_input_nodes)
+                and all(ends_fp32(user, node) for user in node.users))
+
+    def dequantizes(node: torch.fx.Node) -> list[torch.fx.Node]:
+        return [node] if node.target == "dequantize" else [d for user in node.users for d in dequantizes(user)]
+
     changed = False
     for quantize in [n for n in graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]:
-        for node in list(quantize.users):
-            chain: list[torch.fx.Node] = []  # methods, each the one user of the one before
-            while (node.op == "call_method" and node.target in _SHAPE_METHODS
-                   and node.args[0] is (chain[-1] if chain else quantize) and len(node.users) == 1):
-                chain.append(node)
-                node = next(iter(node.users))
-            end = chain[-1] if chain else quantize
-            if not (node.op == "call_method" and node.target == "dequantize" and node.args[0] is end):
-                continue  # an int8 op reads it
-            if chain:
-                chain[0].replace_input_with(quantize, quantize.args[0])
-            node.replace_all_uses_with(end if chain else quantize.args[0])
-            graph.erase_node(node)
+        for user in [u for u in quantize.users if ends_fp32(u, quantize)]:
+            ends = dequantizes(user)
+            user.replace_input_with(quantize, quantize.args[0])  # (a dequantize: then of fp32 `v`, a no-op)
+            for dequantize in ends:
+                dequantize.replace_all_uses_with(dequantize.args[0])
+                graph.erase_node(dequantize)
             changed = True
     if changed:
         graph.eliminate_dead_code()
