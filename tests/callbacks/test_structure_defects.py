@@ -56,6 +56,34 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("callback", [HeadPruning, UnitPruning, "ModelPruning"])
+def test_a_state_loaded_before_the_fit_is_the_state_the_callback_gives(tmp_path, callback):
+    """load_state_dict keeps a state until the model's layers are known; state_dict meanwhile gave the empty state of
+    a fresh callback (no masks, the schedule at its start), which a checkpoint written then would have saved."""
+    from litcompress import ModelPruning
+
+    def build():
+        if callback == "ModelPruning":
+            return ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=False)
+        return callback(0.5, make_pruning_permanent=False)
+
+    seed_everything(0)
+    model, trained = _model(UnitPruning if callback is UnitPruning else HeadPruning), build()
+    _trainer(tmp_path, 2, [trained]).fit(model, _data())
+    state = trained.state_dict()
+    assert state["masks"]  # (a real state: the fit pruned)
+    fresh = build()
+    fresh.load_state_dict(copy.deepcopy(state))
+    given = fresh.state_dict()
+    assert given.keys() == state.keys()
+    for key, value in state.items():
+        if key == "masks":
+            assert given[key].keys() == value.keys()
+            assert all(torch.equal(given[key][name], mask) for name, mask in value.items())
+        elif key != "lottery_ticket_snapshot":
+            assert given[key] == value, key
+
+
 # ---------------------------------------------------------------------------------------------------------- 1
 @pytest.mark.parametrize("averaging", weight_averaging_callbacks())
 @pytest.mark.parametrize("callback", [UnitPruning, HeadPruning])

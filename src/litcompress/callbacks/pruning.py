@@ -1258,7 +1258,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         restore_state_under_moved_key(self, trainer, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
-        """Rounds applied, their history, the current masks and the lottery-ticket snapshot (CPU tensors)."""
+        """Rounds applied, their history, the current masks and the lottery-ticket snapshot (CPU tensors); a state
+        loaded before the model's parameters were found, as it was loaded."""
+        if self._pending_state is not None:  # (not applied yet: the callback's own fields are still empty)
+            return dict(self._pending_state)
         targets = self._parameters_to_prune if self._qualified_names else []
         # (rounds ran: a target without a mask had it made permanent when the fit ended)
         masks = masks_to_save(self._qualified_names, targets, made_permanent=bool(self._rounds))

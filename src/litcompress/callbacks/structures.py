@@ -284,7 +284,10 @@ class StructurePruning(TargetsFoundOnceConfigured):
         restore_state_under_moved_key(self, trainer, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
-        """The masks (CPU booleans) and where the schedule is."""
+        """The masks (CPU booleans) and where the schedule is; a state loaded before the model's layers were found,
+        as it was loaded."""
+        if self._pending_state is not None:  # (not applied yet: the callback's own fields are still empty)
+            return dict(self._pending_state)
         masks = masks_to_save(self._names, self._targets, made_permanent=self._made_permanent)
         return {"version": _STATE_VERSION, "masks": masks, "last_step": self._last_step,
                 "last_epoch": self._last_epoch, "pruned_once": self._pruned_once}
