@@ -1028,19 +1028,24 @@ def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(bac
         torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_ao_static_keeps_a_residual_add_fp32_beside_an_attention_it_leaves_fp32():
+@pytest.mark.parametrize(("backend_name", "approach"), [("torch_ao", "static"), ("pt2e", "static"),
+                                                         ("pt2e", "dynamic")])
+def test_an_attention_left_fp32_is_no_layer_to_fall_back_and_an_add_beside_it_goes_fp32(backend_name, approach):
     """torch.ao's static int8 has no kernel for nn.MultiheadAttention: its output is fp32, and the residual add reading
     it and an fp32 layer's output is fp32 too when every layer is (it was read as int8, and every block's add stayed
-    quantized: 0.012 from the fp32 outputs)."""
+    quantized: 0.012 from the fp32 outputs). pt2e named the attention's out_proj as quantizable, which it leaves fp32
+    (the attention reads its weight): a fallback "kept" it fp32 to no effect."""
     torch.manual_seed(0)
     model, x = _AttentionBlock().eval(), torch.randn(8, 5, 4)
-    backend = get_backend("torch_ao")
-    layers = backend.quantizable_layers(model, "static")
+    backend = get_backend(backend_name)
+    layers = backend.quantizable_layers(model, approach)
     assert layers == ["embed", "head"]
-    recipe = backend.recipes("static")[0]
+    recipe = backend.recipes(approach)[0]
+    assert all(quantized_layers(backend.quantize(copy.deepcopy(model), recipe, (x,), [(x,)]), backend_name,
+                                layers).values())
     everything_fp32 = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(layers)), (x,), [(x,)])
     head_alone = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(("embed",)), (x,), [(x,)])
-    assert quantized_layers(head_alone, "torch_ao", layers) == {"embed": False, "head": True}
+    assert quantized_layers(head_alone, backend_name, layers) == {"embed": False, "head": True}
     with torch.no_grad():
         torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
 

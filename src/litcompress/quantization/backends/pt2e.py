@@ -164,9 +164,13 @@ class PT2EBackend(Backend):
     compile = False
 
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
-        # dynamic: Linear layers only; static: and Conv2d (see quantize)
+        # dynamic: Linear layers only; static: and Conv2d (see quantize). An nn.MultiheadAttention reads its
+        # out_proj's weight itself (no call of the layer), which the quantizer leaves fp32: named, a fallback "kept"
+        # it fp32 to no effect
         types = (nn.Linear,) if approach == "dynamic" else (nn.Linear, nn.Conv2d)
-        return [name for name, module in model.named_modules() if isinstance(module, types)]
+        read = {f"{outer}.{inner}" if outer else inner for outer, module in model.named_modules()
+                if isinstance(module, nn.MultiheadAttention) for inner, _ in module.named_modules() if inner}
+        return [name for name, module in model.named_modules() if isinstance(module, types) and name not in read]
 
     def check_available(self) -> None:
         try:
