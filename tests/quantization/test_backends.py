@@ -985,7 +985,19 @@ class _AttentionBlock(nn.Module):
         return self.head(h.mean(1))
 
 
+class _SharedNorm(nn.Module):
+    """One LayerNorm module called on two branches (convert swaps the module for all its calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.norm, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(self.norm(self.a(x)) * self.norm(self.b(x)))
+
+
 _LAYER_KINDS = {
+    "shared-norm": (_SharedNorm, lambda: torch.randn(32, 16), "static"),
     "relu-read-twice": (_ReluReadTwice, lambda: torch.randn(32, 16), "static"),
     "residual": (_Residual, lambda: torch.randn(32, 16), "static"),
     "methods": (_MethodsBlock, lambda: torch.randn(8, 16, 6), "static"),
@@ -1002,7 +1014,7 @@ _LAYER_KINDS = {
 
 @pytest.mark.parametrize("kind", list(_LAYER_KINDS))
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(backend_name, kind):
+def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(backend_name, kind, request):
     """pt2e named Conv3d layers (which X86InductorQuantizer leaves fp32) and ONNX Runtime an EmbeddingBag (a Loop of
     Gathers its dynamic quantizer does not reach) as quantizable: a model of them came back fp32 under an int8 recipe,
     and a fallback "kept" them in fp32 to no effect. pt2e quantized a Conv1d followed by a ReLU without naming it,
@@ -1010,6 +1022,9 @@ def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(bac
     keep fp32 (a ReLU, a residual add, a transpose, a sigmoid) int8: a residual block with both Linears in fp32 was
     0.028 from the fp32 outputs. Each named layer is int8, with every other in fp32 too; all of them in fp32 is the fp32
     model."""
+    if (backend_name, kind) == ("pt2e", "shared-norm"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="pt2e's quantizer keeps a mul of two fp32 layers' "
+                                              "values int8 (quantize/dequantize pairs on its inputs)"))
     build, inputs, approach = _LAYER_KINDS[kind]
     torch.manual_seed(0)
     model, x = build().eval(), inputs()
@@ -1026,6 +1041,58 @@ def test_the_layers_a_backend_names_as_quantizable_are_the_ones_it_quantizes(bac
     everything_fp32 = backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(tuple(layers)), (x,), [(x,)])
     with torch.no_grad():
         torch.testing.assert_close(everything_fp32(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _SigmoidIntoAdd(nn.Module):
+    """A layer's output read by a tensor method whose result an int8 add reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.a.weight.mul_(4)  # outputs well outside [0, 1]
+
+    def forward(self, x):
+        return self.c(self.b(x) + self.a(x).sigmoid())
+
+
+def test_torch_ao_static_a_method_reading_a_layer_kept_fp32_reads_its_fp32_values():
+    """torch.ao quantized the method's input at the sigmoid's fixed output scale, clipping the fp32 layer's outputs
+    to [0, 1]: keeping that layer fp32 made the model 20x further from fp32 than all-int8 (0.55 against 0.027)."""
+    torch.manual_seed(0)
+    model, x = _SigmoidIntoAdd().eval(), torch.randn(64, 16)
+    backend = get_backend("torch_ao")
+    recipe = backend.recipes("static")[0]
+    with torch.no_grad():
+        expected = model(x)
+        errors = {kept: float((backend.quantize(copy.deepcopy(model), recipe.with_fp32_layers(kept), (x,), [(x,)])(x)
+                               - expected).abs().max()) for kept in [(), ("a",)]}
+    assert errors[("a",)] <= errors[()]
+
+
+class _ViewFlattened(nn.Module):
+    """The classic classifier: ``x.view(x.size(0), -1)`` of a convolution's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_torch_ao_static_quantizes_a_view_of_an_int8_convolutions_output():
+    """torch.ao's int8 convolution returns a channels-last tensor, which view cannot flatten: every static candidate
+    of such a model failed ("view size is not compatible with input tensor's size and stride")."""
+    torch.manual_seed(0)
+    model, x = _ViewFlattened().eval(), torch.randn(16, 3, 4, 4)
+    backend = get_backend("torch_ao")
+    quantized = backend.quantize(copy.deepcopy(model), backend.recipes("static")[0], (x,), [(x,)])
+    assert all(quantized_layers(quantized, "torch_ao", ["conv", "fc"]).values())
+    with torch.no_grad():
+        assert sqnr_db(model(x), quantized(x)) > 25.0
+        torch.testing.assert_close(backend.timed_form(quantized, (x,))(x), quantized(x))
 
 
 @pytest.mark.parametrize(("backend_name", "approach"), [("torch_ao", "static"), ("pt2e", "static"),

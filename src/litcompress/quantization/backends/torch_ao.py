@@ -231,8 +231,9 @@ class TorchAOBackend(Backend):
             for inputs in calibration:
                 prepared(*inputs)
             converted = convert_fx(prepared)
+            _views_as_reshapes_(converted)
             if recipe.fp32_layers:
-                _drop_quantize_round_trips_(converted)
+                _methods_read_fp32_(converted, example_inputs)
             if other:  # (a min-max observer takes bool values; the converted model's quantize op fails on them)
                 with torch.no_grad():
                     converted(*example_inputs)
@@ -283,7 +284,7 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
     torch.ao assigns a qconfig to a functional op by its place among the calls of that function in the module whose
     forward calls it, so the graph is traced as ``prepare_fx`` traces it (on a copy) to find those places. Tensor
     methods (``x.transpose(1, 2)``, ``x.sigmoid()``) have no such place in torch.ao: they keep the global qconfig, and
-    :func:`_drop_quantize_round_trips_` takes out the int8 round trips they leave between fp32 ops."""
+    :func:`_methods_read_fp32_` lets them read the fp32 values instead."""
     from torch.ao.quantization.observer import ObserverBase
     from torch.ao.quantization.quantize_fx import prepare_fx
 
@@ -333,6 +334,10 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
                                                     for m in dry.get_submodule(node.target).modules())
 
     turned = {node for node in ops if may_turn(node)}
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in ops:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
 
     def users_of(node: torch.fx.Node) -> list[torch.fx.Node]:
         return [u for user in node.users for u in (user.users if observer(user) else [user])]
@@ -362,6 +367,14 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
             if "int8" in inputs or not ("layer" in inputs or users and all(
                     u in turned or u in layer_outputs for u in users)):
                 dropped.add(node)
+            # a module called at several places is one module, int8 or not (convert swaps it for all its calls)
+            elif node.op == "call_module" and not all(call in turned for call in calls[node.target]):
+                dropped.add(node)
+            # an op that passes on its input's int8 (a ReLU module shared with an int8 branch, a cat joining one)
+            # given an fp32 value: torch.ao then left the layer after it fp32 as well
+            elif any(u.op != "call_method" and u not in turned and u not in layer_outputs and op_of(u) in passes_on
+                     for u in users):
+                dropped.add(node)
         if not dropped:
             break
         turned -= dropped
@@ -385,14 +398,27 @@ def _torch_ao_op_kinds() -> tuple[frozenset, frozenset]:
     return frozenset(passes_on), frozenset(quantizes)
 
 
-def _drop_quantize_round_trips_(converted: torch.fx.GraphModule) -> None:
-    """Remove from a converted graph each ``quantize_per_tensor(v)`` read only by tensor methods that end in
-    ``dequantize()`` (per value read from it: a ``mean`` read by a ``dequantize`` and by a ``sigmoid`` then
-    dequantized): those methods then read fp32 `v` itself. torch.ao quantizes a tensor method's input whatever
-    computes it (a method has no per-call qconfig), so the fp32 values between two layers kept in fp32 went through
-    int8 at each ``transpose``/``sigmoid`` with nothing int8 to compute. The methods are the model's own calls, made on
-    fp32 tensors in the model; in-place ones (which would then write into `v`) and those reading another tensor are
-    left as they are."""
+def _views_as_reshapes_(converted: torch.fx.GraphModule) -> None:
+    """Make the model's ``x.view(...)`` calls ``x.reshape(...)``: torch.ao's int8 convolutions return channels-last
+    tensors, which ``view`` cannot flatten, so the classic ``x.view(x.size(0), -1)`` before the classifier failed every
+    static candidate ("view size is not compatible with input tensor's size and stride"). ``reshape`` is ``view``
+    wherever ``view`` works, and copies where it cannot."""
+    views = [node for node in converted.graph.nodes if node.op == "call_method" and node.target == "view"
+             and not any(isinstance(arg, torch.dtype) for arg in node.args[1:])]  # (view(dtype) reinterprets)
+    for node in views:
+        node.target = "reshape"
+    if views:
+        converted.recompile()
+
+
+def _methods_read_fp32_(converted: torch.fx.GraphModule, example_inputs: Inputs) -> None:
+    """Let the tensor methods that read ``quantize_per_tensor(v)`` (``transpose``, ``mean``, ``sigmoid``, and the
+    methods reading those) read fp32 `v` itself: a result dequantized is then that fp32 result, and one an int8 op
+    reads is quantized after the method, at the scale its int8 form had. torch.ao quantizes a method's input
+    whatever computes it (a method has no per-call qconfig), so the fp32 values next to layers kept in fp32 went
+    through int8 at each ``transpose`` with nothing int8 to compute, and a ``sigmoid``'s input was clipped to the
+    [0, 1] its output takes. The methods are the model's own calls, made on fp32 tensors in the model; a method
+    reading another tensor, and one whose int8 result's scale is not known, are left as they are."""
     graph = converted.graph
 
     def numbers(node: torch.fx.Node) -> bool:  # a size read off a tensor, or a number taken from one
@@ -403,26 +429,62 @@ def _drop_quantize_round_trips_(converted: torch.fx.GraphModule) -> None:
         return (node.op == "call_function" and node.target is operator.getitem
                 and isinstance(node.args[0], torch.fx.Node) and numbers(node.args[0]))
 
-    def ends_fp32(node: torch.fx.Node, parent: torch.fx.Node) -> bool:  # read only by methods ending in dequantize
-        if node.op != "call_method" or node.args[0] is not parent:
-            return False
-        if node.target == "dequantize":
-            return True
-        return (not node.target.endswith("_") and bool(node.users)
-                and all(n is parent or numbers(n) for n in node.all_input_nodes)
-                and all(ends_fp32(user, node) for user in node.users))
+    def dequantize(node: torch.fx.Node) -> bool:
+        return node.op == "call_method" and node.target == "dequantize"
 
-    def dequantizes(node: torch.fx.Node) -> list[torch.fx.Node]:
-        return [node] if node.target == "dequantize" else [d for user in node.users for d in dequantizes(user)]
+    def method(node: torch.fx.Node, parent: torch.fx.Node) -> bool:  # one of the model's, on `parent` alone
+        return (node.op == "call_method" and not dequantize(node) and node.args[0] is parent
+                and all(n is parent or numbers(n) for n in node.all_input_nodes))
 
+    def tree(root: torch.fx.Node) -> list[torch.fx.Node]:  # `root` and the methods reading it, and so on
+        found, index = [root], 0
+        while index < len(found):
+            found += [user for user in found[index].users if method(user, found[index])]
+            index += 1
+        return found
+
+    def read_by_int8(node: torch.fx.Node) -> list[torch.fx.Node]:
+        return [user for user in node.users if not dequantize(user) and not method(user, node)]
+
+    quantizes = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]
+    trees = {root: tree(root) for q in quantizes for root in q.users if method(root, q)}
+    wanted = {node for nodes in trees.values() for node in nodes if read_by_int8(node)}
+    scales: dict[torch.fx.Node, tuple[float, int, torch.dtype]] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node):
+            out = super().run_node(node)
+            if node in wanted and isinstance(out, torch.Tensor) and out.is_quantized \
+                    and out.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                scales[node] = (float(out.q_scale()), int(out.q_zero_point()), out.dtype)
+            return out
+
+    if wanted:
+        with torch.no_grad():
+            Recorder(converted).run(*example_inputs)
     changed = False
-    for quantize in [n for n in graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor]:
-        for user in [u for u in quantize.users if ends_fp32(u, quantize)]:
-            ends = dequantizes(user)
-            user.replace_input_with(quantize, quantize.args[0])  # (a dequantize: then of fp32 `v`, a no-op)
-            for dequantize in ends:
-                dequantize.replace_all_uses_with(dequantize.args[0])
-                graph.erase_node(dequantize)
+    for quantize in quantizes:
+        source = quantize.args[0]
+        for user in list(quantize.users):
+            if dequantize(user):
+                user.replace_all_uses_with(source)
+                graph.erase_node(user)
+                changed = True
+                continue
+            nodes = trees.get(user)
+            if nodes is None or any(node in wanted and node not in scales for node in nodes):
+                continue
+            user.replace_input_with(quantize, source)
+            for node in nodes:
+                readers = read_by_int8(node)
+                if readers:  # quantized after the method, as its int8 form was
+                    with graph.inserting_after(node):
+                        requantized = graph.call_function(torch.quantize_per_tensor, (node, *scales[node]))
+                    for reader in readers:
+                        reader.replace_input_with(node, requantized)
+                for end in [u for u in node.users if dequantize(u)]:
+                    end.replace_all_uses_with(node)
+                    graph.erase_node(end)
             changed = True
     if changed:
         graph.eliminate_dead_code()
