@@ -403,8 +403,12 @@ def _views_as_reshapes_(converted: torch.fx.GraphModule) -> None:
     tensors, which ``view`` cannot flatten, so the classic ``x.view(x.size(0), -1)`` before the classifier failed every
     static candidate ("view size is not compatible with input tensor's size and stride"). ``reshape`` is ``view``
     wherever ``view`` works, and copies where it cannot."""
+    def a_dtype(arg: object) -> bool:  # view(dtype) reinterprets the bits: no reshape
+        return isinstance(arg, torch.dtype) or (isinstance(arg, torch.fx.Node) and arg.op == "call_function"
+                                                and arg.target is getattr and arg.args[1] == "dtype")
+
     views = [node for node in converted.graph.nodes if node.op == "call_method" and node.target == "view"
-             and not any(isinstance(arg, torch.dtype) for arg in node.args[1:])]  # (view(dtype) reinterprets)
+             and "dtype" not in node.kwargs and not any(a_dtype(arg) for arg in node.args[1:])]
     for node in views:
         node.target = "reshape"
     if views:
