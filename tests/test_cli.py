@@ -942,6 +942,9 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     # a class path: the advice was to pass a BasePruningMethod subclass, which the command line cannot
     (["--prune", "mypkg.methods:HalfRows"], "a BasePruningMethod subclass of your own is for the Python API"),
     (["--keep-multiple-of", "0"], "argument --keep-multiple-of: expected an integer >= 1, got 0"),
+    # pruned nothing, without a word, beside a report row saying ln_structured to 80%
+    (["--prune", "ln_structured", "--keep-multiple-of", "512"], "--keep-multiple-of 512 keeps every channel of every "
+     "layer to prune at sparsity 80% (channels per layer: net.0.weight (256), net.2.weight (256))"),
     (["--prune", "ln_structured", "--exclude", "net.9"], "--exclude names no module of the model: ['net.9'] ('net.9': "
                                                          "did you mean 'net.4'"),
     (["--model", "cnn", "--data-args", '{"flatten": true}'], "--model cnn takes square images"),

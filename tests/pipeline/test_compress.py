@@ -428,6 +428,30 @@ def test_keep_multiple_of_keeps_channel_counts_that_fill_simd_blocks(digits):
         CompressionConfig(keep_multiple_of=0)
 
 
+def test_a_keep_multiple_of_that_leaves_every_channel_is_refused_and_one_that_leaves_some_is_said():
+    """keep_multiple_of=128 on layers of 64 channels pruned nothing, without a word, beside a report row described
+    as ln_structured pruning to 80%."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    prune = PruneConfig(sparsity=0.8, method="ln_structured")
+
+    def run(model: nn.Module, multiple: int):
+        return compress(model, CompressionConfig(prune=prune, keep_multiple_of=multiple, export=False,
+                                                 latency_repeats=1), eval_fn=lambda m: 1.0, example_inputs=x)
+
+    narrow = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    with pytest.raises(ValueError, match=r"CompressionConfig\(keep_multiple_of=64\) keeps every channel of every "
+                                         r"layer to prune at sparsity 80% \(channels per layer: 0.weight \(64\), "
+                                         r"2.weight \(64\)\)"):
+        run(narrow, 64)
+    mixed = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 2))
+    result = run(mixed, 64)
+    assert any(m.startswith("CompressionConfig(keep_multiple_of=64): 1 of 2 layer(s) keep all their channels at "
+                            "sparsity 80%") and
+               m.endswith(": 2.weight (64).") for m in result.report.messages)
+    assert result.model[0].out_features == 64 and result.model[2].out_features == 64  # 256 -> 64: a multiple
+
+
 def test_keep_multiple_of_rounds_what_shrink_removes_after_unstructured_pruning(trained, digits):
     config = CompressionConfig(prune=PruneConfig(sparsity=0.97), keep_multiple_of=16, **FAST)
     result = compress(trained, config, eval_fn=accuracy(digits[2], digits[3]), example_inputs=digits[2][:8])

@@ -39,6 +39,7 @@ from litcompress.pruning.methods import check_method_kwargs
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   tied_folded_tensors, unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
+from litcompress.pruning.schedules import structured_pruned_count
 from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, ChannelPlan, ShrinkReport, ShrinkResult,
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
                                         shrink)
@@ -102,6 +103,13 @@ def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple |
         return targets
     modules, names = dict(model.named_modules()), {id(m): name for name, m in work.named_modules()}
     return [(modules[names[id(module)]], name) for module, name in targets]
+
+
+def check_keep_multiple_of_prunes(model: nn.Module, config: PruneConfig, keep_multiple_of: int,
+                                  example_inputs: tuple | None = None) -> None:
+    """ValueError, as :func:`compress` would raise it before pruning, when `keep_multiple_of` leaves every layer
+    `config` prunes all its channels (the plan is made on a copy of `model`)."""
+    _Pruning.plan(as_pruned(deepcopy_model(model))[0], config, keep_multiple_of, lambda _: None, example_inputs)
 
 
 def as_pruned(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -622,6 +630,36 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
     return groups, biased
 
 
+def _check_multiple_leaves_channels_to_prune(model: nn.Module, prune: PruneConfig, multiple: int,
+                                             sets: list[tuple[list[Target], dict[str, Any]]],
+                                             groups: list[ChannelGroup], units: list[str],
+                                             note: Callable[[str], None]) -> None:
+    """keep_multiple_of rounds each layer's kept channels up to a multiple: a layer no wider than that (or whose
+    pruned count rounds to none at the final sparsity) is never pruned. Said per layer; refused when it is every
+    layer (and no attention head is pruned), before any round: the report described the run as pruning to the
+    sparsity asked, beside a pruned row 0.0% sparse."""
+    names = {id(module): name for name, module in model.named_modules()}
+    widths = {f"{names.get(id(module), type(module).__name__)}.{tensor}": getattr(module, tensor).shape[
+        kwargs.get("dim", 0)] for subset, kwargs in sets for module, tensor in subset}
+    widths.update({f"group of {', '.join(group.producers)}": group.channels for group in groups})
+    modules = dict(model.named_modules())
+    widths.update({name: modules[name].hidden_size for name in units})
+    sparsity = float(prune.sparsity)
+    untouched = {name: width for name, width in widths.items()
+                 if structured_pruned_count(width, sparsity, multiple) == 0}
+    if not untouched:
+        return
+    listed = ", ".join(f"{name} ({width})" for name, width in list(untouched.items())[:6])
+    listed += ", ..." if len(untouched) > 6 else ""
+    given = f"CompressionConfig(keep_multiple_of={multiple})"
+    if len(untouched) == len(widths) and not prune.heads:
+        raise ValueError(f"{given} keeps every channel of every layer to prune at sparsity {sparsity:.0%} (channels "
+                         f"per layer: {listed}): each keeps a multiple of {multiple}, and at least one, so nothing "
+                         "would be pruned. Pass a smaller multiple (8 or 16 for CPU kernels), or none.")
+    note(f"{given}: {len(untouched)} of {len(widths)} layer(s) keep all their channels at sparsity {sparsity:.0%}, "
+         f"as pruning any would leave no multiple of {multiple}: {listed}.")
+
+
 @dataclass
 class _Pruning:
     """What the pipeline prunes in a model and how: the targets, the channel groups pruned as one, the sets pruned
@@ -681,6 +719,8 @@ class _Pruning:
         for subset, kwargs in sets:  # the one-shot path has no GradualPruner to refuse a dim before pruning
             check_method_kwargs(prune.pruning_method, kwargs, "PruneConfig",
                                 ndims={getattr(m, n).dim() for m, n in subset})
+        if keep_multiple_of is not None and keep_multiple_of > 1:
+            _check_multiple_leaves_channels_to_prune(model, prune, keep_multiple_of, sets, groups, units, note)
         return cls(model, prune, keep_multiple_of, targets, groups, sets, held_at_zero, units=units)
 
     def prune_once_(self, sparsity: float) -> int:
