@@ -149,8 +149,7 @@ def find_lottery_ticket(
     `Trainer` (and so a fresh optimizer) is built for every round, and the callbacks of `trainer_kwargs` start every
     round from the state they had before the first (an ``EarlyStopping``'s best score and patience count); a
     weight-averaging callback is refused (it copies the module at every fit's start, which a pruned one cannot be).
-    `module`
-    itself is not modified; see :func:`~litcompress.pruning.imp.iterative_magnitude_pruning` for the other
+    `module` itself is not modified; see :func:`~litcompress.pruning.imp.iterative_magnitude_pruning` for the other
     arguments.
 
     ``retrain_from="start"`` trains every round (and the random re-initialisation control) as a whole fresh fit.
