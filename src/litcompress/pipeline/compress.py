@@ -639,23 +639,26 @@ def _check_multiple_leaves_channels_to_prune(model: nn.Module, prune: PruneConfi
     layer (and no attention head is pruned), before any round: the report described the run as pruning to the
     sparsity asked, beside a pruned row 0.0% sparse."""
     names = {id(module): name for name, module in model.named_modules()}
-    widths = {f"{names.get(id(module), type(module).__name__)}.{tensor}": getattr(module, tensor).shape[
-        kwargs.get("dim", 0)] for subset, kwargs in sets for module, tensor in subset}
-    widths.update({f"group of {', '.join(group.producers)}": group.channels for group in groups})
+    # (name, channels, blocks pruned alike: the groups of a grouped conv, or of the grouped convs reading a layer)
+    widths = [(f"{names.get(id(module), type(module).__name__)}.{tensor}", getattr(module, tensor).shape[
+        kwargs.get("dim", 0)], kwargs.get("slice_groups", {}).get((module, tensor), 1))
+        for subset, kwargs in sets for module, tensor in subset]
+    widths += [(f"group of {', '.join(group.producers)}", group.channels, 1) for group in groups]
     modules = dict(model.named_modules())
-    widths.update({name: modules[name].hidden_size for name in units})
+    widths += [(name, modules[name].hidden_size, 1) for name in units]
     sparsity = float(prune.sparsity)
-    untouched = {name: width for name, width in widths.items()
-                 if structured_pruned_count(width, sparsity, multiple) == 0}
+    untouched = {name: (width, blocks) for name, width, blocks in widths
+                 if structured_pruned_count(width // blocks, sparsity, multiple) == 0}
     if not untouched:
         return
-    listed = ", ".join(f"{name} ({width})" for name, width in list(untouched.items())[:6])
+    listed = ", ".join(f"{name} ({width}{f' in {blocks} groups' if blocks > 1 else ''})"
+                       for name, (width, blocks) in list(untouched.items())[:6])
     listed += ", ..." if len(untouched) > 6 else ""
     given = f"CompressionConfig(keep_multiple_of={multiple})"
     if len(untouched) == len(widths) and not prune.heads:
         raise ValueError(f"{given} keeps every channel of every layer to prune at sparsity {sparsity:.0%} (channels "
                          f"per layer: {listed}): each keeps a multiple of {multiple}, and at least one, so nothing "
-                         "would be pruned. Pass a smaller multiple (8 or 16 for CPU kernels), or none.")
+                         "would be pruned. Pass a smaller multiple, or none.")
     note(f"{given}: {len(untouched)} of {len(widths)} layer(s) keep all their channels at sparsity {sparsity:.0%}, "
          f"as pruning any would leave no multiple of {multiple}: {listed}.")
 
