@@ -1621,6 +1621,34 @@ def test_a_bfloat16_model_is_pruned_quantized_and_its_file_read_back(digits, tmp
     assert any("bfloat16 weights were quantized from a float32 copy" in m for m in result.report.messages)
 
 
+def test_a_bfloat16_models_fp32_file_is_no_onnx_file(tmp_path):
+    """ONNX Runtime's CPU kernels take no bfloat16: fp32_format='onnx' failed after every stage, in its words ("Could
+    not find an implementation for Gemm(13)"), and 'auto' logged that failure before writing the torch.export file;
+    save_quantized raised onnxruntime's own error."""
+    from litcompress.quantization import save_quantized
+    from litcompress.quantization.artifact import Fp32FormatError
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3)).bfloat16().eval(), torch.randn(4, 4).bfloat16()
+    stages = []
+
+    def evaluate(candidate: nn.Module) -> float:
+        stages.append(candidate)
+        return 1.0
+
+    with pytest.raises(ValueError, match=r"CompressionConfig\(fp32_format='onnx'\) for a model in bfloat16 "
+                                         r"\(0.weight, 0.bias\): ONNX Runtime's CPU kernels do not take bfloat16"):
+        compress(model, CompressionConfig(fp32_format="onnx", latency_repeats=1), eval_fn=evaluate, example_inputs=x,
+                 output_dir=tmp_path / "onnx")
+    assert not stages  # before any stage
+    with pytest.raises(Fp32FormatError, match=r"the model computes in bfloat16 \(0.weight, 0.bias\)"):
+        save_quantized(model, None, tmp_path / "m.onnx", x, fp32_format="onnx")
+    result = compress(model, CompressionConfig(latency_repeats=1), eval_fn=evaluate, example_inputs=x,
+                      output_dir=tmp_path / "auto")
+    assert [p.name for p in (tmp_path / "auto").iterdir() if p.name.startswith("model")] == ["model.pt2"]
+    assert not any("onnx" in m.lower() and "fail" in m.lower() for m in result.report.messages)
+
+
 def test_a_float16_models_onnx_runtime_int8_stage_is_sized_by_its_onnx_bytes(digits):
     """Without a file, an ONNX Runtime model is sized by its ONNX bytes. A half-precision model's int8 result wraps
     it (float inputs cast to float32), and was sized as the wrapper's empty state dict: 1.3 KiB for 9k weights."""

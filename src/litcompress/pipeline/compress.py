@@ -44,8 +44,8 @@ from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, Channe
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
                                         shrink)
 from litcompress.pruning.sparse import SparseLinear, sparsify
-from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, Fp32FormatError, load_quantized,
-                                              save_quantized, taking_inputs_like)
+from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, Fp32FormatError, bfloat16_tensors,
+                                              load_quantized, save_quantized, taking_inputs_like)
 from litcompress.quantization.backends import BackendUnavailableError, get_backend, is_transposed_linear, to_inputs
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
@@ -397,6 +397,8 @@ def _fp32_formats(requested: str, model: nn.Module) -> list[str]:
         return ["torchscript"]
     if any(type(module).__name__ == "OnnxRuntimeModule" for module in model.modules()):
         return ["onnx"]  # a model read from an ONNX file: only ONNX holds its session (save_quantized says so)
+    if bfloat16_tensors(model):  # ONNX Runtime's CPU kernels take no bfloat16: its session could not be built
+        return ["export"]
     try:
         get_backend("onnxruntime").check_available()
     except BackendUnavailableError:
@@ -992,6 +994,13 @@ def compress(
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
     check_declared_dims_vary(probe, inputs, declared, "compress: dynamic_dims")
+    if config.export and output_dir is not None and config.quantize is None and config.fp32_format == "onnx" \
+            and bfloat16_tensors(model):  # found when the file is written, after every stage
+        held = bfloat16_tensors(model)
+        raise ValueError(f"CompressionConfig(fp32_format='onnx') for a model in bfloat16 "
+                         f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): ONNX Runtime's CPU kernels do "
+                         "not take bfloat16; use fp32_format='auto' (torch.export for such a model), 'export' or "
+                         "'torchscript', or cast the model to float32.")
     if config.export and output_dir is not None and config.quantize is None:  # (quantize says it for its files)
         # the dims the export leaves free: the declared ones and those that vary in the data (as at the export)
         warn_time_major_inputs(probe, inputs, resolve_dynamic_dims(

@@ -117,6 +117,12 @@ _OTHER_FP32_FORMATS = ("another fp32_format may write it: 'torchscript' traces w
                        "tries each in turn.")
 
 
+def bfloat16_tensors(model: nn.Module) -> list[str]:
+    """The names of `model`'s bfloat16 parameters and buffers (ONNX Runtime's CPU kernels take none)."""
+    return [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if tensor.dtype == torch.bfloat16]
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:300] if text else "no message"
@@ -158,6 +164,12 @@ def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, ex
 
         backend_name = "onnxruntime"
         if not isinstance(model, OnnxRuntimeModule):
+            bfloat16 = bfloat16_tensors(model)
+            if bfloat16:  # exported, its session failed: "Could not find an implementation for Gemm(13)"
+                raise Fp32FormatError(f"save_quantized(fp32_format='onnx'): the model computes in bfloat16 "
+                                      f"({', '.join(bfloat16[:3])}{', ...' if len(bfloat16) > 3 else ''}), which "
+                                      "ONNX Runtime's CPU kernels do not take (Gemm, MatMul, Conv); fp32_format="
+                                      "'export' or 'torchscript' writes it, or cast the model to float32 first.")
             try:
                 model = OnnxRuntimeModule(export_onnx(model, example_inputs, dynamic_dims))
             except FixedDimError:
