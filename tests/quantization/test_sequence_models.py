@@ -166,6 +166,27 @@ def test_an_int8_program_given_a_length_it_fixed_says_what_to_declare(tmp_path):
         assert int8(torch.randint(0, VOCAB, (5, 20))).shape == (5, 5)  # the batch stays free
 
 
+def test_an_onnx_runtime_model_given_a_length_it_fixed_says_what_to_declare(tmp_path):
+    """ONNX Runtime's raw INVALID_ARGUMENT ("Got invalid dimensions for input: input_0 ...") came out of its int8 model
+    and out of its file read back, where a torch.export file said which dim to declare."""
+    torch.manual_seed(0)
+    model = TokenBag().eval()
+    batches = _batches([20, 20])  # one length: the file fixes it
+    result = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=agreeing_with(model, batches),
+                      calibration_data=batches)
+    assert result.recipe is not None and result.recipe.backend == "onnxruntime"
+    result.save(tmp_path / "int8.onnx")
+    loaded, _ = load_quantized(tmp_path / "int8.onnx")
+    said = "(?s)" + re.escape("inputs of shapes [(3, 7)] (") + ".*" + re.escape(
+        "): the exported model fixed dim 1 of input 0 to the example's size, and a batch had another; if that size "
+        "varies (a sequence length), declare it: dynamic_dims={0: (1,)} of PTQConfig, QATConfig or "
+        "CompressionConfig, where the file was written (CLI: --dynamic-dims 0:1).")
+    for int8 in (result.model, loaded):
+        with pytest.raises(ValueError, match=said):
+            int8(torch.randint(0, VOCAB, (3, 7)))
+        assert int8(torch.randint(0, VOCAB, (5, 20))).shape == (5, 5)  # the batch stays free
+
+
 # ----------------------------------------------------------------------------- every backend, varying lengths
 @pytest.mark.parametrize("backend,approach", [("torch_ao", "dynamic"), ("pt2e", "dynamic"), ("onnxruntime", "dynamic"),
                                               ("torchao", "weight_only")])

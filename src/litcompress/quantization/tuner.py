@@ -930,7 +930,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                         search.unscored.append(trial)
                     trial.error = f"{type(exc).__name__}: {exc}"
                     hint = fixed_size_hint(trial.error)
-                    if hint:
+                    if hint and "the exported model fixed dim" not in trial.error:  # (said already by the model)
                         trial.error += f" ({hint})"
                     note(f"trial {trial.index} ({recipe.describe()}) failed: {trial.error}")
                 trial.seconds = time.monotonic() - t0

@@ -22,7 +22,7 @@ from litcompress.pruning.shrink import eval_outputs
 from ..config import Recipe
 from ..outputs import (TENSOR, Structure, output_structure, rebuild, tensor_leaves, tensor_leaves_of,
                        traces_as_it_is)
-from ..shapes import DynamicDims, onnx_dynamic_axes, shrunk_along_free_dims
+from ..shapes import DynamicDims, fixed_size_hint, onnx_dynamic_axes, shrunk_along_free_dims
 from ..tracing import taking_only_inputs_, tracer_warnings_that_matter
 from . import Backend, BackendUnavailableError, ExportError, Inputs, check_free_dims, cpu_has_vnni
 
@@ -87,7 +87,15 @@ class OnnxRuntimeModule(nn.Module):
             raise TypeError(f"this ONNX model runs an ONNX Runtime session on tensors, and was given "
                             f"{[type(x).__name__ for x in inputs]}: it cannot be traced (torch.fx, shrink).")
         feed = input_feed(self.input_names, inputs)
-        outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        try:
+            ran = self.session.run(None, feed)
+        except Exception as error:  # ONNX Runtime's own class: "Got invalid dimensions for input: input_0 ..."
+            hint = fixed_size_hint(str(error), None)  # (the file may come from PTQ, QAT or the pipeline)
+            if hint is None:
+                raise
+            shapes = [tuple(x.shape) for x in inputs]
+            raise ValueError(f"inputs of shapes {shapes} ({error}): {hint}.") from None
+        outputs = [torch.from_numpy(np.asarray(o)) for o in ran]
         if self.output_structure is not None:
             return rebuild(self.output_structure, outputs)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
