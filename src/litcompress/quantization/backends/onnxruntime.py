@@ -60,10 +60,14 @@ def input_feed(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str
 class OnnxRuntimeModule(nn.Module):
     """An ONNX model run by ONNX Runtime, usable like the torch module it came from."""
 
-    def __init__(self, model_bytes: bytes, num_threads: int | None = None) -> None:
+    def __init__(self, model_bytes: bytes, num_threads: int | None = None,
+                 dims_declared_in: str | None = None) -> None:
         super().__init__()
         self.model_bytes = model_bytes
         self.num_threads = num_threads
+        # where an input size it refuses is said to be declared (None: a file read back, which PTQ, QAT or the
+        # pipeline may have written)
+        self.dims_declared_in = dims_declared_in
         self._make_session()
 
     def _make_session(self) -> None:
@@ -90,7 +94,7 @@ class OnnxRuntimeModule(nn.Module):
         try:
             ran = self.session.run(None, feed)
         except Exception as error:  # ONNX Runtime's own class: "Got invalid dimensions for input: input_0 ..."
-            hint = fixed_size_hint(str(error), None)  # (the file may come from PTQ, QAT or the pipeline)
+            hint = fixed_size_hint(str(error), getattr(self, "dims_declared_in", None))
             if hint is None:
                 raise
             shapes = [tuple(x.shape) for x in inputs]
@@ -101,7 +105,7 @@ class OnnxRuntimeModule(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def __deepcopy__(self, memo: dict) -> "OnnxRuntimeModule":
-        return OnnxRuntimeModule(self.model_bytes, self.num_threads)
+        return OnnxRuntimeModule(self.model_bytes, self.num_threads, self.dims_declared_in)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -388,7 +392,8 @@ class OnnxRuntimeBackend(Backend):
             else:
                 raise ValueError(f"onnxruntime backend does not support approach {recipe.approach!r}.")
             with open(dst, "rb") as f:
-                return OnnxRuntimeModule(with_output_structure(f.read(), structure, inputs=len(example_inputs)))
+                return OnnxRuntimeModule(with_output_structure(f.read(), structure, inputs=len(example_inputs)),
+                                         dims_declared_in="PTQConfig")
 
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
