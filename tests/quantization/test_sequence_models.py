@@ -183,6 +183,9 @@ def test_an_onnx_runtime_model_given_a_length_it_fixed_says_what_to_declare(tmp_
     declared = ["PTQConfig(dynamic_dims={0: (1,)}) (CLI: --dynamic-dims 0:1).",
                 "dynamic_dims={0: (1,)} of PTQConfig, QATConfig or CompressionConfig, where the file was written "
                 "(CLI: --dynamic-dims 0:1)."]
+    older = copy.deepcopy(loaded)  # as one pickled before it had dims_declared_in
+    del older.__dict__["dims_declared_in"]
+    assert copy.deepcopy(older)(torch.randint(0, VOCAB, (5, 20))).shape == (5, 5)
     for int8, where in zip((result.model, loaded), declared):
         with pytest.raises(ValueError, match=said + re.escape(where)):
             int8(torch.randint(0, VOCAB, (3, 7)))

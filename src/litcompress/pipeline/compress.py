@@ -994,13 +994,13 @@ def compress(
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
     check_declared_dims_vary(probe, inputs, declared, "compress: dynamic_dims")
-    if config.export and output_dir is not None and config.quantize is None and config.fp32_format == "onnx" \
-            and bfloat16_tensors(model):  # found when the file is written, after every stage
+    if config.export and output_dir is not None and config.fp32_format == "onnx" and bfloat16_tensors(model):
+        # found when the file is written, after every stage (with quantize: when the fp32 model is kept)
         held = bfloat16_tensors(model)
         raise ValueError(f"CompressionConfig(fp32_format='onnx') for a model in bfloat16 "
                          f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): ONNX Runtime's CPU kernels do "
-                         "not take bfloat16; use fp32_format='auto' (torch.export for such a model), 'export' or "
-                         "'torchscript', or cast the model to float32.")
+                         "not take bfloat16, so its fp32 file cannot be ONNX; use fp32_format='auto' (torch.export "
+                         "for such a model), 'export' or 'torchscript', or cast the model to float32.")
     if config.export and output_dir is not None and config.quantize is None:  # (quantize says it for its files)
         # the dims the export leaves free: the declared ones and those that vary in the data (as at the export)
         warn_time_major_inputs(probe, inputs, resolve_dynamic_dims(

@@ -118,9 +118,9 @@ _OTHER_FP32_FORMATS = ("another fp32_format may write it: 'torchscript' traces w
 
 
 def bfloat16_tensors(model: nn.Module) -> list[str]:
-    """The names of `model`'s bfloat16 parameters and buffers (ONNX Runtime's CPU kernels take none)."""
-    return [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-            if tensor.dtype == torch.bfloat16]
+    """The names of `model`'s bfloat16 parameters: its layers compute in bfloat16, which ONNX Runtime's CPU kernels
+    do not take (a bfloat16 buffer alone, a scale the forward casts, is no sign of it)."""
+    return [name for name, tensor in model.named_parameters() if tensor.dtype == torch.bfloat16]
 
 
 def _first_line(error: BaseException) -> str:

@@ -105,7 +105,7 @@ class OnnxRuntimeModule(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def __deepcopy__(self, memo: dict) -> "OnnxRuntimeModule":
-        return OnnxRuntimeModule(self.model_bytes, self.num_threads, self.dims_declared_in)
+        return OnnxRuntimeModule(self.model_bytes, self.num_threads, getattr(self, "dims_declared_in", None))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
