@@ -934,7 +934,8 @@ class _Residual(nn.Module):
 
 
 class _MethodsBlock(nn.Module):
-    """Tensor methods (transpose, mean) between the layers, which torch.ao quantizes with no per-call qconfig."""
+    """Tensor methods (transpose, mean, sigmoid) between the layers, which torch.ao quantizes with no per-call
+    qconfig."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -646,8 +646,7 @@ def _check_multiple_leaves_channels_to_prune(model: nn.Module, prune: PruneConfi
         kwargs.get("dim", 0)], kwargs.get("slice_groups", {}).get((module, tensor), 1))
         for subset, kwargs in sets for module, tensor in subset]
     widths += [(f"group of {', '.join(group.producers)}", group.channels, 1) for group in groups]
-    modules = dict(model.named_modules())
-    widths += [(name, modules[name].hidden_size, 1) for name in units]
+    widths += [(name, model.get_submodule(name).hidden_size, 1) for name in units]
     sparsity = float(prune.sparsity)
     untouched = {name: (width, blocks) for name, width, blocks in widths
                  if structured_pruned_count(width // blocks, sparsity, multiple) == 0}

@@ -324,8 +324,8 @@ def _keep_fp32_around_(mapping, fp32_layers: Sequence[str], model: nn.Module, ex
     layer_outputs = {node for node in ops if node.op == "call_module" and inside(node.target)
                      or node.op == "call_function" and inside(places[node][0])}
     weighted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    # the ops the fallback may take out of int8: neither a layer of its own nor one already fp32
-    def may_turn(node: torch.fx.Node) -> bool:
+
+    def may_turn(node: torch.fx.Node) -> bool:  # an op the fallback may take out of int8: no layer, not fp32 already
         if node in layer_outputs or qconfigs.get(node.name) is None:
             return False
         if node.op == "call_function":
