@@ -1311,3 +1311,16 @@ def test_a_numpy_float32_fraction_prunes_the_count_torchs_own_pruning_does(rows,
         torch_prune.global_unstructured([(theirs, "weight")], torch_prune.L1Unstructured, amount=amount)
     prune_([(ours, "weight")], "l1_unstructured", amount, scope=scope)
     assert int((ours.weight == 0).sum()) == int((theirs.weight == 0).sum())
+
+
+def test_the_structured_refusal_of_a_norm_scale_names_targets_that_would_be_taken():
+    """default_targets names every 'weight', a BatchNorm's scale too: the refusal's hint pointed at it, and following
+    it was refused again. The hint names the layers with slices; taking them is accepted."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="BatchNorm1d.weight has one dimension") as refusal:
+        prune_(default_targets(model), "ln_structured", 0.5, scope="local", n=2, dim=0)
+    assert "default_targets" not in str(refusal.value)
+    assert "Linear and Conv layers" in str(refusal.value)
+    taken = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    prune_(taken, "ln_structured", 0.5, scope="local", n=2, dim=0)
+    assert [int((m.weight.abs().sum(1) == 0).sum()) for m, _ in taken] == [8, 2]

@@ -223,6 +223,9 @@ def test_bad_reports_are_refused(tmp_path):
     (tmp_path / "y.json").write_text("not json")
     with pytest.raises(ValueError, match="not a JSON file"):
         CompressionReport.load_json(tmp_path / "y.json")
+    (tmp_path / "z.json").write_bytes(b"\xff\xfe\x00")  # not UTF-8: it failed in the decoding, before json
+    with pytest.raises(ValueError, match="z.json is not a JSON file"):
+        CompressionReport.load_json(tmp_path / "z.json")
 
 
 def test_save_writes_json_markdown_and_a_png_plot(tmp_path):

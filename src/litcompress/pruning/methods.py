@@ -132,8 +132,8 @@ def check_slices_exist(method: type[torch_prune.BasePruningMethod], ndims: Itera
     if flat:
         raise ValueError(f"{owner}: {method.__name__} prunes whole slices (rows, channels) of multidimensional "
                          f"tensors, but {', '.join(flat[:4])}{' ...' if len(flat) > 4 else ''} has one dimension; "
-                         "leave the biases and norm scales out of the targets (default_targets(model) names the "
-                         "weights only).")
+                         "leave the biases and norm scales out of the targets (name the layers whose weights have "
+                         "rows or channels, e.g. the Linear and Conv layers).")
 
 
 def is_ln_norm(value: object) -> bool:

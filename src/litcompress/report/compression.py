@@ -368,7 +368,7 @@ class CompressionReport:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a binary file fails in the decoding, not in json
             raise ValueError(f"{path} is not a JSON file ({error}).") from error
         report = cls.from_dict(data)
         if isinstance(data, dict) and data.get("artifact_relative_to") == "report" and report.artifact is not None:
