@@ -88,6 +88,86 @@ def test_killed_mid_qat_and_resumed_ends_as_an_uninterrupted_fit(tmp_path):
     assert "forward" not in callbacks[1]._module.__dict__  # the crash restored the model's forward
 
 
+class _FreezesOnEpochStart(Callback):
+    """The README's former recipe for late-QAT frozen ranges: the callback's graph, from `on_train_epoch_start`."""
+
+    def __init__(self, qat: QuantizationAwareTraining, epoch: int) -> None:
+        self.qat, self.epoch, self.graph_seen = qat, epoch, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch >= self.epoch:
+            self.graph_seen.append(self.qat.qat is not None)
+
+
+def _fit_freezing_at_epoch_3(root, callbacks=(), freeze=3, ckpt_path=None):
+    seed_everything(0)
+    model = MLPClassifier(hidden=(16,), lr=1e-2)
+    callback = QuantizationAwareTraining("net", start_epoch=1, freeze_ranges_epoch=freeze)
+    probe = _FreezesOnEpochStart(callback, freeze or 3)
+    trainer = make_trainer(root, max_epochs=5, enable_checkpointing=True,
+                           callbacks=[probe, callback, *callbacks])  # the probe's hooks run first
+    try:
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)  # 4 batches an epoch
+    except SimulatedCrash:
+        pass
+    return model, callback, probe
+
+
+@pytest.fixture(scope="module")
+def fit_frozen_at_epoch_3(tmp_path_factory):
+    """An uninterrupted fit whose ranges freeze at epoch 3, with a checkpoint at every epoch's end."""
+    torch.set_num_threads(1)  # as the tests' own fits (the autouse fixture that sets it runs after this one)
+    root = tmp_path_factory.mktemp("frozen")
+    by_epoch = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model, callback, _ = _fit_freezing_at_epoch_3(root, [by_epoch])
+    return model, callback, root / "ckpt"
+
+
+def test_ranges_frozen_from_an_epoch_differ_from_ranges_observed_to_the_end(tmp_path, fit_frozen_at_epoch_3):
+    _, frozen, _ = fit_frozen_at_epoch_3
+    _, observing, _ = _fit_freezing_at_epoch_3(tmp_path, freeze=None)
+    assert frozen.qat.ranges_frozen and not observing.qat.ranges_frozen
+    assert any(not torch.equal(value, observing.qat.fake_quant_state()[key])
+               for key, value in frozen.qat.fake_quant_state().items())
+
+
+def test_a_freeze_epoch_the_fit_never_reaches_is_said(tmp_path):
+    callback = QuantizationAwareTraining("net", freeze_ranges_epoch=2)
+    with pytest.warns(UserWarning, match=r"freeze_ranges_epoch=2\): the fit ends at max_epochs=2"):
+        make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(MLPClassifier(hidden=(16,)),
+                                                                       datamodule=DigitsDataModule())
+    assert callback.result is not None and not callback.qat.ranges_frozen
+
+
+# checkpoints at epoch ends: the fit resumes into epoch 2 (QAT observing), 3 (the freeze's) or 4 (frozen); one at
+# the last batch of epoch 2 (step 12), after which Lightning skips the resumed epoch's on_train_epoch_start
+@pytest.mark.parametrize("checkpoint", ["epoch=1-step=8", "epoch=2-step=12", "epoch=3-step=16", "step=12"])
+def test_ranges_frozen_from_an_epoch_stay_frozen_across_a_resume_before_the_freeze(tmp_path, fit_frozen_at_epoch_3,
+                                                                                   checkpoint):
+    """Resumed from a checkpoint written before the freeze, the fit traces its graph only at its first step, so a
+    freeze from `on_train_epoch_start` found no graph (`qat` None): unguarded, an AttributeError; guarded, the
+    resumed fit observed on and built another int8 model. `freeze_ranges_epoch` freezes the graph when it is
+    traced; the resumed fit ends as the uninterrupted one."""
+    reference, uninterrupted, by_epoch = fit_frozen_at_epoch_3
+    if checkpoint == "step=12":
+        by_step = ModelCheckpoint(dirpath=tmp_path / "steps", save_top_k=-1, every_n_train_steps=4)
+        _fit_freezing_at_epoch_3(tmp_path, [by_step, CrashAtStep(14)])
+        path = tmp_path / "steps" / "epoch=2-step=12.ckpt"
+    else:
+        path = by_epoch / f"{checkpoint}.ckpt"
+    resumed, callback, probe = _fit_freezing_at_epoch_3(tmp_path, ckpt_path=path)
+    if checkpoint == "epoch=2-step=12":
+        assert probe.graph_seen[0] is False  # why a hand-written freeze cannot do it
+    assert callback.qat.ranges_frozen
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    for key, value in uninterrupted.qat.fake_quant_state().items():
+        assert torch.equal(callback.qat.fake_quant_state()[key], value), key
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        assert torch.equal(callback.result.model(x), uninterrupted.result.model(x))
+
+
 @pytest.mark.parametrize("resume_at_step", [4, 8])  # the end of epoch 0 (fp32) and of epoch 1 (QAT)
 def test_a_fit_resumed_from_an_epochs_last_batch_trains_the_next_epoch_through_qat(tmp_path, resume_at_step):
     """Lightning skips `on_train_epoch_start` of the epoch a checkpoint saved at the previous epoch's last batch
@@ -186,6 +266,10 @@ def test_a_fit_that_cannot_work_stops_before_training(tmp_path, make_callbacks, 
     (dict(start_epoch=True), "an int >= 0"),
     (dict(config={"reduce_range": True}), "expected a litcompress.quantization.qat.QATConfig"),
     (dict(metric=""), "name a metric the validation step logs"),
+    (dict(freeze_ranges_epoch=0), "an int > start_epoch=0"),  # the ranges of no QAT batch but the first
+    (dict(start_epoch=2, freeze_ranges_epoch=2), "an int > start_epoch=2"),
+    (dict(freeze_ranges_epoch=True), "an int > start_epoch"),
+    (dict(freeze_ranges_epoch="3"), "an int > start_epoch"),
     (dict(compile="yes"), "use True or False"),
     # these were found only after the whole fit, when the file was written
     (dict(save_path=123), "give the path of the file to write"),

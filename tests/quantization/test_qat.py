@@ -444,6 +444,27 @@ def test_observers_frozen_after_an_evaluation_stay_frozen_in_training(when):
     assert all(torch.equal(value, frozen[key]) for key, value in qat.fake_quant_state().items())
 
 
+def test_freeze_ranges_turns_off_what_torchaos_disable_observer_does_and_keeps_the_ranges():
+    from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    by_us, by_torchao = (prepare_qat(model, (x,)) for _ in range(2))  # (copies: the model is left as it is)
+    for qat in (by_us, by_torchao):
+        qat.train()
+        qat(x)
+    assert not by_us.ranges_frozen
+    by_us.freeze_ranges_()
+    by_torchao.graph.apply(disable_observer)
+    assert by_us.ranges_frozen and by_torchao.ranges_frozen
+    frozen = by_us.fake_quant_state()
+    assert frozen.keys() == by_torchao.fake_quant_state().keys()
+    assert all(torch.equal(value, by_torchao.fake_quant_state()[key]) for key, value in frozen.items())
+    by_us(5 * x)  # training on a wider batch moves no range
+    assert all(torch.equal(value, frozen[key]) for key, value in by_us.fake_quant_state().items())
+
+
 def test_a_freeze_of_the_observers_is_part_of_the_state_a_resumed_graph_loads():
     """A resumed fit builds a fresh graph, its observers on: the freeze of the run it resumes was lost (the flags
     were left out of the state as following the mode), and its ranges moved on where the uninterrupted run's did not.

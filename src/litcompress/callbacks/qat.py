@@ -89,6 +89,10 @@ class QuantizationAwareTraining(Callback):
             ``keep_sparsity``).
         metric: a metric the validation step logs (``"val_acc"``): the int8 model is evaluated on the validation data
             at fit end and the value kept in ``metric_value`` (and logged).
+        freeze_ranges_epoch: from this epoch on the observers are off in training too, so the int8 ranges stay as
+            they are (:meth:`~litcompress.quantization.qat.QATModel.freeze_ranges_`; None: they observe every QAT
+            step). Also right in a fit resumed from a checkpoint written before the freeze, whose graph is traced
+            only at its first step (a hand-written freeze in ``on_train_epoch_start`` finds ``qat`` None there).
         save_path: where to write the int8 model (a ``.pt2`` program, :func:`litcompress.load_quantized` reads it).
         compile: convert with ``torch.compile`` (see :meth:`~litcompress.quantization.qat.QATModel.convert`): the
             int8 model in ``result`` then runs on fused int8 kernels instead of torch's slower reference ops.
@@ -102,13 +106,22 @@ class QuantizationAwareTraining(Callback):
     """
 
     def __init__(self, submodule: str | None = None, *, start_epoch: int = 0, config: QATConfig | None = None,
-                 metric: str | None = None, save_path: str | os.PathLike | None = None, compile: bool = False) -> None:
+                 metric: str | None = None, save_path: str | os.PathLike | None = None, compile: bool = False,
+                 freeze_ranges_epoch: int | None = None) -> None:
         if submodule is not None and (not isinstance(submodule, str) or not submodule):
             raise TypeError(f"{_OWNER}(submodule={submodule!r}): give the attribute name of the module to quantize "
                             "(e.g. 'net'), or None for the LightningModule's own forward.")
         start_epoch = as_python_number(start_epoch)  # (numpy's int64(1) was refused)
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"{_OWNER}(start_epoch={start_epoch!r}): give the first QAT epoch, an int >= 0.")
+        if freeze_ranges_epoch is not None:
+            freeze_ranges_epoch = as_python_number(freeze_ranges_epoch)
+            if isinstance(freeze_ranges_epoch, bool) or not isinstance(freeze_ranges_epoch, int) \
+                    or freeze_ranges_epoch <= start_epoch:
+                # at start_epoch the ranges would be those of QAT's first batch alone
+                raise ValueError(f"{_OWNER}(freeze_ranges_epoch={freeze_ranges_epoch!r}): give the first epoch "
+                                 f"whose training keeps the int8 ranges fixed, an int > start_epoch={start_epoch} "
+                                 "(the observers need QAT epochs to find them), or None.")
         config = QATConfig() if config is None else config
         if not isinstance(config, QATConfig):
             raise TypeError(f"{_OWNER}(config={config!r}): expected a litcompress.quantization.qat.QATConfig.")
@@ -120,6 +133,8 @@ class QuantizationAwareTraining(Callback):
             check_save_path(save_path, _OWNER)
         self.submodule, self.start_epoch, self.config = submodule, start_epoch, config
         self.metric, self.save_path, self.compile = metric, save_path, compile
+        self.freeze_ranges_epoch = freeze_ranges_epoch
+        self._freeze_due = False  # the current epoch is freeze_ranges_epoch or later: freeze a graph traced now
         self.qat: QATModel | None = None
         self.result: QATResult | None = None
         self.metric_value: float | None = None
@@ -237,6 +252,10 @@ class QuantizationAwareTraining(Callback):
         # a fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next epoch
         # without its `on_train_epoch_start`: that epoch would train without the QAT graph
         self._install_if_due(trainer, pl_module)
+        if self.freeze_ranges_epoch is not None and trainer.max_epochs is not None \
+                and 0 <= trainer.max_epochs <= self.freeze_ranges_epoch and not trainer.fast_dev_run:
+            rank_zero_warn(f"{_OWNER}(freeze_ranges_epoch={self.freeze_ranges_epoch}): the fit ends at max_epochs="
+                           f"{trainer.max_epochs}, before that epoch: the int8 ranges are observed to the end.")
         if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch \
                 or not pl_module.automatic_optimization:  # manual: a batch makes as many steps as it takes (0, 2...)
             return
@@ -255,7 +274,11 @@ class QuantizationAwareTraining(Callback):
         self._install_if_due(trainer, pl_module)
 
     def _install_if_due(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        """From `start_epoch` on, the quantized module's forward is the QAT graph's (traced at its first call)."""
+        """From `start_epoch` on, the quantized module's forward is the QAT graph's (traced at its first call); from
+        `freeze_ranges_epoch` on, its observers are off (the graph's now, or the one the next step traces)."""
+        self._freeze_due = self.freeze_ranges_epoch is not None and trainer.current_epoch >= self.freeze_ranges_epoch
+        if self._freeze_due and self.qat is not None:
+            self.qat.freeze_ranges_()
         if trainer.current_epoch >= self.start_epoch and not self._installed():
             module = self._module or self._quantized_module(pl_module)
             masked = modules_pruned_with_masks(module)
@@ -291,6 +314,8 @@ class QuantizationAwareTraining(Callback):
             if self._pending_state is not None:
                 self.qat.load_fake_quant_state(self._pending_state)
                 self._pending_state = None
+            if self._freeze_due:  # a fit resumed into a frozen epoch from a checkpoint written before the freeze
+                self.qat.freeze_ranges_()
             if self._pending_masks is not None:  # the zeros the interrupted fit held, not those its weights have
                 self.qat.load_held_masks(self._pending_masks)
                 self._pending_masks = None

@@ -206,6 +206,17 @@ class QATModel(nn.Module):
         switched_(self.graph, training=self.training)
         self._graph_training = self.training
 
+    def freeze_ranges_(self) -> None:
+        """Turn the observers off in training too, so that the int8 ranges stay as they are from here (the usual
+        last-epochs step of QAT, as torchao's ``disable_observer``); :meth:`fake_quant_state` keeps them off."""
+        for module in self._fake_quantizers:
+            module.observer_enabled[0] = 0
+
+    @property
+    def ranges_frozen(self) -> bool:
+        """Whether every observer is off in training (:meth:`freeze_ranges_`)."""
+        return all(not bool(module.observer_enabled[0]) for module in self._fake_quantizers)
+
     @torch.no_grad()
     def apply_masks_(self) -> None:
         """Reset the held zeros (``keep_sparsity``) of the weights: after an optimizer step has moved them."""
