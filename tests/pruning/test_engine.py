@@ -1324,3 +1324,19 @@ def test_the_structured_refusal_of_a_norm_scale_names_targets_that_would_be_take
     taken = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
     prune_(taken, "ln_structured", 0.5, scope="local", n=2, dim=0)
     assert [int((m.weight.abs().sum(1) == 0).sum()) for m, _ in taken] == [8, 2]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_l1_pruning_of_signed_integer_weights_ranks_their_minimum_as_the_largest_magnitude(dtype, scope):
+    """abs() of an int8 -128 is -128 (torch's L1 method and the global ranking took it for the smallest magnitude);
+    two rounds prune the two smallest magnitudes, and the mask keeps the tensor's dtype."""
+    low = -(2**53) if dtype == torch.int64 else torch.iinfo(dtype).min
+    module = nn.Module()
+    module.weight = nn.Parameter(torch.tensor([[low, 100, -5, 7]], dtype=dtype), requires_grad=False)
+    prune_([(module, "weight")], "l1_unstructured", 1, scope=scope)
+    assert module.weight_mask.tolist() == [[1, 1, 0, 1]]
+    prune_([(module, "weight")], "l1_unstructured", 1, scope=scope)
+    assert module.weight_mask.tolist() == [[1, 1, 0, 0]]
+    assert module.weight_mask.dtype == dtype and module.weight.dtype == dtype
+    assert module.weight.tolist() == [[low, 100, 0, 0]]

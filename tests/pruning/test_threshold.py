@@ -309,3 +309,34 @@ def test_out_receives_the_masks_even_when_it_is_the_input_mask(problem) -> None:
     assert all(torch.equal(b, e) for b, e in zip(buffers, expected))
     with pytest.raises(ValueError, match="out"):
         smallest_k_masks(scores, buffers, 0, out=[torch.zeros(1)] * (len(scores) + 1))
+
+
+_SIGNED = [torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), dtypes=st.lists(st.sampled_from(_SIGNED), min_size=1, max_size=3))
+def test_magnitudes_of_signed_integers_rank_their_minimum_largest(data, dtypes) -> None:
+    """|-128| is no int8: abs wrapped the minimum to itself, so L1 pruning of int8 scores took the largest magnitude
+    first. Every signed dtype (its minimum included), alone or mixed, ranks as the exact magnitudes do (int64 and
+    mixed dtypes rank in float64, exact below 2**53)."""
+    scores = []
+    for dtype in dtypes:
+        low, high = (-(2**53), 2**53) if dtype == torch.int64 else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+        values = data.draw(st.lists(st.sampled_from([low, low + 1, -5, 0, 3, 7, high]), min_size=1, max_size=6))
+        scores.append(torch.tensor(values, dtype=dtype))
+    exact = [[abs(int(v)) for v in s.tolist()] for s in scores]  # Python ints: no wrap, no rounding
+    total = sum(len(e) for e in exact)
+    k = data.draw(st.integers(1, total))
+    order = sorted(((value, i, j) for i, e in enumerate(exact) for j, value in enumerate(e)))
+    with small_search_limits(2, 3) if data.draw(st.booleans()) else contextlib.nullcontext():
+        masks = smallest_k_masks(scores, [None] * len(scores), k, magnitude=True)
+        kth = kth_smallest(scores, [None] * len(scores), k, magnitude=True)
+    pruned = [[int(v) == 0 for v in m.tolist()] for m in masks]
+    assert sum(map(sum, pruned)) == k
+    largest_pruned = max(exact[i][j] for i, e in enumerate(pruned) for j, p in enumerate(e) if p)
+    smallest_kept = min((exact[i][j] for i, e in enumerate(pruned) for j, p in enumerate(e) if not p), default=None)
+    assert largest_pruned == order[k - 1][0]
+    assert smallest_kept is None or largest_pruned <= smallest_kept
+    assert float(kth) == float(order[k - 1][0])
+    assert [s.dtype for s in scores] == dtypes  # the scores themselves are left as they were

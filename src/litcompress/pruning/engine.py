@@ -751,7 +751,23 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
                 kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
-                method_cls.apply(module, name, **kwargs)
+                widened = _magnitudes_widened(method_cls, module, name, kwargs)
+                method_cls.apply(module, name, **widened)
+                if widened is not kwargs:  # torch made the mask in the scores' dtype
+                    mask = module._buffers[name + "_mask"]
+                    module._buffers[name + "_mask"] = mask.to(getattr(module, name + "_orig").dtype)
+
+
+def _magnitudes_widened(method_cls: type[torch_prune.BasePruningMethod], module: nn.Module, name: str,
+                        kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs`, with a signed integer tensor's own values in float64 as torch's L1 method's scores: it ranks ``abs``
+    of them, and ``abs`` of an int8 -128 is -128 (the largest magnitude was pruned first)."""
+    if method_cls is not torch_prune.L1Unstructured or kwargs.get("importance_scores") is not None:
+        return kwargs
+    values = trainable_tensor(module, name).detach()
+    if values.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+        return kwargs
+    return {**kwargs, "importance_scores": values.double()}  # exact below 2**53, as the global ranking
 
 
 def _check_rankable(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod],

@@ -68,6 +68,11 @@ def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
     return torch.float64
 
 
+# Signed integer scores whose magnitudes their own dtype cannot hold (the minimum's): ranked in these.
+_WIDER_FOR_MAGNITUDE = {torch.int8: torch.int16, torch.int16: torch.int32, torch.int32: torch.int64,
+                        torch.int64: torch.float64}
+
+
 class _Inputs:
     """Validated scores (in the common dtype, lazily) and kept-entry masks."""
 
@@ -86,6 +91,8 @@ class _Inputs:
         self.raw_scores = scores
         self.masks = masks
         self.dtype = _common_dtype(scores) if scores else torch.float32
+        if magnitude and self.dtype in _WIDER_FOR_MAGNITUDE:  # |-128| is no int8: it wrapped to -128, ranked first
+            self.dtype = _WIDER_FOR_MAGNITUDE[self.dtype]
         self.kept_counts: list[int] = []
         # Flat bool kept-masks, built once: re-deriving `mask != 0` from float masks in every
         # pass costs more than the 1 byte per entry they take.
@@ -125,6 +132,9 @@ class _Inputs:
         the scores is ever held.
         """
         flat = self.raw_scores[index].reshape(-1)
+        if self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE:  # widened before abs: the minimum wraps in its own
+            # (self.dtype is wider here, or float64 for mixed dtypes: `to` copies, so abs_ writes no caller's tensor)
+            return (flat if positions is None else flat[positions]).to(self.dtype).abs_()
         if positions is not None:
             flat = flat[positions]
             if self.magnitude:
