@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 import pytest
 import torch
@@ -131,12 +132,23 @@ def test_ranges_frozen_from_an_epoch_differ_from_ranges_observed_to_the_end(tmp_
                for key, value in frozen.qat.fake_quant_state().items())
 
 
-def test_a_freeze_epoch_the_fit_never_reaches_is_said(tmp_path):
+@pytest.mark.parametrize("limits, said", [(dict(max_epochs=2), "max_epochs=2"),
+                                          (dict(max_epochs=5, max_steps=6), "max_steps=6"),  # 4 steps an epoch
+                                          (dict(max_epochs=-1, max_steps=8), "max_steps=8"),
+                                          (dict(max_epochs=-1, max_steps=9), None)])
+def test_a_freeze_epoch_the_fit_never_reaches_is_said(tmp_path, limits, said):
     callback = QuantizationAwareTraining("net", freeze_ranges_epoch=2)
-    with pytest.warns(UserWarning, match=r"freeze_ranges_epoch=2\): the fit ends at max_epochs=2"):
-        make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(MLPClassifier(hidden=(16,)),
-                                                                       datamodule=DigitsDataModule())
-    assert callback.result is not None and not callback.qat.ranges_frozen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks=[callback], **limits).fit(MLPClassifier(hidden=(16,)),
+                                                                   datamodule=DigitsDataModule())
+    told = [str(w.message) for w in caught if "freeze_ranges_epoch=2" in str(w.message)]
+    if said is None:
+        assert not told and callback.qat.ranges_frozen
+    else:
+        assert told == [f"QuantizationAwareTraining(freeze_ranges_epoch=2): the fit ends at {said}, before that "
+                        "epoch: the int8 ranges are observed to the end."]
+        assert callback.result is not None and not callback.qat.ranges_frozen
 
 
 # checkpoints at epoch ends: the fit resumes into epoch 2 (QAT observing), 3 (the freeze's) or 4 (frozen); one at

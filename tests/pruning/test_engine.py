@@ -1340,3 +1340,18 @@ def test_l1_pruning_of_signed_integer_weights_ranks_their_minimum_as_the_largest
     assert module.weight_mask.tolist() == [[1, 1, 0, 0]]
     assert module.weight_mask.dtype == dtype and module.weight.dtype == dtype
     assert module.weight.tolist() == [[low, 100, 0, 0]]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_l1_pruning_ranks_signed_integer_importance_scores_by_their_magnitudes(scope):
+    module = nn.Module()
+    module.weight = nn.Parameter(torch.randn(1, 4))
+    scores = torch.tensor([[-128, 100, -5, 7]], dtype=torch.int8)
+    given = scores if scope == "local" else {(module, "weight"): scores}
+    prune_([(module, "weight")], "l1_unstructured", 1, scope=scope, importance_scores=given)
+    assert module.weight_mask.tolist() == [[1, 1, 0, 1]] and module.weight_mask.dtype == torch.float32
+    assert scores.tolist() == [[-128, 100, -5, 7]]
+    big = nn.Module()
+    big.weight = nn.Parameter(torch.tensor([[2**60 + 1, 2**60, -(2**60) - 3, 2**60 + 2]]), requires_grad=False)
+    prune_([(big, "weight")], "l1_unstructured", 1, scope=scope)  # exact, not ranked in float64's roundings
+    assert big.weight_mask.tolist() == [[1, 0, 1, 1]]

@@ -340,3 +340,13 @@ def test_magnitudes_of_signed_integers_rank_their_minimum_largest(data, dtypes) 
     assert smallest_kept is None or largest_pruned <= smallest_kept
     assert float(kth) == float(order[k - 1][0])
     assert [s.dtype for s in scores] == dtypes  # the scores themselves are left as they were
+
+
+def test_int64_magnitudes_are_ranked_exactly_beyond_float64s_integers() -> None:
+    """Ranked in float64, 2**60 + 1, 2**60 + 2 and 2**60 + 3 tied with 2**60; int64's minimum ranks with its maximum
+    (its magnitude, 2**63, is no int64)."""
+    big = torch.tensor([2**60 + 1, 2**60, -(2**60) - 3, 2**60 + 2, -(2**63)], dtype=torch.int64)
+    ranked = [smallest_k_masks([big], [None], k, magnitude=True)[0].tolist() for k in (1, 2, 3, 4)]
+    assert ranked == [[1, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 0, 1], [0, 0, 0, 0, 1]]
+    assert kth_smallest([big], [None], 5, magnitude=True) == float(2**63 - 1)
+    assert big.tolist()[-1] == -(2**63)  # the caller's tensor is left as it was

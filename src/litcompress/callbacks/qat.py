@@ -93,6 +93,8 @@ class QuantizationAwareTraining(Callback):
             they are (:meth:`~litcompress.quantization.qat.QATModel.freeze_ranges_`; None: they observe every QAT
             step). Also right in a fit resumed from a checkpoint written before the freeze, whose graph is traced
             only at its first step (a hand-written freeze in ``on_train_epoch_start`` finds ``qat`` None there).
+            The callback used again for a further fit of the same module goes on with its graph, frozen ranges
+            included.
         save_path: where to write the int8 model (a ``.pt2`` program, :func:`litcompress.load_quantized` reads it).
         compile: convert with ``torch.compile`` (see :meth:`~litcompress.quantization.qat.QATModel.convert`): the
             int8 model in ``result`` then runs on fused int8 kernels instead of torch's slower reference ops.
@@ -252,23 +254,42 @@ class QuantizationAwareTraining(Callback):
         # a fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next epoch
         # without its `on_train_epoch_start`: that epoch would train without the QAT graph
         self._install_if_due(trainer, pl_module)
-        if self.freeze_ranges_epoch is not None and trainer.max_epochs is not None \
-                and 0 <= trainer.max_epochs <= self.freeze_ranges_epoch and not trainer.fast_dev_run:
-            rank_zero_warn(f"{_OWNER}(freeze_ranges_epoch={self.freeze_ranges_epoch}): the fit ends at max_epochs="
-                           f"{trainer.max_epochs}, before that epoch: the int8 ranges are observed to the end.")
-        if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 0 or not self.start_epoch \
-                or not pl_module.automatic_optimization:  # manual: a batch makes as many steps as it takes (0, 2...)
+        if trainer.fast_dev_run:
             return
-        counted = steps_in_epoch(trainer)  # (a GradientAccumulationScheduler's factors counted)
-        if counted is None:  # an iterable without a length: not known
+        steps_before = self._steps_before(trainer, pl_module)
+        if self.freeze_ranges_epoch is not None:
+            by_epochs = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.freeze_ranges_epoch
+            by_steps = steps_before is not None and steps_before(self.freeze_ranges_epoch)[0] >= trainer.max_steps
+            if by_epochs or by_steps:
+                limit = f"max_epochs={trainer.max_epochs}" if by_epochs else f"max_steps={trainer.max_steps}"
+                rank_zero_warn(f"{_OWNER}(freeze_ranges_epoch={self.freeze_ranges_epoch}): the fit ends at {limit}, "
+                               "before that epoch: the int8 ranges are observed to the end.")
+        if steps_before is None or not self.start_epoch:
             return
-        per_epoch = [counted[0](epoch) for epoch in range(self.start_epoch)]
-        if sum(per_epoch) >= trainer.max_steps:
+        total, per_epoch = steps_before(self.start_epoch)
+        if total >= trainer.max_steps:
             each = (f"{per_epoch[0]} optimizer step(s) per epoch" if len(set(per_epoch)) == 1
-                    else f"{sum(per_epoch)} optimizer steps in the epochs before")
+                    else f"{total} optimizer steps in the epochs before")
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit stops at max_steps="
                              f"{trainer.max_steps}, {each}, before epoch "
                              f"{self.start_epoch} starts: QAT would never run. Lower start_epoch or raise max_steps.")
+
+    @staticmethod
+    def _steps_before(trainer: "pl.Trainer", pl_module: LightningModule) -> Any:
+        """``epoch -> (optimizer steps in the epochs before it, per epoch)`` where a fit stops at a `max_steps`; None
+        where that is not known or not counted (no max_steps; manual optimization, whose batch makes as many steps
+        as it takes; an iterable without a length)."""
+        if trainer.max_steps is None or trainer.max_steps < 0 or not pl_module.automatic_optimization:
+            return None
+        counted = steps_in_epoch(trainer)  # (a GradientAccumulationScheduler's factors counted)
+        if counted is None:
+            return None
+
+        def steps_before(epoch: int) -> tuple[int, list[int]]:
+            per_epoch = [counted[0](e) for e in range(epoch)]
+            return sum(per_epoch), per_epoch
+
+        return steps_before
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._install_if_due(trainer, pl_module)

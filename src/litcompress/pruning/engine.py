@@ -44,7 +44,7 @@ from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check
 from litcompress.pruning.parametrizations import (check_prunable, is_computed, parametrized_tensors,
                                                   scripted_targets_message)
 from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
-from litcompress.pruning.threshold import holds_nan, smallest_k_masks
+from litcompress.pruning.threshold import SIGNED_INTEGERS, abs_of_signed, holds_nan, smallest_k_masks
 
 Target = tuple[nn.Module, str]
 Scope = Literal["local", "global"]
@@ -744,6 +744,9 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **{k: v for k, v in method_kwargs.items()
                                                                         if k != "importance_scores"}})
             scores = _flattenable_scores(targets, method_kwargs)
+            if method_cls is torch_prune.L1Unstructured:  # torch ranks abs() of them: an int8 -128 stays -128
+                scores = {target: abs_of_signed(score) if score.dtype in SIGNED_INTEGERS else score
+                          for target, score in scores.items()}
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, importance_scores=scores,
                                             **kwargs)
         else:
@@ -760,14 +763,16 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
 
 def _magnitudes_widened(method_cls: type[torch_prune.BasePruningMethod], module: nn.Module, name: str,
                         kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs`, with a signed integer tensor's own values in float64 as torch's L1 method's scores: it ranks ``abs``
-    of them, and ``abs`` of an int8 -128 is -128 (the largest magnitude was pruned first)."""
-    if method_cls is not torch_prune.L1Unstructured or kwargs.get("importance_scores") is not None:
+    """`kwargs`, where torch's L1 method would rank signed integer scores (the caller's, else the tensor's own
+    values), with their magnitudes instead: it ranks ``abs`` of them, and ``abs`` of an int8 -128 is -128 (the
+    largest magnitude was pruned first)."""
+    if method_cls is not torch_prune.L1Unstructured:
         return kwargs
-    values = trainable_tensor(module, name).detach()
-    if values.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+    scores = kwargs.get("importance_scores")
+    scores = trainable_tensor(module, name).detach() if scores is None else scores
+    if not isinstance(scores, Tensor) or scores.dtype not in SIGNED_INTEGERS:
         return kwargs
-    return {**kwargs, "importance_scores": values.double()}  # exact below 2**53, as the global ranking
+    return {**kwargs, "importance_scores": abs_of_signed(scores)}
 
 
 def _check_rankable(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod],

@@ -68,9 +68,22 @@ def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
     return torch.float64
 
 
-# Signed integer scores whose magnitudes their own dtype cannot hold (the minimum's): ranked in these.
+# Signed integer scores whose magnitudes their own dtype cannot hold (the minimum's): ranked in these. int64 has no
+# wider integer (float64 would round magnitudes above 2**53): its minimum is clamped (see `abs_of_signed`).
 _WIDER_FOR_MAGNITUDE = {torch.int8: torch.int16, torch.int16: torch.int32, torch.int32: torch.int64,
-                        torch.int64: torch.float64}
+                        torch.int64: torch.int64}
+SIGNED_INTEGERS = tuple(_WIDER_FOR_MAGNITUDE)
+
+
+def abs_of_signed(scores: Tensor) -> Tensor:
+    """``|scores|`` of a signed integer tensor in a dtype that holds it (a new tensor): ``abs`` of an int8 -128 is
+    -128, the smallest value where it is the largest magnitude. int64's minimum, -2**63, becomes 2**63 - 1 (tied with
+    the largest int64 magnitude). Other dtypes: ``abs`` as it is."""
+    if scores.dtype not in _WIDER_FOR_MAGNITUDE:
+        return scores.abs()
+    if scores.dtype == torch.int64:
+        return scores.clamp(min=-torch.iinfo(torch.int64).max).abs_()
+    return scores.to(_WIDER_FOR_MAGNITUDE[scores.dtype]).abs_()
 
 
 class _Inputs:
@@ -132,9 +145,9 @@ class _Inputs:
         the scores is ever held.
         """
         flat = self.raw_scores[index].reshape(-1)
-        if self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE:  # widened before abs: the minimum wraps in its own
-            # (self.dtype is wider here, or float64 for mixed dtypes: `to` copies, so abs_ writes no caller's tensor)
-            return (flat if positions is None else flat[positions]).to(self.dtype).abs_()
+        if self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE:  # the minimum wraps in its own dtype
+            flat = abs_of_signed(flat if positions is None else flat[positions])
+            return flat if flat.dtype == self.dtype else flat.to(self.dtype)
         if positions is not None:
             flat = flat[positions]
             if self.magnitude:
