@@ -151,6 +151,19 @@ def test_a_freeze_epoch_the_fit_never_reaches_is_said(tmp_path, limits, said):
         assert callback.result is not None and not callback.qat.ranges_frozen
 
 
+def test_a_callback_used_again_goes_on_with_its_frozen_ranges_without_a_warning(tmp_path):
+    callback, model = QuantizationAwareTraining("net", freeze_ranges_epoch=2), MLPClassifier(hidden=(16,))
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(model, datamodule=DigitsDataModule())
+    frozen = callback.qat.fake_quant_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=-1, max_steps=2, callbacks=[callback]).fit(model,
+                                                                                     datamodule=DigitsDataModule())
+    assert not [w for w in caught if "freeze_ranges_epoch" in str(w.message)]
+    assert callback.qat.ranges_frozen
+    assert all(torch.equal(value, frozen[key]) for key, value in callback.qat.fake_quant_state().items())
+
+
 # checkpoints at epoch ends: the fit resumes into epoch 2 (QAT observing), 3 (the freeze's) or 4 (frozen); one at
 # the last batch of epoch 2 (step 12), after which Lightning skips the resumed epoch's on_train_epoch_start
 @pytest.mark.parametrize("checkpoint", ["epoch=1-step=8", "epoch=2-step=12", "epoch=3-step=16", "step=12"])

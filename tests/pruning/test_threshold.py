@@ -350,3 +350,15 @@ def test_int64_magnitudes_are_ranked_exactly_beyond_float64s_integers() -> None:
     assert ranked == [[1, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 0, 1], [0, 0, 0, 0, 1]]
     assert kth_smallest([big], [None], 5, magnitude=True) == float(2**63 - 1)
     assert big.tolist()[-1] == -(2**63)  # the caller's tensor is left as it was
+
+
+def test_a_round_of_integer_dtypes_only_ranks_in_int64_not_float64() -> None:
+    """Mixed integer dtypes were ranked in float64, where 2**53 + 1 ties with 2**53 (the larger pruned first)."""
+    big = torch.tensor([2**53 + 1, 2**53, 2**60 + 1, 2**60], dtype=torch.int64)
+    small = torch.tensor([100, 100], dtype=torch.int8)
+    masks = smallest_k_masks([big, small], [None, None], 3, magnitude=True)
+    assert masks[0].tolist() == [1, 0, 1, 1] and masks[1].tolist() == [0, 0]
+    mixed = [torch.tensor([3, 1], dtype=torch.uint8), torch.tensor([True, False]),
+             torch.tensor([-2, 5], dtype=torch.int16)]
+    masks = smallest_k_masks(mixed, [None] * 3, 3)
+    assert [m.tolist() for m in masks] == [[1, 0], [True, False], [0, 1]]

@@ -257,7 +257,8 @@ class QuantizationAwareTraining(Callback):
         if trainer.fast_dev_run:
             return
         steps_before = self._steps_before(trainer, pl_module)
-        if self.freeze_ranges_epoch is not None:
+        if self.freeze_ranges_epoch is not None and not (self.qat is not None and self.qat.ranges_frozen):
+            # (frozen: a callback used again for a further fit of the same module goes on with its graph)
             by_epochs = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.freeze_ranges_epoch
             by_steps = steps_before is not None and steps_before(self.freeze_ranges_epoch)[0] >= trainer.max_steps
             if by_epochs or by_steps:

@@ -64,7 +64,10 @@ def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
     if len(dtypes) == 1:
         (dtype,) = dtypes
         return torch.uint8 if dtype == torch.bool else dtype
-    # float64 holds every float16/bfloat16/float32 value and integers below 2**53 exactly.
+    if not any(dtype.is_floating_point for dtype in dtypes) and not dtypes & {torch.uint64, torch.uint32}:
+        return torch.int64  # every value of the others: float64 would round int64's above 2**53
+    # float64 holds every float16/bfloat16/float32 value and integers below 2**53 exactly (int64 ones above it,
+    # mixed with floats in one round, are rounded: tied with their neighbours).
     return torch.float64
 
 
