@@ -1355,3 +1355,10 @@ def test_l1_pruning_ranks_signed_integer_importance_scores_by_their_magnitudes(s
     big.weight = nn.Parameter(torch.tensor([[2**60 + 1, 2**60, -(2**60) - 3, 2**60 + 2]]), requires_grad=False)
     prune_([(big, "weight")], "l1_unstructured", 1, scope=scope)  # exact, not ranked in float64's roundings
     assert big.weight_mask.tolist() == [[1, 0, 1, 1]]
+    for dtype in (torch.bool, torch.uint16, torch.uint64):  # torch has no abs of these (it failed in its words)
+        module = nn.Module()
+        module.weight = nn.Parameter(torch.randn(1, 4))
+        scores = torch.tensor([[3, 1, 0, 2]]).to(dtype)
+        prune_([(module, "weight")], "l1_unstructured", 1, scope=scope,
+               importance_scores=scores if scope == "local" else {(module, "weight"): scores})
+        assert module.weight_mask.tolist() == [[1, 1, 0, 1]], dtype

@@ -362,3 +362,24 @@ def test_a_round_of_integer_dtypes_only_ranks_in_int64_not_float64() -> None:
              torch.tensor([-2, 5], dtype=torch.int16)]
     masks = smallest_k_masks(mixed, [None] * 3, 3)
     assert [m.tolist() for m in masks] == [[1, 0], [True, False], [0, 1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_bool_and_unsigned_scores_are_ranked_as_the_values_they_hold(dtype, magnitude) -> None:
+    """torch has no abs of bool or uint16/32/64, nor comparisons of uint16/32/64 on the CPU: they failed in its
+    words. They rank as their values, mixed with other dtypes too."""
+    scores = torch.tensor([3, 1, 0, 2]).to(dtype)
+    values = [int(v) for v in scores.tolist()]
+    other = [-1.5, 5.0]
+    masks = smallest_k_masks([scores, torch.tensor(other)], [None, None], 2, magnitude=magnitude)
+    ranked = sorted([(v, 0, i) for i, v in enumerate(values)]
+                    + [(abs(v) if magnitude else v, 1, i) for i, v in enumerate(other)])
+    smallest = {(t, i) for _, t, i in ranked[:2]}
+    assert [int(v) == 0 for v in masks[0].tolist()] == [(0, i) in smallest for i in range(4)]
+    assert kth_smallest([scores], [None], 2, magnitude=magnitude) == float(sorted(values)[1])
+
+
+def test_uint64_scores_beyond_int64_are_refused_in_words() -> None:
+    with pytest.raises(ValueError, match=r"uint64 scores above 2\*\*63 - 1 cannot be ranked"):
+        smallest_k_masks([torch.tensor([2**64 - 1, 1], dtype=torch.uint64)], [None], 1)

@@ -44,7 +44,8 @@ from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check
 from litcompress.pruning.parametrizations import (check_prunable, is_computed, parametrized_tensors,
                                                   scripted_targets_message)
 from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
-from litcompress.pruning.threshold import SIGNED_INTEGERS, abs_of_signed, holds_nan, smallest_k_masks
+from litcompress.pruning.threshold import (CONVERTED_FOR_MAGNITUDES, exact_magnitudes, holds_nan,
+                                          smallest_k_masks)
 
 Target = tuple[nn.Module, str]
 Scope = Literal["local", "global"]
@@ -745,7 +746,7 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                                                                         if k != "importance_scores"}})
             scores = _flattenable_scores(targets, method_kwargs)
             if method_cls is torch_prune.L1Unstructured:  # torch ranks abs() of them: an int8 -128 stays -128
-                scores = {target: abs_of_signed(score) if score.dtype in SIGNED_INTEGERS else score
+                scores = {target: exact_magnitudes(score) if score.dtype in CONVERTED_FOR_MAGNITUDES else score
                           for target, score in scores.items()}
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, importance_scores=scores,
                                             **kwargs)
@@ -763,16 +764,16 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
 
 def _magnitudes_widened(method_cls: type[torch_prune.BasePruningMethod], module: nn.Module, name: str,
                         kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`kwargs`, where torch's L1 method would rank signed integer scores (the caller's, else the tensor's own
-    values), with their magnitudes instead: it ranks ``abs`` of them, and ``abs`` of an int8 -128 is -128 (the
-    largest magnitude was pruned first)."""
+    """`kwargs`, where torch's L1 method would rank integer or bool scores (the caller's, else the tensor's own
+    values), with their exact magnitudes instead: it ranks ``abs`` of them, and ``abs`` of an int8 -128 is -128 (the
+    largest magnitude was pruned first); torch has no ``abs`` for bool or uint16/32/64 (it failed in its words)."""
     if method_cls is not torch_prune.L1Unstructured:
         return kwargs
     scores = kwargs.get("importance_scores")
     scores = trainable_tensor(module, name).detach() if scores is None else scores
-    if not isinstance(scores, Tensor) or scores.dtype not in SIGNED_INTEGERS:
+    if not isinstance(scores, Tensor) or scores.dtype not in CONVERTED_FOR_MAGNITUDES:
         return kwargs
-    return {**kwargs, "importance_scores": abs_of_signed(scores)}
+    return {**kwargs, "importance_scores": exact_magnitudes(scores)}
 
 
 def _check_rankable(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod],

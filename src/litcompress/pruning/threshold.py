@@ -63,8 +63,8 @@ def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
             raise ValueError(f"scores must be real, got a tensor of dtype {dtype}")
     if len(dtypes) == 1:
         (dtype,) = dtypes
-        return torch.uint8 if dtype == torch.bool else dtype
-    if not any(dtype.is_floating_point for dtype in dtypes) and not dtypes & {torch.uint64, torch.uint32}:
+        return _RANKED_AS.get(dtype, dtype)
+    if not any(dtype.is_floating_point for dtype in dtypes):
         return torch.int64  # every value of the others: float64 would round int64's above 2**53
     # float64 holds every float16/bfloat16/float32 value and integers below 2**53 exactly (int64 ones above it,
     # mixed with floats in one round, are rounded: tied with their neighbours).
@@ -72,21 +72,35 @@ def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
 
 
 # Signed integer scores whose magnitudes their own dtype cannot hold (the minimum's): ranked in these. int64 has no
-# wider integer (float64 would round magnitudes above 2**53): its minimum is clamped (see `abs_of_signed`).
+# wider integer (float64 would round magnitudes above 2**53): its minimum is clamped (see `exact_magnitudes`).
 _WIDER_FOR_MAGNITUDE = {torch.int8: torch.int16, torch.int16: torch.int32, torch.int32: torch.int64,
                         torch.int64: torch.int64}
-SIGNED_INTEGERS = tuple(_WIDER_FOR_MAGNITUDE)
+# Dtypes torch has no abs (nor, but for bool, comparisons) for on the CPU: ranked as these hold their values.
+_RANKED_AS = {torch.bool: torch.uint8, torch.uint16: torch.int64, torch.uint32: torch.int64, torch.uint64: torch.int64}
+# What `exact_magnitudes` converts: torch's `abs` of them wraps or is not implemented.
+CONVERTED_FOR_MAGNITUDES = (*_WIDER_FOR_MAGNITUDE, *_RANKED_AS)
 
 
-def abs_of_signed(scores: Tensor) -> Tensor:
-    """``|scores|`` of a signed integer tensor in a dtype that holds it (a new tensor): ``abs`` of an int8 -128 is
-    -128, the smallest value where it is the largest magnitude. int64's minimum, -2**63, becomes 2**63 - 1 (tied with
-    the largest int64 magnitude). Other dtypes: ``abs`` as it is."""
+def exact_magnitudes(scores: Tensor) -> Tensor:
+    """``|scores|`` in a dtype that holds them and that torch ranks (a new tensor for the dtypes
+    `CONVERTED_FOR_MAGNITUDES` names): ``abs`` of an int8 -128 is -128, the smallest value where it is the largest
+    magnitude, and torch has no ``abs`` for bool or uint16/32/64. int64's minimum, -2**63, becomes 2**63 - 1 (tied
+    with the largest int64 magnitude). Other dtypes: ``abs`` as it is."""
+    if scores.dtype in _RANKED_AS:  # never negative
+        return _ranked_as(scores)
     if scores.dtype not in _WIDER_FOR_MAGNITUDE:
         return scores.abs()
     if scores.dtype == torch.int64:
         return scores.clamp(min=-torch.iinfo(torch.int64).max).abs_()
     return scores.to(_WIDER_FOR_MAGNITUDE[scores.dtype]).abs_()
+
+
+def _ranked_as(scores: Tensor) -> Tensor:
+    # (torch has no max of uint64 either: above 2**63 - 1 they read negative as int64's bits)
+    if scores.dtype == torch.uint64 and bool(scores.view(torch.int64).lt(0).any()):
+        raise ValueError("uint64 scores above 2**63 - 1 cannot be ranked (torch compares no uint64 on the CPU); "
+                         "give them as float64 or int64.")
+    return scores.to(_RANKED_AS[scores.dtype])
 
 
 class _Inputs:
@@ -148,8 +162,9 @@ class _Inputs:
         the scores is ever held.
         """
         flat = self.raw_scores[index].reshape(-1)
-        if self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE:  # the minimum wraps in its own dtype
-            flat = abs_of_signed(flat if positions is None else flat[positions])
+        if flat.dtype in _RANKED_AS or (self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE):
+            flat = flat if positions is None else flat[positions]
+            flat = exact_magnitudes(flat) if self.magnitude else _ranked_as(flat)
             return flat if flat.dtype == self.dtype else flat.to(self.dtype)
         if positions is not None:
             flat = flat[positions]
