@@ -302,6 +302,21 @@ def test_a_checkpoint_the_run_would_overwrite_is_refused_before_anything_is_writ
     assert given.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+@pytest.mark.parametrize("name", ["dense.ckpt", "report.json", "model.onnx"])
+def test_a_folder_named_as_a_file_the_run_writes_is_refused_before_training(first_run, capsys, tmp_path, name):
+    """Renaming the written file over the folder failed after the training and the compression (a raw OSError
+    naming a '.partial' file, or a note that no model was written)."""
+    _, out = first_run
+    (tmp_path / name / "kept").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--train-epochs", "1", "--prune-epochs", "0",
+              "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert (f"--output-dir {tmp_path}: {name} in it is a folder, where this run writes a file of that name"
+            in capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name] and (tmp_path / name / "kept").is_dir()
+
+
 def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_are_named(first_run, capsys, tmp_path):
     """The search's log stays in report.md, but how it ended, when that is fp32, is printed; pruning options given
     with --prune none are named as ignored (and the run goes on)."""

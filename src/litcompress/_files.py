@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -44,6 +44,12 @@ def cannot_write(directory: Path) -> str | None:
     except OSError as error:
         return error.strerror or str(error)
     return None
+
+
+def folders_in_the_way(directory: Path, names: Iterable[str]) -> list[str]:
+    """The `names` that are folders in `directory`, where a run writes files of those names: the write would fail
+    after all the work before it (renaming a file over a folder)."""
+    return [name for name in names if (directory / name).is_dir()]
 
 
 def _name_max(directory: Path) -> int:

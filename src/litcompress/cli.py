@@ -927,6 +927,17 @@ def _check_writable(directory: Path, option: str = "--output-dir", given: Path |
         raise ValueError(f"{option} {given or directory}: cannot write there ({why}).")
 
 
+def _check_no_folders_named_as_outputs(directory: Path) -> None:
+    """A folder in --output-dir named as a file the run writes (model.pt, report.json, ...) fails its write after
+    the training and compression: refused before."""
+    from litcompress._files import folders_in_the_way
+    from litcompress.pipeline.compress import OUTPUT_FILES, REPORT_FILES, folders_message
+
+    folders = folders_in_the_way(directory, (*OUTPUT_FILES, "dense.ckpt", *REPORT_FILES))
+    if folders:
+        raise ValueError(f"--output-dir {directory}: {folders_message(folders)}")
+
+
 def _check_plot_path(path: Path) -> None:
     """A --plot file matplotlib can write: a format it knows (PNG without a suffix), in a writable directory."""
     try:
@@ -1015,6 +1026,7 @@ def run_compress(args: argparse.Namespace) -> int:
                              "Copy it elsewhere, or give another --output-dir.")
         _check_checkpoint_is_no_output(args)
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
+        _check_no_folders_named_as_outputs(args.output_dir)
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(_said(error)))
     for error in unreadable:

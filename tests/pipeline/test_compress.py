@@ -700,6 +700,23 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_stage(traine
     assert calls == []
 
 
+@pytest.mark.parametrize(("names", "said"), [
+    (["pruned_state_dict.pt"], "pruned_state_dict.pt in it is a folder"),
+    (["model.pt2", "shrunk_state_dict.pt"], "shrunk_state_dict.pt, model.pt2 in it are folders"),
+])
+def test_folders_named_as_files_the_run_writes_are_refused_before_any_stage(trained, digits, tmp_path, names, said):
+    """Renaming the state dict over a folder of its name failed after every stage (IsADirectoryError naming a
+    '.partial.pt' file); a model file's folder cost the run's file (a note after the work)."""
+    calls = []
+    for name in names:
+        (tmp_path / name).mkdir()
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), **FAST)
+    with pytest.raises(ValueError, match=re.escape(f"compress(output_dir='{tmp_path}'): {said}, where this run")):
+        compress(trained, config, eval_fn=lambda m: calls.append("eval") or 1.0, example_inputs=digits[2][:8],
+                 output_dir=tmp_path)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
 class CompilesItsBody(nn.Module):
     """Compiles a block in __init__, as some models do: its state dict's keys hold `_orig_mod.`."""
 

@@ -430,6 +430,14 @@ def test_a_fit_end_output_dir_that_cannot_be_written_is_refused_before_training(
     assert trainer.global_step == 0
 
 
+def test_a_fit_end_output_dir_holding_a_folder_named_as_a_report_file_is_refused_before_training(tmp_path) -> None:
+    (tmp_path / "report.png").mkdir()
+    trainer = _trainer(max_epochs=1, callbacks=[CompressOnFitEnd(CONFIG, output_dir=tmp_path)])
+    with pytest.raises(ValueError, match=r"report.png in it is a folder, where this run writes a file of that name"):
+        trainer.fit(Tiny(), _loader(_data(48, 0)), _loader(_data(16, 1)))
+    assert trainer.global_step == 0
+
+
 def test_fine_tuning_that_would_make_no_step_is_refused_before_any_stage() -> None:
     """A limit_train_batches fraction that leaves no batch (Lightning refuses it too), or a loader that gives none
     (drop_last with fewer samples than a batch): fine_tune_epochs was dropped silently, and the one-shot pruning's

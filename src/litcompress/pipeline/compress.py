@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._files import cannot_write, file_in_the_way, partial_path, written_atomically
+from litcompress._files import (cannot_write, file_in_the_way, folders_in_the_way, partial_path,
+                                written_atomically)
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
                                         compiled_module_names, deepcopy_model, distinct_targets, eager_copy,
                                         effective_tensor, is_compiled, is_excluded, is_pruned,
@@ -71,6 +72,10 @@ FineTuneFn = Callable[[nn.Module, Callable[[int], None]], None]
 
 PRUNED_STATE_FILE = "pruned_state_dict.pt"
 SHRUNK_STATE_FILE = "shrunk_state_dict.pt"
+# every file `compress` may write into its output directory (the model's suffix is its format's: the quantized
+# backends' files are .pt, .pt2 and .onnx too)
+OUTPUT_FILES = (PRUNED_STATE_FILE, SHRUNK_STATE_FILE, *sorted(f"model{suffix}" for suffix in {*FP32_SUFFIXES.values()}))
+REPORT_FILES = ("report.json", "report.md", "report.png")  # what CompressionReport.save writes beside them
 SLOWER = 1.1  # a quantized model this much slower than the fp32 one it came from is said not to pay off (not noise)
 
 
@@ -551,6 +556,14 @@ def _export(model: nn.Module, recipe: Recipe | None, config: CompressionConfig, 
     return artifact
 
 
+def folders_message(folders: Sequence[str]) -> str:
+    """Why a run refuses an output directory holding `folders` under the names of its files."""
+    one = len(folders) == 1
+    return (f"{', '.join(folders)} in it {'is a folder' if one else 'are folders'}, where this run writes "
+            f"{'a file' if one else 'files'} of that name (the write would fail after the run's work). Move or "
+            f"rename {'it' if one else 'them'}, or give another output directory.")
+
+
 def _note_earlier_outputs(directory: Path, written: set[str], note: Callable[[str], None]) -> None:
     """Name the model and state files of an earlier run into `directory` that this run did not write over (a model
     in another format; a pruned or shrunk state dict where this run pruned nothing or removed no channel): not ours
@@ -1021,6 +1034,9 @@ def compress(
         why = cannot_write(directory)  # before any stage: it failed at the first file, after all the fine-tuning
         if why is not None:
             raise ValueError(f"compress(output_dir={str(directory)!r}): cannot write there ({why}).")
+        folders = folders_in_the_way(directory, OUTPUT_FILES)
+        if folders:
+            raise ValueError(f"compress(output_dir={str(directory)!r}): {folders_message(folders)}")
 
     messages: list[str] = []
 

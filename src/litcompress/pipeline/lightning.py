@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from litcompress._files import cannot_write
+from litcompress._files import cannot_write, folders_in_the_way
 from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricCheckedEarly,
@@ -40,7 +40,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 with_metric_mode)
 from litcompress.quantization.tuner import example_as_inputs, model_input_fn
 
-from .compress import CompressionResult, compress
+from .compress import OUTPUT_FILES, REPORT_FILES, CompressionResult, compress, folders_message
 from .config import CompressionConfig
 
 logger = logging.getLogger(__name__)
@@ -569,6 +569,10 @@ class CompressOnFitEnd(MetricCheckedEarly):
             if why is not None:
                 raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): cannot write there "
                                  f"({why}).")
+            folders = folders_in_the_way(Path(os.fspath(self.output_dir)), (*OUTPUT_FILES, *REPORT_FILES))
+            if folders:
+                raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): "
+                                 f"{folders_message(folders)}")
         if trainer.datamodule is None and self.test_metric is not None and self.test_dataloaders is None \
                 and not is_overridden("test_dataloader", pl_module):
             raise ValueError(f"CompressOnFitEnd(test_metric={self.test_metric!r}) in a fit given dataloaders: "
