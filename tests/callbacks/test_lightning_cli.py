@@ -134,6 +134,37 @@ def test_structured_pruning_norms_and_a_users_method_class_parse_from_yaml(norm)
     assert compress.config.prune.method is HalfL1
 
 
+@pytest.mark.parametrize(("path", "said"), [
+    ("tests_missing_module.MyMethod", "is an import path, and importing it failed: ModuleNotFoundError: No module "
+                                      "named 'tests_missing_module'"),
+    (f"{__name__}.HalfL2", f"is an import path, and importing it failed: AttributeError: module '{__name__}' has no "
+                           "attribute 'HalfL2'"),
+    ("torch.nn.Linear", "is <class 'torch.nn.modules.linear.Linear'>, not a `torch.nn.utils.prune.BasePruningMethod`"
+                        " subclass"),
+])
+def test_a_method_import_path_that_does_not_import_is_refused_with_why(path, said):
+    """LightningCLI passes a path it cannot import on as a string: it was refused as a misspelt built-in name,
+    lowercased, the import's error lost."""
+    config = {"trainer": {"logger": False, "enable_checkpointing": False, "accelerator": "cpu", "callbacks": [
+        {"class_path": "litcompress.ModelPruning", "init_args": {"pruning_fn": path, "amount": 0.5}}]}}
+    with pytest.raises(Exception) as refused:  # (jsonargparse's error holds the constructor's)
+        LightningCLI(CliModel, args=["--config", yaml.safe_dump(config)], run=False)
+    assert f"The provided `pruning_fn` {path!r} {said}" in str(refused.value)
+
+
+def test_method_import_paths_are_taken_by_the_python_api_too():
+    from litcompress import ModelPruning, PruneConfig
+    from litcompress.pruning import prune_
+
+    assert ModelPruning(f"{__name__}.HalfL1", amount=0.5)._method is HalfL1
+    assert PruneConfig(sparsity=0.5, method=f"{__name__}.HalfL1").method is HalfL1  # not lowercased
+    layer = nn.Linear(4, 4)
+    prune_([(layer, "weight")], f"{__name__}.HalfL1", 0.5)
+    assert int((layer.weight == 0).sum()) == 8
+    with pytest.raises(ValueError, match=r"'no_such_module.M' is an import path, and importing it failed"):
+        PruneConfig(sparsity=0.5, method="no_such_module.M")
+
+
 def first_output(outputs):  # no return annotation, as most users write it
     return outputs[0]
 

@@ -54,9 +54,9 @@ from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_s
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
-from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, check_countable_slices, is_ln_norm,
-                                        is_pruning_method, norm_refusal, required_kwargs, structured_dim,
-                                        takes_amount)
+from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, check_countable_slices,
+                                        import_pruning_method, is_import_path, is_ln_norm, is_pruning_method,
+                                        norm_refusal, required_kwargs, structured_dim, takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
 from litcompress.pruning.parametrizations import SCRIPTED_HINT, check_prunable, is_scripted, parametrized_tensors
 from litcompress.pruning.schedules import SparsitySchedule
@@ -191,6 +191,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     f"The provided `parameter_names` name: {name} isn't in {self.PARAMETER_NAMES}"
                 )
 
+        if is_import_path(pruning_fn):
+            pruning_fn = _imported_pruning_method(pruning_fn)
         self._given_pruning_fn = pruning_fn
         if isinstance(pruning_fn, str):
             pruning_kwargs: dict[str, Any] = {}
@@ -1668,6 +1670,15 @@ def _check_unstructured_in_global(pruning_fn: Any, method: Any) -> None:
 def _is_bool(value: Any) -> bool:
     """A bool, or numpy's (a flag read from a config or an array)."""
     return isinstance(value, bool) or (type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy")
+
+
+def _imported_pruning_method(path: str) -> type:
+    """The `BasePruningMethod` subclass a ``pruning_fn`` import path names: the user's path was refused as a
+    misspelt built-in name (lowercased, its import error lost) where LightningCLI could not import it."""
+    try:
+        return import_pruning_method(path)
+    except ValueError as error:
+        raise MisconfigurationException(f"The provided `pruning_fn` {error}") from error.__cause__
 
 
 def _check_int(argument: str, value: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import math
 import numbers
@@ -35,8 +36,32 @@ def is_pruning_method(obj: Any) -> bool:
     return inspect.isclass(obj) and issubclass(obj, torch_prune.BasePruningMethod)
 
 
+def import_pruning_method(path: str) -> type[torch_prune.BasePruningMethod]:
+    """The `BasePruningMethod` subclass an import path names (``mymodule.MyMethod``, as a LightningCLI config gives
+    it: LightningCLI passes the path on as a string when it cannot import it); ValueError naming the import's error,
+    or what the path names where that is no such class."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:  # (the module's own imports; ValueError: '.x')
+        raise ValueError(f"{path!r} is an import path, and importing it failed: {type(error).__name__}: {error}. "
+                         "Give a `BasePruningMethod` subclass your Python path can import, or one of "
+                         f"{sorted(PRUNING_METHODS)}.") from error
+    if not is_pruning_method(found):
+        raise ValueError(f"{path!r} is {found!r}, not a `torch.nn.utils.prune.BasePruningMethod` subclass: give one, "
+                         f"or one of {sorted(PRUNING_METHODS)}.")
+    return found
+
+
+def is_import_path(method: object) -> bool:
+    """Whether `method` is a string naming a method by its import path rather than a built-in name."""
+    return isinstance(method, str) and "." in method and method.lower() not in PRUNING_METHODS
+
+
 def resolve_method(method: str | type[torch_prune.BasePruningMethod]) -> type[torch_prune.BasePruningMethod]:
-    """The `BasePruningMethod` class for a function name or a class."""
+    """The `BasePruningMethod` class for a function name, an import path (``mymodule.MyMethod``) or a class."""
+    if is_import_path(method):
+        return import_pruning_method(method)
     if isinstance(method, str):
         try:
             return PRUNING_METHODS[method.lower()]
