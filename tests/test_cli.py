@@ -317,6 +317,18 @@ def test_a_folder_named_as_a_file_the_run_writes_is_refused_before_training(firs
     assert sorted(p.name for p in tmp_path.iterdir()) == [name] and (tmp_path / name / "kept").is_dir()
 
 
+def test_folders_named_as_files_this_run_does_not_write_are_left_alone(first_run, capsys, tmp_path):
+    """dense.ckpt is written only by a run that trains, report.png only by one that plots: their folders were refused
+    by a run that writes neither."""
+    _, out = first_run
+    for name in ("dense.ckpt", "report.png"):
+        (tmp_path / name / "kept").mkdir(parents=True)
+    assert main(["compress", "--checkpoint", str(out / "dense.ckpt"), "--train-epochs", "0", "--prune", "none",
+                 "--quantize", "none", "--no-plot", "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "dense.ckpt" / "kept").is_dir() and (tmp_path / "report.png" / "kept").is_dir()
+    assert (tmp_path / "report.json").is_file()
+
+
 def test_a_search_that_ends_without_int8_says_why_and_options_that_do_nothing_are_named(first_run, capsys, tmp_path):
     """The search's log stays in report.md, but how it ended, when that is fp32, is printed; pruning options given
     with --prune none are named as ignored (and the run goes on)."""

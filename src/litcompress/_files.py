@@ -48,8 +48,8 @@ def cannot_write(directory: Path) -> str | None:
 
 def folders_in_the_way(directory: Path, names: Iterable[str]) -> list[str]:
     """The `names` that are folders in `directory`, where a run writes files of those names: the write would fail
-    after all the work before it (renaming a file over a folder)."""
-    return [name for name in names if (directory / name).is_dir()]
+    after all the work before it (renaming a file over a folder; over a link to one, it replaces the link)."""
+    return [name for name in names if (directory / name).is_dir() and not (directory / name).is_symlink()]
 
 
 def _name_max(directory: Path) -> int:

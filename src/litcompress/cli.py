@@ -927,13 +927,15 @@ def _check_writable(directory: Path, option: str = "--output-dir", given: Path |
         raise ValueError(f"{option} {given or directory}: cannot write there ({why}).")
 
 
-def _check_no_folders_named_as_outputs(directory: Path) -> None:
+def _check_no_folders_named_as_outputs(directory: Path, *, dense: bool, plot: bool) -> None:
     """A folder in --output-dir named as a file the run writes (model.pt, report.json, ...) fails its write after
-    the training and compression: refused before."""
+    the training and compression: refused before. `dense`: the run trains (writes dense.ckpt); `plot`: it plots."""
     from litcompress._files import folders_in_the_way
     from litcompress.pipeline.compress import OUTPUT_FILES, REPORT_FILES, folders_message
 
-    folders = folders_in_the_way(directory, (*OUTPUT_FILES, "dense.ckpt", *REPORT_FILES))
+    names = (*OUTPUT_FILES, *(["dense.ckpt"] if dense else []),
+             *(name for name in REPORT_FILES if plot or not name.endswith(".png")))
+    folders = folders_in_the_way(directory, names)
     if folders:
         raise ValueError(f"--output-dir {directory}: {folders_message(folders)}")
 
@@ -1026,7 +1028,7 @@ def run_compress(args: argparse.Namespace) -> int:
                              "Copy it elsewhere, or give another --output-dir.")
         _check_checkpoint_is_no_output(args)
         _check_writable(args.output_dir)  # last: a directory is created only for arguments that hold
-        _check_no_folders_named_as_outputs(args.output_dir)
+        _check_no_folders_named_as_outputs(args.output_dir, dense=bool(train_epochs), plot=bool(args.plot))
     except (ValueError, TypeError, ImportError, KeyError) as error:
         args.subparser.error(in_cli_terms(_said(error)))
     for error in unreadable:

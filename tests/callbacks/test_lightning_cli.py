@@ -152,7 +152,7 @@ def test_a_method_import_path_that_does_not_import_is_refused_with_why(path, sai
     assert f"The provided `pruning_fn` {path!r} {said}" in str(refused.value)
 
 
-def test_method_import_paths_are_taken_by_the_python_api_too():
+def test_method_import_paths_are_taken_by_the_python_api_too(tmp_path, monkeypatch):
     from litcompress import ModelPruning, PruneConfig
     from litcompress.pruning import prune_
 
@@ -163,6 +163,10 @@ def test_method_import_paths_are_taken_by_the_python_api_too():
     assert int((layer.weight == 0).sum()) == 8
     with pytest.raises(ValueError, match=r"'no_such_module.M' is an import path, and importing it failed"):
         PruneConfig(sparsity=0.5, method="no_such_module.M")
+    (tmp_path / "broken_methods_module.py").write_text("x = = 1\n")  # its own error, said as the others
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"importing it failed: SyntaxError: invalid syntax"):
+        PruneConfig(sparsity=0.5, method="broken_methods_module.M")
 
 
 def first_output(outputs):  # no return annotation, as most users write it

@@ -2447,3 +2447,13 @@ def test_masks_lost_after_the_schedule_ended_and_a_count_restarted_are_said_as_w
                       example_inputs=digits[2][:32], fine_tune=per_epoch, fine_tune_steps=15)
     assert any(m.startswith("fine_tune called step(1) after step(5): t counts the loop's optimizer steps")
                for m in result.report.messages)
+
+
+def test_a_link_to_a_folder_under_an_output_files_name_is_no_folder_in_the_way(tmp_path):
+    """The write renames the file over the link (the folder it points to is left as it is): not refused."""
+    from litcompress._files import folders_in_the_way
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "model.pt").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "model.onnx").mkdir()
+    assert folders_in_the_way(tmp_path, ["model.pt", "model.onnx", "model.pt2"]) == ["model.onnx"]

@@ -34,6 +34,9 @@ def test_defaults_pick_the_scope_each_method_supports():
     assert PruneConfig(sparsity=0.5, method=torch_prune.RandomUnstructured).scope == "global"
     assert PruneConfig(sparsity=0.5).method_kwargs() == {}
     assert PruneConfig(sparsity=0.5, method="LN_Structured").method == "ln_structured"  # the pipeline compares it
+    # given as torch's class or its import path too: compared as a name, ln_structured's residual groups were skipped
+    for given in (torch_prune.LnStructured, "torch.nn.utils.prune.LnStructured"):
+        assert PruneConfig(sparsity=0.5, method=given).method == "ln_structured"
 
 
 @given(st.one_of(st.floats(allow_nan=True), st.integers(), st.booleans(), st.none(), st.text(max_size=3)))
@@ -139,7 +142,7 @@ def test_compression_config_checks_its_fields():
 @pytest.mark.parametrize("method", ["ln_structured", "random_structured", torch_prune.LnStructured])
 def test_sparse_kernels_after_structured_pruning_and_shrink_are_refused_and_without_shrink_taken(method):
     """Shrink removes what a structured method zeroes: the whole fine-tuning ran to say no layer was sparse enough."""
-    name = method if isinstance(method, str) else method.__name__
+    name = method if isinstance(method, str) else "ln_structured"  # torch's class, taken as its name
     structured = PruneConfig(sparsity=0.5, method=method, scope="local")
     with pytest.raises(ValueError, match=re.escape(f"CompressionConfig(sparse_kernels=True) with PruneConfig("
                                                    f"method={name!r}): shrink removes the slices")):

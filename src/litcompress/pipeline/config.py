@@ -13,8 +13,8 @@ from torch import nn
 
 from litcompress._numbers import python_numbers_
 from litcompress.pruning.engine import recurrent_weight_names
-from litcompress.pruning.methods import (accepted_kwargs, check_countable_slices, check_takes_amount, is_import_path,
-                                         required_kwargs, resolve_method)
+from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check_countable_slices, check_takes_amount,
+                                         is_import_path, required_kwargs, resolve_method)
 from litcompress.pruning.schedules import LinearSchedule, PolynomialDecay, SparsitySchedule
 from litcompress.quantization.artifact import FP32_FORMATS
 from litcompress.quantization.config import PTQConfig
@@ -145,10 +145,11 @@ class PruneConfig:
                                else float(self.sparsity))
         python_numbers_(self)
         method = resolve_method(self.method)  # ValueError/TypeError naming the choices
-        if is_import_path(self.method):  # the class, as LightningCLI gives it where it can import it
+        builtin = next((name for name, cls in PRUNING_METHODS.items() if cls is method), None)
+        if builtin is not None:  # torch's names, however spelt or given (class, path): the pipeline compares them
+            object.__setattr__(self, "method", builtin)
+        elif is_import_path(self.method):  # the class, as LightningCLI gives it where it can import it
             object.__setattr__(self, "method", method)
-        elif isinstance(self.method, str):  # torch's names, however spelt: the pipeline compares them
-            object.__setattr__(self, "method", self.method.lower())
         if isinstance(self.schedule, SparsitySchedule):
             if self.schedule.unit != "step":
                 raise ValueError(f"PruneConfig(schedule=...): the pipeline counts optimizer steps, got a schedule in "

@@ -569,7 +569,8 @@ class CompressOnFitEnd(MetricCheckedEarly):
             if why is not None:
                 raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): cannot write there "
                                  f"({why}).")
-            folders = folders_in_the_way(Path(os.fspath(self.output_dir)), (*OUTPUT_FILES, *REPORT_FILES))
+            report_files = [name for name in REPORT_FILES if self.plot is not False or not name.endswith(".png")]
+            folders = folders_in_the_way(Path(os.fspath(self.output_dir)), (*OUTPUT_FILES, *report_files))
             if folders:
                 raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): "
                                  f"{folders_message(folders)}")

@@ -43,7 +43,7 @@ def import_pruning_method(path: str) -> type[torch_prune.BasePruningMethod]:
     module_name, _, attribute = path.rpartition(".")
     try:
         found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:  # (the module's own imports; ValueError: '.x')
+    except Exception as error:  # the module's own imports, errors and syntax; ValueError: '.x'
         raise ValueError(f"{path!r} is an import path, and importing it failed: {type(error).__name__}: {error}. "
                          "Give a `BasePruningMethod` subclass your Python path can import, or one of "
                          f"{sorted(PRUNING_METHODS)}.") from error
