@@ -35,8 +35,8 @@ def test_defaults_pick_the_scope_each_method_supports():
     assert PruneConfig(sparsity=0.5).method_kwargs() == {}
     assert PruneConfig(sparsity=0.5, method="LN_Structured").method == "ln_structured"  # the pipeline compares it
     # given as torch's class or its import path too: compared as a name, ln_structured's residual groups were skipped
-    for given in (torch_prune.LnStructured, "torch.nn.utils.prune.LnStructured"):
-        assert PruneConfig(sparsity=0.5, method=given).method == "ln_structured"
+    for method in (torch_prune.LnStructured, "torch.nn.utils.prune.LnStructured"):
+        assert PruneConfig(sparsity=0.5, method=method).method == "ln_structured"
 
 
 @given(st.one_of(st.floats(allow_nan=True), st.integers(), st.booleans(), st.none(), st.text(max_size=3)))
