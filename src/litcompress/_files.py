@@ -46,10 +46,15 @@ def cannot_write(directory: Path) -> str | None:
     return None
 
 
-def folders_in_the_way(directory: Path, names: Iterable[str]) -> list[str]:
+def folders_in_the_way(directory: Path, names: Iterable[str], *,
+                       written_through_links: Iterable[str] = ()) -> list[str]:
     """The `names` that are folders in `directory`, where a run writes files of those names: the write would fail
-    after all the work before it (renaming a file over a folder; over a link to one, it replaces the link)."""
-    return [name for name in names if (directory / name).is_dir() and not (directory / name).is_symlink()]
+    after all the work before it (renaming a file over a folder; over a link to one, :func:`written_atomically`
+    replaces the link). `written_through_links`: names written by others, which follow a link (Lightning's
+    checkpoint save moves its file into the folder linked): a link to a folder is in the way of those too."""
+    through = set(written_through_links)
+    return [name for name in (*names, *through) if (directory / name).is_dir()
+            and (name in through or not (directory / name).is_symlink())]
 
 
 def _name_max(directory: Path) -> int:

@@ -931,11 +931,10 @@ def _check_no_folders_named_as_outputs(directory: Path, *, dense: bool, plot: bo
     """A folder in --output-dir named as a file the run writes (model.pt, report.json, ...) fails its write after
     the training and compression: refused before. `dense`: the run trains (writes dense.ckpt); `plot`: it plots."""
     from litcompress._files import folders_in_the_way
-    from litcompress.pipeline.compress import OUTPUT_FILES, REPORT_FILES, folders_message
+    from litcompress.pipeline.compress import OUTPUT_FILES, folders_message, report_files
 
-    names = (*OUTPUT_FILES, *(["dense.ckpt"] if dense else []),
-             *(name for name in REPORT_FILES if plot or not name.endswith(".png")))
-    folders = folders_in_the_way(directory, names)
+    names = (*OUTPUT_FILES, *report_files(None if plot else False))  # (as the run's report.save is called)
+    folders = folders_in_the_way(directory, names, written_through_links=["dense.ckpt"] if dense else [])
     if folders:
         raise ValueError(f"--output-dir {directory}: {folders_message(folders)}")
 

@@ -2457,3 +2457,6 @@ def test_a_link_to_a_folder_under_an_output_files_name_is_no_folder_in_the_way(t
     (tmp_path / "model.pt").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "model.onnx").mkdir()
     assert folders_in_the_way(tmp_path, ["model.pt", "model.onnx", "model.pt2"]) == ["model.onnx"]
+    # Lightning's checkpoint save follows the link: it wrote the checkpoint into the folder under a temporary name
+    (tmp_path / "dense.ckpt").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert folders_in_the_way(tmp_path, ["model.pt"], written_through_links=["dense.ckpt"]) == ["dense.ckpt"]

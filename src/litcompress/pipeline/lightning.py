@@ -40,7 +40,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 with_metric_mode)
 from litcompress.quantization.tuner import example_as_inputs, model_input_fn
 
-from .compress import OUTPUT_FILES, REPORT_FILES, CompressionResult, compress, folders_message
+from .compress import OUTPUT_FILES, CompressionResult, compress, folders_message, report_files
 from .config import CompressionConfig
 
 logger = logging.getLogger(__name__)
@@ -569,8 +569,7 @@ class CompressOnFitEnd(MetricCheckedEarly):
             if why is not None:
                 raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): cannot write there "
                                  f"({why}).")
-            report_files = [name for name in REPORT_FILES if self.plot is not False or not name.endswith(".png")]
-            folders = folders_in_the_way(Path(os.fspath(self.output_dir)), (*OUTPUT_FILES, *report_files))
+            folders = folders_in_the_way(Path(os.fspath(self.output_dir)), (*OUTPUT_FILES, *report_files(self.plot)))
             if folders:
                 raise ValueError(f"CompressOnFitEnd(output_dir={os.fspath(self.output_dir)!r}): "
                                  f"{folders_message(folders)}")
