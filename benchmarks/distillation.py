@@ -184,6 +184,8 @@ def main() -> None:
     for name in ("epochs", "fine_tune_epochs", "threads"):  # --epochs 0 distilled an untrained teacher, in bold
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.lr < float("inf"):  # a negative one failed in torch after the data loaded; 0 trained nothing
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     quiet()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -151,6 +151,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.epochs, args.rounds, args.threads, args.batch_size) < 1:
         parser.error("--epochs, --rounds, --threads and --batch-size must be >= 1")
+    if not 0 < args.lr < float("inf"):  # a negative one failed in torch after the data loaded; 0 trained nothing
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.rewind_to_step is not None and args.rewind_to_step < 0:
         parser.error(f"--rewind-to-step must be >= 0 (0: initialisation), got {args.rewind_to_step}")
     args.rewind_to_step = args.rewind_to_step or None  # 0: initialisation, which the library names None

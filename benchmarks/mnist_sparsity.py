@@ -311,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ("epochs", "jobs", "batch_size", "frequency"):  # each failed inside a worker, after the data loaded
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.lr < float("inf"):  # a negative one failed in torch after the data loaded; 0 trained nothing
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if not 0.0 <= args.begin < args.end <= 1.0:
         parser.error(f"--begin and --end are fractions of the training steps with 0 <= begin < end <= 1, got "
                      f"{args.begin} and {args.end}")

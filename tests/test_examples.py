@@ -137,6 +137,10 @@ PARSE_REFUSALS = [
     # failed after the training and every backend's quantization; tracebacks (one said to "pass None")
     ("benchmarks/ptq.py", ["--tune-backends", "torch_ao,nope"], "--tune-backends: unknown ['nope']; choose from"),
     ("benchmarks/lottery_ticket.py", ["--rewind-to-step", "-1"], "--rewind-to-step must be >= 0 (0: initialisation)"),
+    # a negative learning rate failed in torch after the data loaded (three tracebacks); 0 trained nothing
+    ("benchmarks/mnist_sparsity.py", ["--quick", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    ("benchmarks/lottery_ticket.py", ["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    ("benchmarks/distillation.py", ["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     ("benchmarks/shrink.py", ["--keep-multiple-of", "0"], "--keep-multiple-of must be >= 1, got 0"),
     ("benchmarks/qat.py", ["--skip-latency", "--latency-only"], "not allowed with argument --skip-latency"),
     ("benchmarks/profile_prune_round.py", ["--device", "cuda"], "this torch sees no CUDA device"),  # without CUDA
