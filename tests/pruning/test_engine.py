@@ -1362,3 +1362,8 @@ def test_l1_pruning_ranks_signed_integer_importance_scores_by_their_magnitudes(s
         prune_([(module, "weight")], "l1_unstructured", 1, scope=scope,
                importance_scores=scores if scope == "local" else {(module, "weight"): scores})
         assert module.weight_mask.tolist() == [[1, 1, 0, 1]], dtype
+    masked = nn.Linear(4, 1, bias=False)  # a second round: torch made its mask in the scores' dtype
+    prune_([(masked, "weight")], "l1_unstructured", 1, scope=scope)
+    prune_([(masked, "weight")], "l1_unstructured", 1, scope=scope,
+           importance_scores=(lambda s: s if scope == "local" else {(masked, "weight"): s})(torch.ones(1, 4).double()))
+    assert masked.weight_mask.dtype == torch.float32 and int(masked.weight_mask.sum()) == 2

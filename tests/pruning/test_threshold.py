@@ -380,6 +380,11 @@ def test_bool_and_unsigned_scores_are_ranked_as_the_values_they_hold(dtype, magn
     assert kth_smallest([scores], [None], 2, magnitude=magnitude) == float(sorted(values)[1])
 
 
-def test_uint64_scores_beyond_int64_are_refused_in_words() -> None:
-    with pytest.raises(ValueError, match=r"uint64 scores above 2\*\*63 - 1 cannot be ranked"):
-        smallest_k_masks([torch.tensor([2**64 - 1, 1], dtype=torch.uint64)], [None], 1)
+def test_uint64_scores_beyond_int64_are_refused_in_words_only_where_ranked_in_int64() -> None:
+    big = torch.tensor([2**64 - 1, 1, 5], dtype=torch.uint64)
+    for k in (0, 1):  # whatever k
+        with pytest.raises(ValueError, match=r"scores\[0\]: uint64 scores above 2\*\*63 - 1 cannot be ranked"):
+            smallest_k_masks([big], [None], k)
+    # masked out, it is not ranked; mixed with floats, the round is in float64, which holds it (rounded)
+    assert smallest_k_masks([big], [torch.tensor([0, 1, 1])], 1)[0].tolist() == [0, 0, 1]
+    assert smallest_k_masks([big, torch.tensor([1.0, 2.0])], [None, None], 1)[0].tolist() == [1, 0, 1]

@@ -755,11 +755,12 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
                 kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
-                widened = _magnitudes_widened(method_cls, module, name, kwargs)
-                method_cls.apply(module, name, **widened)
-                if widened is not kwargs:  # torch made the mask in the scores' dtype
-                    mask = module._buffers[name + "_mask"]
-                    module._buffers[name + "_mask"] = mask.to(getattr(module, name + "_orig").dtype)
+                earlier = getattr(module, name + "_mask", None)
+                dtype = earlier.dtype if isinstance(earlier, Tensor) else trainable_tensor(module, name).dtype
+                method_cls.apply(module, name, **_magnitudes_widened(method_cls, module, name, kwargs))
+                mask = module._buffers[name + "_mask"]
+                if mask.dtype != dtype:  # torch makes a masked tensor's next mask in the scores' dtype
+                    module._buffers[name + "_mask"] = mask.to(dtype)
 
 
 def _magnitudes_widened(method_cls: type[torch_prune.BasePruningMethod], module: nn.Module, name: str,

@@ -95,11 +95,18 @@ def exact_magnitudes(scores: Tensor) -> Tensor:
     return scores.to(_WIDER_FOR_MAGNITUDE[scores.dtype]).abs_()
 
 
+_UINT64_REFUSAL = ("uint64 scores above 2**63 - 1 cannot be ranked (torch compares no uint64 on the CPU); give them "
+                   "as float64 or int64.")
+
+
+def _beyond_int64(scores: Tensor) -> Tensor:
+    """Where uint64 `scores` exceed 2**63 - 1 (torch has no comparison of uint64: their bits read negative as int64)."""
+    return scores.view(torch.int64).lt(0)
+
+
 def _ranked_as(scores: Tensor) -> Tensor:
-    # (torch has no max of uint64 either: above 2**63 - 1 they read negative as int64's bits)
-    if scores.dtype == torch.uint64 and bool(scores.view(torch.int64).lt(0).any()):
-        raise ValueError("uint64 scores above 2**63 - 1 cannot be ranked (torch compares no uint64 on the CPU); "
-                         "give them as float64 or int64.")
+    if scores.dtype == torch.uint64 and bool(_beyond_int64(scores).any()):
+        raise ValueError(_UINT64_REFUSAL)
     return scores.to(_RANKED_AS[scores.dtype])
 
 
@@ -151,6 +158,12 @@ class _Inputs:
                 self._owns_kept.append(kept is not flat)
                 self.kept_counts.append(int(torch.count_nonzero(kept)))
         self.total_kept = sum(self.kept_counts)
+        if not self.dtype.is_floating_point:  # ranked in int64 (in float64 they are rounded, as int64's are)
+            for index, score in enumerate(scores):
+                kept = self._kept[index]
+                if score.dtype == torch.uint64 and bool((_beyond_int64(score).reshape(-1) if kept is None
+                                                         else _beyond_int64(score).reshape(-1) & kept).any()):
+                    raise ValueError(f"scores[{index}]: {_UINT64_REFUSAL}")
 
     def __len__(self) -> int:
         return len(self.raw_scores)
@@ -162,9 +175,10 @@ class _Inputs:
         the scores is ever held.
         """
         flat = self.raw_scores[index].reshape(-1)
-        if flat.dtype in _RANKED_AS or (self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE):
-            flat = flat if positions is None else flat[positions]
-            flat = exact_magnitudes(flat) if self.magnitude else _ranked_as(flat)
+        if flat.dtype in _RANKED_AS:  # never negative: their own values, in the round's dtype (checked to hold them)
+            return (flat if positions is None else flat[positions]).to(self.dtype)
+        if self.magnitude and flat.dtype in _WIDER_FOR_MAGNITUDE:
+            flat = exact_magnitudes(flat if positions is None else flat[positions])
             return flat if flat.dtype == self.dtype else flat.to(self.dtype)
         if positions is not None:
             flat = flat[positions]
