@@ -77,13 +77,13 @@ SHRUNK_STATE_FILE = "shrunk_state_dict.pt"
 # backends' files are .pt, .pt2 and .onnx too)
 OUTPUT_FILES = (PRUNED_STATE_FILE, SHRUNK_STATE_FILE, *sorted(f"model{suffix}" for suffix in {*FP32_SUFFIXES.values()}))
 REPORT_FILES = ("report.json", "report.md", "report.png")  # what CompressionReport.save writes beside them
+SLOWER = 1.1  # a quantized model this much slower than the fp32 one it came from is said not to pay off (not noise)
 
 
 def report_files(plot: bool | None) -> tuple[str, ...]:
     """What ``CompressionReport.save(directory, plot=plot)`` writes: the plot where asked, or matplotlib is there."""
     plots = plot is True or (plot is None and importlib.util.find_spec("matplotlib") is not None)
     return REPORT_FILES if plots else tuple(name for name in REPORT_FILES if not name.endswith(".png"))
-SLOWER = 1.1  # a quantized model this much slower than the fp32 one it came from is said not to pay off (not noise)
 
 
 @dataclass
