@@ -1367,3 +1367,14 @@ def test_l1_pruning_ranks_signed_integer_importance_scores_by_their_magnitudes(s
     prune_([(masked, "weight")], "l1_unstructured", 1, scope=scope,
            importance_scores=(lambda s: s if scope == "local" else {(masked, "weight"): s})(torch.ones(1, 4).double()))
     assert masked.weight_mask.dtype == torch.float32 and int(masked.weight_mask.sum()) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.uint8])
+def test_ln_structured_takes_integer_importance_scores(dtype):
+    """torch's vector_norm takes no integers: ln_structured with integer scores failed in its words."""
+    layer = nn.Linear(4, 6)
+    scores = (torch.arange(24).view(6, 4) % 7).to(dtype)  # row L1 norms 6, 15, 10, 12, 14, 9
+    prune_([(layer, "weight")], "ln_structured", 0.5, scope="local", n=1, dim=0, importance_scores=scores)
+    assert layer.weight_mask.sum(1).tolist() == [0, 4, 0, 4, 4, 0]
+    prune_([(layer, "weight")], "ln_structured", 1, scope="local", n=1, dim=0, importance_scores=scores)
+    assert layer.weight_mask.sum(1).tolist() == [0, 4, 0, 0, 4, 0] and layer.weight_mask.dtype == torch.float32

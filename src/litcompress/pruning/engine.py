@@ -767,10 +767,14 @@ def _magnitudes_widened(method_cls: type[torch_prune.BasePruningMethod], module:
                         kwargs: dict[str, Any]) -> dict[str, Any]:
     """`kwargs`, where torch's L1 method would rank integer or bool scores (the caller's, else the tensor's own
     values), with their exact magnitudes instead: it ranks ``abs`` of them, and ``abs`` of an int8 -128 is -128 (the
-    largest magnitude was pruned first); torch has no ``abs`` for bool or uint16/32/64 (it failed in its words)."""
+    largest magnitude was pruned first); torch has no ``abs`` for bool or uint16/32/64 (it failed in its words).
+    LnStructured's integer or bool scores in float64, whose norms torch takes."""
+    scores = kwargs.get("importance_scores")
+    if method_cls is torch_prune.LnStructured and isinstance(scores, Tensor) and not scores.is_floating_point() \
+            and not scores.is_complex():  # torch's vector_norm takes no integers (it failed in its words)
+        return {**kwargs, "importance_scores": scores.double()}
     if method_cls is not torch_prune.L1Unstructured:
         return kwargs
-    scores = kwargs.get("importance_scores")
     scores = trainable_tensor(module, name).detach() if scores is None else scores
     if not isinstance(scores, Tensor) or scores.dtype not in CONVERTED_FOR_MAGNITUDES:
         return kwargs
