@@ -414,3 +414,38 @@ def test_a_bias_that_is_not_one_value_per_output_is_refused_and_the_model_left_a
                                          "value per output"):
         load_shrunk_state_dict(model, state)
     assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+
+
+class CompilesItsBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()),
+                                  backend="eager")
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("compiled_root", [False, True])
+def test_a_shrunk_state_loads_into_a_model_that_compiles_a_part(compiled_root):
+    """shrink returns an eager copy, keyed `body.0.weight`; a model of the class that compiles `body` keys it
+    `body._orig_mod.0.weight`: the load failed with torch's missing and unexpected keys (compress renamed them)."""
+    from litcompress.pruning import prune_model_
+    from litcompress.pruning.shrink import shrink
+
+    def build() -> nn.Module:
+        model = CompilesItsBody()
+        return torch.compile(model, backend="eager") if compiled_root else model
+
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(4, 8)
+    prune_model_(model, "ln_structured", 0.5, n=2, dim=0, scope="local")
+    with torch.no_grad():
+        masked = model(x)
+    state = shrink(model, (x,)).model.state_dict()
+    assert "body.0.weight" in state
+    fresh = load_shrunk_state_dict(build(), state)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), masked, atol=1e-6)
+    assert fresh.state_dict().keys() == build().state_dict().keys()  # its own keys, narrowed in place

@@ -37,7 +37,7 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
     :func:`~litcompress.pruning.sparsify`'d model's, as the dense tensors they stand for."""
     from litcompress.pruning.engine import strided_state_dict
 
-    state_dict = strided_state_dict(state_dict, model)
+    state_dict = strided_state_dict(keyed_as_compiled_parts(model, state_dict), model)
     narrow_to_state_dict_(model, state_dict)
     if any(key.endswith("_orig") and f"{key[:-5]}_mask" in state_dict for key in state_dict):
         from litcompress.pruning.engine import load_pruned_state_dict
@@ -59,8 +59,30 @@ def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> li
     A training run resumed from a checkpoint of a shrunk model (``trainer.fit(model, ckpt_path=...)``) needs this
     on the fresh model before ``fit``, so that its optimizer is built for the narrow parameters.
     """
+    state_dict = keyed_as_compiled_parts(model, state_dict)
     _narrow_(model, state_dict, apply=False)  # every check first: a state that does not fit changes nothing
     return _narrow_(model, state_dict, apply=True)
+
+
+def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`state_dict` with the keys of `model`'s ``torch.compile``'d parts (``body._orig_mod.0.weight``) where it holds
+    them as their eager modules' (``body.0.weight``): what `shrink` returns, an eager copy, for a model that compiles
+    a part (or is compiled); a state already keyed so, or a model with nothing compiled, is returned as it is."""
+    from litcompress.pruning.engine import compiled_module_names
+
+    names = compiled_module_names(model)
+    if not names or any("_orig_mod" in key.split(".") for key in state_dict):
+        return state_dict
+    prefixes = []  # (eager prefix, the model's), longest first: nested compiled parts before their holders
+    for name in names:
+        eager = ".".join(part for part in name.split(".") if part and part != "_orig_mod")
+        prefixes.append((f"{eager}." if eager else "", f"{name}._orig_mod." if name else "_orig_mod."))
+    prefixes.sort(key=lambda pair: len(pair[0]), reverse=True)
+    renamed = {}
+    for key, value in state_dict.items():
+        eager, given = next(((e, g) for e, g in prefixes if key.startswith(e)), (None, None))
+        renamed[key if eager is None else given + key[len(eager):]] = value
+    return renamed
 
 
 def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) -> list[str]:
