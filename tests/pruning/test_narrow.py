@@ -449,3 +449,35 @@ def test_a_shrunk_state_loads_into_a_model_that_compiles_a_part(compiled_root):
     with torch.no_grad():
         assert torch.allclose(fresh(x), masked, atol=1e-6)
     assert fresh.state_dict().keys() == build().state_dict().keys()  # its own keys, narrowed in place
+
+
+def test_a_compiled_part_shared_under_two_names_and_its_modules_versions_are_keyed_as_the_model_keys_them():
+    """A compiled block at two attributes is in the state dict under both: the second name was left eager (missing
+    and unexpected keys); the renamed state keeps the modules' versions (`_metadata`), as a batch norm reads them."""
+    from litcompress.pruning.narrow import keyed_as_compiled_parts
+    from litcompress.pruning.shrink import shrink
+
+    class Shares(nn.Module):
+        def __init__(self, compiled: bool) -> None:
+            super().__init__()
+            body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+            self.body = torch.compile(body, backend="eager") if compiled else body
+            self.body2 = self.body
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body2(self.body(x)))
+
+    torch.manual_seed(1)
+    source, x = Shares(compiled=False).eval(), torch.randn(5, 4)
+    prune_([(source.body[0], "weight")], "ln_structured", 0.5, n=1, dim=0, scope="local")
+    with torch.no_grad():
+        masked = source(x)
+    state = shrink(source, (x,)).model.state_dict()
+    fresh = Shares(compiled=True).eval()
+    keyed = keyed_as_compiled_parts(fresh, state)
+    assert set(keyed) == set(fresh.state_dict())
+    assert keyed._metadata["body._orig_mod.1"] == state._metadata["body.1"]  # the batch norm's version
+    load_shrunk_state_dict(fresh, state)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), masked, atol=1e-6)

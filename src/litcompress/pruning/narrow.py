@@ -11,6 +11,7 @@ and groups, a bias folded into a bias-less consumer appears, an ``nn.LSTM(16, 64
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,9 +69,10 @@ def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> 
     """`state_dict` with the keys of `model`'s ``torch.compile``'d parts (``body._orig_mod.0.weight``) where it holds
     them as their eager modules' (``body.0.weight``): what `shrink` returns, an eager copy, for a model that compiles
     a part (or is compiled); a state already keyed so, or a model with nothing compiled, is returned as it is."""
-    from litcompress.pruning.engine import compiled_module_names
+    from litcompress.pruning.engine import is_compiled
 
-    names = compiled_module_names(model)
+    # every name a compiled part has (one shared under two attributes is in the state dict under both)
+    names = [name for name, module in model.named_modules(remove_duplicate=False) if is_compiled(module)]
     if not names or any("_orig_mod" in key.split(".") for key in state_dict):
         return state_dict
     prefixes = []  # (eager prefix, the model's), longest first: nested compiled parts before their holders
@@ -78,11 +80,17 @@ def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> 
         eager = ".".join(part for part in name.split(".") if part and part != "_orig_mod")
         prefixes.append((f"{eager}." if eager else "", f"{name}._orig_mod." if name else "_orig_mod."))
     prefixes.sort(key=lambda pair: len(pair[0]), reverse=True)
-    renamed = {}
-    for key, value in state_dict.items():
+
+    def renamed(key: str) -> str:
         eager, given = next(((e, g) for e, g in prefixes if key.startswith(e)), (None, None))
-        renamed[key if eager is None else given + key[len(eager):]] = value
-    return renamed
+        return key if eager is None else given + key[len(eager):]
+
+    state = OrderedDict((renamed(key), value) for key, value in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # the modules' versions, by module name (a batch norm's tells how to read its state)
+        state._metadata = OrderedDict(((renamed(f"{name}.") if name else renamed("")).rstrip("."), info)
+                                      for name, info in metadata.items())
+    return state
 
 
 def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) -> list[str]:
