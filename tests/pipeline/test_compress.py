@@ -752,6 +752,27 @@ def test_the_pruned_state_loads_into_an_architecture_with_a_compiled_part(digits
     assert narrow.body._orig_mod[0].out_features == result.stage_models["shrunk"].body[0].out_features < 32
 
 
+class SharesACompiledBody(CompilesItsBody):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = self.body  # the compiled block under a second name (its keys are in the state dict twice)
+
+
+def test_the_pruned_state_of_a_compiled_part_shared_under_two_names_loads_into_the_architecture(digits, tmp_path):
+    """Only the first name of a shared compiled block was renamed: `trunk.0.weight` did not load."""
+    torch.manual_seed(0)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule="oneshot"), shrink=False, export=False,
+                               latency_repeats=2)
+    result = compress(SharesACompiledBody(), config, eval_fn=lambda m: 1.0, example_inputs=digits[2][:8],
+                      output_dir=tmp_path)
+    fresh = SharesACompiledBody()
+    fresh.load_state_dict(torch.load(tmp_path / "pruned_state_dict.pt"))  # strict: every key matched
+    assert torch.equal(fresh.trunk._orig_mod[0].weight, result.stage_models["pruned"].body[0].weight)
+    # the copy compressed is eager under both names (fx, the exporters and the int8 backends need that)
+    assert result.stage_models["pruned"].trunk is result.stage_models["pruned"].body
+    assert not any(type(m).__name__ == "OptimizedModule" for m in result.stage_models["pruned"].modules())
+
+
 class _Dropping(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -41,6 +41,7 @@ from litcompress.pruning.methods import check_method_kwargs
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   tied_folded_tensors, unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
+from litcompress.pruning.narrow import keyed_as_compiled_parts
 from litcompress.pruning.schedules import structured_pruned_count
 from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, ChannelPlan, ShrinkReport, ShrinkResult,
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
@@ -790,29 +791,6 @@ class _Pruning:
         return grew
 
 
-def _compiled_prefixes(model: nn.Module) -> list[tuple[str, str]]:
-    """For each ``torch.compile``'d sub-module of `model` (`model` itself unwrapped: its eager class is what the
-    user builds), the key prefix of its tensors in the eager copy compress works on and in `model`'s state dict
-    (``body.`` and ``body._orig_mod.``), longest first."""
-    while is_compiled(model):
-        model = model._orig_mod
-    prefixes = [(".".join(p for p in name.split(".") if p != "_orig_mod") + ".", name + "._orig_mod.")
-                for name in compiled_module_names(model) if name]
-    return sorted(prefixes, key=lambda pair: len(pair[0]), reverse=True)
-
-
-def _with_compiled_prefixes(state: dict[str, Any], prefixes: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """`state`, of the eager copy, with the keys of the model as given (a module built with a compiled part
-    loads it: ``body._orig_mod.0.weight``, not ``body.0.weight``)."""
-    if not prefixes:
-        return state
-    renamed = {}
-    for key, value in state.items():
-        eager, given = next(((e, g) for e, g in prefixes if key.startswith(e)), ("", ""))
-        renamed[given + key[len(eager):] if eager else key] = value
-    return renamed
-
-
 def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: int | None = None,
                    example_inputs: torch.Tensor | tuple | None = None) -> tuple[ShrinkResult, list[str]]:
     """What structured pruning to ``prune.sparsity`` and shrink do to `model`'s size, without data or training: a
@@ -974,7 +952,9 @@ def compress(
         # wrapper casts, is kept.)
         model = wrapped
     compiled = compiled_module_names(model)
-    compiled_prefixes = _compiled_prefixes(model)  # (before the eager copy) the keys of the architecture as given
+    architecture = model  # (before the eager copy) whose keys the state files take: `body._orig_mod.` of a compiled
+    while is_compiled(architecture):  # part; the model itself unwrapped (its eager class is what the user builds)
+        architecture = architecture._orig_mod
     if compiled:  # fx, the exporters and the int8 backends need eager modules; a copy, the model given stays compiled
         model = eager_copy(model)
     inputs = example_as_inputs(model, example_inputs, input_fn)  # a dict: by forward's parameter names
@@ -1177,7 +1157,7 @@ def compress(
         if directory is not None:
             # Saved before anything else can fail: it loads into the user's unchanged architecture.
             state, kept_folded = unfold_state_dict(model, permanent_state_dict(work), folded)
-            state = _with_compiled_prefixes(state, compiled_prefixes)
+            state = keyed_as_compiled_parts(architecture, state)
             if kept_folded:
                 tied = tied_folded_tensors(model, kept_folded)
                 untied = [entry for entry in kept_folded if entry not in tied]
@@ -1228,7 +1208,7 @@ def compress(
                 if directory is not None:
                     # the narrow fp32 weights: litcompress.load_shrunk_state_dict(Model(...), state) loads them
                     with written_atomically(directory / SHRUNK_STATE_FILE) as partial:
-                        torch.save(_with_compiled_prefixes(work.state_dict(), compiled_prefixes), partial)
+                        torch.save(keyed_as_compiled_parts(architecture, work.state_dict()), partial)
                     written.add(SHRUNK_STATE_FILE)
                     if folded:
                         note(f"{SHRUNK_STATE_FILE} holds plain weights for the parametrized {', '.join(folded)}: "

@@ -584,7 +584,7 @@ def eager_copy(model: nn.Module) -> nn.Module:
     while is_compiled(copied):
         copied = copied._orig_mod
     for parent in list(copied.modules()):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # (named_children yields a shared child once)
             if is_compiled(child):
                 while is_compiled(child):
                     child = child._orig_mod

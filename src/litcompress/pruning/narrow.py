@@ -68,12 +68,12 @@ def narrow_to_state_dict_(model: nn.Module, state_dict: Mapping[str, Any]) -> li
 def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """`state_dict` with the keys of `model`'s ``torch.compile``'d parts (``body._orig_mod.0.weight``) where it holds
     them as their eager modules' (``body.0.weight``): what `shrink` returns, an eager copy, for a model that compiles
-    a part (or is compiled); a state already keyed so, or a model with nothing compiled, is returned as it is."""
+    a part (or is compiled); keys already so (or a model with nothing compiled) are left as they are."""
     from litcompress.pruning.engine import is_compiled
 
     # every name a compiled part has (one shared under two attributes is in the state dict under both)
     names = [name for name, module in model.named_modules(remove_duplicate=False) if is_compiled(module)]
-    if not names or any("_orig_mod" in key.split(".") for key in state_dict):
+    if not names:
         return state_dict
     prefixes = []  # (eager prefix, the model's), longest first: nested compiled parts before their holders
     for name in names:
@@ -82,6 +82,8 @@ def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> 
     prefixes.sort(key=lambda pair: len(pair[0]), reverse=True)
 
     def renamed(key: str) -> str:
+        if "_orig_mod" in key.split("."):  # keyed so already
+            return key
         eager, given = next(((e, g) for e, g in prefixes if key.startswith(e)), (None, None))
         return key if eager is None else given + key[len(eager):]
 
