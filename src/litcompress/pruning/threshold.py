@@ -160,9 +160,10 @@ class _Inputs:
         self.total_kept = sum(self.kept_counts)
         if not self.dtype.is_floating_point:  # ranked in int64 (in float64 they are rounded, as int64's are)
             for index, score in enumerate(scores):
-                kept = self._kept[index]
-                if score.dtype == torch.uint64 and bool((_beyond_int64(score).reshape(-1) if kept is None
-                                                         else _beyond_int64(score).reshape(-1) & kept).any()):
+                if score.dtype != torch.uint64:
+                    continue
+                beyond, kept = _beyond_int64(score).reshape(-1), self._kept[index]
+                if bool((beyond if kept is None else beyond & kept).any()):  # (a pruned entry is never ranked)
                     raise ValueError(f"scores[{index}]: {_UINT64_REFUSAL}")
 
     def __len__(self) -> int:
