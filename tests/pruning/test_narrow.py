@@ -293,6 +293,41 @@ def test_a_width_given_to_the_loader_is_not_narrowed_away(tmp_path):
     assert same.net[0].out_features == 32
 
 
+class _WiderHead(MLPClassifier):
+    """The checkpoint's backbone under a new head with more classes (fine-tuning a pruned model on a new task)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net[-1] = nn.Linear(self.net[-1].in_features, 12)
+
+
+@pytest.mark.parametrize("permanent", [True, False], ids=["permanent", "masked"])
+def test_a_module_with_a_wider_head_than_the_checkpoint_is_refused_not_narrowed_to_it(tmp_path, permanent):
+    """load_module_from_checkpoint(_WiderHead, path) read the 10-class checkpoint as a shrunk model's and narrowed the
+    new 12-class head back to 10 outputs, silently, `strict=True` too; Lightning's loader refuses. shrink never
+    narrows a layer's outputs without the inputs that read them, so a state narrower in outputs only is no shrink's."""
+    L.seed_everything(0)
+    trainer = _quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[
+        ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=permanent, verbose=0)])
+    trainer.fit(MLPClassifier(hidden=(32,)), datamodule=DigitsDataModule(batch_size=64))
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"size mismatch for net.2.weight(.|\n)*not the checkpoint of a shrunk "
+                                               r"_WiderHead either: 'net.2': the state dict's tensors are narrower "
+                                               r"than this model's in their outputs only"):
+            load_module_from_checkpoint(_WiderHead, path, strict=strict)
+    # the same refusal from the engine, before any layer is resized; a shrunk state (inputs read fewer) still loads
+    state = torch.load(path, weights_only=False)["state_dict"]
+    head = _WiderHead(hidden=(32,))
+    with pytest.raises(ValueError, match="narrower than this model's in their outputs only"):
+        narrow_to_state_dict_(head, state)
+    assert head.net[2].out_features == 12 and head.net[2].weight.shape == (12, 32)
+    shrunk_state = {"net.0.weight": torch.zeros(20, 64), "net.0.bias": torch.zeros(20),
+                    "net.2.weight": torch.zeros(10, 20), "net.2.bias": torch.zeros(10)}
+    assert narrow_to_state_dict_(MLPClassifier(hidden=(32,)), shrunk_state) == ["net.0", "net.2"]
+
+
 @pytest.mark.parametrize("normed", [0, 4], ids=["narrowed", "kept"])
 @pytest.mark.parametrize("parametrize", ["weight_norm", "parametrizations.weight_norm"])
 def test_a_weight_norm_layer_names_the_fold_that_lets_the_state_load(parametrize, normed):

@@ -1773,8 +1773,13 @@ def load_module_from_checkpoint(
                                "another shape than the checkpoint's hyperparameters and weights; a shrunk model's "
                                "checkpoint is narrowed only as its own hyperparameters build it.)") from error
         module = built_without_weights(module_class, checkpoint, **kwargs)
+        try:
+            narrowed = narrow_to_state_dict_(module, state)
+        except ValueError as not_shrunk:  # e.g. a new, wider head: torch's size mismatch, with why it stands
+            raise RuntimeError(f"{error}\n(load_module_from_checkpoint: not the checkpoint of a shrunk "
+                               f"{module_class.__name__} either: {not_shrunk})") from error
         if not masked:
-            if not narrow_to_state_dict_(module, state):
+            if not narrowed:
                 raise
             module.load_state_dict(state, strict=_strictness(module, strict))
             if keep_masks:

@@ -99,9 +99,13 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
     """The modules to resize (with `apply`, resized); raises where the state does not fit."""
     changed = _replace_attentions_(model, state_dict, apply=apply)
     replaced = tuple(f"{name}." for name in changed)  # a dry run still has torch's attention there
+    # a replaced attention's output projection reads fewer heads; checked in the dry run, before anything changed
+    reads_fewer = bool(changed) or apply
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, RECURRENT_LAYERS):
+            if not reads_fewer:
+                reads_fewer = _recurrent_reads_fewer(module, state_dict, prefix)
             if _resize_recurrent_(module, state_dict, prefix, name, apply) and name not in changed:
                 changed.append(name)
             continue
@@ -148,10 +152,53 @@ def _narrow_(model: nn.Module, state_dict: Mapping[str, Any], *, apply: bool) ->
         else:
             continue
         if isinstance(module, (nn.Linear, *_CONV, *_TRANSPOSED)):
+            reads_fewer = reads_fewer or _reads_fewer_inputs(module, weight)
             resized |= _resize_bias_(module, _tensor(state_dict, prefix + "bias"), weight, name, apply)
         if resized and name not in changed:
             changed.append(name)
+    narrowed = [] if reads_fewer else [name for name in changed
+                                       if _narrowed(model.get_submodule(name), state_dict, name)]
+    if narrowed:
+        raise ValueError(
+            f"{', '.join(repr(name) for name in narrowed)}: the state dict's tensors are narrower than this model's "
+            "in their outputs only, and no layer of the state reads fewer inputs. shrink removes a layer's output "
+            "channels together with the inputs that read them (and never the model's outputs), so this is not a "
+            "shrunk state of this model: is the model built with other widths than the one saved, or with another "
+            "head?")
     return changed
+
+
+def _narrowed(module: nn.Module, state_dict: Mapping[str, Any], name: str) -> bool:
+    """Whether the state holds `module`'s weight (or statistics) with fewer channels: not a bias the folding added."""
+    prefix = f"{name}." if name else ""
+    weight = _tensor(state_dict, prefix + "weight")
+    if weight is None and isinstance(module, _BATCH_NORM):
+        weight = state_dict.get(prefix + "running_mean")
+    current = getattr(module, "weight", None)
+    return not (isinstance(weight, Tensor) and isinstance(current, Tensor)) or weight.shape != current.shape
+
+
+def _reads_fewer_inputs(module: nn.Module, weight: Tensor) -> bool:
+    """Whether `weight`, the state's, gives a Linear or conv layer fewer inputs than `module` has."""
+    if weight.dim() != module.weight.dim():
+        return False
+    if isinstance(module, nn.Linear):
+        return int(weight.shape[1]) < module.in_features
+    if isinstance(module, _TRANSPOSED):  # (in, out / groups, *kernel)
+        return int(weight.shape[0]) < module.in_channels
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    if depthwise and int(weight.shape[1]) == 1:  # its channels go with its groups: it reads fewer too
+        return int(weight.shape[0]) < module.in_channels
+    return int(weight.shape[1]) * module.groups < module.in_channels
+
+
+def _recurrent_reads_fewer(module: nn.RNNBase, state_dict: Mapping[str, Any], prefix: str) -> bool:
+    """Whether the state gives a recurrent layer fewer inputs or hidden units (its recurrent weights read those)."""
+    inputs = _tensor(state_dict, prefix + "weight_ih_l0")
+    # the hidden units are read by the recurrent weights, or by the projection (weight_hr: proj_size x hidden_size)
+    recurrent = _tensor(state_dict, prefix + ("weight_hr_l0" if getattr(module, "proj_size", 0) else "weight_hh_l0"))
+    return (isinstance(inputs, Tensor) and inputs.dim() == 2 and int(inputs.shape[1]) < module.input_size) or (
+        isinstance(recurrent, Tensor) and recurrent.dim() == 2 and int(recurrent.shape[1]) < module.hidden_size)
 
 
 def _tensor(state_dict: Mapping[str, Any], key: str) -> Any:
