@@ -332,3 +332,41 @@ def test_a_refused_round_leaves_the_masks_of_holders_pruned_apart_as_they_were()
         with pytest.raises(ValueError, match="holds NaN"):
             prune_to_sparsity_(targets, "l1_unstructured", 0.6, scope=scope)
         assert torch.equal(embedding.weight_mask, masks["embedding"]) and torch.equal(head.weight_mask, masks["head"])
+
+
+@pytest.mark.parametrize("masked", ["head only, by prune_", "each holder apart, by torch"])
+def test_making_permanent_a_mask_a_tied_holder_computes_otherwise_is_refused_and_changes_nothing(masked):
+    """make_permanent_ writes orig * mask into the one tensor both holders share: with the embedding unmasked (prune_
+    given the head alone) or masked apart (torch's pruning of each holder), the outputs changed, silently, through
+    make_permanent_, load_pruned_state_dict(keep_masks=False) and shrink (which refused the unmasked holder only)."""
+    model = TiedLM().eval()
+    if masked.startswith("head only"):
+        prune_([(model.head, "weight")], "l1_unstructured", 0.5)
+        how = "unmasked"
+    else:
+        torch_prune.l1_unstructured(model.embedding, "weight", amount=0.5)
+        torch_prune.random_unstructured(model.head, "weight", amount=0.3)
+        how = "under another mask"
+    with torch.no_grad():
+        expected = model(ids())
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    for call in (lambda: make_permanent_(model), lambda: shrink_(model, (ids(),))):
+        with pytest.raises(ValueError, match=rf"the same tensor is (head|embedding)\.weight, which computes with it "
+                                             rf"{how} \(tied weights\)"):
+            call()
+        assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(model(ids()), expected)
+    fresh = TiedLM(seed=1)
+    with pytest.raises(ValueError, match=r"load_pruned_state_dict\(keep_masks=False\): .* Load with keep_masks=True"):
+        load_pruned_state_dict(fresh, state, keep_masks=False)
+    with torch.no_grad():
+        assert torch.equal(load_pruned_state_dict(TiedLM(seed=1), state).eval()(ids()), expected)
+    # the same mask under both holders (what the engine and ModelPruning leave): made permanent, outputs kept
+    alike = TiedLM().eval()
+    prune_(with_tied_targets(alike, [(alike.head, "weight")]), "l1_unstructured", 0.5)
+    with torch.no_grad():
+        expected = alike(ids())
+    make_permanent_(alike)
+    with torch.no_grad():
+        assert torch.equal(alike(ids()), expected) and alike.head.weight is alike.embedding.weight

@@ -28,7 +28,7 @@ import os
 import sys
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -600,6 +600,7 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = ()) -> int:
     """
     check_module(model, "make_permanent_")
     kept = {(id(module), name) for module, name in keep}
+    refuse_tied_holders_computing_otherwise(model, "make_permanent_", skip=kept)
     removed = 0
     for module in model.modules():
         for key in [k for k, h in module._forward_pre_hooks.items() if h in _BYPASS_HOOKS]:
@@ -615,6 +616,40 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = ()) -> int:
     if kept and pruned_targets(model):  # an attention's kept out_proj mask: still read without a call
         keep_bypassed_weights_current_(model)
     return removed
+
+
+def refuse_tied_holders_computing_otherwise(model: nn.Module, owner: str, skip: Collection[tuple[int, str]] = (),
+                                            hint: str = "") -> None:
+    """Refuse a mask on a tensor that another module holds and computes with otherwise: as its plain parameter (tied
+    weights pruned through one holder, as ``torch.nn.utils.prune`` and ``prune_`` given one holder do), or under
+    another mask (each holder pruned on its own). Making the mask permanent writes ``orig * mask`` into the one tensor
+    they share, which would change the other module's outputs without a word. Masks in `skip` (``(id(module),
+    name)``) stay and are not checked; `hint` ends the message."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                holders.setdefault(id(parameter), []).append((path, module, name))
+    for path, module, name in pruned_targets(model):
+        orig = module._parameters.get(f"{name}_orig")
+        if orig is None or (id(module), name) in skip or len(holders.get(id(orig), ())) < 2:
+            continue
+        mask = getattr(module, f"{name}_mask", None)
+        for other_path, other, other_name in holders[id(orig)]:
+            other_tensor = other_name.removesuffix("_orig")
+            masked_there = other_name.endswith("_orig") and is_pruned(other, other_tensor)
+            other_mask = getattr(other, f"{other_tensor}_mask", None) if masked_there else None
+            if masked_there and (other_mask is mask or (isinstance(other_mask, Tensor) and isinstance(mask, Tensor)
+                                                        and torch.equal(other_mask, mask))):
+                continue
+            pruned = f"{path}.{name}" if path else name
+            holder = f"{other_path}.{other_tensor if masked_there else other_name}" if other_path else other_name
+            how = "under another mask" if masked_there else "unmasked"
+            raise ValueError(f"{owner}: {pruned} is pruned (it has a mask), but the same tensor is {holder}, which "
+                             f"computes with it {how} (tied weights): making the mask permanent would change "
+                             f"{other_path or 'the model'}'s outputs. Prune every holder of a tied tensor with the same "
+                             "mask (litcompress.pruning.with_tied_targets(model, targets) lists them for prune_; "
+                             f"ModelPruning does it), or none.{hint}")
 
 
 # ------------------------------------------------------------------------------------------------- pruning
@@ -1504,6 +1539,8 @@ def _load_pruned_state_dict(model: nn.Module, state: dict[str, Any], strict: boo
     if keep_masks:
         keep_bypassed_weights_current_(model)
     else:
+        refuse_tied_holders_computing_otherwise(model, "load_pruned_state_dict(keep_masks=False)", hint=(
+            " Load with keep_masks=True: the model then holds the saved masks and computes what was saved."))
         make_permanent_(model)
     return model
 

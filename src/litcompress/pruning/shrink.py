@@ -60,8 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from litcompress._numbers import as_python_number
-from litcompress.pruning.engine import (compiled_module_names, eager_copy, is_pruned, lazy_parameter_names,
-                                        make_permanent_, pruned_targets, tied_parameters)
+from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_parameter_names, make_permanent_,
+                                        refuse_tied_holders_computing_otherwise, tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.recurrent import (RECURRENT_LAYERS, is_projected, keep_inputs_, keep_units_,
@@ -2671,29 +2671,6 @@ def _scale_where_they_differ(reference: object, other: object) -> float:
 ROUNDING_EPS = 8
 
 
-def _refuse_masks_a_tied_holder_does_not_apply(model: nn.Module) -> None:
-    """A mask on a tensor that another module holds as its plain parameter (tied weights pruned through one holder,
-    as ``torch.nn.utils.prune`` does): that module computes unmasked, and making the mask permanent, which the shrink
-    starts with, would change its outputs without a word."""
-    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for other_path, other in model.named_modules(remove_duplicate=False):
-        for other_name, parameter in other._parameters.items():
-            if parameter is not None:
-                holders.setdefault(id(parameter), []).append((other_path, other, other_name))
-    for path, module, name in pruned_targets(model):
-        orig = module._parameters.get(f"{name}_orig")
-        for other_path, other, other_name in holders.get(id(orig), []) if orig is not None else []:
-            masked_there = other_name.endswith("_orig") and is_pruned(other, other_name.removesuffix("_orig"))
-            if not masked_there:
-                pruned = f"{path}.{name}" if path else name
-                holder = f"{other_path}.{other_name}" if other_path else other_name
-                raise ValueError(f"shrink: {pruned} is pruned (it has a mask), but the same tensor is {holder}, "
-                                 f"which computes with it unmasked (tied weights): making the mask permanent would "
-                                 f"change {other_path or 'the model'}'s outputs. Prune every holder of a tied tensor "
-                                 "with the same mask (litcompress.pruning.with_tied_targets(model, targets) lists them "
-                                 "for prune_; ModelPruning does it), or none.")
-
-
 def _outputs_drawing_alike(model: nn.Module, example_inputs: object) -> object:
     """``eval_outputs`` with the random streams seeded alike at every call, the caller's left as they were: a dropout
     left on in eval mode (Monte Carlo dropout, which keeps its layer's channels) draws the same masks before and
@@ -2751,7 +2728,7 @@ def shrink_(
                              "once first).")
         eval_outputs(model, example_inputs)
     before = _count_parameters(model)
-    _refuse_masks_a_tied_holder_does_not_apply(model)
+    refuse_tied_holders_computing_otherwise(model, "shrink")
     make_permanent_(model)
     reference = _outputs_drawing_alike(model, example_inputs) if example_inputs is not None else None
     # Groups and flag disagreements are decided before any edit: a depthwise conv left with one channel looks like an
