@@ -116,6 +116,37 @@ def test_an_fp32_model_reloads_in_a_fresh_process_at_any_batch_size(fp32_format,
             load_quantized(path, compile=True)
 
 
+class _CompilesAPart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.compile(nn.Linear(64, 32), backend="eager")
+        self.last = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.first(x)))
+
+
+@pytest.mark.parametrize("compiled", ["the model", "a part"])
+@pytest.mark.parametrize("fp32_format", ["export", "torchscript", "onnx"])
+def test_a_compiled_fp32_model_is_saved_as_its_eager_modules(fp32_format, compiled, tmp_path):
+    """torch.export failed on a compiled model in words about `dynamic_shapes` and pointed at 'torchscript', which
+    failed too ("using FX to torch.jit.trace a dynamo-optimized function"), as ONNX did; the caller's model stays
+    compiled."""
+    torch.manual_seed(0)
+    if compiled == "the model":
+        model = torch.compile(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), backend="eager")
+    else:
+        model = _CompilesAPart()
+    x = torch.randn(5, 64)
+    path = tmp_path / f"model{FP32_SUFFIXES[fp32_format]}"
+    save_quantized(model, None, path, (x[:2],), fp32_format=fp32_format)
+    loaded, recipe = load_quantized(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+    assert recipe is None
+    assert type(model if compiled == "the model" else model.first).__name__ == "OptimizedModule"
+
+
 @pytest.mark.parametrize("fp32_format", ["export", "onnx"])
 def test_the_file_does_not_carry_the_example_batch(fp32_format, tmp_path):
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -66,13 +66,15 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
         raise TypeError(f"save_quantized(example_inputs={{{', '.join(map(repr, example_inputs))}}}): give the "
                         "model's positional inputs as a tuple: (batch,) for a forward that takes the dict itself, or "
                         "the tensors in the order of forward's parameters.")
+    model = _eager(model)
     if isinstance(model, NestedInputs):  # a result for a model of container inputs: its file takes their tensors
         model, example_inputs = model.model, model.structure.flatten(tuple(example_inputs), "example_inputs")
     elif is_nested(example_inputs):  # the same for a float model of container inputs
         structure = InputStructure.of(tuple(example_inputs))
-        model, example_inputs = flat_inputs(model, structure), structure.flatten(tuple(example_inputs))
+        model, example_inputs = flat_inputs(_eager(model), structure), structure.flatten(tuple(example_inputs))
     if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's result: its file takes float32 inputs
         model, example_inputs = model.model, float32_inputs(tuple(example_inputs))
+    model = _eager(model)
     dynamic_dims = normalize_dynamic_dims(dynamic_dims, "save_quantized")
     if dynamic_dims is not None:  # the declared dims, and every input's batch dim (declaring a length fixed the batch)
         dynamic_dims = resolve_dynamic_dims([tuple(example_inputs)], dynamic_dims)
@@ -106,6 +108,17 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     with written_atomically(Path(path)) as partial:
         _write(model, recipe, os.fspath(partial), metadata, tuple(example_inputs), fp32_format, dynamic_dims)
     return os.path.getsize(path)
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """`model` without its ``torch.compile`` wrapper, and a copy of it with its compiled parts' eager modules where it
+    compiles a part: the exporters trace eager modules (torch.export failed on a compiled one in words about
+    `dynamic_shapes`, TorchScript and ONNX in words about FX and dynamo)."""
+    from litcompress.pruning.engine import compiled_module_names, eager_copy, is_compiled
+
+    while is_compiled(model):
+        model = model._orig_mod
+    return eager_copy(model) if compiled_module_names(model) else model
 
 
 class Fp32FormatError(ExportError):
