@@ -1133,6 +1133,43 @@ def test_calibration_data_that_is_one_batch_or_holds_a_batch_the_model_cannot_ta
     assert calls == []  # not even the baseline
 
 
+class _OptionalMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.last = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = torch.relu(self.first(x))
+        return self.last(hidden if mask is None else hidden * mask)
+
+
+@pytest.mark.parametrize("example", ["fewer inputs", "None for the mask"])
+def test_calibration_batches_that_give_other_inputs_than_example_inputs_are_refused_before_any_work(example):
+    """Batches (x, mask) with example_inputs (x,): the torch_ao and pt2e candidates failed ("forward() takes 2
+    positional arguments but 3 were given", of the traced graph), and ONNX Runtime's dropped the masks from its feeds
+    and calibrated without them, silently."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(32, 16), (torch.rand(32, 8) > 0.5).float()
+    calls = []
+
+    def eval_fn(m):
+        calls.append(m)
+        return 1.0
+
+    given = (x,) if example == "fewer inputs" else (x, None)
+    shown = r"1 \(a tensor\)" if example == "fewer inputs" else r"2 \(a tensor, None\)"
+    with pytest.raises(ValueError, match=rf"calibration batch 0 gives the model 2 input\(s\) \(a tensor, a tensor\), "
+                                         rf"example_inputs {shown}: the candidates are traced or exported on "
+                                         "example_inputs"):
+        quantize(_OptionalMask().eval(), PTQConfig(approach="static", backends=("onnxruntime",)), eval_fn=eval_fn,
+                 calibration_data=[(x, mask)], example_inputs=given, input_fn=tuple)
+    assert calls == []  # not even the baseline
+    # the same inputs in both (the example left out: the first batch): quantized with the masks
+    result = quantize(_OptionalMask().eval(), PTQConfig(approach="static", backends=("onnxruntime",), max_trials=1),
+                      eval_fn=eval_fn, calibration_data=[(x, mask)], input_fn=tuple)
+    assert result.recipe is not None and result.model(x, mask).shape == (32, 4)
+
+
 def test_an_eval_fn_may_return_a_numpy_array_of_one_number():
     """A 0-d or one-element array was refused, though a tensor of one number is taken."""
     import numpy as np

@@ -272,6 +272,27 @@ def check_calibration_batches(model: nn.Module, batches: Sequence[Inputs], calib
             raise
 
 
+def check_batches_match_example(batches: Sequence[Inputs], example_inputs: Inputs) -> None:
+    """Refuse calibration batches that give forward other inputs than `example_inputs` (more, fewer, or a tensor
+    where the example gives none): every candidate is traced or exported on the example, and took its inputs only
+    (torch.ao's and pt2e's failed on the batches in words about forward's arguments; ONNX Runtime's dropped the
+    extra tensors from its feeds and calibrated without them)."""
+    def kinds(inputs: Inputs) -> list[str]:
+        return ["a tensor" if isinstance(x, torch.Tensor) else "None" if x is None else type(x).__name__
+                for x in inputs]
+
+    example = kinds(example_inputs)
+    for i, batch in enumerate(batches):
+        given = kinds(batch)
+        if len(given) != len(example) or any((a == "a tensor") != (b == "a tensor") for a, b in zip(given, example)):
+            raise ValueError(
+                f"quantize: calibration batch {i} gives the model {len(given)} input(s) ({', '.join(given)}), "
+                f"example_inputs {len(example)} ({', '.join(example) or 'none'}): the candidates are traced or "
+                "exported on example_inputs and take only what it gives. Give example_inputs the inputs the batches "
+                "give (leave it out: the first calibration batch is used), or an input_fn that maps each batch to "
+                "the inputs of example_inputs.")
+
+
 def warn_time_major_inputs(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
     """Warn when an input reaches a time-major layer (``batch_first=False``: torch's default for attentions,
     Transformer layers and RNNs) with its dim 1 as that layer's batch, and dim 1 is not declared free: the files
@@ -661,6 +682,7 @@ def quantize(
     check_calibration_batches(probe, calibration, calibration_data, default_input_fn_used)
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
         check_model_runs(probe, example_inputs, what="example_inputs", default_input_fn_used=False)
+        check_batches_match_example(calibration, example_inputs)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
     given_inputs, structure = example_inputs, None
