@@ -29,7 +29,12 @@ class BackendUnavailableError(RuntimeError):
 
 
 class ExportError(RuntimeError):
-    """The model could not be exported/traced for a backend that needs a graph."""
+    """The model could not be exported/traced for a backend that needs a graph. `fp32_layers`: layers whose int8
+    version is the cause, so that a candidate keeping them fp32 may succeed (the search tries that once)."""
+
+    def __init__(self, message: str, fp32_layers: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fp32_layers = tuple(fp32_layers)
 
 
 class FixedDimError(ExportError):
@@ -37,9 +42,27 @@ class FixedDimError(ExportError):
     one. `fp32_layers`: layers whose int8 version fixed it, so that a candidate keeping them fp32 may not (the search
     tries that once)."""
 
-    def __init__(self, message: str, fp32_layers: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.fp32_layers = tuple(fp32_layers)
+
+#: torch's names of the non-float dtypes in its error messages (``ScalarType`` names)
+_TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+                     torch.int32: "Int", torch.int64: "Long"}
+
+
+def nonfloat_input_error(error: BaseException, example_inputs: Inputs, where: str) -> ExportError | None:
+    """An :class:`ExportError` naming the inputs that are no float tensor (a bool mask, ids) when `error`, raised while
+    calibrating or converting a static int8 model, is torch's about one of their dtypes ("got Bool", "not implemented
+    for 'Long'": an int8 op reads one, and observers take float tensors only); None for another error."""
+    import re
+
+    nonfloat = [(i, t) for i, t in enumerate(example_inputs)
+                if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()]
+    named = {_TORCH_TYPE_NAMES.get(t.dtype) for _, t in nonfloat} - {None}
+    if not any(re.search(rf"\b{name}\b", str(error)) for name in named):
+        return None
+    other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})" for i, t in nonfloat]
+    return ExportError(f"{where}: an int8 op reads {', '.join(other)}, which is not float (a mask or ids used in "
+                       f"arithmetic), and the observers take float tensors only ({type(error).__name__}: {error}); "
+                       "the onnxruntime backend's static int8, or dynamic int8, quantizes such a model")
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:

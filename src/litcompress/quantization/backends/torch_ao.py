@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
-import re
 import warnings
 import weakref
 from typing import Iterator, Sequence
@@ -29,7 +28,7 @@ from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_s
 from ..tracing import numbers_read_from_constants, taking_only_inputs_, tracer_warnings_that_matter
 from . import (RECURRENT_LAYERS, Backend, BackendUnavailableError, ExportError, FixedDimError, Inputs,
                _reads_weight_tensors, check_free_dims, cpu_has_vnni, is_quantizable_embedding,
-               is_quantizable_embedding_bag, is_quantizable_recurrent)
+               is_quantizable_embedding_bag, is_quantizable_recurrent, nonfloat_input_error)
 
 METADATA_FILE = "litcompress.json"
 OUTPUTS_FILE = "litcompress_outputs.json"  # the output structure, when the script returns its tensors flat
@@ -60,11 +59,6 @@ def _inside_fx_leaves(model: nn.Module) -> set[str]:
                 and type(module).forward is not nn.Module.forward:
             inside |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
     return inside
-
-
-#: torch's names of the non-float dtypes in its error messages (``ScalarType`` names)
-_TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
-                     torch.int32: "Int", torch.int64: "Long"}
 
 
 class TorchAOBackend(Backend):
@@ -220,13 +214,15 @@ class TorchAOBackend(Backend):
         except Exception as exc:  # symbolic tracing fails on data-dependent control flow
             raise ExportError(f"torch_ao static: torch.fx could not trace the model or place its observers: "
                               f"{type(exc).__name__}: {exc}") from exc
+        called_again = _layers_called_more_than_once(prepared, self.quantizable_layers(model, "static"),
+                                                     recipe.fp32_layers)
+        if called_again:  # its int8 module has one output scale: the calls' other ranges were clipped (0.13 off)
+            raise ExportError(f"torch_ao static: {', '.join(called_again)} called more than once in forward, and "
+                              "torch.ao's int8 layer holds one output scale for all its calls (the ranges of the "
+                              "others are clipped)", fp32_layers=called_again)
         # an input that is no float tensor (a bool mask, ids) read by an int8 op gets an observer, which fails on it
         # at every knob variant alike: said once, naming it, and the backend left (not each variant a failed trial)
-        nonfloat = [(i, t) for i, t in enumerate(example_inputs)
-                    if isinstance(t, torch.Tensor) and not t.is_floating_point()]
-        other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})" for i, t in nonfloat]
-        # torch's own names of those dtypes, as its errors give them ("got Bool", "not implemented for 'Long'")
-        named = {_TORCH_TYPE_NAMES.get(t.dtype) for _, t in nonfloat} - {None}
+        nonfloat = any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs)
         try:
             for inputs in calibration:
                 prepared(*inputs)
@@ -234,17 +230,15 @@ class TorchAOBackend(Backend):
             _views_as_reshapes_(converted)
             if recipe.fp32_layers:
                 _methods_read_fp32_(converted, example_inputs)
-            if other:  # (a min-max observer takes bool values; the converted model's quantize op fails on them)
+            if nonfloat:  # (a min-max observer takes bool values; the converted model's quantize op fails on them)
                 with torch.no_grad():
                     converted(*example_inputs)
             return converted
         except (RuntimeError, NotImplementedError) as exc:
-            if not any(re.search(rf"\b{name}\b", str(exc)) for name in named):  # another failure: as it is
+            said = nonfloat_input_error(exc, example_inputs, "torch_ao static")
+            if said is None:  # another failure: as it is
                 raise
-            raise ExportError(f"torch_ao static: an int8 op reads {', '.join(other)}, which is not float (a mask or "
-                              f"ids used in arithmetic), and torch.ao's observers take float tensors only "
-                              f"({type(exc).__name__}: {exc}); the onnxruntime backend's static int8, or dynamic "
-                              "int8, quantizes such a model") from exc
+            raise said from exc
 
     def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
         """The TorchScript trace its file holds: torch's eager int8 modules run each op from Python, 2-3x slower than
@@ -544,6 +538,16 @@ def _int8_recurrent_types() -> tuple[type, ...]:
 
     mapping = get_default_dynamic_quant_module_mappings()
     return tuple(mapping[layer] for layer in RECURRENT_LAYERS)
+
+
+def _layers_called_more_than_once(prepared: torch.fx.GraphModule, layers: Sequence[str],
+                                  fp32_layers: Sequence[str]) -> list[str]:
+    """The `layers` not in `fp32_layers` that the traced graph calls more than once (a block applied twice)."""
+    calls: dict[str, int] = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return [name for name in layers if calls.get(name, 0) > 1 and name not in fp32_layers]
 
 
 def _with_tied_layers(model: nn.Module, skip: set[str]) -> set[str]:
