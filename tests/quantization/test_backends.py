@@ -1186,23 +1186,35 @@ class _MaskedSum(nn.Module):
         return self.b(torch.relu(self.a(x)) * mask.unsqueeze(-1)).sum(1)
 
 
-def test_torch_ao_static_on_a_model_whose_int8_op_reads_a_bool_input_is_left_once_naming_it():
+class _MasksItsInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x * mask))).sum(1)  # (an int8 mul: pt2e observes both its inputs)
+
+
+@pytest.mark.parametrize("backend_name, model_class, mask_shape", [("torch_ao", _MaskedSum, (8, 5)),
+                                                                   ("pt2e", _MasksItsInputs, (8, 5, 8))])
+def test_static_int8_on_a_model_whose_int8_op_reads_a_bool_input_is_left_once_naming_it(backend_name, model_class,
+                                                                                         mask_shape):
     """Each knob variant failed on its own in torch's words ("Quantize only works on Float Tensor, got Bool",
     '"linspace_cpu" not implemented for Bool'), using up max_trials; ONNX Runtime's static int8 takes the model."""
     from litcompress.quantization import AccuracyCriterion, PTQConfig, quantize
 
     torch.manual_seed(0)
-    model = _MaskedSum().eval()
-    batches = [(torch.randn(8, 5, 8), torch.rand(8, 5) > 0.5) for _ in range(3)]
-    config = PTQConfig(approach="static", backends=("torch_ao", "onnxruntime"), max_trials=4, latency_repeats=2,
+    model = model_class().eval()
+    batches = [(torch.randn(8, 5, 8), torch.rand(mask_shape) > 0.5) for _ in range(3)]
+    config = PTQConfig(approach="static", backends=(backend_name, "onnxruntime"), max_trials=4, latency_repeats=2,
                        accuracy=AccuracyCriterion(tolerable_loss=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = quantize(model, config, eval_fn=lambda m: 1.0, calibration_data=batches,
                           example_inputs=batches[0])
-    torch_ao = [t for t in result.trials if t.recipe.backend == "torch_ao"]
-    assert len(torch_ao) == 1 and torch_ao[0].error.startswith(
-        "torch_ao static: an int8 op reads input 1 (bool (8, 5)), which is not float")
+    failed = [t for t in result.trials if t.recipe.backend == backend_name]
+    assert len(failed) == 1 and failed[0].error.startswith(
+        f"{backend_name} static: an int8 op reads input 1 (bool {mask_shape}), which is not float")
     assert result.recipe is not None and result.recipe.backend == "onnxruntime"
     with torch.no_grad():
         assert sqnr_db(model(*batches[1]), result.model(*batches[1])) > 15.0

@@ -647,8 +647,8 @@ def refuse_tied_holders_computing_otherwise(model: nn.Module, owner: str, skip: 
             how = "under another mask" if masked_there else "unmasked"
             raise ValueError(f"{owner}: {pruned} is pruned (it has a mask), but the same tensor is {holder}, which "
                              f"computes with it {how} (tied weights): making the mask permanent would change "
-                             f"{other_path or 'the model'}'s outputs. Prune every holder of a tied tensor with the same "
-                             "mask (litcompress.pruning.with_tied_targets(model, targets) lists them for prune_; "
+                             f"{other_path or 'the model'}'s outputs. Prune every holder of a tied tensor with the "
+                             "same mask (litcompress.pruning.with_tied_targets(model, targets) lists them for prune_; "
                              f"ModelPruning does it), or none.{hint}")
 
 

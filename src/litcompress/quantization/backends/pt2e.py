@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..config import Recipe
 from ..outputs import RebuiltOutputs, tensor_leaves_of, untraceable_structure
-from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni
+from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni, nonfloat_input_error
 from .exported import ExportedInference, FixedDimError, export_program, save_program
 
 
@@ -239,9 +239,17 @@ class PT2EBackend(Backend):
         with torch.no_grad():
             prepared = prepare_pt2e(graph, quantizer)
             _fold_standalone_batch_norms_(prepared)
-            for batch in (calibration if recipe.approach == "static" else calibration[:1]):
-                prepared(*batch)
-            converted = convert_pt2e(prepared)
+            try:
+                for batch in (calibration if recipe.approach == "static" else calibration[:1]):
+                    prepared(*batch)
+                converted = convert_pt2e(prepared)
+            except (RuntimeError, NotImplementedError) as exc:
+                # a bool mask or ids read by an int8 op: its observer fails alike at every knob ("linspace_cpu" not
+                # implemented for 'Bool'), so said once, and the backend left
+                said = nonfloat_input_error(exc, inputs, f"pt2e {recipe.approach}")
+                if said is None:
+                    raise
+                raise said from exc
         _drop_unused_tensors(converted)
         if self.compile:
             result: nn.Module = CompiledInference(converted)
