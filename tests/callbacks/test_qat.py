@@ -164,6 +164,34 @@ def test_a_callback_used_again_goes_on_with_its_frozen_ranges_without_a_warning(
     assert all(torch.equal(value, frozen[key]) for key, value in callback.qat.fake_quant_state().items())
 
 
+class _RecordsQATForward(Callback):
+    """Whether each training batch of the fit ran through the QAT graph (the module's forward is the callback's)."""
+
+    def __init__(self, module_name: str) -> None:
+        self.module_name, self.through_qat = module_name, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        module = pl_module.get_submodule(self.module_name)
+        self.through_qat.append(type(module.__dict__.get("forward")).__name__ == "_QATForward")
+
+
+def test_a_callback_used_again_with_a_late_start_trains_through_its_graph_from_the_first_epoch(tmp_path):
+    """The second fit's epochs before start_epoch trained fp32 outside the graph, moving the weights past the ranges
+    the graph's observers held from the first fit; QAT then clipped them (int8 0.28 off fp32, 0.07 with a new
+    callback). A further fit of one epoch was refused ('QAT would never start')."""
+    seed_everything(0)
+    callback, model = QuantizationAwareTraining("net", start_epoch=1), MLPClassifier(hidden=(16,))
+    first = _RecordsQATForward("net")
+    make_trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[callback, first]).fit(
+        model, datamodule=DigitsDataModule())
+    assert first.through_qat == [False] * 3 + [True] * 3
+    graph = callback.qat
+    again = _RecordsQATForward("net")
+    make_trainer(tmp_path, max_epochs=1, limit_train_batches=3, callbacks=[callback, again]).fit(
+        model, datamodule=DigitsDataModule())
+    assert again.through_qat == [True] * 3 and callback.qat is graph and callback.result is not None
+
+
 # checkpoints at epoch ends: the fit resumes into epoch 2 (QAT observing), 3 (the freeze's) or 4 (frozen); one at
 # the last batch of epoch 2 (step 12), after which Lightning skips the resumed epoch's on_train_epoch_start
 @pytest.mark.parametrize("checkpoint", ["epoch=1-step=8", "epoch=2-step=12", "epoch=3-step=16", "step=12"])

@@ -94,7 +94,8 @@ class QuantizationAwareTraining(Callback):
             step). Also right in a fit resumed from a checkpoint written before the freeze, whose graph is traced
             only at its first step (a hand-written freeze in ``on_train_epoch_start`` finds ``qat`` None there).
             The callback used again for a further fit of the same module goes on with its graph, frozen ranges
-            included.
+            included, from that fit's first epoch: `start_epoch` counts in the first fit only (fp32 epochs there
+            would move the weights away from the graph's int8 ranges, which QAT then clipped them to).
         save_path: where to write the int8 model (a ``.pt2`` program, :func:`litcompress.load_quantized` reads it).
         compile: convert with ``torch.compile`` (see :meth:`~litcompress.quantization.qat.QATModel.convert`): the
             int8 model in ``result`` then runs on fused int8 kernels instead of torch's slower reference ops.
@@ -149,6 +150,7 @@ class QuantizationAwareTraining(Callback):
         self._early_masks: dict[str, torch.Tensor] | None = None
         self._early_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (parameter, its mask) in this fit
         self._distributed = False
+        self._continuing = False  # this fit goes on with an earlier fit's graph (set in setup)
 
     # ---- set-up: what would fail later fails here -------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: LightningModule, stage: str) -> None:
@@ -168,8 +170,10 @@ class QuantizationAwareTraining(Callback):
                              "launcher the fit runs in worker processes, which build the int8 model; this process's "
                              "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
                              "the model there; litcompress.load_quantized reads it), or use strategy='ddp'.")
+        self._continuing = self._continues_graph(pl_module)
         # fast_dev_run forces max_epochs=1: a later start_epoch is its run skipping QAT, said at fit end
-        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
+        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch \
+                and not self._continuing:
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
                              f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
         if str(trainer.precision) not in ("32-true", "32"):
@@ -238,6 +242,16 @@ class QuantizationAwareTraining(Callback):
                 and self._early_masks is None and trainer.current_epoch < self.start_epoch):
             self._early_masks = sparse_weight_masks(self._module)
 
+    def _continues_graph(self, pl_module: LightningModule) -> bool:
+        """Whether this fit goes on with the QAT graph an earlier fit of the same module traced (the callback used
+        again): it then trains through that graph from its first epoch."""
+        if self.qat is None:
+            return False
+        try:
+            return self.qat.model is self._quantized_module(pl_module)
+        except ValueError:  # (said by on_fit_start)
+            return False
+
     def _quantized_module(self, pl_module: LightningModule) -> nn.Module:
         if self.submodule is None:
             return pl_module
@@ -265,7 +279,7 @@ class QuantizationAwareTraining(Callback):
                 limit = f"max_epochs={trainer.max_epochs}" if by_epochs else f"max_steps={trainer.max_steps}"
                 rank_zero_warn(f"{_OWNER}(freeze_ranges_epoch={self.freeze_ranges_epoch}): the fit ends at {limit}, "
                                "before that epoch: the int8 ranges are observed to the end.")
-        if steps_before is None or not self.start_epoch:
+        if steps_before is None or not self.start_epoch or self._continuing:
             return
         total, per_epoch = steps_before(self.start_epoch)
         if total >= trainer.max_steps:
@@ -301,7 +315,7 @@ class QuantizationAwareTraining(Callback):
         self._freeze_due = self.freeze_ranges_epoch is not None and trainer.current_epoch >= self.freeze_ranges_epoch
         if self._freeze_due and self.qat is not None:
             self.qat.freeze_ranges_()
-        if trainer.current_epoch >= self.start_epoch and not self._installed():
+        if (trainer.current_epoch >= self.start_epoch or self._continuing) and not self._installed():
             module = self._module or self._quantized_module(pl_module)
             masked = modules_pruned_with_masks(module)
             if masked:  # said before the first QAT step, not by its trace
