@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from litcompress import ModelPruning, load_pruned_state_dict
-from litcompress.pruning.engine import deepcopy_model, make_permanent_
+from litcompress.pruning.engine import deepcopy_model, make_permanent_, pruned_targets
 from tests.conftest import (EMAWeightAveraging, FixedDataModel, ModelWithAttnMask, RecordEpochStarts,
                             ThreeLayerModel, make_trainer, skip_lightnings_callback_before, weight_averaging_callbacks)
 
@@ -1287,6 +1287,37 @@ def test_global_pruning_of_a_tied_tensor_hits_its_target_on_distinct_weights(tmp
     zeros = round(0.9 * unique)
     assert f"-> {zeros}/{unique} ({zeros / unique:.2%})" in caplog.text  # the log counts it once
     assert _unique_weight_sparsity(model) == pytest.approx(round(0.9 * unique) / unique, abs=1e-9)
+
+
+@pytest.mark.parametrize("how", ["resumed from a checkpoint without the callback's state",
+                                 "the callback used again for a lottery-ticket round"])
+def test_zeros_masked_again_mask_every_holder_of_a_tied_tensor(tmp_path, how):
+    """The zeros of permanent pruning, masked again (a resume without the callback's state; the ticket reset after a
+    fit that made the masks permanent), were masked under one holder of the tied tensor only: the fit's end then
+    could not make the masks permanent without changing the other holder's outputs."""
+    seed_everything(0)
+    model = TiedLanguageModel()
+    lottery = how.startswith("the callback used again")
+    callback = ModelPruning("l1_unstructured", amount=0.5, make_pruning_permanent=True,
+                            use_lottery_ticket_hypothesis=lottery, verbose=0)
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[callback])
+    trainer.fit(model)
+    zeros = model.embedding.weight == 0
+    assert 0 < int(zeros.sum()) < zeros.numel()
+    if lottery:
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    else:
+        path = tmp_path / "no_state.ckpt"
+        trainer.save_checkpoint(path)
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint["callbacks"] = {}
+        torch.save(checkpoint, path)
+        model = TiedLanguageModel()
+        again = ModelPruning("l1_unstructured", amount=0.5, apply_pruning=lambda epoch: epoch < 1,
+                             make_pruning_permanent=True, use_lottery_ticket_hypothesis=False, verbose=0)
+        make_trainer(tmp_path, max_epochs=3, callbacks=[again]).fit(model, ckpt_path=path)
+    assert model.head.weight is model.embedding.weight and not pruned_targets(model)
+    assert bool((model.embedding.weight[zeros] == 0).all())  # the zeros stayed pruned under both holders
 
 
 class SharedLayerModel(FixedDataModel):

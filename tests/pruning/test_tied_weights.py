@@ -370,3 +370,28 @@ def test_making_permanent_a_mask_a_tied_holder_computes_otherwise_is_refused_and
     make_permanent_(alike)
     with torch.no_grad():
         assert torch.equal(alike(ids()), expected) and alike.head.weight is alike.embedding.weight
+
+
+def test_a_mask_of_entries_already_zero_under_one_holder_changes_nothing_and_is_made_permanent():
+    """The zeros of permanent pruning masked again under one holder (as the weights-only resume advises): making that
+    mask permanent changes no value, and was refused all the same, in quantize's words "make_permanent_"."""
+    from litcompress.quantization import PTQConfig, quantize
+    from litcompress.pruning import set_mask_
+
+    model = TiedLM().eval()
+    prune_(with_tied_targets(model, [(model.head, "weight")]), "l1_unstructured", 0.5)
+    make_permanent_(model)
+    set_mask_(model.embedding, "weight", model.embedding.weight != 0)
+    with torch.no_grad():
+        expected = model(ids())
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1),
+                      eval_fn=lambda m: 1.0, example_inputs=(ids(),))
+    assert result.recipe is not None and is_pruned(model.embedding, "weight")  # quantize worked on its copy
+    make_permanent_(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids()), expected) and model.head.weight is model.embedding.weight
+    # a mask that zeroes values the other holder reads: refused in the words of the function called
+    torch_prune.l1_unstructured(model.head, "weight", amount=0.8)
+    with pytest.raises(ValueError, match=r"^quantize: head.weight is pruned .* computes with it unmasked"):
+        quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1), eval_fn=lambda m: 1.0,
+                 example_inputs=(ids(),))

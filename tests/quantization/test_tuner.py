@@ -1164,6 +1164,11 @@ def test_calibration_batches_that_give_other_inputs_than_example_inputs_are_refu
         quantize(_OptionalMask().eval(), PTQConfig(approach="static", backends=("onnxruntime",)), eval_fn=eval_fn,
                  calibration_data=[(x, mask)], example_inputs=given, input_fn=tuple)
     assert calls == []  # not even the baseline
+    if example == "fewer inputs":  # dynamic int8 calibrates nothing on the batches: taken, as before
+        dynamic = quantize(_OptionalMask().eval(), PTQConfig(approach="dynamic", backends=("torch_ao",),
+                                                             max_trials=1),
+                           eval_fn=eval_fn, calibration_data=[(x, mask)], example_inputs=given, input_fn=tuple)
+        assert dynamic.recipe is not None
     # the same inputs in both (the example left out: the first batch): quantized with the masks
     result = quantize(_OptionalMask().eval(), PTQConfig(approach="static", backends=("onnxruntime",), max_trials=1),
                       eval_fn=eval_fn, calibration_data=[(x, mask)], input_fn=tuple)
@@ -1518,3 +1523,21 @@ def test_a_layer_called_twice_is_kept_fp32_by_torch_ao_static_and_the_trials_say
     with torch.no_grad():
         expected = model(x)
         assert float((result.model(x) - expected).abs().max() / expected.abs().max()) < 0.03
+
+
+def test_a_retry_that_would_keep_every_layer_fp32_leaves_the_backend_instead():
+    """The model's one layer, called twice: the retry kept it fp32 and returned that fp32 graph as torch_ao's static
+    int8 result, which the fallback never does (all layers in fp32 is no quantization at all)."""
+    class OneLayerTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    result = quantize(OneLayerTwice().eval(), PTQConfig(approach="static", backends=("torch_ao",), max_trials=3),
+                      eval_fn=lambda m: 1.0, calibration_data=[torch.randn(16, 8)])
+    assert result.recipe is None and len(result.trials) == 1
+    assert any("going on without backend 'torch_ao'" in message for message in result.messages)

@@ -330,7 +330,7 @@ class _Stages:
         if pruned_targets(model) or parametrized_tensors(model):
             shipped = deepcopy_model(model)
             fold_parametrizations_(shipped)
-            make_permanent_(shipped)
+            make_permanent_(shipped, owner="compress")
             counted = shipped if counted is model else counted
         data = file.read_bytes() if file is not None else serialized_weights(shipped)
         parameters = list(counted.parameters())
@@ -1148,7 +1148,7 @@ def compress(
         # every tensor pruned: the heads' input projections too, which no target names
         result_sparsity = sparsity_report(work, targets + pruning.unit_targets
                                           + [(m, n) for _, m, n in pruned_targets(work)])
-        make_permanent_(work)
+        make_permanent_(work, owner="compress")
         for pruner in pruners:  # the pruned model loads state dicts as a plain one (its zeros are not re-masked)
             pruner.remove_hooks()
         work.eval()
@@ -1186,7 +1186,7 @@ def compress(
                  "gradually while training, which recovers most of it.")
 
     if config.prune is None and pruned_targets(work):  # a model given with live masks (a ModelPruning checkpoint's)
-        make_permanent_(work)  # the later stages and the file: plain weights, as it ships
+        make_permanent_(work, owner="compress")  # the later stages and the file: plain weights, as it ships
 
     # ---------------------------------------------------------------------------------------- shrink
     if config.shrink:

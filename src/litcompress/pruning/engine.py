@@ -592,15 +592,16 @@ def eager_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-def make_permanent_(model: nn.Module, keep: Iterable[Target] = ()) -> int:
+def make_permanent_(model: nn.Module, keep: Iterable[Target] = (), *, owner: str = "make_permanent_") -> int:
     """Remove every pruning re-parametrisation in `model` but those of `keep`, keeping the zeros; returns how many
-    were removed.
+    were removed. A mask that another holder of a tied tensor does not apply, and whose permanence would change that
+    holder's outputs, is refused, naming `owner` (the function the caller called), and nothing is removed.
 
     Parameter objects are kept (their values become ``orig * mask``), so optimizers stay valid.
     """
-    check_module(model, "make_permanent_")
+    check_module(model, owner)
     kept = {(id(module), name) for module, name in keep}
-    refuse_tied_holders_computing_otherwise(model, "make_permanent_", skip=kept)
+    refuse_tied_holders_computing_otherwise(model, owner, skip=kept)
     removed = 0
     for module in model.modules():
         for key in [k for k, h in module._forward_pre_hooks.items() if h in _BYPASS_HOOKS]:
@@ -622,9 +623,10 @@ def refuse_tied_holders_computing_otherwise(model: nn.Module, owner: str, skip: 
                                             hint: str = "") -> None:
     """Refuse a mask on a tensor that another module holds and computes with otherwise: as its plain parameter (tied
     weights pruned through one holder, as ``torch.nn.utils.prune`` and ``prune_`` given one holder do), or under
-    another mask (each holder pruned on its own). Making the mask permanent writes ``orig * mask`` into the one tensor
-    they share, which would change the other module's outputs without a word. Masks in `skip` (``(id(module),
-    name)``) stay and are not checked; `hint` ends the message."""
+    another mask (each holder pruned on its own), where the mask zeroes an entry that is not zero and that the other
+    holder reads. Making the mask permanent writes ``orig * mask`` into the one tensor they share, which would change
+    the other module's outputs without a word (a mask of entries already zero changes nothing: let be). Masks in
+    `skip` (``(id(module), name)``) stay and are not checked; `hint` ends the message."""
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for name, parameter in module._parameters.items():
@@ -639,9 +641,14 @@ def refuse_tied_holders_computing_otherwise(model: nn.Module, owner: str, skip: 
             other_tensor = other_name.removesuffix("_orig")
             masked_there = other_name.endswith("_orig") and is_pruned(other, other_tensor)
             other_mask = getattr(other, f"{other_tensor}_mask", None) if masked_there else None
-            if masked_there and (other_mask is mask or (isinstance(other_mask, Tensor) and isinstance(mask, Tensor)
-                                                        and torch.equal(other_mask, mask))):
+            if other_mask is mask or not isinstance(mask, Tensor):
                 continue
+            with torch.no_grad():  # entries this mask zeroes that hold a value the other holder reads
+                changed = (mask == 0) & (orig != 0)
+                if isinstance(other_mask, Tensor):
+                    changed &= other_mask != 0
+                if not bool(changed.any()):
+                    continue
             pruned = f"{path}.{name}" if path else name
             holder = f"{other_path}.{other_tensor if masked_there else other_name}" if other_path else other_name
             how = "under another mask" if masked_there else "unmasked"

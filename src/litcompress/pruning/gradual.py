@@ -59,6 +59,8 @@ def _mask_zeros_of_unmasked_(targets: Sequence[Target], dim: int | None) -> dict
             key = tensor_key(module, name)
             set_mask_(module, name, ~zeros)
             masked[key] = count
+    # the same mask under every holder of a tied tensor masked here (else made permanent, it changed the others)
+    share_tied_masks_([target for target in targets if tensor_key(*target) in masked])
     return masked
 
 

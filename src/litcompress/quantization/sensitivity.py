@@ -99,7 +99,7 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
     # the weights the layers compute with, as plain parameters: a pruned layer's (its mask applied) and a
     # parametrized one's (weight_norm's g and v are not `weight`: only its input was quantized, scored inf)
     model = deepcopy_model(model).eval()
-    make_permanent_(model)
+    make_permanent_(model, owner="layer_sensitivity")
     fold_parametrizations_(model)
     modules = dict(model.named_modules())
     unknown = [name for name in layers if name not in modules]

@@ -274,9 +274,9 @@ def check_calibration_batches(model: nn.Module, batches: Sequence[Inputs], calib
 
 def check_batches_match_example(batches: Sequence[Inputs], example_inputs: Inputs) -> None:
     """Refuse calibration batches that give forward other inputs than `example_inputs` (more, fewer, or a tensor
-    where the example gives none): every candidate is traced or exported on the example, and took its inputs only
-    (torch.ao's and pt2e's failed on the batches in words about forward's arguments; ONNX Runtime's dropped the
-    extra tensors from its feeds and calibrated without them)."""
+    where the example gives none) for static int8: every static candidate is traced or exported on the example, and
+    calibrated on the batches through it (torch.ao's and pt2e's failed on them in words about forward's arguments;
+    ONNX Runtime's dropped the extra tensors from its feeds and calibrated without them)."""
     def kinds(inputs: Inputs) -> list[str]:
         return ["a tensor" if isinstance(x, torch.Tensor) else "None" if x is None else type(x).__name__
                 for x in inputs]
@@ -682,7 +682,8 @@ def quantize(
     check_calibration_batches(probe, calibration, calibration_data, default_input_fn_used)
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
         check_model_runs(probe, example_inputs, what="example_inputs", default_input_fn_used=False)
-        check_batches_match_example(calibration, example_inputs)
+        if config.approach == "static":  # (dynamic and weight-only candidates are not calibrated on the batches)
+            check_batches_match_example(calibration, example_inputs)
     if not calibration:  # dynamic/weight-only without data: rank layers on the example inputs
         calibration = [example_inputs]
     given_inputs, structure = example_inputs, None
@@ -776,7 +777,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         note(f"the model's {', '.join(sorted(str(d).removeprefix('torch.') for d in other_floats))} weights were "
              "quantized from a float32 copy; the result casts float inputs to float32, and its file takes float32 "
              "inputs.")
-    if make_permanent_(fp32):  # int8 kernels and exporters take plain weights: the pruned ones, zeros and all
+    # int8 kernels and exporters take plain weights: the pruned ones, zeros and all
+    if make_permanent_(fp32, owner="quantize"):
         note("the model's pruning masks were made permanent in the copy quantized (the model keeps them).")
     folded = fold_parametrizations_(fp32)  # torch_ao would skip a weight-normed Linear; exports recompute the norm
     if folded:
@@ -937,7 +939,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 except ExportError as exc:
                     trial.error = str(exc)
                     retry = tuple(getattr(exc, "fp32_layers", ()))
-                    if retry:  # the int8 version of these layers fixed a size: once more with them in fp32
+                    # (every layer it makes int8 in fp32 is no quantization at all: the backend is left instead)
+                    if retry and not search.layers <= set(recipe.fp32_layers) | set(retry):
+                        # the int8 version of these layers is the cause: once more with them in fp32
                         search.pending.insert(0, recipe.with_fp32_layers(recipe.fp32_layers + retry))
                         # and so in this backend's recipes to come, which would fail alike
                         search.pending[1:] = [r.with_fp32_layers(r.fp32_layers + tuple(
