@@ -187,7 +187,8 @@ class PTQConfig:
             ``"static"`` (int8 weights and activations, needs calibration data) or
             ``"weight_only"`` (int8 weights, float compute).
         accuracy: the accuracy goal against the fp32 baseline.
-        backends: names from :func:`available_backends`, tried in this order.
+        backends: names in ``litcompress.quantization.BACKEND_REGISTRY`` (torch_ao, onnxruntime, pt2e, torchao),
+            tried in this order.
         max_trials: evaluated candidates at most (the fp32 baseline is not counted).
         timeout_s: wall-clock budget for the search; the best model so far is returned.
         num_calibration_batches: batches of calibration data used for static quantization.

@@ -49,9 +49,11 @@ _TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char"
 
 
 def nonfloat_input_error(error: BaseException, example_inputs: Inputs, where: str) -> ExportError | None:
-    """An :class:`ExportError` naming the inputs that are no float tensor (a bool mask, ids) when `error`, raised while
-    calibrating or converting a static int8 model, is torch's about one of their dtypes ("got Bool", "not implemented
-    for 'Long'": an int8 op reads one, and observers take float tensors only); None for another error."""
+    """An :class:`ExportError` saying that an int8 op reads a tensor that is not float, naming the model's inputs of
+    that kind (a bool mask, ids), when `error`, raised while calibrating or converting a static int8 model, is
+    torch's about one of their dtypes ("got Bool", "not implemented for 'Long'": observers take float tensors only);
+    None for another error. Which tensor the op reads torch does not say: one of those inputs, or one the forward
+    computes from them or from others (``x > 0``)."""
     import re
 
     nonfloat = [(i, t) for i, t in enumerate(example_inputs)
@@ -60,9 +62,10 @@ def nonfloat_input_error(error: BaseException, example_inputs: Inputs, where: st
     if not any(re.search(rf"\b{name}\b", str(error)) for name in named):
         return None
     other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})" for i, t in nonfloat]
-    return ExportError(f"{where}: an int8 op reads {', '.join(other)}, which is not float (a mask or ids used in "
-                       f"arithmetic), and the observers take float tensors only ({type(error).__name__}: {error}); "
-                       "the onnxruntime backend's static int8, or dynamic int8, quantizes such a model")
+    return ExportError(f"{where}: an int8 op reads a tensor that is not float, and the observers take float "
+                       f"tensors only ({type(error).__name__}: {error}): a mask or ids used in arithmetic, such as "
+                       f"the model's {', '.join(other)}, or a comparison's result (x > 0); the onnxruntime backend's "
+                       "static int8, or dynamic int8, quantizes such a model")
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
