@@ -170,12 +170,9 @@ class QuantizationAwareTraining(Callback):
                              "launcher the fit runs in worker processes, which build the int8 model; this process's "
                              "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
                              "the model there; litcompress.load_quantized reads it), or use strategy='ddp'.")
+        # (a resumed fit's checkpoint, restored after this hook, says whether it went on with an earlier graph: a fit
+        # that ends before QAT is refused in on_fit_start, once it is known)
         self._continuing = self._continues_graph(pl_module)
-        # fast_dev_run forces max_epochs=1: a later start_epoch is its run skipping QAT, said at fit end
-        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch \
-                and not self._continuing:
-            raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
-                             f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
         if str(trainer.precision) not in ("32-true", "32"):
             raise ValueError(f"{_OWNER}: precision={trainer.precision!r}; QAT trains a float32 graph of fake-quantized "
                              "ops and converts it to int8 from float32, which mixed or half precision breaks (in "
@@ -223,6 +220,7 @@ class QuantizationAwareTraining(Callback):
                              "zeros.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._refuse_a_fit_that_ends_before_qat(trainer)  # (a resumed fit's state is restored by now)
         self._early_pairs = None  # this fit's parameters (a resumed fit's module is another object)
         # the fit's, not torch.distributed's: a process group another fit left initialised is no reason to sync
         self._distributed = trainer.world_size > 1
@@ -241,6 +239,13 @@ class QuantizationAwareTraining(Callback):
         if (self.config.keep_sparsity and self.qat is None and self._pending_masks is None
                 and self._early_masks is None and trainer.current_epoch < self.start_epoch):
             self._early_masks = sparse_weight_masks(self._module)
+
+    def _refuse_a_fit_that_ends_before_qat(self, trainer: "pl.Trainer") -> None:
+        # fast_dev_run forces max_epochs=1: a later start_epoch is its run skipping QAT, said at fit end
+        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch \
+                and not self._continuing:
+            raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
+                             f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
 
     def _continues_graph(self, pl_module: LightningModule) -> bool:
         """Whether this fit goes on with the QAT graph an earlier fit of the same module traced (the callback used
@@ -527,7 +532,8 @@ class QuantizationAwareTraining(Callback):
         fake_quant = self.qat.fake_quant_state() if self.qat is not None else self._pending_state
         held = self.qat.held_masks() if self.qat is not None else self._pending_masks
         return {"start_epoch": self.start_epoch, "fake_quant": fake_quant, "held_masks": held,
-                "early_masks": self._early_masks if self.qat is None else None}
+                "early_masks": self._early_masks if self.qat is None else None,
+                "continues_graph": self._continuing}  # a further fit: QAT from its first epoch, resumed alike
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if getattr(self, "_loading_for", None) not in (None, "fit"):  # an evaluation's checkpoint: the weights only
@@ -535,6 +541,8 @@ class QuantizationAwareTraining(Callback):
         self._pending_state = state_dict.get("fake_quant")
         self._pending_masks = state_dict.get("held_masks")  # absent in checkpoints of earlier versions: recomputed
         self._early_masks = state_dict.get("early_masks")
+        # the checkpoint's fit, not this object's past: a further fit's goes on through QAT from its first epoch
+        self._continuing = bool(state_dict.get("continues_graph", False))
         self.qat = None  # prepared again, on the resumed fit's first QAT step, then given this state
 
 
