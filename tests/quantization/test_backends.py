@@ -1219,3 +1219,28 @@ def test_static_int8_on_a_model_whose_int8_op_reads_a_bool_input_is_left_once_na
     assert result.recipe is not None and result.recipe.backend == "onnxruntime"
     with torch.no_grad():
         assert sqnr_db(model(*batches[1]), result.model(*batches[1])) > 15.0
+
+
+class _MasksByASign(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) * (x > 0))  # a bool the forward computes, read by an int8 mul
+
+
+@pytest.mark.parametrize("backend_name", ["torch_ao", "pt2e"])
+def test_a_computed_bool_read_by_an_int8_op_is_said_once_and_the_backend_left(backend_name):
+    """A model of float inputs only: every knob variant failed in torch's words ("Quantize only works on Float Tensor,
+    got Bool")."""
+    from litcompress.quantization import PTQConfig, quantize
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = quantize(_MasksByASign().eval(), PTQConfig(approach="static", backends=(backend_name,), max_trials=3),
+                          eval_fn=lambda m: 1.0, calibration_data=[torch.randn(16, 8)])
+    assert len(result.trials) == 1 and result.trials[0].error.startswith(
+        f"{backend_name} static: an int8 op reads a tensor that is not float")
+    assert "a comparison's result (x > 0)" in result.trials[0].error

@@ -1164,11 +1164,12 @@ def test_calibration_batches_that_give_other_inputs_than_example_inputs_are_refu
         quantize(_OptionalMask().eval(), PTQConfig(approach="static", backends=("onnxruntime",)), eval_fn=eval_fn,
                  calibration_data=[(x, mask)], example_inputs=given, input_fn=tuple)
     assert calls == []  # not even the baseline
-    if example == "fewer inputs":  # dynamic int8 calibrates nothing on the batches: taken, as before
-        dynamic = quantize(_OptionalMask().eval(), PTQConfig(approach="dynamic", backends=("torch_ao",),
-                                                             max_trials=1),
-                           eval_fn=eval_fn, calibration_data=[(x, mask)], example_inputs=given, input_fn=tuple)
-        assert dynamic.recipe is not None
+    if example == "fewer inputs":  # dynamic int8 calibrates nothing on the batches (pt2e's: on example_inputs)
+        for backend in ("torch_ao", "pt2e"):
+            dynamic = quantize(_OptionalMask().eval(), PTQConfig(approach="dynamic", backends=(backend,),
+                                                                 max_trials=1),
+                               eval_fn=eval_fn, calibration_data=[(x, mask)], example_inputs=given, input_fn=tuple)
+            assert dynamic.recipe is not None and dynamic.recipe.backend == backend
     # the same inputs in both (the example left out: the first batch): quantized with the masks
     result = quantize(_OptionalMask().eval(), PTQConfig(approach="static", backends=("onnxruntime",), max_trials=1),
                       eval_fn=eval_fn, calibration_data=[(x, mask)], input_fn=tuple)

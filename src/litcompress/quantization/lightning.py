@@ -791,7 +791,8 @@ def fit_end_module(trainer: L.Trainer, pl_module: L.LightningModule, weights: st
     from litcompress.pruning.engine import load_pruned_state_dict, make_permanent_
 
     module = detached_copy(pl_module)
-    make_permanent_(module)  # the file holds either format: plain weights, or `<name>_orig`/`<name>_mask` pairs
+    # the file holds either format: plain weights, or `<name>_orig`/`<name>_mask` pairs
+    make_permanent_(module, owner=owner)
     import fsspec  # (Lightning's own dependency: a ModelCheckpoint may write to s3://, gs://, memory://)
 
     with fsspec.open(best, "rb") as file:

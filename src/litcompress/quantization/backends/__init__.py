@@ -50,22 +50,27 @@ _TORCH_TYPE_NAMES = {torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char"
 
 def nonfloat_input_error(error: BaseException, example_inputs: Inputs, where: str) -> ExportError | None:
     """An :class:`ExportError` saying that an int8 op reads a tensor that is not float, naming the model's inputs of
-    that kind (a bool mask, ids), when `error`, raised while calibrating or converting a static int8 model, is
-    torch's about one of their dtypes ("got Bool", "not implemented for 'Long'": observers take float tensors only);
-    None for another error. Which tensor the op reads torch does not say: one of those inputs, or one the forward
-    computes from them or from others (``x > 0``)."""
+    that kind (a bool mask, ids) if it has any, when `error`, raised while calibrating or converting a static int8
+    model, is torch's about such a dtype ("Quantize only works on Float Tensor, got Bool", '"linspace_cpu" not
+    implemented for 'Long'': observers take float tensors only); None for another error. Which tensor the op reads
+    torch does not say: one of those inputs, or one the forward computes (``x > 0``)."""
     import re
 
     nonfloat = [(i, t) for i, t in enumerate(example_inputs)
                 if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()]
+    names = "|".join(_TORCH_TYPE_NAMES.values())
+    said = str(error)
+    # torch's words for an observer or a quantize op given such a tensor; or an input's dtype named otherwise
+    about_one = re.search(rf"got ({names})\b|implemented for '({names})'", said) is not None
     named = {_TORCH_TYPE_NAMES.get(t.dtype) for _, t in nonfloat} - {None}
-    if not any(re.search(rf"\b{name}\b", str(error)) for name in named):
+    if not (about_one or any(re.search(rf"\b{name}\b", said) for name in named)):
         return None
-    other = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})" for i, t in nonfloat]
+    inputs = [f"input {i} ({str(t.dtype).removeprefix('torch.')} {tuple(t.shape)})" for i, t in nonfloat]
+    examples = (f"the model's {', '.join(inputs)}, or a comparison's result (x > 0)" if inputs
+                else "a comparison's result (x > 0) or ids the forward computes")
     return ExportError(f"{where}: an int8 op reads a tensor that is not float, and the observers take float "
                        f"tensors only ({type(error).__name__}: {error}): a mask or ids used in arithmetic, such as "
-                       f"the model's {', '.join(other)}, or a comparison's result (x > 0); the onnxruntime backend's "
-                       "static int8, or dynamic int8, quantizes such a model")
+                       f"{examples}; the onnxruntime backend's static int8, or dynamic int8, quantizes such a model")
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:

@@ -240,7 +240,9 @@ class PT2EBackend(Backend):
             prepared = prepare_pt2e(graph, quantizer)
             _fold_standalone_batch_norms_(prepared)
             try:
-                for batch in (calibration if recipe.approach == "static" else calibration[:1]):
+                # dynamic: one call on the inputs it was exported on (calibration batches may hold more inputs,
+                # which only a static candidate, calibrated through its graph, is refused for)
+                for batch in (calibration if recipe.approach == "static" else [inputs]):
                     prepared(*batch)
                 converted = convert_pt2e(prepared)
             except (RuntimeError, NotImplementedError) as exc:

@@ -220,9 +220,9 @@ class TorchAOBackend(Backend):
             raise ExportError(f"torch_ao static: {', '.join(called_again)} called more than once in forward, and "
                               "torch.ao's int8 layer holds one output scale for all its calls (the ranges of the "
                               "others are clipped)", fp32_layers=called_again)
-        # an input that is no float tensor (a bool mask, ids) read by an int8 op gets an observer, which fails on it
-        # at every knob variant alike: said once, naming it, and the backend left (not each variant a failed trial)
-        nonfloat = any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs)
+        # a tensor that is not float (a bool mask, ids; an input, or one computed: x > 0) read by an int8 op gets an
+        # observer, which fails on it at every knob variant alike: said once, and the backend left (not each variant
+        # a failed trial)
         try:
             for inputs in calibration:
                 prepared(*inputs)
@@ -230,9 +230,8 @@ class TorchAOBackend(Backend):
             _views_as_reshapes_(converted)
             if recipe.fp32_layers:
                 _methods_read_fp32_(converted, example_inputs)
-            if nonfloat:  # (a min-max observer takes bool values; the converted model's quantize op fails on them)
-                with torch.no_grad():
-                    converted(*example_inputs)
+            with torch.no_grad():  # (a min-max observer takes bool values; the converted quantize op fails on them)
+                converted(*example_inputs)
             return converted
         except (RuntimeError, NotImplementedError) as exc:
             said = nonfloat_input_error(exc, example_inputs, "torch_ao static")
