@@ -194,25 +194,35 @@ def test_a_callback_used_again_with_a_late_start_trains_through_its_graph_from_t
 
 def test_a_further_fit_resumed_goes_on_through_qat_and_a_first_fit_resumed_waits_for_start_epoch(tmp_path):
     """The checkpoint says which: a further fit resumed with a new callback trained fp32 outside its graph until
-    start_epoch (or was refused: 'QAT would never start'), and the same callback resumed from its first fit's
-    checkpoint before start_epoch traced its graph at once."""
+    start_epoch, and the same callback resumed from its first fit's checkpoint before start_epoch traced its graph at
+    once."""
     seed_everything(0)
     callback, model = QuantizationAwareTraining("net", start_epoch=2), MLPClassifier(hidden=(16,))
     first_fit = ModelCheckpoint(dirpath=tmp_path / "first", save_top_k=-1, every_n_epochs=1)
     make_trainer(tmp_path, max_epochs=3, limit_train_batches=2, enable_checkpointing=True,
                  callbacks=[callback, first_fit]).fit(model, datamodule=DigitsDataModule())
     further_fit = ModelCheckpoint(dirpath=tmp_path / "further", save_top_k=-1, every_n_epochs=1)
-    make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, enable_checkpointing=True,
+    make_trainer(tmp_path, max_epochs=3, limit_train_batches=2, enable_checkpointing=True,
                  callbacks=[callback, further_fit]).fit(model, datamodule=DigitsDataModule())
     resumed = _RecordsQATForward("net")
-    make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[
+    make_trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=[
         QuantizationAwareTraining("net", start_epoch=2), resumed]).fit(
         model, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "further" / "epoch=0-step=2.ckpt")
-    assert resumed.through_qat == [True] * 2
+    assert resumed.through_qat == [True] * 4  # epochs 1 and 2, as the further fit trained them
     waits = _RecordsQATForward("net")
     make_trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=[callback, waits]).fit(
         model, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "first" / "epoch=0-step=2.ckpt")
     assert waits.through_qat == [False] * 2 + [True] * 2
+    # a resumed fit that would end before QAT is refused before Lightning loads the checkpoint's weights into it
+    fresh = MLPClassifier(hidden=(16,))
+    before = {name: value.clone() for name, value in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"start_epoch=3\): the fit ends after 3 epoch\(s\)"):
+        make_trainer(tmp_path, max_epochs=3, callbacks=[QuantizationAwareTraining("net", start_epoch=3)]).fit(
+            fresh, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "first" / "epoch=0-step=2.ckpt")
+    assert all(torch.equal(value, before[name]) for name, value in fresh.state_dict().items())
+    # a fast_dev_run further fit converts nothing: no int8 model of an earlier fit is left as this one's
+    make_trainer(tmp_path, fast_dev_run=True, callbacks=[callback]).fit(model, datamodule=DigitsDataModule())
+    assert callback.result is None and callback.metric_value is None
 
 
 # checkpoints at epoch ends: the fit resumes into epoch 2 (QAT observing), 3 (the freeze's) or 4 (frozen); one at

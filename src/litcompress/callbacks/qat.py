@@ -170,9 +170,10 @@ class QuantizationAwareTraining(Callback):
                              "launcher the fit runs in worker processes, which build the int8 model; this process's "
                              "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
                              "the model there; litcompress.load_quantized reads it), or use strategy='ddp'.")
-        # (a resumed fit's checkpoint, restored after this hook, says whether it went on with an earlier graph: a fit
-        # that ends before QAT is refused in on_fit_start, once it is known)
+        # (a resumed fit's checkpoint, restored after this hook, says whether it went on with an earlier graph; the
+        # refusal is here all the same, before Lightning loads the checkpoint's weights into the module)
         self._continuing = self._continues_graph(pl_module)
+        self._refuse_a_fit_that_ends_before_qat(trainer)
         if str(trainer.precision) not in ("32-true", "32"):
             raise ValueError(f"{_OWNER}: precision={trainer.precision!r}; QAT trains a float32 graph of fake-quantized "
                              "ops and converts it to int8 from float32, which mixed or half precision breaks (in "
@@ -220,7 +221,6 @@ class QuantizationAwareTraining(Callback):
                              "zeros.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        self._refuse_a_fit_that_ends_before_qat(trainer)  # (a resumed fit's state is restored by now)
         self._early_pairs = None  # this fit's parameters (a resumed fit's module is another object)
         # the fit's, not torch.distributed's: a process group another fit left initialised is no reason to sync
         self._distributed = trainer.world_size > 1
@@ -245,7 +245,8 @@ class QuantizationAwareTraining(Callback):
         if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch \
                 and not self._continuing:
             raise ValueError(f"{_OWNER}(start_epoch={self.start_epoch}): the fit ends after {trainer.max_epochs} "
-                             f"epoch(s), so QAT would never start; use start_epoch < max_epochs.")
+                             f"epoch(s), so QAT would never start; use start_epoch < max_epochs (to resume a further "
+                             "fit, which goes on through QAT from its first epoch, start_epoch=0 is the same).")
 
     def _continues_graph(self, pl_module: LightningModule) -> bool:
         """Whether this fit goes on with the QAT graph an earlier fit of the same module traced (the callback used
@@ -476,6 +477,7 @@ class QuantizationAwareTraining(Callback):
                            f"{trainer.current_epoch} epoch(s) run): no int8 model was built.")
             return
         if trainer.fast_dev_run:
+            self.result, self.metric_value = None, None  # (an earlier fit's: not this one's training)
             _info_on_rank_zero(f"{_OWNER}: conversion skipped under fast_dev_run; `result` stays None.", log)
             return
         self.result = self.qat.convert()  # resets the held zeros in the module's weights too
