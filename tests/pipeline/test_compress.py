@@ -1433,6 +1433,40 @@ def test_preview_shrink_wants_structured_pruning_of_output_channels(trained):
         preview_shrink(trained, PruneConfig(sparsity=0.5))
 
 
+class _CompilesItsBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.compile(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), backend="eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("compiled", ["a part", "the model"])
+def test_the_checks_before_compress_and_preview_shrink_read_a_compiled_model_as_compress_does(compiled):
+    """compress prunes and shrinks the eager modules of compiled parts; prune_targets (the CLI's check before any
+    training) and preview_shrink (`litcompress channels --sparsity`) traced the compiled model with torch.fx and
+    refused it, while their message advised compress()."""
+    from litcompress.pipeline import preview_shrink
+
+    if compiled == "a part":
+        model = _CompilesItsBody()
+        eager = model.body._orig_mod
+    else:
+        torch.manual_seed(0)
+        model = torch.compile(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), backend="eager")
+        eager = model._orig_mod
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    assert prune_targets(model, prune) == [(eager[0], "weight")]  # the model's own module, as compress prunes it
+    preview, notes = preview_shrink(model, prune)
+    assert preview.report.parameters_before == 64 * 32 + 32 + 32 * 10 + 10
+    assert preview.report.parameters_after == 64 * 16 + 16 + 16 * 10 + 10
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+    assert type(model.body if compiled == "a part" else model).__name__ == "OptimizedModule"
+
+
 def test_unstructured_pruning_of_a_transformer_while_fine_tuning_reaches_the_attention(digits):
     # nn.MultiheadAttention reads its out_proj's weight without calling out_proj: pruned, it used to keep the tensor
     # cached at pruning, and the second backward failed

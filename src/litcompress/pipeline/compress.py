@@ -114,7 +114,12 @@ def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple |
     targets = _select_targets(work, config, plan)[0]
     if work is model:
         return targets
-    modules, names = dict(model.named_modules()), {id(m): name for name, m in work.named_modules()}
+    # `model`'s modules by the copy's names: a compiled part's eager module (`net._orig_mod.0`) is the copy's `net.0`
+    modules = {}
+    for name, module in model.named_modules():
+        if not is_compiled(module):
+            modules.setdefault(".".join(part for part in name.split(".") if part != "_orig_mod"), module)
+    names = {id(m): name for name, m in work.named_modules()}
     return [(modules[names[id(module)]], name) for module, name in targets]
 
 
@@ -127,10 +132,11 @@ def check_keep_multiple_of_prunes(model: nn.Module, config: PruneConfig, keep_mu
 
 def as_pruned(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """`model` as :func:`compress` prunes it, to read without changing it: `model` itself, or, when it has
-    parametrized weights (``weight_norm``), a deep copy with them folded into plain ones; and the folded tensors."""
-    if not parametrized_tensors(model):
+    parametrized weights (``weight_norm``) or ``torch.compile``'d parts, a deep copy with them folded into plain ones
+    and its compiled parts' eager modules (which torch.fx traces); and the folded tensors."""
+    if not parametrized_tensors(model) and not compiled_module_names(model):
         return model, []
-    work = deepcopy_model(model)
+    work = eager_copy(model)
     return work, fold_parametrizations_(work)
 
 
@@ -805,7 +811,7 @@ def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: in
         raise ValueError(f"preview_shrink(prune={prune!r}): give a structured PruneConfig on output channels, e.g. "
                          "PruneConfig(sparsity=0.5, method='ln_structured').")
     notes: list[str] = []
-    work = deepcopy_model(model)
+    work = eager_copy(model)  # as compress does: torch.fx traces the eager modules of compiled parts
     folded = fold_parametrizations_(work)  # as compress does
     if folded:
         notes.append(f"folded {len(folded)} parametrized weight(s) into plain ones, as compress does: "
