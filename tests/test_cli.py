@@ -392,6 +392,25 @@ def test_prune_embeddings_on_a_model_without_one_is_refused_before_training(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_another_models_checkpoint_sharing_a_hyperparameter_name_is_not_blamed_on_model_args(tmp_path, capsys):
+    """An LSTMClassifier(hidden=12) checkpoint given for the MLP with --model-args hidden: the refusal said the
+    --model-args were the cause ("Drop those --model-args"), which dropped would not load it either."""
+    from litcompress.models import LSTMClassifier
+
+    path = tmp_path / "lstm.ckpt"
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(LSTMClassifier(hidden=12), datamodule=DigitsDataModule(batch_size=64, flatten=False))
+    trainer.save_checkpoint(path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--checkpoint", str(path), "--model-args", '{"hidden": [16]}',
+              "--output-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model-args gives other values" not in err
+    assert f"--checkpoint {path}: cannot be loaded as a checkpoint of MLPClassifier" in err
+
+
 @pytest.mark.parametrize("hidden", ["[32, 32]", "[64, 64]"], ids=["narrower", "wider"])
 def test_model_args_that_contradict_the_checkpoint_are_named_as_the_cause(first_run, tmp_path, capsys, hidden):
     """The refusal spoke of shrunk states ("not a shrunk state of this model"), not of the --model-args given; wider

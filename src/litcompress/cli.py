@@ -620,7 +620,7 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
     except Exception as error:
         said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         said = said if len(said) <= 300 else said[:297] + "..."
-        if conflicts:  # the cause, whatever the load said about the weights
+        if conflicts and _loads_without(cls, path, kwargs, conflicts):  # the cause, whatever the load said
             raise conflict_error(conflicts, f"{type(error).__name__}: {said.rstrip('.')}") from None
         if isinstance(error, (ValueError, TypeError)):
             if not _builds_from_its_hyperparameters(cls, path, kwargs):  # another model's checkpoint
@@ -675,6 +675,21 @@ def _saved_hyperparameters(path: Path) -> dict[str, Any]:
 def _shown(saved: dict[str, Any]) -> str:
     text = ", ".join(f"{name}={value!r}" for name, value in saved.items()) or "none"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _loads_without(cls: Any, path: Path, kwargs: dict[str, Any], conflicts: list[str]) -> bool:
+    """Whether the checkpoint loads once the `conflicts` (``name=saved``) are left out of `kwargs`: else they are not
+    why it failed (another model's checkpoint, which shares a hyperparameter's name)."""
+    from litcompress.callbacks.pruning import load_module_from_checkpoint
+
+    names = {conflict.split("=", 1)[0] for conflict in conflicts}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_module_from_checkpoint(cls, path, **{k: v for k, v in kwargs.items() if k not in names})
+    except Exception:  # noqa: BLE001 - it fails without them too
+        return False
+    return True
 
 
 def _conflicting_hyperparameters(path: Path, given: dict[str, Any]) -> list[str]:
