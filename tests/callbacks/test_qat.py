@@ -213,6 +213,11 @@ def test_a_further_fit_resumed_goes_on_through_qat_and_a_first_fit_resumed_waits
     make_trainer(tmp_path, max_epochs=3, limit_train_batches=2, callbacks=[callback, waits]).fit(
         model, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "first" / "epoch=0-step=2.ckpt")
     assert waits.through_qat == [False] * 2 + [True] * 2
+    # that resume ending before start_epoch: refused (it trained fp32, said no int8 model was built, and kept the
+    # earlier fit's in `result`)
+    with pytest.raises(ValueError, match=r"start_epoch=2\): the fit ends after 2 epoch\(s\), so QAT would never "):
+        make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[callback]).fit(
+            model, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "first" / "epoch=0-step=2.ckpt")
     # a resumed fit that would end before QAT is refused before Lightning loads the checkpoint's weights into it
     fresh = MLPClassifier(hidden=(16,))
     before = {name: value.clone() for name, value in fresh.state_dict().items()}

@@ -171,7 +171,8 @@ class QuantizationAwareTraining(Callback):
                              "callback never sees it (`result` would stay None). Give save_path=... (rank 0 writes "
                              "the model there; litcompress.load_quantized reads it), or use strategy='ddp'.")
         # (a resumed fit's checkpoint, restored after this hook, says whether it went on with an earlier graph; the
-        # refusal is here all the same, before Lightning loads the checkpoint's weights into the module)
+        # refusal is here all the same, before Lightning loads the checkpoint's weights into the module, and again in
+        # on_fit_start: a new callback resuming a further fit is refused here, start_epoch=0 being the same)
         self._continuing = self._continues_graph(pl_module)
         self._refuse_a_fit_that_ends_before_qat(trainer)
         if str(trainer.precision) not in ("32-true", "32"):
@@ -221,6 +222,9 @@ class QuantizationAwareTraining(Callback):
                              "zeros.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # again, with a resumed fit's state restored: the callback used again, resumed from a checkpoint of a fit
+        # that had not reached QAT, is no further fit of its graph (setup could not know)
+        self._refuse_a_fit_that_ends_before_qat(trainer)
         self._early_pairs = None  # this fit's parameters (a resumed fit's module is another object)
         # the fit's, not torch.distributed's: a process group another fit left initialised is no reason to sync
         self._distributed = trainer.world_size > 1
@@ -460,6 +464,7 @@ class QuantizationAwareTraining(Callback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._restore_forward()
         if self.qat is None:
+            self.result, self.metric_value = None, None  # (an earlier fit's: this one built none)
             if trainer.fast_dev_run:
                 _info_on_rank_zero(f"{_OWNER}: QAT starts at epoch {self.start_epoch}, which fast_dev_run does not "
                                    "reach.", log)
