@@ -1465,6 +1465,10 @@ def test_the_checks_before_compress_and_preview_shrink_read_a_compiled_model_as_
     assert preview.report.parameters_after == 64 * 16 + 16 + 16 * 10 + 10
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
     assert type(model.body if compiled == "a part" else model).__name__ == "OptimizedModule"
+    # exclude names as model.named_modules() gives them (with `_orig_mod`) were refused as naming no module
+    head = "body._orig_mod.2" if compiled == "a part" else "_orig_mod.2"
+    assert prune_targets(model, PruneConfig(sparsity=0.5, method="ln_structured", exclude=(head,))) == [
+        (eager[0], "weight")]
 
 
 def test_unstructured_pruning_of_a_transformer_while_fine_tuning_reaches_the_attention(digits):

@@ -83,11 +83,12 @@ class PruneConfig:
             with ``nn.Linear`` among them, unstructured methods prune Hugging Face's ``Conv1D`` layers too (GPT-2's
             Linear layers, their weights stored transposed); with ``nn.Embedding`` (not in the default), structured
             methods on output channels prune an embedding's dims (its weight's columns), which ``shrink`` removes.
-        exclude: names of modules (as in ``model.named_modules()``) left dense, with every module inside them (a
-            block's name leaves all its layers). Default: for structured methods the layer(s) whose outputs are
-            the model's (the classifier, as the trace finds it, wherever ``__init__`` registers it; without a trace
-            the last prunable layer registered, of any prunable type, so ``layer_types=(nn.Conv2d,)`` leaves a
-            Linear head out without taking the last conv for it), else none.
+        exclude: names of modules (as in ``model.named_modules()``; a ``torch.compile``'d part's with or without
+            ``_orig_mod``) left dense, with every module inside them (a block's name leaves all its layers).
+            Default: for structured methods the layer(s) whose outputs are the model's (the classifier, as the
+            trace finds it, wherever ``__init__`` registers it; without a trace the last prunable layer registered,
+            of any prunable type, so ``layer_types=(nn.Conv2d,)`` leaves a Linear head out without taking the last
+            conv for it), else none.
             Structured methods never prune depthwise convolutions (a MobileNet block's middle layer): their
             channels are those of the layer before them, and ``shrink`` removes them with that layer's.
         dim, norm: for structured methods, the dimension whose slices are removed (0: output channels, what
@@ -198,7 +199,10 @@ class PruneConfig:
                              "e.g. (nn.Linear, nn.Conv2d).")
         object.__setattr__(self, "layer_types", layer_types)
         if self.exclude is not None:
-            object.__setattr__(self, "exclude", _names("exclude", self.exclude))
+            # a compiled part's eager modules go by their names without `_orig_mod`: those the pipeline prunes
+            eager = (".".join(part for part in name.split(".") if part != "_orig_mod")
+                     for name in _names("exclude", self.exclude))
+            object.__setattr__(self, "exclude", tuple(eager))
         if isinstance(self.dim, bool) or not isinstance(self.dim, int):
             raise ValueError(f"PruneConfig(dim={self.dim!r}): expected an int (0: output channels).")
         if isinstance(self.norm, bool) or not isinstance(self.norm, (int, float)) or not self.norm > 0:
