@@ -997,7 +997,8 @@ def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_t
     result = quantize_lightning(module, config, metric="val_acc", val_dataloaders=data.val_dataloader())
     assert result.recipe is not None and result.recipe.backend == "torch_ao"
     static = PTQConfig(approach="static", backends=("torch_ao",), max_trials=1, latency_repeats=2)
-    with pytest.raises(ValueError, match="calibration"):
+    with pytest.raises(ValueError, match=r"^quantize_lightning\(approach='static'\): val_dataloaders alone give no "
+                                         r"calibration data"):
         quantize_lightning(module, static, metric="val_acc", val_dataloaders=data.val_dataloader())
 
     class ValidationOnly(L.LightningDataModule):  # its train_dataloader is Lightning's, which raises
@@ -1006,6 +1007,10 @@ def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_t
 
     result = quantize_lightning(module, config, metric="val_acc", datamodule=ValidationOnly())
     assert result.recipe is not None
+    # static: named in this function's words (quantize's named its calibration_data argument, not given here)
+    with pytest.raises(ValueError, match=r"^quantize_lightning\(approach='static'\): the DataModule has no "
+                                         r"train_dataloader; .* give calibration_data="):
+        quantize_lightning(module, static, metric="val_acc", datamodule=ValidationOnly())
 
     class Loaders:  # an object with loaders, no LightningDataModule (is_overridden failed on it); validated on
         # the loaders given beside it

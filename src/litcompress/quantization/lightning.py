@@ -544,6 +544,13 @@ def quantize_lightning(
     # a DataModule may have no training data when calibration data is given (or none at all: only validation data)
     train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None and (
         not isinstance(datamodule, L.LightningDataModule) or is_overridden("train_dataloader", datamodule)) else None
+    if config.approach == "static" and calibration_data is None and train_loader is None:
+        # (quantize's own refusal named its calibration_data argument, which this call was not given)
+        given = ("the DataModule has no train_dataloader" if datamodule is not None
+                 else "val_dataloaders alone give no calibration data (they judge the candidates)")
+        raise ValueError(f"quantize_lightning(approach='static'): {given}; static int8 calibrates its ranges on "
+                         "training batches: give calibration_data=... (a DataLoader or list of batches), a DataModule "
+                         "with a train_dataloader, or approach='dynamic'.")
     # a 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy (before its steps are
     # run on a batch to find the model's inputs)
     module = float32_for_float32_batches(module, val_loader, input_fn, "quantize_lightning", submodule)
