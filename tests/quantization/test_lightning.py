@@ -235,7 +235,9 @@ def test_a_checkpoint_of_a_module_with_unsaved_arguments_is_quantized_with_init_
     x, y = digits[2], digits[3]
     with torch.no_grad():
         assert result.baseline_metric == pytest.approx(float((module(x).argmax(1) == y).float().mean()), abs=1e-6)
-    with pytest.raises(TypeError, match="missing 1 required positional argument: 'width'"):
+    # without them: torch's words, and which argument of this function gives them
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'width': the checkpoint did not "
+                                        r"save it .* give it as init_kwargs="):
         quantize_checkpoint(NoHyperparameters, tmp_path / "m.ckpt", CONFIG, metric="val_acc", datamodule=data)
 
 

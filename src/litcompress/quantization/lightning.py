@@ -608,8 +608,14 @@ def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: 
         raise TypeError(f"quantize_checkpoint(init_kwargs={init_kwargs!r}): expected a dict of "
                         f"{module_class.__name__}.__init__ arguments.")
     # a checkpoint written while pruning with masks loads too; int8 takes the pruned weights, zeros and all
-    module = load_module_from_checkpoint(module_class, os.fspath(checkpoint_path), keep_masks=False,
-                                         **dict(init_kwargs or {}))
+    try:
+        module = load_module_from_checkpoint(module_class, os.fspath(checkpoint_path), keep_masks=False,
+                                             **dict(init_kwargs or {}))
+    except TypeError as error:  # __init__'s own "missing 1 required positional argument: 'hidden'"
+        if "required" not in str(error) or "argument" not in str(error):
+            raise
+        raise TypeError(f"quantize_checkpoint: {error}: the checkpoint did not save it (a module without "
+                        "save_hyperparameters()): give it as init_kwargs={...}, as the module was built.") from error
     return quantize_lightning(module, config, **kwargs)
 
 
