@@ -634,8 +634,8 @@ def refuse_tied_holders_computing_otherwise(model: nn.Module, owner: str, skip: 
                 holders.setdefault(id(parameter), []).append((path, module, name))
     for path, module, name in pruned_targets(model):
         orig = module._parameters.get(f"{name}_orig")
-        if orig is None or (id(module), name) in skip or len(holders.get(id(orig), ())) < 2:
-            continue
+        if orig is None or (id(module), name) in skip or len(holders.get(id(orig), ())) < 2 or orig.is_meta:
+            continue  # (a meta tensor holds no values a mask could change)
         mask = getattr(module, f"{name}_mask", None)
         for other_path, other, other_name in holders[id(orig)]:
             other_tensor = other_name.removesuffix("_orig")

@@ -71,7 +71,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
         model, example_inputs = model.model, model.structure.flatten(tuple(example_inputs), "example_inputs")
     elif is_nested(example_inputs):  # the same for a float model of container inputs
         structure = InputStructure.of(tuple(example_inputs))
-        model, example_inputs = flat_inputs(_eager(model), structure), structure.flatten(tuple(example_inputs))
+        model, example_inputs = flat_inputs(model, structure), structure.flatten(tuple(example_inputs))
     if isinstance(model, FloatInputs):  # a bf16/fp16/fp64 model's result: its file takes float32 inputs
         model, example_inputs = model.model, float32_inputs(tuple(example_inputs))
     model = _eager(model)
