@@ -1469,6 +1469,26 @@ def test_the_checks_before_compress_and_preview_shrink_read_a_compiled_model_as_
     head = "body._orig_mod.2" if compiled == "a part" else "_orig_mod.2"
     assert prune_targets(model, PruneConfig(sparsity=0.5, method="ln_structured", exclude=(head,))) == [
         (eager[0], "weight")]
+    if compiled == "the model":  # `_orig_mod` alone is the copy's root, no module it prunes: refused, not ignored
+        with pytest.raises(ValueError, match=r"names no module of the model: \['_orig_mod'\]"):
+            prune_targets(model, PruneConfig(sparsity=0.5, method="l1_unstructured", exclude=("_orig_mod",)))
+
+
+def test_a_module_of_a_model_not_compiled_whose_attribute_is_named_orig_mod_is_excluded_by_its_name():
+    class Holds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._orig_mod = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self._orig_mod(x))
+
+    model = Holds()
+    unstructured = dict(sparsity=0.5, method="l1_unstructured")
+    assert prune_targets(model, PruneConfig(**unstructured, exclude=("_orig_mod.2",))) == [
+        (model._orig_mod[0], "weight"), (model.head, "weight")]
+    assert prune_targets(model, PruneConfig(**unstructured, exclude=("_orig_mod",))) == [(model.head, "weight")]
 
 
 def test_unstructured_pruning_of_a_transformer_while_fine_tuning_reaches_the_attention(digits):

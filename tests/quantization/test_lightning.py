@@ -236,8 +236,8 @@ def test_a_checkpoint_of_a_module_with_unsaved_arguments_is_quantized_with_init_
     with torch.no_grad():
         assert result.baseline_metric == pytest.approx(float((module(x).argmax(1) == y).float().mean()), abs=1e-6)
     # without them: torch's words, and which argument of this function gives them
-    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'width': the checkpoint did not "
-                                        r"save it .* give it as init_kwargs="):
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'width': the checkpoint saved no "
+                                        r"value for it .* give it as init_kwargs="):
         quantize_checkpoint(NoHyperparameters, tmp_path / "m.ckpt", CONFIG, metric="val_acc", datamodule=data)
 
 

@@ -140,6 +140,13 @@ def as_pruned(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return work, fold_parametrizations_(work)
 
 
+def _eager_name(name: str, names: Sequence[str]) -> str:
+    """`name` as the module is named in the copy the pipeline prunes (`names`): a compiled part's eager module,
+    ``body._orig_mod.0`` in ``model.named_modules()``, is ``body.0`` there; a name the copy has is kept."""
+    eager = ".".join(part for part in name.split(".") if part != "_orig_mod")
+    return eager if name not in names and eager and eager in names else name
+
+
 def _traced_plan(model: nn.Module, example_inputs: tuple | None = None) -> ChannelPlan | None:
     """`model`'s channel plan, or None when torch.fx cannot trace it (shrink will say why). The example inputs'
     ranks let more chains through, as shrink sees them."""
@@ -200,6 +207,7 @@ def _select_targets(model: nn.Module, config: PruneConfig,
                 and not (config.structured and (is_depthwise(m) or isinstance(m, RecurrentLayers)))]
         exclude = (tuple(outputs) or tuple(last[-1:])) if config.structured else ()
     names = [name for name, _ in model.named_modules()]
+    exclude = tuple(_eager_name(name, names) for name in exclude)
     unknown = sorted(set(exclude) - set(names))
     if unknown:
         listed = [name for name, _ in layers]

@@ -199,10 +199,7 @@ class PruneConfig:
                              "e.g. (nn.Linear, nn.Conv2d).")
         object.__setattr__(self, "layer_types", layer_types)
         if self.exclude is not None:
-            # a compiled part's eager modules go by their names without `_orig_mod`: those the pipeline prunes
-            eager = (".".join(part for part in name.split(".") if part != "_orig_mod")
-                     for name in _names("exclude", self.exclude))
-            object.__setattr__(self, "exclude", tuple(eager))
+            object.__setattr__(self, "exclude", _names("exclude", self.exclude))
         if isinstance(self.dim, bool) or not isinstance(self.dim, int):
             raise ValueError(f"PruneConfig(dim={self.dim!r}): expected an int (0: output channels).")
         if isinstance(self.norm, bool) or not isinstance(self.norm, (int, float)) or not self.norm > 0:

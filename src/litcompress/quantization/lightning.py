@@ -612,10 +612,11 @@ def quantize_checkpoint(module_class: type[L.LightningModule], checkpoint_path: 
         module = load_module_from_checkpoint(module_class, os.fspath(checkpoint_path), keep_masks=False,
                                              **dict(init_kwargs or {}))
     except TypeError as error:  # __init__'s own "missing 1 required positional argument: 'hidden'"
-        if "required" not in str(error) or "argument" not in str(error):
+        if not (str(error).startswith(f"{module_class.__name__}.__init__() missing") and "required" in str(error)):
             raise
-        raise TypeError(f"quantize_checkpoint: {error}: the checkpoint did not save it (a module without "
-                        "save_hyperparameters()): give it as init_kwargs={...}, as the module was built.") from error
+        raise TypeError(f"quantize_checkpoint: {error}: the checkpoint saved no value for it (a module without "
+                        "save_hyperparameters(), or another class's checkpoint): give it as init_kwargs={...}, as "
+                        "the module was built.") from error
     return quantize_lightning(module, config, **kwargs)
 
 
