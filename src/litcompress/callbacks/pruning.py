@@ -671,7 +671,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 engine.set_mask_(module, name, ~zeros)
                 kept += count
                 masked.add(engine.tensor_key(module, name))
-        _share_masks_of_tied(self._parameters_to_prune, masked)
+        engine.share_tied_masks_(self._parameters_to_prune, masked)
         targets = {(id(module), name) for module, name in self._parameters_to_prune}
         others = [f"{path}.{name}" if path else name for path, module, name in
                   engine.pruned_targets(trainer.lightning_module) if (id(module), name) not in targets]
@@ -775,7 +775,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 if not engine.is_pruned(module, name):  # made permanent when the last fit ended: its zeros are the
                     engine.set_mask_(module, name, getattr(module, name) != 0)  # mask the reset must keep
                     masked.add(engine.tensor_key(module, name))
-            _share_masks_of_tied(self._parameters_to_prune, masked)
+            engine.share_tied_masks_(self._parameters_to_prune, masked)
             self._ticket_zeros_to_mask = False
         if self._reset_pending:
             changes = self._resample_parameters or not at_snapshot(self._parameters_to_prune, self._original_layers)
@@ -1739,13 +1739,6 @@ def _restore_saved_masks_(model: nn.Module, checkpoint: Mapping[str, Any], *, st
         if isinstance(state, dict) and isinstance(state.get("masks"), dict) and state["masks"] \
                 and ("rounds" in state or "pruned_once" in state):  # ModelPruning's, or UnitPruning/HeadPruning's
             engine.restore_masks_(model, state["masks"], strict=strict)
-
-
-def _share_masks_of_tied(targets: Sequence[tuple[nn.Module, str]], masked: set[object]) -> None:
-    """Give every holder of a tied tensor in `masked` (by :func:`~litcompress.pruning.engine.tensor_key`, masked
-    under its first target) that mask: made permanent, a mask one holder alone had changed the others' outputs."""
-    if masked:
-        engine.share_tied_masks_([target for target in targets if engine.tensor_key(*target) in masked])
 
 
 def load_module_from_checkpoint(

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from litcompress._files import (cannot_write, file_in_the_way, folders_in_the_way, partial_path,
                                 written_atomically)
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
-                                        compiled_module_names, deepcopy_model, distinct_targets, eager_copy,
+                                        compiled_module_names, deepcopy_model, distinct_targets, eager_copy, eager_name,
                                         effective_tensor, is_compiled, is_excluded, is_pruned,
                                         keep_bypassed_weights_current_, make_permanent_, outside_inference_mode,
                                         permanent_state_dict, prune_to_sparsity_, pruned_count, pruned_targets,
@@ -118,7 +118,7 @@ def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple |
     modules = {}
     for name, module in model.named_modules():
         if not is_compiled(module):
-            modules.setdefault(".".join(part for part in name.split(".") if part != "_orig_mod"), module)
+            modules.setdefault(eager_name(name), module)
     names = {id(m): name for name, m in work.named_modules()}
     return [(modules[names[id(module)]], name) for module, name in targets]
 
@@ -143,7 +143,7 @@ def as_pruned(model: nn.Module) -> tuple[nn.Module, list[str]]:
 def _eager_name(name: str, names: Sequence[str]) -> str:
     """`name` as the module is named in the copy the pipeline prunes (`names`): a compiled part's eager module,
     ``body._orig_mod.0`` in ``model.named_modules()``, is ``body.0`` there; a name the copy has is kept."""
-    eager = ".".join(part for part in name.split(".") if part != "_orig_mod")
+    eager = eager_name(name)
     return eager if name not in names and eager and eager in names else name
 
 

@@ -323,10 +323,12 @@ def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -
     refresh_cached_tensor(module, name)
 
 
-def share_tied_masks_(targets: Sequence[Target]) -> None:
+def share_tied_masks_(targets: Sequence[Target], tensors: Collection[object] | None = None) -> None:
     """Give each other target of a tensor the mask buffer of the target it is pruned under (:func:`distinct_targets`):
     tied weights are masked alike under every module that holds them, and a later round's in-place update reaches
-    all."""
+    all. `tensors`: only those tensors (by :func:`tensor_key`), e.g. the ones a caller has just masked."""
+    if tensors is not None:
+        targets = [target for target in targets if tensor_key(*target) in tensors]
     first = _holder_of_each_tensor(targets)
     for module, name in targets:
         key = tensor_key(module, name)
@@ -570,6 +572,12 @@ def is_compiled(module: nn.Module) -> bool:
     dynamo = sys.modules.get("torch._dynamo")
     optimized = getattr(dynamo, "OptimizedModule", None) if dynamo is not None else None
     return optimized is not None and isinstance(module, optimized)
+
+
+def eager_name(name: str) -> str:
+    """`name` (as ``model.named_modules()`` gives it) without the ``_orig_mod`` parts of ``torch.compile``'d modules:
+    the name of the module in :func:`eager_copy`'s copy."""
+    return ".".join(part for part in name.split(".") if part and part != "_orig_mod")
 
 
 def compiled_module_names(model: nn.Module) -> list[str]:

@@ -60,7 +60,7 @@ def _mask_zeros_of_unmasked_(targets: Sequence[Target], dim: int | None) -> dict
             set_mask_(module, name, ~zeros)
             masked[key] = count
     # the same mask under every holder of a tied tensor masked here (else made permanent, it changed the others)
-    share_tied_masks_([target for target in targets if tensor_key(*target) in masked])
+    share_tied_masks_(targets, masked)
     return masked
 
 

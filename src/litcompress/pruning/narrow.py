@@ -69,7 +69,7 @@ def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> 
     """`state_dict` with the keys of `model`'s ``torch.compile``'d parts (``body._orig_mod.0.weight``) where it holds
     them as their eager modules' (``body.0.weight``): what `shrink` returns, an eager copy, for a model that compiles
     a part (or is compiled); keys already so (or a model with nothing compiled) are left as they are."""
-    from litcompress.pruning.engine import is_compiled
+    from litcompress.pruning.engine import eager_name, is_compiled
 
     # every name a compiled part has (one shared under two attributes is in the state dict under both)
     names = [name for name, module in model.named_modules(remove_duplicate=False) if is_compiled(module)]
@@ -77,7 +77,7 @@ def keyed_as_compiled_parts(model: nn.Module, state_dict: Mapping[str, Any]) -> 
         return state_dict
     prefixes = []  # (eager prefix, the model's), longest first: nested compiled parts before their holders
     for name in names:
-        eager = ".".join(part for part in name.split(".") if part and part != "_orig_mod")
+        eager = eager_name(name)
         prefixes.append((f"{eager}." if eager else "", f"{name}._orig_mod." if name else "_orig_mod."))
     prefixes.sort(key=lambda pair: len(pair[0]), reverse=True)
 
