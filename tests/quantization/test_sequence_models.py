@@ -300,6 +300,33 @@ def test_an_lstm_with_projections_stays_fp32_and_the_rest_is_quantized():
     assert type(result.model.rnn) is nn.LSTM and type(result.model.head) is not nn.Linear
 
 
+class BiasLessRecurrent(nn.Module):
+    def __init__(self, rnn: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn, self.head = rnn(8, 16, bias=False), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.rnn, nn.GRUCell):
+            return self.head(self.rnn(x[:, -1]))
+        if isinstance(self.rnn, nn.LSTMCell):
+            return self.head(self.rnn(x[:, -1])[0])
+        return self.head(self.rnn(x.transpose(0, 1))[0][-1])  # time-major
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.GRUCell, nn.LSTMCell])
+def test_a_recurrent_layer_without_biases_stays_fp32_on_torch_ao_and_the_rest_is_quantized(rnn):
+    torch.manual_seed(0)
+    model = BiasLessRecurrent(rnn).eval()
+    batches = [(torch.randn(4, n, 8),) for n in (6, 9)]
+    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=agreeing_with(model, batches),
+                      calibration_data=batches)
+    # before: torch.ao's int8 layer asserted "mod.bias must be True" in every trial, and an fp32 copy came back
+    assert result.recipe is not None, result.table()
+    assert type(result.model.rnn) is rnn and type(result.model.head) is not nn.Linear
+    assert get_backend("torch_ao").quantizable_layers(model, "dynamic") == ["head"]
+    assert "rnn" in quantizable_layers(model, "dynamic")  # ONNX Runtime's int8 LSTM takes it
+
+
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
 def test_torch_ao_quantizes_lstm_and_gru_and_its_file_takes_other_lengths(rnn, tmp_path):
     from torch.ao.nn.quantized import dynamic as nnqd
@@ -679,6 +706,19 @@ def test_torch_aos_lstm_on_a_packed_sequence_fixes_the_batch_so_the_search_keeps
         inputs = batch(size, length, seed=100 + size)
         with torch.no_grad():
             torch.testing.assert_close(loaded(*inputs), result.model(*inputs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(backend_missing("onnxruntime"), reason="onnxruntime not installed")
+def test_onnxruntime_says_which_layer_is_fed_a_packed_sequence_when_the_export_fails():
+    """torch.onnx.export fails on packed sequences with a C++ range check that names no op (vector::_M_range_check);
+    the trial said only that."""
+    torch.manual_seed(0)
+    model = PackedClassifier().eval()
+    batches = [(torch.randint(1, VOCAB, (4, 7)), torch.tensor([7, 3, 5, 2]))]
+    result = quantize(model, _lenient("dynamic", "onnxruntime"), eval_fn=agreeing_with(model, batches),
+                      calibration_data=batches, input_fn=tuple)
+    assert result.recipe is None
+    assert "the model feeds a PackedSequence to 'rnn'" in result.trials[0].error, result.table()
 
 
 def test_an_fp32_packed_sequence_model_that_export_and_onnx_refuse_is_said_so_and_written_as_torchscript(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from litcompress.pruning.engine import deepcopy_model, tied_parameters
 from litcompress.pruning.shrink import eval_outputs
@@ -157,6 +158,25 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicD
     return export_onnx_with_structure(model, example_inputs, dynamic_dims, fold_constants=not tied)[0]
 
 
+def _fed_packed_sequences(model: nn.Module, example_inputs: Inputs) -> list[str]:
+    """Names of the recurrent layers `model` (a private copy) calls on a ``PackedSequence`` for `example_inputs`."""
+    fed: list[str] = []
+
+    def note(name: str) -> Callable[..., None]:
+        return lambda _module, args: fed.append(name) if args and isinstance(args[0], PackedSequence) else None
+
+    hooks = [module.register_forward_pre_hook(note(name)) for name, module in model.named_modules()
+             if isinstance(module, nn.RNNBase)]
+    try:
+        eval_outputs(model, example_inputs)
+    except Exception:  # noqa: BLE001 (only a hint for an error already raised)
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(fed))
+
+
 def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic_dims: DynamicDims | None = None, *,
                                fold_constants: bool = True) -> tuple[bytes, Structure]:
     """Export a deep copy of ``model`` (the legacy exporter may modify the module it is given; and RMSNorm is
@@ -191,7 +211,11 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
                               output_names=output_names, opset_version=17, do_constant_folding=fold_constants,
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
     except Exception as exc:
-        raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+        packed = _fed_packed_sequences(model, example_inputs)
+        hint = (f" (the model feeds a PackedSequence to {', '.join(map(repr, packed))}: torch.onnx.export fails on "
+                "packed sequences, sorted or not; backend 'torch_ao' quantizes such a model, that layer in fp32)"
+                if packed else "")
+        raise ExportError(f"onnxruntime: torch.onnx.export failed: {type(exc).__name__}: {exc}{hint}") from exc
     model_bytes = with_output_structure(buffer.getvalue(), structure, inputs=len(example_inputs))
     check_free_dims(lambda *inputs: eval_outputs(original, inputs), _quiet_session(model_bytes), example_inputs,
                     dynamic_dims, "torch.onnx.export")

@@ -79,7 +79,8 @@ class TorchAOBackend(Backend):
             inside = _inside_fx_leaves(model)
             return [name for name in super().quantizable_layers(model, approach) if name not in inside]
         read = _with_tied_layers(model, _reads_weight_tensors(model))  # their weights are read, not called
-        return [name for name in super().quantizable_layers(model, approach) if name not in read]
+        return [name for name in super().quantizable_layers(model, approach) if name not in read
+                and not _bias_less_recurrent(model.get_submodule(name))]
 
     def check_available(self) -> None:
         try:
@@ -182,8 +183,9 @@ class TorchAOBackend(Backend):
 
         qconfig = self._dynamic_qconfig(recipe)
         skip = _with_tied_layers(model, set(recipe.fp32_layers) | _reads_weight_tensors(model))
-        spec = {name: qconfig for name, module in model.named_modules()
-                if (isinstance(module, nn.Linear) or is_quantizable_recurrent(module)) and name not in skip}
+        int8 = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+                or is_quantizable_recurrent(module) and not _bias_less_recurrent(module)]
+        spec = {name: qconfig for name in int8 if name not in skip}
         # an embedding table is looked up, not multiplied: int8 rows, each with its own float scale and offset
         spec.update({name: float_qparams_weight_only_qconfig for name, module in model.named_modules()
                      if (is_quantizable_embedding(module) or is_quantizable_embedding_bag(module))
@@ -529,6 +531,12 @@ def _look_up_contiguous_indices_(model: nn.Module) -> None:
             module.__class__ = _ContiguousLookupEmbedding
         elif type(module) is QuantizedEmbeddingBag:
             module.__class__ = _ContiguousLookupEmbeddingBag
+
+
+def _bias_less_recurrent(module: nn.Module) -> bool:
+    """An LSTM/GRU or cell without biases: torch.ao's int8 ones assert theirs (torch 2.13), so it stays fp32 and the
+    rest of the model is still quantized."""
+    return isinstance(module, RECURRENT_LAYERS) and module.bias is False
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
