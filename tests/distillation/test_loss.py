@@ -254,6 +254,30 @@ def test_the_teacher_of_a_pruned_transformer_computes_what_the_model_computes():
         torch.testing.assert_close(teacher.teacher_outputs(x), net.eval()(x))
 
 
+def test_a_pruned_teachers_state_loads_into_a_freshly_built_distiller():
+    """The copy kept its pruning masks, so its state held weight_orig/weight_mask: a resumed loop's Distiller, built
+    afresh from the architecture, refused it (torch's missing and unexpected keys)."""
+    from litcompress.pruning import default_targets, is_pruned, prune_
+
+    def net() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    torch.manual_seed(0)
+    pruned = net()
+    prune_(default_targets(pruned), "l1_unstructured", 0.5)
+    x = torch.randn(8, 16)
+    saved = Distiller(pruned).state_dict()
+    assert set(saved) == set(net().state_dict())  # plain keys
+    assert is_pruned(pruned[0], "weight")  # the caller's model keeps its masks
+    given = Distiller(pruned, copy=False)  # the caller's own pruned model: its state holds the pairs
+    for state in (saved, given.state_dict()):
+        fresh = Distiller(net())
+        fresh.load_state_dict(state)
+        assert set(fresh.state_dict()) == set(saved)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.teacher_outputs(x), pruned(x))
+
+
 @pytest.mark.parametrize("shape, message", [((32, 1), r"hold one logit per row, which a softmax cannot soften"),
                                             ((32,), r"hold one value per sample")])
 def test_kl_on_outputs_without_classes_is_refused(shape, message):

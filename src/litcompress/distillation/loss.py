@@ -12,6 +12,7 @@ does it inside a Lightning fit.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import numbers
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree  # (torch.export's tree utilities: dicts, tuples, lists)
 
-from litcompress.pruning.engine import _BYPASS_HOOKS, deepcopy_model
+from litcompress.pruning.engine import _BYPASS_HOOKS, MaskedStateLoadHook, deepcopy_model, make_permanent_
 
 DistillationKind = Literal["kl", "mse"]
 DISTILLATION_KINDS: tuple[str, ...] = ("kl", "mse")
@@ -154,6 +155,8 @@ class Distiller:
     keeps no forward (pre-)hooks but torch's reparametrizations (weight_norm, pruning masks): the model's feature
     captures and other callbacks' checks would fire on every teacher call. A hook that computes (scales the
     inputs, replaces the outputs) is therefore not part of the copy: put that in ``forward``, or pass ``copy=False``.
+    Its pruning masks are made permanent (frozen, they never change), so :meth:`state_dict` holds the plain tensors
+    a freshly built teacher loads; :meth:`load_state_dict` takes a masked teacher's state too.
     Use::
 
         distiller = Distiller(dense_model, DistillationConfig(temperature=1.0, alpha=0.5))
@@ -184,6 +187,7 @@ class Distiller:
         self.config = config
         self.outputs_fn = outputs_fn or default_outputs
         self.teacher = _frozen(teacher, copy)
+        self._copied = copy
 
     @torch.no_grad()
     def teacher_outputs(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -220,7 +224,20 @@ class Distiller:
         return self.teacher.state_dict()
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a teacher's state: plain, or with ``<name>_orig``/``<name>_mask`` pairs (a pruned teacher given with
+        ``copy=False``, or saved before copies were made permanent), into a teacher pruned or not."""
+        state = dict(state)
+        MaskedStateLoadHook()(self.teacher, state, "")  # the pairs re-create their masks; a plain tensor loads as orig
         self.teacher.load_state_dict(state)
+        if self._copied:
+            _fold_masks_(self.teacher)
+
+
+def _fold_masks_(teacher: nn.Module) -> None:
+    """Make a frozen copy's pruning masks permanent, so that its state's keys are plain (a resumed run's freshly
+    built teacher loads them); masks on tied weights that another holder reads otherwise stay (it computes alike)."""
+    with contextlib.suppress(ValueError):  # make_permanent_'s refusal of such tied holders; it removes nothing then
+        make_permanent_(teacher, owner="Distiller")
 
 
 def _frozen(teacher: nn.Module, copy_it: bool) -> nn.Module:
@@ -232,6 +249,7 @@ def _frozen(teacher: nn.Module, copy_it: bool) -> nn.Module:
             memo[id(trainer)] = None
         teacher = deepcopy_model(teacher, memo)
         _drop_hooks_(teacher)
+        _fold_masks_(teacher)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
