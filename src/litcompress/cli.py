@@ -913,7 +913,7 @@ def _print_report(report: Any) -> None:
                  "interrupted after trial", "does not quantize")  # (the file keeps layers fp32 under an int8 name)
         if message.startswith("quantization: ") and not any(what in said for what in ended):
             continue  # the search's log; how it ended, when that is not int8 within the goal, is said
-        print(f"- {_search_limits_as_options(message)}")
+        print(f"- {_search_limits_as_options(' '.join(message.split()))}")  # one item a line, as report.md's
 
 
 def _search_limits_as_options(message: str) -> str:

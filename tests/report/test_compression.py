@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -191,6 +193,22 @@ def test_the_markdown_size_legend_names_no_row_the_table_lacks(report):
 def _stage(name: str, median: float | None, size: int | None) -> StageMetrics:
     latency = None if median is None else Latency(median / 2, median, median * 2)
     return StageMetrics(stage=name, description=name, metric=0.9, size_bytes=size, latency=latency)
+
+
+@settings(max_examples=30, deadline=None)
+@given(names=st.lists(_lines.map("\n".join), min_size=1, max_size=3, unique=True),
+       messages=st.lists(_lines.map("\n".join), max_size=3))
+def test_a_stage_name_or_message_of_several_lines_keeps_one_line_in_the_table_and_the_cli(names, messages):
+    """A line break in a stage name split its row in table(), and one in a message its item in the CLI's list."""
+    from litcompress.cli import _print_report
+
+    report = CompressionReport(tuple(_stage(name, 1.0, 10) for name in names), messages=tuple(messages))
+    rows = report.table().splitlines()[2:]
+    assert len(rows) == len(names) and all(" ".join(n.split()) in row for n, row in zip(names, rows))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _print_report(report)
+    printed = out.getvalue().splitlines()
+    assert printed[len(report.table().splitlines()):] == [f"- {' '.join(m.split())}" for m in messages]
 
 
 @given(base=st.floats(1e-3, 1e3), other=st.floats(1e-3, 1e3), size=st.integers(1, 10**9),
