@@ -230,7 +230,8 @@ class CompressionReport:
     # ------------------------------------------------------------------------------------------- tables
     def _columns(self) -> list[tuple[str, list[str]]]:
         stages = self.stages
-        columns = [("stage", [" ".join(s.stage.split()) for s in stages]), (self.metric_name, [_fmt(s.metric, ".4f") for s in stages])]
+        columns = [("stage", [" ".join(s.stage.split()) for s in stages]),  # one line, as "what"
+                   (self.metric_name, [_fmt(s.metric, ".4f") for s in stages])]
         if self.test_metric_name is not None:
             columns.append((self.test_metric_name, [_fmt(s.test_metric, ".4f") for s in stages]))
         columns += [
