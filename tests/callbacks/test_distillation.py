@@ -490,6 +490,41 @@ def test_the_teacher_copy_carries_no_hook_of_the_user_or_of_another_callback(tmp
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in callback.teacher.modules())
 
 
+class TiedPrunedOnOneHolder(MLPClassifier):
+    """Two layers sharing one weight, pruned through one of them only (as torch's prune given one holder does)."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,), lr=1e-2)
+        self.a, self.b = nn.Linear(10, 10), nn.Linear(10, 10)
+        self.b.weight = self.a.weight
+        torch.nn.utils.prune.l1_unstructured(self.a, "weight", 0.5)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.net(x))))
+
+
+def test_the_default_teacher_of_tied_weights_masked_on_one_holder_computes_as_the_model_and_resumes(tmp_path):
+    """Its copy's masks cannot be made permanent (b reads the tensor unmasked): the callback failed at fit start with
+    make_permanent_'s refusal, a function the user never called; a teacher given as teacher= trained."""
+    callbacks: list[KnowledgeDistillation] = []
+
+    def make_callback() -> KnowledgeDistillation:
+        callbacks.append(KnowledgeDistillation(temperature=2.0, alpha=0.5))
+        return callbacks[-1]
+
+    seed_everything(1)
+    at_start = TiedPrunedOnOneHolder()
+    reference, _, resumed = fit_killed_and_resumed(tmp_path, TiedPrunedOnOneHolder, make_callback, DigitsDataModule,
+                                                   crash_step=25)
+    x = torch.rand(8, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(callbacks[0].teacher(x), at_start.eval()(x))
+    for key, value in callbacks[0].teacher.state_dict().items():  # the teacher came back from the checkpoint
+        assert torch.equal(callbacks[2].teacher.state_dict()[key], value), key
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
 def test_a_teacher_given_to_the_constructor_stays_the_teacher_on_resume(tmp_path):
     """The docstring says a given teacher is given again on resume; the checkpoint's (the student's copy at the
     first fit's start) replaced it."""

@@ -306,17 +306,19 @@ class BiasLessRecurrent(nn.Module):
         self.rnn, self.head = rnn(8, 16, bias=False), nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.rnn, nn.GRUCell):
+        if isinstance(self.rnn, (nn.GRUCell, nn.RNNCell)):
             return self.head(self.rnn(x[:, -1]))
         if isinstance(self.rnn, nn.LSTMCell):
             return self.head(self.rnn(x[:, -1])[0])
         return self.head(self.rnn(x.transpose(0, 1))[0][-1])  # time-major
 
 
-@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.GRUCell, nn.LSTMCell])
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.GRUCell, nn.LSTMCell,
+                                 lambda i, h, bias: nn.RNNCell(i, h, bias=0)])  # (a cell takes an int from a config)
 def test_a_recurrent_layer_without_biases_stays_fp32_on_torch_ao_and_the_rest_is_quantized(rnn):
     torch.manual_seed(0)
     model = BiasLessRecurrent(rnn).eval()
+    rnn = type(model.rnn)
     batches = [(torch.randn(4, n, 8),) for n in (6, 9)]
     result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=agreeing_with(model, batches),
                       calibration_data=batches)
@@ -325,6 +327,15 @@ def test_a_recurrent_layer_without_biases_stays_fp32_on_torch_ao_and_the_rest_is
     assert type(result.model.rnn) is rnn and type(result.model.head) is not nn.Linear
     assert get_backend("torch_ao").quantizable_layers(model, "dynamic") == ["head"]
     assert "rnn" in quantizable_layers(model, "dynamic")  # ONNX Runtime's int8 LSTM takes it
+
+
+def test_torch_ao_skipped_for_a_model_whose_only_layer_is_a_bias_less_gru_says_why():
+    model = nn.GRU(8, 4, bias=False).eval()
+    batches = [(torch.randn(5, 2, 8),)]
+    result = quantize(model, _lenient("dynamic", "torch_ao"), eval_fn=lambda m: 0.0, calibration_data=batches)
+    assert result.recipe is None
+    assert any("backend 'torch_ao' skipped" in m and "not one without biases" in m for m in result.messages), \
+        result.messages
 
 
 @pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
@@ -719,6 +730,25 @@ def test_onnxruntime_says_which_layer_is_fed_a_packed_sequence_when_the_export_f
                       calibration_data=batches, input_fn=tuple)
     assert result.recipe is None
     assert "the model feeds a PackedSequence to 'rnn'" in result.trials[0].error, result.table()
+
+
+class PackedDictClassifier(PackedClassifier):
+    """Takes a dict and returns one holding a None: the search and the exporter wrap it (as `model`)."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {"logits": super().forward(batch["tokens"], batch["lengths"]), "aux": None}
+
+
+@pytest.mark.skipif(backend_missing("onnxruntime"), reason="onnxruntime not installed")
+def test_the_packed_sequence_hint_names_the_layer_as_the_model_does_under_the_wrappers():
+    torch.manual_seed(0)
+    model = PackedDictClassifier().eval()
+    batches = [({"tokens": torch.randint(1, VOCAB, (4, 7)), "lengths": torch.tensor([7, 3, 5, 2])},)]
+    result = quantize(model, _lenient("dynamic", "onnxruntime"),
+                      eval_fn=lambda m: -float(sum(m(*b)["logits"].abs().sum() for b in batches)),
+                      calibration_data=batches, input_fn=tuple)
+    error = result.trials[0].error
+    assert "the model feeds a PackedSequence to 'rnn'" in error and "model.rnn" not in error, result.table()
 
 
 def test_an_fp32_packed_sequence_model_that_export_and_onnx_refuse_is_said_so_and_written_as_torchscript(tmp_path):

@@ -30,7 +30,6 @@ from torch.nn.parameter import is_lazy
 from torch.utils import _pytree as pytree
 
 from litcompress.distillation.loss import DistillationConfig, DistillationKind, Distiller, distillation_loss
-from litcompress.pruning.engine import make_permanent_
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +127,9 @@ class KnowledgeDistillation(Callback):
                     f"starts, and copying it failed ({type(error).__name__}: {error}). Make the model copyable, or "
                     "pass teacher= (the model to learn from) or submodule= (the part of the module to copy)."
                 ) from error
-            make_permanent_(self.distiller.teacher)  # frozen: its masks are fixed, and its state's keys plain
-            if self._restored_teacher is not None:
-                expected, saved = set(self.distiller.teacher.state_dict()), set(self._restored_teacher)
+            if self._restored_teacher is not None:  # (Distiller made the copy's masks permanent where it could)
+                expected = _tensor_names(self.distiller.teacher.state_dict())
+                saved = _tensor_names(self._restored_teacher)
                 if expected != saved:  # a teacher of another module (the checkpoint's callback had another submodule)
                     raise ValueError(
                         f"{_OWNER}(submodule={self.submodule!r}): the checkpoint's teacher is of another module "
@@ -342,3 +341,9 @@ def _tensors_copied(inputs: Any) -> Any:
 
 
 __all__ = ["KnowledgeDistillation"]
+
+
+def _tensor_names(state: Mapping[str, Any]) -> set[str]:
+    """The tensors a teacher's state holds, masked (``<name>_orig``/``<name>_mask``) or plain alike."""
+    return {key.removesuffix("_orig") for key in state
+            if not (key.endswith("_mask") and key.removesuffix("_mask") + "_orig" in state)}

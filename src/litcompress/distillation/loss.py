@@ -235,7 +235,8 @@ class Distiller:
 
 def _fold_masks_(teacher: nn.Module) -> None:
     """Make a frozen copy's pruning masks permanent, so that its state's keys are plain (a resumed run's freshly
-    built teacher loads them); masks on tied weights that another holder reads otherwise stay (it computes alike)."""
+    built teacher loads them). A teacher with a mask on tied weights that another holder reads otherwise keeps every
+    mask (it computes alike; load_state_dict takes either form)."""
     with contextlib.suppress(ValueError):  # make_permanent_'s refusal of such tied holders; it removes nothing then
         make_permanent_(teacher, owner="Distiller")
 

@@ -606,6 +606,8 @@ def _quantized_kinds(backend: str, approach: str) -> str:
         return "it quantizes nn.Linear layers"
     if approach == "static":
         return "it quantizes nn.Linear and convolutions"
+    if backend == "torch_ao":
+        return "it quantizes nn.Linear, recurrent layers (not one without biases or with proj_size) and embeddings"
     return "it quantizes nn.Linear, recurrent layers and embeddings"
 
 
@@ -750,7 +752,13 @@ def _name_layers_as_the_model_does_(result: QuantizationResult, inner: nn.Module
     def ours(name: str) -> bool:  # a module's name, or a tensor's (`a.weight`: of module `a`)
         return name in names or name.rpartition(".")[0] in names or "." not in name and hasattr(inner, name)
 
-    result.messages = [prefixed.sub(lambda m: m[1] if ours(m[1]) else m[0], message) for message in result.messages]
+    def said_by_its_names(text: str) -> str:
+        return prefixed.sub(lambda m: m[1] if ours(m[1]) else m[0], text)
+
+    result.messages = [said_by_its_names(message) for message in result.messages]
+    for trial in result.trials:
+        if trial.error:  # (the trial table's: the messages repeat it)
+            trial.error = said_by_its_names(trial.error)
 
 
 def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: list[Inputs],

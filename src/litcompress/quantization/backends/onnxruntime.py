@@ -211,7 +211,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
                               output_names=output_names, opset_version=17, do_constant_folding=fold_constants,
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
     except Exception as exc:
-        packed = _fed_packed_sequences(model, example_inputs)
+        packed = _fed_packed_sequences(deepcopy_model(original).eval(), example_inputs)  # (the names of the model's)
         hint = (f" (the model feeds a PackedSequence to {', '.join(map(repr, packed))}: torch.onnx.export fails on "
                 "packed sequences, sorted or not; backend 'torch_ao' quantizes such a model, that layer in fp32)"
                 if packed else "")

@@ -536,7 +536,7 @@ def _look_up_contiguous_indices_(model: nn.Module) -> None:
 def _bias_less_recurrent(module: nn.Module) -> bool:
     """An LSTM/GRU or cell without biases: torch.ao's int8 ones assert theirs (torch 2.13), so it stays fp32 and the
     rest of the model is still quantized."""
-    return isinstance(module, RECURRENT_LAYERS) and module.bias is False
+    return isinstance(module, RECURRENT_LAYERS) and not module.bias  # (a cell takes bias=0 from a config file)
 
 
 def _int8_recurrent_types() -> tuple[type, ...]:
