@@ -450,6 +450,79 @@ def test_compress_on_fit_end_can_take_the_best_checkpoints_weights(tmp_path):
     assert float(module.trainer.callback_metrics["val_acc"]) < float(checkpoint.best_model_score) - 0.05
 
 
+def test_weights_best_passes_over_a_model_checkpoint_that_keeps_no_file(tmp_path):
+    """A monitoring ModelCheckpoint(save_top_k=0) listed first was chosen: it saved nothing, so the last weights
+    were compressed beside another's best file; alone, it was accepted at setup and fell back after the fit."""
+    L.seed_everything(0)
+    module = MLPClassifier(hidden=(32,), lr=1e-2)
+
+    class SpoilTheLastEpoch(L.Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+                with torch.no_grad():
+                    pl_module.net[0].weight.add_(torch.randn_like(pl_module.net[0].weight))
+
+    keeps_none = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "none", monitor="val_loss", save_top_k=0)
+    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc", mode="max")
+    compressing = CompressOnFitEnd(CompressionConfig(quantize=None, latency_repeats=2), output_dir=tmp_path / "out",
+                                   weights="best")
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[SpoilTheLastEpoch(), keeps_none, best, compressing],
+              ).fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert compressing.result.report["input"].metric == pytest.approx(float(best.best_model_score))
+    alone = CompressOnFitEnd(CompressionConfig(quantize=None), output_dir=tmp_path / "out", weights="best")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(monitor="val_acc", save_top_k=0), alone])
+    with pytest.raises(ValueError, match=r"monitors a metric and keeps a file \(with save_top_k=0 it keeps none\)"):
+        trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
+def test_an_input_fn_that_returns_the_tensor_itself_gives_one_input(tmp_path):
+    """tuple() split the tensor along its batch dim: 64 inputs, refused after the whole fit in words that did not
+    name input_fn."""
+    L.seed_everything(0)
+    compressing = CompressOnFitEnd(CompressionConfig(quantize=PTQConfig(approach="static", backends=("torch_ao",),
+                                                                        latency_repeats=2), latency_repeats=2),
+                                   output_dir=tmp_path, input_fn=lambda batch: batch[0])
+    _trainer(max_epochs=1, limit_train_batches=2, callbacks=[compressing]).fit(
+        MLPClassifier(hidden=(16,)), datamodule=DigitsDataModule(batch_size=64))
+    assert compressing.result.report["quantized"].metric is not None
+
+
+@pytest.mark.parametrize("owner", ["CompressOnFitEnd", "QuantizeOnFitEnd"])
+@pytest.mark.parametrize("input_fn, error", [
+    (lambda batch: batch["x"], r"{owner}\(input_fn=...\) failed on the fit's first validation batch "
+                               r"\(TypeError: list indices must be integers"),
+    (lambda batch: batch[1], r"could not be called as model\(\*inputs\) on the inputs {owner}\(input_fn=...\) "
+                             r"gave for the fit's first validation batch"),
+])
+def test_an_input_fn_that_cannot_read_the_batches_is_refused_before_training(tmp_path, owner, input_fn, error):
+    from litcompress.quantization.lightning import QuantizeOnFitEnd
+
+    callback = (CompressOnFitEnd(CompressionConfig(quantize=None), output_dir=tmp_path, input_fn=input_fn)
+                if owner == "CompressOnFitEnd" else QuantizeOnFitEnd(PTQConfig(), "val_acc", input_fn=input_fn))
+    trainer = _trainer(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    with pytest.raises(ValueError, match=error.format(owner=owner)):
+        trainer.fit(MLPClassifier(hidden=(16,)), datamodule=DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
+def test_a_dataset_given_for_a_dataloader_is_refused_when_given(tmp_path):
+    """Its items are single samples: the first evaluation failed inside test_step with an IndexError, for
+    CompressOnFitEnd after the whole fit."""
+    dataset = TensorDataset(torch.randn(8, 64), torch.randint(0, 10, (8,)))
+    loader = DataLoader(dataset, batch_size=4)
+    with pytest.raises(TypeError, match=r"CompressOnFitEnd\(test_dataloaders=TensorDataset\): a Dataset gives "
+                                        r"single samples, .*DataLoader\(dataset, batch_size=32\)"):
+        CompressOnFitEnd(CompressionConfig(quantize=None), output_dir=tmp_path, test_metric="test_acc",
+                         test_dataloaders=dataset)
+    for argument in ("train_dataloaders", "val_dataloaders"):
+        given = {"train_dataloaders": loader, "val_dataloaders": loader, argument: dataset}
+        with pytest.raises(TypeError, match=rf"compress_lightning\({argument}=TensorDataset\): a Dataset gives"):
+            compress_lightning(MLPClassifier(hidden=(8,)), CompressionConfig(quantize=None), **given)
+
+
 def test_compress_on_fit_end_scores_the_input_as_the_fit_logged_it_with_its_validation_limits(tmp_path):
     """The fit validated on 2 batches, the input row on every batch: the two scores printed together disagreed
     (QuantizeOnFitEnd lent the fit's limits already)."""

@@ -55,7 +55,7 @@ from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size
 from litcompress.quantization.shapes import DynamicDims, resolve_dynamic_dims
 from litcompress.quantization.tracing import guards_an_error as _guards_an_error
-from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, call_keeping_modes,
+from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationResult, batch_inputs, call_keeping_modes,
                                             check_calibration_batches, check_calibration_data,
                                             check_declared_dims_vary, check_metric, check_model_on_cpu,
                                             check_model_runs, default_input_fn, evaluate_noting_use,
@@ -409,7 +409,7 @@ def _first_batches(data: Iterable | None, input_fn: Callable[[object], tuple], l
     batches = []
     try:
         for batch in itertools.islice(data, limit):
-            batches.append(tuple(input_fn(batch)))
+            batches.append(batch_inputs(input_fn, batch))
     except Exception:  # a dims guess is not worth an error; quantization reports bad batches itself
         return batches
     return batches
@@ -1022,7 +1022,7 @@ def compress(
         # a re-iterable: reading costs nothing but the batches read; a list's every batch the search reads (one
         # that fails was found after the fine-tuning), a loader's first (reading more costs a pass over the data)
         count = config.quantize.num_calibration_batches if isinstance(calibration_data, (list, tuple)) else 1
-        batches = [tuple(input_fn(batch)) for batch in itertools.islice(calibration_data, count)]
+        batches = [batch_inputs(input_fn, batch) for batch in itertools.islice(calibration_data, count)]
         check_calibration_batches(probe, batches, calibration_data, default_input_fn_used)
     del probe
     directory = Path(output_dir) if output_dir is not None else None

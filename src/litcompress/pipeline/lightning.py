@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from litcompress._files import cannot_write, folders_in_the_way
 from litcompress.distillation import DistillationConfig
@@ -275,11 +276,21 @@ class LoadersDataModule(L.LightningDataModule):
         return self._test
 
 
+def _refuse_a_dataset(loader: Any, argument: str, where: str) -> None:
+    """A ``Dataset`` given for a dataloader: its items are single samples, without the batch dim (the first
+    evaluation failed inside the module's step, an IndexError, after the whole fit for CompressOnFitEnd)."""
+    if isinstance(loader, Dataset) and not isinstance(loader, DataLoader):
+        raise TypeError(f"{where}({argument}={type(loader).__name__}): a Dataset gives single samples, without a "
+                        "batch dim; give batches: DataLoader(dataset, batch_size=32).")
+
+
 def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: Any, test_metric: str | None,
           where: str) -> L.LightningDataModule:
     """The DataModule of a run: `datamodule`, or one over the dataloaders given instead."""
     loaders = {"train_dataloaders": train, "val_dataloaders": val, "test_dataloaders": test}
     given = [name for name, loader in loaders.items() if loader is not None]
+    for name, loader in loaders.items():
+        _refuse_a_dataset(loader, name, where)
     if datamodule is not None:
         if given:
             raise ValueError(f"{where}(datamodule=..., {', '.join(f'{n}=...' for n in given)}): give a DataModule "
@@ -540,6 +551,7 @@ class CompressOnFitEnd(MetricCheckedEarly):
         elif test_dataloaders is not None:  # compress_lightning refused it after the whole fit
             raise ValueError("CompressOnFitEnd(test_dataloaders=...) without test_metric=: name the metric its "
                              "test_step logs (e.g. test_metric='test_acc'), or leave the test loader out.")
+        _refuse_a_dataset(test_dataloaders, "test_dataloaders", "CompressOnFitEnd")
         check_output_dir(output_dir, "CompressOnFitEnd")
         check_submodule_name(submodule, "CompressOnFitEnd")
         if input_fn is not None and not callable(input_fn):

@@ -29,8 +29,8 @@ from litcompress._files import cannot_write, file_in_the_way
 from litcompress.pruning.engine import deepcopy_model, is_compiled
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import (QuantizationResult, check_calibration_data, devices_off_the_cpu, model_input_fn,
-                    non_float32_dtypes, quantize, signature_or_none)
+from .tuner import (QuantizationResult, batch_inputs, check_calibration_data, check_model_runs, devices_off_the_cpu,
+                    model_input_fn, non_float32_dtypes, quantize, signature_or_none)
 
 logger = logging.getLogger(__name__)
 
@@ -565,7 +565,7 @@ def quantize_lightning(
         # candidates are judged on
         batch = next(iter(first_loader(val_loader)))
         host = module.get_submodule(submodule) if submodule else module
-        example_inputs = tuple((input_fn or model_input_fn(host))(batch))
+        example_inputs = batch_inputs(input_fn or model_input_fn(host), batch)
     if submodule:
         target = module.get_submodule(submodule)
     else:
@@ -674,13 +674,32 @@ def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule
 class MetricCheckedEarly(L.Callback):
     """For a callback that reads ``self.metric`` when fit ends: a metric its validation step does not log is said
     after the sanity check, or, where none ran (``num_sanity_val_steps=0``, or its batches logged nothing), after
-    the fit's first validation; it was said only at fit end, after the whole fit."""
+    the fit's first validation; it was said only at fit end, after the whole fit. So is an ``input_fn`` given that
+    cannot read the fit's first validation batch, or gives inputs the model (``submodule``) cannot take."""
 
     metric: str
+    input_fn: Callable[[object], tuple] | None = None
+    submodule: str | None = None
     _OWNER = ""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metric_checked = False
+        self._input_fn_checked = False
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.input_fn is None or getattr(self, "_input_fn_checked", True) or trainer.state.fn != "fit":
+            return
+        self._input_fn_checked = True
+        try:
+            inputs = batch_inputs(self.input_fn, batch)
+        except Exception as error:
+            raise ValueError(f"{self._OWNER}(input_fn=...) failed on the fit's first validation batch "
+                             f"({type(error).__name__}: {error}): it maps a batch of the validation data to the "
+                             "model's positional inputs.") from error
+        model = pl_module.get_submodule(self.submodule) if self.submodule else pl_module
+        check_model_runs(model, inputs, what=f"the inputs {self._OWNER}(input_fn=...) gave for the fit's first "
+                         "validation batch", default_input_fn_used=False)
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metric_checked = warn_if_sanity_check_missed(trainer, pl_module, self.metric, self._OWNER)
@@ -753,8 +772,10 @@ def check_fit_end_weights(weights: object, owner: str) -> None:
 def best_checkpoint(trainer: L.Trainer) -> Any:
     """The ModelCheckpoint whose best file ``weights="best"`` reads: the trainer's first one where it monitors a
     metric, else the first that does (one without a monitor saves the latest weights, not the best: a periodic one
-    listed first was read, silently), else None."""
-    monitored = [callback for callback in trainer.checkpoint_callbacks if getattr(callback, "monitor", None)]
+    listed first was read, silently), else None. One with ``save_top_k=0`` keeps no file: passed over (it was
+    chosen, and the fit's last weights compressed, beside another's best file)."""
+    monitored = [callback for callback in trainer.checkpoint_callbacks
+                 if getattr(callback, "monitor", None) and getattr(callback, "save_top_k", 1) != 0]
     first = trainer.checkpoint_callback
     return first if first in monitored else (monitored[0] if monitored else None)
 
@@ -763,8 +784,10 @@ def check_best_weights_can_be_found(trainer: L.Trainer, weights: str, owner: str
     """At ``setup``: ``weights="best"`` reads the best file of a ModelCheckpoint that monitors a metric, which must
     exist (the default one, without a monitor, saves the latest weights)."""
     if weights == "best" and best_checkpoint(trainer) is None:
+        keeping_none = any(getattr(callback, "monitor", None) for callback in trainer.checkpoint_callbacks)
         found = ("has none" if trainer.checkpoint_callback is None else
-                 "has none that monitors a metric (without a monitor it saves the latest weights, which "
+                 "has none that monitors a metric and keeps a file (with save_top_k=0 it keeps none)" if keeping_none
+                 else "has none that monitors a metric (without a monitor it saves the latest weights, which "
                  "weights='last' works on)")
         raise ValueError(f"{owner}(weights='best') reads the best file of the trainer's ModelCheckpoint, and this "
                          f"trainer {found}: add ModelCheckpoint(monitor=...) to its callbacks (and "

@@ -404,6 +404,13 @@ def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
             "batch's path at every batch size: check the result at the batch sizes you serve.")
 
 
+def batch_inputs(input_fn: Callable[[object], Inputs], batch: object) -> Inputs:
+    """``input_fn(batch)`` as the model's positional inputs: a tensor it returns is one input (``tuple()`` split it
+    along its batch dim into as many inputs as rows)."""
+    inputs = input_fn(batch)
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
 def default_input_fn(batch: object) -> Inputs:
     """The model's positional inputs from a DataLoader batch: ``(x,)`` for an ``(x, y)`` pair, ``(x, mask)`` for a
     ``((x, mask), y)`` pair (a model of several inputs), else the batch."""
@@ -662,7 +669,7 @@ def quantize(
     if calibration_data is not None:
         # islice: a shared iterator (a stream) loses no batch past those read
         for batch in itertools.islice(calibration_data, config.num_calibration_batches):
-            calibration.append(tuple(input_fn(batch)))
+            calibration.append(batch_inputs(input_fn, batch))
     if config.approach == "static" and not calibration:
         given = "gave no batch (an empty loader, or an iterator already used up)" if calibration_data is not None \
             else "is None"
