@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from litcompress._files import cannot_write, folders_in_the_way
 from litcompress.distillation import DistillationConfig
@@ -39,7 +39,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 with_metric_mode)
-from litcompress.quantization.tuner import example_as_inputs, model_input_fn
+from litcompress.quantization.tuner import batch_inputs, example_as_inputs, model_input_fn
 
 from .compress import OUTPUT_FILES, CompressionResult, compress, folders_message, report_files
 from .config import CompressionConfig
@@ -279,7 +279,7 @@ class LoadersDataModule(L.LightningDataModule):
 def _refuse_a_dataset(loader: Any, argument: str, where: str) -> None:
     """A ``Dataset`` given for a dataloader: its items are single samples, without the batch dim (the first
     evaluation failed inside the module's step, an IndexError, after the whole fit for CompressOnFitEnd)."""
-    if isinstance(loader, Dataset) and not isinstance(loader, DataLoader):
+    if isinstance(loader, Dataset) and not isinstance(loader, (DataLoader, IterableDataset)):  # (one may give batches)
         raise TypeError(f"{where}({argument}={type(loader).__name__}): a Dataset gives single samples, without a "
                         "batch dim; give batches: DataLoader(dataset, batch_size=32).")
 
@@ -426,7 +426,7 @@ def compress_lightning(
     # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
     input_fn = input_fn or model_input_fn(module if submodule is None else module.get_submodule(submodule))
     if example_inputs is None:
-        example_inputs = input_fn(next(iter(first_loader(datamodule.val_dataloader()))))
+        example_inputs = batch_inputs(input_fn, next(iter(first_loader(datamodule.val_dataloader()))))
     if calibration_data is None:
         calibration_data = first_loader(datamodule.train_dataloader())
 

@@ -29,8 +29,8 @@ from litcompress._files import cannot_write, file_in_the_way
 from litcompress.pruning.engine import deepcopy_model, is_compiled
 
 from .config import PTQConfig, criterion_for_metric
-from .tuner import (QuantizationResult, batch_inputs, check_calibration_data, check_model_runs, devices_off_the_cpu,
-                    model_input_fn, non_float32_dtypes, quantize, signature_or_none)
+from .tuner import (QuantizationResult, batch_inputs, check_calibration_data, devices_off_the_cpu, model_input_fn,
+                    non_float32_dtypes, quantize, signature_or_none)
 
 logger = logging.getLogger(__name__)
 
@@ -674,32 +674,13 @@ def warn_if_sanity_check_missed(trainer: L.Trainer, pl_module: L.LightningModule
 class MetricCheckedEarly(L.Callback):
     """For a callback that reads ``self.metric`` when fit ends: a metric its validation step does not log is said
     after the sanity check, or, where none ran (``num_sanity_val_steps=0``, or its batches logged nothing), after
-    the fit's first validation; it was said only at fit end, after the whole fit. So is an ``input_fn`` given that
-    cannot read the fit's first validation batch, or gives inputs the model (``submodule``) cannot take."""
+    the fit's first validation; it was said only at fit end, after the whole fit."""
 
     metric: str
-    input_fn: Callable[[object], tuple] | None = None
-    submodule: str | None = None
     _OWNER = ""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metric_checked = False
-        self._input_fn_checked = False
-
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                                  batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.input_fn is None or getattr(self, "_input_fn_checked", True) or trainer.state.fn != "fit":
-            return
-        self._input_fn_checked = True
-        try:
-            inputs = batch_inputs(self.input_fn, batch)
-        except Exception as error:
-            raise ValueError(f"{self._OWNER}(input_fn=...) failed on the fit's first validation batch "
-                             f"({type(error).__name__}: {error}): it maps a batch of the validation data to the "
-                             "model's positional inputs.") from error
-        model = pl_module.get_submodule(self.submodule) if self.submodule else pl_module
-        check_model_runs(model, inputs, what=f"the inputs {self._OWNER}(input_fn=...) gave for the fit's first "
-                         "validation batch", default_input_fn_used=False)
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._metric_checked = warn_if_sanity_check_missed(trainer, pl_module, self.metric, self._OWNER)
