@@ -1499,6 +1499,43 @@ def test_torch_ao_skips_a_torchscript_model_rather_than_choosing_it_unquantized(
     assert any(m.startswith("backend 'torch_ao' skipped: it quantizes eager modules") for m in result.messages)
 
 
+@pytest.mark.parametrize("backend, approach", [("torchao", "weight_only"), ("pt2e", "dynamic")])
+def test_torchao_and_pt2e_skip_a_torchscript_model_in_words_of_their_own(backend, approach):
+    """Both trace with torch.export, which refuses a ScriptModule: every trial failed in torch's words."""
+    pytest.importorskip("torchao")
+    x = torch.randn(8, 16)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval())
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(scripted, PTQConfig(approach=approach, backends=(backend,), max_trials=1,
+                                              latency_repeats=2), eval_fn=lambda m: 1.0, example_inputs=x)
+    assert not result.trials
+    assert any(m.startswith(f"backend {backend!r} skipped: it quantizes eager modules") for m in result.messages)
+
+
+def test_onnxruntime_quantizes_a_torchscript_model_and_its_fp32_copy_is_refused_as_export_in_words(tmp_path):
+    """The ONNX export read the forward's signature of a ScriptModule's class (AttributeError: '_CachedForward');
+    saving the fp32 copy as a torch.export program failed in torch's words, not as a format error with advice."""
+    pytest.importorskip("onnxruntime")
+    from litcompress.quantization import load_quantized, save_quantized
+    from litcompress.quantization.artifact import Fp32FormatError
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    eager = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    scripted = torch.jit.script(eager)
+    result = quantize(scripted, PTQConfig(approach="dynamic", backends=("onnxruntime",), max_trials=1,
+                                          latency_repeats=2, accuracy=AccuracyCriterion(1.0, relative=False)),
+                      eval_fn=lambda m: -float((m(x) - eager(x)).abs().max()), example_inputs=x)
+    assert result.recipe is not None and result.recipe.backend == "onnxruntime", result.table()
+    with pytest.raises(Fp32FormatError, match=r"is TorchScript \(the whole model\), which torch.export does not "
+                                              r"trace; fp32_format='torchscript' writes it"):
+        save_quantized(scripted, None, tmp_path / "model.pt2", (x,), fp32_format="export")
+    assert not list(tmp_path.iterdir())
+    save_quantized(scripted, None, tmp_path / "model.onnx", (x,), fp32_format="onnx")
+    loaded, _ = load_quantized(tmp_path / "model.onnx")
+    torch.testing.assert_close(loaded(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
 class _BlockAppliedTwice(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -94,7 +94,7 @@ def taking_only_inputs_(model: nn.Module, count: int) -> nn.Module:
     cls = type(model)
     try:
         parameters = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
-    except (TypeError, ValueError):  # no Python signature (a TorchScript module)
+    except (TypeError, ValueError, AttributeError):  # no Python signature (a TorchScript module's _CachedForward)
         return model
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     inputs, rest = parameters[:count], parameters[count:]

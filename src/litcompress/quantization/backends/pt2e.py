@@ -161,6 +161,7 @@ class PT2EBackend(Backend):
     name = "pt2e"
     approaches = ("dynamic", "static")
     artifact_suffix = ".pt2"
+    takes_torchscript = False  # (torch.export traces eager modules: it refuses a ScriptModule)
     compile = False
 
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:

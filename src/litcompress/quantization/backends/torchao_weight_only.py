@@ -21,6 +21,7 @@ class TorchAOWeightOnlyBackend(Backend):
     name = "torchao"
     approaches = ("weight_only",)
     artifact_suffix = ".pt2"
+    takes_torchscript = False  # (quantize_ swaps nn.Linear weights, and torch.export refuses a ScriptModule)
 
     def quantizable_layers(self, model: nn.Module, approach: str) -> list[str]:
         read = _reads_weight_tensors(model)  # their weights are read, not called
