@@ -178,12 +178,15 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
     # (the legacy pickle format was read as ONNX and called a model file cut short or changed: "save it again")
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "legacy4.pt", _use_new_zipfile_serialization=False,
+               pickle_protocol=4)  # (a frame before the magic number)
     (tmp_path / "broken.pt2").write_bytes(b"garbage")
     (tmp_path / "empty.onnx").write_bytes(b"")  # was "an ONNX file but not a litcompress artefact (no metadata)"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")  # torch.jit's, not ours
     for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*load_state_dict"),
                           ("module.pt", "a torch\\.save file"),
                           ("legacy.pt", r"a torch\.save file of the legacy format.*load_state_dict"),
+                          ("legacy4.pt", r"a torch\.save file of the legacy format.*load_state_dict"),
                           ("scripted.pt", r"a TorchScript archive without litcompress's metadata; torch\.jit\.load"),
                           ("broken.pt2", "reads neither as ONNX nor as a zip archive"),
                           ("empty.onnx", r"it is empty \(0 bytes\)")):

@@ -1523,17 +1523,66 @@ def test_onnxruntime_quantizes_a_torchscript_model_and_its_fp32_copy_is_refused_
     x = torch.randn(8, 16)
     eager = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     scripted = torch.jit.script(eager)
+    scripted(x)  # called with gradients on: its graph executor then failed under the timing's inference mode
     result = quantize(scripted, PTQConfig(approach="dynamic", backends=("onnxruntime",), max_trials=1,
                                           latency_repeats=2, accuracy=AccuracyCriterion(1.0, relative=False)),
                       eval_fn=lambda m: -float((m(x) - eager(x)).abs().max()), example_inputs=x)
     assert result.recipe is not None and result.recipe.backend == "onnxruntime", result.table()
-    with pytest.raises(Fp32FormatError, match=r"is TorchScript \(the whole model\), which torch.export does not "
-                                              r"trace; fp32_format='torchscript' writes it"):
+    with pytest.raises(Fp32FormatError, match=r"is TorchScript, which torch.export does not trace; "
+                                              r"fp32_format='torchscript' writes it as it is, and 'onnx' exports it"):
         save_quantized(scripted, None, tmp_path / "model.pt2", (x,), fp32_format="export")
     assert not list(tmp_path.iterdir())
     save_quantized(scripted, None, tmp_path / "model.onnx", (x,), fp32_format="onnx")
     loaded, _ = load_quantized(tmp_path / "model.onnx")
     torch.testing.assert_close(loaded(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+class _ScriptedEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.jit.script(nn.Sequential(nn.Linear(16, 32), nn.ReLU()))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+def test_a_model_holding_a_scripted_part_is_quantized_by_torch_ao_dynamic_and_skipped_by_the_tracers(tmp_path):
+    """The tracing backends failed in torch's words ("not part of the active trace", "is not an instance of
+    torch.nn.Parameter"), and torch_ao static wrote a file that no loader read (AttributeError: '_type')."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxruntime")
+    from litcompress.quantization import load_quantized, save_quantized
+    from litcompress.quantization.artifact import Fp32FormatError
+
+    torch.manual_seed(0)
+    model, x = _ScriptedEncoder().eval(), torch.randn(8, 16)
+    lenient = dict(max_trials=1, latency_repeats=2, accuracy=AccuracyCriterion(1.0, relative=False))
+    for approach, backends in (("static", ("torch_ao", "pt2e", "onnxruntime")), ("weight_only", ("torchao",))):
+        with pytest.warns(QuantizationGoalWarning):
+            result = quantize(model, PTQConfig(approach=approach, backends=backends, **lenient), eval_fn=lambda m: 1.0,
+                              example_inputs=x, calibration_data=[(x,)])
+        assert not result.trials
+        for backend in backends:
+            assert any(m.startswith(f"backend {backend!r} skipped: it traces the model, and cannot trace through "
+                                    "its TorchScript part(s) (enc)") for m in result.messages), result.messages
+    result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), **lenient), eval_fn=lambda m: 1.0,
+                      example_inputs=x)
+    assert result.recipe is not None and type(result.model.head) is not nn.Linear, result.table()
+    result.save(tmp_path / "model.pt")
+    loaded, _ = load_quantized(tmp_path / "model.pt")
+    torch.testing.assert_close(loaded(x), result.model(x))
+    with pytest.raises(Fp32FormatError, match=r"holds TorchScript modules \(enc\), which torch.export \(and the "
+                                              r"ONNX exporter\) cannot trace through; fp32_format='torchscript'"):
+        save_quantized(model, None, tmp_path / "fp32.pt2", (x,), fp32_format="export")
+
+
+def test_an_input_fn_that_fails_on_a_batch_is_named_in_the_error():
+    """A KeyError from the user's input_fn came out as it was, naming no argument."""
+    x = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"input_fn failed on a batch \(TypeError: .*\): it maps a batch"):
+        quantize(nn.Linear(16, 4).eval(), PTQConfig(approach="dynamic", backends=("torch_ao",)),
+                 eval_fn=lambda m: 1.0, calibration_data=[(x, x)], input_fn=lambda batch: (batch["x"],))
 
 
 class _BlockAppliedTwice(nn.Module):

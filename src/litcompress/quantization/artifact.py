@@ -21,7 +21,7 @@ from torch import nn
 
 from litcompress._files import cannot_write, file_in_the_way, written_atomically
 
-from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend
+from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend, torchscript_parts
 from .config import Recipe
 from .outputs import RebuiltOutputs
 from .shapes import DynamicDims, normalize_dynamic_dims, resolve_dynamic_dims
@@ -150,8 +150,9 @@ def _raised_in_torch_export(error: BaseException) -> bool:
     return any(any(mark in frame.filename for mark in marks) for frame in traceback.extract_tb(error.__traceback__))
 
 
-#: how torch.save's legacy (pickle, not zip) files begin: protocol 2, then its magic number 0x1950a86a20f9469cfc6c
-_LEGACY_TORCH_SAVE = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+#: what torch.save's legacy (pickle, not zip) files begin with, after the pickle protocol (and a frame): its magic
+#: number 0x1950a86a20f9469cfc6c as a 10-byte long
+_LEGACY_TORCH_SAVE = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, example_inputs: tuple,
@@ -162,16 +163,13 @@ def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, ex
         from .backends.exported import save_loaded_program, save_program
 
         eval_outputs(model, example_inputs)  # inputs the model does not take fail here, in the model's own words
-        scripted: list[str] = []  # the outermost TorchScript modules
-        for name, module in model.named_modules():
-            if isinstance(module, torch.jit.ScriptModule) and not any(
-                    outer == "" or name.startswith(outer + ".") for outer in scripted):
-                scripted.append(name)
+        scripted = torchscript_parts(model)
         if scripted:  # torch.export refuses it, from outside its tracer (so it was raised unwrapped, without advice)
-            raise Fp32FormatError(f"save_quantized(fp32_format='export'): this fp32 model is TorchScript "
-                                  f"({', '.join(name or 'the whole model' for name in scripted[:3])}), which "
-                                  "torch.export does not trace; "
-                                  "fp32_format='torchscript' writes it as it is, and 'onnx' exports it.")
+            what = ("is TorchScript, which torch.export does not trace; fp32_format='torchscript' writes it as it is, "
+                    "and 'onnx' exports it" if scripted == [""] else
+                    f"holds TorchScript modules ({', '.join(scripted[:3])}), which torch.export (and the ONNX "
+                    "exporter) cannot trace through; fp32_format='torchscript' writes it")
+            raise Fp32FormatError(f"save_quantized(fp32_format='export'): this fp32 model {what}.")
         try:
             if not save_loaded_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims):
                 save_program(model, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
@@ -306,9 +304,10 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     if os.path.getsize(path) == 0:  # ONNX reads an empty file as an empty model: "no metadata" would mislead
         raise ValueError(f"{not_ours}: it is empty (0 bytes), as a write cut short by another program leaves one.")
     with open(path, "rb") as file:
-        head = file.read(len(_LEGACY_TORCH_SAVE))
+        head = file.read(32)
     starts_as_zip = head.startswith(b"PK\x03\x04")
-    if head == _LEGACY_TORCH_SAVE:  # (else read as ONNX, and called a model file cut short or changed)
+    # (else read as ONNX, and called a model file cut short or changed); a pickle protocol >= 4 frames it first
+    if head.startswith(b"\x80") and _LEGACY_TORCH_SAVE in head:
         raise ValueError(f"{not_ours}: it is a torch.save file of the legacy format (_use_new_zipfile_serialization="
                          "False: a state dict or a pickled object). A pruned state dict loads into your model with "
                          "model.load_state_dict(torch.load(path)).")

@@ -68,7 +68,11 @@ def measure_latencies(models: Sequence[Callable], inputs: tuple | torch.Tensor, 
         inputs = (inputs,)
     pin_allocator()
     samples: list[list[float]] = [[] for _ in models]
-    with pinned_threads(num_threads), torch.inference_mode():
+    # (no inference mode for TorchScript: a scripted model called once with gradients on keeps a graph executor that
+    # then fails under it, "Inference tensors cannot be saved for backward")
+    scripted = any(isinstance(m, torch.jit.ScriptModule) for model in models if isinstance(model, torch.nn.Module)
+                   for m in model.modules())
+    with pinned_threads(num_threads), torch.no_grad() if scripted else torch.inference_mode():
         calls = []
         for model in models:
             timings = []

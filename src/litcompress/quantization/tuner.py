@@ -26,7 +26,7 @@ from litcompress.pruning.shrink import eval_outputs
 from litcompress.report.size import model_size_bytes
 
 from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, as_linear_layers_, get_backend,
-                       quantizable_layers, to_inputs)
+                       quantizable_layers, to_inputs, torchscript_parts)
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
 from .nested import InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
@@ -407,7 +407,13 @@ def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
 def batch_inputs(input_fn: Callable[[object], Inputs], batch: object) -> Inputs:
     """``input_fn(batch)`` as the model's positional inputs: a tensor it returns is one input (``tuple()`` split it
     along its batch dim into as many inputs as rows)."""
-    inputs = input_fn(batch)
+    try:
+        inputs = input_fn(batch)
+    except Exception as error:  # the user's function, on a batch of their data: said so (it was found in its words)
+        if (getattr(input_fn, "__module__", None) or "").startswith("litcompress."):  # ours: as it is
+            raise
+        raise ValueError(f"input_fn failed on a batch ({type(error).__name__}: {error}): it maps a batch of the "
+                         "data to the model's positional inputs.") from error
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
@@ -853,6 +859,13 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             # its candidate was the fp32 model, chosen as int8
             note(f"backend {name!r} skipped: it quantizes eager modules, and a TorchScript model's layers are script "
                  "modules it cannot swap; quantize the eager model this one was scripted from.")
+            continue
+        scripted = [part for part in torchscript_parts(fp32) if part]
+        if scripted and not backend.takes_scripted_parts(config.approach):  # torch's words, or a file none loads
+            note(f"backend {name!r} skipped: it traces the model, and cannot trace through its TorchScript part(s) "
+                 f"({', '.join(scripted[:3])}{', ...' if len(scripted) > 3 else ''}); quantize the model with the "
+                 "eager modules they were scripted from" + (" (approach='dynamic' quantizes the layers around them)"
+                                                            if name == "torch_ao" else "") + ".")
             continue
         # (a TorchScript model's layers are script modules, whatever they were: not knowable here, so not skipped)
         if not own_layers and not isinstance(fp32, torch.jit.ScriptModule):  # its candidate: the fp32 model as int8

@@ -157,6 +157,11 @@ class Backend:
     #: per input, the dims an exported candidate leaves free (None: the batch dims); set by :meth:`configure`
     dynamic_dims: "DynamicDims | None" = None
 
+    def takes_scripted_parts(self, approach: str) -> bool:
+        """Whether it quantizes an eager model holding TorchScript modules (``torch.jit.script`` of a part): tracers
+        (torch.export, FX, the ONNX exporter) cannot trace through one, so by default not."""
+        return False
+
     def check_available(self) -> None:
         """Raise :class:`BackendUnavailableError` with an actionable message if unusable."""
 
@@ -241,6 +246,16 @@ def _reads_weight_tensors(model: nn.Module) -> set[str]:
 
 #: Recurrent layers with dynamic int8 kernels (torch.ao's; ONNX Runtime quantizes LSTM only).
 RECURRENT_LAYERS: tuple[type, ...] = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+def torchscript_parts(model: nn.Module) -> list[str]:
+    """Names of the outermost TorchScript modules in `model` (``""``: the model itself is one)."""
+    parts: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and not any(
+                outer == "" or name.startswith(outer + ".") for outer in parts):
+            parts.append(name)
+    return parts
 
 
 def is_quantizable_recurrent(module: nn.Module) -> bool:

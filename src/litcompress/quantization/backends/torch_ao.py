@@ -82,6 +82,9 @@ class TorchAOBackend(Backend):
         return [name for name in super().quantizable_layers(model, approach) if name not in read
                 and not _bias_less_recurrent(model.get_submodule(name))]
 
+    def takes_scripted_parts(self, approach: str) -> bool:
+        return approach == "dynamic"  # quantize_dynamic swaps the eager layers around them (FX cannot trace them)
+
     def check_available(self) -> None:
         try:
             with _quiet_torch_ao():
