@@ -1575,14 +1575,42 @@ def test_a_model_holding_a_scripted_part_is_quantized_by_torch_ao_dynamic_and_sk
     with pytest.raises(Fp32FormatError, match=r"holds TorchScript modules \(enc\), which torch.export \(and the "
                                               r"ONNX exporter\) cannot trace through; fp32_format='torchscript'"):
         save_quantized(model, None, tmp_path / "fp32.pt2", (x,), fp32_format="export")
+    with pytest.raises(Fp32FormatError, match=r"'onnx'\): this fp32 model holds TorchScript modules \(enc\), which "
+                                              r"the ONNX exporter cannot trace through"):
+        save_quantized(model, None, tmp_path / "fp32.onnx", (x,), fp32_format="onnx")
+
+
+class _TakesADict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc(batch["x"])
+
+
+def test_a_torchscript_model_of_dict_inputs_is_skipped_in_words_about_its_inputs():
+    """The search wraps a model of container inputs (as `model`): the note named a TorchScript part 'model' that the
+    user's model does not have."""
+    pytest.importorskip("onnxruntime")
+    scripted = torch.jit.script(_TakesADict().eval())
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(scripted, PTQConfig(approach="dynamic", backends=("onnxruntime",), max_trials=1,
+                                              latency_repeats=2), eval_fn=lambda m: 1.0,
+                          example_inputs=({"x": torch.randn(4, 16)},))
+    assert any("the model is TorchScript and takes containers" in m for m in result.messages), result.messages
 
 
 def test_an_input_fn_that_fails_on_a_batch_is_named_in_the_error():
-    """A KeyError from the user's input_fn came out as it was, naming no argument."""
+    """A KeyError from the user's input_fn came out as it was, naming no argument: on a calibration batch, and on
+    example inputs of a dict that forward's parameters do not name."""
     x = torch.randn(8, 16)
     with pytest.raises(ValueError, match=r"input_fn failed on a batch \(TypeError: .*\): it maps a batch"):
         quantize(nn.Linear(16, 4).eval(), PTQConfig(approach="dynamic", backends=("torch_ao",)),
                  eval_fn=lambda m: 1.0, calibration_data=[(x, x)], input_fn=lambda batch: (batch["x"],))
+    with pytest.raises(ValueError, match=r"input_fn failed on a batch \(KeyError: 'wrong'\)"):
+        quantize(_TakesADict().eval(), PTQConfig(approach="dynamic", backends=("torch_ao",)), eval_fn=lambda m: 1.0,
+                 example_inputs={"x": x}, input_fn=lambda batch: (batch["wrong"],))
 
 
 class _BlockAppliedTwice(nn.Module):

@@ -189,6 +189,11 @@ def _write(model: nn.Module, recipe: Recipe | None, path: str, metadata: str, ex
 
         backend_name = "onnxruntime"
         if not isinstance(model, OnnxRuntimeModule):
+            scripted = [part for part in torchscript_parts(model) if part]  # (a whole TorchScript model exports)
+            if scripted:  # the exporter failed in torch's words ("not part of the active trace")
+                raise Fp32FormatError(f"save_quantized(fp32_format='onnx'): this fp32 model holds TorchScript "
+                                      f"modules ({', '.join(scripted[:3])}), which the ONNX exporter cannot trace "
+                                      "through; fp32_format='torchscript' writes it.")
             bfloat16 = bfloat16_tensors(model)
             if bfloat16:  # exported, its session failed: "Could not find an implementation for Gemm(13)"
                 raise Fp32FormatError(f"save_quantized(fp32_format='onnx'): the model computes in bfloat16 "

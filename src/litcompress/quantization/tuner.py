@@ -29,7 +29,7 @@ from .backends import (Backend, BackendUnavailableError, ExportError, Inputs, as
                        quantizable_layers, to_inputs, torchscript_parts)
 from .config import PTQConfig, Recipe
 from .latency import measure_latencies, pinned_threads
-from .nested import InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
+from .nested import FlatInputs, InputAdapter, InputStructure, NestedInputs, flat_inputs, is_nested
 from .outputs import tensor_leaves
 from .sensitivity import layer_sensitivity
 from .shapes import DynamicDims, describe_fixed, dims_for, fixed_size_hint, resolve_dynamic_dims
@@ -407,14 +407,20 @@ def batch_dependence(model: nn.Module, inputs: Inputs) -> str | None:
 def batch_inputs(input_fn: Callable[[object], Inputs], batch: object) -> Inputs:
     """``input_fn(batch)`` as the model's positional inputs: a tensor it returns is one input (``tuple()`` split it
     along its batch dim into as many inputs as rows)."""
+    inputs = _called(input_fn, batch)
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _called(input_fn: Callable[[object], Any], batch: object) -> Any:
+    """``input_fn(batch)``; an error of the user's function, on a batch of their data, said so (it was found in its
+    own words, naming no argument)."""
     try:
-        inputs = input_fn(batch)
-    except Exception as error:  # the user's function, on a batch of their data: said so (it was found in its words)
+        return input_fn(batch)
+    except Exception as error:
         if (getattr(input_fn, "__module__", None) or "").startswith("litcompress."):  # ours: as it is
             raise
         raise ValueError(f"input_fn failed on a batch ({type(error).__name__}: {error}): it maps a batch of the "
                          "data to the model's positional inputs.") from error
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
 def default_input_fn(batch: object) -> Inputs:
@@ -551,7 +557,7 @@ def example_as_inputs(model: nn.Module, example_inputs: object,
     except TypeError:
         if input_fn in (None, default_input_fn):
             raise
-        return to_inputs(input_fn(example_inputs))
+        return to_inputs(_called(input_fn, example_inputs))
 
 
 def _is_not_finite(value: object) -> bool:
@@ -862,10 +868,15 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             continue
         scripted = [part for part in torchscript_parts(fp32) if part]
         if scripted and not backend.takes_scripted_parts(config.approach):  # torch's words, or a file none loads
+            if isinstance(fp32, FlatInputs) and scripted == ["model"]:  # the user's model, under the search's wrapper
+                note(f"backend {name!r} skipped: the model is TorchScript and takes containers (dicts, lists), "
+                     "which the search hands it through a wrapper this backend would trace, and it cannot trace "
+                     "through TorchScript; give it tensors as positional inputs, or quantize the eager model.")
+                continue
             note(f"backend {name!r} skipped: it traces the model, and cannot trace through its TorchScript part(s) "
                  f"({', '.join(scripted[:3])}{', ...' if len(scripted) > 3 else ''}); quantize the model with the "
-                 "eager modules they were scripted from" + (" (approach='dynamic' quantizes the layers around them)"
-                                                            if name == "torch_ao" else "") + ".")
+                 "eager modules they were scripted or traced from" + (
+                     " (approach='dynamic' quantizes the layers around them)" if name == "torch_ao" else "") + ".")
             continue
         # (a TorchScript model's layers are script modules, whatever they were: not knowable here, so not skipped)
         if not own_layers and not isinstance(fp32, torch.jit.ScriptModule):  # its candidate: the fp32 model as int8
