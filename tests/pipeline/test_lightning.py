@@ -429,16 +429,19 @@ def test_fine_tuning_under_manual_optimization_follows_the_schedule_over_the_bat
     assert reached and reached[0] >= 0.55 * batches, (reached, batches)
 
 
+class SpoilTheLastEpoch(L.Callback):
+    """Noise on the first layer before the last validation: the fit ends worse than its best checkpoint."""
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                pl_module.net[0].weight.add_(torch.randn_like(pl_module.net[0].weight))
+
+
 def test_compress_on_fit_end_can_take_the_best_checkpoints_weights(tmp_path):
     """`weights="best"`: the input row is the monitored ModelCheckpoint's best score, not the last epoch's."""
     L.seed_everything(0)
     module = MLPClassifier(hidden=(32,), lr=1e-2)
-
-    class SpoilTheLastEpoch(L.Callback):
-        def on_validation_epoch_start(self, trainer, pl_module):
-            if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
-                with torch.no_grad():
-                    pl_module.net[0].weight.add_(torch.randn_like(pl_module.net[0].weight))
 
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
     compressing = CompressOnFitEnd(CompressionConfig(quantize=None, latency_repeats=2), output_dir=tmp_path / "out",
@@ -455,12 +458,6 @@ def test_weights_best_passes_over_a_model_checkpoint_that_keeps_no_file(tmp_path
     were compressed beside another's best file; alone, it was accepted at setup and fell back after the fit."""
     L.seed_everything(0)
     module = MLPClassifier(hidden=(32,), lr=1e-2)
-
-    class SpoilTheLastEpoch(L.Callback):
-        def on_validation_epoch_start(self, trainer, pl_module):
-            if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
-                with torch.no_grad():
-                    pl_module.net[0].weight.add_(torch.randn_like(pl_module.net[0].weight))
 
     keeps_none = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "none", monitor="val_loss", save_top_k=0)
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_acc", mode="max")
