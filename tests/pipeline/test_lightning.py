@@ -269,8 +269,8 @@ def test_bad_arguments_fail_before_fine_tuning(fitted):
     # the pipeline's copy, which every stage evaluates in float32
     for kwargs, message in [({"precision": "bogus"}, "the fine-tuning Trainer cannot be built with them: "
                                                      "ValueError: Precision 'bogus'"),
-                            ({"precision": "bf16-true"}, "the fit would convert the pipeline's copy to bf16"),
-                            ({"precision": 64}, "the fit would convert the pipeline's copy to 64")]:
+                            ({"precision": "bf16-true"}, "the fit would convert the pipeline's copy to bfloat16"),
+                            ({"precision": 64}, "the fit would convert the pipeline's copy to float64")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             compress_lightning(module, prune, datamodule=data, fine_tune_epochs=1, trainer_kwargs=kwargs)
     # A metric the module does not log fails on the first evaluation: the input, before any fine-tuning.

@@ -176,10 +176,11 @@ class QuantizationAwareTraining(Callback):
         self._continuing = self._continues_graph(pl_module)
         self._refuse_a_fit_that_ends_before_qat(trainer)
         if str(trainer.precision) not in ("32-true", "32"):
+            how = ("autocast computes the graph's ops in a lower precision" if "mixed" in str(trainer.precision)
+                   else "the graph would be cast to another dtype")
             raise ValueError(f"{_OWNER}: precision={trainer.precision!r}; QAT trains a float32 graph of fake-quantized "
-                             "ops and converts it to int8 from float32, which mixed or half precision breaks (in "
-                             "autocast, or in the conversion). Fine-tune with QAT under precision='32-true' (it is a "
-                             "short stage).")
+                             f"ops and converts it to int8 from float32, which this precision breaks ({how}). "
+                             "Fine-tune with QAT under precision='32-true' (it is a short stage).")
         if self.compile:
             check_cpp_compiler(f"{_OWNER}(compile=True)")  # compile=True converts with inductor: else after the fit
         # a folder that cannot be written fails here, not after the fit (fast_dev_run skips the conversion and the

@@ -228,7 +228,8 @@ def _check_fine_tuning_trainer(kwargs: dict[str, Any], callbacks: list, module: 
     precision = str(trainer.precision)
     if precision.endswith("-true") and precision != "32-true":
         raise ValueError(f"compress_lightning(trainer_kwargs={{'precision': {kwargs.get('precision')!r}}}): the "
-                         f"fit would convert the pipeline's copy to {precision.removesuffix('-true')}, and every "
+                         f"fit would convert the pipeline's copy to {_TRUE_PRECISION_DTYPES.get(precision, precision)}"
+                         ", and every "
                          "stage evaluates, exports and quantizes it in float32; fine-tune in 32-bit or mixed "
                          "precision ('bf16-mixed').")
     if not module.automatic_optimization:
@@ -274,6 +275,9 @@ class LoadersDataModule(L.LightningDataModule):
         if self._test is None:
             raise ValueError("no test dataloader was given: pass test_dataloaders= with test_metric=")
         return self._test
+
+
+_TRUE_PRECISION_DTYPES = {"16-true": "float16", "bf16-true": "bfloat16", "64-true": "float64"}
 
 
 def _refuse_a_dataset(loader: Any, argument: str, where: str) -> None:
