@@ -229,6 +229,41 @@ def test_shrink_can_keep_a_multiple_of_channels(case, multiple) -> None:
         assert kept == min(width, -(-exact // multiple) * multiple) or (exact == 1 and kept == 1 and len(rows) == width)
 
 
+class GroupedBlock(nn.Module):
+    """1x1 conv -> grouped 3x3 conv -> 1x1 conv (a ResNeXt block's shape)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, channels, 1)
+        self.g = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+        self.c2 = nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(F.relu(self.g(F.relu(self.c1(x)))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([2, 4]), st.integers(4, 12), st.data(), st.sampled_from([2, 4, 8, 16]))
+def test_a_multiple_of_channels_kept_through_a_grouped_conv_is_spread_over_its_groups(groups, size, data, multiple):
+    """keep_multiple_of unmarked the first removable channels, all in the first group: balancing the groups then kept
+    every channel (1.000x, "not spread evenly"), where an even count per group made a multiple."""
+    dead_per_group = data.draw(st.integers(1, size - 1))
+    torch.manual_seed(0)
+    model = GroupedBlock(groups * size, groups).eval()
+    with torch.no_grad():
+        for g in range(groups):  # as many dead channels in each group, at drawn places
+            rows = [g * size + r for r in data.draw(st.permutations(range(size)))[:dead_per_group]]
+            for layer in (model.c1, model.g):
+                layer.weight[rows] = 0
+                layer.bias[rows] = 0
+    x = torch.randn(2, 3, 6, 6)
+    result = shrink(model, x, keep_multiple_of=multiple)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+    exact = size - dead_per_group  # kept per group: the least at or above it whose total is a multiple, or all
+    per_group = next((c for c in range(exact, size + 1) if groups * c % multiple == 0), size)
+    assert result.model.g.out_channels == result.model.c1.out_channels == groups * per_group
+
+
 # ------------------------------------------------------------------------------------------------ CNNs
 class ConvNet(nn.Module):
     """conv -> [BN] -> ReLU -> [pool] -> conv (padding p) -> ReLU -> flatten (one of three spellings) -> Linear."""

@@ -1916,6 +1916,22 @@ def keep_a_multiple_(dead: Tensor, multiple: int | None) -> None:
         dead[dead.nonzero().flatten()[:extra]] = False
 
 
+def _keep_a_multiple_evenly_(dead: Tensor, multiple: int, blocks: int) -> None:
+    """:func:`keep_a_multiple_` for channels removed in equal numbers from `blocks` equal blocks (a grouped conv's
+    groups): each block keeps the least count that balances them and makes the total a multiple (all, if none
+    does). Unmarking the first removable channels, all in the first block, made the balance then keep every
+    channel."""
+    _balance_(dead, blocks)
+    size = dead.numel() // blocks
+    kept = size - int(dead[:size].sum())  # the same in every block, once balanced
+    step = multiple // math.gcd(multiple, blocks)  # blocks * per-block kept is a multiple of `multiple`
+    target = min(size, -(-kept // step) * step)
+    for block in dead.view(blocks, size):  # (rows of a view: writing them writes `dead`)
+        extra = target - (size - int(block.sum()))
+        if extra > 0:
+            block[block.nonzero().flatten()[:extra]] = False
+
+
 def _keep_depthwise_(conv: nn.Module, keep: Tensor) -> None:
     _keep_rows_(conv, keep)
     conv.in_channels = conv.groups = int(keep.numel())
@@ -1968,10 +1984,14 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         # One partition into lcm(groups) equal blocks: even over those is even over each conv's groups, and keeps
         # more than balancing over each in turn (which can end with nothing left to remove)
         balances = [(math.lcm(*(groups for groups, _, _ in balances)), 0, None)]
+    one_partition = len(balances) == 1 and balances[0][1:] == (0, None) and keep_multiple_of
     multiple_left_none = False
     while True:  # each step only keeps channels: it ends
         before = dead.clone()
-        keep_a_multiple_(dead, keep_multiple_of)
+        if one_partition:
+            _keep_a_multiple_evenly_(dead, keep_multiple_of, balances[0][0])
+        else:
+            keep_a_multiple_(dead, keep_multiple_of)
         multiple_left_none = multiple_left_none or (bool(before.any()) and not bool(dead.any()))
         if bool(dead.all()):
             dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
