@@ -676,6 +676,21 @@ def test_global_importance_scores_rank_the_entries():
         prune_(default_targets(model), "l1_unstructured", 0.5, importance_scores=torch.ones(3))
 
 
+@pytest.mark.parametrize("scope, scores, message", [
+    # ranked in another tensor's places, silently (same count), or torch's IndexError naming neither
+    ("global", lambda a: {(a, "weight"): torch.rand(8, 16)},
+     r"the scores of Linear.weight have shape \(8, 16\); give a tensor of its shape \(16, 8\)"),
+    ("global", lambda a: {(a, "weight"): torch.rand(3, 3)}, r"have shape \(3, 3\); give a tensor of its shape"),
+    # torch's assert, after the first target was masked
+    ("local", lambda a: torch.rand(16, 8), r"of shape \(16, 8\), and Linear.weight \(4, 16\) has another shape"),
+])
+def test_importance_scores_of_another_shape_are_refused_before_any_target_is_masked(scope, scores, message):
+    a, b = nn.Linear(8, 16), nn.Linear(16, 4)
+    with pytest.raises(ValueError, match=message):
+        prune_([(a, "weight"), (b, "weight")], "l1_unstructured", 0.5, scope=scope, importance_scores=scores(a))
+    assert not torch_prune.is_pruned(a) and not torch_prune.is_pruned(b)
+
+
 @pytest.mark.parametrize("how", [dict(), dict(scope="local"), dict(importance_scores=None),
                                  dict(method="ln_structured", scope="local", n=2, dim=0)],
                          ids=["global", "local", "scores None", "ln_structured"])
@@ -1070,7 +1085,13 @@ def test_a_structured_method_of_ones_own_is_counted_along_its_own_dim_or_refused
         GradualPruner([(nn.Linear(16, 8), "weight")], schedule, method=_RowsOnly, scope="local")
     with pytest.raises(MisconfigurationException, match=message):
         ModelPruning(_RowsOnly, amount=schedule, use_global_unstructured=False)
-    ModelPruning(_RowsOnly, amount=0.5, use_global_unstructured=False)  # a fixed amount: the method's own count
+    ModelPruning(_RowsOnly, amount=0.5, use_global_unstructured=False)  # a fixed amount: one round per tensor works
+    once = nn.Linear(16, 8)
+    prune_([(once, "weight")], _RowsOnly, 0.25, scope="local")  # one round: torch needs no dim
+    before = once.weight_mask.clone()
+    with pytest.raises(TypeError, match=message):  # torch's AttributeError, on a second round
+        prune_([(once, "weight")], _RowsOnly, 0.25, scope="local")
+    assert torch.equal(once.weight_mask, before)
     with pytest.raises(TypeError, match=message):
         PruneConfig(method=_RowsOnly, sparsity=0.5)
 

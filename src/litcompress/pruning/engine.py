@@ -774,6 +774,8 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
     if structured and scope == "local":
         check_norms_apply(targets, method_cls, method_kwargs, "prune_")
     dim = structured_dim(method_cls, method_kwargs) if structured else None
+    if structured and scope == "local" and dim is None and any(is_pruned(m, n) for m, n in targets):
+        check_countable_slices(method_cls, method_kwargs, "prune_")  # (torch's second round fails in its words)
     if structured and scope == "local" and isinstance(amount, int) and isinstance(dim, int) \
             and all(-t.dim() <= dim < t.dim() for t in (trainable_tensor(m, n) for m, n in targets)):
         slices = [total - pruned for pruned, total in (_pruned_slices(m, n, dim) for m, n in targets)]
@@ -802,8 +804,19 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                                             **kwargs)
         else:
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs}, via_apply=True)
-            if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
-                kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
+            scores = kwargs.get("importance_scores")
+            if scores is not None:  # checked for every target first: torch's assert came after the first was masked
+                if not isinstance(scores, Tensor):
+                    raise TypeError(f"prune_(importance_scores=...): a local round takes one tensor of scores, of "
+                                    f"the targets' shape; got {type(scores).__name__}.")
+                wrong = [f"{type(m).__name__}.{n} {tuple(trainable_tensor(m, n).shape)}" for m, n in targets
+                         if trainable_tensor(m, n).shape != scores.shape]
+                if wrong:
+                    raise ValueError(f"prune_(importance_scores=...): a local round ranks every target by its one "
+                                     f"tensor of scores, of shape {tuple(scores.shape)}, and {', '.join(wrong[:3])} "
+                                     f"{'has' if len(wrong) == 1 else 'have'} another shape; prune targets of another "
+                                     "shape in a round of their own.")
+                kwargs["importance_scores"] = scores.contiguous()  # flattened with .view(-1) too
             for module, name in targets:
                 earlier = getattr(module, name + "_mask", None)
                 dtype = earlier.dtype if isinstance(earlier, Tensor) else trainable_tensor(module, name).dtype
@@ -891,6 +904,12 @@ def _flattenable_scores(targets: Sequence[Target], method_kwargs: Mapping[str, A
             described = f"({type(module).__name__}, {name!r})" if isinstance(module, nn.Module) else repr(key)
             raise ValueError(f"prune_(importance_scores=...): the key {described} names no target of this round; "
                              "key each tensor of scores by a (module, name) pair among the targets.")
+        shape = tuple(trainable_tensor(*target).shape)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:  # ranked in another tensor's places, or
+            # torch's IndexError naming neither
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"prune_(importance_scores=...): the scores of {type(target[0]).__name__}.{target[1]} "
+                             f"have {got}; give a tensor of its shape {shape}.")
         by_target[target] = value
     return {(module, name): by_target.get((module, name), getattr(module, name)).contiguous()
             for module, name in targets}
