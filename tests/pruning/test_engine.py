@@ -682,13 +682,19 @@ def test_global_importance_scores_rank_the_entries():
      r"the scores of Linear.weight have shape \(8, 16\); give a tensor of its shape \(16, 8\)"),
     ("global", lambda a: {(a, "weight"): torch.rand(3, 3)}, r"have shape \(3, 3\); give a tensor of its shape"),
     # torch's assert, after the first target was masked
-    ("local", lambda a: torch.rand(16, 8), r"of shape \(16, 8\), and Linear.weight \(4, 16\) has another shape"),
+    ("local", lambda a: torch.rand(16, 8), r"of shape \(16, 8\), and Linear.weight \(4, 16\), Conv2d.weight "
+                                           r"\(4, 2, 3, 3\) have another shape"),
 ])
 def test_importance_scores_of_another_shape_are_refused_before_any_target_is_masked(scope, scores, message):
-    a, b = nn.Linear(8, 16), nn.Linear(16, 4)
-    with pytest.raises(ValueError, match=message):
-        prune_([(a, "weight"), (b, "weight")], "l1_unstructured", 0.5, scope=scope, importance_scores=scores(a))
-    assert not torch_prune.is_pruned(a) and not torch_prune.is_pruned(b)
+    from litcompress.pruning.engine import prune_to_sparsity_
+
+    for prune in (prune_, prune_to_sparsity_):  # (the latter prunes a local round target by target)
+        a, b = nn.Linear(8, 16), nn.Linear(16, 4)
+        conv = nn.Conv2d(2, 4, 3).to(memory_format=torch.channels_last)  # re-parametrised to prune it: not yet
+        with pytest.raises(ValueError, match=message):
+            prune([(a, "weight"), (b, "weight"), (conv, "weight")], "l1_unstructured", 0.5, scope=scope,
+                  importance_scores=scores(a))
+        assert not any(torch_prune.is_pruned(m) for m in (a, b, conv))
 
 
 @pytest.mark.parametrize("how", [dict(), dict(scope="local"), dict(importance_scores=None),

@@ -758,6 +758,7 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
                         "scores, of the targets' shape (each target is ranked on its own); the dict "
                         "{(module, name): tensor} is for scope='global'.")
+    check_importance_scores(targets, method_kwargs, scope, "prune_")
     fast_path = (scope == "global" and method_cls is torch_prune.L1Unstructured
                  and "importance_scores" not in method_kwargs)
     if not fast_path:
@@ -804,19 +805,8 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
                                             **kwargs)
         else:
             kwargs = accepted_kwargs(method_cls, {"amount": amount, **method_kwargs}, via_apply=True)
-            scores = kwargs.get("importance_scores")
-            if scores is not None:  # checked for every target first: torch's assert came after the first was masked
-                if not isinstance(scores, Tensor):
-                    raise TypeError(f"prune_(importance_scores=...): a local round takes one tensor of scores, of "
-                                    f"the targets' shape; got {type(scores).__name__}.")
-                wrong = [f"{type(m).__name__}.{n} {tuple(trainable_tensor(m, n).shape)}" for m, n in targets
-                         if trainable_tensor(m, n).shape != scores.shape]
-                if wrong:
-                    raise ValueError(f"prune_(importance_scores=...): a local round ranks every target by its one "
-                                     f"tensor of scores, of shape {tuple(scores.shape)}, and {', '.join(wrong[:3])} "
-                                     f"{'has' if len(wrong) == 1 else 'have'} another shape; prune targets of another "
-                                     "shape in a round of their own.")
-                kwargs["importance_scores"] = scores.contiguous()  # flattened with .view(-1) too
+            if isinstance(kwargs.get("importance_scores"), Tensor):  # flattened with .view(-1) too
+                kwargs["importance_scores"] = kwargs["importance_scores"].contiguous()
             for module, name in targets:
                 earlier = getattr(module, name + "_mask", None)
                 dtype = earlier.dtype if isinstance(earlier, Tensor) else trainable_tensor(module, name).dtype
@@ -881,6 +871,29 @@ def _flattenable_masks_(targets: Sequence[Target]) -> None:
         mask = getattr(module, name + "_mask")
         if not mask.is_contiguous():  # the Identity hook holds no mask: the buffer is the only one
             module._buffers[name + "_mask"] = mask.contiguous()
+
+
+def check_importance_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any], scope: Scope,
+                            owner: str) -> None:
+    """Refuse, before any target changes, ``importance_scores`` that do not fit the targets: a local round's one
+    tensor of another target's shape (torch's assert came after the first target was masked), a global round's of
+    another shape than its tensor (ranked in another tensor's places, or torch's IndexError)."""
+    scores = method_kwargs.get("importance_scores")
+    if scores is None:
+        return
+    if scope == "global":
+        _flattenable_scores(targets, method_kwargs)  # (its keys and shapes)
+        return
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{owner}(importance_scores=...): a local round takes one tensor of scores, of the targets' "
+                        f"shape; got {type(scores).__name__}.")
+    wrong = [f"{type(m).__name__}.{n} {tuple(trainable_tensor(m, n).shape)}" for m, n in targets
+             if trainable_tensor(m, n).shape != scores.shape]
+    if wrong:
+        raise ValueError(f"{owner}(importance_scores=...): a local round ranks every target by its one tensor of "
+                         f"scores, of shape {tuple(scores.shape)}, and {', '.join(wrong[:3])} "
+                         f"{'has' if len(wrong) == 1 else 'have'} another shape; prune targets of another shape in a "
+                         "round of their own.")
 
 
 def _flattenable_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any]) -> dict[Target, Tensor]:
@@ -1147,6 +1160,8 @@ def prune_to_sparsity_(
         check_countable_slices(method_cls, method_kwargs, "prune_to_sparsity_")
         if structured:
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
+    if not isinstance(method_kwargs.get("importance_scores"), Mapping) or scope == "global":
+        check_importance_scores(targets, method_kwargs, scope, "prune_to_sparsity_")  # (each round is one target's)
     check_keep_multiple_of(keep_multiple_of, method_cls)
     if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):
         _warn_of_unmasked_zeros(targets, method_cls)
