@@ -39,7 +39,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 with_metric_mode)
-from litcompress.quantization.tuner import batch_inputs, example_as_inputs, model_input_fn
+from litcompress.quantization.tuner import batch_inputs, dataset_of_samples_error, example_as_inputs, model_input_fn
 
 from .compress import OUTPUT_FILES, CompressionResult, compress, folders_message, report_files
 from .config import CompressionConfig
@@ -284,8 +284,7 @@ def _refuse_a_dataset(loader: Any, argument: str, where: str) -> None:
     """A ``Dataset`` given for a dataloader: its items are single samples, without the batch dim (the first
     evaluation failed inside the module's step, an IndexError, after the whole fit for CompressOnFitEnd)."""
     if isinstance(loader, Dataset) and not isinstance(loader, (DataLoader, IterableDataset)):  # (one may give batches)
-        raise TypeError(f"{where}({argument}={type(loader).__name__}): a Dataset gives single samples, without a "
-                        "batch dim; give batches: DataLoader(dataset, batch_size=32).")
+        raise dataset_of_samples_error(where, argument, loader)
 
 
 def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: Any, test_metric: str | None,

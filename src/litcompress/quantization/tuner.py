@@ -124,6 +124,12 @@ class QuantizationResult:
                               dynamic_dims=self.dynamic_dims)
 
 
+def dataset_of_samples_error(where: str, argument: str, dataset: object) -> TypeError:
+    """The error for a ``Dataset`` given where batches are read: its items are single samples."""
+    return TypeError(f"{where}({argument}={type(dataset).__name__}): a Dataset gives single samples, without a batch "
+                     "dim; give batches: DataLoader(dataset, batch_size=32).")
+
+
 def check_calibration_data(calibration_data: object, where: str) -> None:
     """Refuse a ``Dataset`` given as calibration data: its items are single samples, without the batch dim every
     backend traces and calibrates with (each candidate failed with its own shape error, and the fp32 model came
@@ -131,8 +137,7 @@ def check_calibration_data(calibration_data: object, where: str) -> None:
     from torch.utils.data import DataLoader, Dataset
 
     if isinstance(calibration_data, Dataset) and not isinstance(calibration_data, DataLoader):
-        raise TypeError(f"{where}(calibration_data={type(calibration_data).__name__}): a Dataset gives single samples, "
-                        "without a batch dim; give batches: DataLoader(dataset, batch_size=32).")
+        raise dataset_of_samples_error(where, "calibration_data", calibration_data)
     if isinstance(calibration_data, torch.Tensor):  # iterated, it gives its rows: single samples, as a Dataset
         raise TypeError(f"{where}(calibration_data=<a tensor of shape {tuple(calibration_data.shape)}>): iterating a "
                         "tensor gives its rows, single samples without the batch dim; give batches: "
