@@ -1806,3 +1806,42 @@ def test_a_lightning_checkpoint_resumes_into_a_model_with_a_tensor_pruned_outsid
     assert torch.equal(resumed.layer.mlp_3.weight == 0, state["layer.mlp_3.weight"] == 0)
     ours = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert "layer.mlp_3.weight_mask" in ours and "layer.mlp_1.weight" in ours  # its own target: permanent
+
+class _RowsOnce(torch_prune.BasePruningMethod):
+    """Structured, along rows, with no `dim` to say so: torch can run it once per tensor."""
+
+    PRUNING_TYPE = "structured"
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone()
+        mask[t.abs().flatten(1).sum(1).argsort()[:round(self.amount * t.shape[0])]] = 0
+        return mask
+
+
+def test_a_structured_method_without_dim_is_refused_as_a_fit_starts_that_would_prune_a_tensor_twice(tmp_path):
+    """Its second round failed in torch's words (later in ours) at the second epoch end, after an epoch of training;
+    one round (one epoch, or an amount that is 0 after it) is the use that works, and still does."""
+    def pruning(**kwargs: Any) -> ModelPruning:
+        return ModelPruning(_RowsOnce, use_global_unstructured=False, parameter_names=["weight"], **kwargs)
+
+    model = BoringModel()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(MisconfigurationException, match=r"`_RowsOnce` is structured but has no `dim`, so it can prune "
+                                                        r"a tensor only once .* each of its 3 epoch end\(s\): give"):
+        make_trainer(tmp_path, max_epochs=3, callbacks=pruning(amount=0.5)).fit(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())  # refused untrained
+    with pytest.raises(MisconfigurationException, match="each of its unbounded epoch end"):
+        make_trainer(tmp_path, max_epochs=-1, callbacks=pruning(amount=0.5)).fit(BoringModel())
+
+    for amount, epochs in ((0.5, 1), (lambda epoch: 0.5 if epoch == 0 else 0, 3)):
+        model = BoringModel()
+        make_trainer(tmp_path, max_epochs=epochs, callbacks=pruning(amount=amount)).fit(model)
+        assert int((model.layer.weight == 0).all(1).sum()) == 1  # one of its 2 rows
+
+    model, kept_masked = BoringModel(), pruning(amount=0.5, make_pruning_permanent=False)
+    make_trainer(tmp_path, max_epochs=1, callbacks=kept_masked).fit(model)
+    with pytest.raises(MisconfigurationException, match=r"epoch end\(s\) \(already pruned: layer.weight\)"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=kept_masked).fit(model)  # a second fit: its one round fails

@@ -644,11 +644,36 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 and self.amount > 0 and self._apply_pruning is not False and self._parameters_to_prune and not any(
                     is_lazy(engine.trainable_tensor(m, n)) for m, n in self._parameters_to_prune)):
             self._check_amount_fits(self.amount)
+        self._refuse_rounds_a_dimless_method_cannot_run(trainer)
         self._say_if_checkpoints_miss_their_scores(trainer)
         self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
         self._caught_up_at_step = None  # (an earlier fit's)
         self._skipped_targets = []
+
+    def _refuse_rounds_a_dimless_method_cannot_run(self, trainer: "pl.Trainer") -> None:
+        """A structured method without a `dim` prunes a tensor once: torch's second round on it fails. A fresh fit
+        certain to run two rounds at epoch ends (or one on a tensor already pruned) is refused as it starts; the
+        refusal came at the second round, an epoch of training in."""
+        if (getattr(self._method, "PRUNING_TYPE", None) != "structured" or self._schedule is not None
+                or structured_dim(self._method, self._method_kwargs) is not None or callable(self.amount)
+                or not self.amount or self._apply_pruning is not True or not self._prune_on_train_epoch_end
+                or trainer.ckpt_path is not None or trainer.max_steps != -1 or trainer.limit_train_batches == 0):
+            return  # (rounds at validation ends, or a fit bounded by steps: how many run is not known here)
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else 1000  # (Lightning's default)
+        rounds = math.inf if max_epochs == -1 else max_epochs - trainer.current_epoch
+        pruned = [q for q, (m, n) in zip(engine.qualified_names(trainer.lightning_module, self._parameters_to_prune),
+                                         self._parameters_to_prune) if engine.is_pruned(m, n)]
+        if rounds >= 2 or (rounds >= 1 and pruned):
+            held = f" (already pruned: {', '.join(pruned[:4])}{' ...' if len(pruned) > 4 else ''})" if pruned else ""
+            raise MisconfigurationException(
+                f"`{self._method.__name__}` is structured but has no `dim`, so it can prune a tensor only once (torch's"
+                f" second round on a tensor fails), and this fit prunes at each of its"
+                f" {'unbounded' if rounds == math.inf else rounds} epoch end(s){held}: give its __init__ a `dim`"
+                " parameter stored as `self.dim` (the dimension whose slices it prunes), or prune once: `max_epochs=1`"
+                " or an `amount` callable that is 0 after the epoch to prune, e.g. `amount=lambda epoch: 0.5 if epoch"
+                " == 0 else 0`."
+            )
 
     def _keep_the_zeros_of_a_checkpoint_without_state(self, trainer: "pl.Trainer") -> None:
         """A fit resumed from a checkpoint holding no state of this callback (one of Lightning's ModelPruning, whose
