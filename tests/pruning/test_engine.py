@@ -674,6 +674,10 @@ def test_global_importance_scores_rank_the_entries():
         assert torch.equal(layer.weight_mask, ref.weight_mask)
     with pytest.raises(TypeError, match=re.escape("expected a dict {(module, name): tensor}")):
         prune_(default_targets(model), "l1_unstructured", 0.5, importance_scores=torch.ones(3))
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"the scores of Linear.weight are a list; give a tensor of its shape \(3, 4\)"):
+        prune_(default_targets(fresh), "l1_unstructured", 0.5, importance_scores={(fresh[0], "weight"): [[1.0] * 4] * 3})
+    assert not any(torch_prune.is_pruned(layer) for layer in fresh)  # a TypeError, as a local round's is
 
 
 @pytest.mark.parametrize("scope, scores, message", [

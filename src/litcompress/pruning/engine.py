@@ -918,11 +918,12 @@ def _flattenable_scores(targets: Sequence[Target], method_kwargs: Mapping[str, A
             raise ValueError(f"prune_(importance_scores=...): the key {described} names no target of this round; "
                              "key each tensor of scores by a (module, name) pair among the targets.")
         shape = tuple(trainable_tensor(*target).shape)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape:  # ranked in another tensor's places, or
-            # torch's IndexError naming neither
-            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        if not isinstance(value, Tensor):  # (a TypeError, as a local round's)
+            raise TypeError(f"prune_(importance_scores=...): the scores of {type(target[0]).__name__}.{target[1]} "
+                            f"are a {type(value).__name__}; give a tensor of its shape {shape}.")
+        if tuple(value.shape) != shape:  # ranked in another tensor's places, or torch's IndexError naming neither
             raise ValueError(f"prune_(importance_scores=...): the scores of {type(target[0]).__name__}.{target[1]} "
-                             f"have {got}; give a tensor of its shape {shape}.")
+                             f"have shape {tuple(value.shape)}; give a tensor of its shape {shape}.")
         by_target[target] = value
     return {(module, name): by_target.get((module, name), getattr(module, name)).contiguous()
             for module, name in targets}
