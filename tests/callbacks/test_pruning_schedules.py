@@ -9,9 +9,11 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -137,6 +139,42 @@ def test_structured_schedule_can_keep_a_multiple_of_rows(tmp_path):
                       amount=PolynomialDecay(final_sparsity=0.6, begin=1, end=8), use_lottery_ticket_hypothesis=False)
         with pytest.raises(MisconfigurationException, match="keep_multiple_of=.* rounds the rows/channels"):
             ModelPruning(**{**kwargs, **bad})
+
+
+class _GroupedConvModel(LightningModule):
+    """A 1x1 conv read by a conv of 4 groups: both lose rows evenly over the 4 groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 3, padding=1, groups=4)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))),
+                          batch_size=4)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_keep_multiple_of_rounds_what_a_grouped_layer_keeps_not_each_group(tmp_path):
+    """64 channels in 4 groups at 50% keep 32, a multiple of 16, as 8 per group: each group's 8 was rounded up to 16,
+    and the layers were never pruned."""
+    model = _GroupedConvModel()
+    callback = ModelPruning("ln_structured", parameters_to_prune=[(model.c1, "weight"), (model.c2, "weight")],
+                            pruning_dim=0, pruning_norm=2, use_global_unstructured=False, keep_multiple_of=16,
+                            amount=PolynomialDecay(final_sparsity=0.5, begin=0, end=2, frequency=1, unit="step"),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=2, callbacks=callback).fit(model)
+    for layer in (model.c1, model.c2):
+        kept = layer.weight.flatten(1).ne(0).any(1).view(4, 16).sum(1)  # per group
+        assert kept.tolist() == [8, 8, 8, 8]
 
 
 def test_epoch_schedule_runs_iterative_rounds(tmp_path):

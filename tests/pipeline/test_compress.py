@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -450,14 +451,21 @@ def test_a_keep_multiple_of_that_leaves_every_channel_is_refused_and_one_that_le
                             "sparsity 80%") and
                m.endswith(": 2.weight (64).") for m in result.report.messages)
     assert result.model[0].out_features == 64 and result.model[2].out_features == 64  # 256 -> 64: a multiple
-    # a grouped conv loses as many channels in each group: 4 of each group's 4 channels kept at 50%, a multiple of 4
-    grouped = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
-                            nn.Conv2d(16, 2, 1))
+    # a grouped conv loses as many channels in each group: at 50%, 2 of each group's 4 kept make 8, a multiple of 4
+    # (each group's count was rounded up to 4 instead: every channel kept, and the config refused); a multiple of 16
+    # needs all 4 of each group
+    def grouped() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(),
+                             nn.Conv2d(16, 2, 1))
+
     x = torch.randn(8, 3, 5, 5)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), keep_multiple_of=4,
+                               export=False, latency_repeats=1)
+    shrunk = compress(grouped(), config, eval_fn=lambda m: 1.0, example_inputs=x).model
+    assert [shrunk[0].out_channels, shrunk[2].in_channels, shrunk[2].out_channels, shrunk[2].groups] == [8, 8, 8, 4]
     with pytest.raises(ValueError, match=r"\(channels per layer: 0.weight \(16 in 4 groups\), 2.weight \(16 in 4 "
                                          r"groups\)\)"):
-        compress(grouped, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured"), keep_multiple_of=4,
-                                            export=False, latency_repeats=1), eval_fn=lambda m: 1.0, example_inputs=x)
+        compress(grouped(), dataclasses.replace(config, keep_multiple_of=16), eval_fn=lambda m: 1.0, example_inputs=x)
 
 
 def test_keep_multiple_of_rounds_what_shrink_removes_after_unstructured_pruning(trained, digits):

@@ -473,13 +473,15 @@ def test_a_masked_state_dict_loads_into_a_fresh_attention_model_that_computes_an
 @settings(max_examples=40, deadline=None)
 @given(groups=st.sampled_from([2, 3, 4, 6]), per_group=st.integers(1, 6),
        targets=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4), random=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, per_group, targets, random, seed):
+       seed=st.integers(0, 1000), multiple=st.sampled_from([None, 2, 4, 8, 16]))
+def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, per_group, targets, random, seed,
+                                                                       multiple):
     """A grouped conv (or a layer grouped convs read) can only lose channels evenly over its groups: each block of
     rows loses round(target * rows per block), the rows pruned before stay pruned, the smallest norms go first; every
-    block keeps one (a layer with every row pruned outputs a constant)."""
+    block keeps one (a layer with every row pruned outputs a constant). With keep_multiple_of, the layer keeps the
+    fewest rows, as many per block, that are a multiple of it (each block's count was rounded up to the multiple:
+    64 rows in 4 groups kept all 64 at 50%, where 32 is a multiple of 16)."""
     from litcompress.pruning.engine import mask_of, prune_to_sparsity_
-    from litcompress.pruning.schedules import structured_pruned_count
 
     torch.manual_seed(seed)
     conv = nn.Conv2d(4, groups * per_group, 3, groups=groups if 4 % groups == 0 else 1)
@@ -487,11 +489,14 @@ def test_structured_pruning_with_slice_groups_prunes_every_group_alike(groups, p
     method = "random_structured" if random else "ln_structured"
     pruned_before = torch.zeros(groups * per_group, dtype=torch.bool)
     for sparsity in sorted(targets):
-        prune_to_sparsity_([target], method, sparsity, scope="local", dim=0, n=2, slice_groups={target: groups})
+        prune_to_sparsity_([target], method, sparsity, scope="local", dim=0, n=2, slice_groups={target: groups},
+                           keep_multiple_of=multiple)
         mask = mask_of(conv, "weight")
         rows_pruned = (mask.flatten(1) == 0).all(dim=1) if mask is not None else torch.zeros_like(pruned_before)
         per_block = rows_pruned.view(groups, per_group).sum(dim=1)
-        assert per_block.tolist() == [structured_pruned_count(per_group, sparsity)] * groups
+        needed = max(1, per_group - round(sparsity * per_group))  # rows each block keeps, at least one
+        fits = [kept for kept in range(needed, per_group + 1) if multiple is None or groups * kept % multiple == 0]
+        assert per_block.tolist() == [per_group - (fits[0] if fits else per_group)] * groups
         assert per_block.max() < per_group
         assert (rows_pruned | ~pruned_before).all()  # rows pruned before stay pruned
         pruned_before = rows_pruned

@@ -42,7 +42,7 @@ from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scr
                                                   tied_folded_tensors, unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
 from litcompress.pruning.narrow import keyed_as_compiled_parts
-from litcompress.pruning.schedules import structured_pruned_count
+from litcompress.pruning.schedules import block_multiple, structured_pruned_count
 from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, ChannelPlan, ShrinkReport, ShrinkResult,
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
                                         shrink)
@@ -684,7 +684,7 @@ def _check_multiple_leaves_channels_to_prune(model: nn.Module, prune: PruneConfi
     widths += [(name, model.get_submodule(name).hidden_size, 1) for name in units]
     sparsity = float(prune.sparsity)
     untouched = {name: (width, blocks) for name, width, blocks in widths
-                 if structured_pruned_count(width // blocks, sparsity, multiple) == 0}
+                 if structured_pruned_count(width // blocks, sparsity, block_multiple(multiple, blocks)) == 0}
     if not untouched:
         return
     listed = ", ".join(f"{name} ({width}{f' in {blocks} groups' if blocks > 1 else ''})"

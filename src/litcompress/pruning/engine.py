@@ -43,7 +43,7 @@ from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check
                                          resolve_method, structured_dim)
 from litcompress.pruning.parametrizations import (check_prunable, is_computed, parametrized_tensors,
                                                   scripted_targets_message)
-from litcompress.pruning.schedules import count_to_prune, structured_pruned_count
+from litcompress.pruning.schedules import block_multiple, count_to_prune, structured_pruned_count
 from litcompress.pruning.threshold import (CONVERTED_FOR_MAGNITUDES, exact_magnitudes, holds_nan,
                                           smallest_k_masks)
 
@@ -1054,7 +1054,7 @@ def _slices_to_drop(module: nn.Module, name: str, method: type[torch_prune.BaseP
     others = [d for d in range(tensor.dim()) if d != dim % tensor.dim()]
     scores = torch.rand(total, device=tensor.device) if random else torch.norm(
         (tensor if mask is None else tensor * mask).float(), p=n, dim=others)
-    target = structured_pruned_count(size, sparsity, keep_multiple_of)
+    target = structured_pruned_count(size, sparsity, block_multiple(keep_multiple_of, groups))  # (the layer's multiple)
     drop = torch.zeros(total, dtype=torch.bool, device=tensor.device)
     for block in range(groups):
         rows = torch.arange(block * size, (block + 1) * size, device=tensor.device)

@@ -24,7 +24,8 @@ from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, c
 from litcompress.pruning.methods import (check_countable_slices, check_method_kwargs, check_slices_exist,
                                          check_takes_amount, norm_refusal, resolve_method, structured_dim)
 from litcompress.pruning.parametrizations import check_prunable
-from litcompress.pruning.schedules import SparsitySchedule, check_progress, structured_pruned_count
+from litcompress.pruning.schedules import (SparsitySchedule, block_multiple, check_progress,
+                                           structured_pruned_count)
 
 _SEED_SALT = 0x6A09_E667_F3BC_C908
 
@@ -248,8 +249,9 @@ class GradualPruner:
         never = []
         for module, name in distinct_targets(self.targets):
             total = getattr(module, name).shape[dim]
-            size = total // groups.get((module, name), 1)  # slices are pruned evenly over blocks of this many
-            if total and final > 0 and structured_pruned_count(size, final, self.keep_multiple_of) == 0:
+            blocks = groups.get((module, name), 1)  # slices are pruned evenly over blocks of total // blocks
+            if total and final > 0 and structured_pruned_count(
+                    total // blocks, final, block_multiple(self.keep_multiple_of, blocks)) == 0:
                 label = self._names.get((id(module), name), f"{type(module).__name__}.{name}")
                 never.append(f"{label} ({total} slice{'s' if total > 1 else ''})")
         if never:

@@ -362,6 +362,13 @@ def kept_multiple(n_total: int, kept: int, multiple: int | None) -> int:
     return min(n_total, -(-kept // multiple) * multiple)
 
 
+def block_multiple(keep_multiple_of: int | None, blocks: int) -> int | None:
+    """The multiple each of `blocks` equal blocks of slices (a grouped conv's groups), pruned alike, keeps so that
+    the layer keeps a multiple of `keep_multiple_of`: 64 channels in 4 groups keep 32, a multiple of 16, with 8 per
+    group (rounding each group to 16 kept all 64)."""
+    return None if keep_multiple_of is None else keep_multiple_of // math.gcd(keep_multiple_of, blocks)
+
+
 def rounded_pruned_count(n_total: int, target: float, keep_multiple_of: int | None = None) -> int:
     """``round(target * n_total)``, or with `keep_multiple_of` the most pruned slices up to that many that leave a
     multiple of it (or all `n_total`, :func:`kept_multiple`). Never more than the unrounded count, and
