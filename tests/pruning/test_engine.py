@@ -1414,3 +1414,22 @@ def test_ln_structured_takes_integer_importance_scores(dtype):
     assert layer.weight_mask.sum(1).tolist() == [0, 4, 0, 4, 4, 0]
     prune_([(layer, "weight")], "ln_structured", 1, scope="local", n=1, dim=0, importance_scores=scores)
     assert layer.weight_mask.sum(1).tolist() == [0, 4, 0, 0, 4, 0] and layer.weight_mask.dtype == torch.float32
+
+
+def test_a_grouped_structured_round_ranks_the_slices_by_the_importance_scores_given():
+    """With slice_groups, the scores were dropped without a word and the weights' norms ranked instead."""
+    from litcompress.pruning.engine import prune_to_sparsity_
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, groups=4)
+    order = torch.tensor([3, 1, 2, 0, 7, 5, 6, 4, 11, 9, 10, 8, 15, 13, 14, 12], dtype=torch.float)
+    scores = torch.ones_like(conv.weight) * order.view(16, 1, 1, 1)
+    weight = conv.weight.detach().clone()
+    prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.25, scope="local", n=1, dim=0, importance_scores=scores,
+                       slice_groups={(conv, "weight"): 4})
+    assert (conv.weight_mask.flatten(1) == 0).all(1).nonzero().flatten().tolist() == [3, 7, 11, 15]  # each block's least
+    assert torch.equal(conv.weight_orig, weight)
+    with pytest.raises(ValueError, match=r"Conv2d.weight's importance_scores holds NaN"):
+        prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=1, dim=0,
+                           importance_scores=scores.index_fill(0, torch.tensor([0]), float("nan")),
+                           slice_groups={(conv, "weight"): 4})

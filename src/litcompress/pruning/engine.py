@@ -1037,13 +1037,14 @@ def _pruned_slices(module: nn.Module, name: str, dim: int) -> tuple[int, int]:
 
 def _slices_to_drop(module: nn.Module, name: str, method: type[torch_prune.BasePruningMethod], sparsity: float,
                     groups: int, keep_multiple_of: int | None, *, dim: int = -1, n: float | str = 2,
-                    **_: Any) -> Tensor | None:
+                    importance_scores: Tensor | None = None, **_: Any) -> Tensor | None:
     """The slices of ``module.<name>`` along `dim` that structured pruning to `sparsity` in each of `groups` equal
     blocks of slices prunes, so that every block loses as many (a grouped conv's groups, or the input groups of
     grouped convs reading the channels: only an even loss can be removed): the kept ones of smallest L`n` norm per
-    block, or random ones for a random method; slices pruned before stay pruned. None when there is none; nothing
-    is changed (a NaN among the slices ranked is refused here)."""
-    tensor = trainable_tensor(module, name).detach()
+    block (of `importance_scores` where given, as torch's ranks them), or random ones for a random method; slices
+    pruned before stay pruned. None when there is none; nothing is changed (a NaN among the slices ranked is refused
+    here)."""
+    tensor = (trainable_tensor(module, name) if importance_scores is None else importance_scores).detach()
     total = tensor.shape[dim]
     size = total // groups
     mask = mask_of(module, name)
@@ -1061,8 +1062,9 @@ def _slices_to_drop(module: nn.Module, name: str, method: type[torch_prune.BaseP
         candidates = rows[kept[rows]]
         count = max(0, target - (size - int(candidates.numel())))
         if count and not random and bool(torch.isnan(scores[candidates]).any()):  # (argsort ranks NaN largest)
-            raise ValueError(f"prune_: {type(module).__name__}.{name} holds NaN (training diverged?), which "
-                             "magnitude pruning cannot rank; nothing was pruned.")
+            held = f"{type(module).__name__}.{name}" + ("'s importance_scores" if importance_scores is not None else "")
+            raise ValueError(f"prune_: {held} holds NaN (training diverged?), which magnitude pruning cannot rank; "
+                             "nothing was pruned.")
         if count:
             drop[candidates[scores[candidates].argsort(stable=True)[:count]]] = True
     return drop if bool(drop.any()) else None
