@@ -7,6 +7,7 @@ import re
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,12 +125,13 @@ def test_structured_schedule_prunes_whole_rows_to_target(tmp_path):
         assert zero_rows == 16
 
 
-def test_structured_schedule_can_keep_a_multiple_of_rows(tmp_path):
+@pytest.mark.parametrize("multiple", [8, np.int64(8)], ids=["int", "numpy int"])  # (numpy's was refused)
+def test_structured_schedule_can_keep_a_multiple_of_rows(tmp_path, multiple):
     model = ThreeLayerModel()
     targets = [(model.layer.mlp_1, "weight"), (model.layer.mlp_2, "weight")]
     callback = ModelPruning("ln_structured", pruning_dim=0, pruning_norm=2, use_global_unstructured=False,
                             parameters_to_prune=targets, amount=PolynomialDecay(final_sparsity=0.6, begin=1, end=8),
-                            use_lottery_ticket_hypothesis=False, keep_multiple_of=8)
+                            use_lottery_ticket_hypothesis=False, keep_multiple_of=multiple)
     make_trainer(tmp_path, max_epochs=3, callbacks=callback).fit(model)
     for module, _ in targets:  # 60% of 32 rows is 19.2: 13 would stay, rounded up to 16
         assert int((module.weight.abs().sum(dim=1) != 0).sum()) == 16

@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -393,13 +394,14 @@ def test_bad_arguments():
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 70), final=st.floats(0.05, 0.95), multiple=st.sampled_from([4, 8, 16]))
-def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, multiple):
+@given(rows=st.integers(1, 70), final=st.floats(0.05, 0.95), multiple=st.sampled_from([4, 8, 16]),
+       numpy_int=st.booleans())
+def test_structured_rounds_keep_channel_counts_that_are_multiples(rows, final, multiple, numpy_int):
     torch.manual_seed(0)
     layer = nn.Linear(6, rows)
     schedule = PolynomialDecay(final_sparsity=final, begin=0, end=40, frequency=10)
-    pruner = GradualPruner([(layer, "weight")], schedule, "ln_structured", scope="local", keep_multiple_of=multiple,
-                           dim=0, n=2)
+    pruner = GradualPruner([(layer, "weight")], schedule, "ln_structured", scope="local", dim=0, n=2,
+                           keep_multiple_of=np.int64(multiple) if numpy_int else multiple)  # (numpy's was refused)
     kept_along = []
     for t in range(0, 41):
         pruner.step(t)

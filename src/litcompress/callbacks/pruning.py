@@ -287,6 +287,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 " callable `epoch -> bool` for the epochs that should rewind."
             )
         self.amount = amount
+        keep_multiple_of = as_python_number(keep_multiple_of)  # (numpy's int64(8) was refused)
         if keep_multiple_of is not None and not (
                 isinstance(keep_multiple_of, int) and not isinstance(keep_multiple_of, bool) and keep_multiple_of >= 1
                 and self._method.PRUNING_TYPE == "structured" and self._schedule is not None):  # type: ignore

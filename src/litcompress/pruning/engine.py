@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from litcompress._numbers import as_python_number
 from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check_countable_slices, check_method_kwargs,
                                          check_near_misses, check_slices_exist, check_takes_amount, norm_refusal,
                                          resolve_method, structured_dim)
@@ -1078,15 +1079,18 @@ def _drop_slices_(module: nn.Module, name: str, drop: Tensor, dim: int = -1) -> 
     apply_mask_(module, name, (~drop).to(tensor.dtype).view(shape).expand_as(tensor))
 
 
-def check_keep_multiple_of(keep_multiple_of: object, method: type[torch_prune.BasePruningMethod]) -> None:
-    """ValueError unless `keep_multiple_of` is None, or an int >= 1 with a structured `method`."""
+def check_keep_multiple_of(keep_multiple_of: object, method: type[torch_prune.BasePruningMethod]) -> int | None:
+    """`keep_multiple_of` as Python's int (numpy's ``int64(8)`` too), or None; ValueError unless it is None, or an
+    int >= 1 with a structured `method`."""
     if keep_multiple_of is None:
-        return
+        return None
+    keep_multiple_of = as_python_number(keep_multiple_of)
     if getattr(method, "PRUNING_TYPE", None) != "structured":
         raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r} rounds the rows/channels structured pruning keeps: "
                          f"for structured methods only, got method {method.__name__}.")
     if isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int) or keep_multiple_of < 1:
         raise ValueError(f"`keep_multiple_of`={keep_multiple_of!r}: expected an int >= 1 (e.g. 8 or 16), or None.")
+    return keep_multiple_of
 
 
 _ROUND_SEED_SALT = 0x9E37_79B9_7F4A_7C15
@@ -1165,7 +1169,7 @@ def prune_to_sparsity_(
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
     if not isinstance(method_kwargs.get("importance_scores"), Mapping) or scope == "global":
         check_importance_scores(targets, method_kwargs, scope, "prune_to_sparsity_")  # (each round is one target's)
-    check_keep_multiple_of(keep_multiple_of, method_cls)
+    keep_multiple_of = check_keep_multiple_of(keep_multiple_of, method_cls)
     if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):
         _warn_of_unmasked_zeros(targets, method_cls)
     undo_merge = merge_tied_masks_(given)  # (before counting: holders of one tensor pruned apart count their union)

@@ -190,8 +190,7 @@ class GradualPruner:
                                         structured_dim(self.method, method_kwargs))
             method_kwargs = {**method_kwargs, "slice_groups": groups}
         self.method_kwargs = method_kwargs
-        check_keep_multiple_of(keep_multiple_of, self.method)  # when built, not at the first round
-        self.keep_multiple_of = keep_multiple_of
+        self.keep_multiple_of = check_keep_multiple_of(keep_multiple_of, self.method)  # built, not at the first round
         self._warn_of_targets_never_pruned()
         # a fresh model then loads a pruned state dict (`<name>_orig`/`<name>_mask` keys) as it is: a resumed loop's
         # own `model.load_state_dict(...)` (or `fabric.load`) works unchanged

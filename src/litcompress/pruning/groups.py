@@ -493,7 +493,7 @@ def prune_groups_(model: nn.Module, groups: list[ChannelGroup], sparsity: float,
     pruned, over all groups."""
     # 1.5 returned more channels than the groups hold, 1.0 zeroed whole residual streams
     sparsity = check_fraction(sparsity, "prune_groups_", "sparsity", "each group's channels")
-    check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
+    keep_multiple_of = check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
     modules = dict(model.named_modules())
     newly = 0
     for group in groups:

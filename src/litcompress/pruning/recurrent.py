@@ -129,7 +129,7 @@ def prune_units_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         not_recurrent = [name for name in names if not isinstance(modules[name], RECURRENT_LAYERS)]
         if not_recurrent:
             raise ValueError(f"prune_units_(names={names!r}): {not_recurrent} are no nn.LSTM/GRU/RNN.")
-    check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
+    keep_multiple_of = check_keep_multiple_of(keep_multiple_of, torch_prune.LnStructured)
     if n == "fro":  # a unit's rows flattened: their Frobenius norm is the L2 norm
         n = 2
     if not is_ln_norm(n) or isinstance(n, str):  # 'nuc' ranks matrices; a unit is one vector of rows
