@@ -545,6 +545,26 @@ def test_residual_stream_and_blocks_written_with_hand_made_swish_and_mean_poolin
     assert result.shrink.parameters_after < 0.35 * result.shrink.parameters_before
 
 
+@pytest.mark.parametrize("readout", [lambda h: h.mean((2, 3)), lambda h: torch.flatten(h.mean((2, 3)), 1),
+                                     lambda h: h.mean((2, 3)).flatten(1)], ids=["mean", "flatten", "method"])
+def test_a_residual_stream_pooled_then_flattened_is_grouped_as_one_pooled(readout):
+    """A flatten of the pooled (batch, channels), which changes nothing, blocked the group: the stream stayed full
+    width, said to meet another tensor at its addition."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.conv, self.bn_conv = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn(self.stem(x)))
+            return self.fc(readout(torch.relu(x + self.bn_conv(self.conv(x)))))
+
+    (group,) = residual_groups(Net())
+    assert sorted(group.producers) == ["conv", "stem"] and sorted(group.consumers) == ["conv", "fc"]
+
+
 class TokenResidualMLP(nn.Module):
     """A residual stream of Linear features on every token, pooled over the tokens before the head."""
 

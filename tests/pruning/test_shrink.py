@@ -1615,7 +1615,8 @@ def test_removable_channels_names_the_layers_structured_pruning_can_shrink() -> 
 # ------------------------------------------------------------------------------------------------ global pooling
 class PooledByReduction(nn.Module):
     """Convs whose activations are reduced over their spatial dims before the Linear head, written as code does it:
-    ``x.mean(-1)`` on a 1-d signal, ``x.mean((2, 3))``, ``torch.amax(x, dim=[2, 3])``, ``keepdim`` then a flatten."""
+    ``x.mean(-1)`` on a 1-d signal, ``x.mean((2, 3))``, ``torch.amax(x, dim=[2, 3])``, ``keepdim`` then a flatten,
+    a flatten of the pooled (batch, channels) that changes nothing (it kept every channel)."""
 
     def __init__(self, spatial: int, pool: str) -> None:
         super().__init__()
@@ -1634,13 +1635,15 @@ class PooledByReduction(nn.Module):
             x = x.mean(dims[0] if self.spatial == 1 else dims)
         elif self.pool == "amax":
             x = torch.amax(x, dim=list(dims))
+        elif self.pool == "flattened":
+            x = torch.flatten(x.mean(dims), 1)
         else:  # keepdim, then a flatten
             x = torch.flatten(x.mean(dims, keepdim=True), 1)
         return self.head(x)
 
 
 @settings(max_examples=40, deadline=None)
-@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim"]),
+@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim", "flattened"]),
        dead1=st.lists(st.integers(0, 7), unique=True, max_size=8),
        dead2=st.lists(st.integers(0, 5), unique=True, max_size=6), seed=st.integers(0, 2**16))
 def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_channels(spatial, pool, dead1, dead2,

@@ -398,7 +398,8 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             rule_of[node] = rule_of[source]
             if source in flattened:
                 flattened.add(node)
-        elif len(inputs) == 1 and convs and _flatten_start(node, modules) == 1:
+        elif len(inputs) == 1 and (convs or source in flattened) and _flatten_start(node, modules) == 1:
+            # a conv's channels become features; (batch, features) already, as after x.mean((2, 3)), stay as they are
             space_of[node] = root
             rule_of[node] = rule_of[source]
             flattened.add(node)
