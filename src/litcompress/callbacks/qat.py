@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from litcompress._numbers import as_python_number
@@ -505,8 +506,12 @@ class QuantizationAwareTraining(Callback):
         # the loaders even when no validation ran in this fit (Lightning fills val_dataloaders only then)
         loaders = None if datamodule is not None else fit_val_dataloaders(trainer)
         evaluator = internal_trainer(limit_val_batches=trainer.limit_val_batches)  # the fit's validation limit
-        value = lightning_eval_fn(pl_module, datamodule, self.metric, trainer=evaluator, dataloaders=loaders,
-                                  submodule=self.submodule)(model)
+        with warnings.catch_warnings():
+            if trainer.world_size > 1:  # one process beside the fit's process group: Lightning advises each of the
+                # step's logs to pass sync_dist=True, which this trainer ignores (the mean over ranks is taken below)
+                warnings.filterwarnings("ignore", r"It is recommended to use `self\.log\(", PossibleUserWarning)
+            value = lightning_eval_fn(pl_module, datamodule, self.metric, trainer=evaluator, dataloaders=loaders,
+                                      submodule=self.submodule)(model)
         if trainer.world_size > 1:  # the fit's loaders give each process its shard: the mean, as sync_dist logs it
             # on the process's own device: the module is on the CPU by now, and NCCL reduces CUDA tensors only
             value = float(trainer.strategy.reduce(
