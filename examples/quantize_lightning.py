@@ -54,14 +54,15 @@ def main() -> None:
     goal = "within the tolerance" if result.goal_met else "goal NOT met (see the messages above)"
     print(f"chosen: {result.recipe.describe() if result.recipe else 'fp32 (see the messages above)'}, {goal}; "
           f"val_acc {result.metric:.4f} vs fp32 {result.baseline_metric:.4f}, "
-          f"{result.speedup:.2f}x faster, {result.size_bytes / result.baseline_size_bytes:.2f}x the size")
+          f"{result.speedup:.2f}x faster, weights {result.size_bytes / result.baseline_size_bytes:.2f}x the size")
 
     size = result.save(args.output)
     loaded, recipe = load_quantized(args.output)  # e.g. in the serving process: no re-tuning
     x, _ = next(iter(data.test_dataloader()))
     with torch.no_grad():
         same = torch.equal(loaded(x).argmax(1), result.model(x).argmax(1))
-    print(f"wrote {args.output} ({size / 1024:.1f} KiB); reloaded, same predictions: {same}")
+    # (the file holds the program and the recipe too: larger than the weights alone)
+    print(f"wrote {args.output} ({size / 1024:.1f} KiB, the whole file); reloaded, same predictions: {same}")
 
 
 if __name__ == "__main__":
