@@ -780,6 +780,26 @@ def test_a_fit_that_ran_to_its_own_limit_is_not_told_to_resume(tmp_path):
            "`end` within the fit." in message and "Resume" not in message
 
 
+@pytest.mark.parametrize("stop_at", [None, 7])
+def test_a_fit_that_ends_before_a_schedule_reached_its_final_sparsity_holds_warns_nothing(tmp_path, recwarn, stop_at):
+    """A constant schedule prunes to its sparsity at its first round and holds it until its end: a fit shorter than
+    that end (12 steps, or stopped at step 7) was told it "will stop at 50.0%" of the 50.0% asked, to train longer."""
+    from litcompress.callbacks.schedule_checks import stopped_early_message
+
+    model = ThreeLayerModel()
+    targets = weight_targets(model)
+    schedule = ConstantSparsity(0.5, begin=0, end=20, frequency=5)
+    callbacks = [ModelPruning("l1_unstructured", parameters_to_prune=targets, amount=schedule,
+                              use_lottery_ticket_hypothesis=False)] + ([StopAtStep(stop_at)] if stop_at else [])
+    make_trainer(tmp_path, callbacks=callbacks, max_epochs=3).fit(model)
+    assert _schedule_warnings(recwarn) == []
+    zeros, total = zeros_and_total(targets)
+    assert zeros == round(0.5 * total)
+    assert stopped_early_message(schedule, 0, "sparsity") is None  # reached at its first round
+    short = PolynomialDecay(final_sparsity=0.5, begin=0, end=20, frequency=5)
+    assert "the model is at 28.9% of the 50.0% sparsity asked for" in stopped_early_message(short, 7, "sparsity")
+
+
 def test_a_schedule_within_the_fit_warns_nothing(tmp_path, recwarn):
     model = ThreeLayerModel()
     callback = ModelPruning("l1_unstructured", parameters_to_prune=weight_targets(model),

@@ -138,9 +138,10 @@ def limit_reached(trainer: "pl.Trainer") -> str | None:
 
 
 def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", what: str) -> str | None:
-    """What to say when fitting starts, if the fit ends before `schedule` does; else None."""
+    """What to say when fitting starts, if the fit ends before `schedule` does, short of its final sparsity; else
+    None (a constant schedule's later rounds hold the sparsity reached: ending before them loses nothing)."""
     length = fit_length(trainer, schedule.unit)
-    if length is None or length >= schedule.end:
+    if length is None or length >= schedule.end or schedule.reached_by(length) >= schedule.final_sparsity:
         return None
     step = schedule.unit == "step"
     if step:
@@ -160,8 +161,8 @@ def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str,
                           limit: str | None = None) -> str | None:
     """What to say when fitting ended at `progress`, before `schedule` did; else None. `limit`: the trainer's own
     limit the fit ran to (:func:`limit_reached`), which a resume does not go past; None: something else stopped it
-    (EarlyStopping, a time limit), and a resume goes on."""
-    if progress >= schedule.end:
+    (EarlyStopping, a time limit), and a resume goes on. None too where the final sparsity was reached."""
+    if progress >= schedule.end or schedule.reached_by(progress) >= schedule.final_sparsity:
         return None
     advice = (f"The fit ran to its {limit}, so a resume trains no further: raise it, or give the schedule an `end` "
               "within the fit." if limit else "Resume the fit from its checkpoint to go on with it.")
