@@ -1433,3 +1433,7 @@ def test_a_grouped_structured_round_ranks_the_slices_by_the_importance_scores_gi
         prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=1, dim=0,
                            importance_scores=scores.index_fill(0, torch.tensor([0]), float("nan")),
                            slice_groups={(conv, "weight"): 4})
+    with pytest.raises(TypeError, match=r"prune_to_sparsity_\(scope='local'.*the dict .* is for scope='global'"):
+        prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=1, dim=0,  # (an AttributeError)
+                           importance_scores={(conv, "weight"): scores}, slice_groups={(conv, "weight"): 4})
+    assert int((conv.weight_mask.flatten(1) == 0).all(1).sum()) == 4  # as the first round left it

@@ -1664,6 +1664,29 @@ def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_cha
     assert result.model.conv1.out_channels == max(8 - len(dead1), 1)
 
 
+@pytest.mark.parametrize("swap", [lambda h: h.transpose(1, 2), lambda h: h.permute(0, 2, 1)], ids=["transpose", "permute"])
+def test_a_flatten_of_a_conv1d_output_moved_channels_last_keeps_the_channels_it_interleaves(swap) -> None:
+    """(batch, length, channels) flattened puts channel j at columns l * C + j: shrink is not to take it as the
+    flatten of pooled (batch, channels), which changes nothing (it removed the wrong columns, and failed its own
+    check of the outputs)."""
+    class ChannelsLast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(3, 8, 3, padding=1), nn.Linear(48, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(swap(torch.relu(self.conv(x))), 1))
+
+    torch.manual_seed(0)
+    model, x = ChannelsLast().eval(), torch.randn(5, 3, 6)
+    zero_rows_(model.conv, [1, 4, 6])
+    expected = outputs(model, x)
+    result = shrink(model, x)
+    torch.testing.assert_close(outputs(result.model, x), expected)
+    ((name, why),) = result.report.kept
+    assert name == "conv" and "flatten, which shrink does not see through" in why
+
+
 @pytest.mark.parametrize("reduce", [lambda x: x.sum((2, 3)), lambda x: x.mean((1, 2)), lambda x: x.mean(2)])
 def test_a_reduction_that_is_no_global_pool_keeps_the_channels(reduce) -> None:
     class Reduced(nn.Module):

@@ -663,18 +663,30 @@ class ModelPruning(TargetsFoundOnceConfigured):
             return  # (rounds at validation ends, or a fit bounded by steps: how many run is not known here)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else 1000  # (Lightning's default)
         rounds = math.inf if max_epochs == -1 else max_epochs - trainer.current_epoch
+        # a reset this callback owes from its last fit masks every target again as training starts
+        owes_reset = self._reset_pending or self._ticket_zeros_to_mask
         pruned = [q for q, (m, n) in zip(engine.qualified_names(trainer.lightning_module, self._parameters_to_prune),
-                                         self._parameters_to_prune) if engine.is_pruned(m, n)]
-        if rounds >= 2 or (rounds >= 1 and pruned):
-            held = f" (already pruned: {', '.join(pruned[:4])}{' ...' if len(pruned) > 4 else ''})" if pruned else ""
+                                         self._parameters_to_prune) if owes_reset or engine.is_pruned(m, n)]
+        if rounds < 1 or (rounds < 2 and not pruned):
+            return
+        cannot = (f"`{self._method.__name__}` is structured but has no `dim`, so it can prune a tensor only once"
+                  " (torch's second round on a tensor fails)")
+        fix_the_method = ("give its __init__ a `dim` parameter stored as `self.dim` (the dimension whose slices it"
+                          " prunes)")
+        if not pruned:
             raise MisconfigurationException(
-                f"`{self._method.__name__}` is structured but has no `dim`, so it can prune a tensor only once (torch's"
-                f" second round on a tensor fails), and this fit prunes at each of its"
-                f" {'unbounded' if rounds == math.inf else rounds} epoch end(s){held}: give its __init__ a `dim`"
-                " parameter stored as `self.dim` (the dimension whose slices it prunes), or prune once: `max_epochs=1`"
-                " or an `amount` callable that is 0 after the epoch to prune, e.g. `amount=lambda epoch: 0.5 if epoch"
-                " == 0 else 0`."
+                f"{cannot}, and this fit prunes at each of its {'unbounded' if rounds == math.inf else rounds} epoch"
+                f" end(s): {fix_the_method}, or prune once: `max_epochs=1` or an `amount` callable that is 0 after the"
+                " epoch to prune, e.g. `amount=lambda epoch: 0.5 if epoch == 0 else 0`."
             )
+        why = ("masked again by the lottery-ticket reset this callback owes from its last fit" if owes_reset else
+               "still masked")
+        raise MisconfigurationException(
+            f"{cannot}, and this fit's first round would be a second one: {', '.join(pruned[:4])}"
+            f"{' ...' if len(pruned) > 4 else ''} {'is' if len(pruned) == 1 else 'are'} {why}. {fix_the_method.capitalize()},"
+            " or fit again with a new ModelPruning on a model whose pruning is permanent (`make_pruning_permanent=True`,"
+            " or `litcompress.pruning.make_permanent_(model)`)."
+        )
 
     def _keep_the_zeros_of_a_checkpoint_without_state(self, trainer: "pl.Trainer") -> None:
         """A fit resumed from a checkpoint holding no state of this callback (one of Lightning's ModelPruning, whose

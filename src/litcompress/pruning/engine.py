@@ -756,9 +756,7 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
     if scope == "global" and getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
         raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
     if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
-        raise TypeError("prune_(scope='local', importance_scores=...): a local round takes one tensor of "
-                        "scores, of the targets' shape (each target is ranked on its own); the dict "
-                        "{(module, name): tensor} is for scope='global'.")
+        raise _local_dict_scores_error("prune_")
     check_importance_scores(targets, method_kwargs, scope, "prune_")
     fast_path = (scope == "global" and method_cls is torch_prune.L1Unstructured
                  and "importance_scores" not in method_kwargs)
@@ -872,6 +870,12 @@ def _flattenable_masks_(targets: Sequence[Target]) -> None:
         mask = getattr(module, name + "_mask")
         if not mask.is_contiguous():  # the Identity hook holds no mask: the buffer is the only one
             module._buffers[name + "_mask"] = mask.contiguous()
+
+
+def _local_dict_scores_error(owner: str) -> TypeError:
+    return TypeError(f"{owner}(scope='local', importance_scores=...): a local round takes one tensor of scores, of the "
+                     "targets' shape (each target is ranked on its own); the dict {(module, name): tensor} is for "
+                     "scope='global'.")
 
 
 def check_importance_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any], scope: Scope,
@@ -1167,8 +1171,9 @@ def prune_to_sparsity_(
         check_countable_slices(method_cls, method_kwargs, "prune_to_sparsity_")
         if structured:
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
-    if not isinstance(method_kwargs.get("importance_scores"), Mapping) or scope == "global":
-        check_importance_scores(targets, method_kwargs, scope, "prune_to_sparsity_")  # (each round is one target's)
+    if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
+        raise _local_dict_scores_error("prune_to_sparsity_")  # (a grouped round took it for a tensor)
+    check_importance_scores(targets, method_kwargs, scope, "prune_to_sparsity_")  # (each round is one target's)
     keep_multiple_of = check_keep_multiple_of(keep_multiple_of, method_cls)
     if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):
         _warn_of_unmasked_zeros(targets, method_cls)

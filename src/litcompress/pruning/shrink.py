@@ -1775,8 +1775,10 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         pass  # spatial pooling of a conv's channels (not of a Linear's features): a constant map stays constant
     elif is_conv and not branch.flattened and _flatten_start(user, modules) == 1:
         branch.flattened = True
-    elif branch.flattened and _flatten_start(user, modules) == 1:
-        pass  # (batch, features) already, as after a pooling reduction: flattened again, it stays as it is
+    elif branch.flattened and _rank(node) in (None, 2) and _flatten_start(user, modules) == 1:
+        # (batch, features) already, as after a pooling reduction: flattened again, it stays as it is (a Conv1d's
+        # channels moved last, (batch, length, channels), are interleaved by it: their rank is known, 3)
+        pass
     elif is_conv and not branch.flattened and (reduced := _spatial_reduction(user, producer.weight.dim())):
         branch.flattened = reduced == "all"  # (batch, channels) left: features, as after a flatten
     elif is_conv and not branch.flattened and (squeezed := _squeezed_rank(user, node)) is not None:
