@@ -267,6 +267,24 @@ def test_save_writes_json_markdown_and_a_png_plot(tmp_path):
 
 
 
+def test_a_plot_draws_stage_and_metric_names_letter_for_letter(tmp_path, recwarn):
+    """A `$` in a stage name is maths to matplotlib: an unpaired `\\frac` failed to parse, with report.json and
+    report.md written and no plot; a metric name starting with `_` was left out of the legend (a warning said so).
+    Latency figures from numpy (np.median of float32 timings) were refused as not finite."""
+    import numpy as np
+
+    timings = np.array([0.1, 0.2, 0.3], dtype=np.float32)
+    latency = Latency(timings.min(), np.median(timings), timings.max())
+    assert latency == Latency(float(timings.min()), float(np.median(timings)), float(timings.max()))
+    assert all(type(v) is float for v in (latency.min_ms, latency.median_ms, latency.max_ms))
+    stages = (replace(_stage("input", 2.0, 4000), latency=latency), _stage(r"$\frac", 1.5, 4000),
+              _stage("pruned $x$", 0.5, 1000))
+    written = CompressionReport(stages, metric_name="_private").save(tmp_path)
+    assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    assert CompressionReport.load_json(written["json"]).stages[0].latency == latency  # (float32's values, as floats)
+
+
 @pytest.mark.parametrize("file", ["report.json", "report.md", "report.png"])
 def test_a_save_interrupted_while_writing_keeps_the_report_that_was_there(tmp_path, file):
     """Each file was opened (emptied) in place: Ctrl-C while it was written left a cut-short report where the CLI

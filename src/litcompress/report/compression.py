@@ -35,10 +35,12 @@ class Latency:
     def __post_init__(self) -> None:
         # a report.json edited by hand fails when read, not in the plot's error bars after the table was printed
         values = (self.min_ms, self.median_ms, self.max_ms)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and _finite(v) for v in values) \
                 or not 0 <= self.min_ms <= self.median_ms <= self.max_ms:
             raise ValueError(f"Latency(min_ms={self.min_ms!r}, median_ms={self.median_ms!r}, max_ms={self.max_ms!r})"
                              ": expected finite numbers with 0 <= min <= median <= max.")
+        for name in ("min_ms", "median_ms", "max_ms"):  # plain floats: numpy's float32 (np.median's) was refused
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -408,7 +410,7 @@ class CompressionReport:
             from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
         except ImportError as error:
             raise ImportError("plotting the report needs matplotlib: pip install 'litcompress[report]'") from error
-        names = [s.stage for s in self.stages]
+        names = [_literal(s.stage) for s in self.stages]
         x = list(range(len(names)))
         figure = Figure(figsize=(11, 7.5), layout="constrained")
         axes = figure.subplots(2, 2)
@@ -417,7 +419,7 @@ class CompressionReport:
             width = 0.8 / len(series)
             for k, (label, values) in enumerate(series):
                 offsets = [i - 0.4 + width * (k + 0.5) for i in x]
-                drawn = ax.bar(offsets, [math.nan if v is None else v for v in values], width, label=label)
+                drawn = ax.bar(offsets, [math.nan if v is None else v for v in values], width, label=_literal(label))
                 ax.bar_label(drawn, labels=[_compact(v) for v in values], fontsize=8, padding=2)
             ax.set_xticks(x, names)
             ax.set_ylabel(ylabel)
@@ -432,7 +434,7 @@ class CompressionReport:
         if self.test_metric_name is not None:
             metrics.append((self.test_metric_name, [s.test_metric for s in self.stages]))
         for label, values in metrics:
-            ax.plot(x, [math.nan if v is None else v for v in values], marker="o", label=label)
+            ax.plot(x, [math.nan if v is None else v for v in values], marker="o", label=_literal(label))
             for i, v in zip(x, values):
                 if v is not None:
                     ax.annotate(f"{v:.4g}", (i, v), textcoords="offset points", xytext=(0, 6), ha="center",
@@ -449,7 +451,7 @@ class CompressionReport:
         low_err = [0.0 if s.latency is None else s.latency.median_ms - s.latency.min_ms for s in self.stages]
         high_err = [0.0 if s.latency is None else s.latency.max_ms - s.latency.median_ms for s in self.stages]
         drawn = ax.bar(x, medians, 0.6, yerr=[low_err, high_err], capsize=4, color="tab:orange")
-        ax.bar_label(drawn, labels=[("" if self.speedup(n) is None else f"{self.speedup(n):.2f}x") for n in names],
+        ax.bar_label(drawn, labels=[("" if (up := self.speedup(s.stage)) is None else f"{up:.2f}x") for s in self.stages],
                      fontsize=8, padding=2, label_type="center")
         ax.set_xticks(x, names)
         ax.set_ylabel("ms per call (median, min-max)")
@@ -467,6 +469,13 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _literal(text: str) -> str:
+    """`text` as matplotlib draws it letter for letter: a `$` pair is maths to it (an unpaired `\\frac` failed to
+    parse, after report.json and report.md were written), and a legend leaves out a label that starts with `_`."""
+    text = text.replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
 
 
 def plot_path(path: str | os.PathLike) -> Path:
