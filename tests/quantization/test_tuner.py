@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from conftest import accuracy_fn, make_sensitive_mlp
@@ -1656,3 +1658,17 @@ def test_a_retry_that_would_keep_every_layer_fp32_leaves_the_backend_instead():
                       eval_fn=lambda m: 1.0, calibration_data=[torch.randn(16, 8)])
     assert result.recipe is None and len(result.trials) == 1
     assert any("going on without backend 'torch_ao'" in message for message in result.messages)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))
+def test_two_latencies_said_side_by_side_differ_where_they_differ(a, b):
+    """'slower than fp32 on this host (0.021 ms vs 0.021 ms)': two different medians read as equal."""
+    from litcompress.quantization.tuner import milliseconds_apart
+
+    shown = milliseconds_apart(a, b)
+    assert all(abs(float(text) - s * 1e3) <= 0.5 * 10 ** -len(text.split(".")[1]) for text, s in zip(shown, (a, b)))
+    assert all(len(text.split(".")[1]) >= 3 for text in shown)
+    if round(a * 1e3, 6) != round(b * 1e3, 6):
+        assert shown[0] != shown[1]
+    assert milliseconds_apart(a, a) == [f"{a * 1e3:.3f}"] * 2

@@ -124,6 +124,16 @@ class QuantizationResult:
                               dynamic_dims=self.dynamic_dims)
 
 
+def milliseconds_apart(*seconds: float) -> list[str]:
+    """`seconds` in milliseconds, with as many decimals (3 to 6) as tell different ones apart: "slower than fp32
+    (0.021 ms vs 0.021 ms)" said two equal figures."""
+    for decimals in range(3, 7):
+        shown = [f"{s * 1e3:.{decimals}f}" for s in seconds]
+        if len(set(shown)) == len(set(seconds)):
+            break
+    return shown
+
+
 def dataset_of_samples_error(where: str, argument: str, dataset: object) -> TypeError:
     """The error for a ``Dataset`` given where batches are read: its items are single samples."""
     return TypeError(f"{where}({argument}={type(dataset).__name__}): a Dataset gives single samples, without a batch "
@@ -1033,7 +1043,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     def too_slow(trial: Trial, which: str) -> str:
         return (f"min_speedup={config.min_speedup:g}: no int8 model {which}runs {config.min_speedup:g}x as fast as "
                 f"fp32 here (the fastest, trial {trial.index}, {baseline_latency / trial.latency_s:.2f}x: "
-                f"{trial.latency_s * 1e3:.3f} vs {baseline_latency * 1e3:.3f} ms): keeping the fp32 model.")
+                f"{' vs '.join(milliseconds_apart(trial.latency_s, baseline_latency))} ms): keeping the fp32 model.")
 
     passing = [t for t in trials if t.meets_goal and t.index in models]
     if passing:
@@ -1073,8 +1083,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             if chosen.size_bytes is not None and chosen.size_bytes < baseline_size:
                 weights = (f"; its weights are smaller ({chosen.size_bytes / 1024:.1f} vs {baseline_size / 1024:.1f} "
                            "KiB), though its file may not be")
-            note(f"the chosen int8 model is slower than fp32 on this host ({chosen.latency_s * 1e3:.3f} ms vs "
-                 f"{baseline_latency * 1e3:.3f} ms): the model is too small for int8 kernels to pay off{weights}.")
+            note(f"the chosen int8 model is slower than fp32 on this host "
+                 f"({' ms vs '.join(milliseconds_apart(chosen.latency_s, baseline_latency))} ms): the model is too small"
+                 f" for int8 kernels to pay off{weights}.")
     else:
         ran = [t for t in trials if t.index in models]
         fast = [t for t in ran if fast_enough(t)]
