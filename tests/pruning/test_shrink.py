@@ -1664,7 +1664,8 @@ def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_cha
     assert result.model.conv1.out_channels == max(8 - len(dead1), 1)
 
 
-@pytest.mark.parametrize("swap", [lambda h: h.transpose(1, 2), lambda h: h.permute(0, 2, 1)], ids=["transpose", "permute"])
+@pytest.mark.parametrize("swap", [lambda h: h.transpose(1, 2), lambda h: h.permute(0, 2, 1)],
+                         ids=["transpose", "permute"])
 def test_a_flatten_of_a_conv1d_output_moved_channels_last_keeps_the_channels_it_interleaves(swap) -> None:
     """(batch, length, channels) flattened puts channel j at columns l * C + j: shrink is not to take it as the
     flatten of pooled (batch, channels), which changes nothing (it removed the wrong columns, and failed its own

@@ -683,9 +683,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
                "still masked")
         raise MisconfigurationException(
             f"{cannot}, and this fit's first round would be a second one: {', '.join(pruned[:4])}"
-            f"{' ...' if len(pruned) > 4 else ''} {'is' if len(pruned) == 1 else 'are'} {why}. {fix_the_method.capitalize()},"
-            " or fit again with a new ModelPruning on a model whose pruning is permanent (`make_pruning_permanent=True`,"
-            " or `litcompress.pruning.make_permanent_(model)`)."
+            f"{' ...' if len(pruned) > 4 else ''} {'is' if len(pruned) == 1 else 'are'} {why}."
+            f" {fix_the_method.capitalize()}, or fit again with a new ModelPruning on a model whose pruning is"
+            " permanent (`make_pruning_permanent=True`, or `litcompress.pruning.make_permanent_(model)`)."
         )
 
     def _keep_the_zeros_of_a_checkpoint_without_state(self, trainer: "pl.Trainer") -> None:

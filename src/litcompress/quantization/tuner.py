@@ -1084,8 +1084,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                 weights = (f"; its weights are smaller ({chosen.size_bytes / 1024:.1f} vs {baseline_size / 1024:.1f} "
                            "KiB), though its file may not be")
             note(f"the chosen int8 model is slower than fp32 on this host "
-                 f"({' ms vs '.join(milliseconds_apart(chosen.latency_s, baseline_latency))} ms): the model is too small"
-                 f" for int8 kernels to pay off{weights}.")
+                 f"({' ms vs '.join(milliseconds_apart(chosen.latency_s, baseline_latency))} ms): the model is too"
+                 f" small for int8 kernels to pay off{weights}.")
     else:
         ran = [t for t in trials if t.index in models]
         fast = [t for t in ran if fast_enough(t)]

@@ -451,7 +451,8 @@ class CompressionReport:
         low_err = [0.0 if s.latency is None else s.latency.median_ms - s.latency.min_ms for s in self.stages]
         high_err = [0.0 if s.latency is None else s.latency.max_ms - s.latency.median_ms for s in self.stages]
         drawn = ax.bar(x, medians, 0.6, yerr=[low_err, high_err], capsize=4, color="tab:orange")
-        ax.bar_label(drawn, labels=[("" if (up := self.speedup(s.stage)) is None else f"{up:.2f}x") for s in self.stages],
+        speedups = [self.speedup(s.stage) for s in self.stages]
+        ax.bar_label(drawn, labels=[("" if up is None else f"{up:.2f}x") for up in speedups],
                      fontsize=8, padding=2, label_type="center")
         ax.set_xticks(x, names)
         ax.set_ylabel("ms per call (median, min-max)")
