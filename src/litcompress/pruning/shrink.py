@@ -2844,7 +2844,9 @@ def shrink_(
                 # by 0.000114 in float16, its sums 0.2): the bound cannot tell that from a width-dependent change
                 # in a small output beside large ones (it took the outputs' largest, and let 50% errors through)
                 + (f" In {_half_dtype_names(reference)}, an output smaller than the sums it comes from can move by "
-                   "their rounding alone: if the difference is that small, pass a larger rtol (e.g. rtol=1e-3)."
+                   "their rounding alone: if the difference is that small, pass a larger rtol"
+                   + (f" (rtol={10.0 ** math.ceil(math.log10(difference / max(scale, 1.0))):g} takes this one)."
+                      if math.isfinite(difference) else ".")
                    if _half_dtype_names(reference) else "")
             )
     return report
