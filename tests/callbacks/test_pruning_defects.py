@@ -1844,7 +1844,8 @@ def test_a_structured_method_without_dim_is_refused_as_a_fit_starts_that_would_p
     # a second fit of one epoch: its one round is a second one, on masks kept, or on those the lottery-ticket reset
     # the callback owes puts back as training starts (it failed after the epoch, saying a sparsity target was missed)
     for kwargs, why in ((dict(make_pruning_permanent=False, use_lottery_ticket_hypothesis=False), "still masked"),
-                        (dict(), "masked again by the lottery-ticket reset this callback owes from its last fit")):
+                        (dict(), r"masked again as training starts \(this callback's lottery-ticket reset keeps its "
+                                 r"zeros pruned\)")):
         model, callback = BoringModel(), pruning(amount=0.5, **kwargs)
         make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
         with pytest.raises(MisconfigurationException, match=rf"this fit's first round would be a second one: "

@@ -1435,7 +1435,30 @@ def test_a_grouped_structured_round_ranks_the_slices_by_the_importance_scores_gi
         prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=1, dim=0,
                            importance_scores=scores.index_fill(0, torch.tensor([0]), float("nan")),
                            slice_groups={(conv, "weight"): 4})
-    with pytest.raises(TypeError, match=r"prune_to_sparsity_\(scope='local'.*the dict .* is for scope='global'"):
+    with pytest.raises(TypeError, match=r"prune_to_sparsity_\(scope='local'.*the dict .* is for scope='global', "
+                                        r"which takes unstructured methods only: prune each target with LnStructured "
+                                        r"in a round of its own"):
         prune_to_sparsity_([(conv, "weight")], "ln_structured", 0.5, scope="local", n=1, dim=0,  # (an AttributeError)
                            importance_scores={(conv, "weight"): scores}, slice_groups={(conv, "weight"): 4})
     assert int((conv.weight_mask.flatten(1) == 0).all(1).sum()) == 4  # as the first round left it
+
+
+def test_global_importance_scores_of_mixed_dtypes_are_ranked_in_one_that_holds_them_all():
+    """torch concatenates the scores in the promoted dtype: int64 scores beside float32 ones were ranked in float32
+    (2**24 + 1 tied with 2**24), integer scores in an fp16 model in float16 (above 65504, inf): the wrong entries
+    went, in the right number."""
+    from litcompress.pruning.engine import mask_of
+
+    a, b = nn.Linear(2, 1, bias=False), nn.Linear(4, 1, bias=False)
+    scores = {(a, "weight"): torch.tensor([[1e9, 1e9]]),
+              (b, "weight"): torch.tensor([[2**24 + 1, 2**24 + 1, 2**24 + 1, 2**24]])}
+    prune_([(a, "weight"), (b, "weight")], "l1_unstructured", 1, scope="global", importance_scores=scores)
+    assert mask_of(b, "weight").tolist() == [[1.0, 1.0, 1.0, 0.0]] and bool(mask_of(a, "weight").all())
+    for values in ([70000, 100000], [65600, 131072, 196608, 262144]):
+        a, b = nn.Linear(2, 1, bias=False).half(), nn.Linear(len(values), 1, bias=False).half()
+        with torch.no_grad():
+            a.weight.fill_(0.5)  # ranked by its own weights
+        prune_([(a, "weight"), (b, "weight")], "l1_unstructured", 3, scope="global",
+               importance_scores={(b, "weight"): torch.tensor([values], dtype=torch.int32)})
+        assert mask_of(b, "weight")[0, 0] == 0 and bool(mask_of(b, "weight")[0, 1:].all())  # the smallest score
+        assert mask_of(a, "weight").dtype == mask_of(b, "weight").dtype == torch.float16

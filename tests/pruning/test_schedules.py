@@ -361,3 +361,19 @@ def test_the_repr_shows_rounds_only_when_given_as_the_state_keys_of_older_checkp
     assert repr(LinearSchedule(final_sparsity=0.5, begin=1, end=9, rounds=4)) == (
         "LinearSchedule(final_sparsity=0.5, begin=1, end=9, initial_sparsity=0.0, frequency=1, rounds=4, power=1, "
         "unit='step')")
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(0.0, 0.95), min_size=1, max_size=12), begin=st.integers(0, 5),
+       span=st.integers(0, 30), frequency=st.integers(1, 7), t=st.integers(0, 45))
+def test_a_callable_schedule_is_reached_at_the_highest_target_of_its_rounds_so_far(values, begin, span, frequency, t):
+    """A decreasing fn never un-prunes: a run stopped at t holds the highest target of its rounds so far, where the
+    last round's was said ("it will stop at 10.0%" of a model pruned to 50%, its final sparsity)."""
+    from litcompress.callbacks.schedule_checks import stopped_early_message
+
+    schedule = CallableSchedule(fn=lambda u: values[u % len(values)], begin=begin, end=begin + span,
+                                frequency=frequency)
+    rounds = [u for u in range(t + 1) if schedule.should_prune(u)]
+    assert schedule.reached_by(t) == max((schedule.target(u) for u in rounds), default=0.0)
+    message = stopped_early_message(schedule, t, "sparsity")
+    assert (message is None) == (t >= schedule.end or schedule.reached_by(t) >= schedule.final_sparsity)

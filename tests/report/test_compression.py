@@ -267,9 +267,11 @@ def test_save_writes_json_markdown_and_a_png_plot(tmp_path):
 
 
 
-def test_a_plot_draws_stage_and_metric_names_letter_for_letter(tmp_path, recwarn):
+@pytest.mark.parametrize("metric_name", ["_private", ""])
+def test_a_plot_draws_stage_and_metric_names_letter_for_letter(tmp_path, recwarn, metric_name):
     """A `$` in a stage name is maths to matplotlib: an unpaired `\\frac` failed to parse, with report.json and
-    report.md written and no plot; a metric name starting with `_` was left out of the legend (a warning said so).
+    report.md written and no plot; a metric name empty or starting with `_` was left out of the legend (a warning
+    said so).
     Latency figures from numpy (np.median of float32 timings) were refused as not finite."""
     import numpy as np
 
@@ -279,9 +281,16 @@ def test_a_plot_draws_stage_and_metric_names_letter_for_letter(tmp_path, recwarn
     assert all(type(v) is float for v in (latency.min_ms, latency.median_ms, latency.max_ms))
     stages = (replace(_stage("input", 2.0, 4000), latency=latency), _stage(r"$\frac", 1.5, 4000),
               _stage("pruned $x$", 0.5, 1000))
-    written = CompressionReport(stages, metric_name="_private").save(tmp_path)
+    written = CompressionReport(stages, metric_name=metric_name).save(tmp_path)
     assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [w for w in recwarn if "legend" in str(w.message)]
+    from matplotlib.text import Text
+
+    from litcompress.report.compression import _literal
+
+    for name in (r"$\frac", "pruned $x$", metric_name):  # drawn as the letters given, no maths
+        label = Text(text=_literal(name))
+        assert label._preprocess_math(label.get_text()) == (_literal(name).replace(r"\$", "$"), False)
     assert CompressionReport.load_json(written["json"]).stages[0].latency == latency  # (float32's values, as floats)
 
 

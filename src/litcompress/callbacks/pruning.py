@@ -679,8 +679,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 f" end(s): {fix_the_method}, or prune once: `max_epochs=1` or an `amount` callable that is 0 after the"
                 " epoch to prune, e.g. `amount=lambda epoch: 0.5 if epoch == 0 else 0`."
             )
-        why = ("masked again by the lottery-ticket reset this callback owes from its last fit" if owes_reset else
-               "still masked")
+        why = ("masked again as training starts (this callback's lottery-ticket reset keeps its zeros pruned)"
+               if owes_reset else "still masked")
         raise MisconfigurationException(
             f"{cannot}, and this fit's first round would be a second one: {', '.join(pruned[:4])}"
             f"{' ...' if len(pruned) > 4 else ''} {'is' if len(pruned) == 1 else 'are'} {why}."

@@ -45,7 +45,7 @@ from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check
 from litcompress.pruning.parametrizations import (check_prunable, is_computed, parametrized_tensors,
                                                   scripted_targets_message)
 from litcompress.pruning.schedules import block_multiple, count_to_prune, structured_pruned_count
-from litcompress.pruning.threshold import (CONVERTED_FOR_MAGNITUDES, exact_magnitudes, holds_nan,
+from litcompress.pruning.threshold import (CONVERTED_FOR_MAGNITUDES, common_dtype, exact_magnitudes, holds_nan,
                                           smallest_k_masks)
 
 Target = tuple[nn.Module, str]
@@ -756,7 +756,7 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
     if scope == "global" and getattr(method_cls, "PRUNING_TYPE", None) != "unstructured":
         raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
     if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
-        raise _local_dict_scores_error("prune_")
+        raise _local_dict_scores_error("prune_", method_cls)
     check_importance_scores(targets, method_kwargs, scope, "prune_")
     fast_path = (scope == "global" and method_cls is torch_prune.L1Unstructured
                  and "importance_scores" not in method_kwargs)
@@ -800,6 +800,11 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             if method_cls is torch_prune.L1Unstructured:  # torch ranks abs() of them: an int8 -128 stays -128
                 scores = {target: exact_magnitudes(score) if score.dtype in CONVERTED_FOR_MAGNITUDES else score
                           for target, score in scores.items()}
+            if len({score.dtype for score in scores.values()}) > 1:  # torch concatenates them in the promoted dtype:
+                # an int64 score with float32 ones in float32 (2**24 + 1 tied with 2**24), with float16 ones in
+                # float16 (above 65504, inf): ranked in one that holds them all
+                common = common_dtype(list(scores.values()))
+                scores = {target: score.to(common) for target, score in scores.items()}
             torch_prune.global_unstructured(list(targets), pruning_method=method_cls, importance_scores=scores,
                                             **kwargs)
         else:
@@ -872,10 +877,13 @@ def _flattenable_masks_(targets: Sequence[Target]) -> None:
             module._buffers[name + "_mask"] = mask.contiguous()
 
 
-def _local_dict_scores_error(owner: str) -> TypeError:
+def _local_dict_scores_error(owner: str, method: type[torch_prune.BasePruningMethod]) -> TypeError:
+    structured = getattr(method, "PRUNING_TYPE", None) == "structured"
     return TypeError(f"{owner}(scope='local', importance_scores=...): a local round takes one tensor of scores, of the "
                      "targets' shape (each target is ranked on its own); the dict {(module, name): tensor} is for "
-                     "scope='global'.")
+                     "scope='global'" + (f", which takes unstructured methods only: prune each target with "
+                                         f"{method.__name__} in a round of its own, with its tensor of scores."
+                                         if structured else "."))
 
 
 def check_importance_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any], scope: Scope,
@@ -1172,7 +1180,7 @@ def prune_to_sparsity_(
         if structured:
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
     if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
-        raise _local_dict_scores_error("prune_to_sparsity_")  # (a grouped round took it for a tensor)
+        raise _local_dict_scores_error("prune_to_sparsity_", method_cls)  # (a grouped round took it for a tensor)
     check_importance_scores(targets, method_kwargs, scope, "prune_to_sparsity_")  # (each round is one target's)
     keep_multiple_of = check_keep_multiple_of(keep_multiple_of, method_cls)
     if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):

@@ -344,6 +344,12 @@ class CallableSchedule(SparsitySchedule):
         check_progress(t)
         return _on_grid(t, self.begin, self.end, self.frequency)
 
+    def reached_by(self, t: int) -> float:
+        """The highest target of the rounds at or before `t`: a decreasing ``fn`` never un-prunes, so a run stopped
+        at `t` is there (the last round's target said "stop at 10%" of a model at 50%)."""
+        rounds = [*range(self.begin, min(t, self.end) + 1, self.frequency)] + ([self.end] if self.end <= t else [])
+        return max((self.target(u) for u in rounds if self.should_prune(u)), default=0.0)
+
 
 # ----------------------------------------------------------------------------- helpers
 def increment_for_target(current_sparsity: float, target_sparsity: float) -> float:

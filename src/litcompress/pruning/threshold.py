@@ -55,7 +55,7 @@ class _Bound:
         self.inclusive = inclusive
 
 
-def _common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
+def common_dtype(scores: Sequence[Tensor]) -> torch.dtype:
     """Dtype in which every comparison is exact: the shared dtype, else float64."""
     dtypes = {score.dtype for score in scores}
     for dtype in dtypes:
@@ -127,7 +127,7 @@ class _Inputs:
             )
         self.raw_scores = scores
         self.masks = masks
-        self.dtype = _common_dtype(scores) if scores else torch.float32
+        self.dtype = common_dtype(scores) if scores else torch.float32
         if magnitude and self.dtype in _WIDER_FOR_MAGNITUDE:  # |-128| is no int8: it wrapped to -128, ranked first
             self.dtype = _WIDER_FOR_MAGNITUDE[self.dtype]
         self.kept_counts: list[int] = []

@@ -124,14 +124,19 @@ class QuantizationResult:
                               dynamic_dims=self.dynamic_dims)
 
 
+def figures_apart(*values: float, decimals: int = 3) -> list[str]:
+    """`values` with `decimals` decimals, or as many more as tell different ones apart: "slower than fp32 (0.021 ms
+    vs 0.021 ms)" said two equal figures."""
+    for places in range(decimals, 40):
+        shown = [f"{value:.{places}f}" for value in values]
+        if len(set(shown)) == len(set(values)):
+            return shown
+    return [repr(float(value)) for value in values]
+
+
 def milliseconds_apart(*seconds: float) -> list[str]:
-    """`seconds` in milliseconds, with as many decimals (3 to 6) as tell different ones apart: "slower than fp32
-    (0.021 ms vs 0.021 ms)" said two equal figures."""
-    for decimals in range(3, 7):
-        shown = [f"{s * 1e3:.{decimals}f}" for s in seconds]
-        if len(set(shown)) == len(set(seconds)):
-            break
-    return shown
+    """`seconds` in milliseconds, as :func:`figures_apart` gives them."""
+    return figures_apart(*(s * 1e3 for s in seconds))
 
 
 def dataset_of_samples_error(where: str, argument: str, dataset: object) -> TypeError:
@@ -1042,7 +1047,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
 
     def too_slow(trial: Trial, which: str) -> str:
         return (f"min_speedup={config.min_speedup:g}: no int8 model {which}runs {config.min_speedup:g}x as fast as "
-                f"fp32 here (the fastest, trial {trial.index}, {baseline_latency / trial.latency_s:.2f}x: "
+                f"fp32 here (the fastest, trial {trial.index}, "
+                f"{figures_apart(baseline_latency / trial.latency_s, config.min_speedup, decimals=2)[0]}x: "
                 f"{' vs '.join(milliseconds_apart(trial.latency_s, baseline_latency))} ms): keeping the fp32 model.")
 
     passing = [t for t in trials if t.meets_goal and t.index in models]

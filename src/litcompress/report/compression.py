@@ -474,9 +474,10 @@ class CompressionReport:
 
 def _literal(text: str) -> str:
     """`text` as matplotlib draws it letter for letter: a `$` pair is maths to it (an unpaired `\\frac` failed to
-    parse, after report.json and report.md were written), and a legend leaves out a label that starts with `_`."""
+    parse, after report.json and report.md were written), and a legend leaves out a label that is empty or starts
+    with `_`."""
     text = text.replace("$", r"\$")
-    return "\u200b" + text if text.startswith("_") else text
+    return "\u200b" + text if not text or text.startswith("_") else text
 
 
 def plot_path(path: str | os.PathLike) -> Path:
