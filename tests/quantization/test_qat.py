@@ -646,8 +646,8 @@ def test_a_failure_to_trace_is_not_blamed_on_a_batch_norm_and_a_cumulative_one_i
     a batch norm without affine weight (torch.export's own error cut short); momentum=None is what torch.export
     cannot trace (a data-dependent count), which it said as a control-flow problem."""
     plain = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3))
-    with pytest.raises(ExportError, match=r"torch.export failed on Sequential: RuntimeError: a and b must have same "
-                                          r"reduction dim") as refused:
+    with pytest.raises(ExportError, match=r"Sequential fails on the example inputs themselves, of shapes \[\(4, 7\)\] "
+                                          r"\(RuntimeError: mat1 and mat2 shapes cannot be multiplied") as refused:
         prepare_qat(plain, (torch.randn(4, 7),))
     assert "batch norms without" not in str(refused.value)
     assert isinstance(prepare_qat(plain, (torch.randn(4, 6),)), QATModel)  # it takes a BN without affine there
@@ -759,3 +759,35 @@ def test_layers_torchao_takes_at_several_places_are_not_blamed():
     looped.add_module("loop", loop)
     assert _reused_modules_cause(looped, (torch.randn(2, 4),)) is None
     assert _reused_modules_cause(_SharedReLU(), (torch.randn(4, 1, 8, 8),)).startswith("['relu'] is called")
+
+
+@pytest.mark.parametrize("model, config, left", [
+    (nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), QATConfig(fp32_layers=("0", "2")),
+     r" \(fp32_layers=\['0', '2'\] keeps in fp32 those it would take\)"),
+    (nn.Sequential(nn.LayerNorm(8), nn.GELU()), None, ""),
+], ids=["every layer fp32", "none it takes"])
+def test_a_model_with_no_layer_to_quantize_is_refused_as_it_is_prepared(model, config, left):
+    """It trained and 'converted' to the fp32 model itself, saved under an int8 recipe, without a word (where
+    fp32_layers=('',) was refused for that)."""
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"prepare_qat: no layer of Sequential is quantized{left}: torchao's x86 "
+                                         r"quantizer takes Linear and Conv1d/Conv2d layers"):
+        prepare_qat(model, (torch.randn(8, 8),), config)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+
+
+def test_inputs_and_frozen_layers_prepare_qat_cannot_take_are_named():
+    """A frozen float64 or bfloat16 layer (not cast by the model) and float64 inputs failed in torchao's words
+    ("expected scalar type Float but found Double"); inputs of a shape the model does not take were said to need a
+    model without data-dependent control flow."""
+    frozen = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    frozen[0].to(torch.bfloat16).requires_grad_(False)
+    with pytest.raises(TypeError, match=r"prepare_qat: its parameters 0.weight \(bfloat16\), 0.bias \(bfloat16\) are "
+                                        r"not float32, and the graph's fake quantizers compute in float32"):
+        prepare_qat(frozen, (torch.randn(4, 8),))
+    doubled = nn.Sequential(nn.Linear(8, 2)).double().requires_grad_(False)
+    with pytest.raises(TypeError, match=r"are not float32; its inputs are float64, and the graph's fake quantizers"):
+        prepare_qat(doubled, (torch.randn(4, 8, dtype=torch.float64),))
+    with pytest.raises(ExportError, match=r"prepare_qat: Sequential fails on the example inputs themselves, of shapes "
+                                          r"\[\(4, 9\)\] \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
+        prepare_qat(nn.Sequential(nn.Linear(8, 2)), (torch.randn(4, 9),))

@@ -485,6 +485,17 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         with _batch_counts_kept(_batch_norms_of(model).values()):
             _observe_(prepared, example_inputs)
     except Exception as error:
+        if any(said in str(error) for said in ("expected scalar type", "must have the same dtype")):
+            # a frozen layer in another precision (the trainable ones were refused above), or float64 inputs
+            others = [f"{name} ({str(p.dtype).removeprefix('torch.')})" for name, p in model.named_parameters()
+                      if p.is_floating_point() and p.dtype != torch.float32]
+            inputs = sorted({str(t.dtype).removeprefix("torch.") for t in example_inputs
+                             if t.is_floating_point() and t.dtype != torch.float32})
+            if others or inputs:
+                found = ([f"its parameters {', '.join(others[:4])}{' ...' if len(others) > 4 else ''} are not "
+                          "float32"] if others else []) + ([f"its inputs are {', '.join(inputs)}"] if inputs else [])
+                raise TypeError(f"prepare_qat: {'; '.join(found)}, and the graph's fake quantizers compute in float32 "
+                                f"({error}). Pass model.float() and float32 inputs.") from None
         cause = _batch_norm_cause(model, config) or (
             _reused_modules_cause(model, example_inputs) if "more than one output node" in str(error) else None)
         if cause is None:
@@ -492,6 +503,12 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         raise ExportError(f"prepare_qat: {cause} ({type(error).__name__} in torchao: "
                           f"{(str(error).strip().splitlines() or [''])[0][:160]})") from error
     qat = QATModel(model, prepared, config, recipe, tuple(t.detach().clone() for t in example_inputs))
+    if not qat._fake_quantizers:  # it would train and "convert" to the fp32 model, saved as int8
+        left = (f" (fp32_layers={list(config.fp32_layers)} keeps in fp32 those it would take)" if config.fp32_layers
+                else "")
+        raise ValueError(f"prepare_qat: no layer of {type(model).__name__} is quantized{left}: torchao's x86 "
+                         "quantizer takes Linear and Conv1d/Conv2d layers (and the ops around them); with none, "
+                         "QAT would train an fp32 model and convert it to itself.")
     qat.dynamic_dims = dynamic_dims
     return qat
 
@@ -728,6 +745,18 @@ def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
     switched_(graph, training=True)
 
 
+def _eager_failure(model: nn.Module, example_inputs: Inputs) -> str | None:
+    """What `model` raises on `example_inputs` run as they are, in eval mode without gradients and on a forked
+    random stream (its modes are the caller's to restore); None when it runs."""
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*example_inputs)
+    except Exception as error:  # the model's own, whatever it is
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
 def _export_for_training(model: nn.Module, example_inputs: Inputs,
                          dynamic_dims: DynamicDims | None = None) -> torch.fx.GraphModule:
     """`model`'s graph in training form, the batch dims (and `dynamic_dims`) free, sharing `model`'s parameters and
@@ -744,9 +773,14 @@ def _export_for_training(model: nn.Module, example_inputs: Inputs,
     except FixedDimError as exc:
         raise ExportError(f"prepare_qat: {exc}") from exc
     except Exception as exc:
+        eager = _eager_failure(model, example_inputs)
+        if eager is not None:  # (not a tracing matter: the hint below pointed at control flow)
+            raise ExportError(f"prepare_qat: {type(model).__name__} fails on the example inputs themselves, of shapes "
+                              f"{[tuple(getattr(t, 'shape', ())) for t in example_inputs]} ({eager}): give the "
+                              "inputs its forward takes.") from exc
         raise ExportError(f"prepare_qat: torch.export failed on {type(model).__name__}: {type(exc).__name__}: "
-                          f"{exc}. QAT needs a model torch.export can trace (no data-dependent Python control "
-                          "flow on tensors).") from exc
+                          f"{str(exc).rstrip('.')}. QAT needs a model torch.export can trace (no data-dependent "
+                          "Python control flow on tensors).") from exc
     finally:
         for module, training in modes.items():
             module.training = training
