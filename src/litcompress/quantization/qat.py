@@ -425,7 +425,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
     built on them before keeps updating: what a training loop that switches to QAT part-way needs.
 
     A model pruned with masks (``torch.nn.utils.prune`` or parametrizations) is refused: make the pruning permanent
-    first (``litcompress.make_permanent_``); ``keep_sparsity`` then keeps its zeros.
+    first (``litcompress.make_permanent_``); ``keep_sparsity`` then keeps its zeros. So is a model with no layer to
+    quantize (none torchao's x86 quantizer takes, or every one in ``fp32_layers``).
     """
     config = QATConfig() if config is None else config
     if not isinstance(config, QATConfig):
