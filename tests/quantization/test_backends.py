@@ -1244,3 +1244,41 @@ def test_a_computed_bool_read_by_an_int8_op_is_said_once_and_the_backend_left(ba
     assert len(result.trials) == 1 and result.trials[0].error.startswith(
         f"{backend_name} static: an int8 op reads a tensor that is not float")
     assert "a comparison's result (x > 0)" in result.trials[0].error
+
+
+class _TakesStarArgs(nn.Module):
+    """forward(x, *rest): torch.export matches the inputs past `x` to `rest` as one tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x + sum(rest))))
+
+
+@pytest.mark.parametrize("backend, approach", [("pt2e", "dynamic"), ("torchao", "weight_only")])
+def test_a_forward_taking_star_args_is_exported_and_its_fp32_file_written(tmp_path, backend, approach):
+    """Its dynamic shapes were given flat, one per input, which torch.export refused as a structure mismatch: every
+    trial of the exporting backends failed, and the fp32 copy they fell back to could not be saved either."""
+    from litcompress.quantization import PTQConfig, load_quantized, quantize
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randn(32, 8)
+    model = _TakesStarArgs()
+    evaluate = lambda m: -float((m(x, y) - model(x, y)).abs().mean())  # noqa: E731
+    config = PTQConfig(approach=approach, backends=(backend,), max_trials=1, num_threads=1, latency_repeats=2)
+    result = quantize(model, config, eval_fn=evaluate, calibration_data=[(x[:16], y[:16])],
+                      input_fn=lambda batch: tuple(batch), example_inputs=(x[:16], y[:16]))
+    assert result.recipe is not None and result.recipe.backend == backend, result.trials[0].error
+    result.save(tmp_path / "int8.pt2")
+    loaded, _ = load_quantized(tmp_path / "int8.pt2")
+    assert torch.equal(loaded(x[:5], y[:5]), result.model(x[:5], y[:5]))  # another batch size
+    fp32 = quantize(model, PTQConfig(backends=(backend,), approach=approach, max_trials=1, num_threads=1,
+                                     latency_repeats=2, min_speedup=1000.0), eval_fn=evaluate,
+                    calibration_data=[(x[:16], y[:16])], input_fn=lambda batch: tuple(batch),
+                    example_inputs=(x[:16], y[:16]))
+    assert fp32.recipe is None
+    fp32.save(tmp_path / "fp32.pt2")
+    reloaded, _ = load_quantized(tmp_path / "fp32.pt2")
+    torch.testing.assert_close(reloaded(x[:3], y[:3]), model(x[:3], y[:3]))

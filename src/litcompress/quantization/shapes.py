@@ -10,10 +10,12 @@ A dimension is given per positional input: ``((0, 1),)`` says input 0 varies alo
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 
 DynamicDims = tuple[tuple[int, ...], ...]
 
@@ -97,6 +99,23 @@ def export_dynamic_shapes(inputs: Sequence[torch.Tensor], dynamic_dims: DynamicD
     from torch.export import Dim
 
     return tuple({d: Dim.AUTO for d in dims} or None for dims in dims_for(inputs, dynamic_dims))
+
+
+def grouped_as_forward_takes(module: nn.Module, shapes: tuple) -> tuple:
+    """`shapes` (one per positional input) grouped as ``torch.export`` matches them to `module`'s forward: those
+    past a ``*args`` parameter in one tuple (flat, they were refused as a structure mismatch, on every backend that
+    exports and in the fp32 file)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # (a forward without a readable signature: as given)
+        return shapes
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.VAR_POSITIONAL)]
+    for index, parameter in enumerate(positional):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return shapes[:index] + (tuple(shapes[index:]),)
+    return shapes
 
 
 def export_specialised_dims(program: torch.export.ExportedProgram, inputs: Sequence[torch.Tensor],

@@ -19,7 +19,7 @@ from litcompress.pruning.engine import deepcopy_model
 
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
 from ..shapes import (DynamicDims, describe_fixed, export_dynamic_shapes, export_specialised_dims, fixed_size_hint,
-                      grown_along_batch)
+                      grouped_as_forward_takes, grown_along_batch)
 from . import FixedDimError, Inputs
 
 METADATA_FILE = "litcompress.json"
@@ -72,7 +72,8 @@ def export_program(module: nn.Module, example_inputs: Inputs,
 def _exported(module: nn.Module, inputs: Inputs, dynamic_dims: DynamicDims | None) -> torch.export.ExportedProgram:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(module, inputs, dynamic_shapes=export_dynamic_shapes(inputs, dynamic_dims))
+        return torch.export.export(module, inputs, dynamic_shapes=grouped_as_forward_takes(
+            module, export_dynamic_shapes(inputs, dynamic_dims)))
 
 
 def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
