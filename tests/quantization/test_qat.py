@@ -791,3 +791,29 @@ def test_inputs_and_frozen_layers_prepare_qat_cannot_take_are_named():
     with pytest.raises(ExportError, match=r"prepare_qat: Sequential fails on the example inputs themselves, of shapes "
                                           r"\[\(4, 9\)\] \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"):
         prepare_qat(nn.Sequential(nn.Linear(8, 2)), (torch.randn(4, 9),))
+    with pytest.raises(TypeError, match=r"or, for layers its forward runs in their own precision, keep them out of "
+                                        r"int8: QATConfig\(fp32_layers=\('0',\)\)"):
+        prepare_qat(frozen, (torch.randn(4, 8),))
+
+    class Branches(nn.Module):
+        """Data-dependent control flow in training (export's problem, not the inputs'), an eval branch that needs a
+        buffer filled later, and a forward that counts its calls."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+            self.register_buffer("prototypes", torch.empty(0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            y = self.fc(x)
+            if not self.training:
+                return y @ self.prototypes.t()
+            return y if y.sum() > 0 else -y
+
+    model = Branches()
+    with pytest.raises(ExportError, match=r"(?s)torch.export failed on Branches: .* QAT needs a model torch.export "
+                                          r"can trace"):
+        prepare_qat(model, (torch.randn(4, 8),), copy=False)
+    assert int(model.calls) == 0  # the eager try ran on a copy, in training mode, as the export did

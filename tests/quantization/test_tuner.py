@@ -1276,7 +1276,7 @@ def test_a_relative_tolerance_of_a_zero_fp32_metric_is_said_to_allow_nothing():
     messages = [str(w.message) for w in said]
     assert any("the fp32 metric is 0, so a tolerance relative to it allows no change at all; "
                "AccuracyCriterion(relative=False)" in m for m in messages)
-    assert not any("Raise max_trials/timeout_s or the tolerable loss" in m for m in messages)
+    assert not any("Raise max_trials or the tolerable loss" in m or "Every recipe was tried" in m for m in messages)
     absolute = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=2, latency_repeats=2,
                                          accuracy=AccuracyCriterion(tolerable_loss=0.5, relative=False,
                                                                     higher_is_better=False)),
@@ -1678,3 +1678,25 @@ def test_two_latencies_said_side_by_side_differ_where_they_differ(a, b, ulps):
     assert milliseconds_apart(a, a) == [f"{a * 1e3:.3f}"] * 2
     ratio, bound = figures_apart(a / b, 1.0, decimals=2)
     assert (ratio == bound) == (a / b == 1.0) and float(ratio) == pytest.approx(a / b, abs=5e-3)
+
+
+def test_a_goal_not_met_is_said_with_the_limit_that_ended_the_search():
+    """It always said to raise max_trials/timeout_s, also when every recipe had been tried with trials to spare."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2)).eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        reference = model(x)
+
+    def closeness(candidate):
+        with torch.no_grad():
+            return -float((candidate(x) - reference).abs().mean())
+
+    criterion = AccuracyCriterion(tolerable_loss=0.0, relative=False)  # no int8 model meets it
+    for max_trials, said in ((1, "Raise max_trials or the tolerable loss."),
+                             (10, "Every recipe was tried: raise the tolerable loss, or give other backends.")):
+        with pytest.warns(QuantizationGoalWarning, match=re.escape(said)):
+            result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=max_trials,
+                                               latency_repeats=2, num_threads=1, accuracy=criterion),
+                              eval_fn=closeness, example_inputs=x[:16])
+        assert len(result.trials) == 1 if max_trials == 1 else len(result.trials) < max_trials

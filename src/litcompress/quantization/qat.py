@@ -495,8 +495,12 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
             if others or inputs:
                 found = ([f"its parameters {', '.join(others[:4])}{' ...' if len(others) > 4 else ''} are not "
                           "float32"] if others else []) + ([f"its inputs are {', '.join(inputs)}"] if inputs else [])
+                layers = sorted({name.rpartition(".")[0] for name, p in model.named_parameters()
+                                 if p.is_floating_point() and p.dtype != torch.float32} - {""})
+                kept = (f", or, for layers its forward runs in their own precision, keep them out of int8: "
+                        f"QATConfig(fp32_layers={tuple(layers[:4])!r})" if layers else "")
                 raise TypeError(f"prepare_qat: {'; '.join(found)}, and the graph's fake quantizers compute in float32 "
-                                f"({error}). Pass model.float() and float32 inputs.") from None
+                                f"({error}). Pass model.float() and float32 inputs{kept}.") from None
         cause = _batch_norm_cause(model, config) or (
             _reused_modules_cause(model, example_inputs) if "more than one output node" in str(error) else None)
         if cause is None:
@@ -747,12 +751,15 @@ def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
 
 
 def _eager_failure(model: nn.Module, example_inputs: Inputs) -> str | None:
-    """What `model` raises on `example_inputs` run as they are, in eval mode without gradients and on a forked
-    random stream (its modes are the caller's to restore); None when it runs."""
-    model.eval()
+    """What a copy of `model`, in the modes it was exported in and with gradients on, raises on `example_inputs`
+    run as they are, on a forked random stream; None when it runs, or cannot be copied (the export's error stands)."""
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*example_inputs)
+        copied = deepcopy_model(model)  # (a forward's side effects, a counter, stay off the user's model)
+    except Exception:
+        return None
+    try:
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            copied(*example_inputs)
     except Exception as error:  # the model's own, whatever it is
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     return None

@@ -1111,7 +1111,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                            f"{baseline_metric:.6g}. "
                            + ("The search was interrupted before it ended." if interrupted else
                               "Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
-                              "Raise max_trials/timeout_s or the tolerable loss."))
+                              "Raise timeout_s or the tolerable loss." if timed_out else
+                              "Raise max_trials or the tolerable loss." if len(trials) >= config.max_trials else
+                              # every recipe the search knows was tried: more trials change nothing
+                              "Every recipe was tried: raise the tolerable loss, or give other backends."))
             elif not trials:  # nothing failed: the search ended before its first trial
                 why = ("timeout_s reached before the first trial" if timed_out else
                        "interrupted before the first trial" if interrupted else "no recipe to try")
