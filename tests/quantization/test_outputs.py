@@ -7,7 +7,7 @@ torch_ao's trace refused a dict, and layer sensitivity failed, so the search had
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -197,6 +197,24 @@ def test_a_named_tuple_or_a_model_output_comes_back_as_its_class(kind, backend, 
     # a class that cannot be imported where the file is loaded leaves the plain structure
     structure = {"dict": [["logits", "tensor"]], "class": "no_such_module:Output"}
     assert rebuild(structure, [torch.ones(1)]).keys() == {"logits"}
+
+
+def test_a_named_tuple_is_rebuilt_with_its_own_field_names_wherever_the_file_is_loaded():
+    """Only the class's path was recorded: a script loading a file saved by another, each with its own `Out` of other
+    fields, got the tensors poured into its `Out` by position (`.logits` held the features), and a fresh process
+    without the class a plain tuple (`.logits` failed)."""
+    saved = output_structure(Prediction(torch.zeros(1), torch.zeros(2)))
+    assert saved["fields"] == list(Prediction._fields)
+    logits, box = torch.ones(1), torch.full((2,), 2.0)
+    assert type(rebuild(saved, [logits, box])) is Prediction  # the class where it is importable
+    for where in ("no_such_module:Prediction", f"{__name__}:_OtherPrediction"):  # (another class of that name)
+        got = rebuild({**saved, "class": where}, [logits, box])
+        assert got._fields == Prediction._fields and got.logits is logits and got.box is box
+    old = {key: value for key, value in saved.items() if key != "fields"}  # a file written before the names were
+    assert type(rebuild({**old, "class": "no_such_module:Prediction"}, [logits, box])) is tuple
+
+
+_OtherPrediction = namedtuple("Prediction", "box logits")  # another script's class of the same name
 
 
 class _LogitsAndNone(nn.Module):

@@ -10,6 +10,7 @@ exported through `TensorLeaves` (the tensors, flat) and rebuilt from the structu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,8 @@ def output_structure(output: object, where: str = "output") -> Structure:
         raise TypeError(f"{where} is a {type(output).__name__}, not a tensor: a model file returns tensors only")
     if type(output) not in (tuple, list, dict):  # a named tuple, a Hugging Face ModelOutput: rebuilt when importable
         node["class"] = f"{type(output).__module__}:{type(output).__qualname__}"
+        if isinstance(output, tuple) and isinstance(getattr(type(output), "_fields", None), tuple):
+            node["fields"] = list(type(output)._fields)  # a named tuple's names, checked when rebuilt
     return node
 
 
@@ -146,13 +149,13 @@ def rebuild(structure: Structure, leaves: Sequence[torch.Tensor]) -> object:
             return next(remaining)
         if node == NONE:
             return None
-        kind = next(k for k in node if k != "class")
+        kind = next(k for k in node if k not in ("class", "fields"))
         if kind in ("dict", "dataclass"):
             built: Any = {key: build(value) for key, value in node[kind]}
         else:
             built = [build(item) for item in node[kind]]
             built = built if kind == "list" else tuple(built)
-        return _as_class(built, node["class"]) if "class" in node else built
+        return _as_class(built, node["class"], node.get("fields")) if "class" in node else built
 
     result = build(structure)
     if next(remaining, None) is not None:
@@ -160,18 +163,25 @@ def rebuild(structure: Structure, leaves: Sequence[torch.Tensor]) -> object:
     return result
 
 
-def _as_class(built: Any, path: str) -> Any:
+def _as_class(built: Any, path: str, fields: Sequence[str] | None = None) -> Any:
     """`built` (a dict, list or tuple) as an instance of the class at `path` (``module:qualname``), as the model
-    returned it; `built` itself when the class cannot be imported or built from it (a file loaded elsewhere)."""
+    returned it; `built` itself when the class cannot be imported or built from it (a file loaded elsewhere). A named
+    tuple whose recorded `fields` the class there does not have (another script's class of that name, which took the
+    tensors by position under other names) or cannot be imported is rebuilt as a named tuple of those fields."""
     module_name, _, qualname = path.partition(":")
     try:
         cls: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             cls = getattr(cls, part)
+        if fields is not None and tuple(getattr(cls, "_fields", ())) != tuple(fields):
+            raise TypeError("another class of that name")
         if isinstance(built, dict):
             return cls(**built) if all(isinstance(k, str) for k in built) else cls(built)
         return cls(*built) if hasattr(cls, "_fields") else cls(built)  # a named tuple takes its fields
     except Exception:  # noqa: BLE001 - any failure leaves the plain structure, which holds the same tensors
+        if fields is not None and isinstance(built, tuple) and len(fields) == len(built):
+            name = qualname.rpartition(".")[2]
+            return collections.namedtuple(name if name.isidentifier() else "Output", fields, rename=True)(*built)
         return built
 
 
