@@ -1700,3 +1700,4 @@ def test_a_goal_not_met_is_said_with_the_limit_that_ended_the_search():
                                                latency_repeats=2, num_threads=1, accuracy=criterion),
                               eval_fn=closeness, example_inputs=x[:16])
         assert len(result.trials) == 1 if max_trials == 1 else len(result.trials) < max_trials
+    assert any("(metric >= 0)" in m and "vs fp32 0." in m for m in result.messages)  # (the fp32 -0.0 said as -0)

@@ -1087,7 +1087,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         if chosen is not None and chosen.latency_s > baseline_latency:
             weights = ""
             if chosen.size_bytes is not None and chosen.size_bytes < baseline_size:
-                weights = (f"; its weights are smaller ({chosen.size_bytes / 1024:.1f} vs {baseline_size / 1024:.1f} "
+                weights = (f"; its weights are smaller "
+                           f"({' vs '.join(figures_apart(chosen.size_bytes / 1024, baseline_size / 1024, decimals=1))} "
                            "KiB), though its file may not be")
             note(f"the chosen int8 model is slower than fp32 on this host "
                  f"({' ms vs '.join(milliseconds_apart(chosen.latency_s, baseline_latency))} ms): the model is too"
@@ -1104,11 +1105,11 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             chosen = max(fast, key=lambda t: (score(t), -t.latency_s)) if fast else None
             if chosen is not None:
                 warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
-                           f"{threshold:.6g}): returning the most accurate "
+                           f"{threshold + 0.0:.6g}): returning the most accurate "
                            f"{'finished ' if interrupted else ''}candidate"
                            f"{' fast enough for min_speedup' if len(fast) < len(ran) else ''}, trial {chosen.index} "
-                           f"({chosen.recipe.describe()}) with metric {chosen.metric:.6g} vs fp32 "
-                           f"{baseline_metric:.6g}. "
+                           f"({chosen.recipe.describe()}) with metric {chosen.metric + 0.0:.6g} vs fp32 "
+                           f"{baseline_metric + 0.0:.6g}. "
                            + ("The search was interrupted before it ended." if interrupted else
                               "Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
                               "Raise timeout_s or the tolerable loss." if timed_out else
