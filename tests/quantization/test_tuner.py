@@ -1681,23 +1681,35 @@ def test_two_latencies_said_side_by_side_differ_where_they_differ(a, b, ulps):
 
 
 def test_a_goal_not_met_is_said_with_the_limit_that_ended_the_search():
-    """It always said to raise max_trials/timeout_s, also when every recipe had been tried with trials to spare."""
+    """It always said to raise max_trials/timeout_s, also when every recipe had been tried (with trials to spare, or
+    with the last of them: this search has 3 recipes)."""
+    import time
+
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2)).eval()
     x = torch.randn(64, 8)
     with torch.no_grad():
         reference = model(x)
 
-    def closeness(candidate):
+    calls = []
+
+    def closeness(candidate, pause=0.0):
+        calls.append(None)
+        if len(calls) > 1:  # (the candidates, not the fp32 baseline)
+            time.sleep(pause)
         with torch.no_grad():
             return -float((candidate(x) - reference).abs().mean())
 
     criterion = AccuracyCriterion(tolerable_loss=0.0, relative=False)  # no int8 model meets it
-    for max_trials, said in ((1, "Raise max_trials or the tolerable loss."),
-                             (10, "Every recipe was tried: raise the tolerable loss, or give other backends.")):
+    every = "Every recipe was tried: raise the tolerable loss, or give other backends."
+    for max_trials, timeout_s, pause, said, trials in ((1, None, 0.0, "Raise max_trials or the tolerable loss.", 1),
+                                                       (10, None, 0.0, every, 3), (3, None, 0.0, every, 3),
+                                                       (10, 0.5, 0.6, "Raise timeout_s or the tolerable loss.", 1)):
+        calls.clear()
         with pytest.warns(QuantizationGoalWarning, match=re.escape(said)):
             result = quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=max_trials,
-                                               latency_repeats=2, num_threads=1, accuracy=criterion),
-                              eval_fn=closeness, example_inputs=x[:16])
-        assert len(result.trials) == 1 if max_trials == 1 else len(result.trials) < max_trials
+                                               timeout_s=timeout_s, latency_repeats=2, num_threads=1,
+                                               accuracy=criterion),
+                              eval_fn=lambda m: closeness(m, pause), example_inputs=x[:16])
+        assert len(result.trials) == trials
     assert any("(metric >= 0)" in m and "vs fp32 0." in m for m in result.messages)  # (the fp32 -0.0 said as -0)

@@ -758,8 +758,8 @@ def _eager_failure(model: nn.Module, example_inputs: Inputs) -> str | None:
     except Exception:
         return None
     try:
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-            copied(*example_inputs)
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):  # (inputs copied: a forward may change them)
+            copied(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))
     except Exception as error:  # the model's own, whatever it is
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     return None
@@ -787,8 +787,8 @@ def _export_for_training(model: nn.Module, example_inputs: Inputs,
                               f"{[tuple(getattr(t, 'shape', ())) for t in example_inputs]} ({eager}): give the "
                               "inputs its forward takes.") from exc
         raise ExportError(f"prepare_qat: torch.export failed on {type(model).__name__}: {type(exc).__name__}: "
-                          f"{str(exc).rstrip('.')}. QAT needs a model torch.export can trace (no data-dependent "
-                          "Python control flow on tensors).") from exc
+                          f"{str(exc).rstrip('.')}. QAT needs a model torch.export can trace on these inputs (inputs "
+                          "it takes, and no data-dependent Python control flow on tensors).") from exc
     finally:
         for module, training in modes.items():
             module.training = training

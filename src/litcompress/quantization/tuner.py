@@ -613,15 +613,39 @@ class _BackendSearch:
             return None
         if self.pending:
             return self.pending.pop(0)
-        ran = [t for t in self.tried if t.metric is not None]
-        # every variant built but scored NaN or inf (a loss overflowing while a layer is int8): the fallback goes on
-        # from the first, since a layer kept in fp32 may be what scores
-        if not allow_fallback or not (ran or self.unscored):
+        base = self._fallback_base(score) if allow_fallback else None
+        recipe = None if base is None else self._untried_fallback(
+            base, ranking(base.recipe.per_channel, self.backend.table_scale_per_row))
+        if recipe is None:
             self.done = True
-            return None
-        base = max(ran, key=score) if ran else self.unscored[0]
-        order = [name for name in ranking(base.recipe.per_channel, self.backend.table_scale_per_row)
-                 if name in self.layers]
+        else:
+            self.fallback_started = True
+        return recipe
+
+    def has_next(self, known_ranking: Callable[[bool, bool], list[str] | None], score: Callable[[Trial], float],
+                 allow_fallback: bool) -> bool:
+        """Whether :meth:`next_recipe` would give a recipe, without taking one; a ranking not computed yet
+        (`known_ranking` gives None) counts as leaving one, as the search could not tell without running it."""
+        if self.done:
+            return False
+        if self.pending:
+            return True
+        base = self._fallback_base(score) if allow_fallback else None
+        if base is None:
+            return False
+        order = known_ranking(base.recipe.per_channel, self.backend.table_scale_per_row)
+        return order is None or self._untried_fallback(base, order) is not None
+
+    def _fallback_base(self, score: Callable[[Trial], float]) -> Trial | None:
+        """The trial the fallback keeps one more layer of in fp32: the best scored (every variant built but scored
+        NaN or inf, a loss overflowing while a layer is int8: the first, since a layer kept in fp32 may be what
+        scores); None when none ran."""
+        ran = [t for t in self.tried if t.metric is not None]
+        return max(ran, key=score) if ran else (self.unscored[0] if self.unscored else None)
+
+    def _untried_fallback(self, base: Trial, ranking: list[str]) -> Recipe | None:
+        """`base`'s recipe with one more of its layers in fp32, in `ranking`'s order, that no trial ran; None."""
+        order = [name for name in ranking if name in self.layers]
         tried = {t.recipe for t in self.tried}
         # one more layer in fp32 than the best so far; when that recipe ran already (it did not beat the best: ties
         # are common with accuracy), the next larger set, so that no trial repeats one
@@ -633,9 +657,7 @@ class _BackendSearch:
         for j in range(1, len(rest)):
             recipe = base.recipe.with_fp32_layers(fixed + tuple(rest[:j]))
             if recipe not in tried:
-                self.fallback_started = True
                 return recipe
-        self.done = True
         return None
 
 
@@ -1042,6 +1064,14 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     elif not interrupted and len(trials) >= config.max_trials and not any(t.meets_goal for t in trials):
         note(f"max_trials={config.max_trials} reached without meeting the goal.")
 
+    def recipes_left() -> bool:
+        """Whether a search had a recipe left when a limit ended it (a ranking it did not compute counts as one)."""
+        def known_ranking(per_channel: bool, table_scale_per_row: bool = True) -> list[str] | None:
+            return rankings.get((per_channel, table_scale_per_row or not has_tables))
+
+        fallback = not any(t.meets_goal for t in trials)
+        return any(search.has_next(known_ranking, score, fallback) for search in searches)
+
     def fast_enough(trial: Trial) -> bool:
         return config.min_speedup is None or trial.latency_s * config.min_speedup <= baseline_latency
 
@@ -1112,9 +1142,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                            f"{baseline_metric + 0.0:.6g}. "
                            + ("The search was interrupted before it ended." if interrupted else
                               "Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
-                              "Raise timeout_s or the tolerable loss." if timed_out else
-                              "Raise max_trials or the tolerable loss." if len(trials) >= config.max_trials else
-                              # every recipe the search knows was tried: more trials change nothing
+                              "Raise timeout_s or the tolerable loss." if timed_out and recipes_left() else
+                              "Raise max_trials or the tolerable loss." if recipes_left() else
+                              # every recipe the search knows was tried: more trials or time change nothing
                               "Every recipe was tried: raise the tolerable loss, or give other backends."))
             elif not trials:  # nothing failed: the search ended before its first trial
                 why = ("timeout_s reached before the first trial" if timed_out else
