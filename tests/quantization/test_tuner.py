@@ -1713,3 +1713,12 @@ def test_a_goal_not_met_is_said_with_the_limit_that_ended_the_search():
                               eval_fn=lambda m: closeness(m, pause), example_inputs=x[:16])
         assert len(result.trials) == trials
     assert any("(metric >= 0)" in m and "vs fp32 0." in m for m in result.messages)  # (the fp32 -0.0 said as -0)
+    assert "fp32 baseline metric 0; goal: metric >= 0" in result.messages
+    single = nn.Sequential(nn.Linear(8, 4)).eval()  # its fallback has no layer to keep in fp32: 2 recipes in all
+    with torch.no_grad():
+        reference = single(x)
+    with pytest.warns(QuantizationGoalWarning, match=re.escape(every)):
+        result = quantize(single, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=2,
+                                            latency_repeats=2, num_threads=1, accuracy=criterion),
+                          eval_fn=closeness, example_inputs=x[:16])
+    assert len(result.trials) == 2

@@ -634,7 +634,9 @@ class _BackendSearch:
         if base is None:
             return False
         order = known_ranking(base.recipe.per_channel, self.backend.table_scale_per_row)
-        return order is None or self._untried_fallback(base, order) is not None
+        if order is None:  # (any order of two or more layers int8 in the base has one to keep in fp32)
+            return len(set(self.layers) - set(base.recipe.fp32_layers)) >= 2
+        return self._untried_fallback(base, order) is not None
 
     def _fallback_base(self, score: Callable[[Trial], float]) -> Trial | None:
         """The trial the fallback keeps one more layer of in fp32: the best scored (every variant built but scored
@@ -866,8 +868,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         note(UNUSED_MODEL_MESSAGE)
     criterion = config.accuracy
     threshold = criterion.threshold(baseline_metric)
-    note(f"fp32 baseline metric {baseline_metric:.6g}; goal: metric "
-         f"{'>=' if criterion.higher_is_better else '<='} {threshold:.6g}")
+    note(f"fp32 baseline metric {baseline_metric + 0.0:.6g}; goal: metric "  # (+ 0.0: -0.0 said as 0)
+         f"{'>=' if criterion.higher_is_better else '<='} {threshold + 0.0:.6g}")
     no_margin = criterion.relative and criterion.tolerable_loss > 0 and baseline_metric == 0
     if no_margin:  # a fidelity loss (the candidate against the fp32 outputs) is 0 for fp32: every int8 model fails
         zero = ("the fp32 metric is 0, so a tolerance relative to it allows no change at all; "
