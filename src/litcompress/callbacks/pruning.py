@@ -665,8 +665,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         rounds = math.inf if max_epochs == -1 else max_epochs - trainer.current_epoch
         # a reset this callback owes from its last fit masks every target again as training starts
         owes_reset = self._reset_pending or self._ticket_zeros_to_mask
-        pruned = [q for q, (m, n) in zip(engine.qualified_names(trainer.lightning_module, self._parameters_to_prune),
-                                         self._parameters_to_prune) if owes_reset or engine.is_pruned(m, n)]
+        targets = list(self._parameters_to_prune or [])  # (none yet where the layers come later: lazy ones)
+        pruned = [q for q, (m, n) in zip(engine.qualified_names(trainer.lightning_module, targets), targets)
+                  if owes_reset or engine.is_pruned(m, n)]
         if rounds < 1 or (rounds < 2 and not pruned):
             return
         cannot = (f"`{self._method.__name__}` is structured but has no `dim`, so it can prune a tensor only once"
