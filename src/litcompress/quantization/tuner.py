@@ -951,10 +951,13 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     modules = dict(fp32.named_modules())
     has_tables = any(isinstance(modules.get(name), (nn.Embedding, nn.EmbeddingBag)) for name in layers)
 
+    def ranking_key(per_channel: bool, table_scale_per_row: bool) -> tuple[bool, bool]:
+        return per_channel, table_scale_per_row or not has_tables
+
     def ranking(per_channel: bool, table_scale_per_row: bool = True) -> list[str]:
         # (a backend's one scale per embedding table ranks the table as it quantizes it: per row, a table with one
         # outlier row looked harmless and was never kept in fp32)
-        key = (per_channel, table_scale_per_row or not has_tables)
+        key = ranking_key(per_channel, table_scale_per_row)
         if key not in rankings:
             try:
                 scores = layer_sensitivity(fp32, layers, calibration, config.approach, per_channel, key[1])
@@ -1069,7 +1072,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
     def recipes_left() -> bool:
         """Whether a search had a recipe left when a limit ended it (a ranking it did not compute counts as one)."""
         def known_ranking(per_channel: bool, table_scale_per_row: bool = True) -> list[str] | None:
-            return rankings.get((per_channel, table_scale_per_row or not has_tables))
+            return rankings.get(ranking_key(per_channel, table_scale_per_row))
 
         fallback = not any(t.meets_goal for t in trials)
         return any(search.has_next(known_ranking, score, fallback) for search in searches)
