@@ -1462,3 +1462,29 @@ def test_global_importance_scores_of_mixed_dtypes_are_ranked_in_one_that_holds_t
                importance_scores={(b, "weight"): torch.tensor([values], dtype=torch.int32)})
         assert mask_of(b, "weight")[0, 0] == 0 and bool(mask_of(b, "weight")[0, 1:].all())  # the smallest score
         assert mask_of(a, "weight").dtype == mask_of(b, "weight").dtype == torch.float16
+
+
+class _RandomRowsSubclass(torch_prune.RandomStructured):
+    """A random method of one's own that keeps the base class's draw."""
+
+
+@pytest.mark.parametrize("call", ["prune_", "prune_to_sparsity_"])
+@pytest.mark.parametrize("method, kwargs, ranked_by", [
+    ("random_unstructured", dict(scope="local"), "l1_unstructured"),
+    ("random_unstructured", dict(scope="global"), "l1_unstructured"),
+    ("random_structured", dict(scope="local", dim=0), "ln_structured"),
+    (_RandomRowsSubclass, dict(scope="local", dim=0), "ln_structured"),
+])
+def test_importance_scores_given_to_a_random_method_are_refused_before_any_target_is_masked(call, method, kwargs,
+                                                                                          ranked_by):
+    """A random draw reads no scores: they were dropped without a word (torch's random_* functions refuse them)."""
+    layer = nn.Linear(5, 4)
+    scores = torch.rand(4, 5)
+    given = scores if kwargs["scope"] == "local" else {(layer, "weight"): scores}
+    function = prune_ if call == "prune_" else prune_to_sparsity_
+    with pytest.raises(TypeError, match=rf"{call}\(importance_scores=\.\.\.\): \w+ draws its mask at random.*"
+                                        rf"rank by them with '{ranked_by}'"):
+        function([(layer, "weight")], method, 0.5, importance_scores=given, **kwargs)
+    assert not is_pruned(layer, "weight")
+    function([(layer, "weight")], method, 0.5, **kwargs)  # (without scores the round runs)
+    assert is_pruned(layer, "weight")

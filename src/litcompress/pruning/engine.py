@@ -757,7 +757,7 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
         raise ValueError(f"Global pruning needs an unstructured method, got {method_cls.__name__}.")
     if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
         raise _local_dict_scores_error("prune_", method_cls)
-    check_importance_scores(targets, method_kwargs, scope, "prune_")
+    check_importance_scores(targets, method_cls, method_kwargs, scope, "prune_")
     fast_path = (scope == "global" and method_cls is torch_prune.L1Unstructured
                  and "importance_scores" not in method_kwargs)
     if not fast_path:
@@ -886,14 +886,22 @@ def _local_dict_scores_error(owner: str, method: type[torch_prune.BasePruningMet
                                          if structured else "."))
 
 
-def check_importance_scores(targets: Sequence[Target], method_kwargs: Mapping[str, Any], scope: Scope,
-                            owner: str) -> None:
+def check_importance_scores(targets: Sequence[Target], method: type[torch_prune.BasePruningMethod],
+                            method_kwargs: Mapping[str, Any], scope: Scope, owner: str) -> None:
     """Refuse, before any target changes, ``importance_scores`` that do not fit the targets: a local round's one
     tensor of another target's shape (torch's assert came after the first target was masked), a global round's of
-    another shape than its tensor (ranked in another tensor's places, or torch's IndexError)."""
+    another shape than its tensor (ranked in another tensor's places, or torch's IndexError), and any given to a
+    method that draws its mask at random (they were ignored)."""
     scores = method_kwargs.get("importance_scores")
     if scores is None:
         return
+    random_draw = {torch_prune.RandomUnstructured.compute_mask: "random_unstructured",
+                   torch_prune.RandomStructured.compute_mask: "random_structured"}.get(method.compute_mask)
+    if random_draw is not None:  # (torch's random_* functions refuse the argument; its apply passes them unread)
+        ranked_by = "ln_structured" if random_draw == "random_structured" else "l1_unstructured"
+        raise TypeError(f"{owner}(importance_scores=...): {method.__name__} draws its mask at random and reads no "
+                        f"scores, so they would be ignored (torch's {random_draw} refuses the argument). Drop "
+                        f"importance_scores, or rank by them with {ranked_by!r}.")
     if scope == "global":
         _flattenable_scores(targets, method_kwargs)  # (its keys and shapes)
         return
@@ -1181,7 +1189,7 @@ def prune_to_sparsity_(
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
     if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
         raise _local_dict_scores_error("prune_to_sparsity_", method_cls)  # (a grouped round took it for a tensor)
-    check_importance_scores(targets, method_kwargs, scope, "prune_to_sparsity_")  # (each round is one target's)
+    check_importance_scores(targets, method_cls, method_kwargs, scope, "prune_to_sparsity_")
     keep_multiple_of = check_keep_multiple_of(keep_multiple_of, method_cls)
     if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):
         _warn_of_unmasked_zeros(targets, method_cls)
