@@ -817,3 +817,45 @@ def test_inputs_and_frozen_layers_prepare_qat_cannot_take_are_named():
                                           r"can trace"):
         prepare_qat(model, (torch.randn(4, 8),), copy=False)
     assert int(model.calls) == 0  # the eager try ran on a copy, in training mode, as the export did
+
+
+class _SomeLayersTorchaoSkips(nn.Module):
+    """A Conv3d and a ConvTranspose2d, which torchao's x86 quantizer does not annotate, beside layers it takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.volume = nn.Conv3d(2, 4, 3)
+        self.up = nn.ConvTranspose2d(4, 5, 2)
+        self.mix = nn.Conv2d(5, 6, 1)
+        self.norm = nn.BatchNorm2d(6)  # (QAT's conv-bn fusion scales mix's weight before its fake quantizer)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(self.volume(x).mean(2))
+        return self.head(self.norm(self.mix(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("fp32_layers, named", [
+    ((), "volume \\(Conv3d\\), up \\(ConvTranspose2d\\) stay"),
+    (("volume",), "up \\(ConvTranspose2d\\) stays"),
+    (("volume", "up"), None),
+])
+def test_layers_the_quantizer_leaves_in_fp32_are_named_and_are_those_the_int8_model_runs_in_fp32(fp32_layers, named):
+    """A Conv3d beside a Linear: the Linear was quantized, the Conv3d ran in fp32 in the "int8" model, and nothing
+    said so."""
+    model = _SomeLayersTorchaoSkips()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qat = prepare_qat(model, (torch.randn(2, 2, 4, 6, 6),), QATConfig(fp32_layers=fp32_layers))
+    said = [str(w.message) for w in caught if str(w.message).startswith("prepare_qat: torchao's x86 quantizer")]
+    if named is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and re.search(named + " float32 in the int8 model", said[0]), said
+        left = tuple(name for name in ("volume", "up") if name not in fp32_layers)
+        assert said[0].endswith(f"list them in QATConfig(fp32_layers={left!r}).")
+    if fp32_layers:
+        return  # (converting a conv-bn QAT graph takes torchao ~15 s here: once is enough)
+    program = qat.convert().model.program
+    int8_shapes = {tuple(t.shape) for t in program.buffers() if t.dtype == torch.int8}
+    assert int8_shapes == {tuple(model.mix.weight.shape), tuple(model.head.weight.shape)}  # the rest ran in fp32

@@ -514,8 +514,42 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         raise ValueError(f"prepare_qat: no layer of {type(model).__name__} is quantized{left}: torchao's x86 "
                          "quantizer takes Linear and Conv1d/Conv2d layers (and the ops around them); with none, "
                          "QAT would train an fp32 model and convert it to itself.")
+    left_in_fp32 = _layers_left_in_fp32(model, prepared, config.fp32_layers)
+    if left_in_fp32:  # (the int8 model would run them in fp32, and nothing said so)
+        warnings.warn(f"prepare_qat: torchao's x86 quantizer takes Linear and Conv1d/Conv2d layers; "
+                      f"{', '.join(left_in_fp32[:6])}{' ...' if len(left_in_fp32) > 6 else ''} "
+                      f"{'stays' if len(left_in_fp32) == 1 else 'stay'} float32 in the int8 model (not "
+                      "fake-quantized). To say that is meant, list them in "
+                      f"QATConfig(fp32_layers={tuple(name.split(' ')[0] for name in left_in_fp32[:6])!r}).",
+                      UserWarning, stacklevel=2)
     qat.dynamic_dims = dynamic_dims
     return qat
+
+
+def _layers_left_in_fp32(model: nn.Module, graph: torch.fx.GraphModule, fp32_layers: Sequence[str]) -> list[str]:
+    """The convolution and Linear layers of `model` (``"name (Type)"``) whose weights reach no fake quantizer in the
+    prepared `graph` before their own layer's op (a Conv3d, a ConvTranspose2d), besides those `fp32_layers` keeps."""
+    layers = {f"{name}.weight": (name, module) for name, module in model.named_modules()
+              if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+              and not any(name == kept or name.startswith(kept + ".") for kept in fp32_layers)}
+    fake_quantizer_names = {name for name, module in graph.named_modules()
+                            if isinstance(getattr(module, "observer_enabled", None), torch.Tensor)}
+    layer_ops = ("conv", "linear", "mm", "matmul")  # (past these, a fake quantizer is the activation's)
+    left = []
+    for node in graph.graph.nodes:
+        if node.op != "get_attr" or node.target not in layers:
+            continue
+        frontier, quantized = list(node.users), False
+        while frontier and not quantized:
+            user = frontier.pop()
+            if user.op == "call_module" and user.target in fake_quantizer_names:
+                quantized = True
+            elif user.op == "call_function" and not any(op in str(user.target) for op in layer_ops):
+                frontier.extend(user.users)  # (QAT's conv-bn fusion scales the weight first)
+        if not quantized:
+            name, module = layers[node.target]
+            left.append(f"{name} ({type(module).__name__})")
+    return left
 
 
 def frozen_inside(model: nn.Module) -> list[str]:
