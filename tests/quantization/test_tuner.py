@@ -1722,3 +1722,26 @@ def test_a_goal_not_met_is_said_with_the_limit_that_ended_the_search():
                                             latency_repeats=2, num_threads=1, accuracy=criterion),
                           eval_fn=closeness, example_inputs=x[:16])
     assert len(result.trials) == 2
+
+
+@pytest.mark.parametrize("approach", ["dynamic", "static"])
+def test_example_inputs_of_one_sample_without_its_batch_dim_are_refused_before_any_work(approach):
+    """example_inputs=x[0] beside batches of x: a Linear front took the 1-d sample, every candidate was exported with
+    the features as the free batch dim and failed ("Invalid rank for input"), and the fp32 model came back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(32, 16)
+    calls = []
+
+    def eval_fn(m):
+        calls.append(m)
+        return 1.0
+
+    config = PTQConfig(approach=approach, backends=("onnxruntime",), max_trials=1)
+    with pytest.raises(ValueError, match=r"quantize\(example_inputs=...\): input 0 has shape \(16,\), the calibration "
+                                         r"batches' \(32, 16\): one sample without its batch dim. Give a batch "
+                                         r"\(x\[:1\]"):
+        quantize(model, config, eval_fn=eval_fn, calibration_data=[x], example_inputs=x[0])
+    assert calls == []  # not even the baseline
+    kept = quantize(model, config, eval_fn=eval_fn, calibration_data=[x], example_inputs=x[:1])  # one sample, batched
+    assert kept.recipe is not None and kept.recipe.backend == "onnxruntime"

@@ -313,6 +313,21 @@ def check_batches_match_example(batches: Sequence[Inputs], example_inputs: Input
                 "the inputs of example_inputs.")
 
 
+def check_example_keeps_batch_dim(batches: Sequence[Inputs], example_inputs: Inputs) -> None:
+    """Refuse `example_inputs` holding one sample without its batch dim (``x[0]`` where the batches hold ``x[:32]``):
+    a Linear front takes it, then every candidate was exported with the features as the free batch dim and failed on
+    the batches (or the eval data) in its backend's words, and the fp32 model came back."""
+    for batch in batches[:1]:
+        for i, (given, sample) in enumerate(zip(batch, example_inputs)):
+            if (isinstance(given, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.dim() >= 1
+                    and given.dim() == sample.dim() + 1 and tuple(given.shape[1:]) == tuple(sample.shape)):
+                raise ValueError(
+                    f"quantize(example_inputs=...): input {i} has shape {tuple(sample.shape)}, the calibration "
+                    f"batches' {tuple(given.shape)}: one sample without its batch dim. Give a batch (x[:1], or "
+                    "x.unsqueeze(0) for one sample): every candidate is exported on example_inputs with dim 0 as "
+                    "its batch dim.")
+
+
 def warn_time_major_inputs(model: nn.Module, inputs: Inputs, declared: DynamicDims | None, where: str) -> None:
     """Warn when an input reaches a time-major layer (``batch_first=False``: torch's default for attentions,
     Transformer layers and RNNs) with its dim 1 as that layer's batch, and dim 1 is not declared free: the files
@@ -746,6 +761,7 @@ def quantize(
     # forward each, as one calibration pass
     check_calibration_batches(probe, calibration, calibration_data, default_input_fn_used)
     if not calibration or example_inputs is not calibration[0]:  # checked before eval_fn runs the baseline
+        check_example_keeps_batch_dim(calibration, example_inputs)
         check_model_runs(probe, example_inputs, what="example_inputs", default_input_fn_used=False)
         if config.approach == "static":  # (dynamic and weight-only candidates are not calibrated on the batches)
             check_batches_match_example(calibration, example_inputs)
