@@ -69,10 +69,10 @@ def test_removing_heads_whose_values_are_zero_keeps_every_output(heads, head_dim
         replaced = holder.attention
         got, weights = replaced(x, x, x, **kwargs)
     assert kept == []
-    if not dead:
+    survivors = heads - len(dead) or 1  # no head left: one stays, adding nothing
+    if survivors == heads:  # (a single head, zero: nothing to remove)
         assert removed == [] and replaced is attention
     else:
-        survivors = heads - len(dead) or 1  # no head left: one stays, adding nothing
         assert isinstance(replaced, HeadPrunedAttention) and replaced.num_heads == survivors
         assert [(h.heads_before, h.heads_after) for h in removed] == [(heads, survivors)]
         per_head = 4 * embed * head_dim + (3 * head_dim if bias else 0)  # q, k, v rows and biases, out_proj columns
@@ -471,3 +471,69 @@ def test_head_pruned_attention_takes_is_causal_without_a_mask_where_torch_does()
                               need_weights=need_weights)
                 torch.testing.assert_close(rewritten(x, x, x, **kwargs), attention(x, x, x, **kwargs), rtol=1e-5,
                                            atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(heads=st.sampled_from([1, 2, 3, 4, 6, 8]), head_dim=st.sampled_from([2, 4, 6, 8]),
+       multiple=st.sampled_from([1, 4, 8, 16, 24]), zero=st.data(), seed=st.integers(0, 2**16))
+def test_shrink_keeps_a_multiple_of_keep_multiple_of_channels_in_each_attention_and_every_output(heads, head_dim,
+                                                                                              multiple, zero, seed):
+    """keep_multiple_of was ignored for attention heads: 5 of 8 heads of 8 channels kept 40 with a multiple of 16."""
+    torch.manual_seed(seed)
+    embed = heads * head_dim
+    holder = Holder(nn.MultiheadAttention(embed, heads, batch_first=True)).eval()
+    dead = sorted(zero.draw(st.sets(st.integers(0, heads - 1))))
+    _zero_values_(holder.attention, dead)
+    x = torch.randn(2, 5, embed)
+    with torch.no_grad():
+        expected = holder(x)
+    result = shrink(holder, (x,), keep_multiple_of=multiple)
+    replaced = result.model.attention
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), expected, rtol=1e-5, atol=1e-5)
+    alive = heads - len(dead) or 1
+    # the fewest heads, at least those alive, whose channels are a multiple (all of them where none is)
+    fits = [k for k in range(alive, heads + 1) if k * head_dim % multiple == 0]
+    kept_heads = fits[0] if fits else heads
+    if kept_heads == heads:
+        assert not isinstance(replaced, HeadPrunedAttention)
+        assert result.report.heads_removed == 0
+        said = [why for _, why in result.report.kept if "leaves none of its zero heads to remove" in why]
+        assert len(said) == (alive < heads)  # (the multiple kept them, not a single zero head with nothing to remove)
+    else:
+        assert isinstance(replaced, HeadPrunedAttention) and replaced.num_heads == kept_heads
+        widths = {replaced.q_proj.out_features, replaced.k_proj.out_features, replaced.v_proj.out_features,
+                  replaced.out_proj.in_features}
+        assert widths == {kept_heads * head_dim} and kept_heads * head_dim % multiple == 0
+        assert result.report.heads_removed == heads - kept_heads
+
+
+@pytest.mark.parametrize("heads, head_dim, multiple, fraction, pruned", [
+    (8, 8, 16, 0.4, 2),   # 3 rounded to 2: six heads of 8 keep 48 channels
+    (8, 8, 16, 0.5, 4),   # 4 already leaves 32
+    (8, 6, 16, 0.5, 0),   # a multiple of 16 in heads of 6 is 8 heads (48): every head stays
+    (6, 4, 8, 0.9, 4),    # 5 of 6 would leave one head (4 channels): two stay
+])
+def test_prune_heads_with_keep_multiple_of_masks_fewer_heads_so_the_rest_fill_the_multiple(heads, head_dim, multiple,
+                                                                                          fraction, pruned):
+    holder = Holder(nn.MultiheadAttention(heads * head_dim, heads))
+    assert prune_heads_(holder, fraction, keep_multiple_of=multiple) == {"attention": pruned}
+    assert int(zero_heads(holder.attention).sum()) == pruned
+    assert prune_heads_(Holder(nn.MultiheadAttention(heads * head_dim, heads)), fraction) == {
+        "attention": min(round(fraction * heads), heads - 1)}  # (without it, as before)
+
+
+def test_the_pipeline_prunes_and_shrinks_heads_to_a_multiple_of_keep_multiple_of(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerClassifier(heads=8)
+    attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    x = torch.randn(16, 1, 8, 8)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.25, method="ln_structured", heads=0.4),
+                               keep_multiple_of=2 * attentions[0].head_dim, fp32_format="onnx", latency_repeats=2)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x, output_dir=tmp_path)
+    pruned = [m for m in result.stage_models["pruned"].modules() if isinstance(m, nn.MultiheadAttention)]
+    assert [int(zero_heads(a).sum()) for a in pruned] == [2] * len(attentions)  # round(0.4 * 8) = 3, rounded to 2
+    shrunk = [m for m in result.model.modules() if isinstance(m, HeadPrunedAttention)]
+    assert [m.num_heads for m in shrunk] == [6] * len(attentions)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), result.stage_models["pruned"](x), rtol=1e-4, atol=1e-5)

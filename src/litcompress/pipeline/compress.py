@@ -799,8 +799,8 @@ class _Pruning:
         """Prune the attention heads due at `sparsity` (``PruneConfig.heads`` in proportion); True if any are."""
         if not self.prune.heads:
             return False
-        masked = sum(prune_heads_(self.model, self.prune.heads_at(sparsity), exclude=tuple(self.prune.exclude or ()))
-                     .values())
+        masked = sum(prune_heads_(self.model, self.prune.heads_at(sparsity), exclude=tuple(self.prune.exclude or ()),
+                                  keep_multiple_of=self.keep_multiple_of).values())
         grew, self.heads_masked = masked > self.heads_masked, masked
         return grew
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .engine import apply_mask_, check_fraction, check_module_names, effective_tensor, is_excluded
+from .schedules import block_multiple, kept_multiple, structured_pruned_count
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
@@ -228,10 +229,17 @@ def prunable_attentions(model: nn.Module, exclude: tuple[str, ...] = ()) -> list
             if not is_excluded(name, exclude) and _why_not(attention) is None]
 
 
-def heads_to_prune(heads: int, fraction: float) -> int:
+def heads_to_prune(heads: int, fraction: float, heads_multiple: int | None = None) -> int:
     """How many of an attention's `heads` a round at `fraction` masks (before those already zero): the rounded
-    count, never every head."""
-    return min(int(round(fraction * heads)), heads - 1)
+    count, never every head; with `heads_multiple` (:func:`heads_multiple`), fewer, so that the heads kept are a
+    multiple of it (at least that many, or all)."""
+    return structured_pruned_count(heads, fraction, heads_multiple)
+
+
+def heads_multiple(keep_multiple_of: int | None, head_dim: int) -> int | None:
+    """The multiple of heads an attention keeps so that its projections keep a multiple of `keep_multiple_of`
+    channels (``head_dim`` each): 8-wide heads keep an even count for a multiple of 16."""
+    return block_multiple(keep_multiple_of, head_dim)  # (the same arithmetic as equal blocks of channels)
 
 
 def smallest_fraction_pruning_one(size: int, count: Callable[[int, float], int]) -> float | None:
@@ -257,13 +265,15 @@ def none_pruned_message(owner: str, final: float, what: str, none: dict[str, int
     return f"{owner}: {final:g} {what} prunes none in {listed}; {'; '.join(advice)}."
 
 
-def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] = (),
+                 keep_multiple_of: int | None = None) -> dict[str, int]:
     """Mask the ``round(fraction * num_heads)`` heads with the smallest :func:`attention_head_norms` in each
     ``nn.MultiheadAttention`` of `model` (at least one head stays): their query, key and value rows and biases,
     through ``torch.nn.utils.prune`` masks on ``in_proj_weight`` / ``in_proj_bias``. Heads already masked (or zero)
     stay masked, whatever the fraction, so growing fractions along a schedule prune a growing set. Returns the masked
     head count per attention. Attentions named in `exclude`, or whose heads cannot be removed (see the module
-    docstring), are left.
+    docstring), are left. With `keep_multiple_of`, fewer heads, so that the heads kept hold a multiple of that many
+    channels (as :func:`~litcompress.pruning.shrink` keeps them).
     """
     fraction = check_fraction(fraction, "prune_heads_", "fraction", "each attention's heads")
     exclude = check_module_names(model, exclude, "prune_heads_", "exclude")  # a string excluded nothing
@@ -273,7 +283,8 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
         attention = modules[name]
         heads, zero = attention.num_heads, zero_heads(attention)
         # never fewer than are zero already: a smaller fraction does not bring masked heads back
-        count = min(max(heads_to_prune(heads, fraction), int(zero.sum())), heads - 1)  # one head always stays
+        count = min(max(heads_to_prune(heads, fraction, heads_multiple(keep_multiple_of, attention.head_dim)),
+                        int(zero.sum())), heads - 1)  # one head always stays
         norms = attention_head_norms(attention)
         norms[zero] = -1.0  # pruned earlier (or dead): first out
         order = torch.argsort(norms, stable=True)
@@ -331,12 +342,14 @@ def _replace_attention_(model: nn.Module, attention: nn.Module, replacement: nn.
     return left
 
 
-def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[str, str]]]:
+def remove_zero_heads_(model: nn.Module, keep_multiple_of: int | None = None
+                       ) -> tuple[list[HeadShrink], list[tuple[str, str]]]:
     """Replace, in place, each ``nn.MultiheadAttention`` of `model` that has heads adding nothing (:func:`zero_heads`)
     with a :class:`HeadPrunedAttention` of its other heads (at least one); outputs are unchanged. Returns what was
     removed and, for attentions with zero heads that had to stay, why. A masked attention is read through its masks
     (the replacement holds the effective weights, no masks). The replacement's attention weights
-    (``need_weights=True``) average its kept heads only.
+    (``need_weights=True``) average its kept heads only. With `keep_multiple_of`, zero heads stay where needed so
+    that the projections keep a multiple of that many channels (all heads, where none does).
     """
     removed: list[HeadShrink] = []
     kept: list[tuple[str, str]] = []
@@ -350,6 +363,15 @@ def remove_zero_heads_(model: nn.Module) -> tuple[list[HeadShrink], list[tuple[s
             kept.append((name, f"its zero heads stay: {reason}"))
             continue
         keep = (~zero).nonzero().flatten().tolist() or [0]  # an attention with no head left keeps one (it adds 0)
+        if len(keep) == attention.num_heads:  # (its one head, zero: nothing to remove)
+            continue
+        wanted = kept_multiple(attention.num_heads, len(keep), heads_multiple(keep_multiple_of, attention.head_dim))
+        if wanted == attention.num_heads:
+            kept.append((name, f"keeping a multiple of {keep_multiple_of} channels ({attention.head_dim} per head) "
+                               "leaves none of its zero heads to remove"))
+            continue
+        spare = [head for head in zero.nonzero().flatten().tolist() if head not in keep]  # (zero heads add nothing)
+        keep = sorted(keep + spare[:wanted - len(keep)])
         nested += _replace_attention_(model, attention, _without_heads(attention, keep))
         removed.append(HeadShrink(name, attention.num_heads, len(keep), attention.head_dim))
     if nested:

@@ -2818,7 +2818,7 @@ def shrink_(
                                                                                   Tensor)
              and bool(_zero_channels(module).any())]
     # Last: an attention is replaced by another module, and the tracing above saw the original.
-    heads, heads_kept = remove_zero_heads_(model)
+    heads, heads_kept = remove_zero_heads_(model, keep_multiple_of)
     report = ShrinkReport(tuple(layers), tuple(kept + heads_kept), before, _count_parameters(model), tuple(heads))
     if example_inputs is not None:
         shrunk = [layer.name for layer in layers] + [f"{head.name} ({head.removed} heads)" for head in heads]
