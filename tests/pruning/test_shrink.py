@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from torch import nn
 
 from litcompress import ModelPruning, shrink
@@ -1621,7 +1621,8 @@ def test_removable_channels_names_the_layers_structured_pruning_can_shrink() -> 
 class PooledByReduction(nn.Module):
     """Convs whose activations are reduced over their spatial dims before the Linear head, written as code does it:
     ``x.mean(-1)`` on a 1-d signal, ``x.mean((2, 3))``, ``torch.amax(x, dim=[2, 3])``, ``keepdim`` then a flatten,
-    a flatten of the pooled (batch, channels) that changes nothing (it kept every channel)."""
+    a flatten of the pooled (batch, channels) that changes nothing, or a view of it to the batch size of the unpooled
+    activations (each kept every channel)."""
 
     def __init__(self, spatial: int, pool: str) -> None:
         super().__init__()
@@ -1642,13 +1643,17 @@ class PooledByReduction(nn.Module):
             x = torch.amax(x, dim=list(dims))
         elif self.pool == "flattened":
             x = torch.flatten(x.mean(dims), 1)
+        elif self.pool == "viewed":  # the batch size read of the unpooled x (it kept every channel)
+            x = x.mean(dims).view(x.size(0), -1)
         else:  # keepdim, then a flatten
             x = torch.flatten(x.mean(dims, keepdim=True), 1)
         return self.head(x)
 
 
 @settings(max_examples=40, deadline=None)
-@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim", "flattened"]),
+@example(spatial=2, pool="viewed", dead1=[], dead2=[1, 3], seed=0)
+@example(spatial=1, pool="viewed", dead1=[2], dead2=[0], seed=1)  # (dim -1: the example inputs give the rank)
+@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim", "flattened", "viewed"]),
        dead1=st.lists(st.integers(0, 7), unique=True, max_size=8),
        dead2=st.lists(st.integers(0, 5), unique=True, max_size=6), seed=st.integers(0, 2**16))
 def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_channels(spatial, pool, dead1, dead2,

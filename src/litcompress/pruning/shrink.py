@@ -855,12 +855,22 @@ def _same_dim_0(source: fx.Node, modules: dict[str, nn.Module] | None) -> list[f
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         keeps = isinstance(module, _KEEPING_DIM_0) or (node.op == "call_function" and node.target in (
             _ELEMENTWISE_FUNCTIONS | _POOLING_FUNCTIONS | _AVG_POOLING_FUNCTIONS | _DROPOUT_FUNCTIONS)) or (
-            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+            node.op == "call_method" and node.target in _ELEMENTWISE_METHODS) or _keeps_dim_0_reducing(node)
         if not keeps or not node.args or not isinstance(node.args[0], fx.Node):
             break
         node = node.args[0]
         found.append(node)
     return found
+
+
+def _keeps_dim_0_reducing(node: fx.Node) -> bool:
+    """Whether `node` is a reduction (``x.mean((2, 3))``, a sum, amax, amin) over dims that are not dim 0: written
+    as positive dims, or as negative ones of a tensor whose rank the example inputs showed."""
+    reduced = _reduction_dims(node, ("mean", "sum", "amax", "amin"))
+    if reduced is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    rank = _rank(node.args[0])
+    return all(d >= 1 if d >= 0 else rank is not None and -rank < d for d in reduced[0])
 
 
 def _is_batch_size(node: object, source: fx.Node, modules: dict[str, nn.Module] | None = None) -> bool:
