@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import hypothesis.strategies as st
@@ -506,6 +507,9 @@ def test_shrink_keeps_a_multiple_of_keep_multiple_of_channels_in_each_attention_
                   replaced.out_proj.in_features}
         assert widths == {kept_heads * head_dim} and kept_heads * head_dim % multiple == 0
         assert result.report.heads_removed == heads - kept_heads
+        stay = [why for _, why in result.report.kept if "of its zero heads stay" in why]
+        assert stay == ([f"{kept_heads - alive} of its zero heads stay: keeping a multiple of {multiple} channels "
+                         f"({head_dim} per head)"] if kept_heads > alive else [])  # (said, not kept without a word)
 
 
 @pytest.mark.parametrize("heads, head_dim, multiple, fraction, pruned", [
@@ -523,12 +527,15 @@ def test_prune_heads_with_keep_multiple_of_masks_fewer_heads_so_the_rest_fill_th
         "attention": min(round(fraction * heads), heads - 1)}  # (without it, as before)
 
 
-def test_the_pipeline_prunes_and_shrinks_heads_to_a_multiple_of_keep_multiple_of(tmp_path):
+@pytest.mark.parametrize("method", ["ln_structured", "l1_unstructured"])
+def test_the_pipeline_prunes_and_shrinks_heads_to_a_multiple_of_keep_multiple_of(method, tmp_path):
+    """Heads are removed whatever the method prunes beside them: with an unstructured one they were pruned without
+    the multiple, and shrink kept a pruned head of each attention (zero, trained for nothing)."""
     torch.manual_seed(0)
     model = TransformerClassifier(heads=8)
     attentions = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     x = torch.randn(16, 1, 8, 8)
-    config = CompressionConfig(prune=PruneConfig(sparsity=0.25, method="ln_structured", heads=0.4),
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.25, method=method, heads=0.4),
                                keep_multiple_of=2 * attentions[0].head_dim, fp32_format="onnx", latency_repeats=2)
     result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x, output_dir=tmp_path)
     pruned = [m for m in result.stage_models["pruned"].modules() if isinstance(m, nn.MultiheadAttention)]
@@ -537,3 +544,28 @@ def test_the_pipeline_prunes_and_shrinks_heads_to_a_multiple_of_keep_multiple_of
     assert [m.num_heads for m in shrunk] == [6] * len(attentions)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), result.stage_models["pruned"](x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_heads_fraction_that_keep_multiple_of_rounds_to_no_head_is_refused_before_the_pipeline_runs(tmp_path):
+    """0.1 of 8 heads of 4 channels prunes one; keeping a multiple of 8 channels (an even count) prunes none: the
+    pipeline pruned no head and its report said 10% of them."""
+    model = TransformerClassifier(heads=8)
+    calls = []
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.25, method="ln_structured", heads=0.1), keep_multiple_of=8,
+                               fp32_format="onnx", latency_repeats=2)
+    with pytest.raises(ValueError, match=r"PruneConfig\(heads=0.1\): 0.1 of each attention's heads prunes none "
+                                         r"in encoder.layers.0.self_attn \(8\), encoder.layers.1.self_attn \(8\); "
+                                         r"0.188 or more prunes one in each. No head would be pruned."):
+        compress(model, config, eval_fn=lambda m: calls.append(m) or 1.0, example_inputs=torch.randn(4, 1, 8, 8),
+                 output_dir=tmp_path)
+    assert calls == []
+    config = dataclasses.replace(config, keep_multiple_of=None)  # one head of each, as before
+    compress(model, config, eval_fn=lambda m: 1.0, example_inputs=torch.randn(4, 1, 8, 8), output_dir=tmp_path)
+
+
+@pytest.mark.parametrize("value", [0, -16, True, 16.0, "16"])
+def test_prune_heads_refuses_a_keep_multiple_of_that_is_no_positive_int_before_masking(value):
+    holder = Holder(nn.MultiheadAttention(64, 8))
+    with pytest.raises(ValueError, match=r"prune_heads_\(keep_multiple_of=.*\): expected an int >= 1"):
+        prune_heads_(holder, 0.4, keep_multiple_of=value)
+    assert int(zero_heads(holder.attention).sum()) == 0

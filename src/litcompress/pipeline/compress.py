@@ -36,7 +36,8 @@ from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_laz
                                         trainable_tensor, with_tied_targets)
 from litcompress.pruning.gradual import GradualPruner
 from litcompress.pruning.groups import BatchNormZeroer, ChannelGroup, prune_groups_
-from litcompress.pruning.heads import heads_to_prune, none_pruned_message, prunable_attentions, prune_heads_
+from litcompress.pruning.heads import (heads_multiple, heads_to_prune, none_pruned_message, prunable_attentions,
+                                       prune_heads_)
 from litcompress.pruning.methods import check_method_kwargs
 from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scripted, parametrized_tensors,
                                                   tied_folded_tensors, unfold_state_dict)
@@ -165,9 +166,11 @@ def _method_name(config: PruneConfig) -> str:
     return config.method if isinstance(config.method, str) else config.method.__name__
 
 
-def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...], *, warn: bool = True) -> None:
+def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...], *, warn: bool = True,
+                 keep_multiple_of: int | None = None) -> None:
     """Refuse a ``heads`` fraction with no attention to prune or that rounds to no head in every attention (each
-    prunes ``round(heads * num_heads)``: 0.2 of 2 heads pruned none, and the report said 20%); say it in some."""
+    prunes ``round(heads * num_heads)``, fewer where `keep_multiple_of` asks: 0.2 of 2 heads pruned none, and the
+    report said 20%); say it in some."""
     if not config.heads:
         return
     attentions = prunable_attentions(model, exclude)
@@ -175,11 +178,15 @@ def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...]
         raise ValueError(f"PruneConfig(heads={config.heads}): the model has no nn.MultiheadAttention whose heads can "
                          "be pruned (outside those excluded); prune no heads.")
     modules = dict(model.named_modules())
+    steps = {name: heads_multiple(keep_multiple_of, modules[name].head_dim) for name in attentions}
     none = {name: modules[name].num_heads for name in attentions
-            if heads_to_prune(modules[name].num_heads, config.heads) == 0}
+            if heads_to_prune(modules[name].num_heads, config.heads, steps[name]) == 0}
     if none:
+        # (the advice counts with the largest multiple of heads among them: attentions of one model share a width)
+        step = max((steps[name] for name in none if steps[name] is not None), default=None)
         message = none_pruned_message(f"PruneConfig(heads={config.heads:g})", config.heads,
-                                      "of each attention's heads", none, heads_to_prune)
+                                      "of each attention's heads", none,
+                                      lambda size, fraction: heads_to_prune(size, fraction, step), keep_multiple_of)
         if len(none) == len(attentions):
             raise ValueError(message + " No head would be pruned.")
         if warn:
@@ -714,11 +721,14 @@ class _Pruning:
     heads_masked: int = 0
     units: list[str] = dataclasses.field(default_factory=list)  # recurrent layers losing hidden units
     units_masked: int = 0
+    # the multiple of channels each attention's heads keep, whatever the method (an unstructured one's
+    # keep_multiple_of is None: shrink alone rounds its channels, but the heads it removes are pruned here)
+    heads_keep_multiple_of: int | None = None
 
     @classmethod
     def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
              note: Callable[[str], None], example_inputs: tuple | None = None, *,
-             fine_tuned: bool = False) -> _Pruning:
+             fine_tuned: bool = False, heads_keep_multiple_of: int | None = None) -> _Pruning:
         # one trace for the targets, the residual groups and the BatchNorms
         plan = _traced_plan(model, example_inputs)
         targets, left_out, units = _select_targets(model, prune, plan)
@@ -760,7 +770,9 @@ class _Pruning:
                                 ndims={getattr(m, n).dim() for m, n in subset})
         if keep_multiple_of is not None and keep_multiple_of > 1:
             _check_multiple_leaves_channels_to_prune(model, prune, keep_multiple_of, sets, groups, units, note)
-        return cls(model, prune, keep_multiple_of, targets, groups, sets, held_at_zero, units=units)
+        heads_multiple_of = keep_multiple_of if heads_keep_multiple_of is None else heads_keep_multiple_of
+        return cls(model, prune, keep_multiple_of, targets, groups, sets, held_at_zero, units=units,
+                   heads_keep_multiple_of=heads_multiple_of)
 
     def prune_once_(self, sparsity: float) -> int:
         """Prune every set and group to `sparsity` at once (entries pruned before stay); returns how many entries
@@ -785,7 +797,7 @@ class _Pruning:
         if not self.units:
             return False
         masked = sum(prune_units_(self.model, sparsity, n=self.prune.norm, names=tuple(self.units),
-                                  keep_multiple_of=self.keep_multiple_of).values())
+                                  keep_multiple_of=self.heads_keep_multiple_of).values())
         grew, self.units_masked = masked > self.units_masked, masked
         return grew
 
@@ -800,7 +812,7 @@ class _Pruning:
         if not self.prune.heads:
             return False
         masked = sum(prune_heads_(self.model, self.prune.heads_at(sparsity), exclude=tuple(self.prune.exclude or ()),
-                                  keep_multiple_of=self.keep_multiple_of).values())
+                                  keep_multiple_of=self.heads_keep_multiple_of).values())
         grew, self.heads_masked = masked > self.heads_masked, masked
         return grew
 
@@ -1003,7 +1015,7 @@ def compress(
     check_model_runs(probe, inputs, what="example_inputs", default_input_fn_used=False)
     # declared dynamic dims that the inputs do not have fail here, not after training
     if config.prune is not None:  # (its other target checks need the traced plan, made after the first evaluation)
-        _check_heads(model, config.prune, tuple(config.prune.exclude or ()))
+        _check_heads(model, config.prune, tuple(config.prune.exclude or ()), keep_multiple_of=config.keep_multiple_of)
     declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims
     resolve_dynamic_dims([inputs], declared)
     check_declared_dims_vary(probe, inputs, declared, "compress: dynamic_dims")
@@ -1068,7 +1080,8 @@ def compress(
         prune = config.prune
         t0 = time.monotonic()
         multiple = config.keep_multiple_of if prune.structured else None  # unstructured: only shrink rounds
-        pruning = _Pruning.plan(work, prune, multiple, note, inputs, fine_tuned=fine_tune is not None)
+        pruning = _Pruning.plan(work, prune, multiple, note, inputs, fine_tuned=fine_tune is not None,
+                                heads_keep_multiple_of=config.keep_multiple_of)
         keep_bypassed_weights_current_(work)  # an attention's pruned out_proj is read, never called
         method, targets, groups, target_sets = prune.pruning_method, pruning.targets, pruning.groups, pruning.sets
         held_at_zero = pruning.held_at_zero

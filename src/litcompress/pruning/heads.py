@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from litcompress._numbers import as_python_number
+
 from .engine import apply_mask_, check_fraction, check_module_names, effective_tensor, is_excluded
 from .schedules import block_multiple, kept_multiple, structured_pruned_count
 
@@ -236,6 +238,18 @@ def heads_to_prune(heads: int, fraction: float, heads_multiple: int | None = Non
     return structured_pruned_count(heads, fraction, heads_multiple)
 
 
+def check_channel_multiple(keep_multiple_of: object, owner: str) -> int | None:
+    """`keep_multiple_of` as Python's int (numpy's ``int64(16)`` too), or None; ValueError for anything but an int
+    >= 1 (0, -16 and True were ignored, 16.0 failed inside the rounding)."""
+    if keep_multiple_of is None:
+        return None
+    number = as_python_number(keep_multiple_of)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"{owner}(keep_multiple_of={keep_multiple_of!r}): expected an int >= 1 (e.g. 8 or 16), or "
+                         "None.")
+    return number
+
+
 def heads_multiple(keep_multiple_of: int | None, head_dim: int) -> int | None:
     """The multiple of heads an attention keeps so that its projections keep a multiple of `keep_multiple_of`
     channels (``head_dim`` each): 8-wide heads keep an even count for a multiple of 16."""
@@ -276,6 +290,7 @@ def prune_heads_(model: nn.Module, fraction: float, *, exclude: tuple[str, ...] 
     channels (as :func:`~litcompress.pruning.shrink` keeps them).
     """
     fraction = check_fraction(fraction, "prune_heads_", "fraction", "each attention's heads")
+    keep_multiple_of = check_channel_multiple(keep_multiple_of, "prune_heads_")
     exclude = check_module_names(model, exclude, "prune_heads_", "exclude")  # a string excluded nothing
     masked: dict[str, int] = {}
     modules = dict(model.named_modules())
@@ -351,6 +366,7 @@ def remove_zero_heads_(model: nn.Module, keep_multiple_of: int | None = None
     (``need_weights=True``) average its kept heads only. With `keep_multiple_of`, zero heads stay where needed so
     that the projections keep a multiple of that many channels (all heads, where none does).
     """
+    keep_multiple_of = check_channel_multiple(keep_multiple_of, "remove_zero_heads_")
     removed: list[HeadShrink] = []
     kept: list[tuple[str, str]] = []
     nested: list[str] = []  # encoders that leave torch's nested-tensor path
@@ -371,6 +387,9 @@ def remove_zero_heads_(model: nn.Module, keep_multiple_of: int | None = None
                                "leaves none of its zero heads to remove"))
             continue
         spare = [head for head in zero.nonzero().flatten().tolist() if head not in keep]  # (zero heads add nothing)
+        if wanted > len(keep):
+            kept.append((name, f"{wanted - len(keep)} of its zero heads stay: keeping a multiple of {keep_multiple_of} "
+                               f"channels ({attention.head_dim} per head)"))
         keep = sorted(keep + spare[:wanted - len(keep)])
         nested += _replace_attention_(model, attention, _without_heads(attention, keep))
         removed.append(HeadShrink(name, attention.num_heads, len(keep), attention.head_dim))
