@@ -1488,3 +1488,39 @@ def test_importance_scores_given_to_a_random_method_are_refused_before_any_targe
     assert not is_pruned(layer, "weight")
     function([(layer, "weight")], method, 0.5, **kwargs)  # (without scores the round runs)
     assert is_pruned(layer, "weight")
+
+
+class _LowestScoresDrawn(torch_prune.RandomUnstructured):
+    """Keeps RandomUnstructured's `apply` (no importance_scores) and ranks what it is given."""
+
+    def compute_mask(self, t, default_mask):
+        mask = default_mask.clone()
+        count = torch_prune._compute_nparams_toprune(self.amount, t.numel())  # (a fraction or a count)
+        mask.view(-1)[torch.topk(t.reshape(-1), count, largest=False).indices] = 0
+        return mask
+
+
+class _OwnApplyTakingScores(_LowestScoresDrawn):
+    @classmethod
+    def apply(cls, module, name, amount, importance_scores=None):
+        return torch_prune.BasePruningMethod.apply.__func__(cls, module, name, amount=amount,
+                                                            importance_scores=importance_scores)
+
+
+@pytest.mark.parametrize("call", ["prune_", "prune_to_sparsity_"])
+def test_importance_scores_a_methods_own_apply_cannot_take_are_refused_in_a_local_round(call):
+    """A method whose own `apply` takes no importance_scores: the engine passes a method only what it takes, so the
+    scores were dropped and the weights ranked instead (torch's functions refuse the argument)."""
+    function = prune_ if call == "prune_" else prune_to_sparsity_
+    scores = torch.arange(16.0).view(4, 4)
+    layer = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match=rf"{call}\(importance_scores=\.\.\.\): _LowestScoresDrawn's own `apply` takes "
+                                        r"no importance_scores"):
+        function([(layer, "weight")], _LowestScoresDrawn, 0.5, scope="local", importance_scores=scores)
+    assert not is_pruned(layer, "weight")
+    function([(layer, "weight")], _OwnApplyTakingScores, 0.5, scope="local", importance_scores=scores)
+    assert torch.equal(layer.weight_mask, (scores >= 8).float())  # the lowest-scored half went
+    pair = (nn.Linear(4, 4), nn.Linear(4, 4))  # a global round hands the scores to torch's global_unstructured
+    function([(m, "weight") for m in pair], _LowestScoresDrawn, 0.5, scope="global",
+             importance_scores={(pair[0], "weight"): scores, (pair[1], "weight"): scores + 16})
+    assert torch.equal(pair[0].weight_mask, torch.zeros(4, 4)) and torch.equal(pair[1].weight_mask, torch.ones(4, 4))

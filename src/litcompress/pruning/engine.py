@@ -902,6 +902,12 @@ def check_importance_scores(targets: Sequence[Target], method: type[torch_prune.
         raise TypeError(f"{owner}(importance_scores=...): {method.__name__} draws its mask at random and reads no "
                         f"scores, so they would be ignored (torch's {random_draw} refuses the argument). Drop "
                         f"importance_scores, or rank by them with {ranked_by!r}.")
+    if scope == "local" and "slice_groups" not in method_kwargs \
+            and "importance_scores" not in accepted_kwargs(method, {"importance_scores": scores}, via_apply=True):
+        # (a grouped round ranks the slices itself; a global one hands the scores to torch's global_unstructured)
+        raise TypeError(f"{owner}(importance_scores=...): {method.__name__}'s own `apply` takes no importance_scores, "
+                        "so a local round cannot pass them on (they were dropped, and the tensor itself ranked). Give "
+                        "its apply an `importance_scores=None` parameter passed to BasePruningMethod.apply.")
     if scope == "global":
         _flattenable_scores(targets, method_kwargs)  # (its keys and shapes)
         return
