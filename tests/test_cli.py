@@ -1622,6 +1622,50 @@ def test_a_checkpoint_of_another_model_is_said_to_be_one(first_run, capsys, tmp_
     assert "hidden=(48, 48): expected one int. Give a checkpoint that Lightning's Trainer saved for this --model" in err
 
 
+class SavesNoHyperparameters(L.LightningModule):
+    """A user's module whose constructor needs `hidden` and that calls no save_hyperparameters()."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_checkpoint_of_a_module_that_saves_no_hyperparameters_is_told_to_take_model_args(capsys, tmp_path):
+    """Its own checkpoint was said to be another model's ("Give a checkpoint that Lightning's Trainer saved for this
+    --model"), where --model-args with the missing `hidden` loads it."""
+    from litcompress.cli import _from_checkpoint
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trained = SavesNoHyperparameters(12)
+    trainer.fit(trained, datamodule=DigitsDataModule(batch_size=32))
+    checkpoint = tmp_path / "own.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--model", "tests.test_cli:SavesNoHyperparameters", "--checkpoint", str(checkpoint),
+              "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert (f"--checkpoint {checkpoint}: SavesNoHyperparameters needs hidden, which the checkpoint did not save "
+            "(saved: none). If it is this model's checkpoint (its module calls no self.save_hyperparameters() for "
+            "them), give the values it was trained with, --model-args '{\"hidden\": \"...\"}'; else give a checkpoint "
+            "Lightning's Trainer saved for this --model.") in err.replace("\n", " ")
+    loaded = _from_checkpoint(SavesNoHyperparameters, checkpoint, hidden=12)  # what --model-args '{"hidden": 12}' does
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+
+
 def test_a_mnist_checkpoint_takes_other_training_images_but_keeps_its_held_out_sets(tmp_path, capsys):
     """MNIST's validation and test sets are as shipped (its seed and train_limit choose training images only): a
     --checkpoint run refused another train_limit, saying it would score the model on data it trained on."""

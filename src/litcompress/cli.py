@@ -625,6 +625,15 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
         if isinstance(error, (ValueError, TypeError)):
             if not _builds_from_its_hyperparameters(cls, path, kwargs):  # another model's checkpoint
                 saved = _saved_hyperparameters(path)
+                missing = _missing_arguments(error, saved)
+                if missing:  # (a module that saves no hyperparameters, or another model's checkpoint)
+                    example = json.dumps({name: "..." for name in missing})
+                    raise ValueError(f"--checkpoint {path}: {getattr(cls, '__name__', cls)} needs "
+                                     f"{', '.join(missing)}, which the checkpoint did not save (saved: "
+                                     f"{_shown(saved)}). If it is this model's checkpoint (its module calls no "
+                                     "self.save_hyperparameters() for them), give the values it was trained with, "
+                                     f"--model-args '{example}'; else give a checkpoint Lightning's Trainer saved for "
+                                     "this --model.") from None
                 raise ValueError(f"--checkpoint {path}: {getattr(cls, '__name__', cls)} cannot be built from the "
                                  f"hyperparameters the checkpoint saved ({_shown(saved)}): {said.rstrip('.')}. Give a "
                                  "checkpoint that Lightning's Trainer saved for this --model.") from None
@@ -633,6 +642,15 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
         raise ValueError(f"--checkpoint {path}: cannot be loaded as a checkpoint of {getattr(cls, '__name__', cls)} "
                          f"({type(error).__name__}: {said}). Give a checkpoint that "
                          "Lightning's Trainer saved for this --model (with its --model-args).") from None
+
+
+def _missing_arguments(error: BaseException, saved: dict[str, Any]) -> list[str]:
+    """The constructor arguments Python's TypeError says are missing (``missing 1 required positional argument:
+    'hidden'``) that the checkpoint did not save either; empty for any other error."""
+    found = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.+)$", str(error))
+    if not isinstance(error, TypeError) or found is None:
+        return []
+    return [name for name in re.findall(r"'(\w+)'", found.group(1)) if name not in saved]
 
 
 def _shapes_changed_by(cls: Any, path: Path, kwargs: dict[str, Any]) -> list[str]:
