@@ -300,3 +300,24 @@ def test_heads_of_a_module_built_in_configure_model_are_pruned(tmp_path):
     pruning = HeadPruning(0.5, make_pruning_permanent=False)
     _trainer(tmp_path, 1, [pruning], limit_train_batches=2).fit(model, datamodule=_data())
     assert [int(zero_heads(a).sum()) for a in _attentions(model)] == [2, 2]
+
+
+def test_keep_multiple_of_prunes_fewer_heads_so_that_shrink_keeps_a_multiple_of_channels(tmp_path):
+    """HeadPruning had no keep_multiple_of (UnitPruning has): 0.4 of 8 heads of 4 channels pruned 3, and
+    shrink(keep_multiple_of=8) then kept a zero head of each attention."""
+    seed_everything(0)
+    model, data = TransformerClassifier(heads=8), _data()
+    _trainer(tmp_path, 1, [HeadPruning(0.4, keep_multiple_of=8)], limit_train_batches=2).fit(model, datamodule=data)
+    assert [int(zero_heads(a).sum()) for a in _attentions(model)] == [2, 2]  # round(3.2) = 3, rounded to an even 2
+    x = next(iter(data.test_dataloader()))[0]
+    result = shrink(model.eval(), x, keep_multiple_of=8)
+    assert [m.q_proj.out_features for m in result.model.modules() if isinstance(m, HeadPrunedAttention)] == [24, 24]
+    assert not [why for _, why in result.report.kept if "zero heads stay" in why]  # none kept zero for the multiple
+    with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.1\): .* prunes none in encoder.layers.0.self_attn "
+                                                        r"\(8\), encoder.layers.1.self_attn \(8\); 0.188 or more "
+                                                        r"prunes one in each. Nothing would be pruned."):
+        _trainer(tmp_path, 1, [HeadPruning(0.1, keep_multiple_of=8)]).fit(TransformerClassifier(heads=8),
+                                                                           datamodule=_data())
+    for bad in (0, -8, True, 8.5, "8"):
+        with pytest.raises(MisconfigurationException, match=r"HeadPruning\(keep_multiple_of=.*\): expected an int"):
+            HeadPruning(0.5, keep_multiple_of=bad)

@@ -9,7 +9,8 @@ prunes channels or weights.
 
 from __future__ import annotations
 
-from typing import Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -17,7 +18,8 @@ from torch import nn
 
 from litcompress.callbacks.structures import StructurePruning
 from litcompress.pruning import engine
-from litcompress.pruning.heads import heads_to_prune, prunable_attentions, prune_heads_, zero_heads
+from litcompress.pruning.heads import (check_channel_multiple, heads_multiple, heads_to_prune, prunable_attentions,
+                                       prune_heads_, zero_heads)
 from litcompress.pruning.schedules import SparsitySchedule
 
 
@@ -31,6 +33,9 @@ class HeadPruning(StructurePruning):
             pruned once, when the first optimizer step is done. At least one head of each attention stays.
         exclude: names of attentions (as in ``named_modules()``), or of modules holding them, that keep their heads;
             a name of no module of the LightningModule is refused at setup.
+        keep_multiple_of: prune fewer heads where needed so that each attention's projections keep a multiple of
+            this many channels (e.g. 16: an even count of heads of 8), as ``shrink(..., keep_multiple_of=16)`` keeps
+            them; an attention that cannot (no count of its heads makes the multiple) keeps all its heads.
         make_pruning_permanent: at the end of ``fit``, the masks become plain zeros, and meanwhile every state dict
             of the model (checkpoints included) holds the effective weights, which load into the unpruned
             architecture. False: checkpoints hold ``<name>_orig``/``<name>_mask`` and the masks are re-created on
@@ -52,9 +57,14 @@ class HeadPruning(StructurePruning):
     _LOG_KEY = "pruning/heads"
 
     def __init__(self, heads: Union[SparsitySchedule, float], *, exclude: tuple[str, ...] = (),
-                 make_pruning_permanent: bool = True, verbose: int = 0, log_sparsity: bool = True) -> None:
+                 keep_multiple_of: Optional[int] = None, make_pruning_permanent: bool = True, verbose: int = 0,
+                 log_sparsity: bool = True) -> None:
         super().__init__(heads, exclude=exclude, make_pruning_permanent=make_pruning_permanent, verbose=verbose,
                          log_sparsity=log_sparsity)
+        try:
+            self.keep_multiple_of = check_channel_multiple(keep_multiple_of, "HeadPruning")
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from None
 
     @property
     def heads(self) -> Union[SparsitySchedule, float]:
@@ -78,10 +88,14 @@ class HeadPruning(StructurePruning):
         engine.keep_bypassed_weights_current_(pl_module)  # Transformer layers' fast path reads the weights directly
 
     def _prune_layers_(self, pl_module: LightningModule, fraction: float) -> dict[str, int]:
-        return prune_heads_(pl_module, fraction, exclude=self.exclude)
+        return prune_heads_(pl_module, fraction, exclude=self.exclude, keep_multiple_of=self.keep_multiple_of)
 
     def _counts(self, layer: nn.Module) -> tuple[int, int]:
         return int(zero_heads(layer).sum()), layer.num_heads
 
     def _pruned_count(self, size: int, fraction: float) -> int:
         return heads_to_prune(size, fraction)
+
+    def _layer_pruned_count(self, layer: nn.Module) -> Callable[[int, float], int]:
+        step = heads_multiple(self.keep_multiple_of, layer.head_dim)
+        return lambda size, fraction: heads_to_prune(size, fraction, step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -202,13 +202,16 @@ class StructurePruning(TargetsFoundOnceConfigured):
             return
         modules = dict(pl_module.named_modules())
         sizes = {name: self._counts(modules[name])[1] for name in dict.fromkeys(self._layer_names(pl_module))}
+        counts = {name: self._layer_pruned_count(modules[name]) for name in sizes}
         none = {name or type(pl_module).__name__: size for name, size in sizes.items()
-                if self._pruned_count(size, final) == 0}
+                if counts[name](size, final) == 0}
         if not none:
             return
+        # (the advice counts as the first such layer does: the layers of one model share their widths' multiples)
+        first = next(name for name, size in sizes.items() if counts[name](size, final) == 0)
         message = none_pruned_message(f"{type(self).__name__}({self._ARGUMENT}={final:g}"
                                       f"{' at its end' if self._schedule else ''})", final, self._WHAT, none,
-                                      self._pruned_count, getattr(self, "keep_multiple_of", None))
+                                      counts[first], getattr(self, "keep_multiple_of", None))
         if len(none) == len(sizes):
             raise MisconfigurationException(message + " Nothing would be pruned.")
         rank_zero_warn(message + " Those keep all theirs.")
@@ -216,6 +219,10 @@ class StructurePruning(TargetsFoundOnceConfigured):
     def _pruned_count(self, size: int, fraction: float) -> int:
         """How many of a layer's `size` structures a round at `fraction` prunes."""
         raise NotImplementedError
+
+    def _layer_pruned_count(self, layer: nn.Module) -> Callable[[int, float], int]:
+        """:meth:`_pruned_count` for `layer` (whose structures' width may decide the multiple they keep)."""
+        return self._pruned_count
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         if self._schedule is not None and not self._warned_fit_too_short:
