@@ -780,3 +780,29 @@ def test_the_spawned_launcher_line_is_said_for_a_teacher_copied_in_the_workers_o
         callback.teardown(trainer, module, "fit")
         assert caplog.text.count(said) == expected
         assert "training_step" not in vars(module)  # (the step it shadowed is the module's own again)
+
+
+def test_a_callback_reused_for_another_model_copies_that_model_and_a_second_fit_of_one_model_keeps_its_teacher(
+        tmp_path, caplog):
+    """The next model of a k-fold loop distilled from the first model's copy, silently (and a model of other widths
+    failed in the teacher's forward, said to be a copy "made when the fit started")."""
+    import logging
+    import pickle
+
+    distillation = KnowledgeDistillation()
+    seed_everything(0)
+    first = MLPClassifier(hidden=(24,), lr=1e-2)
+    first_at_start = {k: v.clone() for k, v in first.state_dict().items()}
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=2).fit(first, datamodule=DigitsDataModule())
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=4).fit(first, datamodule=DigitsDataModule())
+    assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in first_at_start.items())  # kept
+    for hidden in ((24,), (16,)):  # the same architecture, and another
+        other = MLPClassifier(hidden=hidden, lr=1e-2)
+        other_at_start = {k: v.clone() for k, v in other.state_dict().items()}
+        with caplog.at_level(logging.INFO, logger="litcompress"):
+            make_trainer(tmp_path, callbacks=[distillation], max_steps=2).fit(other, datamodule=DigitsDataModule())
+        assert "KnowledgeDistillation: reused for another model: the default teacher is now a copy of MLPClassifier" \
+            in caplog.text
+        caplog.clear()
+        assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in other_at_start.items())
+    pickle.loads(pickle.dumps(distillation))  # (a spawned launcher pickles it: the weak reference stays behind)

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,7 +47,8 @@ class KnowledgeDistillation(Callback):
         teacher: the model to learn from, called with the inputs the training step gives the student (copied, left
             as it is; the copy without its forward hooks, see :class:`~litcompress.distillation.Distiller`). None
             (the default): a frozen copy of the module (or `submodule`) as it is at the start of the first fit, e.g.
-            the dense model that a pruning callback in the same fit then prunes. That copy is not attached to the
+            the dense model that a pruning callback in the same fit then prunes (a callback reused for another
+            model copies that one at its first fit). That copy is not attached to the
             Trainer: a forward that reads ``self.trainer`` fails there (pass `teacher` or `submodule`).
         temperature, alpha, kind: the loss (:class:`litcompress.distillation.DistillationConfig`): the training
             step's loss becomes ``(1 - alpha) * loss + alpha * distillation``.
@@ -82,7 +84,15 @@ class KnowledgeDistillation(Callback):
         self.distiller: Distiller | None = (
             Distiller(teacher, self.config, outputs_fn=outputs_fn) if teacher is not None else None)
         self._restored_teacher: Mapping[str, torch.Tensor] | None = None
+        # the module the default teacher was copied from (weakly: the callback does not keep it alive); None for a
+        # teacher given, restored from a checkpoint, or not copied yet
+        self._teacher_source: weakref.ref[nn.Module] | None = None
         self._installed: dict[int, Any] = {}  # id(module) -> the step it shadows
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_teacher_source"] = None  # (a weak reference does not pickle: a spawned worker's copy keeps its teacher)
+        return state
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -110,6 +120,13 @@ class KnowledgeDistillation(Callback):
                 "stays there, and a later fit with this callback distils from the model as that fit starts. Pass "
                 "teacher= to keep one teacher across fits, or use strategy='ddp'.", log)
         student = self._student(pl_module)
+        source = None if self._teacher_source is None else self._teacher_source()
+        if not self.teacher_given and self.distiller is not None and self._teacher_source is not None \
+                and source is not student:
+            # reused for another model (the next of a k-fold loop or a sweep): its teacher is a copy of that one
+            self.distiller, self._teacher_source = None, None
+            _info_on_rank_zero(f"{_OWNER}: reused for another model: the default teacher is now a copy of "
+                               f"{type(student).__name__} as this fit starts (not of the model of the last fit).", log)
         if not any(is_lazy(p) for p in student.parameters()):
             self._teacher_copied_from(student)
         # (else its lazy layers have no weights yet: the copy is taken in the first training step, after the
@@ -127,6 +144,7 @@ class KnowledgeDistillation(Callback):
                     f"starts, and copying it failed ({type(error).__name__}: {error}). Make the model copyable, or "
                     "pass teacher= (the model to learn from) or submodule= (the part of the module to copy)."
                 ) from error
+            self._teacher_source = weakref.ref(student) if self._restored_teacher is None else None
             if self._restored_teacher is not None:  # (Distiller made the copy's masks permanent where it could)
                 expected = _tensor_names(self.distiller.teacher.state_dict())
                 saved = _tensor_names(self._restored_teacher)
@@ -172,6 +190,7 @@ class KnowledgeDistillation(Callback):
             return
         if self.distiller is not None:
             self.distiller.load_state_dict(teacher)
+            self._teacher_source = None  # the checkpoint's teacher, whichever model this fit trains
         else:
             self._restored_teacher = teacher  # the copy to load it into is made when the fit starts
 
