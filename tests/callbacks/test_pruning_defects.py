@@ -934,6 +934,9 @@ def test_load_pruned_checkpoint_file_into_fresh_model(tmp_path, cls, make_prunin
     assert not torch_prune.is_pruned(inference)
     # masks come back whenever the checkpoint holds them: in its keys, or in litcompress's callback state
     assert torch_prune.is_pruned(live) == (not make_pruning_permanent or cls is ModelPruning)
+    with pytest.raises(TypeError, match=r"load_pruned_checkpoint\(model=ThreeLayerModel\): expected the fresh model "
+                                        r"to load into, an nn.Module instance \(e.g. ThreeLayerModel\(...\)\)"):
+        load_pruned_checkpoint(ThreeLayerModel, path)  # the class (load_module_from_checkpoint's argument)
 
 
 def _pruned_checkpoint(tmp_path, cls, make_pruning_permanent: bool, epochs: int):

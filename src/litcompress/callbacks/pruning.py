@@ -1749,6 +1749,11 @@ def load_pruned_checkpoint(
     model ends with live masks (to continue pruning or training sparse; a weights-only checkpoint holds none, which
     is warned of); with ``False`` it is permanent, ready for inference or export.
     """
+    if not isinstance(model, nn.Module):  # (a class failed in `Module.parameters()`, missing `self`)
+        given = model.__name__ if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"load_pruned_checkpoint(model={given}): expected the fresh model to load into, an nn.Module "
+                        f"instance (e.g. {given}(...)); `load_module_from_checkpoint(cls, path)` takes the class and "
+                        "builds it from the checkpoint's hyperparameters.")
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if "state_dict" not in checkpoint:
