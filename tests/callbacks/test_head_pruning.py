@@ -313,9 +313,10 @@ def test_keep_multiple_of_prunes_fewer_heads_so_that_shrink_keeps_a_multiple_of_
     result = shrink(model.eval(), x, keep_multiple_of=8)
     assert [m.q_proj.out_features for m in result.model.modules() if isinstance(m, HeadPrunedAttention)] == [24, 24]
     assert not [why for _, why in result.report.kept if "zero heads stay" in why]  # none kept zero for the multiple
-    with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.1\): .* prunes none in encoder.layers.0.self_attn "
-                                                        r"\(8\), encoder.layers.1.self_attn \(8\); 0.188 or more "
-                                                        r"prunes one in each. Nothing would be pruned."):
+    with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.1\): .* prunes none in "
+                                                        r"encoder.layers.0.self_attn \(8\), encoder.layers.1.self_attn "
+                                                        r"\(8\); 0.188 or more prunes one in each. Nothing would be "
+                                                        r"pruned."):
         _trainer(tmp_path, 1, [HeadPruning(0.1, keep_multiple_of=8)]).fit(TransformerClassifier(heads=8),
                                                                            datamodule=_data())
     for bad in (0, -8, True, 8.5, "8"):
