@@ -1524,3 +1524,51 @@ def test_importance_scores_a_methods_own_apply_cannot_take_are_refused_in_a_loca
     function([(m, "weight") for m in pair], _LowestScoresDrawn, 0.5, scope="global",
              importance_scores={(pair[0], "weight"): scores, (pair[1], "weight"): scores + 16})
     assert torch.equal(pair[0].weight_mask, torch.zeros(4, 4)) and torch.equal(pair[1].weight_mask, torch.ones(4, 4))
+
+
+class _ApplyForwardingKwargs(torch_prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+    compute_mask = _LowestScoresDrawn.compute_mask
+
+    def __init__(self, amount):
+        self.amount = amount
+
+    @classmethod
+    def apply(cls, module, name, amount, **kwargs):
+        return super().apply(module, name, amount=amount, **kwargs)
+
+
+class _RandomForwardingKwargs(torch_prune.RandomUnstructured):
+    @classmethod
+    def apply(cls, module, name, amount, **kwargs):
+        return super().apply(module, name, amount=amount, **kwargs)
+
+
+class _RowsByTheirOwnApply(torch_prune.LnStructured):
+    @classmethod
+    def apply(cls, module, name, amount, n, dim):
+        return super().apply(module, name, amount=amount, n=n, dim=dim)
+
+
+def test_scores_reach_an_apply_that_forwards_kwargs_and_are_refused_before_a_grouped_round_masks_anything():
+    """An apply taking **kwargs hands the scores on to torch's (they were dropped, then refused); beside a grouped
+    target (slice_groups), a target the method's apply would take no scores for was refused after the grouped one
+    was masked; GradualPruner said so at its first round, not as it was built."""
+    scores = torch.arange(16.0).view(4, 4)
+    for function in (prune_, prune_to_sparsity_):
+        layer = nn.Linear(4, 4)
+        function([(layer, "weight")], _ApplyForwardingKwargs, 0.5, scope="local", importance_scores=scores)
+        assert torch.equal(layer.weight_mask, (scores >= 8).float())  # as torch's own call ranks them
+    grouped, plain = nn.Linear(4, 8), nn.Linear(4, 8)
+    with pytest.raises(TypeError, match=r"prune_to_sparsity_\(importance_scores=\.\.\.\): _RowsByTheirOwnApply's own "
+                                        r"`apply` takes no importance_scores"):
+        prune_to_sparsity_([(grouped, "weight"), (plain, "weight")], _RowsByTheirOwnApply, 0.5, scope="local",
+                           n=2, dim=0, importance_scores=torch.arange(32.0).view(8, 4),
+                           slice_groups={(grouped, "weight"): 2})
+    assert not is_pruned(grouped, "weight") and not is_pruned(plain, "weight")
+    prune_to_sparsity_([(grouped, "weight")], _RowsByTheirOwnApply, 0.5, scope="local", n=2, dim=0,  # grouped only:
+                       importance_scores=torch.arange(32.0).view(8, 4), slice_groups={(grouped, "weight"): 2})
+    assert grouped.weight_mask[:, 0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]  # the lowest-scored rows of each group
+    with pytest.raises(TypeError, match=r"GradualPruner\(importance_scores=\.\.\.\): _RandomForwardingKwargs draws"):
+        GradualPruner([(nn.Linear(4, 4), "weight")], ConstantSparsity(0.5), _RandomForwardingKwargs, scope="local",
+                      importance_scores=scores)  # (refused as it is built, not at its first round)

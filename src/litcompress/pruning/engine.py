@@ -887,11 +887,13 @@ def _local_dict_scores_error(owner: str, method: type[torch_prune.BasePruningMet
 
 
 def check_importance_scores(targets: Sequence[Target], method: type[torch_prune.BasePruningMethod],
-                            method_kwargs: Mapping[str, Any], scope: Scope, owner: str) -> None:
+                            method_kwargs: Mapping[str, Any], scope: Scope, owner: str, *,
+                            slice_groups: Mapping[Target, int] | None = None) -> None:
     """Refuse, before any target changes, ``importance_scores`` that do not fit the targets: a local round's one
     tensor of another target's shape (torch's assert came after the first target was masked), a global round's of
     another shape than its tensor (ranked in another tensor's places, or torch's IndexError), and any given to a
-    method that draws its mask at random (they were ignored)."""
+    method that draws its mask at random, or, for a target not in grouped rounds (`slice_groups`: those rank the
+    slices themselves), to a method whose own ``apply`` cannot take them (they were ignored)."""
     scores = method_kwargs.get("importance_scores")
     if scores is None:
         return
@@ -902,7 +904,8 @@ def check_importance_scores(targets: Sequence[Target], method: type[torch_prune.
         raise TypeError(f"{owner}(importance_scores=...): {method.__name__} draws its mask at random and reads no "
                         f"scores, so they would be ignored (torch's {random_draw} refuses the argument). Drop "
                         f"importance_scores, or rank by them with {ranked_by!r}.")
-    if scope == "local" and "slice_groups" not in method_kwargs \
+    applied = [target for target in targets if (slice_groups or {}).get(target, 1) <= 1]
+    if scope == "local" and applied \
             and "importance_scores" not in accepted_kwargs(method, {"importance_scores": scores}, via_apply=True):
         # (a grouped round ranks the slices itself; a global one hands the scores to torch's global_unstructured)
         raise TypeError(f"{owner}(importance_scores=...): {method.__name__}'s own `apply` takes no importance_scores, "
@@ -1195,7 +1198,8 @@ def prune_to_sparsity_(
             check_norms_apply(targets, method_cls, method_kwargs, "prune_to_sparsity_")
     if scope == "local" and isinstance(method_kwargs.get("importance_scores"), Mapping):
         raise _local_dict_scores_error("prune_to_sparsity_", method_cls)  # (a grouped round took it for a tensor)
-    check_importance_scores(targets, method_cls, method_kwargs, scope, "prune_to_sparsity_")
+    check_importance_scores(targets, method_cls, method_kwargs, scope, "prune_to_sparsity_",
+                            slice_groups=method_kwargs.get("slice_groups") if structured else None)
     keep_multiple_of = check_keep_multiple_of(keep_multiple_of, method_cls)
     if method_cls in (torch_prune.RandomUnstructured, torch_prune.RandomStructured):
         _warn_of_unmasked_zeros(targets, method_cls)

@@ -15,7 +15,8 @@ import torch.nn.utils.prune as torch_prune
 from torch.nn.parameter import is_lazy
 
 from litcompress.pruning.distributed import broadcast_pruning_state_, distributed_world_size
-from litcompress.pruning.engine import (Scope, Target, check_keep_multiple_of, check_targets, distinct_targets,
+from litcompress.pruning.engine import (Scope, Target, check_importance_scores, check_keep_multiple_of,
+                                        check_targets, distinct_targets,
                                         drawing_from, emptied_message, emptied_targets, is_pruned,
                                         outside_inference_mode, prune_to_sparsity_, pruned_count,
                                         register_state_hooks, round_seed,
@@ -189,6 +190,9 @@ class GradualPruner:
             groups = self._slice_groups(method_kwargs["slice_groups"], target_names,
                                         structured_dim(self.method, method_kwargs))
             method_kwargs = {**method_kwargs, "slice_groups": groups}
+        structured = getattr(self.method, "PRUNING_TYPE", None) == "structured"
+        check_importance_scores(self.targets, self.method, method_kwargs, scope, "GradualPruner",
+                                slice_groups=method_kwargs.get("slice_groups") if structured else None)
         self.method_kwargs = method_kwargs
         self.keep_multiple_of = check_keep_multiple_of(keep_multiple_of, self.method)  # built, not at the first round
         self._warn_of_targets_never_pruned()
@@ -197,7 +201,6 @@ class GradualPruner:
         self._hook_handles = register_state_hooks(self.targets, permanent_state_dict=False)
         self.history: list[dict[str, Any]] = []  # (one list for the pruner's life: the hooks below read it)
         # ... and a permanent state dict (no masks) loaded after this pruner's state keeps its zeros pruned
-        structured = getattr(self.method, "PRUNING_TYPE", None) == "structured"
         self._loaded_zeros = _LoadedZeros(self.history, structured_dim(self.method, method_kwargs) if structured
                                           else None)
         self._loaded_zeros.pruner = weakref.ref(self)

@@ -108,7 +108,9 @@ def accepted_kwargs(
     names, takes_any = _parameter_names(method)
     if via_apply and method.apply.__func__ is not torch_prune.BasePruningMethod.apply.__func__:
         apply_names, apply_takes_any = _parameter_names(method.apply)
-        names, takes_any = (names | apply_names, takes_any) if apply_takes_any else (apply_names, False)
+        # (an apply taking **kwargs hands them on to torch's, which takes the scores itself)
+        names, takes_any = ((names | apply_names | {"importance_scores"}, takes_any) if apply_takes_any
+                            else (apply_names, False))
     elif via_apply:  # torch's own apply takes the scores itself, whatever the constructor takes
         names = names | {"importance_scores"}
     return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in names}
