@@ -13,6 +13,7 @@ from torch import nn
 
 from litcompress import CompressionConfig, PruneConfig, compress, make_permanent_, shrink
 from litcompress.models import GatedTransformerClassifier, TransformerClassifier
+from litcompress.pipeline import preview_shrink
 from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.heads import (HeadPrunedAttention, attention_head_norms, prune_heads_, remove_zero_heads_,
                                        rewrite_attentions_, zero_heads)
@@ -508,7 +509,8 @@ def test_shrink_keeps_a_multiple_of_keep_multiple_of_channels_in_each_attention_
         assert widths == {kept_heads * head_dim} and kept_heads * head_dim % multiple == 0
         assert result.report.heads_removed == heads - kept_heads
         stay = [why for _, why in result.report.kept if "of its zero heads stay" in why]
-        assert stay == ([f"{kept_heads - alive} of its zero heads stay: keeping a multiple of {multiple} channels "
+        live = heads - len(dead)  # (with none live, the head kept adds nothing too: zero, it is counted)
+        assert stay == ([f"{kept_heads - live} of its zero heads stay: keeping a multiple of {multiple} channels "
                          f"({head_dim} per head)"] if kept_heads > alive else [])  # (said, not kept without a word)
 
 
@@ -559,6 +561,8 @@ def test_a_heads_fraction_that_keep_multiple_of_rounds_to_no_head_is_refused_bef
         compress(model, config, eval_fn=lambda m: calls.append(m) or 1.0, example_inputs=torch.randn(4, 1, 8, 8),
                  output_dir=tmp_path)
     assert calls == []
+    with pytest.raises(ValueError, match=r"PruneConfig\(heads=0.1\): .* No head would be pruned."):  # its preview
+        preview_shrink(model, config.prune, keep_multiple_of=8, example_inputs=torch.randn(4, 1, 8, 8))
     config = dataclasses.replace(config, keep_multiple_of=None)  # one head of each, as before
     compress(model, config, eval_fn=lambda m: 1.0, example_inputs=torch.randn(4, 1, 8, 8), output_dir=tmp_path)
 

@@ -193,8 +193,8 @@ def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...]
             warnings.warn(message + " Those keep all theirs.", UserWarning, stacklevel=4)
 
 
-def _select_targets(model: nn.Module, config: PruneConfig,
-                    plan: ChannelPlan | None) -> tuple[list[Target], dict[str, str], list[str]]:
+def _select_targets(model: nn.Module, config: PruneConfig, plan: ChannelPlan | None, *,
+                    heads_keep_multiple_of: int | None = None) -> tuple[list[Target], dict[str, str], list[str]]:
     """`prune_targets`, the layers `removable_only` left out with the reason shrink could not remove their
     channels (none without a `plan`), and the recurrent layers whose hidden units structured pruning prunes."""
     # GPT-2's Conv1D layers (Linear with the weight stored transposed) count as Linear for unstructured pruning;
@@ -229,7 +229,8 @@ def _select_targets(model: nn.Module, config: PruneConfig,
                  and not is_excluded(name, exclude)]
     modules = dict(model.named_modules())
     units = [name for name in recurrent if units_why_not(modules[name]) is None]
-    _check_heads(model, config, exclude, warn=False)  # (compress said it before its first stage)
+    # (compress said it before its first stage; preview_shrink and `litcompress channels` come here only)
+    _check_heads(model, config, exclude, warn=False, keep_multiple_of=heads_keep_multiple_of)
     left_out: dict[str, str] = {}
     if _filters_removable(config) and plan is None:
         # Without a trace shrink removes nothing, and every layer pruned by channel would only lose accuracy (a
@@ -731,7 +732,8 @@ class _Pruning:
              fine_tuned: bool = False, heads_keep_multiple_of: int | None = None) -> _Pruning:
         # one trace for the targets, the residual groups and the BatchNorms
         plan = _traced_plan(model, example_inputs)
-        targets, left_out, units = _select_targets(model, prune, plan)
+        heads_multiple_of = keep_multiple_of if heads_keep_multiple_of is None else heads_keep_multiple_of
+        targets, left_out, units = _select_targets(model, prune, plan, heads_keep_multiple_of=heads_multiple_of)
         frozen = [f"{name}.{tensor}" for name, (module, tensor) in zip(_names_of(model, targets), targets)
                   if not trainable_tensor(module, tensor).requires_grad]
         if frozen and fine_tuned:  # as ModelPruning and the IMP driver say it (one-shot, every tensor is alike)
@@ -770,7 +772,6 @@ class _Pruning:
                                 ndims={getattr(m, n).dim() for m, n in subset})
         if keep_multiple_of is not None and keep_multiple_of > 1:
             _check_multiple_leaves_channels_to_prune(model, prune, keep_multiple_of, sets, groups, units, note)
-        heads_multiple_of = keep_multiple_of if heads_keep_multiple_of is None else heads_keep_multiple_of
         return cls(model, prune, keep_multiple_of, targets, groups, sets, held_at_zero, units=units,
                    heads_keep_multiple_of=heads_multiple_of)
 

@@ -387,9 +387,9 @@ def remove_zero_heads_(model: nn.Module, keep_multiple_of: int | None = None
                                "leaves none of its zero heads to remove"))
             continue
         spare = [head for head in zero.nonzero().flatten().tolist() if head not in keep]  # (zero heads add nothing)
-        if wanted > len(keep):
-            kept.append((name, f"{wanted - len(keep)} of its zero heads stay: keeping a multiple of {keep_multiple_of} "
-                               f"channels ({attention.head_dim} per head)"))
+        if wanted > len(keep):  # (counting the one an attention with no head left keeps)
+            kept.append((name, f"{wanted - int((~zero).sum())} of its zero heads stay: keeping a multiple of "
+                               f"{keep_multiple_of} channels ({attention.head_dim} per head)"))
         keep = sorted(keep + spare[:wanted - len(keep)])
         nested += _replace_attention_(model, attention, _without_heads(attention, keep))
         removed.append(HeadShrink(name, attention.num_heads, len(keep), attention.head_dim))
