@@ -1623,12 +1623,14 @@ def test_a_checkpoint_of_another_model_is_said_to_be_one(first_run, capsys, tmp_
 
 
 class SavesNoHyperparameters(L.LightningModule):
-    """A user's module whose constructor needs `hidden` and that calls no save_hyperparameters()."""
+    """A user's module whose constructor needs `hidden` and a keyword-only `layers` and that calls no
+    save_hyperparameters()."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, *, layers: int) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, hidden), torch.nn.ReLU(),
-                                       torch.nn.Linear(hidden, 10))
+        widths = [64] + [hidden] * layers
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), *[module for i in range(layers) for module in (
+            torch.nn.Linear(widths[i], widths[i + 1]), torch.nn.ReLU())], torch.nn.Linear(hidden, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -1649,7 +1651,7 @@ def test_a_checkpoint_of_a_module_that_saves_no_hyperparameters_is_told_to_take_
     torch.manual_seed(0)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trained = SavesNoHyperparameters(12)
+    trained = SavesNoHyperparameters(12, layers=1)
     trainer.fit(trained, datamodule=DigitsDataModule(batch_size=32))
     checkpoint = tmp_path / "own.ckpt"
     trainer.save_checkpoint(checkpoint)
@@ -1658,11 +1660,15 @@ def test_a_checkpoint_of_a_module_that_saves_no_hyperparameters_is_told_to_take_
               "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert (f"--checkpoint {checkpoint}: SavesNoHyperparameters needs hidden, which the checkpoint did not save "
-            "(saved: none). If it is this model's checkpoint (its module calls no self.save_hyperparameters() for "
-            "them), give the values it was trained with, --model-args '{\"hidden\": \"...\"}'; else give a checkpoint "
-            "Lightning's Trainer saved for this --model.") in err.replace("\n", " ")
-    loaded = _from_checkpoint(SavesNoHyperparameters, checkpoint, hidden=12)  # what --model-args '{"hidden": 12}' does
+    assert (f"--checkpoint {checkpoint}: SavesNoHyperparameters needs hidden, layers, which the checkpoint did not "
+            "save (saved: none). If it is this model's checkpoint (its module calls no self.save_hyperparameters() for "
+            "them), give the values it was trained with, --model-args '{\"hidden\": \"...\", \"layers\": \"...\"}'; "
+            "else give a checkpoint Lightning's Trainer saved for this --model.") in err.replace("\n", " ")
+    with pytest.raises(SystemExit):  # (Python names the keyword-only one only once the positional one is given)
+        main(["compress", "--model", "tests.test_cli:SavesNoHyperparameters", "--checkpoint", str(checkpoint),
+              "--model-args", '{"hidden": 12}', "--output-dir", str(tmp_path / "run")])
+    assert "SavesNoHyperparameters needs layers, which" in capsys.readouterr().err
+    loaded = _from_checkpoint(SavesNoHyperparameters, checkpoint, hidden=12, layers=1)  # as --model-args gives them
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
 
 

@@ -625,7 +625,7 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
         if isinstance(error, (ValueError, TypeError)):
             if not _builds_from_its_hyperparameters(cls, path, kwargs):  # another model's checkpoint
                 saved = _saved_hyperparameters(path)
-                missing = _missing_arguments(error, saved)
+                missing = _missing_arguments(cls, error, {**saved, **kwargs})
                 if missing:  # (a module that saves no hyperparameters, or another model's checkpoint)
                     example = json.dumps({name: "..." for name in missing})
                     raise ValueError(f"--checkpoint {path}: {getattr(cls, '__name__', cls)} needs "
@@ -644,13 +644,21 @@ def _from_checkpoint(cls: Any, path: Path, **kwargs: Any) -> Any:
                          "Lightning's Trainer saved for this --model (with its --model-args).") from None
 
 
-def _missing_arguments(error: BaseException, saved: dict[str, Any]) -> list[str]:
-    """The constructor arguments Python's TypeError says are missing (``missing 1 required positional argument:
-    'hidden'``) that the checkpoint did not save either; empty for any other error."""
-    found = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.+)$", str(error))
-    if not isinstance(error, TypeError) or found is None:
+def _missing_arguments(cls: Any, error: BaseException, given: dict[str, Any]) -> list[str]:
+    """Where Python's TypeError says constructor arguments are missing (``missing 1 required positional argument:
+    'hidden'``), every argument of ``cls.__init__`` without a default that `given` (the checkpoint's saved ones and
+    --model-args) lacks: the keyword-only ones too, which Python names only once the positional ones are given."""
+    said = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.+)$", str(error))
+    if not isinstance(error, TypeError) or said is None:
         return []
-    return [name for name in re.findall(r"'(\w+)'", found.group(1)) if name not in saved]
+    named = [name for name in re.findall(r"'(\w+)'", said.group(1)) if name not in given]
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # (self)
+    except (TypeError, ValueError):
+        return named
+    required = [p.name for p in parameters if p.default is p.empty and p.name not in given
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return required if set(named) <= set(required) else named
 
 
 def _shapes_changed_by(cls: Any, path: Path, kwargs: dict[str, Any]) -> list[str]:
