@@ -798,7 +798,7 @@ class _Pruning:
         if not self.units:
             return False
         masked = sum(prune_units_(self.model, sparsity, n=self.prune.norm, names=tuple(self.units),
-                                  keep_multiple_of=self.heads_keep_multiple_of).values())
+                                  keep_multiple_of=self.keep_multiple_of).values())
         grew, self.units_masked = masked > self.units_masked, masked
         return grew
 
