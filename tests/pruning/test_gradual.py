@@ -746,3 +746,41 @@ def test_a_round_called_in_inference_mode_makes_masks_training_can_use():
         pruner.step(1)
     layer(torch.randn(3, 6)).sum().backward()
     assert pruned_count(layer, "weight") > 0 and layer.weight_orig.grad is not None
+
+
+@pytest.mark.parametrize("other", [
+    dict(method="ln_structured", scope="local", n=2, dim=0),
+    dict(schedule=PolynomialDecay(final_sparsity=0.5, begin=0, end=12, frequency=3)),
+    dict(method="l1_unstructured", scope="local"),
+])
+def test_a_state_of_a_pruner_built_otherwise_is_refused_before_anything_is_loaded(other, tmp_path):
+    """Only the targets' shapes were compared: another method's or schedule's state loaded, and the resumed run ended
+    at neither pruner's sparsity (0.92 for a structured 0.8; 0.7 for a final 0.5, its targets going backwards)."""
+    from litcompress.pruning.schedules import CallableSchedule
+
+    def build(method="l1_unstructured", schedule=None, **kwargs):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        schedule = schedule or PolynomialDecay(final_sparsity=0.8, begin=0, end=12, frequency=3)
+        return net, GradualPruner(default_targets(net[:1]), schedule, method, **kwargs)
+
+    net, pruner = build()
+    for t in range(1, 8):
+        pruner.step(t)
+    torch.save(pruner.state_dict(), tmp_path / "pruner.pt")
+    state = torch.load(tmp_path / "pruner.pt", weights_only=True)  # (plain strings: a weights-only load takes them)
+    _, same = build()
+    same.load_state_dict(state)
+    assert same.last_t == pruner.last_t
+    _, changed = build(**other)
+    with pytest.raises(ValueError, match=r"GradualPruner.load_state_dict: the state is of a pruner built otherwise "
+                                         r"\(.* -> .*\)\. Load it into a pruner built as that one was"):
+        changed.load_state_dict(state)
+    assert changed.last_t == -1 and not changed.history
+    older = {key: value for key, value in state.items() if key != "settings"}
+    changed.load_state_dict(older)  # a state saved before the settings were: loaded as it was
+    # a schedule's function is not compared (its address changes from one process to the next)
+    fraction = CallableSchedule(fn=lambda t: min(t / 10, 0.5), end=10)
+    _, first = build(schedule=fraction)
+    _, again = build(schedule=CallableSchedule(fn=lambda t: min(t / 10, 0.5), end=10))
+    again.load_state_dict(first.state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
 import warnings
 import weakref
@@ -437,26 +438,48 @@ class GradualPruner:
     def state_dict(self) -> dict[str, Any]:
         shapes = getattr(self, "_target_shapes", None)  # the first round's (a pruner restored after shrink_ checks)
         return {"last_t": self.last_t, "history": list(self.history), "seed": self.seed,
-                "target_shapes": None if shapes is None else [None if s is None else list(s) for s in shapes]}
+                "target_shapes": None if shapes is None else [None if s is None else list(s) for s in shapes],
+                "settings": self._settings()}
+
+    def _settings(self) -> dict[str, str]:
+        """What decides the masks a round makes, described in plain strings (a checkpoint loads with
+        ``weights_only=True``): the method, its scope and arguments, the multiple kept and the schedule (its numbers;
+        a function it holds is not compared, its address changing from one process to the next)."""
+        def plain(value: object) -> bool:
+            return value is None or isinstance(value, (bool, numbers.Number, str))
+
+        arguments = {k: v for k, v in self.method_kwargs.items() if k not in ("importance_scores", "slice_groups")}
+        schedule = self.schedule
+        fields = [(f.name, getattr(schedule, f.name)) for f in dataclasses.fields(schedule)] \
+            if dataclasses.is_dataclass(schedule) else []
+        return {"method": f"{self.method.__module__}.{self.method.__qualname__}", "scope": str(self.scope),
+                "method_kwargs": ", ".join(f"{k}={v!r}" for k, v in sorted(arguments.items()) if plain(v)) or "none",
+                "keep_multiple_of": repr(self.keep_multiple_of),
+                "schedule": f"{type(schedule).__qualname__}("
+                            + ", ".join(f"{name}={value!r}" for name, value in fields if plain(value)) + ")"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # every value checked before any change (a KeyError or a bad value left the pruner half-loaded)
         missing = [key for key in ("last_t", "history") if not isinstance(state, Mapping) or key not in state]
         seed = state.get("seed", self.seed) if isinstance(state, Mapping) else None  # (an older state: this run's)
         shapes = state.get("target_shapes") if isinstance(state, Mapping) else None  # (an older state: none)
+        settings = state.get("settings") if isinstance(state, Mapping) else None  # (an older state: none)
         bad = missing or not isinstance(state["last_t"], numbers.Integral) or isinstance(state["last_t"], bool) \
             or not isinstance(state["history"], list) or not all(_is_round(entry) for entry in state["history"]) \
             or not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))) \
             or not (shapes is None or (isinstance(shapes, list) and all(
-                s is None or (isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s)) for s in shapes)))
+                s is None or (isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s)) for s in shapes))) \
+            or not (settings is None or (isinstance(settings, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in settings.items())))
         if bad:
             raise ValueError("GradualPruner.load_state_dict: "
                              + (f"the state has no {' or '.join(missing)}" if missing else
                                 "expected an int 'last_t', a list 'history' of rounds (dicts of 't', 'target', "
                                 "'pruned_before' and 'pruned_after'), an int (or None) 'seed' and a list of shapes "
-                                "(or None) in 'target_shapes'")
+                                "(or None) in 'target_shapes', and a dict of strings (or None) in 'settings'")
                              + "; give the dict GradualPruner.state_dict() returned.")
         self._check_state_of_these_targets(shapes)
+        self._check_state_of_these_settings(settings)
         self.last_t = int(state["last_t"])
         self.history[:] = state["history"]  # in place: the load hooks hold this list
         # weights loaded before this state, saved without masks (`permanent_state_dict`): their zeros stay pruned
@@ -464,6 +487,21 @@ class GradualPruner:
         self.seed = None if seed is None else int(seed)
         if shapes is not None:
             self._target_shapes = [None if s is None else tuple(s) for s in shapes]
+
+    def _check_state_of_these_settings(self, settings: Mapping[str, str] | None) -> None:
+        """A state saved by a pruner of another method, scope, arguments, multiple or schedule is refused before
+        anything is loaded: its rounds' targets and masks are that pruner's (a resumed run of a lower final sparsity
+        stayed at the state's, one of a structured method went past its own)."""
+        if settings is None:  # (an older state)
+            return
+        mine = self._settings()
+        differ = [f"{key} {settings[key]} -> {mine[key]}" for key in mine
+                  if key in settings and settings[key] != mine[key]]
+        if differ:
+            raise ValueError(f"GradualPruner.load_state_dict: the state is of a pruner built otherwise ("
+                             f"{'; '.join(differ)}). Load it into a pruner built as that one was; to go on with "
+                             "these settings from the masks the model holds, start a new GradualPruner (it keeps "
+                             "them and prunes on from there).")
 
     def _check_state_of_these_targets(self, shapes: list | None) -> None:
         """A state's first-round shapes (None: an older state, or lazy targets) against these targets': another
