@@ -806,3 +806,24 @@ def test_a_callback_reused_for_another_model_copies_that_model_and_a_second_fit_
         caplog.clear()
         assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in other_at_start.items())
     pickle.loads(pickle.dumps(distillation))  # (a spawned launcher pickles it: the weak reference stays behind)
+
+
+def test_a_callback_resumed_for_another_model_takes_the_checkpoints_teacher_and_is_reset_by_the_next_model(tmp_path):
+    """Resumed into the callback of a fit of a model of other widths, the checkpoint's teacher was loaded into that
+    model's copy (torch's size mismatch); restored, its teacher was never reset for the next model."""
+    distillation = KnowledgeDistillation()
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=2).fit(MLPClassifier(hidden=(24,), lr=1e-2),
+                                                                      datamodule=DigitsDataModule())
+    seed_everything(1)
+    narrow = MLPClassifier(hidden=(16,), lr=1e-2)
+    narrow_at_start = {k: v.clone() for k, v in narrow.state_dict().items()}
+    writer = make_trainer(tmp_path, callbacks=[KnowledgeDistillation()], max_steps=2)
+    writer.fit(narrow, datamodule=DigitsDataModule())
+    writer.save_checkpoint(tmp_path / "narrow.ckpt")
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=4).fit(
+        MLPClassifier(hidden=(16,), lr=1e-2), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "narrow.ckpt")
+    assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in narrow_at_start.items())
+    following = MLPClassifier(hidden=(16,), lr=1e-2)
+    following_at_start = {k: v.clone() for k, v in following.state_dict().items()}
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=2).fit(following, datamodule=DigitsDataModule())
+    assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in following_at_start.items())

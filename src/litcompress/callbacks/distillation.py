@@ -84,8 +84,8 @@ class KnowledgeDistillation(Callback):
         self.distiller: Distiller | None = (
             Distiller(teacher, self.config, outputs_fn=outputs_fn) if teacher is not None else None)
         self._restored_teacher: Mapping[str, torch.Tensor] | None = None
-        # the module the default teacher was copied from (weakly: the callback does not keep it alive); None for a
-        # teacher given, restored from a checkpoint, or not copied yet
+        # the module the default teacher was copied from, or restored for (weakly: the callback does not keep it
+        # alive); None for a teacher given, or not copied yet, or in a copy of the callback (a spawned worker's)
         self._teacher_source: weakref.ref[nn.Module] | None = None
         self._installed: dict[int, Any] = {}  # id(module) -> the step it shadows
 
@@ -144,7 +144,7 @@ class KnowledgeDistillation(Callback):
                     f"starts, and copying it failed ({type(error).__name__}: {error}). Make the model copyable, or "
                     "pass teacher= (the model to learn from) or submodule= (the part of the module to copy)."
                 ) from error
-            self._teacher_source = weakref.ref(student) if self._restored_teacher is None else None
+            self._teacher_source = weakref.ref(student)  # (a restored teacher too: this run's, from here)
             if self._restored_teacher is not None:  # (Distiller made the copy's masks permanent where it could)
                 expected = _tensor_names(self.distiller.teacher.state_dict())
                 saved = _tensor_names(self._restored_teacher)
@@ -188,11 +188,10 @@ class KnowledgeDistillation(Callback):
         teacher = state_dict.get("teacher")
         if teacher is None or self.teacher_given:  # a teacher given to the constructor stays the teacher
             return
-        if self.distiller is not None:
-            self.distiller.load_state_dict(teacher)
-            self._teacher_source = None  # the checkpoint's teacher, whichever model this fit trains
-        else:
-            self._restored_teacher = teacher  # the copy to load it into is made when the fit starts
+        # the copy to load it into is made when the fit starts, of the model it trains (a teacher kept from a fit of
+        # another model, of other widths maybe, is no copy for it)
+        self.distiller, self._teacher_source = None, None
+        self._restored_teacher = teacher
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def _student(self, pl_module: LightningModule) -> nn.Module:
