@@ -1048,7 +1048,7 @@ def run_compress(args: argparse.Namespace) -> int:
             _check_embeddings_to_prune(args, compressed)
         if config.prune is not None:  # e.g. --exclude naming no module; the inputs' ranks, as compress sees them
             prune_targets(compressed, config.prune, to_inputs(example_inputs))
-            if config.keep_multiple_of is not None and config.prune.structured:  # one that would leave all channels
+            if config.keep_multiple_of is not None:  # one that would leave all channels, or every head
                 check_keep_multiple_of_prunes(compressed, config.prune, config.keep_multiple_of,
                                               to_inputs(example_inputs))
         declared = config.quantize.dynamic_dims if config.quantize is not None else config.dynamic_dims

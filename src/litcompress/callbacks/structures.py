@@ -202,16 +202,14 @@ class StructurePruning(TargetsFoundOnceConfigured):
             return
         modules = dict(pl_module.named_modules())
         sizes = {name: self._counts(modules[name])[1] for name in dict.fromkeys(self._layer_names(pl_module))}
-        counts = {name: self._layer_pruned_count(modules[name]) for name in sizes}
+        counts = {name or type(pl_module).__name__: self._layer_pruned_count(modules[name]) for name in sizes}
         none = {name or type(pl_module).__name__: size for name, size in sizes.items()
-                if counts[name](size, final) == 0}
+                if counts[name or type(pl_module).__name__](size, final) == 0}
         if not none:
             return
-        # (the advice counts as the first such layer does: the layers of one model share their widths' multiples)
-        first = next(name for name, size in sizes.items() if counts[name](size, final) == 0)
         message = none_pruned_message(f"{type(self).__name__}({self._ARGUMENT}={final:g}"
                                       f"{' at its end' if self._schedule else ''})", final, self._WHAT, none,
-                                      counts[first], getattr(self, "keep_multiple_of", None))
+                                      counts, getattr(self, "keep_multiple_of", None))
         if len(none) == len(sizes):
             raise MisconfigurationException(message + " Nothing would be pruned.")
         rank_zero_warn(message + " Those keep all theirs.")

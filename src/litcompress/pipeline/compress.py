@@ -8,6 +8,7 @@ any, from ``fine_tune(model, step)``, a training loop that calls ``step(t)`` aft
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import logging
@@ -127,8 +128,10 @@ def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple |
 def check_keep_multiple_of_prunes(model: nn.Module, config: PruneConfig, keep_multiple_of: int,
                                   example_inputs: tuple | None = None) -> None:
     """ValueError, as :func:`compress` would raise it before pruning, when `keep_multiple_of` leaves every layer
-    `config` prunes all its channels (the plan is made on a copy of `model`)."""
-    _Pruning.plan(as_pruned(deepcopy_model(model))[0], config, keep_multiple_of, lambda _: None, example_inputs)
+    `config` prunes all its channels (structured methods), or rounds its heads fraction to no head (any method: the
+    heads are removed whatever prunes beside them). The plan is made on a copy of `model`."""
+    _Pruning.plan(as_pruned(deepcopy_model(model))[0], config, keep_multiple_of if config.structured else None,
+                  lambda _: None, example_inputs, heads_keep_multiple_of=keep_multiple_of)
 
 
 def as_pruned(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -182,11 +185,9 @@ def _check_heads(model: nn.Module, config: PruneConfig, exclude: tuple[str, ...]
     none = {name: modules[name].num_heads for name in attentions
             if heads_to_prune(modules[name].num_heads, config.heads, steps[name]) == 0}
     if none:
-        # (the advice counts with the largest multiple of heads among them: attentions of one model share a width)
-        step = max((steps[name] for name in none if steps[name] is not None), default=None)
+        counts = {name: functools.partial(heads_to_prune, heads_multiple=steps[name]) for name in none}
         message = none_pruned_message(f"PruneConfig(heads={config.heads:g})", config.heads,
-                                      "of each attention's heads", none,
-                                      lambda size, fraction: heads_to_prune(size, fraction, step), keep_multiple_of)
+                                      "of each attention's heads", none, counts, keep_multiple_of)
         if len(none) == len(attentions):
             raise ValueError(message + " No head would be pruned.")
         if warn:

@@ -15,7 +15,7 @@ layers with ``add_bias_kv``, ``add_zero_attn`` or separate key/value widths are 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -263,11 +263,14 @@ def smallest_fraction_pruning_one(size: int, count: Callable[[int, float], int])
 
 
 def none_pruned_message(owner: str, final: float, what: str, none: dict[str, int],
-                        count: Callable[[int, float], int], keep_multiple_of: int | None = None) -> str:
-    """Says that `final` prunes none of `what` in the layers `none` ({name: size}), and what would."""
+                        count: Callable[[int, float], int] | Mapping[str, Callable[[int, float], int]],
+                        keep_multiple_of: int | None = None) -> str:
+    """Says that `final` prunes none of `what` in the layers `none` ({name: size}), and what would: `count` is how
+    many a fraction prunes of a size, or that per layer name (attentions of other head widths keep other multiples)."""
+    counts = {name: count[name] if isinstance(count, Mapping) else count for name in none}
     listed = ", ".join(f"{name} ({size})" for name, size in list(none.items())[:4]) + (" ..." if len(none) > 4 else "")
-    never = [name for name, size in none.items() if smallest_fraction_pruning_one(size, count) is None]
-    could = [smallest_fraction_pruning_one(size, count) for name, size in none.items() if name not in never]
+    never = [name for name, size in none.items() if smallest_fraction_pruning_one(size, counts[name]) is None]
+    could = [smallest_fraction_pruning_one(size, counts[name]) for name, size in none.items() if name not in never]
     advice = []
     if could:
         advice.append(f"{max(could):.3g} or more prunes one in each"
