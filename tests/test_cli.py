@@ -1029,6 +1029,10 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
                                "pruned"),
     (["--prune", "none", "--prune-heads", "0.5"], "--prune-heads prunes along with --prune"),
     (["--prune-heads", "1"], "argument --prune-heads: expected a fraction in [0, 1), got 1"),
+    (["--model", "transformer", "--model-args", '{"heads": 8}', "--prune", "l1_unstructured", "--prune-heads", "0.1",
+      "--keep-multiple-of", "8"],  # (unstructured: it was refused after training)
+     "--prune-heads 0.1: 0.1 of each attention's heads prunes none in encoder.layers.0.self_attn (8), "
+     "encoder.layers.1.self_attn (8); 0.188 or more prunes one in each. No head would be pruned."),
     (["--distill-alpha", "0.9"], "--distill-alpha: option(s) of --distill, which is not given"),
     (["--distill", "--prune", "none"], "--distill trains the pruned model against the input model while it "
                                        "fine-tunes: it needs a --prune method and --prune-epochs >= 1"),

@@ -322,3 +322,13 @@ def test_keep_multiple_of_prunes_fewer_heads_so_that_shrink_keeps_a_multiple_of_
     for bad in (0, -8, True, 8.5, "8"):
         with pytest.raises(MisconfigurationException, match=r"HeadPruning\(keep_multiple_of=.*\): expected an int"):
             HeadPruning(0.5, keep_multiple_of=bad)
+
+
+def test_the_advice_on_a_fraction_that_prunes_none_counts_each_attentions_own_multiple_of_heads(tmp_path):
+    """Heads of 16 and of 4 channels with keep_multiple_of=16: the advice counted as the first attention does
+    (0.251, which then pruned none of the other's 8 heads of 4: they keep a multiple of 4 heads)."""
+    with pytest.raises(MisconfigurationException, match=r"HeadPruning\(heads=0.1\): 0.1 of each attention's heads "
+                                                        r"prunes none in encoder.layers.0.self_attn \(2\), wide \(8\)"
+                                                        r"; 0.438 or more prunes one in each. Nothing would be "
+                                                        r"pruned."):
+        _trainer(tmp_path, 1, [HeadPruning(0.1, keep_multiple_of=16)]).fit(WithAWideAttention(), datamodule=_data())
