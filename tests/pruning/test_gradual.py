@@ -18,7 +18,7 @@ from torch import nn
 
 from litcompress.pruning import GradualPruner, default_targets, shrink_
 from litcompress.pruning.engine import pruned_count
-from litcompress.pruning.schedules import ConstantSparsity, PolynomialDecay
+from litcompress.pruning.schedules import ConstantSparsity, PolynomialDecay, SparsitySchedule
 
 
 def model_and_data(seed: int = 0):
@@ -784,3 +784,38 @@ def test_a_state_of_a_pruner_built_otherwise_is_refused_before_anything_is_loade
     _, first = build(schedule=fraction)
     _, again = build(schedule=CallableSchedule(fn=lambda t: min(t / 10, 0.5), end=10))
     again.load_state_dict(first.state_dict())
+
+
+class _EveryOtherStep(SparsitySchedule):  # (one's own, not a dataclass)
+    unit, begin, end = "step", 0, 8
+
+    def __init__(self, final_sparsity: float) -> None:
+        self.final_sparsity = final_sparsity
+
+    def target(self, t: int) -> float:
+        return self.final_sparsity * min(t, self.end) / self.end
+
+    def should_prune(self, t: int) -> bool:
+        return t % 2 == 0 and self.begin <= t <= self.end
+
+
+def test_a_state_loads_into_a_pruner_built_with_the_same_values_written_otherwise_and_a_custom_schedule_is_compared():
+    """3 and 3.0, numpy's numbers, dim=-1 of 2-d weights and a float32 0.8 were refused as another pruner's; a
+    schedule of one's own (not a dataclass) with another final sparsity was taken."""
+    def build(schedule, method="ln_structured", **kwargs):
+        net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        return GradualPruner(default_targets(net[:1]), schedule, method, scope="local", **kwargs)
+
+    saved = build(PolynomialDecay(final_sparsity=0.8, begin=0, end=12, frequency=3, power=3), n=2, dim=1)
+    for t in range(1, 5):
+        saved.step(t)
+    state = saved.state_dict()
+    rebuilt = build(PolynomialDecay(final_sparsity=float(torch.tensor(0.8, dtype=torch.float32)), begin=np.int64(0),
+                                    end=12, frequency=3, power=3.0), n=np.int64(2), dim=-1)
+    rebuilt.load_state_dict(state)
+    assert rebuilt.last_t == saved.last_t
+    custom = build(_EveryOtherStep(0.8), method="l1_unstructured")
+    custom.step(2)
+    with pytest.raises(ValueError, match=r"the state is of a pruner built otherwise \(schedule step 0\.\.8 to 0\.8;"):
+        build(_EveryOtherStep(0.5), method="l1_unstructured").load_state_dict(custom.state_dict())
+    build(_EveryOtherStep(0.8), method="l1_unstructured").load_state_dict(custom.state_dict())

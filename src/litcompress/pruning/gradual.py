@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import numbers
 import warnings
 import weakref
@@ -443,20 +442,31 @@ class GradualPruner:
 
     def _settings(self) -> dict[str, str]:
         """What decides the masks a round makes, described in plain strings (a checkpoint loads with
-        ``weights_only=True``): the method, its scope and arguments, the multiple kept and the schedule (its numbers;
-        a function it holds is not compared, its address changing from one process to the next)."""
-        def plain(value: object) -> bool:
-            return value is None or isinstance(value, (bool, numbers.Number, str))
+        ``weights_only=True``) that do not depend on how a value was written (3 or 3.0, numpy's numbers, a dim
+        counted from the end, the module a method class was imported from): the method, its scope and arguments,
+        the multiple kept, and the schedule by what it does (its unit, span and final sparsity, and its targets and
+        rounds at 17 points across its span: a function it holds changes its address from one process to the
+        next, a schedule of one's own need not be a dataclass)."""
+        def plain(value: object) -> str:
+            if isinstance(value, (bool, str)) or value is None:
+                return repr(value)
+            if isinstance(value, numbers.Real):
+                return repr(round(float(value), 6))  # (a float32 0.8 is 0.8 here)
+            return type(value).__qualname__  # (a tensor, a function: by kind)
 
+        ndims = {getattr(m, n).dim() for m, n in self.targets}
         arguments = {k: v for k, v in self.method_kwargs.items() if k not in ("importance_scores", "slice_groups")}
+        if isinstance(arguments.get("dim"), numbers.Integral) and len(ndims) == 1 and min(ndims) > 0:
+            arguments["dim"] = int(arguments["dim"]) % min(ndims)  # (dim=-1 of 2-d weights is dim=1)
         schedule = self.schedule
-        fields = [(f.name, getattr(schedule, f.name)) for f in dataclasses.fields(schedule)] \
-            if dataclasses.is_dataclass(schedule) else []
-        return {"method": f"{self.method.__module__}.{self.method.__qualname__}", "scope": str(self.scope),
-                "method_kwargs": ", ".join(f"{k}={v!r}" for k, v in sorted(arguments.items()) if plain(v)) or "none",
-                "keep_multiple_of": repr(self.keep_multiple_of),
-                "schedule": f"{type(schedule).__qualname__}("
-                            + ", ".join(f"{name}={value!r}" for name, value in fields if plain(value)) + ")"}
+        begin, end = int(schedule.begin), int(schedule.end)
+        points = sorted({begin + (end - begin) * i // 16 for i in range(17)})
+        return {"method": self.method.__qualname__, "scope": str(self.scope),
+                "method_kwargs": ", ".join(f"{k}={plain(v)}" for k, v in sorted(arguments.items())) or "none",
+                "keep_multiple_of": plain(self.keep_multiple_of),
+                "schedule": f"{schedule.unit} {begin}..{end} to {plain(schedule.final_sparsity)}; "
+                            + ", ".join(f"{t}: {plain(schedule.target(t))}{'' if schedule.should_prune(t) else '-'}"
+                                        for t in points)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # every value checked before any change (a KeyError or a bad value left the pruner half-loaded)
