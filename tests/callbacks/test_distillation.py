@@ -827,3 +827,21 @@ def test_a_callback_resumed_for_another_model_takes_the_checkpoints_teacher_and_
     following_at_start = {k: v.clone() for k, v in following.state_dict().items()}
     make_trainer(tmp_path, callbacks=[distillation], max_steps=2).fit(following, datamodule=DigitsDataModule())
     assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in following_at_start.items())
+
+
+def test_a_test_run_from_a_checkpoint_between_folds_leaves_the_next_fold_its_own_teacher(tmp_path):
+    """Lightning restores callbacks for trainer.test(ckpt_path=...) too: the teacher it restored was taken by the
+    next fold's fit (another model's, or a size mismatch for other widths), and `teacher` read None meanwhile."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    distillation = KnowledgeDistillation()
+    for fold, width in enumerate((24, 16)):
+        model = MLPClassifier(hidden=(width,), lr=1e-2)
+        at_start = {k: v.clone() for k, v in model.state_dict().items()}
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / f"fold{fold}", save_last=True)
+        trainer = make_trainer(tmp_path, callbacks=[distillation, checkpoints], max_steps=3,
+                               enable_checkpointing=True)
+        trainer.fit(model, datamodule=DigitsDataModule())
+        assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in at_start.items())
+        trainer.test(model, datamodule=DigitsDataModule(), ckpt_path="last", verbose=False)
+        assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in at_start.items())

@@ -120,13 +120,19 @@ class KnowledgeDistillation(Callback):
                 "stays there, and a later fit with this callback distils from the model as that fit starts. Pass "
                 "teacher= to keep one teacher across fits, or use strategy='ddp'.", log)
         student = self._student(pl_module)
+        if trainer.ckpt_path is None:  # (Lightning restores callbacks for validate and test too: not for this fit)
+            self._restored_teacher = None
         source = None if self._teacher_source is None else self._teacher_source()
         if not self.teacher_given and self.distiller is not None and self._teacher_source is not None \
                 and source is not student:
             # reused for another model (the next of a k-fold loop or a sweep): its teacher is a copy of that one
             self.distiller, self._teacher_source = None, None
-            _info_on_rank_zero(f"{_OWNER}: reused for another model: the default teacher is now a copy of "
-                               f"{type(student).__name__} as this fit starts (not of the model of the last fit).", log)
+            if self._restored_teacher is None:
+                _info_on_rank_zero(f"{_OWNER}: reused for another model: the default teacher is now a copy of "
+                                   f"{type(student).__name__} as this fit starts (not of the model of the last "
+                                   "fit).", log)
+        if not self.teacher_given and self._restored_teacher is not None:
+            self.distiller = None  # resumed: the checkpoint's teacher, in a copy of this fit's model
         if not any(is_lazy(p) for p in student.parameters()):
             self._teacher_copied_from(student)
         # (else its lazy layers have no weights yet: the copy is taken in the first training step, after the
@@ -188,10 +194,13 @@ class KnowledgeDistillation(Callback):
         teacher = state_dict.get("teacher")
         if teacher is None or self.teacher_given:  # a teacher given to the constructor stays the teacher
             return
-        # the copy to load it into is made when the fit starts, of the model it trains (a teacher kept from a fit of
-        # another model, of other widths maybe, is no copy for it)
-        self.distiller, self._teacher_source = None, None
+        # a fit resumed from it takes it when it starts, in a copy of the model it trains (the teacher kept from a
+        # fit of another model, of other widths maybe, is no copy for it); meanwhile the teacher shows it, where it
+        # fits (a validate or test with ckpt_path restores callbacks too, and no fit follows from it)
         self._restored_teacher = teacher
+        kept = self.distiller
+        if kept is not None and _tensor_shapes(kept.teacher.state_dict()) == _tensor_shapes(teacher):
+            kept.load_state_dict(teacher)
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def _student(self, pl_module: LightningModule) -> nn.Module:
@@ -359,6 +368,11 @@ def _tensors_copied(inputs: Any) -> Any:
 
 
 __all__ = ["KnowledgeDistillation"]
+
+
+def _tensor_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Each tensor of a teacher's state by name, with its shape."""
+    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 def _tensor_names(state: Mapping[str, Any]) -> set[str]:
