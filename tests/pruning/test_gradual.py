@@ -819,3 +819,21 @@ def test_a_state_loads_into_a_pruner_built_with_the_same_values_written_otherwis
     with pytest.raises(ValueError, match=r"the state is of a pruner built otherwise \(schedule step 0\.\.8 to 0\.8;"):
         build(_EveryOtherStep(0.5), method="l1_unstructured").load_state_dict(custom.state_dict())
     build(_EveryOtherStep(0.8), method="l1_unstructured").load_state_dict(custom.state_dict())
+
+
+def test_the_state_of_a_schedule_known_at_its_rounds_only_is_saved_and_loads():
+    """The settings read the schedule's targets at points that are no rounds: a table of the rounds' targets raised
+    (KeyError) in state_dict, so saving a checkpoint failed where every round ran."""
+    from litcompress.pruning.schedules import CallableSchedule
+
+    table = {0: 0.0, 100: 0.5, 200: 0.8}
+
+    def build():
+        layer = nn.Linear(8, 8)
+        return GradualPruner([(layer, "weight")], CallableSchedule(fn=lambda t: table[t], end=200, frequency=100))
+
+    pruner = build()
+    pruner.step(100)
+    resumed = build()
+    resumed.load_state_dict(pruner.state_dict())
+    assert resumed.last_t == 100

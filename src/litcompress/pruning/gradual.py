@@ -444,9 +444,9 @@ class GradualPruner:
         """What decides the masks a round makes, described in plain strings (a checkpoint loads with
         ``weights_only=True``) that do not depend on how a value was written (3 or 3.0, numpy's numbers, a dim
         counted from the end, the module a method class was imported from): the method, its scope and arguments,
-        the multiple kept, and the schedule by what it does (its unit, span and final sparsity, and its targets and
-        rounds at 17 points across its span: a function it holds changes its address from one process to the
-        next, a schedule of one's own need not be a dataclass)."""
+        the multiple kept, and the schedule by what it does (its unit, span and final sparsity, and which of 17
+        points across its span are rounds, with their targets: a function it holds changes its address from one
+        process to the next, a schedule of one's own need not be a dataclass)."""
         def plain(value: object) -> str:
             if isinstance(value, (bool, str)) or value is None:
                 return repr(value)
@@ -461,12 +461,17 @@ class GradualPruner:
         schedule = self.schedule
         begin, end = int(schedule.begin), int(schedule.end)
         points = sorted({begin + (end - begin) * i // 16 for i in range(17)})
+
+        def at(t: int) -> str:  # the target where a round runs (a table of them may know no other), "-" elsewhere
+            try:
+                return plain(schedule.target(t)) if schedule.should_prune(t) else "-"
+            except Exception as error:  # noqa: BLE001 - described, not raised: saving a state must not fail here
+                return type(error).__name__
         return {"method": self.method.__qualname__, "scope": str(self.scope),
                 "method_kwargs": ", ".join(f"{k}={plain(v)}" for k, v in sorted(arguments.items())) or "none",
                 "keep_multiple_of": plain(self.keep_multiple_of),
                 "schedule": f"{schedule.unit} {begin}..{end} to {plain(schedule.final_sparsity)}; "
-                            + ", ".join(f"{t}: {plain(schedule.target(t))}{'' if schedule.should_prune(t) else '-'}"
-                                        for t in points)}
+                            + ", ".join(f"{t}: {at(t)}" for t in points)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # every value checked before any change (a KeyError or a bad value left the pruner half-loaded)
