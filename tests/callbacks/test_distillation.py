@@ -845,3 +845,32 @@ def test_a_test_run_from_a_checkpoint_between_folds_leaves_the_next_fold_its_own
         assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in at_start.items())
         trainer.test(model, datamodule=DigitsDataModule(), ckpt_path="last", verbose=False)
         assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in at_start.items())
+
+
+def test_a_validation_from_another_runs_checkpoint_leaves_the_teacher_and_a_resume_without_one_copies_the_model(
+        tmp_path):
+    """validate(ckpt_path=another run's) replaced the callback's teacher for its next plain fit; a fit resumed from a
+    checkpoint holding no teacher took the one a test had restored before."""
+    distillation = KnowledgeDistillation()
+    model = MLPClassifier(hidden=(24,), lr=1e-2)
+    at_start = {k: v.clone() for k, v in model.state_dict().items()}
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=2).fit(model, datamodule=DigitsDataModule())
+    other = make_trainer(tmp_path, callbacks=[KnowledgeDistillation()], max_steps=2)
+    other.fit(MLPClassifier(hidden=(24,), lr=1e-2), datamodule=DigitsDataModule())
+    other.save_checkpoint(tmp_path / "other.ckpt")
+    make_trainer(tmp_path, callbacks=[distillation]).validate(model, datamodule=DigitsDataModule(),
+                                                             ckpt_path=tmp_path / "other.ckpt", verbose=False)
+    make_trainer(tmp_path, callbacks=[distillation], max_steps=4).fit(model, datamodule=DigitsDataModule())
+    assert all(torch.equal(distillation.teacher.state_dict()[k], v) for k, v in at_start.items())  # its own
+    plain = make_trainer(tmp_path, max_steps=2)  # a checkpoint written without the callback
+    plain.fit(MLPClassifier(hidden=(24,), lr=1e-2), datamodule=DigitsDataModule())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    fresh = KnowledgeDistillation()
+    trainer = make_trainer(tmp_path, callbacks=[fresh], max_steps=4)
+    resumed = MLPClassifier(hidden=(24,), lr=1e-2)
+    trainer.test(resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "other.ckpt", verbose=False)
+    resumed_at_start = {k: v.clone() for k, v in resumed.state_dict().items()}
+    plain_weights = torch.load(tmp_path / "plain.ckpt", weights_only=False)["state_dict"]
+    trainer.fit(resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "plain.ckpt")
+    assert all(torch.equal(fresh.teacher.state_dict()[k], v) for k, v in plain_weights.items())  # the model as it
+    assert not all(torch.equal(fresh.teacher.state_dict()[k], v) for k, v in resumed_at_start.items())  # resumed

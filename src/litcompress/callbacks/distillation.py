@@ -188,6 +188,7 @@ class KnowledgeDistillation(Callback):
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         from litcompress.callbacks.pruning import restore_state_under_class_key
 
+        self._restored_teacher = None  # (this checkpoint's comes next, where it holds one: not an earlier one's)
         restore_state_under_class_key(self, trainer, checkpoint)  # written before the key named its arguments
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -195,12 +196,9 @@ class KnowledgeDistillation(Callback):
         if teacher is None or self.teacher_given:  # a teacher given to the constructor stays the teacher
             return
         # a fit resumed from it takes it when it starts, in a copy of the model it trains (the teacher kept from a
-        # fit of another model, of other widths maybe, is no copy for it); meanwhile the teacher shows it, where it
-        # fits (a validate or test with ckpt_path restores callbacks too, and no fit follows from it)
+        # fit of another model, of other widths maybe, is no copy for it); a validate or test with ckpt_path restores
+        # callbacks too, and leaves the teacher this callback has as it is
         self._restored_teacher = teacher
-        kept = self.distiller
-        if kept is not None and _tensor_shapes(kept.teacher.state_dict()) == _tensor_shapes(teacher):
-            kept.load_state_dict(teacher)
 
     # ------------------------------------------------------------------------------------------------ plumbing
     def _student(self, pl_module: LightningModule) -> nn.Module:
@@ -368,11 +366,6 @@ def _tensors_copied(inputs: Any) -> Any:
 
 
 __all__ = ["KnowledgeDistillation"]
-
-
-def _tensor_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Each tensor of a teacher's state by name, with its shape."""
-    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 def _tensor_names(state: Mapping[str, Any]) -> set[str]:
