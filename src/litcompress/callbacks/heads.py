@@ -18,9 +18,8 @@ from torch import nn
 
 from litcompress.callbacks.structures import StructurePruning
 from litcompress.pruning import engine
-from litcompress.pruning.heads import (check_channel_multiple, heads_multiple, heads_to_prune, prunable_attentions,
-                                       prune_heads_, zero_heads)
-from litcompress.pruning.schedules import SparsitySchedule
+from litcompress.pruning.heads import heads_multiple, heads_to_prune, prunable_attentions, prune_heads_, zero_heads
+from litcompress.pruning.schedules import SparsitySchedule, check_channel_multiple
 
 
 class HeadPruning(StructurePruning):

@@ -16,11 +16,10 @@ from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from litcompress._numbers import as_python_number
 from litcompress.callbacks.structures import StructurePruning
 from litcompress.pruning.recurrent import (RECURRENT_LAYERS, prunable_recurrent_layers, prune_units_, units_to_prune,
                                            units_why_not, zero_units)
-from litcompress.pruning.schedules import SparsitySchedule
+from litcompress.pruning.schedules import SparsitySchedule, check_channel_multiple
 
 
 class UnitPruning(StructurePruning):
@@ -60,12 +59,10 @@ class UnitPruning(StructurePruning):
                  log_sparsity: bool = True) -> None:
         super().__init__(units, exclude=exclude, make_pruning_permanent=make_pruning_permanent, verbose=verbose,
                          log_sparsity=log_sparsity)
-        keep_multiple_of = as_python_number(keep_multiple_of)  # (numpy's int64(8) was refused)
-        if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(
-                keep_multiple_of, int) or keep_multiple_of < 1):
-            raise MisconfigurationException(f"UnitPruning(keep_multiple_of={keep_multiple_of!r}): expected an int >= 1 "
-                                            "or None.")
-        self.keep_multiple_of = keep_multiple_of
+        try:  # (numpy's int64(8) taken)
+            self.keep_multiple_of = check_channel_multiple(keep_multiple_of, "UnitPruning")
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from None
 
     @property
     def units(self) -> Union[SparsitySchedule, float]:

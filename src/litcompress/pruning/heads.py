@@ -22,10 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from litcompress._numbers import as_python_number
-
 from .engine import apply_mask_, check_fraction, check_module_names, effective_tensor, is_excluded
-from .schedules import block_multiple, kept_multiple, structured_pruned_count
+from .schedules import block_multiple, check_channel_multiple, kept_multiple, structured_pruned_count
 
 __all__ = ["HeadPrunedAttention", "HeadShrink", "attention_head_norms", "prunable_attentions", "prune_heads_",
            "remove_zero_heads_", "zero_heads"]
@@ -236,18 +234,6 @@ def heads_to_prune(heads: int, fraction: float, heads_multiple: int | None = Non
     count, never every head; with `heads_multiple` (:func:`heads_multiple`), fewer, so that the heads kept are a
     multiple of it (at least that many, or all)."""
     return structured_pruned_count(heads, fraction, heads_multiple)
-
-
-def check_channel_multiple(keep_multiple_of: object, owner: str) -> int | None:
-    """`keep_multiple_of` as Python's int (numpy's ``int64(16)`` too), or None; ValueError for anything but an int
-    >= 1 (0, -16 and True were ignored, 16.0 failed inside the rounding)."""
-    if keep_multiple_of is None:
-        return None
-    number = as_python_number(keep_multiple_of)
-    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise ValueError(f"{owner}(keep_multiple_of={keep_multiple_of!r}): expected an int >= 1 (e.g. 8 or 16), or "
-                         "None.")
-    return number
 
 
 def heads_multiple(keep_multiple_of: int | None, head_dim: int) -> int | None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from litcompress._numbers import python_numbers_
+from litcompress._numbers import as_python_number, python_numbers_
 
 __all__ = [
     "ConstantSparsity",
@@ -358,6 +358,18 @@ def increment_for_target(current_sparsity: float, target_sparsity: float) -> flo
     _check_fraction("current_sparsity", current_sparsity)
     _check_fraction("target_sparsity", target_sparsity, allow_one=True)
     return max(0.0, (target_sparsity - current_sparsity) / (1.0 - current_sparsity))
+
+
+def check_channel_multiple(keep_multiple_of: object, owner: str) -> int | None:
+    """`keep_multiple_of` as Python's int (numpy's ``int64(16)`` too), or None; ValueError for anything but an int
+    >= 1 (0, -16 and True were ignored, 16.0 failed inside the rounding)."""
+    if keep_multiple_of is None:
+        return None
+    number = as_python_number(keep_multiple_of)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"{owner}(keep_multiple_of={keep_multiple_of!r}): expected an int >= 1 (e.g. 8 or 16), or "
+                         "None.")
+    return number
 
 
 def kept_multiple(n_total: int, kept: int, multiple: int | None) -> int:

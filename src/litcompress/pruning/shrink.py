@@ -59,14 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from litcompress._numbers import as_python_number
 from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_parameter_names, make_permanent_,
                                         refuse_tied_holders_computing_otherwise, tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
 from litcompress.pruning.heads import HeadPrunedAttention, HeadShrink, remove_zero_heads_
 from litcompress.pruning.recurrent import (RECURRENT_LAYERS, is_projected, keep_inputs_, keep_units_,
                                            units_why_not, zero_units)
-from litcompress.pruning.schedules import kept_multiple
+from litcompress.pruning.schedules import check_channel_multiple, kept_multiple
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Transposed convs (U-Net up-convolutions): output channels are their weight's dim 1, input channels dim 0. A constant
@@ -2752,10 +2751,7 @@ def shrink_(
         example_inputs = (example_inputs,)
     if not (isinstance(rtol, (int, float)) and rtol >= 0):
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
-    keep_multiple_of = as_python_number(keep_multiple_of)  # (numpy's int64(8) was refused)
-    if keep_multiple_of is not None and (isinstance(keep_multiple_of, bool) or not isinstance(keep_multiple_of, int)
-                                         or keep_multiple_of < 1):
-        raise ValueError(f"keep_multiple_of must be an int >= 1 or None, got {keep_multiple_of!r}")
+    keep_multiple_of = check_channel_multiple(keep_multiple_of, "shrink")  # (numpy's int64(8) taken)
     lazy = lazy_parameter_names(model)
     if lazy:  # lazy layers (nn.LazyLinear) have no weights until their first call
         if example_inputs is None:
