@@ -974,6 +974,9 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
+    # the empty name was dropped without a word
+    (["--backends", "torch_ao,,onnxruntime"], "an empty name in 'torch_ao,,onnxruntime': two commas in a row"),
+    (["--exclude", "net.0,"], "an empty name in 'net.0,'"),
     (["--checkpoint", "missing.ckpt"], "no file at 'missing.ckpt'"),
     (["--model", "vgg"], "expected one of mlp, cnn, resnet, resnext, mobilenet, transformer, swiglu, densenet, lstm or "
                          "'package.module:Class'"),

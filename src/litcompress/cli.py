@@ -104,9 +104,11 @@ INPUTS_HELP = ("for batches that are dicts: the keys whose values are the model'
 
 
 def _names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
+    names = tuple(n.strip() for n in text.split(","))
+    if not any(names):
         raise argparse.ArgumentTypeError("expected one or more comma-separated names")
+    if not all(names):  # 'a,,b' had dropped the name the user left out, without a word
+        raise argparse.ArgumentTypeError(f"an empty name in {text!r}: two commas in a row, or one at an end")
     return names
 
 
