@@ -104,13 +104,19 @@ def _weight_names(module: nn.Module) -> list[str]:
     buffers (it is for inference)."""
     from litcompress.pruning.sparse import SparseLinear  # the pruning package imports the report's helpers
 
-    if isinstance(module, SparseLinear):
-        return [n for n in ("weight", "bias") if getattr(module, n) is not None]
+    # (a traced or scripted SparseLinear is a ScriptModule holding the same buffers, the weight in CSR layout)
+    if isinstance(module, SparseLinear) or _holds_csr_weight(module):
+        return [n for n in ("weight", "bias") if getattr(module, n, None) is not None]
     if isinstance(module, parametrize.ParametrizationList):  # its originals: stored, not the values computed with
         return []
     computed, sources = computed_weights(module)
     names = [n for n, p in module.named_parameters(recurse=False) if p is not None and n not in sources]
     return sorted(computed + names, key=lambda n: n != "weight")  # (a parametrized weight moves out of the dict)
+
+
+def _holds_csr_weight(module: nn.Module) -> bool:
+    weight = dict(module.named_buffers(recurse=False)).get("weight")
+    return isinstance(weight, torch.Tensor) and weight.layout == torch.sparse_csr
 
 
 def _int8_weights(model: nn.Module) -> list[str]:
