@@ -215,6 +215,41 @@ def test_a_weight_also_read_outside_its_layer_keeps_that_layer_dense():
         torch.testing.assert_close(result.model(x), model(x))
 
 
+def test_a_model_that_samples_in_forward_is_compared_on_the_same_draws_and_the_callers_generator_is_untouched():
+    """A VAE's decoder after its sampling: each check drew other noise, so every layer was kept dense, blamed on its
+    weight being read outside forward, and the report said outputs differed by 1.4 for a model it had not changed."""
+
+    class SamplingDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = _sparse_linear(16, 32, 0.0, True, 4)  # dense: not timed
+            self.dec = _sparse_linear(10, 8, 0.9, True, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mu, log_var = self.enc(x).chunk(2, -1)
+            return self.dec(mu + torch.randn_like(mu) * log_var.exp())
+
+    model = SamplingDecoder()
+    x = torch.randn(6, 32)
+    state = torch.get_rng_state()
+    result = sparsify(model, x, min_speedup=0, repeats=1, time_model=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the checks drew from a generator of their own
+    assert result.report.converted == ("dec",) and isinstance(result.model.dec, SparseLinear)
+    assert result.report.max_abs_diff <= 1e-5
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(result.model(x), expected)
+
+
+def test_a_layer_of_no_features_stays_dense_at_min_sparsity_0():
+    """Its 0 weights passed min_sparsity=0, and timing its CSR copy crashed sparsify (a reshape to (-1, 0))."""
+    model = nn.Sequential(nn.Linear(0, 8), nn.ReLU(), _sparse_linear(4, 8, 0.9, True, 6))
+    result = sparsify(model, torch.randn(3, 0), min_sparsity=0, min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted == ("2",) and result.report.layers[0].reason == "no weights (a layer of 0 features)"
+
+
 def test_a_layer_called_twice_is_converted_once_and_computes_both_calls():
     class Shared(nn.Module):
         def __init__(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress.pruning.engine import deepcopy_model, make_permanent_, tied_parameters
+from litcompress.pruning.engine import deepcopy_model, drawing_from, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import _scale_where_they_differ, max_output_difference
 
@@ -250,7 +250,7 @@ def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], in
 
     handles = [layer.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _drawing_alike(model):
             outputs = model(*inputs)
     finally:
         for handle in handles:
@@ -309,11 +309,17 @@ def _placed(root: nn.Module, alias: str, module: nn.Module) -> nn.Module:
     return root
 
 
+def _drawing_alike(model: nn.Module):
+    """Every call compared draws the same random numbers (a VAE's sampling, dropout left on in eval mode), so that
+    the check sees what a conversion changed; the caller's generators are left as they were."""
+    return drawing_from(0, [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False)])
+
+
 def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
     """Why `model` no longer computes `reference` on `inputs` (an error, or outputs off by more than float rounding
     of CSR sums), or None."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _drawing_alike(model):
             outputs = model(*inputs)
         difference = max_output_difference(reference, outputs)
     except Exception as error:  # noqa: BLE001 - any failure of the converted model keeps the layer dense
@@ -384,6 +390,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         sparsity = float((weight == 0).sum()) / max(1, weight.numel())
         x = first_inputs.get(name)
         reason = (kept_dense[name] if name in kept_dense
+                  else "no weights (a layer of 0 features)" if weight.numel() == 0
                   else f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity
                   else "not float32" if weight.dtype != torch.float32 or (x is not None and x.dtype != torch.float32)
                   else "its forward is not called (its weight is read directly)" if x is None else None)
@@ -422,7 +429,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             decisions = [replace(layer, converted=False, reason=slower) if layer.converted else layer
                          for layer in decisions]
             reverted = True
-    with torch.no_grad():
+    with torch.no_grad(), _drawing_alike(work):
         difference = max_output_difference(reference, work(*inputs))
     report = SparsifyReport(tuple(decisions), dense_ms, sparse_ms, difference, threads, reverted)
     return SparsifyResult(work, report)
