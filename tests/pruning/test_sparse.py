@@ -232,8 +232,8 @@ def test_a_model_that_samples_in_forward_is_compared_on_the_same_draws_and_the_c
     model = SamplingDecoder()
     x = torch.randn(6, 32)
     state = torch.get_rng_state()
-    result = sparsify(model, x, min_speedup=0, repeats=1, time_model=False)
-    assert torch.equal(torch.get_rng_state(), state)  # the checks drew from a generator of their own
+    result = sparsify(model, x, min_speedup=0, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the checks and timings drew from a generator of their own
     assert result.report.converted == ("dec",) and isinstance(result.model.dec, SparseLinear)
     assert result.report.max_abs_diff <= 1e-5
     with torch.random.fork_rng():

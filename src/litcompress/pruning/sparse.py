@@ -416,7 +416,8 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     reverted = False
     if time_model and any(layer.converted for layer in decisions):  # (nothing converted: two equal models, whose
         # ratio was the host's noise, printed as a gain of sparsify)
-        whole = measure_latencies([_plain_copy(model), work], inputs, repeats=repeats, num_threads=num_threads)
+        with _drawing_alike(work):  # (the timed calls of a model that samples leave the caller's generators too)
+            whole = measure_latencies([_plain_copy(model), work], inputs, repeats=repeats, num_threads=num_threads)
         dense_ms, sparse_ms = 1e3 * whole[0]["median"], 1e3 * whole[1]["median"]
         # each layer was timed alone, on its own input: in the model, its kernels can still lose (a small batch's
         # per-call overhead, a busy host); the whole model decides
