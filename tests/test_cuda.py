@@ -276,3 +276,18 @@ def test_compress_lightning_fine_tunes_and_distils_on_the_device_then_quantizes_
     assert all(stage.metric is not None and stage.metric > 0.5 for stage in stages.values())
     assert abs(stages["pruned"].weight_sparsity - 0.7) < 1e-3  # rounds run on the device hit the target
     assert all(t.device.type == "cpu" for t in module.state_dict().values())  # where its fit left it
+
+
+def test_a_sparse_layer_on_the_device_loads_a_cpu_state_dict_onto_the_device():
+    """It kept the loaded weight on the CPU (nn.Linear's copy_ keeps its device), so its next call mixed devices."""
+    from litcompress.pruning import SparseLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    with torch.no_grad():
+        dense.weight[torch.rand(8, 16) < 0.9] = 0
+    layer = SparseLinear.from_dense(nn.Linear(16, 8)).to(DEVICE)
+    layer.load_state_dict(dense.state_dict())  # a CPU file, as torch.load gives it by default
+    assert layer.weight.device.type == layer.bias.device.type == torch.device(DEVICE).type
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(layer(x.to(DEVICE)).cpu(), dense(x), rtol=1e-5, atol=1e-5)

@@ -94,8 +94,10 @@ class SparseLinear(nn.Module):
             elif tuple(value.shape) != expected:
                 error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(value.shape)}, the "
                                   f"shape in the current model is {expected}.")
-            else:  # cast to this layer's dtype, as nn.Linear's copy_ does: a float64 file must not change it
-                value = value.detach().to(getattr(self, name).dtype)
+            else:  # cast to this layer's dtype and device, as nn.Linear's copy_ does: a float64 or CPU file must
+                # not change them
+                held = getattr(self, name)
+                value = value.detach().to(device=held.device, dtype=held.dtype)
                 setattr(self, name, _csr(value) if name == "weight" else value.clone())
         if strict:  # as nn.Module's own loading: keys of this layer it has no place for
             unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in read
