@@ -260,7 +260,9 @@ class _IntoBiaslessRNN(nn.Module):
     (_WithState(), (torch.randn(2, 5, 4), torch.randn(1, 2, 8)), "initial state"),
     (_Twice(), (torch.randn(2, 5, 4),), "called more than once"),
     (_Returned(), (torch.randn(2, 5, 4),), "model's output"),
-    (_IntoBiaslessRNN(), (torch.randn(2, 5, 4),), "bias-less recurrent layer"),
+    # (it said "bias-less recurrent layer(s)" for any consumer, a zero-padded conv too; now the op and the place)
+    (_IntoBiaslessRNN(), (torch.randn(2, 5, 4),), "its zero hidden units reach second as a non-zero constant "
+                                                 "(sigmoid makes them one), where only exact zeros can go"),
 ])
 def test_shrink_keeps_units_where_removing_them_would_change_the_outputs_and_says_why(model, inputs, reason):
     rnn = model.first if isinstance(model, _IntoBiaslessRNN) else model.rnn
@@ -271,6 +273,85 @@ def test_shrink_keeps_units_where_removing_them_would_change_the_outputs_and_say
     assert reason in kept[name]
     assert getattr(result.model, name).hidden_size == 8
     torch.testing.assert_close(result.model(*inputs), model(*inputs))
+
+
+class _IntoPaddedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+        self.conv = nn.Conv1d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(torch.sigmoid(self.rnn(x)[0]).transpose(1, 2))).mean(-1))
+
+
+@pytest.mark.parametrize(("model", "name", "place"), [(_IntoBiaslessRNN(), "first", "second"),
+                                                       (_IntoPaddedConv(), "rnn", "conv")])
+def test_units_shrink_cannot_remove_are_said_not_removable_and_the_pipeline_leaves_them_unpruned(model, name, place):
+    """The plan said "units" for a layer whose zero units a sigmoid makes 0.5 before a place that needs exact zeros
+    (a bias-less recurrent layer, a zero-padded conv): the pipeline masked half its units, which shrink then kept
+    (the outputs changed by 0.13, nothing saved)."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(model).eval()
+    x = torch.randn(3, 5, 4)
+    reason = channel_plan(model, example_inputs=(x,)).units[name]
+    assert reason.startswith(f"its zero hidden units reach {place} as a non-zero constant (sigmoid makes them one)")
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured",
+                                                                 schedule="oneshot"), quantize=None, export=False,
+                                               num_threads=1),
+                      eval_fn=lambda m: float(m(x).abs().mean()), example_inputs=(x,))
+    assert int(zero_units(getattr(result.stage_models["pruned"], name)).sum()) == 0  # left unpruned
+    _zero_candidate_rows_(getattr(model, name), [1, 4])
+    assert dict(shrink(model, (x,)).report.kept)[name] == reason  # shrink says what the plan said
+
+
+@pytest.mark.parametrize("call", ["input=x", "x, None", "x, hx=None"])
+def test_a_layer_called_with_its_input_by_keyword_or_no_state_loses_its_zero_units(call):
+    """Any keyword, or a second argument even None, was said to be "an initial state (hx)": the units stayed."""
+
+    class Called(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 8, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            out = {"input=x": lambda: self.rnn(input=x), "x, None": lambda: self.rnn(x, None),
+                   "x, hx=None": lambda: self.rnn(x, hx=None)}[call]()
+            return self.head(out[1][0][-1])
+
+    torch.manual_seed(0)
+    model = Called().eval()
+    prune_units_(model, 0.5)
+    x = torch.randn(3, 5, 4)
+    assert channel_plan(model, example_inputs=(x,)).units == {"rnn": None}
+    result = shrink(model, (x,))
+    assert result.model.rnn.hidden_size == 4 and not result.report.kept
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_a_linear_layer_before_a_recurrent_layer_without_biases_is_kept_for_that_reason():
+    """Its zero rows output their biases into a recurrent layer with none to fold them into: the reason said "the
+    zero-padded conv(s) rnn"."""
+
+    class IntoBiasless(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 10)
+            self.rnn = nn.LSTM(10, 6, batch_first=True, bias=False)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.fc(x))[0][:, -1])
+
+    model = IntoBiasless().eval()
+    with torch.no_grad():
+        model.fc.weight[:5] = 0
+    kept = dict(shrink(model, (torch.randn(3, 5, 4),)).report.kept)
+    assert kept["fc"].startswith("its zero channels output non-zero constants into the recurrent layer(s) without "
+                                 "biases rnn, which have no bias to fold them into")
+    assert "zero-padded" not in kept["fc"]
 
 
 def test_without_example_inputs_an_indexed_output_is_kept_and_the_reason_says_to_pass_them():

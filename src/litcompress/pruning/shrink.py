@@ -1970,19 +1970,24 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
 
     def constants_reason() -> str:
         padded = [op.name for op in ops if isinstance(op, _Depthwise) and op.zero_padded]
-        padded += [branch.consumer_name for branch in chain.branches
-                   if branch.zeros_only and not isinstance(branch.consumer, _TRANSPOSED)]
+        recurrent = [branch.consumer_name for branch in chain.branches
+                     if branch.zeros_only and type(branch.consumer) in RECURRENT_LAYERS]
+        padded += [branch.consumer_name for branch in chain.branches if branch.zeros_only
+                   and not isinstance(branch.consumer, _TRANSPOSED) and branch.consumer_name not in recurrent]
         transposed = [branch.consumer_name for branch in chain.branches if isinstance(branch.consumer, _TRANSPOSED)]
         gates = [op.names[0] for op in ops if isinstance(op, _Gate)]
         varying = _unique(op.name for op in ops if isinstance(op, _ZerosOnly))
         places = (([f"the zero-padded conv(s) {', '.join(padded)}"] if padded else [])
                   + ([f"the transposed conv(s) {', '.join(transposed)}"] if transposed else [])
+                  + ([f"the recurrent layer(s) without biases {', '.join(recurrent)}"] if recurrent else [])
                   + ([f"the gate(s) of {', '.join(gates)}"] if gates else [])
                   + ([f"the product(s) or sum(s) {', '.join(varying)}"] if varying else []))
+        where = (", which have no bias to fold them into" if recurrent and len(places) == 1
+                 else ", where they are not constant")
         return ("its zero channels output non-zero constants into "
                 + (" and ".join(places) if places else f"ops on the way to {chain.consumer_names}")
-                + ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's "
-                "zero_batch_norm does, makes them zero)")
+                + where + " (a BatchNorm held at zero for them, as the pipeline's zero_batch_norm does, makes them "
+                "zero)")
 
     if not bool(dead.any()):
         return constants_reason() if bool(zero.any()) else None
@@ -2223,7 +2228,9 @@ def _recurrent_chain(node: fx.Node, name: str, modules: dict[str, nn.Module], ca
         return _reuse_reason(name, modules)
     if has_computed_tensors(rnn):
         return "it is parametrized (litcompress.pruning.fold_parametrizations_ first)"
-    if len(node.args) != 1 or node.kwargs:
+    # (its input by keyword, `rnn(input=x)`, or `rnn(x, None)` start from zeros too)
+    if (node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")) is not None or len(node.args) > 2 or (
+            node.kwargs.keys() - {"input", "hx"}):
         return "it is called with an initial state (hx), from which a zero unit does not stay zero"
     if any(name in _called_modules(trace.graph) for trace in traces[1:]):
         return "forward has bool flags, and shrink removes recurrent units only from models without them"
@@ -2320,9 +2327,11 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
                 constant &= value == 0
             dead &= constant.cpu().view(width, hidden).all(0)
             values[-1].append(value)
-    if not bool(dead.any()):
-        return ("its zero units output non-zero constants into the bias-less recurrent layer(s) "
-                f"{chain.consumer_names}, which have no bias to fold them into")
+    if not bool(dead.any()):  # (said as channel_plan says it: which op makes them constants, where they go)
+        branches = [branch for each, _ in chain.outputs for branch in each]
+        return _zeros_made_constants(branches, "hidden units") or (
+            f"its zero hidden units output non-zero constants into {chain.consumer_names}, where only exact zeros "
+            "can go")
     keep_a_multiple_(dead, keep_multiple_of)
     if not bool(dead.any()):
         return f"keeping a multiple of {keep_multiple_of} units leaves none of its zero units to remove"
@@ -2497,17 +2506,18 @@ def _groups_out_of_reach(chain: _Chain) -> str | None:
     return None
 
 
-def _zeros_made_constants(chain: _Chain) -> str | None:
-    """Why not removable, for a branch whose pruned channels reach a place that needs exact zeros (a zero-padded or
-    transposed conv, a gate, a zero-padded depthwise conv) as a non-zero constant: the value of a pruned channel is
-    followed through the branch's ops (a BatchNorm held at zero, as the pipeline holds it, gives 0 again; a
-    depthwise conv's bias a constant; an element-wise op its value there, e.g. sigmoid(0) = 0.5). No bias or
-    BatchNorm held at zero makes such channels zero, so pruning them costs accuracy and shrink removes none."""
+def _zeros_made_constants(branches: Iterable[_Branch], what: str = "channels") -> str | None:
+    """Why not removable, for a branch whose pruned channels (a recurrent layer's zero hidden units: `what`) reach a
+    place that needs exact zeros (a zero-padded or transposed conv, a gate, a zero-padded depthwise conv, a
+    recurrent layer without biases) as a non-zero constant: the value of a pruned channel is followed through the
+    branch's ops (a BatchNorm held at zero, as the pipeline holds it, gives 0 again; a depthwise conv's bias a
+    constant; an element-wise op its value there, e.g. sigmoid(0) = 0.5). No bias or BatchNorm held at zero makes
+    such channels zero, so pruning them costs accuracy and shrink removes none."""
     def reason(where: str, made_by: str) -> str:
-        return (f"its zero channels reach {where} as a non-zero constant ({made_by} makes them one), where only "
-                "exact zeros can go: no bias or BatchNorm held at zero makes them zero, so none of them can go")
+        return (f"its zero {what} reach {where} as a non-zero constant ({made_by} makes them one), where only "
+                f"exact zeros can go: no bias or BatchNorm held at zero makes them zero, so none of them can go")
 
-    for branch in chain.branches:
+    for branch in branches:
         value, made_by = 0.0, ""
         for op in branch.ops:
             if isinstance(op, _BatchNorm):  # held at zero for the pruned channels (zero_batch_norm)
@@ -2551,7 +2561,7 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
               for name, chain in _producer_chains(traced.graph, modules, traced.calls, producers)}
     chains = {name: (_groups_out_of_reach(chain) or _one_channel_per_group(chain) or chain)
               if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
-    chains = {name: (_zeros_made_constants(chain) or chain) if isinstance(chain, _Chain) else chain
+    chains = {name: (_zeros_made_constants(chain.branches) or chain) if isinstance(chain, _Chain) else chain
               for name, chain in chains.items()}
     reasons = {name: None if isinstance(chain, _Chain) else chain for name, chain in chains.items()}
     reasons.update({name: _unreached_reason(name, traced.traces, modules) for name in producers - reasons.keys()})
@@ -2571,7 +2581,10 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
                    if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
-        units={**{name: reason if isinstance(reason, str) else None for name, reason in _recurrent_chains(traced)},
+        # (a chain whose zero units become constants where only zeros can go keeps them, as shrink does)
+        units={**{name: chain if isinstance(chain, str) else _zeros_made_constants(
+                      [branch for branches, _ in chain.outputs for branch in branches], "hidden units")
+                  for name, chain in _recurrent_chains(traced)},
                **{name: _hidden_reason(name, called, modules) for name, m in modules.items()
                   if isinstance(m, RECURRENT_LAYERS) and name not in called}},
     )
