@@ -974,6 +974,10 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),
     (["--backends", "torch_ao,tensorrt"], "unknown backend(s) ['tensorrt']"),
+    # torch's traceback at the end of the first epoch, the output folder left behind
+    (["--model", "mobilenet", "--model-args", '{"width": 4, "blocks": 1, "stem_stride": 8}', "--data-args",
+      '{"batch_size": 98}'], "--data-args batch_size 98 leaves a last training batch of 1 of the 1079 training "
+                             "samples, and MobileNetClassifier's batch norm cannot train on one row"),
     # the empty name was dropped without a word
     (["--backends", "torch_ao,,onnxruntime"], "an empty name in 'torch_ao,,onnxruntime': two commas in a row"),
     (["--exclude", "net.0,"], "an empty name in 'net.0,'"),

@@ -881,6 +881,40 @@ def _example_inputs(data: Any, batch_size: int | None, input_fn: Any, module: An
     return structure.unflatten(tuple(torch.cat([part[i] for part in parts])[:batch_size] for i in range(len(first))))
 
 
+def _check_single_row_batch_norm(model: Any, data: Any, example_inputs: Any) -> None:
+    """A last training batch of one row, which a BatchNorm over one value per channel (1x1 maps, or a Linear's
+    features) refuses in training: said before any training, with the batch sizes that avoid it (it failed with
+    torch's traceback at the end of the first epoch)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from litcompress.quantization.backends import to_inputs
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    try:
+        loader = data.train_dataloader()
+        rows, batch_size = len(loader.dataset), loader.batch_size
+    except Exception:  # noqa: BLE001 - data of one's own: Lightning's own error stands
+        return
+    if not batch_size or loader.drop_last or rows % batch_size != 1:
+        return
+    single = tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in to_inputs(example_inputs))
+    probe = copy.deepcopy(model).train()
+    try:
+        with torch.no_grad():
+            probe(*single)
+    except Exception as error:  # noqa: BLE001 - only batch norm's refusal is said here; training says the rest
+        if not isinstance(error, ValueError) or "Expected more than 1 value per channel" not in str(error):
+            return
+        fits = next(b for b in range(batch_size + 1, rows + 2) if rows % b != 1)
+        raise ValueError(f"--data-args batch_size {batch_size} leaves a last training batch of 1 of the {rows} "
+                         f"training samples, and {type(model).__name__}'s batch norm cannot train on one row ({error})"
+                         f": choose a batch_size that leaves 2 or more, e.g. {fits}.") from None
+
+
 def _check_metrics(model: Any, data: Any, metric: str, test_metric: str | None, submodule: str | None) -> None:
     """One validation (and test) batch, with a copy of the model to compress in the place compress puts its stages:
     a metric the module does not log, or one its step computes without that model, fails now, not after training."""
@@ -1060,6 +1094,8 @@ def run_compress(args: argparse.Namespace) -> int:
             except ValueError as error:  # said in the API's words
                 raise ValueError(re.sub(r"\bdynamic_dims\b", "--dynamic-dims", str(error))) from None
             check_declared_dims_vary(compressed, example_inputs, declared, "--dynamic-dims")
+        if train_epochs or (config.prune is not None and args.prune_epochs):
+            _check_single_row_batch_norm(compressed, data, example_inputs)
         test_metric = args.test_metric or ("test_acc" if args.model in BUILTIN_MODELS else None)
         _check_metrics(model, data, args.metric, test_metric, args.submodule)
         dense = args.output_dir / "dense.ckpt"
