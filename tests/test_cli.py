@@ -1715,3 +1715,47 @@ def test_search_limits_are_said_as_options_but_a_call_written_out_is_left_as_wri
             "was not given")
     assert _search_limits_as_options(said) == ("int8 does not pay off: PTQConfig(min_speedup=1.0) (CLI: "
                                                "--min-speedup 1) keeps fp32; --min-speedup 1.0 was not given")
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                       torch.nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _SampledData:
+    """One dataset of `rows`, its training loader drawing `sampler`'s rows."""
+
+    def __init__(self, rows: int, batch_size: int, sampler: Any = None) -> None:
+        from torch.utils.data import TensorDataset
+
+        self.dataset, self.batch_size, self.sampler = TensorDataset(torch.randn(rows, 4)), batch_size, sampler
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler)
+
+
+def test_the_single_row_batch_norm_check_counts_the_rows_the_sampler_draws_and_says_a_single_sample_plainly():
+    """A subset sampler's 1000 of 1079 rows (last batch 20) was refused as a last batch of one; a training set of one
+    sample failed the check itself with StopIteration."""
+    from torch.utils.data import SubsetRandomSampler, WeightedRandomSampler
+
+    from litcompress.cli import _check_single_row_batch_norm
+
+    model, x = _BatchNormNet(), (torch.randn(4, 4),)
+    for sampler in (SubsetRandomSampler(range(1000)), WeightedRandomSampler(torch.ones(1079), 1000)):
+        _check_single_row_batch_norm(model, _SampledData(1079, 98, sampler), x)  # not refused
+    with pytest.raises(ValueError, match=r"batch_size 98 leaves a last training batch of 1 of the 1079 training "
+                                         r"samples.*e\.g\. 99\.$"):
+        _check_single_row_batch_norm(model, _SampledData(1079, 98), x)
+    with pytest.raises(ValueError, match=r"batch_size 10 leaves a last training batch of 1 of the 981 .*e\.g\. 11\.$"):
+        _check_single_row_batch_norm(model, _SampledData(2000, 10, SubsetRandomSampler(range(981))), x)
+    with pytest.raises(ValueError, match="the training data holds 1 sample, and _BatchNormNet's batch norm cannot "
+                                         "train on one row"):
+        _check_single_row_batch_norm(model, _SampledData(1, 2), x)

@@ -894,9 +894,13 @@ def _check_single_row_batch_norm(model: Any, data: Any, example_inputs: Any) -> 
 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
+    from torch.utils.data import BatchSampler, DataLoader
+
     try:
         loader = data.train_dataloader()
-        rows, batch_size = len(loader.dataset), loader.batch_size
+        # the rows its sampler draws (a subset's, a weighted sampler's num_samples), not the dataset's
+        plain = isinstance(loader, DataLoader) and type(loader.batch_sampler) is BatchSampler
+        rows, batch_size = (len(loader.sampler), loader.batch_size) if plain else (0, None)
     except Exception:  # noqa: BLE001 - data of one's own: Lightning's own error stands
         return
     if not batch_size or loader.drop_last or rows % batch_size != 1:
@@ -909,7 +913,10 @@ def _check_single_row_batch_norm(model: Any, data: Any, example_inputs: Any) -> 
     except Exception as error:  # noqa: BLE001 - only batch norm's refusal is said here; training says the rest
         if not isinstance(error, ValueError) or "Expected more than 1 value per channel" not in str(error):
             return
-        fits = next(b for b in range(batch_size + 1, rows + 2) if rows % b != 1)
+        if rows == 1:
+            raise ValueError(f"the training data holds 1 sample, and {type(model).__name__}'s batch norm cannot train "
+                             f"on one row ({error}): train on 2 or more.") from None
+        fits = next(b for b in range(batch_size + 1, rows + 1) if rows % b != 1)  # (rows itself, at worst)
         raise ValueError(f"--data-args batch_size {batch_size} leaves a last training batch of 1 of the {rows} "
                          f"training samples, and {type(model).__name__}'s batch norm cannot train on one row ({error})"
                          f": choose a batch_size that leaves 2 or more, e.g. {fits}.") from None
