@@ -1621,8 +1621,9 @@ def test_removable_channels_names_the_layers_structured_pruning_can_shrink() -> 
 class PooledByReduction(nn.Module):
     """Convs whose activations are reduced over their spatial dims before the Linear head, written as code does it:
     ``x.mean(-1)`` on a 1-d signal, ``x.mean((2, 3))``, ``torch.amax(x, dim=[2, 3])``, ``keepdim`` then a flatten,
-    a flatten of the pooled (batch, channels) that changes nothing, or a view of it to the batch size of the unpooled
-    activations (each kept every channel)."""
+    a flatten of the pooled (batch, channels) that changes nothing, a view of it to the batch size of the unpooled
+    activations, or a pool through a view that reads the channel count, ``x.view(x.size(0), x.size(1), -1).mean(-1)``
+    (each kept every channel)."""
 
     def __init__(self, spatial: int, pool: str) -> None:
         super().__init__()
@@ -1645,6 +1646,8 @@ class PooledByReduction(nn.Module):
             x = torch.flatten(x.mean(dims), 1)
         elif self.pool == "viewed":  # the batch size read of the unpooled x (it kept every channel)
             x = x.mean(dims).view(x.size(0), -1)
+        elif self.pool == "through_view":  # the view reads the channel count (it kept every channel)
+            x = x.view(x.size(0), x.size(1), -1).mean(-1)
         else:  # keepdim, then a flatten
             x = torch.flatten(x.mean(dims, keepdim=True), 1)
         return self.head(x)
@@ -1653,7 +1656,10 @@ class PooledByReduction(nn.Module):
 @settings(max_examples=40, deadline=None)
 @example(spatial=2, pool="viewed", dead1=[], dead2=[1, 3], seed=0)
 @example(spatial=1, pool="viewed", dead1=[2], dead2=[0], seed=1)  # (dim -1: the example inputs give the rank)
-@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim", "flattened", "viewed"]),
+@example(spatial=2, pool="through_view", dead1=[], dead2=[1, 3], seed=0)
+@example(spatial=1, pool="through_view", dead1=[2], dead2=[0, 5], seed=1)
+@given(spatial=st.sampled_from([1, 2]), pool=st.sampled_from(["mean", "amax", "keepdim", "flattened", "viewed",
+                                                              "through_view"]),
        dead1=st.lists(st.integers(0, 7), unique=True, max_size=8),
        dead2=st.lists(st.integers(0, 5), unique=True, max_size=6), seed=st.integers(0, 2**16))
 def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_channels(spatial, pool, dead1, dead2,
@@ -1672,6 +1678,30 @@ def test_a_global_pool_written_as_a_reduction_lets_its_convs_lose_their_zero_cha
     torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
     assert result.model.conv2.out_channels == result.model.head.in_features == max(6 - len(dead2), 1)
     assert result.model.conv1.out_channels == max(8 - len(dead1), 1)
+
+
+@pytest.mark.parametrize(("pool", "features"), [
+    (lambda x: x.view(x.size(0), x.size(1), -1).mean(-1) * x.size(1), 6),  # the count used for something else too
+    (lambda x: x.view(x.size(0), x.size(1), -1).mean(-1, keepdim=True).squeeze(-1), 6),  # (batch, channels, 1) first
+    (lambda x: x.view(x.size(0), x.size(1), -1).sum(-1), 6),  # a constant times the map's size
+    (lambda x: x.view(x.size(0), x.size(1), -1).mean(1), 20),  # over the channels
+], ids=["count-used-elsewhere", "keepdim", "sum", "over-channels"])
+def test_a_pool_through_a_channel_reading_view_that_is_not_a_plain_global_pool_keeps_the_channels(pool,
+                                                                                                  features) -> None:
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(features, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(pool(torch.relu(self.conv(x))))
+
+    model = Pooled().eval()
+    zero_rows_(model.conv, [1, 4])
+    x = torch.randn(2, 3, 5, 4)
+    result = shrink(model, x)
+    assert result.model.conv.out_channels == 6 and "conv" in dict(result.report.kept)
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
 
 
 @pytest.mark.parametrize("swap", [lambda h: h.transpose(1, 2), lambda h: h.permute(0, 2, 1)],

@@ -1268,6 +1268,24 @@ def _spatial_reduction(node: fx.Node, ndim: int) -> str | None:
     return "all" if spatial == set(range(2, ndim)) else None
 
 
+def _pooled_through_view(view: fx.Node, node: fx.Node, modules: dict[str, nn.Module] | None) -> fx.Node | None:
+    """For a global pool written through a view of `node`, a conv activation, with its sizes read at run time,
+    ``x.view(x.size(0), x.size(1), -1).mean(-1)`` (or ``reshape``, ``mean(2)``, ``amax``, ``amin``): the reduction,
+    whose ``(batch, channels)`` are features as after a flatten; else None. The view reads the channel count, which
+    follows the width."""
+    if view.op != "call_method" or view.target not in ("view", "reshape") or view.kwargs or view.args[0] is not node:
+        return None
+    sizes = view.args[1] if len(view.args) == 2 and isinstance(view.args[1], (tuple, list)) else view.args[1:]
+    if not (len(sizes) == 3 and _is_batch_size(sizes[0], node, modules) and _reads_channels(sizes[1], node)
+            and sizes[2] == -1):
+        return None
+    users = _value_users(view)
+    if len(users) != 1 or users[0].args[0] is not view:
+        return None
+    reduced = _reduction_dims(users[0])
+    return users[0] if reduced is not None and reduced[0] in ((2,), (-1,)) and not reduced[1] else None
+
+
 @dataclass(frozen=True)
 class _Function:
     """A graph node's element-wise function (or tensor method) applied to a tensor standing for its input, the
@@ -1569,7 +1587,8 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
             found = _squeeze_excitation(node, [u for u in users if u not in templates], branch.width, modules, calls,
                                         templates)
         if is_conv and not branch.flattened:
-            read = _channel_count_read(node, producer.weight.dim(), found[2] if found else set())
+            pooling_views = {user for user in users if _pooled_through_view(user, node, modules) is not None}
+            read = _channel_count_read(node, producer.weight.dim(), (found[2] if found else set()) | pooling_views)
             if read is not None:
                 return f"its channel count is read ({_describe(read, modules)}) where the width would change"
         else:
@@ -1713,6 +1732,9 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
         if isinstance(through, str):
             return through
         return _walk(through, producer, branch, done, modules, calls) if walk_on else through
+    if is_conv and not branch.flattened and (pooled := _pooled_through_view(user, node, modules)) is not None:
+        branch.flattened = True  # (batch, channels) left: features, as after a flatten; a constant stays one
+        return _walk(pooled, producer, branch, done, modules, calls) if walk_on else pooled
     spatial_ndim = producer.weight.dim() if is_conv and not branch.flattened else None
     if _tensor_args(user, node, modules, spatial_ndim) != [node]:
         return f"its output meets another tensor in {_describe(user, modules)}"
