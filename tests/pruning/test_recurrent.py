@@ -331,6 +331,62 @@ def test_a_layer_called_with_its_input_by_keyword_or_no_state_loses_its_zero_uni
     torch.testing.assert_close(result.model(x), model(x))
 
 
+def test_a_linear_layer_whose_output_a_recurrent_layer_takes_by_keyword_is_planned_and_shrunk():
+    """`rnn(input=fc(x))` failed channel_plan, shrink and compress with an IndexError."""
+
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 10)
+            self.rnn = nn.GRU(10, 6, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(input=torch.relu(self.fc(x)))[0][:, -1])
+
+    torch.manual_seed(0)
+    model = ByKeyword().eval()
+    x = torch.randn(3, 5, 4)
+    plan = channel_plan(model, example_inputs=(x,))
+    assert plan.reasons["fc"] is None and plan.units == {"rnn": None}
+    with torch.no_grad():
+        model.fc.weight[[2, 7]] = 0
+    result = shrink(model, (x,))
+    assert result.model.fc.out_features == result.model.rnn.input_size == 8
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+class _ThroughBatchNorm(nn.Module):
+    """GRU -> sigmoid -> BatchNorm -> bias-less LSTM: the BatchNorm's shift makes the zero units constants that no
+    bias takes (the pipeline holds BatchNorms at zero for a conv's or Linear layer's channels, not for units)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.GRU(4, 8, batch_first=True)
+        self.norm = nn.BatchNorm1d(8)
+        self.second = nn.LSTM(8, 6, batch_first=True, bias=False)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.second(self.norm(torch.sigmoid(self.first(x)[0]).transpose(1, 2)).transpose(1, 2))[0]
+                         [:, -1])
+
+
+def test_units_a_batch_norm_shifts_before_a_bias_less_recurrent_layer_are_planned_as_shrink_keeps_them():
+    """The plan took the BatchNorm as held at zero and said "units": the pipeline masked half of them, shrink kept
+    them all."""
+    torch.manual_seed(0)
+    model = _ThroughBatchNorm().eval()
+    x = torch.randn(3, 5, 4)
+    reason = channel_plan(model, example_inputs=(x,)).units["first"]
+    assert reason is not None and "a BatchNorm's shift makes them one" in reason
+    result = compress(model, CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured",
+                                                                 schedule="oneshot"), quantize=None, export=False,
+                                               num_threads=1),
+                      eval_fn=lambda m: float(m(x).abs().mean()), example_inputs=(x,))
+    assert int(zero_units(result.stage_models["pruned"].first).sum()) == 0  # left unpruned
+
+
 def test_a_linear_layer_before_a_recurrent_layer_without_biases_is_kept_for_that_reason():
     """Its zero rows output their biases into a recurrent layer with none to fold them into: the reason said "the
     zero-padded conv(s) rnn"."""
@@ -349,9 +405,8 @@ def test_a_linear_layer_before_a_recurrent_layer_without_biases_is_kept_for_that
     with torch.no_grad():
         model.fc.weight[:5] = 0
     kept = dict(shrink(model, (torch.randn(3, 5, 4),)).report.kept)
-    assert kept["fc"].startswith("its zero channels output non-zero constants into the recurrent layer(s) without "
-                                 "biases rnn, which have no bias to fold them into")
-    assert "zero-padded" not in kept["fc"]
+    assert kept["fc"] == ("its zero channels output non-zero constants into the recurrent layer(s) without biases "
+                          "rnn, which have no bias to fold them into")  # (no BatchNorm to hold at zero here)
 
 
 def test_without_example_inputs_an_indexed_output_is_kept_and_the_reason_says_to_pass_them():

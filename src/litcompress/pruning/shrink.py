@@ -1744,7 +1744,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     if module is not None and type(module) in RECURRENT_LAYERS:  # reads its input's last dim: features
         if has_computed_tensors(module):
             return f"its consumer {user.target} is parametrized"
-        if (is_conv and not branch.flattened) or module.input_size != branch.width or user.args[0] is not node:
+        given = user.args[0] if user.args else user.kwargs.get("input")  # (called as rnn(input=x) too)
+        if (is_conv and not branch.flattened) or module.input_size != branch.width or given is not node:
             return f"its consumer {_describe(user, modules)} does not take its channels one to one"
         branch.consumer, branch.consumer_name = module, str(user.target)
         branch.zeros_only = not module.bias  # a constant folds into bias_ih_l0, when there is one
@@ -2004,12 +2005,11 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                   + ([f"the recurrent layer(s) without biases {', '.join(recurrent)}"] if recurrent else [])
                   + ([f"the gate(s) of {', '.join(gates)}"] if gates else [])
                   + ([f"the product(s) or sum(s) {', '.join(varying)}"] if varying else []))
-        where = (", which have no bias to fold them into" if recurrent and len(places) == 1
-                 else ", where they are not constant")
+        where = (", which have no bias to fold them into" if recurrent and len(places) == 1 else
+                 ", where they are not constant (a BatchNorm held at zero for them, as the pipeline's zero_batch_norm "
+                 "does, makes them zero)")
         return ("its zero channels output non-zero constants into "
-                + (" and ".join(places) if places else f"ops on the way to {chain.consumer_names}")
-                + where + " (a BatchNorm held at zero for them, as the pipeline's zero_batch_norm does, makes them "
-                "zero)")
+                + (" and ".join(places) if places else f"ops on the way to {chain.consumer_names}") + where)
 
     if not bool(dead.any()):
         return constants_reason() if bool(zero.any()) else None
@@ -2351,7 +2351,7 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
             values[-1].append(value)
     if not bool(dead.any()):  # (said as channel_plan says it: which op makes them constants, where they go)
         branches = [branch for each, _ in chain.outputs for branch in each]
-        return _zeros_made_constants(branches, "hidden units") or (
+        return _zeros_made_constants(branches, "hidden units", False) or (
             f"its zero hidden units output non-zero constants into {chain.consumer_names}, where only exact zeros "
             "can go")
     keep_a_multiple_(dead, keep_multiple_of)
@@ -2528,13 +2528,15 @@ def _groups_out_of_reach(chain: _Chain) -> str | None:
     return None
 
 
-def _zeros_made_constants(branches: Iterable[_Branch], what: str = "channels") -> str | None:
+def _zeros_made_constants(branches: Iterable[_Branch], what: str = "channels",
+                          batch_norms_held: bool = True) -> str | None:
     """Why not removable, for a branch whose pruned channels (a recurrent layer's zero hidden units: `what`) reach a
     place that needs exact zeros (a zero-padded or transposed conv, a gate, a zero-padded depthwise conv, a
     recurrent layer without biases) as a non-zero constant: the value of a pruned channel is followed through the
     branch's ops (a BatchNorm held at zero, as the pipeline holds it, gives 0 again; a depthwise conv's bias a
     constant; an element-wise op its value there, e.g. sigmoid(0) = 0.5). No bias or BatchNorm held at zero makes
-    such channels zero, so pruning them costs accuracy and shrink removes none."""
+    such channels zero, so pruning them costs accuracy and shrink removes none. Without `batch_norms_held` (a
+    recurrent layer's units, whose BatchNorms the pipeline does not hold), a BatchNorm maps a zero to its shift."""
     def reason(where: str, made_by: str) -> str:
         return (f"its zero {what} reach {where} as a non-zero constant ({made_by} makes them one), where only "
                 f"exact zeros can go: no bias or BatchNorm held at zero makes them zero, so none of them can go")
@@ -2542,8 +2544,10 @@ def _zeros_made_constants(branches: Iterable[_Branch], what: str = "channels") -
     for branch in branches:
         value, made_by = 0.0, ""
         for op in branch.ops:
-            if isinstance(op, _BatchNorm):  # held at zero for the pruned channels (zero_batch_norm)
+            if isinstance(op, _BatchNorm) and batch_norms_held:  # held at zero for the pruned channels
                 value = 0.0
+            elif isinstance(op, _BatchNorm):  # its shift, -mean / std * weight + bias: a constant, as a rule not 0
+                value, made_by = 1.0, "a BatchNorm's shift"
             elif isinstance(op, _Depthwise):
                 if op.zero_padded and value != 0:
                     return reason(f"the zero-padded depthwise conv {op.name}", made_by)
@@ -2605,7 +2609,7 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
                    if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
         # (a chain whose zero units become constants where only zeros can go keeps them, as shrink does)
         units={**{name: chain if isinstance(chain, str) else _zeros_made_constants(
-                      [branch for branches, _ in chain.outputs for branch in branches], "hidden units")
+                      [branch for branches, _ in chain.outputs for branch in branches], "hidden units", False)
                   for name, chain in _recurrent_chains(traced)},
                **{name: _hidden_reason(name, called, modules) for name, m in modules.items()
                   if isinstance(m, RECURRENT_LAYERS) and name not in called}},
