@@ -243,6 +243,36 @@ def test_a_model_that_samples_in_forward_is_compared_on_the_same_draws_and_the_c
         torch.testing.assert_close(result.model(x), expected)
 
 
+def test_a_layer_whose_output_dropout_left_on_reads_stays_dense_and_the_report_says_why():
+    """A draw shaped like a CSR layer's (transposed) output lands elsewhere: the reason blamed its weight being read
+    outside forward."""
+
+    class DropoutOn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.head = _sparse_linear(32, 16, 0.9, True, 7), _sparse_linear(4, 32, 0.9, True, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.dropout(self.fc(x), 0.5, training=True))
+
+    result = sparsify(DropoutOn(), torch.randn(8, 16), min_speedup=0, repeats=1, time_model=False)
+    assert result.report.converted == ("head",)
+    assert result.report.layers[0].reason.endswith(
+        "the model draws random numbers (dropout left on, sampling), and a draw shaped like this layer's output, which "
+        "CSR lays out transposed, lands elsewhere")
+
+
+def test_load_state_dict_with_assign_takes_the_files_tensors_as_nn_linear_does():
+    """assign=True onto a layer on the meta device failed converting the value to CSR there."""
+    dense = _sparse_linear(8, 6, 0.8, True, 9)
+    layer = SparseLinear.from_dense(dense).to("meta")
+    layer.load_state_dict(dense.state_dict(), assign=True)
+    assert layer.weight.device.type == layer.bias.device.type == "cpu"
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x))
+
+
 def test_a_layer_of_no_features_stays_dense_at_min_sparsity_0():
     """Its 0 weights passed min_sparsity=0, and timing its CSR copy crashed sparsify (a reshape to (-1, 0))."""
     model = nn.Sequential(nn.Linear(0, 8), nn.ReLU(), _sparse_linear(4, 8, 0.9, True, 6))

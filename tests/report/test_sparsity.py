@@ -109,6 +109,21 @@ def test_a_saved_torchscript_program_of_a_sparsified_model_counts_its_csr_layers
         assert report["0.weight"].zeros == round(0.9 * 32 * 64)
 
 
+def test_a_module_of_ones_own_with_a_csr_buffer_named_weight_reports_its_parameters():
+    """Only TorchScript programs hold SparseLinear's buffers in place of the layer: a module of one's own with a CSR
+    `weight` buffer was read as one (its parameters left out; a bool `bias` flag failed)."""
+
+    class CsrScaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("weight", torch.eye(4).to_sparse_csr())
+            self.scale = nn.Parameter(torch.zeros(4))
+            self.bias = True
+
+    report = sparsity_report(nn.Sequential(CsrScaled()))
+    assert [(t.name, t.zeros, t.numel) for t in report.tensors] == [("0.scale", 4, 4)]
+
+
 def test_a_module_registered_twice_goes_by_its_first_name_as_torch_names_it():
     """It went by its last name (`b.weight`), which `named_parameters()` never gives: `report["a.weight"]` failed."""
     model = nn.Module()

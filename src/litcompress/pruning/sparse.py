@@ -11,6 +11,7 @@ files cannot hold sparse tensors.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -95,9 +96,11 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(value.shape)}, the "
                                   f"shape in the current model is {expected}.")
             else:  # cast to this layer's dtype and device, as nn.Linear's copy_ does: a float64 or CPU file must
-                # not change them
+                # not change them; load_state_dict(assign=True) takes the file's, as it does for nn.Linear
                 held = getattr(self, name)
-                value = value.detach().to(device=held.device, dtype=held.dtype)
+                if not local_metadata.get("assign_to_params_buffers", False):
+                    value = value.to(device=held.device, dtype=held.dtype)
+                value = value.detach()
                 setattr(self, name, _csr(value) if name == "weight" else value.clone())
         if strict:  # as nn.Module's own loading: keys of this layer it has no place for
             unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in read
@@ -314,7 +317,19 @@ def _placed(root: nn.Module, alias: str, module: nn.Module) -> nn.Module:
 def _drawing_alike(model: nn.Module):
     """Every call compared draws the same random numbers (a VAE's sampling, dropout left on in eval mode), so that
     the check sees what a conversion changed; the caller's generators are left as they were."""
-    return drawing_from(0, [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False)])
+    # (buffers too: a CUDA model whose Linear layers all went CSR holds its weights as buffers only)
+    return drawing_from(0, [(m, n) for m in model.modules() for n, _ in itertools.chain(
+        m.named_parameters(recurse=False), m.named_buffers(recurse=False))])
+
+
+def _draws_randomly(model: nn.Module, inputs: tuple, reference: Any) -> bool:
+    """Whether `model`'s outputs change with the random draws (dropout left on in eval mode, a VAE's sampling)."""
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return max_output_difference(reference, model(*inputs)) > 0
+    except Exception:  # noqa: BLE001 - a model that fails on another seed is not told apart here
+        return False
 
 
 def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
@@ -384,6 +399,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     aliases = {name: paths[id(layer)] for name, layer in layers.items()}
     kept_dense = _read_outside_forward(work, layers)
     reference, first_inputs = _outputs_and_first_inputs(work, layers, inputs)
+    random = None  # whether the model draws random numbers: asked once a conversion changes its outputs
     threads = num_threads or torch.get_num_threads()
     decisions: list[SparseLayerReport] = []
     for name, layer in layers.items():
@@ -412,7 +428,12 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
             if failure is not None:
                 for alias in aliases[name]:
                     work = _placed(work, alias, layer)
-                reason = f"kept dense: on CSR the model failed ({failure}); its weight is read outside its forward?"
+                if random is None and failure.startswith("outputs changed"):
+                    random = _draws_randomly(work, inputs, reference)  # (the layer is back: the dense model)
+                reason = (f"kept dense: on CSR the model failed ({failure}); " + (
+                    "the model draws random numbers (dropout left on, sampling), and a draw shaped like this layer's "
+                    "output, which CSR lays out transposed, lands elsewhere" if random and failure.startswith(
+                        "outputs changed") else "its weight is read outside its forward?"))
         decisions.append(SparseLayerReport(name, shape, sparsity, dense_ms, sparse_ms, reason is None, reason))
     dense_ms = sparse_ms = None
     reverted = False

@@ -115,6 +115,9 @@ def _weight_names(module: nn.Module) -> list[str]:
 
 
 def _holds_csr_weight(module: nn.Module) -> bool:
+    """A TorchScript SparseLinear (a module of one's own with a CSR buffer keeps its own parameters)."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return False
     weight = dict(module.named_buffers(recurse=False)).get("weight")
     return isinstance(weight, torch.Tensor) and weight.layout == torch.sparse_csr
 
