@@ -303,11 +303,13 @@ def _groups_residuals(prune: PruneConfig) -> bool:
 
 
 #: an attention's input projections, held as its own tensors (out_proj is a Linear)
-def weight_sparsity(model: nn.Module, *, embeddings: bool = False, attentions: bool = False) -> float | None:
-    """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too, and with `embeddings` and
-    `attentions` (a run that prunes them) embeddings' and attentions' input projections (None when the model has
-    none, e.g. ONNX Runtime)."""
-    targets = [(m, t) for m in model.modules() if isinstance(m, PrunableLayers) or is_transposed_linear(m)
+def weight_sparsity(model: nn.Module, *, embeddings: bool = False, attentions: bool = False,
+                    layer_types: tuple[type[nn.Module], ...] = ()) -> float | None:
+    """Zeros among the weights of Linear/Conv/recurrent layers, GPT-2's Conv1D too, of `layer_types` (a run's
+    layers of one's own), and with `embeddings` and `attentions` (a run that prunes them) embeddings' and
+    attentions' input projections (None when the model has none, e.g. ONNX Runtime)."""
+    targets = [(m, t) for m in model.modules()
+               if isinstance(m, (*PrunableLayers, *layer_types)) or is_transposed_linear(m)
                for t in tensor_names(m, "weight")]
     if embeddings:
         targets += [(m, "weight") for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
@@ -327,7 +329,10 @@ class _Stages:
         # the sparsity column counts the weights the run prunes, in every stage alike
         self.counted_weights = {"embeddings": prune is not None and any(
             issubclass(t, (nn.Embedding, nn.EmbeddingBag)) for t in prune.layer_types),
-            "attentions": prune is not None and prune.heads > 0}
+            "attentions": prune is not None and prune.heads > 0,
+            # (a layer class of one's own the run prunes: the column left it out, and said "-" of a pruned model)
+            "layer_types": () if prune is None else tuple(
+                t for t in prune.layer_types if not issubclass(t, (*PrunableLayers, nn.Embedding, nn.EmbeddingBag)))}
         self.model_unused = False  # the first evaluation returned without running the model it was given
         self.models: dict[str, nn.Module] = {}
         self.rows: list[StageMetrics] = []
