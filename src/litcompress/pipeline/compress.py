@@ -296,6 +296,25 @@ def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConf
     return [(subset, kw) for subset, kw in ((regular, regular_kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
 
 
+def _trainable_target_tensors(targets: Sequence[Target]) -> list[torch.Tensor]:
+    """The trainable tensors under `targets` (a pruned target's original, the same parameter object torch's pruning
+    re-registered, rounds to come or not)."""
+    found: dict[int, torch.Tensor] = {}
+    for module, name in targets:
+        tensor = getattr(module, f"{name}_orig", None)
+        tensor = tensor if isinstance(tensor, nn.Parameter) else module._parameters.get(name)
+        if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+            found.setdefault(id(tensor), tensor)
+    return list(found.values())
+
+
+def _fingerprints(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
+    """Sums of each tensor's values and squares, in float64: a training step changes them (a copy of every weight
+    would double the model's memory)."""
+    with torch.no_grad():
+        return [(float(t.double().sum()), float(t.double().square().sum())) for t in tensors]
+
+
 def _groups_residuals(prune: PruneConfig) -> bool:
     """Whether `prune` prunes the layers joined by residual additions or gating products as one group (while
     fine-tuning)."""
@@ -1141,6 +1160,8 @@ def compress(
                 held_at_zero.apply_()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
+            trainable = _trainable_target_tensors(targets)
+            before_training = _fingerprints(trainable)
             returned = fine_tune(work, step)
             if isinstance(returned, nn.Module) and not any(module is work for module in returned.modules()):
                 # the model it trained was another (a copy): its weights would be lost, and the report say fine-tuned
@@ -1149,6 +1170,14 @@ def compress(
                                 "copy?); compress keeps the model it passes to fine_tune, which must train it in place "
                                 "(and call step(t) after each optimizer step).")
             check_targets_in_model()
+            if last_step[0] >= 1 and trainable and _fingerprints(trainable) == before_training:
+                # (the pruning rounds change masks only: the weights under them are what training changes)
+                untrained = (f"fine_tune made {last_step[0]} optimizer steps, and none changed a weight of the layers "
+                             "pruned: an optimizer built before compress on the model you passed "
+                             "(model.parameters()) trains that model, not the copy fine_tune is given; build the "
+                             "optimizer inside fine_tune, from the model it receives.")
+                warnings.warn(untrained, stacklevel=2)
+                note(untrained)
             if went_back:
                 note(f"fine_tune called step({went_back[0][0]}) after step({went_back[0][1]}): t counts the loop's "
                      "optimizer steps from its start, not from each epoch's; the schedule's rounds then came late, or "
