@@ -720,12 +720,47 @@ def test_a_magnitude_round_on_a_diverged_model_names_the_nan_tensor_and_leaves_t
         model[2].weight[0, 0] = float("nan")
     parameters = [id(p) for p in model.parameters()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"prune_: Linear.weight holds NaN \(training diverged\?\), which magnitude "
+    # named by its path in the model: "Linear.weight" did not say which of three Linear layers had diverged
+    with pytest.raises(ValueError, match=r"prune_: 2\.weight holds NaN \(training diverged\?\), which magnitude "
                                          r"pruning cannot rank; nothing was pruned"):
         prune_model_(model, amount=0.5, **how)
+    with pytest.raises(ValueError, match=r"prune_: Linear\.weight holds NaN"):  # targets alone: their class
+        prune_([(m, "weight") for m in model if isinstance(m, nn.Linear)], "l1_unstructured", 0.5, scope="local")
     assert list(model.state_dict()) == list(state) and [id(p) for p in model.parameters()] == parameters
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k != "2.weight")  # (NaN != NaN)
     assert torch.equal(model[2].weight.nan_to_num(), state["2.weight"].nan_to_num())
+
+
+def test_a_gradual_pruner_and_the_callback_name_a_diverged_tensor_by_its_path(tmp_path):
+    """Their rounds said "Linear.weight" of a model with three Linear layers."""
+    import lightning as L
+
+    from litcompress import ModelPruning
+    from litcompress.pruning.gradual import GradualPruner
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    targets = [(m, "weight") for m in model if isinstance(m, nn.Linear)]
+    pruner = GradualPruner(targets, ConstantSparsity(0.5, begin=0, end=10, frequency=1), "l1_unstructured",
+                           scope="local", target_names=["0.weight", "2.weight", "4.weight"])
+    with pytest.raises(ValueError, match=r"prune_: 2\.weight holds NaN"):
+        pruner.step(0)
+
+    class Diverged(MLPClassifier):
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 1:  # the last: after its step, before the callback's round at the epoch's end
+                with torch.no_grad():
+                    self.net[2].weight[0, 0] = float("nan")
+
+    module = Diverged(in_features=64, hidden=[16, 16])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 64),
+                                                                      torch.randint(0, 10, (16,))), batch_size=8)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[ModelPruning("l1_unstructured", amount=0.5)])
+    with pytest.raises(ValueError, match=r"prune_: net\.2\.weight holds NaN"):
+        trainer.fit(module, data)
 
 
 def test_a_nan_already_pruned_or_a_method_of_ones_own_is_let_be_in_a_round_per_layer():

@@ -464,11 +464,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
             for module, name in engine.distinct_targets(self._parameters_to_prune):
                 self.pruning_fn(module, name=name, amount=amount)
             return
-        engine.prune_(self._parameters_to_prune, self._method, amount, scope="local", **self._method_kwargs)
+        with engine.naming_targets(self._parameters_to_prune, self._qualified_names):
+            engine.prune_(self._parameters_to_prune, self._method, amount, scope="local", **self._method_kwargs)
 
     def _apply_global_pruning(self, amount: Union[int, float]) -> None:
         method = self.pruning_fn if self._custom_pruning_fn() else self._method
-        engine.prune_(self._parameters_to_prune, method, amount, scope="global", **self._method_kwargs)
+        with engine.naming_targets(self._parameters_to_prune, self._qualified_names):
+            engine.prune_(self._parameters_to_prune, method, amount, scope="global", **self._method_kwargs)
 
     @staticmethod
     def _get_pruned_stats(module: nn.Module, name: str) -> tuple[int, int]:
@@ -991,7 +993,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._schedule_seed = torch.initial_seed() ^ _SCHEDULE_SEED_SALT ^ engine.targets_digest(
                 self._parameters_to_prune, self._qualified_names)
         with self._logging_sparsity(target), engine.drawing_from(engine.round_seed(self._schedule_seed, progress),
-                                                                 self._parameters_to_prune):
+                                                                 self._parameters_to_prune), \
+                engine.naming_targets(self._parameters_to_prune, self._qualified_names):
             engine.prune_to_sparsity_(
                 self._parameters_to_prune, self._method, target,
                 scope="global" if self._use_global_unstructured else "local", keep_multiple_of=self._keep_multiple_of,

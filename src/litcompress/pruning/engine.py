@@ -28,6 +28,7 @@ import os
 import sys
 import warnings
 import zlib
+from contextvars import ContextVar
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -742,9 +743,33 @@ def check_norms_apply(targets: Sequence[Target], method_cls: type[torch_prune.Ba
         tensor = trainable_tensor(module, name)
         refusal = None if tensor.is_meta or not -tensor.dim() <= dim < tensor.dim() else norm_refusal(tensor, norm, dim)
         if refusal is not None:
-            raise ValueError(f"{owner}: n={norm!r} does not apply to {type(module).__name__}.{name} of shape "
+            raise ValueError(f"{owner}: n={norm!r} does not apply to {target_label(module, name)} of shape "
                              f"{tuple(tensor.shape)}: torch takes it over the {tensor.dim() - 1} dimension(s) besides "
                              f"dim={dim}, and says: {refusal}. Use a number (1, 2, float('inf'), ...).")
+
+
+#: the qualified names of the targets being pruned, by (id(module), tensor name), where the caller knows the model
+_TARGET_NAMES: ContextVar[Mapping[tuple[int, str], str] | None] = ContextVar("litcompress_target_names", default=None)
+
+
+def target_label(module: nn.Module, name: str) -> str:
+    """How messages name a target: its path in the model where the caller gave it (``2.weight``: ``prune_model_``,
+    ``ModelPruning``, ``GradualPruner`` with target names), else its class (``Linear.weight``)."""
+    names = _TARGET_NAMES.get()
+    return (names or {}).get((id(module), name)) or f"{type(module).__name__}.{name}"
+
+
+@contextmanager
+def naming_targets(targets: Sequence[Target], names: Sequence[str] | None) -> Iterator[None]:
+    """Inside the block, messages about `targets` name them by `names` (qualified names, one per target)."""
+    if not names:
+        yield
+        return
+    token = _TARGET_NAMES.set({(id(m), n): name for (m, n), name in zip(targets, names) if name})
+    try:
+        yield
+    finally:
+        _TARGET_NAMES.reset(token)
 
 
 def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.BasePruningMethod], amount: float | int,
@@ -769,7 +794,7 @@ def _prune_distinct_(targets: Sequence[Target], method_cls: type[torch_prune.Bas
             refresh_cached_tensor(module, name)
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     if structured and scope == "local":
-        check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
+        check_slices_exist(method_cls, [(target_label(m, n), getattr(m, n).dim()) for m, n in targets],
                            "prune_")
     if structured and scope == "local":
         check_norms_apply(targets, method_cls, method_kwargs, "prune_")
@@ -848,7 +873,7 @@ def _check_rankable(targets: Sequence[Target], method_cls: type[torch_prune.Base
         return
     structured = method_cls is torch_prune.LnStructured
     with torch.no_grad():
-        diverged = [f"{type(m).__name__}.{n}" for m, n in targets
+        diverged = [target_label(m, n) for m, n in targets
                     if (holds_nan(trainable_tensor(m, n).detach()) if structured else _kept_values_hold_nan(m, n))]
     if diverged:
         raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
@@ -917,7 +942,7 @@ def check_importance_scores(targets: Sequence[Target], method: type[torch_prune.
     if not isinstance(scores, Tensor):
         raise TypeError(f"{owner}(importance_scores=...): a local round takes one tensor of scores, of the targets' "
                         f"shape; got {type(scores).__name__}.")
-    wrong = [f"{type(m).__name__}.{n} {tuple(trainable_tensor(m, n).shape)}" for m, n in targets
+    wrong = [f"{target_label(m, n)} {tuple(trainable_tensor(m, n).shape)}" for m, n in targets
              if trainable_tensor(m, n).shape != scores.shape]
     if wrong:
         raise ValueError(f"{owner}(importance_scores=...): a local round ranks every target by its one tensor of "
@@ -982,7 +1007,7 @@ def _global_magnitude_prune_(targets: Sequence[Target], count: int) -> None:
         scores = [trainable_tensor(m, n).detach() for m, n in targets]
         # before any mask is made: the model is left as it was (NaN cannot be ranked; smallest_k_masks refuses it too,
         # by index)
-        diverged = [f"{type(m).__name__}.{n}" for (m, n), score in zip(targets, scores)
+        diverged = [target_label(m, n) for (m, n), score in zip(targets, scores)
                     if holds_nan(score)]
         if diverged:
             raise ValueError(f"prune_: {', '.join(diverged)} hold{'s' if len(diverged) == 1 else ''} NaN (training "
@@ -1092,7 +1117,7 @@ def _slices_to_drop(module: nn.Module, name: str, method: type[torch_prune.BaseP
         candidates = rows[kept[rows]]
         count = max(0, target - (size - int(candidates.numel())))
         if count and not random and bool(torch.isnan(scores[candidates]).any()):  # (argsort ranks NaN largest)
-            held = f"{type(module).__name__}.{name}" + ("'s importance_scores" if importance_scores is not None else "")
+            held = target_label(module, name) + ("'s importance_scores" if importance_scores is not None else "")
             raise ValueError(f"prune_: {held} holds NaN (training diverged?), which magnitude pruning cannot rank; "
                              "nothing was pruned.")
         if count:
@@ -1189,7 +1214,7 @@ def prune_to_sparsity_(
     check_near_misses(method_cls, method_kwargs, "prune_to_sparsity_")
     check_method_kwargs(method_cls, method_kwargs, "prune_to_sparsity_",
                         ndims={getattr(m, n).dim() for m, n in targets}, others_ok=True)
-    check_slices_exist(method_cls, [(f"{type(m).__name__}.{n}", getattr(m, n).dim()) for m, n in targets],
+    check_slices_exist(method_cls, [(target_label(m, n), getattr(m, n).dim()) for m, n in targets],
                        "prune_to_sparsity_")
     structured = getattr(method_cls, "PRUNING_TYPE", None) == "structured"
     if scope == "local":
@@ -1335,7 +1360,8 @@ def prune_model_(
         warnings.warn(f"prune_model_ leaves out {len(computed)} parametrized tensor(s), which torch.nn.utils.prune "
                       f"cannot mask: {', '.join(computed)}; they stay dense. litcompress.pruning.fold_parametrizations_"
                       "(model) first makes each a plain tensor holding its current value.", UserWarning, stacklevel=2)
-    prune_(targets, method, amount, scope=scope, **method_kwargs)
+    with naming_targets(targets, qualified_names(model, targets)):  # (an error names 2.weight, not Linear.weight)
+        prune_(targets, method, amount, scope=scope, **method_kwargs)
     keep_bypassed_weights_current_(model)
     return targets
 

@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 from litcompress.pruning.distributed import broadcast_pruning_state_, distributed_world_size
 from litcompress.pruning.engine import (Scope, Target, check_importance_scores, check_keep_multiple_of,
                                         check_targets, distinct_targets,
-                                        drawing_from, emptied_message, emptied_targets, is_pruned,
+                                        drawing_from, emptied_message, emptied_targets, is_pruned, naming_targets,
                                         outside_inference_mode, prune_to_sparsity_, pruned_count,
                                         register_state_hooks, round_seed,
                                         set_mask_, share_tied_masks_, targets_digest, tensor_key,
@@ -370,7 +370,8 @@ class GradualPruner:
         before = self.pruned()
         if self.seed is None:
             self.seed = self._new_seed()
-        with drawing_from(round_seed(self.seed, t), self.targets):
+        names = [self._names.get((id(m), n)) for m, n in self.targets] if self._names else None
+        with drawing_from(round_seed(self.seed, t), self.targets), naming_targets(self.targets, names):
             newly = prune_to_sparsity_(self.targets, self.method, target, scope=self.scope,
                                        keep_multiple_of=self.keep_multiple_of, **self.method_kwargs)
         # data-parallel ranks (DDP, Fabric) train one sub-network: a random method draws on each rank's generator
