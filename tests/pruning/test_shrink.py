@@ -1699,9 +1699,66 @@ def test_a_pool_through_a_channel_reading_view_that_is_not_a_plain_global_pool_k
     model = Pooled().eval()
     zero_rows_(model.conv, [1, 4])
     x = torch.randn(2, 3, 5, 4)
+    for result in (shrink(model, x), shrink(model)):
+        assert result.model.conv.out_channels == 6 and "conv" in dict(result.report.kept)
+        torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+
+
+@pytest.mark.parametrize("read", ["of the view", "of the pooled features"])
+def test_the_channel_count_read_after_a_global_pool_keeps_the_channels_with_or_without_example_inputs(read) -> None:
+    """head(v.mean(-1)) * v.size(1): shrink with example inputs failed its own check of the outputs, and without them
+    returned a model whose outputs had changed (as did x.mean((2, 3)) read by y.size(1))."""
+    class CountRead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.conv(x))
+            if read == "of the view":
+                v = x.view(x.size(0), x.size(1), -1)
+                return self.head(v.mean(-1)) * v.size(1)
+            y = x.mean((2, 3))
+            return self.head(y) * y.size(1)
+
+    model = CountRead().eval()
+    zero_rows_(model.conv, [1, 4])
+    x = torch.randn(2, 3, 5, 4)
+    for result in (shrink(model, x), shrink(model)):
+        assert result.model.conv.out_channels == 6
+        assert dict(result.report.kept)["conv"].endswith("count is read (call_method size) where the width would "
+                                                         "change")
+        torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+
+
+@pytest.mark.parametrize("pool", ["mean", "view"])
+def test_a_residual_stream_pooled_through_a_channel_reading_view_loses_its_groups_zero_channels(pool) -> None:
+    """The view form kept every channel of the group ("its output meets another tensor in add"), and the
+    pipeline's group pruning refused the model."""
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+            self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = x + self.bn2(self.conv2(x))
+            return self.head(x.mean((2, 3)) if pool == "mean" else x.view(x.size(0), x.size(1), -1).mean(-1))
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    for conv, norm in ((model.conv1, model.bn1), (model.conv2, model.bn2)):
+        randomise_batch_norm_(norm, torch.Generator().manual_seed(0))
+        zero_rows_(conv, [1, 4])
+        with torch.no_grad():
+            norm.weight[[1, 4]], norm.bias[[1, 4]] = 0.0, 0.0
+    x = torch.randn(2, 3, 5, 4)
+    assert removable_channels(model)["conv1"] is None and removable_channels(model)["conv2"] is None
     result = shrink(model, x)
-    assert result.model.conv.out_channels == 6 and "conv" in dict(result.report.kept)
-    torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+    assert result.model.conv1.out_channels == result.model.conv2.out_channels == result.model.head.in_features == 4
+    torch.testing.assert_close(outputs(result.model, x), outputs(model, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("swap", [lambda h: h.transpose(1, 2), lambda h: h.permute(0, 2, 1)],

@@ -40,7 +40,8 @@ from litcompress.pruning.shrink import (_AVG_POOLING, _AVG_POOLING_FUNCTIONS, _B
                                         _elementwise_op, _expanded_as, _flatten_start, _Gate, _is_producer,
                                         _keep_batch_norm_, _keep_depthwise_, _keep_input_channels_, _keep_rows_,
                                         _keeps_features, _normalises_channels, _rank, _reads_shape_only,
-                                        _scalar_arithmetic, _self_gate, _spatial_index, _spatial_reduction,
+                                        _pooled_through_view, _scalar_arithmetic, _self_gate, _spatial_index,
+                                        _spatial_reduction,
                                         _squeeze_excitation, _squeezed_rank, _takes_channel_count, _traced,
                                         _value_users, is_depthwise, keep_a_multiple_)
 
@@ -283,6 +284,12 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             if found is not None:
                 excited[found[1]] = (node, found[0])
                 handled.update(found[2])
+    # x.view(x.size(0), x.size(1), -1).mean(-1), a global pool through a view that reads the channel count: the
+    # view's reduction, by the view (the count read only by the view)
+    pooled_views = {node: reduction for node in graph.nodes if node.op == "call_method" and node.args
+                    and isinstance(node.args[0], fx.Node)
+                    and (reduction := _pooled_through_view(node, node.args[0], modules)) is not None}
+    view_reductions = set(pooled_views.values())
     for node in graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in space_of]
         module = modules.get(str(node.target)) if node.op == "call_module" else None
@@ -361,7 +368,7 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
         if _reads_shape_only(node):
             space = spaces[find(space_of[inputs[0]])]
             ndim = _CONV_NDIM[space.kind] if space.is_conv and inputs[0] not in flattened else None
-            if not _takes_channel_count(node, ndim, handled):
+            if not _takes_channel_count(node, ndim, handled | pooled_views.keys()):
                 # x.size(0) in pool(x).view(x.size(0), -1), x.size()[2:] in F.avg_pool2d(x, x.size()[2:]), sizes
                 # only a gate's reshapes use: nothing of the space's channels
                 continue
@@ -397,6 +404,13 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             space_of[node] = root
             rule_of[node] = rule_of[source]
             if source in flattened:
+                flattened.add(node)
+        elif len(inputs) == 1 and convs and (node in pooled_views or node in view_reductions):
+            # the view keeps each channel's values together (batch, channels, positions); its reduction pools them:
+            # (batch, channels) left, read as features, as after a flatten
+            space_of[node] = root
+            rule_of[node] = rule_of[source]
+            if node in view_reductions:
                 flattened.add(node)
         elif len(inputs) == 1 and (convs or source in flattened) and _flatten_start(node, modules) == 1:
             # a conv's channels become features; (batch, features) already, as after x.mean((2, 3)), stay as they are

@@ -929,11 +929,12 @@ def _channel_count_read(node: fx.Node, ndim: int, gate_path: set[fx.Node]) -> fx
                  and _takes_channel_count(user, ndim, gate_path)), None)
 
 
-def _feature_count_read(node: fx.Node) -> fx.Node | None:
+def _feature_count_read(node: fx.Node, known_rank: int | None = None) -> fx.Node | None:
     """A read of `node`'s feature count, its last dim (``h.size(-1)``, ``h.shape[-1]``, a slice through the end, the
-    whole shape, or the last dim of the rank the example inputs gave), where `node` holds features (a Linear's or a
-    flattened conv's output): narrowing them would change it. Without a rank a positive index may be the tokens'."""
-    rank = _rank(node)
+    whole shape, or the last dim of the rank the example inputs gave, else of `known_rank`), where `node` holds
+    features (a Linear's or a flattened conv's output): narrowing them would change it. Without a rank a positive
+    index may be the tokens'."""
+    rank = _rank(node) if _rank(node) is not None else known_rank
 
     def takes_last(index: object) -> bool:
         if isinstance(index, slice):
@@ -1280,8 +1281,8 @@ def _pooled_through_view(view: fx.Node, node: fx.Node, modules: dict[str, nn.Mod
             and sizes[2] == -1):
         return None
     users = _value_users(view)
-    if len(users) != 1 or users[0].args[0] is not view:
-        return None
+    if len(users) != 1 or users[0].args[0] is not view or _channel_count_read(view, 3, set()) is not None:
+        return None  # (``v.size(1)`` of the view is the channel count too)
     reduced = _reduction_dims(users[0])
     return users[0] if reduced is not None and reduced[0] in ((2,), (-1,)) and not reduced[1] else None
 
@@ -1592,7 +1593,8 @@ def _walk(node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branc
             if read is not None:
                 return f"its channel count is read ({_describe(read, modules)}) where the width would change"
         else:
-            read = _feature_count_read(node)
+            # (a conv's channels pooled or flattened are (batch, features): dim 1 is theirs, example inputs or not)
+            read = _feature_count_read(node, 2 if is_conv else None)
             if read is not None:
                 return f"its feature count is read ({_describe(read, modules)}) where the width would change"
         if found is not None:
