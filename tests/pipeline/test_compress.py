@@ -192,17 +192,34 @@ def test_the_sparsity_column_counts_the_layers_of_ones_own_the_run_prunes(head):
     assert result.report["input"].weight_sparsity == 0.0
 
 
-@pytest.mark.parametrize("optimizer_of", ["the user's model", "the copy"])
-def test_a_fine_tune_whose_optimizer_trains_the_users_model_is_said_to_have_trained_nothing(optimizer_of):
+class _LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(("model_kind", "method", "optimizer_of", "warned"), [
+    ("mlp", "l1_unstructured", "the user's model", True),
+    ("mlp", "l1_unstructured", "the copy", False),
+    ("mlp", "ln_structured", "the copy's head", False),  # the pruned layers left as they are: the loop's choice
+    ("lstm", "ln_structured", "the user's model", True),  # units pruned, no weight target (it went unsaid)
+])
+def test_a_fine_tune_whose_optimizer_trains_the_users_model_is_said_to_have_trained_nothing(model_kind, method,
+                                                                                           optimizer_of, warned):
     """An optimizer built before compress on the user's model stepped that model: every kept weight of the pruned
     stage was the input's, and the report said "10 rounds during 17 fine-tuning steps" without a word."""
     torch.manual_seed(0)
-    model = ReluMLP(8, 16, 3)
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    model = ReluMLP(8, 16, 3) if model_kind == "mlp" else _LSTMHead()
+    x = torch.randn(32, 8) if model_kind == "mlp" else torch.randn(32, 5, 8)
+    y = torch.randint(0, 3, (32,))
     early = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def fine_tune(work: nn.Module, step) -> None:
-        optimizer = early if optimizer_of == "the user's model" else torch.optim.SGD(work.parameters(), lr=0.1)
+        optimizer = {"the user's model": early, "the copy": torch.optim.SGD(work.parameters(), lr=0.1),
+                     "the copy's head": torch.optim.SGD(work.head.parameters(), lr=0.1)}[optimizer_of]
         for t in range(1, 9):
             optimizer.zero_grad()
             for net in (model, work):  # both forward: only the optimizer's parameters step
@@ -210,16 +227,17 @@ def test_a_fine_tune_whose_optimizer_trains_the_users_model_is_said_to_have_trai
             optimizer.step()
             step(t)
 
-    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, **FAST)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method=method), quantize=None, **FAST)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = compress(model, config, eval_fn=lambda m: float(m(x).sum()), example_inputs=x,
                           fine_tune=fine_tune, fine_tune_steps=8)
-    said = [m for m in result.report.messages if "none changed a weight of the layers pruned" in m]
-    assert len(said) == (1 if optimizer_of == "the user's model" else 0)
+    said = [m for m in result.report.messages if "none changed a weight of the model it was given" in m]
+    assert len(said) == int(warned)
     assert [str(w.message) for w in caught if "none changed a weight" in str(w.message)] == said
     if said:
-        assert said[0].startswith("fine_tune made 8 optimizer steps, and none changed a weight of the layers pruned")
+        assert said[0].startswith("fine_tune made 8 optimizer steps, and none changed a weight of the model it was "
+                                  "given, a copy of yours")
 
 
 @st.composite

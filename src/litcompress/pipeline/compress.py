@@ -296,15 +296,16 @@ def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConf
     return [(subset, kw) for subset, kw in ((regular, regular_kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
 
 
-def _trainable_target_tensors(targets: Sequence[Target]) -> list[torch.Tensor]:
-    """The trainable tensors under `targets` (a pruned target's original, the same parameter object torch's pruning
-    re-registered, rounds to come or not)."""
+def _trainable_weights(model: nn.Module) -> list[torch.Tensor]:
+    """`model`'s trainable weights, pruned or not (a pruned one's original is the parameter object torch's pruning
+    re-registered): no bias nor BatchNorm parameter, which the pipeline may write zeros into between steps."""
     found: dict[int, torch.Tensor] = {}
-    for module, name in targets:
-        tensor = getattr(module, f"{name}_orig", None)
-        tensor = tensor if isinstance(tensor, nn.Parameter) else module._parameters.get(name)
-        if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
-            found.setdefault(id(tensor), tensor)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            continue
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad and "bias" not in name:
+                found.setdefault(id(parameter), parameter)
     return list(found.values())
 
 
@@ -1160,7 +1161,7 @@ def compress(
                 held_at_zero.apply_()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
-            trainable = _trainable_target_tensors(targets)
+            trainable = _trainable_weights(work)  # (a loop may train some layers only: the head of a pruned body)
             before_training = _fingerprints(trainable)
             returned = fine_tune(work, step)
             if isinstance(returned, nn.Module) and not any(module is work for module in returned.modules()):
@@ -1172,10 +1173,10 @@ def compress(
             check_targets_in_model()
             if last_step[0] >= 1 and trainable and _fingerprints(trainable) == before_training:
                 # (the pruning rounds change masks only: the weights under them are what training changes)
-                untrained = (f"fine_tune made {last_step[0]} optimizer steps, and none changed a weight of the layers "
-                             "pruned: an optimizer built before compress on the model you passed "
-                             "(model.parameters()) trains that model, not the copy fine_tune is given; build the "
-                             "optimizer inside fine_tune, from the model it receives.")
+                untrained = (f"fine_tune made {last_step[0]} optimizer steps, and none changed a weight of the model "
+                             "it was given, a copy of yours: an optimizer built before compress, on the model you "
+                             "passed (model.parameters()), trains that model instead; build it inside fine_tune, "
+                             "from the model it receives.")
                 warnings.warn(untrained, stacklevel=2)
                 note(untrained)
             if went_back:
