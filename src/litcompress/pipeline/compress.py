@@ -1174,9 +1174,9 @@ def compress(
             if last_step[0] >= 1 and trainable and _fingerprints(trainable) == before_training:
                 # (the pruning rounds change masks only: the weights under them are what training changes)
                 untrained = (f"fine_tune made {last_step[0]} optimizer steps, and none changed a weight of the model "
-                             "it was given, a copy of yours: an optimizer built before compress, on the model you "
-                             "passed (model.parameters()), trains that model instead; build it inside fine_tune, "
-                             "from the model it receives.")
+                             "it was given, a copy of yours. If its optimizer was built before compress, on the model "
+                             "you passed (model.parameters()), it trains that model instead: build it inside "
+                             "fine_tune, from the model it receives.")
                 warnings.warn(untrained, stacklevel=2)
                 note(untrained)
             if went_back:
