@@ -974,10 +974,10 @@ def _flattenable_scores(targets: Sequence[Target], method_kwargs: Mapping[str, A
                              "key each tensor of scores by a (module, name) pair among the targets.")
         shape = tuple(trainable_tensor(*target).shape)
         if not isinstance(value, Tensor):  # (a TypeError, as a local round's)
-            raise TypeError(f"prune_(importance_scores=...): the scores of {type(target[0]).__name__}.{target[1]} "
+            raise TypeError(f"prune_(importance_scores=...): the scores of {target_label(*target)} "
                             f"are a {type(value).__name__}; give a tensor of its shape {shape}.")
         if tuple(value.shape) != shape:  # ranked in another tensor's places, or torch's IndexError naming neither
-            raise ValueError(f"prune_(importance_scores=...): the scores of {type(target[0]).__name__}.{target[1]} "
+            raise ValueError(f"prune_(importance_scores=...): the scores of {target_label(*target)} "
                              f"have shape {tuple(value.shape)}; give a tensor of its shape {shape}.")
         by_target[target] = value
     return {(module, name): by_target.get((module, name), getattr(module, name)).contiguous()
@@ -1254,7 +1254,7 @@ def prune_to_sparsity_(
                     if drop is not None:
                         rounds.append(lambda target=target, drop=drop: _drop_slices_(*target, drop, dim))
                     continue
-                label = f"{type(target[0]).__name__}.{target[1]}"
+                label = target_label(*target)
                 if structured:
                     pruned, total = _pruned_slices(*target, dim)
                     count = max(0, structured_pruned_count(total, sparsity, keep_multiple_of) - pruned)
