@@ -206,6 +206,8 @@ class _LSTMHead(nn.Module):
     ("mlp", "l1_unstructured", "the copy", False),
     ("mlp", "ln_structured", "the copy's head", False),  # the pruned layers left as they are: the loop's choice
     ("lstm", "ln_structured", "the user's model", True),  # units pruned, no weight target (it went unsaid)
+    ("mlp", "l1_unstructured", "the copy's biases", False),  # BitFit: the copy trains (it was warned)
+    ("mlp", "l1_unstructured", "the user's model, unfrozen in the loop", True),  # (it went unsaid)
 ])
 def test_a_fine_tune_whose_optimizer_trains_the_users_model_is_said_to_have_trained_nothing(model_kind, method,
                                                                                            optimizer_of, warned):
@@ -216,10 +218,17 @@ def test_a_fine_tune_whose_optimizer_trains_the_users_model_is_said_to_have_trai
     x = torch.randn(32, 8) if model_kind == "mlp" else torch.randn(32, 5, 8)
     y = torch.randint(0, 3, (32,))
     early = torch.optim.SGD(model.parameters(), lr=0.1)
+    if optimizer_of.endswith("unfrozen in the loop"):
+        model.requires_grad_(False)
 
     def fine_tune(work: nn.Module, step) -> None:
-        optimizer = {"the user's model": early, "the copy": torch.optim.SGD(work.parameters(), lr=0.1),
-                     "the copy's head": torch.optim.SGD(work.head.parameters(), lr=0.1)}[optimizer_of]
+        work.requires_grad_(True)
+        model.requires_grad_(True)
+        biases = [p for name, p in work.named_parameters() if name.endswith("bias")]
+        optimizer = {"the user's model": early, "the user's model, unfrozen in the loop": early,
+                     "the copy": torch.optim.SGD(work.parameters(), lr=0.1),
+                     "the copy's head": torch.optim.SGD(work.head.parameters(), lr=0.1),
+                     "the copy's biases": torch.optim.SGD(biases, lr=0.1)}[optimizer_of]
         for t in range(1, 9):
             optimizer.zero_grad()
             for net in (model, work):  # both forward: only the optimizer's parameters step

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from litcompress._files import (cannot_write, file_in_the_way, folders_in_the_way, partial_path,
                                 written_atomically)
@@ -296,15 +297,16 @@ def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConf
     return [(subset, kw) for subset, kw in ((regular, regular_kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
 
 
-def _trainable_weights(model: nn.Module) -> list[torch.Tensor]:
-    """`model`'s trainable weights, pruned or not (a pruned one's original is the parameter object torch's pruning
-    re-registered): no bias nor BatchNorm parameter, which the pipeline may write zeros into between steps."""
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """`model`'s weights, pruned or not (a pruned one's original is the parameter object torch's pruning
+    re-registered), frozen or not (a loop may unfreeze them): no bias nor BatchNorm parameter, which the pipeline
+    may write zeros into between steps."""
     found: dict[int, torch.Tensor] = {}
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase):
             continue
         for name, parameter in module.named_parameters(recurse=False):
-            if parameter.requires_grad and "bias" not in name:
+            if "bias" not in name:
                 found.setdefault(id(parameter), parameter)
     return list(found.values())
 
@@ -1161,9 +1163,23 @@ def compress(
                 held_at_zero.apply_()
 
             step(0)  # rounds scheduled at t=0 (a one-shot schedule) happen before training
-            trainable = _trainable_weights(work)  # (a loop may train some layers only: the head of a pruned body)
-            before_training = _fingerprints(trainable)
-            returned = fine_tune(work, step)
+            # Whether the loop trains the copy it is given: an optimizer stepping any of its parameters (a loop may
+            # train some only: a pruned body's head, BitFit's biases), or, for an update of one's own, its weights
+            # changing (not its biases and BatchNorms, which the pipeline writes zeros into between steps)
+            weights = _weights(work)
+            before_training = _fingerprints(weights)
+            parameters = {id(p) for p in work.parameters()}
+            stepped = [False]
+
+            def note_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+                stepped[0] = stepped[0] or any(id(p) in parameters for group in optimizer.param_groups
+                                               for p in group["params"])
+
+            hook = register_optimizer_step_post_hook(note_step)
+            try:
+                returned = fine_tune(work, step)
+            finally:
+                hook.remove()
             if isinstance(returned, nn.Module) and not any(module is work for module in returned.modules()):
                 # the model it trained was another (a copy): its weights would be lost, and the report say fine-tuned
                 # (a wrapper of the model, Fabric's or torch.compile's, holds it: trained in place)
@@ -1171,7 +1187,7 @@ def compress(
                                 "copy?); compress keeps the model it passes to fine_tune, which must train it in place "
                                 "(and call step(t) after each optimizer step).")
             check_targets_in_model()
-            if last_step[0] >= 1 and trainable and _fingerprints(trainable) == before_training:
+            if last_step[0] >= 1 and not stepped[0] and _fingerprints(weights) == before_training:
                 # (the pruning rounds change masks only: the weights under them are what training changes)
                 untrained = (f"fine_tune made {last_step[0]} optimizer steps, and none changed a weight of the model "
                              "it was given, a copy of yours. If its optimizer was built before compress, on the model "
