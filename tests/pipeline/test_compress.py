@@ -249,6 +249,42 @@ def test_a_fine_tune_whose_optimizer_trains_the_users_model_is_said_to_have_trai
                                   "given, a copy of yours")
 
 
+class _TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("given", [{}, {"exclude": ("emb", "enc.layers.0.self_attn")}, {"heads": 0.5}])
+def test_unstructured_pruning_notes_the_weight_matrices_its_layer_types_leave_dense(given):
+    """An embedding and an attention's in_proj_weight (42% of this model) stayed dense without a word, where
+    ModelPruning and the IMP driver warn of them."""
+    torch.manual_seed(0)
+    model = _TinyEncoder().eval()
+    x = torch.randint(0, 20, (4, 6))
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, **given), quantize=None, **FAST)
+    result = compress(model, config, eval_fn=lambda m: 0.0, example_inputs=(x,))
+    said = [m for m in result.report.messages if "outside its layer types dense" in m]
+    if "exclude" in given:
+        assert said == []
+    elif "heads" in given:  # the attention goes by heads: the embedding only
+        assert said == ["unstructured pruning leaves 1 weight matrix outside its layer types dense (emb.weight: 320 "
+                        "of the model's 2,595 parameters, 12%); the pipeline prunes embeddings with PruneConfig("
+                        "layer_types=(*PrunableLayers, nn.Embedding)), PrunableLayers from litcompress.pipeline.config "
+                        "(CLI --prune-embeddings)."]
+    else:
+        assert said == ["unstructured pruning leaves 2 weight matrices outside its layer types dense (emb.weight, "
+                        "enc.layers.0.self_attn.in_proj_weight: 1,088 of the model's 2,595 parameters, 42%); the "
+                        "pipeline prunes embeddings with PruneConfig(layer_types=(*PrunableLayers, nn.Embedding)), "
+                        "PrunableLayers from litcompress.pipeline.config (CLI --prune-embeddings) and attentions by "
+                        "heads, PruneConfig(heads=...) (CLI --prune-heads)."]
+
+
 @st.composite
 def pruning_cases(draw):
     widths = [draw(st.integers(2, 24)) for _ in range(draw(st.integers(1, 3)))]

@@ -277,6 +277,37 @@ def _select_targets(model: nn.Module, config: PruneConfig, plan: ChannelPlan | N
     return with_tied_targets(model, targets), left_out, units
 
 
+def _note_dense_matrices(model: nn.Module, prune: PruneConfig, targets: Sequence[Target],
+                         note: Callable[[str], None]) -> None:
+    """Note the weight matrices unstructured pruning leaves dense outside its layer types, as ModelPruning and the IMP
+    driver warn of theirs: attentions' input projections (not named "weight") and embeddings (not in the default
+    layer types), unless `exclude` names them; with the share of the model's weights they hold."""
+    exclude = tuple(prune.exclude or ())
+    targeted = {(id(m), n) for m, n in targets}
+    dense: list[tuple[str, int]] = []
+    for path, module in model.named_modules():
+        if is_excluded(path, exclude):
+            continue
+        if isinstance(module, nn.MultiheadAttention) and not prune.heads:  # (heads pruned: by their projections)
+            dense += [(f"{path}.{n}" if path else n, getattr(module, n).numel()) for n in ATTENTION_PROJECTIONS
+                      if isinstance(getattr(module, n, None), torch.Tensor) and (id(module), n) not in targeted]
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (id(module), "weight") not in targeted:
+            dense.append((f"{path}.weight" if path else "weight", module.weight.numel()))
+    if not dense:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    held = sum(count for _, count in dense)
+    names = [name for name, _ in dense]
+    embeddings = [name for name in names if not name.endswith(ATTENTION_PROJECTIONS)]
+    remedies = ["embeddings with PruneConfig(layer_types=(*PrunableLayers, nn.Embedding)), PrunableLayers from "
+                "litcompress.pipeline.config (CLI --prune-embeddings)"] if embeddings else []
+    if len(embeddings) < len(names):
+        remedies.append("attentions by heads, PruneConfig(heads=...) (CLI --prune-heads)")
+    note(f"unstructured pruning leaves {len(names)} weight matri{'x' if len(names) == 1 else 'ces'} outside its layer "
+         f"types dense ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: {held:,} of the model's {total:,} "
+         f"parameters, {held / max(total, 1):.0%}); the pipeline prunes {' and '.join(remedies)}.")
+
+
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
                    plan: ChannelPlan | None) -> list[tuple[list[Target], dict[str, Any]]]:
     """The targets with the method's keyword arguments, in sets pruned alike: structured pruning of output channels
@@ -771,6 +802,8 @@ class _Pruning:
                        "PruneConfig(exclude=[...]) leaves them dense.")
             note(message)
             warnings.warn(f"compress: {message}", UserWarning, stacklevel=2)
+        if not prune.structured:
+            _note_dense_matrices(model, prune, targets, note)
         if left_out:
             by_reason: dict[str, list[str]] = {}
             for name, reason in left_out.items():
