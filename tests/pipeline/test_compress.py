@@ -260,6 +260,11 @@ class _TinyEncoder(nn.Module):
         return self.head(self.enc(self.emb(x)).mean(1))
 
 
+EMBEDDINGS_REMEDY = ("the pipeline prunes the embeddings when nn.Embedding and nn.EmbeddingBag are among "
+                     "PruneConfig(layer_types=...) (from Python: the CLI's --prune-embeddings takes structured "
+                     "methods)")
+
+
 @pytest.mark.parametrize("given", [{}, {"exclude": ("emb", "enc.layers.0.self_attn")}, {"heads": 0.5}])
 def test_unstructured_pruning_notes_the_weight_matrices_its_layer_types_leave_dense(given):
     """An embedding and an attention's in_proj_weight (42% of this model) stayed dense without a word, where
@@ -274,15 +279,42 @@ def test_unstructured_pruning_notes_the_weight_matrices_its_layer_types_leave_de
         assert said == []
     elif "heads" in given:  # the attention goes by heads: the embedding only
         assert said == ["unstructured pruning leaves 1 weight matrix outside its layer types dense (emb.weight: 320 "
-                        "of the model's 2,595 parameters, 12%); the pipeline prunes embeddings with PruneConfig("
-                        "layer_types=(*PrunableLayers, nn.Embedding)), PrunableLayers from litcompress.pipeline.config "
-                        "(CLI --prune-embeddings)."]
+                        f"of the model's 2,595 parameters, 12%); {EMBEDDINGS_REMEDY}."]
     else:
         assert said == ["unstructured pruning leaves 2 weight matrices outside its layer types dense (emb.weight, "
-                        "enc.layers.0.self_attn.in_proj_weight: 1,088 of the model's 2,595 parameters, 42%); the "
-                        "pipeline prunes embeddings with PruneConfig(layer_types=(*PrunableLayers, nn.Embedding)), "
-                        "PrunableLayers from litcompress.pipeline.config (CLI --prune-embeddings) and attentions by "
-                        "heads, PruneConfig(heads=...) (CLI --prune-heads)."]
+                        "enc.layers.0.self_attn.in_proj_weight: 1,088 of the model's 2,595 parameters, 42%); "
+                        f"{EMBEDDINGS_REMEDY} and the attentions by heads, PruneConfig(heads=...) (CLI --prune-heads)."]
+
+
+class _TiedAndKeyed(nn.Module):
+    """Two embeddings sharing one matrix, and an attention with keys and values of their own width (kdim/vdim),
+    whose heads the pipeline cannot prune."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Embedding(50, 16), nn.Embedding(50, 16)
+        self.dec.weight = self.enc.weight
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True, kdim=8, vdim=8)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.enc(x) + self.dec(x)
+        return self.out(self.att(h, h[..., :8], h[..., :8])[0].mean(1))
+
+
+def test_the_dense_matrices_note_counts_a_tied_matrix_once_and_offers_heads_only_where_they_can_be_pruned():
+    """A tied embedding was counted under both holders (199% of the weights); heads=... was offered for an
+    attention with kdim/vdim, which it refuses."""
+    model = _TiedAndKeyed().eval()
+    x = torch.randint(0, 50, (2, 5))
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=None, **FAST)
+    result = compress(model, config, eval_fn=lambda m: 0.0, example_inputs=(x,))
+    said = [m for m in result.report.messages if "outside its layer types dense" in m]
+    assert said == ["unstructured pruning leaves 4 weight matrices outside its layer types dense (enc.weight, "
+                    "att.q_proj_weight, att.k_proj_weight, att.v_proj_weight: 1,312 of the model's 1,700 parameters, "
+                    f"77%); {EMBEDDINGS_REMEDY}. No option of the pipeline prunes the projections of an attention "
+                    "whose heads it cannot prune (kdim/vdim, add_bias_kv, add_zero_attn, one head): ModelPruning or "
+                    "prune_model_ do, given their names in parameter_names."]
 
 
 @st.composite

@@ -280,32 +280,44 @@ def _select_targets(model: nn.Module, config: PruneConfig, plan: ChannelPlan | N
 def _note_dense_matrices(model: nn.Module, prune: PruneConfig, targets: Sequence[Target],
                          note: Callable[[str], None]) -> None:
     """Note the weight matrices unstructured pruning leaves dense outside its layer types, as ModelPruning and the IMP
-    driver warn of theirs: attentions' input projections (not named "weight") and embeddings (not in the default
-    layer types), unless `exclude` names them; with the share of the model's weights they hold."""
+    driver warn of theirs: attentions' input projections (not named "weight"; with `heads`, those of the attentions
+    whose heads cannot be pruned) and embeddings (not in the default layer types), unless `exclude` names them; with
+    the share of the model's weights they hold, and what prunes them."""
     exclude = tuple(prune.exclude or ())
     targeted = {(id(m), n) for m, n in targets}
-    dense: list[tuple[str, int]] = []
+    modules = dict(model.named_modules())
+    by_heads = {name for name in prunable_attentions(model, exclude) if modules[name].num_heads > 1}
+    embeddings: dict[int, tuple[str, int]] = {}  # by tensor: a tied one is one matrix
+    attentions: dict[int, tuple[str, int]] = {}
     for path, module in model.named_modules():
         if is_excluded(path, exclude):
             continue
-        if isinstance(module, nn.MultiheadAttention) and not prune.heads:  # (heads pruned: by their projections)
-            dense += [(f"{path}.{n}" if path else n, getattr(module, n).numel()) for n in ATTENTION_PROJECTIONS
-                      if isinstance(getattr(module, n, None), torch.Tensor) and (id(module), n) not in targeted]
+        if isinstance(module, nn.MultiheadAttention) and not (prune.heads and path in by_heads):
+            for n in ATTENTION_PROJECTIONS:
+                tensor = getattr(module, n, None)
+                if isinstance(tensor, torch.Tensor) and (id(module), n) not in targeted:
+                    attentions.setdefault(id(tensor), (f"{path}.{n}" if path else n, tensor.numel()))
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and (id(module), "weight") not in targeted:
-            dense.append((f"{path}.weight" if path else "weight", module.weight.numel()))
+            embeddings.setdefault(id(module.weight), (f"{path}.weight" if path else "weight", module.weight.numel()))
+    dense = list(embeddings.values()) + list(attentions.values())
     if not dense:
         return
     total = sum(p.numel() for p in model.parameters())
     held = sum(count for _, count in dense)
     names = [name for name, _ in dense]
-    embeddings = [name for name in names if not name.endswith(ATTENTION_PROJECTIONS)]
-    remedies = ["embeddings with PruneConfig(layer_types=(*PrunableLayers, nn.Embedding)), PrunableLayers from "
-                "litcompress.pipeline.config (CLI --prune-embeddings)"] if embeddings else []
-    if len(embeddings) < len(names):
-        remedies.append("attentions by heads, PruneConfig(heads=...) (CLI --prune-heads)")
+    remedies = ["the embeddings when nn.Embedding and nn.EmbeddingBag are among PruneConfig(layer_types=...) (from "
+                "Python: the CLI's --prune-embeddings takes structured methods)"] if embeddings else []
+    heads = [name for name, _ in attentions.values() if name.rpartition(".")[0] in by_heads]
+    if heads:
+        remedies.append("the attentions by heads, PruneConfig(heads=...) (CLI --prune-heads)")
+    unprunable = len(heads) < len(attentions)
     note(f"unstructured pruning leaves {len(names)} weight matri{'x' if len(names) == 1 else 'ces'} outside its layer "
          f"types dense ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: {held:,} of the model's {total:,} "
-         f"parameters, {held / max(total, 1):.0%}); the pipeline prunes {' and '.join(remedies)}.")
+         f"parameters, {held / max(total, 1):.0%})" + (f"; the pipeline prunes {' and '.join(remedies)}" if remedies
+                                                       else "") + "." + (
+        " No option of the pipeline prunes the projections of an attention whose heads it cannot prune (kdim/vdim, "
+        "add_bias_kv, add_zero_attn, one head): ModelPruning or prune_model_ do, given their names in "
+        "parameter_names." if unprunable else ""))
 
 
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
