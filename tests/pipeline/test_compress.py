@@ -2200,6 +2200,36 @@ def test_quantizing_an_lstm_fed_packed_sequences_says_why_trials_fail_without_pa
     assert result.artifact is not None and "fp32=['rnn']" in result.report["quantized"].description
 
 
+class _SharedLayer(nn.Module):
+    """One 2048 x 2048 layer registered under two names and called twice: TorchScript cannot write it on CSR."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.head = nn.Linear(64, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 10)
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x)))))))
+
+
+def test_sparse_kernels_that_cannot_be_written_are_shown_dense_in_the_reports_table(tmp_path):
+    """All layers went back dense, as the note said, but the 'Sparse kernels' table still listed them as CSR."""
+    torch.manual_seed(0)
+    model = _SharedLayer().eval()
+    x = torch.randn(64, 64)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.99, scope="local", exclude=("head",)), shrink=False,
+                               sparse_kernels=True, latency_repeats=2, num_threads=1)
+    result = compress(model, config, eval_fn=lambda m: 1.0, example_inputs=x, output_dir=tmp_path)
+    said = [m for m in result.report.messages if "cannot be written as TorchScript" in m]
+    assert len(said) == 1 and said[0].endswith("all kept dense.")
+    assert "sparse" not in [row.stage for row in result.report.stages]
+    table = dict(result.report.details)["Sparse kernels"]
+    assert "kept dense: the model on CSR kernels cannot be written as TorchScript" in table
+    assert not re.search(r" CSR$", table, re.M)
+    assert re.search(r"^model: .* with the layers above on CSR \(.*\): all put back dense, 0 of 3 Linear layers on "
+                     r"CSR kernels", table, re.M)
+
+
 def test_sparse_kernels_with_no_layer_sparse_enough_say_that_none_was_timed():
     """The note said none 'ran at least 1.1x faster' and sent the reader to the table's times, all dashes."""
     model = ReluMLP(64, 32, 10).eval()

@@ -1350,7 +1350,7 @@ def compress(
         t0 = time.monotonic()
         # the whole model timed too: CSR layers that make it slower are put back dense
         sparse = sparsify(work, inputs, num_threads=config.num_threads)
-        details.append(("Sparse kernels", sparse.report.table()))
+        sparse_report = sparse.report  # (the table the report shows: the layers as they are written)
         converted, layers = len(sparse.report.converted), len(sparse.report.layers)
         if sparse.report.reverted:
             note(f"sparse kernels: the model ran slower with its CSR layers ({sparse.report.dense_ms:.4g} ms dense, "
@@ -1361,6 +1361,10 @@ def compress(
             # no file at all was written (a dict output mixing types, a layer under two names)
             note(f"sparse kernels: the model on CSR kernels cannot be written as TorchScript, the one format that "
                  f"holds them ({failure}): all kept dense.")
+            unwritable = "kept dense: the model on CSR kernels cannot be written as TorchScript"
+            sparse_report = dataclasses.replace(sparse_report, reverted=True, layers=tuple(  # ("all put back dense")
+                dataclasses.replace(layer, converted=False, reason=unwritable) if layer.converted else layer
+                for layer in sparse_report.layers))
         elif converted:
             work = sparse.model
             stages.add("sparse", work, f"CSR kernels for {converted} of {layers} Linear layers",
@@ -1376,6 +1380,7 @@ def compress(
             note(f"sparse kernels: none of the {layers} Linear layers ran at least 1.1x faster on CSR kernels here "
                  "(they gain at 90%+ zeros, most on larger batches and layers; the report's 'Sparse kernels' "
                  "table gives each layer's times).")
+        details.append(("Sparse kernels", sparse_report.table()))
 
     # ---------------------------------------------------------------------------------------- quantize
     if config.quantize is not None:
