@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from litcompress.data import load_digits_tensors
 from litcompress.pipeline import CompressionConfig, PruneConfig, compress, prune_targets
 from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE, SLOWER, _slower_int8, _slower_shrunk
+from litcompress.pipeline.config import PrunableLayers
 from litcompress.pruning import (SparseLinear, is_pruned, make_permanent_, permanent_state_dict, prune_, prune_model_,
                                  removable_channels)
 from litcompress.pruning.engine import deepcopy_model, pruned_targets
@@ -260,6 +261,8 @@ class _TinyEncoder(nn.Module):
         return self.head(self.enc(self.emb(x)).mean(1))
 
 
+ATTENTIONS_REMEDY = ("the attentions' projections with nn.MultiheadAttention among the layer_types and their names "
+                     "(in_proj_weight, or q/k/v_proj_weight) in PruneConfig(parameter_names=...)")
 EMBEDDINGS_REMEDY = ("the pipeline prunes the embeddings when nn.Embedding and nn.EmbeddingBag are among "
                      "PruneConfig(layer_types=...) (from Python: the CLI's --prune-embeddings takes structured "
                      "methods)")
@@ -283,7 +286,17 @@ def test_unstructured_pruning_notes_the_weight_matrices_its_layer_types_leave_de
     else:
         assert said == ["unstructured pruning leaves 2 weight matrices outside its layer types dense (emb.weight, "
                         "enc.layers.0.self_attn.in_proj_weight: 1,088 of the model's 2,595 parameters, 42%); "
-                        f"{EMBEDDINGS_REMEDY} and the attentions by heads, PruneConfig(heads=...) (CLI --prune-heads)."]
+                        f"{EMBEDDINGS_REMEDY} and {ATTENTIONS_REMEDY}, or by heads, PruneConfig(heads=...) (CLI "
+                        "--prune-heads), where heads can be pruned."]
+    if not said:
+        return
+    layer_types = (*PrunableLayers, nn.Embedding, nn.MultiheadAttention)  # the remedies followed: nothing left dense
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, layer_types=layer_types,
+                                                 parameter_names=("weight", "in_proj_weight"), **given),
+                               quantize=None, **FAST)
+    result = compress(model, config, eval_fn=lambda m: 0.0, example_inputs=(x,))
+    assert not [m for m in result.report.messages if "outside its layer types dense" in m]
+    assert float((result.stage_models["pruned"].emb.weight == 0).float().mean()) > 0.1
 
 
 class _TiedAndKeyed(nn.Module):
@@ -312,9 +325,7 @@ def test_the_dense_matrices_note_counts_a_tied_matrix_once_and_offers_heads_only
     said = [m for m in result.report.messages if "outside its layer types dense" in m]
     assert said == ["unstructured pruning leaves 4 weight matrices outside its layer types dense (enc.weight, "
                     "att.q_proj_weight, att.k_proj_weight, att.v_proj_weight: 1,312 of the model's 1,700 parameters, "
-                    f"77%); {EMBEDDINGS_REMEDY}. No option of the pipeline prunes the projections of an attention "
-                    "whose heads it cannot prune (kdim/vdim, add_bias_kv, add_zero_attn, one head): ModelPruning or "
-                    "prune_model_ do, given their names in parameter_names."]
+                    f"77%); {EMBEDDINGS_REMEDY} and {ATTENTIONS_REMEDY}."]  # (no heads: kdim/vdim)
 
 
 @st.composite

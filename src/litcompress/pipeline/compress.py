@@ -308,16 +308,14 @@ def _note_dense_matrices(model: nn.Module, prune: PruneConfig, targets: Sequence
     remedies = ["the embeddings when nn.Embedding and nn.EmbeddingBag are among PruneConfig(layer_types=...) (from "
                 "Python: the CLI's --prune-embeddings takes structured methods)"] if embeddings else []
     heads = [name for name, _ in attentions.values() if name.rpartition(".")[0] in by_heads]
-    if heads:
-        remedies.append("the attentions by heads, PruneConfig(heads=...) (CLI --prune-heads)")
-    unprunable = len(heads) < len(attentions)
+    if attentions:  # (heads only where they can be pruned: not with kdim/vdim, add_bias_kv, add_zero_attn, one head)
+        remedies.append("the attentions' projections with nn.MultiheadAttention among the layer_types and their names "
+                        "(in_proj_weight, or q/k/v_proj_weight) in PruneConfig(parameter_names=...)" + (
+                            ", or by heads, PruneConfig(heads=...) (CLI --prune-heads), where heads can be pruned"
+                            if heads else ""))
     note(f"unstructured pruning leaves {len(names)} weight matri{'x' if len(names) == 1 else 'ces'} outside its layer "
          f"types dense ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}: {held:,} of the model's {total:,} "
-         f"parameters, {held / max(total, 1):.0%})" + (f"; the pipeline prunes {' and '.join(remedies)}" if remedies
-                                                       else "") + "." + (
-        " No option of the pipeline prunes the projections of an attention whose heads it cannot prune (kdim/vdim, "
-        "add_bias_kv, add_zero_attn, one head): ModelPruning or prune_model_ do, given their names in "
-        "parameter_names." if unprunable else ""))
+         f"parameters, {held / max(total, 1):.0%}); the pipeline prunes {' and '.join(remedies)}.")
 
 
 def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConfig,
