@@ -1360,7 +1360,8 @@ def compress(
             note(f"sparse kernels: the model on CSR kernels cannot be written as TorchScript, the one format that "
                  f"holds them ({failure}): all kept dense.")
             unwritable = "kept dense: the model on CSR kernels cannot be written as TorchScript"
-            sparse_report = dataclasses.replace(sparse_report, reverted=True, layers=tuple(  # ("all put back dense")
+            # ("all put back dense"; the model kept is the dense one: its outputs differ by nothing)
+            sparse_report = dataclasses.replace(sparse_report, reverted=True, max_abs_diff=0.0, layers=tuple(
                 dataclasses.replace(layer, converted=False, reason=unwritable) if layer.converted else layer
                 for layer in sparse_report.layers))
         elif converted:
