@@ -1745,3 +1745,42 @@ def test_example_inputs_of_one_sample_without_its_batch_dim_are_refused_before_a
     assert calls == []  # not even the baseline
     kept = quantize(model, config, eval_fn=eval_fn, calibration_data=[x], example_inputs=x[:1])  # one sample, batched
     assert kept.recipe is not None and kept.recipe.backend == "onnxruntime"
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=5))
+def test_figures_shown_apart_tell_different_values_apart_and_equal_ones_alike(values):
+    from litcompress.quantization.tuner import significant_apart
+
+    shown = significant_apart(*values)
+    assert len(shown) == len(values)
+    for a, b, text_a, text_b in ((a, b, x, y) for a, x in zip(values, shown) for b, y in zip(values, shown)):
+        assert (text_a == text_b) == (a == b)
+
+
+def test_a_missed_goal_shows_the_metric_apart_from_the_goal_and_the_baseline():
+    """A loss of 1.000005 against fp32's exact 1 and a goal of <= 1: the table, and the warning, showed "1" for
+    all three, beside "goal: no"."""
+    from litcompress.quantization.tuner import significant_apart
+
+    assert significant_apart(1.0, 1.0000050254, 1.0) == ["1", "1.00001", "1"] and significant_apart(-0.0) == ["0"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        reference = model(x)
+
+    def loss(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            return 1.0 + float(((candidate(x) - reference) ** 2).mean())
+
+    config = PTQConfig(backends=("torch_ao",), latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0, higher_is_better=False))
+    with pytest.warns(QuantizationGoalWarning) as caught:
+        result = quantize(model, config, eval_fn=loss, example_inputs=x)
+    assert not result.goal_met and result.metric > 1.0
+    message = next(str(w.message) for w in caught if "Accuracy goal not met" in str(w.message))
+    reached = re.search(r"with metric (\S+) vs fp32 1\.", message).group(1)
+    assert message.startswith("Accuracy goal not met (metric <= 1): ") and float(reached) > 1.0
+    rows = [line.split() for line in result.table().splitlines()[2:]]
+    assert all(float(row[1]) > 1.0 for row in rows if row[1] != "-")

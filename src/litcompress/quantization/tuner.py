@@ -88,11 +88,15 @@ class QuantizationResult:
 
     def table(self) -> str:
         """The trial table as aligned text."""
+        # metrics with as many digits as tell them apart (a candidate's 1.000005 against fp32's 1 was shown as 1)
+        measured = [t.metric for t in self.trials if t.metric is not None]
+        shown = dict(zip([self.baseline_metric, *measured], significant_apart(self.baseline_metric, *measured,
+                                                                               digits=5)))
         lines = [f"{'#':>3} {'metric':>10} {'latency ms':>11} {'size KiB':>9} {'goal':>5}  config",
-                 f"{'fp32':>3} {self.baseline_metric:>10.5g} {self.baseline_latency_s * 1e3:>11.4f} "
+                 f"{'fp32':>3} {shown[self.baseline_metric]:>10} {self.baseline_latency_s * 1e3:>11.4f} "
                  f"{self.baseline_size_bytes / 1024:>9.1f} {'':>5}  baseline"]
         for t in self.trials:
-            metric = "-" if t.metric is None else f"{t.metric:.5g}"
+            metric = "-" if t.metric is None else shown[t.metric]
             latency = "-" if t.latency_s is None else f"{t.latency_s * 1e3:.4f}"
             size = "-" if t.size_bytes is None else f"{t.size_bytes / 1024:.1f}"
             note = f"  ERROR: {t.error}" if t.error else ""
@@ -132,6 +136,17 @@ def figures_apart(*values: float, decimals: int = 3) -> list[str]:
         if len(set(shown)) == len(set(values)):
             return shown
     return [repr(float(value)) for value in values]
+
+
+def significant_apart(*values: float, digits: int = 6) -> list[str]:
+    """`values` with `digits` significant digits, or as many more as tell different ones apart: a goal of "metric
+    <= 1" was said missed by a metric shown as 1 (1.000005); -0.0 is said as 0."""
+    for places in range(digits, 18):
+        shown = [f"{value + 0.0:.{places}g}" for value in values]
+        if len(set(shown)) == len({float(value) for value in values if value == value} | (
+                {"nan"} if any(value != value for value in values) else set())):
+            return shown
+    return [repr(float(value) + 0.0) for value in values]
 
 
 def milliseconds_apart(*seconds: float) -> list[str]:
@@ -1155,12 +1170,12 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             # the most accurate; of equal metrics (common with accuracy), the fastest, not the first tried
             chosen = max(fast, key=lambda t: (score(t), -t.latency_s)) if fast else None
             if chosen is not None:
+                goal, reached, fp32 = significant_apart(threshold, chosen.metric, baseline_metric)
                 warning = (f"Accuracy goal not met (metric {'>=' if criterion.higher_is_better else '<='} "
-                           f"{threshold + 0.0:.6g}): returning the most accurate "
+                           f"{goal}): returning the most accurate "
                            f"{'finished ' if interrupted else ''}candidate"
                            f"{' fast enough for min_speedup' if len(fast) < len(ran) else ''}, trial {chosen.index} "
-                           f"({chosen.recipe.describe()}) with metric {chosen.metric + 0.0:.6g} vs fp32 "
-                           f"{baseline_metric + 0.0:.6g}. "
+                           f"({chosen.recipe.describe()}) with metric {reached} vs fp32 {fp32}. "
                            + ("The search was interrupted before it ended." if interrupted else
                               "Give an absolute tolerance: AccuracyCriterion(relative=False)." if no_margin else
                               "Raise timeout_s or the tolerable loss." if timed_out and recipes_left() else
