@@ -262,7 +262,7 @@ class _TinyEncoder(nn.Module):
 
 
 ATTENTIONS_REMEDY = ("the attentions' projections with nn.MultiheadAttention among the layer_types and their names "
-                     "(in_proj_weight, or q/k/v_proj_weight) in PruneConfig(parameter_names=...)")
+                     "(in_proj_weight, or q/k/v_proj_weight) in PruneConfig(parameter_names=...) (from Python)")
 EMBEDDINGS_REMEDY = ("the pipeline prunes the embeddings when nn.Embedding and nn.EmbeddingBag are among "
                      "PruneConfig(layer_types=...) (from Python: the CLI's --prune-embeddings takes structured "
                      "methods)")

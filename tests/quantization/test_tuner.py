@@ -1784,3 +1784,24 @@ def test_a_missed_goal_shows_the_metric_apart_from_the_goal_and_the_baseline():
     assert message.startswith("Accuracy goal not met (metric <= 1): ") and float(reached) > 1.0
     rows = [line.split() for line in result.table().splitlines()[2:]]
     assert all(float(row[1]) > 1.0 for row in rows if row[1] != "-")
+
+
+def test_the_trial_table_and_the_goal_note_show_a_missed_goal_apart_from_the_goal():
+    """0.890996 against a goal of >= 0.891 was shown as 0.891 in the table, beside "no"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    calls = []
+
+    def metric(candidate: nn.Module) -> float:
+        calls.append(candidate)
+        candidate(torch.randn(2, 8))
+        return 0.9 if len(calls) == 1 else 0.890996  # the fp32 baseline first
+
+    config = PTQConfig(backends=("torch_ao",), latency_repeats=2, max_trials=1,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.01, higher_is_better=True))
+    with pytest.warns(QuantizationGoalWarning):
+        result = quantize(model, config, eval_fn=metric, example_inputs=torch.randn(4, 8))
+    assert result.goal == pytest.approx(0.891) and not result.goal_met
+    assert "fp32 baseline metric 0.9; goal: metric >= 0.891" in result.messages
+    trial = result.table().splitlines()[2].split()
+    assert trial[1] == "0.890996" and trial[4] == "no"

@@ -310,7 +310,7 @@ def _note_dense_matrices(model: nn.Module, prune: PruneConfig, targets: Sequence
     heads = [name for name, _ in attentions.values() if name.rpartition(".")[0] in by_heads]
     if attentions:  # (heads only where they can be pruned: not with kdim/vdim, add_bias_kv, add_zero_attn, one head)
         remedies.append("the attentions' projections with nn.MultiheadAttention among the layer_types and their names "
-                        "(in_proj_weight, or q/k/v_proj_weight) in PruneConfig(parameter_names=...)" + (
+                        "(in_proj_weight, or q/k/v_proj_weight) in PruneConfig(parameter_names=...) (from Python)" + (
                             ", or by heads, PruneConfig(heads=...) (CLI --prune-heads), where heads can be pruned"
                             if heads else ""))
     note(f"unstructured pruning leaves {len(names)} weight matri{'x' if len(names) == 1 else 'ces'} outside its layer "

@@ -80,6 +80,7 @@ class QuantizationResult:
     tuning_seconds: float = 0.0
     example_inputs: Inputs = ()
     dynamic_dims: DynamicDims | None = None  # per input, the dims its files leave free (None: the batch dims)
+    goal: float | None = None  # the metric the accuracy goal asks for (at least, or at most)
 
     @property
     def speedup(self) -> float:
@@ -89,9 +90,10 @@ class QuantizationResult:
     def table(self) -> str:
         """The trial table as aligned text."""
         # metrics with as many digits as tell them apart (a candidate's 1.000005 against fp32's 1 was shown as 1)
+        # (and from the goal, which the messages give: 0.890996 was shown as 0.891, "no", beside a goal of >= 0.891)
         measured = [t.metric for t in self.trials if t.metric is not None]
-        shown = dict(zip([self.baseline_metric, *measured], significant_apart(self.baseline_metric, *measured,
-                                                                               digits=5)))
+        compared = [self.baseline_metric, *measured, *([] if self.goal is None else [self.goal])]
+        shown = dict(zip(compared, significant_apart(*compared)))
         lines = [f"{'#':>3} {'metric':>10} {'latency ms':>11} {'size KiB':>9} {'goal':>5}  config",
                  f"{'fp32':>3} {shown[self.baseline_metric]:>10} {self.baseline_latency_s * 1e3:>11.4f} "
                  f"{self.baseline_size_bytes / 1024:>9.1f} {'':>5}  baseline"]
@@ -899,8 +901,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         note(UNUSED_MODEL_MESSAGE)
     criterion = config.accuracy
     threshold = criterion.threshold(baseline_metric)
-    note(f"fp32 baseline metric {baseline_metric + 0.0:.6g}; goal: metric "  # (+ 0.0: -0.0 said as 0)
-         f"{'>=' if criterion.higher_is_better else '<='} {threshold + 0.0:.6g}")
+    fp32_shown, goal_shown = significant_apart(baseline_metric, threshold)  # (-0.0 said as 0)
+    note(f"fp32 baseline metric {fp32_shown}; goal: metric {'>=' if criterion.higher_is_better else '<='} "
+         f"{goal_shown}")
     no_margin = criterion.relative and criterion.tolerable_loss > 0 and baseline_metric == 0
     if no_margin:  # a fidelity loss (the candidate against the fp32 outputs) is 0 for fp32: every int8 model fails
         zero = ("the fp32 metric is 0, so a tolerance relative to it allows no change at all; "
@@ -1209,10 +1212,10 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                                   latency_s=baseline_latency, baseline_latency_s=baseline_latency,
                                   size_bytes=baseline_size, baseline_size_bytes=baseline_size, goal_met=goal_met,
                                   trials=trials, messages=messages, tuning_seconds=time.monotonic() - started,
-                                  example_inputs=example_inputs, dynamic_dims=config.dynamic_dims)
+                                  example_inputs=example_inputs, dynamic_dims=config.dynamic_dims, goal=threshold)
     return QuantizationResult(model=models[chosen.index], recipe=chosen.recipe, metric=chosen.metric,
                               baseline_metric=baseline_metric, latency_s=chosen.latency_s,
                               baseline_latency_s=baseline_latency, size_bytes=chosen.size_bytes,
                               baseline_size_bytes=baseline_size, goal_met=goal_met, trials=trials,
                               messages=messages, tuning_seconds=time.monotonic() - started,
-                              example_inputs=example_inputs, dynamic_dims=config.dynamic_dims)
+                              example_inputs=example_inputs, dynamic_dims=config.dynamic_dims, goal=threshold)
