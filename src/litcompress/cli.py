@@ -889,13 +889,12 @@ def _check_single_row_batch_norm(model: Any, data: Any, example_inputs: Any) -> 
 
     import torch
     from torch import nn
+    from torch.utils.data import BatchSampler, DataLoader
 
     from litcompress.quantization.backends import to_inputs
 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    from torch.utils.data import BatchSampler, DataLoader
-
     try:
         loader = data.train_dataloader()
         # the rows its sampler draws (a subset's, a weighted sampler's num_samples), not the dataset's
