@@ -1805,3 +1805,27 @@ def test_the_trial_table_and_the_goal_note_show_a_missed_goal_apart_from_the_goa
     assert "fp32 baseline metric 0.9; goal: metric >= 0.891" in result.messages
     trial = result.table().splitlines()[2].split()
     assert trial[1] == "0.890996" and trial[4] == "no"
+
+
+def test_a_metric_meeting_the_goal_within_its_epsilon_is_not_told_apart_from_it_in_the_table():
+    """0.7 against a float goal of 0.7000000000000001 (0.8 - 0.1), which it meets: every row took 16 digits."""
+    import dataclasses
+
+    from litcompress.quantization.tuner import QuantizationResult, Trial
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    scores = iter([0.8, 0.6912345290184021, 0.7])
+
+    def metric(candidate: nn.Module) -> float:
+        candidate(torch.randn(2, 8))
+        return next(scores, 0.7)
+
+    config = PTQConfig(backends=("torch_ao",), latency_repeats=2, max_trials=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.1, relative=False))
+    result = quantize(model, config, eval_fn=metric, example_inputs=torch.randn(4, 8))
+    assert result.goal == 0.8 - 0.1 != 0.7 and result.goal_met
+    rows = [line.split()[1] for line in result.table().splitlines()[1:]]
+    assert rows == ["0.8", "0.691235", "0.7"]
+    assert isinstance(result, QuantizationResult) and all(isinstance(t, Trial) for t in result.trials)
+    assert dataclasses.replace(result, goal=None).table().splitlines()[1:] == result.table().splitlines()[1:]

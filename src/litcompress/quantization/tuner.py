@@ -80,7 +80,7 @@ class QuantizationResult:
     tuning_seconds: float = 0.0
     example_inputs: Inputs = ()
     dynamic_dims: DynamicDims | None = None  # per input, the dims its files leave free (None: the batch dims)
-    goal: float | None = None  # the metric the accuracy goal asks for (at least, or at most)
+    goal: float | None = None  # the goal's limit, at least or at most (met within 1e-12 of it: equal figures pass)
 
     @property
     def speedup(self) -> float:
@@ -92,7 +92,11 @@ class QuantizationResult:
         # metrics with as many digits as tell them apart (a candidate's 1.000005 against fp32's 1 was shown as 1)
         # (and from the goal, which the messages give: 0.890996 was shown as 0.891, "no", beside a goal of >= 0.891)
         measured = [t.metric for t in self.trials if t.metric is not None]
-        compared = [self.baseline_metric, *measured, *([] if self.goal is None else [self.goal])]
+        # (not a goal some metric meets within the check's epsilon, 1e-12 of it: "0.7" for 0.7 against a goal of
+        # 0.7000000000000001 would have taken 16 digits, and meets it)
+        goal = self.goal if self.goal is not None and math.isfinite(self.goal) and not any(
+            abs(m - self.goal) <= 1e-12 * max(1.0, abs(self.goal)) for m in measured) else None
+        compared = [self.baseline_metric, *measured, *([] if goal is None else [goal])]
         shown = dict(zip(compared, significant_apart(*compared)))
         lines = [f"{'#':>3} {'metric':>10} {'latency ms':>11} {'size KiB':>9} {'goal':>5}  config",
                  f"{'fp32':>3} {shown[self.baseline_metric]:>10} {self.baseline_latency_s * 1e3:>11.4f} "
