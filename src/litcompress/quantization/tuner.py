@@ -134,25 +134,27 @@ class QuantizationResult:
                               dynamic_dims=self.dynamic_dims)
 
 
+def _apart(values: tuple[float, ...], places: int, kind: str, most: int) -> list[str]:
+    """`values` formatted with `places` of `kind` ('f': decimals, 'g': significant digits), or as many more (up to
+    `most`) as tell different ones apart (NaNs alike, -0.0 as 0); their repr beyond."""
+    distinct = len({float(value) for value in values if value == value}) + any(value != value for value in values)
+    for more in range(places, most):
+        shown = [f"{value + 0.0:.{more}{kind}}" for value in values]
+        if len(set(shown)) == distinct:
+            return shown
+    return [repr(float(value) + 0.0) for value in values]
+
+
 def figures_apart(*values: float, decimals: int = 3) -> list[str]:
     """`values` with `decimals` decimals, or as many more as tell different ones apart: "slower than fp32 (0.021 ms
     vs 0.021 ms)" said two equal figures."""
-    for places in range(decimals, 40):
-        shown = [f"{value:.{places}f}" for value in values]
-        if len(set(shown)) == len(set(values)):
-            return shown
-    return [repr(float(value)) for value in values]
+    return _apart(values, decimals, "f", 40)
 
 
 def significant_apart(*values: float, digits: int = 6) -> list[str]:
     """`values` with `digits` significant digits, or as many more as tell different ones apart: a goal of "metric
     <= 1" was said missed by a metric shown as 1 (1.000005); -0.0 is said as 0."""
-    for places in range(digits, 18):
-        shown = [f"{value + 0.0:.{places}g}" for value in values]
-        if len(set(shown)) == len({float(value) for value in values if value == value} | (
-                {"nan"} if any(value != value for value in values) else set())):
-            return shown
-    return [repr(float(value) + 0.0) for value in values]
+    return _apart(values, digits, "g", 18)
 
 
 def milliseconds_apart(*seconds: float) -> list[str]:
