@@ -1363,6 +1363,8 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
                  example_inputs=x)
     with pytest.raises(ValueError, match="eval_fn returned nan for stage 'input'"):
         compress(trained, eval_fn=lambda m: float("nan"), example_inputs=x)
+    with pytest.raises(ValueError, match="^test_fn returned nan for stage 'input'"):  # not eval_fn, which is fine
+        compress(trained, eval_fn=evaluate, test_fn=lambda m: float("nan"), example_inputs=x)
     with pytest.raises(TypeError, match="expected a CompressionConfig"):
         compress(trained, PruneConfig(sparsity=0.5), eval_fn=evaluate, example_inputs=x)
     # the report refused these after every stage had run

@@ -441,7 +441,7 @@ class _Stages:
 
     def _test(self, stage: str, model: nn.Module) -> float:
         with torch.no_grad():
-            return check_metric(call_keeping_modes(self.test_fn, model), f"stage {stage!r} (test)")
+            return check_metric(call_keeping_modes(self.test_fn, model), f"stage {stage!r}", "test_fn")
 
     def test_first(self) -> None:
         """The first stage's test metric now: a test step that cannot judge a model fails before any work."""

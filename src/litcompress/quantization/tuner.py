@@ -245,17 +245,18 @@ def evaluate_noting_use(eval_fn: Callable[[nn.Module], object], model: nn.Module
             handle.remove()
 
 
-def check_metric(value: object, where: str) -> float:
+def check_metric(value: object, where: str, returned_by: str = "eval_fn") -> float:
+    """`value` as a finite float; else an error naming `returned_by`, the function that returned it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     elif type(value).__name__ == "ndarray" and getattr(value, "size", None) == 1:  # numpy's, as a tensor's
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"eval_fn returned {value!r} ({type(value).__name__}) for {where}; "
+        raise ValueError(f"{returned_by} returned {value!r} ({type(value).__name__}) for {where}; "
                          "it must return one finite number (e.g. accuracy as a float).")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"eval_fn returned {value} for {where}; it must return a finite number.")
+        raise ValueError(f"{returned_by} returned {value} for {where}; it must return a finite number.")
     return value
 
 
