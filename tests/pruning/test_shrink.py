@@ -959,6 +959,53 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
         assert dict(result.report.kept)["expand"].startswith("its zero channels output non-zero constants into ")
 
 
+class GateThenDepthwise(nn.Module):
+    """A squeeze-and-excitation gate *before* a depthwise conv: the gate's squeeze reads every channel the conv
+    before it writes, whatever the depthwise filters after it do."""
+
+    def __init__(self, dw_padding: int, dw_bias: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.squeeze, self.excite = nn.Conv2d(6, 3, 1), nn.Conv2d(3, 6, 1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=dw_padding, groups=6, bias=dw_bias)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        h = h * torch.sigmoid(self.excite(F.relu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        return self.fc(self.dw(h).mean((2, 3)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(dw_padding=st.sampled_from([0, 1]), dw_bias=st.booleans(),
+       dead_conv=st.lists(st.integers(0, 5), unique=True, max_size=6),
+       dead_dw=st.lists(st.integers(0, 5), unique=True, max_size=6),
+       bias_signs=st.lists(st.sampled_from([-1.0, 0.0, 1.0]), min_size=6, max_size=6), seed=st.integers(0, 2**16))
+def test_a_zero_depthwise_filter_after_a_gate_removes_only_channels_the_gate_reads_as_zeros(
+        dw_padding, dw_bias, dead_conv, dead_dw, bias_signs, seed) -> None:
+    """A zero depthwise filter makes its channel a constant from there on, but the gate before it read the channel's
+    value: shrink removed the channel, and the squeeze's input column with it, changing every gate (0.08 on outputs of
+    0.4), silently without example inputs."""
+    torch.manual_seed(seed)
+    model = GateThenDepthwise(dw_padding, dw_bias).eval()
+    with torch.no_grad():
+        model.conv.bias.copy_(torch.tensor(bias_signs) * 0.5)
+        model.squeeze.weight.mul_(5)  # gates that really depend on every channel
+    zero_rows_(model.conv, dead_conv)
+    zero_rows_(model.dw, dead_dw)
+    x = torch.randn(2, 3, 8, 8)
+    expected = outputs(model, x)
+
+    result = shrink(model)  # no example inputs: nothing checks the outputs but this test
+
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    # only a channel that reaches the gate as exact zeros can go: a zero filter of a bias that ReLU zeroes
+    zero_at_gate = [j for j in dead_conv if bias_signs[j] <= 0]
+    width = max(6 - len(zero_at_gate), 1)
+    assert (result.model.conv.out_channels, result.model.squeeze.in_channels, result.model.excite.out_channels,
+            result.model.dw.out_channels, result.model.fc.in_features) == (width,) * 5
+
+
 def test_a_gate_the_chains_do_not_recognise_narrows_as_a_gated_group() -> None:
     torch.manual_seed(0)
     model = InvertedBottleneck("silu", False, 1, 1, False, 0, False, se="module")

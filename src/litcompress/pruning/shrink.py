@@ -1854,6 +1854,9 @@ def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branc
     channels = constant.numel()
     x = value.view(1, -1, *([1] * spatial_dims))  # [1, C] for Linear, [1, C, 1, ...] for convs
     start = 0
+    # channels a gate's squeeze reads other than as exact zeros: removed, its input column would go with them, so
+    # no later zero depthwise filter makes them removable
+    read_by_gate = torch.zeros_like(constant)
     for op in branch.ops:
         if isinstance(op, _Concat):
             offset = op.start - start  # where this input's channels (all of x) start in the concatenation
@@ -1861,6 +1864,8 @@ def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branc
             wider[:, offset:offset + x.shape[1]] = x
             constant = torch.cat([constant.new_zeros(offset), constant,
                                   constant.new_zeros(op.total - offset - constant.numel())])
+            read_by_gate = torch.cat([read_by_gate.new_zeros(offset), read_by_gate,
+                                      read_by_gate.new_zeros(op.total - offset - read_by_gate.numel())])
             x, start = wider, op.start
         elif isinstance(op, _Depthwise):
             filters = op.conv.weight.detach()
@@ -1869,11 +1874,13 @@ def _carried_constants(constant: Tensor, value: Tensor, spatial_dims: int, branc
             if op.zero_padded:  # a non-zero constant is not constant in the padded border
                 constant = constant & (flat == 0)
             zero_filter = _zero_channels(op.conv)
-            constant = constant | zero_filter
+            constant = constant | (zero_filter & ~read_by_gate)
             x = torch.where(zero_filter, conv_bias, flat * filters.reshape(filters.shape[0], -1).sum(1) + conv_bias)
             x = x.view(1, -1, *([1] * spatial_dims))
         elif isinstance(op, (_Gate, _ZerosOnly)):  # 0 * gate is 0; a constant times a varying gate is no constant
             constant = constant & (x.reshape(-1) == 0)
+            if isinstance(op, _Gate):
+                read_by_gate = read_by_gate | ~constant
         elif isinstance(op, nn.Module):
             was_training = op.training
             op.eval()
