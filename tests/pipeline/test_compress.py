@@ -474,11 +474,45 @@ def test_biases_of_pruned_filters_without_a_batch_norm_are_held_at_zero_so_the_f
             rows = layer.weight.transpose(0, 1) if name == "up" else layer.weight
             assert torch.equal(layer.bias[rows.flatten(1).abs().sum(1) == 0], torch.zeros(4))
         assert said == ["zero_batch_norm: the biases of pruned channels are held at zero in 3 layer(s) without a "
-                        "BatchNorm after them (conv1, conv2, up), so their channels output zero and shrink can remove "
-                        "them where only a zero passes too (a zero-padded conv, a product with per-token "
-                        "weights)."]
+                        "BatchNorm before a place that needs zeros (conv1, conv2, up), so their channels output zero "
+                        "and shrink can remove them where only a zero passes too (a zero-padded conv, a gate, a "
+                        "product with per-token weights)."]
     else:  # the pruned filters output ReLU(bias) into padded convs: those that are not zero stay
         assert not said and any(width > 4 for width in widths.values())
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
+class GatedIntoConcatenation(nn.Module):
+    """A biased conv read by a squeeze-and-excitation gate, whose output is concatenated before a BatchNorm: the
+    BatchNorm held at zero comes after the gate, which reads a pruned filter's bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.squeeze, self.excite = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.side = nn.Conv2d(8, 4, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(torch.relu(self.stem(x))))
+        h = h * torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        return self.head(self.bn(torch.cat([h, self.side(h)], 1)).mean((2, 3)))
+
+
+def test_a_biased_layer_gated_before_its_batch_norm_has_its_pruned_biases_held_so_its_filters_go(digits):
+    """Its BatchNorm was held at zero and its biases were not: pruned filters reached the gate as ReLU(bias), and
+    shrink kept every one (half of conv's filters zeroed for nothing)."""
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    result, x_val = compress_on_images(digits, GatedIntoConcatenation(), prune, steps=30)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    zero_filters = pruned.conv.weight.flatten(1).abs().sum(1) == 0
+    assert int(zero_filters.sum()) == 4 and torch.equal(pruned.conv.bias[zero_filters], torch.zeros(4))
+    assert (shrunk.conv.out_channels, shrunk.squeeze.in_channels, shrunk.excite.out_channels) == (4, 4, 4)
+    assert any(m.startswith("zero_batch_norm: the biases of pruned channels are held at zero in ") and "conv" in m
+               for m in result.report.messages)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
@@ -2168,7 +2202,7 @@ def test_a_layer_whose_features_are_mean_pooled_over_a_padding_mask_is_pruned_an
                       eval_fn=agreeing_with(model, [inputs]), example_inputs=inputs)
     shrunk = result.stage_models["shrunk"]
     assert (shrunk.ff[0].out_features, shrunk.ff[2].out_features, shrunk.head.in_features) == (32, 16, 16)
-    assert any("held at zero in 1 layer(s) without a BatchNorm after them (ff.2)" in m for m in result.report.messages)
+    assert any("held at zero in 1 layer(s) without a BatchNorm before a place that needs zeros (ff.2)" in m for m in result.report.messages)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(*inputs), result.stage_models["pruned"](*inputs), rtol=0, atol=1e-5)
 

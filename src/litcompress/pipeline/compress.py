@@ -712,9 +712,9 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
 def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: ChannelPlan | None,
                        note: Callable[[str], None]) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
     """Each pruned layer with the BatchNorms between it and its consumer, as a one-layer group whose BatchNorm
-    :class:`BatchNormZeroer` holds at zero for pruned channels; and each pruned conv without such a BatchNorm whose
-    channels go only when exactly zero (into a zero-padded conv, through a product with per-token weights), with a
-    bias, as a one-layer group whose bias it holds at zero (none if the model cannot be traced)."""
+    :class:`BatchNormZeroer` holds at zero for pruned channels; and each pruned layer with a bias whose channels go
+    only when exactly zero somewhere no such BatchNorm comes before (a zero-padded conv, a gate, a product with
+    per-token weights), as a one-layer group whose bias it holds at zero (none if the model cannot be traced)."""
     if plan is None:
         return [], []
     modules = dict(model.named_modules())
@@ -726,10 +726,11 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
         if affine:
             groups.append(ChannelGroup((layer,), tuple(affine), (), _out_channels(modules[layer]),
                                        batch_norm_starts=tuple(affine.values())))
-        elif layer in plan.zeros_only and isinstance(getattr(modules[layer], "bias", None), Tensor):
+        if layer in plan.zeros_before_batch_norm and isinstance(getattr(modules[layer], "bias", None), Tensor):
             # a pruned filter still outputs its bias: a constant that a zero-padded conv after it (a U-Net's decoder
             # conv after its transposed conv) does not see as one at the border, nor a product with per-token
-            # weights (attention pooling), so shrink could not remove it
+            # weights (attention pooling) or a gate, so shrink could not remove it; a BatchNorm held at zero after
+            # that place comes too late (a gate, then a concatenation's BatchNorm)
             biased.append(ChannelGroup((layer,), (), (), _out_channels(modules[layer])))
     if groups:
         layers = {name for group in groups for name in group.batch_norms}  # one after a concatenation serves several
@@ -738,9 +739,9 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
              "empties are held at zero, so shrink can remove such channels.")
     if biased:
         note(f"zero_batch_norm: the biases of pruned channels are held at zero in {len(biased)} layer(s) without a "
-             f"BatchNorm after them ({', '.join(g.producers[0] for g in biased)}), so their channels output zero and "
-             "shrink can remove them where only a zero passes too (a zero-padded conv, a product with per-token "
-             "weights).")
+             f"BatchNorm before a place that needs zeros ({', '.join(g.producers[0] for g in biased)}), so their "
+             "channels output zero and shrink can remove them where only a zero passes too (a zero-padded conv, a "
+             "gate, a product with per-token weights).")
     return groups, biased
 
 

@@ -314,6 +314,18 @@ class _Branch:
                 found.append((op.bn, start))
         return found
 
+    @property
+    def needs_zeros_before_a_batch_norm(self) -> bool:
+        """Whether a pruned channel must be exactly zero somewhere before an affine BatchNorm (which zero_batch_norm
+        holds at zero for it) makes it so: at a gate (its squeeze reads every channel), an op keeping only zeros, a
+        zero-padded depthwise conv, or a consumer that takes only zeros, none after such a BatchNorm."""
+        for op in self.ops:
+            if isinstance(op, _BatchNorm) and op.bn.affine:
+                return False
+            if isinstance(op, (_Gate, _ZerosOnly)) or (isinstance(op, _Depthwise) and op.zero_padded):
+                return True
+        return self.zeros_only
+
     def fork(self) -> _Branch:
         return _Branch(self.producer_channels, self.consumer, self.consumer_name, list(self.ops), self.flattened,
                        self.zeros_only, self.transposed)
@@ -2451,6 +2463,9 @@ class ChannelPlan:
     # producers whose channels go only when exactly zero, not as constants: a branch reaches a zero-padded conv
     # (depthwise ones on the way too) or a transposed conv, or passes an op that keeps only zeros (_ZerosOnly)
     zeros_only: frozenset = frozenset()
+    # of those, the producers whose channels must be zero before any affine BatchNorm on one of their branches makes
+    # them so: zero_batch_norm holds their pruned channels' biases at zero too
+    zeros_before_batch_norm: frozenset = frozenset()
 
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of channel groups (residual or gated) removable when `residual_groups`
@@ -2613,6 +2628,8 @@ def channel_plan(model: nn.Module, *, tracer: type[fx.Tracer] = fx.Tracer,
             branch.zeros_only or any((isinstance(op, _Depthwise) and op.zero_padded)
                                      or isinstance(op, (_ZerosOnly, _Gate)) for op in branch.ops)
             for branch in chain.branches)),
+        zeros_before_batch_norm=frozenset(name for name, chain in chains.items() if isinstance(chain, _Chain) and any(
+            branch.needs_zeros_before_a_batch_norm for branch in chain.branches)),
         layers={name: _describe_layer(modules[name]) for name in modules if name in reasons},
         recurrent={name: f"{type(m).__name__} {m.input_size} -> {m.hidden_size}" for name, m in model.named_modules()
                    if isinstance(m, (nn.RNNBase, nn.RNNCellBase))},
