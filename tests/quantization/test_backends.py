@@ -422,6 +422,32 @@ def test_torchao_weight_only_close_to_fp32_and_honours_fp32_layers(trained_mlp, 
     assert quantized_layers(partial, "torchao", ["0", "2"]) == {"0": False, "2": True}
 
 
+@pytest.mark.parametrize("backend_name, approach", [("onnxruntime", "dynamic"), ("onnxruntime", "static"),
+                                                    ("torchao", "weight_only")])
+def test_quantizing_leaves_the_process_logging_and_compiler_settings_as_they_were(backend_name, approach,
+                                                                                    trained_mlp, digits):
+    """ORT's quantizer logs with the module-level logging.info, which gave a root logger without handlers one
+    (the application's logging.basicConfig then did nothing); torchao's weight-only config turned on inductor's
+    autotuning flags for every later torch.compile."""
+    import logging
+
+    import torch._inductor.config as inductor_config
+
+    flags = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul")
+    compiler_before = {flag: getattr(inductor_config, flag) for flag in flags}
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    root.handlers.clear()  # as in an application that has not configured logging (pytest's capture has)
+    try:
+        backend = get_backend(backend_name)
+        x = digits[2]
+        backend.quantize(copy.deepcopy(trained_mlp), backend.recipes(approach)[0], (x[:1],), _calibration(x))
+        assert root.handlers == []
+    finally:
+        root.handlers[:] = handlers
+    assert {flag: getattr(inductor_config, flag) for flag in flags} == compiler_before
+
+
 def test_backends_reject_approaches_they_do_not_have(trained_mlp, digits):
     with pytest.raises(ValueError, match="weight_only"):
         get_backend("torch_ao").quantize(copy.deepcopy(trained_mlp), Recipe("torch_ao", "weight_only"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -249,6 +250,21 @@ def _native_output_held() -> Iterator[None]:
                 stream.write(text)
 
 
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """Remove the handlers the block adds to the root logger. ORT's quantizer logs through the module-level
+    ``logging.info``, which calls ``logging.basicConfig()`` when the root logger has none: the stderr handler left
+    behind made the application's own ``logging.basicConfig(...)`` do nothing."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def with_output_structure(model_bytes: bytes, structure: Structure, *, inputs: int | None = None) -> bytes:
     """`model_bytes` with `structure` in its metadata (none for a single tensor, which needs none), and with `inputs`,
     the number of positional inputs the model took."""
@@ -387,7 +403,7 @@ class OnnxRuntimeBackend(Backend):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         fp32_bytes, structure = export_onnx_with_structure(model, example_inputs, self.dynamic_dims)
-        with tempfile.TemporaryDirectory(prefix="litcompress_ort_") as tmp:
+        with tempfile.TemporaryDirectory(prefix="litcompress_ort_") as tmp, _root_logger_kept():
             src, pre, dst = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
             with open(src, "wb") as f:
                 f.write(fp32_bytes)

@@ -49,8 +49,10 @@ class TorchAOWeightOnlyBackend(Backend):
         skip = set(recipe.fp32_layers) | _reads_weight_tensors(model)  # their weights are read, not called
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            # Int8WeightOnlyConfig is per output channel (one scale per row).
-            quantize_(model.eval(), Int8WeightOnlyConfig(),
+            # Int8WeightOnlyConfig is per output channel (one scale per row). set_inductor_config=False: its default
+            # turns on inductor's autotuning flags for every later torch.compile of the process (this file's
+            # program is not compiled here)
+            quantize_(model.eval(), Int8WeightOnlyConfig(set_inductor_config=False),
                       filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and fqn not in skip)
         # its file is a torch.export program: a candidate whose export fixes a size that must stay free could not be
         # saved
