@@ -82,27 +82,6 @@ def test_quantize_lightning_judges_by_validation_metric(fitted):
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before)
 
 
-class NaNMetricModule(DigitsModule):
-    """Logs a metric that is NaN (a loss of a diverged model, an accuracy over an empty count)."""
-
-    def validation_step(self, batch, _):
-        self.log("val_acc", self(batch[0]).sum() * float("nan"), on_epoch=True)
-
-    def test_step(self, batch, _):
-        self.validation_step(batch, _)
-
-
-def test_a_nan_metric_is_named_with_the_step_that_logged_it(digits):
-    """It was blamed on an `eval_fn` the Lightning user never wrote."""
-    module, data = NaNMetricModule(), DigitsData(digits)
-    with pytest.raises(ValueError, match=r"^NaNMetricModule\.validation_step logged val_acc=nan for the model being "
-                                         "judged; a metric to compare models by must be a finite number"):
-        quantize_lightning(module, CONFIG, metric="val_acc", datamodule=data)
-    loader = DataLoader(TensorDataset(digits[2], digits[3]), batch_size=200)
-    with pytest.raises(ValueError, match=r"^NaNMetricModule\.test_step logged val_acc=nan"):
-        lightning_eval_fn(module, None, "val_acc", dataloaders=loader, stage="test")(module.net)
-
-
 def test_a_module_fitted_compiled_and_a_compiled_wrapper_are_quantized_as_their_eager_module(digits):
     """A copy of a module Lightning compiled in place ran the original's forward, then failed in Lightning (its
     compile state deleted); a torch.compile wrapper was said never to call self(...) and to need a submodule."""
