@@ -95,8 +95,8 @@ class PruneConfig:
             :func:`litcompress.shrink` removes) and the norm that ranks them (``ln_structured``).
         zero_batch_norm: a channel whose filter is pruned also loses its BatchNorm scale and shift (held at zero
             after every fine-tuning step; set once without fine-tuning), in a channel group (below) its
-            producers' biases, and without a BatchNorm its layer's bias where a zero-padded conv reads it (a
-            U-Net's transposed conv), so it outputs exactly zero: ``shrink`` then removes it even before a zero-padded
+            producers' biases, and its layer's bias where a zero-padded conv or a gate reads it before any
+            BatchNorm does (a U-Net's transposed conv), so it outputs exactly zero: ``shrink`` then removes it even before a zero-padded
             convolution, where a constant channel has to stay. False: pruned channels keep them and output a
             constant, which ``shrink`` folds into the next layer where no zero padding reads it.
         group_residuals: with ``ln_structured`` (and ``zero_batch_norm``), the layers whose outputs
