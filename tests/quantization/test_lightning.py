@@ -1,5 +1,6 @@
 """Lightning adapter with the real Trainer: candidates judged by the module's own validation metric."""
 
+import copy
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from litcompress.pipeline import CompressionConfig
 from litcompress.pipeline.lightning import compress_lightning
 from litcompress.quantization import PTQConfig, load_quantized
 from litcompress.quantization.lightning import QuantizeOnFitEnd, lightning_eval_fn, quantize_checkpoint, quantize_lightning
+from conftest import make_sensitive_mlp
 from tests.conftest import python_handles_ctrl_c
 
 
@@ -80,6 +82,40 @@ def test_quantize_lightning_judges_by_validation_metric(fitted):
     assert lightning_eval_fn(module, data, "val_acc")(result.model) == pytest.approx(result.metric)
     assert result.baseline_metric == pytest.approx(_trainer().validate(module, datamodule=data, verbose=False)[0]["val_acc"])
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before)
+
+
+class SensitiveModule(L.LightningModule):
+    """Logs the negative error to its fp32 outputs, or NaN where it is large (a loss overflowing: int8 in the first
+    layer of `make_sensitive_mlp`), or NaN always."""
+
+    def __init__(self, always_nan: bool = False) -> None:
+        super().__init__()
+        self.net, _, _ = make_sensitive_mlp()
+        self.reference = copy.deepcopy(self.net)
+        self.always_nan = always_nan
+
+    def forward(self, x):
+        return self.net(x)
+
+    def validation_step(self, batch, _):
+        error = (self(batch[0]) - self.reference(batch[0])).abs().mean()
+        self.log("score", error * float("nan") if self.always_nan or error > 0.02 else -error, on_epoch=True)
+
+
+def test_a_nan_metric_is_scored_as_one_in_lightning_and_named_by_the_step_that_logs_it():
+    """A NaN while a layer is int8 is a trial's score, which the per-layer fallback mends; a NaN fp32 baseline
+    fails, and the error names the step and metric (it named an eval_fn the Lightning user never wrote)."""
+    _, x, _ = make_sensitive_mlp()
+    loader = DataLoader(TensorDataset(x[:64]), batch_size=64)
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=3, max_trials=6)
+    result = quantize_lightning(SensitiveModule(), config, metric="score", val_dataloaders=loader,
+                                example_inputs=x[:1])
+    assert result.recipe is not None and "net.0" in result.recipe.fp32_layers
+    assert [t.error is not None for t in result.trials][:2] == [True, True]
+    with pytest.raises(ValueError, match=r"^eval_fn \(the score that SensitiveModule\.validation_step logs\) "
+                                         r"returned nan for the fp32 baseline"):
+        quantize_lightning(SensitiveModule(always_nan=True), config, metric="score", val_dataloaders=loader,
+                           example_inputs=x[:1])
 
 
 def test_a_module_fitted_compiled_and_a_compiled_wrapper_are_quantized_as_their_eager_module(digits):

@@ -62,8 +62,8 @@ from litcompress.quantization.tuner import (UNUSED_MODEL_MESSAGE, QuantizationRe
                                             check_calibration_batches, check_calibration_data,
                                             check_declared_dims_vary, check_metric, check_model_on_cpu,
                                             check_model_runs, default_input_fn, evaluate_noting_use,
-                                            example_as_inputs, model_input_fn, quantize, warn_time_major_inputs,
-                                            warn_unused_model)
+                                            example_as_inputs, metric_fn_name, model_input_fn, quantize,
+                                            warn_time_major_inputs, warn_unused_model)
 from litcompress.report.compression import CompressionReport, Latency, StageMetrics
 from litcompress.report.size import compressed_size_bytes, serialized_weights
 from litcompress.report.sparsity import SparsityReport, plain_values, sparsity_report
@@ -412,7 +412,7 @@ class _Stages:
                 else:  # the first evaluation tells whether eval_fn runs the model it is given at all
                     value, ran = evaluate_noting_use(self.eval_fn, model)
                     self.model_unused = not ran
-            metric = check_metric(value, f"stage {stage!r}")
+            metric = check_metric(value, f"stage {stage!r}", metric_fn_name("eval_fn", self.eval_fn))
         counted = model if counted is None else counted
         shipped = model
         # a model given with live masks or parametrizations (weight_norm, a torch.ao.pruning sparsifier's mask):
@@ -441,7 +441,8 @@ class _Stages:
 
     def _test(self, stage: str, model: nn.Module) -> float:
         with torch.no_grad():
-            return check_metric(call_keeping_modes(self.test_fn, model), f"stage {stage!r}", "test_fn")
+            return check_metric(call_keeping_modes(self.test_fn, model), f"stage {stage!r}",
+                                metric_fn_name("test_fn", self.test_fn))
 
     def test_first(self) -> None:
         """The first stage's test metric now: a test step that cannot judge a model fails before any work."""

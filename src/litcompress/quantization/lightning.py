@@ -317,6 +317,8 @@ def lightning_eval_fn(module: L.LightningModule, datamodule: L.LightningDataModu
             raise ValueError(bypassed_model_message(host, submodule, step, metric))
         return float(logged[metric])
 
+    # named so in the engine's errors (a NaN metric): the Lightning user wrote no eval_fn
+    evaluate.metric_source = f"the {metric} that {step} logs"  # type: ignore[attr-defined]
     return evaluate
 
 

@@ -245,6 +245,13 @@ def evaluate_noting_use(eval_fn: Callable[[nn.Module], object], model: nn.Module
             handle.remove()
 
 
+def metric_fn_name(name: str, fn: object) -> str:
+    """How errors name the metric function `fn` given as `name` ("eval_fn"), with what it reads when it says
+    (a Lightning step's logged metric: ``lightning_eval_fn``)."""
+    source = getattr(fn, "metric_source", None)
+    return f"{name} ({source})" if isinstance(source, str) else name
+
+
 def check_metric(value: object, where: str, returned_by: str = "eval_fn") -> float:
     """`value` as a finite float; else an error naming `returned_by`, the function that returned it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -902,7 +909,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
              f"transposed) quantized as nn.Linear, which every backend quantizes: {shown}.")
     with torch.no_grad():
         value, ran = evaluate_noting_use(eval_fn, fp32)
-    baseline_metric = check_metric(value, "the fp32 baseline")
+    baseline_metric = check_metric(value, "the fp32 baseline", metric_fn_name("eval_fn", eval_fn))
     if not ran:
         warn_unused_model()
         note(UNUSED_MODEL_MESSAGE)
@@ -1052,7 +1059,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
                     with torch.no_grad():
                         value = call_keeping_modes(eval_fn, candidate)
                     not_finite = _is_not_finite(value)
-                    trial.metric = check_metric(value, f"trial {trial.index} ({recipe.describe()})")
+                    trial.metric = check_metric(value, f"trial {trial.index} ({recipe.describe()})",
+                                                metric_fn_name("eval_fn", eval_fn))
                     met = criterion.is_met(trial.metric, baseline_metric)
                     # timed as its file runs (torch.ao's: a trace, 2-3x faster than its eager int8 modules)
                     timed[trial.index] = search.backend.timed_form(candidate, example_inputs)
