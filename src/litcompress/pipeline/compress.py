@@ -332,10 +332,14 @@ def _by_output_dim(model: nn.Module, targets: Sequence[Target], prune: PruneConf
     transposed = [t for t in targets if isinstance(t[0], (*_TRANSPOSED, nn.Embedding, nn.EmbeddingBag))]
     regular = [t for t in targets if t not in transposed]
     names = {id(m): name for name, m in model.named_modules()}
-    even = {t: plan.slice_groups[names[id(t[0])]] for t in regular if plan is not None
-            and names.get(id(t[0])) in plan.slice_groups}
-    regular_kwargs = {**kwargs, "slice_groups": even} if even else kwargs
-    return [(subset, kw) for subset, kw in ((regular, regular_kwargs), (transposed, {**kwargs, "dim": 1})) if subset]
+    sets = []
+    for subset, subset_kwargs in ((regular, kwargs), (transposed, {**kwargs, "dim": 1})):
+        # (a transposed conv read by a grouped conv too: its output channels, in dim 1, in equal blocks)
+        even = {t: plan.slice_groups[names[id(t[0])]] for t in subset if plan is not None
+                and names.get(id(t[0])) in plan.slice_groups}
+        if subset:
+            sets.append((subset, {**subset_kwargs, "slice_groups": even} if even else subset_kwargs))
+    return sets
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
