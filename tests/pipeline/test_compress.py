@@ -1634,6 +1634,53 @@ def test_preview_shrink_reaches_the_widths_compress_reaches(digits, name, keep_m
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not touched
 
 
+def test_a_transposed_conv_read_by_a_grouped_conv_loses_as_many_channels_from_each_group(digits):
+    """Its output channels (dim 1) were pruned without the grouped conv's groups: 1 of 4 zero channels in one group,
+    3 in the other, and shrink could remove only 2 of them, with no reason given."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.ConvTranspose2d(8, 8, 3, padding=1), nn.SiLU(),
+                          nn.Conv2d(8, 4, 3, padding=1, groups=2), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10))
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    result, x_val = compress_on_images(digits, model, prune, steps=20)
+    pruned, shrunk = result.stage_models["pruned"], result.stage_models["shrunk"]
+    zero = pruned[2].weight.transpose(0, 1).flatten(1).abs().sum(1) == 0
+    assert zero.view(2, 4).sum(1).tolist() == [2, 2]  # as many in each of the grouped conv's input groups
+    assert (shrunk[2].out_channels, shrunk[4].in_channels, shrunk[4].out_channels) == (4, 4, 2)
+    assert all(layer.left == 0 for layer in result.shrink.layers) and not result.shrink.kept
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
+
+
+class SigmoidThroughDepthwiseIntoGate(nn.Module):
+    """A conv whose channels pass a sigmoid (never zero) and a depthwise conv before a gate multiplies them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 3, padding=1)
+        self.dw = nn.Conv1d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.squeeze, self.excite = nn.Conv1d(4, 2, 1), nn.Conv1d(2, 4, 1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(torch.sigmoid(self.conv(torch.relu(self.stem(x)))))
+        h = h * torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean(2, keepdim=True)))))
+        return self.head(h.mean(2))
+
+
+def test_a_gated_group_through_a_depthwise_conv_after_a_sigmoid_is_left_unpruned():
+    """The group's channels were taken to be zero once the depthwise filters are, which structured pruning never
+    zeroes: conv and excite lost half their filters, shrink removed none, and a note said it could."""
+    from litcompress.pipeline import preview_shrink
+
+    torch.manual_seed(0)
+    preview, notes = preview_shrink(SigmoidThroughDepthwiseIntoGate(), PruneConfig(sparsity=0.5, method="ln_structured"),
+                                    example_inputs=torch.randn(2, 3, 20))
+    assert {layer.name for layer in preview.report.layers} == {"stem", "squeeze"} and not preview.report.kept
+    assert not any(n.startswith("group_residuals") for n in notes)
+    assert any(n.startswith("removable_only: 2 layer(s) left unpruned") and "conv, excite" in n for n in notes)
+
+
 def test_preview_shrink_wants_structured_pruning_of_output_channels(trained):
     from litcompress.pipeline import preview_shrink
 

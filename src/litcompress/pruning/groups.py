@@ -470,8 +470,8 @@ def _can_be_zero(rule: ZeroRule) -> bool:
     kind, *terms = rule
     if kind == "never":
         return False
-    if kind == "depthwise":  # a zero filter and bias: a zero channel, whatever comes in
-        return True
+    if kind == "depthwise":  # zero as its input is: structured pruning leaves depthwise filters be (their channels
+        return _can_be_zero(terms[1])  # are the layer's before them), so a zero filter is no way to a zero channel
     if kind in ("all", "any"):
         return (all if kind == "all" else any)(_can_be_zero(term) for term in terms)
     return True
