@@ -116,6 +116,11 @@ def test_a_nan_metric_is_scored_as_one_in_lightning_and_named_by_the_step_that_l
                                          r"returned nan for the fp32 baseline"):
         quantize_lightning(SensitiveModule(always_nan=True), config, metric="score", val_dataloaders=loader,
                            example_inputs=x[:1])
+    # a float64 module, quantized from a float32 copy through an eval_fn wrapped to cast: named alike
+    with pytest.raises(ValueError, match=r"^eval_fn \(the score that SensitiveModule\.validation_step logs\)"):
+        quantize_lightning(SensitiveModule(always_nan=True).double(), config, metric="score",
+                           val_dataloaders=DataLoader(TensorDataset(x[:64].double()), batch_size=64),
+                           example_inputs=x[:1].double())
 
 
 def test_a_module_fitted_compiled_and_a_compiled_wrapper_are_quantized_as_their_eager_module(digits):

@@ -252,6 +252,14 @@ def metric_fn_name(name: str, fn: object) -> str:
     return f"{name} ({source})" if isinstance(source, str) else name
 
 
+def named_as(wrapper: EvalFn, fn: EvalFn) -> EvalFn:
+    """`wrapper` of the metric function `fn`, named in errors as `fn` is (:func:`metric_fn_name`)."""
+    source = getattr(fn, "metric_source", None)
+    if source is not None:
+        wrapper.metric_source = source  # type: ignore[attr-defined]
+    return wrapper
+
+
 def check_metric(value: object, where: str, returned_by: str = "eval_fn") -> float:
     """`value` as a finite float; else an error naming `returned_by`, the function that returned it."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -807,7 +815,7 @@ def quantize(
         example_inputs = structure.flatten(example_inputs, "example_inputs")
         model, probe = flat_inputs(model, structure), flat_inputs(probe, structure)
         nested_eval_fn = eval_fn
-        eval_fn = lambda candidate: nested_eval_fn(NestedInputs(candidate, structure))  # noqa: E731
+        eval_fn = named_as(lambda candidate: nested_eval_fn(NestedInputs(candidate, structure)), nested_eval_fn)
     declared = config.dynamic_dims
     # Exported candidates leave free the dims that vary in the data (and the declared ones), not only the batch.
     config = dataclasses.replace(config, dynamic_dims=resolve_dynamic_dims([example_inputs, *calibration],
@@ -891,7 +899,7 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
         fp32.float()
         example_inputs, calibration = float32_inputs(example_inputs), [float32_inputs(b) for b in calibration]
         user_eval_fn = eval_fn
-        eval_fn = lambda candidate: user_eval_fn(FloatInputs(candidate))  # noqa: E731
+        eval_fn = named_as(lambda candidate: user_eval_fn(FloatInputs(candidate)), user_eval_fn)
         note(f"the model's {', '.join(sorted(str(d).removeprefix('torch.') for d in other_floats))} weights were "
              "quantized from a float32 copy; the result casts float inputs to float32, and its file takes float32 "
              "inputs.")
