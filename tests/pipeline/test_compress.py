@@ -1681,6 +1681,45 @@ def test_a_gated_group_through_a_depthwise_conv_after_a_sigmoid_is_left_unpruned
     assert any(n.startswith("removable_only: 2 layer(s) left unpruned") and "conv, excite" in n for n in notes)
 
 
+class ConcatenatedIntoAGroupedConv(nn.Module):
+    """`a`'s channels concatenated between `before` and `after` into a grouped conv of 2 groups: with `before` of
+    one channel and `after` of one, `a`'s 4 reach each group 2 by 2; with `before` of 3, 1 and 3."""
+
+    def __init__(self, before: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.before, self.a, self.after = (nn.Conv2d(4, width, 1, bias=False) for width in (before, 4, 1))
+        self.grouped = nn.Conv2d(before + 5, 4, 1, groups=2)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = torch.cat([torch.relu(self.before(h)), torch.relu(self.a(h)), torch.relu(self.after(h))], 1)
+        return self.head(torch.relu(self.grouped(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("before", [1, 3])
+def test_a_layer_concatenated_into_a_grouped_conv_is_pruned_only_where_its_groups_can_lose_as_many(before):
+    """Spread over the groups 1 and 3, `a` was pruned 2 of 4 and shrink could remove none or some (it removes as
+    many from each group); spread 2 and 2, it was pruned as one block, unevenly."""
+    from litcompress.pipeline import preview_shrink
+
+    torch.manual_seed(0)
+    model = ConcatenatedIntoAGroupedConv(before)
+    with torch.no_grad():  # the two weakest filters read by one group: pruned as one block, the group lost both
+        model.a.weight[:2] *= 0.01
+    preview, notes = preview_shrink(model, PruneConfig(sparsity=0.5, method="ln_structured"),
+                                    example_inputs=torch.randn(2, 1, 8, 8))
+    widths = {layer.name: (layer.channels_before, layer.channels_after, layer.left) for layer in preview.report.layers}
+    if before == 1:  # each group loses one of a's channels
+        assert widths["a"] == (4, 2, 0)
+        assert preview.model.grouped.in_channels == 4
+    else:
+        assert "a" not in widths and not preview.report.kept
+        assert any("a: a concatenation puts its channels among the inputs of the grouped conv grouped unevenly "
+                   "(1, 3 in its 2 groups)" in n for n in notes)
+
+
 def test_preview_shrink_wants_structured_pruning_of_output_channels(trained):
     from litcompress.pipeline import preview_shrink
 

@@ -2512,10 +2512,17 @@ class ChannelPlan:
 
 def _slice_groups(chain: _Chain) -> int:
     """In how many equal groups the producer's channels must be removed: the least common multiple of its own
-    groups and those of the grouped convs reading them (whole: a concatenation before one is left to shrink)."""
+    groups and those of the grouped convs reading them (after a concatenation, those it puts equal numbers of the
+    producer's channels in: then they are its equal blocks; others are said not removable, see
+    :func:`_groups_out_of_reach`)."""
     groups = [chain.producer.groups] if is_grouped(chain.producer) else []
-    groups += [branch.consumer.groups for branch in chain.branches if is_grouped(branch.consumer)
-               and not any(isinstance(op, _Concat) for op in branch.ops)]
+    width = _out_channels(chain.producer)
+    for branch in chain.branches:
+        if not is_grouped(branch.consumer):
+            continue
+        concat = next((op for op in reversed(branch.ops) if isinstance(op, _Concat)), None)
+        if concat is None or len(set(_counts_per_group(concat, width, branch.consumer))) == 1:
+            groups.append(branch.consumer.groups)
     return math.lcm(*groups) if groups else 1
 
 
@@ -2543,13 +2550,27 @@ def _groups_out_of_reach(chain: _Chain) -> str | None:
         if concat is None or not is_grouped(branch.consumer):
             continue
         groups = branch.consumer.groups
-        size = branch.consumer.in_channels // groups
-        reached = {(concat.start + j) // size for j in range(width)}
-        if len(reached) < groups:
+        counts = _counts_per_group(concat, width, branch.consumer)
+        reached = sum(count > 0 for count in counts)
+        if reached < groups:
             return (f"a concatenation puts its channels among the inputs of the grouped conv {branch.consumer_name}, "
-                    f"in {len(reached)} of its {groups} groups: shrink removes as many channels from each group, and "
+                    f"in {reached} of its {groups} groups: shrink removes as many channels from each group, and "
                     "the others lose none, so none of these can go")
+        if len(set(counts)) > 1:  # structured pruning prunes equal blocks of a layer's channels, not these
+            return (f"a concatenation puts its channels among the inputs of the grouped conv {branch.consumer_name} "
+                    f"unevenly ({', '.join(map(str, counts))} in its {groups} groups): shrink removes as many "
+                    "channels from each group, which structured pruning of this layer's channels does not aim at")
     return None
+
+
+def _counts_per_group(concat: _Concat, width: int, consumer: nn.Module) -> list[int]:
+    """How many of a producer's `width` channels, placed at ``concat.start`` by a concatenation, each input group of
+    the grouped conv `consumer` reads."""
+    size = consumer.in_channels // consumer.groups
+    counts = [0] * consumer.groups
+    for j in range(width):
+        counts[(concat.start + j) // size] += 1
+    return counts
 
 
 def _zeros_made_constants(branches: Iterable[_Branch], what: str = "channels",
