@@ -2535,7 +2535,7 @@ def _one_channel_per_group(chain: _Chain) -> str | None:
         return None
     by = ([f"its own {chain.producer.groups} groups"] if is_grouped(chain.producer) else []) + [
         f"the {branch.consumer.groups} groups of the grouped conv {branch.consumer_name}" for branch in chain.branches
-        if is_grouped(branch.consumer) and not any(isinstance(op, _Concat) for op in branch.ops)]
+        if is_grouped(branch.consumer)]  # (after a concatenation too: one spreading them unevenly is said before)
     return (f"its {width} channels go one to a group ({' and '.join(by)}): shrink removes as many channels from each "
             "group and keeps one in each, so none of them can go")
 
