@@ -959,6 +959,38 @@ def test_depthwise_convs_lose_the_channels_of_the_layer_before_them(
         assert dict(result.report.kept)["expand"].startswith("its zero channels output non-zero constants into ")
 
 
+class SigmoidDepthwiseGate(nn.Module):
+    """conv -> sigmoid -> depthwise -> a gate: a channel group (conv and the gate's excite) that only a zero
+    depthwise filter makes zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 3, padding=1)
+        self.dw = nn.Conv1d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.squeeze, self.excite = nn.Conv1d(4, 2, 1), nn.Conv1d(2, 4, 1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(torch.sigmoid(self.conv(torch.relu(self.stem(x)))))
+        h = h * torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean(2, keepdim=True)))))
+        return self.head(h.mean(2))
+
+
+def test_zero_depthwise_filters_of_a_users_masks_empty_a_group_that_structured_pruning_cannot() -> None:
+    """Shrink removes the channels a user's zero depthwise filters empty (conv's and excite's); the plan does not
+    call the group removable, as structured pruning never prunes a depthwise conv (it pruned conv and excite,
+    and shrink removed nothing)."""
+    torch.manual_seed(0)
+    model, x = SigmoidDepthwiseGate().eval(), torch.randn(4, 3, 12)
+    reasons = removable_channels(model, example_inputs=x)
+    assert reasons["conv"] is not None and reasons["excite"] is not None
+    assert "only where its filter is: structured pruning leaves depthwise convs dense" in \
+        channel_plan(model, example_inputs=x).table()
+    torch_prune.custom_from_mask(model.dw, "weight", (torch.arange(4) >= 2).float().view(4, 1, 1).expand(4, 1, 3))
+    result = shrunk_alike(model, x)
+    assert (result.model.conv.out_channels, result.model.excite.out_channels, result.model.dw.out_channels) == (2, 2, 2)
+
+
 class GateThenDepthwise(nn.Module):
     """A squeeze-and-excitation gate *before* a depthwise conv: the gate's squeeze reads every channel the conv
     before it writes, whatever the depthwise filters after it do."""

@@ -256,7 +256,7 @@ def _select_targets(model: nn.Module, config: PruneConfig, plan: ChannelPlan | N
                          if (reason := plan.units.get(name, units_why_not(modules[name]))) is not None})
         units = [name for name in units if name not in left_out]
         if len(left_out) == len(layers) + len(recurrent) and left_out:
-            grouped = {name for group in plan.groups for name in group.producers} & set(left_out)
+            grouped = {name for group in plan.groups if group.prunable for name in group.producers} & set(left_out)
             remedy = (f"PruneConfig(group_residuals=True, zero_batch_norm=True) prunes {', '.join(sorted(grouped))} "
                       "as channel groups, which shrink removes; or pass" if grouped else "Pass")
             raise ValueError(
@@ -696,14 +696,15 @@ def _residual_groups(model: nn.Module, targets: Sequence[Target], prune: PruneCo
     if not _groups_residuals(prune) or plan is None:
         return [], list(targets), set()
     names = _names_of(model, targets)
-    groups = [g for g in plan.groups if set(g.producers) <= set(names)]
+    groups = [g for g in plan.groups if g.prunable and set(g.producers) <= set(names)]
     grouped = {name for g in groups for name in g.producers}
     if groups:
         joined = " or ".join(sorted({g.describe() for g in groups}))
         layers = f"{len(grouped)} layer{'' if len(grouped) == 1 else 's'}"
         note(f"group_residuals: {len(groups)} channel group(s) joined by {joined} ({layers}) "
              "pruned as one, so shrink can remove their channels.")
-    partial = [g for g in plan.groups if set(g.producers) & set(names) and not set(g.producers) <= set(names)]
+    partial = [g for g in plan.groups if g.prunable and set(g.producers) & set(names)
+               and not set(g.producers) <= set(names)]
     left = {name for g in partial for name in g.producers} & set(names) if prune.removable_only else set()
     if left:
         outside = sorted({name for g in partial for name in g.producers} - set(names))

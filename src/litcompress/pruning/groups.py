@@ -100,6 +100,13 @@ class ChannelGroup:
         return {name: sorted(found) for name, found in slices.items()}
 
     @property
+    def prunable(self) -> bool:
+        """Whether pruning the producers' channels can make the group's channels zero: not where only a zero
+        depthwise filter does (after a sigmoid), which structured pruning leaves dense (its channels are the layer's
+        before it)."""
+        return self.zero_when is None or _can_be_zero(self.zero_when, by_depthwise_filters=False)
+
+    @property
     def gated(self) -> bool:
         """Whether a multiplication joins the space."""
         return "multiplication" in self.joined_by
@@ -464,16 +471,17 @@ def _residual_groups(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
             and _can_be_zero(_combined("all", space.read))]
 
 
-def _can_be_zero(rule: ZeroRule) -> bool:
+def _can_be_zero(rule: ZeroRule, by_depthwise_filters: bool = True) -> bool:
     """Whether some weights make a channel zero by `rule`: not where a consumer reads an op that is never known to
-    keep zeros (``sigmoid(x)`` on its own), whose group could lose no channel."""
+    keep zeros (``sigmoid(x)`` on its own), whose group could lose no channel. `by_depthwise_filters`: whether a zero
+    depthwise filter counts (shrink's masks may hold one; structured pruning never prunes depthwise convs)."""
     kind, *terms = rule
     if kind == "never":
         return False
-    if kind == "depthwise":  # zero as its input is: structured pruning leaves depthwise filters be (their channels
-        return _can_be_zero(terms[1])  # are the layer's before them), so a zero filter is no way to a zero channel
+    if kind == "depthwise":  # a zero filter and bias: a zero channel, whatever comes in
+        return by_depthwise_filters or _can_be_zero(terms[1], by_depthwise_filters)
     if kind in ("all", "any"):
-        return (all if kind == "all" else any)(_can_be_zero(term) for term in terms)
+        return (all if kind == "all" else any)(_can_be_zero(term, by_depthwise_filters) for term in terms)
     return True
 
 

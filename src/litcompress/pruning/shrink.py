@@ -2470,7 +2470,8 @@ class ChannelPlan:
     def removable(self, residual_groups: bool = True) -> dict[str, str | None]:
         """`reasons`, with the producers of channel groups (residual or gated) removable when `residual_groups`
         (pruned as one)."""
-        grouped = {name for group in self.groups for name in group.producers} if residual_groups else set()
+        grouped = {name for group in self.groups if group.prunable
+                   for name in group.producers} if residual_groups else set()
         return {name: None if name in grouped else reason for name, reason in self.reasons.items()}
 
     def table(self, pruned_by: str = "structured pruning with PruneConfig(removable_only=True)",
@@ -2479,7 +2480,7 @@ class ChannelPlan:
         with its residual group when the group is pruned as one) and why not; then the groups and the BatchNorms
         that zero_batch_norm holds at zero. `pruned_by`, `embeddings_by`: what prunes only those layers, and an
         embedding's dims, in the caller's terms."""
-        group_of = {name: i for i, group in enumerate(self.groups, 1)
+        group_of = {name: i for i, group in enumerate(self.groups, 1) if group.prunable
                     for name in (*group.producers, *group.gate_excites)}  # a gate's excite loses them too
         width = max([len(name) for name in (*self.reasons, *self.recurrent)] + [5])
         lines = [f"{'layer':<{width}}  {'kind':<24}  {'shrinks':<9}  why not"]
@@ -2496,6 +2497,8 @@ class ChannelPlan:
                        for name, starts in group.producer_slices().items()]
             gates = f"; gated by {', '.join(group.gate_excites)}" if group.gate_excites else ""
             depthwise = f"; through the depthwise {', '.join(group.depthwise)}" if group.depthwise else ""
+            if not group.prunable:  # (shrink removes such channels where a user's masks left a zero filter)
+                depthwise += " (zero only where its filter is: structured pruning leaves depthwise convs dense)"
             lines.append(f"group {i}: {group.channels} channels joined by {group.describe()}, written by "
                          f"{', '.join(writers)}; read by {', '.join(group.consumers)}{gates}{depthwise}")
         held = sorted({bn for places in self.batch_norms.values() for bn in places})
