@@ -1674,8 +1674,8 @@ def test_a_gated_group_through_a_depthwise_conv_after_a_sigmoid_is_left_unpruned
     from litcompress.pipeline import preview_shrink
 
     torch.manual_seed(0)
-    preview, notes = preview_shrink(SigmoidThroughDepthwiseIntoGate(), PruneConfig(sparsity=0.5, method="ln_structured"),
-                                    example_inputs=torch.randn(2, 3, 20))
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    preview, notes = preview_shrink(SigmoidThroughDepthwiseIntoGate(), prune, example_inputs=torch.randn(2, 3, 20))
     assert {layer.name for layer in preview.report.layers} == {"stem", "squeeze"} and not preview.report.kept
     assert not any(n.startswith("group_residuals") for n in notes)
     assert any(n.startswith("removable_only: 2 layer(s) left unpruned") and "conv, excite" in n for n in notes)
@@ -2288,7 +2288,8 @@ def test_a_layer_whose_features_are_mean_pooled_over_a_padding_mask_is_pruned_an
                       eval_fn=agreeing_with(model, [inputs]), example_inputs=inputs)
     shrunk = result.stage_models["shrunk"]
     assert (shrunk.ff[0].out_features, shrunk.ff[2].out_features, shrunk.head.in_features) == (32, 16, 16)
-    assert any("held at zero in 1 layer(s) without a BatchNorm before a place that needs zeros (ff.2)" in m for m in result.report.messages)
+    assert any("held at zero in 1 layer(s) without a BatchNorm before a place that needs zeros (ff.2)" in m
+               for m in result.report.messages)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(*inputs), result.stage_models["pruned"](*inputs), rtol=0, atol=1e-5)
 

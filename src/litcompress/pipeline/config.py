@@ -96,9 +96,9 @@ class PruneConfig:
         zero_batch_norm: a channel whose filter is pruned also loses its BatchNorm scale and shift (held at zero
             after every fine-tuning step; set once without fine-tuning), in a channel group (below) its
             producers' biases, and its layer's bias where a zero-padded conv or a gate reads it before any
-            BatchNorm does (a U-Net's transposed conv), so it outputs exactly zero: ``shrink`` then removes it even before a zero-padded
-            convolution, where a constant channel has to stay. False: pruned channels keep them and output a
-            constant, which ``shrink`` folds into the next layer where no zero padding reads it.
+            BatchNorm does (a U-Net's transposed conv), so it outputs exactly zero: ``shrink`` then removes it even
+            before a zero-padded convolution, where a constant channel has to stay. False: pruned channels keep them
+            and output a constant, which ``shrink`` folds into the next layer where no zero padding reads it.
         group_residuals: with ``ln_structured`` (and ``zero_batch_norm``), the layers whose outputs
             residual additions join (a ResNet stage's stem and last convs of each block), or a gating product (the
             ``w1`` and ``w3`` of a SwiGLU feed-forward block, ``w2(silu(w1(x)) * w3(x))``), are pruned as one group:
