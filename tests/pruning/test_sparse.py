@@ -671,6 +671,33 @@ def test_a_pruned_bare_linear_layer_is_sparsified_as_the_model_itself(monkeypatc
     assert is_pruned(layer, "weight")  # the user's layer: still masked, not the converted copy
 
 
+def test_a_layer_under_two_names_stays_dense_so_the_model_can_be_traced():
+    """Converted at both names, its CSR weight was held twice, and torch.jit.trace (the README's way to ship the
+    result) failed inside torch ("Could not run 'aten::view' ... 'SparseCsrCPU'"), naming neither layer nor cause."""
+
+    class Shortcut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.shared, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+            self.again = self.shared  # the same layer registered under a second name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.again(torch.relu(self.shared(torch.relu(self.inp(x)))))))
+
+    torch.manual_seed(0)
+    model, x = Shortcut().eval(), torch.randn(8, 16)
+    for layer in (model.inp, model.shared):
+        prune.l1_unstructured(layer, "weight", amount=0.95)
+    result = sparsify(model, x, min_speedup=0, time_model=False, repeats=1)
+    reasons = {layer.name: layer.reason for layer in result.report.layers}
+    assert reasons["shared"] == ("one layer under 2 names (shared, again): torch.jit.trace fails on a CSR weight "
+                                 "held twice")
+    assert result.report.converted == ("inp",) and result.model.shared is result.model.again
+    traced = torch.jit.trace(result.model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_csr_weight_stores_its_non_zeros_only_in_memory_and_in_files():
     """torch's to_sparse_csr gives column indices viewing half of a storage twice their size, which torch.save and
     torch.jit.save wrote whole: the sparse layer's file and reported size were ~59% over its non-zeros."""

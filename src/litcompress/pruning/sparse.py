@@ -370,8 +370,8 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     ``out_proj``), tied weights, ``nn.TransformerEncoderLayer``'s feed-forward layers (its fused path reads them),
     subclasses with a forward of their own (a LoRA adapter's), layers with forward hooks and
     those whose weight other code reads too (each conversion is checked on the example batch: the model must run and
-    give the same outputs) stay dense; the report says why for each. A layer used at several places is converted at
-    all of them. Inference only: the CSR weights are buffers.
+    give the same outputs), and a layer registered under several names (torch.jit.trace fails on a CSR tensor held
+    twice), stay dense; the report says why for each. Inference only: the CSR weights are buffers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify(model=...): expected an nn.Module, got {type(model).__name__}.")
@@ -392,7 +392,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     inputs = to_inputs(example_inputs)
     work = _plain_copy(model)
     layers = {name: m for name, m in work.named_modules() if isinstance(m, nn.Linear)}
-    # A layer object used at several places is converted at all of them (named_modules gives its first name only).
+    # A layer object registered at several places (named_modules gives its first name only) stays dense: see below.
     paths: dict[int, list[str]] = {}
     for alias, module in work.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(alias)
@@ -411,7 +411,10 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
                   else "no weights (a layer of 0 features)" if weight.numel() == 0
                   else f"sparsity below min_sparsity={min_sparsity:g}" if sparsity < min_sparsity
                   else "not float32" if weight.dtype != torch.float32 or (x is not None and x.dtype != torch.float32)
-                  else "its forward is not called (its weight is read directly)" if x is None else None)
+                  else "its forward is not called (its weight is read directly)" if x is None
+                  # (torch.jit.trace, how a sparsified model ships, fails on a CSR tensor held twice: "aten::view")
+                  else f"one layer under {len(aliases[name])} names ({', '.join(aliases[name])}): torch.jit.trace "
+                       "fails on a CSR weight held twice" if len(aliases[name]) > 1 else None)
         if reason is not None:
             decisions.append(SparseLayerReport(name, shape, sparsity, None, None, False, reason))
             continue
