@@ -448,6 +448,42 @@ def test_quantizing_leaves_the_process_logging_and_compiler_settings_as_they_wer
     assert {flag: getattr(inductor_config, flag) for flag in flags} == compiler_before
 
 
+class GateViewedByItsShape(nn.Module):
+    """A squeeze-and-excitation gate reshaped with arithmetic on its shape, ``g.view(g.shape + (1, 1))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        g = torch.sigmoid(self.fc(h.mean((2, 3))))
+        return self.head((h * g.view(g.shape + (1, 1))).mean((2, 3)))
+
+
+def test_torch_ao_static_names_an_observer_placed_on_shape_arithmetic():
+    """torch.ao observes the operator.add of a torch.Size, and its observer failed with a bare "'torch.Size' object
+    has no attribute 'detach'" at every knob variant; it is said once, with the way round it, and the search leaves
+    the backend for those that quantize the model."""
+    from litcompress.quantization import PTQConfig, quantize
+    from litcompress.quantization.backends import ExportError
+
+    torch.manual_seed(0)
+    model, x = GateViewedByItsShape().eval(), torch.randn(4, 3, 8, 8)
+    backend = get_backend("torch_ao")
+    with pytest.raises(ExportError, match=r"^torch_ao static: torch\.ao placed an observer on arithmetic of shapes or "
+                                          r"sizes, which is no tensor \(AttributeError: 'torch\.Size' object"):
+        backend.quantize(copy.deepcopy(model), backend.recipes("static")[0], (x[:2],), [(x,)])
+    with torch.no_grad():
+        reference = model(x)
+    result = quantize(model, PTQConfig(approach="static", backends=("torch_ao", "onnxruntime"), max_trials=3,
+                                       latency_repeats=1), eval_fn=lambda q: -float((q(x) - reference).pow(2).mean()),
+                      calibration_data=[(x,)], example_inputs=x[:2])
+    assert [t.recipe.backend for t in result.trials] == ["torch_ao", "onnxruntime", "onnxruntime"][:len(result.trials)]
+    assert result.trials[0].error.startswith("torch_ao static: torch.ao placed an observer")
+    assert result.recipe is not None and result.recipe.backend == "onnxruntime"
+
+
 def test_backends_reject_approaches_they_do_not_have(trained_mlp, digits):
     with pytest.raises(ValueError, match="weight_only"):
         get_backend("torch_ao").quantize(copy.deepcopy(trained_mlp), Recipe("torch_ao", "weight_only"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import re
 import warnings
 import weakref
 from typing import Iterator, Sequence
@@ -243,6 +244,15 @@ class TorchAOBackend(Backend):
             if said is None:  # another failure: as it is
                 raise
             raise said from exc
+        except AttributeError as exc:
+            # prepare_fx observes arithmetic on shapes too (``g.view(g.shape + (1, 1))``: an operator.add of a
+            # torch.Size), and the observer fails on the non-tensor at every knob variant alike
+            if re.search(r"'(torch\.Size|int|float|tuple|list)' object has no attribute", str(exc)) is None:
+                raise
+            raise ExportError(f"torch_ao static: torch.ao placed an observer on arithmetic of shapes or sizes, which is "
+                              f"no tensor ({type(exc).__name__}: {exc}), as in g.view(g.shape + (1, 1)): write it "
+                              "with tensor ops (g[:, :, None, None], g.view(-1, c, 1, 1)); the onnxruntime and pt2e "
+                              "backends' static int8 quantize such a model") from exc
 
     def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
         """The TorchScript trace its file holds: torch's eager int8 modules run each op from Python, 2-3x slower than
