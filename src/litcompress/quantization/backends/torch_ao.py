@@ -249,7 +249,7 @@ class TorchAOBackend(Backend):
             # torch.Size), and the observer fails on the non-tensor at every knob variant alike
             if re.search(r"'(torch\.Size|int|float|tuple|list)' object has no attribute", str(exc)) is None:
                 raise
-            raise ExportError(f"torch_ao static: torch.ao placed an observer on arithmetic of shapes or sizes, which is "
+            raise ExportError("torch_ao static: torch.ao placed an observer on arithmetic of shapes or sizes, which is "
                               f"no tensor ({type(exc).__name__}: {exc}), as in g.view(g.shape + (1, 1)): write it "
                               "with tensor ops (g[:, :, None, None], g.view(-1, c, 1, 1)); the onnxruntime and pt2e "
                               "backends' static int8 quantize such a model") from exc
