@@ -1363,7 +1363,7 @@ def compress(
                  "report's 'Sparse kernels' table gives the times).")
         elif converted and (failure := _sparse_file_failure(sparse.model, inputs) if config.export
                             and directory is not None else None):
-            # no file at all was written (a dict output mixing types, a layer under two names)
+            # no file at all was written (a dict output mixing types)
             note(f"sparse kernels: the model on CSR kernels cannot be written as TorchScript, the one format that "
                  f"holds them ({failure}): all kept dense.")
             unwritable = "kept dense: the model on CSR kernels cannot be written as TorchScript"

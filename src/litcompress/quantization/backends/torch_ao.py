@@ -11,6 +11,7 @@ import contextlib
 import json
 import operator
 import re
+import traceback
 import warnings
 import weakref
 from typing import Iterator, Sequence
@@ -247,12 +248,16 @@ class TorchAOBackend(Backend):
         except AttributeError as exc:
             # prepare_fx observes arithmetic on shapes too (``g.view(g.shape + (1, 1))``: an operator.add of a
             # torch.Size), and the observer fails on the non-tensor at every knob variant alike
-            if re.search(r"'(torch\.Size|int|float|tuple|list)' object has no attribute", str(exc)) is None:
-                raise
+            in_observer = any(frame.filename.replace("\\", "/").endswith("torch/ao/quantization/observer.py")
+                              for frame in traceback.extract_tb(exc.__traceback__))
+            if not in_observer or re.search(r"'(torch\.Size|int|float|tuple|list)' object has no attribute",
+                                            str(exc)) is None:
+                raise  # (a model's own AttributeError, as it is)
             raise ExportError("torch_ao static: torch.ao placed an observer on arithmetic of shapes or sizes, which is "
-                              f"no tensor ({type(exc).__name__}: {exc}), as in g.view(g.shape + (1, 1)): write it "
-                              "with tensor ops (g[:, :, None, None], g.view(-1, c, 1, 1)); the onnxruntime and pt2e "
-                              "backends' static int8 quantize such a model") from exc
+                              f"no tensor ({type(exc).__name__}: {exc}), as in g.view(g.shape + (1, 1)) or "
+                              "h * h.shape[-1] ** -0.5: write it with tensor ops or constants (g[:, :, None, None], "
+                              "a scale computed in __init__); the onnxruntime and pt2e backends' static int8 quantize "
+                              "such a model") from exc
 
     def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
         """The TorchScript trace its file holds: torch's eager int8 modules run each op from Python, 2-3x slower than
