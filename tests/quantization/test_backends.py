@@ -474,6 +474,18 @@ def test_torch_ao_static_names_an_observer_placed_on_shape_arithmetic():
     with pytest.raises(ExportError, match=r"^torch_ao static: torch\.ao placed an observer on arithmetic of shapes or "
                                           r"sizes, which is no tensor \(AttributeError: 'torch\.Size' object"):
         backend.quantize(copy.deepcopy(model), backend.recipes("static")[0], (x[:2],), [(x,)])
+
+    class ScaledByLengths(nn.Module):  # its own AttributeError on a list of lengths: as it is, not an observer's
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, h, lengths):
+            return self.fc(h) * lengths.float().unsqueeze(1)
+
+    with pytest.raises(AttributeError, match="^'list' object has no attribute 'float'$"):
+        backend.quantize(ScaledByLengths().eval(), backend.recipes("static")[0], (torch.randn(4, 8), torch.ones(4)),
+                         [(torch.randn(4, 8), [1.0, 2.0, 3.0, 4.0])])
     with torch.no_grad():
         reference = model(x)
     result = quantize(model, PTQConfig(approach="static", backends=("torch_ao", "onnxruntime"), max_trials=3,
