@@ -1652,30 +1652,15 @@ def test_a_transposed_conv_read_by_a_grouped_conv_loses_as_many_channels_from_ea
         torch.testing.assert_close(shrunk(x_val), pruned(x_val), rtol=1e-5, atol=1e-5)
 
 
-class SigmoidThroughDepthwiseIntoGate(nn.Module):
-    """A conv whose channels pass a sigmoid (never zero) and a depthwise conv before a gate multiplies them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.conv = nn.Conv1d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 3, padding=1)
-        self.dw = nn.Conv1d(4, 4, 3, padding=1, groups=4, bias=False)
-        self.squeeze, self.excite = nn.Conv1d(4, 2, 1), nn.Conv1d(2, 4, 1)
-        self.head = nn.Linear(4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dw(torch.sigmoid(self.conv(torch.relu(self.stem(x)))))
-        h = h * torch.sigmoid(self.excite(torch.relu(self.squeeze(h.mean(2, keepdim=True)))))
-        return self.head(h.mean(2))
-
-
 def test_a_gated_group_through_a_depthwise_conv_after_a_sigmoid_is_left_unpruned():
     """The group's channels were taken to be zero once the depthwise filters are, which structured pruning never
     zeroes: conv and excite lost half their filters, shrink removed none, and a note said it could."""
     from litcompress.pipeline import preview_shrink
+    from tests.pruning.test_shrink import SigmoidDepthwiseGate  # conv -> sigmoid -> depthwise -> a gate
 
     torch.manual_seed(0)
     prune = PruneConfig(sparsity=0.5, method="ln_structured")
-    preview, notes = preview_shrink(SigmoidThroughDepthwiseIntoGate(), prune, example_inputs=torch.randn(2, 3, 20))
+    preview, notes = preview_shrink(SigmoidDepthwiseGate(), prune, example_inputs=torch.randn(2, 3, 20))
     assert {layer.name for layer in preview.report.layers} == {"stem", "squeeze"} and not preview.report.kept
     assert not any(n.startswith("group_residuals") for n in notes)
     assert any(n.startswith("removable_only: 2 layer(s) left unpruned") and "conv, excite" in n for n in notes)
