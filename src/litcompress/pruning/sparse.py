@@ -423,14 +423,12 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         dense_ms, sparse_ms = 1e3 * dense_t["median"], 1e3 * sparse_t["median"]
         reason = None if dense_ms >= min_speedup * sparse_ms else f"CSR not {min_speedup:g}x faster here"
         if reason is None:
-            for alias in aliases[name]:
-                work = _placed(work, alias, candidate)
+            work = _placed(work, name, candidate)  # (its one place: a layer under several names stays dense)
             # Code that reads this layer's weight outside its forward (F.linear on it, a fused path) now gets a CSR
             # tensor: the model's outputs tell, layer by layer.
             failure = _failure(work, inputs, reference)
             if failure is not None:
-                for alias in aliases[name]:
-                    work = _placed(work, alias, layer)
+                work = _placed(work, name, layer)
                 if random is None and failure.startswith("outputs changed"):
                     random = _draws_randomly(work, inputs, reference)  # (the layer is back: the dense model)
                 reason = (f"kept dense: on CSR the model failed ({failure}); " + (
@@ -450,8 +448,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
         converted = [layer for layer in decisions if layer.converted]
         if converted and dense_ms < min(1.0, min_speedup) * sparse_ms:
             for layer in converted:
-                for alias in aliases[layer.name]:
-                    work = _placed(work, alias, layers[layer.name])
+                work = _placed(work, layer.name, layers[layer.name])
             slower = "kept dense: the whole model ran slower with its CSR layers"
             decisions = [replace(layer, converted=False, reason=slower) if layer.converted else layer
                          for layer in decisions]
