@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 import re
 import warnings
 
@@ -807,11 +808,15 @@ def test_an_interrupt_in_the_first_trial_is_said_as_such(trained_mlp, digits):
 
 def test_threads_are_pinned_for_the_whole_search(trained_mlp, digits):
     before = torch.get_num_threads()
-    config = PTQConfig(approach="dynamic", backends=("onnxruntime",), num_threads=2, **FAST)
+    pinned = 1 if before > 1 else 2  # not torch's own setting, so that a session built with it would show
+    config = PTQConfig(approach="dynamic", backends=("onnxruntime",), num_threads=pinned, **FAST)
     result = quantize(trained_mlp, config, eval_fn=accuracy_fn(digits[2], digits[3]), example_inputs=digits[2][:1])
     # The ORT candidate was built inside the pinned region: same thread count as the torch timings.
-    assert result.model.session.get_session_options().intra_op_num_threads == 2
+    assert result.model.session.get_session_options().intra_op_num_threads == pinned
     assert torch.get_num_threads() == before
+    # and the result keeps them when its session is rebuilt (a copy, a pickle round trip), as PTQConfig says
+    for rebuilt in (copy.deepcopy(result.model), pickle.loads(pickle.dumps(result.model))):
+        assert rebuilt.session.get_session_options().intra_op_num_threads == pinned
 
 
 @pytest.mark.parametrize("goal", ["met", "missed"])

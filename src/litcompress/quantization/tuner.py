@@ -728,6 +728,18 @@ def _quantized_kinds(backend: str, approach: str) -> str:
     return "it quantizes nn.Linear, recurrent layers and embeddings"
 
 
+def _keep_session_threads_(model: nn.Module, num_threads: int | None) -> None:
+    """Record the pinned thread count on the result's ONNX Runtime sessions: a copy or a pickle round trip of the
+    result rebuilds its session, which would otherwise take torch's thread count at that time."""
+    if num_threads is None:
+        return
+    from .backends.onnxruntime import OnnxRuntimeModule
+
+    for module in model.modules():
+        if isinstance(module, OnnxRuntimeModule) and module.num_threads is None:
+            module.num_threads = num_threads
+
+
 def quantize(
     model: nn.Module,
     config: PTQConfig | None = None,
@@ -831,6 +843,7 @@ def quantize(
     # thread count as the torch variants they are timed against.
     with pinned_threads(config.num_threads):
         result = _search(model, config, eval_fn, calibration, example_inputs)
+    _keep_session_threads_(result.model, config.num_threads)
     if depends is not None:
         result.messages.insert(0, depends)
         logger.info(depends)
