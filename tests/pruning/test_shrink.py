@@ -1564,6 +1564,51 @@ def test_grouped_convs_lose_their_zero_channels_evenly_and_compute_the_same(g1, 
             assert shrunk.a.out_channels == 24 - blocks * min(per_block)
 
 
+class IntoGroupedConv(nn.Module):
+    """A conv read by a zero-padded conv of `groups` groups, then pooled."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=groups)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4]), keep_multiple_of=st.sampled_from([None, 2, 8]),
+       zero=st.lists(st.integers(0, 15), unique=True, min_size=1, max_size=16),
+       biased=st.lists(st.integers(0, 15), unique=True, max_size=4))
+def test_the_report_says_why_each_zero_channel_left_stays(groups, keep_multiple_of, zero, biased) -> None:
+    # Zero channels stay for their constants (a bias into the zero-padded conv) or so that the width stays a
+    # multiple, the grouped conv's groups even, or one channel kept: the report's reason counts each of them.
+    torch.manual_seed(0)
+    model = IntoGroupedConv(groups).eval()
+    with torch.no_grad():
+        model.a.weight[zero] = 0
+        model.a.bias[zero] = 0
+        model.a.bias[biased] = 0.5  # a constant that the padded conv reads at its border: held
+    x = torch.randn(2, 3, 6, 6)
+    expected = outputs(model, x)
+    result = shrink(model, x, keep_multiple_of=keep_multiple_of)
+    torch.testing.assert_close(outputs(result.model, x), expected, rtol=1e-5, atol=1e-5)
+    if not result.report.layers:  # none removed: said as a layer kept, with its reason
+        assert dict(result.report.kept)["a"]
+        return
+    (layer,) = result.report.layers
+    held = len(set(zero) & set(biased))
+    assert layer.channels_after == result.model.a.out_channels == 16 - (len(zero) - layer.left)
+    counts = [int(n) for n in re.findall(r"(\d+) (?:because|removable)", layer.left_reason)]
+    assert sum(counts) == layer.left and (layer.left == 0) == (layer.left_reason == "")
+    assert (f"{held} because its zero channels output non-zero constants into the zero-padded conv(s) b" in
+            layer.left_reason) == (held > 0)
+    # a cause is named only when it kept a channel
+    assert "a multiple of" not in layer.left_reason or keep_multiple_of is not None
+    assert "each group of the grouped conv(s) b loses as many" not in layer.left_reason or groups > 1
+    assert ("left: " + layer.left_reason in result.report.table()) == (layer.left > 0)
+
+
 def test_structured_pruning_in_the_pipeline_prunes_grouped_convs_evenly_and_shrink_removes_every_channel() -> None:
     from litcompress.pipeline import PruneConfig, preview_shrink
 
@@ -3252,7 +3297,7 @@ def test_a_branch_reaching_only_some_groups_of_a_grouped_conv_behind_a_concatena
     for name, can in zip("ab", removable):
         if not can:
             assert re.search(rf"grouped conv g, in \d of its {groups} groups: shrink removes as many channels from "
-                             "each group, and the others lose none|grouped conv g unevenly \(2, 6 in its 2 groups\): "
+                             r"each group, and the others lose none|grouped conv g unevenly \(2, 6 in its 2 groups\): "
                              "shrink removes as many channels from each group", reasons[name])
     # what the plan says is what shrink does: half of each branch's channels zeroed, those it calls removable go
     for name, width in zip("ab", widths):

@@ -141,6 +141,7 @@ class LayerShrink:
     channels_after: int
     folded: int  # removed channels with a non-zero constant output, added to the consumer's bias
     left: int = 0  # all-zero channels that had to stay (non-zero constants into a zero-padded conv or a gate)
+    left_reason: str = ""  # why the `left` ones stay: how many for which cause ("" when none is left)
     through: tuple[str, ...] = ()  # layers between the two that lost the same channels (depthwise, gates' convs)
     units: bool = False  # a recurrent layer: its "channels" are hidden units
 
@@ -186,6 +187,8 @@ class ShrinkReport:
                          f"{f'{layer.channels_before} -> {layer.channels_after}':>15} {layer.folded:>7} "
                          f"{layer.left:>5}" + (f"  via {', '.join(layer.through)}" if layer.through else "")
                          + ("  hidden units" if layer.units else ""))
+            if layer.left:
+                lines.append(f"{'':<32} left: {layer.left_reason}")
         for head in self.heads:
             heads = f"{head.heads_before} -> {head.heads_after}"
             lines.append(f"{head.name:<32} {'(attention heads)':<32} {heads:>15} {'':>7} {'':>5}  "
@@ -2047,17 +2050,28 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         balances = [(math.lcm(*(groups for groups, _, _ in balances)), 0, None)]
     one_partition = len(balances) == 1 and balances[0][1:] == (0, None) and keep_multiple_of
     multiple_left_none = False
+    removable = dead.clone()
+    kept_for: set[str] = set()  # why removable channels stay: the report says it
+
+    def step(cause: str, keep_: Callable[[], None]) -> None:
+        was = dead.clone()
+        keep_()
+        if not torch.equal(was, dead):
+            kept_for.add(cause)
+
     while True:  # each step only keeps channels: it ends
         before = dead.clone()
         if one_partition:
-            _keep_a_multiple_evenly_(dead, keep_multiple_of, balances[0][0])
+            step("balance", lambda: _balance_(dead, balances[0][0]))  # (as the next does first: said apart)
+            step("multiple", lambda: _keep_a_multiple_evenly_(dead, keep_multiple_of, balances[0][0]))
         else:
-            keep_a_multiple_(dead, keep_multiple_of)
+            step("multiple", lambda: keep_a_multiple_(dead, keep_multiple_of))
         multiple_left_none = multiple_left_none or (bool(before.any()) and not bool(dead.any()))
         if bool(dead.all()):
             dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
+            kept_for.add("one")
         for groups, offset, total in balances:
-            _balance_(dead, groups, offset, total)
+            step("balance", lambda: _balance_(dead, groups, offset, total))
         if torch.equal(before, dead):
             break
     if multiple_left_none and not bool(dead.any()):
@@ -2074,8 +2088,24 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         return "its zero channels output non-finite constants"
     folded, through = _edit_branches_(chain.branches, constants, dead)
     _keep_rows_(producer, (~dead).nonzero().flatten())
+    grouped = [producer_name] * is_grouped(producer) + [b.consumer_name for b in chain.branches
+                                                        if is_grouped(b.consumer)]
+    causes = {"multiple": f"a multiple of {keep_multiple_of} channels is kept",
+              "balance": f"each group of the grouped conv(s) {', '.join(grouped)} loses as many",
+              "one": "one channel is kept (a zero-width layer breaks exporters and kernels)"}
+    left_reason = _left_reason(int((zero & ~removable).sum()), constants_reason,
+                               int((zero & removable & ~dead).sum()), [causes[c] for c in causes if c in kept_for])
     return LayerShrink(producer_name, chain.consumer_names, channels, int((~dead).sum()), int(folded.sum()),
-                       left=int((zero & ~dead).sum()), through=tuple(through))
+                       left=int((zero & ~dead).sum()), left_reason=left_reason, through=tuple(through))
+
+
+def _left_reason(held: int, held_reason: Callable[[], str], kept: int, kept_for: list[str]) -> str:
+    """Why a layer's zero channels (or units) stay: `held` ones for `held_reason`'s cause (their constants cannot go
+    where they are read), `kept` removable ones `kept_for` those causes."""
+    parts = [f"{held} because {held_reason()}"] if held else []
+    if kept:
+        parts.append(f"{kept} removable one(s) stay so that {' and '.join(kept_for)}")
+    return "; ".join(parts)
 
 
 def _edit_branches_(branches: list[_Branch], constants: list[Tensor], dead: Tensor) -> tuple[Tensor, list[str]]:
@@ -2375,19 +2405,26 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
         return _zeros_made_constants(branches, "hidden units", False) or (
             f"its zero hidden units output non-zero constants into {chain.consumer_names}, where only exact zeros "
             "can go")
+    removable = dead.clone()
+    kept_for: list[str] = []  # why removable units stay: the report says it
     keep_a_multiple_(dead, keep_multiple_of)
     if not bool(dead.any()):
         return f"keeping a multiple of {keep_multiple_of} units leaves none of its zero units to remove"
+    if not torch.equal(dead, removable):
+        kept_for.append(f"a multiple of {keep_multiple_of} units is kept")
     if is_projected(rnn):  # torch's LSTM needs more units than proj_size: keep zero ones to make up the count
         least = rnn.proj_size + 1
         if keep_multiple_of:
             least = math.ceil(least / keep_multiple_of) * keep_multiple_of
+        if least > int((~dead).sum()):
+            kept_for.append(f"the LSTM keeps more hidden units than its proj_size ({rnn.proj_size})")
         dead[dead.nonzero().flatten()[:max(least - int((~dead).sum()), 0)]] = False
         if not bool(dead.any()):
             return (f"an LSTM needs more hidden units than its proj_size ({rnn.proj_size}), which leaves none of its "
                     "zero units to remove")
     if bool(dead.all()):
         dead[0] = False  # keep one unit: a zero-width layer breaks exporters and kernels
+        kept_for.append("one unit is kept (a zero-width layer breaks exporters and kernels)")
     if not all(math.isfinite(float(value.view(-1, hidden)[:, dead].abs().sum()))
                for each in values for value in each):
         return "its zero units output non-finite constants"
@@ -2396,8 +2433,13 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
         on_branches, _ = _edit_branches_(branches, constants, dead.repeat(width))
         folded |= on_branches.view(width, hidden).any(0)
     keep_units_(rnn, (~dead).nonzero().flatten())
+    left_reason = _left_reason(
+        int((zero & ~removable).sum()),
+        lambda: (f"its zero hidden units output non-zero constants into {chain.consumer_names}, where only exact "
+                 "zeros can go"),
+        int((zero & removable & ~dead).sum()), kept_for)
     return LayerShrink(name, chain.consumer_names or f"{name} (its projection)", hidden, int((~dead).sum()),
-                       int(folded.sum()), left=int((zero & ~dead).sum()), units=True)
+                       int(folded.sum()), left=int((zero & ~dead).sum()), left_reason=left_reason, units=True)
 
 
 def _called_modules(graph: fx.Graph) -> set[str]:
