@@ -282,6 +282,38 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_bfloat16_or_float16(tmp_path:
     assert caplog.text.count("weights are evaluated and compressed in a float32 copy") == 2
 
 
+def test_a_bfloat16_module_fed_bfloat16_batches_is_compressed_and_quantized_as_it_is(tmp_path: Path,
+                                                                                    caplog) -> None:
+    """A bfloat16 module whose own data is bfloat16 was evaluated in a float32 copy fed those bfloat16 batches, and
+    every entry point failed at once ("mat1 and mat2 must have the same dtype"); the plain `quantize` took it."""
+    from litcompress.callbacks import QuantizeOnFitEnd
+    from litcompress.quantization import PTQConfig
+    from litcompress.quantization.lightning import quantize_lightning
+
+    caplog.set_level("INFO", logger="litcompress")
+    x, y = _data().tensors
+    halves = _loader(TensorDataset(x.bfloat16(), y))
+    x_val, y_val = _data(48, 1).tensors
+    val_halves = _loader(TensorDataset(x_val.bfloat16(), y_val))
+    ptq = PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2)
+    module = Tiny().bfloat16()
+    result = quantize_lightning(module, ptq, metric="val_acc", val_dataloaders=val_halves, calibration_data=halves)
+    assert result.recipe is not None and result.baseline_metric is not None
+    assert result.model(x_val[:4].bfloat16()).shape == (4, 2)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=ptq, export=False, latency_repeats=2)
+    compressed = compress_lightning(module, config, train_dataloaders=halves, val_dataloaders=val_halves,
+                                    fine_tune_epochs=1)
+    assert [stage.stage for stage in compressed.report.stages][-1] == "quantized"
+    assert all(stage.metric is not None for stage in compressed.report.stages)
+    assert module.net[0].weight.dtype == torch.bfloat16  # the user's module as it was
+    for callback in (QuantizeOnFitEnd(ptq, metric="val_acc"), CompressOnFitEnd(CONFIG, output_dir=tmp_path,
+                                                                                plot=False)):
+        L.seed_everything(0)
+        _trainer(max_epochs=1, precision="bf16-true", callbacks=[callback]).fit(Tiny(), halves, val_halves)
+        assert callback.result is not None
+    assert "evaluated and compressed in a float32 copy" not in caplog.text
+
+
 class FlattensInItsSteps(Tiny):
     """Its steps give the model ``x.flatten(1)`` of (N, 2, 4) batches."""
 

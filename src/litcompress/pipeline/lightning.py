@@ -33,7 +33,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 check_metric_name, check_output_dir, check_submodule,
                                                 check_submodule_name, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
-                                                fit_val_dataloaders, float32_for_float32_batches, in_float32,
+                                                fit_val_dataloaders, float32_for_float32_batches,
                                                 inputs_as_steps_give_them,
                                                 internal_trainer,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
@@ -374,7 +374,6 @@ def compress_lightning(
     """
     # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
     module = on_the_cpu(lightning_module(module, "compress_lightning"))
-    module = in_float32(module, "compress_lightning")  # a bf16-true fit's: our trainers feed float32 batches
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")
     config = _with_metric_mode(config if config is not None else CompressionConfig(), metric, mode,
@@ -416,8 +415,8 @@ def compress_lightning(
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
-    # a 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32 copy (before
-    # its steps are run on a batch to find the model's inputs)
+    # a bf16-true or 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32
+    # copy (before its steps are run on a batch to find the model's inputs)
     module = float32_for_float32_batches(module, datamodule.val_dataloader(), input_fn, "compress_lightning",
                                          submodule)
     # a module that prepares its batches in its steps: the inputs its validation_step gives the model

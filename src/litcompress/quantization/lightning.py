@@ -531,7 +531,7 @@ def quantize_lightning(
     module, metrics and loggers: candidates' metrics are not the model's).
     """
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
-    module = in_float32(on_the_cpu(lightning_module(module, "quantize_lightning")), "quantize_lightning")
+    module = on_the_cpu(lightning_module(module, "quantize_lightning"))
     check_submodule(module, submodule, "quantize_lightning")
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
@@ -553,8 +553,8 @@ def quantize_lightning(
         raise ValueError(f"quantize_lightning(approach='static'): {given}; static int8 calibrates its ranges on "
                          "training batches: give calibration_data=... (a DataLoader or list of batches), a DataModule "
                          "with a train_dataloader, or approach='dynamic'.")
-    # a 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy (before its steps are
-    # run on a batch to find the model's inputs)
+    # a bf16-true or 64-true fit's module beside the loaders' float32 batches: evaluated in a float32 copy (before
+    # its steps are run on a batch to find the model's inputs)
     module = float32_for_float32_batches(module, val_loader, input_fn, "quantize_lightning", submodule)
     example_inputs, calibration_data, input_fn = inputs_as_steps_give_them(
         module, val_loader, train_loader, example_inputs=example_inputs, calibration_data=calibration_data,
@@ -847,45 +847,37 @@ def on_the_cpu(module: L.LightningModule) -> L.LightningModule:
     return detached_copy(module).to("cpu")
 
 
-def in_float32(module: L.LightningModule, where: str) -> L.LightningModule:
-    """`module`, or a float32 copy of it when it holds bfloat16/float16 tensors (a ``precision="bf16-true"`` fit's).
-    Lightning's fit cast the loaders' batches to the module's dtype; litcompress's own trainers (evaluating,
-    fine-tuning) run at 32-bit precision and feed them as the loaders give them, float32, which the int8 kernels
-    take too. The user's module is left as it is."""
-    low = sorted(str(dtype).removeprefix("torch.") for dtype in non_float32_dtypes(module) if dtype != torch.float64)
-    if not low:
-        return module
-    logger.info(f"{where}: {type(module).__name__}'s {', '.join(low)} weights are evaluated and compressed in a "
-                "float32 copy (Lightning's fit fed them batches it cast; litcompress's trainers feed the loaders' "
-                "float32 batches, and int8 kernels take float32).")
-    return detached_copy(module).float()
-
-
 def float32_for_float32_batches(module: L.LightningModule, loader: Any, input_fn: Callable[[Any], Any] | None,
                                 where: str, submodule: str | None = None) -> L.LightningModule:
-    """`module`, or a float32 copy of a float64 module whose model inputs, read from `loader`'s first batch (by
-    `input_fn`, else as batches are read by default), are float32 (a ``precision="64-true"`` fit's: Lightning cast the
-    batches, which litcompress's trainers feed as they come, so every evaluation failed on "Float and Double" after
-    the fit). A float64 module fed float64 inputs (its data's own dtype) is left as it is: the int8 candidates cast
-    their inputs to float32 themselves. The user's module is left as it is; a loader is read only for a float64
-    module."""
-    if torch.float64 not in non_float32_dtypes(module) or loader is None:
+    """`module`, or a float32 copy of a bfloat16/float16/float64 module whose model inputs, read from `loader`'s first
+    batch (by `input_fn`, else as batches are read by default), are float32 (a ``precision="bf16-true"`` or
+    ``"64-true"`` fit's: Lightning cast the batches, which litcompress's trainers feed as they come, so every
+    evaluation failed on mismatched dtypes after the fit). A module fed inputs of its own dtype (its data's) is left
+    as it is: the int8 candidates cast their inputs to float32 themselves. A bfloat16/float16 module whose first
+    batch cannot be read is copied too (int8 kernels take float32). The user's module is left as it is; a loader is
+    read only for such a module."""
+    dtypes = non_float32_dtypes(module)
+    low = {dtype for dtype in dtypes if dtype != torch.float64}
+    if not dtypes or (not low and loader is None):
         return module
-    batch = next(iter(first_loader(loader)), None)
-    if batch is None:  # (no batch to judge by: said where the loader is used)
+    batch = next(iter(first_loader(loader)), None) if loader is not None else None
+    floats = []
+    if batch is not None:
+        host = module.get_submodule(submodule) if submodule else module
+        try:
+            inputs = (input_fn or model_input_fn(host))(batch)  # the model's inputs, not a float64 target beside them
+        except Exception:  # noqa: BLE001 - a batch only the steps can read: its tensors as they are
+            inputs = batch
+        floats = [t for t in torch.utils._pytree.tree_leaves(inputs)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if floats and all(t.dtype in dtypes for t in floats):  # fed its own dtype
         return module
-    host = module.get_submodule(submodule) if submodule else module
-    try:
-        inputs = (input_fn or model_input_fn(host))(batch)  # the model's inputs, not a float64 target beside them
-    except Exception:  # noqa: BLE001 - a batch only the steps can read: its tensors as they are
-        inputs = batch
-    floats = [t for t in torch.utils._pytree.tree_leaves(inputs)
-              if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats or any(t.dtype == torch.float64 for t in floats):
+    if not low and (not floats or batch is None):  # a float64 module and no float batch to judge by
         return module
-    logger.info(f"{where}: {type(module).__name__}'s float64 weights are evaluated and compressed in a float32 copy "
-                "(the loaders give float32 batches, which Lightning's 64-true fit cast; litcompress's trainers feed "
-                "them as they come).")
+    names = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+    logger.info(f"{where}: {type(module).__name__}'s {names} weights are evaluated and compressed in a float32 copy "
+                "(the loaders give float32 batches, which Lightning's fit cast; litcompress's trainers feed them as "
+                "they come, and int8 kernels take float32).")
     return detached_copy(module).float()
 
 
@@ -959,8 +951,8 @@ class QuantizeOnFitEnd(MetricCheckedEarly):
         val_dataloaders = fit_val_dataloaders(trainer)
         calibration, example_inputs, input_fn = self.calibration_data, None, self.input_fn
         if calibration is None and datamodule is None:
-            # (a 64-true fit's module beside float32 batches: its steps are run on a float32 copy, as quantize_lightning
-            # runs them)
+            # (a bf16-true or 64-true fit's module beside float32 batches: its steps are run on a float32 copy, as
+            # quantize_lightning runs them)
             pl_module = float32_for_float32_batches(pl_module, val_dataloaders, input_fn, "QuantizeOnFitEnd",
                                                     self.submodule)
             # the fit's loaders, read as its steps give the model their batches (a DataModule's: by quantize_lightning)
