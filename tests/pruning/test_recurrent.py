@@ -471,6 +471,14 @@ def test_keep_multiple_of_keeps_a_multiple_of_units():
     _zero_candidate_rows_(model.lstm, list(range(7)))
     result = shrink(model, torch.randn(2, 1, 8, 8), keep_multiple_of=4)
     assert result.model.lstm.hidden_size == 12  # 9 live units, rounded up to a multiple of 4
+    (layer,) = result.report.layers
+    assert (layer.left, layer.left_reason) == (3, "3 removable one(s) stay so that a multiple of 4 units is kept")
+    # every unit zero: the one kept was no multiple of 4
+    _zero_candidate_rows_(model.lstm, list(range(16)))
+    result = shrink(model, torch.randn(2, 1, 8, 8), keep_multiple_of=4)
+    assert result.model.lstm.hidden_size == 4
+    assert result.report.layers[0].left_reason == ("4 removable one(s) stay so that one unit is kept (a zero-width "
+                                                   "layer breaks exporters and kernels), as a multiple of 4")
 
 
 def test_keep_units_keeps_the_function_of_the_kept_units_in_every_layer_and_direction():

@@ -1565,26 +1565,28 @@ def test_grouped_convs_lose_their_zero_channels_evenly_and_compute_the_same(g1, 
 
 
 class IntoGroupedConv(nn.Module):
-    """A conv read by a zero-padded conv of `groups` groups, then pooled."""
+    """A conv read by a zero-padded conv of `groups` groups (`out` channels), then pooled."""
 
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, out: int = 16) -> None:
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=groups)
-        self.head = nn.Linear(16, 2)
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, out, 3, padding=1, groups=groups)
+        self.head = nn.Linear(out, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
 
 
 @settings(max_examples=40, deadline=None)
-@given(groups=st.sampled_from([1, 2, 4]), keep_multiple_of=st.sampled_from([None, 2, 8]),
+@given(groups=st.sampled_from([1, 2, 4, 8]), as_many_out=st.booleans(), keep_multiple_of=st.sampled_from([None, 2, 8]),
        zero=st.lists(st.integers(0, 15), unique=True, min_size=1, max_size=16),
        biased=st.lists(st.integers(0, 15), unique=True, max_size=4))
-def test_the_report_says_why_each_zero_channel_left_stays(groups, keep_multiple_of, zero, biased) -> None:
+@example(groups=8, as_many_out=True, keep_multiple_of=None, zero=[0, 1, 2, 4, 6, 8, 10, 12, 14], biased=[])
+def test_the_report_says_why_each_zero_channel_left_stays(groups, as_many_out, keep_multiple_of, zero, biased) -> None:
     # Zero channels stay for their constants (a bias into the zero-padded conv) or so that the width stays a
     # multiple, the grouped conv's groups even, or one channel kept: the report's reason counts each of them.
+    # (as many outputs as groups: narrowed to as many inputs, the grouped conv is a depthwise one, still named)
     torch.manual_seed(0)
-    model = IntoGroupedConv(groups).eval()
+    model = IntoGroupedConv(groups, groups if as_many_out else 16).eval()
     with torch.no_grad():
         model.a.weight[zero] = 0
         model.a.bias[zero] = 0
@@ -1605,8 +1607,28 @@ def test_the_report_says_why_each_zero_channel_left_stays(groups, keep_multiple_
             layer.left_reason) == (held > 0)
     # a cause is named only when it kept a channel
     assert "a multiple of" not in layer.left_reason or keep_multiple_of is not None
+    assert re.findall(r"grouped conv\(s\) (\S*) loses", layer.left_reason) in ([], ["b"])
     assert "each group of the grouped conv(s) b loses as many" not in layer.left_reason or groups > 1
     assert ("left: " + layer.left_reason in result.report.table()) == (layer.left > 0)
+
+
+def test_the_report_names_only_the_causes_that_kept_zero_channels() -> None:
+    """Channels a zero depthwise filter makes constant (their conv's filters are not zero) are not counted as left:
+    keep_multiple_of keeping some of them was named a cause of the zero channels left, which the grouped conv's
+    groups alone kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 1, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1, groups=2)).eval()
+    with torch.no_grad():
+        model[0].weight[[11, 12]] = 0
+        model[2].weight[[0, 1, 2, 8, 9, 10]] = 0
+    x = torch.randn(2, 3, 4, 4)
+    for keep_multiple_of in (None, 4):
+        result = shrink(model, x, keep_multiple_of=keep_multiple_of)
+        torch.testing.assert_close(outputs(result.model, x), outputs(model, x))
+        (layer,) = result.report.layers
+        assert (layer.left, layer.left_reason) == (
+            2, "2 removable one(s) stay so that each group of the grouped conv(s) 4 loses as many")
 
 
 def test_structured_pruning_in_the_pipeline_prunes_grouped_convs_evenly_and_shrink_removes_every_channel() -> None:

@@ -2054,10 +2054,10 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
     kept_for: set[str] = set()  # why removable channels stay: the report says it
 
     def step(cause: str, keep_: Callable[[], None]) -> None:
-        was = dead.clone()
+        was = dead & zero
         keep_()
-        if not torch.equal(was, dead):
-            kept_for.add(cause)
+        if not torch.equal(was, dead & zero):  # (said of zero channels: constant ones of a zero depthwise filter
+            kept_for.add(cause)               # are not counted as left)
 
     while True:  # each step only keeps channels: it ends
         before = dead.clone()
@@ -2069,7 +2069,8 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
         multiple_left_none = multiple_left_none or (bool(before.any()) and not bool(dead.any()))
         if bool(dead.all()):
             dead[0] = False  # keep one channel: zero-width layers break exporters and some kernels
-            kept_for.add("one")
+            if bool(zero[0]):
+                kept_for.add("one")
         for groups, offset, total in balances:
             step("balance", lambda: _balance_(dead, groups, offset, total))
         if torch.equal(before, dead):
@@ -2086,10 +2087,10 @@ def _shrink_chain_(chain: _Chain, producer_name: str, keep_multiple_of: int | No
                 else f"its zero channels are {uneven}")
     if not all(math.isfinite(float(value[dead].abs().sum())) for value in constants):
         return "its zero channels output non-finite constants"
+    grouped = [producer_name] * is_grouped(producer) + [b.consumer_name for b in chain.branches
+                                                        if is_grouped(b.consumer)]  # (before the edits narrow them)
     folded, through = _edit_branches_(chain.branches, constants, dead)
     _keep_rows_(producer, (~dead).nonzero().flatten())
-    grouped = [producer_name] * is_grouped(producer) + [b.consumer_name for b in chain.branches
-                                                        if is_grouped(b.consumer)]
     causes = {"multiple": f"a multiple of {keep_multiple_of} channels is kept",
               "balance": f"each group of the grouped conv(s) {', '.join(grouped)} loses as many",
               "one": "one channel is kept (a zero-width layer breaks exporters and kernels)"}
@@ -2424,7 +2425,9 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
                     "zero units to remove")
     if bool(dead.all()):
         dead[0] = False  # keep one unit: a zero-width layer breaks exporters and kernels
-        kept_for.append("one unit is kept (a zero-width layer breaks exporters and kernels)")
+        keep_a_multiple_(dead, keep_multiple_of)  # (a width of 1 is no multiple)
+        kept_for.append("one unit is kept (a zero-width layer breaks exporters and kernels)"
+                        + (f", as a multiple of {keep_multiple_of}" if int((~dead).sum()) > 1 else ""))
     if not all(math.isfinite(float(value.view(-1, hidden)[:, dead].abs().sum()))
                for each in values for value in each):
         return "its zero units output non-finite constants"
