@@ -1154,6 +1154,32 @@ def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said_at_t
     assert "the last one of this fit came after epoch 2, before the schedule's end (epoch 3)" in messages[0]
 
 
+@pytest.mark.parametrize("limits", [{"max_epochs": 4, "max_steps": 6, "val_check_interval": 0.5},
+                                    {"max_epochs": 2, "val_check_interval": 0.5}, {"max_epochs": 2}])
+def test_the_sparsity_said_for_a_fit_that_ends_before_its_epoch_schedule_is_the_one_reached(tmp_path, limits):
+    """Rounds at validation ends: a fit that max_steps ended inside its second epoch, whose last validation came
+    inside its first, was told it "will stop at 33.3%" (the schedule's at the epochs it starts) and pruned nothing;
+    without max_steps, a fit whose last validation came inside its last epoch was told the same, and stopped at
+    16.7%. Every sparsity said is the one reached, or a bound of it said to be one ("at most")."""
+    from litcompress.pruning.schedules import LinearSchedule
+
+    seed_everything(0)
+    schedule = LinearSchedule(final_sparsity=0.5, begin=0, end=3, unit="epoch")
+    callback = ModelPruning("l1_unstructured", amount=schedule, prune_on_train_epoch_end=False,
+                            parameter_names=["weight"], use_lottery_ticket_hypothesis=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks=[callback], **limits).fit(model := FixedDataModel())
+    weights = [m.weight for m in model.layer]
+    reached = 100 * sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    claims = [(float(m.group(1)), bool(m.group(2))) for w in said
+              for m in re.finditer(r"(?:will stop at|the model is at) (\d+\.\d)%( at most)?", str(w.message))]
+    assert claims  # the fit ends short of the schedule: said
+    for claimed, bound in claims:
+        assert claimed >= reached - 0.05 if bound else claimed == pytest.approx(reached, abs=0.1)
+    assert not claims[-1][1]  # the last word is the sparsity reached
+
+
 class CharModel(BoringModel):
     """A vocabulary with a padding row: zeros by design, never pruned."""
 

@@ -785,7 +785,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         dataloader would start over and be built as for epoch 0."""
         self._warned_fit_too_short = False
         if self._schedule is not None:
-            message = fit_too_short_message(self._schedule, trainer, "sparsity")
+            from litcompress.quantization.lightning import has_validation_data
+
+            at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
+                and has_validation_data(trainer)
+            message = fit_too_short_message(self._schedule, trainer, "sparsity", at_validation=at_validation)
             if message:
                 self._warned_fit_too_short = True
                 rank_zero_warn(message)
@@ -1095,12 +1099,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
         """Rounds at validation ends: an epoch schedule whose end the fit's last validation comes before stops short
         (said now, where the training batches, and so the validation cadence's last point, are known)."""
         self._warned_validations_end_before = False
-        if self._prune_on_train_epoch_end or self._schedule is None or self._schedule.unit != "epoch" \
-                or self._warned_fit_too_short:
+        if self._prune_on_train_epoch_end or self._schedule is None or self._schedule.unit != "epoch":
             return
         from litcompress.quantization.lightning import has_validation_data
 
         progress = epochs_finished_at_the_last_validation(trainer) if has_validation_data(trainer) else None
+        if self._warned_fit_too_short:  # which said the sparsity of the last validation, where it was known
+            self._warned_validations_end_before = progress is not None
+            return
         message = None if progress is None else validations_end_before_message(self._schedule, progress, ended=False)
         if message:
             self._warned_validations_end_before = True
@@ -1256,15 +1262,21 @@ class ModelPruning(TargetsFoundOnceConfigured):
                                                          pruned="nothing was pruned"))
         if self._schedule is not None:
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
-            message = stopped_early_message(self._schedule, progress, "sparsity", limit_reached(trainer))
-            if message and not self._warned_fit_too_short:  # said when fitting started
-                rank_zero_warn(message)
             looked = self._epoch_progress  # epochs finished at the last validation that looked for rounds
-            if not message and not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
-                    and self._validations_this_fit and looked >= 0 and not self._warned_validations_end_before:
+            at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
+                and self._validations_this_fit and looked >= 0
+            if at_validation and looked < progress:  # epochs finished after it pruned nothing: said from it
                 message = validations_end_before_message(self._schedule, looked, ended=True)
-                if message:
+                if message and not self._warned_validations_end_before:  # (said when fitting started)
                     rank_zero_warn(message)
+            else:
+                message = stopped_early_message(self._schedule, progress, "sparsity", limit_reached(trainer))
+                if message and not self._warned_fit_too_short:  # said when fitting started
+                    rank_zero_warn(message)
+                if not message and at_validation and not self._warned_validations_end_before:
+                    message = validations_end_before_message(self._schedule, looked, ended=True)
+                    if message:
+                        rank_zero_warn(message)
             self._warn_if_rounds_were_skipped()
         if self._reset_pending:
             _info_on_rank_zero("`ModelPruning`: the last round's lottery-ticket reset waits for training to go on (a "

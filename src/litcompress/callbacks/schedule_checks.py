@@ -137,12 +137,23 @@ def limit_reached(trainer: "pl.Trainer") -> str | None:
     return None
 
 
-def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", what: str) -> str | None:
+def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", what: str,
+                          at_validation: bool = False) -> str | None:
     """What to say when fitting starts, if the fit ends before `schedule` does, short of its final sparsity; else
-    None (a constant schedule's later rounds hold the sparsity reached: ending before them loses nothing)."""
+    None (a constant schedule's later rounds hold the sparsity reached: ending before them loses nothing).
+    `at_validation`: an epoch schedule's rounds run when a validation ends, so the sparsity stopped at is the
+    schedule's at the fit's last validation (or, where ``max_steps`` makes that unknown, at most its length's)."""
     length = fit_length(trainer, schedule.unit)
     if length is None or length >= schedule.end or schedule.reached_by(length) >= schedule.final_sparsity:
         return None
+    stop, note = length, ""
+    if at_validation:
+        last = epochs_finished_at_the_last_validation(trainer)
+        if last is not None and last < length:
+            stop, note = last, f" (its rounds run when a validation ends, and the last one comes after epoch {last})"
+        elif last is None and trainer.max_steps not in (-1, None):
+            note = (" at most (its rounds run when a validation ends, and max_steps may end this fit inside an epoch, "
+                    "after its last validation)")
     step = schedule.unit == "step"
     if step:
         unit, setting = "optimizer steps", "max_steps / max_epochs"
@@ -153,8 +164,8 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
         setting = "max_steps / max_epochs" if trainer.max_epochs not in (-1, None) and length == trainer.max_epochs \
             else "max_steps"
     return (f"The schedule prunes until {schedule.unit} {schedule.end} (to {schedule.final_sparsity:.1%} {what}), but "
-            f"this fit runs {length} {unit}: it will stop at {schedule.reached_by(length):.1%}. Give the schedule an "
-            f"`end` within the fit, or train longer ({setting}).")
+            f"this fit runs {length} {unit}: it will stop at {schedule.reached_by(stop):.1%}{note}. Give the schedule "
+            f"an `end` within the fit, or train longer ({setting}).")
 
 
 def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str,
