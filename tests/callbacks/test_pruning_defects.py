@@ -1155,7 +1155,7 @@ def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said_at_t
 
 
 @pytest.mark.parametrize("limits", [{"max_epochs": 4, "max_steps": 6, "val_check_interval": 0.5},
-                                    {"max_epochs": 2, "val_check_interval": 0.5}, {"max_epochs": 2}])
+                                    {"max_epochs": 2, "val_check_interval": 3}, {"max_epochs": 2}])
 def test_the_sparsity_said_for_a_fit_that_ends_before_its_epoch_schedule_is_the_one_reached(tmp_path, limits):
     """Rounds at validation ends: a fit that max_steps ended inside its second epoch, whose last validation came
     inside its first, was told it "will stop at 33.3%" (the schedule's at the epochs it starts) and pruned nothing;
