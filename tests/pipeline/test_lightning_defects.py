@@ -314,6 +314,25 @@ def test_a_bfloat16_module_fed_bfloat16_batches_is_compressed_and_quantized_as_i
     assert "evaluated and compressed in a float32 copy" not in caplog.text
 
 
+@pytest.mark.parametrize("owner", ["QuantizeOnFitEnd", "CompressOnFitEnd"])
+def test_the_fit_end_callbacks_leave_torchs_generator_as_the_fit_left_it(tmp_path: Path, owner: str) -> None:
+    """Their calibration, evaluations and fine-tuning drew from torch's generator: what a script drew after the fit
+    (a second model's initial weights) changed with the callback there or not."""
+    from litcompress.callbacks import QuantizeOnFitEnd
+    from litcompress.quantization import PTQConfig
+
+    def draw_after_fit(callbacks: list) -> torch.Tensor:
+        L.seed_everything(0)
+        _trainer(max_epochs=1, callbacks=callbacks).fit(Tiny(), _loader(_data()), _loader(_data(48, 1)))
+        return torch.rand(4)
+
+    callback = (QuantizeOnFitEnd(PTQConfig(approach="dynamic", backends=("torch_ao",), latency_repeats=2),
+                                 metric="val_acc") if owner == "QuantizeOnFitEnd" else
+                CompressOnFitEnd(CONFIG, output_dir=tmp_path, plot=False))
+    assert torch.equal(draw_after_fit([callback]), draw_after_fit([]))
+    assert callback.result is not None
+
+
 class FlattensInItsSteps(Tiny):
     """Its steps give the model ``x.flatten(1)`` of (N, 2, 4) batches."""
 

@@ -607,6 +607,12 @@ class CompressOnFitEnd(MetricCheckedEarly):
         check_submodule(pl_module, self.submodule, "CompressOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # torch's generator as the fit left it: its calibration, evaluation and fine-tuning draws leave no trace on
+        # what the script does next (a second model's initialisation, say)
+        with torch.random.fork_rng(devices=[]):
+            self._work_on_fit_end(trainer, pl_module)
+
+    def _work_on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return  # Ctrl-C ends the run: no compression of a half-trained model
         if skipped_for_fast_dev_run(trainer, "CompressOnFitEnd", "compress"):

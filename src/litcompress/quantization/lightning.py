@@ -942,6 +942,12 @@ class QuantizeOnFitEnd(MetricCheckedEarly):
         check_submodule(pl_module, self.submodule, "QuantizeOnFitEnd")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # torch's generator as the fit left it: its calibration, evaluation and fine-tuning draws leave no trace on
+        # what the script does next (a second model's initialisation, say)
+        with torch.random.fork_rng(devices=[]):
+            self._work_on_fit_end(trainer, pl_module)
+
+    def _work_on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if skipped_for_fast_dev_run(trainer, "QuantizeOnFitEnd", "quantize"):
             return
         pl_module = fit_end_module(trainer, pl_module, self.weights, "QuantizeOnFitEnd")
