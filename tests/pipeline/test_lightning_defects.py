@@ -398,6 +398,32 @@ def test_the_fit_end_callbacks_work_after_a_fit_in_float64_and_leave_float64_dat
     assert result.baseline_metric is not None and "evaluated and compressed in a float32 copy" not in caplog.text
 
 
+class Masked(Tiny):
+    """forward(x, mask): a float32 mask beside inputs of the module's own dtype."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(x * mask.to(x.dtype))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch[0], batch[1]).argmax(1) == batch[2]).float().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_module_fed_its_own_dtype_beside_a_float32_input_stays_as_it_is(dtype: torch.dtype) -> None:
+    """A float64 module fed float64 inputs beside a float32 mask was cast to float32 by the first version of the
+    bfloat16 change (which kept a module only when every float input had its dtype), then failed on the float64
+    input ("got Double and Float")."""
+    from litcompress.quantization import PTQConfig
+    from litcompress.quantization.lightning import quantize_lightning
+
+    x, y = _data(48, 1).tensors
+    data = _loader(TensorDataset(x.to(dtype), torch.ones(48, 8), y))
+    result = quantize_lightning(Masked().to(dtype), PTQConfig(approach="dynamic", backends=("torch_ao",),
+                                                              latency_repeats=2),
+                                metric="val_acc", val_dataloaders=data, calibration_data=data)
+    assert result.baseline_metric is not None and result.recipe is not None
+
+
 class DictBatches(torch.utils.data.Dataset):
     def __init__(self, data: TensorDataset) -> None:
         self.data = data

@@ -870,7 +870,7 @@ def float32_for_float32_batches(module: L.LightningModule, loader: Any, input_fn
             inputs = batch
         floats = [t for t in torch.utils._pytree.tree_leaves(inputs)
                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if floats and all(t.dtype in dtypes for t in floats):  # fed its own dtype
+    if any(t.dtype in dtypes for t in floats):  # fed its own dtype (beside float32 ones, maybe: a mask, a scale)
         return module
     if not low and (not floats or batch is None):  # a float64 module and no float batch to judge by
         return module
