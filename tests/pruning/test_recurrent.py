@@ -479,6 +479,12 @@ def test_keep_multiple_of_keeps_a_multiple_of_units():
     assert result.model.lstm.hidden_size == 4
     assert result.report.layers[0].left_reason == ("4 removable one(s) stay so that one unit is kept (a zero-width "
                                                    "layer breaks exporters and kernels), as a multiple of 4")
+    # narrower than the multiple: nothing to remove, said as such (it kept all 3 and listed the layer as shrunk)
+    narrow = LSTMClassifier(hidden=3).eval()
+    _zero_candidate_rows_(narrow.lstm, list(range(3)))
+    result = shrink(narrow, torch.randn(2, 1, 8, 8), keep_multiple_of=4)
+    assert result.model.lstm.hidden_size == 3 and not result.report.layers
+    assert dict(result.report.kept)["lstm"] == "keeping a multiple of 4 units leaves none of its zero units to remove"
 
 
 def test_keep_units_keeps_the_function_of_the_kept_units_in_every_layer_and_direction():

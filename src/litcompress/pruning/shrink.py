@@ -2426,6 +2426,8 @@ def _shrink_units_(chain: _RecurrentChain, name: str, keep_multiple_of: int | No
     if bool(dead.all()):
         dead[0] = False  # keep one unit: a zero-width layer breaks exporters and kernels
         keep_a_multiple_(dead, keep_multiple_of)  # (a width of 1 is no multiple)
+        if not bool(dead.any()):
+            return f"keeping a multiple of {keep_multiple_of} units leaves none of its zero units to remove"
         kept_for.append("one unit is kept (a zero-width layer breaks exporters and kernels)"
                         + (f", as a multiple of {keep_multiple_of}" if int((~dead).sum()) > 1 else ""))
     if not all(math.isfinite(float(value.view(-1, hidden)[:, dead].abs().sum()))
