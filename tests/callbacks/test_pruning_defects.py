@@ -1155,7 +1155,9 @@ def test_an_epoch_schedule_pruned_at_validations_that_end_before_it_is_said_at_t
 
 
 @pytest.mark.parametrize("limits", [{"max_epochs": 4, "max_steps": 6, "val_check_interval": 0.5},
-                                    {"max_epochs": 2, "val_check_interval": 3}, {"max_epochs": 2}])
+                                    {"max_epochs": 2, "val_check_interval": 3}, {"max_epochs": 2},
+                                    # max_steps that max_epochs reaches first (or at once): no bound, the figure
+                                    {"max_epochs": 2, "max_steps": 100}, {"max_epochs": 2, "max_steps": 8}])
 def test_the_sparsity_said_for_a_fit_that_ends_before_its_epoch_schedule_is_the_one_reached(tmp_path, limits):
     """Rounds at validation ends: a fit that max_steps ended inside its second epoch, whose last validation came
     inside its first, was told it "will stop at 33.3%" (the schedule's at the epochs it starts) and pruned nothing;
@@ -1178,6 +1180,23 @@ def test_the_sparsity_said_for_a_fit_that_ends_before_its_epoch_schedule_is_the_
     for claimed, bound in claims:
         assert claimed >= reached - 0.05 if bound else claimed == pytest.approx(reached, abs=0.1)
     assert not claims[-1][1]  # the last word is the sparsity reached
+
+
+def test_a_fit_that_max_steps_ends_before_its_first_validation_is_told_so(tmp_path):
+    """Rounds at validation ends, and max_steps=2 ended the fit inside its first epoch: the end of the fit blamed
+    limit_val_batches=0, a missing validation_step or val_dataloader, none of which was the cause."""
+    from litcompress.pruning.schedules import LinearSchedule
+
+    seed_everything(0)
+    callback = ModelPruning("l1_unstructured", amount=LinearSchedule(final_sparsity=0.5, begin=0, end=3, unit="epoch"),
+                            prune_on_train_epoch_end=False, parameter_names=["weight"],
+                            use_lottery_ticket_hypothesis=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks=[callback], max_epochs=4, max_steps=2).fit(model := FixedDataModel())
+    assert all(int((m.weight == 0).sum()) == 0 for m in model.layer)
+    (message,) = [str(w.message) for w in said if "no validation ran in this fit" in str(w.message)]
+    assert "(max_steps=2 ended it before its first validation), so nothing was pruned" in message
 
 
 class CharModel(BoringModel):

@@ -83,9 +83,9 @@ def _resample_stream_start() -> Tensor:
 
 
 _NO_VALIDATION_MESSAGE = (
-    "ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and {runs} "
-    "(limit_val_batches=0, no validation_step or no val_dataloader), so {pruned}. Pass prune_on_train_epoch_end=True "
-    "to prune at the end of each training epoch.")
+    "ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and {runs} ({why}), so "
+    "{pruned}. Pass prune_on_train_epoch_end=True to prune at the end of each training epoch.")
+_NO_VALIDATION_CAUSES = "limit_val_batches=0, no validation_step or no val_dataloader"
 
 
 class ModelPruning(TargetsFoundOnceConfigured):
@@ -1093,7 +1093,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if has_validation_data(trainer) and is_overridden("validation_step", pl_module) and limit not in (0, 0.0):
             return
         self._warned_no_validation = True
-        rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="this fit runs none", pruned="it will prune nothing"))
+        rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="this fit runs none", why=_NO_VALIDATION_CAUSES,
+                                                     pruned="it will prune nothing"))
 
     def _warn_if_validations_end_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         """Rounds at validation ends: an epoch schedule whose end the fit's last validation comes before stops short
@@ -1258,7 +1259,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 and not self._warned_no_validation:  # (said when training started)
             # (a resumed fit's caught-up round with no batch trained after it: a round ran, and none was missed)
             # Lightning's callback prunes nothing then, without a word
-            rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit",
+            limit = limit_reached(trainer)
+            from litcompress.quantization.lightning import has_validation_data
+
+            why = (f"{limit} ended it before its first validation" if limit and limit.startswith("max_steps")
+                   and has_validation_data(trainer) and trainer.limit_val_batches not in (0, 0.0)
+                   else _NO_VALIDATION_CAUSES)
+            rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit", why=why,
                                                          pruned="nothing was pruned"))
         if self._schedule is not None:
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
