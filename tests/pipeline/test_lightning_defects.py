@@ -408,20 +408,27 @@ class Masked(Tiny):
         self.log("val_acc", (self(batch[0], batch[1]).argmax(1) == batch[2]).float().mean())
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_a_module_fed_its_own_dtype_beside_a_float32_input_stays_as_it_is(dtype: torch.dtype) -> None:
-    """A float64 module fed float64 inputs beside a float32 mask was cast to float32 by the first version of the
-    bfloat16 change (which kept a module only when every float input had its dtype), then failed on the float64
-    input ("got Double and Float")."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features_in_its_dtype", [True, False])
+def test_the_first_float_input_decides_whether_a_module_is_copied_to_float32(dtype: torch.dtype,
+                                                                             features_in_its_dtype: bool,
+                                                                             caplog) -> None:
+    """Features in the module's dtype beside a float32 mask: the module stays as it is (a float64 one was cast to
+    float32 by the first version of the bfloat16 change, which kept a module only when every float input had its
+    dtype, then failed on "Double and Float"); float32 features beside a mask in its dtype: a float32 copy (its second
+    version, keeping a module fed any input of its dtype, fed the float32 features to bfloat16 weights)."""
     from litcompress.quantization import PTQConfig
     from litcompress.quantization.lightning import quantize_lightning
 
+    caplog.set_level("INFO", logger="litcompress")
     x, y = _data(48, 1).tensors
-    data = _loader(TensorDataset(x.to(dtype), torch.ones(48, 8), y))
+    features, mask = (x.to(dtype), torch.ones(48, 8)) if features_in_its_dtype else (x, torch.ones(48, 8, dtype=dtype))
+    data = _loader(TensorDataset(features, mask, y))
     result = quantize_lightning(Masked().to(dtype), PTQConfig(approach="dynamic", backends=("torch_ao",),
                                                               latency_repeats=2),
                                 metric="val_acc", val_dataloaders=data, calibration_data=data)
     assert result.baseline_metric is not None and result.recipe is not None
+    assert ("evaluated and compressed in a float32 copy" in caplog.text) == (not features_in_its_dtype)
 
 
 class DictBatches(torch.utils.data.Dataset):

@@ -853,9 +853,10 @@ def float32_for_float32_batches(module: L.LightningModule, loader: Any, input_fn
     batch (by `input_fn`, else as batches are read by default), are float32 (a ``precision="bf16-true"`` or
     ``"64-true"`` fit's: Lightning cast the batches, which litcompress's trainers feed as they come, so every
     evaluation failed on mismatched dtypes after the fit). A module fed inputs of its own dtype (its data's) is left
-    as it is: the int8 candidates cast their inputs to float32 themselves. A bfloat16/float16 module whose first
-    batch cannot be read is copied too (int8 kernels take float32). The user's module is left as it is; a loader is
-    read only for such a module."""
+    as it is: the int8 candidates cast their inputs to float32 themselves. The first float input decides (the
+    features; a mask or a per-sample weight beside them may come in another dtype). A bfloat16/float16 module whose
+    first batch cannot be read is copied too (int8 kernels take float32). The user's module is left as it is; a
+    loader is read only for such a module."""
     dtypes = non_float32_dtypes(module)
     low = {dtype for dtype in dtypes if dtype != torch.float64}
     if not dtypes or (not low and loader is None):
@@ -870,8 +871,8 @@ def float32_for_float32_batches(module: L.LightningModule, loader: Any, input_fn
             inputs = batch
         floats = [t for t in torch.utils._pytree.tree_leaves(inputs)
                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if any(t.dtype in dtypes for t in floats):  # fed its own dtype (beside float32 ones, maybe: a mask, a scale)
-        return module
+    if floats and floats[0].dtype in dtypes:  # fed its own dtype: its first float input (its features) decides,
+        return module                         # not a mask or a weight beside them, in either dtype
     if not low and (not floats or batch is None):  # a float64 module and no float batch to judge by
         return module
     names = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
