@@ -1199,6 +1199,34 @@ def test_a_fit_that_max_steps_ends_before_its_first_validation_is_told_so(tmp_pa
     assert "(max_steps=2 ended it before its first validation), so nothing was pruned" in message
 
 
+@pytest.mark.parametrize("limits", [{"max_epochs": 2, "check_val_every_n_epoch": 3},
+                                    {"max_epochs": 2, "max_steps": 100, "check_val_every_n_epoch": 3},
+                                    {"max_epochs": 2, "max_steps": 8, "check_val_every_n_epoch": 3},
+                                    {"max_epochs": 2, "max_steps": 8, "val_check_interval": 10,
+                                     "check_val_every_n_epoch": None}])
+@pytest.mark.parametrize("scheduled", [True, False])
+def test_a_validation_cadence_that_runs_none_in_the_fit_is_said_once_with_its_cause(tmp_path, limits, scheduled):
+    """Rounds at validation ends, and a cadence that validates after more epochs (or batches) than the fit trains:
+    told it "will stop at 33.3%" of a schedule (nothing was pruned), or nothing before the fit ended; then told that
+    max_steps ended the fit (max_epochs ended it as soon) or that it had no validation data."""
+    from litcompress.pruning.schedules import LinearSchedule
+
+    seed_everything(0)
+    amount = LinearSchedule(final_sparsity=0.5, begin=0, end=3, unit="epoch") if scheduled else 0.5
+    callback = ModelPruning("l1_unstructured", amount=amount, prune_on_train_epoch_end=False,
+                            parameter_names=["weight"], use_lottery_ticket_hypothesis=False)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks=[callback], **limits).fit(model := FixedDataModel())
+    assert all(int((m.weight == 0).sum()) == 0 for m in model.layer)
+    messages = [str(w.message) for w in said if "ModelPruning" in str(w.message) or "schedule" in str(w.message)]
+    assert not [m for m in messages if "will stop at" in m or "the model is at" in m]
+    (message,) = messages
+    assert message.endswith("and this fit runs none (check_val_every_n_epoch / val_check_interval validate after more "
+                            "epochs or batches than it trains), so it will prune nothing. Pass "
+                            "prune_on_train_epoch_end=True to prune at the end of each training epoch.")
+
+
 class CharModel(BoringModel):
     """A vocabulary with a padding row: zeros by design, never pruned."""
 

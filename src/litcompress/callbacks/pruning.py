@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from litcompress._numbers import as_python_number, exact_python_number
-from litcompress.callbacks.schedule_checks import (EpochSteps, epochs_finished_at_the_last_validation,
+from litcompress.callbacks.schedule_checks import (NO_VALIDATION_IN_FIT, EpochSteps, max_steps_ends_it_early,
+                                                   epochs_finished_at_the_last_validation,
                                                    fit_too_short_message, limit_reached, steps_in_epoch,
                                                    stopped_early_message, validations_end_before_message)
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
@@ -86,6 +87,8 @@ _NO_VALIDATION_MESSAGE = (
     "ModelPruning(prune_on_train_epoch_end=False) prunes at the end of each validation, and {runs} ({why}), so "
     "{pruned}. Pass prune_on_train_epoch_end=True to prune at the end of each training epoch.")
 _NO_VALIDATION_CAUSES = "limit_val_batches=0, no validation_step or no val_dataloader"
+_NO_VALIDATION_BY_CADENCE = ("check_val_every_n_epoch / val_check_interval validate after more epochs or batches than "
+                             "it trains")
 
 
 class ModelPruning(TargetsFoundOnceConfigured):
@@ -1090,10 +1093,13 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._prune_on_train_epoch_end or (self._schedule is not None and self._schedule.unit != "epoch"):
             return
         limit = trainer.limit_val_batches
+        why = _NO_VALIDATION_CAUSES
         if has_validation_data(trainer) and is_overridden("validation_step", pl_module) and limit not in (0, 0.0):
-            return
+            if epochs_finished_at_the_last_validation(trainer) != NO_VALIDATION_IN_FIT:
+                return
+            why = _NO_VALIDATION_BY_CADENCE
         self._warned_no_validation = True
-        rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="this fit runs none", why=_NO_VALIDATION_CAUSES,
+        rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="this fit runs none", why=why,
                                                      pruned="it will prune nothing"))
 
     def _warn_if_validations_end_before_the_schedule(self, trainer: "pl.Trainer") -> None:
@@ -1105,6 +1111,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         from litcompress.quantization.lightning import has_validation_data
 
         progress = epochs_finished_at_the_last_validation(trainer) if has_validation_data(trainer) else None
+        if progress == NO_VALIDATION_IN_FIT:  # said by the warning that no validation runs
+            self._warned_validations_end_before = True
+            return
         if self._warned_fit_too_short:  # which said the sparsity of the last validation, where it was known
             self._warned_validations_end_before = progress is not None
             return
@@ -1262,17 +1271,23 @@ class ModelPruning(TargetsFoundOnceConfigured):
             limit = limit_reached(trainer)
             from litcompress.quantization.lightning import has_validation_data
 
-            why = (f"{limit} ended it before its first validation" if limit and limit.startswith("max_steps")
-                   and has_validation_data(trainer) and trainer.limit_val_batches not in (0, 0.0)
-                   else _NO_VALIDATION_CAUSES)
+            validates = has_validation_data(trainer) and trainer.limit_val_batches not in (0, 0.0) \
+                and is_overridden("validation_step", pl_module)
+            # (a max_steps that max_epochs reaches as soon is no cause: the cadence is)
+            cut_short = limit == "max_time" or (limit is not None and limit.startswith("max_steps")
+                                                and max_steps_ends_it_early(trainer) is not False)
+            why = (f"{limit} ended it before its first validation" if validates and cut_short
+                   else _NO_VALIDATION_BY_CADENCE if validates else _NO_VALIDATION_CAUSES)
             rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit", why=why,
                                                          pruned="nothing was pruned"))
         if self._schedule is not None:
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
             looked = self._epoch_progress  # epochs finished at the last validation that looked for rounds
-            at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
-                and self._validations_this_fit and looked >= 0
-            if at_validation and looked < progress:  # epochs finished after it pruned nothing: said from it
+            rounds_at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch"
+            at_validation = rounds_at_validation and self._validations_this_fit and looked >= 0
+            if rounds_at_validation and not self._validations_this_fit and self._caught_up_at_step is None:
+                pass  # no round ran in this fit: said above, or when it started
+            elif at_validation and looked < progress:  # epochs finished after it pruned nothing: said from it
                 message = validations_end_before_message(self._schedule, looked, ended=True)
                 if message and not self._warned_validations_end_before:  # (said when fitting started)
                     rank_zero_warn(message)

@@ -149,9 +149,11 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
     stop, note = length, ""
     if at_validation:
         last = epochs_finished_at_the_last_validation(trainer)
+        if last == NO_VALIDATION_IN_FIT:  # nothing is pruned: said as such (ModelPruning's no-validation warning)
+            return None
         if last is not None and last < length:
             stop, note = last, f" (its rounds run when a validation ends, and the last one comes after epoch {last})"
-        elif last is None and _max_steps_ends_it_early(trainer) is not False:
+        elif last is None and max_steps_ends_it_early(trainer) is not False:
             note = (" at most (its rounds run when a validation ends, and max_steps may end this fit inside an epoch, "
                     "after its last validation)")
     step = schedule.unit == "step"
@@ -182,7 +184,7 @@ def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str,
             f"{schedule.final_sparsity:.1%} {what} asked for. {advice}")
 
 
-def _max_steps_ends_it_early(trainer: "pl.Trainer") -> bool | None:
+def max_steps_ends_it_early(trainer: "pl.Trainer") -> bool | None:
     """Whether ``max_steps`` ends the fit before ``max_epochs`` does; None where that is unknown (manual
     optimization, unbounded epochs, an epoch's batches unknown)."""
     if trainer.max_steps in (-1, None):
@@ -195,21 +197,28 @@ def _max_steps_ends_it_early(trainer: "pl.Trainer") -> bool | None:
     return trainer.max_steps < sum(steps_of(epoch) for epoch in range(trainer.max_epochs))
 
 
+#: :func:`epochs_finished_at_the_last_validation` of a fit whose validation cadence runs no validation in its epochs
+NO_VALIDATION_IN_FIT = -1
+
+
 def epochs_finished_at_the_last_validation(trainer: "pl.Trainer") -> int | None:
     """How many epochs have finished when this fit's last validation ends, from ``max_epochs`` and the validation
-    cadence (``check_val_every_n_epoch``, ``val_check_interval``), once the training batches are known; None where
-    that is unknown (``max_steps`` that may end the fit first, no validation, batches unknown)."""
+    cadence (``check_val_every_n_epoch``, ``val_check_interval``), once the training batches are known;
+    ``NO_VALIDATION_IN_FIT`` where the cadence runs none in the fit's epochs; None where that is unknown
+    (``max_steps`` that may end the fit first, no validation, batches unknown)."""
     batches, interval = trainer.num_training_batches, trainer.val_check_batch
     every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
-    if _max_steps_ends_it_early(trainer) is not False or epochs is None or epochs < 0 \
+    if max_steps_ends_it_early(trainer) is not False or epochs is None or epochs < 0 \
             or trainer.limit_val_batches == 0 \
             or not isinstance(interval, int) or interval < 1 or not math.isfinite(batches) or batches < 1:
         return None
     if every is None:  # every `interval` batches of the fit, across epochs
+        if epochs * int(batches) < interval:
+            return NO_VALIDATION_IN_FIT
         return (epochs * int(batches) // interval * interval) // int(batches)
     validating = epochs // every * every  # the last epoch that validates, counted from 1
     if validating == 0:
-        return None
+        return NO_VALIDATION_IN_FIT
     # its last batch validates only where `interval` divides the epoch's batches: else the last one comes inside it
     return validating if int(batches) % interval == 0 else validating - 1
 
