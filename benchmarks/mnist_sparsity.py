@@ -218,8 +218,12 @@ def bars(summary: Sequence[dict]) -> list[str]:
             continue
         acc = 100 * e["test_acc"]["mean"]
         value = acc - 100 * dense if kind == "delta" else acc
-        shown = f"{value:+.2f} pt vs dense (bar >= {bar:+.1f})" if kind == "delta" else f"{value:.2f}% (bar >= {bar}%)"
-        phrases.append(f"{target:.0%}: {shown} {'met' if value >= bar - 1e-9 else '**missed**'}")
+        met = value >= bar - 1e-9
+        # two decimals, or three where two would round a missed bar to one that reads as met (or the reverse)
+        digits = 2 if (round(value, 2) >= bar - 1e-9) == met else 3
+        shown = (f"{value:+.{digits}f} pt vs dense (bar >= {bar:+.1f})" if kind == "delta"
+                 else f"{value:.{digits}f}% (bar >= {bar}%)")
+        phrases.append(f"{target:.0%}: {shown} {'met' if met else '**missed**'}")
     return phrases
 
 

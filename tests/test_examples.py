@@ -194,3 +194,21 @@ def test_scripts_refuse_bad_arguments_at_parse(parse_results, script, args, mess
     assert (script, tuple(args)) in parse_results, "no answer: this or an earlier case ran past its parse"
     code, stderr = parse_results[script, tuple(args)]
     assert code == 2 and message in stderr, stderr[-2000:]
+
+
+def test_the_mnist_benchmarks_bars_never_show_a_missed_bar_as_a_value_that_meets_it(monkeypatch):
+    """A 95% row 0.1033 pt below dense was printed "-0.10 pt vs dense (bar >= -0.1) **missed**"."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
+    bars = importlib.import_module("mnist_sparsity").bars
+
+    def summary(dense: float, at_95: float, at_98: float) -> list[dict]:
+        return [{"row": "dense", "target": 0.0, "test_acc": {"mean": dense}},
+                {"row": "litcompress", "target": 0.95, "test_acc": {"mean": at_95}},
+                {"row": "litcompress", "target": 0.98, "test_acc": {"mean": at_98}}]
+
+    assert bars(summary(0.984333, 0.9833, 0.97798)) == ["95%: -0.103 pt vs dense (bar >= -0.1) **missed**",
+                                                        "98%: 97.798% (bar >= 97.8%) **missed**"]
+    assert bars(summary(0.984333, 0.9834, 0.9808)) == ["95%: -0.09 pt vs dense (bar >= -0.1) met",
+                                                       "98%: 98.08% (bar >= 97.8%) met"]
