@@ -1227,6 +1227,98 @@ def test_a_validation_cadence_that_runs_none_in_the_fit_is_said_once_with_its_ca
                             "prune_on_train_epoch_end=True to prune at the end of each training epoch.")
 
 
+class LogsAConstant(FixedDataModel):
+    """Logs a constant validation metric: EarlyStopping on it stops after `patience` validations."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("constant", 1.0)
+
+
+class NoValidationData(FixedDataModel):
+    val_dataloader = None
+
+
+def _fit_and_hear(tmp_path, amount, prune_on_train_epoch_end, model=None, ckpt_path=None, **limits):
+    """A fit's litcompress warnings about its schedule, and its weights' sparsity (%) before and after."""
+    model = model if model is not None else LogsAConstant()
+    callback = ModelPruning("l1_unstructured", amount=amount, prune_on_train_epoch_end=prune_on_train_epoch_end,
+                            parameter_names=["weight"], use_lottery_ticket_hypothesis=False)
+    extra = limits.pop("callbacks", [])
+    trainer = make_trainer(tmp_path, callbacks=[callback, *extra], num_sanity_val_steps=0, **limits)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.fit(model, ckpt_path=ckpt_path)
+    weights = [m.weight for m in model.layer]
+    reached = 100 * sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return [str(w.message) for w in said if "ModelPruning" in str(w.message) or "schedule" in str(w.message)], reached
+
+
+def _check_what_is_said(messages: list[str], reached: float, final: float, pruned_in_this_fit: bool) -> None:
+    """Every sparsity said is the one reached (or a bound of it said as one); 'nothing pruned' only where this fit
+    pruned nothing; nothing said once the final sparsity is reached; no fact said twice."""
+    for message in messages:
+        for claimed, bound in re.findall(r"(?:will stop at|the model is at) (\d+\.\d)%( at most)?", message):
+            assert float(claimed) >= reached - 0.05 if bound else float(claimed) == pytest.approx(reached, abs=0.1)
+    nothing = [m for m in messages if "so it will prune nothing" in m or "so nothing was pruned" in m]
+    assert not (nothing and pruned_in_this_fit)
+    assert not (messages and reached >= 100 * final - 0.1)
+    assert len(nothing) <= 1 and not (nothing and [m for m in messages if "will stop at" in m])
+
+
+@pytest.mark.parametrize("case", ["limit_val_batches=0", "no val_dataloader", "EarlyStopping"])
+def test_what_a_short_fit_is_told_is_true(tmp_path, case):
+    """A fit without validation (limit_val_batches=0, no val_dataloader) was told its schedule "will stop at 60.0%"
+    and that it "will prune nothing"; one that EarlyStopping ended after 2 of 5 epochs was told "will stop at 64.0%"
+    and nothing more (it stopped at 16.0%)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+    from litcompress.pruning.schedules import LinearSchedule
+
+    seed_everything(0)
+    if case == "EarlyStopping":
+        schedule = LinearSchedule(final_sparsity=0.8, begin=1, end=6, unit="epoch")
+        messages, reached = _fit_and_hear(tmp_path, schedule, True, max_epochs=5,
+                                          callbacks=[EarlyStopping(monitor="constant", patience=1, mode="min")])
+        assert reached == pytest.approx(16.0, abs=0.1)
+        # (what the start foretold, EarlyStopping unforeseen, then what was reached)
+        assert "it will stop at 64.0%" in messages[0] and "the model is at 16.0%" in messages[1]
+        messages = messages[1:]
+    else:
+        schedule = LinearSchedule(final_sparsity=0.8, begin=0, end=4, unit="epoch")
+        limits = {"limit_val_batches": 0} if case == "limit_val_batches=0" else {}
+        messages, reached = _fit_and_hear(tmp_path, schedule, False, NoValidationData() if limits == {} else None,
+                                          max_epochs=3, **limits)
+        assert reached == 0 and len(messages) == 1
+    _check_what_is_said(messages, reached, schedule.final_sparsity, pruned_in_this_fit=reached > 0)
+
+
+@pytest.mark.parametrize(("schedule", "limits", "step"), [
+    ("iterative", {"max_epochs": 1, "val_check_interval": 3}, 3),  # the skipped validation's round runs at resume
+    ("iterative", {"max_epochs": 3, "check_val_every_n_epoch": 2}, 10),  # final sparsity reached before the resume
+    ("linear", {"max_epochs": 3, "check_val_every_n_epoch": 2}, 10),  # its last validation before the resume
+])
+def test_what_a_resumed_fit_is_told_is_true(tmp_path, schedule, limits, step):
+    """Resumed after its last validation, a fit was told "no validation ran in this fit (check_val_every_n_epoch /
+    ...), so nothing was pruned", where the resume's own round had pruned to the final sparsity, where the final
+    sparsity was reached before it, or after being told at its start where it would stop."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from litcompress.pruning.schedules import IterativeSchedule, LinearSchedule
+
+    amount = (IterativeSchedule(rate_per_round=0.5, rounds=1, begin=0, unit="epoch") if schedule == "iterative"
+              else LinearSchedule(final_sparsity=0.8, begin=0, end=4, unit="epoch"))
+    seed_everything(0)
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    _, uninterrupted = _fit_and_hear(tmp_path, amount, False, enable_checkpointing=True, callbacks=[saved], **limits)
+    path = tmp_path / "ckpt" / f"step={step}.ckpt"
+    before = torch.load(path, weights_only=False)["state_dict"]
+    seed_everything(0)
+    messages, reached = _fit_and_hear(tmp_path, amount, False, ckpt_path=str(path), **limits)
+    assert reached == pytest.approx(uninterrupted, abs=1e-6)
+    zeros_before = sum(int((v == 0).sum()) for k, v in before.items() if k.endswith("weight") or k.endswith("_orig"))
+    weights_before = sum(v.numel() for k, v in before.items() if k.endswith("weight") or k.endswith("_orig"))
+    _check_what_is_said(messages, reached, amount.final_sparsity,
+                        pruned_in_this_fit=reached > 100 * zeros_before / weights_before + 0.05)
+
+
 class CharModel(BoringModel):
     """A vocabulary with a padding row: zeros by design, never pruned."""
 

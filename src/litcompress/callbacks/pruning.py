@@ -376,6 +376,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._validation_due: Union[tuple[int, bool], None, str] = None
         self._validation_due_restored: Union[tuple[int, bool], None, str] = "unknown"
         self._caught_up_at_step: Optional[int] = None
+        self._rounds_at_train_start = 0
         self._epoch_progress = -1  # epochs finished when an epoch-level schedule last looked for its points
         self._history: list[dict[str, Any]] = []
         # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
@@ -790,9 +791,11 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if self._schedule is not None:
             from litcompress.quantization.lightning import has_validation_data
 
-            at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch" \
-                and has_validation_data(trainer)
-            message = fit_too_short_message(self._schedule, trainer, "sparsity", at_validation=at_validation)
+            at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch"
+            if at_validation and self._why_no_validation_runs(trainer, trainer.lightning_module) is not None:
+                return  # it prunes nothing: said by the warning that no validation runs
+            message = fit_too_short_message(self._schedule, trainer, "sparsity",
+                                            at_validation=at_validation and has_validation_data(trainer))
             if message:
                 self._warned_fit_too_short = True
                 rank_zero_warn(message)
@@ -1056,6 +1059,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._epochs_ended = pl_module.current_epoch + 1
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        self._rounds_at_train_start = self._rounds  # (a resumed fit's caught-up rounds, below, count as this fit's)
         self._leave_masked_what_others_keep(trainer)  # every callback's targets are found by now (on_fit_start)
         # A fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next
         # epoch without the end hooks (validation, `on_train_epoch_end`) of the one saved, nor the next one's
@@ -1087,20 +1091,28 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _warn_if_no_validation_runs(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         """Rounds at validation ends in a fit that validates nothing: said as it starts (it was said when training
         ended, after every epoch had trained unpruned)."""
-        from litcompress.quantization.lightning import has_validation_data
-
         self._warned_no_validation = False
         if self._prune_on_train_epoch_end or (self._schedule is not None and self._schedule.unit != "epoch"):
             return
-        limit = trainer.limit_val_batches
-        why = _NO_VALIDATION_CAUSES
-        if has_validation_data(trainer) and is_overridden("validation_step", pl_module) and limit not in (0, 0.0):
-            if epochs_finished_at_the_last_validation(trainer) != NO_VALIDATION_IN_FIT:
-                return
-            why = _NO_VALIDATION_BY_CADENCE
+        why = self._why_no_validation_runs(trainer, pl_module)
+        if why is None:
+            return
         self._warned_no_validation = True
         rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="this fit runs none", why=why,
                                                      pruned="it will prune nothing"))
+
+    @staticmethod
+    def _why_no_validation_runs(trainer: "pl.Trainer", pl_module: LightningModule) -> Optional[str]:
+        """Why this fit runs no validation (its settings, or a cadence past its epochs); None where it runs some, or
+        where that is unknown."""
+        from litcompress.quantization.lightning import has_validation_data
+
+        if not (has_validation_data(trainer) and is_overridden("validation_step", pl_module)
+                and trainer.limit_val_batches not in (0, 0.0)):
+            return _NO_VALIDATION_CAUSES
+        if epochs_finished_at_the_last_validation(trainer) == NO_VALIDATION_IN_FIT:
+            return _NO_VALIDATION_BY_CADENCE
+        return None
 
     def _warn_if_validations_end_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         """Rounds at validation ends: an epoch schedule whose end the fit's last validation comes before stops short
@@ -1263,9 +1275,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         prunes_per_epoch = self._schedule is None or self._schedule.unit == "epoch"
+        schedule_done = self._schedule is not None and self._epoch_progress >= 0 \
+            and self._schedule.reached_by(self._epoch_progress) >= self._schedule.final_sparsity
         if not self._prune_on_train_epoch_end and prunes_per_epoch and trainer.current_epoch > 0 \
                 and not self._validations_this_fit and self._caught_up_at_step is None \
-                and not self._warned_no_validation:  # (said when training started)
+                and self._rounds == self._rounds_at_train_start and not schedule_done \
+                and not self._warned_no_validation and not self._warned_validations_end_before:  # (said at start)
             # (a resumed fit's caught-up round with no batch trained after it: a round ran, and none was missed)
             # Lightning's callback prunes nothing then, without a word
             limit = limit_reached(trainer)
@@ -1277,6 +1292,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             cut_short = limit == "max_time" or (limit is not None and limit.startswith("max_steps")
                                                 and max_steps_ends_it_early(trainer) is not False)
             why = (f"{limit} ended it before its first validation" if validates and cut_short
+                   else "a callback (EarlyStopping, say) stopped it before its first validation"
+                   if validates and limit is None
                    else _NO_VALIDATION_BY_CADENCE if validates else _NO_VALIDATION_CAUSES)
             rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit", why=why,
                                                          pruned="nothing was pruned"))
@@ -1292,8 +1309,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 if message and not self._warned_validations_end_before:  # (said when fitting started)
                     rank_zero_warn(message)
             else:
-                message = stopped_early_message(self._schedule, progress, "sparsity", limit_reached(trainer))
-                if message and not self._warned_fit_too_short:  # said when fitting started
+                limit = limit_reached(trainer)
+                message = stopped_early_message(self._schedule, progress, "sparsity", limit)
+                # said when fitting started, unless something else than its limits stopped it (EarlyStopping)
+                if message and (not self._warned_fit_too_short or limit is None):
                     rank_zero_warn(message)
                 if not message and at_validation and not self._warned_validations_end_before:
                     message = validations_end_before_message(self._schedule, looked, ended=True)

@@ -208,17 +208,16 @@ def epochs_finished_at_the_last_validation(trainer: "pl.Trainer") -> int | None:
     (``max_steps`` that may end the fit first, no validation, batches unknown)."""
     batches, interval = trainer.num_training_batches, trainer.val_check_batch
     every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
-    if max_steps_ends_it_early(trainer) is not False or epochs is None or epochs < 0 \
-            or trainer.limit_val_batches == 0 \
+    if epochs is None or epochs < 0 or trainer.limit_val_batches == 0 \
             or not isinstance(interval, int) or interval < 1 or not math.isfinite(batches) or batches < 1:
         return None
+    if (epochs * int(batches) < interval) if every is None else epochs < every:
+        return NO_VALIDATION_IN_FIT  # (a max_steps only shortens the fit)
+    if max_steps_ends_it_early(trainer) is not False:
+        return None
     if every is None:  # every `interval` batches of the fit, across epochs
-        if epochs * int(batches) < interval:
-            return NO_VALIDATION_IN_FIT
         return (epochs * int(batches) // interval * interval) // int(batches)
     validating = epochs // every * every  # the last epoch that validates, counted from 1
-    if validating == 0:
-        return NO_VALIDATION_IN_FIT
     # its last batch validates only where `interval` divides the epoch's batches: else the last one comes inside it
     return validating if int(batches) % interval == 0 else validating - 1
 
