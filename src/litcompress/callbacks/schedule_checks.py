@@ -156,6 +156,10 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
         elif last is None and max_steps_ends_it_early(trainer) is not False:
             note = (" at most (its rounds run when a validation ends, and max_steps may end this fit inside an epoch, "
                     "after its last validation)")
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    if any(isinstance(callback, EarlyStopping) for callback in trainer.callbacks):
+        note += ", or less if EarlyStopping ends the fit sooner"  # (what it reached is said when the fit ends)
     step = schedule.unit == "step"
     if step:
         unit, setting = "optimizer steps", "max_steps / max_epochs"
