@@ -114,6 +114,29 @@ def test_a_fit_shorter_than_the_head_schedule_says_where_it_will_stop(tmp_path):
     assert f"runs {steps} optimizer steps: it will stop at {schedule.reached_by(steps):.1%}" in message
 
 
+def test_a_fit_that_early_stopping_ends_before_the_head_schedule_is_told_what_it_reached(tmp_path):
+    """Told at its start where its schedule would stop ('or less if EarlyStopping ends the fit sooner'), a fit that
+    EarlyStopping ended sooner heard nothing more: the start's figure stood for what it reached."""
+    from lightning.pytorch.callbacks import EarlyStopping
+    from litcompress.pruning.schedules import LinearSchedule
+
+    class LogsAConstant(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            pl_module.log("constant", 1.0)
+
+    seed_everything(0)
+    schedule = LinearSchedule(final_sparsity=0.5, begin=0, end=6, unit="epoch")
+    stop_early = EarlyStopping(monitor="constant", patience=1, mode="min", check_on_train_epoch_end=True)
+    trainer = _trainer(tmp_path, 5, [LogsAConstant(), HeadPruning(schedule), stop_early], limit_train_batches=2)
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(TransformerClassifier(heads=4), datamodule=_data())
+    said = [str(w.message) for w in record if "schedule" in str(w.message)]
+    assert trainer.current_epoch == 2 and len(said) == 2
+    assert f"it will stop at {schedule.reached_by(5):.1%}, or less if EarlyStopping ends the fit sooner." in said[0]
+    assert f"Fitting ended at epoch 2, before the schedule's end (epoch 6): the model is at " \
+           f"{schedule.reached_by(2):.1%}" in said[1]
+
+
 @pytest.mark.parametrize("make_pruning_permanent", [False, True])
 def test_killed_mid_schedule_then_resumed_ends_with_the_same_heads_and_weights(tmp_path, make_pruning_permanent):
     reference, state, resumed = fit_killed_and_resumed(  # killed at step 25: epoch 1 of 3 (23 steps each)

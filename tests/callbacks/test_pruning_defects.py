@@ -1292,6 +1292,56 @@ def test_what_a_short_fit_is_told_is_true(tmp_path, case):
     _check_what_is_said(messages, reached, schedule.final_sparsity, pruned_in_this_fit=reached > 0)
 
 
+class SlowSteps(LogsAConstant):
+    """Logs a constant training metric and sleeps in each training step (a Timer ends the fit after a few)."""
+
+    def training_step(self, batch, batch_idx):
+        import time
+
+        time.sleep(0.3)
+        self.log("train_constant", 1.0, on_epoch=True, on_step=False)
+        return super().training_step(batch, batch_idx)
+
+
+class EmptyValidation(LogsAConstant):
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.data[:0]), batch_size=16)
+
+
+@pytest.mark.parametrize("case", ["Timer", "EarlyStopping before any validation", "empty val_dataloader",
+                                  "EarlyStopping between validations"])
+def test_a_fit_stopped_before_its_last_validation_is_told_what_it_reached(tmp_path, case):
+    """Told when it started where its last validation would leave it, a fit that a Timer or EarlyStopping ended
+    sooner, or whose validation set was empty, ended with that statement alone ("will stop at 53.3%", reached 0%)."""
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+    from litcompress.pruning.schedules import LinearSchedule
+
+    seed_everything(0)
+    schedule = LinearSchedule(final_sparsity=0.8, begin=0, end=6, unit="epoch")
+    stop_early = EarlyStopping(monitor="train_constant", patience=1, mode="min", check_on_train_epoch_end=True)
+    model, extra = {"Timer": (SlowSteps(), [Timer(duration={"seconds": 1}, interval="step")]),
+                    "EarlyStopping before any validation": (SlowSteps(), [stop_early]),
+                    "empty val_dataloader": (EmptyValidation(), []),
+                    "EarlyStopping between validations": (SlowSteps(), [stop_early])}[case]
+    limits = {"max_epochs": 4, "check_val_every_n_epoch": 2}
+    if case == "EarlyStopping before any validation":
+        limits["check_val_every_n_epoch"] = 3
+    if case == "EarlyStopping between validations":
+        limits = {"max_epochs": 5, "check_val_every_n_epoch": 1}
+        stop_early.patience = 2  # stops after 3 epochs: validated after each, the schedule's rounds ran
+    messages, reached = _fit_and_hear(tmp_path, schedule, False, model, callbacks=extra, **limits)
+    if case == "EarlyStopping between validations":
+        assert reached == pytest.approx(100 * schedule.reached_by(3), abs=0.1)
+        assert f"the model is at {reached:.1f}%" in messages[-1]
+        return
+    assert reached == 0
+    cause = {"Timer": "max_time ended it before its first validation",
+             "EarlyStopping before any validation": "a callback (EarlyStopping, say) stopped it before its first "
+                                                    "validation",
+             "empty val_dataloader": "its validation dataloaders gave no batch"}[case]
+    assert f"no validation ran in this fit ({cause}), so nothing was pruned" in messages[-1]
+
+
 @pytest.mark.parametrize(("schedule", "limits", "step"), [
     ("iterative", {"max_epochs": 1, "val_check_interval": 3}, 3),  # the skipped validation's round runs at resume
     ("iterative", {"max_epochs": 3, "check_val_every_n_epoch": 2}, 10),  # final sparsity reached before the resume

@@ -351,6 +351,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._forget_the_model()
         self._warned_fit_too_short = False
         self._warned_validations_end_before = False
+        self._foretold_progress: Optional[int] = None  # epochs finished at the last validation, as said at start
         self._warned_no_validation = False
         self._skipped_targets: list[tuple[int, float]] = []  # this fit's schedule rounds apply_pruning said no to
         self._output_hooks: list[Any] = []  # on the first training forward only (`_watch_for_the_output_layer`)
@@ -1117,9 +1118,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _warn_if_validations_end_before_the_schedule(self, trainer: "pl.Trainer") -> None:
         """Rounds at validation ends: an epoch schedule whose end the fit's last validation comes before stops short
         (said now, where the training batches, and so the validation cadence's last point, are known)."""
-        self._warned_validations_end_before = False
+        self._warned_validations_end_before, self._foretold_progress = False, None
         if self._prune_on_train_epoch_end or self._schedule is None or self._schedule.unit != "epoch":
             return
+        from lightning.pytorch.callbacks import EarlyStopping
         from litcompress.quantization.lightning import has_validation_data
 
         progress = epochs_finished_at_the_last_validation(trainer) if has_validation_data(trainer) else None
@@ -1128,11 +1130,20 @@ class ModelPruning(TargetsFoundOnceConfigured):
             return
         if self._warned_fit_too_short:  # which said the sparsity of the last validation, where it was known
             self._warned_validations_end_before = progress is not None
+            self._foretold_progress = progress
             return
-        message = None if progress is None else validations_end_before_message(self._schedule, progress, ended=False)
+        early_stopping = any(isinstance(callback, EarlyStopping) for callback in trainer.callbacks)
+        message = None if progress is None else validations_end_before_message(self._schedule, progress, ended=False,
+                                                                               early_stopping=early_stopping)
         if message:
-            self._warned_validations_end_before = True
+            self._warned_validations_end_before, self._foretold_progress = True, progress
             rank_zero_warn(message)
+
+    def _foretold(self) -> bool:
+        """Whether the sparsity this fit reached is the one said when it started (its last validation, foreseen):
+        a fit that something stopped sooner (EarlyStopping, a time limit) or whose validations ran on nothing did
+        not reach it, and is told what it reached when it ends."""
+        return self._warned_validations_end_before and self._foretold_progress == self._epoch_progress
 
     def _check_rewind_against_the_epochs(self, trainer: "pl.Trainer") -> None:
         """A rewind point in steps with rounds at epoch ends, or in epochs with rounds at steps: whether the snapshot
@@ -1280,7 +1291,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if not self._prune_on_train_epoch_end and prunes_per_epoch and trainer.current_epoch > 0 \
                 and not self._validations_this_fit and self._caught_up_at_step is None \
                 and self._rounds == self._rounds_at_train_start and not schedule_done \
-                and not self._warned_no_validation and not self._warned_validations_end_before:  # (said at start)
+                and not self._warned_no_validation and not self._foretold():  # (said when it started)
             # (a resumed fit's caught-up round with no batch trained after it: a round ran, and none was missed)
             # Lightning's callback prunes nothing then, without a word
             limit = limit_reached(trainer)
@@ -1291,10 +1302,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
             # (a max_steps that max_epochs reaches as soon is no cause: the cadence is)
             cut_short = limit == "max_time" or (limit is not None and limit.startswith("max_steps")
                                                 and max_steps_ends_it_early(trainer) is not False)
-            why = (f"{limit} ended it before its first validation" if validates and cut_short
-                   else "a callback (EarlyStopping, say) stopped it before its first validation"
-                   if validates and limit is None
-                   else _NO_VALIDATION_BY_CADENCE if validates else _NO_VALIDATION_CAUSES)
+            why = (_NO_VALIDATION_CAUSES if not validates
+                   else f"{limit} ended it before its first validation" if cut_short
+                   else "a callback (EarlyStopping, say) stopped it before its first validation" if limit is None
+                   else _NO_VALIDATION_BY_CADENCE
+                   if epochs_finished_at_the_last_validation(trainer) == NO_VALIDATION_IN_FIT
+                   else "its validation dataloaders gave no batch")
             rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit", why=why,
                                                          pruned="nothing was pruned"))
         if self._schedule is not None:
@@ -1306,7 +1319,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 pass  # no round ran in this fit: said above, or when it started
             elif at_validation and looked < progress:  # epochs finished after it pruned nothing: said from it
                 message = validations_end_before_message(self._schedule, looked, ended=True)
-                if message and not self._warned_validations_end_before:  # (said when fitting started)
+                if message and not self._foretold():  # (said when fitting started)
                     rank_zero_warn(message)
             else:
                 limit = limit_reached(trainer)
@@ -1314,7 +1327,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 # said when fitting started, unless something else than its limits stopped it (EarlyStopping)
                 if message and (not self._warned_fit_too_short or limit is None):
                     rank_zero_warn(message)
-                if not message and at_validation and not self._warned_validations_end_before:
+                if not message and at_validation and not self._foretold():
                     message = validations_end_before_message(self._schedule, looked, ended=True)
                     if message:
                         rank_zero_warn(message)

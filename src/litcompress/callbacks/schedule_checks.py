@@ -226,15 +226,18 @@ def epochs_finished_at_the_last_validation(trainer: "pl.Trainer") -> int | None:
     return validating if int(batches) % interval == 0 else validating - 1
 
 
-def validations_end_before_message(schedule: SparsitySchedule, progress: int, ended: bool) -> str | None:
+def validations_end_before_message(schedule: SparsitySchedule, progress: int, ended: bool,
+                                   early_stopping: bool = False) -> str | None:
     """What to say when rounds run at validation ends and the last validation (`progress` epochs finished; `ended`:
-    it ran, else it will) comes before the epoch schedule's end; else None."""
+    it ran, else it will, unless an `early_stopping` callback ends the fit sooner) comes before the epoch schedule's
+    end; else None."""
     if progress >= schedule.end or schedule.reached_by(progress) >= schedule.final_sparsity:
         return None
     last, stop = (("the last one of this fit came", "the model is at") if ended else
                   ("this fit's last one comes", "the model will stop at"))
+    sooner = ", or less if EarlyStopping ends the fit sooner," if early_stopping and not ended else ""
     return (f"ModelPruning(prune_on_train_epoch_end=False) prunes when a validation ends, and {last} after epoch "
             f"{progress}, before the schedule's end (epoch {schedule.end}): {stop} "
-            f"{schedule.reached_by(progress):.1%} of the {schedule.final_sparsity:.1%} sparsity asked for. Validate "
-            "after the last epoch (check_val_every_n_epoch, val_check_interval), or pass "
+            f"{schedule.reached_by(progress):.1%}{sooner} of the {schedule.final_sparsity:.1%} sparsity asked for. "
+            "Validate after the last epoch (check_val_every_n_epoch, val_check_interval), or pass "
             "prune_on_train_epoch_end=True.")

@@ -223,10 +223,12 @@ class StructurePruning(TargetsFoundOnceConfigured):
         return self._pruned_count
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        if self._schedule is not None and not self._warned_fit_too_short:
+        if self._schedule is not None:
             progress = trainer.global_step if self._schedule.unit == "step" else pl_module.current_epoch
-            message = stopped_early_message(self._schedule, progress, self._WHAT, limit_reached(trainer))
-            if message:
+            limit = limit_reached(trainer)
+            message = stopped_early_message(self._schedule, progress, self._WHAT, limit)
+            # said when fitting started, unless something else than its limits stopped it (EarlyStopping)
+            if message and (not self._warned_fit_too_short or limit is None):
                 rank_zero_warn(message)
         if self._make_pruning_permanent:
             self._make_own_masks_permanent(trainer)
