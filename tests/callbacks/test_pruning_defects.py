@@ -1342,6 +1342,25 @@ def test_a_fit_stopped_before_its_last_validation_is_told_what_it_reached(tmp_pa
     assert f"no validation ran in this fit ({cause}), so nothing was pruned" in messages[-1]
 
 
+def test_a_callback_fitted_again_is_told_nothing_of_its_earlier_fits_last_validation(tmp_path):
+    """The furthest point an earlier fit's validations reached (epoch 5) was read as this fit's last validation:
+    a second fit, whose last validation came after epoch 4, was told at its end "the last one of this fit came
+    after epoch 5 ... the model is at 66.7%"."""
+    from litcompress.pruning.schedules import LinearSchedule
+
+    seed_everything(0)
+    callback = ModelPruning("l1_unstructured", amount=LinearSchedule(final_sparsity=0.8, begin=0, end=6, unit="epoch"),
+                            prune_on_train_epoch_end=False, parameter_names=["weight"],
+                            use_lottery_ticket_hypothesis=False)
+    model = LogsAConstant()
+    make_trainer(tmp_path, callbacks=[callback], max_epochs=5, num_sanity_val_steps=0).fit(model)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, callbacks=[callback], max_epochs=6, check_val_every_n_epoch=4,
+                     num_sanity_val_steps=0).fit(model)
+    assert not [str(w.message) for w in said if "the last one of this fit came after epoch 5" in str(w.message)]
+
+
 @pytest.mark.parametrize(("schedule", "limits", "step"), [
     ("iterative", {"max_epochs": 1, "val_check_interval": 3}, 3),  # the skipped validation's round runs at resume
     ("iterative", {"max_epochs": 3, "check_val_every_n_epoch": 2}, 10),  # final sparsity reached before the resume

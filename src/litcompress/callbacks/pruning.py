@@ -378,6 +378,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._validation_due_restored: Union[tuple[int, bool], None, str] = "unknown"
         self._caught_up_at_step: Optional[int] = None
         self._rounds_at_train_start = 0
+        self._epoch_progress_at_train_start = -1
         self._epoch_progress = -1  # epochs finished when an epoch-level schedule last looked for its points
         self._history: list[dict[str, Any]] = []
         # a round asked for a lottery-ticket reset that waits for training to go on (see `_run_pruning`)
@@ -1061,6 +1062,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._rounds_at_train_start = self._rounds  # (a resumed fit's caught-up rounds, below, count as this fit's)
+        self._epoch_progress_at_train_start = self._epoch_progress  # (an earlier fit's, or a checkpoint's)
         self._leave_masked_what_others_keep(trainer)  # every callback's targets are found by now (on_fit_start)
         # A fit resumed from a checkpoint saved at an epoch's last batch (`every_n_train_steps`) starts the next
         # epoch without the end hooks (validation, `on_train_epoch_end`) of the one saved, nor the next one's
@@ -1314,7 +1316,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
             progress = self._progress(pl_module.current_epoch - 1, trainer)  # epochs finished, or steps done
             looked = self._epoch_progress  # epochs finished at the last validation that looked for rounds
             rounds_at_validation = not self._prune_on_train_epoch_end and self._schedule.unit == "epoch"
-            at_validation = rounds_at_validation and self._validations_this_fit and looked >= 0
+            # (from this fit's validations only: a callback fitted before keeps its furthest point, which a
+            # validation of this fit may not pass)
+            at_validation = rounds_at_validation and self._validations_this_fit and looked >= 0 \
+                and looked > self._epoch_progress_at_train_start
             if rounds_at_validation and not self._validations_this_fit and self._caught_up_at_step is None:
                 pass  # no round ran in this fit: said above, or when it started
             elif at_validation and looked < progress:  # epochs finished after it pruned nothing: said from it
