@@ -48,7 +48,7 @@ from torch.nn.parameter import is_lazy
 
 from litcompress._numbers import as_python_number, exact_python_number
 from litcompress.callbacks.schedule_checks import (NO_VALIDATION_IN_FIT, EpochSteps, max_steps_ends_it_early,
-                                                   epochs_finished_at_the_last_validation,
+                                                   epochs_finished_at_the_last_validation, has_early_stopping,
                                                    fit_too_short_message, limit_reached, steps_in_epoch,
                                                    stopped_early_message, validations_end_before_message)
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
@@ -1123,7 +1123,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._warned_validations_end_before, self._foretold_progress = False, None
         if self._prune_on_train_epoch_end or self._schedule is None or self._schedule.unit != "epoch":
             return
-        from lightning.pytorch.callbacks import EarlyStopping
         from litcompress.quantization.lightning import has_validation_data
 
         progress = epochs_finished_at_the_last_validation(trainer) if has_validation_data(trainer) else None
@@ -1134,9 +1133,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._warned_validations_end_before = progress is not None
             self._foretold_progress = progress
             return
-        early_stopping = any(isinstance(callback, EarlyStopping) for callback in trainer.callbacks)
-        message = None if progress is None else validations_end_before_message(self._schedule, progress, ended=False,
-                                                                               early_stopping=early_stopping)
+        message = None if progress is None else validations_end_before_message(
+            self._schedule, progress, ended=False, early_stopping=has_early_stopping(trainer))
         if message:
             self._warned_validations_end_before, self._foretold_progress = True, progress
             rank_zero_warn(message)
@@ -1296,20 +1294,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 and not self._warned_no_validation and not self._foretold():  # (said when it started)
             # (a resumed fit's caught-up round with no batch trained after it: a round ran, and none was missed)
             # Lightning's callback prunes nothing then, without a word
-            limit = limit_reached(trainer)
-            from litcompress.quantization.lightning import has_validation_data
-
-            validates = has_validation_data(trainer) and trainer.limit_val_batches not in (0, 0.0) \
-                and is_overridden("validation_step", pl_module)
+            limit, settings = limit_reached(trainer), self._why_no_validation_runs(trainer, pl_module)
             # (a max_steps that max_epochs reaches as soon is no cause: the cadence is)
             cut_short = limit == "max_time" or (limit is not None and limit.startswith("max_steps")
                                                 and max_steps_ends_it_early(trainer) is not False)
-            why = (_NO_VALIDATION_CAUSES if not validates
+            why = (settings if settings == _NO_VALIDATION_CAUSES
                    else f"{limit} ended it before its first validation" if cut_short
                    else "a callback (EarlyStopping, say) stopped it before its first validation" if limit is None
-                   else _NO_VALIDATION_BY_CADENCE
-                   if epochs_finished_at_the_last_validation(trainer) == NO_VALIDATION_IN_FIT
-                   else "its validation dataloaders gave no batch")
+                   else settings or "its validation dataloaders gave no batch")
             rank_zero_warn(_NO_VALIDATION_MESSAGE.format(runs="no validation ran in this fit", why=why,
                                                          pruned="nothing was pruned"))
         if self._schedule is not None:

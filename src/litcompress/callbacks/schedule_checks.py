@@ -156,9 +156,7 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
         elif last is None and max_steps_ends_it_early(trainer) is not False:
             note = (" at most (its rounds run when a validation ends, and max_steps may end this fit inside an epoch, "
                     "after its last validation)")
-    from lightning.pytorch.callbacks import EarlyStopping
-
-    if any(isinstance(callback, EarlyStopping) for callback in trainer.callbacks):
+    if has_early_stopping(trainer):
         note += ", or less if EarlyStopping ends the fit sooner"  # (what it reached is said when the fit ends)
     step = schedule.unit == "step"
     if step:
@@ -172,6 +170,13 @@ def fit_too_short_message(schedule: SparsitySchedule, trainer: "pl.Trainer", wha
     return (f"The schedule prunes until {schedule.unit} {schedule.end} (to {schedule.final_sparsity:.1%} {what}), but "
             f"this fit runs {length} {unit}: it will stop at {schedule.reached_by(stop):.1%}{note}. Give the schedule "
             f"an `end` within the fit, or train longer ({setting}).")
+
+
+def has_early_stopping(trainer: "pl.Trainer") -> bool:
+    """Whether an EarlyStopping callback may end the fit before its limits: a figure foretold then is a bound."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    return any(isinstance(callback, EarlyStopping) for callback in trainer.callbacks)
 
 
 def stopped_early_message(schedule: SparsitySchedule, progress: int, what: str,
