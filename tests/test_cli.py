@@ -509,6 +509,14 @@ def test_a_submodule_exported_to_onnx_without_quantization(first_run, tmp_path):
     assert recipe is None and model(torch.rand(5, 64)).shape == (5, 10)
     # 48 hidden units lose 12 each: 64*36+36 + 36*36+36 + 36*10+10
     assert report["shrunk"].parameters == 64 * 36 + 36 + 36 * 36 + 36 + 36 * 10 + 10
+    # the state files load into the class the checkpoint names (its `net.*` keys), not only into its `net`
+    from litcompress.pruning import load_shrunk_state_dict
+
+    MLPClassifier.load_from_checkpoint(out / "dense.ckpt").load_state_dict(torch.load(tmp_path / PRUNED_STATE_FILE))
+    shrunk = load_shrunk_state_dict(MLPClassifier.load_from_checkpoint(out / "dense.ckpt"),
+                                    torch.load(tmp_path / SHRUNK_STATE_FILE)).eval()
+    inputs = torch.rand(5, 64)
+    torch.testing.assert_close(shrunk(inputs), model(inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_structured_cnn_gets_static_quantization_by_default(tmp_path, capsys):

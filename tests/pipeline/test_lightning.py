@@ -732,3 +732,55 @@ def test_compress_on_fit_end_refuses_a_sparsity_schedule_at_construction():
     with pytest.raises(ValueError, match=r"runs along fine-tuning steps.*PruneConfig\(schedule='oneshot'\).*"
                                          r"ModelPruning\(amount=<the schedule>\)"):
         CompressOnFitEnd(CompressionConfig(prune=PruneConfig(sparsity=0.5, schedule=schedule)), output_dir="out")
+
+
+class _NetInsideAHost(L.LightningModule):
+    """Steps that call `net` and then a batch norm outside it: the host's own state beside the sub-module's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.norm = nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.net(x))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.norm(self.net(batch[0])), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self.norm(self.net(batch[0])).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path):
+    """With `submodule`, pruned_state_dict.pt and shrunk_state_dict.pt were the sub-module's state (keys "0.weight"):
+    the module the user built refused them (README: "loads into your unchanged architecture"). They are the host's
+    now, its own entries (fixed while fine-tuning) beside the compressed sub-module's under its path."""
+    from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
+    from litcompress.pruning import load_shrunk_state_dict
+
+    L.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
+    module = _NetInsideAHost()
+    _trainer(max_epochs=1, limit_train_batches=5).fit(module, datamodule=data)
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", rounds=2), export=False,
+                               latency_repeats=2)
+    result = compress_lightning(module, config, datamodule=data, submodule="net", fine_tune_epochs=1,
+                                trainer_kwargs={"limit_train_batches": 4}, output_dir=tmp_path)
+    assert result.state_files == (tmp_path / PRUNED_STATE_FILE, tmp_path / SHRUNK_STATE_FILE)
+    x = next(iter(data.val_dataloader()))[0]
+    module.eval()
+    for name, stage, load in [(PRUNED_STATE_FILE, "pruned", lambda m, s: m.load_state_dict(s)),
+                              (SHRUNK_STATE_FILE, "shrunk", load_shrunk_state_dict)]:
+        built = _NetInsideAHost()
+        load(built, torch.load(tmp_path / name))  # strict: every key of the host, none other
+        built.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(built.net(x), result.stage_models[stage](x))
+            torch.testing.assert_close(built(x), module.norm(result.stage_models[stage](x)))
+        for key, value in module.norm.state_dict().items():  # the host's own entries, the user's
+            assert torch.equal(built.norm.state_dict()[key], value), key
+    assert built.net[0].out_features == 16  # the shrunk file narrowed the fresh module's net

@@ -96,7 +96,9 @@ class CompressionResult:
 
     ``model`` is the last stage's model in memory (quantized, else shrunk, else pruned, else a copy of the input);
     ``artifact`` is the exported file (None without ``output_dir`` or with ``export=False``); ``stage_models`` holds
-    each stage's model as measured in the report (the last one read back from ``artifact`` when exported).
+    each stage's model as measured in the report (the last one read back from ``artifact`` when exported);
+    ``state_files`` the state-dict files this run wrote into ``output_dir`` (``pruned_state_dict.pt``, and
+    ``shrunk_state_dict.pt`` when channels were removed).
     """
 
     model: nn.Module
@@ -106,6 +108,7 @@ class CompressionResult:
     sparsity: SparsityReport | None = None
     shrink: ShrinkReport | None = None
     quantization: QuantizationResult | None = None
+    state_files: tuple[Path, ...] = ()
 
 
 def prune_targets(model: nn.Module, config: PruneConfig, example_inputs: tuple | None = None) -> list[Target]:
@@ -1437,7 +1440,9 @@ def compress(
     )
     logger.info("pipeline finished in %.1f s", time.monotonic() - started)
     return CompressionResult(model=work, report=report, stage_models=stages.models, artifact=artifact,
-                             sparsity=result_sparsity, shrink=shrink_report, quantization=quantization)
+                             sparsity=result_sparsity, shrink=shrink_report, quantization=quantization,
+                             state_files=tuple(directory / name for name in (PRUNED_STATE_FILE, SHRUNK_STATE_FILE)
+                                               if name in written))
 
 
 __all__ = ["CompressionResult", "compress", "preview_shrink", "prune_targets", "weight_sparsity"]

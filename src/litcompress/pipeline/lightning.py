@@ -356,7 +356,8 @@ def compress_lightning(
             It alone fine-tunes: the layers outside it stay as they are (frozen, in eval mode), as the result is
             judged inside the module given.
         output_dir: where the pruned (and shrunk) state dicts and the exported model go; the report files are
-            written by ``result.report.save(output_dir)``.
+            written by ``result.report.save(output_dir)``. With `submodule`, the state dicts are `module`'s (they
+            load into the module class), the exported model is the submodule's.
         mode: "max" (higher `metric` is better) or "min" (a loss), as for Lightning's ``ModelCheckpoint``; None keeps
             ``config.quantize.accuracy``'s direction, and refuses a metric named like a loss or an error under the
             default higher-is-better goal. Without a quantize stage it tells the report's notes which way is better
@@ -478,7 +479,7 @@ def compress_lightning(
     # (a limit of 0, a fit that skipped validation, would judge on nothing: the whole set then)
     evaluator = None if trainer is None else internal_trainer(limit_val_batches=trainer.limit_val_batches or 1.0,
                                                               limit_test_batches=trainer.limit_test_batches or 1.0)
-    return compress(
+    result = compress(
         target, config,
         eval_fn=lightning_eval_fn(module, datamodule, metric, trainer=evaluator, submodule=submodule),
         test_fn=None if test_metric is None else lightning_eval_fn(module, datamodule, test_metric, trainer=evaluator,
@@ -489,6 +490,33 @@ def compress_lightning(
         fine_tune_description=distill.describe() if distill is not None else None,
         higher_is_better=None if mode is None else mode == "max",
     )
+    if submodule is not None:
+        for path in result.state_files:
+            _keyed_for_host(path, module, submodule)
+    return result
+
+
+def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
+    """Rewrite the state dict at `path`, the compressed `submodule`'s, as `host`'s: its keys under the submodule's
+    path beside the host's own entries outside it (fixed while fine-tuning: the user's, pruned ones as their
+    effective values). The file then loads into the module the user built (``Module().load_state_dict``, or
+    ``load_shrunk_state_dict(Module(), ...)``), as the files of a run on the whole module do."""
+    from litcompress._files import written_atomically
+    from litcompress.pruning.engine import permanent_state_dict
+
+    inside = torch.load(path, map_location="cpu", weights_only=False)  # the file this run just wrote
+    outer = permanent_state_dict(host)
+    prefix = f"{submodule}."
+    state: dict[str, Any] = type(outer)((key, value) for key, value in outer.items() if not key.startswith(prefix))
+    state.update((prefix + key, value) for key, value in inside.items())
+    # the modules' versions, by module name (a batch norm's tells how to read its state)
+    metadata = type(getattr(outer, "_metadata", {}))(
+        (name, info) for name, info in getattr(outer, "_metadata", {}).items()
+        if name != submodule and not name.startswith(prefix))
+    metadata.update(((prefix + name).rstrip("."), info) for name, info in getattr(inside, "_metadata", {}).items())
+    state._metadata = metadata
+    with written_atomically(path) as partial:
+        torch.save(state, partial)
 
 
 def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable[[object], tuple] | None,
