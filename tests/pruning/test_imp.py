@@ -839,6 +839,33 @@ def test_trainer_arguments_that_cannot_work_fail_before_training_and_a_model_che
     assert len(ticket.rounds) == 2 and list((tmp_path / "ckpt").glob("*.ckpt"))
 
 
+class _DataSetUpCounted(DigitsDataModule):
+    setups = 0
+
+    def setup(self, stage: str) -> None:
+        type(self).setups += 1
+        super().setup(stage)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (dict(rounds=0), r"`rounds` must be an int >= 1, got 0"),
+    (dict(rate=1.0), r"`rate` must be a fraction in \(0, 1\)"),
+    (dict(layer_rates={"net.0.weight": 1.5}), r"`layer_rates\['net.0.weight'\]` must be a fraction"),
+    (dict(layer_rates=[0.1]), r"`layer_rates` must be a mapping"),
+    (dict(control="sometimes"), r"`control` must be 'none', 'final' or 'every'"),
+    (dict(parameter_names="weight"), r"`parameter_names` must be a sequence of names"),
+    (dict(exclude="net.0"), r"`exclude` must be a sequence of names"),
+])
+def test_find_lottery_ticket_refuses_bad_search_arguments_before_setting_up_the_data(arguments, message):
+    """They were checked by the search itself, after a Trainer was built, the data set up and one test batch run
+    (the metric check), which with DDP also launched the processes."""
+    _DataSetUpCounted.setups = 0
+    with pytest.raises((ValueError, TypeError), match=message):
+        find_lottery_ticket(DigitsClassifier(), _DataSetUpCounted(), metric="test_acc",
+                            trainer_kwargs=dict(max_epochs=1), **{"rounds": 1, **arguments})
+    assert _DataSetUpCounted.setups == 0
+
+
 class HandWrittenLinear(nn.Module):
     """A layer that draws its weights in __init__ and has no reset_parameters."""
 

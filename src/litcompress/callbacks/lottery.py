@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress.callbacks.pruning import _in_spawned_worker, _weight_averaging_callbacks
-from litcompress.pruning.imp import LotteryTicket, iterative_magnitude_pruning
+from litcompress.pruning.imp import LotteryTicket, checked_search_arguments, iterative_magnitude_pruning
 from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, logged_metrics, missing_metric_message,
                                                 quiet_unless_asked, trainer_built_quietly)
 
@@ -182,8 +182,8 @@ def find_lottery_ticket(
     if not reset_optimizer and retrain_from != "rewind_point":
         raise ValueError("`reset_optimizer=False` keeps the optimizer's state at the rewind point, which only "
                          "`retrain_from='rewind_point'` resumes; with 'start' every round has a fresh optimizer.")
-    if scope not in ("local", "global"):
-        raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
+    # before the metric check's evaluation below (a Trainer built, the data set up, one batch run)
+    checked_search_arguments(rounds, rate, layer_rates, control, scope, parameter_names, exclude)
     if not isinstance(module, LightningModule):
         raise TypeError(f"`module` must be a LightningModule (an instance), got {_a(module)}; wrap a plain nn.Module "
                         "in one, or search it with litcompress.pruning.imp.iterative_magnitude_pruning.")

@@ -99,6 +99,21 @@ class LotteryTicket:
         return "\n".join(lines)
 
 
+def checked_search_arguments(rounds: int, rate: float, layer_rates: Mapping[str, float] | None, control: str,
+                             scope: object = "local", parameter_names: object = ("weight",), exclude: object = (),
+                             control_seed: object = 0) -> tuple[int, float, dict[str, float]]:
+    """``rounds, rate, layer_rates`` as Python numbers, once :func:`iterative_magnitude_pruning`'s arguments are
+    checked (a clear error for a bad one); its Lightning driver checks them before any fit or evaluation too."""
+    if layer_rates is not None and not isinstance(layer_rates, Mapping):  # (dict()'s own words, or taken as none)
+        raise TypeError(f"`layer_rates` must be a mapping {{name: rate}}, e.g. {{'net.4.weight': 0.1}}, got "
+                        f"{layer_rates!r}.")
+    # numpy's int64(3), float32(0.2) as Python's (refused; the saved settings hold Python numbers)
+    rounds, rate = as_python_number(rounds), as_python_number(rate)
+    layer_rates = {name: as_python_number(value) for name, value in (layer_rates or {}).items()}
+    _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude, control_seed)
+    return rounds, rate, layer_rates
+
+
 def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str, scope: object = "local",
               parameter_names: object = ("weight",), exclude: object = (), control_seed: object = 0) -> None:
     if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):  # type: ignore
@@ -347,13 +362,8 @@ def iterative_magnitude_pruning(
         the ticket: the trained sparse network, its masks, the rewound weights and a table per round (round 0
         is the dense network).
     """
-    if layer_rates is not None and not isinstance(layer_rates, Mapping):  # (dict()'s own words, or taken as none)
-        raise TypeError(f"`layer_rates` must be a mapping {{name: rate}}, e.g. {{'net.4.weight': 0.1}}, got "
-                        f"{layer_rates!r}.")
-    # numpy's int64(3), float32(0.2) as Python's (refused; the saved settings hold Python numbers)
-    rounds, rate = as_python_number(rounds), as_python_number(rate)
-    layer_rates = {name: as_python_number(value) for name, value in (layer_rates or {}).items()}
-    _validate(rounds, rate, layer_rates, control, scope, parameter_names, exclude, control_seed)
+    rounds, rate, layer_rates = checked_search_arguments(rounds, rate, layer_rates, control, scope, parameter_names,
+                                                         exclude, control_seed)
     control_seed = int(control_seed)  # (numpy's: the saved settings hold Python numbers)
     network = deepcopy_model(model)
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
