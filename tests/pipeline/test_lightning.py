@@ -755,16 +755,37 @@ class _NetInsideAHost(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path):
+class _CompiledNetInsideAHost(_NetInsideAHost):
+    """Its `net` compiled: the host's keys are ``net._orig_mod.0.weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.compile(self.net, backend="eager")
+
+
+class _NetTwiceInsideAHost(_NetInsideAHost):
+    """`net` also registered as `alias`, and its first weight tied into a layer outside it: three names, one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alias = self.net
+        self.tied = nn.Linear(64, 32, bias=False)  # (a bias of its own could not follow the shrunk outputs)
+        self.tied.weight = self.net[0].weight
+
+
+@pytest.mark.parametrize("host", [_NetInsideAHost, _CompiledNetInsideAHost, _NetTwiceInsideAHost])
+def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, host):
     """With `submodule`, pruned_state_dict.pt and shrunk_state_dict.pt were the sub-module's state (keys "0.weight"):
     the module the user built refused them (README: "loads into your unchanged architecture"). They are the host's
-    now, its own entries (fixed while fine-tuning) beside the compressed sub-module's under its path."""
+    now, its own entries (fixed while fine-tuning) beside the compressed sub-module's under its path, as the host
+    names them (a compiled one's), and the sub-module's tensors under the host's other names hold its values (the
+    user's, loaded after them, undid the pruning)."""
     from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
     from litcompress.pruning import load_shrunk_state_dict
 
     L.seed_everything(0)
     data = DigitsDataModule(batch_size=64)
-    module = _NetInsideAHost()
+    module = host()
     _trainer(max_epochs=1, limit_train_batches=5).fit(module, datamodule=data)
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", rounds=2), export=False,
                                latency_repeats=2)
@@ -775,7 +796,7 @@ def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path):
     module.eval()
     for name, stage, load in [(PRUNED_STATE_FILE, "pruned", lambda m, s: m.load_state_dict(s)),
                               (SHRUNK_STATE_FILE, "shrunk", load_shrunk_state_dict)]:
-        built = _NetInsideAHost()
+        built = host()
         load(built, torch.load(tmp_path / name))  # strict: every key of the host, none other
         built.eval()
         with torch.no_grad():
@@ -783,4 +804,4 @@ def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path):
             torch.testing.assert_close(built(x), module.norm(result.stage_models[stage](x)))
         for key, value in module.norm.state_dict().items():  # the host's own entries, the user's
             assert torch.equal(built.norm.state_dict()[key], value), key
-    assert built.net[0].out_features == 16  # the shrunk file narrowed the fresh module's net
+    assert getattr(built.net, "_orig_mod", built.net)[0].out_features == 16  # the shrunk file narrowed its net

@@ -498,23 +498,36 @@ def compress_lightning(
 
 def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     """Rewrite the state dict at `path`, the compressed `submodule`'s, as `host`'s: its keys under the submodule's
-    path beside the host's own entries outside it (fixed while fine-tuning: the user's, pruned ones as their
-    effective values). The file then loads into the module the user built (``Module().load_state_dict``, or
-    ``load_shrunk_state_dict(Module(), ...)``), as the files of a run on the whole module do."""
+    path (as the host holds them: ``net._orig_mod.0.weight`` for a compiled one) beside the host's own entries
+    outside it (fixed while fine-tuning: the user's, pruned ones as their effective values). An outer entry that is
+    a submodule's tensor under another name (a tied weight, the submodule registered twice) takes the compressed
+    value too, or loading it would put the user's back. The file then loads into the module the user built
+    (``Module().load_state_dict``, or ``load_shrunk_state_dict(Module(), ...)``), as a whole module's files do."""
+    from collections import OrderedDict
+
     from litcompress._files import written_atomically
     from litcompress.pruning.engine import permanent_state_dict
+    from litcompress.pruning.narrow import keyed_as_compiled_parts
 
     inside = torch.load(path, map_location="cpu", weights_only=False)  # the file this run just wrote
-    outer = permanent_state_dict(host)
     prefix = f"{submodule}."
-    state: dict[str, Any] = type(outer)((key, value) for key, value in outer.items() if not key.startswith(prefix))
-    state.update((prefix + key, value) for key, value in inside.items())
+    prefixed: Any = OrderedDict((prefix + key, value) for key, value in inside.items())
     # the modules' versions, by module name (a batch norm's tells how to read its state)
-    metadata = type(getattr(outer, "_metadata", {}))(
-        (name, info) for name, info in getattr(outer, "_metadata", {}).items()
-        if name != submodule and not name.startswith(prefix))
-    metadata.update(((prefix + name).rstrip("."), info) for name, info in getattr(inside, "_metadata", {}).items())
-    state._metadata = metadata
+    prefixed._metadata = OrderedDict(((prefix + name).rstrip("."), info)
+                                     for name, info in getattr(inside, "_metadata", {}).items())
+    prefixed = keyed_as_compiled_parts(host, prefixed)  # (written with a compiled part's eager keys)
+    outer = permanent_state_dict(host)
+    held = host.state_dict(keep_vars=True)
+    inside_by_tensor = {id(tensor): key for key, tensor in held.items() if key.startswith(prefix)}
+    state: Any = OrderedDict()
+    for key, value in outer.items():
+        if not key.startswith(prefix):
+            twin = inside_by_tensor.get(id(held[key])) if key in held else None
+            state[key] = prefixed.get(twin, value) if twin is not None else value
+    state.update(prefixed)
+    state._metadata = OrderedDict((name, info) for name, info in getattr(outer, "_metadata", {}).items()
+                                  if name != submodule and not name.startswith(prefix))
+    state._metadata.update(prefixed._metadata)
     with written_atomically(path) as partial:
         torch.save(state, partial)
 
