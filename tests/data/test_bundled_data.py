@@ -221,12 +221,17 @@ def test_unrelated_mnist_package_gives_install_hint(tmp_path, monkeypatch) -> No
 @given(st.floats(1e-5, 0.99), st.floats(1e-5, 0.99))
 def test_fractions_accepted_give_three_non_empty_splits_of_every_sample(val_fraction: float,
                                                                        test_fraction: float) -> None:
-    try:
-        splits = load_digits_tensors(val_fraction, test_fraction)
-    except ValueError:
-        return  # refused, with the reason
-    assert all(len(split) > 0 for split in splits)
-    assert sum(len(split) for split in splits) == 1797  # disjoint: test_digits_splits_are_deterministic_and_disjoint
+    """Refused exactly when the fractions leave a split empty (they sum to 1 or more, or one rounds to no sample of
+    the 1797), else split as asked: a check refusing good fractions passed here before (any refusal returned)."""
+    val, test = round(val_fraction * 1797), round(test_fraction * 1797)
+    train = 1797 - val - test
+    if val_fraction + test_fraction >= 1 or min(train, val, test) < 1:
+        with pytest.raises(ValueError, match="leaves no training data|split\\(s\\) empty"):
+            load_digits_tensors(val_fraction, test_fraction)
+        return
+    splits = load_digits_tensors(val_fraction, test_fraction)
+    assert [len(split) for split in splits] == [train, val, test]  # disjoint, every sample: see
+    # test_digits_splits_are_deterministic_and_disjoint
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -286,7 +286,7 @@ def test_a_file_is_replaced_whole_never_written_in_place(tmp_path, fp32_format):
         def forward(self, x):
             raise RuntimeError("interrupted")
 
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="interrupted"):  # (the written-then-failed case: tests/test_files.py)
         save_quantized(FailsWhenTraced(), None, path, (x,), fp32_format=fp32_format)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"] and load_quantized(path)[0] is not None
 
