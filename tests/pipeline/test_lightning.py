@@ -784,8 +784,38 @@ class _NetTwiceInsideAHost(_NetInsideAHost):
         self.tied.weight = self.net[0].weight
 
 
-@pytest.mark.parametrize("host", [_NetInsideAHost, _CompiledNetInsideAHost, _NetTwiceInsideAHost])
-def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, host):
+class _Backbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class _CompiledAboveTheSubmodule(_NetInsideAHost):
+    """`backbone` compiled and its `encoder` compressed (held as backbone._orig_mod.encoder), also registered as
+    `net`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.compile(_Backbone(), backend="eager")
+        self.net = self.backbone.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.backbone(x))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
+@pytest.mark.parametrize(("host", "submodule", "tie_masked"), [
+    (_NetInsideAHost, "net", False), (_CompiledNetInsideAHost, "net", False), (_NetTwiceInsideAHost, "net", False),
+    (_NetTwiceInsideAHost, "net", True), (_CompiledAboveTheSubmodule, "backbone.encoder", False)])
+def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, host, submodule, tie_masked):
     """With `submodule`, pruned_state_dict.pt and shrunk_state_dict.pt were the sub-module's state (keys "0.weight"):
     the module the user built refused them (README: "loads into your unchanged architecture"). They are the host's
     now, its own entries (fixed while fine-tuning) beside the compressed sub-module's under its path, as the host
@@ -798,9 +828,11 @@ def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, 
     data = DigitsDataModule(batch_size=64)
     module = host()
     _trainer(max_epochs=1, limit_train_batches=5).fit(module, datamodule=data)
+    if tie_masked:  # the tied layer outside `net` under a live mask: the host's state names the tensor weight_orig
+        torch.nn.utils.prune.l1_unstructured(module.tied, "weight", 0.3)
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", rounds=2), export=False,
                                latency_repeats=2)
-    result = compress_lightning(module, config, datamodule=data, submodule="net", fine_tune_epochs=1,
+    result = compress_lightning(module, config, datamodule=data, submodule=submodule, fine_tune_epochs=1,
                                 trainer_kwargs={"limit_train_batches": 4}, output_dir=tmp_path)
     assert result.state_files == (tmp_path / PRUNED_STATE_FILE, tmp_path / SHRUNK_STATE_FILE)
     x = next(iter(data.val_dataloader()))[0]

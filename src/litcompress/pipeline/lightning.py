@@ -501,8 +501,9 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     path (as the host holds them: ``net._orig_mod.0.weight`` for a compiled one) beside the host's own entries
     outside it (fixed while fine-tuning: the user's, pruned ones as their effective values). An outer entry that is
     a submodule's tensor under another name (a tied weight, the submodule registered twice) takes the compressed
-    value too, or loading it would put the user's back. The file then loads into the module the user built
-    (``Module().load_state_dict``, or ``load_shrunk_state_dict(Module(), ...)``), as a whole module's files do."""
+    value too (found by identity), or loading it would put the user's back. The file then loads into the module the
+    user built (``Module().load_state_dict``, or ``load_shrunk_state_dict(Module(), ...)``), as a whole module's
+    files do."""
     from collections import OrderedDict
 
     from litcompress._files import written_atomically
@@ -516,20 +517,45 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     prefixed._metadata = OrderedDict(((prefix + name).rstrip("."), info)
                                      for name, info in getattr(inside, "_metadata", {}).items())
     prefixed = keyed_as_compiled_parts(host, prefixed)  # (written with a compiled part's eager keys)
+    # the host's tensors by identity: a name that holds one of the submodule's (a compiled part's path to it, a
+    # second registration, a tie) is found whatever its prefix, and a pruned one by its leaf (`weight_orig`)
+    inside_by_tensor: dict[int, str] = {}
+    for key in prefixed:
+        tensor = _leaf_named(host, key)
+        if tensor is not None:
+            inside_by_tensor.setdefault(id(tensor), key)
+    within = {id(tensor) for tensor in host.get_submodule(submodule).state_dict(keep_vars=True).values()}
     outer = permanent_state_dict(host)
-    held = host.state_dict(keep_vars=True)
-    inside_by_tensor = {id(tensor): key for key, tensor in held.items() if key.startswith(prefix)}
     state: Any = OrderedDict()
     for key, value in outer.items():
-        if not key.startswith(prefix):
-            twin = inside_by_tensor.get(id(held[key])) if key in held else None
-            state[key] = prefixed.get(twin, value) if twin is not None else value
+        tensor = _leaf_named(host, key)
+        twin = inside_by_tensor.get(id(tensor)) if tensor is not None else None
+        if twin is not None:
+            if twin != key:
+                state[key] = prefixed[twin]
+        elif tensor is None or id(tensor) not in within:  # (a submodule tensor the file lacks: shrink replaced it)
+            state[key] = value
     state.update(prefixed)
     state._metadata = OrderedDict((name, info) for name, info in getattr(outer, "_metadata", {}).items()
                                   if name != submodule and not name.startswith(prefix))
     state._metadata.update(prefixed._metadata)
     with written_atomically(path) as partial:
         torch.save(state, partial)
+
+
+def _leaf_named(module: nn.Module, key: str) -> torch.Tensor | None:
+    """The parameter or buffer a state-dict `key` of `module` stands for (a pruned tensor's ``<name>_orig`` leaf for
+    ``<name>``), or None (extra state, a name it does not have)."""
+    path, _, name = key.rpartition(".")
+    try:
+        holder = module.get_submodule(path)
+    except AttributeError:
+        return None
+    for leaf in (f"{name}_orig", name):
+        tensor = holder._parameters.get(leaf, holder._buffers.get(leaf))
+        if tensor is not None:
+            return tensor
+    return None
 
 
 def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable[[object], tuple] | None,
