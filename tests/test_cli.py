@@ -280,6 +280,31 @@ def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, c
                 in capsys.readouterr().err)
 
 
+def test_report_names_an_earlier_runs_plot_and_markdown_beside_a_newer_report(first_run, capsys, tmp_path):
+    """A run stopped after writing report.json (its Markdown and plot come next) left the earlier run's report.png,
+    a plot of other figures, beside it without a word; writing them again as the note says makes it go."""
+    import shutil
+
+    _, out = first_run
+    folder = tmp_path / "out"
+    shutil.copytree(out, folder)
+    written = (folder / "report.json").stat().st_mtime
+    os.utime(folder / "report.png", (written - 60, written - 60))
+    assert main(["report", str(folder)]) == 0
+    assert (f"note: report.png in {folder} is older than report.json: an earlier run's, not this report's"
+            in capsys.readouterr().err)
+    os.utime(folder / "report.md", (written - 60, written - 60))
+    assert main(["report", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert f"report.md and report.png in {folder} are older than report.json" in err
+    again = f"--markdown {folder / 'report.md'} --plot {folder / 'report.png'}"
+    assert f"`litcompress report {folder} {again}` writes this report's" in err
+    assert main(["report", str(folder), *again.split()]) == 0
+    assert "older than" not in capsys.readouterr().err
+    assert main(["report", str(folder)]) == 0
+    assert "older than" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("name", "args", "said"), [
     ("dense.ckpt", ["--train-epochs", "1"], "is the file this run writes its trained dense model to ({given}), after "
                                             "--train-epochs 1: the checkpoint given would be lost"),

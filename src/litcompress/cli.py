@@ -1171,18 +1171,33 @@ def _check_checkpoint_is_no_output(args: argparse.Namespace) -> None:
                          "checkpoint given would be lost. Copy it elsewhere, or give another --output-dir.")
 
 
-def _note_outputs_newer_than(report_path: Path) -> None:
+def _note_files_the_report_does_not_describe(report_path: Path, rewritten: Sequence[Path] = ()) -> None:
     """Name the output files of the report's folder written after it: a later run into the folder that did not
-    finish (interrupted, failed) left them, and the report does not describe them."""
+    finish (interrupted, failed) left them, and the report does not describe them. And a ``report.md`` or
+    ``report.png`` beside a ``report.json`` written after them: an earlier run's (the report's own are written
+    right after it; a run stopped in between, or one without a plot, left the earlier ones), unless `rewritten`
+    (this command's ``--markdown``/``--plot``) replaces it."""
     from litcompress.pipeline.compress import PRUNED_STATE_FILE, SHRUNK_STATE_FILE
 
     written = report_path.stat().st_mtime
-    newer = sorted(p.name for p in report_path.parent.iterdir() if p.is_file() and p.stat().st_mtime > written + 1
+    folder = report_path.parent
+    newer = sorted(p.name for p in folder.iterdir() if p.is_file() and p.stat().st_mtime > written + 1
                    and (p.name in (PRUNED_STATE_FILE, SHRUNK_STATE_FILE, "dense.ckpt") or p.stem == "model"))
     if newer:
-        _stderr(f"note: {', '.join(newer)} in {report_path.parent} {'is' if len(newer) == 1 else 'are'} newer than "
+        _stderr(f"note: {', '.join(newer)} in {folder} {'is' if len(newer) == 1 else 'are'} newer than "
                 f"{report_path.name}, which does not describe {'it' if len(newer) == 1 else 'them'} (a later run into "
                 "this folder that did not finish?).")
+    if report_path.name != "report.json":
+        return
+    replaced = {path.resolve() for path in rewritten}
+    older = [name for name in ("report.md", "report.png") if (folder / name).is_file()
+             and (folder / name).stat().st_mtime < written - 1 and (folder / name).resolve() not in replaced]
+    if older:
+        again = " ".join(f"--{'markdown' if name.endswith('.md') else 'plot'} {folder / name}" for name in older)
+        _stderr(f"note: {' and '.join(older)} in {folder} {'is' if len(older) == 1 else 'are'} older than "
+                f"report.json: an earlier run's, not this report's (a later run stopped before writing "
+                f"{'it' if len(older) == 1 else 'them'}, or wrote no plot); `litcompress report {folder} {again}` "
+                "writes this report's.")
 
 
 def _file_markdown_must_not_replace(markdown: Path, report_path: Path, artifact: str | None) -> str | None:
@@ -1248,7 +1263,10 @@ def run_report(args: argparse.Namespace) -> int:
                 raise ValueError(f"--markdown {args.markdown} and --plot {args.plot} name the same file; give two.")
     except (ValueError, ImportError) as error:
         args.subparser.error(in_cli_terms(str(error)))
-    _note_outputs_newer_than(path)
+    from litcompress.report.compression import plot_path
+
+    _note_files_the_report_does_not_describe(path, [*([args.markdown] if args.markdown else []),
+                                                    *([plot_path(args.plot)] if args.plot else [])])
     _print_report(report)
     if args.markdown:
         print(f"markdown: {report.save_markdown(args.markdown)}")
