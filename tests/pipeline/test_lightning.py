@@ -784,6 +784,29 @@ class _NetTwiceInsideAHost(_NetInsideAHost):
         self.tied.weight = self.net[0].weight
 
 
+class _Affine(nn.Module):
+    """Two parameters named as a pruning pair would be, `weight` and `weight_orig`, that are not one."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.weight_orig = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.weight_orig
+
+
+class _AffineTwiceInsideAHost(_NetInsideAHost):
+    """`net` ends in an _Affine, registered again as `alias`, and its `weight` tied into an _Affine outside `net`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.append(_Affine(10))
+        self.alias = self.net
+        self.outer = _Affine(10)
+        self.outer.weight = self.net[3].weight
+
+
 class _Backbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -814,7 +837,8 @@ class _CompiledAboveTheSubmodule(_NetInsideAHost):
 
 @pytest.mark.parametrize(("host", "submodule", "tie_masked"), [
     (_NetInsideAHost, "net", False), (_CompiledNetInsideAHost, "net", False), (_NetTwiceInsideAHost, "net", False),
-    (_NetTwiceInsideAHost, "net", True), (_CompiledAboveTheSubmodule, "backbone.encoder", False)])
+    (_NetTwiceInsideAHost, "net", True), (_CompiledAboveTheSubmodule, "backbone.encoder", False),
+    (_AffineTwiceInsideAHost, "net", False)])
 def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, host, submodule, tie_masked):
     """With `submodule`, pruned_state_dict.pt and shrunk_state_dict.pt were the sub-module's state (keys "0.weight"):
     the module the user built refused them (README: "loads into your unchanged architecture"). They are the host's

@@ -551,7 +551,7 @@ def _leaf_named(module: nn.Module, key: str) -> torch.Tensor | None:
         holder = module.get_submodule(path)
     except AttributeError:
         return None
-    for leaf in (f"{name}_orig", name):
+    for leaf in (name, f"{name}_orig"):  # (a pruned `<name>` is no parameter; a real one beside a `<name>_orig` is)
         tensor = holder._parameters.get(leaf, holder._buffers.get(leaf))
         if tensor is not None:
             return tensor
