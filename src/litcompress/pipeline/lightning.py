@@ -500,8 +500,9 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     """Rewrite the state dict at `path`, the compressed `submodule`'s, as `host`'s: its keys under the submodule's
     path (as the host holds them: ``net._orig_mod.0.weight`` for a compiled one) beside the host's own entries
     outside it (fixed while fine-tuning: the user's, pruned ones as their effective values). An outer entry that is
-    a submodule's tensor under another name (a tied weight, the submodule registered twice) takes the compressed
-    value too (found by identity), or loading it would put the user's back. The file then loads into the module the
+    a submodule's tensor under another name (a tied weight, a layer of it registered twice) takes the compressed
+    value too (found by identity), or loading it would put the user's back; the submodule registered twice has
+    the file's whole state under both names. The file then loads into the module the
     user built (``Module().load_state_dict``, or ``load_shrunk_state_dict(Module(), ...)``), as a whole module's
     files do."""
     from collections import OrderedDict
@@ -517,6 +518,17 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     prefixed._metadata = OrderedDict(((prefix + name).rstrip("."), info)
                                      for name, info in getattr(inside, "_metadata", {}).items())
     prefixed = keyed_as_compiled_parts(host, prefixed)  # (written with a compiled part's eager keys)
+    # the submodule registered under other names too (`self.alias = self.net`): its whole state under each, as the
+    # file holds it (a layer shrink replaced, with keys the host's does not have, included)
+    root = host.get_submodule(submodule)
+    names = [name for name, module in host.named_modules(remove_duplicate=False) if module is root]
+    held_as = next((name for name in names if any(key.startswith(f"{name}.") for key in prefixed)), None)
+    aliases = [f"{name}." for name in names if name != held_as] if held_as is not None else []
+    copies: Any = OrderedDict((alias + key[len(held_as) + 1:], value) for alias in aliases
+                              for key, value in prefixed.items() if key.startswith(f"{held_as}."))
+    copies._metadata = OrderedDict((alias.rstrip(".") + name[len(held_as):], info) for alias in aliases
+                                   for name, info in prefixed._metadata.items()
+                                   if name == held_as or name.startswith(f"{held_as}."))
     # the host's tensors by identity: a name that holds one of the submodule's (a compiled part's path to it, a
     # second registration, a tie) is found whatever its prefix, and a pruned one by its leaf (`weight_orig`)
     inside_by_tensor: dict[int, str] = {}
@@ -528,6 +540,8 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     outer = permanent_state_dict(host)
     state: Any = OrderedDict()
     for key, value in outer.items():
+        if key.startswith(tuple(aliases)):
+            continue  # (copied whole above)
         tensor = _leaf_named(host, key)
         twin = inside_by_tensor.get(id(tensor)) if tensor is not None else None
         if twin is not None:
@@ -536,9 +550,11 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
         elif tensor is None or id(tensor) not in within:  # (a submodule tensor the file lacks: shrink replaced it)
             state[key] = value
     state.update(prefixed)
+    state.update(copies)
     state._metadata = OrderedDict((name, info) for name, info in getattr(outer, "_metadata", {}).items()
                                   if name != submodule and not name.startswith(prefix))
     state._metadata.update(prefixed._metadata)
+    state._metadata.update(copies._metadata)
     with written_atomically(path) as partial:
         torch.save(state, partial)
 
