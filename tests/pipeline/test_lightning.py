@@ -830,6 +830,24 @@ class _AttentionTwiceInsideAHost(_NetInsideAHost):
         self.alias = self.net
 
 
+class _AttentionLayerTwiceInsideAHost(_NetInsideAHost):
+    """A layer inside `net`, its attention (which shrink replaces), registered again outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _Attending()
+        self.attention = self.net.attn
+
+
+class _BiaslessLayerTwiceInsideAHost(_NetInsideAHost):
+    """`net`'s last layer has no bias (shrink gives it one) and is registered again outside `net`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[2] = nn.Linear(32, 10, bias=False)
+        self.last = self.net[2]
+
+
 class _Backbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -861,7 +879,8 @@ class _CompiledAboveTheSubmodule(_NetInsideAHost):
 @pytest.mark.parametrize(("host", "submodule", "tie_masked"), [
     (_NetInsideAHost, "net", False), (_CompiledNetInsideAHost, "net", False), (_NetTwiceInsideAHost, "net", False),
     (_NetTwiceInsideAHost, "net", True), (_CompiledAboveTheSubmodule, "backbone.encoder", False),
-    (_AffineTwiceInsideAHost, "net", False), (_AttentionTwiceInsideAHost, "net", False)])
+    (_AffineTwiceInsideAHost, "net", False), (_AttentionTwiceInsideAHost, "net", False),
+    (_AttentionLayerTwiceInsideAHost, "net", False), (_BiaslessLayerTwiceInsideAHost, "net", False)])
 def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, host, submodule, tie_masked):
     """With `submodule`, pruned_state_dict.pt and shrunk_state_dict.pt were the sub-module's state (keys "0.weight"):
     the module the user built refused them (README: "loads into your unchanged architecture"). They are the host's
@@ -877,7 +896,7 @@ def test_a_submodules_state_files_load_into_the_module_the_user_built(tmp_path, 
     _trainer(max_epochs=1, limit_train_batches=5).fit(module, datamodule=data)
     if tie_masked:  # the tied layer outside `net` under a live mask: the host's state names the tensor weight_orig
         torch.nn.utils.prune.l1_unstructured(module.tied, "weight", 0.3)
-    heads = 0.5 if host is _AttentionTwiceInsideAHost else 0.0
+    heads = 0.5 if host in (_AttentionTwiceInsideAHost, _AttentionLayerTwiceInsideAHost) else 0.0
     config = CompressionConfig(prune=PruneConfig(sparsity=0.5, method="ln_structured", rounds=2, heads=heads),
                                export=False, latency_repeats=2)
     result = compress_lightning(module, config, datamodule=data, submodule=submodule, fine_tune_epochs=1,

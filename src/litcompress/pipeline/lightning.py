@@ -501,8 +501,8 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     path (as the host holds them: ``net._orig_mod.0.weight`` for a compiled one) beside the host's own entries
     outside it (fixed while fine-tuning: the user's, pruned ones as their effective values). An outer entry that is
     a submodule's tensor under another name (a tied weight, a layer of it registered twice) takes the compressed
-    value too (found by identity), or loading it would put the user's back; the submodule registered twice has
-    the file's whole state under both names. The file then loads into the module the
+    value too (found by identity), or loading it would put the user's back; the submodule, or a layer of it,
+    registered twice has the file's whole state under both names. The file then loads into the module the
     user built (``Module().load_state_dict``, or ``load_shrunk_state_dict(Module(), ...)``), as a whole module's
     files do."""
     from collections import OrderedDict
@@ -518,17 +518,30 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
     prefixed._metadata = OrderedDict(((prefix + name).rstrip("."), info)
                                      for name, info in getattr(inside, "_metadata", {}).items())
     prefixed = keyed_as_compiled_parts(host, prefixed)  # (written with a compiled part's eager keys)
-    # the submodule registered under other names too (`self.alias = self.net`): its whole state under each, as the
-    # file holds it (a layer shrink replaced, with keys the host's does not have, included)
+    # the submodule, or a layer of it, registered under other names too (`self.alias = self.net`, `self.first =
+    # self.net[0]`): its whole state under each, as the file holds it (a layer shrink replaced or gave a bias, with
+    # keys the host's does not have, included)
     root = host.get_submodule(submodule)
-    names = [name for name, module in host.named_modules(remove_duplicate=False) if module is root]
-    held_as = next((name for name in names if any(key.startswith(f"{name}.") for key in prefixed)), None)
-    aliases = [f"{name}." for name in names if name != held_as] if held_as is not None else []
-    copies: Any = OrderedDict((alias + key[len(held_as) + 1:], value) for alias in aliases
-                              for key, value in prefixed.items() if key.startswith(f"{held_as}."))
-    copies._metadata = OrderedDict((alias.rstrip(".") + name[len(held_as):], info) for alias in aliases
+    within_modules = {id(module) for module in root.modules()}
+    names_of: dict[int, list[str]] = {}
+    for name, module in host.named_modules(remove_duplicate=False):
+        if id(module) in within_modules:
+            names_of.setdefault(id(module), []).append(name)
+    held_as = next((name for name in names_of[id(root)] if any(key.startswith(f"{name}.") for key in prefixed)), None)
+    aliases: list[tuple[str, str]] = []  # (another name, the name the file holds it under)
+    if held_as is not None:
+        for names in names_of.values():
+            source = next((name for name in names if name == held_as or name.startswith(f"{held_as}.")), None)
+            aliases += [(name, source) for name in names if source is not None and name != source
+                        and not (name == held_as or name.startswith(f"{held_as}."))]
+        # (a name inside another alias, `alias.attn` beside `alias`, comes with that one's copy)
+        aliases = [(name, source) for name, source in aliases
+                   if not any(name.startswith(f"{other}.") for other, _ in aliases)]
+    copies: Any = OrderedDict((alias + key[len(source):], value) for alias, source in aliases
+                              for key, value in prefixed.items() if key.startswith(f"{source}."))
+    copies._metadata = OrderedDict((alias + name[len(source):], info) for alias, source in aliases
                                    for name, info in prefixed._metadata.items()
-                                   if name == held_as or name.startswith(f"{held_as}."))
+                                   if name == source or name.startswith(f"{source}."))
     # the host's tensors by identity: a name that holds one of the submodule's (a compiled part's path to it, a
     # second registration, a tie) is found whatever its prefix, and a pruned one by its leaf (`weight_orig`)
     inside_by_tensor: dict[int, str] = {}
@@ -536,11 +549,11 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
         tensor = _leaf_named(host, key)
         if tensor is not None:
             inside_by_tensor.setdefault(id(tensor), key)
-    within = {id(tensor) for tensor in host.get_submodule(submodule).state_dict(keep_vars=True).values()}
+    within = {id(tensor) for tensor in root.state_dict(keep_vars=True).values()}
     outer = permanent_state_dict(host)
     state: Any = OrderedDict()
     for key, value in outer.items():
-        if key.startswith(tuple(aliases)):
+        if key.startswith(tuple(f"{alias}." for alias, _ in aliases)):
             continue  # (copied whole above)
         tensor = _leaf_named(host, key)
         twin = inside_by_tensor.get(id(tensor)) if tensor is not None else None
