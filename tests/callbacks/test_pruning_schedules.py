@@ -948,6 +948,8 @@ def test_a_round_that_prunes_nothing_does_not_rewind(tmp_path):
     (dict(prune_on_train_epoch_end="no"), r"`prune_on_train_epoch_end='no'`: pass True or False"),
     # walked letter by letter: "The provided `parameter_names` name: w isn't in ..."
     (dict(parameter_names="weight"), r"`parameter_names='weight'`: pass a list of names, e.g. \['weight'\]"),
+    # "'bool' object is not iterable", naming no argument
+    (dict(parameter_names=True), r"`parameter_names=True`: pass a list of names, e.g. \['weight'\]"),
 ])
 def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_construction(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):

@@ -129,6 +129,18 @@ def test_only_real_reparametrisations_are_recognised():
     assert torch.equal(layer.attn_mask, torch.ones(4))
 
 
+@pytest.mark.parametrize("keep", ["weight", [nn.Linear(2, 2)], [("0", "weight")], (nn.Linear(2, 2), "weight")])
+def test_make_permanent_names_keep_when_it_holds_no_module_name_pairs(keep):
+    """It failed with "not enough values to unpack (expected 2, got 1)", naming neither keep nor what it takes; and
+    one (module, name) pair not in a list was unpacked as two targets."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    prune_([(model[0], "weight")], "l1_unstructured", 0.5)
+    with pytest.raises(TypeError, match=r"make_permanent_\(keep=...\): expected \(module, name\) pairs"):
+        make_permanent_(model, keep=keep)
+    assert is_pruned(model[0], "weight")  # refused before anything was removed
+    assert make_permanent_(model, keep=[(model[0], "weight")]) == 0 and is_pruned(model[0], "weight")
+
+
 def test_state_hooks_make_any_state_dict_permanent_and_load_both_formats():
     model = mlp([6, 5, 3], 0)
     targets = default_targets(model)

@@ -3400,3 +3400,7 @@ def test_a_numpy_keep_multiple_of_is_taken_as_the_int_it_is():
         model[0].bias[:10] = 0
     x = torch.randn(5, 4)
     assert shrink(model, (x,), keep_multiple_of=np.int64(4)).model[0].out_features == 8  # 6 kept, rounded up
+    # and rtol: np.float32 was refused ("rtol must be a number >= 0, got np.float32(1e-04)"), True taken as 1
+    assert shrink(model, (x,), rtol=np.float32(1e-4)).model[0].out_features == 6
+    with pytest.raises(ValueError, match="rtol must be a number >= 0, got True"):
+        shrink(model, (x,), rtol=True)

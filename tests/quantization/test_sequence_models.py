@@ -108,6 +108,15 @@ def test_bad_declarations_are_refused_at_construction(bad):
         PTQConfig(dynamic_dims=bad)
 
 
+def test_numpy_ints_declare_dims_as_python_ints_do():
+    """np.int64 indices and dims, read from an array, were refused: "the dims of input 0 must be ints >= 0"."""
+    import numpy as np
+
+    assert PTQConfig(dynamic_dims={np.int64(0): np.int64(1)}).dynamic_dims == ((1,),)
+    assert PTQConfig(dynamic_dims={0: (np.int32(2), 1)}).dynamic_dims == ((1, 2),)
+    assert all(type(dim) is int for dim in PTQConfig(dynamic_dims={0: np.int64(1)}).dynamic_dims[0])
+
+
 @given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=4),
        st.lists(st.integers(1, 2), max_size=2))
 def test_resolved_dims_are_the_batch_the_varying_and_the_declared(shapes, declared):

@@ -1131,6 +1131,9 @@ def test_calibration_data_that_is_one_batch_or_holds_a_batch_the_model_cannot_ta
             ((x, y), TypeError, r"calibration_data=\(inputs of shape \(24, 16\), labels of shape \(24,\)\)\): that is "
                                 r"one \(inputs, targets\) batch"),
             ({"x": x}, TypeError, r"calibration_data=<a dict with keys \['x'\]>\): a dict is one batch"),
+            # iterated, its characters: "A batch of type str is not the model's inputs: pass input_fn=" (after the
+            # whole fit, with QuantizeOnFitEnd)
+            ("batches", TypeError, r"calibration_data='batches'\): expected batches .*, not a string"),
             ([x[:8], torch.randn(8, 15)], ValueError, r"could not be called as model\(\*inputs\) on calibration "
                                                       r"batch 1 \(inputs: \(8, 15\) torch.float32\)"),
             ((x, y[:, None].float()), ValueError, r"calibration batch 1 .* for one \(inputs, targets\) batch, give "

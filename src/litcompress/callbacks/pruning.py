@@ -29,7 +29,7 @@ import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional, Union
@@ -172,6 +172,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if isinstance(parameter_names, str):  # (walked letter by letter: "name: w isn't in ...")
             raise MisconfigurationException(f"`parameter_names={parameter_names!r}`: pass a list of names, e.g. "
                                             f"[{parameter_names!r}].")
+        if parameter_names is not None and not isinstance(parameter_names, Iterable):  # ("'bool' not iterable")
+            raise MisconfigurationException(f"`parameter_names={parameter_names!r}`: pass a list of names, e.g. "
+                                            "['weight'] or ['weight', 'bias'].")
         if not isinstance(amount, (int, float)):  # numpy's float32(0.5), int64(3): refused as no number (its float64,
             amount = as_python_number(amount)     # a float, is kept as given: it names the state in checkpoints)
         self._use_global_unstructured = use_global_unstructured

@@ -610,6 +610,12 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = (), *, owner: str
     Parameter objects are kept (their values become ``orig * mask``), so optimizers stay valid.
     """
     check_module(model, owner)
+    given = keep
+    keep = list(keep) if isinstance(keep, Iterable) and not isinstance(keep, (str, bytes)) else [keep]
+    if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], nn.Module)
+               and isinstance(pair[1], str) for pair in keep):  # (else: "not enough values to unpack")
+        raise TypeError(f"{owner}(keep=...): expected (module, name) pairs, e.g. [(model.fc, 'weight')], got "
+                        f"{given!r}.")
     kept = {(id(module), name) for module, name in keep}
     refuse_tied_holders_computing_otherwise(model, owner, skip=kept)
     removed = 0

@@ -50,6 +50,7 @@ import dataclasses
 import inspect
 import itertools
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -2885,8 +2886,9 @@ def shrink_(
         raise TypeError(f"shrink expects an nn.Module, got {type(model).__name__}")
     if example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    if not (isinstance(rtol, (int, float)) and rtol >= 0):
+    if isinstance(rtol, bool) or not (isinstance(rtol, numbers.Real) and rtol >= 0):  # (numpy's float32 taken)
         raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+    rtol = float(rtol)
     keep_multiple_of = check_channel_multiple(keep_multiple_of, "shrink")  # (numpy's int64(8) taken)
     lazy = lazy_parameter_names(model)
     if lazy:  # lazy layers (nn.LazyLinear) have no weights until their first call

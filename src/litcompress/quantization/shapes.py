@@ -11,6 +11,7 @@ A dimension is given per positional input: ``((0, 1),)`` says input 0 varies alo
 from __future__ import annotations
 
 import inspect
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 
@@ -38,15 +39,16 @@ def normalize_dynamic_dims(value: object, owner: str = "PTQConfig") -> DynamicDi
         raise TypeError(f"{where}: expected a dict from input index to dims, {example}.")
     per_input: dict[int, tuple[int, ...]] = {}
     for index, dims in items:
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        # (numpy's int64, read from an array, taken as Python's)
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
             raise ValueError(f"{where}: input index {index!r} is not an int >= 0; {example}.")
-        if isinstance(dims, int) and not isinstance(dims, bool):
+        if isinstance(dims, numbers.Integral) and not isinstance(dims, bool):
             dims = (dims,)
         if not isinstance(dims, Sequence) or isinstance(dims, (str, bytes)) or any(
-                isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+                isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in dims):
             raise ValueError(f"{where}: the dims of input {index} must be ints >= 0 (dim 0 is the batch); "
                              f"{example}.")
-        per_input[index] = tuple(sorted(set(dims)))
+        per_input[int(index)] = tuple(sorted({int(d) for d in dims}))
     if not per_input:
         return ()
     return tuple(per_input.get(i, ()) for i in range(max(per_input) + 1))

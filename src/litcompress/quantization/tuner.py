@@ -192,6 +192,9 @@ def check_calibration_data(calibration_data: object, where: str) -> None:
         raise TypeError(f"{where}(calibration_data=(inputs of shape {tuple(calibration_data[0].shape)}, labels of "
                         f"shape {tuple(calibration_data[1].shape)})): that is one (inputs, targets) batch, iterated "
                         "tensor by tensor; give batches: [(inputs, targets)] or a DataLoader.")
+    if isinstance(calibration_data, (str, bytes)):  # iterated, its characters: refused after the whole fit
+        raise TypeError(f"{where}(calibration_data={calibration_data!r}): expected batches (a DataLoader or a list "
+                        "of input batches), not a string.")
     if calibration_data is not None and not isinstance(calibration_data, Iterable):  # a bare TypeError, later
         raise TypeError(f"{where}(calibration_data={calibration_data!r}): expected batches (a DataLoader or a list "
                         "of input batches).")
