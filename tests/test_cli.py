@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import os
 import subprocess
 import time
@@ -286,7 +287,7 @@ def test_report_names_an_earlier_runs_plot_and_markdown_beside_a_newer_report(fi
     import shutil
 
     _, out = first_run
-    folder = tmp_path / "out"
+    folder = tmp_path / "the out"  # (a space: the command the note gives is quoted for a shell)
     shutil.copytree(out, folder)
     written = (folder / "report.json").stat().st_mtime
     os.utime(folder / "report.png", (written - 60, written - 60))
@@ -297,9 +298,10 @@ def test_report_names_an_earlier_runs_plot_and_markdown_beside_a_newer_report(fi
     assert main(["report", str(folder)]) == 0
     err = capsys.readouterr().err
     assert f"report.md and report.png in {folder} are older than report.json" in err
-    again = f"--markdown {folder / 'report.md'} --plot {folder / 'report.png'}"
-    assert f"`litcompress report {folder} {again}` writes this report's" in err
-    assert main(["report", str(folder), *again.split()]) == 0
+    again = f"--markdown '{folder / 'report.md'}' --plot '{folder / 'report.png'}'"
+    assert f"`litcompress report '{folder}' {again}` writes this report's" in err
+    command = re.search(r"`litcompress (report .*)` writes", err).group(1)
+    assert main(shlex.split(command)) == 0  # as pasted into a shell
     assert "older than" not in capsys.readouterr().err
     assert main(["report", str(folder)]) == 0
     assert "older than" not in capsys.readouterr().err

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -1193,10 +1194,11 @@ def _note_files_the_report_does_not_describe(report_path: Path, rewritten: Seque
     older = [name for name in ("report.md", "report.png") if (folder / name).is_file()
              and (folder / name).stat().st_mtime < written - 1 and (folder / name).resolve() not in replaced]
     if older:
-        again = " ".join(f"--{'markdown' if name.endswith('.md') else 'plot'} {folder / name}" for name in older)
+        again = " ".join(f"--{'markdown' if name.endswith('.md') else 'plot'} {shlex.quote(str(folder / name))}"
+                         for name in older)
         _stderr(f"note: {' and '.join(older)} in {folder} {'is' if len(older) == 1 else 'are'} older than "
                 f"report.json: an earlier run's, not this report's (a later run stopped before writing "
-                f"{'it' if len(older) == 1 else 'them'}, or wrote no plot); `litcompress report {folder} {again}` "
+                f"{'it' if len(older) == 1 else 'them'}, or wrote no plot); `litcompress report {shlex.quote(str(folder))} {again}` "
                 "writes this report's.")
 
 

@@ -956,6 +956,16 @@ def test_rewinding_arguments_that_would_be_ignored_or_misread_are_refused_at_con
         ModelPruning("l1_unstructured", amount=0.5, **kwargs)
 
 
+def test_parameter_names_given_as_a_generator_are_read_once(tmp_path):
+    """Checked name by name at construction, a generator was empty when the targets were found: nothing pruned."""
+    model = FixedDataModel()
+    callback = ModelPruning("l1_unstructured", amount=0.5, parameter_names=(name for name in ["weight"]),
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
+    zeros, total = zeros_and_total(weight_targets(model))
+    assert zeros == round(0.5 * total)
+
+
 def test_flags_read_as_numpy_bools_are_taken():
     import numpy as np
 

@@ -139,6 +139,7 @@ def test_make_permanent_names_keep_when_it_holds_no_module_name_pairs(keep):
         make_permanent_(model, keep=keep)
     assert is_pruned(model[0], "weight")  # refused before anything was removed
     assert make_permanent_(model, keep=[(model[0], "weight")]) == 0 and is_pruned(model[0], "weight")
+    assert make_permanent_(model, keep=[[model[0], "weight"]]) == 0 and is_pruned(model[0], "weight")  # (JSON's)
 
 
 def test_state_hooks_make_any_state_dict_permanent_and_load_both_formats():

@@ -175,6 +175,8 @@ class ModelPruning(TargetsFoundOnceConfigured):
         if parameter_names is not None and not isinstance(parameter_names, Iterable):  # ("'bool' not iterable")
             raise MisconfigurationException(f"`parameter_names={parameter_names!r}`: pass a list of names, e.g. "
                                             "['weight'] or ['weight', 'bias'].")
+        if parameter_names is not None and not isinstance(parameter_names, Sequence):
+            parameter_names = list(parameter_names)  # once: a generator, checked below, was empty when read again
         if not isinstance(amount, (int, float)):  # numpy's float32(0.5), int64(3): refused as no number (its float64,
             amount = as_python_number(amount)     # a float, is kept as given: it names the state in checkpoints)
         self._use_global_unstructured = use_global_unstructured

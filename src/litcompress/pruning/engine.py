@@ -612,8 +612,9 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = (), *, owner: str
     check_module(model, owner)
     given = keep
     keep = list(keep) if isinstance(keep, Iterable) and not isinstance(keep, (str, bytes)) else [keep]
-    if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], nn.Module)
-               and isinstance(pair[1], str) for pair in keep):  # (else: "not enough values to unpack")
+    if not all(isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
+               and isinstance(pair[0], nn.Module) and isinstance(pair[1], str)  # (a JSON list pair too)
+               for pair in keep):  # (else: "not enough values to unpack")
         raise TypeError(f"{owner}(keep=...): expected (module, name) pairs, e.g. [(model.fc, 'weight')], got "
                         f"{given!r}.")
     kept = {(id(module), name) for module, name in keep}
