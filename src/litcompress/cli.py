@@ -1198,8 +1198,8 @@ def _note_files_the_report_does_not_describe(report_path: Path, rewritten: Seque
                          for name in older)
         _stderr(f"note: {' and '.join(older)} in {folder} {'is' if len(older) == 1 else 'are'} older than "
                 f"report.json: an earlier run's, not this report's (a later run stopped before writing "
-                f"{'it' if len(older) == 1 else 'them'}, or wrote no plot); `litcompress report {shlex.quote(str(folder))} {again}` "
-                "writes this report's.")
+                f"{'it' if len(older) == 1 else 'them'}, or wrote no plot); "
+                f"`litcompress report {shlex.quote(str(folder))} {again}` writes this report's.")
 
 
 def _file_markdown_must_not_replace(markdown: Path, report_path: Path, artifact: str | None) -> str | None:
