@@ -281,7 +281,8 @@ def test_report_names_outputs_a_later_unfinished_run_left_beside_it(first_run, c
                 in capsys.readouterr().err)
 
 
-def test_report_names_an_earlier_runs_plot_and_markdown_beside_a_newer_report(first_run, capsys, tmp_path):
+def test_report_names_an_earlier_runs_plot_and_markdown_beside_a_newer_report(first_run, capsys, tmp_path,
+                                                                             monkeypatch):
     """A run stopped after writing report.json (its Markdown and plot come next) left the earlier run's report.png,
     a plot of other figures, beside it without a word; writing them again as the note says makes it go."""
     import shutil
@@ -305,6 +306,13 @@ def test_report_names_an_earlier_runs_plot_and_markdown_beside_a_newer_report(fi
     assert "older than" not in capsys.readouterr().err
     assert main(["report", str(folder)]) == 0
     assert "older than" not in capsys.readouterr().err
+    # a relative folder named like an option: ./-named in the command, or it was taken for one
+    dashed = tmp_path / "-named"
+    shutil.copytree(out, dashed)
+    os.utime(dashed / "report.png", (written - 60, written - 60))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "./-named"]) == 0
+    assert "`litcompress report ./-named --plot ./-named/report.png` writes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("name", "args", "said"), [

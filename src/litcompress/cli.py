@@ -1194,12 +1194,19 @@ def _note_files_the_report_does_not_describe(report_path: Path, rewritten: Seque
     older = [name for name in ("report.md", "report.png") if (folder / name).is_file()
              and (folder / name).stat().st_mtime < written - 1 and (folder / name).resolve() not in replaced]
     if older:
-        again = " ".join(f"--{'markdown' if name.endswith('.md') else 'plot'} {shlex.quote(str(folder / name))}"
+        again = " ".join(f"--{'markdown' if name.endswith('.md') else 'plot'} {_for_a_shell(folder / name)}"
                          for name in older)
         _stderr(f"note: {' and '.join(older)} in {folder} {'is' if len(older) == 1 else 'are'} older than "
                 f"report.json: an earlier run's, not this report's (a later run stopped before writing "
                 f"{'it' if len(older) == 1 else 'them'}, or wrote no plot); "
-                f"`litcompress report {shlex.quote(str(folder))} {again}` writes this report's.")
+                f"`litcompress report {_for_a_shell(folder)} {again}` writes this report's.")
+
+
+def _for_a_shell(path: Path) -> str:
+    """`path` as a shell command's argument: quoted, and a relative one starting with '-' as ./-name (else an
+    option)."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
 
 
 def _file_markdown_must_not_replace(markdown: Path, report_path: Path, artifact: str | None) -> str | None:

@@ -966,6 +966,16 @@ def test_parameter_names_given_as_a_generator_are_read_once(tmp_path):
     assert zeros == round(0.5 * total)
 
 
+def test_parameter_names_from_numpy_or_a_set_name_the_state_as_a_list_does():
+    """numpy's str_ names (an array) and a set's order (its hash seed's) went into the checkpoint's state key, which
+    a resume given a list, or run in another process, did not find: the callback's state was dropped."""
+    import numpy as np
+
+    listed = ModelPruning("l1_unstructured", amount=0.5, parameter_names=["bias", "weight"]).state_key
+    for names in (np.array(["bias", "weight"]), {"weight", "bias"}, frozenset({"bias", "weight"})):
+        assert ModelPruning("l1_unstructured", amount=0.5, parameter_names=names).state_key == listed
+
+
 def test_flags_read_as_numpy_bools_are_taken():
     import numpy as np
 

@@ -142,6 +142,18 @@ def test_make_permanent_names_keep_when_it_holds_no_module_name_pairs(keep):
     assert make_permanent_(model, keep=[[model[0], "weight"]]) == 0 and is_pruned(model[0], "weight")  # (JSON's)
 
 
+def test_make_permanent_keeps_a_compiled_layers_mask_and_refuses_pairs_the_model_does_not_hold():
+    """A compiled layer in keep matched no mask (its hook is on the eager module) and one of another model or a
+    misspelt name matched none either: each mask was made permanent without a word."""
+    model = nn.Sequential(torch.compile(nn.Linear(4, 4), backend="eager"), nn.Linear(4, 2))
+    prune_([(model[0]._orig_mod, "weight"), (model[1], "weight")], "l1_unstructured", 0.5)
+    for keep, named in (([(nn.Linear(4, 4), "weight")], "Linear.weight"), ([(model[1], "wieght")], "Linear.wieght")):
+        with pytest.raises(ValueError, match=rf"keep=...\): {named} is no tensor of a module of the model given"):
+            make_permanent_(model, keep=keep)
+    assert make_permanent_(model, keep=[(model[0], "weight")]) == 1
+    assert is_pruned(model[0]._orig_mod, "weight") and not is_pruned(model[1], "weight")
+
+
 def test_state_hooks_make_any_state_dict_permanent_and_load_both_formats():
     model = mlp([6, 5, 3], 0)
     targets = default_targets(model)

@@ -860,3 +860,22 @@ def test_layers_the_quantizer_leaves_in_fp32_are_named_and_are_those_the_int8_mo
     program = qat.convert().model.program
     int8_shapes = {tuple(t.shape) for t in program.buffers() if t.dtype == torch.int8}
     assert int8_shapes == {tuple(model.mix.weight.shape), tuple(model.head.weight.shape)}  # the rest ran in fp32
+
+
+class _Conv1dThenRelu(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.conv, self.functional, self.relu = nn.Conv1d(4, 6, 3), functional, nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)) if self.functional else self.relu(self.conv(x))
+
+
+def test_a_conv1d_is_taken_only_where_an_relu_module_follows_it_as_the_readme_says():
+    """README and prepare_qat's refusal named Linear and Conv2d only, while the x86 quantizer also takes a Conv1d
+    followed by an nn.ReLU module (not torch.relu)."""
+    x = torch.randn(2, 4, 10)
+    taken = prepare_qat(_Conv1dThenRelu(functional=False), (x,))
+    assert taken._fake_quantizers
+    with pytest.raises(ValueError, match=r"takes Linear and Conv2d layers, and a Conv1d an nn.ReLU module follows"):
+        prepare_qat(_Conv1dThenRelu(functional=True), (x,))

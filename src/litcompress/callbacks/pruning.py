@@ -176,7 +176,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
             raise MisconfigurationException(f"`parameter_names={parameter_names!r}`: pass a list of names, e.g. "
                                             "['weight'] or ['weight', 'bias'].")
         if parameter_names is not None and not isinstance(parameter_names, Sequence):
-            parameter_names = list(parameter_names)  # once: a generator, checked below, was empty when read again
+            # once: a generator, checked below, was empty when read again; as str (numpy's str_ named the state key
+            # otherwise, which a resume with a list did not find), and a set in one order (its own changes with the
+            # process's hash seed, and the key with it)
+            names = [str(name) if isinstance(name, str) else name for name in parameter_names]
+            parameter_names = sorted(names) if isinstance(parameter_names, (set, frozenset)) and all(
+                isinstance(name, str) for name in names) else names
         if not isinstance(amount, (int, float)):  # numpy's float32(0.5), int64(3): refused as no number (its float64,
             amount = as_python_number(amount)     # a float, is kept as given: it names the state in checkpoints)
         self._use_global_unstructured = use_global_unstructured

@@ -568,6 +568,13 @@ def _drop_lightning_compile_(copied: nn.Module, memo: dict[int, object]) -> None
         copied._compiler_ctx = None  # as a LightningModule starts: Lightning reads it at every fit and validate
 
 
+def _eager_module(module: nn.Module) -> nn.Module:
+    """`module`, or the eager module a ``torch.compile``'d one wraps (where its parameters and hooks live)."""
+    while is_compiled(module):
+        module = module._orig_mod
+    return module
+
+
 def is_compiled(module: nn.Module) -> bool:
     """Whether `module` is a ``torch.compile``'d wrapper (an ``OptimizedModule``). torch.compile imports
     torch._dynamo; until something has, nothing is compiled, and importing it here (1.5 s) is spared."""
@@ -617,6 +624,13 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = (), *, owner: str
                for pair in keep):  # (else: "not enough values to unpack")
         raise TypeError(f"{owner}(keep=...): expected (module, name) pairs, e.g. [(model.fc, 'weight')], got "
                         f"{given!r}.")
+    keep = [(_eager_module(module), name) for module, name in keep]  # (a compiled layer's mask is its eager one's)
+    held = {id(module) for module in model.modules()}
+    foreign = [f"{type(module).__name__}.{name}" for module, name in keep
+               if id(module) not in held or not isinstance(getattr(module, name, None), Tensor)]
+    if foreign:  # (else its mask was made permanent without a word)
+        raise ValueError(f"{owner}(keep=...): {', '.join(foreign)} is no tensor of a module of the model given; "
+                         "name (module, name) pairs of its own, e.g. [(model.fc, 'weight')].")
     kept = {(id(module), name) for module, name in keep}
     refuse_tied_holders_computing_otherwise(model, owner, skip=kept)
     removed = 0

@@ -512,13 +512,15 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor], config
         left = (f" (fp32_layers={list(config.fp32_layers)} keeps in fp32 those it would take)" if config.fp32_layers
                 else "")
         raise ValueError(f"prepare_qat: no layer of {type(model).__name__} is quantized{left}: torchao's x86 "
-                         "quantizer takes Linear and Conv2d layers (and the ops around them); with none, "
+                         "quantizer takes Linear and Conv2d layers, and a Conv1d an nn.ReLU module follows (and the "
+                         "ops around them); with none, "
                          "QAT would train an fp32 model and convert it to itself.")
     left_in_fp32 = _layers_left_in_fp32(model, prepared, config.fp32_layers)
     if left_in_fp32:  # (the int8 model would run them in fp32, and nothing said so)
         # every name, those given too: the suggestion copied as it is keeps them fp32 and silences the warning
         listed = tuple(config.fp32_layers) + tuple(name.split(" ")[0] for name in left_in_fp32)
-        warnings.warn(f"prepare_qat: torchao's x86 quantizer takes Linear and Conv2d layers; "
+        warnings.warn(f"prepare_qat: torchao's x86 quantizer takes Linear and Conv2d layers, and a Conv1d an "
+                      "nn.ReLU module follows; "
                       f"{', '.join(left_in_fp32[:6])}{' ...' if len(left_in_fp32) > 6 else ''} "
                       f"{'stays' if len(left_in_fp32) == 1 else 'stay'} float32 in the int8 model (not "
                       f"fake-quantized). To say that is meant, list them in QATConfig(fp32_layers={listed!r}).",
