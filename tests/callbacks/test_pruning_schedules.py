@@ -976,6 +976,26 @@ def test_parameter_names_from_numpy_or_a_set_name_the_state_as_a_list_does():
         assert ModelPruning("l1_unstructured", amount=0.5, parameter_names=names).state_key == listed
 
 
+class _PermanentInOneLayer(ModelPruning):
+    """An override (as Lightning's docs allow) that makes permanent only the part of the model it names."""
+
+    def make_pruning_permanent(self, module):
+        super().make_pruning_permanent(module.layer.mlp_1)
+
+
+def test_a_subclass_making_one_part_permanent_beside_a_callback_keeping_its_masks(tmp_path):
+    """The other callback's masks outside that part were passed on as kept, and make_permanent_ refused them as
+    tensors of no module of the part given, at the fit's end (feba627)."""
+    model = FixedDataModel()
+    first, third = model.layer.mlp_1, model.layer.mlp_3
+    callbacks = [_PermanentInOneLayer("l1_unstructured", amount=0.5, parameters_to_prune=[(first, "weight")],
+                                      use_lottery_ticket_hypothesis=False),
+                 ModelPruning("l1_unstructured", amount=0.3, parameters_to_prune=[(third, "weight")],
+                              make_pruning_permanent=False, use_lottery_ticket_hypothesis=False)]
+    make_trainer(tmp_path, max_epochs=1, callbacks=callbacks).fit(model)
+    assert not hasattr(first, "weight_mask") and hasattr(third, "weight_mask")
+
+
 def test_flags_read_as_numpy_bools_are_taken():
     import numpy as np
 

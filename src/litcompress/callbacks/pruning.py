@@ -424,7 +424,10 @@ class ModelPruning(TargetsFoundOnceConfigured):
         """Removes pruning buffers from any pruned modules (when this callback's hooks call it, those another pruning
         callback of the trainer keeps: a ``UnitPruning(make_pruning_permanent=False)``'s were lost at fit end, and
         its resumed fit trained the units back)."""
-        engine.make_permanent_(module, keep=self._masks_others_keep(self._sparing_masks_of))
+        held = {id(sub) for sub in module.modules()}  # (a subclass may pass a part of the model: its own pairs)
+        others = self._masks_others_keep(self._sparing_masks_of)
+        engine.make_permanent_(module, keep=[(sub, name) for sub, name in others
+                                             if id(engine._eager_module(sub)) in held])
 
     @contextmanager
     def _sparing_others(self, trainer: Optional["pl.Trainer"]) -> Iterator[None]:
