@@ -427,7 +427,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         held = {id(sub) for sub in module.modules()}  # (a subclass may pass a part of the model: its own pairs)
         others = self._masks_others_keep(self._sparing_masks_of)
         engine.make_permanent_(module, keep=[(sub, name) for sub, name in others
-                                             if id(engine._eager_module(sub)) in held])
+                                             if id(engine.eager_module(sub)) in held])
 
     @contextmanager
     def _sparing_others(self, trainer: Optional["pl.Trainer"]) -> Iterator[None]:

@@ -568,7 +568,7 @@ def _drop_lightning_compile_(copied: nn.Module, memo: dict[int, object]) -> None
         copied._compiler_ctx = None  # as a LightningModule starts: Lightning reads it at every fit and validate
 
 
-def _eager_module(module: nn.Module) -> nn.Module:
+def eager_module(module: nn.Module) -> nn.Module:
     """`module`, or the eager module a ``torch.compile``'d one wraps (where its parameters and hooks live)."""
     while is_compiled(module):
         module = module._orig_mod
@@ -624,7 +624,7 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = (), *, owner: str
                for pair in keep):  # (else: "not enough values to unpack")
         raise TypeError(f"{owner}(keep=...): expected (module, name) pairs, e.g. [(model.fc, 'weight')], got "
                         f"{given!r}.")
-    keep = [(_eager_module(module), name) for module, name in keep]  # (a compiled layer's mask is its eager one's)
+    keep = [(eager_module(module), name) for module, name in keep]  # (a compiled layer's mask is its eager one's)
     held = {id(module) for module in model.modules()}
     foreign = [f"{type(module).__name__}.{name}" for module, name in keep
                if id(module) not in held or not isinstance(getattr(module, name, None), Tensor)]
