@@ -575,16 +575,15 @@ def _keyed_for_host(path: Path, host: nn.Module, submodule: str) -> None:
 def _leaf_named(module: nn.Module, key: str) -> torch.Tensor | None:
     """The parameter or buffer a state-dict `key` of `module` stands for (a pruned tensor's ``<name>_orig`` leaf for
     ``<name>``), or None (extra state, a name it does not have)."""
+    from litcompress.pruning.engine import trainable_tensor
+
     path, _, name = key.rpartition(".")
     try:
         holder = module.get_submodule(path)
     except AttributeError:
         return None
-    for leaf in (name, f"{name}_orig"):  # (a pruned `<name>` is no parameter; a real one beside a `<name>_orig` is)
-        tensor = holder._parameters.get(leaf, holder._buffers.get(leaf))
-        if tensor is not None:
-            return tensor
-    return None
+    tensor = trainable_tensor(holder, name) if hasattr(holder, name) else None
+    return tensor if isinstance(tensor, torch.Tensor) else None
 
 
 def _check_distillable(model: nn.Module, example_inputs: Any, input_fn: Callable[[object], tuple] | None,
