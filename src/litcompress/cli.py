@@ -1461,9 +1461,10 @@ _OPTIONS = {"PruneConfig": {"exclude": "--exclude", "heads": "--prune-heads", "m
                           "num_threads": "--threads"},
             "CompressionConfig": {"keep_multiple_of": "--keep-multiple-of", "sparse_kernels": "--sparse-kernels",
                                   "fp32_format": "--fp32-format", "latency_repeats": "--latency-repeats",
-                                  "num_threads": "--threads"}}
+                                  "num_threads": "--threads"},
+            "preview_shrink": {"keep_multiple_of": "--keep-multiple-of"}}
 _VALUE = r"'[^']*'|[\w.+-]+|\.\.\."
-_CONFIG_CALL = re.compile(rf"\b(PruneConfig|PTQConfig|CompressionConfig)\(((?:\w+=(?:{_VALUE})(?:, )?)+)\)")
+_CONFIG_CALL = re.compile(rf"\b(PruneConfig|PTQConfig|CompressionConfig|preview_shrink)\(((?:\w+=(?:{_VALUE})(?:, )?)+)\)")
 _ARGUMENT = re.compile(rf"(\w+)=({_VALUE})")
 
 

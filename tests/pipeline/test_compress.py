@@ -2849,3 +2849,78 @@ def test_a_link_to_a_folder_under_an_output_files_name_is_no_folder_in_the_way(t
     # Lightning's checkpoint save follows the link: it wrote the checkpoint into the folder under a temporary name
     (tmp_path / "dense.ckpt").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     assert folders_in_the_way(tmp_path, ["model.pt"], written_through_links=["dense.ckpt"]) == ["dense.ckpt"]
+
+
+class _TakesNamedInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.relu(self.first(image)))).mean((2, 3)))
+
+
+def test_preview_shrink_reads_a_dict_of_example_inputs_as_compress_does():
+    """compress reads a dict by forward's parameter names; preview_shrink, told to take the inputs compress takes,
+    refused it ('Expected a tensor or a tuple of tensors')."""
+    from litcompress.pipeline import preview_shrink
+
+    torch.manual_seed(0)
+    model, image = _TakesNamedInputs(), torch.randn(2, 1, 8, 8)
+    prune = PruneConfig(sparsity=0.5, method="ln_structured")
+    by_name, _ = preview_shrink(model, prune, example_inputs={"image": image})
+    as_tensor, _ = preview_shrink(model, prune, example_inputs=image)
+    assert by_name.report.table() == as_tensor.report.table() and by_name.report.parameters_after < sum(
+        p.numel() for p in model.parameters())
+    # a forward that takes the dict itself: read by input_fn, as compress(input_fn=) reads it
+    whole, _ = preview_shrink(model, prune, example_inputs={"pixels": image}, input_fn=lambda batch: (batch["pixels"],))
+    assert whole.report.table() == as_tensor.report.table()
+
+
+@pytest.mark.parametrize("keep_multiple_of", [2.5, "8", 0, True])
+def test_preview_shrink_names_a_bad_keep_multiple_of(keep_multiple_of):
+    from litcompress.pipeline import preview_shrink
+
+    with pytest.raises(ValueError, match=r"preview_shrink\(keep_multiple_of=.*\): expected an int >= 1"):
+        preview_shrink(_TakesNamedInputs(), PruneConfig(sparsity=0.5, method="ln_structured"),
+                       keep_multiple_of=keep_multiple_of)
+
+
+def test_preview_shrink_names_its_own_keep_multiple_of_when_it_keeps_every_channel():
+    from litcompress.pipeline import preview_shrink
+
+    with pytest.raises(ValueError, match=r"^preview_shrink\(keep_multiple_of=64\) keeps every channel"):
+        preview_shrink(_TakesNamedInputs(), PruneConfig(sparsity=0.5, method="ln_structured"), keep_multiple_of=64)
+
+
+def test_preview_shrink_says_its_counts_follow_training_without_zero_batch_norm(digits):
+    """With zero_batch_norm=False a pruned channel's constant (a BatchNorm's shift) decides whether shrink removes it
+    before a zero-padded conv, and fine-tuning moves it: compress kept 12 and 13 channels where the preview said 9
+    and 13, with nothing said."""
+    from litcompress.pipeline import preview_shrink
+    from tests.pruning.test_groups import ResNet, randomised
+
+    torch.manual_seed(1)
+    model = randomised(ResNet(), seed=1)
+    x = digits[2][:16].view(-1, 1, 8, 8)
+
+    def fine_tune(work, step):
+        work.train()
+        optimizer = torch.optim.SGD(work.parameters(), lr=1e-2)
+        for t in range(1, 21):
+            optimizer.zero_grad()
+            work(x).pow(2).mean().backward()
+            optimizer.step()
+            step(t)
+
+    for zero_batch_norm in (True, False):
+        prune = PruneConfig(sparsity=0.5, method="ln_structured", schedule="cubic", zero_batch_norm=zero_batch_norm)
+        preview, notes = preview_shrink(model, prune, example_inputs=x)
+        said = [n for n in notes if n.startswith("zero_batch_norm=False: a pruned channel outputs a constant")]
+        assert len(said) == (not zero_batch_norm)
+        if zero_batch_norm:  # the promise the note qualifies: the same widths after fine-tuning
+            result = compress(model, CompressionConfig(prune=prune, **FAST), eval_fn=accuracy(x, digits[3][:16]),
+                              example_inputs=x, fine_tune=fine_tune, fine_tune_steps=20)
+            assert {layer.name: layer.channels_after for layer in preview.report.layers} == \
+                {layer.name: layer.channels_after for layer in result.shrink.layers}

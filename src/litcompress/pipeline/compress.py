@@ -45,7 +45,7 @@ from litcompress.pruning.parametrizations import (fold_parametrizations_, is_scr
                                                   tied_folded_tensors, unfold_state_dict)
 from litcompress.pruning.recurrent import RECURRENT_LAYERS, prune_units_, units_why_not
 from litcompress.pruning.narrow import keyed_as_compiled_parts
-from litcompress.pruning.schedules import block_multiple, structured_pruned_count
+from litcompress.pruning.schedules import block_multiple, check_channel_multiple, structured_pruned_count
 from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, ChannelPlan, ShrinkReport, ShrinkResult,
                                         _out_channels, channel_plan, eval_outputs, is_depthwise, max_output_difference,
                                         shrink)
@@ -757,7 +757,7 @@ def _batch_norm_groups(model: nn.Module, targets: Sequence[Target], plan: Channe
 def _check_multiple_leaves_channels_to_prune(model: nn.Module, prune: PruneConfig, multiple: int,
                                              sets: list[tuple[list[Target], dict[str, Any]]],
                                              groups: list[ChannelGroup], units: list[str],
-                                             note: Callable[[str], None]) -> None:
+                                             note: Callable[[str], None], owner: str) -> None:
     """keep_multiple_of rounds each layer's kept channels up to a multiple: a layer no wider than that (or whose
     pruned count rounds to none at the final sparsity) is never pruned. Said per layer; refused when it is every
     layer (and no attention head is pruned), before any round: the report described the run as pruning to the
@@ -777,7 +777,7 @@ def _check_multiple_leaves_channels_to_prune(model: nn.Module, prune: PruneConfi
     listed = ", ".join(f"{name} ({width}{f' in {blocks} groups' if blocks > 1 else ''})"
                        for name, (width, blocks) in list(untouched.items())[:6])
     listed += ", ..." if len(untouched) > 6 else ""
-    given = f"CompressionConfig(keep_multiple_of={multiple})"
+    given = f"{owner}(keep_multiple_of={multiple})"  # CompressionConfig's field, preview_shrink's argument
     if len(untouched) == len(widths) and not prune.heads:
         raise ValueError(f"{given} keeps every channel of every layer to prune at sparsity {sparsity:.0%} (channels "
                          f"per layer: {listed}): each keeps a multiple of {multiple}, and at least one, so nothing "
@@ -808,7 +808,8 @@ class _Pruning:
     @classmethod
     def plan(cls, model: nn.Module, prune: PruneConfig, keep_multiple_of: int | None,
              note: Callable[[str], None], example_inputs: tuple | None = None, *,
-             fine_tuned: bool = False, heads_keep_multiple_of: int | None = None) -> _Pruning:
+             fine_tuned: bool = False, heads_keep_multiple_of: int | None = None,
+             owner: str = "CompressionConfig") -> _Pruning:
         # one trace for the targets, the residual groups and the BatchNorms
         plan = _traced_plan(model, example_inputs)
         heads_multiple_of = keep_multiple_of if heads_keep_multiple_of is None else heads_keep_multiple_of
@@ -852,7 +853,8 @@ class _Pruning:
             check_method_kwargs(prune.pruning_method, kwargs, "PruneConfig",
                                 ndims={getattr(m, n).dim() for m, n in subset})
         if keep_multiple_of is not None and keep_multiple_of > 1:
-            _check_multiple_leaves_channels_to_prune(model, prune, keep_multiple_of, sets, groups, units, note)
+            _check_multiple_leaves_channels_to_prune(model, prune, keep_multiple_of, sets, groups, units, note,
+                                                     owner)
         return cls(model, prune, keep_multiple_of, targets, groups, sets, held_at_zero, units=units,
                    heads_keep_multiple_of=heads_multiple_of)
 
@@ -900,26 +902,38 @@ class _Pruning:
 
 
 def preview_shrink(model: nn.Module, prune: PruneConfig, *, keep_multiple_of: int | None = None,
-                   example_inputs: torch.Tensor | tuple | None = None) -> tuple[ShrinkResult, list[str]]:
+                   example_inputs: torch.Tensor | tuple | Mapping[str, torch.Tensor] | None = None,
+                   input_fn: Callable[[object], tuple] | None = None) -> tuple[ShrinkResult, list[str]]:
     """What structured pruning to ``prune.sparsity`` and shrink do to `model`'s size, without data or training: a
     copy pruned in one shot as :func:`compress` prunes it (the same layers, channel groups, and BatchNorms held at
     zero), then shrunk. The channel counts are those :func:`compress` reaches (fine-tuning moves weights, not
     counts); the weights are not trained. Returns the shrink result (its report: per layer the channels before and
     after, the parameters) and the pipeline's notes (layers left out and why, groups). `model` is not modified.
-    Give the `example_inputs` that compress will get: their ranks let more layers through (a sequence model's
-    token pooling), and shrink checks the outputs on them.
+    Give the `example_inputs` (and `input_fn`, which reads a dict a forward takes whole) that compress will get:
+    their ranks let more layers through (a sequence model's token pooling), and shrink checks the outputs on them.
+    With ``zero_batch_norm=False`` a pruned channel outputs a constant (its BatchNorm's shift, its bias) that
+    shrink removes before a zero-padded convolution only where the activation zeroes it: there the counts follow
+    the trained values, which fine-tuning moves (a note says so).
     """
     if not isinstance(prune, PruneConfig) or not prune.structured or prune.dim != 0:
         raise ValueError(f"preview_shrink(prune={prune!r}): give a structured PruneConfig on output channels, e.g. "
                          "PruneConfig(sparsity=0.5, method='ln_structured').")
+    keep_multiple_of = check_channel_multiple(keep_multiple_of, "preview_shrink")
     notes: list[str] = []
     work = eager_copy(model)  # as compress does: torch.fx traces the eager modules of compiled parts
     folded = fold_parametrizations_(work)  # as compress does
     if folded:
         notes.append(f"folded {len(folded)} parametrized weight(s) into plain ones, as compress does: "
                      f"{', '.join(folded)}.")
-    inputs = None if example_inputs is None else to_inputs(example_inputs)
-    _Pruning.plan(work, prune, keep_multiple_of, notes.append, inputs).prune_once_(float(prune.sparsity))
+    # a dict by forward's parameter names (or input_fn), as compress reads it
+    inputs = None if example_inputs is None else example_as_inputs(work, example_inputs, input_fn)
+    if not prune.zero_batch_norm:
+        notes.append("zero_batch_norm=False: a pruned channel outputs a constant (its BatchNorm's shift, its bias), "
+                     "which shrink removes before a zero-padded convolution only where the activation zeroes it; "
+                     "there the channels removed follow the trained values, so after fine-tuning compress may keep "
+                     "more or fewer than this preview (zero_batch_norm=True makes them zero).")
+    _Pruning.plan(work, prune, keep_multiple_of, notes.append, inputs,
+                  owner="preview_shrink").prune_once_(float(prune.sparsity))
     return shrink(work, inputs, keep_multiple_of=keep_multiple_of), notes
 
 
