@@ -1464,7 +1464,7 @@ _OPTIONS = {"PruneConfig": {"exclude": "--exclude", "heads": "--prune-heads", "m
                                   "num_threads": "--threads"},
             "preview_shrink": {"keep_multiple_of": "--keep-multiple-of"}}
 _VALUE = r"'[^']*'|[\w.+-]+|\.\.\."
-_CONFIG_CALL = re.compile(rf"\b(PruneConfig|PTQConfig|CompressionConfig|preview_shrink)\(((?:\w+=(?:{_VALUE})(?:, )?)+)\)")
+_CONFIG_CALL = re.compile(rf"\b({'|'.join(_OPTIONS)})\(((?:\w+=(?:{_VALUE})(?:, )?)+)\)")
 _ARGUMENT = re.compile(rf"(\w+)=({_VALUE})")
 
 

@@ -3,6 +3,7 @@ validation loop never ran, a DataModule that prepares its data; and arguments re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -598,3 +599,71 @@ def test_max_steps_bounding_a_manually_optimized_fine_tune_is_warned_of() -> Non
                                     val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1,
                                     trainer_kwargs={"max_steps": 10})
     assert "during 5 fine-tuning steps" in result.report["pruned"].description  # half the 10 batches laid over
+
+
+class CountsValidation(Tiny):
+    validated = 0  # on the class: the stages evaluate copies of the module
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        type(self).validated += 1
+        super().validation_step(batch, batch_idx)
+
+
+_EMPTY = DataLoader(_data(0, 0), batch_size=16)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    # AttributeError: 'str' object has no attribute 'limit_val_batches', after the input model's evaluation
+    ({"trainer": "x"}, TypeError, r"compress_lightning\(trainer='x'\): expected a lightning Trainer"),
+    ({"trainer_kwargs": "x"}, TypeError, r"trainer_kwargs='x'\): expected a dict"),  # dict('x'): "length 1"
+    ({"trainer_kwargs": []}, TypeError, r"trainer_kwargs=\[\]\): expected a dict"),  # taken for None
+    # compress(metric_name=None) named, after the input model's evaluation
+    ({"metric": None}, TypeError, r"compress_lightning\(metric=None\): name the metric validation_step logs"),
+    ({"test_metric": 5, "test_dataloaders": _loader(_data(16, 2))}, TypeError,
+     r"compress_lightning\(test_metric=5\): name the metric test_step logs, a str such as 'test_acc'"),
+    # AttributeError: 'DataLoader' object has no attribute 'prepare_data'
+    ({"datamodule": _loader(_data(16, 2)), "train_dataloaders": None, "val_dataloaders": None}, TypeError,
+     r"compress_lightning\(datamodule=DataLoader\): expected a LightningDataModule"),
+    # a bare StopIteration
+    ({"val_dataloaders": _EMPTY}, ValueError, "the validation dataloader gives no batch"),
+    ({"val_dataloaders": []}, ValueError, "the validation dataloader gives no batch"),
+    # named compress(calibration_data=[]), or quantize's after the pruning
+    ({"train_dataloaders": _EMPTY, "config": "static"}, ValueError,
+     "the training dataloader is empty, and it gives static quantization's calibration batches by default"),
+])
+def test_compress_lightning_names_bad_arguments_before_any_evaluation(kwargs, error, message) -> None:
+    from litcompress.quantization import PTQConfig
+
+    config = CONFIG if kwargs.pop("config", None) is None else dataclasses.replace(
+        CONFIG, quantize=PTQConfig(approach="static"))
+    CountsValidation.validated = 0
+    arguments = {"train_dataloaders": _loader(_data(96, 0)), "val_dataloaders": _loader(_data(48, 1)), **kwargs}
+    with pytest.raises(error, match=message):
+        compress_lightning(CountsValidation(), config, **arguments)
+    assert CountsValidation.validated == 0
+
+
+@pytest.mark.parametrize("train", [[], _EMPTY])
+def test_compress_lightning_needs_no_training_batch_where_nothing_fine_tunes_or_calibrates(train) -> None:
+    """Without fine-tuning or static quantization the training loader is not read: an empty one was refused as
+    compress(calibration_data=[])."""
+    from litcompress.quantization import PTQConfig
+
+    for quantize in (None, PTQConfig(approach="dynamic")):
+        result = compress_lightning(Tiny(), dataclasses.replace(CONFIG, quantize=quantize), train_dataloaders=train,
+                                    val_dataloaders=_loader(_data(48, 1)))
+        assert result.report.stages[-1].weight_sparsity > 0
+
+
+def test_compress_lightning_takes_numpy_epochs_and_warns_of_trainer_kwargs_nothing_uses() -> None:
+    import numpy as np
+
+    counted = Batches()
+    train, val = _loader(_data(96, 0)), _loader(_data(48, 1))
+    compress_lightning(Tiny(), CONFIG, train_dataloaders=train, val_dataloaders=val, fine_tune_epochs=np.int64(1),
+                       trainer_kwargs={"callbacks": [counted]})
+    assert counted.trained == len(train)
+    with pytest.warns(UserWarning, match=r"trainer_kwargs=\{'limit_val_batches': 1\}\) without fine_tune_epochs: "
+                                         "they are the fine-tuning Trainer's arguments"):
+        compress_lightning(Tiny(), CONFIG, train_dataloaders=train, val_dataloaders=val,
+                           trainer_kwargs={"limit_val_batches": 1})

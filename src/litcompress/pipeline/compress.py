@@ -52,7 +52,7 @@ from litcompress.pruning.shrink import (_TRANSPOSED, MODEL_OUTPUT_REASON, Channe
 from litcompress.pruning.sparse import SparseLinear, sparsify
 from litcompress.quantization.artifact import (FP32_FORMATS, FP32_SUFFIXES, Fp32FormatError, bfloat16_tensors,
                                               load_quantized, save_quantized, taking_inputs_like)
-from litcompress.quantization.backends import BackendUnavailableError, get_backend, is_transposed_linear, to_inputs
+from litcompress.quantization.backends import BackendUnavailableError, get_backend, is_transposed_linear
 from litcompress.quantization.config import Recipe
 from litcompress.quantization.latency import measure_latencies, pinned_threads
 from litcompress.quantization.nested import batch_size

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from litcompress._files import cannot_write, folders_in_the_way
+from litcompress._numbers import as_python_number
 from litcompress.distillation import DistillationConfig
 from litcompress.quantization.config import check_metric_mode
 from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricCheckedEarly,
@@ -295,6 +296,9 @@ def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: 
     for name, loader in loaders.items():
         _refuse_a_dataset(loader, name, where)
     if datamodule is not None:
+        if not isinstance(datamodule, L.LightningDataModule):  # (its prepare_data failed: "no attribute")
+            raise TypeError(f"{where}(datamodule={type(datamodule).__name__}): expected a LightningDataModule; give "
+                            "dataloaders as train_dataloaders= and val_dataloaders= instead.")
         if given:
             raise ValueError(f"{where}(datamodule=..., {', '.join(f'{n}=...' for n in given)}): give a DataModule "
                              "or dataloaders, not both.")
@@ -309,6 +313,22 @@ def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: 
         raise ValueError(f"{where}(test_dataloaders=...) without test_metric=: name the metric its test_step logs "
                          "(e.g. test_metric='test_acc'), or leave the test loader out.")
     return LoadersDataModule(train, val, test)
+
+
+_NO_BATCH = object()
+
+
+def _no_validation_batch() -> ValueError:
+    return ValueError("compress_lightning: the validation dataloader gives no batch, and every stage is judged on it "
+                      "(its inputs trace and time the model too): give it batches.")
+
+
+def _known_empty(loader: object) -> bool:
+    """`loader` (a list, a DataLoader over a sized dataset) says it has no batch; one without a length is not."""
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):  # (a Dataset without __len__; an IterableDataset's loader)
+        return False
 
 
 def compress_lightning(
@@ -375,8 +395,23 @@ def compress_lightning(
     """
     # a module left on a GPU by its fit: a CPU copy, where the int8 kernels run
     module = on_the_cpu(lightning_module(module, "compress_lightning"))
+    fine_tune_epochs = as_python_number(fine_tune_epochs)  # numpy's int64 too, as find_lottery_ticket's rounds
     if isinstance(fine_tune_epochs, bool) or not isinstance(fine_tune_epochs, int) or fine_tune_epochs < 0:
         raise ValueError(f"compress_lightning(fine_tune_epochs={fine_tune_epochs!r}): expected an int >= 0.")
+    check_metric_name("metric", metric, "compress_lightning", "validation_step")
+    if test_metric is not None:
+        check_metric_name("test_metric", test_metric, "compress_lightning", "test_step")
+    if trainer is not None and not isinstance(trainer, L.Trainer):  # (read after the input model's evaluation)
+        raise TypeError(f"compress_lightning(trainer={trainer!r}): expected a lightning Trainer (whose "
+                        "limit_val_batches and limit_test_batches the stages' evaluations take) or None.")
+    if trainer_kwargs is not None and not isinstance(trainer_kwargs, Mapping):
+        raise TypeError(f"compress_lightning(trainer_kwargs={trainer_kwargs!r}): expected a dict of Trainer "
+                        "arguments for the fine-tuning, e.g. {'limit_train_batches': 10}, or None.")
+    if trainer_kwargs and not fine_tune_epochs:
+        warnings.warn(f"compress_lightning(trainer_kwargs={dict(trainer_kwargs)!r}) without fine_tune_epochs: they "
+                      "are the fine-tuning Trainer's arguments, and nothing fine-tunes, so they are not used (the "
+                      "stages' evaluations take trainer=...'s limit_val_batches and limit_test_batches).",
+                      stacklevel=2)
     config = _with_metric_mode(config if config is not None else CompressionConfig(), metric, mode,
                                "compress_lightning")
     if fine_tune_epochs and config.prune is None:
@@ -416,6 +451,12 @@ def compress_lightning(
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
+    if _known_empty(first_loader(datamodule.val_dataloader())):
+        raise _no_validation_batch()
+    if calibration_data is None and config.quantize is not None and config.quantize.approach == "static" and \
+            _known_empty(first_loader(datamodule.train_dataloader())):  # (refused by compress's or quantize's name)
+        raise ValueError("compress_lightning: the training dataloader is empty, and it gives static quantization's "
+                         "calibration batches by default: give it batches, or calibration_data=.")
     # a bf16-true or 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32
     # copy (before its steps are run on a batch to find the model's inputs)
     module = float32_for_float32_batches(module, datamodule.val_dataloader(), input_fn, "compress_lightning",
@@ -429,9 +470,14 @@ def compress_lightning(
     # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
     input_fn = input_fn or model_input_fn(module if submodule is None else module.get_submodule(submodule))
     if example_inputs is None:
-        example_inputs = batch_inputs(input_fn, next(iter(first_loader(datamodule.val_dataloader()))))
+        first_batch = next(iter(first_loader(datamodule.val_dataloader())), _NO_BATCH)
+        if first_batch is _NO_BATCH:  # (a bare StopIteration) a loader without a length
+            raise _no_validation_batch()
+        example_inputs = batch_inputs(input_fn, first_batch)
     if calibration_data is None:
         calibration_data = first_loader(datamodule.train_dataloader())
+        if _known_empty(calibration_data):  # not needed (static quantization's was refused above)
+            calibration_data = None
 
     host = detached_copy(module)
     if submodule is None:

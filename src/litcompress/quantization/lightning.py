@@ -704,7 +704,8 @@ class MetricCheckedEarly(L.Callback):
 def check_metric_name(argument: str, metric: object, owner: str, step: str) -> None:
     """`metric` names a metric that `step` logs: a non-empty string."""
     if not isinstance(metric, str):
-        raise TypeError(f"{owner}({argument}={metric!r}): name the metric {step} logs, a str such as 'val_acc'.")
+        example = "'test_acc'" if step == "test_step" else "'val_acc'"
+        raise TypeError(f"{owner}({argument}={metric!r}): name the metric {step} logs, a str such as {example}.")
     if not metric:
         raise ValueError(f"{owner}({argument}=''): name the metric {step} logs.")
 
