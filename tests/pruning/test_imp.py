@@ -855,15 +855,52 @@ class _DataSetUpCounted(DigitsDataModule):
     (dict(control="sometimes"), r"`control` must be 'none', 'final' or 'every'"),
     (dict(parameter_names="weight"), r"`parameter_names` must be a sequence of names"),
     (dict(exclude="net.0"), r"`exclude` must be a sequence of names"),
+    (dict(exclude=None), r"`exclude` must be a sequence of names"),  # "'NoneType' object is not iterable"
+    (dict(parameter_names=None), r"`parameter_names` must be a sequence of names"),
+    # a KeyError ("not logged") after the data's set-up and a test batch
+    (dict(metric=None), r"find_lottery_ticket\(metric=None\): name the metric test_step logs"),
+    (dict(metric=5, evaluate_on="validate"), r"metric=5\): name the metric validation_step logs"),
 ])
 def test_find_lottery_ticket_refuses_bad_search_arguments_before_setting_up_the_data(arguments, message):
     """They were checked by the search itself, after a Trainer was built, the data set up and one test batch run
     (the metric check), which with DDP also launched the processes."""
     _DataSetUpCounted.setups = 0
     with pytest.raises((ValueError, TypeError), match=message):
-        find_lottery_ticket(DigitsClassifier(), _DataSetUpCounted(), metric="test_acc",
-                            trainer_kwargs=dict(max_epochs=1), **{"rounds": 1, **arguments})
+        find_lottery_ticket(DigitsClassifier(), _DataSetUpCounted(),
+                            trainer_kwargs=dict(max_epochs=1), **{"rounds": 1, "metric": "test_acc", **arguments})
     assert _DataSetUpCounted.setups == 0
+
+
+def test_find_lottery_ticket_takes_a_numpy_rewind_step():
+    """np.int64(1) was refused ("must be an int >= 1, got np.int64(1)") where numpy rounds were taken."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256),
+                                 metric="test_acc", rounds=np.int64(1), rewind_to_step=np.int64(1), control="none",
+                                 trainer_kwargs=dict(max_epochs=1, limit_test_batches=1))
+    assert len(ticket.rounds) == 2
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    # failed after the whole search (the ticket's trainings), or after the first training
+    (dict(train_control=5), TypeError, r"`train_control` must be a function of the model in place, .*, or None, "
+                                       r"got 5"),
+    (dict(evaluate=None), TypeError, r"`evaluate` must be a function of the model, e.g. `def evaluate\(model\)"),
+    (dict(train=5), TypeError, r"`train` must be a function of the model in place"),
+    (dict(train_to_rewind_point="x"), TypeError, r"`train_to_rewind_point` must be a function"),
+    (dict(model=None), TypeError, r"`model` must be an nn.Module \(the network at initialisation\), got NoneType"),
+    (dict(checkpoint_settings="x"), TypeError, r"`checkpoint_settings` must be a mapping"),  # dict()'s own words
+    (dict(checkpoint_path=""), ValueError, r"`checkpoint_path` is '': name a file"),  # "'.' is a directory"
+    (dict(checkpoint_path=3), TypeError, r"`checkpoint_path` must name a file to write"),
+])
+def test_imp_refuses_what_it_cannot_call_or_write_before_any_training(arguments, error, message):
+    trainings = []
+    _, evaluate = plain_train_and_evaluate()
+    given = {"model": mlp(), "train": lambda model: trainings.append(1), "evaluate": evaluate, **arguments}
+    with pytest.raises(error, match=message):
+        iterative_magnitude_pruning(given.pop("model"), given.pop("train"), given.pop("evaluate"), rounds=1, **given)
+    assert not trainings
 
 
 class HandWrittenLinear(nn.Module):

@@ -18,10 +18,11 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from litcompress._numbers import as_python_number
 from litcompress.callbacks.pruning import _in_spawned_worker, _weight_averaging_callbacks
 from litcompress.pruning.imp import LotteryTicket, checked_search_arguments, iterative_magnitude_pruning
-from litcompress.quantization.lightning import (ctrl_c_raises, detached_copy, logged_metrics, missing_metric_message,
-                                                quiet_unless_asked, trainer_built_quietly)
+from litcompress.quantization.lightning import (check_metric_name, ctrl_c_raises, detached_copy, logged_metrics,
+                                                missing_metric_message, quiet_unless_asked, trainer_built_quietly)
 
 # a callback given that Lightning refuses beside a quiet default turns that default off (quiet_unless_asked)
 _QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -169,9 +170,14 @@ def find_lottery_ticket(
     """
     if evaluate_on not in ("test", "validate"):
         raise ValueError(f"`evaluate_on` must be 'test' or 'validate', got {evaluate_on!r}.")
+    # (a KeyError "not logged" after one evaluation)
+    check_metric_name("metric", metric, "find_lottery_ticket", f"{evaluate_on}_step" if evaluate_on == "test" else
+                      "validation_step")
+    rewind_to_step = as_python_number(rewind_to_step)  # numpy's int64 too, as `rounds`
     if rewind_to_step is not None and (isinstance(rewind_to_step, bool) or not isinstance(rewind_to_step, int)
                                        or rewind_to_step < 1):
-        raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got {rewind_to_step!r}.")
+        raise ValueError(f"`rewind_to_step` must be an int >= 1 (0 is initialisation: pass None), got "
+                         f"{rewind_to_step!r}.")
     if retrain_from not in ("start", "rewind_point"):
         raise ValueError(f"`retrain_from` must be 'start' or 'rewind_point', got {retrain_from!r}.")
     if retrain_from == "rewind_point" and rewind_to_step is None:

@@ -18,7 +18,7 @@ import numbers
 import os
 import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,13 +114,18 @@ def checked_search_arguments(rounds: int, rate: float, layer_rates: Mapping[str,
     return rounds, rate, layer_rates
 
 
+def _names(names: object) -> bool:
+    """`names` is a sequence of str (a str itself is not: its characters are no names)."""
+    return isinstance(names, Iterable) and not isinstance(names, str) and all(isinstance(n, str) for n in names)
+
+
 def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str, scope: object = "local",
               parameter_names: object = ("weight",), exclude: object = (), control_seed: object = 0) -> None:
-    if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):  # type: ignore
+    if not _names(exclude):  # (None: "'NoneType' object is not iterable")
         raise TypeError(f"`exclude` must be a sequence of names, e.g. ['head.weight'] or ['head'], got {exclude!r}.")
     if scope not in ("local", "global"):  # anything else ran local pruning without a word
         raise ValueError(f"`scope` must be 'local' or 'global', got {scope!r}.")
-    if isinstance(parameter_names, str) or not all(isinstance(n, str) for n in parameter_names):  # type: ignore
+    if not _names(parameter_names):
         raise TypeError(f"`parameter_names` must be a sequence of names, e.g. ('weight',), got {parameter_names!r}.")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"`rounds` must be an int >= 1, got {rounds!r}.")
@@ -133,6 +138,29 @@ def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], contro
     # failed there and every resume with it)
     if isinstance(control_seed, bool) or not isinstance(control_seed, numbers.Integral):
         raise TypeError(f"`control_seed` must be an int, got {control_seed!r}.")
+
+
+def _check_search_parts(model: object, train: object, evaluate: object, train_to_rewind_point: object,
+                        train_control: object, checkpoint_path: object, checkpoint_settings: object) -> None:
+    """Before any training: a model, functions where functions are called (a bad `evaluate` failed after the first
+    training, a bad `train_control` after the whole search), a path and a mapping."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module (the network at initialisation), got {type(model).__name__}.")
+    functions = {"train": train, "evaluate": evaluate, "train_to_rewind_point": train_to_rewind_point,
+                 "train_control": train_control}
+    for name, function in functions.items():
+        if not callable(function) and (function is not None or name in ("train", "evaluate")):
+            said = "model" if name == "evaluate" else "model in place"
+            raise TypeError(f"`{name}` must be a function of the {said}, e.g. `def {name}(model): ...`"
+                            f"{'' if name in ('train', 'evaluate') else ', or None'}, got {function!r}.")
+    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
+        raise TypeError(f"`checkpoint_path` must name a file to write (a str or os.PathLike), or be None; got "
+                        f"{checkpoint_path!r}.")
+    if checkpoint_path is not None and os.fspath(checkpoint_path) == "":  # ("'.' is a directory")
+        raise ValueError("`checkpoint_path` is '': name a file to write, e.g. 'imp_search.pt', or pass None.")
+    if checkpoint_settings is not None and not isinstance(checkpoint_settings, Mapping):
+        raise TypeError(f"`checkpoint_settings` must be a mapping {{name: value}} (e.g. {{'lr': 0.1}}), or None; got "
+                        f"{checkpoint_settings!r}.")
 
 
 def _remaining_fraction(targets: Sequence[Target]) -> float:
@@ -364,6 +392,8 @@ def iterative_magnitude_pruning(
     """
     rounds, rate, layer_rates = checked_search_arguments(rounds, rate, layer_rates, control, scope, parameter_names,
                                                          exclude, control_seed)
+    _check_search_parts(model, train, evaluate, train_to_rewind_point, train_control, checkpoint_path,
+                        checkpoint_settings)
     control_seed = int(control_seed)  # (numpy's: the saved settings hold Python numbers)
     network = deepcopy_model(model)
     keep_bypassed_weights_current_(network)  # once: the hooks recompute whatever masks the rounds add
