@@ -978,6 +978,36 @@ def test_load_module_from_checkpoint_reads_checkpoints_written_while_pruning(tmp
     assert not torch_prune.is_pruned(inference)
 
 
+def test_the_checkpoint_loaders_name_what_they_were_given_instead(tmp_path):
+    """A plain state-dict file failed with KeyError: 'pytorch-lightning_version', a list in the file with "list
+    indices must be integers", nn.Linear for the class with "no attribute 'load_from_checkpoint'", None for the
+    checkpoint with torch's "no attribute 'seek'"; keep_masks="no" was taken for True (the model left pruned)."""
+    from litcompress import load_module_from_checkpoint, load_pruned_checkpoint
+
+    _, path = _pruned_checkpoint(tmp_path, ModelPruning, make_pruning_permanent=True, epochs=1)
+    torch.save(ThreeLayerModel().state_dict(), tmp_path / "state.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    for kind in ("state.pt", "list.pt"):
+        with pytest.raises(ValueError, match=rf"load_module_from_checkpoint: '.*{kind}' is not a Lightning "
+                                             r"checkpoint \(no 'state_dict'\); .*load_pruned_state_dict"):
+            load_module_from_checkpoint(ThreeLayerModel, tmp_path / kind)
+        with pytest.raises(ValueError, match=r"Not a Lightning checkpoint \(no 'state_dict'\)"):
+            load_pruned_checkpoint(ThreeLayerModel(), tmp_path / kind)
+    for given, name in ((nn.Linear, "Linear"), (ThreeLayerModel(), "ThreeLayerModel"), ("x", "str")):
+        with pytest.raises(TypeError, match=rf"module_class={name}\): expected a LightningModule subclass"):
+            load_module_from_checkpoint(given, path)
+    with pytest.raises(TypeError, match=r"load_pruned_checkpoint\(checkpoint=NoneType\): expected the path"):
+        load_pruned_checkpoint(ThreeLayerModel(), None)
+    for flags, message in ((dict(keep_masks="no"), r"keep_masks='no'\): expected True or False"),
+                           (dict(strict="yes"), r"strict='yes'\): expected True or False")):
+        with pytest.raises(TypeError, match=rf"load_pruned_checkpoint\({message}"):
+            load_pruned_checkpoint(ThreeLayerModel(), path, **flags)
+        with pytest.raises(TypeError, match=rf"load_module_from_checkpoint\({message}"):
+            load_module_from_checkpoint(ThreeLayerModel, path, **flags)
+    assert not torch_prune.is_pruned(load_module_from_checkpoint(ThreeLayerModel, path, keep_masks=False,
+                                                                 strict=None))
+
+
 class LoadsLeniently(ThreeLayerModel):
     """Opts out of strict loading, as Lightning documents (a layer its checkpoints leave out)."""
 

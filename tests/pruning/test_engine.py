@@ -1632,3 +1632,52 @@ def test_scores_reach_an_apply_that_forwards_kwargs_and_are_refused_before_a_gro
     with pytest.raises(TypeError, match=r"GradualPruner\(importance_scores=\.\.\.\): _RandomForwardingKwargs draws"):
         GradualPruner([(nn.Linear(4, 4), "weight")], ConstantSparsity(0.5), _RandomForwardingKwargs, scope="local",
                       importance_scores=scores)  # (refused as it is built, not at its first round)
+
+
+class _ThreeLayers(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, width), nn.Linear(width, width), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("loader", ["load_pruned_state_dict", "load_shrunk_state_dict"])
+def test_the_state_dict_loaders_name_what_they_were_given_instead(loader, tmp_path):
+    """A path (the README passes torch.load(path)), None or a list failed with "'str' object has no attribute
+    'items'"; a class for the model with "no attribute 'parameters'"; keep_masks="no" was taken for True."""
+    import litcompress
+
+    load = getattr(litcompress, loader)
+    pruned = _ThreeLayers()
+    prune_model_(pruned, "l1_unstructured", 0.5)
+    torch.save(pruned.state_dict(), tmp_path / "state.pt")
+    for state, message in ((tmp_path / "state.pt", r"expected the state dict itself, not its path: "
+                            rf"{loader}\(model, torch\.load\(path\)\)"),
+                           (str(tmp_path / "state.pt"), "not its path"),
+                           (None, r"state_dict=NoneType\): expected a state dict"),
+                           ([], r"state_dict=list\): expected a state dict")):
+        with pytest.raises(TypeError, match=message):
+            load(_ThreeLayers(), state)
+    with pytest.raises(TypeError, match=rf"{loader}\(model=_ThreeLayers\): expected the model to load into, an "
+                                        r"nn\.Module instance"):
+        load(_ThreeLayers, pruned.state_dict())
+    with pytest.raises(TypeError, match=rf"{loader}\(strict='no'\): expected True or False"):
+        load(_ThreeLayers(), pruned.state_dict(), strict="no")
+    if loader == "load_pruned_state_dict":
+        with pytest.raises(TypeError, match=r"keep_masks='False'\): expected True or False"):
+            load(_ThreeLayers(), pruned.state_dict(), keep_masks="False")
+    loaded = load(_ThreeLayers(), torch.load(tmp_path / "state.pt"))  # as the error says
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_a_mask_that_does_not_fit_is_named_by_its_layer():
+    """`Mask of shape (32, 16) does not fit `weight` of shape (48, 16).`: the weight of which of a, b, c?"""
+    pruned = _ThreeLayers()
+    prune_model_(pruned, "l1_unstructured", 0.5)
+    with pytest.raises(ValueError, match=r"the state's 'a\.weight_mask' has shape \(32, 16\), and 'a\.weight' of "
+                                         r"_ThreeLayers has shape \(48, 16\): load into the architecture that was "
+                                         r"pruned \(.*load_shrunk_state_dict\)"):
+        load_pruned_state_dict(_ThreeLayers(48), pruned.state_dict())

@@ -183,10 +183,12 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     (tmp_path / "broken.pt2").write_bytes(b"garbage")
     (tmp_path / "empty.onnx").write_bytes(b"")  # was "an ONNX file but not a litcompress artefact (no metadata)"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "scripted.pt")  # torch.jit's, not ours
-    for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*load_state_dict"),
+    # (the advice was model.load_state_dict(torch.load(path)), which refuses a masked state's weight_orig/weight_mask)
+    for name, message in (("pruned_state_dict.pt", r"a torch\.save file.*litcompress\.load_pruned_state_dict\(model, "
+                                                   r"torch\.load\(path\)\)"),
                           ("module.pt", "a torch\\.save file"),
-                          ("legacy.pt", r"a torch\.save file of the legacy format.*load_state_dict"),
-                          ("legacy4.pt", r"a torch\.save file of the legacy format.*load_state_dict"),
+                          ("legacy.pt", r"a torch\.save file of the legacy format.*load_pruned_state_dict"),
+                          ("legacy4.pt", r"a torch\.save file of the legacy format.*load_pruned_state_dict"),
                           ("scripted.pt", r"a TorchScript archive without litcompress's metadata; torch\.jit\.load"),
                           ("broken.pt2", "reads neither as ONNX nor as a zip archive"),
                           ("empty.onnx", r"it is empty \(0 bytes\)")):

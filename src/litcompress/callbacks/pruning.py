@@ -1833,9 +1833,15 @@ def load_pruned_checkpoint(
         raise TypeError(f"load_pruned_checkpoint(model={given}): expected the fresh model to load into, an nn.Module "
                         f"instance (e.g. {given}(...)); `load_module_from_checkpoint(cls, path)` takes the class and "
                         "builds it from the checkpoint's hyperparameters.")
+    for flag, value in (("keep_masks", keep_masks), ("strict", strict)):  # ("no" was taken for True)
+        if not isinstance(value, bool):
+            raise TypeError(f"load_pruned_checkpoint({flag}={value!r}): expected True or False.")
+    if not isinstance(checkpoint, (dict, str, os.PathLike)):  # (None: torch's "no attribute 'seek'")
+        raise TypeError(f"load_pruned_checkpoint(checkpoint={type(checkpoint).__name__}): expected the path of a "
+                        "Lightning checkpoint (.ckpt), or the dict torch.load(path) gives.")
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError("Not a Lightning checkpoint (no 'state_dict'); use `load_pruned_state_dict` for a state dict.")
     engine.load_pruned_state_dict(model, checkpoint["state_dict"], strict=strict)
     if keep_masks:
@@ -1873,11 +1879,24 @@ def load_module_from_checkpoint(
     Lightning's callback too), which ``load_from_checkpoint`` refuses, and one of a module whose layers
     :func:`~litcompress.pruning.shrink.shrink` narrowed (its layers are narrowed alike,
     :func:`~litcompress.pruning.narrow.narrow_to_state_dict_`). `keep_masks`: as in :func:`load_pruned_checkpoint`."""
+    if not (isinstance(module_class, type) and issubclass(module_class, LightningModule)):
+        given = module_class.__name__ if isinstance(module_class, type) else type(module_class).__name__
+        raise TypeError(f"load_module_from_checkpoint(module_class={given}): expected a LightningModule subclass "
+                        "(the class itself), which the checkpoint's hyperparameters build; load_pruned_checkpoint"
+                        "(model, path) loads into a model you built.")
     map_location = kwargs.pop("map_location", "cpu")  # Lightning's argument, passed on (it was given twice)
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    masked = any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state)
     strict = kwargs.pop("strict", None)  # None: the module's `strict_loading`, as Lightning's loader reads it
+    for flag, value in (("keep_masks", keep_masks), ("strict", strict)):  # ("no" was taken for True)
+        if not isinstance(value, bool) and (flag == "keep_masks" or value is not None):
+            also = " (or None: the module's strict_loading)" if flag == "strict" else ""
+            raise TypeError(f"load_module_from_checkpoint({flag}={value!r}): expected True or False{also}.")
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:  # (KeyError: 'pytorch-lightning_version')
+        raise ValueError(f"load_module_from_checkpoint: {str(checkpoint_path)!r} is not a Lightning checkpoint (no "
+                         "'state_dict'); a state dict loads into a model you built with "
+                         "litcompress.load_pruned_state_dict(model, torch.load(path)).")
+    state = checkpoint["state_dict"]
+    masked = any(k.endswith("_mask") and k[: -len("_mask")] + "_orig" in state for k in state)
     try:
         if not masked:
             # effective weights: the masks are in the callbacks' states

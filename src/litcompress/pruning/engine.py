@@ -1553,6 +1553,13 @@ class MaskedStateLoadHook:
             except AttributeError:
                 continue  # not this model's: strict loading reports it
             if isinstance(getattr(owner, name, None), nn.Parameter) and not is_pruned(owner, name):
+                held, mask = getattr(owner, name), state_dict[key]
+                if isinstance(mask, Tensor) and not is_lazy(held) and tuple(mask.shape) != tuple(held.shape):
+                    # (_write_mask_ named the tensor only: `weight`, of which layer?)
+                    raise ValueError(f"the state's {key!r} has shape {tuple(mask.shape)}, and {prefix + base!r} of "
+                                     f"{type(module).__name__} has shape {tuple(held.shape)}: load into the "
+                                     "architecture that was pruned (a state of a model shrink narrowed: "
+                                     "litcompress.load_shrunk_state_dict).")
                 apply_mask_(owner, name, state_dict[key])
 
 
@@ -1643,12 +1650,31 @@ def load_pruned_state_dict(
     ``keep_masks=False`` the result is made permanent (plain parameters with zeros), ready for inference. Sparse
     (CSR) weights, a :func:`~litcompress.pruning.sparsify`'d model's, are loaded as the dense tensors they stand for.
     """
+    check_loading_arguments(model, state_dict, "load_pruned_state_dict", strict=strict, keep_masks=keep_masks)
     # Under inference mode (a model loaded for evaluation), the masks and products made there were inference
     # tensors: a later training forward failed ("Inference tensors cannot be saved for backward"). (A model built
     # under inference mode holds inference tensors itself, which only inference mode may write.)
     built_for_inference = any(p.is_inference() for p in model.parameters())
     with contextlib.nullcontext() if built_for_inference else torch.inference_mode(False):
         return _load_pruned_state_dict(model, strided_state_dict(state_dict, model), strict, keep_masks)
+
+
+def check_loading_arguments(model: object, state_dict: object, owner: str, **flags: object) -> None:
+    """A loader's `model` is a module, its `state_dict` a mapping (a path is named: the README's
+    ``torch.load(path)`` is the state dict) and its flags True or False ("no" masked on: a non-empty str is
+    truthy)."""
+    if not isinstance(model, nn.Module):
+        given = model.__name__ if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"{owner}(model={given}): expected the model to load into, an nn.Module instance.")
+    if isinstance(state_dict, (str, bytes, os.PathLike)):
+        raise TypeError(f"{owner}(state_dict={state_dict!r}): expected the state dict itself, not its path: "
+                        f"{owner}(model, torch.load(path)).")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{owner}(state_dict={type(state_dict).__name__}): expected a state dict (a mapping of names "
+                        "to tensors), e.g. torch.load(path).")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{owner}({name}={value!r}): expected True or False.")
 
 
 def _load_pruned_state_dict(model: nn.Module, state: dict[str, Any], strict: bool, keep_masks: bool) -> nn.Module:

@@ -36,8 +36,9 @@ def load_shrunk_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, s
     ``ModelPruning(make_pruning_permanent=False)``) is loaded with its masks re-created
     (:func:`~litcompress.pruning.engine.load_pruned_state_dict`); sparse (CSR) weights, a
     :func:`~litcompress.pruning.sparsify`'d model's, as the dense tensors they stand for."""
-    from litcompress.pruning.engine import strided_state_dict
+    from litcompress.pruning.engine import check_loading_arguments, strided_state_dict
 
+    check_loading_arguments(model, state_dict, "load_shrunk_state_dict", strict=strict)
     state_dict = strided_state_dict(keyed_as_compiled_parts(model, state_dict), model)
     narrow_to_state_dict_(model, state_dict)
     if any(key.endswith("_orig") and f"{key[:-5]}_mask" in state_dict for key in state_dict):

@@ -297,6 +297,13 @@ def _read_by_torch(path: str) -> Iterator[None]:
                          "defines it before loading; torch's warning above names it, if it logged one).") from error
 
 
+# (model.load_state_dict alone refuses a masked state's `weight_orig`/`weight_mask` and a shrunk one's widths)
+_STATE_DICT_ADVICE = ("A state dict loads into your model with litcompress.load_pruned_state_dict(model, "
+                      "torch.load(path)) (pruning masks too), one of a model shrink narrowed with "
+                      "litcompress.load_shrunk_state_dict, a Lightning checkpoint with "
+                      "litcompress.load_module_from_checkpoint(YourModule, path).")
+
+
 def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -314,8 +321,7 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
     # (else read as ONNX, and called a model file cut short or changed); a pickle protocol >= 4 frames it first
     if head.startswith(b"\x80") and _LEGACY_TORCH_SAVE in head:
         raise ValueError(f"{not_ours}: it is a torch.save file of the legacy format (_use_new_zipfile_serialization="
-                         "False: a state dict or a pickled object). A pruned state dict loads into your model with "
-                         "model.load_state_dict(torch.load(path)).")
+                         f"False: a state dict or a pickled object). {_STATE_DICT_ADVICE}")
     cut_short = (f"load_quantized: {path!r} is a zip archive whose end is missing, as a copy or download cut short "
                  "leaves one; save or copy the model file again.")
 
@@ -355,8 +361,8 @@ def _load(path: str | os.PathLike) -> tuple[nn.Module, Recipe | None]:
                              "torch.jit.load(path) runs it.")
         elif any(n.endswith(".pkl") for n in names) and not any("/models/" in n or "/extra/" in n for n in names):
             # torch.save's archive (a state dict, a pickled module): no program to run
-            raise ValueError(f"{not_ours}: it is a torch.save file (a state dict or a pickled object). A pruned "
-                             "state dict loads into your model with model.load_state_dict(torch.load(path)).")
+            raise ValueError(f"{not_ours}: it is a torch.save file (a state dict or a pickled object). "
+                             f"{_STATE_DICT_ADVICE}")
         elif not exported:
             raise ValueError(f"{not_ours}: it is a zip archive of another kind (neither TorchScript nor torch.export).")
         else:
