@@ -993,9 +993,9 @@ def test_the_checkpoint_loaders_name_what_they_were_given_instead(tmp_path):
             load_module_from_checkpoint(ThreeLayerModel, tmp_path / kind)
         with pytest.raises(ValueError, match=r"Not a Lightning checkpoint \(no 'state_dict'\)"):
             load_pruned_checkpoint(ThreeLayerModel(), tmp_path / kind)
-    for given, name in ((nn.Linear, "Linear"), (ThreeLayerModel(), "ThreeLayerModel"), ("x", "str")):
+    for module_class, name in ((nn.Linear, "Linear"), (ThreeLayerModel(), "ThreeLayerModel"), ("x", "str")):
         with pytest.raises(TypeError, match=rf"module_class={name}\): expected a LightningModule subclass"):
-            load_module_from_checkpoint(given, path)
+            load_module_from_checkpoint(module_class, path)
     with pytest.raises(TypeError, match=r"load_pruned_checkpoint\(checkpoint=NoneType\): expected the path"):
         load_pruned_checkpoint(ThreeLayerModel(), None)
     for flags, message in ((dict(keep_masks="no"), r"keep_masks='no'\): expected True or False"),
