@@ -307,6 +307,19 @@ def test_bad_arguments_are_refused_before_any_work(kwargs, message):
         sparsify(_mlp(), torch.randn(2, 32), **kwargs)
 
 
+def test_numpy_numbers_are_taken_and_a_non_bool_time_model_refused():
+    """np.float32(0.5) and np.int64(2) were refused ("expected ..."; only np.float64, a float, passed); "no" for
+    time_model timed the model."""
+    import numpy as np
+
+    model = _pruned_mlp()
+    result = sparsify(model, torch.randn(2, 32), min_sparsity=np.float32(0.5), min_speedup=np.float32(0),
+                      repeats=np.int64(1), num_threads=np.int64(1), time_model=False)
+    assert result.report.converted and result.report.dense_ms is None
+    with pytest.raises(TypeError, match=r"sparsify\(time_model='no'\): expected True or False"):
+        sparsify(model, torch.randn(2, 32), time_model="no")
+
+
 def test_inputs_and_models_of_the_wrong_kind_are_refused():
     with pytest.raises(TypeError, match="Expected a tensor or a tuple of tensors as model inputs, got dict"):
         sparsify(_mlp(), {"x": torch.randn(2, 32)})
