@@ -645,3 +645,52 @@ def test_save_quantized_refuses_a_recipe_that_is_no_recipe_and_missing_example_i
     with pytest.raises(TypeError, match=r"save_quantized\(example_inputs=None\): give the model's inputs"):
         save_quantized(model, None, tmp_path / "model.pt2", None)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("backend", "approach"), [("torch_ao", "dynamic"), ("torchao", "weight_only"),
+                                                   ("pt2e", "dynamic"), ("onnxruntime", "dynamic")])
+def test_save_quantized_refuses_a_model_its_recipe_did_not_build(backend, approach, tmp_path):
+    """Another backend's recipe, or None, was written into the file beside the model (load_quantized then gave that
+    recipe back), or failed inside torch (a missing '__obj_flatten__', '.numpy() is not supported for tensor
+    subclasses', a false fixed dim); a torchao model saved as fp32 TorchScript was later read as damaged."""
+    from litcompress.quantization.config import Recipe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(6, 16)
+    config = PTQConfig(approach=approach, backends=(backend,), max_trials=1, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=1.0))
+    result = quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=(x,))
+    assert result.recipe is not None and result.recipe.backend == backend
+    others = [Recipe(name, "weight_only" if name == "torchao" else "dynamic")
+              for name in ("torch_ao", "torchao", "pt2e", "onnxruntime") if name != backend]
+    for recipe in others:
+        with pytest.raises(ValueError, match=rf"save_quantized\(recipe={recipe.describe()}\): this model was made by "
+                                             rf"{backend} \(.*\), not {recipe.backend}: give the Recipe it was built "
+                                             "from"):
+            save_quantized(result.model, recipe, tmp_path / "model.pt", (x,))
+    with pytest.raises(ValueError, match=r"save_quantized\(recipe=None\): this model holds int8 parts of "
+                                         if backend != "onnxruntime" else r"which only an ONNX file holds"):
+        save_quantized(result.model, None, tmp_path / "model.pt", (x,), fp32_format="torchscript")
+    with pytest.raises(ValueError, match=rf"save_quantized\(recipe={result.recipe.describe()}\): this model holds "
+                                         r"no int8 part \(an fp32 model\?\)"):
+        save_quantized(model, result.recipe, tmp_path / "model.pt", (x,))
+    assert not list(tmp_path.iterdir())  # nothing written
+    result.save(tmp_path / "model")  # its own recipe
+    loaded, recipe = load_quantized(next(tmp_path.iterdir()))
+    assert recipe == result.recipe
+
+
+def test_save_quantized_names_its_model_path_and_inputs_of_the_wrong_kind(tmp_path):
+    """None for the model failed with "no attribute 'named_modules'", for the path in os.fspath's words; a numpy
+    batch was said to hold "no tensor: there is nothing for an int8 model to take" of an fp32 model."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    with pytest.raises(TypeError, match=r"save_quantized\(model=NoneType\): expected the nn.Module to write"):
+        save_quantized(None, None, tmp_path / "model.pt2", torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"save_quantized\(path=None\): expected the file to write"):
+        save_quantized(model, None, None, torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"save_quantized\(example_inputs=ndarray\): .*torch\.from_numpy\(array\)"):
+        save_quantized(model, None, tmp_path / "model.pt2", np.zeros((2, 4), np.float32))
+    assert not list(tmp_path.iterdir())

@@ -45,17 +45,28 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     one that takes the tensors in them, flattened as ``torch.utils._pytree.tree_flatten`` orders them (dict entries
     by sorted key). The file leaves the batch dim of every input free, and the `dynamic_dims` (``{input_index:
     dims}``, as in :class:`PTQConfig`; ``QuantizationResult.save`` passes the ones its search used); a format that
-    cannot leave one free raises an error that says which.
+    cannot leave one free raises an error that says which. A model the recipe did not build (another backend's, an
+    int8 model with ``recipe=None``, an fp32 model under a recipe) is refused: the file would name the wrong recipe.
     """
     from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
     from .tuner import FloatInputs, float32_inputs
 
+    if not isinstance(model, nn.Module):  # ("'NoneType' object has no attribute 'named_modules'")
+        raise TypeError(f"save_quantized(model={type(model).__name__}): expected the nn.Module to write "
+                        "(QuantizationResult.model, or an fp32 model with recipe=None).")
     if recipe is not None and not isinstance(recipe, Recipe):  # (failed in the writer: 'str' has no 'to_dict')
         raise TypeError(f"save_quantized(recipe={recipe!r}): give the Recipe the model was built from "
                         "(QuantizationResult.recipe), or None for an fp32 model.")
-    if example_inputs is None:
-        raise TypeError("save_quantized(example_inputs=None): give the model's inputs for one batch (a tensor, or a "
-                        "tuple of them): the file is traced or exported on them.")
+    if example_inputs is None or isinstance(example_inputs, (str, bytes)) or \
+            not isinstance(example_inputs, (torch.Tensor, Sequence, Mapping)):
+        # (a numpy array: "the model's inputs hold no tensor: there is nothing for an int8 model to take")
+        given = "None" if example_inputs is None else type(example_inputs).__name__
+        raise TypeError(f"save_quantized(example_inputs={given}): give the model's inputs "
+                        "for one batch as torch tensors (a tensor, or a tuple of them; torch.from_numpy(array) for "
+                        "a numpy array): the file is traced or exported on them.")
+    if not isinstance(path, (str, os.PathLike)):  # (os.fspath's words, naming no argument)
+        raise TypeError(f"save_quantized(path={path!r}): expected the file to write, a str or os.PathLike.")
+    _check_made_by(model, recipe)
     path = os.fspath(path)
     if not path or path.endswith(("/", os.sep)):  # else the export ran and wrote a file named like the folder
         raise ValueError(f"save_quantized: {path!r} names a folder; give a file path (e.g. "
@@ -108,6 +119,62 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     with written_atomically(Path(path)) as partial:
         _write(model, recipe, os.fspath(partial), metadata, tuple(example_inputs), fp32_format, dynamic_dims)
     return os.path.getsize(path)
+
+
+# the packages whose module classes are int8 layers of torch.ao (eager or FX convert)
+_TORCH_AO_INT8 = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                  "torch.nn.intrinsic.quantized")
+
+
+def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
+    """Per backend, the parts of `model` that show it made them: torch.ao's int8 modules, torchao's quantized weight
+    tensors (its tensor subclasses), a PT2E program's quantize/dequantize ops. Other programs (TorchScript, fx, a
+    torchao one) and ONNX Runtime sessions (an fp32 .onnx file loads as one too) show nothing here."""
+    from .backends.exported import ExportedInference
+
+    parts: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(_TORCH_AO_INT8):
+            parts.setdefault("torch_ao", []).append(name or type(module).__name__)
+        graph = getattr(module.program, "graph", None) if isinstance(module, ExportedInference) else None
+        if graph is not None and any(node.op == "call_function" and str(node.target).startswith(
+                "quantized_decomposed.") for node in graph.nodes):  # PT2E's q/dq ops (a torchao program has none)
+            parts.setdefault("pt2e", []).append(f"{name or 'the'} program's quantize/dequantize ops")
+        for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if isinstance(tensor, torch.Tensor) and type(tensor).__module__.startswith("torchao."):
+                parts.setdefault("torchao", []).append(f"{name}.{tensor_name}" if name else tensor_name)
+    return parts
+
+
+def _check_made_by(model: nn.Module, recipe: Recipe | None) -> None:
+    """Refuse a model the recipe did not build: an int8 model saved as fp32 (its exporters failed in words about an
+    fp32 model, or TorchScript wrote a file whose checksums then read as damaged), one made by another backend
+    (torch's errors from inside its writer), and, under a recipe, a plain fp32 model (written with the recipe,
+    which `load_quantized` then gave back as the file's)."""
+    from .backends.onnxruntime import OnnxRuntimeModule
+
+    parts = _int8_parts(model)
+    if recipe is None:
+        if parts:
+            backend, names = next(iter(parts.items()))
+            raise ValueError(f"save_quantized(recipe=None): this model holds int8 parts of {backend} "
+                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), and recipe=None saves an "
+                             "fp32 model: give the Recipe it was built from (QuantizationResult.save(path) passes "
+                             "it).")
+        return
+    other = {backend: names for backend, names in parts.items() if backend != recipe.backend}
+    sessions = recipe.backend != "onnxruntime" and any(isinstance(m, OnnxRuntimeModule) for m in model.modules())
+    if other or sessions:
+        backend, names = ("onnxruntime", ["an ONNX Runtime session"]) if sessions else next(iter(other.items()))
+        raise ValueError(f"save_quantized(recipe={recipe.describe()}): this model was made by {backend} "
+                         f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), not {recipe.backend}: give "
+                         "the Recipe it was built from (QuantizationResult.recipe).")
+    programs = (torch.jit.ScriptModule, torch.fx.GraphModule, OnnxRuntimeModule)
+    if not parts and not any(isinstance(m, programs) or type(m).__module__.startswith("litcompress.quantization")
+                             for m in model.modules()):
+        raise ValueError(f"save_quantized(recipe={recipe.describe()}): this model holds no int8 part (an fp32 "
+                         "model?); the file would say it is one. Save the model that recipe built "
+                         "(QuantizationResult.model), or give recipe=None to save an fp32 model.")
 
 
 def _eager(model: nn.Module) -> nn.Module:
