@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, strategies as st
 
 from litcompress.cli import _datamodule, build_parser, in_cli_terms, main
@@ -1123,6 +1124,28 @@ def test_bad_arguments_fail_before_training(args, message, tmp_path, capsys, mon
     assert Path("file.txt").read_text() == "mine"
 
 
+class ShapelessDigits(DigitsDataModule):
+    """Data of one's own without an input_shape: a built-in model takes its sizes from --model-args."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        del self.input_shape
+
+
+class FlatInputsOnly(L.LightningModule):
+    """A model of one's own that takes flat vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
 class FlatDigits(DigitsDataModule):
     """Data of one's own that gives flat vectors (its input_shape says so)."""
 
@@ -1802,3 +1825,41 @@ def test_the_single_row_batch_norm_check_counts_the_rows_the_sampler_draws_and_s
     with pytest.raises(ValueError, match="the training data holds 1 sample, and _BatchNormNet's batch norm cannot "
                                          "train on one row"):
         _check_single_row_batch_norm(model, _SampledData(1, 2), x)
+
+
+def test_a_built_in_model_takes_its_sizes_from_model_args_where_the_data_has_no_input_shape(capsys):
+    """The error advised "pass --model-args with the sizes instead", then ignored them: the same error again."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["channels", "--model", "mlp", "--data", "tests.test_cli:ShapelessDigits"])
+    assert exit_info.value.code == 2
+    assert ("--model mlp needs a DataModule with an `input_shape` attribute (ShapelessDigits has none), or the sizes "
+            "in --model-args: --model-args '{\"in_features\": N, \"num_classes\": N}'.") in capsys.readouterr().err
+    assert main(["channels", "--model", "mlp", "--data", "tests.test_cli:ShapelessDigits", "--model-args",
+                 '{"in_features": 64}']) == 0
+    assert "net.0  Linear" in capsys.readouterr().out
+
+
+def test_the_python_apis_input_fn_advice_is_said_in_command_line_terms(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", "tests.test_cli:FlatInputsOnly", "--data", "digits", "--data-args",
+              '{"flatten": false}', "--train-epochs", "0", "--quantize", "none", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "pass input_fn=" in err and ("(input_fn is the Python API's, compress_lightning(input_fn=...); from the "
+                                        "command line, --inputs KEY,... reads a dict batch's entries") in err
+
+
+def test_a_pgf_plot_without_latex_is_refused_before_the_run(monkeypatch, tmp_path):
+    """.pgf was offered among the formats, then matplotlib's pgf backend failed after the report ('xelatex' not
+    found), with a traceback."""
+    import shutil
+
+    from litcompress.cli import _check_plot_path
+
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)  # a host without LaTeX, wherever run
+    with pytest.raises(ValueError, match=r"--plot .*x\.pgf: matplotlib writes \.pgf files with xelatex, which this "
+                                         r"host lacks; use one of .*\.png"):
+        _check_plot_path(tmp_path / "x.pgf")
+    with pytest.raises(ValueError) as refused:
+        _check_plot_path(tmp_path / "x.xyz")
+    assert ".pgf" not in str(refused.value) and ".svg" in str(refused.value)
+    _check_plot_path(tmp_path / "x.svg")

@@ -751,10 +751,16 @@ def _model(args: argparse.Namespace, data: Any) -> Any:
         if args.checkpoint is not None:  # --model-args override the checkpoint's hyperparameters (lr, ...)
             return _from_checkpoint(cls, args.checkpoint, **args.model_args)
         shape = getattr(data, "input_shape", None)
-        if shape is None:
-            raise ValueError(f"--model {args.model} needs a DataModule with an `input_shape` attribute "
-                             f"({type(data).__name__} has none); pass --model-args with the sizes instead.")
         kwargs: dict[str, Any] = {"num_classes": getattr(data, "num_classes", 10)}
+        if shape is None:  # the sizes from --model-args (the advice below was given, then ignored)
+            sizes = ("in_features",) if args.model == "mlp" else ("in_channels", "image_size")
+            missing = [name for name in sizes if name not in args.model_args]
+            if missing:
+                example = ", ".join(f'"{name}": N' for name in (*sizes, "num_classes"))
+                raise ValueError(f"--model {args.model} needs a DataModule with an `input_shape` attribute "
+                                 f"({type(data).__name__} has none), or the sizes in --model-args: "
+                                 f"--model-args '{{{example}}}'.")
+            return _built("--model-args", cls, {**kwargs, **args.model_args})
         if args.model == "mlp":
             if len(shape) != 1:
                 raise ValueError(f"--model mlp takes flat inputs, the data gives {tuple(shape)}; use --model cnn.")
@@ -1031,11 +1037,19 @@ def _check_plot_path(path: Path) -> None:
         raise ImportError("--plot needs matplotlib: pip install 'litcompress[report]'") from None
     from litcompress.report.compression import plot_path
 
-    formats = Figure().canvas.get_supported_filetypes()
+    import matplotlib
+    import shutil
+
+    formats = dict(Figure().canvas.get_supported_filetypes())
+    tex = matplotlib.rcParams["pgf.texsystem"]
+    if shutil.which(tex) is None:  # (matplotlib's pgf backend runs LaTeX: a traceback after the report)
+        formats.pop("pgf", None)
     suffix = path.suffix.lstrip(".").lower()
     if suffix and suffix not in formats:
-        raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; use one of "
-                         f"{', '.join('.' + f for f in sorted(formats))} (.png by default).")
+        said = (f"matplotlib writes .pgf files with {tex}, which this host lacks" if suffix == "pgf" else
+                f"matplotlib cannot write .{suffix} files")
+        raise ValueError(f"--plot {path}: {said}; use one of {', '.join('.' + f for f in sorted(formats))} (.png "
+                         "by default).")
     for target in (path, plot_path(path)):  # a folder given, or a folder where the file would go
         if target.is_dir():
             raise ValueError(f"--plot {target} is a directory; give a file (e.g. report.png).")
@@ -1083,7 +1097,11 @@ def run_compress(args: argparse.Namespace) -> int:
             if other_data is not None:  # (the advice to flatten or to pass input_fn=, for models of one's own, is
                 raise type(error)(other_data) from None  # wrong for the built-in ones)
             if args.data not in BUILTIN_DATA or getattr(data, "flatten", True) or "flatten" in args.data_args:
-                raise
+                if "pass input_fn=" not in str(error):
+                    raise
+                raise type(error)(f"{error} (input_fn is the Python API's, compress_lightning(input_fn=...); from the "
+                                  "command line, --inputs KEY,... reads a dict batch's entries, and a DataModule of "
+                                  "your own can give batches of (inputs, target) that the model takes.)") from None
             raise type(error)(f"{error} From the command line: --data {args.data} gives images "
                               f"{tuple(data.input_shape)} to any model but the built-in mlp; a model that takes "
                               "flat vectors needs --data-args '{\"flatten\": true}'.") from None

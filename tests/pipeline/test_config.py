@@ -196,3 +196,10 @@ def test_numpy_numbers_are_taken_as_python_numbers():
     assert AccuracyCriterion(tolerable_loss=np.float32(0.25)).tolerable_loss == 0.25
     with pytest.raises(TypeError, match="expected True or False"):
         PruneConfig(sparsity=0.5, zero_batch_norm=np.bool_(True))  # not a number: numpy's bool is still refused
+
+
+def test_a_structured_method_with_bias_is_named_as_given():
+    """The message quoted method='LnStructured' (the class's name), which PruneConfig then refuses."""
+    with pytest.raises(ValueError, match=r"^PruneConfig\(method='ln_structured', parameter_names=\('weight', "
+                                         r"'bias'\)\)"):
+        PruneConfig(sparsity=0.5, method="ln_structured", parameter_names=("weight", "bias"))

@@ -189,7 +189,8 @@ class PruneConfig:
         if not self.parameter_names:
             raise ValueError("PruneConfig(parameter_names=()): name at least one tensor, e.g. ('weight',).")
         if structured and "bias" in self.parameter_names:
-            raise ValueError(f"PruneConfig(method={method.__name__!r}, parameter_names={self.parameter_names!r}): "
+            given = repr(self.method) if isinstance(self.method, str) else method.__name__  # (a class: its name)
+            raise ValueError(f"PruneConfig(method={given}, parameter_names={self.parameter_names!r}): "
                              "a structured method prunes slices of multidimensional tensors, and a bias has one "
                              "dimension (torch would refuse it at the first round). Leave 'bias' out: shrink "
                              "removes a removed channel's bias with it.")
