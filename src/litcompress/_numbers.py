@@ -18,6 +18,11 @@ def python_numbers_(config: object) -> None:
             object.__setattr__(config, spec.name, as_python_number(value))
 
 
+def is_bool(value: object) -> bool:
+    """A bool, or numpy's (a flag read from a config or an array)."""
+    return isinstance(value, bool) or (type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy")
+
+
 def as_python_number(value: object) -> object:
     """`value` as Python's ``int``/``float`` where it is another real number (numpy's ``int64(3)``, ``float32(0.2)``:
     0.2, the number it prints as, not float32's 0.20000000298..., which a resume given 0.2 would not match); anything

@@ -1006,6 +1006,16 @@ def test_the_checkpoint_loaders_name_what_they_were_given_instead(tmp_path):
             load_module_from_checkpoint(ThreeLayerModel, path, **flags)
     assert not torch_prune.is_pruned(load_module_from_checkpoint(ThreeLayerModel, path, keep_masks=False,
                                                                  strict=None))
+    # what worked before the checks: a file object (torch.load's), numpy's bools
+    import io
+
+    import numpy as np
+
+    with open(path, "rb") as file:
+        assert torch_prune.is_pruned(load_pruned_checkpoint(ThreeLayerModel(), io.BytesIO(file.read())))
+    assert not torch_prune.is_pruned(load_pruned_checkpoint(ThreeLayerModel(), path, keep_masks=np.False_,
+                                                            strict=np.True_))
+    assert not torch_prune.is_pruned(load_module_from_checkpoint(ThreeLayerModel, path, keep_masks=np.False_))
 
 
 class LoadsLeniently(ThreeLayerModel):

@@ -667,3 +667,43 @@ def test_compress_lightning_takes_numpy_epochs_and_warns_of_trainer_kwargs_nothi
                                          "they are the fine-tuning Trainer's arguments"):
         compress_lightning(Tiny(), CONFIG, train_dataloaders=train, val_dataloaders=val,
                            trainer_kwargs={"limit_val_batches": 1})
+
+
+class TwoValidationSets(Tiny):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
+def test_an_empty_first_validation_loader_is_refused_only_where_it_is_read() -> None:
+    """With example_inputs given and the metric of another loader, the empty first one is read by nothing: it was
+    refused, saying every stage was judged on it."""
+    val = [_EMPTY, _loader(_data(48, 1))]
+    result = compress_lightning(TwoValidationSets(), CONFIG, train_dataloaders=_loader(_data(96, 0)),
+                                val_dataloaders=val,
+                                metric="val_acc/dataloader_idx_1", example_inputs=torch.randn(4, 8))
+    assert result.report.stages[0].metric is not None
+    with pytest.raises(ValueError, match="the first validation dataloader gives no batch, and the example inputs "
+                                         r"\(tracing, timing\) are read from it: give it batches, or example_inputs="):
+        compress_lightning(TwoValidationSets(), CONFIG, train_dataloaders=_loader(_data(96, 0)),
+                           val_dataloaders=val, metric="val_acc/dataloader_idx_1")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"trainer": "gpu"}, TypeError, r"quantize_lightning\(trainer='gpu'\): expected a lightning Trainer"),
+    ({"datamodule": _loader(_data(16, 2)), "val_dataloaders": None}, TypeError,
+     r"quantize_lightning\(datamodule=DataLoader\): expected a LightningDataModule"),
+    ({"metric": 3}, TypeError, r"quantize_lightning\(metric=3\): name the metric validation_step logs"),
+    ({"val_dataloaders": _EMPTY}, ValueError, "quantize_lightning: the validation dataloader gives no batch"),
+])
+def test_quantize_lightning_names_bad_arguments_before_any_evaluation(kwargs, error, message) -> None:
+    """They failed with 'no attribute limit_val_batches' (after the fp32 model's evaluation), 'no attribute
+    val_dataloader', re's 'expected string or bytes-like object', a bare StopIteration."""
+    from litcompress.quantization import PTQConfig
+    from litcompress.quantization.lightning import quantize_lightning
+
+    CountsValidation.validated = 0
+    arguments = {"metric": "val_acc", "val_dataloaders": _loader(_data(48, 1)),
+                 "calibration_data": _loader(_data(32, 0)), **kwargs}
+    with pytest.raises(error, match=message):
+        quantize_lightning(CountsValidation(), PTQConfig(approach="dynamic"), **arguments)
+    assert CountsValidation.validated == 0

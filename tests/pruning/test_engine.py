@@ -1668,6 +1668,9 @@ def test_the_state_dict_loaders_name_what_they_were_given_instead(loader, tmp_pa
     if loader == "load_pruned_state_dict":
         with pytest.raises(TypeError, match=r"keep_masks='False'\): expected True or False"):
             load(_ThreeLayers(), pruned.state_dict(), keep_masks="False")
+    import numpy as np
+
+    assert load(_ThreeLayers(), pruned.state_dict(), strict=np.True_) is not None  # numpy's bools, as before
     loaded = load(_ThreeLayers(), torch.load(tmp_path / "state.pt"))  # as the error says
     x = torch.randn(3, 16)
     torch.testing.assert_close(loaded(x), pruned(x))

@@ -860,6 +860,10 @@ class _DataSetUpCounted(DigitsDataModule):
     # a KeyError ("not logged") after the data's set-up and a test batch
     (dict(metric=None), r"find_lottery_ticket\(metric=None\): name the metric test_step logs"),
     (dict(metric=5, evaluate_on="validate"), r"metric=5\): name the metric validation_step logs"),
+    (dict(trainer_kwargs="fast"), r"`trainer_kwargs` must be a mapping of Trainer arguments"),  # dict()'s words
+    # os.fspath's words, after the data's set-up and a batch
+    (dict(checkpoint_path=3, rewind_to_step=1, retrain_from="rewind_point"), r"`checkpoint_path` must name a file"),
+    (dict(checkpoint_path=""), r"`checkpoint_path` is '': name a file"),
 ])
 def test_find_lottery_ticket_refuses_bad_search_arguments_before_setting_up_the_data(arguments, message):
     """They were checked by the search itself, after a Trainer was built, the data set up and one test batch run
@@ -867,7 +871,7 @@ def test_find_lottery_ticket_refuses_bad_search_arguments_before_setting_up_the_
     _DataSetUpCounted.setups = 0
     with pytest.raises((ValueError, TypeError), match=message):
         find_lottery_ticket(DigitsClassifier(), _DataSetUpCounted(),
-                            trainer_kwargs=dict(max_epochs=1), **{"rounds": 1, "metric": "test_acc", **arguments})
+                            **{"rounds": 1, "metric": "test_acc", "trainer_kwargs": dict(max_epochs=1), **arguments})
     assert _DataSetUpCounted.setups == 0
 
 
@@ -893,6 +897,8 @@ def test_find_lottery_ticket_takes_a_numpy_rewind_step():
     (dict(checkpoint_settings="x"), TypeError, r"`checkpoint_settings` must be a mapping"),  # dict()'s own words
     (dict(checkpoint_path=""), ValueError, r"`checkpoint_path` is '': name a file"),  # "'.' is a directory"
     (dict(checkpoint_path=3), TypeError, r"`checkpoint_path` must name a file to write"),
+    # used up by the check: the search pruned the layer it was told to leave dense
+    (dict(exclude=(name for name in ["2"])), TypeError, r"`exclude` must be a sequence of names"),
 ])
 def test_imp_refuses_what_it_cannot_call_or_write_before_any_training(arguments, error, message):
     trainings = []

@@ -314,7 +314,7 @@ def test_numpy_numbers_are_taken_and_a_non_bool_time_model_refused():
 
     model = _pruned_mlp()
     result = sparsify(model, torch.randn(2, 32), min_sparsity=np.float32(0.5), min_speedup=np.float32(0),
-                      repeats=np.int64(1), num_threads=np.int64(1), time_model=False)
+                      repeats=np.int64(1), num_threads=np.int64(1), time_model=np.False_)
     assert result.report.converted and result.report.dense_ms is None
     with pytest.raises(TypeError, match=r"sparsify\(time_model='no'\): expected True or False"):
         sparsify(model, torch.randn(2, 32), time_model="no")

@@ -1,6 +1,7 @@
 """Save, then load in a fresh process: same outputs, no re-tuning, small on disk."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from torch import nn
 from conftest import accuracy_fn
 from litcompress.quantization import AccuracyCriterion, PTQConfig, load_quantized, quantize, save_quantized
 from litcompress.quantization.artifact import FP32_SUFFIXES
+from litcompress.quantization.backends.torch_ao import TorchAOBackend
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -693,4 +695,53 @@ def test_save_quantized_names_its_model_path_and_inputs_of_the_wrong_kind(tmp_pa
         save_quantized(model, None, None, torch.randn(2, 4))
     with pytest.raises(TypeError, match=r"save_quantized\(example_inputs=ndarray\): .*torch\.from_numpy\(array\)"):
         save_quantized(model, None, tmp_path / "model.pt2", np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match=r"example_inputs=\.\.\.\): input 0 is a numpy ndarray; give torch tensors"):
+        save_quantized(model, None, tmp_path / "model.pt2", (np.zeros((2, 4), np.float32),))
     assert not list(tmp_path.iterdir())
+
+
+class _AddsWithFloatFunctional(nn.Module):
+    """An fp32 model whose residual add is torch.ao's FloatFunctional (torchvision's quantizable models')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.ao.nn.quantized import FloatFunctional
+
+        self.a, self.b, self.add = nn.Linear(16, 16), nn.Linear(16, 4), FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.add.add(x, torch.relu(self.a(x))))
+
+
+class MineBackend(TorchAOBackend):
+    """A backend registered by its user: torch.ao's, under another name."""
+
+    name = "mine"
+
+    def recipes(self, approach: str) -> list:
+        return [dataclasses.replace(recipe, backend="mine") for recipe in super().recipes(approach)]
+
+
+def test_what_the_recipe_check_must_not_refuse(tmp_path, monkeypatch):
+    """FloatFunctional (fp32, in torch.ao's quantized package) was taken for an int8 part of torch_ao: the fp32 model
+    and its torchao result were refused, and compress wrote no model file; a backend registered by its user, built
+    on torch.ao, searched but could not save."""
+    from litcompress.quantization.backends import BACKEND_REGISTRY
+
+    torch.manual_seed(0)
+    model, x = _AddsWithFloatFunctional().eval(), torch.randn(4, 16)
+    save_quantized(model, None, tmp_path / "fp32.pt2", (x,))
+    config = PTQConfig(approach="weight_only", backends=("torchao",), max_trials=1, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=1.0))
+    quantize(model, config, eval_fn=lambda m: 1.0, example_inputs=(x,)).save(tmp_path / "torchao")
+    monkeypatch.setitem(BACKEND_REGISTRY, "mine", f"{__name__}:MineBackend")
+    config = PTQConfig(approach="dynamic", backends=("mine",), max_trials=1, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=1.0))
+    mine = quantize(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), config,
+                    eval_fn=lambda m: 1.0, example_inputs=(x,))
+    assert mine.recipe is not None and mine.recipe.backend == "mine"
+    mine.save(tmp_path / "mine")
+    for path in sorted(tmp_path.iterdir()):
+        loaded, recipe = load_quantized(path)
+        assert (recipe.backend if recipe is not None else None) in (None, "torchao", "mine")
+        assert loaded(x).shape == (4, 4)

@@ -190,6 +190,14 @@ def find_lottery_ticket(
                          "`retrain_from='rewind_point'` resumes; with 'start' every round has a fresh optimizer.")
     # before the metric check's evaluation below (a Trainer built, the data set up, one batch run)
     checked_search_arguments(rounds, rate, layer_rates, control, scope, parameter_names, exclude)
+    if trainer_kwargs is not None and not isinstance(trainer_kwargs, Mapping):  # (dict()'s own words)
+        raise TypeError(f"`trainer_kwargs` must be a mapping of Trainer arguments, e.g. {{'max_epochs': 5}}, or None; "
+                        f"got {trainer_kwargs!r}.")
+    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):  # (os.fspath's words)
+        raise TypeError(f"`checkpoint_path` must name a file to write (a str or os.PathLike), or be None; got "
+                        f"{checkpoint_path!r}.")
+    if checkpoint_path is not None and os.fspath(checkpoint_path) == "":
+        raise ValueError("`checkpoint_path` is '': name a file to write, e.g. 'imp_search.pt', or pass None.")
     if not isinstance(module, LightningModule):
         raise TypeError(f"`module` must be a LightningModule (an instance), got {_a(module)}; wrap a plain nn.Module "
                         "in one, or search it with litcompress.pruning.imp.iterative_magnitude_pruning.")

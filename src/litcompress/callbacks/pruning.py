@@ -46,7 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_onl
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from litcompress._numbers import as_python_number, exact_python_number
+from litcompress._numbers import as_python_number, exact_python_number, is_bool as _is_bool
 from litcompress.callbacks.schedule_checks import (NO_VALIDATION_IN_FIT, EpochSteps, max_steps_ends_it_early,
                                                    epochs_finished_at_the_last_validation, has_early_stopping,
                                                    fit_too_short_message, limit_reached, steps_in_epoch,
@@ -1790,11 +1790,6 @@ def _check_unstructured_in_global(pruning_fn: Any, method: Any) -> None:
         )
 
 
-def _is_bool(value: Any) -> bool:
-    """A bool, or numpy's (a flag read from a config or an array)."""
-    return isinstance(value, bool) or (type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy")
-
-
 def _imported_pruning_method(path: str) -> type:
     """The `BasePruningMethod` subclass a ``pruning_fn`` import path names: the user's path was refused as a
     misspelt built-in name (lowercased, its import error lost) where LightningCLI could not import it."""
@@ -1834,11 +1829,12 @@ def load_pruned_checkpoint(
                         f"instance (e.g. {given}(...)); `load_module_from_checkpoint(cls, path)` takes the class and "
                         "builds it from the checkpoint's hyperparameters.")
     for flag, value in (("keep_masks", keep_masks), ("strict", strict)):  # ("no" was taken for True)
-        if not isinstance(value, bool):
+        if not _is_bool(value):
             raise TypeError(f"load_pruned_checkpoint({flag}={value!r}): expected True or False.")
-    if not isinstance(checkpoint, (dict, str, os.PathLike)):  # (None: torch's "no attribute 'seek'")
+    # a path, a file object (as torch.load takes), or what torch.load gave (None: torch's "no attribute 'seek'")
+    if not isinstance(checkpoint, (dict, str, os.PathLike)) and not hasattr(checkpoint, "read"):
         raise TypeError(f"load_pruned_checkpoint(checkpoint={type(checkpoint).__name__}): expected the path of a "
-                        "Lightning checkpoint (.ckpt), or the dict torch.load(path) gives.")
+                        "Lightning checkpoint (.ckpt), a file object, or the dict torch.load(path) gives.")
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -1887,7 +1883,7 @@ def load_module_from_checkpoint(
     map_location = kwargs.pop("map_location", "cpu")  # Lightning's argument, passed on (it was given twice)
     strict = kwargs.pop("strict", None)  # None: the module's `strict_loading`, as Lightning's loader reads it
     for flag, value in (("keep_masks", keep_masks), ("strict", strict)):  # ("no" was taken for True)
-        if not isinstance(value, bool) and (flag == "keep_masks" or value is not None):
+        if not _is_bool(value) and (flag == "keep_masks" or value is not None):
             also = " (or None: the module's strict_loading)" if flag == "strict" else ""
             raise TypeError(f"load_module_from_checkpoint({flag}={value!r}): expected True or False{also}.")
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)

@@ -32,11 +32,11 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 check_best_weights_can_be_found, check_fit_end_weights,
                                                 check_fit_for_fit_end_work,
                                                 check_metric_name, check_output_dir, check_submodule,
-                                                check_submodule_name, ctrl_c_raises,
+                                                check_submodule_name, check_validation_batches, ctrl_c_raises,
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, float32_for_float32_batches,
                                                 inputs_as_steps_give_them,
-                                                internal_trainer,
+                                                internal_trainer, known_empty,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 with_metric_mode)
@@ -318,19 +318,6 @@ def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: 
 _NO_BATCH = object()
 
 
-def _no_validation_batch() -> ValueError:
-    return ValueError("compress_lightning: the validation dataloader gives no batch, and every stage is judged on it "
-                      "(its inputs trace and time the model too): give it batches.")
-
-
-def _known_empty(loader: object) -> bool:
-    """`loader` (a list, a DataLoader over a sized dataset) says it has no batch; one without a length is not."""
-    try:
-        return len(loader) == 0  # type: ignore[arg-type]
-    except (TypeError, NotImplementedError):  # (a Dataset without __len__; an IterableDataset's loader)
-        return False
-
-
 def compress_lightning(
     module: L.LightningModule,
     config: CompressionConfig | None = None,
@@ -451,10 +438,9 @@ def compress_lightning(
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
-    if _known_empty(first_loader(datamodule.val_dataloader())):
-        raise _no_validation_batch()
+    check_validation_batches(datamodule.val_dataloader(), "compress_lightning", example_read=example_inputs is None)
     if calibration_data is None and config.quantize is not None and config.quantize.approach == "static" and \
-            _known_empty(first_loader(datamodule.train_dataloader())):  # (refused by compress's or quantize's name)
+            known_empty(first_loader(datamodule.train_dataloader())):  # (refused by compress's or quantize's name)
         raise ValueError("compress_lightning: the training dataloader is empty, and it gives static quantization's "
                          "calibration batches by default: give it batches, or calibration_data=.")
     # a bf16-true or 64-true fit's module beside the loaders' float32 batches: evaluated and compressed in a float32
@@ -472,11 +458,12 @@ def compress_lightning(
     if example_inputs is None:
         first_batch = next(iter(first_loader(datamodule.val_dataloader())), _NO_BATCH)
         if first_batch is _NO_BATCH:  # (a bare StopIteration) a loader without a length
-            raise _no_validation_batch()
+            raise ValueError("compress_lightning: the first validation dataloader gives no batch, and the example "
+                             "inputs (tracing, timing) are read from it: give it batches, or example_inputs=.")
         example_inputs = batch_inputs(input_fn, first_batch)
     if calibration_data is None:
         calibration_data = first_loader(datamodule.train_dataloader())
-        if _known_empty(calibration_data):  # not needed (static quantization's was refused above)
+        if known_empty(calibration_data):  # not needed (static quantization's was refused above)
             calibration_data = None
 
     host = detached_copy(module)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
-from litcompress._numbers import as_python_number
+from litcompress._numbers import as_python_number, is_bool
 from litcompress.pruning.methods import (PRUNING_METHODS, accepted_kwargs, check_countable_slices, check_method_kwargs,
                                          check_near_misses, check_slices_exist, check_takes_amount, norm_refusal,
                                          resolve_method, structured_dim)
@@ -1673,7 +1673,7 @@ def check_loading_arguments(model: object, state_dict: object, owner: str, **fla
         raise TypeError(f"{owner}(state_dict={type(state_dict).__name__}): expected a state dict (a mapping of names "
                         "to tensors), e.g. torch.load(path).")
     for name, value in flags.items():
-        if not isinstance(value, bool):
+        if not is_bool(value):  # (numpy's too)
             raise TypeError(f"{owner}({name}={value!r}): expected True or False.")
 
 

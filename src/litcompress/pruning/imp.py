@@ -18,7 +18,7 @@ import numbers
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +115,9 @@ def checked_search_arguments(rounds: int, rate: float, layer_rates: Mapping[str,
 
 
 def _names(names: object) -> bool:
-    """`names` is a sequence of str (a str itself is not: its characters are no names)."""
-    return isinstance(names, Iterable) and not isinstance(names, str) and all(isinstance(n, str) for n in names)
+    """`names` is a collection of str (a str itself is not: its characters are no names; nor a generator, which
+    this check would use up, leaving nothing for the search: its exclusions were ignored)."""
+    return isinstance(names, Collection) and not isinstance(names, str) and all(isinstance(n, str) for n in names)
 
 
 def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], control: str, scope: object = "local",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from litcompress._numbers import as_python_number
+from litcompress._numbers import as_python_number, is_bool
 from litcompress.pruning.engine import deepcopy_model, drawing_from, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import _scale_where_they_differ, max_output_difference
@@ -379,7 +379,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
     # numpy's float32(0.5), int64(2) as Python's (only float64, a float subclass, passed)
     min_sparsity, min_speedup, repeats, num_threads = (as_python_number(value) for value in (
         min_sparsity, min_speedup, repeats, num_threads))
-    if not isinstance(time_model, bool):  # ("no" timed the model)
+    if not is_bool(time_model):  # ("no" timed the model)
         raise TypeError(f"sparsify(time_model={time_model!r}): expected True or False.")
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity < 1:
         raise ValueError(f"sparsify(min_sparsity={min_sparsity!r}): expected a fraction in [0, 1), e.g. 0.7.")

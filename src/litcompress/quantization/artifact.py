@@ -64,6 +64,11 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
         raise TypeError(f"save_quantized(example_inputs={given}): give the model's inputs "
                         "for one batch as torch tensors (a tensor, or a tuple of them; torch.from_numpy(array) for "
                         "a numpy array): the file is traced or exported on them.")
+    arrays = [i for i, value in enumerate(example_inputs if isinstance(example_inputs, (list, tuple)) else ())
+              if type(value).__module__ == "numpy"]
+    if arrays:  # (the same "hold no tensor" words)
+        raise TypeError(f"save_quantized(example_inputs=...): input {arrays[0]} is a numpy "
+                        f"{type(example_inputs[arrays[0]]).__name__}; give torch tensors (torch.from_numpy(array)).")
     if not isinstance(path, (str, os.PathLike)):  # (os.fspath's words, naming no argument)
         raise TypeError(f"save_quantized(path={path!r}): expected the file to write, a str or os.PathLike.")
     _check_made_by(model, recipe)
@@ -121,9 +126,13 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     return os.path.getsize(path)
 
 
-# the packages whose module classes are int8 layers of torch.ao (eager or FX convert)
+# the packages whose module classes are int8 layers of torch.ao (eager or FX convert), less the fp32 ones among
+# them: FloatFunctional (an fp32 model's residual adds, e.g. torchvision's quantizable models) and the reference
+# modules (fp32 weights)
 _TORCH_AO_INT8 = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
                   "torch.nn.intrinsic.quantized")
+_TORCH_AO_FP32 = ("torch.ao.nn.quantized.reference", "torch.nn.quantized._reference")
+_BUILT_IN_BACKENDS = ("torch_ao", "torchao", "pt2e", "onnxruntime")
 
 
 def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
@@ -134,7 +143,9 @@ def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
 
     parts: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if type(module).__module__.startswith(_TORCH_AO_INT8):
+        kind = type(module).__module__
+        if kind.startswith(_TORCH_AO_INT8) and not kind.startswith(_TORCH_AO_FP32) and \
+                type(module).__name__ not in ("FloatFunctional", "FXFloatFunctional"):
             parts.setdefault("torch_ao", []).append(name or type(module).__name__)
         graph = getattr(module.program, "graph", None) if isinstance(module, ExportedInference) else None
         if graph is not None and any(node.op == "call_function" and str(node.target).startswith(
@@ -161,6 +172,8 @@ def _check_made_by(model: nn.Module, recipe: Recipe | None) -> None:
                              f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), and recipe=None saves an "
                              "fp32 model: give the Recipe it was built from (QuantizationResult.save(path) passes "
                              "it).")
+        return
+    if recipe.backend not in _BUILT_IN_BACKENDS:  # a backend registered in BACKEND_REGISTRY builds what it likes
         return
     other = {backend: names for backend, names in parts.items() if backend != recipe.backend}
     sessions = recipe.backend != "onnxruntime" and any(isinstance(m, OnnxRuntimeModule) for m in model.modules())

@@ -141,6 +141,37 @@ def _is_loader(value: object) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, (torch.Tensor, str, bytes, Mapping, Sequence))
 
 
+def each_loader(loaders: Any) -> list[Any]:
+    """The dataloaders of several (a list, tuple or dict of them), or the one given, in a list."""
+    if isinstance(loaders, Mapping) and loaders and all(_is_loader(v) for v in loaders.values()):
+        return list(loaders.values())
+    if isinstance(loaders, Sequence) and not isinstance(loaders, (str, bytes)) and loaders \
+            and all(_is_loader(v) for v in loaders):
+        return list(loaders)
+    return [loaders]
+
+
+def known_empty(loader: object) -> bool:
+    """`loader` (a list, a DataLoader over a sized dataset) says it has no batch; one without a length is not."""
+    try:
+        return len(loader) == 0  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):  # (a Dataset without __len__; an IterableDataset's loader)
+        return False
+
+
+def check_validation_batches(loaders: Any, owner: str, *, example_read: bool) -> None:
+    """Refuse validation data that gives no batch, known before any evaluation: every loader empty (each candidate
+    would be judged on nothing), or the first, whose first batch gives the example inputs when `example_read`
+    (a bare StopIteration)."""
+    every = each_loader(loaders)
+    if all(known_empty(loader) for loader in every):
+        raise ValueError(f"{owner}: the validation dataloader gives no batch, and every model is judged on it: give "
+                         "it batches.")
+    if example_read and known_empty(every[0]):
+        raise ValueError(f"{owner}: the first validation dataloader gives no batch, and the example inputs (tracing, "
+                         "timing) are read from it: give it batches, or example_inputs=.")
+
+
 def first_loader(loaders: Any) -> Any:
     """The first of several dataloaders (a list, tuple or dict of them, as ``val_dataloader`` and
     ``train_dataloader`` may return), where batches are read for tracing and calibration; one as it is."""
@@ -530,12 +561,19 @@ def quantize_lightning(
     it its validation limits (``limit_val_batches``, ``limit_test_batches``) and is itself left as it was (its
     module, metrics and loggers: candidates' metrics are not the model's).
     """
+    check_metric_name("metric", metric, "quantize_lightning", "validation_step")  # (re's "expected string")
     config = with_metric_mode(config, metric, mode, "quantize_lightning")
     module = on_the_cpu(lightning_module(module, "quantize_lightning"))
     check_submodule(module, submodule, "quantize_lightning")
     if datamodule is None and val_dataloaders is None:
         raise ValueError("quantize_lightning(datamodule=None, val_dataloaders=None): give one of them "
                          "so that candidates can be validated.")
+    if datamodule is not None and not hasattr(datamodule, "val_dataloader"):  # ("no attribute 'val_dataloader'")
+        raise TypeError(f"quantize_lightning(datamodule={type(datamodule).__name__}): expected a LightningDataModule; "
+                        "give a validation DataLoader as val_dataloaders= (and calibration_data=) instead.")
+    if trainer is not None and not isinstance(trainer, L.Trainer):  # (read after the fp32 model's evaluation)
+        raise TypeError(f"quantize_lightning(trainer={trainer!r}): expected a lightning Trainer (whose "
+                        "limit_val_batches and limit_test_batches the candidates' evaluations take) or None.")
     if datamodule is not None and hasattr(datamodule, "setup"):
         if hasattr(datamodule, "prepare_data"):  # as a Trainer does first: setup may read what it downloads
             datamodule.prepare_data()
@@ -546,6 +584,8 @@ def quantize_lightning(
     # a DataModule may have no training data when calibration data is given (or none at all: only validation data)
     train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None and (
         not isinstance(datamodule, L.LightningDataModule) or is_overridden("train_dataloader", datamodule)) else None
+    check_validation_batches(val_loader, "quantize_lightning",  # (a bare StopIteration)
+                             example_read=example_inputs is None and calibration_data is None and train_loader is None)
     if config.approach == "static" and calibration_data is None and train_loader is None:
         # (quantize's own refusal named its calibration_data argument, which this call was not given)
         given = ("the DataModule has no train_dataloader" if datamodule is not None
