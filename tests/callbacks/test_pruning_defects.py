@@ -2131,3 +2131,34 @@ def test_a_structured_method_without_dim_is_refused_as_a_fit_starts_that_would_p
             make_trainer(tmp_path, max_epochs=1, callbacks=callback).fit(model)
     make_trainer(tmp_path, max_epochs=1, callbacks=pruning(amount=0.5)).fit(model)  # a new callback: its one round
     assert int((model.layer.weight == 0).all(1).sum()) == 1
+
+
+class _EveryOtherEntry(torch_prune.BasePruningMethod):
+    """A custom method that takes `amount` only: no `dim`, no `n`."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount: float) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone()
+        mask.view(-1)[::2] = 0
+        return mask
+
+
+@pytest.mark.parametrize("kwargs", [dict(pruning_dim=1), dict(pruning_dim=0, pruning_norm="nuc")])
+def test_a_custom_method_ignores_the_dim_and_norm_it_does_not_take_as_lightnings_callback_does(tmp_path, kwargs):
+    """They were checked against every target at setup anyway: 'pruning_dim=1 is out of range for Linear.bias',
+    'pruning_norm='nuc' does not apply to Linear.weight', where Lightning's callback prunes (found by a differential
+    fuzz against it)."""
+    masks = []
+    for cls in (LightningModelPruning, ModelPruning):
+        seed_everything(0)
+        model = ThreeLayerModel()
+        make_trainer(tmp_path, max_epochs=1, callbacks=[
+            cls(_EveryOtherEntry, amount=0.5, use_lottery_ticket_hypothesis=False, **kwargs)]).fit(model)
+        masks.append({name: tensor == 0 for name, tensor in model.state_dict().items()})
+    assert masks[0].keys() == masks[1].keys()
+    assert all(torch.equal(masks[0][name], masks[1][name]) for name in masks[0])
+    assert int(masks[1]["layer.mlp_1.weight"].sum()) == 32 * 32 // 2

@@ -55,7 +55,7 @@ from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_s
 from litcompress.pruning import engine
 from litcompress.pruning.distributed import broadcast_pruning_state_
 from litcompress.pruning.lottery import Snapshot, at_snapshot, rewind_, snapshot_tensor, take_snapshot
-from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, check_countable_slices,
+from litcompress.pruning.methods import (PRUNING_FUNCTIONS, PRUNING_METHODS, accepted_kwargs, check_countable_slices,
                                         import_pruning_method, is_import_path, is_ln_norm, is_pruning_method,
                                         norm_refusal, required_kwargs, structured_dim, takes_amount)
 from litcompress.pruning.narrow import narrow_to_state_dict_
@@ -239,12 +239,14 @@ class ModelPruning(TargetsFoundOnceConfigured):
             # `pruning_dim` as `dim` and `pruning_norm` as `n` to a method that takes them (torch's LnStructured).
             self._method = pruning_fn
             self._pruning_method_name = pruning_fn.__name__
+            # kept only for a method that takes them: one that does not ignores them, as Lightning's callback
+            # does (the setup checks refused a dim "out of range" for a bias, a norm for a shape, that it never uses)
             if pruning_dim is not None:
                 _check_int("pruning_dim", pruning_dim)
-                self._method_kwargs["dim"] = pruning_dim
+                self._method_kwargs.update(accepted_kwargs(pruning_fn, {"dim": pruning_dim}, via_apply=True))
             if pruning_norm is not None:
                 _check_norm(pruning_norm)
-                self._method_kwargs["n"] = pruning_norm
+                self._method_kwargs.update(accepted_kwargs(pruning_fn, {"n": pruning_norm}, via_apply=True))
             if use_global_unstructured:  # before the arguments it misses: none would make it run (Lightning's order)
                 _check_unstructured_in_global(pruning_fn, self._method)
             missing = sorted(required_kwargs(pruning_fn) - set(self._method_kwargs))
