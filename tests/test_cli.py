@@ -1863,3 +1863,14 @@ def test_a_pgf_plot_without_latex_is_refused_before_the_run(monkeypatch, tmp_pat
         _check_plot_path(tmp_path / "x.xyz")
     assert ".pgf" not in str(refused.value) and ".svg" in str(refused.value)
     _check_plot_path(tmp_path / "x.svg")
+
+
+def test_sizes_from_model_args_that_do_not_fit_the_data_are_named(tmp_path, capsys):
+    """The advice was --inputs (and the Python API's input_fn=), which cannot help: the sizes given were wrong."""
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", "mlp", "--data", "tests.test_cli:ShapelessDigits", "--data-args",
+              '{"flatten": true}', "--model-args", '{"in_features": 32}', "--train-epochs", "0", "--quantize", "none",
+              "--output-dir", str(tmp_path / "o")])
+    assert ("--model mlp was built with the sizes of --model-args {\"in_features\": 32}, and it cannot take the "
+            "inputs of ShapelessDigits's first batch ((64, 64)): give their sizes (in_features) in --model-args."
+            ) in capsys.readouterr().err

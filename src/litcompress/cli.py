@@ -1096,6 +1096,14 @@ def run_compress(args: argparse.Namespace) -> int:
             other_data = _built_for_other_data(args, model, data)
             if other_data is not None:  # (the advice to flatten or to pass input_fn=, for models of one's own, is
                 raise type(error)(other_data) from None  # wrong for the built-in ones)
+            if args.model in BUILTIN_MODELS and getattr(data, "input_shape", None) is None \
+                    and args.checkpoint is None:  # its sizes came from --model-args (the advice was --inputs)
+                shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if hasattr(t, "shape"))
+                sizes = "in_features" if args.model == "mlp" else "in_channels and image_size"
+                raise type(error)(f"--model {args.model} was built with the sizes of --model-args "
+                                  f"{json.dumps(args.model_args)}, and it cannot take the inputs of "
+                                  f"{type(data).__name__}'s first batch ({shapes}): give their sizes ({sizes}) in "
+                                  "--model-args.") from None
             if args.data not in BUILTIN_DATA or getattr(data, "flatten", True) or "flatten" in args.data_args:
                 if "pass input_fn=" not in str(error):
                     raise

@@ -707,3 +707,50 @@ def test_quantize_lightning_names_bad_arguments_before_any_evaluation(kwargs, er
     with pytest.raises(error, match=message):
         quantize_lightning(CountsValidation(), PTQConfig(approach="dynamic"), **arguments)
     assert CountsValidation.validated == 0
+
+
+class _NoBatches(IterableDataset):
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
+class _TrainAndVal(L.LightningDataModule):
+    def __init__(self, train: DataLoader, val: DataLoader) -> None:
+        super().__init__()
+        self.train, self.val = train, val
+
+    def train_dataloader(self) -> DataLoader:
+        return self.train
+
+    def val_dataloader(self) -> DataLoader:
+        return self.val
+
+
+def test_quantize_lightning_says_a_validation_loader_without_length_gave_no_batch() -> None:
+    """A bare StopIteration; with example_inputs given, "'val_acc' was not logged by validation_step; logged: []",
+    blaming the name."""
+    from litcompress.quantization import PTQConfig
+    from litcompress.quantization.lightning import quantize_lightning
+
+    nothing = DataLoader(_NoBatches(), batch_size=None)
+    with pytest.raises(ValueError, match="quantize_lightning: the first validation dataloader gives no batch"):
+        quantize_lightning(Tiny(), PTQConfig(approach="dynamic"), metric="val_acc", val_dataloaders=nothing)
+    with pytest.raises(KeyError, match=r"'val_acc' was not logged by .*validation_step, nor was anything else: did "
+                                       r"it run on no batch \(an empty dataloader"):
+        quantize_lightning(Tiny(), PTQConfig(approach="dynamic"), metric="val_acc", val_dataloaders=nothing,
+                           example_inputs=torch.randn(4, 8))
+
+
+def test_quantize_lightning_takes_an_empty_training_loader_as_no_calibration_data() -> None:
+    """Dynamic int8 calibrates nothing: it was refused as quantize(example_inputs=None) (another function's
+    argument); static is refused in quantize_lightning's own words."""
+    from litcompress.quantization import PTQConfig
+    from litcompress.quantization.lightning import quantize_lightning
+
+    data = _TrainAndVal(_EMPTY, _loader(_data(48, 1)))
+    result = quantize_lightning(Tiny(), PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1),
+                                metric="val_acc", datamodule=data)
+    assert result.recipe is not None
+    with pytest.raises(ValueError, match=r"quantize_lightning\(approach='static'\): the DataModule's "
+                                         r"train_dataloader is empty"):
+        quantize_lightning(Tiny(), PTQConfig(approach="static"), metric="val_acc", datamodule=data)

@@ -1051,8 +1051,8 @@ def test_quantize_lightning_on_validation_loaders_alone_takes_its_example_from_t
     result = quantize_lightning(module, config, metric="val_acc", datamodule=ValidationOnly())
     assert result.recipe is not None
     # static: named in this function's words (quantize's named its calibration_data argument, not given here)
-    with pytest.raises(ValueError, match=r"^quantize_lightning\(approach='static'\): the DataModule has no "
-                                         r"train_dataloader; .* give calibration_data="):
+    with pytest.raises(ValueError, match=r"^quantize_lightning\(approach='static'\): the DataModule's "
+                                         r"train_dataloader is missing; .* give calibration_data="):
         quantize_lightning(module, static, metric="val_acc", datamodule=ValidationOnly())
 
     class Loaders:  # an object with loaders, no LightningDataModule (is_overridden failed on it); validated on

@@ -271,6 +271,43 @@ def test_no_fallback_keeps_every_layer_a_backend_quantizes_in_fp32():
     assert result.recipe is not None and quantized_layers(result.model, "torch_ao", ["fc"]) == {"fc": True}
 
 
+class _TiedHead(nn.Module):
+    """An output layer tied to the embedding (a language model's), a hidden layer between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.h, self.o = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+        self.o.weight = self.e.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.relu(self.h(self.e(x))))
+
+
+class _OwnLinear(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("make", [_TiedHead, lambda: nn.Sequential(_OwnLinear(16, 16), nn.ReLU(), nn.Linear(16, 4))])
+def test_no_candidate_is_the_fp32_model_under_an_int8_recipe(make):
+    """A tied output layer kept in fp32 keeps its embedding in fp32 too: the fallback fp32=['o', 'h'] left no int8
+    layer and met the goal as 'int8'. quantize_dynamic swaps nn.Linear, not a subclass of it, which was counted as
+    an int8 layer (a model of such layers came back as an int8 result holding none)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randint(0, 50, (8, 5)) if isinstance(model, _TiedHead) else torch.randn(8, 16)
+    reference = model(x).detach()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=6, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationGoalWarning)
+        result = quantize(model, config, eval_fn=lambda m: -float((m(x) - reference).abs().max()), example_inputs=x)
+    assert result.trials
+    for trial in result.trials:  # every candidate held an int8 layer
+        assert "o" not in trial.recipe.fp32_layers or "h" not in trial.recipe.fp32_layers
+    assert result.recipe is not None
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in result.model.modules())
+
+
 def test_a_backend_with_no_layer_to_quantize_is_skipped_not_reported_as_int8():
     """A conv-only model with approach='dynamic' (Linear, recurrent layers, embeddings): the first trial was the fp32
     model, taken as the int8 result that met the goal."""

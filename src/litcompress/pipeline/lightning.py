@@ -36,7 +36,7 @@ from litcompress.quantization.lightning import (QUIET_CPU_TRAINER, MetricChecked
                                                 detached_copy, first_loader, fit_end_module,
                                                 fit_val_dataloaders, float32_for_float32_batches,
                                                 inputs_as_steps_give_them,
-                                                internal_trainer, known_empty,
+                                                internal_trainer, known_empty, NO_BATCH,
                                                 lightning_eval_fn, lightning_module, on_the_cpu, quiet_unless_asked,
                                                 skipped_for_fast_dev_run, trainer_built_quietly,
                                                 with_metric_mode)
@@ -315,9 +315,6 @@ def _data(datamodule: L.LightningDataModule | None, train: Any, val: Any, test: 
     return LoadersDataModule(train, val, test)
 
 
-_NO_BATCH = object()
-
-
 def compress_lightning(
     module: L.LightningModule,
     config: CompressionConfig | None = None,
@@ -456,8 +453,8 @@ def compress_lightning(
     # a dict batch is read by the names of forward's parameters (of the submodule's, with one)
     input_fn = input_fn or model_input_fn(module if submodule is None else module.get_submodule(submodule))
     if example_inputs is None:
-        first_batch = next(iter(first_loader(datamodule.val_dataloader())), _NO_BATCH)
-        if first_batch is _NO_BATCH:  # (a bare StopIteration) a loader without a length
+        first_batch = next(iter(first_loader(datamodule.val_dataloader())), NO_BATCH)
+        if first_batch is NO_BATCH:  # (a bare StopIteration) a loader without a length
             raise ValueError("compress_lightning: the first validation dataloader gives no batch, and the example "
                              "inputs (tracing, timing) are read from it: give it batches, or example_inputs=.")
         example_inputs = batch_inputs(input_fn, first_batch)

@@ -46,7 +46,7 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     by sorted key). The file leaves the batch dim of every input free, and the `dynamic_dims` (``{input_index:
     dims}``, as in :class:`PTQConfig`; ``QuantizationResult.save`` passes the ones its search used); a format that
     cannot leave one free raises an error that says which. A model the recipe did not build (another backend's, an
-    int8 model with ``recipe=None``, an fp32 model under a recipe) is refused: the file would name the wrong recipe.
+    int8 model with ``recipe=None``) is refused: the file would name the wrong recipe.
     """
     from .nested import InputStructure, NestedInputs, flat_inputs, is_nested
     from .tuner import FloatInputs, float32_inputs
@@ -136,13 +136,27 @@ _BUILT_IN_BACKENDS = ("torch_ao", "torchao", "pt2e", "onnxruntime")
 
 
 def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
-    """Per backend, the parts of `model` that show it made them: torch.ao's int8 modules, torchao's quantized weight
-    tensors (its tensor subclasses), a PT2E program's quantize/dequantize ops. Other programs (TorchScript, fx, a
-    torchao one) and ONNX Runtime sessions (an fp32 .onnx file loads as one too) show nothing here."""
+    """Per backend, the parts of `model` that show it made them: torch.ao's int8 modules (or a TorchScript program
+    calling its ``quantized::`` ops: a torch_ao file read back), torchao's quantized weight tensors (its tensor
+    subclasses), a PT2E program's quantize/dequantize ops, an ONNX Runtime session running int8 ops. An fx program
+    or a torchao one read back from its file shows nothing here."""
     from .backends.exported import ExportedInference
+    from .backends.onnxruntime import OnnxRuntimeModule
 
     parts: dict[str, list[str]] = {}
+    scripted: list[str] = []  # (a scripted module's own modules are read with it)
     for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and not any(name.startswith(f"{s}.") or not s
+                                                                  for s in scripted):
+            scripted.append(name)
+            try:
+                calls_int8 = "quantized::" in str(module.inlined_graph)
+            except (AttributeError, RuntimeError):  # (no forward)
+                calls_int8 = False
+            if calls_int8:
+                parts.setdefault("torch_ao", []).append(f"{name or 'the'} TorchScript program's quantized ops")
+        if isinstance(module, OnnxRuntimeModule) and _runs_int8_onnx(module.model_bytes):
+            parts.setdefault("onnxruntime", []).append(f"{name or 'the'} ONNX graph's int8 ops")
         kind = type(module).__module__
         if kind.startswith(_TORCH_AO_INT8) and not kind.startswith(_TORCH_AO_FP32) and \
                 type(module).__name__ not in ("FloatFunctional", "FXFloatFunctional"):
@@ -157,11 +171,31 @@ def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
     return parts
 
 
+# ONNX Runtime's int8 operators (its quantizer writes these for dynamic, static QDQ and QOperator models)
+_ONNX_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                            "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul", "QGemm",
+                            "QAttention", "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul"})
+
+
+def _runs_int8_onnx(model_bytes: bytes) -> bool:
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    graphs, seen = [proto.graph], False
+    while graphs and not seen:
+        graph = graphs.pop()
+        for node in graph.node:
+            seen = seen or node.op_type in _ONNX_INT8_OPS
+            graphs.extend(attribute.g for attribute in node.attribute if attribute.HasField("g"))
+    return seen
+
+
 def _check_made_by(model: nn.Module, recipe: Recipe | None) -> None:
-    """Refuse a model the recipe did not build: an int8 model saved as fp32 (its exporters failed in words about an
-    fp32 model, or TorchScript wrote a file whose checksums then read as damaged), one made by another backend
-    (torch's errors from inside its writer), and, under a recipe, a plain fp32 model (written with the recipe,
-    which `load_quantized` then gave back as the file's)."""
+    """Refuse a model the recipe did not build, as far as its parts show it (:func:`_int8_parts`): an int8 model
+    saved as fp32 (its exporters failed in words about an fp32 model, TorchScript wrote a file whose checksums then
+    read as damaged, an int8 ONNX file read back was written with no recipe), one made by another backend (torch's
+    errors from inside its writer, or the wrong recipe written into the file). (A model with no int8 part under a
+    recipe is written: a search can return one, e.g. with every layer the backend could take kept in fp32.)"""
     from .backends.onnxruntime import OnnxRuntimeModule
 
     parts = _int8_parts(model)
@@ -182,12 +216,6 @@ def _check_made_by(model: nn.Module, recipe: Recipe | None) -> None:
         raise ValueError(f"save_quantized(recipe={recipe.describe()}): this model was made by {backend} "
                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), not {recipe.backend}: give "
                          "the Recipe it was built from (QuantizationResult.recipe).")
-    programs = (torch.jit.ScriptModule, torch.fx.GraphModule, OnnxRuntimeModule)
-    if not parts and not any(isinstance(m, programs) or type(m).__module__.startswith("litcompress.quantization")
-                             for m in model.modules()):
-        raise ValueError(f"save_quantized(recipe={recipe.describe()}): this model holds no int8 part (an fp32 "
-                         "model?); the file would say it is one. Save the model that recipe built "
-                         "(QuantizationResult.model), or give recipe=None to save an fp32 model.")
 
 
 def _eager(model: nn.Module) -> nn.Module:

@@ -159,6 +159,9 @@ def known_empty(loader: object) -> bool:
         return False
 
 
+NO_BATCH = object()  # next(iter(loader), NO_BATCH): a loader that gave no batch
+
+
 def check_validation_batches(loaders: Any, owner: str, *, example_read: bool) -> None:
     """Refuse validation data that gives no batch, known before any evaluation: every loader empty (each candidate
     would be judged on nothing), or the first, whose first batch gives the example inputs when `example_read`
@@ -206,6 +209,10 @@ def missing_metric_message(metric: str, logged: Mapping[str, float], step: str) 
     if per_loader:
         return (f"{metric!r} is logged by {step} once per dataloader, and Lightning names each "
                 f"{per_loader}: pass one of these names (the first dataloader's is {per_loader[0]!r}).")
+    if not logged:  # (a name was blamed when no batch ran: an empty loader, a limit of 0)
+        return (f"{metric!r} was not logged by {step}, nor was anything else: did it run on no batch (an empty "
+                "dataloader, or a limit_val_batches/limit_test_batches of 0)? Otherwise pass the name given to "
+                f"self.log(...) in {step}.")
     return f"{metric!r} was not logged by {step}; logged: {sorted(logged)}. Pass the name given to self.log(...) " \
            f"in {step} (a value logged with on_epoch=False is not among what validate/test return: log it with " \
            "on_epoch=True, the default there)."
@@ -584,11 +591,15 @@ def quantize_lightning(
     # a DataModule may have no training data when calibration data is given (or none at all: only validation data)
     train_loader = datamodule.train_dataloader() if datamodule is not None and calibration_data is None and (
         not isinstance(datamodule, L.LightningDataModule) or is_overridden("train_dataloader", datamodule)) else None
+    empty_train = train_loader is not None and known_empty(first_loader(train_loader))
+    if empty_train:  # as no training data (quantize's refusal named its own example_inputs/calibration_data)
+        train_loader = None
     check_validation_batches(val_loader, "quantize_lightning",  # (a bare StopIteration)
                              example_read=example_inputs is None and calibration_data is None and train_loader is None)
     if config.approach == "static" and calibration_data is None and train_loader is None:
         # (quantize's own refusal named its calibration_data argument, which this call was not given)
-        given = ("the DataModule has no train_dataloader" if datamodule is not None
+        given = (f"the DataModule's train_dataloader {'is empty' if empty_train else 'is missing'}"
+                 if datamodule is not None
                  else "val_dataloaders alone give no calibration data (they judge the candidates)")
         raise ValueError(f"quantize_lightning(approach='static'): {given}; static int8 calibrates its ranges on "
                          "training batches: give calibration_data=... (a DataLoader or list of batches), a DataModule "
@@ -605,7 +616,10 @@ def quantize_lightning(
         # validation data alone (val_dataloaders, or a DataModule without training data): the first validation
         # batch is the example (export, latency); never calibration, which would fit the ranges to the data the
         # candidates are judged on
-        batch = next(iter(first_loader(val_loader)))
+        batch = next(iter(first_loader(val_loader)), NO_BATCH)
+        if batch is NO_BATCH:  # (a bare StopIteration) a loader without a length
+            raise ValueError("quantize_lightning: the first validation dataloader gives no batch, and the example "
+                             "inputs (tracing, timing) are read from it: give it batches, or example_inputs=.")
         host = module.get_submodule(submodule) if submodule else module
         example_inputs = batch_inputs(input_fn or model_input_fn(host), batch)
     if submodule:

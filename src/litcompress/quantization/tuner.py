@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -650,9 +651,11 @@ def _is_not_finite(value: object) -> bool:
 class _BackendSearch:
     """Per-backend search: knob variants first, then fp32 fallback of the most sensitive layers."""
 
-    def __init__(self, backend: Backend, approach: str, layers: Sequence[str]) -> None:
+    def __init__(self, backend: Backend, approach: str, layers: Sequence[str],
+                 fp32_with: Callable[[Sequence[str]], set[str]] = set) -> None:
         self.backend = backend
         self.layers = set(layers)  # those it makes int8: the only ones a fallback keeps in fp32
+        self.fp32_with = fp32_with  # the layers a recipe's fp32 ones keep in fp32 (a tied embedding with its head)
         self.pending = list(backend.recipes(approach))
         self.tried: list[Trial] = []
         self.unscored: list[Trial] = []  # built, and eval_fn gave NaN or inf on them
@@ -715,6 +718,8 @@ class _BackendSearch:
         rest = [name for name in order if name not in fixed]
         for j in range(1, len(rest)):
             recipe = base.recipe.with_fp32_layers(fixed + tuple(rest[:j]))
+            if self.layers <= self.fp32_with(recipe.fp32_layers):  # (ties keep the rest in fp32: no int8 layer)
+                return None
             if recipe not in tried:
                 return recipe
         return None
@@ -727,7 +732,8 @@ def _quantized_kinds(backend: str, approach: str) -> str:
     if approach == "static":
         return "it quantizes nn.Linear and convolutions"
     if backend == "torch_ao":
-        return "it quantizes nn.Linear, recurrent layers (not one without biases or with proj_size) and embeddings"
+        return ("it quantizes nn.Linear (not a subclass of it), recurrent layers (not one without biases or with "
+                "proj_size) and embeddings")
     return "it quantizes nn.Linear, recurrent layers and embeddings"
 
 
@@ -999,7 +1005,8 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             note(f"backend {name!r} skipped: it quantizes no layer of this model for approach {config.approach!r} "
                  f"({_quantized_kinds(name, config.approach)}).")
             continue
-        searches.append(_BackendSearch(backend, config.approach, own_layers))
+        searches.append(_BackendSearch(backend, config.approach, own_layers,
+                                       functools.partial(backend.fp32_with, fp32)))
 
     layers = quantizable_layers(fp32, config.approach)
     if config.approach != "static":  # the file can end larger than the input's, its convolutions fp32, unsaid

@@ -193,6 +193,10 @@ class Backend:
         fallback that keeps all of them is no quantization at all)."""
         return quantizable_layers(model, approach)
 
+    def fp32_with(self, model: nn.Module, layers: Sequence[str]) -> set[str]:
+        """The layers a recipe keeping `layers` in fp32 keeps in fp32 in `model` (default: those)."""
+        return set(layers)
+
 
 # name -> "module:Class"; modules are imported only when a backend is used.
 BACKEND_REGISTRY: dict[str, str] = {

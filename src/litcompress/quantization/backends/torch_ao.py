@@ -80,9 +80,18 @@ class TorchAOBackend(Backend):
         if approach != "dynamic":  # FX calls torch.nn's modules as one op: the layers inside them stay float
             inside = _inside_fx_leaves(model)
             return [name for name in super().quantizable_layers(model, approach) if name not in inside]
+        from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
+
         read = _with_tied_layers(model, _reads_weight_tensors(model))  # their weights are read, not called
+        # quantize_dynamic swaps a module whose type its mapping holds: a subclass of nn.Linear stays fp32 (a search
+        # over such layers returned an fp32 model as int8)
+        swapped = get_default_dynamic_quant_module_mappings()
         return [name for name in super().quantizable_layers(model, approach) if name not in read
-                and not _bias_less_recurrent(model.get_submodule(name))]
+                and type(model.get_submodule(name)) in swapped and not _bias_less_recurrent(model.get_submodule(name))]
+
+    def fp32_with(self, model: nn.Module, layers: Sequence[str]) -> set[str]:
+        """A layer kept in fp32 keeps those tied to it too (:func:`_with_tied_layers`)."""
+        return _with_tied_layers(model, set(layers))
 
     def takes_scripted_parts(self, approach: str) -> bool:
         return approach == "dynamic"  # quantize_dynamic swaps the eager layers around them (FX cannot trace them)
