@@ -754,3 +754,36 @@ def test_quantize_lightning_takes_an_empty_training_loader_as_no_calibration_dat
     with pytest.raises(ValueError, match=r"quantize_lightning\(approach='static'\): the DataModule's "
                                          r"train_dataloader is empty"):
         quantize_lightning(Tiny(), PTQConfig(approach="static"), metric="val_acc", datamodule=data)
+
+
+def test_compress_on_fit_end_shrinks_a_fit_resumed_from_its_finished_checkpoint(tmp_path: Path) -> None:
+    """ModelPruning watched for the output layer with forward hooks from fit start to the first batch's end: a fit
+    resumed from a finished one trains no batch, so the hooks were still on at fit end, and CompressOnFitEnd's shrink
+    refused every layer ("it has forward hooks"): 484 parameters kept instead of 124 (found by a resume hunt)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from litcompress import ModelPruning
+    from litcompress.pruning.schedules import PolynomialDecay
+
+    class Deeper(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def callbacks(out: Path) -> list:
+        return [ModelPruning("ln_structured", amount=PolynomialDecay(final_sparsity=0.6, begin=1, end=3, unit="epoch"),
+                             pruning_dim=0, pruning_norm=2, parameter_names=["weight"], use_global_unstructured=False,
+                             use_lottery_ticket_hypothesis=False),
+                CompressOnFitEnd(CONFIG, output_dir=out, plot=False)]
+
+    train, val = _loader(_data(32, 0)), _loader(_data(16, 1))
+    L.seed_everything(0)
+    first = callbacks(tmp_path / "a")
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              max_epochs=3, callbacks=[*first, ModelCheckpoint(tmp_path / "ck", filename="last")]).fit(
+        Deeper(), train, val)
+    L.seed_everything(0)
+    again = callbacks(tmp_path / "b")
+    _trainer(max_epochs=3, callbacks=again).fit(Deeper(), train, val, ckpt_path=tmp_path / "ck" / "last.ckpt")
+    sizes = [sum(p.numel() for p in run[1].result.model.parameters()) for run in (first, again)]
+    assert sizes[0] == sizes[1] < sum(p.numel() for p in Deeper().parameters())

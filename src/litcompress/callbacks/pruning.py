@@ -670,7 +670,6 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._check_amount_fits(self.amount)
         self._refuse_rounds_a_dimless_method_cannot_run(trainer)
         self._say_if_checkpoints_miss_their_scores(trainer)
-        self._watch_for_the_output_layer(pl_module)
         self._validations_this_fit = 0
         self._caught_up_at_step = None  # (an earlier fit's)
         self._skipped_targets = []
@@ -1076,6 +1075,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._epochs_ended = pl_module.current_epoch + 1
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        # (here, not at fit start: a fit resumed from a finished one trains nothing, skips this hook and would leave
+        # the hooks on for the fit-end callbacks, whose shrink refuses a layer with forward hooks)
+        self._watch_for_the_output_layer(pl_module)
         self._rounds_at_train_start = self._rounds  # (a resumed fit's caught-up rounds, below, count as this fit's)
         self._epoch_progress_at_train_start = self._epoch_progress  # (an earlier fit's, or a checkpoint's)
         self._leave_masked_what_others_keep(trainer)  # every callback's targets are found by now (on_fit_start)
@@ -1294,6 +1296,9 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
+        for handle in self._output_hooks:  # a fit that ended before its first batch did
+            handle.remove()
+        self._output_hooks = []
         # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
         if self._make_pruning_permanent and any(engine.is_pruned(m, n) for m, n in self._parameters_to_prune or ()):
             with self._sparing_others(trainer):
