@@ -2162,3 +2162,40 @@ def test_a_custom_method_ignores_the_dim_and_norm_it_does_not_take_as_lightnings
     assert masks[0].keys() == masks[1].keys()
     assert all(torch.equal(masks[0][name], masks[1][name]) for name in masks[0])
     assert int(masks[1]["layer.mlp_1.weight"].sum()) == 32 * 32 // 2
+
+
+class _CrashesInTraining(ThreeLayerModel):
+    crash: type[BaseException] | None = RuntimeError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.crash is not None:
+            raise self.crash("crashed")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("crash", [RuntimeError, KeyboardInterrupt])
+def test_a_fit_that_crashes_leaves_no_output_layer_hooks_on_the_model(tmp_path, crash):
+    """Lightning calls neither on_fit_end nor teardown after an exception: the structured-pruning callback's forward
+    hooks stayed on (and the next fit's replaced the list holding them, so nothing removed them), and shrink then
+    refused every layer ("it has forward hooks") (found by a review)."""
+    from litcompress import shrink
+
+    model = _CrashesInTraining()
+    model.crash = crash
+    callback = ModelPruning("ln_structured", amount=0.25, pruning_dim=0, pruning_norm=1, parameter_names=["weight"],
+                            use_global_unstructured=False, use_lottery_ticket_hypothesis=False)
+    with pytest.raises((RuntimeError, SystemExit)):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    assert not any(module._forward_hooks for module in model.modules())
+    model.crash = None
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    assert not any(module._forward_hooks for module in model.modules())
+    assert shrink(model, torch.randn(2, 32)).report.parameters_after < sum(p.numel() for p in model.parameters())
+
+
+def test_a_custom_methods_state_key_holds_the_dim_and_norm_as_given():
+    """Checkpoints name a custom method's pruning_dim in their state key; keyed by only what the method takes, a
+    resume with the same arguments dropped the callback's state (found by a review)."""
+    callback = ModelPruning(_EveryOtherEntry, amount=0.5, pruning_dim=1, pruning_norm=2)
+    assert "'dim': 1" in callback.state_key and "'n': 2" in callback.state_key
+    assert "dim" not in callback._method_kwargs  # not passed to the method, which takes no dim

@@ -694,6 +694,22 @@ class _OwnLinear(nn.Linear):
     pass
 
 
+def test_an_fx_program_of_int8_functional_ops_is_not_saved_as_fp32(tmp_path):
+    """FX's static convert of Linear subclasses calls torch.ops.quantized.linear itself (no int8 module to see): with
+    recipe=None it was written as an fp32 TorchScript file holding int8 (found by a review)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    config = PTQConfig(approach="static", backends=("torch_ao",), max_trials=1, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=1.0))
+    result = quantize(nn.Sequential(_OwnLinear(16, 16), nn.ReLU(), _OwnLinear(16, 4)).eval(), config,
+                      eval_fn=lambda m: 1.0, example_inputs=(x,), calibration_data=[(x,)] * 2)
+    assert result.recipe is not None
+    with pytest.raises(ValueError, match=r"save_quantized\(recipe=None\): this model holds int8 parts of torch_ao "
+                                         r"\(the fx program's quantized ops"):
+        save_quantized(result.model, None, tmp_path / "model.pt", (x,), fp32_format="torchscript")
+    assert not list(tmp_path.iterdir())
+
+
 def test_torch_ao_dynamic_counts_only_the_layers_quantize_dynamic_swaps(tmp_path):
     """quantize_dynamic swaps nn.Linear, not a subclass of it: a model of such layers came back as a torch_ao int8
     result holding no int8 layer (and a check refusing "an fp32 model under a recipe" then refused to save it)."""
@@ -704,7 +720,7 @@ def test_torch_ao_dynamic_counts_only_the_layers_quantize_dynamic_swaps(tmp_path
     result = quantize(nn.Sequential(_OwnLinear(16, 16), nn.ReLU(), _OwnLinear(16, 4)).eval(), config,
                       eval_fn=lambda m: 1.0, example_inputs=(x,))
     assert result.recipe is None
-    assert any("it quantizes nn.Linear (not a subclass of it)" in message for message in result.messages)
+    assert any("of torch's own classes (not a subclass of them" in message for message in result.messages)
     mixed = quantize(nn.Sequential(_OwnLinear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), config,
                      eval_fn=lambda m: 1.0, example_inputs=(x,))
     assert mixed.recipe is not None and type(mixed.model[0]) is _OwnLinear

@@ -308,6 +308,49 @@ def test_no_candidate_is_the_fp32_model_under_an_int8_recipe(make):
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in result.model.modules())
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Linear(16, 4), lambda: nn.Sequential(_OwnLinear(16, 4))],
+                         ids=["the model itself", "a subclass"])
+def test_torch_ao_skips_what_quantize_dynamic_does_not_swap_and_says_why(make):
+    """quantize_dynamic swaps the children of the model whose type its mapping holds: a bare nn.Linear (the model
+    itself) and a subclass stay fp32, and came back as int8 results holding no int8 layer."""
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=2, latency_repeats=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationGoalWarning)
+        result = quantize(make().eval(), config, eval_fn=lambda m: 1.0, example_inputs=torch.randn(4, 16))
+    assert result.recipe is None and not result.trials
+    assert any("of torch's own classes (not a subclass of them, nor the model itself)" in m for m in result.messages)
+
+
+class _TiedLanguageModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.h, self.h2 = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.o = nn.Linear(16, 50, bias=False)
+        self.o.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.relu(self.h2(torch.relu(self.h(self.emb(x))))))
+
+
+def test_the_fallback_builds_no_model_twice_through_tied_layers():
+    """fp32=['h', 'emb'] and fp32=['h', 'emb', 'o'] keep the same layers in fp32 (o is emb's tie): the second built
+    the same model again and used up a trial."""
+    from litcompress.quantization.backends.torch_ao import _with_tied_layers
+
+    torch.manual_seed(0)
+    model = _TiedLanguageModel().eval()
+    x = torch.randint(0, 50, (8, 5))
+    reference = model(x).detach()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=8, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationGoalWarning)
+        result = quantize(model, config, eval_fn=lambda m: -float((m(x) - reference).abs().max()), example_inputs=x)
+    built = [(t.recipe.with_fp32_layers(()), frozenset(_with_tied_layers(model, set(t.recipe.fp32_layers))))
+             for t in result.trials]
+    assert len(result.trials) >= 3 and len(set(built)) == len(built)
+
+
 def test_a_backend_with_no_layer_to_quantize_is_skipped_not_reported_as_int8():
     """A conv-only model with approach='dynamic' (Linear, recurrent layers, embeddings): the first trial was the fp32
     model, taken as the int8 result that met the goal."""

@@ -193,6 +193,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._validations_this_fit = 0  # validation runs outside sanity checking, counted for on_train_end
         self._parameter_names = parameter_names or self.PARAMETER_NAMES
         self._method_kwargs: dict[str, Any] = {}
+        self._keyed_method_kwargs: Optional[dict[str, Any]] = None  # a custom method's dim/n as given (the state key)
         # what `_create_pruning_fn` made of a name; a subclass's own (or a `pruning_fn` set later) prunes instead, as
         # Lightning's callback calls it
         self._default_pruning_fn: Any = None
@@ -241,12 +242,15 @@ class ModelPruning(TargetsFoundOnceConfigured):
             self._pruning_method_name = pruning_fn.__name__
             # kept only for a method that takes them: one that does not ignores them, as Lightning's callback
             # does (the setup checks refused a dim "out of range" for a bias, a norm for a shape, that it never uses)
+            given = {}  # (the state key holds them as given: a checkpoint's key names them, taken or not)
             if pruning_dim is not None:
                 _check_int("pruning_dim", pruning_dim)
-                self._method_kwargs.update(accepted_kwargs(pruning_fn, {"dim": pruning_dim}, via_apply=True))
+                given["dim"] = pruning_dim
             if pruning_norm is not None:
                 _check_norm(pruning_norm)
-                self._method_kwargs.update(accepted_kwargs(pruning_fn, {"n": pruning_norm}, via_apply=True))
+                given["n"] = pruning_norm
+            self._keyed_method_kwargs = dict(given)
+            self._method_kwargs.update(accepted_kwargs(pruning_fn, given, via_apply=True))
             if use_global_unstructured:  # before the arguments it misses: none would make it run (Lightning's order)
                 _check_unstructured_in_global(pruning_fn, self._method)
             missing = sorted(required_kwargs(pruning_fn) - set(self._method_kwargs))
@@ -757,7 +761,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
     def _watch_for_the_output_layer(self, pl_module: LightningModule) -> None:
         """With rows pruned (a structured method on dim 0), note which layer with weights the first training forward
         runs last: when it is a target, its rows are the model's outputs (see `_warn_if_outputs_are_pruned`)."""
-        self._output_hooks: list[Any] = []
+        self._remove_output_hooks()  # (a fit that crashed before its first batch's end left them on)
         if getattr(self._method, "PRUNING_TYPE", None) != "structured" or self._pruned_dim() != 0:
             return
         self._last_run: Optional[nn.Module] = None
@@ -768,10 +772,18 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._output_hooks = [module.register_forward_hook(ran) for module in pl_module.modules()
                               if next(module.parameters(recurse=False), None) is not None]
 
-    def _warn_if_outputs_are_pruned(self) -> None:
+    def _remove_output_hooks(self) -> None:
         for handle in self._output_hooks:
             handle.remove()
         self._output_hooks = []
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning calls neither on_fit_end nor teardown after an exception (a crash, Ctrl-C): the model leaves the
+        # fit without this callback's output-layer hooks, which shrink refuses
+        self._remove_output_hooks()
+
+    def _warn_if_outputs_are_pruned(self) -> None:
+        self._remove_output_hooks()
         last = self._last_run
         names = [qname for qname, (module, name) in zip(self._qualified_names, self._parameters_to_prune)
                  if module is last and name == "weight"]
@@ -887,9 +899,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
         self._fit_trainer = None
         super().teardown(trainer, pl_module, stage)  # masks an evaluation's ckpt_path restored: made permanent
         self._remove_hooks()
-        for handle in self._output_hooks:  # a fit that ended before its first batch did
-            handle.remove()
-        self._output_hooks = []
+        self._remove_output_hooks()  # a fit that ended before its first batch did
         if _in_spawned_worker(trainer):
             # `ddp_spawn` hands rank 0's weights to the parent process as a state dict loaded with strict=False into
             # the parent's unpruned model, where `<name>_orig`/`<name>_mask` keys would be dropped silently: hand over
@@ -1296,9 +1306,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 self._run_pruning(pl_module.current_epoch, trainer=trainer, progress=point)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
-        for handle in self._output_hooks:  # a fit that ended before its first batch did
-            handle.remove()
-        self._output_hooks = []
+        self._remove_output_hooks()  # a fit that ended before its first batch did
         # a fit resumed from a checkpoint of a finished one trains nothing, and Lightning skips `on_train_end`
         if self._make_pruning_permanent and any(engine.is_pruned(m, n) for m, n in self._parameters_to_prune or ()):
             with self._sparing_others(trainer):
@@ -1375,7 +1383,7 @@ class ModelPruning(TargetsFoundOnceConfigured):
             amount=_describe(self.amount),
             scope="global" if self._use_global_unstructured else "local",
             parameter_names=list(self._parameter_names),
-            pruning=self._method_kwargs,
+            pruning=self._method_kwargs if self._keyed_method_kwargs is None else self._keyed_method_kwargs,
             **self._key_extras,
         ))
 

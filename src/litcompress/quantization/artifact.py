@@ -165,6 +165,11 @@ def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
         if graph is not None and any(node.op == "call_function" and str(node.target).startswith(
                 "quantized_decomposed.") for node in graph.nodes):  # PT2E's q/dq ops (a torchao program has none)
             parts.setdefault("pt2e", []).append(f"{name or 'the'} program's quantize/dequantize ops")
+        if isinstance(module, torch.fx.GraphModule) and any(  # FX's convert: int8 functional ops (a Linear subclass)
+                node.op == "call_function" and (str(node.target).startswith("quantized.")
+                                                or getattr(node.target, "__name__", "") == "quantize_per_tensor")
+                for node in module.graph.nodes):
+            parts.setdefault("torch_ao", []).append(f"{name or 'the'} fx program's quantized ops")
         for tensor_name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if isinstance(tensor, torch.Tensor) and type(tensor).__module__.startswith("torchao."):
                 parts.setdefault("torchao", []).append(f"{name}.{tensor_name}" if name else tensor_name)

@@ -716,11 +716,15 @@ class _BackendSearch:
         # the ranking, and dropped they failed again.
         fixed = tuple(base.recipe.fp32_layers)
         rest = [name for name in order if name not in fixed]
+        # what each tried recipe keeps in fp32, with the layers tied to those (the same model, built again, is no
+        # new candidate)
+        built = {(t.recipe.with_fp32_layers(()), frozenset(self.fp32_with(t.recipe.fp32_layers))) for t in self.tried}
         for j in range(1, len(rest)):
             recipe = base.recipe.with_fp32_layers(fixed + tuple(rest[:j]))
-            if self.layers <= self.fp32_with(recipe.fp32_layers):  # (ties keep the rest in fp32: no int8 layer)
+            kept = frozenset(self.fp32_with(recipe.fp32_layers))
+            if self.layers <= kept:  # (ties keep the rest in fp32: no int8 layer)
                 return None
-            if recipe not in tried:
+            if recipe not in tried and (recipe.with_fp32_layers(()), kept) not in built:
                 return recipe
         return None
 
@@ -732,8 +736,8 @@ def _quantized_kinds(backend: str, approach: str) -> str:
     if approach == "static":
         return "it quantizes nn.Linear and convolutions"
     if backend == "torch_ao":
-        return ("it quantizes nn.Linear (not a subclass of it), recurrent layers (not one without biases or with "
-                "proj_size) and embeddings")
+        return ("it quantizes the nn.Linear, recurrent layers (not one without biases or with proj_size) and "
+                "embeddings inside the model, of torch's own classes (not a subclass of them, nor the model itself)")
     return "it quantizes nn.Linear, recurrent layers and embeddings"
 
 

@@ -83,10 +83,11 @@ class TorchAOBackend(Backend):
         from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
         read = _with_tied_layers(model, _reads_weight_tensors(model))  # their weights are read, not called
-        # quantize_dynamic swaps a module whose type its mapping holds: a subclass of nn.Linear stays fp32 (a search
-        # over such layers returned an fp32 model as int8)
+        # quantize_dynamic swaps a child module whose type its mapping holds: a subclass of nn.Linear stays fp32, and
+        # so does the model itself (a bare nn.Linear or nn.LSTM): a search over such layers returned an fp32 model
+        # as int8
         swapped = get_default_dynamic_quant_module_mappings()
-        return [name for name in super().quantizable_layers(model, approach) if name not in read
+        return [name for name in super().quantizable_layers(model, approach) if name and name not in read
                 and type(model.get_submodule(name)) in swapped and not _bias_less_recurrent(model.get_submodule(name))]
 
     def fp32_with(self, model: nn.Module, layers: Sequence[str]) -> set[str]:
