@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress._numbers import as_python_number
 from litcompress.callbacks.pruning import _in_spawned_worker, _weight_averaging_callbacks
-from litcompress.pruning.imp import LotteryTicket, checked_search_arguments, iterative_magnitude_pruning
+from litcompress.pruning.imp import (LotteryTicket, check_checkpoint_path, checked_search_arguments,
+                                     iterative_magnitude_pruning)
 from litcompress.quantization.lightning import (check_metric_name, ctrl_c_raises, detached_copy, logged_metrics,
                                                 missing_metric_message, quiet_unless_asked, trainer_built_quietly)
 
@@ -193,11 +194,7 @@ def find_lottery_ticket(
     if trainer_kwargs is not None and not isinstance(trainer_kwargs, Mapping):  # (dict()'s own words)
         raise TypeError(f"`trainer_kwargs` must be a mapping of Trainer arguments, e.g. {{'max_epochs': 5}}, or None; "
                         f"got {trainer_kwargs!r}.")
-    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):  # (os.fspath's words)
-        raise TypeError(f"`checkpoint_path` must name a file to write (a str or os.PathLike), or be None; got "
-                        f"{checkpoint_path!r}.")
-    if checkpoint_path is not None and os.fspath(checkpoint_path) == "":
-        raise ValueError("`checkpoint_path` is '': name a file to write, e.g. 'imp_search.pt', or pass None.")
+    check_checkpoint_path(checkpoint_path)  # (os.fspath's words, after the data's set-up and a batch)
     if not isinstance(module, LightningModule):
         raise TypeError(f"`module` must be a LightningModule (an instance), got {_a(module)}; wrap a plain nn.Module "
                         "in one, or search it with litcompress.pruning.imp.iterative_magnitude_pruning.")

@@ -141,6 +141,15 @@ def _validate(rounds: int, rate: float, layer_rates: Mapping[str, float], contro
         raise TypeError(f"`control_seed` must be an int, got {control_seed!r}.")
 
 
+def check_checkpoint_path(checkpoint_path: object) -> None:
+    """`checkpoint_path` names a file (a str or os.PathLike, not ''), or is None."""
+    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):  # (os.fspath's words)
+        raise TypeError(f"`checkpoint_path` must name a file to write (a str or os.PathLike), or be None; got "
+                        f"{checkpoint_path!r}.")
+    if checkpoint_path is not None and os.fspath(checkpoint_path) == "":  # ("'.' is a directory")
+        raise ValueError("`checkpoint_path` is '': name a file to write, e.g. 'imp_search.pt', or pass None.")
+
+
 def _check_search_parts(model: object, train: object, evaluate: object, train_to_rewind_point: object,
                         train_control: object, checkpoint_path: object, checkpoint_settings: object) -> None:
     """Before any training: a model, functions where functions are called (a bad `evaluate` failed after the first
@@ -154,11 +163,7 @@ def _check_search_parts(model: object, train: object, evaluate: object, train_to
             said = "model" if name == "evaluate" else "model in place"
             raise TypeError(f"`{name}` must be a function of the {said}, e.g. `def {name}(model): ...`"
                             f"{'' if name in ('train', 'evaluate') else ', or None'}, got {function!r}.")
-    if checkpoint_path is not None and not isinstance(checkpoint_path, (str, os.PathLike)):
-        raise TypeError(f"`checkpoint_path` must name a file to write (a str or os.PathLike), or be None; got "
-                        f"{checkpoint_path!r}.")
-    if checkpoint_path is not None and os.fspath(checkpoint_path) == "":  # ("'.' is a directory")
-        raise ValueError("`checkpoint_path` is '': name a file to write, e.g. 'imp_search.pt', or pass None.")
+    check_checkpoint_path(checkpoint_path)
     if checkpoint_settings is not None and not isinstance(checkpoint_settings, Mapping):
         raise TypeError(f"`checkpoint_settings` must be a mapping {{name: value}} (e.g. {{'lr': 0.1}}), or None; got "
                         f"{checkpoint_settings!r}.")

@@ -136,10 +136,10 @@ _BUILT_IN_BACKENDS = ("torch_ao", "torchao", "pt2e", "onnxruntime")
 
 
 def _int8_parts(model: nn.Module) -> dict[str, list[str]]:
-    """Per backend, the parts of `model` that show it made them: torch.ao's int8 modules (or a TorchScript program
-    calling its ``quantized::`` ops: a torch_ao file read back), torchao's quantized weight tensors (its tensor
-    subclasses), a PT2E program's quantize/dequantize ops, an ONNX Runtime session running int8 ops. An fx program
-    or a torchao one read back from its file shows nothing here."""
+    """Per backend, the parts of `model` that show it made them: torch.ao's int8 modules (or an fx program calling
+    its int8 ops, or a TorchScript one: a torch_ao file read back), torchao's quantized weight tensors (its tensor
+    subclasses), a PT2E program's quantize/dequantize ops, an ONNX Runtime session running int8 ops. A torchao
+    program read back from its file shows nothing here."""
     from .backends.exported import ExportedInference
     from .backends.onnxruntime import OnnxRuntimeModule
 

@@ -1009,8 +1009,9 @@ def _search(model: nn.Module, config: PTQConfig, eval_fn: EvalFn, calibration: l
             note(f"backend {name!r} skipped: it quantizes no layer of this model for approach {config.approach!r} "
                  f"({_quantized_kinds(name, config.approach)}).")
             continue
-        searches.append(_BackendSearch(backend, config.approach, own_layers,
-                                       functools.partial(backend.fp32_with, fp32)))
+        searches.append(_BackendSearch(backend, config.approach, own_layers,  # (a registered class of the user's
+                                       functools.partial(backend.fp32_with, fp32)  # may not derive from Backend)
+                                       if hasattr(backend, "fp32_with") else set))
 
     layers = quantizable_layers(fp32, config.approach)
     if config.approach != "static":  # the file can end larger than the input's, its convolutions fp32, unsaid
