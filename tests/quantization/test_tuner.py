@@ -321,6 +321,19 @@ def test_torch_ao_skips_what_quantize_dynamic_does_not_swap_and_says_why(make):
     assert any("of torch's own classes (not a subclass of them, nor the model itself)" in m for m in result.messages)
 
 
+def test_onnxruntimes_skip_says_it_keeps_gru_layers_in_fp32():
+    """The skip of a GRU-only model said "it quantizes nn.Linear, recurrent layers and embeddings" (found by a
+    review)."""
+    config = PTQConfig(approach="dynamic", backends=("onnxruntime",), max_trials=2, latency_repeats=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationGoalWarning)
+        result = quantize(nn.Sequential(nn.GRU(8, 16, batch_first=True)).eval(), config, eval_fn=lambda m: 1.0,
+                          example_inputs=torch.randn(2, 5, 8))
+    assert result.recipe is None
+    assert any("backend 'onnxruntime' skipped" in m and "(not GRU layers nor EmbeddingBag" in m
+               for m in result.messages)
+
+
 class _TiedLanguageModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -738,6 +738,9 @@ def _quantized_kinds(backend: str, approach: str) -> str:
     if backend == "torch_ao":
         return ("it quantizes the nn.Linear, recurrent layers (not one without biases or with proj_size) and "
                 "embeddings inside the model, of torch's own classes (not a subclass of them, nor the model itself)")
+    if backend == "onnxruntime":  # (its quantizable_layers leaves them out)
+        return ("it quantizes nn.Linear, LSTM layers and embeddings (not GRU layers nor EmbeddingBag: it has no int8 "
+                "GRU op, and a bag exports as a loop its quantizer does not reach)")
     return "it quantizes nn.Linear, recurrent layers and embeddings"
 
 
