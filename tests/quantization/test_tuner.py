@@ -287,6 +287,16 @@ class _OwnLinear(nn.Linear):
     pass
 
 
+def _searched_to_its_end(model: nn.Module, x: torch.Tensor, max_trials: int):
+    """torch_ao dynamic under a goal nothing int8 meets (no loss at all): the fallback runs as far as it goes."""
+    reference = model(x).detach()
+    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=max_trials, latency_repeats=2,
+                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizationGoalWarning)
+        return quantize(model, config, eval_fn=lambda m: -float((m(x) - reference).abs().max()), example_inputs=x)
+
+
 @pytest.mark.parametrize("make", [_TiedHead, lambda: nn.Sequential(_OwnLinear(16, 16), nn.ReLU(), nn.Linear(16, 4))])
 def test_no_candidate_is_the_fp32_model_under_an_int8_recipe(make):
     """A tied output layer kept in fp32 keeps its embedding in fp32 too: the fallback fp32=['o', 'h'] left no int8
@@ -295,12 +305,7 @@ def test_no_candidate_is_the_fp32_model_under_an_int8_recipe(make):
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randint(0, 50, (8, 5)) if isinstance(model, _TiedHead) else torch.randn(8, 16)
-    reference = model(x).detach()
-    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=6, latency_repeats=2,
-                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", QuantizationGoalWarning)
-        result = quantize(model, config, eval_fn=lambda m: -float((m(x) - reference).abs().max()), example_inputs=x)
+    result = _searched_to_its_end(model, x, max_trials=6)
     assert result.trials
     for trial in result.trials:  # every candidate held an int8 layer
         assert "o" not in trial.recipe.fp32_layers or "h" not in trial.recipe.fp32_layers
@@ -353,12 +358,7 @@ def test_the_fallback_builds_no_model_twice_through_tied_layers():
     torch.manual_seed(0)
     model = _TiedLanguageModel().eval()
     x = torch.randint(0, 50, (8, 5))
-    reference = model(x).detach()
-    config = PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=8, latency_repeats=2,
-                       accuracy=AccuracyCriterion(tolerable_loss=0.0, relative=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", QuantizationGoalWarning)
-        result = quantize(model, config, eval_fn=lambda m: -float((m(x) - reference).abs().max()), example_inputs=x)
+    result = _searched_to_its_end(model, x, max_trials=8)
     built = [(t.recipe.with_fp32_layers(()), frozenset(_with_tied_layers(model, set(t.recipe.fp32_layers))))
              for t in result.trials]
     assert len(result.trials) >= 3 and len(set(built)) == len(built)
