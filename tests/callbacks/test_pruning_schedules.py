@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
+import typing
 import warnings
 
 import numpy as np
@@ -1223,3 +1225,26 @@ def test_a_callable_amounts_numpy_float32_prunes_what_lightnings_callback_prunes
         make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
         zeros.append(int((model.small.weight == 0).sum()))
     assert zeros == [29, 29]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class _CountsItsDescriptions(PolynomialDecay):
+    descriptions: typing.ClassVar[list[int]] = []
+
+    def __repr__(self) -> str:
+        type(self).descriptions.append(1)
+        return super().__repr__()
+
+
+def test_the_state_key_is_made_once_not_at_every_hook(tmp_path):
+    """Lightning reads `state_key` at every hook it calls (six a training step): describing the schedule each time
+    made the steps of a small model a sixth slower. It is made again when an attribute it names is reassigned."""
+    schedule = _CountsItsDescriptions(final_sparsity=0.5, begin=0, end=8, frequency=2, unit="step")
+    callback = ModelPruning("l1_unstructured", amount=schedule, make_pruning_permanent=False,
+                            use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(FixedDataModel())  # 12 steps, rounds at 0, 2, ..., 8
+    assert len(callback._history) == 5
+    assert len(_CountsItsDescriptions.descriptions) <= 2
+    callback.amount = PolynomialDecay(final_sparsity=0.7, begin=0, end=8, frequency=2, unit="step")
+    assert callback.state_key == ModelPruning("l1_unstructured", amount=callback.amount, make_pruning_permanent=False,
+                                              use_lottery_ticket_hypothesis=False).state_key

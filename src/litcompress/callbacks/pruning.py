@@ -1378,14 +1378,16 @@ class ModelPruning(TargetsFoundOnceConfigured):
     @property
     def state_key(self) -> str:
         # Unique per configuration, so that several pruning callbacks can share a Trainer and a checkpoint.
-        return canonical_numbers(self._generate_state_key(
+        return memoized_state_key(self, (self.amount, self._pruning_method_name, self._use_global_unstructured,
+                                         self._parameter_names, self._method_kwargs, self._keyed_method_kwargs,
+                                         self._key_extras), lambda: canonical_numbers(self._generate_state_key(
             pruning_fn=self._pruning_method_name,
             amount=_describe(self.amount),
             scope="global" if self._use_global_unstructured else "local",
             parameter_names=list(self._parameter_names),
             pruning=self._method_kwargs if self._keyed_method_kwargs is None else self._keyed_method_kwargs,
             **self._key_extras,
-        ))
+        )))
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -1691,6 +1693,16 @@ def _without_locations(key: str) -> str:
 
 
 _WHOLE_FLOAT = re.compile(r"(?<![\w.])(-?\d+)\.0(?![\w.])")
+
+
+def memoized_state_key(callback: Callback, made_of: tuple, make: Callable[[], str]) -> str:
+    """`callback`'s state key as `make` gives it, made again only when an attribute in `made_of` was reassigned:
+    Lightning reads the key at every hook it calls (to name the hook for its profiler), six times a training step,
+    and describing a schedule each time made a step of a small model a sixth slower."""
+    memo = callback.__dict__.get("_state_key_memo")
+    if memo is None or len(memo[0]) != len(made_of) or any(a is not b for a, b in zip(memo[0], made_of)):
+        memo = callback.__dict__["_state_key_memo"] = (made_of, make())
+    return memo[1]
 
 
 def canonical_numbers(key: str) -> str:
