@@ -414,6 +414,54 @@ class _TiedLM(FixedDataModel):
         return nn.functional.cross_entropy(self.head(self.emb(tokens)), tokens)
 
 
+class _ReadsWithoutCalling(nn.Module):
+    """A block whose forward reads a layer's weight and a ParameterDict's tensor without calling either module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.scales = nn.ParameterDict({"weight": nn.Parameter(torch.randn(32, 32) / 32 ** 0.5)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(x), self.proj.weight, self.proj.bias) @ self.scales["weight"]
+
+
+class _BlockReadWithoutACall(FixedDataModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _ReadsWithoutCalling()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(self.block(batch[0])).pow(2).mean()
+        self.log("test", loss)
+        return loss
+
+
+@both("a layer whose weight its parent reads without calling it: the second step after a round fails, 'Trying to "
+      "backward through the graph a second time' (torch recomputes orig * mask in the layer's own forward only)")
+def test_weights_read_without_calling_their_module_are_recomputed_at_every_step(tmp_path, cls):
+    seed_everything(0)
+    model = _BlockReadWithoutACall()
+    at_epoch_start = {}
+
+    def record(trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            at_epoch_start[trainer.current_epoch] = pl_module.block.proj.weight_orig.detach().clone() \
+                if trainer.current_epoch else None
+
+    callback = cls("l1_unstructured", amount=0.3, make_pruning_permanent=False, use_lottery_ticket_hypothesis=False)
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback, LambdaCallback(on_train_batch_start=record)]).fit(model)
+    block = model.block
+    for module in (block.proj, block.scales):
+        assert module.weight_mask.float().mean() < 0.6  # pruned twice, then trained a whole epoch
+    x = model.data[:4]
+    with torch.no_grad():  # the block computes with orig * mask as trained, not with a tensor of an earlier step
+        expected = nn.functional.linear(torch.tanh(x), block.proj.weight_orig * block.proj.weight_mask,
+                                        block.proj.bias) @ (block.scales.weight_orig * block.scales.weight_mask)
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    assert not torch.equal(block.proj.weight_orig, at_epoch_start[2])  # the optimizer's steps reach the layer
+
+
 def test_resampling_draws_a_tied_tensor_from_its_first_holders_distribution(tmp_path):
     """Each holder's copy was reset in turn, so the tied head's Linear initialiser (|w| <= 1/sqrt(16)) wrote over the
     embedding's N(0, 1) draw: a control about 7x smaller than the network it stands for."""

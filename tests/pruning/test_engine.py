@@ -454,7 +454,9 @@ def test_weights_read_without_a_call_stay_current_while_training(layer):
     model = Attention(layer)
     targets = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
     prune_(targets, "l1_unstructured", 0.5, scope="global")
-    assert keep_bypassed_weights_current_(model) == (2 if layer else 1)  # the layer and its attention
+    # the layer and its attention; or the attention and the model's own (its child's in_proj_weight is a tensor a
+    # forward could read without calling the attention)
+    assert keep_bypassed_weights_current_(model) == 2
     assert keep_bypassed_weights_current_(model) == 0  # once
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(3, 4, 8)
@@ -465,10 +467,59 @@ def test_weights_read_without_a_call_stay_current_while_training(layer):
     model.eval()
     permanent = deepcopy_model(model)
     make_permanent_(permanent)
-    assert keep_bypassed_weights_current_(permanent) == (2 if layer else 1)  # make_permanent_ removed them
+    assert keep_bypassed_weights_current_(permanent) == 2  # make_permanent_ removed them
     make_permanent_(permanent)
     with torch.no_grad():  # eval, no grad: the Transformer layer's fast path, with the weights after the last step
         torch.testing.assert_close(model(x), permanent(x))
+
+
+class _ReadsItsChildren(nn.Module):
+    """Reads `proj`'s weight and a ParameterDict's tensor without calling them; calls `head` (only with `use_head`,
+    as a branch taken on some batches only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.scales = nn.ParameterDict({"weight": nn.Parameter(torch.randn(8, 8))})
+
+    def forward(self, x: torch.Tensor, use_head: bool = True) -> torch.Tensor:
+        h = nn.functional.linear(x, self.proj.weight, self.proj.bias) @ self.scales["weight"]
+        return self.head(h) if use_head else h
+
+
+def _computed_from_orig_and_mask(model: _ReadsItsChildren, x: torch.Tensor, use_head: bool) -> torch.Tensor:
+    def weight(module: nn.Module) -> torch.Tensor:
+        return module.weight_orig * module.weight_mask
+
+    h = nn.functional.linear(x, weight(model.proj), model.proj.bias) @ weight(model.scales)
+    return nn.functional.linear(h, weight(model.head), model.head.bias) if use_head else h
+
+
+@pytest.mark.parametrize("copied", ["as_pruned", "deepcopy", "pickle"])
+def test_tensors_read_without_calling_their_module_stay_current_in_a_plain_loop(copied):
+    """torch recomputes orig * mask in the pruned module's own forward only: a tensor read without that call was the
+    one of the last recompute (the second backward failed: "Trying to backward through the graph a second time")."""
+    torch.manual_seed(0)
+    model = _ReadsItsChildren()
+    prune_model_(model, "l1_unstructured", 0.5)  # (calls keep_bypassed_weights_current_)
+    if copied == "deepcopy":
+        model = deepcopy_model(model)
+    elif copied == "pickle":
+        model = pickle.loads(pickle.dumps(deepcopy_model(model)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 6)
+    for step in range(6):  # the head's branch on some steps only
+        optimizer.zero_grad()
+        out = model(x, use_head=step % 3 != 1)
+        torch.testing.assert_close(out, _computed_from_orig_and_mask(model, x, step % 3 != 1), rtol=0, atol=0)
+        out.pow(2).mean().backward()
+        for module in (model.proj, model.scales):  # (a copy's cached tensor has no graph: no gradient reached them)
+            assert module.weight_orig.grad is not None and module.weight_orig.grad.abs().sum() > 0
+        optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _computed_from_orig_and_mask(model, x, True), rtol=0, atol=0)
+    make_permanent_(model)
+    assert not any(module._forward_pre_hooks for module in model.modules())
 
 
 @pytest.mark.parametrize("layer", [False, True], ids=["MultiheadAttention", "TransformerEncoderLayer"])

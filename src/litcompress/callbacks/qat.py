@@ -576,15 +576,19 @@ def _hooks_of(module: nn.Module) -> dict[str, dict]:
 
 def _hooked_descendants(module: nn.Module) -> list[str]:
     """The layers inside `module` with forward (pre-)hooks of their own, torch's weight computations aside
-    (``weight_norm``, ``spectral_norm``: traced as they should be)."""
+    (``weight_norm``, ``spectral_norm``: traced as they should be), and the pruning engine's, which recompute pruned
+    weights (none is left once the masks are made permanent, as QAT asks)."""
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
+
+    from litcompress.pruning.engine import is_bypass_hook
 
     found = []
     for name, sub in module.named_modules():
         hooks = [hook for dict_name in _HOOK_DICTS if dict_name != "_forward_hooks_always_called"
                  for hook in getattr(sub, dict_name, {}).values()]
-        if name and any(not isinstance(hook, (WeightNorm, SpectralNorm)) for hook in hooks):
+        if name and any(not isinstance(hook, (WeightNorm, SpectralNorm)) and not is_bypass_hook(hook)
+                        for hook in hooks):
             found.append(name)
     return found
 

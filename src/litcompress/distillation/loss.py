@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree  # (torch.export's tree utilities: dicts, tuples, lists)
 
-from litcompress.pruning.engine import _BYPASS_HOOKS, MaskedStateLoadHook, deepcopy_model, make_permanent_
+from litcompress.pruning.engine import MaskedStateLoadHook, deepcopy_model, is_bypass_hook, make_permanent_
 
 DistillationKind = Literal["kl", "mse"]
 DISTILLATION_KINDS: tuple[str, ...] = ("kl", "mse")
@@ -267,7 +267,7 @@ def _drop_hooks_(teacher: nn.Module) -> None:
         for name in ("_forward_hooks", "_forward_pre_hooks"):
             hooks = getattr(module, name)
             for key in [k for k, hook in hooks.items()
-                        if not type(hook).__module__.startswith("torch.nn.utils") and hook not in _BYPASS_HOOKS]:
+                        if not type(hook).__module__.startswith("torch.nn.utils") and not is_bypass_hook(hook)]:
                 del hooks[key]
                 for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                               "_forward_pre_hooks_with_kwargs"):

@@ -416,21 +416,70 @@ def _recompute_for_fast_path(layer: nn.Module, args: object) -> None:
 _BYPASS_HOOKS = (_recompute_attention_output, _recompute_for_fast_path)
 
 
+class _ChildrenReadWithoutACall:
+    """Forward pre-hook of a module whose forward may read a child's pruned tensor without calling the child
+    (``F.linear(x, self.proj.weight, self.proj.bias)``, ``self.params["weight"]`` of an ``nn.ParameterDict``):
+    torch recomputes ``orig * mask`` in the child's own forward only, so such a read got the tensor of the child's
+    last recompute, whose graph the last backward freed (the next one failed: "Trying to backward through the graph
+    a second time") and whose values predate the optimizer's steps. A child whose pruned tensor is still the one
+    this hook saw at the module's last call was not called since: it is recomputed now. A child that is called
+    recomputes its own, and costs this hook a comparison. (A tensor read *before* its module is called in the same
+    forward is not seen here: it is the previous call's.)"""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, str], int] = {}  # (child, tensor name) -> id of the tensor at the last call
+
+    def __reduce__(self) -> tuple:  # a copy (deepcopy, pickle) holds other tensors: it starts with nothing seen
+        return type(self), ()
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        if torch.compiler.is_compiling():  # (identities of traced tensors mean nothing to a compiled graph)
+            return
+        seen = {}
+        for child in module._modules.values():
+            if child is None:
+                continue
+            for hook in child._forward_pre_hooks.values():
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    name = hook._tensor_name
+                    key = (id(child), name)
+                    if self._seen.get(key, id(getattr(child, name, None))) == id(getattr(child, name, None)):
+                        setattr(child, name, hook.apply_mask(child))  # (also on a first call: nothing seen yet)
+                    seen[key] = id(getattr(child, name))
+        self._seen = seen
+
+
+def is_bypass_hook(hook: object) -> bool:
+    """Whether `hook` is one of :func:`keep_bypassed_weights_current_`'s (they compute nothing of the model's own:
+    shrink, QAT and the distillation teacher's copy keep or drop them as the pruning masks)."""
+    return isinstance(hook, _ChildrenReadWithoutACall) or any(hook is known for known in _BYPASS_HOOKS)
+
+
 def keep_bypassed_weights_current_(model: nn.Module) -> int:
-    """Make the torch modules of `model` that read their sub-modules' weights without calling them
-    (``nn.MultiheadAttention``'s ``out_proj``; the fast path of ``nn.TransformerEncoderLayer`` and
-    ``nn.TransformerDecoderLayer``) recompute those sub-modules' pruned weights at every call; returns how many hooks
-    were added. Without it a pruned ``out_proj`` computes with the tensor cached when it was pruned: the second
-    backward fails ("Trying to backward through the graph a second time") and the optimizer's updates never reach
-    the attention. Idempotent (copies of the model keep the hooks); :func:`make_permanent_` removes them. Pruning
-    through the pipeline, :class:`litcompress.ModelPruning` or the IMP driver calls this; call it yourself after
-    pruning a model with :func:`prune_` or :class:`GradualPruner` in your own loop.
+    """Make the modules of `model` that read their sub-modules' weights without calling them (``nn.MultiheadAttention``
+    's ``out_proj``; the fast path of ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``; a forward of
+    yours computing ``F.linear(x, self.proj.weight)``, or reading an ``nn.ParameterDict``) recompute those
+    sub-modules' pruned weights at every call; returns how many hooks were added. Without it a pruned ``out_proj``
+    computes with the tensor cached when it was pruned: the second backward fails ("Trying to backward through the
+    graph a second time") and the optimizer's updates never reach the attention. Modules that are called recompute
+    their own: the hooks of other modules than torch's attention and Transformer layers only compare, per call, each
+    pruned child's tensor with the one seen at the last call. Idempotent (copies of the model keep the hooks);
+    :func:`make_permanent_` removes them. Pruning through the pipeline, :class:`litcompress.ModelPruning` or the IMP
+    driver calls this; call it yourself after pruning a model with :func:`prune_` or :class:`GradualPruner` in your
+    own loop.
     """
     added = 0
     for module in model.modules():
         hook = _recompute_attention_output if isinstance(module, nn.MultiheadAttention) else \
             _recompute_for_fast_path if isinstance(module, _TRANSFORMER_LAYERS) else None
-        if hook is not None and hook not in module._forward_pre_hooks.values():
+        if isinstance(module, torch.jit.ScriptModule):  # (no Python hooks; nothing in it is pruned)
+            continue
+        if hook is None and any(next(child.parameters(recurse=False), None) is not None
+                                for child in module.children()):
+            if not any(isinstance(h, _ChildrenReadWithoutACall) for h in module._forward_pre_hooks.values()):
+                module.register_forward_pre_hook(_ChildrenReadWithoutACall())
+                added += 1
+        elif hook is not None and hook not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(hook)
             added += 1
     return added
@@ -635,7 +684,7 @@ def make_permanent_(model: nn.Module, keep: Iterable[Target] = (), *, owner: str
     refuse_tied_holders_computing_otherwise(model, owner, skip=kept)
     removed = 0
     for module in model.modules():
-        for key in [k for k, h in module._forward_pre_hooks.items() if h in _BYPASS_HOOKS]:
+        for key in [k for k, h in module._forward_pre_hooks.items() if is_bypass_hook(h)]:
             del module._forward_pre_hooks[key]  # nothing left to recompute
         keys = [k for k, h in module._forward_pre_hooks.items() if isinstance(h, torch_prune.BasePruningMethod)
                 and (id(module), h._tensor_name) not in kept]

@@ -2249,10 +2249,10 @@ def _producer_chains(graph: fx.Graph, modules: dict[str, nn.Module], calls: dict
 def _user_hooks(module: nn.Module) -> bool:
     """Whether `module` has forward hooks (pre or post) other than the pruning engine's own and torch's pruning
     masks (shrink makes those permanent before it narrows anything)."""
-    from litcompress.pruning.engine import _BYPASS_HOOKS
+    from litcompress.pruning.engine import is_bypass_hook
 
     pre = [hook for hook in module._forward_pre_hooks.values()
-           if hook not in _BYPASS_HOOKS and not isinstance(hook, torch.nn.utils.prune.BasePruningMethod)]
+           if not is_bypass_hook(hook) and not isinstance(hook, torch.nn.utils.prune.BasePruningMethod)]
     return bool(pre or module._forward_hooks)
 
 
