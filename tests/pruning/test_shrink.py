@@ -2267,6 +2267,20 @@ def test_lazy_layers_take_their_shapes_from_the_example_inputs():
     assert torch.nn.parameter.is_lazy(model[0].weight)  # the model as given
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_lazy_batch_norm_never_called_takes_its_shape_from_the_example_inputs(affine):
+    """Its statistics are uninitialized buffers, which torch's deepcopy refuses: shrink's copy failed ("Attempted to use
+    an uninitialized parameter")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LazyBatchNorm2d(affine=affine), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(ValueError, match=r"1\.(weight|running_mean).* belong to lazy layers never called"):
+        shrink(model)
+    result = shrink(model, torch.randn(2, 3, 8, 8))
+    assert result.model[1].running_mean.shape == (8,)
+    assert torch.nn.parameter.is_lazy(model[1].running_mean)  # the model as given
+
+
 class FlaggedMLP(nn.Module):
     """Flags read by Python ``if``s, as user models have them (fx cannot trace those symbolically): the features
     returned on request, an optional scale before the head, and an embedding path through a layer of its own."""

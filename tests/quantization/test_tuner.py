@@ -1589,6 +1589,17 @@ def test_lazy_layers_never_called_are_refused_rather_than_quantized_as_another_n
     assert isinstance(model[0], nn.LazyLinear)
 
 
+def test_a_lazy_batch_norm_without_parameters_never_called_is_refused_too():
+    """affine=False: its uninitialized statistics are buffers, which the check did not read, and the search's copy
+    failed inside torch's deepcopy ("Attempted to use an uninitialized parameter")."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d(affine=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(288, 3)).eval()
+    with pytest.raises(ValueError, match=re.escape("quantize: 1.running_mean, 1.running_var belong to lazy layers "
+                                                   "never called")):
+        quantize(model, PTQConfig(approach="dynamic", backends=("torch_ao",), max_trials=1),
+                 eval_fn=lambda m: 1.0, example_inputs=torch.randn(2, 3, 8, 8))
+
+
 def test_torch_ao_skips_a_torchscript_model_rather_than_choosing_it_unquantized():
     """Its eager quantization swaps nn.Linear modules, which a scripted model has none of: the 'int8' candidate was
     the fp32 model, chosen as int8 (sizes and outputs equal)."""

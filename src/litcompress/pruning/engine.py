@@ -152,9 +152,10 @@ def unique_modules(targets: Iterable[Target]) -> list[nn.Module]:
 
 
 def lazy_parameter_names(model: nn.Module) -> list[str]:
-    """The qualified names of `model`'s parameters that lazy layers (``nn.LazyLinear``) have not created yet: those
-    layers were never called."""
-    return [name for name, parameter in model.named_parameters() if is_lazy(parameter)]
+    """The qualified names of `model`'s parameters and buffers that lazy layers (``nn.LazyLinear``,
+    ``nn.LazyBatchNorm2d(affine=False)``'s statistics) have not created yet: those layers were never called."""
+    return [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if is_lazy(tensor)]
 
 
 def check_lazy_layers_called(model: nn.Module, where: str) -> None:
@@ -536,6 +537,10 @@ def deepcopy_model(model: nn.Module, memo: dict[int, object] | None = None) -> n
     that Lightning compiled in place (a fit of ``torch.compile(module)``) is copied as its eager module.
     """
     memo = dict(memo or {})
+    for buffer in model.buffers():  # (torch copies a lazy layer's uninitialized parameters, not its buffers)
+        if isinstance(buffer, nn.parameter.UninitializedBuffer) and id(buffer) not in memo:
+            memo[id(buffer)] = nn.parameter.UninitializedBuffer(requires_grad=buffer.requires_grad,
+                                                                device=buffer.device, dtype=buffer.dtype)
     for module in model.modules():
         # (a recurrent layer keeps its parametrized weights, computed with grad on, in its `_flat_weights` list; a
         # LightningModule its steps' outputs, in lists of tuples or dicts)
