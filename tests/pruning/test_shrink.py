@@ -2281,6 +2281,29 @@ def test_a_lazy_batch_norm_never_called_takes_its_shape_from_the_example_inputs(
     assert torch.nn.parameter.is_lazy(model[1].running_mean)  # the model as given
 
 
+class _ScriptedConsumer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(3, 8, 3, padding=1), torch.jit.script(nn.Conv2d(8, 8, 1)), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_a_torchscript_consumer_is_named_as_the_reason_its_producer_keeps_its_channels():
+    """fx records its call as `c2._c.forward(x)`: the reason said "its output meets another tensor", and none did."""
+    torch.manual_seed(0)
+    model = _ScriptedConsumer().eval()
+    with torch.no_grad():
+        model.c1.weight[[1, 3]] = 0
+        model.c1.bias[[1, 3]] = 0
+    x = torch.randn(2, 3, 8, 8)
+    result = shrink(model, x)
+    assert result.model.c1.out_channels == 8
+    assert dict(result.report.kept)["c1"] == "its consumer c2 is a TorchScript module, which shrink does not see into"
+    torch.testing.assert_close(result.model(x), model(x))
+
+
 class FlaggedMLP(nn.Module):
     """Flags read by Python ``if``s, as user models have them (fx cannot trace those symbolically): the features
     returned on request, an optional scale before the head, and an embedding path through a layer of its own."""

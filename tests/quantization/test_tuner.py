@@ -1600,6 +1600,17 @@ def test_a_lazy_batch_norm_without_parameters_never_called_is_refused_too():
                  eval_fn=lambda m: 1.0, example_inputs=torch.randn(2, 3, 8, 8))
 
 
+def test_pt2e_says_it_takes_conv2d_when_it_skips_a_model_of_other_convolutions():
+    """Its static quantizer takes nn.Linear and nn.Conv2d: a model of Conv1d layers was skipped because "it quantizes
+    nn.Linear and convolutions"."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 4, 1)).eval(), torch.randn(8, 3, 16)
+    result = quantize(model, PTQConfig(approach="static", backends=("pt2e", "torch_ao"), max_trials=1),
+                      eval_fn=lambda m: 1.0, example_inputs=x, calibration_data=[x])
+    assert "backend 'pt2e' skipped: it quantizes no layer of this model for approach 'static' (it quantizes " \
+           "nn.Linear and nn.Conv2d)." in result.messages
+
+
 def test_torch_ao_skips_a_torchscript_model_rather_than_choosing_it_unquantized():
     """Its eager quantization swaps nn.Linear modules, which a scripted model has none of: the 'int8' candidate was
     the fp32 model, chosen as int8 (sizes and outputs equal)."""

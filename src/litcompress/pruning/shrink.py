@@ -1717,6 +1717,14 @@ def _step_transposed(user: fx.Node, node: fx.Node, branch: _Branch, done: list[_
 MODEL_OUTPUT_REASON = "it produces the model's output, whose width is part of the model's interface"
 
 
+def _scripted_module_called(user: fx.Node) -> str | None:
+    """The name of the TorchScript module `user` calls, if it calls one: fx records ``module._c.forward(x)``."""
+    if user.op == "call_method" and user.args and isinstance(user.args[0], fx.Node) \
+            and user.args[0].op == "get_attr" and str(user.args[0].target).endswith("._c"):
+        return str(user.args[0].target)[:-len("._c")]
+    return None
+
+
 def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, done: list[_Branch],
           modules: dict[str, nn.Module], calls: dict[str, int], walk_on: bool = True) -> fx.Node | str | None:
     """Take `branch` from `node` into its user `user`: None when `user` is the branch's consumer (the branch is then
@@ -1725,6 +1733,8 @@ def _step(user: fx.Node, node: fx.Node, producer: nn.Module, branch: _Branch, do
     is_conv = isinstance(producer, _CONV_LIKE)
     if user.op == "output":
         return MODEL_OUTPUT_REASON
+    if (scripted := _scripted_module_called(user)) is not None:  # (else: "meets another tensor", its ScriptObject)
+        return f"its consumer {scripted} is a TorchScript module, which shrink does not see into"
     if branch.transposed:
         return _step_transposed(user, node, branch, done, modules, calls, walk_on, producer)
     if _swaps_last_two_dims(user, node) and not branch.flattened and (
