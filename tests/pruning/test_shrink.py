@@ -2284,7 +2284,8 @@ def test_a_lazy_batch_norm_never_called_takes_its_shape_from_the_example_inputs(
 class _ScriptedConsumer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.c2, self.head = nn.Conv2d(3, 8, 3, padding=1), torch.jit.script(nn.Conv2d(8, 8, 1)), nn.Linear(8, 3)
+        self.c1, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.c2 = torch.jit.script(nn.Conv2d(8, 8, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))

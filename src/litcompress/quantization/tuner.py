@@ -734,7 +734,7 @@ def _quantized_kinds(backend: str, approach: str) -> str:
     if approach == "weight_only" or (backend == "pt2e" and approach == "dynamic"):
         return "it quantizes nn.Linear layers"
     if approach == "static":  # (pt2e: see its quantizable_layers)
-        return "it quantizes nn.Linear and nn.Conv2d" if backend == "pt2e" else "it quantizes nn.Linear and convolutions"
+        return f"it quantizes nn.Linear and {'nn.Conv2d' if backend == 'pt2e' else 'convolutions'}"
     if backend == "torch_ao":
         return ("it quantizes the nn.Linear, recurrent layers (not one without biases or with proj_size) and "
                 "embeddings inside the model, of torch's own classes (not a subclass of them, nor the model itself)")
