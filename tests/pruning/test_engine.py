@@ -522,6 +522,82 @@ def test_tensors_read_without_calling_their_module_stay_current_in_a_plain_loop(
     assert not any(module._forward_pre_hooks for module in model.modules())
 
 
+class _CallsInTrainingReadsInEval(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) if self.training else nn.functional.linear(x, self.proj.weight, self.proj.bias)
+
+
+class _ReadBy(nn.Module):
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(nn.functional.linear(x, self.layer.weight, self.layer.bias))
+
+
+class _TwoReadersOfOneLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.first, self.second, self.out = _ReadBy(shared), _ReadBy(shared), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.second(self.first(x)))
+
+
+def test_a_layer_called_in_training_and_read_in_eval_computes_with_its_trained_weights():
+    """The tensor of the last training call was taken for current at the eval forward: the weights before the last
+    optimizer step, silently."""
+    torch.manual_seed(0)
+    model = _CallsInTrainingReadsInEval()
+    prune_model_(model, "l1_unstructured", 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = nn.functional.linear(x, model.proj.weight_orig * model.proj.weight_mask, model.proj.bias)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_a_layer_two_modules_read_without_calling_it_trains():
+    """Each reader kept what it had seen: the second's recompute looked like a call to the first, which then read the
+    second's tensor of the step before (the second backward failed)."""
+    torch.manual_seed(0)
+    model = _TwoReadersOfOneLayer()
+    prune_model_(model, "l1_unstructured", 0.5, parameter_names=["weight", "bias"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    for _ in range(4):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+    shared = model.first.layer
+    assert shared.weight_orig.grad.abs().sum() > 0
+    with torch.no_grad():
+        model(x)  # (the cached tensor is the last forward's until the next one)
+        torch.testing.assert_close(shared.weight, shared.weight_orig * shared.weight_mask, rtol=0, atol=0)
+
+
+def test_a_freshly_masked_model_traces_with_torch_jit():
+    """The hooks recomputed the children at their first call, not at the trace's check: 'Graphs differed across
+    invocations'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    prune_model_(model, "l1_unstructured", 0.5)
+    x = torch.randn(2, 8)
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x))
+
+
 @pytest.mark.parametrize("layer", [False, True], ids=["MultiheadAttention", "TransformerEncoderLayer"])
 def test_a_masked_state_dict_loads_into_a_fresh_attention_model_that_computes_and_trains(layer):
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ import numbers
 import os
 import sys
 import warnings
+import weakref
 import zlib
 from contextvars import ContextVar
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -417,37 +418,47 @@ def _recompute_for_fast_path(layer: nn.Module, args: object) -> None:
 _BYPASS_HOOKS = (_recompute_attention_output, _recompute_for_fast_path)
 
 
+# Per pruning hook (torch's, one per pruned tensor), its module's tensor when a `_ChildrenReadWithoutACall` last looked:
+# while it is still the module's, the module was not called since (weak references: a copy of the model, or a tensor
+# replaced, is neither held alive nor mistaken for another at the same address).
+_LAST_SEEN: "weakref.WeakKeyDictionary[torch_prune.BasePruningMethod, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
 class _ChildrenReadWithoutACall:
     """Forward pre-hook of a module whose forward may read a child's pruned tensor without calling the child
     (``F.linear(x, self.proj.weight, self.proj.bias)``, ``self.params["weight"]`` of an ``nn.ParameterDict``):
     torch recomputes ``orig * mask`` in the child's own forward only, so such a read got the tensor of the child's
     last recompute, whose graph the last backward freed (the next one failed: "Trying to backward through the graph
-    a second time") and whose values predate the optimizer's steps. A child whose pruned tensor is still the one
-    this hook saw at the module's last call was not called since: it is recomputed now. A child that is called
-    recomputes its own, and costs this hook a comparison. (A tensor read *before* its module is called in the same
-    forward is not seen here: it is the previous call's.)"""
+    a second time") and whose values predate the optimizer's steps.
+
+    Recomputed here: a child's tensor that nothing replaced since such a hook (this one, or another module's for a
+    child two modules read) last looked at it, or that none has looked at yet; and every child's when the module
+    switched between training and eval mode since its last call (a forward that calls a layer in training and reads
+    its weight in eval). A child that is called recomputes its own, and costs a comparison. Not seen: a tensor read
+    before its module is called in the same forward (it is the previous call's); a child called on some calls and
+    read without a call on others of the same mode; a grandchild's tensor (only children are looked at)."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[int, str], int] = {}  # (child, tensor name) -> id of the tensor at the last call
+        self._training: bool | None = None  # the module's mode at its last call
 
-    def __reduce__(self) -> tuple:  # a copy (deepcopy, pickle) holds other tensors: it starts with nothing seen
+    def __reduce__(self) -> tuple:  # (a copy starts afresh)
         return type(self), ()
 
     def __call__(self, module: nn.Module, args: object) -> None:
-        if torch.compiler.is_compiling():  # (identities of traced tensors mean nothing to a compiled graph)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # (a trace checked twice must see one graph)
             return
-        seen = {}
+        switched = self._training is not None and self._training != module.training
+        self._training = module.training
         for child in module._modules.values():
-            if child is None:
+            if child is None or not child._forward_pre_hooks:
                 continue
             for hook in child._forward_pre_hooks.values():
                 if isinstance(hook, torch_prune.BasePruningMethod):
-                    name = hook._tensor_name
-                    key = (id(child), name)
-                    if self._seen.get(key, id(getattr(child, name, None))) == id(getattr(child, name, None)):
-                        setattr(child, name, hook.apply_mask(child))  # (also on a first call: nothing seen yet)
-                    seen[key] = id(getattr(child, name))
-        self._seen = seen
+                    seen, tensor = _LAST_SEEN.get(hook), getattr(child, hook._tensor_name, None)
+                    if switched or seen is None or seen() is tensor:
+                        tensor = hook.apply_mask(child)
+                        setattr(child, hook._tensor_name, tensor)
+                    _LAST_SEEN[hook] = weakref.ref(tensor)
 
 
 def is_bypass_hook(hook: object) -> bool:
@@ -460,11 +471,13 @@ def keep_bypassed_weights_current_(model: nn.Module) -> int:
     """Make the modules of `model` that read their sub-modules' weights without calling them (``nn.MultiheadAttention``
     's ``out_proj``; the fast path of ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``; a forward of
     yours computing ``F.linear(x, self.proj.weight)``, or reading an ``nn.ParameterDict``) recompute those
-    sub-modules' pruned weights at every call; returns how many hooks were added. Without it a pruned ``out_proj``
+    sub-modules' pruned weights at every call (what a forward of yours is not seen to read:
+    :class:`_ChildrenReadWithoutACall`); returns how many hooks were added. Without it a pruned ``out_proj``
     computes with the tensor cached when it was pruned: the second backward fails ("Trying to backward through the
     graph a second time") and the optimizer's updates never reach the attention. Modules that are called recompute
     their own: the hooks of other modules than torch's attention and Transformer layers only compare, per call, each
-    pruned child's tensor with the one seen at the last call. Idempotent (copies of the model keep the hooks);
+    pruned child's tensor with the one seen at the last look (about 6 us per call of a module holding pruned
+    children, half of it torch's for calling any hook). Idempotent (copies of the model keep the hooks);
     :func:`make_permanent_` removes them. Pruning through the pipeline, :class:`litcompress.ModelPruning` or the IMP
     driver calls this; call it yourself after pruning a model with :func:`prune_` or :class:`GradualPruner` in your
     own loop.
