@@ -296,13 +296,16 @@ def test_numpy_numbers_are_saved_as_python_ones_so_checkpoints_load(tmp_path) ->
     assert {key: modules[-1].hparams[key] for key in own} == own
 
 
-@pytest.mark.parametrize("written_at", ["a training step", "a validation's end"])
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("written_at", ["a training step", "a validation's end", "an epoch's end"])
 def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_with_the_weights_of_one_uninterrupted(
-        tmp_path, written_at: str) -> None:
+        tmp_path, written_at: str, num_workers: int) -> None:
     """Lightning goes on at the checkpoint's batch index; the epoch's order must go on there too (it started over
     at the epoch's first batch: the resumed run trained on other batches and ended with other weights). A checkpoint
     written at a mid-epoch validation's end (`val_check_interval`) too: there the epoch loop's restart flag is
-    cleared before the first batch is fetched."""
+    cleared before the first batch is fetched. With workers, the loader's pass starts when Lightning makes its
+    iterator, before its set_epoch and before it counts the checkpoint's last batch: the resumed epoch was given
+    epoch 0's order, one batch too early."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -324,16 +327,18 @@ def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_wit
                   enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
                   default_root_dir=tmp_path, val_check_interval=4 if at_validation else None,
                   limit_val_batches=2, num_sanity_val_steps=0).fit(
-                      model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
+                      model, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers),
+                      ckpt_path=ckpt_path)
 
     L.seed_everything(0, verbose=False)
     uninterrupted = RecordsBatches()
     fit(uninterrupted)
     L.seed_everything(0, verbose=False)
     first = RecordsBatches()  # 17 batches an epoch: step 20 is epoch 1's 3rd batch, 21 its 4th (a validation's end)
-    step = 21 if at_validation else 20
+    step = 21 if at_validation else 17 if written_at == "an epoch's end" else 20
     fit(first, [ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1,
-                                every_n_train_steps=None if at_validation else step)])
+                                every_n_train_steps=step if written_at == "a training step" else None,
+                                every_n_epochs=1 if written_at == "an epoch's end" else None)])
     resumed = RecordsBatches()
     fit(resumed, ckpt_path=tmp_path / f"step={step}.ckpt")
     assert min(resumed.seen) == (1, step - 17) and len(resumed.seen) == 34 - step
@@ -393,3 +398,16 @@ def test_digits_without_scikit_learn_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'litcompress\[data\]'"):
         load_digits_tensors()
+    with pytest.raises(ImportError, match=r"pip install 'litcompress\[data\]'"):  # at construction, as MNIST's
+        DigitsDataModule()
+
+
+def test_a_numpy_bool_is_taken_for_flatten_as_numpy_numbers_are_for_the_other_arguments():
+    """flatten=np.False_ (a flag read from a config or an array) was refused: "must be True (vectors) or False"."""
+    import numpy as np
+
+    data = DigitsDataModule(flatten=np.False_)
+    assert data.flatten is False and data.hparams.flatten is False and data.input_shape == (1, 8, 8)
+    assert load_digits_tensors(flatten=np.False_).train.tensors[0].shape[1:] == (1, 8, 8)
+    with pytest.raises(ValueError, match="flatten=0 must be True"):
+        DigitsDataModule(flatten=0)

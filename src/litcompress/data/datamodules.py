@@ -20,6 +20,7 @@ from litcompress.data.datasets import (
     MNIST_IMAGE_SHAPE,
     MNIST_NUM_FEATURES,
     DatasetSplits,
+    check_digits_available,
     check_flatten,
     check_seed,
     check_split_fractions,
@@ -40,11 +41,15 @@ class EpochShuffleSampler(Sampler[int]):
     where a shuffling loader's generator would have drawn less and given other orders from then on.
 
     ``skip``, when given, is asked at the start of each pass how many of that epoch's first indices to leave out: a
-    run resumed from a mid-epoch checkpoint goes on with the batches the interrupted run had not reached.
+    run resumed from a mid-epoch checkpoint goes on with the batches the interrupted run had not reached. ``epoch``,
+    when given, is asked at the start of each pass which epoch it is (None: the one ``set_epoch`` gave, or the next):
+    a DataLoader with workers starts a pass as soon as its iterator is made, which Lightning does before its
+    ``set_epoch`` when a fit resumes (the pass was epoch 0's).
     """
 
-    def __init__(self, size: int, seed: int, skip: Callable[[], int] | None = None) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, skip
+    def __init__(self, size: int, seed: int, skip: Callable[[], int] | None = None,
+                 epoch: Callable[[], int | None] | None = None) -> None:
+        self.size, self.seed, self.epoch, self.skip, self.epoch_now = size, seed, 0, skip, epoch
         self._generator = torch.Generator().manual_seed(seed)
         self._drawn = -1  # the last epoch whose order `_generator` has produced
         self._order = RandomSampler(range(size), generator=self._generator)
@@ -56,7 +61,9 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        asked = self.epoch_now() if self.epoch_now is not None else None
+        epoch = self.epoch if asked is None else asked
+        self.epoch = epoch + 1
         if epoch <= self._drawn:  # an earlier epoch again (a resume, a second fit): replay from the seed
             self._generator.manual_seed(self.seed)
             self._drawn = -1
@@ -133,12 +140,20 @@ class _BundledDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, self._samples_done_in_resumed_epoch)
-            if shuffle else None,
+            sampler=EpochShuffleSampler(len(dataset), self.shuffle_seed, self._samples_done_in_resumed_epoch,
+                                        self._fitted_epoch) if shuffle else None,
             generator=torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _fitted_epoch(self) -> int | None:
+        """The epoch a fit is at (what Lightning gives its samplers' ``set_epoch``), read when the training pass
+        starts; None outside a fit."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None
+        return trainer.fit_loop.epoch_progress.current.processed
 
     def _samples_done_in_resumed_epoch(self) -> int:
         """Samples of the current epoch a fit resumed from a mid-epoch checkpoint has already trained on (Lightning
@@ -148,7 +163,10 @@ class _BundledDataModule(L.LightningDataModule):
         if trainer is None or trainer.world_size != 1 or not trainer.training:
             return 0
         loop = trainer.fit_loop.epoch_loop
-        done = loop.batch_progress.current.completed
+        # processed, not completed: a checkpoint written at a batch's end holds that batch as processed, not yet
+        # completed; Lightning counts it completed when the epoch loop starts, which a DataLoader with workers
+        # (whose pass starts as its iterator is made) runs after
+        done = loop.batch_progress.current.processed
         # the fit loop's flag: the epoch loop's is cleared before the first fetch when the checkpoint was written at
         # a validation's end (Lightning's first iteration then only skips the validation already run)
         resuming = loop.restarting or trainer.fit_loop.restarting
@@ -189,8 +207,9 @@ class DigitsDataModule(_BundledDataModule):
         shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle_seed=shuffle_seed)
-        check_flatten(flatten)
+        flatten = check_flatten(flatten)  # (a bool among the hyperparameters, numpy's too)
         check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)  # at construction, not at `setup`
+        check_digits_available()  # a missing scikit-learn at construction (with the install command), as MNIST's
         self.save_hyperparameters()
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
@@ -222,7 +241,7 @@ class MNISTDataModule(_BundledDataModule):
         shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, shuffle_seed=shuffle_seed)
-        check_flatten(flatten)
+        flatten = check_flatten(flatten)
         if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, numbers.Integral)
                                         or train_limit < 1):
             raise ValueError(f"train_limit={train_limit!r} must be a positive int (training images kept) or None "

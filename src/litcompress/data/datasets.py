@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from litcompress._numbers import is_bool
+
 __all__ = [
     "MNIST_INSTALL_HINT",
     "DatasetSplits",
@@ -74,9 +76,20 @@ def check_split_fractions(val_fraction: float, test_fraction: float, samples: in
                              f"keep at least one sample in each (at least {1 / samples:.2g})")
 
 
-def check_flatten(flatten: object) -> None:
-    if not isinstance(flatten, bool):  # "no" is truthy: the data came out flat without a word
+def check_flatten(flatten: object) -> bool:
+    """`flatten` as a bool (numpy's taken, as a flag read from a config or an array)."""
+    if not is_bool(flatten):  # "no" is truthy: the data came out flat without a word
         raise ValueError(f"flatten={flatten!r} must be True (vectors) or False (images)")
+    return bool(flatten)
+
+
+def check_digits_available() -> None:
+    """ImportError naming what to install when scikit-learn, which ships the digits, is missing."""
+    try:
+        from sklearn.datasets import load_digits  # noqa: F401  (optional dependency: only needed for the digits)
+    except ImportError as error:  # as MNIST's: say what to install
+        raise ImportError("the digits data ships with scikit-learn: pip install 'litcompress[data]' (or "
+                          "scikit-learn)") from error
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -99,13 +112,10 @@ def load_digits_tensors(
     The validation and test splits hold ``round(fraction * 1797)`` samples each.
     """
     check_split_fractions(val_fraction, test_fraction, DIGITS_NUM_SAMPLES)
-    check_flatten(flatten)
+    flatten = check_flatten(flatten)
     seed = check_seed(seed)
-    try:
-        from sklearn.datasets import load_digits  # optional dependency: only needed here
-    except ImportError as error:  # as MNIST's: say what to install
-        raise ImportError("the digits data ships with scikit-learn: pip install 'litcompress[data]' (or "
-                          "scikit-learn)") from error
+    check_digits_available()
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     # Pixel values are integers 0..16.
@@ -159,7 +169,7 @@ def load_mnist_tensors(flatten: bool = True, train_limit: int | None = None, see
     (``seed``-determined) subset of that many training samples. The tensors are the caller's own (copies of a
     per-process cache): normalising them in place changes no other split set.
     """
-    check_flatten(flatten)
+    flatten = check_flatten(flatten)
     seed = check_seed(seed)
     if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, numbers.Integral)
                                     or train_limit < 1):
