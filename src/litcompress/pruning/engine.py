@@ -445,10 +445,13 @@ class _ChildrenReadWithoutACall:
         return type(self), ()
 
     def __call__(self, module: nn.Module, args: object) -> None:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # (a trace checked twice must see one graph)
-            return
-        switched = self._training is not None and self._training != module.training
-        self._training = module.training
+        # a trace (torch.jit's, checked by a second one; torch.compile's) holds the graph of the ops it sees, not
+        # the decisions taken here: every child's tensor is recomputed in it (a child that is called makes its own
+        # again, and the first is dead code), or the trace held a tensor of the last training step as a constant
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        switched = traced or (self._training is not None and self._training != module.training)
+        if not traced:
+            self._training = module.training
         for child in module._modules.values():
             if child is None or not child._forward_pre_hooks:
                 continue
@@ -458,7 +461,8 @@ class _ChildrenReadWithoutACall:
                     if switched or seen is None or seen() is tensor:
                         tensor = hook.apply_mask(child)
                         setattr(child, hook._tensor_name, tensor)
-                    _LAST_SEEN[hook] = weakref.ref(tensor)
+                    if not traced:
+                        _LAST_SEEN[hook] = weakref.ref(tensor)
 
 
 def is_bypass_hook(hook: object) -> bool:
