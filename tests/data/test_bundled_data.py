@@ -296,8 +296,23 @@ def test_numpy_numbers_are_saved_as_python_ones_so_checkpoints_load(tmp_path) ->
     assert {key: modules[-1].hparams[key] for key in own} == own
 
 
+#: where the first fit writes the checkpoint a second fit resumes from: (Trainer arguments, ModelCheckpoint
+#: arguments, the checkpoint's step). 17 batches an epoch: step 20 is epoch 1's 3rd batch, 21 its 4th.
+_RESUMED_FROM = {
+    "a training step": ({}, {"every_n_train_steps": 20}, 20),
+    "a validation's end": ({"val_check_interval": 4}, {}, 21),
+    "an epoch's end": ({}, {"every_n_epochs": 1}, 17),
+    "the epoch's last batch": ({}, {"every_n_train_steps": 17}, 17),
+    # a new loader at each epoch's start, made after Lightning counted the checkpoint's epoch completed
+    "the epoch's last batch, loaders reloaded": ({"reload_dataloaders_every_n_epochs": 1},
+                                                 {"every_n_train_steps": 17}, 17),
+    # (Lightning counts its epoch processed: with max_epochs=2 the resumed fit trains nothing, so both go to 3)
+    "a max_steps stop": ({"max_steps": 20, "max_epochs": 3}, {"save_last": True}, 20),
+}
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
-@pytest.mark.parametrize("written_at", ["a training step", "a validation's end", "an epoch's end"])
+@pytest.mark.parametrize("written_at", list(_RESUMED_FROM))
 def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_with_the_weights_of_one_uninterrupted(
         tmp_path, written_at: str, num_workers: int) -> None:
     """Lightning goes on at the checkpoint's batch index; the epoch's order must go on there too (it started over
@@ -305,7 +320,8 @@ def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_wit
     written at a mid-epoch validation's end (`val_check_interval`) too: there the epoch loop's restart flag is
     cleared before the first batch is fetched. With workers, the loader's pass starts when Lightning makes its
     iterator, before its set_epoch and before it counts the checkpoint's last batch: the resumed epoch was given
-    epoch 0's order, one batch too early."""
+    epoch 0's order, one batch too early (at an epoch's last batch: every batch skipped, a whole epoch lost). After a
+    max_steps stop, Lightning's set_epoch gives the epoch after the one it resumes (epoch 2's order for epoch 1)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -320,27 +336,27 @@ def test_a_fit_resumed_from_a_mid_epoch_checkpoint_sees_the_batches_and_ends_wit
             self.seen[(self.current_epoch, batch_idx)] = batch[1].tolist()
             return super().training_step(batch, batch_idx)
 
-    at_validation = written_at == "a validation's end"
+    trainer_arguments, checkpoint_arguments, step = _RESUMED_FROM[written_at]
 
-    def fit(model, callbacks=(), ckpt_path=None) -> None:
-        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-                  default_root_dir=tmp_path, val_check_interval=4 if at_validation else None,
-                  limit_val_batches=2, num_sanity_val_steps=0).fit(
-                      model, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers),
-                      ckpt_path=ckpt_path)
+    def fit(model, callbacks=(), ckpt_path=None, **overrides) -> None:
+        L.Trainer(**{**dict(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                            callbacks=list(callbacks), default_root_dir=tmp_path, limit_val_batches=2,
+                            num_sanity_val_steps=0), **trainer_arguments, **overrides}).fit(
+            model, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers), ckpt_path=ckpt_path)
 
+    # (a max_steps stop's fits go on to 34 steps; Lightning resumes an epoch-end checkpoint under max_steps=34 with
+    # no batch at all, whatever the loader)
+    whole = {"max_steps": 34} if "max_steps" in trainer_arguments else {}
     L.seed_everything(0, verbose=False)
     uninterrupted = RecordsBatches()
-    fit(uninterrupted)
+    fit(uninterrupted, **whole)
     L.seed_everything(0, verbose=False)
-    first = RecordsBatches()  # 17 batches an epoch: step 20 is epoch 1's 3rd batch, 21 its 4th (a validation's end)
-    step = 21 if at_validation else 17 if written_at == "an epoch's end" else 20
-    fit(first, [ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1,
-                                every_n_train_steps=step if written_at == "a training step" else None,
-                                every_n_epochs=1 if written_at == "an epoch's end" else None)])
+    first = RecordsBatches()
+    fit(first, [ModelCheckpoint(dirpath=tmp_path, filename="{step}", save_top_k=-1, **checkpoint_arguments)])
     resumed = RecordsBatches()
-    fit(resumed, ckpt_path=tmp_path / f"step={step}.ckpt")
+    fit(resumed, ckpt_path=tmp_path / ("last.ckpt" if "save_last" in checkpoint_arguments else f"step={step}.ckpt"),
+        **whole)
     assert min(resumed.seen) == (1, step - 17) and len(resumed.seen) == 34 - step
     assert all(resumed.seen[key] == uninterrupted.seen[key] for key in resumed.seen)
     for a, b in zip(uninterrupted.parameters(), resumed.parameters()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -148,29 +149,56 @@ class _BundledDataModule(L.LightningDataModule):
         )
 
     def _fitted_epoch(self) -> int | None:
-        """The epoch a fit is at (what Lightning gives its samplers' ``set_epoch``), read when the training pass
-        starts; None outside a fit."""
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return None
-        return trainer.fit_loop.epoch_progress.current.processed
+        """The epoch a fit's training pass starting now belongs to; None outside a fit. Read when the pass starts: a
+        DataLoader with workers starts it as soon as its iterator is made, which Lightning does on a resume before its
+        ``set_epoch`` (the pass was epoch 0's)."""
+        position = self._where_the_fit_is()
+        return None if position is None else position[0]
 
     def _samples_done_in_resumed_epoch(self) -> int:
         """Samples of the current epoch a fit resumed from a mid-epoch checkpoint has already trained on (Lightning
         goes on at the checkpoint's batch index, but a sampler would start the epoch over); else 0. Under several
         processes (a distributed sampler wraps this one) the epoch is read from its start, as Lightning does."""
-        trainer = self.trainer
-        if trainer is None or trainer.world_size != 1 or not trainer.training:
+        position = self._where_the_fit_is()
+        if position is None or self.trainer.world_size != 1:
             return 0
+        return position[1] * self.batch_size
+
+    def _where_the_fit_is(self) -> tuple[int, int] | None:
+        """(epoch, batches of it already trained) for the training pass starting now; None outside a fit."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None
+        epochs = trainer.fit_loop.epoch_progress.current
         loop = trainer.fit_loop.epoch_loop
-        # processed, not completed: a checkpoint written at a batch's end holds that batch as processed, not yet
-        # completed; Lightning counts it completed when the epoch loop starts, which a DataLoader with workers
-        # (whose pass starts as its iterator is made) runs after
+        # processed, not completed: a checkpoint written at a batch's end holds that batch as processed; Lightning
+        # counts it completed when the epoch loop starts, after a DataLoader with workers has started its pass
         done = loop.batch_progress.current.processed
         # the fit loop's flag: the epoch loop's is cleared before the first fetch when the checkpoint was written at
         # a validation's end (Lightning's first iteration then only skips the validation already run)
-        resuming = loop.restarting or trainer.fit_loop.restarting
-        return done * self.batch_size if resuming and 0 < done < trainer.num_training_batches else 0
+        if (loop.restarting or trainer.fit_loop.restarting) and done and epochs.started:
+            # the batches done are of the epoch last started: a resume at an epoch's last batch counts that epoch
+            # completed before the epoch loop starts, where reload_dataloaders_every_n_epochs makes a new loader
+            epoch = epochs.started - 1
+        elif epochs.processed > epochs.completed and done:
+            # a checkpoint of the epoch's end (its training counted processed, not yet completed), or of a fit that
+            # max_steps stopped mid-epoch (counted processed too; Lightning's set_epoch then gives the next epoch's
+            # number, and the fit goes on with this one)
+            epoch = epochs.completed
+        else:
+            return epochs.completed, 0
+        if done >= self._batches_per_epoch(trainer):  # written at the epoch's last batch: the next one, from its start
+            return epoch + 1, 0
+        return epoch, done
+
+    def _batches_per_epoch(self, trainer: L.Trainer) -> float:
+        """The fit's training batches per epoch; worked out as Lightning does (``limit_train_batches``) while a
+        resumed fit has not yet (it makes the loader's iterator first)."""
+        if math.isfinite(trainer.num_training_batches):
+            return trainer.num_training_batches
+        length = math.ceil(len(self._require_splits().train) / self.batch_size)
+        limit = trainer.limit_train_batches
+        return min(length, limit) if isinstance(limit, int) else int(length * limit)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._require_splits().train, shuffle=True)
