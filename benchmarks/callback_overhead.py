@@ -9,9 +9,10 @@ each a real ``lightning.Trainer`` fit of the same seeded MLP on the same synthet
 * ``lightning``: ``lightning.pytorch.callbacks.ModelPruning("l1_unstructured", amount=0.5)`` (its defaults: a
   round at each training epoch's end, lottery ticket on, masks made permanent at the fit's end);
 * ``litcompress``: ``litcompress.ModelPruning`` with the same arguments;
-* ``litcompress-step``: ``litcompress.ModelPruning("l1_unstructured", amount=PolynomialDecay(final_sparsity=0.9,
-  begin=0, end=100000, frequency=100, unit="step"), use_lottery_ticket_hypothesis=False)``: a round every 100
-  optimizer steps, none in the steps measured.
+* ``litcompress-step``: ``litcompress.ModelPruning("l1_unstructured", amount=PolynomialDecay(initial_sparsity=0.5,
+  final_sparsity=0.9, begin=0, end=100000, frequency=1000, unit="step"), use_lottery_ticket_hypothesis=False)``: a
+  round every 1000 optimizer steps, so one at step 0 (to 50%, as the others' first round) and none in the steps
+  measured (at most 2 x 1000): what a step-level schedule costs between its rounds.
 
 Each fit runs two epochs of ``--steps`` batches; the time of a step is the time between two consecutive
 ``on_train_batch_start`` calls (a callback listed last), taken over the second epoch (the weights masked by the
@@ -99,7 +100,8 @@ def make_callbacks(variant: str) -> list[L.Callback]:
         return [LightningModelPruning("l1_unstructured", amount=0.5, verbose=0)]
     if variant == "litcompress":
         return [ModelPruning("l1_unstructured", amount=0.5, verbose=0)]
-    schedule = PolynomialDecay(final_sparsity=0.9, begin=0, end=100_000, frequency=100, unit="step")
+    schedule = PolynomialDecay(initial_sparsity=0.5, final_sparsity=0.9, begin=0, end=100_000, frequency=1000,
+                               unit="step")
     return [ModelPruning("l1_unstructured", amount=schedule, use_lottery_ticket_hypothesis=False, verbose=0)]
 
 
@@ -122,8 +124,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
-    if args.steps <= WARM_UP_STEPS + 2 or args.repeats < 1 or args.width < 1 or args.depth < 1 or args.threads < 1:
-        parser.error(f"--steps must be > {WARM_UP_STEPS + 2}; --repeats, --width, --depth and --threads >= 1")
+    if not WARM_UP_STEPS + 2 < args.steps < 1000 or args.repeats < 1 or args.width < 1 or args.depth < 1 \
+            or args.threads < 1:  # (1000: the step schedule's second round would fall in the steps timed)
+        parser.error(f"--steps must be > {WARM_UP_STEPS + 2} and < 1000; --repeats, --width, --depth and --threads "
+                     ">= 1")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # (Lightning's notes on workers and logging: the same for every variant)
     import logging

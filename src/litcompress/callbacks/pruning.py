@@ -1375,12 +1375,19 @@ class ModelPruning(TargetsFoundOnceConfigured):
                     engine.refresh_cached_tensor(module, name)
 
     # ------------------------------------------------------------------------------------------ state
+    #: what the state key is made of: reassigning one makes it again (see `memoized_state_key`)
+    _KEYED_ATTRIBUTES = frozenset({"amount", "_pruning_method_name", "_use_global_unstructured", "_parameter_names",
+                                   "_method_kwargs", "_keyed_method_kwargs", "_key_extras"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._KEYED_ATTRIBUTES:
+            self.__dict__.pop(_STATE_KEY_MEMO, None)
+        super().__setattr__(name, value)
+
     @property
     def state_key(self) -> str:
         # Unique per configuration, so that several pruning callbacks can share a Trainer and a checkpoint.
-        return memoized_state_key(self, (self.amount, self._pruning_method_name, self._use_global_unstructured,
-                                         self._parameter_names, self._method_kwargs, self._keyed_method_kwargs,
-                                         self._key_extras), lambda: canonical_numbers(self._generate_state_key(
+        return memoized_state_key(self, lambda: canonical_numbers(self._generate_state_key(
             pruning_fn=self._pruning_method_name,
             amount=_describe(self.amount),
             scope="global" if self._use_global_unstructured else "local",
@@ -1695,14 +1702,17 @@ def _without_locations(key: str) -> str:
 _WHOLE_FLOAT = re.compile(r"(?<![\w.])(-?\d+)\.0(?![\w.])")
 
 
-def memoized_state_key(callback: Callback, made_of: tuple, make: Callable[[], str]) -> str:
-    """`callback`'s state key as `make` gives it, made again only when an attribute in `made_of` was reassigned:
-    Lightning reads the key at every hook it calls (to name the hook for its profiler), six times a training step,
-    and describing a schedule each time made a step of a small model a sixth slower."""
-    memo = callback.__dict__.get("_state_key_memo")
-    if memo is None or len(memo[0]) != len(made_of) or any(a is not b for a, b in zip(memo[0], made_of)):
-        memo = callback.__dict__["_state_key_memo"] = (made_of, make())
-    return memo[1]
+_STATE_KEY_MEMO = "_state_key_memo"
+
+
+def memoized_state_key(callback: Callback, make: Callable[[], str]) -> str:
+    """`callback`'s state key as `make` gives it, made once: Lightning reads the key at every hook it calls (to name
+    the hook for its profiler), six times a training step, and describing a schedule each time made a step of a small
+    model a sixth slower. The callback's ``__setattr__`` drops it when an attribute it is made of is reassigned."""
+    key = callback.__dict__.get(_STATE_KEY_MEMO)
+    if key is None:
+        key = callback.__dict__[_STATE_KEY_MEMO] = make()
+    return key
 
 
 def canonical_numbers(key: str) -> str:

@@ -22,7 +22,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from litcompress.callbacks.pruning import (_describe, _in_spawned_worker, _is_bool, _refuse_weight_averaging_after,
-                                           canonical_numbers, memoized_state_key, restore_state_under_moved_key)
+                                           _STATE_KEY_MEMO, canonical_numbers, memoized_state_key,
+                                           restore_state_under_moved_key)
 from litcompress.callbacks.schedule_checks import fit_too_short_message, limit_reached, stopped_early_message
 from litcompress.callbacks.targets import TargetsFoundOnceConfigured, masks_to_save
 from litcompress.pruning import engine
@@ -279,8 +280,13 @@ class StructurePruning(TargetsFoundOnceConfigured):
     # ------------------------------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return memoized_state_key(self, (self.amount, self.exclude), lambda: canonical_numbers(
+        return memoized_state_key(self, lambda: canonical_numbers(
             self._generate_state_key(**{self._ARGUMENT: _describe_amount(self.amount)}, exclude=list(self.exclude))))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("amount", "exclude"):  # what the state key is made of: made again (see `memoized_state_key`)
+            self.__dict__.pop(_STATE_KEY_MEMO, None)
+        super().__setattr__(name, value)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
