@@ -51,8 +51,8 @@ class Trial:
     index: int
     recipe: Recipe
     metric: float | None = None
-    latency_s: float | None = None
-    size_bytes: int | None = None
+    latency_s: float | None = None  # as its file runs once loaded (Backend.timed_form)
+    size_bytes: int | None = None  # its weights in memory (state dict), not its file: save() returns the file's
     meets_goal: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -73,7 +73,7 @@ class QuantizationResult:
     baseline_metric: float
     latency_s: float
     baseline_latency_s: float
-    size_bytes: int
+    size_bytes: int  # the chosen model's weights in memory (state dict): save() returns its file's size
     baseline_size_bytes: int
     goal_met: bool
     trials: list[Trial] = field(default_factory=list)
@@ -99,15 +99,16 @@ class QuantizationResult:
             abs(m - self.goal) <= 1e-12 * max(1.0, abs(self.goal)) for m in measured) else None
         compared = [self.baseline_metric, *measured, *([] if goal is None else [goal])]
         shown = dict(zip(compared, significant_apart(*compared)))
-        lines = [f"{'#':>3} {'metric':>10} {'latency ms':>11} {'size KiB':>9} {'goal':>5}  config",
+        # (weights: the state dict in memory; a file holds more, e.g. a graph: compress's report gives files' sizes)
+        lines = [f"{'#':>3} {'metric':>10} {'latency ms':>11} {'weights KiB':>11} {'goal':>5}  config",
                  f"{'fp32':>3} {shown[self.baseline_metric]:>10} {self.baseline_latency_s * 1e3:>11.4f} "
-                 f"{self.baseline_size_bytes / 1024:>9.1f} {'':>5}  baseline"]
+                 f"{self.baseline_size_bytes / 1024:>11.1f} {'':>5}  baseline"]
         for t in self.trials:
             metric = "-" if t.metric is None else shown[t.metric]
             latency = "-" if t.latency_s is None else f"{t.latency_s * 1e3:.4f}"
             size = "-" if t.size_bytes is None else f"{t.size_bytes / 1024:.1f}"
             note = f"  ERROR: {t.error}" if t.error else ""
-            lines.append(f"{t.index:>3} {metric:>10} {latency:>11} {size:>9} {'yes' if t.meets_goal else 'no':>5}  "
+            lines.append(f"{t.index:>3} {metric:>10} {latency:>11} {size:>11} {'yes' if t.meets_goal else 'no':>5}  "
                          f"{t.recipe.describe()}{note}")
         return "\n".join(lines)
 

@@ -6,11 +6,13 @@ TorchScript (``torch.jit.trace``/``save``) is deprecated in torch 2.13; an expor
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -116,8 +118,23 @@ def save_program(module: nn.Module, path: str | os.PathLike, metadata: str, exam
     extra = {METADATA_FILE: metadata}
     if outputs is not None:
         extra[OUTPUTS_FILE] = json.dumps(outputs)
+    if hasattr(path, "write"):  # (an in-memory file: `loaded_as_its_file`)
+        torch.export.save(program, path, extra_files=extra)
+        return
     with open(path, "wb") as file:  # a file object: torch warns of a path whose name does not end in .pt2
         torch.export.save(program, file, extra_files=extra)
+
+
+def loaded_as_its_file(save: Callable[[io.BytesIO], None]) -> nn.Module:
+    """What the ``.pt2`` file `save` writes runs once loaded, written to and read from memory: the form a search
+    times (torchao's eager weight-only model ran a 64-32-10 MLP 4x faster than its loaded program, pt2e's converted
+    graph 1.25x), as :func:`load_program` rebuilds it."""
+    buffer = io.BytesIO()
+    save(buffer)
+    buffer.seek(0)
+    extra = {OUTPUTS_FILE: ""}
+    module: nn.Module = ExportedInference(torch.export.load(buffer, extra_files=extra).module())
+    return RebuiltOutputs(module, json.loads(extra[OUTPUTS_FILE])) if extra[OUTPUTS_FILE] else module
 
 
 def save_loaded_program(module: nn.Module, path: str | os.PathLike, metadata: str, example_inputs: Inputs, *,

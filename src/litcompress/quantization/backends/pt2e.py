@@ -261,6 +261,16 @@ class PT2EBackend(Backend):
             result = ExportedInference(converted)
         return result if structure is None else RebuiltOutputs(result, structure)
 
+    def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
+        """The program its file holds, loaded (the converted graph in memory ran 1.25x faster on a small MLP); a
+        compiled candidate (``compile=True``) as it is: what a compiled load of its file runs."""
+        if self.compile:
+            return quantized
+        from .exported import loaded_as_its_file
+
+        return loaded_as_its_file(lambda file: self.save(quantized, file, "{}", example_inputs,
+                                                         dynamic_dims=self.dynamic_dims))
+
     def save(self, quantized: nn.Module, path: str, metadata: str, example_inputs: Inputs, *,
              dynamic_dims=None) -> None:
         structure = None

@@ -71,3 +71,11 @@ class TorchAOWeightOnlyBackend(Backend):
 
         if not save_loaded_program(quantized, path, metadata, example_inputs, dynamic_dims=dynamic_dims):
             save_program(quantized, path, metadata, example_inputs, dynamic_dims=dynamic_dims)
+
+    def timed_form(self, quantized: nn.Module, example_inputs: Inputs) -> nn.Module:
+        """The program its file holds, loaded: torchao's eager weight tensors ran a 64-32-10 MLP 4x faster than it
+        (0.08 vs 0.30 ms), which judged the candidate by a form no file ships."""
+        from .exported import loaded_as_its_file
+
+        return loaded_as_its_file(lambda file: self.save(quantized, file, "{}", example_inputs,
+                                                         dynamic_dims=self.dynamic_dims))
