@@ -33,3 +33,17 @@ def test_a_missing_folder_is_named_not_the_partial_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"its folder .*absent does not exist"):
         with written_atomically(tmp_path / "absent" / "model.pt"):
             pass
+
+
+def test_a_file_where_the_folder_should_be_and_a_folder_where_the_file_should_be_are_named(tmp_path: Path) -> None:
+    """A file as the folder was said not to exist ("create it first"); a folder at the path was found only at the
+    rename, in words naming the partial file."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, not a folder"):
+        with written_atomically(tmp_path / "afile" / "model.pt"):
+            pass
+    (tmp_path / "model.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"model\.pt: it is a folder; give a file path"):
+        with written_atomically(tmp_path / "model.pt"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model.pt"]

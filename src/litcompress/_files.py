@@ -70,7 +70,12 @@ def written_atomically(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (:func:`partial_path`) that replaces it only when the block succeeds: a file
     from an earlier run is never lost to a failed or interrupted write."""
     if not path.parent.is_dir():  # else the error named the partial file, a name the user never gave
+        blocking = file_in_the_way(path.parent)
+        if blocking is not None:
+            raise NotADirectoryError(f"cannot write {path}: {blocking} is a file, not a folder")
         raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist (create it first)")
+    if path.is_dir() and not path.is_symlink():  # else found at the rename, naming the partial file
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file path")
     partial = partial_path(path)
     try:
         yield partial

@@ -106,6 +106,19 @@ def test_a_layer_whose_forward_is_not_called_or_not_float32_stays_dense_and_says
         torch.testing.assert_close(result.model(x), model(x))
 
 
+def test_a_layer_with_one_weight_left_is_not_printed_as_100_percent_sparse():
+    """Its sparsity was printed with a plain format: 0.99976 as 100.0%, which says every weight is gone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[3, 5] = 1.0
+    report = sparsify(model, torch.randn(4, 64), min_speedup=0, repeats=1, time_model=False).report
+    assert report.layers[0].sparsity == 1 - 1 / 4096
+    row = next(line for line in report.table().splitlines() if line.startswith("0 "))
+    assert ">99.9%" in row and "100.0%" not in row
+
+
 def test_without_time_model_the_whole_model_is_not_timed_and_the_table_says_the_rest():
     result = sparsify(_pruned_mlp(), torch.randn(4, 32), min_speedup=0, repeats=1, time_model=False)
     report = result.report

@@ -160,6 +160,22 @@ def test_a_report_file_in_a_missing_folder_is_refused_naming_that_file(writer: s
     assert not path.parent.exists()
 
 
+def test_save_names_a_file_given_as_its_folder_and_a_folder_in_the_way_before_writing_anything(tmp_path) -> None:
+    """A file as the folder: mkdir's bare "File exists". A folder named report.png: report.json and report.md were
+    written, then the plot failed naming a '.partial' file."""
+    report = CompressionReport((_stage("input", 1.0, 10),))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, not a folder"):
+        report.save(tmp_path / "afile", plot=False)
+    with pytest.raises(NotADirectoryError, match=r"afile is a file, not a folder"):
+        report.save(tmp_path / "afile" / "reports", plot=False)
+    out = tmp_path / "out"
+    (out / "report.md").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match=r"report\.md in it is a folder"):
+        report.save(out, plot=False)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]  # nothing written
+
+
 @settings(max_examples=60, deadline=None)
 @given(report=reports())
 def test_tables_have_one_line_per_stage_and_every_column(report):

@@ -24,6 +24,7 @@ from litcompress._numbers import as_python_number, is_bool
 from litcompress.pruning.engine import deepcopy_model, drawing_from, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import fold_parametrizations_
 from litcompress.pruning.shrink import _scale_where_they_differ, max_output_difference
+from litcompress.report.sparsity import percent
 
 
 def _csr(weight: Tensor) -> Tensor:
@@ -215,7 +216,7 @@ class SparsifyReport:
                      if layer.dense_ms is not None and layer.sparse_ms is not None else f"{'-':>9} {'-':>9} {'-':>8}")
             kernel = "CSR" if layer.converted else f"dense ({layer.reason})"
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            lines.append(f"{layer.name or '(the model)':<32} {shape:>11} {layer.sparsity:>8.1%} {times}  {kernel}")
+            lines.append(f"{layer.name or '(the model)':<32} {shape:>11} {percent(layer.sparsity, 1):>8} {times}  {kernel}")
         timed = (f"{self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
                  if self.dense_ms is not None and self.sparse_ms is not None else "")
         if self.reverted:
