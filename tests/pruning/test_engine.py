@@ -627,8 +627,34 @@ def test_a_model_reading_a_layer_without_calling_it_traces_and_compiles_with_its
         torch.testing.assert_close(torch.jit.trace(model, x)(x), _computed_from_orig_and_mask(other, x, True),
                                    rtol=0, atol=0)
     compiled = trained(compiled=True)
-    with torch.no_grad():
+    with torch.no_grad():  # the eager model's first call after compiled steps: its tensors were set by the graph
         torch.testing.assert_close(compiled(x), _computed_from_orig_and_mask(compiled, x, True), rtol=0, atol=0)
+        torch.jit.trace(compiled, x, check_trace=False)  # (no check call after it)
+        compiled.proj.weight_orig.mul_(2.0)  # an optimizer step, an in-place load
+        torch.testing.assert_close(compiled(x), _computed_from_orig_and_mask(compiled, x, True), rtol=0, atol=0)
+
+
+def test_a_compiled_masked_model_keeps_its_graph_while_other_pruned_models_come_and_go():
+    """The hooks read their record of the tensors seen while dynamo traced: it guarded on that record's keys, so a
+    pruned model freed between two calls crashed the guard (IndexError) and each other model used made a new graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(4, 6)
+
+    def pruned() -> _ReadsItsChildren:
+        model = _ReadsItsChildren().eval()
+        prune_model_(model, "l1_unstructured", 0.5)
+        return model
+
+    model = pruned()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for _ in range(4):
+            pruned()(x)  # used, then freed
+            torch.testing.assert_close(compiled(x), _computed_from_orig_and_mask(model, x, True), rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] <= 2
 
 
 @pytest.mark.parametrize("layer", [False, True], ids=["MultiheadAttention", "TransformerEncoderLayer"])

@@ -440,29 +440,41 @@ class _ChildrenReadWithoutACall:
 
     def __init__(self) -> None:
         self._training: bool | None = None  # the module's mode at its last call
+        self._compiled_since = False  # a compiled graph ran the module since its last eager call
 
     def __reduce__(self) -> tuple:  # (a copy starts afresh)
         return type(self), ()
 
     def __call__(self, module: nn.Module, args: object) -> None:
-        # a trace (torch.jit's, checked by a second one; torch.compile's) holds the graph of the ops it sees, not
-        # the decisions taken here: every child's tensor is recomputed in it (a child that is called makes its own
-        # again, and the first is dead code), or the trace held a tensor of the last training step as a constant
-        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        switched = traced or (self._training is not None and self._training != module.training)
-        if not traced:
-            self._training = module.training
-        for child in module._modules.values():
-            if child is None or not child._forward_pre_hooks:
-                continue
+        # A trace holds the graph of the ops it sees, not the decisions taken here: in one every child's tensor is
+        # recomputed (a child that is called makes its own again, and the first is dead code), or it held a tensor
+        # of the last training step as a constant.
+        if torch.compiler.is_compiling():
+            # (nothing read from _LAST_SEEN: dynamo guarded on its keys, and any pruned model freed, or used, between
+            # two calls failed the guards: a crash, or a graph per call)
+            for child, hook in _pruned_children(module):
+                setattr(child, hook._tensor_name, hook.apply_mask(child))
+            self._compiled_since = True  # (the tensors it left are not the ones last seen: recomputed eagerly next)
+            return
+        # (torch.jit's trace runs this as Python, and its check runs it again: the tensors it leaves are recorded)
+        recompute_all = torch.jit.is_tracing() or self._compiled_since or (
+            self._training is not None and self._training != module.training)
+        self._training, self._compiled_since = module.training, False
+        for child, hook in _pruned_children(module):
+            seen, tensor = _LAST_SEEN.get(hook), getattr(child, hook._tensor_name, None)
+            if recompute_all or seen is None or seen() is tensor:
+                tensor = hook.apply_mask(child)
+                setattr(child, hook._tensor_name, tensor)
+            _LAST_SEEN[hook] = weakref.ref(tensor)
+
+
+def _pruned_children(module: nn.Module) -> Iterator[tuple[nn.Module, torch_prune.BasePruningMethod]]:
+    """(child, pruning hook) for each pruned tensor of `module`'s children."""
+    for child in module._modules.values():
+        if child is not None and child._forward_pre_hooks:
             for hook in child._forward_pre_hooks.values():
                 if isinstance(hook, torch_prune.BasePruningMethod):
-                    seen, tensor = _LAST_SEEN.get(hook), getattr(child, hook._tensor_name, None)
-                    if switched or seen is None or seen() is tensor:
-                        tensor = hook.apply_mask(child)
-                        setattr(child, hook._tensor_name, tensor)
-                    if not traced:
-                        _LAST_SEEN[hook] = weakref.ref(tensor)
+                    yield child, hook
 
 
 def is_bypass_hook(hook: object) -> bool:
