@@ -52,7 +52,7 @@ class Trial:
     recipe: Recipe
     metric: float | None = None
     latency_s: float | None = None  # as its file runs once loaded (Backend.timed_form)
-    size_bytes: int | None = None  # its weights in memory (state dict), not its file: save() returns the file's
+    size_bytes: int | None = None  # its weights in memory (state dict; ONNX Runtime's: its model), not its file
     meets_goal: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -73,7 +73,7 @@ class QuantizationResult:
     baseline_metric: float
     latency_s: float
     baseline_latency_s: float
-    size_bytes: int  # the chosen model's weights in memory (state dict): save() returns its file's size
+    size_bytes: int  # the chosen model's weights in memory (as Trial.size_bytes): save() returns its file's size
     baseline_size_bytes: int
     goal_met: bool
     trials: list[Trial] = field(default_factory=list)
