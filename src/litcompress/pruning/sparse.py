@@ -216,7 +216,8 @@ class SparsifyReport:
                      if layer.dense_ms is not None and layer.sparse_ms is not None else f"{'-':>9} {'-':>9} {'-':>8}")
             kernel = "CSR" if layer.converted else f"dense ({layer.reason})"
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            lines.append(f"{layer.name or '(the model)':<32} {shape:>11} {percent(layer.sparsity, 1):>8} {times}  {kernel}")
+            sparsity = percent(layer.sparsity, 1)  # (>99.9% for a layer with weights left, not 100.0%)
+            lines.append(f"{layer.name or '(the model)':<32} {shape:>11} {sparsity:>8} {times}  {kernel}")
         timed = (f"{self.dense_ms:.4g} -> {self.sparse_ms:.4g} ms ({self.speedup:.2f}x), "
                  if self.dense_ms is not None and self.sparse_ms is not None else "")
         if self.reverted:
