@@ -550,18 +550,23 @@ class _TwoReadersOfOneLayer(nn.Module):
         return self.out(self.second(self.first(x)))
 
 
+def _pruned_and_trained(model: nn.Module, x: torch.Tensor, steps: int, **prune_kwargs: Any) -> nn.Module:
+    """`model` pruned to half its weights (`prune_model_`), then `steps` SGD steps on ``model(x).pow(2).sum()``."""
+    prune_model_(model, "l1_unstructured", 0.5, **prune_kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+    return model
+
+
 def test_a_layer_called_in_training_and_read_in_eval_computes_with_its_trained_weights():
     """The tensor of the last training call was taken for current at the eval forward: the weights before the last
     optimizer step, silently."""
     torch.manual_seed(0)
-    model = _CallsInTrainingReadsInEval()
-    prune_model_(model, "l1_unstructured", 0.5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 8)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(x).pow(2).sum().backward()
-        optimizer.step()
+    model = _pruned_and_trained(_CallsInTrainingReadsInEval(), x, steps=3)
     model.eval()
     with torch.no_grad():
         expected = nn.functional.linear(x, model.proj.weight_orig * model.proj.weight_mask, model.proj.bias)
@@ -572,14 +577,8 @@ def test_a_layer_two_modules_read_without_calling_it_trains():
     """Each reader kept what it had seen: the second's recompute looked like a call to the first, which then read the
     second's tensor of the step before (the second backward failed)."""
     torch.manual_seed(0)
-    model = _TwoReadersOfOneLayer()
-    prune_model_(model, "l1_unstructured", 0.5, parameter_names=["weight", "bias"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 8)
-    for _ in range(4):
-        optimizer.zero_grad()
-        model(x).pow(2).sum().backward()
-        optimizer.step()
+    model = _pruned_and_trained(_TwoReadersOfOneLayer(), x, steps=4, parameter_names=["weight", "bias"])
     shared = model.first.layer
     assert shared.weight_orig.grad.abs().sum() > 0
     with torch.no_grad():
