@@ -23,6 +23,10 @@ to the bare fit; the two callbacks' ratio is litcompress's median over Lightning
 Usage::
 
     python benchmarks/callback_overhead.py [--steps 400] [--repeats 5] [--width 64] [--depth 3] [--threads 1]
+    python benchmarks/callback_overhead.py --profile litcompress   # one fit under cProfile: where the time goes
+
+``--profile VARIANT`` times nothing: it runs one fit of that variant under cProfile and prints the functions of
+litcompress and of torch's pruning by their own time, per training step.
 
 The last printed line is one JSON object with all figures.
 """
@@ -116,6 +120,25 @@ def median_step_seconds(variant: str, args: argparse.Namespace) -> float:
     return statistics.median(timer.step_times(1))
 
 
+def profile(variant: str, args: argparse.Namespace) -> None:
+    """One fit of `variant` under cProfile: litcompress's and torch.nn.utils.prune's functions by their own time, in
+    microseconds per training step (both epochs)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(median_step_seconds, variant, args)
+    steps = 2 * args.steps
+    rows = [(own, calls, function) for function, (_, calls, own, _, _) in pstats.Stats(profiler).stats.items()
+            if "litcompress" in function[0] or function[0].endswith("nn/utils/prune.py")]
+    print(f"{variant}: own time per training step ({steps} steps), litcompress and torch.nn.utils.prune")
+    for own, calls, (path, line, name) in sorted(rows, reverse=True)[:15]:
+        print(f"{own / steps * 1e6:>8.2f} us  {calls / steps:>6.2f} calls/step  "
+              f"{os.path.relpath(path) if 'litcompress' in path else 'torch/nn/utils/prune.py'}:{line}({name})")
+    total = sum(own for own, _, _ in rows)
+    print(f"{total / steps * 1e6:>8.2f} us per step in all (cProfile's own overhead included)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400, help="batches per epoch (default 400)")
@@ -123,6 +146,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="hidden width of the MLP (default 64)")
     parser.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--profile", choices=VARIANTS, help="profile one fit of this variant instead of timing")
     args = parser.parse_args()
     if not WARM_UP_STEPS + 2 < args.steps < 1000 or args.repeats < 1 or args.width < 1 or args.depth < 1 \
             or args.threads < 1:  # (1000: the step schedule's second round would fall in the steps timed)
@@ -135,6 +159,9 @@ def main() -> None:
     for name in ("lightning.pytorch", "litcompress"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    if args.profile is not None:
+        profile(args.profile, args)
+        return
     runs: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
         for variant in VARIANTS:  # interleaved: a drift of the machine touches every variant alike

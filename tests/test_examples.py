@@ -126,6 +126,7 @@ PARSE_REFUSALS = [
     ("benchmarks/mnist_sparsity.py", ["--begin", "0.9", "--end", "0.1"], "0 <= begin < end <= 1, got 0.9 and 0.1"),
     ("benchmarks/qat.py", ["--threads", "0"], "--threads must be >= 1, got 0"),
     ("benchmarks/callback_overhead.py", ["--steps", "5"], "--steps must be > 12"),
+    ("benchmarks/callback_overhead.py", ["--profile", "all"], "argument --profile: invalid choice: 'all'"),
     ("benchmarks/sparse.py", ["--targets", "1.5"], "--targets must be in (0, 1), got [1.5]"),
     ("benchmarks/torch_ao_kernels.py", ["--engine", "bogus"], "argument --engine: invalid choice: 'bogus'"),
     # failed after minutes of training (a model without attention; a sparsity out of range); a misspelt
