@@ -1014,6 +1014,17 @@ def test_channels_of_an_untraceable_model_is_a_clear_error(capsys):
     assert "--submodule NAME plans one attribute of the model instead, if that one traces." in err
 
 
+def test_a_broken_link_as_the_output_dir_is_named_before_training(tmp_path, capsys, monkeypatch) -> None:
+    """It was "cannot write there (File exists)": a link to nothing does not exist, so it was not found in the way."""
+    monkeypatch.chdir(tmp_path)
+    Path("out").symlink_to("gone")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--output-dir", "out"])
+    assert exit_info.value.code == 2
+    assert "--output-dir out: out is a broken link (to 'gone'), not a directory." in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--sparsity", "1.0"], "expected a fraction in [0, 1), got 1.0"),
     (["--sparsity", "most"], "expected a number in [0, 1), got 'most'"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from litcompress._files import written_atomically
+from litcompress._files import what_is_in_the_way, written_atomically
 
 
 @settings(max_examples=30, deadline=None)
@@ -47,3 +47,22 @@ def test_a_file_where_the_folder_should_be_and_a_folder_where_the_file_should_be
         with written_atomically(tmp_path / "model.pt"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model.pt"]
+
+
+def test_a_broken_link_where_the_folder_should_be_is_named_as_one(tmp_path: Path) -> None:
+    """A link to nothing does not exist (exists() follows it), so it was not found in the way: mkdir then said only
+    "File exists"."""
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert what_is_in_the_way(tmp_path / "gone" / "sub") == (
+        f"{tmp_path / 'gone'} is a broken link (to {str(tmp_path / 'missing')!r}), not a folder")
+    assert what_is_in_the_way(tmp_path / "loop", "directory") == (
+        f"{tmp_path / 'loop'} is a broken link (to {str(tmp_path / 'loop')!r}), not a directory")
+    assert what_is_in_the_way(tmp_path / "missing" / "sub") is None  # a folder not there yet is made
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "to_folder").symlink_to(tmp_path / "folder")
+    assert what_is_in_the_way(tmp_path / "to_folder" / "sub") is None  # a link to a folder is a folder
+    with pytest.raises(NotADirectoryError, match=r"cannot write .*model\.pt: .*gone is a broken link"):
+        with written_atomically(tmp_path / "gone" / "model.pt"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "gone", "loop", "to_folder"]

@@ -24,14 +24,19 @@ def partial_path(path: Path) -> Path:
     return path.with_name(stem + tail)
 
 
-def file_in_the_way(folder: Path) -> Path | None:
-    """`folder` or the first of its parents that exists as something other than a folder (a file where a folder
-    is to be made: ``mkdir`` says only "File exists" or "Not a directory"); None when there is none, or when a
-    parent cannot be read (the write then says so)."""
+def what_is_in_the_way(folder: Path, folder_word: str = "folder") -> str | None:
+    """What stops `folder` being made or written into, in words ("out is a file, not a folder"): `folder` or the
+    first of its parents that is a file or a broken link (``mkdir`` says only "File exists" or "Not a directory");
+    None when there is none, or when a parent cannot be read (the write then says so)."""
     try:
-        return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        for part in (folder, *folder.parents):
+            if part.is_symlink() and not part.exists():  # (exists() follows the link)
+                return f"{part} is a broken link (to {os.readlink(part)!r}), not a {folder_word}"
+            if part.exists() and not part.is_dir():
+                return f"{part} is a file, not a {folder_word}"
     except OSError:
         return None
+    return None
 
 
 def cannot_write(directory: Path) -> str | None:
@@ -70,9 +75,9 @@ def written_atomically(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (:func:`partial_path`) that replaces it only when the block succeeds: a file
     from an earlier run is never lost to a failed or interrupted write."""
     if not path.parent.is_dir():  # else the error named the partial file, a name the user never gave
-        blocking = file_in_the_way(path.parent)
+        blocking = what_is_in_the_way(path.parent)
         if blocking is not None:
-            raise NotADirectoryError(f"cannot write {path}: {blocking} is a file, not a folder")
+            raise NotADirectoryError(f"cannot write {path}: {blocking}")
         raise FileNotFoundError(f"cannot write {path}: its folder {path.parent} does not exist (create it first)")
     if path.is_dir() and not path.is_symlink():  # else found at the rename, naming the partial file
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file path")

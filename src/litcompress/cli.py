@@ -1007,11 +1007,11 @@ def _search_limits_as_options(message: str) -> str:
 def _check_writable(directory: Path, option: str = "--output-dir", given: Path | None = None) -> None:
     """Create `directory` and write a file in it, so that an output directory that cannot be written fails before
     any training rather than after it. `option` and `given` (the path given, default `directory`) name it."""
-    from litcompress._files import cannot_write, file_in_the_way
+    from litcompress._files import cannot_write, what_is_in_the_way
 
-    blocking = file_in_the_way(directory)
+    blocking = what_is_in_the_way(directory, "directory")
     if blocking is not None:
-        raise ValueError(f"{option} {given or directory}: {blocking} is a file, not a directory.")
+        raise ValueError(f"{option} {given or directory}: {blocking}.")
     why = cannot_write(directory)
     if why is not None:
         raise ValueError(f"{option} {given or directory}: cannot write there ({why}).")

@@ -1389,8 +1389,11 @@ def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):
     (tmp_path / "file").write_text("mine")
     with pytest.raises(NotADirectoryError, match="is a file"):
         compress(trained, eval_fn=evaluate, example_inputs=x, output_dir=tmp_path / "file")
-    with pytest.raises(NotADirectoryError, match=r"output_dir=.*file/out'\): .*file is a file; give a directory"):
+    with pytest.raises(NotADirectoryError, match=r"output_dir=.*file/out'\): .*file is a file, not a directory"):
         compress(trained, eval_fn=evaluate, example_inputs=x, output_dir=tmp_path / "file" / "out")  # mkdir's words
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # "cannot write there (File exists)"
+    with pytest.raises(NotADirectoryError, match=r"output_dir=.*link'\): .*link is a broken link \(to '.*gone'\)"):
+        compress(trained, eval_fn=evaluate, example_inputs=x, output_dir=tmp_path / "link")
     assert (tmp_path / "file").read_text() == "mine"
     with pytest.raises(ValueError, match="names no module of the model: \\['fc9'\\]"):
         compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.5, exclude=("fc9",))), eval_fn=evaluate,

@@ -169,6 +169,9 @@ def test_save_names_a_file_given_as_its_folder_and_a_folder_in_the_way_before_wr
         report.save(tmp_path / "afile", plot=False)
     with pytest.raises(NotADirectoryError, match=r"afile is a file, not a folder"):
         report.save(tmp_path / "afile" / "reports", plot=False)
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # mkdir's bare "File exists" too
+    with pytest.raises(NotADirectoryError, match=r"link is a broken link \(to '.*gone'\), not a folder; give a"):
+        report.save(tmp_path / "link", plot=False)
     out = tmp_path / "out"
     (out / "report.md").mkdir(parents=True)
     with pytest.raises(IsADirectoryError, match=r"report\.md in it is a folder"):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from litcompress._files import (cannot_write, file_in_the_way, folders_in_the_way, partial_path,
+from litcompress._files import (cannot_write, folders_in_the_way, partial_path, what_is_in_the_way,
                                 written_atomically)
 from litcompress.pruning.engine import (ATTENTION_PROJECTIONS, Target, check_lazy_layers_called, close_names,
                                         compiled_module_names, deepcopy_model, distinct_targets, eager_copy, eager_name,
@@ -1136,10 +1136,9 @@ def compress(
     directory = Path(output_dir) if output_dir is not None else None
     written: set[str] = set()  # the model and state files this run writes into `directory`
     if directory is not None:
-        blocking = file_in_the_way(directory)
+        blocking = what_is_in_the_way(directory, "directory")
         if blocking is not None:  # (mkdir's "Not a directory" for one of its parents)
-            raise NotADirectoryError(f"compress(output_dir={str(directory)!r}): {blocking} is a file; give a "
-                                     "directory.")
+            raise NotADirectoryError(f"compress(output_dir={str(directory)!r}): {blocking}.")
         why = cannot_write(directory)  # before any stage: it failed at the first file, after all the fine-tuning
         if why is not None:
             raise ValueError(f"compress(output_dir={str(directory)!r}): cannot write there ({why}).")

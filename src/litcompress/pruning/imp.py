@@ -29,7 +29,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils.prune import BasePruningMethod
 
 from litcompress._numbers import as_python_number
-from litcompress._files import cannot_write, file_in_the_way, written_atomically
+from litcompress._files import cannot_write, what_is_in_the_way, written_atomically
 from litcompress.pruning.engine import (
     Scope,
     Target,
@@ -496,9 +496,9 @@ def iterative_magnitude_pruning(
         if path.is_dir():
             raise IsADirectoryError(f"checkpoint_path={str(path)!r} is a directory; name a file in it, e.g. "
                                     f"{str(path / 'imp.pt')!r}.")
-        blocking = file_in_the_way(path.parent)
+        blocking = what_is_in_the_way(path.parent)
         if blocking is not None:  # (mkdir's "Not a directory")
-            raise NotADirectoryError(f"checkpoint_path={str(path)!r}: {blocking} is a file, not a folder.")
+            raise NotADirectoryError(f"checkpoint_path={str(path)!r}: {blocking}.")
         why = cannot_write(path.parent)  # (made if missing; one that cannot be written failed after round 0)
         if why is not None:
             raise PermissionError(f"checkpoint_path={str(path)!r}: cannot write there ({why}); give a path in a "

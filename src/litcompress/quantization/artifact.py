@@ -19,7 +19,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from litcompress._files import cannot_write, file_in_the_way, written_atomically
+from litcompress._files import cannot_write, what_is_in_the_way, written_atomically
 
 from .backends import BackendUnavailableError, ExportError, FixedDimError, get_backend, torchscript_parts
 from .config import Recipe
@@ -110,9 +110,9 @@ def save_quantized(model: nn.Module, recipe: Recipe | None, path: str | os.PathL
     if os.path.isdir(path):  # else found only at the rename, after the whole export, naming a `.partial` file
         raise IsADirectoryError(f"save_quantized: {path!r} is a directory; give a file path in it (e.g. "
                                 f"{os.path.join(path, 'model.pt')!r}).")
-    blocking = file_in_the_way(Path(path).parent)
+    blocking = what_is_in_the_way(Path(path).parent)
     if blocking is not None:  # mkdir's "File exists"
-        raise NotADirectoryError(f"save_quantized: {os.fspath(path)!r}: {blocking} is a file, not a folder.")
+        raise NotADirectoryError(f"save_quantized: {os.fspath(path)!r}: {blocking}.")
     # a missing folder is made, as the pipeline's report does (it failed after the export, in each backend's words);
     # one that cannot be written fails here, naming the path (torch's writer failed after the export, naming no file)
     why = cannot_write(Path(path).parent)

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
 from torch import nn
 
-from litcompress._files import cannot_write, file_in_the_way
+from litcompress._files import cannot_write, what_is_in_the_way
 from litcompress.pruning.engine import deepcopy_model, is_compiled
 
 from .config import PTQConfig, criterion_for_metric
@@ -770,10 +770,9 @@ def check_output_dir(output_dir: object, owner: str) -> None:
         raise TypeError(f"{owner}(output_dir={output_dir!r}): expected a path (a str or os.PathLike).")
     if os.fspath(output_dir) == "":
         raise ValueError(f"{owner}(output_dir=''): name a folder to write to.")
-    blocking = file_in_the_way(Path(os.fspath(output_dir)))  # (it failed only at fit end, after all the training)
+    blocking = what_is_in_the_way(Path(os.fspath(output_dir)))  # (it failed only at fit end, after all the training)
     if blocking is not None:
-        raise ValueError(f"{owner}(output_dir={os.fspath(output_dir)!r}): {blocking} is a file, not a folder; give "
-                         "a folder to write to.")
+        raise ValueError(f"{owner}(output_dir={os.fspath(output_dir)!r}): {blocking}; give a folder to write to.")
 
 
 def check_save_path(save_path: object, owner: str) -> None:
@@ -785,10 +784,9 @@ def check_save_path(save_path: object, owner: str) -> None:
     if not text or text.endswith(("/", os.sep)) or os.path.isdir(text):
         raise ValueError(f"{owner}(save_path={save_path!r}): give the path of a file to write (e.g. "
                          "'out/model.pt2'), not a folder.")
-    blocking = file_in_the_way(Path(text).parent)
+    blocking = what_is_in_the_way(Path(text).parent)
     if blocking is not None:  # (mkdir's "File exists" at setup, or at fit end)
-        raise ValueError(f"{owner}(save_path={save_path!r}): {blocking} is a file, not a folder; give a path in a "
-                         "folder.")
+        raise ValueError(f"{owner}(save_path={save_path!r}): {blocking}; give a path in a folder.")
 
 
 def make_save_path_folder(save_path: str | os.PathLike, owner: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from litcompress._files import file_in_the_way, folders_in_the_way, written_atomically
+from litcompress._files import folders_in_the_way, what_is_in_the_way, written_atomically
 from litcompress.report.sparsity import TensorSparsity, percent
 
 REPORT_FORMAT = 1
@@ -390,10 +390,10 @@ class CompressionReport:
         if plot and not has_matplotlib:  # before anything is written: the files of one save go together
             raise ImportError("plotting the report needs matplotlib: pip install 'litcompress[report]' (or "
                               "plot=False)")
-        blocking = file_in_the_way(directory)
+        blocking = what_is_in_the_way(directory)
         if blocking is not None:  # mkdir said only "File exists"
-            raise NotADirectoryError(f"CompressionReport.save({str(directory)!r}): {blocking} is a file, not a "
-                                     "folder; give a folder to write report.json, report.md and report.png into.")
+            raise NotADirectoryError(f"CompressionReport.save({str(directory)!r}): {blocking}; give a folder to "
+                                     "write report.json, report.md and report.png into.")
         names = ["report.json", "report.md", *(["report.png"] if plot or (plot is None and has_matplotlib) else [])]
         in_the_way = folders_in_the_way(directory, names)
         if in_the_way:  # before any file is written: the files of one save go together
