@@ -122,8 +122,11 @@ def test_every_stage_runs_on_a_copy_and_the_last_is_measured_from_its_file(train
     result = compress(trained, config, eval_fn=accuracy(x_val, y_val), test_fn=test_accuracy,
                       example_inputs=x_val[:32], calibration_data=[(digits[0][:128], None)], output_dir=tmp_path,
                       metric_name="val_acc", test_metric_name="test_acc")
-    # The report-only test metric is taken once per reported stage, on the model the row measures.
-    assert tested == [result.stage_models[s.stage] for s in result.report.stages]
+    # The report-only test metric is taken as each stage is made, on the model its row measures; the last stage's
+    # twice: in memory, then as its file read back, which replaces it in the report.
+    reported = [result.stage_models[s.stage] for s in result.report.stages]
+    assert len(tested) == len(reported) + 1 and tested[:-2] == reported[:-1] and tested[-1] is reported[-1]
+    assert isinstance(tested[-2], nn.Sequential) and tested[-2] is not tested[-1]
     # The user's model is untouched: same values, no pruning re-parametrisation.
     assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())
     assert not any(is_pruned(m, "weight") for m in trained.modules())
@@ -1366,6 +1369,27 @@ def test_a_missed_accuracy_goal_is_a_warning_and_the_best_candidate_is_kept(trai
         result = compress(trained, config, eval_fn=fp32_only, example_inputs=digits[2][:4])
     assert result.report["quantized"].description.endswith("(goal missed)")
     assert result.quantization is not None and not result.quantization.goal_met
+
+
+def test_a_test_metric_that_cannot_be_had_fails_at_its_stage(trained, digits) -> None:
+    """test_fn's NaN for a later stage was refused only when the report was built, after every stage after it (here
+    the int8 search) had run."""
+    x, _, x_val, y_val, x_test, y_test = digits
+    judged: list[str] = []
+
+    def evaluate(model: nn.Module) -> float:
+        judged.append(type(model).__name__)
+        return accuracy(x_val, y_val)(model)
+
+    def test(model: nn.Module) -> float:  # NaN once the model is sparse
+        zeros = sum(int((p == 0).sum()) for p in model.parameters()) / sum(p.numel() for p in model.parameters())
+        return float("nan") if zeros > 0.25 else accuracy(x_test, y_test)(model)
+
+    config = CompressionConfig(prune=PruneConfig(sparsity=0.5), quantize=PTQConfig(approach="dynamic"),
+                               latency_repeats=2, export=False)
+    with pytest.raises(ValueError, match=r"^test_fn returned nan for stage 'pruned'"):
+        compress(trained, config, eval_fn=evaluate, test_fn=test, example_inputs=x[:8], calibration_data=[x[:8]])
+    assert len(judged) == 2  # the input and the pruned stage: no int8 candidate was built or judged
 
 
 def test_bad_arguments_fail_before_any_work(trained, digits, tmp_path):

@@ -390,9 +390,9 @@ def weight_sparsity(model: nn.Module, *, embeddings: bool = False, attentions: b
 
 
 class _Stages:
-    """Each stage's model and measurements. The validation metric is taken when a stage is added (a metric the
-    model does not log fails before any fine-tuning); the report-only ones, the test metric and latency, once for
-    the stages kept, in :meth:`report_rows` (the input's test metric first, in :meth:`test_first`)."""
+    """Each stage's model and measurements. The validation and test metrics are taken when a stage is added (a
+    metric that cannot be had fails at its stage, before any later work; the input's test metric in
+    :meth:`test_first`); latency, report-only, once for the stages kept, in :meth:`report_rows`."""
 
     def __init__(self, eval_fn: EvalFn, test_fn: EvalFn | None, prune: PruneConfig | None = None) -> None:
         self.eval_fn, self.test_fn = eval_fn, test_fn
@@ -441,6 +441,10 @@ class _Stages:
             gzip_bytes=compressed_size_bytes(data),
             seconds=seconds,
         )
+        if self.test_fn is not None and self.rows:  # (the first stage's: test_first)
+            # tested now, not when the report is built: a test metric that cannot be had (NaN) failed only after
+            # every later stage had run
+            row = dataclasses.replace(row, test_metric=self._test(stage, shipped))
         self.models[stage] = shipped  # timed and tested as it would ship (the masks' hooks cost time, not accuracy)
         self.rows.append(row)
         logger.info("%s: metric=%.6g (%s)", stage, metric, description)
@@ -463,17 +467,11 @@ class _Stages:
         return row
 
     def report_rows(self, inputs: tuple, config: CompressionConfig) -> tuple[StageMetrics, ...]:
-        """The rows with their test metric and their latency, all stages timed interleaved in one run."""
+        """The rows with their latency, all stages timed interleaved in one run."""
         models = [self.models[row.stage] for row in self.rows]
         measured = measure_latencies(models, inputs, config.latency_repeats, num_threads=config.num_threads)
-        rows = []
-        for row, model, m in zip(self.rows, models, measured):
-            test = row.test_metric
-            if self.test_fn is not None and test is None:
-                test = self._test(row.stage, model)
-            latency = Latency(m["min"] * 1e3, m["median"] * 1e3, m["max"] * 1e3)
-            rows.append(dataclasses.replace(row, test_metric=test, latency=latency))
-        return tuple(rows)
+        return tuple(dataclasses.replace(row, latency=Latency(m["min"] * 1e3, m["median"] * 1e3, m["max"] * 1e3))
+                     for row, m in zip(self.rows, measured))
 
 
 @dataclass
