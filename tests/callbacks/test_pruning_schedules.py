@@ -585,6 +585,34 @@ def test_killed_mid_schedule_then_resumed_ends_with_same_masks(tmp_path, method,
     assert zeros == round(0.85 * total)
 
 
+@pytest.mark.parametrize("amount", [0.3, lambda epoch: 0.3 if epoch % 2 else 0.1], ids=["fraction", "callable"])
+@pytest.mark.parametrize("validation", [False, True], ids=["prune-at-epoch-end", "prune-at-validation-end"])
+def test_a_random_method_with_a_fixed_amount_resumes_drawing_the_masks_the_uninterrupted_fit_drew(tmp_path, amount,
+                                                                                                 validation):
+    """Its rounds drew on torch's global random state, which Lightning's checkpoints do not hold: the resumed fit
+    drew other masks (a schedule's rounds had a stream of their own already)."""
+    def run(callbacks, ckpt_path=None):
+        model = FixedDataModel()
+        callback = ModelPruning("random_unstructured", parameters_to_prune=weight_targets(model), amount=amount,
+                                use_lottery_ticket_hypothesis=False, make_pruning_permanent=False,
+                                prune_on_train_epoch_end=not validation)
+        trainer = make_trainer(tmp_path, max_epochs=4, enable_checkpointing=True, callbacks=[callback, *callbacks])
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model
+
+    seed_everything(1)
+    reference = run([ModelCheckpoint(dirpath=tmp_path / "ref")])
+    seed_everything(1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash):
+        run([ckpt, CrashAtStep(10)])  # in epoch 2, after two rounds
+    seed_everything(5)  # another process's streams
+    resumed = run([], ckpt_path=ckpt.last_model_path)
+    expected, actual = reference.state_dict(), resumed.state_dict()
+    assert any(key.endswith("_mask") for key in expected)
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 @pytest.mark.parametrize("validation", [False, True], ids=["prune-at-epoch-end", "prune-at-validation-end"])
 @pytest.mark.parametrize("lottery", [None, "rewind-to-epoch-2"])
 def test_resumed_from_a_checkpoint_of_an_epochs_last_batch_ends_like_the_uninterrupted_run(tmp_path, validation,

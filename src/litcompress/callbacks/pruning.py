@@ -929,7 +929,12 @@ class ModelPruning(TargetsFoundOnceConfigured):
                 return
             _check_amount(amount, epoch=current_epoch)
             self._check_amount_fits(amount)
-            self.apply_pruning(amount)
+            # a random method draws from the round's own stream, as a schedule's rounds do: torch's global state,
+            # which Lightning's checkpoints do not hold, gave a resumed fit other masks than the uninterrupted one
+            step = trainer.global_step if trainer is not None else self._last_step
+            point = (max(step, -1) + 1) << 24 | current_epoch  # (several rounds an epoch: at validation ends)
+            with engine.drawing_from(engine.round_seed(self._random_stream_base(), point), self._parameters_to_prune):
+                self.apply_pruning(amount)
 
         # a schedule's round that prunes nothing (its begin, cubic from 0; a constant target held; an increment that
         # rounds to no entry) has nothing to rewind, and would undo the training since the last round
@@ -1020,16 +1025,21 @@ class ModelPruning(TargetsFoundOnceConfigured):
             return trainer.global_step if trainer is not None else self._last_step
         return current_epoch + 1
 
+    def _random_stream_base(self) -> int:
+        """The base of the rounds' random streams (kept in the state, so a resumed fit draws on): seeded by the run's
+        seed, not with it, and by the targets (two callbacks with a random method draw apart: see targets_digest)."""
+        if self._schedule_seed is None:
+            self._schedule_seed = torch.initial_seed() ^ _SCHEDULE_SEED_SALT ^ engine.targets_digest(
+                self._parameters_to_prune, self._qualified_names)
+        return self._schedule_seed
+
     def _prune_to_target(self, target: float, progress: int) -> None:
         """One scheduled round: bring the targets to `target` total sparsity (each target with per-layer scope). A
         random method draws from the round's own stream (`round_seed`, its base in the state): a resumed fit draws
         the masks the uninterrupted one did."""
         even = {"slice_groups": self._slice_groups} if self._slice_groups else {}
-        if self._schedule_seed is None:  # seeded by the run's seed, not with it (and the targets': see targets_digest)
-            self._schedule_seed = torch.initial_seed() ^ _SCHEDULE_SEED_SALT ^ engine.targets_digest(
-                self._parameters_to_prune, self._qualified_names)
-        with self._logging_sparsity(target), engine.drawing_from(engine.round_seed(self._schedule_seed, progress),
-                                                                 self._parameters_to_prune), \
+        seed = engine.round_seed(self._random_stream_base(), progress)
+        with self._logging_sparsity(target), engine.drawing_from(seed, self._parameters_to_prune), \
                 engine.naming_targets(self._parameters_to_prune, self._qualified_names):
             engine.prune_to_sparsity_(
                 self._parameters_to_prune, self._method, target,
