@@ -31,6 +31,7 @@ from litcompress.pruning import (
     prune_model_,
     prune_to_sparsity_,
     rewind_,
+    set_mask_,
     shrink,
     take_snapshot,
 )
@@ -295,6 +296,27 @@ def test_prune_rejects_bad_arguments_with_clear_errors():
         prune_([(layer, "weight")], "ln_structured", 0.5, scope="global", n=1, dim=0)
     with pytest.raises(ValueError, match="does not fit"):
         apply_mask_(layer, "weight", torch.ones(2, 2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(stray=st.floats(width=16, allow_nan=True, allow_infinity=True).filter(lambda v: v not in (0.0, 1.0)),
+       where=st.integers(0, 11), write=st.sampled_from(["apply_mask_", "set_mask_"]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]))
+def test_a_mask_of_values_other_than_0_and_1_is_refused_and_the_layer_left_as_it_was(stray, where, write, dtype):
+    """A mask of 2.0 doubled the weights, one of 0.5 halved them (0% sparsity said), a NaN entry made its weight NaN:
+    all without a word."""
+    layer = nn.Linear(4, 3)
+    before = layer.weight.detach().clone()
+    mask = torch.ones(3, 4, dtype=dtype)
+    mask.view(-1)[where] = stray
+    with pytest.raises(ValueError, match=r"mask for `weight` holds .* \(1 entries neither 0 nor 1\)"):
+        {"apply_mask_": apply_mask_, "set_mask_": set_mask_}[write](layer, "weight", mask)
+    assert not is_pruned(layer, "weight") and torch.equal(layer.weight, before)
+    valid = torch.ones(3, 4, dtype=dtype)
+    valid.view(-1)[where] = 0
+    for given_mask in (valid, valid.bool(), valid.long()):
+        {"apply_mask_": apply_mask_, "set_mask_": set_mask_}[write](layer, "weight", given_mask)
+        assert int((layer.weight == 0).sum()) == 1
 
 
 def test_the_engines_entry_points_name_what_they_expect_when_given_something_else():

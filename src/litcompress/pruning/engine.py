@@ -318,6 +318,12 @@ def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -
         param.materialize(mask.shape)  # checkpoint the values (as torch's own load hook of lazy layers does)
     if mask.shape != param.shape:
         raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
+    if mask.dtype != torch.bool and not mask.is_meta:  # else 2.0 scaled the weights and NaN made them NaN, silently
+        stray = (mask != 0) & (mask != 1)  # (NaN too)
+        if bool(stray.any()):
+            raise ValueError(f"The mask for `{name}` holds {mask[stray].flatten()[0].item()} ({int(stray.sum())} "
+                             "entries neither 0 nor 1): a mask keeps an entry with 1 and prunes it with 0 (a bool "
+                             "tensor will do); other values would scale the weights, not prune them.")
     buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
     with torch.no_grad():
         if combine:
