@@ -168,6 +168,32 @@ def test_rounds_after_make_permanent_count_the_zeros_it_left_as_pruned(method):
     assert zeros == pruner.pruned() == round(0.8 * 640)
 
 
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
+def test_entries_trained_off_zero_after_make_permanent_are_said_lost_not_kept(method):
+    """Trained between make_permanent_ and the next round, pruned entries moved off zero and were weights again: the
+    warning said of the few still zero "the sparsity reached is kept" (random), or nothing was said (L1)."""
+    from litcompress import make_permanent_
+
+    model, x, y = model_and_data()
+    pruner = GradualPruner(default_targets(model), PolynomialDecay(final_sparsity=0.8, begin=0, end=6, frequency=3),
+                           method, scope="local")
+    for t in range(4):
+        pruner.step(t)
+    pruned = pruner.pruned()
+    assert pruned > 0
+    make_permanent_(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    still_zero = sum(int((m.weight == 0).sum()) for m, _ in default_targets(model))
+    assert still_zero < pruned
+    with pytest.warns(UserWarning, match=rf"its last round left {pruned:,} entries pruned, and "
+                                         rf"{pruned - still_zero:,} of them are no longer zero: their masks were "
+                                         rf"removed \(made permanent\) .* \(the zeros still there, {still_zero:,}"):
+        pruner.step(6)
+    assert sum(int((m.weight == 0).sum()) for m, _ in default_targets(model)) == pruner.pruned() == round(0.8 * 640)
+
+
 @pytest.mark.parametrize("method", ["ln_structured", "random_structured"])
 def test_a_structured_pruner_after_make_permanent_masks_whole_zero_channels_only(method):
     """Every zero was masked one by one: the zeros inside kept channels too, which left holes in the structured masks

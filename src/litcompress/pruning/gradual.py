@@ -117,7 +117,8 @@ class GradualPruner:
     the model and its pruner, then load both as usual (``model.load_state_dict``, ``fabric.load``), in either order:
     the pruner lets its unpruned targets take the saved masks. Weights saved without masks (``permanent_state_dict``)
     keep their zeros masked once the pruner's state says it pruned, as do targets whose masks
-    :func:`~litcompress.pruning.make_permanent_` removed when the next round comes::
+    :func:`~litcompress.pruning.make_permanent_` removed when the next round comes (entries that training moved off
+    zero in between are weights again: a warning says how many)::
 
         pruner = GradualPruner(targets, PolynomialDecay(final_sparsity=0.9, begin=0, end=1000, frequency=50))
         for step, batch in enumerate(loader, start=1):
@@ -366,7 +367,7 @@ class GradualPruner:
         self._check_shapes_kept()
         # what it pruned before and lost its masks since (make_permanent_) stays pruned: counted as kept, a random
         # method would draw those zeros again and prune past the target
-        self._keep_zeros_of_unmasked_targets_("made permanent", stacklevel=stacklevel + 1)
+        self._keep_zeros_of_unmasked_targets_("made permanent", stacklevel=stacklevel + 1, at_round=True)
         before = self.pruned()
         if self.seed is None:
             self.seed = self._new_seed()
@@ -415,13 +416,27 @@ class GradualPruner:
             share_tied_masks_(self.targets)
             warnings.warn(_said_kept(masked, "weights loaded from a state dict without masks"), stacklevel=stacklevel)
 
-    def _keep_zeros_of_unmasked_targets_(self, how: str, stacklevel: int) -> None:
-        """Mask the zeros of targets that lost their masks, and say what was masked (by the load hooks too)."""
+    def _keep_zeros_of_unmasked_targets_(self, how: str, stacklevel: int, at_round: bool = False) -> None:
+        """Mask the zeros of targets that lost their masks, and say what was masked (by the load hooks too); at a
+        round, also how many pruned entries are no longer zero."""
         self._say_loaded_zeros(stacklevel + 1)
         if _has_pruned(self.history):
             masked = sum(_mask_zeros_of_unmasked_(self.targets, self._loaded_zeros.dim).values())
             if masked:
                 share_tied_masks_(self.targets)
+            # at a round (after a load, the model's weights may not be loaded yet): entries unmasked and then
+            # trained (make_permanent_, then optimizer steps) are weights again; which ones were pruned is not known
+            # any more (the masks are gone), only how many are missing
+            lost = self.history[-1]["pruned_after"] - self.pruned() if at_round else 0
+            if lost > 0:
+                warnings.warn(f"GradualPruner: its last round left {self.history[-1]['pruned_after']:,} entries "
+                              f"pruned, and {lost:,} of them are no longer zero: their masks were removed ({how}) "
+                              "and training (or a load) changed them, so they are weights again (the zeros still "
+                              f"there, {masked:,}, are kept pruned). The next rounds prune to the schedule's targets "
+                              "from the weights as they are (other entries than an uninterrupted run's). Keep the "
+                              "masks until the schedule ends: make_permanent_ after its last round, or save a copy "
+                              "with permanent_state_dict(model).", stacklevel=stacklevel)
+            elif masked:
                 warnings.warn(_said_kept(masked, how), stacklevel=stacklevel)
 
     def remove_hooks(self) -> None:
