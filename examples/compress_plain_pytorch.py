@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from litcompress import CompressionConfig, PruneConfig, compress
 from litcompress.data import load_digits_tensors
+from litcompress.pipeline.compress import OUTPUT_FILES, REPORT_FILES  # the names a run writes
 from litcompress.quantization import PTQConfig
 
 
@@ -46,17 +47,29 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, after_step: Callabl
     model.eval()
 
 
+def check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """At parse: compress refuses these only after the dense training, the report's save after the whole run."""
+    if not output_dir:
+        parser.error("--output-dir: name a folder to write to")
+    existing = os.path.abspath(output_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "a broken link" if os.path.islink(existing) else "a file"
+        parser.error(f"--output-dir {output_dir}: {existing} is {what}; give a directory")
+    in_the_way = [name for name in (*OUTPUT_FILES, *REPORT_FILES) if os.path.isdir(os.path.join(output_dir, name))]
+    if in_the_way:
+        parser.error(f"--output-dir {output_dir}: {', '.join(in_the_way)} in it "
+                     f"{'is a folder' if len(in_the_way) == 1 else 'are folders'}, where this run writes files")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=10, help="dense training epochs")
     parser.add_argument("--fine-tune-epochs", type=int, default=5, help="fine-tuning epochs while pruning")
     parser.add_argument("--output-dir", default="out/plain_pytorch")
     args = parser.parse_args()
-    existing = os.path.abspath(args.output_dir)  # (refused by compress after the dense training)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        parser.error(f"--output-dir {args.output_dir}: {existing} is a file; give a directory")
+    check_output_dir(parser, args.output_dir)
     if args.epochs < 1 or args.fine_tune_epochs < 1:
         parser.error("--epochs and --fine-tune-epochs must be >= 1")
 

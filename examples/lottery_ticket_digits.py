@@ -12,6 +12,7 @@ a laptop CPU with the defaults.
 from __future__ import annotations
 
 import argparse
+import os
 
 from lightning.pytorch import seed_everything
 
@@ -43,6 +44,15 @@ def main() -> None:
         parser.error("--rewind-to-step must be >= 0 (0 rewinds to initialisation)")
     if args.retrain_from == "rewind_point" and not args.rewind_to_step:
         parser.error("--retrain-from rewind_point needs --rewind-to-step > 0")
+    if args.checkpoint is not None:
+        if not args.checkpoint or os.path.isdir(args.checkpoint):
+            parser.error(f"--checkpoint {args.checkpoint!r}: give a file path, e.g. "
+                         f"{os.path.join(args.checkpoint, 'imp.pt')}")
+        existing = os.path.dirname(os.path.abspath(args.checkpoint))  # (made if missing)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            parser.error(f"--checkpoint {args.checkpoint}: {existing} is a file, not a folder")
 
     seed_everything(args.seed, verbose=False)
     module = MLPClassifier(hidden=(128, 128), lr=3e-3)

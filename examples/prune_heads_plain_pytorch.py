@@ -18,8 +18,10 @@ from litcompress import make_permanent_, shrink
 from litcompress.data import load_digits_tensors
 from litcompress.models import TransformerClassifier
 from litcompress.pruning import HeadPrunedAttention, keep_bypassed_weights_current_, prune_heads_
-from litcompress.pruning.schedules import PolynomialDecay
+from litcompress.pruning.schedules import PolynomialDecay, structured_pruned_count
 from litcompress.quantization import measure_latencies
+
+HEADS = 8  # of each attention
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -34,12 +36,15 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 < args.heads < 1.0:
         parser.error(f"--heads must be in (0, 1), got {args.heads}")
+    if structured_pruned_count(HEADS, args.heads) == 0:  # (it trained, then shrank nothing)
+        parser.error(f"--heads {args.heads} prunes none of each attention's {HEADS} heads (whole heads, rounded): "
+                     f"give at least {1 / HEADS}")
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
     torch.manual_seed(0)
     train, _, test = (split.tensors for split in load_digits_tensors(seed=0, flatten=False))
-    model = TransformerClassifier(d_model=64, heads=8, layers=2, feed_forward=128)
+    model = TransformerClassifier(d_model=64, heads=HEADS, layers=2, feed_forward=128)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batches = [(train[0][i:i + 64], train[1][i:i + 64]) for i in range(0, len(train[0]), 64)]
     steps = args.epochs * len(batches)
@@ -61,7 +66,8 @@ def main() -> None:
     result = shrink(model.eval(), test[0][:64])  # checks the outputs stay the same
     narrowed = result.model
     print(result.report.table())
-    heads = [(name, m.num_heads) for name, m in narrowed.named_modules() if isinstance(m, HeadPrunedAttention)]
+    heads = [(name, m.num_heads) for name, m in narrowed.named_modules()
+             if isinstance(m, (HeadPrunedAttention, nn.MultiheadAttention))]
     print("heads kept:", ", ".join(f"{name} {count}" for name, count in heads))
     before, after = (row["median"] for row in measure_latencies([model, narrowed], (test[0][:64],), repeats=10,
                                                                   num_threads=1))

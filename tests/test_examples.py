@@ -161,7 +161,33 @@ PARSE_REFUSALS = [
      "pyproject.toml is a file, not a folder"),
     ("examples/compress_plain_pytorch.py", ["--output-dir", str(EXAMPLES.parent / "pyproject.toml" / "run")],
      "pyproject.toml is a file; give a directory"),
+    # after the dense training (compress), or after the whole run (the report's save: below, a folder in the way)
+    ("examples/compress_plain_pytorch.py", ["--output-dir", ""], "--output-dir: name a folder to write to"),
+    # "its folder does not exist", of a folder that is a file
+    ("examples/prune_lstm_units_lightning.py", ["--save", str(EXAMPLES.parent / "pyproject.toml" / "x.pt")],
+     "pyproject.toml is a file, not a folder"),
+    ("examples/shrink_swiglu_lightning.py", ["--save", str(EXAMPLES.parent / "pyproject.toml" / "x.pt")],
+     "pyproject.toml is a file, not a folder"),
+    # tracebacks from the search
+    ("examples/lottery_ticket_digits.py", ["--checkpoint", str(EXAMPLES.parent / "pyproject.toml" / "imp.pt")],
+     "pyproject.toml is a file, not a folder"),
+    ("examples/lottery_ticket_digits.py", ["--checkpoint", str(EXAMPLES)], "give a file path, e.g. "),
+    # trained, then shrank nothing and printed an empty "heads kept:"
+    ("examples/prune_heads_plain_pytorch.py", ["--heads", "0.05"],
+     "--heads 0.05 prunes none of each attention's 8 heads (whole heads, rounded): give at least 0.125"),
 ]
+
+
+def test_compress_plain_pytorch_refuses_a_folder_in_the_way_of_its_files_at_parse(tmp_path):
+    """A folder named report.md: the whole pipeline ran and wrote the model, then the report's save failed."""
+    (tmp_path / "report.md").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    for output_dir, message in [(tmp_path, "report.md in it is a folder, where this run writes files"),
+                                (tmp_path / "link" / "run", "link is a broken link; give a directory")]:
+        done = subprocess.run([sys.executable, str(EXAMPLES / "compress_plain_pytorch.py"), "--output-dir",
+                               str(output_dir)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "report.md"]
 
 
 @pytest.fixture(scope="module")
