@@ -347,6 +347,13 @@ def test_the_engines_entry_points_name_what_they_expect_when_given_something_els
             call(None)
     with pytest.raises(TypeError, match="rewind_: expected the snapshot take_snapshot"):
         rewind_([(model[0], "weight")], None)
+    # the amount where the method goes: "HINT: pass the class, not an instance", of a number
+    with pytest.raises(TypeError, match=r"^method=0\.5: expected a pruning method .* pass it as amount=0\.5, after"):
+        prune_model_(model, 0.5)
+    with pytest.raises(TypeError, match=r"method=<.*L1Unstructured object .* pass the class, not an instance"):
+        prune_([(model[0], "weight")], torch_prune.L1Unstructured(0.5), 0.5)
+    with pytest.raises(TypeError, match=r"method=None: .* Choose one of \['l1_unstructured', 'ln_structured'"):
+        GradualPruner([(model[0], "weight")], schedule, None)
     # what they take still works: a pruned tensor, a buffer, a weight-normed layer's computed weight (refused
     # later by its own check, which names the fix)
     prune_([(model[0], "weight")], "l1_unstructured", 0.5)

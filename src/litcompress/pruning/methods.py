@@ -72,10 +72,13 @@ def resolve_method(method: str | type[torch_prune.BasePruningMethod]) -> type[to
             ) from None
     if is_pruning_method(method):
         return method
-    raise TypeError(
-        f"Expected a pruning method name or a `BasePruningMethod` subclass, got {method!r}. "
-        "HINT: pass the class, not an instance."
-    )
+    if isinstance(method, torch_prune.BasePruningMethod):
+        hint = "HINT: pass the class, not an instance."
+    elif isinstance(method, numbers.Real) and not isinstance(method, bool):  # prune_model_(model, 0.5)
+        hint = f"A number is an amount: pass it as amount={method!r}, after the method (e.g. 'l1_unstructured')."
+    else:
+        hint = f"Choose one of {sorted(PRUNING_METHODS)}."
+    raise TypeError(f"method={method!r}: expected a pruning method name or a `BasePruningMethod` subclass. {hint}")
 
 
 def _parameter_names(fn: Any) -> tuple[set[str], bool]:
