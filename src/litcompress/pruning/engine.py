@@ -312,18 +312,42 @@ def _reparametrise_(module: nn.Module, name: str) -> Tensor:
     return getattr(module, name + "_mask")
 
 
+_MASK_VALUES = ("a mask keeps an entry with 1 and prunes it with 0 (a bool tensor will do); other values would scale "
+                "the weights, not prune them.")
+
+
+def stray_mask_values(mask: object) -> str | None:
+    """None when `mask` holds only 0 and 1 (or is no tensor, or has no values yet: meta); else what it holds
+    instead, in words."""
+    if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_meta:
+        return None
+    stray = (mask != 0) & (mask != 1)  # (NaN too)
+    if not bool(stray.any()):
+        return None
+    count = int(stray.sum())
+    return f"{mask[stray].flatten()[0].item()} ({count} {'entry' if count == 1 else 'entries'} neither 0 nor 1)"
+
+
+def check_state_masks(state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse a state whose pruning masks (``<name>_mask`` beside ``<name>_orig``) hold other values than 0 and 1,
+    naming the key, before any of it is loaded (a module already pruned took such a mask through its buffer)."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and key.endswith("_mask") and key[:-len("_mask")] + "_orig" in state_dict:
+            stray = stray_mask_values(value)
+            if stray is not None:
+                raise ValueError(f"the state's {key!r} holds {stray} (a damaged or hand-made state?): "
+                                 f"{_MASK_VALUES}")
+
+
 def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -> None:
     param = trainable_tensor(module, name)
     if is_lazy(param):  # a lazy layer never called, loading a masked checkpoint: the mask gives the shape, the
         param.materialize(mask.shape)  # checkpoint the values (as torch's own load hook of lazy layers does)
     if mask.shape != param.shape:
         raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit `{name}` of shape {tuple(param.shape)}.")
-    if mask.dtype != torch.bool and not mask.is_meta:  # else 2.0 scaled the weights and NaN made them NaN, silently
-        stray = (mask != 0) & (mask != 1)  # (NaN too)
-        if bool(stray.any()):
-            raise ValueError(f"The mask for `{name}` holds {mask[stray].flatten()[0].item()} ({int(stray.sum())} "
-                             "entries neither 0 nor 1): a mask keeps an entry with 1 and prunes it with 0 (a bool "
-                             "tensor will do); other values would scale the weights, not prune them.")
+    stray = stray_mask_values(mask)  # else 2.0 scaled the weights and NaN made them NaN, silently
+    if stray is not None:
+        raise ValueError(f"The mask for `{name}` holds {stray}: {_MASK_VALUES}")
     buffer = getattr(module, name + "_mask") if is_pruned(module, name) else _reparametrise_(module, name)
     with torch.no_grad():
         if combine:
@@ -1592,6 +1616,8 @@ class PrunedStateLoadHook:
         self.names = tuple(names)
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        check_state_masks({key: state_dict[key] for name in self.names
+                           for key in (prefix + name + "_orig", prefix + name + "_mask") if key in state_dict})
         for name in self.names:
             key = prefix + name
             orig_key, mask_key = key + "_orig", key + "_mask"
@@ -1627,6 +1653,7 @@ class MaskedStateLoadHook:
     permanent) goes to its ``<name>_orig``, the live mask kept."""
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        check_state_masks(state_dict, prefix)  # before any of it is written
         for path, owner, name in pruned_targets(module):
             key = prefix + (f"{path}.{name}" if path else name)
             if key in state_dict and key + "_orig" not in state_dict:
