@@ -188,10 +188,46 @@ def test_entries_trained_off_zero_after_make_permanent_are_said_lost_not_kept(me
     still_zero = sum(int((m.weight == 0).sum()) for m, _ in default_targets(model))
     assert still_zero < pruned
     with pytest.warns(UserWarning, match=rf"its last round left {pruned:,} entries pruned, and "
-                                         rf"{pruned - still_zero:,} of them are no longer zero: their masks were "
-                                         rf"removed \(made permanent\) .* \(the zeros still there, {still_zero:,}"):
+                                         rf"{pruned - still_zero:,} of them are no longer masked since their masks "
+                                         rf"were removed \(made permanent\): {pruned - still_zero:,} are no longer "
+                                         r"zero \(training or a load changed them\)\. They train as weights"):
         pruner.step(6)
     assert sum(int((m.weight == 0).sum()) for m, _ in default_targets(model)) == pruner.pruned() == round(0.8 * 640)
+
+
+def test_entries_left_unmasked_after_make_permanent_are_counted_as_zero_or_moved():
+    """A structured pruner counted every entry of a channel with one moved entry as moved, and a tensor pruned to
+    all zeros (left unmasked: it may be a zero-initialised one) as changed by training, though nothing had moved."""
+    from litcompress import make_permanent_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    schedule = PolynomialDecay(final_sparsity=0.8, begin=1, end=3, frequency=1, power=1)
+    pruner = GradualPruner([(model[0], "weight")], schedule, "ln_structured", scope="local", n=2, dim=0)
+    pruner.step(1), pruner.step(2)
+    assert pruner.pruned() == 24  # 3 of 8 rows
+    make_permanent_(model)
+    row = int((model[0].weight == 0).all(1).nonzero()[0])
+    with torch.no_grad():
+        model[0].weight[row, 0] = 0.5
+    with pytest.warns(UserWarning, match=r"left 24 entries pruned, and 8 of them are no longer masked since their "
+                                         r"masks were removed \(made permanent\): 1 is no longer zero \(training or "
+                                         r"a load changed them\); 7 are zero but not masked again \(with a structured "
+                                         r"method only whole zero slices are masked; a tensor all zeros"):
+        pruner.step(3)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-4)  # pruned first, all of it
+    pruner = GradualPruner(default_targets(model), schedule, "l1_unstructured")
+    pruner.step(1), pruner.step(2)
+    assert int((model[2].weight == 0).sum()) == 32
+    make_permanent_(model)
+    with pytest.warns(UserWarning, match=r"and 32 of them are no longer masked .*: 32 are zero but not masked again "
+                                         r"\(a tensor all zeros is not: it may be a zero-initialised one\)\.") as said:
+        pruner.step(3)
+    assert not any("no longer zero" in str(w.message) for w in said)
 
 
 @pytest.mark.parametrize("method", ["ln_structured", "random_structured"])

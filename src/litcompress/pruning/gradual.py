@@ -66,6 +66,10 @@ def _mask_zeros_of_unmasked_(targets: Sequence[Target], dim: int | None) -> dict
     return masked
 
 
+def _are(count: int) -> str:
+    return "is" if count == 1 else "are"
+
+
 def _said_kept(count: int, how: str) -> str:
     return (f"GradualPruner: {count:,} zero entries of the tensors it prunes had no mask ({how}); they are kept "
             "pruned (masked) rather than trained back, so the sparsity reached is kept. Save `model.state_dict()`, "
@@ -424,18 +428,27 @@ class GradualPruner:
             masked = sum(_mask_zeros_of_unmasked_(self.targets, self._loaded_zeros.dim).values())
             if masked:
                 share_tied_masks_(self.targets)
-            # at a round (after a load, the model's weights may not be loaded yet): entries unmasked and then
-            # trained (make_permanent_, then optimizer steps) are weights again; which ones were pruned is not known
-            # any more (the masks are gone), only how many are missing
-            lost = self.history[-1]["pruned_after"] - self.pruned() if at_round else 0
+            # at a round (after a load, the model's weights may not be loaded yet): entries it pruned that are not
+            # masked again train as weights: moved off zero (make_permanent_, then optimizer steps), or zeros not
+            # masked again (in a slice not all zero, or a tensor all zeros, taken for a zero-initialised one); which
+            # ones were pruned is not known any more (the masks are gone), only how many
+            pruned_before = self.history[-1]["pruned_after"]
+            lost = pruned_before - self.pruned() if at_round else 0
             if lost > 0:
-                warnings.warn(f"GradualPruner: its last round left {self.history[-1]['pruned_after']:,} entries "
-                              f"pruned, and {lost:,} of them are no longer zero: their masks were removed ({how}) "
-                              "and training (or a load) changed them, so they are weights again (the zeros still "
-                              f"there, {masked:,}, are kept pruned). The next rounds prune to the schedule's targets "
-                              "from the weights as they are (other entries than an uninterrupted run's). Keep the "
-                              "masks until the schedule ends: make_permanent_ after its last round, or save a copy "
-                              "with permanent_state_dict(model).", stacklevel=stacklevel)
+                moved = min(lost, max(0, pruned_before - self._zeros()))
+                how_lost = [f"{moved:,} {_are(moved)} no longer zero (training or a load changed them)"] if moved else []
+                if lost > moved:
+                    why = ["with a structured method only whole zero slices are masked"] \
+                        if self._loaded_zeros.dim is not None else []
+                    why.append("a tensor all zeros is not: it may be a zero-initialised one")
+                    how_lost.append(f"{lost - moved:,} {_are(lost - moved)} zero but not masked again "
+                                    f"({'; '.join(why)})")
+                warnings.warn(f"GradualPruner: its last round left {pruned_before:,} entries pruned, and {lost:,} of "
+                              f"them are no longer masked since their masks were removed ({how}): "
+                              f"{'; '.join(how_lost)}. They train as weights; the next rounds prune to the "
+                              "schedule's targets from the weights as they are (other entries than an uninterrupted "
+                              "run's). Keep the masks until the schedule ends: make_permanent_ after its last round, "
+                              "or save a copy with permanent_state_dict(model).", stacklevel=stacklevel)
             elif masked:
                 warnings.warn(_said_kept(masked, how), stacklevel=stacklevel)
 
@@ -449,6 +462,11 @@ class GradualPruner:
     def pruned(self) -> int:
         """Entries masked out across the targets."""
         return sum(pruned_count(m, n) for m, n in distinct_targets(self.targets))
+
+    def _zeros(self) -> int:
+        """Entries that are zero across the targets, masked or not."""
+        with torch.no_grad():
+            return sum(int((getattr(m, n) == 0).sum()) for m, n in distinct_targets(self.targets))
 
     def state_dict(self) -> dict[str, Any]:
         shapes = getattr(self, "_target_shapes", None)  # the first round's (a pruner restored after shrink_ checks)
