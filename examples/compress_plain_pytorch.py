@@ -57,7 +57,9 @@ def check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> None:
     if not os.path.isdir(existing):
         what = "a broken link" if os.path.islink(existing) else "a file"
         parser.error(f"--output-dir {output_dir}: {existing} is {what}; give a directory")
-    in_the_way = [name for name in (*OUTPUT_FILES, *REPORT_FILES) if os.path.isdir(os.path.join(output_dir, name))]
+    paths = {name: os.path.join(output_dir, name) for name in (*OUTPUT_FILES, *REPORT_FILES)}
+    # (a link to a folder is replaced by the file: not in the way)
+    in_the_way = [name for name, path in paths.items() if os.path.isdir(path) and not os.path.islink(path)]
     if in_the_way:
         parser.error(f"--output-dir {output_dir}: {', '.join(in_the_way)} in it "
                      f"{'is a folder' if len(in_the_way) == 1 else 'are folders'}, where this run writes files")

@@ -52,7 +52,8 @@ def main() -> None:
         while not os.path.lexists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing):
-            parser.error(f"--checkpoint {args.checkpoint}: {existing} is a file, not a folder")
+            what = "a broken link" if os.path.islink(existing) else "a file"
+            parser.error(f"--checkpoint {args.checkpoint}: {existing} is {what}, not a folder")
 
     seed_everything(args.seed, verbose=False)
     module = MLPClassifier(hidden=(128, 128), lr=3e-3)

@@ -38,7 +38,7 @@ def main() -> None:
         parser.error(f"--heads must be in (0, 1), got {args.heads}")
     if structured_pruned_count(HEADS, args.heads) == 0:  # (it trained, then shrank nothing)
         parser.error(f"--heads {args.heads} prunes none of each attention's {HEADS} heads (whole heads, rounded): "
-                     f"give at least {1 / HEADS}")
+                     f"give a larger fraction (one head is {1 / HEADS})")
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
 

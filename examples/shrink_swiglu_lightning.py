@@ -30,10 +30,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.save and os.path.isdir(args.save):  # (torch.save failed there after all the training)
         parser.error(f"--save {args.save} is a directory; give a file path, e.g. {os.path.join(args.save, 'model.pt')}")
-    folder = os.path.dirname(os.path.abspath(args.save))
-    if args.save and not os.path.isdir(folder):  # (a file there: "its folder does not exist" was said)
-        parser.error(f"--save {args.save}: {folder} is a file, not a folder" if os.path.lexists(folder)
-                     else f"--save {args.save}: its folder does not exist")
+    existing = os.path.dirname(os.path.abspath(args.save))
+    while not os.path.lexists(existing):  # (a file in the way: "its folder does not exist" was said)
+        existing = os.path.dirname(existing)
+    if args.save and not os.path.isdir(existing):
+        parser.error(f"--save {args.save}: {existing} is {'a broken link' if os.path.islink(existing) else 'a file'}, "
+                     "not a folder")
+    if args.save and not os.path.isdir(os.path.dirname(os.path.abspath(args.save))):
+        parser.error(f"--save {args.save}: its folder does not exist")
     if not 0.0 < args.amount < 1.0:
         parser.error(f"--amount must be in (0, 1), got {args.amount}")
     if args.epochs < 1:

@@ -166,7 +166,7 @@ PARSE_REFUSALS = [
     # "its folder does not exist", of a folder that is a file
     ("examples/prune_lstm_units_lightning.py", ["--save", str(EXAMPLES.parent / "pyproject.toml" / "x.pt")],
      "pyproject.toml is a file, not a folder"),
-    ("examples/shrink_swiglu_lightning.py", ["--save", str(EXAMPLES.parent / "pyproject.toml" / "x.pt")],
+    ("examples/shrink_swiglu_lightning.py", ["--save", str(EXAMPLES.parent / "pyproject.toml" / "x" / "x.pt")],
      "pyproject.toml is a file, not a folder"),
     # tracebacks from the search
     ("examples/lottery_ticket_digits.py", ["--checkpoint", str(EXAMPLES.parent / "pyproject.toml" / "imp.pt")],
@@ -174,7 +174,8 @@ PARSE_REFUSALS = [
     ("examples/lottery_ticket_digits.py", ["--checkpoint", str(EXAMPLES)], "give a file path, e.g. "),
     # trained, then shrank nothing and printed an empty "heads kept:"
     ("examples/prune_heads_plain_pytorch.py", ["--heads", "0.05"],
-     "--heads 0.05 prunes none of each attention's 8 heads (whole heads, rounded): give at least 0.125"),
+     "--heads 0.05 prunes none of each attention's 8 heads (whole heads, rounded): give a larger fraction (one head "
+     "is 0.125)"),
 ]
 
 

@@ -75,7 +75,7 @@ def resolve_method(method: str | type[torch_prune.BasePruningMethod]) -> type[to
     if isinstance(method, torch_prune.BasePruningMethod):
         hint = "HINT: pass the class, not an instance."
     elif isinstance(method, numbers.Real) and not isinstance(method, bool):  # prune_model_(model, 0.5)
-        hint = f"A number is an amount: pass it as amount={method!r}, after the method (e.g. 'l1_unstructured')."
+        hint = "A number is how much to prune, not how: give the method first (e.g. 'l1_unstructured')."
     else:
         hint = f"Choose one of {sorted(PRUNING_METHODS)}."
     raise TypeError(f"method={method!r}: expected a pruning method name or a `BasePruningMethod` subclass. {hint}")
