@@ -436,7 +436,7 @@ class GradualPruner:
             lost = pruned_before - self.pruned() if at_round else 0
             if lost > 0:
                 moved = min(lost, max(0, pruned_before - self._zeros()))
-                how_lost = [f"{moved:,} {_are(moved)} no longer zero (training or a load changed them)"] if moved else []
+                how_lost = [f"{moved:,} {_are(moved)} no longer zero (training or a load changed them)"] * bool(moved)
                 if lost > moved:
                     why = ["with a structured method only whole zero slices are masked"] \
                         if self._loaded_zeros.dim is not None else []
