@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from litcompress._inputs import copied
 from litcompress.pruning.engine import (compiled_module_names, eager_copy, lazy_parameter_names, make_permanent_,
                                         refuse_tied_holders_computing_otherwise, tied_parameters)
 from litcompress.pruning.parametrizations import has_computed_tensors
@@ -710,7 +711,7 @@ def annotate_shapes_(graph: fx.Graph, model: nn.Module, example_inputs: tuple | 
         model.eval()
         runnable = fx.GraphModule(model, copy.deepcopy(graph))  # a copy: a GraphModule takes its graph over
         with torch.no_grad():
-            _ShapeRecorder(runnable).run(*example_inputs)
+            _ShapeRecorder(runnable).run(*copied(example_inputs))
         shapes = {node.name: node.meta.get("shape") for node in runnable.graph.nodes}
     except Exception:  # noqa: BLE001 - the shapes only refine the walk
         return
@@ -2787,7 +2788,7 @@ def eval_outputs(model: nn.Module, example_inputs: tuple) -> object:
     model.eval()
     try:
         with torch.no_grad():
-            return model(*example_inputs)
+            return model(*copied(example_inputs))
     finally:
         for module, training in modes:
             module.training = training

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from litcompress._inputs import copied
 from litcompress._numbers import as_python_number, is_bool
 from litcompress.pruning.engine import deepcopy_model, drawing_from, make_permanent_, tied_parameters
 from litcompress.pruning.parametrizations import fold_parametrizations_
@@ -259,7 +260,7 @@ def _outputs_and_first_inputs(model: nn.Module, layers: dict[str, nn.Linear], in
     handles = [layer.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
     try:
         with torch.no_grad(), _drawing_alike(model):
-            outputs = model(*inputs)
+            outputs = model(*copied(inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -330,7 +331,7 @@ def _draws_randomly(model: nn.Module, inputs: tuple, reference: Any) -> bool:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
-            return max_output_difference(reference, model(*inputs)) > 0
+            return max_output_difference(reference, model(*copied(inputs))) > 0
     except Exception:  # noqa: BLE001 - a model that fails on another seed is not told apart here
         return False
 
@@ -340,7 +341,7 @@ def _failure(model: nn.Module, inputs: tuple, reference: Any) -> str | None:
     of CSR sums), or None."""
     try:
         with torch.no_grad(), _drawing_alike(model):
-            outputs = model(*inputs)
+            outputs = model(*copied(inputs))
         difference = max_output_difference(reference, outputs)
     except Exception as error:  # noqa: BLE001 - any failure of the converted model keeps the layer dense
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
@@ -462,7 +463,7 @@ def sparsify(model: nn.Module, example_inputs: Tensor | tuple, *, min_sparsity: 
                          for layer in decisions]
             reverted = True
     with torch.no_grad(), _drawing_alike(work):
-        difference = max_output_difference(reference, work(*inputs))
+        difference = max_output_difference(reference, work(*copied(inputs)))
     report = SparsifyReport(tuple(decisions), dense_ms, sparse_ms, difference, threads, reverted)
     return SparsifyResult(work, report)
 

@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from litcompress._inputs import copied
+
 _ALLOCATOR_PINNED = False
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -77,8 +79,9 @@ def measure_latencies(models: Sequence[Callable], inputs: tuple | torch.Tensor, 
         for model in models:
             timings = []
             for _ in range(warmup + 1):
+                args = copied(inputs)  # (outside the timer) a forward writing into its inputs leaves the caller's
                 start = time.perf_counter()
-                model(*inputs)
+                model(*args)
                 timings.append(time.perf_counter() - start)
             one_call = min(timings[1:] or timings)  # the first call may set up (allocations, kernels' caches)
             calls.append(max(1, math.ceil(min_block_s / max(one_call, 1e-9))) if min_block_s else 1)
@@ -86,8 +89,9 @@ def measure_latencies(models: Sequence[Callable], inputs: tuple | torch.Tensor, 
             for k in range(len(models)):
                 i = (r + k) % len(models)
                 model, n = models[i], calls[i]
+                args = copied(inputs)
                 start = time.perf_counter()
                 for _ in range(n):
-                    model(*inputs)
+                    model(*args)
                 samples[i].append((time.perf_counter() - start) / n)
     return [{"min": min(s), "median": statistics.median(s), "max": max(s)} for s in samples]

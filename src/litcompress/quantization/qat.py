@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from litcompress._inputs import copied
 from litcompress.pruning.engine import deepcopy_model, holds_pruning_zeros
 
 from .config import Recipe
@@ -393,7 +394,7 @@ def compile_converted(program: nn.Module, example_inputs: Inputs) -> nn.Module:
     from .backends.pt2e import CompiledInference
 
     model = CompiledInference(program)
-    model(*example_inputs)  # pay the compile cost here, not in the first call
+    model(*copied(example_inputs))  # pay the compile cost here, not in the first call
     return model
 
 
@@ -611,7 +612,7 @@ def _reused_modules_cause(model: nn.Module, example_inputs: tuple) -> str | None
                for name, module in copy.named_modules() if name and isinstance(module, _FUSED_ACTIVATIONS)]
     try:
         with torch.no_grad():
-            copy(*example_inputs)
+            copy(*copied(example_inputs))
     except Exception:  # noqa: BLE001 - no answer here: torchao's error stands
         return None
     finally:
@@ -783,7 +784,7 @@ def _observe_(graph: torch.fx.GraphModule, example_inputs: Inputs) -> None:
     so that no batch-norm statistic of the model moves."""
     switched_(graph, training=False)
     with torch.no_grad():
-        graph(*example_inputs)
+        graph(*copied(example_inputs))
     switched_(graph, training=True)
 
 

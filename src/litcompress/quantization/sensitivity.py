@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from litcompress._inputs import copied
+
 from .outputs import tensor_leaves
 
 
@@ -108,7 +110,7 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
                          f"{', '.join(map(repr, unknown))}; its modules: {[n for n in modules if n][:20]}.")
     # a batch that is one tensor is one input (unpacked, its rows were taken for as many inputs)
     calibration = [(inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs) for inputs in calibration]
-    reference = [_output_vector(model(*inputs)) for inputs in calibration]
+    reference = [_output_vector(model(*copied(inputs))) for inputs in calibration]
 
     ranges: dict[str, list[float]] = {}
     if approach == "static":  # observed activation ranges, like a min-max observer
@@ -122,7 +124,7 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
             return hook
         handles = [modules[name].register_forward_pre_hook(observe(name), with_kwargs=True) for name in layers]
         for inputs in calibration:
-            model(*inputs)
+            model(*copied(inputs))
         for handle in handles:
             handle.remove()
 
@@ -151,7 +153,7 @@ def layer_sensitivity(model: nn.Module, layers: Sequence[str], calibration: Sequ
             quant_input = None
         handle = module.register_forward_pre_hook(quant_input, with_kwargs=True) if quant_input else None
         try:
-            outputs = [_output_vector(model(*inputs)) for inputs in calibration]
+            outputs = [_output_vector(model(*copied(inputs))) for inputs in calibration]
         finally:
             for weight, original in zip(weights, originals):
                 weight.data = original

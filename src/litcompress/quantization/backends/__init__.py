@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
+from litcompress._inputs import copied
+
 from ..config import Recipe
 from ..outputs import tensor_leaves
 from ..shapes import dims_for
@@ -111,16 +113,17 @@ def check_free_dims(reference: Callable[..., object], exported: Callable[..., ob
         if inputs is None:
             continue
         try:
-            expected = tensor_leaves(reference(*inputs))
+            expected = tensor_leaves(reference(*copied(inputs)))
         except Exception:  # the model itself needs the example's sizes: nothing an exporter could keep free
             continue
         try:
-            got = tensor_leaves(exported(*inputs))
+            got = tensor_leaves(exported(*copied(inputs)))
             error = None if _same_leaves(got, expected) else "gives other outputs"
         except Exception as exc:
             error = f"fails ({type(exc).__name__})"
-        if error and not _same_leaves(tensor_leaves(reference(*inputs)), expected):
-            if _same_leaves(tensor_leaves(reference(*example_inputs)), tensor_leaves(reference(*example_inputs))):
+        if error and not _same_leaves(tensor_leaves(reference(*copied(inputs))), expected):
+            if _same_leaves(tensor_leaves(reference(*copied(example_inputs))),
+                            tensor_leaves(reference(*copied(example_inputs)))):
                 # steady on the example itself: the variant is no input the model takes (rows that must differ, or
                 # an input that must stay as long as another), so it checks nothing
                 continue

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from litcompress._inputs import copied
 from litcompress.pruning.engine import deepcopy_model
 
 from ..outputs import RebuiltOutputs, Structure, tensor_leaves_of, untraceable_structure
@@ -86,7 +87,7 @@ def _takes(module: nn.Module, inputs: Inputs | None) -> bool:
     saved = {name: buffer.clone() for name, buffer in module.named_buffers()}
     try:  # (a probe in training mode draws dropout masks: the random streams are left as they were)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            module(*inputs)
+            module(*copied(inputs))
     except Exception:
         return False
     finally:

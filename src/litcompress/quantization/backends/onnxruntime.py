@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from litcompress._inputs import copied
 from litcompress.pruning.engine import deepcopy_model, tied_parameters
 from litcompress.pruning.shrink import eval_outputs
 
@@ -208,7 +209,7 @@ def export_onnx_with_structure(model: nn.Module, example_inputs: Inputs, dynamic
     try:
         # No warning but a TracerWarning from data-dependent code (the file keeps the path the trace took).
         with tracer_warnings_that_matter(), _native_output_held():
-            torch.onnx.export(model, tuple(example_inputs), buffer, dynamo=False, input_names=names,
+            torch.onnx.export(model, copied(tuple(example_inputs)), buffer, dynamo=False, input_names=names,
                               output_names=output_names, opset_version=17, do_constant_folding=fold_constants,
                               dynamic_axes={**onnx_dynamic_axes(names, example_inputs, dynamic_dims), **output_axes})
     except Exception as exc:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from litcompress._inputs import copied
+
 from ..config import Recipe
 from ..outputs import RebuiltOutputs, tensor_leaves_of, untraceable_structure
 from . import Backend, BackendUnavailableError, ExportError, Inputs, cpu_has_vnni, nonfloat_input_error
@@ -244,7 +246,7 @@ class PT2EBackend(Backend):
                 # dynamic: one call on the inputs it was exported on (calibration batches may hold more inputs,
                 # which only a static candidate, calibrated through its graph, is refused for)
                 for batch in (calibration if recipe.approach == "static" else [inputs]):
-                    prepared(*batch)
+                    prepared(*copied(batch))
                 converted = convert_pt2e(prepared)
             except (RuntimeError, NotImplementedError) as exc:
                 # a bool mask or ids read by an int8 op: its observer fails alike at every knob ("linspace_cpu" not
@@ -256,7 +258,7 @@ class PT2EBackend(Backend):
         _drop_unused_tensors(converted)
         if self.compile:
             result: nn.Module = CompiledInference(converted)
-            result(*example_inputs)  # pay the compile cost here, not inside eval/latency
+            result(*copied(example_inputs))  # pay the compile cost here, not inside eval/latency
         else:
             result = ExportedInference(converted)
         return result if structure is None else RebuiltOutputs(result, structure)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.ao.nn.quantized import Embedding as QuantizedEmbedding
 from torch.ao.nn.quantized import EmbeddingBag as QuantizedEmbeddingBag
 
+from litcompress._inputs import copied
 from litcompress.pruning.engine import deepcopy_model
 from litcompress.pruning.shrink import eval_outputs
 
@@ -242,13 +243,13 @@ class TorchAOBackend(Backend):
         # a failed trial)
         try:
             for inputs in calibration:
-                prepared(*inputs)
+                prepared(*copied(inputs))
             converted = convert_fx(prepared)
             _views_as_reshapes_(converted)
             if recipe.fp32_layers:
                 _methods_read_fp32_(converted, example_inputs)
             with torch.no_grad():  # (a min-max observer takes bool values; the converted quantize op fails on them)
-                converted(*example_inputs)
+                converted(*copied(example_inputs))
             return converted
         except (RuntimeError, NotImplementedError) as exc:
             said = nonfloat_input_error(exc, example_inputs, "torch_ao static")
@@ -488,7 +489,7 @@ def _methods_read_fp32_(converted: torch.fx.GraphModule, example_inputs: Inputs)
 
     if wanted:
         with torch.no_grad():
-            Recorder(converted).run(*example_inputs)
+            Recorder(converted).run(*copied(example_inputs))
     changed = False
     for quantize in quantizes:
         source = quantize.args[0]
@@ -623,7 +624,7 @@ def _trace_checked(quantized: nn.Module, example_inputs: Inputs,
             # not those of conditions that only guard an error (the RNNs' checks), nor of the residual adds' constants
             with tracer_warnings_that_matter(numbers_are_constants=numbers_read_from_constants(module)):
                 # strict=False: a model returning a dict or a list (of a fixed structure) traces as it is
-                scripted = torch.jit.trace(module, example_inputs, check_trace=False, strict=False)
+                scripted = torch.jit.trace(module, copied(example_inputs), check_trace=False, strict=False)
         except Exception as exc:  # every recipe of this model would fail alike
             message = str(exc)
             if "Tracer cannot infer type of" in message:  # the message prints the whole output, tensors and all
