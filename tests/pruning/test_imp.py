@@ -216,6 +216,24 @@ def test_find_lottery_ticket_with_trainer_and_late_rewinding():
     assert steps == []
 
 
+def test_the_users_checkpoints_and_logger_get_the_rounds_only(tmp_path):
+    """The fit to the rewind step (no round) saved a file into the user's checkpoint folder (epoch=0-step=3.ckpt),
+    and the one-batch metric check logged its score of an untrained copy as a first row."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    logger = CSVLogger(tmp_path, name="logs")
+    ticket = find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc", rounds=1,
+                                 rate=0.5, control="none", rewind_to_step=3,
+                                 trainer_kwargs=dict(max_epochs=1, logger=logger, callbacks=[
+                                     ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)]))
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(files) == 2 and not any("step=3" in name for name in files), files  # one per round
+    rows = [line.split(",") for line in Path(logger.log_dir, "metrics.csv").read_text().splitlines()[1:]]
+    assert [float(row[-1]) for row in rows] == pytest.approx([r.metric for r in ticket.rounds])
+
+
 class OneCycleDigitsClassifier(DigitsClassifier):
     """Sizes its learning-rate schedule from the fit, as Lightning users write it."""
 
@@ -819,6 +837,25 @@ def test_a_search_resumed_with_other_trainer_arguments_or_module_is_refused(tmp_
     assert len(search(2).rounds) == 3  # the same arguments go on
 
 
+def test_a_search_resumed_with_its_callbacks_configured_otherwise_is_refused(tmp_path):
+    """Callbacks were compared by their class names: an EarlyStopping of patience 1 for rounds 0-1 and of patience
+    100 for round 2 made one table of two searches."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    def search(rounds, patience):
+        seed_everything(0)
+        return find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc",
+                                   rounds=rounds, rate=0.5, checkpoint_path=tmp_path / "search.pt",
+                                   trainer_kwargs=dict(max_epochs=1, callbacks=[
+                                       EarlyStopping("val_acc", mode="max", patience=patience, strict=False)]))
+
+    search(1, patience=1)
+    with pytest.raises(ValueError, match=r"holds a search with trainer_kwargs=.*'class': 'EarlyStopping'.*"
+                                         r"'patience': 1.*not .*'patience': 100"):
+        search(2, patience=100)
+    assert len(search(2, patience=1).rounds) == 3
+
+
 def test_trainer_arguments_that_cannot_work_fail_before_training_and_a_model_checkpoint_is_taken(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -1328,6 +1365,37 @@ def test_find_lottery_ticket_refuses_spawned_launchers_before_any_fit(tmp_path):
                             trainer_kwargs=dict(accelerator="cpu", devices=1, strategy="ddp_spawn", max_epochs=1,
                                                 default_root_dir=tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("callback", ["litcompress", "lightning", "barebones", "a fraction of no batch"])
+def test_find_lottery_ticket_refuses_what_cannot_give_a_table_before_any_fit(tmp_path, callback):
+    """A pruning callback pruned again and made every mask permanent at each fit's end: a table of 100% of the
+    weights left in every round and a ticket without masks. barebones=True (self.log a no-op) failed the metric
+    check with "did it run on no batch?". A limit_test_batches fraction of no batch failed in Lightning's words
+    after the first round's training."""
+    from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
+
+    from litcompress import ModelPruning
+
+    fits = LambdaCallback(on_fit_start=lambda *_: pytest.fail("a fit started"))
+    kwargs = dict(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, callbacks=[fits])
+    message = {"litcompress": r"ModelPruning in trainer_kwargs' callbacks prunes the module itself, beside the "
+                              r"search's own rounds",
+               "barebones": r"barebones=True makes self\.log a no-op",
+               "a fraction of no batch": r"trainer_kwargs\['limit_test_batches'\]=0\.001 of the \d+ batches of the "
+                                         r"test dataloader is no batch"}
+    message["lightning"] = message["litcompress"]
+    if callback == "litcompress":
+        kwargs["callbacks"].append(ModelPruning("l1_unstructured", amount=0.3))
+    elif callback == "lightning":
+        kwargs["callbacks"].append(LightningModelPruning("l1_unstructured", amount=0.3))
+    elif callback == "barebones":
+        kwargs.update(barebones=True, callbacks=[])
+    else:
+        kwargs["limit_test_batches"] = 0.001
+    with pytest.raises(ValueError, match=message[callback]):
+        find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=64), rounds=1, metric="test_acc",
+                            trainer_kwargs=kwargs)
 
 
 @pytest.mark.parametrize("averaging", weight_averaging_callbacks())

@@ -115,6 +115,49 @@ def _described(value: Any) -> Any:
     return type(value).__name__
 
 
+def _described_settings(value: Any) -> Any:
+    """:func:`_described`, with each callback also by its public settings (an EarlyStopping's patience, a
+    ModelCheckpoint's monitor): searches whose callbacks were configured otherwise are not one search."""
+    if isinstance(value, Callback):
+        return {"class": type(value).__qualname__,
+                **{name: setting for name, setting in sorted(vars(value).items()) if not name.startswith("_")
+                   and (setting is None or isinstance(setting, (bool, int, float, str)))}}
+    if isinstance(value, Mapping):
+        return {str(k): _described_settings(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_described_settings(v) for v in value]
+    return _described(value)
+
+
+def _pruning_callbacks(callbacks: list[Callback]) -> list[str]:
+    """The callbacks that prune the module themselves (litcompress's and Lightning's)."""
+    from lightning.pytorch.callbacks import ModelPruning as LightningModelPruning
+
+    from litcompress.callbacks.heads import HeadPruning
+    from litcompress.callbacks.pruning import ModelPruning
+    from litcompress.callbacks.units import UnitPruning
+
+    return [type(callback).__name__ for callback in callbacks
+            if isinstance(callback, (ModelPruning, LightningModelPruning, HeadPruning, UnitPruning))]
+
+
+def _check_fraction_leaves_a_batch(trainer: Trainer, limit: object, option: str, evaluate_on: str) -> None:
+    """A fraction of the evaluation loader that Lightning rounds down to no batch (``int(len * limit)``): refused
+    now, not by Lightning at the first round's evaluation, after its training (the check ran on one batch)."""
+    if not isinstance(limit, float) or not 0 < limit < 1:
+        return
+    loaders = trainer.test_dataloaders if evaluate_on == "test" else trainer.val_dataloaders
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        try:
+            length = len(loader)
+        except TypeError:  # an iterable dataset: no length to take a fraction of
+            continue
+        if int(length * limit) == 0:
+            raise ValueError(f"trainer_kwargs[{option!r}]={limit} of the {length} batches of the {evaluate_on} "
+                             f"dataloader is no batch (Lightning takes int({length} * {limit}) = 0) to evaluate the "
+                             "rounds on: give a larger fraction, or a number of batches (an int).")
+
+
 def _a(value: Any) -> str:
     return f"the class {value.__qualname__}" if isinstance(value, type) else f"a {type(value).__qualname__}"
 
@@ -206,7 +249,11 @@ def find_lottery_ticket(
     callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
     # the user's ModelCheckpoint, progress bar or LearningRateMonitor, not our quiet defaults, decide
     kwargs = {**quiet_unless_asked(_QUIET, callbacks), **given}
+    settings = _described_settings(given)  # (before any fit changes the callbacks' attributes)
     stage_limit = "limit_test_batches" if evaluate_on == "test" else "limit_val_batches"
+    if given.get("barebones"):  # (the metric check said "not logged ... an empty dataloader?")
+        raise ValueError("find_lottery_ticket: trainer_kwargs barebones=True makes self.log a no-op, so no round's "
+                         "metric can be read; drop it.")
     if given.get(stage_limit) in (0, 0.0):
         raise ValueError(f"trainer_kwargs[{stage_limit!r}]=0 leaves no batch to evaluate the rounds on "
                          f"(evaluate_on={evaluate_on!r}): drop it, or evaluate_on the other stage.")
@@ -216,6 +263,11 @@ def find_lottery_ticket(
         raise ValueError(f"find_lottery_ticket: trainer_kwargs {_described(given)} run each fit in spawned or forked "
                          "worker processes (ddp_spawn, ddp_fork, ddp_notebook), whose rounds this process cannot "
                          "follow; use strategy='ddp' (every rank runs the search, rank 0 writes its files).")
+    pruning = _pruning_callbacks(callbacks)
+    if pruning:  # it pruned again and made the masks permanent at each fit's end: a table of 100% left, no masks
+        raise ValueError(f"find_lottery_ticket: {', '.join(pruning)} in trainer_kwargs' callbacks prunes the module "
+                         "itself, beside the search's own rounds (each fit's end made its masks permanent, and the "
+                         "ticket came back without masks); drop it: the search prunes (rate, layer_rates, scope).")
     averaging = _weight_averaging_callbacks(callbacks)
     if averaging:
         # their setup copies the module each fit, which from round 1 on is pruned (a weight computed from weight_orig
@@ -301,7 +353,9 @@ def find_lottery_ticket(
         return value
 
     # one batch on a copy first: a metric the step does not log fails now, not after the first round's training
-    evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1)
+    # (logger=False: its one-batch score of an untrained copy went into the user's logger as a row at step 0)
+    evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1, logger=False)
+    _check_fraction_leaves_a_batch(evaluated_by[0], given.get(stage_limit), stage_limit, evaluate_on)
     if evaluated_by[0].world_size > 1:
         # each DDP rank built its own initial weights (ranks seeded alike or not), and every round trains from rank
         # 0's (DDP broadcasts them as each fit starts): the weights the ticket rewinds to are rank 0's on every rank,
@@ -319,8 +373,12 @@ def find_lottery_ticket(
         fresh_callbacks()
         stop = _StopAtStep(rewind_to_step, rewind_point, retrain_from_it=retrain_from == "rewind_point")
         # (without the fit's minimum epochs or steps, which would keep it from stopping at k)
-        trainer = trainer_built_quietly(**{**kwargs, "callbacks": [*callbacks, stop], "min_epochs": None,
-                                           "min_steps": None})
+        # without the user's checkpoints, as the control: a file of this k-step fit, which is no round, went into
+        # their folder (and with save_top_k=1 stayed there)
+        trainer = trainer_built_quietly(**{**kwargs, "enable_checkpointing": False, "min_epochs": None,
+                                           "min_steps": None,
+                                           "callbacks": [*(c for c in callbacks if not isinstance(c, ModelCheckpoint)),
+                                                         stop]})
         with ctrl_c_raises(trainer):
             trainer.fit(model, datamodule=datamodule)
         rewind_point = stop.checkpoint  # rank 0's, under DDP
@@ -352,7 +410,7 @@ def find_lottery_ticket(
             checkpoint_settings=dict(metric=metric, evaluate_on=evaluate_on, rewind_to_step=rewind_to_step,
                                      retrain_from=retrain_from, reset_optimizer=reset_optimizer,
                                      # a resumed search trained otherwise would mix two searches in one table
-                                     trainer_kwargs=_described(given), module=_described_module(module),
+                                     trainer_kwargs=settings, module=_described_module(module),
                                      datamodule=_described_module(datamodule)),
         )
     finally:
