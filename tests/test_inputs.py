@@ -81,3 +81,18 @@ def test_a_forward_writing_into_its_input_leaves_the_callers_tensors_and_raises_
     assert torch.equal(x, before)
     assert not [str(w.message) for w in caught if "depends on the batch size" in str(w.message)
                 or "differ when computed alone" in str(w.message)]
+
+
+def test_measure_latencies_gives_each_call_of_a_forward_writing_into_its_input_the_inputs_given():
+    """One copy served a whole timed block: a forward halving its input in place ran its calls on 2^-100 (denormals,
+    slow on many CPUs) instead of the batch given."""
+    seen: list[float] = []
+
+    class HalvesItsInput(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(float(x.abs().max()))
+            return x.mul_(0.5).sum()
+
+    x = torch.ones(4, 16)
+    measure_latencies([HalvesItsInput()], (x,), repeats=3, warmup=1)
+    assert len(seen) > 10 and set(seen) == {1.0} and torch.equal(x, torch.ones(4, 16))

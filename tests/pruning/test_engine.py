@@ -347,6 +347,21 @@ def test_a_state_whose_mask_is_not_0_and_1_is_refused_naming_its_key_before_anyt
     assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in kept)
 
 
+def test_a_buffer_named_like_a_mask_beside_a_parameter_named_like_an_original_loads():
+    """`attn_mask` (a causal mask of -inf) beside a parameter `attn_orig`: no pruning pair (there is no `attn`), and
+    load_pruned_state_dict refused the model's own state, "a damaged or hand-made state?"."""
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.attn_orig = nn.Parameter(torch.randn(3, 3))
+            self.register_buffer("attn_mask", torch.triu(torch.full((3, 3), float("-inf")), 1))
+
+    state = Attention().state_dict()
+    loaded = load_pruned_state_dict(Attention(), state)
+    assert torch.equal(loaded.attn_mask, state["attn_mask"]) and torch.equal(loaded.attn_orig, state["attn_orig"])
+
+
 def test_the_engines_entry_points_name_what_they_expect_when_given_something_else():
     """A model where targets were expected, a misspelt tensor name, None for a model or a snapshot: each failed
     deep inside (cannot unpack a Linear; no attribute 'modules'); now the entry point says what it takes."""

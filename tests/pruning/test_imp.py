@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -232,6 +233,24 @@ def test_the_users_checkpoints_and_logger_get_the_rounds_only(tmp_path):
     assert len(files) == 2 and not any("step=3" in name for name in files), files  # one per round
     rows = [line.split(",") for line in Path(logger.log_dir, "metrics.csv").read_text().splitlines()[1:]]
     assert [float(row[-1]) for row in rows] == pytest.approx([r.metric for r in ticket.rounds])
+
+
+class LogsThroughItsLogger(DigitsClassifier):
+    def test_step(self, batch, batch_idx):
+        self.logger.log_metrics({"batch_seen": float(batch_idx)}, step=batch_idx)
+        super().test_step(batch, batch_idx)
+
+
+def test_a_module_using_its_logger_in_its_steps_passes_the_metric_check(tmp_path):
+    """The one-batch check ran with logger=False (to keep its score out of the user's logger): `self.logger` was
+    None in the step, an AttributeError before any round."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    ticket = find_lottery_ticket(LogsThroughItsLogger(), DigitsDataModule(batch_size=256), metric="test_acc",
+                                 rounds=1, rate=0.5, control="none",
+                                 trainer_kwargs=dict(max_epochs=1, logger=CSVLogger(tmp_path, name="logs")))
+    assert len(ticket.rounds) == 2
 
 
 class OneCycleDigitsClassifier(DigitsClassifier):
@@ -837,22 +856,34 @@ def test_a_search_resumed_with_other_trainer_arguments_or_module_is_refused(tmp_
     assert len(search(2).rounds) == 3  # the same arguments go on
 
 
+class _StartedAt(Callback):
+    """A public attribute that is no setting: another value in every process."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+
 def test_a_search_resumed_with_its_callbacks_configured_otherwise_is_refused(tmp_path):
     """Callbacks were compared by their class names: an EarlyStopping of patience 1 for rounds 0-1 and of patience
-    100 for round 2 made one table of two searches."""
-    from lightning.pytorch.callbacks import EarlyStopping
+    100 for round 2 made one table of two searches. What a fit or the process sets (a ModelCheckpoint's folder and
+    best path, a time) is no setting: the same callbacks, used by the first call, resume."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    checkpoints = ModelCheckpoint(monitor="test_acc", mode="max", save_top_k=1)
 
     def search(rounds, patience):
         seed_everything(0)
         return find_lottery_ticket(DigitsClassifier(), DigitsDataModule(batch_size=256), metric="test_acc",
                                    rounds=rounds, rate=0.5, checkpoint_path=tmp_path / "search.pt",
-                                   trainer_kwargs=dict(max_epochs=1, callbacks=[
-                                       EarlyStopping("val_acc", mode="max", patience=patience, strict=False)]))
+                                   trainer_kwargs=dict(max_epochs=1, default_root_dir=tmp_path, callbacks=[
+                                       EarlyStopping("val_acc", mode="max", patience=patience, strict=False),
+                                       checkpoints, _StartedAt()]))
 
     search(1, patience=1)
     with pytest.raises(ValueError, match=r"holds a search with trainer_kwargs=.*'class': 'EarlyStopping'.*"
                                          r"'patience': 1.*not .*'patience': 100"):
         search(2, patience=100)
+    assert checkpoints.dirpath is not None  # resolved by the first call's fits
     assert len(search(2, patience=1).rounds) == 3
 
 

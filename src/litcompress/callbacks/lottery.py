@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Any, Literal, Optional
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from litcompress._numbers import as_python_number
@@ -115,12 +117,21 @@ def _described(value: Any) -> Any:
     return type(value).__name__
 
 
+# set by a fit, not by the user (a ModelCheckpoint's folder, None until its first fit resolves it)
+_RESOLVED_BY_A_FIT = frozenset({"dirpath"})
+
+
 def _described_settings(value: Any) -> Any:
-    """:func:`_described`, with each callback also by its public settings (an EarlyStopping's patience, a
-    ModelCheckpoint's monitor): searches whose callbacks were configured otherwise are not one search."""
+    """:func:`_described`, with each callback also by its settings: the public attributes named like its
+    constructor's arguments (an EarlyStopping's patience, a ModelCheckpoint's monitor; not what a fit or the
+    process sets, a best path, a start time): searches whose callbacks were configured otherwise are not one."""
     if isinstance(value, Callback):
+        try:
+            arguments = set(inspect.signature(type(value).__init__).parameters) - {"self"} - _RESOLVED_BY_A_FIT
+        except (TypeError, ValueError):
+            arguments = set()
         return {"class": type(value).__qualname__,
-                **{name: setting for name, setting in sorted(vars(value).items()) if not name.startswith("_")
+                **{name: setting for name, setting in sorted(vars(value).items()) if name in arguments
                    and (setting is None or isinstance(setting, (bool, int, float, str)))}}
     if isinstance(value, Mapping):
         return {str(k): _described_settings(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
@@ -353,8 +364,10 @@ def find_lottery_ticket(
         return value
 
     # one batch on a copy first: a metric the step does not log fails now, not after the first round's training
-    # (logger=False: its one-batch score of an untrained copy went into the user's logger as a row at step 0)
-    evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1, logger=False)
+    # (a logger that keeps nothing: the one-batch score of an untrained copy went into the user's as a row at step
+    # 0; none at all failed a step that uses `self.logger`)
+    evaluate(detached_copy(module), limit_test_batches=1, limit_val_batches=1,
+             logger=DummyLogger() if kwargs.get("logger", True) not in (False, None) else kwargs.get("logger"))
     _check_fraction_leaves_a_batch(evaluated_by[0], given.get(stage_limit), stage_limit, evaluate_on)
     if evaluated_by[0].world_size > 1:
         # each DDP rank built its own initial weights (ranks seeded alike or not), and every round trains from rank

@@ -328,15 +328,29 @@ def stray_mask_values(mask: object) -> str | None:
     return f"{mask[stray].flatten()[0].item()} ({count} {'entry' if count == 1 else 'entries'} neither 0 nor 1)"
 
 
-def check_state_masks(state_dict: Mapping[str, Any], prefix: str = "") -> None:
+def check_state_masks(state_dict: Mapping[str, Any], prefix: str = "", model: nn.Module | None = None) -> None:
     """Refuse a state whose pruning masks (``<name>_mask`` beside ``<name>_orig``) hold other values than 0 and 1,
-    naming the key, before any of it is loaded (a module already pruned took such a mask through its buffer)."""
+    naming the key, before any of it is loaded (a module already pruned took such a mask through its buffer). With
+    `model` (the module at `prefix`), only the pairs of its tensors that are or can be pruned: a buffer of its own
+    named ``attn_mask`` beside a parameter ``attn_orig`` is no pruning mask."""
     for key, value in state_dict.items():
         if key.startswith(prefix) and key.endswith("_mask") and key[:-len("_mask")] + "_orig" in state_dict:
+            if model is not None and not _a_pruning_pair(model, key[len(prefix):-len("_mask")]):
+                continue
             stray = stray_mask_values(value)
             if stray is not None:
                 raise ValueError(f"the state's {key!r} holds {stray} (a damaged or hand-made state?): "
                                  f"{_MASK_VALUES}")
+
+
+def _a_pruning_pair(model: nn.Module, base: str) -> bool:
+    """Whether `base` (``path.name``) names a tensor of `model` that is pruned, or a parameter that can be."""
+    path, _, name = base.rpartition(".")
+    try:
+        owner = model.get_submodule(path)
+    except AttributeError:
+        return True  # not this model's: checked all the same (strict loading reports the key)
+    return is_pruned(owner, name) or isinstance(getattr(owner, name, None), nn.Parameter)
 
 
 def _write_mask_(module: nn.Module, name: str, mask: Tensor, *, combine: bool) -> None:
@@ -1653,7 +1667,7 @@ class MaskedStateLoadHook:
     permanent) goes to its ``<name>_orig``, the live mask kept."""
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        check_state_masks(state_dict, prefix)  # before any of it is written
+        check_state_masks(state_dict, prefix, module)  # before any of it is written
         for path, owner, name in pruned_targets(module):
             key = prefix + (f"{path}.{name}" if path else name)
             if key in state_dict and key + "_orig" not in state_dict:
