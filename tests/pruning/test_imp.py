@@ -866,7 +866,8 @@ class _StartedAt(Callback):
 def test_a_search_resumed_with_its_callbacks_configured_otherwise_is_refused(tmp_path):
     """Callbacks were compared by their class names: an EarlyStopping of patience 1 for rounds 0-1 and of patience
     100 for round 2 made one table of two searches. What a fit or the process sets (a ModelCheckpoint's folder and
-    best path, a time) is no setting: the same callbacks, used by the first call, resume."""
+    best path, a time) is no setting: the same callbacks, used by the first call, resume (other callbacks are
+    compared by their class, as a test's crash point or a progress bar's rate changes no round)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     checkpoints = ModelCheckpoint(monitor="test_acc", mode="max", save_top_k=1)

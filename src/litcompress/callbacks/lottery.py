@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -117,22 +117,16 @@ def _described(value: Any) -> Any:
     return type(value).__name__
 
 
-# set by a fit, not by the user (a ModelCheckpoint's folder, None until its first fit resolves it)
-_RESOLVED_BY_A_FIT = frozenset({"dirpath"})
-
-
 def _described_settings(value: Any) -> Any:
-    """:func:`_described`, with each callback also by its settings: the public attributes named like its
-    constructor's arguments (an EarlyStopping's patience, a ModelCheckpoint's monitor; not what a fit or the
-    process sets, a best path, a start time): searches whose callbacks were configured otherwise are not one."""
-    if isinstance(value, Callback):
-        try:
-            arguments = set(inspect.signature(type(value).__init__).parameters) - {"self"} - _RESOLVED_BY_A_FIT
-        except (TypeError, ValueError):
-            arguments = set()
+    """:func:`_described`, with the callbacks whose settings change what a round trains (an EarlyStopping's
+    patience ends it elsewhere, a GradientAccumulationScheduler's schedule steps otherwise) also by those: the
+    public attributes named like their constructor's arguments. Any other callback is its class, as before (a
+    progress bar's refresh rate, a checkpoint's folder, a callback that stops a test's run change no round)."""
+    if isinstance(value, (EarlyStopping, GradientAccumulationScheduler)):
+        arguments = set(inspect.signature(type(value).__init__).parameters) - {"self"}
         return {"class": type(value).__qualname__,
-                **{name: setting for name, setting in sorted(vars(value).items()) if name in arguments
-                   and (setting is None or isinstance(setting, (bool, int, float, str)))}}
+                **{name: _described(setting) for name, setting in sorted(vars(value).items()) if name in arguments
+                   and (setting is None or isinstance(setting, (bool, int, float, str, Mapping)))}}
     if isinstance(value, Mapping):
         return {str(k): _described_settings(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
     if isinstance(value, (list, tuple)):
