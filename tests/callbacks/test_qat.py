@@ -659,10 +659,14 @@ def test_an_all_zero_weight_is_an_initialisation_and_trains():
     assert qat.model[2].weight.abs().sum() > 0  # prepare_qat trains a copy (copy=True)
 
 
-def test_a_misspelt_metric_stops_the_fit_at_its_first_validation(tmp_path):
-    callback = QuantizationAwareTraining("net", metric="val_accuracy")
-    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[callback])
-    with pytest.raises(KeyError, match=r"'val_accuracy' was not logged by MLPClassifier.validation_step; logged: "):
+@pytest.mark.parametrize("metric", ["val_accuracy", "train_loss"])
+def test_a_metric_the_validation_step_does_not_log_stops_the_fit_at_its_first_validation(tmp_path, metric):
+    """A metric training_step logs (train_loss) passed the check, which read every metric of the fit: the fit then
+    failed at its end, after all its training; a misspelt one's message listed train_loss as the validation's."""
+    callback = QuantizationAwareTraining("net", metric=metric)
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[callback], log_every_n_steps=1)
+    with pytest.raises(KeyError, match=rf"'{metric}' was not logged by MLPClassifier.validation_step; logged: "
+                                       r"\['val_acc', 'val_loss'\]"):
         trainer.fit(MLPClassifier(hidden=(8,)), datamodule=DigitsDataModule())
     assert trainer.current_epoch == 0  # not after all three epochs
 

@@ -418,6 +418,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         self._validated_through_qat = False
+        # the metrics training logged: a name only training_step logs is not the validation's
+        self._metrics_before = dict(trainer.callback_metrics)  # (the objects: a value logged anew is another)
 
     def on_sanity_check_end(self, trainer: "pl.Trainer", pl_module: LightningModule) -> None:
         # a misspelt metric is otherwise met at the first validation, which may come only after the fit's last epoch
@@ -442,7 +444,10 @@ class QuantizationAwareTraining(Callback):
                              "submodule=<the module both call>.")
 
         # at the fit's first validation, not after its last epoch (the int8 model is judged by it then)
-        message = missing_metric_message(self.metric, logged_metrics([dict(trainer.callback_metrics)]),
+        # (not what training logged: a training_step's `train_loss` passed, and the fit failed at its end)
+        before = getattr(self, "_metrics_before", {})
+        logged = {name: value for name, value in trainer.callback_metrics.items() if before.get(name) is not value}
+        message = missing_metric_message(self.metric, logged_metrics([logged]),
                                           f"{type(pl_module).__name__}.validation_step")
         if message is not None:
             raise KeyError(f"{_OWNER}(metric={self.metric!r}): {message}")
