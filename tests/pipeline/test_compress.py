@@ -811,6 +811,8 @@ def test_a_metric_lost_to_one_shot_pruning_is_said_with_the_remedy(trained, digi
     said = [m for m in harsh.messages if m.startswith("pruned in one shot without fine-tuning")]
     assert len(said) == 1 and f"from {harsh['input'].metric:.6g} to {harsh['pruned'].metric:.6g}" in said[0]
     assert "fine_tune=" in said[0] and "--prune-epochs" in said[0]
+    # (each entry point's own way: CompressOnFitEnd takes no fine_tune=)
+    assert "fine_tune_epochs=" in said[0] and "CompressOnFitEnd: a ModelPruning schedule in the fit" in said[0]
     mild = compress(trained, CompressionConfig(prune=PruneConfig(sparsity=0.05), **FAST), **run).report
     assert abs(mild["pruned"].metric - mild["input"].metric) <= 0.01 * mild["input"].metric
     assert not any(m.startswith("pruned in one shot") for m in mild.messages)

@@ -571,6 +571,23 @@ class TwoOptimizerSteps(Tiny):
         return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"accumulate_grad_batches": 0}, r"\{'accumulate_grad_batches': 0\}\): give an int >= 1"),  # ZeroDivisionError
+    ({"accumulate_grad_batches": -1}, r"\{'accumulate_grad_batches': -1\}\): give an int >= 1"),  # fine_tune_steps
+    ({"accumulate_grad_batches": 2.5}, r"\{'accumulate_grad_batches': 2\.5\}\): give an int >= 1"),  # sized as 2
+    ({"callbacks": "x"}, r"\{'callbacks': 'x'\}\): give a Callback or a list of them"),  # AttributeError in the fit
+    ({"val_check_interval": 100}, r"\{'val_check_interval': 100\}\): a fine-tuning epoch has 12 training batches"),
+])
+def test_trainer_kwargs_the_fine_tuning_would_fail_on_are_refused_before_the_input_stage(kwargs, message) -> None:
+    """Refused in Lightning's words when the fine-tuning fit started (after the input stage's evaluation), or in
+    words naming no argument the user gave (fine_tune_steps=-17, a ZeroDivisionError), or taken (2.5)."""
+    module = Tiny()
+    module.validation_step = lambda batch, batch_idx: pytest.fail("the input stage ran")  # type: ignore[method-assign]
+    with pytest.raises((ValueError, TypeError), match=rf"^compress_lightning\(trainer_kwargs={message}"):
+        compress_lightning(module, CONFIG, train_dataloaders=_loader(_data(192, 0)),
+                           val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1, trainer_kwargs=kwargs)
+
+
 @pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0},
                                     {"callbacks": [GradientAccumulationScheduler({0: 2})]}])
 def test_options_lightning_refuses_under_manual_optimization_are_refused_before_any_stage(kwargs) -> None:

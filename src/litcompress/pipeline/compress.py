@@ -1326,8 +1326,9 @@ def compress(
         lost = abs(change) if higher_is_better is None else (-change if higher_is_better else change)
         if fine_tune is None and lost > 0.01 * abs(before):
             note(f"pruned in one shot without fine-tuning, the metric went from {before:.6g} to "
-                 f"{pruned_row.metric:.6g}: pass fine_tune= and fine_tune_steps= (the CLI: --prune-epochs) to prune "
-                 "gradually while training, which recovers most of it.")
+                 f"{pruned_row.metric:.6g}: prune gradually while training, which recovers most of it (compress: "
+                 "fine_tune= and fine_tune_steps=; compress_lightning: fine_tune_epochs=; the CLI: --prune-epochs; "
+                 "CompressOnFitEnd: a ModelPruning schedule in the fit, and no config.prune).")
 
     if config.prune is None and pruned_targets(work):  # a model given with live masks (a ModelPruning checkpoint's)
         make_permanent_(work, owner="compress")  # the later stages and the file: plain weights, as it ships

@@ -184,6 +184,24 @@ def _check_test_metric_source(module: L.LightningModule, datamodule: L.Lightning
                          "test_dataloader to compute it on; define one, or leave test_metric out.")
 
 
+def _check_validation_interval(loaders: Any, trainer_kwargs: dict[str, Any]) -> None:
+    """An int ``val_check_interval`` longer than a fine-tuning epoch: Lightning refuses it when the fit starts, after
+    the input model's evaluation."""
+    interval = trainer_kwargs.get("val_check_interval")
+    if isinstance(interval, bool) or not isinstance(interval, int) or \
+            trainer_kwargs.get("check_val_every_n_epoch", 1) is None:  # (None: validation counted across epochs)
+        return
+    batches, limit = _train_batches(loaders), _train_batch_limit(trainer_kwargs)
+    if batches is not None and isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif batches is not None and isinstance(limit, float):
+        batches = int(batches * limit)
+    if batches is not None and interval > batches:
+        raise ValueError(f"compress_lightning(trainer_kwargs={{'val_check_interval': {interval}}}): a fine-tuning "
+                         f"epoch has {batches} training batches; give at most that many, or a fraction of the epoch "
+                         "(a float), or check_val_every_n_epoch=None to count batches across epochs.")
+
+
 def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
     """Refuse, before any stage runs, arguments the fine-tuning Trainer would fail on (a misspelt one only when it is
     built, after the input model's evaluation) or that contradict the pipeline's."""
@@ -197,6 +215,17 @@ def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
     if "max_epochs" in kwargs:
         raise ValueError("compress_lightning(trainer_kwargs={'max_epochs': ...}): give fine_tune_epochs instead; the "
                          "pruning schedule is laid over exactly those epochs.")
+    accumulate = kwargs.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        # (0: a ZeroDivisionError sizing the schedule; -1: "compress(fine_tune_steps=-17)"; 2.5: sized as 2)
+        raise ValueError(f"compress_lightning(trainer_kwargs={{'accumulate_grad_batches': {accumulate!r}}}): give an "
+                         "int >= 1, the batches whose gradients each optimizer step sums.")
+    callbacks = kwargs.get("callbacks")
+    if callbacks is not None and not isinstance(callbacks, L.Callback) and not (
+            isinstance(callbacks, (list, tuple)) and all(isinstance(c, L.Callback) for c in callbacks)):
+        # (an AttributeError from inside the fine-tuning fit, after the input model's evaluation)
+        raise TypeError(f"compress_lightning(trainer_kwargs={{'callbacks': {callbacks!r}}}): give a Callback or a "
+                        "list of them.")
     single = kwargs.get("devices", 1) in (1, "1", [0], (0,), "auto") and kwargs.get("num_nodes", 1) == 1 \
         and kwargs.get("strategy", "auto") in ("auto", "single_device")
     if not single:
@@ -435,6 +464,8 @@ def compress_lightning(
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("validate")  # as the stages' trainer.validate does: a DataModule may build its val set there
+    if fine_tune_epochs:
+        _check_validation_interval(datamodule.train_dataloader(), trainer_kwargs)
     check_validation_batches(datamodule.val_dataloader(), "compress_lightning", example_read=example_inputs is None)
     if calibration_data is None and config.quantize is not None and config.quantize.approach == "static" and \
             known_empty(first_loader(datamodule.train_dataloader())):  # (refused by compress's or quantize's name)
