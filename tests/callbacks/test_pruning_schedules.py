@@ -8,6 +8,9 @@ import re
 import time
 import typing
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -527,6 +530,21 @@ def test_a_rewind_point_in_steps_at_the_end_of_the_first_pruned_epoch_is_taken_b
     assert torch.equal(model.layer.mlp_1.weight_orig[kept], seen.weights[kept])
 
 
+def uninterrupted_and_resumed(run: Callable[..., nn.Module], tmp_path: Path, seed: int, crash_at_step: int,
+                              resume_seed: Optional[int] = None) -> tuple[nn.Module, nn.Module]:
+    """`run(callbacks, ckpt_path=None)` (a fit returning its model) uninterrupted, then crashed at `crash_at_step`
+    and resumed from its last epoch checkpoint (seeded with `resume_seed` first, when given): the two models."""
+    seed_everything(seed)
+    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
+    seed_everything(seed)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
+    with pytest.raises(SimulatedCrash):
+        run([checkpoint, CrashAtStep(crash_at_step)])
+    if resume_seed is not None:
+        seed_everything(resume_seed)
+    return reference, run([], ckpt_path=checkpoint.last_model_path)
+
+
 def test_resumed_on_a_shuffling_bundled_datamodule_ends_like_the_uninterrupted_run(tmp_path):
     """With litcompress's own DataModules, whose epochs are shuffled: the resumed run sees each epoch's order again."""
     from litcompress.data import DigitsDataModule
@@ -542,13 +560,7 @@ def test_resumed_on_a_shuffling_bundled_datamodule_ends_like_the_uninterrupted_r
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path)
         return model
 
-    seed_everything(2)
-    reference = run([ModelCheckpoint(dirpath=tmp_path / "reference")])
-    seed_everything(2)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
-    with pytest.raises(SimulatedCrash):
-        run([checkpoint, CrashAtStep(30)])  # in epoch 1 (17 steps each), mid-schedule
-    resumed = run([], ckpt_path=checkpoint.last_model_path)
+    reference, resumed = uninterrupted_and_resumed(run, tmp_path, seed=2, crash_at_step=30)  # in epoch 1, mid-schedule
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -600,14 +612,8 @@ def test_a_random_method_with_a_fixed_amount_resumes_drawing_the_masks_the_unint
         trainer.fit(model, ckpt_path=ckpt_path)
         return model
 
-    seed_everything(1)
-    reference = run([ModelCheckpoint(dirpath=tmp_path / "ref")])
-    seed_everything(1)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "killed", save_last=True, every_n_epochs=1)
-    with pytest.raises(SimulatedCrash):
-        run([ckpt, CrashAtStep(10)])  # in epoch 2, after two rounds
-    seed_everything(5)  # another process's streams
-    resumed = run([], ckpt_path=ckpt.last_model_path)
+    # crashed in epoch 2, after two rounds; resumed in another process's streams
+    reference, resumed = uninterrupted_and_resumed(run, tmp_path, seed=1, crash_at_step=10, resume_seed=5)
     expected, actual = reference.state_dict(), resumed.state_dict()
     assert any(key.endswith("_mask") for key in expected)
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
