@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 import pytest
 import torch
@@ -577,6 +578,9 @@ class TwoOptimizerSteps(Tiny):
     ({"accumulate_grad_batches": 2.5}, r"\{'accumulate_grad_batches': 2\.5\}\): give an int >= 1"),  # sized as 2
     ({"callbacks": "x"}, r"\{'callbacks': 'x'\}\): give a Callback or a list of them"),  # AttributeError in the fit
     ({"val_check_interval": 100}, r"\{'val_check_interval': 100\}\): a fine-tuning epoch has 12 training batches"),
+    ({"val_check_interval": np.int64(13)}, r"\{'val_check_interval': 13\}\): a fine-tuning epoch has 12 training"),
+    ({"limit_train_batches": np.int64(2), "val_check_interval": 4}, r"\{'val_check_interval': 4\}\): a fine-tuning "
+                                                                    r"epoch has 2 training batches"),
 ])
 def test_trainer_kwargs_the_fine_tuning_would_fail_on_are_refused_before_the_input_stage(kwargs, message) -> None:
     """Refused in Lightning's words when the fine-tuning fit started (after the input stage's evaluation), or in
@@ -586,6 +590,16 @@ def test_trainer_kwargs_the_fine_tuning_would_fail_on_are_refused_before_the_inp
     with pytest.raises((ValueError, TypeError), match=rf"^compress_lightning\(trainer_kwargs={message}"):
         compress_lightning(module, CONFIG, train_dataloaders=_loader(_data(192, 0)),
                            val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1, trainer_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": np.int64(2)}, {"fast_dev_run": True,
+                                                                              "val_check_interval": 4}])
+def test_trainer_kwargs_lightning_takes_are_taken(kwargs) -> None:
+    """Refused by the checks before the input stage: numpy's int (Lightning's 2), and an interval that fast_dev_run
+    overrides."""
+    result = compress_lightning(Tiny(), CONFIG, train_dataloaders=_loader(_data(192, 0)),
+                                val_dataloaders=_loader(_data(48, 1)), fine_tune_epochs=1, trainer_kwargs=kwargs)
+    assert [row.stage for row in result.report.stages] == ["input", "pruned"]
 
 
 @pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 1.0},

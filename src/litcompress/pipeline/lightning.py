@@ -187,13 +187,13 @@ def _check_test_metric_source(module: L.LightningModule, datamodule: L.Lightning
 def _check_validation_interval(loaders: Any, trainer_kwargs: dict[str, Any]) -> None:
     """An int ``val_check_interval`` longer than a fine-tuning epoch: Lightning refuses it when the fit starts, after
     the input model's evaluation."""
-    interval = trainer_kwargs.get("val_check_interval")
-    if isinstance(interval, bool) or not isinstance(interval, int) or \
-            trainer_kwargs.get("check_val_every_n_epoch", 1) is None:  # (None: validation counted across epochs)
-        return
-    batches, limit = _train_batches(loaders), _train_batch_limit(trainer_kwargs)
-    if batches is not None and isinstance(limit, int) and not isinstance(limit, bool):
-        batches = min(batches, limit)
+    interval = as_python_number(trainer_kwargs.get("val_check_interval"))
+    if isinstance(interval, bool) or not isinstance(interval, int) or trainer_kwargs.get("fast_dev_run") or \
+            trainer_kwargs.get("check_val_every_n_epoch", 1) is None:  # (None: validation counted across epochs;
+        return  # fast_dev_run: Lightning validates after its batches whatever the interval)
+    batches, limit = _train_batches(loaders), as_python_number(_train_batch_limit(trainer_kwargs))
+    if isinstance(limit, int) and not isinstance(limit, bool):  # (a loader without a length: the limit bounds it)
+        batches = limit if batches is None else min(batches, limit)
     elif batches is not None and isinstance(limit, float):
         batches = int(batches * limit)
     if batches is not None and interval > batches:
@@ -215,7 +215,7 @@ def _check_trainer_kwargs(kwargs: dict[str, Any]) -> None:
     if "max_epochs" in kwargs:
         raise ValueError("compress_lightning(trainer_kwargs={'max_epochs': ...}): give fine_tune_epochs instead; the "
                          "pruning schedule is laid over exactly those epochs.")
-    accumulate = kwargs.get("accumulate_grad_batches", 1)
+    accumulate = as_python_number(kwargs.get("accumulate_grad_batches", 1))  # (numpy's int64(2) is Lightning's 2)
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         # (0: a ZeroDivisionError sizing the schedule; -1: "compress(fine_tune_steps=-17)"; 2.5: sized as 2)
         raise ValueError(f"compress_lightning(trainer_kwargs={{'accumulate_grad_batches': {accumulate!r}}}): give an "
