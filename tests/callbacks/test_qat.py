@@ -671,6 +671,56 @@ def test_a_metric_the_validation_step_does_not_log_stops_the_fit_at_its_first_va
     assert trainer.current_epoch == 0  # not after all three epochs
 
 
+class _LogsAtEvenEpochs(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.current_epoch % 2 == 0:
+            self.log("val_loss", loss)
+
+
+class _LogsPerStepOnly(MLPClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), on_step=True, on_epoch=False)
+
+
+class _LogsATorchMetric(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__(hidden=(8,))
+        import torchmetrics
+
+        self.accuracy = torchmetrics.Accuracy("multiclass", num_classes=10)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.accuracy(self(x), y)
+        self.log("val_acc", self.accuracy)
+
+
+def test_the_metric_check_is_made_once_and_says_why_nothing_reached_the_validations_metrics(tmp_path):
+    """Checked at every validation: a metric logged at some validations only (the fit-end evaluation logs it) was
+    refused at epoch 1; one logged with on_epoch=False was said "not logged, nor was anything else: did it run on no
+    batch?", where a batch had run."""
+    callback = QuantizationAwareTraining("net", metric="val_loss")
+    make_trainer(tmp_path, max_epochs=3, callbacks=[callback]).fit(_LogsAtEvenEpochs(hidden=(8,)),
+                                                                   datamodule=DigitsDataModule())
+    assert callback.metric_value is not None
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[QuantizationAwareTraining("net", metric="val_loss")])
+    with pytest.raises(KeyError, match=r"nothing _LogsPerStepOnly\.validation_step logged reached the validation's "
+                                       r"metrics: a value logged with on_epoch=False does not"):
+        trainer.fit(_LogsPerStepOnly(hidden=(8,)), datamodule=DigitsDataModule())
+    assert trainer.current_epoch == 0
+
+
+def test_a_torchmetrics_metric_scores_the_int8_model(tmp_path):
+    """The evaluation's copy kept Lightning's cache of the metric's attribute by the original's id(): the fit failed
+    at its end, after all its training, "Could not find the LightningModule attribute for the torchmetrics.Metric"."""
+    callback = QuantizationAwareTraining("net", metric="val_acc")
+    make_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(_LogsATorchMetric(), datamodule=DigitsDataModule())
+    assert 0.0 <= callback.metric_value <= 1.0
+
+
 class _StopsAtTrainStart(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         raise RuntimeError("stopped before the first training step")

@@ -444,11 +444,19 @@ class QuantizationAwareTraining(Callback):
                              "submodule=<the module both call>.")
 
         # at the fit's first validation, not after its last epoch (the int8 model is judged by it then)
+        if getattr(self, "_metric_checked_in_fit", None) is trainer:  # (a metric logged at some validations only)
+            return
+        self._metric_checked_in_fit = trainer
         # (not what training logged: a training_step's `train_loss` passed, and the fit failed at its end)
         before = getattr(self, "_metrics_before", {})
         logged = {name: value for name, value in trainer.callback_metrics.items() if before.get(name) is not value}
-        message = missing_metric_message(self.metric, logged_metrics([logged]),
-                                          f"{type(pl_module).__name__}.validation_step")
+        step = f"{type(pl_module).__name__}.validation_step"
+        if not logged:  # a batch ran (this is a validation's end), and nothing it logged reached the epoch's metrics
+            raise KeyError(f"{_OWNER}(metric={self.metric!r}): nothing {step} logged reached the validation's "
+                           "metrics: a value logged with on_epoch=False does not (log it with on_epoch=True, the "
+                           "default there), nor does any when no batch ran (an empty dataloader, limit_val_batches "
+                           "of 0).")
+        message = missing_metric_message(self.metric, logged_metrics([logged]), step)
         if message is not None:
             raise KeyError(f"{_OWNER}(metric={self.metric!r}): {message}")
 

@@ -228,6 +228,11 @@ def detached_copy(module: L.LightningModule) -> L.LightningModule:
     if trainer is not None:
         memo[id(trainer)] = None
     copy = deepcopy_model(module, memo)
+    for part in copy.modules():
+        if isinstance(part, L.LightningModule):
+            # Lightning's cache of which attribute holds each torchmetrics Metric, by id(): the originals' ids, so
+            # the copy's `self.log("val_acc", self.acc)` failed ("Could not find the LightningModule attribute")
+            part._metric_attributes = None
     configure_outside_trainer_(copy)
     return copy
 
