@@ -197,6 +197,15 @@ def test_the_kept_heads_travel_with_the_state_dict():
         expected = shrunk[0].self_attn(x, x, x, attn_mask=mask, need_weights=False)[0]
         assert torch.equal(attention(x, x, x, attn_mask=mask, need_weights=False)[0], expected)
         assert torch.equal(fresh(x), shrunk(x))
+    # into a model built with other heads (of other widths), whose inner channels the kept heads fill all the same:
+    # "HeadPrunedAttention: the state keeps heads [1, 3], but this module has 1 head(s)", of an attention of 2
+    for heads in (2, 8):
+        other = nn.Sequential(nn.TransformerEncoderLayer(16, heads, 32, dropout=0.0, batch_first=True),
+                              nn.Linear(16, 2))
+        with pytest.raises(ValueError, match=rf"^0\.self_attn: the state dict's attention was shrunk from one of 4 "
+                                             rf"heads, and this model's has {heads}: not a shrunk state of this model"):
+            load_shrunk_state_dict(other, state)
+        assert isinstance(other[0].self_attn, nn.MultiheadAttention)  # left as it was
 
 
 def test_a_shrunk_attention_pruned_on_with_masks_loads_with_them():

@@ -957,3 +957,19 @@ def test_numpy_fractions_are_fractions():
     fresh = _TwoEncodersAndAnAttention()  # a generator is read once (checked first, it was used up: nothing excluded)
     assert prune_units_(fresh, 0.5, exclude=(name for name in ["encoder"])) == {"encoder2": 8}
 
+
+
+@pytest.mark.parametrize("layer", ["lstm", "attention"])
+def test_a_model_that_is_itself_a_recurrent_layer_or_an_attention_is_refused_with_advice_that_fits(layer):
+    """It said "Shrink the traceable sub-module that holds the layers instead", of a model that is the layer."""
+    if layer == "lstm":
+        model, inputs, what = nn.LSTM(4, 8), (torch.randn(3, 2, 4),), "units"
+        prune_units_(model, 0.5)
+    else:
+        model, inputs, what = nn.MultiheadAttention(8, 2), (torch.randn(3, 2, 8),) * 3, "heads"
+        prune_heads_(model, 0.5)
+    with pytest.raises(ValueError, match=rf"^shrink: the model is itself an nn\.\w+, whose forward torch\.fx cannot "
+                                         rf"trace .*; shrink removes a layer's {what} inside a model whose forward "
+                                         r"calls it: shrink that model") as refused:
+        shrink(model, inputs)
+    assert "sub-module that holds" not in str(refused.value)

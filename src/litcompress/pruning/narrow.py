@@ -358,6 +358,13 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
                              "HeadPrunedAttention's state into one built with its heads).")
         inner = int(state_dict[q_weight].shape[0])
         head_dim = module.head_dim
+        original_heads, kept_heads = getattr(module, "original_heads", module.num_heads), None
+        if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
+            saved_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
+            if saved_heads != original_heads:  # (its heads are of another width: "this module has 1 head(s)")
+                raise ValueError(f"{name}: the state dict's attention was shrunk from one of {saved_heads} heads, "
+                                 f"and this model's has {original_heads}: not a shrunk state of this model (build "
+                                 f"it with {saved_heads} heads).")
         if isinstance(module, HeadPrunedAttention) and inner == module.num_heads * head_dim:
             continue  # as narrow already: its kept heads load with its state
         if inner > module.num_heads * head_dim or inner % head_dim:
@@ -366,9 +373,6 @@ def _replace_attentions_(model: nn.Module, state_dict: Mapping[str, Any], *, app
         if not apply:
             replaced.append(name)
             continue
-        original_heads, kept_heads = getattr(module, "original_heads", module.num_heads), None
-        if isinstance(state_dict.get(prefix + "_extra_state"), Tensor):
-            original_heads, kept_heads = decode_kept_heads(state_dict[prefix + "_extra_state"])
         replacement = HeadPrunedAttention(
             module.embed_dim, inner // head_dim, head_dim,
             bias=prefix + "q_proj.bias" in state_dict or prefix + "q_proj.bias_orig" in state_dict,

@@ -2918,6 +2918,15 @@ def shrink_(
     try:
         traced = _traced(model, tracer, example_inputs)
     except ValueError as error:  # the user needs the original message and what to do
+        if isinstance(model, (nn.RNNBase, nn.MultiheadAttention)):  # ("shrink the sub-module that holds the layers"
+            # was advice for a model that is the layer)
+            what = "units" if isinstance(model, nn.RNNBase) else "heads"
+            raise ValueError(
+                f"shrink: the model is itself an nn.{type(model).__name__}, whose forward torch.fx cannot trace "
+                f"({error}); shrink removes a layer's {what} inside a model whose forward calls it: shrink that "
+                "model" + (" (a bare recurrent layer's units are its outputs, which shrink keeps)."
+                           if what == "units" else ".")
+            ) from error.__cause__
         raise ValueError(
             f"shrink needs a model torch.fx can trace, and {error}. Shrink the traceable sub-module that holds the "
             "layers instead, or pass a tracer that keeps the untraceable parts as leaf modules."
